@@ -1,0 +1,104 @@
+"""Typed errors shared by the control plane, the agent and the SDK.
+
+Servers raise these; `controlplane.grpcerrors` turns them into gRPC statuses
+with rich details (google.rpc.BadRequest / ErrorInfo), and the SDK
+(`mesh.client`) turns those statuses back into the same exception types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+DOMAIN = "gpumesh.io"
+
+
+@dataclass
+class MeshError(Exception):
+    """Base of every gpumesh error: a message and the gRPC code it maps to."""
+
+    message: str
+    code: grpc.StatusCode = field(default=grpc.StatusCode.UNKNOWN, init=False)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class InvalidArgument(MeshError):
+    """A request field is wrong. `field` is its path (e.g. `spec.memory_bytes`)."""
+
+    field: str = ""
+    allowed: str = ""
+    code: grpc.StatusCode = field(default=grpc.StatusCode.INVALID_ARGUMENT, init=False)
+
+    @classmethod
+    def of(cls, field_path: str, problem: str, allowed: str = "") -> "InvalidArgument":
+        text = f"{field_path}: {problem}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        return cls(text, field=field_path, allowed=allowed)
+
+
+@dataclass
+class NotFound(MeshError):
+    kind: str = ""
+    name: str = ""
+    code: grpc.StatusCode = field(default=grpc.StatusCode.NOT_FOUND, init=False)
+
+
+@dataclass
+class AlreadyExists(MeshError):
+    code: grpc.StatusCode = field(default=grpc.StatusCode.ALREADY_EXISTS, init=False)
+
+
+@dataclass
+class ResourceExhausted(MeshError):
+    """A request could not be placed; `reasons` maps a node class to why not."""
+
+    reasons: dict[str, str] = field(default_factory=dict)
+    code: grpc.StatusCode = field(default=grpc.StatusCode.RESOURCE_EXHAUSTED, init=False)
+
+
+@dataclass
+class FailedPrecondition(MeshError):
+    code: grpc.StatusCode = field(default=grpc.StatusCode.FAILED_PRECONDITION, init=False)
+
+
+@dataclass
+class Unavailable(MeshError):
+    code: grpc.StatusCode = field(default=grpc.StatusCode.UNAVAILABLE, init=False)
+
+
+@dataclass
+class DeadlineExceeded(MeshError):
+    code: grpc.StatusCode = field(default=grpc.StatusCode.DEADLINE_EXCEEDED, init=False)
+
+
+@dataclass
+class Aborted(MeshError):
+    """A guarded write lost a race; the caller may retry."""
+
+    code: grpc.StatusCode = field(default=grpc.StatusCode.ABORTED, init=False)
+
+
+@dataclass
+class PermissionDenied(MeshError):
+    code: grpc.StatusCode = field(default=grpc.StatusCode.PERMISSION_DENIED, init=False)
+
+
+BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+}
