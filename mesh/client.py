@@ -1,0 +1,285 @@
+"""The typed client SDK over the generated gpumesh v1 stubs.
+
+    with MeshClient("127.0.0.1:7070") as mesh:
+        resp = mesh.allocate(tenant="team-a", mig_profile="1g.10gb")
+        mesh.release(resp.allocation_id)
+
+Every failed call raises a `mesh.errors.MeshError` subclass (decoded from the
+rich gRPC status), never a bare `grpc.RpcError`. The dict converters at the
+end are what `meshctl -o json|yaml` prints.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, slice_service_pb2,
+                        slice_service_pb2_grpc, types_pb2)
+from mesh import errors, richstatus
+
+T = TypeVar("T")
+
+ISOLATIONS = {"mig": types_pb2.ISOLATION_MIG, "mps": types_pb2.ISOLATION_MPS,
+              "timeshare": types_pb2.ISOLATION_TIMESHARE, "time-share": types_pb2.ISOLATION_TIMESHARE,
+              "exclusive": types_pb2.ISOLATION_EXCLUSIVE}
+TOPOLOGIES = {"any": types_pb2.TOPOLOGY_ANY, "same-node": types_pb2.TOPOLOGY_SAME_NODE,
+              "same-nvlink": types_pb2.TOPOLOGY_SAME_NVLINK_DOMAIN,
+              "same-nvlink-domain": types_pb2.TOPOLOGY_SAME_NVLINK_DOMAIN}
+SLICE_STATES = {"pending": types_pb2.SLICE_STATE_PENDING, "ready": types_pb2.SLICE_STATE_READY,
+                "releasing": types_pb2.SLICE_STATE_RELEASING, "failed": types_pb2.SLICE_STATE_FAILED,
+                "unknown": types_pb2.SLICE_STATE_UNKNOWN}
+NODE_STATES = {"ready": types_pb2.NODE_STATE_READY, "not-ready": types_pb2.NODE_STATE_NOT_READY,
+               "notready": types_pb2.NODE_STATE_NOT_READY}
+
+# How long past the server's own wait for READY the client's deadline runs.
+_ALLOCATE_DEADLINE_SLACK = 10.0
+_SERVER_DEFAULT_WAIT = 30.0
+
+
+def _enum_value(kind: str, table: Mapping[str, int], value: str | int | None, field: str) -> int:
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int):
+        return value
+    key = value.strip().lower().replace("_", "-")
+    if key not in table:
+        raise errors.InvalidArgument.of(field, f"unknown {kind} {value!r}", ", ".join(table))
+    return table[key]
+
+
+def _converting(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn grpc.RpcError raised by `fn` into the typed MeshError."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise richstatus.from_rpc_error(exc) from None
+    return wrapper
+
+
+class MeshClient:
+    """A synchronous client of one control plane. Thread-safe; share one per process."""
+
+    def __init__(self, endpoint: str, *, timeout: float = 30.0,
+                 options: list[tuple[str, Any]] | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(endpoint, options=options or [])
+        self._slices = slice_service_pb2_grpc.SliceServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MeshClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- slices ---------------------------------------------------------------
+
+    @_converting
+    def allocate(self, spec: types_pb2.SliceSpec | None = None, *, tenant: str = "",
+                 memory_bytes: int = 0, compute_share: float = 0.0, isolation: str | int | None = None,
+                 gpu_model: str = "", mig_profile: str = "", count: int = 1, topology: str | int = "any",
+                 priority: int = 0, labels: Mapping[str, str] | None = None, request_id: str = "",
+                 no_wait: bool = False, timeout_seconds: float = 0) -> slice_service_pb2.AllocateResponse:
+        """Place `count` slices all or nothing and (unless `no_wait`) wait until they are READY.
+
+        Either pass a ready-made `spec` or the keyword fields. Unknown isolation or topology
+        names raise InvalidArgument before anything is sent.
+        """
+        if spec is None:
+            spec = types_pb2.SliceSpec(
+                tenant=tenant, memory_bytes=memory_bytes, compute_share=compute_share,
+                isolation=_enum_value("isolation", ISOLATIONS, isolation, "spec.isolation"),
+                gpu_model=gpu_model, mig_profile=mig_profile, count=count,
+                topology=_enum_value("topology", TOPOLOGIES, topology, "spec.topology"),
+                priority=priority, labels=dict(labels or {}))
+        req = slice_service_pb2.AllocateRequest(spec=spec, request_id=request_id, no_wait=no_wait,
+                                                timeout_seconds=timeout_seconds)
+        deadline = self.timeout
+        if not no_wait:
+            wait = timeout_seconds or _SERVER_DEFAULT_WAIT
+            deadline = max(deadline, wait + _ALLOCATE_DEADLINE_SLACK)
+        return self._slices.Allocate(req, timeout=deadline)
+
+    @_converting
+    def release(self, id: str) -> slice_service_pb2.ReleaseResponse:
+        """Release one slice ("s-...") or a whole allocation ("a-...")."""
+        return self._slices.Release(slice_service_pb2.ReleaseRequest(id=id), timeout=self.timeout)
+
+    @_converting
+    def get_slice(self, id: str) -> types_pb2.Slice:
+        return self._slices.Get(slice_service_pb2.GetSliceRequest(id=id), timeout=self.timeout)
+
+    @_converting
+    def list_slices(self, tenant: str = "", node: str = "", state: str | int | None = None,
+                    allocation_id: str = "") -> list[types_pb2.Slice]:
+        req = slice_service_pb2.ListSlicesRequest(
+            tenant=tenant, node=node, allocation_id=allocation_id,
+            state=_enum_value("slice state", SLICE_STATES, state, "state"))
+        return list(self._slices.List(req, timeout=self.timeout).slices)
+
+    def watch_slices(self, tenant: str = "", node: str = "",
+                     send_initial: bool = False) -> Iterator[slice_service_pb2.SliceEvent]:
+        """Slice events until the iterator is closed or the server ends the stream."""
+        req = slice_service_pb2.WatchSlicesRequest(tenant=tenant, node=node, send_initial=send_initial)
+        call = self._slices.Watch(req)
+        try:
+            for event in call:
+                yield event
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise richstatus.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    # -- nodes and GPUs -------------------------------------------------------
+
+    @_converting
+    def list_nodes(self, state: str | int | None = None) -> list[types_pb2.Node]:
+        req = admin_service_pb2.ListNodesRequest(
+            state=_enum_value("node state", NODE_STATES, state, "state"))
+        return list(self._admin.ListNodes(req, timeout=self.timeout).nodes)
+
+    @_converting
+    def get_node(self, name: str) -> types_pb2.Node:
+        return self._admin.GetNode(admin_service_pb2.GetNodeRequest(name=name), timeout=self.timeout)
+
+    @_converting
+    def cordon(self, name: str) -> types_pb2.Node:
+        return self._admin.CordonNode(admin_service_pb2.CordonNodeRequest(name=name),
+                                      timeout=self.timeout)
+
+    @_converting
+    def uncordon(self, name: str) -> types_pb2.Node:
+        return self._admin.UncordonNode(admin_service_pb2.UncordonNodeRequest(name=name),
+                                        timeout=self.timeout)
+
+    @_converting
+    def drain(self, name: str, dry_run: bool = False) -> admin_service_pb2.DrainNodeResponse:
+        return self._admin.DrainNode(admin_service_pb2.DrainNodeRequest(name=name, dry_run=dry_run),
+                                     timeout=self.timeout)
+
+    @_converting
+    def list_gpus(self, node: str = "") -> list[types_pb2.GpuStatus]:
+        return list(self._admin.ListGpus(admin_service_pb2.ListGpusRequest(node=node),
+                                         timeout=self.timeout).gpus)
+
+    @_converting
+    def health(self) -> str:
+        """The overall serving status ("serving", "not_serving", ...) from grpc.health.v1."""
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status).lower()
+
+
+# -- converters ---------------------------------------------------------------
+
+def enum_name(enum_type: Any, value: int, prefix: str) -> str:
+    """`SLICE_STATE_READY` -> "ready"; unknown numbers read as "unknown(N)"."""
+    try:
+        name = enum_type.Name(value)
+    except ValueError:
+        return f"unknown({value})"
+    if name.startswith(prefix):
+        name = name[len(prefix):]
+    return name.lower()
+
+
+def isolation_name(value: int) -> str:
+    return enum_name(types_pb2.Isolation, value, "ISOLATION_")
+
+
+def slice_state_name(value: int) -> str:
+    return enum_name(types_pb2.SliceState, value, "SLICE_STATE_")
+
+
+def node_state_name(value: int) -> str:
+    return enum_name(types_pb2.NodeState, value, "NODE_STATE_")
+
+
+def timestamp(msg: Any, field: str) -> str | None:
+    """An RFC 3339 string for a set Timestamp field, else None."""
+    if not msg.HasField(field):
+        return None
+    return getattr(msg, field).ToJsonString()
+
+
+def slice_to_dict(s: types_pb2.Slice) -> dict[str, Any]:
+    return {
+        "id": s.id, "allocation_id": s.allocation_id, "tenant": s.tenant, "node": s.node,
+        "gpu_uuid": s.gpu_uuid, "gpu_index": s.gpu_index, "gpu_model": s.gpu_model,
+        "isolation": isolation_name(s.isolation), "profile": s.profile or None,
+        "placement": ({"start": s.placement.start, "size": s.placement.size}
+                      if s.HasField("placement") else None),
+        "memory_bytes": s.memory_bytes, "compute_share": s.compute_share,
+        "state": slice_state_name(s.state), "device_uuid": s.device_uuid, "env": dict(s.env),
+        "message": s.message, "priority": s.priority, "labels": dict(s.labels),
+        "created_at": timestamp(s, "created_at"), "updated_at": timestamp(s, "updated_at"),
+        "gpu_instance_id": s.gpu_instance_id, "compute_instance_id": s.compute_instance_id,
+    }
+
+
+def mig_mode(gpu: types_pb2.Gpu) -> str:
+    """"enabled", "disabled", or with a pending change "enabled (pending disable)"."""
+    now = "enabled" if gpu.mig_enabled else "disabled"
+    if gpu.mig_pending != gpu.mig_enabled:
+        return f"{now} (pending {'enable' if gpu.mig_pending else 'disable'})"
+    return now
+
+
+def gpu_to_dict(g: types_pb2.Gpu) -> dict[str, Any]:
+    return {"index": g.index, "uuid": g.uuid, "model": g.model, "product_name": g.product_name,
+            "memory_bytes": g.memory_bytes, "mig_mode": mig_mode(g),
+            "nvlink_domain": g.nvlink_domain, "pci_bus_id": g.pci_bus_id, "serial": g.serial}
+
+
+def node_to_dict(n: types_pb2.Node) -> dict[str, Any]:
+    inv = n.inventory
+    return {
+        "name": n.name, "state": node_state_name(n.state), "cordoned": n.cordoned,
+        "gpus": len(inv.gpus), "gpu_models": sorted({g.model for g in inv.gpus}),
+        "slices": n.slices, "ready_slices": n.ready_slices,
+        "registered_at": timestamp(n, "registered_at"),
+        "last_heartbeat": timestamp(n, "last_heartbeat"),
+        "agent_version": n.agent_version, "message": n.message,
+        "inventory": {
+            "hostname": inv.hostname, "driver_version": inv.driver_version,
+            "cuda_version": inv.cuda_version, "gpu_backend": inv.gpu_backend,
+            "labels": dict(inv.labels), "gpus": [gpu_to_dict(g) for g in inv.gpus],
+            "nvlink_domains": [list(d.gpus) for d in inv.nvlink_domains],
+            "nics": [{"name": c.name, "kind": c.kind, "rate_gbps": c.rate_gbps,
+                      "port_guid": c.port_guid, "gpus": list(c.gpus)} for c in inv.nics],
+        },
+    }
+
+
+def gpu_status_to_dict(g: types_pb2.GpuStatus) -> dict[str, Any]:
+    return {
+        "node": g.node, "index": g.gpu.index, "uuid": g.gpu.uuid, "model": g.gpu.model,
+        "mig_mode": mig_mode(g.gpu), "memory_total_bytes": g.gpu.memory_bytes,
+        "allocated_memory_bytes": g.allocated_memory_bytes,
+        "allocated_compute_share": g.allocated_compute_share, "slices": g.slices,
+        "mig_layout": list(g.mig_layout),
+        "sharing": isolation_name(g.sharing) if g.sharing else None,
+        "node_ready": g.node_ready, "cordoned": g.node_cordoned,
+    }
+
+
+def allocation_to_dict(resp: slice_service_pb2.AllocateResponse) -> dict[str, Any]:
+    return {"id": resp.allocation_id, "slices": [slice_to_dict(s) for s in resp.slices]}
+
+
+__all__ = ["MeshClient", "slice_to_dict", "node_to_dict", "gpu_status_to_dict", "gpu_to_dict",
+           "allocation_to_dict", "isolation_name", "slice_state_name", "node_state_name",
+           "ISOLATIONS", "TOPOLOGIES", "SLICE_STATES", "NODE_STATES"]

@@ -1,0 +1,340 @@
+"""A local gpumesh cluster of real processes: one control plane (with its embedded
+etcd) and agent processes running simulated hosts. Used by `meshctl up`, the
+benchmarks and the integration tests.
+
+    with LocalCluster(tmp_path, [make_host("sim-node-01", 8, "H100-80GB")]) as cluster:
+        cluster.start()                      # returns once every node is Ready
+        with cluster.client() as mesh: ...
+        cluster.restart_controlplane()       # same address, state kept in etcd
+        cluster.kill_agent("sim-node-01")    # SIGKILL the agent process of that node
+        cluster.start_agent("sim-node-01")
+
+Files under `state_dir`: controlplane/ (the control plane's --state-dir: its
+port file, identity and the embedded etcd's data in controlplane/etcd/), hosts/ (one host file per node), agents/
+(one state dir per agent process), logs/ (one log per process), cluster.json
+(endpoint and pids, read by `meshctl down`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, die_with_parent, etcd_pids, is_mesh_process,
+                              read_state, signal_group, stop_detached, stop_pid)
+
+MAX_AGENT_PROCESSES = 8
+
+
+def default_agents_per_process(hosts: int) -> int:
+    """One host per agent process up to 8 hosts; above that, at most 8 processes."""
+    return 1 if hosts <= MAX_AGENT_PROCESSES else math.ceil(hosts / MAX_AGENT_PROCESSES)
+
+
+def sim_hosts(count: int, gpus_per_host: int = 8, gpu_model: str = "H100-80GB", mig: bool = True) -> list:
+    """`count` simulated hosts named sim-node-01, sim-node-02, ..."""
+    from nodeagent.hostfile import make_host
+    width = max(2, len(str(count)))
+    return [make_host(f"sim-node-{i:0{width}d}", gpus_per_host, gpu_model, mig=mig)
+            for i in range(1, count + 1)]
+
+
+@dataclass
+class LocalCluster:
+    """A control plane and agents as child processes, all files under `state_dir`.
+
+    `hosts` are nodeagent.hostfile HostSpecs, host-file mappings (with a `node:` key) or paths
+    of host files. `detach=True` starts the processes in their own session so they outlive this
+    process (`meshctl up --detach`); otherwise they get SIGTERM when this process dies.
+    """
+
+    state_dir: Path
+    hosts: list[Any]
+    lease_ttl: float | None = None
+    agents_per_process: int | None = None
+    etcd_endpoints: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    log_format: str = "json"
+    detach: bool = False
+    python: str = sys.executable
+    env: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+        self.endpoint: str | None = None
+        self.metrics_endpoint: str | None = None
+        self.controlplane: Proc | None = None
+        self.agents: dict[str, Proc] = {}
+        self._host_files: dict[str, Path] = {}
+        self.groups: dict[str, list[str]] = {}
+        running = read_state(self.state_dir)
+        if running and any(is_mesh_process(p) for p in running.get("pids", {}).values()):
+            raise ClusterError(f"a cluster is already running in {self.state_dir} "
+                               f"(run `meshctl down --state-dir {self.state_dir}`)")
+        self._write_hosts()
+
+    # -- layout ---------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self._host_files)
+
+    def _dir(self, name: str) -> Path:
+        path = self.state_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _write_hosts(self) -> None:
+        import yaml
+        from nodeagent.hostfile import dump_host, load_host_file
+        for host in self.hosts:
+            if isinstance(host, (str, os.PathLike)):
+                mapping = yaml.safe_load(Path(host).read_text())
+            elif isinstance(host, Mapping):
+                mapping = dict(host)
+            else:
+                mapping = dump_host(host)
+            node = (mapping or {}).get("node")
+            if not node:
+                raise ClusterError(f"host {host!r} names no node (a `node:` key)")
+            if node in self._host_files:
+                raise ClusterError(f"node {node!r} is given twice")
+            path = self._dir("hosts") / f"{node}.yaml"
+            path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+            try:
+                load_host_file(path)
+            except Exception as exc:
+                raise ClusterError(f"host file for {node} is not valid: {exc}") from exc
+            self._host_files[node] = path
+        if not self._host_files:
+            raise ClusterError("no hosts to start")
+        per = self.agents_per_process or default_agents_per_process(len(self._host_files))
+        nodes = self.nodes
+        if per == 1:
+            self.groups = {n: [n] for n in nodes}
+        else:
+            chunks = [nodes[i:i + per] for i in range(0, len(nodes), per)]
+            self.groups = {f"agent-{i + 1:02d}": c for i, c in enumerate(chunks)}
+
+    def agent_for(self, node: str) -> str:
+        for name, members in self.groups.items():
+            if node in members:
+                return name
+        raise ClusterError(f"unknown node {node!r} (nodes: {', '.join(self.nodes)})")
+
+    # -- processes ------------------------------------------------------------
+
+    def _spawn(self, proc: Proc) -> None:
+        proc.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        main_thread = threading.current_thread() is threading.main_thread()
+        with open(proc.log_path, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.argv)}\n".encode())
+            log.flush()
+            proc.popen = subprocess.Popen(
+                proc.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent if not self.detach and main_thread else None)
+
+    def start_controlplane(self, timeout: float = 60.0) -> str:
+        """Start the control plane (on the previous port after a restart); its HOST:PORT."""
+        port_file = self._dir("controlplane") / "endpoint.json"
+        port_file.unlink(missing_ok=True)
+        listen = self.endpoint or "127.0.0.1:0"
+        argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / "controlplane"),
+                "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+                "--log-format", self.log_format, "--log-level", self.log_level]
+        if self.etcd_endpoints:
+            argv += ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
+        if self.lease_ttl:
+            argv += ["--lease-ttl", str(math.ceil(self.lease_ttl))]
+        self.controlplane = Proc("controlplane", argv, self._dir("logs") / "controlplane.log")
+        self._spawn(self.controlplane)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.controlplane.running():
+                raise ClusterError(f"the control plane exited with status {self.controlplane.popen.returncode}"
+                                   f"; last log lines ({self.controlplane.log_path}):\n{self.controlplane.log_tail()}")
+            try:
+                info = json.loads(port_file.read_text())
+                self.endpoint, self.metrics_endpoint = info["endpoint"], info.get("metrics")
+                self.save_state()
+                return self.endpoint
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        raise ClusterError(f"the control plane wrote no port file within {timeout:g}s; "
+                           f"see {self.controlplane.log_path}")
+
+    def _agent_proc(self, name: str) -> Proc:
+        argv = [self.python, "-m", "nodeagent.main", "--control-plane", str(self.endpoint),
+                "--gpu-backend", "sim"]
+        for node in self.groups[name]:
+            argv += ["--sim-host-file", str(self._host_files[node])]
+        argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
+                 "--log-format", self.log_format, "--log-level", self.log_level]
+        return Proc(name, argv, self._dir("logs") / f"{name}.log")
+
+    def start_agent(self, node: str) -> str:
+        """Start the agent process that runs `node` (and its co-hosted nodes) if it is not running."""
+        name = self.agent_for(node)
+        if self.endpoint is None:
+            raise ClusterError("start the control plane first")
+        if not (name in self.agents and self.agents[name].running()):
+            self.agents[name] = self._agent_proc(name)
+            self._spawn(self.agents[name])
+            self.save_state()
+        return name
+
+    def stop_agent(self, node: str, grace: float = 10.0) -> list[str]:
+        """SIGTERM the agent process of `node`; the nodes it ran."""
+        name = self.agent_for(node)
+        proc = self.agents.get(name)
+        if proc and proc.popen:
+            stop_pid(proc.popen.pid, grace, proc.popen)
+        return list(self.groups[name])
+
+    def kill_agent(self, node: str, sig: int = signal.SIGKILL) -> list[str]:
+        """Signal (default SIGKILL) the agent process of `node`; the nodes it ran."""
+        name = self.agent_for(node)
+        proc = self.agents.get(name)
+        if proc and proc.running():
+            signal_group(proc.popen.pid, sig)
+            if sig == signal.SIGKILL:
+                proc.popen.wait(timeout=10)
+        return list(self.groups[name])
+
+    def kill_controlplane(self, sig: int = signal.SIGKILL) -> None:
+        """Crash the control plane (SIGKILL takes its embedded etcd down with it)."""
+        if self.controlplane and self.controlplane.running():
+            signal_group(self.controlplane.popen.pid, sig)
+            if sig == signal.SIGKILL:
+                self.controlplane.popen.wait(timeout=10)
+                self._kill_embedded_etcd()
+
+    @property
+    def etcd_data_dir(self) -> Path:
+        return self.state_dir / "controlplane" / "etcd"
+
+    def _kill_embedded_etcd(self) -> None:
+        """SIGKILL an embedded etcd its (killed) control plane left running in its own session."""
+        if not self.etcd_endpoints:
+            for pid in etcd_pids(self.etcd_data_dir):
+                signal_group(pid, signal.SIGKILL)
+
+    def stop_controlplane(self, grace: float = 10.0) -> None:
+        if self.controlplane and self.controlplane.popen:
+            stop_pid(self.controlplane.popen.pid, grace, self.controlplane.popen)
+            self._kill_embedded_etcd()
+
+    def restart_controlplane(self, *, kill: bool = False, wait_ready: bool = True,
+                             timeout: float = 60.0) -> str:
+        """Stop (SIGTERM, or SIGKILL with `kill`) and start the control plane on the same address."""
+        self.kill_controlplane() if kill else self.stop_controlplane()
+        endpoint = self.start_controlplane(timeout)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return endpoint
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, wait_ready: bool = True, timeout: float = 60.0,
+              progress: Callable[[str], None] | None = None) -> "LocalCluster":
+        """Start the control plane, then every agent; with `wait_ready`, wait until all nodes are Ready."""
+        say = progress or (lambda _msg: None)
+        try:
+            say("starting etcd + control plane...")
+            self.start_controlplane(timeout)
+            say(f"control plane ready at {self.endpoint}")
+            say(f"starting {len(self.groups)} agent process(es) for {len(self.nodes)} host(s)...")
+            for members in self.groups.values():
+                self.start_agent(members[0])
+            if wait_ready:
+                self.wait_ready(timeout, progress=lambda r, t: say(f"{r}/{t} nodes Ready"))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = 60.0, nodes: Iterable[str] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list:
+        """Poll AdminService.ListNodes until `nodes` (default: all) are Ready; the Node messages."""
+        from gpumesh.v1 import types_pb2
+        from mesh import errors
+        wanted = set(nodes or self.nodes)
+        deadline, last = time.monotonic() + timeout, -1
+        with self.client(timeout=5.0) as mesh:
+            while True:
+                self._check_running(wanted)
+                try:
+                    listed = mesh.list_nodes()
+                except (errors.Unavailable, errors.DeadlineExceeded):
+                    listed = []
+                ready = [n for n in listed if n.name in wanted and n.state == types_pb2.NODE_STATE_READY]
+                if progress and len(ready) != last:
+                    progress(len(ready), len(wanted))
+                    last = len(ready)
+                if len(ready) == len(wanted):
+                    return ready
+                if time.monotonic() > deadline:
+                    missing = sorted(wanted - {n.name for n in ready})
+                    raise ClusterError(f"{len(missing)} node(s) not Ready after {timeout:g}s: "
+                                       f"{', '.join(missing[:10])}; logs in {self.state_dir / 'logs'}")
+                time.sleep(0.2)
+
+    def _check_running(self, nodes: set[str]) -> None:
+        agents = {self.agent_for(n) for n in nodes}
+        for proc in [self.controlplane, *(p for n, p in self.agents.items() if n in agents)]:
+            if proc is not None and proc.popen is not None and proc.popen.poll() is not None:
+                raise ClusterError(f"{proc.name} exited with status {proc.popen.returncode}; "
+                                   f"last log lines ({proc.log_path}):\n{proc.log_tail()}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the agents, then the control plane; SIGKILL what is left after `grace`."""
+        procs = [p for p in self.agents.values() if p.popen is not None]
+        threads = [threading.Thread(target=stop_pid, args=(p.popen.pid, grace, p.popen)) for p in procs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.stop_controlplane(grace)
+        (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
+
+    def pids(self) -> dict[str, int]:
+        procs = [self.controlplane, *self.agents.values()]
+        return {p.name: p.pid for p in procs if p is not None and p.running()}
+
+    def save_state(self) -> None:
+        """Write cluster.json (endpoint, nodes, pids) for `meshctl down` and other tools."""
+        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint,
+                "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
+                "pids": self.pids(), "detached": self.detach}
+        tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.state_dir / CLUSTER_FILE)
+
+    def client(self, timeout: float = 30.0):
+        from mesh.client import MeshClient
+        if self.endpoint is None:
+            raise ClusterError("the cluster is not started")
+        return MeshClient(self.endpoint, timeout=timeout)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["LocalCluster", "ClusterError", "sim_hosts", "default_agents_per_process", "read_state",
+           "stop_detached", "CLUSTER_FILE"]

@@ -1,0 +1,161 @@
+"""Child-process helpers for tools.localcluster: signal, stop, find leftovers, cluster.json.
+
+Every signal goes to a process id this cluster recorded (checked against its
+command line, so a recycled pid is never signalled), never to a name pattern.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLUSTER_FILE = "cluster.json"
+
+
+class ClusterError(Exception):
+    """The cluster could not be started, reached or stopped."""
+
+
+def die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def is_mesh_process(pid: int) -> bool:
+    """Whether `pid` is alive and runs a gpumesh daemon (so a recycled pid is never signalled)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return alive(pid) if not Path("/proc").is_dir() else False
+    return alive(pid) and (b"controlplane.main" in cmd or b"nodeagent.main" in cmd)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    for fn, target in ((os.killpg, pid), (os.kill, pid)):
+        try:
+            fn(target, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def stop_pid(pid: int, grace: float = 10.0, popen: subprocess.Popen | None = None) -> None:
+    """SIGTERM `pid`, wait up to `grace` seconds, then SIGKILL its process group."""
+    running = popen.poll() is None if popen is not None else alive(pid)
+    if running:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if (popen.poll() is not None) if popen is not None else not alive(pid):
+            break
+        time.sleep(0.05)
+    signal_group(pid, signal.SIGKILL)  # leftovers: the process itself or its children (etcd)
+    if popen is not None:
+        try:
+            popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@dataclass
+class Proc:
+    """One child process: its command line, log file and (once started) Popen."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+
+def etcd_pids(data_dir: str | os.PathLike) -> list[int]:
+    """Pids of etcd processes serving `data_dir` (an embedded etcd left behind by a killed
+    control plane runs in its own session, so it outlives the control plane's process group)."""
+    marker = os.fsencode(str(Path(data_dir)))
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]).startswith(b"etcd") and any(
+                a == marker or a.startswith(marker + b"/") for a in argv[1:]):
+            found.append(int(entry))
+    return found
+
+
+def read_state(state_dir: str | os.PathLike) -> dict | None:
+    """The cluster.json of `state_dir`, or None."""
+    try:
+        return json.loads((Path(state_dir) / CLUSTER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_detached(state_dir: str | os.PathLike, grace: float = 10.0) -> list[str]:
+    """Stop the cluster recorded in `state_dir`/cluster.json (agents first); the names stopped."""
+    state = read_state(state_dir)
+    if state is None:
+        raise ClusterError(f"no cluster recorded in {Path(state_dir).resolve()} (no {CLUSTER_FILE})")
+    pids: dict[str, int] = state.get("pids", {})
+
+    stopped = []
+    agents = [(n, p) for n, p in pids.items() if n != "controlplane" and is_mesh_process(p)]
+    threads = [threading.Thread(target=stop_pid, args=(p, grace)) for _, p in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stopped += [n for n, _ in agents]
+    cp = pids.get("controlplane")
+    if cp and is_mesh_process(cp):
+        stop_pid(cp, grace)
+        stopped.append("controlplane")
+    for pid in etcd_pids(Path(state_dir).resolve() / "controlplane" / "etcd"):
+        stop_pid(pid, 2.0)
+        stopped.append(f"etcd:{pid}")
+    (Path(state_dir) / CLUSTER_FILE).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,178 @@
+"""`meshctl up` / `meshctl down`: a local cluster of real processes on simulated hosts."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+
+from tools.meshctl.common import CliError, info, out, positive_float, positive_int, subcommand
+
+UP_EPILOG = """\
+examples:
+  meshctl up                                      # 2 hosts x 8 H100-80GB, Ctrl-C stops it
+  meshctl up --sim-hosts 4 --gpus-per-host 8 --gpu-model A100-80GB --detach
+  meshctl up --hosts fleet.yaml --state-dir /tmp/mesh --detach -o json
+  meshctl up --demo                               # allocate a few slices for tenant "demo"
+
+--hosts FILE is YAML with `hosts: [<host file mapping>, ...]`, each item shaped
+like one nodeagent host file (with its `node:` name).
+Files go under --state-dir: controlplane/, etcd/, hosts/, agents/, logs/, cluster.json.
+"""
+
+DOWN_EPILOG = """\
+examples:
+  meshctl down
+  meshctl down --state-dir /tmp/mesh
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "up", help="start a local cluster (control plane + simulated hosts)",
+                   description="Start a control plane with an embedded etcd and agent processes "
+                               "running simulated GPU hosts; wait until every node is Ready.",
+                   epilog=UP_EPILOG, skip=("timeout",))
+    hosts = p.add_mutually_exclusive_group()
+    hosts.add_argument("--hosts", metavar="FILE", help="YAML file listing the hosts (see below)")
+    hosts.add_argument("--sim-hosts", type=positive_int, default=2, metavar="N",
+                       help="number of simulated hosts sim-node-01.. (default: 2)")
+    p.add_argument("--gpus-per-host", type=positive_int, default=8, metavar="G", help="(default: 8)")
+    p.add_argument("--gpu-model", default="H100-80GB", metavar="MODEL", help="(default: H100-80GB)")
+    p.add_argument("--no-mig", action="store_true", help="simulated GPUs start with MIG disabled")
+    p.add_argument("--state-dir", default=".mesh", metavar="DIR", help="where the cluster's files go (default: ./.mesh)")
+    p.add_argument("--lease-ttl", type=positive_float, metavar="SECONDS", help="node lease TTL")
+    p.add_argument("--agents-per-process", type=positive_int, metavar="K",
+                   help="hosts per agent process (default: 1 up to 8 hosts, else at most 8 processes)")
+    p.add_argument("--detach", action="store_true", help="leave the cluster running in the background")
+    p.add_argument("--demo", action="store_true", help="allocate a few slices for tenant demo once Ready")
+    p.add_argument("--timeout", dest="ready_timeout", type=positive_float, default=120.0, metavar="SECONDS",
+                   help="how long to wait for the cluster to be Ready (default: 120)")
+    p.set_defaults(func=run_up)
+
+    d = subcommand(sub, "down", help="stop a local cluster started with `meshctl up`",
+                   description="Stop the cluster recorded in DIR/cluster.json (SIGTERM, then SIGKILL "
+                               "after a grace) and clear the saved context if it points there.",
+                   epilog=DOWN_EPILOG, skip=("timeout",))
+    d.add_argument("--state-dir", default=".mesh", metavar="DIR", help="(default: ./.mesh)")
+    d.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                   help="seconds between SIGTERM and SIGKILL (default: 10)")
+    d.set_defaults(func=run_down)
+
+
+def load_hosts(args: argparse.Namespace) -> list:
+    """Host mappings from --hosts, or simulated HostSpecs from --sim-hosts."""
+    from tools import localcluster
+    if not args.hosts:
+        return localcluster.sim_hosts(args.sim_hosts, args.gpus_per_host, args.gpu_model, mig=not args.no_mig)
+    import yaml
+    try:
+        doc = yaml.safe_load(Path(args.hosts).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CliError(f"cannot read --hosts {args.hosts}: {exc}") from None
+    if isinstance(doc, dict) and "node" in doc:
+        return [doc]
+    if not isinstance(doc, dict) or not isinstance(doc.get("hosts"), list) or not doc["hosts"]:
+        raise CliError(f"--hosts {args.hosts}: expected a mapping with a non-empty `hosts:` list")
+    return doc["hosts"]
+
+
+def summary(cluster) -> dict:
+    return {"endpoint": cluster.endpoint, "state_dir": str(cluster.state_dir),
+            "nodes": cluster.nodes, "pids": cluster.pids()}
+
+
+DEMO = (
+    ("3g.40gb", dict(mig_profile="3g.40gb")),
+    ("2 x 1g.10gb", dict(mig_profile="1g.10gb", count=2)),
+    ("MPS 8GiB, 25% compute", dict(isolation="mps", memory_bytes=8 << 30, compute_share=0.25)),
+)
+
+
+def run_demo(endpoint: str, output: str) -> None:
+    from mesh import errors
+    from mesh.client import MeshClient
+    from tools.meshctl.output import format_list
+    with MeshClient(endpoint, timeout=60) as mesh:
+        for label, kwargs in DEMO:
+            try:
+                resp = mesh.allocate(tenant="demo", **kwargs)
+                where = ", ".join(f"{s.node}/gpu{s.gpu_index}" for s in resp.slices)
+                info(f"demo: allocated {label} as {resp.allocation_id} on {where}")
+            except errors.MeshError as exc:
+                info(f"demo: could not allocate {label}: {exc}")
+        if output in ("table", "wide"):
+            out(format_list("slices", mesh.list_slices(tenant="demo"), output) + "\n")
+            out(format_list("gpus", mesh.list_gpus(), output) + "\n")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from mesh.context import clear_context, save_context
+    from tools.localcluster import ClusterError, LocalCluster
+    from tools.meshctl.output import dump
+    cluster = LocalCluster(Path(args.state_dir), load_hosts(args), lease_ttl=args.lease_ttl,
+                           agents_per_process=args.agents_per_process, detach=args.detach)
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to meshctl stops the cluster like Ctrl-C
+    try:
+        cluster.start(timeout=args.ready_timeout, progress=info)
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
+    save_context(cluster.endpoint, cluster.state_dir)
+    try:
+        if args.demo:
+            run_demo(cluster.endpoint, args.output)
+        if args.output in ("json", "yaml"):
+            out(dump(summary(cluster), args.output))
+        if args.detach:
+            if args.output not in ("json", "yaml"):
+                out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes); "
+                    f"stop it with: meshctl down --state-dir {args.state_dir}\n")
+            return 0
+        info(f"cluster running at {cluster.endpoint}; press Ctrl-C to stop")
+        return _wait(cluster)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if not args.detach:
+            info("stopping...")
+            cluster.stop()
+            clear_context(cluster.state_dir)
+            info("stopped")
+
+
+def _wait(cluster) -> int:
+    """Sleep until Ctrl-C; warn about exited agents; fail if the control plane exits."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(1.0)
+        cp = cluster.controlplane
+        if cp is not None and not cp.running():
+            info(f"error: the control plane exited with status {cp.popen.returncode}; "
+                 f"see {cp.log_path}")
+            return 1
+        for name, proc in cluster.agents.items():
+            if not proc.running() and name not in reported:
+                reported.add(name)
+                info(f"warning: agent {name} exited with status {proc.popen.returncode}; see {proc.log_path}")
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from mesh.context import clear_context
+    from tools.localcluster import ClusterError, stop_detached
+    state_dir = Path(args.state_dir).resolve()
+    try:
+        stopped = stop_detached(state_dir, grace=args.grace)
+    except ClusterError as exc:
+        cleared = clear_context(state_dir)
+        raise CliError(str(exc) + ("; cleared the saved context" if cleared else "")) from None
+    clear_context(state_dir)
+    if args.output in ("json", "yaml"):
+        from tools.meshctl.output import dump
+        out(dump({"state_dir": str(state_dir), "stopped": stopped}, args.output))
+    else:
+        out(f"stopped {len(stopped)} process(es) of the cluster in {state_dir}\n")
+    return 0

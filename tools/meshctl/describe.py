@@ -1,0 +1,117 @@
+"""`meshctl describe node NAME` and `meshctl describe slice ID`: one object in detail."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tools.meshctl.common import CliError, client, out, subcommand
+
+EPILOG = """\
+examples:
+  meshctl describe node sim-node-01
+  meshctl describe slice s-7f3a9c1e2b4d
+  meshctl describe no sim-node-01 -o json    # the node with "gpu_status" and "slice_list"
+"""
+
+KINDS = {"node": "node", "nodes": "node", "no": "node",
+         "slice": "slice", "slices": "slice", "sl": "slice"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "describe", help="show one node or slice in detail",
+                   description="Show one node (facts, GPUs with their MIG layout, slices on it) "
+                               "or one slice (placement, device, environment).",
+                   epilog=EPILOG)
+    p.add_argument("kind", metavar="KIND", help="node | slice (or an alias: no, sl)")
+    p.add_argument("name", metavar="NAME", help="node name or slice ID")
+    p.set_defaults(func=run)
+
+
+def _fields(pairs: list[tuple[str, Any]], indent: str = "") -> str:
+    width = max(len(k) for k, _ in pairs) + 2
+    lines = []
+    for key, value in pairs:
+        text = "<none>" if value in (None, "", [], {}) else str(value)
+        lines.append(f"{indent}{(key + ':').ljust(width)}{text}")
+    return "\n".join(lines) + "\n"
+
+
+def _indent(text: str, pad: str = "  ") -> str:
+    return "".join(pad + line + "\n" for line in text.rstrip("\n").split("\n"))
+
+
+def node_document(node: Any, gpus: list, slices: list) -> dict:
+    from mesh.client import gpu_status_to_dict, node_to_dict, slice_to_dict
+    doc = node_to_dict(node)
+    doc["gpu_status"] = [gpu_status_to_dict(g) for g in gpus]
+    doc["slice_list"] = [slice_to_dict(s) for s in slices]
+    return doc
+
+
+def format_node(doc: dict) -> str:
+    from tools.meshctl import output
+    inv = doc["inventory"]
+    text = _fields([
+        ("Name", doc["name"]), ("Status", output.node_status(doc)),
+        ("Hostname", inv["hostname"]), ("GPU backend", inv["gpu_backend"]),
+        ("Driver", inv["driver_version"]), ("CUDA", inv["cuda_version"]),
+        ("Agent version", doc["agent_version"]),
+        ("Registered", doc["registered_at"]), ("Last heartbeat", doc["last_heartbeat"]),
+        ("Message", doc["message"]),
+        ("Labels", ",".join(f"{k}={v}" for k, v in sorted(inv["labels"].items()))),
+        ("NVLink domains", " ".join("[" + ",".join(map(str, d)) + "]" for d in inv["nvlink_domains"])),
+        ("Slices", f"{doc['slices']} ({doc['ready_slices']} ready)"),
+    ])
+    if inv["nics"]:
+        text += "NICs:\n" + _indent(output.render_table(
+            ["name", "kind", "rate", "gpus"],
+            [[n["name"], n["kind"], f"{n['rate_gbps']}Gb/s", ",".join(map(str, n["gpus"])) or "-"]
+             for n in inv["nics"]]))
+    gpu_cols = [c for c in output.gpu_columns() if c[0] not in ("NODE", "NODE-STATUS")]
+    text += "GPUs:\n" + _indent(output.table_of(doc["gpu_status"], gpu_cols, wide=True)
+                                if doc["gpu_status"] else "<none>")
+    slice_cols = [c for c in output.slice_columns() if c[0] not in ("NODE", "MESSAGE")]
+    text += f"Slices on {doc['name']}:\n" + _indent(
+        output.table_of(doc["slice_list"], slice_cols, wide=False) if doc["slice_list"] else "<none>")
+    return text
+
+
+def format_slice(d: dict) -> str:
+    from mesh.units import format_size
+    placement = d["placement"]
+    text = _fields([
+        ("ID", d["id"]), ("Allocation", d["allocation_id"]), ("Tenant", d["tenant"]),
+        ("State", d["state"]), ("Message", d["message"]),
+        ("Node", d["node"]), ("GPU", f"{d['gpu_index']} ({d['gpu_uuid']})" if d["gpu_uuid"] else None),
+        ("GPU model", d["gpu_model"]), ("Isolation", d["isolation"]), ("Profile", d["profile"]),
+        ("Placement", f"start {placement['start']}, size {placement['size']}" if placement else None),
+        ("Memory", f"{format_size(d['memory_bytes'])} ({d['memory_bytes']} bytes)"),
+        ("Compute share", d["compute_share"]), ("Priority", d["priority"]),
+        ("Device", d["device_uuid"]),
+        ("Instances", f"GI {d['gpu_instance_id']}, CI {d['compute_instance_id']}"
+         if d["isolation"] == "mig" and d["device_uuid"] else None),
+        ("Created", d["created_at"]), ("Updated", d["updated_at"]),
+        ("Labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))),
+    ])
+    text += "Environment:\n"
+    text += "".join(f"  {k}={v}\n" for k, v in sorted(d["env"].items())) or "  <none>\n"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    kind = KINDS.get(args.kind.lower())
+    if kind is None:
+        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice)")
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        if kind == "node":
+            node = mesh.get_node(args.name)
+            doc = node_document(node, mesh.list_gpus(node=args.name), mesh.list_slices(node=args.name))
+            text = format_node(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+        else:
+            from mesh.client import slice_to_dict
+            doc = slice_to_dict(mesh.get_slice(args.name))
+            text = format_slice(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+    out(text)
+    return 0

@@ -1,0 +1,65 @@
+"""`meshctl get nodes|gpus|slices`: list resources as a table, or json/yaml `{"items": [...]}`."""
+
+from __future__ import annotations
+
+import argparse
+
+from tools.meshctl.common import CliError, client, out, subcommand
+
+# resource name -> canonical kind
+RESOURCES = {
+    "nodes": "nodes", "node": "nodes", "no": "nodes",
+    "gpus": "gpus", "gpu": "gpus",
+    "slices": "slices", "slice": "slices", "sl": "slices",
+}
+
+EPILOG = """\
+resources: nodes (node, no), gpus (gpu), slices (slice, sl)
+
+examples:
+  meshctl get nodes
+  meshctl get nodes --state not-ready -o wide
+  meshctl get gpus --node sim-node-01
+  meshctl get slices --tenant team-a --state ready
+  meshctl get sl s-7f3a9c1e2b4d -o yaml
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "get", help="list nodes, GPUs or slices",
+                   description="List nodes, GPUs or slices. Names or IDs narrow the list.",
+                   epilog=EPILOG)
+    p.add_argument("resource", metavar="RESOURCE", help="nodes | gpus | slices (or an alias)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="only these node names (nodes, gpus) or slice/allocation IDs (slices)")
+    p.add_argument("--tenant", default="", help="slices of this tenant only")
+    p.add_argument("--node", default="", help="GPUs or slices on this node only")
+    p.add_argument("--state", default=None,
+                   help="nodes: ready | not-ready; slices: pending | ready | releasing | failed | unknown")
+    p.set_defaults(func=run)
+
+
+def fetch(args: argparse.Namespace, kind: str) -> list:
+    with client(args) as mesh:
+        if kind == "nodes":
+            if args.tenant or args.node:
+                raise CliError("--tenant and --node do not filter nodes")
+            items = mesh.list_nodes(state=args.state)
+            return [n for n in items if not args.names or n.name in args.names]
+        if kind == "gpus":
+            if args.tenant or args.state:
+                raise CliError("--tenant and --state do not filter gpus")
+            items = mesh.list_gpus(node=args.node)
+            return [g for g in items if not args.names or g.node in args.names]
+        items = mesh.list_slices(tenant=args.tenant, node=args.node, state=args.state)
+        return [s for s in items
+                if not args.names or s.id in args.names or s.allocation_id in args.names]
+
+
+def run(args: argparse.Namespace) -> int:
+    kind = RESOURCES.get(args.resource.lower())
+    if kind is None:
+        raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
+    from tools.meshctl.output import format_list
+    out(format_list(kind, fetch(args, kind), args.output))
+    return 0

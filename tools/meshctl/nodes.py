@@ -1,0 +1,57 @@
+"""`meshctl cordon|uncordon|drain NAME`: take nodes in and out of scheduling."""
+
+from __future__ import annotations
+
+import argparse
+
+from tools.meshctl.common import client, out, subcommand
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, verb, desc in (
+            ("cordon", "cordoned", "Stop placing new slices on the node (its slices stay). Idempotent."),
+            ("uncordon", "uncordoned", "Allow new slices on the node again. Idempotent.")):
+        p = subcommand(sub, name, help=desc.split(" (")[0].split(".")[0].lower(), description=desc,
+                       epilog=f"example:\n  meshctl {name} sim-node-01\n")
+        p.add_argument("name", metavar="NAME", help="node name")
+        p.set_defaults(func=run_cordon, verb=verb)
+
+    d = subcommand(sub, "drain", help="cordon a node and evict its slices",
+                   description="Cordon the node and evict its slices; their clients see the "
+                               "eviction reason on Watch.",
+                   epilog="examples:\n  meshctl drain sim-node-01 --dry-run\n  meshctl drain sim-node-01\n")
+    d.add_argument("name", metavar="NAME", help="node name")
+    d.add_argument("--dry-run", action="store_true", help="only report what would be evicted")
+    d.set_defaults(func=run_drain)
+
+
+def run_cordon(args: argparse.Namespace) -> int:
+    from mesh.client import node_to_dict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        node = mesh.cordon(args.name) if args.command == "cordon" else mesh.uncordon(args.name)
+    if args.output in ("json", "yaml"):
+        out(dump(node_to_dict(node), args.output))
+    else:
+        out(f"node/{node.name or args.name} {args.verb}\n")
+    return 0
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    from mesh.client import node_to_dict, slice_to_dict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        resp = mesh.drain(args.name, dry_run=args.dry_run)
+    evicted = [slice_to_dict(s) for s in resp.evicted]
+    if args.output in ("json", "yaml"):
+        out(dump({"node": node_to_dict(resp.node), "dry_run": args.dry_run, "evicted": evicted},
+                 args.output))
+        return 0
+    lines = [f"evicting slice/{s['id']} (tenant {s['tenant']}, gpu {s['gpu_index']})" for s in evicted]
+    if args.dry_run:
+        lines = [line.replace("evicting", "would evict") for line in lines]
+        lines.append(f"node/{args.name} would be drained: {len(evicted)} slice(s) evicted (dry run)")
+    else:
+        lines.append(f"node/{args.name} drained: {len(evicted)} slice(s) evicted")
+    out("\n".join(lines) + "\n")
+    return 0
