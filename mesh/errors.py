@@ -7,7 +7,8 @@ with rich details (google.rpc.BadRequest / ErrorInfo), and the SDK
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import grpc
 
@@ -19,7 +20,7 @@ class MeshError(Exception):
     """Base of every gpumesh error: a message and the gRPC code it maps to."""
 
     message: str
-    code: grpc.StatusCode = field(default=grpc.StatusCode.UNKNOWN, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.UNKNOWN, init=False)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -34,7 +35,7 @@ class InvalidArgument(MeshError):
 
     field: str = ""
     allowed: str = ""
-    code: grpc.StatusCode = field(default=grpc.StatusCode.INVALID_ARGUMENT, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.INVALID_ARGUMENT, init=False)
 
     @classmethod
     def of(cls, field_path: str, problem: str, allowed: str = "") -> "InvalidArgument":
@@ -48,47 +49,47 @@ class InvalidArgument(MeshError):
 class NotFound(MeshError):
     kind: str = ""
     name: str = ""
-    code: grpc.StatusCode = field(default=grpc.StatusCode.NOT_FOUND, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.NOT_FOUND, init=False)
 
 
 @dataclass
 class AlreadyExists(MeshError):
-    code: grpc.StatusCode = field(default=grpc.StatusCode.ALREADY_EXISTS, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.ALREADY_EXISTS, init=False)
 
 
 @dataclass
 class ResourceExhausted(MeshError):
     """A request could not be placed; `reasons` maps a node class to why not."""
 
-    reasons: dict[str, str] = field(default_factory=dict)
-    code: grpc.StatusCode = field(default=grpc.StatusCode.RESOURCE_EXHAUSTED, init=False)
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.RESOURCE_EXHAUSTED, init=False)
 
 
 @dataclass
 class FailedPrecondition(MeshError):
-    code: grpc.StatusCode = field(default=grpc.StatusCode.FAILED_PRECONDITION, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.FAILED_PRECONDITION, init=False)
 
 
 @dataclass
 class Unavailable(MeshError):
-    code: grpc.StatusCode = field(default=grpc.StatusCode.UNAVAILABLE, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.UNAVAILABLE, init=False)
 
 
 @dataclass
 class DeadlineExceeded(MeshError):
-    code: grpc.StatusCode = field(default=grpc.StatusCode.DEADLINE_EXCEEDED, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.DEADLINE_EXCEEDED, init=False)
 
 
 @dataclass
 class Aborted(MeshError):
     """A guarded write lost a race; the caller may retry."""
 
-    code: grpc.StatusCode = field(default=grpc.StatusCode.ABORTED, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.ABORTED, init=False)
 
 
 @dataclass
 class PermissionDenied(MeshError):
-    code: grpc.StatusCode = field(default=grpc.StatusCode.PERMISSION_DENIED, init=False)
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.PERMISSION_DENIED, init=False)
 
 
 BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {

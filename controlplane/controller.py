@@ -1,0 +1,258 @@
+"""The slice lifecycle: allocate, realize (via agents), release, lose and recover.
+
+The controller owns the fleet view. Every change is made to the fleet first
+(synchronously, so no two requests see the same free capacity), then written
+to etcd through the group-commit writer; events and answers go out only once
+the write is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from google.protobuf import timestamp_pb2
+
+from controlplane import keys, placement
+from controlplane.events import ADDED, DELETED, MODIFIED, EventHub
+from controlplane.fleet import Fleet
+from controlplane.sessions import Sessions
+from controlplane.store import Absent, Delete, EtcdStore, Present, Put
+from controlplane.writer import Writer
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from mesh.logs import log
+from mesh.slicespec import ISOLATION_ENUM, SliceRequest
+
+logger = logging.getLogger(__name__)
+S = types_pb2
+TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
+
+
+def now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class Controller:
+    def __init__(self, store: EtcdStore, *, ready_timeout: float = 30.0, release_timeout: float = 30.0) -> None:
+        self.store = store
+        self.fleet = Fleet()
+        self.writer = Writer(store)
+        self.events = EventHub()
+        self.sessions = Sessions()
+        self.ready_timeout = ready_timeout
+        self.release_timeout = release_timeout
+        self.ready_waiters: dict[str, list[asyncio.Future]] = {}
+        self.gone_waiters: dict[str, list[asyncio.Future]] = {}
+        self.requests: dict[tuple[str, str], str] = {}
+        self.revision = 0
+
+    # -- persistence helpers ------------------------------------------------------------
+
+    async def save(self, changed: list[types_pb2.Slice], deleted: list[types_pb2.Slice] = (),
+                   created: bool = False, extra: list = (), extra_conds: list = ()) -> int:
+        """Write `changed` slices (and delete `deleted`) durably, then publish events."""
+        ops = [Put(keys.slice_(s.id), s.SerializeToString()) for s in changed]
+        ops += [Delete(keys.slice_(s.id)) for s in deleted]
+        ops += list(extra)
+        conds = [Absent(keys.slice_(s.id)) if created else Present(keys.slice_(s.id)) for s in changed]
+        conds += list(extra_conds)
+        rev = await self.writer.write(ops, conds)
+        self.revision = max(self.revision, rev)
+        for s in changed:
+            self.fleet.revisions[s.id] = rev
+            self.events.publish(ADDED if created else MODIFIED, s, rev)
+            if s.state in TERMINAL:
+                self._resolve(self.ready_waiters, s.id, s)
+        for s in deleted:
+            self.events.publish(DELETED, s, rev)
+            self._resolve(self.gone_waiters, s.id, s)
+        return rev
+
+    @staticmethod
+    def _resolve(table: dict, slice_id: str, value) -> None:
+        for fut in table.pop(slice_id, ()):
+            if not fut.done():
+                fut.set_result(value)
+
+    def _wait(self, table: dict, slice_id: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        table.setdefault(slice_id, []).append(fut)
+        return fut
+
+    def _update(self, s: types_pb2.Slice, **fields) -> types_pb2.Slice:
+        ns = types_pb2.Slice()
+        ns.CopyFrom(s)
+        env = fields.pop("env", None)
+        for k, v in fields.items():
+            setattr(ns, k, v)
+        if env is not None:
+            ns.env.clear()
+            ns.env.update(env)
+        ns.updated_at.CopyFrom(now())
+        self.fleet.put_slice(ns)
+        return ns
+
+    # -- allocate ---------------------------------------------------------------------
+
+    def _slices_for(self, req: SliceRequest, choices: list[placement.Choice]) -> list[types_pb2.Slice]:
+        alloc_id, ts = new_id("a"), now()
+        out = []
+        for c in choices:
+            s = types_pb2.Slice(
+                id=new_id("s"), allocation_id=alloc_id, tenant=req.tenant, node=c.node, gpu_uuid=c.gpu_uuid,
+                gpu_index=c.gpu_index, gpu_model=c.gpu_model, isolation=ISOLATION_ENUM[c.isolation],
+                profile=c.profile or "", memory_bytes=c.memory_bytes, compute_share=c.compute_share,
+                state=S.SLICE_STATE_PENDING, priority=req.priority, labels=req.labels, created_at=ts, updated_at=ts)
+            if c.profile:
+                s.placement.start, s.placement.size = c.start, c.size
+            out.append(s)
+        return out
+
+    async def allocate(self, req: SliceRequest, request_id: str = "", no_wait: bool = False,
+                       timeout: float = 0.0) -> tuple[str, list[types_pb2.Slice]]:
+        if request_id:
+            existing = self.requests.get((req.tenant, request_id))
+            if existing:
+                return existing, await self._await_ready(existing, no_wait, timeout)
+        choices = placement.place(self.fleet, req)
+        slices = self._slices_for(req, choices)
+        alloc_id = slices[0].allocation_id
+        for s in slices:
+            self.fleet.put_slice(s)
+        extra, conds = [], []
+        if request_id:
+            self.requests[(req.tenant, request_id)] = alloc_id
+            extra.append(Put(keys.request(req.tenant, request_id), alloc_id.encode()))
+            conds.append(Absent(keys.request(req.tenant, request_id)))
+        try:
+            rev = await self.save(slices, created=True, extra=extra, extra_conds=conds)
+        except BaseException:
+            for s in slices:
+                self.fleet.drop_slice(s.id)
+            if request_id:
+                self.requests.pop((req.tenant, request_id), None)
+            raise
+        log(logger, logging.INFO, "allocated", allocation=alloc_id, tenant=req.tenant,
+            slices=[f"{s.id}@{s.node}/{s.gpu_index}" for s in slices])
+        waits = [] if no_wait else [self._wait(self.ready_waiters, s.id) for s in slices]
+        by_node: dict[str, list] = {}
+        for s in slices:
+            by_node.setdefault(s.node, []).append(s)
+        for node, group in by_node.items():
+            session = self.sessions.get(node)
+            if session is not None:
+                session.send_upserts(group, rev)
+        if no_wait:
+            return alloc_id, slices
+        return alloc_id, await self._gather(alloc_id, [s.id for s in slices], waits, timeout)
+
+    async def _await_ready(self, alloc_id: str, no_wait: bool, timeout: float) -> list[types_pb2.Slice]:
+        ids = [s.id for s in self.fleet.slices.values() if s.allocation_id == alloc_id]
+        if no_wait:
+            return [self.fleet.slices[i] for i in ids]
+        waits = []
+        for i in ids:
+            if self.fleet.slices[i].state not in TERMINAL:
+                waits.append(self._wait(self.ready_waiters, i))
+        return await self._gather(alloc_id, ids, waits, timeout)
+
+    async def _gather(self, alloc_id: str, ids: list[str], waits, timeout: float) -> list[types_pb2.Slice]:
+        timeout = timeout or self.ready_timeout
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=timeout)
+            if pending:
+                for f in pending:
+                    f.cancel()
+                raise errors.DeadlineExceeded(
+                    f"allocation {alloc_id} is placed but not ready after {timeout:g}s (its node agent has not "
+                    f"realized it yet); it stays PENDING: follow it with Get/Watch or release it")
+        slices = [self.fleet.slices[i] for i in ids if i in self.fleet.slices]
+        failed = [s for s in slices if s.state == S.SLICE_STATE_FAILED]
+        if failed:
+            await self.release(alloc_id, wait=False)
+            raise errors.Unavailable(f"node {failed[0].node} could not realize slice {failed[0].id}: "
+                                     f"{failed[0].message}; the allocation was released, retry")
+        return slices
+
+    # -- release ----------------------------------------------------------------------
+
+    def find(self, ident: str) -> list[types_pb2.Slice]:
+        if ident in self.fleet.slices:
+            return [self.fleet.slices[ident]]
+        group = [s for s in self.fleet.slices.values() if s.allocation_id == ident]
+        if not group:
+            raise errors.NotFound(f"no slice or allocation {ident!r}", kind="slice", name=ident)
+        return group
+
+    async def release(self, ident: str, wait: bool = True, message: str = "") -> list[types_pb2.Slice]:
+        targets = self.find(ident)
+        changed = []
+        for s in targets:
+            if s.state != S.SLICE_STATE_RELEASING:
+                changed.append(self._update(s, state=S.SLICE_STATE_RELEASING, message=message or "released"))
+        result = [self.fleet.slices[s.id] for s in targets]
+        gone = [self._wait(self.gone_waiters, s.id) for s in result] if wait else []
+        if changed:
+            rev = await self.save(changed)
+            by_node: dict[str, list[str]] = {}
+            for s in changed:
+                by_node.setdefault(s.node, []).append(s.id)
+            for node, ids in by_node.items():
+                session = self.sessions.get(node)
+                if session is not None:
+                    session.send_removals(ids, rev)
+        connected = [s for s in result if self.sessions.get(s.node) is not None
+                     and self.fleet.nodes.get(s.node) and self.fleet.nodes[s.node].ready]
+        if wait and connected and gone:
+            await asyncio.wait(gone, timeout=self.release_timeout)
+        for f in gone:
+            f.cancel()
+        return [self.fleet.slices.get(s.id, s) for s in result]
+
+    # -- agent reports ----------------------------------------------------------------
+
+    async def report(self, node: str, full: bool, statuses, released) -> None:
+        changed, deleted = [], []
+        held = set()
+        for st in statuses:
+            held.add(st.slice_id)
+            s = self.fleet.slices.get(st.slice_id)
+            if s is None or s.node != node or s.state == S.SLICE_STATE_RELEASING:
+                continue
+            if (s.state, s.device_uuid, s.message, s.gpu_instance_id, s.compute_instance_id) == \
+                    (st.state, st.device_uuid, st.message, st.gpu_instance_id, st.compute_instance_id) \
+                    and dict(s.env) == dict(st.env):
+                continue
+            changed.append(self._update(s, state=st.state, device_uuid=st.device_uuid, env=dict(st.env),
+                                        message=st.message, gpu_instance_id=st.gpu_instance_id,
+                                        compute_instance_id=st.compute_instance_id))
+        gone_ids = set(released)
+        if full:
+            for s in self.fleet.slices_on(node):
+                if s.id in held:
+                    continue
+                if s.state == S.SLICE_STATE_RELEASING:
+                    gone_ids.add(s.id)
+                elif s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_UNKNOWN):
+                    changed.append(self._update(s, state=S.SLICE_STATE_PENDING, message="not on the node; re-creating"))
+        for sid in gone_ids:
+            s = self.fleet.slices.get(sid)
+            if s is not None and s.node == node and s.state == S.SLICE_STATE_RELEASING:
+                deleted.append(self.fleet.drop_slice(sid))
+        if changed or deleted:
+            await self.save(changed, deleted)
+
+    async def mark_node_lost(self, node: str, why: str) -> None:
+        changed = [self._update(s, state=S.SLICE_STATE_UNKNOWN, message=f"node NotReady: {why}")
+                   for s in self.fleet.slices_on(node)
+                   if s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_PENDING)]
+        if changed:
+            await self.save(changed)

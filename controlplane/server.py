@@ -1,0 +1,159 @@
+"""Assemble and run the control plane: etcd, store, controller, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from controlplane.config import ControlPlaneConfig
+from controlplane.controller import Controller
+from controlplane.etcdserver import EtcdServer
+from controlplane.nodes import NodeManager
+from controlplane.services import AdminService, NodeService, SliceService
+from controlplane.store import EtcdStore, new_identity
+from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
+                        slice_service_pb2, slice_service_pb2_grpc, types_pb2)
+from mesh.config import parse_hostport
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5000)]
+
+
+class FleetCollector:
+    """Prometheus gauges read from the fleet at scrape time."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+
+    def collect(self):
+        by_state = GaugeMetricFamily("gpumesh_slices", "Slices by state", labels=["state"])
+        counts: dict[str, int] = {}
+        for s in list(self.ctl.fleet.slices.values()):
+            name = types_pb2.SliceState.Name(s.state).removeprefix("SLICE_STATE_").lower()
+            counts[name] = counts.get(name, 0) + 1
+        for name in ("pending", "ready", "releasing", "failed", "unknown"):
+            by_state.add_metric([name], counts.get(name, 0))
+        yield by_state
+        nodes = GaugeMetricFamily("gpumesh_nodes", "Nodes by readiness", labels=["ready"])
+        ready = sum(1 for n in self.ctl.fleet.nodes.values() if n.ready)
+        nodes.add_metric(["true"], ready)
+        nodes.add_metric(["false"], len(self.ctl.fleet.nodes) - ready)
+        yield nodes
+        yield GaugeMetricFamily("gpumesh_etcd_write_batches", "Group-commit transactions written",
+                                value=self.ctl.writer.batches)
+
+
+class ControlPlane:
+    def __init__(self, cfg: ControlPlaneConfig) -> None:
+        self.cfg = cfg
+        self.state_dir = pathlib.Path(cfg.state_dir)
+        self.etcd: EtcdServer | None = None
+        self.store: EtcdStore | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._collector = None
+
+    def identity(self) -> str:
+        path = self.state_dir / "identity"
+        if path.exists():
+            return path.read_text().strip()
+        ident = f"{os.uname().nodename}-{new_identity()}"
+        path.write_text(ident)
+        return ident
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        endpoints = list(self.cfg.etcd_endpoints)
+        if not endpoints:
+            self.etcd = EtcdServer(self.state_dir / "etcd", log_file=self.state_dir / "etcd.log")
+            self.etcd.start()   # in the main thread: the child's death signal follows this thread
+            endpoints = [self.etcd.endpoint]
+        self.store = EtcdStore(endpoints)
+        await self.store.connect()
+        await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl)
+        self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
+        self.ctl.writer.start()
+        self.nodes = NodeManager(self.ctl, lease_ttl=self.cfg.lease_ttl)
+        await self.nodes.load()
+
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        slice_service_pb2_grpc.add_SliceServiceServicer_to_server(SliceService(self.ctl), self.server)
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(
+            NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)), self.server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.ctl, self.nodes), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [d.services_by_name[n].full_name for d, n in (
+            (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
+            (admin_service_pb2.DESCRIPTOR, "AdminService"))]
+        reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                     reflection.SERVICE_NAME], self.server)
+        host, port = parse_hostport(self.cfg.listen, "listen")
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        await self.server.start()
+        for n in names + [""]:
+            await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.metrics_listen:
+            mhost, mport = parse_hostport(self.cfg.metrics_listen, "metrics_listen")
+            self._collector = FleetCollector(self.ctl)
+            REGISTRY.register(self._collector)
+            httpd, _ = start_http_server(mport, addr=mhost)
+            self.metrics_port = httpd.server_port
+        endpoint = f"{host}:{self.port}"
+        if self.cfg.port_file:
+            tmp = self.cfg.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"endpoint": endpoint, "metrics": f"{host}:{self.metrics_port}" if self.metrics_port
+                           else "", "pid": os.getpid()}, f)
+            os.replace(tmp, self.cfg.port_file)
+        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port,
+            etcd=",".join(endpoints), embedded_etcd=self.etcd is not None)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await _set_health(self.health, "", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(self.cfg.grace_seconds)
+        if getattr(self, "nodes", None) is not None:
+            await self.nodes.stop()
+            await self.ctl.writer.stop()
+        if self.store is not None:
+            await self.store.close()
+        if self.etcd is not None:
+            await asyncio.to_thread(self.etcd.stop)
+        log(logger, logging.INFO, "control plane stopped")
+
+    async def run_until_signal(self) -> None:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        lost = asyncio.create_task(self.store.lost_leadership.wait())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({lost, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if lost in done:
+            log(logger, logging.ERROR, "lost leadership: stopping so a supervisor restarts this control plane")
+        await self.stop()
+
+
+async def _set_health(servicer, name: str, status) -> None:
+    res = servicer.set(name, status)
+    if asyncio.iscoroutine(res):
+        await res

@@ -1,0 +1,199 @@
+"""The gRPC servicers: thin adapters from the v1 API onto the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane.controller import Controller
+from controlplane.nodes import NodeManager, validate_node_name
+from controlplane.rpc import streaming, unary
+from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
+                        slice_service_pb2, slice_service_pb2_grpc, types_pb2)
+from mesh import errors, slicespec
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+MAX_ID = 128
+
+
+def _check_id(value: str, field: str) -> str:
+    if not value:
+        raise errors.InvalidArgument.of(field, "is required", "a slice ID (s-...) or allocation ID (a-...)")
+    if len(value) > MAX_ID or not value.isprintable():
+        raise errors.InvalidArgument.of(field, "is not a valid ID", f"printable, at most {MAX_ID} characters")
+    return value
+
+
+class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+
+    @unary
+    async def Allocate(self, request, context):
+        req = slicespec.validate(request.spec)
+        if len(request.request_id) > MAX_ID or not request.request_id.isprintable():
+            raise errors.InvalidArgument.of("request_id", "is not valid", f"printable, at most {MAX_ID} characters")
+        if not (0 <= request.timeout_seconds <= 3600):
+            raise errors.InvalidArgument.of("timeout_seconds", f"{request.timeout_seconds} is out of range",
+                                            "0 (server default) to 3600")
+        alloc_id, slices = await self.ctl.allocate(req, request.request_id, request.no_wait,
+                                                   request.timeout_seconds)
+        return slice_service_pb2.AllocateResponse(allocation_id=alloc_id, slices=slices)
+
+    @unary
+    async def Release(self, request, context):
+        slices = await self.ctl.release(_check_id(request.id, "id"))
+        return slice_service_pb2.ReleaseResponse(slices=slices)
+
+    @unary
+    async def Get(self, request, context):
+        sid = _check_id(request.id, "id")
+        s = self.ctl.fleet.slices.get(sid)
+        if s is None:
+            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
+        return s
+
+    @unary
+    async def List(self, request, context):
+        out = [s for s in self.ctl.fleet.slices.values()
+               if (not request.tenant or s.tenant == request.tenant)
+               and (not request.node or s.node == request.node)
+               and (not request.state or s.state == request.state)
+               and (not request.allocation_id or s.allocation_id == request.allocation_id)]
+        out.sort(key=lambda s: (s.node, s.gpu_index, s.placement.start, s.id))
+        return slice_service_pb2.ListSlicesResponse(slices=out)
+
+    @streaming
+    async def Watch(self, request, context):
+        def match(s):
+            return (not request.tenant or s.tenant == request.tenant) and (not request.node or s.node == request.node)
+        q = self.ctl.events.subscribe()
+        try:
+            if request.send_initial:
+                for s in list(self.ctl.fleet.slices.values()):
+                    if match(s):
+                        yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.ADDED, slice=s,
+                                                           revision=self.ctl.revision)
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    raise errors.Aborted("watch fell too far behind; watch again")
+                if match(ev.slice):
+                    yield ev
+        finally:
+            self.ctl.events.unsubscribe(q)
+
+
+class NodeService(node_service_pb2_grpc.NodeServiceServicer):
+    def __init__(self, ctl: Controller, nodes: NodeManager, heartbeat_interval: float) -> None:
+        self.ctl = ctl
+        self.nodes = nodes
+        self.heartbeat_interval = heartbeat_interval
+
+    @unary
+    async def Register(self, request, context):
+        node = await self.nodes.register(request.node_name, request.inventory, request.agent_version)
+        return node_service_pb2.RegisterResponse(node=node, lease_ttl_seconds=self.nodes.lease_ttl,
+                                                 heartbeat_interval_seconds=self.heartbeat_interval)
+
+    @unary
+    async def Heartbeat(self, request, context):
+        validate_node_name(request.node_name)
+        ttl = await self.nodes.heartbeat(request.node_name)
+        return node_service_pb2.HeartbeatResponse(lease_ttl_seconds=ttl)
+
+    async def Sync(self, request_iterator, context):
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(errors.InvalidArgument.code, "the first Sync message must be a hello")
+        node = first.hello.node_name
+        entry = self.ctl.fleet.nodes.get(node)
+        if entry is None or not entry.ready:
+            await context.abort(errors.FailedPrecondition.code, f"node {node!r} is not registered: register first")
+        session = self.ctl.sessions.open(node)
+        desired = [s for s in self.ctl.fleet.slices_on(node) if s.state != types_pb2.SLICE_STATE_RELEASING]
+        session.send_full(desired, self.ctl.revision)
+        log(logger, logging.INFO, "agent stream open", node=node, desired=len(desired))
+
+        async def read():
+            async for msg in request_iterator:
+                if msg.WhichOneof("kind") == "report":
+                    r = msg.report
+                    await self.ctl.report(node, r.full, r.statuses, r.released)
+                    if r.full:
+                        session.synced.set()
+            session.close()
+
+        reader = asyncio.create_task(read(), name=f"sync-read-{node}")
+        try:
+            while True:
+                msg = await session.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            self.ctl.sessions.close(session)
+            log(logger, logging.INFO, "agent stream closed", node=node)
+
+
+class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
+    def __init__(self, ctl: Controller, nodes: NodeManager) -> None:
+        self.ctl = ctl
+        self.nodes = nodes
+
+    @unary
+    async def ListNodes(self, request, context):
+        out = [self.nodes.view(n) for n in sorted(self.ctl.fleet.nodes)]
+        if request.state:
+            out = [n for n in out if n.state == request.state]
+        return admin_service_pb2.ListNodesResponse(nodes=out)
+
+    @unary
+    async def GetNode(self, request, context):
+        validate_node_name(request.name, "name")
+        return self.nodes.view(request.name)
+
+    @unary
+    async def CordonNode(self, request, context):
+        validate_node_name(request.name, "name")
+        return await self.nodes.set_cordon(request.name, True)
+
+    @unary
+    async def UncordonNode(self, request, context):
+        validate_node_name(request.name, "name")
+        return await self.nodes.set_cordon(request.name, False)
+
+    @unary
+    async def DrainNode(self, request, context):
+        validate_node_name(request.name, "name")
+        node, evicted = await self.nodes.drain(request.name, request.dry_run)
+        return admin_service_pb2.DrainNodeResponse(node=node, evicted=evicted)
+
+    @unary
+    async def ListGpus(self, request, context):
+        if request.node:
+            validate_node_name(request.node, "node")
+            self.nodes.entry(request.node)
+        out = []
+        for name in sorted(self.ctl.fleet.nodes):
+            if request.node and name != request.node:
+                continue
+            entry = self.ctl.fleet.nodes[name]
+            states = {g.index: g for g in entry.gpus}
+            for inv in entry.record.inventory.gpus:
+                st = types_pb2.GpuStatus(node=name, gpu=inv, node_ready=entry.ready,
+                                         node_cordoned=entry.record.cordoned)
+                g = states.get(inv.index)
+                if g is not None:
+                    st.allocated_memory_bytes = g.allocated_memory
+                    st.allocated_compute_share = round(g.allocated_compute, 4)
+                    st.slices = len(g.slices)
+                    st.mig_layout.extend(f"{p}@{s}" for p, s in sorted(g.mig_layout, key=lambda x: x[1]))
+                    st.sharing = slicespec.ISOLATION_ENUM.get(g.sharing, 0) if g.sharing else 0
+                out.append(st)
+        return admin_service_pb2.ListGpusResponse(gpus=out)

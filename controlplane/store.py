@@ -1,0 +1,214 @@
+"""The etcd store: guarded transactions, the leader session, node leases.
+
+Built on `aetcd` (asyncio, python-etcd3's API, current protobuf). One
+`EtcdStore` per control-plane process. Writes go through `commit()`, which
+adds the fencing compare on the leader key: a control plane that lost
+leadership can no longer write, whatever it believes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import urllib.parse
+import uuid
+
+import aetcd
+import aetcd.exceptions
+
+from controlplane import keys
+from mesh import errors
+
+log = logging.getLogger(__name__)
+
+ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, asyncio.TimeoutError)
+
+
+@dataclasses.dataclass
+class Put:
+    key: bytes
+    value: bytes
+    lease: int | None = None
+
+
+@dataclasses.dataclass
+class Delete:
+    key: bytes
+
+
+@dataclasses.dataclass
+class Absent:
+    """Precondition: the key does not exist."""
+    key: bytes
+
+
+@dataclasses.dataclass
+class Present:
+    """Precondition: the key exists."""
+    key: bytes
+
+
+@dataclasses.dataclass
+class Snapshot:
+    revision: int
+    kvs: dict[bytes, tuple[bytes, int, int]]  # key -> (value, mod_revision, lease)
+
+
+def parse_endpoint(url: str) -> tuple[str, int]:
+    u = urllib.parse.urlparse(url if "://" in url else "http://" + url)
+    if not u.hostname or not u.port:
+        raise ValueError(f"etcd endpoint {url!r} is not http://HOST:PORT")
+    return u.hostname, u.port
+
+
+class EtcdStore:
+    def __init__(self, endpoints: list[str], timeout: float = 10.0) -> None:
+        if not endpoints:
+            raise ValueError("etcd endpoints: at least one is needed")
+        self.endpoints = endpoints
+        host, port = parse_endpoint(endpoints[0])
+        self.client = aetcd.Client(host=host, port=port, timeout=timeout, options={
+            "grpc.max_receive_message_length": 64 << 20,
+            "grpc.keepalive_time_ms": 10_000,
+        })
+        self.identity = ""
+        self.leader_revision = 0
+        self.session_lease: int | None = None
+        self.lost_leadership = asyncio.Event()
+        self._keepalive_task: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        await self.client.connect()
+
+    async def close(self) -> None:
+        if self._keepalive_task:
+            self._keepalive_task.cancel()
+        try:
+            await self.client.close()
+        except ETCD_ERRORS:
+            pass
+
+    # -- leadership --------------------------------------------------------------
+
+    async def become_leader(self, identity: str, ttl: int = 10, wait: float = 60.0) -> None:
+        """Take the leader key with a fresh session lease.
+
+        A previous incarnation of the same identity (a restart) takes over at
+        once; another holder is waited for until its lease expires.
+        """
+        self.identity = identity
+        lease = await self.client.lease(ttl)
+        self.session_lease = lease.id
+        tx = self.client.transactions
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            ok, _ = await self.client.transaction(
+                compare=[tx.create(keys.LEADER.encode()) == 0],
+                success=[tx.put(keys.LEADER.encode(), identity.encode(), lease=lease.id)], failure=[])
+            if not ok:
+                # Our own previous incarnation (a restart) still holds the key: drop it and
+                # take it anew, so the leader key gets a fresh create revision (fencing).
+                dropped, _ = await self.client.transaction(
+                    compare=[tx.value(keys.LEADER.encode()) == identity.encode()],
+                    success=[tx.delete(keys.LEADER.encode())], failure=[])
+                if dropped:
+                    continue
+            if ok:
+                kv = await self.client.get(keys.LEADER.encode())
+                self.leader_revision = kv.create_revision
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise errors.Unavailable("another control plane holds the leader key")
+            await asyncio.sleep(0.5)
+        self._keepalive_task = asyncio.create_task(self._keep_session(lease.id, ttl))
+        log.info("leader elected", extra={"fields": {"identity": identity, "revision": self.leader_revision}})
+
+    async def _keep_session(self, lease_id: int, ttl: int) -> None:
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        while True:
+            await asyncio.sleep(max(ttl / 3, 0.5))
+            try:
+                reply = await self.client.refresh_lease(lease_id)
+                if reply is not None and reply.TTL > 0:
+                    last_ok = loop.time()
+                    continue
+                log.error("leader session lease expired")
+            except ETCD_ERRORS as e:
+                log.warning("leader session keepalive failed", extra={"fields": {"error": str(e)}})
+                if loop.time() - last_ok < ttl:
+                    continue
+            self.lost_leadership.set()
+            return
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def load(self, prefix: str = keys.PREFIX) -> Snapshot:
+        res = await self.client.get_prefix(prefix.encode())
+        kvs = {kv.key: (kv.value, kv.mod_revision, kv.lease) for kv in res.kvs}
+        return Snapshot(revision=res.header.revision, kvs=kvs)
+
+    async def get(self, key: bytes) -> bytes | None:
+        kv = await self.client.get(key)
+        return kv.value if kv is not None else None
+
+    # -- writes --------------------------------------------------------------------
+
+    async def commit(self, ops: list[Put | Delete], conditions: list[Absent | Present] = ()) -> int:
+        """Apply `ops` atomically if this process is still the leader and every
+        condition holds. Returns the revision of the write.
+
+        Raises errors.Unavailable when leadership is lost, errors.Aborted when a
+        precondition fails.
+        """
+        if self.lost_leadership.is_set():
+            raise errors.Unavailable("this control plane is no longer the leader")
+        tx = self.client.transactions
+        compare = [tx.create(keys.LEADER.encode()) == self.leader_revision]
+        for c in conditions:
+            if isinstance(c, Absent):
+                compare.append(tx.create(c.key) == 0)
+            else:
+                compare.append(tx.create(c.key) > 0)
+        success = [tx.put(o.key, o.value, lease=o.lease) if isinstance(o, Put) else tx.delete(o.key)
+                   for o in ops]
+        try:
+            resp = await self.client.kvstub.Txn(
+                aetcd.rpc.TxnRequest(compare=[c.build_message() for c in compare],
+                                     success=self.client._ops_to_requests(success)),
+                timeout=self.client._timeout, metadata=self.client.metadata)
+        except ETCD_ERRORS as e:
+            raise errors.Unavailable(f"etcd: {e}") from e
+        except Exception as e:  # grpc.aio.AioRpcError from the raw stub
+            raise errors.Unavailable(f"etcd: {getattr(e, 'details', lambda: e)()}") from e
+        if resp.succeeded:
+            return resp.header.revision
+        leader = await self.client.get(keys.LEADER.encode())
+        if leader is None or leader.create_revision != self.leader_revision:
+            self.lost_leadership.set()
+            raise errors.Unavailable("this control plane is no longer the leader")
+        raise errors.Aborted("a precondition of the write failed (concurrent change)")
+
+    # -- node leases -----------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        return (await self.client.lease(ttl)).id
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        """Refresh a node lease; returns its TTL, 0 when it has expired."""
+        reply = await self.client.refresh_lease(lease_id)
+        return int(reply.TTL) if reply is not None else 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        try:
+            await self.client.revoke_lease(lease_id)
+        except ETCD_ERRORS:
+            pass
+
+    async def watch_prefix(self, prefix: str, start_revision: int):
+        return await self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+
+
+def new_identity() -> str:
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,177 @@
+"""The node agent: registers, heartbeats, and reconciles desired slices with
+the GPUs over one long-lived Sync stream to the control plane.
+
+Level-triggered: on every (re)connection the control plane sends the full
+desired set; the agent adopts matching instances, removes orphans, realizes
+what is missing and answers with a full report. Then it applies changes as
+they come. NVML calls run in a worker thread, one at a time per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+
+from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, types_pb2
+from mesh.logs import log
+from nodeagent.gpu import NvmlGpus
+from nodeagent.slicer import Slicer
+
+logger = logging.getLogger(__name__)
+VERSION = "gpumesh-agent/0.1.0"
+RETRY_TEARDOWN_S = 2.0
+
+
+class NodeAgent:
+    def __init__(self, node: str, endpoint: str, gpus: NvmlGpus, *, mps_root: str,
+                 topology: tuple = (), nics: tuple = (), backend: str = "nvml",
+                 driver_version: str = "", cuda_version: str = "", reconnect_max: float = 5.0) -> None:
+        self.node = node
+        self.endpoint = endpoint
+        self.gpus = gpus
+        self.slicer = Slicer(gpus, mps_root)
+        self.topology = topology
+        self.nics = nics
+        self.backend = backend
+        self.driver_version = driver_version
+        self.cuda_version = cuda_version
+        self.reconnect_max = reconnect_max
+        self.desired: dict[str, types_pb2.Slice] = {}
+        self.realized: dict[str, node_service_pb2.SliceStatus] = {}
+        self.stuck: set[str] = set()         # releases the hardware refused; retried
+        self.registered = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    # -- inventory ----------------------------------------------------------------------
+
+    def inventory(self) -> types_pb2.NodeInventory:
+        inv = types_pb2.NodeInventory(hostname=self.node, gpu_backend=self.backend,
+                                      driver_version=self.driver_version, cuda_version=self.cuda_version)
+        gpus = self.gpus.inventory()
+        for d, members in enumerate(self.topology):
+            inv.nvlink_domains.add(gpus=list(members))
+            for g in gpus:
+                if g.index in members:
+                    g.nvlink_domain = d
+        inv.gpus.extend(gpus)
+        for nic in self.nics:
+            inv.nics.add(name=nic.name, kind=nic.kind, rate_gbps=nic.rate_gbps, port_guid=nic.port_guid,
+                         gpus=list(nic.gpus))
+        return inv
+
+    # -- main loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.gpus.init)
+        backoff = 0.2
+        while not self.stopping.is_set():
+            channel = grpc.aio.insecure_channel(self.endpoint, options=[
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.max_receive_message_length", 64 << 20)])
+            stub = node_service_pb2_grpc.NodeServiceStub(channel)
+            try:
+                await self._session(stub)
+                backoff = 0.2
+            except grpc.aio.AioRpcError as e:
+                log(logger, logging.WARNING, "control plane connection lost", node=self.node,
+                    code=e.code().name, error=e.details())
+            except asyncio.CancelledError:
+                raise
+            finally:
+                self.registered.clear()
+                await channel.close()
+            if self.stopping.is_set():
+                break
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.reconnect_max)
+
+    async def _session(self, stub) -> None:
+        inv = await asyncio.to_thread(self.inventory)
+        reply = await stub.Register(node_service_pb2.RegisterRequest(node_name=self.node, inventory=inv,
+                                                                     agent_version=VERSION), timeout=30)
+        self.registered.set()
+        log(logger, logging.INFO, "registered", node=self.node, lease_ttl=reply.lease_ttl_seconds,
+            gpus=len(inv.gpus))
+        outbox: asyncio.Queue = asyncio.Queue()
+        outbox.put_nowait(node_service_pb2.AgentMessage(hello=node_service_pb2.SyncHello(node_name=self.node)))
+
+        async def requests():
+            while True:
+                msg = await outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        call = stub.Sync(requests())
+        beat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_seconds, call))
+        retry = asyncio.create_task(self._retry_stuck(outbox))
+        try:
+            async for msg in call:
+                if msg.WhichOneof("kind") == "desired":
+                    await self._apply(msg.desired, outbox)
+        finally:
+            beat.cancel()
+            retry.cancel()
+            outbox.put_nowait(None)
+            call.cancel()
+
+    async def _heartbeats(self, stub, interval: float, call) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await stub.Heartbeat(node_service_pb2.HeartbeatRequest(node_name=self.node), timeout=interval * 2)
+            except grpc.aio.AioRpcError as e:
+                log(logger, logging.WARNING, "heartbeat failed", node=self.node, code=e.code().name)
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    call.cancel()   # re-register on a fresh session
+                    return
+
+    # -- reconciliation -----------------------------------------------------------------
+
+    async def _apply(self, d: node_service_pb2.DesiredSlices, outbox: asyncio.Queue) -> None:
+        report = node_service_pb2.SliceStatusReport(full=d.full)
+        if d.full:
+            self.desired = {s.id: s for s in d.upserts}
+            orphans = await asyncio.to_thread(self.slicer.adopt, self.desired)
+            for inst in orphans:
+                await asyncio.to_thread(self.slicer.destroy_orphan, inst)
+            self.realized = {k: v for k, v in self.realized.items() if k in self.desired}
+            log(logger, logging.INFO, "reconciling full desired state", node=self.node,
+                desired=len(self.desired), adopted=len(self.slicer.mig), orphans=len(orphans))
+            todo = list(self.desired.values())
+        else:
+            for s in d.upserts:
+                self.desired[s.id] = s
+            todo = list(d.upserts)
+        if todo:
+            statuses = await asyncio.to_thread(lambda: [self.slicer.realize(s) for s in todo])
+            for st in statuses:
+                self.realized[st.slice_id] = st
+        if d.full:
+            report.statuses.extend(self.realized.values())
+        else:
+            report.statuses.extend(self.realized[s.id] for s in todo)
+        for sid in d.removals:
+            self.desired.pop(sid, None)
+            self.realized.pop(sid, None)
+            err = await asyncio.to_thread(self.slicer.teardown, sid)
+            if err is None:
+                self.stuck.discard(sid)
+                report.released.append(sid)
+            else:
+                self.stuck.add(sid)
+                log(logger, logging.WARNING, "release refused by the GPU; will retry", node=self.node,
+                    slice=sid, error=err)
+        if d.full or report.statuses or report.released:
+            outbox.put_nowait(node_service_pb2.AgentMessage(report=report))
+
+    async def _retry_stuck(self, outbox: asyncio.Queue) -> None:
+        while True:
+            await asyncio.sleep(RETRY_TEARDOWN_S)
+            for sid in list(self.stuck):
+                if await asyncio.to_thread(self.slicer.teardown, sid) is None:
+                    self.stuck.discard(sid)
+                    outbox.put_nowait(node_service_pb2.AgentMessage(
+                        report=node_service_pb2.SliceStatusReport(released=[sid])))

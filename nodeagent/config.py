@@ -1,0 +1,37 @@
+"""Agent configuration (file, `MESH_AGENT_*` environment, flags)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from mesh.config import ConfigError, option, parse_hostport
+
+
+@dataclass
+class AgentConfig:
+    ENV_PREFIX = "MESH_AGENT_"
+
+    control_plane: str = option("127.0.0.1:50051", "control plane gRPC address HOST:PORT")
+    node_name: str = option("", "this node's name (default: the host name; simulated hosts take it from their host file)")
+    gpu_backend: str = option("nvml", "GPU backend: nvml (real pynvml) or sim (simulated NVML from host files)",
+                              choices=("nvml", "sim"))
+    sim_host_file: list = option([], "host file(s) describing simulated GPU hosts (gpu_backend=sim); one agent per file",
+                                 flag="--sim-host-file")
+    state_dir: str = option("/var/lib/gpumesh-agent", "directory for agent state (simulated device state, MPS pipes)")
+    metrics_listen: str = option("", "Prometheus /metrics address HOST:PORT; empty disables it")
+    reconnect_max_seconds: float = option(5.0, "longest wait between reconnect attempts", minimum=0.1, maximum=300)
+    log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = option("json", "log line format", choices=("json", "text"))
+
+    def check(self) -> None:
+        parse_hostport(self.control_plane, "control_plane")
+        if self.metrics_listen:
+            parse_hostport(self.metrics_listen, "metrics_listen")
+        if self.gpu_backend == "sim" and not self.sim_host_file:
+            raise ConfigError("sim_host_file: at least one host file is needed with gpu_backend=sim")
+        if self.gpu_backend == "nvml" and self.sim_host_file:
+            raise ConfigError("sim_host_file: only allowed with gpu_backend=sim")
+
+    def default_node_name(self) -> str:
+        return self.node_name or socket.gethostname().split(".")[0].lower()

@@ -1,0 +1,204 @@
+"""The agent's GPU layer: inventory and the MIG lifecycle through NVML.
+
+`nvml` is the real `pynvml` module on a GPU host or the simulated NVML; both
+are called the same way here (the real library's calling conventions,
+ctypes out-parameters included), so this code path is the one that runs on
+real hardware.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+
+from gpumesh.v1 import types_pb2
+from mesh import gpumodels
+
+logger = logging.getLogger(__name__)
+
+
+class GpuError(RuntimeError):
+    """An NVML call failed; `nvml_code` keeps NVML's return code."""
+
+    def __init__(self, message: str, nvml_code: int | None = None) -> None:
+        super().__init__(message)
+        self.nvml_code = nvml_code
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    gpu_index: int
+    gi_id: int
+    ci_id: int | None
+    profile: str
+    start: int
+    uuid: str
+
+
+def model_of(product_name: str) -> gpumodels.GpuModel | None:
+    for m in gpumodels.MODELS.values():
+        if m.product_name == product_name:
+            return m
+    try:
+        return gpumodels.get_model(product_name)
+    except KeyError:
+        return None
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class NvmlGpus:
+    def __init__(self, nvml) -> None:
+        self.nvml = nvml
+        self.models: dict[int, gpumodels.GpuModel | None] = {}
+        self.uuids: dict[int, str] = {}
+
+    def _err(self, what: str, e: Exception) -> GpuError:
+        code = getattr(e, "value", None)
+        return GpuError(f"{what}: {e}", code)
+
+    def init(self) -> None:
+        self.nvml.nvmlInit()
+
+    def shutdown(self) -> None:
+        try:
+            self.nvml.nvmlShutdown()
+        except self.nvml.NVMLError:
+            pass
+
+    def handle(self, index: int):
+        return self.nvml.nvmlDeviceGetHandleByIndex(index)
+
+    # -- inventory ------------------------------------------------------------------
+
+    def inventory(self) -> list[types_pb2.Gpu]:
+        n = self.nvml
+        out = []
+        for i in range(n.nvmlDeviceGetCount()):
+            h = n.nvmlDeviceGetHandleByIndex(i)
+            name = _text(n.nvmlDeviceGetName(h))
+            model = model_of(name)
+            self.models[i] = model
+            uuid = _text(n.nvmlDeviceGetUUID(h))
+            self.uuids[i] = uuid
+            g = types_pb2.Gpu(index=i, uuid=uuid, model=model.name if model else name, product_name=name,
+                              memory_bytes=int(n.nvmlDeviceGetMemoryInfo(h).total), nvlink_domain=-1)
+            try:
+                current, pending = n.nvmlDeviceGetMigMode(h)
+                g.mig_enabled = current == n.NVML_DEVICE_MIG_ENABLE
+                g.mig_pending = pending != current
+            except n.NVMLError_NotSupported:
+                pass
+            try:
+                g.pci_bus_id = _text(n.nvmlDeviceGetPciInfo(h).busId)
+            except (n.NVMLError, AttributeError):
+                pass
+            try:
+                g.serial = _text(n.nvmlDeviceGetSerial(h))
+            except n.NVMLError:
+                pass
+            out.append(g)
+        return out
+
+    # -- MIG ----------------------------------------------------------------------------
+
+    def _model(self, index: int) -> gpumodels.GpuModel:
+        model = self.models.get(index)
+        if model is None or not model.mig_capable:
+            raise GpuError(f"GPU {index} is not a known MIG-capable model")
+        return model
+
+    def _compute_instances(self, gi, profile: gpumodels.MigProfile) -> list:
+        n = self.nvml
+        info = n.nvmlGpuInstanceGetComputeInstanceProfileInfo(gi, profile.ci_profile,
+                                                             n.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
+        arr = (n.c_nvmlComputeInstance_t * 8)()
+        count = ctypes.c_uint(0)
+        n.nvmlGpuInstanceGetComputeInstances(gi, info.id, arr, ctypes.byref(count))
+        return [arr[i] for i in range(count.value)]
+
+    def _mig_uuids(self, index: int) -> dict[tuple[int, int], str]:
+        n = self.nvml
+        h = self.handle(index)
+        out = {}
+        for i in range(n.nvmlDeviceGetMaxMigDeviceCount(h)):
+            try:
+                mig = n.nvmlDeviceGetMigDeviceHandleByIndex(h, i)
+            except n.NVMLError_NotFound:
+                continue
+            out[(n.nvmlDeviceGetGpuInstanceId(mig), n.nvmlDeviceGetComputeInstanceId(mig))] = \
+                _text(n.nvmlDeviceGetUUID(mig))
+        return out
+
+    def mig_instances(self, index: int) -> list[MigInstance]:
+        """Every GPU instance on GPU `index` (with its compute instance and MIG device UUID)."""
+        n = self.nvml
+        model = self._model(index)
+        h = self.handle(index)
+        found = []
+        try:
+            for p in model.mig_profiles:
+                arr = (n.c_nvmlGpuInstance_t * max(p.max_instances, 1))()
+                count = ctypes.c_uint(0)
+                n.nvmlDeviceGetGpuInstances(h, p.gi_profile_id, arr, ctypes.byref(count))
+                for k in range(count.value):
+                    gi = arr[k]
+                    info = n.nvmlGpuInstanceGetInfo(gi)
+                    cis = self._compute_instances(gi, p)
+                    ci_id = n.nvmlComputeInstanceGetInfo(cis[0]).id if cis else None
+                    found.append((info.id, ci_id, p.name, info.placement.start))
+            uuids = self._mig_uuids(index) if found else {}
+        except n.NVMLError as e:
+            raise self._err(f"listing MIG instances of GPU {index}", e) from e
+        return [MigInstance(index, gi, ci, prof, start, uuids.get((gi, ci), "") if ci is not None else "")
+                for gi, ci, prof, start in found]
+
+    def create_mig(self, index: int, profile_name: str, start: int) -> MigInstance:
+        """Create a GPU instance at `start` and one compute instance spanning it."""
+        n = self.nvml
+        model = self._model(index)
+        p = model.profile(profile_name)
+        h = self.handle(index)
+        try:
+            info = n.nvmlDeviceGetGpuInstanceProfileInfo(h, p.nvml_profile)
+            placement = n.c_nvmlGpuInstancePlacement_t()
+            placement.start, placement.size = start, p.memory_slices
+            gi = n.nvmlDeviceCreateGpuInstanceWithPlacement(h, info.id, ctypes.byref(placement))
+        except n.NVMLError as e:
+            raise self._err(f"creating {profile_name}@{start} on GPU {index}", e) from e
+        try:
+            ci_info = n.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+                gi, p.ci_profile, n.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
+            ci = n.nvmlGpuInstanceCreateComputeInstance(gi, ci_info.id)
+            gi_id = n.nvmlGpuInstanceGetInfo(gi).id
+            ci_id = n.nvmlComputeInstanceGetInfo(ci).id
+        except n.NVMLError as e:
+            try:
+                n.nvmlGpuInstanceDestroy(gi)
+            except n.NVMLError:
+                logger.warning("could not roll back GPU instance after a failed compute instance")
+            raise self._err(f"creating the compute instance of {profile_name}@{start} on GPU {index}", e) from e
+        uuid = self._mig_uuids(index).get((gi_id, ci_id), "")
+        return MigInstance(index, gi_id, ci_id, profile_name, start, uuid)
+
+    def destroy_mig(self, index: int, gi_id: int) -> None:
+        """Destroy the compute instances of GPU instance `gi_id`, then the instance."""
+        n = self.nvml
+        model = self._model(index)
+        h = self.handle(index)
+        try:
+            gi = n.nvmlDeviceGetGpuInstanceById(h, gi_id)
+        except n.NVMLError_NotFound:
+            return
+        except n.NVMLError as e:
+            raise self._err(f"finding GPU instance {gi_id} on GPU {index}", e) from e
+        try:
+            p = model.profile_by_id(n.nvmlGpuInstanceGetInfo(gi).profileId)
+            for ci in self._compute_instances(gi, p):
+                n.nvmlComputeInstanceDestroy(ci)
+            n.nvmlGpuInstanceDestroy(gi)
+        except n.NVMLError as e:
+            raise self._err(f"destroying GPU instance {gi_id} on GPU {index}", e) from e

@@ -1,0 +1,95 @@
+"""`mesh-agent`: the gpumesh node agent.
+
+On a GPU host it runs one agent over the real NVML. With `--gpu-backend sim`
+it runs one agent per `--sim-host-file`, each a separate node with its own
+connection and its own simulated device state (DIR/sim/<node>.state.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+from mesh import config, logs
+from nodeagent.config import AgentConfig
+
+
+def build_agents(cfg: AgentConfig):
+    from nodeagent.agent import NodeAgent
+    from nodeagent.gpu import NvmlGpus
+    from nodeagent.hostfile import load_host_file
+    from nodeagent.nvml import load_nvml
+
+    agents = []
+    mps_root = os.path.join(cfg.state_dir, "mps")
+    if cfg.gpu_backend == "nvml":
+        nvml = load_nvml("real")
+        agents.append(NodeAgent(cfg.default_node_name(), cfg.control_plane, NvmlGpus(nvml), mps_root=mps_root,
+                                backend="nvml", reconnect_max=cfg.reconnect_max_seconds))
+        return agents
+    os.makedirs(os.path.join(cfg.state_dir, "sim"), exist_ok=True)
+    names = set()
+    for path in cfg.sim_host_file:
+        host = load_host_file(path)
+        node = host.node or (cfg.default_node_name() if len(cfg.sim_host_file) == 1 else None)
+        if not node:
+            raise config.ConfigError(f"sim_host_file: {path} has no `node:` name (needed with several host files)")
+        if node in names:
+            raise config.ConfigError(f"sim_host_file: node {node!r} appears in two host files")
+        names.add(node)
+        state = os.path.join(cfg.state_dir, "sim", f"{node}.state.json")
+        nvml = load_nvml("sim", host_file=path, state_file=state)
+        agents.append(NodeAgent(node, cfg.control_plane, NvmlGpus(nvml), mps_root=os.path.join(mps_root, node),
+                                topology=host.nvlink_domains, nics=host.nics, backend="sim",
+                                driver_version=host.driver_version, cuda_version=host.cuda_version,
+                                reconnect_max=cfg.reconnect_max_seconds))
+    return agents
+
+
+async def run(agents, metrics_listen: str) -> None:
+    if metrics_listen:
+        from prometheus_client import start_http_server
+        host, port = config.parse_hostport(metrics_listen, "metrics_listen")
+        start_http_server(port, addr=host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(a.run(), name=f"agent-{a.node}") for a in agents]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for a in agents:
+        a.stopping.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        if t is not stopper and t.exception() is not None:
+            raise t.exception()
+    for a in agents:
+        a.gpus.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mesh-agent", description="gpumesh node agent: slices this host's GPUs.")
+    config.add_arguments(parser, AgentConfig)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(AgentConfig, args)
+        logs.setup("agent", cfg.log_level, cfg.log_format)
+        agents = build_agents(cfg)
+    except (config.ConfigError, ValueError, OSError) as e:
+        print(f"mesh-agent: configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run(agents, cfg.metrics_listen))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
