@@ -1,0 +1,249 @@
+"""Simulated host files: the GPUs, NVLink domains and NICs of one host.
+
+The simulated NVML (``nodeagent.nvml.sim``) serves the host a file describes.
+YAML shape (every key but ``gpus`` is optional; unknown keys are errors)::
+
+    node: gpu-node-01              # node name; GPU UUIDs derive from it
+    driver_version: "550.54.15"    # default 550.54.15
+    cuda_version: "12.4"           # default 12.4
+    gpus:                          # GPU indexes must end up 0..N-1
+      - {model: H100-80GB, count: 8, mig: true}    # a run of identical GPUs
+      - {index: 8, model: L4, serial: "1324021012345"}   # or one GPU
+    nvlink_domains: [[0, 1, 2, 3, 4, 5, 6, 7]]     # GPUs joined by NVLink
+    nics:
+      - {name: mlx5_0, kind: infiniband, rate_gbps: 400, gpus: [0, 1],
+         port_guid: "0x0c42a10300a1b2c3"}           # port_guid optional
+
+``model`` accepts any name ``mesh.gpumodels.get_model`` knows; ``mig``
+defaults to true on MIG-capable models and must be false on the others.
+``count`` entries take the indexes after the highest one so far. A NIC's
+``gpus`` are the GPUs sharing its PCIe switch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from mesh.gpumodels import get_model, model_names
+
+NIC_KINDS = ("infiniband", "ethernet")
+DEFAULT_DRIVER_VERSION = "550.54.15"
+DEFAULT_CUDA_VERSION = "12.4"
+_NIC_RATE = {"A100-40GB": 200, "A100-80GB": 200, "H100-80GB": 400, "H200-141GB": 400, "V100-32GB": 100}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    index: int
+    model: str  # canonical model name
+    mig_enabled: bool
+    serial: str | None = None  # None: the simulator derives one
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    name: str
+    kind: str  # "infiniband" | "ethernet"
+    rate_gbps: int
+    port_guid: str
+    gpus: tuple[int, ...]  # PCIe affinity
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    node: str | None
+    gpus: tuple[GpuSpec, ...]
+    nvlink_domains: tuple[tuple[int, ...], ...]
+    nics: tuple[NicSpec, ...]
+    driver_version: str = DEFAULT_DRIVER_VERSION
+    cuda_version: str = DEFAULT_CUDA_VERSION
+
+
+def load_host_file(path: str | os.PathLike) -> HostSpec:
+    """Read and validate a host file; ValueError naming file and field."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{source}: cannot read host file: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not valid YAML: {e}") from e
+    return parse_host(data, source)
+
+
+def parse_host(data: Any, source: str = "<host>") -> HostSpec:
+    """Validate a host-file mapping into a HostSpec."""
+
+    def fail(field: str, msg: str) -> ValueError:
+        return ValueError(f"{source}: {field}: {msg}")
+
+    def keys(obj: Any, field: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(obj, dict):
+            raise fail(field, f"expected a mapping with keys {', '.join(allowed)}, got {type(obj).__name__}")
+        for k in obj:
+            if k not in allowed:
+                raise fail(f"{field}.{k}" if field else str(k), f"unknown key; allowed: {', '.join(allowed)}")
+        for k in required:
+            if k not in obj:
+                raise fail(f"{field}.{k}" if field else k, "required")
+        return obj
+
+    def typed(obj: dict, key: str, field: str, kind: type, default: Any = None) -> Any:
+        value = obj.get(key, default)
+        if value is default and key not in obj:
+            return value
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise fail(field, f"expected {names}, got {value!r}")
+        return value
+
+    def index_list(value: Any, field: str, n: int) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise fail(field, f"expected a list of GPU indexes 0..{n - 1}, got {value!r}")
+        for i, g in enumerate(value):
+            if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < n:
+                raise fail(f"{field}[{i}]", f"expected a GPU index 0..{n - 1}, got {g!r}")
+        if len(set(value)) != len(value):
+            raise fail(field, f"GPU indexes repeat: {value}")
+        return tuple(value)
+
+    top = keys(data, "", ("node", "driver_version", "cuda_version", "gpus", "nvlink_domains", "nics"), ("gpus",))
+    node = typed(top, "node", "node", str)
+    driver = str(typed(top, "driver_version", "driver_version", (str, int, float), DEFAULT_DRIVER_VERSION))
+    cuda = str(typed(top, "cuda_version", "cuda_version", (str, int, float), DEFAULT_CUDA_VERSION))
+    if len(cuda.split(".")) != 2 or not all(p.isdigit() for p in cuda.split(".")):
+        raise fail("cuda_version", f"expected MAJOR.MINOR such as 12.4, got {cuda!r}")
+    entries = top["gpus"]
+    if not isinstance(entries, list) or not entries:
+        raise fail("gpus", "expected a non-empty list of GPU entries")
+
+    gpus: dict[int, GpuSpec] = {}
+    for i, entry in enumerate(entries):
+        field = f"gpus[{i}]"
+        e = keys(entry, field, ("index", "model", "count", "mig", "serial"), ("model",))
+        try:
+            model = get_model(typed(e, "model", f"{field}.model", str))
+        except KeyError:
+            raise fail(f"{field}.model", f"unknown GPU model {e['model']!r}; allowed: {', '.join(model_names())}") from None
+        mig = typed(e, "mig", f"{field}.mig", bool, model.mig_capable)
+        if mig and not model.mig_capable:
+            mig_models = ", ".join(n for n in model_names() if get_model(n).mig_capable)
+            raise fail(f"{field}.mig", f"{model.name} is not MIG-capable; MIG-capable models: {mig_models}")
+        serial = typed(e, "serial", f"{field}.serial", str)
+        if "index" in e and "count" in e:
+            raise fail(field, "give either index (one GPU) or count (a run), not both")
+        if "count" in e:
+            count = typed(e, "count", f"{field}.count", int)
+            if count < 1:
+                raise fail(f"{field}.count", f"expected an integer >= 1, got {count}")
+            if serial is not None and count > 1:
+                raise fail(f"{field}.serial", "only allowed on an entry for one GPU")
+            first = max(gpus, default=-1) + 1
+            indexes = list(range(first, first + count))
+        else:
+            indexes = [typed(e, "index", f"{field}.index", int, max(gpus, default=-1) + 1)]
+        for idx in indexes:
+            if idx in gpus:
+                raise fail(field, f"GPU index {idx} is given twice")
+            gpus[idx] = GpuSpec(idx, model.name, mig, serial)
+    n = len(gpus)
+    if sorted(gpus) != list(range(n)):
+        raise fail("gpus", f"GPU indexes must be 0..{n - 1} without gaps, got {sorted(gpus)}")
+
+    domains = []
+    seen: dict[int, int] = {}
+    raw_domains = top.get("nvlink_domains") or []
+    if not isinstance(raw_domains, list):
+        raise fail("nvlink_domains", f"expected a list of GPU index lists, got {raw_domains!r}")
+    for d, raw in enumerate(raw_domains):
+        members = index_list(raw, f"nvlink_domains[{d}]", n)
+        for g in members:
+            if g in seen:
+                raise fail(f"nvlink_domains[{d}]", f"GPU {g} is already in nvlink_domains[{seen[g]}]")
+            if not get_model(gpus[g].model).nvlink_links:
+                nvl = ", ".join(m for m in model_names() if get_model(m).nvlink_links)
+                raise fail(f"nvlink_domains[{d}]", f"GPU {g} is a {gpus[g].model}, which has no NVLink; NVLink models: {nvl}")
+            seen[g] = d
+        domains.append(members)
+
+    nics = []
+    raw_nics = top.get("nics") or []
+    if not isinstance(raw_nics, list):
+        raise fail("nics", f"expected a list of NIC entries, got {raw_nics!r}")
+    for j, raw in enumerate(raw_nics):
+        field = f"nics[{j}]"
+        e = keys(raw, field, ("name", "kind", "rate_gbps", "port_guid", "gpus"), ("name", "kind", "rate_gbps"))
+        name = typed(e, "name", f"{field}.name", str)
+        if any(nic.name == name for nic in nics):
+            raise fail(f"{field}.name", f"NIC name {name!r} is given twice")
+        kind = e["kind"]
+        if kind not in NIC_KINDS:
+            raise fail(f"{field}.kind", f"got {kind!r}; allowed: {', '.join(NIC_KINDS)}")
+        rate = typed(e, "rate_gbps", f"{field}.rate_gbps", int)
+        if rate <= 0:
+            raise fail(f"{field}.rate_gbps", f"expected a positive integer, got {rate}")
+        guid = typed(e, "port_guid", f"{field}.port_guid", str, None) or _port_guid(node, name)
+        nics.append(NicSpec(name, kind, rate, guid, index_list(e.get("gpus", []), f"{field}.gpus", n)))
+
+    return HostSpec(node, tuple(gpus[i] for i in range(n)), tuple(domains), tuple(nics), driver, cuda)
+
+
+def _port_guid(node: str | None, nic: str) -> str:
+    digest = hashlib.sha256(f"{node or ''}/{nic}".encode()).hexdigest()
+    return "0x" + digest[:16]
+
+
+def make_host(node: str, gpus: int, model: str, mig: bool = True) -> HostSpec:
+    """A host of ``gpus`` identical GPUs, as ``meshctl up --sim-hosts`` builds.
+
+    NVLink models get one NVLink domain of all GPUs and one InfiniBand NIC
+    per two GPUs; PCIe-only models get neither. ``mig`` is ignored on
+    models that are not MIG-capable.
+    """
+    m = get_model(model)
+    if gpus < 1:
+        raise ValueError(f"gpus: expected an integer >= 1, got {gpus}")
+    specs = tuple(GpuSpec(i, m.name, mig and m.mig_capable, None) for i in range(gpus))
+    domains: tuple[tuple[int, ...], ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    if m.nvlink_links:
+        domains = (tuple(range(gpus)),)
+        nics = tuple(
+            NicSpec(f"mlx5_{k}", "infiniband", _NIC_RATE[m.name], _port_guid(node, f"mlx5_{k}"),
+                    tuple(range(2 * k, min(2 * k + 2, gpus))))
+            for k in range((gpus + 1) // 2)
+        )
+    return HostSpec(node, specs, domains, nics)
+
+
+def dump_host(spec: HostSpec) -> dict:
+    """The host-file mapping of ``spec``; ``parse_host(dump_host(s)) == s``."""
+    out: dict[str, Any] = {}
+    if spec.node is not None:
+        out["node"] = spec.node
+    out["driver_version"] = spec.driver_version
+    out["cuda_version"] = spec.cuda_version
+    entries: list[dict[str, Any]] = []
+    for g in spec.gpus:
+        last = entries[-1] if entries else None
+        if (g.serial is None and last is not None and "count" in last
+                and last["model"] == g.model and last["mig"] == g.mig_enabled):
+            last["count"] += 1
+        elif g.serial is None:
+            entries.append({"model": g.model, "count": 1, "mig": g.mig_enabled})
+        else:
+            entries.append({"index": g.index, "model": g.model, "mig": g.mig_enabled, "serial": g.serial})
+    out["gpus"] = entries
+    out["nvlink_domains"] = [list(d) for d in spec.nvlink_domains]
+    out["nics"] = [
+        {"name": n.name, "kind": n.kind, "rate_gbps": n.rate_gbps, "port_guid": n.port_guid, "gpus": list(n.gpus)}
+        for n in spec.nics
+    ]
+    return out

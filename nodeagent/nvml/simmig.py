@@ -1,0 +1,429 @@
+"""MIG calls of the simulated NVML (a mixin of ``sim.SimNvml``).
+
+Same names, arguments and return types as ``pynvml``; placement math comes
+from ``mesh.gpumodels``. Out-parameters (placement and instance arrays,
+counts) must be passed the way the C library needs them: an array or
+``byref``/``pointer`` for arrays, ``byref``/``pointer`` of a ``c_uint`` for
+counts, ``byref``/``pointer`` of a placement struct. Error codes follow the
+NVML reference: MIG disabled -> NOT_SUPPORTED, unknown profile id ->
+INVALID_ARGUMENT (NOT_SUPPORTED from the profile-info queries), occupied
+placement -> INSUFFICIENT_RESOURCES, destroying an instance that still has
+compute instances or processes -> IN_USE, missing id -> NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import pynvml as _n
+
+from mesh.gpumodels import GpuModel, MigProfile, placement_conflict
+from nodeagent.nvml.simstate import ComputeInstanceHandle, GpuInstanceHandle, MigDeviceHandle, to_pointer
+
+CI_SLICES = {_n.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1, _n.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
+              _n.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3, _n.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
+              _n.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7}
+_CI_SMALLER = {7: (1, 2, 3, 4), 4: (1, 2), 3: (1, 2), 2: (1,), 1: ()}  # CI sizes below the GI's own
+
+
+def err(code: int) -> _n.NVMLError:
+    return _n.NVMLError(code)
+
+
+def ci_starts(gi_slices: int, ci_slices: int) -> tuple[int, ...]:
+    """Compute-slice start positions of a CI inside a GI; () if unsupported."""
+    if ci_slices == gi_slices:
+        return (0,)
+    if ci_slices not in _CI_SMALLER.get(gi_slices, ()):
+        return ()
+    step = {1: 1, 2: 2, 3: 4, 4: 4}[ci_slices]
+    return tuple(s for s in range(0, gi_slices, step) if s + ci_slices <= gi_slices)
+
+
+def uint_out(ref: Any) -> ctypes.c_uint:
+    """The c_uint behind byref()/pointer(); TypeError otherwise."""
+    obj = getattr(ref, "_obj", None)
+    if isinstance(obj, ctypes.c_uint):
+        return obj
+    if isinstance(ref, ctypes._Pointer) and isinstance(ref.contents, ctypes.c_uint):
+        return ref.contents
+    raise TypeError(f"count must be ctypes.byref(c_uint) or ctypes.pointer(c_uint), got {ref!r}")
+
+
+def array_out(ref: Any) -> Any:
+    """An indexable view of an out-array: ctypes array, byref(array or struct) or pointer."""
+    obj = getattr(ref, "_obj", ref)
+    if isinstance(obj, (ctypes.Array, ctypes._Pointer)):
+        return obj
+    if isinstance(obj, ctypes.Structure):
+        return ctypes.pointer(obj)
+    raise TypeError(f"expected a ctypes array or pointer for the output buffer, got {ref!r}")
+
+
+def placement_in(ref: Any) -> tuple[int, int]:
+    """(start, size) of a placement passed as byref()/pointer()."""
+    obj = getattr(ref, "_obj", None)
+    if obj is None and isinstance(ref, ctypes._Pointer):
+        obj = ref.contents
+    if not isinstance(obj, (_n.c_nvmlGpuInstancePlacement_t, _n.c_nvmlComputeInstancePlacement_t)):
+        raise TypeError(f"placement must be ctypes.byref(placement struct) or ctypes.pointer(...), got {ref!r}")
+    return obj.start, obj.size
+
+
+def lowest_free(used: Any, first: int) -> int:
+    taken = set(used)
+    n = first
+    while n in taken:
+        n += 1
+    return n
+
+
+class MigApi:
+    """GPU-instance and compute-instance calls; state access comes from SimNvml."""
+
+    # -- helpers the mixin needs from SimNvml: _read, _mutate, _device, _model, _gi_of, _ci_of
+
+    def _mig_gpu(self, state: dict, idx: int) -> tuple[dict, GpuModel]:
+        model = self._model(idx)
+        gpu = state["gpus"][idx]
+        if not model.mig_capable or gpu["mig_current"] != _n.NVML_DEVICE_MIG_ENABLE:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        return gpu, model
+
+    @staticmethod
+    def _gi_profile(model: GpuModel, profile_id: int, code: int = _n.NVML_ERROR_INVALID_ARGUMENT) -> MigProfile:
+        for p in model.mig_profiles:
+            if p.gi_profile_id == profile_id:
+                return p
+        raise err(code)
+
+    @staticmethod
+    def _layout(model: GpuModel, gpu: dict) -> list[tuple[str, int]]:
+        return [(model.profile_by_id(g["profile_id"]).name, g["start"]) for g in gpu["gis"]]
+
+    def _gi_info_struct(self, p: MigProfile, version: int) -> Any:
+        info = _n.c_nvmlGpuInstanceProfileInfo_v2_t() if version == 2 else _n.c_nvmlGpuInstanceProfileInfo_t()
+        info.id, info.isP2pSupported, info.sliceCount = p.gi_profile_id, 0, p.compute_slices
+        info.instanceCount, info.multiprocessorCount = p.max_instances, p.multiprocessors
+        info.copyEngineCount = p.compute_slices
+        info.decoderCount = {1: int(p.media_extensions or p.memory_slices > 1), 2: 1, 3: 2, 4: 2, 7: 5}[p.compute_slices]
+        info.encoderCount = 0
+        info.jpegCount = info.ofaCount = int(p.media_extensions or p.compute_slices == 7)
+        info.memorySizeMB = p.memory_mib
+        if version == 2:
+            info.name = f"MIG {p.name}".encode()
+        return info
+
+    # -- GPU instance profiles and placements
+
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, device: Any, profile: int, version: int = 2) -> Any:
+        if version not in (1, 2):
+            raise err(_n.NVML_ERROR_FUNCTION_NOT_FOUND)
+        idx = self._device(device)
+        _, model = self._mig_gpu(self._read(), idx)
+        if not 0 <= profile < _n.NVML_GPU_INSTANCE_PROFILE_COUNT:
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        for p in model.mig_profiles:
+            if p.nvml_profile == profile:
+                return self._gi_info_struct(p, version)
+        raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+
+    nvmlDeviceGetGpuInstanceProfileInfoV = nvmlDeviceGetGpuInstanceProfileInfo
+
+    def nvmlDeviceGetGpuInstanceProfileInfoById(self, device: Any, profileId: int) -> Any:
+        idx = self._device(device)
+        _, model = self._mig_gpu(self._read(), idx)
+        return self._gi_info_struct(self._gi_profile(model, profileId, _n.NVML_ERROR_NOT_SUPPORTED), 2)
+
+    nvmlDeviceGetGpuInstanceProfileInfoByIdV = nvmlDeviceGetGpuInstanceProfileInfoById
+
+    def nvmlDeviceGetGpuInstanceRemainingCapacity(self, device: Any, profileId: int) -> int:
+        idx = self._device(device)
+        gpu, model = self._mig_gpu(self._read(), idx)
+        p = self._gi_profile(model, profileId)
+        layout = self._layout(model, gpu)
+        n = 0
+        for s in p.starts:  # aligned, equal-size blocks: greedy is optimal
+            if placement_conflict(model, layout, p.name, s) is None:
+                layout.append((p.name, s))
+                n += 1
+        return n
+
+    def nvmlDeviceGetGpuInstancePossiblePlacements(self, device: Any, profileId: int, placementsRef: Any, countRef: Any) -> int:
+        idx = self._device(device)
+        model = self._model(idx)
+        self._read()
+        if not model.mig_capable:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        p = self._gi_profile(model, profileId)
+        count = uint_out(countRef)
+        return self._fill_placements(placementsRef, count, p.starts, p.memory_slices)
+
+    nvmlDeviceGetGpuInstancePossiblePlacements_v2 = nvmlDeviceGetGpuInstancePossiblePlacements
+
+    @staticmethod
+    def _fill_placements(placementsRef: Any, count: ctypes.c_uint, starts: tuple[int, ...], size: int) -> int:
+        if placementsRef is None:
+            count.value = len(starts)
+            return _n.NVML_SUCCESS
+        if count.value < len(starts):
+            count.value = len(starts)
+            raise err(_n.NVML_ERROR_INSUFFICIENT_SIZE)
+        out = array_out(placementsRef)
+        for i, s in enumerate(starts):
+            out[i].start, out[i].size = s, size
+        count.value = len(starts)
+        return _n.NVML_SUCCESS
+
+    # -- GPU instances
+
+    def nvmlDeviceCreateGpuInstance(self, device: Any, profileId: int) -> GpuInstanceHandle:
+        return self._create_gi(self._device(device), profileId, None)
+
+    def nvmlDeviceCreateGpuInstanceWithPlacement(self, device: Any, profileId: int, placement: Any) -> GpuInstanceHandle:
+        idx = self._device(device)
+        return self._create_gi(idx, profileId, placement_in(placement))
+
+    def _create_gi(self, idx: int, profile_id: int, placement: tuple[int, int] | None) -> GpuInstanceHandle:
+        def apply(state: dict) -> GpuInstanceHandle:
+            gpu, model = self._mig_gpu(state, idx)
+            p = self._gi_profile(model, profile_id)
+            layout = self._layout(model, gpu)
+            if placement is None:
+                start = next((s for s in p.starts if placement_conflict(model, layout, p.name, s) is None), None)
+                if start is None:
+                    raise err(_n.NVML_ERROR_INSUFFICIENT_RESOURCES)
+            else:
+                start, size = placement
+                if start not in p.starts or size != p.memory_slices:
+                    raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+                if placement_conflict(model, layout, p.name, start) is not None:
+                    raise err(_n.NVML_ERROR_INSUFFICIENT_RESOURCES)
+            uid = gpu["next_uid"]
+            gpu["next_uid"] += 1
+            gi_id = lowest_free((g["id"] for g in gpu["gis"]), 1)
+            gpu["gis"].append({"id": gi_id, "profile_id": p.gi_profile_id, "start": start, "uid": uid, "cis": []})
+            return GpuInstanceHandle(idx, uid)
+
+        return self._mutate(apply)
+
+    def nvmlGpuInstanceDestroy(self, gpuInstance: Any) -> int:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+
+        def apply(state: dict) -> int:
+            gpu, gi = self._gi_of(state, h)
+            if gi["cis"] or any(p["gi"] == gi["id"] for p in gpu["processes"]):
+                raise err(_n.NVML_ERROR_IN_USE)
+            gpu["gis"].remove(gi)
+            return _n.NVML_SUCCESS
+
+        return self._mutate(apply)
+
+    def nvmlDeviceGetGpuInstances(self, device: Any, profileId: int, gpuInstancesRef: Any, countRef: Any) -> int:
+        idx = self._device(device)
+        gpu, model = self._mig_gpu(self._read(), idx)
+        self._gi_profile(model, profileId)
+        count = uint_out(countRef)
+        found = sorted((g for g in gpu["gis"] if g["profile_id"] == profileId), key=lambda g: g["id"])
+        if found:
+            out = array_out(gpuInstancesRef)
+            for i, g in enumerate(found):
+                out[i] = to_pointer(GpuInstanceHandle(idx, g["uid"]), _n.c_nvmlGpuInstance_t)
+        count.value = len(found)
+        return _n.NVML_SUCCESS
+
+    def nvmlDeviceGetGpuInstanceById(self, device: Any, gpuInstanceId: int) -> GpuInstanceHandle:
+        idx = self._device(device)
+        gpu, _ = self._mig_gpu(self._read(), idx)
+        for g in gpu["gis"]:
+            if g["id"] == gpuInstanceId:
+                return GpuInstanceHandle(idx, g["uid"])
+        raise err(_n.NVML_ERROR_NOT_FOUND)
+
+    def nvmlGpuInstanceGetInfo(self, gpuInstance: Any) -> Any:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+        _, gi = self._gi_of(self._read(), h)
+        p = self._model(h.gpu).profile_by_id(gi["profile_id"])
+        info = _n.c_nvmlGpuInstanceInfo_t()
+        info.device = to_pointer(self._device_handle(h.gpu), _n.c_nvmlDevice_t)
+        info.id, info.profileId = gi["id"], gi["profile_id"]
+        info.placement.start, info.placement.size = gi["start"], p.memory_slices
+        return info
+
+    # -- compute instances
+
+    def _ci_profile(self, h: GpuInstanceHandle, gi: dict, profile: int) -> tuple[int, tuple[int, ...], MigProfile]:
+        gp = self._model(h.gpu).profile_by_id(gi["profile_id"])
+        slices = CI_SLICES.get(profile, 0)
+        starts = ci_starts(gp.compute_slices, slices) if slices else ()
+        return slices, starts, gp
+
+    def nvmlGpuInstanceGetComputeInstanceProfileInfo(self, device: Any, profile: int, engProfile: int, version: int = 2) -> Any:
+        if version not in (1, 2):
+            raise err(_n.NVML_ERROR_FUNCTION_NOT_FOUND)
+        h = self._handle(device, GpuInstanceHandle)
+        _, gi = self._gi_of(self._read(), h)
+        if not 0 <= profile < _n.NVML_COMPUTE_INSTANCE_PROFILE_COUNT or engProfile != _n.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED:
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        slices, starts, gp = self._ci_profile(h, gi, profile)
+        if not starts:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        model = self._model(h.gpu)
+        sm_per_slice = min(p.multiprocessors for p in model.mig_profiles if p.compute_slices == 1)
+        info = _n.c_nvmlComputeInstanceProfileInfo_v2_t() if version == 2 else _n.c_nvmlComputeInstanceProfileInfo_t()
+        info.id, info.sliceCount, info.instanceCount = profile, slices, len(starts)
+        info.multiprocessorCount = gp.multiprocessors if slices == gp.compute_slices else slices * sm_per_slice
+        info.sharedCopyEngineCount = gp.compute_slices
+        if version == 2:
+            info.name = (f"MIG {gp.name}" if slices == gp.compute_slices else f"MIG {slices}c.{gp.name}").encode()
+        return info
+
+    nvmlGpuInstanceGetComputeInstanceProfileInfoV = nvmlGpuInstanceGetComputeInstanceProfileInfo
+
+    def _ci_free(self, gi: dict, slices: int, starts: tuple[int, ...]) -> list[int]:
+        used = set()
+        for c in gi["cis"]:
+            used.update(range(c["start"], c["start"] + CI_SLICES[c["profile_id"]]))
+        return [s for s in starts if not used.intersection(range(s, s + slices))]
+
+    def nvmlGpuInstanceGetComputeInstanceRemainingCapacity(self, gpuInstance: Any, profileId: int) -> int:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+        _, gi = self._gi_of(self._read(), h)
+        slices, starts, _ = self._ci_profile(h, gi, profileId)
+        if not starts:
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        return len(self._ci_free(gi, slices, starts))
+
+    def nvmlGpuInstanceGetComputeInstancePossiblePlacements(self, gpuInstance: Any, profileId: int, placementsRef: Any, countRef: Any) -> int:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+        _, gi = self._gi_of(self._read(), h)
+        slices, starts, _ = self._ci_profile(h, gi, profileId)
+        if not starts:
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        return self._fill_placements(placementsRef, uint_out(countRef), starts, slices)
+
+    def nvmlGpuInstanceCreateComputeInstance(self, gpuInstance: Any, profileId: int) -> ComputeInstanceHandle:
+        return self._create_ci(self._handle(gpuInstance, GpuInstanceHandle), profileId, None)
+
+    def nvmlGpuInstanceCreateComputeInstanceWithPlacement(self, gpuInstance: Any, profileId: int, placement: Any) -> ComputeInstanceHandle:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+        return self._create_ci(h, profileId, placement_in(placement))
+
+    def _create_ci(self, h: GpuInstanceHandle, profile_id: int, placement: tuple[int, int] | None) -> ComputeInstanceHandle:
+        def apply(state: dict) -> ComputeInstanceHandle:
+            gpu, gi = self._gi_of(state, h)
+            slices, starts, _ = self._ci_profile(h, gi, profile_id)
+            if not starts:
+                raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+            free = self._ci_free(gi, slices, starts)
+            if placement is None:
+                if not free:
+                    raise err(_n.NVML_ERROR_INSUFFICIENT_RESOURCES)
+                start = free[0]
+            else:
+                start, size = placement
+                if start not in starts or size != slices:
+                    raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+                if start not in free:
+                    raise err(_n.NVML_ERROR_INSUFFICIENT_RESOURCES)
+            uid = gpu["next_uid"]
+            gpu["next_uid"] += 1
+            ci_id = lowest_free((c["id"] for c in gi["cis"]), 0)
+            gi["cis"].append({"id": ci_id, "profile_id": profile_id, "start": start, "uid": uid})
+            return ComputeInstanceHandle(h.gpu, uid)
+
+        return self._mutate(apply)
+
+    def nvmlComputeInstanceDestroy(self, computeInstance: Any) -> int:
+        h = self._handle(computeInstance, ComputeInstanceHandle)
+
+        def apply(state: dict) -> int:
+            gpu, gi, ci = self._ci_of(state, h.gpu, h.uid)
+            if any(p["gi"] == gi["id"] and p["ci"] == ci["id"] for p in gpu["processes"]):
+                raise err(_n.NVML_ERROR_IN_USE)
+            gi["cis"].remove(ci)
+            return _n.NVML_SUCCESS
+
+        return self._mutate(apply)
+
+    def nvmlGpuInstanceGetComputeInstances(self, gpuInstance: Any, profileId: int, computeInstancesRef: Any, countRef: Any) -> int:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+        _, gi = self._gi_of(self._read(), h)
+        if profileId not in CI_SLICES:
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        count = uint_out(countRef)
+        found = sorted((c for c in gi["cis"] if c["profile_id"] == profileId), key=lambda c: c["id"])
+        if found:
+            out = array_out(computeInstancesRef)
+            for i, c in enumerate(found):
+                out[i] = to_pointer(ComputeInstanceHandle(h.gpu, c["uid"]), _n.c_nvmlComputeInstance_t)
+        count.value = len(found)
+        return _n.NVML_SUCCESS
+
+    def nvmlGpuInstanceGetComputeInstanceById(self, gpuInstance: Any, computeInstanceId: int) -> ComputeInstanceHandle:
+        h = self._handle(gpuInstance, GpuInstanceHandle)
+        _, gi = self._gi_of(self._read(), h)
+        for c in gi["cis"]:
+            if c["id"] == computeInstanceId:
+                return ComputeInstanceHandle(h.gpu, c["uid"])
+        raise err(_n.NVML_ERROR_NOT_FOUND)
+
+    def nvmlComputeInstanceGetInfo(self, computeInstance: Any) -> Any:
+        h = self._handle(computeInstance, ComputeInstanceHandle)
+        _, gi, ci = self._ci_of(self._read(), h.gpu, h.uid)
+        info = _n.c_nvmlComputeInstanceInfo_t()
+        info.device = to_pointer(self._device_handle(h.gpu), _n.c_nvmlDevice_t)
+        info.gpuInstance = to_pointer(GpuInstanceHandle(h.gpu, gi["uid"]), _n.c_nvmlGpuInstance_t)
+        info.id, info.profileId = ci["id"], ci["profile_id"]
+        info.placement.start, info.placement.size = ci["start"], CI_SLICES[ci["profile_id"]]
+        return info
+
+    nvmlComputeInstanceGetInfo_v2 = nvmlComputeInstanceGetInfo
+
+    # -- MIG device handles
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: Any) -> int:
+        idx = self._device(device)
+        gpu = self._read()["gpus"][idx]
+        if not self._model(idx).mig_capable:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        return 7 if gpu["mig_current"] == _n.NVML_DEVICE_MIG_ENABLE else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: Any, index: int) -> MigDeviceHandle:
+        idx = self._device(device)
+        state = self._read()
+        if not self._model(idx).mig_capable:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        gpu = state["gpus"][idx]
+        if gpu["mig_current"] != _n.NVML_DEVICE_MIG_ENABLE or not 0 <= index < 7:
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        devices = [c["uid"] for g in sorted(gpu["gis"], key=lambda g: g["id"])
+                   for c in sorted(g["cis"], key=lambda c: c["id"])]
+        if index >= len(devices):
+            raise err(_n.NVML_ERROR_NOT_FOUND)
+        return MigDeviceHandle(idx, devices[index])
+
+    def nvmlDeviceIsMigDeviceHandle(self, device: Any) -> ctypes.c_uint:
+        h = self._any_handle(device)
+        return ctypes.c_uint(int(isinstance(h, MigDeviceHandle)))  # pynvml returns the c_uint itself
+
+    def _mig_ids(self, device: Any) -> tuple[dict, dict]:
+        h = self._any_handle(device)
+        if not isinstance(h, MigDeviceHandle):
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        _, gi, ci = self._ci_of(self._read(), h.gpu, h.ci_uid)
+        return gi, ci
+
+    def nvmlDeviceGetGpuInstanceId(self, device: Any) -> int:
+        return self._mig_ids(device)[0]["id"]
+
+    def nvmlDeviceGetComputeInstanceId(self, device: Any) -> int:
+        return self._mig_ids(device)[1]["id"]
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, migDevice: Any) -> Any:
+        h = self._any_handle(migDevice)
+        if not isinstance(h, MigDeviceHandle):
+            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        self._ci_of(self._read(), h.gpu, h.ci_uid)
+        return self._device_handle(h.gpu)
