@@ -231,10 +231,13 @@ def slice_to_dict(s: types_pb2.Slice) -> dict[str, Any]:
 
 
 def mig_mode(gpu: types_pb2.Gpu) -> str:
-    """"enabled", "disabled", or with a pending change "enabled (pending disable)"."""
+    """"enabled", "disabled", or with a pending change "enabled (pending disable)".
+
+    `mig_pending` is read as the agent sets it: true when the mode flips at the next GPU reset.
+    """
     now = "enabled" if gpu.mig_enabled else "disabled"
-    if gpu.mig_pending != gpu.mig_enabled:
-        return f"{now} (pending {'enable' if gpu.mig_pending else 'disable'})"
+    if gpu.mig_pending:
+        return f"{now} (pending {'disable' if gpu.mig_enabled else 'enable'})"
     return now
 
 

@@ -9,10 +9,11 @@ benchmarks and the integration tests.
         cluster.kill_agent("sim-node-01")    # SIGKILL the agent process of that node
         cluster.start_agent("sim-node-01")
 
-Files under `state_dir`: controlplane/ (the control plane's --state-dir: its
-port file, identity and the embedded etcd's data in controlplane/etcd/), hosts/ (one host file per node), agents/
-(one state dir per agent process), logs/ (one log per process), cluster.json
-(endpoint and pids, read by `meshctl down`).
+Files under `state_dir`: controlplane/ (the control plane's --state-dir: port
+file, identity, the embedded etcd's data in controlplane/etcd/), hosts/ (one
+host file per node), agents/ (one state dir per agent process; simulated
+device state in agents/<agent>/sim/<node>.state.json), logs/ (one log per
+process), cluster.json (endpoint and pids, read by `meshctl down`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class LocalCluster:
     """A control plane and agents as child processes, all files under `state_dir`.
 
     `hosts` are nodeagent.hostfile HostSpecs, host-file mappings (with a `node:` key) or paths
-    of host files. `detach=True` starts the processes in their own session so they outlive this
-    process (`meshctl up --detach`); otherwise they get SIGTERM when this process dies.
+    of host files. Every child runs in its own session (Ctrl-C reaches only the caller; killing
+    a child's process group takes its children along). Unless `detach`, children also get
+    SIGTERM when the (main thread of the) process that started them dies. `controlplane_args`
+    and `agent_args` are appended to the daemons' command lines.
     """
 
     state_dir: Path
@@ -68,6 +71,8 @@ class LocalCluster:
     detach: bool = False
     python: str = sys.executable
     env: Mapping[str, str] | None = None
+    controlplane_args: list[str] = field(default_factory=list)
+    agent_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -159,6 +164,7 @@ class LocalCluster:
             argv += ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
         if self.lease_ttl:
             argv += ["--lease-ttl", str(math.ceil(self.lease_ttl))]
+        argv += self.controlplane_args
         self.controlplane = Proc("controlplane", argv, self._dir("logs") / "controlplane.log")
         self._spawn(self.controlplane)
         deadline = time.monotonic() + timeout
@@ -182,7 +188,7 @@ class LocalCluster:
         for node in self.groups[name]:
             argv += ["--sim-host-file", str(self._host_files[node])]
         argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
-                 "--log-format", self.log_format, "--log-level", self.log_level]
+                 "--log-format", self.log_format, "--log-level", self.log_level, *self.agent_args]
         return Proc(name, argv, self._dir("logs") / f"{name}.log")
 
     def start_agent(self, node: str) -> str:

@@ -44,7 +44,7 @@ def mps_slice():
 
 def node(name="sim-node-01", ready=True, cordoned=False):
     gpus = [types_pb2.Gpu(index=i, uuid=f"GPU-{i}", model="H100-80GB", memory_bytes=80 * GiB,
-                          mig_enabled=True, mig_pending=True, nvlink_domain=0) for i in range(8)]
+                          mig_enabled=True, mig_pending=False, nvlink_domain=0) for i in range(8)]
     inv = types_pb2.NodeInventory(hostname=name, gpus=gpus, driver_version="550.54.15", cuda_version="12.4",
                                   gpu_backend="sim", nvlink_domains=[types_pb2.NvlinkDomain(gpus=range(8))],
                                   nics=[types_pb2.Nic(name="mlx5_0", kind="infiniband", rate_gbps=400, gpus=[0, 1])])
@@ -53,7 +53,7 @@ def node(name="sim-node-01", ready=True, cordoned=False):
                           registered_at=ts("2025-01-01T12:00:00Z"), agent_version="0.1.0")
 
 
-def gpu_status(mig_enabled=True, mig_pending=True):
+def gpu_status(mig_enabled=True, mig_pending=False):
     gpu = types_pb2.Gpu(index=3, uuid="GPU-aaaa", model="H100-80GB", memory_bytes=80 * GiB,
                         mig_enabled=mig_enabled, mig_pending=mig_pending)
     return types_pb2.GpuStatus(node="sim-node-01", gpu=gpu, allocated_memory_bytes=50 * GiB,
@@ -77,9 +77,9 @@ def test_slice_to_dict_names_and_shapes():
     json.dumps(d)  # plain JSON types only
 
 
-@pytest.mark.parametrize("enabled, pending, want", [
-    (True, True, "enabled"), (False, False, "disabled"),
-    (True, False, "enabled (pending disable)"), (False, True, "disabled (pending enable)"),
+@pytest.mark.parametrize("enabled, pending, want", [  # mig_pending: the mode flips at the next reset
+    (True, False, "enabled"), (False, False, "disabled"),
+    (True, True, "enabled (pending disable)"), (False, True, "disabled (pending enable)"),
 ])
 def test_gpu_status_mig_mode(enabled, pending, want):
     d = gpu_status_to_dict(gpu_status(enabled, pending))
@@ -126,7 +126,7 @@ def test_node_and_gpu_tables():
     assert cells[0] == ["NAME", "STATUS", "GPUS", "MODEL", "SLICES", "AGE"]
     assert cells[1] == ["sim-node-01", "Ready", "8", "H100-80GB", "2", "24h"]
     assert cells[2][1] == "Ready,SchedulingDisabled"
-    gpus = output.format_list("gpus", [gpu_status(True, False)], "table", now=NOW)
+    gpus = output.format_list("gpus", [gpu_status(True, True)], "table", now=NOW)
     lines, cells = table_lines(gpus)
     assert cells[0] == ["NODE", "INDEX", "MODEL", "MIG", "MEMORY", "COMPUTE", "SLICES", "SHARING"]
     assert re.split(r"\s{3,}", lines[1])[3] == "enabled (pending disable)"

@@ -90,7 +90,8 @@ def _client_loop(mesh: Any, index: int, profile: str, release: bool, end: float,
         with tally.lock:
             tally.latencies.append(took)
         if not release:
-            tally.kept.append(resp.allocation_id)
+            with tally.lock:
+                tally.kept.append(resp.allocation_id)
             continue
         t1 = time.perf_counter()
         try:
@@ -111,12 +112,15 @@ def run_clients(mesh: Any, clients: int, duration: float, profile: str, release:
                                 name=f"bench-client-{i}", daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):
-        time.sleep(1.0)
-        elapsed = time.monotonic() - start
-        with tally.lock:
-            n, errs = len(tally.latencies), sum(tally.errors.values())
-        info(f"  {elapsed:5.1f}s  allocations={n}  ({n / elapsed:.1f}/s)  errors={errs}")
+    next_report = start + 1.0
+    while alive := [t for t in threads if t.is_alive()]:
+        alive[0].join(timeout=max(0.0, next_report - time.monotonic()))
+        if time.monotonic() >= next_report:
+            next_report += 1.0
+            elapsed = time.monotonic() - start
+            with tally.lock:
+                n, errs = len(tally.latencies), sum(tally.errors.values())
+            info(f"  {elapsed:5.1f}s  allocations={n}  ({n / elapsed:.1f}/s)  errors={errs}")
     elapsed = time.monotonic() - start
     for alloc_id in tally.kept:  # not timed: leave the fleet as it was
         try:
@@ -155,7 +159,8 @@ def run_alloc_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from mesh.client import MeshClient
-    from tools.localcluster import ClusterError, LocalCluster, sim_hosts
+    from tools.localcluster import ClusterError, LocalCluster
+    from tools.meshctl.cluster import sim_hosts
     from tools.meshctl.output import dump
 
     cluster = None

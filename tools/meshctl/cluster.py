@@ -62,9 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_hosts(args: argparse.Namespace) -> list:
     """Host mappings from --hosts, or simulated HostSpecs from --sim-hosts."""
-    from tools import localcluster
     if not args.hosts:
-        return localcluster.sim_hosts(args.sim_hosts, args.gpus_per_host, args.gpu_model, mig=not args.no_mig)
+        hosts = sim_hosts(args.sim_hosts, args.gpus_per_host, args.gpu_model, mig=not args.no_mig)
+        return _with_non_mig_gpus(hosts) if args.demo else hosts
     import yaml
     try:
         doc = yaml.safe_load(Path(args.hosts).read_text())
@@ -75,6 +75,27 @@ def load_hosts(args: argparse.Namespace) -> list:
     if not isinstance(doc, dict) or not isinstance(doc.get("hosts"), list) or not doc["hosts"]:
         raise CliError(f"--hosts {args.hosts}: expected a mapping with a non-empty `hosts:` list")
     return doc["hosts"]
+
+
+def _with_non_mig_gpus(hosts: list) -> list:
+    """For --demo: the last host's upper half of GPUs without MIG, so MPS slices have a home."""
+    import dataclasses
+    last = hosts[-1]
+    cut = len(last.gpus) - max(1, len(last.gpus) // 2)
+    if len(last.gpus) < 2 or not any(g.mig_enabled for g in last.gpus):
+        return hosts
+    gpus = tuple(dataclasses.replace(g, mig_enabled=False) if g.index >= cut else g for g in last.gpus)
+    info(f"demo: {last.node} GPUs {cut}-{len(gpus) - 1} run without MIG (for MPS and time-share slices)")
+    return [*hosts[:-1], dataclasses.replace(last, gpus=gpus)]
+
+
+def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) -> list:
+    """tools.localcluster.sim_hosts with a bad model or count reported as a CLI error."""
+    from tools import localcluster
+    try:
+        return localcluster.sim_hosts(count, gpus_per_host, gpu_model, mig=mig)
+    except (KeyError, ValueError) as exc:
+        raise CliError(f"--gpu-model {gpu_model}: {exc.args[0] if exc.args else exc}") from None
 
 
 def summary(cluster) -> dict:
@@ -114,8 +135,11 @@ def run_up(args: argparse.Namespace) -> int:
     from mesh.context import clear_context, save_context
     from tools.localcluster import ClusterError, LocalCluster
     from tools.meshctl.output import dump
-    cluster = LocalCluster(Path(args.state_dir), load_hosts(args), lease_ttl=args.lease_ttl,
-                           agents_per_process=args.agents_per_process, detach=args.detach)
+    try:
+        cluster = LocalCluster(Path(args.state_dir), load_hosts(args), lease_ttl=args.lease_ttl,
+                               agents_per_process=args.agents_per_process, detach=args.detach)
+    except (ClusterError, ValueError) as exc:
+        raise CliError(str(exc)) from None
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to meshctl stops the cluster like Ctrl-C
     try:
         cluster.start(timeout=args.ready_timeout, progress=info)

@@ -48,7 +48,8 @@ def _describe_error(exc: BaseException, args: argparse.Namespace) -> str:
     from mesh import errors
     if isinstance(exc, errors.ResourceExhausted):
         lines = [exc.message]
-        lines += [f"  {cls}: {why}" for cls, why in sorted(exc.reasons.items())]
+        lines += [f"  {cls}: {why}" for cls, why in sorted(exc.reasons.items())
+                  if f"{cls}: {why}" not in exc.message]
         return "\n".join(lines)
     if isinstance(exc, errors.InvalidArgument):
         if exc.field and exc.field not in exc.message:
