@@ -38,6 +38,8 @@ class GpuState:
     mig_layout: list[tuple[str, int]] = field(default_factory=list)
     allocated_memory: int = 0
     allocated_compute: float = 0.0
+    _free: dict[str, list[int]] = field(default_factory=dict)   # profile -> free starts (cache)
+    _used_slots: int = 0
 
     @property
     def sharing(self) -> str | None:
@@ -48,7 +50,18 @@ class GpuState:
 
     @property
     def used_slots(self) -> int:
-        return sum(self.model.profile(p).memory_slices for p, _ in self.mig_layout)
+        return self._used_slots
+
+    def free_starts(self, profile: str) -> list[int]:
+        """Start slots where `profile` fits now (cached until the layout changes)."""
+        got = self._free.get(profile)
+        if got is None:
+            got = self._free[profile] = gpumodels.free_starts(self.model, self.mig_layout, profile)
+        return got
+
+    def _layout_changed(self) -> None:
+        self._free.clear()
+        self._used_slots = sum(self.model.profile(p).memory_slices for p, _ in self.mig_layout)
 
     def add(self, s: types_pb2.Slice) -> None:
         if s.id in self.slices:
@@ -58,6 +71,7 @@ class GpuState:
         self.allocated_compute += s.compute_share
         if s.isolation == types_pb2.ISOLATION_MIG and s.profile:
             self.mig_layout.append((s.profile, s.placement.start))
+            self._layout_changed()
 
     def remove(self, slice_id: str) -> None:
         s = self.slices.pop(slice_id, None)
@@ -67,6 +81,7 @@ class GpuState:
         self.allocated_compute -= s.compute_share
         if s.isolation == types_pb2.ISOLATION_MIG and s.profile:
             self.mig_layout.remove((s.profile, s.placement.start))
+            self._layout_changed()
 
 
 @dataclass
@@ -118,6 +133,7 @@ class Fleet:
         for g in entry.gpus:
             g.slices.clear()
             g.mig_layout.clear()
+            g._layout_changed()
             g.allocated_memory, g.allocated_compute = 0, 0.0
         for s in self.slices.values():
             if s.node == record.name:

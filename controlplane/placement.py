@@ -55,37 +55,51 @@ def _room_after(model: gpumodels.GpuModel, layout: list[tuple[str, int]]) -> int
                for p in model.mig_profiles if not p.media_extensions)
 
 
-def _fit_mig(g: GpuState, req: SliceRequest, reasons: _Reasons) -> tuple[float, Choice] | None:
+def _mig_profile(g: GpuState, req: SliceRequest, reasons: _Reasons) -> gpumodels.MigProfile | None:
     model = g.model
     if req.mig_profile:
         try:
-            profile = model.profile(req.mig_profile)
+            return model.profile(req.mig_profile)
         except KeyError:
             reasons.add(model.name, f"no MIG profile {req.mig_profile}")
             return None
-    else:
-        profile = model.smallest_profile_for(req.memory_bytes, req.compute_share)
-        if profile is None:
-            reasons.add(model.name, "no MIG profile large enough")
-            return None
-    starts = gpumodels.free_starts(model, g.mig_layout, profile.name)
-    if not starts:
-        reasons.add(model.name, f"no free {profile.name} placement")
+    profile = model.smallest_profile_for(req.memory_bytes, req.compute_share)
+    if profile is None:
+        reasons.add(model.name, "no MIG profile large enough")
+    return profile
+
+
+def _fit_mig(g: GpuState, req: SliceRequest, reasons: _Reasons) -> float | None:
+    """Best-fit score of `g` for a MIG slice (most memory slots already used wins), or None."""
+    profile = _mig_profile(g, req, reasons)
+    if profile is None:
         return None
-    best_start, best_room = starts[0], -1
+    if not g.free_starts(profile.name):
+        reasons.add(g.model.name, f"no free {profile.name} placement")
+        return None
+    return g.used_slots
+
+
+def _mig_choice(g: GpuState, req: SliceRequest) -> Choice:
+    """The slice on the winning GPU, at the free start slot that keeps the most placements possible."""
+    profile = _mig_profile(g, req, _Reasons())
+    starts = g.free_starts(profile.name)
+    start = starts[0]
     if len(starts) > 1:
-        for st in starts:
-            room = _room_after(model, g.mig_layout + [(profile.name, st)])
-            if room > best_room:
-                best_start, best_room = st, room
-    # Best fit: the GPU with the most memory slots already used, then the smallest waste.
-    score = g.used_slots * 10 - (profile.memory_slices - 0)
+        start = max(starts, key=lambda st: (_room_after(g.model, g.mig_layout + [(profile.name, st)]), -st))
     share = round(profile.compute_slices / gpumodels.MIG_COMPUTE_SLICES, 4)
-    return score, Choice(g.node, g.index, g.uuid, model.name, "mig", profile.name, best_start,
-                         profile.memory_slices, profile.memory_mib * MIB, share)
+    return Choice(g.node, g.index, g.uuid, g.model.name, "mig", profile.name, start, profile.memory_slices,
+                  profile.memory_mib * MIB, share)
 
 
-def _fit_shared(g: GpuState, req: SliceRequest, isolation: str, reasons: _Reasons) -> tuple[float, Choice] | None:
+def _shared_amounts(g: GpuState, req: SliceRequest, isolation: str) -> tuple[int, float]:
+    if isolation == "exclusive":
+        return g.memory_bytes, 1.0
+    share = req.compute_share or (1.0 if isolation == "timeshare" else min(1.0, req.memory_bytes / g.memory_bytes))
+    return req.memory_bytes, share
+
+
+def _fit_shared(g: GpuState, req: SliceRequest, isolation: str, reasons: _Reasons) -> float | None:
     sharing = g.sharing
     if sharing == "exclusive" or (isolation == "exclusive" and g.slices):
         reasons.add(g.model.name, "GPU is in use" if isolation == "exclusive" else "GPU held exclusively")
@@ -93,23 +107,18 @@ def _fit_shared(g: GpuState, req: SliceRequest, isolation: str, reasons: _Reason
     if sharing is not None and sharing != isolation:
         reasons.add(g.model.name, f"GPU shared by {sharing}")
         return None
-    if isolation == "exclusive":
-        mem, share = g.memory_bytes, 1.0
-    else:
-        mem, share = req.memory_bytes, req.compute_share or (1.0 if isolation == "timeshare" else
-                                                              min(1.0, req.memory_bytes / g.memory_bytes))
-    free = g.memory_bytes - g.allocated_memory
-    if mem > free:
+    mem, share = _shared_amounts(g, req, isolation)
+    if mem > g.memory_bytes - g.allocated_memory:
         reasons.add(g.model.name, "not enough free memory")
         return None
     if isolation == "mps" and g.allocated_compute + share > 1.0 + 1e-9:
         reasons.add(g.model.name, "MPS compute shares used up")
         return None
-    score = (g.allocated_memory + mem) / g.memory_bytes * 10
-    return score, Choice(g.node, g.index, g.uuid, g.model.name, isolation, None, None, None, mem, round(share, 4))
+    return (g.allocated_memory + mem) / g.memory_bytes * 10
 
 
-def fit_gpu(g: GpuState, req: SliceRequest, reasons: _Reasons) -> tuple[float, Choice] | None:
+def fit_gpu(g: GpuState, req: SliceRequest, reasons: _Reasons) -> float | None:
+    """The score of `g` for one slice of `req` (higher is better), or None with a reason."""
     if req.gpu_model and g.model.name != req.gpu_model:
         reasons.add(g.model.name, f"model is not {req.gpu_model}")
         return None
@@ -122,6 +131,14 @@ def fit_gpu(g: GpuState, req: SliceRequest, reasons: _Reasons) -> tuple[float, C
         reasons.add(g.model.name, "MIG mode is disabled")
         return None
     return _fit_shared(g, req, req.isolation or "timeshare", reasons)
+
+
+def make_choice(g: GpuState, req: SliceRequest) -> Choice:
+    if g.mig_enabled:
+        return _mig_choice(g, req)
+    isolation = req.isolation or "timeshare"
+    mem, share = _shared_amounts(g, req, isolation)
+    return Choice(g.node, g.index, g.uuid, g.model.name, isolation, None, None, None, mem, round(share, 4))
 
 
 def _nodes(fleet: Fleet, reasons: _Reasons) -> list[NodeEntry]:
@@ -141,10 +158,10 @@ def _nodes(fleet: Fleet, reasons: _Reasons) -> list[NodeEntry]:
 def _best(gpus, req: SliceRequest, reasons: _Reasons) -> Choice | None:
     best, best_score = None, None
     for g in gpus:
-        fit = fit_gpu(g, req, reasons)
-        if fit is not None and (best_score is None or fit[0] > best_score):
-            best_score, best = fit
-    return best
+        score = fit_gpu(g, req, reasons)
+        if score is not None and (best_score is None or score > best_score):
+            best_score, best = score, g
+    return make_choice(best, req) if best is not None else None
 
 
 def _assume(fleet: Fleet, c: Choice, tag: str):

@@ -75,6 +75,7 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
                     if match(s):
                         yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.ADDED, slice=s,
                                                            revision=self.ctl.revision)
+            yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.SYNCED, revision=self.ctl.revision)
             while True:
                 ev = await q.get()
                 if ev is None:

@@ -63,6 +63,49 @@ def _converting(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+class SliceWatch:
+    """An open Watch stream: iterate it for SliceEvents; `close()` ends it."""
+
+    def __init__(self, call) -> None:
+        self.call = call
+        self.initial: list = []
+
+    def _next(self):
+        try:
+            return next(self.call)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise richstatus.from_rpc_error(exc) from None
+
+    def until_synced(self) -> list:
+        """The initial events, up to the SYNCED marker."""
+        out = []
+        while True:
+            ev = self._next()
+            if ev.type == slice_service_pb2.SliceEvent.SYNCED:
+                return out
+            out.append(ev)
+
+    def __iter__(self) -> "SliceWatch":
+        return self
+
+    def __next__(self):
+        while True:
+            ev = self._next()
+            if ev.type != slice_service_pb2.SliceEvent.SYNCED:
+                return ev
+
+    def close(self) -> None:
+        self.call.cancel()
+
+    def __enter__(self) -> "SliceWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class MeshClient:
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
@@ -129,20 +172,19 @@ class MeshClient:
             state=_enum_value("slice state", SLICE_STATES, state, "state"))
         return list(self._slices.List(req, timeout=self.timeout).slices)
 
-    def watch_slices(self, tenant: str = "", node: str = "",
-                     send_initial: bool = False) -> Iterator[slice_service_pb2.SliceEvent]:
-        """Slice events until the iterator is closed or the server ends the stream."""
+    def watch_slices(self, tenant: str = "", node: str = "", send_initial: bool = False,
+                     wait_synced: bool = True) -> "SliceWatch":
+        """Slice events until closed or the server ends the stream.
+
+        The call starts at once; with `wait_synced` this returns only after the server's
+        SYNCED marker, so no change made after it returns is missed (the marker itself
+        is not yielded).
+        """
         req = slice_service_pb2.WatchSlicesRequest(tenant=tenant, node=node, send_initial=send_initial)
-        call = self._slices.Watch(req)
-        try:
-            for event in call:
-                yield event
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise richstatus.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        watch = SliceWatch(self._slices.Watch(req))
+        if wait_synced:
+            watch.initial = watch.until_synced()
+        return watch
 
     # -- nodes and GPUs -------------------------------------------------------
 

@@ -65,6 +65,8 @@ class Slices(slice_service_pb2_grpc.SliceServiceServicer):
     def Watch(self, request, context):
         for i in (1, 2):
             yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.ADDED, slice=a_slice(i), revision=i)
+        yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.SYNCED, revision=2)
+        yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.MODIFIED, slice=a_slice(3), revision=3)
         context.abort(grpc.StatusCode.UNAVAILABLE, "control plane stopping")
 
 
@@ -188,10 +190,12 @@ def test_unknown_enum_names_are_refused_before_sending(server, mesh):
 
 def test_watch_yields_events_then_a_typed_error(mesh):
     seen = []
+    watch = mesh.watch_slices(send_initial=True)
+    assert [e.slice.id for e in watch.initial] == ["s-0001", "s-0002"]
     with pytest.raises(errors.Unavailable, match="stopping"):
-        for event in mesh.watch_slices(send_initial=True):
+        for event in watch:
             seen.append(event.slice.id)
-    assert seen == ["s-0001", "s-0002"]
+    assert seen == ["s-0003"]
 
 
 def test_admin_calls_and_health(mesh):

@@ -82,10 +82,12 @@ class SliceEvent(_message.Message):
         ADDED: _ClassVar[SliceEvent.Type]
         MODIFIED: _ClassVar[SliceEvent.Type]
         DELETED: _ClassVar[SliceEvent.Type]
+        SYNCED: _ClassVar[SliceEvent.Type]
     TYPE_UNSPECIFIED: SliceEvent.Type
     ADDED: SliceEvent.Type
     MODIFIED: SliceEvent.Type
     DELETED: SliceEvent.Type
+    SYNCED: SliceEvent.Type
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SLICE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]

@@ -99,7 +99,8 @@ class SliceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """A stream of slice events: the current slices first (when asked), then changes.
+        """A stream of slice events: the current slices first (when asked), then a
+        SYNCED marker, then every change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

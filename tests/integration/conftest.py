@@ -1,0 +1,52 @@
+"""A real local cluster for the integration tests: embedded etcd, the control
+plane process and two agent processes over simulated GPU hosts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tools.localcluster import LocalCluster
+
+LEASE_TTL = 3
+
+HOSTS = [
+    {"node": "gpu-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
+    {"node": "gpu-b", "gpus": [{"model": "A100-40GB", "count": 2, "mig": True},
+                               {"model": "L4", "count": 1, "mig": False}],
+     "nvlink_domains": [[0, 1]]},
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), HOSTS, lease_ttl=LEASE_TTL, agents_per_process=1)
+    c.start(timeout=90)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def mesh(cluster):
+    """A client; every slice left at the end of the test is released."""
+    cluster.wait_ready(timeout=60)
+    with cluster.client(timeout=30) as client:
+        yield client
+        for s in client.list_slices():
+            try:
+                client.release(s.id)
+            except Exception:
+                pass
+        wait_for(lambda: not client.list_slices(), 30, "slices to be released")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

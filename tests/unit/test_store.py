@@ -1,0 +1,77 @@
+"""The etcd store against a real etcd: leader fencing and group commit."""
+
+import asyncio
+
+import pytest
+
+from controlplane import keys
+from controlplane.store import Absent, EtcdStore, Present, Put
+from controlplane.writer import Writer
+from mesh import errors
+
+
+async def make_store(etcd_server, ident, ttl=2, wait=10.0):
+    st = EtcdStore([etcd_server.endpoint])
+    await st.connect()
+    await st.become_leader(ident, ttl=ttl, wait=wait)
+    return st
+
+
+async def test_only_the_leader_writes_and_a_deposed_leader_is_fenced(etcd_server, etcd_client):
+    a = await make_store(etcd_server, "cp-a")
+    await a.commit([Put(b"/gpumesh/v1/x", b"1")])
+    b = EtcdStore([etcd_server.endpoint])
+    await b.connect()
+    with pytest.raises(errors.Unavailable):
+        await b.become_leader("cp-b", ttl=2, wait=0.5)     # a holds the key
+    # a's session dies (lease revoked, as when a is partitioned long enough): b takes over
+    a._keepalive_task.cancel()
+    await etcd_client.revoke_lease(a.session_lease)
+    await b.become_leader("cp-b", ttl=2, wait=5)
+    with pytest.raises(errors.Unavailable):
+        await a.commit([Put(b"/gpumesh/v1/x", b"stale")])   # fenced by the leader key's create revision
+    assert a.lost_leadership.is_set()
+    assert (await etcd_client.get(b"/gpumesh/v1/x")).value == b"1"
+    await b.commit([Put(b"/gpumesh/v1/x", b"2")])
+    assert (await etcd_client.get(b"/gpumesh/v1/x")).value == b"2"
+    await a.close()
+    await b.close()
+
+
+async def test_restart_of_the_same_identity_takes_over_at_once(etcd_server, etcd_client):
+    a = await make_store(etcd_server, "cp-same", ttl=30)
+    rev_a = a.leader_revision
+    a._keepalive_task.cancel()            # crashed: its lease would live 30 s more
+    a2 = await make_store(etcd_server, "cp-same", ttl=30, wait=2)
+    assert a2.leader_revision > rev_a      # a fresh create revision fences the old incarnation
+    with pytest.raises(errors.Unavailable):
+        await a.commit([Put(b"/gpumesh/v1/y", b"old")])
+    await a2.commit([Put(b"/gpumesh/v1/y", b"new")])
+    await a.close()
+    await a2.close()
+
+
+async def test_group_commit_merges_and_isolates_a_conflict(etcd_server, etcd_client):
+    st = await make_store(etcd_server, "cp-w", ttl=5)
+    w = Writer(st)
+    w.start()
+    await st.commit([Put(b"/gpumesh/v1/taken", b"x")])
+    ok = [w.write([Put(f"/gpumesh/v1/k{i}".encode(), b"v")], [Absent(f"/gpumesh/v1/k{i}".encode())])
+          for i in range(50)]
+    bad = w.write([Put(b"/gpumesh/v1/taken", b"y")], [Absent(b"/gpumesh/v1/taken")])
+    missing = w.write([Put(b"/gpumesh/v1/nope", b"y")], [Present(b"/gpumesh/v1/nope")])
+    results = await asyncio.gather(*ok, bad, missing, return_exceptions=True)
+    assert all(isinstance(r, int) for r in results[:50])
+    assert isinstance(results[50], errors.Aborted) and isinstance(results[51], errors.Aborted)
+    assert w.batches < 50                   # merged into few transactions
+    assert (await etcd_client.get(b"/gpumesh/v1/taken")).value == b"x"
+    assert await etcd_client.get(b"/gpumesh/v1/nope") is None
+    res = await etcd_client.get_prefix(b"/gpumesh/v1/k")
+    assert len(res.kvs) == 50
+    await w.stop()
+    await st.close()
+
+
+def test_key_layout():
+    assert keys.slice_("s-1") == b"/gpumesh/v1/slices/s-1"
+    assert keys.name_of(keys.alive("n1"), keys.ALIVE) == "n1"
