@@ -9,6 +9,7 @@ same free capacity.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
@@ -23,6 +24,11 @@ ISOLATION_NAMES = {
     types_pb2.ISOLATION_TIMESHARE: "timeshare",
     types_pb2.ISOLATION_EXCLUSIVE: "exclusive",
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _smallest_profile(model: gpumodels.GpuModel) -> str:
+    return min(model.mig_profiles, key=lambda p: (p.memory_slices, p.compute_slices, p.media_extensions)).name
 
 
 @dataclass
@@ -40,6 +46,25 @@ class GpuState:
     allocated_compute: float = 0.0
     _free: dict[str, list[int]] = field(default_factory=dict)   # profile -> free starts (cache)
     _used_slots: int = 0
+    fill_index: "FillIndex | None" = None
+    bucket: int = 0
+
+    @property
+    def fill(self) -> int:
+        """How full the GPU is, 0-10 (best fit looks at the fullest GPUs first); -1 when it
+        cannot take any slice at all (skipped by the scan)."""
+        if self.mig_enabled:
+            # nothing fits when the smallest profile (fewest memory and compute slices) does not
+            if self.mig_layout and not self.free_starts(_smallest_profile(self.model)):
+                return -1
+            return self._used_slots * 10 // gpumodels.MIG_MEMORY_SLOTS
+        if self.allocated_memory >= self.memory_bytes or self.sharing == "exclusive":
+            return -1
+        return min(10, self.allocated_memory * 10 // max(1, self.memory_bytes))
+
+    def _reindex(self) -> None:
+        if self.fill_index is not None:
+            self.fill_index.move(self)
 
     @property
     def sharing(self) -> str | None:
@@ -72,6 +97,7 @@ class GpuState:
         if s.isolation == types_pb2.ISOLATION_MIG and s.profile:
             self.mig_layout.append((s.profile, s.placement.start))
             self._layout_changed()
+        self._reindex()
 
     def remove(self, slice_id: str) -> None:
         s = self.slices.pop(slice_id, None)
@@ -82,6 +108,7 @@ class GpuState:
         if s.isolation == types_pb2.ISOLATION_MIG and s.profile:
             self.mig_layout.remove((s.profile, s.placement.start))
             self._layout_changed()
+        self._reindex()
 
 
 @dataclass
@@ -113,8 +140,37 @@ def gpus_from_inventory(name: str, inv: types_pb2.NodeInventory) -> list[GpuStat
     return out
 
 
+class FillIndex:
+    """GPUs bucketed by fill (0-10), so best fit scans the fullest GPUs first and stops early."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, dict[int, GpuState]] = {}
+
+    def add(self, g: GpuState) -> None:
+        g.fill_index, g.bucket = self, g.fill
+        self.buckets.setdefault(g.bucket, {})[id(g)] = g
+
+    def discard(self, g: GpuState) -> None:
+        self.buckets.get(g.bucket, {}).pop(id(g), None)
+        g.fill_index = None
+
+    def move(self, g: GpuState) -> None:
+        fill = g.fill
+        if fill != g.bucket:
+            self.buckets.get(g.bucket, {}).pop(id(g), None)
+            g.bucket = fill
+            self.buckets.setdefault(fill, {})[id(g)] = g
+
+    def fullest_first(self):
+        """Lists of GPUs, one per fill level, fullest first."""
+        for fill in sorted(self.buckets, reverse=True):
+            if fill >= 0 and self.buckets[fill]:
+                yield list(self.buckets[fill].values())
+
+
 class Fleet:
     def __init__(self) -> None:
+        self.index = FillIndex()
         self.nodes: dict[str, NodeEntry] = {}
         self.slices: dict[str, types_pb2.Slice] = {}
         self.revisions: dict[str, int] = {}   # slice id -> etcd mod revision
@@ -126,9 +182,15 @@ class Fleet:
         if entry is None:
             entry = NodeEntry(record=record, gpus=gpus_from_inventory(record.name, record.inventory))
             self.nodes[record.name] = entry
+            for g in entry.gpus:
+                self.index.add(g)
         else:
             if record.inventory != entry.record.inventory:
+                for g in entry.gpus:
+                    self.index.discard(g)
                 entry.gpus = gpus_from_inventory(record.name, record.inventory)
+                for g in entry.gpus:
+                    self.index.add(g)
             entry.record = record
         for g in entry.gpus:
             g.slices.clear()

@@ -176,13 +176,33 @@ def _assume(fleet: Fleet, c: Choice, tag: str):
     return s
 
 
+def _best_fullest_first(fleet: Fleet, req: SliceRequest, reasons: _Reasons) -> Choice | None:
+    """Best fit over the whole fleet, scanning fill levels from the fullest and stopping at the
+    first level that fits (lower levels cannot score higher). Falls back to a full scan, for
+    the reasons, only when nothing fits."""
+    nodes = fleet.nodes
+    quiet = _Reasons()
+    for gpus in fleet.index.fullest_first():
+        best, best_score = None, None
+        for g in gpus:
+            if not nodes[g.node].schedulable:
+                continue
+            score = fit_gpu(g, req, quiet)
+            if score is not None and (best_score is None or score > best_score):
+                best_score, best = score, g
+        if best is not None:
+            return make_choice(best, req)
+    _best((g for n in _nodes(fleet, reasons) for g in n.gpus), req, reasons)
+    return None
+
+
 def _place_group(fleet: Fleet, gpus_of, req: SliceRequest, reasons: _Reasons) -> list[Choice] | None:
     chosen: list[Choice] = []
     tags = []
     try:
         for i in range(req.count):
             attempt = _Reasons()
-            c = _best(gpus_of(), req, attempt)
+            c = _best(gpus_of(), req, attempt) if gpus_of else _best_fullest_first(fleet, req, attempt)
             if c is None:
                 for cls, counter in attempt.by_class.items():
                     reasons.by_class[cls].update(counter)
@@ -199,12 +219,12 @@ def _place_group(fleet: Fleet, gpus_of, req: SliceRequest, reasons: _Reasons) ->
 def place(fleet: Fleet, req: SliceRequest) -> list[Choice]:
     """Where each of the `req.count` slices goes; all or nothing."""
     reasons = _Reasons()
-    nodes = _nodes(fleet, reasons)
     if req.topology == "any":
-        result = _place_group(fleet, lambda: (g for n in nodes for g in n.gpus), req, reasons)
+        result = _place_group(fleet, None, req, reasons)
         if result is not None:
             return result
         raise reasons.error(req)
+    nodes = _nodes(fleet, reasons)
     groups = []
     for n in nodes:
         if req.topology == "same-node":

@@ -135,11 +135,26 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 msg = await session.outbox.get()
                 if msg is None:
                     break
-                yield msg
+                yield coalesce(msg, session.outbox)
         finally:
             reader.cancel()
             self.ctl.sessions.close(session)
             log(logger, logging.INFO, "agent stream closed", node=node)
+
+
+def coalesce(msg, outbox: asyncio.Queue):
+    """Fold the incremental changes already queued behind `msg` into it: one message, same order."""
+    if msg.desired.full:
+        return msg
+    while not outbox.empty():
+        nxt = outbox._queue[0]          # peek: stop before a close (None) or a full resync
+        if nxt is None or nxt.desired.full:
+            break
+        outbox.get_nowait()
+        msg.desired.upserts.extend(nxt.desired.upserts)
+        msg.desired.removals.extend(nxt.desired.removals)
+        msg.desired.revision = nxt.desired.revision
+    return msg
 
 
 class AdminService(admin_service_pb2_grpc.AdminServiceServicer):

@@ -102,6 +102,14 @@ class NodeAgent:
                 msg = await outbox.get()
                 if msg is None:
                     return
+                if msg.WhichOneof("kind") == "report":
+                    # fold queued reports into one message (statuses before releases, as queued)
+                    while not outbox.empty() and outbox._queue[0] is not None \
+                            and outbox._queue[0].WhichOneof("kind") == "report":
+                        nxt = outbox.get_nowait().report
+                        msg.report.full = msg.report.full or nxt.full
+                        msg.report.statuses.extend(nxt.statuses)
+                        msg.report.released.extend(nxt.released)
                 yield msg
 
         call = stub.Sync(requests())

@@ -155,6 +155,7 @@ def _format_table(result: dict) -> str:
 
 
 def run_alloc_bench(args: argparse.Namespace) -> int:
+    import os
     import shutil
     import tempfile
 
@@ -170,7 +171,10 @@ def run_alloc_bench(args: argparse.Namespace) -> int:
         if endpoint:
             hosts = gpus = None
         else:
-            state_dir = tempfile.mkdtemp(prefix="meshctl-bench-")
+            # tmpfs when there is one: the simulated GPUs' state files are rewritten on every MIG
+            # change, and a disk's file-create latency would be measured instead of the control plane.
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            state_dir = tempfile.mkdtemp(prefix="meshctl-bench-", dir=shm)
             hosts = args.sim_hosts
             gpus = hosts * args.gpus_per_host
             cluster = LocalCluster(state_dir, sim_hosts(hosts, args.gpus_per_host, args.gpu_model),
