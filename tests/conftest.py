@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from controlplane.etcdserver import EtcdServer
@@ -26,3 +30,14 @@ async def etcd_client(etcd_server):
     await client.delete_prefix(b"/gpumesh/")
     yield client
     await client.close()
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    """Where simulated device state files go: tmpfs when there is one (each MIG change
+    rewrites the file; on a journaled disk that costs ~0.3 ms), else tmp_path."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="simnvml-") as d:
+            yield Path(d)
+    else:
+        yield tmp_path

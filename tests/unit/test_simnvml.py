@@ -26,17 +26,6 @@ SHARED = pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED
 
 
 @pytest.fixture
-def state_dir(tmp_path):
-    """Where state files go: tmpfs when there is one (state writes are an
-    fsync-free rename, but on a journaled disk still ~0.3 ms), else tmp_path."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="simnvml-") as d:
-            yield Path(d)
-    else:
-        yield tmp_path
-
-
-@pytest.fixture
 def start(state_dir):
     """A simulator of a host, initialised, as the agent loads it; returns (nvml, state path)."""
 
