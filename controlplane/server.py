@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -89,6 +90,10 @@ class ControlPlane:
         self.ctl.writer.start()
         self.nodes = NodeManager(self.ctl, lease_ttl=self.cfg.lease_ttl)
         await self.nodes.load()
+        # The fleet is long-lived and large; keep the collector off it and collect young objects
+        # less often (the request path allocates many short-lived protobufs).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
 
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         slice_service_pb2_grpc.add_SliceServiceServicer_to_server(SliceService(self.ctl), self.server)

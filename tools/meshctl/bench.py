@@ -9,10 +9,10 @@ running one; then `--clients` threads sharing one gRPC channel allocate
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import math
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,9 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @dataclass
 class Tally:
-    """What the client threads measured (guarded by `lock`)."""
+    """What the clients measured (all in one event loop: no lock needed)."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
     latencies: list[float] = field(default_factory=list)
     release_latencies: list[float] = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
@@ -74,59 +73,66 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def _client_loop(mesh: Any, index: int, profile: str, release: bool, end: float, tally: Tally) -> None:
-    from mesh import errors
-    tenant = f"bench-{index:03d}"
+async def _client_loop(stub: Any, index: int, profile: str, release: bool, end: float, tally: Tally) -> None:
+    import grpc
+
+    from gpumesh.v1 import slice_service_pb2, types_pb2
+    req = slice_service_pb2.AllocateRequest(spec=types_pb2.SliceSpec(tenant=f"bench-{index:03d}",
+                                                                    mig_profile=profile))
     while time.monotonic() < end:
         t0 = time.perf_counter()
         try:
-            resp = mesh.allocate(tenant=tenant, mig_profile=profile)
-        except errors.MeshError as exc:
-            with tally.lock:
-                tally.errors[exc.code.name] += 1
-            time.sleep(0.01)
+            resp = await stub.Allocate(req, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            tally.errors[exc.code().name] += 1
+            await asyncio.sleep(0.01)
             continue
-        took = time.perf_counter() - t0
-        with tally.lock:
-            tally.latencies.append(took)
+        tally.latencies.append(time.perf_counter() - t0)
         if not release:
-            with tally.lock:
-                tally.kept.append(resp.allocation_id)
+            tally.kept.append(resp.allocation_id)
             continue
         t1 = time.perf_counter()
         try:
-            mesh.release(resp.allocation_id)
-            with tally.lock:
-                tally.release_latencies.append(time.perf_counter() - t1)
-        except errors.MeshError as exc:
-            with tally.lock:
-                tally.errors[f"release:{exc.code.name}"] += 1
+            await stub.Release(slice_service_pb2.ReleaseRequest(id=resp.allocation_id), timeout=60)
+            tally.release_latencies.append(time.perf_counter() - t1)
+        except grpc.aio.AioRpcError as exc:
+            tally.errors[f"release:{exc.code().name}"] += 1
 
 
-def run_clients(mesh: Any, clients: int, duration: float, profile: str, release: bool) -> dict:
-    """Run the client threads for `duration` seconds; the measurements (without fleet facts)."""
-    tally = Tally()
-    start = time.monotonic()
-    end = start + duration
-    threads = [threading.Thread(target=_client_loop, args=(mesh, i, profile, release, end, tally),
-                                name=f"bench-client-{i}", daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    next_report = start + 1.0
-    while alive := [t for t in threads if t.is_alive()]:
-        alive[0].join(timeout=max(0.0, next_report - time.monotonic()))
-        if time.monotonic() >= next_report:
-            next_report += 1.0
-            elapsed = time.monotonic() - start
-            with tally.lock:
+async def _run_clients(endpoint: str, clients: int, duration: float, profile: str, release: bool,
+                       tally: Tally) -> float:
+    """Drive `clients` concurrent callers over one grpc.aio channel (cheap on the client's CPU,
+    so the figures are the server's); returns the elapsed seconds."""
+    import grpc
+
+    from gpumesh.v1 import slice_service_pb2, slice_service_pb2_grpc
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = slice_service_pb2_grpc.SliceServiceStub(channel)
+        start = time.monotonic()
+        end = start + duration
+        tasks = [asyncio.create_task(_client_loop(stub, i, profile, release, end, tally)) for i in range(clients)]
+        next_report = start + 1.0
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=max(0.0, next_report - time.monotonic()))
+            if time.monotonic() >= next_report:
+                next_report += 1.0
+                elapsed = time.monotonic() - start
                 n, errs = len(tally.latencies), sum(tally.errors.values())
-            info(f"  {elapsed:5.1f}s  allocations={n}  ({n / elapsed:.1f}/s)  errors={errs}")
-    elapsed = time.monotonic() - start
-    for alloc_id in tally.kept:  # not timed: leave the fleet as it was
-        try:
-            mesh.release(alloc_id)
-        except Exception:
-            pass
+                info(f"  {elapsed:5.1f}s  allocations={n}  ({n / elapsed:.1f}/s)  errors={errs}")
+        elapsed = time.monotonic() - start
+        for t in tasks:
+            t.result()
+        # not timed: leave the fleet as it was
+        for i in range(0, len(tally.kept), 64):
+            await asyncio.gather(*(stub.Release(slice_service_pb2.ReleaseRequest(id=a), timeout=60)
+                                   for a in tally.kept[i:i + 64]), return_exceptions=True)
+    return elapsed
+
+
+def run_clients(endpoint: str, clients: int, duration: float, profile: str, release: bool) -> dict:
+    """Run the clients for `duration` seconds; the measurements (without fleet facts)."""
+    tally = Tally()
+    elapsed = asyncio.run(_run_clients(endpoint, clients, duration, profile, release, tally))
     lat = sorted(tally.latencies)
     rel = sorted(tally.release_latencies)
     ms = 1000.0
@@ -188,7 +194,7 @@ def run_alloc_bench(args: argparse.Namespace) -> int:
                 hosts, gpus = len(mesh.list_nodes()), len(mesh.list_gpus())
             info(f"running {args.clients} clients for {args.duration:g}s "
                  f"(profile {args.profile}, {'alloc+release' if args.release else 'alloc only'})")
-            result = run_clients(mesh, args.clients, args.duration, args.profile, args.release)
+            result = run_clients(endpoint, args.clients, args.duration, args.profile, args.release)
         result.update({"hosts": hosts, "gpus": gpus, "endpoint": endpoint})
     except ClusterError as exc:
         raise CliError(f"{exc}") from None
