@@ -17,6 +17,7 @@ import grpc
 
 from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, types_pb2
 from mesh.logs import log
+from nodeagent import metrics
 from nodeagent.gpu import NvmlGpus
 from nodeagent.slicer import Slicer
 
@@ -81,6 +82,7 @@ class NodeAgent:
                 raise
             finally:
                 self.registered.clear()
+                metrics.RECONNECTS.labels(self.node).inc()
                 await channel.close()
             if self.stopping.is_set():
                 break
@@ -145,6 +147,7 @@ class NodeAgent:
             orphans = await asyncio.to_thread(self.slicer.adopt, self.desired)
             for inst in orphans:
                 await asyncio.to_thread(self.slicer.destroy_orphan, inst)
+                metrics.ORPHANS.labels(self.node).inc()
             self.realized = {k: v for k, v in self.realized.items() if k in self.desired}
             log(logger, logging.INFO, "reconciling full desired state", node=self.node,
                 desired=len(self.desired), adopted=len(self.slicer.mig), orphans=len(orphans))
@@ -157,6 +160,8 @@ class NodeAgent:
             statuses = await asyncio.to_thread(lambda: [self.slicer.realize(s) for s in todo])
             for st in statuses:
                 self.realized[st.slice_id] = st
+                metrics.OPERATIONS.labels(self.node, "realize", "ok" if st.state == types_pb2.SLICE_STATE_READY
+                                          else "failed").inc()
         if d.full:
             report.statuses.extend(self.realized.values())
         else:
@@ -165,6 +170,7 @@ class NodeAgent:
             self.desired.pop(sid, None)
             self.realized.pop(sid, None)
             err = await asyncio.to_thread(self.slicer.teardown, sid)
+            metrics.OPERATIONS.labels(self.node, "teardown", "ok" if err is None else "refused").inc()
             if err is None:
                 self.stuck.discard(sid)
                 report.released.append(sid)
@@ -172,6 +178,7 @@ class NodeAgent:
                 self.stuck.add(sid)
                 log(logger, logging.WARNING, "release refused by the GPU; will retry", node=self.node,
                     slice=sid, error=err)
+        metrics.SLICES.labels(self.node).set(len(self.realized))
         if d.full or report.statuses or report.released:
             outbox.put_nowait(node_service_pb2.AgentMessage(report=report))
 

@@ -1,0 +1,10 @@
+"""Prometheus metrics of the agent (served on `metrics_listen`)."""
+
+from prometheus_client import Counter, Gauge
+
+RECONNECTS = Counter("gpumesh_agent_reconnects_total", "Sessions to the control plane that ended", ["node"])
+OPERATIONS = Counter("gpumesh_agent_slice_operations_total", "Slice operations on the GPUs",
+                     ["node", "op", "result"])
+SLICES = Gauge("gpumesh_agent_slices", "Slices realized on the node", ["node"])
+ORPHANS = Counter("gpumesh_agent_orphans_removed_total", "MIG instances removed because no slice owned them",
+                  ["node"])
