@@ -48,6 +48,11 @@ class GpuState:
     _used_slots: int = 0
     fill_index: "FillIndex | None" = None
     bucket: int = 0
+    # Derived from the agent's telemetry (controlplane/telemetry.py); the scheduler reads them.
+    memory_pressure: str = "low"        # low | normal | high | critical
+    thermal_state: str = "normal"       # normal | warning | throttling | critical
+    health: str = "healthy"             # healthy | unhealthy | lost
+    telemetry: types_pb2.GpuTelemetry | None = None
 
     @property
     def fill(self) -> int:
@@ -117,6 +122,9 @@ class NodeEntry:
     gpus: list[GpuState]
     ready: bool = False
     lease_id: int = 0
+    # Host resources promised to slices on this node (capacity: record.inventory.cpu_milli/memory_bytes).
+    allocated_cpu_milli: int = 0
+    allocated_host_memory: int = 0
 
     @property
     def name(self) -> str:
@@ -192,6 +200,7 @@ class Fleet:
                 for g in entry.gpus:
                     self.index.add(g)
             entry.record = record
+        entry.allocated_cpu_milli = entry.allocated_host_memory = 0
         for g in entry.gpus:
             g.slices.clear()
             g.mig_layout.clear()
@@ -217,13 +226,24 @@ class Fleet:
         g = self.gpu(s.node, s.gpu_index)
         if g is not None:
             g.add(s)
+        entry = self.nodes.get(s.node)
+        if entry is not None:
+            entry.allocated_cpu_milli += s.cpu_milli
+            entry.allocated_host_memory += s.host_memory_bytes
+
+    def _unplace(self, s: types_pb2.Slice) -> None:
+        g = self.gpu(s.node, s.gpu_index)
+        if g is not None:
+            g.remove(s.id)
+        entry = self.nodes.get(s.node)
+        if entry is not None:
+            entry.allocated_cpu_milli -= s.cpu_milli
+            entry.allocated_host_memory -= s.host_memory_bytes
 
     def put_slice(self, s: types_pb2.Slice, revision: int = 0) -> None:
         old = self.slices.get(s.id)
         if old is not None:
-            g = self.gpu(old.node, old.gpu_index)
-            if g is not None:
-                g.remove(s.id)
+            self._unplace(old)
         self.slices[s.id] = s
         if revision:
             self.revisions[s.id] = revision
@@ -233,9 +253,7 @@ class Fleet:
         s = self.slices.pop(slice_id, None)
         self.revisions.pop(slice_id, None)
         if s is not None:
-            g = self.gpu(s.node, s.gpu_index)
-            if g is not None:
-                g.remove(slice_id)
+            self._unplace(s)
         return s
 
     def slices_on(self, node: str) -> list[types_pb2.Slice]:

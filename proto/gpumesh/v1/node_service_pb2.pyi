@@ -80,13 +80,41 @@ class SliceStatusReport(_message.Message):
     released: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, full: _Optional[bool] = ..., statuses: _Optional[_Iterable[_Union[SliceStatus, _Mapping]]] = ..., released: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class WorkloadStatusReport(_message.Message):
+    __slots__ = ("full", "workloads")
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    full: bool
+    workloads: _containers.RepeatedCompositeFieldContainer[_types_pb2.Workload]
+    def __init__(self, full: _Optional[bool] = ..., workloads: _Optional[_Iterable[_Union[_types_pb2.Workload, _Mapping]]] = ...) -> None: ...
+
+class LogChunk(_message.Message):
+    __slots__ = ("request_id", "data", "eof", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    data: bytes
+    eof: bool
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "report")
+    __slots__ = ("hello", "report", "telemetry", "event", "workloads", "log")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
     hello: SyncHello
     report: SliceStatusReport
-    def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., report: _Optional[_Union[SliceStatusReport, _Mapping]] = ...) -> None: ...
+    telemetry: _types_pb2.NodeTelemetry
+    event: _types_pb2.NodeEvent
+    workloads: WorkloadStatusReport
+    log: LogChunk
+    def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., report: _Optional[_Union[SliceStatusReport, _Mapping]] = ..., telemetry: _Optional[_Union[_types_pb2.NodeTelemetry, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.NodeEvent, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadStatusReport, _Mapping]] = ..., log: _Optional[_Union[LogChunk, _Mapping]] = ...) -> None: ...
 
 class DesiredSlices(_message.Message):
     __slots__ = ("full", "upserts", "removals", "revision")
@@ -100,8 +128,36 @@ class DesiredSlices(_message.Message):
     revision: int
     def __init__(self, full: _Optional[bool] = ..., upserts: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ..., removals: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class WorkloadCommand(_message.Message):
+    __slots__ = ("full", "start", "stop")
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    full: bool
+    start: _containers.RepeatedCompositeFieldContainer[_types_pb2.Workload]
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, full: _Optional[bool] = ..., start: _Optional[_Iterable[_Union[_types_pb2.Workload, _Mapping]]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LogRequest(_message.Message):
+    __slots__ = ("request_id", "workload_id", "tail_lines", "follow", "cancel")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    workload_id: str
+    tail_lines: int
+    follow: bool
+    cancel: bool
+    def __init__(self, request_id: _Optional[str] = ..., workload_id: _Optional[str] = ..., tail_lines: _Optional[int] = ..., follow: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
 class ControllerMessage(_message.Message):
-    __slots__ = ("desired",)
+    __slots__ = ("desired", "workloads", "logs")
     DESIRED_FIELD_NUMBER: _ClassVar[int]
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
     desired: DesiredSlices
-    def __init__(self, desired: _Optional[_Union[DesiredSlices, _Mapping]] = ...) -> None: ...
+    workloads: WorkloadCommand
+    logs: LogRequest
+    def __init__(self, desired: _Optional[_Union[DesiredSlices, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadCommand, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ...) -> None: ...
