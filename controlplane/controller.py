@@ -53,6 +53,11 @@ class Controller:
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}
         self.requests: dict[tuple[str, str], str] = {}
         self.revision = 0
+        # Extension points for other components (telemetry, workloads):
+        # AgentMessage kind -> async handler(node, message), and
+        # callbacks run when an agent's Sync stream opens: hook(node, session).
+        self.agent_handlers: dict = {}
+        self.session_hooks: list = []
 
     # -- persistence helpers ------------------------------------------------------------
 

@@ -120,13 +120,19 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         session.send_full(desired, self.ctl.revision)
         log(logger, logging.INFO, "agent stream open", node=node, desired=len(desired))
 
+        for opened in self.ctl.session_hooks:
+            opened(node, session)
+
         async def read():
             async for msg in request_iterator:
-                if msg.WhichOneof("kind") == "report":
+                kind = msg.WhichOneof("kind")
+                if kind == "report":
                     r = msg.report
                     await self.ctl.report(node, r.full, r.statuses, r.released)
                     if r.full:
                         session.synced.set()
+                elif kind in self.ctl.agent_handlers:
+                    await self.ctl.agent_handlers[kind](node, getattr(msg, kind))
             session.close()
 
         reader = asyncio.create_task(read(), name=f"sync-read-{node}")
@@ -144,11 +150,11 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
 def coalesce(msg, outbox: asyncio.Queue):
     """Fold the incremental changes already queued behind `msg` into it: one message, same order."""
-    if msg.desired.full:
+    if msg.WhichOneof("kind") != "desired" or msg.desired.full:
         return msg
     while not outbox.empty():
-        nxt = outbox._queue[0]          # peek: stop before a close (None) or a full resync
-        if nxt is None or nxt.desired.full:
+        nxt = outbox._queue[0]          # peek: stop before a close (None), a full resync or another kind
+        if nxt is None or nxt.WhichOneof("kind") != "desired" or nxt.desired.full:
             break
         outbox.get_nowait()
         msg.desired.upserts.extend(nxt.desired.upserts)

@@ -25,6 +25,10 @@ class NodeSession:
         self.outbox.put_nowait(node_service_pb2.ControllerMessage(
             desired=node_service_pb2.DesiredSlices(full=True, upserts=slices, revision=revision)))
 
+    def send(self, msg: node_service_pb2.ControllerMessage) -> None:
+        """Any other controller message (workload commands, log requests)."""
+        self.outbox.put_nowait(msg)
+
     def close(self) -> None:
         self.outbox.put_nowait(None)
 

@@ -45,6 +45,10 @@ class NodeAgent:
         self.stuck: set[str] = set()         # releases the hardware refused; retried
         self.registered = asyncio.Event()
         self.stopping = asyncio.Event()
+        # Extension points for other components (telemetry, workloads): ControllerMessage kind ->
+        # async handler(message, outbox), and hooks run when a Sync stream opens: hook(outbox).
+        self.handlers: dict = {}
+        self.session_hooks: list = []
 
     # -- inventory ----------------------------------------------------------------------
 
@@ -118,9 +122,14 @@ class NodeAgent:
         beat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_seconds, call))
         retry = asyncio.create_task(self._retry_stuck(outbox))
         try:
+            for opened in self.session_hooks:
+                opened(outbox)
             async for msg in call:
-                if msg.WhichOneof("kind") == "desired":
+                kind = msg.WhichOneof("kind")
+                if kind == "desired":
                     await self._apply(msg.desired, outbox)
+                elif kind in self.handlers:
+                    await self.handlers[kind](getattr(msg, kind), outbox)
         finally:
             beat.cancel()
             retry.cancel()
