@@ -23,8 +23,30 @@ class ControlPlaneConfig:
     log_format: str = option("json", "log line format", choices=("json", "text"))
     port_file: str = option("", "write {endpoint, metrics, pid} as JSON here once serving")
     grace_seconds: float = option(5.0, "graceful shutdown period for in-flight RPCs", minimum=0, maximum=300)
+    memory_pressure_thresholds: list = option(
+        ["50", "70", "85"], "GPU memory used, percent, where pressure turns normal, high, critical")
+    thermal_thresholds: list = option(
+        ["65", "80", "85"], "GPU temperature, Celsius, where the thermal state turns warning, throttling, critical")
+    xid_nonfatal: list = option(
+        ["13", "31", "43", "45", "68", "109"], "XID codes that do not make a GPU unhealthy (application errors)")
+    gpu_recovery_seconds: float = option(
+        300.0, "seconds an unhealthy GPU must stay free of fatal XIDs before it takes slices again",
+        minimum=1, maximum=86400)
+    node_events_kept: int = option(100, "events kept per node for `meshctl describe node`", minimum=1, maximum=10000)
 
     def check(self) -> None:
+        for name, count, hi in (("memory_pressure_thresholds", 3, 100), ("thermal_thresholds", 3, 200)):
+            values = getattr(self, name)
+            try:
+                nums = [float(v) for v in values]
+            except ValueError:
+                raise ConfigError(f"{name}: {values!r} are not numbers") from None
+            if len(nums) != count or nums != sorted(nums) or not all(0 <= v <= hi for v in nums):
+                raise ConfigError(f"{name}: {values!r} must be {count} increasing numbers in 0-{hi}")
+        try:
+            [int(v) for v in self.xid_nonfatal]
+        except ValueError:
+            raise ConfigError(f"xid_nonfatal: {self.xid_nonfatal!r} must be integers") from None
         parse_hostport(self.listen, "listen")
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
