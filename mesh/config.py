@@ -81,7 +81,8 @@ def _coerce(cls, f: dataclasses.Field, value: Any, source: str) -> Any:
                 return [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise ValueError("expected a list")
-            return [str(v) for v in value]
+            # flags may repeat and each may hold a comma-separated list
+            return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError("expected an integer")
