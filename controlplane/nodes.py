@@ -175,6 +175,10 @@ class NodeManager:
         hb = self.heartbeats.get(name)
         if hb is not None:
             n.last_heartbeat.CopyFrom(hb)
+        telemetry = getattr(self.ctl, "telemetry", None)
+        if telemetry is not None:
+            n.events.extend(telemetry.events_of(name))
+            n.ib_ports.extend(telemetry.ib_ports.get(name, ()))
         return n
 
     async def set_cordon(self, name: str, cordoned: bool) -> types_pb2.Node:

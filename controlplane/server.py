@@ -22,6 +22,7 @@ from controlplane.etcdserver import EtcdServer
 from controlplane.nodes import NodeManager
 from controlplane.services import AdminService, NodeService, SliceService
 from controlplane.store import EtcdStore, new_identity
+from controlplane.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2)
 from mesh.config import parse_hostport
@@ -90,6 +91,12 @@ class ControlPlane:
         self.ctl.writer.start()
         self.nodes = NodeManager(self.ctl, lease_ttl=self.cfg.lease_ttl)
         await self.nodes.load()
+        self.telemetry = TelemetryManager(self.ctl, Policy(
+            pressure_pct=tuple(float(v) for v in self.cfg.memory_pressure_thresholds),
+            thermal_c=tuple(float(v) for v in self.cfg.thermal_thresholds),
+            xid_nonfatal=frozenset(int(v) for v in self.cfg.xid_nonfatal),
+            recovery_seconds=self.cfg.gpu_recovery_seconds, events_kept=self.cfg.node_events_kept))
+        await self.telemetry.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()

@@ -8,6 +8,7 @@ import logging
 from controlplane.controller import Controller
 from controlplane.nodes import NodeManager, validate_node_name
 from controlplane.rpc import streaming, unary
+from controlplane.telemetry import HEALTH_ENUM, PRESSURE_ENUM, THERMAL_ENUM
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2)
 from mesh import errors, slicespec
@@ -217,5 +218,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                     st.slices = len(g.slices)
                     st.mig_layout.extend(f"{p}@{s}" for p, s in sorted(g.mig_layout, key=lambda x: x[1]))
                     st.sharing = slicespec.ISOLATION_ENUM.get(g.sharing, 0) if g.sharing else 0
+                    if g.telemetry is not None:
+                        st.telemetry.CopyFrom(g.telemetry)
+                    st.telemetry.index = g.index
+                    st.telemetry.health = HEALTH_ENUM[g.health]
+                    st.telemetry.memory_pressure = PRESSURE_ENUM[g.memory_pressure]
+                    st.telemetry.thermal_state = THERMAL_ENUM[g.thermal_state]
                 out.append(st)
         return admin_service_pb2.ListGpusResponse(gpus=out)

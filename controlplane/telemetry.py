@@ -1,0 +1,217 @@
+"""What the agents measure, turned into fleet state: memory pressure and
+thermal state per GPU, GPU health under the XID policy, and node events.
+
+The agent sends raw readings (NodeTelemetry every interval, NodeEvents as
+they happen); the judgement is made here, with thresholds from the control
+plane's configuration, so every node is judged alike. Health changes are
+written to etcd (`/gpumesh/v1/gpuhealth/<node>/<index>`) so an unhealthy GPU
+stays unhealthy across a control-plane restart; the scheduler reads the
+states from the fleet (GpuState.memory_pressure / thermal_state / health).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+
+from controlplane import keys
+from controlplane.controller import Controller
+from controlplane.fleet import GpuState
+from controlplane.store import Put
+from gpumesh.v1 import types_pb2
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+T = types_pb2
+
+PRESSURE = ("low", "normal", "high", "critical")
+THERMAL = ("normal", "warning", "throttling", "critical")
+PRESSURE_ENUM = dict(zip(PRESSURE, (T.MEMORY_PRESSURE_LOW, T.MEMORY_PRESSURE_NORMAL, T.MEMORY_PRESSURE_HIGH,
+                                    T.MEMORY_PRESSURE_CRITICAL)))
+THERMAL_ENUM = dict(zip(THERMAL, (T.THERMAL_STATE_NORMAL, T.THERMAL_STATE_WARNING, T.THERMAL_STATE_THROTTLING,
+                                  T.THERMAL_STATE_CRITICAL)))
+HEALTH_ENUM = {"healthy": T.GPU_HEALTH_HEALTHY, "unhealthy": T.GPU_HEALTH_UNHEALTHY, "lost": T.GPU_HEALTH_LOST}
+HEALTH_NAME = {v: k for k, v in HEALTH_ENUM.items()}
+XID_IN_TEXT = re.compile(r"\bXID\s*(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Policy:
+    pressure_pct: tuple[float, float, float] = (50.0, 70.0, 85.0)
+    thermal_c: tuple[float, float, float] = (65.0, 80.0, 85.0)
+    xid_nonfatal: frozenset[int] = frozenset({13, 31, 43, 45, 68, 109})
+    recovery_seconds: float = 300.0
+    events_kept: int = 100
+
+    def memory_pressure(self, used: int, total: int) -> str:
+        pct = 100.0 * used / total if total > 0 else 0.0
+        return _level(pct, self.pressure_pct, PRESSURE)
+
+    def thermal_state(self, celsius: float) -> str:
+        return _level(celsius, self.thermal_c, THERMAL)
+
+
+def _level(value: float, limits: tuple[float, float, float], names: tuple[str, ...]) -> str:
+    """As the seeds define the bands: names[0] below limits[0]; names[1] up to and including
+    limits[1]; names[2] up to and including limits[2]; names[3] above (e.g. memory: <50% low,
+    50-70% normal, 70-85% high, >85% critical)."""
+    if value < limits[0]:
+        return names[0]
+    if value <= limits[1]:
+        return names[1]
+    if value <= limits[2]:
+        return names[2]
+    return names[3]
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class TelemetryManager:
+    def __init__(self, ctl: Controller, policy: Policy = Policy(), clock=time.time) -> None:
+        self.ctl = ctl
+        self.policy = policy
+        self.clock = clock
+        self.events: dict[str, collections.deque] = {}
+        self.ib_ports: dict[str, list[types_pb2.IbPort]] = {}
+        self.last_fatal: dict[tuple[str, int], float] = {}
+        ctl.agent_handlers["telemetry"] = self.on_telemetry
+        ctl.agent_handlers["event"] = self.on_event
+        ctl.telemetry = self
+
+    # -- restart: health is durable --------------------------------------------------------
+
+    async def load(self) -> None:
+        snap = await self.ctl.store.load(keys.GPU_HEALTH)
+        for key, (value, _, _) in snap.kvs.items():
+            node, _, index = keys.name_of(key, keys.GPU_HEALTH).partition("/")
+            rec = types_pb2.GpuTelemetry()
+            rec.ParseFromString(value)
+            g = self.ctl.fleet.gpu(node, int(index))
+            if g is not None and rec.health != T.GPU_HEALTH_HEALTHY:
+                g.health = HEALTH_NAME.get(rec.health, "unhealthy")
+                self.last_fatal[(node, g.index)] = rec.at.ToNanoseconds() / 1e9
+                g.telemetry = rec
+
+    # -- events -----------------------------------------------------------------------------
+
+    def record(self, node: str, kind: str, reason: str, message: str, gpu: int = -1,
+               at: float | None = None) -> types_pb2.NodeEvent:
+        ev = types_pb2.NodeEvent(at=_ts(at if at is not None else self.clock()), type=kind, reason=reason,
+                                 message=message, gpu_index=gpu)
+        self.events.setdefault(node, collections.deque(maxlen=self.policy.events_kept)).append(ev)
+        log(logger, logging.WARNING if kind == "Warning" else logging.INFO, message, node=node, reason=reason,
+            gpu=gpu)
+        return ev
+
+    def events_of(self, node: str) -> list[types_pb2.NodeEvent]:
+        return list(self.events.get(node, ()))
+
+    async def on_event(self, node: str, ev: types_pb2.NodeEvent) -> None:
+        g = self.ctl.fleet.gpu(node, ev.gpu_index) if ev.gpu_index >= 0 else None
+        if ev.reason == "XidError" and g is not None:
+            m = XID_IN_TEXT.search(ev.message)
+            if m:
+                await self._xid(g, int(m.group(1)))
+                return
+        if ev.reason == "GpuLost" and g is not None:
+            await self._set_health(g, "lost", ev.message or f"GPU {g.index} fell off the bus")
+            return
+        stored = types_pb2.NodeEvent()
+        stored.CopyFrom(ev)
+        if not stored.HasField("at"):
+            stored.at.CopyFrom(_ts(self.clock()))
+        self.events.setdefault(node, collections.deque(maxlen=self.policy.events_kept)).append(stored)
+
+    # -- telemetry ----------------------------------------------------------------------------
+
+    async def on_telemetry(self, node: str, t: types_pb2.NodeTelemetry) -> None:
+        entry = self.ctl.fleet.nodes.get(node)
+        if entry is None:
+            return
+        if t.ib_ports:
+            self.ib_ports[node] = list(t.ib_ports)
+        seen = set()
+        for reading in t.gpus:
+            g = self.ctl.fleet.gpu(node, reading.index)
+            if g is None:
+                continue
+            seen.add(g.index)
+            await self._reading(g, reading)
+        now = self.clock()
+        for g in entry.gpus:
+            if g.index not in seen and g.health == "healthy" and t.gpus:
+                await self._set_health(g, "lost", f"GPU {g.index} missing from the agent's telemetry")
+            elif g.index in seen and g.health != "healthy":
+                since = self.last_fatal.get((node, g.index), 0.0)
+                if now - since >= self.policy.recovery_seconds:
+                    await self._set_health(g, "healthy", "")
+
+    async def _reading(self, g: GpuState, r: types_pb2.GpuTelemetry) -> None:
+        for code in r.xid_events:
+            await self._xid(g, code)
+        total = r.memory_total_bytes or g.memory_bytes
+        pressure = self.policy.memory_pressure(r.memory_used_bytes, total)
+        thermal = self.policy.thermal_state(r.temperature_c)
+        if (pressure, thermal) != (g.memory_pressure, g.thermal_state):
+            if PRESSURE.index(pressure) >= 2 and PRESSURE.index(pressure) > PRESSURE.index(g.memory_pressure):
+                self.record(g.node, "Warning", "MemoryPressure",
+                            f"GPU {g.index} memory pressure {pressure} ({r.memory_used_bytes * 100 // max(total, 1)}%"
+                            f" used)", g.index)
+            if THERMAL.index(thermal) >= 1 and THERMAL.index(thermal) > THERMAL.index(g.thermal_state):
+                self.record(g.node, "Warning", "ThermalState",
+                            f"GPU {g.index} thermal state {thermal} ({r.temperature_c:.0f} C)", g.index)
+        g.memory_pressure, g.thermal_state = pressure, thermal
+        reading = types_pb2.GpuTelemetry()
+        reading.CopyFrom(r)
+        reading.memory_pressure = PRESSURE_ENUM[pressure]
+        reading.thermal_state = THERMAL_ENUM[thermal]
+        reading.health = HEALTH_ENUM[g.health]
+        reading.health_reason = g.telemetry.health_reason if g.telemetry is not None and g.health != "healthy" else ""
+        if not reading.HasField("at"):
+            reading.at.CopyFrom(_ts(self.clock()))
+        g.telemetry = reading
+
+    async def _xid(self, g: GpuState, code: int) -> None:
+        if code in self.policy.xid_nonfatal:
+            self.record(g.node, "Normal", "XidError", f"GPU {g.index}: XID {code} (non-fatal by policy)", g.index)
+            return
+        self.record(g.node, "Warning", "XidError", f"GPU {g.index}: XID {code}", g.index)
+        self.last_fatal[(g.node, g.index)] = self.clock()
+        if g.health == "healthy":
+            await self._set_health(g, "unhealthy", f"XID {code}")
+
+    async def _set_health(self, g: GpuState, health: str, reason: str) -> None:
+        if g.health == health:
+            return
+        now = self.clock()
+        if health != "healthy":
+            self.last_fatal.setdefault((g.node, g.index), now)
+            self.last_fatal[(g.node, g.index)] = max(self.last_fatal[(g.node, g.index)], now)
+        old, g.health = g.health, health
+        rec = types_pb2.GpuTelemetry(index=g.index, health=HEALTH_ENUM[health], health_reason=reason, at=_ts(now))
+        if g.telemetry is None:
+            g.telemetry = types_pb2.GpuTelemetry(index=g.index)
+        g.telemetry.health, g.telemetry.health_reason = rec.health, reason
+        await self.ctl.writer.write([Put(keys.gpu_health(g.node, g.index), rec.SerializeToString())])
+        slices = [s for s in self.ctl.fleet.slices_on(g.node) if s.gpu_index == g.index]
+        ids = ", ".join(s.id for s in slices) or "none"
+        if health == "healthy":
+            self.last_fatal.pop((g.node, g.index), None)
+            self.record(g.node, "Normal", "GpuRecovered", f"GPU {g.index} healthy again (was {old})", g.index, now)
+            message = ""
+        else:
+            self.record(g.node, "Warning", "GpuUnhealthy" if health == "unhealthy" else "GpuLost",
+                        f"GPU {g.index} {health}: {reason}; takes no new slices; slices on it: {ids}", g.index, now)
+            message = f"GPU {health}: {reason}"
+        changed = [self.ctl._update(s, message=message) for s in slices if s.state != T.SLICE_STATE_RELEASING]
+        if changed:
+            await self.ctl.save(changed)
