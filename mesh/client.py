@@ -306,6 +306,10 @@ def node_to_dict(n: types_pb2.Node) -> dict[str, Any]:
             "nics": [{"name": c.name, "kind": c.kind, "rate_gbps": c.rate_gbps,
                       "port_guid": c.port_guid, "gpus": list(c.gpus)} for c in inv.nics],
         },
+        "events": [{"at": timestamp(e, "at"), "type": e.type, "reason": e.reason, "message": e.message,
+                    "gpu": e.gpu_index if e.gpu_index >= 0 else None} for e in n.events],
+        "ib_ports": [{"device": p.device, "port": p.port, "state": p.state, "rate_gbps": p.rate_gbps,
+                      "port_guid": p.port_guid, "link_layer": p.link_layer} for p in n.ib_ports],
     }
 
 
@@ -318,6 +322,33 @@ def gpu_status_to_dict(g: types_pb2.GpuStatus) -> dict[str, Any]:
         "mig_layout": list(g.mig_layout),
         "sharing": isolation_name(g.sharing) if g.sharing else None,
         "node_ready": g.node_ready, "cordoned": g.node_cordoned,
+        **telemetry_to_dict(g.telemetry if g.HasField("telemetry") else None),
+    }
+
+
+def telemetry_to_dict(t: types_pb2.GpuTelemetry | None) -> dict[str, Any]:
+    """The GPU's latest reading and the states the control plane derived (None before any reading)."""
+    def state(enum_type, value, prefix):
+        return enum_name(enum_type, value, prefix) if value else None
+    if t is None:
+        t = types_pb2.GpuTelemetry()
+    seen = t.HasField("at")
+    return {
+        "utilization": t.utilization_pct if seen else None,
+        "memory_used_bytes": t.memory_used_bytes if seen else None,
+        "temperature_c": t.temperature_c if seen else None,
+        "power_w": t.power_w if seen else None,
+        "power_limit_w": t.power_limit_w if seen else None,
+        "sm_clock_mhz": t.sm_clock_mhz if seen else None,
+        "throttle_reasons": list(t.throttle_reasons),
+        "ecc_uncorrected": t.ecc_uncorrected if seen else None,
+        "nvlinks_active": sum(1 for link in t.nvlinks if link.active) if t.nvlinks else None,
+        "numa_node": t.numa_node if seen else None,
+        "memory_pressure": state(types_pb2.MemoryPressure, t.memory_pressure, "MEMORY_PRESSURE_"),
+        "thermal_state": state(types_pb2.ThermalState, t.thermal_state, "THERMAL_STATE_"),
+        "health": state(types_pb2.GpuHealth, t.health, "GPU_HEALTH_"),
+        "health_reason": t.health_reason or None,
+        "telemetry_at": timestamp(t, "at") if seen else None,
     }
 
 

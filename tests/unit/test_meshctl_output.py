@@ -128,10 +128,30 @@ def test_node_and_gpu_tables():
     assert cells[2][1] == "Ready,SchedulingDisabled"
     gpus = output.format_list("gpus", [gpu_status(True, True)], "table", now=NOW)
     lines, cells = table_lines(gpus)
-    assert cells[0] == ["NODE", "INDEX", "MODEL", "MIG", "MEMORY", "COMPUTE", "SLICES", "SHARING"]
+    assert cells[0] == ["NODE", "INDEX", "MODEL", "MIG", "MEMORY", "COMPUTE", "SLICES", "SHARING", "HEALTH"]
     assert re.split(r"\s{3,}", lines[1])[3] == "enabled (pending disable)"
     assert "50GiB/80GiB" in lines[1] and "0.57" in lines[1]
     assert "3g.40gb@4,1g.10gb@0" in output.format_list("gpus", [gpu_status()], "wide")
+
+
+def test_gpu_telemetry_in_json_and_wide():
+    from gpumesh.v1 import types_pb2
+    g = gpu_status()
+    g.telemetry.CopyFrom(types_pb2.GpuTelemetry(
+        index=0, utilization_pct=87.5, memory_used_bytes=60 << 30, memory_total_bytes=80 << 30, temperature_c=83,
+        power_w=612, throttle_reasons=["sw_thermal"], memory_pressure=types_pb2.MEMORY_PRESSURE_CRITICAL,
+        thermal_state=types_pb2.THERMAL_STATE_THROTTLING, health=types_pb2.GPU_HEALTH_HEALTHY))
+    g.telemetry.at.FromSeconds(1_800_000_000)
+    item = json.loads(output.format_list("gpus", [g], "json"))["items"][0]
+    for key in ("node", "index", "uuid", "model", "mig_mode", "utilization", "memory_used_bytes",
+                "memory_total_bytes", "temperature_c", "power_w", "memory_pressure", "thermal_state", "health"):
+        assert key in item, key
+    assert (item["memory_pressure"], item["thermal_state"], item["health"]) == ("critical", "throttling", "healthy")
+    assert item["utilization"] == 87.5 and item["memory_used_bytes"] == 60 << 30
+    wide = output.format_list("gpus", [g], "wide")
+    assert "88%" in wide and "83C" in wide and "612W" in wide and "sw_thermal" in wide and "critical" in wide
+    empty = json.loads(output.format_list("gpus", [gpu_status()], "json"))["items"][0]
+    assert empty["utilization"] is None and empty["health"] is None
 
 
 def test_empty_list_says_so():

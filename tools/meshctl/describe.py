@@ -74,6 +74,15 @@ def format_node(doc: dict) -> str:
     slice_cols = [c for c in output.slice_columns() if c[0] not in ("NODE", "MESSAGE")]
     text += f"Slices on {doc['name']}:\n" + _indent(
         output.table_of(doc["slice_list"], slice_cols, wide=False) if doc["slice_list"] else "<none>")
+    if doc.get("ib_ports"):
+        text += "InfiniBand ports:\n" + _indent(output.render_table(
+            ["device", "port", "state", "rate", "link layer", "guid"],
+            [[p["device"], p["port"], p["state"], f"{p['rate_gbps']:g}Gb/s", p["link_layer"], p["port_guid"]]
+             for p in doc["ib_ports"]]))
+    text += "Events:\n" + _indent(output.render_table(
+        ["at", "type", "reason", "gpu", "message"],
+        [[e["at"], e["type"], e["reason"], "-" if e["gpu"] is None else e["gpu"], e["message"]]
+         for e in doc.get("events", [])[-20:]]) if doc.get("events") else "<none>")
     return text
 
 
