@@ -21,6 +21,8 @@ class AgentConfig:
     state_dir: str = option("/var/lib/gpumesh-agent", "directory for agent state (simulated device state, MPS pipes)")
     metrics_listen: str = option("", "Prometheus /metrics address HOST:PORT; empty disables it")
     reconnect_max_seconds: float = option(5.0, "longest wait between reconnect attempts", minimum=0.1, maximum=300)
+    telemetry_interval_seconds: float = option(5.0, "how often the agent sends GPU, slice and InfiniBand telemetry",
+                                               minimum=0.1, maximum=3600)
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = option("json", "log line format", choices=("json", "text"))
 

@@ -13,6 +13,28 @@ YAML shape (every key but ``gpus`` is optional; unknown keys are errors)::
     nics:
       - {name: mlx5_0, kind: infiniband, rate_gbps: 400, gpus: [0, 1],
          port_guid: "0x0c42a10300a1b2c3"}           # port_guid optional
+    cpus: 128                      # host CPUs, for GPU CPU affinity; default 64
+
+Every GPU entry may also say, for the simulated telemetry and faults::
+
+      - model: H100-80GB
+        count: 4
+        numa_node: 1               # default: GPUs split evenly over two NUMA nodes
+        thermal:                   # the telemetry model (all keys optional)
+          ambient_c: 30            # temperature of an unpowered GPU
+          full_load_c: 70          # steady temperature at full power (TDP)
+          time_constant_s: 30      # first-order lag of temperature behind power
+          throttle_c: 83           # SW thermal slowdown from here (clocks drop)
+          slowdown_c: 88           # HW slowdown from here (clocks halve)
+          shutdown_c: 92           # reported shutdown threshold
+          idle_power_w: 70         # default: 10% of TDP
+          power_limit_w: 700       # enforced power limit; default: TDP
+        faults:                    # conditions for tests and demos (all optional)
+          lost: true               # fallen off the bus from the start
+          extra_heat_c: 20         # poor cooling: added to the steady temperature
+          xids: [79, {code: 31, after_s: 10}]   # raised that long after the simulator starts
+          ecc_corrected: 0         # starting ECC error counts
+          ecc_uncorrected: 0
 
 ``model`` accepts any name ``mesh.gpumodels.get_model`` knows; ``mig``
 defaults to true on MIG-capable models and must be false on the others.
@@ -34,7 +56,37 @@ from mesh.gpumodels import get_model, model_names
 NIC_KINDS = ("infiniband", "ethernet")
 DEFAULT_DRIVER_VERSION = "550.54.15"
 DEFAULT_CUDA_VERSION = "12.4"
+DEFAULT_CPUS = 64
 _NIC_RATE = {"A100-40GB": 200, "A100-80GB": 200, "H100-80GB": 400, "H200-141GB": 400, "V100-32GB": 100}
+
+
+@dataclass(frozen=True)
+class ThermalSpec:
+    """The simulated telemetry model of one GPU (see ``nodeagent.nvml.simtelemetry``)."""
+
+    ambient_c: float = 30.0
+    full_load_c: float = 70.0
+    time_constant_s: float = 30.0
+    throttle_c: float = 83.0
+    slowdown_c: float = 88.0
+    shutdown_c: float = 92.0
+    idle_power_w: float | None = None  # None: 10% of the model's TDP
+    power_limit_w: float | None = None  # None: the model's TDP
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Faults a GPU has by description (run-time faults live in the state file)."""
+
+    lost: bool = False
+    extra_heat_c: float = 0.0
+    xids: tuple[tuple[int, float], ...] = ()  # (XID code, seconds after the simulator starts)
+    ecc_corrected: int = 0
+    ecc_uncorrected: int = 0
+
+
+THERMAL_KEYS = tuple(ThermalSpec.__dataclass_fields__)
+FAULT_KEYS = tuple(FaultSpec.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +95,9 @@ class GpuSpec:
     model: str  # canonical model name
     mig_enabled: bool
     serial: str | None = None  # None: the simulator derives one
+    numa_node: int | None = None  # None: the simulator splits the GPUs over two NUMA nodes
+    thermal: ThermalSpec = ThermalSpec()
+    faults: FaultSpec = FaultSpec()
 
 
 @dataclass(frozen=True)
@@ -62,6 +117,7 @@ class HostSpec:
     nics: tuple[NicSpec, ...]
     driver_version: str = DEFAULT_DRIVER_VERSION
     cuda_version: str = DEFAULT_CUDA_VERSION
+    cpus: int = DEFAULT_CPUS
 
 
 def load_host_file(path: str | os.PathLike) -> HostSpec:
@@ -114,12 +170,62 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
             raise fail(field, f"GPU indexes repeat: {value}")
         return tuple(value)
 
-    top = keys(data, "", ("node", "driver_version", "cuda_version", "gpus", "nvlink_domains", "nics"), ("gpus",))
+    def number(obj: dict, key: str, field: str, low: float | None = None, high: float | None = None) -> float:
+        value = typed(obj, key, field, (int, float))
+        if isinstance(value, bool) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise fail(field, f"expected a number in {bounds}, got {value!r}")
+        return float(value)
+
+    def thermal_spec(raw: Any, field: str) -> ThermalSpec:
+        e = keys(raw, field, THERMAL_KEYS)
+        values = {}
+        for k in e:
+            low = 1e-3 if k in ("time_constant_s", "power_limit_w") else 0.0 if k == "idle_power_w" else -50.0
+            values[k] = number(e, k, f"{field}.{k}", low, 10_000 if k.endswith("_w") else 200)
+        t = ThermalSpec(**values)
+        if not t.throttle_c <= t.slowdown_c <= t.shutdown_c:
+            raise fail(field, f"expected throttle_c <= slowdown_c <= shutdown_c, got "
+                              f"{t.throttle_c}, {t.slowdown_c}, {t.shutdown_c}")
+        if t.full_load_c < t.ambient_c:
+            raise fail(f"{field}.full_load_c", f"expected at least ambient_c ({t.ambient_c}), got {t.full_load_c}")
+        return t
+
+    def fault_spec(raw: Any, field: str) -> FaultSpec:
+        e = keys(raw, field, FAULT_KEYS)
+        xids = []
+        raw_xids = e.get("xids", [])
+        if not isinstance(raw_xids, list):
+            raise fail(f"{field}.xids", f"expected a list of XID codes or {{code, after_s}} mappings, got {raw_xids!r}")
+        for k, x in enumerate(raw_xids):
+            xf = f"{field}.xids[{k}]"
+            if isinstance(x, dict):
+                x = keys(x, xf, ("code", "after_s"), ("code",))
+                code = typed(x, "code", f"{xf}.code", int)
+                after = number(x, "after_s", f"{xf}.after_s", 0.0) if "after_s" in x else 0.0
+            else:
+                code, after = typed({"code": x}, "code", xf, int), 0.0
+            if not 1 <= code <= 1000:
+                raise fail(xf, f"expected an XID code 1..1000, got {code}")
+            xids.append((code, after))
+        counts = {}
+        for k in ("ecc_corrected", "ecc_uncorrected"):
+            counts[k] = typed(e, k, f"{field}.{k}", int, 0)
+            if counts[k] < 0:
+                raise fail(f"{field}.{k}", f"expected an integer >= 0, got {counts[k]}")
+        heat = number(e, "extra_heat_c", f"{field}.extra_heat_c", -100.0, 200.0) if "extra_heat_c" in e else 0.0
+        return FaultSpec(typed(e, "lost", f"{field}.lost", bool, False), heat, tuple(xids), **counts)
+
+    top = keys(data, "", ("node", "driver_version", "cuda_version", "gpus", "nvlink_domains", "nics", "cpus"),
+               ("gpus",))
     node = typed(top, "node", "node", str)
     driver = str(typed(top, "driver_version", "driver_version", (str, int, float), DEFAULT_DRIVER_VERSION))
     cuda = str(typed(top, "cuda_version", "cuda_version", (str, int, float), DEFAULT_CUDA_VERSION))
     if len(cuda.split(".")) != 2 or not all(p.isdigit() for p in cuda.split(".")):
         raise fail("cuda_version", f"expected MAJOR.MINOR such as 12.4, got {cuda!r}")
+    cpus = typed(top, "cpus", "cpus", int, DEFAULT_CPUS)
+    if not 1 <= cpus <= 65536:
+        raise fail("cpus", f"expected an integer 1..65536, got {cpus}")
     entries = top["gpus"]
     if not isinstance(entries, list) or not entries:
         raise fail("gpus", "expected a non-empty list of GPU entries")
@@ -127,7 +233,8 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
     gpus: dict[int, GpuSpec] = {}
     for i, entry in enumerate(entries):
         field = f"gpus[{i}]"
-        e = keys(entry, field, ("index", "model", "count", "mig", "serial"), ("model",))
+        e = keys(entry, field, ("index", "model", "count", "mig", "serial", "numa_node", "thermal", "faults"),
+                 ("model",))
         try:
             model = get_model(typed(e, "model", f"{field}.model", str))
         except KeyError:
@@ -137,6 +244,11 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
             mig_models = ", ".join(n for n in model_names() if get_model(n).mig_capable)
             raise fail(f"{field}.mig", f"{model.name} is not MIG-capable; MIG-capable models: {mig_models}")
         serial = typed(e, "serial", f"{field}.serial", str)
+        numa = typed(e, "numa_node", f"{field}.numa_node", int)
+        if numa is not None and not 0 <= numa < 64:
+            raise fail(f"{field}.numa_node", f"expected a NUMA node 0..63, got {numa}")
+        thermal = thermal_spec(e["thermal"], f"{field}.thermal") if "thermal" in e else ThermalSpec()
+        faults = fault_spec(e["faults"], f"{field}.faults") if "faults" in e else FaultSpec()
         if "index" in e and "count" in e:
             raise fail(field, "give either index (one GPU) or count (a run), not both")
         if "count" in e:
@@ -152,7 +264,7 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
         for idx in indexes:
             if idx in gpus:
                 raise fail(field, f"GPU index {idx} is given twice")
-            gpus[idx] = GpuSpec(idx, model.name, mig, serial)
+            gpus[idx] = GpuSpec(idx, model.name, mig, serial, numa, thermal, faults)
     n = len(gpus)
     if sorted(gpus) != list(range(n)):
         raise fail("gpus", f"GPU indexes must be 0..{n - 1} without gaps, got {sorted(gpus)}")
@@ -192,7 +304,7 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
         guid = typed(e, "port_guid", f"{field}.port_guid", str, None) or _port_guid(node, name)
         nics.append(NicSpec(name, kind, rate, guid, index_list(e.get("gpus", []), f"{field}.gpus", n)))
 
-    return HostSpec(node, tuple(gpus[i] for i in range(n)), tuple(domains), tuple(nics), driver, cuda)
+    return HostSpec(node, tuple(gpus[i] for i in range(n)), tuple(domains), tuple(nics), driver, cuda, cpus)
 
 
 def _port_guid(node: str | None, nic: str) -> str:
@@ -230,20 +342,42 @@ def dump_host(spec: HostSpec) -> dict:
         out["node"] = spec.node
     out["driver_version"] = spec.driver_version
     out["cuda_version"] = spec.cuda_version
+    if spec.cpus != DEFAULT_CPUS:
+        out["cpus"] = spec.cpus
     entries: list[dict[str, Any]] = []
+    prev: GpuSpec | None = None
     for g in spec.gpus:
         last = entries[-1] if entries else None
-        if (g.serial is None and last is not None and "count" in last
-                and last["model"] == g.model and last["mig"] == g.mig_enabled):
+        extra = _gpu_extras(g)
+        if (g.serial is None and last is not None and "count" in last and prev is not None
+                and last["model"] == g.model and last["mig"] == g.mig_enabled and extra == _gpu_extras(prev)):
             last["count"] += 1
         elif g.serial is None:
-            entries.append({"model": g.model, "count": 1, "mig": g.mig_enabled})
+            entries.append({"model": g.model, "count": 1, "mig": g.mig_enabled, **extra})
         else:
-            entries.append({"index": g.index, "model": g.model, "mig": g.mig_enabled, "serial": g.serial})
+            entries.append({"index": g.index, "model": g.model, "mig": g.mig_enabled, "serial": g.serial, **extra})
+        prev = g
     out["gpus"] = entries
     out["nvlink_domains"] = [list(d) for d in spec.nvlink_domains]
     out["nics"] = [
         {"name": n.name, "kind": n.kind, "rate_gbps": n.rate_gbps, "port_guid": n.port_guid, "gpus": list(n.gpus)}
         for n in spec.nics
     ]
+    return out
+
+
+def _gpu_extras(g: GpuSpec) -> dict[str, Any]:
+    """The optional keys of a GPU entry that differ from their defaults."""
+    out: dict[str, Any] = {}
+    if g.numa_node is not None:
+        out["numa_node"] = g.numa_node
+    thermal = {k: v for k, v in vars(g.thermal).items() if v != getattr(ThermalSpec(), k)}
+    if thermal:
+        out["thermal"] = thermal
+    faults: dict[str, Any] = {}
+    for k, v in vars(g.faults).items():
+        if v != getattr(FaultSpec(), k):
+            faults[k] = [{"code": c, "after_s": a} for c, a in v] if k == "xids" else v
+    if faults:
+        out["faults"] = faults
     return out
