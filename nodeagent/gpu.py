@@ -26,6 +26,41 @@ class GpuError(RuntimeError):
         self.nvml_code = nvml_code
 
 
+class GpuInUse(GpuError):
+    """Refused because processes run on the device (NVML_ERROR_IN_USE); `pids` names them
+    (empty when NVML refused without our having seen them)."""
+
+    def __init__(self, message: str, pids: list[int] | tuple[int, ...] = (), nvml_code: int | None = 19) -> None:
+        super().__init__(message, nvml_code)
+        self.pids = list(pids)
+
+
+class GpuNotSupported(GpuError):
+    """The GPU cannot do this (NVML_ERROR_NOT_SUPPORTED), e.g. MIG on a non-MIG GPU or MIG disabled."""
+
+
+class GpuInsufficientResources(GpuError):
+    """The placement is taken or the GPU is full (NVML_ERROR_INSUFFICIENT_RESOURCES)."""
+
+
+# NVML return codes (pynvml.NVML_ERROR_*) with a typed subclass.
+_TYPED = {3: GpuNotSupported, 19: GpuInUse, 23: GpuInsufficientResources}
+NVML_SUCCESS = 0
+NVML_ERROR_RESET_REQUIRED = 16
+
+
+@dataclass(frozen=True)
+class MigMode:
+    """MIG mode of one GPU: what is in effect now, and what takes effect at the next reset."""
+
+    current: bool
+    pending: bool
+
+    @property
+    def reset_needed(self) -> bool:
+        return self.current != self.pending
+
+
 @dataclass(frozen=True)
 class MigInstance:
     gpu_index: int
@@ -55,10 +90,11 @@ class NvmlGpus:
         self.nvml = nvml
         self.models: dict[int, gpumodels.GpuModel | None] = {}
         self.uuids: dict[int, str] = {}
+        self.memory: dict[int, int] = {}   # GPU index -> total memory in bytes
 
     def _err(self, what: str, e: Exception) -> GpuError:
         code = getattr(e, "value", None)
-        return GpuError(f"{what}: {e}", code)
+        return _TYPED.get(code, GpuError)(f"{what}: {e}", nvml_code=code)
 
     def init(self) -> None:
         self.nvml.nvmlInit()
@@ -84,6 +120,7 @@ class NvmlGpus:
             self.models[i] = model
             uuid = _text(n.nvmlDeviceGetUUID(h))
             self.uuids[i] = uuid
+            self.memory[i] = int(n.nvmlDeviceGetMemoryInfo(h).total)
             g = types_pb2.Gpu(index=i, uuid=uuid, model=model.name if model else name, product_name=name,
                               memory_bytes=int(n.nvmlDeviceGetMemoryInfo(h).total), nvlink_domain=-1)
             try:
@@ -195,6 +232,10 @@ class NvmlGpus:
             return
         except n.NVMLError as e:
             raise self._err(f"finding GPU instance {gi_id} on GPU {index}", e) from e
+        pids = self.mig_pids(index, gi_id)
+        if pids:
+            raise GpuInUse(f"GPU instance {gi_id} on GPU {index} is in use by process(es) "
+                           f"{', '.join(map(str, pids))}", pids)
         try:
             p = model.profile_by_id(n.nvmlGpuInstanceGetInfo(gi).profileId)
             for ci in self._compute_instances(gi, p):
@@ -202,3 +243,65 @@ class NvmlGpus:
             n.nvmlGpuInstanceDestroy(gi)
         except n.NVMLError as e:
             raise self._err(f"destroying GPU instance {gi_id} on GPU {index}", e) from e
+
+    # -- processes ----------------------------------------------------------------------
+
+    def _pids_of(self, handle) -> list[int]:
+        n = self.nvml
+        return sorted({int(p.pid) for p in n.nvmlDeviceGetComputeRunningProcesses(handle)})
+
+    def mig_pids(self, index: int, gi_id: int) -> list[int]:
+        """PIDs of the compute processes on the MIG devices of GPU instance `gi_id` (queried on
+        each MIG device handle, as NVML reports processes per compute instance)."""
+        n = self.nvml
+        h = self.handle(index)
+        pids: set[int] = set()
+        try:
+            for i in range(n.nvmlDeviceGetMaxMigDeviceCount(h)):
+                try:
+                    mig = n.nvmlDeviceGetMigDeviceHandleByIndex(h, i)
+                except n.NVMLError_NotFound:
+                    continue
+                if n.nvmlDeviceGetGpuInstanceId(mig) == gi_id:
+                    pids.update(self._pids_of(mig))
+        except n.NVMLError as e:
+            raise self._err(f"listing the processes of GPU instance {gi_id} on GPU {index}", e) from e
+        return sorted(pids)
+
+    def device_pids(self, uuid: str) -> list[int]:
+        """PIDs of the compute processes on a GPU or MIG device, by UUID."""
+        n = self.nvml
+        try:
+            return self._pids_of(n.nvmlDeviceGetHandleByUUID(uuid))
+        except n.NVMLError as e:
+            raise self._err(f"listing the processes of {uuid}", e) from e
+
+    # -- MIG mode -----------------------------------------------------------------------
+
+    def mig_mode(self, index: int) -> MigMode:
+        n = self.nvml
+        try:
+            current, pending = n.nvmlDeviceGetMigMode(self.handle(index))
+        except n.NVMLError as e:
+            raise self._err(f"reading the MIG mode of GPU {index}", e) from e
+        return MigMode(current == n.NVML_DEVICE_MIG_ENABLE, pending == n.NVML_DEVICE_MIG_ENABLE)
+
+    def set_mig_mode(self, index: int, enabled: bool) -> MigMode:
+        """Ask NVML for MIG mode `enabled`; never resets the GPU. The answer's `reset_needed`
+        says whether the mode is only pending (it takes effect at the next GPU reset or reboot)."""
+        n = self.nvml
+        h = self.handle(index)
+        mode = n.NVML_DEVICE_MIG_ENABLE if enabled else n.NVML_DEVICE_MIG_DISABLE
+        try:
+            status = n.nvmlDeviceSetMigMode(h, mode)
+        except n.NVMLError_ResetRequired:
+            status = NVML_ERROR_RESET_REQUIRED
+        except n.NVMLError_InUse as e:
+            raise GpuInUse(f"setting MIG mode {'enabled' if enabled else 'disabled'} on GPU {index}: {e} "
+                           f"(MIG instances or processes exist)") from e
+        except n.NVMLError as e:
+            raise self._err(f"setting MIG mode {'enabled' if enabled else 'disabled'} on GPU {index}", e) from e
+        mode_now = self.mig_mode(index)
+        if status not in (NVML_SUCCESS, NVML_ERROR_RESET_REQUIRED, None):
+            logger.warning("unexpected MIG activation status %s on GPU %s", status, index)
+        return mode_now

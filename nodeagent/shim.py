@@ -1,0 +1,69 @@
+"""The supervisor between the agent and a workload process.
+
+    python nodeagent/shim.py --pid-file W.pid --exit-file W.exit --log-file W.log -- CMD ARGS...
+
+It starts CMD (stdout and stderr appended to the log file, its environment
+its own), writes CMD's pid, waits for it and writes its exit status, so the
+status survives an agent that restarts or dies meanwhile. The agent starts the
+shim in a session of its own; stopping a workload signals that whole process
+group. The shim outlives SIGTERM/SIGINT/SIGHUP (its child gets them through the
+group) so it can record how the child ended; SIGKILL of the group ends both and
+leaves no exit file, which the agent reads as "killed".
+
+Standard library only: it runs by path, before anything of the package is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _write(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpumesh-shim")
+    parser.add_argument("--pid-file", required=True)
+    parser.add_argument("--exit-file", required=True)
+    parser.add_argument("--log-file", required=True)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        parser.error("no command after --")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)   # a handler, not SIG_IGN: the child gets default dispositions
+    with open(args.log_file, "ab", buffering=0) as log:
+        try:
+            child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        except OSError as e:
+            log.write(f"gpumesh: cannot start {cmd[0]!r}: {e.strerror}\n".encode())
+            _write(args.exit_file, {"exit_code": 127, "signal": 0, "finished_at": time.time(),
+                                    "error": f"cannot start {cmd[0]!r}: {e.strerror}"})
+            return 127
+        _write(args.pid_file, {"pid": child.pid, "started_at": time.time()})
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except InterruptedError:
+                continue
+    doc = {"exit_code": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else 0, "finished_at": time.time()}
+    _write(args.exit_file, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
