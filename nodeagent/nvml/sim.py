@@ -15,6 +15,12 @@ process sees the same MIG mode and instances. pynvml calls the simulator does
 not implement raise FUNCTION_NOT_FOUND. ``SimNvml`` instances are
 independent simulators with the same attributes as this module (for many
 simulated hosts in one process). Sim-only helpers start with ``sim_``.
+
+Telemetry (utilization, memory, power, temperature, clocks, throttle reasons,
+ECC, NUMA/CPU affinity) follows the model in ``simtelemetry``, a function of
+the state file and the time (``SimNvml(..., clock=)`` injects the time);
+faults (XIDs through the event API, lost GPUs, heat) are in ``simfaults``;
+``python -m nodeagent.nvml.simctl`` drives both from outside.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import inspect
 import os
 import socket
 import threading
+import time
 import types
 from typing import Any, Callable
 
@@ -31,9 +38,11 @@ import pynvml as _n
 
 from mesh.gpumodels import GpuModel, get_model
 from nodeagent.hostfile import HostSpec, load_host_file
+from nodeagent.nvml.simfaults import FaultApi
 from nodeagent.nvml.simmig import CI_SLICES, MigApi, err
 from nodeagent.nvml.simstate import (DeviceHandle, GpuInstanceHandle, MigDeviceHandle, SimHelpers, StateStore,
                                      from_pointer, gpu_uuid, mig_uuid)
+from nodeagent.nvml.simtelemetry import GpuModelTelemetry, TelemetryApi
 
 _HELPERS = {"nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct", "nvmlExceptionClass"}
 
@@ -75,14 +84,17 @@ _COMPUTE_CAP = {"A100-40GB": (8, 0), "A100-80GB": (8, 0), "H100-80GB": (9, 0), "
 _NA_UINT = _n.NVML_VALUE_NOT_AVAILABLE_uint.value
 
 
-class SimNvml(MigApi, SimHelpers):
-    """One simulated host's NVML; attribute-compatible with the pynvml module."""
+class SimNvml(MigApi, TelemetryApi, FaultApi, SimHelpers):
+    """One simulated host's NVML; attribute-compatible with the pynvml module.
+    ``clock`` gives the time in seconds since the epoch (default ``time.time``)."""
 
     def __init__(self, host_file: str | os.PathLike | HostSpec | None = None,
-                 state_file: str | os.PathLike | None = None):
+                 state_file: str | os.PathLike | None = None, clock: Callable[[], float] | None = None):
         self._store: StateStore | None = None
         self._refcount = 0
         self._lock = threading.Lock()
+        self._clock = clock or time.time
+        self._init_events()
         if host_file is not None and state_file is not None:
             self.configure(host_file, state_file)
 
@@ -100,9 +112,11 @@ class SimNvml(MigApi, SimHelpers):
         self._models: list[GpuModel] = [get_model(g.model) for g in host.gpus]
         self._uuids = [gpu_uuid(node, g.index) for g in host.gpus]
         self._handles = [DeviceHandle(g.index) for g in host.gpus]
+        self._gpu_models = [GpuModelTelemetry(m, g) for m, g in zip(self._models, host.gpus)]
+        self._started = self._clock()
         if self._store is not None:
             self._store.close()
-        self._store = StateStore(state_file, host)
+        self._store = StateStore(state_file, host, before_mutate=self._anchor_temperatures)
 
     # -- internals shared with MigApi
 
@@ -126,9 +140,15 @@ class SimNvml(MigApi, SimHelpers):
         if self._refcount <= 0:
             raise err(_n.NVML_ERROR_UNINITIALIZED)
         h = obj if isinstance(obj, kind) else from_pointer(obj) if obj is not None else None
-        if not isinstance(h, kind) or not 0 <= getattr(h, "gpu", getattr(h, "index", -1)) < len(self._models):
+        idx = getattr(h, "gpu", getattr(h, "index", -1))
+        if not isinstance(h, kind) or not 0 <= idx < len(self._models):
             raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        self._check_lost(idx)
         return h
+
+    def _check_lost(self, idx: int, state: dict | None = None) -> None:
+        if self._is_lost(state or self._store.read(), idx):
+            raise err(_n.NVML_ERROR_GPU_IS_LOST)
 
     def _any_handle(self, obj: Any) -> DeviceHandle | MigDeviceHandle:
         h = obj if isinstance(obj, (DeviceHandle, MigDeviceHandle)) else from_pointer(obj)
@@ -208,20 +228,23 @@ class SimNvml(MigApi, SimHelpers):
         return len(self._models)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> DeviceHandle:
-        self._read()
+        state = self._read()
         if not 0 <= index < len(self._models):
             raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
+        self._check_lost(index, state)
         return self._handles[index]
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> DeviceHandle | MigDeviceHandle:
         state = self._read()
         text = uuid.decode() if isinstance(uuid, bytes) else uuid
         if text in self._uuids:
+            self._check_lost(self._uuids.index(text), state)
             return self._handles[self._uuids.index(text)]
         for idx, gpu in enumerate(state["gpus"]):
             for gi in gpu["gis"]:
                 for ci in gi["cis"]:
                     if mig_uuid(self._uuids[idx], gi["id"], ci["id"]) == text:
+                        self._check_lost(idx, state)
                         return MigDeviceHandle(idx, ci["uid"])
         raise err(_n.NVML_ERROR_NOT_FOUND)
 
@@ -230,6 +253,7 @@ class SimNvml(MigApi, SimHelpers):
         text = serial.decode() if isinstance(serial, bytes) else serial
         for idx in range(len(self._models)):
             if self._serial(idx) == text:
+                self._check_lost(idx)
                 return self._handles[idx]
         raise err(_n.NVML_ERROR_NOT_FOUND)
 
@@ -238,6 +262,7 @@ class SimNvml(MigApi, SimHelpers):
         text = (pciBusId.decode() if isinstance(pciBusId, bytes) else pciBusId).upper()
         for idx in range(len(self._models)):
             if self._bus_id(idx) in (text, "0000" + text):
+                self._check_lost(idx)
                 return self._handles[idx]
         raise err(_n.NVML_ERROR_NOT_FOUND)
 
@@ -292,7 +317,7 @@ class SimNvml(MigApi, SimHelpers):
         h = self._any_handle(handle)
         return _COMPUTE_CAP[self._models[h.index if isinstance(h, DeviceHandle) else h.gpu].name]
 
-    # -- memory, processes, telemetry
+    # -- memory, processes (the rest of telemetry: simtelemetry)
 
     def _procs(self, h: DeviceHandle | MigDeviceHandle) -> tuple[list[dict], int]:
         """Processes visible on the handle, and its memory size in bytes."""
@@ -304,8 +329,13 @@ class SimNvml(MigApi, SimHelpers):
         return [p for p in gpu["processes"] if p["gi"] == gi["id"]], mem
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
-        procs, total = self._procs(self._any_handle(handle))
-        used = min(total, sum(p["used_memory"] for p in procs))
+        h = self._any_handle(handle)
+        if isinstance(h, DeviceHandle):  # processes plus declared load
+            total = self._models[h.index].memory_mib * 2**20
+            used = self._gpu_models[h.index].load(self._read()["gpus"][h.index])[1]
+        else:
+            procs, total = self._procs(h)
+            used = min(total, sum(p["used_memory"] for p in procs))
         mem = _n.c_nvmlMemory_v2_t() if version else _n.c_nvmlMemory_t()
         if version:
             mem.version, mem.reserved = version, 0
@@ -327,36 +357,6 @@ class SimNvml(MigApi, SimHelpers):
 
     nvmlDeviceGetComputeRunningProcesses_v2 = nvmlDeviceGetComputeRunningProcesses
     nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
-
-    def _telemetry(self, handle: Any) -> tuple[dict, GpuModel]:
-        idx = self._whole(handle)
-        gpu = self._read()["gpus"][idx]
-        model = self._models[idx]
-        n = len(gpu["processes"])
-        util = min(100, 35 * n)
-        t = {"utilization_gpu": util, "utilization_memory": min(100, 20 * n),
-             "temperature_c": 32 + util * 45 // 100, "power_w": round(model.tdp_w * (0.12 + 0.8 * util / 100))}
-        t.update(gpu.get("telemetry", {}))
-        return t, model
-
-    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
-        t, _ = self._telemetry(handle)
-        return _n.c_nvmlUtilization_t(int(t["utilization_gpu"]), int(t["utilization_memory"]))
-
-    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
-        t, _ = self._telemetry(handle)
-        if sensor != _n.NVML_TEMPERATURE_GPU:
-            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-        return int(t["temperature_c"])
-
-    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
-        t, _ = self._telemetry(handle)
-        return int(t["power_w"] * 1000)
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
-        return self._telemetry(handle)[1].tdp_w * 1000
-
-    nvmlDeviceGetPowerManagementLimit = nvmlDeviceGetEnforcedPowerLimit
 
     # -- NVLink
 

@@ -16,9 +16,16 @@ State layout::
      "gpus": [{"mig_current": 1, "mig_pending": 1, "next_uid": 5, "telemetry": {},
                "gis": [{"id": 1, "profile_id": 19, "start": 0, "uid": 3,
                         "cis": [{"id": 0, "profile_id": 0, "start": 0, "uid": 4}]}],
-               "processes": [{"pid": 42, "used_memory": 1048576, "gi": 1, "ci": 0}]}]}
+               "processes": [{"pid": 42, "used_memory": 1048576, "gi": 1, "ci": 0, "util": 80}],
+               "load": {"util": 30.0, "memory_used": 1073741824},
+               "thermal": {"at": 1718000000.5, "temp_c": 41.2},
+               "lost": false, "ecc": {"corrected": 0, "uncorrected": 0}, "event_seq": 1,
+               "events": [{"seq": 1, "type": 8, "data": 79, "at": 1718000000.5, "gi": null, "ci": null}]}]}
 
 ``gi``/``ci`` of a process are null for a process on a whole (non-MIG) GPU.
+``telemetry`` holds pins (TELEMETRY_KEYS). Every key after ``processes`` is
+optional (older state files lack them); ``simtelemetry`` and ``simfaults``
+explain them. ``thermal`` is rewritten before every change (``before_mutate``).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import pynvml as _n
 from nodeagent.hostfile import HostSpec
 
 STATE_VERSION = 1
-TELEMETRY_KEYS = ("utilization_gpu", "utilization_memory", "temperature_c", "power_w")
+TELEMETRY_KEYS = ("utilization_gpu", "utilization_memory", "temperature_c", "power_w", "extra_heat_c")
 _NAMESPACE = uuid.UUID("5f1b7c0e-3a52-4d8e-9c1e-6a7e2b9d0c41")
 T = TypeVar("T")
 
@@ -66,9 +73,11 @@ def initial_state(host: HostSpec) -> dict[str, Any]:
 class StateStore:
     """The state file of one simulated host: cached reads, locked atomic writes."""
 
-    def __init__(self, path: str | os.PathLike, host: HostSpec):
+    def __init__(self, path: str | os.PathLike, host: HostSpec,
+                 before_mutate: Callable[[dict[str, Any]], None] | None = None):
         self.path = os.fspath(path)
         self.host = host
+        self.before_mutate = before_mutate  # runs on the fresh copy before every change
         self._lock_path = self.path + ".lock"
         self._tlock = threading.RLock()
         self._cache: tuple[tuple[int, int, int] | None, dict[str, Any], str] | None = None
@@ -103,6 +112,8 @@ class StateStore:
                 state = json.loads(cache[2])
             else:
                 state, _ = self._load(key)
+            if self.before_mutate is not None:
+                self.before_mutate(state)
             result = fn(state)
             state["generation"] = state.get("generation", 0) + 1
             raw = json.dumps(state, separators=(",", ":"))
@@ -186,16 +197,23 @@ class ComputeInstanceHandle:
     uid: int
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class EventSetHandle:
+    index: int  # the event set's number within its SimNvml
+
+
 # Handles written into ctypes out-arrays and info structs become fake
 # pointers: tag << 56 | gpu << 40 | uid. They are never dereferenced.
-_TAGS = {DeviceHandle: 0x50, GpuInstanceHandle: 0x51, ComputeInstanceHandle: 0x52, MigDeviceHandle: 0x53}
+_TAGS = {DeviceHandle: 0x50, GpuInstanceHandle: 0x51, ComputeInstanceHandle: 0x52, MigDeviceHandle: 0x53,
+         EventSetHandle: 0x54}
+_INDEXED = (DeviceHandle, EventSetHandle)
 _BY_TAG = {v: k for k, v in _TAGS.items()}
 
 
 def to_pointer(handle: Any, ptr_type: Any) -> Any:
     """Encode a sim handle as a ctypes pointer of ``ptr_type``."""
-    second = handle.index if isinstance(handle, DeviceHandle) else handle.uid if hasattr(handle, "uid") else handle.ci_uid
-    gpu = 0 if isinstance(handle, DeviceHandle) else handle.gpu
+    second = handle.index if isinstance(handle, _INDEXED) else handle.uid if hasattr(handle, "uid") else handle.ci_uid
+    gpu = 0 if isinstance(handle, _INDEXED) else handle.gpu
     addr = (_TAGS[type(handle)] << 56) | (gpu << 40) | second
     return ctypes.cast(ctypes.c_void_p(addr), ptr_type)
 
@@ -209,7 +227,7 @@ def from_pointer(ptr: Any) -> Any:
     if not addr or (addr >> 56) not in _BY_TAG:
         return None
     kind, gpu, second = _BY_TAG[addr >> 56], (addr >> 40) & 0xFFFF, addr & ((1 << 40) - 1)
-    return kind(second) if kind is DeviceHandle else kind(gpu, second)
+    return kind(second) if kind in _INDEXED else kind(gpu, second)
 
 
 class SimHelpers:
@@ -266,8 +284,11 @@ class SimHelpers:
                         return idx, gi, ci
         raise ValueError(f"no GPU or MIG device with UUID {uuid!r} on this simulated host")
 
-    def sim_add_process(self, uuid: str, pid: int, used_memory_bytes: int) -> None:
-        """Start a simulated compute process on a GPU or MIG device."""
+    def sim_add_process(self, uuid: str, pid: int, used_memory_bytes: int, util: float | None = None) -> None:
+        """Start a simulated compute process on a GPU or MIG device; ``util`` is the percent of its
+        device it keeps busy (None: simtelemetry.DEFAULT_PROCESS_UTIL)."""
+        if util is not None and not 0 <= util <= 100:
+            raise ValueError(f"util: expected a percentage 0..100, got {util}")
 
         def apply(state: dict) -> None:
             idx, gi, ci = self._locate(state, uuid)
@@ -281,8 +302,10 @@ class SimHelpers:
             limit = (model.memory_mib if gi is None else model.profile_by_id(gi["profile_id"]).memory_mib) * 2**20
             if sum(p["used_memory"] for p in mates) + used_memory_bytes > limit:
                 raise ValueError(f"{used_memory_bytes} bytes do not fit in the free memory of {uuid} ({limit} bytes total)")
-            gpu["processes"].append({"pid": pid, "used_memory": used_memory_bytes,
-                                     "gi": gi and gi["id"], "ci": ci and ci["id"]})
+            proc = {"pid": pid, "used_memory": used_memory_bytes, "gi": gi and gi["id"], "ci": ci and ci["id"]}
+            if util is not None:
+                proc["util"] = float(util)
+            gpu["processes"].append(proc)
 
         self._need_store().mutate(apply)
 
