@@ -26,6 +26,12 @@ VERSION = "gpumesh-agent/0.1.0"
 RETRY_TEARDOWN_S = 2.0
 
 
+def node_event(type_: str, reason: str, message: str, gpu_index: int = -1) -> types_pb2.NodeEvent:
+    ev = types_pb2.NodeEvent(type=type_, reason=reason, message=message, gpu_index=gpu_index)
+    ev.at.GetCurrentTime()
+    return ev
+
+
 class NodeAgent:
     def __init__(self, node: str, endpoint: str, gpus: NvmlGpus, *, mps_root: str,
                  topology: tuple = (), nics: tuple = (), backend: str = "nvml",
@@ -49,6 +55,10 @@ class NodeAgent:
         # async handler(message, outbox), and hooks run when a Sync stream opens: hook(outbox).
         self.handlers: dict = {}
         self.session_hooks: list = []
+        # Run (in a worker thread) once NVML is up, before the first connection: hook().
+        # Labels merged into the inventory (e.g. a declared MIG layout).
+        self.start_hooks: list = []
+        self.labels: dict[str, str] = {}
 
     # -- inventory ----------------------------------------------------------------------
 
@@ -62,6 +72,7 @@ class NodeAgent:
                 if g.index in members:
                     g.nvlink_domain = d
         inv.gpus.extend(gpus)
+        inv.labels.update(self.labels)
         for nic in self.nics:
             inv.nics.add(name=nic.name, kind=nic.kind, rate_gbps=nic.rate_gbps, port_guid=nic.port_guid,
                          gpus=list(nic.gpus))
@@ -71,6 +82,8 @@ class NodeAgent:
 
     async def run(self) -> None:
         await asyncio.to_thread(self.gpus.init)
+        for hook in self.start_hooks:
+            await asyncio.to_thread(hook)
         backoff = 0.2
         while not self.stopping.is_set():
             channel = grpc.aio.insecure_channel(self.endpoint, options=[
@@ -178,6 +191,7 @@ class NodeAgent:
         for sid in d.removals:
             self.desired.pop(sid, None)
             self.realized.pop(sid, None)
+            gpu_index = self.slicer.gpu_of(sid)
             err = await asyncio.to_thread(self.slicer.teardown, sid)
             metrics.OPERATIONS.labels(self.node, "teardown", "ok" if err is None else "refused").inc()
             if err is None:
@@ -187,6 +201,8 @@ class NodeAgent:
                 self.stuck.add(sid)
                 log(logger, logging.WARNING, "release refused by the GPU; will retry", node=self.node,
                     slice=sid, error=err)
+                outbox.put_nowait(node_service_pb2.AgentMessage(event=node_event(
+                    "Warning", "ReleaseBlocked", f"slice {sid} cannot be released yet: {err}", gpu_index)))
         metrics.SLICES.labels(self.node).set(len(self.realized))
         if d.full or report.statuses or report.released:
             outbox.put_nowait(node_service_pb2.AgentMessage(report=report))

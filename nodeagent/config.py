@@ -23,11 +23,26 @@ class AgentConfig:
     reconnect_max_seconds: float = option(5.0, "longest wait between reconnect attempts", minimum=0.1, maximum=300)
     telemetry_interval_seconds: float = option(5.0, "how often the agent sends GPU, slice and InfiniBand telemetry",
                                                minimum=0.1, maximum=3600)
+    mig_mode: str = option("keep", "MIG mode to ask NVML for: keep, enable or disable for every MIG-capable GPU, "
+                           "or INDEXES=MODE pairs (e.g. 0-3=enable,4=disable); a mode that needs a GPU reset is "
+                           "reported as pending, never forced")
+    mig_layout: str = option("", "declared MIG layout: a name for every MIG-capable GPU (all-1g.10gb, all-3g.40gb, "
+                             "balanced, all-disabled, ...: all-<profile> for each profile of the model) or the path "
+                             "of a YAML file with one per GPU index; asserted at start and applied only when it "
+                             "differs; MIG slices then use only the declared instances. Empty: layouts follow slices")
+    workload_stop_grace_seconds: float = option(10.0, "how long a stopped workload gets between SIGTERM and SIGKILL",
+                                                minimum=0, maximum=3600)
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = option("json", "log line format", choices=("json", "text"))
 
     def check(self) -> None:
         parse_hostport(self.control_plane, "control_plane")
+        from nodeagent.layout import LayoutError, load_declaration, parse_modes
+        try:
+            parse_modes(self.mig_mode)
+            load_declaration(self.mig_layout)
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
         if self.gpu_backend == "sim" and not self.sim_host_file:

@@ -315,3 +315,82 @@ def apply_layout(gpus: NvmlGpus, index: int, want: GpuLayout) -> LayoutResult:
 def model_table() -> dict[str, list[str]]:
     """Layout names per MIG-capable model (for docs and error messages)."""
     return {m.name: list(named_layouts(m)) for m in gpumodels.MODELS.values() if m.mig_capable}
+
+
+class NodeMig:
+    """The agent's MIG-mode and declared-layout component.
+
+    At start (NVML up, before the first connection) it builds the plan from the settings, asks
+    NVML for the wanted MIG modes, asserts declared layouts and applies them where the assert
+    fails. It never resets a GPU: a mode that needs a reset stays pending, and every Sync stream
+    that opens while it is pending gets a "MigModePending" NodeEvent (the inventory's
+    `mig_pending` says the same). A declared layout that could not be applied is reported as
+    "MigLayoutNotApplied"; MIG slices are then refused on that GPU until it is.
+    """
+
+    def __init__(self, agent, mig_mode: str = "keep", mig_layout: str = "") -> None:
+        self.agent = agent
+        self.mig_mode = mig_mode
+        self.mig_layout = mig_layout
+        self.plan: MigPlan | None = None
+        self.events: list = []       # one-time events waiting for a stream
+
+    def install(self) -> "NodeMig":
+        self.agent.start_hooks.append(self.start)
+        self.agent.session_hooks.append(self.on_session)
+        return self
+
+    def start(self) -> None:
+        gpus: NvmlGpus = self.agent.gpus
+        gpus.inventory()                       # learn the models
+        self.plan = MigPlan.build(gpus.models, self.mig_mode, self.mig_layout)
+        self.agent.slicer.layout = self.plan if self.plan.layouts else None
+        self.agent.labels.update(self.plan.labels())
+        for index, enabled in sorted(self.plan.modes.items()):
+            want = self.plan.layouts.get(index)
+            if want is not None:
+                res = apply_layout(gpus, index, want)
+                if res.error:
+                    self._event("Warning", "MigLayoutNotApplied",
+                                f"declared MIG layout {want.name!r} of GPU {index} not applied: {res.error}", index)
+                elif res.changed and not res.pending:
+                    logger.info("applied declared MIG layout", extra={"fields": {
+                        "gpu": index, "layout": want.name, "destroyed": res.destroyed, "created": res.created}})
+                continue
+            try:
+                mode = gpus.mig_mode(index)
+                if mode.current != enabled and mode.pending != enabled:
+                    gpus.set_mig_mode(index, enabled)
+            except GpuError as e:
+                self._event("Warning", "MigModeNotSet",
+                            f"cannot set MIG mode {'enabled' if enabled else 'disabled'} on GPU {index}: {e}", index)
+
+    def _event(self, type_: str, reason: str, message: str, index: int) -> None:
+        from nodeagent.agent import node_event
+        logger.warning(message)
+        self.events.append(node_event(type_, reason, message, index))
+
+    def pending_events(self) -> list:
+        """A MigModePending event per GPU whose MIG mode changes at the next reset."""
+        from nodeagent.agent import node_event
+        out = []
+        gpus: NvmlGpus = self.agent.gpus
+        for index, model in sorted(gpus.models.items()):
+            if model is None or not model.mig_capable:
+                continue
+            try:
+                mode = gpus.mig_mode(index)
+            except GpuError:
+                continue
+            if mode.reset_needed:
+                out.append(node_event("Warning", "MigModePending", (
+                    f"MIG mode of GPU {index} is {'enabled' if mode.current else 'disabled'}; "
+                    f"{'enabled' if mode.pending else 'disabled'} takes effect at the next GPU reset or reboot "
+                    f"(the agent never resets a GPU)"), index))
+        return out
+
+    def on_session(self, outbox) -> None:
+        from gpumesh.v1 import node_service_pb2
+        for ev in self.events + self.pending_events():
+            outbox.put_nowait(node_service_pb2.AgentMessage(event=ev))
+        self.events = []

@@ -29,7 +29,7 @@ def build_agents(cfg: AgentConfig):
         nvml = load_nvml("real")
         agents.append(NodeAgent(cfg.default_node_name(), cfg.control_plane, NvmlGpus(nvml), mps_root=mps_root,
                                 backend="nvml", reconnect_max=cfg.reconnect_max_seconds))
-        return agents
+        return install_components(agents, cfg)
     os.makedirs(os.path.join(cfg.state_dir, "sim"), exist_ok=True)
     names = set()
     for path in cfg.sim_host_file:
@@ -46,6 +46,21 @@ def build_agents(cfg: AgentConfig):
                                 topology=host.nvlink_domains, nics=host.nics, backend="sim",
                                 driver_version=host.driver_version, cuda_version=host.cuda_version,
                                 reconnect_max=cfg.reconnect_max_seconds))
+    return install_components(agents, cfg)
+
+
+def install_components(agents, cfg: AgentConfig):
+    """MIG mode and declared layouts, the MPS daemons and the workload runner, per agent."""
+    from nodeagent import mps
+    from nodeagent.layout import NodeMig
+    from nodeagent.workloads import WorkloadRunner
+
+    for agent in agents:
+        daemon = mps.for_backend(cfg.gpu_backend)
+        agent.slicer.mps = daemon
+        NodeMig(agent, cfg.mig_mode, cfg.mig_layout).install()
+        wdir = os.path.join(cfg.state_dir, "workloads", *([agent.node] if cfg.gpu_backend == "sim" else []))
+        WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds).install()
     return agents
 
 
@@ -84,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, ValueError, OSError) as e:
         print(f"mesh-agent: configuration error: {e}", file=sys.stderr)
         return 2
+    from nodeagent.layout import LayoutError
     try:
         asyncio.run(run(agents, cfg.metrics_listen))
     except KeyboardInterrupt:
         pass
+    except LayoutError as e:
+        print(f"mesh-agent: configuration error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

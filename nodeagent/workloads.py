@@ -1,0 +1,395 @@
+"""The workload runner: processes started on this node's slices.
+
+A workload runs under a small supervisor (`nodeagent/shim.py`) in a session
+of its own, with the slice's environment (device UUID in CUDA_VISIBLE_DEVICES,
+MPS limits) plus the workload's own, its output in
+`<dir>/<id>.log`. Each workload's record (`<id>.json`), its process id
+(`<id>.pid`, from the shim) and exit status (`<id>.exit`, from the shim) live
+in the runner's directory, so a restarted agent re-adopts the workloads that
+still run and learns how the others ended. Stop is SIGTERM to the process
+group, then SIGKILL after the grace period.
+
+On the simulated backend the process is registered with the simulated NVML on
+the slice's device (and with the simulated MPS daemon on MPS slices), so NVML
+sees it the way it sees a CUDA process on a real GPU: that is what makes IN_USE
+real there. It is removed when the process ends.
+
+Hooked into the agent through its extension points: ControllerMessage kinds
+"workloads" (WorkloadCommand) and "logs" (LogRequest), and a Sync-open hook
+that sends the full WorkloadStatusReport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from google.protobuf import json_format, timestamp_pb2
+
+from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+W = types_pb2
+SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
+TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
+SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
+CHUNK = 32 << 10
+
+
+def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    if t is None:
+        ts.GetCurrentTime()
+    else:
+        ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _shim_alive(pid: int, marker: str) -> bool:
+    """Whether `pid` is a live shim of this workload (a recycled pid is not)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return False
+    except OSError:
+        return False
+    return b"shim.py" in cmd and marker.encode() in cmd
+
+
+class WorkloadRunner:
+    def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
+                 poll_interval: float = 0.2) -> None:
+        self.agent = agent
+        self.dir = directory
+        self.mps = mps
+        self.stop_grace = stop_grace
+        self.poll_interval = poll_interval
+        self.workloads: dict[str, types_pb2.Workload] = {}
+        self.meta: dict[str, dict] = {}              # id -> shim pid, device, stop request, ...
+        self.popens: dict[str, subprocess.Popen] = {}
+        self.log_tasks: dict[str, asyncio.Task] = {}
+        self.outbox: asyncio.Queue | None = None
+        self.monitor: asyncio.Task | None = None
+        os.makedirs(self.dir, exist_ok=True)
+        self.load()
+
+    def install(self) -> "WorkloadRunner":
+        self.agent.handlers["workloads"] = self.on_command
+        self.agent.handlers["logs"] = self.on_logs
+        self.agent.session_hooks.append(self.on_session)
+        return self
+
+    # -- files --------------------------------------------------------------------------
+
+    def path(self, wid: str, ext: str) -> str:
+        return os.path.join(self.dir, f"{wid}.{ext}")
+
+    def load(self) -> None:
+        """Read every workload record left by a previous agent process."""
+        for name in sorted(os.listdir(self.dir)):
+            if not name.endswith(".json") or name.endswith(".tmp"):
+                continue
+            doc = _read_json(os.path.join(self.dir, name))
+            if not doc or "workload" not in doc:
+                continue
+            w = json_format.ParseDict(doc["workload"], types_pb2.Workload(), ignore_unknown_fields=True)
+            self.workloads[w.id] = w
+            self.meta[w.id] = doc.get("meta", {})
+        if self.workloads:
+            log(logger, logging.INFO, "workload records loaded", node=self.agent.node, count=len(self.workloads),
+                running=sum(1 for w in self.workloads.values() if w.state == W.WORKLOAD_STATE_RUNNING))
+
+    def save(self, wid: str) -> None:
+        doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
+        tmp = self.path(wid, "json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        os.replace(tmp, self.path(wid, "json"))
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def report(self, ws: list[types_pb2.Workload], full: bool = False) -> None:
+        if self.outbox is None or (not ws and not full):
+            return
+        self.outbox.put_nowait(node_service_pb2.AgentMessage(
+            workloads=node_service_pb2.WorkloadStatusReport(full=full, workloads=ws)))
+
+    def on_session(self, outbox: asyncio.Queue) -> None:
+        self.outbox = outbox
+        self.check_all(report=False)
+        self.report(list(self.workloads.values()), full=True)
+        if self.monitor is None or self.monitor.done():
+            self.monitor = asyncio.get_running_loop().create_task(self._monitor(), name=f"workloads-{self.agent.node}")
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def on_command(self, cmd: node_service_pb2.WorkloadCommand, outbox: asyncio.Queue) -> None:
+        self.outbox = outbox
+        changed = []
+        for w in cmd.start:
+            if w.id in self.workloads:
+                continue
+            if w.state not in (W.WORKLOAD_STATE_PENDING, W.WORKLOAD_STATE_UNSPECIFIED):
+                lost = types_pb2.Workload()
+                lost.CopyFrom(w)
+                lost.state = W.WORKLOAD_STATE_FAILED
+                lost.message = "the agent has no record of this workload (its state directory was lost)"
+                lost.finished_at.CopyFrom(_ts())
+                changed.append(lost)
+                continue
+            changed.append(await asyncio.to_thread(self.start, w))
+        if cmd.full:
+            wanted = {w.id for w in cmd.start}
+            for wid, w in list(self.workloads.items()):
+                if w.state == W.WORKLOAD_STATE_RUNNING and wid not in wanted:
+                    self.stop(wid)
+        for wid in cmd.stop:
+            self.stop(wid)
+        self.report(changed)
+
+    def start(self, spec: types_pb2.Workload) -> types_pb2.Workload:
+        w = types_pb2.Workload()
+        w.CopyFrom(spec)
+        w.node = self.agent.node
+        self.workloads[w.id] = w
+        st = self.agent.realized.get(w.slice_id)
+        if st is None or st.state != types_pb2.SLICE_STATE_READY:
+            return self._fail(w, f"slice {w.slice_id} is not ready on node {self.agent.node}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
+        env.update(w.env)
+        env.update(st.env)          # the slice's own environment always wins
+        env["GPUMESH_WORKLOAD_ID"] = w.id
+        argv = [sys.executable, SHIM, "--pid-file", self.path(w.id, "pid"), "--exit-file", self.path(w.id, "exit"),
+                "--log-file", self.path(w.id, "log"), "--", *w.command]
+        try:
+            with open(self.path(w.id, "log"), "ab") as shim_err:
+                p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
+                                     start_new_session=True, cwd=self.dir)
+        except OSError as e:
+            return self._fail(w, f"cannot start the supervisor: {e}")
+        self.popens[w.id] = p
+        meta = {"shim_pid": p.pid, "device_uuid": st.device_uuid,
+                "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
+        self.meta[w.id] = meta
+        deadline = time.monotonic() + 5
+        pid_doc = None
+        while time.monotonic() < deadline:
+            pid_doc = _read_json(self.path(w.id, "pid"))
+            if pid_doc or os.path.exists(self.path(w.id, "exit")) or p.poll() is not None:
+                break
+            time.sleep(0.005)
+        w.state = W.WORKLOAD_STATE_RUNNING
+        w.started_at.CopyFrom(_ts())
+        w.message = ""
+        if pid_doc:
+            w.pid = int(pid_doc["pid"])
+            self._attach(w.id, w.pid)
+        self.save(w.id)
+        log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
+            pid=w.pid, command=" ".join(w.command)[:200])
+        return w
+
+    def _fail(self, w: types_pb2.Workload, why: str) -> types_pb2.Workload:
+        w.state = W.WORKLOAD_STATE_FAILED
+        w.message = why
+        w.finished_at.CopyFrom(_ts())
+        self.save(w.id)
+        log(logger, logging.WARNING, "workload not started", node=self.agent.node, workload=w.id, error=why)
+        return w
+
+    def _attach(self, wid: str, pid: int) -> None:
+        """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
+        meta = self.meta[wid]
+        nvml = self.agent.gpus.nvml
+        if hasattr(nvml, "sim_add_process") and meta.get("device_uuid"):
+            try:
+                nvml.sim_add_process(meta["device_uuid"], pid, SIM_PROCESS_MEMORY)
+                meta["sim_pid"] = pid
+            except ValueError as e:
+                logger.warning("cannot register workload with the simulated NVML: %s", e)
+        if self.mps is not None and meta.get("mps_pipe"):
+            try:
+                self.mps.add_client(meta["mps_pipe"], pid)
+                meta["mps_pid"] = pid
+            except Exception as e:   # noqa: BLE001 - a stand-in failing must not stop the workload
+                logger.warning("cannot attach workload to the MPS daemon: %s", e)
+
+    def _detach(self, wid: str) -> None:
+        meta = self.meta.get(wid, {})
+        nvml = self.agent.gpus.nvml
+        if meta.pop("sim_pid", None) is not None and hasattr(nvml, "sim_remove_process"):
+            try:
+                nvml.sim_remove_process(meta["device_uuid"], self.workloads[wid].pid)
+            except ValueError:
+                pass   # the MIG device is gone already
+        if meta.pop("mps_pid", None) is not None and self.mps is not None:
+            try:
+                self.mps.remove_client(meta["mps_pipe"], self.workloads[wid].pid)
+            except Exception:   # noqa: BLE001
+                pass
+
+    def stop(self, wid: str) -> None:
+        w = self.workloads.get(wid)
+        meta = self.meta.get(wid)
+        if w is None or meta is None or w.state != W.WORKLOAD_STATE_RUNNING or meta.get("stop_at"):
+            return
+        meta["stop_at"] = time.time()
+        self._signal(wid, signal.SIGTERM)
+        self.save(wid)
+        log(logger, logging.INFO, "stopping workload", node=self.agent.node, workload=wid, pid=w.pid)
+
+    def _signal(self, wid: str, sig: int) -> None:
+        pid = self.meta[wid].get("shim_pid")
+        if not pid or not (wid in self.popens or _shim_alive(pid, wid)):
+            return
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- following the processes --------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self.check_all()
+            except Exception:   # noqa: BLE001 - keep following the other workloads
+                logger.exception("workload monitor")
+
+    def check_all(self, report: bool = True) -> None:
+        done = []
+        for wid, w in list(self.workloads.items()):
+            if w.state != W.WORKLOAD_STATE_RUNNING:
+                continue
+            meta = self.meta.setdefault(wid, {})
+            p = self.popens.get(wid)
+            running = p.poll() is None if p is not None else _shim_alive(meta.get("shim_pid", 0), wid)
+            if not w.pid:
+                pid_doc = _read_json(self.path(wid, "pid"))
+                if pid_doc:
+                    w.pid = int(pid_doc["pid"])
+                    self._attach(wid, w.pid)
+                    self.save(wid)
+            if running:
+                if meta.get("stop_at") and time.time() - meta["stop_at"] > self.stop_grace and not meta.get("killed"):
+                    meta["killed"] = True
+                    self._signal(wid, signal.SIGKILL)
+                continue
+            done.append(self._finish(wid))
+        if report:
+            self.report(done)
+
+    def _finish(self, wid: str) -> types_pb2.Workload:
+        w, meta = self.workloads[wid], self.meta[wid]
+        self.popens.pop(wid, None)
+        ex = _read_json(self.path(wid, "exit"))
+        stopped = bool(meta.get("stop_at"))
+        if ex is None:
+            w.exit_code = 128 + signal.SIGKILL
+            w.message = "killed (its supervisor ended without recording the exit status)"
+        else:
+            w.exit_code = int(ex.get("exit_code", 0))
+            sig = int(ex.get("signal", 0))
+            w.message = ex.get("error") or (f"killed by {signal.Signals(sig).name}" if sig else
+                                            f"exited with status {w.exit_code}")
+        if stopped:
+            w.state = W.WORKLOAD_STATE_STOPPED
+            w.message = f"stopped on request; {w.message}"
+        elif ex is not None and w.exit_code == 0 and not ex.get("error"):
+            w.state = W.WORKLOAD_STATE_SUCCEEDED
+        else:
+            w.state = W.WORKLOAD_STATE_FAILED
+        w.finished_at.CopyFrom(_ts(ex["finished_at"]) if ex and ex.get("finished_at") else _ts())
+        self._detach(wid)
+        self.save(wid)
+        log(logger, logging.INFO, "workload ended", node=self.agent.node, workload=wid,
+            state=types_pb2.WorkloadState.Name(w.state), exit_code=w.exit_code)
+        return w
+
+    # -- logs ---------------------------------------------------------------------------
+
+    async def on_logs(self, req: node_service_pb2.LogRequest, outbox: asyncio.Queue) -> None:
+        if req.cancel:
+            task = self.log_tasks.pop(req.request_id, None)
+            if task is not None:
+                task.cancel()
+            return
+        task = asyncio.get_running_loop().create_task(self._stream_log(req, outbox))
+        self.log_tasks[req.request_id] = task
+        task.add_done_callback(lambda _t, rid=req.request_id: self.log_tasks.pop(rid, None))
+
+    async def _stream_log(self, req: node_service_pb2.LogRequest, outbox: asyncio.Queue) -> None:
+        def chunk(data: bytes = b"", eof: bool = False, error: str = "") -> None:
+            outbox.put_nowait(node_service_pb2.AgentMessage(log=node_service_pb2.LogChunk(
+                request_id=req.request_id, data=data, eof=eof, error=error)))
+
+        if req.workload_id not in self.workloads:
+            chunk(eof=True, error=f"no workload {req.workload_id!r} on node {self.agent.node}")
+            return
+        path = self.path(req.workload_id, "log")
+        try:
+            data, offset = await asyncio.to_thread(_tail, path, req.tail_lines)
+        except OSError as e:
+            chunk(eof=True, error=f"cannot read the log: {e.strerror}")
+            return
+        for i in range(0, len(data), CHUNK):
+            chunk(data[i:i + CHUNK])
+        while req.follow:
+            finished = self.workloads[req.workload_id].state != W.WORKLOAD_STATE_RUNNING
+            more, offset = await asyncio.to_thread(_read_from, path, offset)
+            for i in range(0, len(more), CHUNK):
+                chunk(more[i:i + CHUNK])
+            if finished and not more:
+                break
+            if not more:
+                await asyncio.sleep(self.poll_interval)
+        chunk(eof=True)
+
+
+def _tail(path: str, lines: int) -> tuple[bytes, int]:
+    """The last `lines` lines of the file (all when 0), and the file size read up to."""
+    if not os.path.exists(path):
+        return b"", 0
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if lines <= 0:
+            f.seek(0)
+            return f.read(size), size
+        block, data = 64 << 10, b""
+        pos = size
+        while pos > 0 and data.count(b"\n") <= lines:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+        keep = data.splitlines(keepends=True)[-lines:]
+        return b"".join(keep), size
+
+
+def _read_from(path: str, offset: int) -> tuple[bytes, int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(1 << 20)
+    except FileNotFoundError:
+        return b"", offset
+    return data, offset + len(data)
