@@ -42,7 +42,7 @@ from nodeagent.nvml.simfaults import FaultApi
 from nodeagent.nvml.simmig import CI_SLICES, MigApi, err
 from nodeagent.nvml.simstate import (DeviceHandle, GpuInstanceHandle, MigDeviceHandle, SimHelpers, StateStore,
                                      from_pointer, gpu_uuid, mig_uuid)
-from nodeagent.nvml.simtelemetry import GpuModelTelemetry, TelemetryApi
+from nodeagent.nvml.simtelemetry import GpuModelTelemetry, TelemetryApi, TelemetryHelpers
 
 _HELPERS = {"nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct", "nvmlExceptionClass"}
 
@@ -84,7 +84,7 @@ _COMPUTE_CAP = {"A100-40GB": (8, 0), "A100-80GB": (8, 0), "H100-80GB": (9, 0), "
 _NA_UINT = _n.NVML_VALUE_NOT_AVAILABLE_uint.value
 
 
-class SimNvml(MigApi, TelemetryApi, FaultApi, SimHelpers):
+class SimNvml(MigApi, TelemetryApi, FaultApi, SimHelpers, TelemetryHelpers):
     """One simulated host's NVML; attribute-compatible with the pynvml module.
     ``clock`` gives the time in seconds since the epoch (default ``time.time``)."""
 

@@ -322,3 +322,33 @@ class TelemetryApi:
         if scope not in (_n.NVML_AFFINITY_SCOPE_NODE, _n.NVML_AFFINITY_SCOPE_SOCKET):
             raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
         return self._bitmask([numa_layout(self._host)[0][idx]], nodeSetSize)
+
+
+class TelemetryHelpers:
+    """Sim-only readings (work without nvmlInit)."""
+
+    def sim_readings(self) -> list[dict]:
+        """What the model says about every GPU now: the numbers NVML would report, the
+        throttle reasons by name, whether it is lost, its logged XIDs and ECC counts."""
+        state = self._need_store().read()
+        now = self._clock()
+        out = []
+        for idx, m in enumerate(self._gpu_models):
+            gpu = state["gpus"][idx]
+            r = m.read(gpu, now)
+            faults = self._host.gpus[idx].faults
+            ecc = gpu.get("ecc") or {}
+            out.append({
+                "index": idx, "model": m.model.name, "lost": self._is_lost(state, idx),
+                "utilization_pct": round(r.util, 1), "memory_used_bytes": r.memory_used,
+                "memory_total_bytes": r.memory_total, "temperature_c": round(r.temperature_c, 1),
+                "power_w": round(r.power_w, 1), "power_limit_w": round(r.power_limit_w, 1),
+                "sm_clock_mhz": r.sm_mhz, "memory_clock_mhz": r.memory_mhz,
+                "throttle_reasons": [name for bit, name in THROTTLE_NAMES.items() if r.reasons & bit],
+                "xids": [e["data"] for e in gpu.get("events", ()) if e["type"] == _n.nvmlEventTypeXidCriticalError],
+                "ecc_corrected": faults.ecc_corrected + ecc.get("corrected", 0),
+                "ecc_uncorrected": faults.ecc_uncorrected + ecc.get("uncorrected", 0),
+                "load": dict(gpu.get("load") or {}), "pins": dict(gpu.get("telemetry") or {}),
+                "processes": len(gpu["processes"]),
+            })
+        return out
