@@ -1,0 +1,209 @@
+"""Same-host shared memory: registered buffers are POSIX shared memory segments.
+
+It stands in for NVLink peer access between slices of one host: a peer maps
+the owner's segment and reads and writes it with plain memory copies. The
+segment starts with a 64-byte header (magic, rkey, state, length, owner pid);
+attaching checks the magic and the rkey, and every operation re-checks the
+state word and the owner, so a deregistered buffer (state REVOKED, key
+zeroed, segment unlinked) or a dead owner fails with a typed error. Bounds
+are checked before every copy: nothing is written outside the region.
+
+Two-sided send/recv go through the owner's TCP data plane (`endpoint`), the
+one-sided path never does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import threading
+from multiprocessing import resource_tracker, shared_memory
+
+from mesh.transport.base import (BufferDescriptor, InvalidKey, PeerGone, Revoked, TransportError, Unsupported,
+                                 check_bounds, new_key)
+
+MAGIC = b"GPUMESH1"
+HEADER = struct.Struct("<8sQQQQ")      # magic, rkey, state, length, owner pid
+HEADER_BYTES = 64
+ACTIVE, REVOKED = 1, 2
+PREFIX = "gpumesh-"
+_OWNED: set[str] = set()      # segments this process created (the resource tracker knows them)
+
+
+class ShmRegion:
+    """The owner's side of one segment."""
+
+    def __init__(self, buffer_id: str, length: int, rkey: int) -> None:
+        self.buffer_id = buffer_id
+        self.length = length
+        self.rkey = rkey
+        self.name = PREFIX + buffer_id
+        self.shm = shared_memory.SharedMemory(name=self.name, create=True, size=HEADER_BYTES + max(1, length))
+        _OWNED.add(self.name)
+        HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, length, os.getpid())
+        self.data = self.shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+
+    def revoke(self) -> None:
+        """Kill the keys (attached peers see REVOKED on their next operation) and free the segment."""
+        if self.shm is None:
+            return
+        HEADER.pack_into(self.shm.buf, 0, MAGIC, 0, REVOKED, self.length, os.getpid())
+        self.data.release()
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+        _OWNED.discard(self.name)
+        try:
+            self.shm.close()
+        except BufferError:
+            pass   # a view is still exported (an operation in flight); the mapping goes with it
+        self.shm = None
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    shm = shared_memory.SharedMemory(name=name)
+    if name in _OWNED:
+        return shm
+    # Python 3.11 registers attached segments too and would unlink them when this process exits.
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")   # noqa: SLF001
+    except Exception:
+        pass
+    return shm
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShmConnection:
+    """A peer's mapping of an owner's segment."""
+
+    def __init__(self, descriptor: BufferDescriptor) -> None:
+        self.descriptor = descriptor
+        bid = descriptor.buffer_id
+        if not descriptor.shm_name:
+            raise Unsupported(f"buffer {bid} has no shared memory segment", op="connect", buffer_id=bid,
+                              transport="shm")
+        try:
+            self._shm = _attach(descriptor.shm_name)
+        except FileNotFoundError:
+            raise Revoked(f"buffer {bid}: segment {descriptor.shm_name} is gone (revoked, or not on this host)",
+                          op="connect", buffer_id=bid) from None
+        magic, rkey, state, length, self._owner = HEADER.unpack_from(self._shm.buf, 0)
+        if magic != MAGIC:
+            self._shm.close()
+            raise TransportError(f"{descriptor.shm_name} is not a gpumesh buffer", op="connect", buffer_id=bid)
+        if state == REVOKED:
+            self._shm.close()
+            raise Revoked(f"buffer {bid} was deregistered", op="connect", buffer_id=bid)
+        if rkey != descriptor.rkey or not descriptor.rkey:
+            self._shm.close()
+            raise InvalidKey(f"wrong key for buffer {bid}", op="connect", buffer_id=bid, rkey=descriptor.rkey)
+        self.length = length
+        self._data = self._shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+        self._tcp = None
+        self._lock = threading.Lock()
+
+    def _check(self, op: str, offset: int, length: int) -> None:
+        bid = self.descriptor.buffer_id
+        if self._data is None:
+            raise TransportError(f"connection to {bid} is closed", op=op, buffer_id=bid)
+        _, rkey, state, _, _ = HEADER.unpack_from(self._shm.buf, 0)
+        if state != ACTIVE or rkey != self.descriptor.rkey:
+            raise Revoked(f"buffer {bid} was deregistered", op=op, buffer_id=bid)
+        if not _owner_alive(self._owner):
+            raise PeerGone(f"the owner of buffer {bid} (pid {self._owner}) is gone", op=op, buffer_id=bid)
+        check_bounds(op, bid, offset, length, self.length)
+
+    def write(self, offset: int, data) -> int:
+        n = memoryview(data).nbytes
+        self._check("write", offset, n)
+        self._data[offset:offset + n] = memoryview(data).cast("B")
+        return n
+
+    def read(self, offset: int, length: int, into=None):
+        self._check("read", offset, length)
+        if into is not None:
+            memoryview(into).cast("B")[:length] = self._data[offset:offset + length]
+            return into
+        return bytes(self._data[offset:offset + length])
+
+    def _control(self):
+        if self._tcp is None:
+            if not self.descriptor.endpoint:
+                raise Unsupported("send/recv need the owner's data plane endpoint", op="send",
+                                  buffer_id=self.descriptor.buffer_id, transport="shm")
+            from mesh.transport.tcp import TcpConnection
+            self._tcp = TcpConnection(self.descriptor)
+        return self._tcp
+
+    def send(self, data) -> int:
+        return self._control().send(data)
+
+    def recv(self, timeout: float = 0.0) -> bytes | None:
+        return self._control().recv(timeout)
+
+    def close(self) -> None:
+        if self._data is not None:
+            self._data.release()
+            self._data = None
+            try:
+                self._shm.close()
+            except BufferError:
+                pass
+        if self._tcp is not None:
+            self._tcp.close()
+
+    def __enter__(self) -> "ShmConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ShmTransport:
+    """Owner side: registers segments on this host; `connect` maps a peer's segment."""
+
+    name = "shm"
+
+    def __init__(self, node: str = "", endpoint: str = "") -> None:
+        self.node = node
+        self.endpoint = endpoint
+        self.regions: dict[str, ShmRegion] = {}
+
+    def register(self, slice_id: str, size: int = 0, buffer=None, buffer_id: str = "",
+                 rkey: int = 0) -> BufferDescriptor:
+        if buffer is not None:
+            raise Unsupported("shm registers its own segment; expose an existing host buffer with tcp",
+                              op="register", transport="shm")
+        bid = buffer_id or f"b-{secrets.token_hex(6)}"
+        region = ShmRegion(bid, size, rkey or new_key())
+        self.regions[bid] = region
+        return BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport="shm",
+                                address=0, length=size, rkey=region.rkey, endpoint=self.endpoint,
+                                shm_name=region.name)
+
+    def view(self, buffer_id: str) -> memoryview:
+        """The owner's own view of a registered buffer's bytes."""
+        return self.regions[buffer_id].data
+
+    def deregister(self, buffer_id: str) -> None:
+        region = self.regions.pop(buffer_id, None)
+        if region is not None:
+            region.revoke()
+
+    def connect(self, descriptor: BufferDescriptor) -> ShmConnection:
+        return ShmConnection(descriptor)
+
+    def close(self) -> None:
+        for bid in list(self.regions):
+            self.deregister(bid)
