@@ -20,6 +20,7 @@ from mesh.logs import log
 from nodeagent import metrics
 from nodeagent.gpu import NvmlGpus
 from nodeagent.slicer import Slicer
+from nodeagent.telemetry import TelemetryCollector, run_telemetry
 
 logger = logging.getLogger(__name__)
 VERSION = "gpumesh-agent/0.1.0"
@@ -35,7 +36,8 @@ def node_event(type_: str, reason: str, message: str, gpu_index: int = -1) -> ty
 class NodeAgent:
     def __init__(self, node: str, endpoint: str, gpus: NvmlGpus, *, mps_root: str,
                  topology: tuple = (), nics: tuple = (), backend: str = "nvml",
-                 driver_version: str = "", cuda_version: str = "", reconnect_max: float = 5.0) -> None:
+                 driver_version: str = "", cuda_version: str = "", reconnect_max: float = 5.0,
+                 telemetry_interval: float = 5.0, ib_root: str | None = "/sys/class/infiniband") -> None:
         self.node = node
         self.endpoint = endpoint
         self.gpus = gpus
@@ -46,6 +48,8 @@ class NodeAgent:
         self.driver_version = driver_version
         self.cuda_version = cuda_version
         self.reconnect_max = reconnect_max
+        self.telemetry_interval = telemetry_interval
+        self.collector = TelemetryCollector(gpus.nvml, gpus, self.slicer, ib_root)
         self.desired: dict[str, types_pb2.Slice] = {}
         self.realized: dict[str, node_service_pb2.SliceStatus] = {}
         self.stuck: set[str] = set()         # releases the hardware refused; retried
@@ -55,6 +59,8 @@ class NodeAgent:
         # async handler(message, outbox), and hooks run when a Sync stream opens: hook(outbox).
         self.handlers: dict = {}
         self.session_hooks: list = []
+        # Called with every DesiredSlices before it is applied (the mesh registrar revokes released slices' buffers).
+        self.desired_hooks: list = []
         # Run (in a worker thread) once NVML is up, before the first connection: hook().
         # Labels merged into the inventory (e.g. a declared MIG layout).
         self.start_hooks: list = []
@@ -134,6 +140,7 @@ class NodeAgent:
         call = stub.Sync(requests())
         beat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_seconds, call))
         retry = asyncio.create_task(self._retry_stuck(outbox))
+        telemetry = asyncio.create_task(run_telemetry(self.collector, self.telemetry_interval, outbox))
         try:
             for opened in self.session_hooks:
                 opened(outbox)
@@ -146,6 +153,7 @@ class NodeAgent:
         finally:
             beat.cancel()
             retry.cancel()
+            telemetry.cancel()
             outbox.put_nowait(None)
             call.cancel()
 
@@ -163,6 +171,8 @@ class NodeAgent:
     # -- reconciliation -----------------------------------------------------------------
 
     async def _apply(self, d: node_service_pb2.DesiredSlices, outbox: asyncio.Queue) -> None:
+        for hook in self.desired_hooks:
+            hook(d)
         report = node_service_pb2.SliceStatusReport(full=d.full)
         if d.full:
             self.desired = {s.id: s for s in d.upserts}

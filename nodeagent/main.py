@@ -21,6 +21,7 @@ def build_agents(cfg: AgentConfig):
     from nodeagent.agent import NodeAgent
     from nodeagent.gpu import NvmlGpus
     from nodeagent.hostfile import load_host_file
+    from nodeagent.infiniband import write_sysfs
     from nodeagent.nvml import load_nvml
 
     agents = []
@@ -28,7 +29,8 @@ def build_agents(cfg: AgentConfig):
     if cfg.gpu_backend == "nvml":
         nvml = load_nvml("real")
         agents.append(NodeAgent(cfg.default_node_name(), cfg.control_plane, NvmlGpus(nvml), mps_root=mps_root,
-                                backend="nvml", reconnect_max=cfg.reconnect_max_seconds))
+                                backend="nvml", reconnect_max=cfg.reconnect_max_seconds,
+                                telemetry_interval=cfg.telemetry_interval_seconds))
         return install_components(agents, cfg)
     os.makedirs(os.path.join(cfg.state_dir, "sim"), exist_ok=True)
     names = set()
@@ -42,10 +44,13 @@ def build_agents(cfg: AgentConfig):
         names.add(node)
         state = os.path.join(cfg.state_dir, "sim", f"{node}.state.json")
         nvml = load_nvml("sim", host_file=path, state_file=state)
+        ib_root = os.path.join(cfg.state_dir, "sim", node, "infiniband")  # the host file's IB NICs, as sysfs shows them
+        write_sysfs(ib_root, host.nics)
         agents.append(NodeAgent(node, cfg.control_plane, NvmlGpus(nvml), mps_root=os.path.join(mps_root, node),
                                 topology=host.nvlink_domains, nics=host.nics, backend="sim",
                                 driver_version=host.driver_version, cuda_version=host.cuda_version,
-                                reconnect_max=cfg.reconnect_max_seconds))
+                                reconnect_max=cfg.reconnect_max_seconds,
+                                telemetry_interval=cfg.telemetry_interval_seconds, ib_root=ib_root))
     return install_components(agents, cfg)
 
 
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(AgentConfig, args)
         logs.setup("agent", cfg.log_level, cfg.log_format)
         agents = build_agents(cfg)
+        __import__("nodeagent.registrar").registrar.attach_all(agents, cfg)   # the mesh data plane
     except (config.ConfigError, ValueError, OSError) as e:
         print(f"mesh-agent: configuration error: {e}", file=sys.stderr)
         return 2
