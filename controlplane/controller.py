@@ -58,6 +58,9 @@ class Controller:
         # callbacks run when an agent's Sync stream opens: hook(node, session).
         self.agent_handlers: dict = {}
         self.session_hooks: list = []
+        # Awaited at the start of a release: hook(slices, wait) (the workload manager stops the
+        # workloads on them first, so the agent is not refused the teardown with IN_USE).
+        self.release_hooks: list = []
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -127,11 +130,22 @@ class Controller:
             existing = self.requests.get((req.tenant, request_id))
             if existing:
                 return existing, await self._await_ready(existing, no_wait, timeout)
-        choices = placement.place(self.fleet, req)
-        slices = self._slices_for(req, choices)
+        # The decision and the fleet update below run without an await in between, so no other
+        # request sees the same capacity; victims of a preemption are evicted before the bind.
+        framework = getattr(self, "scheduler", None) or placement.default_framework()
+        decision = framework.schedule(req, self.fleet)
+        if not decision.ok:
+            raise placement.exhausted(req, decision)
+        slices = self._slices_for(req, decision.choices)
         alloc_id = slices[0].allocation_id
-        for s in slices:
+        for s, c in zip(slices, decision.choices):
+            s.cpu_milli, s.host_memory_bytes = c.cpu_milli, c.host_memory_bytes
+            s.anti_affinity.update(req.anti_affinity)
             self.fleet.put_slice(s)
+        for victim in decision.victims:
+            log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority)
+            await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "
+                                                           f"(priority {req.priority}) of tenant {req.tenant}")
         extra, conds = [], []
         if request_id:
             self.requests[(req.tenant, request_id)] = alloc_id
@@ -199,6 +213,8 @@ class Controller:
 
     async def release(self, ident: str, wait: bool = True, message: str = "") -> list[types_pb2.Slice]:
         targets = self.find(ident)
+        for hook in self.release_hooks:
+            await hook([s for s in targets if s.state != S.SLICE_STATE_RELEASING], wait)
         changed = []
         for s in targets:
             if s.state != S.SLICE_STATE_RELEASING:

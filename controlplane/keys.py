@@ -7,6 +7,7 @@
 | `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
 | `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
 | `/gpumesh/v1/requests/<tenant>/<request-id>` | allocation id (idempotency of Allocate) | Allocate |
+| `/gpumesh/v1/workloads/<workload-id>` | `gpumesh.v1.Workload` (command, slice, state, exit code) | Run, Stop, agent workload reports |
 | `/gpumesh/v1/gpuhealth/<node>/<index>` | `gpumesh.v1.GpuTelemetry` (health, reason, since) | health changes (XID policy) |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
@@ -20,6 +21,7 @@ NODES = PREFIX + "nodes/"
 ALIVE = PREFIX + "alive/"
 SLICES = PREFIX + "slices/"
 REQUESTS = PREFIX + "requests/"
+WORKLOADS = PREFIX + "workloads/"
 GPU_HEALTH = PREFIX + "gpuhealth/"
 
 
@@ -41,6 +43,10 @@ def request(tenant: str, request_id: str) -> bytes:
 
 def gpu_health(node_name: str, index: int) -> bytes:
     return f"{GPU_HEALTH}{node_name}/{index}".encode()
+
+
+def workload(workload_id: str) -> bytes:
+    return (WORKLOADS + workload_id).encode()
 
 
 def name_of(key: bytes, prefix: str) -> str:

@@ -22,9 +22,11 @@ from controlplane.etcdserver import EtcdServer
 from controlplane.nodes import NodeManager
 from controlplane.services import AdminService, NodeService, SliceService
 from controlplane.store import EtcdStore, new_identity
+from controlplane.workloads import WorkloadManager, WorkloadService
 from controlplane.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
-                        slice_service_pb2, slice_service_pb2_grpc, types_pb2)
+                        slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
+                        workload_service_pb2_grpc)
 from mesh.config import parse_hostport
 from mesh.logs import log
 
@@ -88,9 +90,12 @@ class ControlPlane:
         await self.store.connect()
         await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl)
         self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
+        self.ctl.scheduler = __import__("controlplane.scheduler", fromlist=["load"]).load(self.cfg.scheduler_config, self.cfg.scheduler_profile)
         self.ctl.writer.start()
         self.nodes = NodeManager(self.ctl, lease_ttl=self.cfg.lease_ttl)
         await self.nodes.load()
+        self.workloads = WorkloadManager(self.ctl)
+        await self.workloads.load()
         self.telemetry = TelemetryManager(self.ctl, Policy(
             pressure_pct=tuple(float(v) for v in self.cfg.memory_pressure_thresholds),
             thermal_c=tuple(float(v) for v in self.cfg.thermal_thresholds),
@@ -107,10 +112,11 @@ class ControlPlane:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(
             NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)), self.server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.ctl, self.nodes), self.server)
+        workload_service_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadService(self.workloads), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [d.services_by_name[n].full_name for d, n in (
             (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
-            (admin_service_pb2.DESCRIPTOR, "AdminService"))]
+            (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -140,6 +146,8 @@ class ControlPlane:
             await self.server.stop(self.cfg.grace_seconds)
         if getattr(self, "nodes", None) is not None:
             await self.nodes.stop()
+            if getattr(self, "workloads", None) is not None:
+                await self.workloads.stop()
             await self.ctl.writer.stop()
         if self.store is not None:
             await self.store.close()

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, slice_service_pb2,
-                        slice_service_pb2_grpc, types_pb2)
+                        slice_service_pb2_grpc, types_pb2, workload_service_pb2, workload_service_pb2_grpc)
 from mesh import errors, richstatus
 
 T = TypeVar("T")
@@ -117,6 +117,7 @@ class MeshClient:
         self._slices = slice_service_pb2_grpc.SliceServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._workloads = workload_service_pb2_grpc.WorkloadServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -218,6 +219,49 @@ class MeshClient:
         return list(self._admin.ListGpus(admin_service_pb2.ListGpusRequest(node=node),
                                          timeout=self.timeout).gpus)
 
+    # -- workloads ------------------------------------------------------------
+
+    @_converting
+    def run_workload(self, slice_id: str, command: list[str], env: Mapping[str, str] | None = None,
+                     labels: Mapping[str, str] | None = None) -> types_pb2.Workload:
+        """Start `command` (argv) on a READY slice with the slice's environment plus `env`.
+        Answers once the agent has started it (RUNNING, or FAILED with the reason), or PENDING
+        when the node is not connected."""
+        req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command),
+                                                      env=dict(env or {}), labels=dict(labels or {}))
+        return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
+
+    @_converting
+    def stop_workload(self, id: str, grace_seconds: float = 0.0) -> types_pb2.Workload:
+        """SIGTERM, then SIGKILL after the grace period; answers once the process has ended."""
+        req = workload_service_pb2.StopWorkloadRequest(id=id, grace_seconds=grace_seconds)
+        return self._workloads.Stop(req, timeout=max(self.timeout, (grace_seconds or 10.0) + 15.0))
+
+    @_converting
+    def get_workload(self, id: str) -> types_pb2.Workload:
+        return self._workloads.Get(workload_service_pb2.GetWorkloadRequest(id=id), timeout=self.timeout)
+
+    @_converting
+    def list_workloads(self, tenant: str = "", node: str = "", slice_id: str = "") -> list[types_pb2.Workload]:
+        req = workload_service_pb2.ListWorkloadsRequest(tenant=tenant, node=node, slice_id=slice_id)
+        return list(self._workloads.List(req, timeout=self.timeout).workloads)
+
+    def workload_logs(self, id: str, tail_lines: int = 0, follow: bool = False) -> Iterator[bytes]:
+        """The workload's output as byte chunks; with `follow`, until it ends (close the iterator
+        to stop early). Errors arrive as MeshError while iterating."""
+        req = workload_service_pb2.WorkloadLogsRequest(id=id, tail_lines=tail_lines, follow=follow)
+        call = self._workloads.Logs(req, timeout=None if follow else self.timeout)
+        try:
+            for chunk in call:
+                if chunk.data:
+                    yield chunk.data
+                if chunk.eof:
+                    return
+        except grpc.RpcError as exc:
+            raise richstatus.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
     @_converting
     def health(self) -> str:
         """The overall serving status ("serving", "not_serving", ...) from grpc.health.v1."""
@@ -269,6 +313,19 @@ def slice_to_dict(s: types_pb2.Slice) -> dict[str, Any]:
         "message": s.message, "priority": s.priority, "labels": dict(s.labels),
         "created_at": timestamp(s, "created_at"), "updated_at": timestamp(s, "updated_at"),
         "gpu_instance_id": s.gpu_instance_id, "compute_instance_id": s.compute_instance_id,
+    }
+
+
+def workload_state_name(value: int) -> str:
+    return enum_name(types_pb2.WorkloadState, value, "WORKLOAD_STATE_")
+
+
+def workload_to_dict(w: types_pb2.Workload) -> dict[str, Any]:
+    return {
+        "id": w.id, "slice_id": w.slice_id, "node": w.node, "tenant": w.tenant, "command": list(w.command),
+        "env": dict(w.env), "state": workload_state_name(w.state), "pid": w.pid, "exit_code": w.exit_code,
+        "created_at": timestamp(w, "created_at"), "started_at": timestamp(w, "started_at"),
+        "finished_at": timestamp(w, "finished_at"), "message": w.message, "labels": dict(w.labels),
     }
 
 
@@ -356,6 +413,6 @@ def allocation_to_dict(resp: slice_service_pb2.AllocateResponse) -> dict[str, An
     return {"id": resp.allocation_id, "slices": [slice_to_dict(s) for s in resp.slices]}
 
 
-__all__ = ["MeshClient", "slice_to_dict", "node_to_dict", "gpu_status_to_dict", "gpu_to_dict",
+__all__ = ["MeshClient", "slice_to_dict", "workload_to_dict", "workload_state_name", "node_to_dict", "gpu_status_to_dict", "gpu_to_dict",
            "allocation_to_dict", "isolation_name", "slice_state_name", "node_state_name",
            "ISOLATIONS", "TOPOLOGIES", "SLICE_STATES", "NODE_STATES"]

@@ -146,7 +146,7 @@ class WorkloadRunner:
         for w in cmd.start:
             if w.id in self.workloads:
                 continue
-            if w.state not in (W.WORKLOAD_STATE_PENDING, W.WORKLOAD_STATE_UNSPECIFIED):
+            if w.HasField("started_at") or w.pid:     # it ran here once, but this agent has no record
                 lost = types_pb2.Workload()
                 lost.CopyFrom(w)
                 lost.state = W.WORKLOAD_STATE_FAILED

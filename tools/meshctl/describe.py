@@ -11,11 +11,13 @@ EPILOG = """\
 examples:
   meshctl describe node sim-node-01
   meshctl describe slice s-7f3a9c1e2b4d
+  meshctl describe workload w-3f9a2c1d7e6b
   meshctl describe no sim-node-01 -o json    # the node with "gpu_status" and "slice_list"
 """
 
 KINDS = {"node": "node", "nodes": "node", "no": "node",
-         "slice": "slice", "slices": "slice", "sl": "slice"}
+         "slice": "slice", "slices": "slice", "sl": "slice",
+         "workload": "workload", "workloads": "workload", "wl": "workload"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,13 +113,18 @@ def format_slice(d: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     kind = KINDS.get(args.kind.lower())
     if kind is None:
-        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice)")
+        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload)")
     from tools.meshctl.output import dump
     with client(args) as mesh:
         if kind == "node":
             node = mesh.get_node(args.name)
             doc = node_document(node, mesh.list_gpus(node=args.name), mesh.list_slices(node=args.name))
             text = format_node(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+        elif kind == "workload":
+            from mesh.client import workload_to_dict
+            from tools.meshctl.workloads import format_workload
+            doc = workload_to_dict(mesh.get_workload(args.name))
+            text = format_workload(doc) if args.output in ("table", "wide") else dump(doc, args.output)
         else:
             from mesh.client import slice_to_dict
             doc = slice_to_dict(mesh.get_slice(args.name))

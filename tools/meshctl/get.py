@@ -11,10 +11,11 @@ RESOURCES = {
     "nodes": "nodes", "node": "nodes", "no": "nodes",
     "gpus": "gpus", "gpu": "gpus",
     "slices": "slices", "slice": "slices", "sl": "slices",
+    "workloads": "workloads", "workload": "workloads", "wl": "workloads",
 }
 
 EPILOG = """\
-resources: nodes (node, no), gpus (gpu), slices (slice, sl)
+resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl)
 
 examples:
   meshctl get nodes
@@ -22,6 +23,7 @@ examples:
   meshctl get gpus --node sim-node-01
   meshctl get slices --tenant team-a --state ready
   meshctl get sl s-7f3a9c1e2b4d -o yaml
+  meshctl get workloads --slice s-7f3a9c1e2b4d
 """
 
 
@@ -33,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="only these node names (nodes, gpus) or slice/allocation IDs (slices)")
     p.add_argument("--tenant", default="", help="slices of this tenant only")
-    p.add_argument("--node", default="", help="GPUs or slices on this node only")
+    p.add_argument("--node", default="", help="GPUs, slices or workloads on this node only")
+    p.add_argument("--slice", default="", metavar="ID", help="workloads on this slice only")
     p.add_argument("--state", default=None,
                    help="nodes: ready | not-ready; slices: pending | ready | releasing | failed | unknown")
     p.set_defaults(func=run)
@@ -60,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
     kind = RESOURCES.get(args.resource.lower())
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
+    if kind == "workloads":
+        from tools.meshctl import workloads
+        out(workloads.format_list(workloads.fetch(args), args.output))
+        return 0
+    if args.slice:
+        raise CliError(f"--slice does not filter {kind}")
     from tools.meshctl.output import format_list
     out(format_list(kind, fetch(args, kind), args.output))
     return 0

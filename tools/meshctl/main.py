@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import bench, cluster, describe, get, nodes, slices
+from tools.meshctl import bench, cluster, describe, get, nodes, slices, workloads
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, nodes, bench)
+GROUPS = (cluster, get, describe, slices, workloads, nodes, bench)
 
 EPILOG = """\
 examples:
@@ -24,6 +24,8 @@ examples:
   meshctl alloc --tenant team-a --memory 8GiB --compute 0.25 --isolation mps
   meshctl get slices --tenant team-a -o json
   meshctl describe node sim-node-01
+  meshctl run --slice s-7f3a9c1e2b4d -- python train.py
+  meshctl logs w-3f9a2c1d7e6b -f
   meshctl release a-7f3a9c1e2b4d
   meshctl drain sim-node-02 --dry-run
   meshctl down

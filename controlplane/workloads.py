@@ -1,0 +1,333 @@
+"""Workloads: processes the node agents run on slices (WorkloadService).
+
+The control plane keeps every workload in etcd (`/gpumesh/v1/workloads/<id>`)
+and in memory. The agents run them: on every Sync open the node gets the full
+set it should be running (WorkloadCommand full), then starts and stops as they
+are asked for; agents answer with WorkloadStatusReports (full on connect, then
+changes). Logs are streamed through the node's Sync stream: a LogRequest goes
+down with a request id, the LogChunks coming back are routed to the waiting
+Logs call by that id.
+
+A workload whose slice turns UNKNOWN (node NotReady) becomes UNKNOWN until its
+agent reports again; releasing a slice stops its workloads first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from controlplane import keys
+from controlplane.controller import Controller, new_id, now
+from controlplane.events import DELETED
+from controlplane.rpc import streaming, unary
+from controlplane.store import Absent, Put
+from gpumesh.v1 import node_service_pb2, types_pb2, workload_service_pb2, workload_service_pb2_grpc
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+W = types_pb2
+TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
+STOPPING = "stopping"
+MAX_ARGS = 256
+MAX_ARG_LEN = 32 << 10
+MAX_ID = 128
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
+                "GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY",
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
+STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
+
+
+def _check_id(value: str, field: str, what: str) -> str:
+    if not value:
+        raise errors.InvalidArgument.of(field, "is required", what)
+    if len(value) > MAX_ID or not value.isprintable():
+        raise errors.InvalidArgument.of(field, "is not a valid ID", f"printable, at most {MAX_ID} characters")
+    return value
+
+
+def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
+    _check_id(req.slice_id, "slice_id", "the ID of a READY slice (s-...)")
+    if not req.command:
+        raise errors.InvalidArgument.of("command", "is required", "argv, the program first")
+    if len(req.command) > MAX_ARGS:
+        raise errors.InvalidArgument.of("command", f"has {len(req.command)} arguments", f"at most {MAX_ARGS}")
+    if not req.command[0]:
+        raise errors.InvalidArgument.of("command[0]", "is empty", "the program to run")
+    for i, arg in enumerate(req.command):
+        if "\0" in arg or len(arg) > MAX_ARG_LEN:
+            raise errors.InvalidArgument.of(f"command[{i}]", "is not a valid argument",
+                                            f"no NUL bytes, at most {MAX_ARG_LEN} characters")
+    for k, v in req.env.items():
+        if not ENV_KEY.match(k):
+            raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid variable name",
+                                            "letters, digits and '_', not starting with a digit")
+        if k in RESERVED_ENV:
+            raise errors.InvalidArgument.of(f"env[{k}]", "is set by the slice", "any name but " + ", ".join(RESERVED_ENV))
+        if "\0" in v or len(v) > MAX_ARG_LEN:
+            raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid value", f"no NUL bytes, at most {MAX_ARG_LEN} characters")
+    for k, v in req.labels.items():
+        if not k or len(k) > 63 or len(v) > 256:
+            raise errors.InvalidArgument.of(f"labels[{k}]", "is not a valid label",
+                                            "keys of 1-63 and values of at most 256 characters")
+
+
+class WorkloadManager:
+    """Workload records, the agents' view of them, and log routing."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.workloads: dict[str, types_pb2.Workload] = {}
+        self.stopping: set[str] = set()                  # stop asked for, process not ended yet
+        self.log_queues: dict[str, asyncio.Queue] = {}   # LogRequest id -> its chunks
+        self.waiters: dict[str, list[asyncio.Future]] = {}
+        self._watch: asyncio.Task | None = None
+        ctl.session_hooks.append(self._session_opened)
+        ctl.agent_handlers["workloads"] = self._report
+        ctl.agent_handlers["log"] = self._log_chunk
+        ctl.release_hooks.append(self.stop_on_slices)
+
+    async def load(self) -> None:
+        snap = await self.ctl.store.load(keys.WORKLOADS)
+        for value, _rev, _lease in snap.kvs.values():
+            w = types_pb2.Workload()
+            w.ParseFromString(value)
+            self.workloads[w.id] = w
+            if w.state not in TERMINAL and w.message == STOPPING:
+                self.stopping.add(w.id)
+        lost = [self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN, message=f"node {w.node} NotReady")
+                for w in self.workloads.values()
+                if w.state not in TERMINAL and w.state != W.WORKLOAD_STATE_UNKNOWN
+                and not (self.ctl.fleet.nodes.get(w.node) and self.ctl.fleet.nodes[w.node].ready)]
+        await self.save(lost)
+        self._watch = asyncio.create_task(self._follow_slices(), name="workload-slices")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    # -- persistence ------------------------------------------------------------------
+
+    async def save(self, ws: list[types_pb2.Workload], created: bool = False) -> None:
+        if not ws:
+            return
+        await self.ctl.writer.write([Put(keys.workload(w.id), w.SerializeToString()) for w in ws],
+                                    [Absent(keys.workload(w.id)) for w in ws] if created else [])
+        for w in ws:
+            self.workloads[w.id] = w
+            if w.state in TERMINAL:
+                self.stopping.discard(w.id)
+            for fut in self.waiters.pop(w.id, []):
+                if not fut.done():
+                    fut.set_result(w)
+
+    def _copy(self, w: types_pb2.Workload, **fields) -> types_pb2.Workload:
+        n = types_pb2.Workload()
+        n.CopyFrom(w)
+        for k, v in fields.items():
+            setattr(n, k, v)
+        return n
+
+    async def _wait_until(self, wid: str, done, timeout: float) -> types_pb2.Workload:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done(self.workloads[wid]):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            fut = loop.create_future()
+            self.waiters.setdefault(wid, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                break
+        return self.workloads[wid]
+
+    def desired_on(self, node: str) -> list[types_pb2.Workload]:
+        return [w for w in self.workloads.values()
+                if w.node == node and w.state not in TERMINAL and w.id not in self.stopping]
+
+    # -- API ------------------------------------------------------------------------------
+
+    def get(self, wid: str) -> types_pb2.Workload:
+        _check_id(wid, "id", "a workload ID (w-...)")
+        w = self.workloads.get(wid)
+        if w is None:
+            raise errors.NotFound(f"no workload {wid!r}", kind="workload", name=wid)
+        return w
+
+    async def run(self, req: workload_service_pb2.RunWorkloadRequest) -> types_pb2.Workload:
+        validate_run(req)
+        s = self.ctl.fleet.slices.get(req.slice_id)
+        if s is None:
+            raise errors.NotFound(f"no slice {req.slice_id!r}", kind="slice", name=req.slice_id)
+        if s.state != types_pb2.SLICE_STATE_READY:
+            raise errors.FailedPrecondition(
+                f"slice {s.id} is {types_pb2.SliceState.Name(s.state).removeprefix('SLICE_STATE_')}, not READY: "
+                f"a workload starts only on a READY slice")
+        w = types_pb2.Workload(id=new_id("w"), slice_id=s.id, node=s.node, tenant=s.tenant, command=req.command,
+                               env=req.env, labels=req.labels, state=W.WORKLOAD_STATE_PENDING, created_at=now())
+        await self.save([w], created=True)
+        log(logger, logging.INFO, "workload created", workload=w.id, slice=s.id, node=s.node)
+        session = self.ctl.sessions.get(s.node)
+        if session is None:
+            return w
+        session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(start=[w])))
+        return await self._wait_until(w.id, lambda x: x.state != W.WORKLOAD_STATE_PENDING, RUN_WAIT)
+
+    async def stop_workload(self, wid: str, grace: float = 0.0, wait: bool = True) -> types_pb2.Workload:
+        w = self.get(wid)
+        if not (0 <= grace <= 3600):
+            raise errors.InvalidArgument.of("grace_seconds", f"{grace} is out of range", "0 (10 s) to 3600")
+        if w.state in TERMINAL:
+            return w
+        if w.state == W.WORKLOAD_STATE_PENDING and self.ctl.sessions.get(w.node) is None:
+            w = self._copy(w, state=W.WORKLOAD_STATE_STOPPED, message="stopped before it started")
+            w.finished_at.CopyFrom(now())
+            await self.save([w])
+            return w
+        self.stopping.add(wid)
+        await self.save([self._copy(w, message=STOPPING)])
+        session = self.ctl.sessions.get(w.node)
+        if session is not None:
+            session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(stop=[wid])))
+        if not wait or session is None:
+            return self.workloads[wid]
+        # The agent's own grace period applies (WorkloadCommand carries no per-stop grace).
+        return await self._wait_until(wid, lambda x: x.state in TERMINAL, (grace or 10.0) + STOP_SLACK)
+
+    async def stop_on_slices(self, slices: list[types_pb2.Slice], wait: bool) -> None:
+        """Release hook: stop what runs on `slices` first (waiting for it unless `wait` is false)."""
+        ids = {s.id for s in slices}
+        running = [w.id for w in self.workloads.values() if w.slice_id in ids and w.state not in TERMINAL]
+        if running:
+            await asyncio.gather(*(self.stop_workload(wid, wait=wait) for wid in running))
+
+    def list(self, tenant: str = "", node: str = "", slice_id: str = "") -> list[types_pb2.Workload]:
+        out = [w for w in self.workloads.values()
+               if (not tenant or w.tenant == tenant) and (not node or w.node == node)
+               and (not slice_id or w.slice_id == slice_id)]
+        out.sort(key=lambda w: (w.created_at.seconds, w.created_at.nanos, w.id))
+        return out
+
+    async def logs(self, wid: str, tail_lines: int, follow: bool):
+        w = self.get(wid)
+        if tail_lines < 0:
+            raise errors.InvalidArgument.of("tail_lines", f"{tail_lines} is negative", "0 (all) or more")
+        session = self.ctl.sessions.get(w.node)
+        if session is None:
+            raise errors.Unavailable(f"node {w.node} is not connected: its logs cannot be read now")
+        rid = new_id("l")
+        q: asyncio.Queue = asyncio.Queue()
+        self.log_queues[rid] = q
+        session.send(node_service_pb2.ControllerMessage(logs=node_service_pb2.LogRequest(
+            request_id=rid, workload_id=wid, tail_lines=tail_lines, follow=follow)))
+        finished = False
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(q.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if self.ctl.sessions.get(w.node) is not session:
+                        raise errors.Unavailable(f"node {w.node} disconnected while sending the log") from None
+                    continue
+                if chunk.error:
+                    finished = True
+                    raise errors.NotFound(chunk.error, kind="workload", name=wid) if "no workload" in chunk.error \
+                        else errors.Unavailable(chunk.error)
+                yield chunk
+                if chunk.eof:
+                    finished = True
+                    return
+        finally:
+            self.log_queues.pop(rid, None)
+            if not finished and self.ctl.sessions.get(w.node) is session:
+                session.send(node_service_pb2.ControllerMessage(logs=node_service_pb2.LogRequest(
+                    request_id=rid, workload_id=wid, cancel=True)))
+
+    # -- agents -----------------------------------------------------------------------------
+
+    def _session_opened(self, node: str, session) -> None:
+        session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(
+            full=True, start=self.desired_on(node))))
+
+    async def _report(self, node: str, rep: node_service_pb2.WorkloadStatusReport) -> None:
+        changed = []
+        for st in rep.workloads:
+            w = self.workloads.get(st.id)
+            if w is None or w.node != node:
+                continue
+            if w.state in TERMINAL and st.state not in TERMINAL:
+                continue        # a late report never revives a finished workload
+            message = STOPPING if st.id in self.stopping and st.state not in TERMINAL else st.message
+            n = self._copy(w, state=st.state, pid=st.pid, exit_code=st.exit_code, message=message)
+            for f in ("started_at", "finished_at"):
+                if st.HasField(f):
+                    getattr(n, f).CopyFrom(getattr(st, f))
+            if n != w:
+                changed.append(n)
+        await self.save(changed)
+
+    async def _log_chunk(self, node: str, chunk: node_service_pb2.LogChunk) -> None:
+        q = self.log_queues.get(chunk.request_id)
+        if q is not None:
+            q.put_nowait(chunk)
+
+    async def _follow_slices(self) -> None:
+        """Slices that turn UNKNOWN (node lost) make their workloads UNKNOWN; deleted slices end theirs."""
+        while True:
+            q = self.ctl.events.subscribe()
+            try:
+                while True:
+                    ev = await q.get()
+                    if ev is None:
+                        break       # fell behind: subscribe again
+                    s = ev.slice
+                    changed = []
+                    for w in list(self.workloads.values()):
+                        if w.slice_id != s.id or w.state in TERMINAL:
+                            continue
+                        if ev.type == DELETED:
+                            n = self._copy(w, state=W.WORKLOAD_STATE_STOPPED, message=f"slice {s.id} released")
+                            n.finished_at.CopyFrom(now())
+                            changed.append(n)
+                        elif s.state == types_pb2.SLICE_STATE_UNKNOWN and w.state != W.WORKLOAD_STATE_UNKNOWN:
+                            changed.append(self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN,
+                                                      message=f"node {w.node} NotReady: {s.message}"))
+                    try:
+                        await self.save(changed)
+                    except errors.MeshError as e:
+                        log(logger, logging.WARNING, "cannot update workloads", error=str(e))
+            finally:
+                self.ctl.events.unsubscribe(q)
+
+
+class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
+    def __init__(self, manager: WorkloadManager) -> None:
+        self.m = manager
+
+    @unary
+    async def Run(self, request, context):
+        return await self.m.run(request)
+
+    @unary
+    async def Stop(self, request, context):
+        return await self.m.stop_workload(request.id, request.grace_seconds)
+
+    @unary
+    async def Get(self, request, context):
+        return self.m.get(request.id)
+
+    @unary
+    async def List(self, request, context):
+        return workload_service_pb2.ListWorkloadsResponse(
+            workloads=self.m.list(request.tenant, request.node, request.slice_id))
+
+    @streaming
+    async def Logs(self, request, context):
+        async for chunk in self.m.logs(request.id, request.tail_lines, request.follow):
+            yield chunk

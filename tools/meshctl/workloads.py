@@ -1,0 +1,164 @@
+"""`meshctl run`, `meshctl stop` and `meshctl logs`: processes on slices.
+
+`meshctl get workloads` and `meshctl describe workload` use the table and
+document helpers at the end of this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from typing import Any
+
+from tools.meshctl.common import CliError, client, out, subcommand
+
+RUN_EPILOG = """\
+examples:
+  meshctl run --slice s-7f3a9c1e2b4d -- python train.py --epochs 3
+  meshctl run --slice s-7f3a9c1e2b4d --env NCCL_DEBUG=INFO --label job=train-42 -- ./serve
+  meshctl run --slice s-7f3a9c1e2b4d -f -- nvidia-smi -L     # follow its output, exit with its status
+
+The process gets the slice's environment (CUDA_VISIBLE_DEVICES = the slice's
+device UUID, MPS limits on MPS slices) plus --env.
+"""
+
+LOGS_EPILOG = """\
+examples:
+  meshctl logs w-3f9a2c1d7e6b
+  meshctl logs w-3f9a2c1d7e6b --tail 20 -f
+"""
+
+
+def _pair(what: str):
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r} (allowed: KEY=VALUE)")
+        return key, value
+    return parse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    r = subcommand(sub, "run", help="run a process on a slice",
+                   description="Start COMMAND on a READY slice through its node's agent.", epilog=RUN_EPILOG)
+    r.add_argument("--slice", required=True, metavar="ID", help="the slice to run on (s-...)")
+    r.add_argument("--env", type=_pair("environment variable"), action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment (repeatable)")
+    r.add_argument("--label", type=_pair("label"), action="append", default=[], metavar="KEY=VALUE",
+                   help="a label kept with the workload (repeatable)")
+    r.add_argument("-f", "--follow", action="store_true",
+                   help="print its output until it ends, then exit with its exit status")
+    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the program and its arguments")
+    r.set_defaults(func=run_run)
+
+    s = subcommand(sub, "stop", help="stop a workload", description="SIGTERM a workload, SIGKILL after the grace period.")
+    s.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
+    s.add_argument("--grace", type=float, default=0.0, metavar="SECONDS", help="grace period (default: the agent's, 10 s)")
+    s.set_defaults(func=run_stop)
+
+    lg = subcommand(sub, "logs", help="print a workload's output", description="Print a workload's output "
+                    "(stdout and stderr interleaved) as its node has it.", epilog=LOGS_EPILOG)
+    lg.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the workload ends")
+    lg.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines (default: all)")
+    lg.set_defaults(func=run_logs)
+
+
+def _stream(mesh, wid: str, tail: int, follow: bool) -> None:
+    for data in mesh.workload_logs(wid, tail_lines=tail, follow=follow):
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+def run_run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("no command given (meshctl run --slice ID -- COMMAND ...)")
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        w = mesh.run_workload(args.slice, command, env=dict(args.env), labels=dict(args.label))
+        if args.follow:
+            _stream(mesh, w.id, 0, True)
+            w = mesh.get_workload(w.id)
+            return w.exit_code if w.exit_code or w.state != 4 else 1
+    from mesh.client import workload_to_dict
+    doc = workload_to_dict(w)
+    if args.output in ("json", "yaml"):
+        out(dump(doc, args.output))
+    else:
+        out(f"workload/{doc['id']} {doc['state']} on {doc['node']} (slice {doc['slice_id']}, pid {doc['pid'] or '-'})"
+            + (f": {doc['message']}" if doc["message"] else "") + "\n")
+    return 1 if doc["state"] == "failed" else 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from mesh.client import workload_to_dict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        doc = workload_to_dict(mesh.stop_workload(args.id, args.grace))
+    if args.output in ("json", "yaml"):
+        out(dump(doc, args.output))
+    else:
+        out(f"workload/{doc['id']} {doc['state']}" + (f": {doc['message']}" if doc["message"] else "") + "\n")
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    if args.tail < 0:
+        raise CliError("--tail must be >= 0")
+    with client(args) as mesh:
+        _stream(mesh, args.id, args.tail, args.follow)
+    return 0
+
+
+# -- get / describe ----------------------------------------------------------------------
+
+def workload_columns(now: datetime | None = None) -> list:
+    from tools.meshctl.output import _title, age
+    return [
+        ("ID", lambda d: d["id"], False),
+        ("SLICE", lambda d: d["slice_id"], False),
+        ("NODE", lambda d: d["node"], False),
+        ("STATE", lambda d: _title(d["state"]), False),
+        ("EXIT", lambda d: d["exit_code"] if d["finished_at"] else "-", False),
+        ("AGE", lambda d: age(d["created_at"], now), False),
+        ("COMMAND", lambda d: " ".join(d["command"])[:60], False),
+        ("TENANT", lambda d: d["tenant"], True),
+        ("PID", lambda d: d["pid"] or "-", True),
+        ("MESSAGE", lambda d: d["message"], True),
+    ]
+
+
+def fetch(args: argparse.Namespace) -> list:
+    if getattr(args, "state", None):
+        raise CliError("--state does not filter workloads")
+    with client(args) as mesh:
+        items = mesh.list_workloads(tenant=args.tenant, node=args.node, slice_id=getattr(args, "slice", "") or "")
+    return [w for w in items if not args.names or w.id in args.names]
+
+
+def format_workload(d: dict[str, Any]) -> str:
+    from tools.meshctl.describe import _fields
+    text = _fields([
+        ("ID", d["id"]), ("State", d["state"]), ("Message", d["message"]),
+        ("Slice", d["slice_id"]), ("Node", d["node"]), ("Tenant", d["tenant"]),
+        ("Command", " ".join(d["command"])), ("PID", d["pid"] or None),
+        ("Exit code", d["exit_code"] if d["finished_at"] else None),
+        ("Created", d["created_at"]), ("Started", d["started_at"]), ("Finished", d["finished_at"]),
+        ("Labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))),
+    ])
+    text += "Environment (besides the slice's):\n"
+    text += "".join(f"  {k}={v}\n" for k, v in sorted(d["env"].items())) or "  <none>\n"
+    return text
+
+
+def format_list(items: list, fmt: str, now: datetime | None = None) -> str:
+    from mesh.client import workload_to_dict
+    from tools.meshctl.output import dump, table_of
+    dicts = [workload_to_dict(w) for w in items]
+    if fmt in ("json", "yaml"):
+        return dump({"items": dicts}, fmt)
+    if not dicts:
+        return "No workloads found.\n"
+    return table_of(dicts, workload_columns(now), wide=(fmt == "wide"))
