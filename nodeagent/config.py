@@ -32,6 +32,11 @@ class AgentConfig:
                              "differs; MIG slices then use only the declared instances. Empty: layouts follow slices")
     workload_stop_grace_seconds: float = option(10.0, "how long a stopped workload gets between SIGTERM and SIGKILL",
                                                 minimum=0, maximum=3600)
+    mesh_listen: str = option("0.0.0.0:0", "mesh data plane (registered buffers served over TCP) address HOST:PORT; "
+                              "port 0 picks a free one, reported to the control plane")
+    mesh_advertise: str = option("", "address peers dial for this node's data plane (default: the local address "
+                                 "that reaches the control plane)")
+    mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = option("json", "log line format", choices=("json", "text"))
 
@@ -45,6 +50,7 @@ class AgentConfig:
             raise ConfigError(str(e)) from None
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
+        parse_hostport(self.mesh_listen, "mesh_listen")
         if self.gpu_backend == "sim" and not self.sim_host_file:
             raise ConfigError("sim_host_file: at least one host file is needed with gpu_backend=sim")
         if self.gpu_backend == "nvml" and self.sim_host_file:
