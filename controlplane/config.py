@@ -23,6 +23,10 @@ class ControlPlaneConfig:
     log_format: str = option("json", "log line format", choices=("json", "text"))
     port_file: str = option("", "write {endpoint, metrics, pid} as JSON here once serving")
     grace_seconds: float = option(5.0, "graceful shutdown period for in-flight RPCs", minimum=0, maximum=300)
+    scheduler_profile: str = option("default", "scheduler profile (plugins and weights; see docs/scheduler.md)",
+                                    choices=("default", "fgd", "fgd-exact", "bestfit", "packing", "spread", "random"))
+    scheduler_config: str = option("", "scheduler configuration YAML (profile, weights, plugin args such as tenant "
+                                       "quotas, preemption on/off); empty: the profile's defaults")
     memory_pressure_thresholds: list = option(
         ["50", "70", "85"], "GPU memory used, percent, where pressure turns normal, high, critical")
     thermal_thresholds: list = option(
@@ -48,6 +52,8 @@ class ControlPlaneConfig:
         except ValueError:
             raise ConfigError(f"xid_nonfatal: {self.xid_nonfatal!r} must be integers") from None
         parse_hostport(self.listen, "listen")
+        from controlplane.scheduler import profiles
+        profiles.load(self.scheduler_config, self.scheduler_profile)   # raises ConfigError naming the problem
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
         for url in self.etcd_endpoints:

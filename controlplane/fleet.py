@@ -53,6 +53,20 @@ class GpuState:
     thermal_state: str = "normal"       # normal | warning | throttling | critical
     health: str = "healthy"             # healthy | unhealthy | lost
     telemetry: types_pb2.GpuTelemetry | None = None
+    owner: "NodeEntry | None" = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in _GPU_WATCHED:
+            owner = self.__dict__.get("owner")
+            if owner is not None:
+                owner._sig = None
+
+    def state_key(self) -> tuple:
+        """Everything the scheduler's cacheable plugins look at (equal keys: interchangeable GPUs)."""
+        return (self.model.name, self.mig_enabled, self.memory_bytes, self.allocated_memory,
+                round(self.allocated_compute, 6), self.sharing, tuple(sorted(self.mig_layout)), self.nvlink_domain,
+                self.health, self.memory_pressure, self.thermal_state)
 
     @property
     def fill(self) -> int:
@@ -68,6 +82,9 @@ class GpuState:
         return min(10, self.allocated_memory * 10 // max(1, self.memory_bytes))
 
     def _reindex(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner._sig = None
         if self.fill_index is not None:
             self.fill_index.move(self)
 
@@ -116,6 +133,10 @@ class GpuState:
         self._reindex()
 
 
+_GPU_WATCHED = frozenset({"health", "memory_pressure", "thermal_state", "mig_enabled", "memory_bytes"})
+_NODE_WATCHED = frozenset({"record", "ready", "allocated_cpu_milli", "allocated_host_memory", "gpus"})
+
+
 @dataclass
 class NodeEntry:
     record: types_pb2.Node
@@ -125,10 +146,53 @@ class NodeEntry:
     # Host resources promised to slices on this node (capacity: record.inventory.cpu_milli/memory_bytes).
     allocated_cpu_milli: int = 0
     allocated_host_memory: int = 0
+    _sig: tuple | None = field(default=None, repr=False, compare=False)
+    _perm: tuple = field(default=(), repr=False, compare=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in _NODE_WATCHED:
+            object.__setattr__(self, "_sig", None)
+            if name == "gpus":
+                for g in value:
+                    g.owner = self
+
+    def __post_init__(self) -> None:
+        for g in self.gpus:
+            g.owner = self
 
     @property
     def name(self) -> str:
         return self.record.name
+
+    @property
+    def cpu_free(self) -> int:
+        return self.record.inventory.cpu_milli - self.allocated_cpu_milli
+
+    @property
+    def host_memory_free(self) -> int:
+        return self.record.inventory.memory_bytes - self.allocated_host_memory
+
+    def signature(self) -> tuple:
+        """The node's schedulable state, GPUs in a canonical order (`gpu_order()`): two nodes with
+        equal signatures are interchangeable to every cacheable scheduler plugin. Cached until a
+        slice, a host resource, cordon/readiness or a GPU's health/pressure changes."""
+        sig = self._sig
+        if sig is None:
+            keys = [(g.state_key(), g.index, i) for i, g in enumerate(self.gpus)]
+            keys.sort()
+            inv = self.record.inventory
+            rails = tuple(tuple(n.gpus) for n in inv.nics) if inv.nics else ()
+            sig = (self.ready, self.record.cordoned, inv.cpu_milli, inv.memory_bytes,
+                   self.allocated_cpu_milli, self.allocated_host_memory, tuple(k[0] for k in keys), rails)
+            object.__setattr__(self, "_perm", tuple(k[2] for k in keys))
+            object.__setattr__(self, "_sig", sig)
+        return sig
+
+    def gpu_order(self) -> tuple:
+        """Positions in `gpus` in the signature's order."""
+        self.signature()
+        return self._perm
 
     @property
     def schedulable(self) -> bool:
@@ -182,6 +246,8 @@ class Fleet:
         self.nodes: dict[str, NodeEntry] = {}
         self.slices: dict[str, types_pb2.Slice] = {}
         self.revisions: dict[str, int] = {}   # slice id -> etcd mod revision
+        # tenant -> [slices, GPU memory bytes, GPUs (sum of compute shares)], for quotas
+        self.usage: dict[str, list] = {}
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -222,6 +288,14 @@ class Fleet:
 
     # -- slices --------------------------------------------------------------------
 
+    def _account(self, s: types_pb2.Slice, sign: int) -> None:
+        u = self.usage.get(s.tenant)
+        if u is None:
+            u = self.usage[s.tenant] = [0, 0, 0.0]
+        u[0] += sign
+        u[1] += sign * s.memory_bytes
+        u[2] += sign * s.compute_share
+
     def _place(self, s: types_pb2.Slice) -> None:
         g = self.gpu(s.node, s.gpu_index)
         if g is not None:
@@ -244,7 +318,9 @@ class Fleet:
         old = self.slices.get(s.id)
         if old is not None:
             self._unplace(old)
+            self._account(old, -1)
         self.slices[s.id] = s
+        self._account(s, 1)
         if revision:
             self.revisions[s.id] = revision
         self._place(s)
@@ -254,6 +330,7 @@ class Fleet:
         self.revisions.pop(slice_id, None)
         if s is not None:
             self._unplace(s)
+            self._account(s, -1)
         return s
 
     def slices_on(self, node: str) -> list[types_pb2.Slice]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
@@ -31,6 +32,8 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MAX_COUNT = 64
 PRIORITY_RANGE = (-1000, 1000)
 MAX_LABELS = 32
+MAX_CPU_MILLI = 4096 * 1000          # 4,096 CPUs
+MAX_HOST_MEMORY = 64 << 40           # 64 TiB
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,15 @@ class SliceRequest:
     topology: str
     priority: int
     labels: dict[str, str] = field(default_factory=dict)
+    cpu_milli: int = 0                 # host CPU per slice
+    host_memory_bytes: int = 0         # host memory per slice
+    preempt: bool = False
+    anti_affinity: dict[str, str] = field(default_factory=dict)
+    gpu_models: tuple[str, ...] = ()   # any of these models (the trace's gpu_spec); () = no constraint
+
+    def one(self) -> "SliceRequest":
+        """The same request for a single slice (a spread gang is placed one slice at a time)."""
+        return dataclasses.replace(self, count=1)
 
 
 def _bad(name: str, problem: str, allowed: str = "") -> errors.InvalidArgument:
@@ -119,7 +131,21 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
         if len(v) > 256:
             raise _bad(f"labels[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
 
+    if spec.cpu_milli < 0 or spec.cpu_milli > MAX_CPU_MILLI:
+        raise _bad("cpu_milli", f"{spec.cpu_milli} milli-CPUs", f"0 to {MAX_CPU_MILLI} (0: none reserved)")
+    if spec.host_memory_bytes < 0 or spec.host_memory_bytes > MAX_HOST_MEMORY:
+        raise _bad("host_memory_bytes", f"{spec.host_memory_bytes} bytes", f"0 to {MAX_HOST_MEMORY} (0: none reserved)")
+    if len(spec.anti_affinity) > MAX_LABELS:
+        raise _bad("anti_affinity", f"{len(spec.anti_affinity)} rules", f"at most {MAX_LABELS}")
+    for k, v in spec.anti_affinity.items():
+        if not LABEL_KEY_RE.match(k):
+            raise _bad(f"anti_affinity[{k!r}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
+        if len(v) > 256:
+            raise _bad(f"anti_affinity[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
+
     return SliceRequest(tenant=spec.tenant, memory_bytes=spec.memory_bytes, compute_share=share,
                         isolation=isolation, gpu_model=model.name if model else None, mig_profile=profile,
                         count=count, topology=TOPOLOGIES[spec.topology], priority=spec.priority,
-                        labels=dict(spec.labels))
+                        labels=dict(spec.labels), cpu_milli=spec.cpu_milli,
+                        host_memory_bytes=spec.host_memory_bytes, preempt=spec.preempt,
+                        anti_affinity=dict(spec.anti_affinity))

@@ -1,0 +1,467 @@
+"""The scheduling framework: statuses, plugin protocols, profiles and the cycle.
+
+One cycle places one request (`count` slices, all or nothing) on the in-memory
+fleet (`controlplane.fleet.Fleet`, the snapshot). Per node it runs the filter
+plugins, asks the fit plugin for the node's options (which GPUs, which MIG start
+slots), scores each option with the weighted score plugins and keeps the best;
+the best node wins (ties: the first node in fleet order). "Does not fit" is a
+`Status` with reasons, never an exception.
+
+Speed: plugins marked `cacheable` depend only on the node's signature (its
+schedulable state, GPUs in canonical order) and the request's shape, so their
+verdict for a (signature, request) pair is computed once and reused by every
+node with the same signature until something on it changes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+from controlplane.fleet import Fleet, GpuState, NodeEntry
+from mesh.slicespec import SliceRequest
+
+
+class Code(enum.IntEnum):
+    SUCCESS = 0
+    UNSCHEDULABLE = 1                   # may fit once something is released (or preempted)
+    UNSCHEDULABLE_AND_UNRESOLVABLE = 2  # will not fit on this node whatever is released
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class Status:
+    """A plugin's verdict; `reasons` are (node class, why) pairs, counted per GPU or node."""
+
+    code: Code = Code.SUCCESS
+    reasons: tuple[tuple[str, str], ...] = ()
+    plugin: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == Code.SUCCESS
+
+    @classmethod
+    def unschedulable(cls, cls_name: str, why: str, plugin: str = "", n: int = 1,
+                      unresolvable: bool = False) -> "Status":
+        code = Code.UNSCHEDULABLE_AND_UNRESOLVABLE if unresolvable else Code.UNSCHEDULABLE
+        return cls(code, ((cls_name, why),) * n, plugin)
+
+
+SUCCESS = Status()
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One slice of the request on one GPU of a node. `rank` is the GPU's position in the node's
+    signature order (`NodeEntry.gpu_order()`), -1 for a slice that takes no GPU (host only)."""
+
+    rank: int
+    isolation: str
+    profile: str | None = None
+    start: int | None = None
+    size: int | None = None
+    memory_bytes: int = 0
+    compute_share: float = 0.0
+    cpu_milli: int = 0
+    host_memory_bytes: int = 0
+
+
+Option = tuple[Pick, ...]  # the picks one node would take
+
+
+def gpu_of(node: NodeEntry, pick: Pick) -> GpuState | None:
+    return None if pick.rank < 0 else node.gpus[node.gpu_order()[pick.rank]]
+
+
+class CycleState(dict):
+    """Scratch data of one cycle, shared by the plugins (keys: plugin names)."""
+
+
+# -- plugin protocols (each plugin implements one or more) -----------------------------
+
+@runtime_checkable
+class PreFilterPlugin(Protocol):
+    NAME: str
+
+    def pre_filter(self, state: CycleState, req: SliceRequest, fleet: Fleet) -> Status: ...
+
+
+@runtime_checkable
+class FilterPlugin(Protocol):
+    NAME: str
+    cacheable: bool
+
+    def filter(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> Status: ...
+
+
+@runtime_checkable
+class GpuFilterPlugin(Protocol):
+    NAME: str
+
+    def filter_gpu(self, req: SliceRequest, gpu: GpuState) -> str | None:
+        """None when `gpu` may hold a slice of `req`, else the reason (always cacheable)."""
+
+
+@runtime_checkable
+class OptionsPlugin(Protocol):
+    NAME: str
+
+    def options(self, req: SliceRequest, node: NodeEntry,
+                gpus: list[tuple[int, GpuState]]) -> tuple[list[Option], list[tuple[str, str]]]:
+        """The node's ways to hold the request over the GPUs that passed the GPU filters
+        (rank, GPU), and (class, reason) for the GPUs that cannot (always cacheable)."""
+
+
+@runtime_checkable
+class ScorePlugin(Protocol):
+    NAME: str
+    cacheable: bool
+
+    def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
+        """Higher is better; scales are the plugin's own and the profile's weights combine them."""
+
+
+@runtime_checkable
+class NormalizePlugin(Protocol):
+    def normalize(self, scores: list[float]) -> list[float]: ...
+
+
+@runtime_checkable
+class ReservePlugin(Protocol):
+    NAME: str
+
+    def reserve(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> Status: ...
+
+    def unreserve(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> None:
+        """Undo `reserve`; idempotent."""
+
+
+@runtime_checkable
+class PostFilterPlugin(Protocol):
+    NAME: str
+
+    def post_filter(self, fw: "Framework", state: CycleState, req: SliceRequest, fleet: Fleet) -> "Decision | None":
+        """Runs when nothing fits (e.g. preemption); a decision with victims, or None."""
+
+
+# -- results -----------------------------------------------------------------------------
+
+@dataclass
+class Placement:
+    node: NodeEntry
+    option: Option
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One slice's place, in the fleet's own terms (what the controller binds)."""
+
+    node: str
+    gpu_index: int
+    gpu_uuid: str
+    gpu_model: str
+    isolation: str
+    profile: str | None
+    start: int | None
+    size: int | None
+    memory_bytes: int
+    compute_share: float
+    cpu_milli: int = 0
+    host_memory_bytes: int = 0
+
+
+def to_choices(placements: list[Placement]) -> list[Choice]:
+    out = []
+    for pl in placements:
+        for p in pl.option:
+            g = gpu_of(pl.node, p)
+            out.append(Choice(pl.node.name, g.index if g else -1, g.uuid if g else "", g.model.name if g else "",
+                              p.isolation, p.profile, p.start, p.size, p.memory_bytes, p.compute_share,
+                              p.cpu_milli, p.host_memory_bytes))
+    return out
+
+
+@dataclass
+class Decision:
+    """Where the request goes (one Choice per slice), what must be evicted first, or why not."""
+
+    status: Status
+    placements: list[Placement] = field(default_factory=list)
+    victims: list[str] = field(default_factory=list)     # allocation ids to evict first
+    reasons: dict[str, str] = field(default_factory=dict)  # node class -> summary, when unschedulable
+    choices: list[Choice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.placements and not self.choices:
+            self.choices = to_choices(self.placements)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.ok
+
+
+class Reasons:
+    """Counts (class, why) pairs over the nodes of one cycle, for RESOURCE_EXHAUSTED."""
+
+    def __init__(self) -> None:
+        self.by_class: dict[str, Counter] = defaultdict(Counter)
+
+    def add_status(self, st: Status) -> None:
+        for cls, why in st.reasons:
+            self.by_class[cls][why] += 1
+
+    def summary(self) -> dict[str, str]:
+        out = {cls: "; ".join(f"{n} GPU(s): {why}" if not why.startswith("node:") else f"{n} node(s): {why[5:]}"
+                              for why, n in c.most_common())
+               for cls, c in self.by_class.items()}
+        return out or {"fleet": "no GPU nodes registered"}
+
+
+@dataclass(frozen=True)
+class _NodeVerdict:
+    status: Status
+    option: Option | None = None
+    scores: tuple[float, ...] = ()   # the cacheable score plugins' raw scores of `option`
+    total: float = 0.0               # their weighted sum
+
+
+# -- profile and framework ----------------------------------------------------------------
+
+@dataclass
+class Profile:
+    """Which plugins run, with which score weights (from configuration: see profiles.py)."""
+
+    name: str
+    plugins: list[Any]
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def of(self, proto) -> list[Any]:
+        return [p for p in self.plugins if isinstance(p, proto)]
+
+
+class Framework:
+    CACHE_LIMIT = 200_000
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.pre_filters = [p for p in profile.of(PreFilterPlugin) if hasattr(p, "pre_filter")]
+        filters = [p for p in profile.of(FilterPlugin) if hasattr(p, "filter")]
+        self.cached_filters = [p for p in filters if p.cacheable]
+        self.node_filters = [p for p in filters if not p.cacheable]
+        self.gpu_filters = [p for p in profile.plugins if hasattr(p, "filter_gpu")]
+        fits = [p for p in profile.plugins if hasattr(p, "options")]
+        if len(fits) != 1:
+            raise ValueError(f"profile {profile.name}: needs exactly one plugin that enumerates options, "
+                             f"has {[p.NAME for p in fits]}")
+        self.fit = fits[0]
+        scorers = [p for p in profile.plugins if hasattr(p, "score")]
+        for p in scorers:
+            if p.NAME not in profile.weights:
+                profile.weights[p.NAME] = 1.0
+        self.cached_scorers = [(p, profile.weights[p.NAME]) for p in scorers if p.cacheable and profile.weights[p.NAME]]
+        self.node_scorers = [(p, profile.weights[p.NAME]) for p in scorers
+                             if not p.cacheable and profile.weights[p.NAME]]
+        self.normalizers = [(i, p) for i, (p, _) in enumerate(self.node_scorers) if hasattr(p, "normalize")]
+        self.reservers = [p for p in profile.plugins if hasattr(p, "reserve")]
+        self.post_filters = [p for p in profile.plugins if hasattr(p, "post_filter")]
+        self.observers = [p for p in profile.plugins if hasattr(p, "observe")]
+        for p in profile.plugins:
+            if hasattr(p, "on_change"):
+                p.on_change = self.invalidate
+        self.cache: dict[tuple, _NodeVerdict] = {}
+        self.version = 0   # bumped when a plugin's cached answers go stale (e.g. a new request mix)
+
+    def invalidate(self) -> None:
+        self.cache.clear()
+        self.version += 1
+
+    def plugin(self, name: str) -> Any:
+        for p in self.profile.plugins:
+            if p.NAME == name:
+                return p
+        raise KeyError(name)
+
+    # -- one node --------------------------------------------------------------------
+
+    def _verdict(self, state: CycleState, req: SliceRequest, rkey: tuple, node: NodeEntry) -> _NodeVerdict:
+        key = (node.signature(), rkey)
+        v = self.cache.get(key)
+        if v is None:
+            v = self._evaluate(state, req, node)
+            if len(self.cache) >= self.CACHE_LIMIT:
+                self.cache.clear()
+            self.cache[key] = v
+        return v
+
+    def _evaluate(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> _NodeVerdict:
+        for f in self.cached_filters:
+            st = f.filter(state, req, node)
+            if not st.ok:
+                return _NodeVerdict(st)
+        gpus, reasons = [], []
+        for rank, i in enumerate(node.gpu_order()):
+            g = node.gpus[i]
+            for f in self.gpu_filters:
+                why = f.filter_gpu(req, g)
+                if why is not None:
+                    reasons.append((g.model.name, why))
+                    break
+            else:
+                gpus.append((rank, g))
+        options, why = self.fit.options(req, node, gpus)
+        if not options:
+            reasons.extend(why)
+            if not reasons:
+                reasons.append((node.gpus[0].model.name if node.gpus else "host", "node:does not fit"))
+            return _NodeVerdict(Status(Code.UNSCHEDULABLE, tuple(reasons), self.fit.NAME))
+        best = None
+        for opt in options:
+            scores = tuple(p.score(state, req, node, opt) for p, _ in self.cached_scorers)
+            total = sum(s * w for s, (_, w) in zip(scores, self.cached_scorers))
+            if best is None or total > best.total:
+                best = _NodeVerdict(SUCCESS, opt, scores, total)
+        return best
+
+    def evaluate_node(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> _NodeVerdict:
+        for f in self.node_filters:
+            st = f.filter(state, req, node)
+            if not st.ok:
+                return _NodeVerdict(st)
+        return self._verdict(state, req, request_key(req, self.version), node)
+
+    # -- the cycle -------------------------------------------------------------------
+
+    def find(self, state: CycleState, req: SliceRequest, fleet: Fleet,
+             nodes: Iterable[NodeEntry] | None = None, reasons: Reasons | None = None) -> Placement | None:
+        """The best node and option for the request (one node's share of it), or None."""
+        rkey = request_key(req, self.version)
+        node_filters, node_scorers = self.node_filters, self.node_scorers
+        best_node, best_v, best_total = None, None, None
+        feasible = [] if node_scorers else None
+        cache = self.cache
+        for node in (fleet.nodes.values() if nodes is None else nodes):
+            ok = True
+            for f in node_filters:
+                st = f.filter(state, req, node)
+                if not st.ok:
+                    if reasons is not None:
+                        reasons.add_status(st)
+                    ok = False
+                    break
+            if not ok:
+                continue
+            v = cache.get((node.signature(), rkey))
+            if v is None:
+                v = self._verdict(state, req, rkey, node)
+            if not v.status.ok:
+                if reasons is not None:
+                    reasons.add_status(v.status)
+                continue
+            if feasible is not None:
+                feasible.append((node, v))
+            elif best_total is None or v.total > best_total:
+                best_node, best_v, best_total = node, v, v.total
+        if feasible:
+            columns = [[p.score(state, req, n, v.option) for n, v in feasible] for p, _ in node_scorers]
+            for i, p in self.normalizers:
+                columns[i] = p.normalize(columns[i])
+            for j, (n, v) in enumerate(feasible):
+                total = v.total + sum(col[j] * w for col, (_, w) in zip(columns, node_scorers))
+                if best_total is None or total > best_total:
+                    best_node, best_v, best_total = n, v, total
+        if best_node is None:
+            return None
+        return Placement(best_node, best_v.option)
+
+    def schedule(self, req: SliceRequest, fleet: Fleet, allow_preemption: bool = True) -> Decision:
+        """Place all `req.count` slices or none; the fleet is left as it was (the caller binds)."""
+        state = CycleState()
+        for p in self.observers:
+            p.observe(req)
+        for p in self.pre_filters:
+            st = p.pre_filter(state, req, fleet)
+            if not st.ok:
+                return Decision(st, reasons=dict(st.reasons))
+        reasons = Reasons()
+        placements = self._place_all(state, req, fleet, reasons)
+        if placements is not None:
+            return Decision(SUCCESS, placements)
+        if allow_preemption and req.preempt:
+            for p in self.post_filters:
+                d = p.post_filter(self, state, req, fleet)
+                if d is not None and d.ok:
+                    return d
+        return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=reasons.summary())
+
+    def _place_all(self, state: CycleState, req: SliceRequest, fleet: Fleet, reasons: Reasons,
+                   nodes: Iterable[NodeEntry] | None = None) -> list[Placement] | None:
+        """Node-local requests (one slice, host-only, or a same-node/NVLink gang) take one cycle;
+        a spread gang takes one cycle per slice, each seeing the ones before it assumed."""
+        if req.count == 1 or req.topology != "any":
+            pl = self.find(state, req, fleet, nodes, reasons)
+            if pl is None or not self.reserve(state, req, pl):
+                return None
+            self.unreserve(state, req, pl)
+            return [pl]
+        one = req.one()
+        done: list[Placement] = []
+        tags: list[list[str]] = []
+        try:
+            for i in range(req.count):
+                pl = self.find(state, one, fleet, nodes, reasons)
+                if pl is None:
+                    return None
+                tags.append(assume(fleet, pl, f"__assume-{i}"))
+                done.append(pl)
+            return done
+        finally:
+            for t in tags:
+                forget(fleet, t)
+
+    def reserve(self, state: CycleState, req: SliceRequest, pl: Placement) -> bool:
+        done = []
+        for p in self.reservers:
+            st = p.reserve(state, req, pl.node, pl.option)
+            if not st.ok:
+                for q in reversed(done):
+                    q.unreserve(state, req, pl.node, pl.option)
+                return False
+            done.append(p)
+        return True
+
+    def unreserve(self, state: CycleState, req: SliceRequest, pl: Placement) -> None:
+        for p in reversed(self.reservers):
+            p.unreserve(state, req, pl.node, pl.option)
+
+
+def request_key(req: SliceRequest, version: int) -> tuple:
+    """The request's shape: every field a cacheable plugin may look at."""
+    return (req.memory_bytes, req.compute_share, req.isolation, req.gpu_model, req.gpu_models, req.mig_profile,
+            req.count, req.topology, req.cpu_milli, req.host_memory_bytes, version)
+
+
+def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:
+    """Mark a placement taken in the fleet with placeholder slices (so the next cycle sees it);
+    returns their ids for `forget`."""
+    from gpumesh.v1 import types_pb2
+    from mesh.slicespec import ISOLATION_ENUM
+    ids = []
+    for j, pick in enumerate(pl.option):
+        g = gpu_of(pl.node, pick)
+        s = types_pb2.Slice(id=f"{tag}-{j}", node=pl.node.name, gpu_index=g.index if g else -1,
+                            isolation=ISOLATION_ENUM.get(pick.isolation, 0), profile=pick.profile or "",
+                            memory_bytes=pick.memory_bytes, compute_share=pick.compute_share,
+                            cpu_milli=pick.cpu_milli, host_memory_bytes=pick.host_memory_bytes)
+        if pick.profile:
+            s.placement.start, s.placement.size = pick.start, pick.size
+        fleet.put_slice(s)
+        ids.append(s.id)
+    return ids
+
+
+def forget(fleet: Fleet, ids: list[str]) -> None:
+    for i in ids:
+        fleet.drop_slice(i)

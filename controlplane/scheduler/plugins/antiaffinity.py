@@ -1,0 +1,28 @@
+"""AntiAffinity: a slice does not go to a node holding a slice that carries any of its
+anti-affinity label pairs, nor to one whose slices' anti-affinity rules name its own labels."""
+
+from __future__ import annotations
+
+from controlplane.fleet import NodeEntry
+from controlplane.scheduler.framework import SUCCESS, CycleState, Status
+from mesh.slicespec import SliceRequest
+
+NAME = "AntiAffinity"
+
+
+class Plugin:
+    NAME = NAME
+    cacheable = False   # depends on the labels of the slices on the node
+
+    def __init__(self) -> None:
+        pass
+
+    def filter(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> Status:
+        rules = req.anti_affinity
+        for g in node.gpus:
+            for s in g.slices.values():
+                if rules and any(s.labels.get(k) == v for k, v in rules.items()):
+                    return Status.unschedulable(g.model.name, "node:holds a slice matching anti-affinity", NAME)
+                if s.anti_affinity and any(req.labels.get(k) == v for k, v in s.anti_affinity.items()):
+                    return Status.unschedulable(g.model.name, "node:a slice there is anti-affine to this one", NAME)
+        return SUCCESS

@@ -1,0 +1,172 @@
+"""FragmentationGradient (after FGD, Weng et al., USENIX ATC '23): choose the node, GPU and start
+slot that least increase the fleet's fragmentation, measured against the expected mix of requests.
+
+A node's fragmentation for one request type is the free GPU capacity that type cannot use there:
+all of it when the type cannot run on the node at all (model, host CPU, too few GPUs with room),
+else the free capacity of the GPUs too small for it. The node's fragmentation is the mix-weighted
+sum; the score of an option is minus its increase, in GPUs (`integer: true` scores as the paper's
+artifact does, int(100 * sigmoid(-delta_milli / 1000)), which leaves near-ties to node order).
+
+The mix is learned from the requests the scheduler sees (a sliding window; the types that make up
+`coverage` of it) unless set explicitly (the replay sets the trace's mix, as the artifact does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from controlplane.fleet import NodeEntry
+from controlplane.scheduler.framework import CycleState, Option
+from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
+from mesh.slicespec import SliceRequest
+
+NAME = "FragmentationGradient"
+
+
+@dataclass(frozen=True)
+class MixType:
+    """One request type of the mix: `gpus` GPUs of `milli` milli-GPUs each, `cpu_milli` host CPU."""
+
+    gpus: int
+    milli: int
+    cpu_milli: int = 0
+    models: frozenset = frozenset()
+    weight: float = 1.0
+
+
+def type_of(req: SliceRequest) -> tuple[int, int, int, frozenset] | None:
+    """The mix key of a request, None for one that takes no GPU."""
+    if req.isolation == "host":
+        return None
+    models = frozenset(req.gpu_models or ((req.gpu_model,) if req.gpu_model else ()))
+    if req.isolation == "exclusive":
+        gpus, milli = (req.count if req.topology != "any" else 1), 1000
+    else:
+        gpus = 1
+        milli = int(round(req.compute_share * 1000)) if req.compute_share else 0
+        if not milli and req.memory_bytes:
+            milli = min(1000, max(1, req.memory_bytes * 1000 // (80 << 30)))
+        milli = milli or 1000
+    return gpus, milli, req.cpu_milli * gpus, models
+
+
+def top_types(counts: Counter, coverage: float) -> list[MixType]:
+    """The most frequent types that together make up `coverage` of `counts`, weights summing to 1
+    over the kept types' share of all requests (as the paper's metric)."""
+    total = sum(counts.values())
+    out, seen = [], 0
+    for key, n in counts.most_common():
+        if total and seen / total >= coverage:
+            break
+        seen += n
+        out.append(MixType(key[0], key[1], key[2], key[3], n / total))
+    return out
+
+
+class Plugin:
+    NAME = NAME
+    cacheable = True
+
+    def __init__(self, integer: bool = False, window: int = 2000, coverage: float = 0.95,
+                 refresh: int = 200, mix: list[MixType] | None = None) -> None:
+        if not isinstance(integer, bool):
+            raise ValueError(f"{NAME}: integer must be true or false, not {integer!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"{NAME}: window must be a positive integer, not {window!r}")
+        if not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"{NAME}: refresh must be a positive integer, not {refresh!r}")
+        if not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
+            raise ValueError(f"{NAME}: coverage must be in (0, 1], not {coverage!r}")
+        self.integer, self.coverage, self.refresh = integer, float(coverage), refresh
+        self.recent: deque = deque(maxlen=window)
+        self.seen = 0
+        self.fixed = mix is not None
+        self.mix: list[MixType] = list(mix or [MixType(1, 1000)])
+        self._frag: dict = {}
+        self.on_change = None   # the framework's invalidate, set by the profile builder
+
+    # -- the mix ---------------------------------------------------------------------
+
+    def set_mix(self, mix: list[MixType]) -> None:
+        self.mix, self.fixed = list(mix), True
+        self._frag.clear()
+        if self.on_change:
+            self.on_change()
+
+    def observe(self, req: SliceRequest) -> None:
+        """Learn the mix from the requests seen (every `refresh` requests)."""
+        key = type_of(req)
+        if key is None or self.fixed:
+            return
+        self.recent.append(key)
+        self.seen += 1
+        if self.seen % self.refresh == 0 or self.seen == 1:
+            mix = top_types(Counter(self.recent), self.coverage)
+            if mix != self.mix:
+                self.mix = mix
+                self._frag.clear()
+                if self.on_change:
+                    self.on_change()
+
+    # -- fragmentation ---------------------------------------------------------------
+
+    def node_frag(self, model: str, cpu_free: float, frees: tuple[int, ...]) -> float:
+        """Mix-weighted free milli-GPUs the mix cannot use on a node with these free GPUs."""
+        key = (model, cpu_free, frees)
+        got = self._frag.get(key)
+        if got is None:
+            got = frag_of(self.mix, model, cpu_free, frees)
+            if len(self._frag) > 500_000:
+                self._frag.clear()
+            self._frag[key] = got
+        return got
+
+    def delta(self, node: NodeEntry, option: Option) -> float:
+        """How much `option` raises the node's fragmentation, in milli-GPUs."""
+        gpus = node.gpus
+        if not gpus:
+            return 0.0
+        order = node.gpu_order()
+        frees = [free_milli(gpus[i]) for i in order]
+        cpu = node.cpu_free if node.record.inventory.cpu_milli else math.inf
+        model = gpus[0].model.name
+        before = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)))
+        for p in option:
+            if p.rank >= 0:
+                g = gpus[order[p.rank]]
+                frees[p.rank] = max(0, frees[p.rank] - pick_milli(g, p.memory_bytes, p.compute_share, p.isolation))
+            cpu -= p.cpu_milli
+        after = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)))
+        return after - before
+
+    def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
+        d = self.delta(node, option)
+        if self.integer:
+            return float(int(100 / (1 + math.exp(d / 1000))))
+        return -d / 1000
+
+
+def frag_of(mix: list[MixType], model: str, cpu_free: float, frees: tuple[int, ...]) -> float:
+    """`frees` sorted largest first."""
+    total = sum(frees)
+    if not total:
+        return 0.0
+    out = 0.0
+    for t in mix:
+        if (t.models and model not in t.models) or cpu_free < t.cpu_milli:
+            out += t.weight * total
+            continue
+        m = t.milli
+        if t.gpus == 1:
+            if frees[0] < m:
+                out += t.weight * total
+            else:
+                out += t.weight * sum(f for f in frees if f < m)
+        else:
+            if len(frees) < t.gpus or frees[t.gpus - 1] < m:
+                out += t.weight * total
+            else:
+                out += t.weight * sum(f for f in frees if f < m)
+    return out

@@ -1,0 +1,46 @@
+"""TenantQuota: a tenant may hold at most so many slices, GPU memory bytes and GPUs (the sum of
+its slices' compute shares); a request over a limit is refused naming the quota."""
+
+from __future__ import annotations
+
+from controlplane.fleet import Fleet
+from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
+from mesh.slicespec import SliceRequest
+
+NAME = "TenantQuota"
+LIMITS = ("max_slices", "max_memory_bytes", "max_gpus")
+
+
+class Plugin:
+    NAME = NAME
+
+    def __init__(self, tenants: dict | None = None, default: dict | None = None) -> None:
+        self.tenants = {t: self._check(t, q) for t, q in (tenants or {}).items()}
+        self.default = self._check("default", default or {})
+
+    @staticmethod
+    def _check(who: str, q: dict) -> dict:
+        if not isinstance(q, dict):
+            raise ValueError(f"{NAME}: quota of {who} must be a mapping of {', '.join(LIMITS)}")
+        for k, v in q.items():
+            if k not in LIMITS:
+                raise ValueError(f"{NAME}: unknown quota {k!r} for {who}; allowed: {', '.join(LIMITS)}")
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{NAME}: {who}.{k} must be a number >= 0, not {v!r}")
+        return dict(q)
+
+    def pre_filter(self, state: CycleState, req: SliceRequest, fleet: Fleet) -> Status:
+        q = self.tenants.get(req.tenant, self.default)
+        if not q:
+            return SUCCESS
+        slices, memory, gpus = fleet.usage.get(req.tenant, (0, 0, 0.0))
+        share = 1.0 if req.isolation == "exclusive" else (req.compute_share or (1.0 if req.memory_bytes == 0 else 0.0))
+        want = {"max_slices": (slices, req.count), "max_memory_bytes": (memory, req.memory_bytes * req.count),
+                "max_gpus": (gpus, share * req.count)}
+        for k, limit in q.items():
+            used, more = want[k]
+            if used + more > limit + 1e-9:
+                why = (f"tenant {req.tenant} quota {k}={limit:g} exceeded: uses {used:g}, "
+                       f"asks {more:g} more")
+                return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
+        return SUCCESS

@@ -1,0 +1,24 @@
+"""Random: a uniformly random feasible node (the replay's baseline)."""
+
+from __future__ import annotations
+
+import random
+
+from controlplane.fleet import NodeEntry
+from controlplane.scheduler.framework import CycleState, Option
+from mesh.slicespec import SliceRequest
+
+NAME = "Random"
+
+
+class Plugin:
+    NAME = NAME
+    cacheable = False
+
+    def __init__(self, seed: int | None = None) -> None:
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError(f"{NAME}: seed must be an integer, not {seed!r}")
+        self.rng = random.Random(seed)
+
+    def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
+        return self.rng.random()
