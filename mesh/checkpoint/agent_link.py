@@ -1,0 +1,147 @@
+"""The local control socket between the node agent (client) and a workload's SDK (server).
+
+A Unix stream socket carrying JSON lines: the agent sends `{"cmd": NAME, ...args}`, the
+SDK answers `{"ok": true, ...}` or `{"ok": false, "error": TYPE, "message": TEXT}`. One
+connection carries any number of requests, one at a time; the SDK serves each
+connection in its own thread, so `status` answers while a long `precopy_round` runs on
+another connection.
+
+Commands (served by `mesh.checkpoint.sdk.Checkpointer`):
+
+| cmd | args | answer |
+| --- | --- | --- |
+| `status` | | step, paused, restored, receive_address, state_bytes, entries, pid |
+| `pause` | timeout | blocks until the workload waits at a safe point; step |
+| `resume` | | the workload continues |
+| `stop` | | the workload's `safe_point()` raises `WorkloadStopped` (exit 0) |
+| `checkpoint` | path, or target+session | full consistent checkpoint (pauses at a safe point if running) |
+| `precopy_begin` | target, session, chunk_bytes | round 0: every tensor, while running |
+| `precopy_round` | | the tensors changed since the last round |
+| `dirty` | | how many entries/bytes changed since the last round (sends nothing) |
+| `final` | | paused: the rest, the small pickled entries, and the commit |
+| `precopy_abort` | | forget the pre-copy session |
+| `wait_restored` | timeout | (target) blocks until a restore has been applied; step |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from mesh.checkpoint.format import CheckpointError
+
+SOCKET_ENV = "GPUMESH_CHECKPOINT_SOCKET"
+RESTORE_ENV = "GPUMESH_RESTORE_FROM"
+
+
+class CommandError(CheckpointError):
+    """The workload refused or failed a command; `kind` is the SDK-side error type."""
+
+    def __init__(self, command: str, kind: str, message: str) -> None:
+        super().__init__(f"{command}: {kind}: {message}")
+        self.command = command
+        self.kind = kind
+
+
+class AgentLink:
+    """The agent's side: a connection to one workload's control socket."""
+
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.path)
+        self._sock, self._file = s, s.makefile("rwb")
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            try:
+                self._file.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+                self._file.flush()
+                line = self._file.readline()
+            except OSError:
+                self.close()
+                raise
+            if not line:
+                self.close()
+                raise ConnectionError(f"{self.path}: the workload closed the control socket during {cmd!r}")
+        reply = json.loads(line)
+        if not reply.pop("ok", False):
+            raise CommandError(cmd, reply.get("error", "Error"), reply.get("message", ""))
+        return reply
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._file.close()
+                self._sock.close()
+            finally:
+                self._sock = self._file = None
+
+    def __enter__(self) -> "AgentLink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlServer:
+    """The workload's side: serves commands on a Unix socket from daemon threads."""
+
+    def __init__(self, path: str, handle: Handler) -> None:
+        self.path = path
+        self.handle = handle
+        if os.path.exists(path):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self._closed = False
+        threading.Thread(target=self._accept, name="gpumesh-ckpt-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="gpumesh-ckpt-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                try:
+                    req = json.loads(line)
+                    reply = {"ok": True, **(self.handle(req) or {})}
+                except Exception as exc:  # every failure goes back to the agent, typed
+                    reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+                try:
+                    f.write(json.dumps(reply).encode() + b"\n")
+                    f.flush()
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.sock.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,259 @@
+"""The checkpoint format: a JSON manifest plus raw entry bytes, versioned and checksummed.
+
+A checkpoint is a set of named *entries*. A tensor entry is the tensor's raw bytes
+(C order, native little-endian) with its dtype and shape in the manifest; a pickle
+entry is the pickled bytes of a small declared object (RNG states, the step and
+extras, an optimizer's non-tensor state). Tensors are never pickled.
+
+On disk a checkpoint is a directory::
+
+    manifest.json        {"format": "gpumesh-checkpoint", "format_version": 1, "workload_id",
+                          "step", "created", "checksum": "sha256", "entries": [...], "extras": {...}}
+    data/00000.bin ...   one file per entry, in manifest order
+
+The manifest is written last, through a rename, so a directory with a manifest is
+complete. `read_entries` verifies every entry's size and SHA-256 and raises
+`ChecksumMismatch` naming the entry. The same `EntryMeta` travels on the transfer
+stream (`mesh.checkpoint.transfer`), so a streamed checkpoint and a stored one are
+the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FORMAT_NAME = "gpumesh-checkpoint"
+FORMAT_VERSION = 1
+CHECKSUM = "sha256"
+MANIFEST = "manifest.json"
+CHUNK_BYTES = 4 << 20
+"""Default chunk size for reading, writing and streaming entries."""
+
+Kind = Literal["tensor", "pickle"]
+
+
+class CheckpointError(Exception):
+    """Base of the checkpoint package's errors."""
+
+
+class FormatError(CheckpointError):
+    """The manifest is missing, unreadable, or of an unknown format or version."""
+
+
+@dataclass
+class ChecksumMismatch(CheckpointError):
+    """An entry's bytes do not match the manifest (size or checksum)."""
+
+    entry: str
+    expected: str
+    actual: str
+    where: str = ""
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        at = f" ({self.where})" if self.where else ""
+        return f"checkpoint entry {self.entry!r}{at}: expected {self.expected}, got {self.actual}"
+
+
+@dataclass
+class EntryMeta:
+    """One entry of a checkpoint: what it is and how to check it."""
+
+    name: str
+    kind: Kind
+    nbytes: int
+    dtype: str = ""
+    """torch dtype name without the `torch.` prefix (e.g. `float32`); empty for pickles."""
+    shape: list[int] = field(default_factory=list)
+    checksum: str = ""
+    """hex SHA-256 of the entry's bytes."""
+    file: str = ""
+    """where the bytes are, relative to the checkpoint directory (default `data/<index>.bin`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "EntryMeta":
+        try:
+            return cls(name=d["name"], kind=d["kind"], nbytes=int(d["nbytes"]), dtype=d.get("dtype", ""),
+                       shape=[int(x) for x in d.get("shape", [])], checksum=d.get("checksum", ""),
+                       file=d.get("file", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"bad manifest entry {d!r}: {exc}") from None
+
+
+@dataclass
+class Manifest:
+    workload_id: str
+    step: int
+    entries: list[EntryMeta]
+    created: float = field(default_factory=time.time)
+    extras: dict[str, Any] = field(default_factory=dict)
+    """small JSON-able facts about the checkpoint (not the workload's pickled extras)."""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def entry(self, name: str) -> EntryMeta:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "format_version": self.format_version, "workload_id": self.workload_id,
+                "step": self.step, "created": self.created, "checksum": CHECKSUM,
+                "entries": [e.to_json() for e in self.entries], "extras": self.extras}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise FormatError(f"not a gpumesh checkpoint manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatError(f"checkpoint format version {version!r} is not supported "
+                              f"(this build reads version {FORMAT_VERSION})")
+        if d.get("checksum", CHECKSUM) != CHECKSUM:
+            raise FormatError(f"checkpoint checksum {d.get('checksum')!r} is not supported (allowed: {CHECKSUM})")
+        return cls(workload_id=str(d.get("workload_id", "")), step=int(d.get("step", 0)),
+                   created=float(d.get("created", 0.0)), extras=dict(d.get("extras", {})),
+                   entries=[EntryMeta.from_json(e) for e in d.get("entries", [])], format_version=version)
+
+
+def new_hasher() -> "hashlib._Hash":
+    return hashlib.sha256()
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def entry_file(index: int) -> str:
+    return f"data/{index:05d}.bin"
+
+
+def _entry_path(root: Path, index: int, meta: EntryMeta | None = None) -> Path:
+    return root / (meta.file if meta is not None and meta.file else entry_file(index))
+
+
+class CheckpointWriter:
+    """Writes a checkpoint directory entry by entry, chunk by chunk; `commit` writes the manifest.
+
+    Writes go to `<path>.partial-<pid>` and are renamed to `path` on commit, replacing an
+    older checkpoint there, so a reader never sees a half-written checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], workload_id: str = "") -> None:
+        self.path = Path(path)
+        self.workload_id = workload_id
+        self.tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        (self.tmp / "data").mkdir(parents=True)
+        self.entries: list[EntryMeta] = []
+
+    def write_entry(self, meta: EntryMeta, chunks: Iterable[bytes | memoryview]) -> EntryMeta:
+        """Writes one entry from its chunks; fills in and returns its checksum and size."""
+        h = new_hasher()
+        n = 0
+        rel = entry_file(len(self.entries))
+        with open(self.tmp / rel, "wb") as f:
+            for chunk in chunks:
+                h.update(chunk)
+                f.write(chunk)
+                n += len(chunk)
+        if meta.nbytes and n != meta.nbytes:
+            raise ChecksumMismatch(meta.name, f"{meta.nbytes} bytes", f"{n} bytes", "while writing")
+        meta = dataclasses.replace(meta, nbytes=n, checksum=h.hexdigest(), file=rel)
+        self.entries.append(meta)
+        return meta
+
+    def commit(self, step: int, extras: dict[str, Any] | None = None) -> Manifest:
+        return self.commit_manifest(Manifest(workload_id=self.workload_id, step=step, entries=self.entries,
+                                             extras=extras or {}))
+
+    def commit_manifest(self, manifest: Manifest) -> Manifest:
+        with open(self.tmp / MANIFEST, "w") as f:
+            json.dump(manifest.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+        if self.path.exists():
+            self.path.rename(old)
+        self.tmp.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    p = Path(path) / MANIFEST
+    try:
+        with open(p) as f:
+            return Manifest.from_json(json.load(f))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no {MANIFEST} (not a checkpoint, or not completely written)") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{p}: unreadable manifest: {exc}") from None
+
+
+def iter_entry_chunks(path: str | os.PathLike[str], manifest: Manifest, name: str,
+                      chunk_bytes: int = CHUNK_BYTES, verify: bool = True) -> Iterator[bytes]:
+    """Yields an entry's bytes in chunks; with `verify`, raises ChecksumMismatch at the end
+    (before the last chunk is yielded) when size or checksum differ from the manifest."""
+    index = next((i for i, e in enumerate(manifest.entries) if e.name == name), None)
+    if index is None:
+        raise KeyError(name)
+    meta = manifest.entries[index]
+    h = new_hasher()
+    n = 0
+    try:
+        f = open(_entry_path(Path(path), index, meta), "rb")
+    except FileNotFoundError:
+        raise ChecksumMismatch(name, f"{meta.nbytes} bytes", "a missing data file") from None
+    with f:
+        pending: bytes | None = None
+        while True:
+            chunk = f.read(chunk_bytes)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+            if pending is not None:
+                yield pending
+            pending = chunk
+    if verify:
+        if n != meta.nbytes:
+            raise ChecksumMismatch(name, f"{meta.nbytes} bytes", f"{n} bytes")
+        if h.hexdigest() != meta.checksum:
+            raise ChecksumMismatch(name, f"{CHECKSUM} {meta.checksum[:16]}...", f"{h.hexdigest()[:16]}...")
+    if pending is not None:
+        yield pending
+
+
+def read_entry(path: str | os.PathLike[str], manifest: Manifest, name: str, verify: bool = True) -> bytes:
+    return b"".join(iter_entry_chunks(path, manifest, name, verify=verify))
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
+    """Reads every entry and checks its size and checksum; returns the manifest."""
+    manifest = read_manifest(path)
+    for e in manifest.entries:
+        for _ in iter_entry_chunks(path, manifest, e.name):
+            pass
+    return manifest
