@@ -132,6 +132,7 @@ class Checkpointer:
         self._restored = threading.Event()
         self.restored_at: float | None = None
         self.receive_address: str | None = None
+        self.receive_session: str | None = None
         self._server = ControlServer(socket_path, self._handle) if socket_path else None
 
     # --- what the workload calls ----------------------------------------------------------
@@ -206,9 +207,9 @@ class Checkpointer:
             raise ValueError(f"{RESTORE_ENV}=receive:{spec}: expected receive:SESSION@ADDRESS")
         server = TransferServer(address).start()
         sess = server.expect(session, StateSink(self.state))
-        self.receive_address = server.address
+        self.receive_address, self.receive_session = server.address, session
         sess.committed_event.wait()
-        self.receive_address = None
+        self.receive_address = self.receive_session = None
         threading.Thread(target=server.stop, args=(1.0,), daemon=True).start()
 
     def close(self) -> None:
@@ -231,7 +232,8 @@ class Checkpointer:
     def _cmd_status(self, req: dict[str, Any]) -> dict[str, Any]:
         tensors = self.state.tensors()
         return {"step": self.state.step, "paused": self._paused, "restored": self._restored.is_set(),
-                "receive_address": self.receive_address, "workload_id": self.state.workload_id,
+                "receive_address": self.receive_address, "receive_session": self.receive_session,
+                "workload_id": self.state.workload_id,
                 "entries": len(tensors), "state_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                 "pid": os.getpid(), "precopy_round": self._sender.round if self._sender else None}
 
