@@ -154,9 +154,8 @@ def test_in_use_blocks_release_until_the_process_exits(cluster, mesh):
     try:
         time.sleep(2.5)
         assert mesh.get_slice(s.id).state == t.SLICE_STATE_RELEASING        # refused: IN_USE
-        layout = [g for g in mesh.list_gpus("wl-a") if g.gpu.index == 0][0]
-        assert any(i["gis"] for i in nvml.sim_state()["gpus"][:1])           # the instance is still there
-        assert layout is not None
+        gi_ids = [gi["id"] for gi in nvml.sim_state()["gpus"][0]["gis"]]
+        assert gi_ids == [s.gpu_instance_id]                                  # the instance is still there
     finally:
         nvml.sim_remove_process(s.device_uuid, 999_999)
     th.join(15)
