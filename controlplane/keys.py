@@ -9,6 +9,8 @@
 | `/gpumesh/v1/requests/<tenant>/<request-id>` | allocation id (idempotency of Allocate) | Allocate |
 | `/gpumesh/v1/workloads/<workload-id>` | `gpumesh.v1.Workload` (command, slice, state, exit code) | Run, Stop, agent workload reports |
 | `/gpumesh/v1/gpuhealth/<node>/<index>` | `gpumesh.v1.GpuTelemetry` (health, reason, since) | health changes (XID policy) |
+| `/gpumesh/v1/mesh/<connection-id>` | `gpumesh.v1.MeshConnection` (slices, transport, both buffer descriptors, state) | MeshService Connect/Disconnect, slice release, agent restart |
+| `/gpumesh/v1/meshgrants/<from-tenant>/<to-tenant>` | `gpumesh.v1.MeshGrant` (admin: cross-tenant connections allowed) | MeshService Grant |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -23,6 +25,8 @@ SLICES = PREFIX + "slices/"
 REQUESTS = PREFIX + "requests/"
 WORKLOADS = PREFIX + "workloads/"
 GPU_HEALTH = PREFIX + "gpuhealth/"
+MESH = PREFIX + "mesh/"
+MESH_GRANTS = PREFIX + "meshgrants/"
 
 
 def node(name: str) -> bytes:
@@ -51,3 +55,11 @@ def workload(workload_id: str) -> bytes:
 
 def name_of(key: bytes, prefix: str) -> str:
     return key.decode()[len(prefix):]
+
+
+def mesh(connection_id: str) -> bytes:
+    return (MESH + connection_id).encode()
+
+
+def mesh_grant(from_tenant: str, to_tenant: str) -> bytes:
+    return f"{MESH_GRANTS}{from_tenant}/{to_tenant}".encode()

@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from controlplane.config import ControlPlaneConfig
 from controlplane.controller import Controller
 from controlplane.etcdserver import EtcdServer
+from controlplane.meshsvc import MeshManager, MeshService
 from controlplane.nodes import NodeManager
 from controlplane.services import AdminService, NodeService, SliceService
 from controlplane.store import EtcdStore, new_identity
@@ -27,6 +28,7 @@ from controlplane.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
                         workload_service_pb2_grpc)
+from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc
 from mesh.config import parse_hostport
 from mesh.logs import log
 
@@ -102,6 +104,8 @@ class ControlPlane:
             xid_nonfatal=frozenset(int(v) for v in self.cfg.xid_nonfatal),
             recovery_seconds=self.cfg.gpu_recovery_seconds, events_kept=self.cfg.node_events_kept))
         await self.telemetry.load()
+        self.mesh = MeshManager(self.ctl)
+        await self.mesh.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -113,10 +117,12 @@ class ControlPlane:
             NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)), self.server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.ctl, self.nodes), self.server)
         workload_service_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadService(self.workloads), self.server)
+        mesh_service_pb2_grpc.add_MeshServiceServicer_to_server(MeshService(self.mesh), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [d.services_by_name[n].full_name for d, n in (
             (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
-            (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"))]
+            (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
+            (mesh_service_pb2.DESCRIPTOR, "MeshService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -146,6 +152,8 @@ class ControlPlane:
             await self.server.stop(self.cfg.grace_seconds)
         if getattr(self, "nodes", None) is not None:
             await self.nodes.stop()
+            if getattr(self, "mesh", None) is not None:
+                await self.mesh.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
             await self.ctl.writer.stop()

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, slice_service_pb2,
                         slice_service_pb2_grpc, types_pb2, workload_service_pb2, workload_service_pb2_grpc)
 from mesh import errors, richstatus
+from mesh.meshapi import MeshApi
 
 T = TypeVar("T")
 
@@ -106,7 +107,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient:
+class MeshClient(MeshApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

@@ -85,6 +85,20 @@ def check_bounds(op: str, buffer_id: str, offset: int, length: int, region_lengt
                           region_length=region_length)
 
 
+@dataclass
+class Completion:
+    """The outcome of a posted operation (like an RDMA work completion): `error` is None on success."""
+
+    wr_id: int
+    op: str
+    length: int = 0
+    error: TransportError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 # -- descriptors --------------------------------------------------------------------------
 
 def new_key() -> int:

@@ -55,11 +55,17 @@ class ShmRegion:
         except FileNotFoundError:
             pass
         _OWNED.discard(self.name)
-        try:
-            self.shm.close()
-        except BufferError:
-            pass   # a view is still exported (an operation in flight); the mapping goes with it
+        _close_quietly(self.shm)
         self.shm = None
+
+
+def _close_quietly(shm: shared_memory.SharedMemory) -> None:
+    """Close a mapping; if a view of it is still alive (an operation in flight), the mapping goes
+    when that view does, and SharedMemory's destructor must not complain about it later."""
+    try:
+        shm.close()
+    except BufferError:
+        shm.close = lambda: None
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
@@ -156,10 +162,7 @@ class ShmConnection:
         if self._data is not None:
             self._data.release()
             self._data = None
-            try:
-                self._shm.close()
-            except BufferError:
-                pass
+            _close_quietly(self._shm)
         if self._tcp is not None:
             self._tcp.close()
 

@@ -25,7 +25,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from mesh.transport.base import (BufferDescriptor, InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError,
+from mesh.transport.base import (BufferDescriptor, Completion, InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError,
                                  new_key)
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ DRAIN_LIMIT = 1 << 30          # a refused WRITE larger than this closes the con
 MAX_MESSAGE = 16 << 20
 MAX_QUEUED = 1024
 REVOKED_KEPT = 100_000
+WINDOW = 64                    # posted operations in flight per connection
 
 
 def tune(sock: socket.socket) -> None:
@@ -115,6 +116,10 @@ class TcpDataPlane:
         with region.cond:
             region.inbox.clear()
             region.cond.notify_all()
+        try:
+            region.data.release()     # in-flight operations keep their own slices of it
+        except BufferError:
+            pass
 
     # -- serving ------------------------------------------------------------------------
 
@@ -257,6 +262,8 @@ class TcpConnection:
         self._lock = threading.Lock()
         self._tag = 0
         self._resp = bytearray(RESP.size)
+        self._pending: collections.deque = collections.deque()
+        self._done: list[Completion] = []
 
     def _fail(self, op: str, e: BaseException) -> PeerGone:
         self._close_sock()
@@ -274,12 +281,93 @@ class TcpConnection:
             return Revoked(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid)
         return TransportError(f"{op} on buffer {bid}: {text or 'status ' + str(status)}", op=op, buffer_id=bid)
 
+    # -- posted operations: a window of requests in flight, completions in order --------------
+
+    def _post(self, op: int, addr: int, length: int, payload=None, into=None, offset: int = 0,
+              wr_id: int = 0) -> int:
+        name = OPS[op]
+        if self._sock is None:
+            raise PeerGone(f"{name} on buffer {self.descriptor.buffer_id}: connection closed", op=name,
+                           buffer_id=self.descriptor.buffer_id, endpoint=self._where)
+        if len(self._pending) >= WINDOW:
+            self._done.extend(self._reap(1))
+        self._tag = (self._tag + 1) & 0xFFFFFFFF
+        hdr = REQ.pack(op, 0, 0, self._tag, self.descriptor.rkey, addr, length)
+        try:
+            if payload is not None and length <= 65536:
+                self._sock.sendall(hdr + bytes(payload))
+            else:
+                self._sock.sendall(hdr)
+                if payload is not None:
+                    self._sock.sendall(payload)
+        except OSError as e:
+            raise self._fail(name, e) from None
+        self._pending.append((wr_id or self._tag, op, into, offset, length))
+        return wr_id or self._tag
+
+    def _reap(self, n: int) -> list[Completion]:
+        """Read the responses of the `n` oldest posted operations."""
+        out = []
+        rv = memoryview(self._resp)
+        for _ in range(n):
+            wr_id, op, into, offset, length = self._pending.popleft()
+            name = OPS[op]
+            try:
+                recv_exact(self._sock, rv)
+                status, _, n_body = RESP.unpack(self._resp)
+                if status == OK and into is not None:
+                    recv_exact(self._sock, memoryview(into).cast("B")[:n_body])
+                    out.append(Completion(wr_id, name, n_body))
+                    continue
+                body = bytearray(n_body)
+                if n_body:
+                    recv_exact(self._sock, memoryview(body))
+            except (OSError, ConnectionError, AttributeError) as e:
+                self._pending.clear()
+                raise self._fail(name, e) from None
+            if status == OK:
+                out.append(Completion(wr_id, name, length if op == WRITE else n_body))
+            else:
+                out.append(Completion(wr_id, name, 0, self._error(name, status, body.decode(errors="replace"),
+                                                                  offset, length)))
+        return out
+
+    def post_write(self, offset: int, data, wr_id: int = 0) -> int:
+        """Start a one-sided write; its completion comes from `poll()`. Returns the work request id."""
+        mv = memoryview(data).cast("B")
+        with self._lock:
+            return self._post(WRITE, self.descriptor.address + offset, mv.nbytes, payload=mv, offset=offset,
+                              wr_id=wr_id)
+
+    def post_read(self, offset: int, length: int, into, wr_id: int = 0) -> int:
+        """Start a one-sided read into the writable buffer `into`; completes through `poll()`."""
+        with self._lock:
+            return self._post(READ, self.descriptor.address + offset, length, into=into, offset=offset, wr_id=wr_id)
+
+    def poll(self, wait_all: bool = True) -> list[Completion]:
+        """Completions of posted operations, oldest first (all outstanding ones with `wait_all`)."""
+        with self._lock:
+            done, self._done = self._done, []
+            if wait_all and self._pending:
+                done += self._reap(len(self._pending))
+            return done
+
+    def flush(self) -> int:
+        """Wait for every posted operation; raise the first failure. The bytes moved."""
+        done = self.poll()
+        for c in done:
+            if c.error is not None:
+                raise c.error
+        return sum(c.length for c in done)
+
     def _call(self, op: int, addr: int, length: int, payload=None, into=None, offset: int = 0):
         name = OPS[op]
         if self._sock is None:
             raise PeerGone(f"{name} on buffer {self.descriptor.buffer_id}: connection closed", op=name,
                            buffer_id=self.descriptor.buffer_id, endpoint=self._where)
         with self._lock:
+            if self._pending:
+                self._done.extend(self._reap(len(self._pending)))
             self._tag = (self._tag + 1) & 0xFFFFFFFF
             hdr = REQ.pack(op, 0, 0, self._tag, self.descriptor.rkey, addr, length)
             try:

@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long to wait for the cluster to be Ready (default: 300)")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state dir (logs) afterwards")
     p.set_defaults(func=run_alloc_bench)
+    __import__("tools.meshctl.benchmesh", fromlist=["register"]).register(kinds)   # bench mesh
 
 
 @dataclass

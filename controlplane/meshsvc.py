@@ -1,0 +1,321 @@
+"""The mesh service: brokers registered buffers between two slices of a tenant.
+
+Connect checks the slices (READY, one tenant unless a grant allows it),
+chooses the transport from the topology (same node: shared memory; both nodes
+with InfiniBand NICs and verbs: RDMA verbs; else the agents' TCP data plane),
+asks both agents to register a buffer (`MeshRegister` on their Sync streams),
+waits for both descriptors, and stores the connection under
+`/gpumesh/v1/mesh/<id>`. For verbs it then introduces the queue pairs to each
+other (`MeshPeer`). Disconnect, and the release of either slice, revoke both
+buffers (`MeshDeregister`) and delete the connection. When an agent
+reconnects, its `MeshHello` lists the buffers it still holds: connections that
+lost one turn FAILED, buffers no connection knows are revoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from controlplane import keys
+from controlplane.controller import Controller, now
+from controlplane.rpc import unary
+from controlplane.store import Absent, Delete, Present, Put
+from gpumesh.v1 import mesh_service_pb2 as M
+from gpumesh.v1 import mesh_service_pb2_grpc, node_service_pb2, types_pb2
+from mesh import errors
+from mesh.logs import log
+from mesh.transport.base import MAX_BUFFER_BYTES
+
+logger = logging.getLogger(__name__)
+REGISTER_TIMEOUT_S = 15.0
+TRANSPORT_CHOICES = ("tcp", "shm", "verbs")
+READY, CLOSED, FAILED = (M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_CLOSED,
+                         M.MESH_CONNECTION_STATE_FAILED)
+AGENT_ERRORS = {"not_found": errors.NotFound, "invalid_argument": errors.InvalidArgument,
+                "unavailable": errors.Unavailable}
+
+
+def has_infiniband(node: types_pb2.Node) -> bool:
+    return any(n.kind == "infiniband" for n in node.inventory.nics)
+
+
+def choose_transport(node_a: types_pb2.Node, node_b: types_pb2.Node, transports_a, transports_b,
+                     requested: str = "") -> tuple[str, str]:
+    """(transport, why) for a connection between slices on these nodes; the best path the topology offers."""
+    same = node_a.name == node_b.name
+    verbs = "verbs" in transports_a and "verbs" in transports_b
+    ib = has_infiniband(node_a) and has_infiniband(node_b)
+    if requested:
+        if requested not in TRANSPORT_CHOICES:
+            raise errors.InvalidArgument.of("transport", f"unknown transport {requested!r}",
+                                            "empty (from the topology), " + ", ".join(TRANSPORT_CHOICES))
+        if requested == "shm" and not same:
+            raise errors.FailedPrecondition(f"transport shm needs both slices on one node "
+                                            f"({node_a.name} and {node_b.name} differ)")
+        if requested == "verbs" and not verbs:
+            raise errors.FailedPrecondition("transport verbs needs an RDMA device the agents can open on both "
+                                            f"nodes ({node_a.name}, {node_b.name})")
+        return requested, "requested"
+    if same:
+        return "shm", f"both slices on node {node_a.name}"
+    if ib and verbs:
+        return "verbs", "both nodes have InfiniBand and RDMA verbs"
+    if ib:
+        return "tcp", "both nodes have InfiniBand NICs but no RDMA device the agents can open"
+    return "tcp", "different nodes without InfiniBand on both"
+
+
+class MeshManager:
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.connections: dict[str, M.MeshConnection] = {}
+        self.grants: dict[tuple[str, str], M.MeshGrant] = {}
+        self.hellos: dict[str, M.MeshHello] = {}
+        self.pending: dict[str, asyncio.Future] = {}
+        self._task: asyncio.Task | None = None
+        ctl.agent_handlers["mesh_hello"] = self.on_hello
+        ctl.agent_handlers["mesh_registered"] = self.on_registered
+
+    async def load(self) -> None:
+        for key, (value, _, _) in (await self.ctl.store.load(keys.MESH)).kvs.items():
+            c = M.MeshConnection()
+            c.ParseFromString(value)
+            self.connections[c.id] = c
+        for key, (value, _, _) in (await self.ctl.store.load(keys.MESH_GRANTS)).kvs.items():
+            g = M.MeshGrant()
+            g.ParseFromString(value)
+            self.grants[(g.from_tenant, g.to_tenant)] = g
+        self._task = asyncio.create_task(self._follow_releases(), name="mesh-releases")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def _send(self, node: str, **kind) -> bool:
+        session = self.ctl.sessions.get(node)
+        if session is None:
+            return False
+        session.send(node_service_pb2.ControllerMessage(**kind))
+        return True
+
+    async def on_registered(self, node: str, msg: M.MeshRegistered) -> None:
+        fut = self.pending.pop(msg.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def on_hello(self, node: str, msg: M.MeshHello) -> None:
+        self.hellos[node] = msg
+        held, known, lost = set(msg.buffers), set(), []
+        for c in list(self.connections.values()):
+            for d in (c.a, c.b):
+                if d.node != node:
+                    continue
+                known.add(d.buffer_id)
+                if c.state == READY and d.buffer_id not in held:
+                    lost.append(c)
+        for c in lost:
+            await self._save(self._with(c, state=FAILED, message=f"buffer lost: the agent of {node} restarted; "
+                                                                  f"disconnect and connect again"))
+        orphans = sorted(held - known)
+        if orphans:
+            self._send(node, mesh_deregister=M.MeshDeregister(buffer_ids=orphans, reason="orphan"))
+
+    async def _register(self, s: types_pb2.Slice, conn_id: str, size: int, transport: str) -> M.MeshRegistered:
+        rid = secrets.token_hex(8)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        if not self._send(s.node, mesh_register=M.MeshRegister(request_id=rid, connection_id=conn_id,
+                                                               slice_id=s.id, size_bytes=size, transport=transport)):
+            self.pending.pop(rid, None)
+            raise errors.Unavailable(f"the agent of node {s.node} (slice {s.id}) is not connected")
+        try:
+            reply = await asyncio.wait_for(fut, REGISTER_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise errors.Unavailable(f"the agent of node {s.node} did not register a buffer for slice {s.id} "
+                                     f"within {REGISTER_TIMEOUT_S:g}s") from None
+        finally:
+            self.pending.pop(rid, None)
+        if reply.error:
+            cls = AGENT_ERRORS.get(reply.error_kind, errors.Unavailable)
+            raise cls(f"node {s.node} could not register a buffer for slice {s.id}: {reply.error}")
+        return reply
+
+    # -- connect / disconnect ---------------------------------------------------------------
+
+    def _slice(self, sid: str, field: str) -> types_pb2.Slice:
+        if not sid:
+            raise errors.InvalidArgument.of(field, "is required", "a slice ID (s-...)")
+        s = self.ctl.fleet.slices.get(sid)
+        if s is None:
+            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
+        if s.state != types_pb2.SLICE_STATE_READY:
+            raise errors.FailedPrecondition(f"slice {sid} is {types_pb2.SliceState.Name(s.state)}, not READY")
+        return s
+
+    def allowed(self, from_tenant: str, to_tenant: str) -> bool:
+        return from_tenant == to_tenant or (from_tenant, to_tenant) in self.grants
+
+    async def connect(self, req: M.MeshConnectRequest) -> M.MeshConnection:
+        if req.slice_a and req.slice_a == req.slice_b:
+            raise errors.InvalidArgument.of("slice_b", "is slice_a", "another slice")
+        a, b = self._slice(req.slice_a, "slice_a"), self._slice(req.slice_b, "slice_b")
+        if not 0 < req.size_bytes <= MAX_BUFFER_BYTES:
+            raise errors.InvalidArgument.of("size_bytes", f"{req.size_bytes} is out of range",
+                                            f"1 to {MAX_BUFFER_BYTES} (4 GiB)")
+        if not self.allowed(a.tenant, b.tenant):
+            raise errors.PermissionDenied(f"slice {a.id} (tenant {a.tenant}) may not connect to slice {b.id} "
+                                          f"(tenant {b.tenant}): slices of different tenants need an admin grant "
+                                          f"from {a.tenant} to {b.tenant}")
+        na, nb = self.ctl.fleet.nodes.get(a.node), self.ctl.fleet.nodes.get(b.node)
+        if na is None or nb is None:
+            raise errors.Unavailable(f"node {a.node if na is None else b.node} is not known")
+        ta = self.hellos.get(a.node, M.MeshHello()).transports
+        tb = self.hellos.get(b.node, M.MeshHello()).transports
+        transport, why = choose_transport(na.record, nb.record, ta, tb, req.transport)
+        cid = f"m-{secrets.token_hex(6)}"
+        results = await asyncio.gather(self._register(a, cid, req.size_bytes, transport),
+                                       self._register(b, cid, req.size_bytes, transport), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        got = [(s, r) for s, r in zip((a, b), results) if not isinstance(r, BaseException)]
+        gone = [s.id for s in (a, b) if self.ctl.fleet.slices.get(s.id) is None
+                or self.ctl.fleet.slices[s.id].state != types_pb2.SLICE_STATE_READY]
+        if failed or gone:
+            for s, r in got:
+                self._send(s.node, mesh_deregister=M.MeshDeregister(buffer_ids=[r.descriptor.buffer_id],
+                                                                    reason="connect failed"))
+            if failed:
+                raise failed[0]
+            raise errors.FailedPrecondition(f"slice {gone[0]} was released while connecting")
+        conn = M.MeshConnection(id=cid, transport=transport, slice_a=a.id, slice_b=b.id, state=READY,
+                                tenant=a.tenant, size_bytes=req.size_bytes, created_at=now(), reason=why)
+        conn.a.CopyFrom(results[0].descriptor)
+        conn.b.CopyFrom(results[1].descriptor)
+        self.connections[cid] = conn
+        await self.ctl.writer.write([Put(keys.mesh(cid), conn.SerializeToString())], [Absent(keys.mesh(cid))])
+        if transport == "verbs":
+            self._send(a.node, mesh_peer=M.MeshPeer(buffer_id=conn.a.buffer_id, peer=conn.b))
+            self._send(b.node, mesh_peer=M.MeshPeer(buffer_id=conn.b.buffer_id, peer=conn.a))
+        log(logger, logging.INFO, "mesh connected", connection=cid, transport=transport, reason=why,
+            slice_a=f"{a.id}@{a.node}", slice_b=f"{b.id}@{b.node}", size=req.size_bytes)
+        return conn
+
+    def get(self, cid: str) -> M.MeshConnection:
+        c = self.connections.get(cid)
+        if c is None:
+            raise errors.NotFound(f"no mesh connection {cid!r}", kind="mesh connection", name=cid)
+        return c
+
+    async def disconnect(self, cid: str, reason: str = "disconnect") -> M.MeshConnection:
+        c = self.get(cid)
+        self.connections.pop(cid, None)
+        for d in (c.a, c.b):
+            self._send(d.node, mesh_deregister=M.MeshDeregister(buffer_ids=[d.buffer_id], reason=reason))
+        try:
+            await self.ctl.writer.write([Delete(keys.mesh(cid))], [Present(keys.mesh(cid))])
+        except errors.Aborted:
+            pass   # already gone
+        log(logger, logging.INFO, "mesh disconnected", connection=cid, reason=reason)
+        return self._with(c, state=CLOSED, message=reason)
+
+    # -- releases ---------------------------------------------------------------------------
+
+    async def _follow_releases(self) -> None:
+        while True:
+            q = self.ctl.events.subscribe()
+            try:
+                await self._sweep()
+                while True:
+                    ev = await q.get()
+                    if ev is None:
+                        break          # fell behind: resubscribe and sweep
+                    s = ev.slice
+                    if ev.type == ev.DELETED or s.state == types_pb2.SLICE_STATE_RELEASING:
+                        await self._close_slice(s.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # keep following; a failed write is retried by the next sweep
+                log(logger, logging.WARNING, "mesh release follower", error=repr(e))
+                await asyncio.sleep(1.0)
+            finally:
+                self.ctl.events.unsubscribe(q)
+
+    async def _sweep(self) -> None:
+        for c in list(self.connections.values()):
+            for sid in (c.slice_a, c.slice_b):
+                s = self.ctl.fleet.slices.get(sid)
+                if s is None or s.state == types_pb2.SLICE_STATE_RELEASING:
+                    await self._close_slice(sid)
+
+    async def _close_slice(self, sid: str) -> None:
+        for c in [c for c in self.connections.values() if sid in (c.slice_a, c.slice_b)]:
+            await self.disconnect(c.id, reason=f"slice {sid} released")
+
+    # -- grants -----------------------------------------------------------------------------
+
+    async def grant(self, req: M.MeshGrantRequest) -> M.MeshGrant:
+        for field in ("from_tenant", "to_tenant"):
+            if not getattr(req, field) or len(getattr(req, field)) > 128 or "/" in getattr(req, field):
+                raise errors.InvalidArgument.of(field, "is not a tenant name", "1-128 characters, no '/'")
+        key = keys.mesh_grant(req.from_tenant, req.to_tenant)
+        if req.revoke:
+            g = self.grants.pop((req.from_tenant, req.to_tenant), None)
+            if g is None:
+                raise errors.NotFound(f"no grant from {req.from_tenant} to {req.to_tenant}", kind="mesh grant")
+            await self.ctl.writer.write([Delete(key)])
+            return g
+        g = M.MeshGrant(from_tenant=req.from_tenant, to_tenant=req.to_tenant, created_at=now())
+        await self.ctl.writer.write([Put(key, g.SerializeToString())])
+        self.grants[(req.from_tenant, req.to_tenant)] = g
+        return g
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _with(c: M.MeshConnection, **fields) -> M.MeshConnection:
+        out = M.MeshConnection()
+        out.CopyFrom(c)
+        for k, v in fields.items():
+            setattr(out, k, v)
+        return out
+
+    async def _save(self, c: M.MeshConnection) -> None:
+        self.connections[c.id] = c
+        await self.ctl.writer.write([Put(keys.mesh(c.id), c.SerializeToString())], [Present(keys.mesh(c.id))])
+
+
+class MeshService(mesh_service_pb2_grpc.MeshServiceServicer):
+    def __init__(self, mesh: MeshManager) -> None:
+        self.mesh = mesh
+
+    @unary
+    async def Connect(self, request, context):
+        return await self.mesh.connect(request)
+
+    @unary
+    async def Get(self, request, context):
+        return self.mesh.get(request.id)
+
+    @unary
+    async def List(self, request, context):
+        out = [c for c in self.mesh.connections.values()
+               if (not request.tenant or c.tenant == request.tenant)
+               and (not request.slice_id or request.slice_id in (c.slice_a, c.slice_b))]
+        out.sort(key=lambda c: (c.created_at.seconds, c.id))
+        return M.ListMeshConnectionsResponse(connections=out)
+
+    @unary
+    async def Disconnect(self, request, context):
+        return await self.mesh.disconnect(request.id)
+
+    @unary
+    async def Grant(self, request, context):
+        return await self.mesh.grant(request)
+
+    @unary
+    async def ListGrants(self, request, context):
+        return M.ListMeshGrantsResponse(grants=sorted(self.mesh.grants.values(),
+                                                      key=lambda g: (g.from_tenant, g.to_tenant)))
