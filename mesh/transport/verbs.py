@@ -83,11 +83,15 @@ class VerbsConnection:
         self.t, self.local, self.descriptor = transport, local, peer
         self._wr_id = 0
 
+    def _live(self, op: str) -> None:
+        if self.local.mr is None:
+            raise Revoked(f"local buffer {self.local.descriptor.buffer_id} was deregistered", op=op,
+                          buffer_id=self.descriptor.buffer_id)
+
     def _post(self, op: str, opcode, offset: int, length: int) -> None:
         v, e = self.t.v, self.t.v.enums
         bid = self.descriptor.buffer_id
-        if self.local.mr is None:
-            raise Revoked(f"local buffer {self.local.descriptor.buffer_id} was deregistered", op=op, buffer_id=bid)
+        self._live(op)
         check_bounds(op, bid, offset, length, self.descriptor.length)
         check_bounds(op, self.local.descriptor.buffer_id, offset, length, self.local.descriptor.length)
         self._wr_id += 1
@@ -126,6 +130,7 @@ class VerbsConnection:
     def write(self, offset: int, data) -> int:
         mv = memoryview(data).cast("B")
         n = mv.nbytes
+        self._live("write")
         check_bounds("write", self.local.descriptor.buffer_id, offset, n, self.local.descriptor.length)
         self.local.mr.write(bytes(mv), n, offset)
         self._post("write", self.t.v.enums.IBV_WR_RDMA_WRITE, offset, n)

@@ -1,0 +1,236 @@
+"""The mesh across real agent processes: brokered buffers, one-sided I/O with checksums,
+keys and bounds, revocation on release, tenant isolation; and two agents in separate
+network namespaces (as two hosts) bridged by veth."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mesh import errors
+from mesh.transport import InvalidKey, OutOfBounds, Revoked
+from mesh.transport.base import BufferDescriptor
+from tests.integration.conftest import wait_for
+from tools.localcluster import LocalCluster
+
+HOSTS = [
+    {"node": "mesh-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
+    {"node": "mesh-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("mesh"), HOSTS, lease_ttl=3, agents_per_process=1)
+    c.start(timeout=90)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def mesh(cluster):
+    cluster.wait_ready(timeout=60)
+    with cluster.client(timeout=30) as client:
+        yield client
+        for c in client.mesh_list():
+            client.mesh_disconnect(c.id)
+        for s in client.list_slices():
+            try:
+                client.release(s.id)
+            except errors.MeshError:
+                pass
+
+
+def slice_on(mesh, node: str, tenant: str):
+    others = [n for n in ("mesh-a", "mesh-b") if n != node]
+    for n in others:
+        mesh.cordon(n)
+    try:
+        return mesh.allocate(tenant=tenant, mig_profile="1g.10gb").slices[0]
+    finally:
+        for n in others:
+            mesh.uncordon(n)
+
+
+def sha(b) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_connect_across_agents_write_read_checksums(mesh):
+    a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-b", "team-a")
+    conn = mesh.mesh_connect(a.id, b.id, size_bytes=4 << 20)
+    assert conn.transport == "tcp" and conn.a.node == "mesh-a" and conn.b.node == "mesh-b"
+    assert conn.a.rkey and conn.b.rkey and conn.a.endpoint != conn.b.endpoint
+    assert mesh.mesh_get(conn.id).state == 1
+    payload = os.urandom(4 << 20)
+    with mesh.mesh_open(conn.b) as pb, mesh.mesh_open(conn.a) as pa:
+        pb.write(0, payload)
+        pa.write(1000, payload[:5000])
+        assert sha(pb.read(0, 4 << 20)) == sha(payload)
+        assert sha(pa.read(1000, 5000)) == sha(payload[:5000])
+        # bounds: refused, nothing written past the end, the connection still usable
+        with pytest.raises(OutOfBounds) as oob:
+            pb.write((4 << 20) - 10, b"x" * 20)
+        assert oob.value.region_length == 4 << 20
+        assert pb.read((4 << 20) - 10, 10) == payload[-10:]
+        # a forged key is refused; the real connection is unaffected
+        forged = BufferDescriptor.from_proto(conn.b)
+        forged.rkey ^= 0x5A5A
+        with mesh.mesh_open(forged) as bad, pytest.raises(InvalidKey):
+            bad.write(0, b"evil")
+        assert pb.read(0, 4) == payload[:4]
+        # two-sided: a message into B's inbox, taken by B's owner
+        pb.send(b"hello b")
+        assert pb.recv(timeout=2) == b"hello b"
+        mesh.mesh_disconnect(conn.id)
+        with pytest.raises(Revoked):
+            pb.read(0, 4)
+    with pytest.raises(errors.NotFound):
+        mesh.mesh_get(conn.id)
+
+
+def test_same_node_uses_shared_memory(mesh):
+    a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-a", "team-a")
+    conn = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)
+    assert conn.transport == "shm" and conn.b.shm_name
+    payload = os.urandom(1 << 20)
+    with mesh.mesh_open(conn.b) as pb:
+        assert type(pb).__name__ == "ShmConnection"
+        pb.write(0, payload)
+    with mesh.mesh_open(BufferDescriptor.from_proto(conn.b).with_transport("tcp")) as tb:
+        assert sha(tb.read(0, 1 << 20)) == sha(payload)    # the agent serves the very same bytes
+
+
+def test_release_revokes_and_tears_down(mesh):
+    a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-b", "team-a")
+    conn = mesh.mesh_connect(a.id, b.id, size_bytes=64 << 10)
+    pa, pb = mesh.mesh_open(conn.a), mesh.mesh_open(conn.b)
+    pa.write(0, b"a" * 100)
+    pb.write(0, b"b" * 100)
+    mesh.release(b.id)
+    wait_for(lambda: not mesh.mesh_list(slice_id=a.id), 10, "the connection to be torn down")
+    for p in (pa, pb):                                       # both sides revoked
+        with pytest.raises(Revoked):
+            p.read(0, 10)
+        p.close()
+
+
+def test_tenant_isolation_and_grants(mesh):
+    a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-b", "team-b")
+    with pytest.raises(errors.PermissionDenied):
+        mesh.mesh_connect(a.id, b.id, size_bytes=4096)
+    mesh.mesh_grant("team-a", "team-b")
+    try:
+        conn = mesh.mesh_connect(a.id, b.id, size_bytes=4096)
+        assert conn.state == 1
+        with pytest.raises(errors.PermissionDenied):        # the grant has a direction
+            mesh.mesh_connect(b.id, a.id, size_bytes=4096)
+    finally:
+        mesh.mesh_grant("team-a", "team-b", revoke=True)
+    with pytest.raises(errors.InvalidArgument):
+        mesh.mesh_connect(a.id, a.id, size_bytes=4096)
+    with pytest.raises(errors.InvalidArgument):
+        mesh.mesh_connect(a.id, b.id, size_bytes=0)
+    with pytest.raises(errors.NotFound):
+        mesh.mesh_connect(a.id, "s-nope", size_bytes=4096)
+
+
+# -- two hosts in network namespaces -----------------------------------------------------------
+
+NS = ("gpm-a", "gpm-b")
+BRIDGE = "gpmbr0"
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _netns_unavailable() -> str:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    probe = _ip("netns", "add", "gpm-probe", check=False)
+    if probe.returncode != 0:
+        return f"`ip netns add` does not work here: {probe.stderr.strip()}"
+    _ip("netns", "del", "gpm-probe", check=False)
+    return ""
+
+
+def _teardown_netns() -> None:
+    for ns in NS:
+        _ip("netns", "del", ns, check=False)
+    _ip("link", "del", BRIDGE, check=False)
+
+
+@pytest.fixture
+def two_hosts():
+    why = _netns_unavailable()
+    if why:
+        pytest.skip(why)
+    _teardown_netns()
+    try:
+        _ip("link", "add", BRIDGE, "type", "bridge")
+        _ip("addr", "add", "10.231.0.1/24", "dev", BRIDGE)
+        _ip("link", "set", BRIDGE, "up")
+        for i, ns in enumerate(NS):
+            _ip("netns", "add", ns)
+            _ip("link", "add", f"gpmv{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", f"gpmv{i}", "master", BRIDGE, "up")
+            _ip("-n", ns, "addr", "add", f"10.231.0.{i + 2}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield [f"10.231.0.{i + 2}" for i in range(len(NS))]
+    finally:
+        _teardown_netns()
+
+
+def test_two_agents_in_network_namespaces(two_hosts, tmp_path):
+    c = LocalCluster(tmp_path, [{**HOSTS[0], "node": "ns-a"}, {**HOSTS[1], "node": "ns-b"}], lease_ttl=3,
+                     agents_per_process=1, controlplane_args=[])
+    c.endpoint = "10.231.0.1:0"          # the control plane listens on the bridge, in the root namespace
+    c.start_controlplane(60)
+    try:
+        python = c.python
+        for ns, node in zip(NS, ("ns-a", "ns-b")):
+            c.python = "ip"               # run the agent process inside its namespace
+            proc = c._agent_proc(node)
+            proc.argv = ["ip", "netns", "exec", ns, python, *proc.argv[1:]]
+            c.agents[node] = proc
+            c._spawn(proc)
+        c.python = python
+        c.wait_ready(60)
+        with c.client() as mesh:
+            a = slice_on_nodes(mesh, "ns-a", "ns-b")
+            b = slice_on_nodes(mesh, "ns-b", "ns-a")
+            conn = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)
+            assert conn.transport == "tcp"
+            assert conn.a.endpoint.startswith(two_hosts[0] + ":") and conn.b.endpoint.startswith(two_hosts[1] + ":")
+            # a workload on host A (inside namespace A) writes into B's buffer and reads it back
+            script = ("import sys, os, hashlib; from gpumesh.v1 import mesh_service_pb2 as M; "
+                      "from mesh.meshapi import MeshApi; d = M.BufferDescriptor.FromString(bytes.fromhex(sys.argv[1])); "
+                      "p = MeshApi.mesh_open(d); data = os.urandom(1 << 20); p.write(0, data); "
+                      "assert p.read(0, 1 << 20) == data; print(hashlib.sha256(data).hexdigest())")
+            out = subprocess.run(["ip", "netns", "exec", NS[0], sys.executable, "-c", script,
+                                  conn.b.SerializeToString().hex()], capture_output=True, text=True, timeout=60,
+                                 cwd=os.getcwd())
+            assert out.returncode == 0, out.stderr
+            with mesh.mesh_open(conn.b) as pb:     # and the root namespace sees the same bytes on B
+                assert sha(pb.read(0, 1 << 20)) == out.stdout.strip()
+            mesh.release(b.id)
+            wait_for(lambda: not mesh.mesh_list(), 10, "teardown after release")
+    finally:
+        c.stop()
+
+
+def slice_on_nodes(mesh, node: str, other: str):
+    mesh.cordon(other)
+    try:
+        return mesh.allocate(tenant="team-ns", mig_profile="1g.10gb").slices[0]
+    finally:
+        mesh.uncordon(other)
