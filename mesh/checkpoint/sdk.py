@@ -105,7 +105,8 @@ class _Sender:
             entries = [EntryMeta(**{**self.metas[n].to_json(), "checksum": self.checksums[n]}) for n in tensors]
             entries += [EntryMeta(name=n, kind="pickle", nbytes=len(b), checksum=self.checksums[n])
                         for n, b in pickles.items()]
-            return Manifest(workload_id=self.state.workload_id, step=self.state.step, entries=entries)
+            return Manifest(workload_id=self.state.workload_id, step=self.state.step, entries=entries,
+                            checksum=self.client.algo)
 
         t0 = time.perf_counter()
         stats = self.client.send(out, commit=manifest if final else None)

@@ -20,7 +20,7 @@ Dirty tracking for pre-copy: a tensor's *token* is `(tensor._version, data_ptr, 
 dtype)`; torch bumps `_version` on every in-place write through autograd-visible
 views (optimizers, `add_`, `copy_` under `no_grad`). Writes through `.data` or numpy
 views do not bump it, and inference-mode tensors have no counter: register those with
-`track="hash"` (or they fall back to it), and their token is the SHA-256 of the bytes.
+`track="hash"` (or they fall back to it), and their token is the checksum of the bytes.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ payload. The sender speaks first:
 
     hello  {session}                         -> receiver answers `have`: what it holds per
                                                 entry (generation, contiguous bytes, done)
-    begin  {meta, gen, offset}               start an entry, or resume it at `offset`
-    chunk  {offset, crc32} + bytes           up to CHUNK_BYTES of the current entry
-    end    {checksum}                        SHA-256 of the whole entry; checked by the receiver
+    begin  {meta, gen, offset, algo}         start an entry, or resume it at `offset`
+    chunk  {offset, sum} + bytes             up to CHUNK_BYTES of the current entry; `sum` is
+                                             xxh3-64 (CRC-32 with sha256 entries) of the chunk
+    end    {checksum}                        the whole entry's checksum (xxh3-128 or SHA-256);
+                                             checked by the receiver
     commit {manifest}                        every entry of the manifest is here with its
                                              checksum: hand the checkpoint to the sink
     (stream closed)                          -> receiver answers `done` {bytes, committed}
@@ -17,8 +19,8 @@ payload. The sender speaks first:
 A broken stream loses nothing that was received: the sender reconnects, reads the
 `have` map and continues each entry from the receiver's offset (it keeps the hash
 state of every chunk boundary of the entry in flight, so the end-to-end checksum
-still covers the whole entry). A chunk that fails its CRC aborts the stream with
-DATA_LOSS and is resent on the retry; an entry whose SHA-256 differs is reset and
+still covers the whole entry). A chunk that fails its check aborts the stream with
+DATA_LOSS and is resent on the retry; an entry whose checksum differs is reset and
 resent from its start; after `retries` attempts the sender raises `TransferError`
 naming the entry.
 
@@ -34,7 +36,6 @@ import queue
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -42,8 +43,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from mesh.checkpoint.format import (CHUNK_BYTES, CheckpointError, CheckpointWriter, EntryMeta, Manifest, entry_file,
-                                    new_hasher)
+from mesh.checkpoint.format import (CHUNK_BYTES, DEFAULT_CHECKSUM, CheckpointError, CheckpointWriter, EntryMeta,
+                                    FormatError, Manifest, chunk_sum, entry_file, new_hasher)
 
 SERVICE = "gpumesh.checkpoint.v1.Transfer"
 PUSH = f"/{SERVICE}/Push"
@@ -148,7 +149,8 @@ class _RecvEntry:
     meta: EntryMeta
     gen: int
     target: EntryTarget
-    hasher: Any = field(default_factory=new_hasher)
+    algo: str = DEFAULT_CHECKSUM
+    hasher: Any = None
     offset: int = 0
     done: bool = False
     checksum: str = ""
@@ -158,9 +160,10 @@ class _RecvEntry:
 class ReceiveSession:
     """What one session has received; survives broken streams."""
 
-    def __init__(self, session: str, sink: Sink) -> None:
+    def __init__(self, session: str, sink: Sink, allow_unchecked: bool = False) -> None:
         self.session = session
         self.sink = sink
+        self.allow_unchecked = allow_unchecked
         self.entries: dict[str, _RecvEntry] = {}
         self.lock = threading.Lock()
         self.bytes_received = 0
@@ -171,18 +174,22 @@ class ReceiveSession:
     def have(self) -> dict[str, list[Any]]:
         return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}
 
-    def begin(self, meta: EntryMeta, gen: int, offset: int) -> _RecvEntry:
+    def begin(self, meta: EntryMeta, gen: int, offset: int, algo: str) -> _RecvEntry:
         cur = self.entries.get(meta.name)
         if offset:
             if cur is None or cur.gen != gen or cur.offset != offset or cur.done:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                              f"entry {meta.name!r}: cannot resume generation {gen} at byte {offset}")
             return cur
+        try:
+            hasher = new_hasher(algo)
+        except FormatError as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"entry {meta.name!r}: {exc}") from None
         if meta.kind == "pickle":
             buf = bytearray(meta.nbytes)
-            e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), payload=buf)
+            e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), algo, hasher, payload=buf)
         else:
-            e = _RecvEntry(meta, gen, self.sink.open_entry(meta))
+            e = _RecvEntry(meta, gen, self.sink.open_entry(meta), algo, hasher)
         self.entries[meta.name] = e
         return e
 
@@ -192,20 +199,30 @@ class ReceiveSession:
                          f"entry {e.meta.name!r}: chunk at byte {header['offset']}, expected {e.offset}")
         if e.offset + len(data) > e.meta.nbytes:
             raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: more than {e.meta.nbytes} bytes")
-        crc = zlib.crc32(data)
-        if crc != header["crc32"]:
+        if header["sum"] < 0:
+            if not self.allow_unchecked:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {self.session!r} takes only checked chunks")
+            e.target.write(e.offset, data)
+            e.offset += len(data)
+            self.bytes_received += len(data)
+            return
+        got = chunk_sum(data, e.algo)
+        if got != header["sum"]:
             raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: chunk at byte {e.offset} "
-                         f"failed its CRC (expected {header['crc32']:08x}, got {crc:08x})")
+                         f"failed its check (expected {header['sum']:x}, got {got:x})")
         e.target.write(e.offset, data)
         e.hasher.update(data)
         e.offset += len(data)
         self.bytes_received += len(data)
 
     def end(self, e: _RecvEntry, checksum: str) -> None:
+        if not checksum and self.allow_unchecked:
+            e.done = e.offset == e.meta.nbytes
+            return
         actual = e.hasher.hexdigest()
         if e.offset != e.meta.nbytes or actual != checksum:
             del self.entries[e.meta.name]
-            raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: sha256 mismatch "
+            raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: {e.algo} mismatch "
                          f"({e.offset} of {e.meta.nbytes} bytes, expected {checksum[:16]}..., got {actual[:16]}...)")
         e.done = True
         e.checksum = actual
@@ -255,11 +272,13 @@ class TransferServer:
     def stop(self, grace: float | None = 0.5) -> None:
         self.server.stop(grace).wait()
 
-    def expect(self, session: str, sink: Sink) -> ReceiveSession:
+    def expect(self, session: str, sink: Sink, allow_unchecked: bool = False) -> ReceiveSession:
+        """Accepts pushes to `session` into `sink`. `allow_unchecked` lets a sender skip checksums
+        (for measuring the raw channel only)."""
         with self._lock:
             s = self.sessions.get(session)
             if s is None:
-                s = self.sessions[session] = ReceiveSession(session, sink)
+                s = self.sessions[session] = ReceiveSession(session, sink, allow_unchecked)
             return s
 
     def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -285,7 +304,8 @@ class TransferServer:
                             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk before begin")
                         session.chunk(cur, h, data)
                     elif kind == "begin":
-                        cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]))
+                        cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
+                                            h.get("algo", "sha256"))
                     elif kind == "end":
                         if cur is None:
                             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before begin")
@@ -337,13 +357,16 @@ class TransferClient:
     """Pushes entries to one session of a TransferServer, resuming after broken streams."""
 
     def __init__(self, target: str, session: str, *, chunk_bytes: int = CHUNK_BYTES, retries: int = 5,
-                 progress: ProgressFn | None = None, connect_timeout: float = 30.0) -> None:
+                 progress: ProgressFn | None = None, connect_timeout: float = 30.0, verify: bool = True) -> None:
         self.target = target
         self.session = session
         self.chunk_bytes = chunk_bytes
         self.retries = retries
         self.progress = progress
         self.connect_timeout = connect_timeout
+        self.verify = verify
+        self.algo = DEFAULT_CHECKSUM
+        """False: no CRC or SHA-256 (raw channel measurements; the session must allow it)."""
         self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
         self._push = self.channel.stream_stream(PUSH)
         self.cut_after_bytes: int | None = None
@@ -387,7 +410,7 @@ class TransferClient:
                         if name not in stats.checksums:
                             stats.skipped += 1
                         continue
-                    start, hasher = 0, new_hasher()
+                    start, hasher = 0, new_hasher(self.algo)
                     if h is not None and h[0] == e.gen and h[1] and name in partial and partial[name][0] == e.gen:
                         snap = partial[name][1].get(h[1])
                         if snap is not None:
@@ -395,16 +418,19 @@ class TransferClient:
                     boundaries = {start: hasher.copy()}
                     partial[name] = (e.gen, boundaries)
                     entry_in_flight[0] = name
-                    yield frame({"t": "begin", "meta": e.meta.to_json(), "gen": e.gen, "offset": start})
+                    yield frame({"t": "begin", "meta": e.meta.to_json(), "gen": e.gen, "offset": start,
+                                 "algo": self.algo})
                     off = start
                     for chunk in e.chunks(start):
                         if not isinstance(chunk, memoryview):
                             chunk = memoryview(chunk)
-                        hasher.update(chunk)
-                        crc = zlib.crc32(chunk)
-                        yield frame({"t": "chunk", "offset": off, "crc32": crc}, chunk)
+                        if self.verify:
+                            hasher.update(chunk)
+                        csum = chunk_sum(chunk, self.algo) if self.verify else -1
+                        yield frame({"t": "chunk", "offset": off, "sum": csum}, chunk)
                         off += len(chunk)
-                        boundaries[off] = hasher.copy()
+                        if self.verify:
+                            boundaries[off] = hasher.copy()
                         stats.bytes += len(chunk)
                         if self.progress:
                             self.progress(stats.bytes, total, time.perf_counter() - t0)
@@ -415,7 +441,7 @@ class TransferClient:
                             return
                     if off != e.meta.nbytes:
                         raise TransferError(f"entry {name!r}: produced {off} bytes, declared {e.meta.nbytes}", name)
-                    digest = hasher.hexdigest()
+                    digest = hasher.hexdigest() if self.verify else ""
                     yield frame({"t": "end", "checksum": digest})
                     stats.checksums[name] = digest
                     stats.entries += 1
@@ -453,8 +479,10 @@ class TransferClient:
                             f"{stats.attempts} attempts: {last_error}", entry_in_flight[0])
 
 
-def raw_entries(nbytes: int, chunk_bytes: int = CHUNK_BYTES, entry_bytes: int = 64 << 20) -> list[OutEntry]:
-    """`nbytes` of synthetic entries that share one buffer: for measuring the channel."""
+def raw_entries(nbytes: int, chunk_bytes: int = CHUNK_BYTES, entry_bytes: int = 64 << 20,
+                gen: int = 0) -> list[OutEntry]:
+    """`nbytes` of synthetic entries that share one buffer: for measuring the channel (a new
+    `gen` for each send to the same session, or the receiver skips what it holds)."""
     buf = memoryview(bytes(range(256)) * (entry_bytes // 256 + 1))[:entry_bytes]
     out = []
     i = 0
@@ -463,7 +491,8 @@ def raw_entries(nbytes: int, chunk_bytes: int = CHUNK_BYTES, entry_bytes: int = 
         view = buf[:n]
         out.append(OutEntry(EntryMeta(name=f"raw/{i}", kind="tensor", nbytes=n, dtype="uint8",
                                       shape=[n]),
-                            lambda start, v=view: (v[o:o + chunk_bytes] for o in range(start, len(v), chunk_bytes))))
+                            lambda start, v=view: (v[o:o + chunk_bytes] for o in range(start, len(v), chunk_bytes)),
+                            gen=gen))
         nbytes -= n
         i += 1
     return out
