@@ -10,6 +10,7 @@ same free capacity.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
@@ -60,7 +61,7 @@ class GpuState:
         if name in _GPU_WATCHED:
             owner = self.__dict__.get("owner")
             if owner is not None:
-                owner._sig = None
+                owner._sig = owner.sid = None
 
     def state_key(self) -> tuple:
         """Everything the scheduler's cacheable plugins look at (equal keys: interchangeable GPUs)."""
@@ -84,7 +85,7 @@ class GpuState:
     def _reindex(self) -> None:
         owner = self.owner
         if owner is not None:
-            owner._sig = None
+            owner._sig = owner.sid = None
         if self.fill_index is not None:
             self.fill_index.move(self)
 
@@ -133,6 +134,9 @@ class GpuState:
         self._reindex()
 
 
+_SIG_IDS: dict[tuple, int] = {}
+_SIG_COUNTER = itertools.count(1)
+_SIG_LIMIT = 1_000_000
 _GPU_WATCHED = frozenset({"health", "memory_pressure", "thermal_state", "mig_enabled", "memory_bytes"})
 _NODE_WATCHED = frozenset({"record", "ready", "allocated_cpu_milli", "allocated_host_memory", "gpus"})
 
@@ -147,12 +151,14 @@ class NodeEntry:
     allocated_cpu_milli: int = 0
     allocated_host_memory: int = 0
     _sig: tuple | None = field(default=None, repr=False, compare=False)
+    sid: int | None = field(default=None, repr=False, compare=False)   # interned signature (signature_id)
     _perm: tuple = field(default=(), repr=False, compare=False)
 
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
         if name in _NODE_WATCHED:
             object.__setattr__(self, "_sig", None)
+            object.__setattr__(self, "sid", None)
             if name == "gpus":
                 for g in value:
                     g.owner = self
@@ -188,6 +194,20 @@ class NodeEntry:
             object.__setattr__(self, "_perm", tuple(k[2] for k in keys))
             object.__setattr__(self, "_sig", sig)
         return sig
+
+    def signature_id(self) -> int:
+        """A small integer standing for `signature()` (equal signatures, equal ids while the intern
+        table lasts), cheap to hash on the scheduler's per-node path."""
+        sid = self.sid
+        if sid is None:
+            sig = self.signature()
+            sid = _SIG_IDS.get(sig)
+            if sid is None:
+                if len(_SIG_IDS) >= _SIG_LIMIT:
+                    _SIG_IDS.clear()   # ids are never reused, so stale cache entries just miss
+                sid = _SIG_IDS[sig] = next(_SIG_COUNTER)
+            object.__setattr__(self, "sid", sid)
+        return sid
 
     def gpu_order(self) -> tuple:
         """Positions in `gpus` in the signature's order."""

@@ -226,6 +226,7 @@ class _NodeVerdict:
     option: Option | None = None
     scores: tuple[float, ...] = ()   # the cacheable score plugins' raw scores of `option`
     total: float = 0.0               # their weighted sum
+    ok: bool = False
 
 
 # -- profile and framework ----------------------------------------------------------------
@@ -271,11 +272,13 @@ class Framework:
         for p in profile.plugins:
             if hasattr(p, "on_change"):
                 p.on_change = self.invalidate
-        self.cache: dict[tuple, _NodeVerdict] = {}
+        self.cache: dict[tuple, dict[int, _NodeVerdict]] = {}   # request key -> signature id -> verdict
+        self.cached = 0
         self.version = 0   # bumped when a plugin's cached answers go stale (e.g. a new request mix)
 
     def invalidate(self) -> None:
         self.cache.clear()
+        self.cached = 0
         self.version += 1
 
     def plugin(self, name: str) -> Any:
@@ -287,13 +290,17 @@ class Framework:
     # -- one node --------------------------------------------------------------------
 
     def _verdict(self, state: CycleState, req: SliceRequest, rkey: tuple, node: NodeEntry) -> _NodeVerdict:
-        key = (node.signature(), rkey)
-        v = self.cache.get(key)
-        if v is None:
-            v = self._evaluate(state, req, node)
-            if len(self.cache) >= self.CACHE_LIMIT:
+        sub = self.cache.get(rkey)
+        if sub is None:
+            if self.cached >= self.CACHE_LIMIT:
                 self.cache.clear()
-            self.cache[key] = v
+                self.cached = 0
+            sub = self.cache[rkey] = {}
+        sid = node.sid or node.signature_id()
+        v = sub.get(sid)
+        if v is None:
+            v = sub[sid] = self._evaluate(state, req, node)
+            self.cached += 1
         return v
 
     def _evaluate(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> _NodeVerdict:
@@ -322,11 +329,11 @@ class Framework:
             scores = tuple(p.score(state, req, node, opt) for p, _ in self.cached_scorers)
             total = sum(s * w for s, (_, w) in zip(scores, self.cached_scorers))
             if best is None or total > best.total:
-                best = _NodeVerdict(SUCCESS, opt, scores, total)
+                best = _NodeVerdict(SUCCESS, opt, scores, total, True)
         return best
 
     def evaluate_node(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> _NodeVerdict:
-        for f in self.node_filters:
+        for f in self.relevant_node_filters(req):
             st = f.filter(state, req, node)
             if not st.ok:
                 return _NodeVerdict(st)
@@ -334,47 +341,64 @@ class Framework:
 
     # -- the cycle -------------------------------------------------------------------
 
+    def relevant_node_filters(self, req: SliceRequest) -> list:
+        return [f for f in self.node_filters if not hasattr(f, "relevant") or f.relevant(req)]
+
     def find(self, state: CycleState, req: SliceRequest, fleet: Fleet,
              nodes: Iterable[NodeEntry] | None = None, reasons: Reasons | None = None) -> Placement | None:
-        """The best node and option for the request (one node's share of it), or None."""
+        """The best node and option for the request (one node's share of it), or None; when None
+        and `reasons` is given, the reasons per node class."""
         rkey = request_key(req, self.version)
-        node_filters, node_scorers = self.node_filters, self.node_scorers
+        node_filters, node_scorers = self.relevant_node_filters(req), self.node_scorers
+        nodes = fleet.nodes.values() if nodes is None else list(nodes)
+        self._verdict(state, req, rkey, next(iter(nodes))) if nodes else None   # makes the sub-cache
+        sub = self.cache[rkey] if nodes else {}
         best_node, best_v, best_total = None, None, None
-        feasible = [] if node_scorers else None
-        cache = self.cache
-        for node in (fleet.nodes.values() if nodes is None else nodes):
-            ok = True
+        if not node_filters and not node_scorers:
+            # the hot path: one int-keyed lookup per node
+            for node in nodes:
+                v = sub.get(node.sid or node.signature_id())
+                if v is None:
+                    v = self._verdict(state, req, rkey, node)
+                if v.ok and (best_total is None or v.total > best_total):
+                    best_node, best_v, best_total = node, v, v.total
+        else:
+            feasible = []
+            for node in nodes:
+                if node_filters and not all(f.filter(state, req, node).ok for f in node_filters):
+                    continue
+                v = sub.get(node.sid or node.signature_id())
+                if v is None:
+                    v = self._verdict(state, req, rkey, node)
+                if v.ok:
+                    feasible.append((node, v))
+            if feasible and node_scorers:
+                columns = [[p.score(state, req, n, v.option) for n, v in feasible] for p, _ in node_scorers]
+                for i, p in self.normalizers:
+                    columns[i] = p.normalize(columns[i])
+                for j, (n, v) in enumerate(feasible):
+                    total = v.total + sum(col[j] * w for col, (_, w) in zip(columns, node_scorers))
+                    if best_total is None or total > best_total:
+                        best_node, best_v, best_total = n, v, total
+            else:
+                for n, v in feasible:
+                    if best_total is None or v.total > best_total:
+                        best_node, best_v, best_total = n, v, v.total
+        if best_node is None:
+            if reasons is not None:
+                self._explain(state, req, rkey, nodes, node_filters, reasons)
+            return None
+        return Placement(best_node, best_v.option)
+
+    def _explain(self, state, req, rkey, nodes, node_filters, reasons: Reasons) -> None:
+        for node in nodes:
             for f in node_filters:
                 st = f.filter(state, req, node)
                 if not st.ok:
-                    if reasons is not None:
-                        reasons.add_status(st)
-                    ok = False
+                    reasons.add_status(st)
                     break
-            if not ok:
-                continue
-            v = cache.get((node.signature(), rkey))
-            if v is None:
-                v = self._verdict(state, req, rkey, node)
-            if not v.status.ok:
-                if reasons is not None:
-                    reasons.add_status(v.status)
-                continue
-            if feasible is not None:
-                feasible.append((node, v))
-            elif best_total is None or v.total > best_total:
-                best_node, best_v, best_total = node, v, v.total
-        if feasible:
-            columns = [[p.score(state, req, n, v.option) for n, v in feasible] for p, _ in node_scorers]
-            for i, p in self.normalizers:
-                columns[i] = p.normalize(columns[i])
-            for j, (n, v) in enumerate(feasible):
-                total = v.total + sum(col[j] * w for col, (_, w) in zip(columns, node_scorers))
-                if best_total is None or total > best_total:
-                    best_node, best_v, best_total = n, v, total
-        if best_node is None:
-            return None
-        return Placement(best_node, best_v.option)
+            else:
+                reasons.add_status(self._verdict(state, req, rkey, node).status)
 
     def schedule(self, req: SliceRequest, fleet: Fleet, allow_preemption: bool = True) -> Decision:
         """Place all `req.count` slices or none; the fleet is left as it was (the caller binds)."""

@@ -17,6 +17,10 @@ class Plugin:
     def __init__(self) -> None:
         pass
 
+    def relevant(self, req: SliceRequest) -> bool:
+        """Only requests with rules or labels can clash (the fleet's rules name labels)."""
+        return bool(req.anti_affinity or req.labels)
+
     def filter(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> Status:
         rules = req.anti_affinity
         for g in node.gpus:

@@ -1,0 +1,210 @@
+"""The replay protocol of the FGD paper's artifact, driving the control plane's scheduler
+(`controlplane.scheduler`, the same code as `Allocate`) over an in-memory fleet.
+
+Arrival mode (the default): pods shuffled by seed arrive one by one, topped up with pods drawn at
+random from the same trace until the GPUs asked for reach `load_max` x capacity (or cut there);
+no departures; a pod that fits nowhere is skipped. After each pod that crosses a step of arrived
+load the curve records unallocated GPUs and fragmented GPUs (the free GPU capacity the trace's
+typical pods, those that make up 95% of its GPU pods, cannot use).
+
+Timeline mode: pods are created and deleted at their trace times; the curve is sampled at steps of
+elapsed events with `load` = GPUs asked for by live pods / capacity.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from controlplane.fleet import Fleet
+from controlplane.scheduler import profiles
+from controlplane.scheduler.framework import Framework
+from controlplane.scheduler.plugins import fgd
+from controlplane.scheduler.plugins._gpu import free_milli
+from gpumesh.v1 import types_pb2
+from mesh.slicespec import ISOLATION_ENUM
+from tools.replay.trace import TraceNode, TracePod, build_fleet, request_of
+
+POLICIES = tuple(profiles.PROFILES)
+
+
+def typical_mix(pods: list[TracePod], coverage: float = 0.95) -> list[fgd.MixType]:
+    """The pod types (GPUs, milli-GPU, CPU, models) that make up `coverage` of the GPU pods."""
+    counts = Counter(fgd.type_of(request_of(p)) for p in pods if p.num_gpu)
+    return fgd.top_types(counts, coverage)
+
+
+def fragmented_gpus(fleet: Fleet, plugin: fgd.Plugin) -> float:
+    """Fleet fragmentation against the plugin's mix, in GPUs."""
+    total = 0.0
+    for node in fleet.nodes.values():
+        if node.gpus:
+            frees = tuple(sorted((free_milli(g) for g in node.gpus), reverse=True))
+            cpu = node.cpu_free if node.record.inventory.cpu_milli else float("inf")
+            total += plugin.node_frag(node.gpus[0].model.name, cpu, frees)
+    return total / 1000
+
+
+@dataclass
+class Run:
+    policy: str
+    seed: int
+    capacity_gpus: int
+    curve: list[dict] = field(default_factory=list)
+    placed: int = 0
+    skipped: int = 0
+    decisions: int = 0
+    seconds: float = 0.0
+
+
+class Replay:
+    """One policy over one fleet: `arrive(pod)` schedules and binds, `depart(pod)` releases."""
+
+    def __init__(self, nodes: list[TraceNode], policy: str, mix: list[fgd.MixType], seed: int = 0,
+                 framework: Framework | None = None) -> None:
+        self.fleet = build_fleet(nodes)
+        args = {"Random": {"seed": seed}}
+        self.fw = framework or profiles.build(policy, args=args if policy == "random" else None, preemption=False)
+        self.metric = fgd.Plugin(mix=mix)
+        try:
+            self.fw.plugin(fgd.NAME).set_mix(mix)
+        except KeyError:
+            pass
+        self.capacity = sum(len(n.gpus) for n in self.fleet.nodes.values())
+        self.allocated_milli = 0
+        self.by_pod: dict[str, list[str]] = {}
+        self._ids = 0
+
+    def arrive(self, pod: TracePod) -> bool:
+        req = request_of(pod)
+        d = self.fw.schedule(req, self.fleet, allow_preemption=False)
+        if not d.ok:
+            return False
+        ids = []
+        for c in d.choices:
+            self._ids += 1
+            s = types_pb2.Slice(id=f"s{self._ids}", allocation_id=pod.name, tenant=req.tenant, node=c.node,
+                                gpu_index=c.gpu_index, isolation=ISOLATION_ENUM.get(c.isolation, 0),
+                                memory_bytes=c.memory_bytes, compute_share=c.compute_share,
+                                cpu_milli=c.cpu_milli, host_memory_bytes=c.host_memory_bytes)
+            self.fleet.put_slice(s)
+            ids.append(s.id)
+        self.by_pod[pod.name] = ids
+        self.allocated_milli += int(round(pod.gpu_request * 1000))
+        return True
+
+    def depart(self, pod: TracePod) -> None:
+        ids = self.by_pod.pop(pod.name, None)
+        if ids is None:
+            return
+        for i in ids:
+            self.fleet.drop_slice(i)
+        self.allocated_milli -= int(round(pod.gpu_request * 1000))
+
+    def point(self, load: float) -> dict:
+        return {"load": round(load, 4), "unallocated_gpus": round(self.capacity - self.allocated_milli / 1000, 3),
+                "fragmented_gpus": round(fragmented_gpus(self.fleet, self.metric), 3)}
+
+
+def arrivals(pods: list[TracePod], capacity: int, seed: int, load_max: float) -> list[TracePod]:
+    """The artifact's arrival sequence: shuffled, topped up by random draws, cut at load_max."""
+    rng = random.Random(seed)
+    seq = list(pods)
+    rng.shuffle(seq)
+    target = load_max * capacity
+    asked = sum(p.gpu_request for p in seq)
+    gpu_pods = [p for p in pods if p.num_gpu] or pods
+    while asked < target and gpu_pods:
+        p = rng.choice(pods)
+        seq.append(p)
+        asked += p.gpu_request
+    out, asked = [], 0.0
+    for p in seq:
+        if asked >= target - 1e-9:
+            break
+        out.append(p)
+        asked += p.gpu_request
+    return out
+
+
+def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int, load_max: float = 1.3,
+                 step: float = 0.01, mix: list[fgd.MixType] | None = None) -> Run:
+    mix = mix if mix is not None else typical_mix(pods)
+    rp = Replay(nodes, policy, mix, seed)
+    run = Run(policy, seed, rp.capacity)
+    seq = arrivals(pods, rp.capacity, seed, load_max)
+    t0 = time.perf_counter()
+    asked, next_mark = 0.0, step
+    run.curve.append(rp.point(0.0))
+    for i, pod in enumerate(seq):
+        if rp.arrive(pod):
+            run.placed += 1
+        else:
+            run.skipped += 1
+        asked += pod.gpu_request
+        load = asked / rp.capacity
+        if load >= next_mark - 1e-9 or i == len(seq) - 1:
+            while next_mark <= load + 1e-9:
+                next_mark += step
+            run.curve.append(rp.point(load))
+    run.decisions = len(seq)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def run_timeline(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int = 0,
+                 points: int = 100, mix: list[fgd.MixType] | None = None) -> Run:
+    """Creation and deletion at the trace's times (a pod without a deletion time stays)."""
+    mix = mix if mix is not None else typical_mix(pods)
+    rp = Replay(nodes, policy, mix, seed)
+    run = Run(policy, seed, rp.capacity)
+    events = []
+    for i, p in enumerate(pods):
+        events.append((p.creation_time, 1, i, p))
+        if p.deletion_time and p.deletion_time > p.creation_time:
+            events.append((p.deletion_time, 0, i, p))
+    events.sort(key=lambda e: e[:3])
+    every = max(1, len(events) // points)
+    live = 0.0
+    t0 = time.perf_counter()
+    for n, (_, kind, _, pod) in enumerate(events):
+        if kind == 1:
+            live += pod.gpu_request
+            if rp.arrive(pod):
+                run.placed += 1
+            else:
+                run.skipped += 1
+        else:
+            live -= pod.gpu_request
+            rp.depart(pod)
+        if n % every == every - 1:
+            run.curve.append(rp.point(live / rp.capacity))
+    run.decisions = run.placed + run.skipped
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def average(runs: list[Run], step: float = 0.01) -> list[dict]:
+    """Curves of several seeds averaged at each multiple of `step` of arrived load (each seed's
+    first point at or past the mark)."""
+    if not runs:
+        return []
+    top = min(max(p["load"] for p in r.curve) for r in runs)
+    out = []
+    for k in range(int(top / step + 1e-6) + 1):
+        m = k * step
+        vals = [at_load(r.curve, m) for r in runs]
+        out.append({"load": round(m, 4),
+                    "unallocated_gpus": round(sum(v["unallocated_gpus"] for v in vals) / len(vals), 2),
+                    "fragmented_gpus": round(sum(v["fragmented_gpus"] for v in vals) / len(vals), 2)})
+    return out
+
+
+def at_load(curve: list[dict], load: float) -> dict | None:
+    """The first point at or past `load`."""
+    for p in curve:
+        if p["load"] >= load - 1e-9:
+            return p
+    return curve[-1] if curve else None
