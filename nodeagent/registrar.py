@@ -13,6 +13,7 @@ stream the registrar reports its endpoint, transports and buffers (`MeshHello`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ class Registrar:
         if transport == "verbs":
             desc = self.verbs.register(slice_id, size)
             desc.node, desc.endpoint = self.node, self.server.endpoint
+            # the MR's memory is also served over TCP (same address and key) for peers without verbs
+            self.server.add(desc.buffer_id, slice_id, (ctypes.c_char * size).from_address(desc.address),
+                            desc.rkey, base=desc.address)
             self.buffers[desc.buffer_id] = Held(desc, connection_id)
             return desc
         bid = f"b-{connection_id or 'x'}-{slice_id}"[:60]
@@ -102,6 +106,7 @@ class Registrar:
             self.server.remove(held.descriptor.rkey)
             held.region.revoke()
         elif self.verbs is not None:
+            self.server.remove(held.descriptor.rkey)
             self.verbs.deregister(buffer_id)
         log(logger, logging.INFO, "mesh buffer revoked", node=self.node, buffer=buffer_id,
             slice=held.descriptor.slice_id, reason=reason)

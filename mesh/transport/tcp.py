@@ -93,12 +93,13 @@ class TcpDataPlane:
 
     # -- regions ------------------------------------------------------------------------
 
-    def add(self, buffer_id: str, slice_id: str, data, rkey: int = 0) -> Region:
-        """Serve `data` (a writable bytes-like) under a key; the region (with its base address)."""
+    def add(self, buffer_id: str, slice_id: str, data, rkey: int = 0, base: int = 0) -> Region:
+        """Serve `data` (a writable bytes-like) under a key; the region (with its base address:
+        `base`, e.g. a verbs MR's address, or a random one)."""
         mv = memoryview(data).cast("B")
         if mv.readonly:
             raise TransportError(f"buffer {buffer_id} is read-only", op="register", buffer_id=buffer_id)
-        base = (secrets.randbits(32) + 1) << 16
+        base = base or (secrets.randbits(32) + 1) << 16
         region = Region(buffer_id, slice_id, rkey or new_key(), base, mv)
         with self._lock:
             self.regions[region.rkey] = region

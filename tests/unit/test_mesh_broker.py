@@ -86,3 +86,23 @@ def test_full_resync_revokes_buffers_of_slices_no_longer_desired(registrar):
     registrar.register("s-2", 64, "shm", "m-1")
     registrar.on_desired(node_service_pb2.DesiredSlices(full=True, upserts=[types_pb2.Slice(id="s-2")]))
     assert [h.descriptor.slice_id for h in registrar.buffers.values()] == ["s-2"]
+
+
+def test_registrar_verbs_buffer_also_served_over_tcp():
+    from mesh.transport.tcp import TcpConnection
+    from mesh.transport.verbs import VerbsTransport
+    from tests.unit import fakeverbs
+    agent = types.SimpleNamespace(node="n1", endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
+                                  desired_hooks=[], desired={"s-1": object()})
+    r = Registrar(agent, "127.0.0.1:0", verbs_transport=VerbsTransport("n1", pyverbs=fakeverbs.make()))
+    try:
+        d = r.register("s-1", 4096, "verbs", "m-1")
+        assert d.transport == "verbs" and d.qp_num
+        with TcpConnection(d) as c:                     # a peer without verbs
+            c.write(10, b"fallback")
+            assert c.read(10, 8) == b"fallback"
+            r.revoke_slice("s-1")
+            with pytest.raises(Revoked):
+                c.read(0, 1)
+    finally:
+        r.close()

@@ -64,7 +64,7 @@ def test_owner_process_dies():
     code = ("import json, sys; from mesh.transport.shm import ShmTransport; t = ShmTransport('n'); "
             "d = t.register('s', 4096); print(json.dumps(d.to_proto().SerializeToString().hex()), flush=True); "
             "sys.stdin.read()")
-    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         from gpumesh.v1 import mesh_service_pb2
         d = BufferDescriptor.from_proto(mesh_service_pb2.BufferDescriptor.FromString(

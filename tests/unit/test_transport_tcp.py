@@ -124,7 +124,7 @@ def test_peer_process_and_peer_gone():
     """The region lives in another process (as in an agent); then that process dies."""
     size = 1 << 20
     peer = subprocess.Popen([sys.executable, "-c", f"from tools.meshctl.benchmesh import serve; serve({size})"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         f = json.loads(peer.stdout.readline())
         d = BufferDescriptor(buffer_id=f["buffer_id"], slice_id="s", node="peer", transport="tcp",
