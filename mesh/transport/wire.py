@@ -1,0 +1,38 @@
+"""The TCP data plane's wire format and socket helpers (see `mesh.transport.tcp`)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+REQ = struct.Struct("<BBHIQQQ")
+RESP = struct.Struct("<BxxxIQ")
+WRITE, READ, SEND, RECV, PING = 1, 2, 3, 4, 5
+OPS = {WRITE: "write", READ: "read", SEND: "send", RECV: "recv", PING: "ping"}
+OK, INVALID_KEY, OUT_OF_BOUNDS, REVOKED, BAD_REQUEST, EMPTY, QUEUE_FULL = range(7)
+SOCK_BUF = 8 << 20
+DRAIN_LIMIT = 1 << 30          # a refused WRITE larger than this closes the connection instead
+MAX_MESSAGE = 16 << 20
+MAX_QUEUED = 1024
+REVOKED_KEPT = 100_000
+WINDOW = 64                    # posted operations in flight per connection
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, view.nbytes
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("connection closed by peer")
+        got += k
+
+
