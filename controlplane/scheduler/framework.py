@@ -151,8 +151,16 @@ class PostFilterPlugin(Protocol):
 
 @dataclass
 class Placement:
+    """One node's share of a decision. The picks' GPUs are resolved when it is made: ranks follow
+    the node's signature order, which changes as soon as anything on the node does."""
+
     node: NodeEntry
     option: Option
+    gpus: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not self.gpus:
+            self.gpus = tuple(gpu_of(self.node, p) for p in self.option)
 
 
 @dataclass(frozen=True)
@@ -176,8 +184,7 @@ class Choice:
 def to_choices(placements: list[Placement]) -> list[Choice]:
     out = []
     for pl in placements:
-        for p in pl.option:
-            g = gpu_of(pl.node, p)
+        for p, g in zip(pl.option, pl.gpus):
             out.append(Choice(pl.node.name, g.index if g else -1, g.uuid if g else "", g.model.name if g else "",
                               p.isolation, p.profile, p.start, p.size, p.memory_bytes, p.compute_share,
                               p.cpu_milli, p.host_memory_bytes))
@@ -400,8 +407,10 @@ class Framework:
             else:
                 reasons.add_status(self._verdict(state, req, rkey, node).status)
 
-    def schedule(self, req: SliceRequest, fleet: Fleet, allow_preemption: bool = True) -> Decision:
-        """Place all `req.count` slices or none; the fleet is left as it was (the caller binds)."""
+    def schedule(self, req: SliceRequest, fleet: Fleet, allow_preemption: bool = True,
+                 explain: bool = True) -> Decision:
+        """Place all `req.count` slices or none; the fleet is left as it was (the caller binds).
+        `explain=False` skips collecting the reasons of a refusal (the replay does not show them)."""
         state = CycleState()
         for p in self.observers:
             p.observe(req)
@@ -409,7 +418,7 @@ class Framework:
             st = p.pre_filter(state, req, fleet)
             if not st.ok:
                 return Decision(st, reasons=dict(st.reasons))
-        reasons = Reasons()
+        reasons = Reasons() if explain else None
         placements = self._place_all(state, req, fleet, reasons)
         if placements is not None:
             return Decision(SUCCESS, placements)
@@ -418,9 +427,9 @@ class Framework:
                 d = p.post_filter(self, state, req, fleet)
                 if d is not None and d.ok:
                     return d
-        return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=reasons.summary())
+        return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=reasons.summary() if reasons else {})
 
-    def _place_all(self, state: CycleState, req: SliceRequest, fleet: Fleet, reasons: Reasons,
+    def _place_all(self, state: CycleState, req: SliceRequest, fleet: Fleet, reasons: Reasons | None,
                    nodes: Iterable[NodeEntry] | None = None) -> list[Placement] | None:
         """Node-local requests (one slice, host-only, or a same-node/NVLink gang) take one cycle;
         a spread gang takes one cycle per slice, each seeing the ones before it assumed."""
@@ -473,8 +482,7 @@ def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:
     from gpumesh.v1 import types_pb2
     from mesh.slicespec import ISOLATION_ENUM
     ids = []
-    for j, pick in enumerate(pl.option):
-        g = gpu_of(pl.node, pick)
+    for j, (pick, g) in enumerate(zip(pl.option, pl.gpus)):
         s = types_pb2.Slice(id=f"{tag}-{j}", node=pl.node.name, gpu_index=g.index if g else -1,
                             isolation=ISOLATION_ENUM.get(pick.isolation, 0), profile=pick.profile or "",
                             memory_bytes=pick.memory_bytes, compute_share=pick.compute_share,

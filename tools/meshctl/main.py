@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import bench, cluster, describe, get, mesh, nodes, slices, workloads
+from tools.meshctl import bench, cluster, describe, get, mesh, nodes, sim, slices, workloads
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, nodes, mesh, bench)
+GROUPS = (cluster, get, describe, slices, workloads, nodes, mesh, bench, sim)
 
 EPILOG = """\
 examples:

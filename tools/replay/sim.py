@@ -79,7 +79,7 @@ class Replay:
 
     def arrive(self, pod: TracePod) -> bool:
         req = request_of(pod)
-        d = self.fw.schedule(req, self.fleet, allow_preemption=False)
+        d = self.fw.schedule(req, self.fleet, allow_preemption=False, explain=False)
         if not d.ok:
             return False
         ids = []

@@ -1,0 +1,139 @@
+"""The scheduling cycle: gangs all or nothing, preemption, quotas, the queue, cached verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane import placement
+from controlplane.scheduler import profiles
+from controlplane.scheduler.queue import SchedulingQueue
+from gpumesh.v1 import types_pb2 as t
+from mesh import errors
+from tests.unit.test_placement import make_fleet
+from tests.unit.test_scheduler_plugins import req
+
+GiB = 1 << 30
+
+
+def held(fleet, prio: int, alloc: str, node: str, gpu: int, profile: str = "", start: int = 0, share: float = 1.0):
+    s = t.Slice(id=f"{alloc}-{node}-{gpu}-{start}", allocation_id=alloc, tenant="low", node=node, gpu_index=gpu,
+                priority=prio, state=t.SLICE_STATE_READY, memory_bytes=GiB, compute_share=share,
+                isolation=t.ISOLATION_MIG if profile else t.ISOLATION_EXCLUSIVE, profile=profile)
+    if profile:
+        s.placement.start, s.placement.size = start, 1
+    fleet.put_slice(s)
+
+
+@pytest.mark.parametrize("name,count,topology,want_nodes", [
+    ("spread gang fits over two nodes", 4, t.TOPOLOGY_ANY, {"a", "b"}),
+    ("spread gang too big: nothing", 5, t.TOPOLOGY_ANY, None),
+    ("same-node gang of two", 2, t.TOPOLOGY_SAME_NODE, 1),
+    ("same-node gang of three: no node has three", 3, t.TOPOLOGY_SAME_NODE, None),
+    ("same-NVLink gang", 2, t.TOPOLOGY_SAME_NVLINK_DOMAIN, 1),
+])
+def test_gangs_are_all_or_nothing(name, count, topology, want_nodes):
+    fleet = make_fleet(("a", [("L4", False)] * 2, [[0, 1]]), ("b", [("L4", False)] * 2, [[0, 1]]))
+    before = {g.uuid: g.allocated_memory for n in fleet.nodes.values() for g in n.gpus}
+    r = req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, count=count, topology=topology)
+    if want_nodes is None:
+        with pytest.raises(errors.ResourceExhausted):
+            placement.place(fleet, r)
+    else:
+        choices = placement.place(fleet, r)
+        assert len(choices) == count
+        assert len({(c.node, c.gpu_index) for c in choices}) == count
+        nodes = {c.node for c in choices}
+        assert nodes == want_nodes if isinstance(want_nodes, set) else len(nodes) == want_nodes
+    after = {g.uuid: g.allocated_memory for n in fleet.nodes.values() for g in n.gpus}
+    assert after == before   # the cycle leaves the snapshot as it found it
+
+
+def test_same_nvlink_gang_stays_in_one_domain():
+    fleet = make_fleet(("a", [("H100-80GB", False)] * 4, [[0, 1], [2, 3]]))
+    held(fleet, 0, "x", "a", 0)
+    held(fleet, 0, "y", "a", 2)
+    with pytest.raises(errors.ResourceExhausted):
+        placement.place(fleet, req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, count=2,
+                                   topology=t.TOPOLOGY_SAME_NVLINK_DOMAIN))
+    fleet.drop_slice("y-a-2-0")
+    choices = placement.place(fleet, req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, count=2,
+                                         topology=t.TOPOLOGY_SAME_NVLINK_DOMAIN))
+    assert sorted(c.gpu_index for c in choices) == [2, 3]
+
+
+@pytest.mark.parametrize("name,held_prios,prio,preempt,enabled,want_victims", [
+    ("fewest victims: one big beats two small", {"big": (1, [0, 1]), "s1": (0, [2]), "s2": (0, [3])},
+     5, True, True, None),
+    ("lowest priority first", {"p1": (1, [0]), "p2": (2, [1]), "hi": (9, [2, 3])}, 5, True, True, ["p1"]),
+    ("never equal or higher priority", {"p5": (5, [0]), "p9": (9, [1, 2, 3])}, 5, True, True, []),
+    ("not asked to preempt", {"p1": (1, [0]), "p2": (2, [1, 2, 3])}, 5, False, True, []),
+    ("preemption disabled", {"p1": (1, [0]), "p2": (2, [1, 2, 3])}, 5, True, False, []),
+])
+def test_preemption(name, held_prios, prio, preempt, enabled, want_victims):
+    fleet = make_fleet(("a", [("L4", False)] * 2), ("b", [("L4", False)] * 2))
+    for alloc, (p, gpus) in held_prios.items():
+        for gi in gpus:
+            held(fleet, p, alloc, "a" if gi < 2 else "b", gi % 2)
+    fw = profiles.build("default", preemption=enabled)
+    d = fw.schedule(req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, priority=prio, preempt=preempt), fleet)
+    if want_victims == []:
+        assert not d.ok
+        return
+    assert d.ok
+    if want_victims is None:   # one victim of the two small ones, not the big gang
+        assert len(d.victims) == 1 and d.victims[0] in ("s1", "s2")
+    else:
+        assert d.victims == want_victims
+    # the victims' slices are back in the snapshot: the controller evicts them
+    assert sum(len(g.slices) for n in fleet.nodes.values() for g in n.gpus) == \
+        sum(len(v[1]) for v in held_prios.values())
+
+
+def test_preemption_reprieves_victims_it_does_not_need():
+    fleet = make_fleet(("a", [("H100-80GB", True)]))
+    held(fleet, 1, "low1", "a", 0, "1g.10gb", 0)
+    held(fleet, 2, "low2", "a", 0, "1g.10gb", 1)
+    for st in range(2, 7):
+        held(fleet, 9, f"hi{st}", "a", 0, "1g.10gb", st)
+    d = profiles.build("default").schedule(req(mig_profile="1g.10gb", priority=5, preempt=True), fleet)
+    assert d.ok and d.victims == ["low1"]
+
+
+def test_quota_refusal_names_the_quota():
+    fleet = make_fleet(("a", [("L4", False)] * 2))
+    fw = profiles.from_config({"args": {"TenantQuota": {"tenants": {"t": {"max_slices": 1}}}}})
+    c = placement.place(fleet, req(memory_bytes=GiB), fw)[0]
+    fleet.put_slice(t.Slice(id="s1", tenant="t", node=c.node, gpu_index=c.gpu_index, memory_bytes=c.memory_bytes,
+                            compute_share=c.compute_share, isolation=t.ISOLATION_TIMESHARE))
+    with pytest.raises(errors.ResourceExhausted, match="quota max_slices=1") as exc:
+        placement.place(fleet, req(memory_bytes=GiB), fw)
+    assert "quota" in exc.value.reasons
+    placement.place(fleet, req(tenant="other", memory_bytes=GiB), fw)   # other tenants unaffected
+
+
+def test_queue_pops_highest_priority_first_fifo_among_equals():
+    q = SchedulingQueue()
+    for name, prio in (("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", -3)):
+        q.add(name, prio)
+    assert [q.pop() for _ in range(len(q))] == ["b", "d", "a", "c", "e"]
+
+
+def test_cached_verdicts_follow_changes_on_the_node():
+    fleet = make_fleet(("a", [("L4", False)]))
+    fw = profiles.build("default")
+    r = req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE)
+    assert fw.schedule(r, fleet).ok
+    held(fleet, 0, "x", "a", 0)
+    assert not fw.schedule(r, fleet).ok
+    fleet.nodes["a"].gpus[0].health = "unhealthy"
+    fleet.drop_slice("x-a-0-0")
+    assert not fw.schedule(r, fleet).ok
+    fleet.nodes["a"].gpus[0].health = "healthy"
+    assert fw.schedule(r, fleet).ok
+
+
+def test_identical_nodes_share_one_verdict():
+    fleet = make_fleet(*[(f"n{i}", [("L4", False)] * 2) for i in range(20)])
+    fw = profiles.build("bestfit")
+    fw.schedule(req(memory_bytes=GiB), fleet)
+    assert fw.cached == 1

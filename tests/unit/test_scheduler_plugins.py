@@ -1,0 +1,243 @@
+"""Table-driven tests of each scheduler plugin (a name and the wanted verdict per case)."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.fleet import Fleet
+from controlplane.scheduler import profiles
+from controlplane.scheduler.framework import Code, CycleState, Pick
+from controlplane.scheduler.plugins import (antiaffinity, fgd, gpumodel, nodehealth, noderesources, quota,
+                                            random_score, topology)
+from gpumesh.v1 import types_pb2 as t
+from mesh import errors
+from mesh.slicespec import validate
+from tests.unit.test_placement import commit, make_fleet
+
+GiB = 1 << 30
+
+
+def req(**spec):
+    return validate(t.SliceSpec(tenant=spec.pop("tenant", "t"), **spec))
+
+
+def with_host(fleet: Fleet, name: str, cpu_milli: int, memory_bytes: int) -> None:
+    rec = t.Node()
+    rec.CopyFrom(fleet.nodes[name].record)
+    rec.inventory.cpu_milli, rec.inventory.memory_bytes = cpu_milli, memory_bytes
+    fleet.nodes[name].record = rec
+
+
+@pytest.mark.parametrize("name,spec,model,want", [
+    ("any model", {"memory_bytes": GiB}, "L4", None),
+    ("named model matches", {"memory_bytes": GiB, "gpu_model": "L4"}, "L4", None),
+    ("named model differs", {"memory_bytes": GiB, "gpu_model": "H100-80GB"}, "L4", "model is not H100-80GB"),
+])
+def test_gpumodel(name, spec, model, want):
+    fleet = make_fleet(("n", [(model, False)]))
+    assert gpumodel.Plugin().filter_gpu(req(**spec), fleet.nodes["n"].gpus[0]) == want
+
+
+@pytest.mark.parametrize("name,ready,cordoned,health,pressure,thermal,node_code,gpu_why", [
+    ("healthy", True, False, "healthy", "low", "normal", Code.SUCCESS, None),
+    ("not ready", False, False, "healthy", "low", "normal", Code.UNSCHEDULABLE, None),
+    ("cordoned", True, True, "healthy", "low", "normal", Code.UNSCHEDULABLE, None),
+    ("unhealthy GPU", True, False, "unhealthy", "low", "normal", Code.SUCCESS, "GPU unhealthy"),
+    ("high pressure is allowed", True, False, "healthy", "high", "normal", Code.SUCCESS, None),
+    ("critical pressure", True, False, "healthy", "critical", "normal", Code.SUCCESS, "GPU memory pressure critical"),
+    ("critical heat", True, False, "healthy", "low", "critical", Code.SUCCESS, "GPU thermal state critical"),
+])
+def test_nodehealth(name, ready, cordoned, health, pressure, thermal, node_code, gpu_why):
+    fleet = make_fleet(("n", [("L4", False)]), ready=ready)
+    node = fleet.nodes["n"]
+    if cordoned:
+        rec = t.Node()
+        rec.CopyFrom(node.record)
+        rec.cordoned = True
+        node.record = rec
+    g = node.gpus[0]
+    g.health, g.memory_pressure, g.thermal_state = health, pressure, thermal
+    p = nodehealth.Plugin()
+    assert p.filter(CycleState(), req(memory_bytes=GiB), node).code == node_code
+    assert p.filter_gpu(req(memory_bytes=GiB), g) == gpu_why
+
+
+def test_nodehealth_args_are_validated():
+    with pytest.raises(ValueError, match="max_memory_pressure"):
+        nodehealth.Plugin(max_memory_pressure="extreme")
+
+
+@pytest.mark.parametrize("name,spec,host,code", [
+    ("no host ask", {"memory_bytes": GiB}, (4000, 8 * GiB), Code.SUCCESS),
+    ("cpu fits", {"memory_bytes": GiB, "cpu_milli": 4000}, (4000, 8 * GiB), Code.SUCCESS),
+    ("cpu short", {"memory_bytes": GiB, "cpu_milli": 4001}, (4000, 8 * GiB), Code.UNSCHEDULABLE),
+    ("memory short", {"memory_bytes": GiB, "host_memory_bytes": 9 * GiB}, (4000, 8 * GiB), Code.UNSCHEDULABLE),
+    ("gang needs cpu for all", {"memory_bytes": GiB, "cpu_milli": 3000, "count": 2,
+                                "topology": t.TOPOLOGY_SAME_NODE}, (4000, 8 * GiB), Code.UNSCHEDULABLE),
+    ("host not reported: not enforced", {"memory_bytes": GiB, "cpu_milli": 10 ** 6}, (0, 0), Code.SUCCESS),
+])
+def test_noderesources_host_filter(name, spec, host, code):
+    fleet = make_fleet(("n", [("L4", False), ("L4", False)]))
+    with_host(fleet, "n", *host)
+    assert noderesources.Plugin().filter(CycleState(), req(**spec), fleet.nodes["n"]).code == code
+
+
+@pytest.mark.parametrize("name,model,mig,existing,spec,n_options,why", [
+    ("1g on empty H100: 7 starts", "H100-80GB", True, [], {"mig_profile": "1g.10gb"}, 7, ""),
+    ("3g on empty H100: 2 starts", "H100-80GB", True, [], {"mig_profile": "3g.40gb"}, 2, ""),
+    ("7g on used H100", "H100-80GB", True, [{"mig_profile": "1g.10gb"}], {"mig_profile": "7g.80gb"}, 0,
+     "no free 7g.80gb placement"),
+    ("mps half fits", "L4", False, [{"memory_bytes": 8 * GiB, "isolation": t.ISOLATION_MPS, "compute_share": 0.5}],
+     {"memory_bytes": 4 * GiB, "isolation": t.ISOLATION_MPS, "compute_share": 0.5}, 1, ""),
+    ("mps shares used up", "L4", False, [{"memory_bytes": GiB, "isolation": t.ISOLATION_MPS, "compute_share": 0.7}],
+     {"memory_bytes": GiB, "isolation": t.ISOLATION_MPS, "compute_share": 0.5}, 0, "MPS compute shares used up"),
+    ("exclusive on used GPU", "L4", False, [{"memory_bytes": GiB}],
+     {"memory_bytes": GiB, "isolation": t.ISOLATION_EXCLUSIVE}, 0, "GPU is in use"),
+    ("timeshare beside mps", "L4", False, [{"memory_bytes": GiB, "isolation": t.ISOLATION_MPS}],
+     {"memory_bytes": GiB, "isolation": t.ISOLATION_TIMESHARE}, 0, "GPU shared by mps"),
+])
+def test_noderesources_options(name, model, mig, existing, spec, n_options, why):
+    fleet = make_fleet(("n", [(model, mig)]))
+    from controlplane.placement import place
+    for e in existing:
+        commit(fleet, place(fleet, req(**e)))
+    node = fleet.nodes["n"]
+    opts, reasons = noderesources.Plugin().options(req(**spec), node, [(0, node.gpus[0])])
+    assert len(opts) == n_options
+    if why:
+        assert reasons == [(model, why)]
+
+
+@pytest.mark.parametrize("name,mix,model,cpu,frees,want", [
+    ("empty node, all fit", [fgd.MixType(1, 500, weight=1.0)], "T4", 1e9, (1000, 1000), 0.0),
+    ("slivers too small", [fgd.MixType(1, 500, weight=1.0)], "T4", 1e9, (1000, 300, 200), 500.0),
+    ("no GPU big enough: all free is fragment", [fgd.MixType(1, 500, weight=1.0)], "T4", 1e9, (400, 300), 700.0),
+    ("host CPU short: all free is fragment", [fgd.MixType(1, 100, 8000, weight=1.0)], "T4", 4000, (1000,), 1000.0),
+    ("model excluded", [fgd.MixType(1, 100, 0, frozenset({"V100M16"}), 1.0)], "T4", 1e9, (1000,), 1000.0),
+    ("8-GPU type needs 8 whole GPUs", [fgd.MixType(8, 1000, weight=1.0)], "G2", 1e9, (1000,) * 7 + (500,), 7500.0),
+    ("weighted mix", [fgd.MixType(1, 1000, weight=0.5), fgd.MixType(1, 200, weight=0.5)], "T4", 1e9,
+     (1000, 500), 250.0),
+])
+def test_fgd_fragmentation(name, mix, model, cpu, frees, want):
+    assert fgd.frag_of(mix, model, cpu, frees) == pytest.approx(want)
+
+
+def test_fgd_prefers_the_gpu_that_keeps_whole_gpus_whole():
+    fleet = make_fleet(("n", [("L4", False), ("L4", False)]))
+    from controlplane.placement import place
+    commit(fleet, place(fleet, req(memory_bytes=8 * GiB, isolation=t.ISOLATION_MPS, compute_share=0.5)))
+    fw = profiles.build("fgd-exact")
+    fw.plugin(fgd.NAME).set_mix([fgd.MixType(1, 1000, weight=0.5), fgd.MixType(1, 500, weight=0.5)])
+    choice = fw.schedule(req(memory_bytes=8 * GiB, isolation=t.ISOLATION_MPS, compute_share=0.5), fleet).choices[0]
+    used = [g.index for g in fleet.nodes["n"].gpus if g.slices][0]
+    assert choice.gpu_index == used   # filling the half-used GPU leaves a whole one
+
+
+def test_fgd_learns_the_mix_from_requests():
+    p = fgd.Plugin(refresh=1, coverage=1.0)
+    for _ in range(3):
+        p.observe(req(memory_bytes=GiB, isolation=t.ISOLATION_MPS, compute_share=0.25))
+    p.observe(req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE))
+    assert {(m.gpus, m.milli): round(m.weight, 2) for m in p.mix} == {(1, 250): 0.75, (1, 1000): 0.25}
+
+
+@pytest.mark.parametrize("name,ranks,domains,nics,want", [
+    ("single slice", [0], [[0, 1]], [], 0.0),
+    ("gang in one NVLink domain", [0, 1], [[0, 1]], [], 1.0),
+    ("gang across domains", [0, 2], [[0, 1], [2, 3]], [], 0.0),
+    ("gang in a domain and under one NIC", [0, 1], [[0, 1]], [[0, 1]], 2.0),
+])
+def test_topology(name, ranks, domains, nics, want):
+    fleet = make_fleet(("n", [("H100-80GB", False)] * 4, domains))
+    node = fleet.nodes["n"]
+    rec = t.Node()
+    rec.CopyFrom(node.record)
+    for gs in nics:
+        rec.inventory.nics.add(name="ib0", kind="infiniband", gpus=gs)
+    node.record = rec
+    order = node.gpu_order()
+    option = tuple(Pick(order.index(i), "exclusive") for i in ranks)
+    assert topology.Plugin().score(CycleState(), req(memory_bytes=GiB), node, option) == want
+
+
+@pytest.mark.parametrize("name,limits,used,spec,code", [
+    ("no quota", {}, 3, {"memory_bytes": GiB}, Code.SUCCESS),
+    ("slices under", {"max_slices": 4}, 3, {"memory_bytes": GiB}, Code.SUCCESS),
+    ("slices over", {"max_slices": 3}, 3, {"memory_bytes": GiB}, Code.UNSCHEDULABLE_AND_UNRESOLVABLE),
+    ("memory over", {"max_memory_bytes": 4 * GiB}, 3, {"memory_bytes": 2 * GiB}, Code.UNSCHEDULABLE_AND_UNRESOLVABLE),
+    ("gpus over", {"max_gpus": 1}, 0, {"memory_bytes": GiB, "isolation": t.ISOLATION_EXCLUSIVE, "count": 2},
+     Code.UNSCHEDULABLE_AND_UNRESOLVABLE),
+])
+def test_quota(name, limits, used, spec, code):
+    fleet = make_fleet(("n", [("L4", False)]))
+    for i in range(used):
+        fleet.put_slice(t.Slice(id=f"q{i}", tenant="t", node="n", gpu_index=0, memory_bytes=GiB,
+                                isolation=t.ISOLATION_TIMESHARE))
+    st = quota.Plugin(tenants={"t": limits}).pre_filter(CycleState(), req(**spec), fleet)
+    assert st.code == code
+    if code != Code.SUCCESS:
+        assert list(limits)[0] in st.reasons[0][1]
+
+
+def test_quota_args_are_validated():
+    with pytest.raises(ValueError, match="unknown quota 'max_cpus'"):
+        quota.Plugin(tenants={"t": {"max_cpus": 1}})
+
+
+@pytest.mark.parametrize("name,existing_labels,existing_rules,labels,rules,code", [
+    ("no rules", {"app": "db"}, {}, {}, {}, Code.SUCCESS),
+    ("rule matches a slice there", {"replica-of": "db"}, {}, {}, {"replica-of": "db"}, Code.UNSCHEDULABLE),
+    ("rule does not match", {"replica-of": "web"}, {}, {}, {"replica-of": "db"}, Code.SUCCESS),
+    ("slice there is anti-affine to us", {}, {"team": "a"}, {"team": "a"}, {}, Code.UNSCHEDULABLE),
+])
+def test_antiaffinity(name, existing_labels, existing_rules, labels, rules, code):
+    fleet = make_fleet(("n", [("L4", False)]))
+    fleet.put_slice(t.Slice(id="x", node="n", gpu_index=0, memory_bytes=GiB, isolation=t.ISOLATION_TIMESHARE,
+                            labels=existing_labels, anti_affinity=existing_rules))
+    r = req(memory_bytes=GiB, labels=labels, anti_affinity=rules)
+    assert antiaffinity.Plugin().filter(CycleState(), r, fleet.nodes["n"]).code == code
+
+
+def test_random_is_seeded():
+    a, b = random_score.Plugin(seed=3), random_score.Plugin(seed=3)
+    assert [a.score(None, None, None, ()) for _ in range(3)] == [b.score(None, None, None, ()) for _ in range(3)]
+
+
+@pytest.mark.parametrize("policy,want", [("bestfit", "full"), ("packing", "full"), ("spread", "empty")])
+def test_packing_policies_choose_nodes(policy, want):
+    fleet = make_fleet(("empty", [("L4", False)] * 2), ("full", [("L4", False)] * 2))
+    from controlplane.placement import place
+    commit(fleet, place(fleet, req(memory_bytes=8 * GiB, gpu_model="L4")))
+    fleet2 = make_fleet(("empty", [("L4", False)] * 2), ("full", [("L4", False)] * 2))
+    fleet2.put_slice(t.Slice(id="x", node="full", gpu_index=0, memory_bytes=8 * GiB, isolation=t.ISOLATION_TIMESHARE))
+    choice = profiles.build(policy).schedule(req(memory_bytes=4 * GiB), fleet2).choices[0]
+    assert choice.node == want
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"profile": "nope"}, "unknown scheduler profile"),
+    ({"weights": {"Nope": 1}}, "unknown plugin"),
+    ({"weights": {"BestFit": -1}}, "not a number >= 0"),
+    ({"args": {"TenantQuota": {"tenants": {"t": {"max_slices": -1}}}}}, "max_slices must be a number"),
+    ({"preemption": "yes"}, "preemption must be true or false"),
+    ({"extra": 1}, "unknown key"),
+])
+def test_profile_config_errors_name_the_problem(cfg, match):
+    with pytest.raises(profiles.ConfigError, match=match):
+        profiles.from_config(cfg)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("cpu_milli", -1, "spec.cpu_milli"),
+    ("host_memory_bytes", -5, "spec.host_memory_bytes"),
+])
+def test_slicespec_host_resources_are_validated(field, value, match):
+    with pytest.raises(errors.InvalidArgument, match=match):
+        req(memory_bytes=GiB, **{field: value})
+
+
+def test_slicespec_anti_affinity_keys_are_validated():
+    with pytest.raises(errors.InvalidArgument, match="anti_affinity"):
+        req(memory_bytes=GiB, anti_affinity={"bad key!": "x"})
+    r = req(memory_bytes=GiB, anti_affinity={"replica-of": "db"}, preempt=True, cpu_milli=500)
+    assert (r.anti_affinity, r.preempt, r.cpu_milli) == ({"replica-of": "db"}, True, 500)
