@@ -21,6 +21,8 @@ dtype)`; torch bumps `_version` on every in-place write through autograd-visible
 views (optimizers, `add_`, `copy_` under `no_grad`). Writes through `.data` or numpy
 views do not bump it, and inference-mode tensors have no counter: register those with
 `track="hash"` (or they fall back to it), and their token is the checksum of the bytes.
+Module buffers are always hashed: native kernels update some of them without a bump
+(batch norm's running statistics), and they are small.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class WorkloadState:
         self._snapshot_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._staged: dict[str, torch.Tensor] = {}
+        self._buffers: set[str] = set()  # module buffers: kernels such as batch_norm update them unversioned
         self._copy_back: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- registration ---------------------------------------------------------------------
@@ -151,9 +154,12 @@ class WorkloadState:
     def _tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for m, module in self._reg.modules.items():
+            params = {id(p) for p in module.parameters()}
             for key, t in module.state_dict(keep_vars=True).items():
                 if isinstance(t, torch.Tensor):
                     out[f"module/{m}/{key}"] = t
+                    if id(t) not in params:
+                        self._buffers.add(f"module/{m}/{key}")
         for o, opt in self._reg.optimizers.items():
             for i, p in enumerate(_params(opt)):
                 for key, v in opt.state.get(p, {}).items():
@@ -190,7 +196,7 @@ class WorkloadState:
     def token(self, name: str, t: torch.Tensor) -> Token | None:
         """The tensor's change token, or None when only its content hash can tell (then the
         caller uses the checksum of the bytes it sent)."""
-        if name in self._reg.hash_tracked:
+        if name in self._reg.hash_tracked or name in self._buffers:
             return None
         try:
             version = t._version
@@ -342,3 +348,21 @@ def _set_rng(s: dict[str, Any]) -> None:
         import numpy as np
         np.random.set_state(s["numpy"])
 
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor entry of a checkpoint directory as a new CPU tensor (checksums verified):
+    for comparing checkpoints and inspecting them without the workload's code."""
+    manifest = read_manifest(path)
+    out: dict[str, torch.Tensor] = {}
+    for e in manifest.entries:
+        if e.kind != "tensor":
+            continue
+        t = torch.empty(e.shape, dtype=dtype_of(e.dtype))
+        dst = byte_view(t)
+        off = 0
+        for chunk in iter_entry_chunks(path, manifest, e.name):
+            dst[off:off + len(chunk)] = chunk
+            off += len(chunk)
+        out[e.name] = t
+    return out

@@ -1,0 +1,202 @@
+"""Transparent checkpointing of a process that does not use the SDK: CRIU (and cuda-checkpoint).
+
+Stop-and-copy only: `dump` freezes the process tree and writes its images (the process
+is killed afterwards, or left stopped with `leave_stopped=True`), `restore` brings it back
+from the images, with the same PID, detached from the caller. On a GPU host NVIDIA's
+`cuda-checkpoint --toggle --pid PID` runs first, moving the process's device memory and
+CUDA state into host memory where CRIU can see it, and again after restore.
+
+Requirements: CRIU 4.0 or newer (Debian bookworm's 3.17 fails on current kernels in vDSO
+detection, upstream issue 2532, fixed in 4.1) and root (or CAP_CHECKPOINT_RESTORE).
+`detect()` says what is there; `require()` raises `TransparentUnavailable` with the reason
+and how to get CRIU 4.x. The binaries sit behind `Runner` so tests can substitute them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mesh.checkpoint.format import CheckpointError
+
+MIN_VERSION = (4, 0)
+HOW_TO_GET = ("install CRIU 4.x: build it from source (https://github.com/checkpoint-restore/criu, "
+              "`make && make install`), or on Debian take the trixie source package "
+              "(`apt-get source criu/trixie` for criu 4.1.1, then `dpkg-buildpackage -b`)")
+
+
+class TransparentUnavailable(CheckpointError):
+    """Transparent (CRIU) mode cannot work on this host; the message says why and what to do."""
+
+
+class CriuFailed(CheckpointError):
+    """A criu or cuda-checkpoint command failed; `log` holds the end of its log."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message + (f"\n{log}" if log else ""))
+        self.log = log
+
+
+class Runner(Protocol):
+    def __call__(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess: ...
+
+
+def run_command(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class CriuInfo:
+    path: str | None
+    version: tuple[int, ...] | None
+    check_ok: bool
+    cuda_checkpoint: str | None
+    problem: str = ""
+    """empty when transparent mode can work, else why not."""
+
+    @property
+    def usable(self) -> bool:
+        return not self.problem
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """`criu --version` prints `Version: 4.1.1` (and maybe `GitID: ...`)."""
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        return None
+    return tuple(int(x) for x in m.groups() if x is not None)
+
+
+class Criu:
+    """Transparent checkpoint/restore through the `criu` binary."""
+
+    def __init__(self, criu: str | None = None, cuda_checkpoint: str | None = None,
+                 runner: Runner = run_command, timeout: float = 300.0) -> None:
+        self.criu = criu or shutil.which("criu")
+        self.cuda_checkpoint = cuda_checkpoint or shutil.which("cuda-checkpoint")
+        self.run = runner
+        self.timeout = timeout
+        self._info: CriuInfo | None = None
+
+    def detect(self, refresh: bool = False) -> CriuInfo:
+        if self._info is not None and not refresh:
+            return self._info
+        info = CriuInfo(self.criu, None, False, self.cuda_checkpoint)
+        if not self.criu:
+            info.problem = f"criu is not installed (not on PATH); {HOW_TO_GET}"
+        else:
+            try:
+                v = self.run([self.criu, "--version"], 30)
+                info.version = parse_version(v.stdout + v.stderr)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                info.problem = f"{self.criu} --version failed: {exc}; {HOW_TO_GET}"
+            if not info.problem:
+                if info.version is None:
+                    info.problem = f"cannot tell the version of {self.criu}; {HOW_TO_GET}"
+                elif info.version[:2] < MIN_VERSION:
+                    have = ".".join(map(str, info.version))
+                    info.problem = (f"criu {have} at {self.criu} is too old (need >= "
+                                    f"{'.'.join(map(str, MIN_VERSION))}: older releases fail on current kernels "
+                                    f"in vDSO detection); {HOW_TO_GET}")
+            if not info.problem:
+                c = self.run([self.criu, "check"], 60)
+                info.check_ok = c.returncode == 0
+                if not info.check_ok:
+                    why = (c.stderr or c.stdout).strip().splitlines()[-3:]
+                    info.problem = f"`criu check` failed (root or CAP_CHECKPOINT_RESTORE needed): {' / '.join(why)}"
+        self._info = info
+        return info
+
+    def require(self) -> CriuInfo:
+        info = self.detect()
+        if info.problem:
+            raise TransparentUnavailable(f"transparent checkpointing is unavailable: {info.problem}")
+        return info
+
+    def _cuda_toggle(self, pid: int) -> None:
+        if not self.cuda_checkpoint:
+            return
+        r = self.run([self.cuda_checkpoint, "--toggle", "--pid", str(pid)], self.timeout)
+        if r.returncode != 0:
+            raise CriuFailed(f"cuda-checkpoint --toggle --pid {pid} failed (status {r.returncode})",
+                             (r.stderr or r.stdout)[-2000:])
+
+    def dump_argv(self, pid: int, images: Path, *, leave_stopped: bool, leave_running: bool,
+                  shell_job: bool, tcp_established: bool) -> list[str]:
+        argv = [self.criu, "dump", "--tree", str(pid), "--images-dir", str(images),
+                "--log-file", "dump.log", "-v4", "--file-locks"]
+        if shell_job:
+            argv.append("--shell-job")
+        if tcp_established:
+            argv.append("--tcp-established")
+        if leave_stopped:
+            argv.append("--leave-stopped")
+        elif leave_running:
+            argv.append("--leave-running")
+        return argv
+
+    def dump(self, pid: int, images_dir: str | os.PathLike[str], *, leave_stopped: bool = False,
+             leave_running: bool = False, shell_job: bool = True, tcp_established: bool = False) -> Path:
+        """Dumps the process tree rooted at `pid` into `images_dir`. By default the process is
+        killed once dumped (stop-and-copy); `leave_stopped` keeps it frozen (for a rollback),
+        `leave_running` lets it continue (a periodic checkpoint)."""
+        self.require()
+        images = Path(images_dir)
+        images.mkdir(parents=True, exist_ok=True)
+        self._cuda_toggle(pid)
+        argv = self.dump_argv(pid, images, leave_stopped=leave_stopped, leave_running=leave_running,
+                              shell_job=shell_job, tcp_established=tcp_established)
+        r = self.run(argv, self.timeout)
+        if r.returncode != 0:
+            if self.cuda_checkpoint:  # give the device state back to the process that stays
+                try:
+                    self._cuda_toggle(pid)
+                except CriuFailed:
+                    pass
+            raise CriuFailed(f"criu dump of pid {pid} failed (status {r.returncode})", _log_tail(images / "dump.log"))
+        if leave_running or leave_stopped:
+            self._cuda_toggle(pid)
+        return images
+
+    def restore_argv(self, images: Path, pidfile: Path, *, shell_job: bool, tcp_established: bool) -> list[str]:
+        argv = [self.criu, "restore", "--images-dir", str(images), "--log-file", "restore.log", "-v4",
+                "--restore-detached", "--pidfile", str(pidfile), "--file-locks"]
+        if shell_job:
+            argv.append("--shell-job")
+        if tcp_established:
+            argv.append("--tcp-established")
+        return argv
+
+    def restore(self, images_dir: str | os.PathLike[str], *, shell_job: bool = True,
+                tcp_established: bool = False) -> int:
+        """Restores the process tree from `images_dir`, detached; returns its root PID."""
+        self.require()
+        images = Path(images_dir)
+        pidfile = images / "restored.pid"
+        pidfile.unlink(missing_ok=True)
+        r = self.run(self.restore_argv(images, pidfile, shell_job=shell_job, tcp_established=tcp_established),
+                     self.timeout)
+        if r.returncode != 0:
+            raise CriuFailed(f"criu restore from {images} failed (status {r.returncode})",
+                             _log_tail(images / "restore.log"))
+        pid = int(pidfile.read_text().strip())
+        self._cuda_toggle(pid)
+        return pid
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def detect() -> CriuInfo:
+    """What this host offers for transparent mode."""
+    return Criu().detect()
