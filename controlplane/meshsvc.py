@@ -30,6 +30,7 @@ from mesh.transport.base import MAX_BUFFER_BYTES
 
 logger = logging.getLogger(__name__)
 REGISTER_TIMEOUT_S = 15.0
+REVOKE_TIMEOUT_S = 5.0
 TRANSPORT_CHOICES = ("tcp", "shm", "verbs")
 READY, CLOSED, FAILED = (M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_CLOSED,
                          M.MESH_CONNECTION_STATE_FAILED)
@@ -209,11 +210,26 @@ class MeshManager:
             raise errors.NotFound(f"no mesh connection {cid!r}", kind="mesh connection", name=cid)
         return c
 
+    async def _revoke(self, node: str, buffer_ids: list[str], reason: str) -> None:
+        """Tell the agent to revoke the buffers and wait (briefly) until it has: the keys are dead on return.
+        An agent that is not connected lost them anyway (its MeshHello will say so)."""
+        rid = secrets.token_hex(8)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            if self._send(node, mesh_deregister=M.MeshDeregister(buffer_ids=buffer_ids, reason=reason,
+                                                                 request_id=rid)):
+                await asyncio.wait_for(fut, REVOKE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log(logger, logging.WARNING, "agent did not confirm a revocation", node=node, buffers=buffer_ids)
+        finally:
+            self.pending.pop(rid, None)
+
     async def disconnect(self, cid: str, reason: str = "disconnect") -> M.MeshConnection:
         c = self.get(cid)
-        self.connections.pop(cid, None)
-        for d in (c.a, c.b):
-            self._send(d.node, mesh_deregister=M.MeshDeregister(buffer_ids=[d.buffer_id], reason=reason))
+        await asyncio.gather(*(self._revoke(d.node, [d.buffer_id], reason) for d in (c.a, c.b)))
+        if self.connections.pop(cid, None) is None:
+            return self._with(c, state=CLOSED, message=reason)     # a concurrent disconnect finished first
         try:
             await self.ctl.writer.write([Delete(keys.mesh(cid))], [Present(keys.mesh(cid))])
         except errors.Aborted:

@@ -145,6 +145,9 @@ class Registrar:
     async def on_deregister(self, msg: M.MeshDeregister, outbox) -> None:
         for bid in msg.buffer_ids:
             self.deregister(bid, msg.reason)
+        if msg.request_id:
+            outbox.put_nowait(node_service_pb2.AgentMessage(mesh_registered=M.MeshRegistered(
+                request_id=msg.request_id)))
 
     async def on_peer(self, msg: M.MeshPeer, outbox) -> None:
         held = self.buffers.get(msg.buffer_id)

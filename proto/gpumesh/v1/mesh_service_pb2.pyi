@@ -192,12 +192,14 @@ class MeshRegistered(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., descriptor: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ...) -> None: ...
 
 class MeshDeregister(_message.Message):
-    __slots__ = ("buffer_ids", "reason")
+    __slots__ = ("buffer_ids", "reason", "request_id")
     BUFFER_IDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     buffer_ids: _containers.RepeatedScalarFieldContainer[str]
     reason: str
-    def __init__(self, buffer_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, buffer_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class MeshPeer(_message.Message):
     __slots__ = ("buffer_id", "peer")
