@@ -450,14 +450,20 @@ class TransferClient:
                     manifest = commit(stats) if callable(commit) else commit
                     yield frame({"t": "commit", "manifest": manifest.to_json()})
 
-            try:
-                grpc.channel_ready_future(self.channel).result(timeout=self.connect_timeout)
-            except grpc.FutureTimeoutError:
-                raise TransferError(f"cannot reach the transfer endpoint {self.target} "
-                                    f"within {self.connect_timeout:g} s") from None
             call = self._push(requests(), wait_for_ready=True)
+            unreachable = [False]
+
+            def give_up() -> None:
+                unreachable[0] = True
+                call.cancel()
+            timer = threading.Timer(self.connect_timeout, give_up)
+            timer.daemon = True
+            timer.start()
             try:
-                first, _ = unframe(next(call))
+                try:
+                    first, _ = unframe(next(call))
+                finally:
+                    timer.cancel()
                 have_box.put(first)
                 done = None
                 for msg in call:
@@ -468,6 +474,9 @@ class TransferClient:
             except grpc.RpcError as exc:
                 if have_box.empty():
                     have_box.put({"_stop": True})
+                if unreachable[0]:
+                    raise TransferError(f"cannot reach the transfer endpoint {self.target} "
+                                        f"within {self.connect_timeout:g} s") from None
                 code = exc.code() if hasattr(exc, "code") else None
                 last_error = f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
                 if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and not cut[0]:

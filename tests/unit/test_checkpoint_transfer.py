@@ -1,0 +1,151 @@
+"""The transfer channel: chunked, checked, resumable after a cut stream; sinks."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mesh.checkpoint.format import EntryMeta, Manifest, read_entry, read_manifest, verify_checkpoint
+from mesh.checkpoint.transfer import (BufferTarget, DirectorySink, OutEntry, ReceiveSession, SendStats, TransferClient,
+                                      TransferError, TransferServer, _Abort)
+
+CHUNK = 1000
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.buffers: dict[str, bytearray] = {}
+        self.opened: list[str] = []
+        self.committed: Manifest | None = None
+
+    def open_entry(self, meta: EntryMeta) -> BufferTarget:
+        self.opened.append(meta.name)
+        self.buffers[meta.name] = buf = bytearray(meta.nbytes)
+        return BufferTarget(memoryview(buf))
+
+    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict:
+        self.committed = manifest
+        self.pickles = pickles
+        return {"ok": 1}
+
+
+def entries(blobs: dict[str, bytes], gen: int = 0) -> list[OutEntry]:
+    return [OutEntry(EntryMeta(name=n, kind="tensor", nbytes=len(b), dtype="uint8", shape=[len(b)]),
+                     lambda start, b=b: (memoryview(b)[o:o + CHUNK] for o in range(start, len(b), CHUNK)), gen=gen)
+            for n, b in blobs.items()]
+
+
+def manifest_of(blobs: dict[str, bytes], stats: SendStats) -> Manifest:
+    return Manifest(workload_id="w", step=3, entries=[
+        EntryMeta(name=n, kind="tensor", nbytes=len(b), dtype="uint8", shape=[len(b)], checksum=stats.checksums[n])
+        for n, b in blobs.items()])
+
+
+@pytest.fixture
+def server():
+    s = TransferServer("127.0.0.1:0").start()
+    yield s
+    s.stop(0)
+
+
+BLOBS = {"a": bytes(range(256)) * 40, "b": b"\x07" * 4321, "empty": b""}
+
+
+def test_chunked_send_and_commit(server):
+    sink = MemorySink()
+    session = server.expect("s1", sink)
+    seen = []
+    with TransferClient(server.address, "s1", chunk_bytes=CHUNK, progress=lambda n, t, s: seen.append((n, t))) as c:
+        stats = c.send(entries(BLOBS), commit=lambda st: manifest_of(BLOBS, st))
+    assert {n: bytes(b) for n, b in sink.buffers.items()} == BLOBS
+    assert stats.bytes == sum(map(len, BLOBS.values())) and stats.entries == 3 and stats.attempts == 1
+    assert stats.committed == {"ok": 1} and sink.committed.step == 3
+    assert len(seen) == 11 + 5  # one progress call per chunk of 1000 bytes
+    assert session.committed_event.is_set()
+
+
+def test_resumes_after_a_cut_stream(server):
+    sink = MemorySink()
+    session = server.expect("s2", sink)
+    with TransferClient(server.address, "s2", chunk_bytes=CHUNK) as c:
+        c.cut_after_bytes = 5000  # cancel the stream in the middle of entry "a"
+        stats = c.send(entries(BLOBS), commit=lambda st: manifest_of(BLOBS, st))
+    assert stats.attempts == 2
+    assert {n: bytes(b) for n, b in sink.buffers.items()} == BLOBS
+    assert sink.opened.count("a") == 1, "entry a was continued where the receiver stood, not restarted"
+    assert stats.bytes < sum(map(len, BLOBS.values())) + 2 * CHUNK  # at most the in-flight chunks again
+    assert session.bytes_received == sum(map(len, BLOBS.values()))
+    assert sink.committed is not None
+
+
+def test_newer_generation_replaces_and_same_generation_is_skipped(server):
+    sink = MemorySink()
+    server.expect("s3", sink)
+    with TransferClient(server.address, "s3", chunk_bytes=CHUNK) as c:
+        c.send(entries(BLOBS, gen=0))
+        again = c.send(entries(BLOBS, gen=0))
+        assert again.bytes == 0 and again.skipped == 3
+        changed = {"b": b"\x09" * 4321}
+        st = c.send(entries(changed, gen=1))
+    assert st.bytes == 4321 and bytes(sink.buffers["b"]) == changed["b"]
+
+
+def test_corrupt_chunk_and_entry_are_refused_and_named():
+    sink = MemorySink()
+    s = ReceiveSession("x", sink)
+    meta = EntryMeta(name="module/m/w", kind="tensor", nbytes=4, dtype="uint8", shape=[4])
+    e = s.begin(meta, gen=0, offset=0, algo="sha256")
+    import zlib
+    with pytest.raises(_Abort) as exc:
+        s.chunk(e, {"offset": 0, "sum": zlib.crc32(b"abcd") ^ 1}, memoryview(b"abcd"))
+    assert exc.value.code == grpc.StatusCode.DATA_LOSS and "'module/m/w'" in exc.value.message
+    assert e.offset == 0
+    s.chunk(e, {"offset": 0, "sum": zlib.crc32(b"abcd")}, memoryview(b"abcd"))
+    with pytest.raises(_Abort, match="'module/m/w': sha256 mismatch"):
+        s.end(e, "0" * 64)
+    assert "module/m/w" not in s.entries  # reset: it will be sent again from its start
+    with pytest.raises(_Abort, match="'module/m/w' has not arrived whole"):
+        s.commit(Manifest("w", 0, [meta]))
+
+
+def test_unknown_session_fails_without_retrying(server):
+    with TransferClient(server.address, "nope", retries=3) as c:
+        with pytest.raises(TransferError, match="no transfer session 'nope'") as exc:
+            c.send(entries(BLOBS))
+    assert "after 1 attempts" in str(exc.value)
+
+
+def test_unchecked_chunks_need_the_sessions_consent(server):
+    server.expect("strict", MemorySink())
+    with TransferClient(server.address, "strict", verify=False, retries=0) as c:
+        with pytest.raises(TransferError, match="takes only checked chunks"):
+            c.send(entries(BLOBS))
+
+
+def test_directory_sink_writes_a_verifiable_checkpoint(server, tmp_path):
+    server.expect("d", DirectorySink(str(tmp_path / "store" / "ck"), "w"))
+    with TransferClient(server.address, "d", chunk_bytes=CHUNK) as c:
+        c.send(entries(BLOBS, gen=0))
+        c.send(entries({"b": b"\x01" * 4321}, gen=1))  # a later round rewrites b
+        final = {**BLOBS, "b": b"\x01" * 4321}
+        stats = c.send([], commit=lambda st: manifest_of(final, SendStats(checksums={
+            n: _checksum(b) for n, b in final.items()})))
+    assert stats.committed == {"path": str(tmp_path / "store" / "ck")}
+    m = verify_checkpoint(tmp_path / "store" / "ck")
+    assert {e.name: read_entry(tmp_path / "store" / "ck", m, e.name) for e in m.entries} == final
+    assert read_manifest(tmp_path / "store" / "ck").step == 3
+
+
+def _checksum(b: bytes) -> str:
+    from mesh.checkpoint.format import checksum
+    return checksum(b)
+
+
+def test_unreachable_endpoint_is_reported():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with TransferClient(f"127.0.0.1:{port}", "x", connect_timeout=0.5) as c:
+        with pytest.raises(TransferError, match="cannot reach the transfer endpoint"):
+            c.send(entries(BLOBS))
