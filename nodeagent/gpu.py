@@ -90,6 +90,7 @@ class NvmlGpus:
         self.nvml = nvml
         self.models: dict[int, gpumodels.GpuModel | None] = {}
         self.uuids: dict[int, str] = {}
+        self.last_seen: dict[int, types_pb2.Gpu] = {}
         self.memory: dict[int, int] = {}   # GPU index -> total memory in bytes
 
     def _err(self, what: str, e: Exception) -> GpuError:
@@ -111,34 +112,47 @@ class NvmlGpus:
     # -- inventory ------------------------------------------------------------------
 
     def inventory(self) -> list[types_pb2.Gpu]:
+        """Every GPU NVML enumerates. A GPU that fell off the bus keeps the identity it had
+        when last seen (so its slices stay accounted to it); one never seen is left out."""
         n = self.nvml
         out = []
         for i in range(n.nvmlDeviceGetCount()):
-            h = n.nvmlDeviceGetHandleByIndex(i)
-            name = _text(n.nvmlDeviceGetName(h))
-            model = model_of(name)
-            self.models[i] = model
-            uuid = _text(n.nvmlDeviceGetUUID(h))
-            self.uuids[i] = uuid
-            self.memory[i] = int(n.nvmlDeviceGetMemoryInfo(h).total)
-            g = types_pb2.Gpu(index=i, uuid=uuid, model=model.name if model else name, product_name=name,
-                              memory_bytes=int(n.nvmlDeviceGetMemoryInfo(h).total), nvlink_domain=-1)
             try:
-                current, pending = n.nvmlDeviceGetMigMode(h)
-                g.mig_enabled = current == n.NVML_DEVICE_MIG_ENABLE
-                g.mig_pending = pending != current
-            except n.NVMLError_NotSupported:
-                pass
-            try:
-                g.pci_bus_id = _text(n.nvmlDeviceGetPciInfo(h).busId)
-            except (n.NVMLError, AttributeError):
-                pass
-            try:
-                g.serial = _text(n.nvmlDeviceGetSerial(h))
-            except n.NVMLError:
-                pass
-            out.append(g)
+                g = self._gpu(i)
+                self.last_seen[i] = g
+                out.append(g)
+            except n.NVMLError_GpuIsLost:
+                logger.warning("GPU %s is lost (fell off the bus)", i)
+                if i in self.last_seen:
+                    out.append(self.last_seen[i])
         return out
+
+    def _gpu(self, i: int) -> types_pb2.Gpu:
+        n = self.nvml
+        h = n.nvmlDeviceGetHandleByIndex(i)
+        name = _text(n.nvmlDeviceGetName(h))
+        model = model_of(name)
+        self.models[i] = model
+        uuid = _text(n.nvmlDeviceGetUUID(h))
+        self.uuids[i] = uuid
+        self.memory[i] = int(n.nvmlDeviceGetMemoryInfo(h).total)
+        g = types_pb2.Gpu(index=i, uuid=uuid, model=model.name if model else name, product_name=name,
+                          memory_bytes=int(n.nvmlDeviceGetMemoryInfo(h).total), nvlink_domain=-1)
+        try:
+            current, pending = n.nvmlDeviceGetMigMode(h)
+            g.mig_enabled = current == n.NVML_DEVICE_MIG_ENABLE
+            g.mig_pending = pending != current
+        except n.NVMLError_NotSupported:
+            pass
+        try:
+            g.pci_bus_id = _text(n.nvmlDeviceGetPciInfo(h).busId)
+        except (n.NVMLError, AttributeError):
+            pass
+        try:
+            g.serial = _text(n.nvmlDeviceGetSerial(h))
+        except n.NVMLError:
+            pass
+        return g
 
     # -- MIG ----------------------------------------------------------------------------
 

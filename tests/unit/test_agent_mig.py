@@ -98,3 +98,12 @@ def test_non_mig_slices_and_hardware_mismatch(state_dir):
     assert slicer.realize(s).state == t.SLICE_STATE_FAILED
     s.gpu_index = 5
     assert "no GPU 5" in slicer.realize(s).message
+
+
+def test_a_lost_gpu_keeps_its_last_known_identity_in_the_inventory(state_dir):
+    gpus, inv = agent_gpus(state_dir, "H100-80GB", gpus=2)
+    gpus.nvml.sim_lose_gpu(1)
+    again = gpus.inventory()
+    assert [g.uuid for g in again] == [g.uuid for g in inv]          # no crash, same identity
+    fresh, _ = agent_gpus(state_dir, "H100-80GB", gpus=2)             # a restarted agent never saw it
+    assert [g.index for g in fresh.inventory()] == [0]
