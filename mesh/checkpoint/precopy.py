@@ -57,7 +57,9 @@ class PrecopyPolicy:
     pause_timeout: float = 300.0
     """seconds to wait for the source to reach a safe point."""
     target_timeout: float = 60.0
-    """seconds to wait for the target to listen for the transfer."""
+    """seconds to wait for the target to listen for the transfer, and to apply it."""
+    connect_timeout: float = 10.0
+    """seconds the source waits to connect to the target's transfer endpoint."""
 
     def __post_init__(self) -> None:
         if self.max_rounds < 0:
@@ -143,7 +145,8 @@ class PrecopyMigration:
         paused = False
         try:
             if precopy:
-                r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes)
+                r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes,
+                                     connect_timeout=p.connect_timeout)
                 rounds.append(RoundStat(0, r["entries"], r["bytes"], r["seconds"]))
                 self.progress(f"round 0: {r['bytes'] / 1e6:.1f} MB in {r['seconds']:.2f} s "
                               f"({r['mb_per_s']:.0f} MB/s) while running")
@@ -167,7 +170,8 @@ class PrecopyMigration:
             t_paused = time.perf_counter()
             if not precopy:
                 t_start = t_paused
-                r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes)
+                r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes,
+                                     connect_timeout=p.connect_timeout)
                 rounds.append(RoundStat(0, r["entries"], r["bytes"], r["seconds"], paused=True))
             f = self.source.call("final")
             rounds.append(RoundStat(len(rounds), f["entries"], f["bytes"], f["seconds"], paused=True))

@@ -290,7 +290,9 @@ class Checkpointer:
         if self._sender:
             self._sender.client.close()
         chunk = int(req.get("chunk_bytes") or self.chunk_bytes)
-        self._sender = _Sender(self.state, TransferClient(req["target"], req["session"], chunk_bytes=chunk), chunk)
+        client = TransferClient(req["target"], req["session"], chunk_bytes=chunk,
+                                connect_timeout=float(req.get("connect_timeout", 30.0)))
+        self._sender = _Sender(self.state, client, chunk)
         return self._sender.send(None, final=False)
 
     def _need_sender(self) -> _Sender:

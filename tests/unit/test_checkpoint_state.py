@@ -11,7 +11,8 @@ import random  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mesh.checkpoint.state import StateMismatch, WorkloadState, load_tensors  # noqa: E402
-from tests.unit._checkpoint_util import assert_same_state, clean_env, run_example  # noqa: E402
+from tests.unit._checkpoint_util import (assert_same_state, clean_env, finish, run_example,  # noqa: E402
+                                         start_example)
 
 
 def make(seed: int = 0):
@@ -124,8 +125,9 @@ def test_new_optimizer_state_is_dirty():
 
 def test_restore_into_a_fresh_process_continues_bit_identically(tmp_path):
     """Train 30 steps and save; a new process restores and trains to 60; equal to 60 straight."""
-    ref = run_example("--steps", "60", "--final-dir", str(tmp_path / "ref"))
+    ref_p = start_example("--steps", "60", "--final-dir", str(tmp_path / "ref"), env=clean_env())
     half = run_example("--steps", "30", "--final-dir", str(tmp_path / "half"))
+    ref = finish(ref_p)
     assert half[-1]["step"] == 30
     out = run_example("--steps", "60", "--final-dir", str(tmp_path / "resumed"),
                       env=clean_env(GPUMESH_RESTORE_FROM=str(tmp_path / "half")))

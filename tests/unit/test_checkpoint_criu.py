@@ -1,0 +1,111 @@
+"""Transparent mode: CRIU detection with stand-in binaries, the flags used, and a real
+round trip of a running process where a working CRIU 4.x is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mesh.checkpoint.criu import Criu, TransparentUnavailable, parse_version
+
+
+def fake(tmp_path, name: str, version: str, check_rc: int = 0) -> str:
+    p = tmp_path / name
+    p.write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls
+case "$1" in
+  --version) echo "Version: {version}" ;;
+  check) echo "Looks good."; exit {check_rc} ;;
+  restore) while [ $# -gt 0 ]; do [ "$1" = --pidfile ] && echo 4242 > "$2"; shift; done ;;
+esac
+exit 0
+""")
+    p.chmod(0o755)
+    return str(p)
+
+
+def test_parse_version():
+    assert parse_version("Version: 4.1.1\nGitID: v4.1.1") == (4, 1, 1)
+    assert parse_version("Version: 3.17") == (3, 17)
+    assert parse_version("criu, I think") is None
+
+
+def test_absent_criu_is_refused_with_how_to_get_it(tmp_path):
+    c = Criu(criu=None)
+    c.criu = None
+    info = c.detect()
+    assert not info.usable and "not installed" in info.problem
+    with pytest.raises(TransparentUnavailable, match=r"criu is not installed.*trixie.*criu 4.1.1"):
+        c.dump(os.getpid(), tmp_path / "img")
+
+
+def test_old_criu_is_refused(tmp_path):
+    c = Criu(criu=fake(tmp_path, "criu", "3.17.1"))
+    with pytest.raises(TransparentUnavailable, match=r"criu 3\.17\.1 .* is too old \(need >= 4\.0"):
+        c.require()
+
+
+def test_failing_check_is_refused(tmp_path):
+    c = Criu(criu=fake(tmp_path, "criu", "4.1.1", check_rc=1))
+    with pytest.raises(TransparentUnavailable, match="criu check. failed"):
+        c.require()
+
+
+def test_dump_and_restore_flags_with_cuda_checkpoint_first(tmp_path):
+    c = Criu(criu=fake(tmp_path, "criu", "4.1.1"), cuda_checkpoint=fake(tmp_path, "cuda-checkpoint", "1"))
+    assert c.detect().usable
+    c.dump(1234, tmp_path / "img", leave_stopped=True)
+    pid = c.restore(tmp_path / "img")
+    assert pid == 4242
+    calls = (tmp_path / "calls").read_text().splitlines()
+    dump_at = next(i for i, line in enumerate(calls) if line.startswith("dump"))
+    assert calls[dump_at - 1] == "--toggle --pid 1234", "device state goes to host memory before the dump"
+    dump = calls[dump_at].split()
+    assert dump[:3] == ["dump", "--tree", "1234"] and "--shell-job" in dump and "--leave-stopped" in dump
+    assert calls[dump_at + 1] == "--toggle --pid 1234", "a process left behind gets its device state back"
+    restore = next(line for line in calls if line.startswith("restore")).split()
+    assert "--restore-detached" in restore and "--shell-job" in restore
+    assert calls[-1] == "--toggle --pid 4242"
+
+
+def _working_criu() -> tuple[Criu | None, str]:
+    c = Criu()
+    info = c.detect()
+    return (c, "") if info.usable else (None, info.problem)
+
+
+CRIU, WHY_NOT = _working_criu()
+
+
+@pytest.mark.skipif(CRIU is None, reason=f"no working CRIU: {WHY_NOT}")
+def test_round_trip_of_a_running_process(tmp_path):
+    """A counter process is dumped (killed), restored from its images, and keeps counting."""
+    out = tmp_path / "count"
+    script = ("import time, sys\nn = 0\nwhile True:\n    n += 1\n"
+              f"    open({str(out)!r}, 'w').write(str(n))\n    time.sleep(0.01)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not out.exists() or int(out.read_text() or 0) < 10:
+            time.sleep(0.01)
+        CRIU.dump(p.pid, tmp_path / "img", shell_job=False)
+        p.wait(timeout=10)
+        before = int(out.read_text())
+        pid = CRIU.restore(tmp_path / "img", shell_job=False)
+        assert pid == p.pid
+        deadline = time.monotonic() + 10
+        while int(out.read_text() or 0) <= before + 5:
+            assert time.monotonic() < deadline, "the restored process does not run"
+            time.sleep(0.01)
+    finally:
+        for pid in {p.pid}:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(tmp_path / "img", ignore_errors=True)
