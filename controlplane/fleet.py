@@ -55,16 +55,25 @@ class GpuState:
     health: str = "healthy"             # healthy | unhealthy | lost
     telemetry: types_pb2.GpuTelemetry | None = None
     owner: "NodeEntry | None" = field(default=None, repr=False, compare=False)
+    # values derived from the state above (state_key, the scheduler's free capacity), dropped on change
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
         if name in _GPU_WATCHED:
+            self.__dict__["derived"] = {}
             owner = self.__dict__.get("owner")
             if owner is not None:
                 owner._sig = owner.sid = None
 
     def state_key(self) -> tuple:
         """Everything the scheduler's cacheable plugins look at (equal keys: interchangeable GPUs)."""
+        key = self.derived.get("key")
+        if key is None:
+            key = self.derived["key"] = self._state_key()
+        return key
+
+    def _state_key(self) -> tuple:
         return (self.model.name, self.mig_enabled, self.memory_bytes, self.allocated_memory,
                 round(self.allocated_compute, 6), self.sharing, tuple(sorted(self.mig_layout)), self.nvlink_domain,
                 self.health, self.memory_pressure, self.thermal_state)
@@ -83,6 +92,7 @@ class GpuState:
         return min(10, self.allocated_memory * 10 // max(1, self.memory_bytes))
 
     def _reindex(self) -> None:
+        self.derived = {}
         owner = self.owner
         if owner is not None:
             owner._sig = owner.sid = None
@@ -137,7 +147,8 @@ class GpuState:
 _SIG_IDS: dict[tuple, int] = {}
 _SIG_COUNTER = itertools.count(1)
 _SIG_LIMIT = 1_000_000
-_GPU_WATCHED = frozenset({"health", "memory_pressure", "thermal_state", "mig_enabled", "memory_bytes"})
+_GPU_WATCHED = frozenset({"health", "memory_pressure", "thermal_state", "mig_enabled", "memory_bytes",
+                          "allocated_memory", "allocated_compute", "_used_slots"})
 _NODE_WATCHED = frozenset({"record", "ready", "allocated_cpu_milli", "allocated_host_memory", "gpus"})
 
 

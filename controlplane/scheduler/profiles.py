@@ -26,7 +26,7 @@ FILTERS = ["NodeHealth", "GpuModel", "NodeResourcesFit", "TenantQuota", "AntiAff
 # name -> (score plugins with weights, extra constructor args)
 PROFILES: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
     # fragmentation gradient, exact, with a packing tie-break and topology/pressure preferences
-    "default": ({"FragmentationGradient": 1.0, "Packing": 0.02, "Topology": 1.0, "Pressure": 0.05}, {}),
+    "default": ({"FragmentationGradient": 1.0, "Packing": 0.15, "Topology": 1.0, "Pressure": 0.05}, {}),
     # the FGD paper's artifact: integer scores, near-ties to node order
     "fgd": ({"FragmentationGradient": 1.0}, {"FragmentationGradient": {"integer": True}}),
     "fgd-exact": ({"FragmentationGradient": 1.0}, {}),

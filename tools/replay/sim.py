@@ -30,10 +30,14 @@ from tools.replay.trace import TraceNode, TracePod, build_fleet, request_of
 POLICIES = tuple(profiles.PROFILES)
 
 
+def type_counts(pods: list[TracePod]) -> Counter:
+    """How many GPU pods of each type (GPUs, milli-GPU, CPU, models) the trace has."""
+    return Counter(fgd.type_of(request_of(p)) for p in pods if p.num_gpu)
+
+
 def typical_mix(pods: list[TracePod], coverage: float = 0.95) -> list[fgd.MixType]:
-    """The pod types (GPUs, milli-GPU, CPU, models) that make up `coverage` of the GPU pods."""
-    counts = Counter(fgd.type_of(request_of(p)) for p in pods if p.num_gpu)
-    return fgd.top_types(counts, coverage)
+    """The pod types that make up `coverage` of the GPU pods (the fragmentation metric's mix)."""
+    return fgd.top_types(type_counts(pods), coverage)
 
 
 def fragmented_gpus(fleet: Fleet, plugin: fgd.Plugin) -> float:
@@ -63,15 +67,17 @@ class Replay:
     """One policy over one fleet: `arrive(pod)` schedules and binds, `depart(pod)` releases."""
 
     def __init__(self, nodes: list[TraceNode], policy: str, mix: list[fgd.MixType], seed: int = 0,
-                 framework: Framework | None = None) -> None:
+                 framework: Framework | None = None, counts: Counter | None = None) -> None:
         self.fleet = build_fleet(nodes)
         args = {"Random": {"seed": seed}}
         self.fw = framework or profiles.build(policy, args=args if policy == "random" else None, preemption=False)
         self.metric = fgd.Plugin(mix=mix)
         try:
-            self.fw.plugin(fgd.NAME).set_mix(mix)
+            planner = self.fw.plugin(fgd.NAME)
         except KeyError:
-            pass
+            planner = None
+        if planner is not None:   # the scheduler knows the trace's mix up front, as in the artifact
+            planner.set_counts(counts) if counts else planner.set_mix(mix)
         self.capacity = sum(len(n.gpus) for n in self.fleet.nodes.values())
         self.allocated_milli = 0
         self.by_pod: dict[str, list[str]] = {}
@@ -132,7 +138,7 @@ def arrivals(pods: list[TracePod], capacity: int, seed: int, load_max: float) ->
 def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int, load_max: float = 1.3,
                  step: float = 0.01, mix: list[fgd.MixType] | None = None) -> Run:
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed)
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods))
     run = Run(policy, seed, rp.capacity)
     seq = arrivals(pods, rp.capacity, seed, load_max)
     t0 = time.perf_counter()
@@ -158,7 +164,7 @@ def run_timeline(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed
                  points: int = 100, mix: list[fgd.MixType] | None = None) -> Run:
     """Creation and deletion at the trace's times (a pod without a deletion time stays)."""
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed)
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods))
     run = Run(policy, seed, rp.capacity)
     events = []
     for i, p in enumerate(pods):

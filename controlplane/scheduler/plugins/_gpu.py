@@ -9,6 +9,13 @@ from mesh import gpumodels
 def free_milli(g: GpuState) -> int:
     """Unallocated share of the GPU in milli-GPUs (0-1000): free MIG memory slots, or the smaller of
     free memory and (MPS) free compute; 0 when held exclusively."""
+    got = g.derived.get("free_milli")
+    if got is None:
+        got = g.derived["free_milli"] = _free_milli(g)
+    return got
+
+
+def _free_milli(g: GpuState) -> int:
     if g.mig_enabled:
         return (gpumodels.MIG_MEMORY_SLOTS - g.used_slots) * 1000 // gpumodels.MIG_MEMORY_SLOTS
     if g.slices and g.sharing == "exclusive":

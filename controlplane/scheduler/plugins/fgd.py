@@ -23,6 +23,7 @@ from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
 from mesh.slicespec import SliceRequest
 
 NAME = "FragmentationGradient"
+WEIGHTINGS = ("count", "demand")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,13 @@ class Plugin:
     cacheable = True
 
     def __init__(self, integer: bool = False, window: int = 2000, coverage: float = 0.95,
-                 refresh: int = 200, mix: list[MixType] | None = None) -> None:
+                 refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
+                 demand_power: float = 1.0) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"{NAME}: weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        if not isinstance(demand_power, (int, float)) or not 0 <= demand_power <= 2:
+            raise ValueError(f"{NAME}: demand_power must be in [0, 2], not {demand_power!r}")
+        self.weighting, self.demand_power = weighting, float(demand_power)
         if not isinstance(integer, bool):
             raise ValueError(f"{NAME}: integer must be true or false, not {integer!r}")
         if not isinstance(window, int) or window < 1:
@@ -83,14 +90,28 @@ class Plugin:
         self.recent: deque = deque(maxlen=window)
         self.seen = 0
         self.fixed = mix is not None
-        self.mix: list[MixType] = list(mix or [MixType(1, 1000)])
+        self.mix: list[MixType] = self._weigh(mix or [MixType(1, 1000)])
         self._frag: dict = {}
         self.on_change = None   # the framework's invalidate, set by the profile builder
 
     # -- the mix ---------------------------------------------------------------------
 
+    def _weigh(self, mix: list[MixType]) -> list[MixType]:
+        """By request count (the paper), or by GPUs asked for (`demand`: a type's weight grows with
+        the GPUs each request takes, to the power `demand_power`), keeping the total weight."""
+        if self.weighting == "count":
+            return list(mix)
+        raw = [m.weight * (m.gpus * m.milli / 1000) ** self.demand_power for m in mix]
+        scale = sum(m.weight for m in mix) / (sum(raw) or 1)
+        return [MixType(m.gpus, m.milli, m.cpu_milli, m.models, w * scale) for m, w in zip(mix, raw)]
+
+    def set_counts(self, counts: Counter) -> None:
+        """Fix the mix to these request-type counts (the replay: the trace's), under this plugin's
+        coverage and weighting."""
+        self.set_mix(top_types(counts, self.coverage))
+
     def set_mix(self, mix: list[MixType]) -> None:
-        self.mix, self.fixed = list(mix), True
+        self.mix, self.fixed = self._weigh(mix), True
         self._frag.clear()
         if self.on_change:
             self.on_change()
@@ -103,7 +124,7 @@ class Plugin:
         self.recent.append(key)
         self.seen += 1
         if self.seen % self.refresh == 0 or self.seen == 1:
-            mix = top_types(Counter(self.recent), self.coverage)
+            mix = self._weigh(top_types(Counter(self.recent), self.coverage))
             if mix != self.mix:
                 self.mix = mix
                 self._frag.clear()
