@@ -37,6 +37,22 @@ class ControlPlaneConfig:
         300.0, "seconds an unhealthy GPU must stay free of fatal XIDs before it takes slices again",
         minimum=1, maximum=86400)
     node_events_kept: int = option(100, "events kept per node for `meshctl describe node`", minimum=1, maximum=10000)
+    # security (docs/security.md)
+    insecure: bool = option(False, "serve plaintext gRPC without TLS (the local demo only); without it the control "
+                                   "plane refuses to start unless tls_cert and tls_key are set")
+    tls_cert: str = option("", "PEM certificate of the gRPC server (`meshctl certs init` writes controlplane.crt)")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA that signs agent and client certificates; with mtls_listen empty, every "
+                                    "caller on listen must present one (no bearer-token-only clients)")
+    mtls_listen: str = option("", "second gRPC address HOST:PORT where a client certificate signed by tls_client_ca "
+                                  "is required (agents connect here); listen then takes bearer tokens without one")
+    tenants_file: str = option("", "YAML file of tenants (with quotas) and bearer tokens (name, tenant, role: admin, "
+                                   "tenant or viewer); every RPC is then authorized")
+    etcd_ca: str = option("", "PEM CA that signed the etcd servers' certificates (https:// endpoints)")
+    etcd_cert: str = option("", "PEM client certificate for etcd (client-cert-auth)")
+    etcd_key: str = option("", "PEM private key of etcd_cert")
+    etcd_username: str = option("", "etcd user (etcd auth enabled); needs etcd_password")
+    etcd_password: str = option("", "password of etcd_username (prefer $MESH_CP_ETCD_PASSWORD to the file or a flag)")
 
     def check(self) -> None:
         for name, count, hi in (("memory_pressure_thresholds", 3, 100), ("thermal_thresholds", 3, 200)):
@@ -62,3 +78,36 @@ class ControlPlaneConfig:
         parent = os.path.dirname(os.path.abspath(self.state_dir))
         if not os.path.isdir(parent):
             raise ConfigError(f"state_dir: the parent directory of {self.state_dir!r} does not exist")
+        self.check_security()
+
+    def check_security(self) -> None:
+        from mesh import tls
+        if self.insecure and (self.tls_cert or self.tls_client_ca or self.mtls_listen):
+            raise ConfigError("insecure: plaintext cannot be combined with tls_cert, tls_client_ca or mtls_listen")
+        if not self.insecure and not self.tls_cert:
+            raise ConfigError("tls_cert: no TLS certificate configured; set tls_cert and tls_key (`meshctl certs "
+                              "init`, see docs/security.md), or insecure: true (--insecure) for a plaintext demo")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_key: tls_cert and tls_key go together")
+        if self.mtls_listen:
+            if not self.tls_client_ca:
+                raise ConfigError("mtls_listen: needs tls_client_ca (the CA of the agent and client certificates)")
+            parse_hostport(self.mtls_listen, "mtls_listen")
+        try:
+            for name in ("tls_cert", "tls_key", "tls_client_ca", "etcd_ca", "etcd_cert", "etcd_key"):
+                if getattr(self, name):
+                    tls.read(getattr(self, name), name)
+        except tls.TlsError as e:
+            raise ConfigError(str(e)) from None
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ConfigError("etcd_key: etcd_cert and etcd_key go together")
+        if bool(self.etcd_username) != bool(self.etcd_password):
+            raise ConfigError("etcd_password: etcd_username and etcd_password go together")
+        if (self.etcd_ca or self.etcd_cert) and not self.etcd_endpoints:
+            raise ConfigError("etcd_ca: TLS to etcd needs etcd_endpoints (https://...); the embedded etcd is local")
+        for url in self.etcd_endpoints:
+            if (self.etcd_ca or self.etcd_cert) and not url.startswith("https://"):
+                raise ConfigError(f"etcd_endpoints: {url!r} must be https:// when etcd_ca or etcd_cert is set")
+        if self.tenants_file:
+            from controlplane.auth import load_tenants
+            load_tenants(self.tenants_file)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 
-from controlplane import keys
+from controlplane import auth, keys
 from controlplane.controller import Controller, now
 from controlplane.rpc import unary
 from controlplane.store import Absent, Delete, Present, Put
@@ -163,6 +163,7 @@ class MeshManager:
     async def connect(self, req: M.MeshConnectRequest) -> M.MeshConnection:
         if req.slice_a and req.slice_a == req.slice_b:
             raise errors.InvalidArgument.of("slice_b", "is slice_a", "another slice")
+        self._check_access(req)
         a, b = self._slice(req.slice_a, "slice_a"), self._slice(req.slice_b, "slice_b")
         if not 0 < req.size_bytes <= MAX_BUFFER_BYTES:
             raise errors.InvalidArgument.of("size_bytes", f"{req.size_bytes} is out of range",
@@ -204,11 +205,27 @@ class MeshManager:
             slice_a=f"{a.id}@{a.node}", slice_b=f"{b.id}@{b.node}", size=req.size_bytes)
         return conn
 
+    def _check_access(self, req: M.MeshConnectRequest) -> None:
+        """The caller connects its own slice A to its own slice B, or to one a grant lets A's tenant
+        reach; another tenant's slice otherwise reads as unknown (NOT_FOUND), so its existence does not leak."""
+        a, b = self.ctl.fleet.slices.get(req.slice_a), self.ctl.fleet.slices.get(req.slice_b)
+        if a is not None and not auth.visible(a.tenant):
+            raise errors.NotFound(f"no slice {req.slice_a!r}", kind="slice", name=req.slice_a)
+        if b is not None and not auth.visible(b.tenant) and not (a is not None and self.allowed(a.tenant, b.tenant)):
+            raise errors.NotFound(f"no slice {req.slice_b!r}", kind="slice", name=req.slice_b)
+
     def get(self, cid: str) -> M.MeshConnection:
         c = self.connections.get(cid)
-        if c is None:
+        if c is None or not self.visible(c):
             raise errors.NotFound(f"no mesh connection {cid!r}", kind="mesh connection", name=cid)
         return c
+
+    def visible(self, c: M.MeshConnection) -> bool:
+        """The caller's tenant owns slice A (the connection's tenant) or slice B (a granted peer)."""
+        if auth.visible(c.tenant):
+            return True
+        b = self.ctl.fleet.slices.get(c.slice_b)
+        return b is not None and auth.visible(b.tenant)
 
     async def _revoke(self, node: str, buffer_ids: list[str], reason: str) -> None:
         """Tell the agent to revoke the buffers and wait (briefly) until it has: the keys are dead on return.
@@ -317,8 +334,9 @@ class MeshService(mesh_service_pb2_grpc.MeshServiceServicer):
 
     @unary
     async def List(self, request, context):
+        tenant = auth.scope_tenant(request.tenant) if request.tenant else ""
         out = [c for c in self.mesh.connections.values()
-               if (not request.tenant or c.tenant == request.tenant)
+               if (not tenant or c.tenant == tenant) and self.mesh.visible(c)
                and (not request.slice_id or request.slice_id in (c.slice_a, c.slice_b))]
         out.sort(key=lambda c: (c.created_at.seconds, c.id))
         return M.ListMeshConnectionsResponse(connections=out)
@@ -333,5 +351,6 @@ class MeshService(mesh_service_pb2_grpc.MeshServiceServicer):
 
     @unary
     async def ListGrants(self, request, context):
-        return M.ListMeshGrantsResponse(grants=sorted(self.mesh.grants.values(),
+        return M.ListMeshGrantsResponse(grants=sorted((g for g in self.mesh.grants.values()
+                                                       if auth.visible(g.from_tenant) or auth.visible(g.to_tenant)),
                                                       key=lambda g: (g.from_tenant, g.to_tenant)))

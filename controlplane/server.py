@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from controlplane import auth
 from controlplane.config import ControlPlaneConfig
 from controlplane.controller import Controller
 from controlplane.etcdserver import EtcdServer
@@ -29,6 +30,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
                         workload_service_pb2_grpc)
 from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc
+from mesh import tls
 from mesh.config import parse_hostport
 from mesh.logs import log
 
@@ -88,7 +90,12 @@ class ControlPlane:
             self.etcd = EtcdServer(self.state_dir / "etcd", log_file=self.state_dir / "etcd.log")
             self.etcd.start()   # in the main thread: the child's death signal follows this thread
             endpoints = [self.etcd.endpoint]
-        self.store = EtcdStore(endpoints)
+        creds = None
+        if self.cfg.etcd_ca or self.cfg.etcd_cert or any(e.startswith("https://") for e in endpoints):
+            from controlplane.etcdtls import credentials
+            creds = credentials(self.cfg.etcd_ca, self.cfg.etcd_cert, self.cfg.etcd_key)
+        self.store = EtcdStore(endpoints, credentials=creds, username=self.cfg.etcd_username,
+                               password=self.cfg.etcd_password)
         await self.store.connect()
         await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl)
         self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
@@ -111,7 +118,10 @@ class ControlPlane:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
 
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
+        auth.apply_quotas(self.ctl.scheduler, self.tenants)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
+            auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
         slice_service_pb2_grpc.add_SliceServiceServicer_to_server(SliceService(self.ctl), self.server)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(
             NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)), self.server)
@@ -126,7 +136,19 @@ class ControlPlane:
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.cfg.insecure:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            # Without mtls_listen and with tls_client_ca, listen itself requires client certificates.
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials(
+                self.cfg.tls_cert, self.cfg.tls_key, "" if self.cfg.mtls_listen else self.cfg.tls_client_ca,
+                require_client_auth=bool(self.cfg.tls_client_ca and not self.cfg.mtls_listen)))
+        mtls_endpoint = ""
+        if self.cfg.mtls_listen:
+            mhost_, mport_ = parse_hostport(self.cfg.mtls_listen, "mtls_listen")
+            self.mtls_port = self.server.add_secure_port(f"{mhost_}:{mport_}", tls.server_credentials(
+                self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca, require_client_auth=True))
+            mtls_endpoint = f"{mhost_}:{self.mtls_port}"
         await self.server.start()
         for n in names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
@@ -141,10 +163,11 @@ class ControlPlane:
             tmp = self.cfg.port_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"endpoint": endpoint, "metrics": f"{host}:{self.metrics_port}" if self.metrics_port
-                           else "", "pid": os.getpid()}, f)
+                           else "", "mtls_endpoint": mtls_endpoint, "pid": os.getpid()}, f)
             os.replace(tmp, self.cfg.port_file)
         log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port,
-            etcd=",".join(endpoints), embedded_etcd=self.etcd is not None)
+            etcd=",".join(endpoints), embedded_etcd=self.etcd is not None, tls=not self.cfg.insecure,
+            mtls_endpoint=mtls_endpoint, authorization=self.tenants is not None or not self.cfg.insecure)
 
     async def stop(self) -> None:
         if self.server is not None:

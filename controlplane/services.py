@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from controlplane import auth
 from controlplane.controller import Controller
 from controlplane.nodes import NodeManager, validate_node_name
 from controlplane.rpc import streaming, unary
@@ -32,6 +33,7 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
 
     @unary
     async def Allocate(self, request, context):
+        request.spec.tenant = auth.scope_tenant(request.spec.tenant, "spec.tenant")
         req = slicespec.validate(request.spec)
         if len(request.request_id) > MAX_ID or not request.request_id.isprintable():
             raise errors.InvalidArgument.of("request_id", "is not valid", f"printable, at most {MAX_ID} characters")
@@ -44,7 +46,13 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
 
     @unary
     async def Release(self, request, context):
-        slices = await self.ctl.release(_check_id(request.id, "id"))
+        rid = _check_id(request.id, "id")
+        if not auth.current().admin:
+            owners = {s.tenant for s in ([self.ctl.fleet.slices[rid]] if rid in self.ctl.fleet.slices else
+                                         [s for s in self.ctl.fleet.slices.values() if s.allocation_id == rid])}
+            if owners and not all(auth.visible(t) for t in owners):
+                raise errors.NotFound(f"no slice or allocation {rid!r}", kind="slice", name=rid)
+        slices = await self.ctl.release(rid)
         return slice_service_pb2.ReleaseResponse(slices=slices)
 
     @unary
@@ -53,12 +61,14 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
         s = self.ctl.fleet.slices.get(sid)
         if s is None:
             raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
+        auth.check_visible(s.tenant, "slice", sid)
         return s
 
     @unary
     async def List(self, request, context):
+        tenant = auth.scope_tenant(request.tenant)
         out = [s for s in self.ctl.fleet.slices.values()
-               if (not request.tenant or s.tenant == request.tenant)
+               if (not tenant or s.tenant == tenant)
                and (not request.node or s.node == request.node)
                and (not request.state or s.state == request.state)
                and (not request.allocation_id or s.allocation_id == request.allocation_id)]
@@ -67,8 +77,10 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
 
     @streaming
     async def Watch(self, request, context):
+        tenant = auth.scope_tenant(request.tenant)
+
         def match(s):
-            return (not request.tenant or s.tenant == request.tenant) and (not request.node or s.node == request.node)
+            return (not tenant or s.tenant == tenant) and (not request.node or s.node == request.node)
         q = self.ctl.events.subscribe()
         try:
             if request.send_initial:

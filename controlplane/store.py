@@ -63,12 +63,17 @@ def parse_endpoint(url: str) -> tuple[str, int]:
 
 
 class EtcdStore:
-    def __init__(self, endpoints: list[str], timeout: float = 10.0) -> None:
+    def __init__(self, endpoints: list[str], timeout: float = 10.0, *, credentials=None,
+                 username: str | None = None, password: str | None = None) -> None:
+        """`credentials` (grpc channel credentials, see controlplane.etcdtls) for https:// endpoints;
+        `username`/`password` for etcd auth."""
         if not endpoints:
             raise ValueError("etcd endpoints: at least one is needed")
         self.endpoints = endpoints
         host, port = parse_endpoint(endpoints[0])
-        self.client = aetcd.Client(host=host, port=port, timeout=timeout, options={
+        from controlplane.etcdtls import TlsClient
+        self.client = TlsClient(host=host, port=port, timeout=timeout, credentials=credentials,
+                                username=username or None, password=password or None, options={
             "grpc.max_receive_message_length": 64 << 20,
             "grpc.keepalive_time_ms": 10_000,
         })

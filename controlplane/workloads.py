@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 
-from controlplane import keys
+from controlplane import auth, keys
 from controlplane.controller import Controller, new_id, now
 from controlplane.events import DELETED
 from controlplane.rpc import streaming, unary
@@ -310,24 +310,36 @@ class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
     def __init__(self, manager: WorkloadManager) -> None:
         self.m = manager
 
+    def _own(self, wid: str) -> None:
+        """Another tenant's workload reads as unknown."""
+        w = self.m.workloads.get(wid)
+        if w is not None:
+            auth.check_visible(w.tenant, "workload", wid)
+
     @unary
     async def Run(self, request, context):
+        s = self.m.ctl.fleet.slices.get(request.slice_id)
+        if s is not None:
+            auth.check_visible(s.tenant, "slice", request.slice_id)
         return await self.m.run(request)
 
     @unary
     async def Stop(self, request, context):
+        self._own(request.id)
         return await self.m.stop_workload(request.id, request.grace_seconds)
 
     @unary
     async def Get(self, request, context):
+        self._own(request.id)
         return self.m.get(request.id)
 
     @unary
     async def List(self, request, context):
         return workload_service_pb2.ListWorkloadsResponse(
-            workloads=self.m.list(request.tenant, request.node, request.slice_id))
+            workloads=self.m.list(auth.scope_tenant(request.tenant), request.node, request.slice_id))
 
     @streaming
     async def Logs(self, request, context):
+        self._own(request.id)
         async for chunk in self.m.logs(request.id, request.tail_lines, request.follow):
             yield chunk

@@ -111,17 +111,27 @@ class MeshClient(MeshApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,
-                 options: list[tuple[str, Any]] | None = None) -> None:
+                 options: list[tuple[str, Any]] | None = None, token: str = "", ca: str = "", cert: str = "",
+                 key: str = "", tls: bool | None = None) -> None:
+        """`token`: a bearer token (sent as `authorization: Bearer ...`); `ca`: the CA of the control plane's
+        certificate; `cert`/`key`: a client certificate. TLS when `ca` or `cert` is given (or `tls=True`, with
+        the system's roots); plaintext otherwise."""
         self.endpoint = endpoint
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(endpoint, options=options or [])
+        from mesh.tls import channel_credentials, token_interceptor
+        if tls or (tls is None and (ca or cert)):
+            channel = grpc.secure_channel(endpoint, channel_credentials(ca, cert, key), options=options or [])
+        else:
+            channel = grpc.insecure_channel(endpoint, options=options or [])
+        self._channel = grpc.intercept_channel(channel, token_interceptor(token)) if token else channel
+        self._raw_channel = channel
         self._slices = slice_service_pb2_grpc.SliceServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._workloads = workload_service_pb2_grpc.WorkloadServiceStub(self._channel)
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> "MeshClient":
         return self

@@ -92,6 +92,13 @@ class PermissionDenied(MeshError):
     code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.PERMISSION_DENIED, init=False)
 
 
+@dataclass
+class Unauthenticated(MeshError):
+    """No credentials, or credentials the control plane does not accept."""
+
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.UNAUTHENTICATED, init=False)
+
+
 BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -102,4 +109,5 @@ BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.ABORTED: Aborted,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }

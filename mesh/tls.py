@@ -225,3 +225,30 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = ""):
 
 __all__ = ["Subject", "TlsError", "write_ca", "issue", "subject_of", "server_credentials",
            "channel_credentials", "KINDS", "ROLES", "SERVER_CN"]
+
+
+def token_interceptor(token: str):
+    """A client interceptor (sync channels) that sends `authorization: Bearer <token>` on every call."""
+    import grpc
+
+    class _Details(grpc.ClientCallDetails):
+        def __init__(self, d) -> None:
+            self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
+            self.wait_for_ready, self.compression = getattr(d, "wait_for_ready", None), getattr(d, "compression", None)
+            self.metadata = list(d.metadata or []) + [("authorization", f"Bearer {token}")]
+
+    class _Interceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                       grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            return continuation(_Details(details), request)
+
+        def intercept_unary_stream(self, continuation, details, request):
+            return continuation(_Details(details), request)
+
+        def intercept_stream_unary(self, continuation, details, request_iterator):
+            return continuation(_Details(details), request_iterator)
+
+        def intercept_stream_stream(self, continuation, details, request_iterator):
+            return continuation(_Details(details), request_iterator)
+
+    return _Interceptor()

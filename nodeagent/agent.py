@@ -65,6 +65,9 @@ class NodeAgent:
         # Labels merged into the inventory (e.g. a declared MIG layout).
         self.start_hooks: list = []
         self.labels: dict[str, str] = {}
+        # TLS to the control plane (grpc.ChannelCredentials; None: plaintext) and the name its certificate holds.
+        self.credentials = None
+        self.server_name = ""
 
     # -- inventory ----------------------------------------------------------------------
 
@@ -92,8 +95,13 @@ class NodeAgent:
             await asyncio.to_thread(hook)
         backoff = 0.2
         while not self.stopping.is_set():
-            channel = grpc.aio.insecure_channel(self.endpoint, options=[
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.max_receive_message_length", 64 << 20)])
+            options = [("grpc.keepalive_time_ms", 10_000), ("grpc.max_receive_message_length", 64 << 20)]
+            if self.credentials is None:
+                channel = grpc.aio.insecure_channel(self.endpoint, options=options)
+            else:
+                if self.server_name:
+                    options.append(("grpc.ssl_target_name_override", self.server_name))
+                channel = grpc.aio.secure_channel(self.endpoint, self.credentials, options=options)
             stub = node_service_pb2_grpc.NodeServiceStub(channel)
             try:
                 await self._session(stub)

@@ -37,6 +37,13 @@ class AgentConfig:
     mesh_advertise: str = option("", "address peers dial for this node's data plane (default: the local address "
                                  "that reaches the control plane)")
     mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
+    insecure: bool = option(False, "dial the control plane in plaintext (the local demo only); without it the agent "
+                                   "refuses to start unless tls_ca, tls_cert and tls_key are set")
+    tls_ca: str = option("", "PEM CA that signed the control plane's certificate")
+    tls_cert: str = option("", "PEM certificate of this agent (CN = the node name; `meshctl certs issue --kind agent`)")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_server_name: str = option("", "name to check in the control plane's certificate when it differs from the "
+                                      "host in control_plane")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = option("json", "log line format", choices=("json", "text"))
 
@@ -55,6 +62,25 @@ class AgentConfig:
             raise ConfigError("sim_host_file: at least one host file is needed with gpu_backend=sim")
         if self.gpu_backend == "nvml" and self.sim_host_file:
             raise ConfigError("sim_host_file: only allowed with gpu_backend=sim")
+        if self.insecure and (self.tls_cert or self.tls_ca):
+            raise ConfigError("insecure: plaintext cannot be combined with tls_ca or tls_cert")
+        if not self.insecure and not (self.tls_ca and self.tls_cert and self.tls_key):
+            raise ConfigError("tls_cert: the agent needs tls_ca, tls_cert and tls_key (`meshctl certs issue --kind "
+                              "agent`, see docs/security.md), or insecure: true (--insecure) for a plaintext demo")
+        from mesh import tls
+        try:
+            for name in ("tls_ca", "tls_cert", "tls_key"):
+                if getattr(self, name):
+                    tls.read(getattr(self, name), name)
+        except tls.TlsError as e:
+            raise ConfigError(str(e)) from None
+
+    def channel_credentials(self):
+        """grpc channel credentials for the control plane, or None for plaintext."""
+        if self.insecure:
+            return None
+        from mesh import tls
+        return tls.channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
 
     def default_node_name(self) -> str:
         return self.node_name or socket.gethostname().split(".")[0].lower()

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(AgentConfig, args)
         logs.setup("agent", cfg.log_level, cfg.log_format)
         agents = build_agents(cfg)
+        creds = cfg.channel_credentials()
+        for a in agents:
+            a.credentials, a.server_name = creds, cfg.tls_server_name
         __import__("nodeagent.registrar").registrar.attach_all(agents, cfg)   # the mesh data plane
     except (config.ConfigError, ValueError, OSError) as e:
         print(f"mesh-agent: configuration error: {e}", file=sys.stderr)

@@ -73,10 +73,18 @@ class LocalCluster:
     env: Mapping[str, str] | None = None
     controlplane_args: list[str] = field(default_factory=list)
     agent_args: list[str] = field(default_factory=list)
+    # Security: with `tls_dir` the control plane serves TLS (certificates made there on first use: a CA,
+    # controlplane.crt, one agent certificate per node) and agents dial its mTLS port; otherwise everything
+    # is plaintext (--insecure). `tenants_file` turns on tokens and authorization; `client_auth` holds the
+    # MeshClient keywords (token, ca, cert, key) that `client()` uses.
+    tls_dir: Path | None = None
+    tenants_file: str | None = None
+    client_auth: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
         self.endpoint: str | None = None
+        self.mtls_endpoint: str | None = None
         self.metrics_endpoint: str | None = None
         self.controlplane: Proc | None = None
         self.agents: dict[str, Proc] = {}
@@ -164,6 +172,7 @@ class LocalCluster:
             argv += ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
         if self.lease_ttl:
             argv += ["--lease-ttl", str(math.ceil(self.lease_ttl))]
+        argv += self._security_args()
         argv += self.controlplane_args
         self.controlplane = Proc("controlplane", argv, self._dir("logs") / "controlplane.log")
         self._spawn(self.controlplane)
@@ -175,6 +184,7 @@ class LocalCluster:
             try:
                 info = json.loads(port_file.read_text())
                 self.endpoint, self.metrics_endpoint = info["endpoint"], info.get("metrics")
+                self.mtls_endpoint = info.get("mtls_endpoint") or None
                 self.save_state()
                 return self.endpoint
             except (OSError, ValueError, KeyError):
@@ -182,9 +192,35 @@ class LocalCluster:
         raise ClusterError(f"the control plane wrote no port file within {timeout:g}s; "
                            f"see {self.controlplane.log_path}")
 
+    def _security_args(self) -> list[str]:
+        args = ["--tenants-file", str(self.tenants_file)] if self.tenants_file else []
+        if self.tls_dir is None:
+            return args + ["--insecure"]
+        from mesh import tls
+        d = Path(self.tls_dir)
+        if not (d / "ca.crt").exists():
+            tls.write_ca(d)
+        if not (d / "controlplane.crt").exists():
+            tls.issue(d, "server", tls.SERVER_CN, hosts=("localhost", "127.0.0.1"), filename="controlplane")
+        return args + ["--tls-cert", str(d / "controlplane.crt"), "--tls-key", str(d / "controlplane.key"),
+                       "--tls-client-ca", str(d / "ca.crt"), "--mtls-listen", self.mtls_endpoint or "127.0.0.1:0"]
+
+    def _agent_security_args(self, name: str) -> list[str]:
+        if self.tls_dir is None:
+            return ["--control-plane", str(self.endpoint), "--insecure"]
+        from mesh import tls
+        nodes = self.groups[name]
+        if len(nodes) != 1:
+            raise ClusterError("with TLS every agent process runs one node (its certificate names it): "
+                               "agents_per_process must be 1")
+        d = Path(self.tls_dir)
+        if not (d / f"{nodes[0]}.crt").exists():
+            tls.issue(d, "agent", nodes[0])
+        return ["--control-plane", str(self.mtls_endpoint), "--tls-ca", str(d / "ca.crt"),
+                "--tls-cert", str(d / f"{nodes[0]}.crt"), "--tls-key", str(d / f"{nodes[0]}.key")]
+
     def _agent_proc(self, name: str) -> Proc:
-        argv = [self.python, "-m", "nodeagent.main", "--control-plane", str(self.endpoint),
-                "--gpu-backend", "sim"]
+        argv = [self.python, "-m", "nodeagent.main", *self._agent_security_args(name), "--gpu-backend", "sim"]
         for node in self.groups[name]:
             argv += ["--sim-host-file", str(self._host_files[node])]
         argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
@@ -333,7 +369,7 @@ class LocalCluster:
         from mesh.client import MeshClient
         if self.endpoint is None:
             raise ClusterError("the cluster is not started")
-        return MeshClient(self.endpoint, timeout=timeout)
+        return MeshClient(self.endpoint, timeout=timeout, **self.client_auth)
 
     def __enter__(self) -> "LocalCluster":
         return self
