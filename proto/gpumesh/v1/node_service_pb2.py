@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from gpumesh.v1 import mesh_service_pb2 as gpumesh_dot_v1_dot_mesh__service__pb2
+from gpumesh.v1 import migration_service_pb2 as gpumesh_dot_v1_dot_migration__service__pb2
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpumesh/v1/node_service.proto\x12\ngpumesh.v1\x1a\x1dgpumesh/v1/mesh_service.proto\x1a\x16gpumesh/v1/types.proto\"i\n\x0fRegisterRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12,\n\tinventory\x18\x02 \x01(\x0b\x32\x19.gpumesh.v1.NodeInventory\x12\x15\n\ragent_version\x18\x03 \x01(\t\"q\n\x10RegisterResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\x19\n\x11lease_ttl_seconds\x18\x02 \x01(\x05\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\".\n\x11HeartbeatResponse\x12\x19\n\x11lease_ttl_seconds\x18\x01 \x01(\x05\"\x1e\n\tSyncHello\x12\x11\n\tnode_name\x18\x01 \x01(\t\"\xfd\x01\n\x0bSliceStatus\x12\x10\n\x08slice_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gpumesh.v1.SliceState\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\t\x12-\n\x03\x65nv\x18\x04 \x03(\x0b\x32 .gpumesh.v1.SliceStatus.EnvEntry\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x17\n\x0fgpu_instance_id\x18\x06 \x01(\x05\x12\x1b\n\x13\x63ompute_instance_id\x18\x07 \x01(\x05\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x11SliceStatusReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12)\n\x08statuses\x18\x02 \x03(\x0b\x32\x17.gpumesh.v1.SliceStatus\x12\x10\n\x08released\x18\x03 \x03(\t\"M\n\x14WorkloadStatusReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\'\n\tworkloads\x18\x02 \x03(\x0b\x32\x14.gpumesh.v1.Workload\"H\n\x08LogChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x87\x03\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.gpumesh.v1.SyncHelloH\x00\x12/\n\x06report\x18\x02 \x01(\x0b\x32\x1d.gpumesh.v1.SliceStatusReportH\x00\x12.\n\ttelemetry\x18\x03 \x01(\x0b\x32\x19.gpumesh.v1.NodeTelemetryH\x00\x12&\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x15.gpumesh.v1.NodeEventH\x00\x12\x35\n\tworkloads\x18\x05 \x01(\x0b\x32 .gpumesh.v1.WorkloadStatusReportH\x00\x12#\n\x03log\x18\x06 \x01(\x0b\x32\x14.gpumesh.v1.LogChunkH\x00\x12+\n\nmesh_hello\x18\x14 \x01(\x0b\x32\x15.gpumesh.v1.MeshHelloH\x00\x12\x35\n\x0fmesh_registered\x18\x15 \x01(\x0b\x32\x1a.gpumesh.v1.MeshRegisteredH\x00\x42\x06\n\x04kind\"e\n\rDesiredSlices\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\"\n\x07upserts\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Slice\x12\x10\n\x08removals\x18\x03 \x03(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\"R\n\x0fWorkloadCommand\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12#\n\x05start\x18\x02 \x03(\x0b\x32\x14.gpumesh.v1.Workload\x12\x0c\n\x04stop\x18\x03 \x03(\t\"i\n\nLogRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bworkload_id\x18\x02 \x01(\t\x12\x12\n\ntail_lines\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\"\xb8\x02\n\x11\x43ontrollerMessage\x12,\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x19.gpumesh.v1.DesiredSlicesH\x00\x12\x30\n\tworkloads\x18\x02 \x01(\x0b\x32\x1b.gpumesh.v1.WorkloadCommandH\x00\x12&\n\x04logs\x18\x03 \x01(\x0b\x32\x16.gpumesh.v1.LogRequestH\x00\x12\x31\n\rmesh_register\x18\x14 \x01(\x0b\x32\x18.gpumesh.v1.MeshRegisterH\x00\x12\x35\n\x0fmesh_deregister\x18\x15 \x01(\x0b\x32\x1a.gpumesh.v1.MeshDeregisterH\x00\x12)\n\tmesh_peer\x18\x16 \x01(\x0b\x32\x14.gpumesh.v1.MeshPeerH\x00\x42\x06\n\x04kind2\xe3\x01\n\x0bNodeService\x12\x45\n\x08Register\x12\x1b.gpumesh.v1.RegisterRequest\x1a\x1c.gpumesh.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.gpumesh.v1.HeartbeatRequest\x1a\x1d.gpumesh.v1.HeartbeatResponse\x12\x43\n\x04Sync\x12\x18.gpumesh.v1.AgentMessage\x1a\x1d.gpumesh.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpumesh/v1/node_service.proto\x12\ngpumesh.v1\x1a\x1dgpumesh/v1/mesh_service.proto\x1a\"gpumesh/v1/migration_service.proto\x1a\x16gpumesh/v1/types.proto\"i\n\x0fRegisterRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12,\n\tinventory\x18\x02 \x01(\x0b\x32\x19.gpumesh.v1.NodeInventory\x12\x15\n\ragent_version\x18\x03 \x01(\t\"q\n\x10RegisterResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\x19\n\x11lease_ttl_seconds\x18\x02 \x01(\x05\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\".\n\x11HeartbeatResponse\x12\x19\n\x11lease_ttl_seconds\x18\x01 \x01(\x05\"\x1e\n\tSyncHello\x12\x11\n\tnode_name\x18\x01 \x01(\t\"\xfd\x01\n\x0bSliceStatus\x12\x10\n\x08slice_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gpumesh.v1.SliceState\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\t\x12-\n\x03\x65nv\x18\x04 \x03(\x0b\x32 .gpumesh.v1.SliceStatus.EnvEntry\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x17\n\x0fgpu_instance_id\x18\x06 \x01(\x05\x12\x1b\n\x13\x63ompute_instance_id\x18\x07 \x01(\x05\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x11SliceStatusReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12)\n\x08statuses\x18\x02 \x03(\x0b\x32\x17.gpumesh.v1.SliceStatus\x12\x10\n\x08released\x18\x03 \x03(\t\"M\n\x14WorkloadStatusReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\'\n\tworkloads\x18\x02 \x03(\x0b\x32\x14.gpumesh.v1.Workload\"H\n\x08LogChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xb9\x03\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.gpumesh.v1.SyncHelloH\x00\x12/\n\x06report\x18\x02 \x01(\x0b\x32\x1d.gpumesh.v1.SliceStatusReportH\x00\x12.\n\ttelemetry\x18\x03 \x01(\x0b\x32\x19.gpumesh.v1.NodeTelemetryH\x00\x12&\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x15.gpumesh.v1.NodeEventH\x00\x12\x35\n\tworkloads\x18\x05 \x01(\x0b\x32 .gpumesh.v1.WorkloadStatusReportH\x00\x12#\n\x03log\x18\x06 \x01(\x0b\x32\x14.gpumesh.v1.LogChunkH\x00\x12+\n\nmesh_hello\x18\x14 \x01(\x0b\x32\x15.gpumesh.v1.MeshHelloH\x00\x12\x35\n\x0fmesh_registered\x18\x15 \x01(\x0b\x32\x1a.gpumesh.v1.MeshRegisteredH\x00\x12\x30\n\tmigration\x18\x1e \x01(\x0b\x32\x1b.gpumesh.v1.MigrationReportH\x00\x42\x06\n\x04kind\"e\n\rDesiredSlices\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\"\n\x07upserts\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Slice\x12\x10\n\x08removals\x18\x03 \x03(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\"R\n\x0fWorkloadCommand\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12#\n\x05start\x18\x02 \x03(\x0b\x32\x14.gpumesh.v1.Workload\x12\x0c\n\x04stop\x18\x03 \x03(\t\"i\n\nLogRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bworkload_id\x18\x02 \x01(\t\x12\x12\n\ntail_lines\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\"\xeb\x02\n\x11\x43ontrollerMessage\x12,\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x19.gpumesh.v1.DesiredSlicesH\x00\x12\x30\n\tworkloads\x18\x02 \x01(\x0b\x32\x1b.gpumesh.v1.WorkloadCommandH\x00\x12&\n\x04logs\x18\x03 \x01(\x0b\x32\x16.gpumesh.v1.LogRequestH\x00\x12\x31\n\rmesh_register\x18\x14 \x01(\x0b\x32\x18.gpumesh.v1.MeshRegisterH\x00\x12\x35\n\x0fmesh_deregister\x18\x15 \x01(\x0b\x32\x1a.gpumesh.v1.MeshDeregisterH\x00\x12)\n\tmesh_peer\x18\x16 \x01(\x0b\x32\x14.gpumesh.v1.MeshPeerH\x00\x12\x31\n\tmigration\x18\x1e \x01(\x0b\x32\x1c.gpumesh.v1.MigrationCommandH\x00\x42\x06\n\x04kind2\xe3\x01\n\x0bNodeService\x12\x45\n\x08Register\x12\x1b.gpumesh.v1.RegisterRequest\x1a\x1c.gpumesh.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.gpumesh.v1.HeartbeatRequest\x1a\x1d.gpumesh.v1.HeartbeatResponse\x12\x43\n\x04Sync\x12\x18.gpumesh.v1.AgentMessage\x1a\x1d.gpumesh.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SLICESTATUS_ENVENTRY']._loaded_options = None
   _globals['_SLICESTATUS_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERREQUEST']._serialized_start=100
-  _globals['_REGISTERREQUEST']._serialized_end=205
-  _globals['_REGISTERRESPONSE']._serialized_start=207
-  _globals['_REGISTERRESPONSE']._serialized_end=320
-  _globals['_HEARTBEATREQUEST']._serialized_start=322
-  _globals['_HEARTBEATREQUEST']._serialized_end=359
-  _globals['_HEARTBEATRESPONSE']._serialized_start=361
-  _globals['_HEARTBEATRESPONSE']._serialized_end=407
-  _globals['_SYNCHELLO']._serialized_start=409
-  _globals['_SYNCHELLO']._serialized_end=439
-  _globals['_SLICESTATUS']._serialized_start=442
-  _globals['_SLICESTATUS']._serialized_end=695
-  _globals['_SLICESTATUS_ENVENTRY']._serialized_start=653
-  _globals['_SLICESTATUS_ENVENTRY']._serialized_end=695
-  _globals['_SLICESTATUSREPORT']._serialized_start=697
-  _globals['_SLICESTATUSREPORT']._serialized_end=791
-  _globals['_WORKLOADSTATUSREPORT']._serialized_start=793
-  _globals['_WORKLOADSTATUSREPORT']._serialized_end=870
-  _globals['_LOGCHUNK']._serialized_start=872
-  _globals['_LOGCHUNK']._serialized_end=944
-  _globals['_AGENTMESSAGE']._serialized_start=947
-  _globals['_AGENTMESSAGE']._serialized_end=1338
-  _globals['_DESIREDSLICES']._serialized_start=1340
-  _globals['_DESIREDSLICES']._serialized_end=1441
-  _globals['_WORKLOADCOMMAND']._serialized_start=1443
-  _globals['_WORKLOADCOMMAND']._serialized_end=1525
-  _globals['_LOGREQUEST']._serialized_start=1527
-  _globals['_LOGREQUEST']._serialized_end=1632
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1635
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1947
-  _globals['_NODESERVICE']._serialized_start=1950
-  _globals['_NODESERVICE']._serialized_end=2177
+  _globals['_REGISTERREQUEST']._serialized_start=136
+  _globals['_REGISTERREQUEST']._serialized_end=241
+  _globals['_REGISTERRESPONSE']._serialized_start=243
+  _globals['_REGISTERRESPONSE']._serialized_end=356
+  _globals['_HEARTBEATREQUEST']._serialized_start=358
+  _globals['_HEARTBEATREQUEST']._serialized_end=395
+  _globals['_HEARTBEATRESPONSE']._serialized_start=397
+  _globals['_HEARTBEATRESPONSE']._serialized_end=443
+  _globals['_SYNCHELLO']._serialized_start=445
+  _globals['_SYNCHELLO']._serialized_end=475
+  _globals['_SLICESTATUS']._serialized_start=478
+  _globals['_SLICESTATUS']._serialized_end=731
+  _globals['_SLICESTATUS_ENVENTRY']._serialized_start=689
+  _globals['_SLICESTATUS_ENVENTRY']._serialized_end=731
+  _globals['_SLICESTATUSREPORT']._serialized_start=733
+  _globals['_SLICESTATUSREPORT']._serialized_end=827
+  _globals['_WORKLOADSTATUSREPORT']._serialized_start=829
+  _globals['_WORKLOADSTATUSREPORT']._serialized_end=906
+  _globals['_LOGCHUNK']._serialized_start=908
+  _globals['_LOGCHUNK']._serialized_end=980
+  _globals['_AGENTMESSAGE']._serialized_start=983
+  _globals['_AGENTMESSAGE']._serialized_end=1424
+  _globals['_DESIREDSLICES']._serialized_start=1426
+  _globals['_DESIREDSLICES']._serialized_end=1527
+  _globals['_WORKLOADCOMMAND']._serialized_start=1529
+  _globals['_WORKLOADCOMMAND']._serialized_end=1611
+  _globals['_LOGREQUEST']._serialized_start=1613
+  _globals['_LOGREQUEST']._serialized_end=1718
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1721
+  _globals['_CONTROLLERMESSAGE']._serialized_end=2084
+  _globals['_NODESERVICE']._serialized_start=2087
+  _globals['_NODESERVICE']._serialized_end=2314
 # @@protoc_insertion_point(module_scope)

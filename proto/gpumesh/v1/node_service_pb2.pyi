@@ -1,4 +1,5 @@
 from gpumesh.v1 import mesh_service_pb2 as _mesh_service_pb2
+from gpumesh.v1 import migration_service_pb2 as _migration_service_pb2
 from gpumesh.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -102,7 +103,7 @@ class LogChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "report", "telemetry", "event", "workloads", "log", "mesh_hello", "mesh_registered")
+    __slots__ = ("hello", "report", "telemetry", "event", "workloads", "log", "mesh_hello", "mesh_registered", "migration")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +112,7 @@ class AgentMessage(_message.Message):
     LOG_FIELD_NUMBER: _ClassVar[int]
     MESH_HELLO_FIELD_NUMBER: _ClassVar[int]
     MESH_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
     hello: SyncHello
     report: SliceStatusReport
     telemetry: _types_pb2.NodeTelemetry
@@ -119,7 +121,8 @@ class AgentMessage(_message.Message):
     log: LogChunk
     mesh_hello: _mesh_service_pb2.MeshHello
     mesh_registered: _mesh_service_pb2.MeshRegistered
-    def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., report: _Optional[_Union[SliceStatusReport, _Mapping]] = ..., telemetry: _Optional[_Union[_types_pb2.NodeTelemetry, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.NodeEvent, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadStatusReport, _Mapping]] = ..., log: _Optional[_Union[LogChunk, _Mapping]] = ..., mesh_hello: _Optional[_Union[_mesh_service_pb2.MeshHello, _Mapping]] = ..., mesh_registered: _Optional[_Union[_mesh_service_pb2.MeshRegistered, _Mapping]] = ...) -> None: ...
+    migration: _migration_service_pb2.MigrationReport
+    def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., report: _Optional[_Union[SliceStatusReport, _Mapping]] = ..., telemetry: _Optional[_Union[_types_pb2.NodeTelemetry, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.NodeEvent, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadStatusReport, _Mapping]] = ..., log: _Optional[_Union[LogChunk, _Mapping]] = ..., mesh_hello: _Optional[_Union[_mesh_service_pb2.MeshHello, _Mapping]] = ..., mesh_registered: _Optional[_Union[_mesh_service_pb2.MeshRegistered, _Mapping]] = ..., migration: _Optional[_Union[_migration_service_pb2.MigrationReport, _Mapping]] = ...) -> None: ...
 
 class DesiredSlices(_message.Message):
     __slots__ = ("full", "upserts", "removals", "revision")
@@ -158,17 +161,19 @@ class LogRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., workload_id: _Optional[str] = ..., tail_lines: _Optional[int] = ..., follow: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("desired", "workloads", "logs", "mesh_register", "mesh_deregister", "mesh_peer")
+    __slots__ = ("desired", "workloads", "logs", "mesh_register", "mesh_deregister", "mesh_peer", "migration")
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     WORKLOADS_FIELD_NUMBER: _ClassVar[int]
     LOGS_FIELD_NUMBER: _ClassVar[int]
     MESH_REGISTER_FIELD_NUMBER: _ClassVar[int]
     MESH_DEREGISTER_FIELD_NUMBER: _ClassVar[int]
     MESH_PEER_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
     desired: DesiredSlices
     workloads: WorkloadCommand
     logs: LogRequest
     mesh_register: _mesh_service_pb2.MeshRegister
     mesh_deregister: _mesh_service_pb2.MeshDeregister
     mesh_peer: _mesh_service_pb2.MeshPeer
-    def __init__(self, desired: _Optional[_Union[DesiredSlices, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadCommand, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., mesh_register: _Optional[_Union[_mesh_service_pb2.MeshRegister, _Mapping]] = ..., mesh_deregister: _Optional[_Union[_mesh_service_pb2.MeshDeregister, _Mapping]] = ..., mesh_peer: _Optional[_Union[_mesh_service_pb2.MeshPeer, _Mapping]] = ...) -> None: ...
+    migration: _migration_service_pb2.MigrationCommand
+    def __init__(self, desired: _Optional[_Union[DesiredSlices, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadCommand, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., mesh_register: _Optional[_Union[_mesh_service_pb2.MeshRegister, _Mapping]] = ..., mesh_deregister: _Optional[_Union[_mesh_service_pb2.MeshDeregister, _Mapping]] = ..., mesh_peer: _Optional[_Union[_mesh_service_pb2.MeshPeer, _Mapping]] = ..., migration: _Optional[_Union[_migration_service_pb2.MigrationCommand, _Mapping]] = ...) -> None: ...
