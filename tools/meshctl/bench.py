@@ -53,6 +53,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long to wait for the cluster to be Ready (default: 300)")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state dir (logs) afterwards")
     p.set_defaults(func=run_alloc_bench)
+    s = subcommand(kinds, "schedule", help="scheduler decision time per request as the fleet grows",
+                   description="Scheduler decision time per request (no gRPC, no etcd) on simulated fleets of "
+                               "8-GPU nodes (half H100 in MIG mode, half A100 shared), filled at random.",
+                   epilog="examples:\n  meshctl bench schedule -o json\n"
+                          "  meshctl bench schedule --gpus 10000 --requests 5000 --profile bestfit\n",
+                   skip=("timeout",))
+    s.add_argument("--gpus", default="1000,10000,50000", metavar="N[,N...]",
+                   help="fleet sizes in GPUs (default: 1000,10000,50000)")
+    s.add_argument("--requests", type=positive_int, default=2000, metavar="N", help="timed requests per size")
+    s.add_argument("--profile", dest="sched_profile", default="default", metavar="NAME", help="scheduler profile")
+    s.add_argument("--fill", type=float, default=0.6, metavar="X", help="share of GPUs holding slices (default: 0.6)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=run_schedule_bench)
+
+
+def run_schedule_bench(args: argparse.Namespace) -> int:
+    from tools.meshctl.output import dump, render_table
+    from tools.replay import benchsched
+    try:
+        sizes = [int(x) for x in args.gpus.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--gpus: {args.gpus!r} is not a list of integers") from None
+    if not sizes or min(sizes) < 8:
+        raise CliError("--gpus: each size must be at least 8")
+    results = []
+    for n in sizes:
+        info(f"{n} GPUs: building the fleet and timing {args.requests} decisions...")
+        results.append(benchsched.run(n, args.requests, args.sched_profile, args.seed, args.fill))
+    if args.output in ("json", "yaml"):
+        out(dump(results, args.output))
+    else:
+        keys = ["gpus", "nodes", "p50_ms", "p99_ms", "mean_ms", "max_ms", "placed", "refused"]
+        out(render_table([k.upper() for k in keys], [[r[k] for k in keys] for r in results]))
+    return 0
     __import__("tools.meshctl.benchmesh", fromlist=["register"]).register(kinds)   # bench mesh
 
 

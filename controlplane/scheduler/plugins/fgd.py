@@ -72,7 +72,13 @@ class Plugin:
 
     def __init__(self, integer: bool = False, window: int = 2000, coverage: float = 0.95,
                  refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
-                 demand_power: float = 1.0) -> None:
+                 demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1) -> None:
+        if not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 2:
+            raise ValueError(f"{NAME}: tolerance must be in [0, 2], not {tolerance!r}")
+        self.tolerance = float(tolerance)
+        if not isinstance(per_gpu, bool):
+            raise ValueError(f"{NAME}: per_gpu must be true or false, not {per_gpu!r}")
+        self.per_gpu = per_gpu
         if weighting not in WEIGHTINGS:
             raise ValueError(f"{NAME}: weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
         if not isinstance(demand_power, (int, float)) or not 0 <= demand_power <= 2:
@@ -125,7 +131,7 @@ class Plugin:
         self.seen += 1
         if self.seen % self.refresh == 0 or self.seen == 1:
             mix = self._weigh(top_types(Counter(self.recent), self.coverage))
-            if mix != self.mix:
+            if drift(self.mix, mix) > self.tolerance:   # a new mix re-scores every node: not for noise
                 self.mix = mix
                 self._frag.clear()
                 if self.on_change:
@@ -164,9 +170,19 @@ class Plugin:
 
     def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
         d = self.delta(node, option)
+        if self.per_gpu:   # per GPU asked for, so other scores weigh the same for small and large requests
+            key = type_of(req)
+            d = d * 1000 / max(1, key[0] * key[1]) if key else d
         if self.integer:
             return float(int(100 / (1 + math.exp(d / 1000))))
         return -d / 1000
+
+
+def drift(a: list[MixType], b: list[MixType]) -> float:
+    """Total variation between two mixes (0: same, 2: disjoint)."""
+    wa = {(m.gpus, m.milli, m.cpu_milli, m.models): m.weight for m in a}
+    wb = {(m.gpus, m.milli, m.cpu_milli, m.models): m.weight for m in b}
+    return sum(abs(wa.get(k, 0.0) - wb.get(k, 0.0)) for k in wa.keys() | wb.keys())
 
 
 def frag_of(mix: list[MixType], model: str, cpu_free: float, frees: tuple[int, ...]) -> float:

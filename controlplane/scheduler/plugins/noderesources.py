@@ -5,6 +5,7 @@ node (or one NVLink domain) one greedy option per NVLink domain and one over the
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 from controlplane.fleet import MIB, GpuState, NodeEntry
@@ -155,4 +156,9 @@ def gang_on(req: SliceRequest, gpus: list[tuple[int, GpuState]]) -> Option | Non
 
 def room_after(model: gpumodels.GpuModel, layout) -> int:
     """How many placements of any profile remain possible: larger is less fragmented."""
+    return _room(model, tuple(sorted(layout)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _room(model: gpumodels.GpuModel, layout: tuple) -> int:
     return sum(len(gpumodels.free_starts(model, layout, p.name)) for p in model.mig_profiles if not p.media_extensions)
