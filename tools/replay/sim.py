@@ -214,3 +214,20 @@ def at_load(curve: list[dict], load: float) -> dict | None:
         if p["load"] >= load - 1e-9:
             return p
     return curve[-1] if curve else None
+
+
+def snapshot(nodes: list[types_pb2.Node], slices: list[types_pb2.Slice]) -> Fleet:
+    """A fleet from the API's view of a live control plane (ListNodes, ListSlices)."""
+    fleet = Fleet()
+    for n in nodes:
+        entry = fleet.upsert_node(n)
+        entry.ready = n.state == types_pb2.NODE_STATE_READY
+    for s in slices:
+        fleet.put_slice(s)
+    return fleet
+
+
+def decide(framework: Framework, fleet: Fleet, req) -> list:
+    """What the scheduler chooses for `req` on `fleet` (the choices Allocate would bind), or []."""
+    d = framework.schedule(req, fleet)
+    return d.choices if d.ok else []
