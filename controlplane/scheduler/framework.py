@@ -273,6 +273,9 @@ class Framework:
         self.node_scorers = [(p, profile.weights[p.NAME]) for p in scorers
                              if not p.cacheable and profile.weights[p.NAME]]
         self.normalizers = [(i, p) for i, (p, _) in enumerate(self.node_scorers) if hasattr(p, "normalize")]
+        # a lone uniform-random score with nothing else to weigh: one draw instead of a score per node
+        self.picker = (self.node_scorers[0][0] if len(self.node_scorers) == 1 and not self.cached_scorers
+                       and hasattr(self.node_scorers[0][0], "pick") else None)
         self.reservers = [p for p in profile.plugins if hasattr(p, "reserve")]
         self.post_filters = [p for p in profile.plugins if hasattr(p, "post_filter")]
         self.observers = [p for p in profile.plugins if hasattr(p, "observe")]
@@ -379,7 +382,9 @@ class Framework:
                     v = self._verdict(state, req, rkey, node)
                 if v.ok:
                     feasible.append((node, v))
-            if feasible and node_scorers:
+            if feasible and self.picker is not None:
+                best_node, best_v = feasible[self.picker.pick(len(feasible))]
+            elif feasible and node_scorers:
                 columns = [[p.score(state, req, n, v.option) for n, v in feasible] for p, _ in node_scorers]
                 for i, p in self.normalizers:
                     columns[i] = p.normalize(columns[i])

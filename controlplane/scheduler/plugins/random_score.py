@@ -20,5 +20,9 @@ class Plugin:
             raise ValueError(f"{NAME}: seed must be an integer, not {seed!r}")
         self.rng = random.Random(seed)
 
+    def pick(self, n: int) -> int:
+        """One of `n` feasible nodes, uniformly (what scoring each at random comes to, in one draw)."""
+        return self.rng.randrange(n)
+
     def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
         return self.rng.random()
