@@ -75,7 +75,7 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
              mode: str = "arrivals", jobs: int = 1, trace_dir: str = "", progress=None) -> list[dict]:
     """One result document per policy (the shape `-o json` prints)."""
     from tools.replay import sim, trace
-    nodes_path, pods_path = trace.trace_path(nodes, trace_dir), trace.trace_path(pods, trace_dir)
+    nodes_path, pods_path = trace.trace_path(nodes, trace_dir, "node"), trace.trace_path(pods, trace_dir, "pod")
     for what, path in (("--nodes", nodes_path), ("--pods", pods_path)):
         if not os.path.exists(path):
             raise CliError(f"{what}: no trace file {path}")

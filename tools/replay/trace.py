@@ -46,13 +46,15 @@ class TracePod:
         return float(self.num_gpu)
 
 
-def trace_path(name: str, trace_dir: str = "") -> str:
+def trace_path(name: str, trace_dir: str = "", kind: str = "") -> str:
+    """A trace file by path, file name or short name (`gpu_node`, `default`, `gpushare40`); `kind`
+    ("node" or "pod") resolves short names that could be either."""
     if os.path.sep in name or os.path.exists(name):
         return name
     base = trace_dir or os.environ.get("MESH_TRACE_DIR") or TRACE_DIR
     full = os.path.join(base, name if name.endswith(".csv") else name + ".csv")
     if not os.path.exists(full) and not name.startswith("openb_"):
-        kind = "node" if name in ("gpu_node", "all_node") else "pod"
+        kind = kind or ("node" if name.endswith("_node") else "pod")
         full = os.path.join(base, f"openb_{kind}_list_{name}.csv")
     return os.path.normpath(full)
 
