@@ -37,6 +37,10 @@ class ControlPlaneConfig:
         300.0, "seconds an unhealthy GPU must stay free of fatal XIDs before it takes slices again",
         minimum=1, maximum=86400)
     node_events_kept: int = option(100, "events kept per node for `meshctl describe node`", minimum=1, maximum=10000)
+    migration_pause_at: str = option("", "testing only: stop every migration's state machine once it enters this "
+                                         "phase (planned, target_ready, copying, paused, committed), so a test can "
+                                         "crash the control plane there", choices=("", "planned", "target_ready",
+                                                                                  "copying", "paused", "committed"))
     # security (docs/security.md)
     insecure: bool = option(False, "serve plaintext gRPC without TLS (the local demo only); without it the control "
                                    "plane refuses to start unless tls_cert and tls_key are set")

@@ -11,6 +11,8 @@
 | `/gpumesh/v1/gpuhealth/<node>/<index>` | `gpumesh.v1.GpuTelemetry` (health, reason, since) | health changes (XID policy) |
 | `/gpumesh/v1/mesh/<connection-id>` | `gpumesh.v1.MeshConnection` (slices, transport, both buffer descriptors, state) | MeshService Connect/Disconnect, slice release, agent restart |
 | `/gpumesh/v1/meshgrants/<from-tenant>/<to-tenant>` | `gpumesh.v1.MeshGrant` (admin: cross-tenant connections allowed) | MeshService Grant |
+| `/gpumesh/v1/migrations/<migration-id>` | `gpumesh.v1.Migration` (phase of the state machine, source, target, progress) | MigrationService, agent migration reports, recovery at start |
+| `/gpumesh/v1/checkpoints/<checkpoint-id>` | `gpumesh.v1.CheckpointInfo` (workload, store path, step, size) | MigrationService Checkpoint |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -27,6 +29,8 @@ WORKLOADS = PREFIX + "workloads/"
 GPU_HEALTH = PREFIX + "gpuhealth/"
 MESH = PREFIX + "mesh/"
 MESH_GRANTS = PREFIX + "meshgrants/"
+MIGRATIONS = PREFIX + "migrations/"
+CHECKPOINTS = PREFIX + "checkpoints/"
 
 
 def node(name: str) -> bytes:
@@ -63,3 +67,11 @@ def mesh(connection_id: str) -> bytes:
 
 def mesh_grant(from_tenant: str, to_tenant: str) -> bytes:
     return f"{MESH_GRANTS}{from_tenant}/{to_tenant}".encode()
+
+
+def migration(migration_id: str) -> bytes:
+    return (MIGRATIONS + migration_id).encode()
+
+
+def checkpoint(checkpoint_id: str) -> bytes:
+    return (CHECKPOINTS + checkpoint_id).encode()

@@ -198,6 +198,9 @@ class NodeManager:
         if dry_run:
             return self.view(name), victims
         await self.set_cordon(name, True)
+        migrations = getattr(self.ctl, "migrations", None)
+        if migrations is not None:      # move what can migrate first (controlplane/migrations.py)
+            await migrations.drain(name)
         evicted = []
         for alloc in sorted({s.allocation_id for s in victims}):
             evicted += await self.ctl.release(alloc, wait=False, message=f"evicted: node {name} drained")

@@ -113,6 +113,9 @@ class ControlPlane:
         await self.telemetry.load()
         self.mesh = MeshManager(self.ctl)
         await self.mesh.load()
+        from controlplane.migrations import MigrationManager, MigrationService
+        self.migrations = MigrationManager(self.ctl, self.workloads, self.cfg.migration_pause_at)
+        await self.migrations.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -128,11 +131,13 @@ class ControlPlane:
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.ctl, self.nodes), self.server)
         workload_service_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadService(self.workloads), self.server)
         mesh_service_pb2_grpc.add_MeshServiceServicer_to_server(MeshService(self.mesh), self.server)
+        from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
+        migration_service_pb2_grpc.add_MigrationServiceServicer_to_server(MigrationService(self.migrations), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [d.services_by_name[n].full_name for d, n in (
             (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
             (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
-            (mesh_service_pb2.DESCRIPTOR, "MeshService"))]
+            (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -177,6 +182,8 @@ class ControlPlane:
             await self.nodes.stop()
             if getattr(self, "mesh", None) is not None:
                 await self.mesh.stop()
+            if getattr(self, "migrations", None) is not None:
+                await self.migrations.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
             await self.ctl.writer.stop()

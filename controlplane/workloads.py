@@ -85,6 +85,8 @@ class WorkloadManager:
         self.stopping: set[str] = set()                  # stop asked for, process not ended yet
         self.log_queues: dict[str, asyncio.Queue] = {}   # LogRequest id -> its chunks
         self.waiters: dict[str, list[asyncio.Future]] = {}
+        # hook(node) -> more workloads the node must keep running (migration targets; controlplane/migrations.py)
+        self.extra_desired: list = []
         self._watch: asyncio.Task | None = None
         ctl.session_hooks.append(self._session_opened)
         ctl.agent_handlers["workloads"] = self._report
@@ -148,8 +150,11 @@ class WorkloadManager:
         return self.workloads[wid]
 
     def desired_on(self, node: str) -> list[types_pb2.Workload]:
-        return [w for w in self.workloads.values()
-                if w.node == node and w.state not in TERMINAL and w.id not in self.stopping]
+        out = [w for w in self.workloads.values()
+               if w.node == node and w.state not in TERMINAL and w.id not in self.stopping]
+        for hook in self.extra_desired:
+            out += hook(node)
+        return out
 
     # -- API ------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, slice_service
                         slice_service_pb2_grpc, types_pb2, workload_service_pb2, workload_service_pb2_grpc)
 from mesh import errors, richstatus
 from mesh.meshapi import MeshApi
+from mesh.migrationapi import MigrationApi
 
 T = TypeVar("T")
 
@@ -107,7 +108,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi):
+class MeshClient(MeshApi, MigrationApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

@@ -44,6 +44,10 @@ class AgentConfig:
     tls_key: str = option("", "PEM private key of tls_cert")
     tls_server_name: str = option("", "name to check in the control plane's certificate when it differs from the "
                                       "host in control_plane")
+    checkpoint_dir: str = option("", "checkpoint store: the directory (on a filesystem shared by the nodes) where "
+                                 "`meshctl checkpoint` writes and `meshctl restore` reads checkpoints; empty: no store")
+    checkpoint_keys_file: str = option("", "YAML file of per-tenant checkpoint keys (tenant: base64 of 32 bytes); a "
+                                       "tenant listed there gets its checkpoints encrypted at rest (AES-256-GCM)")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = option("json", "log line format", choices=("json", "text"))
 

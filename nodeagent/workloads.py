@@ -91,6 +91,7 @@ class WorkloadRunner:
         self.load()
 
     def install(self) -> "WorkloadRunner":
+        self.agent.workload_runner = self       # for nodeagent/migrate.py
         self.agent.handlers["workloads"] = self.on_command
         self.agent.handlers["logs"] = self.on_logs
         self.agent.session_hooks.append(self.on_session)
@@ -100,6 +101,29 @@ class WorkloadRunner:
 
     def path(self, wid: str, ext: str) -> str:
         return os.path.join(self.dir, f"{wid}.{ext}")
+
+    def socket_path(self, wid: str) -> str:
+        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET); a short path
+        under /tmp when the runner's directory is too deep for a Unix socket name."""
+        path = self.path(wid, "sock")
+        if len(path) > 100:
+            import hashlib
+            path = f"/tmp/gpumesh-{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
+        return path
+
+    def forget(self, wid: str) -> None:
+        """Drop the record of a workload that is not running here (before it is started here again)."""
+        w = self.workloads.get(wid)
+        if w is not None and w.state == W.WORKLOAD_STATE_RUNNING:
+            raise RuntimeError(f"workload {wid} still runs")
+        self.workloads.pop(wid, None)
+        self.meta.pop(wid, None)
+        self.popens.pop(wid, None)
+        for ext in ("pid", "exit", "json"):
+            try:
+                os.unlink(self.path(wid, ext))
+            except FileNotFoundError:
+                pass
 
     def load(self) -> None:
         """Read every workload record left by a previous agent process."""
@@ -176,6 +200,7 @@ class WorkloadRunner:
         env.update(w.env)
         env.update(st.env)          # the slice's own environment always wins
         env["GPUMESH_WORKLOAD_ID"] = w.id
+        env["GPUMESH_CHECKPOINT_SOCKET"] = self.socket_path(w.id)
         argv = [sys.executable, SHIM, "--pid-file", self.path(w.id, "pid"), "--exit-file", self.path(w.id, "exit"),
                 "--log-file", self.path(w.id, "log"), "--", *w.command]
         try:
@@ -312,7 +337,7 @@ class WorkloadRunner:
                                             f"exited with status {w.exit_code}")
         if stopped:
             w.state = W.WORKLOAD_STATE_STOPPED
-            w.message = f"stopped on request; {w.message}"
+            w.message = f"{meta.get('stop_reason') or 'stopped on request'}; {w.message}"
         elif ex is not None and w.exit_code == 0 and not ex.get("error"):
             w.state = W.WORKLOAD_STATE_SUCCEEDED
         else:

@@ -12,7 +12,7 @@ Commands (served by `mesh.checkpoint.sdk.Checkpointer`):
 | --- | --- | --- |
 | `status` | | step, paused, restored, receive_address, state_bytes, entries, pid |
 | `pause` | timeout | blocks until the workload waits at a safe point; step |
-| `resume` | | the workload continues |
+| `resume` | | the workload continues (a restored target held by `GPUMESH_RESTORE_HOLD` starts) |
 | `stop` | | the workload's `safe_point()` raises `WorkloadStopped` (exit 0) |
 | `checkpoint` | path, or target+session | full consistent checkpoint (pauses at a safe point if running) |
 | `precopy_begin` | target, session, chunk_bytes | round 0: every tensor, while running |
@@ -36,6 +36,7 @@ from mesh.checkpoint.format import CheckpointError
 
 SOCKET_ENV = "GPUMESH_CHECKPOINT_SOCKET"
 RESTORE_ENV = "GPUMESH_RESTORE_FROM"
+HOLD_ENV = "GPUMESH_RESTORE_HOLD"
 
 
 class CommandError(CheckpointError):

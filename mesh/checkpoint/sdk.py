@@ -17,7 +17,10 @@ commands on that Unix socket from a daemon thread (see `mesh.checkpoint.agent_li
 `GPUMESH_RESTORE_FROM` is either a checkpoint directory, or
 `receive:SESSION@ADDRESS`: listen for a transfer session on ADDRESS (`host:port`, port 0
 picks one and `status` reports it; or `unix:/path`) and restore what a migrating source
-sends there. The state's bytes land directly in the registered tensors.
+sends there. The state's bytes land directly in the registered tensors. With
+`GPUMESH_RESTORE_HOLD=1` (set by the agent for a migration target) the restored workload
+then holds in `restore_if_requested()` until the agent sends `resume` (the control plane
+made the migration's commit durable) or `stop`: a target never trains before the commit.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mesh.checkpoint.agent_link import RESTORE_ENV, SOCKET_ENV, ControlServer
+from mesh.checkpoint.agent_link import HOLD_ENV, RESTORE_ENV, SOCKET_ENV, ControlServer
 from mesh.checkpoint.format import CHUNK_BYTES, CheckpointError, EntryMeta, Manifest
 from mesh.checkpoint.state import Track, WorkloadState, tensor_chunks
 from mesh.checkpoint.transfer import (BufferTarget, EntryTarget, OutEntry, SendStats, TransferClient,
@@ -131,6 +134,7 @@ class Checkpointer:
         self._stop = False
         self._sender: _Sender | None = None
         self._restored = threading.Event()
+        self._held = False
         self.restored_at: float | None = None
         self.receive_address: str | None = None
         self.receive_session: str | None = None
@@ -199,7 +203,14 @@ class Checkpointer:
         else:
             self.state.load(source)
         self.restored_at = time.time()
-        self._restored.set()
+        hold = os.environ.get(HOLD_ENV, "") not in ("", "0")
+        with self._cv:
+            self._held = hold
+            self._restored.set()
+            while self._held and not self._stop:
+                self._cv.wait()
+            if self._stop:
+                raise WorkloadStopped()
         return True
 
     def _receive(self, spec: str) -> None:
@@ -236,7 +247,7 @@ class Checkpointer:
                 "receive_address": self.receive_address, "receive_session": self.receive_session,
                 "workload_id": self.state.workload_id,
                 "entries": len(tensors), "state_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-                "pid": os.getpid(), "precopy_round": self._sender.round if self._sender else None}
+                "pid": os.getpid(), "held": self._held, "precopy_round": self._sender.round if self._sender else None}
 
     def _pause(self, timeout: float | None) -> bool:
         """Pauses at the next safe point; False when it was paused already."""
@@ -252,6 +263,7 @@ class Checkpointer:
     def _resume(self) -> None:
         with self._cv:
             self._want_pause = False
+            self._held = False
             self._cv.notify_all()
 
     def _cmd_pause(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,646 @@
+"""Migrations, checkpoints and restores: the state machine, kept in etcd.
+
+A migration moves a running workload (same workload ID) from its slice to another one,
+on another node. Its record, `/gpumesh/v1/migrations/<id>`, holds the phase:
+
+    PLANNED -> TARGET_READY -> COPYING -> PAUSED -> COMMITTED -> DONE
+         \\__________\\____________\\_________\\-> ROLLING_BACK -> ABORTED
+
+* PLANNED: recorded; the target slice is chosen (or allocated, labelled with the
+  migration's ID so a rollback finds it even if the control plane died in between).
+* TARGET_READY: the target agent started the workload in receive mode
+  (`GPUMESH_RESTORE_FROM=receive:...`, `GPUMESH_RESTORE_HOLD=1`); it listens.
+* COPYING: the source agent pre-copies while the workload trains (or, for a restore from
+  the store, the target agent pushes the checkpoint).
+* PAUSED: the source is paused at a safe point; the final delta is sent and committed on
+  the target, which restores and then *holds* (does not train).
+* COMMITTED: the commit point. One etcd transaction writes the phase and moves the
+  workload record to the target node and slice. Only then is the target told to run
+  (RESUME_TARGET) and the source told to stop (STOP_SOURCE); the source is paused at that
+  moment, so there are never two copies making progress, and never none: before the
+  commit the source is the workload (it resumes on rollback), after it the target is.
+* DONE: the target runs, the source stopped.
+
+Recovery when the control plane starts (any phase, any crash): a migration before
+COMMITTED is rolled back (ROLLING_BACK: stop the target process, release a slice the
+migration allocated, resume the source, then ABORTED); a COMMITTED one is finished (stop
+the source, resume the target, DONE). Every agent step is idempotent and is repeated until
+answered, so a step cut by a crash or a reconnect is simply asked again.
+
+Checkpoints: `Checkpoint` asks the workload's agent to write a consistent checkpoint into
+the store (agents' `checkpoint_dir`, encrypted per tenant when keys are configured); the
+record is `/gpumesh/v1/checkpoints/<id>`. `Restore` is a migration without a source: the
+target agent pushes the stored checkpoint into the receiving target, and the rest is the
+same state machine.
+
+`migration_pause_at` (testing only) stops the state machine right after it entered a
+phase, so a test can kill the control plane there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane import auth, keys
+from controlplane.controller import Controller, new_id, now
+from controlplane.rpc import streaming, unary
+from controlplane.store import Absent, Present, Put
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import migration_service_pb2_grpc, node_service_pb2, types_pb2
+from mesh import errors, slicespec
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+P = M.MigrationPhase
+C = M.MigrationCommand
+R = M.MigrationReport
+W = types_pb2
+FINISHED = (P.MIGRATION_PHASE_DONE, P.MIGRATION_PHASE_ABORTED)
+BEFORE_COMMIT = (P.MIGRATION_PHASE_PLANNED, P.MIGRATION_PHASE_TARGET_READY, P.MIGRATION_PHASE_COPYING,
+                 P.MIGRATION_PHASE_PAUSED)
+TARGET_WANTED = (P.MIGRATION_PHASE_TARGET_READY, P.MIGRATION_PHASE_COPYING, P.MIGRATION_PHASE_PAUSED)
+LABEL = "gpumesh-migration"          # on a slice a migration allocated
+RESTORE_ENV = ("GPUMESH_RESTORE_FROM", "GPUMESH_RESTORE_HOLD")
+PHASE_NAMES = {P.Name(v).removeprefix("MIGRATION_PHASE_").lower(): v for v in P.values() if v}
+RESEND = 2.0            # seconds between repeats of an unanswered agent step
+START_TIMEOUT = 120.0   # the target process starts (imports torch, builds its model) and listens
+COPY_TIMEOUT = 1800.0
+STEP_TIMEOUT = 60.0
+PLACE_ATTEMPTS = 8
+
+
+class _Failed(Exception):
+    """A step failed: before the commit, the migration rolls back."""
+
+
+def phase_name(value: int) -> str:
+    return P.Name(value).removeprefix("MIGRATION_PHASE_").lower()
+
+
+class MigrationManager:
+    def __init__(self, ctl: Controller, workloads, pause_at: str = "") -> None:
+        self.ctl = ctl
+        self.wm = workloads
+        self.pause_at = PHASE_NAMES.get(pause_at.lower()) if pause_at else None
+        if pause_at and self.pause_at is None:
+            raise ValueError(f"migration_pause_at: {pause_at!r} (allowed: {', '.join(PHASE_NAMES)})")
+        self.migrations: dict[str, M.Migration] = {}
+        self.checkpoints: dict[str, M.CheckpointInfo] = {}
+        self.reports: dict[str, dict[str, asyncio.Queue]] = {}     # migration id -> node -> reports
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.watchers: dict[str, list[asyncio.Queue]] = {}
+        ctl.agent_handlers["migration"] = self._on_report
+        workloads.extra_desired.append(self.targets_on)
+        ctl.migrations = self
+
+    # -- start and stop -------------------------------------------------------------------
+
+    async def load(self) -> None:
+        snap = await self.ctl.store.load(keys.MIGRATIONS)
+        for value, _rev, _lease in snap.kvs.values():
+            m = M.Migration()
+            m.ParseFromString(value)
+            self.migrations[m.id] = m
+        snap = await self.ctl.store.load(keys.CHECKPOINTS)
+        for value, _rev, _lease in snap.kvs.values():
+            ck = M.CheckpointInfo()
+            ck.ParseFromString(value)
+            self.checkpoints[ck.id] = ck
+        unfinished = [m for m in self.migrations.values() if m.phase not in FINISHED]
+        for m in unfinished:
+            if m.phase in BEFORE_COMMIT:
+                # The target never ran (it holds until the commit): roll back. Persisted before any
+                # agent reconnects, so the target's node is no longer asked to keep the target process.
+                await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK,
+                                message=f"control plane restarted in phase {phase_name(m.phase)}: rolling back")
+            log(logger, logging.INFO, "recovering migration", migration=m.id, workload=m.workload_id,
+                phase=phase_name(m.phase))
+            self._spawn(m.id)
+
+    async def stop(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+
+    def _spawn(self, mid: str) -> None:
+        self.reports.setdefault(mid, {})
+        self.tasks[mid] = asyncio.create_task(self._drive(mid), name=f"migration-{mid}")
+
+    # -- persistence ------------------------------------------------------------------------
+
+    async def _save(self, m: M.Migration, ops: list = (), conds: list = (), created: bool = False) -> None:
+        m.updated_at.CopyFrom(now())
+        await self.ctl.writer.write([Put(keys.migration(m.id), m.SerializeToString()), *ops],
+                                    [Absent(keys.migration(m.id)) if created else Present(keys.migration(m.id)),
+                                     *conds])
+        self.migrations[m.id] = m
+        for q in self.watchers.get(m.id, ()):
+            q.put_nowait(M.Migration.FromString(m.SerializeToString()))
+
+    async def _set(self, m: M.Migration, phase: int, **fields) -> None:
+        m.phase = phase
+        for k, v in fields.items():
+            setattr(m, k, v)
+        await self._save(m)
+        log(logger, logging.INFO, "migration phase", migration=m.id, workload=m.workload_id,
+            phase=phase_name(phase), message=m.message)
+
+    async def _pause_hook(self, m: M.Migration) -> None:
+        if self.pause_at is not None and m.phase == self.pause_at:
+            log(logger, logging.WARNING, "migration paused here (migration_pause_at)", migration=m.id,
+                phase=phase_name(m.phase))
+            await asyncio.Event().wait()
+
+    # -- the agents ---------------------------------------------------------------------------
+
+    async def _on_report(self, node: str, rep: M.MigrationReport) -> None:
+        qs = self.reports.get(rep.migration_id)
+        if qs is not None:
+            qs.setdefault(node, asyncio.Queue()).put_nowait(rep)
+
+    def _send(self, node: str, cmd: M.MigrationCommand) -> bool:
+        session = self.ctl.sessions.get(node)
+        if session is None:
+            return False
+        session.send(node_service_pb2.ControllerMessage(migration=cmd))
+        return True
+
+    async def _ask(self, mid: str, node: str, cmd: M.MigrationCommand, want: tuple, timeout: float,
+                   on_other=None, resend: float = RESEND, failures: bool = True) -> M.MigrationReport:
+        """Send `cmd` to `node` (again every `resend` seconds) until it answers with an event in `want`.
+        A FAILED answer raises, unless `failures` is false (rollback steps: repeat until done)."""
+        loop = asyncio.get_running_loop()
+        q = self.reports.setdefault(mid, {}).setdefault(node, asyncio.Queue())
+        deadline = loop.time() + timeout
+        next_send = 0.0
+        what = C.Action.Name(cmd.action).lower()
+        while True:
+            t = loop.time()
+            if t >= deadline:
+                raise _Failed(f"node {node} did not answer {what} within {timeout:g} s")
+            if t >= next_send:
+                self._send(node, cmd)
+                next_send = t + resend
+            try:
+                rep = await asyncio.wait_for(q.get(), max(0.01, min(next_send, deadline) - t))
+            except asyncio.TimeoutError:
+                continue
+            if rep.event == R.FAILED and failures:
+                raise _Failed(rep.message or f"{what} failed on {node}")
+            if rep.event in want:
+                return rep
+            if on_other is not None:
+                await on_other(rep)
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def get(self, mid: str) -> M.Migration:
+        m = self.migrations.get(mid)
+        if m is None:
+            raise errors.NotFound(f"no migration {mid!r}", kind="migration", name=mid)
+        return m
+
+    def active_for(self, wid: str) -> M.Migration | None:
+        return next((m for m in self.migrations.values() if m.workload_id == wid and m.phase not in FINISHED), None)
+
+    def targets_on(self, node: str) -> list[types_pb2.Workload]:
+        """Workloads the target node must keep (the receiving target processes), for the workload
+        manager's full command to an agent that reconnects mid-migration."""
+        out = []
+        for m in self.migrations.values():
+            if m.phase in TARGET_WANTED and m.target_node == node and m.workload_id in self.wm.workloads:
+                t = self._target_spec(m, self.wm.workloads[m.workload_id])
+                t.started_at.CopyFrom(m.created_at)    # keep it if it runs; never start it from this command
+                out.append(t)
+        return out
+
+    def _target_spec(self, m: M.Migration, w: types_pb2.Workload) -> types_pb2.Workload:
+        t = types_pb2.Workload(id=w.id, slice_id=m.target_slice, node=m.target_node, tenant=w.tenant,
+                               command=w.command, env=w.env, labels=w.labels, state=W.WORKLOAD_STATE_PENDING,
+                               created_at=w.created_at)
+        for k in RESTORE_ENV:
+            t.env.pop(k, None)
+        return t
+
+    async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
+                      reason: str = "migrate") -> M.Migration:
+        w = self.wm.get(wid)
+        if mode == M.MIGRATION_MODE_TRANSPARENT:
+            raise errors.InvalidArgument.of("mode", "transparent (CRIU) migration is not orchestrated yet",
+                                            "precopy, stop_and_copy")
+        if w.state != W.WORKLOAD_STATE_RUNNING:
+            raise errors.FailedPrecondition(f"workload {wid} is {W.WorkloadState.Name(w.state)}: only a RUNNING "
+                                            f"workload migrates (restore a stopped one from a checkpoint)")
+        busy = self.active_for(wid)
+        if busy is not None:
+            raise errors.FailedPrecondition(f"workload {wid} is migrating already ({busy.id}, "
+                                            f"{phase_name(busy.phase)})")
+        m = M.Migration(id=new_id("m"), workload_id=wid, tenant=w.tenant, mode=mode or M.MIGRATION_MODE_PRECOPY,
+                        phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
+                        reason=reason, created_at=now())
+        if to_slice:
+            s = self._check_target_slice(to_slice, w.tenant)
+            if s.node == w.node:
+                raise errors.FailedPrecondition(f"slice {to_slice} is on node {w.node}, where the workload runs: "
+                                                f"a migration moves it to another node")
+            m.target_slice, m.target_node = s.id, s.node
+        elif to_node:
+            if to_node == w.node:
+                raise errors.FailedPrecondition(f"the workload runs on node {to_node} already")
+            if to_node not in self.ctl.fleet.nodes:
+                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
+            m.target_node = to_node
+        await self._save(m, created=True)
+        log(logger, logging.INFO, "migration planned", migration=m.id, workload=wid, source=w.node,
+            to_node=to_node, to_slice=to_slice, reason=reason)
+        self._spawn(m.id)
+        return m
+
+    def _check_target_slice(self, sid: str, tenant: str) -> types_pb2.Slice:
+        s = self.ctl.fleet.slices.get(sid)
+        if s is None:
+            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
+        auth.check_visible(s.tenant, "slice", sid)
+        if s.tenant != tenant:
+            raise errors.FailedPrecondition(f"slice {sid} belongs to tenant {s.tenant}, the workload to {tenant}")
+        if s.state != types_pb2.SLICE_STATE_READY:
+            raise errors.FailedPrecondition(f"slice {sid} is not READY")
+        if any(x.slice_id == sid and x.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)
+               for x in self.wm.workloads.values()):
+            raise errors.FailedPrecondition(f"slice {sid} runs a workload already")
+        return s
+
+    async def checkpoint(self, wid: str) -> M.CheckpointInfo:
+        w = self.wm.get(wid)
+        if w.state != W.WORKLOAD_STATE_RUNNING:
+            raise errors.FailedPrecondition(f"workload {wid} is not RUNNING: nothing to checkpoint")
+        if self.ctl.sessions.get(w.node) is None:
+            raise errors.Unavailable(f"node {w.node} is not connected")
+        ck_id = new_id("ck")
+        path = f"{w.tenant or 'default'}/{wid}/{ck_id}"
+        try:
+            rep = await self._ask(ck_id, w.node, M.MigrationCommand(
+                migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant),
+                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=COPY_TIMEOUT)
+        except _Failed as e:
+            raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
+        finally:
+            self.reports.pop(ck_id, None)
+        ck = M.CheckpointInfo(id=ck_id, workload_id=wid, tenant=w.tenant, node=w.node, path=rep.path, step=rep.step,
+                              bytes=rep.bytes, seconds=rep.seconds, mb_per_s=rep.mb_per_s, encrypted=rep.encrypted,
+                              created_at=now())
+        await self.ctl.writer.write([Put(keys.checkpoint(ck_id), ck.SerializeToString())],
+                                    [Absent(keys.checkpoint(ck_id))])
+        self.checkpoints[ck_id] = ck
+        log(logger, logging.INFO, "checkpoint stored", checkpoint=ck_id, workload=wid, step=ck.step, bytes=ck.bytes)
+        return ck
+
+    async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
+        ck = self.checkpoints.get(ck_id)
+        if ck is None:
+            raise errors.NotFound(f"no checkpoint {ck_id!r}", kind="checkpoint", name=ck_id)
+        auth.check_visible(ck.tenant, "checkpoint", ck_id)
+        w = self.wm.get(ck.workload_id)
+        if w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
+            raise errors.FailedPrecondition(f"workload {w.id} is running on {w.node}: migrate it, or stop it "
+                                            f"before restoring a checkpoint (never two copies)")
+        busy = self.active_for(w.id)
+        if busy is not None:
+            raise errors.FailedPrecondition(f"workload {w.id} has a migration in progress ({busy.id})")
+        m = M.Migration(id=new_id("m"), workload_id=w.id, tenant=w.tenant, mode=M.MIGRATION_MODE_STOP_AND_COPY,
+                        phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
+                        reason="restore", checkpoint_id=ck_id, created_at=now())
+        if to_slice:
+            s = self._check_target_slice(to_slice, w.tenant)
+            m.target_slice, m.target_node = s.id, s.node
+        elif to_node:
+            if to_node not in self.ctl.fleet.nodes:
+                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
+            m.target_node = to_node
+        elif w.slice_id not in self.ctl.fleet.slices:
+            raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
+        await self._save(m, created=True)
+        self._spawn(m.id)
+        return m
+
+    async def resize(self, sid: str, memory_bytes: int, compute_share: float) -> types_pb2.Slice:
+        s = self.ctl.fleet.slices.get(sid)
+        if s is None:
+            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
+        auth.check_visible(s.tenant, "slice", sid)
+        if memory_bytes < 0:
+            raise errors.InvalidArgument.of("memory_bytes", f"{memory_bytes} is negative", "> 0, or 0 for unchanged")
+        if not (0 <= compute_share <= 1):
+            raise errors.InvalidArgument.of("compute_share", f"{compute_share} is out of range",
+                                            "(0, 1], or 0 for unchanged")
+        if s.isolation not in (types_pb2.ISOLATION_MPS, types_pb2.ISOLATION_TIMESHARE):
+            raise errors.FailedPrecondition(
+                f"slice {sid} is {types_pb2.Isolation.Name(s.isolation).removeprefix('ISOLATION_')}: only MPS and "
+                f"time-share slices resize in place; allocate a slice of the new size and `meshctl migrate "
+                f"WORKLOAD --to SLICE`")
+        if s.state != types_pb2.SLICE_STATE_READY:
+            raise errors.FailedPrecondition(f"slice {sid} is not READY")
+        mem = memory_bytes or s.memory_bytes
+        share = compute_share or s.compute_share
+        g = self.ctl.fleet.gpu(s.node, s.gpu_index)
+        if g is not None:
+            free_mem = g.memory_bytes - g.allocated_memory + s.memory_bytes
+            if mem > free_mem:
+                raise errors.ResourceExhausted(f"GPU {s.gpu_index} of {s.node} has {free_mem} bytes for this slice, "
+                                               f"{mem} asked; the slice is unchanged", reasons={})
+            if s.isolation == types_pb2.ISOLATION_MPS and g.allocated_compute - s.compute_share + share > 1.0 + 1e-9:
+                raise errors.ResourceExhausted(f"GPU {s.gpu_index} of {s.node} has compute share "
+                                               f"{1.0 - g.allocated_compute + s.compute_share:.2f} for this slice, "
+                                               f"{share:.2f} asked; the slice is unchanged", reasons={})
+        old = types_pb2.Slice()
+        old.CopyFrom(s)
+        ns = self.ctl._update(s, memory_bytes=mem, compute_share=share, message=f"resized in place")
+        try:
+            rev = await self.ctl.save([ns])
+        except BaseException:
+            self.ctl.fleet.put_slice(old)
+            raise
+        session = self.ctl.sessions.get(ns.node)
+        if session is not None:
+            session.send_upserts([ns], rev)
+        log(logger, logging.INFO, "slice resized", slice=sid, memory_bytes=mem, compute_share=share)
+        return ns
+
+    # -- the state machine ----------------------------------------------------------------------
+
+    async def _drive(self, mid: str) -> None:
+        m = self.migrations[mid]
+        steps = {P.MIGRATION_PHASE_PLANNED: self._plan, P.MIGRATION_PHASE_TARGET_READY: self._copy,
+                 P.MIGRATION_PHASE_COPYING: self._copy, P.MIGRATION_PHASE_PAUSED: self._copy,
+                 P.MIGRATION_PHASE_COMMITTED: self._finish, P.MIGRATION_PHASE_ROLLING_BACK: self._rollback}
+        try:
+            while m.phase not in FINISHED:
+                before = m.phase
+                try:
+                    await steps[m.phase](m)
+                except (_Failed, errors.MeshError) as e:
+                    if m.phase in BEFORE_COMMIT:
+                        await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK, message=f"rolling back: {e}")
+                    elif m.phase == before:
+                        log(logger, logging.WARNING, "migration step failed; retrying", migration=m.id,
+                            phase=phase_name(m.phase), error=str(e))
+                        await asyncio.sleep(RESEND)
+        except asyncio.CancelledError:
+            raise
+        except Exception:   # noqa: BLE001 - a bug here must not take the control plane down
+            logger.exception("migration %s", mid)
+        finally:
+            self.tasks.pop(mid, None)
+            if m.phase in FINISHED:
+                self.reports.pop(mid, None)
+                for q in self.watchers.get(mid, ()):
+                    q.put_nowait(None)
+
+    async def _place(self, m: M.Migration, w: types_pb2.Workload) -> types_pb2.Slice:
+        """A slice of the workload's slice's spec, on `m.target_node` if set, never on the source node;
+        labelled with the migration's ID. Placements the scheduler makes elsewhere are held while it is
+        asked again (so it picks another node), then released."""
+        src = self.ctl.fleet.slices.get(w.slice_id)
+        if src is None:
+            raise _Failed(f"the workload's slice {w.slice_id} is gone: name a target slice")
+        spec = types_pb2.SliceSpec(tenant=src.tenant, gpu_model=src.gpu_model, isolation=src.isolation,
+                                   priority=src.priority, labels=dict(src.labels), cpu_milli=src.cpu_milli,
+                                   host_memory_bytes=src.host_memory_bytes)
+        if src.isolation == types_pb2.ISOLATION_MIG:
+            spec.mig_profile = src.profile
+        else:
+            spec.memory_bytes, spec.compute_share = src.memory_bytes, src.compute_share
+        spec.labels[LABEL] = m.id
+        req = slicespec.validate(spec)
+        held = []
+        try:
+            for _ in range(PLACE_ATTEMPTS):
+                alloc_id, slices = await self.ctl.allocate(req, no_wait=True)
+                s = slices[0]
+                if (m.checkpoint_id or s.node != m.source_node) and (not m.target_node or s.node == m.target_node):
+                    m.target_slice, m.target_node, m.target_allocated = s.id, s.node, True
+                    await self._save(m)
+                    ready = await self.ctl._await_ready(alloc_id, False, 0)
+                    return ready[0]
+                held.append(alloc_id)
+            raise _Failed(f"no slice like {src.id} could be placed "
+                          f"{'on node ' + m.target_node if m.target_node else 'off node ' + m.source_node}")
+        finally:
+            for alloc_id in held:
+                try:
+                    await self.ctl.release(alloc_id, wait=False, message=f"placement probe of migration {m.id}")
+                except errors.MeshError:
+                    pass
+
+    async def _plan(self, m: M.Migration) -> None:
+        await self._pause_hook(m)
+        w = self.wm.workloads.get(m.workload_id)
+        if w is None:
+            raise _Failed(f"workload {m.workload_id} is gone")
+        if not m.target_slice:
+            await self._place(m, w)
+        s = self.ctl.fleet.slices.get(m.target_slice)
+        if s is None or s.state != types_pb2.SLICE_STATE_READY:
+            raise _Failed(f"target slice {m.target_slice} is not READY")
+        if not m.session:
+            m.session = f"mig-{m.id}"
+            await self._save(m)
+        rep = await self._ask(m.id, m.target_node, M.MigrationCommand(
+            migration_id=m.id, action=C.START_TARGET, workload_id=m.workload_id, workload=self._target_spec(m, w),
+            session=m.session, mode=m.mode), (R.TARGET_LISTENING,), START_TIMEOUT)
+        await self._set(m, P.MIGRATION_PHASE_TARGET_READY, target_address=rep.address)
+        await self._pause_hook(m)
+
+    async def _copy(self, m: M.Migration) -> None:
+        if m.phase == P.MIGRATION_PHASE_TARGET_READY:
+            await self._set(m, P.MIGRATION_PHASE_COPYING)
+        if m.checkpoint_id:
+            ck = self.checkpoints.get(m.checkpoint_id)
+            if ck is None:
+                raise _Failed(f"checkpoint {m.checkpoint_id} is gone")
+            node, cmd = m.target_node, M.MigrationCommand(
+                migration_id=m.id, action=C.PUSH_CHECKPOINT, workload_id=m.workload_id, session=m.session,
+                path=ck.path, tenant=m.tenant)
+        else:
+            node, cmd = m.source_node, M.MigrationCommand(
+                migration_id=m.id, action=C.SEND, workload_id=m.workload_id, session=m.session,
+                address=m.target_address, mode=m.mode)
+        self._send(node, cmd)
+        await self._pause_hook(m)
+
+        async def progress(rep: M.MigrationReport) -> None:
+            if rep.event == R.PROGRESS:
+                m.rounds.append(rep.round)
+                m.round, m.bytes_sent, m.mb_per_s = rep.round.round, rep.bytes, rep.mb_per_s
+                await self._save(m)
+            elif rep.event == R.SOURCE_PAUSED and m.phase == P.MIGRATION_PHASE_COPYING:
+                await self._set(m, P.MIGRATION_PHASE_PAUSED, step=rep.step)
+                await self._pause_hook(m)
+        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), COPY_TIMEOUT, on_other=progress)
+        await self._commit(m, rep)
+
+    async def _commit(self, m: M.Migration, rep: M.MigrationReport) -> None:
+        w = self.wm.workloads.get(m.workload_id)
+        if w is None:
+            raise _Failed(f"workload {m.workload_id} is gone")
+        if m.checkpoint_id is None or not m.checkpoint_id:
+            if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
+                raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
+        n = types_pb2.Workload()
+        n.CopyFrom(w)
+        n.node, n.slice_id, n.state, n.exit_code = m.target_node, m.target_slice, W.WORKLOAD_STATE_RUNNING, 0
+        n.message = (f"restored from checkpoint {m.checkpoint_id} at step {rep.step}" if m.checkpoint_id
+                     else f"migrated from {m.source_node} at step {rep.step} ({m.id})")
+        n.ClearField("finished_at")
+        m.phase = P.MIGRATION_PHASE_COMMITTED
+        m.step, m.downtime_ms, m.total_ms = rep.step, rep.downtime_ms, rep.total_ms
+        m.bytes_sent = max(m.bytes_sent, rep.bytes)
+        if rep.state_bytes:
+            m.state_bytes = rep.state_bytes
+        if rep.mb_per_s:
+            m.mb_per_s = rep.mb_per_s
+        m.message = ""
+        await self._save(m, [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))])
+        self.wm.workloads[n.id] = n
+        self.wm.stopping.discard(n.id)
+        for fut in self.wm.waiters.pop(n.id, []):
+            if not fut.done():
+                fut.set_result(n)
+        log(logger, logging.INFO, "migration committed", migration=m.id, workload=m.workload_id,
+            target=m.target_node, step=m.step, downtime_ms=round(m.downtime_ms, 1))
+        await self._pause_hook(m)
+
+    async def _finish(self, m: M.Migration) -> None:
+        """After the commit: the source stops and the target runs (both asked at once: the source is
+        paused, so the two never run together, and a lost source node does not hold the target)."""
+        jobs = [self._ask(m.id, m.target_node, M.MigrationCommand(
+            migration_id=m.id, action=C.RESUME_TARGET, workload_id=m.workload_id), (R.TARGET_RESUMED,),
+            STEP_TIMEOUT * 5)]
+        if not m.checkpoint_id:
+            jobs.append(self._stop_source(m))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        await self._set(m, P.MIGRATION_PHASE_DONE, message="" if len(results) == 1 or not isinstance(
+            results[1], BaseException) else f"source not confirmed stopped: {results[1]}")
+
+    async def _stop_source(self, m: M.Migration) -> None:
+        await self._ask(m.id, m.source_node, M.MigrationCommand(
+            migration_id=m.id, action=C.STOP_SOURCE, workload_id=m.workload_id), (R.SOURCE_STOPPED,), STEP_TIMEOUT)
+
+    async def _rollback(self, m: M.Migration) -> None:
+        """Before the commit the source is the workload: stop the target, free what the migration
+        allocated, resume the source. Unreachable nodes are not waited for forever: the workload
+        manager's full command stops a stray target when its agent comes back."""
+        notes = []
+
+        async def stop_target() -> None:
+            if m.target_node and m.session:
+                await self._ask(m.id, m.target_node, M.MigrationCommand(
+                    migration_id=m.id, action=C.STOP_TARGET, workload_id=m.workload_id), (R.TARGET_STOPPED,),
+                    STEP_TIMEOUT, failures=False)
+
+        async def resume_source() -> None:
+            if m.source_node and not m.checkpoint_id:
+                await self._ask(m.id, m.source_node, M.MigrationCommand(
+                    migration_id=m.id, action=C.ABORT_SOURCE, workload_id=m.workload_id), (R.SOURCE_RESUMED,),
+                    STEP_TIMEOUT * 2, failures=False)
+        for name, result in zip(("target", "source"), await asyncio.gather(stop_target(), resume_source(),
+                                                                           return_exceptions=True)):
+            if isinstance(result, BaseException):
+                notes.append(f"{name}: {result}")
+        for s in [s for s in self.ctl.fleet.slices.values() if s.labels.get(LABEL) == m.id]:
+            try:
+                await self.ctl.release(s.id, wait=False, message=f"migration {m.id} rolled back")
+            except errors.MeshError as e:
+                notes.append(f"release {s.id}: {e}")
+        msg = m.message.removeprefix("rolling back: ")
+        await self._set(m, P.MIGRATION_PHASE_ABORTED,
+                        message=f"rolled back ({msg})" + (f"; {'; '.join(notes)}" if notes else ""))
+
+    # -- drain ------------------------------------------------------------------------------------
+
+    async def drain(self, node: str) -> list[M.Migration]:
+        """Migrate every running workload off `node` (already cordoned, so the scheduler places the
+        targets elsewhere) and wait for the migrations to finish."""
+        started = []
+        for w in list(self.wm.workloads.values()):
+            if w.node == node and w.state == W.WORKLOAD_STATE_RUNNING and self.active_for(w.id) is None:
+                try:
+                    started.append(await self.migrate(w.id, reason="drain"))
+                except errors.MeshError as e:
+                    log(logger, logging.WARNING, "drain: cannot migrate", workload=w.id, error=str(e))
+        for m in started:
+            task = self.tasks.get(m.id)
+            if task is not None:
+                await asyncio.wait([task], timeout=COPY_TIMEOUT)
+        return [self.migrations[m.id] for m in started]
+
+
+class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
+    def __init__(self, manager: MigrationManager) -> None:
+        self.m = manager
+
+    def _own_workload(self, wid: str) -> None:
+        w = self.m.wm.workloads.get(wid)
+        if w is not None:
+            auth.check_visible(w.tenant, "workload", wid)
+
+    def _own(self, mid: str) -> M.Migration:
+        m = self.m.get(mid)
+        auth.check_visible(m.tenant, "migration", mid)
+        return m
+
+    @unary
+    async def Migrate(self, request, context):
+        self._own_workload(request.workload_id)
+        return await self.m.migrate(request.workload_id, request.to_node, request.to_slice, request.mode)
+
+    @unary
+    async def Get(self, request, context):
+        return self._own(request.id)
+
+    @unary
+    async def List(self, request, context):
+        tenant = auth.scope_tenant(request.tenant)
+        ms = [m for m in self.m.migrations.values()
+              if (not tenant or m.tenant == tenant) and (not request.workload_id or m.workload_id == request.workload_id)]
+        ms.sort(key=lambda m: (m.created_at.seconds, m.created_at.nanos, m.id))
+        return M.ListMigrationsResponse(migrations=ms)
+
+    @streaming
+    async def Watch(self, request, context):
+        m = self._own(request.id)
+        q: asyncio.Queue = asyncio.Queue()
+        self.m.watchers.setdefault(m.id, []).append(q)
+        try:
+            yield m
+            while m.phase not in FINISHED:
+                nxt = await q.get()
+                if nxt is None:
+                    return
+                m = nxt
+                yield m
+        finally:
+            self.m.watchers.get(m.id, []).remove(q) if q in self.m.watchers.get(m.id, []) else None
+
+    @unary
+    async def Checkpoint(self, request, context):
+        self._own_workload(request.workload_id)
+        return await self.m.checkpoint(request.workload_id)
+
+    @unary
+    async def Restore(self, request, context):
+        return await self.m.restore(request.checkpoint_id, request.to_node, request.to_slice)
+
+    @unary
+    async def ListCheckpoints(self, request, context):
+        tenant = auth.scope_tenant(request.tenant)
+        cks = [c for c in self.m.checkpoints.values()
+               if (not tenant or c.tenant == tenant) and (not request.workload_id or c.workload_id == request.workload_id)]
+        cks.sort(key=lambda c: (c.created_at.seconds, c.created_at.nanos, c.id))
+        return M.ListCheckpointsResponse(checkpoints=cks)
+
+    @unary
+    async def Resize(self, request, context):
+        return await self.m.resize(request.slice_id, request.memory_bytes, request.compute_share)

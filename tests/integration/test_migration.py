@@ -1,0 +1,192 @@
+"""Live migration, checkpoint/restore and control-plane crashes, end to end.
+
+Two agent processes (one node each, an H100 with MIG), the control plane and etcd; the
+workload is tools/examples/train_mnist_like.py (a real PyTorch loop on the CPU) started
+through the API. Every run is compared with an unmigrated reference run of the same seed:
+same final step, bit-identical parameter checksum.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumesh[torch]')")
+
+from gpumesh.v1 import migration_service_pb2 as M  # noqa: E402
+from gpumesh.v1 import types_pb2 as t  # noqa: E402
+from mesh.migrationapi import migration_phase  # noqa: E402
+from tests.integration.conftest import wait_for  # noqa: E402
+from tests.unit._checkpoint_util import ROOT, run_example  # noqa: E402
+from tools.localcluster import LocalCluster  # noqa: E402
+
+pytestmark = pytest.mark.integration
+HOSTS = [{"node": "mig-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
+         {"node": "mig-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
+STEPS = 500
+TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str(STEPS), "--sleep-ms", "20",
+         "--print-every", "5"]
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_example("--steps", str(STEPS))[-1]["checksum"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mig")
+    (d / "keys.yaml").write_text(f"sealed: {KEY}\n")
+    c = LocalCluster(d, HOSTS, lease_ttl=3, agents_per_process=1, agent_args=[
+        "--workload-stop-grace-seconds", "2", "--checkpoint-dir", str(d / "store"),
+        "--checkpoint-keys-file", str(d / "keys.yaml")])
+    c.start(timeout=90)
+    yield c
+    with c.client() as mesh:
+        for w in mesh.list_workloads():
+            if w.state == t.WORKLOAD_STATE_RUNNING:
+                try:
+                    mesh.stop_workload(w.id)
+                except Exception:
+                    pass
+    c.stop()
+
+
+@pytest.fixture
+def mesh(cluster):
+    cluster.wait_ready(timeout=30)
+    with cluster.client(timeout=30) as client:
+        yield client
+        for s in client.list_slices():
+            try:
+                client.release(s.id)
+            except Exception:
+                pass
+
+
+def lines(mesh, wid) -> list[dict]:
+    out = []
+    for line in b"".join(mesh.workload_logs(wid)).decode().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def last_step(mesh, wid) -> int:
+    return max((d.get("step", 0) for d in lines(mesh, wid)), default=0)
+
+
+def start_training(mesh, tenant="mig", node=None):
+    s = mesh.allocate(tenant=tenant, mig_profile="1g.10gb").slices[0]
+    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)})
+    assert w.state == t.WORKLOAD_STATE_RUNNING
+    wait_for(lambda: last_step(mesh, w.id) >= 10, 60, "training to reach step 10")
+    return s, mesh.get_workload(w.id)
+
+
+def finished(mesh, wid, timeout=60):
+    return wait_for(lambda: (w := mesh.get_workload(wid)).state in (
+        t.WORKLOAD_STATE_SUCCEEDED, t.WORKLOAD_STATE_FAILED, t.WORKLOAD_STATE_STOPPED) and w, timeout, f"{wid} to end")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def check_result(mesh, wid, reference, started_at=None):
+    w = finished(mesh, wid)
+    assert w.state == t.WORKLOAD_STATE_SUCCEEDED, w.message
+    out = lines(mesh, wid)
+    done = [d for d in out if d.get("done")]
+    assert len(done) == 1 and done[0]["step"] == STEPS
+    assert done[0]["checksum"] == reference
+    if started_at is not None:
+        assert out[0]["started_at"] == started_at
+    return w
+
+
+def test_live_migration_mid_training_is_bit_identical(cluster, mesh, reference):
+    src_slice, w = start_training(mesh)
+    m = mesh.migrate(w.id)
+    assert migration_phase(m) == "planned" and m.source_node == w.node
+    seen = [migration_phase(x) for x in mesh.watch_migration(m.id, timeout=120)]
+    m = mesh.get_migration(m.id)
+    assert migration_phase(m) == "done", m.message
+    assert seen[-1] == "done" and "committed" in seen and "copying" in seen
+    assert 10 <= m.step < STEPS and m.bytes_sent >= m.state_bytes > 0 and m.rounds
+    moved = mesh.get_workload(w.id)
+    assert moved.node == m.target_node != w.node and moved.slice_id == m.target_slice != src_slice.id
+    wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+    check_result(mesh, w.id, reference, started_at=m.step)
+    assert mesh.list_migrations(workload_id=w.id)[-1].id == m.id
+
+
+def test_restore_from_the_store_after_the_source_agent_is_killed(cluster, mesh, reference, tmp_path):
+    _, w = start_training(mesh, tenant="sealed")
+    ck = mesh.checkpoint(w.id)
+    assert ck.encrypted and ck.step >= 10 and ck.bytes > 0 and ck.workload_id == w.id
+    store = cluster.state_dir / "store" / ck.path
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["extras"]["encryption"]["alg"] == "AES-256-GCM"
+    assert all((store / e["file"]).read_bytes().startswith(b"GMENC1") for e in manifest["entries"])
+    assert [c.id for c in mesh.list_checkpoints(workload_id=w.id)] == [ck.id]
+    # the source host dies: its agent and the workload with it
+    cluster.kill_agent(w.node)
+    os.kill(w.pid, signal.SIGKILL)
+    try:
+        wait_for(lambda: mesh.get_workload(w.id).state == t.WORKLOAD_STATE_UNKNOWN, 20, "the workload to be UNKNOWN")
+        m = mesh.wait_migration(mesh.restore(ck.id).id, timeout=120)
+        assert migration_phase(m) == "done", m.message
+        assert m.target_node != w.node and m.step == ck.step
+        check_result(mesh, w.id, reference, started_at=ck.step)
+    finally:
+        cluster.start_agent(w.node)
+        cluster.wait_ready(nodes=[w.node], timeout=30)
+
+
+PHASES = ["planned", "target_ready", "copying", "paused", "committed"]
+
+
+def test_control_plane_crash_in_every_phase(cluster, mesh, reference):
+    """kill -9 of the control plane with the migration held in each phase: before the commit it
+    rolls back (the source trains on), at the commit it finishes (the target trains on); either
+    way one copy runs and the final state equals the reference."""
+    cluster.controlplane_args = ["--migration-pause-at", PHASES[0]]
+    cluster.restart_controlplane(timeout=60)
+    try:
+        for i, phase in enumerate(PHASES):
+            _, w = start_training(mesh)
+            m = mesh.migrate(w.id)
+            wait_for(lambda: migration_phase(mesh.get_migration(m.id)) == phase, 60, f"phase {phase}")
+            if phase in ("copying", "paused"):
+                time.sleep(1.0)          # the agents carry on: the target restores and holds
+            cluster.controlplane_args = ["--migration-pause-at", PHASES[i + 1]] if i + 1 < len(PHASES) else []
+            cluster.restart_controlplane(kill=True, timeout=60)
+            m = wait_for(lambda: (x := mesh.get_migration(m.id)).phase in (
+                M.MIGRATION_PHASE_DONE, M.MIGRATION_PHASE_ABORTED) and x, 90, f"the migration in {phase} to end")
+            now = mesh.get_workload(w.id)
+            if phase == "committed":
+                assert migration_phase(m) == "done", m.message
+                assert now.node == m.target_node != w.node
+                wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+                check_result(mesh, w.id, reference, started_at=m.step)
+            else:
+                assert migration_phase(m) == "aborted" and "restarted in phase " + phase in m.message, m.message
+                assert now.node == w.node and now.pid == w.pid and alive(w.pid)
+                if m.target_slice:
+                    wait_for(lambda: m.target_slice not in {s.id for s in mesh.list_slices()}, 30,
+                             "the target slice to be released")
+                check_result(mesh, w.id, reference, started_at=0)
+    finally:
+        cluster.controlplane_args = []
