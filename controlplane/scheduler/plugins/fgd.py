@@ -23,7 +23,7 @@ from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
 from mesh.slicespec import SliceRequest
 
 NAME = "FragmentationGradient"
-WEIGHTINGS = ("count", "demand")
+WEIGHTINGS = ("count", "demand", "gangs")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,10 @@ class Plugin:
         the GPUs each request takes, to the power `demand_power`), keeping the total weight."""
         if self.weighting == "count":
             return list(mix)
-        raw = [m.weight * (m.gpus * m.milli / 1000) ** self.demand_power for m in mix]
+        if self.weighting == "gangs":   # a gang of k whole GPUs counts k times
+            raw = [m.weight * (m.gpus if m.gpus > 1 else 1) ** self.demand_power for m in mix]
+        else:
+            raw = [m.weight * (m.gpus * m.milli / 1000) ** self.demand_power for m in mix]
         scale = sum(m.weight for m in mix) / (sum(raw) or 1)
         return [MixType(m.gpus, m.milli, m.cpu_milli, m.models, w * scale) for m, w in zip(mix, raw)]
 
