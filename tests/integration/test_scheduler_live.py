@@ -38,3 +38,19 @@ def test_live_allocate_and_replay_choose_the_same_place(mesh):
         got = mesh.allocate(tenant="team-a", **spec).slices
         assert want, f"the replay path found no place for {spec}"
         assert [where(s.node, s.gpu_index, s.placement.start if s.profile else None) for s in got] == want, spec
+
+
+def test_preemption_evicts_the_lower_priority_allocation_and_says_why(mesh):
+    low = mesh.allocate(tenant="batch", gpu_model="L4", memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE,
+                        priority=-5)
+    with pytest.raises(Exception) as exc:   # no preempt flag: refused with reasons
+        mesh.allocate(tenant="prod", gpu_model="L4", memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, priority=50)
+    assert "GPU is in use" in str(exc.value)
+    high = mesh.allocate(t.SliceSpec(tenant="prod", gpu_model="L4", memory_bytes=GiB,
+                                     isolation=t.ISOLATION_EXCLUSIVE, priority=50, preempt=True))
+    (s,) = high.slices
+    assert s.node == "gpu-b" and s.state == t.SLICE_STATE_READY
+    gone = [x for x in mesh.list_slices(tenant="batch") if x.allocation_id == low.allocation_id]
+    assert all(x.state == t.SLICE_STATE_RELEASING for x in gone)
+    assert all(f"preempted by allocation {high.allocation_id} (priority 50) of tenant prod" in x.message
+               for x in gone)
