@@ -342,6 +342,12 @@ class Framework:
                 best = _NodeVerdict(SUCCESS, opt, scores, total, True)
         return best
 
+    def node_options(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> list[Option]:
+        """All of the node's options (uncached), after the GPU filters."""
+        gpus = [(rank, node.gpus[i]) for rank, i in enumerate(node.gpu_order())
+                if all(f.filter_gpu(req, node.gpus[i]) is None for f in self.gpu_filters)]
+        return self.fit.options(req, node, gpus)[0]
+
     def evaluate_node(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> _NodeVerdict:
         for f in self.relevant_node_filters(req):
             st = f.filter(state, req, node)
@@ -384,6 +390,9 @@ class Framework:
                     feasible.append((node, v))
             if feasible and self.picker is not None:
                 best_node, best_v = feasible[self.picker.pick(len(feasible))]
+                options = self.node_options(state, req, best_node)
+                if len(options) > 1:   # and a random one of its options
+                    return Placement(best_node, options[self.picker.pick(len(options))])
             elif feasible and node_scorers:
                 columns = [[p.score(state, req, n, v.option) for n, v in feasible] for p, _ in node_scorers]
                 for i, p in self.normalizers:
