@@ -65,17 +65,42 @@ def resolve_endpoint(flag: str | None) -> str:
         f"pass --endpoint HOST:PORT, or set ${ENV_ENDPOINT}")
 
 
+AUTH_KEYS = ("token", "ca", "cert", "key")
+ENV_AUTH = {"token": "MESH_TOKEN", "ca": "MESH_CA", "cert": "MESH_CERT", "key": "MESH_KEY"}
+
+
+def resolve_auth(flags: dict | None = None) -> dict:
+    """Credentials for MeshClient (token, ca, cert, key): each from the flag, else `$MESH_TOKEN`,
+    `$MESH_CA`, `$MESH_CERT`, `$MESH_KEY`, else the current context; absent ones are left out."""
+    flags = flags or {}
+    ctx = None
+    out = {}
+    for k in AUTH_KEYS:
+        value = flags.get(k) or os.environ.get(ENV_AUTH[k])
+        if not value:
+            if ctx is None:
+                ctx = load_context() or {}
+            value = ctx.get(k)
+        if value:
+            out[k] = str(value)
+    return out
+
+
 def _same_dir(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     if not a or not b:
         return False
     return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
 
 
-def save_context(endpoint: str, state_dir: str | os.PathLike) -> Path:
-    """Make `endpoint` (of the cluster whose files are in `state_dir`) the current context."""
+def save_context(endpoint: str, state_dir: str | os.PathLike | None, auth: dict | None = None) -> Path:
+    """Make `endpoint` (of the cluster whose files are in `state_dir`, if local) the current context,
+    with its credentials (`auth`: token, ca, cert, key). The file is private (mode 0600): it may hold a token."""
     path = context_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"endpoint": endpoint, "state_dir": os.path.realpath(os.fspath(state_dir))}
+    data = {"endpoint": endpoint}
+    if state_dir is not None:
+        data["state_dir"] = os.path.realpath(os.fspath(state_dir))
+    data.update({k: v for k, v in (auth or {}).items() if k in AUTH_KEYS and v})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".context-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -106,5 +131,5 @@ def clear_context(state_dir: str | os.PathLike) -> bool:
     return True
 
 
-__all__ = ["resolve_endpoint", "save_context", "clear_context", "load_context",
+__all__ = ["resolve_endpoint", "resolve_auth", "save_context", "clear_context", "load_context",
            "config_dir", "context_path", "NoEndpointError"]

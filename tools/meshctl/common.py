@@ -26,6 +26,13 @@ def add_global_flags(parser: argparse.ArgumentParser, *, root: bool, skip: tuple
     g = parser.add_argument_group("global options")
     g.add_argument("--endpoint", metavar="HOST:PORT", default=d(None),
                    help="control plane address (default: $MESH_ENDPOINT, then the context saved by `meshctl up`)")
+    g.add_argument("--token", metavar="TOKEN", default=d(None),
+                   help="bearer token (default: $MESH_TOKEN, then the context)")
+    g.add_argument("--ca", metavar="FILE", default=d(None),
+                   help="CA certificate of the control plane; turns on TLS (default: $MESH_CA, then the context)")
+    g.add_argument("--cert", metavar="FILE", default=d(None),
+                   help="client certificate (default: $MESH_CERT, then the context); with --key")
+    g.add_argument("--key", metavar="FILE", default=d(None), help="client key (default: $MESH_KEY, then the context)")
     g.add_argument("-o", "--output", choices=("table", "wide", "json", "yaml"), default=d("table"),
                    help="output format (default: table)")
     if "timeout" not in skip:
@@ -72,7 +79,9 @@ def endpoint(args: argparse.Namespace) -> str:
 def client(args: argparse.Namespace) -> "MeshClient":
     """A MeshClient for the endpoint the flags, environment or context name."""
     from mesh.client import MeshClient
-    return MeshClient(endpoint(args), timeout=getattr(args, "timeout", 30.0))
+    from mesh.context import resolve_auth
+    auth = resolve_auth({k: getattr(args, k, None) for k in ("token", "ca", "cert", "key")})
+    return MeshClient(endpoint(args), timeout=getattr(args, "timeout", 30.0), **auth)
 
 
 def out(text: str) -> None:

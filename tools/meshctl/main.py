@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import bench, cluster, describe, get, mesh, nodes, sim, slices, workloads
+from tools.meshctl import bench, certs, cluster, describe, get, mesh, nodes, sim, slices, workloads
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, nodes, mesh, bench, sim)
+GROUPS = (cluster, get, describe, slices, workloads, nodes, mesh, bench, sim, certs)
 
 EPILOG = """\
 examples:
@@ -31,7 +31,9 @@ examples:
   meshctl down
 
 The control plane address comes from --endpoint, then $MESH_ENDPOINT, then the
-context saved by `meshctl up`.
+context saved by `meshctl up` or `meshctl config set-context`; credentials from
+--token/--ca/--cert/--key, then $MESH_TOKEN/$MESH_CA/$MESH_CERT/$MESH_KEY, then
+the context.
 """
 
 
