@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--fill", type=float, default=0.6, metavar="X", help="share of GPUs holding slices (default: 0.6)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=run_schedule_bench)
+    __import__("tools.meshctl.bench_migrate", fromlist=["add_migrate_bench"]).add_migrate_bench(kinds)  # bench migrate
 
 
 def run_schedule_bench(args: argparse.Namespace) -> int:

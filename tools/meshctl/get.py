@@ -12,10 +12,13 @@ RESOURCES = {
     "gpus": "gpus", "gpu": "gpus",
     "slices": "slices", "slice": "slices", "sl": "slices",
     "workloads": "workloads", "workload": "workloads", "wl": "workloads",
+    "migrations": "migrations", "migration": "migrations", "mig": "migrations",
+    "checkpoints": "checkpoints", "checkpoint": "checkpoints", "ck": "checkpoints",
 }
 
 EPILOG = """\
-resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl)
+resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
+           migrations (migration, mig), checkpoints (checkpoint, ck)
 
 examples:
   meshctl get nodes
@@ -63,6 +66,18 @@ def run(args: argparse.Namespace) -> int:
     kind = RESOURCES.get(args.resource.lower())
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
+    if kind in ("migrations", "checkpoints"):
+        from tools.meshctl import migrate
+        with client(args) as mesh:
+            if kind == "migrations":
+                items = [m for m in mesh.list_migrations(tenant=args.tenant) if not args.names or m.id in args.names
+                         or m.workload_id in args.names]
+                out(migrate.format_migrations(items, args.output))
+            else:
+                items = [c for c in mesh.list_checkpoints(tenant=args.tenant) if not args.names or c.id in args.names
+                         or c.workload_id in args.names]
+                out(migrate.format_checkpoints(items, args.output))
+        return 0
     if kind == "workloads":
         from tools.meshctl import workloads
         out(workloads.format_list(workloads.fetch(args), args.output))

@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import bench, certs, cluster, describe, get, mesh, nodes, sim, slices, workloads
+from tools.meshctl import bench, certs, cluster, describe, get, mesh, migrate, nodes, sim, slices, workloads
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, nodes, mesh, bench, sim, certs)
+GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, bench, sim, certs)
 
 EPILOG = """\
 examples:

@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("name", metavar="NAME", help="node name")
         p.set_defaults(func=run_cordon, verb=verb)
 
-    d = subcommand(sub, "drain", help="cordon a node and evict its slices",
-                   description="Cordon the node and evict its slices; their clients see the "
+    d = subcommand(sub, "drain", help="cordon a node, migrate its workloads, evict its slices",
+                   description="Cordon the node, live-migrate every running workload off it (to slices of the "
+                               "same spec elsewhere), then evict its slices; their clients see the "
                                "eviction reason on Watch.",
                    epilog="examples:\n  meshctl drain sim-node-01 --dry-run\n  meshctl drain sim-node-01\n")
     d.add_argument("name", metavar="NAME", help="node name")
@@ -41,13 +42,19 @@ def run_drain(args: argparse.Namespace) -> int:
     from mesh.client import node_to_dict, slice_to_dict
     from tools.meshctl.output import dump
     with client(args) as mesh:
+        before = {m.id for m in mesh.list_migrations()}
         resp = mesh.drain(args.name, dry_run=args.dry_run)
+        migrated = [m for m in mesh.list_migrations() if m.id not in before and m.reason == "drain"]
     evicted = [slice_to_dict(s) for s in resp.evicted]
     if args.output in ("json", "yaml"):
         out(dump({"node": node_to_dict(resp.node), "dry_run": args.dry_run, "evicted": evicted},
                  args.output))
         return 0
-    lines = [f"evicting slice/{s['id']} (tenant {s['tenant']}, gpu {s['gpu_index']})" for s in evicted]
+    from mesh.migrationapi import migration_phase
+    lines = [f"migration/{m.id} of {m.workload_id}: {migration_phase(m)}"
+             + (f" -> {m.target_node}" if m.target_node else "") + (f" ({m.message})" if m.message else "")
+             for m in migrated]
+    lines += [f"evicting slice/{s['id']} (tenant {s['tenant']}, gpu {s['gpu_index']})" for s in evicted]
     if args.dry_run:
         lines = [line.replace("evicting", "would evict") for line in lines]
         lines.append(f"node/{args.name} would be drained: {len(evicted)} slice(s) evicted (dry run)")

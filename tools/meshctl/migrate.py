@@ -1,0 +1,162 @@
+"""`meshctl migrate|checkpoint|restore|resize`: move workloads, checkpoint them to the store,
+restore them, resize slices (MigrationService through the SDK)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tools.meshctl.common import CliError, client, out, subcommand
+
+EPILOG = """\
+examples:
+  meshctl migrate w-3f9a2c1d7e6b                     # wherever the scheduler places a slice of the same spec
+  meshctl migrate w-3f9a2c1d7e6b --to gpu-b          # a node, or a READY slice (s-...)
+  meshctl migrate w-3f9a2c1d7e6b --mode stop-and-copy --no-wait -o json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    m = subcommand(sub, "migrate", help="live-migrate a workload to another slice",
+                   description="Move a RUNNING workload (same ID) to another node by pre-copy; prints each "
+                               "phase and pre-copy round until it is done or rolled back.", epilog=EPILOG)
+    m.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
+    m.add_argument("--to", default="", metavar="NODE|SLICE", help="target node name or slice ID (s-...)")
+    m.add_argument("--mode", default="precopy", choices=("precopy", "stop-and-copy"), help="(default: precopy)")
+    m.add_argument("--no-wait", action="store_true", help="return once the migration is planned")
+    m.set_defaults(func=run_migrate)
+
+    c = subcommand(sub, "checkpoint", help="checkpoint a workload into the store",
+                   description="A consistent checkpoint of a running workload (at a safe point) into the agents' "
+                               "checkpoint_dir, encrypted with the tenant's key when one is configured.",
+                   epilog="example:\n  meshctl checkpoint w-3f9a2c1d7e6b\n")
+    c.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
+    c.set_defaults(func=run_checkpoint)
+
+    r = subcommand(sub, "restore", help="restore a workload from a checkpoint",
+                   description="Start the checkpointed workload again (same ID) from its checkpoint's step.",
+                   epilog="examples:\n  meshctl restore ck-1a2b3c4d5e6f\n  meshctl restore ck-1a2b3c4d5e6f --to s-7f3a9c1e2b4d\n")
+    r.add_argument("id", metavar="CHECKPOINT", help="checkpoint ID (ck-...)")
+    r.add_argument("--to", default="", metavar="NODE|SLICE", help="target node or slice (default: a slice of the same spec)")
+    r.add_argument("--no-wait", action="store_true", help="return once the restore is planned")
+    r.set_defaults(func=run_restore)
+
+    z = subcommand(sub, "resize", help="change a slice's size (MPS, time-share: in place)",
+                   description="Change a slice's memory and compute share in place (MPS and time-share slices). "
+                               "A MIG slice is refused: allocate one of the new size and `meshctl migrate --to`.",
+                   epilog="example:\n  meshctl resize s-7f3a9c1e2b4d --memory 8GiB --compute 0.5\n")
+    z.add_argument("id", metavar="SLICE", help="slice ID (s-...)")
+    z.add_argument("--memory", default="", help="new GPU memory (e.g. 8GiB)")
+    z.add_argument("--compute", type=float, default=0.0, help="new compute share in (0, 1]")
+    z.set_defaults(func=run_resize)
+
+
+def _target(to: str) -> dict:
+    return {"to_slice": to} if to.startswith("s-") else {"to_node": to} if to else {}
+
+
+def _line(m) -> str:
+    from mesh.migrationapi import migration_phase
+    text = f"migration/{m.id} {migration_phase(m)}"
+    if m.target_node:
+        text += f" {m.source_node or '-'} -> {m.target_node}"
+    if m.rounds:
+        r = m.rounds[-1]
+        text += (f": round {r.round}{' (paused)' if r.paused else ''} {r.bytes / 1e6:.1f} MB, "
+                 f"{m.bytes_sent / 1e6:.1f} MB sent, {m.mb_per_s:.0f} MB/s")
+    if m.phase in (5, 6) and m.step:
+        text += f"; step {m.step}, downtime {m.downtime_ms:.0f} ms"
+    if m.message:
+        text += f" ({m.message})"
+    return text
+
+
+def _follow(mesh, m, args) -> int:
+    from mesh.migrationapi import FINISHED, migration_to_dict
+    from tools.meshctl.output import dump
+    if not args.no_wait:
+        last = ""
+        for m in mesh.watch_migration(m.id):
+            line = _line(m)
+            if line != last and args.output not in ("json", "yaml"):
+                sys.stderr.write(line + "\n")
+                last = line
+            if m.phase in FINISHED:
+                break
+    if args.output in ("json", "yaml"):
+        out(dump(migration_to_dict(m), args.output))
+    else:
+        out(_line(m) + "\n")
+    return 1 if m.phase == 8 else 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        m = mesh.migrate(args.id, mode=args.mode, **_target(args.to))
+        return _follow(mesh, m, args)
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        m = mesh.restore(args.id, **_target(args.to))
+        return _follow(mesh, m, args)
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    from mesh.migrationapi import checkpoint_to_dict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        ck = mesh.checkpoint(args.id)
+    if args.output in ("json", "yaml"):
+        out(dump(checkpoint_to_dict(ck), args.output))
+    else:
+        out(f"checkpoint/{ck.id} of {ck.workload_id} at step {ck.step}: {ck.bytes / 1e6:.1f} MB in "
+            f"{ck.seconds:.2f} s ({ck.mb_per_s:.0f} MB/s){', encrypted' if ck.encrypted else ''} -> {ck.path}\n")
+    return 0
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from mesh.client import slice_to_dict
+    from tools.meshctl.output import dump
+    memory = 0
+    if args.memory:
+        from mesh.units import parse_size
+        memory = parse_size(args.memory)
+    if not memory and not args.compute:
+        raise CliError("give --memory and/or --compute")
+    with client(args) as mesh:
+        s = mesh.resize(args.id, memory_bytes=memory, compute_share=args.compute)
+    if args.output in ("json", "yaml"):
+        out(dump(slice_to_dict(s), args.output))
+    else:
+        out(f"slice/{s.id} resized: {s.memory_bytes / 2**30:.1f} GiB, compute {s.compute_share:.2f}\n")
+    return 0
+
+
+def format_checkpoints(items: list, fmt: str) -> str:
+    from mesh.migrationapi import checkpoint_to_dict
+    from tools.meshctl.output import dump
+    dicts = [checkpoint_to_dict(c) for c in items]
+    if fmt in ("json", "yaml"):
+        return dump({"items": dicts}, fmt)
+    if not dicts:
+        return "No checkpoints found.\n"
+    rows = [("ID", "WORKLOAD", "STEP", "SIZE", "ENCRYPTED", "PATH")]
+    rows += [(c.id, c.workload_id, str(c.step), f"{c.bytes / 1e6:.1f}MB", "yes" if c.encrypted else "no", c.path)
+             for c in items]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
+
+
+def format_migrations(items: list, fmt: str) -> str:
+    from mesh.migrationapi import migration_phase, migration_to_dict
+    from tools.meshctl.output import dump
+    if fmt in ("json", "yaml"):
+        return dump({"items": [migration_to_dict(m) for m in items]}, fmt)
+    if not items:
+        return "No migrations found.\n"
+    rows = [("ID", "WORKLOAD", "PHASE", "FROM", "TO", "STEP", "REASON")]
+    rows += [(m.id, m.workload_id, migration_phase(m), m.source_node or "-", m.target_node or "-", str(m.step),
+              m.reason) for m in items]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
