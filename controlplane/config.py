@@ -13,6 +13,8 @@ class ControlPlaneConfig:
     ENV_PREFIX = "MESH_CP_"
 
     listen: str = option("127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free port)")
+    advertise: str = option("", "HOST:PORT that agents and clients should dial to reach this control plane; kept in "
+                                "the leader key so standbys can name the leader; empty: the listen address")
     metrics_listen: str = option("127.0.0.1:9401", "Prometheus /metrics address HOST:PORT; empty disables it")
     state_dir: str = option(".mesh/controlplane", "directory for the control plane's files (embedded etcd data, identity)")
     etcd_endpoints: list = option([], "etcd client URLs (http://HOST:PORT); none starts an embedded etcd under state_dir")
@@ -72,6 +74,8 @@ class ControlPlaneConfig:
         except ValueError:
             raise ConfigError(f"xid_nonfatal: {self.xid_nonfatal!r} must be integers") from None
         parse_hostport(self.listen, "listen")
+        if self.advertise:
+            parse_hostport(self.advertise, "advertise")
         from controlplane.scheduler import profiles
         profiles.load(self.scheduler_config, self.scheduler_profile)   # raises ConfigError naming the problem
         if self.metrics_listen:

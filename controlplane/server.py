@@ -23,6 +23,7 @@ from controlplane.etcdserver import EtcdServer
 from controlplane.meshsvc import MeshManager, MeshService
 from controlplane.nodes import NodeManager
 from controlplane.services import AdminService, NodeService, SliceService
+from controlplane.standby import Switch
 from controlplane.store import EtcdStore, new_identity
 from controlplane.workloads import WorkloadManager, WorkloadService
 from controlplane.telemetry import Policy, TelemetryManager
@@ -30,7 +31,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
                         workload_service_pb2_grpc)
 from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc
-from mesh import tls
+from mesh import errors, tls
 from mesh.config import parse_hostport
 from mesh.logs import log
 
@@ -97,7 +98,89 @@ class ControlPlane:
         self.store = EtcdStore(endpoints, credentials=creds, username=self.cfg.etcd_username,
                                password=self.cfg.etcd_password)
         await self.store.connect()
-        await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl)
+        self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
+            auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
+        from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
+        # Every service is a Switch (controlplane/standby.py): UNAVAILABLE naming the leader until this
+        # process wins the election, then the real servicer (built in _lead over the loaded fleet).
+        self.switches = {}
+        for pb2, grpc_mod, name in SERVICES(migration_service_pb2, migration_service_pb2_grpc):
+            sw = Switch(pb2.DESCRIPTOR.services_by_name[name], self._leader_endpoint)
+            getattr(grpc_mod, f"add_{name}Servicer_to_server")(sw, self.server)
+            self.switches[name] = sw
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [d.services_by_name[n].full_name for d, n in (
+            (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
+            (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
+            (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"))]
+        reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                     reflection.SERVICE_NAME], self.server)
+        host, port = parse_hostport(self.cfg.listen, "listen")
+        if self.cfg.insecure:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            # Without mtls_listen and with tls_client_ca, listen itself requires client certificates.
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials(
+                self.cfg.tls_cert, self.cfg.tls_key, "" if self.cfg.mtls_listen else self.cfg.tls_client_ca,
+                require_client_auth=bool(self.cfg.tls_client_ca and not self.cfg.mtls_listen)))
+        mtls_endpoint = ""
+        if self.cfg.mtls_listen:
+            mhost_, mport_ = parse_hostport(self.cfg.mtls_listen, "mtls_listen")
+            self.mtls_port = self.server.add_secure_port(f"{mhost_}:{mport_}", tls.server_credentials(
+                self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca, require_client_auth=True))
+            mtls_endpoint = f"{mhost_}:{self.mtls_port}"
+        endpoint = f"{host}:{self.port}"
+        self.advertise = self.cfg.advertise or endpoint
+        self._names = names
+        # One quick attempt (a restart of the same identity takes over at once); otherwise serve as a
+        # standby and campaign in the background.
+        try:
+            await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl, wait=0,
+                                           endpoint=self.advertise)
+            leading = True
+        except errors.Unavailable:
+            leading = False
+        if leading:
+            await self._lead()
+        else:
+            for n in names + [""]:
+                await _set_health(self.health, n, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.campaign = asyncio.create_task(self._campaign(), name="leader-campaign")
+        await self.server.start()
+        if self.cfg.metrics_listen:
+            mhost, mport = parse_hostport(self.cfg.metrics_listen, "metrics_listen")
+            httpd, _ = start_http_server(mport, addr=mhost)
+            self.metrics_port = httpd.server_port
+        if self.cfg.port_file:
+            tmp = self.cfg.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"endpoint": endpoint, "metrics": f"{host}:{self.metrics_port}" if self.metrics_port
+                           else "", "mtls_endpoint": mtls_endpoint, "pid": os.getpid()}, f)
+            os.replace(tmp, self.cfg.port_file)
+        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port,
+            etcd=",".join(endpoints), embedded_etcd=self.etcd is not None, tls=not self.cfg.insecure,
+            mtls_endpoint=mtls_endpoint, authorization=self.tenants is not None or not self.cfg.insecure,
+            role="leader" if leading else "standby", advertise=self.advertise)
+
+    async def _leader_endpoint(self) -> str:
+        return (await self.store.leader())[1]
+
+    async def _campaign(self) -> None:
+        from controlplane.store import ETCD_ERRORS
+        while True:
+            try:
+                await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl, wait=None,
+                                               endpoint=self.advertise)
+                break
+            except ETCD_ERRORS as e:
+                log(logger, logging.WARNING, "leader campaign: etcd unreachable; retrying", error=str(e))
+                await asyncio.sleep(0.5)
+        log(logger, logging.INFO, "elected leader: taking over from etcd", advertise=self.advertise)
+        await self._lead()
+
+    async def _lead(self) -> None:
+        """Leader mode: load the fleet from etcd, start the writer, then switch every service on."""
         self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
         self.ctl.scheduler = __import__("controlplane.scheduler", fromlist=["load"]).load(self.cfg.scheduler_config, self.cfg.scheduler_profile)
         self.ctl.writer.start()
@@ -121,60 +204,25 @@ class ControlPlane:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
 
-        self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
         auth.apply_quotas(self.ctl.scheduler, self.tenants)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
-            auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
-        slice_service_pb2_grpc.add_SliceServiceServicer_to_server(SliceService(self.ctl), self.server)
-        node_service_pb2_grpc.add_NodeServiceServicer_to_server(
-            NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)), self.server)
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.ctl, self.nodes), self.server)
-        workload_service_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadService(self.workloads), self.server)
-        mesh_service_pb2_grpc.add_MeshServiceServicer_to_server(MeshService(self.mesh), self.server)
-        from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
-        migration_service_pb2_grpc.add_MigrationServiceServicer_to_server(MigrationService(self.migrations), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [d.services_by_name[n].full_name for d, n in (
-            (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
-            (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
-            (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"))]
-        reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                                     reflection.SERVICE_NAME], self.server)
-        host, port = parse_hostport(self.cfg.listen, "listen")
-        if self.cfg.insecure:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        else:
-            # Without mtls_listen and with tls_client_ca, listen itself requires client certificates.
-            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials(
-                self.cfg.tls_cert, self.cfg.tls_key, "" if self.cfg.mtls_listen else self.cfg.tls_client_ca,
-                require_client_auth=bool(self.cfg.tls_client_ca and not self.cfg.mtls_listen)))
-        mtls_endpoint = ""
-        if self.cfg.mtls_listen:
-            mhost_, mport_ = parse_hostport(self.cfg.mtls_listen, "mtls_listen")
-            self.mtls_port = self.server.add_secure_port(f"{mhost_}:{mport_}", tls.server_credentials(
-                self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca, require_client_auth=True))
-            mtls_endpoint = f"{mhost_}:{self.mtls_port}"
-        await self.server.start()
-        for n in names + [""]:
-            await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
-        if self.cfg.metrics_listen:
-            mhost, mport = parse_hostport(self.cfg.metrics_listen, "metrics_listen")
+        real = {"SliceService": SliceService(self.ctl),
+                "NodeService": NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)),
+                "AdminService": AdminService(self.ctl, self.nodes),
+                "WorkloadService": WorkloadService(self.workloads),
+                "MeshService": MeshService(self.mesh),
+                "MigrationService": MigrationService(self.migrations)}
+        for name, sw in self.switches.items():
+            sw.target = real[name]
+        if self.cfg.metrics_listen and self._collector is None:
             self._collector = FleetCollector(self.ctl)
             REGISTRY.register(self._collector)
-            httpd, _ = start_http_server(mport, addr=mhost)
-            self.metrics_port = httpd.server_port
-        endpoint = f"{host}:{self.port}"
-        if self.cfg.port_file:
-            tmp = self.cfg.port_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"endpoint": endpoint, "metrics": f"{host}:{self.metrics_port}" if self.metrics_port
-                           else "", "mtls_endpoint": mtls_endpoint, "pid": os.getpid()}, f)
-            os.replace(tmp, self.cfg.port_file)
-        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port,
-            etcd=",".join(endpoints), embedded_etcd=self.etcd is not None, tls=not self.cfg.insecure,
-            mtls_endpoint=mtls_endpoint, authorization=self.tenants is not None or not self.cfg.insecure)
+        for n in self._names + [""]:
+            await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
+        log(logger, logging.INFO, "leading", advertise=self.advertise)
 
     async def stop(self) -> None:
+        if getattr(self, "campaign", None) is not None and not self.campaign.done():
+            self.campaign.cancel()
         if self.server is not None:
             await _set_health(self.health, "", health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(self.cfg.grace_seconds)
@@ -205,10 +253,30 @@ class ControlPlane:
             loop.add_signal_handler(sig, stop.set)
         lost = asyncio.create_task(self.store.lost_leadership.wait())
         waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({lost, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        watched = {lost, waiter}
+        campaign = getattr(self, "campaign", None)
+        if campaign is not None:
+            watched.add(campaign)
+        while True:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if campaign in done:
+                watched.discard(campaign)
+                if campaign.exception() is None:
+                    continue        # promoted: now lead until a signal or the loss of the lease
+                log(logger, logging.ERROR, "leader campaign failed", error=repr(campaign.exception()))
+            break
         if lost in done:
             log(logger, logging.ERROR, "lost leadership: stopping so a supervisor restarts this control plane")
         await self.stop()
+
+
+def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
+    return ((slice_service_pb2, slice_service_pb2_grpc, "SliceService"),
+            (node_service_pb2, node_service_pb2_grpc, "NodeService"),
+            (admin_service_pb2, admin_service_pb2_grpc, "AdminService"),
+            (workload_service_pb2, workload_service_pb2_grpc, "WorkloadService"),
+            (mesh_service_pb2, mesh_service_pb2_grpc, "MeshService"),
+            (migration_service_pb2, migration_service_pb2_grpc, "MigrationService"))
 
 
 async def _set_health(servicer, name: str, status) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import urllib.parse
 import uuid
@@ -71,6 +72,12 @@ class EtcdStore:
             raise ValueError("etcd endpoints: at least one is needed")
         self.endpoints = endpoints
         host, port = parse_endpoint(endpoints[0])
+        parsed = [parse_endpoint(e) for e in endpoints]
+        if len(parsed) > 1 and all(_is_ipv4(h) for h, _ in parsed):
+            # One gRPC channel over every member (target "ipv4:A:1,B:2,C:3"): a dead member's
+            # calls fail once, the next ones go to a live member.
+            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in parsed[:-1]) + "," + parsed[-1][0]
+            port = parsed[-1][1]
         from controlplane.etcdtls import TlsClient
         self.client = TlsClient(host=host, port=port, timeout=timeout, credentials=credentials,
                                 username=username or None, password=password or None, options={
@@ -96,53 +103,79 @@ class EtcdStore:
 
     # -- leadership --------------------------------------------------------------
 
-    async def become_leader(self, identity: str, ttl: int = 10, wait: float = 60.0) -> None:
+    async def become_leader(self, identity: str, ttl: int = 10, wait: float | None = 60.0,
+                            endpoint: str = "", poll: float = 0.2) -> None:
         """Take the leader key with a fresh session lease.
 
-        A previous incarnation of the same identity (a restart) takes over at
-        once; another holder is waited for until its lease expires.
+        The key's value names this control plane and its advertised `endpoint` (so standbys can point
+        callers at the leader). A previous incarnation of the same identity (a restart) takes over at
+        once; another holder is waited for until its lease expires, at most `wait` seconds (None:
+        for ever, the standby's campaign). While waiting, this candidate keeps its own lease alive.
         """
         self.identity = identity
-        lease = await self.client.lease(ttl)
-        self.session_lease = lease.id
+        value = encode_leader(identity, endpoint)
         tx = self.client.transactions
-        deadline = asyncio.get_running_loop().time() + wait
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        lease = None
         while True:
+            if lease is None:
+                lease = await self.client.lease(ttl)
             ok, _ = await self.client.transaction(
                 compare=[tx.create(keys.LEADER.encode()) == 0],
-                success=[tx.put(keys.LEADER.encode(), identity.encode(), lease=lease.id)], failure=[])
-            if not ok:
-                # Our own previous incarnation (a restart) still holds the key: drop it and
-                # take it anew, so the leader key gets a fresh create revision (fencing).
-                dropped, _ = await self.client.transaction(
-                    compare=[tx.value(keys.LEADER.encode()) == identity.encode()],
-                    success=[tx.delete(keys.LEADER.encode())], failure=[])
-                if dropped:
-                    continue
+                success=[tx.put(keys.LEADER.encode(), value, lease=lease.id)], failure=[])
             if ok:
                 kv = await self.client.get(keys.LEADER.encode())
                 self.leader_revision = kv.create_revision
                 break
-            if asyncio.get_running_loop().time() > deadline:
+            held = await self.client.get(keys.LEADER.encode())
+            if held is not None and decode_leader(held.value)[0] == identity:
+                # Our own previous incarnation (a restart) still holds the key: drop it and
+                # take it anew, so the leader key gets a fresh create revision (fencing).
+                dropped, _ = await self.client.transaction(
+                    compare=[tx.mod(keys.LEADER.encode()) == held.mod_revision],
+                    success=[tx.delete(keys.LEADER.encode())], failure=[])
+                if dropped:
+                    continue
+            if deadline is not None and loop.time() > deadline:
+                await self.revoke_lease(lease.id)
                 raise errors.Unavailable("another control plane holds the leader key")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(poll)
+            try:
+                reply = await self.client.refresh_lease(lease.id)
+                if reply is None or reply.TTL <= 0:
+                    lease = None
+            except ETCD_ERRORS:
+                lease = None
+        self.session_lease = lease.id
         self._keepalive_task = asyncio.create_task(self._keep_session(lease.id, ttl))
         log.info("leader elected", extra={"fields": {"identity": identity, "revision": self.leader_revision}})
 
+    async def leader(self) -> tuple[str, str]:
+        """(identity, advertised endpoint) of the current leader; ("", "") when there is none."""
+        kv = await self.client.get(keys.LEADER.encode())
+        return decode_leader(kv.value) if kv is not None else ("", "")
+
     async def _keep_session(self, lease_id: int, ttl: int) -> None:
+        """Refresh the session lease every ttl/3 (every 0.25 s after a failure). Leadership counts as lost
+        once 60% of the TTL has passed without a good refresh: before etcd can have expired the lease and
+        let another control plane in, so this one stops writing first (commit() refuses at once)."""
         loop = asyncio.get_running_loop()
         last_ok = loop.time()
+        delay = max(ttl / 3, 0.5)
         while True:
-            await asyncio.sleep(max(ttl / 3, 0.5))
+            await asyncio.sleep(delay)
             try:
-                reply = await self.client.refresh_lease(lease_id)
+                reply = await asyncio.wait_for(self.client.refresh_lease(lease_id), timeout=max(ttl / 4, 0.5))
                 if reply is not None and reply.TTL > 0:
                     last_ok = loop.time()
+                    delay = max(ttl / 3, 0.5)
                     continue
                 log.error("leader session lease expired")
             except ETCD_ERRORS as e:
                 log.warning("leader session keepalive failed", extra={"fields": {"error": str(e)}})
-                if loop.time() - last_ok < ttl:
+                if loop.time() - last_ok < ttl * 0.6:
+                    delay = 0.25
                     continue
             self.lost_leadership.set()
             return
@@ -213,6 +246,26 @@ class EtcdStore:
 
     async def watch_prefix(self, prefix: str, start_revision: int):
         return await self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+
+
+def _is_ipv4(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
+
+
+def encode_leader(identity: str, endpoint: str = "") -> bytes:
+    return json.dumps({"identity": identity, "endpoint": endpoint}).encode()
+
+
+def decode_leader(value: bytes) -> tuple[str, str]:
+    """(identity, endpoint) from the leader key's value (older control planes wrote the bare identity)."""
+    try:
+        d = json.loads(value)
+        if isinstance(d, dict):
+            return str(d.get("identity", "")), str(d.get("endpoint", ""))
+    except ValueError:
+        pass
+    return value.decode(errors="replace"), ""
 
 
 def new_identity() -> str:
