@@ -12,6 +12,7 @@ end are what `meshctl -o json|yaml` prints.
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, TypeVar
 
@@ -114,18 +115,29 @@ class MeshClient(MeshApi, MigrationApi):
     def __init__(self, endpoint: str, *, timeout: float = 30.0,
                  options: list[tuple[str, Any]] | None = None, token: str = "", ca: str = "", cert: str = "",
                  key: str = "", tls: bool | None = None) -> None:
-        """`token`: a bearer token (sent as `authorization: Bearer ...`); `ca`: the CA of the control plane's
+        """`endpoint`: HOST:PORT, or several comma-separated (or a list) for HA control planes: calls that
+        a standby refuses, and safe calls that find an endpoint down, go on to the next (mesh/failover.py).
+        `token`: a bearer token (sent as `authorization: Bearer ...`); `ca`: the CA of the control plane's
         certificate; `cert`/`key`: a client certificate. TLS when `ca` or `cert` is given (or `tls=True`, with
         the system's roots); plaintext otherwise."""
-        self.endpoint = endpoint
+        from mesh.failover import FailoverChannel, split_endpoints
+        self.endpoints = split_endpoints(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
         from mesh.tls import channel_credentials, token_interceptor
-        if tls or (tls is None and (ca or cert)):
-            channel = grpc.secure_channel(endpoint, channel_credentials(ca, cert, key), options=options or [])
+
+        def make(target: str) -> grpc.Channel:
+            if tls or (tls is None and (ca or cert)):
+                ch = grpc.secure_channel(target, channel_credentials(ca, cert, key), options=options or [])
+            else:
+                ch = grpc.insecure_channel(target, options=options or [])
+            return grpc.intercept_channel(ch, token_interceptor(token)) if token else ch
+
+        if len(self.endpoints) == 1:
+            self._channel = make(self.endpoints[0])
         else:
-            channel = grpc.insecure_channel(endpoint, options=options or [])
-        self._channel = grpc.intercept_channel(channel, token_interceptor(token)) if token else channel
-        self._raw_channel = channel
+            self._channel = FailoverChannel(self.endpoints, make)
+        self._raw_channel = self._channel
         self._slices = slice_service_pb2_grpc.SliceServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -160,6 +172,9 @@ class MeshClient(MeshApi, MigrationApi):
                 gpu_model=gpu_model, mig_profile=mig_profile, count=count,
                 topology=_enum_value("topology", TOPOLOGIES, topology, "spec.topology"),
                 priority=priority, labels=dict(labels or {}))
+        # A request id makes Allocate idempotent on the server, so a retry (on another control plane
+        # after a failover) returns what the first attempt allocated instead of allocating again.
+        request_id = request_id or f"sdk-{uuid.uuid4().hex}"
         req = slice_service_pb2.AllocateRequest(spec=spec, request_id=request_id, no_wait=no_wait,
                                                 timeout_seconds=timeout_seconds)
         deadline = self.timeout

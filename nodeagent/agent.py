@@ -27,6 +27,14 @@ VERSION = "gpumesh-agent/0.1.0"
 RETRY_TEARDOWN_S = 2.0
 
 
+def leader_hint(e: grpc.aio.AioRpcError) -> str:
+    """The leader endpoint a standby control plane named in its trailing metadata ('' if none)."""
+    for k, v in (e.trailing_metadata() or ()):
+        if k == "gpumesh-leader":
+            return v if isinstance(v, str) else v.decode()
+    return ""
+
+
 def node_event(type_: str, reason: str, message: str, gpu_index: int = -1) -> types_pb2.NodeEvent:
     ev = types_pb2.NodeEvent(type=type_, reason=reason, message=message, gpu_index=gpu_index)
     ev.at.GetCurrentTime()
@@ -39,7 +47,10 @@ class NodeAgent:
                  driver_version: str = "", cuda_version: str = "", reconnect_max: float = 5.0,
                  telemetry_interval: float = 5.0, ib_root: str | None = "/sys/class/infiniband") -> None:
         self.node = node
-        self.endpoint = endpoint
+        # One endpoint or several (HA control planes), comma-separated: the agent rotates through them
+        # on a failed connection, preferring the leader a standby names in `gpumesh-leader`.
+        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
+        self.endpoint = self.endpoints[0]
         self.gpus = gpus
         self.slicer = Slicer(gpus, mps_root)
         self.topology = topology
@@ -94,7 +105,9 @@ class NodeAgent:
         for hook in self.start_hooks:
             await asyncio.to_thread(hook)
         backoff = 0.2
+        current = 0
         while not self.stopping.is_set():
+            self.endpoint = self.endpoints[current]
             options = [("grpc.keepalive_time_ms", 10_000), ("grpc.max_receive_message_length", 64 << 20)]
             if self.credentials is None:
                 channel = grpc.aio.insecure_channel(self.endpoint, options=options)
@@ -103,12 +116,20 @@ class NodeAgent:
                     options.append(("grpc.ssl_target_name_override", self.server_name))
                 channel = grpc.aio.secure_channel(self.endpoint, self.credentials, options=options)
             stub = node_service_pb2_grpc.NodeServiceStub(channel)
+            hinted = False
             try:
                 await self._session(stub)
                 backoff = 0.2
             except grpc.aio.AioRpcError as e:
                 log(logger, logging.WARNING, "control plane connection lost", node=self.node,
-                    code=e.code().name, error=e.details())
+                    endpoint=self.endpoint, code=e.code().name, error=e.details())
+                if len(self.endpoints) > 1 and e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                            grpc.StatusCode.DEADLINE_EXCEEDED):
+                    leader = leader_hint(e)
+                    if leader in self.endpoints and leader != self.endpoint:
+                        current, hinted = self.endpoints.index(leader), True
+                    else:
+                        current = (current + 1) % len(self.endpoints)
             except asyncio.CancelledError:
                 raise
             finally:
@@ -117,8 +138,13 @@ class NodeAgent:
                 await channel.close()
             if self.stopping.is_set():
                 break
+            if hinted:
+                backoff = 0.2        # a standby named the leader: go there now
+                continue
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self.reconnect_max)
+            # With several endpoints, back off only after a whole round of them failed.
+            if len(self.endpoints) == 1 or current == 0:
+                backoff = min(backoff * 2, self.reconnect_max)
 
     async def _session(self, stub) -> None:
         inv = await asyncio.to_thread(self.inventory)

@@ -12,7 +12,8 @@ from mesh.config import ConfigError, option, parse_hostport
 class AgentConfig:
     ENV_PREFIX = "MESH_AGENT_"
 
-    control_plane: str = option("127.0.0.1:50051", "control plane gRPC address HOST:PORT")
+    control_plane: str = option("127.0.0.1:50051", "control plane gRPC address HOST:PORT, or several "
+                                                    "comma-separated (HA: the agent fails over between them)")
     node_name: str = option("", "this node's name (default: the host name; simulated hosts take it from their host file)")
     gpu_backend: str = option("nvml", "GPU backend: nvml (real pynvml) or sim (simulated NVML from host files)",
                               choices=("nvml", "sim"))
@@ -52,7 +53,8 @@ class AgentConfig:
     log_format: str = option("json", "log line format", choices=("json", "text"))
 
     def check(self) -> None:
-        parse_hostport(self.control_plane, "control_plane")
+        for endpoint in self.control_plane.split(","):   # several: HA control planes, tried in turn
+            parse_hostport(endpoint.strip(), "control_plane")
         from nodeagent.layout import LayoutError, load_declaration, parse_modes
         try:
             parse_modes(self.mig_mode)
