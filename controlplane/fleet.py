@@ -279,6 +279,7 @@ class Fleet:
         self.revisions: dict[str, int] = {}   # slice id -> etcd mod revision
         # tenant -> [slices, GPU memory bytes, GPUs (sum of compute shares)], for quotas
         self.usage: dict[str, list] = {}
+        self.by_node: dict[str, dict[str, None]] = {}   # node -> ids of its slices (insertion order)
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -303,9 +304,8 @@ class Fleet:
             g.mig_layout.clear()
             g._layout_changed()
             g.allocated_memory, g.allocated_compute = 0, 0.0
-        for s in self.slices.values():
-            if s.node == record.name:
-                self._place(s)
+        for sid in self.by_node.get(record.name, ()):
+            self._place(self.slices[sid])
         return entry
 
     def gpu(self, node: str, index: int) -> GpuState | None:
@@ -350,7 +350,10 @@ class Fleet:
         if old is not None:
             self._unplace(old)
             self._account(old, -1)
+            if old.node != s.node:
+                self.by_node.get(old.node, {}).pop(s.id, None)
         self.slices[s.id] = s
+        self.by_node.setdefault(s.node, {})[s.id] = None
         self._account(s, 1)
         if revision:
             self.revisions[s.id] = revision
@@ -362,7 +365,8 @@ class Fleet:
         if s is not None:
             self._unplace(s)
             self._account(s, -1)
+            self.by_node.get(s.node, {}).pop(slice_id, None)
         return s
 
     def slices_on(self, node: str) -> list[types_pb2.Slice]:
-        return [s for s in self.slices.values() if s.node == node]
+        return [self.slices[i] for i in self.by_node.get(node, ())]
