@@ -35,6 +35,10 @@ def leader_hint(e: grpc.aio.AioRpcError) -> str:
     return ""
 
 
+def is_standby(e: grpc.aio.AioRpcError) -> bool:
+    return any(k == "gpumesh-standby" for k, _ in (e.trailing_metadata() or ()))
+
+
 def node_event(type_: str, reason: str, message: str, gpu_index: int = -1) -> types_pb2.NodeEvent:
     ev = types_pb2.NodeEvent(type=type_, reason=reason, message=message, gpu_index=gpu_index)
     ev.at.GetCurrentTime()
@@ -130,6 +134,8 @@ class NodeAgent:
                         current, hinted = self.endpoints.index(leader), True
                     else:
                         current = (current + 1) % len(self.endpoints)
+                    if is_standby(e):
+                        backoff = 0.2    # a standby answered: an election is close, keep retrying briskly
             except asyncio.CancelledError:
                 raise
             finally:

@@ -80,6 +80,11 @@ class LocalCluster:
     tls_dir: Path | None = None
     tenants_file: str | None = None
     client_auth: dict = field(default_factory=dict)
+    # HA: `controlplanes` processes against one etcd (one leads, the others stand by; agents and clients get
+    # every endpoint). More than one needs an external etcd: `etcd_endpoints`, or `etcd_members` (a cluster of
+    # that many members started under state_dir/etcd-cluster by tools.etcdcluster).
+    controlplanes: int = 1
+    etcd_members: int = 0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -87,6 +92,11 @@ class LocalCluster:
         self.mtls_endpoint: str | None = None
         self.metrics_endpoint: str | None = None
         self.controlplane: Proc | None = None
+        self.cps: list[Proc | None] = [None] * self.controlplanes
+        self.cp_endpoints: list[str | None] = [None] * self.controlplanes
+        self.etcd_cluster = None
+        if self.controlplanes > 1 and not (self.etcd_endpoints or self.etcd_members):
+            raise ClusterError("several control planes need a shared etcd: etcd_endpoints or etcd_members")
         self.agents: dict[str, Proc] = {}
         self._host_files: dict[str, Path] = {}
         self.groups: dict[str, list[str]] = {}
@@ -160,12 +170,30 @@ class LocalCluster:
                 start_new_session=True,
                 preexec_fn=die_with_parent if not self.detach and main_thread else None)
 
-    def start_controlplane(self, timeout: float = 60.0) -> str:
-        """Start the control plane (on the previous port after a restart); its HOST:PORT."""
-        port_file = self._dir("controlplane") / "endpoint.json"
+    def _cp_name(self, index: int) -> str:
+        return "controlplane" if index == 0 else f"controlplane-{index + 1}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every control plane's HOST:PORT (started ones)."""
+        return [e for e in self.cp_endpoints if e]
+
+    def start_etcd(self, timeout: float = 30.0) -> list[str]:
+        """Start the etcd cluster (etcd_members > 0) once; its client URLs."""
+        if self.etcd_members and self.etcd_cluster is None:
+            from tools.etcdcluster import EtcdCluster
+            self.etcd_cluster = EtcdCluster(self.state_dir / "etcd-cluster", self.etcd_members).start(timeout)
+            self.etcd_endpoints = self.etcd_cluster.endpoints
+        return list(self.etcd_endpoints)
+
+    def start_controlplane(self, timeout: float = 60.0, index: int = 0) -> str:
+        """Start control plane `index` (on its previous port after a restart); its HOST:PORT."""
+        self.start_etcd()
+        name = self._cp_name(index)
+        port_file = self._dir(name) / "endpoint.json"
         port_file.unlink(missing_ok=True)
-        listen = self.endpoint or "127.0.0.1:0"
-        argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / "controlplane"),
+        listen = self.cp_endpoints[index] or "127.0.0.1:0"
+        argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / name),
                 "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
                 "--log-format", self.log_format, "--log-level", self.log_level]
         if self.etcd_endpoints:
@@ -174,19 +202,23 @@ class LocalCluster:
             argv += ["--lease-ttl", str(math.ceil(self.lease_ttl))]
         argv += self._security_args()
         argv += self.controlplane_args
-        self.controlplane = Proc("controlplane", argv, self._dir("logs") / "controlplane.log")
-        self._spawn(self.controlplane)
+        proc = self.cps[index] = Proc(name, argv, self._dir("logs") / f"{name}.log")
+        if index == 0:
+            self.controlplane = proc
+        self._spawn(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.controlplane.running():
-                raise ClusterError(f"the control plane exited with status {self.controlplane.popen.returncode}"
-                                   f"; last log lines ({self.controlplane.log_path}):\n{self.controlplane.log_tail()}")
+            if not proc.running():
+                raise ClusterError(f"the control plane exited with status {proc.popen.returncode}"
+                                   f"; last log lines ({proc.log_path}):\n{proc.log_tail()}")
             try:
                 info = json.loads(port_file.read_text())
-                self.endpoint, self.metrics_endpoint = info["endpoint"], info.get("metrics")
-                self.mtls_endpoint = info.get("mtls_endpoint") or None
+                self.cp_endpoints[index] = info["endpoint"]
+                if index == 0:
+                    self.endpoint, self.metrics_endpoint = info["endpoint"], info.get("metrics")
+                    self.mtls_endpoint = info.get("mtls_endpoint") or None
                 self.save_state()
-                return self.endpoint
+                return info["endpoint"]
             except (OSError, ValueError, KeyError):
                 time.sleep(0.05)
         raise ClusterError(f"the control plane wrote no port file within {timeout:g}s; "
@@ -207,7 +239,7 @@ class LocalCluster:
 
     def _agent_security_args(self, name: str) -> list[str]:
         if self.tls_dir is None:
-            return ["--control-plane", str(self.endpoint), "--insecure"]
+            return ["--control-plane", ",".join(self.endpoints), "--insecure"]
         from mesh import tls
         nodes = self.groups[name]
         if len(nodes) != 1:
@@ -256,13 +288,31 @@ class LocalCluster:
                 proc.popen.wait(timeout=10)
         return list(self.groups[name])
 
-    def kill_controlplane(self, sig: int = signal.SIGKILL) -> None:
-        """Crash the control plane (SIGKILL takes its embedded etcd down with it)."""
-        if self.controlplane and self.controlplane.running():
-            signal_group(self.controlplane.popen.pid, sig)
+    def kill_controlplane(self, sig: int = signal.SIGKILL, index: int = 0) -> None:
+        """Crash control plane `index` (SIGKILL takes its embedded etcd down with it)."""
+        proc = self.cps[index]
+        if proc and proc.running():
+            signal_group(proc.popen.pid, sig)
             if sig == signal.SIGKILL:
-                self.controlplane.popen.wait(timeout=10)
+                proc.popen.wait(timeout=10)
                 self._kill_embedded_etcd()
+
+    def leader_index(self, timeout: float = 30.0) -> int:
+        """Index of the control plane that leads (its health says SERVING), waiting up to `timeout`."""
+        from mesh.client import MeshClient
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ep in enumerate(self.cp_endpoints):
+                if ep and self.cps[i] is not None and self.cps[i].running():
+                    try:
+                        with MeshClient(ep, timeout=2.0, **self.client_auth) as c:
+                            if c.health() == "serving":
+                                return i
+                    except Exception:  # noqa: BLE001 - down or standby: try the next
+                        pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"no control plane leads after {timeout:g}s")
+            time.sleep(0.1)
 
     @property
     def etcd_data_dir(self) -> Path:
@@ -274,15 +324,17 @@ class LocalCluster:
             for pid in etcd_pids(self.etcd_data_dir):
                 signal_group(pid, signal.SIGKILL)
 
-    def stop_controlplane(self, grace: float = 10.0) -> None:
-        if self.controlplane and self.controlplane.popen:
-            stop_pid(self.controlplane.popen.pid, grace, self.controlplane.popen)
-            self._kill_embedded_etcd()
+    def stop_controlplane(self, grace: float = 10.0, index: int | None = None) -> None:
+        """SIGTERM control plane `index` (default: every one)."""
+        for i, proc in enumerate(self.cps):
+            if (index is None or i == index) and proc and proc.popen:
+                stop_pid(proc.popen.pid, grace, proc.popen)
+        self._kill_embedded_etcd()
 
     def restart_controlplane(self, *, kill: bool = False, wait_ready: bool = True,
                              timeout: float = 60.0) -> str:
         """Stop (SIGTERM, or SIGKILL with `kill`) and start the control plane on the same address."""
-        self.kill_controlplane() if kill else self.stop_controlplane()
+        self.kill_controlplane() if kill else self.stop_controlplane(index=0)
         endpoint = self.start_controlplane(timeout)
         if wait_ready:
             self.wait_ready(timeout)
@@ -296,8 +348,9 @@ class LocalCluster:
         say = progress or (lambda _msg: None)
         try:
             say("starting etcd + control plane...")
-            self.start_controlplane(timeout)
-            say(f"control plane ready at {self.endpoint}")
+            for i in range(self.controlplanes):
+                self.start_controlplane(timeout, index=i)
+            say(f"control plane ready at {','.join(self.endpoints)}")
             say(f"starting {len(self.groups)} agent process(es) for {len(self.nodes)} host(s)...")
             for members in self.groups.values():
                 self.start_agent(members[0])
@@ -336,7 +389,8 @@ class LocalCluster:
 
     def _check_running(self, nodes: set[str]) -> None:
         agents = {self.agent_for(n) for n in nodes}
-        for proc in [self.controlplane, *(p for n, p in self.agents.items() if n in agents)]:
+        for proc in [*([self.controlplane] if self.controlplanes == 1 else []),
+                     *(p for n, p in self.agents.items() if n in agents)]:
             if proc is not None and proc.popen is not None and proc.popen.poll() is not None:
                 raise ClusterError(f"{proc.name} exited with status {proc.popen.returncode}; "
                                    f"last log lines ({proc.log_path}):\n{proc.log_tail()}")
@@ -350,10 +404,12 @@ class LocalCluster:
         for t in threads:
             t.join()
         self.stop_controlplane(grace)
+        if self.etcd_cluster is not None:
+            self.etcd_cluster.stop()
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
 
     def pids(self) -> dict[str, int]:
-        procs = [self.controlplane, *self.agents.values()]
+        procs = [*self.cps, *self.agents.values()]
         return {p.name: p.pid for p in procs if p is not None and p.running()}
 
     def save_state(self) -> None:
@@ -369,7 +425,7 @@ class LocalCluster:
         from mesh.client import MeshClient
         if self.endpoint is None:
             raise ClusterError("the cluster is not started")
-        return MeshClient(self.endpoint, timeout=timeout, **self.client_auth)
+        return MeshClient(",".join(self.endpoints), timeout=timeout, **self.client_auth)
 
     def __enter__(self) -> "LocalCluster":
         return self

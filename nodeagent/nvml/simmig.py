@@ -183,7 +183,9 @@ class MigApi:
 
     def nvmlDeviceCreateGpuInstanceWithPlacement(self, device: Any, profileId: int, placement: Any) -> GpuInstanceHandle:
         idx = self._device(device)
-        return self._create_gi(idx, profileId, placement_in(placement))
+        handle = self._create_gi(idx, profileId, placement_in(placement))
+        _test_delay()
+        return handle
 
     def _create_gi(self, idx: int, profile_id: int, placement: tuple[int, int] | None) -> GpuInstanceHandle:
         def apply(state: dict) -> GpuInstanceHandle:
@@ -427,3 +429,13 @@ class MigApi:
             raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
         self._ci_of(self._read(), h.gpu, h.ci_uid)
         return self._device_handle(h.gpu)
+
+
+def _test_delay() -> None:
+    """Testing only (the chaos suite): $GPUMESH_SIM_CREATE_DELAY seconds of sleep after a GPU instance is
+    made and before its compute instance, so a test can kill the agent half-way through a creation."""
+    import os
+    import time
+    delay = os.environ.get("GPUMESH_SIM_CREATE_DELAY")
+    if delay:
+        time.sleep(float(delay))
