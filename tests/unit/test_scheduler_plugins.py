@@ -241,3 +241,33 @@ def test_slicespec_anti_affinity_keys_are_validated():
         req(memory_bytes=GiB, anti_affinity={"bad key!": "x"})
     r = req(memory_bytes=GiB, anti_affinity={"replica-of": "db"}, preempt=True, cpu_milli=500)
     assert (r.anti_affinity, r.preempt, r.cpu_milli) == ({"replica-of": "db"}, True, 500)
+
+
+@pytest.mark.parametrize("name,pressure,thermal,want", [
+    ("calm", "low", "normal", 0.0),
+    ("normal pressure is calm", "normal", "normal", 0.0),
+    ("high pressure", "high", "normal", -1.0),
+    ("warm and pressed", "high", "warning", -2.0),
+])
+def test_pressure(name, pressure, thermal, want):
+    from controlplane.scheduler.plugins import pressure as pressure_plugin
+    fleet = make_fleet(("n", [("L4", False)]))
+    node = fleet.nodes["n"]
+    node.gpus[0].memory_pressure, node.gpus[0].thermal_state = pressure, thermal
+    assert pressure_plugin.Plugin().score(CycleState(), req(memory_bytes=GiB), node, (Pick(0, "timeshare"),)) == want
+
+
+@pytest.mark.parametrize("plugin,args,match", [
+    ("Preemption", {"max_victims": 0}, "max_victims"),
+    ("FragmentationGradient", {"coverage": 0}, "coverage"),
+    ("FragmentationGradient", {"weighting": "size"}, "weighting"),
+    ("BestFit", {"cpu_weight": -1}, "cpu_weight"),
+    ("Packing", {"used_gpu": "x"}, "used_gpu"),
+    ("Topology", {"rail_weight": -2}, "rail_weight"),
+    ("Random", {"seed": "x"}, "seed"),
+    ("NodeResourcesFit", {"enforce_host": 1}, "enforce_host"),
+])
+def test_plugin_constructors_validate_their_arguments(plugin, args, match):
+    from controlplane.scheduler.plugins import REGISTRY
+    with pytest.raises(ValueError, match=match):
+        REGISTRY[plugin](**args)
