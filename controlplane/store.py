@@ -216,9 +216,11 @@ class EtcdStore:
                 aetcd.rpc.TxnRequest(compare=[c.build_message() for c in compare],
                                      success=self.client._ops_to_requests(success)),
                 timeout=self.client._timeout, metadata=self.client.metadata)
-        except ETCD_ERRORS as e:
-            raise errors.Unavailable(f"etcd: {e}") from e
-        except Exception as e:  # grpc.aio.AioRpcError from the raw stub
+        except Exception as e:  # ETCD_ERRORS, or grpc.aio.AioRpcError from the raw stub
+            # The transaction may or may not have been applied (a member died with the answer).
+            rev = await self._resolve(ops)
+            if rev:
+                return rev
             raise errors.Unavailable(f"etcd: {getattr(e, 'details', lambda: e)()}") from e
         if resp.succeeded:
             return resp.header.revision
@@ -227,6 +229,34 @@ class EtcdStore:
             self.lost_leadership.set()
             raise errors.Unavailable("this control plane is no longer the leader")
         raise errors.Aborted("a precondition of the write failed (concurrent change)")
+
+    async def _resolve(self, ops: list[Put | Delete], tries: int = 20) -> int:
+        """After a transaction whose answer was lost: read its keys back. All applied: the revision (the
+        caller's write succeeded). None applied: 0 (a clean failure). Unknowable, or half (impossible for
+        one transaction unless something else wrote): leadership is dropped, so a fresh leader reloads
+        etcd rather than this process serving a fleet that may differ from it."""
+        for _ in range(tries):
+            if self.lost_leadership.is_set():
+                return 0
+            try:
+                applied, rev = [], 0
+                for o in ops:
+                    kv = await self.client.get(o.key)
+                    if isinstance(o, Put):
+                        applied.append(kv is not None and kv.value == o.value)
+                        rev = max(rev, kv.mod_revision if kv is not None else 0)
+                    else:
+                        applied.append(kv is None)
+                if all(applied):
+                    return rev or (await self.load(keys.LEADER)).revision
+                if not any(applied):
+                    return 0
+                break
+            except Exception:  # noqa: BLE001 - etcd still unreachable: wait for a member
+                await asyncio.sleep(0.25)
+        log.error("cannot tell whether an etcd write was applied: giving up leadership")
+        self.lost_leadership.set()
+        raise errors.Unavailable("etcd: the outcome of a write is unknown; this control plane stepped down")
 
     # -- node leases -----------------------------------------------------------------
 
