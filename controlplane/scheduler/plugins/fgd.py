@@ -72,7 +72,11 @@ class Plugin:
 
     def __init__(self, integer: bool = False, window: int = 2000, coverage: float = 0.95,
                  refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
-                 demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1) -> None:
+                 demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1,
+                 host_in_types: bool = True) -> None:
+        if not isinstance(host_in_types, bool):
+            raise ValueError(f"{NAME}: host_in_types must be true or false, not {host_in_types!r}")
+        self.host_in_types = host_in_types
         if not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 2:
             raise ValueError(f"{NAME}: tolerance must be in [0, 2], not {tolerance!r}")
         self.tolerance = float(tolerance)
@@ -117,6 +121,11 @@ class Plugin:
     def set_counts(self, counts: Counter) -> None:
         """Fix the mix to these request-type counts (the replay: the trace's), under this plugin's
         coverage and weighting."""
+        if not self.host_in_types:
+            merged: Counter = Counter()
+            for k, n in counts.items():
+                merged[(k[0], k[1], 0, k[3])] += n
+            counts = merged
         self.set_mix(top_types(counts, self.coverage))
 
     def set_mix(self, mix: list[MixType]) -> None:
@@ -130,6 +139,8 @@ class Plugin:
         key = type_of(req)
         if key is None or self.fixed:
             return
+        if not self.host_in_types:
+            key = (key[0], key[1], 0, key[3])
         self.recent.append(key)
         self.seen += 1
         if self.seen % self.refresh == 0 or self.seen == 1:
