@@ -192,7 +192,7 @@ class LocalCluster:
         name = self._cp_name(index)
         port_file = self._dir(name) / "endpoint.json"
         port_file.unlink(missing_ok=True)
-        listen = self.cp_endpoints[index] or "127.0.0.1:0"
+        listen = self.cp_endpoints[index] or (self.endpoint if index == 0 else None) or "127.0.0.1:0"
         argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / name),
                 "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
                 "--log-format", self.log_format, "--log-level", self.log_level]
