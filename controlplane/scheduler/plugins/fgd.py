@@ -102,6 +102,7 @@ class Plugin:
         self.fixed = mix is not None
         self.mix: list[MixType] = self._weigh(mix or [MixType(1, 1000)])
         self._frag: dict = {}
+        self._base: dict = {}   # node signature id -> (free milli per GPU, free CPU, fragmentation)
         self.on_change = None   # the framework's invalidate, set by the profile builder
 
     # -- the mix ---------------------------------------------------------------------
@@ -131,6 +132,7 @@ class Plugin:
     def set_mix(self, mix: list[MixType]) -> None:
         self.mix, self.fixed = self._weigh(mix), True
         self._frag.clear()
+        self._base.clear()
         if self.on_change:
             self.on_change()
 
@@ -148,6 +150,7 @@ class Plugin:
             if drift(self.mix, mix) > self.tolerance:   # a new mix re-scores every node: not for noise
                 self.mix = mix
                 self._frag.clear()
+                self._base.clear()
                 if self.on_change:
                     self.on_change()
 
@@ -170,10 +173,17 @@ class Plugin:
         if not gpus:
             return 0.0
         order = node.gpu_order()
-        frees = [free_milli(gpus[i]) for i in order]
-        cpu = node.cpu_free if node.record.inventory.cpu_milli else math.inf
+        sid = node.sid or node.signature_id()
+        base = self._base.get(sid)   # the node before: shared by all of its options
+        if base is None:
+            frees0 = [free_milli(gpus[i]) for i in order]
+            cpu0 = node.cpu_free if node.record.inventory.cpu_milli else math.inf
+            base = (frees0, cpu0, self.node_frag(gpus[0].model.name, cpu0, tuple(sorted(frees0, reverse=True))))
+            if len(self._base) > 100_000:
+                self._base.clear()
+            self._base[sid] = base
+        frees, cpu, before = list(base[0]), base[1], base[2]
         model = gpus[0].model.name
-        before = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)))
         for p in option:
             if p.rank >= 0:
                 g = gpus[order[p.rank]]
