@@ -41,10 +41,19 @@ def run_cordon(args: argparse.Namespace) -> int:
 def run_drain(args: argparse.Namespace) -> int:
     from mesh.client import node_to_dict, slice_to_dict
     from tools.meshctl.output import dump
+    from mesh import errors
+
+    def migrations(mesh) -> list:
+        if args.dry_run:
+            return []
+        try:
+            return mesh.list_migrations()
+        except errors.MeshError:       # a control plane without MigrationService
+            return []
     with client(args) as mesh:
-        before = {m.id for m in mesh.list_migrations()}
+        before = {m.id for m in migrations(mesh)}
         resp = mesh.drain(args.name, dry_run=args.dry_run)
-        migrated = [m for m in mesh.list_migrations() if m.id not in before and m.reason == "drain"]
+        migrated = [m for m in migrations(mesh) if m.id not in before and m.reason == "drain"]
     evicted = [slice_to_dict(s) for s in resp.evicted]
     if args.output in ("json", "yaml"):
         out(dump({"node": node_to_dict(resp.node), "dry_run": args.dry_run, "evicted": evicted},
