@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=run_schedule_bench)
     __import__("tools.meshctl.bench_migrate", fromlist=["add_migrate_bench"]).add_migrate_bench(kinds)  # bench migrate
+    __import__("tools.meshctl.benchmesh", fromlist=["register"]).register(kinds)   # bench mesh
 
 
 def run_schedule_bench(args: argparse.Namespace) -> int:
@@ -88,7 +89,6 @@ def run_schedule_bench(args: argparse.Namespace) -> int:
         keys = ["gpus", "nodes", "p50_ms", "p99_ms", "mean_ms", "max_ms", "placed", "refused"]
         out(render_table([k.upper() for k in keys], [[r[k] for k in keys] for r in results]))
     return 0
-    __import__("tools.meshctl.benchmesh", fromlist=["register"]).register(kinds)   # bench mesh
 
 
 @dataclass
