@@ -223,7 +223,7 @@ def test_two_agents_in_network_namespaces(two_hosts, tmp_path):
             with mesh.mesh_open(conn.b) as pb:     # and the root namespace sees the same bytes on B
                 assert sha(pb.read(0, 1 << 20)) == out.stdout.strip()
             mesh.release(b.id)
-            wait_for(lambda: not mesh.mesh_list(), 10, "teardown after release")
+            wait_for(lambda: not mesh.mesh_list(), 30, "teardown after release")
     finally:
         c.stop()
 
