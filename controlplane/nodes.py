@@ -31,6 +31,42 @@ def validate_node_name(name: str, field: str = "node_name") -> None:
                                         "with a letter or digit")
 
 
+def decode_node(value: bytes) -> types_pb2.Node:
+    rec = types_pb2.Node()
+    rec.ParseFromString(value)
+    return rec
+
+
+def decode_slice(value: bytes) -> types_pb2.Slice:
+    s = types_pb2.Slice()
+    s.ParseFromString(value)
+    return s
+
+
+def rebuild(ctl: Controller, snap) -> dict[str, int]:
+    """Fill `ctl`'s fleet (nodes, slices, readiness) and request ids from an etcd snapshot; node name ->
+    alive lease. Reads only: the leader's load (NodeManager.load) and a standby's read-only fleet
+    (controlplane/follower.py) both start here."""
+    alive: dict[str, int] = {}
+    for key, (value, rev, lease) in snap.kvs.items():
+        k = key.decode()
+        if k.startswith(keys.NODES):
+            ctl.fleet.upsert_node(decode_node(value))
+        elif k.startswith(keys.ALIVE):
+            alive[k[len(keys.ALIVE):]] = lease
+        elif k.startswith(keys.REQUESTS):
+            tenant, _, rid = k[len(keys.REQUESTS):].partition("/")
+            ctl.requests[(tenant, rid)] = value.decode()
+    for key, (value, rev, lease) in snap.kvs.items():
+        if key.decode().startswith(keys.SLICES):
+            ctl.fleet.put_slice(decode_slice(value), rev)
+    ctl.revision = snap.revision
+    for name, entry in ctl.fleet.nodes.items():
+        entry.ready = name in alive
+        entry.lease_id = alive.get(name, 0)
+    return alive
+
+
 class NodeManager:
     def __init__(self, ctl: Controller, lease_ttl: int = 10) -> None:
         self.ctl = ctl
@@ -44,27 +80,7 @@ class NodeManager:
 
     async def load(self) -> None:
         snap = await self.store.load()
-        alive: dict[str, int] = {}
-        for key, (value, rev, lease) in snap.kvs.items():
-            k = key.decode()
-            if k.startswith(keys.NODES):
-                rec = types_pb2.Node()
-                rec.ParseFromString(value)
-                self.fleet.upsert_node(rec)
-            elif k.startswith(keys.ALIVE):
-                alive[k[len(keys.ALIVE):]] = lease
-            elif k.startswith(keys.REQUESTS):
-                tenant, _, rid = k[len(keys.REQUESTS):].partition("/")
-                self.ctl.requests[(tenant, rid)] = value.decode()
-        for key, (value, rev, lease) in snap.kvs.items():
-            if key.decode().startswith(keys.SLICES):
-                s = types_pb2.Slice()
-                s.ParseFromString(value)
-                self.fleet.put_slice(s, rev)
-        self.ctl.revision = snap.revision
-        for name, entry in self.fleet.nodes.items():
-            entry.ready = name in alive
-            entry.lease_id = alive.get(name, 0)
+        rebuild(self.ctl, snap)
         log(logger, logging.INFO, "state loaded from etcd", revision=snap.revision, nodes=len(self.fleet.nodes),
             slices=len(self.fleet.slices), ready=sum(1 for n in self.fleet.nodes.values() if n.ready))
         self._watch_task = asyncio.create_task(self._watch_alive(snap.revision + 1), name="alive-watch")

@@ -146,6 +146,12 @@ class ControlPlane:
         else:
             for n in names + [""]:
                 await _set_health(self.health, n, health_pb2.HealthCheckResponse.NOT_SERVING)
+            # Standing by: serve the reads from a read-only fleet that follows etcd (controlplane/follower.py).
+            from controlplane.follower import Follower
+            self.follower = Follower(self.store, lease_ttl=self.cfg.lease_ttl)
+            self.follower.start()
+            for sw in self.switches.values():
+                sw.reader = self.follower.reader
             self.campaign = asyncio.create_task(self._campaign(), name="leader-campaign")
         await self.server.start()
         if self.cfg.metrics_listen:
@@ -181,6 +187,10 @@ class ControlPlane:
 
     async def _lead(self) -> None:
         """Leader mode: load the fleet from etcd, start the writer, then switch every service on."""
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            # Stop following; its (frozen) fleet keeps answering reads until the real servicers are on.
+            await follower.stop()
         self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
         self.ctl.scheduler = __import__("controlplane.scheduler", fromlist=["load"]).load(self.cfg.scheduler_config, self.cfg.scheduler_profile)
         self.ctl.writer.start()
@@ -213,6 +223,8 @@ class ControlPlane:
                 "MigrationService": MigrationService(self.migrations)}
         for name, sw in self.switches.items():
             sw.target = real[name]
+            sw.reader = None
+        self.follower = None
         if self.cfg.metrics_listen and self._collector is None:
             self._collector = FleetCollector(self.ctl)
             REGISTRY.register(self._collector)
@@ -223,6 +235,8 @@ class ControlPlane:
     async def stop(self) -> None:
         if getattr(self, "campaign", None) is not None and not self.campaign.done():
             self.campaign.cancel()
+        if getattr(self, "follower", None) is not None:
+            await self.follower.stop()
         if self.server is not None:
             await _set_health(self.health, "", health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(self.cfg.grace_seconds)

@@ -7,6 +7,11 @@ answers UNAVAILABLE, naming the leader's advertised endpoint in the message
 and in the trailing metadata `gpumesh-leader`, so agents and clients (which
 hold several endpoints) move to it. Once promoted, each proxy forwards to the
 real servicer built over the freshly loaded fleet.
+
+Reads are the exception: the methods in `READS` are answered, while standing
+by, by `reader(service)` (controlplane/follower.py: a read-only fleet kept
+current from etcd) once it has loaded; writes and agent streams keep
+answering UNAVAILABLE with the leader hint.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import grpc
 
 LEADER_METADATA = "gpumesh-leader"
 STANDBY_METADATA = "gpumesh-standby"
+# What a standby answers itself (from its follower's fleet), by service.
+READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
+         "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus"})}
 
 
 class Switch:
@@ -27,6 +35,9 @@ class Switch:
         self.descriptor = service_descriptor
         self.leader_hint = leader_hint
         self.target = None
+        # service name -> read-only servicer or None (the standby's follower); used only while target is None
+        self.reader: Callable[[str], object] | None = None
+        self.reads = READS.get(service_descriptor.name, frozenset())
         for m in service_descriptor.methods:
             setattr(self, m.name, self._method(m.name, m.server_streaming))
 
@@ -40,10 +51,16 @@ class Switch:
                             f"this control plane is a standby (not the leader){where}",
                             trailing_metadata=((LEADER_METADATA, leader), (STANDBY_METADATA, "1")))
 
+    def _pick(self, name: str):
+        target = self.target
+        if target is None and name in self.reads and self.reader is not None:
+            target = self.reader(self.descriptor.name)
+        return target
+
     def _method(self, name: str, server_streaming: bool):
         if server_streaming:
             async def stream(request, context):
-                target = self.target
+                target = self._pick(name)
                 if target is None:
                     await self._refuse(context)
                     return
@@ -57,7 +74,7 @@ class Switch:
             return stream
 
         async def unary(request, context):
-            target = self.target
+            target = self._pick(name)
             if target is None:
                 await self._refuse(context)
                 return None

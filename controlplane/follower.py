@@ -1,0 +1,157 @@
+"""A standby's read-only fleet: loaded from etcd, kept current by a watch, serving the read RPCs.
+
+A control plane that does not lead (controlplane/standby.py) still answers reads:
+SliceService Get/List/Watch and AdminService ListNodes/GetNode/ListGpus. The
+`Follower` builds its fleet with the leader's own decoding
+(`controlplane.nodes.rebuild`, the first step of NodeManager.load), then
+follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
+applying puts and deletes of nodes, alive keys (readiness) and slices, and
+publishing slice events for Watch streams. The servicers are the leader's
+classes over this fleet, so authorization (tenant scoping, NOT_FOUND for
+another tenant's objects) is the same; writes and agent streams are never
+routed here (standby.READS lists what is).
+
+It never writes to etcd. A broken watch (etcd unreachable, compaction) reloads
+the whole snapshot into a fresh fleet and cuts open Watch streams (their
+clients watch again). On promotion the control plane stops the follower and
+does the leader's full load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane import keys
+from controlplane.controller import Controller
+from controlplane.events import ADDED, DELETED, MODIFIED
+from controlplane.fleet import Fleet
+from controlplane.nodes import NodeManager, decode_node, decode_slice, rebuild
+from controlplane.services import AdminService, SliceService
+from controlplane.store import EtcdStore
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+
+
+class Follower:
+    def __init__(self, store: EtcdStore, lease_ttl: int = 10, retry: float = 0.5) -> None:
+        self.store = store
+        self.ctl = Controller(store)          # its writer is never started: nothing here writes
+        self.nodes = NodeManager(self.ctl, lease_ttl=lease_ttl)
+        self.services = {"SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes)}
+        self.retry = retry
+        self.loaded = asyncio.Event()
+        self.applied = 0                      # watch events applied (tests and logs)
+        self.reloads = 0
+        self._alive: dict[str, int] = {}      # alive keys seen before their node record
+        self._task: asyncio.Task | None = None
+
+    def reader(self, service: str):
+        """The read-only servicer of `service` once the first snapshot is loaded; else None."""
+        return self.services.get(service) if self.loaded.is_set() else None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="follower-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping either way
+                pass
+            self._task = None
+        for q in list(self.ctl.events.subscribers):     # open Watch streams: watch again (at the leader)
+            self.ctl.events.unsubscribe(q)
+            if not q.full():
+                q.put_nowait(None)
+
+    # -- load and follow ---------------------------------------------------------------------
+
+    async def _load(self) -> int:
+        snap = await self.store.load()
+        if self.loaded.is_set():
+            # A reload: a fresh fleet (what was missed is unknown), open Watch streams cut off.
+            self.reloads += 1
+            fleet = Fleet()
+            self.ctl.fleet = self.nodes.fleet = fleet
+            self.ctl.requests.clear()
+            for q in list(self.ctl.events.subscribers):
+                self.ctl.events.unsubscribe(q)
+                if not q.full():
+                    q.put_nowait(None)
+        self._alive = rebuild(self.ctl, snap)
+        self.loaded.set()
+        log(logger, logging.INFO, "standby: read-only fleet loaded from etcd", revision=snap.revision,
+            nodes=len(self.ctl.fleet.nodes), slices=len(self.ctl.fleet.slices))
+        return snap.revision
+
+    async def _run(self) -> None:
+        while True:
+            watch = None
+            try:
+                revision = await self._load()
+                watch = await self.store.watch_prefix(keys.PREFIX, revision + 1)
+                async for ev in watch:
+                    self.apply(ev.kind == "DELETE", ev.kv.key.decode(), ev.kv.value, ev.kv.mod_revision,
+                               ev.kv.lease)
+                raise errors.Unavailable("the etcd watch ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd errors and anything else: reload and follow again
+                log(logger, logging.WARNING, "standby: etcd watch interrupted; reloading", error=str(e))
+                await asyncio.sleep(self.retry)
+            finally:
+                if watch is not None:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(watch.cancel()), 1)
+                    except BaseException:  # noqa: BLE001 - best effort
+                        pass
+
+    def apply(self, deleted: bool, key: str, value: bytes, revision: int, lease: int = 0) -> None:
+        """One watch event: a node record, an alive key (readiness) or a slice; other keys are ignored."""
+        ctl, fleet = self.ctl, self.ctl.fleet
+        ctl.revision = max(ctl.revision, revision)
+        self.applied += 1
+        if key.startswith(keys.SLICES):
+            sid = key[len(keys.SLICES):]
+            if deleted:
+                s = fleet.drop_slice(sid)
+                if s is not None:
+                    ctl.events.publish(DELETED, s, revision)
+            else:
+                s = decode_slice(value)
+                kind = MODIFIED if sid in fleet.slices else ADDED
+                fleet.put_slice(s, revision)
+                ctl.events.publish(kind, s, revision)
+        elif key.startswith(keys.ALIVE):
+            name = key[len(keys.ALIVE):]
+            if deleted:
+                self._alive.pop(name, None)
+            else:
+                self._alive[name] = lease
+            entry = fleet.nodes.get(name)
+            if entry is not None:
+                entry.ready = not deleted
+                entry.lease_id = 0 if deleted else lease
+                if deleted and not entry.record.message:
+                    entry.record.message = "lease expired"
+        elif key.startswith(keys.NODES):
+            name = key[len(keys.NODES):]
+            if deleted:
+                entry = fleet.nodes.pop(name, None)
+                if entry is not None:
+                    for g in entry.gpus:
+                        fleet.index.discard(g)
+            else:
+                entry = fleet.upsert_node(decode_node(value))
+                entry.ready = name in self._alive
+                entry.lease_id = self._alive.get(name, 0)
+        elif key.startswith(keys.REQUESTS):
+            tenant, _, rid = key[len(keys.REQUESTS):].partition("/")
+            if deleted:
+                ctl.requests.pop((tenant, rid), None)
+            else:
+                ctl.requests[(tenant, rid)] = value.decode()

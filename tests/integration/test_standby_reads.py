@@ -1,0 +1,72 @@
+"""A standby control plane serves reads from a read-only fleet that follows etcd (controlplane/follower.py):
+a slice allocated on the leader shows through the standby's Get/List/Watch and ListNodes/GetNode/ListGpus,
+a write on the standby is refused naming the leader, and after the leader dies the standby leads with the
+slice still there."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from mesh.client import MeshClient
+from tests.integration.conftest import wait_for
+from tools.localcluster import LocalCluster, sim_hosts
+
+
+def test_standby_serves_reads_and_takes_over(tmp_path):
+    cluster = LocalCluster(tmp_path, sim_hosts(1, 2), lease_ttl=3, agents_per_process=1, controlplanes=2,
+                           etcd_members=1, controlplane_args=["--leader-ttl", "2"], log_level="warning")
+    try:
+        cluster.start(timeout=60)
+        leader = cluster.leader_index()
+        standby = 1 - leader
+        node = cluster.nodes[0]
+        with MeshClient(cluster.cp_endpoints[leader], timeout=10) as lead, \
+                MeshClient(cluster.cp_endpoints[standby], timeout=10) as sb:
+            # the standby's view of the fleet: the node Ready, its GPUs
+            assert [n.name for n in sb.list_nodes(state="ready")] == [node]
+            assert sb.get_node(node).state == types_pb2.NODE_STATE_READY
+            assert len(sb.list_gpus(node=node)) == 2
+            with pytest.raises(errors.NotFound):
+                sb.get_slice("s-missing")
+            watch = sb.watch_slices(tenant="team-sb")
+            t0 = time.monotonic()
+            alloc = lead.allocate(tenant="team-sb", mig_profile="1g.10gb", request_id="sb-1")
+            sid = alloc.slices[0].id
+            got = wait_for(lambda: _get(sb, sid), 5, "the slice on the standby")
+            seen = time.monotonic() - t0
+            assert got.state == types_pb2.SLICE_STATE_READY and got.device_uuid == alloc.slices[0].device_uuid
+            assert [s.id for s in sb.list_slices(tenant="team-sb")] == [sid]
+            assert sb.get_node(node).slices == 1
+            assert any(g.slices == 1 for g in sb.list_gpus(node=node))
+            ev = next(iter(watch))
+            assert ev.slice.id == sid
+            watch.close()
+            # a write on the standby: refused (UNAVAILABLE), naming the leader
+            with pytest.raises(errors.Unavailable) as refused:
+                sb.allocate(tenant="team-sb", mig_profile="1g.10gb", no_wait=True)
+            assert cluster.cp_endpoints[leader] in str(refused.value)
+            with pytest.raises(errors.Unavailable):
+                sb.cordon(node)
+            assert seen < 3, f"the standby saw the slice after {seen:.2f}s"
+        cluster.kill_controlplane(index=leader)
+        assert cluster.leader_index(timeout=30) == standby
+        with MeshClient(cluster.cp_endpoints[standby], timeout=10) as new:
+            assert new.get_slice(sid).allocation_id == alloc.allocation_id
+            cluster.wait_ready(timeout=30)
+            wait_for(lambda: new.get_slice(sid).state == types_pb2.SLICE_STATE_READY, 30, "the slice READY again")
+            new.cordon(node)                # the former standby takes writes now
+            new.uncordon(node)
+    finally:
+        cluster.stop(grace=5)
+
+
+def _get(client, sid):
+    try:
+        s = client.get_slice(sid)
+    except errors.NotFound:
+        return None
+    return s if s.state == types_pb2.SLICE_STATE_READY else None
