@@ -1,0 +1,68 @@
+"""The standby's read-only fleet (controlplane/follower.py): watch events applied, reads routed by Switch."""
+
+from __future__ import annotations
+
+import asyncio
+
+from controlplane import keys
+from controlplane.follower import Follower
+from controlplane.standby import READS, Switch
+from controlplane.store import Snapshot
+from gpumesh.v1 import admin_service_pb2, slice_service_pb2, types_pb2
+
+
+def node(name="n1"):
+    n = types_pb2.Node(name=name)
+    n.inventory.gpus.add(index=0, uuid="GPU-0", model="H100-80GB", mig_enabled=True, memory_bytes=80 << 30)
+    return n
+
+
+def slice_(sid="s-1", tenant="t", state=types_pb2.SLICE_STATE_READY):
+    return types_pb2.Slice(id=sid, allocation_id="a-1", tenant=tenant, node="n1", gpu_uuid="GPU-0", gpu_index=0,
+                           memory_bytes=10 << 30, state=state, isolation=types_pb2.ISOLATION_MIG, profile="1g.10gb")
+
+
+class FakeStore:
+    def __init__(self, kvs):
+        self.kvs = kvs
+
+    async def load(self, prefix=keys.PREFIX):
+        return Snapshot(revision=7, kvs=self.kvs)
+
+
+def test_snapshot_then_events():
+    async def main():
+        f = Follower(FakeStore({keys.node("n1"): (node().SerializeToString(), 3, 0),
+                                keys.alive("n1"): (b"n1", 4, 99)}))
+        assert f.reader("SliceService") is None
+        await f._load()
+        admin, slices = f.reader("AdminService"), f.reader("SliceService")
+        nodes = (await admin.ListNodes(admin_service_pb2.ListNodesRequest(), None)).nodes
+        assert [(n.name, n.state) for n in nodes] == [("n1", types_pb2.NODE_STATE_READY)]
+        q = f.ctl.events.subscribe()
+        f.apply(False, keys.slice_("s-1").decode(), slice_().SerializeToString(), 8)
+        assert (await slices.Get(slice_service_pb2.GetSliceRequest(id="s-1"), None)).state == types_pb2.SLICE_STATE_READY
+        assert f.ctl.fleet.gpu("n1", 0).allocated_memory == 10 << 30
+        f.apply(False, keys.slice_("s-1").decode(), slice_(state=types_pb2.SLICE_STATE_UNKNOWN).SerializeToString(), 9)
+        f.apply(True, keys.alive("n1").decode(), b"", 10)
+        assert (await admin.GetNode(admin_service_pb2.GetNodeRequest(name="n1"), None)).state == \
+            types_pb2.NODE_STATE_NOT_READY
+        f.apply(True, keys.slice_("s-1").decode(), b"", 11)
+        assert not f.ctl.fleet.slices and f.ctl.fleet.gpu("n1", 0).allocated_memory == 0
+        kinds = [q.get_nowait().type for _ in range(3)]
+        assert kinds == [slice_service_pb2.SliceEvent.ADDED, slice_service_pb2.SliceEvent.MODIFIED,
+                         slice_service_pb2.SliceEvent.DELETED]
+        assert f.ctl.revision == 11
+    asyncio.run(main())
+
+
+def test_switch_routes_only_reads_to_the_reader():
+    sw = Switch(slice_service_pb2.DESCRIPTOR.services_by_name["SliceService"], lambda: None)
+
+    class Reader:
+        async def Get(self, request, context):
+            return "read"
+    sw.reader = lambda name: Reader() if name == "SliceService" else None
+    assert READS["SliceService"] == {"Get", "List", "Watch"}
+    assert asyncio.run(sw.Get(None, None)) == "read"
+    assert sw._pick("Allocate") is None and sw._pick("Release") is None
