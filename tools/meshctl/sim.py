@@ -119,15 +119,16 @@ def plot(docs: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for d in docs:
         xs = [100 * p["load"] for p in d["curve"]]
-        axes[0].plot(xs, [p["unallocated_gpus"] for p in d["curve"]], label=d["policy"])
-        axes[1].plot(xs, [p["fragmented_gpus"] for p in d["curve"]], label=d["policy"])
+        label = f"{d['policy']} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''})"
+        axes[0].plot(xs, [p["unallocated_gpus"] for p in d["curve"]], label=label)
+        axes[1].plot(xs, [p["fragmented_gpus"] for p in d["curve"]], label=label)
     for ax, what in zip(axes, ("unallocated GPUs", "fragmented GPUs")):
         ax.set_xlabel("arrived GPU requests (% of capacity)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
     d = docs[0]
-    fig.suptitle(f"{d['pods']} on {d['nodes']} ({d['capacity_gpus']} GPUs), {d['seeds']} seed(s)")
+    fig.suptitle(f"{d['pods']} on {d['nodes']} ({d['capacity_gpus']} GPUs)")
     axes[0].set_xlim(0, None)
     axes[0].set_ylim(0, None)
     fig.tight_layout()
