@@ -20,6 +20,8 @@ import subprocess
 import time
 from typing import Protocol
 
+from mesh.procs import pid_alive
+
 CONTROL_BINARY = "nvidia-cuda-mps-control"
 
 
@@ -190,14 +192,7 @@ class SimMps:
             self._log(state["log_dir"], "Exiting control daemon")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = pid_alive
 
 
 def for_backend(backend: str) -> MpsDaemon:

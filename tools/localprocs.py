@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.procs import pid_alive
+
 CLUSTER_FILE = "cluster.json"
 
 
@@ -30,17 +32,7 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+alive = pid_alive
 
 
 def is_mesh_process(pid: int) -> bool:

@@ -20,6 +20,7 @@ import struct
 import threading
 from multiprocessing import resource_tracker, shared_memory
 
+from mesh.procs import pid_alive
 from mesh.transport.base import (BufferDescriptor, InvalidKey, PeerGone, Revoked, TransportError, Unsupported,
                                  check_bounds, new_key)
 
@@ -80,14 +81,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return shm
 
 
-def _owner_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_owner_alive = pid_alive
 
 
 class ShmConnection:
