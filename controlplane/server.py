@@ -206,7 +206,8 @@ class ControlPlane:
         await self.telemetry.load()
         self.mesh = MeshManager(self.ctl)
         await self.mesh.load()
-        from controlplane.migrations import MigrationManager, MigrationService
+        from controlplane.migrations import MigrationManager
+        from controlplane.migrationsvc import MigrationService
         self.migrations = MigrationManager(self.ctl, self.workloads, self.cfg.migration_pause_at)
         await self.migrations.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
