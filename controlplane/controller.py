@@ -241,7 +241,7 @@ class Controller:
     # -- agent reports ----------------------------------------------------------------
 
     async def report(self, node: str, full: bool, statuses, released) -> None:
-        changed, deleted = [], []
+        changed, deleted, priors = [], [], []
         held = set()
         for st in statuses:
             held.add(st.slice_id)
@@ -252,6 +252,7 @@ class Controller:
                     (st.state, st.device_uuid, st.message, st.gpu_instance_id, st.compute_instance_id) \
                     and dict(s.env) == dict(st.env):
                 continue
+            priors.append(s)
             changed.append(self._update(s, state=st.state, device_uuid=st.device_uuid, env=dict(st.env),
                                         message=st.message, gpu_instance_id=st.gpu_instance_id,
                                         compute_instance_id=st.compute_instance_id))
@@ -263,13 +264,24 @@ class Controller:
                 if s.state == S.SLICE_STATE_RELEASING:
                     gone_ids.add(s.id)
                 elif s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_UNKNOWN):
+                    priors.append(s)
                     changed.append(self._update(s, state=S.SLICE_STATE_PENDING, message="not on the node; re-creating"))
         for sid in gone_ids:
             s = self.fleet.slices.get(sid)
             if s is not None and s.node == node and s.state == S.SLICE_STATE_RELEASING:
                 deleted.append(self.fleet.drop_slice(sid))
         if changed or deleted:
-            await self.save(changed, deleted)
+            before = {ns.id: prior for ns, prior in zip(changed, priors)}
+            try:
+                await self.save(changed, deleted)
+            except errors.MeshError:
+                # Not durable: put the fleet back as etcd has it, so the agent's next (full) report
+                # is seen as a change again and written then.
+                for sid, prior in before.items():
+                    self.fleet.put_slice(prior)
+                for gone in deleted:
+                    self.fleet.put_slice(gone)
+                raise
 
     async def mark_node_lost(self, node: str, why: str) -> None:
         changed = [self._update(s, state=S.SLICE_STATE_UNKNOWN, message=f"node NotReady: {why}")

@@ -137,16 +137,23 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             opened(node, session)
 
         async def read():
-            async for msg in request_iterator:
-                kind = msg.WhichOneof("kind")
-                if kind == "report":
-                    r = msg.report
-                    await self.ctl.report(node, r.full, r.statuses, r.released)
-                    if r.full:
-                        session.synced.set()
-                elif kind in self.ctl.agent_handlers:
-                    await self.ctl.agent_handlers[kind](node, getattr(msg, kind))
-            session.close()
+            try:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "report":
+                        r = msg.report
+                        await self.ctl.report(node, r.full, r.statuses, r.released)
+                        if r.full:
+                            session.synced.set()
+                    elif kind in self.ctl.agent_handlers:
+                        await self.ctl.agent_handlers[kind](node, getattr(msg, kind))
+            except errors.MeshError as e:
+                # A report that could not be made durable (etcd unavailable): end the stream, so the
+                # agent reconnects and reports everything again, instead of reports being dropped.
+                log(logger, logging.WARNING, "agent report not persisted; closing the stream", node=node,
+                    error=str(e))
+            finally:
+                session.close()
 
         reader = asyncio.create_task(read(), name=f"sync-read-{node}")
         try:

@@ -29,8 +29,16 @@ def test_etcd_member_killed_under_load(tmp_path, figures):
         with cluster.client(timeout=30) as mesh:
             load = allocate_under_fault(mesh, TENANT, ALLOCATIONS, 16, kill_member)
             assert not load.failed, f"{len(load.failed)} allocations failed: {load.failed[:5]}"
-            wait_for(lambda: sum(1 for s in mesh.list_slices(tenant=TENANT)
-                                 if s.state == types_pb2.SLICE_STATE_READY) == ALLOCATIONS, 45, "every slice READY")
+            try:
+                wait_for(lambda: sum(1 for s in mesh.list_slices(tenant=TENANT)
+                                     if s.state == types_pb2.SLICE_STATE_READY) == ALLOCATIONS, 45,
+                         "every slice READY")
+            except AssertionError:
+                import collections
+                states = collections.Counter((types_pb2.SliceState.Name(s.state), s.node, s.message)
+                                             for s in mesh.list_slices(tenant=TENANT))
+                raise AssertionError(f"not every slice READY: {dict(states)}; nodes: "
+                                     f"{[(n.name, n.state, n.message) for n in mesh.list_nodes()]}") from None
         same_leader = cluster.leader_index() == leader
         cluster.etcd_cluster.restart(0)
         rep = invariants.check(cluster.etcd_endpoints, tenant=TENANT, acked=load.acked)
