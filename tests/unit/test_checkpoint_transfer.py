@@ -73,7 +73,9 @@ def test_resumes_after_a_cut_stream(server):
     assert stats.attempts == 2
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BLOBS
     assert sink.opened.count("a") == 1, "entry a was continued where the receiver stood, not restarted"
-    assert stats.bytes < sum(map(len, BLOBS.values())) + 2 * CHUNK  # at most the in-flight chunks again
+    # the resend is at most what went out before the cut (how much of it the receiver had taken
+    # by then depends on gRPC's buffering); restarting entry "a" would resend all 10240 bytes
+    assert stats.bytes <= sum(map(len, BLOBS.values())) + 5000
     assert session.bytes_received == sum(map(len, BLOBS.values()))
     assert sink.committed is not None
 
