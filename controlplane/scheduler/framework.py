@@ -71,6 +71,8 @@ class Framework:
         self.node_scorers = [(p, profile.weights[p.NAME]) for p in scorers
                              if not p.cacheable and profile.weights[p.NAME]]
         self.normalizers = [(i, p) for i, (p, _) in enumerate(self.node_scorers) if hasattr(p, "normalize")]
+        # cacheable scores that also rank a node's own options among equal totals (which GPU)
+        self.tiebreakers = [p for p, _ in self.cached_scorers if getattr(p, "tiebreak", None) is not None]
         # a lone uniform-random score with nothing else to weigh: one draw instead of a score per node
         self.picker = (self.node_scorers[0][0] if len(self.node_scorers) == 1 and not self.cached_scorers
                        and hasattr(self.node_scorers[0][0], "pick") else None)
@@ -132,12 +134,20 @@ class Framework:
             if not reasons:
                 reasons.append((node.gpus[0].model.name if node.gpus else "host", "node:does not fit"))
             return _NodeVerdict(Status(Code.UNSCHEDULABLE, tuple(reasons), self.fit.NAME))
-        best = None
+        best, best_tb = None, 0.0
         for opt in options:
             scores = tuple(p.score(state, req, node, opt) for p, _ in self.cached_scorers)
             total = sum(s * w for s, (_, w) in zip(scores, self.cached_scorers))
-            if best is None or total > best.total:
+            if best is not None and total == best.total and self.tiebreakers:
+                # equal totals: the GPU choice inside the node (the artifact's allocateGpuId step),
+                # never weighed against other nodes
+                tb = sum(p.tiebreak(state, req, node, opt) for p in self.tiebreakers)
+                if tb > best_tb:
+                    best, best_tb = _NodeVerdict(SUCCESS, opt, scores, total, True), tb
+            elif best is None or total > best.total:
                 best = _NodeVerdict(SUCCESS, opt, scores, total, True)
+                if self.tiebreakers and len(options) > 1:
+                    best_tb = sum(p.tiebreak(state, req, node, opt) for p in self.tiebreakers)
         return best
 
     def node_options(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> list[Option]:

@@ -27,11 +27,14 @@ FILTERS = ["NodeHealth", "GpuModel", "NodeResourcesFit", "TenantQuota", "AntiAff
 PROFILES: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
     # fragmentation gradient, exact, with a packing tie-break and topology/pressure preferences
     "default": ({"FragmentationGradient": 1.0, "Packing": 0.15, "Topology": 1.0, "Pressure": 0.05}, {}),
-    # the FGD paper's artifact: integer scores, near-ties to node order
-    "fgd": ({"FragmentationGradient": 1.0}, {"FragmentationGradient": {"integer": True}}),
+    # the FGD paper's artifact: integer scores (near-ties to node order), host-only pod types in
+    # the mix, weights normalized over the kept types, the fullest GPU among equal choices
+    "fgd": ({"FragmentationGradient": 1.0}, {"FragmentationGradient": {
+        "integer": True, "cpu_types": True, "normalize": True, "gpu_choice": "fullest"}}),
     "fgd-exact": ({"FragmentationGradient": 1.0}, {}),
-    "bestfit": ({"BestFit": 1.0, "Topology": 0.1}, {}),
-    "packing": ({"Packing": 1.0, "Topology": 0.1}, {}),
+    # the artifact's BestFit and GPU-packing baselines (integer scores, near-ties to node order)
+    "bestfit": ({"BestFit": 1.0, "Topology": 0.1}, {"BestFit": {"integer": True}}),
+    "packing": ({"Packing": 1.0, "Topology": 0.1}, {"Packing": {"integer": True}}),
     "spread": ({"Spread": 1.0, "Topology": 0.1}, {}),
     "random": ({"Random": 1.0}, {}),
 }

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="curve resolution in arrived load (default: 0.01)")
     p.add_argument("--mode", choices=("arrivals", "timeline"), default="arrivals",
                    help="arrivals (the artifact's protocol) or timeline (creation/deletion times, departures)")
+    p.add_argument("--node-order", choices=("shuffled", "file"), default="shuffled",
+                   help="node order that breaks ties: shuffled per seed, as the artifact does (default), or the file's")
     p.add_argument("--at", type=float, default=1.0, metavar="LOAD", help="load of the table's columns (default: 1.0)")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="worker processes (default: the CPU count)")
@@ -61,18 +63,19 @@ def _load(nodes_path: str, pods_path: str):
 
 def _one(task: tuple) -> dict:
     from tools.replay import sim
-    mode, nodes_path, pods_path, policy, seed, load_max, step = task
+    mode, nodes_path, pods_path, policy, seed, load_max, step, order = task
     nodes, pods, mix = _load(nodes_path, pods_path)
     if mode == "timeline":
-        r = sim.run_timeline(nodes, pods, policy, seed, mix=mix)
+        r = sim.run_timeline(nodes, pods, policy, seed, mix=mix, order=order)
     else:
-        r = sim.run_arrivals(nodes, pods, policy, seed, load_max=load_max, step=step, mix=mix)
+        r = sim.run_arrivals(nodes, pods, policy, seed, load_max=load_max, step=step, mix=mix, order=order)
     return {"policy": policy, "seed": seed, "capacity": r.capacity_gpus, "curve": r.curve, "placed": r.placed,
             "skipped": r.skipped, "decisions": r.decisions, "seconds": r.seconds}
 
 
 def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: float = 1.3, step: float = 0.01,
-             mode: str = "arrivals", jobs: int = 1, trace_dir: str = "", progress=None) -> list[dict]:
+             mode: str = "arrivals", jobs: int = 1, trace_dir: str = "", progress=None,
+             order: str = "shuffled") -> list[dict]:
     """One result document per policy (the shape `-o json` prints)."""
     from tools.replay import sim, trace
     nodes_path, pods_path = trace.trace_path(nodes, trace_dir, "node"), trace.trace_path(pods, trace_dir, "pod")
@@ -82,7 +85,8 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
     for pol in policies:
         if pol not in sim.POLICIES:
             raise CliError(f"--policy: unknown policy {pol!r}; allowed: {', '.join(sim.POLICIES)}")
-    tasks = [(mode, nodes_path, pods_path, pol, seed, load_max, step) for pol in policies for seed in range(seeds)]
+    tasks = [(mode, nodes_path, pods_path, pol, seed, load_max, step, order) for pol in policies
+             for seed in range(seeds)]
     results: list[dict] = []
     if jobs > 1 and len(tasks) > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -105,7 +109,8 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
                      "nodes": os.path.basename(nodes_path), "pods": os.path.basename(pods_path), "mode": mode,
                      "skipped_pods": round(sum(r.skipped for r in runs) / len(runs), 1),
                      "ms_per_decision": round(1000 * sum(r.seconds for r in runs) / max(1, decisions), 3),
-                     "curve": sim.average(runs, step) if mode == "arrivals" else runs[0].curve})
+                     "node_order": order,
+                     "curve": sim.average(runs, step) if mode == "arrivals" else sim.average_timeline(runs)})
     return docs
 
 
@@ -150,7 +155,7 @@ def run_sim(args: argparse.Namespace) -> int:
              f"at {100 * args.at:g}% load, {r['seconds']:.1f}s")
 
     docs = simulate(args.nodes, args.pods, policies, args.seeds, args.load_max, args.step, args.mode, args.jobs,
-                    args.trace_dir, progress)
+                    args.trace_dir, progress, args.node_order)
     if args.plot:
         plot(docs, args.plot)
         info(f"wrote {args.plot}")

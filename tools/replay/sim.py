@@ -31,13 +31,31 @@ POLICIES = tuple(profiles.PROFILES)
 
 
 def type_counts(pods: list[TracePod]) -> Counter:
-    """How many GPU pods of each type (GPUs, milli-GPU, CPU, models) the trace has."""
-    return Counter(fgd.type_of(request_of(p)) for p in pods if p.num_gpu)
+    """How many pods of each type (GPUs, milli-GPU, CPU, models) the trace has; pods without GPUs
+    as (0, 0, CPU, models) (the artifact's typical pods include them; a plugin may leave them out)."""
+    return Counter(fgd.type_of(request_of(p)) if p.num_gpu else (0, 0, p.cpu_milli, frozenset(p.gpu_spec))
+                   for p in pods)
 
 
 def typical_mix(pods: list[TracePod], coverage: float = 0.95) -> list[fgd.MixType]:
     """The pod types that make up `coverage` of the GPU pods (the fragmentation metric's mix)."""
-    return fgd.top_types(type_counts(pods), coverage)
+    return fgd.top_types(Counter({k: n for k, n in type_counts(pods).items() if k[0]}), coverage)
+
+
+NODE_ORDERS = ("shuffled", "file")
+
+
+def node_order(nodes: list[TraceNode], seed: int, order: str = "shuffled") -> list[TraceNode]:
+    """The fleet's node order, which breaks ties between equal scores (the first node wins). The
+    artifact sorts nodes by name, prefixes each with its place in a random permutation and lets the
+    smallest name win ties: a random but fixed order per run (`shuffled`, seeded); `file` keeps the
+    list's order."""
+    if order not in NODE_ORDERS:
+        raise ValueError(f"node order {order!r} is not one of {', '.join(NODE_ORDERS)}")
+    out = sorted(nodes, key=lambda n: n.name)
+    if order == "shuffled":
+        random.Random(f"nodes-{seed}").shuffle(out)
+    return list(nodes) if order == "file" else out
 
 
 def fragmented_gpus(fleet: Fleet, plugin: fgd.Plugin) -> float:
@@ -67,8 +85,9 @@ class Replay:
     """One policy over one fleet: `arrive(pod)` schedules and binds, `depart(pod)` releases."""
 
     def __init__(self, nodes: list[TraceNode], policy: str, mix: list[fgd.MixType], seed: int = 0,
-                 framework: Framework | None = None, counts: Counter | None = None) -> None:
-        self.fleet = build_fleet(nodes)
+                 framework: Framework | None = None, counts: Counter | None = None,
+                 order: str = "shuffled") -> None:
+        self.fleet = build_fleet(node_order(nodes, seed, order))
         args = {"Random": {"seed": seed}}
         self.fw = framework or profiles.build(policy, args=args if policy == "random" else None, preemption=False)
         self.metric = fgd.Plugin(mix=mix)
@@ -136,9 +155,9 @@ def arrivals(pods: list[TracePod], capacity: int, seed: int, load_max: float) ->
 
 
 def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int, load_max: float = 1.3,
-                 step: float = 0.01, mix: list[fgd.MixType] | None = None) -> Run:
+                 step: float = 0.01, mix: list[fgd.MixType] | None = None, order: str = "shuffled") -> Run:
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods))
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order)
     run = Run(policy, seed, rp.capacity)
     seq = arrivals(pods, rp.capacity, seed, load_max)
     t0 = time.perf_counter()
@@ -161,10 +180,11 @@ def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed
 
 
 def run_timeline(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int = 0,
-                 points: int = 100, mix: list[fgd.MixType] | None = None) -> Run:
-    """Creation and deletion at the trace's times (a pod without a deletion time stays)."""
+                 points: int = 100, mix: list[fgd.MixType] | None = None, order: str = "shuffled") -> Run:
+    """Creation and deletion at the trace's times (a pod without a deletion time stays); seeds
+    differ in the node order (ties) and in the random policy's draws."""
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods))
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order)
     run = Run(policy, seed, rp.capacity)
     events = []
     for i, p in enumerate(pods):
@@ -205,6 +225,21 @@ def average(runs: list[Run], step: float = 0.01) -> list[dict]:
         out.append({"load": round(m, 4),
                     "unallocated_gpus": round(sum(v["unallocated_gpus"] for v in vals) / len(vals), 2),
                     "fragmented_gpus": round(sum(v["fragmented_gpus"] for v in vals) / len(vals), 2)})
+    return out
+
+
+def average_timeline(runs: list[Run]) -> list[dict]:
+    """Timeline curves of several seeds averaged point by point (every seed samples the same
+    events, so the same live load)."""
+    if not runs:
+        return []
+    n = min(len(r.curve) for r in runs)
+    out = []
+    for i in range(n):
+        pts = [r.curve[i] for r in runs]
+        out.append({"load": pts[0]["load"],
+                    "unallocated_gpus": round(sum(p["unallocated_gpus"] for p in pts) / len(pts), 2),
+                    "fragmented_gpus": round(sum(p["fragmented_gpus"] for p in pts) / len(pts), 2)})
     return out
 
 

@@ -1,6 +1,10 @@
 """BestFit: the node left with the least free CPU and GPU (as fractions of its capacity, averaged),
 and on it the fullest GPU that holds the slice; MIG start slots that keep the most placements
-possible win among equals."""
+possible win among equals.
+
+`integer: true` scores as the paper's artifact does: 100 x (1 - (free CPU after / 128 cores +
+free GPU after / 8 GPUs) / 2), in whole numbers (near-ties to node order), the fullest GPU inside
+the node."""
 
 from __future__ import annotations
 
@@ -11,19 +15,32 @@ from controlplane.scheduler.plugins.noderesources import room_after
 from mesh.slicespec import SliceRequest
 
 NAME = "BestFit"
+MAX_CPU_MILLI, MAX_GPU_MILLI = 128_000, 8_000   # the artifact's normalizers (its largest node)
 
 
 class Plugin:
     NAME = NAME
     cacheable = True
 
-    def __init__(self, cpu_weight: float = 1.0, gpu_weight: float = 1.0) -> None:
+    tiebreak = None
+
+    def __init__(self, cpu_weight: float = 1.0, gpu_weight: float = 1.0, integer: bool = False) -> None:
+        if not isinstance(integer, bool):
+            raise ValueError(f"{NAME}: integer must be true or false, not {integer!r}")
+        self.integer = integer
+        if integer:
+            self.tiebreak = lambda state, req, node, option: gpu_fill(node, option)
         for k, v in (("cpu_weight", cpu_weight), ("gpu_weight", gpu_weight)):
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{NAME}: {k} must be a number >= 0, not {v!r}")
         self.cpu_weight, self.gpu_weight = float(cpu_weight), float(gpu_weight)
 
     def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
+        if self.integer:
+            cpu = node.cpu_free - sum(p.cpu_milli for p in option) if node.record.inventory.cpu_milli else 0
+            gpu = sum(free_milli(g) for g in node.gpus)
+            gpu -= sum(pick_milli(gpu_of(node, p), p.memory_bytes, p.compute_share, p.isolation) for p in option)
+            return float(int((1.0 - (0.5 * cpu / MAX_CPU_MILLI + 0.5 * gpu / MAX_GPU_MILLI)) * 100))
         return -leftover(node, option, self.cpu_weight, self.gpu_weight) + 0.01 * gpu_fill(node, option)
 
 

@@ -18,12 +18,13 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from controlplane.fleet import NodeEntry
-from controlplane.scheduler.framework import CycleState, Option
+from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
 from mesh.slicespec import SliceRequest
 
 NAME = "FragmentationGradient"
 WEIGHTINGS = ("count", "demand", "gangs")
+GPU_CHOICES = ("canonical", "fullest")
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ def type_of(req: SliceRequest) -> tuple[int, int, int, frozenset] | None:
     return gpus, milli, req.cpu_milli * gpus, models
 
 
-def top_types(counts: Counter, coverage: float) -> list[MixType]:
-    """The most frequent types that together make up `coverage` of `counts`, weights summing to 1
-    over the kept types' share of all requests (as the paper's metric)."""
+def top_types(counts: Counter, coverage: float, normalize: bool = False) -> list[MixType]:
+    """The most frequent types that together make up `coverage` of `counts`, weighted by their
+    share of all requests (the paper's metric), or with `normalize` by their share of the kept
+    types (weights summing to 1, as the artifact's scheduler does)."""
     total = sum(counts.values())
     out, seen = [], 0
     for key, n in counts.most_common():
@@ -63,6 +65,8 @@ def top_types(counts: Counter, coverage: float) -> list[MixType]:
             break
         seen += n
         out.append(MixType(key[0], key[1], key[2], key[3], n / total))
+    if normalize and seen:
+        out = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight * total / seen) for m in out]
     return out
 
 
@@ -73,7 +77,17 @@ class Plugin:
     def __init__(self, integer: bool = False, window: int = 2000, coverage: float = 0.95,
                  refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
                  demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1,
-                 host_in_types: bool = True) -> None:
+                 host_in_types: bool = True, cpu_types: bool = False, normalize: bool = False,
+                 gpu_choice: str = "canonical") -> None:
+        for k, v in (("cpu_types", cpu_types), ("normalize", normalize)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{NAME}: {k} must be true or false, not {v!r}")
+        if gpu_choice not in GPU_CHOICES:
+            raise ValueError(f"{NAME}: gpu_choice {gpu_choice!r} is not one of {', '.join(GPU_CHOICES)}")
+        self.cpu_types, self.normalize = cpu_types, normalize
+        # among a node's options with equal scores: the fullest GPU (the artifact's lowest GPU
+        # index, which it fills first) or the first in the node's canonical order
+        self.tiebreak = self._fuller if gpu_choice == "fullest" else None
         if not isinstance(host_in_types, bool):
             raise ValueError(f"{NAME}: host_in_types must be true or false, not {host_in_types!r}")
         self.host_in_types = host_in_types
@@ -122,12 +136,14 @@ class Plugin:
     def set_counts(self, counts: Counter) -> None:
         """Fix the mix to these request-type counts (the replay: the trace's), under this plugin's
         coverage and weighting."""
+        if not self.cpu_types:   # host-only request types (no GPUs) out of the mix
+            counts = Counter({k: n for k, n in counts.items() if k[0]})
         if not self.host_in_types:
             merged: Counter = Counter()
             for k, n in counts.items():
                 merged[(k[0], k[1], 0, k[3])] += n
             counts = merged
-        self.set_mix(top_types(counts, self.coverage))
+        self.set_mix(top_types(counts, self.coverage, self.normalize))
 
     def set_mix(self, mix: list[MixType]) -> None:
         self.mix, self.fixed = self._weigh(mix), True
@@ -146,7 +162,7 @@ class Plugin:
         self.recent.append(key)
         self.seen += 1
         if self.seen % self.refresh == 0 or self.seen == 1:
-            mix = self._weigh(top_types(Counter(self.recent), self.coverage))
+            mix = self._weigh(top_types(Counter(self.recent), self.coverage, self.normalize))
             if drift(self.mix, mix) > self.tolerance:   # a new mix re-scores every node: not for noise
                 self.mix = mix
                 self._frag.clear()
@@ -192,6 +208,9 @@ class Plugin:
         after = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)))
         return after - before
 
+    def _fuller(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
+        return -sum(free_milli(g) for p in option if (g := gpu_of(node, p)) is not None)
+
     def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
         d = self.delta(node, option)
         if self.per_gpu:   # per GPU asked for, so other scores weigh the same for small and large requests
@@ -216,6 +235,9 @@ def frag_of(mix: list[MixType], model: str, cpu_free: float, frees: tuple[int, .
         return 0.0
     out = 0.0
     for t in mix:
+        if not t.gpus:   # a host-only type uses no GPU: all free GPU is fragment to it (the artifact's XL/XR)
+            out += t.weight * total
+            continue
         if (t.models and model not in t.models) or cpu_free < t.cpu_milli:
             out += t.weight * total
             continue
