@@ -100,7 +100,21 @@ class WorkloadRunner:
     # -- files --------------------------------------------------------------------------
 
     def path(self, wid: str, ext: str) -> str:
-        return os.path.join(self.dir, f"{wid}.{ext}")
+        # A record re-keyed by a same-node migration (`rekey`) keeps its files' stem.
+        return os.path.join(self.dir, f"{self.meta.get(wid, {}).get('stem') or wid}.{ext}")
+
+    def rekey(self, old: str, new: str) -> None:
+        """Let the record `old` answer to the ID `new` (its files keep their names): a same-node
+        migration swaps the source and the target process under the workload's ID."""
+        if new in self.workloads:
+            raise RuntimeError(f"workload {new} is recorded here already")
+        w, meta = self.workloads.pop(old), self.meta.pop(old, {})
+        meta.setdefault("stem", old)
+        w.id = new
+        self.workloads[new], self.meta[new] = w, meta
+        if old in self.popens:
+            self.popens[new] = self.popens.pop(old)
+        self.save(new)
 
     def socket_path(self, wid: str) -> str:
         """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET); a short path
@@ -282,7 +296,7 @@ class WorkloadRunner:
 
     def _signal(self, wid: str, sig: int) -> None:
         pid = self.meta[wid].get("shim_pid")
-        if not pid or not (wid in self.popens or _shim_alive(pid, wid)):
+        if not pid or not (wid in self.popens or _shim_alive(pid, self.meta[wid].get("stem") or wid)):
             return
         try:
             os.killpg(pid, sig)
@@ -306,7 +320,7 @@ class WorkloadRunner:
                 continue
             meta = self.meta.setdefault(wid, {})
             p = self.popens.get(wid)
-            running = p.poll() is None if p is not None else _shim_alive(meta.get("shim_pid", 0), wid)
+            running = p.poll() is None if p is not None else _shim_alive(meta.get("shim_pid", 0), meta.get("stem") or wid)
             if not w.pid:
                 pid_doc = _read_json(self.path(wid, "pid"))
                 if pid_doc:

@@ -58,7 +58,7 @@ class MigrationRound(_message.Message):
     def __init__(self, round: _Optional[int] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class Migration(_message.Message):
-    __slots__ = ("id", "workload_id", "tenant", "mode", "phase", "source_node", "source_slice", "target_node", "target_slice", "target_allocated", "session", "target_address", "bytes_sent", "state_bytes", "round", "mb_per_s", "rounds", "step", "downtime_ms", "total_ms", "message", "reason", "checkpoint_id", "created_at", "updated_at")
+    __slots__ = ("id", "workload_id", "tenant", "mode", "phase", "source_node", "source_slice", "target_node", "target_slice", "target_allocated", "session", "target_address", "bytes_sent", "state_bytes", "round", "mb_per_s", "rounds", "step", "downtime_ms", "total_ms", "message", "reason", "checkpoint_id", "created_at", "updated_at", "resize_slice", "transfer")
     ID_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class Migration(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_SLICE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     id: str
     workload_id: str
     tenant: str
@@ -109,7 +111,9 @@ class Migration(_message.Message):
     checkpoint_id: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., workload_id: _Optional[str] = ..., tenant: _Optional[str] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., phase: _Optional[_Union[MigrationPhase, str]] = ..., source_node: _Optional[str] = ..., source_slice: _Optional[str] = ..., target_node: _Optional[str] = ..., target_slice: _Optional[str] = ..., target_allocated: _Optional[bool] = ..., session: _Optional[str] = ..., target_address: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., mb_per_s: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[MigrationRound, _Mapping]]] = ..., step: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    resize_slice: str
+    transfer: str
+    def __init__(self, id: _Optional[str] = ..., workload_id: _Optional[str] = ..., tenant: _Optional[str] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., phase: _Optional[_Union[MigrationPhase, str]] = ..., source_node: _Optional[str] = ..., source_slice: _Optional[str] = ..., target_node: _Optional[str] = ..., target_slice: _Optional[str] = ..., target_allocated: _Optional[bool] = ..., session: _Optional[str] = ..., target_address: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., mb_per_s: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[MigrationRound, _Mapping]]] = ..., step: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resize_slice: _Optional[str] = ..., transfer: _Optional[str] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
     __slots__ = ("workload_id", "to_node", "to_slice", "mode")
@@ -200,17 +204,19 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
 
 class ResizeRequest(_message.Message):
-    __slots__ = ("slice_id", "memory_bytes", "compute_share")
+    __slots__ = ("slice_id", "memory_bytes", "compute_share", "mig_profile")
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MIG_PROFILE_FIELD_NUMBER: _ClassVar[int]
     slice_id: str
     memory_bytes: int
     compute_share: float
-    def __init__(self, slice_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ...) -> None: ...
+    mig_profile: str
+    def __init__(self, slice_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ..., mig_profile: _Optional[str] = ...) -> None: ...
 
 class MigrationCommand(_message.Message):
-    __slots__ = ("migration_id", "action", "workload_id", "workload", "session", "address", "mode", "path", "tenant", "max_rounds", "stop_bytes")
+    __slots__ = ("migration_id", "action", "workload_id", "workload", "session", "address", "mode", "path", "tenant", "max_rounds", "stop_bytes", "slices", "alias")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[MigrationCommand.Action]
@@ -222,6 +228,7 @@ class MigrationCommand(_message.Message):
         ABORT_SOURCE: _ClassVar[MigrationCommand.Action]
         STOP_TARGET: _ClassVar[MigrationCommand.Action]
         CHECKPOINT: _ClassVar[MigrationCommand.Action]
+        SWAP_SLICES: _ClassVar[MigrationCommand.Action]
     ACTION_UNSPECIFIED: MigrationCommand.Action
     START_TARGET: MigrationCommand.Action
     SEND: MigrationCommand.Action
@@ -231,6 +238,7 @@ class MigrationCommand(_message.Message):
     ABORT_SOURCE: MigrationCommand.Action
     STOP_TARGET: MigrationCommand.Action
     CHECKPOINT: MigrationCommand.Action
+    SWAP_SLICES: MigrationCommand.Action
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +250,8 @@ class MigrationCommand(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STOP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     action: MigrationCommand.Action
     workload_id: str
@@ -253,10 +263,12 @@ class MigrationCommand(_message.Message):
     tenant: str
     max_rounds: int
     stop_bytes: int
-    def __init__(self, migration_id: _Optional[str] = ..., action: _Optional[_Union[MigrationCommand.Action, str]] = ..., workload_id: _Optional[str] = ..., workload: _Optional[_Union[_types_pb2.Workload, _Mapping]] = ..., session: _Optional[str] = ..., address: _Optional[str] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., path: _Optional[str] = ..., tenant: _Optional[str] = ..., max_rounds: _Optional[int] = ..., stop_bytes: _Optional[int] = ...) -> None: ...
+    slices: _containers.RepeatedCompositeFieldContainer[_types_pb2.Slice]
+    alias: str
+    def __init__(self, migration_id: _Optional[str] = ..., action: _Optional[_Union[MigrationCommand.Action, str]] = ..., workload_id: _Optional[str] = ..., workload: _Optional[_Union[_types_pb2.Workload, _Mapping]] = ..., session: _Optional[str] = ..., address: _Optional[str] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., path: _Optional[str] = ..., tenant: _Optional[str] = ..., max_rounds: _Optional[int] = ..., stop_bytes: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "event", "address", "step", "bytes", "state_bytes", "mb_per_s", "round", "downtime_ms", "total_ms", "message", "path", "seconds", "encrypted")
+    __slots__ = ("migration_id", "event", "address", "step", "bytes", "state_bytes", "mb_per_s", "round", "downtime_ms", "total_ms", "message", "path", "seconds", "encrypted", "transfer")
     class Event(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         EVENT_UNSPECIFIED: _ClassVar[MigrationReport.Event]
@@ -270,6 +282,7 @@ class MigrationReport(_message.Message):
         TARGET_STOPPED: _ClassVar[MigrationReport.Event]
         CHECKPOINTED: _ClassVar[MigrationReport.Event]
         FAILED: _ClassVar[MigrationReport.Event]
+        SLICES_SWAPPED: _ClassVar[MigrationReport.Event]
     EVENT_UNSPECIFIED: MigrationReport.Event
     TARGET_LISTENING: MigrationReport.Event
     PROGRESS: MigrationReport.Event
@@ -281,6 +294,7 @@ class MigrationReport(_message.Message):
     TARGET_STOPPED: MigrationReport.Event
     CHECKPOINTED: MigrationReport.Event
     FAILED: MigrationReport.Event
+    SLICES_SWAPPED: MigrationReport.Event
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +309,7 @@ class MigrationReport(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     event: MigrationReport.Event
     address: str
@@ -309,4 +324,5 @@ class MigrationReport(_message.Message):
     path: str
     seconds: float
     encrypted: bool
-    def __init__(self, migration_id: _Optional[str] = ..., event: _Optional[_Union[MigrationReport.Event, str]] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., mb_per_s: _Optional[float] = ..., round: _Optional[_Union[MigrationRound, _Mapping]] = ..., downtime_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., message: _Optional[str] = ..., path: _Optional[str] = ..., seconds: _Optional[float] = ..., encrypted: _Optional[bool] = ...) -> None: ...
+    transfer: str
+    def __init__(self, migration_id: _Optional[str] = ..., event: _Optional[_Union[MigrationReport.Event, str]] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., mb_per_s: _Optional[float] = ..., round: _Optional[_Union[MigrationRound, _Mapping]] = ..., downtime_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., message: _Optional[str] = ..., path: _Optional[str] = ..., seconds: _Optional[float] = ..., encrypted: _Optional[bool] = ..., transfer: _Optional[str] = ...) -> None: ...

@@ -138,8 +138,12 @@ class MigrationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Resize(self, request, context):
-        """Change a slice's size in place (MPS, time-share). MIG slices cannot be
-        resized in place: FAILED_PRECONDITION (see docs/checkpointing.md).
+        """Change a slice's size; the slice keeps its ID. In place where the
+        isolation allows it (MPS, time-share, room on the GPU); otherwise a slice
+        of the new size is reserved (same node allowed), the workload migrated
+        into it and the placements swapped, so the ID names the new placement.
+        Returns once done. RESOURCE_EXHAUSTED when the new size fits nowhere;
+        any failure leaves the old slice (and its workload) untouched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
