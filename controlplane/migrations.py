@@ -44,6 +44,11 @@ import logging
 
 from controlplane import auth, keys
 from controlplane.controller import Controller, new_id, now
+from controlplane.migration_checkpoints import CheckpointsMixin
+from controlplane.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PHASE_NAMES, PLACE_ATTEMPTS, RESEND,
+                                           RESTORE_ENV, START_TIMEOUT, STEP_TIMEOUT, TARGET_WANTED, C, P, R,
+                                           StepFailed, W, alias, phase_name)
+from controlplane.resize import ResizeMixin
 from controlplane.store import Absent, Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
@@ -51,33 +56,11 @@ from mesh import errors, slicespec
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
-P = M.MigrationPhase
-C = M.MigrationCommand
-R = M.MigrationReport
-W = types_pb2
-FINISHED = (P.MIGRATION_PHASE_DONE, P.MIGRATION_PHASE_ABORTED)
-BEFORE_COMMIT = (P.MIGRATION_PHASE_PLANNED, P.MIGRATION_PHASE_TARGET_READY, P.MIGRATION_PHASE_COPYING,
-                 P.MIGRATION_PHASE_PAUSED)
-TARGET_WANTED = (P.MIGRATION_PHASE_TARGET_READY, P.MIGRATION_PHASE_COPYING, P.MIGRATION_PHASE_PAUSED)
-LABEL = "gpumesh-migration"          # on a slice a migration allocated
-RESTORE_ENV = ("GPUMESH_RESTORE_FROM", "GPUMESH_RESTORE_HOLD")
-PHASE_NAMES = {P.Name(v).removeprefix("MIGRATION_PHASE_").lower(): v for v in P.values() if v}
-RESEND = 2.0            # seconds between repeats of an unanswered agent step
-START_TIMEOUT = 120.0   # the target process starts (imports torch, builds its model) and listens
-COPY_TIMEOUT = 1800.0
-STEP_TIMEOUT = 60.0
-PLACE_ATTEMPTS = 8
+_Failed = StepFailed
+__all__ = ["FINISHED", "MigrationManager", "phase_name"]
 
 
-class _Failed(Exception):
-    """A step failed: before the commit, the migration rolls back."""
-
-
-def phase_name(value: int) -> str:
-    return P.Name(value).removeprefix("MIGRATION_PHASE_").lower()
-
-
-class MigrationManager:
+class MigrationManager(CheckpointsMixin, ResizeMixin):
     def __init__(self, ctl: Controller, workloads, pause_at: str = "") -> None:
         self.ctl = ctl
         self.wm = workloads
@@ -214,7 +197,7 @@ class MigrationManager:
         return out
 
     def _target_spec(self, m: M.Migration, w: types_pb2.Workload) -> types_pb2.Workload:
-        t = types_pb2.Workload(id=w.id, slice_id=m.target_slice, node=m.target_node, tenant=w.tenant,
+        t = types_pb2.Workload(id=alias(m) or w.id, slice_id=m.target_slice, node=m.target_node, tenant=w.tenant,
                                command=w.command, env=w.env, labels=w.labels, state=W.WORKLOAD_STATE_PENDING,
                                created_at=w.created_at)
         for k in RESTORE_ENV:
@@ -224,9 +207,6 @@ class MigrationManager:
     async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
                       reason: str = "migrate") -> M.Migration:
         w = self.wm.get(wid)
-        if mode == M.MIGRATION_MODE_TRANSPARENT:
-            raise errors.InvalidArgument.of("mode", "transparent (CRIU) migration is not orchestrated yet",
-                                            "precopy, stop_and_copy")
         if w.state != W.WORKLOAD_STATE_RUNNING:
             raise errors.FailedPrecondition(f"workload {wid} is {W.WorkloadState.Name(w.state)}: only a RUNNING "
                                             f"workload migrates (restore a stopped one from a checkpoint)")
@@ -234,18 +214,15 @@ class MigrationManager:
         if busy is not None:
             raise errors.FailedPrecondition(f"workload {wid} is migrating already ({busy.id}, "
                                             f"{phase_name(busy.phase)})")
+        if mode == M.MIGRATION_MODE_TRANSPARENT:
+            await self._check_transparent(w)
         m = M.Migration(id=new_id("m"), workload_id=wid, tenant=w.tenant, mode=mode or M.MIGRATION_MODE_PRECOPY,
                         phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
                         reason=reason, created_at=now())
         if to_slice:
             s = self._check_target_slice(to_slice, w.tenant)
-            if s.node == w.node:
-                raise errors.FailedPrecondition(f"slice {to_slice} is on node {w.node}, where the workload runs: "
-                                                f"a migration moves it to another node")
             m.target_slice, m.target_node = s.id, s.node
         elif to_node:
-            if to_node == w.node:
-                raise errors.FailedPrecondition(f"the workload runs on node {to_node} already")
             if to_node not in self.ctl.fleet.nodes:
                 raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
             m.target_node = to_node
@@ -254,6 +231,20 @@ class MigrationManager:
             to_node=to_node, to_slice=to_slice, reason=reason)
         self._spawn(m.id)
         return m
+
+    async def _check_transparent(self, w: types_pb2.Workload) -> None:
+        """The source agent says whether it can dump the process with CRIU (else FAILED_PRECONDITION
+        with its reason: criu missing or too old, `criu check` failing)."""
+        if self.ctl.sessions.get(w.node) is None:
+            raise errors.Unavailable(f"node {w.node} is not connected")
+        probe = new_id("probe")
+        try:
+            await self._ask(probe, w.node, M.MigrationCommand(migration_id=probe, action=C.CHECK_TRANSPARENT,
+                                                              workload_id=w.id), (R.TRANSPARENT_OK,), STEP_TIMEOUT)
+        except StepFailed as e:
+            raise errors.FailedPrecondition(f"transparent migration of {w.id} refused: {e}") from None
+        finally:
+            self.reports.pop(probe, None)
 
     def _check_target_slice(self, sid: str, tenant: str) -> types_pb2.Slice:
         s = self.ctl.fleet.slices.get(sid)
@@ -268,102 +259,6 @@ class MigrationManager:
                for x in self.wm.workloads.values()):
             raise errors.FailedPrecondition(f"slice {sid} runs a workload already")
         return s
-
-    async def checkpoint(self, wid: str) -> M.CheckpointInfo:
-        w = self.wm.get(wid)
-        if w.state != W.WORKLOAD_STATE_RUNNING:
-            raise errors.FailedPrecondition(f"workload {wid} is not RUNNING: nothing to checkpoint")
-        if self.ctl.sessions.get(w.node) is None:
-            raise errors.Unavailable(f"node {w.node} is not connected")
-        ck_id = new_id("ck")
-        path = f"{w.tenant or 'default'}/{wid}/{ck_id}"
-        try:
-            rep = await self._ask(ck_id, w.node, M.MigrationCommand(
-                migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant),
-                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=COPY_TIMEOUT)
-        except _Failed as e:
-            raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
-        finally:
-            self.reports.pop(ck_id, None)
-        ck = M.CheckpointInfo(id=ck_id, workload_id=wid, tenant=w.tenant, node=w.node, path=rep.path, step=rep.step,
-                              bytes=rep.bytes, seconds=rep.seconds, mb_per_s=rep.mb_per_s, encrypted=rep.encrypted,
-                              created_at=now())
-        await self.ctl.writer.write([Put(keys.checkpoint(ck_id), ck.SerializeToString())],
-                                    [Absent(keys.checkpoint(ck_id))])
-        self.checkpoints[ck_id] = ck
-        log(logger, logging.INFO, "checkpoint stored", checkpoint=ck_id, workload=wid, step=ck.step, bytes=ck.bytes)
-        return ck
-
-    async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
-        ck = self.checkpoints.get(ck_id)
-        if ck is None:
-            raise errors.NotFound(f"no checkpoint {ck_id!r}", kind="checkpoint", name=ck_id)
-        auth.check_visible(ck.tenant, "checkpoint", ck_id)
-        w = self.wm.get(ck.workload_id)
-        if w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
-            raise errors.FailedPrecondition(f"workload {w.id} is running on {w.node}: migrate it, or stop it "
-                                            f"before restoring a checkpoint (never two copies)")
-        busy = self.active_for(w.id)
-        if busy is not None:
-            raise errors.FailedPrecondition(f"workload {w.id} has a migration in progress ({busy.id})")
-        m = M.Migration(id=new_id("m"), workload_id=w.id, tenant=w.tenant, mode=M.MIGRATION_MODE_STOP_AND_COPY,
-                        phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
-                        reason="restore", checkpoint_id=ck_id, created_at=now())
-        if to_slice:
-            s = self._check_target_slice(to_slice, w.tenant)
-            m.target_slice, m.target_node = s.id, s.node
-        elif to_node:
-            if to_node not in self.ctl.fleet.nodes:
-                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
-            m.target_node = to_node
-        elif w.slice_id not in self.ctl.fleet.slices:
-            raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
-        await self._save(m, created=True)
-        self._spawn(m.id)
-        return m
-
-    async def resize(self, sid: str, memory_bytes: int, compute_share: float) -> types_pb2.Slice:
-        s = self.ctl.fleet.slices.get(sid)
-        if s is None:
-            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
-        auth.check_visible(s.tenant, "slice", sid)
-        if memory_bytes < 0:
-            raise errors.InvalidArgument.of("memory_bytes", f"{memory_bytes} is negative", "> 0, or 0 for unchanged")
-        if not (0 <= compute_share <= 1):
-            raise errors.InvalidArgument.of("compute_share", f"{compute_share} is out of range",
-                                            "(0, 1], or 0 for unchanged")
-        if s.isolation not in (types_pb2.ISOLATION_MPS, types_pb2.ISOLATION_TIMESHARE):
-            raise errors.FailedPrecondition(
-                f"slice {sid} is {types_pb2.Isolation.Name(s.isolation).removeprefix('ISOLATION_')}: only MPS and "
-                f"time-share slices resize in place; allocate a slice of the new size and `meshctl migrate "
-                f"WORKLOAD --to SLICE`")
-        if s.state != types_pb2.SLICE_STATE_READY:
-            raise errors.FailedPrecondition(f"slice {sid} is not READY")
-        mem = memory_bytes or s.memory_bytes
-        share = compute_share or s.compute_share
-        g = self.ctl.fleet.gpu(s.node, s.gpu_index)
-        if g is not None:
-            free_mem = g.memory_bytes - g.allocated_memory + s.memory_bytes
-            if mem > free_mem:
-                raise errors.ResourceExhausted(f"GPU {s.gpu_index} of {s.node} has {free_mem} bytes for this slice, "
-                                               f"{mem} asked; the slice is unchanged", reasons={})
-            if s.isolation == types_pb2.ISOLATION_MPS and g.allocated_compute - s.compute_share + share > 1.0 + 1e-9:
-                raise errors.ResourceExhausted(f"GPU {s.gpu_index} of {s.node} has compute share "
-                                               f"{1.0 - g.allocated_compute + s.compute_share:.2f} for this slice, "
-                                               f"{share:.2f} asked; the slice is unchanged", reasons={})
-        old = types_pb2.Slice()
-        old.CopyFrom(s)
-        ns = self.ctl._update(s, memory_bytes=mem, compute_share=share, message=f"resized in place")
-        try:
-            rev = await self.ctl.save([ns])
-        except BaseException:
-            self.ctl.fleet.put_slice(old)
-            raise
-        session = self.ctl.sessions.get(ns.node)
-        if session is not None:
-            session.send_upserts([ns], rev)
-        log(logger, logging.INFO, "slice resized", slice=sid, memory_bytes=mem, compute_share=share)
-        return ns
 
     # -- the state machine ----------------------------------------------------------------------
 
@@ -396,7 +291,7 @@ class MigrationManager:
                     q.put_nowait(None)
 
     async def _place(self, m: M.Migration, w: types_pb2.Workload) -> types_pb2.Slice:
-        """A slice of the workload's slice's spec, on `m.target_node` if set, never on the source node;
+        """A slice of the workload's slice's spec, on `m.target_node` if set, else off the source node;
         labelled with the migration's ID. Placements the scheduler makes elsewhere are held while it is
         asked again (so it picks another node), then released."""
         src = self.ctl.fleet.slices.get(w.slice_id)
@@ -416,7 +311,8 @@ class MigrationManager:
             for _ in range(PLACE_ATTEMPTS):
                 alloc_id, slices = await self.ctl.allocate(req, no_wait=True)
                 s = slices[0]
-                if (m.checkpoint_id or s.node != m.source_node) and (not m.target_node or s.node == m.target_node):
+                if s.node == m.target_node if m.target_node else (
+                        m.checkpoint_id or m.resize_slice or s.node != m.source_node):
                     m.target_slice, m.target_node, m.target_allocated = s.id, s.node, True
                     await self._save(m)
                     ready = await self.ctl._await_ready(alloc_id, False, 0)
@@ -433,6 +329,8 @@ class MigrationManager:
 
     async def _plan(self, m: M.Migration) -> None:
         await self._pause_hook(m)
+        if m.resize_slice and not m.workload_id:
+            return await self._commit_idle_resize(m)
         w = self.wm.workloads.get(m.workload_id)
         if w is None:
             raise _Failed(f"workload {m.workload_id} is gone")
@@ -446,7 +344,7 @@ class MigrationManager:
             await self._save(m)
         rep = await self._ask(m.id, m.target_node, M.MigrationCommand(
             migration_id=m.id, action=C.START_TARGET, workload_id=m.workload_id, workload=self._target_spec(m, w),
-            session=m.session, mode=m.mode), (R.TARGET_LISTENING,), START_TIMEOUT)
+            session=m.session, mode=m.mode, alias=alias(m)), (R.TARGET_LISTENING,), START_TIMEOUT)
         await self._set(m, P.MIGRATION_PHASE_TARGET_READY, target_address=rep.address)
         await self._pause_hook(m)
 
@@ -469,6 +367,8 @@ class MigrationManager:
 
         async def progress(rep: M.MigrationReport) -> None:
             if rep.event == R.PROGRESS:
+                if rep.transfer:
+                    m.transfer = rep.transfer
                 m.rounds.append(rep.round)
                 m.round, m.bytes_sent, m.mb_per_s = rep.round.round, rep.bytes, rep.mb_per_s
                 await self._save(m)
@@ -487,7 +387,8 @@ class MigrationManager:
                 raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
         n = types_pb2.Workload()
         n.CopyFrom(w)
-        n.node, n.slice_id, n.state, n.exit_code = m.target_node, m.target_slice, W.WORKLOAD_STATE_RUNNING, 0
+        n.node, n.slice_id, n.state, n.exit_code = (m.target_node, m.resize_slice or m.target_slice,
+                                                     W.WORKLOAD_STATE_RUNNING, 0)
         n.message = (f"restored from checkpoint {m.checkpoint_id} at step {rep.step}" if m.checkpoint_id
                      else f"migrated from {m.source_node} at step {rep.step} ({m.id})")
         n.ClearField("finished_at")
@@ -498,8 +399,14 @@ class MigrationManager:
             m.state_bytes = rep.state_bytes
         if rep.mb_per_s:
             m.mb_per_s = rep.mb_per_s
+        if rep.transfer:
+            m.transfer = rep.transfer
         m.message = ""
-        await self._save(m, [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))])
+        ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))]
+        if m.resize_slice:
+            await self._save_swapped(m, ops, conds)
+        else:
+            await self._save(m, ops, conds)
         self.wm.workloads[n.id] = n
         self.wm.stopping.discard(n.id)
         for fut in self.wm.waiters.pop(n.id, []):
@@ -512,20 +419,35 @@ class MigrationManager:
     async def _finish(self, m: M.Migration) -> None:
         """After the commit: the source stops and the target runs (both asked at once: the source is
         paused, so the two never run together, and a lost source node does not hold the target)."""
-        jobs = [self._ask(m.id, m.target_node, M.MigrationCommand(
-            migration_id=m.id, action=C.RESUME_TARGET, workload_id=m.workload_id), (R.TARGET_RESUMED,),
-            STEP_TIMEOUT * 5)]
-        if not m.checkpoint_id:
-            jobs.append(self._stop_source(m))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        if isinstance(results[0], BaseException):
-            raise results[0]
-        await self._set(m, P.MIGRATION_PHASE_DONE, message="" if len(results) == 1 or not isinstance(
+        if m.resize_slice:
+            await self._swap_on_agents(m)
+        resume = self._ask(m.id, m.target_node, M.MigrationCommand(
+            migration_id=m.id, action=C.RESUME_TARGET, workload_id=m.workload_id, alias=alias(m)),
+            (R.TARGET_RESUMED,), STEP_TIMEOUT * 5) if m.workload_id else None
+        if alias(m):
+            # Same node: the source gives the workload ID to the target process first (and stops).
+            results = [None, None]
+            try:
+                await self._stop_source(m)
+            except (StepFailed, errors.MeshError) as e:
+                results[1] = e
+            await resume
+        else:
+            jobs = [resume] if resume is not None else []
+            if not m.checkpoint_id and m.workload_id:
+                jobs.append(self._stop_source(m))
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            if results and isinstance(results[0], BaseException):
+                raise results[0]
+        if m.resize_slice:
+            await self._release_old_placement(m)
+        await self._set(m, P.MIGRATION_PHASE_DONE, message="" if len(results) < 2 or not isinstance(
             results[1], BaseException) else f"source not confirmed stopped: {results[1]}")
 
     async def _stop_source(self, m: M.Migration) -> None:
         await self._ask(m.id, m.source_node, M.MigrationCommand(
-            migration_id=m.id, action=C.STOP_SOURCE, workload_id=m.workload_id), (R.SOURCE_STOPPED,), STEP_TIMEOUT)
+            migration_id=m.id, action=C.STOP_SOURCE, workload_id=m.workload_id, alias=alias(m)), (R.SOURCE_STOPPED,),
+            STEP_TIMEOUT)
 
     async def _rollback(self, m: M.Migration) -> None:
         """Before the commit the source is the workload: stop the target, free what the migration
@@ -536,11 +458,11 @@ class MigrationManager:
         async def stop_target() -> None:
             if m.target_node and m.session:
                 await self._ask(m.id, m.target_node, M.MigrationCommand(
-                    migration_id=m.id, action=C.STOP_TARGET, workload_id=m.workload_id), (R.TARGET_STOPPED,),
-                    STEP_TIMEOUT, failures=False)
+                    migration_id=m.id, action=C.STOP_TARGET, workload_id=m.workload_id, alias=alias(m)),
+                    (R.TARGET_STOPPED,), STEP_TIMEOUT, failures=False)
 
         async def resume_source() -> None:
-            if m.source_node and not m.checkpoint_id:
+            if m.source_node and m.workload_id and not m.checkpoint_id:
                 await self._ask(m.id, m.source_node, M.MigrationCommand(
                     migration_id=m.id, action=C.ABORT_SOURCE, workload_id=m.workload_id), (R.SOURCE_RESUMED,),
                     STEP_TIMEOUT * 2, failures=False)

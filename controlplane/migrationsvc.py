@@ -77,4 +77,4 @@ class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
 
     @unary
     async def Resize(self, request, context):
-        return await self.m.resize(request.slice_id, request.memory_bytes, request.compute_share)
+        return await self.m.resize(request.slice_id, request.memory_bytes, request.compute_share, request.mig_profile)

@@ -97,9 +97,14 @@ class MigrationApi:
         return list(_converting(self._migrations.ListCheckpoints)(
             M.ListCheckpointsRequest(workload_id=workload_id, tenant=tenant), timeout=self.timeout).checkpoints)
 
-    def resize(self, slice_id: str, memory_bytes: int = 0, compute_share: float = 0.0):
+    def resize(self, slice_id: str, memory_bytes: int = 0, compute_share: float = 0.0, mig_profile: str = "",
+               timeout: float | None = None):
+        """Change a slice's size, keeping its ID: in place (MPS, time-share) or by migrating its
+        workload into a slice of the new size (MIG, or no room on the GPU); returns the slice once
+        done. RESOURCE_EXHAUSTED when the new size fits nowhere (the slice is unchanged)."""
         return _converting(self._migrations.Resize)(M.ResizeRequest(
-            slice_id=slice_id, memory_bytes=memory_bytes, compute_share=compute_share), timeout=self.timeout)
+            slice_id=slice_id, memory_bytes=memory_bytes, compute_share=compute_share, mig_profile=mig_profile),
+            timeout=timeout or max(self.timeout, 600))
 
 
 def migration_phase(m: M.Migration) -> str:

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "phase and pre-copy round until it is done or rolled back.", epilog=EPILOG)
     m.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
     m.add_argument("--to", default="", metavar="NODE|SLICE", help="target node name or slice ID (s-...)")
-    m.add_argument("--mode", default="precopy", choices=("precopy", "stop-and-copy"), help="(default: precopy)")
+    m.add_argument("--mode", default="precopy", choices=("precopy", "stop-and-copy", "transparent"),
+                   help="(default: precopy); transparent: CRIU dump/restore of a process without the SDK "
+                        "(needs CRIU 4.0+ on both nodes)")
     m.add_argument("--no-wait", action="store_true", help="return once the migration is planned")
     m.set_defaults(func=run_migrate)
 
@@ -41,13 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-wait", action="store_true", help="return once the restore is planned")
     r.set_defaults(func=run_restore)
 
-    z = subcommand(sub, "resize", help="change a slice's size (MPS, time-share: in place)",
-                   description="Change a slice's memory and compute share in place (MPS and time-share slices). "
-                               "A MIG slice is refused: allocate one of the new size and `meshctl migrate --to`.",
-                   epilog="example:\n  meshctl resize s-7f3a9c1e2b4d --memory 8GiB --compute 0.5\n")
+    z = subcommand(sub, "resize", help="change a slice's size (keeps its ID; in place or by migration)",
+                   description="Change a slice's size; the slice keeps its ID. MPS and time-share slices change in "
+                               "place when their GPU has room; otherwise (MIG, or no room) a slice of the new size "
+                               "is reserved (same node allowed) and the slice's running workload is migrated into "
+                               "it (pre-copy), then the placements are swapped. A failed resize leaves the slice "
+                               "and its workload as they were.",
+                   epilog="examples:\n  meshctl resize s-7f3a9c1e2b4d --memory 8GiB --compute 0.5\n"
+                          "  meshctl resize s-7f3a9c1e2b4d --profile 3g.40gb\n")
     z.add_argument("id", metavar="SLICE", help="slice ID (s-...)")
     z.add_argument("--memory", default="", help="new GPU memory (e.g. 8GiB)")
     z.add_argument("--compute", type=float, default=0.0, help="new compute share in (0, 1]")
+    z.add_argument("--profile", default="", help="MIG: the new profile (default: the smallest that holds "
+                                                 "--memory and --compute)")
     z.set_defaults(func=run_resize)
 
 
@@ -64,6 +72,8 @@ def _line(m) -> str:
         r = m.rounds[-1]
         text += (f": round {r.round}{' (paused)' if r.paused else ''} {r.bytes / 1e6:.1f} MB, "
                  f"{m.bytes_sent / 1e6:.1f} MB sent, {m.mb_per_s:.0f} MB/s")
+        if m.transfer:
+            text += f" over {m.transfer}"
     if m.phase in (5, 6) and m.step:
         text += f"; step {m.step}, downtime {m.downtime_ms:.0f} ms"
     if m.message:
@@ -122,14 +132,16 @@ def run_resize(args: argparse.Namespace) -> int:
     if args.memory:
         from mesh.units import parse_size
         memory = parse_size(args.memory)
-    if not memory and not args.compute:
-        raise CliError("give --memory and/or --compute")
+    if not memory and not args.compute and not args.profile:
+        raise CliError("give --memory, --compute and/or --profile")
     with client(args) as mesh:
-        s = mesh.resize(args.id, memory_bytes=memory, compute_share=args.compute)
+        s = mesh.resize(args.id, memory_bytes=memory, compute_share=args.compute, mig_profile=args.profile)
     if args.output in ("json", "yaml"):
         out(dump(slice_to_dict(s), args.output))
     else:
-        out(f"slice/{s.id} resized: {s.memory_bytes / 2**30:.1f} GiB, compute {s.compute_share:.2f}\n")
+        what = f"{s.profile}, " if s.profile else ""
+        out(f"slice/{s.id} resized: {what}{s.memory_bytes / 2**30:.1f} GiB, compute {s.compute_share:.2f} "
+            f"on {s.node}/{s.gpu_index} ({s.message or 'in place'})\n")
     return 0
 
 

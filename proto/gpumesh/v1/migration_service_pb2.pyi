@@ -229,6 +229,7 @@ class MigrationCommand(_message.Message):
         STOP_TARGET: _ClassVar[MigrationCommand.Action]
         CHECKPOINT: _ClassVar[MigrationCommand.Action]
         SWAP_SLICES: _ClassVar[MigrationCommand.Action]
+        CHECK_TRANSPARENT: _ClassVar[MigrationCommand.Action]
     ACTION_UNSPECIFIED: MigrationCommand.Action
     START_TARGET: MigrationCommand.Action
     SEND: MigrationCommand.Action
@@ -239,6 +240,7 @@ class MigrationCommand(_message.Message):
     STOP_TARGET: MigrationCommand.Action
     CHECKPOINT: MigrationCommand.Action
     SWAP_SLICES: MigrationCommand.Action
+    CHECK_TRANSPARENT: MigrationCommand.Action
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +285,7 @@ class MigrationReport(_message.Message):
         CHECKPOINTED: _ClassVar[MigrationReport.Event]
         FAILED: _ClassVar[MigrationReport.Event]
         SLICES_SWAPPED: _ClassVar[MigrationReport.Event]
+        TRANSPARENT_OK: _ClassVar[MigrationReport.Event]
     EVENT_UNSPECIFIED: MigrationReport.Event
     TARGET_LISTENING: MigrationReport.Event
     PROGRESS: MigrationReport.Event
@@ -295,6 +298,7 @@ class MigrationReport(_message.Message):
     CHECKPOINTED: MigrationReport.Event
     FAILED: MigrationReport.Event
     SLICES_SWAPPED: MigrationReport.Event
+    TRANSPARENT_OK: MigrationReport.Event
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

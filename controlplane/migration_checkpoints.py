@@ -1,0 +1,80 @@
+"""Checkpoints into the store and restores from it (the MigrationManager's part for them).
+
+`Checkpoint` asks the workload's agent to write a consistent checkpoint into the store
+(agents' `checkpoint_dir`, encrypted per tenant when keys are configured); the record is
+`/gpumesh/v1/checkpoints/<id>`. `Restore` is a migration without a source: the target agent
+pushes the stored checkpoint into the receiving target, and the rest is the migration state
+machine of controlplane/migrations.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from controlplane import auth, keys
+from controlplane.controller import new_id, now
+from controlplane.store import Absent, Put
+from gpumesh.v1 import migration_service_pb2 as M
+from mesh import errors
+from mesh.logs import log
+
+from controlplane.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
+
+logger = logging.getLogger("controlplane.migrations")
+
+
+class CheckpointsMixin:
+    """Mixed into MigrationManager (self.ctl, self.wm, self.checkpoints, self._ask, ...)."""
+
+    async def checkpoint(self, wid: str) -> M.CheckpointInfo:
+        w = self.wm.get(wid)
+        if w.state != W.WORKLOAD_STATE_RUNNING:
+            raise errors.FailedPrecondition(f"workload {wid} is not RUNNING: nothing to checkpoint")
+        if self.ctl.sessions.get(w.node) is None:
+            raise errors.Unavailable(f"node {w.node} is not connected")
+        ck_id = new_id("ck")
+        path = f"{w.tenant or 'default'}/{wid}/{ck_id}"
+        try:
+            rep = await self._ask(ck_id, w.node, M.MigrationCommand(
+                migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant),
+                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=COPY_TIMEOUT)
+        except StepFailed as e:
+            raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
+        finally:
+            self.reports.pop(ck_id, None)
+        ck = M.CheckpointInfo(id=ck_id, workload_id=wid, tenant=w.tenant, node=w.node, path=rep.path, step=rep.step,
+                              bytes=rep.bytes, seconds=rep.seconds, mb_per_s=rep.mb_per_s, encrypted=rep.encrypted,
+                              created_at=now())
+        await self.ctl.writer.write([Put(keys.checkpoint(ck_id), ck.SerializeToString())],
+                                    [Absent(keys.checkpoint(ck_id))])
+        self.checkpoints[ck_id] = ck
+        log(logger, logging.INFO, "checkpoint stored", checkpoint=ck_id, workload=wid, step=ck.step, bytes=ck.bytes)
+        return ck
+
+    async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
+        ck = self.checkpoints.get(ck_id)
+        if ck is None:
+            raise errors.NotFound(f"no checkpoint {ck_id!r}", kind="checkpoint", name=ck_id)
+        auth.check_visible(ck.tenant, "checkpoint", ck_id)
+        w = self.wm.get(ck.workload_id)
+        if w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
+            raise errors.FailedPrecondition(f"workload {w.id} is running on {w.node}: migrate it, or stop it "
+                                            f"before restoring a checkpoint (never two copies)")
+        busy = self.active_for(w.id)
+        if busy is not None:
+            raise errors.FailedPrecondition(f"workload {w.id} has a migration in progress ({busy.id})")
+        m = M.Migration(id=new_id("m"), workload_id=w.id, tenant=w.tenant, mode=M.MIGRATION_MODE_STOP_AND_COPY,
+                        phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
+                        reason="restore", checkpoint_id=ck_id, created_at=now())
+        if to_slice:
+            s = self._check_target_slice(to_slice, w.tenant)
+            m.target_slice, m.target_node = s.id, s.node
+        elif to_node:
+            if to_node not in self.ctl.fleet.nodes:
+                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
+            m.target_node = to_node
+        elif w.slice_id not in self.ctl.fleet.slices:
+            raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
+        await self._save(m, created=True)
+        self._spawn(m.id)
+        return m

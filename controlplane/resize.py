@@ -1,0 +1,266 @@
+"""Resize a slice; the client keeps its slice ID (the MigrationManager's part for it).
+
+* In place: an MPS or time-share slice whose GPU has room for the new size gets the new
+  limits in its record and the GPU's accounting; the agent re-realizes it (new processes get
+  the new limits).
+* By migration, otherwise (MIG, or a GPU without room): a slice of the new size is reserved
+  wherever the scheduler puts it (the same GPU, another GPU of the node, another node),
+  labelled with the migration's ID. A RUNNING workload on the slice is migrated into it by the
+  usual state machine (pre-copy; on the same node the target process runs under an alias of
+  the workload's ID until the source is stopped). At the commit one etcd transaction moves
+  the workload, writes the new placement under the client's slice ID and the old placement
+  under the reserved slice's ID; then the agents rename their realized slices to match
+  (SWAP_SLICES), the target runs, the source stops and the old placement is released. A slice
+  without a workload goes PLANNED -> COMMITTED -> DONE the same way.
+
+Before the commit a failure rolls back as any migration does (the reserved slice is released,
+the source resumes), so a failed resize leaves the old slice and its workload untouched; a
+resize that fits nowhere is refused up front with RESOURCE_EXHAUSTED. The state machine is the
+migration's, in etcd, so a control-plane restart rolls back or finishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane import auth, keys
+from controlplane.controller import new_id, now
+from controlplane.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.store import Present, Put
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import types_pb2
+from mesh import errors, gpumodels, slicespec
+from mesh.logs import log
+
+logger = logging.getLogger("controlplane.migrations")
+SHARED = (types_pb2.ISOLATION_MPS, types_pb2.ISOLATION_TIMESHARE)
+RESIZE_TIMEOUT = 1800.0
+
+
+def _iso(s: types_pb2.Slice) -> str:
+    return types_pb2.Isolation.Name(s.isolation).removeprefix("ISOLATION_")
+
+
+class ResizeMixin:
+    """Mixed into MigrationManager (self.ctl, self.wm, self.migrations, self._save, ...)."""
+
+    async def resize(self, sid: str, memory_bytes: int, compute_share: float,
+                     mig_profile: str = "") -> types_pb2.Slice:
+        s = self.ctl.fleet.slices.get(sid)
+        if s is None:
+            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
+        auth.check_visible(s.tenant, "slice", sid)
+        if memory_bytes < 0:
+            raise errors.InvalidArgument.of("memory_bytes", f"{memory_bytes} is negative", "> 0, or 0 for unchanged")
+        if not (0 <= compute_share <= 1):
+            raise errors.InvalidArgument.of("compute_share", f"{compute_share} is out of range",
+                                            "(0, 1], or 0 for unchanged")
+        if s.state != types_pb2.SLICE_STATE_READY:
+            raise errors.FailedPrecondition(f"slice {sid} is not READY")
+        busy = next((m for m in self.migrations.values() if m.phase not in FINISHED and sid in (
+            m.resize_slice, m.source_slice, m.target_slice)), None)
+        if busy is not None:
+            raise errors.FailedPrecondition(f"slice {sid} is being moved or resized already ({busy.id}, "
+                                            f"{P.Name(busy.phase).removeprefix('MIGRATION_PHASE_').lower()})")
+        if s.isolation == types_pb2.ISOLATION_MIG:
+            profile = self._new_profile(s, memory_bytes, compute_share, mig_profile)
+            if profile == s.profile:
+                return s
+            return await self._resize_by_migration(s, profile=profile)
+        if mig_profile:
+            raise errors.InvalidArgument.of("mig_profile", f"slice {sid} is {_iso(s)}, not MIG",
+                                            "empty for MPS, time-share and exclusive slices")
+        mem = memory_bytes or s.memory_bytes
+        share = compute_share or s.compute_share
+        if (mem, share) == (s.memory_bytes, s.compute_share):
+            return s
+        if s.isolation not in SHARED:
+            return await self._resize_by_migration(s, memory_bytes=mem, compute_share=share)
+        g = self.ctl.fleet.gpu(s.node, s.gpu_index)
+        if g is not None:
+            free_mem = g.memory_bytes - g.allocated_memory + s.memory_bytes
+            free_share = 1.0 - g.allocated_compute + s.compute_share
+            if mem > free_mem or (s.isolation == types_pb2.ISOLATION_MPS and share > free_share + 1e-9):
+                log(logger, logging.INFO, "resize does not fit in place; by migration", slice=sid,
+                    gpu_free_bytes=free_mem, gpu_free_share=round(free_share, 3))
+                return await self._resize_by_migration(s, memory_bytes=mem, compute_share=share)
+        return await self._resize_in_place(s, mem, share)
+
+    def _new_profile(self, s: types_pb2.Slice, memory_bytes: int, compute_share: float, mig_profile: str) -> str:
+        g = self.ctl.fleet.gpu(s.node, s.gpu_index)
+        try:
+            model = g.model if g is not None else gpumodels.get_model(s.gpu_model)
+        except KeyError:
+            raise errors.FailedPrecondition(f"the GPU model {s.gpu_model} of slice {s.id} is unknown here") from None
+        if mig_profile:
+            try:
+                model.profile(mig_profile)
+            except KeyError as e:
+                raise errors.InvalidArgument.of("mig_profile", str(e).strip("'\""),
+                                                ", ".join(p.name for p in model.mig_profiles)) from None
+            return mig_profile
+        cur = model.profile(s.profile)
+        mem = memory_bytes or cur.memory_mib * 2**20
+        share = compute_share or cur.compute_slices / gpumodels.MIG_COMPUTE_SLICES
+        p = model.smallest_profile_for(mem, share)
+        if p is None:
+            raise errors.InvalidArgument.of(
+                "memory_bytes", f"no MIG profile of {model.name} holds {mem} bytes and compute share {share:.2f}",
+                ", ".join(f"{x.name} ({x.memory_mib} MiB, {x.compute_slices}/7)" for x in model.mig_profiles))
+        return p.name
+
+    async def _resize_in_place(self, s: types_pb2.Slice, mem: int, share: float) -> types_pb2.Slice:
+        old = types_pb2.Slice()
+        old.CopyFrom(s)
+        ns = self.ctl._update(s, memory_bytes=mem, compute_share=share, message="resized in place")
+        try:
+            rev = await self.ctl.save([ns])
+        except BaseException:
+            self.ctl.fleet.put_slice(old)
+            raise
+        session = self.ctl.sessions.get(ns.node)
+        if session is not None:
+            session.send_upserts([ns], rev)
+        log(logger, logging.INFO, "slice resized in place", slice=s.id, memory_bytes=mem, compute_share=share)
+        return ns
+
+    async def _resize_by_migration(self, s: types_pb2.Slice, profile: str = "", memory_bytes: int = 0,
+                                   compute_share: float = 0.0) -> types_pb2.Slice:
+        w = next((x for x in self.wm.workloads.values() if x.slice_id == s.id and x.state in (
+            W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)), None)
+        if w is not None:
+            if w.state != W.WORKLOAD_STATE_RUNNING:
+                raise errors.FailedPrecondition(f"workload {w.id} on slice {s.id} is starting: resize it once it runs")
+            busy = self.active_for(w.id)
+            if busy is not None:
+                raise errors.FailedPrecondition(f"workload {w.id} is migrating already ({busy.id})")
+        m = M.Migration(id=new_id("m"), workload_id=w.id if w is not None else "", tenant=s.tenant,
+                        mode=M.MIGRATION_MODE_PRECOPY, phase=P.MIGRATION_PHASE_PLANNED, source_node=s.node,
+                        source_slice=s.id, reason="resize", resize_slice=s.id, created_at=now())
+        spec = types_pb2.SliceSpec(tenant=s.tenant, gpu_model=s.gpu_model, isolation=s.isolation,
+                                   priority=s.priority, labels=dict(s.labels), cpu_milli=s.cpu_milli,
+                                   host_memory_bytes=s.host_memory_bytes)
+        if profile:
+            spec.mig_profile = profile
+        else:
+            spec.memory_bytes, spec.compute_share = memory_bytes, compute_share
+        spec.labels[LABEL] = m.id
+        req = slicespec.validate(spec)
+        what = profile or f"{memory_bytes} bytes, compute {compute_share:.2f}"
+        m.message = f"resize to {what}: reserving"
+        await self._save(m, created=True)
+        try:
+            alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
+        except errors.MeshError as e:
+            await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back (no room for {what}: {e})")
+            if isinstance(e, errors.ResourceExhausted):
+                raise errors.ResourceExhausted(f"slice {s.id} cannot be resized to {what}: {e}; the slice is "
+                                               f"unchanged", reasons=getattr(e, "reasons", {}) or {}) from None
+            raise
+        t = placed[0]
+        m.target_slice, m.target_node, m.target_allocated = t.id, t.node, True
+        m.message = f"resize to {what}: target {t.id} on {t.node}/{t.gpu_index}"
+        await self._save(m)
+        log(logger, logging.INFO, "resize by migration planned", migration=m.id, slice=s.id, to=what,
+            target=t.id, target_node=t.node, workload=m.workload_id)
+        try:
+            await self.ctl._await_ready(alloc_id, False, 0)
+        except errors.MeshError as e:
+            m.message = f"rolling back: the new slice did not become ready: {e}"
+            await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK)
+        self._spawn(m.id)
+        task = self.tasks.get(m.id)
+        if task is not None:
+            await asyncio.wait([task], timeout=RESIZE_TIMEOUT)    # not cancelled with the RPC
+        m = self.migrations[m.id]
+        if m.phase != P.MIGRATION_PHASE_DONE:
+            raise errors.FailedPrecondition(f"resize of slice {s.id} failed ({m.id}): {m.message}; the slice and "
+                                            f"its workload are unchanged"
+                                            if m.phase == P.MIGRATION_PHASE_ABORTED else
+                                            f"resize of slice {s.id} is still in progress ({m.id})")
+        return self.ctl.fleet.slices.get(s.id, s)
+
+    # -- the commit and after -------------------------------------------------------------------
+
+    def _swapped(self, m: M.Migration) -> tuple[types_pb2.Slice, types_pb2.Slice]:
+        """The two records after the swap: the client's ID at the new placement, the reserved
+        slice's ID at the old one."""
+        x = self.ctl.fleet.slices.get(m.resize_slice)
+        t = self.ctl.fleet.slices.get(m.target_slice)
+        if x is None or t is None:
+            raise StepFailed(f"slice {m.resize_slice if x is None else m.target_slice} is gone")
+        nx, nt = types_pb2.Slice(), types_pb2.Slice()
+        nx.CopyFrom(t)
+        nt.CopyFrom(x)
+        for n, keep in ((nx, x), (nt, t)):
+            n.id, n.allocation_id, n.tenant, n.priority = keep.id, keep.allocation_id, keep.tenant, keep.priority
+            n.labels.clear()
+            n.labels.update(keep.labels)
+            n.anti_affinity.clear()
+            n.anti_affinity.update(keep.anti_affinity)
+            n.created_at.CopyFrom(keep.created_at)
+            n.updated_at.CopyFrom(now())
+            if "GPUMESH_SLICE_ID" in n.env:
+                n.env["GPUMESH_SLICE_ID"] = n.id
+        was = x.profile or f"{x.memory_bytes} bytes"
+        nx.message = f"resized from {was} on {x.node}/{x.gpu_index} ({m.id})"
+        nt.message = f"old placement of {x.id} (resize {m.id})"
+        return nx, nt
+
+    async def _save_swapped(self, m: M.Migration, ops: list, conds: list) -> None:
+        """The commit of a resize: the migration, the workload (given) and both slice records in
+        one transaction."""
+        x, t = self.ctl.fleet.slices.get(m.resize_slice), self.ctl.fleet.slices.get(m.target_slice)
+        nx, nt = self._swapped(m)
+        m.updated_at.CopyFrom(now())
+        self.ctl.fleet.put_slice(nx)
+        self.ctl.fleet.put_slice(nt)
+        try:
+            await self.ctl.save([nx, nt], extra=[Put(keys.migration(m.id), m.SerializeToString()), *ops],
+                                extra_conds=[Present(keys.migration(m.id)), *conds])
+        except BaseException:
+            self.ctl.fleet.put_slice(x)
+            self.ctl.fleet.put_slice(t)
+            raise
+        self.migrations[m.id] = m
+        for q in self.watchers.get(m.id, ()):
+            q.put_nowait(M.Migration.FromString(m.SerializeToString()))
+
+    async def _commit_idle_resize(self, m: M.Migration) -> None:
+        """A slice without a workload: swap the placements at once (PLANNED -> COMMITTED)."""
+        s = self.ctl.fleet.slices.get(m.target_slice)
+        if s is None or s.state != types_pb2.SLICE_STATE_READY:
+            raise StepFailed(f"target slice {m.target_slice} is not READY")
+        if any(x.slice_id == m.resize_slice and x.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)
+               for x in self.wm.workloads.values()):
+            raise StepFailed(f"a workload started on slice {m.resize_slice} meanwhile: resize again")
+        m.phase = P.MIGRATION_PHASE_COMMITTED
+        m.message = ""
+        await self._save_swapped(m, [], [])
+        log(logger, logging.INFO, "resize committed", migration=m.id, slice=m.resize_slice)
+
+    async def _swap_on_agents(self, m: M.Migration) -> None:
+        """Every node holding one of the two placements renames its realized slices."""
+        nx, nt = self.ctl.fleet.slices.get(m.resize_slice), self.ctl.fleet.slices.get(m.target_slice)
+        records = [s for s in (nx, nt) if s is not None]
+        nodes = sorted({s.node for s in records})
+        results = await asyncio.gather(*[self._ask(m.id, node, M.MigrationCommand(
+            migration_id=m.id, action=C.SWAP_SLICES, workload_id=m.workload_id, slices=records),
+            (R.SLICES_SWAPPED,), STEP_TIMEOUT) for node in nodes], return_exceptions=True)
+        for node, r in zip(nodes, results):
+            if isinstance(r, BaseException):
+                if node == m.source_node and node != m.target_node and m.target_slice in self.ctl.fleet.slices:
+                    # the old placement's node is gone: its full reconcile (by placement) fixes it
+                    log(logger, logging.WARNING, "old placement's node did not swap", migration=m.id, node=node,
+                        error=str(r))
+                    continue
+                raise r
+
+    async def _release_old_placement(self, m: M.Migration) -> None:
+        if m.target_slice in self.ctl.fleet.slices:
+            try:
+                await self.ctl.release(m.target_slice, wait=False, message=f"old placement of {m.resize_slice} "
+                                                                           f"(resize {m.id})")
+            except errors.NotFound:
+                pass

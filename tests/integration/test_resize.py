@@ -1,0 +1,132 @@
+"""Resize by migration, end to end: real etcd, the control plane, agents as processes.
+
+A MIG slice running tools/examples/train_mnist_like.py (a real PyTorch loop on the CPU) is
+resized to a bigger profile: the workload is migrated (pre-copy) into a new MIG instance and
+the placements are swapped, so the slice keeps its ID. The run is compared with an unmigrated
+reference run of the same seed: same final step, bit-identical parameter checksum. A resize
+that fits nowhere is refused with RESOURCE_EXHAUSTED and leaves the slice and the workload as
+they were.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumesh[torch]')")
+
+from gpumesh.v1 import types_pb2 as t  # noqa: E402
+from mesh import errors  # noqa: E402
+from mesh.migrationapi import migration_phase  # noqa: E402
+from tests.integration.conftest import wait_for  # noqa: E402
+from tests.integration.test_migration import alive, finished, last_step, lines  # noqa: E402
+from tests.unit._checkpoint_util import ROOT, run_example  # noqa: E402
+from tools.localcluster import LocalCluster  # noqa: E402
+
+pytestmark = pytest.mark.integration
+HOSTS = [{"node": "rz-a", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]},
+         {"node": "rz-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
+STEPS = 1500     # 30 s at 20 ms a step: the resize (target start included) ends long before
+TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str(STEPS), "--sleep-ms", "20",
+         "--print-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_example("--steps", str(STEPS))[-1]["checksum"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resize")
+    c = LocalCluster(d, HOSTS, lease_ttl=3, agents_per_process=1,
+                     agent_args=["--workload-stop-grace-seconds", "2"])
+    c.start(timeout=90)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def mesh(cluster):
+    cluster.wait_ready(timeout=30)
+    with cluster.client(timeout=30) as client:
+        client.cordon("rz-b")           # everything stays on rz-a: the same-node path
+        yield client
+        for w in client.list_workloads():
+            if w.state == t.WORKLOAD_STATE_RUNNING:
+                try:
+                    client.stop_workload(w.id)
+                except Exception:
+                    pass
+        for s in client.list_slices():
+            try:
+                client.release(s.id)
+            except Exception:
+                pass
+        client.uncordon("rz-b")
+
+
+def check_result(mesh, wid, reference, started_at):
+    """One run to the end, from `started_at` on, bit-identical to the unmigrated reference."""
+    w = finished(mesh, wid, timeout=120)
+    assert w.state == t.WORKLOAD_STATE_SUCCEEDED, w.message
+    out = lines(mesh, wid)
+    done = [d for d in out if d.get("done")]
+    assert len(done) == 1 and done[0]["step"] == STEPS and done[0]["checksum"] == reference
+    assert out[0]["started_at"] == started_at
+
+
+def start_training(mesh, profile="1g.10gb"):
+    s = mesh.allocate(tenant="rz", mig_profile=profile).slices[0]
+    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)})
+    assert w.state == t.WORKLOAD_STATE_RUNNING
+    wait_for(lambda: last_step(mesh, w.id) >= 10, 60, "training to reach step 10")
+    return s, mesh.get_workload(w.id)
+
+
+def test_resize_mig_slice_with_running_training_keeps_id_and_step(mesh, reference):
+    s, w = start_training(mesh)
+    new = mesh.resize(s.id, mig_profile="3g.40gb", timeout=300)
+    assert new.id == s.id and new.profile == "3g.40gb" and new.state == t.SLICE_STATE_READY
+    assert new.node == "rz-a" and new.device_uuid and new.device_uuid != s.device_uuid
+    assert new.allocation_id == s.allocation_id and new.memory_bytes > s.memory_bytes
+    assert mesh.get_slice(s.id).profile == "3g.40gb"
+    m = mesh.list_migrations(workload_id=w.id)[-1]
+    assert migration_phase(m) == "done" and m.reason == "resize" and m.resize_slice == s.id, m.message
+    assert m.source_node == m.target_node == "rz-a" and 10 <= m.step < STEPS and m.rounds
+    moved = mesh.get_workload(w.id)
+    assert moved.slice_id == s.id and moved.node == "rz-a" and moved.pid != w.pid
+    wait_for(lambda: not alive(w.pid), 15, "the source process to end")
+    # the old placement is released; only the resized slice is left
+    wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
+    check_result(mesh, w.id, reference, started_at=m.step)     # continues from the exact step
+
+
+def test_resize_that_cannot_fit_is_refused_and_changes_nothing(mesh):
+    whole = mesh.allocate(tenant="rz", mig_profile="7g.80gb").slices[0]     # one GPU of rz-a taken whole
+    s, w = start_training(mesh)
+    before = mesh.get_slice(s.id)
+    with pytest.raises(errors.ResourceExhausted):
+        mesh.resize(s.id, mig_profile="7g.80gb", timeout=120)
+    after = mesh.get_slice(s.id)
+    assert (after.profile, after.device_uuid, after.node, after.gpu_index, after.state) == (
+        before.profile, before.device_uuid, before.node, before.gpu_index, t.SLICE_STATE_READY)
+    now = mesh.get_workload(w.id)
+    assert now.state == t.WORKLOAD_STATE_RUNNING and now.pid == w.pid and now.slice_id == s.id
+    step = last_step(mesh, w.id)
+    wait_for(lambda: last_step(mesh, w.id) > step, 30, "training to go on")
+    assert sorted(x.id for x in mesh.list_slices()) == sorted([s.id, whole.id])
+    m = mesh.list_migrations()[-1]
+    assert m.resize_slice == s.id and migration_phase(m) == "aborted"
+    assert len([d for d in lines(mesh, w.id) if "started_at" in d]) == 1
+
+
+def test_resize_idle_slice_replaces_it_under_the_same_id(mesh):
+    s = mesh.allocate(tenant="rz", mig_profile="2g.20gb").slices[0]
+    new = mesh.resize(s.id, mig_profile="1g.10gb", timeout=120)
+    assert new.id == s.id and new.profile == "1g.10gb" and new.state == t.SLICE_STATE_READY
+    assert new.device_uuid != s.device_uuid
+    wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
+    got = mesh.get_slice(s.id)
+    assert got.env["GPUMESH_SLICE_ID"] == s.id and got.env["CUDA_VISIBLE_DEVICES"] == got.device_uuid
