@@ -1,0 +1,268 @@
+"""The transfer channel's receiving side: sinks, `ReceiveSession`, `TransferServer`.
+See mesh/checkpoint/transfer.py for the protocol."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, CheckpointWriter, EntryMeta, FormatError,
+                                    Manifest, chunk_sum, entry_file, new_hasher)
+from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, frame, unframe
+
+# --- receiving ------------------------------------------------------------------------------
+
+class EntryTarget(Protocol):
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a receiving session puts entries."""
+
+    def open_entry(self, meta: EntryMeta) -> EntryTarget:
+        """Called at the start of each (re)sent entry; may be called again for a newer generation."""
+
+    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
+        """Every entry of `manifest` has arrived and checked out; `pickles` holds the bytes of its
+        pickle entries. Returns facts for the sender's `done` answer."""
+
+
+class BufferTarget:
+    """Writes into a memoryview (a tensor's bytes, or a bytearray)."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.buf[offset:offset + len(data)] = data
+
+
+class NullSink:
+    """Discards everything: for measuring the channel."""
+
+    class _Null:
+        def write(self, offset: int, data: memoryview) -> None:
+            pass
+
+    def open_entry(self, meta: EntryMeta) -> EntryTarget:
+        return self._Null()
+
+    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
+        return {}
+
+
+class DirectorySink:
+    """Receives into a checkpoint directory (the store); the manifest is written on commit."""
+
+    def __init__(self, path: str, workload_id: str = "") -> None:
+        self.writer = CheckpointWriter(path, workload_id)
+        self.files: dict[str, str] = {}
+
+    class _File:
+        def __init__(self, path: Any) -> None:
+            self.path = path
+
+        def write(self, offset: int, data: memoryview) -> None:
+            with open(self.path, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+
+    def open_entry(self, meta: EntryMeta) -> EntryTarget:
+        rel = self.files.setdefault(meta.name, entry_file(len(self.files)))
+        path = self.writer.tmp / rel
+        with open(path, "wb") as f:
+            f.truncate(meta.nbytes)
+        return self._File(path)
+
+    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
+        entries = [EntryMeta(**{**e.to_json(), "file": self.files[e.name]}) for e in manifest.entries]
+        self.writer.commit_manifest(Manifest(workload_id=manifest.workload_id, step=manifest.step, entries=entries,
+                                             created=manifest.created, extras=manifest.extras))
+        return {"path": str(self.writer.path)}
+
+
+@dataclass
+class _RecvEntry:
+    meta: EntryMeta
+    gen: int
+    target: EntryTarget
+    algo: str = DEFAULT_CHECKSUM
+    hasher: Any = None
+    offset: int = 0
+    done: bool = False
+    checksum: str = ""
+    payload: bytearray | None = None  # pickle entries are kept in memory for the sink's commit
+
+
+class ReceiveSession:
+    """What one session has received; survives broken streams."""
+
+    def __init__(self, session: str, sink: Sink, allow_unchecked: bool = False) -> None:
+        self.session = session
+        self.sink = sink
+        self.allow_unchecked = allow_unchecked
+        self.entries: dict[str, _RecvEntry] = {}
+        self.lock = threading.Lock()
+        self.bytes_received = 0
+        self.committed: dict[str, Any] | None = None
+        self.committed_event = threading.Event()
+        self.manifest: Manifest | None = None
+
+    def have(self) -> dict[str, list[Any]]:
+        return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}
+
+    def begin(self, meta: EntryMeta, gen: int, offset: int, algo: str) -> _RecvEntry:
+        cur = self.entries.get(meta.name)
+        if offset:
+            if cur is None or cur.gen != gen or cur.offset != offset or cur.done:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"entry {meta.name!r}: cannot resume generation {gen} at byte {offset}")
+            return cur
+        try:
+            hasher = new_hasher(algo)
+        except FormatError as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"entry {meta.name!r}: {exc}") from None
+        if meta.kind == "pickle":
+            buf = bytearray(meta.nbytes)
+            e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), algo, hasher, payload=buf)
+        else:
+            e = _RecvEntry(meta, gen, self.sink.open_entry(meta), algo, hasher)
+        self.entries[meta.name] = e
+        return e
+
+    def chunk(self, e: _RecvEntry, header: dict[str, Any], data: memoryview) -> None:
+        if header["offset"] != e.offset:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"entry {e.meta.name!r}: chunk at byte {header['offset']}, expected {e.offset}")
+        if e.offset + len(data) > e.meta.nbytes:
+            raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: more than {e.meta.nbytes} bytes")
+        if header["sum"] < 0:
+            if not self.allow_unchecked:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {self.session!r} takes only checked chunks")
+            e.target.write(e.offset, data)
+            e.offset += len(data)
+            self.bytes_received += len(data)
+            return
+        got = chunk_sum(data, e.algo)
+        if got != header["sum"]:
+            raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: chunk at byte {e.offset} "
+                         f"failed its check (expected {header['sum']:x}, got {got:x})")
+        e.target.write(e.offset, data)
+        e.hasher.update(data)
+        e.offset += len(data)
+        self.bytes_received += len(data)
+
+    def end(self, e: _RecvEntry, checksum: str) -> None:
+        if not checksum and self.allow_unchecked:
+            e.done = e.offset == e.meta.nbytes
+            return
+        actual = e.hasher.hexdigest()
+        if e.offset != e.meta.nbytes or actual != checksum:
+            del self.entries[e.meta.name]
+            raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: {e.algo} mismatch "
+                         f"({e.offset} of {e.meta.nbytes} bytes, expected {checksum[:16]}..., got {actual[:16]}...)")
+        e.done = True
+        e.checksum = actual
+
+    def commit(self, manifest: Manifest) -> dict[str, Any]:
+        for m in manifest.entries:
+            e = self.entries.get(m.name)
+            if e is None or not e.done:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"commit: entry {m.name!r} has not arrived whole")
+            if e.checksum != m.checksum:
+                raise _Abort(grpc.StatusCode.DATA_LOSS, f"commit: entry {m.name!r} holds checksum "
+                             f"{e.checksum[:16]}..., the manifest says {m.checksum[:16]}...")
+        pickles = {m.name: bytes(self.entries[m.name].payload or b"") for m in manifest.entries if m.kind == "pickle"}
+        self.committed = self.sink.commit(manifest, pickles) or {}
+        self.manifest = manifest
+        self.committed_event.set()
+        return self.committed
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TransferServer:
+    """Receives pushes for the sessions it `expect`s. `address` may be `host:port` (port 0 picks
+    one; see `.address`) or `unix:/path`."""
+
+    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 4) -> None:
+        self.sessions: dict[str, ReceiveSession] = {}
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        handler = grpc.method_handlers_generic_handler(SERVICE, {
+            "Push": grpc.stream_stream_rpc_method_handler(self._push)})
+        self.server.add_generic_rpc_handlers((handler,))
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise TransferError(f"cannot listen on {address}")
+        self.address = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
+
+    def start(self) -> "TransferServer":
+        self.server.start()
+        return self
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        self.server.stop(grace).wait()
+
+    def expect(self, session: str, sink: Sink, allow_unchecked: bool = False) -> ReceiveSession:
+        """Accepts pushes to `session` into `sink`. `allow_unchecked` lets a sender skip checksums
+        (for measuring the raw channel only)."""
+        with self._lock:
+            s = self.sessions.get(session)
+            if s is None:
+                s = self.sessions[session] = ReceiveSession(session, sink, allow_unchecked)
+            return s
+
+    def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            first = next(requests)
+        except StopIteration:
+            return
+        hello, _ = unframe(first)
+        session = self.sessions.get(hello.get("session", ""))
+        if hello.get("t") != "hello" or session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer session {hello.get('session')!r} here")
+        with session.lock:
+            yield frame({"t": "have", "entries": session.have(), "committed": session.committed is not None})
+            cur: _RecvEntry | None = None
+            t0 = time.perf_counter()
+            n0 = session.bytes_received
+            try:
+                for msg in requests:
+                    h, data = unframe(msg)
+                    kind = h["t"]
+                    if kind == "chunk":
+                        if cur is None:
+                            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk before begin")
+                        session.chunk(cur, h, data)
+                    elif kind == "begin":
+                        cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
+                                            h.get("algo", "sha256"))
+                    elif kind == "end":
+                        if cur is None:
+                            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before begin")
+                        session.end(cur, h["checksum"])
+                        cur = None
+                    elif kind == "commit":
+                        session.commit(Manifest.from_json(h["manifest"]))
+                    else:
+                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown frame {kind!r}")
+            except _Abort as exc:
+                context.abort(exc.code, exc.message)
+            except CheckpointError as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            yield frame({"t": "done", "bytes": session.bytes_received - n0, "seconds": time.perf_counter() - t0,
+                         "committed": session.committed})
+
+

@@ -1,0 +1,199 @@
+"""The transfer channel's sending side: `OutEntry`, `SendStats`, `TransferClient`,
+`raw_entries`. See mesh/checkpoint/transfer.py for the protocol."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, EntryMeta, Manifest, chunk_sum, new_hasher
+from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, frame, unframe
+
+# --- sending --------------------------------------------------------------------------------
+
+@dataclass
+class OutEntry:
+    """An entry to send: its meta (nbytes, dtype, shape), a generation, and its chunks from a byte offset."""
+
+    meta: EntryMeta
+    chunks: Callable[[int], Iterable[bytes | memoryview]]
+    gen: int = 0
+
+
+@dataclass
+class SendStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    entries: int = 0
+    skipped: int = 0
+    attempts: int = 0
+    checksums: dict[str, str] = field(default_factory=dict)
+    committed: dict[str, Any] | None = None
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+ProgressFn = Callable[[int, int, float], None]
+"""progress(bytes_sent, bytes_total, seconds) after each chunk."""
+
+
+class TransferClient:
+    """Pushes entries to one session of a TransferServer, resuming after broken streams."""
+
+    def __init__(self, target: str, session: str, *, chunk_bytes: int = CHUNK_BYTES, retries: int = 5,
+                 progress: ProgressFn | None = None, connect_timeout: float = 30.0, verify: bool = True) -> None:
+        self.target = target
+        self.session = session
+        self.chunk_bytes = chunk_bytes
+        self.retries = retries
+        self.progress = progress
+        self.connect_timeout = connect_timeout
+        self.verify = verify
+        self.algo = DEFAULT_CHECKSUM
+        """False: no CRC or SHA-256 (raw channel measurements; the session must allow it)."""
+        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self._push = self.channel.stream_stream(PUSH)
+        self.cut_after_bytes: int | None = None
+        """test hook: cancel the stream once this many bytes went out (simulates a cut connection)."""
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "TransferClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def send(self, entries: list[OutEntry],
+             commit: Manifest | Callable[[SendStats], Manifest] | None = None) -> SendStats:
+        """Sends `entries` (skipping those the receiver holds whole at the same generation), then
+        commits a manifest when given: a Manifest, or a function of this send's stats (its
+        `checksums` of the entries just sent) called once they are all out."""
+        stats = SendStats()
+        total = sum(e.meta.nbytes for e in entries)
+        partial: dict[str, tuple[int, dict[int, Any]]] = {}  # name -> (gen, {offset: hasher})
+        t0 = time.perf_counter()
+        last_error = ""
+        entry_in_flight = [""]
+        for attempt in range(self.retries + 1):
+            stats.attempts = attempt + 1
+            have_box: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+            cut = [False]
+
+            def requests() -> Iterator[bytes]:
+                yield frame({"t": "hello", "session": self.session})
+                have = have_box.get()
+                if have.get("_stop"):
+                    return
+                held = have["entries"]
+                for e in entries:
+                    name = e.meta.name
+                    h = held.get(name)
+                    if h is not None and h[0] == e.gen and h[2]:
+                        if name not in stats.checksums:
+                            stats.skipped += 1
+                        continue
+                    start, hasher = 0, new_hasher(self.algo)
+                    if h is not None and h[0] == e.gen and h[1] and name in partial and partial[name][0] == e.gen:
+                        snap = partial[name][1].get(h[1])
+                        if snap is not None:
+                            start, hasher = h[1], snap.copy()
+                    boundaries = {start: hasher.copy()}
+                    partial[name] = (e.gen, boundaries)
+                    entry_in_flight[0] = name
+                    yield frame({"t": "begin", "meta": e.meta.to_json(), "gen": e.gen, "offset": start,
+                                 "algo": self.algo})
+                    off = start
+                    for chunk in e.chunks(start):
+                        if not isinstance(chunk, memoryview):
+                            chunk = memoryview(chunk)
+                        if self.verify:
+                            hasher.update(chunk)
+                        csum = chunk_sum(chunk, self.algo) if self.verify else -1
+                        yield frame({"t": "chunk", "offset": off, "sum": csum}, chunk)
+                        off += len(chunk)
+                        if self.verify:
+                            boundaries[off] = hasher.copy()
+                        stats.bytes += len(chunk)
+                        if self.progress:
+                            self.progress(stats.bytes, total, time.perf_counter() - t0)
+                        if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
+                            self.cut_after_bytes = None
+                            cut[0] = True
+                            call.cancel()
+                            return
+                    if off != e.meta.nbytes:
+                        raise TransferError(f"entry {name!r}: produced {off} bytes, declared {e.meta.nbytes}", name)
+                    digest = hasher.hexdigest() if self.verify else ""
+                    yield frame({"t": "end", "checksum": digest})
+                    stats.checksums[name] = digest
+                    stats.entries += 1
+                    partial.pop(name, None)
+                if commit is not None:
+                    manifest = commit(stats) if callable(commit) else commit
+                    yield frame({"t": "commit", "manifest": manifest.to_json()})
+
+            call = self._push(requests(), wait_for_ready=True)
+            unreachable = [False]
+
+            def give_up() -> None:
+                unreachable[0] = True
+                call.cancel()
+            timer = threading.Timer(self.connect_timeout, give_up)
+            timer.daemon = True
+            timer.start()
+            try:
+                try:
+                    first, _ = unframe(next(call))
+                finally:
+                    timer.cancel()
+                have_box.put(first)
+                done = None
+                for msg in call:
+                    done, _ = unframe(msg)
+                stats.seconds = time.perf_counter() - t0
+                stats.committed = done.get("committed") if done else None
+                return stats
+            except grpc.RpcError as exc:
+                if have_box.empty():
+                    have_box.put({"_stop": True})
+                if unreachable[0]:
+                    raise TransferError(f"cannot reach the transfer endpoint {self.target} "
+                                        f"within {self.connect_timeout:g} s") from None
+                code = exc.code() if hasattr(exc, "code") else None
+                last_error = f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and not cut[0]:
+                    break
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    partial.clear()
+                time.sleep(min(0.05 * (2 ** attempt), 1.0) if not cut[0] else 0)
+        raise TransferError(f"transfer to {self.target} (session {self.session}) failed after "
+                            f"{stats.attempts} attempts: {last_error}", entry_in_flight[0])
+
+
+def raw_entries(nbytes: int, chunk_bytes: int = CHUNK_BYTES, entry_bytes: int = 64 << 20,
+                gen: int = 0) -> list[OutEntry]:
+    """`nbytes` of synthetic entries that share one buffer: for measuring the channel (a new
+    `gen` for each send to the same session, or the receiver skips what it holds)."""
+    buf = memoryview(bytes(range(256)) * (entry_bytes // 256 + 1))[:entry_bytes]
+    out = []
+    i = 0
+    while nbytes > 0:
+        n = min(nbytes, entry_bytes)
+        view = buf[:n]
+        out.append(OutEntry(EntryMeta(name=f"raw/{i}", kind="tensor", nbytes=n, dtype="uint8",
+                                      shape=[n]),
+                            lambda start, v=view: (v[o:o + chunk_bytes] for o in range(start, len(v), chunk_bytes)),
+                            gen=gen))
+        nbytes -= n
+        i += 1
+    return out
