@@ -99,6 +99,38 @@ def test_preemption_reprieves_victims_it_does_not_need():
     assert d.ok and d.victims == ["low1"]
 
 
+@pytest.mark.parametrize("name,held_prios,count,want_victims", [
+    # a spread gang of 2 on two full 2-GPU nodes: the two lowest priorities, one on each node,
+    # rather than both GPUs of one node (which would take a priority 3 victim)
+    ("lowest priorities over two nodes", {"a0": (1, 0), "a1": (3, 1), "b0": (2, 2), "b1": (9, 3)}, 2,
+     ["a0", "b0"]),
+    # a gang of 4 needs every GPU; one holder outranks it: nothing
+    ("a holder of higher priority blocks", {"a0": (1, 0), "a1": (1, 1), "b0": (2, 2), "b1": (9, 3)}, 4, None),
+    # a gang of 4 over both nodes: victims on both, never more than needed
+    ("victims on several nodes", {"a0": (1, 0), "a1": (2, 1), "b0": (3, 2), "b1": (4, 3)}, 4,
+     ["a0", "a1", "b0", "b1"]),
+])
+def test_preemption_for_a_gang_spread_over_nodes(name, held_prios, count, want_victims):
+    fleet = make_fleet(("a", [("L4", False)] * 2), ("b", [("L4", False)] * 2))
+    for alloc, (p, gi) in held_prios.items():
+        held(fleet, p, alloc, "a" if gi < 2 else "b", gi % 2)
+    r = req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, count=count, topology=t.TOPOLOGY_ANY,
+            priority=5, preempt=True)
+    d = profiles.build("default").schedule(r, fleet)
+    if want_victims is None:
+        assert not d.ok
+        return
+    assert d.ok and sorted(d.victims) == want_victims
+    assert len(d.choices) == count and len({(c.node, c.gpu_index) for c in d.choices}) == count
+    freed = {(("a", "b")[held_prios[v][1] // 2], held_prios[v][1] % 2) for v in d.victims}
+    taken = {(c.node, c.gpu_index) for c in d.choices}
+    assert taken - freed <= {(n, i) for n in "ab" for i in range(2)} - \
+        {(("a", "b")[gi // 2], gi % 2) for _, gi in held_prios.values()}   # only free or freed GPUs
+    assert {c.node for c in d.choices} == {"a", "b"}
+    # the snapshot is as it was: the controller evicts the victims
+    assert sum(len(g.slices) for n in fleet.nodes.values() for g in n.gpus) == len(held_prios)
+
+
 def test_quota_refusal_names_the_quota():
     fleet = make_fleet(("a", [("L4", False)] * 2))
     fw = profiles.from_config({"args": {"TenantQuota": {"tenants": {"t": {"max_slices": 1}}}}})

@@ -78,7 +78,10 @@ class Plugin:
                  refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
                  demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1,
                  host_in_types: bool = True, cpu_types: bool = False, normalize: bool = False,
-                 gpu_choice: str = "canonical") -> None:
+                 gpu_choice: str = "canonical", scale: float = 1000.0) -> None:
+        if not isinstance(scale, (int, float)) or scale <= 0:
+            raise ValueError(f"{NAME}: scale must be a number > 0, not {scale!r}")
+        self.scale = float(scale)
         for k, v in (("cpu_types", cpu_types), ("normalize", normalize)):
             if not isinstance(v, bool):
                 raise ValueError(f"{NAME}: {k} must be true or false, not {v!r}")
@@ -217,7 +220,7 @@ class Plugin:
             key = type_of(req)
             d = d * 1000 / max(1, key[0] * key[1]) if key else d
         if self.integer:
-            return float(int(100 / (1 + math.exp(d / 1000))))
+            return float(int(100 / (1 + math.exp(min(700.0, d / self.scale)))))
         return -d / 1000
 
 
