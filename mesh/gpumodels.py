@@ -105,7 +105,8 @@ _MIG_SHAPES = (
 
 
 def _mig_table(gb: dict[int, int], mib: dict[int, int], sms: dict[int, int]) -> tuple[MigProfile, ...]:
-    """Build the 7-profile table; gb/mib keyed by memory slices, sms by compute slices."""
+    """Build the 7-profile table; gb/mib keyed by memory slices, sms by compute slices (or by
+    (compute, memory) slices where a profile differs, as H100's 1g.20gb with 26 SMs)."""
     out = []
     for compute, mem, me, gi_enum, gi_id, ci_enum, max_n, starts in _MIG_SHAPES:
         out.append(
@@ -119,7 +120,7 @@ def _mig_table(gb: dict[int, int], mib: dict[int, int], sms: dict[int, int]) -> 
                 max_instances=max_n,
                 starts=starts,
                 memory_mib=mib[mem],
-                multiprocessors=sms[compute],
+                multiprocessors=sms.get((compute, mem), sms[compute]),
                 media_extensions=me,
             )
         )
@@ -127,7 +128,7 @@ def _mig_table(gb: dict[int, int], mib: dict[int, int], sms: dict[int, int]) -> 
 
 
 _A100_SMS = {1: 14, 2: 28, 3: 42, 4: 56, 7: 98}
-_H100_SMS = {1: 16, 2: 32, 3: 60, 4: 64, 7: 132}
+_H100_SMS = {1: 16, (1, 2): 26, 2: 32, 3: 60, 4: 64, 7: 132}  # as NVML reports on an H100 80GB HBM3
 _MIG_ISOLATIONS = frozenset({"mig", "mps", "timeshare", "exclusive"})
 _PLAIN_ISOLATIONS = frozenset({"mps", "timeshare", "exclusive"})
 

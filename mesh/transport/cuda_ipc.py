@@ -34,11 +34,17 @@ def _torch():
 
 
 class CudaIpcConnection:
-    def __init__(self, descriptor: BufferDescriptor) -> None:
+    def __init__(self, descriptor: BufferDescriptor, local=None) -> None:
+        """`local`: the registered tensor itself when the peer is this process (CUDA refuses to open
+        a process's own IPC handle: cudaErrorDeviceUninitialized, "invalid device context")."""
         torch = _torch()
         self.descriptor = descriptor
-        storage = torch.UntypedStorage._new_shared_cuda(*pickle.loads(descriptor.ipc_handle))
-        self.tensor = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        if local is not None:
+            self.tensor = local.view(torch.uint8).reshape(-1)
+        else:
+            torch.cuda.init()  # opening a handle in a process that has not touched CUDA yet segfaults
+            storage = torch.UntypedStorage._new_shared_cuda(*pickle.loads(descriptor.ipc_handle))
+            self.tensor = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         self.torch = torch
 
     def write(self, offset: int, data) -> int:
@@ -91,7 +97,7 @@ class CudaIpcTransport:
         self.buffers.pop(buffer_id, None)
 
     def connect(self, descriptor: BufferDescriptor) -> CudaIpcConnection:
-        return CudaIpcConnection(descriptor)
+        return CudaIpcConnection(descriptor, local=self.buffers.get(descriptor.buffer_id))
 
     def close(self) -> None:
         self.buffers.clear()

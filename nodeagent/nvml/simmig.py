@@ -91,6 +91,14 @@ class MigApi:
             raise err(_n.NVML_ERROR_NOT_SUPPORTED)
         return gpu, model
 
+    def _mig_capable(self, idx: int) -> GpuModel:
+        """The model, for the queries a real MIG-capable GPU answers with MIG disabled too (profile
+        info, possible placements, the list of GPU instances: seen on an H100 with MIG off)."""
+        model = self._model(idx)
+        if not model.mig_capable:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        return model
+
     @staticmethod
     def _gi_profile(model: GpuModel, profile_id: int, code: int = _n.NVML_ERROR_INVALID_ARGUMENT) -> MigProfile:
         for p in model.mig_profiles:
@@ -121,7 +129,8 @@ class MigApi:
         if version not in (1, 2):
             raise err(_n.NVML_ERROR_FUNCTION_NOT_FOUND)
         idx = self._device(device)
-        _, model = self._mig_gpu(self._read(), idx)
+        self._read()
+        model = self._mig_capable(idx)
         if not 0 <= profile < _n.NVML_GPU_INSTANCE_PROFILE_COUNT:
             raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
         for p in model.mig_profiles:
@@ -133,14 +142,16 @@ class MigApi:
 
     def nvmlDeviceGetGpuInstanceProfileInfoById(self, device: Any, profileId: int) -> Any:
         idx = self._device(device)
-        _, model = self._mig_gpu(self._read(), idx)
+        self._read()
+        model = self._mig_capable(idx)
         return self._gi_info_struct(self._gi_profile(model, profileId, _n.NVML_ERROR_NOT_SUPPORTED), 2)
 
     nvmlDeviceGetGpuInstanceProfileInfoByIdV = nvmlDeviceGetGpuInstanceProfileInfoById
 
     def nvmlDeviceGetGpuInstanceRemainingCapacity(self, device: Any, profileId: int) -> int:
         idx = self._device(device)
-        gpu, model = self._mig_gpu(self._read(), idx)
+        gpu = self._read()["gpus"][idx]
+        model = self._mig_capable(idx)  # with MIG off, a real H100 answers the capacity of an empty GPU
         p = self._gi_profile(model, profileId)
         layout = self._layout(model, gpu)
         n = 0
@@ -224,7 +235,8 @@ class MigApi:
 
     def nvmlDeviceGetGpuInstances(self, device: Any, profileId: int, gpuInstancesRef: Any, countRef: Any) -> int:
         idx = self._device(device)
-        gpu, model = self._mig_gpu(self._read(), idx)
+        gpu = self._read()["gpus"][idx]
+        model = self._mig_capable(idx)
         self._gi_profile(model, profileId)
         count = uint_out(countRef)
         found = sorted((g for g in gpu["gis"] if g["profile_id"] == profileId), key=lambda g: g["id"])
@@ -237,7 +249,8 @@ class MigApi:
 
     def nvmlDeviceGetGpuInstanceById(self, device: Any, gpuInstanceId: int) -> GpuInstanceHandle:
         idx = self._device(device)
-        gpu, _ = self._mig_gpu(self._read(), idx)
+        gpu = self._read()["gpus"][idx]
+        self._mig_capable(idx)  # with MIG off: NOT_FOUND, as a real H100 answers
         for g in gpu["gis"]:
             if g["id"] == gpuInstanceId:
                 return GpuInstanceHandle(idx, g["uid"])

@@ -234,8 +234,13 @@ def test_mig_mode_pending_until_reset(start):
     n, _ = start(make_host("pending", 2, "A100-40GB", mig=False))
     dev = n.nvmlDeviceGetHandleByIndex(0)
     assert n.nvmlDeviceGetMigMode(dev) == [0, 0] and n.nvmlDeviceGetMaxMigDeviceCount(dev) == 0
-    with pytest.raises(n.NVMLError_NotSupported):
-        n.nvmlDeviceGetGpuInstanceProfileInfo(dev, pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE)
+    # a MIG-capable GPU describes its profiles with MIG off too (as a real H100 does), lists no
+    # instances, and refuses to create one
+    info = n.nvmlDeviceGetGpuInstanceProfileInfo(dev, pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE)
+    assert (info.sliceCount, info.instanceCount) == (1, 7)
+    count = c_uint(7)
+    n.nvmlDeviceGetGpuInstances(dev, info.id, (n.c_nvmlGpuInstance_t * 7)(), byref(count))
+    assert count.value == 0
     assert n.nvmlDeviceSetMigMode(dev, pynvml.NVML_DEVICE_MIG_ENABLE) == pynvml.NVML_ERROR_RESET_REQUIRED
     assert n.nvmlDeviceGetMigMode(dev) == [0, 1]
     with pytest.raises(n.NVMLError_NotSupported):

@@ -93,13 +93,35 @@ def test_mesh_is_faster_for_migration():
     assert not mesh_is_faster(1 << 30, mesh_mb_per_s=0, stream_mb_per_s=400)
 
 
-def test_cuda_ipc():
+CUDA_PEER = """
+import base64, pickle, sys
+from mesh.transport.cuda_ipc import CudaIpcConnection
+d = pickle.loads(base64.b64decode(sys.argv[1]))
+c = CudaIpcConnection(d)
+sys.stdout.write(c.read(0, 4096).hex() + "\\n")
+c.write(8192, bytes(range(256)) * 16)
+sys.stdout.flush()
+"""
+
+
+def test_cuda_ipc_across_processes():
+    """A slice's device buffer opened by a peer process: it reads what the owner wrote and the owner
+    sees what it wrote, through the same device memory."""
     ok, why = cuda_ipc.available()
     if not ok:
         pytest.skip(f"CUDA IPC needs a CUDA GPU: {why}")
+    import base64
+    import pickle
     t = cuda_ipc.CudaIpcTransport("n1")
     d = t.register("s-1", 1 << 20)
-    data = os.urandom(1 << 16)
-    c = t.connect(d)
-    c.write(100, data)
-    assert c.read(100, len(data)) == data
+    data = os.urandom(4096)
+    own = t.connect(d)  # the owner's own handle: the registered tensor itself
+    own.write(0, data)
+    r = subprocess.run([sys.executable, "-c", CUDA_PEER, base64.b64encode(pickle.dumps(d)).decode()],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert bytes.fromhex(r.stdout.split()[0]) == data
+    assert own.read(8192, 4096) == bytes(range(256)) * 16
+    own.close()
+    t.close()
