@@ -14,7 +14,7 @@ import grpc
 
 from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, CheckpointWriter, EntryMeta, FormatError,
                                     Manifest, chunk_sum, entry_file, new_hasher)
-from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, frame, unframe
+from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, cumulative_sum, frame, unframe
 
 # --- receiving ------------------------------------------------------------------------------
 
@@ -98,6 +98,7 @@ class _RecvEntry:
     done: bool = False
     checksum: str = ""
     payload: bytearray | None = None  # pickle entries are kept in memory for the sink's commit
+    cumulative: bool = False          # chunk checks are the running digest (one pass), else CRC/xxh3-64
 
 
 class ReceiveSession:
@@ -117,12 +118,13 @@ class ReceiveSession:
     def have(self) -> dict[str, list[Any]]:
         return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}
 
-    def begin(self, meta: EntryMeta, gen: int, offset: int, algo: str) -> _RecvEntry:
+    def begin(self, meta: EntryMeta, gen: int, offset: int, algo: str, check: str = "") -> _RecvEntry:
         cur = self.entries.get(meta.name)
         if offset:
             if cur is None or cur.gen != gen or cur.offset != offset or cur.done:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                              f"entry {meta.name!r}: cannot resume generation {gen} at byte {offset}")
+            cur.cumulative = check == "cumulative"
             return cur
         try:
             hasher = new_hasher(algo)
@@ -133,6 +135,7 @@ class ReceiveSession:
             e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), algo, hasher, payload=buf)
         else:
             e = _RecvEntry(meta, gen, self.sink.open_entry(meta), algo, hasher)
+        e.cumulative = check == "cumulative"
         self.entries[meta.name] = e
         return e
 
@@ -149,12 +152,20 @@ class ReceiveSession:
             e.offset += len(data)
             self.bytes_received += len(data)
             return
-        got = chunk_sum(data, e.algo)
+        if e.cumulative:
+            before = e.hasher.copy()
+            e.hasher.update(data)
+            got = cumulative_sum(e.hasher)
+        else:
+            got = chunk_sum(data, e.algo)
         if got != header["sum"]:
+            if e.cumulative:
+                e.hasher = before
             raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: chunk at byte {e.offset} "
                          f"failed its check (expected {header['sum']:x}, got {got:x})")
         e.target.write(e.offset, data)
-        e.hasher.update(data)
+        if not e.cumulative:
+            e.hasher.update(data)
         e.offset += len(data)
         self.bytes_received += len(data)
 
@@ -248,7 +259,7 @@ class TransferServer:
                         session.chunk(cur, h, data)
                     elif kind == "begin":
                         cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
-                                            h.get("algo", "sha256"))
+                                            h.get("algo", "sha256"), h.get("check", ""))
                     elif kind == "end":
                         if cur is None:
                             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before begin")

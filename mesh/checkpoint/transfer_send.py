@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, EntryMeta, Manifest, chunk_sum, new_hasher
-from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, frame, unframe
+from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, EntryMeta, Manifest, new_hasher
+from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, cumulative_sum, frame, unframe
 
 # --- sending --------------------------------------------------------------------------------
 
@@ -111,14 +111,14 @@ class TransferClient:
                     partial[name] = (e.gen, boundaries)
                     entry_in_flight[0] = name
                     yield frame({"t": "begin", "meta": e.meta.to_json(), "gen": e.gen, "offset": start,
-                                 "algo": self.algo})
+                                 "algo": self.algo, "check": "cumulative"})
                     off = start
                     for chunk in e.chunks(start):
                         if not isinstance(chunk, memoryview):
                             chunk = memoryview(chunk)
                         if self.verify:
-                            hasher.update(chunk)
-                        csum = chunk_sum(chunk, self.algo) if self.verify else -1
+                            hasher.update(chunk)            # the one pass over the bytes
+                        csum = cumulative_sum(hasher) if self.verify else -1
                         yield frame({"t": "chunk", "offset": off, "sum": csum}, chunk)
                         off += len(chunk)
                         if self.verify:

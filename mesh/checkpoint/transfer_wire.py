@@ -23,6 +23,13 @@ class TransferError(CheckpointError):
         self.entry = entry
 
 
+def cumulative_sum(hasher: Any) -> int:
+    """The per-chunk check: 64 bits of the entry's running digest after the chunk (no second
+    pass over the bytes; a receiver whose digest matched up to the chunk before checks this
+    chunk with it)."""
+    return int.from_bytes(hasher.digest()[:8], "little")
+
+
 # --- frames ---------------------------------------------------------------------------------
 
 def frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:

@@ -110,6 +110,26 @@ def test_corrupt_chunk_and_entry_are_refused_and_named():
         s.commit(Manifest("w", 0, [meta]))
 
 
+def test_cumulative_chunk_check_refuses_a_corrupt_chunk_and_takes_it_again():
+    """The sender's per-chunk check is 64 bits of the running digest (one pass over the bytes);
+    a corrupt chunk is refused without spoiling the receiver's running digest."""
+    from mesh.checkpoint.format import DEFAULT_CHECKSUM, new_hasher
+    from mesh.checkpoint.transfer_wire import cumulative_sum
+    s = ReceiveSession("x", MemorySink())
+    meta = EntryMeta(name="module/m/w", kind="tensor", nbytes=8, dtype="uint8", shape=[8])
+    e = s.begin(meta, gen=0, offset=0, algo=DEFAULT_CHECKSUM, check="cumulative")
+    h = new_hasher(DEFAULT_CHECKSUM)
+    h.update(b"abcd")
+    s.chunk(e, {"offset": 0, "sum": cumulative_sum(h)}, memoryview(b"abcd"))
+    h.update(b"efgh")
+    with pytest.raises(_Abort) as exc:
+        s.chunk(e, {"offset": 4, "sum": cumulative_sum(h)}, memoryview(b"efgX"))     # corrupted on the way
+    assert exc.value.code == grpc.StatusCode.DATA_LOSS and e.offset == 4
+    s.chunk(e, {"offset": 4, "sum": cumulative_sum(h)}, memoryview(b"efgh"))         # the resend
+    s.end(e, h.hexdigest())
+    assert e.done and e.checksum == h.hexdigest()
+
+
 def test_unknown_session_fails_without_retrying(server):
     with TransferClient(server.address, "nope", retries=3) as c:
         with pytest.raises(TransferError, match="no transfer session 'nope'") as exc:
