@@ -174,7 +174,7 @@ class Controller:
         return alloc_id, await self._gather(alloc_id, [s.id for s in slices], waits, timeout)
 
     async def _await_ready(self, alloc_id: str, no_wait: bool, timeout: float) -> list[types_pb2.Slice]:
-        ids = [s.id for s in self.fleet.slices.values() if s.allocation_id == alloc_id]
+        ids = [s.id for s in self.fleet.slices_of(alloc_id)]
         if no_wait:
             return [self.fleet.slices[i] for i in ids]
         waits = []
@@ -206,7 +206,7 @@ class Controller:
     def find(self, ident: str) -> list[types_pb2.Slice]:
         if ident in self.fleet.slices:
             return [self.fleet.slices[ident]]
-        group = [s for s in self.fleet.slices.values() if s.allocation_id == ident]
+        group = self.fleet.slices_of(ident)
         if not group:
             raise errors.NotFound(f"no slice or allocation {ident!r}", kind="slice", name=ident)
         return group

@@ -280,6 +280,7 @@ class Fleet:
         # tenant -> [slices, GPU memory bytes, GPUs (sum of compute shares)], for quotas
         self.usage: dict[str, list] = {}
         self.by_node: dict[str, dict[str, None]] = {}   # node -> ids of its slices (insertion order)
+        self.by_allocation: dict[str, dict[str, None]] = {}  # allocation id -> ids of its slices
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -354,6 +355,9 @@ class Fleet:
                 self.by_node.get(old.node, {}).pop(s.id, None)
         self.slices[s.id] = s
         self.by_node.setdefault(s.node, {})[s.id] = None
+        if old is not None and old.allocation_id != s.allocation_id:
+            self._forget_allocation(old.allocation_id, s.id)
+        self.by_allocation.setdefault(s.allocation_id, {})[s.id] = None
         self._account(s, 1)
         if revision:
             self.revisions[s.id] = revision
@@ -366,7 +370,19 @@ class Fleet:
             self._unplace(s)
             self._account(s, -1)
             self.by_node.get(s.node, {}).pop(slice_id, None)
+            self._forget_allocation(s.allocation_id, slice_id)
         return s
+
+    def _forget_allocation(self, allocation_id: str, slice_id: str) -> None:
+        group = self.by_allocation.get(allocation_id)
+        if group is not None:
+            group.pop(slice_id, None)
+            if not group:
+                del self.by_allocation[allocation_id]
 
     def slices_on(self, node: str) -> list[types_pb2.Slice]:
         return [self.slices[i] for i in self.by_node.get(node, ())]
+
+    def slices_of(self, allocation_id: str) -> list[types_pb2.Slice]:
+        """The slices of an allocation, in the order they were added."""
+        return [self.slices[i] for i in self.by_allocation.get(allocation_id, ())]

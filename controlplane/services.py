@@ -49,7 +49,7 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
         rid = _check_id(request.id, "id")
         if not auth.current().admin:
             owners = {s.tenant for s in ([self.ctl.fleet.slices[rid]] if rid in self.ctl.fleet.slices else
-                                         [s for s in self.ctl.fleet.slices.values() if s.allocation_id == rid])}
+                                         self.ctl.fleet.slices_of(rid))}
             if owners and not all(auth.visible(t) for t in owners):
                 raise errors.NotFound(f"no slice or allocation {rid!r}", kind="slice", name=rid)
         slices = await self.ctl.release(rid)
