@@ -124,3 +124,44 @@ def test_bench_schedule_small(capsys):
     assert r["gpus"] == 64 and r["placed"] + r["refused"] == 50 and r["p99_ms"] >= r["p50_ms"] > 0
     assert main(["bench", "schedule", "--gpus", "16", "--requests", "5", "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["gpus"] == 16
+
+
+def test_node_order_is_a_seeded_shuffle_or_the_files(files):
+    nodes = trace.load_nodes(str(files / "openb_node_list_small.csv"))
+    assert sim.node_order(nodes, 0, "file") == nodes
+    a, b = sim.node_order(nodes, 1), sim.node_order(nodes, 1)
+    assert a == b and sorted(n.name for n in a) == sorted(n.name for n in nodes)
+    assert len({tuple(n.name for n in sim.node_order(nodes, s)) for s in range(10)}) > 1   # seeds differ
+    with pytest.raises(ValueError, match="node order"):
+        sim.node_order(nodes, 0, "sideways")
+
+
+def test_type_counts_keep_cpu_pods_apart_and_the_metric_ignores_them(files):
+    pods = trace.load_pods(str(files / "openb_pod_list_small.csv"))
+    counts = sim.type_counts(pods)
+    assert counts[(0, 0, 2000, frozenset())] == 1
+    assert all(m.gpus for m in sim.typical_mix(pods, coverage=1.0))
+
+
+def test_timeline_curve_is_averaged_over_seeds(files, capsys):
+    nodes = trace.load_nodes(str(files / "openb_node_list_small.csv"))
+    pods = trace.load_pods(str(files / "openb_pod_list_small.csv"))
+    runs = [sim.run_timeline(nodes, pods, "random", seed=s, points=20) for s in range(3)]
+    avg = sim.average_timeline(runs)
+    assert len(avg) == min(len(r.curve) for r in runs)
+    for i, p in enumerate(avg):
+        assert p["load"] == runs[0].curve[i]["load"]
+        assert p["fragmented_gpus"] == pytest.approx(sum(r.curve[i]["fragmented_gpus"] for r in runs) / 3, abs=0.01)
+    assert main(["sim", "--trace-dir", str(files), "--nodes", "small", "--pods", "small", "--seeds", "3",
+                 "--policy", "random", "--jobs", "1", "--mode", "timeline", "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["seeds"] == 3 and doc["curve"] == avg
+
+
+def test_baselines_are_the_artifacts(files):
+    """The replay's baselines score as the FGD artifact does (whole numbers, ties to node order)."""
+    from controlplane.scheduler import profiles
+    assert profiles.build("packing").plugin("Packing").integer
+    assert profiles.build("bestfit").plugin("BestFit").integer
+    f = profiles.build("fgd").plugin("FragmentationGradient")
+    assert (f.integer, f.cpu_types, f.normalize) == (True, True, True)

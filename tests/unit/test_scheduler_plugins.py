@@ -271,3 +271,115 @@ def test_plugin_constructors_validate_their_arguments(plugin, args, match):
     from controlplane.scheduler.plugins import REGISTRY
     with pytest.raises(ValueError, match=match):
         REGISTRY[plugin](**args)
+
+
+def _mps(fleet, node: str, gpu: int, share: float, sid: str) -> None:
+    mem = fleet.nodes[node].gpus[gpu].memory_bytes
+    fleet.put_slice(t.Slice(id=sid, node=node, gpu_index=gpu, memory_bytes=int(share * mem),
+                            compute_share=share, isolation=t.ISOLATION_MPS))
+
+
+@pytest.mark.parametrize("name,used,spec,gpu,want", [
+    # the artifact's GPU-packing tiers, in whole numbers
+    ("idle node of 4 GPUs: 33 - 4", {}, {"compute_share": 0.25}, 0, 29),
+    ("used GPU half free: 100 - 50/10", {0: 0.5}, {"compute_share": 0.25}, 0, 95),
+    ("idle GPU of a used node: 50 - 1", {0: 0.5}, {"compute_share": 0.25}, 1, 49),
+    ("two idle GPUs of a used node: 50 - 2", {0: 0.5}, {"count": 2, "topology": t.TOPOLOGY_SAME_NODE,
+                                                      "isolation": t.ISOLATION_EXCLUSIVE}, None, 48),
+    ("no GPU asked for: 0", {}, "host", None, 0),
+])
+def test_packing_integer_tiers(name, used, spec, gpu, want):
+    from controlplane.scheduler.plugins import packing
+    fleet = make_fleet(("n", [("L4", False)] * 4))
+    for i, share in used.items():
+        _mps(fleet, "n", i, share, f"u{i}")
+    node = fleet.nodes["n"]
+    if spec == "host":   # a request for host CPU only (the trace's CPU pods; not in the API)
+        from tools.replay.trace import TracePod, request_of
+        r = request_of(TracePod("p", 1000, 1024, 0, 0))
+    else:
+        r = req(**{"isolation": t.ISOLATION_MPS, "memory_bytes": GiB, **spec})
+    fw = profiles.build("packing")
+    opts = fw.node_options(CycleState(), r, node)
+    if gpu is not None:
+        opts = [o for o in opts if node.gpus[node.gpu_order()[o[0].rank]].index == gpu]
+    assert packing.Plugin(integer=True).score(CycleState(), r, node, opts[0]) == want
+
+
+@pytest.mark.parametrize("name,cpu_used,gpus_used,want", [
+    # 100 x (1 - (free CPU after / 128 cores + free GPU after / 8 GPUs) / 2), whole numbers
+    ("empty 64-core 4-GPU node, one GPU asked", 0, 0, int((1 - (64 / 128 + 3 / 8) / 2) * 100)),
+    ("fuller node scores higher", 32000, 2, int((1 - (32 / 128 + 1 / 8) / 2) * 100)),
+])
+def test_bestfit_integer(name, cpu_used, gpus_used, want):
+    from controlplane.scheduler.plugins import bestfit
+    fleet = make_fleet(("n", [("L4", False)] * 4))
+    with_host(fleet, "n", 64000, 256 * GiB)
+    for i in range(gpus_used):
+        fleet.put_slice(t.Slice(id=f"x{i}", node="n", gpu_index=i, memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE,
+                                cpu_milli=cpu_used // max(1, gpus_used)))
+    if cpu_used and not gpus_used:
+        fleet.put_slice(t.Slice(id="h", node="n", gpu_index=-1, isolation=t.ISOLATION_HOST, cpu_milli=cpu_used))
+    node = fleet.nodes["n"]
+    r = req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE)
+    opt = profiles.build("bestfit").node_options(CycleState(), r, node)[0]
+    assert bestfit.Plugin(integer=True).score(CycleState(), r, node, opt) == want
+
+
+@pytest.mark.parametrize("name,counts,cpu_types,normalize,want", [
+    ("host-only types left out", {(1, 1000, 0, frozenset()): 6, (0, 0, 4000, frozenset()): 4}, False, False,
+     {(1, 1000): 1.0}),
+    ("host-only types kept (the artifact)", {(1, 1000, 0, frozenset()): 6, (0, 0, 4000, frozenset()): 4}, True,
+     False, {(1, 1000): 0.6, (0, 0): 0.4}),
+    ("share of all requests", {(1, 1000, 0, frozenset()): 90, (1, 500, 0, frozenset()): 5,
+                               (1, 100, 0, frozenset()): 5}, False, False, {(1, 1000): 0.9, (1, 500): 0.05}),
+    ("normalized over the kept types", {(1, 1000, 0, frozenset()): 90, (1, 500, 0, frozenset()): 5,
+                                        (1, 100, 0, frozenset()): 5}, False, True,
+     {(1, 1000): 0.9 / 0.95, (1, 500): 0.05 / 0.95}),
+])
+def test_fgd_mix_from_counts(name, counts, cpu_types, normalize, want):
+    from collections import Counter
+    p = fgd.Plugin(cpu_types=cpu_types, normalize=normalize)
+    p.set_counts(Counter(counts))
+    assert {(m.gpus, m.milli): m.weight for m in p.mix} == pytest.approx(want)
+
+
+def test_fgd_host_only_type_counts_all_free_gpu():
+    mix = [fgd.MixType(0, 0, 4000, weight=0.5), fgd.MixType(1, 500, weight=0.5)]
+    assert fgd.frag_of(mix, "T4", 1e9, (1000, 300)) == pytest.approx(0.5 * 1300 + 0.5 * 300)
+
+
+def test_fgd_integer_score_is_the_artifacts():
+    fleet = make_fleet(("n", [("L4", False)] * 2))
+    node = fleet.nodes["n"]
+    p = fgd.Plugin(integer=True)
+    p.set_mix([fgd.MixType(1, 1000, weight=1.0)])
+    r = req(memory_bytes=GiB, isolation=t.ISOLATION_MPS, compute_share=0.25)
+    opt = profiles.build("fgd").node_options(CycleState(), r, node)[0]
+    # 250 milli taken from an idle GPU: fragment 2000 - 1000 ... the 750 left is unusable by whole-GPU pods
+    assert p.score(CycleState(), r, node, opt) == int(100 / (1 + __import__("math").exp(750 / 1000)))
+
+
+class _Flat:
+    """A score plugin that scores every option alike and prefers the fuller GPU inside a node."""
+    NAME = "Flat"
+    cacheable = True
+
+    def score(self, state, req, node, option):
+        return 1.0
+
+    def tiebreak(self, state, req, node, option):
+        from controlplane.scheduler.framework import gpu_of
+        from controlplane.scheduler.plugins._gpu import free_milli
+        return -sum(free_milli(gpu_of(node, p)) for p in option)
+
+
+def test_tiebreak_chooses_the_gpu_inside_a_node_never_the_node():
+    from controlplane.scheduler.framework import Framework, Profile
+    from controlplane.scheduler.plugins import noderesources
+    fleet = make_fleet(("a", [("L4", False)] * 2), ("b", [("L4", False)]))
+    _mps(fleet, "a", 1, 0.5, "half")
+    _mps(fleet, "b", 0, 0.7, "most")   # b's GPU is the fullest of all, but b comes second
+    fw = Framework(Profile("t", [noderesources.Plugin(), _Flat()], {"Flat": 1.0}))
+    c = fw.schedule(req(memory_bytes=GiB, isolation=t.ISOLATION_MPS, compute_share=0.25), fleet).choices[0]
+    assert (c.node, c.gpu_index) == ("a", 1)

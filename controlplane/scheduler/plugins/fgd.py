@@ -24,7 +24,7 @@ from mesh.slicespec import SliceRequest
 
 NAME = "FragmentationGradient"
 WEIGHTINGS = ("count", "demand", "gangs")
-GPU_CHOICES = ("canonical", "fullest")
+GPU_CHOICES = ("canonical", "fullest", "exact")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,10 @@ class Plugin:
                  refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
                  demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1,
                  host_in_types: bool = True, cpu_types: bool = False, normalize: bool = False,
-                 gpu_choice: str = "canonical", scale: float = 1000.0) -> None:
+                 gpu_choice: str = "canonical", scale: float = 1000.0, quantum: float = 0.0) -> None:
+        if not isinstance(quantum, (int, float)) or quantum < 0:
+            raise ValueError(f"{NAME}: quantum must be a number >= 0, not {quantum!r}")
+        self.quantum = float(quantum)
         if not isinstance(scale, (int, float)) or scale <= 0:
             raise ValueError(f"{NAME}: scale must be a number > 0, not {scale!r}")
         self.scale = float(scale)
@@ -90,7 +93,7 @@ class Plugin:
         self.cpu_types, self.normalize = cpu_types, normalize
         # among a node's options with equal scores: the fullest GPU (the artifact's lowest GPU
         # index, which it fills first) or the first in the node's canonical order
-        self.tiebreak = self._fuller if gpu_choice == "fullest" else None
+        self.tiebreak = {"fullest": self._fuller, "exact": self._exact}.get(gpu_choice)
         if not isinstance(host_in_types, bool):
             raise ValueError(f"{NAME}: host_in_types must be true or false, not {host_in_types!r}")
         self.host_in_types = host_in_types
@@ -211,6 +214,9 @@ class Plugin:
         after = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)))
         return after - before
 
+    def _exact(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
+        return -self.delta(node, option)
+
     def _fuller(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
         return -sum(free_milli(g) for p in option if (g := gpu_of(node, p)) is not None)
 
@@ -219,6 +225,8 @@ class Plugin:
         if self.per_gpu:   # per GPU asked for, so other scores weigh the same for small and large requests
             key = type_of(req)
             d = d * 1000 / max(1, key[0] * key[1]) if key else d
+        if self.quantum:   # whole steps of `quantum` milli-GPUs: near-ties to node order, no saturation
+            return float(math.floor(-d / self.quantum))
         if self.integer:
             return float(int(100 / (1 + math.exp(min(700.0, d / self.scale)))))
         return -d / 1000
