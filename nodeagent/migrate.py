@@ -81,7 +81,7 @@ class _SourceLink:
             self.report(R.PROGRESS, round=M.MigrationRound(
                 round=int(r.get("round", 0)), entries=int(r.get("entries", 0)), bytes=int(r.get("bytes", 0)),
                 seconds=float(r.get("seconds", 0.0)), paused=cmd == "final"),
-                bytes=self.job.bytes_sent, mb_per_s=float(r.get("mb_per_s", 0.0)))
+                bytes=self.job.bytes_sent, mb_per_s=float(r.get("mb_per_s", 0.0)), transfer=r.get("transport", ""))
         return r
 
 
@@ -265,7 +265,7 @@ class MigrationAgent:
             job.final = M.MigrationReport(
                 migration_id=job.migration_id, event=R.RESTORED, step=res.step, bytes=res.bytes_sent,
                 state_bytes=res.state_bytes, downtime_ms=res.downtime_ms, total_ms=res.total_ms,
-                mb_per_s=res.bytes_sent / 1e6 / max(res.total_ms / 1e3, 1e-9))
+                mb_per_s=res.bytes_sent / 1e6 / max(res.total_ms / 1e3, 1e-9), transfer=res.transport)
         except (MigrationFailed, Cancelled, OSError, ConnectionError) as e:
             job.final = M.MigrationReport(migration_id=job.migration_id, event=R.FAILED, message=str(e))
         finally:
@@ -403,7 +403,7 @@ class MigrationAgent:
             server = TransferServer("127.0.0.1:0").start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
             try:
-                sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant))
+                sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant), mesh=True)
                 t0 = time.perf_counter()
                 with AgentLink(self._socket(wid), timeout=600) as link:
                     r = link.call("checkpoint", target=server.address, session=session)

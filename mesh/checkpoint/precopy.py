@@ -60,6 +60,8 @@ class PrecopyPolicy:
     """seconds to wait for the target to listen for the transfer, and to apply it."""
     connect_timeout: float = 10.0
     """seconds the source waits to connect to the target's transfer endpoint."""
+    mesh: str = "auto"
+    """chunk payloads over the target's mesh buffer (same-host shm) when faster: auto | grpc | shm."""
 
     def __post_init__(self) -> None:
         if self.max_rounds < 0:
@@ -94,6 +96,10 @@ class MigrationResult:
     """how long the source took to reach its safe point (it was still training)."""
     final_bytes: int = 0
     """bytes sent while paused."""
+    transport: str = "grpc"
+    """what carried the bulk of the bytes: grpc (the stream) or shm (the mesh)."""
+    final_ms: float = 0.0
+    """of the downtime: the final delta sent and committed (the target applied it)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,15 +147,17 @@ class PrecopyMigration:
         addr, session = self._target_endpoint()
         state_bytes = int(self.source.call("status")["state_bytes"])
         rounds: list[RoundStat] = []
+        transport = "grpc"
         t_start = time.perf_counter()
         paused = False
         try:
             if precopy:
                 r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes,
-                                     connect_timeout=p.connect_timeout)
+                                     connect_timeout=p.connect_timeout, mesh=p.mesh)
                 rounds.append(RoundStat(0, r["entries"], r["bytes"], r["seconds"]))
+                transport = r.get("transport", "grpc")
                 self.progress(f"round 0: {r['bytes'] / 1e6:.1f} MB in {r['seconds']:.2f} s "
-                              f"({r['mb_per_s']:.0f} MB/s) while running")
+                              f"({r['mb_per_s']:.0f} MB/s) over {r.get('transport_note') or transport} while running")
                 prev = r["bytes"]
                 for i in range(1, p.max_rounds + 1):
                     d = self.source.call("dirty")
@@ -171,9 +179,11 @@ class PrecopyMigration:
             if not precopy:
                 t_start = t_paused
                 r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes,
-                                     connect_timeout=p.connect_timeout)
+                                     connect_timeout=p.connect_timeout, mesh=p.mesh)
                 rounds.append(RoundStat(0, r["entries"], r["bytes"], r["seconds"], paused=True))
+                transport = r.get("transport", "grpc")
             f = self.source.call("final")
+            t_final = time.perf_counter()
             rounds.append(RoundStat(len(rounds), f["entries"], f["bytes"], f["seconds"], paused=True))
             restored = self.target.call("wait_restored", timeout=p.target_timeout)
             t_done = time.perf_counter()
@@ -198,7 +208,8 @@ class PrecopyMigration:
             mode="precopy" if precopy else "stop_and_copy",
             downtime_ms=(t_done - t_paused) * 1e3, total_ms=(t_done - t_start) * 1e3,
             bytes_sent=sum(r.bytes for r in rounds), step=int(restored["step"]), state_bytes=state_bytes,
-            rounds=rounds, pause_wait_ms=(t_paused - t_pause_req) * 1e3, final_bytes=final_bytes)
+            rounds=rounds, pause_wait_ms=(t_paused - t_pause_req) * 1e3, final_bytes=final_bytes, transport=transport,
+            final_ms=(t_final - t_paused) * 1e3)
         if int(restored["step"]) != int(pz["step"]):
             raise MigrationFailed(f"the target restored step {restored['step']}, the source paused at {pz['step']}",
                                   False)

@@ -39,6 +39,10 @@ from mesh.checkpoint.transfer import (BufferTarget, EntryTarget, OutEntry, SendS
                                       TransferServer)
 
 
+MESH_ENV = "GPUMESH_TRANSFER_MESH"
+"""0: a receiving workload offers no mesh buffer (every byte on the gRPC stream)."""
+
+
 class WorkloadStopped(SystemExit):
     """Raised by `safe_point()` in the training thread when the agent stops the workload
     (after it migrated away). Exits the process with status 0 unless caught."""
@@ -117,7 +121,8 @@ class _Sender:
         for n, tok in pending.items():
             self.tokens[n] = tok if tok is not None else ("h", self.checksums[n])
         return {"round": self.round, "entries": len(names), "bytes": stats.bytes, "seconds": time.perf_counter() - t0,
-                "mb_per_s": stats.mb_per_s, "attempts": stats.attempts, "committed": stats.committed}
+                "mb_per_s": stats.mb_per_s, "attempts": stats.attempts, "committed": stats.committed,
+                "transport": stats.transport, "transport_note": stats.transport_note}
 
 
 class Checkpointer:
@@ -218,7 +223,8 @@ class Checkpointer:
         if not sep or not session or not address:
             raise ValueError(f"{RESTORE_ENV}=receive:{spec}: expected receive:SESSION@ADDRESS")
         server = TransferServer(address).start()
-        sess = server.expect(session, StateSink(self.state))
+        # a same-host source writes the bytes into a shared-memory ring (the mesh) instead of the stream
+        sess = server.expect(session, StateSink(self.state), mesh=os.environ.get(MESH_ENV, "1") != "0")
         self.receive_address, self.receive_session = server.address, session
         sess.committed_event.wait()
         self.receive_address = self.receive_session = None
@@ -289,7 +295,8 @@ class Checkpointer:
                 m = self.state.save(req["path"], self.chunk_bytes)
                 info = {"path": req["path"], "step": m.step, "bytes": m.nbytes}
             else:
-                with TransferClient(req["target"], req["session"], chunk_bytes=self.chunk_bytes) as client:
+                with TransferClient(req["target"], req["session"], chunk_bytes=self.chunk_bytes,
+                                    mesh=req.get("mesh") or "auto") as client:
                     info = _Sender(self.state, client, self.chunk_bytes).send(None, final=True)
                     info["step"] = self.state.step
         finally:
@@ -303,7 +310,7 @@ class Checkpointer:
             self._sender.client.close()
         chunk = int(req.get("chunk_bytes") or self.chunk_bytes)
         client = TransferClient(req["target"], req["session"], chunk_bytes=chunk,
-                                connect_timeout=float(req.get("connect_timeout", 30.0)))
+                                connect_timeout=float(req.get("connect_timeout", 30.0)), mesh=req.get("mesh") or "auto")
         self._sender = _Sender(self.state, client, chunk)
         return self._sender.send(None, final=False)
 

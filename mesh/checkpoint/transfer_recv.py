@@ -104,8 +104,9 @@ class _RecvEntry:
 class ReceiveSession:
     """What one session has received; survives broken streams."""
 
-    def __init__(self, session: str, sink: Sink, allow_unchecked: bool = False) -> None:
+    def __init__(self, session: str, sink: Sink, allow_unchecked: bool = False, ring: Any = None) -> None:
         self.session = session
+        self.ring = ring            # a transfer_mesh.ShmRing offered to senders, or None
         self.sink = sink
         self.allow_unchecked = allow_unchecked
         self.entries: dict[str, _RecvEntry] = {}
@@ -225,14 +226,25 @@ class TransferServer:
 
     def stop(self, grace: float | None = 0.5) -> None:
         self.server.stop(grace).wait()
+        for s in list(self.sessions.values()):
+            if s.ring is not None:
+                s.ring.close()
 
-    def expect(self, session: str, sink: Sink, allow_unchecked: bool = False) -> ReceiveSession:
+    def expect(self, session: str, sink: Sink, allow_unchecked: bool = False, mesh: bool = False) -> ReceiveSession:
         """Accepts pushes to `session` into `sink`. `allow_unchecked` lets a sender skip checksums
-        (for measuring the raw channel only)."""
+        (for measuring the raw channel only); `mesh` offers senders a shared-memory ring for the
+        chunk payloads (mesh/checkpoint/transfer_mesh.py; used by senders on this host)."""
         with self._lock:
             s = self.sessions.get(session)
             if s is None:
-                s = self.sessions[session] = ReceiveSession(session, sink, allow_unchecked)
+                ring = None
+                if mesh:
+                    from mesh.checkpoint.transfer_mesh import ShmRing
+                    try:
+                        ring = ShmRing()
+                    except OSError:
+                        ring = None         # no /dev/shm here: the stream carries everything
+                s = self.sessions[session] = ReceiveSession(session, sink, allow_unchecked, ring)
             return s
 
     def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -245,7 +257,11 @@ class TransferServer:
         if hello.get("t") != "hello" or session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer session {hello.get('session')!r} here")
         with session.lock:
-            yield frame({"t": "have", "entries": session.have(), "committed": session.committed is not None})
+            ring = session.ring if session.ring is not None and session.ring.view is not None else None
+            if ring is not None:
+                ring.reset()        # frames in flight died with the last stream
+            yield frame({"t": "have", "entries": session.have(), "committed": session.committed is not None,
+                         **({"mesh": ring.offer()} if ring is not None else {})})
             cur: _RecvEntry | None = None
             t0 = time.perf_counter()
             n0 = session.bytes_received
@@ -256,7 +272,17 @@ class TransferServer:
                     if kind == "chunk":
                         if cur is None:
                             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk before begin")
-                        session.chunk(cur, h, data)
+                        if "slot" in h:
+                            if ring is None:
+                                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk in a ring slot, no ring")
+                            try:
+                                session.chunk(cur, h, ring.take(int(h["slot"]), int(h["n"])))
+                            except ValueError as exc:
+                                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                            finally:
+                                ring.release(int(h["slot"]))
+                        else:
+                            session.chunk(cur, h, data)
                     elif kind == "begin":
                         cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
                                             h.get("algo", "sha256"), h.get("check", ""))

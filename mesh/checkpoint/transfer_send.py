@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, EntryMeta, Manifest, new_hasher
+from mesh.checkpoint.transfer_mesh import STREAM_MB_PER_S, choose
 from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, cumulative_sum, frame, unframe
 
 # --- sending --------------------------------------------------------------------------------
@@ -33,6 +34,9 @@ class SendStats:
     entries: int = 0
     skipped: int = 0
     attempts: int = 0
+    transport: str = "grpc"
+    """where the chunk payloads went: "grpc" (the stream) or "shm" (the mesh; see transfer_mesh)."""
+    transport_note: str = ""
     checksums: dict[str, str] = field(default_factory=dict)
     committed: dict[str, Any] | None = None
 
@@ -49,7 +53,8 @@ class TransferClient:
     """Pushes entries to one session of a TransferServer, resuming after broken streams."""
 
     def __init__(self, target: str, session: str, *, chunk_bytes: int = CHUNK_BYTES, retries: int = 5,
-                 progress: ProgressFn | None = None, connect_timeout: float = 30.0, verify: bool = True) -> None:
+                 progress: ProgressFn | None = None, connect_timeout: float = 30.0, verify: bool = True,
+                 mesh: str = "auto") -> None:
         self.target = target
         self.session = session
         self.chunk_bytes = chunk_bytes
@@ -57,6 +62,12 @@ class TransferClient:
         self.progress = progress
         self.connect_timeout = connect_timeout
         self.verify = verify
+        if mesh not in ("auto", "grpc", "shm"):
+            raise ValueError(f"mesh: {mesh!r} (allowed: auto, grpc, shm)")
+        self.mesh = mesh
+        """auto: chunk payloads over the receiver's mesh buffer when it is faster; grpc: never; shm: always."""
+        self._ring: Any = None
+        self.stream_mb_per_s = STREAM_MB_PER_S
         self.algo = DEFAULT_CHECKSUM
         """False: no CRC or SHA-256 (raw channel measurements; the session must allow it)."""
         self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
@@ -66,6 +77,9 @@ class TransferClient:
 
     def close(self) -> None:
         self.channel.close()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def __enter__(self) -> "TransferClient":
         return self
@@ -89,12 +103,9 @@ class TransferClient:
             have_box: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
             cut = [False]
 
-            def requests() -> Iterator[bytes]:
-                yield frame({"t": "hello", "session": self.session})
-                have = have_box.get()
-                if have.get("_stop"):
-                    return
-                held = have["entries"]
+            def produce(held: dict[str, Any], ring: Any, stop: threading.Event) -> Iterator[tuple]:
+                """The frames, hashed and built ahead of the stream (in `_prefetch`'s thread):
+                ("begin", frame, name), ("chunk", frame, nbytes), ("end", frame, name, digest)."""
                 for e in entries:
                     name = e.meta.name
                     h = held.get(name)
@@ -109,9 +120,8 @@ class TransferClient:
                             start, hasher = h[1], snap.copy()
                     boundaries = {start: hasher.copy()}
                     partial[name] = (e.gen, boundaries)
-                    entry_in_flight[0] = name
-                    yield frame({"t": "begin", "meta": e.meta.to_json(), "gen": e.gen, "offset": start,
-                                 "algo": self.algo, "check": "cumulative"})
+                    yield ("begin", frame({"t": "begin", "meta": e.meta.to_json(), "gen": e.gen, "offset": start,
+                                           "algo": self.algo, "check": "cumulative"}), name)
                     off = start
                     for chunk in e.chunks(start):
                         if not isinstance(chunk, memoryview):
@@ -119,11 +129,39 @@ class TransferClient:
                         if self.verify:
                             hasher.update(chunk)            # the one pass over the bytes
                         csum = cumulative_sum(hasher) if self.verify else -1
-                        yield frame({"t": "chunk", "offset": off, "sum": csum}, chunk)
+                        if ring is not None and ring.fits(len(chunk)):
+                            slot = ring.put(chunk, stop.is_set)
+                            f = frame({"t": "chunk", "offset": off, "sum": csum, "slot": slot, "n": len(chunk)})
+                        else:
+                            f = frame({"t": "chunk", "offset": off, "sum": csum}, chunk)
                         off += len(chunk)
                         if self.verify:
                             boundaries[off] = hasher.copy()
-                        stats.bytes += len(chunk)
+                        yield ("chunk", f, len(chunk))
+                    if off != e.meta.nbytes:
+                        raise TransferError(f"entry {name!r}: produced {off} bytes, declared {e.meta.nbytes}", name)
+                    digest = hasher.hexdigest() if self.verify else ""
+                    yield ("end", frame({"t": "end", "checksum": digest}), name, digest)
+
+            def requests() -> Iterator[bytes]:
+                yield frame({"t": "hello", "session": self.session})
+                have = have_box.get()
+                if have.get("_stop"):
+                    return
+                self._ring, use, stats.transport_note = choose(have.get("mesh"), total, self.mesh, self._ring,
+                                                               self.stream_mb_per_s)
+                ring = self._ring if use else None
+                stats.transport = "shm" if use else "grpc"
+                if ring is not None:
+                    ring.restart()
+                stop = threading.Event()
+                for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH):
+                    kind = item[0]
+                    if kind == "begin":
+                        entry_in_flight[0] = item[2]
+                    yield item[1]
+                    if kind == "chunk":
+                        stats.bytes += item[2]
                         if self.progress:
                             self.progress(stats.bytes, total, time.perf_counter() - t0)
                         if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
@@ -131,13 +169,10 @@ class TransferClient:
                             cut[0] = True
                             call.cancel()
                             return
-                    if off != e.meta.nbytes:
-                        raise TransferError(f"entry {name!r}: produced {off} bytes, declared {e.meta.nbytes}", name)
-                    digest = hasher.hexdigest() if self.verify else ""
-                    yield frame({"t": "end", "checksum": digest})
-                    stats.checksums[name] = digest
-                    stats.entries += 1
-                    partial.pop(name, None)
+                    elif kind == "end":
+                        stats.checksums[item[2]] = item[3]
+                        stats.entries += 1
+                        partial.pop(item[2], None)
                 if commit is not None:
                     manifest = commit(stats) if callable(commit) else commit
                     yield frame({"t": "commit", "manifest": manifest.to_json()})
@@ -162,6 +197,8 @@ class TransferClient:
                     done, _ = unframe(msg)
                 stats.seconds = time.perf_counter() - t0
                 stats.committed = done.get("committed") if done else None
+                if stats.transport == "grpc" and stats.bytes >= 64 << 20:
+                    self.stream_mb_per_s = stats.mb_per_s
                 return stats
             except grpc.RpcError as exc:
                 if have_box.empty():
@@ -178,6 +215,58 @@ class TransferClient:
                 time.sleep(min(0.05 * (2 ** attempt), 1.0) if not cut[0] else 0)
         raise TransferError(f"transfer to {self.target} (session {self.session}) failed after "
                             f"{stats.attempts} attempts: {last_error}", entry_in_flight[0])
+
+
+PREFETCH = 3
+"""frames hashed and built ahead of the stream (the hashing releases the GIL: it overlaps the send)."""
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _prefetch(items: Iterator[Any], stop: threading.Event, depth: int) -> Iterator[Any]:
+    """`items`, produced by a helper thread up to `depth` ahead; closing this generator (a cut
+    stream) sets `stop` and waits for the helper to notice."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(_DONE)
+        except BaseException as exc:   # noqa: BLE001 - handed to the consumer
+            put(_Raised(exc))
+        finally:
+            items.close() if hasattr(items, "close") else None
+
+    t = threading.Thread(target=run, daemon=True, name="transfer-prefetch")
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _DONE:
+                return
+            if isinstance(x, _Raised):
+                raise x.exc
+            yield x
+    finally:
+        stop.set()
+        t.join(30)
 
 
 def raw_entries(nbytes: int, chunk_bytes: int = CHUNK_BYTES, entry_bytes: int = 64 << 20,

@@ -4,8 +4,12 @@ Starts a workload process with `--state-mb` of tensor state registered with the
 checkpoint SDK; each step it rewrites `--dirty-pct` of the state (whole tensors, chosen
 at random, updated in place) and takes `--step-ms` in all. A second process of the same
 program waits to receive it. The bench migrates the running workload with pre-copy, then
-does the same with a fresh pair by stop-and-copy, and measures the transfer channel's
-raw speed with a transfer of the same size (no checksums) to a discarding receiver.
+does the same with a fresh pair by stop-and-copy, and measures the raw speed of the channel
+the migration used with a transfer of the same size (no checksums) to a discarding
+receiver, before and after the migrations (the faster of the two counts). `--transport`
+picks the channel for the chunk payloads: `grpc` (the transfer stream, as between hosts;
+the default), `shm` (the mesh: the target's shared-memory ring, same host), `auto` (the
+mesh when it is faster, as the agents do).
 
 Reports downtime (source paused at a safe point until the target runs), total time,
 bytes sent, and the stop-and-copy downtime. Progress goes to stderr.
@@ -26,6 +30,7 @@ EPILOG = """\
 examples:
   meshctl bench migrate --state-mb 1024 --dirty-pct 2 -o json
   meshctl bench migrate --state-mb 256 --dirty-pct 10 --step-ms 50
+  meshctl bench migrate --state-mb 1024 --dirty-pct 2 --transport auto -o json
   python -m tools.meshctl.bench_migrate --state-mb 1024 --dirty-pct 2 -o json
 
 Prints {"downtime_ms", "total_ms", "bytes_sent", "stop_and_copy_downtime_ms",
@@ -61,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop pre-copy once the changed set is this small (default: one step's worth)")
     p.add_argument("--no-stop-and-copy", dest="stop_and_copy", action="store_false",
                    help="skip the stop-and-copy comparison")
+    p.add_argument("--transport", choices=("auto", "grpc", "shm"), default="grpc",
+                   help="channel for the state's bytes: grpc (the transfer stream, as between hosts; default), "
+                        "shm (the mesh: the target's shared-memory ring, same host), auto (the mesh when faster)")
 
 
 def add_migrate_bench(subparsers: Any) -> argparse.ArgumentParser:
@@ -123,7 +131,7 @@ def sink_main(argv: list[str]) -> int:
     """A receiver that discards: for the channel's raw speed."""
     from mesh.checkpoint.transfer import NullSink, TransferServer
     server = TransferServer("127.0.0.1:0", max_workers=2).start()
-    server.expect("raw", NullSink(), allow_unchecked=True)
+    server.expect("raw", NullSink(), allow_unchecked=True, mesh=True)
     print(server.address, flush=True)
     sys.stdin.read()  # until the bench closes our stdin
     server.stop(0)
@@ -196,6 +204,7 @@ def _migrate(args: argparse.Namespace, workdir: str, tag: str, precopy: bool) ->
         stop = int(args.stop_mb * (1 << 20)) if args.stop_mb is not None else int(max(step_bytes, 1 << 20))
         policy = PrecopyPolicy(max_rounds=args.max_rounds, stop_bytes=stop)
         progress = (lambda m: info(f"{tag}: {m}"))
+        policy.mesh = args.transport
         if precopy:
             result = PrecopyMigration(src_sock, dst_sock, policy=policy, progress=progress).run()
         else:
@@ -208,14 +217,17 @@ def _migrate(args: argparse.Namespace, workdir: str, tag: str, precopy: bool) ->
         _finish(src, dst, dst_sock)
 
 
-def _link_speed(nbytes: int) -> tuple[float, float]:
+def _link_speed(nbytes: int, transport: str = "grpc") -> tuple[float, float]:
+    """The raw speed of a channel: `nbytes` unchecked to a discarding receiver in another process."""
     from mesh.checkpoint.transfer import TransferClient, raw_entries
     sink = subprocess.Popen(_python() + ["--role", "sink"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         address = sink.stdout.readline().strip()
-        with TransferClient(address, "raw", verify=False) as c:
+        with TransferClient(address, "raw", verify=False, mesh=transport) as c:
             c.send(raw_entries(64 << 20, gen=1))  # warm-up
             stats = c.send(raw_entries(nbytes, gen=2))
+        if stats.transport != transport:
+            raise RuntimeError(f"the raw {transport} channel could not be measured ({stats.transport_note})")
         return stats.mb_per_s, stats.seconds
     finally:
         sink.stdin.close()
@@ -224,12 +236,22 @@ def _link_speed(nbytes: int) -> tuple[float, float]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     state_bytes = int(args.state_mb * (1 << 20))
-    info(f"link: raw transfer of {state_bytes / 1e6:.0f} MB over the transfer channel")
-    link_mb_per_s, link_s = _link_speed(state_bytes)
-    info(f"link: {link_mb_per_s:.0f} MB/s")
+    speeds: dict[str, list[float]] = {"grpc": [], "shm": []}
+
+    def link(when: str) -> None:
+        for kind in speeds:
+            if kind == "shm" and args.transport == "grpc":
+                continue
+            mb_s, _ = _link_speed(state_bytes, kind)
+            speeds[kind].append(mb_s)
+            info(f"link ({when}): raw {state_bytes / 1e6:.0f} MB over {kind}: {mb_s:.0f} MB/s")
+    link("before")
     with tempfile.TemporaryDirectory(prefix="gpumesh-bench-migrate-") as workdir:
         pre = _migrate(args, workdir, "precopy", precopy=True)
         snc = _migrate(args, workdir, "stopcopy", precopy=False) if args.stop_and_copy else None
+    link("after")
+    # the channel the migration used, at the faster of its two measurements (the stricter figure)
+    link_mb_per_s = max(speeds[pre.transport])
     ideal_ms = pre.state_bytes / 1e6 / link_mb_per_s * 1e3
     out: dict[str, Any] = {
         "downtime_ms": round(pre.downtime_ms, 1),
@@ -237,6 +259,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_sent": pre.bytes_sent,
         "stop_and_copy_downtime_ms": round(snc.downtime_ms, 1) if snc else None,
         "link_mb_per_s": round(link_mb_per_s, 1),
+        "transport": pre.transport,
+        "link_runs_mb_per_s": {k: [round(x, 1) for x in v] for k, v in speeds.items() if v},
         "downtime_ratio": round(pre.downtime_ms / snc.downtime_ms, 4) if snc else None,
         "total_vs_link": round(pre.total_ms / ideal_ms, 3),
         "state_bytes": pre.state_bytes,
@@ -245,6 +269,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": len([r for r in pre.rounds if not r.paused]),
         "final_bytes": pre.final_bytes,
         "pause_wait_ms": round(pre.pause_wait_ms, 1),
+        "final_ms": round(pre.final_ms, 1),
         "stop_and_copy_total_ms": round(snc.total_ms, 1) if snc else None,
         "stop_and_copy_bytes_sent": snc.bytes_sent if snc else None,
         "round_detail": [{"round": r.round, "entries": r.entries, "bytes": r.bytes, "seconds": round(r.seconds, 3),
@@ -263,7 +288,7 @@ def run_migrate_bench(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
         keys = ["downtime_ms", "stop_and_copy_downtime_ms", "downtime_ratio", "total_ms", "total_vs_link",
-                "bytes_sent", "link_mb_per_s", "rounds", "final_bytes"]
+                "bytes_sent", "link_mb_per_s", "transport", "rounds", "final_bytes"]
         for k in keys:
             sys.stdout.write(f"{k:28} {out[k]}\n")
     sys.stdout.flush()
