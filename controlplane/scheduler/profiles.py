@@ -25,8 +25,14 @@ FILTERS = ["NodeHealth", "GpuModel", "NodeResourcesFit", "TenantQuota", "AntiAff
 
 # name -> (score plugins with weights, extra constructor args)
 PROFILES: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
-    # fragmentation gradient, exact, with a packing tie-break and topology/pressure preferences
-    "default": ({"FragmentationGradient": 1.0, "Packing": 0.15, "Topology": 1.0, "Pressure": 0.05}, {}),
+    # fragmentation gradient scored in whole points as the artifact does (near-ties go to the
+    # first node in fleet order, which packs: about 40 milli-GPUs of fragmentation per point near
+    # zero), host memory in the request types (GPUs stranded by a node's full memory are fragment),
+    # host-only requests in the mix, the GPU inside the node by the exact gradient; topology
+    # (10 points, about 0.4 GPU) and pressure (1 point a level) preferences
+    "default": ({"FragmentationGradient": 1.0, "Topology": 10.0, "Pressure": 1.0},
+                {"FragmentationGradient": {"integer": True, "normalize": True, "cpu_types": True,
+                                           "host_memory": True, "gpu_choice": "exact"}}),
     # the FGD paper's artifact: integer scores (near-ties to node order), host-only pod types in
     # the mix, weights normalized over the kept types, the fullest GPU among equal choices
     "fgd": ({"FragmentationGradient": 1.0}, {"FragmentationGradient": {

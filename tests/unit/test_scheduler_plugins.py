@@ -383,3 +383,24 @@ def test_tiebreak_chooses_the_gpu_inside_a_node_never_the_node():
     fw = Framework(Profile("t", [noderesources.Plugin(), _Flat()], {"Flat": 1.0}))
     c = fw.schedule(req(memory_bytes=GiB, isolation=t.ISOLATION_MPS, compute_share=0.25), fleet).choices[0]
     assert (c.node, c.gpu_index) == ("a", 1)
+
+
+@pytest.mark.parametrize("name,mem_free,want", [
+    ("memory enough: only slivers are fragment", 64 * GiB, 300.0),
+    ("memory short: every free GPU is fragment", 8 * GiB, 1300.0),
+])
+def test_fgd_host_memory_strands_gpus(name, mem_free, want):
+    mix = [fgd.MixType(1, 500, 0, frozenset(), 1.0, 48 * GiB)]
+    assert fgd.frag_of(mix, "T4", 1e9, (1000, 300), mem_free) == pytest.approx(want)
+
+
+def test_fgd_learns_each_types_host_memory():
+    p = fgd.Plugin(refresh=1, coverage=1.0, host_memory=True)
+    for mem in (48, 48, 16):
+        p.observe(req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, host_memory_bytes=mem * GiB))
+    assert [(m.gpus, m.memory) for m in p.mix] == [(1, 48 * GiB)]   # the type's most common ask
+    from collections import Counter
+    q = fgd.Plugin(host_memory=True)
+    q.set_counts(Counter({(1, 1000, 0, frozenset()): 3}), {(1, 1000, 0, frozenset()): 24 * GiB})
+    assert q.mix[0].memory == 24 * GiB
+    assert fgd.Plugin().mix[0].memory == 0   # off by default (the artifact ignores host memory)

@@ -25,6 +25,7 @@ from controlplane.scheduler.plugins import fgd
 from controlplane.scheduler.plugins._gpu import free_milli
 from gpumesh.v1 import types_pb2
 from mesh.slicespec import ISOLATION_ENUM
+from controlplane.fleet import MIB
 from tools.replay.trace import TraceNode, TracePod, build_fleet, request_of
 
 POLICIES = tuple(profiles.PROFILES)
@@ -33,8 +34,19 @@ POLICIES = tuple(profiles.PROFILES)
 def type_counts(pods: list[TracePod]) -> Counter:
     """How many pods of each type (GPUs, milli-GPU, CPU, models) the trace has; pods without GPUs
     as (0, 0, CPU, models) (the artifact's typical pods include them; a plugin may leave them out)."""
-    return Counter(fgd.type_of(request_of(p)) if p.num_gpu else (0, 0, p.cpu_milli, frozenset(p.gpu_spec))
-                   for p in pods)
+    return Counter(_key(p) for p in pods)
+
+
+def _key(p: TracePod) -> tuple:
+    return fgd.type_of(request_of(p)) if p.num_gpu else (0, 0, p.cpu_milli, frozenset(p.gpu_spec))
+
+
+def type_memory(pods: list[TracePod]) -> dict:
+    """The host memory (bytes) each pod type most often asks for."""
+    seen: dict[tuple, Counter] = {}
+    for p in pods:
+        seen.setdefault(_key(p), Counter())[p.memory_mib * MIB] += 1
+    return {k: c.most_common(1)[0][0] for k, c in seen.items()}
 
 
 def typical_mix(pods: list[TracePod], coverage: float = 0.95) -> list[fgd.MixType]:
@@ -86,7 +98,7 @@ class Replay:
 
     def __init__(self, nodes: list[TraceNode], policy: str, mix: list[fgd.MixType], seed: int = 0,
                  framework: Framework | None = None, counts: Counter | None = None,
-                 order: str = "shuffled") -> None:
+                 order: str = "shuffled", memory: dict | None = None) -> None:
         self.fleet = build_fleet(node_order(nodes, seed, order))
         args = {"Random": {"seed": seed}}
         self.fw = framework or profiles.build(policy, args=args if policy == "random" else None, preemption=False)
@@ -96,7 +108,7 @@ class Replay:
         except KeyError:
             planner = None
         if planner is not None:   # the scheduler knows the trace's mix up front, as in the artifact
-            planner.set_counts(counts) if counts else planner.set_mix(mix)
+            planner.set_counts(counts, memory) if counts else planner.set_mix(mix)
         self.capacity = sum(len(n.gpus) for n in self.fleet.nodes.values())
         self.allocated_milli = 0
         self.by_pod: dict[str, list[str]] = {}
@@ -157,7 +169,7 @@ def arrivals(pods: list[TracePod], capacity: int, seed: int, load_max: float) ->
 def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int, load_max: float = 1.3,
                  step: float = 0.01, mix: list[fgd.MixType] | None = None, order: str = "shuffled") -> Run:
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order)
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order, memory=type_memory(pods))
     run = Run(policy, seed, rp.capacity)
     seq = arrivals(pods, rp.capacity, seed, load_max)
     t0 = time.perf_counter()
@@ -184,7 +196,7 @@ def run_timeline(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed
     """Creation and deletion at the trace's times (a pod without a deletion time stays); seeds
     differ in the node order (ties) and in the random policy's draws."""
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order)
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order, memory=type_memory(pods))
     run = Run(policy, seed, rp.capacity)
     events = []
     for i, p in enumerate(pods):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from controlplane.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
+from controlplane.scheduler.plugins.noderesources import room_after
 from mesh.slicespec import SliceRequest
 
 NAME = "FragmentationGradient"
@@ -36,6 +37,7 @@ class MixType:
     cpu_milli: int = 0
     models: frozenset = frozenset()
     weight: float = 1.0
+    memory: float = 0   # host memory the type takes (bytes; 0: not considered)
 
 
 def type_of(req: SliceRequest) -> tuple[int, int, int, frozenset] | None:
@@ -66,7 +68,7 @@ def top_types(counts: Counter, coverage: float, normalize: bool = False) -> list
         seen += n
         out.append(MixType(key[0], key[1], key[2], key[3], n / total))
     if normalize and seen:
-        out = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight * total / seen) for m in out]
+        out = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight * total / seen, m.memory) for m in out]
     return out
 
 
@@ -78,7 +80,13 @@ class Plugin:
                  refresh: int = 200, mix: list[MixType] | None = None, weighting: str = "count",
                  demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1,
                  host_in_types: bool = True, cpu_types: bool = False, normalize: bool = False,
-                 gpu_choice: str = "canonical", scale: float = 1000.0, quantum: float = 0.0) -> None:
+                 gpu_choice: str = "canonical", scale: float = 1000.0, quantum: float = 0.0,
+                 host_memory: bool = False) -> None:
+        if not isinstance(host_memory, bool):
+            raise ValueError(f"{NAME}: host_memory must be true or false, not {host_memory!r}")
+        # a type that does not find its host memory on a node cannot use the node's GPUs either
+        self.host_memory = host_memory
+        self._memories: dict = {}   # type key -> Counter of host memory asked (the mode is the type's)
         if not isinstance(quantum, (int, float)) or quantum < 0:
             raise ValueError(f"{NAME}: quantum must be a number >= 0, not {quantum!r}")
         self.quantum = float(quantum)
@@ -137,11 +145,11 @@ class Plugin:
         else:
             raw = [m.weight * (m.gpus * m.milli / 1000) ** self.demand_power for m in mix]
         scale = sum(m.weight for m in mix) / (sum(raw) or 1)
-        return [MixType(m.gpus, m.milli, m.cpu_milli, m.models, w * scale) for m, w in zip(mix, raw)]
+        return [MixType(m.gpus, m.milli, m.cpu_milli, m.models, w * scale, m.memory) for m, w in zip(mix, raw)]
 
-    def set_counts(self, counts: Counter) -> None:
+    def set_counts(self, counts: Counter, memory: dict | None = None) -> None:
         """Fix the mix to these request-type counts (the replay: the trace's), under this plugin's
-        coverage and weighting."""
+        coverage and weighting; `memory`: the host memory each type typically takes."""
         if not self.cpu_types:   # host-only request types (no GPUs) out of the mix
             counts = Counter({k: n for k, n in counts.items() if k[0]})
         if not self.host_in_types:
@@ -149,7 +157,11 @@ class Plugin:
             for k, n in counts.items():
                 merged[(k[0], k[1], 0, k[3])] += n
             counts = merged
-        self.set_mix(top_types(counts, self.coverage, self.normalize))
+        mix = top_types(counts, self.coverage, self.normalize)
+        if self.host_memory and memory:
+            mix = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight,
+                           memory.get((m.gpus, m.milli, m.cpu_milli, m.models), 0)) for m in mix]
+        self.set_mix(mix)
 
     def set_mix(self, mix: list[MixType]) -> None:
         self.mix, self.fixed = self._weigh(mix), True
@@ -161,14 +173,26 @@ class Plugin:
     def observe(self, req: SliceRequest) -> None:
         """Learn the mix from the requests seen (every `refresh` requests)."""
         key = type_of(req)
+        if key is None and self.cpu_types and req.isolation == "host":
+            key = (0, 0, req.cpu_milli, frozenset())
         if key is None or self.fixed:
             return
         if not self.host_in_types:
             key = (key[0], key[1], 0, key[3])
         self.recent.append(key)
         self.seen += 1
+        if self.host_memory:
+            mem = req.host_memory_bytes * (req.count if req.topology != "any" else 1)
+            self._memories.setdefault(key, Counter())[mem] += 1
+            if len(self._memories) > 4 * (self.recent.maxlen or 1):
+                self._memories.clear()
         if self.seen % self.refresh == 0 or self.seen == 1:
-            mix = self._weigh(top_types(Counter(self.recent), self.coverage, self.normalize))
+            mix = top_types(Counter(self.recent), self.coverage, self.normalize)
+            if self.host_memory:
+                mix = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight,
+                               (c.most_common(1)[0][0] if (c := self._memories.get(
+                                   (m.gpus, m.milli, m.cpu_milli, m.models))) else 0)) for m in mix]
+            mix = self._weigh(mix)
             if drift(self.mix, mix) > self.tolerance:   # a new mix re-scores every node: not for noise
                 self.mix = mix
                 self._frag.clear()
@@ -178,12 +202,12 @@ class Plugin:
 
     # -- fragmentation ---------------------------------------------------------------
 
-    def node_frag(self, model: str, cpu_free: float, frees: tuple[int, ...]) -> float:
+    def node_frag(self, model: str, cpu_free: float, frees: tuple[int, ...], mem_free: float = math.inf) -> float:
         """Mix-weighted free milli-GPUs the mix cannot use on a node with these free GPUs."""
-        key = (model, cpu_free, frees)
+        key = (model, cpu_free, frees, mem_free)
         got = self._frag.get(key)
         if got is None:
-            got = frag_of(self.mix, model, cpu_free, frees)
+            got = frag_of(self.mix, model, cpu_free, frees, mem_free)
             if len(self._frag) > 500_000:
                 self._frag.clear()
             self._frag[key] = got
@@ -200,22 +224,30 @@ class Plugin:
         if base is None:
             frees0 = [free_milli(gpus[i]) for i in order]
             cpu0 = node.cpu_free if node.record.inventory.cpu_milli else math.inf
-            base = (frees0, cpu0, self.node_frag(gpus[0].model.name, cpu0, tuple(sorted(frees0, reverse=True))))
+            mem0 = node.host_memory_free if self.host_memory and node.record.inventory.memory_bytes else math.inf
+            base = (frees0, cpu0, self.node_frag(gpus[0].model.name, cpu0, tuple(sorted(frees0, reverse=True)), mem0),
+                    mem0)
             if len(self._base) > 100_000:
                 self._base.clear()
             self._base[sid] = base
-        frees, cpu, before = list(base[0]), base[1], base[2]
+        frees, cpu, before, mem = list(base[0]), base[1], base[2], base[3]
         model = gpus[0].model.name
         for p in option:
             if p.rank >= 0:
                 g = gpus[order[p.rank]]
                 frees[p.rank] = max(0, frees[p.rank] - pick_milli(g, p.memory_bytes, p.compute_share, p.isolation))
             cpu -= p.cpu_milli
-        after = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)))
+            mem -= p.host_memory_bytes
+        after = self.node_frag(model, cpu, tuple(sorted(frees, reverse=True)), mem)
         return after - before
 
     def _exact(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
-        return -self.delta(node, option)
+        """The exact gradient, then MIG start slots that keep the most placements possible."""
+        room = 0
+        for p in option:
+            if p.profile and (g := gpu_of(node, p)) is not None:
+                room += room_after(g.model, g.mig_layout + [(p.profile, p.start)])
+        return -self.delta(node, option) + 1e-4 * room
 
     def _fuller(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:
         return -sum(free_milli(g) for p in option if (g := gpu_of(node, p)) is not None)
@@ -239,7 +271,8 @@ def drift(a: list[MixType], b: list[MixType]) -> float:
     return sum(abs(wa.get(k, 0.0) - wb.get(k, 0.0)) for k in wa.keys() | wb.keys())
 
 
-def frag_of(mix: list[MixType], model: str, cpu_free: float, frees: tuple[int, ...]) -> float:
+def frag_of(mix: list[MixType], model: str, cpu_free: float, frees: tuple[int, ...],
+            mem_free: float = math.inf) -> float:
     """`frees` sorted largest first."""
     total = sum(frees)
     if not total:
@@ -249,7 +282,7 @@ def frag_of(mix: list[MixType], model: str, cpu_free: float, frees: tuple[int, .
         if not t.gpus:   # a host-only type uses no GPU: all free GPU is fragment to it (the artifact's XL/XR)
             out += t.weight * total
             continue
-        if (t.models and model not in t.models) or cpu_free < t.cpu_milli:
+        if (t.models and model not in t.models) or cpu_free < t.cpu_milli or mem_free < t.memory:
             out += t.weight * total
             continue
         m = t.milli
