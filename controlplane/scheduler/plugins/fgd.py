@@ -266,8 +266,8 @@ class Plugin:
 
 def drift(a: list[MixType], b: list[MixType]) -> float:
     """Total variation between two mixes (0: same, 2: disjoint)."""
-    wa = {(m.gpus, m.milli, m.cpu_milli, m.models): m.weight for m in a}
-    wb = {(m.gpus, m.milli, m.cpu_milli, m.models): m.weight for m in b}
+    wa = {(m.gpus, m.milli, m.cpu_milli, m.models, m.memory): m.weight for m in a}
+    wb = {(m.gpus, m.milli, m.cpu_milli, m.models, m.memory): m.weight for m in b}
     return sum(abs(wa.get(k, 0.0) - wb.get(k, 0.0)) for k in wa.keys() | wb.keys())
 
 
