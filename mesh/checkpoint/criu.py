@@ -89,7 +89,8 @@ class Criu:
             return self._info
         info = CriuInfo(self.criu, None, False, self.cuda_checkpoint)
         if not self.criu:
-            info.problem = f"criu is not installed (not on PATH); {HOW_TO_GET}"
+            info.problem = (f"criu is not installed (not on PATH; transparent mode needs criu >= "
+                            f"{'.'.join(map(str, MIN_VERSION))}); {HOW_TO_GET}")
         else:
             try:
                 v = self.run([self.criu, "--version"], 30)

@@ -95,6 +95,7 @@ def test_resize_mig_slice_with_running_training_keeps_id_and_step(mesh, referenc
     m = mesh.list_migrations(workload_id=w.id)[-1]
     assert migration_phase(m) == "done" and m.reason == "resize" and m.resize_slice == s.id, m.message
     assert m.source_node == m.target_node == "rz-a" and 10 <= m.step < STEPS and m.rounds
+    assert m.transfer in ("grpc", "shm")        # the channel the state took is on the record
     moved = mesh.get_workload(w.id)
     assert moved.slice_id == s.id and moved.node == "rz-a" and moved.pid != w.pid
     wait_for(lambda: not alive(w.pid), 15, "the source process to end")
@@ -130,3 +131,16 @@ def test_resize_idle_slice_replaces_it_under_the_same_id(mesh):
     wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
     got = mesh.get_slice(s.id)
     assert got.env["GPUMESH_SLICE_ID"] == s.id and got.env["CUDA_VISIBLE_DEVICES"] == got.device_uuid
+
+
+def test_transparent_mode_is_refused_by_the_agent_naming_criu(mesh):
+    _, w = start_training(mesh)
+    before = len(mesh.list_migrations())
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        mesh.migrate(w.id, mode="transparent")
+    assert "criu" in str(exc.value).lower() and "rz-a" in str(exc.value)
+    if "not installed" in str(exc.value) or "too old" in str(exc.value):
+        assert ">= 4.0" in str(exc.value)          # the version needed
+    now = mesh.get_workload(w.id)
+    assert now.state == t.WORKLOAD_STATE_RUNNING and now.pid == w.pid
+    assert len(mesh.list_migrations()) == before

@@ -1,0 +1,245 @@
+"""The migration state machine's steps (the MigrationManager's part for them): plan (place the
+target, start it in receive mode), copy (pre-copy from the source, or push a checkpoint), commit
+(one etcd transaction), finish (target runs, source stops), roll back. See
+controlplane/migrations.py for the phases and the recovery rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane import keys
+from controlplane.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
+                                           START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.store import Present, Put
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import types_pb2
+from mesh import errors, slicespec
+from mesh.logs import log
+
+logger = logging.getLogger("controlplane.migrations")
+_Failed = StepFailed
+
+
+class StepsMixin:
+    """Mixed into MigrationManager (self.ctl, self.wm, self.migrations, self._ask, self._save, ...)."""
+
+    # -- the state machine ----------------------------------------------------------------------
+
+    async def _drive(self, mid: str) -> None:
+        m = self.migrations[mid]
+        steps = {P.MIGRATION_PHASE_PLANNED: self._plan, P.MIGRATION_PHASE_TARGET_READY: self._copy,
+                 P.MIGRATION_PHASE_COPYING: self._copy, P.MIGRATION_PHASE_PAUSED: self._copy,
+                 P.MIGRATION_PHASE_COMMITTED: self._finish, P.MIGRATION_PHASE_ROLLING_BACK: self._rollback}
+        try:
+            while m.phase not in FINISHED:
+                before = m.phase
+                try:
+                    await steps[m.phase](m)
+                except (_Failed, errors.MeshError) as e:
+                    if m.phase in BEFORE_COMMIT:
+                        await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK, message=f"rolling back: {e}")
+                    elif m.phase == before:
+                        log(logger, logging.WARNING, "migration step failed; retrying", migration=m.id,
+                            phase=phase_name(m.phase), error=str(e))
+                        await asyncio.sleep(RESEND)
+        except asyncio.CancelledError:
+            raise
+        except Exception:   # noqa: BLE001 - a bug here must not take the control plane down
+            logger.exception("migration %s", mid)
+        finally:
+            self.tasks.pop(mid, None)
+            if m.phase in FINISHED:
+                self.reports.pop(mid, None)
+                for q in self.watchers.get(mid, ()):
+                    q.put_nowait(None)
+
+    async def _place(self, m: M.Migration, w: types_pb2.Workload) -> types_pb2.Slice:
+        """A slice of the workload's slice's spec, on `m.target_node` if set, else off the source node;
+        labelled with the migration's ID. Placements the scheduler makes elsewhere are held while it is
+        asked again (so it picks another node), then released."""
+        src = self.ctl.fleet.slices.get(w.slice_id)
+        if src is None:
+            raise _Failed(f"the workload's slice {w.slice_id} is gone: name a target slice")
+        spec = types_pb2.SliceSpec(tenant=src.tenant, gpu_model=src.gpu_model, isolation=src.isolation,
+                                   priority=src.priority, labels=dict(src.labels), cpu_milli=src.cpu_milli,
+                                   host_memory_bytes=src.host_memory_bytes)
+        if src.isolation == types_pb2.ISOLATION_MIG:
+            spec.mig_profile = src.profile
+        else:
+            spec.memory_bytes, spec.compute_share = src.memory_bytes, src.compute_share
+        spec.labels[LABEL] = m.id
+        req = slicespec.validate(spec)
+        held = []
+        try:
+            for _ in range(PLACE_ATTEMPTS):
+                alloc_id, slices = await self.ctl.allocate(req, no_wait=True)
+                s = slices[0]
+                if s.node == m.target_node if m.target_node else (
+                        m.checkpoint_id or m.resize_slice or s.node != m.source_node):
+                    m.target_slice, m.target_node, m.target_allocated = s.id, s.node, True
+                    await self._save(m)
+                    ready = await self.ctl._await_ready(alloc_id, False, 0)
+                    return ready[0]
+                held.append(alloc_id)
+            raise _Failed(f"no slice like {src.id} could be placed "
+                          f"{'on node ' + m.target_node if m.target_node else 'off node ' + m.source_node}")
+        finally:
+            for alloc_id in held:
+                try:
+                    await self.ctl.release(alloc_id, wait=False, message=f"placement probe of migration {m.id}")
+                except errors.MeshError:
+                    pass
+
+    async def _plan(self, m: M.Migration) -> None:
+        await self._pause_hook(m)
+        if m.resize_slice and not m.workload_id:
+            return await self._commit_idle_resize(m)
+        w = self.wm.workloads.get(m.workload_id)
+        if w is None:
+            raise _Failed(f"workload {m.workload_id} is gone")
+        if not m.target_slice:
+            await self._place(m, w)
+        s = self.ctl.fleet.slices.get(m.target_slice)
+        if s is None or s.state != types_pb2.SLICE_STATE_READY:
+            raise _Failed(f"target slice {m.target_slice} is not READY")
+        if not m.session:
+            m.session = f"mig-{m.id}"
+            await self._save(m)
+        rep = await self._ask(m.id, m.target_node, M.MigrationCommand(
+            migration_id=m.id, action=C.START_TARGET, workload_id=m.workload_id, workload=self._target_spec(m, w),
+            session=m.session, mode=m.mode, alias=alias(m)), (R.TARGET_LISTENING,), START_TIMEOUT)
+        await self._set(m, P.MIGRATION_PHASE_TARGET_READY, target_address=rep.address)
+        await self._pause_hook(m)
+
+    async def _copy(self, m: M.Migration) -> None:
+        if m.phase == P.MIGRATION_PHASE_TARGET_READY:
+            await self._set(m, P.MIGRATION_PHASE_COPYING)
+        if m.checkpoint_id:
+            ck = self.checkpoints.get(m.checkpoint_id)
+            if ck is None:
+                raise _Failed(f"checkpoint {m.checkpoint_id} is gone")
+            node, cmd = m.target_node, M.MigrationCommand(
+                migration_id=m.id, action=C.PUSH_CHECKPOINT, workload_id=m.workload_id, session=m.session,
+                path=ck.path, tenant=m.tenant)
+        else:
+            node, cmd = m.source_node, M.MigrationCommand(
+                migration_id=m.id, action=C.SEND, workload_id=m.workload_id, session=m.session,
+                address=m.target_address, mode=m.mode)
+        self._send(node, cmd)
+        await self._pause_hook(m)
+
+        async def progress(rep: M.MigrationReport) -> None:
+            if rep.event == R.PROGRESS:
+                if rep.transfer:
+                    m.transfer = rep.transfer
+                m.rounds.append(rep.round)
+                m.round, m.bytes_sent, m.mb_per_s = rep.round.round, rep.bytes, rep.mb_per_s
+                await self._save(m)
+            elif rep.event == R.SOURCE_PAUSED and m.phase == P.MIGRATION_PHASE_COPYING:
+                await self._set(m, P.MIGRATION_PHASE_PAUSED, step=rep.step)
+                await self._pause_hook(m)
+        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), COPY_TIMEOUT, on_other=progress)
+        await self._commit(m, rep)
+
+    async def _commit(self, m: M.Migration, rep: M.MigrationReport) -> None:
+        w = self.wm.workloads.get(m.workload_id)
+        if w is None:
+            raise _Failed(f"workload {m.workload_id} is gone")
+        if m.checkpoint_id is None or not m.checkpoint_id:
+            if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
+                raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
+        n = types_pb2.Workload()
+        n.CopyFrom(w)
+        n.node, n.slice_id, n.state, n.exit_code = (m.target_node, m.resize_slice or m.target_slice,
+                                                     W.WORKLOAD_STATE_RUNNING, 0)
+        n.message = (f"restored from checkpoint {m.checkpoint_id} at step {rep.step}" if m.checkpoint_id
+                     else f"migrated from {m.source_node} at step {rep.step} ({m.id})")
+        n.ClearField("finished_at")
+        m.phase = P.MIGRATION_PHASE_COMMITTED
+        m.step, m.downtime_ms, m.total_ms = rep.step, rep.downtime_ms, rep.total_ms
+        m.bytes_sent = max(m.bytes_sent, rep.bytes)
+        if rep.state_bytes:
+            m.state_bytes = rep.state_bytes
+        if rep.mb_per_s:
+            m.mb_per_s = rep.mb_per_s
+        if rep.transfer:
+            m.transfer = rep.transfer
+        m.message = ""
+        ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))]
+        if m.resize_slice:
+            await self._save_swapped(m, ops, conds)
+        else:
+            await self._save(m, ops, conds)
+        self.wm.workloads[n.id] = n
+        self.wm.stopping.discard(n.id)
+        for fut in self.wm.waiters.pop(n.id, []):
+            if not fut.done():
+                fut.set_result(n)
+        log(logger, logging.INFO, "migration committed", migration=m.id, workload=m.workload_id,
+            target=m.target_node, step=m.step, downtime_ms=round(m.downtime_ms, 1))
+        await self._pause_hook(m)
+
+    async def _finish(self, m: M.Migration) -> None:
+        """After the commit: the source stops and the target runs (both asked at once: the source is
+        paused, so the two never run together, and a lost source node does not hold the target)."""
+        if m.resize_slice:
+            await self._swap_on_agents(m)
+        resume = self._ask(m.id, m.target_node, M.MigrationCommand(
+            migration_id=m.id, action=C.RESUME_TARGET, workload_id=m.workload_id, alias=alias(m)),
+            (R.TARGET_RESUMED,), STEP_TIMEOUT * 5) if m.workload_id else None
+        if alias(m):
+            # Same node: the source gives the workload ID to the target process first (and stops).
+            results = [None, None]
+            try:
+                await self._stop_source(m)
+            except (StepFailed, errors.MeshError) as e:
+                results[1] = e
+            await resume
+        else:
+            jobs = [resume] if resume is not None else []
+            if not m.checkpoint_id and m.workload_id:
+                jobs.append(self._stop_source(m))
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            if results and isinstance(results[0], BaseException):
+                raise results[0]
+        if m.resize_slice:
+            await self._release_old_placement(m)
+        await self._set(m, P.MIGRATION_PHASE_DONE, message="" if len(results) < 2 or not isinstance(
+            results[1], BaseException) else f"source not confirmed stopped: {results[1]}")
+
+    async def _stop_source(self, m: M.Migration) -> None:
+        await self._ask(m.id, m.source_node, M.MigrationCommand(
+            migration_id=m.id, action=C.STOP_SOURCE, workload_id=m.workload_id, alias=alias(m)), (R.SOURCE_STOPPED,),
+            STEP_TIMEOUT)
+
+    async def _rollback(self, m: M.Migration) -> None:
+        """Before the commit the source is the workload: stop the target, free what the migration
+        allocated, resume the source. Unreachable nodes are not waited for forever: the workload
+        manager's full command stops a stray target when its agent comes back."""
+        notes = []
+
+        async def stop_target() -> None:
+            if m.target_node and m.session:
+                await self._ask(m.id, m.target_node, M.MigrationCommand(
+                    migration_id=m.id, action=C.STOP_TARGET, workload_id=m.workload_id, alias=alias(m)),
+                    (R.TARGET_STOPPED,), STEP_TIMEOUT, failures=False)
+
+        async def resume_source() -> None:
+            if m.source_node and m.workload_id and not m.checkpoint_id:
+                await self._ask(m.id, m.source_node, M.MigrationCommand(
+                    migration_id=m.id, action=C.ABORT_SOURCE, workload_id=m.workload_id), (R.SOURCE_RESUMED,),
+                    STEP_TIMEOUT * 2, failures=False)
+        for name, result in zip(("target", "source"), await asyncio.gather(stop_target(), resume_source(),
+                                                                           return_exceptions=True)):
+            if isinstance(result, BaseException):
+                notes.append(f"{name}: {result}")
+        for s in [s for s in self.ctl.fleet.slices.values() if s.labels.get(LABEL) == m.id]:
+            try:
+                await self.ctl.release(s.id, wait=False, message=f"migration {m.id} rolled back")
+            except errors.MeshError as e:
+                notes.append(f"release {s.id}: {e}")
+        msg = m.message.removeprefix("rolling back: ")
+        await self._set(m, P.MIGRATION_PHASE_ABORTED,
+                        message=f"rolled back ({msg})" + (f"; {'; '.join(notes)}" if notes else ""))
