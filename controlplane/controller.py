@@ -9,8 +9,10 @@ the write is durable.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
+import time
 
 from google.protobuf import timestamp_pb2
 
@@ -27,6 +29,11 @@ from mesh.slicespec import ISOLATION_ENUM, SliceRequest
 
 logger = logging.getLogger(__name__)
 S = types_pb2
+REQUEST_TTL_S = 24 * 3600
+"""How long an Allocate request id is remembered: a retry with the same id within it gets the same
+allocation; after it the id is forgotten (its etcd key expires with a lease), so keys do not pile up."""
+REQUEST_LEASE_ROTATE_S = 3600
+
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
 
 
@@ -51,7 +58,9 @@ class Controller:
         self.release_timeout = release_timeout
         self.ready_waiters: dict[str, list[asyncio.Future]] = {}
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}
-        self.requests: dict[tuple[str, str], str] = {}
+        self.requests: dict[tuple[str, str], str] = {}   # (tenant, request id) -> allocation id
+        self._request_times: collections.deque = collections.deque()  # (monotonic time, key), oldest first
+        self._req_lease: tuple[int, float] | None = None
         self.revision = 0
         # Extension points for other components (telemetry, workloads):
         # AgentMessage kind -> async handler(node, message), and
@@ -148,10 +157,12 @@ class Controller:
                                                            f"(priority {req.priority}) of tenant {req.tenant}")
         extra, conds = [], []
         if request_id:
-            self.requests[(req.tenant, request_id)] = alloc_id
-            extra.append(Put(keys.request(req.tenant, request_id), alloc_id.encode()))
-            conds.append(Absent(keys.request(req.tenant, request_id)))
+            self.remember_request(req.tenant, request_id, alloc_id)
         try:
+            if request_id:
+                lease = await self._request_lease()
+                extra.append(Put(keys.request(req.tenant, request_id), alloc_id.encode(), lease=lease))
+                conds.append(Absent(keys.request(req.tenant, request_id)))
             rev = await self.save(slices, created=True, extra=extra, extra_conds=conds)
         except BaseException:
             for s in slices:
@@ -172,6 +183,27 @@ class Controller:
         if no_wait:
             return alloc_id, slices
         return alloc_id, await self._gather(alloc_id, [s.id for s in slices], waits, timeout)
+
+    def remember_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
+        """Keep an Allocate request id for REQUEST_TTL_S (a retry within it gets the same allocation)."""
+        now = time.monotonic()
+        self.requests[(tenant, request_id)] = alloc_id
+        self._request_times.append((now, (tenant, request_id)))
+        while self._request_times and now - self._request_times[0][0] > REQUEST_TTL_S:
+            _, key = self._request_times.popleft()
+            self.requests.pop(key, None)
+
+    async def _request_lease(self) -> int:
+        """The etcd lease request keys are written with: granted for REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S
+        and used for REQUEST_LEASE_ROTATE_S, so each key lives between the two (etcd deletes it)."""
+        now = time.monotonic()
+        if self._req_lease is None or now - self._req_lease[1] >= REQUEST_LEASE_ROTATE_S:
+            try:
+                lease = await self.store.grant_lease(int(REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S))
+            except Exception as e:  # noqa: BLE001 - the etcd client's errors
+                raise errors.Unavailable(f"etcd: cannot grant the lease for request keys: {e}") from e
+            self._req_lease = (lease, now)
+        return self._req_lease[0]
 
     async def _await_ready(self, alloc_id: str, no_wait: bool, timeout: float) -> list[types_pb2.Slice]:
         ids = [s.id for s in self.fleet.slices_of(alloc_id)]

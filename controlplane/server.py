@@ -62,6 +62,8 @@ class FleetCollector:
         yield nodes
         yield GaugeMetricFamily("gpumesh_etcd_write_batches", "Group-commit transactions written",
                                 value=self.ctl.writer.batches)
+        yield GaugeMetricFamily("gpumesh_etcd_writes", "Callers' writes those transactions carried "
+                                "(writes / batches is the group-commit batch size)", value=self.ctl.writer.writes)
 
 
 class ControlPlane:

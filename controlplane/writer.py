@@ -12,16 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import Counter
-
 from controlplane.store import Absent, Delete, EtcdStore, Present, Put
 from mesh import errors
 
 log = logging.getLogger(__name__)
 MAX_OPS = 120
-TRANSACTIONS = Counter("gpumesh_etcd_transactions_total", "etcd write transactions committed by the group writer")
-WRITES = Counter("gpumesh_etcd_writes_total", "callers' writes carried by those transactions (writes / transactions "
-                 "is the group-commit batch size)")
 
 
 class Writer:
@@ -69,8 +64,6 @@ class Writer:
     async def _commit_group(self, batch) -> None:
         self.batches += 1
         self.writes += len(batch)
-        TRANSACTIONS.inc()
-        WRITES.inc(len(batch))
         if len(batch) > 1:
             ops = [o for b in batch for o in b[0]]
             conds = [c for b in batch for c in b[1]]

@@ -66,19 +66,28 @@ def throttle_names(bits: int) -> list[str]:
     return [name for bit, name in THROTTLE_REASONS if bits & bit]
 
 
+TOPOLOGY_REFRESH_S = 30.0
+"""How often NVLink links, PCI bus id, NUMA node and CPU affinity are read again (NVLink errors
+arrive at once as XID events in between)."""
+
+
 class TelemetryCollector:
     """Readings over NVML. ``slices``: the agent's Slicer (its ``mig`` map), or a mapping of
     slice id -> MigInstance, or a callable returning one; ``ib_root``: None for no IB ports."""
 
     def __init__(self, nvml: Any, gpus: NvmlGpus, slices: Any = None, ib_root: str | None = DEFAULT_ROOT,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, topology_refresh_s: float = TOPOLOGY_REFRESH_S) -> None:
         self.nvml = nvml
         self.gpus = gpus
         self.slices = slices
         self.ib_root = ib_root
         self.clock = clock
+        self.topology_refresh_s = topology_refresh_s
         self.lost: set[int] = set()
         self._sets: dict[int, Any] = {}  # GPU index -> its XID event set (None: not supported)
+        # GPU index -> (read at, NVLink links, PCI bus id, NUMA node, CPU affinity): the slow-moving
+        # part of a reading (NVLink alone is ~60 NVML calls a GPU), read again every topology_refresh_s
+        self._topology: dict[int, tuple[float, list, str, int, str]] = {}
 
     # -- helpers
 
@@ -161,16 +170,17 @@ class TelemetryCollector:
         uncorrected = q("nvmlDeviceGetTotalEccErrors", h, n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, n.NVML_VOLATILE_ECC)
         if uncorrected is not None:
             g.ecc_uncorrected = int(uncorrected)
-        g.nvlinks.extend(self._nvlinks(h))
-        pci = q("nvmlDeviceGetPciInfo", h)
-        if pci is not None:
-            g.pci_bus_id = _text(pci.busId)
-        numa = q("nvmlDeviceGetNumaNodeId", h)
-        if numa is not None:
-            g.numa_node = int(numa)
-        cpus = q("nvmlDeviceGetCpuAffinity", h, CPU_SET_WORDS)
-        if cpus is not None:
-            g.cpu_affinity = cpu_list(cpus)
+        now = self.clock()
+        topo = self._topology.get(g.index)
+        if topo is None or not 0 <= now - topo[0] < self.topology_refresh_s:
+            pci = q("nvmlDeviceGetPciInfo", h)
+            numa = q("nvmlDeviceGetNumaNodeId", h)
+            cpus = q("nvmlDeviceGetCpuAffinity", h, CPU_SET_WORDS)
+            topo = (now, self._nvlinks(h), _text(pci.busId) if pci is not None else "",
+                    int(numa) if numa is not None else -1, cpu_list(cpus) if cpus is not None else "")
+            self._topology[g.index] = topo
+        _, links, g.pci_bus_id, g.numa_node, g.cpu_affinity = topo
+        g.nvlinks.extend(links)
         return g
 
     def _nvlinks(self, h: Any) -> list[types_pb2.NvlinkLink]:
