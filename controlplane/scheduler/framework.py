@@ -5,7 +5,8 @@ One cycle places one request (`count` slices, all or nothing) on the in-memory
 fleet (`controlplane.fleet.Fleet`, the snapshot). Per node it runs the filter
 plugins, asks the fit plugin for the node's options (which GPUs, which MIG start
 slots), scores each option with the weighted score plugins and keeps the best;
-the best node wins (ties: the first node in fleet order). "Does not fit" is a
+the best node wins (ties: the smallest node name, as in the FGD artifact's kube-scheduler, so the
+choice does not depend on the order nodes registered in, on the leader or a follower). "Does not fit" is a
 `Status` with reasons, never an exception.
 
 Speed: plugins marked `cacheable` depend only on the node's signature (its
@@ -184,7 +185,8 @@ class Framework:
                 v = sub.get(node.sid or node.signature_id())
                 if v is None:
                     v = self._verdict(state, req, rkey, node)
-                if v.ok and (best_total is None or v.total > best_total):
+                if v.ok and (best_total is None or v.total > best_total
+                             or (v.total == best_total and node.name < best_node.name)):
                     best_node, best_v, best_total = node, v, v.total
         else:
             feasible = []
@@ -207,11 +209,11 @@ class Framework:
                     columns[i] = p.normalize(columns[i])
                 for j, (n, v) in enumerate(feasible):
                     total = v.total + sum(col[j] * w for col, (_, w) in zip(columns, node_scorers))
-                    if best_total is None or total > best_total:
+                    if best_total is None or total > best_total or (total == best_total and n.name < best_node.name):
                         best_node, best_v, best_total = n, v, total
             else:
                 for n, v in feasible:
-                    if best_total is None or v.total > best_total:
+                    if best_total is None or v.total > best_total or (v.total == best_total and n.name < best_node.name):
                         best_node, best_v, best_total = n, v, v.total
         if best_node is None:
             if reasons is not None:

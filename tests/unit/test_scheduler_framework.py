@@ -131,6 +131,14 @@ def test_preemption_for_a_gang_spread_over_nodes(name, held_prios, count, want_v
     assert sum(len(g.slices) for n in fleet.nodes.values() for g in n.gpus) == len(held_prios)
 
 
+@pytest.mark.parametrize("profile", ["default", "fgd", "packing", "bestfit"])
+def test_ties_go_to_the_smallest_node_name_whatever_the_fleet_order(profile):
+    fleet = make_fleet(("n2", [("L4", False)] * 2), ("n1", [("L4", False)] * 2), ("n3", [("L4", False)] * 2))
+    assert list(fleet.nodes) == ["n2", "n1", "n3"]   # registered out of name order
+    c = profiles.build(profile).schedule(req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE), fleet).choices[0]
+    assert c.node == "n1"
+
+
 def test_quota_refusal_names_the_quota():
     fleet = make_fleet(("a", [("L4", False)] * 2))
     fw = profiles.from_config({"args": {"TenantQuota": {"tenants": {"t": {"max_slices": 1}}}}})

@@ -21,12 +21,15 @@ examples:
   meshctl sim --policy random,packing,bestfit,fgd,default --seeds 10 --plot curves.png
   meshctl sim --pods gpushare100 --policy default,fgd
   meshctl sim --nodes all_node --pods cpu050 --policy bestfit
-  meshctl sim --mode timeline --policy default --seeds 1
+  meshctl sim --mode timeline --policy default,fgd --seeds 3
+  meshctl sim --policy packing --node-order file
 
 --nodes and --pods take a trace file name (gpu_node, all_node; default, gpushare40, cpu050,
 ...) under the trace directory ($MESH_TRACE_DIR or ../shared/traces/alibaba-gpu-v2023), or a path.
 With -o json one policy prints {"policy", "seeds", "capacity_gpus", "curve": [{"load",
-"unallocated_gpus", "fragmented_gpus"}, ...], ...}; several print a list of those.
+"unallocated_gpus", "fragmented_gpus"}, ...], ...}; several print a list of those. Ties between equal
+scores go to the first node in fleet order: shuffled per seed by default, as the artifact's node
+names are; --node-order file keeps the list's order. Timeline curves are averaged over seeds too.
 """
 
 

@@ -8,11 +8,19 @@ load the curve records unallocated GPUs and fragmented GPUs (the free GPU capaci
 typical pods, those that make up 95% of its GPU pods, cannot use).
 
 Timeline mode: pods are created and deleted at their trace times; the curve is sampled at steps of
-elapsed events with `load` = GPUs asked for by live pods / capacity.
+elapsed events with `load` = GPUs asked for by live pods / capacity, averaged over seeds point by
+point (seeds differ in the node order and the random policy's draws).
+
+Ties between equal scores go to the smallest node name. As in the artifact (which sorts the nodes
+by name and prefixes each with its place in a random permutation) the replay prefixes the names so
+that this is a random order fixed for the run, seeded (`order="shuffled"`); `file` keeps the list's
+order. The planner gets the trace's pod types up front, CPU-only pods included
+(the artifact's typical pods include them; the fragmentation metric of the curve does not).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import Counter
@@ -58,16 +66,16 @@ NODE_ORDERS = ("shuffled", "file")
 
 
 def node_order(nodes: list[TraceNode], seed: int, order: str = "shuffled") -> list[TraceNode]:
-    """The fleet's node order, which breaks ties between equal scores (the first node wins). The
-    artifact sorts nodes by name, prefixes each with its place in a random permutation and lets the
-    smallest name win ties: a random but fixed order per run (`shuffled`, seeded); `file` keeps the
-    list's order."""
+    """The nodes renamed so that name order, which breaks ties between equal scores (the smallest
+    name wins), is a random order fixed per run (`shuffled`, seeded), as in the artifact, which sorts
+    the nodes by name and prefixes each with its place in a random permutation; or the list's order
+    (`file`)."""
     if order not in NODE_ORDERS:
         raise ValueError(f"node order {order!r} is not one of {', '.join(NODE_ORDERS)}")
-    out = sorted(nodes, key=lambda n: n.name)
+    out = list(nodes) if order == "file" else sorted(nodes, key=lambda n: n.name)
     if order == "shuffled":
         random.Random(f"nodes-{seed}").shuffle(out)
-    return list(nodes) if order == "file" else out
+    return [dataclasses.replace(n, name=f"{i:05d}-{n.name}") for i, n in enumerate(out)]
 
 
 def fragmented_gpus(fleet: Fleet, plugin: fgd.Plugin) -> float:

@@ -2,13 +2,19 @@
 slot that least increase the fleet's fragmentation, measured against the expected mix of requests.
 
 A node's fragmentation for one request type is the free GPU capacity that type cannot use there:
-all of it when the type cannot run on the node at all (model, host CPU, too few GPUs with room),
-else the free capacity of the GPUs too small for it. The node's fragmentation is the mix-weighted
-sum; the score of an option is minus its increase, in GPUs (`integer: true` scores as the paper's
-artifact does, int(100 * sigmoid(-delta_milli / 1000)), which leaves near-ties to node order).
+all of it when the type cannot run on the node at all (model, host CPU, with `host_memory` host
+memory, too few GPUs with room), else the free capacity of the GPUs too small for it; a type that
+takes no GPU (`cpu_types`, as the artifact counts CPU pods) counts all free GPU capacity. The node's
+fragmentation is the mix-weighted sum; the score of an option is minus its increase, in GPUs
+(`integer: true` scores as the paper's artifact does, int(100 * sigmoid(-delta_milli / scale)),
+which leaves near-ties to node order; `quantum` instead floors -delta to whole steps of that many
+milli-GPUs). Among a node's options with equal scores, `gpu_choice` picks the GPU: `fullest` (the
+artifact's lowest index, which it fills first), `exact` (the exact gradient, then MIG start slots
+that keep the most room) or `canonical` (the first in the node's canonical order).
 
 The mix is learned from the requests the scheduler sees (a sliding window; the types that make up
-`coverage` of it) unless set explicitly (the replay sets the trace's mix, as the artifact does).
+`coverage` of it; weights by share of all requests, or of the kept types with `normalize`) unless
+set explicitly (the replay sets the trace's mix, as the artifact does).
 """
 
 from __future__ import annotations
