@@ -152,7 +152,10 @@ class ResizeMixin:
         await self._save(m, created=True)
         try:
             alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
-        except errors.MeshError as e:
+        except Exception as e:    # noqa: BLE001 - recorded, then raised as it came
+            if not isinstance(e, errors.MeshError):
+                await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back ({e})")
+                raise
             await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back (no room for {what}: {e})")
             if isinstance(e, errors.ResourceExhausted):
                 raise errors.ResourceExhausted(f"slice {s.id} cannot be resized to {what}: {e}; the slice is "

@@ -61,6 +61,8 @@ class SlicesMixin:
         moves = {}
         for s in mine:
             src = next((k for k in ([s.id] + ids) if k not in moves.values() and holds(k, s)), None)
+            if src is None and s.isolation != types_pb2.ISOLATION_MIG:
+                src = s.id      # shared slices are bookkeeping (lost with an agent restart): realized anew
             if src is None:
                 raise RuntimeError(f"no realized slice here is at the placement of {s.id} "
                                    f"(GPU {s.gpu_index} {s.profile or s.memory_bytes})")
