@@ -98,7 +98,18 @@ class TransferClient:
         t0 = time.perf_counter()
         last_error = ""
         entry_in_flight = [""]
+        producers: list[tuple[threading.Event, threading.Thread]] = []
+
+        def stop_producers() -> None:
+            """A new attempt (or the end): the frames built for a dead stream are never sent, and
+            its producer must not touch the ring once the next stream started."""
+            for ev, _ in producers:
+                ev.set()
+            for _, th in producers:
+                th.join(30)
+            producers.clear()
         for attempt in range(self.retries + 1):
+            stop_producers()
             stats.attempts = attempt + 1
             have_box: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
             cut = [False]
@@ -155,7 +166,7 @@ class TransferClient:
                 if ring is not None:
                     ring.restart()
                 stop = threading.Event()
-                for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH):
+                for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH, producers):
                     kind = item[0]
                     if kind == "begin":
                         entry_in_flight[0] = item[2]
@@ -213,6 +224,7 @@ class TransferClient:
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     partial.clear()
                 time.sleep(min(0.05 * (2 ** attempt), 1.0) if not cut[0] else 0)
+        stop_producers()
         raise TransferError(f"transfer to {self.target} (session {self.session}) failed after "
                             f"{stats.attempts} attempts: {last_error}", entry_in_flight[0])
 
@@ -229,7 +241,8 @@ class _Raised:
 _DONE = object()
 
 
-def _prefetch(items: Iterator[Any], stop: threading.Event, depth: int) -> Iterator[Any]:
+def _prefetch(items: Iterator[Any], stop: threading.Event, depth: int,
+              producers: list | None = None) -> Iterator[Any]:
     """`items`, produced by a helper thread up to `depth` ahead; closing this generator (a cut
     stream) sets `stop` and waits for the helper to notice."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -256,6 +269,8 @@ def _prefetch(items: Iterator[Any], stop: threading.Event, depth: int) -> Iterat
 
     t = threading.Thread(target=run, daemon=True, name="transfer-prefetch")
     t.start()
+    if producers is not None:
+        producers.append((stop, t))
     try:
         while True:
             x = q.get()

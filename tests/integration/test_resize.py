@@ -27,7 +27,7 @@ from tools.localcluster import LocalCluster  # noqa: E402
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": "rz-a", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]},
          {"node": "rz-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
-STEPS = 1500     # 30 s at 20 ms a step: the resize (target start included) ends long before
+STEPS = 3000     # 60 s at 20 ms a step: the resize (target start included) ends long before, even on a slow host
 TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str(STEPS), "--sleep-ms", "20",
          "--print-every", "5"]
 
@@ -69,7 +69,7 @@ def mesh(cluster):
 
 def check_result(mesh, wid, reference, started_at):
     """One run to the end, from `started_at` on, bit-identical to the unmigrated reference."""
-    w = finished(mesh, wid, timeout=120)
+    w = finished(mesh, wid, timeout=300)
     assert w.state == t.WORKLOAD_STATE_SUCCEEDED, w.message
     out = lines(mesh, wid)
     done = [d for d in out if d.get("done")]

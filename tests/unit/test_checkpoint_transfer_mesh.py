@@ -73,3 +73,24 @@ def test_a_cut_stream_resumes_over_the_ring(server):
         stats = c.send(entries(BIG), commit=lambda st: manifest_of(BIG, st))
     assert stats.attempts >= 2 and stats.transport == "shm"
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BIG
+
+
+def test_a_chunk_refused_by_the_receiver_is_resent_over_the_ring(server, monkeypatch):
+    import grpc
+
+    from mesh.checkpoint.transfer import ReceiveSession, _Abort
+    real = ReceiveSession.chunk
+    refused = []
+
+    def flaky(self, e, header, data):
+        if "slot" in header and header["offset"] > 0 and not refused:
+            refused.append(header["offset"])
+            raise _Abort(grpc.StatusCode.DATA_LOSS, "corrupted on the way (test)")
+        return real(self, e, header, data)
+    monkeypatch.setattr(ReceiveSession, "chunk", flaky)
+    sink = MemorySink()
+    server.expect("m7", sink, mesh=True)
+    with TransferClient(server.address, "m7", chunk_bytes=16 << 10, mesh="shm") as c:
+        stats = c.send(entries(BIG), commit=lambda st: manifest_of(BIG, st))
+    assert refused and stats.attempts == 2 and stats.transport == "shm"
+    assert {n: bytes(b) for n, b in sink.buffers.items()} == BIG
