@@ -104,6 +104,21 @@ def test_resize_mig_slice_with_running_training_keeps_id_and_step(mesh, referenc
     check_result(mesh, w.id, reference, started_at=m.step)     # continues from the exact step
 
 
+def test_resize_to_another_node_when_the_node_is_full(mesh, reference):
+    whole = mesh.allocate(tenant="rz", mig_profile="7g.80gb").slices[0]     # rz-a: one GPU taken whole
+    s, w = start_training(mesh)                                              # the other GPU of rz-a
+    mesh.uncordon("rz-b")
+    new = mesh.resize(s.id, mig_profile="7g.80gb", timeout=300)              # fits on rz-b only
+    assert new.id == s.id and new.profile == "7g.80gb" and new.node == "rz-b" and s.node == "rz-a"
+    m = mesh.list_migrations(workload_id=w.id)[-1]
+    assert migration_phase(m) == "done" and m.target_node == "rz-b" and m.source_node == "rz-a", m.message
+    moved = mesh.get_workload(w.id)
+    assert moved.slice_id == s.id and moved.node == "rz-b"
+    wait_for(lambda: sorted(x.id for x in mesh.list_slices()) == sorted([s.id, whole.id]), 30,
+             "the old placement to be released")
+    check_result(mesh, w.id, reference, started_at=m.step)
+
+
 def test_resize_that_cannot_fit_is_refused_and_changes_nothing(mesh):
     whole = mesh.allocate(tenant="rz", mig_profile="7g.80gb").slices[0]     # one GPU of rz-a taken whole
     s, w = start_training(mesh)
