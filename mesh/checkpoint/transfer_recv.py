@@ -3,6 +3,7 @@ See mesh/checkpoint/transfer.py for the protocol."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -204,6 +205,95 @@ class _Abort(Exception):
         self.message = message
 
 
+class _Pipeline:
+    """Processes one stream's frames in order on a helper thread, so the stream's handler takes
+    the next message while this one is checked (the hashing releases the GIL) and copied into
+    its target. The first error stops it and is raised to the handler by `put` or `finish`."""
+
+    DEPTH = 4
+
+    def __init__(self, session: ReceiveSession, ring: Any) -> None:
+        self.session, self.ring = session, ring
+        self.cur: _RecvEntry | None = None
+        self.error: BaseException | None = None
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=self.DEPTH)
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"transfer-recv-{session.session}")
+        self.thread.start()
+
+    def put(self, msg: bytes) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(msg, timeout=0.1)
+                return
+            except queue.Full:
+                if not self.thread.is_alive() and self.error is None:
+                    raise _Abort(grpc.StatusCode.INTERNAL, "the transfer pipeline ended")
+
+    def finish(self) -> None:
+        while self.thread.is_alive():
+            try:
+                self.q.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or _Abort(grpc.StatusCode.CANCELLED, "stream ended")
+            try:
+                self.q.put_nowait(None)
+            except queue.Full:
+                pass
+            self.thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            msg = self.q.get()
+            if msg is None or self.error is not None:
+                return
+            try:
+                self._frame(msg)
+            except BaseException as exc:   # noqa: BLE001 - handed to the stream's handler
+                self.error = exc
+                return
+
+    def _frame(self, msg: bytes) -> None:
+        session, ring = self.session, self.ring
+        h, data = unframe(msg)
+        kind = h["t"]
+        if kind == "chunk":
+            if self.cur is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk before begin")
+            if "slot" in h:
+                if ring is None:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk in a ring slot, no ring")
+                try:
+                    session.chunk(self.cur, h, ring.take(int(h["slot"]), int(h["n"])))
+                except ValueError as exc:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                finally:
+                    ring.release(int(h["slot"]))
+            else:
+                session.chunk(self.cur, h, data)
+        elif kind == "begin":
+            self.cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
+                                     h.get("algo", "sha256"), h.get("check", ""))
+        elif kind == "end":
+            if self.cur is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before begin")
+            session.end(self.cur, h["checksum"])
+            self.cur = None
+        elif kind == "commit":
+            session.commit(Manifest.from_json(h["manifest"]))
+        else:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown frame {kind!r}")
+
+
 class TransferServer:
     """Receives pushes for the sessions it `expect`s. `address` may be `host:port` (port 0 picks
     one; see `.address`) or `unix:/path`."""
@@ -262,43 +352,19 @@ class TransferServer:
                 ring.reset()        # frames in flight died with the last stream
             yield frame({"t": "have", "entries": session.have(), "committed": session.committed is not None,
                          **({"mesh": ring.offer()} if ring is not None else {})})
-            cur: _RecvEntry | None = None
             t0 = time.perf_counter()
             n0 = session.bytes_received
+            pipe = _Pipeline(session, ring)
             try:
                 for msg in requests:
-                    h, data = unframe(msg)
-                    kind = h["t"]
-                    if kind == "chunk":
-                        if cur is None:
-                            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk before begin")
-                        if "slot" in h:
-                            if ring is None:
-                                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk in a ring slot, no ring")
-                            try:
-                                session.chunk(cur, h, ring.take(int(h["slot"]), int(h["n"])))
-                            except ValueError as exc:
-                                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-                            finally:
-                                ring.release(int(h["slot"]))
-                        else:
-                            session.chunk(cur, h, data)
-                    elif kind == "begin":
-                        cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
-                                            h.get("algo", "sha256"), h.get("check", ""))
-                    elif kind == "end":
-                        if cur is None:
-                            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "end before begin")
-                        session.end(cur, h["checksum"])
-                        cur = None
-                    elif kind == "commit":
-                        session.commit(Manifest.from_json(h["manifest"]))
-                    else:
-                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown frame {kind!r}")
+                    pipe.put(msg)           # checked and written by the pipeline's thread, in order
+                pipe.finish()
             except _Abort as exc:
                 context.abort(exc.code, exc.message)
             except CheckpointError as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            finally:
+                pipe.stop()
             yield frame({"t": "done", "bytes": session.bytes_received - n0, "seconds": time.perf_counter() - t0,
                          "committed": session.committed})
 
