@@ -14,7 +14,8 @@ class ControlPlaneConfig:
 
     listen: str = option("127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free port)")
     advertise: str = option("", "HOST:PORT that agents and clients should dial to reach this control plane; kept in "
-                                "the leader key so standbys can name the leader; empty: the listen address")
+                                "the leader key so standbys can name the leader (with mtls_listen, the mTLS port on the "
+                                "same host is named too); empty: the listen address")
     metrics_listen: str = option("127.0.0.1:9401", "Prometheus /metrics address HOST:PORT; empty disables it")
     state_dir: str = option(".mesh/controlplane", "directory for the control plane's files (embedded etcd data, identity)")
     etcd_endpoints: list = option([], "etcd client URLs (http://HOST:PORT); none starts an embedded etcd under state_dir")

@@ -134,6 +134,10 @@ class ControlPlane:
             mtls_endpoint = f"{mhost_}:{self.mtls_port}"
         endpoint = f"{host}:{self.port}"
         self.advertise = self.cfg.advertise or endpoint
+        if self.cfg.mtls_listen:
+            # the mTLS port on the advertised host: standbys name both, so agents (which dial the
+            # mTLS port) and token clients (the other) each find the leader in their own list
+            self.advertise += f",{self.advertise.rpartition(':')[0]}:{self.mtls_port}"
         self._names = names
         # One quick attempt (a restart of the same identity takes over at once); otherwise serve as a
         # standby and campaign in the background.

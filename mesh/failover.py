@@ -39,6 +39,17 @@ def split_endpoints(endpoint: str | list[str]) -> list[str]:
     return out
 
 
+def pick_leader(hint: str, endpoints: list[str]) -> int:
+    """Which of `endpoints` the leader named in `hint` is (-1: none). A leader advertises every
+    endpoint it serves, comma-separated (its token port and its mTLS port): a caller dials the one
+    it was given."""
+    for cand in hint.split(","):
+        cand = cand.strip()
+        if cand and cand in endpoints:
+            return endpoints.index(cand)
+    return -1
+
+
 def _metadata(err: grpc.RpcError) -> dict[str, str]:
     try:
         md = err.trailing_metadata() or ()
@@ -66,8 +77,9 @@ class FailoverChannel(grpc.Channel):
         with self._lock:
             if self.current != tried:
                 return          # another thread moved already
-            if leader in self.endpoints and self.endpoints.index(leader) != tried:
-                self.current = self.endpoints.index(leader)
+            at = pick_leader(leader, self.endpoints)
+            if at >= 0 and at != tried:
+                self.current = at
             else:
                 self.current = (tried + 1) % len(self.channels)
             self.failovers += 1

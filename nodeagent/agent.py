@@ -16,6 +16,7 @@ import random
 import grpc
 
 from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, types_pb2
+from mesh.failover import pick_leader
 from mesh.logs import log
 from nodeagent import metrics
 from nodeagent.gpu import NvmlGpus
@@ -28,7 +29,7 @@ RETRY_TEARDOWN_S = 2.0
 
 
 def leader_hint(e: grpc.aio.AioRpcError) -> str:
-    """The leader endpoint a standby control plane named in its trailing metadata ('' if none)."""
+    """The leader endpoints a standby control plane named in its trailing metadata ('' if none)."""
     for k, v in (e.trailing_metadata() or ()):
         if k == "gpumesh-leader":
             return v if isinstance(v, str) else v.decode()
@@ -129,9 +130,9 @@ class NodeAgent:
                     endpoint=self.endpoint, code=e.code().name, error=e.details())
                 if len(self.endpoints) > 1 and e.code() in (grpc.StatusCode.UNAVAILABLE,
                                                             grpc.StatusCode.DEADLINE_EXCEEDED):
-                    leader = leader_hint(e)
-                    if leader in self.endpoints and leader != self.endpoint:
-                        current, hinted = self.endpoints.index(leader), True
+                    at = pick_leader(leader_hint(e), self.endpoints)
+                    if at >= 0 and self.endpoints[at] != self.endpoint:
+                        current, hinted = at, True
                     else:
                         current = (current + 1) % len(self.endpoints)
                     if is_standby(e):
