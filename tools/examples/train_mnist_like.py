@@ -7,6 +7,7 @@ that is checkpointed, killed and restored, or migrated, continues bit-identicall
     python -m tools.examples.train_mnist_like --steps 200 --seed 0
     GPUMESH_CHECKPOINT_SOCKET=/tmp/w.sock python -m tools.examples.train_mnist_like ...
     GPUMESH_RESTORE_FROM=/path/to/checkpoint python -m tools.examples.train_mnist_like ...
+    python -m tools.examples.train_mnist_like --device cuda     # on a GPU (deterministic kernels)
 
 Prints one JSON line per `--print-every` steps ({"step", "loss", "checksum"}) and a last
 line {"done": true, "step", "checksum", "started_at"}; `--final-dir DIR` saves the final
@@ -26,10 +27,10 @@ import torch
 import mesh.checkpoint as mc
 
 
-def build(seed: int, hidden: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(seed: int, hidden: int, device: str = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(hidden, 10))
+                                torch.nn.Linear(hidden, 10)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     return model, opt
 
@@ -38,7 +39,7 @@ def param_checksum(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -53,10 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-dir", help="save the final state here")
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--save-dir")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (default: cpu)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # same arithmetic in every process
-    model, opt = build(args.seed, args.hidden)
+    if args.device.startswith("cuda"):
+        # bit-identical continuation needs deterministic kernels (cuBLAS wants a fixed workspace)
+        import os
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.cuda.init()  # before register_rng, so the CUDA generators' states are kept too
+    model, opt = build(args.seed, args.hidden, args.device)
     ckpt = mc.connect(workload_id="train-mnist-like")
     ckpt.register_module("model", model)
     ckpt.register_optimizer("adam", opt)
@@ -68,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     loss_fn = torch.nn.CrossEntropyLoss()
     for step in range(ckpt.step, args.steps):
-        x = torch.randn(args.batch, 784)
-        y = torch.randint(0, 10, (args.batch,))
+        x = torch.randn(args.batch, 784).to(args.device)
+        y = torch.randint(0, 10, (args.batch,)).to(args.device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
