@@ -26,7 +26,8 @@ from tools.localcluster import LocalCluster  # noqa: E402
 
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": "rz-a", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]},
-         {"node": "rz-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
+         {"node": "rz-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True},
+                                   {"model": "H100-80GB", "count": 1, "mig": False}]}]
 STEPS = 3000     # 60 s at 20 ms a step: the resize (target start included) ends long before, even on a slow host
 TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str(STEPS), "--sleep-ms", "20",
          "--print-every", "5"]
@@ -146,6 +147,19 @@ def test_resize_idle_slice_replaces_it_under_the_same_id(mesh):
     wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
     got = mesh.get_slice(s.id)
     assert got.env["GPUMESH_SLICE_ID"] == s.id and got.env["CUDA_VISIBLE_DEVICES"] == got.device_uuid
+
+
+def test_mps_slice_resizes_in_place_and_refuses_what_no_gpu_holds(mesh):
+    mesh.uncordon("rz-b")
+    s = mesh.allocate(tenant="rz", isolation="mps", memory_bytes=8 << 30, compute_share=0.25).slices[0]
+    new = mesh.resize(s.id, memory_bytes=16 << 30, compute_share=0.5)
+    assert (new.id, new.node, new.gpu_index, new.device_uuid) == (s.id, s.node, s.gpu_index, s.device_uuid)
+    assert new.memory_bytes == 16 << 30 and new.compute_share == 0.5 and "in place" in new.message
+    mesh.allocate(tenant="rz", isolation="mps", memory_bytes=60 << 30, compute_share=0.25)   # same GPU
+    with pytest.raises(errors.ResourceExhausted):
+        mesh.resize(s.id, memory_bytes=30 << 30)     # no room in place, and no other GPU of this kind
+    got = mesh.get_slice(s.id)
+    assert got.memory_bytes == 16 << 30 and got.device_uuid == s.device_uuid and got.state == t.SLICE_STATE_READY
 
 
 def test_transparent_mode_is_refused_by_the_agent_naming_criu(mesh):
