@@ -194,10 +194,13 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     def targets_on(self, node: str) -> list[types_pb2.Workload]:
         """Workloads the target node must keep (the receiving target processes), for the workload
-        manager's full command to an agent that reconnects mid-migration."""
+        manager's full command to an agent that reconnects mid-migration. A same-node target runs
+        under its alias until the source hands the ID over after the commit, so it is kept through
+        COMMITTED too (once handed over, the agent knows no alias and ignores the entry)."""
         out = []
         for m in self.migrations.values():
-            if m.phase in TARGET_WANTED and m.target_node == node and m.workload_id in self.wm.workloads:
+            wanted = m.phase in TARGET_WANTED or (m.phase == P.MIGRATION_PHASE_COMMITTED and alias(m))
+            if wanted and m.target_node == node and m.workload_id in self.wm.workloads:
                 t = self._target_spec(m, self.wm.workloads[m.workload_id])
                 t.started_at.CopyFrom(m.created_at)    # keep it if it runs; never start it from this command
                 out.append(t)

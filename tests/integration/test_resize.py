@@ -11,11 +11,14 @@ they were.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
 import pytest
 
 pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumesh[torch]')")
 
+from gpumesh.v1 import migration_service_pb2 as M  # noqa: E402
 from gpumesh.v1 import types_pb2 as t  # noqa: E402
 from mesh import errors  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
@@ -173,3 +176,48 @@ def test_transparent_mode_is_refused_by_the_agent_naming_criu(mesh):
     now = mesh.get_workload(w.id)
     assert now.state == t.WORKLOAD_STATE_RUNNING and now.pid == w.pid
     assert len(mesh.list_migrations()) == before
+
+
+@pytest.mark.parametrize("phase", ["copying", "committed"])
+def test_control_plane_killed_during_a_resize(cluster, mesh, reference, phase):
+    """kill -9 of the control plane with the resize held in a phase: before the commit it rolls
+    back (the old slice and the source untouched), at the commit it finishes (new placement
+    under the same slice ID, the target trains on from the exact step)."""
+    cluster.controlplane_args = ["--migration-pause-at", phase]
+    cluster.restart_controlplane(timeout=60)
+    try:
+        s, w = start_training(mesh)
+        before = mesh.get_slice(s.id)
+
+        def resize():
+            try:
+                mesh.resize(s.id, mig_profile="3g.40gb", timeout=300)
+            except Exception:
+                pass                    # the control plane dies under the call
+        threading.Thread(target=resize, daemon=True).start()
+        m = wait_for(lambda: next((x for x in mesh.list_migrations(workload_id=w.id)
+                                   if migration_phase(x) == phase), None), 120, f"the resize to reach {phase}")
+        if phase == "copying":
+            time.sleep(1.0)             # the agents carry on: the target restores and holds
+        cluster.controlplane_args = []
+        cluster.restart_controlplane(kill=True, timeout=60)
+        m = wait_for(lambda: (x := mesh.get_migration(m.id)).phase in (
+            M.MIGRATION_PHASE_DONE, M.MIGRATION_PHASE_ABORTED) and x, 120, "the resize to end")
+        now = mesh.get_workload(w.id)
+        if phase == "committed":
+            assert migration_phase(m) == "done", m.message
+            got = mesh.get_slice(s.id)
+            assert got.profile == "3g.40gb" and got.device_uuid != before.device_uuid and now.slice_id == s.id
+            wait_for(lambda: not alive(w.pid), 15, "the source process to end")
+            wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
+            check_result(mesh, w.id, reference, started_at=m.step)
+        else:
+            assert migration_phase(m) == "aborted" and "restarted in phase " + phase in m.message, m.message
+            got = mesh.get_slice(s.id)
+            assert (got.profile, got.device_uuid, got.state) == ("1g.10gb", before.device_uuid, t.SLICE_STATE_READY)
+            assert now.state == t.WORKLOAD_STATE_RUNNING and now.pid == w.pid and now.slice_id == s.id
+            wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the reserved slice to be released")
+            step = last_step(mesh, w.id)
+            wait_for(lambda: last_step(mesh, w.id) > step, 30, "the source to train on")
+    finally:
+        cluster.controlplane_args = []
