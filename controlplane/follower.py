@@ -1,7 +1,8 @@
 """A standby's read-only fleet: loaded from etcd, kept current by a watch, serving the read RPCs.
 
 A control plane that does not lead (controlplane/standby.py) still answers reads:
-SliceService Get/List/Watch and AdminService ListNodes/GetNode/ListGpus. The
+SliceService Get/List/Watch, AdminService ListNodes/GetNode/ListGpus,
+WorkloadService Get/List and MeshService Get/List/ListGrants. The
 `Follower` builds its fleet with the leader's own decoding
 (`controlplane.nodes.rebuild`, the first step of NodeManager.load), then
 follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
@@ -26,8 +27,12 @@ from controlplane import keys
 from controlplane.controller import Controller
 from controlplane.events import ADDED, DELETED, MODIFIED
 from controlplane.fleet import Fleet
+from controlplane.meshsvc import MeshManager, MeshService
 from controlplane.nodes import NodeManager, decode_node, decode_slice, rebuild
 from controlplane.services import AdminService, SliceService
+from controlplane.workloads import WorkloadManager, WorkloadService
+from gpumesh.v1 import mesh_service_pb2 as M
+from gpumesh.v1 import types_pb2
 from controlplane.store import EtcdStore
 from mesh import errors
 from mesh.logs import log
@@ -40,7 +45,11 @@ class Follower:
         self.store = store
         self.ctl = Controller(store)          # its writer is never started: nothing here writes
         self.nodes = NodeManager(self.ctl, lease_ttl=lease_ttl)
-        self.services = {"SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes)}
+        # the leader's managers as record holders only: never loaded, started or given a stream
+        self.workloads = WorkloadManager(self.ctl)
+        self.mesh = MeshManager(self.ctl)
+        self.services = {"SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
+                         "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh)}
         self.retry = retry
         self.loaded = asyncio.Event()
         self.applied = 0                      # watch events applied (tests and logs)
@@ -83,6 +92,11 @@ class Follower:
                 if not q.full():
                     q.put_nowait(None)
         self._alive = rebuild(self.ctl, snap)
+        self.workloads.workloads.clear()
+        self.mesh.connections.clear()
+        self.mesh.grants.clear()
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            self._apply_record(False, key.decode(), value)
         self.loaded.set()
         log(logger, logging.INFO, "standby: read-only fleet loaded from etcd", revision=snap.revision,
             nodes=len(self.ctl.fleet.nodes), slices=len(self.ctl.fleet.slices))
@@ -110,11 +124,37 @@ class Follower:
                     except BaseException:  # noqa: BLE001 - best effort
                         pass
 
+    def _apply_record(self, deleted: bool, key: str, value: bytes) -> bool:
+        """A workload, mesh connection or mesh grant record; False for any other key."""
+        if key.startswith(keys.WORKLOADS):
+            table, name, msg = self.workloads.workloads, key[len(keys.WORKLOADS):], types_pb2.Workload
+        elif key.startswith(keys.MESH):
+            table, name, msg = self.mesh.connections, key[len(keys.MESH):], M.MeshConnection
+        elif key.startswith(keys.MESH_GRANTS):
+            table, name, msg = self.mesh.grants, None, M.MeshGrant
+        else:
+            return False
+        if name is None:  # grants are held by (from, to) tenant
+            g = msg.FromString(value) if not deleted else None
+            pair = (g.from_tenant, g.to_tenant) if g else tuple(key[len(keys.MESH_GRANTS):].split("/", 1))
+            if g is None:
+                table.pop(pair, None)
+            else:
+                table[pair] = g
+        elif deleted:
+            table.pop(name, None)
+        else:
+            table[name] = msg.FromString(value)
+        return True
+
     def apply(self, deleted: bool, key: str, value: bytes, revision: int, lease: int = 0) -> None:
-        """One watch event: a node record, an alive key (readiness) or a slice; other keys are ignored."""
+        """One watch event: a node record, an alive key (readiness), a slice, a workload or a mesh
+        record; other keys are ignored."""
         ctl, fleet = self.ctl, self.ctl.fleet
         ctl.revision = max(ctl.revision, revision)
         self.applied += 1
+        if self._apply_record(deleted, key, value):
+            return
         if key.startswith(keys.SLICES):
             sid = key[len(keys.SLICES):]
             if deleted:

@@ -25,7 +25,9 @@ LEADER_METADATA = "gpumesh-leader"
 STANDBY_METADATA = "gpumesh-standby"
 # What a standby answers itself (from its follower's fleet), by service.
 READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
-         "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus"})}
+         "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus"}),
+         "WorkloadService": frozenset({"Get", "List"}),
+         "MeshService": frozenset({"Get", "List", "ListGrants"})}
 
 
 class Switch:

@@ -1,6 +1,6 @@
 """A standby control plane serves reads from a read-only fleet that follows etcd (controlplane/follower.py):
 a slice allocated on the leader shows through the standby's Get/List/Watch and ListNodes/GetNode/ListGpus,
-a write on the standby is refused naming the leader, and after the leader dies the standby leads with the
+its workload and mesh connection through WorkloadService and MeshService Get/List, a write on the standby is refused naming the leader, and after the leader dies the standby leads with the
 slice still there."""
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             with pytest.raises(errors.Unavailable):
                 sb.cordon(node)
             assert seen < 3, f"the standby saw the slice after {seen:.2f}s"
+            # workloads and mesh connections read on the standby too
+            w = lead.run_workload(sid, ["sleep", "30"])
+            got_w = wait_for(lambda: _maybe(sb.get_workload, w.id), 5, "the workload on the standby")
+            assert got_w.slice_id == sid and [x.id for x in sb.list_workloads(slice_id=sid)] == [w.id]
+            other = lead.allocate(tenant="team-sb", mig_profile="1g.10gb").slices[0].id
+            conn = lead.mesh_connect(sid, other, size_bytes=1 << 20)
+            got_c = wait_for(lambda: _maybe(sb.mesh_get, conn.id), 5, "the mesh connection on the standby")
+            assert {got_c.slice_a, got_c.slice_b} == {sid, other}
+            assert [c.id for c in sb.mesh_list(slice_id=other)] == [conn.id]
+            lead.mesh_disconnect(conn.id)
+            wait_for(lambda: not sb.mesh_list(slice_id=other), 5, "the disconnect on the standby")
+            lead.stop_workload(w.id)
         cluster.kill_controlplane(index=leader)
         assert cluster.leader_index(timeout=30) == standby
         with MeshClient(cluster.cp_endpoints[standby], timeout=10) as new:
@@ -62,6 +74,13 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             new.uncordon(node)
     finally:
         cluster.stop(grace=5)
+
+
+def _maybe(read, ident):
+    try:
+        return read(ident)
+    except errors.NotFound:
+        return None
 
 
 def _get(client, sid):

@@ -66,3 +66,24 @@ def test_switch_routes_only_reads_to_the_reader():
     assert READS["SliceService"] == {"Get", "List", "Watch"}
     assert asyncio.run(sw.Get(None, None)) == "read"
     assert sw._pick("Allocate") is None and sw._pick("Release") is None
+
+
+def test_workload_and_mesh_records_follow_etcd():
+    from gpumesh.v1 import mesh_service_pb2 as M
+    w = types_pb2.Workload(id="w-1", tenant="t", slice_id="s-1", node="n1", state=types_pb2.WORKLOAD_STATE_RUNNING)
+    c = M.MeshConnection(id="m-1", tenant="t", slice_a="s-1", slice_b="s-2")
+    g = M.MeshGrant(from_tenant="t", to_tenant="u")
+
+    async def main():
+        f = Follower(FakeStore({keys.workload("w-1"): (w.SerializeToString(), 5, 0),
+                                keys.mesh_grant("t", "u"): (g.SerializeToString(), 6, 0)}))
+        await f._load()
+        assert f.workloads.workloads["w-1"].slice_id == "s-1" and ("t", "u") in f.mesh.grants
+        f.apply(False, keys.mesh(c.id).decode(), c.SerializeToString(), 8)
+        assert f.mesh.connections["m-1"].slice_b == "s-2"
+        f.apply(True, keys.mesh(c.id).decode(), b"", 9)
+        f.apply(True, keys.mesh_grant("t", "u").decode(), b"", 10)
+        f.apply(True, keys.workload("w-1").decode(), b"", 11)
+        assert not f.mesh.connections and not f.mesh.grants and not f.workloads.workloads
+        assert f.reader("WorkloadService") is not None and f.reader("MeshService") is not None
+    asyncio.run(main())
