@@ -26,7 +26,7 @@ FILTERS = ["NodeHealth", "GpuModel", "NodeResourcesFit", "TenantQuota", "AntiAff
 # name -> (score plugins with weights, extra constructor args)
 PROFILES: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
     # fragmentation gradient scored in whole points as the artifact does (near-ties go to the
-    # first node in fleet order, which packs: about 40 milli-GPUs of fragmentation per point near
+    # smallest node name, which packs: about 40 milli-GPUs of fragmentation per point near
     # zero), host memory in the request types (GPUs stranded by a node's full memory are fragment),
     # host-only requests in the mix, the GPU inside the node by the exact gradient; topology
     # (10 points, about 0.4 GPU) and pressure (1 point a level) preferences

@@ -28,7 +28,7 @@ examples:
 ...) under the trace directory ($MESH_TRACE_DIR or ../shared/traces/alibaba-gpu-v2023), or a path.
 With -o json one policy prints {"policy", "seeds", "capacity_gpus", "curve": [{"load",
 "unallocated_gpus", "fragmented_gpus"}, ...], ...}; several print a list of those. Ties between equal
-scores go to the first node in fleet order: shuffled per seed by default, as the artifact's node
+scores go to the smallest node name: names get a seeded random prefix by default, as the artifact's node
 names are; --node-order file keeps the list's order. Timeline curves are averaged over seeds too.
 """
 
