@@ -37,6 +37,11 @@ record is `/gpumesh/v1/checkpoints/<id>`. `Restore` is a migration without a sou
 target agent pushes the stored checkpoint into the receiving target, and the rest is the
 same state machine.
 
+Transparent mode (CRIU, for processes without the SDK) takes the same phases, stop-and-copy:
+the source agent dumps the process at PAUSED (it is gone there), the target restores it held
+stopped, COMMITTED moves the record, DONE continues it; a rollback restores the source from its
+images (nodeagent/migrate_slices.py, docs/checkpointing.md). Only to another node.
+
 Modules: migration_phases (names, timeouts), migration_steps (the steps of the state machine),
 migration_checkpoints (checkpoint, restore), resize (resize in place or by migration).
 
@@ -236,6 +241,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             if to_node not in self.ctl.fleet.nodes:
                 raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
             m.target_node = to_node
+        if mode == M.MIGRATION_MODE_TRANSPARENT and m.target_node == w.node:
+            raise errors.FailedPrecondition(f"transparent migration of {wid} must go to another node: CRIU restores "
+                                            f"the process under its PIDs, which the source holds on {w.node}")
         await self._save(m, created=True)
         log(logger, logging.INFO, "migration planned", migration=m.id, workload=wid, source=w.node,
             to_node=to_node, to_slice=to_slice, reason=reason)

@@ -15,6 +15,8 @@ a reconnect, does its work once and answers again.
   after the commit; ABORT_SOURCE cancels a send and resumes the source (rollback);
   CHECKPOINT writes a consistent checkpoint into the store (`checkpoint_dir`), encrypted
   with the tenant's key when `checkpoint_keys_file` has one.
+* transparent mode (CRIU, no SDK): the same steps dump the process on the source, ship the
+  images and restore them on the target under a new shim (nodeagent/migrate_slices.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Job:
     bytes_sent: int = 0
     state_bytes: int = 0
     address: str = ""
+    server: Any = None                 # transparent mode: the target's transfer server for the images
+    images: str = ""                   # transparent mode: where the target receives them
 
 
 class _SourceLink:
@@ -195,7 +199,7 @@ class MigrationAgent(SlicesMixin):
     async def _start_target(self, cmd: M.MigrationCommand, report) -> None:
         wid = cmd.workload.id
         if cmd.mode == M.MIGRATION_MODE_TRANSPARENT:
-            await asyncio.to_thread(self._require_transparent)
+            return await self._start_target_transparent(cmd, report)
         job = self.jobs.get((cmd.migration_id, "target"))
         if job is None:
             if self._running(wid):
@@ -249,7 +253,8 @@ class MigrationAgent(SlicesMixin):
         if not self._running(cmd.workload_id):
             raise RuntimeError(f"workload {cmd.workload_id} does not run on {self.agent.node}")
         job = self.jobs[key] = Job(cmd.migration_id, cmd.workload_id)
-        job.thread = threading.Thread(target=self._run_send, args=(job, cmd, report), daemon=True,
+        run = self._run_send_transparent if cmd.mode == M.MIGRATION_MODE_TRANSPARENT else self._run_send
+        job.thread = threading.Thread(target=run, args=(job, cmd, report), daemon=True,
                                       name=f"migrate-{cmd.migration_id}")
         job.thread.start()
 
@@ -309,7 +314,10 @@ class MigrationAgent(SlicesMixin):
 
     async def _resume_target(self, cmd: M.MigrationCommand, report) -> None:
         wid = cmd.alias if cmd.alias and cmd.alias in self.runner.workloads else cmd.workload_id
-        if self._running(wid):
+        self._release_target_job(cmd.migration_id)
+        if self._running(wid) and await asyncio.to_thread(self._continue_restored, wid):
+            step = 0
+        elif self._running(wid):
             def resume() -> dict:
                 with AgentLink(self._socket(wid), timeout=30) as link:
                     return link.call("resume")
@@ -334,6 +342,9 @@ class MigrationAgent(SlicesMixin):
             await asyncio.to_thread(job.thread.join, 60)
         if cmd.alias:
             wid = self._hand_over(cmd.workload_id, cmd.alias)
+        if await self._stop_transparent(wid, cmd.migration_id):
+            report(R.SOURCE_STOPPED)
+            return
         if self._running(wid) and self.runner.meta.get(wid, {}).get("migration") != cmd.migration_id:
             meta = self.runner.meta.setdefault(wid, {})
             if not meta.get("stop_at"):
@@ -364,6 +375,9 @@ class MigrationAgent(SlicesMixin):
             job.cancelled = True
             if job.thread is not None and job.thread.is_alive():
                 await asyncio.to_thread(job.thread.join, 120)
+        if await self._abort_transparent(wid):
+            report(R.SOURCE_RESUMED)
+            return
         if self._running(wid):
             def abort() -> None:
                 with AgentLink(self._socket(wid), timeout=30) as link:
@@ -380,7 +394,9 @@ class MigrationAgent(SlicesMixin):
         job = self.jobs.get((cmd.migration_id, "push"))
         if job is not None:
             job.cancelled = True
+        self._release_target_job(cmd.migration_id)
         if self._running(wid) and self.runner.meta.get(wid, {}).get("migration") == cmd.migration_id:
+            self._kill_restored(wid)
             self.runner.stop(wid)
             deadline = time.monotonic() + self.runner.stop_grace + 5
             while self._running(wid) and time.monotonic() < deadline:

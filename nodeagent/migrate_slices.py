@@ -7,14 +7,27 @@ into nodeagent.migrate.MigrationAgent).
 * SWAP_SLICES (a resize's commit) renames this node's realized slices so each new record names
   the instance at its placement; idempotent, and a full reconcile (adopt by placement) after an
   agent restart reaches the same state.
-* Transparent mode (CRIU) is refused with the reason (criu missing or older than 4.0, `criu
-  check` failing) until the runner can adopt a CRIU-restored process.
+* Transparent mode (CRIU, stop-and-copy; docs/checkpointing.md): refused with the reason where
+  CRIU is unusable (missing, older than 4.0, `criu check` failing). Else the source dumps the
+  workload process (not its shim; `--shell-job`, the process is killed) into
+  `<runner dir>/<id>.criu-<migration>` and marks its record `frozen` (the runner leaves it
+  alone), ships the images and its log over the transfer channel to the target, whose
+  ImageSink restores them on commit under a new shim (`--restore-pidfile`: the shim is a child
+  subreaper and follows the restored process), left stopped until RESUME_TARGET (SIGCONT).
+  Its stdout/stderr become the target's log (`--inherit-fd`). Rollback before the commit:
+  SIGKILL to the stopped target, `criu restore` from the source's images on the source.
+  CRIU restores the same PIDs: they must be free on the target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
 
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
@@ -22,6 +35,7 @@ from mesh.logs import log
 
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
+RESTORE_TIMEOUT = 300.0
 
 
 class SlicesMixin:
@@ -99,9 +113,243 @@ class SlicesMixin:
     def _require_transparent(self) -> None:
         from mesh.checkpoint.criu import Criu
         Criu().require()        # TransparentUnavailable: names criu, the version needed, how to get it
-        raise RuntimeError("transparent migration of a runner workload needs the runner to adopt a CRIU-restored "
-                           "process, which this agent does not do yet")
 
     async def _check_transparent(self, cmd: M.MigrationCommand, report) -> None:
         await asyncio.to_thread(self._require_transparent)
         report(R.TRANSPARENT_OK)
+
+    def _images_dir(self, wid: str, mid: str) -> str:
+        return os.path.realpath(self.runner.path(wid, f"criu-{mid}"))
+
+    def _wait_adopted(self, wid: str, images: str, timeout: float = RESTORE_TIMEOUT) -> int:
+        """The pid of the process the shim adopted, once `criu restore` is done; raises with the
+        reason when the restore failed."""
+        from mesh.checkpoint.criu import CriuFailed, _log_tail
+        from nodeagent.workloads import _read_json
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = _read_json(self.runner.path(wid, "pid"))
+            if doc and doc.get("pid"):
+                return int(doc["pid"])
+            ex = _read_json(self.runner.path(wid, "exit"))
+            if ex is not None:
+                raise CriuFailed(ex.get("error") or "criu restore failed", _log_tail(Path(images) / "restore.log"))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"criu restore of {wid} did not finish within {timeout:g} s")
+            time.sleep(0.05)
+
+    def _restore_argv(self, images: str, log_key: str, leave_stopped: bool) -> tuple[list[str], str]:
+        from mesh.checkpoint.criu import Criu
+        pidfile = os.path.join(images, "restored.pid")
+        try:
+            os.unlink(pidfile)
+        except FileNotFoundError:
+            pass
+        return Criu().restore_argv(Path(images), Path(pidfile), shell_job=True, tcp_established=False,
+                                   leave_stopped=leave_stopped, inherit={"fd[{logfd}]": log_key}), pidfile
+
+    # the target
+
+    async def _start_target_transparent(self, cmd: M.MigrationCommand, report) -> None:
+        from mesh.checkpoint.criu import ImageSink
+        from mesh.checkpoint.transfer import TransferServer
+        wid, mid = cmd.workload.id, cmd.migration_id
+        if cmd.alias:
+            raise RuntimeError("transparent migration moves a workload to another node (CRIU restores its PIDs, "
+                               "which the source holds on its own node)")
+        await asyncio.to_thread(self._require_transparent)
+        job = self.jobs.get((mid, "target"))
+        if job is None:
+            if self._running(wid) and self.runner.meta.get(wid, {}).get("migration") != mid:
+                raise RuntimeError(f"workload {wid} already runs on this node")
+            spec = types_pb2.Workload()
+            spec.CopyFrom(cmd.workload)
+            images = self._images_dir(wid, mid)
+            server = TransferServer("0.0.0.0:0").start()
+            server.expect(cmd.session, ImageSink(images, lambda d, extras: self._restore_target(spec, mid, d, extras)))
+            from nodeagent.migrate import Job
+            job = self.jobs[(mid, "target")] = Job(mid, wid)
+            job.server, job.images = server, images
+            job.address = f"{self._advertise_host()}:{server.address.rsplit(':', 1)[1]}"
+        report(R.TARGET_LISTENING, address=job.address)
+
+    def _restore_target(self, spec: types_pb2.Workload, mid: str, images: Path, extras: dict) -> dict:
+        """The images arrived whole (the transfer's commit, in a server thread): restore them under a
+        new shim, left stopped (the commit point is still ahead), and answer the pid."""
+        from mesh.checkpoint.criu import LOG_ENTRY
+        wid, r = spec.id, self.runner
+        if self._running(wid):
+            if r.meta.get(wid, {}).get("migration") == mid and r.workloads[wid].pid:
+                return {"pid": r.workloads[wid].pid, "step": 0}
+            raise RuntimeError(f"workload {wid} already runs on this node")
+        if extras.get("cwd"):
+            os.makedirs(extras["cwd"], exist_ok=True)   # CRIU restores the working directory by path
+        r.forget(wid)
+        shutil.copyfile(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far; the process appends
+        argv, pidfile = self._restore_argv(str(images), str(extras["log_key"]), leave_stopped=True)
+        w = r.start(spec, restore=(argv, pidfile))
+        r.meta[wid].update(migration=mid, criu_hold=True)
+        r.save(wid)
+        if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
+            raise RuntimeError(f"the restoring shim did not start: {w.message}")
+        pid = self._wait_adopted(wid, str(images))
+        log(logger, logging.INFO, "workload restored by CRIU (held stopped until the commit)", node=self.agent.node,
+            workload=wid, pid=pid, migration=mid)
+        return {"pid": pid, "step": 0}
+
+    def _release_target_job(self, mid: str) -> None:
+        """After the hand-over or a rollback: the image receiver and the images go."""
+        job = self.jobs.get((mid, "target"))
+        server = getattr(job, "server", None)
+        if server is not None:
+            job.server = None
+            server.stop(0)
+        if job is not None and job.images:
+            shutil.rmtree(job.images, ignore_errors=True)
+            job.images = ""
+
+    def _continue_restored(self, wid: str) -> bool:
+        """RESUME_TARGET of a CRIU-restored target: SIGCONT (and its device state back). False when
+        the target is not one."""
+        meta = self.runner.meta.get(wid, {})
+        if not meta.pop("criu_hold", None):
+            return False
+        pid = self.runner.workloads[wid].pid
+        for target, send in ((meta.get("shim_pid"), os.killpg), (pid, os.kill)):
+            if target:
+                try:
+                    send(target, signal.SIGCONT)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.runner.save(wid)
+        if pid:
+            from mesh.checkpoint.criu import Criu
+            Criu().resume_device(pid)
+        return True
+
+    def _kill_restored(self, wid: str) -> None:
+        """STOP_TARGET of a CRIU-restored target (stopped, never ran): SIGKILL at once."""
+        if self.runner.meta.get(wid, {}).get("criu_hold"):
+            self.runner.stop(wid)
+            self.runner._signal(wid, signal.SIGKILL)
+
+    # the source
+
+    def _run_send_transparent(self, job, cmd: M.MigrationCommand, report) -> None:
+        from mesh.checkpoint.criu import LOG_ENTRY, Criu, image_entries, image_manifest, path_key
+        from mesh.checkpoint.transfer import TransferClient
+        r, wid, mid = self.runner, cmd.workload_id, cmd.migration_id
+        t0 = time.perf_counter()
+        try:
+            w, meta = r.workloads[wid], r.meta[wid]
+            images = self._images_dir(wid, mid)
+            if meta.get("frozen") != mid:
+                if not w.pid:
+                    raise RuntimeError(f"workload {wid} has no process id yet")
+                meta.update(frozen=mid, criu_images=images)
+                r.save(wid)
+                report(R.SOURCE_PAUSED, step=0)
+                try:
+                    Criu().dump(w.pid, images, shell_job=True)      # freezes, writes the images, kills it
+                except Exception:
+                    if os.path.exists(f"/proc/{w.pid}"):     # CRIU let it run on: nothing happened
+                        meta.pop("frozen", None)
+                        meta.pop("criu_images", None)
+                        r.save(wid)
+                    raise
+                r._detach(wid)
+                r.save(wid)
+            if job.cancelled:
+                raise RuntimeError(f"migration {mid} was rolled back")
+            logfile = os.path.realpath(r.path(wid, "log"))
+            entries = image_entries(images, {LOG_ENTRY: logfile})
+            extras = {"transparent": "criu", "log_key": path_key(logfile), "cwd": os.path.realpath(r.dir),
+                      "pid": w.pid}
+            with TransferClient(cmd.address, cmd.session, mesh="grpc") as client:
+                stats = client.send(entries, commit=lambda st: image_manifest(wid, entries, st, extras, client.algo))
+            if not stats.committed or not stats.committed.get("pid"):
+                raise RuntimeError("the target did not confirm the restore")
+            ms = (time.perf_counter() - t0) * 1e3
+            nbytes = sum(e.meta.nbytes for e in entries)
+            job.final = R(migration_id=mid, event=R.RESTORED, step=0, bytes=stats.bytes, state_bytes=nbytes,
+                          downtime_ms=ms, total_ms=ms, mb_per_s=stats.mb_per_s, transfer=stats.transport)
+        except Exception as e:   # noqa: BLE001 - answered: the control plane rolls back
+            job.final = R(migration_id=mid, event=R.FAILED, message=f"transparent send: {e}")
+        finally:
+            job.done = True
+        log(logger, logging.INFO, "transparent migration send finished", node=self.agent.node, migration=mid,
+            result=R.Event.Name(job.final.event), message=job.final.message)
+        self._send(job.final)
+
+    def _old_shim_gone(self, wid: str) -> None:
+        p = self.runner.popens.get(wid)
+        if p is not None:
+            try:
+                p.wait(30)
+            except Exception:   # noqa: BLE001
+                pass
+
+    def _restore_source(self, wid: str) -> None:
+        """Rollback of a dumped source: restore it from its images here (same PIDs: they must be free,
+        so the target's copy must be gone first; raises until it is, and the step is asked again)."""
+        from mesh.checkpoint.criu import Criu, path_key
+        r = self.runner
+        w, meta = r.workloads[wid], r.meta[wid]
+        images = meta["criu_images"]
+        if w.pid and os.path.exists(f"/proc/{w.pid}"):
+            raise RuntimeError(f"pid {w.pid} is still taken (the target's copy?): cannot restore the source yet")
+        self._old_shim_gone(wid)
+        for ext in ("pid", "exit"):
+            try:
+                os.unlink(r.path(wid, ext))
+            except FileNotFoundError:
+                pass
+        logfile = os.path.realpath(r.path(wid, "log"))
+        argv, pidfile = self._restore_argv(images, path_key(logfile), leave_stopped=False)
+        spec = types_pb2.Workload()
+        spec.CopyFrom(w)
+        spec.pid = 0
+        stem = meta.get("stem")
+        r.start(spec, restore=(argv, pidfile))
+        if stem:
+            r.meta[wid]["stem"] = stem
+            r.save(wid)
+        pid = self._wait_adopted(wid, images)
+        Criu().resume_device(pid)
+        shutil.rmtree(images, ignore_errors=True)
+        log(logger, logging.INFO, "source restored from its CRIU images (rollback)", node=self.agent.node,
+            workload=wid, pid=pid)
+
+    async def _abort_transparent(self, wid: str) -> bool:
+        """ABORT_SOURCE where the source was dumped: restore it here. False when it was not."""
+        meta = self.runner.meta.get(wid, {})
+        if not meta.get("frozen"):
+            return False
+        p = self.runner.popens.get(wid)
+        if p is not None and p.poll() is None and self.runner.workloads[wid].pid and \
+                os.path.exists(f"/proc/{self.runner.workloads[wid].pid}"):
+            meta.pop("frozen", None)        # the dump did not take it: it runs on
+            meta.pop("criu_images", None)
+            self.runner.save(wid)
+            return True
+        await asyncio.to_thread(self._restore_source, wid)
+        self.runner.report([self.runner.workloads[wid]])
+        return True
+
+    async def _stop_transparent(self, wid: str, mid: str) -> bool:
+        """STOP_SOURCE after the commit of a transparent migration: the dumped source ends as STOPPED
+        and its images go. False when the source was not dumped."""
+        r = self.runner
+        meta = r.meta.get(wid, {})
+        if meta.get("frozen") != mid:
+            return False
+        await asyncio.to_thread(self._old_shim_gone, wid)
+        images = meta.pop("criu_images", "")
+        meta.pop("frozen", None)
+        meta["stop_at"] = meta.get("stop_at") or time.time()
+        meta["stop_reason"] = f"migrated ({mid}, dumped by CRIU)"
+        r.save(wid)
+        r.check_all()
+        if images:
+            await asyncio.to_thread(shutil.rmtree, images, True)
+        return True

@@ -10,6 +10,12 @@ group. The shim outlives SIGTERM/SIGINT/SIGHUP (its child gets them through the
 group) so it can record how the child ended; SIGKILL of the group ends both and
 leaves no exit file, which the agent reads as "killed".
 
+With `--restore-pidfile P` the shim adopts a process instead of starting one (transparent
+migration, mesh/checkpoint/criu.py): CMD is a `criu restore --restore-detached --pidfile P`
+command; `{logfd}` in it becomes the log file's descriptor (passed on, for `--inherit-fd`). The
+shim is a child subreaper, so the restored process becomes its child once criu exits; then it
+is followed as above (pid file, exit file). A failed restore is recorded as the exit status.
+
 Standard library only: it runs by path, before anything of the package is importable.
 """
 
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid-file", required=True)
     parser.add_argument("--exit-file", required=True)
     parser.add_argument("--log-file", required=True)
+    parser.add_argument("--restore-pidfile", default="")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no command after --")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)   # a handler, not SIG_IGN: the child gets default dispositions
+    if args.restore_pidfile:
+        return _adopt(args, cmd)
     with open(args.log_file, "ab", buffering=0) as log:
         try:
             child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -62,6 +71,47 @@ def main(argv: list[str] | None = None) -> int:
                 continue
     doc = {"exit_code": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else 0, "finished_at": time.time()}
     _write(args.exit_file, doc)
+    return 0
+
+
+def _adopt(args: argparse.Namespace, cmd: list[str]) -> int:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER: the detached restored process is ours
+    with open(args.log_file, "ab", buffering=0) as log:
+        fd = log.fileno()
+        argv = [a.replace("{logfd}", str(fd)) for a in cmd]
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               pass_fds=(fd,))
+            rc, err = r.returncode, r.stderr.decode(errors="replace").strip()[-500:]
+        except OSError as e:
+            rc, err = 127, e.strerror or str(e)
+        try:
+            with open(args.restore_pidfile, encoding="utf-8") as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            pid = 0
+    if rc != 0 or not pid:
+        _write(args.exit_file, {"exit_code": 127, "signal": 0, "finished_at": time.time(),
+                                "error": f"criu restore failed (status {rc}): {err or 'see restore.log'}"})
+        return 127
+    _write(args.pid_file, {"pid": pid, "started_at": time.time(), "restored": True})
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:       # not ours after all (no subreaper): follow it from outside
+            while os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.2)
+            _write(args.exit_file, {"exit_code": 0, "signal": 0, "finished_at": time.time(),
+                                    "error": "the restored process ended (its status is unknown)"})
+            return 0
+    rc = os.waitstatus_to_exitcode(status)
+    _write(args.exit_file, {"exit_code": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else 0,
+                            "finished_at": time.time()})
     return 0
 
 

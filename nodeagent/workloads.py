@@ -202,7 +202,9 @@ class WorkloadRunner:
             self.stop(wid)
         self.report(changed)
 
-    def start(self, spec: types_pb2.Workload) -> types_pb2.Workload:
+    def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None) -> types_pb2.Workload:
+        """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
+        pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py)."""
         w = types_pb2.Workload()
         w.CopyFrom(spec)
         w.node = self.agent.node
@@ -217,6 +219,8 @@ class WorkloadRunner:
         env["GPUMESH_CHECKPOINT_SOCKET"] = self.socket_path(w.id)
         argv = [sys.executable, SHIM, "--pid-file", self.path(w.id, "pid"), "--exit-file", self.path(w.id, "exit"),
                 "--log-file", self.path(w.id, "log"), "--", *w.command]
+        if restore is not None:
+            argv[-len(w.command) - 1:] = ["--restore-pidfile", restore[1], "--", *restore[0]]
         try:
             with open(self.path(w.id, "log"), "ab") as shim_err:
                 p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
@@ -319,6 +323,8 @@ class WorkloadRunner:
             if w.state != W.WORKLOAD_STATE_RUNNING:
                 continue
             meta = self.meta.setdefault(wid, {})
+            if meta.get("frozen"):
+                continue        # dumped by a transparent migration: its outcome decides (migrate_slices.py)
             p = self.popens.get(wid)
             running = p.poll() is None if p is not None else _shim_alive(meta.get("shim_pid", 0), meta.get("stem") or wid)
             if not w.pid:

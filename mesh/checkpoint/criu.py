@@ -120,13 +120,25 @@ class Criu:
             raise TransparentUnavailable(f"transparent checkpointing is unavailable: {info.problem}")
         return info
 
-    def _cuda_toggle(self, pid: int) -> None:
+    def resume_device(self, pid: int) -> None:
+        """After a restore left stopped (`leave_stopped`) and continued: give the process its
+        device state back (cuda-checkpoint), where there is one."""
+        self._cuda_toggle(pid)
+
+    def _cuda_toggle(self, pid: int, probe: bool = True) -> bool:
+        """Toggles the process's CUDA state (device <-> host memory); False where there is no
+        cuda-checkpoint or (`probe`: `--get-state` fails) the process does not use CUDA."""
         if not self.cuda_checkpoint:
-            return
+            return False
+        if probe:
+            st = self.run([self.cuda_checkpoint, "--get-state", "--pid", str(pid)], self.timeout)
+            if st.returncode != 0:
+                return False    # not a CUDA process: nothing on the device to move
         r = self.run([self.cuda_checkpoint, "--toggle", "--pid", str(pid)], self.timeout)
         if r.returncode != 0:
             raise CriuFailed(f"cuda-checkpoint --toggle --pid {pid} failed (status {r.returncode})",
                              (r.stderr or r.stdout)[-2000:])
+        return True
 
     def dump_argv(self, pid: int, images: Path, *, leave_stopped: bool, leave_running: bool,
                   shell_job: bool, tcp_established: bool) -> list[str]:
@@ -150,28 +162,35 @@ class Criu:
         self.require()
         images = Path(images_dir)
         images.mkdir(parents=True, exist_ok=True)
-        self._cuda_toggle(pid)
+        toggled = self._cuda_toggle(pid)
         argv = self.dump_argv(pid, images, leave_stopped=leave_stopped, leave_running=leave_running,
                               shell_job=shell_job, tcp_established=tcp_established)
         r = self.run(argv, self.timeout)
         if r.returncode != 0:
-            if self.cuda_checkpoint:  # give the device state back to the process that stays
+            if toggled:  # give the device state back to the process that stays
                 try:
-                    self._cuda_toggle(pid)
+                    self._cuda_toggle(pid, probe=False)
                 except CriuFailed:
                     pass
             raise CriuFailed(f"criu dump of pid {pid} failed (status {r.returncode})", _log_tail(images / "dump.log"))
-        if leave_running or leave_stopped:
-            self._cuda_toggle(pid)
+        if toggled and (leave_running or leave_stopped):
+            self._cuda_toggle(pid, probe=False)
         return images
 
-    def restore_argv(self, images: Path, pidfile: Path, *, shell_job: bool, tcp_established: bool) -> list[str]:
+    def restore_argv(self, images: Path, pidfile: Path, *, shell_job: bool, tcp_established: bool,
+                     leave_stopped: bool = False, inherit: dict[str, str] | None = None) -> list[str]:
+        """`inherit` maps `fd[N]` to a resource key of the images (`path_key(path)` for a regular
+        file): the restored process gets descriptor N of the caller instead of opening that file."""
         argv = [self.criu, "restore", "--images-dir", str(images), "--log-file", "restore.log", "-v4",
                 "--restore-detached", "--pidfile", str(pidfile), "--file-locks"]
         if shell_job:
             argv.append("--shell-job")
         if tcp_established:
             argv.append("--tcp-established")
+        if leave_stopped:
+            argv.append("--leave-stopped")
+        for fd, key in (inherit or {}).items():
+            argv += ["--inherit-fd", f"{fd}:{key}"]
         return argv
 
     def restore(self, images_dir: str | os.PathLike[str], *, shell_job: bool = True,
@@ -189,6 +208,89 @@ class Criu:
         pid = int(pidfile.read_text().strip())
         self._cuda_toggle(pid)
         return pid
+
+
+def path_key(path: str | os.PathLike[str]) -> str:
+    """CRIU's key of a regular file for `--inherit-fd`: its absolute path without the leading slash."""
+    return os.path.abspath(path).lstrip("/")
+
+
+# --- shipping the images over the transfer channel (mesh/checkpoint/transfer_*.py) -------------
+
+LOG_ENTRY = "gpumesh-workload.log"
+"""The workload's log so far travels with the images under this name (the target's log continues it)."""
+
+
+def image_entries(images_dir: str | os.PathLike[str], extra: dict[str, str] | None = None,
+                  chunk_bytes: int = 4 << 20) -> list:
+    """The files of a CRIU image directory (and `extra` name -> path files) as transfer entries."""
+    from mesh.checkpoint.format import EntryMeta
+    from mesh.checkpoint.transfer_send import OutEntry
+    files = {p.name: p for p in sorted(Path(images_dir).iterdir()) if p.is_file() and p.name != "dump.log"}
+    files.update({k: Path(v) for k, v in (extra or {}).items()})
+    out = []
+    for name, path in files.items():
+        size = path.stat().st_size
+
+        def chunks(start: int, path: Path = path, size: int = size):
+            with open(path, "rb") as f:
+                f.seek(start)
+                left = size - start
+                while left > 0:
+                    b = f.read(min(chunk_bytes, left))
+                    if not b:
+                        raise CheckpointError(f"{path} shrank while it was sent")
+                    left -= len(b)
+                    yield b
+        out.append(OutEntry(EntryMeta(name=name, kind="tensor", nbytes=size, dtype="uint8", shape=[size]), chunks))
+    return out
+
+
+def image_manifest(workload_id: str, entries: list, stats, extras: dict, algo: str):
+    """The commit of an `image_entries` send (a function of its SendStats: the entries' checksums)."""
+    from mesh.checkpoint.format import EntryMeta, Manifest
+    return Manifest(workload_id=workload_id, step=0, extras=extras, checksum=algo,
+                    entries=[EntryMeta(**{**e.meta.to_json(), "checksum": stats.checksums[e.meta.name]})
+                             for e in entries])
+
+
+class ImageSink:
+    """Receives CRIU images (and the log) into a directory; on commit calls `on_commit(dir, extras)`
+    once (the restore) and answers its result; a repeated commit gets the same answer or error."""
+
+    def __init__(self, path: str | os.PathLike[str], on_commit) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.on_commit = on_commit
+        self._result: dict | None = None
+        self._error: Exception | None = None
+
+    class _File:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def write(self, offset: int, data) -> None:
+            with open(self.path, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+
+    def open_entry(self, meta):
+        if "/" in meta.name or meta.name in ("", ".", ".."):
+            raise CheckpointError(f"bad image file name {meta.name!r}")
+        p = self.path / meta.name
+        with open(p, "wb") as f:
+            f.truncate(meta.nbytes)
+        return self._File(p)
+
+    def commit(self, manifest, pickles) -> dict:
+        if self._result is None and self._error is None:
+            try:
+                self._result = dict(self.on_commit(self.path, manifest.extras))
+            except Exception as e:   # noqa: BLE001 - answered to the sender
+                self._error = e if isinstance(e, CheckpointError) else CheckpointError(str(e))
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:

@@ -1,5 +1,6 @@
-"""Transparent mode: CRIU detection with stand-in binaries, the flags used, and a real
-round trip of a running process where a working CRIU 4.x is installed."""
+"""Transparent mode: CRIU detection with stand-in binaries, the flags used, the images over the
+transfer channel, and a real round trip of a running process where a working CRIU 4.x is
+installed (the orchestrated migration: tests/integration/test_migration_transparent.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-from mesh.checkpoint.criu import Criu, TransparentUnavailable, parse_version
+from mesh.checkpoint.criu import (LOG_ENTRY, Criu, ImageSink, TransparentUnavailable, image_entries, image_manifest,
+                                  parse_version, path_key)
 
 
 def fake(tmp_path, name: str, version: str, check_rc: int = 0) -> str:
@@ -109,3 +111,48 @@ def test_round_trip_of_a_running_process(tmp_path):
             except ProcessLookupError:
                 pass
         shutil.rmtree(tmp_path / "img", ignore_errors=True)
+
+
+def test_restore_left_stopped_with_an_inherited_log(tmp_path):
+    c = Criu(criu=fake(tmp_path, "criu", "4.1.1"))
+    argv = c.restore_argv(tmp_path / "img", tmp_path / "p", shell_job=True, tcp_established=False,
+                          leave_stopped=True, inherit={"fd[7]": path_key("/var/w/x.log")})
+    assert "--leave-stopped" in argv and "--restore-detached" in argv
+    assert argv[argv.index("--inherit-fd") + 1] == "fd[7]:var/w/x.log"
+
+
+def test_cuda_checkpoint_skips_a_process_without_cuda(tmp_path):
+    cc = tmp_path / "cuda-checkpoint"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n[ "$1" = --get-state ] && exit 1\nexit 0\n')
+    cc.chmod(0o755)
+    c = Criu(criu=fake(tmp_path, "criu", "4.1.1"), cuda_checkpoint=str(cc))
+    c.dump(1234, tmp_path / "img")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert "--get-state --pid 1234" in calls and not any(x.startswith("--toggle") for x in calls)
+
+
+def test_images_travel_over_the_transfer_channel_and_restore_once(tmp_path):
+    from mesh.checkpoint.transfer import TransferClient, TransferServer
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(5 << 20))
+    (src / "core-1.img").write_bytes(b"core")
+    (src / "dump.log").write_text("not sent")
+    (tmp_path / "w.log").write_text("line 1\n")
+    restored = []
+
+    def on_commit(path, extras):
+        restored.append(extras)
+        return {"pid": 4242}
+    server = TransferServer("127.0.0.1:0").start()
+    try:
+        server.expect("s", ImageSink(tmp_path / "dst", on_commit))
+        entries = image_entries(src, {LOG_ENTRY: str(tmp_path / "w.log")})
+        with TransferClient(server.address, "s", mesh="grpc") as client:
+            stats = client.send(entries, commit=lambda st: image_manifest("w", entries, st, {"k": 1}, client.algo))
+        assert stats.committed == {"pid": 4242} and restored == [{"k": 1}]
+        assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["core-1.img", LOG_ENTRY, "pages-1.img"]
+        assert (tmp_path / "dst" / "pages-1.img").read_bytes() == (src / "pages-1.img").read_bytes()
+        assert (tmp_path / "dst" / LOG_ENTRY).read_text() == "line 1\n"
+    finally:
+        server.stop(0)
