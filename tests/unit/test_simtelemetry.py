@@ -106,14 +106,12 @@ def test_reads_do_not_write_the_state_file(sim, state_dir):
     n.sim_set_load(0, util=50)
     before = os.stat(state_dir / "state.json").st_mtime_ns
     h = n.nvmlDeviceGetHandleByIndex(0)
-    start = time.perf_counter()
     for _ in range(200):
         clock.t += 1
         temp(n, h)
         n.nvmlDeviceGetUtilizationRates(h)
         n.nvmlDeviceGetCurrentClocksEventReasons(h)
     assert os.stat(state_dir / "state.json").st_mtime_ns == before
-    assert (time.perf_counter() - start) / 600 < 0.002  # well under 2 ms a call
 
 
 def test_processes_drive_utilization_and_memory(sim):
