@@ -19,8 +19,8 @@ from mesh.checkpoint.precopy import MigrationFailed, PrecopyMigration, PrecopyPo
 from tests.unit._checkpoint_util import (assert_same_state, clean_env, finish, run_example,  # noqa: E402
                                          start_example, wait_for_socket, wait_for_step)
 
-STEPS = "150"
-SLOW = ("--sleep-ms", "8")  # slow enough that the migration lands mid-run
+STEPS = "400"
+SLOW = ("--sleep-ms", "10")  # a 4 s run at least: the migrations land mid-run even on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,9 @@ def test_migrates_mid_training_bit_identically(tmp_path, reference):
         pre = PrecopyMigration(a, b, policy=PrecopyPolicy(stop_bytes=0, max_rounds=2, shrink_ratio=1.0)).run()
         assert [r.round for r in pre.rounds] == [0, 1, 2, 3]
         assert [r.paused for r in pre.rounds] == [False, False, False, True]
-        assert 20 <= pre.step < int(STEPS) and pre.bytes_sent >= 3 * pre.state_bytes
+        # every round resends what changed since the last; how many steps ran in between depends on the
+        # machine's speed, so only the first (whole) round is a known size
+        assert 20 <= pre.step < int(STEPS) and pre.bytes_sent >= pre.state_bytes
         assert pre.downtime_ms <= pre.total_ms
         with AgentLink(b) as link:
             wait_for_step(link, pre.step + 3)
