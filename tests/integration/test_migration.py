@@ -29,7 +29,7 @@ from tools.localcluster import LocalCluster  # noqa: E402
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": "mig-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
          {"node": "mig-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
-STEPS = 500
+STEPS = 800      # 16 s at 20 ms a step: each migration (target start included) lands mid-run on a loaded machine
 TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str(STEPS), "--sleep-ms", "20",
          "--print-every", "5"]
 KEY = base64.b64encode(bytes(range(32))).decode()
