@@ -23,7 +23,7 @@ from gpumesh.v1 import types_pb2 as t  # noqa: E402
 from mesh import errors  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
 from tests.integration.conftest import wait_for  # noqa: E402
-from tests.integration.test_migration import alive, finished, last_step, lines  # noqa: E402
+from tests.integration.test_migration import alive, last_step, lines  # noqa: E402
 from tests.integration.test_migration_transparent import WHY_NOT as CRIU_MISSING  # noqa: E402
 from tests.unit._checkpoint_util import ROOT, run_example  # noqa: E402
 from tools.localcluster import LocalCluster  # noqa: E402
@@ -39,7 +39,9 @@ TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_example("--steps", str(STEPS))[-1]["checksum"]
+    """The unmigrated run's parameter checksum at every fifth step."""
+    return {d["step"]: d["checksum"] for d in run_example("--steps", str(STEPS), "--print-every", "5")
+            if "loss" in d}
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +75,16 @@ def mesh(cluster):
 
 
 def check_result(mesh, wid, reference, started_at):
-    """One run to the end, from `started_at` on, bit-identical to the unmigrated reference."""
-    w = finished(mesh, wid, timeout=300)
-    assert w.state == t.WORKLOAD_STATE_SUCCEEDED, w.message
+    """The moved run continues from `started_at` bit-identically to the unmigrated reference: its
+    parameters match at every printed step for 100 steps and more (then it is stopped: the run is
+    long only so that the resize lands mid-run on a slow machine)."""
+    wait_for(lambda: last_step(mesh, wid) >= started_at + 100, 120, "training on after the resize")
     out = lines(mesh, wid)
-    done = [d for d in out if d.get("done")]
-    assert len(done) == 1 and done[0]["step"] == STEPS and done[0]["checksum"] == reference
     assert out[0]["started_at"] == started_at
+    after = [d for d in out if "loss" in d and d["step"] > started_at]
+    assert len(after) >= 20 and all(d["checksum"] == reference[d["step"]] for d in after)
+    assert mesh.get_workload(wid).state == t.WORKLOAD_STATE_RUNNING
+    mesh.stop_workload(wid)
 
 
 def start_training(mesh, profile="1g.10gb"):
