@@ -3,7 +3,7 @@
 Two agent processes (one node each, an H100 with MIG), the control plane and etcd; the
 workload is tools/examples/train_mnist_like.py (a real PyTorch loop on the CPU) started
 through the API. Every run is compared with an unmigrated reference run of the same seed:
-same final step, bit-identical parameter checksum.
+bit-identical parameters at every printed step after the move.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ KEY = base64.b64encode(bytes(range(32))).decode()
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_example("--steps", str(STEPS))[-1]["checksum"]
+    """The unmigrated run's parameter checksum at every fifth step."""
+    return {d["step"]: d["checksum"] for d in run_example("--steps", str(STEPS), "--print-every", "5")
+            if "loss" in d}
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +93,6 @@ def start_training(mesh, tenant="mig", node=None):
     return s, mesh.get_workload(w.id)
 
 
-def finished(mesh, wid, timeout=60):
-    return wait_for(lambda: (w := mesh.get_workload(wid)).state in (
-        t.WORKLOAD_STATE_SUCCEEDED, t.WORKLOAD_STATE_FAILED, t.WORKLOAD_STATE_STOPPED) and w, timeout, f"{wid} to end")
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -104,15 +101,20 @@ def alive(pid: int) -> bool:
         return False
 
 
-def check_result(mesh, wid, reference, started_at=None):
-    w = finished(mesh, wid)
-    assert w.state == t.WORKLOAD_STATE_SUCCEEDED, w.message
+def check_result(mesh, wid, reference, started_at=0):
+    """The run goes on from `started_at` bit-identically to the unmigrated reference: its parameters
+    match at every printed step for 100 steps past where it is now; then it is stopped (the run is
+    long only so that a migration lands mid-run on a slow machine)."""
+    goal = min(max(last_step(mesh, wid), started_at) + 100, STEPS)
+    wait_for(lambda: last_step(mesh, wid) >= goal, 120, f"{wid} to train on")
     out = lines(mesh, wid)
-    done = [d for d in out if d.get("done")]
-    assert len(done) == 1 and done[0]["step"] == STEPS
-    assert done[0]["checksum"] == reference
-    if started_at is not None:
-        assert out[0]["started_at"] == started_at
+    assert out[0]["started_at"] == started_at
+    after = [d for d in out if "loss" in d and d["step"] > started_at]
+    assert len(after) >= 20 and all(d["checksum"] == reference[d["step"]] for d in after)
+    w = mesh.get_workload(wid)
+    assert w.state in (t.WORKLOAD_STATE_RUNNING, t.WORKLOAD_STATE_SUCCEEDED), w.message
+    if w.state == t.WORKLOAD_STATE_RUNNING:
+        mesh.stop_workload(wid)
     return w
 
 
