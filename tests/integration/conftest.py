@@ -3,6 +3,7 @@ plane process and two agent processes over simulated GPU hosts."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -33,12 +34,34 @@ def mesh(cluster):
     cluster.wait_ready(timeout=60)
     with cluster.client(timeout=30) as client:
         yield client
-        for s in client.list_slices():
+        release_all(client)
+        wait_for(lambda: not client.list_slices(), 30, "slices to be released")
+
+
+def release_all(client) -> None:
+    """Release every slice (best effort: a test's leftovers)."""
+    for s in client.list_slices():
+        try:
+            client.release(s.id)
+        except Exception:
+            pass
+
+
+def stop_running(client) -> None:
+    """Stop every running workload (best effort)."""
+    from gpumesh.v1 import types_pb2
+    for w in client.list_workloads():
+        if w.state == types_pb2.WORKLOAD_STATE_RUNNING:
             try:
-                client.release(s.id)
+                client.stop_workload(w.id)
             except Exception:
                 pass
-        wait_for(lambda: not client.list_slices(), 30, "slices to be released")
+
+
+def json_lines(client, wid: str) -> list[dict]:
+    """The JSON lines a workload printed, in order."""
+    text = b"".join(client.workload_logs(wid)).decode(errors="replace")
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):

@@ -22,7 +22,7 @@ pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumes
 from gpumesh.v1 import migration_service_pb2 as M  # noqa: E402
 from gpumesh.v1 import types_pb2 as t  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
-from tests.integration.conftest import wait_for  # noqa: E402
+from tests.integration.conftest import json_lines, release_all, stop_running, wait_for  # noqa: E402
 from tests.unit._checkpoint_util import ROOT, run_example  # noqa: E402
 from tools.localcluster import LocalCluster  # noqa: E402
 
@@ -35,11 +35,15 @@ TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str
 KEY = base64.b64encode(bytes(range(32))).decode()
 
 
+def reference_checksums(steps: int) -> dict[int, str]:
+    """The unmigrated run's parameter checksum at every fifth step."""
+    return {d["step"]: d["checksum"] for d in run_example("--steps", str(steps), "--print-every", "5")
+            if "loss" in d}
+
+
 @pytest.fixture(scope="module")
 def reference():
-    """The unmigrated run's parameter checksum at every fifth step."""
-    return {d["step"]: d["checksum"] for d in run_example("--steps", str(STEPS), "--print-every", "5")
-            if "loss" in d}
+    return reference_checksums(STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +56,7 @@ def cluster(tmp_path_factory):
     c.start(timeout=90)
     yield c
     with c.client() as mesh:
-        for w in mesh.list_workloads():
-            if w.state == t.WORKLOAD_STATE_RUNNING:
-                try:
-                    mesh.stop_workload(w.id)
-                except Exception:
-                    pass
+        stop_running(mesh)
     c.stop()
 
 
@@ -66,19 +65,10 @@ def mesh(cluster):
     cluster.wait_ready(timeout=30)
     with cluster.client(timeout=30) as client:
         yield client
-        for s in client.list_slices():
-            try:
-                client.release(s.id)
-            except Exception:
-                pass
+        release_all(client)
 
 
-def lines(mesh, wid) -> list[dict]:
-    out = []
-    for line in b"".join(mesh.workload_logs(wid)).decode().splitlines():
-        if line.startswith("{"):
-            out.append(json.loads(line))
-    return out
+lines = json_lines
 
 
 def last_step(mesh, wid) -> int:
@@ -101,11 +91,11 @@ def alive(pid: int) -> bool:
         return False
 
 
-def check_result(mesh, wid, reference, started_at=0):
+def check_result(mesh, wid, reference, started_at=0, steps=STEPS):
     """The run goes on from `started_at` bit-identically to the unmigrated reference: its parameters
     match at every printed step for 100 steps past where it is now; then it is stopped (the run is
     long only so that a migration lands mid-run on a slow machine)."""
-    goal = min(max(last_step(mesh, wid), started_at) + 100, STEPS)
+    goal = min(max(last_step(mesh, wid), started_at) + 100, steps)
     wait_for(lambda: last_step(mesh, wid) >= goal, 120, f"{wid} to train on")
     out = lines(mesh, wid)
     assert out[0]["started_at"] == started_at

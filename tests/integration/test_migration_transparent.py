@@ -14,7 +14,6 @@ otherwise. Both agents run on this host, so CRIU restores the process under its 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -25,7 +24,7 @@ from gpumesh.v1 import types_pb2 as t
 from mesh import errors
 from mesh.checkpoint.criu import Criu
 from mesh.migrationapi import migration_phase
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import json_lines, release_all, stop_running, wait_for
 from tools.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -59,12 +58,7 @@ def cluster(tmp_path_factory):
     c.start(timeout=90)
     yield c
     with c.client() as mesh:
-        for w in mesh.list_workloads():
-            if w.state == t.WORKLOAD_STATE_RUNNING:
-                try:
-                    mesh.stop_workload(w.id)
-                except Exception:
-                    pass
+        stop_running(mesh)
     c.stop()
 
 
@@ -73,19 +67,10 @@ def mesh(cluster):
     cluster.wait_ready(timeout=30)
     with cluster.client(timeout=30) as client:
         yield client
-        for s in client.list_slices():
-            try:
-                client.release(s.id)
-            except Exception:
-                pass
+        release_all(client)
 
 
-def counts(mesh, wid) -> list[dict]:
-    out = []
-    for line in b"".join(mesh.workload_logs(wid)).decode(errors="replace").splitlines():
-        if line.startswith("{"):
-            out.append(json.loads(line))
-    return out
+counts = json_lines
 
 
 def last(mesh, wid) -> int:

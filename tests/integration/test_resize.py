@@ -22,10 +22,11 @@ from gpumesh.v1 import migration_service_pb2 as M  # noqa: E402
 from gpumesh.v1 import types_pb2 as t  # noqa: E402
 from mesh import errors  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
-from tests.integration.conftest import wait_for  # noqa: E402
-from tests.integration.test_migration import alive, last_step, lines  # noqa: E402
+from tests.integration.conftest import release_all, stop_running, wait_for  # noqa: E402
+from tests.integration.test_migration import alive, last_step, lines, reference_checksums  # noqa: E402
+from tests.integration.test_migration import check_result as check_continues  # noqa: E402
 from tests.integration.test_migration_transparent import WHY_NOT as CRIU_MISSING  # noqa: E402
-from tests.unit._checkpoint_util import ROOT, run_example  # noqa: E402
+from tests.unit._checkpoint_util import ROOT  # noqa: E402
 from tools.localcluster import LocalCluster  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -39,9 +40,7 @@ TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", str
 
 @pytest.fixture(scope="module")
 def reference():
-    """The unmigrated run's parameter checksum at every fifth step."""
-    return {d["step"]: d["checksum"] for d in run_example("--steps", str(STEPS), "--print-every", "5")
-            if "loss" in d}
+    return reference_checksums(STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -60,31 +59,15 @@ def mesh(cluster):
     with cluster.client(timeout=30) as client:
         client.cordon("rz-b")           # everything stays on rz-a: the same-node path
         yield client
-        for w in client.list_workloads():
-            if w.state == t.WORKLOAD_STATE_RUNNING:
-                try:
-                    client.stop_workload(w.id)
-                except Exception:
-                    pass
-        for s in client.list_slices():
-            try:
-                client.release(s.id)
-            except Exception:
-                pass
+        stop_running(client)
+        release_all(client)
         client.uncordon("rz-b")
 
 
 def check_result(mesh, wid, reference, started_at):
-    """The moved run continues from `started_at` bit-identically to the unmigrated reference: its
-    parameters match at every printed step for 100 steps and more (then it is stopped: the run is
-    long only so that the resize lands mid-run on a slow machine)."""
-    wait_for(lambda: last_step(mesh, wid) >= started_at + 100, 120, "training on after the resize")
-    out = lines(mesh, wid)
-    assert out[0]["started_at"] == started_at
-    after = [d for d in out if "loss" in d and d["step"] > started_at]
-    assert len(after) >= 20 and all(d["checksum"] == reference[d["step"]] for d in after)
-    assert mesh.get_workload(wid).state == t.WORKLOAD_STATE_RUNNING
-    mesh.stop_workload(wid)
+    """The moved run continues from `started_at` bit-identically (then it is stopped: the run is long
+    only so that the resize lands mid-run on a slow machine)."""
+    check_continues(mesh, wid, reference, started_at, steps=STEPS)
 
 
 def start_training(mesh, profile="1g.10gb"):
