@@ -66,14 +66,8 @@ class CheckpointsMixin:
         m = M.Migration(id=new_id("m"), workload_id=w.id, tenant=w.tenant, mode=M.MIGRATION_MODE_STOP_AND_COPY,
                         phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
                         reason="restore", checkpoint_id=ck_id, created_at=now())
-        if to_slice:
-            s = self._check_target_slice(to_slice, w.tenant)
-            m.target_slice, m.target_node = s.id, s.node
-        elif to_node:
-            if to_node not in self.ctl.fleet.nodes:
-                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
-            m.target_node = to_node
-        elif w.slice_id not in self.ctl.fleet.slices:
+        self._set_target(m, to_slice, to_node)
+        if not (to_slice or to_node) and w.slice_id not in self.ctl.fleet.slices:
             raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
         await self._save(m, created=True)
         self._spawn(m.id)

@@ -234,13 +234,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         m = M.Migration(id=new_id("m"), workload_id=wid, tenant=w.tenant, mode=mode or M.MIGRATION_MODE_PRECOPY,
                         phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
                         reason=reason, created_at=now())
-        if to_slice:
-            s = self._check_target_slice(to_slice, w.tenant)
-            m.target_slice, m.target_node = s.id, s.node
-        elif to_node:
-            if to_node not in self.ctl.fleet.nodes:
-                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
-            m.target_node = to_node
+        self._set_target(m, to_slice, to_node)
         if mode == M.MIGRATION_MODE_TRANSPARENT and m.target_node == w.node:
             raise errors.FailedPrecondition(f"transparent migration of {wid} must go to another node: CRIU restores "
                                             f"the process under its PIDs, which the source holds on {w.node}")
@@ -263,6 +257,16 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             raise errors.FailedPrecondition(f"transparent migration of {w.id} refused: {e}") from None
         finally:
             self.reports.pop(probe, None)
+
+    def _set_target(self, m: M.Migration, to_slice: str, to_node: str) -> None:
+        """The named target slice (checked: READY, the tenant's, free) or node, when one is named."""
+        if to_slice:
+            s = self._check_target_slice(to_slice, m.tenant)
+            m.target_slice, m.target_node = s.id, s.node
+        elif to_node:
+            if to_node not in self.ctl.fleet.nodes:
+                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
+            m.target_node = to_node
 
     def _check_target_slice(self, sid: str, tenant: str) -> types_pb2.Slice:
         s = self.ctl.fleet.slices.get(sid)
