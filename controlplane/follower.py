@@ -2,7 +2,8 @@
 
 A control plane that does not lead (controlplane/standby.py) still answers reads:
 SliceService Get/List/Watch, AdminService ListNodes/GetNode/ListGpus,
-WorkloadService Get/List and MeshService Get/List/ListGrants. The
+WorkloadService Get/List, MeshService Get/List/ListGrants and MigrationService
+Get/List/ListCheckpoints. The
 `Follower` builds its fleet with the leader's own decoding
 (`controlplane.nodes.rebuild`, the first step of NodeManager.load), then
 follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
@@ -28,10 +29,13 @@ from controlplane.controller import Controller
 from controlplane.events import ADDED, DELETED, MODIFIED
 from controlplane.fleet import Fleet
 from controlplane.meshsvc import MeshManager, MeshService
+from controlplane.migrations import MigrationManager
+from controlplane.migrationsvc import MigrationService
 from controlplane.nodes import NodeManager, decode_node, decode_slice, rebuild
 from controlplane.services import AdminService, SliceService
 from controlplane.workloads import WorkloadManager, WorkloadService
 from gpumesh.v1 import mesh_service_pb2 as M
+from gpumesh.v1 import migration_service_pb2 as MS
 from gpumesh.v1 import types_pb2
 from controlplane.store import EtcdStore
 from mesh import errors
@@ -48,8 +52,10 @@ class Follower:
         # the leader's managers as record holders only: never loaded, started or given a stream
         self.workloads = WorkloadManager(self.ctl)
         self.mesh = MeshManager(self.ctl)
+        self.migrations = MigrationManager(self.ctl, self.workloads)
         self.services = {"SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
-                         "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh)}
+                         "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh),
+                         "MigrationService": MigrationService(self.migrations)}
         self.retry = retry
         self.loaded = asyncio.Event()
         self.applied = 0                      # watch events applied (tests and logs)
@@ -95,6 +101,8 @@ class Follower:
         self.workloads.workloads.clear()
         self.mesh.connections.clear()
         self.mesh.grants.clear()
+        self.migrations.migrations.clear()
+        self.migrations.checkpoints.clear()
         for key, (value, _rev, _lease) in snap.kvs.items():
             self._apply_record(False, key.decode(), value)
         self.loaded.set()
@@ -125,8 +133,13 @@ class Follower:
                         pass
 
     def _apply_record(self, deleted: bool, key: str, value: bytes) -> bool:
-        """A workload, mesh connection or mesh grant record; False for any other key."""
-        if key.startswith(keys.WORKLOADS):
+        """A workload, mesh connection, mesh grant, migration or checkpoint record; False for any
+        other key."""
+        if key.startswith(keys.MIGRATIONS):
+            table, name, msg = self.migrations.migrations, key[len(keys.MIGRATIONS):], MS.Migration
+        elif key.startswith(keys.CHECKPOINTS):
+            table, name, msg = self.migrations.checkpoints, key[len(keys.CHECKPOINTS):], MS.CheckpointInfo
+        elif key.startswith(keys.WORKLOADS):
             table, name, msg = self.workloads.workloads, key[len(keys.WORKLOADS):], types_pb2.Workload
         elif key.startswith(keys.MESH):
             table, name, msg = self.mesh.connections, key[len(keys.MESH):], M.MeshConnection

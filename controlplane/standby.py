@@ -27,7 +27,8 @@ STANDBY_METADATA = "gpumesh-standby"
 READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
          "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus"}),
          "WorkloadService": frozenset({"Get", "List"}),
-         "MeshService": frozenset({"Get", "List", "ListGrants"})}
+         "MeshService": frozenset({"Get", "List", "ListGrants"}),
+         "MigrationService": frozenset({"Get", "List", "ListCheckpoints"})}
 
 
 class Switch:

@@ -87,3 +87,28 @@ def test_workload_and_mesh_records_follow_etcd():
         assert not f.mesh.connections and not f.mesh.grants and not f.workloads.workloads
         assert f.reader("WorkloadService") is not None and f.reader("MeshService") is not None
     asyncio.run(main())
+
+
+def test_migration_and_checkpoint_records_follow_etcd():
+    from gpumesh.v1 import migration_service_pb2 as MS
+    m = MS.Migration(id="m-1", workload_id="w-1", tenant="t", source_node="n1", target_node="n2",
+                     phase=MS.MIGRATION_PHASE_COPYING)
+    ck = MS.CheckpointInfo(id="c-1", workload_id="w-1", tenant="t", step=12)
+
+    async def main():
+        f = Follower(FakeStore({keys.migration("m-1"): (m.SerializeToString(), 5, 0)}))
+        await f._load()
+        svc = f.reader("MigrationService")
+        got = await svc.Get(MS.GetMigrationRequest(id="m-1"), None)
+        assert got.phase == MS.MIGRATION_PHASE_COPYING and got.target_node == "n2"
+        done = MS.Migration()
+        done.CopyFrom(m)
+        done.phase = MS.MIGRATION_PHASE_DONE
+        f.apply(False, keys.migration("m-1").decode(), done.SerializeToString(), 6)
+        f.apply(False, keys.checkpoint("c-1").decode(), ck.SerializeToString(), 7)
+        assert [x.phase for x in (await svc.List(MS.ListMigrationsRequest(), None)).migrations] == \
+            [MS.MIGRATION_PHASE_DONE]
+        assert [c.step for c in (await svc.ListCheckpoints(MS.ListCheckpointsRequest(), None)).checkpoints] == [12]
+        f.apply(True, keys.checkpoint("c-1").decode(), b"", 8)
+        assert not f.migrations.checkpoints
+    asyncio.run(main())
