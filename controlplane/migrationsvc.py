@@ -36,11 +36,7 @@ class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
 
     @unary
     async def List(self, request, context):
-        tenant = auth.scope_tenant(request.tenant)
-        ms = [m for m in self.m.migrations.values()
-              if (not tenant or m.tenant == tenant) and (not request.workload_id or m.workload_id == request.workload_id)]
-        ms.sort(key=lambda m: (m.created_at.seconds, m.created_at.nanos, m.id))
-        return M.ListMigrationsResponse(migrations=ms)
+        return M.ListMigrationsResponse(migrations=_listed(self.m.migrations.values(), request))
 
     @streaming
     async def Watch(self, request, context):
@@ -69,12 +65,18 @@ class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
 
     @unary
     async def ListCheckpoints(self, request, context):
-        tenant = auth.scope_tenant(request.tenant)
-        cks = [c for c in self.m.checkpoints.values()
-               if (not tenant or c.tenant == tenant) and (not request.workload_id or c.workload_id == request.workload_id)]
-        cks.sort(key=lambda c: (c.created_at.seconds, c.created_at.nanos, c.id))
-        return M.ListCheckpointsResponse(checkpoints=cks)
+        return M.ListCheckpointsResponse(checkpoints=_listed(self.m.checkpoints.values(), request))
 
     @unary
     async def Resize(self, request, context):
         return await self.m.resize(request.slice_id, request.memory_bytes, request.compute_share, request.mig_profile)
+
+
+def _listed(records, request) -> list:
+    """Migrations or checkpoints the caller may see, of `request.tenant` and `request.workload_id`
+    when given, oldest first."""
+    tenant = auth.scope_tenant(request.tenant)
+    out = [r for r in records if (not tenant or r.tenant == tenant)
+           and (not request.workload_id or r.workload_id == request.workload_id)]
+    out.sort(key=lambda r: (r.created_at.seconds, r.created_at.nanos, r.id))
+    return out

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 
 import pytest
+
+from tests.integration.conftest import wait_for  # noqa: F401 - the scenarios import it from here
 
 ENABLED = os.environ.get("GPUMESH_CHAOS") == "1"
 REPORT = pathlib.Path(os.environ.get("GPUMESH_CHAOS_REPORT", ".chaos-report.json"))
@@ -39,13 +40,3 @@ def figures():
         REPORT.write_text(json.dumps({"scenarios": FIGURES, "totals": totals}, indent=2) + "\n")
         print("\nchaos figures:", json.dumps({"scenarios": FIGURES, "totals": totals}, indent=2))
 
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -48,10 +48,10 @@ def release_all(client) -> None:
 
 
 def stop_running(client) -> None:
-    """Stop every running workload (best effort)."""
+    """Stop every pending or running workload (best effort)."""
     from gpumesh.v1 import types_pb2
     for w in client.list_workloads():
-        if w.state == types_pb2.WORKLOAD_STATE_RUNNING:
+        if w.state in (types_pb2.WORKLOAD_STATE_RUNNING, types_pb2.WORKLOAD_STATE_PENDING):
             try:
                 client.stop_workload(w.id)
             except Exception:

@@ -13,7 +13,7 @@ import pytest
 from gpumesh.v1 import types_pb2 as t
 from mesh import errors
 from nodeagent.nvml.sim import SimNvml
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import stop_running, wait_for
 from tools.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -33,12 +33,7 @@ def cluster(tmp_path_factory):
     c.start(timeout=90)
     yield c
     with c.client() as mesh:      # no process outlives the test cluster
-        for w in mesh.list_workloads():
-            if w.state in (t.WORKLOAD_STATE_RUNNING, t.WORKLOAD_STATE_PENDING):
-                try:
-                    mesh.stop_workload(w.id)
-                except errors.MeshError:
-                    pass
+        stop_running(mesh)
     c.stop()
 
 
