@@ -2,8 +2,8 @@
 
 A control plane that does not lead (controlplane/standby.py) still answers reads:
 SliceService Get/List/Watch, AdminService ListNodes/GetNode/ListGpus,
-WorkloadService Get/List, MeshService Get/List/ListGrants and MigrationService
-Get/List/ListCheckpoints. The
+WorkloadService Get/List, MeshService Get/List/ListGrants, MigrationService
+Get/List/ListCheckpoints and ModelService Get/List. The
 `Follower` builds its fleet with the leader's own decoding
 (`controlplane.nodes.rebuild`, the first step of NodeManager.load), then
 follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
@@ -32,9 +32,11 @@ from controlplane.meshsvc import MeshManager, MeshService
 from controlplane.migrations import MigrationManager
 from controlplane.migrationsvc import MigrationService
 from controlplane.nodes import NodeManager, decode_node, decode_slice, rebuild
+from controlplane.serving.registry import ModelRegistry, ModelService
 from controlplane.services import AdminService, SliceService
 from controlplane.workloads import WorkloadManager, WorkloadService
 from gpumesh.v1 import mesh_service_pb2 as M
+from gpumesh.v1 import model_service_pb2 as MR
 from gpumesh.v1 import migration_service_pb2 as MS
 from gpumesh.v1 import types_pb2
 from controlplane.store import EtcdStore
@@ -53,7 +55,8 @@ class Follower:
         self.workloads = WorkloadManager(self.ctl)
         self.mesh = MeshManager(self.ctl)
         self.migrations = MigrationManager(self.ctl, self.workloads)
-        self.services = {"SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
+        self.models = ModelRegistry(self.ctl)
+        self.services = {"ModelService": ModelService(self.models), "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
                          "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh),
                          "MigrationService": MigrationService(self.migrations)}
         self.retry = retry
@@ -103,6 +106,7 @@ class Follower:
         self.mesh.grants.clear()
         self.migrations.migrations.clear()
         self.migrations.checkpoints.clear()
+        self.models.models.clear()
         for key, (value, _rev, _lease) in snap.kvs.items():
             self._apply_record(False, key.decode(), value)
         self.loaded.set()
@@ -133,9 +137,11 @@ class Follower:
                         pass
 
     def _apply_record(self, deleted: bool, key: str, value: bytes) -> bool:
-        """A workload, mesh connection, mesh grant, migration or checkpoint record; False for any
-        other key."""
-        if key.startswith(keys.MIGRATIONS):
+        """A workload, mesh connection, mesh grant, migration, checkpoint or model record; False for
+        any other key."""
+        if key.startswith(keys.MODELS):
+            table, name, msg = self.models.models, key[len(keys.MODELS):], MR.Model
+        elif key.startswith(keys.MIGRATIONS):
             table, name, msg = self.migrations.migrations, key[len(keys.MIGRATIONS):], MS.Migration
         elif key.startswith(keys.CHECKPOINTS):
             table, name, msg = self.migrations.checkpoints, key[len(keys.CHECKPOINTS):], MS.CheckpointInfo

@@ -13,6 +13,7 @@
 | `/gpumesh/v1/meshgrants/<from-tenant>/<to-tenant>` | `gpumesh.v1.MeshGrant` (admin: cross-tenant connections allowed) | MeshService Grant |
 | `/gpumesh/v1/migrations/<migration-id>` | `gpumesh.v1.Migration` (phase of the state machine, source, target, progress) | MigrationService, agent migration reports, recovery at start |
 | `/gpumesh/v1/checkpoints/<checkpoint-id>` | `gpumesh.v1.CheckpointInfo` (workload, store path, step, size) | MigrationService Checkpoint |
+| `/gpumesh/v1/models/<model-name>` | `gpumesh.v1.Model` (family, labels, variants with backend, artifact, facts, VRAM need, measurements) | ModelService Register/Update/Delete (admin) |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -31,6 +32,7 @@ MESH = PREFIX + "mesh/"
 MESH_GRANTS = PREFIX + "meshgrants/"
 MIGRATIONS = PREFIX + "migrations/"
 CHECKPOINTS = PREFIX + "checkpoints/"
+MODELS = PREFIX + "models/"
 
 
 def node(name: str) -> bytes:
@@ -75,3 +77,7 @@ def migration(migration_id: str) -> bytes:
 
 def checkpoint(checkpoint_id: str) -> bytes:
     return (CHECKPOINTS + checkpoint_id).encode()
+
+
+def model(name: str) -> bytes:
+    return (MODELS + name).encode()

@@ -30,7 +30,7 @@ from controlplane.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
                         workload_service_pb2_grpc)
-from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc
+from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
 from mesh import errors, tls
 from mesh.config import parse_hostport
 from mesh.logs import log
@@ -115,7 +115,8 @@ class ControlPlane:
         names = [d.services_by_name[n].full_name for d, n in (
             (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
             (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
-            (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"))]
+            (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"),
+            (model_service_pb2.DESCRIPTOR, "ModelService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -216,6 +217,9 @@ class ControlPlane:
         from controlplane.migrationsvc import MigrationService
         self.migrations = MigrationManager(self.ctl, self.workloads, self.cfg.migration_pause_at)
         await self.migrations.load()
+        from controlplane.serving.registry import ModelRegistry, ModelService
+        self.models = ModelRegistry(self.ctl)
+        await self.models.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -227,7 +231,8 @@ class ControlPlane:
                 "AdminService": AdminService(self.ctl, self.nodes),
                 "WorkloadService": WorkloadService(self.workloads),
                 "MeshService": MeshService(self.mesh),
-                "MigrationService": MigrationService(self.migrations)}
+                "MigrationService": MigrationService(self.migrations),
+                "ModelService": ModelService(self.models)}
         for name, sw in self.switches.items():
             sw.target = real[name]
             sw.reader = None
@@ -297,7 +302,8 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (admin_service_pb2, admin_service_pb2_grpc, "AdminService"),
             (workload_service_pb2, workload_service_pb2_grpc, "WorkloadService"),
             (mesh_service_pb2, mesh_service_pb2_grpc, "MeshService"),
-            (migration_service_pb2, migration_service_pb2_grpc, "MigrationService"))
+            (migration_service_pb2, migration_service_pb2_grpc, "MigrationService"),
+            (model_service_pb2, model_service_pb2_grpc, "ModelService"))
 
 
 async def _set_health(servicer, name: str, status) -> None:

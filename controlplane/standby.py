@@ -28,7 +28,8 @@ READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
          "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus"}),
          "WorkloadService": frozenset({"Get", "List"}),
          "MeshService": frozenset({"Get", "List", "ListGrants"}),
-         "MigrationService": frozenset({"Get", "List", "ListCheckpoints"})}
+         "MigrationService": frozenset({"Get", "List", "ListCheckpoints"}),
+         "ModelService": frozenset({"Get", "List"})}
 
 
 class Switch:

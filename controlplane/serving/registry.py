@@ -1,0 +1,147 @@
+"""The model registry (ModelService): models and their variants, in etcd under `/gpumesh/v1/models/<name>`.
+
+The leader loads every model at start and keeps them in memory; Register, Update and Delete write
+through the group-commit writer (controlplane/writer.py) like every other record: one transaction
+guarded by the leader key (fencing) plus the key's precondition (Register: absent, so a name is taken
+once; Update and Delete: present). The registry's own lock orders its writes, so Update's generation
+check and the write it guards are one step. Standbys answer Get and List from the same records, kept
+current by their follower (controlplane/follower.py).
+
+What is stored is what `validate` returned: the derived facts (artifact format, kv_bytes_per_token,
+the VRAM need at the serving point and the smallest slice per GPU model) are computed when written,
+against the GPU models of the fleet at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane import keys
+from controlplane.controller import Controller, now
+from controlplane.rpc import unary
+from controlplane.serving.validate import check_name, validate
+from controlplane.store import Absent, Delete, Present, Put
+from gpumesh.v1 import model_service_pb2 as M
+from gpumesh.v1 import model_service_pb2_grpc
+from mesh import errors, gpumodels
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRegistry:
+    """The registry's records (name -> Model) and its guarded writes."""
+
+    def __init__(self, ctl: Controller, check_artifacts: bool = True) -> None:
+        self.ctl = ctl
+        self.models: dict[str, M.Model] = {}
+        self.check_artifacts = check_artifacts
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        snap = await self.ctl.store.load(keys.MODELS)
+        self.models.clear()
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            m = M.Model.FromString(value)
+            self.models[keys.name_of(key, keys.MODELS)] = m
+        log(logger, logging.INFO, "model registry loaded", models=len(self.models))
+
+    def gpu_models(self) -> list[gpumodels.GpuModel]:
+        """The GPU models of the fleet's nodes (empty while no node has registered)."""
+        return list({g.model.name: g.model for e in self.ctl.fleet.nodes.values() for g in e.gpus}.values())
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, name: str) -> M.Model:
+        check_name(name, "name")
+        m = self.models.get(name)
+        if m is None:
+            raise errors.NotFound(f"no model {name!r}", kind="model", name=name)
+        return m
+
+    def list(self, family: str = "", labels: dict[str, str] | None = None) -> list[M.Model]:
+        labels = labels or {}
+        return [m for _, m in sorted(self.models.items())
+                if (not family or m.family == family) and all(m.labels.get(k) == v for k, v in labels.items())]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def _validated(self, model: M.Model) -> M.Model:
+        # Reading the artifact is file I/O (maybe a network filesystem): off the event loop.
+        return await asyncio.to_thread(validate, model, self.gpu_models(), self.check_artifacts)
+
+    async def register(self, model: M.Model) -> M.Model:
+        m = await self._validated(model)
+        async with self._lock:
+            if m.name in self.models:
+                raise errors.AlreadyExists(f"model {m.name!r} already exists: update it, or delete it first")
+            m.created_at.CopyFrom(now())
+            m.updated_at.CopyFrom(m.created_at)
+            m.generation = 1
+            try:
+                await self.ctl.writer.write([Put(keys.model(m.name), m.SerializeToString())], [Absent(keys.model(m.name))])
+            except errors.Aborted:
+                raise errors.AlreadyExists(f"model {m.name!r} already exists") from None
+            self.models[m.name] = m
+        log(logger, logging.INFO, "model registered", model=m.name, variants=",".join(v.name for v in m.variants))
+        return m
+
+    async def update(self, model: M.Model) -> M.Model:
+        check_name(model.name, "model.name")
+        m = await self._validated(model)
+        async with self._lock:
+            old = self.get(m.name)
+            if model.generation and model.generation != old.generation:
+                raise errors.Aborted(f"model {m.name!r} is at generation {old.generation}, not {model.generation}: "
+                                     f"read it again and retry")
+            m.created_at.CopyFrom(old.created_at)
+            m.updated_at.CopyFrom(now())
+            m.generation = old.generation + 1
+            try:
+                await self.ctl.writer.write([Put(keys.model(m.name), m.SerializeToString())], [Present(keys.model(m.name))])
+            except errors.Aborted:
+                self.models.pop(m.name, None)
+                raise errors.NotFound(f"no model {m.name!r} (deleted meanwhile)", kind="model", name=m.name) from None
+            self.models[m.name] = m
+        log(logger, logging.INFO, "model updated", model=m.name, generation=m.generation)
+        return m
+
+    async def delete(self, name: str) -> M.Model:
+        async with self._lock:
+            m = self.get(name)
+            try:
+                await self.ctl.writer.write([Delete(keys.model(name))], [Present(keys.model(name))])
+            except errors.Aborted:
+                pass            # gone already: the same end state
+            self.models.pop(name, None)
+        log(logger, logging.INFO, "model deleted", model=name)
+        return m
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """The v1 API onto the registry. Roles are checked by the interceptor (controlplane/auth.py RULES):
+    Register, Update and Delete need admin; Get and List a viewer or more. Models are not per tenant."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.r = registry
+
+    @unary
+    async def Register(self, request, context):
+        return await self.r.register(request.model)
+
+    @unary
+    async def Get(self, request, context):
+        return self.r.get(request.name)
+
+    @unary
+    async def List(self, request, context):
+        return M.ListModelsResponse(models=self.r.list(request.family, dict(request.labels)))
+
+    @unary
+    async def Update(self, request, context):
+        return await self.r.update(request.model)
+
+    @unary
+    async def Delete(self, request, context):
+        return await self.r.delete(request.name)
