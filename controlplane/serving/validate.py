@@ -28,6 +28,7 @@ NAME_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or di
 MAX_VARIANTS = 16
 MAX_CONCURRENCY = 4096
 MAX_TEXT = 1024
+MAX_PATH = 4096
 CPU = "cpu"       # the measurements' key for runs without a GPU
 
 BACKENDS = {M.BACKEND_LLAMA_CPP: "llama.cpp", M.BACKEND_VLLM: "vllm"}
@@ -106,6 +107,9 @@ def _variant(v: M.Variant, path: str, fleet: list[gpumodels.GpuModel], check_art
     elif v.artifact_format != want:
         got = FORMAT_NAMES.get(v.artifact_format, f"format {v.artifact_format}")
         raise _bad(f"{path}.artifact_format", f"{backend} does not load {got}", f"{FORMAT_NAMES[want]} for {backend}")
+    if not v.artifact:
+        raise _bad(f"{path}.artifact", "is required", f"{FORMAT_NAMES[want]} for {backend}: an absolute path or file:// URI")
+    _text(v.artifact, f"{path}.artifact", MAX_PATH)
     _text(v.quantization, f"{path}.quantization", 32)
     try:
         vram.kv_type_bytes(v.kv_cache_type)
