@@ -14,11 +14,12 @@ RESOURCES = {
     "workloads": "workloads", "workload": "workloads", "wl": "workloads",
     "migrations": "migrations", "migration": "migrations", "mig": "migrations",
     "checkpoints": "checkpoints", "checkpoint": "checkpoints", "ck": "checkpoints",
+    "models": "models", "model": "models",
 }
 
 EPILOG = """\
 resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
-           migrations (migration, mig), checkpoints (checkpoint, ck)
+           migrations (migration, mig), checkpoints (checkpoint, ck), models (model)
 
 examples:
   meshctl get nodes
@@ -66,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
     kind = RESOURCES.get(args.resource.lower())
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
+    if kind == "models":
+        from tools.meshctl import models
+        with client(args) as mesh:
+            items = [m for m in mesh.list_models() if not args.names or m.name in args.names]
+        out(models.format_models(items, args.output))
+        return 0
     if kind in ("migrations", "checkpoints"):
         from tools.meshctl import migrate
         with client(args) as mesh:

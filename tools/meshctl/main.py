@@ -10,10 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import bench, certs, cluster, describe, get, mesh, migrate, nodes, sim, slices, workloads
+from tools.meshctl import (bench, certs, cluster, describe, get, mesh, migrate, models, nodes, sim, slices,
+                           workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, bench, sim, certs)
+GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, bench, sim, certs)
 
 EPILOG = """\
 examples:
@@ -28,6 +29,7 @@ examples:
   meshctl logs w-3f9a2c1d7e6b -f
   meshctl release a-7f3a9c1e2b4d
   meshctl drain sim-node-02 --dry-run
+  meshctl model import /models/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-135m
   meshctl down
 
 The control plane address comes from --endpoint, then $MESH_ENDPOINT, then the
