@@ -171,7 +171,8 @@ def test_a_variant_too_large_for_every_slice_is_refused(tmp_path):
     msg = e.value.message
     assert "model.variants[0] (f16) needs 201GiB" in msg and "weights 200GiB" in msg
     assert "largest slice of any GPU model in the fleet: 79.6GiB (H100-80GB)" in msg
-    # an H200 in the fleet holds it (7g.141gb)
+    # 130 GiB: an H200 in the fleet holds it (7g.141gb)
+    v.weight_bytes = 130 << 30
     m = validate(M.Model(name="huge", variants=[v]), FLEET + [gpumodels.get_model("H200-141GB")])
     assert [s.mig_profile for s in m.variants[0].vram.slices if s.fits] == ["7g.141gb"]
 
