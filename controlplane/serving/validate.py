@@ -29,13 +29,15 @@ MAX_VARIANTS = 16
 MAX_CONCURRENCY = 4096
 MAX_TEXT = 1024
 MAX_PATH = 4096
+MAX_MEASURED = 64
 CPU = "cpu"       # the measurements' key for runs without a GPU
 
 BACKENDS = {M.BACKEND_LLAMA_CPP: "llama.cpp", M.BACKEND_VLLM: "vllm"}
 BACKEND_FORMAT = {M.BACKEND_LLAMA_CPP: M.ARTIFACT_FORMAT_GGUF_FILE, M.BACKEND_VLLM: M.ARTIFACT_FORMAT_HF_DIRECTORY}
 FORMAT_NAMES = {M.ARTIFACT_FORMAT_GGUF_FILE: "a GGUF file", M.ARTIFACT_FORMAT_HF_DIRECTORY: "a Hugging Face directory"}
-ARCH_FIELDS = ("block_count", "embedding_length", "head_count", "head_count_kv", "key_length", "value_length",
-               "vocab_size", "parameter_count")
+# The architecture's numbers and their upper bounds (far beyond any model; they keep the derived sizes in int64).
+ARCH_LIMITS = {"block_count": 4096, "embedding_length": 1 << 20, "head_count": 1 << 16, "head_count_kv": 1 << 16,
+               "key_length": 1 << 16, "value_length": 1 << 16, "vocab_size": 1 << 24, "parameter_count": 1 << 50}
 
 
 def _bad(path: str, problem: str, allowed: str = "") -> errors.InvalidArgument:
@@ -119,8 +121,10 @@ def _variant(v: M.Variant, path: str, fleet: list[gpumodels.GpuModel], check_art
     v.kv_cache_type = (v.kv_cache_type or vram.DEFAULT_KV_TYPE).lower()
     a = v.architecture
     _text(a.name, f"{path}.architecture.name", 63)
-    for f in ARCH_FIELDS:
-        _not_negative(getattr(a, f), f"{path}.architecture.{f}", "0 (unknown) or more")
+    for f, limit in ARCH_LIMITS.items():
+        if not 0 <= getattr(a, f) <= limit:
+            raise _bad(f"{path}.architecture.{f}", f"{getattr(a, f)} is " + ("negative" if getattr(a, f) < 0 else
+                       "out of range"), f"0 (unknown) to {limit}")
     if v.weight_bytes <= 0:
         raise _bad(f"{path}.weight_bytes", f"{v.weight_bytes} is negative" if v.weight_bytes else "is required",
                    "the weights' bytes as loaded, > 0 (meshctl model import reads them from the artifact)")
@@ -158,6 +162,8 @@ def _kv(v: M.Variant, path: str) -> None:
 
 
 def _measured(v: M.Variant, path: str) -> None:
+    if len(v.measured) > MAX_MEASURED:
+        raise _bad(f"{path}.measured", f"{len(v.measured)} entries", f"at most {MAX_MEASURED}")
     fixed = {}
     for key, fig in v.measured.items():
         where = f"{path}.measured[{key!r}]"
@@ -207,12 +213,6 @@ def _artifact(v: M.Variant, path: str, backend: str) -> None:
 def _estimate(v: M.Variant, path: str, backend: str, fleet: list[gpumodels.GpuModel]) -> None:
     need = vram.vram(backend, v.weight_bytes, v.kv_bytes_per_token, v.context or v.max_context, v.concurrency or 1)
     fits = vram.slices_for(need.total_bytes, fleet)
-    v.vram.CopyFrom(M.VramEstimate(
-        context=need.context, concurrency=need.concurrency, weight_bytes=need.weight_bytes,
-        kv_cache_bytes=need.kv_cache_bytes, overhead_bytes=need.overhead_bytes, total_bytes=need.total_bytes,
-        slices=[M.SliceFit(gpu_model=f.gpu_model, mig_profile=f.mig_profile, mig_memory_bytes=f.mig_memory_bytes,
-                           mps_memory_bytes=f.mps_memory_bytes, mps_compute_share=f.mps_compute_share,
-                           gpu_memory_bytes=f.gpu_memory_bytes, fits=f.fits) for f in fits]))
     if not any(f.fits for f in fits):
         biggest = max(fleet, key=vram.largest_slice_bytes)
         raise errors.FailedPrecondition(
@@ -221,3 +221,9 @@ def _estimate(v: M.Variant, path: str, backend: str, fleet: list[gpumodels.GpuMo
             f"{format_size(need.kv_cache_bytes)} + {backend} overhead {format_size(need.overhead_bytes)}), more "
             f"than the largest slice of any GPU model in the fleet: {format_size(vram.largest_slice_bytes(biggest))} "
             f"({biggest.name}); lower context or concurrency, or pick a smaller quantization")
+    v.vram.CopyFrom(M.VramEstimate(
+        context=need.context, concurrency=need.concurrency, weight_bytes=need.weight_bytes,
+        kv_cache_bytes=need.kv_cache_bytes, overhead_bytes=need.overhead_bytes, total_bytes=need.total_bytes,
+        slices=[M.SliceFit(gpu_model=f.gpu_model, mig_profile=f.mig_profile, mig_memory_bytes=f.mig_memory_bytes,
+                           mps_memory_bytes=f.mps_memory_bytes, mps_compute_share=f.mps_compute_share,
+                           gpu_memory_bytes=f.gpu_memory_bytes, fits=f.fits) for f in fits]))
