@@ -9,7 +9,8 @@ current by their follower (controlplane/follower.py).
 
 What is stored is what `validate` returned: the derived facts (artifact format, kv_bytes_per_token,
 the VRAM need at the serving point and the smallest slice per GPU model) are computed when written,
-against the GPU models of the fleet at that moment.
+against the GPU models of the fleet at that moment. Reads answer the smallest slices for the fleet as
+it is when read (`view`): nodes of new GPU models show up, departed ones drop out.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import logging
 from controlplane import keys
 from controlplane.controller import Controller, now
 from controlplane.rpc import unary
-from controlplane.serving.validate import check_name, validate
+from controlplane.serving.validate import check_name, slice_fits, validate
 from controlplane.store import Absent, Delete, Present, Put
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import model_service_pb2_grpc
 from mesh import errors, gpumodels
 from mesh.logs import log
+from mesh.models import vram
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,20 @@ class ModelRegistry:
         return list({g.model.name: g.model for e in self.ctl.fleet.nodes.values() for g in e.gpus}.values())
 
     # -- reads ------------------------------------------------------------------------------
+
+    def view(self, m: M.Model) -> M.Model:
+        """`m` with each variant's smallest slices for the fleet's GPU models now (as stored while no
+        node has registered, or when they are the same models)."""
+        fleet = self.gpu_models()
+        names = sorted(g.name for g in fleet)
+        if not fleet or all(sorted(s.gpu_model for s in v.vram.slices) == names for v in m.variants):
+            return m
+        out = M.Model()
+        out.CopyFrom(m)
+        for v in out.variants:
+            del v.vram.slices[:]
+            v.vram.slices.extend(slice_fits(vram.slices_for(v.vram.total_bytes, fleet)))
+        return out
 
     def get(self, name: str) -> M.Model:
         check_name(name, "name")
@@ -132,11 +148,11 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     @unary
     async def Get(self, request, context):
-        return self.r.get(request.name)
+        return self.r.view(self.r.get(request.name))
 
     @unary
     async def List(self, request, context):
-        return M.ListModelsResponse(models=self.r.list(request.family, dict(request.labels)))
+        return M.ListModelsResponse(models=[self.r.view(m) for m in self.r.list(request.family, dict(request.labels))])
 
     @unary
     async def Update(self, request, context):

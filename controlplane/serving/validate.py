@@ -224,6 +224,11 @@ def _estimate(v: M.Variant, path: str, backend: str, fleet: list[gpumodels.GpuMo
     v.vram.CopyFrom(M.VramEstimate(
         context=need.context, concurrency=need.concurrency, weight_bytes=need.weight_bytes,
         kv_cache_bytes=need.kv_cache_bytes, overhead_bytes=need.overhead_bytes, total_bytes=need.total_bytes,
-        slices=[M.SliceFit(gpu_model=f.gpu_model, mig_profile=f.mig_profile, mig_memory_bytes=f.mig_memory_bytes,
-                           mps_memory_bytes=f.mps_memory_bytes, mps_compute_share=f.mps_compute_share,
-                           gpu_memory_bytes=f.gpu_memory_bytes, fits=f.fits) for f in fits]))
+        slices=slice_fits(fits)))
+
+
+def slice_fits(fits: list[vram.SliceFit]) -> list[M.SliceFit]:
+    """vram.SliceFit values as the API's messages."""
+    return [M.SliceFit(gpu_model=f.gpu_model, mig_profile=f.mig_profile, mig_memory_bytes=f.mig_memory_bytes,
+                       mps_memory_bytes=f.mps_memory_bytes, mps_compute_share=f.mps_compute_share,
+                       gpu_memory_bytes=f.gpu_memory_bytes, fits=f.fits) for f in fits]

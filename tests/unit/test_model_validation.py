@@ -199,3 +199,21 @@ def test_the_registry_is_read_on_standbys():
         f.apply(True, keys.model("smol").decode(), b"", 7)
         assert [x.name for x in (await svc.List(M.ListModelsRequest(), None)).models] == ["other"]
     asyncio.run(main())
+
+
+def test_reads_answer_the_smallest_slices_of_the_fleet_as_it_is(files):
+    """Stored against an H100 + L4 fleet; read after an H200 node joined and the L4 left."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    stored = validate(M.Model(name="tiny", variants=[gguf_variant(files["gguf"])]), FLEET)
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}))
+    r = ModelRegistry(ctl)
+    assert r.view(stored) is stored                               # no node: as stored
+    ctl.fleet.nodes = {"a": SimpleNamespace(gpus=[SimpleNamespace(model=gpumodels.get_model("H100-80GB"))]),
+                       "b": SimpleNamespace(gpus=[SimpleNamespace(model=gpumodels.get_model("H200-141GB"))])}
+    seen = r.view(stored)
+    assert [(s.gpu_model, s.mig_profile) for s in seen.variants[0].vram.slices] == [("H100-80GB", "1g.10gb"),
+                                                                                     ("H200-141GB", "1g.18gb")]
+    assert [s.gpu_model for s in stored.variants[0].vram.slices] == ["H100-80GB", "L4"]     # the record unchanged
+    assert seen.variants[0].vram.total_bytes == stored.variants[0].vram.total_bytes
