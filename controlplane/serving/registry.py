@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import Gauge
+
 from controlplane import keys
 from controlplane.controller import Controller, now
 from controlplane.rpc import unary
@@ -30,6 +32,8 @@ from mesh.logs import log
 from mesh.models import vram
 
 logger = logging.getLogger(__name__)
+MODELS = Gauge("gpumesh_models", "Models in the registry (the leader's count)")
+VARIANTS = Gauge("gpumesh_model_variants", "Variants of the registry's models (the leader's count)")
 
 
 class ModelRegistry:
@@ -47,7 +51,12 @@ class ModelRegistry:
         for key, (value, _rev, _lease) in snap.kvs.items():
             m = M.Model.FromString(value)
             self.models[keys.name_of(key, keys.MODELS)] = m
+        self._count()
         log(logger, logging.INFO, "model registry loaded", models=len(self.models))
+
+    def _count(self) -> None:
+        MODELS.set(len(self.models))
+        VARIANTS.set(sum(len(m.variants) for m in self.models.values()))
 
     def gpu_models(self) -> list[gpumodels.GpuModel]:
         """The GPU models of the fleet's nodes (empty while no node has registered)."""
@@ -100,6 +109,7 @@ class ModelRegistry:
             except errors.Aborted:
                 raise errors.AlreadyExists(f"model {m.name!r} already exists") from None
             self.models[m.name] = m
+            self._count()
         log(logger, logging.INFO, "model registered", model=m.name, variants=",".join(v.name for v in m.variants))
         return m
 
@@ -120,6 +130,7 @@ class ModelRegistry:
                 self.models.pop(m.name, None)
                 raise errors.NotFound(f"no model {m.name!r} (deleted meanwhile)", kind="model", name=m.name) from None
             self.models[m.name] = m
+            self._count()
         log(logger, logging.INFO, "model updated", model=m.name, generation=m.generation)
         return m
 
@@ -131,6 +142,7 @@ class ModelRegistry:
             except errors.Aborted:
                 pass            # gone already: the same end state
             self.models.pop(name, None)
+            self._count()
         log(logger, logging.INFO, "model deleted", model=name)
         return m
 

@@ -1,7 +1,8 @@
 """A standby control plane serves reads from a read-only fleet that follows etcd (controlplane/follower.py):
 a slice allocated on the leader shows through the standby's Get/List/Watch and ListNodes/GetNode/ListGpus,
-its workload and mesh connection through WorkloadService and MeshService Get/List, a write on the standby is refused naming the leader, and after the leader dies the standby leads with the
-slice still there."""
+its workload and mesh connection through WorkloadService and MeshService Get/List, a registered model
+through ModelService Get/List, a write on the standby is refused naming the leader, and after the leader
+dies the standby leads with the slice and the model still there."""
 
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             lead.mesh_disconnect(conn.id)
             wait_for(lambda: not sb.mesh_list(slice_id=other), 5, "the disconnect on the standby")
             lead.stop_workload(w.id)
+            # the model registry reads on the standby too; registering there is refused
+            model = _tiny_model(tmp_path)
+            lead.register_model(model)
+            got_m = wait_for(lambda: _maybe(sb.get_model, model.name), 5, "the model on the standby")
+            assert got_m.generation == 1 and [m.name for m in sb.list_models()] == [model.name]
+            with pytest.raises(errors.Unavailable):
+                sb.delete_model(model.name)
         cluster.kill_controlplane(index=leader)
         assert cluster.leader_index(timeout=30) == standby
         with MeshClient(cluster.cp_endpoints[standby], timeout=10) as new:
@@ -67,6 +75,7 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             wait_for(lambda: new.get_slice(sid).state == types_pb2.SLICE_STATE_READY, 30, "the slice READY again")
             new.cordon(node)                # the former standby takes writes now
             new.uncordon(node)
+            assert new.delete_model("tiny").generation == 1
     finally:
         cluster.stop(grace=5)
 
@@ -84,3 +93,12 @@ def _get(client, sid):
     except errors.NotFound:
         return None
     return s if s.state == types_pb2.SLICE_STATE_READY else None
+
+
+def _tiny_model(tmp_path):
+    from gpumesh.v1 import model_service_pb2 as M
+    from tests.models_util import TINY_WEIGHT_BYTES, write_tiny_gguf
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    return M.Model(name="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), weight_bytes=TINY_WEIGHT_BYTES, max_context=256,
+        architecture=M.Architecture(block_count=2, embedding_length=64, head_count=4, head_count_kv=2))])
