@@ -23,7 +23,8 @@ from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import model_service_pb2_grpc
 
 BACKENDS = {"llama.cpp": M.BACKEND_LLAMA_CPP, "vllm": M.BACKEND_VLLM}
-BACKEND_ALIASES = {"": M.BACKEND_UNSPECIFIED, **BACKENDS, "llamacpp": M.BACKEND_LLAMA_CPP, "llama-cpp": M.BACKEND_LLAMA_CPP,
+BACKEND_ALIASES = {"": M.BACKEND_UNSPECIFIED, **BACKENDS, "llamacpp": M.BACKEND_LLAMA_CPP,
+                   "llama-cpp": M.BACKEND_LLAMA_CPP,
                    "llama_cpp": M.BACKEND_LLAMA_CPP}
 FORMATS = {"": M.ARTIFACT_FORMAT_UNSPECIFIED, "gguf": M.ARTIFACT_FORMAT_GGUF_FILE,
            "hf": M.ARTIFACT_FORMAT_HF_DIRECTORY}

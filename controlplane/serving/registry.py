@@ -105,7 +105,8 @@ class ModelRegistry:
             m.updated_at.CopyFrom(m.created_at)
             m.generation = 1
             try:
-                await self.ctl.writer.write([Put(keys.model(m.name), m.SerializeToString())], [Absent(keys.model(m.name))])
+                await self.ctl.writer.write([Put(keys.model(m.name), m.SerializeToString())],
+                                            [Absent(keys.model(m.name))])
             except errors.Aborted:
                 raise errors.AlreadyExists(f"model {m.name!r} already exists") from None
             self.models[m.name] = m
@@ -125,7 +126,8 @@ class ModelRegistry:
             m.updated_at.CopyFrom(now())
             m.generation = old.generation + 1
             try:
-                await self.ctl.writer.write([Put(keys.model(m.name), m.SerializeToString())], [Present(keys.model(m.name))])
+                await self.ctl.writer.write([Put(keys.model(m.name), m.SerializeToString())],
+                                            [Present(keys.model(m.name))])
             except errors.Aborted:
                 self.models.pop(m.name, None)
                 raise errors.NotFound(f"no model {m.name!r} (deleted meanwhile)", kind="model", name=m.name) from None

@@ -110,7 +110,8 @@ def _variant(v: M.Variant, path: str, fleet: list[gpumodels.GpuModel], check_art
         got = FORMAT_NAMES.get(v.artifact_format, f"format {v.artifact_format}")
         raise _bad(f"{path}.artifact_format", f"{backend} does not load {got}", f"{FORMAT_NAMES[want]} for {backend}")
     if not v.artifact:
-        raise _bad(f"{path}.artifact", "is required", f"{FORMAT_NAMES[want]} for {backend}: an absolute path or file:// URI")
+        raise _bad(f"{path}.artifact", "is required",
+                   f"{FORMAT_NAMES[want]} for {backend}: an absolute path or file:// URI")
     _text(v.artifact, f"{path}.artifact", MAX_PATH)
     _text(v.quantization, f"{path}.quantization", 32)
     try:
