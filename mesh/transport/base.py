@@ -142,6 +142,7 @@ class BufferDescriptor:
     device: str = ""
     port: int = 0
     ipc_handle: bytes = b""
+    tls_sha256: bytes = b""
 
     def to_proto(self):
         from gpumesh.v1 import mesh_service_pb2

@@ -25,6 +25,7 @@ reported as `Unsupported` with that reason.
 from __future__ import annotations
 
 import importlib
+import os
 import secrets
 import sys
 import threading
@@ -40,8 +41,24 @@ POLL_TIMEOUT_S = 10.0
 STAGING_BYTES = 4 << 20      # per buffer: the local MR that outgoing WRITEs and incoming READs pass through
 
 
+STANDIN_ENV = "GPUMESH_PYVERBS_STANDIN"
+_standin: types.SimpleNamespace | None = None
+
+
 def load_pyverbs() -> types.SimpleNamespace:
-    """pyverbs' submodules as one namespace; Unsupported when the binding is not installed."""
+    """pyverbs' submodules as one namespace; Unsupported when the binding is not installed.
+
+    `GPUMESH_PYVERBS_STANDIN=module:function` loads a stand-in that speaks pyverbs' API instead
+    (simulated hosts, like the simulated NVML: `tests.unit.fakeverbs:make`, whose fabric joins the
+    agents of one process). It is never set on a GPU host."""
+    global _standin
+    spec = os.environ.get(STANDIN_ENV, "")
+    if spec:
+        if _standin is None:
+            mod, _, fn = spec.partition(":")
+            _standin = getattr(importlib.import_module(mod), fn or "make")()
+        return _standin
+
     def load():
         return types.SimpleNamespace(**{m: importlib.import_module(f"pyverbs.{m}") for m in SUBMODULES})
     try:
