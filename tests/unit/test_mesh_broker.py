@@ -188,3 +188,39 @@ def test_verbs_buffers_are_not_served_over_tcp_to_other_hosts(monkeypatch):
     finally:
         r1.close()
         r2.close()
+
+
+# -- who gets the connection secret ---------------------------------------------------------------
+
+def _service_with_connection():
+    from controlplane.meshsvc import MeshManager, MeshService
+    ctl = types.SimpleNamespace(agent_handlers={}, fleet=types.SimpleNamespace(slices={
+        "s-a": types_pb2.Slice(id="s-a", tenant="team-a"), "s-b": types_pb2.Slice(id="s-b", tenant="team-b")}))
+    mgr = MeshManager(ctl)
+    conn = M.MeshConnection(id="m-1", tenant="team-a", slice_a="s-a", slice_b="s-b", transport="tcp",
+                            secret=b"S" * 32, state=M.MESH_CONNECTION_STATE_READY)
+    mgr.connections["m-1"] = conn
+    mgr.grants[("team-a", "team-b")] = M.MeshGrant(from_tenant="team-a", to_tenant="team-b")
+    return MeshService(mgr)
+
+
+@pytest.mark.parametrize("who, sees_secret", [
+    (("viewer", "team-a"), False),       # a viewer of the owning tenant
+    (("viewer", "team-b"), False),
+    (("tenant", "team-a"), True),        # slice A's owner
+    (("tenant", "team-b"), True),        # slice B's owner (granted peer)
+    (("admin", ""), False),              # an operator who owns neither slice
+])
+def test_get_and_list_return_the_secret_only_to_the_slices_owners(who, sees_secret):
+    from controlplane import auth
+    svc = _service_with_connection()
+    token = auth._current.set(auth.Principal("client", "x", who[1], who[0]))
+    try:
+        got = asyncio.run(svc.Get(M.GetMeshConnectionRequest(id="m-1"), None))
+        listed = asyncio.run(svc.List(M.ListMeshConnectionsRequest(), None)).connections
+    finally:
+        auth._current.reset(token)
+    assert [c.id for c in listed] == ["m-1"]
+    assert got.secret == (b"S" * 32 if sees_secret else b"")
+    assert listed[0].secret == got.secret
+    assert svc.mesh.connections["m-1"].secret == b"S" * 32      # the record itself keeps it
