@@ -76,8 +76,13 @@ def choose_transport(node_a: types_pb2.Node, node_b: types_pb2.Node, transports_
     return "tcp", "different nodes without InfiniBand on both"
 
 
+def _host(endpoint: str) -> str:
+    return endpoint.rpartition(":")[0].strip("[]")
+
+
 def data_path(transport: str, same_node: bool, tls: bool) -> str:
-    """How the bytes move (MeshConnection.data_path)."""
+    """How the bytes move (MeshConnection.data_path); `same_node`: both buffers on one host (one node,
+    or agents whose data planes share an address: their channels are same-host, hence plaintext)."""
     if transport == "verbs":
         return "rdma"
     if transport == "tcp":
@@ -246,7 +251,8 @@ class MeshManager:
                 raise failed[0]
             raise errors.FailedPrecondition(f"slice {gone[0]} was released while connecting")
         ha, hb = self.hellos.get(a.node, M.MeshHello()), self.hellos.get(b.node, M.MeshHello())
-        path = data_path(transport, a.node == b.node, ha.tls and hb.tls)
+        one_host = a.node == b.node or _host(results[0].descriptor.endpoint) == _host(results[1].descriptor.endpoint)
+        path = data_path(transport, one_host, ha.tls and hb.tls)
         fallback = fallback_reason(transport, why, na.record, nb.record, ha, hb)
         conn = M.MeshConnection(id=cid, transport=transport, slice_a=a.id, slice_b=b.id, state=READY,
                                 tenant=a.tenant, size_bytes=req.size_bytes, created_at=now(), reason=why,

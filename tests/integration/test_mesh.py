@@ -67,12 +67,14 @@ def test_connect_across_agents_write_read_checksums(mesh):
     conn = mesh.mesh_connect(a.id, b.id, size_bytes=4 << 20)
     assert conn.transport == "tcp" and conn.a.node == "mesh-a" and conn.b.node == "mesh-b"
     assert conn.a.rkey and conn.b.rkey and conn.a.endpoint != conn.b.endpoint
-    # the record says how bytes move and why not RDMA; both agents serve TLS to other hosts
-    assert conn.data_path == "tcp_tls" and "no InfiniBand NIC" in conn.fallback_reason
+    # the record says how bytes move and why not RDMA: both agents share this host, so their channels are
+    # same-host plaintext (TLS is for other hosts: the network-namespace test below)
+    assert conn.data_path == "tcp" and "no InfiniBand NIC" in conn.fallback_reason
     assert len(conn.secret) == 32 and conn.a.tls_sha256 and conn.b.tls_sha256
     assert mesh.mesh_get(conn.id).state == 1
     payload = os.urandom(4 << 20)
     with mesh.mesh_open(conn, side="b") as pb, mesh.mesh_open(conn, side="a") as pa:
+        assert not pb.tls
         pb.write(0, payload)
         pa.write(1000, payload[:5000])
         assert sha(pb.read(0, 4 << 20)) == sha(payload)
