@@ -319,3 +319,27 @@ def slice_on_nodes(mesh, node: str, other: str):
         return mesh.allocate(tenant="team-ns", mig_profile="1g.10gb").slices[0]
     finally:
         mesh.uncordon(other)
+
+
+def test_viewers_and_other_tenants_get_no_secret_on_a_secured_cluster(tmp_path):
+    """Real gRPC with tokens and mTLS agents: the secret reaches the slices' owners only."""
+    from tests.integration.secure import client, start
+    c = start(tmp_path, [{**h, "node": h["node"].replace("mesh", "sec")} for h in HOSTS])
+    try:
+        with client(c, "team-a") as a, client(c, "viewer-a") as viewer, client(c, "admin") as admin:
+            s1 = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+            s2 = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+            conn = a.mesh_connect(s1.id, s2.id, size_bytes=4096)
+            assert len(conn.secret) == 32
+            assert a.mesh_get(conn.id).secret == conn.secret                 # the owner
+            got, listed = viewer.mesh_get(conn.id), viewer.mesh_list()
+            assert got.id == conn.id and got.b.rkey and got.secret == b""     # the viewer sees the record, not the secret
+            assert [x.secret for x in listed] == [b""]
+            assert admin.mesh_get(conn.id).secret == b""                      # an operator of no slice here
+            with pytest.raises((NotAuthorized, InvalidKey)):        # what the viewer saw does not open the buffer
+                connect(BufferDescriptor.from_proto(got.b), secret=got.secret).write(0, b"viewer")
+            with a.mesh_open(conn, side="b") as mine:                          # the owner's channel works
+                mine.write(0, b"owner")
+            a.mesh_disconnect(conn.id)
+    finally:
+        c.stop()
