@@ -1,5 +1,8 @@
 """TCP: the one-sided semantics of RDMA for hosts without it.
 
+Every channel first runs the handshake of `mesh.transport.channel` (TLS across
+hosts, the connection's secret); then the requests below.
+
 The agent runs a `TcpDataPlane` on a port it reports; it serves the regions
 registered on it. A peer's `TcpConnection` addresses a region as RDMA does:
 remote address (the descriptor's `address` + offset) and rkey. The server
@@ -20,9 +23,8 @@ from __future__ import annotations
 import collections
 import secrets
 import socket
-import threading
-
 import ssl
+import threading
 
 from mesh.transport import channel
 from mesh.transport.base import (BufferDescriptor, Completion, InvalidKey, NotAuthorized, OutOfBounds, PeerGone,

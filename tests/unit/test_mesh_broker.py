@@ -43,6 +43,28 @@ def test_choose_transport_refuses(requested, err):
         choose_transport(node("x"), node("y"), ["tcp"], ["tcp"], requested)
 
 
+def test_cuda_ipc_is_brokered_only_between_slices_of_one_node_whose_agents_have_cuda():
+    with pytest.raises(errors.FailedPrecondition, match="one node"):
+        choose_transport(node("x"), node("y"), ["tcp", "cuda_ipc"], ["tcp", "cuda_ipc"], "cuda_ipc")
+    with pytest.raises(errors.FailedPrecondition, match="CUDA"):
+        choose_transport(node("x"), node("x"), ["tcp", "shm"], ["tcp", "shm"], "cuda_ipc")
+    assert choose_transport(node("x"), node("x"), ["cuda_ipc"], ["cuda_ipc"], "cuda_ipc") == ("cuda_ipc", "requested")
+
+
+def test_data_path_and_why_not_rdma():
+    from controlplane.meshchoice import data_path, fallback_reason
+    assert data_path("verbs", False, True) == "rdma" and data_path("tcp", False, True) == "tcp_tls"
+    assert data_path("tcp", True, True) == "tcp" and data_path("tcp", False, False) == "tcp"
+    hello_ok = M.MeshHello(transports=["tcp", "shm", "verbs"])
+    hello_no = M.MeshHello(transports=["tcp", "shm"], verbs_unavailable="no RDMA device: Failed to get devices list")
+    why = fallback_reason("tcp", "x", node("x", ib=True), node("y", ib=True), hello_ok, hello_no)
+    assert why == "node y: no RDMA device: Failed to get devices list"
+    assert fallback_reason("tcp", "x", node("x"), node("y", ib=True), hello_ok, hello_ok) == \
+        "node x has no InfiniBand NIC"
+    assert fallback_reason("verbs", "x", node("x", ib=True), node("y", ib=True), hello_ok, hello_ok) == ""
+    assert "requested" in fallback_reason("tcp", "requested", node("x"), node("y"), hello_ok, hello_ok)
+
+
 @pytest.fixture
 def registrar():
     agent = types.SimpleNamespace(node="n1", endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],

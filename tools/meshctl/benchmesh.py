@@ -185,18 +185,6 @@ def small_writes(conn, payload: memoryview, small: int) -> dict:
     return {"p50_us": round(statistics.median(lat) * 1e6, 1), "small_bytes": small, "checksum_ok": ok}
 
 
-def measure_connection(conn, payload: memoryview, count: int, repeat: int, small: int) -> dict:
-    best = Best()
-    write, read = connection_ops(conn, payload, count)
-    write(), read()
-    for _ in range(repeat):
-        best.run("w", write)
-        best.run("r", read)
-    n = payload.nbytes * count
-    return {"write_mb_per_s": best.mbps("w", n), "read_mb_per_s": best.mbps("r", n),
-            **small_writes(conn, payload, small)}
-
-
 def raw_socket_ops(port, payload: memoryview, count: int):
     """(socket, write, read) of a plain stream to the helper process: TCP to `port` (int) or a Unix socket (path)."""
     from mesh.transport.tcp import recv_exact, tune
