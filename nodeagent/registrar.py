@@ -33,7 +33,8 @@ from gpumesh.v1 import node_service_pb2
 from mesh.config import parse_hostport
 from mesh.logs import log
 from mesh.transport import channel, cuda_ipc, verbs
-from mesh.transport.base import MAX_BUFFER_BYTES, BufferDescriptor, OutOfBounds, TransportError, new_key
+from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDescriptor, OutOfBounds, TransportError, check_bounds,
+                                 new_key)
 from mesh.transport.shm import ShmRegion
 from mesh.transport.tcp import TcpDataPlane
 from mesh.transport.wire import OK, OUT_OF_BOUNDS, QP_ERROR
@@ -108,6 +109,7 @@ class Registrar:
             self.deregister(bid, "re-registered")
         scope = (connection_id or bid) if secret else ""
         if transport == "cuda_ipc":
+            self.cuda.device = int(getattr(self.agent.desired[slice_id], "gpu_index", 0) or 0)   # the slice's GPU
             desc = self.cuda.register(slice_id, size, buffer_id=bid)
             desc.node, desc.endpoint = self.node, ""
             self.buffers[bid] = Held(desc, connection_id)
@@ -162,7 +164,6 @@ class Registrar:
             return QP_ERROR, f"buffer {region.buffer_id} has no connected queue pair (not a verbs buffer, or its peer " \
                              f"was not introduced yet)"
         try:
-            from mesh.transport.base import check_bounds
             check_bounds(op, link.descriptor.buffer_id, offset, length, link.descriptor.length)
         except OutOfBounds as e:
             return OUT_OF_BOUNDS, e.message

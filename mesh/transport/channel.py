@@ -38,7 +38,12 @@ import ssl
 import struct
 import tempfile
 
+from prometheus_client import Counter
+
 from mesh.transport.base import NotAuthorized
+
+CHANNELS = Counter("gpumesh_mesh_channels_total", "Data-plane channels by outcome (accepted_tls, accepted_plain, "
+                   "refused_secret, refused_plaintext, refused_protocol)", ["outcome"])
 
 MAGIC = b"GMDP"
 VERSION = 1
@@ -183,16 +188,19 @@ def server_accept(sock: socket.socket, *, identity: TlsIdentity | None, require_
     try:
         magic, version, mode = PREAMBLE.unpack(_recv(sock, PREAMBLE.size))
         if magic != MAGIC or version != VERSION or mode not in (b"T", b"P"):
+            CHANNELS.labels("refused_protocol").inc()
             sock.close()
             return None
         if mode == b"T":
             if identity is None:
+                CHANNELS.labels("refused_protocol").inc()
                 sock.close()
                 return None
             sock = identity.server_context().wrap_socket(sock, server_side=True)
         elif require_tls_remote and not same_host(sock):
             sock.sendall(secrets.token_bytes(NONCE_BYTES))
             _recv(sock, ID_BYTES + MAC_BYTES)
+            CHANNELS.labels("refused_plaintext").inc()
             refuse("this data plane requires TLS from other hosts (agent setting mesh_tls)")
             return None
         nonce = secrets.token_bytes(NONCE_BYTES)
@@ -205,13 +213,16 @@ def server_accept(sock: socket.socket, *, identity: TlsIdentity | None, require_
             known = secret_of(bid.decode(errors="replace"))
             expect = mac(known[1], nonce, bid) if known and known[1] else None
             if expect is None or not hmac.compare_digest(expect, tag):
+                CHANNELS.labels("refused_secret").inc()
                 refuse("wrong or missing connection secret")
                 return None
             scope = known[0]
         sock.sendall(bytes([ACCEPTED]))
         sock.settimeout(None)
+        CHANNELS.labels("accepted_tls" if mode == b"T" else "accepted_plain").inc()
         return sock, scope
     except (OSError, ConnectionError, ssl.SSLError, struct.error):
+        CHANNELS.labels("refused_protocol").inc()
         try:
             sock.close()
         except OSError:

@@ -56,9 +56,11 @@ def test_tcp_without_the_secret_is_refused_and_writes_nothing(registrar):
     # B knows A's descriptor (rkey and all) but not A's secret: an anonymous channel cannot use A's key
     with TcpConnection(da) as anon, pytest.raises(InvalidKey):
         anon.write(0, b"evil")
-    # ... B's own secret does not open A's buffer: the channel is refused at the handshake
+    # ... B's own secret does not open A's buffer: the channel is refused at the handshake (and counted)
+    refused = channel.CHANNELS.labels("refused_secret")._value.get()
     with pytest.raises(NotAuthorized, match="secret"):
         TcpConnection(da, secret=sb)
+    assert channel.CHANNELS.labels("refused_secret")._value.get() == refused + 1
     # ... and a channel B authenticated for its own buffer cannot reach A's key through it
     with TcpConnection(db, secret=sb) as mine:
         mine._key, mine._base = da.rkey, da.address
