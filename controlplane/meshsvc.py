@@ -4,9 +4,13 @@ Connect checks the slices (READY, one tenant unless a grant allows it),
 chooses the transport from the topology (same node: shared memory; both nodes
 with InfiniBand NICs and verbs: RDMA verbs; else the agents' TCP data plane),
 asks both agents to register a buffer (`MeshRegister` on their Sync streams),
-waits for both descriptors, and stores the connection under
-`/gpumesh/v1/mesh/<id>`. For verbs it then introduces the queue pairs to each
-other (`MeshPeer`). Disconnect, and the release of either slice, revoke both
+waits for both descriptors; for verbs it introduces the queue pairs to each
+other (`MeshPeer`) and waits until both are in RTS; then it stores the
+connection under `/gpumesh/v1/mesh/<id>` with how its bytes move (`data_path`)
+and, when that is not RDMA, why (`fallback_reason`). Each connection gets a
+secret (32 random bytes) that both agents receive with `MeshRegister` and that
+opens the buffers on the data plane; it is returned to the caller of Connect and,
+on Get/List, only to the two slices' tenants (tenant role), never to viewers. Disconnect, and the release of either slice, revoke both
 buffers (`MeshDeregister`) and delete the connection. When an agent
 reconnects, its `MeshHello` lists the buffers it still holds: connections that
 lost one turn FAILED, buffers no connection knows are revoked.
@@ -26,46 +30,17 @@ from gpumesh.v1 import mesh_service_pb2 as M
 from gpumesh.v1 import mesh_service_pb2_grpc, node_service_pb2, types_pb2
 from mesh import errors
 from mesh.logs import log
+from controlplane.meshchoice import choose_transport, data_path, fallback_reason, same_host
 from mesh.transport.base import MAX_BUFFER_BYTES
+from mesh.transport.channel import SECRET_BYTES
 
 logger = logging.getLogger(__name__)
 REGISTER_TIMEOUT_S = 15.0
 REVOKE_TIMEOUT_S = 5.0
-TRANSPORT_CHOICES = ("tcp", "shm", "verbs")
 READY, CLOSED, FAILED = (M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_CLOSED,
                          M.MESH_CONNECTION_STATE_FAILED)
 AGENT_ERRORS = {"not_found": errors.NotFound, "invalid_argument": errors.InvalidArgument,
                 "unavailable": errors.Unavailable}
-
-
-def has_infiniband(node: types_pb2.Node) -> bool:
-    return any(n.kind == "infiniband" for n in node.inventory.nics)
-
-
-def choose_transport(node_a: types_pb2.Node, node_b: types_pb2.Node, transports_a, transports_b,
-                     requested: str = "") -> tuple[str, str]:
-    """(transport, why) for a connection between slices on these nodes; the best path the topology offers."""
-    same = node_a.name == node_b.name
-    verbs = "verbs" in transports_a and "verbs" in transports_b
-    ib = has_infiniband(node_a) and has_infiniband(node_b)
-    if requested:
-        if requested not in TRANSPORT_CHOICES:
-            raise errors.InvalidArgument.of("transport", f"unknown transport {requested!r}",
-                                            "empty (from the topology), " + ", ".join(TRANSPORT_CHOICES))
-        if requested == "shm" and not same:
-            raise errors.FailedPrecondition(f"transport shm needs both slices on one node "
-                                            f"({node_a.name} and {node_b.name} differ)")
-        if requested == "verbs" and not verbs:
-            raise errors.FailedPrecondition("transport verbs needs an RDMA device the agents can open on both "
-                                            f"nodes ({node_a.name}, {node_b.name})")
-        return requested, "requested"
-    if same:
-        return "shm", f"both slices on node {node_a.name}"
-    if ib and verbs:
-        return "verbs", "both nodes have InfiniBand and RDMA verbs"
-    if ib:
-        return "tcp", "both nodes have InfiniBand NICs but no RDMA device the agents can open"
-    return "tcp", "different nodes without InfiniBand on both"
 
 
 class MeshManager:
@@ -125,25 +100,32 @@ class MeshManager:
         if orphans:
             self._send(node, mesh_deregister=M.MeshDeregister(buffer_ids=orphans, reason="orphan"))
 
-    async def _register(self, s: types_pb2.Slice, conn_id: str, size: int, transport: str) -> M.MeshRegistered:
+    async def _ask(self, node: str, what: str, **kind) -> M.MeshRegistered:
+        """Send one request to an agent and wait for its MeshRegistered answer."""
         rid = secrets.token_hex(8)
         fut = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        if not self._send(s.node, mesh_register=M.MeshRegister(request_id=rid, connection_id=conn_id,
-                                                               slice_id=s.id, size_bytes=size, transport=transport)):
+        for msg in kind.values():
+            msg.request_id = rid
+        if not self._send(node, **kind):
             self.pending.pop(rid, None)
-            raise errors.Unavailable(f"the agent of node {s.node} (slice {s.id}) is not connected")
+            raise errors.Unavailable(f"the agent of node {node} ({what}) is not connected")
         try:
             reply = await asyncio.wait_for(fut, REGISTER_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise errors.Unavailable(f"the agent of node {s.node} did not register a buffer for slice {s.id} "
-                                     f"within {REGISTER_TIMEOUT_S:g}s") from None
+            raise errors.Unavailable(f"the agent of node {node} did not answer ({what}) within "
+                                     f"{REGISTER_TIMEOUT_S:g}s") from None
         finally:
             self.pending.pop(rid, None)
         if reply.error:
             cls = AGENT_ERRORS.get(reply.error_kind, errors.Unavailable)
-            raise cls(f"node {s.node} could not register a buffer for slice {s.id}: {reply.error}")
+            raise cls(f"node {node} could not {what}: {reply.error}")
         return reply
+
+    async def _register(self, s: types_pb2.Slice, conn_id: str, size: int, transport: str,
+                        secret: bytes) -> M.MeshRegistered:
+        return await self._ask(s.node, f"register a buffer for slice {s.id}", mesh_register=M.MeshRegister(
+            connection_id=conn_id, slice_id=s.id, size_bytes=size, transport=transport, secret=secret))
 
     # -- connect / disconnect ---------------------------------------------------------------
 
@@ -179,9 +161,20 @@ class MeshManager:
         tb = self.hellos.get(b.node, M.MeshHello()).transports
         transport, why = choose_transport(na.record, nb.record, ta, tb, req.transport)
         cid = f"m-{secrets.token_hex(6)}"
-        results = await asyncio.gather(self._register(a, cid, req.size_bytes, transport),
-                                       self._register(b, cid, req.size_bytes, transport), return_exceptions=True)
+        secret = secrets.token_bytes(SECRET_BYTES)
+        results = await asyncio.gather(self._register(a, cid, req.size_bytes, transport, secret),
+                                       self._register(b, cid, req.size_bytes, transport, secret),
+                                       return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
+        if transport == "verbs" and not failed:
+            # introduce the queue pairs to each other; both must reach RTS before the connection is READY
+            da, db = results[0].descriptor, results[1].descriptor
+            peered = await asyncio.gather(
+                self._ask(a.node, f"connect the queue pair of {da.buffer_id}",
+                          mesh_peer=M.MeshPeer(buffer_id=da.buffer_id, peer=db)),
+                self._ask(b.node, f"connect the queue pair of {db.buffer_id}",
+                          mesh_peer=M.MeshPeer(buffer_id=db.buffer_id, peer=da)), return_exceptions=True)
+            failed = [p for p in peered if isinstance(p, BaseException)]
         got = [(s, r) for s, r in zip((a, b), results) if not isinstance(r, BaseException)]
         gone = [s.id for s in (a, b) if self.ctl.fleet.slices.get(s.id) is None
                 or self.ctl.fleet.slices[s.id].state != types_pb2.SLICE_STATE_READY]
@@ -192,17 +185,20 @@ class MeshManager:
             if failed:
                 raise failed[0]
             raise errors.FailedPrecondition(f"slice {gone[0]} was released while connecting")
+        ha, hb = self.hellos.get(a.node, M.MeshHello()), self.hellos.get(b.node, M.MeshHello())
+        one_host = a.node == b.node or same_host(results[0].descriptor, results[1].descriptor)
+        path = data_path(transport, one_host, ha.tls and hb.tls)
+        fallback = fallback_reason(transport, why, na.record, nb.record, ha, hb)
         conn = M.MeshConnection(id=cid, transport=transport, slice_a=a.id, slice_b=b.id, state=READY,
-                                tenant=a.tenant, size_bytes=req.size_bytes, created_at=now(), reason=why)
+                                tenant=a.tenant, size_bytes=req.size_bytes, created_at=now(), reason=why,
+                                secret=secret, data_path=path, fallback_reason=fallback)
         conn.a.CopyFrom(results[0].descriptor)
         conn.b.CopyFrom(results[1].descriptor)
         self.connections[cid] = conn
         await self.ctl.writer.write([Put(keys.mesh(cid), conn.SerializeToString())], [Absent(keys.mesh(cid))])
-        if transport == "verbs":
-            self._send(a.node, mesh_peer=M.MeshPeer(buffer_id=conn.a.buffer_id, peer=conn.b))
-            self._send(b.node, mesh_peer=M.MeshPeer(buffer_id=conn.b.buffer_id, peer=conn.a))
         log(logger, logging.INFO, "mesh connected", connection=cid, transport=transport, reason=why,
-            slice_a=f"{a.id}@{a.node}", slice_b=f"{b.id}@{b.node}", size=req.size_bytes)
+            data_path=path, fallback_reason=fallback, slice_a=f"{a.id}@{a.node}", slice_b=f"{b.id}@{b.node}",
+            size=req.size_bytes)
         return conn
 
     def _check_access(self, req: M.MeshConnectRequest) -> None:
@@ -213,6 +209,23 @@ class MeshManager:
             raise errors.NotFound(f"no slice {req.slice_a!r}", kind="slice", name=req.slice_a)
         if b is not None and not auth.visible(b.tenant) and not (a is not None and self.allowed(a.tenant, b.tenant)):
             raise errors.NotFound(f"no slice {req.slice_b!r}", kind="slice", name=req.slice_b)
+
+    def may_hold_secret(self, c: M.MeshConnection) -> bool:
+        """The secret goes only to the owners of the connection's slices: a client of slice A's or slice
+        B's tenant with the tenant role or above (and the unrestricted caller of an open demo cluster)."""
+        p = auth.current()
+        if p.unrestricted:
+            return True
+        if p.kind != "client" or p.role not in ("tenant", "admin") or not p.tenant:
+            return False
+        b = self.ctl.fleet.slices.get(c.slice_b)
+        return p.tenant == c.tenant or (b is not None and p.tenant == b.tenant)
+
+    def shown(self, c: M.MeshConnection) -> M.MeshConnection:
+        """`c` as the caller may see it: without the secret unless it owns one of the slices."""
+        if not c.secret or self.may_hold_secret(c):
+            return c
+        return self._with(c, secret=b"")
 
     def get(self, cid: str) -> M.MeshConnection:
         c = self.connections.get(cid)
@@ -326,11 +339,11 @@ class MeshService(mesh_service_pb2_grpc.MeshServiceServicer):
 
     @unary
     async def Connect(self, request, context):
-        return await self.mesh.connect(request)
+        return await self.mesh.connect(request)       # with the secret: the caller connected its own slices
 
     @unary
     async def Get(self, request, context):
-        return self.mesh.get(request.id)
+        return self.mesh.shown(self.mesh.get(request.id))
 
     @unary
     async def List(self, request, context):
@@ -339,11 +352,11 @@ class MeshService(mesh_service_pb2_grpc.MeshServiceServicer):
                if (not tenant or c.tenant == tenant) and self.mesh.visible(c)
                and (not request.slice_id or request.slice_id in (c.slice_a, c.slice_b))]
         out.sort(key=lambda c: (c.created_at.seconds, c.id))
-        return M.ListMeshConnectionsResponse(connections=out)
+        return M.ListMeshConnectionsResponse(connections=[self.mesh.shown(c) for c in out])
 
     @unary
     async def Disconnect(self, request, context):
-        return await self.mesh.disconnect(request.id)
+        return self.mesh.shown(await self.mesh.disconnect(request.id))
 
     @unary
     async def Grant(self, request, context):

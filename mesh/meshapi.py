@@ -2,7 +2,8 @@
 
     with MeshClient(endpoint) as mesh:
         conn = mesh.mesh_connect("s-a", "s-b", size_bytes=4 << 20)
-        peer = mesh.mesh_open(conn.b)          # a data-plane connection to slice B's buffer
+        peer = mesh.mesh_open(conn, side="b")  # slice B's buffer, from slice A's side (the connection's secret;
+                                               # for verbs: RDMA through A's agent)
         peer.write(0, payload); assert peer.read(0, len(payload)) == payload
         mesh.mesh_disconnect(conn.id)
 
@@ -60,13 +61,26 @@ class MeshApi:
         return list(_converting(self._meshsvc.ListGrants)(M.ListMeshGrantsRequest(), timeout=self.timeout).grants)
 
     @staticmethod
-    def mesh_open(descriptor, fallback: bool = True):
-        """A data-plane connection (`mesh.transport.base.Connection`) to a buffer descriptor (proto or dataclass)."""
+    def mesh_open(target, fallback: bool = True, *, side: str = "", secret: bytes = b"", local=None):
+        """A data-plane connection (`mesh.transport.base.Connection`).
+
+        `target` is a MeshConnection and `side` "a" or "b" (the buffer to open; the other side is the
+        caller's own, through which a verbs peer is reached by RDMA; the connection's secret is used),
+        or a buffer descriptor (proto or dataclass) with the connection's `secret` and, for a verbs
+        peer, `local` (the caller's own descriptor)."""
         from mesh.transport import connect
         from mesh.transport.base import BufferDescriptor
-        if not isinstance(descriptor, BufferDescriptor):
-            descriptor = BufferDescriptor.from_proto(descriptor)
-        return connect(descriptor, fallback=fallback)
+        if isinstance(target, M.MeshConnection):
+            if side not in ("a", "b"):
+                raise ValueError(f"side: {side!r} is not 'a' or 'b' (the buffer of the connection to open)")
+            secret = secret or target.secret
+            local = target.b if side == "a" else target.a
+            target = target.a if side == "a" else target.b
+        if not isinstance(target, BufferDescriptor):
+            target = BufferDescriptor.from_proto(target)
+        if local is not None and not isinstance(local, BufferDescriptor):
+            local = BufferDescriptor.from_proto(local)
+        return connect(target, fallback=fallback, secret=secret, local=local)
 
 
 def connection_state_name(value: int) -> str:
@@ -79,6 +93,8 @@ def descriptor_to_dict(d: M.BufferDescriptor) -> dict[str, Any]:
            "address": d.address, "length": d.length, "rkey": d.rkey, "endpoint": d.endpoint}
     if d.shm_name:
         out["shm_name"] = d.shm_name
+    if d.tls_sha256:
+        out["tls_sha256"] = d.tls_sha256.hex()
     if d.qp_num:
         out.update(gid=d.gid.decode(errors="replace"), lid=d.lid, qp_num=d.qp_num, psn=d.psn, device=d.device,
                    port=d.port, lkey=d.lkey)
@@ -88,6 +104,8 @@ def descriptor_to_dict(d: M.BufferDescriptor) -> dict[str, Any]:
 def connection_to_dict(c: M.MeshConnection) -> dict[str, Any]:
     from mesh.client import timestamp
     return {"id": c.id, "tenant": c.tenant, "transport": c.transport, "reason": c.reason,
+            "data_path": c.data_path, "fallback_reason": c.fallback_reason,
+            "secret": "(held: returned to the SDK, not printed)" if c.secret else "",
             "state": connection_state_name(c.state), "slice_a": c.slice_a, "slice_b": c.slice_b,
             "size_bytes": c.size_bytes, "message": c.message, "created_at": timestamp(c, "created_at"),
             "a": descriptor_to_dict(c.a), "b": descriptor_to_dict(c.b)}

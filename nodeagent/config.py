@@ -38,6 +38,10 @@ class AgentConfig:
     mesh_advertise: str = option("", "address peers dial for this node's data plane (default: the local address "
                                  "that reaches the control plane)")
     mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
+    mesh_tls: bool = option(True, "mesh data plane: TLS for channels from other hosts (the agent certificate when "
+                                  "tls_cert is set, else a self-signed one that peers pin through the control "
+                                  "plane) and plaintext refused from them; false: plaintext (faster, for a trusted "
+                                  "fabric; docs/mesh.md has the cost)")
     insecure: bool = option(False, "dial the control plane in plaintext (the local demo only); without it the agent "
                                    "refuses to start unless tls_ca, tls_cert and tls_key are set")
     tls_ca: str = option("", "PEM CA that signed the control plane's certificate")

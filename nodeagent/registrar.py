@@ -1,14 +1,24 @@
 """The agent's RDMA registrar: buffers for this node's slices, and the TCP data plane that serves them.
 
-The control plane asks for a buffer (`MeshRegister` on the Sync stream) when it
-connects two slices; the registrar answers with the buffer's descriptor
-(`MeshRegistered`). Host buffers are POSIX shared memory segments, served to
-remote peers by the data plane (key and bounds checked) and mappable by
-same-host peers directly; with an RDMA device, verbs buffers are memory regions
-with their own queue pair, brought to RTS when the control plane introduces the
-peer (`MeshPeer`). A buffer is revoked (its keys stop working) on `MeshDeregister`
-and when its slice leaves the node's desired set (a release). On each new Sync
-stream the registrar reports its endpoint, transports and buffers (`MeshHello`).
+The control plane asks for a buffer (`MeshRegister` on the Sync stream, with
+the connection's secret) when it connects two slices; the registrar answers
+with the buffer's descriptor (`MeshRegistered`). Every host buffer is a POSIX
+shared memory segment (`gpumesh-<buffer id>`) that same-host processes map with
+the connection's secret. Over TCP, the data plane serves tcp/shm buffers to
+channels that proved the secret (TLS across hosts unless `mesh_tls` is off).
+
+With an RDMA device, a verbs buffer is a memory region over that segment with
+its own RC queue pair; when the control plane introduces the peer (`MeshPeer`)
+the registrar takes the QP through RTR to RTS towards the peer's QP and keeps
+that connected link. The slice's workload then asks its own agent (a same-host
+channel, `RDMA_WRITE`/`RDMA_READ` with its buffer's key) and the agent posts
+RDMA WRITE/READ on the link: bytes between the hosts move by RDMA only (the
+data plane refuses one-sided TCP access to verbs buffers from other hosts).
+
+A buffer is revoked (its keys stop working, its QP and MR are destroyed) on
+`MeshDeregister` and when its slice leaves the node's desired set (a release).
+On each new Sync stream the registrar reports its endpoint, transports, why
+verbs is missing if it is, and the buffers it holds (`MeshHello`).
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ from gpumesh.v1 import mesh_service_pb2 as M
 from gpumesh.v1 import node_service_pb2
 from mesh.config import parse_hostport
 from mesh.logs import log
-from mesh.transport import verbs
-from mesh.transport.base import MAX_BUFFER_BYTES, BufferDescriptor, TransportError, new_key
+from mesh.transport import channel, cuda_ipc, verbs
+from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDescriptor, OutOfBounds, TransportError, check_bounds,
+                                 new_key)
 from mesh.transport.shm import ShmRegion
 from mesh.transport.tcp import TcpDataPlane
+from mesh.transport.wire import OK, OUT_OF_BOUNDS, QP_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +61,25 @@ def route_source(endpoint: str) -> str:
 
 
 class Registrar:
-    def __init__(self, agent, listen: str = "0.0.0.0:0", advertise: str = "", verbs_transport=None) -> None:
+    def __init__(self, agent, listen: str = "0.0.0.0:0", advertise: str = "", verbs_transport=None,
+                 verbs_unavailable: str = "", tls: bool = True, identity: channel.TlsIdentity | None = None,
+                 cuda_transport=None) -> None:
+        """`tls`: the data plane serves TLS (with `identity`, else a self-signed certificate made now) and
+        refuses plaintext from other hosts; off: plaintext everywhere (the operator's choice, for speed)."""
         self.agent = agent
         self.node = agent.node
         host, port = parse_hostport(listen, "mesh_listen")
-        self.server = TcpDataPlane(host or "0.0.0.0", port, advertise or route_source(agent.endpoint))
+        self.tls = tls
+        if tls and identity is None:
+            identity = channel.TlsIdentity.self_signed(self.node)
+        self.server = TcpDataPlane(host or "0.0.0.0", port, advertise or route_source(agent.endpoint),
+                                   identity=identity if tls else None, require_tls_remote=tls, rdma=self)
         self.buffers: dict[str, Held] = {}
         self.verbs = verbs_transport
-        self.transports = ["tcp", "shm"] + (["verbs"] if verbs_transport is not None else [])
+        self.verbs_unavailable = "" if verbs_transport is not None else (verbs_unavailable or "no verbs transport")
+        self.cuda = cuda_transport
+        self.transports = (["tcp", "shm"] + (["verbs"] if verbs_transport is not None else [])
+                           + (["cuda_ipc"] if cuda_transport is not None else []))
         agent.handlers["mesh_register"] = self.on_register
         agent.handlers["mesh_deregister"] = self.on_deregister
         agent.handlers["mesh_peer"] = self.on_peer
@@ -69,30 +92,50 @@ class Registrar:
 
     # -- registration -----------------------------------------------------------------------
 
-    def register(self, slice_id: str, size: int, transport: str, connection_id: str = "") -> BufferDescriptor:
+    def register(self, slice_id: str, size: int, transport: str, connection_id: str = "",
+                 secret: bytes = b"") -> BufferDescriptor:
         if slice_id not in self.agent.desired:
             raise LookupError(f"slice {slice_id} is not on node {self.node}")
         if not 0 < size <= MAX_BUFFER_BYTES:
             raise ValueError(f"size_bytes: {size} is outside 1..{MAX_BUFFER_BYTES}")
         if transport not in self.transports:
+            why = f" (verbs: {self.verbs_unavailable})" if transport == "verbs" else ""
             raise TransportError(f"transport {transport!r} is not available on node {self.node} "
-                                 f"(available: {', '.join(self.transports)})", op="register")
-        if transport == "verbs":
-            desc = self.verbs.register(slice_id, size)
-            desc.node, desc.endpoint = self.node, self.server.endpoint
-            # the MR's memory is also served over TCP (same address and key) for peers without verbs
-            self.server.add(desc.buffer_id, slice_id, (ctypes.c_char * size).from_address(desc.address),
-                            desc.rkey, base=desc.address)
-            self.buffers[desc.buffer_id] = Held(desc, connection_id)
-            return desc
+                                 f"(available: {', '.join(self.transports)}){why}", op="register")
+        if secret and len(secret) < 16:
+            raise ValueError("secret: the connection secret must be at least 128 bits")
         bid = f"b-{connection_id or 'x'}-{slice_id}"[:60]
         if bid in self.buffers:
             self.deregister(bid, "re-registered")
-        region = ShmRegion(bid, size, new_key())
-        served = self.server.add(bid, slice_id, region.data, region.rkey)
-        desc = BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport=transport,
-                                address=served.base, length=size, rkey=region.rkey, endpoint=self.server.endpoint,
-                                shm_name=region.name)
+        scope = (connection_id or bid) if secret else ""
+        if transport == "cuda_ipc":
+            self.cuda.device = int(getattr(self.agent.desired[slice_id], "gpu_index", 0) or 0)   # the slice's GPU
+            desc = self.cuda.register(slice_id, size, buffer_id=bid)
+            desc.node, desc.endpoint = self.node, ""
+            self.buffers[bid] = Held(desc, connection_id)
+            return desc
+        region = ShmRegion(bid, size, new_key(), secret)
+        try:
+            if transport == "verbs":
+                # the MR is the shared memory segment itself: the slice's workload maps it, the HCA reads and
+                # writes it, and the descriptor's key is the MR's rkey
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(region.data))
+                desc = self.verbs.register(slice_id, size, buffer=addr, buffer_id=bid)
+                region.set_key(desc.rkey)
+                served = self.server.add(bid, slice_id, region.data, desc.rkey, base=desc.address, scope=scope,
+                                         secret=secret, local_only=True)
+                desc.node, desc.endpoint, desc.shm_name = self.node, self.server.endpoint, region.name
+            else:
+                served = self.server.add(bid, slice_id, region.data, region.rkey, scope=scope, secret=secret)
+                desc = BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport=transport,
+                                        address=served.base, length=size, rkey=region.rkey,
+                                        endpoint=self.server.endpoint, shm_name=region.name)
+        except BaseException:
+            if self.verbs is not None:
+                self.verbs.deregister(bid)
+            region.revoke()
+            raise
+        desc.tls_sha256 = self.server.tls_sha256
         self.buffers[bid] = Held(desc, connection_id, region)
         log(logger, logging.INFO, "mesh buffer registered", node=self.node, buffer=bid, slice=slice_id,
             size=size, transport=transport)
@@ -102,15 +145,35 @@ class Registrar:
         held = self.buffers.pop(buffer_id, None)
         if held is None:
             return False
+        self.server.remove(held.descriptor.rkey)
+        if held.descriptor.transport == "verbs" and self.verbs is not None:
+            self.verbs.deregister(buffer_id)          # QP, CQ and MRs first: the HCA stops touching the segment
+        if held.descriptor.transport == "cuda_ipc" and self.cuda is not None:
+            self.cuda.deregister(buffer_id)
         if held.region is not None:
-            self.server.remove(held.descriptor.rkey)
             held.region.revoke()
-        elif self.verbs is not None:
-            self.server.remove(held.descriptor.rkey)
-            self.verbs.deregister(buffer_id)
         log(logger, logging.INFO, "mesh buffer revoked", node=self.node, buffer=buffer_id,
             slice=held.descriptor.slice_id, reason=reason)
         return True
+
+    # -- RDMA on behalf of the slice's workload (the data plane's RDMA_WRITE / RDMA_READ) ------------
+
+    def check(self, region, op: str, offset: int, length: int) -> tuple[int, str]:
+        link = self.verbs.link(region.buffer_id) if self.verbs is not None else None
+        if link is None:
+            return QP_ERROR, f"buffer {region.buffer_id} has no connected queue pair (not a verbs buffer, or its peer " \
+                             f"was not introduced yet)"
+        try:
+            check_bounds(op, link.descriptor.buffer_id, offset, length, link.descriptor.length)
+        except OutOfBounds as e:
+            return OUT_OF_BOUNDS, e.message
+        return OK, ""
+
+    def write(self, region, offset: int, payload) -> None:
+        self.verbs.link(region.buffer_id).write(offset, payload)
+
+    def read(self, region, offset: int, length: int) -> bytes:
+        return self.verbs.link(region.buffer_id).read(offset, length)
 
     def revoke_slice(self, slice_id: str, reason: str = "slice released") -> list[str]:
         ids = [b for b, h in self.buffers.items() if h.descriptor.slice_id == slice_id]
@@ -127,12 +190,13 @@ class Registrar:
 
     def on_session(self, outbox) -> None:
         outbox.put_nowait(node_service_pb2.AgentMessage(mesh_hello=M.MeshHello(
-            endpoint=self.server.endpoint, transports=self.transports, buffers=sorted(self.buffers))))
+            endpoint=self.server.endpoint, transports=self.transports, buffers=sorted(self.buffers),
+            verbs_unavailable=self.verbs_unavailable, tls=self.tls)))
 
     async def on_register(self, msg: M.MeshRegister, outbox) -> None:
         reply = M.MeshRegistered(request_id=msg.request_id)
         try:
-            desc = self.register(msg.slice_id, msg.size_bytes, msg.transport, msg.connection_id)
+            desc = self.register(msg.slice_id, msg.size_bytes, msg.transport, msg.connection_id, msg.secret)
             reply.descriptor.CopyFrom(desc.to_proto())
         except LookupError as e:
             reply.error, reply.error_kind = str(e), "not_found"
@@ -150,13 +214,25 @@ class Registrar:
                 request_id=msg.request_id)))
 
     async def on_peer(self, msg: M.MeshPeer, outbox) -> None:
+        """Bring this buffer's QP to RTS towards the peer's QP and keep the link; answer when asked."""
+        error = ""
         held = self.buffers.get(msg.buffer_id)
-        if held is None or held.descriptor.transport != "verbs" or self.verbs is None:
-            return
-        try:
-            self.verbs.connect(BufferDescriptor.from_proto(msg.peer), local_buffer_id=msg.buffer_id)
-        except Exception as e:   # the device refused the QP transition: the peer will see PeerGone
-            log(logger, logging.WARNING, "verbs connect failed", node=self.node, buffer=msg.buffer_id, error=str(e))
+        if held is None:
+            error = f"buffer {msg.buffer_id} is not registered on node {self.node}"
+        elif held.descriptor.transport != "verbs" or self.verbs is None:
+            error = f"buffer {msg.buffer_id} is not a verbs buffer"
+        else:
+            try:
+                self.verbs.connect(BufferDescriptor.from_proto(msg.peer), local_buffer_id=msg.buffer_id)
+                log(logger, logging.INFO, "verbs queue pair connected", node=self.node, buffer=msg.buffer_id,
+                    peer_buffer=msg.peer.buffer_id, peer_qp=msg.peer.qp_num)
+            except TransportError as e:
+                error = e.message
+        if error:
+            log(logger, logging.WARNING, "verbs connect failed", node=self.node, buffer=msg.buffer_id, error=error)
+        if msg.request_id:
+            outbox.put_nowait(node_service_pb2.AgentMessage(mesh_registered=M.MeshRegistered(
+                request_id=msg.request_id, error=error, error_kind="unavailable" if error else "")))
 
     def on_desired(self, d: node_service_pb2.DesiredSlices) -> None:
         """Revoke the buffers of slices that left the desired set (released) before they are torn down."""
@@ -170,11 +246,21 @@ class Registrar:
 
 def attach_all(agents, cfg) -> list[Registrar]:
     """A registrar (own data-plane port) for every agent of this process."""
-    ok, why = verbs.available() if getattr(cfg, "mesh_verbs", True) else (False, "disabled")
+    ok, why = verbs.available() if getattr(cfg, "mesh_verbs", True) else (False, "disabled (mesh_verbs: false)")
+    cuda_ok, _ = cuda_ipc.available()
+    tls = getattr(cfg, "mesh_tls", True)
+    identity = None
+    if tls and getattr(cfg, "tls_cert", "") and getattr(cfg, "tls_key", ""):
+        identity = channel.TlsIdentity.from_files(cfg.tls_cert, cfg.tls_key)    # the cluster's agent certificate
     out = []
     for a in agents:
         vt = verbs.VerbsTransport(a.node) if ok else None
-        out.append(Registrar(a, getattr(cfg, "mesh_listen", "0.0.0.0:0"), getattr(cfg, "mesh_advertise", ""), vt))
+        ct = cuda_ipc.CudaIpcTransport(a.node) if cuda_ok else None
+        out.append(Registrar(a, getattr(cfg, "mesh_listen", "0.0.0.0:0"), getattr(cfg, "mesh_advertise", ""), vt,
+                             verbs_unavailable=why, tls=tls, identity=identity, cuda_transport=ct))
     if not ok:
         log(logger, logging.INFO, "mesh: no RDMA verbs on this host; tcp and shm only", reason=why)
+    if not tls:
+        log(logger, logging.WARNING, "mesh: data plane TLS is off (mesh_tls: false): bytes between hosts are "
+                                     "plaintext; the connection secret still authenticates every channel")
     return out

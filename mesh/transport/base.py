@@ -73,9 +73,24 @@ class Unsupported(TransportError):
     transport: str = ""
 
 
+@dataclass
+class QueuePairError(TransportError):
+    """An RDMA queue pair cannot be used: it is in the error state after a failed work request, or it is
+    connected to another peer (an RC QP is never silently reused). Disconnect and connect again."""
+
+    transport: str = "verbs"
+
+
+@dataclass
+class NotAuthorized(TransportError):
+    """The data plane refused the caller: no or a wrong per-connection secret, TLS required, or a
+    key of another connection than the one this channel authenticated for."""
+
+
 ERROR_KINDS: dict[str, type[TransportError]] = {
     "transport": TransportError, "invalid_key": InvalidKey, "out_of_bounds": OutOfBounds,
-    "revoked": Revoked, "peer_gone": PeerGone, "unsupported": Unsupported}
+    "revoked": Revoked, "peer_gone": PeerGone, "unsupported": Unsupported,
+    "queue_pair": QueuePairError, "not_authorized": NotAuthorized}
 
 
 def check_bounds(op: str, buffer_id: str, offset: int, length: int, region_length: int) -> None:
@@ -127,6 +142,7 @@ class BufferDescriptor:
     device: str = ""
     port: int = 0
     ipc_handle: bytes = b""
+    tls_sha256: bytes = b""
 
     def to_proto(self):
         from gpumesh.v1 import mesh_service_pb2

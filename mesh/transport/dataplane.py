@@ -1,7 +1,16 @@
 """The agent's TCP data-plane server: serves registered regions, checks keys and bounds.
 
-See `mesh.transport.tcp` for the framing. One thread per peer connection; payloads
-go straight between the socket and the region (`recv_into` / `sendall` of slices).
+See `mesh.transport.tcp` for the framing and `mesh.transport.channel` for the
+handshake every channel starts with (TLS across hosts, the per-connection
+secret). One thread per peer connection; payloads go straight between the
+socket and the region (`recv_into` / `sendall` of slices).
+
+A channel authenticated for one connection's buffer reaches only the regions of
+that connection (`scope`); keys of others read as unknown. Regions registered
+for RDMA (`local_only`) are not served one-sided to other hosts: their peers
+reach them with RDMA. `RDMA_WRITE` / `RDMA_READ` ask this agent to move bytes
+between the caller's buffer's connected queue pair and its peer (the `rdma` hook,
+the registrar's verbs links).
 """
 
 from __future__ import annotations
@@ -12,10 +21,11 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from mesh.transport.base import TransportError, new_key
+from mesh.transport import channel
+from mesh.transport.base import InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError, new_key
 from mesh.transport.wire import (BAD_REQUEST, DRAIN_LIMIT, EMPTY, INVALID_KEY, MAX_MESSAGE, MAX_QUEUED, OK, OPS,
-                                 OUT_OF_BOUNDS, PING, QUEUE_FULL, READ, RECV, REQ, RESP, REVOKED, REVOKED_KEPT,
-                                 SEND, WRITE, recv_exact, tune)
+                                 NOT_AUTHORIZED, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR, QUEUE_FULL, RDMA_READ, RDMA_WRITE, READ,
+                                 RECV, REQ, RESP, REVOKED, REVOKED_KEPT, SEND, WRITE, recv_exact, tune)
 
 
 @dataclass
@@ -25,6 +35,9 @@ class Region:
     rkey: int
     base: int
     data: memoryview
+    scope: str = ""             # the connection it belongs to ("" when registered without a secret)
+    secret: bytes = b""         # the connection's secret (channels authenticate with it)
+    local_only: bool = False    # RDMA buffers: one-sided access from this host only (peers use RDMA)
     inbox: collections.deque = field(default_factory=collections.deque)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -36,7 +49,14 @@ class Region:
 class TcpDataPlane:
     """The agent's data-plane server: one thread per peer connection."""
 
-    def __init__(self, listen_host: str = "0.0.0.0", port: int = 0, advertise_host: str = "127.0.0.1") -> None:
+    def __init__(self, listen_host: str = "0.0.0.0", port: int = 0, advertise_host: str = "127.0.0.1",
+                 identity: channel.TlsIdentity | None = None, require_tls_remote: bool = False, rdma=None) -> None:
+        """`identity`: TLS certificate for channels from other hosts (None: plaintext only);
+        `require_tls_remote`: refuse plaintext from other hosts; `rdma`: the hook that serves
+        RDMA_WRITE/RDMA_READ (`check(region, op, offset, length)`, `write(region, offset, view)`,
+        `read(region, offset, length)`), None: those ops are refused."""
+        self.identity, self.require_tls_remote, self.rdma = identity, require_tls_remote, rdma
+        self.by_id: dict[str, Region] = {}
         self._lsock = socket.create_server((listen_host, port), backlog=128, reuse_port=False)
         self.port = self._lsock.getsockname()[1]
         self.endpoint = f"{advertise_host}:{self.port}"
@@ -50,17 +70,31 @@ class TcpDataPlane:
 
     # -- regions ------------------------------------------------------------------------
 
-    def add(self, buffer_id: str, slice_id: str, data, rkey: int = 0, base: int = 0) -> Region:
+    @property
+    def tls_sha256(self) -> bytes:
+        return self.identity.sha256 if self.identity is not None else b""
+
+    def add(self, buffer_id: str, slice_id: str, data, rkey: int = 0, base: int = 0, *, scope: str = "",
+            secret: bytes = b"", local_only: bool = False) -> Region:
         """Serve `data` (a writable bytes-like) under a key; the region (with its base address:
-        `base`, e.g. a verbs MR's address, or a random one)."""
+        `base`, e.g. a verbs MR's address, or a random one). With `secret`, only channels that
+        authenticated with it for a buffer of `scope` (the connection) reach it."""
         mv = memoryview(data).cast("B")
         if mv.readonly:
             raise TransportError(f"buffer {buffer_id} is read-only", op="register", buffer_id=buffer_id)
+        if bool(scope) != bool(secret):
+            raise TransportError(f"buffer {buffer_id}: a scope needs a secret and a secret a scope", op="register",
+                                 buffer_id=buffer_id)
         base = base or (secrets.randbits(32) + 1) << 16
-        region = Region(buffer_id, slice_id, rkey or new_key(), base, mv)
+        region = Region(buffer_id, slice_id, rkey or new_key(), base, mv, scope, secret, local_only)
         with self._lock:
             self.regions[region.rkey] = region
+            self.by_id[buffer_id] = region
         return region
+
+    def _secret_of(self, buffer_id: str) -> tuple[str, bytes] | None:
+        region = self.by_id.get(buffer_id)
+        return (region.scope, region.secret) if region is not None and region.secret else None
 
     def remove(self, rkey: int) -> None:
         """Revoke a key: later requests with it answer REVOKED; waiting receivers wake up."""
@@ -68,7 +102,9 @@ class TcpDataPlane:
             region = self.regions.pop(rkey, None)
             if region is None:
                 return
-            self.revoked[rkey] = region.buffer_id
+            if self.by_id.get(region.buffer_id) is region:
+                del self.by_id[region.buffer_id]
+            self.revoked[rkey] = (region.buffer_id, region.scope)
             while len(self.revoked) > REVOKED_KEPT:
                 self.revoked.popitem(last=False)
         with region.cond:
@@ -88,11 +124,20 @@ class TcpDataPlane:
             except OSError:
                 return
             tune(sock)
-            with self._lock:
-                self._conns.add(sock)
             threading.Thread(target=self._serve, args=(sock,), name="mesh-dataplane-conn", daemon=True).start()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, raw: socket.socket) -> None:
+        opened = channel.server_accept(raw, identity=self.identity, require_tls_remote=self.require_tls_remote,
+                                       secret_of=self._secret_of)
+        if opened is None:
+            return
+        sock, scope = opened
+        remote = not channel.same_host(sock)
+        with self._lock:
+            if self._closing:
+                sock.close()
+                return
+            self._conns.add(sock)
         hdr = bytearray(REQ.size)
         hv = memoryview(hdr)
         try:
@@ -102,20 +147,24 @@ class TcpDataPlane:
                 except (ConnectionError, OSError):
                     return
                 op, _, _, tag, rkey, addr, length = REQ.unpack(hdr)
-                if not self._handle(sock, op, tag, rkey, addr, length):
+                try:
+                    if not self._handle(sock, op, tag, rkey, addr, length, scope, remote):
+                        return
+                except (ConnectionError, OSError):
                     return
         finally:
             with self._lock:
                 self._conns.discard(sock)
             sock.close()
 
-    def _lookup(self, rkey: int) -> tuple[Region | None, int, str]:
+    def _lookup(self, rkey: int, scope: str) -> tuple[Region | None, int, str]:
         region = self.regions.get(rkey)
-        if region is not None:
+        if region is not None and region.scope == scope:
             return region, OK, ""
-        if rkey in self.revoked:
-            return None, REVOKED, f"buffer {self.revoked[rkey]} was deregistered"
-        return None, INVALID_KEY, "no region has this key"
+        gone = self.revoked.get(rkey)
+        if region is None and gone is not None and gone[1] == scope:
+            return None, REVOKED, f"buffer {gone[0]} was deregistered"
+        return None, INVALID_KEY, "no region has this key"     # also: a key of another connection
 
     def _reply(self, sock: socket.socket, status: int, tag: int, payload=b"") -> None:
         payload = payload.encode() if isinstance(payload, str) else payload
@@ -136,16 +185,22 @@ class TcpDataPlane:
             length -= k
         return True
 
-    def _handle(self, sock: socket.socket, op: int, tag: int, rkey: int, addr: int, length: int) -> bool:
+    def _handle(self, sock: socket.socket, op: int, tag: int, rkey: int, addr: int, length: int, scope: str = "",
+                remote: bool = False) -> bool:
         if op == PING:
             self._reply(sock, OK, tag)
             return True
         if op not in OPS:
             self._reply(sock, BAD_REQUEST, tag, f"unknown op {op}")
             return False
-        region, status, why = self._lookup(rkey)
-        carries = op in (WRITE, SEND)
-        if region is not None and op in (WRITE, READ):
+        region, status, why = self._lookup(rkey, scope)
+        carries = op in (WRITE, SEND, RDMA_WRITE)
+        if region is not None and op in (RDMA_WRITE, RDMA_READ):
+            return self._rdma(sock, op, tag, region, addr, length, remote)
+        if region is not None and region.local_only and remote and op in (WRITE, READ):
+            status, why = NOT_AUTHORIZED, (f"buffer {region.buffer_id} is registered for RDMA: other hosts reach it "
+                                        f"with RDMA WRITE/READ through their own buffer's agent, not over TCP")
+        elif region is not None and op in (WRITE, READ):
             off = addr - region.base
             if addr < region.base or off + length > region.length:
                 status, why = OUT_OF_BOUNDS, (f"{OPS[op]} of {length} bytes at offset {off} is outside buffer "
@@ -189,6 +244,35 @@ class TcpDataPlane:
                 self._reply(sock, OK, tag, msg)
         return True
 
+    def _rdma(self, sock: socket.socket, op: int, tag: int, region: Region, offset: int, length: int,
+              remote: bool) -> bool:
+        """RDMA_WRITE / RDMA_READ: the caller (on this host, with its own buffer's key) asks for a one-sided
+        operation on the peer's buffer, done by this agent on the buffer's connected queue pair."""
+        name = OPS[op]
+        status, why = OK, ""
+        if self.rdma is None or remote:
+            status, why = NOT_AUTHORIZED, ("RDMA operations are posted by the agent of the caller's own buffer, "
+                                        "from its host" if remote else "this agent has no RDMA device")
+        else:
+            status, why = self.rdma.check(region, name, offset, length)
+        if status != OK:
+            if op == RDMA_WRITE and not self._drain(sock, length):
+                self._reply(sock, status, tag, why)
+                return False
+            self._reply(sock, status, tag, why)
+            return True
+        try:
+            if op == RDMA_WRITE:
+                payload = bytearray(length)
+                recv_exact(sock, memoryview(payload))
+                self.rdma.write(region, offset, payload)
+                self._reply(sock, OK, tag)
+            else:
+                self._reply(sock, OK, tag, self.rdma.read(region, offset, length))
+        except TransportError as e:
+            self._reply(sock, _status_of(e), tag, e.message)
+        return True
+
     def close(self) -> None:
         self._closing = True
         try:
@@ -204,3 +288,18 @@ class TcpDataPlane:
                 pass
 
 
+
+
+def _status_of(e: TransportError) -> int:
+    from mesh.transport.base import QueuePairError
+    if isinstance(e, InvalidKey):
+        return INVALID_KEY
+    if isinstance(e, OutOfBounds):
+        return OUT_OF_BOUNDS
+    if isinstance(e, Revoked):
+        return REVOKED
+    if isinstance(e, PeerGone):
+        return PEER_GONE
+    if isinstance(e, QueuePairError):
+        return QP_ERROR
+    return BAD_REQUEST

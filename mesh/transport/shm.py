@@ -8,12 +8,21 @@ state word and the owner, so a deregistered buffer (state REVOKED, key
 zeroed, segment unlinked) or a dead owner fails with a typed error. Bounds
 are checked before every copy: nothing is written outside the region.
 
+A buffer registered for a mesh connection also carries a 16-byte tag derived
+from the connection's secret (HMAC-SHA256 of the segment name): attaching it
+needs that secret, not only the rkey that viewers of the connection can see.
+The tag is not the secret; what keeps a process from mapping the segment file
+raw is the file's mode (0600, the agent's user) and the workload's private
+/dev/shm, into which only its own slice's segments are bound.
+
 Two-sided send/recv go through the owner's TCP data plane (`endpoint`), the
 one-sided path never does.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import struct
@@ -21,21 +30,27 @@ import threading
 from multiprocessing import resource_tracker, shared_memory
 
 from mesh.procs import pid_alive
-from mesh.transport.base import (BufferDescriptor, InvalidKey, PeerGone, Revoked, TransportError, Unsupported,
-                                 check_bounds, new_key)
+from mesh.transport.base import (BufferDescriptor, InvalidKey, NotAuthorized, PeerGone, Revoked, TransportError,
+                                 Unsupported, check_bounds, new_key)
 
 MAGIC = b"GPUMESH1"
 HEADER = struct.Struct("<8sQQQQ")      # magic, rkey, state, length, owner pid
+TAG = struct.Struct("<16s")            # at offset HEADER.size: the secret's tag (zero: no secret)
+NO_TAG = bytes(16)
 HEADER_BYTES = 64
 ACTIVE, REVOKED = 1, 2
 PREFIX = "gpumesh-"
 _OWNED: set[str] = set()      # segments this process created (the resource tracker knows them)
 
 
+def secret_tag(secret: bytes, name: str) -> bytes:
+    return hmac.new(secret, b"gpumesh-shm-v1|" + name.encode(), hashlib.sha256).digest()[:16]
+
+
 class ShmRegion:
     """The owner's side of one segment."""
 
-    def __init__(self, buffer_id: str, length: int, rkey: int) -> None:
+    def __init__(self, buffer_id: str, length: int, rkey: int, secret: bytes = b"") -> None:
         self.buffer_id = buffer_id
         self.length = length
         self.rkey = rkey
@@ -43,7 +58,13 @@ class ShmRegion:
         self.shm = shared_memory.SharedMemory(name=self.name, create=True, size=HEADER_BYTES + max(1, length))
         _OWNED.add(self.name)
         HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, length, os.getpid())
+        TAG.pack_into(self.shm.buf, HEADER.size, secret_tag(secret, self.name) if secret else NO_TAG)
         self.data = self.shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+
+    def set_key(self, rkey: int) -> None:
+        """Take another key (a verbs MR's rkey, once the MR over this segment exists)."""
+        self.rkey = rkey
+        HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, self.length, os.getpid())
 
     def revoke(self) -> None:
         """Kill the keys (attached peers see REVOKED on their next operation) and free the segment."""
@@ -85,9 +106,9 @@ _owner_alive = pid_alive
 
 
 class ShmConnection:
-    """A peer's mapping of an owner's segment."""
+    """A peer's mapping of an owner's segment (`secret`: the mesh connection's, when it has one)."""
 
-    def __init__(self, descriptor: BufferDescriptor) -> None:
+    def __init__(self, descriptor: BufferDescriptor, secret: bytes = b"") -> None:
         self.descriptor = descriptor
         bid = descriptor.buffer_id
         if not descriptor.shm_name:
@@ -108,6 +129,13 @@ class ShmConnection:
         if rkey != descriptor.rkey or not descriptor.rkey:
             self._shm.close()
             raise InvalidKey(f"wrong key for buffer {bid}", op="connect", buffer_id=bid, rkey=descriptor.rkey)
+        (tag,) = TAG.unpack_from(self._shm.buf, HEADER.size)
+        if tag != NO_TAG and not (secret and hmac.compare_digest(tag, secret_tag(secret, descriptor.shm_name))):
+            self._shm.close()
+            raise NotAuthorized(f"buffer {bid} belongs to a mesh connection: attaching it needs the connection's "
+                                f"secret ({'a wrong one was given' if secret else 'none was given'})",
+                                op="connect", buffer_id=bid)
+        self._secret = secret
         self.length = length
         self._data = self._shm.buf[HEADER_BYTES:HEADER_BYTES + length]
         self._tcp = None
@@ -143,7 +171,7 @@ class ShmConnection:
                 raise Unsupported("send/recv need the owner's data plane endpoint", op="send",
                                   buffer_id=self.descriptor.buffer_id, transport="shm")
             from mesh.transport.tcp import TcpConnection
-            self._tcp = TcpConnection(self.descriptor)
+            self._tcp = TcpConnection(self.descriptor, secret=self._secret)
         return self._tcp
 
     def send(self, data) -> int:
@@ -198,8 +226,8 @@ class ShmTransport:
         if region is not None:
             region.revoke()
 
-    def connect(self, descriptor: BufferDescriptor) -> ShmConnection:
-        return ShmConnection(descriptor)
+    def connect(self, descriptor: BufferDescriptor, secret: bytes = b"") -> ShmConnection:
+        return ShmConnection(descriptor, secret)
 
     def close(self) -> None:
         for bid in list(self.regions):

@@ -1,5 +1,8 @@
 """TCP: the one-sided semantics of RDMA for hosts without it.
 
+Every channel first runs the handshake of `mesh.transport.channel` (TLS across
+hosts, the connection's secret); then the requests below.
+
 The agent runs a `TcpDataPlane` on a port it reports; it serves the regions
 registered on it. A peer's `TcpConnection` addresses a region as RDMA does:
 remote address (the descriptor's `address` + offset) and rkey. The server
@@ -20,29 +23,51 @@ from __future__ import annotations
 import collections
 import secrets
 import socket
+import ssl
 import threading
 
-from mesh.transport.base import BufferDescriptor, Completion, InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError
+from mesh.transport import channel
+from mesh.transport.base import (BufferDescriptor, Completion, InvalidKey, NotAuthorized, OutOfBounds, PeerGone,
+                                 QueuePairError, Revoked, TransportError)
 from mesh.transport.dataplane import Region, TcpDataPlane
-from mesh.transport.wire import (EMPTY, INVALID_KEY, OK, OPS, OUT_OF_BOUNDS, PING, READ, RECV, REQ, RESP, REVOKED,
-                                 SEND, SOCK_BUF, WINDOW, WRITE, recv_exact, tune)
+from mesh.transport.wire import (EMPTY, INVALID_KEY, NOT_AUTHORIZED, OK, OPS, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR,
+                                 RDMA_READ, RDMA_WRITE, READ, RECV, REQ, RESP, REVOKED, SEND, SOCK_BUF, WINDOW, WRITE,
+                                 recv_exact, tune)
 
-__all__ = ["TcpConnection", "TcpTransport", "TcpDataPlane", "Region", "REQ", "RESP", "WRITE", "READ", "SEND",
+__all__ = ["TcpConnection", "RdmaConnection", "TcpTransport", "TcpDataPlane", "Region", "REQ", "RESP", "WRITE", "READ", "SEND",
            "RECV", "SOCK_BUF", "recv_exact", "tune"]
 
 class TcpConnection:
-    """A peer's connection to one remote region (thread-safe: one request at a time)."""
+    """A peer's connection to one remote region (thread-safe: one request at a time).
 
-    def __init__(self, descriptor: BufferDescriptor, timeout: float = 30.0) -> None:
+    `secret`: the connection's secret (from MeshService.Connect); the channel authenticates with it
+    (see `mesh.transport.channel`), over TLS when the data plane is on another host and names a
+    certificate (`descriptor.tls_sha256`). `force_tls` uses TLS on one host too (benchmarks)."""
+
+    OP_WRITE, OP_READ = WRITE, READ
+
+    def __init__(self, descriptor: BufferDescriptor, timeout: float = 30.0, *, secret: bytes = b"",
+                 force_tls: bool = False, via: BufferDescriptor | None = None) -> None:
         self.descriptor = descriptor
-        host, _, port = descriptor.endpoint.rpartition(":")
-        self._where = descriptor.endpoint
+        self._auth = via or descriptor            # the buffer the channel authenticates for, and its agent
+        self._key = descriptor.rkey
+        self._base = descriptor.address
+        host, _, port = self._auth.endpoint.rpartition(":")
+        self._where = self._auth.endpoint
         try:
-            self._sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
         except (OSError, ValueError) as e:
-            raise PeerGone(f"cannot reach the data plane of buffer {descriptor.buffer_id} at {self._where}: {e}",
+            raise PeerGone(f"cannot reach the data plane of buffer {self._auth.buffer_id} at {self._where}: {e}",
                            op="connect", buffer_id=descriptor.buffer_id, endpoint=self._where) from None
-        tune(self._sock)
+        tune(sock)
+        try:
+            self._sock = channel.client_open(sock, buffer_id=self._auth.buffer_id, secret=secret,
+                                             tls_sha256=self._auth.tls_sha256, force_tls=force_tls)
+        except (OSError, ConnectionError, ssl.SSLError) as e:
+            sock.close()
+            raise PeerGone(f"handshake with the data plane at {self._where} failed: {e}", op="connect",
+                           buffer_id=descriptor.buffer_id, endpoint=self._where) from None
+        self.tls = isinstance(self._sock, ssl.SSLSocket)
         self._lock = threading.Lock()
         self._tag = 0
         self._resp = bytearray(RESP.size)
@@ -63,6 +88,12 @@ class TcpConnection:
                                region_length=self.descriptor.length)
         if status == REVOKED:
             return Revoked(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid)
+        if status == PEER_GONE:
+            return PeerGone(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid, endpoint=self.descriptor.node)
+        if status == QP_ERROR:
+            return QueuePairError(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid)
+        if status == NOT_AUTHORIZED:
+            return NotAuthorized(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid)
         return TransportError(f"{op} on buffer {bid}: {text or 'status ' + str(status)}", op=op, buffer_id=bid)
 
     # -- posted operations: a window of requests in flight, completions in order --------------
@@ -76,7 +107,7 @@ class TcpConnection:
         if len(self._pending) >= WINDOW:
             self._done.extend(self._reap(1))
         self._tag = (self._tag + 1) & 0xFFFFFFFF
-        hdr = REQ.pack(op, 0, 0, self._tag, self.descriptor.rkey, addr, length)
+        hdr = REQ.pack(op, 0, 0, self._tag, self._key, addr, length)
         try:
             if payload is not None and length <= 65536:
                 self._sock.sendall(hdr + bytes(payload))
@@ -110,7 +141,7 @@ class TcpConnection:
                 self._pending.clear()
                 raise self._fail(name, e) from None
             if status == OK:
-                out.append(Completion(wr_id, name, length if op == WRITE else n_body))
+                out.append(Completion(wr_id, name, length if op == self.OP_WRITE else n_body))
             else:
                 out.append(Completion(wr_id, name, 0, self._error(name, status, body.decode(errors="replace"),
                                                                   offset, length)))
@@ -120,13 +151,13 @@ class TcpConnection:
         """Start a one-sided write; its completion comes from `poll()`. Returns the work request id."""
         mv = memoryview(data).cast("B")
         with self._lock:
-            return self._post(WRITE, self.descriptor.address + offset, mv.nbytes, payload=mv, offset=offset,
+            return self._post(self.OP_WRITE, self._base + offset, mv.nbytes, payload=mv, offset=offset,
                               wr_id=wr_id)
 
     def post_read(self, offset: int, length: int, into, wr_id: int = 0) -> int:
         """Start a one-sided read into the writable buffer `into`; completes through `poll()`."""
         with self._lock:
-            return self._post(READ, self.descriptor.address + offset, length, into=into, offset=offset, wr_id=wr_id)
+            return self._post(self.OP_READ, self._base + offset, length, into=into, offset=offset, wr_id=wr_id)
 
     def poll(self, wait_all: bool = True) -> list[Completion]:
         """Completions of posted operations, oldest first (all outstanding ones with `wait_all`)."""
@@ -153,7 +184,7 @@ class TcpConnection:
             if self._pending:
                 self._done.extend(self._reap(len(self._pending)))
             self._tag = (self._tag + 1) & 0xFFFFFFFF
-            hdr = REQ.pack(op, 0, 0, self._tag, self.descriptor.rkey, addr, length)
+            hdr = REQ.pack(op, 0, 0, self._tag, self._key, addr, length)
             try:
                 if payload is not None and length <= 65536:
                     self._sock.sendall(hdr + bytes(payload))
@@ -180,13 +211,13 @@ class TcpConnection:
 
     def write(self, offset: int, data) -> int:
         mv = memoryview(data).cast("B")
-        self._call(WRITE, self.descriptor.address + offset, mv.nbytes, payload=mv, offset=offset)
+        self._call(self.OP_WRITE, self._base + offset, mv.nbytes, payload=mv, offset=offset)
         return mv.nbytes
 
     def read(self, offset: int, length: int, into=None):
         if into is not None and memoryview(into).nbytes < length:
             raise ValueError(f"read of {length} bytes into a buffer of {memoryview(into).nbytes}")
-        n, body = self._call(READ, self.descriptor.address + offset, length, into=into, offset=offset)
+        n, body = self._call(self.OP_READ, self._base + offset, length, into=into, offset=offset)
         return into if into is not None else body
 
     def send(self, data) -> int:
@@ -219,12 +250,52 @@ class TcpConnection:
         self.close()
 
 
+class RdmaConnection(TcpConnection):
+    """A peer's buffer reached by RDMA: the caller's own agent (the owner of `local`, the caller's buffer
+    of the same connection) posts RDMA WRITE/READ on the RC queue pair it keeps towards the peer's QP.
+    Requests go to that agent over a same-host channel (authenticated with the connection's secret and
+    `local`'s key); the bytes between the hosts move by RDMA, never over TCP. Two-sided messages go to
+    the peer's data plane (`send`/`recv`)."""
+
+    OP_WRITE, OP_READ = RDMA_WRITE, RDMA_READ
+
+    def __init__(self, peer: BufferDescriptor, local: BufferDescriptor, timeout: float = 30.0, *,
+                 secret: bytes = b"") -> None:
+        super().__init__(peer, timeout, secret=secret, via=local)
+        self._key, self._base = local.rkey, 0
+        self._secret = secret
+        self._msgs: TcpConnection | None = None
+
+    def _error(self, op: str, status: int, text: str, offset: int = 0, length: int = 0) -> TransportError:
+        if status == INVALID_KEY:     # a remote access error reported by the agent's completion
+            return InvalidKey(f"{op} on buffer {self.descriptor.buffer_id}: {text}", op=op,
+                              buffer_id=self.descriptor.buffer_id, rkey=self.descriptor.rkey)
+        return super()._error(op, status, text, offset, length)
+
+    def _peer_channel(self) -> TcpConnection:
+        if self._msgs is None:
+            self._msgs = TcpConnection(self.descriptor, secret=self._secret)
+        return self._msgs
+
+    def send(self, data) -> int:
+        return self._peer_channel().send(data)
+
+    def recv(self, timeout: float = 0.0) -> bytes | None:
+        return self._peer_channel().recv(timeout)
+
+    def close(self) -> None:
+        super().close()
+        if self._msgs is not None:
+            self._msgs.close()
+
+
 class TcpTransport:
     """Registers host buffers on a data plane (its own unless one is given) and connects to peers'."""
 
     name = "tcp"
 
     def __init__(self, node: str = "", server: TcpDataPlane | None = None) -> None:
+        # Standalone (tests, benchmarks): buffers without a connection secret on a loopback plane.
         self.node = node
         self._own = server is None
         self.server = server or TcpDataPlane("127.0.0.1", 0, "127.0.0.1")
@@ -238,7 +309,7 @@ class TcpTransport:
         self.buffers[bid] = region
         return BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport="tcp",
                                 address=region.base, length=region.length, rkey=region.rkey,
-                                endpoint=self.server.endpoint)
+                                endpoint=self.server.endpoint, tls_sha256=self.server.tls_sha256)
 
     def view(self, buffer_id: str) -> memoryview:
         return self.buffers[buffer_id].data

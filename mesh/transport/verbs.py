@@ -7,8 +7,11 @@ the MR's address and rkey, and the QP's address (GID, LID, QPN, first PSN).
 The control plane hands each side the other's descriptor; `connect` then moves
 the local QP through INIT -> RTR -> RTS towards the peer's QP, and `write` /
 `read` post IBV_WR_RDMA_WRITE / IBV_WR_RDMA_READ work requests from the local
-MR (used as the staging buffer at the same offset) and poll the CQ for the
-completion. A completion with an error status becomes a typed error:
+staging MR (a buffer's own WRITE/READ payloads pass through it, in chunks of
+`STAGING_BYTES`) and poll the CQ for the completion. RC semantics hold: an
+error completion leaves the QP in the error state (the connection refuses later
+operations with `QueuePairError`), and a QP connected to one peer is never
+reused for another. A completion with an error status becomes a typed error:
 remote access errors (wrong key, revoked MR, out of bounds on the remote side)
 `InvalidKey`, retries exhausted `PeerGone`. Bounds are checked against both
 descriptors before anything is posted.
@@ -22,21 +25,40 @@ reported as `Unsupported` with that reason.
 from __future__ import annotations
 
 import importlib
+import os
 import secrets
 import sys
+import threading
 import time
 import types
 
-from mesh.transport.base import (BufferDescriptor, InvalidKey, PeerGone, Revoked, TransportError, Unsupported,
-                                 check_bounds)
+from mesh.transport.base import (BufferDescriptor, InvalidKey, PeerGone, QueuePairError, Revoked, TransportError,
+                                 Unsupported, check_bounds)
 
 SYSTEM_SITE = "/usr/lib/python3/dist-packages"
 SUBMODULES = ("device", "pd", "mr", "cq", "qp", "wr", "addr", "enums", "pyverbs_error")
 POLL_TIMEOUT_S = 10.0
+STAGING_BYTES = 4 << 20      # per buffer: the local MR that outgoing WRITEs and incoming READs pass through
+
+
+STANDIN_ENV = "GPUMESH_PYVERBS_STANDIN"
+_standin: types.SimpleNamespace | None = None
 
 
 def load_pyverbs() -> types.SimpleNamespace:
-    """pyverbs' submodules as one namespace; Unsupported when the binding is not installed."""
+    """pyverbs' submodules as one namespace; Unsupported when the binding is not installed.
+
+    `GPUMESH_PYVERBS_STANDIN=module:function` loads a stand-in that speaks pyverbs' API instead
+    (simulated hosts, like the simulated NVML: `tests.unit.fakeverbs:make`, whose fabric joins the
+    agents of one process). It is never set on a GPU host."""
+    global _standin
+    spec = os.environ.get(STANDIN_ENV, "")
+    if spec:
+        if _standin is None:
+            mod, _, fn = spec.partition(":")
+            _standin = getattr(importlib.import_module(mod), fn or "make")()
+        return _standin
+
     def load():
         return types.SimpleNamespace(**{m: importlib.import_module(f"pyverbs.{m}") for m in SUBMODULES})
     try:
@@ -71,78 +93,108 @@ def available(pyverbs=None) -> tuple[bool, str]:
 
 
 class _Buffer:
-    def __init__(self, mr, cq, qp, psn: int, descriptor: BufferDescriptor) -> None:
-        self.mr, self.cq, self.qp, self.psn, self.descriptor = mr, cq, qp, psn, descriptor
+    def __init__(self, mr, staging, cq, qp, psn: int, descriptor: BufferDescriptor) -> None:
+        self.mr, self.staging, self.cq, self.qp, self.psn, self.descriptor = mr, staging, cq, qp, psn, descriptor
         self.peer: BufferDescriptor | None = None
+        self.link: "VerbsConnection | None" = None
+
+
+def _same_peer(a: BufferDescriptor, b: BufferDescriptor) -> bool:
+    return (a.qp_num, a.gid, a.lid, a.rkey, a.address) == (b.qp_num, b.gid, b.lid, b.rkey, b.address)
 
 
 class VerbsConnection:
-    """One RC queue pair in RTS towards the peer's; one-sided WRITE/READ through the local MR."""
+    """One RC queue pair in RTS towards the peer's; one-sided WRITE/READ staged through a local MR.
+
+    As on hardware, an error completion (remote access error, retries exhausted) leaves the QP in
+    the error state: this connection then refuses every later operation (`QueuePairError`), and
+    work requests that were posted behind the failed one complete with IBV_WC_WR_FLUSH_ERR. A new
+    `mesh connect` (new QPs) is the way back."""
 
     def __init__(self, transport: "VerbsTransport", local: _Buffer, peer: BufferDescriptor) -> None:
         self.t, self.local, self.descriptor = transport, local, peer
         self._wr_id = 0
+        self._lock = threading.Lock()
+        self.failed: str = ""
 
     def _live(self, op: str) -> None:
         if self.local.mr is None:
             raise Revoked(f"local buffer {self.local.descriptor.buffer_id} was deregistered", op=op,
                           buffer_id=self.descriptor.buffer_id)
+        if self.failed:
+            raise QueuePairError(f"{op} on buffer {self.descriptor.buffer_id}: the queue pair is in the error state "
+                                 f"({self.failed}); disconnect and connect again", op=op,
+                                 buffer_id=self.descriptor.buffer_id, transport="verbs")
 
-    def _post(self, op: str, opcode, offset: int, length: int) -> None:
+    def _chunks(self, offset: int, length: int):
+        step = self.local.staging.length
+        for done in range(0, length, step):
+            yield offset + done, done, min(step, length - done)
+
+    def _post_chunk(self, op: str, opcode, remote_off: int, length: int) -> int:
         v, e = self.t.v, self.t.v.enums
-        bid = self.descriptor.buffer_id
-        self._live(op)
-        check_bounds(op, bid, offset, length, self.descriptor.length)
-        check_bounds(op, self.local.descriptor.buffer_id, offset, length, self.local.descriptor.length)
         self._wr_id += 1
-        sge = v.wr.SGE(self.local.mr.buf + offset, length, self.local.mr.lkey)
+        sge = v.wr.SGE(self.local.staging.buf, length, self.local.staging.lkey)
         wr = v.wr.SendWR(wr_id=self._wr_id, opcode=opcode, num_sge=1, sg=[sge], send_flags=e.IBV_SEND_SIGNALED)
-        wr.set_wr_rdma(self.descriptor.rkey, self.descriptor.address + offset)
+        wr.set_wr_rdma(self.descriptor.rkey, self.descriptor.address + remote_off)
         try:
             self.local.qp.post_send(wr)
         except v.pyverbs_error.PyverbsError as err:
-            raise TransportError(f"{op}: post_send failed: {err}", op=op, buffer_id=bid) from None
-        self._complete(op)
+            raise TransportError(f"{op}: post_send failed: {err}", op=op,
+                                 buffer_id=self.descriptor.buffer_id) from None
+        return self._wr_id
 
-    def _complete(self, op: str) -> None:
+    def _complete(self, op: str, wr_id: int) -> None:
+        """Wait for the completion of `wr_id` (completions come in posting order on an RC QP)."""
         e = self.t.v.enums
         bid = self.descriptor.buffer_id
         deadline = time.monotonic() + POLL_TIMEOUT_S
         while True:
             npolled, wcs = self.local.cq.poll(num_entries=1)
             if npolled:
+                wc = wcs[0]
+                if wc.wr_id != wr_id and wc.status == e.IBV_WC_SUCCESS:
+                    continue          # an earlier request's completion (ordering per QP)
                 break
             if time.monotonic() > deadline:
+                self.failed = f"no completion within {POLL_TIMEOUT_S:g}s"
                 raise PeerGone(f"{op}: no completion within {POLL_TIMEOUT_S:g}s", op=op, buffer_id=bid,
                                endpoint=self.descriptor.node)
-        wc = wcs[0]
         if wc.status == e.IBV_WC_SUCCESS:
             return
+        self.failed = f"completion status {int(wc.status)}"
         if wc.status in (e.IBV_WC_REM_ACCESS_ERR, e.IBV_WC_REM_INV_REQ_ERR):
             raise InvalidKey(f"{op} on buffer {bid}: remote access error (wrong or revoked key, or out of "
-                             f"bounds on the peer): completion status {int(wc.status)}", op=op, buffer_id=bid,
-                             rkey=self.descriptor.rkey)
-        if wc.status in (e.IBV_WC_RETRY_EXC_ERR, e.IBV_WC_RNR_RETRY_EXC_ERR, e.IBV_WC_WR_FLUSH_ERR):
+                             f"bounds on the peer): completion status {int(wc.status)}; the queue pair is now in "
+                             f"the error state", op=op, buffer_id=bid, rkey=self.descriptor.rkey)
+        if wc.status in (e.IBV_WC_RETRY_EXC_ERR, e.IBV_WC_RNR_RETRY_EXC_ERR):
             raise PeerGone(f"{op} on buffer {bid}: the peer does not answer (completion status {int(wc.status)})",
                            op=op, buffer_id=bid, endpoint=self.descriptor.node)
+        if wc.status == e.IBV_WC_WR_FLUSH_ERR:
+            raise QueuePairError(f"{op} on buffer {bid}: flushed (the queue pair is in the error state)", op=op,
+                                 buffer_id=bid, transport="verbs")
         raise TransportError(f"{op} on buffer {bid}: completion status {int(wc.status)}", op=op, buffer_id=bid)
 
     def write(self, offset: int, data) -> int:
         mv = memoryview(data).cast("B")
         n = mv.nbytes
-        self._live("write")
-        check_bounds("write", self.local.descriptor.buffer_id, offset, n, self.local.descriptor.length)
-        self.local.mr.write(bytes(mv), n, offset)
-        self._post("write", self.t.v.enums.IBV_WR_RDMA_WRITE, offset, n)
+        with self._lock:
+            self._live("write")
+            check_bounds("write", self.descriptor.buffer_id, offset, n, self.descriptor.length)
+            for remote_off, done, k in self._chunks(offset, n):
+                self.local.staging.write(bytes(mv[done:done + k]), k, 0)
+                self._complete("write", self._post_chunk("write", self.t.v.enums.IBV_WR_RDMA_WRITE, remote_off, k))
         return n
 
     def read(self, offset: int, length: int, into=None):
-        self._post("read", self.t.v.enums.IBV_WR_RDMA_READ, offset, length)
-        data = self.local.mr.read(length, offset)
-        if into is not None:
-            memoryview(into).cast("B")[:length] = data
-            return into
-        return bytes(data)
+        with self._lock:
+            self._live("read")
+            check_bounds("read", self.descriptor.buffer_id, offset, length, self.descriptor.length)
+            out = bytearray(length) if into is None else memoryview(into).cast("B")
+            for remote_off, done, k in self._chunks(offset, length):
+                self._complete("read", self._post_chunk("read", self.t.v.enums.IBV_WR_RDMA_READ, remote_off, k))
+                out[done:done + k] = self.local.staging.read(k, 0)
+        return into if into is not None else bytes(out)
 
     def send(self, data) -> int:
         raise Unsupported("two-sided verbs messages go through the agents' data plane (tcp) in this release",
@@ -195,14 +247,18 @@ class VerbsTransport:
 
     def register(self, slice_id: str, size: int = 0, buffer=None, buffer_id: str = "",
                  rkey: int = 0) -> BufferDescriptor:
+        """A memory region of `size` bytes (new memory, or the integer address `buffer`: host or device
+        memory, e.g. a shared memory segment the slice's workload maps), a staging MR for this side's own
+        WRITE/READ payloads, and an RC queue pair in INIT."""
         self.open()
         v, e = self.v, self.v.enums
         bid = buffer_id or f"b-{secrets.token_hex(6)}"
         access = self._access()
-        if buffer is not None:    # an existing buffer: an integer address (host or device memory) and size
+        if buffer is not None:
             mr = v.mr.MR(self.pd, size, access, address=int(buffer))
         else:
             mr = v.mr.MR(self.pd, size, access)
+        staging = v.mr.MR(self.pd, max(1, min(size, STAGING_BYTES)), int(e.IBV_ACCESS_LOCAL_WRITE))
         cq = v.cq.CQ(self.ctx, 64)
         cap = v.qp.QPCap(max_send_wr=64, max_recv_wr=64, max_send_sge=1, max_recv_sge=1)
         qp = v.qp.QP(self.pd, v.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap))
@@ -217,26 +273,39 @@ class VerbsTransport:
                                 address=int(mr.buf), length=size, rkey=int(mr.rkey), lkey=int(mr.lkey),
                                 gid=gid.encode(), lid=int(self.port_attr.lid), qp_num=int(qp.qp_num), psn=psn,
                                 device=self.device, port=self.port)
-        self.buffers[bid] = _Buffer(mr, cq, qp, psn, desc)
+        self.buffers[bid] = _Buffer(mr, staging, cq, qp, psn, desc)
         return desc
 
     def connect(self, descriptor: BufferDescriptor, local_buffer_id: str = "") -> VerbsConnection:
-        """Bring the local buffer's QP to RTS towards the peer's QP (from its descriptor)."""
+        """Bring the local buffer's QP through RTR to RTS towards the peer's QP (from its descriptor).
+
+        Idempotent for the same peer. A QP already connected to another peer is never reused: that is
+        refused here (and the device would refuse the RTR transition too, unless the QP went through RESET)."""
         local = self.buffers.get(local_buffer_id) if local_buffer_id else None
         if local is None:
             raise TransportError("verbs connect needs the local buffer registered for this connection",
                                  op="connect", buffer_id=descriptor.buffer_id)
-        if local.peer is None:
-            v, e = self.v, self.v.enums
-            attr = v.qp.QPAttr()
-            attr.path_mtu = self.port_attr.active_mtu
-            attr.dest_qp_num = descriptor.qp_num
-            attr.rq_psn = descriptor.psn
-            attr.max_dest_rd_atomic = 1
-            attr.min_rnr_timer = 12
-            grh = v.addr.GlobalRoute(dgid=v.addr.GID(descriptor.gid.decode()), sgid_index=self.gid_index)
-            attr.ah_attr = v.addr.AHAttr(dlid=descriptor.lid, is_global=1 if descriptor.gid else 0,
-                                         port_num=self.port, grh=grh)
+        if local.peer is not None:
+            if not _same_peer(local.peer, descriptor):
+                raise QueuePairError(f"the queue pair of buffer {local_buffer_id} is connected to buffer "
+                                     f"{local.peer.buffer_id} (QP {local.peer.qp_num}); it is not reused for buffer "
+                                     f"{descriptor.buffer_id} (QP {descriptor.qp_num})", op="connect",
+                                     buffer_id=descriptor.buffer_id, transport="verbs")
+            return local.link
+        v = self.v
+        attr = v.qp.QPAttr()
+        attr.qp_access_flags = self._access()
+        attr.port_num = self.port
+        attr.pkey_index = 0
+        attr.path_mtu = self.port_attr.active_mtu
+        attr.dest_qp_num = descriptor.qp_num
+        attr.rq_psn = descriptor.psn
+        attr.max_dest_rd_atomic = 1
+        attr.min_rnr_timer = 12
+        grh = v.addr.GlobalRoute(dgid=v.addr.GID(descriptor.gid.decode()), sgid_index=self.gid_index)
+        attr.ah_attr = v.addr.AHAttr(dlid=descriptor.lid, is_global=1 if descriptor.gid else 0,
+                                     port_num=self.port, grh=grh)
+        try:
             local.qp.to_rtr(attr)
             attr.sq_psn = local.psn
             attr.timeout = 14
@@ -244,14 +313,23 @@ class VerbsTransport:
             attr.rnr_retry = 7
             attr.max_rd_atomic = 1
             local.qp.to_rts(attr)
-            local.peer = descriptor
-        return VerbsConnection(self, local, descriptor)
+        except v.pyverbs_error.PyverbsError as err:
+            raise QueuePairError(f"queue pair of buffer {local_buffer_id} towards QP {descriptor.qp_num}: {err}",
+                                 op="connect", buffer_id=descriptor.buffer_id, transport="verbs") from None
+        local.peer = descriptor
+        local.link = VerbsConnection(self, local, descriptor)
+        return local.link
+
+    def link(self, buffer_id: str) -> VerbsConnection | None:
+        """The connected queue pair of a local buffer (None before the peer was introduced)."""
+        b = self.buffers.get(buffer_id)
+        return b.link if b is not None else None
 
     def deregister(self, buffer_id: str) -> None:
         b = self.buffers.pop(buffer_id, None)
         if b is None:
             return
-        for obj in (b.qp, b.cq, b.mr):     # closing the MR invalidates its rkey at the HCA
+        for obj in (b.qp, b.cq, b.staging, b.mr):     # closing the MR invalidates its rkey at the HCA
             try:
                 obj.close()
             except Exception:

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
+from gpumesh.v1 import mesh_service_pb2 as M
 from mesh import errors
-from mesh.transport import InvalidKey, OutOfBounds, Revoked
+from mesh.transport import InvalidKey, NotAuthorized, OutOfBounds, Revoked, connect
 from mesh.transport.base import BufferDescriptor
 from tests.integration.conftest import wait_for
 from tools.localcluster import LocalCluster
@@ -66,9 +67,14 @@ def test_connect_across_agents_write_read_checksums(mesh):
     conn = mesh.mesh_connect(a.id, b.id, size_bytes=4 << 20)
     assert conn.transport == "tcp" and conn.a.node == "mesh-a" and conn.b.node == "mesh-b"
     assert conn.a.rkey and conn.b.rkey and conn.a.endpoint != conn.b.endpoint
+    # the record says how bytes move and why not RDMA: both agents share this host, so their channels are
+    # same-host plaintext (TLS is for other hosts: the network-namespace test below)
+    assert conn.data_path == "tcp" and "no InfiniBand NIC" in conn.fallback_reason
+    assert len(conn.secret) == 32 and conn.a.tls_sha256 and conn.b.tls_sha256
     assert mesh.mesh_get(conn.id).state == 1
     payload = os.urandom(4 << 20)
-    with mesh.mesh_open(conn.b) as pb, mesh.mesh_open(conn.a) as pa:
+    with mesh.mesh_open(conn, side="b") as pb, mesh.mesh_open(conn, side="a") as pa:
+        assert not pb.tls
         pb.write(0, payload)
         pa.write(1000, payload[:5000])
         assert sha(pb.read(0, 4 << 20)) == sha(payload)
@@ -81,7 +87,7 @@ def test_connect_across_agents_write_read_checksums(mesh):
         # a forged key is refused; the real connection is unaffected
         forged = BufferDescriptor.from_proto(conn.b)
         forged.rkey ^= 0x5A5A
-        with mesh.mesh_open(forged) as bad, pytest.raises(InvalidKey):
+        with mesh.mesh_open(forged, secret=conn.secret) as bad, pytest.raises(InvalidKey):
             bad.write(0, b"evil")
         assert pb.read(0, 4) == payload[:4]
         # two-sided: a message into B's inbox, taken by B's owner
@@ -98,18 +104,19 @@ def test_same_node_uses_shared_memory(mesh):
     a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-a", "team-a")
     conn = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)
     assert conn.transport == "shm" and conn.b.shm_name
+    assert conn.data_path == "shm" and "same-host" in conn.fallback_reason
     payload = os.urandom(1 << 20)
-    with mesh.mesh_open(conn.b) as pb:
+    with mesh.mesh_open(conn, side="b") as pb:
         assert type(pb).__name__ == "ShmConnection"
         pb.write(0, payload)
-    with mesh.mesh_open(BufferDescriptor.from_proto(conn.b).with_transport("tcp")) as tb:
+    with mesh.mesh_open(BufferDescriptor.from_proto(conn.b).with_transport("tcp"), secret=conn.secret) as tb:
         assert sha(tb.read(0, 1 << 20)) == sha(payload)    # the agent serves the very same bytes
 
 
 def test_release_revokes_and_tears_down(mesh):
     a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-b", "team-a")
     conn = mesh.mesh_connect(a.id, b.id, size_bytes=64 << 10)
-    pa, pb = mesh.mesh_open(conn.a), mesh.mesh_open(conn.b)
+    pa, pb = mesh.mesh_open(conn, side="a"), mesh.mesh_open(conn, side="b")
     pa.write(0, b"a" * 100)
     pb.write(0, b"b" * 100)
     mesh.release(b.id)
@@ -138,6 +145,73 @@ def test_tenant_isolation_and_grants(mesh):
         mesh.mesh_connect(a.id, b.id, size_bytes=0)
     with pytest.raises(errors.NotFound):
         mesh.mesh_connect(a.id, "s-nope", size_bytes=4096)
+
+
+def test_another_tenants_data_plane_and_segment_are_refused_without_the_secret(mesh):
+    """Tenant B holds its own connection (and its secret) and knows tenant A's descriptors (what a viewer
+    of A's connection sees): neither A's TCP data plane nor A's shm segment opens for it."""
+    a1, a2 = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-b", "team-a")
+    a3 = slice_on(mesh, "mesh-a", "team-a")
+    b1, b2 = slice_on(mesh, "mesh-a", "team-b"), slice_on(mesh, "mesh-b", "team-b")
+    ca = mesh.mesh_connect(a1.id, a2.id, size_bytes=64 << 10)            # tcp across nodes
+    cs = mesh.mesh_connect(a1.id, a3.id, size_bytes=64 << 10)            # shm on mesh-a
+    cb = mesh.mesh_connect(b1.id, b2.id, size_bytes=64 << 10)
+    with mesh.mesh_open(ca, side="b") as owner:
+        owner.write(0, b"team-a data")
+    target = BufferDescriptor.from_proto(ca.b)
+    with pytest.raises(NotAuthorized):                                   # B's secret: refused at the handshake
+        connect(target, secret=cb.secret)
+    with connect(target) as anon, pytest.raises(InvalidKey):             # no secret: A's key is unknown
+        anon.read(0, 11)
+    seg = BufferDescriptor.from_proto(cs.b)
+    for secret in (b"", cb.secret):
+        with pytest.raises(NotAuthorized):
+            connect(seg, secret=secret)
+    with mesh.mesh_open(ca, side="b") as owner:
+        assert owner.read(0, 11) == b"team-a data"
+
+
+# -- RDMA verbs between two agents (the pyverbs stand-in; both nodes in one agent process) -------
+
+IB_HOSTS = [{**h, "node": h["node"].replace("mesh", "ib"),
+             "nics": [{"name": "mlx5_0", "kind": "infiniband", "rate_gbps": 400, "gpus": [0]}]} for h in HOSTS]
+
+
+@pytest.mark.parametrize("verbs_from", ["standin", "device"])
+def test_verbs_moves_bytes_by_rdma_on_the_agents_queue_pairs(tmp_path, verbs_from):
+    """The stand-in: both nodes in one agent process (its fabric is in-process). The device: one agent
+    process per node on this host's RDMA device (its QPs talk through the port's loopback)."""
+    if verbs_from == "standin":
+        env, per_process = {**os.environ, "GPUMESH_PYVERBS_STANDIN": "tests.unit.fakeverbs:make"}, 2
+    else:
+        from mesh.transport import verbs
+        ok, why = verbs.available()
+        if not ok:
+            pytest.skip(f"RDMA verbs end to end needs a device: {why} (no RDMA device in this kernel)")
+        env, per_process = {k: v for k, v in os.environ.items() if k != "GPUMESH_PYVERBS_STANDIN"}, 1
+    c = LocalCluster(tmp_path, IB_HOSTS, lease_ttl=3, agents_per_process=per_process, env=env)
+    c.start(timeout=90)
+    try:
+        c.wait_ready(timeout=60)
+        with c.client(timeout=30) as mesh:
+            a = slice_on_nodes(mesh, "ib-a", "ib-b")
+            b = slice_on_nodes(mesh, "ib-b", "ib-a")
+            conn = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)
+            assert conn.transport == "verbs" and conn.data_path == "rdma" and conn.fallback_reason == ""
+            assert conn.a.qp_num and conn.b.qp_num and conn.a.shm_name
+            payload = os.urandom(1 << 20)
+            with mesh.mesh_open(conn, side="b") as peer:                 # slice A's side -> B, by RDMA
+                assert type(peer).__name__ == "RdmaConnection"
+                peer.write(0, payload)
+                assert sha(peer.read(0, 1 << 20)) == sha(payload)
+            with connect(BufferDescriptor.from_proto(conn.b), secret=conn.secret) as mine:   # B's own segment
+                assert sha(mine.read(0, 1 << 20)) == sha(payload)
+            log = (c.state_dir / "logs").glob("*.log")
+            assert any("verbs queue pair connected" in p.read_text() for p in log)
+            mesh.release(b.id)
+            wait_for(lambda: not mesh.mesh_list(), 30, "teardown after release")
+    finally:
+        c.stop()
 
 
 # -- two hosts in network namespaces -----------------------------------------------------------
@@ -212,15 +286,26 @@ def test_two_agents_in_network_namespaces(two_hosts, tmp_path):
             assert conn.transport == "tcp"
             assert conn.a.endpoint.startswith(two_hosts[0] + ":") and conn.b.endpoint.startswith(two_hosts[1] + ":")
             # a workload on host A (inside namespace A) writes into B's buffer and reads it back
+            assert conn.data_path == "tcp_tls"
+            # a workload on host A (inside namespace A) writes into B's buffer over TLS (the certificate pinned
+            # from the descriptor) and reads it back; without the secret it is refused
             script = ("import sys, os, hashlib; from gpumesh.v1 import mesh_service_pb2 as M; "
                       "from mesh.meshapi import MeshApi; d = M.BufferDescriptor.FromString(bytes.fromhex(sys.argv[1])); "
-                      "p = MeshApi.mesh_open(d); data = os.urandom(1 << 20); p.write(0, data); "
+                      "p = MeshApi.mesh_open(d, secret=bytes.fromhex(sys.argv[2])); assert p.tls; "
+                      "data = os.urandom(1 << 20); p.write(0, data); "
                       "assert p.read(0, 1 << 20) == data; print(hashlib.sha256(data).hexdigest())")
             out = subprocess.run(["ip", "netns", "exec", NS[0], sys.executable, "-c", script,
-                                  conn.b.SerializeToString().hex()], capture_output=True, text=True, timeout=60,
-                                 cwd=os.getcwd())
+                                  conn.b.SerializeToString().hex(), conn.secret.hex()], capture_output=True,
+                                 text=True, timeout=60, cwd=os.getcwd())
             assert out.returncode == 0, out.stderr
-            with mesh.mesh_open(conn.b) as pb:     # and the root namespace sees the same bytes on B
+            plain = M.BufferDescriptor()
+            plain.CopyFrom(conn.b)
+            plain.tls_sha256 = b""
+            refused = subprocess.run(["ip", "netns", "exec", NS[0], sys.executable, "-c", script,
+                                      plain.SerializeToString().hex(), conn.secret.hex()], capture_output=True,
+                                     text=True, timeout=60, cwd=os.getcwd())
+            assert refused.returncode != 0 and "requires TLS" in refused.stderr
+            with mesh.mesh_open(conn, side="b") as pb:     # and the root namespace sees the same bytes on B
                 assert sha(pb.read(0, 1 << 20)) == out.stdout.strip()
             mesh.release(b.id)
             wait_for(lambda: not mesh.mesh_list(), 30, "teardown after release")
@@ -234,3 +319,27 @@ def slice_on_nodes(mesh, node: str, other: str):
         return mesh.allocate(tenant="team-ns", mig_profile="1g.10gb").slices[0]
     finally:
         mesh.uncordon(other)
+
+
+def test_viewers_and_other_tenants_get_no_secret_on_a_secured_cluster(tmp_path):
+    """Real gRPC with tokens and mTLS agents: the secret reaches the slices' owners only."""
+    from tests.integration.secure import client, start
+    c = start(tmp_path, [{**h, "node": h["node"].replace("mesh", "sec")} for h in HOSTS])
+    try:
+        with client(c, "team-a") as a, client(c, "viewer-a") as viewer, client(c, "admin") as admin:
+            s1 = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+            s2 = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+            conn = a.mesh_connect(s1.id, s2.id, size_bytes=4096)
+            assert len(conn.secret) == 32
+            assert a.mesh_get(conn.id).secret == conn.secret                 # the owner
+            got, listed = viewer.mesh_get(conn.id), viewer.mesh_list()
+            assert got.id == conn.id and got.b.rkey and got.secret == b""     # the viewer sees the record, not the secret
+            assert [x.secret for x in listed] == [b""]
+            assert admin.mesh_get(conn.id).secret == b""                      # an operator of no slice here
+            with pytest.raises((NotAuthorized, InvalidKey)):        # what the viewer saw does not open the buffer
+                connect(BufferDescriptor.from_proto(got.b), secret=got.secret).write(0, b"viewer")
+            with a.mesh_open(conn, side="b") as mine:                          # the owner's channel works
+                mine.write(0, b"owner")
+            a.mesh_disconnect(conn.id)
+    finally:
+        c.stop()

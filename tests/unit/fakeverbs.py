@@ -1,10 +1,27 @@
-"""A stand-in for pyverbs that follows its API and errors, with a tiny in-memory fabric.
+"""A stand-in for pyverbs that follows its API, enums and RC semantics, with a tiny in-memory fabric.
 
 `make(devices=False)` behaves like pyverbs on a host without RDMA: get_device_list()
 raises PyverbsRDMAError("Failed to get devices list"). With devices, memory regions
-are real host memory (ctypes), queue pairs must go RESET -> INIT -> RTR -> RTS before
-post_send, and RDMA WRITE/READ move bytes between MRs, checking the remote key, the
-MR's access flags and bounds, and complete on the send CQ with IBV_WC_* statuses.
+are real host memory (ctypes) and queue pairs follow the RC state machine of
+rdma-core (values of pyverbs.enums, pyverbs 44):
+
+* RESET -> INIT -> RTR -> RTS through `to_init` / `to_rtr` / `to_rts` (pyverbs'
+  `to_rtr` from RESET passes through INIT first, as the real one does) or
+  `modify(attr, IBV_QP_STATE | ...)`; any state -> RESET or ERR through `modify`.
+  A transition the state machine does not allow raises PyverbsRDMAError (errno
+  22, EINVAL), as ibv_modify_qp does: a QP that is RTR/RTS towards one peer
+  cannot be taken to RTR towards another without going through RESET.
+* post_send is refused in RESET/INIT/RTR (EINVAL) and with more than
+  `cap.max_send_wr` outstanding work requests (ENOMEM).
+* RDMA WRITE/READ check the remote key, the MR's access flags and bounds. A remote
+  access violation completes with IBV_WC_REM_ACCESS_ERR and moves the requester's
+  QP, and the responder's (a fatal NAK on an RC connection), to IBV_QPS_ERR; every
+  later work request on an ERR QP (and anything still outstanding) completes with
+  IBV_WC_WR_FLUSH_ERR and moves no byte.
+* A peer QP that is gone or not RTR/RTS towards us: retries exhausted
+  (IBV_WC_RETRY_EXC_ERR), QP to ERR.
+* Completions go to the send CQ in posting order per QP, with the WC opcode
+  (IBV_WC_RDMA_WRITE / IBV_WC_RDMA_READ), byte_len and qp_num.
 """
 
 from __future__ import annotations
@@ -22,27 +39,36 @@ class PyverbsError(Exception):
 
 class PyverbsRDMAError(PyverbsError):
     def __init__(self, msg: str, error_code: int = -1) -> None:
-        super().__init__(msg)
+        super().__init__(msg if error_code == -1 else f"{msg}. Errno: {error_code}")
         self.error_code = error_code
 
 
 class E:
-    """ibv_* constants (pyverbs.enums); values as in rdma-core where they matter."""
+    """ibv_* constants with the values of pyverbs.enums (rdma-core 44)."""
 
     IBV_ACCESS_LOCAL_WRITE = 1
     IBV_ACCESS_REMOTE_WRITE = 2
     IBV_ACCESS_REMOTE_READ = 4
     IBV_QPT_RC = 2
-    IBV_QPS_RESET, IBV_QPS_INIT, IBV_QPS_RTR, IBV_QPS_RTS = 100, 101, 102, 103
+    IBV_QPS_RESET, IBV_QPS_INIT, IBV_QPS_RTR, IBV_QPS_RTS, IBV_QPS_SQD, IBV_QPS_SQE, IBV_QPS_ERR = range(7)
+    IBV_QP_STATE = 1
+    IBV_QP_AV = 128
+    IBV_QP_DEST_QPN = 1048576
     IBV_WR_RDMA_WRITE = 0
     IBV_WR_RDMA_READ = 4
     IBV_SEND_SIGNALED = 2
     IBV_WC_SUCCESS = 0
+    IBV_WC_LOC_PROT_ERR = 4
+    IBV_WC_WR_FLUSH_ERR = 5
     IBV_WC_REM_INV_REQ_ERR = 9
     IBV_WC_REM_ACCESS_ERR = 10
     IBV_WC_RETRY_EXC_ERR = 12
     IBV_WC_RNR_RETRY_EXC_ERR = 13
-    IBV_WC_WR_FLUSH_ERR = 5
+    IBV_WC_RDMA_WRITE = 1
+    IBV_WC_RDMA_READ = 2
+
+
+EINVAL, ENOMEM = 22, 12
 
 
 def make(devices: bool = True) -> types.SimpleNamespace:
@@ -80,9 +106,9 @@ def make(devices: bool = True) -> types.SimpleNamespace:
             pass
 
     class MR:
-        def __init__(self, pd, length, access, address=None):
+        def __init__(self, pd, length, access, address=None, implicit=False, **kw):
             self.length, self.access = length, access
-            self._mem = (ctypes.c_char * max(1, length))()
+            self._mem = None if address is not None else (ctypes.c_char * max(1, length))()
             self.buf = address if address is not None else ctypes.addressof(self._mem)
             self.lkey, self.rkey = next(keys), next(keys)
             fabric.mrs[self.rkey] = self
@@ -114,58 +140,107 @@ def make(devices: bool = True) -> types.SimpleNamespace:
     class QPInitAttr:
         def __init__(self, qp_type=E.IBV_QPT_RC, qp_context=None, scq=None, rcq=None, srq=None, cap=None,
                      sq_sig_all=0):
-            self.qp_type, self.scq, self.rcq, self.cap = qp_type, scq, rcq, cap
+            self.qp_type, self.scq, self.rcq, self.cap = qp_type, scq, rcq, cap or QPCap()
 
     class QPAttr:
         def __init__(self, qp_state=E.IBV_QPS_INIT, cur_qp_state=E.IBV_QPS_RESET):
             self.qp_state = qp_state
+            self.cur_qp_state = cur_qp_state
 
     class QP:
         def __init__(self, pd, init_attr, qp_attr=None):
             self.pd, self.attr = pd, init_attr
             self.qp_num = random.randrange(1, 1 << 24)
             self.qp_state = E.IBV_QPS_RESET
+            self.dest = None
+            self.outstanding = 0
             fabric.qps[self.qp_num] = self
 
+        # -- the state machine (ibv_modify_qp) ------------------------------------------------
+        def _reset(self):
+            self.qp_state, self.dest, self.access = E.IBV_QPS_RESET, None, 0
+
         def to_init(self, attr):
-            if self.qp_state != E.IBV_QPS_RESET:
-                raise PyverbsRDMAError("Failed to modify QP state to init", 22)
+            if self.qp_state not in (E.IBV_QPS_RESET, E.IBV_QPS_INIT):
+                raise PyverbsRDMAError("Failed to modify QP state to init", EINVAL)
             self.access = attr.qp_access_flags
             self.qp_state = E.IBV_QPS_INIT
 
         def to_rtr(self, attr):
+            if self.qp_state == E.IBV_QPS_RESET:          # pyverbs: RESET -> INIT -> RTR
+                self.to_init(attr)
             if self.qp_state != E.IBV_QPS_INIT:
-                raise PyverbsRDMAError("Failed to modify QP state to RTR", 22)
+                raise PyverbsRDMAError("Failed to modify QP state to RTR", EINVAL)
             if not attr.ah_attr.is_global or attr.ah_attr.grh.dgid.gid is None:
-                raise PyverbsRDMAError("RoCE/IB GRH needed", 22)
+                raise PyverbsRDMAError("Failed to modify QP state to RTR", EINVAL)   # RoCE/IB GRH needed
             self.dest = attr.dest_qp_num
             self.qp_state = E.IBV_QPS_RTR
 
         def to_rts(self, attr):
             if self.qp_state != E.IBV_QPS_RTR:
-                raise PyverbsRDMAError("Failed to modify QP state to RTS", 22)
+                raise PyverbsRDMAError("Failed to modify QP state to RTS", EINVAL)
             self.qp_state = E.IBV_QPS_RTS
 
+        def modify(self, qp_attr, comp_mask):
+            if not comp_mask & E.IBV_QP_STATE:
+                raise PyverbsRDMAError("Failed to modify QP", EINVAL)
+            want = qp_attr.qp_state
+            if want == E.IBV_QPS_RESET:
+                self._reset()
+            elif want == E.IBV_QPS_ERR:
+                self._error()
+            elif want == E.IBV_QPS_INIT:
+                self.to_init(qp_attr)
+            elif want == E.IBV_QPS_RTR:
+                self.to_rtr(qp_attr)
+            elif want == E.IBV_QPS_RTS:
+                self.to_rts(qp_attr)
+            else:
+                raise PyverbsRDMAError("Failed to modify QP", EINVAL)
+
+        def query(self, attr_mask):
+            return QPAttr(qp_state=self.qp_state, cur_qp_state=self.qp_state), self.attr
+
+        def _error(self):
+            self.qp_state = E.IBV_QPS_ERR
+
+        # -- work requests ----------------------------------------------------------------------
+        def _complete(self, wr, status, length):
+            op = E.IBV_WC_RDMA_WRITE if wr.opcode == E.IBV_WR_RDMA_WRITE else E.IBV_WC_RDMA_READ
+            self.attr.scq.q.append(types.SimpleNamespace(wr_id=wr.wr_id, status=status, opcode=op,
+                                                         byte_len=length if status == E.IBV_WC_SUCCESS else 0,
+                                                         qp_num=self.qp_num, vendor_err=0))
+
         def post_send(self, wr, bad_wr=None):
-            if self.qp_state != E.IBV_QPS_RTS:
-                raise PyverbsRDMAError("Failed to post send", 22)
+            if self.qp_state in (E.IBV_QPS_RESET, E.IBV_QPS_INIT, E.IBV_QPS_RTR):
+                raise PyverbsRDMAError("Failed to post send", EINVAL)
+            pending = sum(1 for c in self.attr.scq.q if getattr(c, "qp_num", None) == self.qp_num)
+            if pending >= self.attr.cap.max_send_wr:
+                raise PyverbsRDMAError("Failed to post send", ENOMEM)
             fabric.log.append(wr.opcode)
-            status = E.IBV_WC_SUCCESS
-            peer = fabric.qps.get(self.dest)
-            remote = fabric.mrs.get(wr.rkey)
             sge = wr.sg[0]
-            need = E.IBV_ACCESS_REMOTE_WRITE if wr.opcode == E.IBV_WR_RDMA_WRITE else E.IBV_ACCESS_REMOTE_READ
-            if peer is None:
-                status = E.IBV_WC_RETRY_EXC_ERR
-            elif remote is None or not remote.access & need or wr.remote_addr < remote.buf \
-                    or wr.remote_addr + sge.length > remote.buf + remote.length:
-                status = E.IBV_WC_REM_ACCESS_ERR
-            elif wr.opcode == E.IBV_WR_RDMA_WRITE:
+            if self.qp_state == E.IBV_QPS_ERR:
+                self._complete(wr, E.IBV_WC_WR_FLUSH_ERR, 0)
+                return
+            peer = fabric.qps.get(self.dest)
+            if peer is None or peer.qp_state not in (E.IBV_QPS_RTR, E.IBV_QPS_RTS) or peer.dest != self.qp_num:
+                self._error()
+                self._complete(wr, E.IBV_WC_RETRY_EXC_ERR, 0)
+                return
+            remote = fabric.mrs.get(wr.rkey)
+            write = wr.opcode == E.IBV_WR_RDMA_WRITE
+            need = E.IBV_ACCESS_REMOTE_WRITE if write else E.IBV_ACCESS_REMOTE_READ
+            if remote is None or not remote.access & need or not peer.access & need \
+                    or wr.remote_addr < remote.buf or wr.remote_addr + sge.length > remote.buf + remote.length:
+                self._error()
+                peer._error()         # a remote access error is fatal to both ends of the RC connection
+                self._complete(wr, E.IBV_WC_REM_ACCESS_ERR, 0)
+                return
+            if write:
                 ctypes.memmove(wr.remote_addr, sge.addr, sge.length)
             else:
                 ctypes.memmove(sge.addr, wr.remote_addr, sge.length)
-            self.attr.scq.q.append(types.SimpleNamespace(wr_id=wr.wr_id, status=status, opcode=wr.opcode,
-                                                         byte_len=sge.length))
+            self._complete(wr, E.IBV_WC_SUCCESS, sge.length)
 
         def close(self):
             fabric.qps.pop(self.qp_num, None)

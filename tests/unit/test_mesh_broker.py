@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import types
 
 import pytest
@@ -40,6 +41,28 @@ def test_choose_transport(a, b, ta, tb, requested, want):
 def test_choose_transport_refuses(requested, err):
     with pytest.raises(err):
         choose_transport(node("x"), node("y"), ["tcp"], ["tcp"], requested)
+
+
+def test_cuda_ipc_is_brokered_only_between_slices_of_one_node_whose_agents_have_cuda():
+    with pytest.raises(errors.FailedPrecondition, match="one node"):
+        choose_transport(node("x"), node("y"), ["tcp", "cuda_ipc"], ["tcp", "cuda_ipc"], "cuda_ipc")
+    with pytest.raises(errors.FailedPrecondition, match="CUDA"):
+        choose_transport(node("x"), node("x"), ["tcp", "shm"], ["tcp", "shm"], "cuda_ipc")
+    assert choose_transport(node("x"), node("x"), ["cuda_ipc"], ["cuda_ipc"], "cuda_ipc") == ("cuda_ipc", "requested")
+
+
+def test_data_path_and_why_not_rdma():
+    from controlplane.meshchoice import data_path, fallback_reason
+    assert data_path("verbs", False, True) == "rdma" and data_path("tcp", False, True) == "tcp_tls"
+    assert data_path("tcp", True, True) == "tcp" and data_path("tcp", False, False) == "tcp"
+    hello_ok = M.MeshHello(transports=["tcp", "shm", "verbs"])
+    hello_no = M.MeshHello(transports=["tcp", "shm"], verbs_unavailable="no RDMA device: Failed to get devices list")
+    why = fallback_reason("tcp", "x", node("x", ib=True), node("y", ib=True), hello_ok, hello_no)
+    assert why == "node y: no RDMA device: Failed to get devices list"
+    assert fallback_reason("tcp", "x", node("x"), node("y", ib=True), hello_ok, hello_ok) == \
+        "node x has no InfiniBand NIC"
+    assert fallback_reason("verbs", "x", node("x", ib=True), node("y", ib=True), hello_ok, hello_ok) == ""
+    assert "requested" in fallback_reason("tcp", "requested", node("x"), node("y"), hello_ok, hello_ok)
 
 
 @pytest.fixture
@@ -88,21 +111,138 @@ def test_full_resync_revokes_buffers_of_slices_no_longer_desired(registrar):
     assert [h.descriptor.slice_id for h in registrar.buffers.values()] == ["s-2"]
 
 
-def test_registrar_verbs_buffer_also_served_over_tcp():
-    from mesh.transport.tcp import TcpConnection
+def _verbs_registrars(v):
+    """Two agents (nodes n1, n2) with verbs on one fabric of the pyverbs stand-in."""
     from mesh.transport.verbs import VerbsTransport
+    out = []
+    for node, sid in (("n1", "s-1"), ("n2", "s-2")):
+        agent = types.SimpleNamespace(node=node, endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
+                                      desired_hooks=[], desired={sid: object()})
+        out.append(Registrar(agent, "127.0.0.1:0", verbs_transport=VerbsTransport(node, pyverbs=v)))
+    return out
+
+
+def _peer(r, mine, theirs):
+    outbox = asyncio.Queue()
+    asyncio.run(r.on_peer(M.MeshPeer(buffer_id=mine.buffer_id, peer=theirs.to_proto(), request_id="p1"), outbox))
+    return outbox.get_nowait().mesh_registered
+
+
+def test_registrar_keeps_connected_qps_and_moves_bytes_by_rdma():
+    """The workload asks its own agent; the agent posts RDMA WRITE/READ on the QP it keeps."""
+    import secrets as _secrets
+
+    from mesh.transport.tcp import RdmaConnection
     from tests.unit import fakeverbs
-    agent = types.SimpleNamespace(node="n1", endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
-                                  desired_hooks=[], desired={"s-1": object()})
-    r = Registrar(agent, "127.0.0.1:0", verbs_transport=VerbsTransport("n1", pyverbs=fakeverbs.make()))
+    v = fakeverbs.make()
+    r1, r2 = _verbs_registrars(v)
+    secret = _secrets.token_bytes(32)
     try:
-        d = r.register("s-1", 4096, "verbs", "m-1")
-        assert d.transport == "verbs" and d.qp_num
-        with TcpConnection(d) as c:                     # a peer without verbs
-            c.write(10, b"fallback")
-            assert c.read(10, 8) == b"fallback"
-            r.revoke_slice("s-1")
-            with pytest.raises(Revoked):
-                c.read(0, 1)
+        d1 = r1.register("s-1", 1 << 16, "verbs", "m-1", secret)
+        d2 = r2.register("s-2", 1 << 16, "verbs", "m-1", secret)
+        assert d1.shm_name and d1.qp_num and d1.rkey == v.fabric.mrs[d1.rkey].rkey
+        assert _peer(r1, d1, d2).error == "" and _peer(r2, d2, d1).error == ""
+        assert v.fabric.qps[d1.qp_num].qp_state == v.enums.IBV_QPS_RTS
+        assert v.fabric.qps[d1.qp_num].dest == d2.qp_num
+        data = os.urandom(1 << 16)
+        with RdmaConnection(d2, d1, secret=secret) as peer:          # slice 1's workload -> slice 2's buffer
+            assert peer.write(0, data) == 1 << 16
+            assert peer.read(100, 50) == data[100:150]
+        assert v.fabric.log == [v.enums.IBV_WR_RDMA_WRITE, v.enums.IBV_WR_RDMA_READ]
+        with connect(d2, secret=secret) as mine:                     # slice 2's own view: its shm segment
+            assert type(mine).__name__ == "ShmConnection" and mine.read(0, 1 << 16) == data
+        # a QP connected to one peer is not reused for another
+        again = _peer(r1, d1, BufferDescriptor(**{**vars(d2), "qp_num": d2.qp_num ^ 1}))
+        assert "not reused" in again.error
+        # the secret is needed to ask the agent for RDMA, too
+        from mesh.transport.base import NotAuthorized
+        with pytest.raises(NotAuthorized):
+            RdmaConnection(d2, d1, secret=_secrets.token_bytes(32))
     finally:
-        r.close()
+        r1.close()
+        r2.close()
+
+
+def test_rdma_remote_access_error_moves_the_qp_to_error_through_the_agent():
+    import secrets as _secrets
+
+    from mesh.transport.base import InvalidKey, QueuePairError
+    from mesh.transport.tcp import RdmaConnection
+    from tests.unit import fakeverbs
+    v = fakeverbs.make()
+    r1, r2 = _verbs_registrars(v)
+    secret = _secrets.token_bytes(32)
+    try:
+        d1 = r1.register("s-1", 4096, "verbs", "m-1", secret)
+        d2 = r2.register("s-2", 4096, "verbs", "m-1", secret)
+        forged = BufferDescriptor(**{**vars(d2), "rkey": d2.rkey ^ 0x55})   # the peer as a wrong key names it
+        _peer(r1, d1, forged)
+        _peer(r2, d2, d1)
+        with RdmaConnection(forged, d1, secret=secret) as peer:
+            with pytest.raises(InvalidKey, match="remote access error"):
+                peer.write(0, b"x")
+            assert v.fabric.qps[d1.qp_num].qp_state == v.enums.IBV_QPS_ERR
+            with pytest.raises(QueuePairError, match="error state"):
+                peer.write(0, b"x")
+    finally:
+        r1.close()
+        r2.close()
+
+
+def test_verbs_buffers_are_not_served_over_tcp_to_other_hosts(monkeypatch):
+    import secrets as _secrets
+
+    from mesh.transport import channel
+    from mesh.transport.base import NotAuthorized
+    from mesh.transport.tcp import TcpConnection
+    from tests.unit import fakeverbs
+    r1, r2 = _verbs_registrars(fakeverbs.make())
+    secret = _secrets.token_bytes(32)
+    try:
+        d1 = r1.register("s-1", 4096, "verbs", "m-1", secret)
+        with TcpConnection(d1, secret=secret) as local:              # its owner on this host: fine
+            local.write(0, b"own")
+        monkeypatch.setattr(channel, "same_host", lambda sock: False)
+        with TcpConnection(d1, secret=secret) as remote:
+            with pytest.raises(NotAuthorized, match="registered for RDMA"):
+                remote.read(0, 3)
+            remote.send(b"two-sided messages still go over the data plane")
+    finally:
+        r1.close()
+        r2.close()
+
+
+# -- who gets the connection secret ---------------------------------------------------------------
+
+def _service_with_connection():
+    from controlplane.meshsvc import MeshManager, MeshService
+    ctl = types.SimpleNamespace(agent_handlers={}, fleet=types.SimpleNamespace(slices={
+        "s-a": types_pb2.Slice(id="s-a", tenant="team-a"), "s-b": types_pb2.Slice(id="s-b", tenant="team-b")}))
+    mgr = MeshManager(ctl)
+    conn = M.MeshConnection(id="m-1", tenant="team-a", slice_a="s-a", slice_b="s-b", transport="tcp",
+                            secret=b"S" * 32, state=M.MESH_CONNECTION_STATE_READY)
+    mgr.connections["m-1"] = conn
+    mgr.grants[("team-a", "team-b")] = M.MeshGrant(from_tenant="team-a", to_tenant="team-b")
+    return MeshService(mgr)
+
+
+@pytest.mark.parametrize("who, sees_secret", [
+    (("viewer", "team-a"), False),       # a viewer of the owning tenant
+    (("viewer", "team-b"), False),
+    (("tenant", "team-a"), True),        # slice A's owner
+    (("tenant", "team-b"), True),        # slice B's owner (granted peer)
+    (("admin", ""), False),              # an operator who owns neither slice
+])
+def test_get_and_list_return_the_secret_only_to_the_slices_owners(who, sees_secret):
+    from controlplane import auth
+    svc = _service_with_connection()
+    token = auth._current.set(auth.Principal("client", "x", who[1], who[0]))
+    try:
+        got = asyncio.run(svc.Get(M.GetMeshConnectionRequest(id="m-1"), None))
+        listed = asyncio.run(svc.List(M.ListMeshConnectionsRequest(), None)).connections
+    finally:
+        auth._current.reset(token)
+    assert [c.id for c in listed] == ["m-1"]
+    assert got.secret == (b"S" * 32 if sees_secret else b"")
+    assert listed[0].secret == got.secret
+    assert svc.mesh.connections["m-1"].secret == b"S" * 32      # the record itself keeps it

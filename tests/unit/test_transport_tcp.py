@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from mesh.transport import channel
 from mesh.transport.base import BufferDescriptor, InvalidKey, OutOfBounds, PeerGone, Revoked
 from mesh.transport.tcp import REQ, RESP, WRITE, TcpConnection, TcpTransport, recv_exact
 
@@ -110,7 +111,7 @@ def test_forged_raw_request_outside_region_writes_nothing(tcp):
     backing = bytearray(2048)
     d = tcp.register("s-1", buffer=memoryview(backing)[512:1536])
     host, port = d.endpoint.rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as s:
+    with channel.client_open(socket.create_connection((host, int(port)))) as s:     # handshake, then raw frames
         s.sendall(REQ.pack(WRITE, 0, 0, 7, d.rkey, d.address - 512, 600) + b"E" * 600)
         resp = bytearray(RESP.size)
         recv_exact(s, memoryview(resp))

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("slice_a", metavar="SLICE_A")
     p.add_argument("slice_b", metavar="SLICE_B")
     p.add_argument("--size", type=size_arg, default=4 << 20, metavar="SIZE", help="buffer size (default: 4MiB)")
-    p.add_argument("--transport", choices=("tcp", "shm", "verbs"), default="",
+    p.add_argument("--transport", choices=("tcp", "shm", "verbs", "cuda_ipc"), default="",
                    help="force a transport (default: the best the topology offers)")
     p.set_defaults(func=run_connect)
     p = subcommand(cmds, "get", help="list connections, or show one", epilog=EPILOG)
@@ -60,15 +60,16 @@ def _show(conns, args, single: bool = False) -> None:
     if args.output in ("json", "yaml"):
         out(dump(docs[0] if single else {"items": docs}, args.output))
         return
-    headers = ["ID", "TENANT", "TRANSPORT", "STATE", "SLICE A", "SLICE B", "SIZE"]
+    headers = ["ID", "TENANT", "TRANSPORT", "DATA PATH", "STATE", "SLICE A", "SLICE B", "SIZE"]
     if args.output == "wide":
-        headers += ["NODE A", "NODE B", "ENDPOINT A", "ENDPOINT B", "REASON"]
+        headers += ["NODE A", "NODE B", "ENDPOINT A", "ENDPOINT B", "REASON", "WHY NOT RDMA"]
     rows = []
     for d in docs:
-        row = [d["id"], d["tenant"], d["transport"], d["state"], d["slice_a"], d["slice_b"],
+        row = [d["id"], d["tenant"], d["transport"], d["data_path"] or "-", d["state"], d["slice_a"], d["slice_b"],
                format_size(d["size_bytes"])]
         if args.output == "wide":
-            row += [d["a"]["node"], d["b"]["node"], d["a"]["endpoint"], d["b"]["endpoint"], d["reason"]]
+            row += [d["a"]["node"], d["b"]["node"], d["a"]["endpoint"], d["b"]["endpoint"], d["reason"],
+                    d["fallback_reason"] or "-"]
         rows.append(row)
     out(render_table(headers, rows))
 

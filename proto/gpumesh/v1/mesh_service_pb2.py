@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpumesh/v1/mesh_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\x10\x42ufferDescriptor\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x10\n\x08slice_id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\x04\x12\x0e\n\x06length\x18\x06 \x01(\x04\x12\x0c\n\x04rkey\x18\x07 \x01(\x04\x12\x0c\n\x04lkey\x18\x08 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\t \x01(\t\x12\x10\n\x08shm_name\x18\n \x01(\t\x12\x0b\n\x03gid\x18\x0b \x01(\x0c\x12\x0b\n\x03lid\x18\x0c \x01(\r\x12\x0e\n\x06qp_num\x18\r \x01(\r\x12\x0b\n\x03psn\x18\x0e \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x0c\n\x04port\x18\x10 \x01(\r\x12\x12\n\nipc_handle\x18\x11 \x01(\x0c\"\xc8\x02\n\x0eMeshConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07slice_a\x18\x03 \x01(\t\x12\x0f\n\x07slice_b\x18\x04 \x01(\t\x12\'\n\x01\x61\x18\x05 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12\'\n\x01\x62\x18\x06 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12.\n\x05state\x18\x07 \x01(\x0e\x32\x1f.gpumesh.v1.MeshConnectionState\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x0f\n\x07message\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x0c \x01(\t\"]\n\x12MeshConnectRequest\x12\x0f\n\x07slice_a\x18\x01 \x01(\t\x12\x0f\n\x07slice_b\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x11\n\ttransport\x18\x04 \x01(\t\"&\n\x18GetMeshConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x1aListMeshConnectionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08slice_id\x18\x02 \x01(\t\"N\n\x1bListMeshConnectionsResponse\x12/\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1a.gpumesh.v1.MeshConnection\"#\n\x15\x44isconnectMeshRequest\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x10MeshGrantRequest\x12\x13\n\x0b\x66rom_tenant\x18\x01 \x01(\t\x12\x11\n\tto_tenant\x18\x02 \x01(\t\x12\x0e\n\x06revoke\x18\x03 \x01(\x08\"c\n\tMeshGrant\x12\x13\n\x0b\x66rom_tenant\x18\x01 \x01(\t\x12\x11\n\tto_tenant\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15ListMeshGrantsRequest\"?\n\x16ListMeshGrantsResponse\x12%\n\x06grants\x18\x01 \x03(\x0b\x32\x15.gpumesh.v1.MeshGrant\"B\n\tMeshHello\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\ntransports\x18\x02 \x03(\t\x12\x0f\n\x07\x62uffers\x18\x03 \x03(\t\"r\n\x0cMeshRegister\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x10\n\x08slice_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x11\n\ttransport\x18\x05 \x01(\t\"y\n\x0eMeshRegistered\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_kind\x18\x04 \x01(\t\"H\n\x0eMeshDeregister\x12\x12\n\nbuffer_ids\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"I\n\x08MeshPeer\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12*\n\x04peer\x18\x02 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor*\xa1\x01\n\x13MeshConnectionState\x12%\n!MESH_CONNECTION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMESH_CONNECTION_STATE_READY\x10\x01\x12 \n\x1cMESH_CONNECTION_STATE_CLOSED\x10\x02\x12 \n\x1cMESH_CONNECTION_STATE_FAILED\x10\x03\x32\xd6\x03\n\x0bMeshService\x12\x45\n\x07\x43onnect\x12\x1e.gpumesh.v1.MeshConnectRequest\x1a\x1a.gpumesh.v1.MeshConnection\x12G\n\x03Get\x12$.gpumesh.v1.GetMeshConnectionRequest\x1a\x1a.gpumesh.v1.MeshConnection\x12W\n\x04List\x12&.gpumesh.v1.ListMeshConnectionsRequest\x1a\'.gpumesh.v1.ListMeshConnectionsResponse\x12K\n\nDisconnect\x12!.gpumesh.v1.DisconnectMeshRequest\x1a\x1a.gpumesh.v1.MeshConnection\x12<\n\x05Grant\x12\x1c.gpumesh.v1.MeshGrantRequest\x1a\x15.gpumesh.v1.MeshGrant\x12S\n\nListGrants\x12!.gpumesh.v1.ListMeshGrantsRequest\x1a\".gpumesh.v1.ListMeshGrantsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpumesh/v1/mesh_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n\x10\x42ufferDescriptor\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x10\n\x08slice_id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\x04\x12\x0e\n\x06length\x18\x06 \x01(\x04\x12\x0c\n\x04rkey\x18\x07 \x01(\x04\x12\x0c\n\x04lkey\x18\x08 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\t \x01(\t\x12\x10\n\x08shm_name\x18\n \x01(\t\x12\x0b\n\x03gid\x18\x0b \x01(\x0c\x12\x0b\n\x03lid\x18\x0c \x01(\r\x12\x0e\n\x06qp_num\x18\r \x01(\r\x12\x0b\n\x03psn\x18\x0e \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x0c\n\x04port\x18\x10 \x01(\r\x12\x12\n\nipc_handle\x18\x11 \x01(\x0c\x12\x12\n\ntls_sha256\x18\x12 \x01(\x0c\"\x84\x03\n\x0eMeshConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07slice_a\x18\x03 \x01(\t\x12\x0f\n\x07slice_b\x18\x04 \x01(\t\x12\'\n\x01\x61\x18\x05 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12\'\n\x01\x62\x18\x06 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12.\n\x05state\x18\x07 \x01(\x0e\x32\x1f.gpumesh.v1.MeshConnectionState\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x0f\n\x07message\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12\x0e\n\x06secret\x18\r \x01(\x0c\x12\x11\n\tdata_path\x18\x0e \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x0f \x01(\t\"]\n\x12MeshConnectRequest\x12\x0f\n\x07slice_a\x18\x01 \x01(\t\x12\x0f\n\x07slice_b\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x11\n\ttransport\x18\x04 \x01(\t\"&\n\x18GetMeshConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x1aListMeshConnectionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08slice_id\x18\x02 \x01(\t\"N\n\x1bListMeshConnectionsResponse\x12/\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1a.gpumesh.v1.MeshConnection\"#\n\x15\x44isconnectMeshRequest\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x10MeshGrantRequest\x12\x13\n\x0b\x66rom_tenant\x18\x01 \x01(\t\x12\x11\n\tto_tenant\x18\x02 \x01(\t\x12\x0e\n\x06revoke\x18\x03 \x01(\x08\"c\n\tMeshGrant\x12\x13\n\x0b\x66rom_tenant\x18\x01 \x01(\t\x12\x11\n\tto_tenant\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15ListMeshGrantsRequest\"?\n\x16ListMeshGrantsResponse\x12%\n\x06grants\x18\x01 \x03(\x0b\x32\x15.gpumesh.v1.MeshGrant\"j\n\tMeshHello\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\ntransports\x18\x02 \x03(\t\x12\x0f\n\x07\x62uffers\x18\x03 \x03(\t\x12\x19\n\x11verbs_unavailable\x18\x04 \x01(\t\x12\x0b\n\x03tls\x18\x05 \x01(\x08\"\x82\x01\n\x0cMeshRegister\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x10\n\x08slice_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x11\n\ttransport\x18\x05 \x01(\t\x12\x0e\n\x06secret\x18\x06 \x01(\x0c\"y\n\x0eMeshRegistered\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_kind\x18\x04 \x01(\t\"H\n\x0eMeshDeregister\x12\x12\n\nbuffer_ids\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"]\n\x08MeshPeer\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12*\n\x04peer\x18\x02 \x01(\x0b\x32\x1c.gpumesh.v1.BufferDescriptor\x12\x12\n\nrequest_id\x18\x03 \x01(\t*\xa1\x01\n\x13MeshConnectionState\x12%\n!MESH_CONNECTION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMESH_CONNECTION_STATE_READY\x10\x01\x12 \n\x1cMESH_CONNECTION_STATE_CLOSED\x10\x02\x12 \n\x1cMESH_CONNECTION_STATE_FAILED\x10\x03\x32\xd6\x03\n\x0bMeshService\x12\x45\n\x07\x43onnect\x12\x1e.gpumesh.v1.MeshConnectRequest\x1a\x1a.gpumesh.v1.MeshConnection\x12G\n\x03Get\x12$.gpumesh.v1.GetMeshConnectionRequest\x1a\x1a.gpumesh.v1.MeshConnection\x12W\n\x04List\x12&.gpumesh.v1.ListMeshConnectionsRequest\x1a\'.gpumesh.v1.ListMeshConnectionsResponse\x12K\n\nDisconnect\x12!.gpumesh.v1.DisconnectMeshRequest\x1a\x1a.gpumesh.v1.MeshConnection\x12<\n\x05Grant\x12\x1c.gpumesh.v1.MeshGrantRequest\x1a\x15.gpumesh.v1.MeshGrant\x12S\n\nListGrants\x12!.gpumesh.v1.ListMeshGrantsRequest\x1a\".gpumesh.v1.ListMeshGrantsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpumesh.v1.mesh_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESHCONNECTIONSTATE']._serialized_start=1742
-  _globals['_MESHCONNECTIONSTATE']._serialized_end=1903
+  _globals['_MESHCONNECTIONSTATE']._serialized_start=1899
+  _globals['_MESHCONNECTIONSTATE']._serialized_end=2060
   _globals['_BUFFERDESCRIPTOR']._serialized_start=79
-  _globals['_BUFFERDESCRIPTOR']._serialized_end=369
-  _globals['_MESHCONNECTION']._serialized_start=372
-  _globals['_MESHCONNECTION']._serialized_end=700
-  _globals['_MESHCONNECTREQUEST']._serialized_start=702
-  _globals['_MESHCONNECTREQUEST']._serialized_end=795
-  _globals['_GETMESHCONNECTIONREQUEST']._serialized_start=797
-  _globals['_GETMESHCONNECTIONREQUEST']._serialized_end=835
-  _globals['_LISTMESHCONNECTIONSREQUEST']._serialized_start=837
-  _globals['_LISTMESHCONNECTIONSREQUEST']._serialized_end=899
-  _globals['_LISTMESHCONNECTIONSRESPONSE']._serialized_start=901
-  _globals['_LISTMESHCONNECTIONSRESPONSE']._serialized_end=979
-  _globals['_DISCONNECTMESHREQUEST']._serialized_start=981
-  _globals['_DISCONNECTMESHREQUEST']._serialized_end=1016
-  _globals['_MESHGRANTREQUEST']._serialized_start=1018
-  _globals['_MESHGRANTREQUEST']._serialized_end=1092
-  _globals['_MESHGRANT']._serialized_start=1094
-  _globals['_MESHGRANT']._serialized_end=1193
-  _globals['_LISTMESHGRANTSREQUEST']._serialized_start=1195
-  _globals['_LISTMESHGRANTSREQUEST']._serialized_end=1218
-  _globals['_LISTMESHGRANTSRESPONSE']._serialized_start=1220
-  _globals['_LISTMESHGRANTSRESPONSE']._serialized_end=1283
-  _globals['_MESHHELLO']._serialized_start=1285
-  _globals['_MESHHELLO']._serialized_end=1351
-  _globals['_MESHREGISTER']._serialized_start=1353
-  _globals['_MESHREGISTER']._serialized_end=1467
-  _globals['_MESHREGISTERED']._serialized_start=1469
-  _globals['_MESHREGISTERED']._serialized_end=1590
-  _globals['_MESHDEREGISTER']._serialized_start=1592
-  _globals['_MESHDEREGISTER']._serialized_end=1664
-  _globals['_MESHPEER']._serialized_start=1666
-  _globals['_MESHPEER']._serialized_end=1739
-  _globals['_MESHSERVICE']._serialized_start=1906
-  _globals['_MESHSERVICE']._serialized_end=2376
+  _globals['_BUFFERDESCRIPTOR']._serialized_end=389
+  _globals['_MESHCONNECTION']._serialized_start=392
+  _globals['_MESHCONNECTION']._serialized_end=780
+  _globals['_MESHCONNECTREQUEST']._serialized_start=782
+  _globals['_MESHCONNECTREQUEST']._serialized_end=875
+  _globals['_GETMESHCONNECTIONREQUEST']._serialized_start=877
+  _globals['_GETMESHCONNECTIONREQUEST']._serialized_end=915
+  _globals['_LISTMESHCONNECTIONSREQUEST']._serialized_start=917
+  _globals['_LISTMESHCONNECTIONSREQUEST']._serialized_end=979
+  _globals['_LISTMESHCONNECTIONSRESPONSE']._serialized_start=981
+  _globals['_LISTMESHCONNECTIONSRESPONSE']._serialized_end=1059
+  _globals['_DISCONNECTMESHREQUEST']._serialized_start=1061
+  _globals['_DISCONNECTMESHREQUEST']._serialized_end=1096
+  _globals['_MESHGRANTREQUEST']._serialized_start=1098
+  _globals['_MESHGRANTREQUEST']._serialized_end=1172
+  _globals['_MESHGRANT']._serialized_start=1174
+  _globals['_MESHGRANT']._serialized_end=1273
+  _globals['_LISTMESHGRANTSREQUEST']._serialized_start=1275
+  _globals['_LISTMESHGRANTSREQUEST']._serialized_end=1298
+  _globals['_LISTMESHGRANTSRESPONSE']._serialized_start=1300
+  _globals['_LISTMESHGRANTSRESPONSE']._serialized_end=1363
+  _globals['_MESHHELLO']._serialized_start=1365
+  _globals['_MESHHELLO']._serialized_end=1471
+  _globals['_MESHREGISTER']._serialized_start=1474
+  _globals['_MESHREGISTER']._serialized_end=1604
+  _globals['_MESHREGISTERED']._serialized_start=1606
+  _globals['_MESHREGISTERED']._serialized_end=1727
+  _globals['_MESHDEREGISTER']._serialized_start=1729
+  _globals['_MESHDEREGISTER']._serialized_end=1801
+  _globals['_MESHPEER']._serialized_start=1803
+  _globals['_MESHPEER']._serialized_end=1896
+  _globals['_MESHSERVICE']._serialized_start=2063
+  _globals['_MESHSERVICE']._serialized_end=2533
 # @@protoc_insertion_point(module_scope)

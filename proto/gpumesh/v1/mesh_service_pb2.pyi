@@ -22,7 +22,7 @@ MESH_CONNECTION_STATE_CLOSED: MeshConnectionState
 MESH_CONNECTION_STATE_FAILED: MeshConnectionState
 
 class BufferDescriptor(_message.Message):
-    __slots__ = ("buffer_id", "slice_id", "node", "transport", "address", "length", "rkey", "lkey", "endpoint", "shm_name", "gid", "lid", "qp_num", "psn", "device", "port", "ipc_handle")
+    __slots__ = ("buffer_id", "slice_id", "node", "transport", "address", "length", "rkey", "lkey", "endpoint", "shm_name", "gid", "lid", "qp_num", "psn", "device", "port", "ipc_handle", "tls_sha256")
     BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class BufferDescriptor(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    TLS_SHA256_FIELD_NUMBER: _ClassVar[int]
     buffer_id: str
     slice_id: str
     node: str
@@ -57,10 +58,11 @@ class BufferDescriptor(_message.Message):
     device: str
     port: int
     ipc_handle: bytes
-    def __init__(self, buffer_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., transport: _Optional[str] = ..., address: _Optional[int] = ..., length: _Optional[int] = ..., rkey: _Optional[int] = ..., lkey: _Optional[int] = ..., endpoint: _Optional[str] = ..., shm_name: _Optional[str] = ..., gid: _Optional[bytes] = ..., lid: _Optional[int] = ..., qp_num: _Optional[int] = ..., psn: _Optional[int] = ..., device: _Optional[str] = ..., port: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ...) -> None: ...
+    tls_sha256: bytes
+    def __init__(self, buffer_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., transport: _Optional[str] = ..., address: _Optional[int] = ..., length: _Optional[int] = ..., rkey: _Optional[int] = ..., lkey: _Optional[int] = ..., endpoint: _Optional[str] = ..., shm_name: _Optional[str] = ..., gid: _Optional[bytes] = ..., lid: _Optional[int] = ..., qp_num: _Optional[int] = ..., psn: _Optional[int] = ..., device: _Optional[str] = ..., port: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., tls_sha256: _Optional[bytes] = ...) -> None: ...
 
 class MeshConnection(_message.Message):
-    __slots__ = ("id", "transport", "slice_a", "slice_b", "a", "b", "state", "tenant", "size_bytes", "message", "created_at", "reason")
+    __slots__ = ("id", "transport", "slice_a", "slice_b", "a", "b", "state", "tenant", "size_bytes", "message", "created_at", "reason", "secret", "data_path", "fallback_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SLICE_A_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +75,9 @@ class MeshConnection(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    DATA_PATH_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     transport: str
     slice_a: str
@@ -85,7 +90,10 @@ class MeshConnection(_message.Message):
     message: str
     created_at: _timestamp_pb2.Timestamp
     reason: str
-    def __init__(self, id: _Optional[str] = ..., transport: _Optional[str] = ..., slice_a: _Optional[str] = ..., slice_b: _Optional[str] = ..., a: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., b: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., state: _Optional[_Union[MeshConnectionState, str]] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    secret: bytes
+    data_path: str
+    fallback_reason: str
+    def __init__(self, id: _Optional[str] = ..., transport: _Optional[str] = ..., slice_a: _Optional[str] = ..., slice_b: _Optional[str] = ..., a: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., b: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., state: _Optional[_Union[MeshConnectionState, str]] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., secret: _Optional[bytes] = ..., data_path: _Optional[str] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
 
 class MeshConnectRequest(_message.Message):
     __slots__ = ("slice_a", "slice_b", "size_bytes", "transport")
@@ -156,28 +164,34 @@ class ListMeshGrantsResponse(_message.Message):
     def __init__(self, grants: _Optional[_Iterable[_Union[MeshGrant, _Mapping]]] = ...) -> None: ...
 
 class MeshHello(_message.Message):
-    __slots__ = ("endpoint", "transports", "buffers")
+    __slots__ = ("endpoint", "transports", "buffers", "verbs_unavailable", "tls")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    VERBS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     transports: _containers.RepeatedScalarFieldContainer[str]
     buffers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, endpoint: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[str]] = ...) -> None: ...
+    verbs_unavailable: str
+    tls: bool
+    def __init__(self, endpoint: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[str]] = ..., verbs_unavailable: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class MeshRegister(_message.Message):
-    __slots__ = ("request_id", "connection_id", "slice_id", "size_bytes", "transport")
+    __slots__ = ("request_id", "connection_id", "slice_id", "size_bytes", "transport", "secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     connection_id: str
     slice_id: str
     size_bytes: int
     transport: str
-    def __init__(self, request_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class MeshRegistered(_message.Message):
     __slots__ = ("request_id", "descriptor", "error", "error_kind")
@@ -202,9 +216,11 @@ class MeshDeregister(_message.Message):
     def __init__(self, buffer_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class MeshPeer(_message.Message):
-    __slots__ = ("buffer_id", "peer")
+    __slots__ = ("buffer_id", "peer", "request_id")
     BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     buffer_id: str
     peer: BufferDescriptor
-    def __init__(self, buffer_id: _Optional[str] = ..., peer: _Optional[_Union[BufferDescriptor, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, buffer_id: _Optional[str] = ..., peer: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
