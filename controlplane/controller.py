@@ -91,6 +91,7 @@ class Controller:
         for s in deleted:
             self.events.publish(DELETED, s, rev)
             self._resolve(self.gone_waiters, s.id, s)
+            self._resolve(self.ready_waiters, s.id, s)     # deleted before it became ready: no waiter stays
         return rev
 
     @staticmethod
@@ -98,6 +99,17 @@ class Controller:
         for fut in table.pop(slice_id, ()):
             if not fut.done():
                 fut.set_result(value)
+
+    @staticmethod
+    def _unwait(table: dict, futs) -> None:
+        """Drop the futures of waits that ended without an answer (timed out, cancelled)."""
+        gone = set(map(id, futs))
+        for sid in [k for k, v in table.items() if any(id(f) in gone for f in v)]:
+            left = [f for f in table[sid] if id(f) not in gone]
+            if left:
+                table[sid] = left
+            else:
+                del table[sid]
 
     def _wait(self, table: dict, slice_id: str) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -222,6 +234,7 @@ class Controller:
             if pending:
                 for f in pending:
                     f.cancel()
+                self._unwait(self.ready_waiters, pending)
                 raise errors.DeadlineExceeded(
                     f"allocation {alloc_id} is placed but not ready after {timeout:g}s (its node agent has not "
                     f"realized it yet); it stays PENDING: follow it with Get/Watch or release it")
@@ -268,6 +281,7 @@ class Controller:
             await asyncio.wait(gone, timeout=self.release_timeout)
         for f in gone:
             f.cancel()
+        self._unwait(self.gone_waiters, [f for f in gone if f.cancelled()])
         return [self.fleet.slices.get(s.id, s) for s in result]
 
     # -- agent reports ----------------------------------------------------------------
