@@ -1,0 +1,161 @@
+"""Failures are seen (issue 10, section 4): the supervised etcd writer, the read-back by revision, slow
+watchers and internal followers cut off (and resyncing), ready-waiters of deleted slices, bounded outboxes."""
+
+import asyncio
+
+import pytest
+
+from controlplane.controller import Controller
+from controlplane.events import DELETED, MODIFIED, EventHub
+from controlplane.store import EtcdStore, Put
+from controlplane.workloads import WorkloadManager
+from controlplane.writer import Writer
+from gpumesh.v1 import types_pb2
+from mesh import errors
+
+
+class FlakyStore:
+    """A store whose commit fails with an unexpected exception `fail` times (a bug, not an etcd error)."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.commits = 0
+
+    async def commit(self, ops, conds=()):
+        self.commits += 1
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("boom: an unexpected bug in the commit path")
+        return 100 + self.commits
+
+
+async def test_writer_fails_the_inflight_writes_and_restarts_after_an_unexpected_exception():
+    w = Writer(FlakyStore(fail=1))
+    w.start()
+    try:
+        with pytest.raises(errors.Unavailable, match="etcd writer failed"):
+            await asyncio.wait_for(w.write([Put(b"/gpumesh/v1/a", b"1")]), 10)
+        # restarted: the next write goes through
+        assert await asyncio.wait_for(w.write([Put(b"/gpumesh/v1/a", b"2")]), 10) > 100
+        assert w.restarts == 1 and not w.failed
+    finally:
+        await w.stop()
+
+
+async def test_writer_that_cannot_restart_gives_up_and_calls_on_fatal():
+    w = Writer(FlakyStore(fail=10 ** 6), max_restarts=2, restart_window=60)
+    fatal = []
+    w.on_fatal.append(fatal.append)
+    w.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(errors.Unavailable):
+                await asyncio.wait_for(w.write([Put(b"/gpumesh/v1/a", b"1")]), 10)
+        await asyncio.wait_for(w.task, 10)          # the supervisor returned: it gave up
+        assert fatal and "RuntimeError" in fatal[0]
+        with pytest.raises(errors.Unavailable, match="stepped down"):
+            await asyncio.wait_for(w.write([Put(b"/gpumesh/v1/b", b"1")]), 2)   # at once, not hanging
+    finally:
+        await w.stop()
+
+
+async def test_lost_write_read_back_compares_revisions_not_values(etcd_server):
+    """The key already held the same value: that is no proof the lost transaction was applied."""
+    st = EtcdStore([etcd_server.endpoint])
+    await st.connect()
+    await st.become_leader("cp-rb", ttl=5, wait=10)
+    try:
+        await st.commit([Put(b"/gpumesh/v1/rb", b"same")])
+        real = st.client.kvstub.Txn
+
+        async def lost(*a, **kw):               # the answer is lost, and the transaction was NOT applied
+            raise OSError("connection reset before the answer")
+        st.client.kvstub.Txn = lost
+        with pytest.raises(errors.Unavailable):
+            await st.commit([Put(b"/gpumesh/v1/rb", b"same")])
+        assert not st.lost_leadership.is_set()
+
+        async def applied_then_lost(*a, **kw):  # applied, then the answer is lost
+            await real(*a, **kw)
+            raise OSError("connection reset after the write")
+        st.client.kvstub.Txn = applied_then_lost
+        rev = await st.commit([Put(b"/gpumesh/v1/rb", b"same"), Put(b"/gpumesh/v1/rb2", b"x")])
+        kv = await st.client.get(b"/gpumesh/v1/rb")
+        assert rev == kv.mod_revision
+    finally:
+        await st.close()
+
+
+async def test_slow_watcher_is_cut_off_with_resource_exhausted_naming_the_watch():
+    hub = EventHub(max_queue=4)
+    q = hub.subscribe("SliceService.Watch")
+    for i in range(10):
+        hub.publish(MODIFIED, types_pb2.Slice(id=f"s-{i}"), i)
+    assert q not in hub.subscribers
+    # the old hub queued its "fell behind" marker only if the (full) queue had room: the watcher hung
+    item = await asyncio.wait_for(q.get(), 2)
+    assert not hasattr(item, "slice"), "the cut-off watcher still gets events instead of the marker"
+    assert len(q._queue) == 0                               # nothing held for a watcher that is gone
+    q2 = hub.subscribe("SliceService.Watch")
+    for i in range(10):
+        hub.publish(MODIFIED, types_pb2.Slice(id=f"s-{i}"), i)
+    with pytest.raises(errors.ResourceExhausted) as e:
+        await asyncio.wait_for(q2.next(), 2)
+    assert "SliceService.Watch fell behind by 5 events" in e.value.message and "list again" in e.value.message
+
+
+def _ctl():
+    ctl = Controller(store=None)
+
+    class FakeWriter:
+        async def write(self, ops, conds=()):
+            return 1
+    ctl.writer = FakeWriter()
+    return ctl
+
+
+async def test_internal_slice_follower_resyncs_after_falling_behind():
+    ctl = _ctl()
+    ctl.events.max_queue = 2
+    wm = WorkloadManager(ctl)
+    wm.workloads["w-1"] = types_pb2.Workload(id="w-1", slice_id="s-1", node="n", state=types_pb2.WORKLOAD_STATE_RUNNING)
+    task = asyncio.create_task(wm._follow_slices())
+    await asyncio.sleep(0.05)
+    # a burst the follower cannot read in time (no await between publishes); the slice is gone meanwhile
+    for i in range(20):
+        ctl.events.publish(MODIFIED, types_pb2.Slice(id=f"s-other-{i}"), i)
+    ctl.events.publish(DELETED, types_pb2.Slice(id="s-1"), 21)
+    try:
+        for _ in range(100):
+            if wm.workloads["w-1"].state == types_pb2.WORKLOAD_STATE_STOPPED:
+                break
+            await asyncio.sleep(0.05)
+        assert wm.workloads["w-1"].state == types_pb2.WORKLOAD_STATE_STOPPED, "the follower stopped silently"
+        assert wm.resyncs >= 1
+        assert len(ctl.events.subscribers) == 1            # it follows again
+    finally:
+        task.cancel()
+
+
+async def test_ready_waiters_of_a_slice_deleted_before_ready_are_removed():
+    ctl = _ctl()
+    s = types_pb2.Slice(id="s-1", node="n", state=types_pb2.SLICE_STATE_PENDING)
+    ctl.fleet.put_slice(s)
+    fut = ctl._wait(ctl.ready_waiters, "s-1")
+    await ctl.save([], deleted=[ctl.fleet.drop_slice("s-1")])
+    assert fut.done() and "s-1" not in ctl.ready_waiters
+    # a wait that times out leaves nothing behind either
+    ctl.fleet.put_slice(types_pb2.Slice(id="s-2", node="n", state=types_pb2.SLICE_STATE_PENDING,
+                                        allocation_id="a-2"))
+    with pytest.raises(errors.DeadlineExceeded):
+        await ctl._await_ready("a-2", False, 0.05)
+    assert not ctl.ready_waiters
+
+
+def test_outbox_is_bounded_and_ends_the_stream_when_full():
+    from mesh.outbox import Outbox
+    o = Outbox(limit=3)
+    for i in range(10):
+        o.put_nowait(i)
+    items = [o.get_nowait() for _ in range(o.qsize())]
+    assert items == [0, 1, 2, None] and o.overflowed and o.dropped == 7
