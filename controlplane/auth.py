@@ -349,7 +349,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or rule == PUBLIC or not self.auth.enforce:
             return handler
         admit = self._admit
-        short = method.rsplit("/", 1)[-1]
 
         def wrap_request_iterator(it, context):
             async def checked():
@@ -412,7 +411,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(stream_in(handler.stream_stream, True), **kw)
 
     async def _admit(self, method: str, request, context) -> Principal:
-        short = method.rsplit("/", 1)[-1]
         try:
             p = self.auth.principal(context)
         except errors.Unauthenticated as e:

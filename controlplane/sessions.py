@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.outbox import DEFAULT_LIMIT, Outbox
 
