@@ -54,6 +54,9 @@ class ControlPlaneConfig:
     retention_seconds: float = option(7 * 86400.0, "how long finished workloads, finished migrations and "
                                       "checkpoint records (with their log files and checkpoint files) are kept "
                                       "after they end", minimum=1, maximum=10 * 365 * 86400)
+    request_id_retention_seconds: float = option(86400.0, "how long an Allocate request_id is remembered (a retry "
+                                                 "with it within this time gets the same allocation)", minimum=10,
+                                                 maximum=30 * 86400)
     checkpoints_kept: int = option(10, "checkpoints kept per workload (older ones expire first, whatever their "
                                    "age)", minimum=1, maximum=100_000)
     retention_interval_seconds: float = option(60.0, "how often expired records are looked for", minimum=0.1,

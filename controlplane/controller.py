@@ -62,6 +62,7 @@ class Controller:
         self._request_times: collections.deque = collections.deque()  # (monotonic time, key), oldest first
         self._req_lease: tuple[int, float] | None = None
         self.revision = 0
+        self.request_ttl = REQUEST_TTL_S                 # how long Allocate request ids are kept (config)
         # Extension points for other components (telemetry, workloads):
         # AgentMessage kind -> async handler(node, message), and
         # callbacks run when an agent's Sync stream opens: hook(node, session).
@@ -201,7 +202,7 @@ class Controller:
         now = time.monotonic()
         self.requests[(tenant, request_id)] = alloc_id
         self._request_times.append((now, (tenant, request_id)))
-        while self._request_times and now - self._request_times[0][0] > REQUEST_TTL_S:
+        while self._request_times and now - self._request_times[0][0] > self.request_ttl:
             _, key = self._request_times.popleft()
             self.requests.pop(key, None)
 
@@ -209,9 +210,10 @@ class Controller:
         """The etcd lease request keys are written with: granted for REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S
         and used for REQUEST_LEASE_ROTATE_S, so each key lives between the two (etcd deletes it)."""
         now = time.monotonic()
-        if self._req_lease is None or now - self._req_lease[1] >= REQUEST_LEASE_ROTATE_S:
+        rotate = min(REQUEST_LEASE_ROTATE_S, max(1.0, self.request_ttl / 4))
+        if self._req_lease is None or now - self._req_lease[1] >= rotate:
             try:
-                lease = await self.store.grant_lease(int(REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S))
+                lease = await self.store.grant_lease(int(self.request_ttl + rotate))
             except Exception as e:  # noqa: BLE001 - the etcd client's errors
                 raise errors.Unavailable(f"etcd: cannot grant the lease for request keys: {e}") from e
             self._req_lease = (lease, now)

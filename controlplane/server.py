@@ -173,6 +173,7 @@ class ControlPlane:
             await follower.stop()
         self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
         self.ctl.events.max_queue = self.cfg.watch_queue_limit
+        self.ctl.request_ttl = self.cfg.request_id_retention_seconds
         self.ctl.sessions.outbox_limit = self.cfg.agent_outbox_limit
         self.ctl.writer.on_fatal.append(self._writer_failed)
         self.ctl.scheduler = __import__("controlplane.scheduler", fromlist=["load"]).load(self.cfg.scheduler_config, self.cfg.scheduler_profile)
