@@ -50,6 +50,16 @@ class FleetCollector:
         self.stale = False
 
     def _fresh(self) -> dict | None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            # called on the loop itself (prometheus_client.REGISTRY.register collects once): take it
+            # here, never wait on the loop from the loop
+            self.last, self.stale = self.take(), False
+            return self.last
+
         async def run():
             return self.take()
         try:
