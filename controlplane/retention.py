@@ -13,8 +13,8 @@ deletes their etcd keys through the writer (at most MAX_OPS keys per transaction
 from memory, and removes their files through the agents: WorkloadCommand.forget (the agent deletes
 the workload's record and log file) to the workload's node, and MigrationCommand DELETE_CHECKPOINT to
 a connected agent (the store is shared by the nodes; the checkpoint's own node first). An agent that
-is not connected at that moment is told about its expired workloads when it next reports them (the
-recently expired IDs are remembered, bounded). Standbys follow the deletes through their etcd watch.
+is not connected at that moment is told about its expired workloads when it next reports them (those
+IDs are remembered, at most REMEMBERED of them). Standbys follow the deletes through their etcd watch.
 """
 
 from __future__ import annotations
@@ -135,14 +135,16 @@ class Retention:
             self.wm.stopping.discard(w.id)
             self.wm.waiters.pop(w.id, None)
             by_node.setdefault(w.node, []).append(w.id)
-            self.recent[w.id] = None
-            while len(self.recent) > REMEMBERED:
-                self.recent.popitem(last=False)
         for node, ids in by_node.items():
             session = self.ctl.sessions.get(node)
             if session is not None:
                 session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(
                     forget=ids)))
+                continue
+            for wid in ids:                 # the agent is away: tell it when it reports them again
+                self.recent[wid] = None
+            while len(self.recent) > REMEMBERED:
+                self.recent.popitem(last=False)
         counts = {"workloads": len(workloads), "migrations": len(migrations), "checkpoints": len(checkpoints)}
         self.expired.update(counts)
         if any(counts.values()):

@@ -269,6 +269,7 @@ class WorkloadManager:
             w = self.workloads.get(st.id)
             if w is None and st.id in self.expired_ids and st.state in TERMINAL:
                 forget.append(st.id)        # expired while this agent was away: its files go too
+                self.expired_ids.pop(st.id, None)
             if w is None or w.node != node:
                 continue
             if w.state in TERMINAL and st.state not in TERMINAL:
