@@ -159,3 +159,33 @@ def test_outbox_is_bounded_and_ends_the_stream_when_full():
         o.put_nowait(i)
     items = [o.get_nowait() for _ in range(o.qsize())]
     assert items == [0, 1, 2, None] and o.overflowed and o.dropped == 7
+
+
+async def test_control_plane_whose_writer_cannot_restart_is_not_serving_and_steps_down(tmp_path):
+    """The whole process: the writer gives up -> health NOT_SERVING, leader key released (a standby can lead)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from controlplane import keys as k
+    from controlplane.config import ControlPlaneConfig
+    from controlplane.server import ControlPlane
+    cfg = ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "cp"), insecure=True,
+                             leader_ttl=30)
+    cp = ControlPlane(cfg)
+    await cp.start()
+    try:
+        async def broken(ops, conds=()):
+            raise RuntimeError("boom: the commit path is broken for good")
+        cp.store.commit = broken
+        cp.ctl.writer.max_restarts = 2
+        for _ in range(3):
+            with pytest.raises(errors.Unavailable):
+                await asyncio.wait_for(cp.ctl.writer.write([Put(b"/gpumesh/v1/x", b"1")]), 10)
+        await asyncio.wait_for(cp.ctl.writer.task, 10)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.port}") as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert cp.store.lost_leadership.is_set()        # run_until_signal stops the process on this
+        assert await cp.store.client.get(k.LEADER.encode()) is None, "the session lease was not given up"
+    finally:
+        await cp.stop()
