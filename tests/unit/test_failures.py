@@ -189,3 +189,23 @@ async def test_control_plane_whose_writer_cannot_restart_is_not_serving_and_step
         assert await cp.store.client.get(k.LEADER.encode()) is None, "the session lease was not given up"
     finally:
         await cp.stop()
+
+
+async def test_agent_session_failing_with_any_exception_is_logged_and_reconnected(tmp_path, caplog):
+    """Before, only grpc errors were handled: any other exception of a session ended the agent's run loop."""
+    from types import SimpleNamespace
+
+    from nodeagent.agent import NodeAgent
+    gpus = SimpleNamespace(nvml=None, init=lambda: None)
+    agent = NodeAgent("n1", "127.0.0.1:1", gpus, mps_root=str(tmp_path / "mps"), backend="sim", reconnect_max=0.1)
+    calls = []
+
+    async def session(stub):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a handler's bug")
+        agent.stopping.set()
+    agent._session = session
+    await asyncio.wait_for(agent.run(), 10)
+    assert len(calls) == 2, "the agent did not reconnect after the failure"
+    assert any("agent session failed" in r.getMessage() for r in caplog.records)
