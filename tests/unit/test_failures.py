@@ -209,3 +209,29 @@ async def test_agent_session_failing_with_any_exception_is_logged_and_reconnecte
     await asyncio.wait_for(agent.run(), 10)
     assert len(calls) == 2, "the agent did not reconnect after the failure"
     assert any("agent session failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_control_plane_sync_reader_logs_any_exception_and_ends_the_stream(caplog):
+    from controlplane.services import NodeService
+    from gpumesh.v1 import node_service_pb2 as N
+    ctl = _ctl()
+    ctl.fleet.upsert_node(types_pb2.Node(name="n1")).ready = True
+
+    async def bug(node, msg):
+        raise ValueError("a handler's bug")
+    ctl.agent_handlers["workloads"] = bug
+
+    async def requests():
+        yield N.AgentMessage(hello=N.SyncHello(node_name="n1"))
+        yield N.AgentMessage(workloads=N.WorkloadStatusReport())
+        await asyncio.sleep(3600)
+
+    svc = NodeService(ctl, nodes=None, heartbeat_interval=1)
+    out = []
+
+    async def consume():
+        async for m in svc.Sync(requests(), None):
+            out.append(m)
+    await asyncio.wait_for(consume(), 10)            # the stream ends (the agent reconnects and resyncs)
+    assert any("agent stream reader failed" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
