@@ -47,9 +47,10 @@ class Subscription(asyncio.Queue):
     `None` (put by whoever ends watches, e.g. a standby reloading) is always accepted and means
     "watch again"."""
 
-    def __init__(self, what: str, limit: int = DEFAULT_LIMIT, context=None) -> None:
+    def __init__(self, what: str, limit: int = DEFAULT_LIMIT, context=None, marker=LAGGED) -> None:
         super().__init__()
         self.what = what
+        self.marker = marker            # queued when cut off: LAGGED, or None for followers that resubscribe on None
         self.limit = max(1, int(limit))
         self.context = context          # the RPC's context: aborted if its handler does not see LAGGED
         self.cut = False
@@ -75,7 +76,7 @@ class Subscription(asyncio.Queue):
         self.cut = True
         self.behind = self.qsize() + 1
         self._queue.clear()                      # the events are not delivered: free them now
-        super().put_nowait(LAGGED)
+        super().put_nowait(self.marker)
         CUT_OFF.labels(self.what).inc()
         log(logger, logging.WARNING, "watcher cut off: it fell behind", watch=self.what, limit=self.limit)
         for hook in self.on_cut:
@@ -111,8 +112,11 @@ class EventHub:
         self.subscribers: set[Subscription] = set()
         self.max_queue = max_queue
 
-    def subscribe(self, what: str = "SliceService.Watch", context=None) -> Subscription:
-        q = Subscription(what, self.max_queue, context)
+    def subscribe(self, what: str = "", context=None) -> Subscription:
+        """A bounded subscription. Unnamed ones (internal followers that resubscribe and resync when
+        they read None) get None when cut off; named ones get LAGGED (next() raises ResourceExhausted)."""
+        q = Subscription(what or "internal slice follower", self.max_queue, context,
+                         marker=LAGGED if what else None)
         q.on_cut.append(self.subscribers.discard)
         self.subscribers.add(q)
         return q

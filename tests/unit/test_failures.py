@@ -235,3 +235,13 @@ async def test_control_plane_sync_reader_logs_any_exception_and_ends_the_stream(
     await asyncio.wait_for(consume(), 10)            # the stream ends (the agent reconnects and resyncs)
     assert any("agent stream reader failed" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+async def test_unnamed_internal_follower_gets_none_when_cut_off_so_it_resubscribes():
+    """The mesh release follower (and any unnamed subscriber) resubscribes and sweeps on None: it must get it."""
+    hub = EventHub(max_queue=4)
+    q = hub.subscribe()
+    for i in range(10):
+        hub.publish(MODIFIED, types_pb2.Slice(id=f"s-{i}"), i)
+    assert await asyncio.wait_for(q.get(), 2) is None     # the old hub never queued it: the follower stopped
+    assert q not in hub.subscribers
