@@ -27,13 +27,16 @@ def snapshot(ctl, workloads=None, migrations=None) -> dict:
         counts[name] = counts.get(name, 0) + 1
     ready = sum(1 for n in ctl.fleet.nodes.values() if n.ready)
     records = {"slices": len(ctl.fleet.slices), "requests": len(ctl.requests),
+               "slice_revisions": len(ctl.fleet.revisions), "allocations": len(ctl.fleet.by_allocation),
                "ready_waiters": sum(len(v) for v in ctl.ready_waiters.values()),
                "gone_waiters": sum(len(v) for v in ctl.gone_waiters.values())}
     if workloads is not None:
         records.update(workloads=len(workloads.workloads), log_streams=len(workloads.log_queues),
+                       stopping=len(workloads.stopping), expired_ids=len(workloads.expired_ids),
                        workload_waiters=sum(len(v) for v in workloads.waiters.values()))
     if migrations is not None:
-        records.update(migrations=len(migrations.migrations), checkpoints=len(migrations.checkpoints))
+        records.update(migrations=len(migrations.migrations), checkpoints=len(migrations.checkpoints),
+                       migration_tasks=len(getattr(migrations, "tasks", {})))
     return {"slices": counts, "nodes_ready": ready, "nodes": len(ctl.fleet.nodes),
             "batches": ctl.writer.batches, "writes": ctl.writer.writes, "writer_restarts": ctl.writer.restarts,
             "watchers": len(ctl.events.subscribers), "sessions": len(ctl.sessions.by_node), "records": records}
