@@ -245,3 +245,16 @@ async def test_unnamed_internal_follower_gets_none_when_cut_off_so_it_resubscrib
         hub.publish(MODIFIED, types_pb2.Slice(id=f"s-{i}"), i)
     assert await asyncio.wait_for(q.get(), 2) is None     # the old hub never queued it: the follower stopped
     assert q not in hub.subscribers
+
+
+def test_outbox_is_bounded_in_bytes_too():
+    from gpumesh.v1 import node_service_pb2 as N
+    from mesh.outbox import Outbox
+    o = Outbox(limit=1000, max_bytes=3 * 70_100)
+    chunk = N.AgentMessage(log=N.LogChunk(request_id="l-1", data=b"x" * 70_000))
+    for _ in range(5):
+        o.put_nowait(chunk)
+    assert o.qsize() == 4 and o.overflowed           # 3 chunks and the end marker
+    for _ in range(3):
+        o.get_nowait()
+    assert o.bytes == 0 and o.get_nowait() is None
