@@ -148,9 +148,13 @@ def load_tenants(path: str) -> Tenants:
         name, role, tenant = str(t.get("name") or ""), t.get("role", "tenant"), str(t.get("tenant") or "")
         if not name:
             raise ConfigError(f"{where}: name is required")
-        if role not in ROLES:
-            raise ConfigError(f"{where} ({name}): role {role!r} is not one of {', '.join(ROLES)}")
-        if role != "admin" and tenant not in out.quotas:
+        if role not in ROLES + ("agent",):
+            raise ConfigError(f"{where} ({name}): role {role!r} is not one of {', '.join(ROLES + ('agent',))}")
+        if role == "agent":
+            # an agent token: its name is the one node it may speak for (like an agent certificate's CN)
+            if tenant:
+                raise ConfigError(f"{where} ({name}): an agent token has no tenant")
+        elif role != "admin" and tenant not in out.quotas:
             raise ConfigError(f"{where} ({name}): tenant {tenant!r} is not under tenants "
                               f"(known: {', '.join(sorted(out.quotas)) or 'none'})")
         if ("token" in t) == ("token_sha256" in t):
@@ -166,7 +170,7 @@ def load_tenants(path: str) -> Tenants:
                 raise ConfigError(f"{where} ({name}): token_sha256 must be 64 hex digits")
         if digest in out.tokens:
             raise ConfigError(f"{where} ({name}): the same token as {out.tokens[digest].name}")
-        out.tokens[digest] = Principal("client", name, tenant if role != "admin" else tenant, role)
+        out.tokens[digest] = Principal("agent", name) if role == "agent" else Principal("client", name, tenant, role)
     return out
 
 
@@ -244,9 +248,12 @@ def denial(rule: str, p: Principal, method: str) -> str | None:
     if p.unrestricted or rule == PUBLIC:
         return None
     if rule == AGENT:
-        if p.kind == "agent" or p.kind == "anonymous":
+        # An agent's identity is its certificate (OU=agent, CN=node) or an agent token from the tenants
+        # file: never the absence of credentials, which would let anyone speak for any node.
+        if p.kind == "agent":
             return None
-        return f"{short} is for node agents (a client certificate with OU=agent); {p} is not an agent"
+        return (f"{short} is for node agents (a client certificate with OU=agent, or an agent token from the "
+                f"tenants file); {p} is not an agent")
     if p.kind != "client":
         return f"{short} is for clients; {p} may call only NodeService"
     if ROLES.index(p.role) < ROLES.index(rule):
@@ -327,7 +334,9 @@ class Authenticator:
                 raise errors.Unauthenticated("invalid bearer token")
             return p
         if self.insecure:
-            return Principal("anonymous", "anonymous (plaintext)")   # may only act as an agent: see denial()
+            # plaintext without a token: may call only the public methods (health, reflection); an
+            # agent needs its agent token (denial() refuses anonymous callers everything else)
+            return Principal("anonymous", "anonymous (plaintext)")
         raise errors.Unauthenticated("no credentials: send 'authorization: Bearer <token>' or connect with a "
                                      "client certificate")
 
@@ -345,7 +354,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or rule == PUBLIC or not self.auth.enforce:
             return handler
         admit = self._admit
-        short = method.rsplit("/", 1)[-1]
 
         def wrap_request_iterator(it, context):
             async def checked():
@@ -355,7 +363,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         try:
                             check_node(hello.node_name)
                         except errors.PermissionDenied as e:
-                            _count(short, e.code)
+                            _count(method, e.code)
                             await context.abort(e.code, e.message)
                     yield msg
             return checked()
@@ -408,26 +416,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(stream_in(handler.stream_stream, True), **kw)
 
     async def _admit(self, method: str, request, context) -> Principal:
-        short = method.rsplit("/", 1)[-1]
         try:
             p = self.auth.principal(context)
         except errors.Unauthenticated as e:
-            _count(short, e.code)
+            _count(method, e.code)
             await context.abort(e.code, e.message)
         why = denial(rule_for(method), p, method)
         if why is None and p.kind == "agent" and request is not None and hasattr(request, "node_name"):
             if request.node_name != p.name:
                 why = f"agent certificate {p.name!r} may not speak for node {request.node_name!r}"
         if why is not None:
-            _count(short, grpc.StatusCode.PERMISSION_DENIED)
+            _count(method, grpc.StatusCode.PERMISSION_DENIED)
             log(logger, logging.WARNING, "permission denied", method=method, principal=str(p), reason=why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return p
 
 
 def _count(method: str, code: grpc.StatusCode) -> None:
-    from controlplane.rpc import REQUESTS
-    REQUESTS.labels(method, code.name).inc()
+    from controlplane.rpc import count
+    count(method, code.name)
 
 
 __all__ = ["Principal", "Tenants", "load_tenants", "apply_quotas", "Authenticator", "AuthInterceptor", "current",

@@ -44,6 +44,23 @@ class ControlPlaneConfig:
                                          "phase (planned, target_ready, copying, paused, committed), so a test can "
                                          "crash the control plane there", choices=("", "planned", "target_ready",
                                                                                   "copying", "paused", "committed"))
+    # bounded state (docs/operations.md, "Retention and bounds")
+    watch_queue_limit: int = option(10_000, "events that may wait for one watcher (SliceService.Watch, MigrationService"
+                                    ".Watch, Logs, internal followers); one more cuts the watcher off with "
+                                    "RESOURCE_EXHAUSTED (it lists and watches again)", minimum=1, maximum=10_000_000)
+    agent_outbox_limit: int = option(10_000, "messages that may wait for one agent's Sync stream; one more ends the "
+                                     "stream (the agent reconnects and is resent its full state)",
+                                     minimum=16, maximum=10_000_000)
+    retention_seconds: float = option(7 * 86400.0, "how long finished workloads, finished migrations and "
+                                      "checkpoint records (with their log files and checkpoint files) are kept "
+                                      "after they end", minimum=1, maximum=10 * 365 * 86400)
+    request_id_retention_seconds: float = option(86400.0, "how long an Allocate request_id is remembered (a retry "
+                                                 "with it within this time gets the same allocation)", minimum=10,
+                                                 maximum=30 * 86400)
+    checkpoints_kept: int = option(10, "checkpoints kept per workload (older ones expire first, whatever their "
+                                   "age)", minimum=1, maximum=100_000)
+    retention_interval_seconds: float = option(60.0, "how often expired records are looked for", minimum=0.1,
+                                               maximum=86400)
     # security (docs/security.md)
     insecure: bool = option(False, "serve plaintext gRPC without TLS (the local demo only); without it the control "
                                    "plane refuses to start unless tls_cert and tls_key are set")

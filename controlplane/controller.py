@@ -62,6 +62,7 @@ class Controller:
         self._request_times: collections.deque = collections.deque()  # (monotonic time, key), oldest first
         self._req_lease: tuple[int, float] | None = None
         self.revision = 0
+        self.request_ttl = REQUEST_TTL_S                 # how long Allocate request ids are kept (config)
         # Extension points for other components (telemetry, workloads):
         # AgentMessage kind -> async handler(node, message), and
         # callbacks run when an agent's Sync stream opens: hook(node, session).
@@ -91,6 +92,7 @@ class Controller:
         for s in deleted:
             self.events.publish(DELETED, s, rev)
             self._resolve(self.gone_waiters, s.id, s)
+            self._resolve(self.ready_waiters, s.id, s)     # deleted before it became ready: no waiter stays
         return rev
 
     @staticmethod
@@ -98,6 +100,17 @@ class Controller:
         for fut in table.pop(slice_id, ()):
             if not fut.done():
                 fut.set_result(value)
+
+    @staticmethod
+    def _unwait(table: dict, futs) -> None:
+        """Drop the futures of waits that ended without an answer (timed out, cancelled)."""
+        gone = set(map(id, futs))
+        for sid in [k for k, v in table.items() if any(id(f) in gone for f in v)]:
+            left = [f for f in table[sid] if id(f) not in gone]
+            if left:
+                table[sid] = left
+            else:
+                del table[sid]
 
     def _wait(self, table: dict, slice_id: str) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -189,7 +202,7 @@ class Controller:
         now = time.monotonic()
         self.requests[(tenant, request_id)] = alloc_id
         self._request_times.append((now, (tenant, request_id)))
-        while self._request_times and now - self._request_times[0][0] > REQUEST_TTL_S:
+        while self._request_times and now - self._request_times[0][0] > self.request_ttl:
             _, key = self._request_times.popleft()
             self.requests.pop(key, None)
 
@@ -197,9 +210,10 @@ class Controller:
         """The etcd lease request keys are written with: granted for REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S
         and used for REQUEST_LEASE_ROTATE_S, so each key lives between the two (etcd deletes it)."""
         now = time.monotonic()
-        if self._req_lease is None or now - self._req_lease[1] >= REQUEST_LEASE_ROTATE_S:
+        rotate = min(REQUEST_LEASE_ROTATE_S, max(1.0, self.request_ttl / 4))
+        if self._req_lease is None or now - self._req_lease[1] >= rotate:
             try:
-                lease = await self.store.grant_lease(int(REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S))
+                lease = await self.store.grant_lease(int(self.request_ttl + rotate))
             except Exception as e:  # noqa: BLE001 - the etcd client's errors
                 raise errors.Unavailable(f"etcd: cannot grant the lease for request keys: {e}") from e
             self._req_lease = (lease, now)
@@ -222,6 +236,7 @@ class Controller:
             if pending:
                 for f in pending:
                     f.cancel()
+                self._unwait(self.ready_waiters, pending)
                 raise errors.DeadlineExceeded(
                     f"allocation {alloc_id} is placed but not ready after {timeout:g}s (its node agent has not "
                     f"realized it yet); it stays PENDING: follow it with Get/Watch or release it")
@@ -268,6 +283,7 @@ class Controller:
             await asyncio.wait(gone, timeout=self.release_timeout)
         for f in gone:
             f.cancel()
+        self._unwait(self.gone_waiters, [f for f in gone if f.cancelled()])
         return [self.fleet.slices.get(s.id, s) for s in result]
 
     # -- agent reports ----------------------------------------------------------------

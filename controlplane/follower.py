@@ -81,10 +81,7 @@ class Follower:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping either way
                 pass
             self._task = None
-        for q in list(self.ctl.events.subscribers):     # open Watch streams: watch again (at the leader)
-            self.ctl.events.unsubscribe(q)
-            if not q.full():
-                q.put_nowait(None)
+        self.ctl.events.end_all()     # open Watch streams: watch again (at the leader)
 
     # -- load and follow ---------------------------------------------------------------------
 
@@ -96,10 +93,7 @@ class Follower:
             fleet = Fleet()
             self.ctl.fleet = self.nodes.fleet = fleet
             self.ctl.requests.clear()
-            for q in list(self.ctl.events.subscribers):
-                self.ctl.events.unsubscribe(q)
-                if not q.full():
-                    q.put_nowait(None)
+            self.ctl.events.end_all()
         self._alive = rebuild(self.ctl, snap)
         self.workloads.workloads.clear()
         self.mesh.connections.clear()

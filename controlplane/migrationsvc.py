@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from controlplane import auth
 from controlplane.migrations import FINISHED, MigrationManager
+from controlplane.events import Subscription
 from controlplane.rpc import streaming, unary
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import migration_service_pb2_grpc
@@ -41,12 +40,12 @@ class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
     @streaming
     async def Watch(self, request, context):
         m = self._own(request.id)
-        q: asyncio.Queue = asyncio.Queue()
+        q = Subscription("MigrationService.Watch", self.m.ctl.events.max_queue, context)   # bounded: events.py
         self.m.watchers.setdefault(m.id, []).append(q)
         try:
             yield m
             while m.phase not in FINISHED:
-                nxt = await q.get()
+                nxt = await q.next()
                 if nxt is None:
                     return
                 m = nxt

@@ -14,9 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
-from prometheus_client.core import GaugeMetricFamily
 
-from controlplane import auth
+from controlplane import auth, metrics, rpc
 from controlplane.config import ControlPlaneConfig
 from controlplane.controller import Controller
 from controlplane.etcdserver import EtcdServer
@@ -38,32 +37,6 @@ from mesh.logs import log
 logger = logging.getLogger(__name__)
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
                 ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5000)]
-
-
-class FleetCollector:
-    """Prometheus gauges read from the fleet at scrape time."""
-
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
-
-    def collect(self):
-        by_state = GaugeMetricFamily("gpumesh_slices", "Slices by state", labels=["state"])
-        counts: dict[str, int] = {}
-        for s in list(self.ctl.fleet.slices.values()):
-            name = types_pb2.SliceState.Name(s.state).removeprefix("SLICE_STATE_").lower()
-            counts[name] = counts.get(name, 0) + 1
-        for name in ("pending", "ready", "releasing", "failed", "unknown"):
-            by_state.add_metric([name], counts.get(name, 0))
-        yield by_state
-        nodes = GaugeMetricFamily("gpumesh_nodes", "Nodes by readiness", labels=["ready"])
-        ready = sum(1 for n in self.ctl.fleet.nodes.values() if n.ready)
-        nodes.add_metric(["true"], ready)
-        nodes.add_metric(["false"], len(self.ctl.fleet.nodes) - ready)
-        yield nodes
-        yield GaugeMetricFamily("gpumesh_etcd_write_batches", "Group-commit transactions written",
-                                value=self.ctl.writer.batches)
-        yield GaugeMetricFamily("gpumesh_etcd_writes", "Callers' writes those transactions carried "
-                                "(writes / batches is the group-commit batch size)", value=self.ctl.writer.writes)
 
 
 class ControlPlane:
@@ -101,8 +74,9 @@ class ControlPlane:
                                password=self.cfg.etcd_password)
         await self.store.connect()
         self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
+        # DecodeGuard first: request bytes that do not parse are INVALID_ARGUMENT, never UNKNOWN (rpc.py)
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
-            auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
+            rpc.DecodeGuard(), auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
         from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
         # Every service is a Switch (controlplane/standby.py): UNAVAILABLE naming the leader until this
         # process wins the election, then the real servicer (built in _lead over the loaded fleet).
@@ -156,6 +130,7 @@ class ControlPlane:
             # Standing by: serve the reads from a read-only fleet that follows etcd (controlplane/follower.py).
             from controlplane.follower import Follower
             self.follower = Follower(self.store, lease_ttl=self.cfg.lease_ttl)
+            self.follower.ctl.events.max_queue = self.cfg.watch_queue_limit
             self.follower.start()
             for sw in self.switches.values():
                 sw.reader = self.follower.reader
@@ -199,6 +174,10 @@ class ControlPlane:
             # Stop following; its (frozen) fleet keeps answering reads until the real servicers are on.
             await follower.stop()
         self.ctl = Controller(self.store, ready_timeout=self.cfg.ready_timeout)
+        self.ctl.events.max_queue = self.cfg.watch_queue_limit
+        self.ctl.request_ttl = self.cfg.request_id_retention_seconds
+        self.ctl.sessions.outbox_limit = self.cfg.agent_outbox_limit
+        self.ctl.writer.on_fatal.append(self._writer_failed)
         self.ctl.scheduler = __import__("controlplane.scheduler", fromlist=["load"]).load(self.cfg.scheduler_config, self.cfg.scheduler_profile)
         self.ctl.writer.start()
         self.nodes = NodeManager(self.ctl, lease_ttl=self.cfg.lease_ttl)
@@ -220,6 +199,10 @@ class ControlPlane:
         from controlplane.serving.registry import ModelRegistry, ModelService
         self.models = ModelRegistry(self.ctl)
         await self.models.load()
+        from controlplane.retention import Retention
+        self.retention = Retention(self.ctl, self.workloads, self.migrations, self.cfg.retention_seconds,
+                                   self.cfg.checkpoints_kept, self.cfg.retention_interval_seconds)
+        self.retention.start()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -238,11 +221,21 @@ class ControlPlane:
             sw.reader = None
         self.follower = None
         if self.cfg.metrics_listen and self._collector is None:
-            self._collector = FleetCollector(self.ctl)
+            # collected from a snapshot taken on this loop, never from the scrape thread (metrics.py)
+            self._collector = metrics.FleetCollector(asyncio.get_running_loop(), lambda: metrics.snapshot(
+                self.ctl, self.workloads, self.migrations))
             REGISTRY.register(self._collector)
         for n in self._names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
         log(logger, logging.INFO, "leading", advertise=self.advertise)
+
+    async def _writer_failed(self, why: str) -> None:
+        """The etcd writer cannot be restarted: stop serving and give the leadership up (a standby, or
+        this process restarted by its supervisor, takes over from etcd)."""
+        log(logger, logging.CRITICAL, "etcd writer failed for good: NOT_SERVING, stepping down", why=why)
+        for n in self._names + [""]:
+            await _set_health(self.health, n, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.store.step_down(f"the etcd writer failed: {why}")
 
     async def stop(self) -> None:
         if getattr(self, "campaign", None) is not None and not self.campaign.done():
@@ -258,6 +251,8 @@ class ControlPlane:
                 await self.mesh.stop()
             if getattr(self, "migrations", None) is not None:
                 await self.migrations.stop()
+            if getattr(self, "retention", None) is not None:
+                await self.retention.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
             await self.ctl.writer.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from controlplane import auth
 from controlplane.controller import Controller
 from controlplane.nodes import NodeManager, validate_node_name
@@ -81,7 +83,7 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
 
         def match(s):
             return (not tenant or s.tenant == tenant) and (not request.node or s.node == request.node)
-        q = self.ctl.events.subscribe()
+        q = self.ctl.events.subscribe("SliceService.Watch", context)
         try:
             if request.send_initial:
                 for s in list(self.ctl.fleet.slices.values()):
@@ -90,9 +92,10 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
                                                            revision=self.ctl.revision)
             yield slice_service_pb2.SliceEvent(type=slice_service_pb2.SliceEvent.SYNCED, revision=self.ctl.revision)
             while True:
-                ev = await q.get()
+                ev = await q.next()         # ResourceExhausted once this watcher fell behind
                 if ev is None:
-                    raise errors.Aborted("watch fell too far behind; watch again")
+                    raise errors.Aborted("the watch was ended by the control plane (a standby reloaded or "
+                                         "stepped down): list again and watch again")
                 if match(ev.slice):
                     yield ev
         finally:
@@ -152,6 +155,15 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 # agent reconnects and reports everything again, instead of reports being dropped.
                 log(logger, logging.WARNING, "agent report not persisted; closing the stream", node=node,
                     error=str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a broken stream or a handler's bug: log it, end the stream
+                # grpc errors of the request stream (the agent went away, a malformed message) and anything
+                # unexpected end the stream the same way: the agent reconnects and resyncs in full.
+                log(logger, logging.WARNING if isinstance(e, grpc.RpcError) else logging.ERROR,
+                    "agent stream reader failed; closing the stream", node=node, error=repr(e))
+                if not isinstance(e, grpc.RpcError):
+                    logger.exception("agent stream reader of %s failed", node)
             finally:
                 session.close()
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh.outbox import DEFAULT_LIMIT, Outbox
 
 
 class NodeSession:
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, limit: int = DEFAULT_LIMIT) -> None:
         self.node = node
-        self.outbox: asyncio.Queue = asyncio.Queue()
+        # Bounded (mesh/outbox.py): an agent that stops reading has its stream ended; its reconnect is
+        # sent the full desired state, so nothing is lost and nothing piles up here.
+        self.outbox: Outbox = Outbox(limit)
         self.synced = asyncio.Event()   # the agent sent its first full report
 
     def send_upserts(self, slices: list[types_pb2.Slice], revision: int) -> None:
@@ -34,14 +37,15 @@ class NodeSession:
 
 
 class Sessions:
-    def __init__(self) -> None:
+    def __init__(self, outbox_limit: int = DEFAULT_LIMIT) -> None:
         self.by_node: dict[str, NodeSession] = {}
+        self.outbox_limit = outbox_limit
 
     def open(self, node: str) -> NodeSession:
         old = self.by_node.get(node)
         if old is not None:
             old.close()   # a newer stream from the same node replaces the old one
-        s = NodeSession(node)
+        s = NodeSession(node, self.outbox_limit)
         self.by_node[node] = s
         return s
 

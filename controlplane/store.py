@@ -88,6 +88,7 @@ class EtcdStore:
         self.leader_revision = 0
         self.session_lease: int | None = None
         self.lost_leadership = asyncio.Event()
+        self.revision = 0          # the highest etcd revision any answer to this process carried
         self._keepalive_task: asyncio.Task | None = None
 
     async def connect(self) -> None:
@@ -127,6 +128,7 @@ class EtcdStore:
             if ok:
                 kv = await self.client.get(keys.LEADER.encode())
                 self.leader_revision = kv.create_revision
+                self.revision = max(self.revision, kv.mod_revision)
                 break
             held = await self.client.get(keys.LEADER.encode())
             if held is not None and decode_leader(held.value)[0] == identity:
@@ -150,6 +152,16 @@ class EtcdStore:
         self.session_lease = lease.id
         self._keepalive_task = asyncio.create_task(self._keep_session(lease.id, ttl))
         log.info("leader elected", extra={"fields": {"identity": identity, "revision": self.leader_revision}})
+
+    async def step_down(self, why: str) -> None:
+        """Give up leadership now: no write of this process passes the fence any more, and the session
+        lease is revoked so a standby takes over at once instead of after the lease's TTL."""
+        log.error("stepping down as leader", extra={"fields": {"reason": why}})
+        self.lost_leadership.set()
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        if self.session_lease is not None:
+            await self.revoke_lease(self.session_lease)
 
     async def leader(self) -> tuple[str, str]:
         """(identity, advertised endpoint) of the current leader; ("", "") when there is none."""
@@ -184,6 +196,7 @@ class EtcdStore:
 
     async def load(self, prefix: str = keys.PREFIX) -> Snapshot:
         res = await self.client.get_prefix(prefix.encode())
+        self.revision = max(self.revision, res.header.revision)
         kvs = {kv.key: (kv.value, kv.mod_revision, kv.lease) for kv in res.kvs}
         return Snapshot(revision=res.header.revision, kvs=kvs)
 
@@ -211,6 +224,9 @@ class EtcdStore:
                 compare.append(tx.create(c.key) > 0)
         success = [tx.put(o.key, o.value, lease=o.lease) if isinstance(o, Put) else tx.delete(o.key)
                    for o in ops]
+        # Every revision etcd gave out up to here is at most `before`: if this transaction is applied,
+        # its keys carry a mod_revision above it (the read-back after a lost answer relies on that).
+        before = self.revision
         try:
             resp = await self.client.kvstub.Txn(
                 aetcd.rpc.TxnRequest(compare=[c.build_message() for c in compare],
@@ -218,10 +234,11 @@ class EtcdStore:
                 timeout=self.client._timeout, metadata=self.client.metadata)
         except Exception as e:  # ETCD_ERRORS, or grpc.aio.AioRpcError from the raw stub
             # The transaction may or may not have been applied (a member died with the answer).
-            rev = await self._resolve(ops)
+            rev = await self._resolve(ops, before)
             if rev:
                 return rev
             raise errors.Unavailable(f"etcd: {getattr(e, 'details', lambda: e)()}") from e
+        self.revision = max(self.revision, resp.header.revision)
         if resp.succeeded:
             return resp.header.revision
         leader = await self.client.get(keys.LEADER.encode())
@@ -230,26 +247,53 @@ class EtcdStore:
             raise errors.Unavailable("this control plane is no longer the leader")
         raise errors.Aborted("a precondition of the write failed (concurrent change)")
 
-    async def _resolve(self, ops: list[Put | Delete], tries: int = 20) -> int:
-        """After a transaction whose answer was lost: read its keys back. All applied: the revision (the
-        caller's write succeeded). None applied: 0 (a clean failure). Unknowable, or half (impossible for
-        one transaction unless something else wrote): leadership is dropped, so a fresh leader reloads
-        etcd rather than this process serving a fleet that may differ from it."""
+    async def _range(self, key: bytes, revision: int = 0):
+        """The key's KeyValue (at `revision`, 0: now), or None; notes the answer's revision."""
+        resp = await self.client.kvstub.Range(aetcd.rpc.RangeRequest(key=key, revision=revision),
+                                              timeout=self.client._timeout, metadata=self.client.metadata)
+        self.revision = max(self.revision, resp.header.revision)
+        return (resp.kvs[0] if resp.kvs else None), resp.header.revision
+
+    async def _resolve(self, ops: list[Put | Delete], before: int, tries: int = 20) -> int:
+        """After a transaction whose answer was lost: read its keys back and decide by revisions, never by
+        values (a key that already held the same value proves nothing). One transaction gives every key it
+        puts the same mod_revision, above `before` (the highest revision seen before it was sent; only
+        this process writes these keys, fenced by the leader key). All puts at one revision R > before:
+        applied at R. No put above `before`: not applied (0, a clean failure). A transaction of deletes
+        only: applied when every key existed at `before` and is gone now. Anything else (half applied,
+        or unknowable): leadership is dropped, so a fresh leader reloads etcd rather than this process
+        serving a fleet that may differ from it."""
+        puts = [o for o in ops if isinstance(o, Put)]
+        deletes = [o for o in ops if not isinstance(o, Put)]
         for _ in range(tries):
             if self.lost_leadership.is_set():
                 return 0
             try:
-                applied, rev = [], 0
-                for o in ops:
-                    kv = await self.client.get(o.key)
-                    if isinstance(o, Put):
-                        applied.append(kv is not None and kv.value == o.value)
-                        rev = max(rev, kv.mod_revision if kv is not None else 0)
-                    else:
-                        applied.append(kv is None)
-                if all(applied):
-                    return rev or (await self.load(keys.LEADER)).revision
-                if not any(applied):
+                if puts:
+                    revs = set()
+                    for o in puts:
+                        kv, _ = await self._range(o.key)
+                        revs.add(kv.mod_revision if kv is not None and kv.mod_revision > before else 0)
+                    if revs == {0}:
+                        return 0
+                    if len(revs) == 1:
+                        rev = revs.pop()
+                        for o in deletes:           # same transaction: must be gone too
+                            kv, _ = await self._range(o.key)
+                            if kv is not None and kv.mod_revision <= rev:
+                                break
+                        else:
+                            return rev
+                    break
+                existed, gone, now_rev = [], [], 0
+                for o in deletes:
+                    old, _ = await self._range(o.key, before) if before else (None, 0)
+                    kv, now_rev = await self._range(o.key)
+                    existed.append(old is not None)
+                    gone.append(kv is None)
+                if all(existed) and all(gone):
+                    return now_rev
+                if not any(existed) or not any(gone):
                     return 0
                 break
             except Exception:  # noqa: BLE001 - etcd still unreachable: wait for a member

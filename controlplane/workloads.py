@@ -20,7 +20,7 @@ import re
 
 from controlplane import auth, keys
 from controlplane.controller import Controller, new_id, now
-from controlplane.events import DELETED
+from controlplane.events import DELETED, Subscription
 from controlplane.rpc import streaming, unary
 from controlplane.store import Absent, Put
 from gpumesh.v1 import node_service_pb2, types_pb2, workload_service_pb2, workload_service_pb2_grpc
@@ -88,6 +88,8 @@ class WorkloadManager:
         # hook(node) -> more workloads the node must keep running (migration targets; controlplane/migrations.py)
         self.extra_desired: list = []
         self._watch: asyncio.Task | None = None
+        self.expired_ids: dict = {}                      # recently expired IDs (controlplane/retention.py)
+        self.resyncs = 0                                 # times the slice follower fell behind and resynced
         ctl.session_hooks.append(self._session_opened)
         ctl.agent_handlers["workloads"] = self._report
         ctl.agent_handlers["log"] = self._log_chunk
@@ -219,7 +221,7 @@ class WorkloadManager:
         out.sort(key=lambda w: (w.created_at.seconds, w.created_at.nanos, w.id))
         return out
 
-    async def logs(self, wid: str, tail_lines: int, follow: bool):
+    async def logs(self, wid: str, tail_lines: int, follow: bool, context=None):
         w = self.get(wid)
         if tail_lines < 0:
             raise errors.InvalidArgument.of("tail_lines", f"{tail_lines} is negative", "0 (all) or more")
@@ -227,7 +229,8 @@ class WorkloadManager:
         if session is None:
             raise errors.Unavailable(f"node {w.node} is not connected: its logs cannot be read now")
         rid = new_id("l")
-        q: asyncio.Queue = asyncio.Queue()
+        # bounded: a reader that stops reading is cut off (RESOURCE_EXHAUSTED) instead of chunks piling up
+        q = Subscription("WorkloadService.Logs", self.ctl.events.max_queue, context)
         self.log_queues[rid] = q
         session.send(node_service_pb2.ControllerMessage(logs=node_service_pb2.LogRequest(
             request_id=rid, workload_id=wid, tail_lines=tail_lines, follow=follow)))
@@ -235,7 +238,7 @@ class WorkloadManager:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(q.get(), 1.0)
+                    chunk = await asyncio.wait_for(q.next(), 1.0)
                 except asyncio.TimeoutError:
                     if self.ctl.sessions.get(w.node) is not session:
                         raise errors.Unavailable(f"node {w.node} disconnected while sending the log") from None
@@ -261,9 +264,12 @@ class WorkloadManager:
             full=True, start=self.desired_on(node))))
 
     async def _report(self, node: str, rep: node_service_pb2.WorkloadStatusReport) -> None:
-        changed = []
+        changed, forget = [], []
         for st in rep.workloads:
             w = self.workloads.get(st.id)
+            if w is None and st.id in self.expired_ids and st.state in TERMINAL:
+                forget.append(st.id)        # expired while this agent was away: its files go too
+                self.expired_ids.pop(st.id, None)
             if w is None or w.node != node:
                 continue
             if w.state in TERMINAL and st.state not in TERMINAL:
@@ -275,6 +281,9 @@ class WorkloadManager:
                     getattr(n, f).CopyFrom(getattr(st, f))
             if n != w:
                 changed.append(n)
+        session = self.ctl.sessions.get(node)
+        if forget and session is not None:
+            session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(forget=forget)))
         await self.save(changed)
 
     async def _log_chunk(self, node: str, chunk: node_service_pb2.LogChunk) -> None:
@@ -283,32 +292,63 @@ class WorkloadManager:
             q.put_nowait(chunk)
 
     async def _follow_slices(self) -> None:
-        """Slices that turn UNKNOWN (node lost) make their workloads UNKNOWN; deleted slices end theirs."""
+        """Slices that turn UNKNOWN (node lost) make their workloads UNKNOWN; deleted slices end theirs.
+
+        Cut off for falling behind (events.py), it logs, subscribes again and reconciles every workload
+        with the fleet as it is now, so no slice change is missed."""
+        resync = False
         while True:
-            q = self.ctl.events.subscribe()
+            q = self.ctl.events.subscribe("workload slice follower")
             try:
+                if resync:
+                    self.resyncs += 1
+                    await self._apply_slices(self._reconcile_all())
                 while True:
-                    ev = await q.get()
+                    try:
+                        ev = await q.next()
+                    except errors.ResourceExhausted as e:
+                        log(logger, logging.WARNING, "workload slice follower fell behind; resyncing from the "
+                            "fleet", error=str(e))
+                        break
                     if ev is None:
-                        break       # fell behind: subscribe again
-                    s = ev.slice
+                        break       # ended by the hub: subscribe again and resync
                     changed = []
                     for w in list(self.workloads.values()):
-                        if w.slice_id != s.id or w.state in TERMINAL:
+                        if w.slice_id != ev.slice.id or w.state in TERMINAL:
                             continue
-                        if ev.type == DELETED:
-                            n = self._copy(w, state=W.WORKLOAD_STATE_STOPPED, message=f"slice {s.id} released")
-                            n.finished_at.CopyFrom(now())
+                        n = self._follow(w, None if ev.type == DELETED else ev.slice)
+                        if n is not None:
                             changed.append(n)
-                        elif s.state == types_pb2.SLICE_STATE_UNKNOWN and w.state != W.WORKLOAD_STATE_UNKNOWN:
-                            changed.append(self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN,
-                                                      message=f"node {w.node} NotReady: {s.message}"))
-                    try:
-                        await self.save(changed)
-                    except errors.MeshError as e:
-                        log(logger, logging.WARNING, "cannot update workloads", error=str(e))
+                    await self._apply_slices(changed)
+                resync = True
             finally:
                 self.ctl.events.unsubscribe(q)
+
+    def _follow(self, w: types_pb2.Workload, s: types_pb2.Slice | None) -> types_pb2.Workload | None:
+        """The workload's new record given its slice now (None: deleted); None when unchanged."""
+        if s is None:
+            n = self._copy(w, state=W.WORKLOAD_STATE_STOPPED, message=f"slice {w.slice_id} released")
+            n.finished_at.CopyFrom(now())
+            return n
+        if s.state == types_pb2.SLICE_STATE_UNKNOWN and w.state != W.WORKLOAD_STATE_UNKNOWN:
+            return self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN, message=f"node {w.node} NotReady: {s.message}")
+        return None
+
+    def _reconcile_all(self) -> list[types_pb2.Workload]:
+        out = []
+        for w in list(self.workloads.values()):
+            if w.state in TERMINAL:
+                continue
+            n = self._follow(w, self.ctl.fleet.slices.get(w.slice_id))
+            if n is not None:
+                out.append(n)
+        return out
+
+    async def _apply_slices(self, changed: list[types_pb2.Workload]) -> None:
+        try:
+            await self.save(changed)
+        except errors.MeshError as e:
+            log(logger, logging.WARNING, "cannot update workloads", error=str(e))
 
 
 class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
@@ -346,5 +386,5 @@ class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
     @streaming
     async def Logs(self, request, context):
         self._own(request.id)
-        async for chunk in self.m.logs(request.id, request.tail_lines, request.follow):
+        async for chunk in self.m.logs(request.id, request.tail_lines, request.follow, context):
             yield chunk

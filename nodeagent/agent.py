@@ -18,6 +18,7 @@ import grpc
 from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, types_pb2
 from mesh.failover import pick_leader
 from mesh.logs import log
+from mesh.outbox import Outbox
 from nodeagent import metrics
 from nodeagent.gpu import NvmlGpus
 from nodeagent.slicer import Slicer
@@ -26,6 +27,7 @@ from nodeagent.telemetry import TelemetryCollector, run_telemetry
 logger = logging.getLogger(__name__)
 VERSION = "gpumesh-agent/0.1.0"
 RETRY_TEARDOWN_S = 2.0
+OUTBOX_LIMIT = 10_000          # messages queued for the control plane before the stream is ended and resynced
 
 
 def leader_hint(e: grpc.aio.AioRpcError) -> str:
@@ -84,6 +86,8 @@ class NodeAgent:
         # TLS to the control plane (grpc.ChannelCredentials; None: plaintext) and the name its certificate holds.
         self.credentials = None
         self.server_name = ""
+        self.outbox_limit = OUTBOX_LIMIT
+        self.token = ""          # an agent token (tenants file, role agent): sent as 'authorization: Bearer'
 
     # -- inventory ----------------------------------------------------------------------
 
@@ -139,6 +143,10 @@ class NodeAgent:
                         backoff = 0.2    # a standby answered: an election is close, keep retrying briskly
             except asyncio.CancelledError:
                 raise
+            except Exception as e:  # noqa: BLE001 - any failure of a session: log it and reconnect
+                log(logger, logging.ERROR, "agent session failed; reconnecting", node=self.node,
+                    endpoint=self.endpoint, error=repr(e))
+                logger.exception("agent session failed")
             finally:
                 self.registered.clear()
                 metrics.RECONNECTS.labels(self.node).inc()
@@ -153,20 +161,29 @@ class NodeAgent:
             if len(self.endpoints) == 1 or current == 0:
                 backoff = min(backoff * 2, self.reconnect_max)
 
+    def _metadata(self):
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
     async def _session(self, stub) -> None:
         inv = await asyncio.to_thread(self.inventory)
         reply = await stub.Register(node_service_pb2.RegisterRequest(node_name=self.node, inventory=inv,
-                                                                     agent_version=VERSION), timeout=30)
+                                                                     agent_version=VERSION), timeout=30,
+                                    metadata=self._metadata())
         self.registered.set()
         log(logger, logging.INFO, "registered", node=self.node, lease_ttl=reply.lease_ttl_seconds,
             gpus=len(inv.gpus))
-        outbox: asyncio.Queue = asyncio.Queue()
+        # Bounded: a control plane that stops reading ends the stream (and a reconnect resyncs) rather
+        # than reports and telemetry piling up here without end.
+        outbox: asyncio.Queue = Outbox(self.outbox_limit)
         outbox.put_nowait(node_service_pb2.AgentMessage(hello=node_service_pb2.SyncHello(node_name=self.node)))
 
         async def requests():
             while True:
                 msg = await outbox.get()
                 if msg is None:
+                    if outbox.overflowed:
+                        log(logger, logging.WARNING, "the control plane is not reading this agent's stream: "
+                            "ending it to reconnect and resync", node=self.node, queued=outbox.limit)
                     return
                 if msg.WhichOneof("kind") == "report":
                     # fold queued reports into one message (statuses before releases, as queued)
@@ -178,7 +195,7 @@ class NodeAgent:
                         msg.report.released.extend(nxt.released)
                 yield msg
 
-        call = stub.Sync(requests())
+        call = stub.Sync(requests(), metadata=self._metadata())
         beat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_seconds, call))
         retry = asyncio.create_task(self._retry_stuck(outbox))
         telemetry = asyncio.create_task(run_telemetry(self.collector, self.telemetry_interval, outbox))
@@ -202,7 +219,8 @@ class NodeAgent:
         while True:
             await asyncio.sleep(interval)
             try:
-                await stub.Heartbeat(node_service_pb2.HeartbeatRequest(node_name=self.node), timeout=interval * 2)
+                await stub.Heartbeat(node_service_pb2.HeartbeatRequest(node_name=self.node), timeout=interval * 2,
+                                     metadata=self._metadata())
             except grpc.aio.AioRpcError as e:
                 log(logger, logging.WARNING, "heartbeat failed", node=self.node, code=e.code().name)
                 if e.code() == grpc.StatusCode.NOT_FOUND:

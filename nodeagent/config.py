@@ -47,6 +47,9 @@ class AgentConfig:
     tls_ca: str = option("", "PEM CA that signed the control plane's certificate")
     tls_cert: str = option("", "PEM certificate of this agent (CN = the node name; `meshctl certs issue --kind agent`)")
     tls_key: str = option("", "PEM private key of tls_cert")
+    agent_token: str = option("", "agent token from the control plane's tenants file (role: agent, name: this node), "
+                                  "sent as 'authorization: Bearer'; the identity of an agent without a certificate "
+                                  "(required in insecure mode when the control plane has a tenants file)")
     tls_server_name: str = option("", "name to check in the control plane's certificate when it differs from the "
                                       "host in control_plane")
     checkpoint_dir: str = option("", "checkpoint store: the directory (on a filesystem shared by the nodes) where "
@@ -74,7 +77,7 @@ class AgentConfig:
             raise ConfigError("sim_host_file: only allowed with gpu_backend=sim")
         if self.insecure and (self.tls_cert or self.tls_ca):
             raise ConfigError("insecure: plaintext cannot be combined with tls_ca or tls_cert")
-        if not self.insecure and not (self.tls_ca and self.tls_cert and self.tls_key):
+        if not self.insecure and not (self.tls_ca and ((self.tls_cert and self.tls_key) or self.agent_token)):
             raise ConfigError("tls_cert: the agent needs tls_ca, tls_cert and tls_key (`meshctl certs issue --kind "
                               "agent`, see docs/security.md), or insecure: true (--insecure) for a plaintext demo")
         from mesh import tls
@@ -90,6 +93,8 @@ class AgentConfig:
         if self.insecure:
             return None
         from mesh import tls
+        if not self.tls_cert:
+            return tls.channel_credentials(self.tls_ca)     # server-only TLS: the agent token is the identity
         return tls.channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
 
     def default_node_name(self) -> str:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         agents = build_agents(cfg)
         creds = cfg.channel_credentials()
         for a in agents:
-            a.credentials, a.server_name = creds, cfg.tls_server_name
+            a.credentials, a.server_name, a.token = creds, cfg.tls_server_name, cfg.agent_token
         __import__("nodeagent.registrar").registrar.attach_all(agents, cfg)   # the mesh data plane
     except (config.ConfigError, ValueError, OSError) as e:
         print(f"mesh-agent: configuration error: {e}", file=sys.stderr)

@@ -185,7 +185,8 @@ class MigrationAgent(SlicesMixin):
                        C.PUSH_CHECKPOINT: self._push_checkpoint, C.RESUME_TARGET: self._resume_target,
                        C.STOP_SOURCE: self._stop_source, C.ABORT_SOURCE: self._abort_source,
                        C.STOP_TARGET: self._stop_target, C.CHECKPOINT: self._checkpoint,
-                       C.SWAP_SLICES: self._swap_slices, C.CHECK_TRANSPARENT: self._check_transparent}[cmd.action]
+                       C.SWAP_SLICES: self._swap_slices, C.CHECK_TRANSPARENT: self._check_transparent,
+                       C.DELETE_CHECKPOINT: self._delete_checkpoint}[cmd.action]
         except KeyError:
             report(R.FAILED, message=f"unknown migration action {cmd.action}")
             return
@@ -195,6 +196,13 @@ class MigrationAgent(SlicesMixin):
             log(logger, logging.WARNING, "migration step failed", node=self.agent.node,
                 migration=cmd.migration_id, action=C.Action.Name(cmd.action), error=str(e))
             report(R.FAILED, message=f"{C.Action.Name(cmd.action).lower()} on {self.agent.node}: {e}")
+
+    async def _delete_checkpoint(self, cmd: M.MigrationCommand, report) -> None:
+        """The checkpoint's record expired (controlplane/retention.py): remove its files from the store."""
+        import shutil
+        path = self._store_path(cmd.path)
+        await asyncio.to_thread(shutil.rmtree, path, True)
+        log(logger, logging.INFO, "expired checkpoint deleted", node=self.agent.node, path=cmd.path)
 
     async def _start_target(self, cmd: M.MigrationCommand, report) -> None:
         wid = cmd.workload.id

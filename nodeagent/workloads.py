@@ -200,7 +200,21 @@ class WorkloadRunner:
                     self.stop(wid)
         for wid in cmd.stop:
             self.stop(wid)
+        for wid in cmd.forget:
+            self.expire(wid)
         self.report(changed)
+
+    def expire(self, wid: str) -> None:
+        """The control plane's record of a finished workload expired: delete its record and its log."""
+        w = self.workloads.get(wid)
+        if w is not None and w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
+            return          # never the files of a workload that still runs
+        logfile = self.path(wid, "log")
+        self.forget(wid)
+        try:
+            os.unlink(logfile)
+        except FileNotFoundError:
+            pass
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None) -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its

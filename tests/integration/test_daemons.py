@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import urllib.request
@@ -19,13 +20,22 @@ def test_health_reflection_and_metrics(cluster, mesh):
         services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
     assert {"gpumesh.v1.SliceService", "gpumesh.v1.NodeService", "gpumesh.v1.AdminService",
             "grpc.health.v1.Health"} <= services
-    mesh.allocate(tenant="metrics", mig_profile="1g.10gb", gpu_model="H100-80GB")
+    a = mesh.allocate(tenant="metrics", mig_profile="1g.10gb", gpu_model="H100-80GB")
+    mesh.get_slice(a.slices[0].id)
+    with pytest.raises(Exception):
+        mesh.mesh_get("c-none")                    # MeshService.Get: an error, a series of its own
     with urllib.request.urlopen(f"http://{cluster.metrics_endpoint}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert 'gpumesh_slices{state="ready"} 1.0' in text
     assert 'gpumesh_nodes{ready="true"} 2.0' in text
-    assert 'gpumesh_grpc_requests_total{code="OK",method="Allocate"}' in text
-    assert "gpumesh_grpc_request_seconds_bucket" in text
+    assert 'gpumesh_grpc_requests_total{code="OK",method="Allocate",service="SliceService"}' in text
+    # per-method series carry the service: SliceService.Get and MeshService.Get are not one series
+    assert 'gpumesh_grpc_requests_total{code="OK",method="Get",service="SliceService"}' in text
+    assert re.search(r'gpumesh_grpc_requests_total\{code="[A-Z_]+",method="Get",service="MeshService"\}', text), text
+    assert 'gpumesh_grpc_request_seconds_bucket{le="0.001",method="Get",service="SliceService"}' in text
+    # the fleet gauges come from a snapshot taken on the event loop
+    assert 'gpumesh_metrics_snapshot_stale 0.0' in text
+    assert 'gpumesh_records{kind="slices"}' in text
 
 
 def run(module, *args, env=None):

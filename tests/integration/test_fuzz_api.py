@@ -345,3 +345,92 @@ def test_fuzz_the_api(fc, fuzzer, tmp_path):
     assert not fuzzer.bad, "\n".join(fuzzer.bad[:20])
     assert not fuzzer.leaks, "\n".join(fuzzer.leaks[:20])
     assert fuzzer.examples >= MAX_EXAMPLES // 2
+
+
+# -- raw bytes that are not a valid message ------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _nested(depth: int) -> bytes:
+    """Field 1, length-delimited, `depth` levels deep (past protobuf's recursion limit of 100)."""
+    inner = b""
+    for _ in range(depth):
+        inner = b"\x0a" + _varint(len(inner)) + inner
+    return inner
+
+
+def malformed_payloads(seed: int = 10) -> list[tuple[str, bytes]]:
+    import random
+    rnd = random.Random(seed)
+    return [
+        ("random", bytes(rnd.getrandbits(8) for _ in range(64))),
+        ("random-long", bytes(rnd.getrandbits(8) for _ in range(4096))),
+        ("absurd-length-prefix", b"\x0a" + _varint(2 ** 31 - 1) + b"abc"),
+        ("absurd-length-prefix-64", b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01xyz"),
+        ("truncated-varint", b"\x08\xff\xff\xff"),
+        ("invalid-wire-type", b"\x0f\x01\x02"),
+        ("field-number-zero", b"\x00\x01"),
+        ("deep-nesting", _nested(300)),
+        ("oversized-invalid-utf8-string", b"\x0a" + _varint(1 << 20) + b"\xff" * (1 << 20)),
+        ("end-group-without-start", b"\x0c"),
+    ]
+
+
+def all_methods():
+    out = []
+    for module in SERVICES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for m in service.methods:
+                out.append((service.full_name, m))
+    return out
+
+
+def test_malformed_bytes_get_invalid_argument_on_every_method_and_port(fc, fuzzer):
+    """Request bytes that do not parse: INVALID_ARGUMENT naming the method, never UNKNOWN ("Unexpected
+    <class 'google.protobuf.message.DecodeError'>") or INTERNAL, on unary and streaming methods, on the
+    token port and on the mTLS port; the server stays up."""
+    ports = {"token": (fuzzer.channels["tls"], [("authorization", f"Bearer {TOKENS['admin']}")]),
+             "mtls": (fuzzer.channels["agent"], [])}
+    codes, bad, named = collections.Counter(), [], 0
+    for port, (ch, meta) in ports.items():
+        for service, m in all_methods():
+            path = f"/{service}/{m.name}"
+            for label, payload in malformed_payloads():
+                try:
+                    if m.client_streaming:
+                        call = ch.stream_stream(path)(iter([payload]), timeout=5, metadata=meta)
+                        for _ in call:
+                            pass
+                    elif m.server_streaming:
+                        call = ch.unary_stream(path)(payload, timeout=3, metadata=meta)
+                        for i, _ in enumerate(call):
+                            if i >= 2:
+                                call.cancel()
+                                break
+                    else:
+                        ch.unary_unary(path)(payload, timeout=5, metadata=meta)
+                    code, details = grpc.StatusCode.OK, ""
+                except grpc.RpcError as e:
+                    code, details = e.code(), e.details() or ""
+                    if code == grpc.StatusCode.CANCELLED:
+                        code = grpc.StatusCode.OK
+                codes[code.name] += 1
+                if code == grpc.StatusCode.INVALID_ARGUMENT and path in details and "could not be parsed" in details:
+                    named += 1
+                if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) or code not in ALLOWED or (
+                        code == grpc.StatusCode.DEADLINE_EXCEEDED and m.name not in WAITING):
+                    bad.append(f"{port} {path} {label}: {code.name} {details[:200]}")
+    print(f"\nmalformed bytes: {sum(codes.values())} calls; codes {dict(codes)}; {named} INVALID_ARGUMENT naming "
+          f"the method")
+    assert not bad, "\n".join(bad[:20])
+    assert named >= len(all_methods()), "unparseable requests were not refused as such"
+    with client(fc, "admin") as admin:
+        assert admin.health() == "serving"
+        assert fc.controlplane.running()

@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_schedule_bench)
     __import__("tools.meshctl.bench_migrate", fromlist=["add_migrate_bench"]).add_migrate_bench(kinds)  # bench migrate
     __import__("tools.meshctl.benchmesh", fromlist=["register"]).register(kinds)   # bench mesh
+    __import__("tools.meshctl.bench_soak", fromlist=["add_soak_bench"]).add_soak_bench(kinds)  # bench soak
 
 
 def run_schedule_bench(args: argparse.Namespace) -> int:

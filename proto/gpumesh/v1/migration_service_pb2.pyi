@@ -230,6 +230,7 @@ class MigrationCommand(_message.Message):
         CHECKPOINT: _ClassVar[MigrationCommand.Action]
         SWAP_SLICES: _ClassVar[MigrationCommand.Action]
         CHECK_TRANSPARENT: _ClassVar[MigrationCommand.Action]
+        DELETE_CHECKPOINT: _ClassVar[MigrationCommand.Action]
     ACTION_UNSPECIFIED: MigrationCommand.Action
     START_TARGET: MigrationCommand.Action
     SEND: MigrationCommand.Action
@@ -241,6 +242,7 @@ class MigrationCommand(_message.Message):
     CHECKPOINT: MigrationCommand.Action
     SWAP_SLICES: MigrationCommand.Action
     CHECK_TRANSPARENT: MigrationCommand.Action
+    DELETE_CHECKPOINT: MigrationCommand.Action
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]

@@ -137,14 +137,16 @@ class DesiredSlices(_message.Message):
     def __init__(self, full: _Optional[bool] = ..., upserts: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ..., removals: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class WorkloadCommand(_message.Message):
-    __slots__ = ("full", "start", "stop")
+    __slots__ = ("full", "start", "stop", "forget")
     FULL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     full: bool
     start: _containers.RepeatedCompositeFieldContainer[_types_pb2.Workload]
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, full: _Optional[bool] = ..., start: _Optional[_Iterable[_Union[_types_pb2.Workload, _Mapping]]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    forget: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, full: _Optional[bool] = ..., start: _Optional[_Iterable[_Union[_types_pb2.Workload, _Mapping]]] = ..., stop: _Optional[_Iterable[str]] = ..., forget: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LogRequest(_message.Message):
     __slots__ = ("request_id", "workload_id", "tail_lines", "follow", "cancel")

@@ -1,0 +1,164 @@
+"""Retention: finished records expire, with their files, so etcd and memory stay flat.
+
+A sweep every `retention_interval_seconds` finds
+
+* workloads that ended (SUCCEEDED, FAILED, STOPPED) more than `retention_seconds` ago, unless a
+  migration of theirs is still in progress;
+* migrations that finished (DONE, ABORTED) more than `retention_seconds` ago;
+* checkpoint records older than `retention_seconds`, those beyond the newest `checkpoints_kept` of
+  their workload, and those of an expiring workload (a restore needs the workload's record), unless
+  an unfinished migration restores from them;
+
+deletes their etcd keys through the writer (at most MAX_OPS keys per transaction), then drops them
+from memory, and removes their files through the agents: WorkloadCommand.forget (the agent deletes
+the workload's record and log file) to the workload's node, and MigrationCommand DELETE_CHECKPOINT to
+a connected agent (the store is shared by the nodes; the checkpoint's own node first). An agent that
+is not connected at that moment is told about its expired workloads when it next reports them (those
+IDs are remembered, at most REMEMBERED of them). Standbys follow the deletes through their etcd watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+from controlplane import keys
+from controlplane.store import Delete
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+
+W = types_pb2
+TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
+FINISHED = (M.MIGRATION_PHASE_DONE, M.MIGRATION_PHASE_ABORTED)
+MAX_OPS = 100
+REMEMBERED = 100_000          # expired workload IDs remembered for agents that were away
+
+
+def _seconds(ts) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+class Retention:
+    def __init__(self, ctl, workloads, migrations, retention_s: float = 7 * 86400.0, checkpoints_kept: int = 10,
+                 interval: float = 60.0) -> None:
+        self.ctl = ctl
+        self.wm = workloads
+        self.mm = migrations
+        self.retention_s = retention_s
+        self.checkpoints_kept = checkpoints_kept
+        self.interval = interval
+        self.expired = collections.Counter()           # kind -> records expired (metrics, tests)
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._task: asyncio.Task | None = None
+        workloads.expired_ids = self.recent            # _report tells a returning agent to forget them
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping either way
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except errors.MeshError as e:
+                log(logger, logging.WARNING, "retention sweep failed; retrying at the next one", error=str(e))
+            except Exception:  # noqa: BLE001 - a sweep's bug must not stop later sweeps
+                logger.exception("retention sweep failed")
+
+    # -- what expires --------------------------------------------------------------------------
+
+    def due(self, now: float | None = None) -> tuple[list, list, list]:
+        """(workloads, migrations, checkpoints) that expire at `now` (seconds since the epoch)."""
+        now = time.time() if now is None else now
+        cutoff = now - self.retention_s
+        migrations = self.mm.migrations if self.mm is not None else {}
+        checkpoints = self.mm.checkpoints if self.mm is not None else {}
+        active = [m for m in migrations.values() if m.phase not in FINISHED]
+        busy_workloads = {m.workload_id for m in active}
+        busy_checkpoints = {m.checkpoint_id for m in active if m.checkpoint_id}
+        workloads = [w for w in self.wm.workloads.values()
+                     if w.state in TERMINAL and w.id not in busy_workloads
+                     and _seconds(w.finished_at if w.HasField("finished_at") else w.created_at) < cutoff]
+        gone = {w.id for w in workloads}
+        finished = [m for m in migrations.values() if m.phase in FINISHED
+                    and _seconds(m.updated_at if m.HasField("updated_at") else m.created_at) < cutoff]
+        by_workload: dict[str, list] = {}
+        for ck in checkpoints.values():
+            by_workload.setdefault(ck.workload_id, []).append(ck)
+        cks = []
+        for wid, group in by_workload.items():
+            group.sort(key=lambda c: (_seconds(c.created_at), c.id), reverse=True)
+            for i, ck in enumerate(group):
+                if ck.id in busy_checkpoints:
+                    continue
+                if wid in gone or i >= self.checkpoints_kept or _seconds(ck.created_at) < cutoff:
+                    cks.append(ck)
+        return workloads, finished, cks
+
+    # -- expiring --------------------------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> dict:
+        workloads, migrations, checkpoints = self.due(now)
+        ops = ([Delete(keys.checkpoint(c.id)) for c in checkpoints] + [Delete(keys.migration(m.id)) for m in migrations]
+               + [Delete(keys.workload(w.id)) for w in workloads])
+        for i in range(0, len(ops), MAX_OPS):
+            await self.ctl.writer.write(ops[i:i + MAX_OPS])
+        for c in checkpoints:
+            self.mm.checkpoints.pop(c.id, None)
+            self._delete_checkpoint_files(c)
+        for m in migrations:
+            self.mm.migrations.pop(m.id, None)
+            for table in ("reports", "watchers"):
+                getattr(self.mm, table, {}).pop(m.id, None)
+            task = getattr(self.mm, "tasks", {}).get(m.id)
+            if task is not None and task.done():
+                self.mm.tasks.pop(m.id, None)
+        by_node: dict[str, list[str]] = {}
+        for w in workloads:
+            self.wm.workloads.pop(w.id, None)
+            self.wm.stopping.discard(w.id)
+            self.wm.waiters.pop(w.id, None)
+            by_node.setdefault(w.node, []).append(w.id)
+        for node, ids in by_node.items():
+            session = self.ctl.sessions.get(node)
+            if session is not None:
+                session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(
+                    forget=ids)))
+                continue
+            for wid in ids:                 # the agent is away: tell it when it reports them again
+                self.recent[wid] = None
+            while len(self.recent) > REMEMBERED:
+                self.recent.popitem(last=False)
+        counts = {"workloads": len(workloads), "migrations": len(migrations), "checkpoints": len(checkpoints)}
+        self.expired.update(counts)
+        if any(counts.values()):
+            log(logger, logging.INFO, "expired finished records", retention_s=self.retention_s, **counts)
+        return counts
+
+    def _delete_checkpoint_files(self, ck: M.CheckpointInfo) -> None:
+        nodes = [ck.node] + sorted(n for n in self.ctl.sessions.by_node if n != ck.node)
+        for node in nodes:
+            session = self.ctl.sessions.get(node)
+            if session is not None:
+                session.send(node_service_pb2.ControllerMessage(migration=M.MigrationCommand(
+                    migration_id=ck.id, action=M.MigrationCommand.DELETE_CHECKPOINT, path=ck.path,
+                    tenant=ck.tenant, workload_id=ck.workload_id)))
+                return
+        log(logger, logging.WARNING, "no agent connected to delete an expired checkpoint's files", checkpoint=ck.id,
+            path=ck.path)
