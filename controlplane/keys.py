@@ -13,6 +13,7 @@
 | `/gpumesh/v1/meshgrants/<from-tenant>/<to-tenant>` | `gpumesh.v1.MeshGrant` (admin: cross-tenant connections allowed) | MeshService Grant |
 | `/gpumesh/v1/migrations/<migration-id>` | `gpumesh.v1.Migration` (phase of the state machine, source, target, progress) | MigrationService, agent migration reports, recovery at start |
 | `/gpumesh/v1/checkpoints/<checkpoint-id>` | `gpumesh.v1.CheckpointInfo` (workload, store path, step, size) | MigrationService Checkpoint |
+| `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -31,6 +32,9 @@ MESH = PREFIX + "mesh/"
 MESH_GRANTS = PREFIX + "meshgrants/"
 MIGRATIONS = PREFIX + "migrations/"
 CHECKPOINTS = PREFIX + "checkpoints/"
+MIGRATION_SECRETS = PREFIX + "migration-secrets/"
+"""a migration's transfer secret (raw bytes): read by the control plane only, sent to the two agents
+in their MigrationCommands; never part of a record the API returns; deleted when the migration ends."""
 
 
 def node(name: str) -> bytes:
@@ -71,6 +75,10 @@ def mesh_grant(from_tenant: str, to_tenant: str) -> bytes:
 
 def migration(migration_id: str) -> bytes:
     return (MIGRATIONS + migration_id).encode()
+
+
+def migration_secret(migration_id: str) -> bytes:
+    return (MIGRATION_SECRETS + migration_id).encode()
 
 
 def checkpoint(checkpoint_id: str) -> bytes:

@@ -15,6 +15,8 @@ import pytest
 from mesh.checkpoint.criu import (LOG_ENTRY, Criu, ImageSink, TransparentUnavailable, image_entries, image_manifest,
                                   parse_version, path_key)
 
+SECRET = bytes(range(32))
+
 
 def fake(tmp_path, name: str, version: str, check_rc: int = 0) -> str:
     p = tmp_path / name
@@ -146,9 +148,9 @@ def test_images_travel_over_the_transfer_channel_and_restore_once(tmp_path):
         return {"pid": 4242}
     server = TransferServer("127.0.0.1:0").start()
     try:
-        server.expect("s", ImageSink(tmp_path / "dst", on_commit))
+        server.expect("s", ImageSink(tmp_path / "dst", on_commit), secret=SECRET)
         entries = image_entries(src, {LOG_ENTRY: str(tmp_path / "w.log")})
-        with TransferClient(server.address, "s", mesh="grpc") as client:
+        with TransferClient(server.address, "s", mesh="grpc", secret=SECRET) as client:
             stats = client.send(entries, commit=lambda st: image_manifest("w", entries, st, {"k": 1}, client.algo))
         assert stats.committed == {"pid": 4242} and restored == [{"k": 1}]
         assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["core-1.img", LOG_ENTRY, "pages-1.img"]
