@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, EntryMeta, Manifest, new_hasher
+from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, CheckpointError, EntryMeta, Manifest, new_hasher
 from mesh.checkpoint.transfer_auth import TransferAuthError, check_secret, client_channel, client_hello
 from mesh.checkpoint.transfer_mesh import STREAM_MB_PER_S, choose
 from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, cumulative_sum, frame, unframe
@@ -124,6 +124,7 @@ class TransferClient:
             cut = [False]
             hello, nonce_c = client_hello(self.secret, self.session)
             sealed: list[Any] = [None]      # this stream's Channel, once the receiver answered
+            source_error: list[Any] = [None]
 
             def produce(held: dict[str, Any], ring: Any, stop: threading.Event) -> Iterator[tuple]:
                 """The frames, hashed, built and sealed ahead of the stream (in `_prefetch`'s thread):
@@ -178,24 +179,31 @@ class TransferClient:
                 if ring is not None:
                     ring.restart()
                 stop = threading.Event()
-                for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH, producers):
-                    kind = item[0]
-                    if kind == "begin":
-                        entry_in_flight[0] = item[2]
-                    yield item[1]
-                    if kind == "chunk":
-                        stats.bytes += item[2]
-                        if self.progress:
-                            self.progress(stats.bytes, total, time.perf_counter() - t0)
-                        if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
-                            self.cut_after_bytes = None
-                            cut[0] = True
-                            call.cancel()
-                            return
-                    elif kind == "end":
-                        stats.checksums[item[2]] = item[3]
-                        stats.entries += 1
-                        partial.pop(item[2], None)
+                try:
+                    for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH, producers):
+                        kind = item[0]
+                        if kind == "begin":
+                            entry_in_flight[0] = item[2]
+                        yield item[1]
+                        if kind == "chunk":
+                            stats.bytes += item[2]
+                            if self.progress:
+                                self.progress(stats.bytes, total, time.perf_counter() - t0)
+                            if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
+                                self.cut_after_bytes = None
+                                cut[0] = True
+                                call.cancel()
+                                return
+                        elif kind == "end":
+                            stats.checksums[item[2]] = item[3]
+                            stats.entries += 1
+                            partial.pop(item[2], None)
+                except CheckpointError as exc:
+                    # the source failed (a stored record that does not authenticate, a file that shrank):
+                    # no commit, and no retry
+                    source_error[0] = exc
+                    call.cancel()
+                    return
                 if commit is not None:
                     manifest = commit(stats) if callable(commit) else commit
                     yield sealed[0].seal(frame({"t": "commit", "manifest": manifest.to_json()}))
@@ -233,6 +241,9 @@ class TransferClient:
             except grpc.RpcError as exc:
                 if have_box.empty():
                     have_box.put({"_stop": True})
+                if source_error[0] is not None:
+                    stop_producers()
+                    raise source_error[0]
                 if unreachable[0]:
                     raise TransferError(f"cannot reach the transfer endpoint {self.target} "
                                         f"within {self.connect_timeout:g} s") from None
