@@ -186,3 +186,79 @@ def test_strangers_cannot_push_and_viewers_never_see_the_secret(sc, tmp_path):
         assert target and not target[0]["restored"] and target[0]["step"] == 0
         assert not list((sc.state_dir / "agents").rglob("*.transfer-secret")), "the secret file was left behind"
         a.stop_workload(w.id)
+
+
+COUNTER = ("import json, os, time\n"
+           "n = 0\n"
+           "while True:\n"
+           "    n += 1\n"
+           "    print(json.dumps({'n': n, 'pid': os.getpid()}), flush=True)\n"
+           "    time.sleep(0.05)\n")
+
+
+def _criu_problem() -> str:
+    from mesh.checkpoint.criu import Criu
+    info = Criu().detect()
+    return "" if info.usable else info.problem
+
+
+@pytest.mark.skipif(bool(_criu_problem()), reason=f"no working CRIU: {_criu_problem()}")
+def test_transparent_images_go_agent_to_agent_over_mtls(sc):
+    """The target agent's image receiver speaks mTLS with the agents' certificates and hears only the
+    source agent that proves the migration's secret; then a transparent migration completes over it."""
+    from mesh import tls
+    d = sc.tls_dir
+    counted = lambda c, wid: max((x.get("n", 0) for x in json_lines(c, wid)), default=0)  # noqa: E731
+    with secure.client(sc, "team-a", timeout=30) as a, secure.client(sc, "viewer-a", timeout=30) as viewer:
+        s = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+        w = a.run_workload(s.id, [sys.executable, "-c", COUNTER])
+        wait_for(lambda: counted(a, w.id) >= 10, 60, "the counter to reach 10")
+        src = a.get_workload(w.id).node
+        dst = next(n for n in ("sec-a", "sec-b") if n != src)
+        with sc.client() as admin:
+            admin.cordon(src)
+        try:
+            m = a.migrate(w.id, mode="transparent")
+            wait_for(lambda: migration_phase(viewer.get_migration(m.id)) in ("target_ready", "aborted"), 120,
+                     "the target agent to listen")
+        finally:
+            with sc.client() as admin:
+                admin.uncordon(src)
+        seen = viewer.get_migration(m.id)
+        assert migration_phase(seen) == "target_ready", seen.message
+        secret = etcd_get(sc, f"/gpumesh/v1/migration-secrets/{m.id}")
+
+        def push(creds=None, secret=secret) -> TransferError:
+            entry = [OutEntry(EntryMeta(name="core-1.img", kind="tensor", nbytes=4, dtype="uint8", shape=[4]),
+                              lambda start: [b"evil"[start:]])]
+            with TransferClient(seen.target_address, seen.session, secret=secret, retries=0, connect_timeout=5,
+                                credentials=creds, server_name=dst if creds else "", mesh="grpc") as c:
+                with pytest.raises(TransferError) as exc:
+                    c.send(entry)
+            return exc.value
+
+        def agent(node: str):
+            return tls.channel_credentials(str(d / "ca.crt"), str(d / f"{node}.crt"), str(d / f"{node}.key"))
+        assert "cannot reach" in str(push())                                   # plaintext: no TLS handshake
+        assert "PERMISSION_DENIED" in str(push(agent(dst)))                    # an agent, not the source
+        assert "UNAUTHENTICATED" in str(push(agent(src), secret=os.urandom(32)))   # the source's cert, no secret
+        assert a.get_workload(w.id).node == src and counted(a, w.id) > 10      # nothing restored; it runs on
+
+        # the held migration rolls back with the restart; an unheld one goes through over mTLS
+        sc.controlplane_args = []
+        sc.restart_controlplane(timeout=60)
+        sc.wait_ready(timeout=60)
+        wait_for(lambda: migration_phase(a.get_migration(m.id)) == "aborted", 120, "the rollback")
+        with sc.client() as admin:
+            admin.cordon(src)
+        try:
+            m2 = a.wait_migration(a.migrate(w.id, mode="transparent").id, timeout=180)
+        finally:
+            with sc.client() as admin:
+                admin.uncordon(src)
+        assert migration_phase(m2) == "done", m2.message
+        assert a.get_workload(w.id).node == dst and m2.transfer in ("grpc", "criu")
+        before = counted(a, w.id)
+        wait_for(lambda: counted(a, w.id) >= before + 10, 60, "the restored counter to count on")
+        assert etcd_get(sc, f"/gpumesh/v1/migration-secrets/{m2.id}") is None, "the secret outlived the migration"
+        a.stop_workload(w.id)
