@@ -363,9 +363,18 @@ class MigrationAgent(SlicesMixin):
         job.thread = threading.Thread(target=push, daemon=True, name=f"restore-{cmd.migration_id}")
         job.thread.start()
 
+    def _drop_secret_file(self, wid: str) -> None:
+        """The receiving workload removes its secret file once read; a target that never read it (it died,
+        or was stopped first) must not leave it behind."""
+        try:
+            os.unlink(self.runner.path(wid, "transfer-secret"))
+        except OSError:
+            pass
+
     async def _resume_target(self, cmd: M.MigrationCommand, report) -> None:
         wid = cmd.alias if cmd.alias and cmd.alias in self.runner.workloads else cmd.workload_id
         self._release_target_job(cmd.migration_id)
+        self._drop_secret_file(wid)
         if self._running(wid) and await asyncio.to_thread(self._continue_restored, wid):
             step = 0
         elif self._running(wid):
@@ -446,6 +455,7 @@ class MigrationAgent(SlicesMixin):
         if job is not None:
             job.cancelled = True
         self._release_target_job(cmd.migration_id)
+        self._drop_secret_file(wid)
         if self._running(wid) and self.runner.meta.get(wid, {}).get("migration") == cmd.migration_id:
             self._kill_restored(wid)
             self.runner.stop(wid)

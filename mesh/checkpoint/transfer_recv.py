@@ -390,6 +390,8 @@ class TransferServer:
             name = str(hello.get("session", "")) if isinstance(hello, dict) else ""
         except (ValueError, TypeError, UnicodeDecodeError, struct_error):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is not a transfer hello frame")
+        if not isinstance(hello, dict):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is not a transfer hello frame")
         session = self.sessions.get(name)
         if hello.get("t") != "hello" or session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer session {name!r} here")
