@@ -113,8 +113,8 @@ def _link(x: WorkloadLink | str) -> WorkloadLink:
 
 
 class PrecopyMigration:
-    """`PrecopyMigration(source, target).run()` moves a running workload; `source` and `target`
-    are control-socket paths or links. `sink`/`session` default to what the target reports."""
+    """`PrecopyMigration(source, target, secret=...).run()` moves a running workload; `source` and
+    `target` are control-socket paths or links; `secret` is the target receiver's session secret. `sink`/`session` default to what the target reports."""
 
     def __init__(self, source: WorkloadLink | str, target: WorkloadLink | str, *, secret: bytes,
                  sink: str | None = None, session: str | None = None, policy: PrecopyPolicy | None = None,

@@ -18,8 +18,8 @@ import grpc
 from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, CheckpointWriter, EntryMeta, FormatError,
                                     Manifest, chunk_sum, entry_file, new_hasher)
 from mesh.checkpoint.transfer_auth import Channel, TransferAuthError, check_hello, check_secret, server_answer
-from mesh.logs import log
 from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, cumulative_sum, frame, unframe
+from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 
