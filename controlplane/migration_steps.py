@@ -128,7 +128,8 @@ class StepsMixin:
                 raise _Failed(f"checkpoint {m.checkpoint_id} is gone")
             node, cmd = m.target_node, M.MigrationCommand(
                 migration_id=m.id, action=C.PUSH_CHECKPOINT, workload_id=m.workload_id, session=m.session,
-                path=ck.path, tenant=m.tenant, secret=self._secret(m))
+                path=ck.path, tenant=m.tenant, secret=self._secret(m),
+                checkpoint_key=self.checkpoint_keys.get(m.checkpoint_id, b""))
         else:
             node, cmd = m.source_node, M.MigrationCommand(
                 migration_id=m.id, action=C.SEND, workload_id=m.workload_id, session=m.session,

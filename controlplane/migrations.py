@@ -81,6 +81,8 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             raise ValueError(f"migration_pause_at: {pause_at!r} (allowed: {', '.join(PHASE_NAMES)})")
         self.migrations: dict[str, M.Migration] = {}
         self.checkpoints: dict[str, M.CheckpointInfo] = {}
+        self.checkpoint_keys: dict[str, bytes] = {}
+        """checkpoint id -> its own key (etcd: keys.CHECKPOINT_KEYS; never in a CheckpointInfo)."""
         self.secrets: dict[str, bytes] = {}
         """migration id -> transfer secret (etcd: keys.MIGRATION_SECRETS; never in a Migration record)."""
         self.reports: dict[str, dict[str, asyncio.Queue]] = {}     # migration id -> node -> reports
@@ -101,6 +103,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         snap = await self.ctl.store.load(keys.MIGRATION_SECRETS)
         for key, (value, _rev, _lease) in snap.kvs.items():
             self.secrets[(key.decode() if isinstance(key, bytes) else key)[len(keys.MIGRATION_SECRETS):]] = value
+        snap = await self.ctl.store.load(keys.CHECKPOINT_KEYS)
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            self.checkpoint_keys[(key.decode() if isinstance(key, bytes) else key)[len(keys.CHECKPOINT_KEYS):]] = value
         snap = await self.ctl.store.load(keys.CHECKPOINTS)
         for value, _rev, _lease in snap.kvs.values():
             ck = M.CheckpointInfo()

@@ -17,7 +17,8 @@ a reconnect, does its work once and answers again.
   paused at a safe point and the target restored and holding. STOP_SOURCE stops the source
   after the commit; ABORT_SOURCE cancels a send and resumes the source (rollback);
   CHECKPOINT writes a consistent checkpoint into the store (`checkpoint_dir`), encrypted
-  with the tenant's key when `checkpoint_keys_file` has one.
+  with the tenant's key when `checkpoint_keys_file` has one, else with the checkpoint's own key
+  from the control plane (`checkpoint_key`): every stored checkpoint is authenticated.
 * transparent mode (CRIU, no SDK): the same steps dump the process on the source, ship the
   images and restore them on the target under a new shim (nodeagent/migrate_slices.py).
 
@@ -351,7 +352,8 @@ class MigrationAgent(SlicesMixin):
             try:
                 with TransferClient(tjob.address, cmd.session, secret=secret) as client:
                     stats = push_checkpoint(path, client, self._key(tenant), tenant=tenant,
-                                            checkpoint_id=os.path.basename(path))
+                                            checkpoint_id=os.path.basename(path),
+                                            checkpoint_key=cmd.checkpoint_key or None)
                 job.final = M.MigrationReport(migration_id=job.migration_id, event=R.RESTORED,
                                               step=int(stats.committed.get("step", 0)), bytes=stats.bytes,
                                               mb_per_s=stats.mb_per_s, total_ms=stats.seconds * 1e3)
@@ -472,7 +474,11 @@ class MigrationAgent(SlicesMixin):
         if not self._running(wid):
             raise RuntimeError(f"workload {wid} does not run on {self.agent.node}")
         path = self._store_path(cmd.path)
-        key = self._key(cmd.tenant)
+        key, kind = self._key(cmd.tenant), "tenant"
+        if key is None:
+            key, kind = cmd.checkpoint_key, "checkpoint"      # the checkpoint's own: it is authenticated anyway
+            if len(key) != 32:
+                raise RuntimeError("the control plane sent no checkpoint key (an older control plane?): refused")
 
         def run() -> M.MigrationReport:
             from mesh.checkpoint.store import StoreSink
@@ -484,7 +490,8 @@ class MigrationAgent(SlicesMixin):
             secret = new_secret()       # both ends are here: the workload gets it over its control socket
             try:
                 sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant,
-                                                        checkpoint_id=cmd.migration_id), mesh=True, secret=secret)
+                                                        checkpoint_id=cmd.migration_id, key_kind=kind),
+                                     mesh=True, secret=secret)
                 t0 = time.perf_counter()
                 with AgentLink(self._socket(wid), timeout=600) as link:
                     r = link.call("checkpoint", target=server.address, session=session, secret=secret.hex())
@@ -493,7 +500,7 @@ class MigrationAgent(SlicesMixin):
                 nbytes = int(done.get("bytes", r.get("bytes", 0)))
                 return M.MigrationReport(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path,
                                          step=int(r.get("step", 0)), bytes=nbytes, seconds=seconds,
-                                         mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=key is not None)
+                                         mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
             finally:
                 server.stop(0)
         rep = await asyncio.to_thread(run)

@@ -16,8 +16,12 @@ plaintext: listing needs no key), says `extras.encryption` and carries an HMAC-S
 itself (`extras.encryption.manifest_mac`, key derived from the tenant key with HKDF, bound to
 the tenant and the checkpoint id): a changed manifest, or a checkpoint directory copied under
 another ID or tenant, is refused (`StoreTampered`) before a byte is sent to a restoring process.
-Without a tenant key a stored checkpoint is neither encrypted nor authenticated (its checksums
-are not keyed): operators who need integrity at rest configure keys (docs/checkpointing.md).
+A tenant without a key in `checkpoint_keys_file` gets the same records under a key of the
+checkpoint's own: 32 random bytes the control plane draws for it, keeps in etcd beside the
+checkpoint record (`/gpumesh/v1/checkpoint-keys/<id>`) and sends only to the agents that write
+and restore it (`extras.encryption.key` says which: "tenant" or "checkpoint"). So every stored
+checkpoint is authenticated and bound to its tenant and ID; only a tenant key keeps it
+confidential from the control plane's operators too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from mesh.checkpoint.format import (CHUNK_BYTES, CheckpointError, EntryMeta, For
 from mesh.checkpoint.transfer import DirectorySink, EntryTarget, OutEntry, SendStats, TransferClient
 
 MAGIC = b"GMENC2"
+KEY_KINDS = ("tenant", "checkpoint")
 _AD = "gpumesh-ckpt-v2"
 ALG = "AES-256-GCM"
 _LEN = struct.Struct("<I")
@@ -142,9 +147,12 @@ class StoreSink(DirectorySink):
     (step, RNG, optimizer meta)."""
 
     def __init__(self, path: str, workload_id: str = "", key: bytes | None = None, tenant: str = "",
-                 checkpoint_id: str = "") -> None:
+                 checkpoint_id: str = "", key_kind: str = "tenant") -> None:
         super().__init__(path, workload_id)
+        if key_kind not in KEY_KINDS:
+            raise KeyError_(f"key_kind: {key_kind!r} (allowed: {', '.join(KEY_KINDS)})")
         self.key = key
+        self.key_kind = key_kind
         self.aead = _aead(key) if key else None
         self.tenant = tenant
         self.checkpoint_id = checkpoint_id or Path(path).name
@@ -163,7 +171,8 @@ class StoreSink(DirectorySink):
         extras = dict(manifest.extras)
         extras.pop("encryption", None)
         if self.aead is not None:
-            extras["encryption"] = {"alg": ALG, "tenant": self.tenant, "checkpoint": self.checkpoint_id}
+            extras["encryption"] = {"alg": ALG, "tenant": self.tenant, "checkpoint": self.checkpoint_id,
+                                    "key": self.key_kind}
         entries = [EntryMeta(**{**e.to_json(), "file": self.files[e.name]}) for e in manifest.entries]
         manifest = Manifest(workload_id=manifest.workload_id, step=manifest.step, entries=entries,
                             created=manifest.created, extras=extras, checksum=manifest.checksum)
@@ -171,7 +180,8 @@ class StoreSink(DirectorySink):
             extras["encryption"]["manifest_mac"] = _manifest_mac(self.key, self.tenant, self.checkpoint_id,
                                                                  manifest.to_json())
         out = super().commit(manifest, {})
-        return {**out, "step": manifest.step, "bytes": manifest.nbytes, "encrypted": self.aead is not None}
+        return {**out, "step": manifest.step, "bytes": manifest.nbytes,
+                "encrypted": self.aead is not None and self.key_kind == "tenant"}
 
 
 def _plain_chunks(path: Path, start: int, chunk_bytes: int) -> Iterator[bytes]:
@@ -214,25 +224,32 @@ def encrypted(manifest: Manifest) -> bool:
 
 
 def push_checkpoint(path: str, client: TransferClient, key: bytes | None = None,
-                    chunk_bytes: int = CHUNK_BYTES, tenant: str = "", checkpoint_id: str = "") -> SendStats:
+                    chunk_bytes: int = CHUNK_BYTES, tenant: str = "", checkpoint_id: str = "",
+                    checkpoint_key: bytes | None = None, allow_plain: bool = False) -> SendStats:
     """Sends the stored checkpoint at `path` through `client` and commits it (the receiver, a
-    restoring workload, applies it). Decrypts with `key` when the checkpoint is encrypted, after
-    checking that its manifest authenticates as `checkpoint_id` (default: the directory's name) of
-    `tenant`; every record is checked as it is read, and the receiver applies nothing before the
-    commit, which follows the last record."""
+    restoring workload, applies it). Decrypts with the tenant's `key` or the `checkpoint_key`
+    (whichever the manifest names), after checking that its manifest authenticates as
+    `checkpoint_id` (default: the directory's name) of `tenant`; every record is checked as it is
+    read, and the receiver applies nothing before the commit, which follows the last record. A
+    checkpoint that is not encrypted is refused unless `allow_plain` (a directory the caller wrote
+    itself): the store's are always authenticated."""
     manifest = read_manifest(path)
     root = Path(path)
     checkpoint_id = checkpoint_id or root.name
     aead = None
-    if key and not encrypted(manifest):
-        raise StoreTampered(f"{path}: tenant {tenant!r} has a key, but the checkpoint's manifest says it is not "
-                            f"encrypted (altered, or written before the key was configured): refused")
-    if encrypted(manifest):
-        if not key:
-            raise KeyError_(f"{path} is encrypted (tenant {manifest.extras['encryption'].get('tenant', '?')!r}) "
-                            f"and no key was given: set checkpoint_keys_file")
-        verify_manifest(path, manifest, key, tenant, checkpoint_id)
-        aead = _aead(key)
+    if not encrypted(manifest):
+        if not allow_plain:
+            raise StoreTampered(f"{path}: the checkpoint's manifest says it is neither encrypted nor authenticated "
+                                f"(altered, or written by an older build): refused")
+    else:
+        enc = manifest.extras["encryption"]
+        kind = enc.get("key", "tenant") if isinstance(enc, dict) else "tenant"
+        use = key if kind == "tenant" else checkpoint_key if kind == "checkpoint" else None
+        if not use:
+            raise KeyError_(f"{path} is encrypted with the {kind} key (tenant {tenant!r}) and no such key was given"
+                            + (": set checkpoint_keys_file" if kind == "tenant" else ""))
+        verify_manifest(path, manifest, use, tenant, checkpoint_id)
+        aead = _aead(use)
     out = []
     for e in manifest.entries:
         file = root / e.file

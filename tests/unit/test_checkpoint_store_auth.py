@@ -128,5 +128,40 @@ def test_a_changed_manifest_is_refused(server, tmp_path):
         restore(server, path, "team-a", "ck-1", "r7")
     doc["extras"].pop("encryption")              # claims to be a plain checkpoint of a tenant that has a key
     open(f"{path}/manifest.json", "w").write(json.dumps(doc))
-    with pytest.raises(StoreTampered, match="not encrypted"):
+    with pytest.raises(StoreTampered, match="neither encrypted nor authenticated"):
         restore(server, path, "team-a", "ck-1", "r8")
+
+
+def test_a_tenant_without_a_key_gets_checkpoints_sealed_with_their_own_key(server, tmp_path):
+    """No tenant key: the checkpoint is sealed with a key of its own (the control plane's), so it is
+    authenticated and bound all the same; without that key it does not restore."""
+    from mesh.checkpoint.store import KeyError_
+    ck_key = bytes(range(7, 39))
+    path = str(tmp_path / "plain" / "w" / "ck-1")
+    server.expect("in", StoreSink(path, "w", key=ck_key, tenant="plain", checkpoint_id="ck-1", key_kind="checkpoint"),
+                  secret=SECRET)
+    t = BLOBS["t"]
+    with TransferClient(server.address, "in", secret=SECRET, chunk_bytes=CHUNK) as c:
+        done = c.send([OutEntry(EntryMeta(name="t", kind="tensor", nbytes=len(t), dtype="uint8", shape=[len(t)]),
+                                lambda start: [memoryview(t)[start:]])],
+                      commit=lambda st: Manifest(workload_id="w", step=5, checksum=c.algo, entries=[EntryMeta(
+                          name="t", kind="tensor", nbytes=len(t), dtype="uint8", shape=[len(t)],
+                          checksum=st.checksums["t"])]))
+    assert done.committed["encrypted"] is False      # not with a tenant key (CheckpointInfo.encrypted)
+    assert json.loads(open(f"{path}/manifest.json").read())["extras"]["encryption"]["key"] == "checkpoint"
+    assert open(f"{path}/data/00000.bin", "rb").read(6) == b"GMENC2"
+
+    def push(p: str, ck: str, session: str, **kw) -> Restorer:
+        r = Restorer()
+        server.expect(session, r, secret=SECRET)
+        with TransferClient(server.address, session, secret=SECRET, chunk_bytes=CHUNK, retries=0) as c:
+            push_checkpoint(p, c, None, tenant="plain", checkpoint_id=ck, **kw)
+        return r
+    assert bytes(push(path, "ck-1", "o1", checkpoint_key=ck_key).buffers["t"]) == t
+    with pytest.raises(KeyError_, match="no such key"):
+        push(path, "ck-1", "o2")
+    moved = tmp_path / "plain" / "w" / "ck-9"
+    shutil.copytree(path, moved)
+    with pytest.raises(StoreTampered, match="does not authenticate as checkpoint 'ck-9'"):
+        push(str(moved), "ck-9", "o3", checkpoint_key=ck_key)
+    assert server.sessions["o3"].committed is None
