@@ -207,14 +207,16 @@ class Checkpointer:
         source = source if source is not None else os.environ.get(RESTORE_ENV, "")
         if not source:
             return False
+        # Held from before the restore: the agent's `resume` may come as soon as the commit is
+        # answered, before this thread gets here again; set afterwards, the hold would swallow it.
+        with self._cv:
+            self._held = os.environ.get(HOLD_ENV, "") not in ("", "0")
         if source.startswith("receive:"):
             self._receive(source.removeprefix("receive:"))
         else:
             self.state.load(source)
         self.restored_at = time.time()
-        hold = os.environ.get(HOLD_ENV, "") not in ("", "0")
         with self._cv:
-            self._held = hold
             self._restored.set()
             while self._held and not self._stop:
                 self._cv.wait()

@@ -32,7 +32,7 @@ from mesh.checkpoint.format import EntryMeta, Manifest  # noqa: E402
 from mesh.checkpoint.transfer import PUSH, OutEntry, TransferClient, TransferError, frame  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
 from tests.integration import secure  # noqa: E402
-from tests.integration.conftest import json_lines, stop_running, wait_for  # noqa: E402
+from tests.integration.conftest import json_lines, release_all, stop_running, wait_for  # noqa: E402
 from tests.unit._checkpoint_util import ROOT  # noqa: E402
 from tools.localcluster import LocalCluster  # noqa: E402
 
@@ -51,7 +51,7 @@ def sc(tmp_path_factory):
                      tenants_file=str(secure.write_tenants(d / "tenants.yaml")),
                      client_auth={"token": secure.TOKENS["admin"], "ca": str(tls_dir / "ca.crt")},
                      controlplane_args=["--migration-pause-at", "target_ready"],
-                     agent_args=["--workload-stop-grace-seconds", "2"])
+                     agent_args=["--workload-stop-grace-seconds", "2", "--checkpoint-dir", str(d / "store")])
     c.start(timeout=90)
     yield c
     with c.client() as admin:
@@ -261,4 +261,37 @@ def test_transparent_images_go_agent_to_agent_over_mtls(sc):
         before = counted(a, w.id)
         wait_for(lambda: counted(a, w.id) >= before + 10, 60, "the restored counter to count on")
         assert etcd_get(sc, f"/gpumesh/v1/migration-secrets/{m2.id}") is None, "the secret outlived the migration"
+        a.stop_workload(w.id)
+
+
+def test_a_checkpoint_without_a_tenant_key_is_sealed_with_its_own_key_and_restores(sc):
+    """team-a has no key in checkpoint_keys_file: its checkpoint is sealed with a key the control plane
+    drew for it (etcd only, in no API answer), and restores from it."""
+    if sc.controlplane_args:
+        sc.controlplane_args = []
+        sc.restart_controlplane(timeout=60)
+        sc.wait_ready(timeout=60)
+    with sc.client() as admin:
+        stop_running(admin)
+        release_all(admin)              # the earlier tests' slices (the tenant's quota is 6)
+    with secure.client(sc, "team-a", timeout=30) as a, secure.client(sc, "viewer-a", timeout=30) as viewer:
+        s = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+        w = a.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)})
+        wait_for(lambda: any(d.get("step", 0) >= 10 for d in json_lines(a, w.id)), 90, "training to reach step 10")
+        ck = a.checkpoint(w.id)
+        assert not ck.encrypted            # no tenant key ...
+        store = sc.state_dir.parent / "store" / ck.path
+        enc = json.loads((store / "manifest.json").read_text())["extras"]["encryption"]
+        assert enc["key"] == "checkpoint" and enc["checkpoint"] == ck.id and enc["manifest_mac"]   # ... but sealed
+        key = etcd_get(sc, f"/gpumesh/v1/checkpoint-keys/{ck.id}")
+        assert key is not None and len(key) == 32
+        shown = [a.list_checkpoints(workload_id=w.id)[0].SerializeToString(), ck.SerializeToString(),
+                 M.ListCheckpointsResponse(checkpoints=viewer.list_checkpoints()).SerializeToString()]
+        assert not any(f in blob for blob in shown for f in forms(key))
+        a.stop_workload(w.id)
+        wait_for(lambda: a.get_workload(w.id).state not in (1, 2), 60, "the workload to stop")   # PENDING, RUNNING
+        m = a.wait_migration(a.restore(ck.id).id, timeout=180)
+        assert migration_phase(m) == "done", m.message
+        wait_for(lambda: any(d.get("started_at") == ck.step for d in json_lines(a, w.id)), 90,
+                 "the restored run to start from the checkpoint's step")
         a.stop_workload(w.id)
