@@ -14,6 +14,8 @@
 | `/gpumesh/v1/migrations/<migration-id>` | `gpumesh.v1.Migration` (phase of the state machine, source, target, progress) | MigrationService, agent migration reports, recovery at start |
 | `/gpumesh/v1/checkpoints/<checkpoint-id>` | `gpumesh.v1.CheckpointInfo` (workload, store path, step, size) | MigrationService Checkpoint |
 | `/gpumesh/v1/models/<model-name>` | `gpumesh.v1.Model` (family, labels, variants with backend, artifact, facts, VRAM need, measurements) | ModelService Register/Update/Delete (admin) |
+| `/gpumesh/v1/checkpoint-keys/<checkpoint-id>` | 32 random bytes: the key a stored checkpoint of a tenant without a `checkpoint_keys_file` key is sealed with (control plane only; sent to the agents that write and restore it) | MigrationService Checkpoint |
+| `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -33,6 +35,12 @@ MESH_GRANTS = PREFIX + "meshgrants/"
 MIGRATIONS = PREFIX + "migrations/"
 CHECKPOINTS = PREFIX + "checkpoints/"
 MODELS = PREFIX + "models/"
+CHECKPOINT_KEYS = PREFIX + "checkpoint-keys/"
+"""a stored checkpoint's own key (raw bytes) for tenants without a key of their own: read by the control plane
+only, sent to the agents that write and restore it; kept as long as the checkpoint record."""
+MIGRATION_SECRETS = PREFIX + "migration-secrets/"
+"""a migration's transfer secret (raw bytes): read by the control plane only, sent to the two agents
+in their MigrationCommands; never part of a record the API returns; deleted when the migration ends."""
 
 
 def node(name: str) -> bytes:
@@ -73,6 +81,14 @@ def mesh_grant(from_tenant: str, to_tenant: str) -> bytes:
 
 def migration(migration_id: str) -> bytes:
     return (MIGRATIONS + migration_id).encode()
+
+
+def checkpoint_key(checkpoint_id: str) -> bytes:
+    return (CHECKPOINT_KEYS + checkpoint_id).encode()
+
+
+def migration_secret(migration_id: str) -> bytes:
+    return (MIGRATION_SECRETS + migration_id).encode()
 
 
 def checkpoint(checkpoint_id: str) -> bytes:

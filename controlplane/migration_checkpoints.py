@@ -10,6 +10,7 @@ machine of controlplane/migrations.py.
 from __future__ import annotations
 
 import logging
+import secrets
 
 from controlplane import auth, keys
 from controlplane.controller import new_id, now
@@ -34,9 +35,11 @@ class CheckpointsMixin:
             raise errors.Unavailable(f"node {w.node} is not connected")
         ck_id = new_id("ck")
         path = f"{w.tenant or 'default'}/{wid}/{ck_id}"
+        ck_key = secrets.token_bytes(32)    # seals it where the tenant has no key (stored with the record)
         try:
             rep = await self._ask(ck_id, w.node, M.MigrationCommand(
-                migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant),
+                migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant,
+                checkpoint_key=ck_key),
                 (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=COPY_TIMEOUT)
         except StepFailed as e:
             raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
@@ -45,9 +48,10 @@ class CheckpointsMixin:
         ck = M.CheckpointInfo(id=ck_id, workload_id=wid, tenant=w.tenant, node=w.node, path=rep.path, step=rep.step,
                               bytes=rep.bytes, seconds=rep.seconds, mb_per_s=rep.mb_per_s, encrypted=rep.encrypted,
                               created_at=now())
-        await self.ctl.writer.write([Put(keys.checkpoint(ck_id), ck.SerializeToString())],
-                                    [Absent(keys.checkpoint(ck_id))])
+        await self.ctl.writer.write([Put(keys.checkpoint(ck_id), ck.SerializeToString()),
+                                     Put(keys.checkpoint_key(ck_id), ck_key)], [Absent(keys.checkpoint(ck_id))])
         self.checkpoints[ck_id] = ck
+        self.checkpoint_keys[ck_id] = ck_key
         log(logger, logging.INFO, "checkpoint stored", checkpoint=ck_id, workload=wid, step=ck.step, bytes=ck.bytes)
         return ck
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 from controlplane import keys
 from controlplane.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
@@ -104,12 +105,17 @@ class StepsMixin:
         s = self.ctl.fleet.slices.get(m.target_slice)
         if s is None or s.state != types_pb2.SLICE_STATE_READY:
             raise _Failed(f"target slice {m.target_slice} is not READY")
-        if not m.session:
-            m.session = f"mig-{m.id}"
-            await self._save(m)
+        if not m.session or m.id not in self.secrets:
+            # The session names the transfer (not secret); the secret (>= 128 random bits) is kept under its
+            # own key, which only the control plane reads, and goes only to the two agents in their commands.
+            secret = secrets.token_bytes(32)
+            m.session = m.session or f"mig-{m.id}"
+            await self._save(m, [Put(keys.migration_secret(m.id), secret)])
+            self.secrets[m.id] = secret
         rep = await self._ask(m.id, m.target_node, M.MigrationCommand(
             migration_id=m.id, action=C.START_TARGET, workload_id=m.workload_id, workload=self._target_spec(m, w),
-            session=m.session, mode=m.mode, alias=alias(m)), (R.TARGET_LISTENING,), START_TIMEOUT)
+            session=m.session, mode=m.mode, alias=alias(m), secret=self.secrets[m.id], peer=m.source_node),
+            (R.TARGET_LISTENING,), START_TIMEOUT)
         await self._set(m, P.MIGRATION_PHASE_TARGET_READY, target_address=rep.address)
         await self._pause_hook(m)
 
@@ -122,11 +128,12 @@ class StepsMixin:
                 raise _Failed(f"checkpoint {m.checkpoint_id} is gone")
             node, cmd = m.target_node, M.MigrationCommand(
                 migration_id=m.id, action=C.PUSH_CHECKPOINT, workload_id=m.workload_id, session=m.session,
-                path=ck.path, tenant=m.tenant)
+                path=ck.path, tenant=m.tenant, secret=self._secret(m),
+                checkpoint_key=self.checkpoint_keys.get(m.checkpoint_id, b""))
         else:
             node, cmd = m.source_node, M.MigrationCommand(
                 migration_id=m.id, action=C.SEND, workload_id=m.workload_id, session=m.session,
-                address=m.target_address, mode=m.mode)
+                address=m.target_address, mode=m.mode, secret=self._secret(m), peer=m.target_node)
         self._send(node, cmd)
         await self._pause_hook(m)
 
@@ -142,6 +149,12 @@ class StepsMixin:
                 await self._pause_hook(m)
         rep = await self._ask(m.id, node, cmd, (R.RESTORED,), COPY_TIMEOUT, on_other=progress)
         await self._commit(m, rep)
+
+    def _secret(self, m: M.Migration) -> bytes:
+        secret = self.secrets.get(m.id)
+        if secret is None:
+            raise _Failed(f"migration {m.id} has no transfer secret (lost from etcd?): rolling back")
+        return secret
 
     async def _commit(self, m: M.Migration, rep: M.MigrationReport) -> None:
         w = self.wm.workloads.get(m.workload_id)

@@ -61,7 +61,7 @@ from controlplane.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED
                                            STEP_TIMEOUT, TARGET_WANTED, C, P, R, StepFailed, W, alias, phase_name)
 from controlplane.migration_steps import StepsMixin
 from controlplane.resize import ResizeMixin
-from controlplane.store import Absent, Present, Put
+from controlplane.store import Absent, Delete, Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh import errors
@@ -81,6 +81,10 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             raise ValueError(f"migration_pause_at: {pause_at!r} (allowed: {', '.join(PHASE_NAMES)})")
         self.migrations: dict[str, M.Migration] = {}
         self.checkpoints: dict[str, M.CheckpointInfo] = {}
+        self.checkpoint_keys: dict[str, bytes] = {}
+        """checkpoint id -> its own key (etcd: keys.CHECKPOINT_KEYS; never in a CheckpointInfo)."""
+        self.secrets: dict[str, bytes] = {}
+        """migration id -> transfer secret (etcd: keys.MIGRATION_SECRETS; never in a Migration record)."""
         self.reports: dict[str, dict[str, asyncio.Queue]] = {}     # migration id -> node -> reports
         self.tasks: dict[str, asyncio.Task] = {}
         self.watchers: dict[str, list[asyncio.Queue]] = {}
@@ -96,6 +100,12 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             m = M.Migration()
             m.ParseFromString(value)
             self.migrations[m.id] = m
+        snap = await self.ctl.store.load(keys.MIGRATION_SECRETS)
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            self.secrets[(key.decode() if isinstance(key, bytes) else key)[len(keys.MIGRATION_SECRETS):]] = value
+        snap = await self.ctl.store.load(keys.CHECKPOINT_KEYS)
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            self.checkpoint_keys[(key.decode() if isinstance(key, bytes) else key)[len(keys.CHECKPOINT_KEYS):]] = value
         snap = await self.ctl.store.load(keys.CHECKPOINTS)
         for value, _rev, _lease in snap.kvs.values():
             ck = M.CheckpointInfo()
@@ -124,9 +134,14 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     async def _save(self, m: M.Migration, ops: list = (), conds: list = (), created: bool = False) -> None:
         m.updated_at.CopyFrom(now())
+        ops = list(ops)
+        if m.phase in FINISHED and m.id in self.secrets:
+            ops.append(Delete(keys.migration_secret(m.id)))     # the transfer is over: its secret goes
         await self.ctl.writer.write([Put(keys.migration(m.id), m.SerializeToString()), *ops],
                                     [Absent(keys.migration(m.id)) if created else Present(keys.migration(m.id)),
                                      *conds])
+        if m.phase in FINISHED:
+            self.secrets.pop(m.id, None)
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
             q.put_nowait(M.Migration.FromString(m.SerializeToString()))

@@ -5,7 +5,7 @@ One CA signs three kinds of leaf certificates (EC P-256, SHA-256):
 | kind | subject | EKU | SANs |
 | --- | --- | --- | --- |
 | `server` (control plane) | CN=gpumesh-controlplane, OU=server | serverAuth, clientAuth | the `--host` names and IPs |
-| `agent` | CN=<node name>, OU=agent | clientAuth | the node name |
+| `agent` | CN=<node name>, OU=agent | clientAuth, serverAuth (migration transfers) | the node name |
 | `client` | CN=<name>, O=<tenant>, OU=<role> | clientAuth | none |
 
 The control plane reads who a peer is from its verified certificate: an agent's
@@ -139,7 +139,8 @@ def issue(directory: str | os.PathLike, kind: str, name: str, *, hosts: tuple[st
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, tenant))
     attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role if kind == "client" else kind))
     key = ec.generate_private_key(ec.SECP256R1())
-    usages = [EKU.SERVER_AUTH, EKU.CLIENT_AUTH] if kind == "server" else [EKU.CLIENT_AUTH]
+    # agents also serve: a migration target's agent receives the transfer (mesh/checkpoint/transfer_auth.py)
+    usages = [EKU.SERVER_AUTH, EKU.CLIENT_AUTH] if kind in ("server", "agent") else [EKU.CLIENT_AUTH]
     builder = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(_now() - datetime.timedelta(minutes=5))

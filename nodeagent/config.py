@@ -37,6 +37,9 @@ class AgentConfig:
                               "port 0 picks a free one, reported to the control plane")
     mesh_advertise: str = option("", "address peers dial for this node's data plane (default: the local address "
                                  "that reaches the control plane)")
+    transfer_host: str = option("", "address the checkpoint/migration transfer receivers listen on (the agent's "
+                                "own, and its migration targets'); default: the local address that reaches the "
+                                "control plane. Never every interface unless set to 0.0.0.0 explicitly")
     mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
     mesh_tls: bool = option(True, "mesh data plane: TLS for channels from other hosts (the agent certificate when "
                                   "tls_cert is set, else a self-signed one that peers pin through the control "
@@ -71,6 +74,10 @@ class AgentConfig:
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
         parse_hostport(self.mesh_listen, "mesh_listen")
+        if self.transfer_host and (":" in self.transfer_host.strip("[]") and not self.transfer_host.startswith("[")
+                                   and self.transfer_host.count(":") == 1):
+            raise ConfigError(f"transfer_host: {self.transfer_host!r} is a host (an IP address or a name) without a "
+                              f"port; the port is picked per session")
         if self.gpu_backend == "sim" and not self.sim_host_file:
             raise ConfigError("sim_host_file: at least one host file is needed with gpu_backend=sim")
         if self.gpu_backend == "nvml" and self.sim_host_file:

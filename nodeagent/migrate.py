@@ -6,17 +6,26 @@ the answer (`MigrationReport`) arrives, so a step that was asked twice, or asked
 a reconnect, does its work once and answers again.
 
 * target agent: START_TARGET starts the workload (same ID) on the target slice with
-  `GPUMESH_RESTORE_FROM=receive:SESSION@0.0.0.0:0` and `GPUMESH_RESTORE_HOLD=1` and answers
-  with the address it listens on; PUSH_CHECKPOINT sends a stored checkpoint to it (restore);
+  `GPUMESH_RESTORE_FROM=receive:SESSION@HOST:0` (HOST: `transfer_host`, by default the local
+  address that reaches the control plane; never every interface), `GPUMESH_RESTORE_HOLD=1` and
+  `GPUMESH_TRANSFER_SECRET_FILE` (a 0600 file holding the migration's secret, which the control
+  plane sent in the command and the workload removes once read) and answers with the address
+  it listens on; PUSH_CHECKPOINT sends a stored checkpoint to it (restore);
   RESUME_TARGET lets it run once the commit is durable; STOP_TARGET stops it (rollback).
 * source agent: SEND runs `PrecopyMigration` (or stop-and-copy) from the workload's control
   socket to the target's address, without stopping the source: it ends with the source
   paused at a safe point and the target restored and holding. STOP_SOURCE stops the source
   after the commit; ABORT_SOURCE cancels a send and resumes the source (rollback);
   CHECKPOINT writes a consistent checkpoint into the store (`checkpoint_dir`), encrypted
-  with the tenant's key when `checkpoint_keys_file` has one.
+  with the tenant's key when `checkpoint_keys_file` has one, else with the checkpoint's own key
+  from the control plane (`checkpoint_key`): every stored checkpoint is authenticated.
 * transparent mode (CRIU, no SDK): the same steps dump the process on the source, ship the
   images and restore them on the target under a new shim (nodeagent/migrate_slices.py).
+
+Every transfer proves the migration's secret (`MigrationCommand.secret`, 32 random bytes from
+the control plane; a checkpoint's is drawn here) and is sealed with keys derived from it
+(mesh/checkpoint/transfer_auth.py); agent-to-agent transfers also use the agents' mTLS when
+the agent is secured. The secret is never logged and never put in a workload's environment.
 """
 
 from __future__ import annotations
@@ -108,11 +117,16 @@ class _RemoteTarget:
 
 
 class MigrationAgent(SlicesMixin):
-    def __init__(self, agent, runner, checkpoint_dir: str = "", keys_file: str = "") -> None:
+    def __init__(self, agent, runner, checkpoint_dir: str = "", keys_file: str = "", transfer_host: str = "",
+                 tls: tuple[str, str, str] | None = None) -> None:
         self.agent = agent
         self.runner = runner
         self.checkpoint_dir = checkpoint_dir
         self.keys_file = keys_file
+        self.transfer_host = transfer_host
+        self.tls = tls
+        """(ca, cert, key) of this agent's certificate when the agent is secured: agent-to-agent
+        transfers speak mTLS with it."""
         self.jobs: dict[tuple[str, str], Job] = {}      # (migration id, role) -> job
         self.outbox: asyncio.Queue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +173,36 @@ class MigrationAgent(SlicesMixin):
     def _advertise_host(self) -> str:
         from nodeagent.registrar import route_source
         return route_source(self.agent.endpoint)
+
+    def _listen_host(self) -> str:
+        """Where transfer receivers listen: `transfer_host`, else the address peers reach us at."""
+        return self.transfer_host or self._advertise_host()
+
+    def _dial_host(self) -> str:
+        host = self._listen_host()
+        return self._advertise_host() if host in ("0.0.0.0", "::", "[::]") else host
+
+    def _server_credentials(self):
+        if self.tls is None:
+            return None
+        from mesh import tls
+        ca, cert, key = self.tls
+        return tls.server_credentials(cert, key, client_ca=ca, require_client_auth=True)
+
+    def _channel_credentials(self):
+        if self.tls is None:
+            return None
+        from mesh import tls
+        ca, cert, key = self.tls
+        return tls.channel_credentials(ca, cert, key)
+
+    @staticmethod
+    def _secret(cmd: M.MigrationCommand) -> bytes:
+        from mesh.checkpoint.transfer_auth import check_secret
+        if not cmd.secret:
+            raise RuntimeError("the control plane sent no transfer secret for this migration (an older control "
+                               "plane?): refused")
+        return check_secret(cmd.secret, "MigrationCommand.secret")
 
     def _key(self, tenant: str) -> bytes | None:
         if not self.keys_file:
@@ -215,11 +259,16 @@ class MigrationAgent(SlicesMixin):
                 if meta.get("migration") != cmd.migration_id:
                     raise RuntimeError(f"workload {wid} already runs on this node")
             else:
+                from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, write_secret_file
+                secret = self._secret(cmd)
                 spec = types_pb2.Workload()
                 spec.CopyFrom(cmd.workload)
-                spec.env[RESTORE_ENV] = f"receive:{cmd.session}@0.0.0.0:0"
-                spec.env[HOLD_ENV] = "1"
                 self.runner.forget(wid)
+                host = self._listen_host()
+                spec.env[RESTORE_ENV] = f"receive:{cmd.session}@{'[' + host + ']' if ':' in host else host}:0"
+                spec.env[HOLD_ENV] = "1"
+                # the file's path goes in the environment, never the secret (the spec is reported back)
+                spec.env[SECRET_FILE_ENV] = write_secret_file(self.runner.path(wid, "transfer-secret"), secret)
                 w = await asyncio.to_thread(self.runner.start, spec)
                 self.runner.meta.setdefault(wid, {})["migration"] = cmd.migration_id
                 self.runner.save(wid)
@@ -229,7 +278,7 @@ class MigrationAgent(SlicesMixin):
             job = self.jobs[(cmd.migration_id, "target")] = Job(cmd.migration_id, wid)
         if not job.address:
             port = await asyncio.to_thread(self._wait_listening, wid)
-            job.address = f"{self._advertise_host()}:{port}"
+            job.address = f"{self._dial_host()}:{port}"
         report(R.TARGET_LISTENING, address=job.address)
 
     def _wait_listening(self, wid: str) -> int:
@@ -260,6 +309,7 @@ class MigrationAgent(SlicesMixin):
             return
         if not self._running(cmd.workload_id):
             raise RuntimeError(f"workload {cmd.workload_id} does not run on {self.agent.node}")
+        self._secret(cmd)
         job = self.jobs[key] = Job(cmd.migration_id, cmd.workload_id)
         run = self._run_send_transparent if cmd.mode == M.MIGRATION_MODE_TRANSPARENT else self._run_send
         job.thread = threading.Thread(target=run, args=(job, cmd, report), daemon=True,
@@ -271,7 +321,8 @@ class MigrationAgent(SlicesMixin):
         policy = PrecopyPolicy(max_rounds=cmd.max_rounds or 8, stop_bytes=cmd.stop_bytes or (16 << 20))
         link = AgentLink(self._socket(cmd.workload_id))
         src = _SourceLink(link, job, report)
-        m = PrecopyMigration(src, _RemoteTarget(cmd.address, cmd.session, job), policy=policy, stop_source=False,
+        m = PrecopyMigration(src, _RemoteTarget(cmd.address, cmd.session, job), secret=self._secret(cmd),
+                             policy=policy, stop_source=False,
                              progress=lambda msg: log(logger, logging.INFO, "migration", migration=job.migration_id,
                                                       step=msg))
         try:
@@ -299,16 +350,18 @@ class MigrationAgent(SlicesMixin):
         tjob = self.jobs.get((cmd.migration_id, "target"))
         if tjob is None or not tjob.address:
             raise RuntimeError("the target is not listening here (START_TARGET first)")
+        secret = self._secret(cmd)
         job = self.jobs[key] = Job(cmd.migration_id, cmd.workload_id)
-        port = tjob.address.rsplit(":", 1)[1]
         path, tenant = self._store_path(cmd.path), cmd.tenant
 
         def push() -> None:
             from mesh.checkpoint.store import push_checkpoint
             from mesh.checkpoint.transfer import TransferClient
             try:
-                with TransferClient(f"127.0.0.1:{port}", cmd.session) as client:
-                    stats = push_checkpoint(path, client, self._key(tenant))
+                with TransferClient(tjob.address, cmd.session, secret=secret) as client:
+                    stats = push_checkpoint(path, client, self._key(tenant), tenant=tenant,
+                                            checkpoint_id=os.path.basename(path),
+                                            checkpoint_key=cmd.checkpoint_key or None)
                 job.final = M.MigrationReport(migration_id=job.migration_id, event=R.RESTORED,
                                               step=int(stats.committed.get("step", 0)), bytes=stats.bytes,
                                               mb_per_s=stats.mb_per_s, total_ms=stats.seconds * 1e3)
@@ -320,9 +373,18 @@ class MigrationAgent(SlicesMixin):
         job.thread = threading.Thread(target=push, daemon=True, name=f"restore-{cmd.migration_id}")
         job.thread.start()
 
+    def _drop_secret_file(self, wid: str) -> None:
+        """The receiving workload removes its secret file once read; a target that never read it (it died,
+        or was stopped first) must not leave it behind."""
+        try:
+            os.unlink(self.runner.path(wid, "transfer-secret"))
+        except OSError:
+            pass
+
     async def _resume_target(self, cmd: M.MigrationCommand, report) -> None:
         wid = cmd.alias if cmd.alias and cmd.alias in self.runner.workloads else cmd.workload_id
         self._release_target_job(cmd.migration_id)
+        self._drop_secret_file(wid)
         if self._running(wid) and await asyncio.to_thread(self._continue_restored, wid):
             step = 0
         elif self._running(wid):
@@ -403,6 +465,7 @@ class MigrationAgent(SlicesMixin):
         if job is not None:
             job.cancelled = True
         self._release_target_job(cmd.migration_id)
+        self._drop_secret_file(wid)
         if self._running(wid) and self.runner.meta.get(wid, {}).get("migration") == cmd.migration_id:
             self._kill_restored(wid)
             self.runner.stop(wid)
@@ -419,25 +482,33 @@ class MigrationAgent(SlicesMixin):
         if not self._running(wid):
             raise RuntimeError(f"workload {wid} does not run on {self.agent.node}")
         path = self._store_path(cmd.path)
-        key = self._key(cmd.tenant)
+        key, kind = self._key(cmd.tenant), "tenant"
+        if key is None:
+            key, kind = cmd.checkpoint_key, "checkpoint"      # the checkpoint's own: it is authenticated anyway
+            if len(key) != 32:
+                raise RuntimeError("the control plane sent no checkpoint key (an older control plane?): refused")
 
         def run() -> M.MigrationReport:
             from mesh.checkpoint.store import StoreSink
             from mesh.checkpoint.transfer import TransferServer
+            from mesh.checkpoint.transfer_auth import new_secret
             os.makedirs(os.path.dirname(path), exist_ok=True)
             server = TransferServer("127.0.0.1:0").start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
+            secret = new_secret()       # both ends are here: the workload gets it over its control socket
             try:
-                sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant), mesh=True)
+                sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant,
+                                                        checkpoint_id=cmd.migration_id, key_kind=kind),
+                                     mesh=True, secret=secret)
                 t0 = time.perf_counter()
                 with AgentLink(self._socket(wid), timeout=600) as link:
-                    r = link.call("checkpoint", target=server.address, session=session)
+                    r = link.call("checkpoint", target=server.address, session=session, secret=secret.hex())
                 seconds = time.perf_counter() - t0
                 done = sess.committed or {}
                 nbytes = int(done.get("bytes", r.get("bytes", 0)))
                 return M.MigrationReport(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path,
                                          step=int(r.get("step", 0)), bytes=nbytes, seconds=seconds,
-                                         mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=key is not None)
+                                         mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
             finally:
                 server.stop(0)
         rep = await asyncio.to_thread(run)
@@ -448,8 +519,11 @@ class MigrationAgent(SlicesMixin):
 
 def install(agents, cfg) -> None:
     """One MigrationAgent per agent, on its workload runner."""
+    tls = None
+    if not getattr(cfg, "insecure", True) and getattr(cfg, "tls_cert", ""):
+        tls = (cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
     for a in agents:
         runner = getattr(a, "workload_runner", None)
         if runner is not None:
-            MigrationAgent(a, runner, getattr(cfg, "checkpoint_dir", ""),
-                           getattr(cfg, "checkpoint_keys_file", "")).install()
+            MigrationAgent(a, runner, getattr(cfg, "checkpoint_dir", ""), getattr(cfg, "checkpoint_keys_file", ""),
+                           getattr(cfg, "transfer_host", ""), tls).install()

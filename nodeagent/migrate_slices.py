@@ -165,12 +165,18 @@ class SlicesMixin:
             spec = types_pb2.Workload()
             spec.CopyFrom(cmd.workload)
             images = self._images_dir(wid, mid)
-            server = TransferServer("0.0.0.0:0").start()
-            server.expect(cmd.session, ImageSink(images, lambda d, extras: self._restore_target(spec, mid, d, extras)))
+            secret = self._secret(cmd)
+            host = self._listen_host()
+            # the agent's configured address (never every interface by default), mTLS with the agents'
+            # certificates when secured; the source must prove the migration's secret either way
+            server = TransferServer(f"[{host}]:0" if ":" in host else f"{host}:0",
+                                    credentials=self._server_credentials()).start()
+            server.expect(cmd.session, ImageSink(images, lambda d, extras: self._restore_target(spec, mid, d, extras)),
+                          secret=secret, peer=cmd.peer if self.tls is not None else "")
             from nodeagent.migrate import Job
             job = self.jobs[(mid, "target")] = Job(mid, wid)
             job.server, job.images = server, images
-            job.address = f"{self._advertise_host()}:{server.address.rsplit(':', 1)[1]}"
+            job.address = f"{self._dial_host()}:{server.address.rsplit(':', 1)[1]}"
         report(R.TARGET_LISTENING, address=job.address)
 
     def _restore_target(self, spec: types_pb2.Workload, mid: str, images: Path, extras: dict) -> dict:
@@ -265,7 +271,9 @@ class SlicesMixin:
             entries = image_entries(images, {LOG_ENTRY: logfile})
             extras = {"transparent": "criu", "log_key": path_key(logfile), "cwd": os.path.realpath(r.dir),
                       "pid": w.pid}
-            with TransferClient(cmd.address, cmd.session, mesh="grpc") as client:
+            with TransferClient(cmd.address, cmd.session, mesh="grpc", secret=self._secret(cmd),
+                                credentials=self._channel_credentials(),
+                                server_name=cmd.peer if self.tls is not None else "") as client:
                 stats = client.send(entries, commit=lambda st: image_manifest(wid, entries, st, extras, client.algo))
             if not stats.committed or not stats.committed.get("pid"):
                 raise RuntimeError("the target did not confirm the restore")

@@ -14,11 +14,11 @@ Commands (served by `mesh.checkpoint.sdk.Checkpointer`):
 | `pause` | timeout | blocks until the workload waits at a safe point; step |
 | `resume` | | the workload continues (a restored target held by `GPUMESH_RESTORE_HOLD` starts) |
 | `stop` | | the workload's `safe_point()` raises `WorkloadStopped` (exit 0) |
-| `checkpoint` | path, or target+session | full consistent checkpoint (pauses at a safe point if running) |
-| `precopy_begin` | target, session, chunk_bytes | round 0: every tensor, while running |
+| `checkpoint` | path, or target+session+secret | full consistent checkpoint (pauses at a safe point if running) |
+| `precopy_begin` | target, session, secret (hex), chunk_bytes | round 0: every tensor, while running |
 | `precopy_round` | | the tensors changed since the last round |
 | `dirty` | | how many entries/bytes changed since the last round (sends nothing) |
-| `final` | | paused: the rest, the small pickled entries, and the commit |
+| `final` | | paused: the rest, the small data entries, and the commit |
 | `precopy_abort` | | forget the pre-copy session |
 | `wait_restored` | timeout | (target) blocks until a restore has been applied; step |
 """

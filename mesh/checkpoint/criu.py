@@ -161,7 +161,8 @@ class Criu:
         `leave_running` lets it continue (a periodic checkpoint)."""
         self.require()
         images = Path(images_dir)
-        images.mkdir(parents=True, exist_ok=True)
+        images.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(images, 0o700)     # the process's memory: the agent's only
         toggled = self._cuda_toggle(pid)
         argv = self.dump_argv(pid, images, leave_stopped=leave_stopped, leave_running=leave_running,
                               shell_job=shell_job, tcp_established=tcp_established)
@@ -254,13 +255,48 @@ def image_manifest(workload_id: str, entries: list, stats, extras: dict, algo: s
                              for e in entries])
 
 
+class ImagesRejected(CheckpointError):
+    """Received CRIU images do not match their (authenticated) manifest: `criu restore` is not run."""
+
+
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def verify_images(path: str | os.PathLike[str], manifest) -> None:
+    """Before `criu restore`: the directory holds exactly the manifest's files, each of its size
+    and checksum (the manifest came over the authenticated channel, so these are the images the
+    source agent dumped). Anything else is refused with ImagesRejected."""
+    from mesh.checkpoint.format import new_hasher
+    root = Path(path)
+    want = {e.name: e for e in manifest.entries}
+    have = {p.name for p in root.iterdir()} - {"restored.pid", "restore.log"}
+    if have != set(want):
+        raise ImagesRejected(f"{root}: the files {sorted(have ^ set(want))} differ from the images' manifest: "
+                             f"criu restore is not run")
+    for name, e in want.items():
+        p = root / name
+        if p.is_symlink() or not p.is_file():
+            raise ImagesRejected(f"{p}: not a regular file: criu restore is not run")
+        h = new_hasher(manifest.checksum)
+        n = 0
+        with open(p, "rb") as f:
+            while b := f.read(4 << 20):
+                h.update(b)
+                n += len(b)
+        if n != e.nbytes or h.hexdigest() != e.checksum:
+            raise ImagesRejected(f"image {name!r}: {n} bytes, {manifest.checksum} {h.hexdigest()[:16]}..., the "
+                                 f"manifest says {e.nbytes} bytes, {e.checksum[:16]}...: criu restore is not run")
+
+
 class ImageSink:
-    """Receives CRIU images (and the log) into a directory; on commit calls `on_commit(dir, extras)`
-    once (the restore) and answers its result; a repeated commit gets the same answer or error."""
+    """Receives CRIU images (and the log) into a directory (0700, the agent's); on commit checks
+    them against the manifest (`verify_images`), then calls `on_commit(dir, extras)` once (the
+    restore) and answers its result; a repeated commit gets the same answer or error."""
 
     def __init__(self, path: str | os.PathLike[str], on_commit) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
         self.on_commit = on_commit
         self._result: dict | None = None
         self._error: Exception | None = None
@@ -275,17 +311,22 @@ class ImageSink:
                 f.write(data)
 
     def open_entry(self, meta):
-        if "/" in meta.name or meta.name in ("", ".", ".."):
-            raise CheckpointError(f"bad image file name {meta.name!r}")
+        if not _IMAGE_NAME.match(meta.name) or meta.kind != "tensor" or meta.name in ("restored.pid", "restore.log"):
+            raise ImagesRejected(f"bad image file name {meta.name!r} (allowed: letters, digits, '_', '.', '-')")
         p = self.path / meta.name
-        with open(p, "wb") as f:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.truncate(meta.nbytes)
         return self._File(p)
 
-    def commit(self, manifest, pickles) -> dict:
+    def commit(self, manifest, data) -> dict:
         if self._result is None and self._error is None:
             try:
-                self._result = dict(self.on_commit(self.path, manifest.extras))
+                verify_images(self.path, manifest)
+                extras = manifest.extras
+                if not isinstance(extras.get("log_key", ""), str) or not isinstance(extras.get("cwd", ""), str):
+                    raise ImagesRejected("the images' extras: log_key and cwd must be strings")
+                self._result = dict(self.on_commit(self.path, extras))
             except Exception as e:   # noqa: BLE001 - answered to the sender
                 self._error = e if isinstance(e, CheckpointError) else CheckpointError(str(e))
         if self._error is not None:

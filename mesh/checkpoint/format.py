@@ -1,13 +1,14 @@
 """The checkpoint format: a JSON manifest plus raw entry bytes, versioned and checksummed.
 
 A checkpoint is a set of named *entries*. A tensor entry is the tensor's raw bytes
-(C order, native little-endian) with its dtype and shape in the manifest; a pickle
-entry is the pickled bytes of a small declared object (RNG states, the step and
-extras, an optimizer's non-tensor state). Tensors are never pickled.
+(C order, native little-endian) with its dtype and shape in the manifest; a data
+entry is a small declared object (RNG states, the step and extras, an optimizer's
+non-tensor state) as tagged JSON (`datafmt.py`). Nothing is pickled: version 1 held
+pickle entries, and readers refuse them (unpickling received bytes runs code).
 
 On disk a checkpoint is a directory::
 
-    manifest.json        {"format": "gpumesh-checkpoint", "format_version": 1, "workload_id",
+    manifest.json        {"format": "gpumesh-checkpoint", "format_version": 2, "workload_id",
                           "step", "created", "checksum": "xxh3-128", "entries": [...], "extras": {...}}
     data/00000.bin ...   one file per entry, in manifest order
 
@@ -34,12 +35,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 FORMAT_NAME = "gpumesh-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 4 << 20
 """Default chunk size for reading, writing and streaming entries."""
 
-Kind = Literal["tensor", "pickle"]
+Kind = Literal["tensor", "data"]
+KINDS = ("tensor", "data")
 
 try:
     import xxhash as _xxhash
@@ -85,7 +87,7 @@ class EntryMeta:
     kind: Kind
     nbytes: int
     dtype: str = ""
-    """torch dtype name without the `torch.` prefix (e.g. `float32`); empty for pickles."""
+    """torch dtype name without the `torch.` prefix (e.g. `float32`); empty for data entries."""
     shape: list[int] = field(default_factory=list)
     checksum: str = ""
     """hex digest of the entry's bytes, by the manifest's checksum algorithm."""
@@ -98,11 +100,19 @@ class EntryMeta:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "EntryMeta":
         try:
-            return cls(name=d["name"], kind=d["kind"], nbytes=int(d["nbytes"]), dtype=d.get("dtype", ""),
-                       shape=[int(x) for x in d.get("shape", [])], checksum=d.get("checksum", ""),
-                       file=d.get("file", ""))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"bad manifest entry {d!r}: {exc}") from None
+            meta = cls(name=str(d["name"]), kind=d["kind"], nbytes=int(d["nbytes"]), dtype=str(d.get("dtype", "")),
+                       shape=[int(x) for x in d.get("shape", [])], checksum=str(d.get("checksum", "")),
+                       file=str(d.get("file", "")))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FormatError(f"bad manifest entry {str(d)[:200]}: {exc}") from None
+        if meta.kind not in KINDS:
+            why = (" (pickled entries are refused: unpickling received bytes would run code)"
+                   if meta.kind == "pickle" else "")
+            raise FormatError(f"entry {meta.name!r}: kind {meta.kind!r} is not allowed{why}; allowed: "
+                              f"{', '.join(KINDS)}")
+        if meta.nbytes < 0:
+            raise FormatError(f"entry {meta.name!r}: nbytes {meta.nbytes} is negative")
+        return meta
 
 
 @dataclass
@@ -134,12 +144,16 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Manifest":
+        if not isinstance(d, dict):
+            raise FormatError("a checkpoint manifest must be a JSON object")
         if d.get("format") != FORMAT_NAME:
             raise FormatError(f"not a gpumesh checkpoint manifest (format={d.get('format')!r})")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
+            why = (" (version 1 stored pickled objects, which are never loaded; take a new checkpoint)"
+                   if version == 1 else "")
             raise FormatError(f"checkpoint format version {version!r} is not supported "
-                              f"(this build reads version {FORMAT_VERSION})")
+                              f"(this build reads version {FORMAT_VERSION}){why}")
         algo = d.get("checksum", "")
         check_algorithm(algo)
         return cls(workload_id=str(d.get("workload_id", "")), step=int(d.get("step", 0)),

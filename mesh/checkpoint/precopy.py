@@ -13,7 +13,7 @@ Pre-copy:
    (`stop_bytes`), stops shrinking (more than `shrink_ratio` of the previous round), or
    after `max_rounds`;
 3. the source pauses at its next safe point (downtime starts), sends what changed since
-   the last round plus the small pickled entries (step, RNG, optimizer hyper-parameters),
+   the last round plus the small data entries (step, RNG, optimizer hyper-parameters),
    and commits; the target verifies the manifest's checksums, applies it and resumes
    training (downtime ends);
 4. the source is stopped (its `safe_point()` raises `WorkloadStopped`).
@@ -113,12 +113,14 @@ def _link(x: WorkloadLink | str) -> WorkloadLink:
 
 
 class PrecopyMigration:
-    """`PrecopyMigration(source, target).run()` moves a running workload; `source` and `target`
-    are control-socket paths or links. `sink`/`session` default to what the target reports."""
+    """`PrecopyMigration(source, target, secret=...).run()` moves a running workload; `source` and
+    `target` are control-socket paths or links; `secret` is the target receiver's session secret. `sink`/`session` default to what the target reports."""
 
-    def __init__(self, source: WorkloadLink | str, target: WorkloadLink | str, *, sink: str | None = None,
-                 session: str | None = None, policy: PrecopyPolicy | None = None,
+    def __init__(self, source: WorkloadLink | str, target: WorkloadLink | str, *, secret: bytes,
+                 sink: str | None = None, session: str | None = None, policy: PrecopyPolicy | None = None,
                  progress: Progress | None = None, stop_source: bool = True) -> None:
+        self.secret = secret
+        """the transfer session's secret (the target's receiver holds the same; transfer_auth.py)."""
         self.source = _link(source)
         self.target = _link(target)
         self.sink = sink
@@ -152,7 +154,8 @@ class PrecopyMigration:
         paused = False
         try:
             if precopy:
-                r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes,
+                r = self.source.call("precopy_begin", target=addr, session=session, secret=self.secret.hex(),
+                                     chunk_bytes=p.chunk_bytes,
                                      connect_timeout=p.connect_timeout, mesh=p.mesh)
                 rounds.append(RoundStat(0, r["entries"], r["bytes"], r["seconds"]))
                 transport = r.get("transport", "grpc")
@@ -178,7 +181,8 @@ class PrecopyMigration:
             t_paused = time.perf_counter()
             if not precopy:
                 t_start = t_paused
-                r = self.source.call("precopy_begin", target=addr, session=session, chunk_bytes=p.chunk_bytes,
+                r = self.source.call("precopy_begin", target=addr, session=session, secret=self.secret.hex(),
+                                     chunk_bytes=p.chunk_bytes,
                                      connect_timeout=p.connect_timeout, mesh=p.mesh)
                 rounds.append(RoundStat(0, r["entries"], r["bytes"], r["seconds"], paused=True))
                 transport = r.get("transport", "grpc")
@@ -218,12 +222,12 @@ class PrecopyMigration:
         return res
 
 
-def stop_and_copy(source: WorkloadLink | str, target: WorkloadLink | str, *, sink: str | None = None,
-                  session: str | None = None, policy: PrecopyPolicy | None = None,
+def stop_and_copy(source: WorkloadLink | str, target: WorkloadLink | str, *, secret: bytes,
+                  sink: str | None = None, session: str | None = None, policy: PrecopyPolicy | None = None,
                   progress: Progress | None = None, stop_source: bool = True) -> MigrationResult:
     """Pause the source, send everything, restore on the target: the baseline pre-copy beats."""
-    m = PrecopyMigration(source, target, sink=sink, session=session, policy=policy, progress=progress,
-                         stop_source=stop_source)
+    m = PrecopyMigration(source, target, secret=secret, sink=sink, session=session, policy=policy,
+                         progress=progress, stop_source=stop_source)
     return m._migrate(precopy=False)
 
 

@@ -17,7 +17,10 @@ commands on that Unix socket from a daemon thread (see `mesh.checkpoint.agent_li
 `GPUMESH_RESTORE_FROM` is either a checkpoint directory, or
 `receive:SESSION@ADDRESS`: listen for a transfer session on ADDRESS (`host:port`, port 0
 picks one and `status` reports it; or `unix:/path`) and restore what a migrating source
-sends there. The state's bytes land directly in the registered tensors. With
+sends there. Only a sender that proves the session's secret is heard: the agent writes it to
+the 0600 file named by `GPUMESH_TRANSFER_SECRET_FILE`, which is read and removed here
+(mesh/checkpoint/transfer_auth.py); the agent hands the sender the same secret over its
+control socket (`secret` of `precopy_begin` and `checkpoint`). The state's bytes land directly in the registered tensors. With
 `GPUMESH_RESTORE_HOLD=1` (set by the agent for a migration target) the restored workload
 then holds in `restore_if_requested()` until the agent sends `resume` (the control plane
 made the migration's commit durable) or `stop`: a target never trains before the commit.
@@ -35,6 +38,7 @@ import torch
 from mesh.checkpoint.agent_link import HOLD_ENV, RESTORE_ENV, SOCKET_ENV, ControlServer
 from mesh.checkpoint.format import CHUNK_BYTES, CheckpointError, EntryMeta, Manifest
 from mesh.checkpoint.state import Track, WorkloadState, tensor_chunks
+from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, TransferAuthError, read_secret_file
 from mesh.checkpoint.transfer import (BufferTarget, EntryTarget, OutEntry, SendStats, TransferClient,
                                       TransferServer)
 
@@ -65,8 +69,8 @@ class StateSink:
     def open_entry(self, meta: EntryMeta) -> EntryTarget:
         return BufferTarget(self.state.writable(meta))
 
-    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
-        self.state.apply(pickles, [e.name for e in manifest.entries if e.kind == "tensor"])
+    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
+        self.state.apply(data, [e.name for e in manifest.entries if e.kind == "tensor"])
         if self.on_commit:
             self.on_commit(manifest)
         return {"step": self.state.step}
@@ -102,16 +106,16 @@ class _Sender:
             meta = self.state.tensor_meta(n, t)
             self.metas[n] = meta
             out.append(OutEntry(meta, lambda start, t=t: tensor_chunks(t, self.chunk_bytes, start), gen=self.round))
-        pickles = self.state.pickles() if final else {}
-        for n, blob in pickles.items():
-            out.append(OutEntry(EntryMeta(name=n, kind="pickle", nbytes=len(blob)),
+        data = self.state.data_entries() if final else {}
+        for n, blob in data.items():
+            out.append(OutEntry(EntryMeta(name=n, kind="data", nbytes=len(blob)),
                                 lambda start, b=blob: [memoryview(b)[start:]], gen=self.round))
 
         def manifest(stats: SendStats) -> Manifest:
             self.checksums.update(stats.checksums)
             entries = [EntryMeta(**{**self.metas[n].to_json(), "checksum": self.checksums[n]}) for n in tensors]
-            entries += [EntryMeta(name=n, kind="pickle", nbytes=len(b), checksum=self.checksums[n])
-                        for n, b in pickles.items()]
+            entries += [EntryMeta(name=n, kind="data", nbytes=len(b), checksum=self.checksums[n])
+                        for n, b in data.items()]
             return Manifest(workload_id=self.state.workload_id, step=self.state.step, entries=entries,
                             checksum=self.client.algo)
 
@@ -203,14 +207,16 @@ class Checkpointer:
         source = source if source is not None else os.environ.get(RESTORE_ENV, "")
         if not source:
             return False
+        # Held from before the restore: the agent's `resume` may come as soon as the commit is
+        # answered, before this thread gets here again; set afterwards, the hold would swallow it.
+        with self._cv:
+            self._held = os.environ.get(HOLD_ENV, "") not in ("", "0")
         if source.startswith("receive:"):
             self._receive(source.removeprefix("receive:"))
         else:
             self.state.load(source)
         self.restored_at = time.time()
-        hold = os.environ.get(HOLD_ENV, "") not in ("", "0")
         with self._cv:
-            self._held = hold
             self._restored.set()
             while self._held and not self._stop:
                 self._cv.wait()
@@ -222,9 +228,15 @@ class Checkpointer:
         session, sep, address = spec.partition("@")
         if not sep or not session or not address:
             raise ValueError(f"{RESTORE_ENV}=receive:{spec}: expected receive:SESSION@ADDRESS")
+        path = os.environ.get(SECRET_FILE_ENV, "")
+        if not path:
+            raise TransferAuthError(f"{RESTORE_ENV}=receive:...: set {SECRET_FILE_ENV} to the file that holds the "
+                                    f"session's secret (the agent does)")
+        secret = read_secret_file(path)
         server = TransferServer(address).start()
         # a same-host source writes the bytes into a shared-memory ring (the mesh) instead of the stream
-        sess = server.expect(session, StateSink(self.state), mesh=os.environ.get(MESH_ENV, "1") != "0")
+        sess = server.expect(session, StateSink(self.state), mesh=os.environ.get(MESH_ENV, "1") != "0",
+                             secret=secret)
         self.receive_address, self.receive_session = server.address, session
         sess.committed_event.wait()
         self.receive_address = self.receive_session = None
@@ -296,7 +308,7 @@ class Checkpointer:
                 info = {"path": req["path"], "step": m.step, "bytes": m.nbytes}
             else:
                 with TransferClient(req["target"], req["session"], chunk_bytes=self.chunk_bytes,
-                                    mesh=req.get("mesh") or "auto") as client:
+                                    mesh=req.get("mesh") or "auto", secret=_secret(req)) as client:
                     info = _Sender(self.state, client, self.chunk_bytes).send(None, final=True)
                     info["step"] = self.state.step
         finally:
@@ -310,7 +322,8 @@ class Checkpointer:
             self._sender.client.close()
         chunk = int(req.get("chunk_bytes") or self.chunk_bytes)
         client = TransferClient(req["target"], req["session"], chunk_bytes=chunk,
-                                connect_timeout=float(req.get("connect_timeout", 30.0)), mesh=req.get("mesh") or "auto")
+                                connect_timeout=float(req.get("connect_timeout", 30.0)), mesh=req.get("mesh") or "auto",
+                                secret=_secret(req))
         self._sender = _Sender(self.state, client, chunk)
         return self._sender.send(None, final=False)
 
@@ -344,6 +357,14 @@ class Checkpointer:
         if not self._restored.wait(req.get("timeout", 300.0)):
             raise TimeoutError("no restore was applied in time")
         return {"step": self.state.step, "restored_at": self.restored_at}
+
+
+def _secret(req: dict[str, Any]) -> bytes:
+    """The transfer session's secret the agent sent with a command (hex)."""
+    try:
+        return bytes.fromhex(str(req.get("secret", "")))
+    except ValueError:
+        raise TransferAuthError("secret: not hex") from None
 
 
 def connect(workload_id: str | None = None, socket_path: str | None = None) -> Checkpointer:

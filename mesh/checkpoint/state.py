@@ -1,16 +1,19 @@
 """`WorkloadState`: the registry of what a workload's checkpoint holds, flattened to entries.
 
 A workload registers its modules, optimizers, loose tensors, RNG states, a step
-counter and picklable extras. The registry flattens them to named entries:
+counter and extras (data: JSON types, tuples, bytes, numpy arrays; see datafmt.py). The registry flattens them to named entries:
 
 | entry | kind | what |
 | --- | --- | --- |
 | `module/<m>/<key>` | tensor | every tensor of `m.state_dict()` (parameters and buffers) |
 | `optim/<o>/state/<i>/<key>` | tensor | optimizer state tensors (`exp_avg`, `exp_avg_sq`, `step`, ...) of parameter `i` |
-| `optim/<o>/meta` | pickle | param groups (hyper-parameters) and non-tensor optimizer state |
+| `optim/<o>/meta` | data | param groups (hyper-parameters) and non-tensor optimizer state |
 | `tensor/<name>` | tensor | a registered tensor |
-| `rng` | pickle | torch (and CUDA), numpy and Python `random` generator states |
-| `meta` | pickle | the step counter and `extras` |
+| `rng` | data | torch (and CUDA), numpy and Python `random` generator states |
+| `meta` | data | the step counter and `extras` |
+
+Data entries are tagged JSON (mesh/checkpoint/datafmt.py), never pickle: they arrive over
+the network, and unpickling them would run whatever code they name.
 
 Loading writes tensor bytes in place into the registered tensors (optimizer state is
 staged and handed to `load_state_dict`, which keeps tensors that already match), so
@@ -28,7 +31,6 @@ Module buffers are always hashed: native kernels update some of them without a b
 from __future__ import annotations
 
 import itertools
-import pickle
 import random
 import threading
 import time
@@ -38,6 +40,7 @@ from typing import Any, Literal
 
 import torch
 
+from mesh.checkpoint import datafmt
 from mesh.checkpoint.format import (CHUNK_BYTES, CheckpointError, CheckpointWriter, EntryMeta, Manifest,
                                     iter_entry_chunks, new_hasher, read_manifest)
 
@@ -169,17 +172,17 @@ class WorkloadState:
             out[f"tensor/{n}"] = t
         return out
 
-    def pickles(self) -> dict[str, bytes]:
-        """The small pickled entries, taken now (call at a safe point)."""
-        out = {META: pickle.dumps({"step": self.step, "extras": self.extras}, protocol=5)}
+    def data_entries(self) -> dict[str, bytes]:
+        """The small data entries (tagged JSON), taken now (call at a safe point)."""
+        out = {META: datafmt.encode({"step": self.step, "extras": self.extras}, "extras")}
         if self._reg.rng:
-            out[RNG] = pickle.dumps(_get_rng(), protocol=5)
+            out[RNG] = datafmt.encode(_get_rng(), "rng")
         for o, opt in self._reg.optimizers.items():
             params = _params(opt)
             groups = opt.state_dict()["param_groups"]
             nontensor = {i: {k: v for k, v in opt.state.get(p, {}).items() if not isinstance(v, torch.Tensor)}
                          for i, p in enumerate(params) if p in opt.state}
-            out[f"optim/{o}/meta"] = pickle.dumps({"param_groups": groups, "state": nontensor}, protocol=5)
+            out[f"optim/{o}/meta"] = datafmt.encode({"param_groups": groups, "state": nontensor}, f"optimizer {o!r}")
         return out
 
     @staticmethod
@@ -260,7 +263,7 @@ class WorkloadState:
         self._copy_back[name] = (live, staged)
         return byte_view(staged)
 
-    def apply(self, pickles: dict[str, bytes], tensor_names: list[str] | None = None) -> None:
+    def apply(self, data: dict[str, bytes], tensor_names: list[str] | None = None) -> None:
         """Finishes a load once every entry's bytes are in: copies staged tensors, installs
         optimizer state, RNG states, the step and extras. `tensor_names` (the manifest's)
         limits the staged optimizer tensors to those of this checkpoint."""
@@ -271,10 +274,10 @@ class WorkloadState:
                     live.copy_(staged)
         self._copy_back.clear()
         for o, opt in self._reg.optimizers.items():
-            blob = pickles.get(f"optim/{o}/meta")
+            blob = data.get(f"optim/{o}/meta")
             if blob is None:
                 continue
-            meta = pickle.loads(blob)
+            meta = _dict(datafmt.decode(blob, f"optim/{o}/meta"), f"optim/{o}/meta", ("param_groups", "state"))
             state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
             prefix = f"optim/{o}/state/"
             for name, t in self._staged.items():
@@ -283,10 +286,10 @@ class WorkloadState:
                     state.setdefault(int(i), {})[key] = t
             opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self._staged.clear()
-        if RNG in pickles:
-            _set_rng(pickle.loads(pickles[RNG]))
-        if META in pickles:
-            meta = pickle.loads(pickles[META])
+        if RNG in data:
+            _set_rng(_dict(datafmt.decode(data[RNG], RNG), RNG, ("torch", "python")))
+        if META in data:
+            meta = _dict(datafmt.decode(data[META], META), META, ("step", "extras"))
             self.step = int(meta["step"])
             self.extras.clear()
             self.extras.update(meta["extras"])
@@ -299,8 +302,8 @@ class WorkloadState:
         try:
             for name, t in self.tensors().items():
                 w.write_entry(self.tensor_meta(name, t), tensor_chunks(t, chunk_bytes))
-            for name, blob in self.pickles().items():
-                w.write_entry(EntryMeta(name=name, kind="pickle", nbytes=len(blob)), [blob])
+            for name, blob in self.data_entries().items():
+                w.write_entry(EntryMeta(name=name, kind="data", nbytes=len(blob)), [blob])
             return w.commit(self.step)
         except BaseException:
             w.abort()
@@ -309,22 +312,28 @@ class WorkloadState:
     def load(self, path: str) -> Manifest:
         """Restores from a checkpoint directory, verifying every entry's checksum."""
         manifest = read_manifest(path)
-        pickles: dict[str, bytes] = {}
+        data: dict[str, bytes] = {}
         for e in manifest.entries:
-            if e.kind == "pickle":
-                pickles[e.name] = b"".join(iter_entry_chunks(path, manifest, e.name))
+            if e.kind == "data":
+                data[e.name] = b"".join(iter_entry_chunks(path, manifest, e.name))
                 continue
             dst = self.writable(e)
             off = 0
             for chunk in iter_entry_chunks(path, manifest, e.name):
                 dst[off:off + len(chunk)] = chunk
                 off += len(chunk)
-        self.apply(pickles, [e.name for e in manifest.entries if e.kind == "tensor"])
+        self.apply(data, [e.name for e in manifest.entries if e.kind == "tensor"])
         return manifest
 
 
 def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _dict(x: Any, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(x, dict) or any(k not in x for k in keys):
+        raise StateMismatch(f"checkpoint entry {what!r}: expected an object with {', '.join(keys)}")
+    return x
 
 
 def _get_rng() -> dict[str, Any]:

@@ -3,10 +3,14 @@
 One bidirectional stream method, `/gpumesh.checkpoint.v1.Transfer/Push`, with raw
 bytes messages (generic handler, identity serializers: no proto, no pickle). Each
 message is a *frame*: a 4-byte little-endian header length, a JSON header, then the
-payload. The sender speaks first:
+payload. Every message after the `hello` is sealed (AES-256-GCM, keys from the session's
+secret and both sides' nonces; mesh/checkpoint/transfer_auth.py). The sender speaks first:
 
-    hello  {session}                         -> receiver answers `have`: what it holds per
-                                                entry (generation, contiguous bytes, done)
+    hello  {session, nonce, proof}           proof = HMAC(secret, session, nonce); without it the
+                                             stream is refused (UNAUTHENTICATED), nothing written
+                                             -> receiver answers its nonce and a sealed `have`:
+                                                what it holds per entry (generation, contiguous
+                                                bytes, done)
     begin  {meta, gen, offset, algo}         start an entry, or resume it at `offset`
     chunk  {offset, sum} + bytes             up to CHUNK_BYTES of the current entry; `sum` is
                                              xxh3-64 (CRC-32 with sha256 entries) of the chunk

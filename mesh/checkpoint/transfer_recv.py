@@ -3,19 +3,25 @@ See mesh/checkpoint/transfer.py for the protocol."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from struct import error as struct_error
 from typing import Any, Protocol
 
 import grpc
 
 from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, CheckpointWriter, EntryMeta, FormatError,
                                     Manifest, chunk_sum, entry_file, new_hasher)
+from mesh.checkpoint.transfer_auth import Channel, TransferAuthError, check_hello, check_secret, server_answer
 from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, cumulative_sum, frame, unframe
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
 
 # --- receiving ------------------------------------------------------------------------------
 
@@ -29,9 +35,10 @@ class Sink(Protocol):
     def open_entry(self, meta: EntryMeta) -> EntryTarget:
         """Called at the start of each (re)sent entry; may be called again for a newer generation."""
 
-    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
-        """Every entry of `manifest` has arrived and checked out; `pickles` holds the bytes of its
-        pickle entries. Returns facts for the sender's `done` answer."""
+    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
+        """Every entry of `manifest` has arrived and checked out; `data` holds the bytes of its
+        data entries (tagged JSON, mesh/checkpoint/datafmt.py: never unpickled). Returns facts for
+        the sender's `done` answer."""
 
 
 class BufferTarget:
@@ -54,7 +61,7 @@ class NullSink:
     def open_entry(self, meta: EntryMeta) -> EntryTarget:
         return self._Null()
 
-    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
+    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
         return {}
 
 
@@ -81,10 +88,11 @@ class DirectorySink:
             f.truncate(meta.nbytes)
         return self._File(path)
 
-    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict[str, Any]:
+    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
         entries = [EntryMeta(**{**e.to_json(), "file": self.files[e.name]}) for e in manifest.entries]
         self.writer.commit_manifest(Manifest(workload_id=manifest.workload_id, step=manifest.step, entries=entries,
-                                             created=manifest.created, extras=manifest.extras))
+                                             created=manifest.created, extras=manifest.extras,
+                                             checksum=manifest.checksum))
         return {"path": str(self.writer.path)}
 
 
@@ -98,15 +106,18 @@ class _RecvEntry:
     offset: int = 0
     done: bool = False
     checksum: str = ""
-    payload: bytearray | None = None  # pickle entries are kept in memory for the sink's commit
+    payload: bytearray | None = None  # data entries are kept in memory for the sink's commit
     cumulative: bool = False          # chunk checks are the running digest (one pass), else CRC/xxh3-64
 
 
 class ReceiveSession:
     """What one session has received; survives broken streams."""
 
-    def __init__(self, session: str, sink: Sink, allow_unchecked: bool = False, ring: Any = None) -> None:
+    def __init__(self, session: str, sink: Sink, allow_unchecked: bool = False, ring: Any = None, *,
+                 secret: bytes) -> None:
         self.session = session
+        self.secret = check_secret(secret, f"transfer session {session!r}")
+        self.peer = ""              # the certificate name a sender must present (mTLS), or any
         self.ring = ring            # a transfer_mesh.ShmRing offered to senders, or None
         self.sink = sink
         self.allow_unchecked = allow_unchecked
@@ -132,7 +143,10 @@ class ReceiveSession:
             hasher = new_hasher(algo)
         except FormatError as exc:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"entry {meta.name!r}: {exc}") from None
-        if meta.kind == "pickle":
+        if meta.kind == "data":
+            if meta.nbytes > MAX_DATA_ENTRY:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: a data entry of {meta.nbytes} "
+                             f"bytes (allowed: at most {MAX_DATA_ENTRY})")
             buf = bytearray(meta.nbytes)
             e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), algo, hasher, payload=buf)
         else:
@@ -191,11 +205,15 @@ class ReceiveSession:
             if e.checksum != m.checksum:
                 raise _Abort(grpc.StatusCode.DATA_LOSS, f"commit: entry {m.name!r} holds checksum "
                              f"{e.checksum[:16]}..., the manifest says {m.checksum[:16]}...")
-        pickles = {m.name: bytes(self.entries[m.name].payload or b"") for m in manifest.entries if m.kind == "pickle"}
-        self.committed = self.sink.commit(manifest, pickles) or {}
+        data = {m.name: bytes(self.entries[m.name].payload or b"") for m in manifest.entries if m.kind == "data"}
+        self.committed = self.sink.commit(manifest, data) or {}
         self.manifest = manifest
         self.committed_event.set()
         return self.committed
+
+
+MAX_DATA_ENTRY = 64 << 20
+"""data entries (step, extras, RNG, optimizer hyper-parameters) are small and held in memory."""
 
 
 class _Abort(Exception):
@@ -212,8 +230,8 @@ class _Pipeline:
 
     DEPTH = 4
 
-    def __init__(self, session: ReceiveSession, ring: Any) -> None:
-        self.session, self.ring = session, ring
+    def __init__(self, session: ReceiveSession, ring: Any, channel: Channel) -> None:
+        self.session, self.ring, self.channel = session, ring, channel
         self.cur: _RecvEntry | None = None
         self.error: BaseException | None = None
         self.q: queue.Queue[Any] = queue.Queue(maxsize=self.DEPTH)
@@ -258,14 +276,22 @@ class _Pipeline:
                 return
             try:
                 self._frame(msg)
+            except (KeyError, ValueError, TypeError) as exc:
+                self.error = _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc!r}")
+                return
             except BaseException as exc:   # noqa: BLE001 - handed to the stream's handler
                 self.error = exc
                 return
 
     def _frame(self, msg: bytes) -> None:
         session, ring = self.session, self.ring
-        h, data = unframe(msg)
-        kind = h["t"]
+        try:
+            h, data = unframe(self.channel.open(msg))     # opened first: nothing of a forged frame is used
+        except TransferAuthError as exc:
+            raise _Abort(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}") from None
+        kind = h.get("t") if isinstance(h, dict) else None
         if kind == "chunk":
             if self.cur is None:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "chunk before begin")
@@ -281,7 +307,11 @@ class _Pipeline:
             else:
                 session.chunk(self.cur, h, data)
         elif kind == "begin":
-            self.cur = session.begin(EntryMeta.from_json(h["meta"]), int(h["gen"]), int(h["offset"]),
+            try:
+                meta = EntryMeta.from_json(h["meta"])
+            except FormatError as exc:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            self.cur = session.begin(meta, int(h["gen"]), int(h["offset"]),
                                      h.get("algo", "sha256"), h.get("check", ""))
         elif kind == "end":
             if self.cur is None:
@@ -289,7 +319,11 @@ class _Pipeline:
             session.end(self.cur, h["checksum"])
             self.cur = None
         elif kind == "commit":
-            session.commit(Manifest.from_json(h["manifest"]))
+            try:
+                manifest = Manifest.from_json(h["manifest"])
+            except FormatError as exc:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            session.commit(manifest)
         else:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown frame {kind!r}")
 
@@ -298,14 +332,17 @@ class TransferServer:
     """Receives pushes for the sessions it `expect`s. `address` may be `host:port` (port 0 picks
     one; see `.address`) or `unix:/path`."""
 
-    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 4) -> None:
+    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 4, credentials: Any = None) -> None:
+        """`credentials`: grpc server credentials (the agent's mTLS) or None: plaintext gRPC; every
+        frame is sealed with the session's keys either way (transfer_auth.py)."""
         self.sessions: dict[str, ReceiveSession] = {}
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Push": grpc.stream_stream_rpc_method_handler(self._push)})
         self.server.add_generic_rpc_handlers((handler,))
-        port = self.server.add_insecure_port(address)
+        port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                else self.server.add_insecure_port(address))
         if port == 0:
             raise TransferError(f"cannot listen on {address}")
         self.address = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
@@ -320,8 +357,11 @@ class TransferServer:
             if s.ring is not None:
                 s.ring.close()
 
-    def expect(self, session: str, sink: Sink, allow_unchecked: bool = False, mesh: bool = False) -> ReceiveSession:
-        """Accepts pushes to `session` into `sink`. `allow_unchecked` lets a sender skip checksums
+    def expect(self, session: str, sink: Sink, allow_unchecked: bool = False, mesh: bool = False, *,
+               secret: bytes, peer: str = "") -> ReceiveSession:
+        """Accepts pushes to `session` into `sink` from senders that prove `secret` (at least 128
+        random bits; transfer_auth.py) and, with `peer` (mTLS servers), whose verified certificate
+        names `peer` (the source agent's node). `allow_unchecked` lets a sender skip checksums
         (for measuring the raw channel only); `mesh` offers senders a shared-memory ring for the
         chunk payloads (mesh/checkpoint/transfer_mesh.py; used by senders on this host)."""
         with self._lock:
@@ -334,7 +374,10 @@ class TransferServer:
                         ring = ShmRing()
                     except OSError:
                         ring = None         # no /dev/shm here: the stream carries everything
-                s = self.sessions[session] = ReceiveSession(session, sink, allow_unchecked, ring)
+                s = self.sessions[session] = ReceiveSession(session, sink, allow_unchecked, ring, secret=secret)
+                s.peer = peer
+            elif not _same(s.secret, secret):
+                raise TransferAuthError(f"transfer session {session!r} is expected already, with another secret")
             return s
 
     def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -342,22 +385,43 @@ class TransferServer:
             first = next(requests)
         except StopIteration:
             return
-        hello, _ = unframe(first)
-        session = self.sessions.get(hello.get("session", ""))
+        try:
+            hello, _ = unframe(first)
+            name = str(hello.get("session", "")) if isinstance(hello, dict) else ""
+        except (ValueError, TypeError, UnicodeDecodeError, struct_error):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is not a transfer hello frame")
+        if not isinstance(hello, dict):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is not a transfer hello frame")
+        session = self.sessions.get(name)
         if hello.get("t") != "hello" or session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer session {hello.get('session')!r} here")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer session {name!r} here")
+        if session.peer:
+            names = [n.decode(errors="replace") for n in (context.auth_context() or {}).get("x509_common_name", [])]
+            if session.peer not in names:
+                log(logger, logging.WARNING, "transfer push refused", session=session.session, peer=context.peer(),
+                    reason=f"certificate names {names}, expected {session.peer}")
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"transfer session {session.session!r} takes pushes "
+                              f"from {session.peer!r} only (the peer's certificate names {names or 'nobody'})")
+        try:
+            nonce_c = check_hello(session.secret, session.session, hello)
+        except TransferAuthError as exc:
+            log(logger, logging.WARNING, "transfer push refused", session=session.session, peer=context.peer(),
+                reason="no proof of the session's secret")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         with session.lock:
             ring = session.ring if session.ring is not None and session.ring.view is not None else None
             if ring is not None:
                 ring.reset()        # frames in flight died with the last stream
-            yield frame({"t": "have", "entries": session.have(), "committed": session.committed is not None,
-                         **({"mesh": ring.offer()} if ring is not None else {})})
+            channel, answer = server_answer(session.secret, session.session, nonce_c, frame(
+                {"t": "have", "entries": session.have(), "committed": session.committed is not None,
+                 **({"mesh": ring.offer()} if ring is not None else {})}))
+            yield answer
             t0 = time.perf_counter()
             n0 = session.bytes_received
-            pipe = _Pipeline(session, ring)
+            pipe = _Pipeline(session, ring, channel)
             try:
                 for msg in requests:
-                    pipe.put(msg)           # checked and written by the pipeline's thread, in order
+                    pipe.put(msg)           # opened, checked and written by the pipeline's thread, in order
                 pipe.finish()
             except _Abort as exc:
                 context.abort(exc.code, exc.message)
@@ -365,7 +429,10 @@ class TransferServer:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             finally:
                 pipe.stop()
-            yield frame({"t": "done", "bytes": session.bytes_received - n0, "seconds": time.perf_counter() - t0,
-                         "committed": session.committed})
+            yield channel.seal(frame({"t": "done", "bytes": session.bytes_received - n0,
+                                      "seconds": time.perf_counter() - t0, "committed": session.committed}))
 
 
+def _same(a: bytes, b: Any) -> bool:
+    import hmac
+    return isinstance(b, (bytes, bytearray)) and hmac.compare_digest(a, bytes(b))

@@ -12,7 +12,8 @@ from typing import Any
 
 import grpc
 
-from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, EntryMeta, Manifest, new_hasher
+from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, CheckpointError, EntryMeta, Manifest, new_hasher
+from mesh.checkpoint.transfer_auth import TransferAuthError, check_secret, client_channel, client_hello
 from mesh.checkpoint.transfer_mesh import STREAM_MB_PER_S, choose
 from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, cumulative_sum, frame, unframe
 
@@ -52,11 +53,15 @@ ProgressFn = Callable[[int, int, float], None]
 class TransferClient:
     """Pushes entries to one session of a TransferServer, resuming after broken streams."""
 
-    def __init__(self, target: str, session: str, *, chunk_bytes: int = CHUNK_BYTES, retries: int = 5,
-                 progress: ProgressFn | None = None, connect_timeout: float = 30.0, verify: bool = True,
-                 mesh: str = "auto") -> None:
+    def __init__(self, target: str, session: str, *, secret: bytes, chunk_bytes: int = CHUNK_BYTES,
+                 retries: int = 5, progress: ProgressFn | None = None, connect_timeout: float = 30.0,
+                 verify: bool = True, mesh: str = "auto", credentials: Any = None, server_name: str = "") -> None:
+        """`secret`: the session's secret (transfer_auth.py). `credentials`: grpc channel credentials
+        (the agent's mTLS) or None: plaintext gRPC (the frames are sealed either way); `server_name`:
+        the name to check in the receiver's certificate (an agent's: its node name)."""
         self.target = target
         self.session = session
+        self.secret = check_secret(secret, f"transfer session {session!r}")
         self.chunk_bytes = chunk_bytes
         self.retries = retries
         self.progress = progress
@@ -70,7 +75,11 @@ class TransferClient:
         self.stream_mb_per_s = STREAM_MB_PER_S
         self.algo = DEFAULT_CHECKSUM
         """False: no CRC or SHA-256 (raw channel measurements; the session must allow it)."""
-        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        else:
+            opts = GRPC_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+            self.channel = grpc.secure_channel(target, credentials, options=opts)
         self._push = self.channel.stream_stream(PUSH)
         self.cut_after_bytes: int | None = None
         """test hook: cancel the stream once this many bytes went out (simulates a cut connection)."""
@@ -113,10 +122,14 @@ class TransferClient:
             stats.attempts = attempt + 1
             have_box: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
             cut = [False]
+            hello, nonce_c = client_hello(self.secret, self.session)
+            sealed: list[Any] = [None]      # this stream's Channel, once the receiver answered
+            source_error: list[Any] = [None]
 
             def produce(held: dict[str, Any], ring: Any, stop: threading.Event) -> Iterator[tuple]:
-                """The frames, hashed and built ahead of the stream (in `_prefetch`'s thread):
+                """The frames, hashed, built and sealed ahead of the stream (in `_prefetch`'s thread):
                 ("begin", frame, name), ("chunk", frame, nbytes), ("end", frame, name, digest)."""
+                frame = _sealing(sealed[0])
                 for e in entries:
                     name = e.meta.name
                     h = held.get(name)
@@ -155,7 +168,7 @@ class TransferClient:
                     yield ("end", frame({"t": "end", "checksum": digest}), name, digest)
 
             def requests() -> Iterator[bytes]:
-                yield frame({"t": "hello", "session": self.session})
+                yield frame(hello)
                 have = have_box.get()
                 if have.get("_stop"):
                     return
@@ -166,27 +179,34 @@ class TransferClient:
                 if ring is not None:
                     ring.restart()
                 stop = threading.Event()
-                for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH, producers):
-                    kind = item[0]
-                    if kind == "begin":
-                        entry_in_flight[0] = item[2]
-                    yield item[1]
-                    if kind == "chunk":
-                        stats.bytes += item[2]
-                        if self.progress:
-                            self.progress(stats.bytes, total, time.perf_counter() - t0)
-                        if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
-                            self.cut_after_bytes = None
-                            cut[0] = True
-                            call.cancel()
-                            return
-                    elif kind == "end":
-                        stats.checksums[item[2]] = item[3]
-                        stats.entries += 1
-                        partial.pop(item[2], None)
+                try:
+                    for item in _prefetch(produce(have["entries"], ring, stop), stop, PREFETCH, producers):
+                        kind = item[0]
+                        if kind == "begin":
+                            entry_in_flight[0] = item[2]
+                        yield item[1]
+                        if kind == "chunk":
+                            stats.bytes += item[2]
+                            if self.progress:
+                                self.progress(stats.bytes, total, time.perf_counter() - t0)
+                            if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
+                                self.cut_after_bytes = None
+                                cut[0] = True
+                                call.cancel()
+                                return
+                        elif kind == "end":
+                            stats.checksums[item[2]] = item[3]
+                            stats.entries += 1
+                            partial.pop(item[2], None)
+                except CheckpointError as exc:
+                    # the source failed (a stored record that does not authenticate, a file that shrank):
+                    # no commit, and no retry
+                    source_error[0] = exc
+                    call.cancel()
+                    return
                 if commit is not None:
                     manifest = commit(stats) if callable(commit) else commit
-                    yield frame({"t": "commit", "manifest": manifest.to_json()})
+                    yield sealed[0].seal(frame({"t": "commit", "manifest": manifest.to_json()}))
 
             call = self._push(requests(), wait_for_ready=True)
             unreachable = [False]
@@ -199,13 +219,20 @@ class TransferClient:
             timer.start()
             try:
                 try:
-                    first, _ = unframe(next(call))
+                    raw = next(call)
                 finally:
                     timer.cancel()
+                try:
+                    sealed[0], have_frame = client_channel(self.secret, self.session, nonce_c, raw)
+                except TransferAuthError as exc:
+                    have_box.put({"_stop": True})
+                    call.cancel()
+                    raise TransferError(f"transfer to {self.target}: {exc}") from None
+                first, _ = unframe(have_frame)
                 have_box.put(first)
                 done = None
                 for msg in call:
-                    done, _ = unframe(msg)
+                    done, _ = unframe(sealed[0].open(msg))
                 stats.seconds = time.perf_counter() - t0
                 stats.committed = done.get("committed") if done else None
                 if stats.transport == "grpc" and stats.bytes >= 64 << 20:
@@ -214,12 +241,16 @@ class TransferClient:
             except grpc.RpcError as exc:
                 if have_box.empty():
                     have_box.put({"_stop": True})
+                if source_error[0] is not None:
+                    stop_producers()
+                    raise source_error[0]
                 if unreachable[0]:
                     raise TransferError(f"cannot reach the transfer endpoint {self.target} "
                                         f"within {self.connect_timeout:g} s") from None
                 code = exc.code() if hasattr(exc, "code") else None
                 last_error = f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
-                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and not cut[0]:
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and not cut[0]:
                     break
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     partial.clear()
@@ -227,6 +258,13 @@ class TransferClient:
         stop_producers()
         raise TransferError(f"transfer to {self.target} (session {self.session}) failed after "
                             f"{stats.attempts} attempts: {last_error}", entry_in_flight[0])
+
+
+def _sealing(channel: Any) -> Callable[..., bytes]:
+    """`frame`, sealed with the stream's channel (transfer_auth.Channel)."""
+    def sealed_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+        return channel.seal(frame(header, payload))
+    return sealed_frame
 
 
 PREFETCH = 3

@@ -131,7 +131,7 @@ def test_restore_from_the_store_after_the_source_agent_is_killed(cluster, mesh, 
     store = cluster.state_dir / "store" / ck.path
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["extras"]["encryption"]["alg"] == "AES-256-GCM"
-    assert all((store / e["file"]).read_bytes().startswith(b"GMENC1") for e in manifest["entries"])
+    assert all((store / e["file"]).read_bytes().startswith(b"GMENC2") for e in manifest["entries"])
     assert [c.id for c in mesh.list_checkpoints(workload_id=w.id)] == [ck.id]
     # the source host dies: its agent and the workload with it
     cluster.kill_agent(w.node)

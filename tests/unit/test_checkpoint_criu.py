@@ -15,6 +15,8 @@ import pytest
 from mesh.checkpoint.criu import (LOG_ENTRY, Criu, ImageSink, TransparentUnavailable, image_entries, image_manifest,
                                   parse_version, path_key)
 
+SECRET = bytes(range(32))
+
 
 def fake(tmp_path, name: str, version: str, check_rc: int = 0) -> str:
     p = tmp_path / name
@@ -146,13 +148,57 @@ def test_images_travel_over_the_transfer_channel_and_restore_once(tmp_path):
         return {"pid": 4242}
     server = TransferServer("127.0.0.1:0").start()
     try:
-        server.expect("s", ImageSink(tmp_path / "dst", on_commit))
+        server.expect("s", ImageSink(tmp_path / "dst", on_commit), secret=SECRET)
         entries = image_entries(src, {LOG_ENTRY: str(tmp_path / "w.log")})
-        with TransferClient(server.address, "s", mesh="grpc") as client:
+        with TransferClient(server.address, "s", mesh="grpc", secret=SECRET) as client:
             stats = client.send(entries, commit=lambda st: image_manifest("w", entries, st, {"k": 1}, client.algo))
         assert stats.committed == {"pid": 4242} and restored == [{"k": 1}]
         assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["core-1.img", LOG_ENTRY, "pages-1.img"]
         assert (tmp_path / "dst" / "pages-1.img").read_bytes() == (src / "pages-1.img").read_bytes()
         assert (tmp_path / "dst" / LOG_ENTRY).read_text() == "line 1\n"
+    finally:
+        server.stop(0)
+
+
+def test_images_are_verified_before_criu_restore_runs(tmp_path):
+    """The restore (`on_commit`, which runs `criu restore` as root) runs only on exactly the images the
+    authenticated manifest names, unaltered; a file changed or added in the images directory after it
+    arrived, or a file name that reaches out of it, stops it."""
+    from mesh.checkpoint.criu import ImagesRejected, verify_images
+    from mesh.checkpoint.format import EntryMeta
+    from mesh.checkpoint.transfer import TransferClient, TransferError, TransferServer
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "core-1.img").write_bytes(b"core" * 100)
+    restored = []
+    server = TransferServer("127.0.0.1:0").start()
+    try:
+        sink = ImageSink(tmp_path / "dst", lambda path, extras: restored.append(path) or {"pid": 1})
+        sess = server.expect("s", sink, secret=SECRET)
+        entries = image_entries(src)
+        with TransferClient(server.address, "s", mesh="grpc", secret=SECRET) as client:
+            client.send(entries)         # every image, no commit yet
+            manifest = image_manifest("w", entries, type("S", (), {"checksums": {
+                n: sess.entries[n].checksum for n in sess.entries}})(), {}, client.algo)
+        assert oct((tmp_path / "dst").stat().st_mode & 0o777) == "0o700"
+        verify_images(tmp_path / "dst", manifest)
+        (tmp_path / "dst" / "extra.img").write_bytes(b"x")
+        with pytest.raises(ImagesRejected, match="extra.img"):
+            sink.commit(manifest, {})
+        assert restored == []
+        sink._error = None
+        (tmp_path / "dst" / "extra.img").unlink()
+        (tmp_path / "dst" / "core-1.img").write_bytes(b"CORE" * 100)
+        with pytest.raises(ImagesRejected, match="core-1.img"):
+            sink.commit(manifest, {})
+        assert restored == []
+        for bad in ("../escape.img", "restored.pid", ".hidden"):
+            with pytest.raises(ImagesRejected):
+                sink.open_entry(EntryMeta(name=bad, kind="tensor", nbytes=1))
+        assert not (tmp_path / "escape.img").exists()
+        with TransferClient(server.address, "s", mesh="grpc", secret=bytes(32)) as client:
+            with pytest.raises(TransferError, match="UNAUTHENTICATED"):
+                client.send(image_entries(src), commit=manifest)
+        assert restored == []
     finally:
         server.stop(0)

@@ -76,7 +76,7 @@ def test_unknown_version_and_missing_manifest(tmp_path):
 
 def test_sha256_checkpoints_stay_readable(tmp_path):
     w = CheckpointWriter(tmp_path / "ck", algo="sha256")
-    w.write_entry(EntryMeta(name="a", kind="pickle", nbytes=3), [b"abc"])
+    w.write_entry(EntryMeta(name="a", kind="data", nbytes=3), [b"abc"])
     m = w.commit(step=1)
     assert read_manifest(tmp_path / "ck").checksum == "sha256"
     assert m.entry("a").checksum == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -16,6 +16,7 @@ pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumes
 
 from mesh.checkpoint.agent_link import AgentLink, CommandError  # noqa: E402
 from mesh.checkpoint.precopy import MigrationFailed, PrecopyMigration, PrecopyPolicy, stop_and_copy  # noqa: E402
+from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, write_secret_file  # noqa: E402
 from tests.unit._checkpoint_util import (assert_same_state, clean_env, finish, run_example,  # noqa: E402
                                          start_example, wait_for_socket, wait_for_step)
 
@@ -30,11 +31,15 @@ def reference(tmp_path_factory):
     return str(d / "final"), out[-1]["checksum"]
 
 
+SECRETS = {"to-b": bytes(range(32)), "to-c": bytes(range(1, 33)), "m2": bytes(range(2, 34))}
+
+
 def start(tmp_path, name: str, receive: str | None = None):
     sock = str(tmp_path / f"{name}.sock")
     env = clean_env(GPUMESH_CHECKPOINT_SOCKET=sock)
     if receive:
         env["GPUMESH_RESTORE_FROM"] = f"receive:{receive}@127.0.0.1:0"
+        env[SECRET_FILE_ENV] = write_secret_file(tmp_path / f"{name}.secret", SECRETS[receive])
     return start_example("--steps", STEPS, *SLOW, "--final-dir", str(tmp_path / f"{name}-final"), env=env), sock
 
 
@@ -49,7 +54,7 @@ def test_migrates_mid_training_bit_identically(tmp_path, reference):
             wait_for_socket(sock, procs[name])
         with AgentLink(a) as link:
             wait_for_step(link, 20)
-        pre = PrecopyMigration(a, b, policy=PrecopyPolicy(stop_bytes=0, max_rounds=2, shrink_ratio=1.0)).run()
+        pre = PrecopyMigration(a, b, secret=SECRETS["to-b"], policy=PrecopyPolicy(stop_bytes=0, max_rounds=2, shrink_ratio=1.0)).run()
         assert [r.round for r in pre.rounds] == [0, 1, 2, 3]
         assert [r.paused for r in pre.rounds] == [False, False, False, True]
         # every round resends what changed since the last; how many steps ran in between depends on the
@@ -58,7 +63,7 @@ def test_migrates_mid_training_bit_identically(tmp_path, reference):
         assert pre.downtime_ms <= pre.total_ms
         with AgentLink(b) as link:
             wait_for_step(link, pre.step + 3)
-        snc = stop_and_copy(b, c)
+        snc = stop_and_copy(b, c, secret=SECRETS["to-c"])
         assert all(r.paused for r in snc.rounds) and pre.step + 3 <= snc.step < int(STEPS)
         a_out, b_out, c_out = finish(procs["a"]), finish(procs["b"]), finish(procs["c"])
     finally:
@@ -110,7 +115,7 @@ def test_failed_migration_resumes_the_source(tmp_path):
             dst.kill()
             dst.wait()
             with pytest.raises(MigrationFailed) as exc:
-                stop_and_copy(src_sock, _DeadTarget(addr), policy=PrecopyPolicy(target_timeout=2, connect_timeout=1))
+                stop_and_copy(src_sock, _DeadTarget(addr), secret=SECRETS["m2"], policy=PrecopyPolicy(target_timeout=2, connect_timeout=1))
             assert exc.value.resumed_source
             step = link.call("status")["step"]
             wait_for_step(link, step + 3)  # training goes on

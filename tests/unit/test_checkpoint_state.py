@@ -67,7 +67,7 @@ def test_entries_are_named_and_typed(tmp_path):
     names = list(st.tensors())
     assert "module/model/0.weight" in names and "module/model/1.running_mean" in names
     assert "optim/adam/state/0/exp_avg" in names and "tensor/emb" in names
-    assert set(st.pickles()) == {"meta", "rng", "optim/adam/meta"}
+    assert set(st.data_entries()) == {"meta", "rng", "optim/adam/meta"}
     m = st.save(str(tmp_path / "ck"))
     e = m.entry("tensor/emb")
     assert (e.kind, e.dtype, e.shape, e.nbytes) == ("tensor", "bfloat16", [3, 2], 12)

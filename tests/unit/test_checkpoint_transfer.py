@@ -11,6 +11,9 @@ from mesh.checkpoint.transfer import (BufferTarget, DirectorySink, OutEntry, Rec
 
 CHUNK = 1000
 
+SECRET = bytes(range(32))
+
+
 
 class MemorySink:
     def __init__(self) -> None:
@@ -23,9 +26,9 @@ class MemorySink:
         self.buffers[meta.name] = buf = bytearray(meta.nbytes)
         return BufferTarget(memoryview(buf))
 
-    def commit(self, manifest: Manifest, pickles: dict[str, bytes]) -> dict:
+    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict:
         self.committed = manifest
-        self.pickles = pickles
+        self.data = data
         return {"ok": 1}
 
 
@@ -53,9 +56,9 @@ BLOBS = {"a": bytes(range(256)) * 40, "b": b"\x07" * 4321, "empty": b""}
 
 def test_chunked_send_and_commit(server):
     sink = MemorySink()
-    session = server.expect("s1", sink)
+    session = server.expect("s1", sink, secret=SECRET)
     seen = []
-    with TransferClient(server.address, "s1", chunk_bytes=CHUNK, progress=lambda n, t, s: seen.append((n, t))) as c:
+    with TransferClient(server.address, "s1", chunk_bytes=CHUNK, progress=lambda n, t, s: seen.append((n, t)), secret=SECRET) as c:
         stats = c.send(entries(BLOBS), commit=lambda st: manifest_of(BLOBS, st))
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BLOBS
     assert stats.bytes == sum(map(len, BLOBS.values())) and stats.entries == 3 and stats.attempts == 1
@@ -66,8 +69,8 @@ def test_chunked_send_and_commit(server):
 
 def test_resumes_after_a_cut_stream(server):
     sink = MemorySink()
-    session = server.expect("s2", sink)
-    with TransferClient(server.address, "s2", chunk_bytes=CHUNK) as c:
+    session = server.expect("s2", sink, secret=SECRET)
+    with TransferClient(server.address, "s2", chunk_bytes=CHUNK, secret=SECRET) as c:
         c.cut_after_bytes = 5000  # cancel the stream in the middle of entry "a"
         stats = c.send(entries(BLOBS), commit=lambda st: manifest_of(BLOBS, st))
     assert stats.attempts == 2
@@ -82,8 +85,8 @@ def test_resumes_after_a_cut_stream(server):
 
 def test_newer_generation_replaces_and_same_generation_is_skipped(server):
     sink = MemorySink()
-    server.expect("s3", sink)
-    with TransferClient(server.address, "s3", chunk_bytes=CHUNK) as c:
+    server.expect("s3", sink, secret=SECRET)
+    with TransferClient(server.address, "s3", chunk_bytes=CHUNK, secret=SECRET) as c:
         c.send(entries(BLOBS, gen=0))
         again = c.send(entries(BLOBS, gen=0))
         assert again.bytes == 0 and again.skipped == 3
@@ -94,7 +97,7 @@ def test_newer_generation_replaces_and_same_generation_is_skipped(server):
 
 def test_corrupt_chunk_and_entry_are_refused_and_named():
     sink = MemorySink()
-    s = ReceiveSession("x", sink)
+    s = ReceiveSession("x", sink, secret=SECRET)
     meta = EntryMeta(name="module/m/w", kind="tensor", nbytes=4, dtype="uint8", shape=[4])
     e = s.begin(meta, gen=0, offset=0, algo="sha256")
     import zlib
@@ -115,7 +118,7 @@ def test_cumulative_chunk_check_refuses_a_corrupt_chunk_and_takes_it_again():
     a corrupt chunk is refused without spoiling the receiver's running digest."""
     from mesh.checkpoint.format import DEFAULT_CHECKSUM, new_hasher
     from mesh.checkpoint.transfer_wire import cumulative_sum
-    s = ReceiveSession("x", MemorySink())
+    s = ReceiveSession("x", MemorySink(), secret=SECRET)
     meta = EntryMeta(name="module/m/w", kind="tensor", nbytes=8, dtype="uint8", shape=[8])
     e = s.begin(meta, gen=0, offset=0, algo=DEFAULT_CHECKSUM, check="cumulative")
     h = new_hasher(DEFAULT_CHECKSUM)
@@ -131,22 +134,22 @@ def test_cumulative_chunk_check_refuses_a_corrupt_chunk_and_takes_it_again():
 
 
 def test_unknown_session_fails_without_retrying(server):
-    with TransferClient(server.address, "nope", retries=3) as c:
+    with TransferClient(server.address, "nope", retries=3, secret=SECRET) as c:
         with pytest.raises(TransferError, match="no transfer session 'nope'") as exc:
             c.send(entries(BLOBS))
     assert "after 1 attempts" in str(exc.value)
 
 
 def test_unchecked_chunks_need_the_sessions_consent(server):
-    server.expect("strict", MemorySink())
-    with TransferClient(server.address, "strict", verify=False, retries=0) as c:
+    server.expect("strict", MemorySink(), secret=SECRET)
+    with TransferClient(server.address, "strict", verify=False, retries=0, secret=SECRET) as c:
         with pytest.raises(TransferError, match="takes only checked chunks"):
             c.send(entries(BLOBS))
 
 
 def test_directory_sink_writes_a_verifiable_checkpoint(server, tmp_path):
-    server.expect("d", DirectorySink(str(tmp_path / "store" / "ck"), "w"))
-    with TransferClient(server.address, "d", chunk_bytes=CHUNK) as c:
+    server.expect("d", DirectorySink(str(tmp_path / "store" / "ck"), "w"), secret=SECRET)
+    with TransferClient(server.address, "d", chunk_bytes=CHUNK, secret=SECRET) as c:
         c.send(entries(BLOBS, gen=0))
         c.send(entries({"b": b"\x01" * 4321}, gen=1))  # a later round rewrites b
         final = {**BLOBS, "b": b"\x01" * 4321}
@@ -168,6 +171,6 @@ def test_unreachable_endpoint_is_reported():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with TransferClient(f"127.0.0.1:{port}", "x", connect_timeout=0.5) as c:
+    with TransferClient(f"127.0.0.1:{port}", "x", connect_timeout=0.5, secret=SECRET) as c:
         with pytest.raises(TransferError, match="cannot reach the transfer endpoint"):
             c.send(entries(BLOBS))

@@ -14,6 +14,9 @@ from tests.unit.test_checkpoint_transfer import MemorySink, entries, manifest_of
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this host")
 BIG = {"a": os.urandom(300_000), "b": bytes(range(256)) * 1000, "c": b"\x01" * 7}
 
+SECRET = bytes(range(32))
+
+
 
 @pytest.fixture
 def server():
@@ -24,9 +27,9 @@ def server():
 
 def test_payload_goes_over_the_shm_ring_and_arrives_intact(server):
     sink = MemorySink()
-    session = server.expect("m1", sink, mesh=True)
+    session = server.expect("m1", sink, mesh=True, secret=SECRET)
     assert session.ring is not None
-    with TransferClient(server.address, "m1", chunk_bytes=64 << 10, mesh="shm") as c:
+    with TransferClient(server.address, "m1", chunk_bytes=64 << 10, mesh="shm", secret=SECRET) as c:
         stats = c.send(entries(BIG), commit=lambda st: manifest_of(BIG, st))
     assert stats.transport == "shm" and stats.transport_note == "shm"
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BIG and stats.committed == {"ok": 1}
@@ -34,8 +37,8 @@ def test_payload_goes_over_the_shm_ring_and_arrives_intact(server):
 
 def test_auto_attaches_the_ring_only_when_it_gains(server):
     sink = MemorySink()
-    server.expect("m2", sink, mesh=True)
-    with TransferClient(server.address, "m2", chunk_bytes=64 << 10) as c:
+    server.expect("m2", sink, mesh=True, secret=SECRET)
+    with TransferClient(server.address, "m2", chunk_bytes=64 << 10, secret=SECRET) as c:
         c.stream_mb_per_s = 100.0
         small = c.send(entries({"tiny": b"xy"}))        # not worth attaching the segment for
         big = c.send(entries(BIG, gen=1))
@@ -46,9 +49,9 @@ def test_auto_attaches_the_ring_only_when_it_gains(server):
 
 def test_unreachable_ring_falls_back_to_the_stream(server):
     sink = MemorySink()
-    session = server.expect("m3", sink, mesh=True)
+    session = server.expect("m3", sink, mesh=True, secret=SECRET)
     session.ring.desc.shm_name = "gpumesh-no-such-segment"       # as seen from another host
-    with TransferClient(server.address, "m3", chunk_bytes=64 << 10) as c:
+    with TransferClient(server.address, "m3", chunk_bytes=64 << 10, secret=SECRET) as c:
         stats = c.send(entries(BIG), commit=lambda st: manifest_of(BIG, st))
     assert stats.transport == "grpc" and "not reachable" in stats.transport_note
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BIG
@@ -56,19 +59,19 @@ def test_unreachable_ring_falls_back_to_the_stream(server):
 
 def test_grpc_mode_and_receivers_without_a_ring_use_the_stream(server):
     sink = MemorySink()
-    server.expect("m4", sink, mesh=True)
-    server.expect("m5", MemorySink())
-    with TransferClient(server.address, "m4", mesh="grpc") as c:
+    server.expect("m4", sink, mesh=True, secret=SECRET)
+    server.expect("m5", MemorySink(), secret=SECRET)
+    with TransferClient(server.address, "m4", mesh="grpc", secret=SECRET) as c:
         assert c.send(entries(BIG)).transport == "grpc"
-    with TransferClient(server.address, "m5") as c:
+    with TransferClient(server.address, "m5", secret=SECRET) as c:
         st = c.send(entries(BIG))
     assert st.transport == "grpc" and "offers no mesh" in st.transport_note
 
 
 def test_a_cut_stream_resumes_over_the_ring(server):
     sink = MemorySink()
-    server.expect("m6", sink, mesh=True)
-    with TransferClient(server.address, "m6", chunk_bytes=16 << 10, mesh="shm") as c:
+    server.expect("m6", sink, mesh=True, secret=SECRET)
+    with TransferClient(server.address, "m6", chunk_bytes=16 << 10, mesh="shm", secret=SECRET) as c:
         c.cut_after_bytes = 100_000
         stats = c.send(entries(BIG), commit=lambda st: manifest_of(BIG, st))
     assert stats.attempts >= 2 and stats.transport == "shm"
@@ -89,8 +92,8 @@ def test_a_chunk_refused_by_the_receiver_is_resent_over_the_ring(server, monkeyp
         return real(self, e, header, data)
     monkeypatch.setattr(ReceiveSession, "chunk", flaky)
     sink = MemorySink()
-    server.expect("m7", sink, mesh=True)
-    with TransferClient(server.address, "m7", chunk_bytes=16 << 10, mesh="shm") as c:
+    server.expect("m7", sink, mesh=True, secret=SECRET)
+    with TransferClient(server.address, "m7", chunk_bytes=16 << 10, mesh="shm", secret=SECRET) as c:
         stats = c.send(entries(BIG), commit=lambda st: manifest_of(BIG, st))
     assert refused and stats.attempts == 2 and stats.transport == "shm"
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BIG

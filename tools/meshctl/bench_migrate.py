@@ -13,6 +13,11 @@ mesh when it is faster, as the agents do).
 
 Reports downtime (source paused at a safe point until the target runs), total time,
 bytes sent, and the stop-and-copy downtime. Progress goes to stderr.
+
+Every transfer is authenticated and sealed with a per-session secret, as the agents' are
+(mesh/checkpoint/transfer_auth.py). `--tls` also measures the raw stream over mTLS (a fresh
+CA and two agent certificates, as agent-to-agent transfers in a secured cluster use):
+`link_tls_mb_per_s` against `link_mb_per_s`.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=("auto", "grpc", "shm"), default="grpc",
                    help="channel for the state's bytes: grpc (the transfer stream, as between hosts; default), "
                         "shm (the mesh: the target's shared-memory ring, same host), auto (the mesh when faster)")
+    p.add_argument("--tls", action="store_true",
+                   help="also measure the raw stream over mTLS with agent certificates (link_tls_mb_per_s)")
 
 
 def add_migrate_bench(subparsers: Any) -> argparse.ArgumentParser:
@@ -128,10 +135,18 @@ def worker_main(argv: list[str]) -> int:
 
 
 def sink_main(argv: list[str]) -> int:
-    """A receiver that discards: for the channel's raw speed."""
+    """A receiver that discards: for the channel's raw speed (`--tls DIR`: mTLS with DIR/sink.crt)."""
     from mesh.checkpoint.transfer import NullSink, TransferServer
-    server = TransferServer("127.0.0.1:0", max_workers=2).start()
-    server.expect("raw", NullSink(), allow_unchecked=True, mesh=True)
+    from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, read_secret_file
+    creds = None
+    if argv[:1] == ["--tls"]:
+        from mesh import tls
+        d = argv[1]
+        creds = tls.server_credentials(f"{d}/sink.crt", f"{d}/sink.key", client_ca=f"{d}/ca.crt",
+                                       require_client_auth=True)
+    server = TransferServer("127.0.0.1:0", max_workers=2, credentials=creds).start()
+    server.expect("raw", NullSink(), allow_unchecked=True, mesh=True,
+                  secret=read_secret_file(os.environ[SECRET_FILE_ENV]))
     print(server.address, flush=True)
     sys.stdin.read()  # until the bench closes our stdin
     server.stop(0)
@@ -145,15 +160,19 @@ def _python() -> list[str]:
 
 
 def _start_pair(args: argparse.Namespace, workdir: str, tag: str) -> tuple[subprocess.Popen, subprocess.Popen,
-                                                                           str, str]:
+                                                                           str, str, bytes]:
+    from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, new_secret, write_secret_file
+    secret = new_secret()
+    secret_file = write_secret_file(os.path.join(workdir, f"{tag}.secret"), secret)
     wargs = ["--role", "worker", "--state-mb", str(args.state_mb), "--dirty-pct", str(args.dirty_pct),
              "--step-ms", str(args.step_ms), "--tensor-mb", str(args.tensor_mb)]
     src_sock, dst_sock = os.path.join(workdir, f"{tag}-src.sock"), os.path.join(workdir, f"{tag}-dst.sock")
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUMESH_")}
     src = subprocess.Popen(_python() + wargs, env={**base, "GPUMESH_CHECKPOINT_SOCKET": src_sock})
     dst = subprocess.Popen(_python() + wargs, env={**base, "GPUMESH_CHECKPOINT_SOCKET": dst_sock,
-                                                    "GPUMESH_RESTORE_FROM": f"receive:{tag}@127.0.0.1:0"})
-    return src, dst, src_sock, dst_sock
+                                                    "GPUMESH_RESTORE_FROM": f"receive:{tag}@127.0.0.1:0",
+                                                    SECRET_FILE_ENV: secret_file})
+    return src, dst, src_sock, dst_sock, secret
 
 
 def _wait_ready(src: subprocess.Popen, dst: subprocess.Popen, src_sock: str, dst_sock: str,
@@ -196,7 +215,7 @@ def _finish(src: subprocess.Popen, dst: subprocess.Popen, dst_sock: str) -> None
 
 def _migrate(args: argparse.Namespace, workdir: str, tag: str, precopy: bool) -> Any:
     from mesh.checkpoint.precopy import PrecopyMigration, PrecopyPolicy, stop_and_copy
-    src, dst, src_sock, dst_sock = _start_pair(args, workdir, tag)
+    src, dst, src_sock, dst_sock, secret = _start_pair(args, workdir, tag)
     try:
         info(f"{tag}: starting two workloads with {args.state_mb:g} MiB of state each")
         _wait_ready(src, dst, src_sock, dst_sock)
@@ -206,9 +225,9 @@ def _migrate(args: argparse.Namespace, workdir: str, tag: str, precopy: bool) ->
         progress = (lambda m: info(f"{tag}: {m}"))
         policy.mesh = args.transport
         if precopy:
-            result = PrecopyMigration(src_sock, dst_sock, policy=policy, progress=progress).run()
+            result = PrecopyMigration(src_sock, dst_sock, secret=secret, policy=policy, progress=progress).run()
         else:
-            result = stop_and_copy(src_sock, dst_sock, policy=policy, progress=progress)
+            result = stop_and_copy(src_sock, dst_sock, secret=secret, policy=policy, progress=progress)
         src.wait(timeout=30)
         if src.returncode != 0:
             raise RuntimeError(f"the migrated source exited with status {src.returncode}")
@@ -217,13 +236,33 @@ def _migrate(args: argparse.Namespace, workdir: str, tag: str, precopy: bool) ->
         _finish(src, dst, dst_sock)
 
 
-def _link_speed(nbytes: int, transport: str = "grpc") -> tuple[float, float]:
-    """The raw speed of a channel: `nbytes` unchecked to a discarding receiver in another process."""
+def _certs(d: str) -> str:
+    """A CA and two agent certificates (sink, source) in `d`, for the mTLS measurement."""
+    from mesh import tls
+    tls.write_ca(d)
+    tls.issue(d, "agent", "sink", hosts=("127.0.0.1",))
+    tls.issue(d, "agent", "source")
+    return d
+
+
+def _link_speed(nbytes: int, transport: str = "grpc", tls_dir: str = "") -> tuple[float, float]:
+    """The raw speed of a channel: `nbytes` unchecked to a discarding receiver in another process
+    (sealed with a session secret as always; over mTLS with `tls_dir`)."""
     from mesh.checkpoint.transfer import TransferClient, raw_entries
-    sink = subprocess.Popen(_python() + ["--role", "sink"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
+    from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, new_secret, write_secret_file
+    secret = new_secret()
+    with tempfile.TemporaryDirectory(prefix="gpumesh-bench-sink-") as d:
+        env = {**os.environ, SECRET_FILE_ENV: write_secret_file(os.path.join(d, "secret"), secret)}
+        sink = subprocess.Popen(_python() + ["--role", "sink"] + (["--tls", tls_dir] if tls_dir else []),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         address = sink.stdout.readline().strip()
-        with TransferClient(address, "raw", verify=False, mesh=transport) as c:
+    creds = None
+    if tls_dir:
+        from mesh import tls
+        creds = tls.channel_credentials(f"{tls_dir}/ca.crt", f"{tls_dir}/source.crt", f"{tls_dir}/source.key")
+    try:
+        with TransferClient(address, "raw", verify=False, mesh=transport, secret=secret, credentials=creds,
+                            server_name="sink" if tls_dir else "") as c:
             c.send(raw_entries(64 << 20, gen=1))  # warm-up
             stats = c.send(raw_entries(nbytes, gen=2))
         if stats.transport != transport:
@@ -238,6 +277,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     state_bytes = int(args.state_mb * (1 << 20))
     speeds: dict[str, list[float]] = {"grpc": [], "shm": []}
 
+    tls_speeds: list[float] = []
+    tls_tmp = tempfile.TemporaryDirectory(prefix="gpumesh-bench-tls-") if args.tls else None
+
     def link(when: str) -> None:
         for kind in speeds:
             if kind == "shm" and args.transport == "grpc":
@@ -245,11 +287,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             mb_s, _ = _link_speed(state_bytes, kind)
             speeds[kind].append(mb_s)
             info(f"link ({when}): raw {state_bytes / 1e6:.0f} MB over {kind}: {mb_s:.0f} MB/s")
+        if tls_tmp is not None:
+            mb_s, _ = _link_speed(state_bytes, "grpc", tls_dir=tls_tmp.name)
+            tls_speeds.append(mb_s)
+            info(f"link ({when}): raw {state_bytes / 1e6:.0f} MB over grpc with mTLS: {mb_s:.0f} MB/s")
+    if tls_tmp is not None:
+        _certs(tls_tmp.name)
     link("before")
     with tempfile.TemporaryDirectory(prefix="gpumesh-bench-migrate-") as workdir:
         pre = _migrate(args, workdir, "precopy", precopy=True)
         snc = _migrate(args, workdir, "stopcopy", precopy=False) if args.stop_and_copy else None
     link("after")
+    if tls_tmp is not None:
+        tls_tmp.cleanup()
     # the channel the migration used, at the faster of its two measurements (the stricter figure)
     link_mb_per_s = max(speeds[pre.transport])
     ideal_ms = pre.state_bytes / 1e6 / link_mb_per_s * 1e3
@@ -272,6 +322,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "final_ms": round(pre.final_ms, 1),
         "stop_and_copy_total_ms": round(snc.total_ms, 1) if snc else None,
         "stop_and_copy_bytes_sent": snc.bytes_sent if snc else None,
+        "link_tls_mb_per_s": round(max(tls_speeds), 1) if tls_speeds else None,
+        "link_tls_runs_mb_per_s": [round(x, 1) for x in tls_speeds] or None,
         "round_detail": [{"round": r.round, "entries": r.entries, "bytes": r.bytes, "seconds": round(r.seconds, 3),
                           "paused": r.paused} for r in pre.rounds],
     }
