@@ -27,6 +27,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from controlplane import keys
 from controlplane.fleet import GpuState
 from controlplane.healthpolicy import QUARANTINE, REBOOT, RESET, HealthPolicy
@@ -41,6 +43,12 @@ HEALTH_ENUM = {"healthy": T.GPU_HEALTH_HEALTHY, "unhealthy": T.GPU_HEALTH_UNHEAL
 HEALTH_NAME = {v: k for k, v in HEALTH_ENUM.items()}
 OUT = ("unhealthy", "lost", "quarantined")
 ACTIVE_WORKLOAD = (T.WORKLOAD_STATE_RUNNING, T.WORKLOAD_STATE_PENDING)
+XIDS = Counter("gpumesh_gpu_xid_total", "XIDs the agents reported, by the policy's class and action",
+               ["cls", "action"])
+HEALTH_CHANGES = Counter("gpumesh_gpu_health_changes_total", "GPU health changes, by the new health", ["health"])
+RESETS = Counter("gpumesh_gpu_resets_total", "GPU resets asked of agents and their results", ["result"])
+MIGRATIONS = Counter("gpumesh_gpu_health_migrations_total", "Workloads the health policy moved off marked GPUs, "
+                     "by whether the migration could start", ["result"])
 
 
 @dataclass
@@ -82,6 +90,7 @@ class HealthController:
 
     async def on_xid(self, g: GpuState, code: int) -> None:
         d = self.policy.decide(code)
+        XIDS.labels(d.cls, d.action).inc()
         label = f"XID {code} ({d.cls} class: {d.action})"
         if not d.fatal:
             self.tm.record(g.node, "Normal", "XidError", f"GPU {g.index}: {label}; the GPU stays in service",
@@ -98,6 +107,7 @@ class HealthController:
 
     async def on_reset_result(self, g: GpuState, ok: bool, message: str) -> None:
         r = self.rec(g)
+        RESETS.labels("done" if ok else "refused").inc()
         if ok:
             r.reset_done = self.tm.clock()
             return
@@ -141,6 +151,7 @@ class HealthController:
         if session is None:
             return
         r.reset_asked = now
+        RESETS.labels("asked").inc()
         session.send(node_service_pb2.ControllerMessage(gpu_reset=node_service_pb2.GpuReset(
             gpu_index=g.index, reason=g.telemetry.health_reason if g.telemetry is not None else "")))
         self.tm.record(g.node, "Normal", "GpuResetRequested", f"GPU {g.index} is idle: asked the agent to reset it",
@@ -197,6 +208,8 @@ class HealthController:
         r = self.rec(g)
         now = self.tm.clock()
         old, g.health, r.recovery = g.health, health, recovery
+        if old != health:
+            HEALTH_CHANGES.labels(health).inc()
         stored = types_pb2.GpuTelemetry(index=g.index, health=HEALTH_ENUM[health],
                                         health_reason=reason if health != "healthy" else "",
                                         recovery=recovery, at=_ts(now))
@@ -261,6 +274,7 @@ class HealthController:
         try:
             m = await self.ctl.migrations.migrate(wid, reason=f"GPU {g.node}/{g.index} {g.health}: {reason}")
         except errors.MeshError as e:
+            MIGRATIONS.labels("refused").inc()
             self.tm.record(g.node, "Warning", "GpuWorkloadNotMoved",
                            f"GPU {g.index}: workload {wid} cannot be migrated off ({e}); it keeps running here",
                            g.index)
@@ -268,6 +282,7 @@ class HealthController:
         except Exception as e:  # noqa: BLE001 - a task: log, never lose it silently
             log(logger, logging.ERROR, "health migration failed", workload=wid, error=repr(e))
             return
+        MIGRATIONS.labels("started").inc()
         self.tm.record(g.node, "Normal", "GpuWorkloadMigrating",
                        f"GPU {g.index} {g.health}: migrating workload {wid} to a healthy GPU (migration {m.id})",
                        g.index)

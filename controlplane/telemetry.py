@@ -83,7 +83,6 @@ class TelemetryManager:
         self.events: dict[str, collections.deque] = {}
         self.ib_ports: dict[str, list[types_pb2.IbPort]] = {}
         self.health = HealthController(self, policy.health)
-        self.xids_seen: collections.Counter = collections.Counter()   # (class, action) -> count
         ctl.agent_handlers["telemetry"] = self.on_telemetry
         ctl.agent_handlers["event"] = self.on_event
         ctl.telemetry = self
@@ -179,6 +178,4 @@ class TelemetryManager:
         reading.health = HEALTH_ENUM[g.health]
 
     async def _xid(self, g: GpuState, code: int) -> None:
-        d = self.policy.health.decide(code)
-        self.xids_seen[(d.cls, d.action)] += 1
         await self.health.on_xid(g, code)
