@@ -116,6 +116,29 @@ def test_fatal_xid_moves_the_workload_then_the_gpu_is_reset_and_returns(cluster,
     wait_for(lambda: all(health(mesh, n) == "healthy" for n in ("hl-a", "hl-b")), 30, "both GPUs healthy")
 
 
+def test_a_gpu_off_the_bus_moves_the_workload_and_returns_when_the_node_brings_it_back(cluster, mesh):
+    s = mesh.allocate(tenant="hl", mig_profile="1g.10gb").slices[0]
+    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)})
+    wait_for(lambda: last_step(mesh, w.id) >= 10, 90, "training to reach step 10")
+    src = mesh.get_workload(w.id).node
+    step0 = last_step(mesh, w.id)
+    asked = reasons(mesh, src).count("GpuResetRequested")
+    sim = nvml_of(cluster, src)
+    t0 = time.monotonic()
+    sim.sim_inject_xid(s.gpu_index, 79)                 # fallen off the bus: the reboot class
+
+    def running_elsewhere():
+        x = mesh.get_workload(w.id)
+        return x.node != src and x.state == t.WORKLOAD_STATE_RUNNING and last_step(mesh, w.id) > step0
+    wait_for(running_elsewhere, 240, "the workload to run on a healthy GPU")
+    print(f"\nXID 79 -> workload {w.id} running on another GPU after {time.monotonic() - t0:.1f} s")
+    wait_for(lambda: health(mesh, src) == "lost", 30, "the GPU to be lost")
+    assert reasons(mesh, src).count("GpuResetRequested") == asked      # a GPU off the bus is not reset
+    sim.sim_clear(s.gpu_index)                          # the node brings it back (reseat / reboot)
+    wait_for(lambda: health(mesh, src) == "healthy", 60, "the GPU back in service")
+    assert "GpuRecovered" in reasons(mesh, src)
+
+
 def test_a_thousand_transient_faults_leave_no_gpu_out_of_service(cluster, mesh):
     nodes = [h["node"] for h in HOSTS]
     sims = {n: nvml_of(cluster, n) for n in nodes}

@@ -231,3 +231,8 @@ async def test_lost_gpu_returns_only_when_back_on_the_bus(hc):
     assert g.health == "lost"
     await tick(h)                                # back (the node rebooted), clean
     assert g.health == "healthy" and h.session.resets() == []
+
+
+def test_only_an_admin_clears_a_quarantine():
+    from controlplane import auth
+    assert auth.rule_for("/gpumesh.v1.AdminService/ClearGpuQuarantine") == auth.ADMIN
