@@ -85,6 +85,11 @@ def test_xid_makes_a_gpu_unhealthy_until_cleared(tcluster):
                  20, "the application-class XID event")
         assert gpus(tcluster)[0]["health"] == "healthy"
         assert gpus(tcluster)[1]["health"] == "unhealthy"       # no timer brings it back (recovery is off)
+        from mesh import errors
+        with pytest.raises(errors.NotFound, match="gpu_index"):
+            mesh.clear_gpu_quarantine("tele-1", 7)
+        with pytest.raises(errors.FailedPrecondition, match="healthy"):
+            mesh.clear_gpu_quarantine("tele-1", 0)
         out = meshctl(tcluster, "gpu", "clear", "tele-1", "1")
         assert "gpu/tele-1/1 cleared: healthy" in out
         assert gpus(tcluster)[1]["health"] == "healthy"
