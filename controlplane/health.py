@@ -33,6 +33,7 @@ from controlplane import keys
 from controlplane.fleet import GpuState
 from controlplane.healthpolicy import QUARANTINE, REBOOT, RESET, HealthPolicy
 from controlplane.store import Put
+from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 
@@ -269,23 +270,42 @@ class HealthController:
                 task.add_done_callback(self.tasks.discard)
 
     async def _migrate(self, g: GpuState, wid: str) -> None:
+        """Move `wid` to a healthy GPU: first on another node (the migration manager's default
+        placement, as drain does); when none can take it, to another GPU of the same node (the
+        scheduler never places on a marked GPU)."""
         from mesh import errors
         reason = g.telemetry.health_reason if g.telemetry is not None else g.health
-        try:
-            m = await self.ctl.migrations.migrate(wid, reason=f"GPU {g.node}/{g.index} {g.health}: {reason}")
-        except errors.MeshError as e:
-            MIGRATIONS.labels("refused").inc()
-            self.tm.record(g.node, "Warning", "GpuWorkloadNotMoved",
-                           f"GPU {g.index}: workload {wid} cannot be migrated off ({e}); it keeps running here",
-                           g.index)
-            return
-        except Exception as e:  # noqa: BLE001 - a task: log, never lose it silently
-            log(logger, logging.ERROR, "health migration failed", workload=wid, error=repr(e))
-            return
-        MIGRATIONS.labels("started").inc()
-        self.tm.record(g.node, "Normal", "GpuWorkloadMigrating",
-                       f"GPU {g.index} {g.health}: migrating workload {wid} to a healthy GPU (migration {m.id})",
-                       g.index)
+        why = f"GPU {g.node}/{g.index} {g.health}: {reason}"
+        mm = self.ctl.migrations
+        for to_node in ("", g.node):
+            try:
+                m = await mm.migrate(wid, to_node=to_node, reason=why)
+            except errors.MeshError as e:
+                MIGRATIONS.labels("refused").inc()
+                self.tm.record(g.node, "Warning", "GpuWorkloadNotMoved",
+                               f"GPU {g.index}: workload {wid} cannot be migrated off ({e}); it keeps running here",
+                               g.index)
+                return
+            except Exception as e:  # noqa: BLE001 - a task: log, never lose it silently
+                log(logger, logging.ERROR, "health migration failed", workload=wid, error=repr(e))
+                return
+            MIGRATIONS.labels("started").inc()
+            where = f"on node {g.node}" if to_node else "on another node"
+            self.tm.record(g.node, "Normal", "GpuWorkloadMigrating",
+                           f"GPU {g.index} {g.health}: migrating workload {wid} to a healthy GPU {where} "
+                           f"(migration {m.id})", g.index)
+            task = getattr(mm, "tasks", {}).get(m.id)
+            if task is None:
+                return
+            await asyncio.wait([task])
+            done = mm.migrations.get(m.id, m)
+            # No target found off the node (none was ever chosen): try this node's healthy GPUs.
+            if to_node or done.phase != M.MIGRATION_PHASE_ABORTED or done.target_slice:
+                if done.phase == M.MIGRATION_PHASE_ABORTED:
+                    self.tm.record(g.node, "Warning", "GpuWorkloadNotMoved",
+                                   f"GPU {g.index}: migration {m.id} of workload {wid} aborted ({done.message}); "
+                                   f"it keeps running here", g.index)
+                return
 
 
 def _workloads(ctl):

@@ -168,3 +168,38 @@ def test_a_thousand_transient_faults_leave_no_gpu_out_of_service(cluster, mesh):
     assert sorted(x.node for x in s) == nodes        # both GPUs take slices again
     print(f"\n1000 transient faults ({sum(1 for _, c in plan if c in RESET_BURST)} of the reset class): "
           f"GPU health {[health(mesh, n) for n in nodes]}")
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    d = tmp_path_factory.mktemp("health1")
+    c = LocalCluster(d, [{"node": "hl-solo", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]}],
+                     lease_ttl=3, agent_args=["--workload-stop-grace-seconds", "2",
+                                              "--telemetry-interval-seconds", "0.5"])
+    c.start(timeout=90)
+    yield c
+    with c.client() as mesh:
+        stop_running(mesh)
+    c.stop()
+
+
+def test_with_no_other_node_the_workload_moves_to_a_healthy_gpu_of_its_node(one_node):
+    with one_node.client(timeout=30) as mesh:
+        s = mesh.allocate(tenant="hl", mig_profile="1g.10gb").slices[0]
+        w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)})
+        wait_for(lambda: last_step(mesh, w.id) >= 10, 90, "training to reach step 10")
+        step0 = last_step(mesh, w.id)
+        t0 = time.monotonic()
+        nvml_of(one_node, "hl-solo").sim_inject_xid(s.gpu_index, 95)     # uncontained ECC: the reset class
+
+        def on_the_other_gpu():
+            x = mesh.get_workload(w.id)
+            target = mesh.get_slice(x.slice_id) if x.slice_id != s.id else None
+            return (target is not None and target.gpu_index != s.gpu_index and x.state == t.WORKLOAD_STATE_RUNNING
+                    and last_step(mesh, w.id) > step0)
+        wait_for(on_the_other_gpu, 300, "the workload to run on the node's healthy GPU")
+        print(f"\nXID 95 on a one-node cluster -> workload {w.id} running on GPU "
+              f"{mesh.get_slice(mesh.get_workload(w.id).slice_id).gpu_index} after {time.monotonic() - t0:.1f} s")
+        wait_for(lambda: "GpuRecovered" in reasons(mesh, "hl-solo"), 120, "the GPU to be reset and return")
+        stop_running(mesh)
+        release_all(mesh)
