@@ -24,7 +24,7 @@ from google.protobuf import timestamp_pb2
 from controlplane import keys
 from controlplane.controller import Controller
 from controlplane.fleet import GpuState
-from controlplane.health import HEALTH_ENUM, HEALTH_NAME, HealthController
+from controlplane.health import HEALTH_ENUM, HealthController
 from controlplane.healthpolicy import HealthPolicy
 from gpumesh.v1 import types_pb2
 from mesh.logs import log
