@@ -181,7 +181,9 @@ class HealthController:
             return
         if g.health in ("unhealthy", "lost") and not r.reset_done:
             # The same incident (XIDs come in bursts): a harder recovery wins, nothing is counted.
-            if lost and g.health != "lost":
+            if quarantine:
+                await self._set(g, "quarantined", reason, "operator")
+            elif lost and g.health != "lost":
                 await self._set(g, "lost", reason, "reboot")
             elif recovery in ("reboot", "operator") and r.recovery == "reset":
                 r.recovery = recovery

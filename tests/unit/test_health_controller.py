@@ -217,6 +217,15 @@ async def test_quarantine_action_and_recovery_off(hc):
     assert h.ctl.fleet.gpu("n1", 0).health == "healthy"
 
 
+async def test_a_quarantine_xid_within_an_incident_quarantines(hc):
+    h = hc
+    h.mgr.health.policy = HealthPolicy(xids={74: "quarantine"})
+    await tick(h, reading(0, xids=[48]), reading(1))
+    assert h.ctl.fleet.gpu("n1", 0).health == "unhealthy"
+    await tick(h, reading(0, xids=[74]), reading(1))
+    assert h.ctl.fleet.gpu("n1", 0).health == "quarantined"
+
+
 async def test_lost_gpu_returns_only_when_back_on_the_bus(hc):
     h = hc
     g = h.ctl.fleet.gpu("n1", 1)
