@@ -25,7 +25,7 @@ from tests.integration.conftest import json_lines, release_all, stop_running, wa
 from tests.unit._checkpoint_util import ROOT  # noqa: E402
 from tools.localcluster import LocalCluster  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]   # generous waits, never a time bound
 HOSTS = [{"node": "hl-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
          {"node": "hl-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
 TRAIN = [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", "3000", "--sleep-ms", "20",
@@ -197,7 +197,7 @@ def test_with_no_other_node_the_workload_moves_to_a_healthy_gpu_of_its_node(one_
             target = mesh.get_slice(x.slice_id) if x.slice_id != s.id else None
             return (target is not None and target.gpu_index != s.gpu_index and x.state == t.WORKLOAD_STATE_RUNNING
                     and last_step(mesh, w.id) > step0)
-        wait_for(on_the_other_gpu, 300, "the workload to run on the node's healthy GPU")
+        wait_for(on_the_other_gpu, 240, "the workload to run on the node's healthy GPU")
         print(f"\nXID 95 on a one-node cluster -> workload {w.id} running on GPU "
               f"{mesh.get_slice(mesh.get_workload(w.id).slice_id).gpu_index} after {time.monotonic() - t0:.1f} s")
         wait_for(lambda: "GpuRecovered" in reasons(mesh, "hl-solo"), 120, "the GPU to be reset and return")
