@@ -34,11 +34,9 @@ class ControlPlaneConfig:
         ["50", "70", "85"], "GPU memory used, percent, where pressure turns normal, high, critical")
     thermal_thresholds: list = option(
         ["65", "80", "85"], "GPU temperature, Celsius, where the thermal state turns warning, throttling, critical")
-    xid_nonfatal: list = option(
-        ["13", "31", "43", "45", "68", "109"], "XID codes that do not make a GPU unhealthy (application errors)")
-    gpu_recovery_seconds: float = option(
-        300.0, "seconds an unhealthy GPU must stay free of fatal XIDs before it takes slices again",
-        minimum=1, maximum=86400)
+    health_policy: str = option("", "GPU health policy YAML (XID classes and per-XID actions, recurrence window and "
+                                    "limit, automatic reset on/off; see docs/operations.md); empty: NVIDIA's XID "
+                                    "catalog classes as the defaults")
     node_events_kept: int = option(100, "events kept per node for `meshctl describe node`", minimum=1, maximum=10000)
     migration_pause_at: str = option("", "testing only: stop every migration's state machine once it enters this "
                                          "phase (planned, target_ready, copying, paused, committed), so a test can "
@@ -87,10 +85,8 @@ class ControlPlaneConfig:
                 raise ConfigError(f"{name}: {values!r} are not numbers") from None
             if len(nums) != count or nums != sorted(nums) or not all(0 <= v <= hi for v in nums):
                 raise ConfigError(f"{name}: {values!r} must be {count} increasing numbers in 0-{hi}")
-        try:
-            [int(v) for v in self.xid_nonfatal]
-        except ValueError:
-            raise ConfigError(f"xid_nonfatal: {self.xid_nonfatal!r} must be integers") from None
+        from controlplane import healthpolicy
+        healthpolicy.load(self.health_policy)   # raises ConfigError naming the field
         parse_hostport(self.listen, "listen")
         if self.advertise:
             parse_hostport(self.advertise, "advertise")

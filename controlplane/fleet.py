@@ -52,7 +52,7 @@ class GpuState:
     # Derived from the agent's telemetry (controlplane/telemetry.py); the scheduler reads them.
     memory_pressure: str = "low"        # low | normal | high | critical
     thermal_state: str = "normal"       # normal | warning | throttling | critical
-    health: str = "healthy"             # healthy | unhealthy | lost
+    health: str = "healthy"             # healthy | unhealthy | lost | quarantined (controlplane/health.py)
     telemetry: types_pb2.GpuTelemetry | None = None
     owner: "NodeEntry | None" = field(default=None, repr=False, compare=False)
     # values derived from the state above (state_key, the scheduler's free capacity), dropped on change

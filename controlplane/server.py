@@ -187,8 +187,8 @@ class ControlPlane:
         self.telemetry = TelemetryManager(self.ctl, Policy(
             pressure_pct=tuple(float(v) for v in self.cfg.memory_pressure_thresholds),
             thermal_c=tuple(float(v) for v in self.cfg.thermal_thresholds),
-            xid_nonfatal=frozenset(int(v) for v in self.cfg.xid_nonfatal),
-            recovery_seconds=self.cfg.gpu_recovery_seconds, events_kept=self.cfg.node_events_kept))
+            health=__import__("controlplane.healthpolicy", fromlist=["load"]).load(self.cfg.health_policy),
+            events_kept=self.cfg.node_events_kept))
         await self.telemetry.load()
         self.mesh = MeshManager(self.ctl)
         await self.mesh.load()

@@ -238,22 +238,38 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             if request.node and name != request.node:
                 continue
             entry = self.ctl.fleet.nodes[name]
-            states = {g.index: g for g in entry.gpus}
-            for inv in entry.record.inventory.gpus:
-                st = types_pb2.GpuStatus(node=name, gpu=inv, node_ready=entry.ready,
-                                         node_cordoned=entry.record.cordoned)
-                g = states.get(inv.index)
-                if g is not None:
-                    st.allocated_memory_bytes = g.allocated_memory
-                    st.allocated_compute_share = round(g.allocated_compute, 4)
-                    st.slices = len(g.slices)
-                    st.mig_layout.extend(f"{p}@{s}" for p, s in sorted(g.mig_layout, key=lambda x: x[1]))
-                    st.sharing = slicespec.ISOLATION_ENUM.get(g.sharing, 0) if g.sharing else 0
-                    if g.telemetry is not None:
-                        st.telemetry.CopyFrom(g.telemetry)
-                    st.telemetry.index = g.index
-                    st.telemetry.health = HEALTH_ENUM[g.health]
-                    st.telemetry.memory_pressure = PRESSURE_ENUM[g.memory_pressure]
-                    st.telemetry.thermal_state = THERMAL_ENUM[g.thermal_state]
-                out.append(st)
+            out.extend(self._gpu_status(name, entry, inv) for inv in entry.record.inventory.gpus)
         return admin_service_pb2.ListGpusResponse(gpus=out)
+
+    @unary
+    async def ClearGpuQuarantine(self, request, context):
+        validate_node_name(request.node, "node")
+        entry = self.nodes.entry(request.node)
+        g = self.ctl.fleet.gpu(request.node, request.gpu_index)
+        inv = next((x for x in entry.record.inventory.gpus if x.index == request.gpu_index), None)
+        if g is None or inv is None:
+            raise errors.NotFound(f"gpu_index: node {request.node} has no GPU {request.gpu_index}",
+                                  kind="gpu", name=f"{request.node}/{request.gpu_index}")
+        telemetry = getattr(self.ctl, "telemetry", None)
+        if g.health == "healthy" or telemetry is None:
+            raise errors.FailedPrecondition(f"GPU {request.node}/{request.gpu_index} is {g.health}: "
+                                            f"only a quarantined or unhealthy GPU is cleared")
+        await telemetry.health.clear(g)
+        return self._gpu_status(request.node, entry, inv)
+
+    def _gpu_status(self, name: str, entry, inv) -> types_pb2.GpuStatus:
+        st = types_pb2.GpuStatus(node=name, gpu=inv, node_ready=entry.ready, node_cordoned=entry.record.cordoned)
+        g = next((x for x in entry.gpus if x.index == inv.index), None)
+        if g is not None:
+            st.allocated_memory_bytes = g.allocated_memory
+            st.allocated_compute_share = round(g.allocated_compute, 4)
+            st.slices = len(g.slices)
+            st.mig_layout.extend(f"{p}@{s}" for p, s in sorted(g.mig_layout, key=lambda x: x[1]))
+            st.sharing = slicespec.ISOLATION_ENUM.get(g.sharing, 0) if g.sharing else 0
+            if g.telemetry is not None:
+                st.telemetry.CopyFrom(g.telemetry)
+            st.telemetry.index = g.index
+            st.telemetry.health = HEALTH_ENUM[g.health]
+            st.telemetry.memory_pressure = PRESSURE_ENUM[g.memory_pressure]
+            st.telemetry.thermal_state = THERMAL_ENUM[g.thermal_state]
+        return st

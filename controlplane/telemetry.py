@@ -1,11 +1,13 @@
 """What the agents measure, turned into fleet state: memory pressure and
-thermal state per GPU, GPU health under the XID policy, and node events.
+thermal state per GPU, node events, and the inputs of the GPU health
+controller (controlplane/health.py: XIDs, lost GPUs, resets, readings).
 
 The agent sends raw readings (NodeTelemetry every interval, NodeEvents as
 they happen); the judgement is made here, with thresholds from the control
 plane's configuration, so every node is judged alike. Health changes are
-written to etcd (`/gpumesh/v1/gpuhealth/<node>/<index>`) so an unhealthy GPU
-stays unhealthy across a control-plane restart; the scheduler reads the
+written to etcd (`/gpumesh/v1/gpuhealth/<node>/<index>`) by the health
+controller, so an unhealthy GPU stays unhealthy across a control-plane
+restart; the scheduler reads the
 states from the fleet (GpuState.memory_pressure / thermal_state / health).
 """
 
@@ -15,14 +17,15 @@ import collections
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
 from controlplane import keys
 from controlplane.controller import Controller
 from controlplane.fleet import GpuState
-from controlplane.store import Put
+from controlplane.health import HEALTH_ENUM, HealthController
+from controlplane.healthpolicy import HealthPolicy
 from gpumesh.v1 import types_pb2
 from mesh.logs import log
 
@@ -35,8 +38,6 @@ PRESSURE_ENUM = dict(zip(PRESSURE, (T.MEMORY_PRESSURE_LOW, T.MEMORY_PRESSURE_NOR
                                     T.MEMORY_PRESSURE_CRITICAL)))
 THERMAL_ENUM = dict(zip(THERMAL, (T.THERMAL_STATE_NORMAL, T.THERMAL_STATE_WARNING, T.THERMAL_STATE_THROTTLING,
                                   T.THERMAL_STATE_CRITICAL)))
-HEALTH_ENUM = {"healthy": T.GPU_HEALTH_HEALTHY, "unhealthy": T.GPU_HEALTH_UNHEALTHY, "lost": T.GPU_HEALTH_LOST}
-HEALTH_NAME = {v: k for k, v in HEALTH_ENUM.items()}
 XID_IN_TEXT = re.compile(r"\bXID\s*(\d+)", re.IGNORECASE)
 
 
@@ -44,8 +45,7 @@ XID_IN_TEXT = re.compile(r"\bXID\s*(\d+)", re.IGNORECASE)
 class Policy:
     pressure_pct: tuple[float, float, float] = (50.0, 70.0, 85.0)
     thermal_c: tuple[float, float, float] = (65.0, 80.0, 85.0)
-    xid_nonfatal: frozenset[int] = frozenset({13, 31, 43, 45, 68, 109})
-    recovery_seconds: float = 300.0
+    health: HealthPolicy = field(default_factory=HealthPolicy)   # the XID policy (controlplane/healthpolicy.py)
     events_kept: int = 100
 
     def memory_pressure(self, used: int, total: int) -> str:
@@ -82,7 +82,7 @@ class TelemetryManager:
         self.clock = clock
         self.events: dict[str, collections.deque] = {}
         self.ib_ports: dict[str, list[types_pb2.IbPort]] = {}
-        self.last_fatal: dict[tuple[str, int], float] = {}
+        self.health = HealthController(self, policy.health)
         ctl.agent_handlers["telemetry"] = self.on_telemetry
         ctl.agent_handlers["event"] = self.on_event
         ctl.telemetry = self
@@ -96,10 +96,8 @@ class TelemetryManager:
             rec = types_pb2.GpuTelemetry()
             rec.ParseFromString(value)
             g = self.ctl.fleet.gpu(node, int(index))
-            if g is not None and rec.health != T.GPU_HEALTH_HEALTHY:
-                g.health = HEALTH_NAME.get(rec.health, "unhealthy")
-                self.last_fatal[(node, g.index)] = rec.at.ToNanoseconds() / 1e9
-                g.telemetry = rec
+            if g is not None:
+                self.health.restore(g, rec)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -123,8 +121,10 @@ class TelemetryManager:
                 await self._xid(g, int(m.group(1)))
                 return
         if ev.reason == "GpuLost" and g is not None:
-            await self._set_health(g, "lost", ev.message or f"GPU {g.index} fell off the bus")
+            await self.health.on_lost(g, ev.message or f"GPU {g.index} fell off the bus")
             return
+        if ev.reason in ("GpuReset", "GpuResetFailed") and g is not None:
+            await self.health.on_reset_result(g, ev.reason == "GpuReset", ev.message)
         stored = types_pb2.NodeEvent()
         stored.CopyFrom(ev)
         if not stored.HasField("at"):
@@ -146,14 +146,9 @@ class TelemetryManager:
                 continue
             seen.add(g.index)
             await self._reading(g, reading)
-        now = self.clock()
         for g in entry.gpus:
             if g.index not in seen and g.health == "healthy" and t.gpus:
-                await self._set_health(g, "lost", f"GPU {g.index} missing from the agent's telemetry")
-            elif g.index in seen and g.health != "healthy":
-                since = self.last_fatal.get((node, g.index), 0.0)
-                if now - since >= self.policy.recovery_seconds:
-                    await self._set_health(g, "healthy", "")
+                await self.health.on_lost(g, f"GPU {g.index} missing from the agent's telemetry")
 
     async def _reading(self, g: GpuState, r: types_pb2.GpuTelemetry) -> None:
         for code in r.xid_events:
@@ -179,39 +174,8 @@ class TelemetryManager:
         if not reading.HasField("at"):
             reading.at.CopyFrom(_ts(self.clock()))
         g.telemetry = reading
+        await self.health.on_reading(g, reading)
+        reading.health = HEALTH_ENUM[g.health]
 
     async def _xid(self, g: GpuState, code: int) -> None:
-        if code in self.policy.xid_nonfatal:
-            self.record(g.node, "Normal", "XidError", f"GPU {g.index}: XID {code} (non-fatal by policy)", g.index)
-            return
-        self.record(g.node, "Warning", "XidError", f"GPU {g.index}: XID {code}", g.index)
-        self.last_fatal[(g.node, g.index)] = self.clock()
-        if g.health == "healthy":
-            await self._set_health(g, "unhealthy", f"XID {code}")
-
-    async def _set_health(self, g: GpuState, health: str, reason: str) -> None:
-        if g.health == health:
-            return
-        now = self.clock()
-        if health != "healthy":
-            self.last_fatal.setdefault((g.node, g.index), now)
-            self.last_fatal[(g.node, g.index)] = max(self.last_fatal[(g.node, g.index)], now)
-        old, g.health = g.health, health
-        rec = types_pb2.GpuTelemetry(index=g.index, health=HEALTH_ENUM[health], health_reason=reason, at=_ts(now))
-        if g.telemetry is None:
-            g.telemetry = types_pb2.GpuTelemetry(index=g.index)
-        g.telemetry.health, g.telemetry.health_reason = rec.health, reason
-        await self.ctl.writer.write([Put(keys.gpu_health(g.node, g.index), rec.SerializeToString())])
-        slices = [s for s in self.ctl.fleet.slices_on(g.node) if s.gpu_index == g.index]
-        ids = ", ".join(s.id for s in slices) or "none"
-        if health == "healthy":
-            self.last_fatal.pop((g.node, g.index), None)
-            self.record(g.node, "Normal", "GpuRecovered", f"GPU {g.index} healthy again (was {old})", g.index, now)
-            message = ""
-        else:
-            self.record(g.node, "Warning", "GpuUnhealthy" if health == "unhealthy" else "GpuLost",
-                        f"GPU {g.index} {health}: {reason}; takes no new slices; slices on it: {ids}", g.index, now)
-            message = f"GPU {health}: {reason}"
-        changed = [self.ctl._update(s, message=message) for s in slices if s.state != T.SLICE_STATE_RELEASING]
-        if changed:
-            await self.ctl.save(changed)
+        await self.health.on_xid(g, code)

@@ -233,6 +233,12 @@ class MeshClient(MeshApi, MigrationApi, ModelApi):
                                       timeout=self.timeout)
 
     @_converting
+    def clear_gpu_quarantine(self, node: str, gpu_index: int) -> types_pb2.GpuStatus:
+        """Take a quarantined (or reboot-awaiting) GPU back through recovery (admin)."""
+        return self._admin.ClearGpuQuarantine(admin_service_pb2.ClearGpuQuarantineRequest(
+            node=node, gpu_index=gpu_index), timeout=self.timeout)
+
+    @_converting
     def uncordon(self, name: str) -> types_pb2.Node:
         return self._admin.UncordonNode(admin_service_pb2.UncordonNodeRequest(name=name),
                                         timeout=self.timeout)

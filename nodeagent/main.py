@@ -55,8 +55,9 @@ def build_agents(cfg: AgentConfig):
 
 
 def install_components(agents, cfg: AgentConfig):
-    """MIG mode and declared layouts, the MPS daemons and the workload runner, per agent."""
+    """MIG mode and declared layouts, the MPS daemons, the workload runner and GPU resets, per agent."""
     from nodeagent import mps
+    from nodeagent.gpureset import GpuResetter
     from nodeagent.layout import NodeMig
     from nodeagent.workloads import WorkloadRunner
 
@@ -66,6 +67,7 @@ def install_components(agents, cfg: AgentConfig):
         NodeMig(agent, cfg.mig_mode, cfg.mig_layout).install()
         wdir = os.path.join(cfg.state_dir, "workloads", *([agent.node] if cfg.gpu_backend == "sim" else []))
         WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds).install()
+        GpuResetter(agent).install()        # the health policy's GPU reset (controlplane/health.py)
     __import__("nodeagent.migrate").migrate.install(agents, cfg)      # migration, checkpoint and restore steps
     return agents
 

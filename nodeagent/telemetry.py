@@ -170,6 +170,12 @@ class TelemetryCollector:
         uncorrected = q("nvmlDeviceGetTotalEccErrors", h, n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, n.NVML_VOLATILE_ECC)
         if uncorrected is not None:
             g.ecc_uncorrected = int(uncorrected)
+        rows = self._try("nvmlDeviceGetRemappedRows", h)          # Ampere and newer
+        if rows is not None:
+            g.remap_pending, g.remap_failed = bool(rows[2]), bool(rows[3])
+        pages = self._try("nvmlDeviceGetRetiredPagesPendingStatus", h)   # before Ampere
+        if pages is not None:
+            g.retired_pages_pending = pages == n.NVML_FEATURE_ENABLED
         now = self.clock()
         topo = self._topology.get(g.index)
         if topo is None or not 0 <= now - topo[0] < self.topology_refresh_s:

@@ -10,6 +10,8 @@ sees them on its next call::
     ... heat --gpu 0 --power-w 650        # pin the power draw
     ... load --gpu 0 --util 90 --memory-used 60GiB
     ... ecc --gpu 0 --uncorrected 1
+    ... reset --gpu 0                     # nvidia-smi --gpu-reset: refused while processes run
+    ... reboot                            # the host reboots: lost GPUs back, repairs applied
     ... clear --gpu 0                     # run-time faults, load and pins gone
     ... show [-o json]
 
@@ -24,7 +26,7 @@ import sys
 
 from mesh.units import format_size, parse_size
 
-COMMANDS = ("xid", "lose", "heat", "load", "ecc", "clear", "show")
+COMMANDS = ("xid", "lose", "heat", "load", "ecc", "reset", "reboot", "clear", "show")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("ecc", "count ECC errors (and log their events)")
     c.add_argument("--corrected", type=int, default=0)
     c.add_argument("--uncorrected", type=int, default=0)
+    cmd("reset", "reset the GPU as nvidia-smi --gpu-reset does (refused while processes use it)")
+    cmd("reboot", "the host reboots: processes end, lost GPUs return, pending memory repairs apply", gpu=False)
     cmd("clear", "take the GPU's run-time faults, declared load and pins away")
     c = cmd("show", "print every GPU's telemetry as the simulated NVML reports it now", gpu=False)
     c.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -95,6 +99,13 @@ def run(args: argparse.Namespace, out=sys.stdout) -> None:
         nvml.sim_set_load(args.gpu, args.util, memory)
     elif c == "ecc":
         nvml.sim_inject_ecc(args.gpu, args.corrected, args.uncorrected)
+    elif c == "reset":
+        try:
+            nvml.sim_reset_gpu(args.gpu)
+        except nvml.NVMLError as e:
+            raise ValueError(f"GPU {args.gpu} was not reset: {e}") from None
+    elif c == "reboot":
+        nvml.sim_reboot()
     elif c == "clear":
         nvml.sim_clear(args.gpu)
     elif c == "show":

@@ -9,6 +9,18 @@ inject them into a running agent's simulator:
   ``nvmlEventSetWait_v2``, the events logged after its registration, oldest
   first, once each; plus the XIDs the host file schedules (``faults.xids``,
   each ``after_s`` seconds after this simulator was configured).
+* **What the driver does after an XID** (``DRIVER_EFFECTS``): a double-bit or
+  uncontained ECC error (48, 94, 95) counts an uncorrected ECC error and marks a
+  row pending remap (Ampere and newer; older GPUs: a page pending retirement);
+  63 marks a row pending remap, 64 a failed remap; 79 takes the GPU off the bus.
+  NVML reports them: ``nvmlDeviceGetRemappedRows`` (pending, failure),
+  ``nvmlDeviceGetRetiredPagesPendingStatus`` (NOT_SUPPORTED on GPUs that remap
+  rows, as on real A100/H100), volatile ECC counters.
+* **GPU reset** (``sim_reset_gpu``, what ``nvidia-smi --gpu-reset`` does): refused
+  with IN_USE while compute processes run on the GPU (or its MIG devices), with
+  GPU_IS_LOST when it is off the bus; otherwise the pending MIG mode applies, the
+  MIG instances go, pending row remaps / page retirements are applied and the
+  volatile ECC counters start again. A failed remap stays (the GPU needs service).
 * **A lost GPU** (fallen off the bus): every call on its handles, and
   ``nvmlDeviceGetHandleByIndex``/``ByUUID`` for it, raise GPU_IS_LOST, as NVML
   does. ``sim_lose_gpu`` logs XID 79 first, as the driver does.
@@ -39,6 +51,24 @@ SUPPORTED_EVENTS = (_n.nvmlEventTypeXidCriticalError | _n.nvmlEventTypeSingleBit
                     | _n.nvmlEventTypeDoubleBitEccError)
 _NA = _n.NVML_VALUE_NOT_AVAILABLE_uint.value
 _WAIT_POLL_S = 0.02
+
+
+_OLD_PAGE_RETIREMENT = ("V100-32GB", "T4")   # before Ampere: dynamic page retirement, no row remapper
+# XID -> what the driver's state shows after it: ECC counts and memory repairs (see the module doc).
+DRIVER_EFFECTS: dict[int, tuple[str, ...]] = {48: ("ecc", "repair"), 94: ("ecc", "repair"), 95: ("ecc", "repair"),
+                                              63: ("repair",), 64: ("remap_failed",), 79: ("lost",)}
+
+
+def reset_repairs(gpu: dict) -> None:
+    """A reset or reboot applies pending row remaps and page retirements and restarts the volatile
+    ECC counters; a failed remap stays."""
+    mem = gpu.setdefault("memory_repair", {})
+    if mem.pop("remap_pending", False):
+        mem["remapped"] = mem.get("remapped", 0) + 1
+    if mem.pop("pages_pending", False):
+        mem["retired"] = mem.get("retired", 0) + 1
+    ecc = gpu.get("ecc") or {}
+    gpu["ecc_volatile_base"] = {k: ecc.get(k, 0) for k in ("corrected", "uncorrected")}
 
 
 class _Registration:
@@ -181,8 +211,64 @@ class FaultApi:
         if not isinstance(code, int) or not 1 <= code <= 1000:
             raise ValueError(f"XID code: expected an integer 1..1000, got {code!r}")
         now = self._clock()
-        return self._need_store().mutate(
-            lambda state: log_event(state["gpus"][idx], _n.nvmlEventTypeXidCriticalError, code, now, gi, ci))
+        effects = DRIVER_EFFECTS.get(code, ())
+        old_gen = self._models[idx].name in _OLD_PAGE_RETIREMENT
+
+        def apply(state: dict) -> int:
+            gpu = state["gpus"][idx]
+            seq = log_event(gpu, _n.nvmlEventTypeXidCriticalError, code, now, gi, ci)
+            mem = gpu.setdefault("memory_repair", {})
+            if "ecc" in effects:
+                ecc = gpu.setdefault("ecc", {})
+                ecc["uncorrected"] = ecc.get("uncorrected", 0) + 1
+                log_event(gpu, _n.nvmlEventTypeDoubleBitEccError, 1, now)
+            if "repair" in effects:
+                mem["pages_pending" if old_gen else "remap_pending"] = True
+            if "remap_failed" in effects:
+                mem["remap_failed"] = True
+            if "lost" in effects:
+                gpu["lost"] = True
+            return seq
+
+        return self._need_store().mutate(apply)
+
+    # -- memory repair state (pynvml calls)
+
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]:
+        """(correctable rows remapped, uncorrectable rows remapped, remap pending, remap failed);
+        NOT_SUPPORTED before Ampere."""
+        idx = self._whole(handle)
+        if self._models[idx].name in _OLD_PAGE_RETIREMENT:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        mem = self._read()["gpus"][idx].get("memory_repair") or {}
+        return (0, mem.get("remapped", 0), int(bool(mem.get("remap_pending"))), int(bool(mem.get("remap_failed"))))
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: Any) -> int:
+        """NVML_FEATURE_ENABLED while retired pages wait for a reset; NOT_SUPPORTED on GPUs with a
+        row remapper (Ampere and newer), as on real hardware."""
+        idx = self._whole(handle)
+        if self._models[idx].name not in _OLD_PAGE_RETIREMENT:
+            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
+        mem = self._read()["gpus"][idx].get("memory_repair") or {}
+        return _n.NVML_FEATURE_ENABLED if mem.get("pages_pending") else _n.NVML_FEATURE_DISABLED
+
+    def sim_reset_gpu(self, index: int) -> None:
+        """``nvidia-smi --gpu-reset -i INDEX``: NVMLError_InUse while compute processes run on the
+        GPU or its MIG devices; NVMLError_GpuIsLost when it is off the bus. Otherwise the pending
+        MIG mode becomes current, all MIG instances go, and reset_repairs applies."""
+        idx = self._gpu_index(index)
+
+        def apply(state: dict) -> None:
+            gpu = state["gpus"][idx]
+            if self._is_lost(state, idx):
+                raise err(_n.NVML_ERROR_GPU_IS_LOST)
+            if gpu["processes"]:
+                raise err(_n.NVML_ERROR_IN_USE)
+            gpu["mig_current"] = gpu["mig_pending"]
+            gpu["gis"] = []
+            reset_repairs(gpu)
+
+        self._need_store().mutate(apply)
 
     def sim_inject_ecc(self, index: int, corrected: int = 0, uncorrected: int = 0) -> None:
         """Count ECC errors on GPU ``index`` and log their events (single-bit / double-bit)."""

@@ -252,25 +252,17 @@ class SimHelpers:
         """A deep copy of the current state (works without nvmlInit)."""
         return json.loads(json.dumps(self._need_store().read()))
 
-    def sim_reset_gpu(self, index: int) -> None:
-        """GPU reset: the pending MIG mode becomes current and all instances go.
-        NVMLError_InUse while processes run on the GPU."""
-
-        def apply(state: dict) -> None:
-            gpu = state["gpus"][index]
-            if gpu["processes"]:
-                raise _n.NVMLError(_n.NVML_ERROR_IN_USE)
-            gpu["mig_current"] = gpu["mig_pending"]
-            gpu["gis"] = []
-
-        self._need_store().mutate(apply)
-
     def sim_reboot(self) -> None:
-        """Host reboot: processes end, pending MIG modes apply, instances go."""
+        """Host reboot: processes end, pending MIG modes apply, instances go; GPUs that fell off
+        the bus are back, pending row remaps / page retirements are applied, volatile ECC counts
+        start again (simfaults.reset_repairs)."""
+        from nodeagent.nvml.simfaults import reset_repairs
 
         def apply(state: dict) -> None:
             for gpu in state["gpus"]:
                 gpu["processes"], gpu["gis"], gpu["mig_current"] = [], [], gpu["mig_pending"]
+                gpu.pop("lost", None)
+                reset_repairs(gpu)
 
         self._need_store().mutate(apply)
 

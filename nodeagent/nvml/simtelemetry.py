@@ -283,7 +283,11 @@ class TelemetryApi:
         faults = self._host.gpus[idx].faults
         key = "corrected" if errorType == _n.NVML_MEMORY_ERROR_TYPE_CORRECTED else "uncorrected"
         base = faults.ecc_corrected if key == "corrected" else faults.ecc_uncorrected
-        return base + (gpu.get("ecc") or {}).get(key, 0)
+        total = base + (gpu.get("ecc") or {}).get(key, 0)
+        if counterType == _n.NVML_VOLATILE_ECC and "ecc_volatile_base" in gpu:
+            # counted since the last reset or reboot (the host file's counts predate the first one)
+            return total - base - gpu["ecc_volatile_base"].get(key, 0)
+        return total
 
     def nvmlDeviceGetFanSpeed(self, handle: Any) -> int:
         self._reading(handle)

@@ -208,3 +208,15 @@ def test_the_simulator_answers_as_the_real_gpu(real, sim_like):
                       indent=1)
     differ = [f"{c}: real {r!r}, sim {s!r}" for c, r, s, _ in rows if r != s]
     assert not differ, "the simulator answers differently:\n" + "\n".join(differ)
+
+
+def test_memory_repair_calls_answer_like_the_simulator(real, sim_like):
+    """The health policy's evidence (controlplane/health.py): the real driver and the simulator give
+    the same kind of answer to the memory-repair calls (rows on Ampere+, pages before). Read only."""
+    sim, model = sim_like
+    rh, sh = real.nvmlDeviceGetHandleByIndex(0), sim.nvmlDeviceGetHandleByIndex(0)
+    for fn in ("nvmlDeviceGetRemappedRows", "nvmlDeviceGetRetiredPagesPendingStatus"):
+        r, s = _outcome(real, fn, rh), _outcome(sim, fn, sh)
+        assert r[0] == s[0], f"{fn} on {model.name}: real {r}, simulated {s}"
+        if r[0] == "error":
+            assert r[1] == s[1], f"{fn} on {model.name}: real {r}, simulated {s}"

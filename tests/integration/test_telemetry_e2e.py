@@ -20,8 +20,11 @@ HOST = {"node": "tele-1", "gpus": [{"model": "H100-80GB", "count": 2, "mig": Tru
 
 @pytest.fixture(scope="module")
 def tcluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("tele"), [HOST], lease_ttl=3,
-                     controlplane_args=["--gpu-recovery-seconds", "3"],
+    d = tmp_path_factory.mktemp("tele")
+    # No automatic reset here, so an unhealthy GPU stays out until `meshctl gpu clear` (the reset
+    # path is tests/integration/test_gpu_health.py).
+    (d / "health.yaml").write_text("recovery: false\n")
+    c = LocalCluster(d, [HOST], lease_ttl=3, controlplane_args=["--health-policy", str(d / "health.yaml")],
                      agent_args=["--telemetry-interval-seconds", "0.5"])
     c.start(timeout=90)
     yield c
@@ -63,20 +66,33 @@ def test_telemetry_visible_and_pressure_moves_placement(tcluster):
             mesh.release(s.id)
 
 
-def test_xid_makes_a_gpu_unhealthy_then_it_recovers(tcluster):
+def meshctl(cluster, *args):
+    return subprocess.run([sys.executable, "-m", "tools.meshctl.main", "--endpoint", cluster.endpoint, *args],
+                          check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def test_xid_makes_a_gpu_unhealthy_until_cleared(tcluster):
     with tcluster.client() as mesh:
-        simctl(tcluster, "xid", "--gpu", "1", "--code", "79")
+        simctl(tcluster, "xid", "--gpu", "1", "--code", "48")
         wait_for(lambda: gpus(tcluster)[1]["health"] == "unhealthy", 20, "GPU 1 unhealthy")
         node = mesh.get_node("tele-1")
         reasons = [(e.reason, e.gpu_index) for e in node.events]
         assert ("XidError", 1) in reasons and ("GpuUnhealthy", 1) in reasons
         s = mesh.allocate(tenant="t", mig_profile="7g.80gb").slices[0]
         assert s.gpu_index == 0                               # the unhealthy GPU takes nothing
-        simctl(tcluster, "xid", "--gpu", "0", "--code", "13")   # non-fatal by the default policy
+        simctl(tcluster, "xid", "--gpu", "0", "--code", "13")   # application class by the default policy
         wait_for(lambda: any(e.reason == "XidError" and e.gpu_index == 0 for e in mesh.get_node("tele-1").events),
-                 20, "the non-fatal XID event")
+                 20, "the application-class XID event")
         assert gpus(tcluster)[0]["health"] == "healthy"
-        wait_for(lambda: gpus(tcluster)[1]["health"] == "healthy", 30, "GPU 1 to recover")
+        assert gpus(tcluster)[1]["health"] == "unhealthy"       # no timer brings it back (recovery is off)
+        from mesh import errors
+        with pytest.raises(errors.NotFound, match="gpu_index"):
+            mesh.clear_gpu_quarantine("tele-1", 7)
+        with pytest.raises(errors.FailedPrecondition, match="healthy"):
+            mesh.clear_gpu_quarantine("tele-1", 0)
+        out = meshctl(tcluster, "gpu", "clear", "tele-1", "1")
+        assert "gpu/tele-1/1 cleared: healthy" in out
+        assert gpus(tcluster)[1]["health"] == "healthy"
         assert mesh.allocate(tenant="t", mig_profile="7g.80gb").slices[0].gpu_index == 1
         for x in mesh.list_slices():
             mesh.release(x.id)

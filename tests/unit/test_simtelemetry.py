@@ -205,11 +205,11 @@ def test_injected_xid_arrives_through_the_event_api(sim):
     assert isinstance(es, R.c_nvmlEventSet_t)
     with pytest.raises(n.NVMLError_Timeout):
         n.nvmlEventSetWait_v2(es, 0)
-    n.sim_inject_xid(0, 79)
+    n.sim_inject_xid(0, 74)  # (79 would take GPU 0 off the bus: GPU_IS_LOST below)
     n.sim_inject_xid(1, 48)  # another GPU: not in this set
     n.sim_inject_xid(0, 31)
     got = [n.nvmlEventSetWait_v2(es, 0) for _ in range(2)]
-    assert [(d.eventType, d.eventData) for d in got] == [(XID, 79), (XID, 31)]
+    assert [(d.eventType, d.eventData) for d in got] == [(XID, 74), (XID, 31)]
     assert isinstance(got[0], R.c_nvmlEventData_t)
     assert n.nvmlDeviceGetIndex(got[0].device) == 0
     assert got[0].gpuInstanceId == R.NVML_VALUE_NOT_AVAILABLE_uint.value

@@ -131,12 +131,12 @@ def test_xids_become_events_once(agent_side):
     c.start()
     inst = gpus.create_mig(1, "1g.10gb", 0)
     slices["s-1"] = inst
-    nvml.sim_inject_xid(0, 79)
+    nvml.sim_inject_xid(0, 48)          # (79 takes the GPU off the bus too: the next test)
     nvml.sim_inject_xid(1, 31, gi=inst.gi_id, ci=inst.ci_id)
     evs = c.events()
     assert [(e.type, e.reason, e.gpu_index) for e in evs] == [("Warning", "XidError", 0), ("Warning", "XidError", 1)]
-    assert [int(XID_IN_TEXT.search(e.message).group(1)) for e in evs] == [79, 31]
-    assert "slice s-1" in evs[1].message and evs[0].message == "GPU 0: XID 79"
+    assert [int(XID_IN_TEXT.search(e.message).group(1)) for e in evs] == [48, 31]
+    assert "slice s-1" in evs[1].message and evs[0].message == "GPU 0: XID 48"
     assert c.events() == []
 
 

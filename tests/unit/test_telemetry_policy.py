@@ -1,4 +1,5 @@
-"""Pressure bands, the XID health policy and recovery, against a real etcd."""
+"""Pressure bands, XIDs reaching the health controller, and health across a restart, against a
+real etcd (the health policy itself: test_health_policy.py, test_health_controller.py)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ async def manager(etcd_server, etcd_client):
     ctl.fleet.put_slice(s)
     await ctl.save([s], created=True)
     clock = Clock()
-    mgr = TelemetryManager(ctl, Policy(recovery_seconds=60), clock=clock)
+    mgr = TelemetryManager(ctl, Policy(), clock=clock)
     yield mgr, ctl, clock
     await ctl.writer.stop()
     await store.close()
@@ -76,29 +77,20 @@ async def test_pressure_and_thermal_move_with_readings(manager):
     assert (g0.memory_pressure, g0.thermal_state) == ("low", "normal")
 
 
-async def test_xid_policy_marks_unhealthy_reports_slices_and_recovers(manager, etcd_client):
+async def test_xid_policy_marks_unhealthy_reports_slices_and_no_timer_recovers(manager, etcd_client):
     mgr, ctl, clock = manager
     g0 = ctl.fleet.gpu("n1", 0)
     await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0, xids=[13, 43]), reading(1)]))
-    assert g0.health == "healthy"                                     # non-fatal by default policy
-    await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0, xids=[79]), reading(1)]))
-    assert g0.health == "unhealthy" and g0.telemetry.health_reason == "XID 79"
+    assert g0.health == "healthy"                                     # application class by default
+    await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0, xids=[48]), reading(1)]))
+    assert g0.health == "unhealthy" and g0.telemetry.health_reason == "XID 48"
     warn = [e for e in mgr.events_of("n1") if e.reason == "GpuUnhealthy"]
-    assert warn and "s-1" in warn[0].message
-    assert ctl.fleet.slices["s-1"].message == "GPU unhealthy: XID 79"
+    assert warn and "s-1" in warn[0].message and "reset once idle" in warn[0].message
+    assert ctl.fleet.slices["s-1"].message == "GPU unhealthy: XID 48"
     assert await etcd_client.get(b"/gpumesh/v1/gpuhealth/n1/0") is not None
-    clock.now += 30
+    clock.now += 86400                                                # time alone does not heal a GPU
     await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0), reading(1)]))
-    assert g0.health == "unhealthy"                                   # not long enough
-    clock.now += 20
-    await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0, xids=[48]), reading(1)]))   # fatal again
-    clock.now += 45
-    await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0), reading(1)]))
-    assert g0.health == "unhealthy"                                   # the timer restarted at the new XID
-    clock.now += 20
-    await mgr.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0), reading(1)]))
-    assert g0.health == "healthy" and ctl.fleet.slices["s-1"].message == ""
-    assert mgr.events_of("n1")[-1].reason == "GpuRecovered"
+    assert g0.health == "unhealthy"
 
 
 async def test_lost_gpu_and_health_survives_a_restart(manager):
@@ -107,11 +99,10 @@ async def test_lost_gpu_and_health_survives_a_restart(manager):
     assert ctl.fleet.gpu("n1", 1).health == "lost"
     # a new control plane process: fresh fleet, health read back from etcd
     ctl.fleet.gpu("n1", 1).health = "healthy"
-    again = TelemetryManager(ctl, Policy(recovery_seconds=60), clock=clock)
+    again = TelemetryManager(ctl, Policy(), clock=clock)
     await again.load()
     assert ctl.fleet.gpu("n1", 1).health == "lost"
-    clock.now += 61
-    await again.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0), reading(1)]))
+    await again.on_telemetry("n1", t.NodeTelemetry(gpus=[reading(0), reading(1)]))   # back on the bus, clean
     assert ctl.fleet.gpu("n1", 1).health == "healthy"
 
 

@@ -1,4 +1,5 @@
-"""`meshctl cordon|uncordon|drain NAME`: take nodes in and out of scheduling."""
+"""`meshctl cordon|uncordon|drain NAME`: take nodes in and out of scheduling; `meshctl gpu clear NODE
+INDEX`: take a quarantined GPU back through recovery (docs/operations.md, GPU health)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("name", metavar="NAME", help="node name")
     d.add_argument("--dry-run", action="store_true", help="only report what would be evicted")
     d.set_defaults(func=run_drain)
+
+    g = subcommand(sub, "gpu", help="GPU health actions (clear a quarantined GPU)",
+                   description="GPU health actions. `clear` takes a GPU out of quarantine (fatal errors that "
+                               "recurred within the health policy's window, failed resets, a failed row remap) or "
+                               "out of a wait for a reboot: its fault history is forgotten and it goes back "
+                               "through recovery (a reset once idle, then clean readings) before it takes slices.",
+                   epilog="example:\n  meshctl gpu clear sim-node-01 3\n")
+    g.add_argument("action", choices=("clear",), help="what to do")
+    g.add_argument("node", metavar="NODE", help="node name")
+    g.add_argument("index", metavar="INDEX", type=int, help="GPU index on the node")
+    g.set_defaults(func=run_gpu)
 
 
 def run_cordon(args: argparse.Namespace) -> int:
@@ -70,4 +82,18 @@ def run_drain(args: argparse.Namespace) -> int:
     else:
         lines.append(f"node/{args.name} drained: {len(evicted)} slice(s) evicted")
     out("\n".join(lines) + "\n")
+    return 0
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    from mesh.client import gpu_status_to_dict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        st = mesh.clear_gpu_quarantine(args.node, args.index)
+    d = gpu_status_to_dict(st)
+    if args.output in ("json", "yaml"):
+        out(dump(d, args.output))
+    else:
+        out(f"gpu/{args.node}/{args.index} cleared: {d.get('health') or '-'}"
+            f"{' (' + d['health_reason'] + ')' if d.get('health_reason') else ''}\n")
     return 0

@@ -59,6 +59,14 @@ class ListGpusRequest(_message.Message):
     node: str
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
+class ClearGpuQuarantineRequest(_message.Message):
+    __slots__ = ("node", "gpu_index")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    gpu_index: int
+    def __init__(self, node: _Optional[str] = ..., gpu_index: _Optional[int] = ...) -> None: ...
+
 class ListGpusResponse(_message.Message):
     __slots__ = ("gpus",)
     GPUS_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,11 @@ class AdminServiceStub:
                 request_serializer=gpumesh_dot_v1_dot_admin__service__pb2.ListGpusRequest.SerializeToString,
                 response_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.ListGpusResponse.FromString,
                 _registered_method=True)
+        self.ClearGpuQuarantine = channel.unary_unary(
+                '/gpumesh.v1.AdminService/ClearGpuQuarantine',
+                request_serializer=gpumesh_dot_v1_dot_admin__service__pb2.ClearGpuQuarantineRequest.SerializeToString,
+                response_deserializer=gpumesh_dot_v1_dot_types__pb2.GpuStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -114,6 +119,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearGpuQuarantine(self, request, context):
+        """Take a GPU out of quarantine (the health policy's recurrence limit): its fault history is
+        forgotten and it goes through recovery (reset, clean readings) back to service. Admin only.
+        NOT_FOUND for an unknown node or GPU; FAILED_PRECONDITION when it is not quarantined.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +160,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListGpus,
                     request_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.ListGpusRequest.FromString,
                     response_serializer=gpumesh_dot_v1_dot_admin__service__pb2.ListGpusResponse.SerializeToString,
+            ),
+            'ClearGpuQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearGpuQuarantine,
+                    request_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.ClearGpuQuarantineRequest.FromString,
+                    response_serializer=gpumesh_dot_v1_dot_types__pb2.GpuStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +330,33 @@ class AdminService:
             '/gpumesh.v1.AdminService/ListGpus',
             gpumesh_dot_v1_dot_admin__service__pb2.ListGpusRequest.SerializeToString,
             gpumesh_dot_v1_dot_admin__service__pb2.ListGpusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearGpuQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpumesh.v1.AdminService/ClearGpuQuarantine',
+            gpumesh_dot_v1_dot_admin__service__pb2.ClearGpuQuarantineRequest.SerializeToString,
+            gpumesh_dot_v1_dot_types__pb2.GpuStatus.FromString,
             options,
             channel_credentials,
             insecure,

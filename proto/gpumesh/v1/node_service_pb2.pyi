@@ -163,7 +163,7 @@ class LogRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., workload_id: _Optional[str] = ..., tail_lines: _Optional[int] = ..., follow: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("desired", "workloads", "logs", "mesh_register", "mesh_deregister", "mesh_peer", "migration")
+    __slots__ = ("desired", "workloads", "logs", "mesh_register", "mesh_deregister", "mesh_peer", "migration", "gpu_reset")
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     WORKLOADS_FIELD_NUMBER: _ClassVar[int]
     LOGS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class ControllerMessage(_message.Message):
     MESH_DEREGISTER_FIELD_NUMBER: _ClassVar[int]
     MESH_PEER_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    GPU_RESET_FIELD_NUMBER: _ClassVar[int]
     desired: DesiredSlices
     workloads: WorkloadCommand
     logs: LogRequest
@@ -178,4 +179,13 @@ class ControllerMessage(_message.Message):
     mesh_deregister: _mesh_service_pb2.MeshDeregister
     mesh_peer: _mesh_service_pb2.MeshPeer
     migration: _migration_service_pb2.MigrationCommand
-    def __init__(self, desired: _Optional[_Union[DesiredSlices, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadCommand, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., mesh_register: _Optional[_Union[_mesh_service_pb2.MeshRegister, _Mapping]] = ..., mesh_deregister: _Optional[_Union[_mesh_service_pb2.MeshDeregister, _Mapping]] = ..., mesh_peer: _Optional[_Union[_mesh_service_pb2.MeshPeer, _Mapping]] = ..., migration: _Optional[_Union[_migration_service_pb2.MigrationCommand, _Mapping]] = ...) -> None: ...
+    gpu_reset: GpuReset
+    def __init__(self, desired: _Optional[_Union[DesiredSlices, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadCommand, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., mesh_register: _Optional[_Union[_mesh_service_pb2.MeshRegister, _Mapping]] = ..., mesh_deregister: _Optional[_Union[_mesh_service_pb2.MeshDeregister, _Mapping]] = ..., mesh_peer: _Optional[_Union[_mesh_service_pb2.MeshPeer, _Mapping]] = ..., migration: _Optional[_Union[_migration_service_pb2.MigrationCommand, _Mapping]] = ..., gpu_reset: _Optional[_Union[GpuReset, _Mapping]] = ...) -> None: ...
+
+class GpuReset(_message.Message):
+    __slots__ = ("gpu_index", "reason")
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    reason: str
+    def __init__(self, gpu_index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -61,6 +61,7 @@ class GpuHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GPU_HEALTH_HEALTHY: _ClassVar[GpuHealth]
     GPU_HEALTH_UNHEALTHY: _ClassVar[GpuHealth]
     GPU_HEALTH_LOST: _ClassVar[GpuHealth]
+    GPU_HEALTH_QUARANTINED: _ClassVar[GpuHealth]
 
 class WorkloadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -102,6 +103,7 @@ GPU_HEALTH_UNSPECIFIED: GpuHealth
 GPU_HEALTH_HEALTHY: GpuHealth
 GPU_HEALTH_UNHEALTHY: GpuHealth
 GPU_HEALTH_LOST: GpuHealth
+GPU_HEALTH_QUARANTINED: GpuHealth
 WORKLOAD_STATE_UNSPECIFIED: WorkloadState
 WORKLOAD_STATE_PENDING: WorkloadState
 WORKLOAD_STATE_RUNNING: WorkloadState
@@ -377,7 +379,7 @@ class NvlinkLink(_message.Message):
     def __init__(self, link: _Optional[int] = ..., active: _Optional[bool] = ..., peer_pci_bus_id: _Optional[str] = ...) -> None: ...
 
 class GpuTelemetry(_message.Message):
-    __slots__ = ("index", "utilization_pct", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w", "power_limit_w", "sm_clock_mhz", "memory_clock_mhz", "throttle_reasons", "ecc_corrected", "ecc_uncorrected", "nvlinks", "pci_bus_id", "numa_node", "cpu_affinity", "xid_events", "memory_pressure", "thermal_state", "health", "health_reason", "at")
+    __slots__ = ("index", "utilization_pct", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w", "power_limit_w", "sm_clock_mhz", "memory_clock_mhz", "throttle_reasons", "ecc_corrected", "ecc_uncorrected", "nvlinks", "pci_bus_id", "numa_node", "cpu_affinity", "xid_events", "memory_pressure", "thermal_state", "health", "health_reason", "at", "remap_pending", "remap_failed", "retired_pages_pending", "incidents", "recovery")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +402,11 @@ class GpuTelemetry(_message.Message):
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    REMAP_PENDING_FIELD_NUMBER: _ClassVar[int]
+    REMAP_FAILED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_PAGES_PENDING_FIELD_NUMBER: _ClassVar[int]
+    INCIDENTS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     index: int
     utilization_pct: float
     memory_used_bytes: int
@@ -422,7 +429,12 @@ class GpuTelemetry(_message.Message):
     health: GpuHealth
     health_reason: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, index: _Optional[int] = ..., utilization_pct: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., power_limit_w: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., ecc_corrected: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., nvlinks: _Optional[_Iterable[_Union[NvlinkLink, _Mapping]]] = ..., pci_bus_id: _Optional[str] = ..., numa_node: _Optional[int] = ..., cpu_affinity: _Optional[str] = ..., xid_events: _Optional[_Iterable[int]] = ..., memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., thermal_state: _Optional[_Union[ThermalState, str]] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., health_reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    remap_pending: bool
+    remap_failed: bool
+    retired_pages_pending: bool
+    incidents: _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]
+    recovery: str
+    def __init__(self, index: _Optional[int] = ..., utilization_pct: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., power_limit_w: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., ecc_corrected: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., nvlinks: _Optional[_Iterable[_Union[NvlinkLink, _Mapping]]] = ..., pci_bus_id: _Optional[str] = ..., numa_node: _Optional[int] = ..., cpu_affinity: _Optional[str] = ..., xid_events: _Optional[_Iterable[int]] = ..., memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., thermal_state: _Optional[_Union[ThermalState, str]] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., health_reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., remap_pending: _Optional[bool] = ..., remap_failed: _Optional[bool] = ..., retired_pages_pending: _Optional[bool] = ..., incidents: _Optional[_Iterable[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]]] = ..., recovery: _Optional[str] = ...) -> None: ...
 
 class SliceTelemetry(_message.Message):
     __slots__ = ("slice_id", "utilization_pct", "memory_used_bytes", "pids")
