@@ -94,6 +94,9 @@ class Registrar:
                                 address=served.base, length=size, rkey=region.rkey, endpoint=self.server.endpoint,
                                 shm_name=region.name)
         self.buffers[bid] = Held(desc, connection_id, region)
+        iso = getattr(self.agent, "isolator", None)      # the slice's workloads see it in their /dev/shm
+        if iso is not None:
+            iso.share_segment(slice_id, self.agent.desired[slice_id].tenant, region.name)
         log(logger, logging.INFO, "mesh buffer registered", node=self.node, buffer=bid, slice=slice_id,
             size=size, transport=transport)
         return desc
@@ -105,6 +108,9 @@ class Registrar:
         if held.region is not None:
             self.server.remove(held.descriptor.rkey)
             held.region.revoke()
+            iso = getattr(self.agent, "isolator", None)
+            if iso is not None:
+                iso.unshare_segment(held.descriptor.slice_id, held.region.name)
         elif self.verbs is not None:
             self.server.remove(held.descriptor.rkey)
             self.verbs.deregister(buffer_id)

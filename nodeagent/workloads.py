@@ -75,9 +75,10 @@ def _shim_alive(pid: int, marker: str) -> bool:
 
 class WorkloadRunner:
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
-                 poll_interval: float = 0.2) -> None:
+                 poll_interval: float = 0.2, isolator=None) -> None:
         self.agent = agent
         self.dir = directory
+        self.isolator = isolator         # nodeagent.isolation.Isolator: confines every workload
         self.mps = mps
         self.stop_grace = stop_grace
         self.poll_interval = poll_interval
@@ -87,7 +88,8 @@ class WorkloadRunner:
         self.log_tasks: dict[str, asyncio.Task] = {}
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o711, exist_ok=True)
+        os.chmod(self.dir, 0o711)       # the workloads' own directories are inside; nothing else is readable
         self.load()
 
     def install(self) -> "WorkloadRunner":
@@ -117,8 +119,11 @@ class WorkloadRunner:
         self.save(new)
 
     def socket_path(self, wid: str) -> str:
-        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET); a short path
-        under /tmp when the runner's directory is too deep for a Unix socket name."""
+        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET) as the agent sees
+        it: in the workload's own directory when it is confined (it names another path inside);
+        else a short path under /tmp when the runner's directory is too deep for a Unix socket name."""
+        if self.meta.get(wid, {}).get("socket"):
+            return self.meta[wid]["socket"]
         path = self.path(wid, "sock")
         if len(path) > 100:
             import hashlib
@@ -133,7 +138,7 @@ class WorkloadRunner:
         self.workloads.pop(wid, None)
         self.meta.pop(wid, None)
         self.popens.pop(wid, None)
-        for ext in ("pid", "exit", "json"):
+        for ext in ("pid", "exit", "json", "confine.json"):
             try:
                 os.unlink(self.path(wid, ext))
             except FileNotFoundError:
@@ -219,10 +224,19 @@ class WorkloadRunner:
         env["GPUMESH_CHECKPOINT_SOCKET"] = self.socket_path(w.id)
         argv = [sys.executable, SHIM, "--pid-file", self.path(w.id, "pid"), "--exit-file", self.path(w.id, "exit"),
                 "--log-file", self.path(w.id, "log"), "--", *w.command]
+        plan = None
         if restore is not None:
             argv[-len(w.command) - 1:] = ["--restore-pidfile", restore[1], "--", *restore[0]]
+        elif self.isolator is not None:
+            try:
+                plan = self._confine(w, st)
+            except Exception as e:   # noqa: BLE001 - IsolationRefused, OSError: the workload does not start
+                return self._fail(w, f"isolation: {e}")
+            env.update(plan.env)
+            argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
         try:
-            with open(self.path(w.id, "log"), "ab") as shim_err:
+            fd = os.open(self.path(w.id, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with open(fd, "ab") as shim_err:
                 p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
@@ -230,6 +244,10 @@ class WorkloadRunner:
         self.popens[w.id] = p
         meta = {"shim_pid": p.pid, "device_uuid": st.device_uuid,
                 "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
+        if plan is not None:
+            meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket)
+        elif restore is not None and self.meta.get(w.id, {}).get("uid"):
+            meta.update({k: self.meta[w.id][k] for k in ("uid", "gid", "cgroup", "socket") if k in self.meta[w.id]})
         self.meta[w.id] = meta
         deadline = time.monotonic() + 5
         pid_doc = None
@@ -248,6 +266,23 @@ class WorkloadRunner:
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
         return w
+
+    def _confine(self, w: types_pb2.Workload, st):
+        """The isolation plan of `w` (nodeagent/isolation/plan.py), written for the shim; on an MPS
+        slice the daemon gets the tenant's limits first."""
+        s = self.agent.desired.get(w.slice_id)
+        mig = getattr(self.agent.slicer, "mig", {}).get(w.slice_id)
+        gpu_index = s.gpu_index if s is not None else -1
+        mps_pipe = st.env.get("CUDA_MPS_PIPE_DIRECTORY", "")
+        plan = self.isolator.plan(w, s, gpu_index=gpu_index, gi_id=mig.gi_id if mig else None,
+                                  ci_id=mig.ci_id if mig else None, workdir=self.path(w.id, "d"), mps_pipe=mps_pipe)
+        if mps_pipe and self.mps is not None and s is not None:
+            self.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
+        path = self.path(w.id, "confine.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(plan.spec, f)
+        return plan
 
     def _fail(self, w: types_pb2.Workload, why: str) -> types_pb2.Workload:
         w.state = W.WORKLOAD_STATE_FAILED
@@ -269,10 +304,15 @@ class WorkloadRunner:
                 logger.warning("cannot register workload with the simulated NVML: %s", e)
         if self.mps is not None and meta.get("mps_pipe"):
             try:
-                self.mps.add_client(meta["mps_pipe"], pid)
+                if "uid" in meta:
+                    self.mps.add_client(meta["mps_pipe"], pid, uid=meta["uid"], memory_bytes=SIM_PROCESS_MEMORY)
+                else:
+                    self.mps.add_client(meta["mps_pipe"], pid)
                 meta["mps_pid"] = pid
-            except Exception as e:   # noqa: BLE001 - a stand-in failing must not stop the workload
+            except Exception as e:   # noqa: BLE001 - the client is refused: its CUDA calls would fail
                 logger.warning("cannot attach workload to the MPS daemon: %s", e)
+                meta["mps_refused"] = str(e)
+                self._signal(wid, signal.SIGKILL)
 
     def _detach(self, wid: str) -> None:
         meta = self.meta.get(wid, {})
@@ -347,7 +387,10 @@ class WorkloadRunner:
         self.popens.pop(wid, None)
         ex = _read_json(self.path(wid, "exit"))
         stopped = bool(meta.get("stop_at"))
-        if ex is None:
+        if meta.get("mps_refused"):
+            w.exit_code = 128 + signal.SIGKILL
+            w.message = f"killed: {meta['mps_refused']}"
+        elif ex is None:
             w.exit_code = 128 + signal.SIGKILL
             w.message = "killed (its supervisor ended without recording the exit status)"
         else:
@@ -358,12 +401,14 @@ class WorkloadRunner:
         if stopped:
             w.state = W.WORKLOAD_STATE_STOPPED
             w.message = f"{meta.get('stop_reason') or 'stopped on request'}; {w.message}"
-        elif ex is not None and w.exit_code == 0 and not ex.get("error"):
+        elif ex is not None and w.exit_code == 0 and not ex.get("error") and not meta.get("mps_refused"):
             w.state = W.WORKLOAD_STATE_SUCCEEDED
         else:
             w.state = W.WORKLOAD_STATE_FAILED
         w.finished_at.CopyFrom(_ts(ex["finished_at"]) if ex and ex.get("finished_at") else _ts())
         self._detach(wid)
+        if self.isolator is not None and meta.get("cgroup"):
+            self.isolator.release(meta["cgroup"])
         self.save(wid)
         log(logger, logging.INFO, "workload ended", node=self.agent.node, workload=wid,
             state=types_pb2.WorkloadState.Name(w.state), exit_code=w.exit_code)
