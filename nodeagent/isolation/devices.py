@@ -64,11 +64,13 @@ def _mknod(path: str, major: int, minor: int) -> None:
     try:
         st = os.stat(path)
         if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major and os.minor(st.st_rdev) == minor:
+            os.chmod(path, 0o666)
             return
         os.unlink(path)
     except FileNotFoundError:
         pass
     os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    os.chmod(path, 0o666)        # as the driver makes them: access is decided by what is visible, and the cgroup
 
 
 def make_sim_nodes(directory: str, gpu_count: int) -> str:
