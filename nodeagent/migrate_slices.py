@@ -113,6 +113,11 @@ class SlicesMixin:
     def _require_transparent(self) -> None:
         from mesh.checkpoint.criu import Criu
         Criu().require()        # TransparentUnavailable: names criu, the version needed, how to get it
+        if getattr(self.runner, "isolator", None) is not None:
+            from mesh.checkpoint.criu import TransparentUnavailable
+            from nodeagent.isolation.probe import criu_dump_problem
+            if criu_dump_problem():
+                raise TransparentUnavailable(f"transparent checkpointing is unavailable: {criu_dump_problem()}")
 
     async def _check_transparent(self, cmd: M.MigrationCommand, report) -> None:
         await asyncio.to_thread(self._require_transparent)

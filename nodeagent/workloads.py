@@ -227,6 +227,11 @@ class WorkloadRunner:
         plan = None
         if restore is not None:
             argv[-len(w.command) - 1:] = ["--restore-pidfile", restore[1], "--", *restore[0]]
+            if self.isolator is not None:      # CRIU restores the uid; the target's cgroup takes the process
+                try:
+                    plan = self._confine(w, st)
+                except Exception as e:   # noqa: BLE001
+                    return self._fail(w, f"isolation: {e}")
         elif self.isolator is not None:
             try:
                 plan = self._confine(w, st)
@@ -246,8 +251,8 @@ class WorkloadRunner:
                 "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
         if plan is not None:
             meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket)
-        elif restore is not None and self.meta.get(w.id, {}).get("uid"):
-            meta.update({k: self.meta[w.id][k] for k in ("uid", "gid", "cgroup", "socket") if k in self.meta[w.id]})
+            if restore is not None:
+                meta["cgroup_procs"] = plan.spec["cgroup_procs"]
         self.meta[w.id] = meta
         deadline = time.monotonic() + 5
         pid_doc = None
@@ -295,6 +300,13 @@ class WorkloadRunner:
     def _attach(self, wid: str, pid: int) -> None:
         """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
         meta = self.meta[wid]
+        for procs in meta.pop("cgroup_procs", []):      # a CRIU-restored process joins its cgroups here
+            for p in _tree(pid):
+                try:
+                    with open(procs, "w", encoding="ascii") as f:
+                        f.write(str(p))
+                except OSError as e:
+                    logger.warning("cannot move restored process %s into %s: %s", p, procs, e)
         nvml = self.agent.gpus.nvml
         if hasattr(nvml, "sim_add_process") and meta.get("device_uuid"):
             try:
@@ -452,6 +464,21 @@ class WorkloadRunner:
             if not more:
                 await asyncio.sleep(self.poll_interval)
         chunk(eof=True)
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
 
 
 def _tail(path: str, lines: int) -> tuple[bytes, int]:

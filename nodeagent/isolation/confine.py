@@ -203,6 +203,18 @@ def main(argv: list[str]) -> int:
         print(msg, file=sys.stderr, flush=True)
         report({"exit_code": 126, "signal": 0, "error": msg[len("gpumesh: "):]})
         return 126
+    if "pid" not in spec.get("namespaces", []):
+        # no PID namespace (a workload that CRIU must be able to dump): no init is needed, the
+        # command replaces this process (its pid is the workload's, its status the shim's child's)
+        for sig in STOPS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+        try:
+            os.execvp(cmd[0], cmd)
+        except OSError as e:
+            print(f"gpumesh: cannot start {cmd[0]!r}: {e.strerror}", file=sys.stderr, flush=True)
+            report({"exit_code": 127, "signal": 0, "error": f"cannot start {cmd[0]!r}: {e.strerror}"})
+            return 127
     pending = signal.sigpending() & set(STOPS)
     if pending or _received:        # stopped before the command started: it never runs
         sig = min(pending or set(_received))

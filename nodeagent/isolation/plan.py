@@ -30,6 +30,11 @@ INSIDE_WORKDIR = "/tmp"
 INSIDE_SOCKET = "/tmp/.gpumesh-ctl.sock"
 INSIDE_MPS_PIPE = "/tmp/nvidia-mps"
 LABEL_MEMORY, LABEL_CPU, LABEL_PIDS = "gpumesh.io/memory-bytes", "gpumesh.io/cpu-milli", "gpumesh.io/pids"
+# `gpumesh.io/isolation: criu`: the workload may be migrated transparently (CRIU). CRIU here cannot
+# dump and restore the PID and mount namespaces with the private /dev bind mounts, so such a workload
+# runs without namespaces: its uid, no_new_privs and cgroups (memory, CPU, pids, and the devices
+# list, which then alone confines the GPU nodes: cgroup v1 only; refused on v2 in secure mode).
+LABEL_ISOLATION = "gpumesh.io/isolation"
 
 
 class IsolationRefused(RuntimeError):
@@ -114,6 +119,15 @@ class Isolator:
         except IdentityError as e:
             raise IsolationRefused(str(e)) from None
         limits = self.limits(w, s)
+        namespaces = self.namespaces
+        flavour = w.labels.get(LABEL_ISOLATION, "")
+        if flavour not in ("", "default", "criu"):
+            raise IsolationRefused(f"label {LABEL_ISOLATION}: {flavour!r} is not allowed (default, criu)")
+        if flavour == "criu":
+            namespaces = []
+            if self.settings.mode == "secure" and (self.cgroups is None or not self.cgroups.confines_devices):
+                raise IsolationRefused(f"label {LABEL_ISOLATION}=criu: without a mount namespace only a devices "
+                                       "cgroup (v1) confines the GPU nodes, and this host has none")
         try:
             limits.devices = self.devices.for_slice(gpu_index, gi_id, ci_id) if gpu_index >= 0 else []
         except DeviceError as e:
@@ -121,7 +135,7 @@ class Isolator:
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         os.chown(workdir, ident.uid, ident.gid)
         os.chmod(workdir, 0o700)
-        mount_ns = "mount" in self.namespaces
+        mount_ns = "mount" in namespaces
         shm_dir = ""
         if mount_ns and w.slice_id:
             shm_dir = self.slice_shm_dir(w.slice_id, ident.uid, ident.gid)
@@ -145,7 +159,7 @@ class Isolator:
                 os.makedirs(os.path.join(workdir, "nvidia-mps"), exist_ok=True)
                 env["CUDA_MPS_PIPE_DIRECTORY"] = INSIDE_MPS_PIPE
         spec = {
-            "uid": ident.uid, "gid": ident.gid, "no_new_privs": True, "namespaces": self.namespaces,
+            "uid": ident.uid, "gid": ident.gid, "no_new_privs": True, "namespaces": namespaces,
             "cgroup_procs": procs, "workdir": INSIDE_WORKDIR if mount_ns else workdir,
             "devices": [{"name": d.name, "source": d.source} for d in limits.devices],
             "shm_dir": shm_dir, "mask": [p for p in self.settings.mask if p and os.path.exists(p)],
@@ -156,6 +170,15 @@ class Isolator:
                      ([{"source": mps_pipe, "target": INSIDE_MPS_PIPE}] if mount_ns and mps_pipe else []),
         }
         sock = os.path.join(workdir, os.path.basename(INSIDE_SOCKET)) if mount_ns else ""
+        if len(sock) > 100:      # too long for a Unix socket name: the agent dials a short link to it
+            import hashlib
+            link = f"/tmp/gpumesh-{hashlib.sha256(sock.encode()).hexdigest()[:16]}.sock"
+            try:
+                os.unlink(link)
+            except FileNotFoundError:
+                pass
+            os.symlink(sock, link)
+            sock = link
         return ConfinePlan(ident.uid, ident.gid, workdir, sock, cgroup, spec, env)
 
     def release(self, cgroup: str) -> None:

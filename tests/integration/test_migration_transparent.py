@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -43,8 +45,9 @@ COUNTER = ("import json, os, sys, time\n"
 
 
 def _working_criu() -> str:
+    from nodeagent.isolation.probe import criu_dump_problem
     info = Criu().detect()
-    return "" if info.usable else info.problem
+    return info.problem if not info.usable else criu_dump_problem()
 
 
 WHY_NOT = _working_criu()
@@ -102,9 +105,17 @@ def parent_cmdline(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode()
 
 
+# The workload runs as tenant tp's unprivileged uid: a Python that uid may execute (the test's own
+# may live in root's home), and the label that keeps it CRIU-dumpable (no PID/mount namespaces;
+# docs/operations.md, "Workload isolation").
+COUNTER_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+CRIU_LABELS = {"gpumesh.io/isolation": "criu"}
+
+
 def start_counter(mesh, quit_file: str = ""):
     s = mesh.allocate(tenant="tp", mig_profile="1g.10gb").slices[0]
-    w = mesh.run_workload(s.id, [sys.executable, "-c", COUNTER, MARKER] + ([quit_file] if quit_file else []))
+    w = mesh.run_workload(s.id, [COUNTER_PY, "-c", COUNTER, MARKER] + ([quit_file] if quit_file else []),
+                          labels=CRIU_LABELS)
     assert w.state == t.WORKLOAD_STATE_RUNNING
     wait_for(lambda: last(mesh, w.id) >= 20, 60, "the counter to reach 20")
     return s, mesh.get_workload(w.id)
@@ -112,7 +123,9 @@ def start_counter(mesh, quit_file: str = ""):
 
 @needs_criu
 def test_transparent_migration_continues_the_process_from_its_memory(mesh, tmp_path):
-    quit_file = tmp_path / "quit"
+    quit_dir = tempfile.mkdtemp(prefix="gpumesh-tp-", dir="/var/tmp")    # where the tenant's uid can look
+    os.chmod(quit_dir, 0o755)
+    quit_file = Path(quit_dir) / "quit"
     src_slice, w = start_counter(mesh, str(quit_file))
     assert copies() == [w.pid]
     m = mesh.wait_migration(mesh.migrate(w.id, mode="transparent").id, timeout=180)
