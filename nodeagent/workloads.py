@@ -162,8 +162,8 @@ class WorkloadRunner:
     def save(self, wid: str) -> None:
         doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
         tmp = self.path(wid, "json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            json.dump(doc, f)        # the record holds the workload's environment: root-only
         os.replace(tmp, self.path(wid, "json"))
 
     # -- reporting ----------------------------------------------------------------------

@@ -123,6 +123,7 @@ def drop_privileges(spec: dict) -> None:
     uid, gid = int(spec["uid"]), int(spec["gid"])
     if uid == 0 or gid == 0:
         raise ConfineError("refusing to run a workload as root")
+    os.umask(0o022)           # the shim's 077 is for its own files
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
