@@ -123,7 +123,6 @@ def drop_privileges(spec: dict) -> None:
     uid, gid = int(spec["uid"]), int(spec["gid"])
     if uid == 0 or gid == 0:
         raise ConfineError("refusing to run a workload as root")
-    os.umask(0o022)           # the shim's 077 is for its own files
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -188,6 +187,7 @@ def main(argv: list[str]) -> int:
             pass
 
     os.set_inheritable(status_fd, False)         # the command never gets it
+    os.umask(0o022)     # the shim's 077 is for its own files; mount points made here must be traversable
     for sig in STOPS:            # the shim started us with them blocked; they stay so until the fork
         signal.signal(sig, _on_stop)
     try:
