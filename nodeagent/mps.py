@@ -294,6 +294,8 @@ class SimMps:
         state = self._read(pipe_dir)
         if state is not None and pid in state.get("clients", []):
             state["clients"] = [p for p in state["clients"] if p != pid]
+            state.get("client_memory", {}).pop(str(pid), None)
+            state.get("client_uid", {}).pop(str(pid), None)
             self._write(pipe_dir, state)
 
     def stop(self, gpu_index: int, pipe_dir: str) -> None:

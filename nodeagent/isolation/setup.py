@@ -51,6 +51,20 @@ def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
         devices = NvidiaDevices()
     iso = Isolator(host.settings, host.features, host.users, driver, devices, node=agent.node, scope=scope)
     agent.isolator = iso
+    agent.labels.update(inventory_labels(host))
     agent.desired_hooks.append(lambda d: iso.forget_slices({s.id for s in d.upserts}, full=d.full,
                                                            removed=set(d.removals)))
     return iso
+
+
+def inventory_labels(host: IsolationHost) -> dict[str, str]:
+    """What `meshctl describe node` shows of the workload confinement this node gives."""
+    f = host.features
+    return {
+        "gpumesh.io/workload-isolation": host.settings.mode if not f.missing() else f"{host.settings.mode}-incomplete",
+        "gpumesh.io/workload-namespaces": "+".join(n for n in host.settings.namespaces if n in f.namespaces) or "none",
+        "gpumesh.io/workload-cgroup": f"v{f.cgroup_version}" if f.cgroup_controllers else "none",
+        # MPS GPU memory: kernel-enforced partitioning needs the cgroup v2 dmem controller (r615+ drivers);
+        # without it the limits are the MPS daemon's (set per tenant server)
+        "gpumesh.io/mps-memory-limits": "dmem-available" if f.dmem else "mps-daemon",
+    }
