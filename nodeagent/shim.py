@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", required=True)
     parser.add_argument("--restore-pidfile", default="")
     parser.add_argument("--confine", default="")
+    parser.add_argument("--real-ids", default="", help="UID:GID: criu restore runs with these real ids "
+                        "(effective root), see nodeagent/isolation/criu_ids.py")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     os.umask(0o077)          # its pid and exit files are the agent's alone (the workload sets its own umask)
@@ -146,9 +148,16 @@ def _adopt(args: argparse.Namespace, cmd: list[str]) -> int:
     with open(args.log_file, "ab", buffering=0) as log:
         fd = log.fileno()
         argv = [a.replace("{logfd}", str(fd)) for a in cmd]
+        preexec = None
+        if args.real_ids:
+            uid, gid = (int(x) for x in args.real_ids.split(":"))
+
+            def preexec() -> None:
+                os.setresgid(gid, 0, 0)
+                os.setresuid(uid, 0, 0)
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               pass_fds=(fd,))
+                               pass_fds=(fd,), preexec_fn=preexec)
             rc, err = r.returncode, r.stderr.decode(errors="replace").strip()[-500:]
         except OSError as e:
             rc, err = 127, e.strerror or str(e)

@@ -207,7 +207,8 @@ class WorkloadRunner:
             self.stop(wid)
         self.report(changed)
 
-    def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None) -> types_pb2.Workload:
+    def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
+              restore_uid: int = -1) -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
         pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py)."""
         w = types_pb2.Workload()
@@ -232,6 +233,12 @@ class WorkloadRunner:
                     plan = self._confine(w, st)
                 except Exception as e:   # noqa: BLE001
                     return self._fail(w, f"isolation: {e}")
+                if restore_uid >= 0 and restore_uid != plan.uid:
+                    return self._fail(w, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the source node "
+                                         f"and is uid {plan.uid} here; CRIU would restore it under another "
+                                         "tenant's id: give the tenant the same ids on every node (workload_uid_map)")
+                argv[argv.index("--restore-pidfile"):argv.index("--restore-pidfile")] = [
+                    "--real-ids", f"{plan.uid}:{plan.gid}"]
         elif self.isolator is not None:
             try:
                 plan = self._confine(w, st)

@@ -120,15 +120,3 @@ def probe(cgroup_root: str = CGROUP_ROOT, probe_name: str = "gpumesh-probe") -> 
     f.cgroup_controllers, f.dmem, f.problems = _writable_controllers(f.cgroup_version, cgroup_root, probe_name)
     return f
 
-
-CAP_SYS_RESOURCE = 24
-
-
-def criu_dump_problem() -> str:
-    """Why CRIU cannot dump this host's workloads, or "": they run under their tenant's uid, and
-    dumping another uid's process reads its rlimits (prlimit), which needs CAP_SYS_RESOURCE."""
-    if _caps() & (1 << CAP_SYS_RESOURCE):
-        return ""
-    return ("criu cannot dump a workload here: workloads run under their tenant's uid (nodeagent/isolation) "
-            "and dumping another uid's process reads its rlimits (prlimit), which needs CAP_SYS_RESOURCE; "
-            "the agent lacks it (a container's capability bounding set?): give the agent CAP_SYS_RESOURCE")

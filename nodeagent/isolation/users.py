@@ -8,6 +8,7 @@ uid/gid, and never one the host's user database already gives to an account.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -106,7 +107,12 @@ class TenantUsers:
             if tenant in doc:
                 return Identity(doc[tenant], doc[tenant])
             used = set(doc.values()) | {i.uid for i in self.mapping.values()} | self.agent_ids
-            for uid in range(self.lo, self.hi + 1):
+            # start at a hash of the tenant's name: nodes that allocate on their own usually agree
+            # (a transparent migration needs the same uid on both ends; a map guarantees it)
+            span = self.hi - self.lo + 1
+            first = int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:8], "big") % span
+            for k in range(span):
+                uid = self.lo + (first + k) % span
                 if uid not in used and not self._taken_by_account(uid):
                     doc[tenant] = uid
                     self._save(doc)
