@@ -127,6 +127,13 @@ class SlicesMixin:
 
     async def _check_transparent(self, cmd: M.MigrationCommand, report) -> None:
         await asyncio.to_thread(self._require_transparent)
+        namespaces = self.runner.meta.get(cmd.workload_id, {}).get("namespaces")
+        if namespaces:
+            from mesh.checkpoint.criu import TransparentUnavailable
+            raise TransparentUnavailable(
+                f"workload {cmd.workload_id} runs in its own {'/'.join(namespaces)} namespaces with a private /dev, "
+                "which CRIU does not dump and restore here: start it with the label gpumesh.io/isolation=criu "
+                "to make it transparently migratable (docs/operations.md, Workload isolation)")
         report(R.TRANSPARENT_OK)
 
     def _images_dir(self, wid: str, mid: str) -> str:

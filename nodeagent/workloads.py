@@ -257,7 +257,8 @@ class WorkloadRunner:
         meta = {"shim_pid": p.pid, "device_uuid": st.device_uuid,
                 "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
         if plan is not None:
-            meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket)
+            meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket,
+                        namespaces=[] if restore is not None else plan.spec["namespaces"])
             if restore is not None:
                 meta["cgroup_procs"] = plan.spec["cgroup_procs"]
         self.meta[w.id] = meta

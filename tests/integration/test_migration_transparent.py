@@ -204,6 +204,18 @@ def test_transparent_migration_to_the_same_node_is_refused(mesh):
     wait_for(lambda: not copies(), 30, "the counter to end")
 
 
+@needs_criu
+def test_a_workload_in_namespaces_is_refused_naming_the_label(mesh):
+    """Without gpumesh.io/isolation=criu a workload runs in PID/mount namespaces that CRIU does not
+    dump here: transparent mode is refused up front, naming the label, and the workload runs on."""
+    s = mesh.allocate(tenant="tp", mig_profile="1g.10gb").slices[0]
+    w = mesh.run_workload(s.id, ["sleep", "60"])
+    with pytest.raises(errors.FailedPrecondition, match="gpumesh.io/isolation=criu"):
+        mesh.migrate(w.id, mode="transparent")
+    assert mesh.get_workload(w.id).state == t.WORKLOAD_STATE_RUNNING
+    mesh.stop_workload(w.id)
+
+
 @pytest.mark.skipif(not WHY_NOT, reason="CRIU works here: the refusal is for hosts without it")
 def test_without_criu_transparent_mode_is_refused_naming_it(mesh):
     _, w = start_counter(mesh)
