@@ -61,6 +61,14 @@ def _write(path: str, value: str) -> None:
 
 
 def _remove_dir(path: str, procs: str) -> None:
+    _remove_group(path, procs)
+    try:
+        os.rmdir(os.path.dirname(path))       # the node's parent group, once its last workload is gone
+    except OSError:
+        pass
+
+
+def _remove_group(path: str, procs: str) -> None:
     if not os.path.isdir(path):
         return
     for attempt in range(50):
