@@ -59,6 +59,31 @@ class AgentConfig:
                                  "`meshctl checkpoint` writes and `meshctl restore` reads checkpoints; empty: no store")
     checkpoint_keys_file: str = option("", "YAML file of per-tenant checkpoint keys (tenant: base64 of 32 bytes); a "
                                        "tenant listed there gets its checkpoints encrypted at rest (AES-256-GCM)")
+    workload_isolation: str = option("secure", "how workloads are confined (docs/operations.md): secure runs each "
+                                     "under its tenant's unprivileged uid with no_new_privs, namespaces, cgroups and "
+                                     "a private /dev, and refuses to start workloads on a host that lacks the minimum "
+                                     "(named in the agent's log); permissive uses what the host offers",
+                                     choices=("secure", "permissive"))
+    workload_uid_range: str = option("200000-265535", "uids/gids allocated to tenants without a mapping, FIRST-LAST "
+                                     "(each tenant gets one, remembered in STATE_DIR/isolation/tenant-ids.json; "
+                                     "never 0, the agent's own, or a host account's)")
+    workload_uid_map: str = option("", "fixed tenant ids: TENANT=UID[:GID],... (e.g. the tenant's account in your "
+                                   "directory service)")
+    workload_namespaces: str = option("pid,ipc,mount", "namespaces each workload gets where the kernel allows "
+                                      "(comma-separated of pid, ipc, mount)")
+    workload_memory_default_bytes: int = option(8 << 30, "memory limit of a workload whose slice reserves no host "
+                                                "memory and that asks for none (label gpumesh.io/memory-bytes)",
+                                                minimum=16 << 20)
+    workload_pids_max: int = option(4096, "process/thread limit of a workload that asks for none (label "
+                                    "gpumesh.io/pids)", minimum=8)
+    workload_hide: list = option([], "more host paths hidden from workloads (the agent's state directory, the "
+                                 "checkpoint store, its key file and the agent's TLS key always are)",
+                                 flag="--workload-hide")
+    workload_expose: list = option([], "host paths bound read-only into workloads at the same path, for runtimes "
+                                   "under a hidden directory (the agent's own Python always is)",
+                                   flag="--workload-expose")
+    cgroup_base: str = option("gpumesh", "parent cgroup of the workloads' groups (under each v1 controller, or the "
+                              "v2 root)")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = option("json", "log line format", choices=("json", "text"))
 
@@ -87,6 +112,14 @@ class AgentConfig:
         if not self.insecure and not (self.tls_ca and ((self.tls_cert and self.tls_key) or self.agent_token)):
             raise ConfigError("tls_cert: the agent needs tls_ca, tls_cert and tls_key (`meshctl certs issue --kind "
                               "agent`, see docs/security.md), or insecure: true (--insecure) for a plaintext demo")
+        from nodeagent.isolation.users import parse_map, parse_range
+        parse_range(self.workload_uid_range)
+        parse_map(self.workload_uid_map)
+        bad = set(filter(None, (n.strip() for n in self.workload_namespaces.split(",")))) - {"pid", "ipc", "mount"}
+        if bad:
+            raise ConfigError(f"workload_namespaces: {', '.join(sorted(bad))} not allowed (pid, ipc, mount)")
+        if not self.cgroup_base or "/" in self.cgroup_base.strip("/") and ".." in self.cgroup_base:
+            raise ConfigError("cgroup_base: a cgroup name is needed (no '..')")
         from mesh import tls
         try:
             for name in ("tls_ca", "tls_cert", "tls_key"):

@@ -61,12 +61,15 @@ def install_components(agents, cfg: AgentConfig):
     from nodeagent.layout import NodeMig
     from nodeagent.workloads import WorkloadRunner
 
+    from nodeagent.isolation.setup import isolator_for, isolation_host
+    host = isolation_host(cfg)
     for agent in agents:
         daemon = mps.for_backend(cfg.gpu_backend)
         agent.slicer.mps = daemon
         NodeMig(agent, cfg.mig_mode, cfg.mig_layout).install()
         wdir = os.path.join(cfg.state_dir, "workloads", *([agent.node] if cfg.gpu_backend == "sim" else []))
-        WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds).install()
+        WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds,
+                       isolator=isolator_for(agent, cfg, host, wdir)).install()
         GpuResetter(agent).install()        # the health policy's GPU reset (controlplane/health.py)
     __import__("nodeagent.migrate").migrate.install(agents, cfg)      # migration, checkpoint and restore steps
     return agents

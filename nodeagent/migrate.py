@@ -376,10 +376,12 @@ class MigrationAgent(SlicesMixin):
     def _drop_secret_file(self, wid: str) -> None:
         """The receiving workload removes its secret file once read; a target that never read it (it died,
         or was stopped first) must not leave it behind."""
-        try:
-            os.unlink(self.runner.path(wid, "transfer-secret"))
-        except OSError:
-            pass
+        from nodeagent.workloads import SECRET_FILE_NAME
+        for path in (self.runner.path(wid, "transfer-secret"), os.path.join(self.runner.path(wid, "d"), SECRET_FILE_NAME)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     async def _resume_target(self, cmd: M.MigrationCommand, report) -> None:
         wid = cmd.alias if cmd.alias and cmd.alias in self.runner.workloads else cmd.workload_id

@@ -114,8 +114,26 @@ class SlicesMixin:
         from mesh.checkpoint.criu import Criu
         Criu().require()        # TransparentUnavailable: names criu, the version needed, how to get it
 
+    def _criu(self, wid: str):
+        """Criu for this workload: with its tenant's uid as CRIU's real uid (nodeagent/isolation/criu_ids.py)."""
+        from mesh.checkpoint.criu import Criu
+        meta = self.runner.meta.get(wid, {})
+        if "uid" not in meta:
+            return Criu()
+        from nodeagent.isolation.criu_ids import runner_as
+        c = Criu(runner=runner_as(int(meta["uid"]), int(meta["gid"])))
+        c._info = Criu().detect()       # `criu check` itself runs as root (it reads root-only /proc/sys files)
+        return c
+
     async def _check_transparent(self, cmd: M.MigrationCommand, report) -> None:
         await asyncio.to_thread(self._require_transparent)
+        namespaces = self.runner.meta.get(cmd.workload_id, {}).get("namespaces")
+        if namespaces:
+            from mesh.checkpoint.criu import TransparentUnavailable
+            raise TransparentUnavailable(
+                f"workload {cmd.workload_id} runs in its own {'/'.join(namespaces)} namespaces with a private /dev, "
+                "which CRIU does not dump and restore here: start it with the label gpumesh.io/isolation=criu "
+                "to make it transparently migratable (docs/operations.md, Workload isolation)")
         report(R.TRANSPARENT_OK)
 
     def _images_dir(self, wid: str, mid: str) -> str:
@@ -193,7 +211,7 @@ class SlicesMixin:
         r.forget(wid)
         shutil.copyfile(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far; the process appends
         argv, pidfile = self._restore_argv(str(images), str(extras["log_key"]), leave_stopped=True)
-        w = r.start(spec, restore=(argv, pidfile))
+        w = r.start(spec, restore=(argv, pidfile), restore_uid=int(extras.get("uid", -1)))
         r.meta[wid].update(migration=mid, criu_hold=True)
         r.save(wid)
         if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
@@ -229,8 +247,7 @@ class SlicesMixin:
                     pass
         self.runner.save(wid)
         if pid:
-            from mesh.checkpoint.criu import Criu
-            Criu().resume_device(pid)
+            self._criu(wid).resume_device(pid)
         return True
 
     def _kill_restored(self, wid: str) -> None:
@@ -252,11 +269,15 @@ class SlicesMixin:
             if meta.get("frozen") != mid:
                 if not w.pid:
                     raise RuntimeError(f"workload {wid} has no process id yet")
+                try:        # CRIU restores the working directory by path: the target makes it first
+                    meta["criu_cwd"] = os.readlink(f"/proc/{w.pid}/cwd")
+                except OSError:
+                    meta["criu_cwd"] = os.path.realpath(r.dir)
                 meta.update(frozen=mid, criu_images=images)
                 r.save(wid)
                 report(R.SOURCE_PAUSED, step=0)
                 try:
-                    Criu().dump(w.pid, images, shell_job=True)      # freezes, writes the images, kills it
+                    self._criu(wid).dump(w.pid, images, shell_job=True)  # freezes, writes the images, kills it
                 except Exception:
                     if os.path.exists(f"/proc/{w.pid}"):     # CRIU let it run on: nothing happened
                         meta.pop("frozen", None)
@@ -269,8 +290,8 @@ class SlicesMixin:
                 raise RuntimeError(f"migration {mid} was rolled back")
             logfile = os.path.realpath(r.path(wid, "log"))
             entries = image_entries(images, {LOG_ENTRY: logfile})
-            extras = {"transparent": "criu", "log_key": path_key(logfile), "cwd": os.path.realpath(r.dir),
-                      "pid": w.pid}
+            extras = {"transparent": "criu", "log_key": path_key(logfile), "cwd": meta.get("criu_cwd") or os.path.realpath(r.dir),
+                      "pid": w.pid, "uid": meta.get("uid", -1)}
             with TransferClient(cmd.address, cmd.session, mesh="grpc", secret=self._secret(cmd),
                                 credentials=self._channel_credentials(),
                                 server_name=cmd.peer if self.tls is not None else "") as client:
@@ -323,7 +344,7 @@ class SlicesMixin:
             r.meta[wid]["stem"] = stem
             r.save(wid)
         pid = self._wait_adopted(wid, images)
-        Criu().resume_device(pid)
+        self._criu(wid).resume_device(pid)
         shutil.rmtree(images, ignore_errors=True)
         log(logger, logging.INFO, "source restored from its CRIU images (rollback)", node=self.agent.node,
             workload=wid, pid=pid)

@@ -7,8 +7,16 @@ it (the simulated backend): it keeps the same files (the pipe directory with a
 daemon refuses, and tracks the clients the workload runner attaches.
 
 Slices on an MPS GPU get their limits through `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`
-and `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT` in their environment (nodeagent.slicer);
-the daemon itself is shared by every MPS slice of the GPU.
+and `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT` in their environment (nodeagent.slicer), which a
+workload can change; so before a workload starts the agent also sets them on the daemon
+(`set_limits`), which the workload cannot: MPS runs one server per user id, and every tenant
+runs under its own uid (nodeagent/isolation), so the agent starts the tenant's server
+(`start_server -uid U`), and sets `set_device_pinned_mem_limit <server pid> <dev> <MiB>M` and
+`set_active_thread_percentage <server pid> <pct>` on it (and the defaults, for a server the
+daemon spawns itself). The real daemon serves one uid at a time per GPU: clients of another
+tenant's uid wait until the active server's clients are done (NVIDIA's MPS limitation).
+`SimMps` follows the same commands and refuses a client whose memory exceeds its server's
+pinned limit, as the real server fails the allocation.
 """
 
 from __future__ import annotations
@@ -46,6 +54,28 @@ class MpsDaemon(Protocol):
 
     def remove_client(self, pipe_dir: str, pid: int) -> None:
         ...
+
+    def set_limits(self, pipe_dir: str, uid: int, pinned_mem_bytes: int, thread_percentage: int) -> None:
+        """Make sure uid's MPS server exists and holds these limits (device 0: the client's only one)."""
+
+
+def limit_commands(server_pid: int, pinned_mem_bytes: int, thread_percentage: int) -> list[str]:
+    mib = max(1, pinned_mem_bytes >> 20)
+    return [f"set_default_device_pinned_mem_limit 0 {mib}M",
+            f"set_default_active_thread_percentage {thread_percentage}",
+            f"set_device_pinned_mem_limit {server_pid} 0 {mib}M",
+            f"set_active_thread_percentage {server_pid} {thread_percentage}"]
+
+
+def _uid_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
 
 
 def _env(device: str, pipe_dir: str, log_dir: str) -> dict[str, str]:
@@ -107,11 +137,28 @@ class RealMps:
         if res.returncode != 0:
             raise MpsError(f"stopping the MPS daemon of GPU {gpu_index} failed: {(res.stderr or res.stdout).strip()}")
 
-    def add_client(self, pipe_dir: str, pid: int) -> None:
+    def add_client(self, pipe_dir: str, pid: int, uid: int = -1, memory_bytes: int = 0) -> None:
         pass
 
     def remove_client(self, pipe_dir: str, pid: int) -> None:
         pass
+
+    def _servers(self, pipe_dir: str) -> list[int]:
+        res = self._control("get_server_list", pipe_dir)
+        return [int(x) for x in res.stdout.split() if x.isdigit()]
+
+    def set_limits(self, pipe_dir: str, uid: int, pinned_mem_bytes: int, thread_percentage: int) -> None:
+        server = next((p for p in self._servers(pipe_dir) if _uid_of(p) == uid), 0)
+        if not server:
+            res = self._control(f"start_server -uid {uid}", pipe_dir)
+            if res.returncode != 0:
+                raise MpsError(f"start_server -uid {uid}: {(res.stderr or res.stdout).strip()}")
+            server = next((p for p in self._servers(pipe_dir) if _uid_of(p) == uid), 0)
+        cmds = limit_commands(server, pinned_mem_bytes, thread_percentage)
+        for cmd in cmds if server else cmds[:2]:
+            res = self._control(cmd, pipe_dir)
+            if res.returncode != 0 or "error" in (res.stdout + res.stderr).lower():
+                raise MpsError(f"`{cmd}` failed: {(res.stderr or res.stdout).strip()}")
 
 
 class SimMps:
@@ -162,10 +209,84 @@ class SimMps:
         state = self._read(pipe_dir) or {}
         return [pid for pid in state.get("clients", []) if _alive(pid)]
 
-    def add_client(self, pipe_dir: str, pid: int) -> None:
+    def control(self, pipe_dir: str, line: str) -> str:
+        """One command of nvidia-cuda-mps-control's interactive shell (the subset the agent uses),
+        with the real daemon's answers; MpsError where the real one prints an error."""
+        state = self._read(pipe_dir)
+        if state is None or not os.path.exists(os.path.join(pipe_dir, "control")):
+            raise MpsError(f"no MPS daemon on {pipe_dir}")
+        words = line.split()
+        servers = state.setdefault("servers", {})          # server pid (str) -> {uid, mem, pct}
+        defaults = state.setdefault("defaults", {"mem": 0, "pct": 100})
+        if not words:
+            return ""
+        cmd, args = words[0], words[1:]
+        try:
+            if cmd == "get_server_list":
+                return "\n".join(sorted(servers))
+            if cmd == "start_server" and args[:1] == ["-uid"]:
+                uid = int(args[1])
+                if any(v["uid"] == uid for v in servers.values()):
+                    raise MpsError(f"a server for uid {uid} already runs")
+                pid = str(state.get("next_server_pid", 900_000))
+                state["next_server_pid"] = int(pid) + 1
+                servers[pid] = {"uid": uid, "mem": defaults["mem"], "pct": defaults["pct"]}
+                out = pid
+            elif cmd == "set_default_device_pinned_mem_limit":
+                defaults["mem"] = _parse_mem(args[1])
+                out = ""
+            elif cmd == "set_default_active_thread_percentage":
+                defaults["pct"] = _parse_pct(args[0])
+                out = ""
+            elif cmd in ("set_device_pinned_mem_limit", "set_active_thread_percentage"):
+                if args[0] not in servers:
+                    raise MpsError(f"no server with pid {args[0]}")
+                if cmd == "set_device_pinned_mem_limit":
+                    servers[args[0]]["mem"] = _parse_mem(args[2])
+                else:
+                    servers[args[0]]["pct"] = _parse_pct(args[1])
+                out = ""
+            elif cmd == "get_device_pinned_mem_limit":
+                return f"{servers[args[0]]['mem'] >> 20}M" if args[0] in servers else ""
+            else:
+                raise MpsError(f"unknown command {cmd!r}")
+        except (IndexError, ValueError) as e:
+            raise MpsError(f"`{line}`: bad arguments ({e})") from None
+        self._write(pipe_dir, state)
+        self._log(state.get("log_dir", pipe_dir), line)
+        return out
+
+    def set_limits(self, pipe_dir: str, uid: int, pinned_mem_bytes: int, thread_percentage: int) -> None:
+        state = self._read(pipe_dir) or {}
+        server = next((int(p) for p, v in state.get("servers", {}).items() if v["uid"] == uid), 0)
+        if not server:
+            server = int(self.control(pipe_dir, f"start_server -uid {uid}"))
+        for cmd in limit_commands(server, pinned_mem_bytes, thread_percentage):
+            self.control(pipe_dir, cmd)
+
+    def add_client(self, pipe_dir: str, pid: int, uid: int = -1, memory_bytes: int = 0) -> None:
+        """A client connects (as the real client does at cuInit): it joins its uid's server (started
+        with the defaults if none runs) and is refused when its memory exceeds the server's pinned
+        limit, as the real server fails the allocation."""
         state = self._read(pipe_dir)
         if state is None or not os.path.exists(os.path.join(pipe_dir, "control")):
             raise MpsError(f"no MPS daemon on {pipe_dir}: a client cannot connect")
+        if uid >= 0:
+            servers = state.get("servers", {})
+            server = next((v for v in servers.values() if v["uid"] == uid), None)
+            if server is None:
+                self.control(pipe_dir, f"start_server -uid {uid}")
+                state = self._read(pipe_dir)
+                server = next(v for v in state["servers"].values() if v["uid"] == uid)
+            used = sum(m for p, m in state.get("client_memory", {}).items()
+                       if _alive(int(p)) and state.get("client_uid", {}).get(p) == uid)
+            if server["mem"] and used + memory_bytes > server["mem"]:
+                self._log(state.get("log_dir", pipe_dir), f"client {pid} (uid {uid}) refused: "
+                          f"{used + memory_bytes} bytes exceed the pinned memory limit {server['mem']}")
+                raise MpsError(f"the MPS server of uid {uid} refuses client {pid}: {used + memory_bytes} bytes "
+                               f"exceed its pinned device memory limit of {server['mem']} bytes")
+            state.setdefault("client_memory", {})[str(pid)] = memory_bytes
+            state.setdefault("client_uid", {})[str(pid)] = uid
         state["clients"] = sorted(set(state.get("clients", [])) | {pid})
         self._write(pipe_dir, state)
 
@@ -173,6 +294,8 @@ class SimMps:
         state = self._read(pipe_dir)
         if state is not None and pid in state.get("clients", []):
             state["clients"] = [p for p in state["clients"] if p != pid]
+            state.get("client_memory", {}).pop(str(pid), None)
+            state.get("client_uid", {}).pop(str(pid), None)
             self._write(pipe_dir, state)
 
     def stop(self, gpu_index: int, pipe_dir: str) -> None:
@@ -193,6 +316,21 @@ class SimMps:
 
 
 _alive = pid_alive
+
+
+def _parse_mem(text: str) -> int:
+    """`4096M`, `4G` or bytes -> bytes (the daemon's value syntax)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text[-1:].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
+def _parse_pct(text: str) -> int:
+    v = int(text)
+    if not 1 <= v <= 100:
+        raise ValueError(f"active thread percentage {v} is outside 1..100")
+    return v
 
 
 def for_backend(backend: str) -> MpsDaemon:

@@ -137,6 +137,9 @@ class Registrar:
             raise
         desc.tls_sha256 = self.server.tls_sha256
         self.buffers[bid] = Held(desc, connection_id, region)
+        iso = getattr(self.agent, "isolator", None)      # the slice's workloads see it in their /dev/shm
+        if iso is not None:
+            iso.share_segment(slice_id, self.agent.desired[slice_id].tenant, region.name)
         log(logger, logging.INFO, "mesh buffer registered", node=self.node, buffer=bid, slice=slice_id,
             size=size, transport=transport)
         return desc
@@ -152,6 +155,9 @@ class Registrar:
             self.cuda.deregister(buffer_id)
         if held.region is not None:
             held.region.revoke()
+            iso = getattr(self.agent, "isolator", None)
+            if iso is not None:
+                iso.unshare_segment(held.descriptor.slice_id, held.region.name)
         log(logger, logging.INFO, "mesh buffer revoked", node=self.node, buffer=buffer_id,
             slice=held.descriptor.slice_id, reason=reason)
         return True

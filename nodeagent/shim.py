@@ -16,6 +16,12 @@ command; `{logfd}` in it becomes the log file's descriptor (passed on, for `--in
 shim is a child subreaper, so the restored process becomes its child once criu exits; then it
 is followed as above (pid file, exit file). A failed restore is recorded as the exit status.
 
+With `--confine SPEC` (the agent's isolation plan, nodeagent/isolation/plan.py) the shim unshares
+a PID namespace and starts CMD under `nodeagent/isolation/confine.py`, the namespace's init, which
+builds the private view, switches to the tenant's uid and runs CMD; the pid file then names that
+init (the root of the workload's process tree, what CRIU dumps), and the exit status comes from
+it through a pipe.
+
 Standard library only: it runs by path, before anything of the package is importable.
 """
 
@@ -45,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-file", required=True)
     parser.add_argument("--log-file", required=True)
     parser.add_argument("--restore-pidfile", default="")
+    parser.add_argument("--confine", default="")
+    parser.add_argument("--real-ids", default="", help="UID:GID: criu restore runs with these real ids "
+                        "(effective root), see nodeagent/isolation/criu_ids.py")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    os.umask(0o077)          # its pid and exit files are the agent's alone (the workload sets its own umask)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
         parser.error("no command after --")
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: None)   # a handler, not SIG_IGN: the child gets default dispositions
     if args.restore_pidfile:
         return _adopt(args, cmd)
+    if args.confine:
+        return _confined(args, cmd)
     with open(args.log_file, "ab", buffering=0) as log:
         try:
             child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -74,6 +86,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+CONFINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "isolation", "confine.py")
+CLONE_NEWPID = 0x20000000
+
+
+def _confined(args: argparse.Namespace, cmd: list[str]) -> int:
+    def fail(why: str) -> int:
+        _write(args.exit_file, {"exit_code": 126, "signal": 0, "finished_at": time.time(), "error": why})
+        return 126
+    try:
+        with open(args.confine, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        return fail(f"cannot read the confinement plan: {e}")
+    if "pid" in spec.get("namespaces", []):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWPID) != 0:
+            return fail(f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}")
+    r, w = os.pipe()
+    stops = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    with open(args.log_file, "ab", buffering=0) as log:
+        # The init has no handler yet when it starts (a PID namespace's init ignores such signals):
+        # it starts with them blocked, so a stop that comes early stays pending until it can act on it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            child = subprocess.Popen([sys.executable, "-I", "-S", CONFINE, "--status-fd", str(w), args.confine,
+                                      "--", *cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     pass_fds=(w,))
+        except OSError as e:
+            return fail(f"cannot start the workload's init: {e.strerror}")
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        os.close(w)
+        _write(args.pid_file, {"pid": child.pid, "started_at": time.time(), "confined": True})
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except InterruptedError:
+                continue
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    try:
+        doc = json.loads(data) if data else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):      # the init was killed (SIGKILL of the group) or said nothing
+        doc = {"exit_code": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else 0}
+    doc = {"exit_code": int(doc.get("exit_code", 0)), "signal": int(doc.get("signal", 0)),
+           "finished_at": time.time(), **({"error": str(doc["error"])} if doc.get("error") else {})}
+    _write(args.exit_file, doc)
+    return 0
+
+
 def _adopt(args: argparse.Namespace, cmd: list[str]) -> int:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -81,9 +148,16 @@ def _adopt(args: argparse.Namespace, cmd: list[str]) -> int:
     with open(args.log_file, "ab", buffering=0) as log:
         fd = log.fileno()
         argv = [a.replace("{logfd}", str(fd)) for a in cmd]
+        preexec = None
+        if args.real_ids:
+            uid, gid = (int(x) for x in args.real_ids.split(":"))
+
+            def preexec() -> None:
+                os.setresgid(gid, 0, 0)
+                os.setresuid(uid, 0, 0)
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               pass_fds=(fd,))
+                               pass_fds=(fd,), preexec_fn=preexec)
             rc, err = r.returncode, r.stderr.decode(errors="replace").strip()[-500:]
         except OSError as e:
             rc, err = 127, e.strerror or str(e)

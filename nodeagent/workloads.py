@@ -41,6 +41,7 @@ SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
 CHUNK = 32 << 10
+SECRET_FILE_NAME = ".transfer-secret"   # a migration target's secret, in its own directory
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -75,9 +76,10 @@ def _shim_alive(pid: int, marker: str) -> bool:
 
 class WorkloadRunner:
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
-                 poll_interval: float = 0.2) -> None:
+                 poll_interval: float = 0.2, isolator=None) -> None:
         self.agent = agent
         self.dir = directory
+        self.isolator = isolator         # nodeagent.isolation.Isolator: confines every workload
         self.mps = mps
         self.stop_grace = stop_grace
         self.poll_interval = poll_interval
@@ -87,7 +89,8 @@ class WorkloadRunner:
         self.log_tasks: dict[str, asyncio.Task] = {}
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o711, exist_ok=True)
+        os.chmod(self.dir, 0o711)       # the workloads' own directories are inside; nothing else is readable
         self.load()
 
     def install(self) -> "WorkloadRunner":
@@ -117,8 +120,11 @@ class WorkloadRunner:
         self.save(new)
 
     def socket_path(self, wid: str) -> str:
-        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET); a short path
-        under /tmp when the runner's directory is too deep for a Unix socket name."""
+        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET) as the agent sees
+        it: in the workload's own directory when it is confined (it names another path inside);
+        else a short path under /tmp when the runner's directory is too deep for a Unix socket name."""
+        if self.meta.get(wid, {}).get("socket"):
+            return self.meta[wid]["socket"]
         path = self.path(wid, "sock")
         if len(path) > 100:
             import hashlib
@@ -133,7 +139,7 @@ class WorkloadRunner:
         self.workloads.pop(wid, None)
         self.meta.pop(wid, None)
         self.popens.pop(wid, None)
-        for ext in ("pid", "exit", "json"):
+        for ext in ("pid", "exit", "json", "confine.json"):
             try:
                 os.unlink(self.path(wid, ext))
             except FileNotFoundError:
@@ -157,8 +163,8 @@ class WorkloadRunner:
     def save(self, wid: str) -> None:
         doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
         tmp = self.path(wid, "json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            json.dump(doc, f)        # the record holds the workload's environment: root-only
         os.replace(tmp, self.path(wid, "json"))
 
     # -- reporting ----------------------------------------------------------------------
@@ -216,7 +222,8 @@ class WorkloadRunner:
         except FileNotFoundError:
             pass
 
-    def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None) -> types_pb2.Workload:
+    def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
+              restore_uid: int = -1) -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
         pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py)."""
         w = types_pb2.Workload()
@@ -233,10 +240,31 @@ class WorkloadRunner:
         env["GPUMESH_CHECKPOINT_SOCKET"] = self.socket_path(w.id)
         argv = [sys.executable, SHIM, "--pid-file", self.path(w.id, "pid"), "--exit-file", self.path(w.id, "exit"),
                 "--log-file", self.path(w.id, "log"), "--", *w.command]
+        plan = None
         if restore is not None:
             argv[-len(w.command) - 1:] = ["--restore-pidfile", restore[1], "--", *restore[0]]
+            if self.isolator is not None:      # CRIU restores the uid; the target's cgroup takes the process
+                try:
+                    plan = self._confine(w, st)
+                except Exception as e:   # noqa: BLE001
+                    return self._fail(w, f"isolation: {e}")
+                if restore_uid >= 0 and restore_uid != plan.uid:
+                    return self._fail(w, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the source node "
+                                         f"and is uid {plan.uid} here; CRIU would restore it under another "
+                                         "tenant's id: give the tenant the same ids on every node (workload_uid_map)")
+                argv[argv.index("--restore-pidfile"):argv.index("--restore-pidfile")] = [
+                    "--real-ids", f"{plan.uid}:{plan.gid}"]
+        elif self.isolator is not None:
+            try:
+                plan = self._confine(w, st)
+            except Exception as e:   # noqa: BLE001 - IsolationRefused, OSError: the workload does not start
+                return self._fail(w, f"isolation: {e}")
+            env.update(plan.env)
+            self._hand_over_secret(env, plan)
+            argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
         try:
-            with open(self.path(w.id, "log"), "ab") as shim_err:
+            fd = os.open(self.path(w.id, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with open(fd, "ab") as shim_err:
                 p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
@@ -244,6 +272,11 @@ class WorkloadRunner:
         self.popens[w.id] = p
         meta = {"shim_pid": p.pid, "device_uuid": st.device_uuid,
                 "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
+        if plan is not None:
+            meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket,
+                        namespaces=[] if restore is not None else plan.spec["namespaces"])
+            if restore is not None:
+                meta["cgroup_procs"] = plan.spec["cgroup_procs"]
         self.meta[w.id] = meta
         deadline = time.monotonic() + 5
         pid_doc = None
@@ -263,6 +296,37 @@ class WorkloadRunner:
             pid=w.pid, command=" ".join(w.command)[:200])
         return w
 
+    def _confine(self, w: types_pb2.Workload, st):
+        """The isolation plan of `w` (nodeagent/isolation/plan.py), written for the shim; on an MPS
+        slice the daemon gets the tenant's limits first."""
+        s = self.agent.desired.get(w.slice_id)
+        mig = getattr(self.agent.slicer, "mig", {}).get(w.slice_id)
+        gpu_index = s.gpu_index if s is not None else -1
+        mps_pipe = st.env.get("CUDA_MPS_PIPE_DIRECTORY", "")
+        plan = self.isolator.plan(w, s, gpu_index=gpu_index, gi_id=mig.gi_id if mig else None,
+                                  ci_id=mig.ci_id if mig else None, workdir=self.path(w.id, "d"), mps_pipe=mps_pipe)
+        if mps_pipe and self.mps is not None and s is not None:
+            self.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
+        path = self.path(w.id, "confine.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(plan.spec, f)
+        return plan
+
+    @staticmethod
+    def _hand_over_secret(env: dict, plan) -> None:
+        """A migration target's transfer secret file (written by the agent, 0600) moves into the
+        workload's own directory, owned by the workload's uid, and the environment names it as the
+        workload sees it; nothing else can read it there."""
+        from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
+        src = env.get(SECRET_FILE_ENV)
+        if not src or not os.path.exists(src):
+            return
+        dst = os.path.join(plan.workdir, SECRET_FILE_NAME)
+        os.replace(src, dst)
+        os.chown(dst, plan.uid, plan.gid)
+        env[SECRET_FILE_ENV] = os.path.join(plan.spec["workdir"], SECRET_FILE_NAME)
+
     def _fail(self, w: types_pb2.Workload, why: str) -> types_pb2.Workload:
         w.state = W.WORKLOAD_STATE_FAILED
         w.message = why
@@ -274,6 +338,13 @@ class WorkloadRunner:
     def _attach(self, wid: str, pid: int) -> None:
         """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
         meta = self.meta[wid]
+        for procs in meta.pop("cgroup_procs", []):      # a CRIU-restored process joins its cgroups here
+            for p in _tree(pid):
+                try:
+                    with open(procs, "w", encoding="ascii") as f:
+                        f.write(str(p))
+                except OSError as e:
+                    logger.warning("cannot move restored process %s into %s: %s", p, procs, e)
         nvml = self.agent.gpus.nvml
         if hasattr(nvml, "sim_add_process") and meta.get("device_uuid"):
             try:
@@ -283,10 +354,15 @@ class WorkloadRunner:
                 logger.warning("cannot register workload with the simulated NVML: %s", e)
         if self.mps is not None and meta.get("mps_pipe"):
             try:
-                self.mps.add_client(meta["mps_pipe"], pid)
+                if "uid" in meta:
+                    self.mps.add_client(meta["mps_pipe"], pid, uid=meta["uid"], memory_bytes=SIM_PROCESS_MEMORY)
+                else:
+                    self.mps.add_client(meta["mps_pipe"], pid)
                 meta["mps_pid"] = pid
-            except Exception as e:   # noqa: BLE001 - a stand-in failing must not stop the workload
+            except Exception as e:   # noqa: BLE001 - the client is refused: its CUDA calls would fail
                 logger.warning("cannot attach workload to the MPS daemon: %s", e)
+                meta["mps_refused"] = str(e)
+                self._signal(wid, signal.SIGKILL)
 
     def _detach(self, wid: str) -> None:
         meta = self.meta.get(wid, {})
@@ -361,7 +437,10 @@ class WorkloadRunner:
         self.popens.pop(wid, None)
         ex = _read_json(self.path(wid, "exit"))
         stopped = bool(meta.get("stop_at"))
-        if ex is None:
+        if meta.get("mps_refused"):
+            w.exit_code = 128 + signal.SIGKILL
+            w.message = f"killed: {meta['mps_refused']}"
+        elif ex is None:
             w.exit_code = 128 + signal.SIGKILL
             w.message = "killed (its supervisor ended without recording the exit status)"
         else:
@@ -372,12 +451,14 @@ class WorkloadRunner:
         if stopped:
             w.state = W.WORKLOAD_STATE_STOPPED
             w.message = f"{meta.get('stop_reason') or 'stopped on request'}; {w.message}"
-        elif ex is not None and w.exit_code == 0 and not ex.get("error"):
+        elif ex is not None and w.exit_code == 0 and not ex.get("error") and not meta.get("mps_refused"):
             w.state = W.WORKLOAD_STATE_SUCCEEDED
         else:
             w.state = W.WORKLOAD_STATE_FAILED
         w.finished_at.CopyFrom(_ts(ex["finished_at"]) if ex and ex.get("finished_at") else _ts())
         self._detach(wid)
+        if self.isolator is not None and meta.get("cgroup"):
+            self.isolator.release(meta["cgroup"])
         self.save(wid)
         log(logger, logging.INFO, "workload ended", node=self.agent.node, workload=wid,
             state=types_pb2.WorkloadState.Name(w.state), exit_code=w.exit_code)
@@ -421,6 +502,21 @@ class WorkloadRunner:
             if not more:
                 await asyncio.sleep(self.poll_interval)
         chunk(eof=True)
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
 
 
 def _tail(path: str, lines: int) -> tuple[bytes, int]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -102,9 +104,17 @@ def parent_cmdline(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode()
 
 
+# The workload runs as tenant tp's unprivileged uid: a Python that uid may execute (the test's own
+# may live in root's home), and the label that keeps it CRIU-dumpable (no PID/mount namespaces;
+# docs/operations.md, "Workload isolation").
+COUNTER_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+CRIU_LABELS = {"gpumesh.io/isolation": "criu"}
+
+
 def start_counter(mesh, quit_file: str = ""):
     s = mesh.allocate(tenant="tp", mig_profile="1g.10gb").slices[0]
-    w = mesh.run_workload(s.id, [sys.executable, "-c", COUNTER, MARKER] + ([quit_file] if quit_file else []))
+    w = mesh.run_workload(s.id, [COUNTER_PY, "-c", COUNTER, MARKER] + ([quit_file] if quit_file else []),
+                          labels=CRIU_LABELS)
     assert w.state == t.WORKLOAD_STATE_RUNNING
     wait_for(lambda: last(mesh, w.id) >= 20, 60, "the counter to reach 20")
     return s, mesh.get_workload(w.id)
@@ -112,7 +122,9 @@ def start_counter(mesh, quit_file: str = ""):
 
 @needs_criu
 def test_transparent_migration_continues_the_process_from_its_memory(mesh, tmp_path):
-    quit_file = tmp_path / "quit"
+    quit_dir = tempfile.mkdtemp(prefix="gpumesh-tp-", dir="/var/tmp")    # where the tenant's uid can look
+    os.chmod(quit_dir, 0o755)
+    quit_file = Path(quit_dir) / "quit"
     src_slice, w = start_counter(mesh, str(quit_file))
     assert copies() == [w.pid]
     m = mesh.wait_migration(mesh.migrate(w.id, mode="transparent").id, timeout=180)
@@ -190,6 +202,18 @@ def test_transparent_migration_to_the_same_node_is_refused(mesh):
     assert now.state == t.WORKLOAD_STATE_RUNNING and now.pid == w.pid and copies() == [w.pid]
     mesh.stop_workload(w.id)
     wait_for(lambda: not copies(), 30, "the counter to end")
+
+
+@needs_criu
+def test_a_workload_in_namespaces_is_refused_naming_the_label(mesh):
+    """Without gpumesh.io/isolation=criu a workload runs in PID/mount namespaces that CRIU does not
+    dump here: transparent mode is refused up front, naming the label, and the workload runs on."""
+    s = mesh.allocate(tenant="tp", mig_profile="1g.10gb").slices[0]
+    w = mesh.run_workload(s.id, ["sleep", "60"])
+    with pytest.raises(errors.FailedPrecondition, match="gpumesh.io/isolation=criu"):
+        mesh.migrate(w.id, mode="transparent")
+    assert mesh.get_workload(w.id).state == t.WORKLOAD_STATE_RUNNING
+    mesh.stop_workload(w.id)
 
 
 @pytest.mark.skipif(not WHY_NOT, reason="CRIU works here: the refusal is for hosts without it")

@@ -1,0 +1,187 @@
+"""Per-workload cgroups: memory, CPU and process-count limits (and, on v1, the devices list).
+
+`CgroupDriver` is the small protocol the agent uses; `CgroupV1` (one hierarchy per controller,
+as on this development machine) and `CgroupV2` (the unified hierarchy of current GPU hosts)
+implement it, and `for_host` picks the one the host mounts. The workload's init writes itself
+into every `procs_files` entry before it starts anything, so the whole tree is accounted.
+
+Cgroup v2 has no devices file (device access is an eBPF program there): on v2 the private /dev
+of the mount namespace and the missing CAP_MKNOD of the unprivileged workload confine devices.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nodeagent.isolation.devices import DeviceNode
+
+ROOT = "/sys/fs/cgroup"
+CPU_PERIOD_US = 100_000
+# Character devices every workload may use: null, zero, full, random, urandom, tty, ptmx, pts.
+BASE_DEVICE_RULES = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm",
+                     "c 5:2 rwm", "c 136:* rwm")
+
+
+class CgroupError(RuntimeError):
+    """A workload's cgroup could not be made or limited."""
+
+
+@dataclass
+class Limits:
+    memory_bytes: int = 0          # 0: no limit
+    cpu_milli: int = 0             # 0: no limit
+    pids_max: int = 0              # 0: no limit
+    devices: list[DeviceNode] = field(default_factory=list)   # besides BASE_DEVICE_RULES
+
+
+class CgroupDriver(Protocol):
+    version: int
+    confines_devices: bool
+
+    def create(self, name: str, limits: Limits) -> list[str]:
+        """Make the group `name` with `limits`; answer the files a process writes "0" into to join."""
+
+    def remove(self, name: str) -> None:
+        """Kill what is left in the group and remove it (no error when it is gone already)."""
+
+    def exists(self, name: str) -> bool:
+        ...
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(value)
+    except OSError as e:
+        raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
+
+
+def _remove_dir(path: str, procs: str) -> None:
+    _remove_group(path, procs)
+    try:
+        os.rmdir(os.path.dirname(path))       # the node's parent group, once its last workload is gone
+    except OSError:
+        pass
+
+
+def _remove_group(path: str, procs: str) -> None:
+    if not os.path.isdir(path):
+        return
+    for attempt in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            try:
+                with open(os.path.join(path, procs), encoding="ascii") as f:
+                    for pid in f.read().split():
+                        try:
+                            os.kill(int(pid), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+
+class CgroupV1:
+    version = 1
+    confines_devices = True
+    CONTROLLERS = ("memory", "cpu", "pids", "devices")
+
+    def __init__(self, base: str = "gpumesh", root: str = ROOT) -> None:
+        self.base, self.root = base, root
+
+    def _dir(self, controller: str, name: str) -> str:
+        return os.path.join(self.root, controller, self.base, name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.isdir(self._dir("memory", name))
+
+    def create(self, name: str, limits: Limits) -> list[str]:
+        procs = []
+        for c in self.CONTROLLERS:
+            d = self._dir(c, name)
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:
+                raise CgroupError(f"cannot create the {c} cgroup {d}: {e.strerror}") from None
+            procs.append(os.path.join(d, "cgroup.procs"))
+        mem = self._dir("memory", name)
+        if limits.memory_bytes:
+            _write(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory_bytes))
+            if os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):   # no escape into swap
+                _write(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(limits.memory_bytes))
+        if limits.cpu_milli:
+            cpu = self._dir("cpu", name)
+            _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(max(1000, limits.cpu_milli * CPU_PERIOD_US // 1000)))
+        if limits.pids_max:
+            _write(os.path.join(self._dir("pids", name), "pids.max"), str(limits.pids_max))
+        dev = self._dir("devices", name)
+        _write(os.path.join(dev, "devices.deny"), "a")
+        for rule in (*BASE_DEVICE_RULES, *(f"c {n.major}:{n.minor} rwm" for n in limits.devices)):
+            _write(os.path.join(dev, "devices.allow"), rule)
+        return procs
+
+    def remove(self, name: str) -> None:
+        for c in self.CONTROLLERS:
+            _remove_dir(self._dir(c, name), "cgroup.procs")
+
+
+class CgroupV2:
+    version = 2
+    confines_devices = False      # eBPF device programs: not done here, the private /dev confines
+    CONTROLLERS = ("memory", "cpu", "pids")
+
+    def __init__(self, base: str = "gpumesh", root: str = ROOT) -> None:
+        self.base, self.root = base, root
+
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.root, self.base, name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.isdir(self._dir(name))
+
+    def _enable(self) -> None:
+        base = os.path.join(self.root, self.base)
+        os.makedirs(base, exist_ok=True)
+        for d in (self.root, base):
+            try:
+                with open(os.path.join(d, "cgroup.controllers"), encoding="ascii") as f:
+                    avail = f.read().split()
+            except OSError:
+                continue
+            want = " ".join(f"+{c}" for c in self.CONTROLLERS if c in avail)
+            if want:
+                _write(os.path.join(d, "cgroup.subtree_control"), want)
+
+    def create(self, name: str, limits: Limits) -> list[str]:
+        self._enable()
+        d = self._dir(name)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise CgroupError(f"cannot create the cgroup {d}: {e.strerror}") from None
+        if limits.memory_bytes:
+            _write(os.path.join(d, "memory.max"), str(limits.memory_bytes))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                _write(os.path.join(d, "memory.swap.max"), "0")
+        if limits.cpu_milli:
+            _write(os.path.join(d, "cpu.max"), f"{max(1000, limits.cpu_milli * CPU_PERIOD_US // 1000)} {CPU_PERIOD_US}")
+        if limits.pids_max:
+            _write(os.path.join(d, "pids.max"), str(limits.pids_max))
+        return [os.path.join(d, "cgroup.procs")]
+
+    def remove(self, name: str) -> None:
+        _remove_dir(self._dir(name), "cgroup.procs")
+
+
+def for_host(version: int, base: str = "gpumesh", root: str = ROOT) -> CgroupDriver | None:
+    return {1: CgroupV1, 2: CgroupV2}.get(version, lambda *a, **k: None)(base, root)

@@ -1,0 +1,70 @@
+"""Wiring: one host probe and tenant-id table per agent process, one `Isolator` per node."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from nodeagent.isolation import cgroups as cg
+from nodeagent.isolation.devices import NvidiaDevices, make_sim_nodes
+from nodeagent.isolation.plan import Isolator, IsolationSettings
+from nodeagent.isolation.probe import HostFeatures, probe
+from nodeagent.isolation.users import TenantUsers, parse_map, parse_range
+
+
+@dataclass
+class IsolationHost:
+    features: HostFeatures
+    users: TenantUsers
+    settings: IsolationSettings
+
+
+def isolation_host(cfg) -> IsolationHost:
+    features = probe(probe_name=f"{cfg.cgroup_base}-probe-{os.getpid()}")
+    users = TenantUsers(parse_range(cfg.workload_uid_range), parse_map(cfg.workload_uid_map),
+                        os.path.join(cfg.state_dir, "isolation", "tenant-ids.json"))
+    home = os.path.expanduser("~")
+    mask = [cfg.state_dir, cfg.checkpoint_dir, cfg.checkpoint_keys_file, cfg.tls_key, *cfg.workload_hide,
+            *([home] if home not in ("/", "") else [])]
+    # the Python the agent runs (and the workloads of the demo and tests) may live in the agent's home
+    expose = [os.path.realpath(sys.base_prefix), *cfg.workload_expose]
+    settings = IsolationSettings(
+        mode=cfg.workload_isolation,
+        namespaces=tuple(n.strip() for n in cfg.workload_namespaces.split(",") if n.strip()),
+        default_memory_bytes=cfg.workload_memory_default_bytes, default_pids=cfg.workload_pids_max,
+        mask=[os.path.realpath(p) for p in mask if p], expose=[os.path.realpath(p) for p in expose if p])
+    for d in (cfg.state_dir, cfg.checkpoint_dir):     # nothing of the agent's readable through plain paths
+        if d and os.path.isdir(d) and os.stat(d).st_uid == os.getuid():
+            os.chmod(d, os.stat(d).st_mode & 0o7711)
+    return IsolationHost(features, users, settings)
+
+
+def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
+    driver = cg.for_host(host.features.cgroup_version, cfg.cgroup_base) if host.features.cgroup_controllers else None
+    if cfg.gpu_backend == "sim":
+        dev_dir = os.path.join(cfg.state_dir, "sim", agent.node, "dev")
+        devices = NvidiaDevices(dev_dir, os.path.join(dev_dir, "mig-minors"))
+        # the stand-in nodes, once the simulated NVML says how many GPUs the host has
+        agent.start_hooks.append(lambda: make_sim_nodes(dev_dir, max(agent.gpus.uuids, default=-1) + 1))
+    else:
+        devices = NvidiaDevices()
+    iso = Isolator(host.settings, host.features, host.users, driver, devices, node=agent.node, scope=scope)
+    agent.isolator = iso
+    agent.labels.update(inventory_labels(host))
+    agent.desired_hooks.append(lambda d: iso.forget_slices({s.id for s in d.upserts}, full=d.full,
+                                                           removed=set(d.removals)))
+    return iso
+
+
+def inventory_labels(host: IsolationHost) -> dict[str, str]:
+    """What `meshctl describe node` shows of the workload confinement this node gives."""
+    f = host.features
+    return {
+        "gpumesh.io/workload-isolation": host.settings.mode if not f.missing() else f"{host.settings.mode}-incomplete",
+        "gpumesh.io/workload-namespaces": "+".join(n for n in host.settings.namespaces if n in f.namespaces) or "none",
+        "gpumesh.io/workload-cgroup": f"v{f.cgroup_version}" if f.cgroup_controllers else "none",
+        # MPS GPU memory: kernel-enforced partitioning needs the cgroup v2 dmem controller (r615+ drivers);
+        # without it the limits are the MPS daemon's (set per tenant server)
+        "gpumesh.io/mps-memory-limits": "dmem-available" if f.dmem else "mps-daemon",
+    }
