@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="arrivals (the artifact's protocol) or timeline (creation/deletion times, departures)")
     p.add_argument("--node-order", choices=("shuffled", "file"), default="shuffled",
                    help="node order that breaks ties: shuffled per seed, as the artifact does (default), or the file's")
+    p.add_argument("--mix", choices=("online", "trace"), default="online",
+                   help="the request mix the scheduler weighs fragmentation by: online, learned from a sliding "
+                        "window of arrivals as the live control plane does (default), or trace, the whole trace's "
+                        "up front as the FGD artifact does")
     p.add_argument("--at", type=float, default=1.0, metavar="LOAD", help="load of the table's columns (default: 1.0)")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="worker processes (default: the CPU count)")
@@ -66,20 +70,23 @@ def _load(nodes_path: str, pods_path: str):
 
 def _one(task: tuple) -> dict:
     from tools.replay import sim
-    mode, nodes_path, pods_path, policy, seed, load_max, step, order = task
+    mode, nodes_path, pods_path, policy, seed, load_max, step, order, mix_mode = task
     nodes, pods, mix = _load(nodes_path, pods_path)
     if mode == "timeline":
-        r = sim.run_timeline(nodes, pods, policy, seed, mix=mix, order=order)
+        r = sim.run_timeline(nodes, pods, policy, seed, mix=mix, order=order, mix_mode=mix_mode)
     else:
-        r = sim.run_arrivals(nodes, pods, policy, seed, load_max=load_max, step=step, mix=mix, order=order)
+        r = sim.run_arrivals(nodes, pods, policy, seed, load_max=load_max, step=step, mix=mix, order=order,
+                             mix_mode=mix_mode)
     return {"policy": policy, "seed": seed, "capacity": r.capacity_gpus, "curve": r.curve, "placed": r.placed,
             "skipped": r.skipped, "decisions": r.decisions, "seconds": r.seconds}
 
 
 def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: float = 1.3, step: float = 0.01,
              mode: str = "arrivals", jobs: int = 1, trace_dir: str = "", progress=None,
-             order: str = "shuffled") -> list[dict]:
-    """One result document per policy (the shape `-o json` prints)."""
+             order: str = "shuffled", mix: str = "online") -> list[dict]:
+    """One result document per policy (the shape `-o json` prints); `mix`: how the scheduler gets the
+    request mix (`online`: learned from the arrivals, as the live control plane does; `trace`: the
+    whole trace's, up front, as the FGD artifact does)."""
     from tools.replay import sim, trace
     nodes_path, pods_path = trace.trace_path(nodes, trace_dir, "node"), trace.trace_path(pods, trace_dir, "pod")
     for what, path in (("--nodes", nodes_path), ("--pods", pods_path)):
@@ -88,7 +95,9 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
     for pol in policies:
         if pol not in sim.POLICIES:
             raise CliError(f"--policy: unknown policy {pol!r}; allowed: {', '.join(sim.POLICIES)}")
-    tasks = [(mode, nodes_path, pods_path, pol, seed, load_max, step, order) for pol in policies
+    if mix not in sim.MIX_MODES:
+        raise CliError(f"--mix: unknown mode {mix!r}; allowed: {', '.join(sim.MIX_MODES)}")
+    tasks = [(mode, nodes_path, pods_path, pol, seed, load_max, step, order, mix) for pol in policies
              for seed in range(seeds)]
     results: list[dict] = []
     if jobs > 1 and len(tasks) > 1:
@@ -112,7 +121,7 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
                      "nodes": os.path.basename(nodes_path), "pods": os.path.basename(pods_path), "mode": mode,
                      "skipped_pods": round(sum(r.skipped for r in runs) / len(runs), 1),
                      "ms_per_decision": round(1000 * sum(r.seconds for r in runs) / max(1, decisions), 3),
-                     "node_order": order,
+                     "node_order": order, "mix": mix,
                      "curve": sim.average(runs, step) if mode == "arrivals" else sim.average_timeline(runs)})
     return docs
 
@@ -158,7 +167,7 @@ def run_sim(args: argparse.Namespace) -> int:
              f"at {100 * args.at:g}% load, {r['seconds']:.1f}s")
 
     docs = simulate(args.nodes, args.pods, policies, args.seeds, args.load_max, args.step, args.mode, args.jobs,
-                    args.trace_dir, progress, args.node_order)
+                    args.trace_dir, progress, args.node_order, args.mix)
     if args.plot:
         plot(docs, args.plot)
         info(f"wrote {args.plot}")
@@ -170,6 +179,7 @@ def run_sim(args: argparse.Namespace) -> int:
         p = sim.at_load(d["curve"], args.at) or {}
         rows.append([d["policy"], d["capacity_gpus"], p.get("unallocated_gpus"), p.get("fragmented_gpus"),
                      d["skipped_pods"], d["ms_per_decision"]])
+    info(f"request mix: {args.mix}")
     out(render_table(["POLICY", "GPUS", f"UNALLOCATED@{100 * args.at:g}%", f"FRAGMENTED@{100 * args.at:g}%",
                       "SKIPPED PODS", "MS/DECISION"], rows))
     return 0
