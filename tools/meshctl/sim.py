@@ -18,6 +18,7 @@ from tools.meshctl.common import CliError, info, out, positive_float, positive_i
 EPILOG = """\
 examples:
   meshctl sim --policy default --seeds 10 -o json
+  meshctl sim --policy default,fgd --mix trace --seeds 10   # the artifact's protocol: the trace's mix up front
   meshctl sim --policy random,packing,bestfit,fgd,default --seeds 10 --plot curves.png
   meshctl sim --pods gpushare100 --policy default,fgd
   meshctl sim --nodes all_node --pods cpu050 --policy bestfit
@@ -26,7 +27,9 @@ examples:
 
 --nodes and --pods take a trace file name (gpu_node, all_node; default, gpushare40, cpu050,
 ...) under the trace directory ($MESH_TRACE_DIR or ../shared/traces/alibaba-gpu-v2023), or a path.
-With -o json one policy prints {"policy", "seeds", "capacity_gpus", "curve": [{"load",
+--mix online (the default) lets the scheduler learn the request mix from the arrivals, as the live
+control plane does; --mix trace gives it the whole trace's mix up front, as the FGD artifact does.
+With -o json one policy prints {"policy", "mix", "seeds", "capacity_gpus", "curve": [{"load",
 "unallocated_gpus", "fragmented_gpus"}, ...], ...}; several print a list of those. Ties between equal
 scores go to the smallest node name: names get a seeded random prefix by default, as the artifact's node
 names are; --node-order file keeps the list's order. Timeline curves are averaged over seeds too.
@@ -177,9 +180,8 @@ def run_sim(args: argparse.Namespace) -> int:
     rows = []
     for d in docs:
         p = sim.at_load(d["curve"], args.at) or {}
-        rows.append([d["policy"], d["capacity_gpus"], p.get("unallocated_gpus"), p.get("fragmented_gpus"),
+        rows.append([d["policy"], d["mix"], d["capacity_gpus"], p.get("unallocated_gpus"), p.get("fragmented_gpus"),
                      d["skipped_pods"], d["ms_per_decision"]])
-    info(f"request mix: {args.mix}")
-    out(render_table(["POLICY", "GPUS", f"UNALLOCATED@{100 * args.at:g}%", f"FRAGMENTED@{100 * args.at:g}%",
+    out(render_table(["POLICY", "MIX", "GPUS", f"UNALLOCATED@{100 * args.at:g}%", f"FRAGMENTED@{100 * args.at:g}%",
                       "SKIPPED PODS", "MS/DECISION"], rows))
     return 0
