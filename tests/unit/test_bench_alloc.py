@@ -1,10 +1,10 @@
-"""`meshctl bench alloc`: etcd's data on disk by default (--tmpfs as before), the JSON saying which and
-where, and a secured cluster (--secure, or a running one with the usual TLS/token flags)."""
+"""`meshctl bench alloc`'s options: etcd's data on disk by default (--tmpfs as before), the facts the JSON
+reports, and a secured cluster (--secure, or a running one with the usual TLS/token flags). The short
+real runs: tests/integration/test_bench_alloc.py."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 
@@ -14,7 +14,7 @@ from controlplane.auth import load_tenants
 from tools.meshctl import bench_cluster
 from tools.meshctl.bench_cluster import BenchCluster, fs_type
 from tools.meshctl.common import CliError
-from tools.meshctl.main import build_parser, main
+from tools.meshctl.main import build_parser
 
 HAS_SHM = bench_cluster.shm_dir() is not None
 
@@ -105,38 +105,8 @@ def test_an_existing_cluster_takes_the_usual_credentials_not_the_start_flags(tmp
         BenchCluster.existing(parse("--endpoint", "127.0.0.1:1", "--tmpfs"), "127.0.0.1:1")
 
 
-FIELDS = {"allocations", "allocations_per_s", "p50_ms", "p99_ms", "errors", "etcd_storage", "etcd_data_dir",
-          "etcd_fs", "tls", "token", "hosts", "gpus"}
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("flags,storage,secure", [([], "disk", False), (["--tmpfs"], "tmpfs", False),
-                                                   (["--secure"], "disk", True)])
-def test_short_real_run(capsys, flags, storage, secure):
-    if "--tmpfs" in flags and not HAS_SHM:
-        pytest.skip("no writable /dev/shm here")
-    assert main(["bench", "alloc", "--sim-hosts", "2", "--gpus-per-host", "2", "--clients", "2",
-                 "--duration", "1", "-o", "json", *flags]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert FIELDS <= set(r)
-    assert r["etcd_storage"] == storage and r["tls"] is secure and r["token"] is secure
-    assert r["allocations"] > 0 and r["errors"] == {}, r
-
-
-@pytest.mark.integration
-def test_against_a_running_secured_cluster(tmp_path, capsys):
-    from tests.integration import secure
-    from tools.localcluster import sim_hosts
-    c = secure.start(tmp_path, sim_hosts(2, 2))
-    try:
-        base = ["bench", "alloc", "--endpoint", c.endpoint, "--clients", "2", "--duration", "1", "-o", "json"]
-        assert main(base + ["--ca", str(c.tls_dir / "ca.crt"), "--token", secure.TOKENS["team-b"],
-                            "--tenant", "team-b"]) == 0
-        r = json.loads(capsys.readouterr().out)
-        assert r["allocations"] > 0 and r["errors"] == {} and r["tls"] and r["token"], r
-        assert main(base + ["--ca", str(c.tls_dir / "ca.crt"), "--token", secure.TOKENS["team-a"],
-                            "--tenant", "team-b"]) == 0   # another tenant's name: every call refused
-        r = json.loads(capsys.readouterr().out)
-        assert r["allocations"] == 0 and set(r["errors"]) == {"PERMISSION_DENIED"}, r
-    finally:
-        c.stop()
+@pytest.mark.skipif(not HAS_SHM, reason="no writable /dev/shm here")
+def test_default_data_dir_passes_over_a_tmpfs_tmpdir(monkeypatch):
+    monkeypatch.setenv("TMPDIR", "/dev/shm")
+    d = bench_cluster.default_data_dir()
+    assert fs_type(d) != "tmpfs"

@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep etcd's data (the whole state dir) on /dev/shm: no disk fsync in the figures "
                         "(default: on disk, as an operator runs it)")
     p.add_argument("--data-dir", metavar="DIR",
-                   help="the disk directory the temporary state dir goes under (default: $TMPDIR or /var/tmp; "
-                        "a tmpfs is refused)")
+                   help="the disk directory the temporary state dir goes under (default: $TMPDIR, else /var/tmp, "
+                        "whichever is on disk; a tmpfs is refused)")
     p.add_argument("--secure", action="store_true",
                    help="start the cluster with TLS, mTLS agents (one process per host) and a bearer token per "
                         "client's tenant; a running cluster takes --ca/--cert/--key/--token instead")

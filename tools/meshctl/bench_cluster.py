@@ -1,7 +1,8 @@
 """The cluster `meshctl bench alloc` measures: where its etcd keeps its data, and its security.
 
 Its own LocalCluster keeps etcd's data on disk by default, as an operator's control plane does (a
-temporary directory under --data-dir, default $TMPDIR or /var/tmp, refused when that is a tmpfs);
+temporary directory under --data-dir, default $TMPDIR or /var/tmp, whichever is on disk; a tmpfs
+--data-dir is refused);
 `--tmpfs` keeps the whole state dir on /dev/shm, as the benchmark did before (etcd's fsyncs then cost
 nothing). Either way the simulated GPUs' device state files (the stand-in for hardware, rewritten on
 every MIG change) stay on tmpfs where there is one, so the figures are the control plane's and etcd's.
@@ -51,7 +52,12 @@ def shm_dir() -> str | None:
 
 
 def default_data_dir() -> str:
-    return os.environ.get("TMPDIR") or "/var/tmp"
+    """$TMPDIR, else /var/tmp, else the working directory: the first that is a directory on disk."""
+    for d in (os.environ.get("TMPDIR"), "/var/tmp", os.getcwd()):
+        if d and os.path.isdir(d) and fs_type(d) != "tmpfs":
+            return d
+    raise CliError("no disk directory for etcd's data ($TMPDIR, /var/tmp and the working directory are tmpfs "
+                   "or missing): pass --data-dir DIR, or --tmpfs")
 
 
 @dataclass
