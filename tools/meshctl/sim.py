@@ -4,7 +4,9 @@ No gRPC, no etcd: the scheduler's own framework and plugins (the code behind All
 trace's pods on an in-memory fleet of the trace's nodes. Arrival mode follows the FGD paper's
 artifact: pods shuffled by seed, topped up with random draws from the trace until the GPUs asked
 for reach --load-max of capacity, no departures, a pod that fits nowhere is skipped. The curve
-gives unallocated and fragmented GPUs at every --step of arrived load, averaged over seeds.
+gives unallocated and fragmented GPUs at every --step of arrived load, averaged over seeds. The
+scheduler learns the request mix from the arrivals, as the live control plane does (--mix online),
+or gets the whole trace's mix up front, as the artifact does (--mix trace).
 """
 
 from __future__ import annotations
