@@ -41,3 +41,28 @@ def state_dir(tmp_path):
             yield Path(d)
     else:
         yield tmp_path
+
+
+# -- the transparent-migration (CRIU) tests: skip with the reason, or fail under GPUMESH_REQUIRE_CRIU=1 ---------
+
+def pytest_configure(config):
+    from tests import criu_gate
+    config.addinivalue_line("markers", f"{criu_gate.MARKER}: needs a working CRIU 4.x; skips without one, "
+                                       f"fails under {criu_gate.REQUIRE_ENV}=1 (CI)")
+
+
+def pytest_runtest_setup(item):
+    from tests import criu_gate
+    if item.get_closest_marker(criu_gate.MARKER) is not None:
+        criu_gate.check()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly how many tests skipped for want of CRIU (CI's closing line counts them too)."""
+    from tests import criu_gate
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and criu_gate.SKIP_PREFIX in str(r.longrepr[2])]
+    if skipped:
+        why = str(skipped[0].longrepr[2]).removeprefix("Skipped: ")
+        terminalreporter.write_sep("!", f"{len(skipped)} transparent-migration (CRIU) test(s) SKIPPED: {why}",
+                                   yellow=True, bold=True)

@@ -5,7 +5,8 @@
 #
 #   tools/build_criu.sh [PREFIX]        # installs PREFIX/sbin/criu (default /usr/local); needs root for apt
 #
-# Does nothing when a criu >= 4 is already on PATH. About a minute on 2 cores.
+# Does nothing when a criu >= 4 is already on PATH. About a minute on 2 cores. Exits non-zero when
+# anything fails (CI's .ci/criu then fails CI: the transparent-migration tests must not silently skip).
 set -euo pipefail
 VERSION=4.1.1
 SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
@@ -29,3 +30,8 @@ tar -C "$work" -xf "$work/criu.tar.xz"
 make -s -C "$work/criu-$VERSION" -j"$(nproc)" criu >/dev/null
 install -D -m 0755 "$work/criu-$VERSION/criu/criu" "$PREFIX/sbin/criu"
 "$PREFIX/sbin/criu" --version | head -1
+# CI and the agent find criu on PATH: an install they cannot find is a failed build.
+if ! command -v criu >/dev/null 2>&1 || ! criu --version 2>/dev/null | grep -Eq 'Version: ([4-9]|[1-9][0-9])\.'; then
+  echo "installed $PREFIX/sbin/criu, but the criu on PATH ($(command -v criu || echo none)) is not it: add $PREFIX/sbin to PATH" >&2
+  exit 1
+fi

@@ -8,7 +8,7 @@ record names the target, and the target's runner records its exit status; after 
 crash around the commit (rollback to the source, or finish) the runner that adopted it stops it.
 
 Needs a working CRIU 4.x (`criu` on PATH, `criu check` passing, root); skips with the reason
-otherwise. Both agents run on this host, so CRIU restores the process under its PID on the
+otherwise, and fails instead under GPUMESH_REQUIRE_CRIU=1 (CI; tests/criu_gate.py). Both agents run on this host, so CRIU restores the process under its PID on the
 "other" node: the dump killed the source's copy, so the PID is free.
 """
 
@@ -24,8 +24,8 @@ import pytest
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as t
 from mesh import errors
-from mesh.checkpoint.criu import Criu
 from mesh.migrationapi import migration_phase
+from tests import criu_gate
 from tests.integration.conftest import json_lines, release_all, stop_running, wait_for
 from tools.localcluster import LocalCluster
 
@@ -44,13 +44,8 @@ COUNTER = ("import json, os, sys, time\n"
            "    time.sleep(0.05)\n")
 
 
-def _working_criu() -> str:
-    info = Criu().detect()
-    return "" if info.usable else info.problem
-
-
-WHY_NOT = _working_criu()
-needs_criu = pytest.mark.skipif(bool(WHY_NOT), reason=f"no working CRIU: {WHY_NOT}")
+WHY_NOT = criu_gate.why_not()
+needs_criu = criu_gate.needs_criu   # skips without CRIU; fails under GPUMESH_REQUIRE_CRIU=1 (CI)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 
 from mesh.checkpoint.criu import (LOG_ENTRY, Criu, ImageSink, TransparentUnavailable, image_entries, image_manifest,
                                   parse_version, path_key)
+from tests import criu_gate
 
 SECRET = bytes(range(32))
 
@@ -86,7 +87,7 @@ def _working_criu() -> tuple[Criu | None, str]:
 CRIU, WHY_NOT = _working_criu()
 
 
-@pytest.mark.skipif(CRIU is None, reason=f"no working CRIU: {WHY_NOT}")
+@criu_gate.needs_criu   # skips without CRIU; fails under GPUMESH_REQUIRE_CRIU=1 (CI)
 def test_round_trip_of_a_running_process(tmp_path):
     """A counter process is dumped (killed), restored from its images, and keeps counting."""
     out = tmp_path / "count"

@@ -2,8 +2,10 @@
 
 Starts its own LocalCluster (control plane + embedded etcd + agent processes
 with simulated hosts) in a temporary state dir, unless --endpoint names a
-running one; then `--clients` threads sharing one gRPC channel allocate
-(waiting for READY) and release as fast as they can for `--duration` seconds.
+running one; then `--clients` concurrent callers sharing one gRPC channel
+allocate (waiting for READY) and release as fast as they can for `--duration`
+seconds. Its own cluster keeps etcd's data on disk, as an operator's does
+(--tmpfs: on /dev/shm, as before); --secure runs it with TLS and tokens.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ examples:
   meshctl bench alloc --sim-hosts 100 --gpus-per-host 8 --clients 16 --duration 10 -o json
   meshctl bench alloc --profile 3g.40gb --clients 4 --duration 5
   meshctl bench alloc --no-release --duration 5       # fill the fleet; count RESOURCE_EXHAUSTED
+  meshctl bench alloc --tmpfs --duration 5            # etcd's data on tmpfs (no fsync cost)
+  meshctl bench alloc --secure --sim-hosts 8 --duration 5   # TLS, mTLS agents, a token per tenant
   meshctl --endpoint 127.0.0.1:7070 bench alloc        # against a running cluster
+  meshctl bench alloc --endpoint cp:50051 --ca ca.crt --token "$T" --tenant team-a   # a secured one
 
 Prints {"allocations", "allocations_per_s", "p50_ms", "p99_ms", "mean_ms", "errors",
-"hosts", "gpus", "clients", "duration_s", ...}; progress goes to stderr.
+"hosts", "gpus", "clients", "duration_s", "etcd_storage" (disk | tmpfs), "etcd_data_dir",
+"etcd_fs", "tls", "token", ...}; progress goes to stderr.
 """
 
 
@@ -52,6 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", dest="ready_timeout", type=positive_float, default=300.0, metavar="SECONDS",
                    help="how long to wait for the cluster to be Ready (default: 300)")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state dir (logs) afterwards")
+    p.add_argument("--tmpfs", action="store_true",
+                   help="keep etcd's data (the whole state dir) on /dev/shm: no disk fsync in the figures "
+                        "(default: on disk, as an operator runs it)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="the disk directory the temporary state dir goes under (default: $TMPDIR, else /var/tmp, "
+                        "whichever is on disk; a tmpfs is refused)")
+    p.add_argument("--secure", action="store_true",
+                   help="start the cluster with TLS, mTLS agents (one process per host) and a bearer token per "
+                        "client's tenant; a running cluster takes --ca/--cert/--key/--token instead")
+    p.add_argument("--tenant", metavar="NAME",
+                   help="allocate as this tenant (default: bench-000, bench-001, ... one per client); a tenant "
+                        "token of a running cluster needs its own tenant here")
     p.set_defaults(func=run_alloc_bench)
     s = subcommand(kinds, "schedule", help="scheduler decision time per request as the fleet grows",
                    description="Scheduler decision time per request (no gRPC, no etcd) on simulated fleets of "
@@ -99,7 +117,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     release_latencies: list[float] = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
-    kept: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)   # (allocation id, its client's token)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -110,44 +128,58 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-async def _client_loop(stub: Any, index: int, profile: str, release: bool, end: float, tally: Tally) -> None:
+def _metadata(token: str) -> tuple:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+async def _client_loop(stub: Any, tenant: str, token: str, profile: str, release: bool, end: float,
+                       tally: Tally) -> None:
     import grpc
 
     from gpumesh.v1 import slice_service_pb2, types_pb2
-    req = slice_service_pb2.AllocateRequest(spec=types_pb2.SliceSpec(tenant=f"bench-{index:03d}",
-                                                                    mig_profile=profile))
+    req = slice_service_pb2.AllocateRequest(spec=types_pb2.SliceSpec(tenant=tenant, mig_profile=profile))
+    md = _metadata(token)
     while time.monotonic() < end:
         t0 = time.perf_counter()
         try:
-            resp = await stub.Allocate(req, timeout=60)
+            resp = await stub.Allocate(req, timeout=60, metadata=md)
         except grpc.aio.AioRpcError as exc:
             tally.errors[exc.code().name] += 1
             await asyncio.sleep(0.01)
             continue
         tally.latencies.append(time.perf_counter() - t0)
         if not release:
-            tally.kept.append(resp.allocation_id)
+            tally.kept.append((resp.allocation_id, token))
             continue
         t1 = time.perf_counter()
         try:
-            await stub.Release(slice_service_pb2.ReleaseRequest(id=resp.allocation_id), timeout=60)
+            await stub.Release(slice_service_pb2.ReleaseRequest(id=resp.allocation_id), timeout=60, metadata=md)
             tally.release_latencies.append(time.perf_counter() - t1)
         except grpc.aio.AioRpcError as exc:
             tally.errors[f"release:{exc.code().name}"] += 1
 
 
-async def _run_clients(endpoint: str, clients: int, duration: float, profile: str, release: bool,
-                       tally: Tally) -> float:
-    """Drive `clients` concurrent callers over one grpc.aio channel (cheap on the client's CPU,
-    so the figures are the server's); returns the elapsed seconds."""
+def _channel(endpoint: str, creds: Any):
     import grpc
+    if creds is not None and creds.tls:
+        from mesh.tls import channel_credentials
+        return grpc.aio.secure_channel(endpoint, channel_credentials(creds.ca, creds.cert, creds.key))
+    return grpc.aio.insecure_channel(endpoint)
 
+
+async def _run_clients(endpoint: str, clients: int, duration: float, profile: str, release: bool,
+                       tally: Tally, tenants: list[str], creds: list[Any]) -> float:
+    """Drive `clients` concurrent callers over one grpc.aio channel (cheap on the client's CPU,
+    so the figures are the server's); returns the elapsed seconds. Client i allocates as tenants[i]
+    with creds[i]'s token (the channel's TLS files are the first client's)."""
     from gpumesh.v1 import slice_service_pb2, slice_service_pb2_grpc
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+    async with _channel(endpoint, creds[0] if creds else None) as channel:
         stub = slice_service_pb2_grpc.SliceServiceStub(channel)
         start = time.monotonic()
         end = start + duration
-        tasks = [asyncio.create_task(_client_loop(stub, i, profile, release, end, tally)) for i in range(clients)]
+        tokens = [c.token if c is not None else "" for c in creds] if creds else [""] * clients
+        tasks = [asyncio.create_task(_client_loop(stub, tenants[i], tokens[i], profile, release, end, tally))
+                 for i in range(clients)]
         next_report = start + 1.0
         while not all(t.done() for t in tasks):
             await asyncio.wait(tasks, timeout=max(0.0, next_report - time.monotonic()))
@@ -160,16 +192,20 @@ async def _run_clients(endpoint: str, clients: int, duration: float, profile: st
         for t in tasks:
             t.result()
         # not timed: leave the fleet as it was
-        for i in range(0, len(tally.kept), 64):
-            await asyncio.gather(*(stub.Release(slice_service_pb2.ReleaseRequest(id=a), timeout=60)
-                                   for a in tally.kept[i:i + 64]), return_exceptions=True)
+        kept = [(a, _metadata(tok)) for a, tok in tally.kept]
+        for i in range(0, len(kept), 64):
+            await asyncio.gather(*(stub.Release(slice_service_pb2.ReleaseRequest(id=a), timeout=60, metadata=md)
+                                   for a, md in kept[i:i + 64]), return_exceptions=True)
     return elapsed
 
 
-def run_clients(endpoint: str, clients: int, duration: float, profile: str, release: bool) -> dict:
-    """Run the clients for `duration` seconds; the measurements (without fleet facts)."""
+def run_clients(endpoint: str, clients: int, duration: float, profile: str, release: bool,
+                tenants: list[str] | None = None, creds: list[Any] | None = None) -> dict:
+    """Run the clients for `duration` seconds; the measurements (without fleet facts). `tenants`: each
+    client's tenant (default bench-000, ...); `creds`: each client's bench_cluster.Credentials."""
     tally = Tally()
-    elapsed = asyncio.run(_run_clients(endpoint, clients, duration, profile, release, tally))
+    tenants = tenants or [f"bench-{i:03d}" for i in range(clients)]
+    elapsed = asyncio.run(_run_clients(endpoint, clients, duration, profile, release, tally, tenants, creds or []))
     lat = sorted(tally.latencies)
     rel = sorted(tally.release_latencies)
     ms = 1000.0
@@ -198,50 +234,33 @@ def _format_table(result: dict) -> str:
 
 
 def run_alloc_bench(args: argparse.Namespace) -> int:
-    import os
-    import shutil
-    import tempfile
-
     from mesh.client import MeshClient
-    from tools.localcluster import ClusterError, LocalCluster
-    from tools.meshctl.cluster import sim_hosts
+    from tools.localcluster import ClusterError
+    from tools.meshctl.bench_cluster import BenchCluster
     from tools.meshctl.output import dump
 
-    cluster = None
-    state_dir = None
+    bc = None
     endpoint = getattr(args, "endpoint", None)
     try:
         if endpoint:
+            bc = BenchCluster.existing(args, endpoint)
             hosts = gpus = None
         else:
-            # tmpfs when there is one: the simulated GPUs' state files are rewritten on every MIG
-            # change, and a disk's file-create latency would be measured instead of the control plane.
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-            state_dir = tempfile.mkdtemp(prefix="meshctl-bench-", dir=shm)
+            bc = BenchCluster.start(args)
             hosts = args.sim_hosts
             gpus = hosts * args.gpus_per_host
-            cluster = LocalCluster(state_dir, sim_hosts(hosts, args.gpus_per_host, args.gpu_model),
-                                   agents_per_process=args.agents_per_process, lease_ttl=args.lease_ttl,
-                                   log_level="warning")
-            info(f"starting a cluster of {hosts} hosts ({gpus} GPUs) in {state_dir}")
-            cluster.start(timeout=args.ready_timeout, progress=lambda m: info("  " + m))
-            endpoint = cluster.endpoint
-        with MeshClient(endpoint, timeout=60.0) as mesh:
+        with MeshClient(bc.endpoint, timeout=60.0, **bc.admin.auth()) as mesh:
             if hosts is None:
                 hosts, gpus = len(mesh.list_nodes()), len(mesh.list_gpus())
             info(f"running {args.clients} clients for {args.duration:g}s "
                  f"(profile {args.profile}, {'alloc+release' if args.release else 'alloc only'})")
-            result = run_clients(endpoint, args.clients, args.duration, args.profile, args.release)
-        result.update({"hosts": hosts, "gpus": gpus, "endpoint": endpoint})
+            result = run_clients(bc.endpoint, args.clients, args.duration, args.profile, args.release,
+                                 bc.tenants, bc.client_creds)
+        result.update({"hosts": hosts, "gpus": gpus, "endpoint": bc.endpoint, **bc.facts})
     except ClusterError as exc:
         raise CliError(f"{exc}") from None
     finally:
-        if cluster is not None:
-            info("stopping the cluster...")
-            cluster.stop()
-        if state_dir and not args.keep_state:
-            shutil.rmtree(state_dir, ignore_errors=True)
-        elif state_dir:
-            info(f"state and logs kept in {state_dir}")
+        if bc is not None and not endpoint:
+            bc.stop()
     out(dump(result, args.output) if args.output in ("json", "yaml") else _format_table(result))
     return 0

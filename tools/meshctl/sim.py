@@ -4,7 +4,9 @@ No gRPC, no etcd: the scheduler's own framework and plugins (the code behind All
 trace's pods on an in-memory fleet of the trace's nodes. Arrival mode follows the FGD paper's
 artifact: pods shuffled by seed, topped up with random draws from the trace until the GPUs asked
 for reach --load-max of capacity, no departures, a pod that fits nowhere is skipped. The curve
-gives unallocated and fragmented GPUs at every --step of arrived load, averaged over seeds.
+gives unallocated and fragmented GPUs at every --step of arrived load, averaged over seeds. The
+scheduler learns the request mix from the arrivals, as the live control plane does (--mix online),
+or gets the whole trace's mix up front, as the artifact does (--mix trace).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tools.meshctl.common import CliError, info, out, positive_float, positive_i
 EPILOG = """\
 examples:
   meshctl sim --policy default --seeds 10 -o json
+  meshctl sim --policy default,fgd --mix trace --seeds 10   # the artifact's protocol: the trace's mix up front
   meshctl sim --policy random,packing,bestfit,fgd,default --seeds 10 --plot curves.png
   meshctl sim --pods gpushare100 --policy default,fgd
   meshctl sim --nodes all_node --pods cpu050 --policy bestfit
@@ -26,7 +29,9 @@ examples:
 
 --nodes and --pods take a trace file name (gpu_node, all_node; default, gpushare40, cpu050,
 ...) under the trace directory ($MESH_TRACE_DIR or ../shared/traces/alibaba-gpu-v2023), or a path.
-With -o json one policy prints {"policy", "seeds", "capacity_gpus", "curve": [{"load",
+--mix online (the default) lets the scheduler learn the request mix from the arrivals, as the live
+control plane does; --mix trace gives it the whole trace's mix up front, as the FGD artifact does.
+With -o json one policy prints {"policy", "mix", "seeds", "capacity_gpus", "curve": [{"load",
 "unallocated_gpus", "fragmented_gpus"}, ...], ...}; several print a list of those. Ties between equal
 scores go to the smallest node name: names get a seeded random prefix by default, as the artifact's node
 names are; --node-order file keeps the list's order. Timeline curves are averaged over seeds too.
@@ -50,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="arrivals (the artifact's protocol) or timeline (creation/deletion times, departures)")
     p.add_argument("--node-order", choices=("shuffled", "file"), default="shuffled",
                    help="node order that breaks ties: shuffled per seed, as the artifact does (default), or the file's")
+    p.add_argument("--mix", choices=("online", "trace"), default="online",
+                   help="the request mix the scheduler weighs fragmentation by: online, learned from a sliding "
+                        "window of arrivals as the live control plane does (default), or trace, the whole trace's "
+                        "up front as the FGD artifact does")
     p.add_argument("--at", type=float, default=1.0, metavar="LOAD", help="load of the table's columns (default: 1.0)")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="worker processes (default: the CPU count)")
@@ -66,20 +75,23 @@ def _load(nodes_path: str, pods_path: str):
 
 def _one(task: tuple) -> dict:
     from tools.replay import sim
-    mode, nodes_path, pods_path, policy, seed, load_max, step, order = task
+    mode, nodes_path, pods_path, policy, seed, load_max, step, order, mix_mode = task
     nodes, pods, mix = _load(nodes_path, pods_path)
     if mode == "timeline":
-        r = sim.run_timeline(nodes, pods, policy, seed, mix=mix, order=order)
+        r = sim.run_timeline(nodes, pods, policy, seed, mix=mix, order=order, mix_mode=mix_mode)
     else:
-        r = sim.run_arrivals(nodes, pods, policy, seed, load_max=load_max, step=step, mix=mix, order=order)
+        r = sim.run_arrivals(nodes, pods, policy, seed, load_max=load_max, step=step, mix=mix, order=order,
+                             mix_mode=mix_mode)
     return {"policy": policy, "seed": seed, "capacity": r.capacity_gpus, "curve": r.curve, "placed": r.placed,
             "skipped": r.skipped, "decisions": r.decisions, "seconds": r.seconds}
 
 
 def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: float = 1.3, step: float = 0.01,
              mode: str = "arrivals", jobs: int = 1, trace_dir: str = "", progress=None,
-             order: str = "shuffled") -> list[dict]:
-    """One result document per policy (the shape `-o json` prints)."""
+             order: str = "shuffled", mix: str = "online") -> list[dict]:
+    """One result document per policy (the shape `-o json` prints); `mix`: how the scheduler gets the
+    request mix (`online`: learned from the arrivals, as the live control plane does; `trace`: the
+    whole trace's, up front, as the FGD artifact does)."""
     from tools.replay import sim, trace
     nodes_path, pods_path = trace.trace_path(nodes, trace_dir, "node"), trace.trace_path(pods, trace_dir, "pod")
     for what, path in (("--nodes", nodes_path), ("--pods", pods_path)):
@@ -88,7 +100,9 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
     for pol in policies:
         if pol not in sim.POLICIES:
             raise CliError(f"--policy: unknown policy {pol!r}; allowed: {', '.join(sim.POLICIES)}")
-    tasks = [(mode, nodes_path, pods_path, pol, seed, load_max, step, order) for pol in policies
+    if mix not in sim.MIX_MODES:
+        raise CliError(f"--mix: unknown mode {mix!r}; allowed: {', '.join(sim.MIX_MODES)}")
+    tasks = [(mode, nodes_path, pods_path, pol, seed, load_max, step, order, mix) for pol in policies
              for seed in range(seeds)]
     results: list[dict] = []
     if jobs > 1 and len(tasks) > 1:
@@ -112,7 +126,7 @@ def simulate(nodes: str, pods: str, policies: list[str], seeds: int, load_max: f
                      "nodes": os.path.basename(nodes_path), "pods": os.path.basename(pods_path), "mode": mode,
                      "skipped_pods": round(sum(r.skipped for r in runs) / len(runs), 1),
                      "ms_per_decision": round(1000 * sum(r.seconds for r in runs) / max(1, decisions), 3),
-                     "node_order": order,
+                     "node_order": order, "mix": mix,
                      "curve": sim.average(runs, step) if mode == "arrivals" else sim.average_timeline(runs)})
     return docs
 
@@ -158,7 +172,7 @@ def run_sim(args: argparse.Namespace) -> int:
              f"at {100 * args.at:g}% load, {r['seconds']:.1f}s")
 
     docs = simulate(args.nodes, args.pods, policies, args.seeds, args.load_max, args.step, args.mode, args.jobs,
-                    args.trace_dir, progress, args.node_order)
+                    args.trace_dir, progress, args.node_order, args.mix)
     if args.plot:
         plot(docs, args.plot)
         info(f"wrote {args.plot}")
@@ -168,8 +182,8 @@ def run_sim(args: argparse.Namespace) -> int:
     rows = []
     for d in docs:
         p = sim.at_load(d["curve"], args.at) or {}
-        rows.append([d["policy"], d["capacity_gpus"], p.get("unallocated_gpus"), p.get("fragmented_gpus"),
+        rows.append([d["policy"], d["mix"], d["capacity_gpus"], p.get("unallocated_gpus"), p.get("fragmented_gpus"),
                      d["skipped_pods"], d["ms_per_decision"]])
-    out(render_table(["POLICY", "GPUS", f"UNALLOCATED@{100 * args.at:g}%", f"FRAGMENTED@{100 * args.at:g}%",
+    out(render_table(["POLICY", "MIX", "GPUS", f"UNALLOCATED@{100 * args.at:g}%", f"FRAGMENTED@{100 * args.at:g}%",
                       "SKIPPED PODS", "MS/DECISION"], rows))
     return 0

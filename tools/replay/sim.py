@@ -14,8 +14,11 @@ point (seeds differ in the node order and the random policy's draws).
 Ties between equal scores go to the smallest node name. As in the artifact (which sorts the nodes
 by name and prefixes each with its place in a random permutation) the replay prefixes the names so
 that this is a random order fixed for the run, seeded (`order="shuffled"`); `file` keeps the list's
-order. The planner gets the trace's pod types up front, CPU-only pods included
-(the artifact's typical pods include them; the fragmentation metric of the curve does not).
+order. With `mix_mode="trace"` the planner gets the trace's pod types up front, CPU-only pods
+included (the artifact's typical pods include them; the fragmentation metric of the curve does not);
+with `"online"` (the default) it learns them from the arrivals as the live control plane does (the
+FragmentationGradient plugin's sliding window). The curve's fragmentation metric is always the
+trace's mix, so both modes are measured alike.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def typical_mix(pods: list[TracePod], coverage: float = 0.95) -> list[fgd.MixTyp
 
 
 NODE_ORDERS = ("shuffled", "file")
+MIX_MODES = ("online", "trace")
 
 
 def node_order(nodes: list[TraceNode], seed: int, order: str = "shuffled") -> list[TraceNode]:
@@ -106,7 +110,9 @@ class Replay:
 
     def __init__(self, nodes: list[TraceNode], policy: str, mix: list[fgd.MixType], seed: int = 0,
                  framework: Framework | None = None, counts: Counter | None = None,
-                 order: str = "shuffled", memory: dict | None = None) -> None:
+                 order: str = "shuffled", memory: dict | None = None, mix_mode: str = "online") -> None:
+        if mix_mode not in MIX_MODES:
+            raise ValueError(f"mix mode {mix_mode!r} is not one of {', '.join(MIX_MODES)}")
         self.fleet = build_fleet(node_order(nodes, seed, order))
         args = {"Random": {"seed": seed}}
         self.fw = framework or profiles.build(policy, args=args if policy == "random" else None, preemption=False)
@@ -115,8 +121,11 @@ class Replay:
             planner = self.fw.plugin(fgd.NAME)
         except KeyError:
             planner = None
-        if planner is not None:   # the scheduler knows the trace's mix up front, as in the artifact
+        # `trace`: the scheduler knows the trace's mix up front, as in the artifact; `online`: it learns
+        # the mix from the requests it sees (its sliding window), as the live control plane does
+        if planner is not None and mix_mode == "trace":
             planner.set_counts(counts, memory) if counts else planner.set_mix(mix)
+        self.planner = planner
         self.capacity = sum(len(n.gpus) for n in self.fleet.nodes.values())
         self.allocated_milli = 0
         self.by_pod: dict[str, list[str]] = {}
@@ -175,9 +184,11 @@ def arrivals(pods: list[TracePod], capacity: int, seed: int, load_max: float) ->
 
 
 def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int, load_max: float = 1.3,
-                 step: float = 0.01, mix: list[fgd.MixType] | None = None, order: str = "shuffled") -> Run:
+                 step: float = 0.01, mix: list[fgd.MixType] | None = None, order: str = "shuffled",
+                 mix_mode: str = "online") -> Run:
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order, memory=type_memory(pods))
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order, memory=type_memory(pods),
+                mix_mode=mix_mode)
     run = Run(policy, seed, rp.capacity)
     seq = arrivals(pods, rp.capacity, seed, load_max)
     t0 = time.perf_counter()
@@ -200,11 +211,13 @@ def run_arrivals(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed
 
 
 def run_timeline(nodes: list[TraceNode], pods: list[TracePod], policy: str, seed: int = 0,
-                 points: int = 100, mix: list[fgd.MixType] | None = None, order: str = "shuffled") -> Run:
+                 points: int = 100, mix: list[fgd.MixType] | None = None, order: str = "shuffled",
+                 mix_mode: str = "online") -> Run:
     """Creation and deletion at the trace's times (a pod without a deletion time stays); seeds
     differ in the node order (ties) and in the random policy's draws."""
     mix = mix if mix is not None else typical_mix(pods)
-    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order, memory=type_memory(pods))
+    rp = Replay(nodes, policy, mix, seed, counts=type_counts(pods), order=order, memory=type_memory(pods),
+                mix_mode=mix_mode)
     run = Run(policy, seed, rp.capacity)
     events = []
     for i, p in enumerate(pods):

@@ -12,70 +12,28 @@ milli-GPUs). Among a node's options with equal scores, `gpu_choice` picks the GP
 artifact's lowest index, which it fills first), `exact` (the exact gradient, then MIG start slots
 that keep the most room) or `canonical` (the first in the node's canonical order).
 
-The mix is learned from the requests the scheduler sees (a sliding window; the types that make up
-`coverage` of it; weights by share of all requests, or of the kept types with `normalize`) unless
-set explicitly (the replay sets the trace's mix, as the artifact does).
+The mix is learned from the requests the scheduler sees (`_mix.MixLearner`: a sliding window of
+`window` requests, recomputed every `refresh`, and with `warm` at every doubling while the window
+fills; the types that make up `coverage` of it; weights by share of all requests, or of the kept
+types with `normalize`) unless set explicitly (`meshctl sim --mix trace` sets the trace's mix, as
+the artifact does).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
 
 from controlplane.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
+from controlplane.scheduler.plugins._mix import MixLearner, MixType, top_types, type_of
 from controlplane.scheduler.plugins.noderesources import room_after
 from mesh.slicespec import SliceRequest
 
 NAME = "FragmentationGradient"
 WEIGHTINGS = ("count", "demand", "gangs")
 GPU_CHOICES = ("canonical", "fullest", "exact")
-
-
-@dataclass(frozen=True)
-class MixType:
-    """One request type of the mix: `gpus` GPUs of `milli` milli-GPUs each, `cpu_milli` host CPU."""
-
-    gpus: int
-    milli: int
-    cpu_milli: int = 0
-    models: frozenset = frozenset()
-    weight: float = 1.0
-    memory: float = 0   # host memory the type takes (bytes; 0: not considered)
-
-
-def type_of(req: SliceRequest) -> tuple[int, int, int, frozenset] | None:
-    """The mix key of a request, None for one that takes no GPU."""
-    if req.isolation == "host":
-        return None
-    models = frozenset(req.gpu_models or ((req.gpu_model,) if req.gpu_model else ()))
-    if req.isolation == "exclusive":
-        gpus, milli = (req.count if req.topology != "any" else 1), 1000
-    else:
-        gpus = 1
-        milli = int(round(req.compute_share * 1000)) if req.compute_share else 0
-        if not milli and req.memory_bytes:
-            milli = min(1000, max(1, req.memory_bytes * 1000 // (80 << 30)))
-        milli = milli or 1000
-    return gpus, milli, req.cpu_milli * gpus, models
-
-
-def top_types(counts: Counter, coverage: float, normalize: bool = False) -> list[MixType]:
-    """The most frequent types that together make up `coverage` of `counts`, weighted by their
-    share of all requests (the paper's metric), or with `normalize` by their share of the kept
-    types (weights summing to 1, as the artifact's scheduler does)."""
-    total = sum(counts.values())
-    out, seen = [], 0
-    for key, n in counts.most_common():
-        if total and seen / total >= coverage:
-            break
-        seen += n
-        out.append(MixType(key[0], key[1], key[2], key[3], n / total))
-    if normalize and seen:
-        out = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight * total / seen, m.memory) for m in out]
-    return out
 
 
 class Plugin:
@@ -87,12 +45,11 @@ class Plugin:
                  demand_power: float = 1.0, per_gpu: bool = False, tolerance: float = 0.1,
                  host_in_types: bool = True, cpu_types: bool = False, normalize: bool = False,
                  gpu_choice: str = "canonical", scale: float = 1000.0, quantum: float = 0.0,
-                 host_memory: bool = False) -> None:
+                 host_memory: bool = False, warm: bool = True) -> None:
         if not isinstance(host_memory, bool):
             raise ValueError(f"{NAME}: host_memory must be true or false, not {host_memory!r}")
         # a type that does not find its host memory on a node cannot use the node's GPUs either
         self.host_memory = host_memory
-        self._memories: dict = {}   # type key -> Counter of host memory asked (the mode is the type's)
         if not isinstance(quantum, (int, float)) or quantum < 0:
             raise ValueError(f"{NAME}: quantum must be a number >= 0, not {quantum!r}")
         self.quantum = float(quantum)
@@ -124,15 +81,11 @@ class Plugin:
         self.weighting, self.demand_power = weighting, float(demand_power)
         if not isinstance(integer, bool):
             raise ValueError(f"{NAME}: integer must be true or false, not {integer!r}")
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"{NAME}: window must be a positive integer, not {window!r}")
-        if not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"{NAME}: refresh must be a positive integer, not {refresh!r}")
-        if not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
-            raise ValueError(f"{NAME}: coverage must be in (0, 1], not {coverage!r}")
+        try:
+            self.learner = MixLearner(window, refresh, coverage, normalize, host_memory, warm)
+        except ValueError as exc:
+            raise ValueError(f"{NAME}: {exc}") from None
         self.integer, self.coverage, self.refresh = integer, float(coverage), refresh
-        self.recent: deque = deque(maxlen=window)
-        self.seen = 0
         self.fixed = mix is not None
         self.mix: list[MixType] = self._weigh(mix or [MixType(1, 1000)])
         self._frag: dict = {}
@@ -177,7 +130,8 @@ class Plugin:
             self.on_change()
 
     def observe(self, req: SliceRequest) -> None:
-        """Learn the mix from the requests seen (every `refresh` requests)."""
+        """Learn the mix from the requests seen (`MixLearner`); a new mix is taken when it drifts past
+        `tolerance` from the one in use, or at a warm-start step."""
         key = type_of(req)
         if key is None and self.cpu_types and req.isolation == "host":
             key = (0, 0, req.cpu_milli, frozenset())
@@ -185,26 +139,17 @@ class Plugin:
             return
         if not self.host_in_types:
             key = (key[0], key[1], 0, key[3])
-        self.recent.append(key)
-        self.seen += 1
-        if self.host_memory:
-            mem = req.host_memory_bytes * (req.count if req.topology != "any" else 1)
-            self._memories.setdefault(key, Counter())[mem] += 1
-            if len(self._memories) > 4 * (self.recent.maxlen or 1):
-                self._memories.clear()
-        if self.seen % self.refresh == 0 or self.seen == 1:
-            mix = top_types(Counter(self.recent), self.coverage, self.normalize)
-            if self.host_memory:
-                mix = [MixType(m.gpus, m.milli, m.cpu_milli, m.models, m.weight,
-                               (c.most_common(1)[0][0] if (c := self._memories.get(
-                                   (m.gpus, m.milli, m.cpu_milli, m.models))) else 0)) for m in mix]
-            mix = self._weigh(mix)
-            if drift(self.mix, mix) > self.tolerance:   # a new mix re-scores every node: not for noise
-                self.mix = mix
-                self._frag.clear()
-                self._base.clear()
-                if self.on_change:
-                    self.on_change()
+        mem = req.host_memory_bytes * (req.count if req.topology != "any" else 1) if self.host_memory else 0
+        learned = self.learner.add(key, mem)
+        if learned is None:
+            return
+        mix = self._weigh(learned.mix)
+        if learned.force or drift(self.mix, mix) > self.tolerance:   # re-scores every node: not for noise
+            self.mix = mix
+            self._frag.clear()
+            self._base.clear()
+            if self.on_change:
+                self.on_change()
 
     # -- fragmentation ---------------------------------------------------------------
 
