@@ -14,6 +14,8 @@
 | `/gpumesh/v1/migrations/<migration-id>` | `gpumesh.v1.Migration` (phase of the state machine, source, target, progress) | MigrationService, agent migration reports, recovery at start |
 | `/gpumesh/v1/checkpoints/<checkpoint-id>` | `gpumesh.v1.CheckpointInfo` (workload, store path, step, size) | MigrationService Checkpoint |
 | `/gpumesh/v1/models/<model-name>` | `gpumesh.v1.Model` (family, labels, variants with backend, artifact, facts, VRAM need, measurements) | ModelService Register/Update/Delete (admin) |
+| `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
+| `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -33,6 +35,8 @@ MESH_GRANTS = PREFIX + "meshgrants/"
 MIGRATIONS = PREFIX + "migrations/"
 CHECKPOINTS = PREFIX + "checkpoints/"
 MODELS = PREFIX + "models/"
+DEPLOYMENTS = PREFIX + "deployments/"
+REPLICAS = PREFIX + "replicas/"
 
 
 def node(name: str) -> bytes:
@@ -81,3 +85,11 @@ def checkpoint(checkpoint_id: str) -> bytes:
 
 def model(name: str) -> bytes:
     return (MODELS + name).encode()
+
+
+def deployment(name: str) -> bytes:
+    return (DEPLOYMENTS + name).encode()
+
+
+def replica(deployment_name: str, replica_id: str) -> bytes:
+    return f"{REPLICAS}{deployment_name}/{replica_id}".encode()

@@ -37,6 +37,9 @@ class AgentConfig:
                               "port 0 picks a free one, reported to the control plane")
     mesh_advertise: str = option("", "address peers dial for this node's data plane (default: the local address "
                                  "that reaches the control plane)")
+    backend_host: str = option("127.0.0.1", "address model servers (deployments' replicas) listen on and are "
+                               "reported at (host:port with a port the agent picks); on a fleet, an address the "
+                               "control plane and the gateway reach")
     mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
     insecure: bool = option(False, "dial the control plane in plaintext (the local demo only); without it the agent "
                                    "refuses to start unless tls_ca, tls_cert and tls_key are set")
