@@ -105,7 +105,10 @@ class Actuator:
         """(ready, why not): /v1/models answers, and a one-token completion succeeds."""
         if not endpoint:
             return False, "no endpoint yet"
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            return False, "the control plane cannot probe: httpx is not installed (pip install 'gpumesh[serving]')"
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.probe_timeout)
         base = f"http://{endpoint}"

@@ -14,9 +14,9 @@ from controlplane.rpc import streaming, unary
 from controlplane.serving.deployments import DeploymentManager
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import deployment_service_pb2_grpc
-from mesh import errors
 
-WATCH_HEARTBEAT = 30.0      # a Watch re-sends the deployment at least this often
+WATCH_HEARTBEAT = 30.0
+DEFAULT_TENANT = "default"      # a Watch re-sends the deployment at least this often
 
 
 class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
@@ -32,8 +32,7 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
     async def Create(self, request, context):
         spec = request.spec
         spec.tenant = auth.scope_tenant(spec.tenant, "spec.tenant")
-        if not spec.tenant:
-            raise errors.InvalidArgument.of("spec.tenant", "is required", "the tenant that owns the replicas' slices")
+        spec.tenant = spec.tenant or DEFAULT_TENANT        # an admin (or the insecure demo) naming none
         return await self.m.create(spec)
 
     @unary
