@@ -101,8 +101,10 @@ class Actuator:
 
     # -- readiness ----------------------------------------------------------------------------
 
-    async def probe(self, endpoint: str, served_name: str) -> tuple[bool, str]:
-        """(ready, why not): /v1/models answers, and a one-token completion succeeds."""
+    async def probe(self, endpoint: str, served_name: str, complete: bool = True) -> tuple[bool, str]:
+        """(ready, why not): /v1/models answers, and (`complete`) a one-token completion succeeds. A READY
+        replica is re-checked with /v1/models only: llama-cpp-python's server runs one request at a time,
+        and a completion every few seconds would queue behind the users' requests."""
         if not endpoint:
             return False, "no endpoint yet"
         try:
@@ -116,6 +118,8 @@ class Actuator:
             resp = await self._http.get(base + "/v1/models")
             if resp.status_code != 200:
                 return False, f"GET /v1/models answered {resp.status_code}"
+            if not complete:
+                return True, ""
             resp = await self._http.post(base + "/v1/completions", json={
                 "model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
             if resp.status_code != 200:

@@ -201,8 +201,6 @@ class DeploymentManager:
             wstate = rc.W_UNKNOWN
         else:
             wstate = rc.W_RUNNING
-        if r.state == D.REPLICA_STATE_FAILED and wstate == rc.W_ENDED:
-            wstate = rc.W_NONE if False else wstate
         return rc.Observed(
             id=r.id, state=STATE_NAMES.get(r.state, rc.PENDING), has_slice=bool(r.slice_id),
             slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
@@ -280,7 +278,7 @@ class DeploymentManager:
         r = self.store.replicas.get(name, {}).get(rid)
         if d is None or r is None:
             return
-        ok, why = await self.act.probe(r.endpoint, d.spec.model)
+        ok, why = await self.act.probe(r.endpoint, d.spec.model, complete=r.state != D.REPLICA_STATE_READY)
         self.last_probe[rid] = time.time()
         r2 = self.store.replicas.get(name, {}).get(rid)
         if r2 is None or r2.workload_id != r.workload_id or r2.state not in (D.REPLICA_STATE_STARTING,
