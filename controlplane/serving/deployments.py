@@ -92,6 +92,7 @@ class DeploymentManager:
             raise errors.InvalidArgument.of("spec.model", f"no model {spec.model!r} in the registry",
                                             "a registered model (meshctl get models)") from None
         deployspec.check_fits(need, self.registry.gpu_models())
+        deployspec.slice_request(spec, need, "r-check", spread=True)   # tenant, labels, priority as slices take them
         spec.variant = variant.name
         ts = now()
         d = D.Deployment(spec=spec, created_at=ts, updated_at=ts, generation=1,
