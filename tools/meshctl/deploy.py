@@ -7,7 +7,7 @@ import argparse
 import sys
 from datetime import datetime
 
-from tools.meshctl.common import CliError, client, info, out, subcommand
+from tools.meshctl.common import client, info, out, subcommand
 
 EPILOG = """\
 examples:
@@ -224,4 +224,4 @@ def get(mesh, kind: str, names: list[str], tenant: str, fmt: str) -> str:
     return format_deployments(items, fmt) if kind == "deployments" else format_replicas(items, fmt)
 
 
-__all__ = ["register", "describe", "get", "CliError"]
+__all__ = ["register", "describe", "get"]
