@@ -77,6 +77,15 @@ class DeploymentApi:
         return _converting(self._deploysvc.Update)(D.UpdateDeploymentRequest(spec=spec, generation=generation),
                                                    timeout=self.timeout)
 
+    def rollout_restart(self, name: str) -> D.Deployment:
+        """Restart every replica, one at a time, a new one first (an Update of the restart stamp)."""
+        from datetime import datetime, timezone
+        d = self.get_deployment(name)
+        spec = D.DeploymentSpec()
+        spec.CopyFrom(d.spec)
+        spec.restart_stamp = datetime.now(timezone.utc).isoformat()
+        return self.update_deployment(spec, d.generation)
+
     def undeploy(self, name: str) -> D.Deployment:
         """Delete a deployment: its replicas are stopped and their slices released in the background."""
         return _converting(self._deploysvc.Delete)(D.DeleteDeploymentRequest(name=name), timeout=self.timeout)
@@ -119,7 +128,7 @@ def replica_to_dict(r: D.Replica) -> dict[str, Any]:
             "slice_id": r.slice_id, "allocation_id": r.allocation_id, "node": r.node, "gpu_uuid": r.gpu_uuid,
             "gpu_index": r.gpu_index, "gpu_model": r.gpu_model, "isolation": ISOLATION_NAMES.get(r.isolation, ""),
             "profile": r.profile, "memory_bytes": r.memory_bytes, "workload_id": r.workload_id,
-            "restarts": r.restarts, "message": r.message, "created_at": _ts(r, "created_at"),
+            "restarts": r.restarts, "message": r.message, "template": r.template, "created_at": _ts(r, "created_at"),
             "ready_at": _ts(r, "ready_at"), "last_crash_at": _ts(r, "last_crash_at")}
 
 
@@ -128,7 +137,7 @@ def deployment_to_dict(d: D.Deployment) -> dict[str, Any]:
     return {
         "name": s.name, "model": s.model, "variant": s.variant, "replicas": s.replicas,
         "isolation": ISOLATION_NAMES.get(s.isolation, ""), "tenant": s.tenant, "priority": s.priority,
-        "labels": dict(s.labels),
+        "labels": dict(s.labels), "restart_stamp": s.restart_stamp,
         "backend": {"kind": st.backend, "context": s.backend.context, "concurrency": s.backend.concurrency,
                     "gpu_layers": s.backend.gpu_layers},
         "generation": d.generation, "created_at": _ts(d, "created_at"), "updated_at": _ts(d, "updated_at"),

@@ -93,6 +93,7 @@ class Actuator:
         else:
             n = self._copy(r, workload_id=w.id, endpoint=w.endpoint, state=D.REPLICA_STATE_STARTING,
                            message="backend started; waiting for a completion")
+        n.template = deployspec.template(spec, variant)
         n.ClearField("ready_at")
         await self.store.put_replica(n)
         log(logger, logging.INFO, "replica backend started", deployment=r.deployment, replica=r.id, workload=w.id,

@@ -146,6 +146,7 @@ class DeploymentManager:
             d.spec.backend.CopyFrom(spec.backend)
             d.spec.labels.clear()
             d.spec.labels.update(spec.labels)
+            d.spec.restart_stamp = spec.restart_stamp
             d.status.vram_bytes = need
         return await self._change(spec.name, generation, edit)
 
@@ -185,7 +186,7 @@ class DeploymentManager:
         for state in (rc.PENDING, rc.STARTING, rc.READY, rc.FAILED, rc.TERMINATING):
             REPLICAS.labels(state).set(counts.get(state, 0))
 
-    def observe(self, r: D.Replica) -> rc.Observed:
+    def observe(self, r: D.Replica, template: str = "") -> rc.Observed:
         s = self.ctl.fleet.slices.get(r.slice_id) if r.slice_id else None
         node_ready = True
         if r.slice_id:
@@ -207,13 +208,20 @@ class DeploymentManager:
             slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
             busy=r.id in self.busy, restarts=r.restarts, ready_since=_secs(r.ready_at),
             next_start=_secs(r.next_start_at), last_probe=self.last_probe.get(r.id, 0.0),
-            created=_secs(r.created_at))
+            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template))
 
     async def reconcile_one(self, name: str) -> None:
         d = self.store.deployments.get(name)
         replicas = {r.id: r for r in self.store.replicas_of(name)}
         desired = rc.Desired(replicas=d.spec.replicas if d else 0, deleting=d is None)
-        plan = rc.reconcile(desired, [self.observe(r) for r in replicas.values()], time.time(), self.policy)
+        current = ""
+        if d is not None:
+            try:
+                current = deployspec.template(d.spec, self._resolve(d.spec)[0])
+            except errors.MeshError:
+                current = ""        # its model or variant is gone: keep what runs
+        plan = rc.reconcile(desired, [self.observe(r, current) for r in replicas.values()], time.time(),
+                            self.policy)
         for a in plan.actions:
             if a.kind == "create":
                 for _ in range(a.count):

@@ -8,6 +8,7 @@ no isolation named: it takes the smallest MIG profile that holds it on MIG GPUs,
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from gpumesh.v1 import deployment_service_pb2 as D
@@ -113,3 +114,12 @@ def serving_backend(spec: D.DeploymentSpec, variant: M.Variant, slice_memory: in
     if kind == "vllm" and slice_memory and gpu_memory:
         b.gpu_memory_utilization = round(min(0.95, slice_memory / gpu_memory), 4)
     return b
+
+
+def template(spec: D.DeploymentSpec, variant: M.Variant) -> str:
+    """A digest of what a replica's backend is started with: a replica whose digest differs from the
+    deployment's is rolled (Replica.template)."""
+    b = spec.backend
+    text = "|".join(str(x) for x in (variant.name, variant.artifact, context_of(spec, variant),
+                                     b.concurrency or 1, b.gpu_layers, spec.restart_stamp))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -19,6 +19,8 @@ The rules, in order, per replica:
 
 Then the count: fewer live replicas than wanted -> `Create` the difference; more -> `Remove` the
 surplus, the least useful first (failed, then pending, starting, and the newest ready ones last).
+Replicas started with other settings than the deployment's now (`outdated`: an update of the backend
+settings, a rollout restart) are rolled one at a time, surge first (`_roll`).
 
 Conditions: Available (ready >= wanted), Progressing (count or readiness not yet as wanted) and
 CrashLoop (some replica has crashed `crashloop_after` times without staying ready for `stable_seconds`).
@@ -64,6 +66,7 @@ class Observed:
     next_start: float = 0.0          # FAILED: not before this time
     last_probe: float = 0.0
     created: float = 0.0
+    outdated: bool = False           # started with other settings than the deployment's now (roll it)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,11 @@ def reconcile(desired: Desired, observed: list[Observed], now: float, policy: Po
             if now - r.last_probe >= policy.probe_interval:
                 act(Action("probe", r.id))
     want = 0 if desired.deleting else desired.replicas
+    removing = {a.replica for a in plan.actions if a.kind == "remove"}
     if len(live) < want:
         act(Action("create", count=want - len(live), reason=f"{len(live)} of {want} replicas"))
+    elif want and any(r.outdated for r in live):
+        _roll(plan, live, want, removing)
     elif len(live) > want:
         surplus = sorted((r for r in live if not r.busy), key=_removal_order)[:len(live) - want]
         removing = {r.id for r in surplus}
@@ -146,10 +152,12 @@ def reconcile(desired: Desired, observed: list[Observed], now: float, policy: Po
         for r in surplus:
             act(Action("remove", r.id, f"scale down to {want}"))
     ready = sum(1 for r in live if r.state == READY)
+    rolling = any(r.outdated for r in live)
     plan.conditions["Available"] = (
         (True, "MinimumReplicasAvailable", f"{ready} of {want} replicas ready") if ready >= want else
         (False, "MinimumReplicasUnavailable", f"{ready} of {want} replicas ready"))
-    progressing = len(live) != want or ready < want or any(a.kind in ("create", "remove") for a in plan.actions)
+    progressing = len(live) != want or ready < want or rolling or \
+        any(a.kind in ("create", "remove") for a in plan.actions)
     plan.conditions["Progressing"] = (
         (True, "ReplicaSetUpdating", f"{len(live)} replicas, {ready} ready, {want} wanted") if progressing else
         (False, "NewReplicaSetAvailable", f"{want} replicas ready"))
@@ -159,3 +167,21 @@ def reconcile(desired: Desired, observed: list[Observed], now: float, policy: Po
     else:
         plan.conditions["CrashLoop"] = (False, "", "")
     return plan
+
+
+def _roll(plan: Plan, live: list[Observed], want: int, removing: set[str]) -> None:
+    """A rolling update (some replicas run old settings), one replica at a time, surge first: while
+    every up-to-date replica is READY and there are `want` replicas, create one more; with more than
+    `want`, remove an outdated one: a not-ready one at once, a READY one only once every up-to-date
+    replica is READY (so the ready count never drops below where it was)."""
+    current_unready = any(not r.outdated and r.state != READY for r in live)
+    busy = any(r.busy for r in live)
+    if len(live) == want:
+        if not current_unready and not busy:
+            plan.actions.append(Action("create", count=1, reason="rolling update: surge"))
+        return
+    old = sorted((r for r in live if r.outdated and not r.busy and r.id not in removing),
+                 key=lambda r: (r.state == READY, r.created))
+    if old and (old[0].state != READY or not current_unready):
+        plan.actions = [a for a in plan.actions if a.replica != old[0].id]
+        plan.actions.append(Action("remove", old[0].id, "rolling update: replaced"))

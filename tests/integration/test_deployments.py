@@ -2,9 +2,10 @@
 llama.cpp servers (llama-cpp-python's) loading the real SmolLM2-135M GGUF.
 
 Deploy two replicas (spread over the two nodes), a real completion from each endpoint; kill one backend
-process and see it restarted while the other keeps answering; scale 2 -> 1 -> 2; restart the control
-plane and find the deployment intact with its running replicas adopted (same workloads, still
-answering); a backend that cannot load its model crash-loops with its log in the condition; a variant
+process and see it restarted while the other keeps answering; scale 2 -> 1 -> 2; a rollout restart
+replaces both without fewer than two READY; restart the control plane and find the deployment intact with
+its running replicas adopted (same workloads, still answering); a replica on a lost node is replaced on
+the other; a backend that cannot load its model crash-loops with its log in the condition; a variant
 too large at the asked concurrency is refused; undeploy releases every slice.
 
 Each llama.cpp server runs with one thread and a 512-token context (the machine is small and shared).
@@ -120,6 +121,19 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     assert kept.id in {r.id for r in d.replicas}
     assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
 
+    # rollout restart: every replica replaced, one at a time, never fewer than 2 READY
+    old_ids = {r.id for r in d.replicas}
+    mesh.rollout_restart("chat")
+    lowest = []
+
+    def rolled():
+        x = mesh.get_deployment("chat")
+        lowest.append(sum(1 for r in x.replicas if r.state == READY))
+        return x if all_ready(2)(x) and not old_ids & {r.id for r in x.replicas} else None
+    d = wait_for(rolled, SLOW * 2, "every replica replaced by the rollout restart", interval=0.3)
+    assert min(lowest) >= 2, lowest
+    assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
+
     # restart the control plane: the deployment and its replicas are adopted, nothing restarted
     before = {r.id: (r.workload_id, r.endpoint, r.slice_id) for r in d.replicas}
     cluster.restart_controlplane()
@@ -127,7 +141,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     try:
         d = mesh2.wait_deployment("chat", all_ready(2), timeout=SLOW)
         assert {r.id: (r.workload_id, r.endpoint, r.slice_id) for r in d.replicas} == before
-        assert d.spec.replicas == 2 and d.generation == 3
+        assert d.spec.replicas == 2 and d.generation == 4
         for r in d.replicas:
             assert completion(r.endpoint)
         mesh2.undeploy("chat")

@@ -83,3 +83,54 @@ def test_available_and_progressing():
     assert plan.conditions["Available"][0] is True and plan.conditions["Progressing"][0] is False
     plan = rc.reconcile(Desired(2), [ready("a")], NOW, P)
     assert plan.conditions["Available"][0] is False and plan.conditions["Progressing"][0] is True
+
+
+ROLL = [
+    ("all outdated and ready: surge one", Desired(2), [ready("a", outdated=True), ready("b", outdated=True)],
+     [("create", "")], 1),
+    ("surge not ready yet: wait, nothing removed", Desired(2),
+     [ready("a", outdated=True), ready("b", outdated=True),
+      Observed("c", rc.STARTING, has_slice=True, slice_ready=True, workload=rc.W_RUNNING, created=99.0)],
+     [("probe", "c")], 0),
+    ("surge ready: remove the oldest outdated", Desired(2),
+     [ready("a", outdated=True), ready("b", outdated=True), ready("c")], [("remove", "a")], 0),
+    ("an outdated replica that is not ready goes first, at once", Desired(2),
+     [ready("a", outdated=True), ready("b", outdated=True, state=rc.STARTING, last_probe=NOW),
+      Observed("c", rc.STARTING, has_slice=True, slice_ready=True, workload=rc.W_RUNNING, created=99.0)],
+     [("probe", "c"), ("remove", "b")], 0),
+    ("one outdated left after a removal: surge again", Desired(2), [ready("b", outdated=True), ready("c")],
+     [("create", "")], 1),
+    ("a busy replica holds the surge", Desired(2), [ready("b", outdated=True), ready("c", busy=True)], [], 0),
+]
+
+
+@pytest.mark.parametrize("name,desired,observed,want,created", ROLL, ids=[c[0] for c in ROLL])
+def test_rolling_update(name, desired, observed, want, created):
+    plan = rc.reconcile(desired, observed, NOW, P)
+    assert plan.kinds() == want
+    assert sum(a.count for a in plan.actions if a.kind == "create") == created
+    assert plan.conditions["Progressing"][0] is True
+
+
+def test_rolling_never_drops_below_the_ready_count():
+    """Simulate a roll of 3 ready replicas: at every step at least 3 are READY."""
+    reps = {i: ready(i, outdated=True) for i in "abc"}
+    n, t = 0, NOW
+    for _ in range(40):
+        plan = rc.reconcile(Desired(3), list(reps.values()), t, P)
+        assert sum(1 for r in reps.values() if r.state == rc.READY) >= 3
+        for a in plan.actions:
+            if a.kind == "create":
+                for _ in range(a.count):
+                    n += 1
+                    rid = f"n{n}"
+                    reps[rid] = Observed(rid, rc.STARTING, has_slice=True, slice_ready=True,
+                                         workload=rc.W_RUNNING, created=100.0 + n)
+            elif a.kind == "remove":
+                del reps[a.replica]
+            elif a.kind == "probe" and reps[a.replica].state == rc.STARTING:
+                reps[a.replica] = ready(a.replica, created=reps[a.replica].created, last_probe=t)
+        t += 1
+        if not any(r.outdated for r in reps.values()) and len(reps) == 3:
+            break
+    assert sorted(reps) == ["n1", "n2", "n3"] and all(r.state == rc.READY for r in reps.values())

@@ -18,6 +18,7 @@ examples:
   meshctl get replicas chat -o wide
   meshctl describe deployment chat
   meshctl scale chat --replicas 1
+  meshctl rollout restart chat                              # one replica at a time, a new one first
   meshctl undeploy chat
 
 A deployment runs replicas of a model variant from the registry (meshctl model import), each a
@@ -72,6 +73,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=_nonneg, required=True, metavar="N")
     p.set_defaults(func=run_scale)
 
+    roll = sub.add_parser("rollout", help="rolling restarts of a deployment's replicas", epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = roll.add_subparsers(dest="rollout_command", metavar="COMMAND", title="commands")
+    roll.set_defaults(func=lambda args: (roll.print_help(sys.stderr), 2)[1])
+    p = subcommand(cmds, "restart", help="restart every replica, one at a time, a new one started first",
+                   epilog=EPILOG)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=run_rollout_restart)
+
     p = subcommand(sub, "undeploy", help="delete a deployment (stops its replicas, releases their slices)",
                    epilog=EPILOG)
     p.add_argument("name", metavar="NAME")
@@ -98,6 +108,14 @@ def run_scale(args: argparse.Namespace) -> int:
     with client(args) as mesh:
         d = mesh.scale_deployment(args.name, args.replicas)
     info(f"deployment/{d.spec.name} scaled to {d.spec.replicas}")
+    out(format_deployments([d], args.output, single=True))
+    return 0
+
+
+def run_rollout_restart(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        d = mesh.rollout_restart(args.name)
+    info(f"deployment/{d.spec.name} restarting: replicas are replaced one at a time")
     out(format_deployments([d], args.output, single=True))
     return 0
 

@@ -37,7 +37,7 @@ class BackendSettings(_message.Message):
     def __init__(self, context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority")
+    __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority", "restart_stamp")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DeploymentSpec(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    RESTART_STAMP_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     variant: str
@@ -63,10 +64,11 @@ class DeploymentSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     tenant: str
     priority: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    restart_stamp: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., restart_stamp: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("id", "deployment", "state", "endpoint", "slice_id", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "memory_bytes", "workload_id", "restarts", "message", "created_at", "ready_at", "last_crash_at", "next_start_at", "allocation_id")
+    __slots__ = ("id", "deployment", "state", "endpoint", "slice_id", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "memory_bytes", "workload_id", "restarts", "message", "created_at", "ready_at", "last_crash_at", "next_start_at", "allocation_id", "template")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,7 @@ class Replica(_message.Message):
     LAST_CRASH_AT_FIELD_NUMBER: _ClassVar[int]
     NEXT_START_AT_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     deployment: str
     state: ReplicaState
@@ -107,7 +110,8 @@ class Replica(_message.Message):
     last_crash_at: _timestamp_pb2.Timestamp
     next_start_at: _timestamp_pb2.Timestamp
     allocation_id: str
-    def __init__(self, id: _Optional[str] = ..., deployment: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., endpoint: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_model: _Optional[str] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., profile: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., workload_id: _Optional[str] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_crash_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_start_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocation_id: _Optional[str] = ...) -> None: ...
+    template: str
+    def __init__(self, id: _Optional[str] = ..., deployment: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., endpoint: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_model: _Optional[str] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., profile: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., workload_id: _Optional[str] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_crash_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_start_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocation_id: _Optional[str] = ..., template: _Optional[str] = ...) -> None: ...
 
 class DeploymentCondition(_message.Message):
     __slots__ = ("type", "status", "reason", "message", "last_transition_at")

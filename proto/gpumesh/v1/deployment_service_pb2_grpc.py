@@ -125,9 +125,11 @@ class DeploymentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Update(self, request, context):
-        """Replace the spec's replicas, backend settings and labels (model,
-        variant, isolation and tenant stay). Replicas started under the old
-        settings keep running; new ones use the new settings. With a nonzero
+        """Replace the spec's replicas, backend settings, labels and restart
+        stamp (model, variant, isolation and tenant stay). When the backend
+        settings or the stamp change, the replicas are rolled one at a time:
+        a new replica is started first and an old one removed only once the new
+        one is READY, so the ready count never drops below where it was. With a nonzero
         `deployment.generation` the update applies only if the stored one
         still has it (ABORTED otherwise).
         """
