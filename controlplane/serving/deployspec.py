@@ -23,6 +23,7 @@ MAX_LABELS = 32
 BACKEND_KINDS = {M.BACKEND_LLAMA_CPP: "llama.cpp", M.BACKEND_VLLM: "vllm"}
 LABEL_DEPLOYMENT = "gpumesh.deployment"     # on the replicas' slices and workloads
 LABEL_REPLICA = "gpumesh.replica"
+LABEL_SPREAD = "gpumesh.spread"              # only on replicas placed with anti-affinity (see slice_request)
 
 
 def check_name(name: str, field: str = "spec.name") -> str:
@@ -94,13 +95,16 @@ def check_fits(need: int, gpu_models) -> None:
 
 def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool) -> slicespec.SliceRequest:
     """The SliceRequest of one replica: the need's memory, the deployment's labels plus its own, and
-    (`spread`) anti-affinity to the deployment's other replicas' nodes."""
+    (`spread`) anti-affinity to the nodes of the deployment's other spread replicas."""
     labels = dict(spec.labels)
     labels.update({LABEL_DEPLOYMENT: spec.name, LABEL_REPLICA: replica_id})
     s = types_pb2.SliceSpec(tenant=spec.tenant, memory_bytes=need, isolation=spec.isolation, count=1,
                             priority=spec.priority, labels=labels)
     if spread:
-        s.anti_affinity[LABEL_DEPLOYMENT] = spec.name
+        # A separate label: a replica placed anywhere (no node free of the others) must not carry it, or the
+        # spread replicas' rules would keep it off their nodes too.
+        s.labels[LABEL_SPREAD] = spec.name
+        s.anti_affinity[LABEL_SPREAD] = spec.name
     return slicespec.validate(s)
 
 

@@ -44,7 +44,10 @@ def _need_llama():
 def cluster(tmp_path_factory):
     _need_llama()
     smollm2_gguf()
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1")     # llama_cpp.server reads its settings from env
+    # llama_cpp.server reads its settings from the environment: one thread each (a small shared machine), and
+    # N_BATCH=1 keeps prompts off ggml's AMX kernels, which a -march=native build uses on CPUs that advertise
+    # AMX but (in some VMs) may not run it (SIGILL at `tilezero`).
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
     c = LocalCluster(tmp_path_factory.mktemp("deploy"), HOSTS, lease_ttl=3, agents_per_process=1, env=env,
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
                                         "2", "--deployment-crashloop-after", "2"])

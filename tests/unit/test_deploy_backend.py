@@ -85,9 +85,10 @@ def test_sizing_and_fit():
         deployspec.check_fits(deployspec.need_bytes(spec, _variant()), [h100])
     req = deployspec.slice_request(spec, need, "r-1", spread=True)
     assert req.memory_bytes == need and req.isolation is None
-    assert req.labels == {"gpumesh.deployment": "chat", "gpumesh.replica": "r-1"}
-    assert req.anti_affinity == {"gpumesh.deployment": "chat"}
-    assert deployspec.slice_request(spec, need, "r-1", spread=False).anti_affinity == {}
+    assert req.labels == {"gpumesh.deployment": "chat", "gpumesh.replica": "r-1", "gpumesh.spread": "chat"}
+    assert req.anti_affinity == {"gpumesh.spread": "chat"}
+    anywhere = deployspec.slice_request(spec, need, "r-1", spread=False)
+    assert anywhere.anti_affinity == {} and "gpumesh.spread" not in anywhere.labels
 
 
 def test_meshctl_tables():
