@@ -70,6 +70,9 @@ class ControlPlaneConfig:
     deployment_crashloop_after: int = option(3, "crashes of a replica (without staying ready for "
                                              "deployment_stable_seconds) that put its deployment in CrashLoop",
                                              minimum=1, maximum=1000)
+    deployment_node_lost_seconds: float = option(20.0, "a replica whose node stays NotReady this long is replaced "
+                                                 "on another (counted from when this leader first saw it so)",
+                                                 minimum=0, maximum=86400)
     deployment_stable_seconds: float = option(60.0, "ready this long, a replica's crash count starts over",
                                               minimum=0, maximum=86400)
 

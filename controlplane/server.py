@@ -225,7 +225,8 @@ class ControlPlane:
         from controlplane.serving.deployments import DeploymentManager
         from controlplane.serving.deploysvc import DeploymentService
         self.deployments = DeploymentManager(self.ctl, self.workloads, self.models, self.cfg.deployment_policy(),
-                                             interval=self.cfg.deployment_interval_seconds)
+                                             interval=self.cfg.deployment_interval_seconds,
+                                             node_lost_seconds=self.cfg.deployment_node_lost_seconds)
         await self.deployments.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).

@@ -45,7 +45,7 @@ def _secs(t) -> float:
 
 class DeploymentManager:
     def __init__(self, ctl, workloads, registry, policy: rc.Policy = rc.Policy(), interval: float = 1.0,
-                 probe_timeout: float = 60.0) -> None:
+                 probe_timeout: float = 60.0, node_lost_seconds: float = 20.0) -> None:
         self.ctl = ctl
         self.workloads = workloads
         self.registry = registry
@@ -55,6 +55,8 @@ class DeploymentManager:
         self.act = Actuator(ctl, workloads, self.store, probe_timeout)
         self.busy: dict[str, asyncio.Task] = {}          # replica id -> its action
         self.last_probe: dict[str, float] = {}
+        self.node_lost_seconds = node_lost_seconds
+        self.down_since: dict[str, float] = {}          # node -> when this leader first saw it NotReady
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -191,9 +193,15 @@ class DeploymentManager:
         node_ready = True
         if r.slice_id:
             node = self.ctl.fleet.nodes.get(s.node) if s is not None else None
-            # a slice gone (released by someone else) or on a NotReady node: the replica is lost
-            node_ready = s is not None and node is not None and node.ready \
-                and s.state != W.SLICE_STATE_UNKNOWN
+            # a slice gone (released by someone else): lost at once; on a NotReady node: lost once the node
+            # stays NotReady for node_lost_seconds (an agent or control-plane restart is not a loss)
+            if s is None or node is None:
+                node_ready = False
+            elif node.ready and s.state != W.SLICE_STATE_UNKNOWN:
+                self.down_since.pop(s.node, None)
+            else:
+                since = self.down_since.setdefault(s.node, time.monotonic())
+                node_ready = time.monotonic() - since < self.node_lost_seconds
         w = self.workloads.workloads.get(r.workload_id) if r.workload_id else None
         if not r.workload_id:
             wstate = rc.W_NONE
