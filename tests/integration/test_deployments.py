@@ -157,26 +157,6 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
         mesh2.close()
 
 
-def test_replica_on_a_lost_node_is_replaced_elsewhere(cluster, mesh, smollm2):
-    mesh.deploy("smollm2", name="solo", replicas=1, context=512)
-    d = mesh.wait_deployment("solo", all_ready(1), timeout=SLOW)
-    lost, first = d.replicas[0].node, d.replicas[0].id
-    cluster.kill_agent(lost)
-    try:
-        d = mesh.wait_deployment("solo", lambda x: all_ready(1)(x) and x.replicas[0].id != first, timeout=SLOW)
-        assert d.replicas[0].node != lost
-        assert completion(d.replicas[0].endpoint)
-    finally:
-        cluster.start_agent(lost)
-        cluster.wait_ready(90)
-    mesh.undeploy("solo")
-    wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "solo"],
-             90, "the undeployed replicas' slices released")
-    # the old backend on the lost node was stopped once its agent came back
-    wait_for(lambda: all(w.state in (3, 4, 5) for w in mesh.list_workloads(node=lost)), 90,
-             "every backend on the node that was lost ended (SUCCEEDED, FAILED or STOPPED)")
-
-
 def test_crashloop_with_log_lines(cluster, mesh, tmp_path):
     # a GGUF that llama.cpp cannot load (its tensors are not a model): every start crashes
     bad = write_tiny_gguf(tmp_path / "broken.gguf")
@@ -192,7 +172,11 @@ def test_crashloop_with_log_lines(cluster, mesh, tmp_path):
             d = mesh.get_deployment("broken")
             c = {c.type: c for c in d.status.conditions}.get("CrashLoop")
             return d if c is not None and c.status else None
-        d = wait_for(crashloop, SLOW, "the CrashLoop condition", interval=0.5)
+        try:
+            d = wait_for(crashloop, SLOW, "the CrashLoop condition", interval=0.5)
+        except AssertionError:
+            x = mesh.get_deployment("broken")
+            raise AssertionError(f"no CrashLoop: {x.status} {x.replicas}") from None
         c = {c.type: c for c in d.status.conditions}["CrashLoop"]
         assert c.reason == "BackOff" and "crashed" in c.message and "last log lines" in c.message
         assert d.replicas[0].restarts >= 2 and d.status.ready_replicas == 0
@@ -216,3 +200,26 @@ def test_bad_input_refused(mesh, smollm2):
         mesh.deploy("smollm2", name="x", context=10 ** 6)
     with pytest.raises(errors.NotFound):
         mesh.scale_deployment("nope", 1)
+
+
+def test_replica_on_a_lost_node_is_replaced_elsewhere(cluster, mesh, smollm2):
+    # Last in the file: when the lost node's agent comes back, it tries to remove the old slice's MIG
+    # instance before stopping the old backend on it ("in use"), and a slice placed on that node right
+    # after was not realized in our runs (an agent ordering issue, reported; not the deployments').
+    mesh.deploy("smollm2", name="solo", replicas=1, context=512)
+    d = mesh.wait_deployment("solo", all_ready(1), timeout=SLOW)
+    lost, first = d.replicas[0].node, d.replicas[0].id
+    cluster.kill_agent(lost)
+    try:
+        d = mesh.wait_deployment("solo", lambda x: all_ready(1)(x) and x.replicas[0].id != first, timeout=SLOW)
+        assert d.replicas[0].node != lost
+        assert completion(d.replicas[0].endpoint)
+    finally:
+        cluster.start_agent(lost)
+        cluster.wait_ready(90)
+    mesh.undeploy("solo")
+    wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "solo"],
+             90, "the undeployed replicas' slices released")
+    # the old backend on the lost node was stopped once its agent came back
+    wait_for(lambda: all(w.state in (3, 4, 5) for w in mesh.list_workloads(node=lost)), 90,
+             "every backend on the node that was lost ended (SUCCEEDED, FAILED or STOPPED)")
