@@ -75,6 +75,26 @@ class ControlPlaneConfig:
     etcd_key: str = option("", "PEM private key of etcd_cert")
     etcd_username: str = option("", "etcd user (etcd auth enabled); needs etcd_password")
     etcd_password: str = option("", "password of etcd_username (prefer $MESH_CP_ETCD_PASSWORD to the file or a flag)")
+    deployment_interval_seconds: float = option(1.0, "how often the deployment controller re-checks every "
+                                                "deployment (it also runs at once after each change)",
+                                                minimum=0.05, maximum=60)
+    deployment_backoff_seconds: float = option(2.0, "wait before the first restart of a crashed backend; doubles "
+                                               "with each crash up to deployment_backoff_max_seconds",
+                                               minimum=0, maximum=3600)
+    deployment_backoff_max_seconds: float = option(60.0, "the cap of the restart backoff", minimum=0, maximum=86400)
+    deployment_crashloop_after: int = option(3, "crashes of a replica (without staying ready for "
+                                             "deployment_stable_seconds) that put its deployment in CrashLoop",
+                                             minimum=1, maximum=1000)
+    deployment_node_lost_seconds: float = option(20.0, "a replica whose node stays NotReady this long is replaced "
+                                                 "on another (counted from when this leader first saw it so)",
+                                                 minimum=0, maximum=86400)
+    deployment_stable_seconds: float = option(60.0, "ready this long, a replica's crash count starts over",
+                                              minimum=0, maximum=86400)
+
+    def deployment_policy(self):
+        from controlplane.serving.reconcile import Policy
+        return Policy(backoff_base=self.deployment_backoff_seconds, backoff_max=self.deployment_backoff_max_seconds,
+                      crashloop_after=self.deployment_crashloop_after, stable_seconds=self.deployment_stable_seconds)
 
     def check(self) -> None:
         for name, count, hi in (("memory_pressure_thresholds", 3, 100), ("thermal_thresholds", 3, 200)):

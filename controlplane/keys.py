@@ -16,6 +16,8 @@
 | `/gpumesh/v1/models/<model-name>` | `gpumesh.v1.Model` (family, labels, variants with backend, artifact, facts, VRAM need, measurements) | ModelService Register/Update/Delete (admin) |
 | `/gpumesh/v1/checkpoint-keys/<checkpoint-id>` | 32 random bytes: the key a stored checkpoint of a tenant without a `checkpoint_keys_file` key is sealed with (control plane only; sent to the agents that write and restore it) | MigrationService Checkpoint |
 | `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
+| `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
+| `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -41,6 +43,8 @@ only, sent to the agents that write and restore it; kept as long as the checkpoi
 MIGRATION_SECRETS = PREFIX + "migration-secrets/"
 """a migration's transfer secret (raw bytes): read by the control plane only, sent to the two agents
 in their MigrationCommands; never part of a record the API returns; deleted when the migration ends."""
+DEPLOYMENTS = PREFIX + "deployments/"
+REPLICAS = PREFIX + "replicas/"
 
 
 def node(name: str) -> bytes:
@@ -97,3 +101,11 @@ def checkpoint(checkpoint_id: str) -> bytes:
 
 def model(name: str) -> bytes:
     return (MODELS + name).encode()
+
+
+def deployment(name: str) -> bytes:
+    return (DEPLOYMENTS + name).encode()
+
+
+def replica(deployment_name: str, replica_id: str) -> bytes:
+    return f"{REPLICAS}{deployment_name}/{replica_id}".encode()

@@ -30,6 +30,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
                         workload_service_pb2_grpc)
 from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
+from gpumesh.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from mesh import errors, tls
 from mesh.config import parse_hostport
 from mesh.logs import log
@@ -90,7 +91,8 @@ class ControlPlane:
             (slice_service_pb2.DESCRIPTOR, "SliceService"), (node_service_pb2.DESCRIPTOR, "NodeService"),
             (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
             (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"),
-            (model_service_pb2.DESCRIPTOR, "ModelService"))]
+            (model_service_pb2.DESCRIPTOR, "ModelService"),
+            (deployment_service_pb2.DESCRIPTOR, "DeploymentService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -203,6 +205,12 @@ class ControlPlane:
         self.retention = Retention(self.ctl, self.workloads, self.migrations, self.cfg.retention_seconds,
                                    self.cfg.checkpoints_kept, self.cfg.retention_interval_seconds)
         self.retention.start()
+        from controlplane.serving.deployments import DeploymentManager
+        from controlplane.serving.deploysvc import DeploymentService
+        self.deployments = DeploymentManager(self.ctl, self.workloads, self.models, self.cfg.deployment_policy(),
+                                             interval=self.cfg.deployment_interval_seconds,
+                                             node_lost_seconds=self.cfg.deployment_node_lost_seconds)
+        await self.deployments.load()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -215,7 +223,8 @@ class ControlPlane:
                 "WorkloadService": WorkloadService(self.workloads),
                 "MeshService": MeshService(self.mesh),
                 "MigrationService": MigrationService(self.migrations),
-                "ModelService": ModelService(self.models)}
+                "ModelService": ModelService(self.models),
+                "DeploymentService": DeploymentService(self.deployments)}
         for name, sw in self.switches.items():
             sw.target = real[name]
             sw.reader = None
@@ -253,6 +262,8 @@ class ControlPlane:
                 await self.migrations.stop()
             if getattr(self, "retention", None) is not None:
                 await self.retention.stop()
+            if getattr(self, "deployments", None) is not None:
+                await self.deployments.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
             await self.ctl.writer.stop()
@@ -298,7 +309,8 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (workload_service_pb2, workload_service_pb2_grpc, "WorkloadService"),
             (mesh_service_pb2, mesh_service_pb2_grpc, "MeshService"),
             (migration_service_pb2, migration_service_pb2_grpc, "MigrationService"),
-            (model_service_pb2, model_service_pb2_grpc, "ModelService"))
+            (model_service_pb2, model_service_pb2_grpc, "ModelService"),
+            (deployment_service_pb2, deployment_service_pb2_grpc, "DeploymentService"))
 
 
 async def _set_health(servicer, name: str, status) -> None:

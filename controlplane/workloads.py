@@ -52,6 +52,13 @@ def _check_id(value: str, field: str, what: str) -> str:
 
 def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
     _check_id(req.slice_id, "slice_id", "the ID of a READY slice (s-...)")
+    if req.HasField("backend"):
+        if req.command:
+            raise errors.InvalidArgument.of("command", "is set with a backend", "either a command or a backend")
+        if req.backend.kind not in ("llama.cpp", "vllm") or not req.backend.artifact:
+            raise errors.InvalidArgument.of("backend", "needs a kind and an artifact",
+                                            "kind llama.cpp or vllm, and the artifact's path")
+        return validate_env_labels(req)
     if not req.command:
         raise errors.InvalidArgument.of("command", "is required", "argv, the program first")
     if len(req.command) > MAX_ARGS:
@@ -62,6 +69,10 @@ def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
         if "\0" in arg or len(arg) > MAX_ARG_LEN:
             raise errors.InvalidArgument.of(f"command[{i}]", "is not a valid argument",
                                             f"no NUL bytes, at most {MAX_ARG_LEN} characters")
+    validate_env_labels(req)
+
+
+def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
     for k, v in req.env.items():
         if not ENV_KEY.match(k):
             raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid variable name",
@@ -178,6 +189,8 @@ class WorkloadManager:
                 f"a workload starts only on a READY slice")
         w = types_pb2.Workload(id=new_id("w"), slice_id=s.id, node=s.node, tenant=s.tenant, command=req.command,
                                env=req.env, labels=req.labels, state=W.WORKLOAD_STATE_PENDING, created_at=now())
+        if req.HasField("backend"):
+            w.backend.CopyFrom(req.backend)
         await self.save([w], created=True)
         log(logger, logging.INFO, "workload created", workload=w.id, slice=s.id, node=s.node)
         session = self.ctl.sessions.get(s.node)
@@ -276,6 +289,9 @@ class WorkloadManager:
                 continue        # a late report never revives a finished workload
             message = STOPPING if st.id in self.stopping and st.state not in TERMINAL else st.message
             n = self._copy(w, state=st.state, pid=st.pid, exit_code=st.exit_code, message=message)
+            if st.endpoint:
+                n.endpoint = st.endpoint        # a backend's address, picked by the agent
+                n.command[:] = st.command
             for f in ("started_at", "finished_at"):
                 if st.HasField(f):
                     getattr(n, f).CopyFrom(getattr(st, f))

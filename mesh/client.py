@@ -24,6 +24,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, slice_service
 from mesh import errors, richstatus
 from mesh.meshapi import MeshApi
 from mesh.migrationapi import MigrationApi
+from mesh.deployapi import DeploymentApi
 from mesh.modelapi import ModelApi
 
 T = TypeVar("T")
@@ -110,7 +111,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi, MigrationApi, ModelApi):
+class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

@@ -40,6 +40,9 @@ class AgentConfig:
     transfer_host: str = option("", "address the checkpoint/migration transfer receivers listen on (the agent's "
                                 "own, and its migration targets'); default: the local address that reaches the "
                                 "control plane. Never every interface unless set to 0.0.0.0 explicitly")
+    backend_host: str = option("127.0.0.1", "address model servers (deployments' replicas) listen on and are "
+                               "reported at (host:port with a port the agent picks); on a fleet, an address the "
+                               "control plane and the gateway reach")
     mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
     mesh_tls: bool = option(True, "mesh data plane: TLS for channels from other hosts (the agent certificate when "
                                   "tls_cert is set, else a self-signed one that peers pin through the control "

@@ -233,6 +233,12 @@ class WorkloadRunner:
         st = self.agent.realized.get(w.slice_id)
         if st is None or st.state != types_pb2.SLICE_STATE_READY:
             return self._fail(w, f"slice {w.slice_id} is not ready on node {self.agent.node}")
+        if w.HasField("backend") and restore is None:
+            from nodeagent import backends     # a model server: its command line and port (deployments)
+            try:
+                backends.prepare(w, getattr(self.agent, "backend_host", "") or "127.0.0.1", sys.executable)
+            except (ValueError, OSError) as e:
+                return self._fail(w, f"cannot start backend {w.backend.kind!r}: {e}")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
         env.update(w.env)
         env.update(st.env)          # the slice's own environment always wins

@@ -12,12 +12,14 @@ examples:
   meshctl describe node sim-node-01
   meshctl describe slice s-7f3a9c1e2b4d
   meshctl describe workload w-3f9a2c1d7e6b
+  meshctl describe deployment chat
   meshctl describe no sim-node-01 -o json    # the node with "gpu_status" and "slice_list"
 """
 
 KINDS = {"node": "node", "nodes": "node", "no": "node",
          "slice": "slice", "slices": "slice", "sl": "slice",
-         "workload": "workload", "workloads": "workload", "wl": "workload"}
+         "workload": "workload", "workloads": "workload", "wl": "workload",
+         "deployment": "deployment", "deployments": "deployment", "deploy": "deployment"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,13 +115,16 @@ def format_slice(d: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     kind = KINDS.get(args.kind.lower())
     if kind is None:
-        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload)")
+        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment)")
     from tools.meshctl.output import dump
     with client(args) as mesh:
         if kind == "node":
             node = mesh.get_node(args.name)
             doc = node_document(node, mesh.list_gpus(node=args.name), mesh.list_slices(node=args.name))
             text = format_node(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+        elif kind == "deployment":
+            from tools.meshctl import deploy
+            text = deploy.describe(mesh, args.name, args.output)
         elif kind == "workload":
             from mesh.client import workload_to_dict
             from tools.meshctl.workloads import format_workload

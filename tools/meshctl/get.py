@@ -15,11 +15,14 @@ RESOURCES = {
     "migrations": "migrations", "migration": "migrations", "mig": "migrations",
     "checkpoints": "checkpoints", "checkpoint": "checkpoints", "ck": "checkpoints",
     "models": "models", "model": "models",
+    "deployments": "deployments", "deployment": "deployments", "deploy": "deployments",
+    "replicas": "replicas", "replica": "replicas",
 }
 
 EPILOG = """\
 resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
-           migrations (migration, mig), checkpoints (checkpoint, ck), models (model)
+           migrations (migration, mig), checkpoints (checkpoint, ck), models (model),
+           deployments (deployment, deploy), replicas (replica: NAMEs are deployments)
 
 examples:
   meshctl get nodes
@@ -72,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
         with client(args) as mesh:
             items = [m for m in mesh.list_models() if not args.names or m.name in args.names]
         out(models.format_models(items, args.output))
+        return 0
+    if kind in ("deployments", "replicas"):
+        from tools.meshctl import deploy
+        with client(args) as mesh:
+            out(deploy.get(mesh, kind, args.names, args.tenant, args.output))
         return 0
     if kind in ("migrations", "checkpoints"):
         from tools.meshctl import migrate

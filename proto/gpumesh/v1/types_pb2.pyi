@@ -491,7 +491,7 @@ class NodeEvent(_message.Message):
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., gpu_index: _Optional[int] = ...) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("id", "slice_id", "node", "tenant", "command", "env", "state", "pid", "exit_code", "created_at", "started_at", "finished_at", "message", "labels")
+    __slots__ = ("id", "slice_id", "node", "tenant", "command", "env", "state", "pid", "exit_code", "created_at", "started_at", "finished_at", "message", "labels", "backend", "endpoint")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -520,6 +520,8 @@ class Workload(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     id: str
     slice_id: str
     node: str
@@ -534,4 +536,24 @@ class Workload(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     message: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., tenant: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    backend: ServingBackend
+    endpoint: str
+    def __init__(self, id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., tenant: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., backend: _Optional[_Union[ServingBackend, _Mapping]] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class ServingBackend(_message.Message):
+    __slots__ = ("kind", "artifact", "served_name", "context", "concurrency", "gpu_layers", "gpu_memory_utilization")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    SERVED_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    artifact: str
+    served_name: str
+    context: int
+    concurrency: int
+    gpu_layers: int
+    gpu_memory_utilization: float
+    def __init__(self, kind: _Optional[str] = ..., artifact: _Optional[str] = ..., served_name: _Optional[str] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,179 @@
+"""Carrying out the deployment controller's actions: slices, backends, readiness probes.
+
+It uses the control plane's own paths, not a second way: slices come from `Controller.allocate` (what
+SliceService.Allocate calls: the scheduler framework, quotas, preemption, the agent realizing the
+slice) with the replica's ID as the request ID, so a retry after a restart finds the same allocation;
+backends run through `WorkloadManager.run` (what WorkloadService.Run calls) as workloads with a
+`backend`, whose command line and port the agent makes (nodeagent/backends/); a replica is removed by
+`WorkloadManager.stop_workload` and `Controller.release`.
+
+Readiness is checked here, by the control plane, over HTTP (httpx): the backend's `/v1/models`
+answers 200, and a one-token completion of a short prompt comes back with a choice. The control plane
+must reach the endpoints anyway (so must the gateway).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from controlplane.controller import now
+from controlplane.serving import deployspec
+from controlplane.serving.deploystore import DeploymentStore
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from gpumesh.v1 import types_pb2, workload_service_pb2
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+LOG_LINES = 15          # of a crashed backend's log, in the replica's message and the CrashLoop condition
+
+
+def ts(t: float):
+    out = now()
+    out.FromNanoseconds(int(t * 1e9))
+    return out
+
+
+class Actuator:
+    def __init__(self, ctl, workloads, store: DeploymentStore, probe_timeout: float = 60.0) -> None:
+        self.ctl = ctl
+        self.workloads = workloads
+        self.store = store
+        self.probe_timeout = probe_timeout
+        self._http = None
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _copy(self, r: D.Replica, **fields) -> D.Replica:
+        n = D.Replica()
+        n.CopyFrom(r)
+        for k, v in fields.items():
+            setattr(n, k, v)
+        return n
+
+    # -- placing and starting ---------------------------------------------------------------
+
+    async def allocate(self, r: D.Replica, spec: D.DeploymentSpec, need: int) -> D.Replica:
+        """A slice for `r`: spread from the deployment's other replicas' nodes when the fleet allows,
+        else anywhere it fits."""
+        try:
+            req = deployspec.slice_request(spec, need, r.id, spread=True)
+            try:
+                _, slices = await self.ctl.allocate(req, request_id=r.id, no_wait=True)
+            except errors.ResourceExhausted:
+                req = deployspec.slice_request(spec, need, r.id, spread=False)
+                _, slices = await self.ctl.allocate(req, request_id=r.id + "-any", no_wait=True)
+        except errors.MeshError as e:
+            n = self._copy(r, message=f"no slice yet: {e}")
+            await self.store.put_replica(n)
+            raise
+        s = slices[0]
+        n = self._copy(r, slice_id=s.id, allocation_id=s.allocation_id, node=s.node, gpu_uuid=s.gpu_uuid,
+                       gpu_index=s.gpu_index, gpu_model=s.gpu_model, isolation=s.isolation, profile=s.profile,
+                       memory_bytes=s.memory_bytes, message="slice allocated; waiting for its node to realize it")
+        await self.store.put_replica(n)
+        log(logger, logging.INFO, "replica placed", deployment=r.deployment, replica=r.id, slice=s.id, node=s.node)
+        return n
+
+    async def run(self, r: D.Replica, spec: D.DeploymentSpec, variant: M.Variant) -> D.Replica:
+        s = self.ctl.fleet.slices[r.slice_id]
+        node = self.ctl.fleet.nodes.get(s.node)
+        gpu_mem = next((g.memory_bytes for g in (node.gpus if node else []) if g.uuid == s.gpu_uuid), 0)
+        backend = deployspec.serving_backend(spec, variant, s.memory_bytes, gpu_mem)
+        labels = dict(spec.labels)
+        labels.update({deployspec.LABEL_DEPLOYMENT: spec.name, deployspec.LABEL_REPLICA: r.id})
+        w = await self.workloads.run(workload_service_pb2.RunWorkloadRequest(
+            slice_id=s.id, backend=backend, labels=labels))
+        if w.state == types_pb2.WORKLOAD_STATE_FAILED:
+            n = self._copy(r, workload_id=w.id, message=f"backend did not start: {w.message}")
+        else:
+            n = self._copy(r, workload_id=w.id, endpoint=w.endpoint, state=D.REPLICA_STATE_STARTING,
+                           message="backend started; waiting for a completion")
+        n.template = deployspec.template(spec, variant)
+        n.ClearField("ready_at")
+        await self.store.put_replica(n)
+        log(logger, logging.INFO, "replica backend started", deployment=r.deployment, replica=r.id, workload=w.id,
+            endpoint=w.endpoint, state=types_pb2.WorkloadState.Name(w.state))
+        return n
+
+    # -- readiness ----------------------------------------------------------------------------
+
+    async def probe(self, endpoint: str, served_name: str, complete: bool = True) -> tuple[bool, str]:
+        """(ready, why not): /v1/models answers, and (`complete`) a one-token completion succeeds. A READY
+        replica is re-checked with /v1/models only: llama-cpp-python's server runs one request at a time,
+        and a completion every few seconds would queue behind the users' requests."""
+        if not endpoint:
+            return False, "no endpoint yet"
+        try:
+            import httpx
+        except ImportError:
+            return False, "the control plane cannot probe: httpx is not installed (pip install 'gpumesh[serving]')"
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.probe_timeout)
+        base = f"http://{endpoint}"
+        try:
+            resp = await self._http.get(base + "/v1/models")
+            if resp.status_code != 200:
+                return False, f"GET /v1/models answered {resp.status_code}"
+            if not complete:
+                return True, ""
+            resp = await self._http.post(base + "/v1/completions", json={
+                "model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+            if resp.status_code != 200:
+                return False, f"a one-token completion answered {resp.status_code}: {resp.text[:200]}"
+            if not resp.json().get("choices"):
+                return False, "a one-token completion came back without choices"
+        except (httpx.HTTPError, ValueError) as e:
+            return False, f"{type(e).__name__}: {e}"[:300]
+        return True, ""
+
+    # -- crashes ------------------------------------------------------------------------------
+
+    async def last_log(self, workload_id: str, lines: int = LOG_LINES) -> str:
+        if not workload_id or workload_id not in self.workloads.workloads:
+            return ""
+        data = b""
+        try:
+            async for chunk in self.workloads.logs(workload_id, lines, False):
+                data += chunk.data
+        except errors.MeshError as e:
+            return f"(log unavailable: {e})"
+        return data.decode("utf-8", "replace").strip()
+
+    async def failed(self, r: D.Replica, next_start: float) -> D.Replica:
+        w = self.workloads.workloads.get(r.workload_id)
+        why = w.message if w is not None else "its workload record is gone"
+        tail = await self.last_log(r.workload_id)
+        n = self._copy(r, state=D.REPLICA_STATE_FAILED, restarts=r.restarts + 1,
+                       message=f"backend ended: {why}" + (f"; last log lines:\n{tail}" if tail else ""))
+        n.last_crash_at.CopyFrom(now())
+        n.next_start_at.CopyFrom(ts(next_start))
+        n.ClearField("ready_at")
+        await self.store.put_replica(n)
+        log(logger, logging.WARNING, "replica backend ended", deployment=r.deployment, replica=r.id,
+            restarts=n.restarts, why=why, retry_in=round(next_start - time.time(), 1))
+        return n
+
+    # -- removal ------------------------------------------------------------------------------
+
+    async def remove(self, r: D.Replica, why: str) -> None:
+        if r.state != D.REPLICA_STATE_TERMINATING:
+            r = self._copy(r, state=D.REPLICA_STATE_TERMINATING, message=why)
+            await self.store.put_replica(r)
+        w = self.workloads.workloads.get(r.workload_id)
+        if w is not None and w.state not in (types_pb2.WORKLOAD_STATE_SUCCEEDED, types_pb2.WORKLOAD_STATE_FAILED,
+                                             types_pb2.WORKLOAD_STATE_STOPPED):
+            node = self.ctl.fleet.nodes.get(w.node)
+            await self.workloads.stop_workload(w.id, wait=bool(node and node.ready))
+        for ident in (r.allocation_id, r.slice_id):
+            if ident and (ident in self.ctl.fleet.slices or self.ctl.fleet.slices_of(ident)):
+                node = self.ctl.fleet.nodes.get(r.node)
+                await self.ctl.release(ident, wait=bool(node and node.ready),
+                                       message=f"replica {r.id} of deployment {r.deployment}: {why}")
+                break
+        await self.store.delete_replica(r)
+        log(logger, logging.INFO, "replica removed", deployment=r.deployment, replica=r.id, why=why)

@@ -1,0 +1,345 @@
+"""The deployment controller (leader only): makes each deployment's replicas match its spec.
+
+Level-triggered, like the slice and node controllers: every `interval` seconds, and at once after any
+API change, it observes each deployment's replicas (their records, slices, workloads, nodes), asks
+`reconcile` (a pure function, controlplane/serving/reconcile.py) what to do, and carries the actions out
+(controlplane/serving/actuator.py), each in a task of its own; a replica with an action in flight is
+`busy` and left alone until it ends. The state it acts on is in etcd (controlplane/serving/
+deploystore.py), so a new leader loads the deployments and replicas and adopts the running ones: a
+READY replica's backend is probed again, nothing is restarted that still runs.
+
+Deleting a deployment removes its record at once; its replicas, now of no deployment, are removed by
+the next pass (the same rule finishes a delete interrupted by a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import Gauge
+
+from controlplane.controller import new_id, now
+from controlplane.serving import deployspec
+from controlplane.serving import reconcile as rc
+from controlplane.serving.actuator import Actuator
+from controlplane.serving.deploystore import DeploymentStore
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+REPLICAS = Gauge("gpumesh_deployment_replicas", "Replicas of the leader's deployments by state", ["state"])
+STATE_NAMES = {D.REPLICA_STATE_PENDING: rc.PENDING, D.REPLICA_STATE_STARTING: rc.STARTING,
+               D.REPLICA_STATE_READY: rc.READY, D.REPLICA_STATE_FAILED: rc.FAILED,
+               D.REPLICA_STATE_TERMINATING: rc.TERMINATING}
+W = types_pb2
+ENDED = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
+
+
+def _secs(t) -> float:
+    return t.seconds + t.nanos / 1e9 if t.seconds or t.nanos else 0.0
+
+
+class DeploymentManager:
+    def __init__(self, ctl, workloads, registry, policy: rc.Policy = rc.Policy(), interval: float = 1.0,
+                 probe_timeout: float = 60.0, node_lost_seconds: float = 20.0) -> None:
+        self.ctl = ctl
+        self.workloads = workloads
+        self.registry = registry
+        self.policy = policy
+        self.interval = interval
+        self.store = DeploymentStore(ctl)
+        self.act = Actuator(ctl, workloads, self.store, probe_timeout)
+        self.busy: dict[str, asyncio.Task] = {}          # replica id -> its action
+        self.last_probe: dict[str, float] = {}
+        self.node_lost_seconds = node_lost_seconds
+        self.down_since: dict[str, float] = {}          # node -> when this leader first saw it NotReady
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        await self.store.load()
+        self._task = asyncio.create_task(self._loop(), name="deployments")
+
+    async def stop(self) -> None:
+        for t in [self._task, *self.busy.values()]:
+            if t is not None:
+                t.cancel()
+        await self.act.close()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- API ----------------------------------------------------------------------------------
+
+    def _resolve(self, spec: D.DeploymentSpec):
+        model = self.registry.get(spec.model) if spec.model else None
+        if model is None:
+            raise errors.InvalidArgument.of("spec.model", "is required", "the name of a registered model")
+        variant = deployspec.pick_variant(model, spec.variant)
+        deployspec.check_settings(spec, variant)
+        need = deployspec.need_bytes(spec, variant)
+        return variant, need
+
+    async def create(self, spec: D.DeploymentSpec) -> D.Deployment:
+        deployspec.check_name(spec.name)
+        deployspec.check_replicas(spec.replicas)
+        try:
+            variant, need = self._resolve(spec)
+        except errors.NotFound:
+            raise errors.InvalidArgument.of("spec.model", f"no model {spec.model!r} in the registry",
+                                            "a registered model (meshctl get models)") from None
+        deployspec.check_fits(need, self.registry.gpu_models())
+        deployspec.slice_request(spec, need, "r-check", spread=True)   # tenant, labels, priority as slices take them
+        spec.variant = variant.name
+        ts = now()
+        d = D.Deployment(spec=spec, created_at=ts, updated_at=ts, generation=1,
+                         status=D.DeploymentStatus(vram_bytes=need,
+                                                   backend=deployspec.BACKEND_KINDS[variant.backend]))
+        async with self._lock:
+            if spec.name in self.store.deployments:
+                raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
+            if self.store.replicas.get(spec.name):
+                raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry shortly")
+            await self.store.create(d)
+        log(logger, logging.INFO, "deployment created", deployment=spec.name, model=spec.model,
+            variant=variant.name, replicas=spec.replicas, vram=need)
+        self.kick()
+        return self.store.full(spec.name)
+
+    async def _change(self, name: str, generation: int, edit) -> D.Deployment:
+        async with self._lock:
+            old = self.store.get(name)
+            if generation and generation != old.generation:
+                raise errors.Aborted(f"deployment {name!r} is at generation {old.generation}, not {generation}")
+            d = D.Deployment()
+            d.CopyFrom(old)
+            edit(d)
+            d.generation = old.generation + 1
+            d.updated_at.CopyFrom(now())
+            await self.store.put(d)
+        self.kick()
+        return self.store.full(name)
+
+    async def scale(self, name: str, replicas: int) -> D.Deployment:
+        deployspec.check_name(name, "name")
+        deployspec.check_replicas(replicas, "replicas")
+        log(logger, logging.INFO, "deployment scaled", deployment=name, replicas=replicas)
+        return await self._change(name, 0, lambda d: setattr(d.spec, "replicas", replicas))
+
+    async def update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
+        deployspec.check_name(spec.name)
+        deployspec.check_replicas(spec.replicas)
+        old = self.store.get(spec.name)
+        probe = D.DeploymentSpec()
+        probe.CopyFrom(old.spec)
+        probe.backend.CopyFrom(spec.backend)
+        probe.labels.clear()
+        probe.labels.update(spec.labels)
+        variant, need = self._resolve(probe)
+        deployspec.check_fits(need, self.registry.gpu_models())
+
+        def edit(d: D.Deployment) -> None:
+            d.spec.replicas = spec.replicas
+            d.spec.backend.CopyFrom(spec.backend)
+            d.spec.labels.clear()
+            d.spec.labels.update(spec.labels)
+            d.spec.restart_stamp = spec.restart_stamp
+            d.status.vram_bytes = need
+        return await self._change(spec.name, generation, edit)
+
+    async def delete(self, name: str) -> D.Deployment:
+        deployspec.check_name(name, "name")
+        async with self._lock:
+            d = self.store.full(name)
+            await self.store.delete(name)
+        log(logger, logging.INFO, "deployment deleted", deployment=name, replicas=len(d.replicas))
+        self.kick()
+        return d
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+            try:
+                await self.reconcile_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # noqa: BLE001 - the next pass tries again
+                logger.exception("deployment controller pass")
+
+    async def reconcile_all(self) -> None:
+        names = set(self.store.deployments) | set(self.store.replicas)
+        counts: dict[str, int] = {}
+        for name in sorted(names):
+            await self.reconcile_one(name)
+            for r in self.store.replicas_of(name):
+                state = STATE_NAMES.get(r.state, "pending")
+                counts[state] = counts.get(state, 0) + 1
+        for state in (rc.PENDING, rc.STARTING, rc.READY, rc.FAILED, rc.TERMINATING):
+            REPLICAS.labels(state).set(counts.get(state, 0))
+
+    def observe(self, r: D.Replica, template: str = "") -> rc.Observed:
+        s = self.ctl.fleet.slices.get(r.slice_id) if r.slice_id else None
+        node_ready = True
+        if r.slice_id:
+            node = self.ctl.fleet.nodes.get(s.node) if s is not None else None
+            # a slice gone (released by someone else): lost at once; on a NotReady node: lost once the node
+            # stays NotReady for node_lost_seconds (an agent or control-plane restart is not a loss)
+            if s is None or node is None:
+                node_ready = False
+            elif node.ready and s.state != W.SLICE_STATE_UNKNOWN:
+                self.down_since.pop(s.node, None)
+            else:
+                since = self.down_since.setdefault(s.node, time.monotonic())
+                node_ready = time.monotonic() - since < self.node_lost_seconds
+        w = self.workloads.workloads.get(r.workload_id) if r.workload_id else None
+        if not r.workload_id:
+            wstate = rc.W_NONE
+        elif w is None or w.state in ENDED:
+            wstate = rc.W_ENDED
+        elif w.state == W.WORKLOAD_STATE_UNKNOWN:
+            wstate = rc.W_UNKNOWN
+        else:
+            wstate = rc.W_RUNNING
+        return rc.Observed(
+            id=r.id, state=STATE_NAMES.get(r.state, rc.PENDING), has_slice=bool(r.slice_id),
+            slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
+            busy=r.id in self.busy, restarts=r.restarts, ready_since=_secs(r.ready_at),
+            next_start=_secs(r.next_start_at), last_probe=self.last_probe.get(r.id, 0.0),
+            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template))
+
+    async def reconcile_one(self, name: str) -> None:
+        d = self.store.deployments.get(name)
+        replicas = {r.id: r for r in self.store.replicas_of(name)}
+        desired = rc.Desired(replicas=d.spec.replicas if d else 0, deleting=d is None)
+        current = ""
+        if d is not None:
+            try:
+                current = deployspec.template(d.spec, self._resolve(d.spec)[0])
+            except errors.MeshError:
+                current = ""        # its model or variant is gone: keep what runs
+        plan = rc.reconcile(desired, [self.observe(r, current) for r in replicas.values()], time.time(),
+                            self.policy)
+        for a in plan.actions:
+            if a.kind == "create":
+                for _ in range(a.count):
+                    r = D.Replica(id=new_id("r"), deployment=name, state=D.REPLICA_STATE_PENDING,
+                                  message="waiting for a slice", created_at=now())
+                    await self.store.put_replica(r)
+                    self._spawn(r.id, self._advance(name, r.id))
+            elif a.kind in ("advance", "restart"):
+                self._spawn(a.replica, self._advance(name, a.replica))
+            elif a.kind == "probe":
+                self._spawn(a.replica, self._probe(name, a.replica))
+            elif a.kind == "fail":
+                self._spawn(a.replica, self.act.failed(replicas[a.replica], a.next_start))
+            elif a.kind == "reset":
+                n = D.Replica()
+                n.CopyFrom(replicas[a.replica])
+                n.restarts = 0
+                await self.store.put_replica(n)
+            elif a.kind == "remove":
+                self.last_probe.pop(a.replica, None)
+                self._spawn(a.replica, self.act.remove(replicas[a.replica], a.reason))
+        if d is not None:
+            await self._set_status(d, plan)
+
+    def _spawn(self, rid: str, coro) -> None:
+        if rid in self.busy:
+            coro.close()
+            return
+
+        async def run():
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except errors.MeshError as e:
+                log(logger, logging.WARNING, "replica action failed; retrying on a later pass", replica=rid,
+                    error=str(e))
+                await asyncio.sleep(self.policy.backoff_base)
+            except Exception:   # noqa: BLE001
+                logger.exception("replica action %s", rid)
+                await asyncio.sleep(self.policy.backoff_base)
+            finally:
+                self.busy.pop(rid, None)
+                self.kick()
+        self.busy[rid] = asyncio.create_task(run(), name=f"replica-{rid}")
+
+    async def _advance(self, name: str, rid: str) -> None:
+        """Bring a replica one step further: a slice, then (slice READY) its backend."""
+        d = self.store.deployments.get(name)
+        r = self.store.replicas.get(name, {}).get(rid)
+        if d is None or r is None:
+            return
+        variant, need = self._resolve(d.spec)
+        if not r.slice_id:
+            r = await self.act.allocate(r, d.spec, need)
+        s = self.ctl.fleet.slices.get(r.slice_id)
+        if s is None or s.state != W.SLICE_STATE_READY:
+            return              # the next pass looks again once its node realized it
+        await self.act.run(r, d.spec, variant)
+
+    async def _probe(self, name: str, rid: str) -> None:
+        d = self.store.deployments.get(name)
+        r = self.store.replicas.get(name, {}).get(rid)
+        if d is None or r is None:
+            return
+        ok, why = await self.act.probe(r.endpoint, d.spec.model, complete=r.state != D.REPLICA_STATE_READY)
+        self.last_probe[rid] = time.time()
+        r2 = self.store.replicas.get(name, {}).get(rid)
+        if r2 is None or r2.workload_id != r.workload_id or r2.state not in (D.REPLICA_STATE_STARTING,
+                                                                            D.REPLICA_STATE_READY):
+            return              # changed meanwhile (crashed, removed)
+        n = D.Replica()
+        n.CopyFrom(r2)
+        if ok and r2.state != D.REPLICA_STATE_READY:
+            n.state, n.message = D.REPLICA_STATE_READY, "answers completions"
+            n.ready_at.CopyFrom(now())
+            log(logger, logging.INFO, "replica ready", deployment=name, replica=rid, endpoint=r.endpoint)
+        elif not ok and r2.state == D.REPLICA_STATE_READY:
+            n.state, n.message = D.REPLICA_STATE_STARTING, f"readiness probe failed: {why}"
+            n.ClearField("ready_at")
+        elif not ok:
+            n.message = f"not ready yet: {why}"
+        if n != r2:
+            await self.store.put_replica(n)
+
+    async def _set_status(self, d: D.Deployment, plan: rc.Plan) -> None:
+        replicas = self.store.replicas_of(d.spec.name)
+        st = D.DeploymentStatus()
+        st.CopyFrom(d.status)
+        st.replicas = sum(1 for r in replicas if r.state != D.REPLICA_STATE_TERMINATING)
+        st.ready_replicas = sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY)
+        old = {c.type: c for c in d.status.conditions}
+        del st.conditions[:]
+        for ctype, (status, reason, message) in plan.conditions.items():
+            if ctype == "CrashLoop" and status:
+                crashing = [r for r in replicas if r.restarts >= self.policy.crashloop_after]
+                if crashing:
+                    message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
+            c = D.DeploymentCondition(type=ctype, status=status, reason=reason, message=message[:4000])
+            prev = old.get(ctype)
+            if prev is not None and prev.status == status:
+                c.last_transition_at.CopyFrom(prev.last_transition_at)
+            else:
+                c.last_transition_at.CopyFrom(now())
+            st.conditions.append(c)
+        if st != d.status:
+            n = D.Deployment()
+            n.CopyFrom(d)
+            n.status.CopyFrom(st)
+            try:
+                await self.store.put(n)
+            except errors.NotFound:
+                pass        # deleted meanwhile

@@ -1,0 +1,129 @@
+"""Checking a DeploymentSpec against the registry, and sizing its replicas' slices.
+
+A replica's slice holds the variant's VRAM need at the deployment's context and concurrency, by the
+registry's formula (mesh/models/vram.py). Isolation UNSPECIFIED asks the scheduler for that memory with
+no isolation named: it takes the smallest MIG profile that holds it on MIG GPUs, else an MPS share
+(mesh/slicespec.py, the same as `meshctl alloc --memory`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from gpumesh.v1 import types_pb2
+from mesh import errors, slicespec
+from mesh.models import vram
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_REPLICAS = 64
+MAX_LABELS = 32
+BACKEND_KINDS = {M.BACKEND_LLAMA_CPP: "llama.cpp", M.BACKEND_VLLM: "vllm"}
+LABEL_DEPLOYMENT = "gpumesh.deployment"     # on the replicas' slices and workloads
+LABEL_REPLICA = "gpumesh.replica"
+LABEL_SPREAD = "gpumesh.spread"              # only on replicas placed with anti-affinity (see slice_request)
+
+
+def check_name(name: str, field: str = "spec.name") -> str:
+    if not NAME_RE.match(name or ""):
+        raise errors.InvalidArgument.of(field, f"{name!r} is not a valid name" if name else "is required",
+                                        "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def check_replicas(n: int, field: str = "spec.replicas") -> int:
+    if not 0 <= n <= MAX_REPLICAS:
+        raise errors.InvalidArgument.of(field, f"{n} is out of range", f"0 to {MAX_REPLICAS}")
+    return n
+
+
+def pick_variant(model: M.Model, name: str) -> M.Variant:
+    if not name:
+        return min(model.variants, key=lambda v: (v.fallback_rank, v.name))
+    for v in model.variants:
+        if v.name == name:
+            return v
+    raise errors.InvalidArgument.of("spec.variant", f"model {model.name!r} has no variant {name!r}",
+                                    ", ".join(v.name for v in model.variants))
+
+
+def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
+    b = spec.backend
+    if b.context < 0 or b.context > variant.max_context:
+        raise errors.InvalidArgument.of("spec.backend.context", f"{b.context} is out of range",
+                                        f"0 (the variant's) to its max_context {variant.max_context}")
+    if not 0 <= b.concurrency <= 1024:
+        raise errors.InvalidArgument.of("spec.backend.concurrency", f"{b.concurrency} is out of range", "0 (1) to 1024")
+    if not 0 <= b.gpu_layers <= 100000:
+        raise errors.InvalidArgument.of("spec.backend.gpu_layers", f"{b.gpu_layers} is out of range",
+                                        "0 (all) or a number of layers")
+    if spec.isolation not in (types_pb2.ISOLATION_UNSPECIFIED, types_pb2.ISOLATION_MIG, types_pb2.ISOLATION_MPS,
+                              types_pb2.ISOLATION_TIMESHARE):
+        raise errors.InvalidArgument.of("spec.isolation", f"{spec.isolation} is not allowed",
+                                        "unspecified (smallest MIG profile, else MPS), mig, mps, timeshare")
+    if len(spec.labels) > MAX_LABELS:
+        raise errors.InvalidArgument.of("spec.labels", f"has {len(spec.labels)} labels", f"at most {MAX_LABELS}")
+    for k, v in spec.labels.items():
+        if not k or len(k) > 63 or len(v) > 256:
+            raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is not a valid label",
+                                            "keys of 1-63 and values of at most 256 characters")
+    if not 0 <= spec.priority <= 1000:
+        raise errors.InvalidArgument.of("spec.priority", f"{spec.priority} is out of range", "0 to 1000")
+
+
+def context_of(spec: D.DeploymentSpec, variant: M.Variant) -> int:
+    return spec.backend.context or variant.context or variant.max_context
+
+
+def need_bytes(spec: D.DeploymentSpec, variant: M.Variant) -> int:
+    """The VRAM each replica's slice must hold."""
+    return vram.vram(BACKEND_KINDS[variant.backend], variant.weight_bytes, variant.kv_bytes_per_token,
+                     context_of(spec, variant), spec.backend.concurrency or 1).total_bytes
+
+
+def check_fits(need: int, gpu_models) -> None:
+    fits = vram.slices_for(need, gpu_models)
+    if gpu_models and not any(f.fits for f in fits):
+        largest = max(vram.largest_slice_bytes(g) for g in gpu_models)
+        raise errors.FailedPrecondition(
+            f"a replica needs {need / vram.GIB:.2f} GiB of GPU memory at this context and concurrency; the "
+            f"largest slice of the fleet holds {largest / vram.GIB:.2f} GiB: lower spec.backend.context or "
+            f"concurrency, or pick a smaller variant")
+
+
+def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool) -> slicespec.SliceRequest:
+    """The SliceRequest of one replica: the need's memory, the deployment's labels plus its own, and
+    (`spread`) anti-affinity to the nodes of the deployment's other spread replicas."""
+    labels = dict(spec.labels)
+    labels.update({LABEL_DEPLOYMENT: spec.name, LABEL_REPLICA: replica_id})
+    s = types_pb2.SliceSpec(tenant=spec.tenant, memory_bytes=need, isolation=spec.isolation, count=1,
+                            priority=spec.priority, labels=labels)
+    if spread:
+        # A separate label: a replica placed anywhere (no node free of the others) must not carry it, or the
+        # spread replicas' rules would keep it off their nodes too.
+        s.labels[LABEL_SPREAD] = spec.name
+        s.anti_affinity[LABEL_SPREAD] = spec.name
+    return slicespec.validate(s)
+
+
+def serving_backend(spec: D.DeploymentSpec, variant: M.Variant, slice_memory: int,
+                    gpu_memory: int) -> types_pb2.ServingBackend:
+    kind = BACKEND_KINDS[variant.backend]
+    from mesh.models import artifact
+    b = types_pb2.ServingBackend(kind=kind, artifact=str(artifact.resolve(variant.artifact)),
+                                 served_name=spec.model, context=context_of(spec, variant),
+                                 concurrency=spec.backend.concurrency or 1, gpu_layers=spec.backend.gpu_layers)
+    if kind == "vllm" and slice_memory and gpu_memory:
+        b.gpu_memory_utilization = round(min(0.95, slice_memory / gpu_memory), 4)
+    return b
+
+
+def template(spec: D.DeploymentSpec, variant: M.Variant) -> str:
+    """A digest of what a replica's backend is started with: a replica whose digest differs from the
+    deployment's is rolled (Replica.template)."""
+    b = spec.backend
+    text = "|".join(str(x) for x in (variant.name, variant.artifact, context_of(spec, variant),
+                                     b.concurrency or 1, b.gpu_layers, spec.restart_stamp))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

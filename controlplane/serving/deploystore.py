@@ -1,0 +1,115 @@
+"""Deployment and replica records: in memory on the leader, durable in etcd.
+
+`/gpumesh/v1/deployments/<name>` holds the Deployment (spec, generation, status with conditions; its
+`replicas` field is left empty), `/gpumesh/v1/replicas/<name>/<replica-id>` one Replica each. Writes
+go through the group-commit writer (controlplane/writer.py), guarded by the leader key like every
+other record: a deployment is created once (Absent), replicas are written whole. The memory copy is
+changed only once the write is durable, and every change wakes the watchers (`changed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane import keys
+from controlplane.controller import Controller
+from controlplane.store import Absent, Delete, Present, Put
+from gpumesh.v1 import deployment_service_pb2 as D
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+
+
+class DeploymentStore:
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.deployments: dict[str, D.Deployment] = {}
+        self.replicas: dict[str, dict[str, D.Replica]] = {}    # deployment -> replica id -> replica
+        self._watchers: dict[str, list[asyncio.Event]] = {}
+
+    async def load(self) -> None:
+        snap = await self.ctl.store.load(keys.DEPLOYMENTS)
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            d = D.Deployment.FromString(value)
+            self.deployments[keys.name_of(key, keys.DEPLOYMENTS)] = d
+        snap = await self.ctl.store.load(keys.REPLICAS)
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            r = D.Replica.FromString(value)
+            self.replicas.setdefault(r.deployment, {})[r.id] = r
+        log(logger, logging.INFO, "deployments loaded", deployments=len(self.deployments),
+            replicas=sum(len(v) for v in self.replicas.values()))
+
+    # -- watchers -----------------------------------------------------------------------------
+
+    def subscribe(self, name: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._watchers.setdefault(name, []).append(ev)
+        return ev
+
+    def unsubscribe(self, name: str, ev: asyncio.Event) -> None:
+        lst = self._watchers.get(name, [])
+        if ev in lst:
+            lst.remove(ev)
+
+    def changed(self, name: str) -> None:
+        for ev in self._watchers.get(name, []):
+            ev.set()
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, name: str) -> D.Deployment:
+        d = self.deployments.get(name)
+        if d is None:
+            raise errors.NotFound(f"no deployment {name!r}", kind="deployment", name=name)
+        return d
+
+    def replicas_of(self, name: str) -> list[D.Replica]:
+        return sorted(self.replicas.get(name, {}).values(),
+                      key=lambda r: (r.created_at.seconds, r.created_at.nanos, r.id))
+
+    def full(self, name: str) -> D.Deployment:
+        """The deployment with its replicas (what Get answers)."""
+        out = D.Deployment()
+        out.CopyFrom(self.get(name))
+        out.replicas.extend(self.replicas_of(name))
+        return out
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def create(self, d: D.Deployment) -> None:
+        key = keys.deployment(d.spec.name)
+        try:
+            await self.ctl.writer.write([Put(key, d.SerializeToString())], [Absent(key)])
+        except errors.Aborted:
+            raise errors.AlreadyExists(f"deployment {d.spec.name!r} already exists") from None
+        self.deployments[d.spec.name] = d
+        self.changed(d.spec.name)
+
+    async def put(self, d: D.Deployment) -> None:
+        key = keys.deployment(d.spec.name)
+        try:
+            await self.ctl.writer.write([Put(key, d.SerializeToString())], [Present(key)])
+        except errors.Aborted:
+            raise errors.NotFound(f"no deployment {d.spec.name!r} (deleted meanwhile)", kind="deployment",
+                                  name=d.spec.name) from None
+        self.deployments[d.spec.name] = d
+        self.changed(d.spec.name)
+
+    async def delete(self, name: str) -> None:
+        await self.ctl.writer.write([Delete(keys.deployment(name))])
+        self.deployments.pop(name, None)
+        self.changed(name)
+
+    async def put_replica(self, r: D.Replica) -> None:
+        await self.ctl.writer.write([Put(keys.replica(r.deployment, r.id), r.SerializeToString())])
+        self.replicas.setdefault(r.deployment, {})[r.id] = r
+        self.changed(r.deployment)
+
+    async def delete_replica(self, r: D.Replica) -> None:
+        await self.ctl.writer.write([Delete(keys.replica(r.deployment, r.id))])
+        self.replicas.get(r.deployment, {}).pop(r.id, None)
+        if not self.replicas.get(r.deployment):
+            self.replicas.pop(r.deployment, None)
+        self.changed(r.deployment)

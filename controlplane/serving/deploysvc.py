@@ -1,0 +1,82 @@
+"""The v1 DeploymentService onto the deployment controller (controlplane/serving/deployments.py).
+
+Roles are checked by the interceptor (controlplane/auth.py RULES): Create, Scale, Update and Delete
+need the tenant role, Get, List and Watch a viewer. A tenant acts on its own tenant's deployments only
+(another tenant's read as unknown); an admin on all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from controlplane import auth
+from controlplane.rpc import streaming, unary
+from controlplane.serving.deployments import DeploymentManager
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import deployment_service_pb2_grpc
+
+WATCH_HEARTBEAT = 30.0
+DEFAULT_TENANT = "default"      # a Watch re-sends the deployment at least this often
+
+
+class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, manager: DeploymentManager) -> None:
+        self.m = manager
+
+    def _own(self, name: str) -> D.Deployment:
+        d = self.m.store.get(name)
+        auth.check_visible(d.spec.tenant, "deployment", name)
+        return d
+
+    @unary
+    async def Create(self, request, context):
+        spec = request.spec
+        spec.tenant = auth.scope_tenant(spec.tenant, "spec.tenant")
+        spec.tenant = spec.tenant or DEFAULT_TENANT        # an admin (or the insecure demo) naming none
+        return await self.m.create(spec)
+
+    @unary
+    async def Get(self, request, context):
+        self._own(request.name)
+        return self.m.store.full(request.name)
+
+    @unary
+    async def List(self, request, context):
+        tenant = auth.scope_tenant(request.tenant)
+        labels = dict(request.labels)
+        out = [self.m.store.full(n) for n, d in sorted(self.m.store.deployments.items())
+               if (not tenant or d.spec.tenant == tenant) and (not request.model or d.spec.model == request.model)
+               and all(d.spec.labels.get(k) == v for k, v in labels.items())]
+        return D.ListDeploymentsResponse(deployments=out)
+
+    @unary
+    async def Scale(self, request, context):
+        self._own(request.name)
+        return await self.m.scale(request.name, request.replicas)
+
+    @unary
+    async def Update(self, request, context):
+        self._own(request.spec.name)
+        return await self.m.update(request.spec, request.generation)
+
+    @unary
+    async def Delete(self, request, context):
+        self._own(request.name)
+        return await self.m.delete(request.name)
+
+    @streaming
+    async def Watch(self, request, context):
+        self._own(request.name)
+        ev = self.m.store.subscribe(request.name)
+        try:
+            while True:
+                ev.clear()
+                if request.name not in self.m.store.deployments:
+                    return
+                yield self.m.store.full(request.name)
+                try:
+                    await asyncio.wait_for(ev.wait(), WATCH_HEARTBEAT)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.m.store.unsubscribe(request.name, ev)

@@ -1,0 +1,148 @@
+"""The deployment part of the SDK (DeploymentService): deploy a model, scale, update, undeploy, watch.
+
+    with MeshClient(endpoint) as mesh:
+        d = mesh.deploy("smollm2-135m", replicas=2, name="chat")        # returns at once
+        d = mesh.wait_deployment("chat", lambda d: d.status.ready_replicas == 2, timeout=300)
+        [r.endpoint for r in d.replicas]          # host:port of each OpenAI-compatible server
+        mesh.scale_deployment("chat", 1)
+        mesh.undeploy("chat")
+
+`deployment_to_dict` is what `meshctl get deployments -o json|yaml` prints. Mixed into
+`mesh.client.MeshClient`; errors are the typed `mesh.errors` ones.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import deployment_service_pb2_grpc, types_pb2
+
+ISOLATIONS = {"": types_pb2.ISOLATION_UNSPECIFIED, "mig": types_pb2.ISOLATION_MIG, "mps": types_pb2.ISOLATION_MPS,
+              "timeshare": types_pb2.ISOLATION_TIMESHARE, "time-share": types_pb2.ISOLATION_TIMESHARE}
+ISOLATION_NAMES = {types_pb2.ISOLATION_UNSPECIFIED: "", types_pb2.ISOLATION_MIG: "mig",
+                   types_pb2.ISOLATION_MPS: "mps", types_pb2.ISOLATION_TIMESHARE: "timeshare"}
+
+
+def _converting(fn):
+    from mesh.client import _converting as conv
+    return conv(fn)
+
+
+def state_name(state: int) -> str:
+    return D.ReplicaState.Name(state).removeprefix("REPLICA_STATE_")
+
+
+class DeploymentApi:
+    _channel: Any
+    timeout: float
+
+    @property
+    def _deploysvc(self) -> deployment_service_pb2_grpc.DeploymentServiceStub:
+        stub = self.__dict__.get("_deploy_stub")
+        if stub is None:
+            stub = self.__dict__["_deploy_stub"] = deployment_service_pb2_grpc.DeploymentServiceStub(self._channel)
+        return stub
+
+    def deploy(self, model: str, *, replicas: int = 1, name: str = "", variant: str = "", isolation: str = "",
+               context: int = 0, concurrency: int = 0, gpu_layers: int = 0, labels: dict[str, str] | None = None,
+               tenant: str = "", priority: int = 0) -> D.Deployment:
+        """Create a deployment (named after the model when `name` is empty). Returns at once; the
+        replicas come up in the background (wait_deployment / watch_deployment)."""
+        if isolation not in ISOLATIONS:
+            from mesh import errors
+            raise errors.InvalidArgument.of("isolation", f"{isolation!r} is not allowed", "mig, mps, timeshare")
+        spec = D.DeploymentSpec(name=name or model, model=model, variant=variant, replicas=replicas,
+                                isolation=ISOLATIONS[isolation], labels=labels or {}, tenant=tenant,
+                                priority=priority,
+                                backend=D.BackendSettings(context=context, concurrency=concurrency,
+                                                          gpu_layers=gpu_layers))
+        return _converting(self._deploysvc.Create)(D.CreateDeploymentRequest(spec=spec), timeout=self.timeout)
+
+    def get_deployment(self, name: str) -> D.Deployment:
+        return _converting(self._deploysvc.Get)(D.GetDeploymentRequest(name=name), timeout=self.timeout)
+
+    def list_deployments(self, tenant: str = "", model: str = "",
+                         labels: dict[str, str] | None = None) -> list[D.Deployment]:
+        resp = _converting(self._deploysvc.List)(D.ListDeploymentsRequest(tenant=tenant, model=model,
+                                                                          labels=labels or {}), timeout=self.timeout)
+        return list(resp.deployments)
+
+    def scale_deployment(self, name: str, replicas: int) -> D.Deployment:
+        return _converting(self._deploysvc.Scale)(D.ScaleDeploymentRequest(name=name, replicas=replicas),
+                                                  timeout=self.timeout)
+
+    def update_deployment(self, spec: D.DeploymentSpec, generation: int = 0) -> D.Deployment:
+        return _converting(self._deploysvc.Update)(D.UpdateDeploymentRequest(spec=spec, generation=generation),
+                                                   timeout=self.timeout)
+
+    def rollout_restart(self, name: str) -> D.Deployment:
+        """Restart every replica, one at a time, a new one first (an Update of the restart stamp)."""
+        from datetime import datetime, timezone
+        d = self.get_deployment(name)
+        spec = D.DeploymentSpec()
+        spec.CopyFrom(d.spec)
+        spec.restart_stamp = datetime.now(timezone.utc).isoformat()
+        return self.update_deployment(spec, d.generation)
+
+    def undeploy(self, name: str) -> D.Deployment:
+        """Delete a deployment: its replicas are stopped and their slices released in the background."""
+        return _converting(self._deploysvc.Delete)(D.DeleteDeploymentRequest(name=name), timeout=self.timeout)
+
+    def watch_deployment(self, name: str, timeout: float | None = None) -> Iterator[D.Deployment]:
+        """The deployment now and after each change, until it is deleted (or `timeout`)."""
+        import grpc
+        from mesh import richstatus
+        call = self._deploysvc.Watch(D.WatchDeploymentRequest(name=name), timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise richstatus.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def wait_deployment(self, name: str, until: Callable[[D.Deployment], bool], timeout: float = 300.0,
+                        poll: float = 0.5) -> D.Deployment:
+        """Poll Get until `until(deployment)` holds; TimeoutError with the last state otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            d = self.get_deployment(name)
+            if until(d):
+                return d
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {name}: condition not reached in {timeout:g}s; last: "
+                                   f"{[(r.id, state_name(r.state), r.message[:120]) for r in d.replicas]}")
+            time.sleep(poll)
+
+
+# -- documents ---------------------------------------------------------------------------------------
+
+def _ts(msg: Any, field: str) -> str | None:
+    from mesh.client import timestamp
+    return timestamp(msg, field)
+
+
+def replica_to_dict(r: D.Replica) -> dict[str, Any]:
+    return {"id": r.id, "deployment": r.deployment, "state": state_name(r.state), "endpoint": r.endpoint,
+            "slice_id": r.slice_id, "allocation_id": r.allocation_id, "node": r.node, "gpu_uuid": r.gpu_uuid,
+            "gpu_index": r.gpu_index, "gpu_model": r.gpu_model, "isolation": ISOLATION_NAMES.get(r.isolation, ""),
+            "profile": r.profile, "memory_bytes": r.memory_bytes, "workload_id": r.workload_id,
+            "restarts": r.restarts, "message": r.message, "template": r.template, "created_at": _ts(r, "created_at"),
+            "ready_at": _ts(r, "ready_at"), "last_crash_at": _ts(r, "last_crash_at")}
+
+
+def deployment_to_dict(d: D.Deployment) -> dict[str, Any]:
+    s, st = d.spec, d.status
+    return {
+        "name": s.name, "model": s.model, "variant": s.variant, "replicas": s.replicas,
+        "isolation": ISOLATION_NAMES.get(s.isolation, ""), "tenant": s.tenant, "priority": s.priority,
+        "labels": dict(s.labels), "restart_stamp": s.restart_stamp,
+        "backend": {"kind": st.backend, "context": s.backend.context, "concurrency": s.backend.concurrency,
+                    "gpu_layers": s.backend.gpu_layers},
+        "generation": d.generation, "created_at": _ts(d, "created_at"), "updated_at": _ts(d, "updated_at"),
+        "status": {"replicas": st.replicas, "ready_replicas": st.ready_replicas, "vram_bytes": st.vram_bytes,
+                   "conditions": [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+                                   "last_transition_at": _ts(c, "last_transition_at")} for c in st.conditions]},
+        "replica_list": [replica_to_dict(r) for r in d.replicas],
+    }

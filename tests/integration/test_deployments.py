@@ -1,0 +1,225 @@
+"""Deployments on a real local cluster: etcd, the control plane, two simulated H100 hosts' agents, and real
+llama.cpp servers (llama-cpp-python's) loading the real SmolLM2-135M GGUF.
+
+Deploy two replicas (spread over the two nodes), a real completion from each endpoint; kill one backend
+process and see it restarted while the other keeps answering; scale 2 -> 1 -> 2; a rollout restart
+replaces both without fewer than two READY; restart the control plane and find the deployment intact with
+its running replicas adopted (same workloads, still answering); a replica on a lost node is replaced on
+the other; a backend that cannot load its model crash-loops with its log in the condition; a variant
+too large at the asked concurrency is refused; undeploy releases every slice.
+
+Each llama.cpp server runs with one thread and a 512-token context (the machine is small and shared).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+
+import pytest
+
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from mesh import errors
+from tests.integration.conftest import wait_for
+from tests.models_util import smollm2_gguf, write_tiny_gguf
+from tools.localcluster import LocalCluster
+
+# real model servers start and answer slowly when the machine is busy: generous per-test limits
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+HOSTS = [{"node": "gpu-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
+         {"node": "gpu-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
+READY = D.REPLICA_STATE_READY
+SLOW = 240          # llama.cpp loads in about a second here, much longer when the machine is busy
+
+
+def _need_llama():
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
+        pytest.skip("llama-cpp-python[server] is not installed (pip install 'gpumesh[serving]')")
+    if importlib.util.find_spec("httpx") is None:
+        pytest.skip("httpx is not installed (pip install 'gpumesh[serving]')")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _need_llama()
+    smollm2_gguf()
+    # llama_cpp.server reads its settings from the environment: one thread each (a small shared machine), and
+    # N_BATCH=1 keeps prompts off ggml's AMX kernels, which a -march=native build uses on CPUs that advertise
+    # AMX but (in some VMs) may not run it (SIGILL at `tilezero`).
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+    c = LocalCluster(tmp_path_factory.mktemp("deploy"), HOSTS, lease_ttl=3, agents_per_process=1, env=env,
+                     controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
+                                        "2", "--deployment-crashloop-after", "2"])
+    c.start(timeout=90)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(cluster):
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def smollm2(mesh):
+    from mesh.models import importer
+    v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
+    return mesh.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
+
+
+def completion(endpoint: str, prompt: str = "The capital of France is") -> str:
+    import httpx
+    r = httpx.post(f"http://{endpoint}/v1/completions", timeout=120,
+                   json={"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
+def all_ready(n: int):
+    return lambda d: len(d.replicas) == n and d.status.ready_replicas == n and all(r.state == READY
+                                                                                  for r in d.replicas)
+
+
+def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
+    d = mesh.deploy("smollm2", name="chat", replicas=2, context=512)
+    assert d.spec.variant == smollm2.variants[0].name and d.status.backend == "llama.cpp"
+    d = mesh.wait_deployment("chat", all_ready(2), timeout=SLOW)
+    # spread over both nodes, each on the smallest MIG profile of the H100 that holds the need
+    assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
+    assert all(r.profile == "1g.10gb" and r.endpoint for r in d.replicas)
+    for r in d.replicas:
+        assert completion(r.endpoint)                       # a real completion from each endpoint
+    cond = {c.type: c.status for c in d.status.conditions}
+    assert cond == {"Available": True, "Progressing": False, "CrashLoop": False}
+
+    # kill one backend process: it is restarted on its slice, the other keeps answering meanwhile
+    victim, other = d.replicas
+    w = mesh.get_workload(victim.workload_id)
+    os.kill(w.pid, signal.SIGKILL)
+    answered = []
+
+    def replaced():
+        answered.append(completion(other.endpoint, "Hello"))
+        x = mesh.get_deployment("chat")
+        v = next(r for r in x.replicas if r.id == victim.id)
+        return v.state == READY and v.workload_id != victim.workload_id and v.restarts == 1
+    wait_for(replaced, SLOW, "the killed backend restarted and ready again", interval=0.5)
+    assert answered and all(answered)
+    d = mesh.get_deployment("chat")
+    v = next(r for r in d.replicas if r.id == victim.id)
+    assert completion(v.endpoint)
+    from gpumesh.v1 import types_pb2
+    assert mesh.get_workload(victim.workload_id).state == types_pb2.WORKLOAD_STATE_FAILED
+
+    # scale 2 -> 1 -> 2
+    mesh.scale_deployment("chat", 1)
+    d = mesh.wait_deployment("chat", all_ready(1), timeout=SLOW)
+    kept = d.replicas[0]
+    assert len({s.id for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "chat"}) == 1
+    mesh.scale_deployment("chat", 2)
+    d = mesh.wait_deployment("chat", all_ready(2), timeout=SLOW)
+    assert kept.id in {r.id for r in d.replicas}
+    assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
+
+    # rollout restart: every replica replaced, one at a time, never fewer than 2 READY
+    old_ids = {r.id for r in d.replicas}
+    mesh.rollout_restart("chat")
+    lowest = []
+
+    def rolled():
+        x = mesh.get_deployment("chat")
+        lowest.append(sum(1 for r in x.replicas if r.state == READY))
+        return x if all_ready(2)(x) and not old_ids & {r.id for r in x.replicas} else None
+    d = wait_for(rolled, SLOW * 2, "every replica replaced by the rollout restart", interval=0.3)
+    assert min(lowest) >= 2, lowest
+    # (surge first on two nodes: the new replicas may share a node; nothing rebalances them yet)
+
+    # restart the control plane: the deployment and its replicas are adopted, nothing restarted
+    before = {r.id: (r.workload_id, r.endpoint, r.slice_id) for r in d.replicas}
+    cluster.restart_controlplane()
+    mesh2 = type(mesh)(cluster.endpoint, timeout=30)
+    try:
+        d = mesh2.wait_deployment("chat", all_ready(2), timeout=SLOW)
+        assert {r.id: (r.workload_id, r.endpoint, r.slice_id) for r in d.replicas} == before
+        assert d.spec.replicas == 2 and d.generation == 4
+        for r in d.replicas:
+            assert completion(r.endpoint)
+        mesh2.undeploy("chat")
+        wait_for(lambda: not [s for s in mesh2.list_slices() if s.labels.get("gpumesh.deployment") == "chat"],
+                 60, "the undeployed replicas' slices released")
+        with pytest.raises(errors.NotFound):
+            mesh2.get_deployment("chat")
+    finally:
+        mesh2.close()
+
+
+def test_crashloop_with_log_lines(cluster, mesh, tmp_path):
+    # a GGUF that llama.cpp cannot load (its tensors are not a model): every start crashes
+    bad = write_tiny_gguf(tmp_path / "broken.gguf")
+    os.chmod(tmp_path, 0o755)
+    mesh.register_model(M.Model(name="broken", family="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(bad), weight_bytes=4160, max_context=256,
+        architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                    head_count_kv=2))]))
+    try:
+        mesh.deploy("broken", replicas=1)
+
+        def crashloop():
+            d = mesh.get_deployment("broken")
+            c = {c.type: c for c in d.status.conditions}.get("CrashLoop")
+            return d if c is not None and c.status else None
+        try:
+            d = wait_for(crashloop, SLOW, "the CrashLoop condition", interval=0.5)
+        except AssertionError:
+            x = mesh.get_deployment("broken")
+            raise AssertionError(f"no CrashLoop: {x.status} {x.replicas}") from None
+        c = {c.type: c for c in d.status.conditions}["CrashLoop"]
+        assert c.reason == "BackOff" and "crashed" in c.message and "last log lines" in c.message
+        assert d.replicas[0].restarts >= 2 and d.status.ready_replicas == 0
+    finally:
+        mesh.undeploy("broken")
+        wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "broken"],
+                 60, "the undeployed replicas' slices released")
+        mesh.delete_model("broken")
+
+
+def test_bad_input_refused(mesh, smollm2):
+    with pytest.raises(errors.FailedPrecondition, match="largest slice"):
+        mesh.deploy("smollm2", name="huge", concurrency=1024, context=8192)
+    with pytest.raises(errors.InvalidArgument, match="spec.model"):
+        mesh.deploy("no-such-model", name="x")
+    with pytest.raises(errors.InvalidArgument, match="spec.variant"):
+        mesh.deploy("smollm2", name="x", variant="nope")
+    with pytest.raises(errors.InvalidArgument, match="spec.replicas"):
+        mesh.deploy("smollm2", name="x", replicas=65)
+    with pytest.raises(errors.InvalidArgument, match="spec.backend.context"):
+        mesh.deploy("smollm2", name="x", context=10 ** 6)
+    with pytest.raises(errors.NotFound):
+        mesh.scale_deployment("nope", 1)
+
+
+def test_replica_on_a_lost_node_is_replaced_elsewhere(cluster, mesh, smollm2):
+    # Last in the file: when the lost node's agent comes back, it tries to remove the old slice's MIG
+    # instance before stopping the old backend on it ("in use"), and a slice placed on that node right
+    # after was not realized in our runs (an agent ordering issue, reported; not the deployments').
+    mesh.deploy("smollm2", name="solo", replicas=1, context=512)
+    d = mesh.wait_deployment("solo", all_ready(1), timeout=SLOW)
+    lost, first = d.replicas[0].node, d.replicas[0].id
+    cluster.kill_agent(lost)
+    try:
+        d = mesh.wait_deployment("solo", lambda x: all_ready(1)(x) and x.replicas[0].id != first, timeout=SLOW)
+        assert d.replicas[0].node != lost
+        assert completion(d.replicas[0].endpoint)
+    finally:
+        cluster.start_agent(lost)
+        cluster.wait_ready(90)
+    mesh.undeploy("solo")
+    wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "solo"],
+             90, "the undeployed replicas' slices released")
+    # the old backend on the lost node was stopped once its agent came back
+    wait_for(lambda: all(w.state in (3, 4, 5) for w in mesh.list_workloads(node=lost)), 90,
+             "every backend on the node that was lost ended (SUCCEEDED, FAILED or STOPPED)")

@@ -1,0 +1,245 @@
+"""`meshctl deploy|scale|undeploy`, and the deployments for `get deployments|replicas` and
+`describe deployment` (docs/serving.md, "Deployments")."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+from tools.meshctl.common import client, info, out, subcommand
+
+EPILOG = """\
+examples:
+  meshctl deploy smollm2-135m --replicas 2                   # smallest MIG profile that fits, else MPS
+  meshctl deploy smollm2-135m --variant q4_1 --replicas 3 --isolation mps --context 2048 --name chat
+  meshctl deploy smollm2-135m --replicas 2 --wait            # until every replica answers a completion
+  meshctl get deployments
+  meshctl get replicas chat -o wide
+  meshctl describe deployment chat
+  meshctl scale chat --replicas 1
+  meshctl rollout restart chat                              # one replica at a time, a new one first
+  meshctl undeploy chat
+
+A deployment runs replicas of a model variant from the registry (meshctl model import), each a
+backend server (llama.cpp or vLLM) on a slice sized from the variant's VRAM need at the given
+context and concurrency. Replicas are spread across nodes where the fleet allows; a crashed backend
+is restarted with backoff, and a replica on a lost node is replaced. Each READY replica answers the
+OpenAI API at its ENDPOINT (http://HOST:PORT/v1/...).
+"""
+
+
+def _nonneg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r} (allowed: KEY=VALUE)")
+    return key, value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "deploy", help="run replicas of a model on slices",
+                   description="Create a deployment: replicas of a model variant, each a backend server on a "
+                               "right-sized slice.", epilog=EPILOG)
+    p.add_argument("model", metavar="MODEL", help="a model in the registry")
+    p.add_argument("--name", default="", help="the deployment's name (default: the model's)")
+    p.add_argument("--variant", default="", metavar="V", help="the variant (default: fallback rank 0)")
+    p.add_argument("--replicas", type=_nonneg, default=1, metavar="N", help="replicas (default 1, at most 64)")
+    p.add_argument("--isolation", choices=("mig", "mps", "timeshare"), default="",
+                   help="default: the smallest MIG profile that fits, else an MPS share")
+    p.add_argument("--context", type=_nonneg, default=0, metavar="TOKENS", help="context per sequence "
+                   "(default: the variant's serving context)")
+    p.add_argument("--concurrency", type=_nonneg, default=0, metavar="N", help="sequences at once (default 1)")
+    p.add_argument("--gpu-layers", type=_nonneg, default=0, metavar="N", help="llama.cpp: layers on the GPU "
+                   "(default: all)")
+    p.add_argument("--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--tenant", default="", help="the owning tenant (admins; tenants deploy for their own)")
+    p.add_argument("--priority", type=_nonneg, default=0, help="slice priority (0-1000)")
+    p.add_argument("--wait", action="store_true", help="wait until every replica is READY")
+    p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="(default 600)")
+    p.set_defaults(func=run_deploy)
+
+    p = subcommand(sub, "scale", help="set a deployment's number of replicas", epilog=EPILOG)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--replicas", type=_nonneg, required=True, metavar="N")
+    p.set_defaults(func=run_scale)
+
+    roll = sub.add_parser("rollout", help="rolling restarts of a deployment's replicas", epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = roll.add_subparsers(dest="rollout_command", metavar="COMMAND", title="commands")
+    roll.set_defaults(func=lambda args: (roll.print_help(sys.stderr), 2)[1])
+    p = subcommand(cmds, "restart", help="restart every replica, one at a time, a new one started first",
+                   epilog=EPILOG)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=run_rollout_restart)
+
+    p = subcommand(sub, "undeploy", help="delete a deployment (stops its replicas, releases their slices)",
+                   epilog=EPILOG)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=run_undeploy)
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        d = mesh.deploy(args.model, replicas=args.replicas, name=args.name, variant=args.variant,
+                        isolation=args.isolation, context=args.context, concurrency=args.concurrency,
+                        gpu_layers=args.gpu_layers, labels=dict(args.label), tenant=args.tenant,
+                        priority=args.priority)
+        info(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/{d.spec.variant}, "
+             f"{d.status.vram_bytes >> 20} MiB each")
+        if args.wait:
+            want = d.spec.replicas
+            d = mesh.wait_deployment(d.spec.name, lambda x: x.status.ready_replicas >= want
+                                     and len(x.replicas) == want, timeout=args.wait_timeout)
+    out(format_deployments([d], args.output, single=True))
+    return 0
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        d = mesh.scale_deployment(args.name, args.replicas)
+    info(f"deployment/{d.spec.name} scaled to {d.spec.replicas}")
+    out(format_deployments([d], args.output, single=True))
+    return 0
+
+
+def run_rollout_restart(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        d = mesh.rollout_restart(args.name)
+    info(f"deployment/{d.spec.name} restarting: replicas are replaced one at a time")
+    out(format_deployments([d], args.output, single=True))
+    return 0
+
+
+def run_undeploy(args: argparse.Namespace) -> int:
+    with client(args) as mesh:
+        d = mesh.undeploy(args.name)
+    if args.output in ("json", "yaml"):
+        from mesh.deployapi import deployment_to_dict
+        from tools.meshctl.output import dump
+        out(dump(deployment_to_dict(d), args.output))
+    else:
+        out(f"deployment/{d.spec.name} deleted ({len(d.replicas)} replica(s) stopping)\n")
+    return 0
+
+
+# -- printing -------------------------------------------------------------------------------------------
+
+def _cond(doc: dict, ctype: str) -> bool:
+    return any(c["type"] == ctype and c["status"] for c in doc["status"]["conditions"])
+
+
+def deployment_columns(now: datetime | None = None) -> list:
+    from tools.meshctl.output import _size, age
+    return [
+        ("NAME", lambda d: d["name"], False),
+        ("MODEL", lambda d: f"{d['model']}/{d['variant']}", False),
+        ("BACKEND", lambda d: d["backend"]["kind"], False),
+        ("READY", lambda d: f"{d['status']['ready_replicas']}/{d['replicas']}", False),
+        ("STATUS", lambda d: "CrashLoop" if _cond(d, "CrashLoop") else "Available" if _cond(d, "Available")
+         else "Progressing", False),
+        ("VRAM", lambda d: _size(d["status"]["vram_bytes"]), False),
+        ("AGE", lambda d: age(d["created_at"], now), False),
+        ("TENANT", lambda d: d["tenant"], True),
+        ("ISOLATION", lambda d: d["isolation"] or "auto", True),
+        ("CONTEXT", lambda d: d["backend"]["context"] or "-", True),
+        ("ENDPOINTS", lambda d: ",".join(r["endpoint"] for r in d["replica_list"] if r["state"] == "READY") or "-",
+         True),
+    ]
+
+
+def replica_columns(now: datetime | None = None) -> list:
+    from tools.meshctl.output import _size, age
+    return [
+        ("REPLICA", lambda r: r["id"], False),
+        ("DEPLOYMENT", lambda r: r["deployment"], False),
+        ("STATE", lambda r: r["state"], False),
+        ("ENDPOINT", lambda r: r["endpoint"] or "-", False),
+        ("NODE", lambda r: r["node"] or "-", False),
+        ("GPU", lambda r: r["gpu_index"] if r["node"] else "-", False),
+        ("SLICE", lambda r: f"{r['profile'] or r['isolation'] or '-'} {_size(r['memory_bytes'])}"
+         if r["slice_id"] else "-", False),
+        ("RESTARTS", lambda r: r["restarts"], False),
+        ("AGE", lambda r: age(r["created_at"], now), False),
+        ("SLICE ID", lambda r: r["slice_id"] or "-", True),
+        ("WORKLOAD", lambda r: r["workload_id"] or "-", True),
+        ("GPU MODEL", lambda r: r["gpu_model"] or "-", True),
+        ("MESSAGE", lambda r: r["message"].split("\n")[0][:80], True),
+    ]
+
+
+def format_deployments(items: list, fmt: str, now: datetime | None = None, single: bool = False) -> str:
+    from mesh.deployapi import deployment_to_dict
+    from tools.meshctl.output import dump, table_of
+    docs = [deployment_to_dict(d) for d in items]
+    if fmt in ("json", "yaml"):
+        return dump(docs[0] if single and docs else {"items": docs}, fmt)
+    if not docs:
+        return "No deployments found.\n"
+    return table_of(docs, deployment_columns(now), wide=(fmt == "wide"))
+
+
+def format_replicas(items: list, fmt: str, now: datetime | None = None) -> str:
+    from mesh.deployapi import replica_to_dict
+    from tools.meshctl.output import dump, table_of
+    docs = [replica_to_dict(r) for d in items for r in d.replicas]
+    if fmt in ("json", "yaml"):
+        return dump({"items": docs}, fmt)
+    if not docs:
+        return "No replicas found.\n"
+    return table_of(docs, replica_columns(now), wide=(fmt == "wide"))
+
+
+def format_deployment(d: dict) -> str:
+    from mesh.units import format_size
+    from tools.meshctl.describe import _fields, _indent
+    text = _fields([
+        ("Name", d["name"]), ("Model", f"{d['model']} (variant {d['variant']})"), ("Backend", d["backend"]["kind"]),
+        ("Tenant", d["tenant"]), ("Replicas", f"{d['replicas']} wanted, {d['status']['replicas']} existing, "
+                                               f"{d['status']['ready_replicas']} ready"),
+        ("Isolation", d["isolation"] or "auto (smallest MIG profile, else MPS)"),
+        ("Context", d["backend"]["context"] or "the variant's"), ("Concurrency", d["backend"]["concurrency"] or 1),
+        ("GPU layers", d["backend"]["gpu_layers"] or "all"),
+        ("VRAM per replica", format_size(d["status"]["vram_bytes"])),
+        ("Labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))),
+        ("Generation", d["generation"]), ("Created", d["created_at"])])
+    from tools.meshctl.output import render_table
+    text += "Conditions:\n" + _indent(render_table(["TYPE", "STATUS", "REASON", "SINCE"], [
+        [c["type"], str(c["status"]), c["reason"] or "-", c["last_transition_at"] or "-"]
+        for c in d["status"]["conditions"]]))
+    for c in d["status"]["conditions"]:
+        if c["type"] == "CrashLoop" and c["status"]:
+            text += "CrashLoop:\n" + _indent(c["message"], "  ")
+    text += "Replicas:\n" + _indent(render_table(
+        ["REPLICA", "STATE", "ENDPOINT", "NODE", "GPU", "SLICE", "RESTARTS", "MESSAGE"],
+        [[r["id"], r["state"], r["endpoint"] or "-", r["node"] or "-", r["gpu_index"] if r["node"] else "-",
+          r["slice_id"] or "-", r["restarts"], r["message"].split("\n")[0][:60]] for r in d["replica_list"]])
+        if d["replica_list"] else "<none>")
+    return text
+
+
+def describe(mesh, name: str, fmt: str) -> str:
+    from mesh.deployapi import deployment_to_dict
+    from tools.meshctl.output import dump
+    doc = deployment_to_dict(mesh.get_deployment(name))
+    return format_deployment(doc) if fmt in ("table", "wide") else dump(doc, fmt)
+
+
+def get(mesh, kind: str, names: list[str], tenant: str, fmt: str) -> str:
+    items = [d for d in mesh.list_deployments(tenant=tenant) if not names or d.spec.name in names]
+    missing = sorted(set(names) - {d.spec.name for d in items})
+    if missing and kind == "deployments":
+        print(f"error: no deployment {', '.join(missing)}", file=sys.stderr)
+    return format_deployments(items, fmt) if kind == "deployments" else format_replicas(items, fmt)
+
+
+__all__ = ["register", "describe", "get"]
