@@ -115,7 +115,8 @@ class Retention:
 
     async def sweep(self, now: float | None = None) -> dict:
         workloads, migrations, checkpoints = self.due(now)
-        ops = ([Delete(keys.checkpoint(c.id)) for c in checkpoints] + [Delete(keys.migration(m.id)) for m in migrations]
+        ops = ([d for c in checkpoints for d in (Delete(keys.checkpoint(c.id)), Delete(keys.checkpoint_key(c.id)))]
+               + [Delete(keys.migration(m.id)) for m in migrations]
                + [Delete(keys.workload(w.id)) for w in workloads])
         for i in range(0, len(ops), MAX_OPS):
             await self.ctl.writer.write(ops[i:i + MAX_OPS])

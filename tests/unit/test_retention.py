@@ -89,7 +89,9 @@ def test_finished_records_expire_with_their_files():
     assert set(mm.checkpoints) == {"ck-3", "ck-4", "ck-used"}
     assert counts == {"workloads": 1, "migrations": 1, "checkpoints": 5}
     assert set(ctl.writer.deleted) == {keys.workload("w-old"), keys.migration("m-done"),
-                                       *(keys.checkpoint(c) for c in ("ck-0", "ck-1", "ck-2", "ck-aged", "ck-of-old"))}
+                                       *(keys.checkpoint(c) for c in ("ck-0", "ck-1", "ck-2", "ck-aged", "ck-of-old")),
+                                       # a checkpoint's own sealing key (tenants without a key) goes with it
+                                       *(keys.checkpoint_key(c) for c in ("ck-0", "ck-1", "ck-2", "ck-aged", "ck-of-old"))}
     forgets = [m.workloads.forget for m in session.sent if m.WhichOneof("kind") == "workloads"]
     assert [list(f) for f in forgets] == [["w-old"]]
     deletes = sorted(m.migration.path for m in session.sent if m.WhichOneof("kind") == "migration")
