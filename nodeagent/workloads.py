@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,16 +212,18 @@ class WorkloadRunner:
         self.report(changed)
 
     def expire(self, wid: str) -> None:
-        """The control plane's record of a finished workload expired: delete its record and its log."""
+        """The control plane's record of a finished workload expired: delete its record, its log and
+        its own directory (the confined workload's /tmp and cwd)."""
         w = self.workloads.get(wid)
         if w is not None and w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
             return          # never the files of a workload that still runs
-        logfile = self.path(wid, "log")
+        logfile, workdir = self.path(wid, "log"), self.path(wid, "d")
         self.forget(wid)
         try:
             os.unlink(logfile)
         except FileNotFoundError:
             pass
+        shutil.rmtree(workdir, ignore_errors=True)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
               restore_uid: int = -1) -> types_pb2.Workload:
