@@ -95,11 +95,12 @@ def sockets(cluster: LocalCluster, wid: str) -> list[str]:
     import hashlib
     out = []
     for d in (cluster.state_dir / "agents").glob("*/workloads/*"):
-        path = str(d / f"{wid}.sock")
-        if len(path) > 100:
-            path = f"/tmp/gpumesh-{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
-        if os.path.exists(path):
-            out.append(path)
+        # unconfined: <wid>.sock beside the record; confined: .gpumesh-ctl.sock in the workload's own directory
+        for path in (str(d / f"{wid}.sock"), str(d / f"{wid}.d" / ".gpumesh-ctl.sock")):
+            if len(path) > 100:
+                path = f"/tmp/gpumesh-{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
+            if os.path.exists(path):
+                out.append(path)
     return out
 
 
@@ -211,7 +212,10 @@ def test_transparent_images_go_agent_to_agent_over_mtls(sc):
     counted = lambda c, wid: max((x.get("n", 0) for x in json_lines(c, wid)), default=0)  # noqa: E731
     with secure.client(sc, "team-a", timeout=30) as a, secure.client(sc, "viewer-a", timeout=30) as viewer:
         s = a.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
-        w = a.run_workload(s.id, [sys.executable, "-c", COUNTER])
+        # transparent migration needs the criu isolation label (no namespaces: CRIU dumps the process as is),
+        # and an interpreter the tenant's uid may run outside a mount namespace
+        py = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+        w = a.run_workload(s.id, [py, "-c", COUNTER], labels={"gpumesh.io/isolation": "criu"})
         wait_for(lambda: counted(a, w.id) >= 10, 60, "the counter to reach 10")
         src = a.get_workload(w.id).node
         dst = next(n for n in ("sec-a", "sec-b") if n != src)
