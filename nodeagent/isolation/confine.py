@@ -117,6 +117,14 @@ def setup_mounts(spec: dict) -> None:
     for fd, target, is_dir, rdonly in binds:
         _bind_fd(fd, target, is_dir, rdonly)
         os.close(fd)
+    # a bound-in runtime may contain something masked (a state dir under the exposed code): mask it again
+    bound = [b["target"].rstrip("/") + "/" for b in spec.get("binds", [])]
+    for path in spec.get("mask", []):
+        if any(path.startswith(b) for b in bound):
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
+            elif os.path.exists(path):
+                mount("/dev/null", path, None, MS_BIND)
 
 
 def drop_privileges(spec: dict) -> None:

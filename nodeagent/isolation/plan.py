@@ -164,9 +164,11 @@ class Isolator:
             "devices": [{"name": d.name, "source": d.source} for d in limits.devices],
             "shm_dir": shm_dir, "mask": [p for p in self.settings.mask if p and os.path.exists(p)],
             # bound in after the masks: the workload's directory as its /tmp, the MPS pipe inside it
-            "binds": ([{"source": p, "target": p, "readonly": True} for p in self.settings.expose
+            # the workload's directory first (it becomes /tmp), then the exposed runtimes (which may live
+            # under the host's /tmp), then the MPS pipe inside the new /tmp
+            "binds": ([{"source": workdir, "target": INSIDE_WORKDIR}] if mount_ns else []) +
+                     ([{"source": p, "target": p, "readonly": True} for p in _outermost(self.settings.expose)
                        if mount_ns and os.path.exists(p)]) +
-                     ([{"source": workdir, "target": INSIDE_WORKDIR}] if mount_ns else []) +
                      ([{"source": mps_pipe, "target": INSIDE_MPS_PIPE}] if mount_ns and mps_pipe else []),
         }
         sock = os.path.join(workdir, os.path.basename(INSIDE_SOCKET)) if mount_ns else ""
@@ -226,3 +228,9 @@ class Isolator:
         for sid in names:
             if (sid in removed or (full and sid not in keep)) and sid.startswith("s-"):
                 shutil.rmtree(os.path.join(self.shm_root, sid), ignore_errors=True)
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """`paths` without those inside another of them (binding a parent again would cover the child)."""
+    real = sorted({os.path.realpath(p) for p in paths if p})
+    return [p for p in real if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in real)]

@@ -28,7 +28,10 @@ def isolation_host(cfg) -> IsolationHost:
     mask = [cfg.state_dir, cfg.checkpoint_dir, cfg.checkpoint_keys_file, cfg.tls_key, *cfg.workload_hide,
             *([home] if home not in ("/", "") else [])]
     # the Python the agent runs (and the workloads of the demo and tests) may live in the agent's home
-    expose = [os.path.realpath(sys.base_prefix), *cfg.workload_expose]
+    # and its virtual environment and the agent's own code (the SDK a workload imports) may be under /tmp,
+    # which a workload replaces with its own directory; state under them stays masked (confine.py)
+    code_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__ + "/..")))
+    expose = [os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), code_root, *cfg.workload_expose]
     settings = IsolationSettings(
         mode=cfg.workload_isolation,
         namespaces=tuple(n.strip() for n in cfg.workload_namespaces.split(",") if n.strip()),
