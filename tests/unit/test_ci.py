@@ -92,16 +92,15 @@ def test_under_require_criu_a_transparent_test_fails_instead_of_skipping():
     assert "1 error" in r.stdout and "GPUMESH_REQUIRE_CRIU=1 but there is no working CRIU" in r.stdout
 
 
-def test_gate_skips_or_fails():
+def test_gate_skips_or_fails(monkeypatch):
+    # CI itself runs with GPUMESH_REQUIRE_CRIU=1: set and restore it through monkeypatch, never leave it changed
+    monkeypatch.delenv(criu_gate.REQUIRE_ENV, raising=False)
     with pytest.raises(pytest.skip.Exception, match="no working CRIU: gone"):
         criu_gate.check("gone")
-    os.environ[criu_gate.REQUIRE_ENV] = "1"
-    try:
-        with pytest.raises(pytest.fail.Exception, match="GPUMESH_REQUIRE_CRIU=1"):
-            criu_gate.check("gone")
-        criu_gate.check("")   # works: nothing to do
-    finally:
-        del os.environ[criu_gate.REQUIRE_ENV]
+    monkeypatch.setenv(criu_gate.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="GPUMESH_REQUIRE_CRIU=1"):
+        criu_gate.check("gone")
+    criu_gate.check("")   # works: nothing to do
 
 
 def _summary():
