@@ -35,6 +35,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
+from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail, _tree  # noqa: F401
 
 logger = logging.getLogger(__name__)
 W = types_pb2
@@ -52,27 +53,6 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     else:
         ts.FromNanoseconds(int(t * 1e9))
     return ts
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _shim_alive(pid: int, marker: str) -> bool:
-    """Whether `pid` is a live shim of this workload (a recycled pid is not)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
-                return False
-    except OSError:
-        return False
-    return b"shim.py" in cmd and marker.encode() in cmd
 
 
 class WorkloadRunner:
@@ -511,49 +491,3 @@ class WorkloadRunner:
             if not more:
                 await asyncio.sleep(self.poll_interval)
         chunk(eof=True)
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
-
-
-def _tail(path: str, lines: int) -> tuple[bytes, int]:
-    """The last `lines` lines of the file (all when 0), and the file size read up to."""
-    if not os.path.exists(path):
-        return b"", 0
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if lines <= 0:
-            f.seek(0)
-            return f.read(size), size
-        block, data = 64 << 10, b""
-        pos = size
-        while pos > 0 and data.count(b"\n") <= lines:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-        keep = data.splitlines(keepends=True)[-lines:]
-        return b"".join(keep), size
-
-
-def _read_from(path: str, offset: int) -> tuple[bytes, int]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(1 << 20)
-    except FileNotFoundError:
-        return b"", offset
-    return data, offset + len(data)

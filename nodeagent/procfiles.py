@@ -1,0 +1,73 @@
+"""Files and processes of the workload runner: reading its JSON records, recognising a live shim,
+a process tree, and reading a workload's log (its tail, or from an offset)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _shim_alive(pid: int, marker: str) -> bool:
+    """Whether `pid` is a live shim of this workload (a recycled pid is not)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return False
+    except OSError:
+        return False
+    return b"shim.py" in cmd and marker.encode() in cmd
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _tail(path: str, lines: int) -> tuple[bytes, int]:
+    """The last `lines` lines of the file (all when 0), and the file size read up to."""
+    if not os.path.exists(path):
+        return b"", 0
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if lines <= 0:
+            f.seek(0)
+            return f.read(size), size
+        block, data = 64 << 10, b""
+        pos = size
+        while pos > 0 and data.count(b"\n") <= lines:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+        keep = data.splitlines(keepends=True)[-lines:]
+        return b"".join(keep), size
+
+
+def _read_from(path: str, offset: int) -> tuple[bytes, int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(1 << 20)
+    except FileNotFoundError:
+        return b"", offset
+    return data, offset + len(data)
