@@ -11,18 +11,22 @@ from tools.meshctl.bench_soak import soak
 
 pytestmark = pytest.mark.integration
 
-CYCLES, EVERY, WARMUP = 300, 50, 100
+CYCLES, EVERY, WARMUP, SECONDS = 300, 25, 100, 30.0
 
 
 def test_soak_state_stays_flat(tmp_path):
-    r = soak(tmp_path / "soak", CYCLES, clients=4, every=EVERY, warmup=WARMUP, retention=2.0, say=print)
+    r = soak(tmp_path / "soak", CYCLES, clients=4, every=EVERY, warmup=WARMUP, retention=2.0, say=print,
+             min_seconds=SECONDS)
     print({k: v for k, v in r.items() if k != "samples"})
-    assert r["cycles"] == CYCLES and not r["errors"], r["errors"]
+    assert r["cycles"] >= CYCLES and not r["errors"], r["errors"]
     a, base, final = r["after_warmup"], r["base"], r["final"]
+    # the warm-up ends after the longest retention window (request ids, ~14 s), however fast the machine cycles
+    assert a["samples"] >= 2, r["samples"]
     # memory: no growth with the number of cycles once warm (a few MiB of allocator noise allowed)
     assert a["rss_mb_max"] - a["rss_mb_first"] <= max(8.0, 0.15 * a["rss_mb_first"]), r["samples"]
-    # etcd: bounded by what lives within the retention windows, not by the cycles run
-    assert a["etcd_keys_max"] <= a["etcd_keys_first"] + 40, r["samples"]
+    # etcd: bounded by what lives within the retention windows (the cycle rate times the window, which
+    # jitters with the rate), not by the cycles run
+    assert a["etcd_keys_max"] <= a["etcd_keys_first"] + max(40, 0.3 * a["etcd_keys_first"]), r["samples"]
     # everything finished expired: the keys of before the first cycle, nothing held in memory
     assert final["etcd_keys"] == base["etcd_keys"], (base, final)
     rec = final["records"]

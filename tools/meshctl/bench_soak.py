@@ -31,7 +31,7 @@ examples:
   python -m tools.meshctl.bench_soak --cycles 10000 -o json
 
 Prints {"cycles", "seconds", "cycles_per_s", "retention_s", "samples": [{"cycle", "rss_mb",
-"etcd_keys", "records"}...], "after_warmup": {"rss_mb_first", "rss_mb_last", "rss_mb_max",
+"etcd_keys", "records"}...], "after_warmup": {"samples", "rss_mb_first", "rss_mb_last", "rss_mb_max",
 "rss_growth_mb", "etcd_keys_first", "etcd_keys_last", "etcd_keys_max"}, "final": {...}, "errors"}.
 """
 
@@ -105,13 +105,18 @@ def records(cluster) -> dict[str, int]:
 
 
 def soak(state_dir, cycles: int, clients: int = 4, every: int = 500, warmup: int = 1000, retention: float = 10.0,
-         say=info) -> dict:
+         say=info, min_seconds: float = 0.0) -> dict:
+    """Runs at least `cycles` cycles and at least `min_seconds`. The warm-up ends after `warmup` cycles and after
+    the longest retention window (request ids: 1.25 x their retention plus a sweep): before that, records are
+    still accumulating up to their steady number, whatever the machine's speed."""
     from gpumesh.v1 import types_pb2
     from tools.localcluster import LocalCluster
+    request_retention, sweep = max(10.0, retention), max(0.2, min(retention / 4, 5))
+    window = 1.25 * request_retention + sweep + 1.0      # the longest a finished record can live
     cluster = LocalCluster(state_dir, [HOST], lease_ttl=5, agents_per_process=1, log_level="warning",
                            controlplane_args=["--retention-seconds", str(retention),
-                                              "--request-id-retention-seconds", str(max(10.0, retention)),
-                                              "--retention-interval-seconds", str(max(0.2, min(retention / 4, 5)))])
+                                              "--request-id-retention-seconds", str(request_retention),
+                                              "--retention-interval-seconds", str(sweep)])
     cluster.start(timeout=120)
     samples, errors = [], {}
     done, started = [0], [0]
@@ -137,7 +142,7 @@ def soak(state_dir, cycles: int, clients: int = 4, every: int = 500, warmup: int
         with cluster.client(timeout=60) as client:
             while True:
                 with lock:
-                    if started[0] >= cycles:
+                    if started[0] >= cycles and time.monotonic() - t0 >= min_seconds:
                         return
                     started[0] += 1
                 try:
@@ -169,7 +174,7 @@ def soak(state_dir, cycles: int, clients: int = 4, every: int = 500, warmup: int
             t.join()
         seconds = time.monotonic() - t0
         # finished records expire after `retention`; request ids live up to 1.25 x their retention (leases)
-        time.sleep(1.25 * max(retention, 10.0) + max(0.2, min(retention / 4, 5)) + 3)
+        time.sleep(window + 2)
         final = sample(done[0])
         with cluster.client(timeout=30) as client:
             final["workloads_listed"] = len(client.list_workloads())
@@ -177,17 +182,17 @@ def soak(state_dir, cycles: int, clients: int = 4, every: int = 500, warmup: int
     finally:
         cluster.stop()
     samples.sort(key=lambda s: s["cycle"])
-    post = [s for s in samples if s["cycle"] > warmup] or samples[-1:]
+    post = [s for s in samples if s["cycle"] > warmup and s["seconds"] >= window] or samples[-1:]
     after = {}
     if post:
-        after = {"rss_mb_first": post[0]["rss_mb"], "rss_mb_last": post[-1]["rss_mb"],
+        after = {"samples": len(post), "rss_mb_first": post[0]["rss_mb"], "rss_mb_last": post[-1]["rss_mb"],
                  "rss_mb_max": max(s["rss_mb"] for s in post),
                  "rss_growth_mb": round(post[-1]["rss_mb"] - post[0]["rss_mb"], 1),
                  "etcd_keys_first": post[0]["etcd_keys"], "etcd_keys_last": post[-1]["etcd_keys"],
                  "etcd_keys_max": max(s["etcd_keys"] for s in post)}
     return {"cycles": done[0], "clients": clients, "seconds": round(seconds, 1),
             "cycles_per_s": round(done[0] / seconds, 2) if seconds else 0, "retention_s": retention,
-            "warmup_cycles": warmup, "base": base, "samples": samples, "after_warmup": after, "final": final, "errors": errors}
+            "warmup_cycles": warmup, "warmup_seconds": round(window, 1), "base": base, "samples": samples, "after_warmup": after, "final": final, "errors": errors}
 
 
 def run_soak_bench(args: argparse.Namespace) -> int:
