@@ -105,7 +105,7 @@ class ControlPlaneConfig:
                 raise ConfigError(f"{name}: {values!r} are not numbers") from None
             if len(nums) != count or nums != sorted(nums) or not all(0 <= v <= hi for v in nums):
                 raise ConfigError(f"{name}: {values!r} must be {count} increasing numbers in 0-{hi}")
-        from controlplane import healthpolicy
+        from controlplane.controllers import healthpolicy
         healthpolicy.load(self.health_policy)   # raises ConfigError naming the field
         parse_hostport(self.listen, "listen")
         if self.advertise:
@@ -151,5 +151,5 @@ class ControlPlaneConfig:
             if (self.etcd_ca or self.etcd_cert) and not url.startswith("https://"):
                 raise ConfigError(f"etcd_endpoints: {url!r} must be https:// when etcd_ca or etcd_cert is set")
         if self.tenants_file:
-            from controlplane.auth import load_tenants
+            from controlplane.api.auth import load_tenants
             load_tenants(self.tenants_file)

@@ -3,7 +3,7 @@ where each slice of the gang goes, or raises ResourceExhausted with the reasons 
 
 from __future__ import annotations
 
-from controlplane.fleet import Fleet
+from controlplane.state.fleet import Fleet
 from controlplane.scheduler import profiles
 from controlplane.scheduler.framework import Choice, Decision, Framework
 from mesh import errors

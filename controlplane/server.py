@@ -15,17 +15,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 
-from controlplane import auth, metrics, rpc
+from controlplane.api import auth, metrics, rpc
 from controlplane.config import ControlPlaneConfig
-from controlplane.controller import Controller
-from controlplane.etcdserver import EtcdServer
-from controlplane.meshsvc import MeshManager, MeshService
-from controlplane.nodes import NodeManager
-from controlplane.services import AdminService, NodeService, SliceService
-from controlplane.standby import Switch
-from controlplane.store import EtcdStore, new_identity
-from controlplane.workloads import WorkloadManager, WorkloadService
-from controlplane.telemetry import Policy, TelemetryManager
+from controlplane.controllers.slices import Controller
+from controlplane.state.etcdserver import EtcdServer
+from controlplane.api.meshsvc import MeshManager, MeshService
+from controlplane.controllers.nodes import NodeManager
+from controlplane.api.services import AdminService, NodeService, SliceService
+from controlplane.controllers.standby import Switch
+from controlplane.state.store import EtcdStore, new_identity
+from controlplane.controllers.workloads import WorkloadManager, WorkloadService
+from controlplane.controllers.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2, workload_service_pb2,
                         workload_service_pb2_grpc)
@@ -69,7 +69,7 @@ class ControlPlane:
             endpoints = [self.etcd.endpoint]
         creds = None
         if self.cfg.etcd_ca or self.cfg.etcd_cert or any(e.startswith("https://") for e in endpoints):
-            from controlplane.etcdtls import credentials
+            from controlplane.state.etcdtls import credentials
             creds = credentials(self.cfg.etcd_ca, self.cfg.etcd_cert, self.cfg.etcd_key)
         self.store = EtcdStore(endpoints, credentials=creds, username=self.cfg.etcd_username,
                                password=self.cfg.etcd_password)
@@ -79,7 +79,7 @@ class ControlPlane:
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
             rpc.DecodeGuard(), auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
         from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
-        # Every service is a Switch (controlplane/standby.py): UNAVAILABLE naming the leader until this
+        # Every service is a Switch (controlplane/controllers/standby.py): UNAVAILABLE naming the leader until this
         # process wins the election, then the real servicer (built in _lead over the loaded fleet).
         self.switches = {}
         for pb2, grpc_mod, name in SERVICES(migration_service_pb2, migration_service_pb2_grpc):
@@ -129,8 +129,8 @@ class ControlPlane:
         else:
             for n in names + [""]:
                 await _set_health(self.health, n, health_pb2.HealthCheckResponse.NOT_SERVING)
-            # Standing by: serve the reads from a read-only fleet that follows etcd (controlplane/follower.py).
-            from controlplane.follower import Follower
+            # Standing by: serve the reads from a read-only fleet that follows etcd (controlplane/state/follower.py).
+            from controlplane.state.follower import Follower
             self.follower = Follower(self.store, lease_ttl=self.cfg.lease_ttl)
             self.follower.ctl.events.max_queue = self.cfg.watch_queue_limit
             self.follower.start()
@@ -157,7 +157,7 @@ class ControlPlane:
         return (await self.store.leader())[1]
 
     async def _campaign(self) -> None:
-        from controlplane.store import ETCD_ERRORS
+        from controlplane.state.store import ETCD_ERRORS
         while True:
             try:
                 await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl, wait=None,
@@ -189,19 +189,19 @@ class ControlPlane:
         self.telemetry = TelemetryManager(self.ctl, Policy(
             pressure_pct=tuple(float(v) for v in self.cfg.memory_pressure_thresholds),
             thermal_c=tuple(float(v) for v in self.cfg.thermal_thresholds),
-            health=__import__("controlplane.healthpolicy", fromlist=["load"]).load(self.cfg.health_policy),
+            health=__import__("controlplane.controllers.healthpolicy", fromlist=["load"]).load(self.cfg.health_policy),
             events_kept=self.cfg.node_events_kept))
         await self.telemetry.load()
         self.mesh = MeshManager(self.ctl)
         await self.mesh.load()
-        from controlplane.migrations import MigrationManager
-        from controlplane.migrationsvc import MigrationService
+        from controlplane.controllers.migrations import MigrationManager
+        from controlplane.api.migrationsvc import MigrationService
         self.migrations = MigrationManager(self.ctl, self.workloads, self.cfg.migration_pause_at)
         await self.migrations.load()
         from controlplane.serving.registry import ModelRegistry, ModelService
         self.models = ModelRegistry(self.ctl)
         await self.models.load()
-        from controlplane.retention import Retention
+        from controlplane.controllers.retention import Retention
         self.retention = Retention(self.ctl, self.workloads, self.migrations, self.cfg.retention_seconds,
                                    self.cfg.checkpoints_kept, self.cfg.retention_interval_seconds)
         self.retention.start()

@@ -1,4 +1,4 @@
-"""GPU reset on the control plane's request (the health policy's recovery, controlplane/health.py).
+"""GPU reset on the control plane's request (the health policy's recovery, controlplane/controllers/health.py).
 
 NVML has no public reset call (``nvmlDeviceResetGpuLockedClocks`` only unlocks clocks); a GPU is
 reset with ``nvidia-smi --gpu-reset -i <GPU>``, as root, and only when nothing uses it: nvidia-smi

@@ -71,7 +71,7 @@ def install_components(agents, cfg: AgentConfig):
         agent.backend_host = cfg.backend_host
         WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds,
                        isolator=isolator_for(agent, cfg, host, wdir)).install()
-        GpuResetter(agent).install()        # the health policy's GPU reset (controlplane/health.py)
+        GpuResetter(agent).install()        # the health policy's GPU reset (controlplane/controllers/health.py)
     __import__("nodeagent.migrate").migrate.install(agents, cfg)      # migration, checkpoint and restore steps
     return agents
 

@@ -1,6 +1,6 @@
 """The agent's side of migrations, checkpoints and restores (ControllerMessage `migration`).
 
-The control plane drives a migration's state machine (controlplane/migrations.py) and asks
+The control plane drives a migration's state machine (controlplane/controllers/migrations.py) and asks
 the agents for one idempotent step at a time (`MigrationCommand`); it repeats a step until
 the answer (`MigrationReport`) arrives, so a step that was asked twice, or asked again after
 a reconnect, does its work once and answers again.
@@ -242,7 +242,7 @@ class MigrationAgent(SlicesMixin):
             report(R.FAILED, message=f"{C.Action.Name(cmd.action).lower()} on {self.agent.node}: {e}")
 
     async def _delete_checkpoint(self, cmd: M.MigrationCommand, report) -> None:
-        """The checkpoint's record expired (controlplane/retention.py): remove its files from the store."""
+        """The checkpoint's record expired (controlplane/controllers/retention.py): remove its files from the store."""
         import shutil
         path = self._store_path(cmd.path)
         await asyncio.to_thread(shutil.rmtree, path, True)

@@ -5,7 +5,7 @@
         etcd.kill(1)            # SIGKILL one member; the other two keep quorum
         etcd.restart(1)         # same data dir and ports: it rejoins
 
-Each member is a controlplane.etcdserver.EtcdServer with the shared
+Each member is a controlplane.state.etcdserver.EtcdServer with the shared
 `--initial-cluster`; all start together (a member is healthy only once a
 quorum is up).
 """
@@ -17,7 +17,7 @@ import pathlib
 import subprocess
 import time
 
-from controlplane.etcdserver import EtcdError, EtcdServer, _die_with_parent
+from controlplane.state.etcdserver import EtcdError, EtcdServer, _die_with_parent
 
 
 class Member(EtcdServer):

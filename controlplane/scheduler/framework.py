@@ -2,7 +2,7 @@
 `controlplane.scheduler.types`, re-exported here).
 
 One cycle places one request (`count` slices, all or nothing) on the in-memory
-fleet (`controlplane.fleet.Fleet`, the snapshot). Per node it runs the filter
+fleet (`controlplane.state.fleet.Fleet`, the snapshot). Per node it runs the filter
 plugins, asks the fit plugin for the node's options (which GPUs, which MIG start
 slots), scores each option with the weighted score plugins and keeps the best;
 the best node wins (ties: the smallest node name, as in the FGD artifact's kube-scheduler, so the
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from controlplane.fleet import Fleet, NodeEntry
+from controlplane.state.fleet import Fleet, NodeEntry
 from controlplane.scheduler.types import (  # noqa: F401  (re-exported: plugins import them from here)
     Choice, Code, CycleState, Decision, FilterPlugin, GpuFilterPlugin, NormalizePlugin, Option, OptionsPlugin, Pick, Placement, PostFilterPlugin, PreFilterPlugin, Reasons, ReservePlugin, SUCCESS, ScorePlugin, Status, gpu_of, to_choices)
 from mesh.slicespec import SliceRequest

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from controlplane.fleet import Fleet, GpuState, NodeEntry
+from controlplane.state.fleet import Fleet, GpuState, NodeEntry
 from mesh.slicespec import SliceRequest
 
 if TYPE_CHECKING:

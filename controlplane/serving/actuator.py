@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
-from controlplane.controller import now
+from controlplane.controllers.slices import now
 from controlplane.serving import deployspec
 from controlplane.serving.deploystore import DeploymentStore
 from gpumesh.v1 import deployment_service_pb2 as D

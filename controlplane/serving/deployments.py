@@ -20,7 +20,7 @@ import time
 
 from prometheus_client import Gauge
 
-from controlplane.controller import new_id, now
+from controlplane.controllers.slices import new_id, now
 from controlplane.serving import deployspec
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator

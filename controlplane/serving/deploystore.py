@@ -2,7 +2,7 @@
 
 `/gpumesh/v1/deployments/<name>` holds the Deployment (spec, generation, status with conditions; its
 `replicas` field is left empty), `/gpumesh/v1/replicas/<name>/<replica-id>` one Replica each. Writes
-go through the group-commit writer (controlplane/writer.py), guarded by the leader key like every
+go through the group-commit writer (controlplane/state/writer.py), guarded by the leader key like every
 other record: a deployment is created once (Absent), replicas are written whole. The memory copy is
 changed only once the write is durable, and every change wakes the watchers (`changed`).
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane import keys
-from controlplane.controller import Controller
-from controlplane.store import Absent, Delete, Present, Put
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller
+from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import deployment_service_pb2 as D
 from mesh import errors
 from mesh.logs import log

@@ -1,6 +1,6 @@
 """The v1 DeploymentService onto the deployment controller (controlplane/serving/deployments.py).
 
-Roles are checked by the interceptor (controlplane/auth.py RULES): Create, Scale, Update and Delete
+Roles are checked by the interceptor (controlplane/api/auth.py RULES): Create, Scale, Update and Delete
 need the tenant role, Get, List and Watch a viewer. A tenant acts on its own tenant's deployments only
 (another tenant's read as unknown); an admin on all.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from controlplane import auth
-from controlplane.rpc import streaming, unary
+from controlplane.api import auth
+from controlplane.api.rpc import streaming, unary
 from controlplane.serving.deployments import DeploymentManager
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import deployment_service_pb2_grpc

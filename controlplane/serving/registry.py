@@ -1,11 +1,11 @@
 """The model registry (ModelService): models and their variants, in etcd under `/gpumesh/v1/models/<name>`.
 
 The leader loads every model at start and keeps them in memory; Register, Update and Delete write
-through the group-commit writer (controlplane/writer.py) like every other record: one transaction
+through the group-commit writer (controlplane/state/writer.py) like every other record: one transaction
 guarded by the leader key (fencing) plus the key's precondition (Register: absent, so a name is taken
 once; Update and Delete: present). The registry's own lock orders its writes, so Update's generation
 check and the write it guards are one step. Standbys answer Get and List from the same records, kept
-current by their follower (controlplane/follower.py).
+current by their follower (controlplane/state/follower.py).
 
 What is stored is what `validate` returned: the derived facts (artifact format, kv_bytes_per_token,
 the VRAM need at the serving point and the smallest slice per GPU model) are computed when written,
@@ -20,11 +20,11 @@ import logging
 
 from prometheus_client import Gauge
 
-from controlplane import keys
-from controlplane.controller import Controller, now
-from controlplane.rpc import unary
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller, now
+from controlplane.api.rpc import unary
 from controlplane.serving.validate import check_name, slice_fits, validate
-from controlplane.store import Absent, Delete, Present, Put
+from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import model_service_pb2_grpc
 from mesh import errors, gpumodels
@@ -150,7 +150,7 @@ class ModelRegistry:
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    """The v1 API onto the registry. Roles are checked by the interceptor (controlplane/auth.py RULES):
+    """The v1 API onto the registry. Roles are checked by the interceptor (controlplane/api/auth.py RULES):
     Register, Update and Delete need admin; Get and List a viewer or more. Models are not per tenant."""
 
     def __init__(self, registry: ModelRegistry) -> None:

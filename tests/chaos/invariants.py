@@ -15,8 +15,8 @@ import dataclasses
 
 import aetcd
 
-from controlplane import keys
-from controlplane.store import parse_endpoint
+from controlplane.state import keys
+from controlplane.state.store import parse_endpoint
 from gpumesh.v1 import types_pb2
 
 KNOWN_STATES = {types_pb2.SLICE_STATE_PENDING, types_pb2.SLICE_STATE_READY, types_pb2.SLICE_STATE_RELEASING,

@@ -211,7 +211,7 @@ def test_the_simulator_answers_as_the_real_gpu(real, sim_like):
 
 
 def test_memory_repair_calls_answer_like_the_simulator(real, sim_like):
-    """The health policy's evidence (controlplane/health.py): the real driver and the simulator give
+    """The health policy's evidence (controlplane/controllers/health.py): the real driver and the simulator give
     the same kind of answer to the memory-repair calls (rows on Ampere+, pages before). Read only."""
     sim, model = sim_like
     rh, sh = real.nvmlDeviceGetHandleByIndex(0), sim.nvmlDeviceGetHandleByIndex(0)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import yaml
 
-from controlplane import keys
+from controlplane.state import keys
 from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, slice_service_pb2, types_pb2
 from tests.integration.conftest import wait_for
 from tools.localcluster import LocalCluster

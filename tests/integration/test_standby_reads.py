@@ -1,4 +1,4 @@
-"""A standby control plane serves reads from a read-only fleet that follows etcd (controlplane/follower.py):
+"""A standby control plane serves reads from a read-only fleet that follows etcd (controlplane/state/follower.py):
 a slice allocated on the leader shows through the standby's Get/List/Watch and ListNodes/GetNode/ListGpus,
 its workload and mesh connection through WorkloadService and MeshService Get/List, a registered model
 through ModelService Get/List, a write on the standby is refused naming the leader, and after the leader

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from controlplane.serving import deployspec
-from controlplane.workloads import validate_run
+from controlplane.controllers.workloads import validate_run
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import types_pb2, workload_service_pb2

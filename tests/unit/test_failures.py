@@ -5,11 +5,11 @@ import asyncio
 
 import pytest
 
-from controlplane.controller import Controller
-from controlplane.events import DELETED, MODIFIED, EventHub
-from controlplane.store import EtcdStore, Put
-from controlplane.workloads import WorkloadManager
-from controlplane.writer import Writer
+from controlplane.controllers.slices import Controller
+from controlplane.api.events import DELETED, MODIFIED, EventHub
+from controlplane.state.store import EtcdStore, Put
+from controlplane.controllers.workloads import WorkloadManager
+from controlplane.state.writer import Writer
 from gpumesh.v1 import types_pb2
 from mesh import errors
 
@@ -166,7 +166,7 @@ async def test_control_plane_whose_writer_cannot_restart_is_not_serving_and_step
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from controlplane import keys as k
+    from controlplane.state import keys as k
     from controlplane.config import ControlPlaneConfig
     from controlplane.server import ControlPlane
     cfg = ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "cp"), insecure=True,
@@ -212,7 +212,7 @@ async def test_agent_session_failing_with_any_exception_is_logged_and_reconnecte
 
 
 async def test_control_plane_sync_reader_logs_any_exception_and_ends_the_stream(caplog):
-    from controlplane.services import NodeService
+    from controlplane.api.services import NodeService
     from gpumesh.v1 import node_service_pb2 as N
     ctl = _ctl()
     ctl.fleet.upsert_node(types_pb2.Node(name="n1")).ready = True

@@ -1,13 +1,13 @@
-"""The standby's read-only fleet (controlplane/follower.py): watch events applied, reads routed by Switch."""
+"""The standby's read-only fleet (controlplane/state/follower.py): watch events applied, reads routed by Switch."""
 
 from __future__ import annotations
 
 import asyncio
 
-from controlplane import keys
-from controlplane.follower import Follower
-from controlplane.standby import READS, Switch
-from controlplane.store import Snapshot
+from controlplane.state import keys
+from controlplane.state.follower import Follower
+from controlplane.controllers.standby import READS, Switch
+from controlplane.state.store import Snapshot
 from gpumesh.v1 import admin_service_pb2, slice_service_pb2, types_pb2
 
 

@@ -1,4 +1,4 @@
-"""The GPU health controller (controlplane/health.py) against a real etcd: XIDs by class, the
+"""The GPU health controller (controlplane/controllers/health.py) against a real etcd: XIDs by class, the
 migration of a marked GPU's workloads, the reset asked of the agent only when the GPU is idle,
 the return to service on clean readings only, recurrence quarantine and the operator's clear,
 and a control-plane restart in between."""
@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from controlplane.controller import Controller
-from controlplane.healthpolicy import HealthPolicy
-from controlplane.store import EtcdStore
-from controlplane.telemetry import Policy, TelemetryManager
+from controlplane.controllers.slices import Controller
+from controlplane.controllers.healthpolicy import HealthPolicy
+from controlplane.state.store import EtcdStore
+from controlplane.controllers.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import types_pb2 as t
 from tests.unit.test_placement import make_fleet
 from tests.unit.test_telemetry_policy import Clock, reading
@@ -243,5 +243,5 @@ async def test_lost_gpu_returns_only_when_back_on_the_bus(hc):
 
 
 def test_only_an_admin_clears_a_quarantine():
-    from controlplane import auth
+    from controlplane.api import auth
     assert auth.rule_for("/gpumesh.v1.AdminService/ClearGpuQuarantine") == auth.ADMIN

@@ -1,11 +1,11 @@
-"""The GPU health policy (controlplane/healthpolicy.py): NVIDIA's XID catalog classes as the default,
+"""The GPU health policy (controlplane/controllers/healthpolicy.py): NVIDIA's XID catalog classes as the default,
 per-class and per-XID overrides, the recurrence window, and validation that names the field."""
 
 from __future__ import annotations
 
 import pytest
 
-from controlplane.healthpolicy import CATALOG, HealthPolicy, from_mapping, load
+from controlplane.controllers.healthpolicy import CATALOG, HealthPolicy, from_mapping, load
 from mesh.config import ConfigError
 
 

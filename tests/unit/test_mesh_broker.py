@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from controlplane.meshsvc import choose_transport
+from controlplane.api.meshsvc import choose_transport
 from gpumesh.v1 import mesh_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh import errors
@@ -52,7 +52,7 @@ def test_cuda_ipc_is_brokered_only_between_slices_of_one_node_whose_agents_have_
 
 
 def test_data_path_and_why_not_rdma():
-    from controlplane.meshchoice import data_path, fallback_reason
+    from controlplane.api.meshchoice import data_path, fallback_reason
     assert data_path("verbs", False, True) == "rdma" and data_path("tcp", False, True) == "tcp_tls"
     assert data_path("tcp", True, True) == "tcp" and data_path("tcp", False, False) == "tcp"
     hello_ok = M.MeshHello(transports=["tcp", "shm", "verbs"])
@@ -215,7 +215,7 @@ def test_verbs_buffers_are_not_served_over_tcp_to_other_hosts(monkeypatch):
 # -- who gets the connection secret ---------------------------------------------------------------
 
 def _service_with_connection():
-    from controlplane.meshsvc import MeshManager, MeshService
+    from controlplane.api.meshsvc import MeshManager, MeshService
     ctl = types.SimpleNamespace(agent_handlers={}, fleet=types.SimpleNamespace(slices={
         "s-a": types_pb2.Slice(id="s-a", tenant="team-a"), "s-b": types_pb2.Slice(id="s-b", tenant="team-b")}))
     mgr = MeshManager(ctl)
@@ -234,7 +234,7 @@ def _service_with_connection():
     (("admin", ""), False),              # an operator who owns neither slice
 ])
 def test_get_and_list_return_the_secret_only_to_the_slices_owners(who, sees_secret):
-    from controlplane import auth
+    from controlplane.api import auth
     svc = _service_with_connection()
     token = auth._current.set(auth.Principal("client", "x", who[1], who[0]))
     try:

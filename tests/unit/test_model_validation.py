@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from controlplane import keys
-from controlplane.follower import Follower
+from controlplane.state import keys
+from controlplane.state.follower import Follower
 from controlplane.serving.validate import validate
-from controlplane.standby import READS
-from controlplane.store import Snapshot
+from controlplane.controllers.standby import READS
+from controlplane.state.store import Snapshot
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors, gpumodels
 from tests.models_util import TINY_KV_F16, TINY_WEIGHT_BYTES, write_hf_dir, write_tiny_gguf
@@ -181,7 +181,7 @@ def test_a_variant_too_large_for_every_slice_is_refused(tmp_path):
 
 
 def test_the_registry_is_read_on_standbys():
-    """A model record in etcd shows through the standby's ModelService Get/List (controlplane/follower.py)."""
+    """A model record in etcd shows through the standby's ModelService Get/List (controlplane/state/follower.py)."""
     assert READS["ModelService"] == frozenset({"Get", "List"})
     m = M.Model(name="smol", family="smollm2", generation=1, variants=[M.Variant(name="q4_1")])
 

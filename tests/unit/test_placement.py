@@ -3,7 +3,7 @@
 import pytest
 
 from controlplane import placement
-from controlplane.fleet import Fleet
+from controlplane.state.fleet import Fleet
 from gpumesh.v1 import types_pb2 as t
 from mesh import errors, gpumodels
 from mesh.slicespec import ISOLATION_ENUM, validate

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from controlplane.fleet import MIB
+from controlplane.state.fleet import MIB
 from tools.meshctl.main import main
 from tools.replay import benchsched, sim, trace
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane import controller as controller_mod
-from controlplane import keys
-from controlplane.controller import Controller
-from controlplane.store import EtcdStore
+from controlplane.controllers import slices as controller_mod
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller
+from controlplane.state.store import EtcdStore
 from gpumesh.v1 import types_pb2 as t
 from mesh.slicespec import validate
 from tests.unit.test_placement import make_fleet

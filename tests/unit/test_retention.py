@@ -1,4 +1,4 @@
-"""Retention (controlplane/retention.py): which finished records expire, and what is sent to delete their files;
+"""Retention (controlplane/controllers/retention.py): which finished records expire, and what is sent to delete their files;
 the agent's side (forget a workload's files, delete a checkpoint directory in the store)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import os
 import time
 from types import SimpleNamespace
 
-from controlplane import keys
-from controlplane.controller import Controller
-from controlplane.retention import Retention
-from controlplane.workloads import WorkloadManager
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller
+from controlplane.controllers.retention import Retention
+from controlplane.controllers.workloads import WorkloadManager
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as t
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.fleet import Fleet
+from controlplane.state.fleet import Fleet
 from controlplane.scheduler import profiles
 from controlplane.scheduler.framework import Code, CycleState, Pick
 from controlplane.scheduler.plugins import (antiaffinity, fgd, gpumodel, nodehealth, noderesources, quota,

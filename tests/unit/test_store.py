@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from controlplane import keys
-from controlplane.store import Absent, EtcdStore, Present, Put
-from controlplane.writer import Writer
+from controlplane.state import keys
+from controlplane.state.store import Absent, EtcdStore, Present, Put
+from controlplane.state.writer import Writer
 from mesh import errors
 
 

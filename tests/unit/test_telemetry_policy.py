@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.controller import Controller
-from controlplane.store import EtcdStore
-from controlplane.telemetry import Policy, TelemetryManager
+from controlplane.controllers.slices import Controller
+from controlplane.state.store import EtcdStore
+from controlplane.controllers.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import types_pb2 as t
 from tests.unit.test_placement import make_fleet
 

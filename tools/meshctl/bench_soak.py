@@ -87,7 +87,7 @@ def etcd_keys(cluster) -> int:
         client = aetcd.Client(host="127.0.0.1", port=ports["client"], timeout=10)
         await client.connect()
         try:
-            from controlplane import keys
+            from controlplane.state import keys
             prefix = keys.PREFIX.encode()
             end = prefix[:-1] + bytes([prefix[-1] + 1])
             resp = await client.kvstub.Range(aetcd.rpc.RangeRequest(key=prefix, range_end=end, count_only=True),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 
-from controlplane.fleet import MIB, Fleet
+from controlplane.state.fleet import MIB, Fleet
 from controlplane.scheduler import profiles
 from gpumesh.v1 import types_pb2
 from mesh import gpumodels

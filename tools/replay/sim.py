@@ -29,14 +29,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from controlplane.fleet import Fleet
+from controlplane.state.fleet import Fleet
 from controlplane.scheduler import profiles
 from controlplane.scheduler.framework import Framework
 from controlplane.scheduler.plugins import fgd
 from controlplane.scheduler.plugins._gpu import free_milli
 from gpumesh.v1 import types_pb2
 from mesh.slicespec import ISOLATION_ENUM
-from controlplane.fleet import MIB
+from controlplane.state.fleet import MIB
 from tools.replay.trace import TraceNode, TracePod, build_fleet, request_of
 
 POLICIES = tuple(profiles.PROFILES)

@@ -8,7 +8,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from controlplane.fleet import MIB, Fleet, GpuState, NodeEntry
+from controlplane.state.fleet import MIB, Fleet, GpuState, NodeEntry
 from gpumesh.v1 import types_pb2
 from mesh import gpumodels
 from mesh.slicespec import SliceRequest

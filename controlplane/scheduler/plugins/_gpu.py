@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controlplane.fleet import GpuState
+from controlplane.state.fleet import GpuState
 from mesh import gpumodels
 
 

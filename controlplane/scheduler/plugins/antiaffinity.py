@@ -3,7 +3,7 @@ anti-affinity label pairs, nor to one whose slices' anti-affinity rules name its
 
 from __future__ import annotations
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import SUCCESS, CycleState, Status
 from mesh.slicespec import SliceRequest
 

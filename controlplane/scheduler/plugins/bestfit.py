@@ -8,7 +8,7 @@ the node."""
 
 from __future__ import annotations
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
 from controlplane.scheduler.plugins.noderesources import room_after

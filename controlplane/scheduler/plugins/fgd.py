@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
 from controlplane.scheduler.plugins._mix import MixLearner, MixType, top_types, type_of

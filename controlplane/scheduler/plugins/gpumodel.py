@@ -3,7 +3,7 @@ GPUs of that model."""
 
 from __future__ import annotations
 
-from controlplane.fleet import GpuState
+from controlplane.state.fleet import GpuState
 from mesh.slicespec import SliceRequest
 
 NAME = "GpuModel"

@@ -3,7 +3,7 @@ memory pressure or temperature has reached the configured level (set by the tele
 
 from __future__ import annotations
 
-from controlplane.fleet import GpuState, NodeEntry
+from controlplane.state.fleet import GpuState, NodeEntry
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
 from mesh.slicespec import SliceRequest
 

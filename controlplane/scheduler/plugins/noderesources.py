@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 
-from controlplane.fleet import MIB, GpuState, NodeEntry
+from controlplane.state.fleet import MIB, GpuState, NodeEntry
 from controlplane.scheduler.framework import SUCCESS, CycleState, Option, Pick, Status
 from mesh import gpumodels
 from mesh.slicespec import SliceRequest

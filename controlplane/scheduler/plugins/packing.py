@@ -8,7 +8,7 @@ without GPUs 0 everywhere. The GPU inside the node is the fullest that holds the
 
 from __future__ import annotations
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli
 from controlplane.scheduler.plugins.bestfit import gpu_fill, leftover

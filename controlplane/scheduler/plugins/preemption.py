@@ -6,7 +6,7 @@ before binding."""
 
 from __future__ import annotations
 
-from controlplane.fleet import Fleet
+from controlplane.state.fleet import Fleet
 from gpumesh.v1 import types_pb2
 
 NAME = "Preemption"

@@ -3,7 +3,7 @@ limit). 0 for a pick on a calm GPU, minus one point per level of pressure or hea
 
 from __future__ import annotations
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins.nodehealth import PRESSURE, THERMAL
 from mesh.slicespec import SliceRequest

@@ -3,7 +3,7 @@ its slices' compute shares); a request over a limit is refused naming the quota.
 
 from __future__ import annotations
 
-from controlplane.fleet import Fleet
+from controlplane.state.fleet import Fleet
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
 from mesh.slicespec import SliceRequest
 

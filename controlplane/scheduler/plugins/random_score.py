@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option
 from mesh.slicespec import SliceRequest
 

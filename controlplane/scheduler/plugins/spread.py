@@ -3,7 +3,7 @@ GPU: keeps load and heat apart at the price of fragmentation."""
 
 from __future__ import annotations
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option
 from controlplane.scheduler.plugins.bestfit import gpu_fill, leftover
 from mesh.slicespec import SliceRequest

@@ -3,7 +3,7 @@ node reports NIC-to-GPU affinity; 1 point for each, 0 for a single slice that ha
 
 from __future__ import annotations
 
-from controlplane.fleet import NodeEntry
+from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from mesh.slicespec import SliceRequest
 

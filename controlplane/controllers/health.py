@@ -1,5 +1,5 @@
 """The GPU health controller: XIDs and lost GPUs, judged by the health policy
-(controlplane/healthpolicy.py), turned into health, migrations, resets and events.
+(controlplane/controllers/healthpolicy.py), turned into health, migrations, resets and events.
 
 Per GPU::
 
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
-from controlplane import keys
-from controlplane.fleet import GpuState
-from controlplane.healthpolicy import QUARANTINE, REBOOT, RESET, HealthPolicy
-from controlplane.store import Put
+from controlplane.state import keys
+from controlplane.state.fleet import GpuState
+from controlplane.controllers.healthpolicy import QUARANTINE, REBOOT, RESET, HealthPolicy
+from controlplane.state.store import Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
@@ -252,7 +252,7 @@ class HealthController:
             return True
         mm = getattr(self.ctl, "migrations", None)
         if mm is not None:
-            from controlplane.migrations import FINISHED
+            from controlplane.controllers.migrations import FINISHED
             for m in mm.migrations.values():
                 if m.phase not in FINISHED and (m.source_slice in sids or m.target_slice in sids):
                     return True

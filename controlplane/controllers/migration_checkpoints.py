@@ -4,7 +4,7 @@
 (agents' `checkpoint_dir`, encrypted per tenant when keys are configured); the record is
 `/gpumesh/v1/checkpoints/<id>`. `Restore` is a migration without a source: the target agent
 pushes the stored checkpoint into the receiving target, and the rest is the migration state
-machine of controlplane/migrations.py.
+machine of controlplane/controllers/migrations.py.
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import secrets
 
-from controlplane import auth, keys
-from controlplane.controller import new_id, now
-from controlplane.store import Absent, Put
+from controlplane.api import auth
+
+from controlplane.state import keys
+from controlplane.controllers.slices import new_id, now
+from controlplane.state.store import Absent, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh import errors
 from mesh.logs import log
 
-from controlplane.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
 
-logger = logging.getLogger("controlplane.migrations")
+logger = logging.getLogger("controlplane.controllers.migrations")
 
 
 class CheckpointsMixin:

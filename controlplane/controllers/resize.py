@@ -24,16 +24,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane import auth, keys
-from controlplane.controller import new_id, now
-from controlplane.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
-from controlplane.store import Present, Put
+from controlplane.api import auth
+
+from controlplane.state import keys
+from controlplane.controllers.slices import new_id, now
+from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors, gpumodels, slicespec
 from mesh.logs import log
 
-logger = logging.getLogger("controlplane.migrations")
+logger = logging.getLogger("controlplane.controllers.migrations")
 SHARED = (types_pb2.ISOLATION_MPS, types_pb2.ISOLATION_TIMESHARE)
 RESIZE_TIMEOUT = 1800.0
 

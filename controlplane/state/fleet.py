@@ -49,10 +49,10 @@ class GpuState:
     _used_slots: int = 0
     fill_index: "FillIndex | None" = None
     bucket: int = 0
-    # Derived from the agent's telemetry (controlplane/telemetry.py); the scheduler reads them.
+    # Derived from the agent's telemetry (controlplane/controllers/telemetry.py); the scheduler reads them.
     memory_pressure: str = "low"        # low | normal | high | critical
     thermal_state: str = "normal"       # normal | warning | throttling | critical
-    health: str = "healthy"             # healthy | unhealthy | lost | quarantined (controlplane/health.py)
+    health: str = "healthy"             # healthy | unhealthy | lost | quarantined (controlplane/controllers/health.py)
     telemetry: types_pb2.GpuTelemetry | None = None
     owner: "NodeEntry | None" = field(default=None, repr=False, compare=False)
     # values derived from the state above (state_key, the scheduler's free capacity), dropped on change

@@ -16,12 +16,14 @@ import time
 
 from google.protobuf import timestamp_pb2
 
-from controlplane import keys, placement
-from controlplane.events import ADDED, DELETED, MODIFIED, EventHub
-from controlplane.fleet import Fleet
-from controlplane.sessions import Sessions
-from controlplane.store import Absent, Delete, EtcdStore, Present, Put
-from controlplane.writer import Writer
+from controlplane.state import keys
+
+from controlplane import placement
+from controlplane.api.events import ADDED, DELETED, MODIFIED, EventHub
+from controlplane.state.fleet import Fleet
+from controlplane.controllers.sessions import Sessions
+from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
+from controlplane.state.writer import Writer
 from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.logs import log

@@ -1,11 +1,11 @@
 """A standby's read-only fleet: loaded from etcd, kept current by a watch, serving the read RPCs.
 
-A control plane that does not lead (controlplane/standby.py) still answers reads:
+A control plane that does not lead (controlplane/controllers/standby.py) still answers reads:
 SliceService Get/List/Watch, AdminService ListNodes/GetNode/ListGpus,
 WorkloadService Get/List, MeshService Get/List/ListGrants, MigrationService
 Get/List/ListCheckpoints and ModelService Get/List. The
 `Follower` builds its fleet with the leader's own decoding
-(`controlplane.nodes.rebuild`, the first step of NodeManager.load), then
+(`controlplane.controllers.nodes.rebuild`, the first step of NodeManager.load), then
 follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
 applying puts and deletes of nodes, alive keys (readiness) and slices, and
 publishing slice events for Watch streams. The servicers are the leader's
@@ -24,22 +24,22 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane import keys
-from controlplane.controller import Controller
-from controlplane.events import ADDED, DELETED, MODIFIED
-from controlplane.fleet import Fleet
-from controlplane.meshsvc import MeshManager, MeshService
-from controlplane.migrations import MigrationManager
-from controlplane.migrationsvc import MigrationService
-from controlplane.nodes import NodeManager, decode_node, decode_slice, rebuild
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller
+from controlplane.api.events import ADDED, DELETED, MODIFIED
+from controlplane.state.fleet import Fleet
+from controlplane.api.meshsvc import MeshManager, MeshService
+from controlplane.controllers.migrations import MigrationManager
+from controlplane.api.migrationsvc import MigrationService
+from controlplane.controllers.nodes import NodeManager, decode_node, decode_slice, rebuild
 from controlplane.serving.registry import ModelRegistry, ModelService
-from controlplane.services import AdminService, SliceService
-from controlplane.workloads import WorkloadManager, WorkloadService
+from controlplane.api.services import AdminService, SliceService
+from controlplane.controllers.workloads import WorkloadManager, WorkloadService
 from gpumesh.v1 import mesh_service_pb2 as M
 from gpumesh.v1 import model_service_pb2 as MR
 from gpumesh.v1 import migration_service_pb2 as MS
 from gpumesh.v1 import types_pb2
-from controlplane.store import EtcdStore
+from controlplane.state.store import EtcdStore
 from mesh import errors
 from mesh.logs import log
 

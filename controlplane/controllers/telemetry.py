@@ -1,6 +1,6 @@
 """What the agents measure, turned into fleet state: memory pressure and
 thermal state per GPU, node events, and the inputs of the GPU health
-controller (controlplane/health.py: XIDs, lost GPUs, resets, readings).
+controller (controlplane/controllers/health.py: XIDs, lost GPUs, resets, readings).
 
 The agent sends raw readings (NodeTelemetry every interval, NodeEvents as
 they happen); the judgement is made here, with thresholds from the control
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
-from controlplane import keys
-from controlplane.controller import Controller
-from controlplane.fleet import GpuState
-from controlplane.health import HEALTH_ENUM, HealthController
-from controlplane.healthpolicy import HealthPolicy
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller
+from controlplane.state.fleet import GpuState
+from controlplane.controllers.health import HEALTH_ENUM, HealthController
+from controlplane.controllers.healthpolicy import HealthPolicy
 from gpumesh.v1 import types_pb2
 from mesh.logs import log
 
@@ -45,7 +45,7 @@ XID_IN_TEXT = re.compile(r"\bXID\s*(\d+)", re.IGNORECASE)
 class Policy:
     pressure_pct: tuple[float, float, float] = (50.0, 70.0, 85.0)
     thermal_c: tuple[float, float, float] = (65.0, 80.0, 85.0)
-    health: HealthPolicy = field(default_factory=HealthPolicy)   # the XID policy (controlplane/healthpolicy.py)
+    health: HealthPolicy = field(default_factory=HealthPolicy)   # the XID policy (controlplane/controllers/healthpolicy.py)
     events_kept: int = 100
 
     def memory_pressure(self, used: int, total: int) -> str:

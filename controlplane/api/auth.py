@@ -440,7 +440,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _count(method: str, code: grpc.StatusCode) -> None:
-    from controlplane.rpc import count
+    from controlplane.api.rpc import count
     count(method, code.name)
 
 

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import re
 
-from controlplane import keys
-from controlplane.controller import Controller, now
-from controlplane.store import ETCD_ERRORS, Put
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller, now
+from controlplane.state.store import ETCD_ERRORS, Put
 from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.logs import log
@@ -46,7 +46,7 @@ def decode_slice(value: bytes) -> types_pb2.Slice:
 def rebuild(ctl: Controller, snap) -> dict[str, int]:
     """Fill `ctl`'s fleet (nodes, slices, readiness) and request ids from an etcd snapshot; node name ->
     alive lease. Reads only: the leader's load (NodeManager.load) and a standby's read-only fleet
-    (controlplane/follower.py) both start here."""
+    (controlplane/state/follower.py) both start here."""
     alive: dict[str, int] = {}
     for key, (value, rev, lease) in snap.kvs.items():
         k = key.decode()
@@ -215,7 +215,7 @@ class NodeManager:
             return self.view(name), victims
         await self.set_cordon(name, True)
         migrations = getattr(self.ctl, "migrations", None)
-        if migrations is not None:      # move what can migrate first (controlplane/migrations.py)
+        if migrations is not None:      # move what can migrate first (controlplane/controllers/migrations.py)
             await migrations.drain(name)
         evicted = []
         for alloc in sorted({s.allocation_id for s in victims}):

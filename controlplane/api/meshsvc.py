@@ -22,15 +22,17 @@ import asyncio
 import logging
 import secrets
 
-from controlplane import auth, keys
-from controlplane.controller import Controller, now
-from controlplane.rpc import unary
-from controlplane.store import Absent, Delete, Present, Put
+from controlplane.api import auth
+
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller, now
+from controlplane.api.rpc import unary
+from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import mesh_service_pb2 as M
 from gpumesh.v1 import mesh_service_pb2_grpc, node_service_pb2, types_pb2
 from mesh import errors
 from mesh.logs import log
-from controlplane.meshchoice import choose_transport, data_path, fallback_reason, same_host
+from controlplane.api.meshchoice import choose_transport, data_path, fallback_reason, same_host
 from mesh.transport.base import MAX_BUFFER_BYTES
 from mesh.transport.channel import SECRET_BYTES
 

@@ -18,7 +18,7 @@ import uuid
 import aetcd
 import aetcd.exceptions
 
-from controlplane import keys
+from controlplane.state import keys
 from mesh import errors
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def parse_endpoint(url: str) -> tuple[str, int]:
 class EtcdStore:
     def __init__(self, endpoints: list[str], timeout: float = 10.0, *, credentials=None,
                  username: str | None = None, password: str | None = None) -> None:
-        """`credentials` (grpc channel credentials, see controlplane.etcdtls) for https:// endpoints;
+        """`credentials` (grpc channel credentials, see controlplane.state.etcdtls) for https:// endpoints;
         `username`/`password` for etcd auth."""
         if not endpoints:
             raise ValueError("etcd endpoints: at least one is needed")
@@ -78,7 +78,7 @@ class EtcdStore:
             # calls fail once, the next ones go to a live member.
             host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in parsed[:-1]) + "," + parsed[-1][0]
             port = parsed[-1][1]
-        from controlplane.etcdtls import TlsClient
+        from controlplane.state.etcdtls import TlsClient
         self.client = TlsClient(host=host, port=port, timeout=timeout, credentials=credentials,
                                 username=username or None, password=password or None, options={
             "grpc.max_receive_message_length": 64 << 20,

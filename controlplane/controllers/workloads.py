@@ -18,11 +18,13 @@ import asyncio
 import logging
 import re
 
-from controlplane import auth, keys
-from controlplane.controller import Controller, new_id, now
-from controlplane.events import DELETED, Subscription
-from controlplane.rpc import streaming, unary
-from controlplane.store import Absent, Put
+from controlplane.api import auth
+
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller, new_id, now
+from controlplane.api.events import DELETED, Subscription
+from controlplane.api.rpc import streaming, unary
+from controlplane.state.store import Absent, Put
 from gpumesh.v1 import node_service_pb2, types_pb2, workload_service_pb2, workload_service_pb2_grpc
 from mesh import errors
 from mesh.logs import log
@@ -96,10 +98,10 @@ class WorkloadManager:
         self.stopping: set[str] = set()                  # stop asked for, process not ended yet
         self.log_queues: dict[str, asyncio.Queue] = {}   # LogRequest id -> its chunks
         self.waiters: dict[str, list[asyncio.Future]] = {}
-        # hook(node) -> more workloads the node must keep running (migration targets; controlplane/migrations.py)
+        # hook(node) -> more workloads the node must keep running (migration targets; controlplane/controllers/migrations.py)
         self.extra_desired: list = []
         self._watch: asyncio.Task | None = None
-        self.expired_ids: dict = {}                      # recently expired IDs (controlplane/retention.py)
+        self.expired_ids: dict = {}                      # recently expired IDs (controlplane/controllers/retention.py)
         self.resyncs = 0                                 # times the slice follower fell behind and resynced
         ctl.session_hooks.append(self._session_opened)
         ctl.agent_handlers["workloads"] = self._report

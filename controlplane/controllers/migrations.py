@@ -2,7 +2,7 @@
 
 A migration moves a running workload (same workload ID) from its slice to another one, on
 another node or the same one (there the target process runs under an alias of the workload's
-ID until the source is stopped). A resize by migration (controlplane/resize.py) is one whose
+ID until the source is stopped). A resize by migration (controlplane/controllers/resize.py) is one whose
 target is a slice of the new size; at its commit the two slices swap placements so the
 client's slice ID names the new one. Its record, `/gpumesh/v1/migrations/<id>`, holds the
 phase:
@@ -54,14 +54,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane import auth, keys
-from controlplane.controller import Controller, new_id, now
-from controlplane.migration_checkpoints import CheckpointsMixin
-from controlplane.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, PHASE_NAMES, RESEND, RESTORE_ENV,
+from controlplane.api import auth
+
+from controlplane.state import keys
+from controlplane.controllers.slices import Controller, new_id, now
+from controlplane.controllers.migration_checkpoints import CheckpointsMixin
+from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, PHASE_NAMES, RESEND, RESTORE_ENV,
                                            STEP_TIMEOUT, TARGET_WANTED, C, P, R, StepFailed, W, alias, phase_name)
-from controlplane.migration_steps import StepsMixin
-from controlplane.resize import ResizeMixin
-from controlplane.store import Absent, Delete, Present, Put
+from controlplane.controllers.migration_steps import StepsMixin
+from controlplane.controllers.resize import ResizeMixin
+from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh import errors

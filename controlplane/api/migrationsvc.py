@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from controlplane import auth
-from controlplane.migrations import FINISHED, MigrationManager
-from controlplane.events import Subscription
-from controlplane.rpc import streaming, unary
+from controlplane.api import auth
+from controlplane.controllers.migrations import FINISHED, MigrationManager
+from controlplane.api.events import Subscription
+from controlplane.api.rpc import streaming, unary
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import migration_service_pb2_grpc
 

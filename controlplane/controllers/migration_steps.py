@@ -1,7 +1,7 @@
 """The migration state machine's steps (the MigrationManager's part for them): plan (place the
 target, start it in receive mode), copy (pre-copy from the source, or push a checkpoint), commit
 (one etcd transaction), finish (target runs, source stops), roll back. See
-controlplane/migrations.py for the phases and the recovery rules.
+controlplane/controllers/migrations.py for the phases and the recovery rules.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import asyncio
 import logging
 import secrets
 
-from controlplane import keys
-from controlplane.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
+from controlplane.state import keys
+from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
                                            START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
-from controlplane.store import Present, Put
+from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors, slicespec
 from mesh.logs import log
 
-logger = logging.getLogger("controlplane.migrations")
+logger = logging.getLogger("controlplane.controllers.migrations")
 _Failed = StepFailed
 
 

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 
-from controlplane.store import Absent, Delete, EtcdStore, Present, Put
+from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
 from mesh import errors
 from mesh.logs import log as slog
 

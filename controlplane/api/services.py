@@ -7,11 +7,11 @@ import logging
 
 import grpc
 
-from controlplane import auth
-from controlplane.controller import Controller
-from controlplane.nodes import NodeManager, validate_node_name
-from controlplane.rpc import streaming, unary
-from controlplane.telemetry import HEALTH_ENUM, PRESSURE_ENUM, THERMAL_ENUM
+from controlplane.api import auth
+from controlplane.controllers.slices import Controller
+from controlplane.controllers.nodes import NodeManager, validate_node_name
+from controlplane.api.rpc import streaming, unary
+from controlplane.controllers.telemetry import HEALTH_ENUM, PRESSURE_ENUM, THERMAL_ENUM
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2)
 from mesh import errors, slicespec

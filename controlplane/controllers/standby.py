@@ -9,7 +9,7 @@ hold several endpoints) move to it. Once promoted, each proxy forwards to the
 real servicer built over the freshly loaded fleet.
 
 Reads are the exception: the methods in `READS` are answered, while standing
-by, by `reader(service)` (controlplane/follower.py: a read-only fleet kept
+by, by `reader(service)` (controlplane/state/follower.py: a read-only fleet kept
 current from etcd) once it has loaded; writes and agent streams keep
 answering UNAVAILABLE with the leader hint.
 """

@@ -24,8 +24,8 @@ import collections
 import logging
 import time
 
-from controlplane import keys
-from controlplane.store import Delete
+from controlplane.state import keys
+from controlplane.state.store import Delete
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh import errors

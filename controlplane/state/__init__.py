@@ -1,0 +1,1 @@
+"""The control plane's state: etcd (server, TLS client, store, group-commit writer, key layout) and the in-memory fleet view."""
