@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, die_with_parent, etcd_pids, is_mesh_process,
+from mesh.procs import with_death_signal
+from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, is_mesh_process,
                               read_state, signal_group, stop_detached, stop_pid)
 
 MAX_AGENT_PROCESSES = 8
@@ -165,10 +166,10 @@ class LocalCluster:
         with open(proc.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.argv)}\n".encode())
             log.flush()
-            proc.popen = subprocess.Popen(
-                proc.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent if not self.detach and main_thread else None)
+            # the death signal follows the starting thread: only tie the child to a main thread that waits
+            argv = with_death_signal(proc.argv) if not self.detach and main_thread else proc.argv
+            proc.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True)
 
     def _cp_name(self, index: int) -> str:
         return "controlplane" if index == 0 else f"controlplane-{index + 1}"

@@ -24,14 +24,6 @@ class ClusterError(Exception):
     """The cluster could not be started, reached or stopped."""
 
 
-def die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 alive = pid_alive
 
 
