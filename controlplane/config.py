@@ -17,6 +17,12 @@ class ControlPlaneConfig:
                                 "the leader key so standbys can name the leader (with mtls_listen, the mTLS port on the "
                                 "same host is named too); empty: the listen address")
     metrics_listen: str = option("127.0.0.1:9401", "Prometheus /metrics address HOST:PORT; empty disables it")
+    web_listen: str = option("", "read-only web view (fleet map, slices, workloads, migrations, deployments; "
+                                 "docs/views.md) at http(s)://HOST:PORT/, same tokens as gRPC; HTTPS with tls_cert "
+                                 "when set; empty disables it")
+    web_refresh_seconds: float = option(2.0, "how often the web view re-reads telemetry, deployments and "
+                                        "migrations for its open pages (slice changes show at once)",
+                                        minimum=0.2, maximum=60)
     state_dir: str = option(".mesh/controlplane", "directory for the control plane's files (embedded etcd data, identity)")
     etcd_endpoints: list = option([], "etcd client URLs (http://HOST:PORT); none starts an embedded etcd under state_dir")
     lease_ttl: int = option(10, "seconds a node stays Ready without a heartbeat", minimum=2, maximum=300)
@@ -114,6 +120,8 @@ class ControlPlaneConfig:
         profiles.load(self.scheduler_config, self.scheduler_profile)   # raises ConfigError naming the problem
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
+        if self.web_listen:
+            parse_hostport(self.web_listen, "web_listen")
         for url in self.etcd_endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"etcd_endpoints: {url!r} must start with http:// or https://")

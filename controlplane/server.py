@@ -50,6 +50,8 @@ class ControlPlane:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.web = None
+        self.web_port = 0
         self._collector = None
 
     def identity(self) -> str:
@@ -76,8 +78,9 @@ class ControlPlane:
         await self.store.connect()
         self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
         # DecodeGuard first: request bytes that do not parse are INVALID_ARGUMENT, never UNKNOWN (rpc.py)
+        self.authenticator = auth.Authenticator(self.tenants, insecure=self.cfg.insecure)
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
-            rpc.DecodeGuard(), auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
+            rpc.DecodeGuard(), auth.AuthInterceptor(self.authenticator)])
         from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
         # Every service is a Switch (controlplane/controllers/standby.py): UNAVAILABLE naming the leader until this
         # process wins the election, then the real servicer (built in _lead over the loaded fleet).
@@ -142,16 +145,32 @@ class ControlPlane:
             mhost, mport = parse_hostport(self.cfg.metrics_listen, "metrics_listen")
             httpd, _ = start_http_server(mport, addr=mhost)
             self.metrics_port = httpd.server_port
+        web = await self._start_web()
         if self.cfg.port_file:
             tmp = self.cfg.port_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"endpoint": endpoint, "metrics": f"{host}:{self.metrics_port}" if self.metrics_port
-                           else "", "mtls_endpoint": mtls_endpoint, "pid": os.getpid()}, f)
+                           else "", "mtls_endpoint": mtls_endpoint, "web": web, "pid": os.getpid()}, f)
             os.replace(tmp, self.cfg.port_file)
-        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port,
+        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port, web=web,
             etcd=",".join(endpoints), embedded_etcd=self.etcd is not None, tls=not self.cfg.insecure,
             mtls_endpoint=mtls_endpoint, authorization=self.tenants is not None or not self.cfg.insecure,
             role="leader" if leading else "standby", advertise=self.advertise)
+
+    async def _start_web(self) -> str:
+        """The web view (controlplane/web) when web_listen is set: its URL, else ""."""
+        if not self.cfg.web_listen:
+            return ""
+        from controlplane.web.server import WebView, ssl_context
+
+        def hub():
+            ctl = getattr(self, "ctl", None) or getattr(getattr(self, "follower", None), "ctl", None)
+            return ctl.events if ctl is not None else None
+        self.web = WebView(self.switches, self.authenticator, hub, refresh=self.cfg.web_refresh_seconds,
+                           ssl_context=ssl_context(self.cfg.tls_cert, self.cfg.tls_key))
+        whost, wport = parse_hostport(self.cfg.web_listen, "web_listen")
+        self.web_port = await self.web.start(whost, wport)
+        return f"{'https' if self.cfg.tls_cert else 'http'}://{whost}:{self.web_port}/"
 
     async def _leader_endpoint(self) -> str:
         return (await self.store.leader())[1]
@@ -251,6 +270,8 @@ class ControlPlane:
             self.campaign.cancel()
         if getattr(self, "follower", None) is not None:
             await self.follower.stop()
+        if self.web is not None:
+            await self.web.stop()
         if self.server is not None:
             await _set_health(self.health, "", health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(self.cfg.grace_seconds)

@@ -99,7 +99,7 @@ def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) 
 
 
 def summary(cluster) -> dict:
-    return {"endpoint": cluster.endpoint, "state_dir": str(cluster.state_dir),
+    return {"endpoint": cluster.endpoint, "web": cluster.web, "state_dir": str(cluster.state_dir),
             "nodes": cluster.nodes, "pids": cluster.pids()}
 
 
