@@ -41,8 +41,8 @@ def cluster(tmp_path_factory):
 def admin(cluster):
     with cluster.client(timeout=30) as client:
         yield client
-        for s in client.list_slices():
-            client.release(s.allocation_id)
+        for alloc in {s.allocation_id for s in client.list_slices()}:
+            client.release(alloc)
         wait_for(lambda: not client.list_slices(), 30, "slices to be released")
 
 
@@ -265,3 +265,35 @@ def test_up_json_names_the_web_view_and_stays_quiet(tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "tools.meshctl.main", "down", "--state-dir", str(state)],
                        capture_output=True, env=env, cwd=ROOT, timeout=120)
+
+
+# -- progress -----------------------------------------------------------------------------------------
+
+def test_alloc_shows_progress_on_a_terminal_and_none_in_json(cluster, admin):
+    """A gang of 3 slices: on a terminal (a pty as stderr) a spinner names the wait; with -o json stderr
+    stays empty and stdout is the allocation's JSON."""
+    import pty
+    master, slave = pty.openpty()
+    env = {**os.environ, "GPUMESH_CONFIG_DIR": str(cluster.state_dir / "cfg"), "TERM": "xterm-256color"}
+    argv = [sys.executable, "-m", "tools.meshctl.main", "alloc", "--tenant", "team-a", "--profile", "1g.10gb",
+            "--count", "3", "--endpoint", cluster.endpoint, "--token", secure.TOKENS["admin"],
+            "--ca", str(cluster.tls_dir / "ca.crt")]
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave, text=True, env=env, cwd=ROOT, timeout=120)
+        os.close(slave)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, drawn.decode(errors="replace")
+    assert b"allocating 3 slices and waiting until READY" in drawn
+    r = meshctl(cluster, "alloc", "--tenant", "team-a", "--profile", "1g.10gb", "--count", "2", "-o", "json")
+    assert r.returncode == 0 and r.stderr == ""
+    assert len(json.loads(r.stdout)["slices"]) == 2
