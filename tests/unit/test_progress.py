@@ -43,5 +43,5 @@ def test_a_log_gets_plain_lines():
     with p.waiting("deployment/chat: 0/2 replicas ready") as update:
         update("deployment/chat: 0/2 replicas ready")           # unchanged: not repeated
         update("deployment/chat: 1/2 replicas ready")
-    assert stream.getvalue() == ("deployment/chat: 0/2 replicas ready...\n"
-                                 "deployment/chat: 1/2 replicas ready\n")
+        p.step("created")
+    assert stream.getvalue() == "deployment/chat: 1/2 replicas ready\ncreated\n"

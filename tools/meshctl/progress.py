@@ -6,7 +6,8 @@
         ...                                       # a spinner while the call runs (update("...") changes it)
 
 The three modes: `live` (stderr is a terminal and the output is a table: rich's spinner and lines),
-`lines` (stderr is not a terminal: each step and the start of each wait as a plain line, as before), and
+`lines` (stderr is not a terminal: each step, and each change of a wait's message, as a plain line; the
+start of a wait prints nothing, so a script's stderr is what it was before), and
 `quiet` (-o json or yaml: stdout is for machines, and stderr stays empty unless something fails).
 """
 
@@ -50,8 +51,7 @@ class Progress:
             with self.console.status(message) as status:
                 yield lambda text: status.update(text)
             return
-        self.step(message + "...")
-        last = [message]
+        last = [message]                         # a log gets no line for the wait itself, only for changes
 
         def update(text: str) -> None:
             if text != last[0]:

@@ -31,10 +31,11 @@ function bytes(n) {
 }
 
 // A stable hue per tenant, so one tenant's slots have one colour everywhere.
+// (Golden-angle steps: names that differ in one letter, team-a and team-b, get far-apart hues.)
 function hue(tenant) {
   let h = 0;
-  for (const ch of tenant) h = (h * 31 + ch.charCodeAt(0)) % 360;
-  return h;
+  for (const ch of tenant) h = (h * 31 + ch.charCodeAt(0)) % 100003;
+  return Math.round((h * 137.508) % 360);
 }
 
 function slotCell(cell, i) {
@@ -105,6 +106,9 @@ function draw(frame) {
   const p = frame.principal;
   $("who").textContent = p.admin ? `${p.name} (admin)` : `${p.name} (${p.role}, tenant ${p.tenant})`;
   drawFleet(frame);
+  const tenants = [...new Set(frame.slices.map(s => s.tenant))].sort();
+  $("tenants").replaceChildren(...tenants.map(t => el("span", { class: "tenant", "data-tenant": t },
+    el("span", { class: "slot", style: `background: hsl(${hue(t)} 65% 55%)` }), ` ${t}`)));
   fill("slices", frame.slices, s => el("tr", { class: "slice", "data-id": s.id, "data-tenant": s.tenant },
     el("td", {}, s.id), el("td", {}, s.tenant), el("td", {}, `${s.node}/gpu${s.gpu_index}`),
     el("td", {}, s.isolation), el("td", {}, s.profile ? `${s.profile}@${s.placement ? s.placement.start : "?"}` : "-"),
