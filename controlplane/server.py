@@ -249,6 +249,8 @@ class ControlPlane:
             REGISTRY.register(self._collector)
         for n in self._names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
+        metrics.LEADER.set(1)
+        metrics.ELECTIONS.inc()
         log(logger, logging.INFO, "leading", advertise=self.advertise)
 
     async def _writer_failed(self, why: str) -> None:
@@ -257,9 +259,11 @@ class ControlPlane:
         log(logger, logging.CRITICAL, "etcd writer failed for good: NOT_SERVING, stepping down", why=why)
         for n in self._names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.LEADER.set(0)
         await self.store.step_down(f"the etcd writer failed: {why}")
 
     async def stop(self) -> None:
+        metrics.LEADER.set(0)
         if getattr(self, "campaign", None) is not None and not self.campaign.done():
             self.campaign.cancel()
         if getattr(self, "follower", None) is not None:

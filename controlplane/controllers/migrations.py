@@ -157,7 +157,8 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             return
         emitted[m.id] = m.phase
         if m.phase in FINISHED:
-            emitted.pop(m.id, None)
+            from controlplane.api.metrics import MIGRATIONS_FINISHED
+            MIGRATIONS_FINISHED.labels("done" if m.phase == P.MIGRATION_PHASE_DONE else "aborted").inc()
         name = phase_name(m.phase)
         warn = m.phase in (P.MIGRATION_PHASE_ABORTED, P.MIGRATION_PHASE_ROLLING_BACK)
         text = f"workload {m.workload_id} {m.source_node} -> {m.target_node or '?'}: {name}"

@@ -145,7 +145,7 @@ class Retention:
             self._delete_checkpoint_files(c)
         for m in migrations:
             self.mm.migrations.pop(m.id, None)
-            for table in ("reports", "watchers"):
+            for table in ("reports", "watchers", "_phases_emitted"):
                 getattr(self.mm, table, {}).pop(m.id, None)
             task = getattr(self.mm, "tasks", {}).get(m.id)
             if task is not None and task.done():
