@@ -61,6 +61,13 @@ class ControlPlaneConfig:
     request_id_retention_seconds: float = option(86400.0, "how long an Allocate request_id is remembered (a retry "
                                                  "with it within this time gets the same allocation)", minimum=10,
                                                  maximum=30 * 86400)
+    events_retention_seconds: float = option(86400.0, "how long an event is kept after it last happened "
+                                             "(`meshctl get events`)", minimum=1, maximum=365 * 86400)
+    events_kept: int = option(10_000, "events kept at most (the oldest, by last occurrence, expire first)",
+                              minimum=1, maximum=10_000_000)
+    events_coalesce_seconds: float = option(600.0, "a repeat of an event (same object, type, reason and message) "
+                                            "within this time of its last occurrence raises its count instead of "
+                                            "recording a new event", minimum=0, maximum=86400)
     checkpoints_kept: int = option(10, "checkpoints kept per workload (older ones expire first, whatever their "
                                    "age)", minimum=1, maximum=100_000)
     retention_interval_seconds: float = option(60.0, "how often expired records are looked for", minimum=0.1,
