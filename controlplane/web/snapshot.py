@@ -13,13 +13,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from controlplane.api import auth
-from gpumesh.v1 import (admin_service_pb2, deployment_service_pb2, migration_service_pb2, slice_service_pb2,
-                        workload_service_pb2)
+from gpumesh.v1 import (admin_service_pb2, deployment_service_pb2, event_service_pb2, migration_service_pb2,
+                        slice_service_pb2, workload_service_pb2)
 from mesh import fleetview
 from mesh.client import gpu_status_to_dict, slice_to_dict, workload_to_dict
 
 FINISHED_MIGRATIONS = ("done", "aborted")
 FINISHED_WORKLOADS = ("succeeded", "failed", "stopped")
+EVENTS_SHOWN = 50
 
 
 class Refused(Exception):
@@ -82,6 +83,8 @@ async def _take(switches: dict, principal: auth.Principal) -> dict[str, Any]:
                            missing)
     dep_resp = await _call(switches, "DeploymentService", "List", deployment_service_pb2.ListDeploymentsRequest(),
                            missing)
+    ev_resp = await _call(switches, "EventService", "List", event_service_pb2.ListEventsRequest(limit=EVENTS_SHOWN),
+                          missing)
     slices = [slice_to_dict(s) for s in (slices_resp.slices if slices_resp else ())]
     gpus = [gpu_status_to_dict(g) for g in (gpus_resp.gpus if gpus_resp else ())]
     nodes = []
@@ -92,6 +95,7 @@ async def _take(switches: dict, principal: auth.Principal) -> dict[str, Any]:
         nodes.append({"name": name, "ready": all(g["node_ready"] for g in rows),
                       "cordoned": any(g["cordoned"] for g in rows), "gpus": rows})
     from mesh.deployapi import deployment_to_dict
+    from mesh.eventapi import event_to_dict
     from mesh.migrationapi import migration_to_dict
     migrations = [migration_to_dict(m) for m in (mig_resp.migrations if mig_resp else ())]
     workloads = [workload_to_dict(w) for w in (wl_resp.workloads if wl_resp else ())]
@@ -107,8 +111,8 @@ async def _take(switches: dict, principal: auth.Principal) -> dict[str, Any]:
         "workloads": [w for w in workloads if w["state"] not in FINISHED_WORKLOADS],
         "migrations": [m for m in migrations if m["phase"] not in FINISHED_MIGRATIONS],
         "deployments": [deployment_to_dict(d) for d in (dep_resp.deployments if dep_resp else ())],
-        # The EventService (issue 15) fills this once it is merged: events visible to the caller, newest first.
-        "events": [],
+        # the EventService's newest events the caller may see, newest first
+        "events": [event_to_dict(e) for e in reversed(ev_resp.events if ev_resp else ())],
         "unavailable": missing,
     }
 

@@ -8,6 +8,7 @@ certificate) and a tenants file with tokens for team-a, team-b, a viewer and an 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -81,6 +82,9 @@ def test_top_once_draws_every_gpu_and_the_slots_of_a_slice(cluster, admin):
     assert r.returncode == 0 and s.id in r.stdout and "3g.40gb@" in r.stdout
     r = meshctl(cluster, "top", "--once", "--view", "slices", "--tenant", "team-b")
     assert r.returncode == 0 and s.id not in r.stdout
+    r = meshctl(cluster, "top", "--once", "--view", "events")           # EventService: the slice's scheduling
+    assert r.returncode == 0 and any("Scheduled" in ln and f"Slice/{s.id}"[:20] in ln
+                                     for ln in r.stdout.splitlines()), r.stdout
     r = meshctl(cluster, "top", "--once", "--sort", "bogus")
     assert r.returncode == 1 and "--sort" in r.stderr and "util" in r.stderr
 
@@ -167,6 +171,13 @@ async def test_web_snapshot_scopes_a_tenant_to_its_slices(cluster, admin):
         cells = [c for n in frame["nodes"] for g in n["gpus"] for c in g["slots"]["memory"] if c]
         assert {c["slice"] for c in cells} == {a.id, ""}       # b's instance is drawn carved, unnamed
         assert "team-b" not in json.dumps(frame)
+        deadline = time.monotonic() + 30                 # events are written behind the allocation
+        while not any(e["kind"] == "Slice" and e["name"] == a.id and e["reason"] == "Scheduled"
+                      for e in frame["events"]):
+            assert time.monotonic() < deadline, frame["events"]
+            await asyncio.sleep(0.3)
+            status, frame = await get_snapshot(session, cluster, secure.TOKENS["team-a"])
+        assert not any(e["name"] == b.id for e in frame["events"])
         status, frame = await get_snapshot(session, cluster, secure.TOKENS["viewer-a"])
         assert status == 200 and [s["id"] for s in frame["slices"]] == [a.id]
         status, body = await get_snapshot(session, cluster, None)
@@ -223,6 +234,7 @@ async def test_web_page_in_headless_chromium(cluster, admin, tmp_path):
             assert cells == 4 + 3                                          # 4 memory slots, 3 compute slices
             b = admin.allocate(tenant="team-b", mig_profile="1g.10gb").slices[0]
             await page.wait_for(f"!!document.querySelector('tr.slice[data-id=\"{b.id}\"]')", 60, "team-b's slice")
+            await page.wait_for(f"!!document.querySelector('tr.event[data-name=\"{b.id}\"]')", 60, "b's event")
             shot = tmp_path / "web-view.png"
             await page.screenshot(shot)
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

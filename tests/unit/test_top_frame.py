@@ -29,7 +29,13 @@ def data(ngpus=4):
     deps = [{"name": "chat", "tenant": "team-a", "model": "smollm2", "replicas": 2,
              "status": {"ready_replicas": 1}, "replica_list": [{"state": "READY", "node": "n-01"},
                                                                 {"state": "STARTING", "node": "n-02"}]}]
-    return Data(gpus=gpus, slices=slices, deployments=deps, at=1.0)
+    events = [{"kind": "slice", "name": "s-a", "tenant": "team-a", "node": "n-01", "type": "Normal",
+               "reason": "Scheduled", "message": "placed on n-01/gpu0 " + "x" * 80, "count": 1,
+               "last_timestamp": "2026-01-01T00:00:00Z"},
+              {"kind": "node", "name": "n-02", "tenant": "", "node": "n-02", "type": "Warning",
+               "reason": "NodeNotReady", "message": "lease expired", "count": 3,
+               "last_timestamp": "2026-01-01T00:00:00Z"}]
+    return Data(gpus=gpus, slices=slices, deployments=deps, events=events, at=1.0)
 
 
 def draw(d, view, width=80, height=24) -> list[str]:
@@ -78,3 +84,16 @@ def test_node_filter_and_errors_are_shown():
     lines = draw(d, v)
     assert not any(line.startswith("n-02") for line in lines)
     assert any("gpus: cannot reach" in line for line in lines)
+
+
+def test_events_view_fits_and_filters():
+    d, v = data(), View()
+    handle_key("e", v, d)
+    assert v.view == "events"
+    lines = draw(d, v)
+    assert all(len(line) <= 80 for line in lines)
+    assert any("Scheduled" in line and "slice/s-a" in line for line in lines)
+    assert any("NodeNotReady" in line and "(x3)" in line for line in lines)
+    v.tenant = "team-a"
+    lines = draw(d, v)
+    assert not any("NodeNotReady" in line for line in lines)

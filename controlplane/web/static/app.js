@@ -125,9 +125,10 @@ function draw(frame) {
     el("td", {}, d.name), el("td", {}, d.tenant), el("td", {}, d.variant ? `${d.model}/${d.variant}` : d.model),
     el("td", {}, `${d.status.ready_replicas}/${d.replicas}`),
     el("td", {}, d.replica_list.map(r => `${r.id} ${r.state}`).join(", ")), el("td", {}, d.backend.kind)));
-  fill("events", frame.events || [], e => el("tr", { class: `event ${e.type || ""}` },
-    el("td", {}, age(e.last_at || e.at)), el("td", {}, e.type), el("td", {}, e.reason),
-    el("td", {}, e.object), el("td", {}, e.message)));
+  fill("events", frame.events || [], e => el("tr", { class: `event ${e.type || ""}`, "data-kind": e.kind,
+                                                    "data-name": e.name },
+    el("td", {}, age(e.last_timestamp)), el("td", {}, e.type), el("td", {}, e.reason),
+    el("td", {}, `${e.kind}/${e.name}`), el("td", { class: "msg" }, e.message + (e.count > 1 ? ` (×${e.count})` : ""))));
   document.body.dataset.at = frame.at;
 }
 

@@ -8,7 +8,7 @@ from tools.meshctl.common import positive_float, positive_int, subcommand
 
 EPILOG = """\
 examples:
-  meshctl top                          # live; keys: g/s/d or Tab view, o sort, r reverse,
+  meshctl top                          # live; keys: g/s/d/e or Tab view, o sort, r reverse,
                                        #   t tenant filter, n node filter, c clear, q quit
   meshctl top --view slices --tenant team-a
   meshctl top --once                   # one frame and exit (scripts, tests)
@@ -23,14 +23,15 @@ LEVEL is the worse of the two and the GPU's health.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = subcommand(sub, "top", help="live view of nodes, GPUs (MIG slots), slices and deployments",
+    p = subcommand(sub, "top", help="live view of nodes, GPUs (MIG slots), slices, deployments and events",
                    description="A live terminal view of the fleet, refreshed from the slice watch and one "
                                "GPU/deployment list per interval. Works in 80x24 over SSH; without a terminal "
                                "it prints a plain frame every interval.", epilog=EPILOG)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--view", choices=("gpus", "slices", "deployments"), default="gpus", help="view to start in")
+    p.add_argument("--view", choices=("gpus", "slices", "deployments", "events"), default="gpus",
+                   help="view to start in")
     p.add_argument("--sort", metavar="KEY", help="gpus: node|util|memory|temp|level; slices: tenant|node|age|memory; "
-                                                 "deployments: name|tenant|ready")
+                                                 "deployments: name|tenant|ready; events: age|type|object")
     p.add_argument("--reverse", action="store_true", help="reverse the sort")
     p.add_argument("--tenant", metavar="NAME", help="only this tenant's slices (and the GPUs they are on)")
     p.add_argument("--node", metavar="NAME", help="only this node")

@@ -2,9 +2,9 @@
 
 * Slices: one `SliceService.Watch` stream (the initial list, then each change as it happens); when
   the stream ends or fails it is opened again after a pause (and lists again).
-* GPUs (with their telemetry, MIG layout, pressure, thermal state and health) and deployments: one
-  `AdminService.ListGpus` and one `DeploymentService.List` call per refresh interval, each answering
-  for the whole fleet. The API has no GPU or all-deployments watch (telemetry arrives from the agents
+* GPUs (with their telemetry, MIG layout, pressure, thermal state and health), deployments and the
+  newest events: one `AdminService.ListGpus`, one `DeploymentService.List` and one `EventService.List`
+  call per refresh interval, each answering for the whole fleet. The API has no GPU or all-deployments watch (telemetry arrives from the agents
   every few seconds anyway); DeploymentService.Watch follows one deployment by name.
 
 `Feed.data()` hands the screen a consistent copy; `changed` is set whenever something moved.
@@ -26,8 +26,7 @@ class Data:
     gpus: list[dict] = field(default_factory=list)
     slices: dict[str, dict] = field(default_factory=dict)
     deployments: list[dict] = field(default_factory=list)
-    # EventService (issue 15, helper "events"): recent events when the SDK offers them; see docs/views.md.
-    events: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)         # newest first
     errors: dict[str, str] = field(default_factory=dict)      # source -> the last error, while it lasts
     at: float = 0.0
 
@@ -47,11 +46,20 @@ def read_slices(client) -> dict[str, dict]:
     return {s.id: slice_to_dict(s) for s in client.list_slices()}
 
 
+def read_events(client) -> list[dict]:
+    """The newest events the caller may see (EventService), newest first."""
+    from mesh.eventapi import event_to_dict
+    return [event_to_dict(e) for e in reversed(client.list_events(limit=EVENTS_KEPT))]
+
+
+EVENTS_KEPT = 200
+
+
 def load_once(client) -> Data:
     """Everything, read once (for --once): errors of one source leave it empty and are named."""
     data = Data(at=time.time())
     for name, read, attr in (("gpus", read_gpus, "gpus"), ("slices", read_slices, "slices"),
-                             ("deployments", read_deployments, "deployments")):
+                             ("deployments", read_deployments, "deployments"), ("events", read_events, "events")):
         try:
             setattr(data, attr, read(client))
         except errors.MeshError as e:
@@ -104,7 +112,7 @@ class Feed:
 
     def _refresh(self) -> None:
         while not self._stop.is_set():
-            for source, read in (("gpus", read_gpus), ("deployments", read_deployments)):
+            for source, read in (("gpus", read_gpus), ("deployments", read_deployments), ("events", read_events)):
                 try:
                     self._set(**{source: read(self.client)})
                     self._error(source, None)

@@ -7,7 +7,8 @@ Three views, each fitted to the terminal (80x24 is the smallest it is laid out f
   the caller sees), utilization, memory used/total coloured by memory pressure, temperature coloured by
   thermal state, the GPU's level (worst of pressure, thermal, health) and its health;
 * slices: a row per slice, grouped by tenant;
-* deployments: a row per deployment with its ready/wanted replicas and their states.
+* deployments: a row per deployment with its ready/wanted replicas and their states;
+* events: the newest events (EventService), warnings in yellow.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from rich.text import Text
 from mesh import fleetview
 from tools.meshctl.top.feed import Data
 
-VIEWS = ("gpus", "slices", "deployments")
-LABELS = {"gpus": "gpus", "slices": "slices", "deployments": "deploys"}
+VIEWS = ("gpus", "slices", "deployments", "events")
+LABELS = {"gpus": "gpus", "slices": "slices", "deployments": "deploys", "events": "events"}
 SORTS = {"gpus": ("node", "util", "memory", "temp", "level"),
          "slices": ("tenant", "node", "age", "memory"),
-         "deployments": ("name", "tenant", "ready")}
+         "deployments": ("name", "tenant", "ready"),
+         "events": ("age", "type", "object")}
 LEVEL_STYLE = {"ok": "green", "warm": "yellow", "hot": "dark_orange", "critical": "bold red",
                "unhealthy": "bold magenta"}
 PRESSURE_STYLE = {"low": "green", "normal": "green", "high": "dark_orange", "critical": "bold red"}
@@ -142,7 +144,8 @@ def _age(iso: str | None, now: float) -> str:
         return "-"
     from datetime import datetime
     s = max(0.0, now - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
-    return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.0f}h"
+    return (f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.0f}h" if s < 172800
+            else f"{s / 86400:.0f}d")
 
 
 def slice_table(data: Data, view: View, rows: int, symbols: dict[str, str]) -> tuple[Table, int]:
@@ -189,6 +192,24 @@ def deployment_table(data: Data, view: View, rows: int) -> tuple[Table, int]:
     return t, len(deps)
 
 
+def event_table(data: Data, view: View, rows: int, width: int = 80) -> tuple[Table, int]:
+    evs = [e for e in data.events if (not view.tenant or e["tenant"] == view.tenant)
+           and (not view.node or e["node"] == view.node)]
+    key = {"age": lambda e: "", "type": lambda e: e["type"] != "Warning",
+           "object": lambda e: (e["kind"], e["name"])}[view.sort["events"]]
+    evs.sort(key=key, reverse=view.reverse)           # stable: newest first within each key
+    t = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for name, lo, hi in (("AGE", 3, 4), ("TYPE", 7, 7), ("REASON", 6, 16), ("OBJECT", 8, 22)):
+        t.add_column(name, no_wrap=True, overflow="ellipsis", min_width=lo, max_width=hi)
+    t.add_column("MESSAGE", no_wrap=True, overflow="ellipsis", max_width=max(10, width - 4 - 7 - 16 - 22 - 4))
+    now = time.time()
+    for e in evs[:rows]:
+        msg = e["message"] + (f" (x{e['count']})" if e["count"] > 1 else "")
+        t.add_row(_age(e["last_timestamp"], now), Text(e["type"], style="yellow" if e["type"] == "Warning" else ""),
+                  e["reason"], f"{e['kind']}/{e['name']}", msg)
+    return t, len(evs)
+
+
 def render(data: Data, view: View, width: int = 80, height: int = 24) -> Group:
     slices = list(data.slices.values())
     symbols = fleetview.tenant_symbols([s["tenant"] for s in slices])
@@ -201,7 +222,7 @@ def render(data: Data, view: View, width: int = 80, height: int = 24) -> Group:
     for v in VIEWS:
         keys.append(f"[{v[0]}]{LABELS[v]}", style="reverse bold" if v == view.view else "")
         keys.append(" ")
-    keys.append(f" o:sort={view.sort[view.view]}{'↓' if view.reverse else ''}"
+    keys.append(f"o:sort={view.sort[view.view]}{'↓' if view.reverse else ''}"
                 f" t:tenant={view.tenant or 'all'} n:node={view.node or 'all'} q:quit")
     for line in (title, keys):
         line.truncate(width, overflow="ellipsis")
@@ -214,9 +235,12 @@ def render(data: Data, view: View, width: int = 80, height: int = 24) -> Group:
     elif view.view == "slices":
         table, total = slice_table(data, view, rows, symbols)
         legend = Text(f"{len(symbols)} tenants")
-    else:
+    elif view.view == "deployments":
         table, total = deployment_table(data, view, rows)
         legend = Text("RATE/TTFT: from serving metrics when deployments report them")
+    else:
+        table, total = event_table(data, view, rows, width)
+        legend = Text(f"{total} events")
     if total > rows:
         legend = Text.assemble((f"… {total - rows} more rows (filter with t/n) ", "yellow"), legend)
     status = Text("; ".join(f"{k}: {v}" for k, v in sorted(data.errors.items())), style="red") if data.errors \
