@@ -85,9 +85,9 @@ class WebView:
         return app
 
     async def start(self, host: str, port: int) -> int:
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context, shutdown_timeout=1.0)
+        site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self.changes.start()
