@@ -120,7 +120,8 @@ function draw(frame) {
   fill("migrations", frame.migrations, m => el("tr", { class: "migration", "data-id": m.id },
     el("td", {}, m.id), el("td", {}, m.workload_id), el("td", {}, m.tenant),
     el("td", {}, m.source_node), el("td", {}, m.target_node), el("td", {}, m.phase),
-    el("td", {}, m.state_bytes ? `${Math.round(100 * m.bytes_sent / m.state_bytes)}%` : bytes(Number(m.bytes_sent)))));
+    el("td", {}, Number(m.state_bytes) ? `${Math.round(100 * Number(m.bytes_sent) / Number(m.state_bytes))}%`
+                                       : bytes(Number(m.bytes_sent)))));   // int64s arrive as strings
   fill("deployments", frame.deployments, d => el("tr", { class: "deployment", "data-name": d.name },
     el("td", {}, d.name), el("td", {}, d.tenant), el("td", {}, d.variant ? `${d.model}/${d.variant}` : d.model),
     el("td", {}, `${d.status.ready_replicas}/${d.replicas}`),

@@ -24,7 +24,7 @@ from mesh import fleetview
 from tools.meshctl.top.feed import Data
 
 VIEWS = ("gpus", "slices", "deployments", "events")
-LABELS = {"gpus": "gpus", "slices": "slices", "deployments": "deploys", "events": "events"}
+LABELS = {"gpus": "gpus", "slices": "slices", "deployments": "deploy", "events": "events"}
 SORTS = {"gpus": ("node", "util", "memory", "temp", "level"),
          "slices": ("tenant", "node", "age", "memory"),
          "deployments": ("name", "tenant", "ready"),
