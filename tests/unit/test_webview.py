@@ -43,3 +43,32 @@ async def test_web_view_serves_the_page_and_frames(tmp_path):
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.ClientConnectionError):
             await s.get(base + "/healthz")
+
+
+async def test_a_standby_serves_the_web_view_from_its_follower(tmp_path):
+    """A second control plane on the same etcd stands by: its web view answers from the fleet it follows,
+    and names what only the leader answers (deployments) instead of failing."""
+    from controlplane.server import ControlPlane
+    leader = ControlPlane(ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "a"),
+                                             insecure=True, leader_ttl=30))
+    await leader.start()
+    standby = None
+    try:
+        standby = ControlPlane(ControlPlaneConfig(
+            listen="127.0.0.1:0", metrics_listen="", web_listen="127.0.0.1:0", state_dir=str(tmp_path / "b"),
+            insecure=True, leader_ttl=30, etcd_endpoints=[leader.etcd.endpoint]))
+        await standby.start()
+        async with aiohttp.ClientSession() as s:
+            import asyncio
+            for _ in range(100):                 # the follower loads the fleet in the background
+                async with s.get(f"http://127.0.0.1:{standby.web_port}/api/snapshot") as r:
+                    frame = await r.json()
+                if r.status == 200 and not any(u.startswith("SliceService") for u in frame["unavailable"]):
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status == 200 and frame["nodes"] == [] and frame["slices"] == []
+            assert any(u.startswith("DeploymentService.List") and "standby" in u for u in frame["unavailable"])
+    finally:
+        if standby is not None:
+            await standby.stop()
+        await leader.stop()
