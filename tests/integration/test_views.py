@@ -97,6 +97,25 @@ def test_top_once_as_a_tenant_shows_other_tenants_slots_as_carved(cluster, admin
     assert slot_column(row)[s.placement.start] == "▒" and "team-a" not in r.stdout
 
 
+def test_top_without_a_terminal_prints_plain_frames(cluster, admin):
+    """stdout a pipe: whole frames one after another, no cursor movement or colour codes."""
+    env = {**os.environ, "GPUMESH_CONFIG_DIR": str(cluster.state_dir / "cfg")}
+    proc = subprocess.Popen([sys.executable, "-m", "tools.meshctl.main", "top", "--interval", "0.5", "--endpoint",
+                             cluster.endpoint, "--token", secure.TOKENS["admin"], "--ca",
+                             str(cluster.tls_dir / "ca.crt")], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        lines = []
+        while sum(ln.startswith("gpumesh top") for ln in lines) < 3:
+            line = proc.stdout.readline()
+            assert line, f"top ended early: {lines}"
+            lines.append(line)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert sum(ln.startswith("view-") for ln in lines) >= 8            # two whole frames of 4 GPU rows
+    assert not any("\x1b" in ln for ln in lines)
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 def test_top_live_under_tmux(cluster, admin, tmp_path):
     sock = f"gpumesh-top-{uuid.uuid4().hex[:8]}"
