@@ -25,6 +25,7 @@ import pytest
 from tests.integration import secure
 from tests.integration.browser import Browser, find_chromium
 from tests.integration.conftest import wait_for
+from tools.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": f"view-{i}", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]} for i in (1, 2)]
@@ -33,7 +34,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = secure.start(tmp_path_factory.mktemp("views"), HOSTS)       # TLS, tokens; the web view is HTTPS
+    # secure.start's cluster (TLS, tokens; the web view is HTTPS), with migrations stopped once planned so a
+    # migration stays "in progress" for the web view's test
+    d = tmp_path_factory.mktemp("views")
+    tls_dir = d / "tls"
+    c = LocalCluster(d / "cluster", HOSTS, lease_ttl=3, agents_per_process=1, tls_dir=tls_dir,
+                     tenants_file=str(secure.write_tenants(d / "tenants.yaml")),
+                     client_auth={"token": secure.TOKENS["admin"], "ca": str(tls_dir / "ca.crt")},
+                     controlplane_args=["--migration-pause-at", "planned"])
+    c.start(timeout=90)
     yield c
     c.stop()
 
@@ -328,3 +337,22 @@ def test_alloc_shows_progress_on_a_terminal_and_none_in_json(cluster, admin):
     r = meshctl(cluster, "alloc", "--tenant", "team-a", "--profile", "1g.10gb", "--count", "2", "-o", "json")
     assert r.returncode == 0 and r.stderr == ""
     assert len(json.loads(r.stdout)["slices"]) == 2
+
+
+async def test_web_snapshot_shows_migrations_in_progress_to_their_tenant(cluster, admin):
+    """A migration held in PLANNED (the cluster's --migration-pause-at): listed for admin and its tenant,
+    not for another tenant. (Last in this file: the held migration stays.)"""
+    s = admin.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+    w = admin.run_workload(s.id, ["sleep", "600"])
+    m = admin.migrate(w.id)
+    async with tls_session(cluster) as session:
+        for who, shown in (("admin", True), ("team-a", True), ("team-b", False)):
+            status, frame = await get_snapshot(session, cluster, secure.TOKENS[who])
+            assert status == 200
+            found = [x for x in frame["migrations"] if x["id"] == m.id]
+            assert bool(found) is shown, (who, frame["migrations"])
+            if shown:
+                assert found[0]["phase"] == "planned" and found[0]["workload_id"] == w.id
+                assert [x["id"] for x in frame["workloads"]] == [w.id]
+            else:
+                assert frame["workloads"] == []
