@@ -20,7 +20,6 @@ from rich.console import Console
 from tools.meshctl.top.feed import Feed, load_once
 from tools.meshctl.top.frame import SORTS, VIEWS, View, render
 
-KEYS_HELP = "g/s/d/e or Tab: view · o: sort · r: reverse · t: tenant · n: node · c: clear filters · q: quit"
 
 
 def view_from_args(args: argparse.Namespace, endpoint: str) -> View:
