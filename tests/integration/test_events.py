@@ -127,6 +127,29 @@ def test_cordon_is_recorded_and_a_watch_receives_it(cluster, admin):
     assert "Events:" in described and "Cordoned" in described and "Uncordoned" in described
 
 
+def test_meshctl_get_events_watch_prints_new_events(cluster, admin):
+    import json
+    import os
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "tools.meshctl.main", "get", "events", "--for", "node/gpu-a", "-w", "-o", "json",
+            "--endpoint", cluster.endpoint, "--token", secure.TOKENS["admin"], "--ca", str(cluster.tls_dir / "ca.crt")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: [lines.append(json.loads(x)) for x in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(d["event"]["reason"] == "Registered" for d in lines), 60, "the listed events")
+        admin.cordon("gpu-a")
+        admin.uncordon("gpu-a")
+        wait_for(lambda: any(d["event"]["reason"] == "Uncordoned" for d in lines), 30, "the new events on -w")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert all(d["event"]["kind"] == "Node" and d["event"]["name"] == "gpu-a" for d in lines)
+    assert {d["type"] for d in lines} <= {"ADDED", "MODIFIED"}
+
+
 def test_describe_slice_shows_its_events_and_json_lists_them(cluster, admin):
     resp = admin.allocate(tenant="team-b", mig_profile="1g.10gb", gpu_model="H100-80GB")
     sid = resp.slices[0].id
