@@ -25,6 +25,7 @@ from mesh import errors, richstatus
 from mesh.meshapi import MeshApi
 from mesh.migrationapi import MigrationApi
 from mesh.deployapi import DeploymentApi
+from mesh.eventapi import EventApi
 from mesh.modelapi import ModelApi
 
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi):
+class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

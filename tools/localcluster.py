@@ -92,6 +92,7 @@ class LocalCluster:
         self.endpoint: str | None = None
         self.mtls_endpoint: str | None = None
         self.metrics_endpoint: str | None = None
+        self.web: str | None = None          # the web view's URL (controlplane/web)
         self.controlplane: Proc | None = None
         self.cps: list[Proc | None] = [None] * self.controlplanes
         self.cp_endpoints: list[str | None] = [None] * self.controlplanes
@@ -196,6 +197,7 @@ class LocalCluster:
         listen = self.cp_endpoints[index] or (self.endpoint if index == 0 else None) or "127.0.0.1:0"
         argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / name),
                 "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+                "--web-listen", "127.0.0.1:0",
                 "--log-format", self.log_format, "--log-level", self.log_level]
         if self.etcd_endpoints:
             argv += ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
@@ -218,6 +220,7 @@ class LocalCluster:
                 if index == 0:
                     self.endpoint, self.metrics_endpoint = info["endpoint"], info.get("metrics")
                     self.mtls_endpoint = info.get("mtls_endpoint") or None
+                    self.web = info.get("web") or None
                 self.save_state()
                 return info["endpoint"]
             except (OSError, ValueError, KeyError):
@@ -415,7 +418,7 @@ class LocalCluster:
 
     def save_state(self) -> None:
         """Write cluster.json (endpoint, nodes, pids) for `meshctl down` and other tools."""
-        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint,
+        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint, "web": self.web,
                 "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
                 "pids": self.pids(), "detached": self.detach}
         tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"

@@ -114,6 +114,8 @@ class NodeManager:
         entry.lease_id = 0
         entry.record.message = "lease expired"
         log(logger, logging.WARNING, "node NotReady: lease expired", node=name)
+        self.ctl.recorder.emit("Node", name, "Warning", "NodeNotReady", "lease expired: the agent stopped "
+                               "heartbeating; its slices are UNKNOWN", node=name, source="node-controller")
         session = self.ctl.sessions.get(name)
         if session is not None:
             self.ctl.sessions.close(session)
@@ -148,7 +150,12 @@ class NodeManager:
                 raise errors.Unavailable(f"etcd: cannot grant a lease: {e}") from e
         await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString()),
                                      Put(keys.alive(name), name.encode(), lease=lease_id)])
+        was = "new" if entry is None else ("ready" if entry.ready else "not-ready")
         entry = self.fleet.upsert_node(rec)
+        if was != "ready":
+            self.ctl.recorder.emit("Node", name, "Normal", "Registered" if was == "new" else "NodeReady",
+                                   f"agent {agent_version or '?'} registered with {len(inventory.gpus)} GPU(s)",
+                                   node=name, source="node-controller")
         entry.ready = True
         entry.lease_id = lease_id
         self.heartbeats[name] = now()
@@ -206,6 +213,9 @@ class NodeManager:
             await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())])
             entry.record = rec
             log(logger, logging.INFO, "node cordoned" if cordoned else "node uncordoned", node=name)
+            self.ctl.recorder.emit("Node", name, "Normal", "Cordoned" if cordoned else "Uncordoned",
+                                   "marked unschedulable" if cordoned else "marked schedulable", node=name,
+                                   source="node-controller")
         return self.view(name)
 
     async def drain(self, name: str, dry_run: bool) -> tuple[types_pb2.Node, list[types_pb2.Slice]]:
@@ -220,4 +230,9 @@ class NodeManager:
         evicted = []
         for alloc in sorted({s.allocation_id for s in victims}):
             evicted += await self.ctl.release(alloc, wait=False, message=f"evicted: node {name} drained")
+        self.ctl.recorder.emit("Node", name, "Normal", "Drained", f"drained: {len(evicted)} slice(s) evicted",
+                               node=name, source="node-controller")
+        for s in evicted:
+            self.ctl.recorder.emit("Slice", s.id, "Warning", "Evicted", f"node {name} drained", tenant=s.tenant,
+                                   node=name, source="node-controller")
         return self.view(name), evicted

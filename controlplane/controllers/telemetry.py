@@ -106,6 +106,7 @@ class TelemetryManager:
         ev = types_pb2.NodeEvent(at=_ts(at if at is not None else self.clock()), type=kind, reason=reason,
                                  message=message, gpu_index=gpu)
         self.events.setdefault(node, collections.deque(maxlen=self.policy.events_kept)).append(ev)
+        self._durable(node, ev)
         log(logger, logging.WARNING if kind == "Warning" else logging.INFO, message, node=node, reason=reason,
             gpu=gpu)
         return ev
@@ -130,6 +131,12 @@ class TelemetryManager:
         if not stored.HasField("at"):
             stored.at.CopyFrom(_ts(self.clock()))
         self.events.setdefault(node, collections.deque(maxlen=self.policy.events_kept)).append(stored)
+        self._durable(node, stored)
+
+    def _durable(self, node: str, ev: types_pb2.NodeEvent) -> None:
+        """Into the durable event stream too (controlplane/events/): a GPU's events under Gpu node/index."""
+        kind, name = ("Gpu", f"{node}/{ev.gpu_index}") if ev.gpu_index >= 0 else ("Node", node)
+        self.ctl.recorder.emit(kind, name, ev.type, ev.reason, ev.message, node=node, source="health-controller")
 
     # -- telemetry ----------------------------------------------------------------------------
 

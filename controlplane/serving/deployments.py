@@ -108,6 +108,8 @@ class DeploymentManager:
             await self.store.create(d)
         log(logger, logging.INFO, "deployment created", deployment=spec.name, model=spec.model,
             variant=variant.name, replicas=spec.replicas, vram=need)
+        self._event(spec.name, "Normal", "Created", f"model {spec.model} variant {variant.name}, "
+                    f"{spec.replicas} replica(s)", spec.tenant)
         self.kick()
         return self.store.full(spec.name)
 
@@ -129,7 +131,11 @@ class DeploymentManager:
         deployspec.check_name(name, "name")
         deployspec.check_replicas(replicas, "replicas")
         log(logger, logging.INFO, "deployment scaled", deployment=name, replicas=replicas)
-        return await self._change(name, 0, lambda d: setattr(d.spec, "replicas", replicas))
+        before = self.store.deployments.get(name)
+        out = await self._change(name, 0, lambda d: setattr(d.spec, "replicas", replicas))
+        if before is not None and before.spec.replicas != replicas:
+            self._event(name, "Normal", "Scaled", f"replicas {before.spec.replicas} -> {replicas}", out.spec.tenant)
+        return out
 
     async def update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
         deployspec.check_name(spec.name)
@@ -158,8 +164,17 @@ class DeploymentManager:
             d = self.store.full(name)
             await self.store.delete(name)
         log(logger, logging.INFO, "deployment deleted", deployment=name, replicas=len(d.replicas))
+        self._event(name, "Normal", "Deleted", f"deleted with {len(d.replicas)} replica(s)", d.spec.tenant)
         self.kick()
         return d
+
+    def _event(self, name: str, type: str, reason: str, message: str, tenant: str = "") -> None:
+        """A durable event of the deployment `name` (controlplane/events/)."""
+        if not tenant:
+            d = self.store.deployments.get(name)
+            tenant = d.spec.tenant if d is not None else ""
+        self.ctl.recorder.emit("Deployment", name, type, reason, message, tenant=tenant,
+                               source="deployment-controller")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -236,12 +251,16 @@ class DeploymentManager:
                     r = D.Replica(id=new_id("r"), deployment=name, state=D.REPLICA_STATE_PENDING,
                                   message="waiting for a slice", created_at=now())
                     await self.store.put_replica(r)
+                    self._event(name, "Normal", "ReplicaCreated", f"created replica {r.id}")
                     self._spawn(r.id, self._advance(name, r.id))
             elif a.kind in ("advance", "restart"):
                 self._spawn(a.replica, self._advance(name, a.replica))
             elif a.kind == "probe":
                 self._spawn(a.replica, self._probe(name, a.replica))
             elif a.kind == "fail":
+                r = replicas[a.replica]
+                self._event(name, "Warning", "ReplicaFailed", f"replica {r.id} ended (restart {r.restarts + 1}): "
+                            f"{r.message[:300]}")
                 self._spawn(a.replica, self.act.failed(replicas[a.replica], a.next_start))
             elif a.kind == "reset":
                 n = D.Replica()
@@ -250,6 +269,7 @@ class DeploymentManager:
                 await self.store.put_replica(n)
             elif a.kind == "remove":
                 self.last_probe.pop(a.replica, None)
+                self._event(name, "Normal", "ReplicaRemoved", f"removing replica {a.replica}: {a.reason}")
                 self._spawn(a.replica, self.act.remove(replicas[a.replica], a.reason))
         if d is not None:
             await self._set_status(d, plan)
@@ -307,8 +327,10 @@ class DeploymentManager:
             n.state, n.message = D.REPLICA_STATE_READY, "answers completions"
             n.ready_at.CopyFrom(now())
             log(logger, logging.INFO, "replica ready", deployment=name, replica=rid, endpoint=r.endpoint)
+            self._event(name, "Normal", "ReplicaReady", f"replica {rid} answers completions at {r.endpoint}")
         elif not ok and r2.state == D.REPLICA_STATE_READY:
             n.state, n.message = D.REPLICA_STATE_STARTING, f"readiness probe failed: {why}"
+            self._event(name, "Warning", "ReplicaNotReady", f"replica {rid}: readiness probe failed: {why}"[:500])
             n.ClearField("ready_at")
         elif not ok:
             n.message = f"not ready yet: {why}"
@@ -334,6 +356,11 @@ class DeploymentManager:
                 c.last_transition_at.CopyFrom(prev.last_transition_at)
             else:
                 c.last_transition_at.CopyFrom(now())
+                if ctype == "CrashLoop" and status:
+                    self._event(d.spec.name, "Warning", "CrashLoop", message[:500], d.spec.tenant)
+                elif prev is not None:
+                    self._event(d.spec.name, "Normal", f"{ctype}{'True' if status else 'False'}",
+                                f"{ctype} is now {str(bool(status)).lower()}: {reason}", d.spec.tenant)
             st.conditions.append(c)
         if st != d.status:
             n = D.Deployment()

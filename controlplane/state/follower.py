@@ -3,7 +3,7 @@
 A control plane that does not lead (controlplane/controllers/standby.py) still answers reads:
 SliceService Get/List/Watch, AdminService ListNodes/GetNode/ListGpus,
 WorkloadService Get/List, MeshService Get/List/ListGrants, MigrationService
-Get/List/ListCheckpoints and ModelService Get/List. The
+Get/List/ListCheckpoints, ModelService Get/List and EventService List/Watch. The
 `Follower` builds its fleet with the leader's own decoding
 (`controlplane.controllers.nodes.rebuild`, the first step of NodeManager.load), then
 follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
@@ -40,6 +40,9 @@ from gpumesh.v1 import model_service_pb2 as MR
 from gpumesh.v1 import migration_service_pb2 as MS
 from gpumesh.v1 import types_pb2
 from controlplane.state.store import EtcdStore
+from controlplane.events.log import EventLog
+from controlplane.events.service import EventService
+from gpumesh.v1 import event_service_pb2 as EV
 from mesh import errors
 from mesh.logs import log
 
@@ -56,7 +59,8 @@ class Follower:
         self.mesh = MeshManager(self.ctl)
         self.migrations = MigrationManager(self.ctl, self.workloads)
         self.models = ModelRegistry(self.ctl)
-        self.services = {"ModelService": ModelService(self.models), "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
+        self.event_log = EventLog()
+        self.services = {"EventService": EventService(self.event_log), "ModelService": ModelService(self.models), "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
                          "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh),
                          "MigrationService": MigrationService(self.migrations)}
         self.retry = retry
@@ -82,6 +86,7 @@ class Follower:
                 pass
             self._task = None
         self.ctl.events.end_all()     # open Watch streams: watch again (at the leader)
+        self.event_log.end_all()
 
     # -- load and follow ---------------------------------------------------------------------
 
@@ -94,6 +99,8 @@ class Follower:
             self.ctl.fleet = self.nodes.fleet = fleet
             self.ctl.requests.clear()
             self.ctl.events.end_all()
+            self.event_log.end_all()
+        self.event_log.clear()
         self._alive = rebuild(self.ctl, snap)
         self.workloads.workloads.clear()
         self.mesh.connections.clear()
@@ -133,6 +140,12 @@ class Follower:
     def _apply_record(self, deleted: bool, key: str, value: bytes) -> bool:
         """A workload, mesh connection, mesh grant, migration, checkpoint or model record; False for
         any other key."""
+        if key.startswith(keys.EVENTS):
+            if deleted:
+                self.event_log.drop(key[len(keys.EVENTS):])
+            else:
+                self.event_log.put(EV.Event.FromString(value))
+            return True
         if key.startswith(keys.MODELS):
             table, name, msg = self.models.models, key[len(keys.MODELS):], MR.Model
         elif key.startswith(keys.MIGRATIONS):

@@ -124,6 +124,10 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     d = mesh.wait_deployment("chat", all_ready(2), timeout=SLOW)
     assert kept.id in {r.id for r in d.replicas}
     assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
+    # the replica changes in the durable event stream (controlplane/events/)
+    evs = mesh.list_events(kind="Deployment", name="chat")
+    assert {"replicas 2 -> 1", "replicas 1 -> 2"} <= {e.message for e in evs if e.reason == "Scaled"}
+    assert {"Created", "ReplicaCreated", "ReplicaReady", "ReplicaRemoved"} <= {e.reason for e in evs}
 
     # rollout restart: every replica replaced, one at a time, never fewer than 2 READY
     old_ids = {r.id for r in d.replicas}
@@ -180,6 +184,11 @@ def test_crashloop_with_log_lines(cluster, mesh, tmp_path):
         c = {c.type: c for c in d.status.conditions}["CrashLoop"]
         assert c.reason == "BackOff" and "crashed" in c.message and "last log lines" in c.message
         assert d.replicas[0].restarts >= 2 and d.status.ready_replicas == 0
+        evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="broken")
+                                if e.reason == "CrashLoop"], 30, "the CrashLoop event")
+        assert evs[0].type == "Warning" and "crash" in evs[0].message
+        assert any(e.reason == "ReplicaFailed" and e.type == "Warning"
+                   for e in mesh.list_events(kind="Deployment", name="broken"))
     finally:
         mesh.undeploy("broken")
         wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "broken"],

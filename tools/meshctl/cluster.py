@@ -99,7 +99,7 @@ def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) 
 
 
 def summary(cluster) -> dict:
-    return {"endpoint": cluster.endpoint, "state_dir": str(cluster.state_dir),
+    return {"endpoint": cluster.endpoint, "web": cluster.web, "state_dir": str(cluster.state_dir),
             "nodes": cluster.nodes, "pids": cluster.pids()}
 
 
@@ -110,7 +110,7 @@ DEMO = (
 )
 
 
-def run_demo(endpoint: str, output: str) -> None:
+def run_demo(endpoint: str, output: str, say=info) -> None:
     from mesh import errors
     from mesh.client import MeshClient
     from tools.meshctl.output import format_list
@@ -119,7 +119,7 @@ def run_demo(endpoint: str, output: str) -> None:
             try:
                 resp = mesh.allocate(tenant="demo", **kwargs)
                 where = ", ".join(f"{s.node}/gpu{s.gpu_index}" for s in resp.slices)
-                info(f"demo: allocated {label} as {resp.allocation_id} on {where}")
+                say(f"demo: allocated {label} as {resp.allocation_id} on {where}")
             except errors.MeshError as exc:
                 info(f"demo: could not allocate {label}: {exc}")
         if output in ("table", "wide"):
@@ -141,14 +141,17 @@ def run_up(args: argparse.Namespace) -> int:
     except (ClusterError, ValueError) as exc:
         raise CliError(str(exc)) from None
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to meshctl stops the cluster like Ctrl-C
+    from tools.meshctl.progress import for_args
+    progress = for_args(args)                  # quiet with -o json|yaml (tools/meshctl/progress.py)
     try:
-        cluster.start(timeout=args.ready_timeout, progress=info)
+        with progress.waiting("starting the cluster"):
+            cluster.start(timeout=args.ready_timeout, progress=progress.step)
     except ClusterError as exc:
         raise CliError(str(exc)) from None
     save_context(cluster.endpoint, cluster.state_dir)
     try:
         if args.demo:
-            run_demo(cluster.endpoint, args.output)
+            run_demo(cluster.endpoint, args.output, progress.step)
         if args.output in ("json", "yaml"):
             out(dump(summary(cluster), args.output))
         if args.detach:

@@ -94,12 +94,17 @@ def run_deploy(args: argparse.Namespace) -> int:
                         isolation=args.isolation, context=args.context, concurrency=args.concurrency,
                         gpu_layers=args.gpu_layers, labels=dict(args.label), tenant=args.tenant,
                         priority=args.priority)
-        info(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/{d.spec.variant}, "
-             f"{d.status.vram_bytes >> 20} MiB each")
+        from tools.meshctl.progress import for_args
+        progress = for_args(args)              # quiet with -o json|yaml
+        progress.step(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/"
+                      f"{d.spec.variant}, {d.status.vram_bytes >> 20} MiB each")
         if args.wait:
             want = d.spec.replicas
-            d = mesh.wait_deployment(d.spec.name, lambda x: x.status.ready_replicas >= want
-                                     and len(x.replicas) == want, timeout=args.wait_timeout)
+            with progress.waiting(f"deployment/{d.spec.name}: 0/{want} replicas ready") as update:
+                def ready(x) -> bool:
+                    update(f"deployment/{d.spec.name}: {x.status.ready_replicas}/{want} replicas ready")
+                    return x.status.ready_replicas >= want and len(x.replicas) == want
+                d = mesh.wait_deployment(d.spec.name, ready, timeout=args.wait_timeout)
     out(format_deployments([d], args.output, single=True))
     return 0
 

@@ -62,7 +62,9 @@ def run_drain(args: argparse.Namespace) -> int:
             return mesh.list_migrations()
         except errors.MeshError:       # a control plane without MigrationService
             return []
-    with client(args) as mesh:
+    from tools.meshctl.progress import for_args
+    with client(args) as mesh, for_args(args).waiting(
+            f"{'checking' if args.dry_run else 'draining'} node/{args.name}"):
         before = {m.id for m in migrations(mesh)}
         resp = mesh.drain(args.name, dry_run=args.dry_run)
         migrated = [m for m in migrations(mesh) if m.id not in before and m.reason == "drain"]
