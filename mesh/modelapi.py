@@ -82,7 +82,9 @@ def _ts(msg: Any, field: str) -> str | None:
 def measurement_to_dict(x: M.Measurement) -> dict[str, Any]:
     return {"tokens_per_second": x.tokens_per_second, "ttft_seconds": x.ttft_seconds,
             "load_seconds": x.load_seconds, "measured_at": _ts(x, "measured_at"), "context": x.context,
-            "concurrency": x.concurrency, "note": x.note}
+            "concurrency": x.concurrency, "note": x.note, "requests": x.requests, "prompt_tokens": x.prompt_tokens,
+            "max_tokens": x.max_tokens, "ttft_p95_seconds": x.ttft_p95_seconds,
+            "prompt_tokens_per_second": x.prompt_tokens_per_second, "backend": x.backend}
 
 
 def variant_to_dict(v: M.Variant) -> dict[str, Any]:
