@@ -132,3 +132,7 @@ def test_replica_load_in_tables():
     doc = json.loads(format_replicas([d], "json"))["items"]
     assert doc[0]["load"]["requests_waiting"] == 3 and doc[0]["load"]["gpu_memory_pressure"] == "high"
     assert doc[1]["load"]["error"] == "GET /metrics answered 404" and doc[2]["load"] is None
+    from mesh.deployapi import deployment_to_dict
+    from tools.meshctl.deploy import format_deployment
+    text = format_deployment(deployment_to_dict(d))
+    assert "1 running, 3 waiting, KV 25%, 42.5 tok/s" in text and "unreadable" in text
