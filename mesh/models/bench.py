@@ -2,8 +2,8 @@
 variant"): cold start, time to first token, prompt and generation speed.
 
 The backend is started directly as a process on this host (not on a cluster slice), with the command line
-the agent would build for it (nodeagent/backends: `BUILDERS[kind]`, so every backend the agent runs can be
-measured, vLLM included once its builder is there). That measures the backend itself: no scheduler, agent,
+and environment the agent would give it (nodeagent/backends `prepare`, so every backend the agent runs can
+be measured: llama.cpp, and vLLM through the same function). That measures the backend itself: no scheduler, agent,
 shim or isolation in the path, and no cluster needed to run it; on a GPU host the device is the one
 `CUDA_VISIBLE_DEVICES` names, as it would be on a slice.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -87,12 +86,6 @@ def synthetic_prompt(i: int, words: int) -> str:
     return f"Request {i}. Write a long story that uses these words: {body}. Once upon a time"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class Backend:
     """One backend process on this host, built by the agent's command builder for its kind."""
 
@@ -100,17 +93,20 @@ class Backend:
                  gpu_layers: int = 0, host: str = "127.0.0.1", log_path: str = "", env: dict | None = None) -> None:
         from gpumesh.v1 import types_pb2
         from nodeagent import backends
-        build = backends.BUILDERS.get(kind)
-        if build is None:
-            raise BenchError(f"backend {kind!r} has no command builder here (known: {', '.join(backends.BUILDERS)})")
-        self.host, self.port = host, free_port(host)
-        self.endpoint = f"{host}:{self.port}"
+        # the agent's own preparation of a backend workload: command line, the backend's environment, port
+        w = types_pb2.Workload(id="bench", backend=types_pb2.ServingBackend(
+            kind=kind, artifact=artifact, served_name=served_name, context=context, concurrency=concurrency,
+            gpu_layers=gpu_layers))
+        try:
+            backends.prepare(w, host, sys.executable)
+        except (ValueError, OSError) as e:
+            raise BenchError(f"cannot start backend {kind!r} here: {e}") from None
+        self.endpoint = w.endpoint
         self.served_name = served_name
-        self.argv = list(build(types_pb2.ServingBackend(kind=kind, artifact=artifact, served_name=served_name,
-                                                        context=context, concurrency=concurrency,
-                                                        gpu_layers=gpu_layers), host, self.port, sys.executable))
-        self.log_path = log_path or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpumesh-bench-{self.port}.log")
-        self.env = env
+        self.argv = list(w.command)
+        self.log_path = log_path or os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                 f"gpumesh-bench-{w.endpoint.rsplit(':', 1)[1]}.log")
+        self.env = {**(env if env is not None else os.environ), **dict(w.env)}
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
 
