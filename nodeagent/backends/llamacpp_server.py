@@ -13,7 +13,8 @@ llama-cpp-python's server exposes no load at all (no /metrics, no /health). llam
 | `llamacpp:kv_cache_tokens` | those tokens |
 | `llamacpp:prompt_tokens_total` | prompt tokens of every generation (cached prefixes included) |
 | `llamacpp:tokens_predicted_total` | generated tokens |
-| `llamacpp:time_to_first_token_seconds` | histogram (vLLM's buckets): from the HTTP request's arrival to its first generated token, queueing included (gpumesh's addition) |
+| `llamacpp:time_to_first_token_seconds` | histogram (vLLM's buckets), gpumesh's addition: from the request's |
+|  | arrival to its first generated token, queueing included |
 
 The counts come from wrapping `Llama.generate` (the generator every completion and chat completion
 runs through) in this process; nothing else of the server changes. The agent runs this module instead

@@ -84,7 +84,8 @@ def test_llamacpp_load_signals(server):
 
     def ask():
         r = httpx.post(f"http://{server}/v1/completions", timeout=300,
-                       json={"prompt": "Once upon a time, in a small village by the sea,", "max_tokens": 48, "temperature": 0})
+                       json={"prompt": "Once upon a time, in a small village by the sea,", "max_tokens": 48,
+                             "temperature": 0})
         results.append(r.json()["usage"] if r.status_code == 200 else r.text)
     threads = [threading.Thread(target=ask) for _ in range(3)]
     for t in threads:

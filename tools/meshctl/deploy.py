@@ -179,8 +179,8 @@ def replica_columns(now: datetime | None = None) -> list:
         ("GEN TOK/S", lambda r: _load(r, "generation_tokens_per_second", "{:.1f}"), True),
         ("PROMPT TOK/S", lambda r: _load(r, "prompt_tokens_per_second", "{:.1f}"), True),
         ("TTFT", lambda r: _load(r, "ttft_seconds", "{:.3f}s"), True),
-        ("GPU MEM/THERMAL", lambda r: f"{r['load']['gpu_memory_pressure'] or '-'}/{r['load']['gpu_thermal_state'] or '-'}"
-         if r.get("load") else "-", True),
+        ("GPU MEM/THERMAL", lambda r: f"{r['load']['gpu_memory_pressure'] or '-'}/"
+         f"{r['load']['gpu_thermal_state'] or '-'}" if r.get("load") else "-", True),
         ("MESSAGE", lambda r: r["message"].split("\n")[0][:80], True),
     ]
 
