@@ -83,6 +83,14 @@ def test_bench_llamacpp_stores_figures(cluster, mesh, monkeypatch):
     row = next(line for line in out.splitlines() if line.strip().startswith("cpu"))
     assert f"{doc['tokens_per_second']:.1f}" in row and "3 x" in row
 
+    # the SDK's way (what the command calls): another GPU model's figures beside, under its canonical name
+    m = mesh.record_measurement("smollm2", doc["variant"], "H100", M.Measurement(tokens_per_second=400.0))
+    assert sorted(m.variants[0].measured) == ["H100-80GB", "cpu"]
+    assert m.variants[0].measured["cpu"].tokens_per_second == pytest.approx(doc["tokens_per_second"])
+    from mesh import errors
+    with pytest.raises(errors.NotFound, match="no variant 'nope'"):
+        mesh.record_measurement("smollm2", "nope", "cpu", M.Measurement())
+
 
 def test_bench_bad_input(cluster, mesh):
     rc, _, err = meshctl(cluster, "model", "bench", "smollm2", "--variant", "nope")

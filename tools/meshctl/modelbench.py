@@ -75,7 +75,6 @@ def pick_variant(model, variant: str, backend: str):
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from mesh import errors
     from mesh.models import bench
     from tools.meshctl.output import dump
     with client(args) as mesh:
@@ -101,19 +100,8 @@ def run_bench(args: argparse.Namespace) -> int:
         stored = False
         if not args.no_store:
             note = f"meshctl model bench on {os.uname().nodename}: {kind} started as a process"
-            for attempt in range(3):
-                m = mesh.get_model(args.name)
-                target = next((x for x in m.variants if x.name == v.name), None)
-                if target is None:
-                    raise CliError(f"variant {v.name!r} of {args.name!r} was removed meanwhile")
-                target.measured[gpu].CopyFrom(bench.measurement(r, note))
-                try:
-                    mesh.update_model(m)        # guarded by the generation read above
-                    stored = True
-                    break
-                except errors.Aborted:
-                    if attempt == 2:
-                        raise
+            mesh.record_measurement(args.name, v.name, gpu, bench.measurement(r, note))
+            stored = True
             if tty:
                 info(f"stored on {args.name}/{v.name} under {gpu!r}")
     doc = {**r.to_dict(), "stored": stored}
