@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from controlplane.serving import loadmetrics
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller
 from controlplane.state.store import Absent, Delete, Present, Put
@@ -90,6 +91,7 @@ class DeploymentStore:
     def set_load(self, r: D.Replica, load) -> None:
         """Keep `load` (types_pb2.BackendLoad) as replica `r`'s latest, in memory, and wake the watchers."""
         self.loads[r.id] = load
+        loadmetrics.observe(r.deployment, r.id, load)
         self.changed(r.deployment)
 
     # -- writes -------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ class DeploymentStore:
     async def delete_replica(self, r: D.Replica) -> None:
         await self.ctl.writer.write([Delete(keys.replica(r.deployment, r.id))])
         self.replicas.get(r.deployment, {}).pop(r.id, None)
-        self.loads.pop(r.id, None)
+        if self.loads.pop(r.id, None) is not None:
+            loadmetrics.forget(r.deployment, r.id)
         if not self.replicas.get(r.deployment):
             self.replicas.pop(r.deployment, None)
         self.changed(r.deployment)

@@ -49,6 +49,12 @@ def test_loads_land_on_their_replicas():
     assert not r2.HasField("load")              # a reading from another node does not land on gpu-b's replica
     # the stored record itself carries no load (what goes to etcd)
     assert not m.store.replicas["chat"]["r-1"].HasField("load")
+    # the leader's metrics have it, until the replica goes
+    from prometheus_client import REGISTRY
+    assert REGISTRY.get_sample_value("gpumesh_replica_requests_waiting", {"deployment": "chat", "replica": "r-1"}) == 4
+    from controlplane.serving import loadmetrics
+    loadmetrics.forget("chat", "r-1")
+    assert REGISTRY.get_sample_value("gpumesh_replica_requests_waiting", {"deployment": "chat", "replica": "r-1"}) is None
     # a new workload for the replica (restart): the old reading is not shown
     m.store.replicas["chat"]["r-1"].workload_id = "w-3"
     assert not m.store.full("chat").replicas[0].HasField("load")
