@@ -167,6 +167,11 @@ def complete(endpoint: str, model: str, prompt: str, max_tokens: int) -> dict:
     return r.json()
 
 
+def _prompt_tokens(answer: dict) -> int:
+    """The server's count of the prompt's tokens (0 when it reports no usage)."""
+    return int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+
+
 def stream(endpoint: str, model: str, prompt: str, max_tokens: int, prompt_tokens: int) -> RequestFigures:
     """One streaming completion, timed: TTFT, tokens, decode speed."""
     import httpx
@@ -214,9 +219,10 @@ def run(model: str, variant: str, kind: str, artifact: str, *, gpu_model: str = 
         load = b.wait_ready(ready_timeout)
         progress(f"ready after {load:.2f}s (cold start); warm-up")
         words = max(1, prompt_tokens)
-        got = complete(b.endpoint, model, synthetic_prompt(0, words), 2)["usage"]["prompt_tokens"]
-        words = max(1, round(words * prompt_tokens / max(got, 1)))      # one calibration step
-        prompt_tokens_real = complete(b.endpoint, model, synthetic_prompt(1, words), 2)["usage"]["prompt_tokens"]
+        got = _prompt_tokens(complete(b.endpoint, model, synthetic_prompt(0, words), 2))
+        if got:
+            words = max(1, round(words * prompt_tokens / got))          # one calibration step
+        prompt_tokens_real = _prompt_tokens(complete(b.endpoint, model, synthetic_prompt(1, words), 2)) or prompt_tokens
         runs = []
         for i in range(requests):
             f = stream(b.endpoint, model, synthetic_prompt(i + 2, words), max_tokens, prompt_tokens_real)
