@@ -198,7 +198,8 @@ class NodeAgent:
         call = stub.Sync(requests(), metadata=self._metadata())
         beat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_seconds, call))
         retry = asyncio.create_task(self._retry_stuck(outbox))
-        telemetry = asyncio.create_task(run_telemetry(self.collector, self.telemetry_interval, outbox))
+        telemetry = asyncio.create_task(run_telemetry(self.collector, self.telemetry_interval, outbox,
+                                                      loads=self.backend_loads()))
         try:
             for opened in self.session_hooks:
                 opened(outbox)
@@ -214,6 +215,17 @@ class NodeAgent:
             telemetry.cancel()
             outbox.put_nowait(None)
             call.cancel()
+
+    def backend_loads(self):
+        """The reader of the model servers' load signals (nodeagent/backends/loadscraper.py), kept across
+        sessions so its rates go on; None without a workload runner."""
+        runner = getattr(self, "workload_runner", None)
+        if runner is None:
+            return None
+        if getattr(self, "_load_scraper", None) is None:
+            from nodeagent.backends.loadscraper import LoadScraper
+            self._load_scraper = LoadScraper(lambda: runner.workloads.values())
+        return self._load_scraper
 
     async def _heartbeats(self, stub, interval: float, call) -> None:
         while True:

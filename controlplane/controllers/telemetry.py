@@ -83,6 +83,9 @@ class TelemetryManager:
         self.events: dict[str, collections.deque] = {}
         self.ib_ports: dict[str, list[types_pb2.IbPort]] = {}
         self.health = HealthController(self, policy.health)
+        # async fn(node, [BackendLoad]) called with each reading's model-server loads (the deployment
+        # controller attaches them to its replicas: controlplane/serving/deployments.py)
+        self.backend_listeners: list = []
         ctl.agent_handlers["telemetry"] = self.on_telemetry
         ctl.agent_handlers["event"] = self.on_event
         ctl.telemetry = self
@@ -146,6 +149,12 @@ class TelemetryManager:
             return
         if t.ib_ports:
             self.ib_ports[node] = list(t.ib_ports)
+        if t.backends:
+            for listener in self.backend_listeners:
+                try:
+                    await listener(node, list(t.backends))
+                except Exception:   # noqa: BLE001 - load signals never stop the GPU readings
+                    logger.exception("backend load listener")
         seen = set()
         for reading in t.gpus:
             g = self.ctl.fleet.gpu(node, reading.index)

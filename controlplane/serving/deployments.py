@@ -60,6 +60,28 @@ class DeploymentManager:
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        telemetry = getattr(ctl, "telemetry", None)
+        if telemetry is not None and hasattr(telemetry, "backend_listeners"):
+            telemetry.backend_listeners.append(self.on_loads)
+
+    async def on_loads(self, node: str, loads: list) -> None:
+        """The model servers' load signals from `node`'s telemetry: each onto the replica whose current
+        workload it was read from (memory only, DeploymentStore.set_load), with the GPU's memory
+        pressure and thermal state as the control plane judged them."""
+        from controlplane.controllers.telemetry import PRESSURE_ENUM, THERMAL_ENUM
+        by_workload = {r.workload_id: r for reps in self.store.replicas.values() for r in reps.values()
+                       if r.workload_id and r.node == node}
+        for load in loads:
+            r = by_workload.get(load.workload_id)
+            if r is None:
+                continue
+            out = types_pb2.BackendLoad()
+            out.CopyFrom(load)
+            g = self.ctl.fleet.gpu(node, r.gpu_index)
+            if g is not None:
+                out.gpu_memory_pressure = PRESSURE_ENUM.get(g.memory_pressure, 0)
+                out.gpu_thermal_state = THERMAL_ENUM.get(g.thermal_state, 0)
+            self.store.set_load(r, out)
 
     async def load(self) -> None:
         await self.store.load()

@@ -196,6 +196,40 @@ def test_crashloop_with_log_lines(cluster, mesh, tmp_path):
         mesh.delete_model("broken")
 
 
+def test_replica_load_signals(cluster, mesh, smollm2):
+    """Each replica's load, read by its agent from the backend's /metrics with telemetry, reaches the
+    replica's record through the control plane, and a Watch of the deployment delivers it."""
+    from gpumesh.v1 import types_pb2
+    mesh.deploy("smollm2", name="loaded", replicas=1, context=512)
+    try:
+        d = mesh.wait_deployment("loaded", all_ready(1), timeout=SLOW)
+        r = d.replicas[0]
+        for prompt in ("Once upon a time", "The capital of France is"):
+            assert completion(r.endpoint, prompt)
+        # the readiness probe's one-token completion and these two: at least 3 requests and 9 tokens
+        got = None
+        for x in mesh.watch_deployment("loaded", timeout=SLOW):
+            load = x.replicas[0].load if x.replicas else None
+            if load is not None and load.scraped and load.requests_total >= 3:
+                got = x
+                break
+        assert got is not None
+        load = got.replicas[0].load
+        assert load.workload_id == r.workload_id and load.kind == "llama.cpp" and load.endpoint == r.endpoint
+        assert load.generation_tokens_total >= 9 and load.prompt_tokens_total > 0 and load.ttft_seconds > 0
+        assert load.requests_running == 0 and load.requests_waiting == 0 and 0 < load.kv_cache_usage <= 1
+        # beside the GPU's state as the control plane judges it (an idle simulated H100: low, normal)
+        assert load.gpu_memory_pressure == types_pb2.MEMORY_PRESSURE_LOW
+        assert load.gpu_thermal_state == types_pb2.THERMAL_STATE_NORMAL
+        from tools.meshctl.deploy import format_replicas
+        wide = format_replicas([mesh.get_deployment("loaded")], "wide")
+        assert "GEN TOK/S" in wide and "low/normal" in wide
+    finally:
+        mesh.undeploy("loaded")
+        wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "loaded"],
+                 60, "the undeployed replicas' slices released")
+
+
 def test_bad_input_refused(mesh, smollm2):
     with pytest.raises(errors.FailedPrecondition, match="largest slice"):
         mesh.deploy("smollm2", name="huge", concurrency=1024, context=8192)

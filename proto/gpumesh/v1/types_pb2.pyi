@@ -465,16 +465,56 @@ class IbPort(_message.Message):
     def __init__(self, device: _Optional[str] = ..., port: _Optional[int] = ..., state: _Optional[str] = ..., rate_gbps: _Optional[float] = ..., port_guid: _Optional[str] = ..., link_layer: _Optional[str] = ...) -> None: ...
 
 class NodeTelemetry(_message.Message):
-    __slots__ = ("gpus", "slices", "ib_ports", "at")
+    __slots__ = ("gpus", "slices", "ib_ports", "at", "backends")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     IB_PORTS_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[GpuTelemetry]
     slices: _containers.RepeatedCompositeFieldContainer[SliceTelemetry]
     ib_ports: _containers.RepeatedCompositeFieldContainer[IbPort]
     at: _timestamp_pb2.Timestamp
-    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuTelemetry, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceTelemetry, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    backends: _containers.RepeatedCompositeFieldContainer[BackendLoad]
+    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuTelemetry, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceTelemetry, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[BackendLoad, _Mapping]]] = ...) -> None: ...
+
+class BackendLoad(_message.Message):
+    __slots__ = ("workload_id", "kind", "endpoint", "at", "scraped", "error", "requests_running", "requests_waiting", "kv_cache_usage", "prompt_tokens_per_second", "generation_tokens_per_second", "ttft_seconds", "prompt_tokens_total", "generation_tokens_total", "requests_total", "gpu_memory_pressure", "gpu_thermal_state")
+    WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SCRAPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    GPU_THERMAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    workload_id: str
+    kind: str
+    endpoint: str
+    at: _timestamp_pb2.Timestamp
+    scraped: bool
+    error: str
+    requests_running: float
+    requests_waiting: float
+    kv_cache_usage: float
+    prompt_tokens_per_second: float
+    generation_tokens_per_second: float
+    ttft_seconds: float
+    prompt_tokens_total: float
+    generation_tokens_total: float
+    requests_total: float
+    gpu_memory_pressure: MemoryPressure
+    gpu_thermal_state: ThermalState
+    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[str] = ..., endpoint: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scraped: _Optional[bool] = ..., error: _Optional[str] = ..., requests_running: _Optional[float] = ..., requests_waiting: _Optional[float] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_per_second: _Optional[float] = ..., generation_tokens_per_second: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., prompt_tokens_total: _Optional[float] = ..., generation_tokens_total: _Optional[float] = ..., requests_total: _Optional[float] = ..., gpu_memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., gpu_thermal_state: _Optional[_Union[ThermalState, str]] = ...) -> None: ...
 
 class NodeEvent(_message.Message):
     __slots__ = ("at", "type", "reason", "message", "gpu_index")
