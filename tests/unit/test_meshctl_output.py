@@ -205,8 +205,8 @@ def test_age(secs, want):
 
 def _event(reason, count=1, first=0, last=0, **kw):
     from gpumesh.v1 import event_service_pb2 as E
-    ev = E.Event(id=f"ev-{reason}", kind=kw.get("kind", "Node"), name=kw.get("name", "gpu-a"), type=kw.get("type", "Normal"),
-                 reason=reason, message=kw.get("message", "m"), count=count, source="node-controller", node="gpu-a")
+    ev = E.Event(id=f"ev-{reason}", kind=kw.get("kind", "Node"), name=kw.get("name", "gpu-a"),
+                 type=kw.get("type", "Normal"), reason=reason, message=kw.get("message", "m"), count=count, source="node-controller", node="gpu-a")
     ev.first_timestamp.FromSeconds(first)
     ev.last_timestamp.FromSeconds(last)
     return ev
