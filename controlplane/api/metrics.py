@@ -147,7 +147,8 @@ class FleetCollector:
             memory.add_metric([tenant, state], mem)
         yield by_tenant
         yield memory
-        ready = GaugeMetricFamily("gpumesh_node_ready", "1 when the node's agent holds its lease (Ready)", labels=["node"])
+        ready = GaugeMetricFamily("gpumesh_node_ready", "1 when the node's agent holds its lease (Ready)",
+                                  labels=["node"])
         cordoned = GaugeMetricFamily("gpumesh_node_cordoned", "1 when the node takes no new slices", labels=["node"])
         for name, is_ready, is_cordoned in snap["node_list"]:
             ready.add_metric([name], int(is_ready))

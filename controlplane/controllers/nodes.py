@@ -154,7 +154,7 @@ class NodeManager:
         entry = self.fleet.upsert_node(rec)
         if was != "ready":
             self.ctl.recorder.emit("Node", name, "Normal", "Registered" if was == "new" else "NodeReady",
-                                   f"agent {agent_version or '?'} registered with {len(inventory.gpus)} GPU(s)",
+                                   f"{agent_version or 'agent'} registered with {len(inventory.gpus)} GPU(s)",
                                    node=name, source="node-controller")
         entry.ready = True
         entry.lease_id = lease_id

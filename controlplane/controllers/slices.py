@@ -221,10 +221,11 @@ class Controller:
             raise
         log(logger, logging.INFO, "allocated", allocation=alloc_id, tenant=req.tenant,
             slices=[f"{s.id}@{s.node}/{s.gpu_index}" for s in slices])
-        self.recorder.emit("Allocation", alloc_id, "Normal", "Scheduled", f"placed {len(slices)} slice(s): " + ", ".join(
-            f"{s.id} on {s.node}/GPU {s.gpu_index}" for s in slices[:8]) + (" ..." if len(slices) > 8 else "")
-            + (f" (preempted {len(decision.victims)})" if decision.victims else ""), tenant=req.tenant,
-            source="scheduler")
+        placed = ", ".join(f"{s.id} on {s.node}/GPU {s.gpu_index}" for s in slices[:8])
+        self.recorder.emit("Allocation", alloc_id, "Normal", "Scheduled", f"placed {len(slices)} slice(s): {placed}"
+                           + (" ..." if len(slices) > 8 else "")
+                           + (f" (preempted {len(decision.victims)})" if decision.victims else ""),
+                           tenant=req.tenant, source="scheduler")
         waits = [] if no_wait else [self._wait(self.ready_waiters, s.id) for s in slices]
         by_node: dict[str, list] = {}
         for s in slices:

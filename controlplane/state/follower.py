@@ -60,7 +60,8 @@ class Follower:
         self.migrations = MigrationManager(self.ctl, self.workloads)
         self.models = ModelRegistry(self.ctl)
         self.event_log = EventLog()
-        self.services = {"EventService": EventService(self.event_log), "ModelService": ModelService(self.models), "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
+        self.services = {"EventService": EventService(self.event_log),
+                         "ModelService": ModelService(self.models), "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
                          "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh),
                          "MigrationService": MigrationService(self.migrations)}
         self.retry = retry

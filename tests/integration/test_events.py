@@ -77,6 +77,12 @@ def test_allocation_and_slice_states_are_recorded_and_scoped_to_the_tenant(clust
         # node events (no tenant) are for admins; the tenant does not see them
         assert not [e for e in a.list_events() if e.kind == "Node"]
         assert [e for e in admin.list_events(kind="Node") if e.reason == "Registered"]
+        # a workload's life: Created, Started, Completed
+        w = a.run_workload(sid, ["sleep", "1"])
+        wait_for(lambda: {"Created", "Started", "Completed"} <= {e.reason for e in a.list_events(kind="Workload",
+                                                                                           name=w.id)},
+                 30, "the workload's events")
+        assert not b.list_events(kind="Workload", name=w.id)
         a.release(sid)
         wait_for(lambda: "Released" in {r for _, _, r in slice_events()}, 30, "the Released event")
 

@@ -205,8 +205,8 @@ def test_age(secs, want):
 
 def _event(reason, count=1, first=0, last=0, **kw):
     from gpumesh.v1 import event_service_pb2 as E
-    ev = E.Event(id=f"ev-{reason}", kind=kw.get("kind", "Node"), name=kw.get("name", "gpu-a"), type=kw.get("type", "Normal"),
-                 reason=reason, message=kw.get("message", "m"), count=count, source="node-controller", node="gpu-a")
+    ev = E.Event(id=f"ev-{reason}", kind=kw.get("kind", "Node"), name=kw.get("name", "gpu-a"),
+                 type=kw.get("type", "Normal"), reason=reason, message=kw.get("message", "m"), count=count, source="node-controller", node="gpu-a")
     ev.first_timestamp.FromSeconds(first)
     ev.last_timestamp.FromSeconds(last)
     return ev
@@ -253,3 +253,14 @@ def test_events_for_and_since_refuse_nonsense():
     with pytest.raises(CliError, match="not a duration"):
         events.parse_since("ten minutes")
     assert events.parse_since("10m") < datetime.now(timezone.utc).timestamp() - 590
+
+
+def test_describe_migration_text():
+    from gpumesh.v1 import migration_service_pb2 as M
+    from mesh.migrationapi import migration_to_dict
+    m = M.Migration(id="m-1", workload_id="w-1", tenant="team-a", phase=M.MIGRATION_PHASE_COPYING,
+                    source_node="gpu-a", source_slice="s-1", target_node="gpu-b", target_slice="s-2", reason="drain")
+    text = describe.format_migration(migration_to_dict(m))
+    assert re.search(r"^Phase:\s+copying$", text, re.M)
+    assert re.search(r"^Source:\s+gpu-a \(slice s-1\)$", text, re.M)
+    assert re.search(r"^Target:\s+gpu-b \(slice s-2\)$", text, re.M)

@@ -80,8 +80,8 @@ def section(events: list, now: datetime | None = None) -> str:
         when = age(d["last_timestamp"], now) + (f" (x{d['count']} over {age(d['first_timestamp'], now)})"
                                                 if d["count"] > 1 else "")
         rows.append([d["type"], d["reason"], when, d["source"], d["message"]])
-    return "Events:\n" + "".join("  " + line + "\n" for line in
-                                 render_table(["TYPE", "REASON", "AGE", "FROM", "MESSAGE"], rows).rstrip("\n").split("\n"))
+    table = render_table(["TYPE", "REASON", "AGE", "FROM", "MESSAGE"], rows)
+    return "Events:\n" + "".join("  " + line + "\n" for line in table.rstrip("\n").split("\n"))
 
 
 def recent(mesh: Any, kind: str, name: str = "", node: str = "", limit: int = 20) -> list:

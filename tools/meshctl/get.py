@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("resource", metavar="RESOURCE", help="nodes | gpus | slices (or an alias)")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="only these node names (nodes, gpus) or slice/allocation IDs (slices)")
-    p.add_argument("--tenant", default="", help="slices of this tenant only")
+    p.add_argument("--tenant", default="", help="slices (or events) of this tenant only")
     p.add_argument("--node", default="", help="GPUs, slices or workloads on this node only")
     p.add_argument("--slice", default="", metavar="ID", help="workloads on this slice only")
     p.add_argument("--state", default=None,
@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="events: only those of this object (node/NAME, slice/ID, deployment/NAME, migration/ID, "
                         "allocation/ID, workload/ID, gpu/NODE/INDEX) or kind (node)")
     p.add_argument("--type", default="", help="events: Normal or Warning only")
-    p.add_argument("--since", default=None, metavar="DURATION", help="events: only those seen in the last 30s, 10m, 2h, 1d")
+    p.add_argument("--since", default=None, metavar="DURATION",
+                   help="events: only those seen in the last 30s, 10m, 2h, 1d")
     p.add_argument("-w", "--watch", action="store_true", help="events: after the list, follow new events")
     p.set_defaults(func=run)
 
