@@ -35,7 +35,8 @@ from google.protobuf import json_format, timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
-from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail, _tree  # noqa: F401
+from mesh.procs import process_tree
+from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
 logger = logging.getLogger(__name__)
 W = types_pb2
@@ -328,7 +329,7 @@ class WorkloadRunner:
         """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
         meta = self.meta[wid]
         for procs in meta.pop("cgroup_procs", []):      # a CRIU-restored process joins its cgroups here
-            for p in _tree(pid):
+            for p in process_tree(pid):
                 try:
                     with open(procs, "w", encoding="ascii") as f:
                         f.write(str(p))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.procs import with_death_signal
-from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, is_mesh_process,
+from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
                               read_state, signal_group, stop_detached, stop_pid)
 
 MAX_AGENT_PROCESSES = 8
@@ -400,7 +400,8 @@ class LocalCluster:
                                    f"last log lines ({proc.log_path}):\n{proc.log_tail()}")
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the agents, then the control plane; SIGKILL what is left after `grace`."""
+        """SIGTERM the agents, then the control plane, then the cluster's workloads (which outlive an agent
+        restart, not the cluster); SIGKILL what is left after `grace`."""
         procs = [p for p in self.agents.values() if p.popen is not None]
         threads = [threading.Thread(target=stop_pid, args=(p.popen.pid, grace, p.popen)) for p in procs]
         for t in threads:
@@ -410,6 +411,7 @@ class LocalCluster:
         self.stop_controlplane(grace)
         if self.etcd_cluster is not None:
             self.etcd_cluster.stop()
+        stop_workloads(self.state_dir, min(grace, 5.0))
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
 
     def pids(self) -> dict[str, int]:
