@@ -4,10 +4,11 @@ llama.cpp servers (llama-cpp-python's) loading the real SmolLM2-135M GGUF.
 Deploy two replicas (spread over the two nodes), a real completion from each endpoint; kill one backend
 process and see it restarted while the other keeps answering; scale 2 -> 3 -> 1 -> 2; a rollout restart
 replaces both without fewer than two READY; restart the control plane and find the deployment intact with
-its running replicas adopted (same workloads, still answering); a replica on a lost node is replaced on
-the other; a drained node's replica is replaced on the other node before it is stopped (and with no
-room elsewhere, stays and says why); a backend that cannot load its model crash-loops with its log in the condition; a variant
-too large at the asked concurrency is refused; undeploy releases every slice.
+its running replicas adopted (same workloads, still answering); a backend that cannot load its model
+crash-loops with its log in the condition; a variant too large at the asked concurrency is refused; a
+drained node's replica is replaced on the other node before it is stopped (and with no room elsewhere,
+stays and says why) while completions keep being answered; an agent restart keeps its replica (adopted);
+a replica on a lost node is replaced on the other; undeploy releases every slice.
 
 Each llama.cpp server runs with one thread and a 512-token context (the machine is small and shared).
 """
@@ -280,6 +281,27 @@ def test_drain_starts_replacements_first(cluster, mesh, smollm2):
     assert not mesh.get_node(node).draining
     mesh.undeploy("drained")
     wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "drained"],
+             90, "the undeployed replicas' slices released")
+
+
+def test_agent_restart_keeps_the_replica(cluster, mesh, smollm2):
+    # the agent process dies and comes back at once: its backend (in a session of its own) keeps running, the
+    # new agent adopts it with its slice's MIG instance, and the deployment keeps the same replica READY
+    mesh.deploy("smollm2", name="steady", replicas=1, context=512)
+    d = mesh.wait_deployment("steady", all_ready(1), timeout=SLOW)
+    r = d.replicas[0]
+    pid = mesh.get_workload(r.workload_id).pid
+    cluster.kill_agent(r.node)
+    cluster.start_agent(r.node)
+    cluster.wait_ready(90)
+    assert completion(r.endpoint)
+    after = mesh.wait_deployment("steady", all_ready(1), timeout=SLOW)
+    same = after.replicas[0]
+    assert (same.id, same.workload_id, same.endpoint, same.slice_id) == (r.id, r.workload_id, r.endpoint, r.slice_id)
+    assert same.restarts == 0 and mesh.get_workload(r.workload_id).pid == pid
+    assert completion(same.endpoint)
+    mesh.undeploy("steady")
+    wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "steady"],
              90, "the undeployed replicas' slices released")
 
 
