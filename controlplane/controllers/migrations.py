@@ -320,11 +320,14 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     # -- drain ------------------------------------------------------------------------------------
 
-    async def drain(self, node: str) -> list[M.Migration]:
+    async def drain(self, node: str, skip_slices: set[str] = frozenset()) -> list[M.Migration]:
         """Migrate every running workload off `node` (already cordoned, so the scheduler places the
-        targets elsewhere) and wait for the migrations to finish."""
+        targets elsewhere) and wait for the migrations to finish. Workloads on `skip_slices` (model
+        replicas, which their deployment replaces instead) stay."""
         started = []
         for w in list(self.wm.workloads.values()):
+            if w.slice_id in skip_slices:
+                continue
             if w.node == node and w.state == W.WORKLOAD_STATE_RUNNING and self.active_for(w.id) is None:
                 try:
                     started.append(await self.migrate(w.id, reason="drain"))

@@ -30,7 +30,8 @@ READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
          "MeshService": frozenset({"Get", "List", "ListGrants"}),
          "MigrationService": frozenset({"Get", "List", "ListCheckpoints"}),
          "ModelService": frozenset({"Get", "List"}),
-         "EventService": frozenset({"List", "Watch"})}
+         "EventService": frozenset({"List", "Watch"}),
+         "DeploymentService": frozenset({"Get", "List", "Watch"})}
 
 
 class Switch:

@@ -63,6 +63,8 @@ class DeploymentManager:
         telemetry = getattr(ctl, "telemetry", None)
         if telemetry is not None and hasattr(telemetry, "backend_listeners"):
             telemetry.backend_listeners.append(self.on_loads)
+        self.drain_notes: dict[str, str] = {}          # deployment -> the last "waiting for" node event sent
+        ctl.deployments = self                          # NodeManager.drain asks which slices are replicas'
 
     async def on_loads(self, node: str, loads: list) -> None:
         """The model servers' load signals from `node`'s telemetry: each onto the replica whose current
@@ -95,6 +97,12 @@ class DeploymentManager:
 
     def kick(self) -> None:
         self._kick.set()
+
+    def replica_slices(self, node: str) -> set[str]:
+        """The slices on `node` that hold replicas of existing deployments (a drain leaves them to this
+        controller, which replaces each replica elsewhere before releasing its slice)."""
+        return {r.slice_id for name, rs in self.store.replicas.items() if name in self.store.deployments
+                for r in rs.values() if r.slice_id and r.node == node}
 
     # -- API ----------------------------------------------------------------------------------
 
@@ -239,6 +247,10 @@ class DeploymentManager:
             else:
                 since = self.down_since.setdefault(s.node, time.monotonic())
                 node_ready = time.monotonic() - since < self.node_lost_seconds
+        draining = False
+        if r.slice_id:
+            where = self.ctl.fleet.nodes.get(s.node if s is not None else r.node)
+            draining = where is not None and where.record.draining
         w = self.workloads.workloads.get(r.workload_id) if r.workload_id else None
         if not r.workload_id:
             wstate = rc.W_NONE
@@ -253,7 +265,8 @@ class DeploymentManager:
             slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
             busy=r.id in self.busy, restarts=r.restarts, ready_since=_secs(r.ready_at),
             next_start=_secs(r.next_start_at), last_probe=self.last_probe.get(r.id, 0.0),
-            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template))
+            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template),
+            draining=draining)
 
     async def reconcile_one(self, name: str) -> None:
         d = self.store.deployments.get(name)
@@ -359,6 +372,36 @@ class DeploymentManager:
         if n != r2:
             await self.store.put_replica(n)
 
+    def _drain_status(self, name: str, replicas: list[D.Replica], status: bool, reason: str,
+                      message: str) -> tuple[str, str]:
+        """The Draining condition's reason and message: which replicas wait on drained nodes and for
+        what (the replacements not READY yet, and why: no room, loading). A new "waiting" message is
+        also recorded as an event on the drained node (`meshctl describe node`)."""
+        drained = {r.node for r in replicas if r.node in self.ctl.fleet.nodes
+                   and self.ctl.fleet.nodes[r.node].record.draining}
+        old = [r for r in replicas if r.node in drained and r.state != D.REPLICA_STATE_TERMINATING]
+        new = [r for r in replicas if r.node not in drained and r.state != D.REPLICA_STATE_READY]
+        if not old:
+            return reason, message
+        if any(r.state == D.REPLICA_STATE_PENDING and not r.slice_id and r.message.startswith("no slice yet")
+               for r in new):
+            reason = "NoRoomForReplacement"
+        message = (f"replica {', '.join(r.id for r in old)} on drained node {', '.join(sorted(drained))} "
+                   f"stay{'s' if len(old) == 1 else ''} until replacements are READY")
+        if new:
+            message += "; waiting for " + "; ".join(
+                f"{r.id} ({STATE_NAMES.get(r.state, 'pending')}" +
+                (f": {r.message})" if r.state in (D.REPLICA_STATE_PENDING, D.REPLICA_STATE_FAILED) else ")")
+                for r in new)
+        telemetry = getattr(self.ctl, "telemetry", None)
+        note = f"{reason}:{[(r.id, r.state) for r in old + new]}"
+        if telemetry is not None and self.drain_notes.get(name) != note and new:
+            for node in sorted(drained):
+                telemetry.record(node, "Warning" if reason == "NoRoomForReplacement" else "Normal", "DrainWaiting",
+                                 f"deployment {name}: {message}"[:1000])
+        self.drain_notes[name] = note
+        return reason, message
+
     async def _set_status(self, d: D.Deployment, plan: rc.Plan) -> None:
         replicas = self.store.replicas_of(d.spec.name)
         st = D.DeploymentStatus()
@@ -367,11 +410,15 @@ class DeploymentManager:
         st.ready_replicas = sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY)
         old = {c.type: c for c in d.status.conditions}
         del st.conditions[:]
+        if "Draining" not in plan.conditions:
+            self.drain_notes.pop(d.spec.name, None)
         for ctype, (status, reason, message) in plan.conditions.items():
             if ctype == "CrashLoop" and status:
                 crashing = [r for r in replicas if r.restarts >= self.policy.crashloop_after]
                 if crashing:
                     message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
+            if ctype == "Draining":
+                reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
             c = D.DeploymentCondition(type=ctype, status=status, reason=reason, message=message[:4000])
             prev = old.get(ctype)
             if prev is not None and prev.status == status:

