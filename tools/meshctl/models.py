@@ -119,12 +119,12 @@ def run_import(args: argparse.Namespace) -> int:
          f"{v.weight_bytes} weight bytes, context {v.max_context}")
     new = [v]
     if args.hf_out:
+        if args.hf_variant == v.name:
+            raise CliError(f"--hf-variant {args.hf_variant!r} is the GGUF variant's name too: choose another")
         new = [_converted(args, v), v]          # the vLLM variant first, the GGUF its fallback
         if args.fallback_rank is not None:
             for i, x in enumerate(new):
                 x.fallback_rank = args.fallback_rank + i
-        elif len({x.name for x in new}) < 2:
-            raise CliError(f"--hf-variant {args.hf_variant!r} is the GGUF variant's name too: choose another")
     if args.dry_run:
         m = M.Model(name=args.name, family=args.family or seen["family"], labels=dict(args.label), variants=new)
         if args.fallback_rank is None:
