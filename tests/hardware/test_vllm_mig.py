@@ -53,6 +53,26 @@ pytestmark = [pytest.mark.skipif(WHY is not None, reason=f"needs a MIG GPU with 
               pytest.mark.timeout(1800)]
 
 
+def start_controlplane(state: str) -> tuple[subprocess.Popen, str]:
+    """A control plane (embedded etcd, plaintext) under `state`; (process, endpoint)."""
+    import json
+    import time
+    port_file = os.path.join(state, "endpoint.json")
+    os.makedirs(state, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane.main", "--state-dir", state, "--listen",
+                             "127.0.0.1:0", "--port-file", port_file, "--insecure"],
+                            stdout=open(os.path.join(state, "controlplane.log"), "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with open(port_file, encoding="utf-8") as f:
+                return proc, json.load(f)["endpoint"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the control plane did not start; see {state}/controlplane.log")
+
+
 def test_vllm_on_a_mig_slice_answers(tmp_path, smollm2_hf):
     import httpx
 
@@ -60,17 +80,15 @@ def test_vllm_on_a_mig_slice_answers(tmp_path, smollm2_hf):
     from gpumesh.v1 import types_pb2
     from mesh.client import MeshClient
     from mesh.models import importer
-    from tools.localcluster import LocalCluster
 
     os.chmod(tmp_path, 0o755)
-    cluster = LocalCluster(tmp_path / "cluster", [])          # the control plane only; the real agent below
-    cluster.start(timeout=90)
+    cp, endpoint = start_controlplane(str(tmp_path / "controlplane"))
     agent = subprocess.Popen([sys.executable, "-m", "nodeagent.main", "--gpu-backend", "nvml", "--insecure",
-                              "--control-plane", cluster.endpoint, "--state-dir", str(tmp_path / "agent"),
+                              "--control-plane", endpoint, "--state-dir", str(tmp_path / "agent"),
                               "--mig-mode", "keep"],
                              stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        with MeshClient(cluster.endpoint, timeout=30) as mesh:
+        with MeshClient(endpoint, timeout=30) as mesh:
             wait_for(lambda: any(n.state == types_pb2.NODE_STATE_READY for n in mesh.list_nodes()), 120,
                      "the real agent's node Ready")
             v, _ = importer.variant_from_artifact(smollm2_hf, backend="vllm", context=2048)
@@ -91,4 +109,5 @@ def test_vllm_on_a_mig_slice_answers(tmp_path, smollm2_hf):
     finally:
         agent.terminate()
         agent.wait(timeout=60)
-        cluster.stop()
+        cp.terminate()
+        cp.wait(timeout=60)
