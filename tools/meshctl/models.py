@@ -119,9 +119,11 @@ def run_import(args: argparse.Namespace) -> int:
          f"{v.weight_bytes} weight bytes, context {v.max_context}")
     new = [v]
     if args.hf_out:
+        if v.backend != M.BACKEND_LLAMA_CPP:
+            raise CliError(f"{args.path}: --hf-out converts a GGUF file (a llama.cpp variant), not a directory")
         if args.hf_variant == v.name:
             raise CliError(f"--hf-variant {args.hf_variant!r} is the GGUF variant's name too: choose another")
-        new = [_converted(args, v), v]          # the vLLM variant first, the GGUF its fallback
+        new = [_converted(args), v]          # the vLLM variant first, the GGUF its fallback
         if args.fallback_rank is not None:
             for i, x in enumerate(new):
                 x.fallback_rank = args.fallback_rank + i
@@ -166,12 +168,9 @@ def run_import(args: argparse.Namespace) -> int:
     return _print_models([m], args, single=True)
 
 
-def _converted(args: argparse.Namespace, gguf_variant):
+def _converted(args: argparse.Namespace):
     """The vLLM variant of the GGUF at args.path (--hf-out), converting it unless done already."""
-    from gpumesh.v1 import model_service_pb2 as M
     from mesh.models import artifact, hfconvert, importer
-    if gguf_variant.backend != M.BACKEND_LLAMA_CPP:
-        raise CliError(f"{args.path}: --hf-out converts a GGUF file (a llama.cpp variant), not a directory")
     info(f"converting {args.path} to a Hugging Face-format BF16 directory at {args.hf_out} ...")
     try:
         hv, seen = importer.hf_variant_from_gguf(args.path, args.hf_out, name=args.hf_variant, context=args.context,
