@@ -91,3 +91,6 @@ def test_meshctl_import_hf_out_dry_run(smollm2_hf, capsys):
     assert "reused" in out.err
     rc = main(["model", "import", str(smollm2_hf), "--name", "smol", "--hf-out", str(smollm2_hf), "--dry-run"])
     assert rc != 0 and "converts a GGUF file" in capsys.readouterr().err
+    rc = main(["model", "import", str(smollm2_gguf()), "--name", "smol", "--hf-out", str(smollm2_hf),
+               "--hf-variant", "q4_1", "--dry-run"])
+    assert rc != 0 and "GGUF variant's name too" in capsys.readouterr().err
