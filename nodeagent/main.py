@@ -69,6 +69,7 @@ def install_components(agents, cfg: AgentConfig):
         NodeMig(agent, cfg.mig_mode, cfg.mig_layout).install()
         wdir = os.path.join(cfg.state_dir, "workloads", *([agent.node] if cfg.gpu_backend == "sim" else []))
         agent.backend_host = cfg.backend_host
+        agent.vllm_python, agent.vllm_cpu_kvcache_max_gib = cfg.vllm_python, cfg.vllm_cpu_kvcache_max_gib
         WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds,
                        isolator=isolator_for(agent, cfg, host, wdir)).install()
         GpuResetter(agent).install()        # the health policy's GPU reset (controlplane/controllers/health.py)

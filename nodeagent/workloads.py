@@ -224,7 +224,8 @@ class WorkloadRunner:
         if w.HasField("backend") and restore is None:
             from nodeagent import backends     # a model server: its command line and port (deployments)
             try:
-                backends.prepare(w, getattr(self.agent, "backend_host", "") or "127.0.0.1", sys.executable)
+                opts = backends.options_of(self.agent)
+                backends.prepare(w, opts.host, sys.executable, opts)
             except (ValueError, OSError) as e:
                 return self._fail(w, f"cannot start backend {w.backend.kind!r}: {e}")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}

