@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -23,8 +24,10 @@ logger = logging.getLogger(__name__)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def error_response(e: APIError) -> Response:
+    # ASCII JSON: a message quoting the client's input can never fail to encode
+    return Response(json.dumps(e.body()).encode(), status_code=e.status, media_type="application/json",
+                    headers=e.headers)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -42,13 +45,40 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _unless_gone(request: Request, work):
+    """Run the request path, cancelling it when the client disconnects first (a queued request leaves the
+    queue, a backend call is abandoned, the slot is released)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:
+        pass
+    raise ClientDisconnect()
+
+
 def create_app(gw: Gateway) -> Starlette:
     def caller(request: Request):
         return gw.clients.caller(request.headers.get("authorization"))
 
-    async def inference(request: Request, path: str | None = None) -> Response:
-        raw = await _body(request, gw.cfg.max_body_bytes)
-        out = await gw.handle(path or request.url.path, raw, request.headers)
+    async def inference(request: Request, path: str | None = None, raw: bytes | None = None) -> Response:
+        if raw is None:
+            raw = await _body(request, gw.cfg.max_body_bytes)
+        out = await _unless_gone(request, gw.handle(path or request.url.path, raw, request.headers))
         if out.stream is not None:
             return StreamingResponse(out.stream, media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **out.headers})
@@ -67,10 +97,7 @@ def create_app(gw: Gateway) -> Starlette:
             is_chat = isinstance(json.loads(raw or b"null"), dict) and "messages" in json.loads(raw)
         except ValueError:
             is_chat = False
-        out = await gw.handle("/v1/chat/completions" if is_chat else "/v1/completions", raw, request.headers)
-        if out.stream is not None:
-            return StreamingResponse(out.stream, media_type="text/event-stream", headers={**SSE_HEADERS, **out.headers})
-        return Response(out.body, status_code=out.status, media_type="application/json", headers=out.headers)
+        return await inference(request, "/v1/chat/completions" if is_chat else "/v1/completions", raw)
 
     async def v1_models(request):
         return JSONResponse(gpuapi.openai_models(gw, caller(request)))

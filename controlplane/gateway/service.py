@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from controlplane.gateway import cache as cachemod
@@ -219,7 +220,11 @@ class Gateway:
                     s = await proxy.open_stream(self.http, c.replica.endpoint, path, data)
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
-                    return Outcome(200, stream=self._relay(s, slot, started, t), headers=self._headers(slot, t))
+                    relay = self._relay(s, slot, started, t)
+                    # a stream the server never starts (its client left first) never runs its finally: the
+                    # slot is released when the generator is dropped
+                    weakref.finalize(relay, slot.release)
+                    return Outcome(200, stream=relay, headers=self._headers(slot, t))
                 answer = await proxy.complete(self.http, c.replica.endpoint, path, data)
                 t.backend_s += time.monotonic() - started
             except proxy.BackendFailed as e:

@@ -18,6 +18,8 @@ def parse(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}",
                        code="invalid_json")
@@ -94,7 +96,9 @@ def request(body: dict, chat: bool) -> dict:
     n = _int(body, "n")
     if n is not None and n != 1:
         raise invalid("n", f"{n} is not supported", "1")
-    _int(body, "seed")
+    seed = _int(body, "seed")
+    if seed is not None and not -1 <= seed < 2 ** 32:
+        raise invalid("seed", f"{seed} is out of range", "-1 (random) to 4294967295")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream", f"{stream!r} is not a boolean")

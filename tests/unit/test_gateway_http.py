@@ -157,3 +157,14 @@ async def test_http_errors_are_openai_shaped(app):
     r = await app.get("/metrics")
     assert r.status_code == 200 and "gpumesh_gateway_requests_total" in r.text
     assert (await app.get("/policies", headers=a)).json()["routing_policy"] == "gpu-aware"
+
+
+def test_hostile_bodies_are_clean_errors():
+    deep = b"[" * 100000 + b"]" * 100000
+    assert err(validate.parse, deep).status == 400
+    body = validate.parse('{"model": "m", "prompt": "\\ud800 lone surrogate", "temperature": 0}'.encode())
+    validate.request(body, chat=False)
+    assert cachemod.key("t", "/v1/completions", body)                   # hashable despite the lone surrogate
+    from controlplane.gateway.policy import affinity_key
+    assert affinity_key("t", body, 64)
+    assert err(validate.request, {"model": "m", "prompt": "x", "seed": 2 ** 40}, False).param == "seed"
