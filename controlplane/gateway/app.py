@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from controlplane.gateway import gpuapi
+from controlplane.gateway import gpuapi, validate
 from controlplane.gateway import metrics as M
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway.service import Gateway
@@ -93,10 +93,7 @@ def create_app(gw: Gateway) -> Starlette:
     async def predict(request):
         """Seed 002's /predict: a chat completion when the body has messages, else a completion."""
         raw = await _body(request, gw.cfg.max_body_bytes)
-        try:
-            is_chat = isinstance(json.loads(raw or b"null"), dict) and "messages" in json.loads(raw)
-        except ValueError:
-            is_chat = False
+        is_chat = "messages" in validate.parse(raw)
         return await inference(request, "/v1/chat/completions" if is_chat else "/v1/completions", raw)
 
     async def v1_models(request):
