@@ -17,6 +17,7 @@ from starlette.routing import Route
 from controlplane.gateway import gpuapi, validate
 from controlplane.gateway import metrics as M
 from controlplane.gateway.apierror import APIError
+from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.service import Gateway
 from mesh.logs import log
 
@@ -116,6 +117,10 @@ def create_app(gw: Gateway) -> Starlette:
     async def gpu_rebalance(request):
         return JSONResponse(gpuapi.rebalance(gw, caller(request), request.query_params.get("apply")))
 
+    async def gpu_benchmark(request):
+        return JSONResponse(await gpuapi.benchmark_model(gw, caller(request), request.query_params.get("model_name"),
+                                                         request.query_params.get("max_tokens")))
+
     async def policies(request):
         caller(request)
         return JSONResponse(gpuapi.policies(gw))
@@ -123,6 +128,7 @@ def create_app(gw: Gateway) -> Starlette:
     async def metrics(request):
         for key, s in list(gw.stats.by_replica.items()):
             M.IN_FLIGHT.labels(key).set(s.in_flight)
+            M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])
         return Response(generate_latest(M.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request):
@@ -158,6 +164,7 @@ def create_app(gw: Gateway) -> Starlette:
         Route("/v1/gpu/memory-forecast", gpu_forecast, methods=["GET"]),
         Route("/v1/gpu/models-optimal", gpu_optimal, methods=["GET"]),
         Route("/v1/gpu/rebalance", gpu_rebalance, methods=["POST"]),
+        Route("/v1/gpu/benchmark-model", gpu_benchmark, methods=["POST"]),
         Route("/models", models, methods=["GET", "POST"]),
         Route("/predict", predict, methods=["POST"]),
         Route("/policies", policies, methods=["GET"]),

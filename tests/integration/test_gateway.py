@@ -259,6 +259,29 @@ def _in_flight(cluster) -> int:
     return sum(r["in_flight"] for m in _status(cluster)["models"] for r in m["replicas"])
 
 
+def test_gpu_endpoints(cluster, fleet):
+    import httpx
+    h = _auth("team-a")
+    st = _status(cluster, "team-a")
+    assert {g["node"] for g in st["gpus"]} == {fleet["lite_node"], *fleet["chat"].values()}
+    g = st["gpus"][0]
+    assert g["memory_total_bytes"] > 0 and g["pressure"] in ("low", "normal") and g["thermal_state"] == "normal"
+    assert {m["name"] for m in st["models"]} == {"chat", "chat-lite"}
+    assert {g["node"] for g in _status(cluster, "team-b")["gpus"]} < {"gpu-a", "gpu-b", "gpu-c"}
+    fc = httpx.get(f"{cluster.gateway_url}/v1/gpu/memory-forecast?hours=2", headers=h, timeout=30).json()
+    assert fc["source"] == "current-use" and "no forecasting service" in fc["note"] and fc["gpus"]
+    opt = httpx.get(f"{cluster.gateway_url}/v1/gpu/models-optimal?agent_type=Chat", headers=h, timeout=30).json()
+    assert {m["model"] for m in opt["models"]} == {"chat", "chat-lite"} and opt["models"][0]["usable_replicas"] >= 1
+    b = httpx.post(f"{cluster.gateway_url}/v1/gpu/benchmark-model?model_name=chat&max_tokens=4", headers=h,
+                   timeout=600).json()
+    assert len(b["replicas"]) == 2 and all(r["ttft_ms"] > 0 and r["tokens"] >= 1 for r in b["replicas"]), b
+    assert _in_flight(cluster) == 0
+    assert "scaling_policies" in httpx.get(f"{cluster.gateway_url}/policies", headers=h, timeout=30).json()
+    r = httpx.post(f"{cluster.gateway_url}/predict", headers=h, timeout=300,
+                   json={"model": "chat", "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
 def test_client_disconnects_release_their_slots(cluster, fleet):
     import httpx
     # a stream dropped after its first chunk

@@ -152,6 +152,10 @@ async def test_http_errors_are_openai_shaped(app):
     assert r.status_code == 200 and r.json()["source"] == "current-use" and "forecast" in r.json()["note"]
     r = await app.get("/v1/gpu/models-optimal?agent_type=Chat", headers=a)
     assert [m["model"] for m in r.json()["models"]] and all(m["registry_model"] == "smol" for m in r.json()["models"])
+    r = await app.post("/v1/gpu/benchmark-model?model_name=other", headers=a)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model_name"
+    r = await app.post("/v1/gpu/benchmark-model?model_name=chat&max_tokens=0", headers=a)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = await app.post("/models", headers=a, json={})
     assert r.status_code == 405
     r = await app.get("/metrics")
