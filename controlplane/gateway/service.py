@@ -324,8 +324,7 @@ class Gateway:
         if broken is not None:
             t.status, t.error = 502, broken
             yield APIError(502, f"the stream broke after tokens were sent: {broken}", code="stream_broken").sse()
-        else:
-            yield frame(DONE)
+        yield frame(DONE)
         tokens = max(t.tokens_out, events)
         t.tokens_out = tokens
         e2e = time.monotonic() - started
