@@ -187,3 +187,17 @@ def test_only_checked_parameters_reach_a_backend():
         assert err(validate.request, {**ok, **extra}, True).param == param, extra
     assert err(validate.request, {"model": "m", "prompt": "x", "logprobs": True}, False).param == "logprobs"
     assert err(validate.request, {"model": "m", "prompt": "x", "messages": []}, False).param == "messages"
+
+
+def test_backend_load_signals_are_read_when_scraped():
+    from controlplane.gateway.view import FleetView
+    v = _view()
+    r = v.deployments[0].replicas[0]
+    r.load.requests_running, r.load.requests_waiting, r.load.kv_cache_usage = 1, 3, 0.5
+    fv = FleetView()
+    fv.apply(v)
+    assert fv.deployments["chat"].replicas[0].waiting is None            # not scraped: unknown
+    r.load.scraped = True
+    fv.apply(v)
+    rep = fv.deployments["chat"].replicas[0]
+    assert (rep.running, rep.waiting, rep.kv_usage) == (1, 3, 0.5)
