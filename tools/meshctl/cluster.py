@@ -106,8 +106,8 @@ def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) 
 
 
 def summary(cluster) -> dict:
-    return {"endpoint": cluster.endpoint, "web": cluster.web, "gateway": cluster.gateway_url, "state_dir": str(cluster.state_dir),
-            "nodes": cluster.nodes, "pids": cluster.pids()}
+    return {"endpoint": cluster.endpoint, "web": cluster.web, "gateway": cluster.gateway_url,
+            "state_dir": str(cluster.state_dir), "nodes": cluster.nodes, "pids": cluster.pids()}
 
 
 DEMO = (
@@ -184,6 +184,7 @@ def run_up(args: argparse.Namespace) -> int:
             doc = summary(cluster)
             if served is not None:
                 doc.update(served)
+                doc["gateway"] = cluster.gateway_url         # the demo's document leaves it to the gateway
             out(dump(doc, args.output))
         if args.detach:
             if args.output not in ("json", "yaml"):
