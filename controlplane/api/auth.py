@@ -237,6 +237,7 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.DeploymentService/Watch": VIEWER,
     "/gpumesh.v1.EventService/List": VIEWER,
     "/gpumesh.v1.EventService/Watch": VIEWER,
+    "/gpumesh.v1.ServingViewService/Watch": VIEWER,
     "/gpumesh.v1.AdminService/ListNodes": VIEWER,
     "/gpumesh.v1.AdminService/GetNode": VIEWER,
     "/gpumesh.v1.AdminService/ListGpus": VIEWER,
