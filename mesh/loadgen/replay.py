@@ -2,7 +2,9 @@
 (a closed loop would slow down with the server and hide its queueing).
 
 `replay` takes the arrivals, their prompts, and a `pick` function that names the base URL for each request
-(one gateway URL, or the direct replicas in turn), and returns one `Result` per arrival. Timed events
+(one gateway URL, or the direct replicas in turn), and returns one `Result` per arrival. `extra_body` goes into
+every request (the bench's `logit_bias` that keeps the end-of-text tokens away, so each request generates
+the trace's token count). Timed events
 (`at`: seconds -> callable, e.g. a fault injection) run at their times on the same clock. A request still
 running `drain_s` seconds after the last arrival is cut and counted as unanswered (status 0).
 """
@@ -31,7 +33,7 @@ def round_robin(urls: Sequence[str]) -> Callable[[Arrival], str]:
 async def replay(arrivals: Sequence[Arrival], prompts: Sequence[str], pick: Callable[[Arrival], str], *,
                  model: str, headers: dict | None = None, events: Sequence[tuple[float, Callable[[], Awaitable[None]]]] = (),
                  progress: Progress | None = None, drain_s: float = 300.0, request_timeout_s: float = 600.0,
-                 temperature: float = 0.0) -> tuple[list[Result], float]:
+                 temperature: float = 0.0, extra_body: dict | None = None) -> tuple[list[Result], float]:
     """Replay; returns the results (in arrival order) and the wall time from the start to the last answer."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     timeout = httpx.Timeout(request_timeout_s, connect=10.0)
@@ -42,7 +44,8 @@ async def replay(arrivals: Sequence[Arrival], prompts: Sequence[str], pick: Call
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         async def one(a: Arrival, prompt: str) -> None:
             nonlocal finished, failed
-            body = {"model": model, "prompt": prompt, "max_tokens": a.generated_tokens, "temperature": temperature}
+            body = {"model": model, "prompt": prompt, "max_tokens": a.generated_tokens, "temperature": temperature,
+                    **(extra_body or {})}
             r = await stream_completion(client, pick(a), body, index=a.index, headers=headers, started=start)
             results[a.index] = r
             finished += 1

