@@ -31,6 +31,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_
                         workload_service_pb2_grpc)
 from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
 from gpumesh.v1 import deployment_service_pb2, deployment_service_pb2_grpc
+from gpumesh.v1 import servingview_service_pb2, servingview_service_pb2_grpc
 from mesh import errors, tls
 from mesh.config import parse_hostport
 from mesh.logs import log
@@ -92,7 +93,8 @@ class ControlPlane:
             (admin_service_pb2.DESCRIPTOR, "AdminService"), (workload_service_pb2.DESCRIPTOR, "WorkloadService"),
             (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"),
             (model_service_pb2.DESCRIPTOR, "ModelService"),
-            (deployment_service_pb2.DESCRIPTOR, "DeploymentService"))]
+            (deployment_service_pb2.DESCRIPTOR, "DeploymentService"),
+            (servingview_service_pb2.DESCRIPTOR, "ServingViewService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -207,6 +209,7 @@ class ControlPlane:
         self.retention.start()
         from controlplane.serving.deployments import DeploymentManager
         from controlplane.serving.deploysvc import DeploymentService
+        from controlplane.serving.viewsvc import ServingViewService
         self.deployments = DeploymentManager(self.ctl, self.workloads, self.models, self.cfg.deployment_policy(),
                                              interval=self.cfg.deployment_interval_seconds,
                                              node_lost_seconds=self.cfg.deployment_node_lost_seconds)
@@ -224,7 +227,8 @@ class ControlPlane:
                 "MeshService": MeshService(self.mesh),
                 "MigrationService": MigrationService(self.migrations),
                 "ModelService": ModelService(self.models),
-                "DeploymentService": DeploymentService(self.deployments)}
+                "DeploymentService": DeploymentService(self.deployments),
+                "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models)}
         for name, sw in self.switches.items():
             sw.target = real[name]
             sw.reader = None
@@ -310,7 +314,8 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (mesh_service_pb2, mesh_service_pb2_grpc, "MeshService"),
             (migration_service_pb2, migration_service_pb2_grpc, "MigrationService"),
             (model_service_pb2, model_service_pb2_grpc, "ModelService"),
-            (deployment_service_pb2, deployment_service_pb2_grpc, "DeploymentService"))
+            (deployment_service_pb2, deployment_service_pb2_grpc, "DeploymentService"),
+            (servingview_service_pb2, servingview_service_pb2_grpc, "ServingViewService"))
 
 
 async def _set_health(servicer, name: str, status) -> None:

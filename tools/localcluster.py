@@ -85,6 +85,10 @@ class LocalCluster:
     # that many members started under state_dir/etcd-cluster by tools.etcdcluster).
     controlplanes: int = 1
     etcd_members: int = 0
+    # mesh-gateway (docs/gateway.md): started after the control plane when `gateway` is set; its URL is
+    # `gateway_url`. With a tenants file it checks client tokens against it and watches with client_auth's token.
+    gateway: bool = False
+    gateway_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -98,6 +102,8 @@ class LocalCluster:
         if self.controlplanes > 1 and not (self.etcd_endpoints or self.etcd_members):
             raise ClusterError("several control planes need a shared etcd: etcd_endpoints or etcd_members")
         self.agents: dict[str, Proc] = {}
+        self.gateway_proc: Proc | None = None
+        self.gateway_url: str | None = None
         self._host_files: dict[str, Path] = {}
         self.groups: dict[str, list[str]] = {}
         running = read_state(self.state_dir)
@@ -223,6 +229,43 @@ class LocalCluster:
                 time.sleep(0.05)
         raise ClusterError(f"the control plane wrote no port file within {timeout:g}s; "
                            f"see {self.controlplane.log_path}")
+
+    def start_gateway(self, timeout: float = 60.0, args: list[str] | None = None) -> str:
+        """Start mesh-gateway against control plane 0; its base URL (http://HOST:PORT)."""
+        argv = [self.python, "-m", "controlplane.gateway.main", "--listen", "127.0.0.1:0",
+                "--control-plane", ",".join(self.endpoints), "--log-format", self.log_format,
+                "--log-level", self.log_level]
+        if self.tls_dir is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--tls-ca", str(Path(self.tls_dir) / "ca.crt")]
+        if self.client_auth.get("token"):
+            argv += ["--token", self.client_auth["token"]]
+        if self.tenants_file:
+            argv += ["--tenants-file", str(self.tenants_file)]
+        argv += self.gateway_args + list(args or [])
+        proc = self.gateway_proc = Proc("gateway", argv, self._dir("logs") / "gateway.log")
+        start = proc.log_path.stat().st_size if proc.log_path.exists() else 0
+        self._spawn(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.running():
+                raise ClusterError(f"the gateway exited with status {proc.popen.returncode}; last log lines "
+                                   f"({proc.log_path}):\n{proc.log_tail()}")
+            with open(proc.log_path, "rb") as f:
+                f.seek(start)
+                for line in f.read().decode(errors="replace").splitlines():
+                    if line.startswith("GATEWAY_LISTENING "):
+                        self.gateway_url = "http://" + line.split()[1]
+                        self.save_state()
+                        return self.gateway_url
+            time.sleep(0.05)
+        raise ClusterError(f"the gateway did not listen within {timeout:g}s; see {proc.log_path}")
+
+    def stop_gateway(self, grace: float = 10.0) -> None:
+        if self.gateway_proc is not None and self.gateway_proc.popen is not None:
+            stop_pid(self.gateway_proc.popen.pid, grace, self.gateway_proc.popen)
+        self.gateway_proc, self.gateway_url = None, None
 
     def _security_args(self) -> list[str]:
         args = ["--tenants-file", str(self.tenants_file)] if self.tenants_file else []
@@ -351,6 +394,8 @@ class LocalCluster:
             for i in range(self.controlplanes):
                 self.start_controlplane(timeout, index=i)
             say(f"control plane ready at {','.join(self.endpoints)}")
+            if self.gateway:
+                say(f"gateway at {self.start_gateway(timeout)}")
             say(f"starting {len(self.groups)} agent process(es) for {len(self.nodes)} host(s)...")
             for members in self.groups.values():
                 self.start_agent(members[0])
@@ -396,7 +441,8 @@ class LocalCluster:
                                    f"last log lines ({proc.log_path}):\n{proc.log_tail()}")
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the agents, then the control plane; SIGKILL what is left after `grace`."""
+        """SIGTERM the gateway and the agents, then the control plane; SIGKILL what is left after `grace`."""
+        self.stop_gateway(grace)
         procs = [p for p in self.agents.values() if p.popen is not None]
         threads = [threading.Thread(target=stop_pid, args=(p.popen.pid, grace, p.popen)) for p in procs]
         for t in threads:
@@ -409,12 +455,12 @@ class LocalCluster:
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
 
     def pids(self) -> dict[str, int]:
-        procs = [*self.cps, *self.agents.values()]
+        procs = [*self.cps, *self.agents.values(), self.gateway_proc]
         return {p.name: p.pid for p in procs if p is not None and p.running()}
 
     def save_state(self) -> None:
         """Write cluster.json (endpoint, nodes, pids) for `meshctl down` and other tools."""
-        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint,
+        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint, "gateway": self.gateway_url,
                 "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
                 "pids": self.pids(), "detached": self.detach}
         tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"

@@ -41,7 +41,7 @@ def is_mesh_process(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return alive(pid) if not Path("/proc").is_dir() else False
-    return alive(pid) and (b"controlplane.main" in cmd or b"nodeagent.main" in cmd)
+    return alive(pid) and (b"controlplane.main" in cmd or b"nodeagent.main" in cmd or b"controlplane.gateway.main" in cmd)
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -235,6 +235,7 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.DeploymentService/Get": VIEWER,
     "/gpumesh.v1.DeploymentService/List": VIEWER,
     "/gpumesh.v1.DeploymentService/Watch": VIEWER,
+    "/gpumesh.v1.ServingViewService/Watch": VIEWER,
     "/gpumesh.v1.AdminService/ListNodes": VIEWER,
     "/gpumesh.v1.AdminService/GetNode": VIEWER,
     "/gpumesh.v1.AdminService/ListGpus": VIEWER,

@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--agents-per-process", type=positive_int, metavar="K",
                    help="hosts per agent process (default: 1 up to 8 hosts, else at most 8 processes)")
     p.add_argument("--detach", action="store_true", help="leave the cluster running in the background")
+    p.add_argument("--no-gateway", action="store_true", help="do not start mesh-gateway (docs/gateway.md)")
     p.add_argument("--demo", action="store_true", help="allocate a few slices for tenant demo once Ready")
     p.add_argument("--timeout", dest="ready_timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the cluster to be Ready (default: 120)")
@@ -99,7 +100,7 @@ def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) 
 
 
 def summary(cluster) -> dict:
-    return {"endpoint": cluster.endpoint, "state_dir": str(cluster.state_dir),
+    return {"endpoint": cluster.endpoint, "gateway": cluster.gateway_url, "state_dir": str(cluster.state_dir),
             "nodes": cluster.nodes, "pids": cluster.pids()}
 
 
@@ -137,7 +138,8 @@ def run_up(args: argparse.Namespace) -> int:
     from tools.meshctl.output import dump
     try:
         cluster = LocalCluster(Path(args.state_dir), load_hosts(args), lease_ttl=args.lease_ttl,
-                               agents_per_process=args.agents_per_process, detach=args.detach)
+                               agents_per_process=args.agents_per_process, detach=args.detach,
+                               gateway=not getattr(args, "no_gateway", False))
     except (ClusterError, ValueError) as exc:
         raise CliError(str(exc)) from None
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to meshctl stops the cluster like Ctrl-C
@@ -153,7 +155,8 @@ def run_up(args: argparse.Namespace) -> int:
             out(dump(summary(cluster), args.output))
         if args.detach:
             if args.output not in ("json", "yaml"):
-                out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes); "
+                out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes), gateway "
+                    f"{cluster.gateway_url or 'off'}; "
                     f"stop it with: meshctl down --state-dir {args.state_dir}\n")
             return 0
         info(f"cluster running at {cluster.endpoint}; press Ctrl-C to stop")

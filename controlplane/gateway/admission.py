@@ -1,0 +1,125 @@
+"""Admission: per-replica concurrency slots and a bounded per-model queue with priority classes.
+
+A request asks for a slot on one of its model's replicas. The policy picks among those that are healthy
+and have a free slot; when none does, the request waits in its model's queue (critical before standard
+before sheddable, first come first served within a class) until a slot frees, the fleet changes (a GPU
+cools down, a replica becomes ready, a circuit half-opens) or its deadline passes. A full queue or a
+passed deadline raises `Rejected`; the caller answers 429 or falls back."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from controlplane.gateway.config import PRIORITIES
+from controlplane.gateway.policy import Candidate, Policy, RouteContext
+
+
+class Rejected(Exception):
+    def __init__(self, why: str, reason: str) -> None:
+        super().__init__(why)
+        self.reason = reason          # queue_full | deadline
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: int
+    seq: int
+    candidates: object = field(compare=False)        # () -> list[Candidate]
+    ctx: RouteContext = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False, default=0.0)
+
+
+@dataclass
+class Slot:
+    """A held replica slot; `release` is idempotent (called on success, failure and client disconnect)."""
+    candidate: Candidate
+    why: str
+    waited: float
+    admission: "Admission"
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission._free(self.candidate)
+
+
+class Admission:
+    def __init__(self, policy: Policy, queue_size: int) -> None:
+        self.policy = policy
+        self.queue_size = queue_size
+        self.queues: dict[str, list[_Waiter]] = {}
+        self._seq = itertools.count()
+
+    def depth(self, model: str) -> int:
+        return len(self.queues.get(model, ()))
+
+    def _take(self, c: Candidate) -> None:
+        c.stats.in_flight += 1
+        c.stats.requests += 1
+        if self.policy.uses_breaker:
+            c.stats.breaker.begin()
+
+    def _free(self, c: Candidate) -> None:
+        c.stats.in_flight = max(0, c.stats.in_flight - 1)
+        self.kick()
+
+    async def acquire(self, candidates, ctx: RouteContext, priority: str, timeout: float) -> Slot:
+        """A slot on a replica of ctx.model; waits up to `timeout` seconds; Rejected when the queue is full or
+        the wait ran out."""
+        start = time.monotonic()
+        q = self.queues.setdefault(ctx.model, [])
+        prio = PRIORITIES.index(priority)
+        if not any(w.priority <= prio for w in q):
+            c, why = self.policy.pick(candidates(), ctx)
+            if c is not None:
+                self._take(c)
+                return Slot(c, why, 0.0, self)
+        if len(q) >= self.queue_size:
+            raise Rejected(f"the queue of {ctx.model} is full ({self.queue_size} waiting)", "queue_full")
+        if timeout <= 0:
+            raise Rejected(f"no replica of {ctx.model} is free and the request's deadline allows no wait", "deadline")
+        w = _Waiter(prio, next(self._seq), candidates, ctx, asyncio.get_running_loop().create_future(), start)
+        heapq.heappush(q, w)
+        try:
+            c, why = await asyncio.wait_for(asyncio.shield(w.future), timeout)
+        except asyncio.TimeoutError:
+            self._drop(ctx.model, w)
+            if w.future.done() and not w.future.cancelled():     # granted at the last moment: give it back
+                w.future.result()[0].stats.in_flight -= 1
+                self.kick()
+            raise Rejected(f"no replica of {ctx.model} became free within {timeout:.1f}s", "deadline") from None
+        except asyncio.CancelledError:                               # the client went away while waiting
+            self._drop(ctx.model, w)
+            if w.future.done() and not w.future.cancelled():
+                self._free(w.future.result()[0])
+            raise
+        return Slot(c, why, time.monotonic() - start, self)
+
+    def _drop(self, model: str, w: _Waiter) -> None:
+        q = self.queues.get(model, [])
+        if w in q:
+            q.remove(w)
+            heapq.heapify(q)
+        if not w.future.done():
+            w.future.cancel()
+
+    def kick(self) -> None:
+        """Hand free slots to waiters, best priority first (after a release or a change of the fleet)."""
+        for model, q in self.queues.items():
+            while q:
+                w = q[0]
+                if w.future.done():
+                    heapq.heappop(q)
+                    continue
+                c, why = self.policy.pick(w.candidates(), w.ctx)
+                if c is None:
+                    break
+                heapq.heappop(q)
+                self._take(c)
+                w.future.set_result((c, why))

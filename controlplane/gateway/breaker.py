@@ -1,0 +1,53 @@
+"""A circuit breaker per replica: closed; open after K consecutive failures; after `open_seconds` one
+half-open probe is let through; its success closes the circuit, its failure opens it again."""
+
+from __future__ import annotations
+
+import time
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int = 3, open_seconds: float = 5.0, clock=time.monotonic) -> None:
+        self.threshold = failures
+        self.open_seconds = open_seconds
+        self.clock = clock
+        self.consecutive = 0
+        self.opened_at = 0.0
+        self._state = CLOSED
+        self.probing = False          # a half-open probe is in flight
+
+    @property
+    def state(self) -> str:
+        if self._state == OPEN and self.clock() - self.opened_at >= self.open_seconds:
+            self._state = HALF_OPEN
+            self.probing = False
+        return self._state
+
+    def allows(self) -> bool:
+        """May a request go to this replica now (without taking the half-open probe)?"""
+        s = self.state
+        return s == CLOSED or (s == HALF_OPEN and not self.probing)
+
+    def begin(self) -> None:
+        """A request was sent; in half-open it is the one probe."""
+        if self.state == HALF_OPEN:
+            self.probing = True
+
+    def success(self) -> None:
+        self.consecutive = 0
+        self._state = CLOSED
+        self.probing = False
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self._state == HALF_OPEN or self.consecutive >= self.threshold:
+            self._state = OPEN
+            self.opened_at = self.clock()
+        self.probing = False
+
+    def release(self) -> None:
+        """A request ended without a verdict (client went away): free the probe."""
+        self.probing = False

@@ -1,0 +1,106 @@
+"""The gateway's configuration (file, `MESH_GATEWAY_*` environment, flags; docs/configuration.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.config import ConfigError, option, parse_hostport
+
+POLICIES = ("gpu-aware", "round-robin", "least-loaded")
+PRIORITIES = ("critical", "standard", "sheddable")
+
+
+def _triple(text: str, what: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or not vals[0] < vals[1] < vals[2]:
+        raise ConfigError(f"{what}: {text!r} is not three increasing numbers A,B,C")
+    return vals  # type: ignore[return-value]
+
+
+def _pairs(items: list, what: str, allowed: tuple | None = None) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, sep, v = str(item).partition("=")
+        if not sep or not k or not v:
+            raise ConfigError(f"{what}: {item!r} is not NAME=VALUE")
+        if allowed and v not in allowed:
+            raise ConfigError(f"{what}: {v!r} in {item!r} is not allowed (allowed: {', '.join(allowed)})")
+        out[k] = v
+    return out
+
+
+@dataclass
+class GatewayConfig:
+    ENV_PREFIX = "MESH_GATEWAY_"
+
+    listen: str = option("127.0.0.1:8080", "HTTP address HOST:PORT of the OpenAI-compatible API (port 0 picks one)")
+    grpc_listen: str = option("", "gRPC address HOST:PORT of InferenceService; empty: no gRPC server")
+    control_plane: str = option("127.0.0.1:50051", "control plane gRPC address HOST:PORT (the serving view is "
+                                "followed from it by one watch stream)")
+    insecure: bool = option(False, "dial the control plane in plaintext (the local demo)")
+    tls_ca: str = option("", "PEM CA that signed the control plane's certificate")
+    token: str = option("", "bearer token the gateway watches the control plane with (an admin token: the "
+                            "gateway routes every tenant's deployments)")
+    tenants_file: str = option("", "the control plane's tenants file: client tokens are checked against it (a "
+                               "tenant reaches only its tenant's deployments); empty: no client authentication "
+                               "(the local demo)")
+    view_interval_ms: int = option(250, "how often the control plane checks the serving view for changes",
+                                   minimum=100, maximum=60000)
+    policy: str = option("gpu-aware", "routing policy", choices=POLICIES)
+    memory_pressure_pct: str = option("50,70,85", "GPU memory use (percent) where pressure becomes normal, high, "
+                                      "critical (seed 003)")
+    thermal_c: str = option("65,80,85", "temperature (C) where the thermal state becomes warning, throttling, "
+                                        "critical (seed 003)")
+    weight_pressure: float = option(1.0, "score weight of the GPU's memory-pressure level", minimum=0)
+    weight_thermal: float = option(1.0, "score weight of the GPU's thermal state", minimum=0)
+    weight_latency: float = option(1.0, "score weight of the replica's EMA time to first token and per-token "
+                                        "latency", minimum=0)
+    weight_inflight: float = option(1.0, "score weight of the gateway's in-flight requests on the replica",
+                                    minimum=0)
+    weight_backend_queue: float = option(0.5, "score weight of the backend's waiting requests and KV-cache use "
+                                              "(when the replica reports them)", minimum=0)
+    weight_failures: float = option(2.0, "score weight of the replica's recent failures", minimum=0)
+    ema_alpha: float = option(0.3, "smoothing factor of the latency EMAs", minimum=0.01, maximum=1)
+    affinity: bool = option(True, "prefix/session affinity: a conversation goes to the replica that served its "
+                                  "prefix while that replica is not loaded beyond affinity_load_bound")
+    affinity_prefix_chars: int = option(256, "characters of the prompt that make the affinity key", minimum=16)
+    affinity_load_bound: float = option(1.25, "the affine replica is skipped when its load exceeds this factor of "
+                                              "the mean load (then power of two choices)", minimum=1.0)
+    breaker_failures: int = option(3, "consecutive failures that open a replica's circuit", minimum=1)
+    breaker_open_seconds: float = option(5.0, "how long an open circuit stays open before one half-open probe",
+                                         minimum=0.1)
+    llamacpp_concurrency: int = option(1, "requests at once on a llama.cpp replica (its server decodes one at a "
+                                          "time)", minimum=1)
+    vllm_concurrency: int = option(0, "requests at once on a vLLM replica; 0: the deployment's concurrency "
+                                      "(its max_num_seqs)", minimum=0)
+    queue_size: int = option(64, "waiting requests per model beyond which new ones are refused (429)", minimum=0)
+    queue_timeout_seconds: float = option(30.0, "the longest a request waits for a replica unless it sends "
+                                                "x-gpumesh-deadline-ms", minimum=0)
+    retry_after_seconds: int = option(1, "Retry-After of a 429", minimum=1)
+    tenant_priority: list = option([], "a tenant's default priority class, TENANT=critical|standard|sheddable "
+                                       "(others: standard)")
+    fallback_tenants: list = option([], "tenants whose requests may be served by a fallback variant without "
+                                        "asking (x-gpumesh-allow-fallback)")
+    max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)", minimum=1024)
+    backend_timeout_seconds: float = option(300.0, "longest wait for a backend's answer or next chunk",
+                                            minimum=1)
+    cache_entries: int = option(1024, "exact-match response cache: entries kept (0 disables the cache)",
+                                minimum=0)
+    cache_bytes: int = option(64 << 20, "exact-match response cache: bytes kept", minimum=0)
+    cache_ttl_seconds: float = option(300.0, "exact-match response cache: how long an answer is reused",
+                                      minimum=0)
+    log_requests: bool = option(True, "one structured log line per request with its routing decision")
+
+    def check(self) -> None:
+        parse_hostport(self.listen, "listen")
+        if self.grpc_listen:
+            parse_hostport(self.grpc_listen, "grpc_listen")
+        self.pressure_limits = _triple(self.memory_pressure_pct, "memory_pressure_pct")
+        self.thermal_limits = _triple(self.thermal_c, "thermal_c")
+        self.priorities = _pairs(self.tenant_priority, "tenant_priority", PRIORITIES)
+        if not self.insecure and not self.tls_ca:
+            raise ConfigError("insecure: the gateway dials the control plane over TLS unless insecure is set; "
+                              "give tls_ca (and token) or --insecure")

@@ -1,0 +1,153 @@
+"""Seed 003's GPU endpoints and seed 002's resource-manager endpoints, answered from the gateway's view of
+the fleet and its own measurements (no control-plane call)."""
+
+from __future__ import annotations
+
+import time
+
+from controlplane.gateway.apierror import APIError, invalid
+from controlplane.gateway.breaker import OPEN
+from controlplane.gateway.clients import Caller
+from controlplane.gateway.policy import gpu_levels
+
+GIB = 1 << 30
+
+
+def _gpu(gw, g) -> dict:
+    pressure, thermal = gpu_levels(g, gw.cfg.pressure_limits, gw.cfg.thermal_limits)
+    return {"node": g.node, "index": g.index, "memory_used_bytes": g.memory_used,
+            "memory_total_bytes": g.memory_total, "memory_available_bytes": max(g.memory_total - g.memory_used, 0),
+            "memory_used_pct": round(100.0 * g.memory_used / g.memory_total, 1) if g.memory_total else None,
+            "utilization_pct": g.utilization, "temperature_c": g.temperature_c, "power_w": g.power_w,
+            "throttled": g.throttled, "pressure": pressure, "thermal_state": thermal, "healthy": g.healthy,
+            "reading": g.has_reading}
+
+
+def _vram(gw, d) -> int:
+    m = gw.view.models.get(d.model)
+    v = next((v for v in m.variants if v.name == d.variant), None) if m is not None else None
+    return int(v.vram.total_bytes) if v is not None and v.HasField("vram") else 0
+
+
+def _model(gw, d) -> dict:
+    reps = []
+    for r in d.replicas:
+        s = gw.stats.of(r.key)
+        reps.append({"replica": r.key, "endpoint": r.endpoint, "ready": r.ready, "gpu": f"{r.gpu[0]}/{r.gpu[1]}",
+                     "ema_ttft_ms": round(s.ttft_ema * 1000, 1) if s.ttft_ema is not None else None,
+                     "ema_tpot_ms": round(s.tpot_ema * 1000, 2) if s.tpot_ema is not None else None,
+                     "in_flight": s.in_flight, "requests": s.requests, "failures": s.failures,
+                     "circuit": s.breaker.state, "backend_waiting": r.waiting, "kv_cache_usage": r.kv_usage})
+    return {"name": d.name, "model": d.model, "variant": d.variant, "tenant": d.tenant, "backend": d.backend,
+            "context": d.context, "fallback_rank": d.fallback_rank, "vram_bytes": _vram(gw, d),
+            "queue": gw.admission.depth(d.name), "replicas": reps}
+
+
+def status(gw, caller: Caller) -> dict:
+    deps = gw.view.visible(caller.tenant)
+    mine = {r.gpu for d in deps for r in d.replicas}
+    gpus = [_gpu(gw, g) for k, g in sorted(gw.view.gpus.items()) if caller.tenant is None or k in mine]
+    return {"gpus": gpus, "models": [_model(gw, d) for d in sorted(deps, key=lambda d: d.name)],
+            "policy": gw.policy.NAME, "view_age_seconds": round(time.time() - gw.view.updated_at, 2)
+            if gw.view.updated_at else None}
+
+
+def memory_forecast(gw, caller: Caller, hours: str | None) -> dict:
+    try:
+        h = float(hours) if hours not in (None, "") else 1.0
+    except ValueError:
+        h = -1
+    if not 0 < h <= 168:
+        raise invalid("hours", f"{hours!r} is not a number of hours", "more than 0, at most 168")
+    st = status(gw, caller)
+    out = []
+    for g in st["gpus"]:
+        out.append({"node": g["node"], "index": g["index"], "memory_used_bytes": g["memory_used_bytes"],
+                    "memory_total_bytes": g["memory_total_bytes"],
+                    "projected_used_bytes": g["memory_used_bytes"],
+                    "headroom_bytes": g["memory_available_bytes"],
+                    "available_for_inference_bytes": max(g["memory_available_bytes"], 0)})
+    return {"hours": h, "source": "current-use",
+            "note": "no forecasting service runs yet: the projection is the current use, and the headroom is "
+                    "what is free now", "gpus": out}
+
+
+def models_optimal(gw, caller: Caller, agent_type: str | None) -> dict:
+    ranked = []
+    for d in gw.view.visible(caller.tenant):
+        ready = [r for r in d.replicas if r.ready]
+        cands = gw.candidates([d])
+        usable = [c for c in cands if c.replica.ready and c.pressure != "critical"
+                  and c.thermal not in ("throttling", "critical") and c.stats.breaker.state != OPEN]
+        reqs = sum(c.stats.requests for c in cands)
+        fails = sum(c.stats.failures for c in cands)
+        reliability = 1.0 - fails / reqs if reqs else 1.0
+        ttfts = [c.stats.ttft_ema for c in cands if c.stats.ttft_ema is not None]
+        latency = min(ttfts) if ttfts else None
+        fit = len(usable) / max(len(d.replicas), 1)
+        score = fit * reliability / (1.0 + (latency or 0.0))
+        ranked.append({"model": d.name, "registry_model": d.model, "variant": d.variant, "backend": d.backend,
+                       "ready_replicas": len(ready), "usable_replicas": len(usable), "fit": round(fit, 3),
+                       "ema_ttft_ms": round(latency * 1000, 1) if latency is not None else None,
+                       "reliability": round(reliability, 4), "score": round(score, 4)})
+    ranked.sort(key=lambda x: (-x["score"], x["model"]))
+    return {"agent_type": agent_type or "", "note": "every model serves every agent type here; ranked by fit "
+            "(replicas on GPUs that are not critical or throttling, circuits closed), latency and reliability",
+            "models": ranked}
+
+
+def rebalance(gw, caller: Caller, apply: str | None) -> dict:
+    if apply not in (None, "", "true", "false", "1", "0"):
+        raise invalid("apply", f"{apply!r} is not a boolean", "true, false")
+    applying = apply in ("true", "1")
+    actions = []
+    for d in gw.view.visible(caller.tenant):
+        for c in gw.candidates([d]):
+            reasons = []
+            if c.pressure == "critical":
+                reasons.append("GPU memory pressure critical")
+            if c.thermal in ("throttling", "critical"):
+                reasons.append(f"GPU thermal state {c.thermal}")
+            if c.stats.breaker.state == OPEN:
+                reasons.append("circuit open after failures")
+            if not reasons:
+                continue
+            routed = gw.policy.uses_gpu or gw.policy.uses_breaker
+            actions.append({"action": "route-around", "replica": c.key, "reason": "; ".join(reasons),
+                            "applied": routed, "detail": "new requests go to the model's other replicas (or wait, "
+                            "or fall back) until it recovers" if routed else
+                            f"the {gw.policy.NAME} policy does not route around GPU state"})
+            actions.append({"action": "move-replica", "replica": c.key, "reason": "; ".join(reasons),
+                            "applied": False, "detail": "recommended: `meshctl rollout restart` or scale to place "
+                            "it on another GPU; the gateway does not change deployments"})
+    return {"apply": applying, "actions": actions}
+
+
+def models(gw, caller: Caller) -> dict:
+    """Seed 002's /models: the models with their resource needs."""
+    out = []
+    for d in sorted(gw.view.visible(caller.tenant), key=lambda d: d.name):
+        out.append({"name": d.name, "model": d.model, "variant": d.variant, "backend": d.backend,
+                    "vram_bytes": _vram(gw, d), "context": d.context, "replicas": len(d.replicas),
+                    "ready_replicas": sum(1 for r in d.replicas if r.ready), "fallback_rank": d.fallback_rank})
+    return {"models": out}
+
+
+def openai_models(gw, caller: Caller) -> dict:
+    seen, data = set(), []
+    for d in sorted(gw.view.visible(caller.tenant), key=lambda d: d.name):
+        for name in (d.name, d.model):
+            if name not in seen:
+                seen.add(name)
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": d.tenant or "gpumesh"})
+    return {"object": "list", "data": data}
+
+
+def policies(gw) -> dict:
+    return {"routing_policy": gw.policy.NAME, "available": ["gpu-aware", "round-robin", "least-loaded"],
+            "scaling_policies": [], "note": "scaling policies are filled by the scaling-policy issue"}
+
+
+def refuse_register() -> None:
+    raise APIError(405, "models are registered with the control plane (`meshctl model import`, `meshctl deploy`), "
+                        "not through the gateway", code="method_not_allowed")

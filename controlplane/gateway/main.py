@@ -1,0 +1,83 @@
+"""`mesh-gateway`: the GPU-aware, OpenAI-compatible inference gateway (docs/gateway.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from controlplane.gateway.config import GatewayConfig
+from mesh import config, logs
+from mesh.logs import log
+
+logger = logging.getLogger("gateway")
+
+
+async def serve(cfg: GatewayConfig) -> None:
+    import uvicorn
+
+    from controlplane.gateway.app import create_app
+    from controlplane.gateway.service import Gateway
+    from controlplane.gateway.view import ViewFollower
+    from mesh.config import parse_hostport
+
+    gw = Gateway(cfg)
+    follower = ViewFollower(gw.view, cfg)
+    follower.start()
+    await gw.start()
+    grpc_server = None
+    if cfg.grpc_listen:
+        from controlplane.gateway.grpcsvc import start_grpc
+        grpc_server = await start_grpc(gw, cfg.grpc_listen)
+    host, port = parse_hostport(cfg.listen, "listen")
+    server = uvicorn.Server(uvicorn.Config(create_app(gw), host=host, port=port, log_level="warning",
+                                           access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+    server.install_signal_handlers = lambda: None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+
+    async def announce():
+        while not server.started:
+            await asyncio.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()
+        log(logger, logging.INFO, "serving", http=f"{bound[0]}:{bound[1]}", policy=cfg.policy,
+            control_plane=cfg.control_plane, authentication="tenants file" if cfg.tenants_file else "none")
+        print(f"GATEWAY_LISTENING {bound[0]}:{bound[1]}", flush=True)
+    asyncio.get_running_loop().create_task(announce())
+    try:
+        await server.serve()
+    finally:
+        await follower.stop()
+        await gw.stop()
+        if grpc_server is not None:
+            await grpc_server.stop(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mesh-gateway",
+        description="gpumesh inference gateway: OpenAI-compatible HTTP in front of the deployments' replicas, "
+                    "routed by GPU memory pressure, temperature, latency, load and failures.",
+        epilog="example: mesh-gateway --control-plane 127.0.0.1:50051 --insecure --listen 0.0.0.0:8080")
+    config.add_arguments(parser, GatewayConfig)
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", default="json", choices=("json", "text"))
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(GatewayConfig, args)
+    except config.ConfigError as e:
+        print(f"mesh-gateway: configuration error: {e}", file=sys.stderr)
+        return 2
+    logs.setup("gateway", args.log_level, args.log_format)
+    try:
+        asyncio.run(serve(cfg))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

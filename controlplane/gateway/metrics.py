@@ -1,0 +1,44 @@
+"""The gateway's Prometheus metrics (its own registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+_LAT = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
+
+REQUESTS = Counter("gpumesh_gateway_requests_total", "requests answered, by model and HTTP status",
+                   ["model", "code"], registry=REGISTRY)
+TTFT = Histogram("gpumesh_gateway_ttft_seconds", "time to first token, by model and replica", ["model", "replica"],
+                 buckets=_LAT, registry=REGISTRY)
+TPOT = Histogram("gpumesh_gateway_tpot_seconds", "time per output token after the first", ["model", "replica"],
+                 buckets=_TPOT, registry=REGISTRY)
+E2E = Histogram("gpumesh_gateway_e2e_seconds", "request latency, first byte in to last byte out",
+                ["model", "replica"], buckets=_LAT, registry=REGISTRY)
+TOKENS = Counter("gpumesh_gateway_tokens_total", "tokens in (prompt) and out (completion)",
+                 ["model", "direction"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge("gpumesh_gateway_queue_depth", "requests waiting for a replica slot", ["model"],
+                    registry=REGISTRY)
+QUEUE_WAIT = Histogram("gpumesh_gateway_queue_wait_seconds", "time waited for a replica slot", ["model"],
+                       buckets=_LAT, registry=REGISTRY)
+FALLBACKS = Counter("gpumesh_gateway_fallbacks_total", "requests served by a fallback variant", ["model"],
+                    registry=REGISTRY)
+RETRIES = Counter("gpumesh_gateway_retries_total", "requests retried on another replica before the first token",
+                  ["model"], registry=REGISTRY)
+REJECTED = Counter("gpumesh_gateway_rejected_total", "requests answered 429 (queue full or deadline)",
+                   ["model", "reason"], registry=REGISTRY)
+BACKEND_ERRORS = Counter("gpumesh_gateway_backend_errors_total", "failed backend attempts", ["model", "replica"],
+                         registry=REGISTRY)
+CIRCUIT = Gauge("gpumesh_gateway_circuit_state", "circuit breaker per replica: 0 closed, 1 half-open, 2 open",
+                ["replica"], registry=REGISTRY)
+IN_FLIGHT = Gauge("gpumesh_gateway_in_flight", "requests the gateway has on a replica", ["replica"],
+                  registry=REGISTRY)
+CACHE_HITS = Counter("gpumesh_gateway_cache_hits_total", "answers served from the response cache", ["model"],
+                     registry=REGISTRY)
+CACHE_MISSES = Counter("gpumesh_gateway_cache_misses_total", "cacheable requests not in the cache", ["model"],
+                       registry=REGISTRY)
+CACHE_SAVED = Counter("gpumesh_gateway_cache_saved_tokens_total", "completion tokens not generated thanks to the "
+                      "cache", ["model"], registry=REGISTRY)
+VIEW_AGE = Gauge("gpumesh_gateway_view_age_seconds", "seconds since the last serving-view snapshot",
+                 registry=REGISTRY)

@@ -1,0 +1,91 @@
+"""Talking to a replica's backend over HTTP (httpx, one pooled async client): a whole answer, or a stream
+whose first event is read before the client sees anything (so a failure before the first token can be
+retried on another replica)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import httpx
+
+from controlplane.gateway.apierror import APIError
+from controlplane.gateway.sse import DONE, EventReader
+
+
+class BackendFailed(Exception):
+    """The replica failed before sending a token (connection refused or cut, 5xx, timeout): retryable."""
+
+
+def _error_of(status: int, body: bytes) -> APIError:
+    """A backend's 4xx as an OpenAI error (its own message when it sent OpenAI's shape)."""
+    try:
+        doc = json.loads(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            return APIError(status, str(err["message"]), param=err.get("param"), code=err.get("code"))
+        if isinstance(doc, dict) and doc.get("detail"):
+            return APIError(status, f"the model server refused the request: {doc['detail']}")
+    except ValueError:
+        pass
+    return APIError(status, f"the model server refused the request ({status}): {body[:300].decode(errors='replace')}")
+
+
+def make_client(timeout: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0),
+                             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512))
+
+
+async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes) -> bytes:
+    try:
+        r = await client.post(f"http://{endpoint}{path}", content=data, headers={"content-type": "application/json"})
+    except httpx.HTTPError as e:
+        raise BackendFailed(f"{type(e).__name__}: {e}") from None
+    if r.status_code >= 500:
+        raise BackendFailed(f"HTTP {r.status_code}: {r.content[:200].decode(errors='replace')}")
+    if r.status_code != 200:
+        raise _error_of(r.status_code, r.content)
+    return r.content
+
+
+@dataclass
+class OpenStream:
+    response: httpx.Response
+    chunks: object                      # the byte iterator
+    reader: EventReader
+    first: list[bytes] = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.response.aclose()
+
+
+async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes) -> OpenStream:
+    """Send the request and read up to the first event; BackendFailed if it fails before one arrives."""
+    req = client.build_request("POST", f"http://{endpoint}{path}", content=data,
+                               headers={"content-type": "application/json", "accept": "text/event-stream"})
+    try:
+        resp = await client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        raise BackendFailed(f"{type(e).__name__}: {e}") from None
+    try:
+        if resp.status_code != 200:
+            body = await resp.aread()
+            if resp.status_code >= 500:
+                raise BackendFailed(f"HTTP {resp.status_code}: {body[:200].decode(errors='replace')}")
+            raise _error_of(resp.status_code, body)
+        s = OpenStream(resp, resp.aiter_raw(), EventReader())
+        while not s.first:
+            try:
+                chunk = await s.chunks.__anext__()
+            except StopAsyncIteration:
+                raise BackendFailed("the stream ended before its first event") from None
+            s.first = s.reader.feed(chunk)
+        if s.first[0] == DONE:
+            pass
+        return s
+    except httpx.HTTPError as e:
+        await resp.aclose()
+        raise BackendFailed(f"{type(e).__name__}: {e}") from None
+    except BaseException:
+        await resp.aclose()
+        raise

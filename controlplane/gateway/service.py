@@ -1,0 +1,366 @@
+"""The gateway's request path, independent of the HTTP framework: authenticate, validate, resolve the
+model, answer from the cache, take a replica slot (queue, fallback), call the backend (retry once before
+the first token), measure, log. `app.py` turns its results into HTTP responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from controlplane.gateway import cache as cachemod
+from controlplane.gateway import metrics as M
+from controlplane.gateway import proxy, validate
+from controlplane.gateway.admission import Admission, Rejected, Slot
+from controlplane.gateway.apierror import APIError
+from controlplane.gateway.clients import Caller, Clients
+from controlplane.gateway.config import GatewayConfig
+from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, gpu_levels, make
+from controlplane.gateway.sse import DONE, frame
+from controlplane.gateway.stats import StatsTable
+from controlplane.gateway.breaker import STATE_VALUE
+from controlplane.gateway.view import DeploymentInfo, FleetView
+from mesh.logs import log
+
+logger = logging.getLogger("gateway.requests")
+
+
+@dataclass
+class Outcome:
+    """What to send: a whole body, or a stream of SSE bytes; with status and headers."""
+    status: int = 200
+    body: bytes = b""
+    stream: object = None                       # async iterator of bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Trace:
+    """What the log line of one request says."""
+    model: str = ""
+    tenant: str | None = None
+    replica: str = ""
+    why: str = ""
+    degraded: str = ""
+    retries: int = 0
+    queued_s: float = 0.0
+    cache: str = ""
+    status: int = 200
+    ttft: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    start: float = field(default_factory=time.monotonic)
+    error: str = ""
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, view: FleetView | None = None) -> None:
+        self.cfg = cfg
+        self.view = view or FleetView()
+        self.stats = StatsTable(cfg.breaker_failures, cfg.breaker_open_seconds, cfg.ema_alpha)
+        self.policy = make(cfg.policy, cfg)
+        self.admission = Admission(self.policy, cfg.queue_size)
+        self.cache = cachemod.ResponseCache(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_seconds)
+        self.clients = Clients(cfg.tenants_file)
+        self.http = proxy.make_client(cfg.backend_timeout_seconds)
+        self.view.listeners.append(self._on_view)
+        self._ticker: asyncio.Task | None = None
+
+    # -- the fleet ------------------------------------------------------------------------------
+
+    def _on_view(self) -> None:
+        keys = {r.key for d in self.view.deployments.values() for r in d.replicas}
+        self.stats.forget_except(keys)
+        self.admission.kick()
+
+    async def start(self) -> None:
+        async def tick():        # breakers half-open with time, not with events
+            while True:
+                await asyncio.sleep(0.25)
+                self.admission.kick()
+                M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
+        self._ticker = asyncio.get_running_loop().create_task(tick())
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        await self.http.aclose()
+
+    def limit(self, d: DeploymentInfo, concurrency: int) -> int:
+        if d.backend == "vllm":
+            return self.cfg.vllm_concurrency or concurrency
+        return self.cfg.llamacpp_concurrency
+
+    def candidates(self, deps: list[DeploymentInfo]) -> list[Candidate]:
+        out = []
+        for d in deps:
+            cur = self.view.deployments.get(d.name, d)       # the latest view, even for a queued request
+            for r in cur.replicas:
+                g = self.view.gpus.get(r.gpu)
+                pressure, thermal = gpu_levels(g, self.cfg.pressure_limits, self.cfg.thermal_limits)
+                out.append(Candidate(r, self.stats.of(r.key), g, self.limit(cur, r.concurrency), pressure, thermal))
+        return out
+
+    # -- one request ----------------------------------------------------------------------------
+
+    async def handle(self, path: str, raw: bytes, headers) -> Outcome:
+        """Answer one /v1/chat/completions or /v1/completions request (APIError for a clean error)."""
+        t = Trace()
+        try:
+            out = await self._handle(path, raw, headers, t)
+        except APIError as e:
+            t.status, t.error = e.status, e.message
+            M.REQUESTS.labels(t.model or "-", str(e.status)).inc()
+            self._log(t)
+            raise
+        if out.stream is None:
+            M.REQUESTS.labels(t.model, str(out.status)).inc()
+            self._log(t)
+        return out
+
+    async def _handle(self, path: str, raw: bytes, headers, t: Trace) -> Outcome:
+        caller = self.clients.caller(headers.get("authorization"))
+        t.tenant = caller.tenant
+        chat = path.endswith("/chat/completions")
+        body = validate.parse(raw)
+        info = validate.request(body, chat)
+        t.model = info["model"]
+        primary, fallback = self.view.resolve(info["model"], caller.tenant)
+        if not primary:
+            raise APIError(404, f"model: {info['model']!r} is not a model you can use (GET /v1/models lists yours)",
+                           param="model", code="model_not_found")
+        context = min((d.context for d in primary if d.context), default=0)
+        validate.check_context(info["max_tokens"], context,
+                               "max_tokens" if "max_tokens" in body else "max_completion_tokens")
+        prio = validate.priority(headers.get("x-gpumesh-priority"),
+                                 self.cfg.priorities.get(caller.tenant or "", "standard"))
+        deadline = validate.deadline_ms(headers.get("x-gpumesh-deadline-ms"))
+        allow = validate.flag(headers.get("x-gpumesh-allow-fallback"), "x-gpumesh-allow-fallback")
+        if allow is None:
+            allow = (caller.tenant or "") in self.cfg.fallback_tenants
+        timeout = self.cfg.queue_timeout_seconds if deadline is None else min(deadline / 1000,
+                                                                               self.cfg.queue_timeout_seconds)
+        ckey = None
+        if self.cache.enabled and not info["stream"] and cachemod.deterministic(body):
+            ckey = cachemod.key(caller.tenant, path, body)
+            hit = self.cache.get(ckey)
+            if hit is not None:
+                M.CACHE_HITS.labels(t.model).inc()
+                M.CACHE_SAVED.labels(t.model).inc(hit[1])
+                t.cache, t.replica, t.why = "hit", "cache", "exact-match cache hit"
+                return Outcome(200, hit[0], headers={"x-gpumesh-served-by": "cache", "x-gpumesh-cache": "hit"})
+            M.CACHE_MISSES.labels(t.model).inc()
+            t.cache = "miss"
+        max_tokens = info["max_tokens"] or 16
+        ctx = RouteContext(",".join(sorted(d.name for d in primary)),
+                           affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens)
+        slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
+        dep = next(d for d in deps if d.name == slot.candidate.replica.deployment)
+        return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey)
+
+    async def _admit(self, primary, fallback, ctx: RouteContext, prio: str, timeout: float, t: Trace):
+        cands = self.candidates(primary)
+        healthy = any(self.policy.healthy(c) for c in cands)
+        if fallback and not healthy:
+            return await self._fallback(fallback, ctx, prio, timeout, t, "every replica unavailable"), fallback
+        M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model) + 1)
+        try:
+            slot = await self.admission.acquire(lambda: self.candidates(primary), ctx, prio, timeout)
+        except Rejected as e:
+            M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
+            if fallback:
+                return await self._fallback(fallback, ctx, prio, timeout, t, str(e)), fallback
+            M.REJECTED.labels(t.model, e.reason).inc()
+            raise APIError(429, f"{e}; retry after {self.cfg.retry_after_seconds}s"
+                           + ("" if healthy else " (every replica is unavailable: GPU critical, throttling or "
+                                                  "failing)"), code=e.reason,
+                           headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None
+        M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
+        M.QUEUE_WAIT.labels(t.model).observe(slot.waited)
+        t.queued_s = slot.waited
+        if slot.waited > 0 and not healthy:
+            t.degraded = "queued"
+        t.replica, t.why = slot.candidate.key, slot.why
+        return slot, primary
+
+    async def _fallback(self, fallback, ctx: RouteContext, prio: str, timeout: float, t: Trace, why: str) -> Slot:
+        fctx = RouteContext(",".join(sorted(d.name for d in fallback)), ctx.affinity_key, ctx.max_tokens)
+        try:
+            slot = await self.admission.acquire(lambda: self.candidates(fallback), fctx, prio, timeout)
+        except Rejected as e:
+            M.REJECTED.labels(t.model, e.reason).inc()
+            raise APIError(429, f"{why}; the fallback variant too: {e}; retry after {self.cfg.retry_after_seconds}s",
+                           code=e.reason, headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None
+        M.FALLBACKS.labels(t.model).inc()
+        t.degraded, t.replica, t.why = "fallback", slot.candidate.key, f"fallback ({why}): {slot.why}"
+        t.queued_s = slot.waited
+        return slot
+
+    def _headers(self, slot: Slot, t: Trace) -> dict[str, str]:
+        h = {"x-gpumesh-served-by": slot.candidate.key}
+        if t.degraded:
+            h["x-gpumesh-degraded"] = t.degraded
+        return h
+
+    async def _call(self, path, body, stream, slot: Slot, deps, dep, ctx, prio, t: Trace, ckey) -> Outcome:
+        attempts = 0
+        while True:
+            attempts += 1
+            c = slot.candidate
+            dep = self.view.deployments.get(c.replica.deployment, dep)
+            body["model"] = dep.model
+            data = json.dumps(body).encode()
+            started = time.monotonic()
+            try:
+                if stream:
+                    s = await proxy.open_stream(self.http, c.replica.endpoint, path, data)
+                    t.ttft = time.monotonic() - t.start
+                    return Outcome(200, stream=self._relay(s, slot, started, t), headers=self._headers(slot, t))
+                answer = await proxy.complete(self.http, c.replica.endpoint, path, data)
+            except proxy.BackendFailed as e:
+                self._failed(slot, str(e))
+                if attempts > 1:
+                    raise APIError(502, f"the model server failed twice (last: {c.key}: {e})",
+                                   code="backend_failed") from None
+                M.RETRIES.labels(t.model).inc()
+                t.retries += 1
+                ctx = RouteContext(ctx.model, ctx.affinity_key, ctx.max_tokens, ctx.exclude | {c.key})
+                slot = await self._retry_slot(deps, ctx, prio, t)
+                continue
+            except APIError:
+                c.stats.ok()              # the request was refused, the replica is fine
+                slot.release()
+                raise
+            except BaseException:
+                slot.release()
+                c.stats.breaker.release()
+                raise
+            e2e = time.monotonic() - started
+            usage = _usage(answer)
+            t.tokens_in, t.tokens_out = usage
+            c.stats.observe(None, e2e / max(usage[1], 1))
+            c.stats.ok()
+            slot.release()
+            self._measure(t, c, e2e, None)
+            if ckey:
+                self.cache.put(ckey, answer, usage[1])
+            return Outcome(200, answer, headers=self._headers(slot, t))
+
+    async def _retry_slot(self, deps, ctx, prio, t: Trace) -> Slot:
+        try:
+            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
+                                                self.cfg.queue_timeout_seconds)
+        except Rejected as e:
+            raise APIError(503, f"the model server failed and no other replica took the retry: {e}",
+                           code="backend_failed", headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None
+        t.replica, t.why = slot.candidate.key, f"retry: {slot.why}"
+        return slot
+
+    def _failed(self, slot: Slot, why: str) -> None:
+        c = slot.candidate
+        c.stats.failed()
+        slot.release()
+        M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
+        M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
+        log(logger, logging.WARNING, "backend failed", replica=c.key, endpoint=c.replica.endpoint, error=why,
+            circuit=c.stats.breaker.state)
+
+    async def _relay(self, s: proxy.OpenStream, slot: Slot, started: float, t: Trace):
+        c = slot.candidate
+        first_at = time.monotonic()
+        done, broken, events = False, None, 0
+        try:
+            pending = s.first
+            while True:
+                for data in pending:
+                    if data == DONE:
+                        done = True
+                        break
+                    events += _count(data, t)
+                    yield frame(data)
+                if done:
+                    break
+                try:
+                    chunk = await s.chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                pending = s.reader.feed(chunk)
+            if not done:
+                broken = "the model server ended the stream without [DONE]"
+        except (proxy.httpx.HTTPError, OSError) as e:
+            broken = f"{type(e).__name__}: {e}"
+        finally:
+            await s.close()
+            slot.release()
+            if broken is None and done:
+                c.stats.ok()
+            elif broken is not None:
+                c.stats.failed()
+                M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
+            else:
+                c.stats.breaker.release()        # the client went away: logged as 499
+                t.status, t.error = 499, "the client closed the stream"
+                M.REQUESTS.labels(t.model, "499").inc()
+                self._log(t)
+            M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
+        if broken is not None:
+            t.status, t.error = 502, broken
+            yield APIError(502, f"the stream broke after tokens were sent: {broken}", code="stream_broken").sse()
+        else:
+            yield frame(DONE)
+        tokens = max(t.tokens_out, events)
+        t.tokens_out = tokens
+        e2e = time.monotonic() - started
+        tpot = (time.monotonic() - first_at) / (tokens - 1) if tokens > 1 else None
+        c.stats.observe(first_at - started, tpot)
+        self._measure(t, c, e2e, first_at - started, tpot)
+        M.REQUESTS.labels(t.model, str(t.status)).inc()
+        self._log(t)
+
+    def _measure(self, t: Trace, c: Candidate, e2e: float, ttft: float | None, tpot: float | None = None) -> None:
+        model, rep = c.replica.deployment, c.key
+        M.E2E.labels(model, rep).observe(e2e)
+        if ttft is not None:
+            M.TTFT.labels(model, rep).observe(ttft)
+        if tpot is not None:
+            M.TPOT.labels(model, rep).observe(tpot)
+        M.TOKENS.labels(model, "in").inc(t.tokens_in)
+        M.TOKENS.labels(model, "out").inc(t.tokens_out)
+
+    def _log(self, t: Trace) -> None:
+        if not self.cfg.log_requests:
+            return
+        log(logger, logging.INFO, "request", model=t.model, tenant=t.tenant or "*", status=t.status,
+            replica=t.replica, policy=self.policy.NAME, why=t.why, degraded=t.degraded, retries=t.retries,
+            cache=t.cache, queued_ms=round(t.queued_s * 1000, 1),
+            ttft_ms=round(t.ttft * 1000, 1) if t.ttft is not None else None,
+            e2e_ms=round((time.monotonic() - t.start) * 1000, 1), tokens_in=t.tokens_in, tokens_out=t.tokens_out,
+            error=t.error)
+
+
+def _usage(answer: bytes) -> tuple[int, int]:
+    try:
+        u = json.loads(answer).get("usage") or {}
+        return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0, 0
+
+
+def _count(data: bytes, t: Trace) -> int:
+    """1 when the event carries generated text; takes the usage when the backend sends it."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return 0
+    if not isinstance(doc, dict):
+        return 0
+    u = doc.get("usage")
+    if isinstance(u, dict):
+        t.tokens_in = int(u.get("prompt_tokens") or t.tokens_in)
+        t.tokens_out = int(u.get("completion_tokens") or t.tokens_out)
+    for ch in doc.get("choices") or ():
+        if isinstance(ch, dict) and (ch.get("text") or (ch.get("delta") or {}).get("content")):
+            return 1
+    return 0

@@ -1,0 +1,57 @@
+"""What the gateway measures per replica: EMA time to first token and per output token, its own in-flight
+count (fresher than a backend's /metrics), recent failures and the circuit breaker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controlplane.gateway.breaker import CircuitBreaker
+
+
+@dataclass
+class ReplicaStats:
+    breaker: CircuitBreaker
+    alpha: float = 0.3
+    ttft_ema: float | None = None      # seconds
+    tpot_ema: float | None = None      # seconds per output token
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0                  # total
+    recent_failures: float = 0.0       # decays by half on each success
+    served: int = 0
+
+    def observe(self, ttft: float | None, tpot: float | None) -> None:
+        a = self.alpha
+        if ttft is not None:
+            self.ttft_ema = ttft if self.ttft_ema is None else a * ttft + (1 - a) * self.ttft_ema
+        if tpot is not None and tpot > 0:
+            self.tpot_ema = tpot if self.tpot_ema is None else a * tpot + (1 - a) * self.tpot_ema
+
+    def ok(self) -> None:
+        self.served += 1
+        self.recent_failures /= 2
+        self.breaker.success()
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.recent_failures += 1
+        self.breaker.failure()
+
+
+@dataclass
+class StatsTable:
+    failures: int = 3
+    open_seconds: float = 5.0
+    alpha: float = 0.3
+    by_replica: dict[str, ReplicaStats] = field(default_factory=dict)
+
+    def of(self, key: str) -> ReplicaStats:
+        s = self.by_replica.get(key)
+        if s is None:
+            s = self.by_replica[key] = ReplicaStats(CircuitBreaker(self.failures, self.open_seconds), self.alpha)
+        return s
+
+    def forget_except(self, keys: set[str]) -> None:
+        for k in list(self.by_replica):
+            if k not in keys and self.by_replica[k].in_flight == 0:
+                del self.by_replica[k]

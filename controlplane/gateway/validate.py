@@ -1,0 +1,146 @@
+"""Checks of an OpenAI request body: each problem a 400 naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from controlplane.gateway.apierror import APIError, invalid
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+PRIORITIES = ("critical", "standard", "sheddable")
+
+
+def parse(raw: bytes) -> dict:
+    if not raw:
+        raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}",
+                       code="invalid_json")
+    return body
+
+
+def _int(body: dict, name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise invalid(name, f"{v!r} is not an integer")
+    return v
+
+
+def _num(body: dict, name: str, lo: float, hi: float) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise invalid(name, f"{v!r} is not a number")
+    if not lo <= v <= hi:
+        raise invalid(name, f"{v} is out of range", f"{lo:g} to {hi:g}")
+    return float(v)
+
+
+def _content(i: int, c) -> None:
+    if c is None or isinstance(c, str):
+        return
+    if isinstance(c, list):
+        for j, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"messages[{i}].content[{j}]", "must be {\"type\": \"text\", \"text\": string}",
+                              "text parts")
+        return
+    raise invalid(f"messages[{i}].content", f"{type(c).__name__} is not a string or a list of text parts")
+
+
+def request(body: dict, chat: bool) -> dict:
+    """Check the fields the gateway relies on; return {model, max_tokens, stream} (others pass through)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "is required: a model name from GET /v1/models" if model is None
+                      else f"{model!r} is not a model name (a non-empty string)")
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise invalid("messages", "is required: a non-empty list of {role, content}" if msgs is None
+                          else "must be a non-empty list of {role, content}")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise invalid(f"messages[{i}]", "must be an object {role, content}")
+            if m.get("role") not in ROLES:
+                raise invalid(f"messages[{i}].role", f"{m.get('role')!r} is not a role", ", ".join(ROLES))
+            _content(i, m.get("content"))
+    else:
+        p = body.get("prompt")
+        if p is None:
+            raise invalid("prompt", "is required: a string")
+        if not isinstance(p, str) and not (isinstance(p, list) and len(p) == 1 and isinstance(p[0], str)):
+            raise invalid("prompt", f"{type(p).__name__} is not a string (or a list of one string)")
+    names = ("max_tokens", "max_completion_tokens")
+    max_tokens = None
+    for n in names:
+        v = _int(body, n)
+        if v is not None:
+            if v <= 0:
+                raise invalid(n, f"{v} must be at least 1")
+            max_tokens = v
+    _num(body, "temperature", 0, 2)
+    _num(body, "top_p", 0, 1)
+    _num(body, "presence_penalty", -2, 2)
+    _num(body, "frequency_penalty", -2, 2)
+    n = _int(body, "n")
+    if n is not None and n != 1:
+        raise invalid("n", f"{n} is not supported", "1")
+    _int(body, "seed")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid("stream", f"{stream!r} is not a boolean")
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise invalid("stream_options", "must be an object")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise invalid("stop", "must be a string or a list of at most 4 strings")
+    return {"model": model, "max_tokens": max_tokens, "stream": bool(stream)}
+
+
+def check_context(max_tokens: int | None, context: int, field: str = "max_tokens") -> None:
+    if max_tokens is not None and context and max_tokens >= context:
+        raise invalid(field, f"{max_tokens} is beyond the model's context of {context} tokens",
+                      f"1 to {context - 1}")
+
+
+def priority(header: str | None, default: str) -> str:
+    if header is None or header == "":
+        return default
+    p = header.strip().lower()
+    if p not in PRIORITIES:
+        raise invalid("x-gpumesh-priority", f"{header!r} is not a priority class", ", ".join(PRIORITIES))
+    return p
+
+
+def deadline_ms(header: str | None) -> float | None:
+    if header is None or header == "":
+        return None
+    try:
+        v = float(header)
+    except ValueError:
+        v = -1
+    if not math.isfinite(v) or v <= 0 or v > 3_600_000:
+        raise invalid("x-gpumesh-deadline-ms", f"{header!r} is not a number of milliseconds", "1 to 3600000")
+    return v
+
+
+def flag(header: str | None, name: str) -> bool | None:
+    if header is None or header == "":
+        return None
+    h = header.strip().lower()
+    if h in ("1", "true", "yes", "on"):
+        return True
+    if h in ("0", "false", "no", "off"):
+        return False
+    raise invalid(name, f"{header!r} is not a boolean", "true, false")

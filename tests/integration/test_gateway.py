@@ -1,0 +1,346 @@
+"""mesh-gateway on a real local cluster: TLS control plane with a tenants file, three simulated H100 hosts,
+real llama.cpp servers (llama-cpp-python) with the real SmolLM2-135M GGUF, and the gateway process in front.
+
+Team A deploys `chat` (2 replicas of the primary variant, on two hosts) and `chat-lite` (1 replica of the
+model's fallback variant, on the third host: its node is cordoned while `chat` is placed); team B deploys
+`other`. The official `openai` client gets completions and streams through the gateway; tenants cannot
+reach each other's models; bad input gets OpenAI-shaped 4xx naming the field; deterministic requests are
+answered from the cache without a backend; requests avoid a replica whose GPU is made throttling or
+critical (simulated NVML, `simctl`) and come back when it recovers; with every primary GPU hot the queue
+answers 429 with Retry-After (full, or past the deadline), queued requests are served once the GPUs cool,
+and the fallback variant serves only when allowed, tagged; a killed backend costs no request.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from tests.integration.conftest import wait_for
+from tests.integration.secure import TOKENS, write_tenants
+from tests.models_util import smollm2_gguf
+from tools.localcluster import LocalCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+HOSTS = [{"node": f"gpu-{x}", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]} for x in "abc"]
+READY = D.REPLICA_STATE_READY
+SLOW = 300
+
+
+def _need():
+    for mod in ("llama_cpp", "uvicorn", "httpx", "openai", "starlette"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed (pip install 'gpumesh[serving,dev]')")
+
+
+def all_ready(n: int):
+    return lambda d: len(d.replicas) == n and d.status.ready_replicas == n and all(r.state == READY
+                                                                                  for r in d.replicas)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _need()
+    smollm2_gguf()
+    d = tmp_path_factory.mktemp("gateway")
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+    tls_dir = d / "tls"
+    c = LocalCluster(d / "cluster", HOSTS, lease_ttl=3, agents_per_process=1, env=env, tls_dir=tls_dir,
+                     tenants_file=str(write_tenants(d / "tenants.yaml")),
+                     client_auth={"token": TOKENS["admin"], "ca": str(tls_dir / "ca.crt")},
+                     agent_args=["--telemetry-interval-seconds", "0.5"],
+                     controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds", "2"],
+                     gateway=True, gateway_args=["--queue-size", "2", "--breaker-open-seconds", "2",
+                                                 "--log-format", "json"])
+    c.start(timeout=120)
+    yield c
+    c.stop()
+
+
+def client(cluster, who):
+    from mesh.client import MeshClient
+    return MeshClient(cluster.endpoint, token=TOKENS[who], ca=str(cluster.tls_dir / "ca.crt"), timeout=60)
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster):
+    """Deployments: team-a `chat` (2) and `chat-lite` (fallback variant, 1, on its own node), team-b `other`."""
+    from mesh.models import importer
+    v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
+    lite = M.Variant()
+    lite.CopyFrom(v)
+    lite.name, lite.fallback_rank = "lite", 1
+    with client(cluster, "admin") as admin, client(cluster, "team-a") as a, client(cluster, "team-b") as b:
+        admin.register_model(M.Model(name="smollm2", family="smollm2", variants=[v, lite]))
+        a.deploy("smollm2", name="chat-lite", variant="lite", replicas=1, context=512)
+        lite_node = a.wait_deployment("chat-lite", all_ready(1), timeout=SLOW).replicas[0].node
+        admin.cordon(lite_node)
+        try:
+            a.deploy("smollm2", name="chat", variant=v.name, replicas=2, context=512)
+            chat = a.wait_deployment("chat", all_ready(2), timeout=SLOW)
+        finally:
+            admin.uncordon(lite_node)
+        b.deploy("smollm2", name="other", variant=v.name, replicas=1, context=512)
+        b.wait_deployment("other", all_ready(1), timeout=SLOW)
+        assert lite_node not in {r.node for r in chat.replicas}
+        nodes = {r.id: r.node for r in chat.replicas}
+    wait_for(lambda: _ready_in_gateway(cluster, "chat", 2) and _ready_in_gateway(cluster, "chat-lite", 1), 60,
+             "the gateway sees every replica ready")
+    return {"chat": nodes, "lite_node": lite_node}
+
+
+def _status(cluster, who="admin") -> dict:
+    import httpx
+    r = httpx.get(f"{cluster.gateway_url}/v1/gpu/status", headers=_auth(who), timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _ready_in_gateway(cluster, name: str, n: int) -> bool:
+    m = next((m for m in _status(cluster)["models"] if m["name"] == name), None)
+    return m is not None and sum(1 for r in m["replicas"] if r["ready"]) == n
+
+
+def _auth(who):
+    return {"authorization": f"Bearer {TOKENS[who]}"} if who else {}
+
+
+def post(cluster, body, who="team-a", path="/v1/chat/completions", headers=None, raw=None):
+    import httpx
+    return httpx.post(f"{cluster.gateway_url}{path}", headers={**_auth(who), **(headers or {})},
+                      content=raw if raw is not None else json.dumps(body), timeout=300)
+
+
+def chat_body(text="Say hello.", **kw):
+    return {"model": "chat", "messages": [{"role": "user", "content": text}], "max_tokens": kw.pop("max_tokens", 4),
+            **kw}
+
+
+def simctl(cluster, node, *args):
+    state = next((cluster.state_dir / "agents").glob(f"*/sim/{node}.state.json"))
+    host = cluster.state_dir / "hosts" / f"{node}.yaml"
+    subprocess.run([sys.executable, "-m", "nodeagent.nvml.simctl", "--state", str(state), "--host-file", str(host),
+                    *args], check=True, capture_output=True, timeout=30)
+
+
+def gpu_state(cluster, node) -> dict:
+    return next(g for g in _status(cluster)["gpus"] if g["node"] == node)
+
+
+# -- the tests ---------------------------------------------------------------------------------------
+
+def test_openai_client_completions_and_streams(cluster, fleet):
+    import openai
+    c = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-a"], max_retries=0, timeout=300)
+    raw = c.chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "Name a color."}], max_tokens=8, temperature=0.7)
+    r = raw.parse()
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    assert raw.headers["x-gpumesh-served-by"].startswith("chat/")
+    text = c.completions.create(model="chat", prompt="The capital of France is", max_tokens=6, temperature=0.5)
+    assert text.choices[0].text
+    pieces = []
+    for chunk in c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Count to five."}],
+                                           max_tokens=12, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    pieces = [ch.choices[0].text for ch in c.completions.create(model="chat", prompt="Once upon a time",
+                                                               max_tokens=8, stream=True) if ch.choices]
+    assert "".join(pieces)
+    # the raw stream is OpenAI's framing, ending with [DONE]
+    import httpx
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=300,
+                      json={"model": "chat", "prompt": "Hi", "max_tokens": 3, "stream": True}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        body = resp.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    models = {m.id for m in c.models.list()}
+    assert {"chat", "chat-lite", "smollm2"} <= models and "other" not in models
+
+
+def test_tenants_cannot_reach_each_others_models(cluster, fleet):
+    import openai
+    b = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-b"], max_retries=0, timeout=300)
+    with pytest.raises(openai.NotFoundError) as e:
+        b.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert e.value.body["param"] == "model"
+    assert b.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert {m.id for m in b.models.list()} == {"other", "smollm2"}
+    # team-b's "smollm2" is its own deployment of the model, never team-a's replicas
+    r = post(cluster, {**chat_body(), "model": "smollm2"}, who="team-b")
+    assert r.status_code == 200 and r.headers["x-gpumesh-served-by"].startswith("other/")
+    for who, headers, status in ((None, {}, 401), (None, {"authorization": "Bearer not-a-token-0123456789"}, 401),
+                                 ("viewer-a", {}, 403)):
+        r = post(cluster, chat_body(), who=who, headers=headers)
+        assert r.status_code == status and r.json()["error"]["param"] == "authorization", r.text
+
+
+@pytest.mark.parametrize("body,raw,param,status", [
+    (None, b"{not json", None, 400),
+    (None, b"[1, 2]", None, 400),
+    ({"messages": [{"role": "user", "content": "x"}]}, None, "model", 400),
+    ({"model": 7, "messages": []}, None, "model", 400),
+    ({"model": "chat", "messages": "hello"}, None, "messages", 400),
+    ({"model": "chat", "messages": [{"role": "robot", "content": "x"}]}, None, "messages[0].role", 400),
+    ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, None, "max_tokens", 400),
+    ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, None, "max_tokens", 400),
+    ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, None, "max_tokens",
+     400),
+    ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, None, "temperature",
+     400),
+    ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, None, "stream", 400),
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, None, "model", 404),
+])
+def test_bad_input_is_a_clean_openai_error(cluster, fleet, body, raw, param, status):
+    r = post(cluster, body, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+    if param:
+        assert param.split("[")[0] in err["message"]
+
+
+def test_oversized_body_and_unknown_paths(cluster, fleet):
+    r = post(cluster, None, raw=json.dumps(chat_body("x" * (2 << 20))).encode())
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+    import httpx
+    r = httpx.get(f"{cluster.gateway_url}/v1/nothing", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    r = post(cluster, chat_body(), headers={"x-gpumesh-priority": "urgent"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-gpumesh-priority"
+    assert httpx.get(f"{cluster.gateway_url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_cache_hit_is_served_without_a_backend(cluster, fleet):
+    import httpx
+    body = chat_body("Tell me a fact about cats.", max_tokens=6, temperature=0)
+    first = post(cluster, body)
+    assert first.status_code == 200 and first.headers["x-gpumesh-served-by"].startswith("chat/")
+    before = {r["replica"]: r["requests"] for m in _status(cluster)["models"] for r in m["replicas"]}
+    second = post(cluster, body)
+    assert second.status_code == 200 and second.headers["x-gpumesh-served-by"] == "cache"
+    assert second.json() == first.json()
+    after = {r["replica"]: r["requests"] for m in _status(cluster)["models"] for r in m["replicas"]}
+    assert after == before                          # no replica got a request
+    assert post(cluster, body, who="team-b").status_code == 404      # scoped per tenant
+    metrics = httpx.get(f"{cluster.gateway_url}/metrics", timeout=30).text
+    assert 'gpumesh_gateway_cache_hits_total{model="chat"}' in metrics
+    # not deterministic: never cached
+    body = chat_body("Tell me a fact about dogs.", max_tokens=4, temperature=0.9)
+    assert post(cluster, body).headers["x-gpumesh-served-by"] != "cache"
+    assert post(cluster, body).headers["x-gpumesh-served-by"] != "cache"
+
+
+def _served_by(cluster, n: int, concurrent: int = 2) -> list[str]:
+    """Send n requests, `concurrent` at a time; the replicas that served them (all must succeed)."""
+    out, errors = [], []
+
+    def one(i):
+        r = post(cluster, chat_body(f"Say a word about number {i}.", max_tokens=3, temperature=0.8))
+        (out if r.status_code == 200 else errors).append(r.headers.get("x-gpumesh-served-by") or r.text)
+    for start in range(0, n, concurrent):
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(start, min(n, start + concurrent))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not errors, errors
+    return out
+
+
+def test_requests_avoid_a_hot_or_full_gpu_and_come_back(cluster, fleet):
+    (id_a, node_a), (id_b, node_b) = sorted(fleet["chat"].items())
+    rep_a, rep_b = f"chat/{id_a}", f"chat/{id_b}"
+    simctl(cluster, node_a, "heat", "--gpu", "0", "--celsius", "88")
+    try:
+        wait_for(lambda: gpu_state(cluster, node_a)["thermal_state"] == "critical", 60, "the hot GPU seen")
+        assert set(_served_by(cluster, 6)) == {rep_b}
+    finally:
+        simctl(cluster, node_a, "clear", "--gpu", "0")
+    wait_for(lambda: gpu_state(cluster, node_a)["thermal_state"] == "normal", 60, "the GPU cooled")
+    wait_for(lambda: rep_a in _served_by(cluster, 4), 120, "requests reach the cooled replica again", interval=0.5)
+
+    simctl(cluster, node_b, "load", "--gpu", "0", "--memory-used", "78GiB")
+    try:
+        wait_for(lambda: gpu_state(cluster, node_b)["pressure"] == "critical", 60, "the full GPU seen")
+        assert set(_served_by(cluster, 6)) == {rep_a}
+        st = _status(cluster)
+        rb = next(r for m in st["models"] if m["name"] == "chat" for r in m["replicas"] if r["replica"] == rep_b)
+        assert rb["ready"]
+        import httpx
+        acts = httpx.post(f"{cluster.gateway_url}/v1/gpu/rebalance", headers=_auth("team-a"), timeout=30).json()
+        assert any(a["replica"] == rep_b and a["action"] == "route-around" and a["applied"] for a in acts["actions"])
+    finally:
+        simctl(cluster, node_b, "clear", "--gpu", "0")
+    wait_for(lambda: gpu_state(cluster, node_b)["pressure"] in ("low", "normal"), 60, "the GPU's memory freed")
+    wait_for(lambda: rep_b in _served_by(cluster, 4), 120, "requests reach the freed replica again", interval=0.5)
+
+
+def test_queue_429_queued_and_fallback_only_when_allowed(cluster, fleet):
+    nodes = sorted(set(fleet["chat"].values()))
+    for n in nodes:
+        simctl(cluster, n, "heat", "--gpu", "0", "--celsius", "88")
+    results = {}
+    try:
+        wait_for(lambda: all(gpu_state(cluster, n)["thermal_state"] == "critical" for n in nodes), 60,
+                 "both GPUs of `chat` seen hot")
+        # past its deadline: 429 with Retry-After
+        r = post(cluster, chat_body(), headers={"x-gpumesh-deadline-ms": "300"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "deadline" and "unavailable" in r.json()["error"]["message"]
+        # two wait (the queue holds 2); the third finds it full
+        def waiting(key):
+            results[key] = post(cluster, chat_body(f"Queued {key}."), headers={"x-gpumesh-deadline-ms": "120000"})
+        ts = [threading.Thread(target=waiting, args=(k,)) for k in (1, 2)]
+        for t in ts:
+            t.start()
+        wait_for(lambda: next(m["queue"] for m in _status(cluster)["models"] if m["name"] == "chat") == 2, 60,
+                 "two requests queued")
+        r = post(cluster, chat_body())
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"]
+        # allowed to fall back: served by the smaller variant, tagged
+        r = post(cluster, chat_body(), headers={"x-gpumesh-allow-fallback": "true"})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-gpumesh-served-by"].startswith("chat-lite/") and r.headers["x-gpumesh-degraded"] == "fallback"
+    finally:
+        for n in nodes:
+            simctl(cluster, n, "clear", "--gpu", "0")
+    for t in ts:
+        t.join()
+    for k in (1, 2):       # the queued ones were served once the GPUs cooled, and say they waited
+        assert results[k].status_code == 200, results[k].text
+        assert results[k].headers["x-gpumesh-degraded"] == "queued"
+        assert results[k].headers["x-gpumesh-served-by"].startswith("chat/")
+
+
+def test_killed_backend_costs_no_request(cluster, fleet):
+    with client(cluster, "admin") as admin:
+        d = admin.get_deployment("chat")
+        victim = d.replicas[0]
+        os.kill(admin.get_workload(victim.workload_id).pid, signal.SIGKILL)
+    served = _served_by(cluster, 8)                    # every one answered 200 (asserted inside)
+    assert served and all(s.startswith("chat/") for s in served)
+    st = _status(cluster)
+    rv = next(r for m in st["models"] if m["name"] == "chat" for r in m["replicas"] if r["replica"] == f"chat/{victim.id}")
+    import httpx
+    metrics = httpx.get(f"{cluster.gateway_url}/metrics", timeout=30).text
+    if rv["failures"]:
+        assert 'gpumesh_gateway_retries_total{model="chat"}' in metrics
+    # and the control plane brings it back; the gateway routes to it again
+    with client(cluster, "admin") as admin:
+        admin.wait_deployment("chat", lambda x: all_ready(2)(x) and any(
+            r.id == victim.id and r.restarts >= 1 for r in x.replicas), timeout=SLOW)
+    wait_for(lambda: f"chat/{victim.id}" in _served_by(cluster, 4), 120, "the restarted replica serves again",
+             interval=0.5)
