@@ -91,7 +91,10 @@ class ServeCluster:
                       for i in range(replicas)]
         # llama_cpp.server reads these: one thread each (two shared cores); N_BATCH=1 keeps prompts off the AMX
         # kernels that a -march=native build may use where the VM does not allow them (docs/serving.md).
-        env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+        # INTERRUPT_REQUESTS=false: by default llama-cpp-python's server ends a stream after its current token
+        # (with [DONE], as if it had finished) whenever another request waits for the model, so concurrent
+        # requests (the direct policy) would come back one token long and look fast.
+        env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", INTERRUPT_REQUESTS="false")
         self.cluster = LocalCluster(state_dir, self.hosts, lease_ttl=3, agents_per_process=1, env=env,
                                     agent_args=["--telemetry-interval-seconds", str(telemetry_interval_s)],
                                     controlplane_args=["--deployment-backoff-seconds", str(restart_delay_s),

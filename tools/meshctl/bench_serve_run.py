@@ -91,11 +91,17 @@ class ServeBench:
             results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=DEPLOYMENT, events=events,
                                                extra_body=self.extra_body, progress=bar,
                                                drain_s=max(180.0, self.args.duration * 2)))
+            counters = gateway_counters(gw.metrics()) if gw is not None else {}
         finally:
             bar.end()
             if gw is not None:
                 gw.stop()
         summary = stats.summarize(results, wall, self.args.slo_ttft)
+        # The gateway counts its retries (before the first token, on another replica) and fallbacks itself;
+        # a client sees neither a retry nor (without the header) a fallback.
+        summary["retries"] = max(summary["retries"], int(counters.get("gpumesh_gateway_retries", 0)))
+        summary["fallbacks"] = max(summary["fallbacks"], int(counters.get("gpumesh_gateway_fallbacks", 0)))
+        summary["rejected_429"] = int(counters.get("gpumesh_gateway_rejected", 0))
         summary["served_by"] = _count(r.served_by or r.target for r in results)
         summary["errors"] = _count(r.error[:80] for r in results if r.error)
         summary["injected"] = list(injector.applied)
@@ -149,6 +155,19 @@ class ServeBench:
     def stop(self) -> None:
         if self.sc is not None:
             self.sc.stop()
+
+
+def gateway_counters(text: str) -> dict[str, float]:
+    """Counter totals (summed over labels) from a gateway's /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, float] = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            if fam.type == "counter":
+                out[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    except ValueError:
+        pass
+    return out
 
 
 def _count(items) -> dict:
