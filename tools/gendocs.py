@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 from controlplane.config import ControlPlaneConfig
+from controlplane.gateway.config import GatewayConfig
 from mesh.config import reference
 from nodeagent.config import AgentConfig
 
@@ -32,6 +33,10 @@ setting, where it came from and what is allowed.
 ## mesh-agent
 
 {reference(AgentConfig)}
+
+## mesh-gateway
+
+{reference(GatewayConfig)}
 """
 
 

@@ -104,6 +104,7 @@ class LocalCluster:
         self.agents: dict[str, Proc] = {}
         self.gateway_proc: Proc | None = None
         self.gateway_url: str | None = None
+        self.gateway_grpc: str | None = None          # HOST:PORT of InferenceService (with --grpc-listen)
         self._host_files: dict[str, Path] = {}
         self.groups: dict[str, list[str]] = {}
         running = read_state(self.state_dir)
@@ -255,6 +256,8 @@ class LocalCluster:
             with open(proc.log_path, "rb") as f:
                 f.seek(start)
                 for line in f.read().decode(errors="replace").splitlines():
+                    if line.startswith("GATEWAY_GRPC_LISTENING "):
+                        self.gateway_grpc = line.split()[1]
                     if line.startswith("GATEWAY_LISTENING "):
                         self.gateway_url = "http://" + line.split()[1]
                         self.save_state()

@@ -38,6 +38,9 @@ class GatewayConfig:
 
     listen: str = option("127.0.0.1:8080", "HTTP address HOST:PORT of the OpenAI-compatible API (port 0 picks one)")
     grpc_listen: str = option("", "gRPC address HOST:PORT of InferenceService; empty: no gRPC server")
+    serve_tls_cert: str = option("", "PEM certificate the gateway serves HTTPS and gRPC with (clients send bearer "
+                                     "tokens: use TLS unless the gateway listens on a trusted network)")
+    serve_tls_key: str = option("", "PEM private key of serve_tls_cert")
     control_plane: str = option("127.0.0.1:50051", "control plane gRPC address HOST:PORT (the serving view is "
                                 "followed from it by one watch stream)")
     insecure: bool = option(False, "dial the control plane in plaintext (the local demo)")
@@ -101,6 +104,8 @@ class GatewayConfig:
         self.pressure_limits = _triple(self.memory_pressure_pct, "memory_pressure_pct")
         self.thermal_limits = _triple(self.thermal_c, "thermal_c")
         self.priorities = _pairs(self.tenant_priority, "tenant_priority", PRIORITIES)
+        if bool(self.serve_tls_cert) != bool(self.serve_tls_key):
+            raise ConfigError("serve_tls_cert, serve_tls_key: give both or neither")
         if not self.insecure and not self.tls_ca:
             raise ConfigError("insecure: the gateway dials the control plane over TLS unless insecure is set; "
                               "give tls_ca (and token) or --insecure")

@@ -30,10 +30,12 @@ async def serve(cfg: GatewayConfig) -> None:
     grpc_server = None
     if cfg.grpc_listen:
         from controlplane.gateway.grpcsvc import start_grpc
-        grpc_server = await start_grpc(gw, cfg.grpc_listen)
+        grpc_server = await start_grpc(gw, cfg.grpc_listen, cfg.serve_tls_cert, cfg.serve_tls_key)
     host, port = parse_hostport(cfg.listen, "listen")
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host=host, port=port, log_level="warning",
-                                           access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+                                           access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                           ssl_certfile=cfg.serve_tls_cert or None,
+                                           ssl_keyfile=cfg.serve_tls_key or None))
     server.install_signal_handlers = lambda: None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -45,6 +47,10 @@ async def serve(cfg: GatewayConfig) -> None:
         bound = server.servers[0].sockets[0].getsockname()
         log(logger, logging.INFO, "serving", http=f"{bound[0]}:{bound[1]}", policy=cfg.policy,
             control_plane=cfg.control_plane, authentication="tenants file" if cfg.tenants_file else "none")
+        if grpc_server is not None:
+            host_g = cfg.grpc_listen.rpartition(":")[0] or "0.0.0.0"
+            log(logger, logging.INFO, "serving gRPC InferenceService", grpc=f"{host_g}:{gw.grpc_port}")
+            print(f"GATEWAY_GRPC_LISTENING {host_g}:{gw.grpc_port}", flush=True)
         print(f"GATEWAY_LISTENING {bound[0]}:{bound[1]}", flush=True)
     asyncio.get_running_loop().create_task(announce())
     try:

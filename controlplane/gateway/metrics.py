@@ -40,5 +40,8 @@ CACHE_MISSES = Counter("gpumesh_gateway_cache_misses_total", "cacheable requests
                        registry=REGISTRY)
 CACHE_SAVED = Counter("gpumesh_gateway_cache_saved_tokens_total", "completion tokens not generated thanks to the "
                       "cache", ["model"], registry=REGISTRY)
+OVERHEAD = Histogram("gpumesh_gateway_overhead_seconds", "the gateway's own time per request: end to end in the "
+                     "gateway minus the queue wait and the backend's time", ["model"],
+                     buckets=(.0001, .00025, .0005, .001, .002, .005, .01, .025, .05, .1), registry=REGISTRY)
 VIEW_AGE = Gauge("gpumesh_gateway_view_age_seconds", "seconds since the last serving-view snapshot",
                  registry=REGISTRY)

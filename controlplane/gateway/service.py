@@ -53,6 +53,7 @@ class Trace:
     tokens_out: int = 0
     start: float = field(default_factory=time.monotonic)
     error: str = ""
+    backend_s: float = 0.0
 
 
 class Gateway:
@@ -217,9 +218,12 @@ class Gateway:
                 if stream:
                     s = await proxy.open_stream(self.http, c.replica.endpoint, path, data)
                     t.ttft = time.monotonic() - t.start
+                    t.backend_s += time.monotonic() - started
                     return Outcome(200, stream=self._relay(s, slot, started, t), headers=self._headers(slot, t))
                 answer = await proxy.complete(self.http, c.replica.endpoint, path, data)
+                t.backend_s += time.monotonic() - started
             except proxy.BackendFailed as e:
+                t.backend_s += time.monotonic() - started
                 self._failed(slot, str(e))
                 if attempts > 1:
                     raise APIError(502, f"the model server failed twice (last: {c.key}: {e})",
@@ -282,10 +286,13 @@ class Gateway:
                     yield frame(data)
                 if done:
                     break
+                waited = time.monotonic()
                 try:
                     chunk = await s.chunks.__anext__()
                 except StopAsyncIteration:
                     break
+                finally:
+                    t.backend_s += time.monotonic() - waited
                 pending = s.reader.feed(chunk)
             if not done:
                 broken = "the model server ended the stream without [DONE]"
@@ -330,13 +337,16 @@ class Gateway:
         M.TOKENS.labels(model, "out").inc(t.tokens_out)
 
     def _log(self, t: Trace) -> None:
+        if t.status == 200 and t.backend_s > 0 and t.ttft is None:     # whole answers (a stream also counts its client)
+            M.OVERHEAD.labels(t.model).observe(max(0.0, time.monotonic() - t.start - t.backend_s - t.queued_s))
         if not self.cfg.log_requests:
             return
         log(logger, logging.INFO, "request", model=t.model, tenant=t.tenant or "*", status=t.status,
             replica=t.replica, policy=self.policy.NAME, why=t.why, degraded=t.degraded, retries=t.retries,
             cache=t.cache, queued_ms=round(t.queued_s * 1000, 1),
             ttft_ms=round(t.ttft * 1000, 1) if t.ttft is not None else None,
-            e2e_ms=round((time.monotonic() - t.start) * 1000, 1), tokens_in=t.tokens_in, tokens_out=t.tokens_out,
+            e2e_ms=round((time.monotonic() - t.start) * 1000, 1), backend_ms=round(t.backend_s * 1000, 1),
+            tokens_in=t.tokens_in, tokens_out=t.tokens_out,
             error=t.error)
 
 

@@ -60,7 +60,7 @@ def cluster(tmp_path_factory):
                      client_auth={"token": TOKENS["admin"], "ca": str(tls_dir / "ca.crt")},
                      agent_args=["--telemetry-interval-seconds", "0.5"],
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds", "2"],
-                     gateway=True, gateway_args=["--queue-size", "2", "--breaker-open-seconds", "2",
+                     gateway=True, gateway_args=["--queue-size", "2", "--breaker-open-seconds", "2", "--grpc-listen", "127.0.0.1:0",
                                                  "--log-format", "json"])
     c.start(timeout=120)
     yield c
@@ -168,6 +168,30 @@ def test_openai_client_completions_and_streams(cluster, fleet):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     models = {m.id for m in c.models.list()}
     assert {"chat", "chat-lite", "smollm2"} <= models and "other" not in models
+
+
+def test_grpc_generate_streams_tokens(cluster, fleet):
+    import grpc
+    from gpumesh.v1 import inference_service_pb2 as I
+    from gpumesh.v1 import inference_service_pb2_grpc
+    assert cluster.gateway_grpc
+    with grpc.insecure_channel(cluster.gateway_grpc) as ch:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(ch)
+        req = I.GenerateRequest(model="chat", messages=[I.ChatMessage(role="user", content="Count to three.")],
+                                max_tokens=8)
+        got = list(stub.Generate(req, metadata=(("authorization", f"Bearer {TOKENS['team-a']}"),), timeout=300))
+        assert len(got) >= 2 and "".join(g.text for g in got).strip()
+        assert got[-1].finish_reason in ("stop", "length") and got[-1].served_by.startswith("chat/")
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(req, timeout=60))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(req, metadata=(("authorization", f"Bearer {TOKENS['team-b']}"),), timeout=60))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        bad = I.GenerateRequest(model="chat", prompt="x", max_tokens=100000)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(bad, metadata=(("authorization", f"Bearer {TOKENS['team-a']}"),), timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()
 
 
 def test_tenants_cannot_reach_each_others_models(cluster, fleet):

@@ -1,0 +1,96 @@
+"""InferenceService.Generate over gRPC (proto/gpumesh/v1/inference_service.proto): the same request path
+as the HTTP API (authentication, validation, routing, queue, fallback, retry), streaming the text."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from controlplane.gateway.apierror import APIError
+from gpumesh.v1 import inference_service_pb2 as I
+from gpumesh.v1 import inference_service_pb2_grpc
+
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+         429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+def to_body(req: I.GenerateRequest) -> tuple[str, dict]:
+    body: dict = {"model": req.model, "stream": True, "max_tokens": req.max_tokens or 16,
+                  "temperature": round(float(req.temperature), 6)}
+    if req.has_seed:
+        body["seed"] = req.seed
+    if req.messages and req.prompt:
+        raise APIError(400, "prompt: give exactly one of prompt, messages", param="prompt")
+    if req.messages:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in req.messages]
+        return "/v1/chat/completions", body
+    body["prompt"] = req.prompt
+    return "/v1/completions", body
+
+
+class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, gw) -> None:
+        self.gw = gw
+
+    async def Generate(self, request, context):
+        md = {k.lower(): v for k, v in context.invocation_metadata()}
+        headers = {"authorization": md.get("authorization")}
+        if request.priority:
+            headers["x-gpumesh-priority"] = request.priority
+        if request.allow_fallback:
+            headers["x-gpumesh-allow-fallback"] = "true"
+        try:
+            path, body = to_body(request)
+            out = await self.gw.handle(path, json.dumps(body).encode(), headers)
+        except APIError as e:
+            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+            return
+        served, degraded = out.headers.get("x-gpumesh-served-by", ""), out.headers.get("x-gpumesh-degraded", "")
+        try:
+            async for item in self._chunks(out, served, degraded):
+                yield item
+        finally:
+            await out.stream.aclose()          # a cancelled call releases its replica slot at once
+
+    async def _chunks(self, out, served: str, degraded: str):
+        finish, completion = "", 0
+        async for frame in out.stream:
+            data = frame[len(b"data: "):].strip()
+            if data == b"[DONE]":
+                break
+            doc = json.loads(data)
+            if "error" in doc:
+                yield I.GenerateResponse(finish_reason="error", served_by=served, degraded=degraded,
+                                         text="", completion_tokens=completion)
+                return
+            for ch in doc.get("choices") or ():
+                text = ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                finish = ch.get("finish_reason") or finish
+                if text:
+                    completion += 1
+                    yield I.GenerateResponse(text=text, served_by=served, degraded=degraded)
+        yield I.GenerateResponse(finish_reason=finish or "stop", served_by=served, degraded=degraded,
+                                 completion_tokens=completion)
+
+
+async def start_grpc(gw, listen: str, cert: str = "", key: str = "") -> grpc.aio.Server:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+    server = grpc.aio.server()
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(gw), server)
+    h = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(h, server)
+    await h.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([I.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    if cert:
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port(listen, creds)
+    else:
+        port = server.add_insecure_port(listen)
+    await server.start()
+    gw.grpc_port = port
+    return server

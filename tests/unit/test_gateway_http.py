@@ -1,0 +1,159 @@
+"""The gateway's request checks, response cache and SSE framing, and its HTTP error answers (the Starlette
+app in-process over httpx's ASGI transport, with a serving view applied by hand; no backend is called)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from controlplane.gateway import cache as cachemod
+from controlplane.gateway import validate
+from controlplane.gateway.apierror import APIError
+from controlplane.gateway.sse import EventReader
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from gpumesh.v1 import servingview_service_pb2 as V
+from tests.unit.test_gateway_routing import cfg
+
+
+def err(fn, *a) -> APIError:
+    with pytest.raises(APIError) as e:
+        fn(*a)
+    return e.value
+
+
+def test_validation_names_the_field():
+    ok = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert validate.request(ok, chat=True) == {"model": "m", "max_tokens": None, "stream": False}
+    assert err(validate.parse, b"{oops").status == 400
+    assert err(validate.parse, b"").code == "invalid_json"
+    assert "object" in err(validate.parse, b"3").message
+    cases = [({"messages": ok["messages"]}, True, "model"),
+             ({**ok, "messages": []}, True, "messages"),
+             ({**ok, "messages": [{"role": "x", "content": "y"}]}, True, "messages[0].role"),
+             ({**ok, "messages": [{"role": "user", "content": 5}]}, True, "messages[0].content"),
+             ({**ok, "max_tokens": 0}, True, "max_tokens"),
+             ({**ok, "max_tokens": True}, True, "max_tokens"),
+             ({**ok, "max_completion_tokens": -1}, True, "max_completion_tokens"),
+             ({**ok, "temperature": 3}, True, "temperature"),
+             ({**ok, "temperature": float("nan")}, True, "temperature"),
+             ({**ok, "top_p": "x"}, True, "top_p"),
+             ({**ok, "n": 2}, True, "n"),
+             ({**ok, "stream": 1}, True, "stream"),
+             ({**ok, "stop": [1]}, True, "stop"),
+             ({"model": "m"}, False, "prompt"),
+             ({"model": "m", "prompt": {"a": 1}}, False, "prompt")]
+    for body, chat, param in cases:
+        e = err(validate.request, body, chat)
+        assert e.status == 400 and e.param == param and param.split("[")[0] in e.message, (body, e.message)
+    e = err(validate.check_context, 512, 512)
+    assert e.param == "max_tokens" and "1 to 511" in e.message
+    validate.check_context(511, 512)
+    assert validate.priority(None, "sheddable") == "sheddable"
+    assert err(validate.priority, "urgent", "standard").param == "x-gpumesh-priority"
+    assert err(validate.deadline_ms, "-5").param == "x-gpumesh-deadline-ms"
+    assert validate.flag("true", "x") is True and err(validate.flag, "maybe", "x-y").param == "x-y"
+
+
+def test_response_cache_bounds_and_scope():
+    now = [0.0]
+    c = cachemod.ResponseCache(entries=2, max_bytes=100, ttl=10, clock=lambda: now[0])
+    body = {"model": "m", "prompt": "p", "temperature": 0}
+    assert cachemod.deterministic(body) and cachemod.deterministic({"seed": 3, "temperature": 1})
+    assert not cachemod.deterministic({"temperature": 0.7}) and not cachemod.deterministic({})
+    ka, kb = cachemod.key("a", "/v1/completions", body), cachemod.key("b", "/v1/completions", body)
+    assert ka != kb                                             # per tenant
+    assert ka == cachemod.key("a", "/v1/completions", {**body, "stream": False, "user": "u"})
+    assert ka != cachemod.key("a", "/v1/chat/completions", body)
+    c.put(ka, b"x" * 40, 5)
+    assert c.get(ka) == (b"x" * 40, 5) and c.get(kb) is None
+    c.put(kb, b"y" * 40, 5)
+    c.get(ka)                                                   # ka is now the most recent
+    c.put("k3", b"z" * 40, 5)                                   # over 100 bytes and 2 entries: LRU goes
+    assert c.get(kb) is None and c.get(ka) is not None and c.bytes <= 100
+    now[0] = 11
+    assert c.get(ka) is None                                    # expired
+    c.put("big", b"b" * 101, 1)
+    assert c.get("big") is None                                 # larger than the cache
+    assert not cachemod.ResponseCache(0, 100, 10).enabled
+
+
+def test_sse_reader_reframes_events_split_anywhere():
+    stream = b'data: {"a":1}\r\n\r\n: ping - 2024\r\n\r\ndata: {"b":2}\r\n\r\ndata: [DONE]\r\n\r\n'
+    for cut in range(1, len(stream)):
+        r = EventReader()
+        got = r.feed(stream[:cut]) + r.feed(stream[cut:])
+        assert got == [b'{"a":1}', b'{"b":2}', b"[DONE]"], cut
+    assert EventReader().feed(b"data: x\n\ndata: y\n\n") == [b"x", b"y"]
+
+
+def _view():
+    m = M.Model(name="smol", variants=[M.Variant(name="q4", fallback_rank=0, max_context=2048),
+                                       M.Variant(name="lite", fallback_rank=1, max_context=2048)])
+    deps = []
+    for name, variant, tenant in (("chat", "q4", "team-a"), ("chat-lite", "lite", "team-a"), ("other", "q4", "team-b")):
+        d = D.Deployment(spec=D.DeploymentSpec(name=name, model="smol", variant=variant, tenant=tenant,
+                                               backend=D.BackendSettings(context=512)))
+        d.status.backend = "llama.cpp"
+        d.replicas.append(D.Replica(id=f"{name}-1", deployment=name, state=D.REPLICA_STATE_READY,
+                                    endpoint="127.0.0.1:9", node="n", gpu_index=0))
+        deps.append(d)
+    return V.ServingView(deployments=deps, models=[m])
+
+
+@pytest.fixture
+async def app(tmp_path):
+    from controlplane.gateway.app import create_app
+    from controlplane.gateway.service import Gateway
+    from tests.integration.secure import TOKENS, write_tenants
+    gw = Gateway(cfg(tenants_file=write_tenants(tmp_path / "t.yaml"), max_body_bytes=4096))
+    gw.view.apply(_view())
+    transport = httpx.ASGITransport(app=create_app(gw))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        c.tokens = TOKENS
+        c.gw = gw
+        yield c
+    await gw.http.aclose()
+
+
+def test_resolve_primary_and_fallback():
+    from controlplane.gateway.view import FleetView
+    v = FleetView()
+    v.apply(_view())
+    prim, fb = v.resolve("chat", "team-a")
+    assert [d.name for d in prim] == ["chat"] and [d.name for d in fb] == ["chat-lite"]
+    prim, fb = v.resolve("smol", "team-a")              # by model: lowest rank first
+    assert [d.name for d in prim] == ["chat"] and [d.name for d in fb] == ["chat-lite"]
+    assert v.resolve("chat", "team-b") == ([], [])
+    assert [d.name for d in v.resolve("smol", "team-b")[0]] == ["other"]
+    assert v.deployments["chat"].context == 512
+
+
+async def test_http_errors_are_openai_shaped(app):
+    a = {"authorization": f"Bearer {app.tokens['team-a']}"}
+    r = await app.post("/v1/chat/completions", content=b"{}")
+    assert r.status_code == 401 and r.json()["error"]["param"] == "authorization"
+    r = await app.post("/v1/chat/completions", headers={"authorization": f"Bearer {app.tokens['team-b']}"},
+                       json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = await app.post("/v1/chat/completions", headers=a, content=b"x" * 5000)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+    r = await app.post("/v1/completions", headers=a, json={"model": "chat", "prompt": "x", "max_tokens": 600})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "512" in r.json()["error"]["message"]
+    r = await app.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = await app.get("/v1/models", headers=a)
+    assert {m["id"] for m in r.json()["data"]} == {"chat", "chat-lite", "smol"}
+    r = await app.get("/v1/gpu/memory-forecast?hours=-1", headers=a)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hours"
+    r = await app.get("/v1/gpu/memory-forecast?hours=2", headers=a)
+    assert r.status_code == 200 and r.json()["source"] == "current-use" and "forecast" in r.json()["note"]
+    r = await app.get("/v1/gpu/models-optimal?agent_type=Chat", headers=a)
+    assert [m["model"] for m in r.json()["models"]] and all(m["registry_model"] == "smol" for m in r.json()["models"])
+    r = await app.post("/models", headers=a, json={})
+    assert r.status_code == 405
+    r = await app.get("/metrics")
+    assert r.status_code == 200 and "gpumesh_gateway_requests_total" in r.text
+    assert (await app.get("/policies", headers=a)).json()["routing_policy"] == "gpu-aware"
