@@ -3,7 +3,8 @@
 The format is a CSV with a header `TIMESTAMP,ContextTokens,GeneratedTokens`; timestamps look like
 `2023-11-16 18:17:03.9799600` (seven fractional digits) and are sorted. Each row becomes an `Arrival`:
 seconds after the first row, divided by `rate_scale` (2.0 sends twice as many requests per second),
-with the token counts capped to the model's context: the generated tokens to `max_output` (and to
+(after skipping `start_s` seconds of the trace, to replay another window of it) with the token counts
+capped to the model's context: the generated tokens to `max_output` (and to
 half the context), the context tokens to what is left of the context after them. Rows arriving after
 `duration` seconds (after scaling) are cut.
 """
@@ -73,12 +74,20 @@ def read_rows(lines: Iterable[str], source: str = "trace") -> list[tuple[dt.date
 
 
 def arrivals(rows: list[tuple[dt.datetime, int, int]], *, max_context: int, rate_scale: float = 1.0,
-             duration: float | None = None, max_output: int | None = None, limit: int | None = None) -> list[Arrival]:
-    """The replay's requests: offsets from the first row divided by `rate_scale`, cut at `duration` s."""
+             duration: float | None = None, max_output: int | None = None, limit: int | None = None,
+             start_s: float = 0.0) -> list[Arrival]:
+    """The replay's requests: offsets from the first row (after skipping `start_s` seconds of the trace)
+    divided by `rate_scale`, cut at `duration` s."""
     if rate_scale <= 0:
         raise InvalidArgument.of("rate_scale", f"{rate_scale} is not positive", "> 0")
     if duration is not None and duration <= 0:
         raise InvalidArgument.of("duration", f"{duration} is not positive", "> 0 seconds")
+    if start_s < 0:
+        raise InvalidArgument.of("start_s", f"{start_s} is negative", ">= 0 seconds")
+    if not rows:
+        return []
+    first = min(r[0] for r in rows) + dt.timedelta(seconds=start_s)
+    rows = [r for r in rows if r[0] >= first]
     if not rows:
         return []
     t0 = min(r[0] for r in rows)

