@@ -35,7 +35,7 @@ class ServeBench:
 
     def prompts(self) -> tuple[list[str], str]:
         try:
-            tok, how = ModelTokenizer(str(smollm2_gguf())), "the model's (llama.cpp vocabulary)"
+            tok, how = ModelTokenizer(str(smollm2_gguf())), "model's own (llama.cpp vocabulary)"
             self.extra_body = {"logit_bias": {str(i): -100 for i in tok.end_token_ids()}}
         except Exception as e:                      # noqa: BLE001 - any reason: fall back, and say so
             tok, how = ApproxTokenizer(), f"approximate, 4 characters per token ({e})"
