@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -13,9 +14,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from controlplane.gateway import gpuapi
+from controlplane.gateway import gpuapi, validate
 from controlplane.gateway import metrics as M
 from controlplane.gateway.apierror import APIError
+from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.service import Gateway
 from mesh.logs import log
 
@@ -23,8 +25,10 @@ logger = logging.getLogger(__name__)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def error_response(e: APIError) -> Response:
+    # ASCII JSON: a message quoting the client's input can never fail to encode
+    return Response(json.dumps(e.body()).encode(), status_code=e.status, media_type="application/json",
+                    headers=e.headers)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -42,13 +46,40 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _unless_gone(request: Request, work):
+    """Run the request path, cancelling it when the client disconnects first (a queued request leaves the
+    queue, a backend call is abandoned, the slot is released)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:
+        pass
+    raise ClientDisconnect()
+
+
 def create_app(gw: Gateway) -> Starlette:
     def caller(request: Request):
         return gw.clients.caller(request.headers.get("authorization"))
 
-    async def inference(request: Request, path: str | None = None) -> Response:
-        raw = await _body(request, gw.cfg.max_body_bytes)
-        out = await gw.handle(path or request.url.path, raw, request.headers)
+    async def inference(request: Request, path: str | None = None, raw: bytes | None = None) -> Response:
+        if raw is None:
+            raw = await _body(request, gw.cfg.max_body_bytes)
+        out = await _unless_gone(request, gw.handle(path or request.url.path, raw, request.headers))
         if out.stream is not None:
             return StreamingResponse(out.stream, media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **out.headers})
@@ -63,14 +94,8 @@ def create_app(gw: Gateway) -> Starlette:
     async def predict(request):
         """Seed 002's /predict: a chat completion when the body has messages, else a completion."""
         raw = await _body(request, gw.cfg.max_body_bytes)
-        try:
-            is_chat = isinstance(json.loads(raw or b"null"), dict) and "messages" in json.loads(raw)
-        except ValueError:
-            is_chat = False
-        out = await gw.handle("/v1/chat/completions" if is_chat else "/v1/completions", raw, request.headers)
-        if out.stream is not None:
-            return StreamingResponse(out.stream, media_type="text/event-stream", headers={**SSE_HEADERS, **out.headers})
-        return Response(out.body, status_code=out.status, media_type="application/json", headers=out.headers)
+        is_chat = "messages" in validate.parse(raw)
+        return await inference(request, "/v1/chat/completions" if is_chat else "/v1/completions", raw)
 
     async def v1_models(request):
         return JSONResponse(gpuapi.openai_models(gw, caller(request)))
@@ -92,6 +117,10 @@ def create_app(gw: Gateway) -> Starlette:
     async def gpu_rebalance(request):
         return JSONResponse(gpuapi.rebalance(gw, caller(request), request.query_params.get("apply")))
 
+    async def gpu_benchmark(request):
+        return JSONResponse(await gpuapi.benchmark_model(gw, caller(request), request.query_params.get("model_name"),
+                                                         request.query_params.get("max_tokens")))
+
     async def policies(request):
         caller(request)
         return JSONResponse(gpuapi.policies(gw))
@@ -99,6 +128,7 @@ def create_app(gw: Gateway) -> Starlette:
     async def metrics(request):
         for key, s in list(gw.stats.by_replica.items()):
             M.IN_FLIGHT.labels(key).set(s.in_flight)
+            M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])
         return Response(generate_latest(M.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request):
@@ -134,6 +164,7 @@ def create_app(gw: Gateway) -> Starlette:
         Route("/v1/gpu/memory-forecast", gpu_forecast, methods=["GET"]),
         Route("/v1/gpu/models-optimal", gpu_optimal, methods=["GET"]),
         Route("/v1/gpu/rebalance", gpu_rebalance, methods=["POST"]),
+        Route("/v1/gpu/benchmark-model", gpu_benchmark, methods=["POST"]),
         Route("/models", models, methods=["GET", "POST"]),
         Route("/predict", predict, methods=["POST"]),
         Route("/policies", policies, methods=["GET"]),

@@ -19,7 +19,7 @@ def deterministic(body: dict) -> bool:
 def key(tenant: str | None, path: str, body: dict) -> str:
     canon = {k: v for k, v in body.items() if k not in IGNORED}
     text = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{tenant or ''}\x1f{path}\x1f{text}".encode()).hexdigest()
+    return hashlib.sha256(f"{tenant or ''}\x1f{path}\x1f{text}".encode(errors="surrogatepass")).hexdigest()
 
 
 class ResponseCache:

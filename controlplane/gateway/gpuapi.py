@@ -123,6 +123,71 @@ def rebalance(gw, caller: Caller, apply: str | None) -> dict:
     return {"apply": applying, "actions": actions}
 
 
+async def benchmark_model(gw, caller: Caller, model_name: str | None, max_tokens: str | None) -> dict:
+    """Seed 003's benchmark: one short streamed completion on each ready replica of the model (taking the
+    replica's slot like any request, so it never overloads one), reporting time to first token and tokens/s."""
+    import json as _json
+    import time as _time
+
+    from controlplane.gateway import proxy
+    from controlplane.gateway.admission import Rejected
+    from controlplane.gateway.policy import RouteContext
+    from controlplane.gateway.service import Trace
+    from controlplane.gateway.service import _count as count_event
+    if not model_name:
+        raise invalid("model_name", "is required: a model from GET /v1/models")
+    try:
+        n = int(max_tokens) if max_tokens not in (None, "") else 32
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 512:
+        raise invalid("max_tokens", f"{max_tokens!r} is out of range", "1 to 512")
+    primary, _ = gw.view.resolve(model_name, caller.tenant)
+    if not primary:
+        raise APIError(404, f"model_name: {model_name!r} is not a model you can use", param="model_name",
+                       code="model_not_found")
+    body = _json.dumps({"prompt": "Write one sentence about the sea.", "max_tokens": n, "temperature": 0,
+                        "stream": True, "model": primary[0].model}).encode()
+    out = []
+    for c in gw.candidates(primary):
+        row = {"replica": c.key, "backend": c.replica.backend, "gpu": f"{c.replica.gpu[0]}/{c.replica.gpu[1]}"}
+        if not c.replica.ready:
+            out.append({**row, "error": "not ready"})
+            continue
+        try:
+            slot = await gw.admission.acquire(lambda c=c: [x for x in gw.candidates(primary) if x.key == c.key],
+                                              RouteContext(f"bench:{c.key}"), "sheddable", 30)
+        except Rejected as e:
+            out.append({**row, "error": str(e)})
+            continue
+        start, tokens, first = _time.monotonic(), 0, None
+        try:
+            s = await proxy.open_stream(gw.http, c.replica.endpoint, "/v1/completions", body)
+            first = _time.monotonic() - start
+            events = list(s.first)
+            try:
+                while True:
+                    for data in events:
+                        if data != b"[DONE]":
+                            tokens += count_event(data, Trace())
+                    if b"[DONE]" in events:
+                        break
+                    events = s.reader.feed(await s.chunks.__anext__())
+            except StopAsyncIteration:
+                pass
+            finally:
+                await s.close()
+            total = _time.monotonic() - start
+            out.append({**row, "ttft_ms": round(first * 1000, 1), "tokens": tokens,
+                        "tokens_per_s": round((tokens - 1) / (total - first), 1) if tokens > 1 and total > first else None,
+                        "e2e_ms": round(total * 1000, 1)})
+        except (proxy.BackendFailed, APIError) as e:
+            out.append({**row, "error": str(e)})
+        finally:
+            slot.release()
+    return {"model": model_name, "max_tokens": n, "replicas": out}
+
+
 def models(gw, caller: Caller) -> dict:
     """Seed 002's /models: the models with their resource needs."""
     out = []

@@ -59,11 +59,11 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
         async for frame in out.stream:
             data = frame[len(b"data: "):].strip()
             if data == b"[DONE]":
-                break
+                continue                       # drain the relay: it measures and logs after [DONE]
             doc = json.loads(data)
             if "error" in doc:
                 yield I.GenerateResponse(finish_reason="error", served_by=served, degraded=degraded,
-                                         text="", completion_tokens=completion)
+                                         text=str(doc["error"].get("message", "")), completion_tokens=completion)
                 return
             for ch in doc.get("choices") or ():
                 text = ch.get("text") or (ch.get("delta") or {}).get("content") or ""

@@ -79,7 +79,7 @@ def affinity_key(tenant: str | None, body: dict, chars: int) -> str:
         text = p if isinstance(p, str) else str(p)
     if not text:
         return ""
-    return hashlib.blake2b(f"{tenant}\x1f{text[:chars]}".encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b(f"{tenant}\x1f{text[:chars]}".encode(errors="surrogatepass"), digest_size=12).hexdigest()
 
 
 class Policy:

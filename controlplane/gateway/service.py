@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from controlplane.gateway import cache as cachemod
@@ -219,7 +220,11 @@ class Gateway:
                     s = await proxy.open_stream(self.http, c.replica.endpoint, path, data)
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
-                    return Outcome(200, stream=self._relay(s, slot, started, t), headers=self._headers(slot, t))
+                    relay = self._relay(s, slot, started, t)
+                    # a stream the server never starts (its client left first) never runs its finally: the
+                    # slot is released when the generator is dropped
+                    weakref.finalize(relay, slot.release)
+                    return Outcome(200, stream=relay, headers=self._headers(slot, t))
                 answer = await proxy.complete(self.http, c.replica.endpoint, path, data)
                 t.backend_s += time.monotonic() - started
             except proxy.BackendFailed as e:
@@ -253,6 +258,10 @@ class Gateway:
             return Outcome(200, answer, headers=self._headers(slot, t))
 
     async def _retry_slot(self, deps, ctx, prio, t: Trace) -> Slot:
+        if not any(c.key not in ctx.exclude and self.policy.healthy(c) for c in self.candidates(deps)):
+            raise APIError(502, "the model server failed before its first token and no other replica is available "
+                                "for the retry", code="backend_failed",
+                           headers={"retry-after": str(self.cfg.retry_after_seconds)})
         try:
             slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
                                                 self.cfg.queue_timeout_seconds)

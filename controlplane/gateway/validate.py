@@ -18,9 +18,17 @@ def parse(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}",
                        code="invalid_json")
+    if b"\\u" in raw and b"\\ud" in raw.lower():        # a \uD800-\uDFFF escape: is it a lone surrogate?
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff not in "
+                                "a pair): not valid Unicode text", code="invalid_json") from None
     return body
 
 
@@ -56,8 +64,67 @@ def _content(i: int, c) -> None:
     raise invalid(f"messages[{i}].content", f"{type(c).__name__} is not a string or a list of text parts")
 
 
+COMMON = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+          "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p", "repeat_penalty")
+CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format")
+COMPLETION_ONLY = ("prompt", "logprobs", "echo", "suffix")
+
+
+def _known(body: dict, chat: bool) -> None:
+    """Only the parameters the gateway checks reach a backend (a backend may answer a malformed one with a 500,
+    which would count against a healthy replica); null means absent and is dropped."""
+    allowed = COMMON + (CHAT_ONLY if chat else COMPLETION_ONLY)
+    for k in list(body):
+        if k not in allowed:
+            raise invalid(str(k)[:64], "is not a supported parameter", ", ".join(sorted(allowed)))
+        if body[k] is None:
+            del body[k]
+
+
+def _extras(body: dict, chat: bool) -> None:
+    _int_range(body, "top_k", 0, 1000)
+    _num(body, "min_p", 0, 1)
+    _num(body, "repeat_penalty", 0, 10)
+    lb = body.get("logit_bias")
+    if lb is not None:
+        if not isinstance(lb, dict) or len(lb) > 300:
+            raise invalid("logit_bias", "must be an object of at most 300 token ids to numbers")
+        for k, v in lb.items():
+            if not k.isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise invalid(f"logit_bias[{k[:20]!r}]", "must map a token id (digits) to a number", "-100 to 100")
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > 256):
+        raise invalid("user", "must be a string of at most 256 characters")
+    if chat:
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise invalid("logprobs", f"{lp!r} is not a boolean")
+        _int_range(body, "top_logprobs", 0, 20)
+        rf = body.get("response_format")
+        if rf is not None and (not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema")):
+            raise invalid("response_format", "must be an object with type", "text, json_object, json_schema")
+    else:
+        _int_range(body, "logprobs", 0, 5)
+        echo = body.get("echo")
+        if echo is not None and not isinstance(echo, bool):
+            raise invalid("echo", f"{echo!r} is not a boolean")
+        suffix = body.get("suffix")
+        if suffix is not None and not isinstance(suffix, str):
+            raise invalid("suffix", "must be a string")
+    so = body.get("stream_options")
+    if so is not None and (set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool)):
+        raise invalid("stream_options", "may only hold include_usage (a boolean)")
+
+
+def _int_range(body: dict, name: str, lo: int, hi: int) -> None:
+    v = _int(body, name)
+    if v is not None and not lo <= v <= hi:
+        raise invalid(name, f"{v} is out of range", f"{lo} to {hi}")
+
+
 def request(body: dict, chat: bool) -> dict:
-    """Check the fields the gateway relies on; return {model, max_tokens, stream} (others pass through)."""
+    """Check every parameter (unknown ones refused, nulls dropped); return {model, max_tokens, stream}."""
+    _known(body, chat)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model", "is required: a model name from GET /v1/models" if model is None
@@ -94,7 +161,9 @@ def request(body: dict, chat: bool) -> dict:
     n = _int(body, "n")
     if n is not None and n != 1:
         raise invalid("n", f"{n} is not supported", "1")
-    _int(body, "seed")
+    seed = _int(body, "seed")
+    if seed is not None and not -1 <= seed < 2 ** 32:
+        raise invalid("seed", f"{seed} is out of range", "-1 (random) to 4294967295")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream", f"{stream!r} is not a boolean")
@@ -105,6 +174,7 @@ def request(body: dict, chat: bool) -> dict:
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
         raise invalid("stop", "must be a string or a list of at most 4 strings")
+    _extras(body, chat)
     return {"model": model, "max_tokens": max_tokens, "stream": bool(stream)}
 
 

@@ -157,9 +157,12 @@ class ViewFollower:
         self.cfg = cfg
         self.task: asyncio.Task | None = None
         self.first = asyncio.Event()
+        self.targets = [t.strip() for t in cfg.control_plane.split(",") if t.strip()]
+        self.turn = 0
 
     def _channel(self) -> grpc.aio.Channel:
-        target = self.cfg.control_plane.split(",")[0].strip()
+        # several control planes (HA): a standby answers UNAVAILABLE, so the next one is tried
+        target = self.targets[self.turn % len(self.targets)]
         if self.cfg.insecure:
             return grpc.aio.insecure_channel(target)
         with open(self.cfg.tls_ca, "rb") as f:
@@ -191,6 +194,7 @@ class ViewFollower:
             except Exception as e:   # a reconnect loop must not die
                 log(logger, logging.WARNING, "serving view stream failed", error=repr(e))
             self.view.connected = False
+            self.turn += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 

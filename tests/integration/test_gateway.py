@@ -149,15 +149,19 @@ def test_openai_client_completions_and_streams(cluster, fleet):
     assert raw.headers["x-gpumesh-served-by"].startswith("chat/")
     text = c.completions.create(model="chat", prompt="The capital of France is", max_tokens=6, temperature=0.5)
     assert text.choices[0].text
+    # a stream carries the same text as the whole answer (greedy decoding: temperature 0)
+    whole = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Count to five."}],
+                                      max_tokens=12, temperature=0).choices[0].message.content
     pieces = []
     for chunk in c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Count to five."}],
-                                           max_tokens=12, stream=True):
+                                           max_tokens=12, temperature=0, stream=True):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
-    assert len(pieces) >= 2 and "".join(pieces).strip()
-    pieces = [ch.choices[0].text for ch in c.completions.create(model="chat", prompt="Once upon a time",
-                                                               max_tokens=8, stream=True) if ch.choices]
-    assert "".join(pieces)
+    assert pieces and "".join(pieces) == whole
+    whole = c.completions.create(model="chat", prompt="1, 2, 3,", max_tokens=8, temperature=0).choices[0].text
+    pieces = [ch.choices[0].text for ch in c.completions.create(model="chat", prompt="1, 2, 3,", max_tokens=8,
+                                                               temperature=0, stream=True) if ch.choices]
+    assert len(pieces) >= 2 and "".join(pieces) == whole
     # the raw stream is OpenAI's framing, ending with [DONE]
     import httpx
     with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=300,
@@ -177,10 +181,14 @@ def test_grpc_generate_streams_tokens(cluster, fleet):
     assert cluster.gateway_grpc
     with grpc.insecure_channel(cluster.gateway_grpc) as ch:
         stub = inference_service_pb2_grpc.InferenceServiceStub(ch)
-        req = I.GenerateRequest(model="chat", messages=[I.ChatMessage(role="user", content="Count to three.")],
-                                max_tokens=8)
+        req = I.GenerateRequest(model="chat", prompt="1, 2, 3,", max_tokens=8)
         got = list(stub.Generate(req, metadata=(("authorization", f"Bearer {TOKENS['team-a']}"),), timeout=300))
-        assert len(got) >= 2 and "".join(g.text for g in got).strip()
+        assert len(got) >= 3 and "".join(g.text for g in got).strip()
+        assert got[-1].finish_reason in ("stop", "length") and got[-1].served_by.startswith("chat/")
+        assert got[-1].completion_tokens == len(got) - 1
+        chat = I.GenerateRequest(model="chat", messages=[I.ChatMessage(role="user", content="Count to three.")],
+                                 max_tokens=8)
+        got = list(stub.Generate(chat, metadata=(("authorization", f"Bearer {TOKENS['team-a']}"),), timeout=300))
         assert got[-1].finish_reason in ("stop", "length") and got[-1].served_by.startswith("chat/")
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(req, timeout=60))
@@ -245,6 +253,52 @@ def test_oversized_body_and_unknown_paths(cluster, fleet):
     r = post(cluster, chat_body(), headers={"x-gpumesh-priority": "urgent"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-gpumesh-priority"
     assert httpx.get(f"{cluster.gateway_url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def _in_flight(cluster) -> int:
+    return sum(r["in_flight"] for m in _status(cluster)["models"] for r in m["replicas"])
+
+
+def test_gpu_endpoints(cluster, fleet):
+    import httpx
+    h = _auth("team-a")
+    st = _status(cluster, "team-a")
+    assert {g["node"] for g in st["gpus"]} == {fleet["lite_node"], *fleet["chat"].values()}
+    g = st["gpus"][0]
+    assert g["memory_total_bytes"] > 0 and g["pressure"] in ("low", "normal") and g["thermal_state"] == "normal"
+    assert {m["name"] for m in st["models"]} == {"chat", "chat-lite"}
+    assert {g["node"] for g in _status(cluster, "team-b")["gpus"]} < {"gpu-a", "gpu-b", "gpu-c"}
+    fc = httpx.get(f"{cluster.gateway_url}/v1/gpu/memory-forecast?hours=2", headers=h, timeout=30).json()
+    assert fc["source"] == "current-use" and "no forecasting service" in fc["note"] and fc["gpus"]
+    opt = httpx.get(f"{cluster.gateway_url}/v1/gpu/models-optimal?agent_type=Chat", headers=h, timeout=30).json()
+    assert {m["model"] for m in opt["models"]} == {"chat", "chat-lite"} and opt["models"][0]["usable_replicas"] >= 1
+    b = httpx.post(f"{cluster.gateway_url}/v1/gpu/benchmark-model?model_name=chat&max_tokens=4", headers=h,
+                   timeout=600).json()
+    assert len(b["replicas"]) == 2 and all(r["ttft_ms"] > 0 and r["tokens"] >= 1 for r in b["replicas"]), b
+    assert _in_flight(cluster) == 0
+    assert "scaling_policies" in httpx.get(f"{cluster.gateway_url}/policies", headers=h, timeout=30).json()
+    r = httpx.post(f"{cluster.gateway_url}/predict", headers=h, timeout=300,
+                   json={"model": "chat", "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
+def test_client_disconnects_release_their_slots(cluster, fleet):
+    import httpx
+    # a stream dropped after its first chunk
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=300,
+                      json={"model": "chat", "prompt": "Write a long story about a dragon.", "max_tokens": 200,
+                            "stream": True}) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_raw())
+    # whole answers given up on (client timeout) while the backends work
+    for _ in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=0.3,
+                       json={"model": "chat", "prompt": "Tell a long story.", "max_tokens": 200})
+    wait_for(lambda: _in_flight(cluster) == 0, 120, "every slot released")
+    assert next(m["queue"] for m in _status(cluster)["models"] if m["name"] == "chat") == 0
+    r = post(cluster, chat_body("Still there?"))
+    assert r.status_code == 200
 
 
 def test_cache_hit_is_served_without_a_backend(cluster, fleet):

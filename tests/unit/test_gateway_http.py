@@ -152,8 +152,38 @@ async def test_http_errors_are_openai_shaped(app):
     assert r.status_code == 200 and r.json()["source"] == "current-use" and "forecast" in r.json()["note"]
     r = await app.get("/v1/gpu/models-optimal?agent_type=Chat", headers=a)
     assert [m["model"] for m in r.json()["models"]] and all(m["registry_model"] == "smol" for m in r.json()["models"])
+    r = await app.post("/v1/gpu/benchmark-model?model_name=other", headers=a)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model_name"
+    r = await app.post("/v1/gpu/benchmark-model?model_name=chat&max_tokens=0", headers=a)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = await app.post("/models", headers=a, json={})
     assert r.status_code == 405
     r = await app.get("/metrics")
     assert r.status_code == 200 and "gpumesh_gateway_requests_total" in r.text
     assert (await app.get("/policies", headers=a)).json()["routing_policy"] == "gpu-aware"
+
+
+def test_hostile_bodies_are_clean_errors():
+    deep = b"[" * 100000 + b"]" * 100000
+    assert err(validate.parse, deep).status == 400
+    body = json.loads('{"model": "m", "prompt": "\\ud800 lone surrogate", "temperature": 0}')
+    assert cachemod.key("t", "/v1/completions", body)                   # hashable despite the lone surrogate
+    from controlplane.gateway.policy import affinity_key
+    assert affinity_key("t", body, 64)
+    assert err(validate.parse, b'{"stop": "\\ud800"}').code == "invalid_json"           # lone surrogate
+    assert validate.parse(b'{"stop": "\\ud83d\\ude00"}') == {"stop": "\U0001f600"}    # a pair is fine
+    assert err(validate.request, {"model": "m", "prompt": "x", "seed": 2 ** 40}, False).param == "seed"
+
+
+def test_only_checked_parameters_reach_a_backend():
+    ok = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    body = {**ok, "top_p": None, "logit_bias": {"15": -100}, "top_k": 40, "response_format": {"type": "json_object"}}
+    validate.request(body, chat=True)
+    assert "top_p" not in body and body["top_k"] == 40                    # nulls dropped, extras kept
+    for extra, param in (({"tools": []}, "tools"), ({"logit_bias": []}, "logit_bias"),
+                         ({"logit_bias": {"x": 1}}, "logit_bias['x']"), ({"logprobs": 3}, "logprobs"),
+                         ({"top_k": -1}, "top_k"), ({"stream_options": {"x": 1}}, "stream_options"),
+                         ({"echo": True}, "echo")):
+        assert err(validate.request, {**ok, **extra}, True).param == param, extra
+    assert err(validate.request, {"model": "m", "prompt": "x", "logprobs": True}, False).param == "logprobs"
+    assert err(validate.request, {"model": "m", "prompt": "x", "messages": []}, False).param == "messages"
