@@ -31,7 +31,8 @@ def round_robin(urls: Sequence[str]) -> Callable[[Arrival], str]:
 
 
 async def replay(arrivals: Sequence[Arrival], prompts: Sequence[str], pick: Callable[[Arrival], str], *,
-                 model: str, headers: dict | None = None, events: Sequence[tuple[float, Callable[[], Awaitable[None]]]] = (),
+                 model: str, headers: dict | None = None,
+                 events: Sequence[tuple[float, Callable[[], Awaitable[None]]]] = (),
                  progress: Progress | None = None, drain_s: float = 300.0, request_timeout_s: float = 600.0,
                  temperature: float = 0.0, extra_body: dict | None = None) -> tuple[list[Result], float]:
     """Replay; returns the results (in arrival order) and the wall time from the start to the last answer."""

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import socket
-import time
 
 import pytest
 
@@ -230,7 +229,8 @@ def test_fuzz_tokens_and_headers(cluster, http):
     printable = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=80)
     bad_auth = st.one_of(
         st.just(None), st.just(""), st.just("Bearer"), st.just("Bearer  x"), printable.map(lambda t: f"Bearer x{t}"),
-        printable.filter(bool).map(lambda t: f"Basic {t}"), st.just(f"Bearer {TOKENS['viewer-a']}"),       # a viewer: no inference
+        printable.filter(bool).map(lambda t: f"Basic {t}"),
+        st.just(f"Bearer {TOKENS['viewer-a']}"),                                                # a viewer: no inference
         st.just(f"Bearer {TOKENS['team-b']}"),                                                  # foreign tenant
         st.just("Bearer " + "a" * 4000))
     bad_gateway_header = st.one_of(

@@ -16,11 +16,9 @@ to the replica that served it, one at a time, in alternating order.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tools.meshctl.common import CliError, info, out, positive_float, positive_int, subcommand
@@ -123,7 +121,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if args.replicas < 3:
         raise CliError(f"--replicas: {args.replicas} is too few (allowed: >= 3)")
     trace_path = Path(args.trace or os.environ.get("MESH_LLM_TRACE") or DEFAULT_TRACE)
-    if not trace_path.exists() and args.trace and not os.path.sep in args.trace:
+    if not trace_path.exists() and args.trace and os.path.sep not in args.trace:
         trace_path = DEFAULT_TRACE.parent / args.trace
     try:
         injections = inject.parse(args.inject, args.replicas, args.duration)

@@ -16,7 +16,6 @@ gateways under test, and the fault injector.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -334,6 +333,3 @@ def gateway_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("controlplane.gateway") is not None
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

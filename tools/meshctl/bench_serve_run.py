@@ -6,7 +6,6 @@ See tools/meshctl/bench_serve.py for what it measures; this module does it.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Callable
 
