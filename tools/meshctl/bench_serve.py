@@ -9,8 +9,8 @@ trace's context tokens with the model's tokenizer. Each policy replays the same 
 same `--inject` faults at the same times; faults are taken away and killed replicas are back before the next
 policy. `gpu-aware`, `round-robin` and `least-loaded` run through `mesh-gateway` with that routing policy;
 `direct` is client-side round robin straight to the replicas' endpoints (no gateway). The gateway's overhead
-is measured on the idle cluster before the runs: the same one-token request through the gateway and straight
-to the replica that served it, one at a time, in alternating order.
+is measured on the idle cluster before the runs: the same one-token request through the gateway, then straight
+to the replica that served it (x-gpumesh-served-by), one pair at a time.
 """
 
 from __future__ import annotations
