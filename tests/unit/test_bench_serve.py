@@ -75,3 +75,50 @@ def test_refused_before_starting_anything(args, words):
     r = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "bench", "serve", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and words in r.stderr, r.stderr
+
+
+def test_loaded_clock_ratio_follows_the_simulated_gpu(tmp_path):
+    """The hot replica's emulated speed is the simulated GPU's SM clock under load over its maximum: 1.0 when
+    cool, lower once pinned at a throttling temperature; the real state file is left as it was."""
+    from nodeagent.nvml.sim import SimNvml
+    from tools.meshctl.bench_serve_cluster import loaded_clock_ratio
+    host = tmp_path / "h.yaml"
+    host.write_text("node: x\ngpus: [{model: H100-80GB, count: 1, mig: true}]\n")
+    state = tmp_path / "s.json"
+    nvml = SimNvml(host, state)
+    assert loaded_clock_ratio(host, state, 0) == 1.0
+    nvml.sim_set_telemetry(0, temperature_c=85.0)
+    hot = loaded_clock_ratio(host, state, 0)
+    assert 0.5 <= hot < 0.95
+    assert nvml.sim_readings()[0]["load"] == {}         # the scratch copy took the load, not the real file
+
+
+def test_process_tree_and_signals():
+    import signal
+    import time
+    from tools.meshctl.bench_serve_cluster import process_tree, signal_tree
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess,sys,time; "
+                               "subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 60
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tree = process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 2
+        signal_tree(parent.pid, signal.SIGKILL)
+        assert parent.wait(30) == -signal.SIGKILL
+        child = tree[1]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().split(") ", 1)[1].startswith("Z"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the child survived signal_tree")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
