@@ -17,6 +17,12 @@ class ControlPlaneConfig:
                                 "the leader key so standbys can name the leader (with mtls_listen, the mTLS port on the "
                                 "same host is named too); empty: the listen address")
     metrics_listen: str = option("127.0.0.1:9401", "Prometheus /metrics address HOST:PORT; empty disables it")
+    web_listen: str = option("", "read-only web view (fleet map, slices, workloads, migrations, deployments; "
+                                 "docs/views.md) at http(s)://HOST:PORT/, same tokens as gRPC; HTTPS with tls_cert "
+                                 "when set; empty disables it")
+    web_refresh_seconds: float = option(2.0, "how often the web view re-reads telemetry, deployments and "
+                                        "migrations for its open pages (slice changes show at once)",
+                                        minimum=0.2, maximum=60)
     state_dir: str = option(".mesh/controlplane", "directory for the control plane's files (embedded etcd data, identity)")
     etcd_endpoints: list = option([], "etcd client URLs (http://HOST:PORT); none starts an embedded etcd under state_dir")
     lease_ttl: int = option(10, "seconds a node stays Ready without a heartbeat", minimum=2, maximum=300)
@@ -55,6 +61,13 @@ class ControlPlaneConfig:
     request_id_retention_seconds: float = option(86400.0, "how long an Allocate request_id is remembered (a retry "
                                                  "with it within this time gets the same allocation)", minimum=10,
                                                  maximum=30 * 86400)
+    events_retention_seconds: float = option(86400.0, "how long an event is kept after it last happened "
+                                             "(`meshctl get events`)", minimum=1, maximum=365 * 86400)
+    events_kept: int = option(10_000, "events kept at most (the oldest, by last occurrence, expire first)",
+                              minimum=1, maximum=10_000_000)
+    events_coalesce_seconds: float = option(600.0, "a repeat of an event (same object, type, reason and message) "
+                                            "within this time of its last occurrence raises its count instead of "
+                                            "recording a new event", minimum=0, maximum=86400)
     checkpoints_kept: int = option(10, "checkpoints kept per workload (older ones expire first, whatever their "
                                    "age)", minimum=1, maximum=100_000)
     retention_interval_seconds: float = option(60.0, "how often expired records are looked for", minimum=0.1,
@@ -114,6 +127,8 @@ class ControlPlaneConfig:
         profiles.load(self.scheduler_config, self.scheduler_profile)   # raises ConfigError naming the problem
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
+        if self.web_listen:
+            parse_hostport(self.web_listen, "web_listen")
         for url in self.etcd_endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"etcd_endpoints: {url!r} must start with http:// or https://")

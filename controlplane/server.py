@@ -31,6 +31,7 @@ from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_
                         workload_service_pb2_grpc)
 from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
 from gpumesh.v1 import deployment_service_pb2, deployment_service_pb2_grpc
+from gpumesh.v1 import event_service_pb2, event_service_pb2_grpc
 from gpumesh.v1 import servingview_service_pb2, servingview_service_pb2_grpc
 from mesh import errors, tls
 from mesh.config import parse_hostport
@@ -51,6 +52,8 @@ class ControlPlane:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.web = None
+        self.web_port = 0
         self._collector = None
 
     def identity(self) -> str:
@@ -77,8 +80,9 @@ class ControlPlane:
         await self.store.connect()
         self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
         # DecodeGuard first: request bytes that do not parse are INVALID_ARGUMENT, never UNKNOWN (rpc.py)
+        self.authenticator = auth.Authenticator(self.tenants, insecure=self.cfg.insecure)
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
-            rpc.DecodeGuard(), auth.AuthInterceptor(auth.Authenticator(self.tenants, insecure=self.cfg.insecure))])
+            rpc.DecodeGuard(), auth.AuthInterceptor(self.authenticator)])
         from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
         # Every service is a Switch (controlplane/controllers/standby.py): UNAVAILABLE naming the leader until this
         # process wins the election, then the real servicer (built in _lead over the loaded fleet).
@@ -94,6 +98,7 @@ class ControlPlane:
             (mesh_service_pb2.DESCRIPTOR, "MeshService"), (migration_service_pb2.DESCRIPTOR, "MigrationService"),
             (model_service_pb2.DESCRIPTOR, "ModelService"),
             (deployment_service_pb2.DESCRIPTOR, "DeploymentService"),
+            (event_service_pb2.DESCRIPTOR, "EventService"),
             (servingview_service_pb2.DESCRIPTOR, "ServingViewService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
@@ -135,6 +140,7 @@ class ControlPlane:
             from controlplane.state.follower import Follower
             self.follower = Follower(self.store, lease_ttl=self.cfg.lease_ttl)
             self.follower.ctl.events.max_queue = self.cfg.watch_queue_limit
+            self.follower.event_log.max_queue = self.cfg.watch_queue_limit
             self.follower.start()
             for sw in self.switches.values():
                 sw.reader = self.follower.reader
@@ -144,16 +150,32 @@ class ControlPlane:
             mhost, mport = parse_hostport(self.cfg.metrics_listen, "metrics_listen")
             httpd, _ = start_http_server(mport, addr=mhost)
             self.metrics_port = httpd.server_port
+        web = await self._start_web()
         if self.cfg.port_file:
             tmp = self.cfg.port_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"endpoint": endpoint, "metrics": f"{host}:{self.metrics_port}" if self.metrics_port
-                           else "", "mtls_endpoint": mtls_endpoint, "pid": os.getpid()}, f)
+                           else "", "mtls_endpoint": mtls_endpoint, "web": web, "pid": os.getpid()}, f)
             os.replace(tmp, self.cfg.port_file)
-        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port,
+        log(logger, logging.INFO, "control plane serving", endpoint=endpoint, metrics_port=self.metrics_port, web=web,
             etcd=",".join(endpoints), embedded_etcd=self.etcd is not None, tls=not self.cfg.insecure,
             mtls_endpoint=mtls_endpoint, authorization=self.tenants is not None or not self.cfg.insecure,
             role="leader" if leading else "standby", advertise=self.advertise)
+
+    async def _start_web(self) -> str:
+        """The web view (controlplane/web) when web_listen is set: its URL, else ""."""
+        if not self.cfg.web_listen:
+            return ""
+        from controlplane.web.server import WebView, ssl_context
+
+        def hub():
+            ctl = getattr(self, "ctl", None) or getattr(getattr(self, "follower", None), "ctl", None)
+            return ctl.events if ctl is not None else None
+        self.web = WebView(self.switches, self.authenticator, hub, refresh=self.cfg.web_refresh_seconds,
+                           ssl_context=ssl_context(self.cfg.tls_cert, self.cfg.tls_key))
+        whost, wport = parse_hostport(self.cfg.web_listen, "web_listen")
+        self.web_port = await self.web.start(whost, wport)
+        return f"{'https' if self.cfg.tls_cert else 'http'}://{whost}:{self.web_port}/"
 
     async def _leader_endpoint(self) -> str:
         return (await self.store.leader())[1]
@@ -184,6 +206,12 @@ class ControlPlane:
         self.ctl.writer.on_fatal.append(self._writer_failed)
         self.ctl.scheduler = __import__("controlplane.scheduler", fromlist=["load"]).load(self.cfg.scheduler_config, self.cfg.scheduler_profile)
         self.ctl.writer.start()
+        from controlplane.events import EventLog, Recorder
+        self.event_log = EventLog(max_queue=self.cfg.watch_queue_limit)
+        self.ctl.recorder = Recorder(self.ctl.writer, self.event_log, source=self.identity(),
+                                     coalesce_seconds=self.cfg.events_coalesce_seconds)
+        await self.ctl.recorder.load(self.store)
+        self.ctl.recorder.start()
         self.nodes = NodeManager(self.ctl, lease_ttl=self.cfg.lease_ttl)
         await self.nodes.load()
         self.workloads = WorkloadManager(self.ctl)
@@ -205,10 +233,13 @@ class ControlPlane:
         await self.models.load()
         from controlplane.controllers.retention import Retention
         self.retention = Retention(self.ctl, self.workloads, self.migrations, self.cfg.retention_seconds,
-                                   self.cfg.checkpoints_kept, self.cfg.retention_interval_seconds)
+                                   self.cfg.checkpoints_kept, self.cfg.retention_interval_seconds,
+                                   events=self.event_log, events_retention_s=self.cfg.events_retention_seconds,
+                                   events_kept=self.cfg.events_kept)
         self.retention.start()
         from controlplane.serving.deployments import DeploymentManager
         from controlplane.serving.deploysvc import DeploymentService
+        from controlplane.events.service import EventService
         from controlplane.serving.viewsvc import ServingViewService
         self.deployments = DeploymentManager(self.ctl, self.workloads, self.models, self.cfg.deployment_policy(),
                                              interval=self.cfg.deployment_interval_seconds,
@@ -228,6 +259,7 @@ class ControlPlane:
                 "MigrationService": MigrationService(self.migrations),
                 "ModelService": ModelService(self.models),
                 "DeploymentService": DeploymentService(self.deployments),
+                "EventService": EventService(self.event_log),
                 "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models)}
         for name, sw in self.switches.items():
             sw.target = real[name]
@@ -240,6 +272,8 @@ class ControlPlane:
             REGISTRY.register(self._collector)
         for n in self._names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)
+        metrics.LEADER.set(1)
+        metrics.ELECTIONS.inc()
         log(logger, logging.INFO, "leading", advertise=self.advertise)
 
     async def _writer_failed(self, why: str) -> None:
@@ -248,13 +282,17 @@ class ControlPlane:
         log(logger, logging.CRITICAL, "etcd writer failed for good: NOT_SERVING, stepping down", why=why)
         for n in self._names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.LEADER.set(0)
         await self.store.step_down(f"the etcd writer failed: {why}")
 
     async def stop(self) -> None:
+        metrics.LEADER.set(0)
         if getattr(self, "campaign", None) is not None and not self.campaign.done():
             self.campaign.cancel()
         if getattr(self, "follower", None) is not None:
             await self.follower.stop()
+        if self.web is not None:
+            await self.web.stop()
         if self.server is not None:
             await _set_health(self.health, "", health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(self.cfg.grace_seconds)
@@ -270,6 +308,8 @@ class ControlPlane:
                 await self.deployments.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
+            if hasattr(self.ctl.recorder, "stop"):
+                await self.ctl.recorder.stop()      # what is pending is written before the writer stops
             await self.ctl.writer.stop()
         if self.store is not None:
             await self.store.close()
@@ -315,6 +355,7 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (migration_service_pb2, migration_service_pb2_grpc, "MigrationService"),
             (model_service_pb2, model_service_pb2_grpc, "ModelService"),
             (deployment_service_pb2, deployment_service_pb2_grpc, "DeploymentService"),
+            (event_service_pb2, event_service_pb2_grpc, "EventService"),
             (servingview_service_pb2, servingview_service_pb2_grpc, "ServingViewService"))
 
 

@@ -25,6 +25,7 @@ from mesh import errors, richstatus
 from mesh.meshapi import MeshApi
 from mesh.migrationapi import MigrationApi
 from mesh.deployapi import DeploymentApi
+from mesh.eventapi import EventApi
 from mesh.modelapi import ModelApi
 
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi):
+class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,
@@ -384,7 +385,7 @@ def gpu_to_dict(g: types_pb2.Gpu) -> dict[str, Any]:
 def node_to_dict(n: types_pb2.Node) -> dict[str, Any]:
     inv = n.inventory
     return {
-        "name": n.name, "state": node_state_name(n.state), "cordoned": n.cordoned,
+        "name": n.name, "state": node_state_name(n.state), "cordoned": n.cordoned, "draining": n.draining,
         "gpus": len(inv.gpus), "gpu_models": sorted({g.model for g in inv.gpus}),
         "slices": n.slices, "ready_slices": n.ready_slices,
         "registered_at": timestamp(n, "registered_at"),

@@ -129,7 +129,24 @@ def replica_to_dict(r: D.Replica) -> dict[str, Any]:
             "gpu_index": r.gpu_index, "gpu_model": r.gpu_model, "isolation": ISOLATION_NAMES.get(r.isolation, ""),
             "profile": r.profile, "memory_bytes": r.memory_bytes, "workload_id": r.workload_id,
             "restarts": r.restarts, "message": r.message, "template": r.template, "created_at": _ts(r, "created_at"),
-            "ready_at": _ts(r, "ready_at"), "last_crash_at": _ts(r, "last_crash_at")}
+            "ready_at": _ts(r, "ready_at"), "last_crash_at": _ts(r, "last_crash_at"),
+            "load": load_to_dict(r.load) if r.HasField("load") else None}
+
+
+PRESSURE_NAMES = {1: "low", 2: "normal", 3: "high", 4: "critical"}
+THERMAL_NAMES = {1: "normal", 2: "warning", 3: "throttling", 4: "critical"}
+
+
+def load_to_dict(x) -> dict[str, Any]:
+    """A replica's load signals (types_pb2.BackendLoad) as a document."""
+    return {"scraped": x.scraped, "error": x.error, "at": _ts(x, "at"), "workload_id": x.workload_id,
+            "requests_running": x.requests_running, "requests_waiting": x.requests_waiting,
+            "kv_cache_usage": x.kv_cache_usage, "prompt_tokens_per_second": x.prompt_tokens_per_second,
+            "generation_tokens_per_second": x.generation_tokens_per_second, "ttft_seconds": x.ttft_seconds,
+            "prompt_tokens_total": x.prompt_tokens_total, "generation_tokens_total": x.generation_tokens_total,
+            "requests_total": x.requests_total,
+            "gpu_memory_pressure": PRESSURE_NAMES.get(x.gpu_memory_pressure, ""),
+            "gpu_thermal_state": THERMAL_NAMES.get(x.gpu_thermal_state, "")}
 
 
 def deployment_to_dict(d: D.Deployment) -> dict[str, Any]:

@@ -71,6 +71,25 @@ class ModelApi:
     def delete_model(self, name: str) -> M.Model:
         return _converting(self._modelsvc.Delete)(M.DeleteModelRequest(name=name), timeout=self.timeout)
 
+    def record_measurement(self, name: str, variant: str, gpu_model: str, figures: M.Measurement,
+                           attempts: int = 3) -> M.Model:
+        """Store measured figures (`meshctl model bench`) on a variant under a GPU model's canonical name (or
+        "cpu"), replacing that GPU model's earlier figures (admin). Each try reads the model and updates it
+        at the generation read; a concurrent change makes it read again (errors.Aborted after `attempts`)."""
+        from mesh import errors
+        for attempt in range(attempts):
+            m = self.get_model(name)
+            target = next((v for v in m.variants if v.name == variant), None)
+            if target is None:
+                raise errors.NotFound(f"model {name!r} has no variant {variant!r}", kind="variant", name=variant)
+            target.measured[gpu_model].CopyFrom(figures)
+            try:
+                return self.update_model(m)
+            except errors.Aborted:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
 
 # -- documents ---------------------------------------------------------------------------------------
 
@@ -82,7 +101,9 @@ def _ts(msg: Any, field: str) -> str | None:
 def measurement_to_dict(x: M.Measurement) -> dict[str, Any]:
     return {"tokens_per_second": x.tokens_per_second, "ttft_seconds": x.ttft_seconds,
             "load_seconds": x.load_seconds, "measured_at": _ts(x, "measured_at"), "context": x.context,
-            "concurrency": x.concurrency, "note": x.note}
+            "concurrency": x.concurrency, "note": x.note, "requests": x.requests, "prompt_tokens": x.prompt_tokens,
+            "max_tokens": x.max_tokens, "ttft_p95_seconds": x.ttft_p95_seconds,
+            "prompt_tokens_per_second": x.prompt_tokens_per_second, "backend": x.backend}
 
 
 def variant_to_dict(v: M.Variant) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class NodeAgent:
         self.desired: dict[str, types_pb2.Slice] = {}
         self.realized: dict[str, node_service_pb2.SliceStatus] = {}
         self.stuck: set[str] = set()         # releases the hardware refused; retried
+        self.stuck_orphans: dict[tuple[int, int], object] = {}   # (gpu, GI) -> orphan MIG instance; retried
         self.registered = asyncio.Event()
         self.stopping = asyncio.Event()
         # Extension points for other components (telemetry, workloads): ControllerMessage kind ->
@@ -79,6 +80,13 @@ class NodeAgent:
         self.session_hooks: list = []
         # Called with every DesiredSlices before it is applied (the mesh registrar revokes released slices' buffers).
         self.desired_hooks: list = []
+        # Awaited before slices or orphan MIG instances are torn down: await hook(slice_ids, device_uuids).
+        # The workload runner stops what still runs on them and waits for it to end: a GPU refuses to
+        # destroy a MIG instance that runs processes (IN_USE), so the workload goes first, then the instance.
+        self.teardown_hooks: list = []
+        # Called before adopting MIG instances: hook() -> {device UUID: slice ID} the agent knows an
+        # instance was made for (the workload runner's records; Slicer.adopt).
+        self.claim_hooks: list = []
         # Run (in a worker thread) once NVML is up, before the first connection: hook().
         # Labels merged into the inventory (e.g. a declared MIG layout).
         self.start_hooks: list = []
@@ -198,7 +206,8 @@ class NodeAgent:
         call = stub.Sync(requests(), metadata=self._metadata())
         beat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_seconds, call))
         retry = asyncio.create_task(self._retry_stuck(outbox))
-        telemetry = asyncio.create_task(run_telemetry(self.collector, self.telemetry_interval, outbox))
+        telemetry = asyncio.create_task(run_telemetry(self.collector, self.telemetry_interval, outbox,
+                                                      loads=self.backend_loads()))
         try:
             for opened in self.session_hooks:
                 opened(outbox)
@@ -214,6 +223,17 @@ class NodeAgent:
             telemetry.cancel()
             outbox.put_nowait(None)
             call.cancel()
+
+    def backend_loads(self):
+        """The reader of the model servers' load signals (nodeagent/backends/loadscraper.py), kept across
+        sessions so its rates go on; None without a workload runner."""
+        runner = getattr(self, "workload_runner", None)
+        if runner is None:
+            return None
+        if getattr(self, "_load_scraper", None) is None:
+            from nodeagent.backends.loadscraper import LoadScraper
+            self._load_scraper = LoadScraper(lambda: runner.workloads.values())
+        return self._load_scraper
 
     async def _heartbeats(self, stub, interval: float, call) -> None:
         while True:
@@ -235,10 +255,18 @@ class NodeAgent:
         report = node_service_pb2.SliceStatusReport(full=d.full)
         if d.full:
             self.desired = {s.id: s for s in d.upserts}
-            orphans = await asyncio.to_thread(self.slicer.adopt, self.desired)
+            claims: dict[str, str] = {}
+            for hook in self.claim_hooks:
+                claims.update(hook())
+            orphans = await asyncio.to_thread(self.slicer.adopt, self.desired, claims)
+            self.stuck_orphans.clear()          # found again by this adoption when still there
+            if orphans:
+                await self._before_teardown(set(), {inst.uuid for inst in orphans if inst.uuid})
             for inst in orphans:
-                await asyncio.to_thread(self.slicer.destroy_orphan, inst)
+                err = await asyncio.to_thread(self.slicer.destroy_orphan, inst)
                 metrics.ORPHANS.labels(self.node).inc()
+                if err is not None:
+                    self.stuck_orphans[(inst.gpu_index, inst.gi_id)] = inst
             self.realized = {k: v for k, v in self.realized.items() if k in self.desired}
             log(logger, logging.INFO, "reconciling full desired state", node=self.node,
                 desired=len(self.desired), adopted=len(self.slicer.mig), orphans=len(orphans))
@@ -257,6 +285,9 @@ class NodeAgent:
             report.statuses.extend(self.realized.values())
         else:
             report.statuses.extend(self.realized[s.id] for s in todo)
+        if d.removals:
+            await self._before_teardown(set(d.removals), {self.slicer.mig[sid].uuid for sid in d.removals
+                                                           if sid in self.slicer.mig})
         for sid in d.removals:
             self.desired.pop(sid, None)
             self.realized.pop(sid, None)
@@ -276,9 +307,26 @@ class NodeAgent:
         if d.full or report.statuses or report.released:
             outbox.put_nowait(node_service_pb2.AgentMessage(report=report))
 
+    async def _before_teardown(self, slice_ids: set[str], device_uuids: set[str]) -> None:
+        for hook in self.teardown_hooks:
+            try:
+                await hook(slice_ids, device_uuids)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # noqa: BLE001 - the teardown is tried anyway (and retried if refused)
+                logger.exception("teardown hook")
+
     async def _retry_stuck(self, outbox: asyncio.Queue) -> None:
         while True:
             await asyncio.sleep(RETRY_TEARDOWN_S)
+            for key, inst in list(self.stuck_orphans.items()):
+                if any((m.gpu_index, m.gi_id) == key for m in self.slicer.mig.values()):
+                    self.stuck_orphans.pop(key, None)       # that GPU instance belongs to a slice now
+                    continue
+                if inst.uuid:
+                    await self._before_teardown(set(), {inst.uuid})
+                if await asyncio.to_thread(self.slicer.destroy_orphan, inst) is None:
+                    self.stuck_orphans.pop(key, None)
             for sid in list(self.stuck):
                 if await asyncio.to_thread(self.slicer.teardown, sid) is None:
                     self.stuck.discard(sid)

@@ -27,21 +27,6 @@ def _shim_alive(pid: int, marker: str) -> bool:
     return b"shim.py" in cmd and marker.encode() in cmd
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
-
-
 def _tail(path: str, lines: int) -> tuple[bytes, int]:
     """The last `lines` lines of the file (all when 0), and the file size read up to."""
     if not os.path.exists(path):

@@ -66,8 +66,12 @@ class Slicer:
             st.compute_instance_id = inst.ci_id or 0
         return st
 
-    def adopt(self, desired: dict[str, types_pb2.Slice]) -> list[MigInstance]:
-        """Match existing MIG instances to desired slices; return the orphans."""
+    def adopt(self, desired: dict[str, types_pb2.Slice], claims: dict[str, str] | None = None) -> list[MigInstance]:
+        """Match existing MIG instances to desired slices (by GPU, profile and placement); return the
+        orphans. `claims` (device UUID -> slice ID, from the workload records) names the slice an
+        instance is known to have been made for: an instance claimed by another slice than the desired
+        one at its placement (the old slice was released and a new one placed there while the agent was
+        away) is an orphan, not adopted with the old slice's processes still on it."""
         want = {(s.gpu_index, s.profile, s.placement.start): s for s in desired.values()
                 if s.isolation == S.ISOLATION_MIG}
         orphans = []
@@ -83,6 +87,8 @@ class Slicer:
             for inst in instances:
                 s = want.get((inst.gpu_index, inst.profile, inst.start))
                 declared = self._declared(index)
+                if s is not None and declared is None and (claims or {}).get(inst.uuid, s.id) != s.id:
+                    s = None
                 if s is not None and inst.ci_id is not None and s.id not in self.mig:
                     self.mig[s.id] = inst
                 elif declared is None or (inst.profile, inst.start) not in declared.placements:
@@ -214,11 +220,15 @@ class Slicer:
                                                                  "gi": inst.gi_id}})
         return None
 
-    def destroy_orphan(self, inst: MigInstance) -> None:
+    def destroy_orphan(self, inst: MigInstance) -> str | None:
+        """Destroy a MIG instance no desired slice claims; the error when the GPU refused (IN_USE: a
+        process still runs on it; the agent stops the workloads on it first and retries)."""
         try:
             self.gpus.destroy_mig(inst.gpu_index, inst.gi_id)
-            logger.warning("removed orphan MIG instance", extra={"fields": {
-                "gpu": inst.gpu_index, "gi": inst.gi_id, "profile": inst.profile, "start": inst.start}})
         except GpuError as e:
             logger.error("cannot remove orphan MIG instance", extra={"fields": {"gpu": inst.gpu_index,
                                                                                "gi": inst.gi_id, "error": str(e)}})
+            return str(e)
+        logger.warning("removed orphan MIG instance", extra={"fields": {
+            "gpu": inst.gpu_index, "gi": inst.gi_id, "profile": inst.profile, "start": inst.start}})
+        return None

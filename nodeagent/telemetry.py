@@ -323,10 +323,12 @@ class TelemetryCollector:
 
 
 async def run_telemetry(collector: TelemetryCollector, interval: float, outbox: asyncio.Queue,
-                        event_poll: float = EVENT_POLL_SECONDS) -> None:
+                        event_poll: float = EVENT_POLL_SECONDS, loads: Any = None) -> None:
     """Put ``AgentMessage(telemetry=...)`` on ``outbox`` every ``interval`` seconds (the first at
     once), and ``AgentMessage(event=...)`` for every event, checked every ``event_poll`` seconds.
-    Runs until cancelled; a failed reading is logged and retried at the next tick."""
+    ``loads``: the model servers' load reader (nodeagent/backends/loadscraper.py; its ``read()`` fills
+    ``NodeTelemetry.backends``), or None. Runs until cancelled; a failed reading is logged and retried
+    at the next tick."""
     loop = asyncio.get_running_loop()
     await asyncio.to_thread(collector.start)
     due = loop.time()
@@ -337,6 +339,8 @@ async def run_telemetry(collector: TelemetryCollector, interval: float, outbox: 
                 outbox.put_nowait(node_service_pb2.AgentMessage(event=ev))
             if loop.time() >= due:
                 reading = await asyncio.to_thread(collector.collect)
+                if loads is not None:
+                    reading.backends.extend(await loads.read())
                 outbox.put_nowait(node_service_pb2.AgentMessage(telemetry=reading))
                 due = due + interval if due + interval > loop.time() else loop.time() + interval
             failing = False

@@ -35,7 +35,8 @@ from google.protobuf import json_format, timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
-from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail, _tree  # noqa: F401
+from mesh.procs import process_tree
+from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
 logger = logging.getLogger(__name__)
 W = types_pb2
@@ -79,6 +80,10 @@ class WorkloadRunner:
         self.agent.handlers["workloads"] = self.on_command
         self.agent.handlers["logs"] = self.on_logs
         self.agent.session_hooks.append(self.on_session)
+        if hasattr(self.agent, "teardown_hooks"):
+            self.agent.teardown_hooks.append(self.free_slices)
+        if hasattr(self.agent, "claim_hooks"):
+            self.agent.claim_hooks.append(self.device_claims)
         return self
 
     # -- files --------------------------------------------------------------------------
@@ -328,7 +333,7 @@ class WorkloadRunner:
         """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
         meta = self.meta[wid]
         for procs in meta.pop("cgroup_procs", []):      # a CRIU-restored process joins its cgroups here
-            for p in _tree(pid):
+            for p in process_tree(pid):
                 try:
                     with open(procs, "w", encoding="ascii") as f:
                         f.write(str(p))
@@ -366,6 +371,33 @@ class WorkloadRunner:
                 self.mps.remove_client(meta["mps_pipe"], self.workloads[wid].pid)
             except Exception:   # noqa: BLE001
                 pass
+
+    def device_claims(self) -> dict[str, str]:
+        """{device UUID: slice ID} of the workloads running here (what a restarted agent knows of which
+        slice a MIG instance was made for)."""
+        return {m["device_uuid"]: w.slice_id for wid, w in self.workloads.items()
+                if w.state == W.WORKLOAD_STATE_RUNNING and (m := self.meta.get(wid, {})).get("device_uuid")}
+
+    async def free_slices(self, slice_ids: set[str], device_uuids: set[str], timeout: float | None = None) -> None:
+        """Before slices (or orphan MIG instances, by device UUID) are torn down: stop the workloads
+        still running on them and wait until they end (SIGKILL after the grace), so the GPU is not asked
+        to destroy an instance its processes still use. A restarted agent meets this when the slice of a
+        workload was released while the agent was away."""
+        victims = [wid for wid, w in self.workloads.items()
+                   if w.state == W.WORKLOAD_STATE_RUNNING and not self.meta.get(wid, {}).get("frozen")
+                   and (w.slice_id in slice_ids or (self.meta.get(wid, {}).get("device_uuid") or "-") in device_uuids)]
+        if not victims:
+            return
+        for wid in victims:
+            self.meta.setdefault(wid, {}).setdefault("stop_reason", "its slice was released")
+            self.stop(wid)
+        deadline = time.monotonic() + (self.stop_grace + 5 if timeout is None else timeout)
+        while time.monotonic() < deadline and any(self.workloads[w].state == W.WORKLOAD_STATE_RUNNING
+                                                  for w in victims if w in self.workloads):
+            await asyncio.sleep(self.poll_interval)
+            self.check_all()
+        log(logger, logging.INFO, "stopped the workloads of slices being torn down", node=self.agent.node,
+            workloads=",".join(victims), slices=",".join(sorted(slice_ids)))
 
     def stop(self, wid: str) -> None:
         w = self.workloads.get(wid)

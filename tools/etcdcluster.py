@@ -17,7 +17,8 @@ import pathlib
 import subprocess
 import time
 
-from controlplane.state.etcdserver import EtcdError, EtcdServer, _die_with_parent
+from controlplane.state.etcdserver import EtcdError, EtcdServer
+from mesh.procs import with_death_signal
 
 
 class Member(EtcdServer):
@@ -39,9 +40,8 @@ class Member(EtcdServer):
             __import__("json").dumps({"client": self.client_port, "peer": self.peer_port}))
         self._kill_stale()
         with open(self.log_file, "ab") as out:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(with_death_signal(self.command()), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         (self.data_dir / "pid").write_text(str(self.proc.pid))
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, die_with_parent, etcd_pids, is_mesh_process,
+from mesh.procs import with_death_signal
+from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
                               read_state, signal_group, stop_detached, stop_pid)
 
 MAX_AGENT_PROCESSES = 8
@@ -95,6 +96,7 @@ class LocalCluster:
         self.endpoint: str | None = None
         self.mtls_endpoint: str | None = None
         self.metrics_endpoint: str | None = None
+        self.web: str | None = None          # the web view's URL (controlplane/web)
         self.controlplane: Proc | None = None
         self.cps: list[Proc | None] = [None] * self.controlplanes
         self.cp_endpoints: list[str | None] = [None] * self.controlplanes
@@ -172,10 +174,10 @@ class LocalCluster:
         with open(proc.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.argv)}\n".encode())
             log.flush()
-            proc.popen = subprocess.Popen(
-                proc.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent if not self.detach and main_thread else None)
+            # the death signal follows the starting thread: only tie the child to a main thread that waits
+            argv = with_death_signal(proc.argv) if not self.detach and main_thread else proc.argv
+            proc.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True)
 
     def _cp_name(self, index: int) -> str:
         return "controlplane" if index == 0 else f"controlplane-{index + 1}"
@@ -202,6 +204,7 @@ class LocalCluster:
         listen = self.cp_endpoints[index] or (self.endpoint if index == 0 else None) or "127.0.0.1:0"
         argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / name),
                 "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+                "--web-listen", "127.0.0.1:0",
                 "--log-format", self.log_format, "--log-level", self.log_level]
         if self.etcd_endpoints:
             argv += ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
@@ -224,6 +227,7 @@ class LocalCluster:
                 if index == 0:
                     self.endpoint, self.metrics_endpoint = info["endpoint"], info.get("metrics")
                     self.mtls_endpoint = info.get("mtls_endpoint") or None
+                    self.web = info.get("web") or None
                 self.save_state()
                 return info["endpoint"]
             except (OSError, ValueError, KeyError):
@@ -444,7 +448,8 @@ class LocalCluster:
                                    f"last log lines ({proc.log_path}):\n{proc.log_tail()}")
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the gateway and the agents, then the control plane; SIGKILL what is left after `grace`."""
+        """SIGTERM the gateway and the agents, then the control plane, then the cluster's workloads (which outlive
+        an agent restart, not the cluster); SIGKILL what is left after `grace`."""
         self.stop_gateway(grace)
         procs = [p for p in self.agents.values() if p.popen is not None]
         threads = [threading.Thread(target=stop_pid, args=(p.popen.pid, grace, p.popen)) for p in procs]
@@ -455,6 +460,7 @@ class LocalCluster:
         self.stop_controlplane(grace)
         if self.etcd_cluster is not None:
             self.etcd_cluster.stop()
+        stop_workloads(self.state_dir, min(grace, 5.0))
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
 
     def pids(self) -> dict[str, int]:
@@ -463,7 +469,8 @@ class LocalCluster:
 
     def save_state(self) -> None:
         """Write cluster.json (endpoint, nodes, pids) for `meshctl down` and other tools."""
-        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint, "gateway": self.gateway_url,
+        data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint, "web": self.web,
+                "gateway": self.gateway_url,
                 "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
                 "pids": self.pids(), "detached": self.detach}
         tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"

@@ -15,21 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.procs import pid_alive
+from mesh.procs import pid_alive, process_tree
 
 CLUSTER_FILE = "cluster.json"
 
 
 class ClusterError(Exception):
     """The cluster could not be started, reached or stopped."""
-
-
-def die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 alive = pid_alive
@@ -119,6 +111,40 @@ def etcd_pids(data_dir: str | os.PathLike) -> list[int]:
     return found
 
 
+def workload_shims(state_dir: str | os.PathLike) -> list[int]:
+    """The workload shims (nodeagent/shim.py) whose files lie under `state_dir`: this cluster's workloads,
+    which outlive their agent by design (an agent restart adopts them)."""
+    marker = str(Path(state_dir).resolve()).encode() + b"/"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"nodeagent/shim.py") for a in argv[:3]) and any(a.startswith(marker) for a in argv):
+            found.append(int(entry))
+    return found
+
+
+def stop_workloads(state_dir: str | os.PathLike, grace: float = 5.0) -> int:
+    """Stop this cluster's workloads (SIGTERM each shim's process tree, SIGKILL what is left after `grace`):
+    a cluster taken down takes its model servers and jobs with it. The number of processes signalled."""
+    trees = [process_tree(pid) for pid in workload_shims(state_dir)]
+    pids = [p for tree in trees for p in tree]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+            time.sleep(0.05)
+    return len(pids)
+
+
 def read_state(state_dir: str | os.PathLike) -> dict | None:
     """The cluster.json of `state_dir`, or None."""
     try:
@@ -149,5 +175,7 @@ def stop_detached(state_dir: str | os.PathLike, grace: float = 10.0) -> list[str
     for pid in etcd_pids(Path(state_dir).resolve() / "controlplane" / "etcd"):
         stop_pid(pid, 2.0)
         stopped.append(f"etcd:{pid}")
+    if stop_workloads(state_dir, grace):
+        stopped.append("workloads")
     (Path(state_dir) / CLUSTER_FILE).unlink(missing_ok=True)
     return stopped

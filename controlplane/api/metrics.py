@@ -12,19 +12,50 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
+from prometheus_client import Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
 from gpumesh.v1 import types_pb2
 
+LEADER = Gauge("gpumesh_leader", "1 while this control plane leads, 0 while it stands by")
+ELECTIONS = Counter("gpumesh_leader_elections_total", "Times this control plane process became the leader")
+MIGRATIONS_FINISHED = Counter("gpumesh_migrations_finished_total", "Migrations that ended, by result (done, aborted)",
+                              ["result"])
 STATES = ("pending", "ready", "releasing", "failed", "unknown")
+HEALTHS = ("healthy", "unhealthy", "lost", "quarantined")
+PRESSURES = ("low", "normal", "high", "critical")
+THERMALS = ("normal", "warning", "throttling", "critical")
+
+
+def _gpus(ctl) -> list[tuple]:
+    """(node, index, model, health, pressure, thermal, used, total, temperature, utilization, slices) per GPU."""
+    out = []
+    for name, entry in ctl.fleet.nodes.items():
+        for g in entry.gpus:
+            t = g.telemetry
+            out.append((name, str(g.index), getattr(g.model, "name", str(g.model)), g.health, g.memory_pressure,
+                        g.thermal_state, t.memory_used_bytes if t is not None else 0,
+                        (t.memory_total_bytes if t is not None and t.memory_total_bytes else g.memory_bytes),
+                        t.temperature_c if t is not None else 0.0, t.utilization_pct if t is not None else 0.0,
+                        len(g.slices)))
+    return out
 
 
 def snapshot(ctl, workloads=None, migrations=None) -> dict:
     """Everything the gauges show, computed at once (call it on the event loop)."""
     counts: dict[str, int] = {}
+    tenants: dict[tuple[str, str], list[int]] = {}
     for s in ctl.fleet.slices.values():
         name = types_pb2.SliceState.Name(s.state).removeprefix("SLICE_STATE_").lower()
         counts[name] = counts.get(name, 0) + 1
+        t = tenants.setdefault((s.tenant, name), [0, 0])
+        t[0] += 1
+        t[1] += s.memory_bytes
+    phases: dict[str, int] = {}
+    if migrations is not None:
+        from controlplane.controllers.migration_phases import phase_name
+        for m in migrations.migrations.values():
+            phases[phase_name(m.phase)] = phases.get(phase_name(m.phase), 0) + 1
     ready = sum(1 for n in ctl.fleet.nodes.values() if n.ready)
     records = {"slices": len(ctl.fleet.slices), "requests": len(ctl.requests),
                "slice_revisions": len(ctl.fleet.revisions), "allocations": len(ctl.fleet.by_allocation),
@@ -37,7 +68,10 @@ def snapshot(ctl, workloads=None, migrations=None) -> dict:
     if migrations is not None:
         records.update(migrations=len(migrations.migrations), checkpoints=len(migrations.checkpoints),
                        migration_tasks=len(getattr(migrations, "tasks", {})))
-    return {"slices": counts, "nodes_ready": ready, "nodes": len(ctl.fleet.nodes),
+    return {"slices": counts, "tenants": tenants, "gpus": _gpus(ctl), "migration_phases": phases,
+            "node_list": [(n, e.ready, e.record.cordoned) for n, e in ctl.fleet.nodes.items()],
+            "events": len(ctl.recorder.log.events) if hasattr(ctl.recorder, "log") else 0,
+            "nodes_ready": ready, "nodes": len(ctl.fleet.nodes),
             "batches": ctl.writer.batches, "writes": ctl.writer.writes, "writer_restarts": ctl.writer.restarts,
             "watchers": len(ctl.events.subscribers), "sessions": len(ctl.sessions.by_node), "records": records}
 
@@ -97,5 +131,67 @@ class FleetCollector:
         for kind, n in sorted(snap["records"].items()):
             records.add_metric([kind], n)
         yield records
+        yield from self._fleet(snap)
         yield GaugeMetricFamily("gpumesh_metrics_snapshot_stale", "1 when the event loop did not answer the last "
                                 "scrape in time and an older snapshot was served", value=int(self.stale))
+
+    @staticmethod
+    def _fleet(snap: dict):
+        """Per tenant, per node and per GPU: what the dashboard and the alert rules read
+        (docs/monitoring/)."""
+        by_tenant = GaugeMetricFamily("gpumesh_tenant_slices", "Slices by tenant and state", labels=["tenant", "state"])
+        memory = GaugeMetricFamily("gpumesh_tenant_slice_memory_bytes", "GPU memory of the slices by tenant and state",
+                                   labels=["tenant", "state"])
+        for (tenant, state), (n, mem) in sorted(snap["tenants"].items()):
+            by_tenant.add_metric([tenant, state], n)
+            memory.add_metric([tenant, state], mem)
+        yield by_tenant
+        yield memory
+        ready = GaugeMetricFamily("gpumesh_node_ready", "1 when the node's agent holds its lease (Ready)",
+                                  labels=["node"])
+        cordoned = GaugeMetricFamily("gpumesh_node_cordoned", "1 when the node takes no new slices", labels=["node"])
+        for name, is_ready, is_cordoned in snap["node_list"]:
+            ready.add_metric([name], int(is_ready))
+            cordoned.add_metric([name], int(is_cordoned))
+        yield ready
+        yield cordoned
+        labels = ["node", "gpu", "model"]
+        fams = {k: GaugeMetricFamily(f"gpumesh_gpu_{k}", h, labels=labels) for k, h in (
+            ("healthy", "1 when the GPU is healthy (0: unhealthy, lost or quarantined)"),
+            ("memory_used_bytes", "GPU memory in use (agent telemetry)"),
+            ("memory_total_bytes", "GPU memory in all"),
+            ("temperature_celsius", "GPU temperature (agent telemetry)"),
+            ("utilization_percent", "GPU compute utilization (agent telemetry)"),
+            ("memory_pressure_level", "Memory pressure: 0 low, 1 normal, 2 high, 3 critical"),
+            ("thermal_level", "Thermal state: 0 normal, 1 warning, 2 throttling, 3 critical"),
+            ("slices", "Slices placed on the GPU"))}
+        health = dict.fromkeys(HEALTHS, 0)
+        pressure = dict.fromkeys(PRESSURES, 0)
+        thermal = dict.fromkeys(THERMALS, 0)
+        for node, index, model, h, p, t, used, total, temp, util, slices in snap["gpus"]:
+            key = [node, index, model]
+            for name, value in (("healthy", int(h == "healthy")), ("memory_used_bytes", used),
+                                ("memory_total_bytes", total), ("temperature_celsius", temp),
+                                ("utilization_percent", util),
+                                ("memory_pressure_level", PRESSURES.index(p) if p in PRESSURES else 0),
+                                ("thermal_level", THERMALS.index(t) if t in THERMALS else 0), ("slices", slices)):
+                fams[name].add_metric(key, value)
+            health[h] = health.get(h, 0) + 1
+            pressure[p] = pressure.get(p, 0) + 1
+            thermal[t] = thermal.get(t, 0) + 1
+        yield from fams.values()
+        for name, help_, label, table in (
+                ("gpumesh_gpus", "GPUs by health", "health", health),
+                ("gpumesh_gpus_by_memory_pressure", "GPUs by memory pressure level", "level", pressure),
+                ("gpumesh_gpus_by_thermal_state", "GPUs by thermal state", "state", thermal)):
+            fam = GaugeMetricFamily(name, help_, labels=[label])
+            for k, n in table.items():
+                fam.add_metric([k], n)
+            yield fam
+        phases = GaugeMetricFamily("gpumesh_migrations", "Migrations held (unfinished and finished within retention), "
+                                   "by phase", labels=["phase"])
+        for phase, n in sorted(snap["migration_phases"].items()):
+            phases.add_metric([phase], n)
+        yield phases
+        yield GaugeMetricFamily("gpumesh_events_held", "Durable events held (bounded by events_kept)",
+                                value=snap["events"])

@@ -225,8 +225,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     @unary
     async def DrainNode(self, request, context):
         validate_node_name(request.name, "name")
-        node, evicted = await self.nodes.drain(request.name, request.dry_run)
-        return admin_service_pb2.DrainNodeResponse(node=node, evicted=evicted)
+        node, evicted, replacing = await self.nodes.drain(request.name, request.dry_run)
+        return admin_service_pb2.DrainNodeResponse(node=node, evicted=evicted, replacing=replacing)
 
     @unary
     async def ListGpus(self, request, context):

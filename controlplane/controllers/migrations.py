@@ -90,6 +90,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         self.reports: dict[str, dict[str, asyncio.Queue]] = {}     # migration id -> node -> reports
         self.tasks: dict[str, asyncio.Task] = {}
         self.watchers: dict[str, list[asyncio.Queue]] = {}
+        self._phases_emitted: dict[str, int] = {}                  # migration id -> phase of its last event
         ctl.agent_handlers["migration"] = self._on_report
         workloads.extra_desired.append(self.targets_on)
         ctl.migrations = self
@@ -144,9 +145,27 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
                                      *conds])
         if m.phase in FINISHED:
             self.secrets.pop(m.id, None)
+        self._phase_event(m)
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
             q.put_nowait(M.Migration.FromString(m.SerializeToString()))
+
+    def _phase_event(self, m: M.Migration) -> None:
+        """A durable event for each phase a migration enters (controlplane/events/)."""
+        emitted = self._phases_emitted
+        if emitted.get(m.id) == m.phase:
+            return
+        emitted[m.id] = m.phase
+        if m.phase in FINISHED:
+            from controlplane.api.metrics import MIGRATIONS_FINISHED
+            MIGRATIONS_FINISHED.labels("done" if m.phase == P.MIGRATION_PHASE_DONE else "aborted").inc()
+        name = phase_name(m.phase)
+        warn = m.phase in (P.MIGRATION_PHASE_ABORTED, P.MIGRATION_PHASE_ROLLING_BACK)
+        text = f"workload {m.workload_id} {m.source_node} -> {m.target_node or '?'}: {name}"
+        self.ctl.recorder.emit("Migration", m.id, "Warning" if warn else "Normal",
+                               "Migration" + "".join(w.capitalize() for w in name.split("_")),
+                               text + (f" ({m.message})" if m.message else ""), tenant=m.tenant,
+                               node=m.source_node, source="migration-controller")
 
     async def _set(self, m: M.Migration, phase: int, **fields) -> None:
         m.phase = phase
@@ -301,11 +320,14 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     # -- drain ------------------------------------------------------------------------------------
 
-    async def drain(self, node: str) -> list[M.Migration]:
+    async def drain(self, node: str, skip_slices: set[str] = frozenset()) -> list[M.Migration]:
         """Migrate every running workload off `node` (already cordoned, so the scheduler places the
-        targets elsewhere) and wait for the migrations to finish."""
+        targets elsewhere) and wait for the migrations to finish. Workloads on `skip_slices` (model
+        replicas, which their deployment replaces instead) stay."""
         started = []
         for w in list(self.wm.workloads.values()):
+            if w.slice_id in skip_slices:
+                continue
             if w.node == node and w.state == W.WORKLOAD_STATE_RUNNING and self.active_for(w.id) is None:
                 try:
                     started.append(await self.migrate(w.id, reason="drain"))

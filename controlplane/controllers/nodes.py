@@ -114,6 +114,8 @@ class NodeManager:
         entry.lease_id = 0
         entry.record.message = "lease expired"
         log(logger, logging.WARNING, "node NotReady: lease expired", node=name)
+        self.ctl.recorder.emit("Node", name, "Warning", "NodeNotReady", "lease expired: the agent stopped "
+                               "heartbeating; its slices are UNKNOWN", node=name, source="node-controller")
         session = self.ctl.sessions.get(name)
         if session is not None:
             self.ctl.sessions.close(session)
@@ -148,7 +150,12 @@ class NodeManager:
                 raise errors.Unavailable(f"etcd: cannot grant a lease: {e}") from e
         await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString()),
                                      Put(keys.alive(name), name.encode(), lease=lease_id)])
+        was = "new" if entry is None else ("ready" if entry.ready else "not-ready")
         entry = self.fleet.upsert_node(rec)
+        if was != "ready":
+            self.ctl.recorder.emit("Node", name, "Normal", "Registered" if was == "new" else "NodeReady",
+                                   f"{agent_version or 'agent'} registered with {len(inventory.gpus)} GPU(s)",
+                                   node=name, source="node-controller")
         entry.ready = True
         entry.lease_id = lease_id
         self.heartbeats[name] = now()
@@ -197,27 +204,51 @@ class NodeManager:
             n.ib_ports.extend(telemetry.ib_ports.get(name, ()))
         return n
 
-    async def set_cordon(self, name: str, cordoned: bool) -> types_pb2.Node:
+    async def set_cordon(self, name: str, cordoned: bool, draining: bool | None = None) -> types_pb2.Node:
+        """Cordon or uncordon; `draining` (default: cleared by an uncordon, kept by a cordon) marks a
+        drain in progress, which the deployment controller acts on."""
         entry = self.entry(name)
-        if entry.record.cordoned != cordoned:
+        if draining is None:
+            draining = entry.record.draining and cordoned
+        if entry.record.cordoned != cordoned or entry.record.draining != draining:
             rec = types_pb2.Node()
             rec.CopyFrom(entry.record)
             rec.cordoned = cordoned
+            rec.draining = draining
             await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())])
             entry.record = rec
-            log(logger, logging.INFO, "node cordoned" if cordoned else "node uncordoned", node=name)
+            log(logger, logging.INFO, "node cordoned" if cordoned else "node uncordoned", node=name,
+                draining=draining)
+            self.ctl.recorder.emit("Node", name, "Normal", "Cordoned" if cordoned else "Uncordoned",
+                                   "marked unschedulable" if cordoned else "marked schedulable", node=name,
+                                   source="node-controller")
         return self.view(name)
 
-    async def drain(self, name: str, dry_run: bool) -> tuple[types_pb2.Node, list[types_pb2.Slice]]:
+    async def drain(self, name: str, dry_run: bool) -> tuple[types_pb2.Node, list[types_pb2.Slice],
+                                                              list[types_pb2.Slice]]:
+        """Cordon, migrate what can migrate, evict the rest; (node, evicted, replacing). The slices of
+        deployment replicas are not evicted: the deployment controller replaces each replica elsewhere
+        first and releases the old slice once the replacement is READY (controlplane/serving/)."""
         self.entry(name)
+        deployments = getattr(self.ctl, "deployments", None)
+        kept = deployments.replica_slices(name) if deployments is not None else set()
         victims = [s for s in self.fleet.slices_on(name) if s.state != types_pb2.SLICE_STATE_RELEASING]
+        replacing = [s for s in victims if s.id in kept]
+        victims = [s for s in victims if s.id not in kept]
         if dry_run:
-            return self.view(name), victims
-        await self.set_cordon(name, True)
+            return self.view(name), victims, replacing
+        await self.set_cordon(name, True, draining=True)
+        if deployments is not None:
+            deployments.kick()
         migrations = getattr(self.ctl, "migrations", None)
         if migrations is not None:      # move what can migrate first (controlplane/controllers/migrations.py)
-            await migrations.drain(name)
+            await migrations.drain(name, skip_slices=kept)
         evicted = []
         for alloc in sorted({s.allocation_id for s in victims}):
             evicted += await self.ctl.release(alloc, wait=False, message=f"evicted: node {name} drained")
-        return self.view(name), evicted
+        self.ctl.recorder.emit("Node", name, "Normal", "Drained", f"drained: {len(evicted)} slice(s) evicted",
+                               node=name, source="node-controller")
+        for s in evicted:
+            self.ctl.recorder.emit("Slice", s.id, "Warning", "Evicted", f"node {name} drained", tenant=s.tenant,
+                                   node=name, source="node-controller")
+        return self.view(name), evicted, replacing

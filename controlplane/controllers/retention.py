@@ -8,6 +8,8 @@ A sweep every `retention_interval_seconds` finds
 * checkpoint records older than `retention_seconds`, those beyond the newest `checkpoints_kept` of
   their workload, and those of an expiring workload (a restore needs the workload's record), unless
   an unfinished migration restores from them;
+* events (controlplane/events/) that last happened more than `events_retention_seconds` ago, and the
+  oldest beyond the newest `events_kept`;
 
 deletes their etcd keys through the writer (at most MAX_OPS keys per transaction), then drops them
 from memory, and removes their files through the agents: WorkloadCommand.forget (the agent deletes
@@ -46,13 +48,17 @@ def _seconds(ts) -> float:
 
 class Retention:
     def __init__(self, ctl, workloads, migrations, retention_s: float = 7 * 86400.0, checkpoints_kept: int = 10,
-                 interval: float = 60.0) -> None:
+                 interval: float = 60.0, events=None, events_retention_s: float = 86400.0,
+                 events_kept: int = 10_000) -> None:
         self.ctl = ctl
         self.wm = workloads
         self.mm = migrations
         self.retention_s = retention_s
         self.checkpoints_kept = checkpoints_kept
         self.interval = interval
+        self.events = events                            # the EventLog, or None
+        self.events_retention_s = events_retention_s
+        self.events_kept = events_kept
         self.expired = collections.Counter()           # kind -> records expired (metrics, tests)
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._task: asyncio.Task | None = None
@@ -111,21 +117,35 @@ class Retention:
                     cks.append(ck)
         return workloads, finished, cks
 
+    def events_due(self, now: float | None = None) -> list:
+        """Event IDs that expire at `now`: too old, or beyond the newest `events_kept`."""
+        if self.events is None:
+            return []
+        now = time.time() if now is None else now
+        cutoff = now - self.events_retention_s
+        ordered = self.events.oldest_first()
+        over = max(0, len(ordered) - self.events_kept)
+        return [ev.id for i, ev in enumerate(ordered) if i < over or _seconds(ev.last_timestamp) < cutoff]
+
     # -- expiring --------------------------------------------------------------------------------
 
     async def sweep(self, now: float | None = None) -> dict:
         workloads, migrations, checkpoints = self.due(now)
-        ops = ([d for c in checkpoints for d in (Delete(keys.checkpoint(c.id)), Delete(keys.checkpoint_key(c.id)))]
+        event_ids = self.events_due(now)
+        ops = ([Delete(keys.event(i)) for i in event_ids]
+               + [d for c in checkpoints for d in (Delete(keys.checkpoint(c.id)), Delete(keys.checkpoint_key(c.id)))]
                + [Delete(keys.migration(m.id)) for m in migrations]
                + [Delete(keys.workload(w.id)) for w in workloads])
         for i in range(0, len(ops), MAX_OPS):
             await self.ctl.writer.write(ops[i:i + MAX_OPS])
+        for i in event_ids:
+            self.events.drop(i)
         for c in checkpoints:
             self.mm.checkpoints.pop(c.id, None)
             self._delete_checkpoint_files(c)
         for m in migrations:
             self.mm.migrations.pop(m.id, None)
-            for table in ("reports", "watchers"):
+            for table in ("reports", "watchers", "_phases_emitted"):
                 getattr(self.mm, table, {}).pop(m.id, None)
             task = getattr(self.mm, "tasks", {}).get(m.id)
             if task is not None and task.done():
@@ -146,7 +166,8 @@ class Retention:
                 self.recent[wid] = None
             while len(self.recent) > REMEMBERED:
                 self.recent.popitem(last=False)
-        counts = {"workloads": len(workloads), "migrations": len(migrations), "checkpoints": len(checkpoints)}
+        counts = {"workloads": len(workloads), "migrations": len(migrations), "checkpoints": len(checkpoints),
+                  "events": len(event_ids)}
         self.expired.update(counts)
         if any(counts.values()):
             log(logger, logging.INFO, "expired finished records", retention_s=self.retention_s, **counts)

@@ -55,6 +55,11 @@ class Controller:
         self.fleet = Fleet()
         self.writer = Writer(store)
         self.events = EventHub()
+        # Durable events (controlplane/events/): the leader sets its Recorder; elsewhere emit does nothing.
+        #     ctl.recorder.emit(kind, name, "Normal" | "Warning", reason, message, tenant=..., node=...)
+        from controlplane.events.recorder import NullRecorder
+        self.recorder = NullRecorder()
+        self._state_changes: dict[str, int] = {}         # slice id -> its state before an unsaved change
         self.sessions = Sessions()
         self.ready_timeout = ready_timeout
         self.release_timeout = release_timeout
@@ -89,13 +94,37 @@ class Controller:
         for s in changed:
             self.fleet.revisions[s.id] = rev
             self.events.publish(ADDED if created else MODIFIED, s, rev)
+            self._slice_event(s, created)
             if s.state in TERMINAL:
                 self._resolve(self.ready_waiters, s.id, s)
         for s in deleted:
+            self._state_changes.pop(s.id, None)
+            self.recorder.emit("Slice", s.id, "Normal", "Released", f"released from {s.node}/GPU {s.gpu_index}",
+                               tenant=s.tenant, node=s.node, source="slice-controller")
             self.events.publish(DELETED, s, rev)
             self._resolve(self.gone_waiters, s.id, s)
             self._resolve(self.ready_waiters, s.id, s)     # deleted before it became ready: no waiter stays
         return rev
+
+    def _slice_event(self, s: types_pb2.Slice, created: bool) -> None:
+        """The durable event of a slice's state change (written by `save`)."""
+        if created:
+            where = f"{s.node}/GPU {s.gpu_index}" + (f" ({s.profile}, start {s.placement.start})" if s.profile else
+                                                     f" ({s.memory_bytes >> 20} MiB)")
+            self.recorder.emit("Slice", s.id, "Normal", "Scheduled", f"assigned to {where} by allocation "
+                               f"{s.allocation_id}", tenant=s.tenant, node=s.node, source="scheduler")
+            return
+        before = self._state_changes.pop(s.id, None)
+        if before is None:
+            return
+        state = S.SliceState.Name(s.state).removeprefix("SLICE_STATE_").capitalize()
+        warn = s.state in (S.SLICE_STATE_FAILED, S.SLICE_STATE_UNKNOWN)
+        reason = {"Ready": "SliceReady", "Failed": "SliceFailed", "Releasing": "Releasing",
+                  "Unknown": "SliceUnknown", "Pending": "SlicePending"}.get(state, "Slice" + state)
+        was = S.SliceState.Name(before).removeprefix("SLICE_STATE_").lower()
+        self.recorder.emit("Slice", s.id, "Warning" if warn else "Normal", reason,
+                           f"{was} -> {state.lower()}" + (f": {s.message}" if s.message else ""),
+                           tenant=s.tenant, node=s.node, source="slice-controller")
 
     @staticmethod
     def _resolve(table: dict, slice_id: str, value) -> None:
@@ -129,6 +158,8 @@ class Controller:
             ns.env.clear()
             ns.env.update(env)
         ns.updated_at.CopyFrom(now())
+        if ns.state != s.state:
+            self._state_changes.setdefault(ns.id, s.state)
         self.fleet.put_slice(ns)
         return ns
 
@@ -159,7 +190,10 @@ class Controller:
         framework = getattr(self, "scheduler", None) or placement.default_framework()
         decision = framework.schedule(req, self.fleet)
         if not decision.ok:
-            raise placement.exhausted(req, decision)
+            refused = placement.exhausted(req, decision)
+            self.recorder.emit("Allocation", request_id or "-", "Warning", "FailedScheduling", str(refused),
+                               tenant=req.tenant, source="scheduler")
+            raise refused
         slices = self._slices_for(req, decision.choices)
         alloc_id = slices[0].allocation_id
         for s, c in zip(slices, decision.choices):
@@ -187,6 +221,11 @@ class Controller:
             raise
         log(logger, logging.INFO, "allocated", allocation=alloc_id, tenant=req.tenant,
             slices=[f"{s.id}@{s.node}/{s.gpu_index}" for s in slices])
+        placed = ", ".join(f"{s.id} on {s.node}/GPU {s.gpu_index}" for s in slices[:8])
+        self.recorder.emit("Allocation", alloc_id, "Normal", "Scheduled", f"placed {len(slices)} slice(s): {placed}"
+                           + (" ..." if len(slices) > 8 else "")
+                           + (f" (preempted {len(decision.victims)})" if decision.victims else ""),
+                           tenant=req.tenant, source="scheduler")
         waits = [] if no_wait else [self._wait(self.ready_waiters, s.id) for s in slices]
         by_node: dict[str, list] = {}
         for s in slices:

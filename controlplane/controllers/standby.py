@@ -29,7 +29,9 @@ READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
          "WorkloadService": frozenset({"Get", "List"}),
          "MeshService": frozenset({"Get", "List", "ListGrants"}),
          "MigrationService": frozenset({"Get", "List", "ListCheckpoints"}),
-         "ModelService": frozenset({"Get", "List"})}
+         "ModelService": frozenset({"Get", "List"}),
+         "EventService": frozenset({"List", "Watch"}),
+         "DeploymentService": frozenset({"Get", "List", "Watch"})}
 
 
 class Switch:

@@ -83,6 +83,9 @@ class TelemetryManager:
         self.events: dict[str, collections.deque] = {}
         self.ib_ports: dict[str, list[types_pb2.IbPort]] = {}
         self.health = HealthController(self, policy.health)
+        # async fn(node, [BackendLoad]) called with each reading's model-server loads (the deployment
+        # controller attaches them to its replicas: controlplane/serving/deployments.py)
+        self.backend_listeners: list = []
         ctl.agent_handlers["telemetry"] = self.on_telemetry
         ctl.agent_handlers["event"] = self.on_event
         ctl.telemetry = self
@@ -106,6 +109,7 @@ class TelemetryManager:
         ev = types_pb2.NodeEvent(at=_ts(at if at is not None else self.clock()), type=kind, reason=reason,
                                  message=message, gpu_index=gpu)
         self.events.setdefault(node, collections.deque(maxlen=self.policy.events_kept)).append(ev)
+        self._durable(node, ev)
         log(logger, logging.WARNING if kind == "Warning" else logging.INFO, message, node=node, reason=reason,
             gpu=gpu)
         return ev
@@ -130,6 +134,12 @@ class TelemetryManager:
         if not stored.HasField("at"):
             stored.at.CopyFrom(_ts(self.clock()))
         self.events.setdefault(node, collections.deque(maxlen=self.policy.events_kept)).append(stored)
+        self._durable(node, stored)
+
+    def _durable(self, node: str, ev: types_pb2.NodeEvent) -> None:
+        """Into the durable event stream too (controlplane/events/): a GPU's events under Gpu node/index."""
+        kind, name = ("Gpu", f"{node}/{ev.gpu_index}") if ev.gpu_index >= 0 else ("Node", node)
+        self.ctl.recorder.emit(kind, name, ev.type, ev.reason, ev.message, node=node, source="health-controller")
 
     # -- telemetry ----------------------------------------------------------------------------
 
@@ -139,6 +149,12 @@ class TelemetryManager:
             return
         if t.ib_ports:
             self.ib_ports[node] = list(t.ib_ports)
+        if t.backends:
+            for listener in self.backend_listeners:
+                try:
+                    await listener(node, list(t.backends))
+                except Exception:   # noqa: BLE001 - load signals never stop the GPU readings
+                    logger.exception("backend load listener")
         seen = set()
         for reading in t.gpus:
             g = self.ctl.fleet.gpu(node, reading.index)

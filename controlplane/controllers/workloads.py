@@ -135,12 +135,27 @@ class WorkloadManager:
         await self.ctl.writer.write([Put(keys.workload(w.id), w.SerializeToString()) for w in ws],
                                     [Absent(keys.workload(w.id)) for w in ws] if created else [])
         for w in ws:
+            before = self.workloads.get(w.id)
+            if before is None or before.state != w.state:
+                self._state_event(w)
             self.workloads[w.id] = w
             if w.state in TERMINAL:
                 self.stopping.discard(w.id)
             for fut in self.waiters.pop(w.id, []):
                 if not fut.done():
                     fut.set_result(w)
+
+    def _state_event(self, w: types_pb2.Workload) -> None:
+        """The durable event of a workload's state change (controlplane/events/)."""
+        state = W.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_")
+        reason, kind = {"PENDING": ("Created", "Normal"), "RUNNING": ("Started", "Normal"),
+                        "SUCCEEDED": ("Completed", "Normal"), "FAILED": ("Failed", "Warning"),
+                        "STOPPED": ("Stopped", "Normal"),
+                        "UNKNOWN": ("NodeLost", "Warning")}.get(state, (state.capitalize(), "Normal"))
+        text = {"Created": f"on slice {w.slice_id}", "Started": f"pid {w.pid} on {w.node}",
+                "Completed": "exited 0", "Failed": f"exit code {w.exit_code}"}.get(reason, state.lower())
+        self.ctl.recorder.emit("Workload", w.id, kind, reason, text + (f": {w.message}" if w.message else ""),
+                               tenant=w.tenant, node=w.node, source="workload-controller")
 
     def _copy(self, w: types_pb2.Workload, **fields) -> types_pb2.Workload:
         n = types_pb2.Workload()

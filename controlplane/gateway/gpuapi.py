@@ -146,7 +146,7 @@ async def benchmark_model(gw, caller: Caller, model_name: str | None, max_tokens
     if not primary:
         raise APIError(404, f"model_name: {model_name!r} is not a model you can use", param="model_name",
                        code="model_not_found")
-    body = _json.dumps({"prompt": "Write one sentence about the sea.", "max_tokens": n, "temperature": 0,
+    body = _json.dumps({"prompt": "Once upon a time, by the sea,", "max_tokens": n, "temperature": 0,
                         "stream": True, "model": primary[0].model}).encode()
     out = []
     for c in gw.candidates(primary):

@@ -258,9 +258,10 @@ class Gateway:
             return Outcome(200, answer, headers=self._headers(slot, t))
 
     async def _retry_slot(self, deps, ctx, prio, t: Trace) -> Slot:
-        if not any(c.key not in ctx.exclude and self.policy.healthy(c) for c in self.candidates(deps)):
-            raise APIError(502, "the model server failed before its first token and no other replica is available "
-                                "for the retry", code="backend_failed",
+        if not any(c.key not in ctx.exclude and c.replica.ready for c in self.candidates(deps)):
+            # no other replica at all: fail now (one that is only busy, hot or open is waited for below)
+            raise APIError(502, "the model server failed before its first token and the model has no other "
+                                "replica for the retry", code="backend_failed",
                            headers={"retry-after": str(self.cfg.retry_after_seconds)})
         try:
             slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
@@ -324,8 +325,7 @@ class Gateway:
         if broken is not None:
             t.status, t.error = 502, broken
             yield APIError(502, f"the stream broke after tokens were sent: {broken}", code="stream_broken").sse()
-        else:
-            yield frame(DONE)
+        yield frame(DONE)
         tokens = max(t.tokens_out, events)
         t.tokens_out = tokens
         e2e = time.monotonic() - started

@@ -64,23 +64,11 @@ class DeploymentInfo:
 
 
 def _signals(r: D.Replica) -> tuple[int | None, int | None, float | None]:
-    """The per-replica load signals if this control plane reports them (optional fields, looked up by name)."""
-    fields = r.DESCRIPTOR.fields_by_name
-    src = r
-    if "load" in fields and r.HasField("load"):
-        src = r.load
-        fields = src.DESCRIPTOR.fields_by_name
-    def get(*names):
-        for n in names:
-            if n in fields:
-                return getattr(src, n)
-        return None
-    running = get("requests_running", "running_requests", "running")
-    waiting = get("requests_waiting", "waiting_requests", "waiting")
-    kv = get("kv_cache_usage", "kv_usage", "kv_cache_used_fraction")
-    if kv is not None and kv > 1:
-        kv = kv / 100.0
-    return running, waiting, kv
+    """The backend's own load signals (Replica.load: requests running and waiting, KV-cache use, read by the
+    agent from the backend's /metrics), when the latest reading succeeded; unknown otherwise."""
+    if not r.HasField("load") or not r.load.scraped:
+        return None, None, None
+    return int(r.load.requests_running), int(r.load.requests_waiting), float(r.load.kv_cache_usage)
 
 
 class FleetView:

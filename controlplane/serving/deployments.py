@@ -60,6 +60,30 @@ class DeploymentManager:
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        telemetry = getattr(ctl, "telemetry", None)
+        if telemetry is not None and hasattr(telemetry, "backend_listeners"):
+            telemetry.backend_listeners.append(self.on_loads)
+        self.drain_notes: dict[str, str] = {}          # deployment -> the last "waiting for" node event sent
+        ctl.deployments = self                          # NodeManager.drain asks which slices are replicas'
+
+    async def on_loads(self, node: str, loads: list) -> None:
+        """The model servers' load signals from `node`'s telemetry: each onto the replica whose current
+        workload it was read from (memory only, DeploymentStore.set_load), with the GPU's memory
+        pressure and thermal state as the control plane judged them."""
+        from controlplane.controllers.telemetry import PRESSURE_ENUM, THERMAL_ENUM
+        by_workload = {r.workload_id: r for reps in self.store.replicas.values() for r in reps.values()
+                       if r.workload_id and r.node == node}
+        for load in loads:
+            r = by_workload.get(load.workload_id)
+            if r is None:
+                continue
+            out = types_pb2.BackendLoad()
+            out.CopyFrom(load)
+            g = self.ctl.fleet.gpu(node, r.gpu_index)
+            if g is not None:
+                out.gpu_memory_pressure = PRESSURE_ENUM.get(g.memory_pressure, 0)
+                out.gpu_thermal_state = THERMAL_ENUM.get(g.thermal_state, 0)
+            self.store.set_load(r, out)
 
     async def load(self) -> None:
         await self.store.load()
@@ -73,6 +97,12 @@ class DeploymentManager:
 
     def kick(self) -> None:
         self._kick.set()
+
+    def replica_slices(self, node: str) -> set[str]:
+        """The slices on `node` that hold replicas of existing deployments (a drain leaves them to this
+        controller, which replaces each replica elsewhere before releasing its slice)."""
+        return {r.slice_id for name, rs in self.store.replicas.items() if name in self.store.deployments
+                for r in rs.values() if r.slice_id and r.node == node}
 
     # -- API ----------------------------------------------------------------------------------
 
@@ -108,6 +138,8 @@ class DeploymentManager:
             await self.store.create(d)
         log(logger, logging.INFO, "deployment created", deployment=spec.name, model=spec.model,
             variant=variant.name, replicas=spec.replicas, vram=need)
+        self._event(spec.name, "Normal", "Created", f"model {spec.model} variant {variant.name}, "
+                    f"{spec.replicas} replica(s)", spec.tenant)
         self.kick()
         return self.store.full(spec.name)
 
@@ -129,7 +161,11 @@ class DeploymentManager:
         deployspec.check_name(name, "name")
         deployspec.check_replicas(replicas, "replicas")
         log(logger, logging.INFO, "deployment scaled", deployment=name, replicas=replicas)
-        return await self._change(name, 0, lambda d: setattr(d.spec, "replicas", replicas))
+        before = self.store.deployments.get(name)
+        out = await self._change(name, 0, lambda d: setattr(d.spec, "replicas", replicas))
+        if before is not None and before.spec.replicas != replicas:
+            self._event(name, "Normal", "Scaled", f"replicas {before.spec.replicas} -> {replicas}", out.spec.tenant)
+        return out
 
     async def update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
         deployspec.check_name(spec.name)
@@ -158,8 +194,17 @@ class DeploymentManager:
             d = self.store.full(name)
             await self.store.delete(name)
         log(logger, logging.INFO, "deployment deleted", deployment=name, replicas=len(d.replicas))
+        self._event(name, "Normal", "Deleted", f"deleted with {len(d.replicas)} replica(s)", d.spec.tenant)
         self.kick()
         return d
+
+    def _event(self, name: str, type: str, reason: str, message: str, tenant: str = "") -> None:
+        """A durable event of the deployment `name` (controlplane/events/)."""
+        if not tenant:
+            d = self.store.deployments.get(name)
+            tenant = d.spec.tenant if d is not None else ""
+        self.ctl.recorder.emit("Deployment", name, type, reason, message, tenant=tenant,
+                               source="deployment-controller")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -202,6 +247,10 @@ class DeploymentManager:
             else:
                 since = self.down_since.setdefault(s.node, time.monotonic())
                 node_ready = time.monotonic() - since < self.node_lost_seconds
+        draining = False
+        if r.slice_id:
+            where = self.ctl.fleet.nodes.get(s.node if s is not None else r.node)
+            draining = where is not None and where.record.draining
         w = self.workloads.workloads.get(r.workload_id) if r.workload_id else None
         if not r.workload_id:
             wstate = rc.W_NONE
@@ -216,7 +265,8 @@ class DeploymentManager:
             slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
             busy=r.id in self.busy, restarts=r.restarts, ready_since=_secs(r.ready_at),
             next_start=_secs(r.next_start_at), last_probe=self.last_probe.get(r.id, 0.0),
-            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template))
+            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template),
+            draining=draining)
 
     async def reconcile_one(self, name: str) -> None:
         d = self.store.deployments.get(name)
@@ -236,12 +286,16 @@ class DeploymentManager:
                     r = D.Replica(id=new_id("r"), deployment=name, state=D.REPLICA_STATE_PENDING,
                                   message="waiting for a slice", created_at=now())
                     await self.store.put_replica(r)
+                    self._event(name, "Normal", "ReplicaCreated", f"created replica {r.id}")
                     self._spawn(r.id, self._advance(name, r.id))
             elif a.kind in ("advance", "restart"):
                 self._spawn(a.replica, self._advance(name, a.replica))
             elif a.kind == "probe":
                 self._spawn(a.replica, self._probe(name, a.replica))
             elif a.kind == "fail":
+                r = replicas[a.replica]
+                self._event(name, "Warning", "ReplicaFailed", f"replica {r.id} ended (restart {r.restarts + 1}): "
+                            f"{r.message[:300]}")
                 self._spawn(a.replica, self.act.failed(replicas[a.replica], a.next_start))
             elif a.kind == "reset":
                 n = D.Replica()
@@ -250,6 +304,7 @@ class DeploymentManager:
                 await self.store.put_replica(n)
             elif a.kind == "remove":
                 self.last_probe.pop(a.replica, None)
+                self._event(name, "Normal", "ReplicaRemoved", f"removing replica {a.replica}: {a.reason}")
                 self._spawn(a.replica, self.act.remove(replicas[a.replica], a.reason))
         if d is not None:
             await self._set_status(d, plan)
@@ -307,13 +362,45 @@ class DeploymentManager:
             n.state, n.message = D.REPLICA_STATE_READY, "answers completions"
             n.ready_at.CopyFrom(now())
             log(logger, logging.INFO, "replica ready", deployment=name, replica=rid, endpoint=r.endpoint)
+            self._event(name, "Normal", "ReplicaReady", f"replica {rid} answers completions at {r.endpoint}")
         elif not ok and r2.state == D.REPLICA_STATE_READY:
             n.state, n.message = D.REPLICA_STATE_STARTING, f"readiness probe failed: {why}"
+            self._event(name, "Warning", "ReplicaNotReady", f"replica {rid}: readiness probe failed: {why}"[:500])
             n.ClearField("ready_at")
         elif not ok:
             n.message = f"not ready yet: {why}"
         if n != r2:
             await self.store.put_replica(n)
+
+    def _drain_status(self, name: str, replicas: list[D.Replica], status: bool, reason: str,
+                      message: str) -> tuple[str, str]:
+        """The Draining condition's reason and message: which replicas wait on drained nodes and for
+        what (the replacements not READY yet, and why: no room, loading). A new "waiting" message is
+        also recorded as an event on the drained node (`meshctl describe node`)."""
+        drained = {r.node for r in replicas if r.node in self.ctl.fleet.nodes
+                   and self.ctl.fleet.nodes[r.node].record.draining}
+        old = [r for r in replicas if r.node in drained and r.state != D.REPLICA_STATE_TERMINATING]
+        new = [r for r in replicas if r.node not in drained and r.state != D.REPLICA_STATE_READY]
+        if not old:
+            return reason, message
+        if any(r.state == D.REPLICA_STATE_PENDING and not r.slice_id and r.message.startswith("no slice yet")
+               for r in new):
+            reason = "NoRoomForReplacement"
+        message = (f"replica {', '.join(r.id for r in old)} on drained node {', '.join(sorted(drained))} "
+                   f"stay{'s' if len(old) == 1 else ''} until replacements are READY")
+        if new:
+            message += "; waiting for " + "; ".join(
+                f"{r.id} ({STATE_NAMES.get(r.state, 'pending')}" +
+                (f": {r.message})" if r.state in (D.REPLICA_STATE_PENDING, D.REPLICA_STATE_FAILED) else ")")
+                for r in new)
+        telemetry = getattr(self.ctl, "telemetry", None)
+        note = f"{reason}:{[(r.id, r.state) for r in old + new]}"
+        if telemetry is not None and self.drain_notes.get(name) != note and new:
+            for node in sorted(drained):
+                telemetry.record(node, "Warning" if reason == "NoRoomForReplacement" else "Normal", "DrainWaiting",
+                                 f"deployment {name}: {message}"[:1000])
+        self.drain_notes[name] = note
+        return reason, message
 
     async def _set_status(self, d: D.Deployment, plan: rc.Plan) -> None:
         replicas = self.store.replicas_of(d.spec.name)
@@ -323,17 +410,26 @@ class DeploymentManager:
         st.ready_replicas = sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY)
         old = {c.type: c for c in d.status.conditions}
         del st.conditions[:]
+        if "Draining" not in plan.conditions:
+            self.drain_notes.pop(d.spec.name, None)
         for ctype, (status, reason, message) in plan.conditions.items():
             if ctype == "CrashLoop" and status:
                 crashing = [r for r in replicas if r.restarts >= self.policy.crashloop_after]
                 if crashing:
                     message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
+            if ctype == "Draining":
+                reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
             c = D.DeploymentCondition(type=ctype, status=status, reason=reason, message=message[:4000])
             prev = old.get(ctype)
             if prev is not None and prev.status == status:
                 c.last_transition_at.CopyFrom(prev.last_transition_at)
             else:
                 c.last_transition_at.CopyFrom(now())
+                if ctype == "CrashLoop" and status:
+                    self._event(d.spec.name, "Warning", "CrashLoop", message[:500], d.spec.tenant)
+                elif prev is not None:
+                    self._event(d.spec.name, "Normal", f"{ctype}{'True' if status else 'False'}",
+                                f"{ctype} is now {str(bool(status)).lower()}: {reason}", d.spec.tenant)
             st.conditions.append(c)
         if st != d.status:
             n = D.Deployment()

@@ -5,6 +5,11 @@
 go through the group-commit writer (controlplane/state/writer.py), guarded by the leader key like every
 other record: a deployment is created once (Absent), replicas are written whole. The memory copy is
 changed only once the write is durable, and every change wakes the watchers (`changed`).
+
+The replicas' load signals (`Replica.load`, from the agents' telemetry) are kept in memory only: they
+change every few seconds and a new leader has them again after one telemetry interval. `full` attaches
+each replica's latest load when it was read from the replica's current workload; `set_load` wakes the
+watchers too.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from controlplane.serving import loadmetrics
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller
 from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.logs import log
 
@@ -28,6 +35,7 @@ class DeploymentStore:
         self.deployments: dict[str, D.Deployment] = {}
         self.replicas: dict[str, dict[str, D.Replica]] = {}    # deployment -> replica id -> replica
         self._watchers: dict[str, list[asyncio.Event]] = {}
+        self.loads: dict[str, types_pb2.BackendLoad] = {}      # replica id -> its latest load (memory only)
 
     async def load(self) -> None:
         snap = await self.ctl.store.load(keys.DEPLOYMENTS)
@@ -70,11 +78,21 @@ class DeploymentStore:
                       key=lambda r: (r.created_at.seconds, r.created_at.nanos, r.id))
 
     def full(self, name: str) -> D.Deployment:
-        """The deployment with its replicas (what Get answers)."""
+        """The deployment with its replicas and their latest load signals (what Get answers)."""
         out = D.Deployment()
         out.CopyFrom(self.get(name))
         out.replicas.extend(self.replicas_of(name))
+        for r in out.replicas:
+            load = self.loads.get(r.id)
+            if load is not None and r.workload_id and load.workload_id == r.workload_id:
+                r.load.CopyFrom(load)
         return out
+
+    def set_load(self, r: D.Replica, load) -> None:
+        """Keep `load` (types_pb2.BackendLoad) as replica `r`'s latest, in memory, and wake the watchers."""
+        self.loads[r.id] = load
+        loadmetrics.observe(r.deployment, r.id, load)
+        self.changed(r.deployment)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -110,6 +128,8 @@ class DeploymentStore:
     async def delete_replica(self, r: D.Replica) -> None:
         await self.ctl.writer.write([Delete(keys.replica(r.deployment, r.id))])
         self.replicas.get(r.deployment, {}).pop(r.id, None)
+        if self.loads.pop(r.id, None) is not None:
+            loadmetrics.forget(r.deployment, r.id)
         if not self.replicas.get(r.deployment):
             self.replicas.pop(r.deployment, None)
         self.changed(r.deployment)

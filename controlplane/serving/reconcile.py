@@ -20,10 +20,16 @@ The rules, in order, per replica:
 Then the count: fewer live replicas than wanted -> `Create` the difference; more -> `Remove` the
 surplus, the least useful first (failed, then pending, starting, and the newest ready ones last).
 Replicas started with other settings than the deployment's now (`outdated`: an update of the backend
-settings, a rollout restart) are rolled one at a time, surge first (`_roll`).
+settings, a rollout restart) are rolled one at a time, surge first (`_roll`). Replicas on a node being
+drained (`draining`) are replaced surge first too (`_drain`): a replacement is created for each (the
+drained node is cordoned, so it lands elsewhere), and a draining replica is removed once enough
+replacements are READY that the ready count stays at what is wanted (one that is not READY goes at once).
+When no replacement can be placed, the draining replicas stay and the `Draining` condition says why.
 
-Conditions: Available (ready >= wanted), Progressing (count or readiness not yet as wanted) and
-CrashLoop (some replica has crashed `crashloop_after` times without staying ready for `stable_seconds`).
+Conditions: Available (ready >= wanted), Progressing (count or readiness not yet as wanted),
+CrashLoop (some replica has crashed `crashloop_after` times without staying ready for `stable_seconds`)
+and Draining (present while replicas on a drained node wait for their replacements; the controller
+fills in why).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class Observed:
     last_probe: float = 0.0
     created: float = 0.0
     outdated: bool = False           # started with other settings than the deployment's now (roll it)
+    draining: bool = False           # its node is being drained: replace it elsewhere first, then remove it
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,10 @@ def reconcile(desired: Desired, observed: list[Observed], now: float, policy: Po
                 act(Action("probe", r.id))
     want = 0 if desired.deleting else desired.replicas
     removing = {a.replica for a in plan.actions if a.kind == "remove"}
-    if len(live) < want:
+    draining = [r for r in live if r.draining]
+    if draining:
+        _drain(plan, live, want, removing)
+    elif len(live) < want:
         act(Action("create", count=want - len(live), reason=f"{len(live)} of {want} replicas"))
     elif want and any(r.outdated for r in live):
         _roll(plan, live, want, removing)
@@ -156,11 +166,15 @@ def reconcile(desired: Desired, observed: list[Observed], now: float, policy: Po
     plan.conditions["Available"] = (
         (True, "MinimumReplicasAvailable", f"{ready} of {want} replicas ready") if ready >= want else
         (False, "MinimumReplicasUnavailable", f"{ready} of {want} replicas ready"))
-    progressing = len(live) != want or ready < want or rolling or \
+    progressing = len(live) != want or ready < want or rolling or bool(draining) or \
         any(a.kind in ("create", "remove") for a in plan.actions)
     plan.conditions["Progressing"] = (
         (True, "ReplicaSetUpdating", f"{len(live)} replicas, {ready} ready, {want} wanted") if progressing else
         (False, "NewReplicaSetAvailable", f"{want} replicas ready"))
+    if draining:
+        ids = ", ".join(r.id for r in draining)
+        plan.conditions["Draining"] = (True, "WaitingForReplacements",
+                                       f"replica {ids} on a drained node: removed once replacements are ready")
     if crashlooping:
         ids = ", ".join(r.id for r in crashlooping)
         plan.conditions["CrashLoop"] = (True, "BackOff", f"replica {ids} keeps crashing")
@@ -185,3 +199,24 @@ def _roll(plan: Plan, live: list[Observed], want: int, removing: set[str]) -> No
     if old and (old[0].state != READY or not current_unready):
         plan.actions = [a for a in plan.actions if a.replica != old[0].id]
         plan.actions.append(Action("remove", old[0].id, "rolling update: replaced"))
+
+
+def _drain(plan: Plan, live: list[Observed], want: int, removing: set[str]) -> None:
+    """Replicas on a drained node, surge first: create a replacement for each (up to `want` replicas off
+    the drained nodes), then remove the draining ones: a not-ready one at once, a READY one only while the
+    READY replicas left stay at least `want` (so a drain never takes the deployment below its ready count;
+    with no room for replacements the draining replicas keep serving)."""
+    staying = [r for r in live if not r.draining]
+    if len(staying) < want:
+        plan.actions.append(Action("create", count=want - len(staying),
+                                   reason=f"replacing {len(live) - len(staying)} replica(s) of a drained node"))
+    ready = sum(1 for r in live if r.state == READY and r.id not in removing)
+    spare = ready - want
+    for r in sorted((r for r in live if r.draining and not r.busy and r.id not in removing),
+                    key=lambda r: (r.state == READY, r.created)):
+        if r.state == READY:
+            if spare <= 0:
+                continue
+            spare -= 1
+        plan.actions = [a for a in plan.actions if a.replica != r.id]
+        plan.actions.append(Action("remove", r.id, "node drained: replaced elsewhere"))

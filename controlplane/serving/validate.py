@@ -175,13 +175,15 @@ def _measured(v: M.Variant, path: str) -> None:
                 name = gpumodels.get_model(key).name
             except KeyError:
                 raise _bad(where, f"unknown GPU model {key!r}", ", ".join(gpumodels.model_names() + [CPU])) from None
-        for f in ("tokens_per_second", "ttft_seconds", "load_seconds"):
+        for f in ("tokens_per_second", "ttft_seconds", "load_seconds", "ttft_p95_seconds", "prompt_tokens_per_second"):
             x = getattr(fig, f)
             if math.isnan(x) or math.isinf(x) or x < 0:
                 raise _bad(f"{where}.{f}", f"{x} is not a measurement", "a finite number >= 0")
-        for f in ("context", "concurrency"):
+        for f in ("context", "concurrency", "requests", "prompt_tokens", "max_tokens"):
             _not_negative(getattr(fig, f), f"{where}.{f}", "0 or more")
         _text(fig.note, f"{where}.note", MAX_TEXT)
+        if fig.backend and fig.backend not in ("llama.cpp", "vllm"):
+            raise _bad(f"{where}.backend", f"unknown backend {fig.backend!r}", "llama.cpp, vllm")
         fixed[name] = fig
     if list(fixed) != list(v.measured):
         copies = {k: M.Measurement() for k in fixed}

@@ -54,11 +54,15 @@ def snapshot(ctl, deployments: DeploymentManager, models: ModelRegistry) -> V.Se
 
 
 def _fingerprint(view: V.ServingView) -> bytes:
-    """What must differ for a snapshot to be sent early: everything but the timestamps of the readings."""
+    """What must differ for a snapshot to be sent early: everything but the times of the readings."""
     probe = V.ServingView()
     probe.CopyFrom(view)
     for g in probe.gpus:
         g.telemetry.ClearField("at")
+    for d in probe.deployments:
+        for r in d.replicas:
+            if r.HasField("load"):
+                r.load.ClearField("at")
     return probe.SerializeToString(deterministic=True)
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 import urllib.request
 
+from mesh.procs import with_death_signal
+
 log = logging.getLogger(__name__)
 
 
@@ -45,13 +47,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to SIGTERM this child when the process that started it dies."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class EtcdServer:
@@ -97,9 +92,8 @@ class EtcdServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab")
         self._kill_stale()
-        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(with_death_signal(self.command()), stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
         (self.data_dir / "pid").write_text(str(self.proc.pid))
         out.close()
         deadline = time.monotonic() + timeout

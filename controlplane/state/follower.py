@@ -3,7 +3,9 @@
 A control plane that does not lead (controlplane/controllers/standby.py) still answers reads:
 SliceService Get/List/Watch, AdminService ListNodes/GetNode/ListGpus,
 WorkloadService Get/List, MeshService Get/List/ListGrants, MigrationService
-Get/List/ListCheckpoints and ModelService Get/List. The
+Get/List/ListCheckpoints, ModelService Get/List, EventService List/Watch and DeploymentService Get/List/Watch
+(deployments with their replicas, as the leader stores them; a Watch re-sends a deployment on every change of
+it or of a replica). The
 `Follower` builds its fleet with the leader's own decoding
 (`controlplane.controllers.nodes.rebuild`, the first step of NodeManager.load), then
 follows one prefix watch on `/gpumesh/v1/` from the snapshot's revision,
@@ -32,18 +34,61 @@ from controlplane.api.meshsvc import MeshManager, MeshService
 from controlplane.controllers.migrations import MigrationManager
 from controlplane.api.migrationsvc import MigrationService
 from controlplane.controllers.nodes import NodeManager, decode_node, decode_slice, rebuild
+from controlplane.serving.deploystore import DeploymentStore
+from controlplane.serving.deploysvc import DeploymentService
 from controlplane.serving.registry import ModelRegistry, ModelService
 from controlplane.api.services import AdminService, SliceService
 from controlplane.controllers.workloads import WorkloadManager, WorkloadService
+from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import mesh_service_pb2 as M
 from gpumesh.v1 import model_service_pb2 as MR
 from gpumesh.v1 import migration_service_pb2 as MS
 from gpumesh.v1 import types_pb2
 from controlplane.state.store import EtcdStore
+from controlplane.events.log import EventLog
+from controlplane.events.service import EventService
+from gpumesh.v1 import event_service_pb2 as EV
 from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
+
+
+class DeploymentRecords:
+    """What DeploymentService's reads use of the leader's DeploymentManager: its store, here filled
+    from etcd by the follower and never written."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.store = DeploymentStore(ctl)
+
+    def clear(self) -> None:
+        names = set(self.store.deployments) | set(self.store.replicas)
+        self.store.deployments.clear()
+        self.store.replicas.clear()
+        for name in names:
+            self.store.changed(name)
+
+    def apply(self, deleted: bool, key: str, value: bytes) -> bool:
+        """A deployment or replica record; False for any other key."""
+        st = self.store
+        if key.startswith(keys.DEPLOYMENTS):
+            name = key[len(keys.DEPLOYMENTS):]
+            if deleted:
+                st.deployments.pop(name, None)
+            else:
+                st.deployments[name] = D.Deployment.FromString(value)
+        elif key.startswith(keys.REPLICAS):
+            name, _, rid = key[len(keys.REPLICAS):].partition("/")
+            if deleted:
+                st.replicas.get(name, {}).pop(rid, None)
+                if not st.replicas.get(name):
+                    st.replicas.pop(name, None)
+            else:
+                st.replicas.setdefault(name, {})[rid] = D.Replica.FromString(value)
+        else:
+            return False
+        st.changed(name)
+        return True
 
 
 class Follower:
@@ -56,7 +101,11 @@ class Follower:
         self.mesh = MeshManager(self.ctl)
         self.migrations = MigrationManager(self.ctl, self.workloads)
         self.models = ModelRegistry(self.ctl)
-        self.services = {"ModelService": ModelService(self.models), "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
+        self.event_log = EventLog()
+        self.deployments = DeploymentRecords(self.ctl)
+        self.services = {"EventService": EventService(self.event_log), "ModelService": ModelService(self.models),
+                         "DeploymentService": DeploymentService(self.deployments),
+                         "SliceService": SliceService(self.ctl), "AdminService": AdminService(self.ctl, self.nodes),
                          "WorkloadService": WorkloadService(self.workloads), "MeshService": MeshService(self.mesh),
                          "MigrationService": MigrationService(self.migrations)}
         self.retry = retry
@@ -82,6 +131,7 @@ class Follower:
                 pass
             self._task = None
         self.ctl.events.end_all()     # open Watch streams: watch again (at the leader)
+        self.event_log.end_all()
 
     # -- load and follow ---------------------------------------------------------------------
 
@@ -94,6 +144,8 @@ class Follower:
             self.ctl.fleet = self.nodes.fleet = fleet
             self.ctl.requests.clear()
             self.ctl.events.end_all()
+            self.event_log.end_all()
+        self.event_log.clear()
         self._alive = rebuild(self.ctl, snap)
         self.workloads.workloads.clear()
         self.mesh.connections.clear()
@@ -101,6 +153,7 @@ class Follower:
         self.migrations.migrations.clear()
         self.migrations.checkpoints.clear()
         self.models.models.clear()
+        self.deployments.clear()
         for key, (value, _rev, _lease) in snap.kvs.items():
             self._apply_record(False, key.decode(), value)
         self.loaded.set()
@@ -131,8 +184,16 @@ class Follower:
                         pass
 
     def _apply_record(self, deleted: bool, key: str, value: bytes) -> bool:
-        """A workload, mesh connection, mesh grant, migration, checkpoint or model record; False for
-        any other key."""
+        """A workload, mesh connection, mesh grant, migration, checkpoint, model, event, deployment or replica
+        record; False for any other key."""
+        if key.startswith(keys.EVENTS):
+            if deleted:
+                self.event_log.drop(key[len(keys.EVENTS):])
+            else:
+                self.event_log.put(EV.Event.FromString(value))
+            return True
+        if self.deployments.apply(deleted, key, value):
+            return True
         if key.startswith(keys.MODELS):
             table, name, msg = self.models.models, key[len(keys.MODELS):], MR.Model
         elif key.startswith(keys.MIGRATIONS):

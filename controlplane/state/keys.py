@@ -3,7 +3,7 @@
 | key | value | written by |
 | --- | --- | --- |
 | `/gpumesh/v1/leader` | leader identity; bound to the leader's session lease | leader election |
-| `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, registration) | Register, cordon, drain |
+| `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, draining, registration) | Register, cordon, drain |
 | `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
 | `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
 | `/gpumesh/v1/requests/<tenant>/<request-id>` | allocation id (idempotency of Allocate; expires after 24-25 h through a lease) | Allocate |
@@ -18,6 +18,7 @@
 | `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
 | `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
 | `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
+| `/gpumesh/v1/events/<event-id>` | `gpumesh.v1.Event` (object kind and name, tenant, type, reason, message, count, first and last time); expires after `events_retention_seconds`, at most `events_kept` of them | the leader's event recorder (controlplane/events/recorder.py), rewritten when the event repeats; deleted by the retention sweep |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
 transaction guarded by the leader key's create revision (fencing) plus
@@ -45,6 +46,8 @@ MIGRATION_SECRETS = PREFIX + "migration-secrets/"
 in their MigrationCommands; never part of a record the API returns; deleted when the migration ends."""
 DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
+EVENTS = PREFIX + "events/"
+"""durable events (controlplane/events/): bounded by age and count, expired by the retention sweep."""
 
 
 def node(name: str) -> bytes:
@@ -109,3 +112,7 @@ def deployment(name: str) -> bytes:
 
 def replica(deployment_name: str, replica_id: str) -> bytes:
     return f"{REPLICAS}{deployment_name}/{replica_id}".encode()
+
+
+def event(event_id: str) -> bytes:
+    return (EVENTS + event_id).encode()

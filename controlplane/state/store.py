@@ -17,9 +17,14 @@ import uuid
 
 import aetcd
 import aetcd.exceptions
+from prometheus_client import Counter
 
 from controlplane.state import keys
 from mesh import errors
+
+WRITE_ERRORS = Counter("gpumesh_etcd_write_errors_total", "etcd transactions that failed: etcd unreachable or "
+                       "erring (etcd), or this control plane no longer the leader (not_leader); precondition "
+                       "conflicts are not errors", ["reason"])
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +219,7 @@ class EtcdStore:
         precondition fails.
         """
         if self.lost_leadership.is_set():
+            WRITE_ERRORS.labels("not_leader").inc()
             raise errors.Unavailable("this control plane is no longer the leader")
         tx = self.client.transactions
         compare = [tx.create(keys.LEADER.encode()) == self.leader_revision]
@@ -237,6 +243,7 @@ class EtcdStore:
             rev = await self._resolve(ops, before)
             if rev:
                 return rev
+            WRITE_ERRORS.labels("etcd").inc()
             raise errors.Unavailable(f"etcd: {getattr(e, 'details', lambda: e)()}") from e
         self.revision = max(self.revision, resp.header.revision)
         if resp.succeeded:
@@ -244,6 +251,7 @@ class EtcdStore:
         leader = await self.client.get(keys.LEADER.encode())
         if leader is None or leader.create_revision != self.leader_revision:
             self.lost_leadership.set()
+            WRITE_ERRORS.labels("not_leader").inc()
             raise errors.Unavailable("this control plane is no longer the leader")
         raise errors.Aborted("a precondition of the write failed (concurrent change)")
 

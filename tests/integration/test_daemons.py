@@ -71,3 +71,27 @@ def test_agent_refuses_bad_config():
     assert res.returncode == 2 and "sim_host_file" in res.stderr
     res = run("nodeagent.main", "--gpu-backend", "cuda")
     assert res.returncode == 2 and "allowed: nvml, sim" in res.stderr
+
+
+def test_a_stopped_local_cluster_takes_its_workloads_with_it(tmp_path):
+    """Workloads outlive an agent restart (the agent adopts them), not the cluster: `stop` (and `meshctl
+    down`) ends them, so a test or demo cluster leaves no model server or job running behind it."""
+    from tools.localcluster import LocalCluster
+    from mesh.procs import pid_alive
+    from tools.localprocs import workload_shims
+    c = LocalCluster(tmp_path / "c", [{"node": "wl-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}],
+                     log_level="warning")
+    c.start(timeout=120)
+    try:
+        c.wait_ready(timeout=120)
+        with c.client() as client:
+            s = client.allocate(tenant="wl", mig_profile="1g.10gb").slices[0]
+            client.run_workload(s.id, ["sleep", "600"])
+        shims = workload_shims(tmp_path / "c")
+        assert len(shims) == 1, shims                  # the workload runs under its shim, outside the agent
+        c.stop_agent("wl-a", grace=5)
+        assert workload_shims(tmp_path / "c") == shims  # an agent that stops leaves it running
+    finally:
+        c.stop(grace=5)
+    assert workload_shims(tmp_path / "c") == []
+    assert not any(pid_alive(pid) for pid in shims)

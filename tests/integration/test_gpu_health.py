@@ -101,6 +101,11 @@ def test_fatal_xid_moves_the_workload_then_the_gpu_is_reset_and_returns(cluster,
     assert "XidError" in ev and "GpuUnhealthy" in ev and "GpuWorkloadMigrating" in ev
     migs = [m for m in mesh.list_migrations(workload_id=w.id)]
     assert migs and "XID 48" in migs[-1].reason
+    # the same story in the durable event stream: the GPU's health, the migration's phases
+    gpu_events = {e.reason for e in mesh.list_events(kind="Gpu", name=f"{src}/{s.gpu_index}")}
+    assert {"XidError", "GpuUnhealthy", "GpuWorkloadMigrating"} <= gpu_events
+    wait_for(lambda: {"MigrationPlanned", "MigrationDone"} <= {e.reason for e in mesh.list_events(
+        kind="Migration", name=migs[-1].id)}, 60, "the migration's phase events")
     # the source GPU, idle now, is reset by its agent and comes back on clean readings
     wait_for(lambda: "GpuRecovered" in reasons(mesh, src), 120, "the GPU to be reset and return")
     ev = reasons(mesh, src)

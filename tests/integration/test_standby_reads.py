@@ -1,8 +1,9 @@
 """A standby control plane serves reads from a read-only fleet that follows etcd (controlplane/state/follower.py):
 a slice allocated on the leader shows through the standby's Get/List/Watch and ListNodes/GetNode/ListGpus,
 its workload and mesh connection through WorkloadService and MeshService Get/List, a registered model
-through ModelService Get/List, a write on the standby is refused naming the leader, and after the leader
-dies the standby leads with the slice and the model still there."""
+through ModelService Get/List, the leader's events through EventService List/Watch, a deployment through
+DeploymentService Get/List/Watch, a write on the standby is refused naming the leader, and after the leader dies
+the standby leads with the slice, the model and the events still there."""
 
 from __future__ import annotations
 
@@ -67,6 +68,31 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             assert got_m.generation == 1 and [m.name for m in sb.list_models()] == [model.name]
             with pytest.raises(errors.Unavailable):
                 sb.delete_model(model.name)
+            # events: the slice's, listed on the standby; a new one reaches a watch on the standby
+            wait_for(lambda: [e for e in sb.list_events(kind="Slice", name=sid) if e.reason == "SliceReady"], 10,
+                     "the slice's events on the standby")
+            stream = sb.watch_events(kind="Node", name=node, timeout=60)
+            first = next(stream)
+            assert first.type == first.SYNCED
+            lead.cordon(node)
+            lead.uncordon(node)
+            notice = next(n for n in stream if n.event.reason == "Cordoned")
+            assert notice.event.name == node
+            stream.close()
+            # deployments read on the standby (Get, List, Watch); changing one there is refused
+            lead.deploy(model.name, name="tiny-dep", replicas=0, context=128)
+            got_d = wait_for(lambda: _maybe(sb.get_deployment, "tiny-dep"), 5, "the deployment on the standby")
+            assert got_d.spec.model == "tiny" and got_d.generation == 1
+            assert [d.spec.name for d in sb.list_deployments()] == ["tiny-dep"]
+            watched = sb.watch_deployment("tiny-dep", timeout=30)
+            assert next(watched).spec.name == "tiny-dep"
+            lead.scale_deployment("tiny-dep", 0)
+            assert any(x.generation == 2 for x in watched)      # the scale, seen through the standby's Watch
+            watched.close()
+            with pytest.raises(errors.Unavailable):
+                sb.scale_deployment("tiny-dep", 1)
+            lead.undeploy("tiny-dep")
+            wait_for(lambda: _maybe(sb.get_deployment, "tiny-dep") is None, 5, "the undeploy on the standby")
         cluster.kill_controlplane(index=leader)
         assert cluster.leader_index(timeout=30) == standby
         with MeshClient(cluster.cp_endpoints[standby], timeout=10) as new:
@@ -75,6 +101,7 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             wait_for(lambda: new.get_slice(sid).state == types_pb2.SLICE_STATE_READY, 30, "the slice READY again")
             new.cordon(node)                # the former standby takes writes now
             new.uncordon(node)
+            assert notice.event.id in {e.id for e in new.list_events(kind="Node", name=node)}
             assert new.delete_model("tiny").generation == 1
     finally:
         cluster.stop(grace=5)

@@ -20,7 +20,8 @@ def test_llamacpp_command_and_endpoint():
     backends.prepare(w, "127.0.0.1", "/venv/bin/python")
     argv = list(w.command)
     port = int(w.endpoint.rsplit(":", 1)[1])
-    assert argv == ["/venv/bin/python", "-m", "llama_cpp.server", "--model", "/m/x.gguf", "--host", "127.0.0.1",
+    assert argv == ["/venv/bin/python", "-m", "nodeagent.backends.llamacpp_server", "--model", "/m/x.gguf",
+                    "--host", "127.0.0.1",
                     "--port", str(port), "--n_ctx", "512", "--n_gpu_layers", "-1", "--model_alias", "smollm2"]
     assert w.endpoint == f"127.0.0.1:{port}" and 0 < port < 65536
     w.backend.gpu_layers = 12
@@ -109,3 +110,30 @@ def test_meshctl_tables():
     import json
     doc = json.loads(format_deployments([d], "json", single=True))
     assert doc["replica_list"][0]["endpoint"] == "127.0.0.1:5000" and doc["status"]["ready_replicas"] == 1
+
+
+def test_replica_load_in_tables():
+    from tools.meshctl.deploy import format_replicas
+    import json
+    load = types_pb2.BackendLoad(workload_id="w-1", scraped=True, requests_running=1, requests_waiting=3,
+                                 kv_cache_usage=0.25, generation_tokens_per_second=42.5, ttft_seconds=0.125,
+                                 gpu_memory_pressure=types_pb2.MEMORY_PRESSURE_HIGH,
+                                 gpu_thermal_state=types_pb2.THERMAL_STATE_NORMAL)
+    d = D.Deployment(spec=D.DeploymentSpec(name="chat"), replicas=[
+        D.Replica(id="r-1", deployment="chat", state=D.REPLICA_STATE_READY, workload_id="w-1", load=load),
+        D.Replica(id="r-2", deployment="chat", state=D.REPLICA_STATE_READY, workload_id="w-2",
+                  load=types_pb2.BackendLoad(workload_id="w-2", scraped=False, error="GET /metrics answered 404")),
+        D.Replica(id="r-3", deployment="chat", state=D.REPLICA_STATE_STARTING)])
+    wide = format_replicas([d], "wide").splitlines()
+    assert "RUNNING" in wide[0] and "KV" in wide[0] and "GEN TOK/S" in wide[0] and "TTFT" in wide[0]
+    r1 = next(line for line in wide if line.startswith("r-1")).split()
+    assert "3" in r1 and "25%" in r1 and "42.5" in r1 and "0.125s" in r1 and "high/normal" in r1
+    assert "?" in next(line for line in wide if line.startswith("r-2")).split()
+    assert "RUNNING" not in format_replicas([d], "table")
+    doc = json.loads(format_replicas([d], "json"))["items"]
+    assert doc[0]["load"]["requests_waiting"] == 3 and doc[0]["load"]["gpu_memory_pressure"] == "high"
+    assert doc[1]["load"]["error"] == "GET /metrics answered 404" and doc[2]["load"] is None
+    from mesh.deployapi import deployment_to_dict
+    from tools.meshctl.deploy import format_deployment
+    text = format_deployment(deployment_to_dict(d))
+    assert "1 running, 3 waiting, KV 25%, 42.5 tok/s" in text and "unreadable" in text

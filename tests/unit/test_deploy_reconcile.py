@@ -51,6 +51,24 @@ CASES = [
      [("remove", "a"), ("create", "")], 1),
     ("ready long enough after crashes: reset the count", Desired(1),
      [ready("a", restarts=2, ready_since=NOW - 61)], [("reset", "a")], 0),
+    # drain: surge first, the old replica removed only once the ready count holds without it
+    ("drain: a replacement first, the old one stays", Desired(2), [ready("a", draining=True), ready("b")],
+     [("create", "")], 1),
+    ("drain: every replica on drained nodes: a replacement for each", Desired(2),
+     [ready("a", draining=True), ready("b", draining=True)], [("create", "")], 2),
+    ("drain: replacement starting, the old one keeps serving", Desired(2),
+     [ready("a", draining=True), ready("b"), Observed("c", rc.STARTING, has_slice=True, slice_ready=True,
+                                                      workload=rc.W_RUNNING, created=9.0)], [("probe", "c")], 0),
+    ("drain: replacement READY, the old one removed", Desired(2),
+     [ready("a", draining=True), ready("b"), ready("c")], [("remove", "a")], 0),
+    ("drain: no room for the replacement (pending): the old one stays", Desired(1),
+     [ready("a", draining=True), Observed("b", rc.PENDING, created=9.0)], [("advance", "b")], 0),
+    ("drain: one replacement READY of two: one old one removed", Desired(2),
+     [ready("a", draining=True), ready("b", draining=True), ready("c"), Observed("d", rc.PENDING, created=9.0)],
+     [("advance", "d"), ("remove", "a")], 0),
+    ("drain: a not-ready replica on a drained node goes at once", Desired(1),
+     [Observed("a", rc.STARTING, has_slice=True, slice_ready=True, workload=rc.W_RUNNING, draining=True)],
+     [("create", ""), ("remove", "a")], 1),
 ]
 
 
@@ -134,3 +152,10 @@ def test_rolling_never_drops_below_the_ready_count():
         if not any(r.outdated for r in reps.values()) and len(reps) == 3:
             break
     assert sorted(reps) == ["n1", "n2", "n3"] and all(r.state == rc.READY for r in reps.values())
+
+
+def test_draining_condition():
+    plan = rc.reconcile(Desired(1), [ready("a", draining=True), Observed("b", rc.PENDING, created=9.0)], NOW, P)
+    assert plan.conditions["Draining"][:2] == (True, "WaitingForReplacements") and "a" in plan.conditions["Draining"][2]
+    assert plan.conditions["Available"][0] is True and plan.conditions["Progressing"][0] is True
+    assert "Draining" not in rc.reconcile(Desired(1), [ready("a")], NOW, P).conditions

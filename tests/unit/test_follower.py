@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from controlplane.state import keys
 from controlplane.state.follower import Follower
 from controlplane.controllers.standby import READS, Switch
 from controlplane.state.store import Snapshot
 from gpumesh.v1 import admin_service_pb2, slice_service_pb2, types_pb2
+from mesh import errors
 
 
 def node(name="n1"):
@@ -111,4 +114,45 @@ def test_migration_and_checkpoint_records_follow_etcd():
         assert [c.step for c in (await svc.ListCheckpoints(MS.ListCheckpointsRequest(), None)).checkpoints] == [12]
         f.apply(True, keys.checkpoint("c-1").decode(), b"", 8)
         assert not f.migrations.checkpoints
+    asyncio.run(main())
+
+
+def test_deployment_records_follow_etcd_and_serve_reads():
+    """A standby answers DeploymentService Get/List/Watch from the deployment and replica records it follows."""
+    from gpumesh.v1 import deployment_service_pb2 as D
+    d = D.Deployment(spec=D.DeploymentSpec(name="chat", model="smollm2", tenant="t", replicas=2), generation=3)
+    r1 = D.Replica(id="r-1", deployment="chat", state=D.REPLICA_STATE_READY, endpoint="127.0.0.1:9001")
+    assert READS["DeploymentService"] == {"Get", "List", "Watch"}
+
+    async def main():
+        f = Follower(FakeStore({keys.deployment("chat"): (d.SerializeToString(), 5, 0),
+                                keys.replica("chat", "r-1"): (r1.SerializeToString(), 6, 0)}))
+        await f._load()
+        svc = f.reader("DeploymentService")
+        got = await svc.Get(D.GetDeploymentRequest(name="chat"), None)
+        assert got.generation == 3 and [(r.id, r.endpoint) for r in got.replicas] == [("r-1", "127.0.0.1:9001")]
+        listed = await svc.List(D.ListDeploymentsRequest(model="smollm2"), None)
+        assert [x.spec.name for x in listed.deployments] == ["chat"]
+        assert not (await svc.List(D.ListDeploymentsRequest(model="other"), None)).deployments
+        # a Watch sees the deployment, then each change of a replica, and ends when it is deleted
+        seen = []
+
+        async def watch():
+            async for x in svc.Watch(D.WatchDeploymentRequest(name="chat"), None):
+                seen.append(sorted((r.id, r.state) for r in x.replicas))
+        task = asyncio.create_task(watch())
+        await asyncio.sleep(0.05)
+        r2 = D.Replica(id="r-2", deployment="chat", state=D.REPLICA_STATE_STARTING)
+        f.apply(False, keys.replica("chat", "r-2").decode(), r2.SerializeToString(), 7)
+        await asyncio.sleep(0.05)
+        f.apply(True, keys.replica("chat", "r-1").decode(), b"", 8)
+        await asyncio.sleep(0.05)
+        f.apply(True, keys.deployment("chat").decode(), b"", 9)
+        await asyncio.wait_for(task, 5)
+        assert seen[0] == [("r-1", D.REPLICA_STATE_READY)]
+        assert seen[-1] == [("r-2", D.REPLICA_STATE_STARTING)]
+        assert any(len(s) == 2 for s in seen)
+        with pytest.raises(errors.NotFound, match="chat"):      # Get answers NOT_FOUND, as on the leader
+            f.deployments.store.get("chat")
+        assert f.deployments.store.replicas_of("chat") == [r2]
     asyncio.run(main())

@@ -187,3 +187,39 @@ def test_only_checked_parameters_reach_a_backend():
         assert err(validate.request, {**ok, **extra}, True).param == param, extra
     assert err(validate.request, {"model": "m", "prompt": "x", "logprobs": True}, False).param == "logprobs"
     assert err(validate.request, {"model": "m", "prompt": "x", "messages": []}, False).param == "messages"
+
+
+def test_backend_load_signals_are_read_when_scraped():
+    from controlplane.gateway.view import FleetView
+    v = _view()
+    r = v.deployments[0].replicas[0]
+    r.load.requests_running, r.load.requests_waiting, r.load.kv_cache_usage = 1, 3, 0.5
+    fv = FleetView()
+    fv.apply(v)
+    assert fv.deployments["chat"].replicas[0].waiting is None            # not scraped: unknown
+    r.load.scraped = True
+    fv.apply(v)
+    rep = fv.deployments["chat"].replicas[0]
+    assert (rep.running, rep.waiting, rep.kv_usage) == (1, 3, 0.5)
+
+
+async def test_a_dead_replica_fails_cleanly_and_opens_its_circuit(app):
+    # the only replica's port refuses connections (nothing listens on 127.0.0.1:9)
+    a = {"authorization": f"Bearer {app.tokens['team-a']}"}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for _ in range(3):
+        r = await app.post("/v1/chat/completions", headers=a, json=body)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "backend_failed"
+        assert "no other replica" in r.json()["error"]["message"]
+    s = app.gw.stats.of("chat/chat-1")
+    assert s.in_flight == 0 and s.failures == 3 and s.breaker.state == "open"
+    # open circuit: the request waits for a usable replica; past its deadline, 429 with Retry-After
+    r = await app.post("/v1/chat/completions", headers={**a, "x-gpumesh-deadline-ms": "50"}, json=body)
+    assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "deadline"
+    # ... or the fallback variant's replica when allowed (dead too here: tagged attempt, clean 502)
+    r = await app.post("/v1/chat/completions", headers={**a, "x-gpumesh-allow-fallback": "true"}, json=body)
+    assert r.status_code == 502 and app.gw.stats.of("chat-lite/chat-lite-1").failures == 1
+    assert app.gw.stats.of("chat-lite/chat-lite-1").in_flight == 0
+    metrics = (await app.get("/metrics")).text
+    assert 'gpumesh_gateway_circuit_state{replica="chat/chat-1"} 2.0' in metrics
+    assert 'gpumesh_gateway_fallbacks_total{model="chat"}' in metrics

@@ -93,6 +93,7 @@ def test_node_to_dict():
     assert d["state"] == "not_ready" and d["cordoned"] is True and d["gpus"] == 8
     assert d["gpu_models"] == ["H100-80GB"] and d["inventory"]["nvlink_domains"] == [list(range(8))]
     assert output.node_status(d) == "NotReady,SchedulingDisabled"
+    assert output.node_status(dict(d, draining=True)) == "NotReady,SchedulingDisabled,Draining"
 
 
 def table_lines(text):
@@ -199,3 +200,68 @@ def test_describe_slice_text():
 def test_age(secs, want):
     then = datetime.fromtimestamp(NOW.timestamp() - secs, timezone.utc).isoformat()
     assert output.age(then, NOW) == want
+
+
+# -- events (tools/meshctl/events.py) -------------------------------------------------------------
+
+def _event(reason, count=1, first=0, last=0, **kw):
+    from gpumesh.v1 import event_service_pb2 as E
+    ev = E.Event(id=f"ev-{reason}", kind=kw.get("kind", "Node"), name=kw.get("name", "gpu-a"),
+                 type=kw.get("type", "Normal"), reason=reason, message=kw.get("message", "m"), count=count, source="node-controller", node="gpu-a")
+    ev.first_timestamp.FromSeconds(first)
+    ev.last_timestamp.FromSeconds(last)
+    return ev
+
+
+def test_get_events_table_has_kubectl_columns():
+    from tools.meshctl import events
+    now = datetime.fromtimestamp(1000, timezone.utc)
+    text = events.format_events([_event("Cordoned", 3, 100, 940), _event("NodeNotReady", type="Warning", last=990)],
+                                "table", now)
+    lines = text.splitlines()
+    assert lines[0].split() == ["TYPE", "REASON", "OBJECT", "MESSAGE", "COUNT", "AGE"]
+    assert lines[1].split() == ["Normal", "Cordoned", "node/gpu-a", "m", "3", "60s"]
+    assert lines[2].split()[:2] == ["Warning", "NodeNotReady"]
+    wide = events.format_events([_event("Cordoned", 3, 100, 940)], "wide", now).splitlines()
+    assert wide[0].split()[-5:] == ["FIRST", "SEEN", "SOURCE", "NODE", "TENANT"]
+    assert events.format_events([], "table") == "No events found.\n"
+    doc = json.loads(events.format_events([_event("Cordoned", 2)], "json"))
+    assert doc["items"][0]["reason"] == "Cordoned" and doc["items"][0]["count"] == 2
+
+
+def test_describe_events_section_shows_repeats():
+    from tools.meshctl import events
+    now = datetime.fromtimestamp(1000, timezone.utc)
+    text = events.section([_event("XidError", 4, 400, 970, type="Warning")], now)
+    assert text.startswith("Events:\n") and "XidError" in text and "30s (x4 over 10m)" in text
+    assert events.section([]) == "Events:  <none>\n"
+
+
+@pytest.mark.parametrize("text, want", [
+    ("node/gpu-a", ("Node", "gpu-a")), ("SLICE/s-1", ("Slice", "s-1")), ("gpu/gpu-a/0", ("Gpu", "gpu-a/0")),
+    ("deploy/chat", ("Deployment", "chat")), ("node", ("Node", "")), ("Autoscaler/chat", ("Autoscaler", "chat")),
+])
+def test_events_for_parses_kind_and_name(text, want):
+    from tools.meshctl import events
+    assert events.parse_for(text) == want
+
+
+def test_events_for_and_since_refuse_nonsense():
+    from tools.meshctl import events
+    from tools.meshctl.common import CliError
+    with pytest.raises(CliError, match="unknown kind"):
+        events.parse_for("bogus/x")
+    with pytest.raises(CliError, match="not a duration"):
+        events.parse_since("ten minutes")
+    assert events.parse_since("10m") < datetime.now(timezone.utc).timestamp() - 590
+
+
+def test_describe_migration_text():
+    from gpumesh.v1 import migration_service_pb2 as M
+    from mesh.migrationapi import migration_to_dict
+    m = M.Migration(id="m-1", workload_id="w-1", tenant="team-a", phase=M.MIGRATION_PHASE_COPYING,
+                    source_node="gpu-a", source_slice="s-1", target_node="gpu-b", target_slice="s-2", reason="drain")
+    text = describe.format_migration(migration_to_dict(m))
+    assert re.search(r"^Phase:\s+copying$", text, re.M)
+    assert re.search(r"^Source:\s+gpu-a \(slice s-1\)$", text, re.M)
+    assert re.search(r"^Target:\s+gpu-b \(slice s-2\)$", text, re.M)

@@ -117,6 +117,12 @@ BAD = [
      errors.InvalidArgument, "model.variants[0].measured['RTX-9999']", "H100-80GB"),
     ("negative measurement", {"measured": {"H100": M.Measurement(tokens_per_second=-1)}}, errors.InvalidArgument,
      "model.variants[0].measured['H100'].tokens_per_second", "finite number >= 0"),
+    ("NaN TTFT p95", {"measured": {"cpu": M.Measurement(ttft_p95_seconds=float("nan"))}}, errors.InvalidArgument,
+     "model.variants[0].measured['cpu'].ttft_p95_seconds", "finite number >= 0"),
+    ("negative requests", {"measured": {"cpu": M.Measurement(requests=-2)}}, errors.InvalidArgument,
+     "model.variants[0].measured['cpu'].requests", "0 or more"),
+    ("unknown measured backend", {"measured": {"cpu": M.Measurement(backend="tgi")}}, errors.InvalidArgument,
+     "model.variants[0].measured['cpu'].backend", "llama.cpp, vllm"),
     ("bad variant name", {"name": "-x"}, errors.InvalidArgument, "model.variants[0].name", "letters, digits"),
 ]
 

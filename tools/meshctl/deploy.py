@@ -94,12 +94,17 @@ def run_deploy(args: argparse.Namespace) -> int:
                         isolation=args.isolation, context=args.context, concurrency=args.concurrency,
                         gpu_layers=args.gpu_layers, labels=dict(args.label), tenant=args.tenant,
                         priority=args.priority)
-        info(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/{d.spec.variant}, "
-             f"{d.status.vram_bytes >> 20} MiB each")
+        from tools.meshctl.progress import for_args
+        progress = for_args(args)              # quiet with -o json|yaml
+        progress.step(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/"
+                      f"{d.spec.variant}, {d.status.vram_bytes >> 20} MiB each")
         if args.wait:
             want = d.spec.replicas
-            d = mesh.wait_deployment(d.spec.name, lambda x: x.status.ready_replicas >= want
-                                     and len(x.replicas) == want, timeout=args.wait_timeout)
+            with progress.waiting(f"deployment/{d.spec.name}: 0/{want} replicas ready") as update:
+                def ready(x) -> bool:
+                    update(f"deployment/{d.spec.name}: {x.status.ready_replicas}/{want} replicas ready")
+                    return x.status.ready_replicas >= want and len(x.replicas) == want
+                d = mesh.wait_deployment(d.spec.name, ready, timeout=args.wait_timeout)
     out(format_deployments([d], args.output, single=True))
     return 0
 
@@ -173,8 +178,38 @@ def replica_columns(now: datetime | None = None) -> list:
         ("SLICE ID", lambda r: r["slice_id"] or "-", True),
         ("WORKLOAD", lambda r: r["workload_id"] or "-", True),
         ("GPU MODEL", lambda r: r["gpu_model"] or "-", True),
+        ("RUNNING", lambda r: _load(r, "requests_running", "{:g}"), True),
+        ("WAITING", lambda r: _load(r, "requests_waiting", "{:g}"), True),
+        ("KV", lambda r: _load(r, "kv_cache_usage", "{:.0%}"), True),
+        ("GEN TOK/S", lambda r: _load(r, "generation_tokens_per_second", "{:.1f}"), True),
+        ("PROMPT TOK/S", lambda r: _load(r, "prompt_tokens_per_second", "{:.1f}"), True),
+        ("TTFT", lambda r: _load(r, "ttft_seconds", "{:.3f}s"), True),
+        ("GPU MEM/THERMAL", lambda r: f"{r['load']['gpu_memory_pressure'] or '-'}/"
+         f"{r['load']['gpu_thermal_state'] or '-'}" if r.get("load") else "-", True),
         ("MESSAGE", lambda r: r["message"].split("\n")[0][:80], True),
     ]
+
+
+def _load_summary(r: dict) -> str:
+    """'1 running, 2 waiting, KV 25%, 42.5 tok/s' (describe deployment)."""
+    x = r.get("load")
+    if not x:
+        return "-"
+    if not x["scraped"]:
+        return "unreadable"
+    return (f"{x['requests_running']:g} running, {x['requests_waiting']:g} waiting, KV {x['kv_cache_usage']:.0%}, "
+            f"{x['generation_tokens_per_second']:.1f} tok/s")
+
+
+def _load(r: dict, key: str, fmt: str) -> str:
+    """One load signal of a replica for a table: '-' before its first reading, '?' when its agent could not
+    read the backend's /metrics (the reason is in -o yaml: load.error)."""
+    load = r.get("load")
+    if not load:
+        return "-"
+    if not load["scraped"]:
+        return "?"
+    return fmt.format(load[key])
 
 
 def format_deployments(items: list, fmt: str, now: datetime | None = None, single: bool = False) -> str:
@@ -220,9 +255,10 @@ def format_deployment(d: dict) -> str:
         if c["type"] == "CrashLoop" and c["status"]:
             text += "CrashLoop:\n" + _indent(c["message"], "  ")
     text += "Replicas:\n" + _indent(render_table(
-        ["REPLICA", "STATE", "ENDPOINT", "NODE", "GPU", "SLICE", "RESTARTS", "MESSAGE"],
+        ["REPLICA", "STATE", "ENDPOINT", "NODE", "GPU", "SLICE", "RESTARTS", "LOAD", "MESSAGE"],
         [[r["id"], r["state"], r["endpoint"] or "-", r["node"] or "-", r["gpu_index"] if r["node"] else "-",
-          r["slice_id"] or "-", r["restarts"], r["message"].split("\n")[0][:60]] for r in d["replica_list"]])
+          r["slice_id"] or "-", r["restarts"], _load_summary(r), r["message"].split("\n")[0][:60]]
+         for r in d["replica_list"]])
         if d["replica_list"] else "<none>")
     return text
 

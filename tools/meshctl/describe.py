@@ -1,4 +1,5 @@
-"""`meshctl describe node NAME` and `meshctl describe slice ID`: one object in detail."""
+"""`meshctl describe node|slice|workload|deployment|migration NAME`: one object in detail, with its
+recent events (EventService) at the end, as kubectl describe shows them."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ examples:
   meshctl describe slice s-7f3a9c1e2b4d
   meshctl describe workload w-3f9a2c1d7e6b
   meshctl describe deployment chat
+  meshctl describe migration m-1a2b3c4d5e6f
   meshctl describe no sim-node-01 -o json    # the node with "gpu_status" and "slice_list"
 """
 
 KINDS = {"node": "node", "nodes": "node", "no": "node",
          "slice": "slice", "slices": "slice", "sl": "slice",
          "workload": "workload", "workloads": "workload", "wl": "workload",
-         "deployment": "deployment", "deployments": "deployment", "deploy": "deployment"}
+         "deployment": "deployment", "deployments": "deployment", "deploy": "deployment",
+         "migration": "migration", "migrations": "migration", "mig": "migration"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    description="Show one node (facts, GPUs with their MIG layout, slices on it) "
                                "or one slice (placement, device, environment).",
                    epilog=EPILOG)
-    p.add_argument("kind", metavar="KIND", help="node | slice (or an alias: no, sl)")
-    p.add_argument("name", metavar="NAME", help="node name or slice ID")
+    p.add_argument("kind", metavar="KIND", help="node | slice | workload | deployment | migration (or an alias: no, "
+                                                 "sl, wl, deploy, mig)")
+    p.add_argument("name", metavar="NAME", help="node name, slice ID, workload ID, deployment name or migration ID")
     p.set_defaults(func=run)
 
 
@@ -83,11 +87,44 @@ def format_node(doc: dict) -> str:
             ["device", "port", "state", "rate", "link layer", "guid"],
             [[p["device"], p["port"], p["state"], f"{p['rate_gbps']:g}Gb/s", p["link_layer"], p["port_guid"]]
              for p in doc["ib_ports"]]))
-    text += "Events:\n" + _indent(output.render_table(
-        ["at", "type", "reason", "gpu", "message"],
-        [[e["at"], e["type"], e["reason"], "-" if e["gpu"] is None else e["gpu"], e["message"]]
-         for e in doc.get("events", [])[-20:]]) if doc.get("events") else "<none>")
+    if "event_list" not in doc:          # a control plane without EventService: its in-memory node events
+        text += "Events:\n" + _indent(output.render_table(
+            ["at", "type", "reason", "gpu", "message"],
+            [[e["at"], e["type"], e["reason"], "-" if e["gpu"] is None else e["gpu"], e["message"]]
+             for e in doc.get("events", [])[-20:]]) if doc.get("events") else "<none>")
     return text
+
+
+def format_migration(d: dict) -> str:
+    return _fields([
+        ("ID", d.get("id")), ("Workload", d.get("workload_id")), ("Tenant", d.get("tenant")),
+        ("Phase", d.get("phase")), ("Mode", d.get("mode")), ("Reason", d.get("reason")),
+        ("Message", d.get("message")),
+        ("Source", f"{d.get('source_node', '')} (slice {d.get('source_slice', '')})"),
+        ("Target", f"{d.get('target_node', '')} (slice {d.get('target_slice', '')})" if d.get("target_node") else None),
+        ("Checkpoint", d.get("checkpoint_id")), ("Created", d.get("created_at")), ("Updated", d.get("updated_at")),
+    ])
+
+
+def _with_events(mesh, text: str, doc: dict, fmt: str, kind: str, name: str, node: str = "") -> str:
+    """Append the object's recent events (EventService); json/yaml get them as "event_list"."""
+    from mesh import errors
+    from mesh.eventapi import event_to_dict
+    from tools.meshctl import events
+    try:
+        if kind == "Node":           # the node and its GPUs, as kubectl describe node shows the node's
+            evs = sorted(events.recent(mesh, "Node", name) + events.recent(mesh, "Gpu", node=name),
+                         key=lambda e: (e.last_timestamp.seconds, e.last_timestamp.nanos))[-20:]
+        else:
+            evs = events.recent(mesh, kind, name)
+    except errors.MeshError as e:
+        if "UNIMPLEMENTED" not in str(e) and e.code.name != "UNIMPLEMENTED":
+            raise
+        return text                  # a control plane without EventService
+    doc["event_list"] = [event_to_dict(e) for e in evs]
+    if fmt not in ("table", "wide"):
+        return text
+    return text + events.section(evs)
 
 
 def format_slice(d: dict) -> str:
@@ -115,24 +152,36 @@ def format_slice(d: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     kind = KINDS.get(args.kind.lower())
     if kind is None:
-        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment)")
+        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment, migration)")
     from tools.meshctl.output import dump
     with client(args) as mesh:
+        table = args.output in ("table", "wide")
         if kind == "node":
             node = mesh.get_node(args.name)
             doc = node_document(node, mesh.list_gpus(node=args.name), mesh.list_slices(node=args.name))
-            text = format_node(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+            evs = _with_events(mesh, "", doc, args.output, "Node", args.name)
+            text = (format_node(doc) + evs) if table else dump(doc, args.output)
         elif kind == "deployment":
+            from mesh.deployapi import deployment_to_dict
             from tools.meshctl import deploy
-            text = deploy.describe(mesh, args.name, args.output)
+            doc = deployment_to_dict(mesh.get_deployment(args.name))
+            evs = _with_events(mesh, "", doc, args.output, "Deployment", args.name)
+            text = (deploy.format_deployment(doc) + evs) if table else dump(doc, args.output)
         elif kind == "workload":
             from mesh.client import workload_to_dict
             from tools.meshctl.workloads import format_workload
             doc = workload_to_dict(mesh.get_workload(args.name))
-            text = format_workload(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+            evs = _with_events(mesh, "", doc, args.output, "Workload", args.name)
+            text = (format_workload(doc) + evs) if table else dump(doc, args.output)
+        elif kind == "migration":
+            from mesh.migrationapi import migration_to_dict
+            doc = migration_to_dict(mesh.get_migration(args.name))
+            evs = _with_events(mesh, "", doc, args.output, "Migration", args.name)
+            text = (format_migration(doc) + evs) if table else dump(doc, args.output)
         else:
             from mesh.client import slice_to_dict
             doc = slice_to_dict(mesh.get_slice(args.name))
-            text = format_slice(doc) if args.output in ("table", "wide") else dump(doc, args.output)
+            evs = _with_events(mesh, "", doc, args.output, "Slice", args.name)
+            text = (format_slice(doc) + evs) if table else dump(doc, args.output)
     out(text)
     return 0

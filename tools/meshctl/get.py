@@ -17,12 +17,14 @@ RESOURCES = {
     "models": "models", "model": "models",
     "deployments": "deployments", "deployment": "deployments", "deploy": "deployments",
     "replicas": "replicas", "replica": "replicas",
+    "events": "events", "event": "events", "ev": "events",
 }
 
 EPILOG = """\
 resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
            migrations (migration, mig), checkpoints (checkpoint, ck), models (model),
-           deployments (deployment, deploy), replicas (replica: NAMEs are deployments)
+           deployments (deployment, deploy), replicas (replica: NAMEs are deployments),
+           events (event, ev: what the control plane did and why)
 
 examples:
   meshctl get nodes
@@ -31,6 +33,10 @@ examples:
   meshctl get slices --tenant team-a --state ready
   meshctl get sl s-7f3a9c1e2b4d -o yaml
   meshctl get workloads --slice s-7f3a9c1e2b4d
+  meshctl get events                                  # TYPE REASON OBJECT MESSAGE COUNT AGE
+  meshctl get events --for node/sim-node-01 --since 1h
+  meshctl get events --type warning -w                # follow new events (Ctrl-C to stop)
+  meshctl get events --for slice/s-7f3a9c1e2b4d -o yaml
 """
 
 
@@ -41,11 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("resource", metavar="RESOURCE", help="nodes | gpus | slices (or an alias)")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="only these node names (nodes, gpus) or slice/allocation IDs (slices)")
-    p.add_argument("--tenant", default="", help="slices of this tenant only")
+    p.add_argument("--tenant", default="", help="slices (or events) of this tenant only")
     p.add_argument("--node", default="", help="GPUs, slices or workloads on this node only")
     p.add_argument("--slice", default="", metavar="ID", help="workloads on this slice only")
     p.add_argument("--state", default=None,
                    help="nodes: ready | not-ready; slices: pending | ready | releasing | failed | unknown")
+    p.add_argument("--for", dest="for_", default="", metavar="KIND/NAME",
+                   help="events: only those of this object (node/NAME, slice/ID, deployment/NAME, migration/ID, "
+                        "allocation/ID, workload/ID, gpu/NODE/INDEX) or kind (node)")
+    p.add_argument("--type", default="", help="events: Normal or Warning only")
+    p.add_argument("--since", default=None, metavar="DURATION",
+                   help="events: only those seen in the last 30s, 10m, 2h, 1d")
+    p.add_argument("-w", "--watch", action="store_true", help="events: after the list, follow new events")
     p.set_defaults(func=run)
 
 
@@ -70,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
     kind = RESOURCES.get(args.resource.lower())
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
+    if kind != "events" and (args.for_ or args.type or args.since or args.watch):
+        raise CliError(f"--for, --type, --since and --watch apply to events, not {kind}")
+    if kind == "events":
+        from tools.meshctl import events
+        with client(args) as mesh:
+            return events.run(args, mesh)
     if kind == "models":
         from tools.meshctl import models
         with client(args) as mesh:

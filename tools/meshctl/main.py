@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from tools.meshctl import (bench, certs, cluster, deploy, describe, get, mesh, migrate, models, nodes, sim, slices,
-                           workloads)
+                           top, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, bench, sim, certs)
+GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, bench, sim, certs, top)
 
 EPILOG = """\
 examples:
@@ -29,6 +29,7 @@ examples:
   meshctl logs w-3f9a2c1d7e6b -f
   meshctl release a-7f3a9c1e2b4d
   meshctl drain sim-node-02 --dry-run
+  meshctl top                                           # live view (--once: one frame)
   meshctl model import /models/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-135m
   meshctl down
 

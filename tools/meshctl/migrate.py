@@ -4,7 +4,6 @@ restore them, resize slices (MigrationService through the SDK)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from tools.meshctl.common import CliError, client, out, subcommand
 
@@ -85,14 +84,17 @@ def _follow(mesh, m, args) -> int:
     from mesh.migrationapi import FINISHED, migration_to_dict
     from tools.meshctl.output import dump
     if not args.no_wait:
+        from tools.meshctl.progress import for_args
+        progress = for_args(args)              # each new phase a line; a spinner on a terminal; quiet in json
         last = ""
-        for m in mesh.watch_migration(m.id):
-            line = _line(m)
-            if line != last and args.output not in ("json", "yaml"):
-                sys.stderr.write(line + "\n")
-                last = line
-            if m.phase in FINISHED:
-                break
+        with progress.waiting(f"migration/{m.id}"):
+            for m in mesh.watch_migration(m.id):
+                line = _line(m)
+                if line != last:
+                    progress.step(line)
+                    last = line
+                if m.phase in FINISHED:
+                    break
     if args.output in ("json", "yaml"):
         out(dump(migration_to_dict(m), args.output))
     else:
@@ -134,7 +136,8 @@ def run_resize(args: argparse.Namespace) -> int:
         memory = parse_size(args.memory)
     if not memory and not args.compute and not args.profile:
         raise CliError("give --memory, --compute and/or --profile")
-    with client(args) as mesh:
+    from tools.meshctl.progress import for_args
+    with client(args) as mesh, for_args(args).waiting(f"resizing slice/{args.id}"):
         s = mesh.resize(args.id, memory_bytes=memory, compute_share=args.compute, mig_profile=args.profile)
     if args.output in ("json", "yaml"):
         out(dump(slice_to_dict(s), args.output))

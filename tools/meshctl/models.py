@@ -18,6 +18,7 @@ examples:
   meshctl model get smollm2-135m -o yaml > m.yaml; $EDITOR m.yaml; meshctl model update -f m.yaml
   meshctl model describe smollm2-135m --context 4096 --concurrency 8
   meshctl model delete smollm2-135m
+  meshctl model bench smollm2-135m -o json       # measure load, TTFT, tokens/s; store them
 
 `import` reads the artifact (a GGUF file's header for llama.cpp, a Hugging Face
 directory's config.json for vLLM) and registers the model, or adds the variant to
@@ -47,7 +48,7 @@ def _count(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", aliases=["models"], help="the model registry: import, register, get, describe, "
-                           "delete", description="Models and their variants (backend, artifact, VRAM need).",
+                           "delete, bench", description="Models and their variants (backend, artifact, VRAM need).",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = model.add_subparsers(dest="model_command", metavar="COMMAND", title="commands")
     model.set_defaults(func=lambda args: (model.print_help(sys.stderr), 2)[1])
@@ -92,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = subcommand(cmds, "delete", help="remove a model from the registry (its files stay)", epilog=EPILOG)
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=run_delete)
+
+    from tools.meshctl import modelbench
+    modelbench.register(cmds)
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -296,9 +300,13 @@ def format_model(d: dict, context: int = 0, concurrency: int = 0) -> str:
         if v["measured"]:
             from tools.meshctl.output import render_table
             text += "  Measured:\n" + _indent(render_table(
-                ["GPU", "TOKENS/S", "TTFT", "LOAD", "CONTEXT", "AT"],
-                [[k, f"{x['tokens_per_second']:.1f}", f"{x['ttft_seconds'] * 1000:.0f}ms", f"{x['load_seconds']:.1f}s",
-                  x["context"] or "-", x["measured_at"]] for k, x in sorted(v["measured"].items())]), "    ")
+                ["GPU", "TOKENS/S", "TTFT", "TTFT P95", "PROMPT TOK/S", "LOAD", "CONTEXT", "REQUESTS", "AT"],
+                [[k, f"{x['tokens_per_second']:.1f}", f"{x['ttft_seconds'] * 1000:.0f}ms",
+                  f"{x['ttft_p95_seconds'] * 1000:.0f}ms" if x.get("ttft_p95_seconds") else "-",
+                  f"{x['prompt_tokens_per_second']:.0f}" if x.get("prompt_tokens_per_second") else "-",
+                  f"{x['load_seconds']:.1f}s", x["context"] or "-",
+                  f"{x['requests']} x {x['prompt_tokens']}+{x['max_tokens']}" if x.get("requests") else "-",
+                  x["measured_at"]] for k, x in sorted(v["measured"].items())]), "    ")
     return text
 
 

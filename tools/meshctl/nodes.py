@@ -20,10 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = subcommand(sub, "drain", help="cordon a node, migrate its workloads, evict its slices",
                    description="Cordon the node, live-migrate every running workload off it (to slices of the "
                                "same spec elsewhere), then evict its slices; their clients see the "
-                               "eviction reason on Watch.",
-                   epilog="examples:\n  meshctl drain sim-node-01 --dry-run\n  meshctl drain sim-node-01\n")
+                               "eviction reason on Watch. Model replicas (deployments) are not evicted: each is "
+                               "replaced on another node first and removed once its replacement is READY; with "
+                               "--wait the command follows that until no replica is left on the node, printing "
+                               "what it waits for (no room elsewhere: the replicas stay and keep serving). "
+                               "`meshctl uncordon` ends a drain.",
+                   epilog="examples:\n  meshctl drain sim-node-01 --dry-run\n  meshctl drain sim-node-01\n"
+                          "  meshctl drain sim-node-01 --wait --wait-timeout 600\n")
     d.add_argument("name", metavar="NAME", help="node name")
     d.add_argument("--dry-run", action="store_true", help="only report what would be evicted")
+    d.add_argument("--wait", action="store_true",
+                   help="wait until every deployment replica on the node was replaced and removed")
+    d.add_argument("--wait-timeout", type=float, default=600.0, help="seconds --wait waits (default 600); exit 1 after")
     d.set_defaults(func=run_drain)
 
     g = subcommand(sub, "gpu", help="GPU health actions (clear a quarantined GPU)",
@@ -62,27 +70,67 @@ def run_drain(args: argparse.Namespace) -> int:
             return mesh.list_migrations()
         except errors.MeshError:       # a control plane without MigrationService
             return []
-    with client(args) as mesh:
+    from tools.meshctl.progress import for_args
+    with client(args) as mesh, for_args(args).waiting(
+            f"{'checking' if args.dry_run else 'draining'} node/{args.name}"):
         before = {m.id for m in migrations(mesh)}
         resp = mesh.drain(args.name, dry_run=args.dry_run)
         migrated = [m for m in migrations(mesh) if m.id not in before and m.reason == "drain"]
     evicted = [slice_to_dict(s) for s in resp.evicted]
+    replacing = [slice_to_dict(s) for s in resp.replacing]
+    waited = 0
+    if args.wait and not args.dry_run and replacing:
+        waited = wait_replicas_off(args, quiet=args.output in ("json", "yaml"))
     if args.output in ("json", "yaml"):
-        out(dump({"node": node_to_dict(resp.node), "dry_run": args.dry_run, "evicted": evicted},
-                 args.output))
-        return 0
+        doc = {"node": node_to_dict(resp.node), "dry_run": args.dry_run, "evicted": evicted,
+               "replacing": replacing}
+        if args.wait:
+            doc["replicas_left"] = waited
+        out(dump(doc, args.output))
+        return 1 if waited else 0
     from mesh.migrationapi import migration_phase
     lines = [f"migration/{m.id} of {m.workload_id}: {migration_phase(m)}"
              + (f" -> {m.target_node}" if m.target_node else "") + (f" ({m.message})" if m.message else "")
              for m in migrated]
     lines += [f"evicting slice/{s['id']} (tenant {s['tenant']}, gpu {s['gpu_index']})" for s in evicted]
+    lines += [f"replacing replica {s['labels'].get('gpumesh.replica', '?')} of deployment "
+              f"{s['labels'].get('gpumesh.deployment', '?')} (slice/{s['id']}): removed once a replacement is READY"
+              for s in replacing]
     if args.dry_run:
-        lines = [line.replace("evicting", "would evict") for line in lines]
-        lines.append(f"node/{args.name} would be drained: {len(evicted)} slice(s) evicted (dry run)")
+        lines = [line.replace("evicting", "would evict").replace("replacing replica", "would replace replica")
+                 for line in lines]
+        lines.append(f"node/{args.name} would be drained: {len(evicted)} slice(s) evicted, {len(replacing)} "
+                     f"replica(s) replaced first (dry run)")
     else:
-        lines.append(f"node/{args.name} drained: {len(evicted)} slice(s) evicted")
+        lines.append(f"node/{args.name} drained: {len(evicted)} slice(s) evicted"
+                     + (f", {len(replacing)} replica(s) being replaced" if replacing else ""))
+        if args.wait and replacing:
+            lines.append(f"node/{args.name}: every replica replaced" if not waited else
+                         f"node/{args.name}: {waited} replica(s) still on the node after {args.wait_timeout:g}s")
     out("\n".join(lines) + "\n")
-    return 0
+    return 1 if waited else 0
+
+
+def wait_replicas_off(args: argparse.Namespace, quiet: bool = False) -> int:
+    """Follow the deployments until none has a replica on the node (0), or the timeout (the count left).
+    Prints each new Draining condition message (what the drain waits for) unless `quiet`."""
+    import sys
+    import time
+    deadline = time.monotonic() + args.wait_timeout
+    said = set()
+    with client(args) as mesh:
+        while True:
+            left = 0
+            for d in mesh.list_deployments():
+                on = [r for r in d.replicas if r.node == args.name]
+                left += len(on)
+                c = next((c for c in d.status.conditions if c.type == "Draining" and c.status), None)
+                if on and c is not None and (d.spec.name, c.message) not in said and not quiet:
+                    said.add((d.spec.name, c.message))
+                    print(f"deployment/{d.spec.name}: {c.reason}: {c.message}", file=sys.stderr, flush=True)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(1.0)
 
 
 def run_gpu(args: argparse.Namespace) -> int:

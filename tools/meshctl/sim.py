@@ -164,11 +164,13 @@ def run_sim(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     total = len(policies) * args.seeds
     done = [0]
+    from tools.meshctl.progress import for_args
+    say = for_args(args).step                  # quiet with -o json|yaml
 
     def progress(r: dict) -> None:
         done[0] += 1
         point = sim.at_load(r["curve"], args.at) or {}
-        info(f"[{done[0]}/{total}] {r['policy']} seed {r['seed']}: {point.get('unallocated_gpus')} unallocated GPUs "
+        say(f"[{done[0]}/{total}] {r['policy']} seed {r['seed']}: {point.get('unallocated_gpus')} unallocated GPUs "
              f"at {100 * args.at:g}% load, {r['seconds']:.1f}s")
 
     docs = simulate(args.nodes, args.pods, policies, args.seeds, args.load_max, args.step, args.mode, args.jobs,

@@ -86,7 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_alloc(args: argparse.Namespace) -> int:
     from tools.meshctl.output import format_allocation
-    with client(args) as mesh:
+    from tools.meshctl.progress import for_args
+    what = f"{args.count} slices" if args.count > 1 else "a slice"
+    with client(args) as mesh, for_args(args).waiting(
+            f"allocating {what}" + ("" if args.no_wait else " and waiting until READY")):
         resp = mesh.allocate(
             tenant=args.tenant, memory_bytes=args.memory or 0, compute_share=args.compute,
             isolation=args.isolation, gpu_model=args.model, mig_profile=args.profile,

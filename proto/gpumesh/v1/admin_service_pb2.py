@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpumesh/v1/admin_service.proto\x12\ngpumesh.v1\x1a\x16gpumesh/v1/types.proto\"8\n\x10ListNodesRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.gpumesh.v1.NodeState\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.gpumesh.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"W\n\x11\x44rainNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\"\n\x07\x65victed\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Slice\"\x1f\n\x0fListGpusRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"<\n\x19\x43learGpuQuarantineRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"7\n\x10ListGpusResponse\x12#\n\x04gpus\x18\x01 \x03(\x0b\x32\x15.gpumesh.v1.GpuStatus2\xf8\x03\n\x0c\x41\x64minService\x12H\n\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12\x37\n\x07GetNode\x12\x1a.gpumesh.v1.GetNodeRequest\x1a\x10.gpumesh.v1.Node\x12=\n\nCordonNode\x12\x1d.gpumesh.v1.CordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12\x41\n\x0cUncordonNode\x12\x1f.gpumesh.v1.UncordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12H\n\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12\x45\n\x08ListGpus\x12\x1b.gpumesh.v1.ListGpusRequest\x1a\x1c.gpumesh.v1.ListGpusResponse\x12R\n\x12\x43learGpuQuarantine\x12%.gpumesh.v1.ClearGpuQuarantineRequest\x1a\x15.gpumesh.v1.GpuStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpumesh/v1/admin_service.proto\x12\ngpumesh.v1\x1a\x16gpumesh/v1/types.proto\"8\n\x10ListNodesRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.gpumesh.v1.NodeState\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.gpumesh.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"}\n\x11\x44rainNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\"\n\x07\x65victed\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Slice\x12$\n\treplacing\x18\x03 \x03(\x0b\x32\x11.gpumesh.v1.Slice\"\x1f\n\x0fListGpusRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"<\n\x19\x43learGpuQuarantineRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"7\n\x10ListGpusResponse\x12#\n\x04gpus\x18\x01 \x03(\x0b\x32\x15.gpumesh.v1.GpuStatus2\xf8\x03\n\x0c\x41\x64minService\x12H\n\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12\x37\n\x07GetNode\x12\x1a.gpumesh.v1.GetNodeRequest\x1a\x10.gpumesh.v1.Node\x12=\n\nCordonNode\x12\x1d.gpumesh.v1.CordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12\x41\n\x0cUncordonNode\x12\x1f.gpumesh.v1.UncordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12H\n\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12\x45\n\x08ListGpus\x12\x1b.gpumesh.v1.ListGpusRequest\x1a\x1c.gpumesh.v1.ListGpusResponse\x12R\n\x12\x43learGpuQuarantine\x12%.gpumesh.v1.ClearGpuQuarantineRequest\x1a\x15.gpumesh.v1.GpuStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,13 +45,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINNODEREQUEST']._serialized_start=286
   _globals['_DRAINNODEREQUEST']._serialized_end=335
   _globals['_DRAINNODERESPONSE']._serialized_start=337
-  _globals['_DRAINNODERESPONSE']._serialized_end=424
-  _globals['_LISTGPUSREQUEST']._serialized_start=426
-  _globals['_LISTGPUSREQUEST']._serialized_end=457
-  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_start=459
-  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_end=519
-  _globals['_LISTGPUSRESPONSE']._serialized_start=521
-  _globals['_LISTGPUSRESPONSE']._serialized_end=576
-  _globals['_ADMINSERVICE']._serialized_start=579
-  _globals['_ADMINSERVICE']._serialized_end=1083
+  _globals['_DRAINNODERESPONSE']._serialized_end=462
+  _globals['_LISTGPUSREQUEST']._serialized_start=464
+  _globals['_LISTGPUSREQUEST']._serialized_end=495
+  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_start=497
+  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_end=557
+  _globals['_LISTGPUSRESPONSE']._serialized_start=559
+  _globals['_LISTGPUSRESPONSE']._serialized_end=614
+  _globals['_ADMINSERVICE']._serialized_start=617
+  _globals['_ADMINSERVICE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

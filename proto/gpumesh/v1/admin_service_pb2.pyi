@@ -46,12 +46,14 @@ class DrainNodeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class DrainNodeResponse(_message.Message):
-    __slots__ = ("node", "evicted")
+    __slots__ = ("node", "evicted", "replacing")
     NODE_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
+    REPLACING_FIELD_NUMBER: _ClassVar[int]
     node: _types_pb2.Node
     evicted: _containers.RepeatedCompositeFieldContainer[_types_pb2.Slice]
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., evicted: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ...) -> None: ...
+    replacing: _containers.RepeatedCompositeFieldContainer[_types_pb2.Slice]
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., evicted: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ..., replacing: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ...) -> None: ...
 
 class ListGpusRequest(_message.Message):
     __slots__ = ("node",)

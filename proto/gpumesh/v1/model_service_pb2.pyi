@@ -51,7 +51,7 @@ class Architecture(_message.Message):
     def __init__(self, name: _Optional[str] = ..., block_count: _Optional[int] = ..., embedding_length: _Optional[int] = ..., head_count: _Optional[int] = ..., head_count_kv: _Optional[int] = ..., key_length: _Optional[int] = ..., value_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., parameter_count: _Optional[int] = ...) -> None: ...
 
 class Measurement(_message.Message):
-    __slots__ = ("tokens_per_second", "ttft_seconds", "load_seconds", "measured_at", "context", "concurrency", "note")
+    __slots__ = ("tokens_per_second", "ttft_seconds", "load_seconds", "measured_at", "context", "concurrency", "note", "requests", "prompt_tokens", "max_tokens", "ttft_p95_seconds", "prompt_tokens_per_second", "backend")
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,12 @@ class Measurement(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P95_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     tokens_per_second: float
     ttft_seconds: float
     load_seconds: float
@@ -66,7 +72,13 @@ class Measurement(_message.Message):
     context: int
     concurrency: int
     note: str
-    def __init__(self, tokens_per_second: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., measured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+    requests: int
+    prompt_tokens: int
+    max_tokens: int
+    ttft_p95_seconds: float
+    prompt_tokens_per_second: float
+    backend: str
+    def __init__(self, tokens_per_second: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., measured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., note: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., ttft_p95_seconds: _Optional[float] = ..., prompt_tokens_per_second: _Optional[float] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class SliceFit(_message.Message):
     __slots__ = ("gpu_model", "mig_profile", "mig_memory_bytes", "mps_memory_bytes", "mps_compute_share", "gpu_memory_bytes", "fits")

@@ -317,7 +317,7 @@ class NodeInventory(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., nvlink_domains: _Optional[_Iterable[_Union[NvlinkDomain, _Mapping]]] = ..., nics: _Optional[_Iterable[_Union[Nic, _Mapping]]] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., gpu_backend: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., cpu_milli: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "state", "cordoned", "inventory", "slices", "ready_slices", "registered_at", "last_heartbeat", "agent_version", "message", "events", "ib_ports")
+    __slots__ = ("name", "state", "cordoned", "inventory", "slices", "ready_slices", "registered_at", "last_heartbeat", "agent_version", "message", "events", "ib_ports", "draining")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CORDONED_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +330,7 @@ class Node(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     IB_PORTS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: NodeState
     cordoned: bool
@@ -342,7 +343,8 @@ class Node(_message.Message):
     message: str
     events: _containers.RepeatedCompositeFieldContainer[NodeEvent]
     ib_ports: _containers.RepeatedCompositeFieldContainer[IbPort]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., cordoned: _Optional[bool] = ..., inventory: _Optional[_Union[NodeInventory, _Mapping]] = ..., slices: _Optional[int] = ..., ready_slices: _Optional[int] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_version: _Optional[str] = ..., message: _Optional[str] = ..., events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., cordoned: _Optional[bool] = ..., inventory: _Optional[_Union[NodeInventory, _Mapping]] = ..., slices: _Optional[int] = ..., ready_slices: _Optional[int] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_version: _Optional[str] = ..., message: _Optional[str] = ..., events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class GpuStatus(_message.Message):
     __slots__ = ("node", "gpu", "allocated_memory_bytes", "allocated_compute_share", "slices", "mig_layout", "sharing", "node_ready", "node_cordoned", "telemetry")
@@ -465,16 +467,56 @@ class IbPort(_message.Message):
     def __init__(self, device: _Optional[str] = ..., port: _Optional[int] = ..., state: _Optional[str] = ..., rate_gbps: _Optional[float] = ..., port_guid: _Optional[str] = ..., link_layer: _Optional[str] = ...) -> None: ...
 
 class NodeTelemetry(_message.Message):
-    __slots__ = ("gpus", "slices", "ib_ports", "at")
+    __slots__ = ("gpus", "slices", "ib_ports", "at", "backends")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     IB_PORTS_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[GpuTelemetry]
     slices: _containers.RepeatedCompositeFieldContainer[SliceTelemetry]
     ib_ports: _containers.RepeatedCompositeFieldContainer[IbPort]
     at: _timestamp_pb2.Timestamp
-    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuTelemetry, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceTelemetry, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    backends: _containers.RepeatedCompositeFieldContainer[BackendLoad]
+    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuTelemetry, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceTelemetry, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[BackendLoad, _Mapping]]] = ...) -> None: ...
+
+class BackendLoad(_message.Message):
+    __slots__ = ("workload_id", "kind", "endpoint", "at", "scraped", "error", "requests_running", "requests_waiting", "kv_cache_usage", "prompt_tokens_per_second", "generation_tokens_per_second", "ttft_seconds", "prompt_tokens_total", "generation_tokens_total", "requests_total", "gpu_memory_pressure", "gpu_thermal_state")
+    WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SCRAPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    GPU_THERMAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    workload_id: str
+    kind: str
+    endpoint: str
+    at: _timestamp_pb2.Timestamp
+    scraped: bool
+    error: str
+    requests_running: float
+    requests_waiting: float
+    kv_cache_usage: float
+    prompt_tokens_per_second: float
+    generation_tokens_per_second: float
+    ttft_seconds: float
+    prompt_tokens_total: float
+    generation_tokens_total: float
+    requests_total: float
+    gpu_memory_pressure: MemoryPressure
+    gpu_thermal_state: ThermalState
+    def __init__(self, workload_id: _Optional[str] = ..., kind: _Optional[str] = ..., endpoint: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scraped: _Optional[bool] = ..., error: _Optional[str] = ..., requests_running: _Optional[float] = ..., requests_waiting: _Optional[float] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_per_second: _Optional[float] = ..., generation_tokens_per_second: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., prompt_tokens_total: _Optional[float] = ..., generation_tokens_total: _Optional[float] = ..., requests_total: _Optional[float] = ..., gpu_memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., gpu_thermal_state: _Optional[_Union[ThermalState, str]] = ...) -> None: ...
 
 class NodeEvent(_message.Message):
     __slots__ = ("at", "type", "reason", "message", "gpu_index")

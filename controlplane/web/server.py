@@ -1,0 +1,178 @@
+"""The read-only web view: an HTTP listener of the control plane (`web_listen`), on its event loop.
+
+Routes (aiohttp):
+
+* `GET /` and `GET /static/{app.js,style.css}`: the page, plain HTML/JS/CSS shipped in the package
+  (controlplane/web/static); no data and no authentication, and a Content-Security-Policy that lets it
+  load nothing from anywhere else.
+* `GET /api/snapshot`: one frame as JSON (controlplane/web/snapshot.py).
+* `GET /api/stream`: server-sent events, `event: frame` with a whole frame, first at once, then each
+  time the frame changes (checked when a slice changes and every `refresh` seconds, which is how
+  telemetry, deployments and migrations are seen), with a comment line every 15 s to keep proxies open.
+* `GET /healthz`: "ok".
+
+The API routes take the same credentials as gRPC: `Authorization: Bearer <token>` checked against the
+tenants file (controlplane/api/auth.py); with `insecure` and no tenants file nothing is checked (the
+local demo). Clients with the viewer role or more may read; what they see is scoped by the servicers.
+Errors are JSON `{"error": {"code", "message"}}` with 401/403. With TLS configured for gRPC the web view
+serves HTTPS with the same certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pathlib
+import ssl
+from typing import Callable
+
+from aiohttp import web
+
+from controlplane.api import auth
+from controlplane.web import snapshot
+from controlplane.web.changes import ChangeFeed
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+STATIC = pathlib.Path(__file__).with_name("static")
+FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+KEEPALIVE_S = 15.0
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    resp = web.json_response({"error": {"code": code, "message": message}}, status=status)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="gpumesh"'
+    return resp
+
+
+@web.middleware
+async def _headers(request: web.Request, handler):
+    resp = await handler(request)
+    resp.headers.setdefault("Content-Security-Policy", CSP)
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("Referrer-Policy", "no-referrer")
+    resp.headers.setdefault("Cache-Control", "no-store")
+    return resp
+
+
+class WebView:
+    """The web view's HTTP server. `switches`: service name -> Switch (the control plane's servicers);
+    `hub`: () -> the slice EventHub now in use (None while there is none)."""
+
+    def __init__(self, switches: dict, authenticator: auth.Authenticator, hub: Callable[[], object],
+                 refresh: float = 2.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.switches = switches
+        self.authenticator = authenticator
+        self.refresh = refresh
+        self.ssl_context = ssl_context
+        self.changes = ChangeFeed(hub)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.streams: set[asyncio.Task] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_headers])
+        app.router.add_get("/", self.index)
+        app.router.add_get("/static/{name}", self.static)
+        app.router.add_get("/api/snapshot", self.snapshot)
+        app.router.add_get("/api/stream", self.stream)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.changes.start()
+        return self.port
+
+    async def stop(self) -> None:
+        await self.changes.stop()
+        for t in list(self.streams):
+            t.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.Response(body=(STATIC / "index.html").read_bytes(), content_type="text/html", charset="utf-8")
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in FILES:
+            return _error(404, "NOT_FOUND", f"no file {name!r}; the page has {', '.join(sorted(FILES))}")
+        return web.Response(body=(STATIC / name).read_bytes(), content_type=FILES[name], charset="utf-8")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    def _principal(self, request: web.Request) -> auth.Principal | web.Response:
+        try:
+            p = self.authenticator.from_authorization(request.headers.get("Authorization", ""))
+        except errors.MeshError as e:
+            return _error(401, "UNAUTHENTICATED", e.message)
+        why = auth.denial(auth.VIEWER, p, "/gpumesh.web/View")
+        if why is not None:
+            code = 401 if p.kind == "anonymous" else 403
+            return _error(code, "UNAUTHENTICATED" if code == 401 else "PERMISSION_DENIED",
+                          why if code == 403 else "the web view needs 'Authorization: Bearer <token>' "
+                                                  "(a token from the tenants file)")
+        return p
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        p = self._principal(request)
+        if isinstance(p, web.Response):
+            return p
+        frame = await snapshot.take(self.switches, p)
+        return web.json_response(snapshot.stamp(frame))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        p = self._principal(request)
+        if isinstance(p, web.Response):
+            return p
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        task = asyncio.current_task()
+        self.streams.add(task)
+        last = None
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        try:
+            while True:
+                seen = self.changes.version
+                frame = await snapshot.take(self.switches, p)
+                body = json.dumps(frame, sort_keys=True)
+                if body != last:
+                    last = body
+                    data = json.dumps(snapshot.stamp(frame))
+                    await resp.write(f"event: frame\ndata: {data}\n\n".encode())
+                    sent_at = loop.time()
+                elif loop.time() - sent_at >= KEEPALIVE_S:
+                    await resp.write(b": keepalive\n\n")
+                    sent_at = loop.time()
+                await self.changes.wait(seen, self.refresh)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        except Exception as e:  # noqa: BLE001 - a broken frame ends this stream, never the server
+            log(logger, logging.WARNING, "web view stream ended", error=repr(e))
+        finally:
+            self.streams.discard(task)
+        return resp
+
+
+def ssl_context(cert: str, key: str) -> ssl.SSLContext | None:
+    """HTTPS with the gRPC server's certificate, or None for plaintext."""
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx

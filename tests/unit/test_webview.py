@@ -1,0 +1,74 @@
+"""The web view inside an in-process control plane (embedded etcd): configuration, routes, shutdown."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from controlplane.config import ControlPlaneConfig
+from mesh.config import ConfigError
+
+
+def test_web_listen_is_validated(tmp_path):
+    cfg = ControlPlaneConfig(web_listen="localhost", state_dir=str(tmp_path / "cp"), insecure=True)
+    with pytest.raises(ConfigError, match="web_listen: 'localhost' is not HOST:PORT"):
+        cfg.check()
+    from mesh import config
+    with pytest.raises(ConfigError, match="web_refresh_seconds"):
+        config.load(ControlPlaneConfig, None, environ={"MESH_CP_WEB_REFRESH_SECONDS": "0", "MESH_CP_INSECURE": "1",
+                                                        "MESH_CP_STATE_DIR": str(tmp_path / "cp")})
+
+
+async def test_web_view_serves_the_page_and_frames(tmp_path):
+    from controlplane.server import ControlPlane
+    cfg = ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", web_listen="127.0.0.1:0",
+                             state_dir=str(tmp_path / "cp"), insecure=True, leader_ttl=30)
+    cp = ControlPlane(cfg)
+    await cp.start()
+    try:
+        base = f"http://127.0.0.1:{cp.web_port}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/") as r:
+                assert r.status == 200 and "<title>gpumesh</title>" in await r.text()
+            async with s.get(base + "/static/app.js") as r:
+                assert r.status == 200 and r.content_type == "text/javascript"
+            async with s.get(base + "/static/index.py") as r:
+                assert r.status == 404 and "app.js" in (await r.json())["error"]["message"]
+            async with s.get(base + "/api/snapshot") as r:          # --insecure, no tenants file: the demo
+                frame = await r.json()
+                assert r.status == 200 and frame["principal"]["admin"] is True
+                assert frame["nodes"] == [] and frame["slices"] == [] and frame["unavailable"] == []
+    finally:
+        await cp.stop()
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await s.get(base + "/healthz")
+
+
+async def test_a_standby_serves_the_web_view_from_its_follower(tmp_path):
+    """A second control plane on the same etcd stands by: its web view answers from the fleet it follows,
+    and names what only the leader answers (deployments) instead of failing."""
+    from controlplane.server import ControlPlane
+    leader = ControlPlane(ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "a"),
+                                             insecure=True, leader_ttl=30))
+    await leader.start()
+    standby = None
+    try:
+        standby = ControlPlane(ControlPlaneConfig(
+            listen="127.0.0.1:0", metrics_listen="", web_listen="127.0.0.1:0", state_dir=str(tmp_path / "b"),
+            insecure=True, leader_ttl=30, etcd_endpoints=[leader.etcd.endpoint]))
+        await standby.start()
+        async with aiohttp.ClientSession() as s:
+            import asyncio
+            for _ in range(100):                 # the follower loads the fleet in the background
+                async with s.get(f"http://127.0.0.1:{standby.web_port}/api/snapshot") as r:
+                    frame = await r.json()
+                if r.status == 200 and not any(u.startswith("SliceService") for u in frame["unavailable"]):
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status == 200 and frame["nodes"] == [] and frame["slices"] == []
+            assert any(u.startswith("DeploymentService.List") and "standby" in u for u in frame["unavailable"])
+    finally:
+        if standby is not None:
+            await standby.stop()
+        await leader.stop()
