@@ -1,0 +1,124 @@
+"""meshctl bench serve without a cluster: the policy list, the goals' arithmetic, the gateway counters, the
+table, and the argument checks that refuse before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tools.meshctl.bench_serve import _policies, render
+from tools.meshctl.bench_serve_run import gateway_counters, goals
+from tools.meshctl.common import CliError
+
+
+def fig(failed=0, ttft99=100.0, goodput=1.0, unanswered=0):
+    return {"requests": 10, "failed": failed, "unanswered": unanswered, "ttft_p50_ms": 50.0, "ttft_p99_ms": ttft99,
+            "tpot_p50_ms": 10.0, "e2e_p99_ms": 500.0, "output_tokens_per_s": 5.0, "goodput_rps": goodput,
+            "retries": 0, "fallbacks": 0}
+
+
+def test_policies():
+    assert _policies("gpu-aware, direct,gpu-aware") == ["gpu-aware", "direct"]
+    with pytest.raises(CliError, match="allowed: gpu-aware, round-robin, least-loaded, direct"):
+        _policies("gpu-aware,random")
+    with pytest.raises(CliError):
+        _policies(" , ")
+
+
+def test_goals_met_and_not():
+    res = {"gpu-aware": fig(failed=1, ttft99=100, goodput=1.3), "round-robin": fig(failed=10, ttft99=200),
+           "least-loaded": fig(goodput=1.0), "direct": fig(failed=3, unanswered=2)}
+    g = goals(res, {"p50": 1.5, "p99": 4.0})
+    assert g["gateway_overhead_p50_le_2ms"] == {"value_ms": 1.5, "met": True}
+    assert g["failed_10x_fewer_than_round_robin"]["met"] and g["failed_10x_fewer_than_round_robin"]["ratio"] == 10
+    assert g["ttft_p99_2x_lower_than_round_robin"]["met"]
+    assert g["goodput_1_2x_least_loaded"]["met"] and g["goodput_1_2x_least_loaded"]["ratio"] == 1.3
+    assert g["zero_unanswered"]["met"]                      # direct (no gateway) is not held to it
+    res["gpu-aware"] = fig(failed=2, ttft99=150, goodput=1.1, unanswered=1)
+    g = goals(res, {"p50": 2.5})
+    assert not any(v["met"] for v in g.values())
+    assert g["failed_10x_fewer_than_round_robin"]["met"] is False
+    # nothing failed under round-robin: the run cannot show "10x fewer"; a gateway-less run has no such goals
+    res = {"gpu-aware": fig(), "round-robin": fig()}
+    assert goals(res, {"p50": None})["failed_10x_fewer_than_round_robin"]["met"] is None
+    assert set(goals({"direct": fig()}, {"p50": None})) == {"zero_unanswered"}
+
+
+def test_gateway_counters_sum_labels():
+    text = ('# TYPE gpumesh_gateway_retries_total counter\n'
+            'gpumesh_gateway_retries_total{model="a"} 2.0\ngpumesh_gateway_retries_total{model="b"} 1.0\n'
+            'gpumesh_gateway_retries_created{model="b"} 1.7e9\n'
+            '# TYPE gpumesh_gateway_queue_depth gauge\ngpumesh_gateway_queue_depth{model="a"} 4.0\n')
+    assert gateway_counters(text) == {"gpumesh_gateway_retries": 3.0}
+    assert gateway_counters("not prometheus {") == {}
+
+
+def test_render_table():
+    text = render({"policies": {"gpu-aware": fig(), "direct": dict(fig(), tpot_p50_ms=None)},
+                   "gateway_overhead_ms": {"p50": 1.2, "p99": 3.4, "pairs": 50}, "goals": {}})
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["POLICY", "REQUESTS", "FAILED"]
+    assert lines[1].startswith("gpu-aware") and lines[2].startswith("direct") and " - " in lines[2]
+    assert "p50 1.2 ms" in text
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--policy", "magic"], "--policy: unknown magic"),
+    (["--replicas", "2"], "--replicas: 2 is too few"),
+    (["--inject", "kill=1"], "kill needs a time"),
+    (["--inject", "hot=7"], "replica 7 does not exist"),
+    (["--trace", "/nonexistent.csv"], "cannot read"),
+])
+def test_refused_before_starting_anything(args, words):
+    r = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "bench", "serve", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and words in r.stderr, r.stderr
+
+
+def test_loaded_clock_ratio_follows_the_simulated_gpu(tmp_path):
+    """The hot replica's emulated speed is the simulated GPU's SM clock under load over its maximum: 1.0 when
+    cool, lower once pinned at a throttling temperature; the real state file is left as it was."""
+    from nodeagent.nvml.sim import SimNvml
+    from tools.meshctl.bench_serve_cluster import loaded_clock_ratio
+    host = tmp_path / "h.yaml"
+    host.write_text("node: x\ngpus: [{model: H100-80GB, count: 1, mig: true}]\n")
+    state = tmp_path / "s.json"
+    nvml = SimNvml(host, state)
+    assert loaded_clock_ratio(host, state, 0) == 1.0
+    nvml.sim_set_telemetry(0, temperature_c=85.0)
+    hot = loaded_clock_ratio(host, state, 0)
+    assert 0.5 <= hot < 0.95
+    assert nvml.sim_readings()[0]["load"] == {}         # the scratch copy took the load, not the real file
+
+
+def test_process_tree_and_signals():
+    import signal
+    import time
+    from tools.meshctl.bench_serve_cluster import process_tree, signal_tree
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess,sys,time; "
+                               "subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 60
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tree = process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 2
+        signal_tree(parent.pid, signal.SIGKILL)
+        assert parent.wait(30) == -signal.SIGKILL
+        child = tree[1]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().split(") ", 1)[1].startswith("Z"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the child survived signal_tree")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

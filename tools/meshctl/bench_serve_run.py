@@ -1,0 +1,209 @@
+"""The run of `meshctl bench serve`: prompts, the cluster, the overhead pairs, one replay per policy, goals.
+
+See tools/meshctl/bench_serve.py for what it measures; this module does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Callable
+
+from mesh.loadgen import stats
+from mesh.loadgen.inject import Injection
+from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker
+from mesh.loadgen.replay import replay, round_robin
+from mesh.loadgen.trace import Arrival
+from tools.meshctl.bench_serve_cluster import (DEPLOYMENT, Gateway, Injector, ServeCluster, gateway_available,
+                                               smollm2_gguf)
+from tools.meshctl.common import CliError, info
+
+OVERHEAD_PROMPT = "The capital of France is"
+
+
+class ServeBench:
+    def __init__(self, args, policies: list[str], arrivals: list[Arrival], injections: list[Injection],
+                 trace_path: Path, state_dir: Path, progress: Callable):
+        self.args, self.policies, self.arrivals, self.injections = args, policies, arrivals, injections
+        self.trace_path, self.state_dir, self.progress_cls = trace_path, state_dir, progress
+        self.sc: ServeCluster | None = None
+        self.gateway: Gateway | None = None
+        self.extra_body: dict = {}
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+
+    def prompts(self) -> tuple[list[str], str]:
+        try:
+            tok, how = ModelTokenizer(str(smollm2_gguf())), "model's own (llama.cpp vocabulary)"
+            self.extra_body = {"logit_bias": {str(i): -100 for i in tok.end_token_ids()}}
+        except Exception as e:                      # noqa: BLE001 - any reason: fall back, and say so
+            tok, how = ApproxTokenizer(), f"approximate, 4 characters per token ({e})"
+        info(f"fitting {len(self.arrivals)} {self.args.prompts} prompts with the {how} tokenizer...")
+        maker = PromptMaker(self.args.prompts, tok, seed=self.args.seed)
+        return [maker.make(a.context_tokens) for a in self.arrivals], how
+
+    # -- measures -------------------------------------------------------------------------------------------
+
+    async def _overhead_pairs(self, gw_url: str, n: int) -> list[tuple[float, float]]:
+        import httpx
+
+        from mesh.loadgen.client import timed_completion
+        by_name = {}
+        for r in self.sc.replicas:
+            by_name.update({r.id: r.endpoint, f"{DEPLOYMENT}/{r.id}": r.endpoint, r.endpoint: r.endpoint})
+        body = {"model": DEPLOYMENT, "prompt": OVERHEAD_PROMPT, "max_tokens": 1, "temperature": 0}
+        pairs = []
+        async with httpx.AsyncClient(timeout=60) as client:
+            # The same request (one token of a short, always-cached prompt, so the backend's time varies
+            # little) through the gateway, then straight to the replica that served it; the first two pairs
+            # warm the connections.
+            for i in range(n + 2):
+                t_gw, resp = await timed_completion(client, gw_url, body)
+                served = resp.headers.get("x-gpumesh-served-by", "")
+                target = by_name.get(served)
+                if resp.status_code != 200 or target is None:
+                    raise CliError(f"overhead: the gateway answered {resp.status_code} served by {served!r} "
+                                   f"(known replicas: {sorted(by_name)})")
+                t_direct, resp = await timed_completion(client, f"http://{target}", body)
+                if resp.status_code != 200:
+                    raise CliError(f"overhead: replica {target} answered {resp.status_code}")
+                if i >= 2:
+                    pairs.append((t_gw, t_direct))
+        return pairs
+
+    def run_policy(self, policy: str, prompts: list[str], injector: Injector) -> dict:
+        pick: Callable
+        if policy == "direct":
+            gw = None
+            pick = round_robin([f"http://{r.endpoint}" for r in self.sc.replicas])
+        else:
+            gw = Gateway(self.sc.cluster.endpoint, policy, self.state_dir).start()
+            pick = lambda _a, url=gw.url: url             # noqa: E731
+        events = []
+        for inj in self.injections:
+            async def fire(inj=inj, t0=inj.at_s):
+                await asyncio.to_thread(injector.apply, inj, t0)
+            events.append((inj.at_s, fire))
+        bar = self.progress_cls(policy, len(self.arrivals))
+        injector.applied = []
+        try:
+            results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=DEPLOYMENT, events=events,
+                                               extra_body=self.extra_body, progress=bar,
+                                               drain_s=max(180.0, self.args.duration * 2)))
+            counters = gateway_counters(gw.metrics()) if gw is not None else {}
+        finally:
+            bar.end()
+            if gw is not None:
+                gw.stop()
+        summary = stats.summarize(results, wall, self.args.slo_ttft)
+        # The gateway counts its retries (before the first token, on another replica) and fallbacks itself;
+        # a client sees neither a retry nor (without the header) a fallback.
+        summary["retries"] = max(summary["retries"], int(counters.get("gpumesh_gateway_retries", 0)))
+        summary["fallbacks"] = max(summary["fallbacks"], int(counters.get("gpumesh_gateway_fallbacks", 0)))
+        summary["rejected_429"] = int(counters.get("gpumesh_gateway_rejected", 0))
+        summary["served_by"] = _count(r.served_by or r.target for r in results)
+        summary["errors"] = _count(r.error[:80] for r in results if r.error)
+        summary["injected"] = list(injector.applied)
+        return summary
+
+    # -- the whole run --------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        gateways = [p for p in self.policies if p != "direct"]
+        if gateways and not gateway_available():
+            raise CliError("mesh-gateway is not in this tree (controlplane/gateway); run --policy direct")
+        prompts, tokenizer = self.prompts()
+        self.sc = ServeCluster(self.state_dir, self.args.replicas, self.args.context, self.args.restart_delay, info)
+        self.sc.start()
+        injector = Injector(self.sc, emulate_throttle=self.args.emulate_throttle, say=info)
+        overhead = {"p50": None, "p99": None, "pairs": 0}
+        if gateways:
+            info(f"gateway overhead: {self.args.overhead_pairs} pairs through {gateways[0]} and direct...")
+            gw = Gateway(self.sc.cluster.endpoint, gateways[0], self.state_dir).start()
+            try:
+                overhead = stats.overhead(asyncio.run(self._overhead_pairs(gw.url, self.args.overhead_pairs)))
+            finally:
+                gw.stop()
+            overhead["policy"] = gateways[0]
+        results: dict[str, dict] = {}
+        injected: dict[str, list] = {}
+        for n, policy in enumerate(self.policies):
+            if n:
+                info("taking the faults away; waiting for every replica READY and every GPU normal...")
+                injector.reset()
+            info(f"policy {policy}: replaying {len(self.arrivals)} requests...")
+            s = self.run_policy(policy, prompts, injector)
+            injected[policy] = s.pop("injected")
+            results[policy] = s
+        first = next(iter(injected.values()), [])
+        return {
+            "policies": results,
+            "gateway_overhead_ms": overhead,
+            "injected": [{k: v for k, v in e.items() if k not in ("applied_at_s", "pid")} for e in first],
+            "injected_per_policy": injected,
+            "replicas": [r.describe() for r in self.sc.replicas],
+            "goals": goals(results, overhead),
+            "settings": {"trace": self.trace_path.name, "requests": len(self.arrivals),
+                         "duration_s": self.args.duration, "rate_scale": self.args.rate_scale,
+                         "trace_start_s": self.args.trace_start,
+                         "prompts": self.args.prompts, "tokenizer": tokenizer, "context": self.args.context,
+                         "slo_ttft_ms": self.args.slo_ttft, "restart_delay_s": self.args.restart_delay,
+                         "emulate_throttle": self.args.emulate_throttle, "model": "SmolLM2-135M-Instruct Q4_1",
+                         "backend": "llama.cpp (llama-cpp-python server, 1 thread, CPU)"},
+        }
+
+    def stop(self) -> None:
+        if self.sc is not None:
+            self.sc.stop()
+
+
+def gateway_counters(text: str) -> dict[str, float]:
+    """Counter totals (summed over labels) from a gateway's /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, float] = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            if fam.type == "counter":
+                out[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    except ValueError:
+        pass
+    return out
+
+
+def _count(items) -> dict:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _ratio(a, b):
+    if a is None or b is None:
+        return None
+    return round(a / b, 2) if b else (float("inf") if a else 1.0)
+
+
+def goals(results: dict, overhead: dict) -> dict:
+    """The issue's goals, measured: each with its figure and whether it was met (None: this run cannot tell)."""
+    g = {}
+    if overhead.get("p50") is not None:
+        g["gateway_overhead_p50_le_2ms"] = {"value_ms": overhead["p50"], "met": overhead["p50"] <= 2.0}
+    ga, rr, ll = results.get("gpu-aware"), results.get("round-robin"), results.get("least-loaded")
+    if ga and rr:
+        fewer = _ratio(rr["failed"], ga["failed"])
+        g["failed_10x_fewer_than_round_robin"] = {
+            "gpu_aware": ga["failed"], "round_robin": rr["failed"], "ratio": fewer if fewer != float("inf") else "inf",
+            # nothing failed under round-robin: "10x fewer" cannot be shown by this run either way
+            "met": None if rr["failed"] == 0 else rr["failed"] >= 10 * ga["failed"]}
+        lower = _ratio(rr["ttft_p99_ms"], ga["ttft_p99_ms"])
+        g["ttft_p99_2x_lower_than_round_robin"] = {"gpu_aware_ms": ga["ttft_p99_ms"],
+                                                   "round_robin_ms": rr["ttft_p99_ms"], "ratio": lower,
+                                                   "met": lower is not None and lower >= 2.0}
+    if ga and ll:
+        more = _ratio(ga["goodput_rps"], ll["goodput_rps"])
+        g["goodput_1_2x_least_loaded"] = {"gpu_aware_rps": ga["goodput_rps"], "least_loaded_rps": ll["goodput_rps"],
+                                          "ratio": more if more != float("inf") else "inf",
+                                          "met": more is not None and (more == float("inf") or more >= 1.2)}
+    g["zero_unanswered"] = {"unanswered": {p: s["unanswered"] for p, s in results.items()},
+                            "met": all(s["unanswered"] == 0 for p, s in results.items() if p != "direct")}
+    return g
