@@ -140,8 +140,9 @@ def pick(maes: dict[str, float]) -> str:
     return min(better, key=better.get) if better else "naive"
 
 
-def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec) -> dict:
-    """Select on the earlier origins, score every model and the choice on the later ones."""
+def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals: dict | None = None) -> dict:
+    """Select on the earlier origins, score every model and the choice on the later ones. `intervals`,
+    when given, receives model -> (evaluation origin rows, lo, hi)."""
     n_o, h = len(rf.origins), spec.horizon
     split = n_o // 2
     sel = np.arange(split)
@@ -159,6 +160,8 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec) -> dict:
     report = {}
     for m, p in rf.points.items():
         lo, hi = sequential_intervals(rf, p, ev, spec.level, floor)
+        if intervals is not None:
+            intervals[m] = (ev, lo, hi)
         report[m] = {
             "mae": maes[m], "mase": maes[m] / scale,
             "rel_mae_naive": maes[m] / maes["naive"] if maes["naive"] else None,
@@ -195,11 +198,12 @@ def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, le
     return lo, hi
 
 
-def backtest(y, spec: BacktestSpec, progress: Callable[[str], None] | None = None) -> tuple[dict, RollingForecasts]:
-    """Check, forecast from every origin, evaluate. Returns (report, forecasts)."""
+def backtest(y, spec: BacktestSpec, progress: Callable[[str], None] | None = None,
+             intervals: dict | None = None) -> tuple[dict, RollingForecasts]:
+    """Check, forecast from every origin, evaluate. Returns (report, forecasts); see evaluate()."""
     arr = check_series(y, spec)
     rf = rolling_forecasts(arr, spec, progress)
-    return evaluate(arr, rf, spec), rf
+    return evaluate(arr, rf, spec, intervals), rf
 
 
 __all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_series", "evaluate", "pick",

@@ -18,10 +18,11 @@ def mase_scale(history: np.ndarray, season: int) -> float:
     """In-sample MAE of the seasonal naive forecast (lag `season`; lag 1 when the history is shorter
     than two seasons or the seasonal differences are all zero). 0 only for a constant history."""
     y = np.asarray(history, dtype=float)
+    tiny = 1e-9 * max(1.0, float(np.max(np.abs(y)))) if y.size else 0.0    # rounding noise is no error
     for lag in ((season, 1) if 1 < season < len(y) else (1,)):
         if len(y) > lag:
             s = float(np.mean(np.abs(y[lag:] - y[:-lag])))
-            if s > 0:
+            if s > tiny:
                 return s
     return 0.0
 
