@@ -60,7 +60,10 @@ def _times(pd, raw, path: str, time_col: str):
     nums = pd.to_numeric(text, errors="coerce")
     if nums.notna().all():
         return pd.to_datetime(nums, unit="s")
-    t = pd.to_datetime(text, errors="coerce", format="mixed")
+    if nums.notna().mean() > 0.5:       # Unix seconds with a stray value
+        t = nums
+    else:
+        t = pd.to_datetime(text, errors="coerce", format="mixed")
     if t.isna().any():
         row = int(np.flatnonzero(t.isna().to_numpy())[0])
         raise InvalidArgument.of("time-col", f"{time_col!r} has a value that is not a time at row {row + 2} of "
@@ -118,9 +121,12 @@ def _regular(pd, name: str, part, offset, agg: str, fill: str) -> Series:
         if s.empty:
             raise InvalidArgument.of("series", f"{name!r} has no values")
         binned = s.resample(offset)
-        s = getattr(binned, agg)() if agg != "count" else binned.count()
+        if agg == "sum":
+            s = binned.sum(min_count=1)       # a bin with no rows is a gap, not 0
+        else:
+            s = getattr(binned, agg)()
         if agg == "count":
-            s = s.astype(float)      # a bin with no rows is 0 requests, not a gap
+            s = s.astype(float)              # a bin with no rows is 0 requests, not a gap
     else:
         if s.index.has_duplicates:
             dup = s.index[s.index.duplicated()][0]
