@@ -40,7 +40,7 @@ class BacktestSpec:
         return self.max_history or max(10 * self.season, 50 * self.horizon, 500)
 
     def min_train(self) -> int:
-        return max(self.season, self.horizon, 8)
+        return max(2 * self.season, 4 * self.horizon, 30)
 
 
 @dataclass

@@ -85,9 +85,20 @@ def test_conformal_interval_covers_its_level_on_exchangeable_noise():
 def test_conformal_interval_with_few_residuals_is_the_widest_they_allow():
     r = np.array([[-1.0], [2.0], [0.5]])
     lo, hi = conformal.residual_bounds(r, 0.9)
-    assert lo[0] == -1.0 and hi[0] == 2.0
+    assert lo[0] == pytest.approx(-1.0) and hi[0] == pytest.approx(2.0)
     lo, hi = conformal.interval(np.array([0.5]), r, 0.9, floor=0.0)
-    assert lo[0] == 0.0 and hi[0] == 2.5
+    assert lo[0] == 0.0 and hi[0] == pytest.approx(2.5)
+
+
+def test_conformal_interval_widens_with_the_step_and_covers_each_step():
+    rng = np.random.default_rng(5)
+    sd = np.array([1.0, 2.0, 4.0, 8.0])               # errors grow with the horizon
+    calib = rng.normal(0, 1, (30, 4)) * sd            # only 30 origins: too few per step alone
+    lo_off, hi_off = conformal.residual_bounds(calib, 0.9)
+    assert np.all(np.diff(hi_off) > 0) and np.all(np.diff(lo_off) < 0)
+    test = rng.normal(0, 1, (20000, 4)) * sd
+    cover = np.mean((test >= lo_off) & (test <= hi_off), axis=0)
+    assert np.all((cover >= 0.85) & (cover <= 0.95)), cover
 
 
 def test_backtest_intervals_cover_about_90_percent_of_synthetic_noise():
@@ -122,3 +133,11 @@ def test_choice_is_never_worse_than_the_last_value_in_its_backtest(seed):
     f = choose(y, season=SEASON, horizon=6, models=("naive", "snaive", "damped", "mstl"), origins=20)
     assert f.errors[f.model] <= f.errors["naive"]
     assert f.model == "naive" or f.errors[f.model] < f.errors["naive"]
+
+
+def test_concurrency_is_the_time_average_of_open_intervals_per_bin():
+    from mesh.forecast.events import concurrency
+    # 2 GPUs over [0, 90), 1 GPU over [30, 150); 60-second bins
+    t, v = concurrency([0, 30], [90, 150], [2, 1], step=60, t0=0, t1=180)
+    assert t.tolist() == [0, 60, 120]
+    assert v.tolist() == pytest.approx([2 + 0.5, 1 + 1, 0.5])

@@ -39,6 +39,15 @@ short a series) exits with status 2 and names the problem; --skip-bad reports su
 the evaluation origins (origin = the time of the last value the forecast saw).
 """
 
+CONCURRENCY_EPILOG = """\
+examples:
+  # GPUs requested per hour by the Alibaba openb pods (creation to deletion), then a 6-hour backtest
+  meshctl forecast concurrency --csv ../shared/traces/alibaba-gpu-v2023/openb_pod_list_default.csv \\
+      --start-col creation_time --end-col deletion_time --weight-cols num_gpu,gpu_milli --weight-scale 0.001 \\
+      --freq 1h --out openb_gpus_hourly.csv
+  meshctl forecast backtest --csv openb_gpus_hourly.csv --time-col time --value-col value --horizon 6 --season 24
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("forecast", help="forecasts: backtest forecasters on a CSV series",
@@ -46,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fsub = p.add_subparsers(dest="forecast_command", metavar="COMMAND", title="commands")
     b = subcommand(fsub, "backtest", help="rolling-origin backtest of the forecasters on a CSV series",
                    description=__doc__.split("\n\n", 1)[1], epilog=BACKTEST_EPILOG, skip=("timeout",))
-    b.add_argument("--csv", required=True, metavar="FILE", help="the CSV file")
+    b.add_argument("--csv", required=True, action="append", metavar="FILE",
+                   help="the CSV file; repeat for several files with the same columns (series named FILE:GROUP)")
     b.add_argument("--time-col", required=True, metavar="C", help="time column: Unix seconds or date-times")
     b.add_argument("--value-col", required=True, metavar="C", help="value column (numbers)")
     b.add_argument("--group-col", metavar="C", help="one series per distinct value of this column")
@@ -72,6 +82,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--jobs", type=positive_int, default=1, metavar="N", help="worker processes (default: 1)")
     b.add_argument("--predictions-out", metavar="FILE", help="write every evaluation forecast as CSV rows")
     b.set_defaults(func=run_backtest)
+    c = subcommand(fsub, "concurrency", help="turn a CSV of intervals (requests, pods) into a demand series",
+                   description="The time-averaged sum of the weights of the intervals open in each bin, as a CSV "
+                               "time,value (time in the start column's unit, seconds) for `forecast backtest`.",
+                   epilog=CONCURRENCY_EPILOG, skip=("timeout",))
+    c.add_argument("--csv", required=True, metavar="FILE", help="the CSV of intervals")
+    c.add_argument("--start-col", required=True, metavar="C", help="interval start (seconds)")
+    c.add_argument("--end-col", required=True, metavar="C", help="interval end (seconds)")
+    c.add_argument("--weight-cols", default="", metavar="C[,C...]", help="weight = product of these columns (default: 1)")
+    c.add_argument("--weight-scale", type=float, default=1.0, metavar="X", help="multiply the weight by X")
+    c.add_argument("--freq", required=True, metavar="SECONDS|DURATION", help="bin width (3600, 1h, 10min)")
+    c.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    c.set_defaults(func=run_concurrency)
     p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 2)[1])
 
 
@@ -132,7 +154,15 @@ def _run(args: argparse.Namespace) -> int:
     from mesh.forecast.series import load
     from mesh.errors import InvalidArgument
     quiet = args.output in ("json", "yaml") or not sys.stderr.isatty()
-    series = load(args.csv, args.time_col, args.value_col, args.group_col, args.freq, args.agg, args.fill)
+    import os
+    series = []
+    for path in args.csv:
+        part = load(path, args.time_col, args.value_col, args.group_col, args.freq, args.agg, args.fill)
+        if len(args.csv) > 1:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            for s in part:
+                s.name = f"{stem}:{s.name}" if args.group_col else stem
+        series += part
     if args.max_series and len(series) > args.max_series:
         keep = set(random.Random(args.sample_seed).sample(range(len(series)), args.max_series))
         series = [s for i, s in enumerate(series) if i in keep]
@@ -162,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
             for r in reports:
                 w.writerows(r.pop("predictions", []))
     reports += bad
-    doc = {"csv": args.csv, "value_col": args.value_col, "freq": args.freq, "step_seconds": step_s,
+    doc = {"csv": args.csv if len(args.csv) > 1 else args.csv[0], "value_col": args.value_col, "freq": args.freq, "step_seconds": step_s,
            "season": spec.season, "horizon": spec.horizon, "level": spec.level, "models": list(spec.models),
            "origins": spec.origins, "summary": report.summarize(reports), "series": reports}
     if args.output in ("json", "yaml"):
@@ -179,17 +209,18 @@ def _table(doc: dict, wide: bool) -> str:
     rows = []
     for r in doc["series"]:
         if "error" in r:
-            rows.append([r["series"], "-", "error: " + r["error"]] + [""] * (5 + (len(models) if wide else 0)))
+            rows.append([r["series"], "-", "-"] + [""] * (5 + (len(models) if wide else 0)) + [r["error"]])
             continue
         m = r["models"]
         row = [r["series"], r["points"], r["chosen"], f"{m[r['chosen']]['mase']:.3f}", f"{m['naive']['mase']:.3f}",
                f"{m['snaive']['mase']:.3f}", f"{m[r['chosen']]['coverage']:.0%}", "yes" if r["beats_both"] else "no"]
         if wide:
             row += [f"{m[x]['mase']:.3f}" for x in models]
-        rows.append(row)
+        rows.append(row + [""])
     headers = ["SERIES", "POINTS", "CHOSEN", "MASE", "NAIVE", "SNAIVE", "COVERAGE", "BEATS BOTH"]
     if wide:
         headers += [x.upper() for x in models]
+    headers.append("ERROR")
     s = doc["summary"]
     text = render_table(headers, rows)
     if s.get("series"):
@@ -198,3 +229,57 @@ def _table(doc: dict, wide: bool) -> str:
                  f"{s['beats_both_share']:.0%}; error vs the better naive {s['rel_mae_best_naive_median']:.3f} "
                  f"(median); {doc['level']:.0%} intervals cover {s['coverage']:.1%}\n")
     return text
+
+
+def run_concurrency(args: argparse.Namespace) -> int:
+    from mesh.errors import InvalidArgument
+    try:
+        return _concurrency(args)
+    except InvalidArgument as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        return 2
+
+
+def _concurrency(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+    from mesh.errors import InvalidArgument
+    from mesh.forecast.events import concurrency
+    from mesh.forecast.series import read_csv
+    weights = [w.strip() for w in args.weight_cols.split(",") if w.strip()]
+    df = read_csv(args.csv, args.start_col, args.end_col)
+    for w in weights:
+        if w not in df.columns:
+            raise InvalidArgument.of("weight-cols", f"no column {w!r} in {args.csv}", ", ".join(df.columns))
+    cols = {}
+    for flag, col in [("start-col", args.start_col), ("end-col", args.end_col)] + [("weight-cols", w) for w in weights]:
+        v = pd.to_numeric(df[col].str.strip(), errors="coerce")
+        if v.isna().any():
+            row = int(np.flatnonzero(v.isna().to_numpy())[0])
+            raise InvalidArgument.of(flag, f"{col!r} has a non-numeric value at row {row + 2}: {df[col].iloc[row]!r}")
+        cols[col] = v.to_numpy(dtype=float)
+    try:
+        step = float(args.freq)
+    except ValueError:
+        try:
+            step = pd.Timedelta(args.freq).total_seconds()
+        except ValueError:
+            raise InvalidArgument.of("freq", f"not seconds or a duration: {args.freq!r}") from None
+    if step <= 0:
+        raise InvalidArgument.of("freq", f"must be > 0, got {args.freq}")
+    w = np.full(len(df), args.weight_scale)
+    for c in weights:
+        w = w * cols[c]
+    try:
+        t, v = concurrency(cols[args.start_col], cols[args.end_col], w, step)
+    except ValueError as exc:
+        raise InvalidArgument.of("csv", str(exc)) from None
+    lines = ["time,value"] + [f"{ti:.0f},{vi:.6g}" for ti, vi in zip(t, v)]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        info(f"wrote {len(t)} bins to {args.out}")
+    else:
+        out(text)
+    return 0
