@@ -4,8 +4,8 @@ Protocol (docs/prediction.md): origins step back from the end of the series `str
 horizon by default, so forecasts do not overlap). At each origin every model is fitted on the history
 before it (at most `max_history` points) and forecasts `horizon` steps; nothing after the origin is seen.
 The earlier half of the origins *selects*: the model (or the mean of the best two or three, an ensemble)
-with the lowest mean absolute error, among those that beat the last value there; the naive forecast
-when none does. The later half *evaluates*: every figure reported (MASE, sMAPE, pinball loss, interval
+with the lowest mean absolute error, among those that beat the last value there, on each half of those
+origins alike; the naive forecast when none does. The later half *evaluates*: every figure reported (MASE, sMAPE, pinball loss, interval
 coverage) comes from origins the choice never saw, and each of their intervals is calibrated only on the
 residuals of origins whose outcome was already known (sequential split conformal).
 """
@@ -133,11 +133,24 @@ def add_ensembles(rf: RollingForecasts, rank: list[str]) -> list[str]:
     return names
 
 
-def pick(maes: dict[str, float]) -> str:
-    """The lowest error among the models that beat the last value; the last value when none does."""
+def pick(maes: dict[str, float], steady: set[str] | None = None) -> str:
+    """The lowest error among the models that beat the last value (and are in `steady`, when given);
+    the last value when none does."""
     bar = maes["naive"]
-    better = {m: e for m, e in maes.items() if e < bar}
+    better = {m: e for m, e in maes.items() if e < bar and (steady is None or m in steady)}
     return min(better, key=better.get) if better else "naive"
+
+
+def steady_winners(actual: np.ndarray, points: dict[str, np.ndarray]) -> set[str]:
+    """Models that beat the last value on the earlier and on the later half of these origins alike: a model
+    that won only one stretch (a regime that ended) is not trusted over persistence."""
+    n = len(actual)
+    halves = (slice(0, n // 2), slice(n // 2, n)) if n >= 2 else (slice(0, n),)
+    out = set()
+    for m, p in points.items():
+        if all(metrics.mae(actual[h], p[h]) < metrics.mae(actual[h], points["naive"][h]) for h in halves):
+            out.add(m)
+    return out
 
 
 def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals: dict | None = None) -> dict:
@@ -152,7 +165,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
         rank = sorted(sel_mae, key=sel_mae.get)
         for name in add_ensembles(rf, rank):
             sel_mae[name] = metrics.mae(rf.actual[sel], rf.points[name][sel])
-    chosen = pick(sel_mae)
+    chosen = pick(sel_mae, steady_winners(rf.actual[sel], {m: p[sel] for m, p in rf.points.items()}))
     scale = metrics.mase_scale(y[:rf.origins[ev[0]]], spec.season)
     floor = 0.0 if np.min(y) >= 0 else None
     a = rf.actual[ev]

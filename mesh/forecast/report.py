@@ -82,6 +82,8 @@ def summarize(reports: list[dict]) -> dict:
     for r in ok:
         counts[r["chosen"]] = counts.get(r["chosen"], 0) + 1
     base = sorted({m for r in ok for m in r["models"] if not m.startswith("ensemble(")})
+    # series on which a naive forecast made no error at all (flat through the evaluation): nothing to beat
+    contested = [r for r in ok if min(r["models"]["naive"]["mae"], r["models"]["snaive"]["mae"]) > 0]
     weights = [r["origins"]["evaluation"] for r in ok]
     return {
         "series": len(ok), "skipped": len(reports) - len(ok),
@@ -89,6 +91,8 @@ def summarize(reports: list[dict]) -> dict:
         "beats_naive_share": sum(r["beats_naive"] for r in ok) / len(ok),
         "beats_snaive_share": sum(r["beats_snaive"] for r in ok) / len(ok),
         "beats_both_share": sum(r["beats_both"] for r in ok) / len(ok),
+        "naive_exact_series": len(ok) - len(contested),
+        "beats_both_share_contested": (sum(r["beats_both"] for r in contested) / len(contested)) if contested else None,
         "rel_mae_best_naive_median": statistics.median(rel) if rel else None,
         "rel_mae_best_naive_mean": statistics.fmean(rel) if rel else None,
         "coverage": float(np.average([c["coverage"] for c in chosen], weights=weights)),

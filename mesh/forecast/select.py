@@ -1,7 +1,7 @@
 """`choose`: the forecast a caller asks for (points, interval, model, backtest error), in one call.
 
 It runs the rolling-origin backtest on the series itself, picks the model (or ensemble) with the lowest
-backtest error among those that beat the last value, refits it on the whole history and forecasts;
+backtest error among those that beat the last value (on both halves of the origins), refits it on the whole history and forecasts;
 the interval comes from that model's backtest residuals per horizon step (split conformal). Pure and
 blocking: run it in a thread or process (`loop.run_in_executor`) to keep an event loop free.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh.forecast import conformal, metrics
-from mesh.forecast.backtest import BacktestSpec, add_ensembles, check_series, pick, rolling_forecasts
+from mesh.forecast.backtest import BacktestSpec, add_ensembles, check_series, pick, rolling_forecasts, steady_winners
 from mesh.forecast.models import DEFAULT_MODELS, make
 
 
@@ -49,7 +49,7 @@ def choose(y, season: int, horizon: int, models: tuple[str, ...] = DEFAULT_MODEL
     maes = {m: metrics.mae(rf.actual, p) for m, p in rf.points.items()}
     for name in add_ensembles(rf, sorted(maes, key=maes.get)):
         maes[name] = metrics.mae(rf.actual, rf.points[name])
-    chosen = pick(maes)
+    chosen = pick(maes, steady_winners(rf.actual, rf.points))
     hist = arr[-spec.history_cap():]
     point = np.mean([make(m, horizon).fit(hist, season).predict(horizon) for m in members(chosen)], axis=0)
     floor = 0.0 if np.min(arr) >= 0 else None
