@@ -96,6 +96,9 @@ def summarize(reports: list[dict]) -> dict:
         "rel_mae_best_naive_median": statistics.median(rel) if rel else None,
         "rel_mae_best_naive_mean": statistics.fmean(rel) if rel else None,
         "coverage": float(np.average([c["coverage"] for c in chosen], weights=weights)),
+        "coverage_contested": float(np.average([r["models"][r["chosen"]]["coverage"] for r in contested],
+                                               weights=[r["origins"]["evaluation"] for r in contested]))
+        if contested else None,
         "mase_median": {m: statistics.median([r["models"][m]["mase"] for r in ok if m in r["models"]]) for m in base}
         | {"chosen": statistics.median([c["mase"] for c in chosen])},
     }
