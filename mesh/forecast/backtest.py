@@ -35,6 +35,7 @@ class BacktestSpec:
     max_history: int = 0       # points each fit sees; 0 = max(10 seasons, 50 horizons, 500)
     level: float = 0.9         # interval level
     ensembles: bool = True
+    calibration: int = 0       # intervals calibrate on the latest N observed origins; 0 = all of them
 
     def history_cap(self) -> int:
         return self.max_history or max(10 * self.season, 50 * self.horizon, 500)
@@ -172,7 +173,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
     maes = {m: metrics.mae(a, p[ev]) for m, p in rf.points.items()}
     report = {}
     for m, p in rf.points.items():
-        lo, hi = sequential_intervals(rf, p, ev, spec.level, floor)
+        lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration)
         if intervals is not None:
             intervals[m] = (ev, lo, hi)
         report[m] = {
@@ -199,14 +200,16 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
 
 
 def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, level: float,
-                         floor: float | None) -> tuple[np.ndarray, np.ndarray]:
+                         floor: float | None, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Intervals of the forecasts at origins `ev`, each calibrated on the residuals of the origins whose
-    whole horizon had been observed by then."""
+    whole horizon had been observed by then (the latest `window` of them, when > 0)."""
     h = p.shape[1]
     lo, hi = np.empty((len(ev), h)), np.empty((len(ev), h))
     resid = rf.actual - p
     for k, j in enumerate(ev):
         known = np.flatnonzero(rf.origins + h <= rf.origins[j])
+        if window:
+            known = known[-window:]
         lo[k], hi[k] = conformal.interval(p[j], resid[known], level, floor)
     return lo, hi
 

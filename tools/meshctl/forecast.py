@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-history", type=positive_int, default=None, metavar="N",
                    help="points each fit sees (default: max(10 seasons, 50 horizons, 500))")
     b.add_argument("--level", type=float, default=0.9, metavar="X", help="interval level (default: 0.9)")
+    b.add_argument("--calibration", type=int, default=0, metavar="N",
+                   help="intervals calibrate on the latest N observed origins (default: 0, all of them)")
     b.add_argument("--no-ensembles", action="store_true", help="do not let means of the best models compete")
     b.add_argument("--max-series", type=positive_int, default=None, metavar="N",
                    help="backtest a random sample of N series (seeded by --sample-seed)")
@@ -136,7 +138,8 @@ def _spec(args, series):
               else _steps(args.season, step_s, "season"))
     return BacktestSpec(horizon=_steps(args.horizon, step_s, "horizon"), season=season, models=models,
                         origins=args.origins, stride=args.stride or 0, max_history=args.max_history or 0,
-                        level=args.level, ensembles=not args.no_ensembles), step_s
+                        level=args.level, ensembles=not args.no_ensembles,
+                        calibration=max(0, args.calibration)), step_s
 
 
 def run_backtest(args: argparse.Namespace) -> int:
