@@ -224,6 +224,8 @@ def _table(doc: dict, wide: bool) -> str:
     if wide:
         headers += [x.upper() for x in models]
     headers.append("ERROR")
+    if not any("error" in r for r in doc["series"]):
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
     s = doc["summary"]
     text = render_table(headers, rows)
     if s.get("series"):
