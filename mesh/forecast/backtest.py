@@ -5,9 +5,10 @@ horizon by default, so forecasts do not overlap). At each origin every model is 
 before it (at most `max_history` points) and forecasts `horizon` steps; nothing after the origin is seen.
 The earlier half of the origins *selects*: the model (or the mean of the best two or three, an ensemble)
 with the lowest mean absolute error, among those that beat the last value there, on each half of those
-origins alike; the naive forecast when none does. The later half *evaluates*: every figure reported (MASE, sMAPE, pinball loss, interval
-coverage) comes from origins the choice never saw, and each of their intervals is calibrated only on the
-residuals of origins whose outcome was already known (sequential split conformal).
+origins alike; the naive forecast when none does. The later half *evaluates*: every figure reported
+(MASE, sMAPE, pinball loss, interval coverage) comes from origins the choice never saw, and each of
+their intervals is calibrated only on the residuals of origins whose outcome was already known
+(sequential split conformal).
 """
 
 from __future__ import annotations

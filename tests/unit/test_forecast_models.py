@@ -155,3 +155,20 @@ def test_concurrency_is_the_time_average_of_open_intervals_per_bin():
     t, v = concurrency([0, 30], [90, 150], [2, 1], step=60, t0=0, t1=180)
     assert t.tolist() == [0, 60, 120]
     assert v.tolist() == pytest.approx([2 + 0.5, 1 + 1, 0.5])
+
+
+def test_choose_runs_in_a_process_pool_off_the_event_loop_with_the_same_answer():
+    import asyncio
+    from concurrent.futures import ProcessPoolExecutor
+    y = seasonal(24 * 12, noise=0.5, seed=9)
+    here = choose(y, SEASON, 6, ("naive", "snaive", "damped"), 0.9, 8)
+
+    async def off_loop():
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, choose, y, SEASON, 6, ("naive", "snaive", "damped"), 0.9, 8)
+
+    there = asyncio.run(off_loop())
+    assert there.model == here.model
+    assert there.points == pytest.approx(here.points)
+    assert there.lo == pytest.approx(here.lo) and there.hi == pytest.approx(here.hi)

@@ -91,7 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--csv", required=True, metavar="FILE", help="the CSV of intervals")
     c.add_argument("--start-col", required=True, metavar="C", help="interval start (seconds)")
     c.add_argument("--end-col", required=True, metavar="C", help="interval end (seconds)")
-    c.add_argument("--weight-cols", default="", metavar="C[,C...]", help="weight = product of these columns (default: 1)")
+    c.add_argument("--weight-cols", default="", metavar="C[,C...]",
+                   help="weight = product of these columns (default: 1)")
     c.add_argument("--weight-scale", type=float, default=1.0, metavar="X", help="multiply the weight by X")
     c.add_argument("--freq", required=True, metavar="SECONDS|DURATION", help="bin width (3600, 1h, 10min)")
     c.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
@@ -195,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
             for r in reports:
                 w.writerows(r.pop("predictions", []))
     reports += bad
-    doc = {"csv": args.csv if len(args.csv) > 1 else args.csv[0], "value_col": args.value_col, "freq": args.freq, "step_seconds": step_s,
+    doc = {"csv": args.csv if len(args.csv) > 1 else args.csv[0], "value_col": args.value_col, "freq": args.freq,
+           "step_seconds": step_s,
            "season": spec.season, "horizon": spec.horizon, "level": spec.level, "models": list(spec.models),
            "origins": spec.origins, "summary": report.summarize(reports), "series": reports}
     if args.output in ("json", "yaml"):
