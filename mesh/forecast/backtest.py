@@ -96,7 +96,7 @@ def rolling_forecasts(y: np.ndarray, spec: BacktestSpec,
     origins = plan_origins(len(y), spec)
     h, cap = spec.horizon, spec.history_cap()
     actual = np.stack([y[o:o + h] for o in origins])
-    floor = 0.0 if np.min(y) >= 0 else None
+    floor = 0.0 if np.min(y[:origins[0]]) >= 0 else None     # never negative before the first origin
     points: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     for name in dict.fromkeys(("naive", "snaive") + tuple(spec.models)):
@@ -169,7 +169,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
             sel_mae[name] = metrics.mae(rf.actual[sel], rf.points[name][sel])
     chosen = pick(sel_mae, steady_winners(rf.actual[sel], {m: p[sel] for m, p in rf.points.items()}))
     scale = metrics.mase_scale(y[:rf.origins[ev[0]]], spec.season)
-    floor = 0.0 if np.min(y) >= 0 else None
+    floor = 0.0 if np.min(y[:rf.origins[0]]) >= 0 else None
     a = rf.actual[ev]
     maes = {m: metrics.mae(a, p[ev]) for m, p in rf.points.items()}
     report = {}
