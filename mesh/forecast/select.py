@@ -1,8 +1,8 @@
 """`choose`: the forecast a caller asks for (points, interval, model, backtest error), in one call.
 
 It runs the rolling-origin backtest on the series itself, picks the model (or ensemble) with the lowest
-backtest error among those that beat the last value (on both halves of the origins), refits it on the
-whole history and forecasts; the interval comes from that model's backtest residuals per horizon step
+backtest error among those that beat the last value (and lost to it on neither half of the origins),
+refits it on the whole history and forecasts; the interval comes from that model's backtest residuals per horizon step
 (split conformal). Pure and blocking: run it in a thread or process (`loop.run_in_executor`) to keep
 an event loop free.
 """

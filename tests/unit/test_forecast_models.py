@@ -127,7 +127,8 @@ def test_a_model_that_beat_the_last_value_in_one_stretch_only_is_not_trusted():
     points = {"naive": np.full((8, 2), 1.0),
               "steady": np.full((8, 2), 0.8),                                   # better throughout
               "lucky": np.concatenate([np.zeros((4, 2)), np.full((4, 2), 1.2)])}  # better on average, not later
-    assert steady_winners(actual, points) == {"steady"}
+    points["late"] = np.concatenate([np.full((4, 2), 1.0), np.full((4, 2), 0.7)])   # ties, then wins
+    assert steady_winners(actual, points) == {"naive", "steady", "late"}
     maes = {m: float(np.mean(np.abs(p))) for m, p in points.items()}
     assert maes["lucky"] < maes["steady"]
     assert pick(maes, steady_winners(actual, points)) == "steady"
