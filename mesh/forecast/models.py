@@ -1,0 +1,155 @@
+"""Forecasters behind one small protocol: `fit(y, season)` then `predict(h)`.
+
+Every forecaster is a plain object with no global state, so a caller can fit one in a thread or a
+process (`concurrent.futures`) and keep the control plane's event loop free. `y` is a 1-D float array
+with no gaps (one value per step), `season` the number of steps in one season (1 = none), `h` the
+number of steps ahead; `predict` returns `h` points.
+
+The statistical models come from `statsforecast` (the `gpumesh[forecast]` extra): exponential smoothing
+(`AutoETS`), a damped additive trend, and `MSTL` (a seasonal decomposition whose deseasonalised part is
+forecast by AutoETS), which handles long seasons such as 144 ten-minute steps a day. The naive forecasts
+need only numpy; the LSTM (`mesh.forecast.neural`) needs torch (`gpumesh[torch]`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from mesh.errors import FailedPrecondition
+
+# AutoETS's own seasonal search is slow for long seasons (seconds per fit at 24, more beyond): longer
+# seasons are left to MSTL, and `ets` fits a non-seasonal AutoETS there.
+ETS_MAX_SEASON = 24
+
+
+@runtime_checkable
+class Forecaster(Protocol):
+    """What every model offers. `name` is its registry name."""
+
+    name: str
+
+    def fit(self, y: np.ndarray, season: int) -> "Forecaster":
+        """Learn from the history `y` (oldest first); returns self."""
+
+    def predict(self, h: int) -> np.ndarray:
+        """The next `h` points after the history given to `fit`."""
+
+
+class Naive:
+    """The last value, repeated: the persistence forecast every model must beat."""
+
+    name = "naive"
+
+    def fit(self, y: np.ndarray, season: int) -> "Naive":
+        self._last = float(y[-1])
+        return self
+
+    def predict(self, h: int) -> np.ndarray:
+        return np.full(h, self._last)
+
+
+class SeasonalNaive:
+    """The value one season ago (the last season repeated): the baseline MASE is measured against."""
+
+    name = "snaive"
+
+    def fit(self, y: np.ndarray, season: int) -> "SeasonalNaive":
+        m = season if 1 < season <= len(y) else 1
+        self._last_season = np.asarray(y[-m:], dtype=float)
+        return self
+
+    def predict(self, h: int) -> np.ndarray:
+        reps = -(-h // len(self._last_season))
+        return np.tile(self._last_season, reps)[:h]
+
+
+def _statsforecast():
+    try:
+        from statsforecast import models
+    except ImportError:
+        raise FailedPrecondition("this model needs statsforecast: pip install 'gpumesh[forecast]'") from None
+    return models
+
+
+class _StatsModel:
+    """A statsforecast model built per fit (their objects keep the fitted state)."""
+
+    name = ""
+
+    def _build(self, season: int):
+        raise NotImplementedError
+
+    def fit(self, y: np.ndarray, season: int) -> "_StatsModel":
+        self._model = self._build(season if season > 1 and len(y) >= 2 * season else 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._model.fit(np.asarray(y, dtype=float))
+        return self
+
+    def predict(self, h: int) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self._model.predict(h)["mean"]
+        return np.asarray(out, dtype=float)
+
+
+class ETS(_StatsModel):
+    """AutoETS: exponential smoothing, error/trend/season chosen by AICc (seasonal up to 24 steps)."""
+
+    name = "ets"
+
+    def _build(self, season: int):
+        m = _statsforecast()
+        return m.AutoETS(season_length=season) if season <= ETS_MAX_SEASON else m.AutoETS(model="ZZN")
+
+
+class DampedTrend(_StatsModel):
+    """Holt's additive trend with damping (ETS(A,Ad,N)): a trend that flattens out with the horizon."""
+
+    name = "damped"
+
+    def _build(self, season: int):
+        return _statsforecast().AutoETS(model="AAN", damped=True)
+
+
+class MSTL(_StatsModel):
+    """MSTL: the season taken out by STL, the rest forecast by AutoETS (no seasonal term), the season
+    added back. Falls back to plain AutoETS when the history holds fewer than two seasons."""
+
+    name = "mstl"
+
+    def _build(self, season: int):
+        m = _statsforecast()
+        if season <= 1:
+            return m.AutoETS(model="ZZN")
+        return m.MSTL(season_length=season, trend_forecaster=m.AutoETS(model="ZZN"))
+
+
+def _lstm(horizon: int) -> Forecaster:
+    from mesh.forecast.neural import LSTMForecaster
+    return LSTMForecaster(horizon=horizon)
+
+
+# name -> factory(horizon); each call gives a fresh, unfitted model. Only the LSTM, a direct multi-step
+# model, needs the horizon before it is fitted.
+REGISTRY: dict[str, Callable[[int], Forecaster]] = {
+    "naive": lambda h: Naive(),
+    "snaive": lambda h: SeasonalNaive(),
+    "ets": lambda h: ETS(),
+    "damped": lambda h: DampedTrend(),
+    "mstl": lambda h: MSTL(),
+    "lstm": _lstm,
+}
+BASELINES = ("naive", "snaive")
+DEFAULT_MODELS = ("naive", "snaive", "damped", "mstl")
+
+
+def make(name: str, horizon: int = 1) -> Forecaster:
+    """A fresh forecaster by registry name, for forecasts up to `horizon` steps."""
+    from mesh.errors import InvalidArgument
+    if name not in REGISTRY:
+        raise InvalidArgument.of("models", f"unknown model {name!r}", ", ".join(REGISTRY))
+    return REGISTRY[name](horizon)

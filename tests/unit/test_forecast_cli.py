@@ -1,0 +1,151 @@
+"""`meshctl forecast backtest`: the report on a CSV, the predictions file, and bad input (exit status 2,
+an error naming the problem)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from tools.meshctl.main import main
+
+pytest.importorskip("pandas", reason="reading CSV series needs gpumesh[forecast]")
+
+
+def write_csv(path, rows, header=("t", "v", "g")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def two_series(path, n=240):
+    rng = np.random.default_rng(0)
+    rows = []
+    for g, amp in (("a", 10.0), ("b", 3.0)):
+        for i in range(n):
+            rows.append((1_700_000_000 + 60 * i, round(20 + amp * np.sin(2 * np.pi * i / 24) + rng.normal(0, 0.3), 3),
+                         g))
+    return write_csv(path, rows)
+
+
+def run(capsys, *argv):
+    code = main(["forecast", "backtest", *argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_backtest_reports_every_model_and_the_choice_per_series(tmp_path, capsys):
+    path = two_series(tmp_path / "s.csv")
+    preds = tmp_path / "preds.csv"
+    code, out, err = run(capsys, "--csv", path, "--time-col", "t", "--value-col", "v", "--group-col", "g",
+                         "--season", "24", "--horizon", "6min", "--models", "naive,snaive", "--origins", "10",
+                         "--predictions-out", str(preds), "-o", "json")
+    assert code == 0, err
+    assert err == ""                                    # quiet under -o json
+    doc = json.loads(out)
+    assert doc["horizon"] == 6 and doc["season"] == 24 and doc["step_seconds"] == 60
+    assert [r["series"] for r in doc["series"]] == ["a", "b"]
+    for r in doc["series"]:
+        assert r["chosen"] in r["models"]
+        for m in ("naive", "snaive"):
+            assert set(r["models"][m]) >= {"mase", "smape", "pinball", "coverage", "rel_mae_naive"}
+        # a clean season: the seasonal naive wins and is chosen
+        assert r["chosen"].startswith("snaive") or "snaive" in r["chosen"]
+        assert r["beats_naive"]
+    assert doc["summary"]["series"] == 2 and doc["summary"]["beats_naive_share"] == 1.0
+    with open(preds) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["series", "origin", "step", "time", "actual", "point", "lo", "hi", "model"]
+    per_series = {r["series"]: r["origins"]["evaluation"] for r in doc["series"]}
+    models = {r["model"] for r in rows}
+    assert {"naive", "snaive"} <= models
+    assert len(rows) == sum(per_series.values()) * 6 * len(models)
+    first = rows[0]
+    assert float(first["lo"]) <= float(first["point"]) <= float(first["hi"])
+    assert first["origin"] < first["time"]
+
+
+def test_table_output_names_the_choice(tmp_path, capsys):
+    path = two_series(tmp_path / "s.csv")
+    code, out, _ = run(capsys, "--csv", path, "--time-col", "t", "--value-col", "v", "--group-col", "g",
+                       "--season", "24", "--horizon", "3", "--models", "naive,snaive", "--origins", "6")
+    assert code == 0
+    assert out.splitlines()[0].split()[:3] == ["SERIES", "POINTS", "CHOSEN"]
+    assert "intervals cover" in out
+
+
+@pytest.mark.parametrize("case, want", [
+    ("unknown-time-col", "time-col: no column 'nope'"),
+    ("unknown-value-col", "value-col: no column 'nope'"),
+    ("unknown-group-col", "group-col: no column 'nope'"),
+    ("non-numeric", "non-numeric value at row 5"),
+    ("gap", "has a gap: 3 missing step(s)"),
+    ("constant", "is constant"),
+    ("horizon-too-long", "too short for horizon 500"),
+    ("empty", "has a header but no rows"),
+    ("missing-file", "no such file"),
+    ("bad-time", "not a time at row 3"),
+    ("duplicate-times", "two values at"),
+    ("unknown-model", "unknown model 'prophet'"),
+    ("bad-horizon", "horizon: not a number of steps or a duration"),
+])
+def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, case, want):
+    good = [(60 * i, float(i % 7), "a") for i in range(200)]
+    rows, extra = good, []
+    args = {"--time-col": "t", "--value-col": "v", "--horizon": "5", "--season": "7"}
+    if case.startswith("unknown-") and case.endswith("col"):
+        args["--" + case[len("unknown-"):]] = "nope"
+    elif case == "non-numeric":
+        rows = good[:3] + [(180, "12abc", "a")] + good[4:]
+    elif case == "gap":
+        rows = good[:50] + good[53:]
+    elif case == "constant":
+        rows = [(60 * i, 4.0, "a") for i in range(200)]
+    elif case == "horizon-too-long":
+        args["--horizon"] = "500"
+    elif case == "empty":
+        rows = []
+    elif case == "bad-time":
+        rows = [good[0], ("yesterday-ish", 1.0, "a")] + good[2:]
+    elif case == "duplicate-times":
+        rows = good[:10] + [good[9]] + good[10:]
+    elif case == "unknown-model":
+        extra = ["--models", "naive,prophet"]
+    elif case == "bad-horizon":
+        args["--horizon"] = "soon"
+    path = str(tmp_path / "missing.csv") if case == "missing-file" else write_csv(tmp_path / "x.csv", rows)
+    argv = ["--csv", path] + [x for kv in args.items() for x in kv] + extra + ["-o", "json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (code, out, err)
+    assert want in err, err
+    assert out == ""
+
+
+def test_skip_bad_reports_unusable_series_and_goes_on(tmp_path, capsys):
+    rows = [(60 * i, float(i % 7) + (i % 3), "ok") for i in range(200)] + [(60 * i, 1.0, "flat") for i in range(200)]
+    path = write_csv(tmp_path / "x.csv", rows)
+    code, out, err = run(capsys, "--csv", path, "--time-col", "t", "--value-col", "v", "--group-col", "g",
+                         "--horizon", "5", "--season", "7", "--models", "naive,snaive", "--skip-bad", "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    by = {r["series"]: r for r in doc["series"]}
+    assert "is constant" in by["flat"]["error"] and "flat" in by["flat"]["error"]
+    assert "chosen" in by["ok"]
+    assert doc["summary"]["series"] == 1 and doc["summary"]["skipped"] == 1
+
+
+def test_freq_bins_and_fills_an_irregular_series(tmp_path, capsys):
+    # two rows a minute, one minute missing: --freq 1min --agg sum bins them, --fill zero fills the gap
+    rows = [(60 * i + s, 1.0 + (i % 5), "a") for i in range(300) if i != 100 for s in (0, 30)]
+    path = write_csv(tmp_path / "x.csv", rows)
+    base = ["--csv", path, "--time-col", "t", "--value-col", "v", "--freq", "1min", "--agg", "sum", "--horizon", "5",
+            "--season", "5", "--models", "naive,snaive", "-o", "json"]
+    code, _, err = run(capsys, *base)
+    assert code == 2 and "has a gap: 1 missing step(s)" in err
+    code, out, err = run(capsys, *base, "--fill", "zero")
+    assert code == 0, err
+    assert json.loads(out)["series"][0]["points"] == 300
