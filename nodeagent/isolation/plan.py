@@ -167,8 +167,8 @@ class Isolator:
             # the workload's directory first (it becomes /tmp), then the exposed runtimes (which may live
             # under the host's /tmp), then the MPS pipe inside the new /tmp
             "binds": ([{"source": workdir, "target": INSIDE_WORKDIR}] if mount_ns else []) +
-                     ([{"source": p, "target": p, "readonly": True} for p in _outermost(self.settings.expose)
-                       if mount_ns and os.path.exists(p)]) +
+                     ([{"source": p, "target": p, "readonly": True}
+                       for p in _outermost([*self.settings.expose, *_artifact(w)]) if mount_ns and os.path.exists(p)]) +
                      ([{"source": mps_pipe, "target": INSIDE_MPS_PIPE}] if mount_ns and mps_pipe else []),
         }
         sock = os.path.join(workdir, os.path.basename(INSIDE_SOCKET)) if mount_ns else ""
@@ -228,6 +228,16 @@ class Isolator:
         for sid in names:
             if (sid in removed or (full and sid not in keep)) and sid.startswith("s-"):
                 shutil.rmtree(os.path.join(self.shm_root, sid), ignore_errors=True)
+
+
+def _artifact(w: types_pb2.Workload) -> list[str]:
+    """A model server's artifact (its GGUF file or Hugging Face directory), bound read-only into its workload:
+    it may lie under /tmp, which the workload replaces with its own directory. Only this path, as the
+    registry validated it; the file permissions still apply to the tenant's uid."""
+    path = w.backend.artifact if w.HasField("backend") else ""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return [os.path.realpath(path)] if path else []
 
 
 def _outermost(paths: list[str]) -> list[str]:

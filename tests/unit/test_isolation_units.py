@@ -135,6 +135,22 @@ def test_plan_limits_come_from_the_slice_and_the_request(tmp_path):
 
 
 @root_only
+def test_a_model_servers_artifact_is_bound_read_only_into_its_workload(tmp_path):
+    # the artifact may lie under /tmp, which the workload replaces with its own directory (a demo's or a
+    # test's state dir); only a backend's own artifact is bound, read-only, and nothing for other workloads
+    model = tmp_path / "models" / "m-bf16"
+    model.mkdir(parents=True)
+    iso = _isolator(tmp_path)
+    s = types_pb2.Slice(id="s-1", tenant="ta", host_memory_bytes=1 << 30, cpu_milli=2000)
+    w = _workload()
+    w.backend.kind, w.backend.artifact = "vllm", f"file://{model}"
+    binds = iso.plan(w, s, gpu_index=0, gi_id=0, ci_id=0, workdir=str(tmp_path / "w")).spec["binds"]
+    assert {"source": str(model), "target": str(model), "readonly": True} in binds
+    plain = iso.plan(_workload(), s, gpu_index=0, gi_id=0, ci_id=0, workdir=str(tmp_path / "w2")).spec["binds"]
+    assert not [b for b in plain if b["source"] == str(model)]
+
+
+@root_only
 def test_a_mesh_segment_is_shared_into_its_slice_only(tmp_path):
     import shutil
     import tempfile
