@@ -96,7 +96,7 @@ def check_history(p: Plan, rows) -> tuple[np.ndarray, np.ndarray]:
     span = rows[-1][0] - rows[0][0]
     if p.horizon_s > span:
         raise errors.InvalidArgument.of("horizon_seconds", f"{p.horizon_s:g}s is longer than the history of "
-                                                           f"{name} ({span:g}s)", f"at most {span:g}")
+                                                           f"{name} ({span:.1f}s)", f"at most {span:.1f}")
     times, values = binned(rows, p.step_s)
     need = needed_points(p.steps)
     if values.size < need:

@@ -63,7 +63,7 @@ def test_constant_history_forecasts_the_value(tmp_path):
     (("gpu", "n/0", "memory_used", 0, 1, 0), errors.InvalidArgument, "horizon_seconds: must be > 0"),
     (("gpu", "n/0", "memory_used", -5, 1, 0), errors.InvalidArgument, "horizon_seconds: must be > 0"),
     (("gpu", "n/0", "memory_used", 3600, 0, 0), errors.InvalidArgument,
-     "horizon_seconds: 3600s is longer than the history of gpu/n/0 memory_used (399s)"),
+     "horizon_seconds: 3600s is longer than the history of gpu/n/0 memory_used (399.0s)"),
     (("gpu", "n/0", "memory_used", 100, 0.01, 0), errors.InvalidArgument, "step_seconds"),
     (("gpu", "n/0", "memory_used", 10, 1, 1.5), errors.InvalidArgument, "level: must be between 0 and 1"),
     (("gpu", "n/0", "memory_used", 60, 1, 0), errors.FailedPrecondition,
@@ -99,3 +99,16 @@ def test_a_tenant_reads_only_its_own_series(tmp_path):
 def _req(kind=""):
     from gpumesh.v1 import forecast_service_pb2 as F
     return F.ListSeriesRequest(kind=kind)
+
+
+def test_meshctl_table_has_a_sparkline_and_readable_numbers(tmp_path):
+    from tools.meshctl.forecast_live import format_forecast, sparkline
+    assert sparkline([0, 1, 2, 3]) == "▁▃▆█" and sparkline([5, 5]) == "▁▁"
+    r = run_with(tmp_path, ramp(), lambda s: s.forecast("gpu", "n/0", "memory_used", 20, 1))
+    table = format_forecast(r, "table")
+    assert "gpu/n/0 memory_used: model " in table and "90% interval" in table
+    assert table.splitlines()[1].startswith("forecast ") and len(table.splitlines()[1]) == len("forecast ") + 20
+    assert "TIME" in table and "Gi" in table
+    import json
+    doc = json.loads(format_forecast(r, "json"))
+    assert len(doc["points"]) == 20 and doc["history"]["points"] == 400 and {"value", "lo", "hi", "at"} <= set(doc["points"][0])

@@ -94,24 +94,33 @@ def format_forecast(f, fmt: str) -> str:
     h = d["history"]
     head = (f"{d['kind']}/{d['name']} {d['metric']}: model {d['model']} (backtest MASE {d['backtest_mase']:.3g}), "
             f"{int(d['level'] * 100)}% interval, fitted on {h['points']} points of {d['step_seconds']:g}s "
-            f"({h['span_seconds']:g}s, last value {h['last_value']:.6g})\n"
+            f"({h['span_seconds']:g}s, last value {_number(d['metric'])(h['last_value'])})\n"
             f"forecast {sparkline([p['value'] for p in pts], lo, hi)}\n"
             f"high     {sparkline([p['hi'] for p in pts], lo, hi)}\n"
             f"low      {sparkline([p['lo'] for p in pts], lo, hi)}\n\n")
     rows = pts if fmt == "wide" or len(pts) <= 12 else pts[::max(1, len(pts) // 12)] + [pts[-1]]
+    num = _number(d["metric"])
     seen, table_rows = set(), []
     for p in rows:
         if p["at"] in seen:
             continue
         seen.add(p["at"])
-        table_rows.append([_clock(p["at"]), f"{p['value']:.6g}", f"{p['lo']:.6g}", f"{p['hi']:.6g}"])
+        table_rows.append([_clock(p["at"], d["step_seconds"]), num(p["value"]), num(p["lo"]), num(p["hi"])])
     return head + render_table(["TIME", "FORECAST", "LOW", "HIGH"], table_rows)
 
 
-def _clock(rfc3339: str | None) -> str:
+def _number(metric: str):
+    """Bytes metrics in GiB, everything else as a short number."""
+    if metric in ("memory_used", "memory_total"):
+        return lambda v: f"{v / 2**30:.2f}Gi"
+    return lambda v: f"{v:.4g}"
+
+
+def _clock(rfc3339: str | None, step: float = 1.0) -> str:
     if not rfc3339:
         return "-"
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+    t = datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    return t.strftime("%Y-%m-%d %H:%M:%S") + (f".{t.microsecond // 1000:03d}" if step < 1 else "")
 
 
 def run_get(args: argparse.Namespace) -> int:
