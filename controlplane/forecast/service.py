@@ -72,14 +72,16 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
                          first=_ts(s.first), last=_ts(s.last)) for s in infos if may_read(s.tenant)])
 
 
+OFF = "this control plane keeps no history (history_enabled: false), so it makes no forecasts"
+
+
 class DisabledForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
     """history_enabled: false: every call says so."""
 
     @unary
     async def GetForecast(self, request, context):
-        raise errors.FailedPrecondition("this control plane keeps no history (history_enabled: false), so it "
-                                        "makes no forecasts")
+        raise errors.FailedPrecondition(OFF)
 
     @unary
     async def ListSeries(self, request, context):
-        return await self.GetForecast(request, context)
+        raise errors.FailedPrecondition(OFF)

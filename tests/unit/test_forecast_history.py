@@ -119,3 +119,25 @@ def test_allocate_requests_are_counted_per_minute_with_quiet_minutes_as_zero(tmp
     assert got[("tenant", "acme", 600.0)] == 4
     assert got[("fleet", "profile/1g.10gb", 600.0)] == 4 and got[("fleet", "gpu_model/H100-80GB", 600.0)] == 4
     assert ("fleet", "allocate", 780.0) not in got          # the current minute is still counting
+
+
+def test_control_plane_config_checks_history_and_prometheus_options(tmp_path):
+    from controlplane.config import ControlPlaneConfig
+    ok = dict(insecure=True, state_dir=str(tmp_path / "cp"))
+    ControlPlaneConfig(**ok, history_tiers=["raw:30m", "5m:7d"], prometheus_url="http://prom:9090").check()
+    with pytest.raises(ConfigError, match="history_tiers"):
+        ControlPlaneConfig(**ok, history_tiers=["5m:7d"]).check()
+    for url in ("prom:9090", "ftp://prom", "http://"):
+        with pytest.raises(ConfigError, match="prometheus_url"):
+            ControlPlaneConfig(**ok, prometheus_url=url).check()
+
+
+def test_history_off_means_the_service_says_so():
+    from controlplane.forecast.service import DisabledForecastService
+    from gpumesh.v1 import forecast_service_pb2 as F
+    from mesh import errors
+
+    svc = DisabledForecastService()
+    for method in (svc.GetForecast, svc.ListSeries):           # unwrapped from the rpc status mapping
+        with pytest.raises(errors.FailedPrecondition, match="history_enabled: false"):
+            asyncio.run(method.__wrapped__(svc, F.GetForecastRequest(), None))
