@@ -114,8 +114,10 @@ class ControlPlaneConfig:
                                  "downsampling tiers RESOLUTION:KEEP, oldest last: raw samples for the first KEEP, "
                                  "then means over buckets of each RESOLUTION (a larger multiple of the one before); "
                                  "nothing is kept past the last KEEP (units s, m, h, d)")
-    prometheus_url: str = option("", "Prometheus base URL (http(s)://HOST:PORT) to read history from with PromQL "
-                                     "instead of history.db; validated, not read yet (docs/prediction.md)")
+    prometheus_url: str = option("", "Prometheus base URL (http(s)://HOST:PORT) that scrapes this control plane's "
+                                     "/metrics: GPU forecasts then read their history with PromQL from it "
+                                     "(gpumesh_gpu_* gauges) instead of history.db; other series stay embedded "
+                                     "(docs/prediction.md)")
 
     def deployment_policy(self):
         from controlplane.serving.reconcile import Policy

@@ -264,7 +264,7 @@ class ControlPlane:
                 "DeploymentService": DeploymentService(self.deployments),
                 "EventService": EventService(self.event_log),
                 "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models),
-                "ForecastService": _forecast_service(self.history)}
+                "ForecastService": _forecast_service(self.history, self.cfg.prometheus_url)}
         for name, sw in self.switches.items():
             sw.target = real[name]
             sw.reader = None
@@ -379,9 +379,15 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (forecast_service_pb2, forecast_service_pb2_grpc, "ForecastService"))
 
 
-def _forecast_service(history):
+def _forecast_service(history, prometheus_url: str = ""):
     from controlplane.forecast.service import DisabledForecastService, ForecastService
-    return ForecastService(history) if history is not None else DisabledForecastService()
+    if history is None:
+        return DisabledForecastService()
+    prom = None
+    if prometheus_url:
+        from controlplane.forecast.prometheus import PrometheusHistory
+        prom = PrometheusHistory(prometheus_url)
+    return ForecastService(history, prometheus=prom)
 
 
 async def _set_health(servicer, name: str, status) -> None:

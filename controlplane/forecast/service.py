@@ -33,19 +33,34 @@ def may_read(tenant: str) -> bool:
 
 
 class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
-    def __init__(self, recorder, fit_slots: int = 1) -> None:
+    def __init__(self, recorder, fit_slots: int = 1, prometheus=None) -> None:
         self.recorder = recorder
         self.store = recorder.store
         self.slots = asyncio.Semaphore(fit_slots)
+        self.prometheus = prometheus          # controlplane/forecast/prometheus.py, or None
 
     async def forecast(self, kind: str, name: str, metric: str, horizon_s: float, step_s: float = 0.0,
                        level: float = 0.0) -> F.GetForecastResponse:
         p = forecasting.plan(kind, name, metric, horizon_s, step_s, level)
+        source = "embedded"
+        if self.prometheus is not None and self.prometheus.serves(kind, metric):
+            if not may_read(""):         # the fleet's own GPU series: viewers and admins
+                raise errors.NotFound(f"no series {kind}/{name} {metric}", kind="series", name=f"{kind}/{name}/{metric}")
+            rows = await self.prometheus.read(kind, name, metric, p.step_s, forecasting.MAX_BINS)
+            if not rows:
+                raise errors.NotFound(f"no series {kind}/{name} {metric} in Prometheus at {self.prometheus.url} "
+                                      f"({self.prometheus.query(name, metric)} has no samples)",
+                                      kind="series", name=f"{kind}/{name}/{metric}")
+            return await self._answer(p, rows, "prometheus")
         found = await self.recorder.read(self.store.find, kind, name, metric)
         if found is None or not may_read(found[1]):
             raise errors.NotFound(f"no series {kind}/{name} {metric} in the history (meshctl forecast series "
                                   f"lists them)", kind="series", name=f"{kind}/{name}/{metric}")
         rows = await self.recorder.read(self.store.read, kind, name, metric)
+        return await self._answer(p, rows, source)
+
+    async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
+        kind, name, metric = p.kind, p.name, p.metric
         times, values = forecasting.check_history(p, rows)
         async with self.slots:
             f = await asyncio.to_thread(forecasting.fit, p, times, values)
@@ -53,7 +68,7 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
             kind=kind, name=name, metric=metric, model=f["model"], backtest_mase=f["mase"], level=p.level,
             step_seconds=p.step_s, history_points=int(values.size),
             history_span_seconds=float(times[-1] - times[0]), last_value=float(values[-1]),
-            last_at=_ts(float(times[-1])), source="embedded",
+            last_at=_ts(float(times[-1])), source=source,
             points=[F.ForecastPoint(at=_ts(float(t)), value=v, lo=lo, hi=hi)
                     for t, v, lo, hi in zip(f["times"], f["points"], f["lo"], f["hi"])])
 
