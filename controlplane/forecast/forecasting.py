@@ -17,7 +17,7 @@ from mesh import errors
 
 MAX_BINS = 3000            # history bins a fit sees at most (bounds the CPU per call)
 TARGET_POINTS = 30         # points per forecast when the step is not given
-MAX_POINTS = 1000          # forecast points at most (horizon / step)
+MAX_POINTS = 360           # forecast points at most (horizon / step): the backtest needs 8x that in bins
 DAY = 86400.0
 MODELS = ("naive", "snaive", "damped")        # fast enough to fit per call; mstl when seasons exist
 SEASONAL_MODELS = ("naive", "snaive", "damped", "mstl")

@@ -112,3 +112,17 @@ def test_meshctl_table_has_a_sparkline_and_readable_numbers(tmp_path):
     import json
     doc = json.loads(format_forecast(r, "json"))
     assert len(doc["points"]) == 20 and doc["history"]["points"] == 400 and {"value", "lo", "hi", "at"} <= set(doc["points"][0])
+
+
+@pytest.mark.parametrize("args, field", [
+    (("gpu", "n/0", "m", float("nan"), 0, 0), "horizon_seconds"), (("gpu", "n/0", "m", float("inf"), 0, 0), "horizon_seconds"),
+    (("gpu", "n/0", "m", 10, float("nan"), 0), "step_seconds"), (("gpu", "n/0", "m", 10, -1, 0), "step_seconds"),
+    (("gpu", "n/0", "m", 10, 1e-300, 0), "step_seconds"), (("gpu", "n/0", "m", 10, 0, float("nan")), "level"),
+    (("gpu", "a\x00b", "m", 10, 0, 0), "name"), (("gpu", "n/0", "x" * 70_000, 10, 0, 0), "metric"),
+    (("", "n/0", "m", 10, 0, 0), "kind"), (("gpu", "n/0", "m", 3600, 1, 0), "step_seconds"),
+])
+def test_hostile_requests_are_invalid_argument_naming_the_field(args, field):
+    from controlplane.forecast.forecasting import plan
+    with pytest.raises(errors.InvalidArgument) as e:
+        plan(*args)
+    assert str(e.value).startswith(field + ":")
