@@ -141,3 +141,18 @@ def test_history_off_means_the_service_says_so():
     for method in (svc.GetForecast, svc.ListSeries):           # unwrapped from the rpc status mapping
         with pytest.raises(errors.FailedPrecondition, match="history_enabled: false"):
             asyncio.run(method.__wrapped__(svc, F.GetForecastRequest(), None))
+
+
+def test_deployment_load_is_summed_over_its_replicas(tmp_path):
+    from gpumesh.v1 import deployment_service_pb2 as D
+    d = D.Deployment(spec=D.DeploymentSpec(name="chat", tenant="acme"))
+    reps = {"r1": D.Replica(id="r1", deployment="chat"), "r2": D.Replica(id="r2", deployment="chat")}
+    loads = {"r1": types_pb2.BackendLoad(requests_running=3, requests_waiting=1, generation_tokens_per_second=40),
+             "r2": types_pb2.BackendLoad(requests_running=2, generation_tokens_per_second=10)}
+    store = types.SimpleNamespace(deployments={"chat": d}, replicas={"chat": reps}, loads=loads)
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), TIERS), clock=lambda: 100.0)
+    rec.deployments = types.SimpleNamespace(store=store)
+    rec.sample_deployments()
+    got = {m: (v, tn) for k, n, m, tn, t, v in rec.pending}
+    assert got["replicas"] == (2, "acme") and got["requests_running"] == (5, "acme")
+    assert got["requests_waiting"] == (1, "acme") and got["generation_tokens_per_second"] == (50, "acme")
