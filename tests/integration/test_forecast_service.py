@@ -91,6 +91,22 @@ def test_telemetry_accumulates_and_meshctl_forecasts_it(fcluster):
     assert "forecast " in table and any(ch in table for ch in "▁▂▃▄▅▆▇█") and "HIGH" in table
 
 
+def test_allocate_requests_are_counted_per_minute(fcluster):
+    with fcluster.client() as mesh:
+        alloc = mesh.allocate(tenant="fc-team", mig_profile="1g.10gb", count=2)
+        for s in alloc.slices:
+            mesh.release(s.id)
+
+    def counted():
+        items = json.loads(meshctl(fcluster, "forecast", "series", "-o", "json").stdout)["items"]
+        names = {(s["kind"], s["name"], s["metric"]) for s in items}
+        want = {("fleet", "allocate", "requests"), ("tenant", "fc-team", "requests"),
+                ("fleet", "profile/1g.10gb", "requests"), ("fleet", "gpu_model/any", "requests")}
+        return want <= names
+    # the minute's count is written when the minute ends
+    wait_for(counted, 150, "the Allocate request counts in the history", interval=2)
+
+
 def test_a_crash_keeps_what_was_flushed(fcluster):
     wait_for(lambda: memory_series(fcluster), 60, "the GPU's memory_used series in the history")
     before = memory_series(fcluster)        # what ListSeries counts is in history.db: flushed
