@@ -103,6 +103,21 @@ class ControlPlaneConfig:
                                                  minimum=0, maximum=86400)
     deployment_stable_seconds: float = option(60.0, "ready this long, a replica's crash count starts over",
                                               minimum=0, maximum=86400)
+    # history and forecasts (docs/prediction.md, "History" and "ForecastService")
+    history_enabled: bool = option(True, "keep time series of GPU telemetry, deployment load and the slice-request "
+                                   "stream in SQLite under state_dir (history.db), for ForecastService")
+    history_flush_seconds: float = option(5.0, "how often recorded samples are written to history.db (a crash loses "
+                                          "at most this much)", minimum=0.1, maximum=3600)
+    history_sample_seconds: float = option(5.0, "how often deployment load is sampled into the history",
+                                           minimum=0.5, maximum=3600)
+    history_tiers: list = option(["raw:1h", "1m:1d", "10m:30d"],
+                                 "downsampling tiers RESOLUTION:KEEP, oldest last: raw samples for the first KEEP, "
+                                 "then means over buckets of each RESOLUTION (a larger multiple of the one before); "
+                                 "nothing is kept past the last KEEP (units s, m, h, d)")
+    prometheus_url: str = option("", "Prometheus base URL (http(s)://HOST:PORT) that scrapes this control plane's "
+                                     "/metrics: GPU forecasts then read their history with PromQL from it "
+                                     "(gpumesh_gpu_* gauges) instead of history.db; other series stay embedded "
+                                     "(docs/prediction.md)")
 
     def deployment_policy(self):
         from controlplane.serving.reconcile import Policy
@@ -135,6 +150,13 @@ class ControlPlaneConfig:
         parent = os.path.dirname(os.path.abspath(self.state_dir))
         if not os.path.isdir(parent):
             raise ConfigError(f"state_dir: the parent directory of {self.state_dir!r} does not exist")
+        from controlplane.forecast.history import parse_tiers
+        parse_tiers(self.history_tiers)      # raises ConfigError naming history_tiers
+        if self.prometheus_url:
+            from urllib.parse import urlparse
+            u = urlparse(self.prometheus_url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ConfigError(f"prometheus_url: {self.prometheus_url!r} must be http(s)://HOST[:PORT][/PATH]")
         self.check_security()
 
     def check_security(self) -> None:

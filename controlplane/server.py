@@ -33,6 +33,7 @@ from gpumesh.v1 import mesh_service_pb2, mesh_service_pb2_grpc, model_service_pb
 from gpumesh.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from gpumesh.v1 import event_service_pb2, event_service_pb2_grpc
 from gpumesh.v1 import servingview_service_pb2, servingview_service_pb2_grpc
+from gpumesh.v1 import forecast_service_pb2, forecast_service_pb2_grpc
 from mesh import errors, tls
 from mesh.config import parse_hostport
 from mesh.logs import log
@@ -99,7 +100,8 @@ class ControlPlane:
             (model_service_pb2.DESCRIPTOR, "ModelService"),
             (deployment_service_pb2.DESCRIPTOR, "DeploymentService"),
             (event_service_pb2.DESCRIPTOR, "EventService"),
-            (servingview_service_pb2.DESCRIPTOR, "ServingViewService"))]
+            (servingview_service_pb2.DESCRIPTOR, "ServingViewService"),
+            (forecast_service_pb2.DESCRIPTOR, "ForecastService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -245,6 +247,7 @@ class ControlPlane:
                                              interval=self.cfg.deployment_interval_seconds,
                                              node_lost_seconds=self.cfg.deployment_node_lost_seconds)
         await self.deployments.load()
+        self.history = self._start_history()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -260,7 +263,8 @@ class ControlPlane:
                 "ModelService": ModelService(self.models),
                 "DeploymentService": DeploymentService(self.deployments),
                 "EventService": EventService(self.event_log),
-                "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models)}
+                "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models),
+                "ForecastService": _forecast_service(self.history, self.cfg.prometheus_url)}
         for name, sw in self.switches.items():
             sw.target = real[name]
             sw.reader = None
@@ -275,6 +279,19 @@ class ControlPlane:
         metrics.LEADER.set(1)
         metrics.ELECTIONS.inc()
         log(logger, logging.INFO, "leading", advertise=self.advertise)
+
+    def _start_history(self):
+        """The history recorder (controlplane/forecast/) fed by telemetry, deployments and Allocate; None when off."""
+        if not self.cfg.history_enabled:
+            return None
+        from controlplane.forecast.history import HistoryStore, parse_tiers
+        from controlplane.forecast.recorder import HistoryRecorder
+        store = HistoryStore(str(self.state_dir / "history.db"), parse_tiers(self.cfg.history_tiers))
+        rec = HistoryRecorder(store, flush_seconds=self.cfg.history_flush_seconds,
+                              sample_seconds=self.cfg.history_sample_seconds)
+        rec.attach(self.telemetry, self.ctl, self.deployments)
+        rec.start()
+        return rec
 
     async def _writer_failed(self, why: str) -> None:
         """The etcd writer cannot be restarted: stop serving and give the leadership up (a standby, or
@@ -308,6 +325,8 @@ class ControlPlane:
                 await self.deployments.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
+            if getattr(self, "history", None) is not None:
+                await self.history.stop()          # what is recorded is flushed to history.db
             if hasattr(self.ctl.recorder, "stop"):
                 await self.ctl.recorder.stop()      # what is pending is written before the writer stops
             await self.ctl.writer.stop()
@@ -356,7 +375,19 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (model_service_pb2, model_service_pb2_grpc, "ModelService"),
             (deployment_service_pb2, deployment_service_pb2_grpc, "DeploymentService"),
             (event_service_pb2, event_service_pb2_grpc, "EventService"),
-            (servingview_service_pb2, servingview_service_pb2_grpc, "ServingViewService"))
+            (servingview_service_pb2, servingview_service_pb2_grpc, "ServingViewService"),
+            (forecast_service_pb2, forecast_service_pb2_grpc, "ForecastService"))
+
+
+def _forecast_service(history, prometheus_url: str = ""):
+    from controlplane.forecast.service import DisabledForecastService, ForecastService
+    if history is None:
+        return DisabledForecastService()
+    prom = None
+    if prometheus_url:
+        from controlplane.forecast.prometheus import PrometheusHistory
+        prom = PrometheusHistory(prometheus_url)
+    return ForecastService(history, prometheus=prom)
 
 
 async def _set_health(servicer, name: str, status) -> None:

@@ -26,6 +26,7 @@ from mesh.meshapi import MeshApi
 from mesh.migrationapi import MigrationApi
 from mesh.deployapi import DeploymentApi
 from mesh.eventapi import EventApi
+from mesh.forecastapi import ForecastApi
 from mesh.modelapi import ModelApi
 
 T = TypeVar("T")
@@ -112,7 +113,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi):
+class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, ForecastApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

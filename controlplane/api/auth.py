@@ -238,6 +238,8 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.EventService/List": VIEWER,
     "/gpumesh.v1.EventService/Watch": VIEWER,
     "/gpumesh.v1.ServingViewService/Watch": VIEWER,
+    "/gpumesh.v1.ForecastService/GetForecast": VIEWER,       # a tenant reads only its own series (service.py)
+    "/gpumesh.v1.ForecastService/ListSeries": VIEWER,
     "/gpumesh.v1.AdminService/ListNodes": VIEWER,
     "/gpumesh.v1.AdminService/GetNode": VIEWER,
     "/gpumesh.v1.AdminService/ListGpus": VIEWER,

@@ -75,6 +75,8 @@ class Controller:
         # callbacks run when an agent's Sync stream opens: hook(node, session).
         self.agent_handlers: dict = {}
         self.session_hooks: list = []
+        # fn(SliceRequest) called with every new Allocate request (the history's request stream)
+        self.request_listeners: list = []
         # Awaited at the start of a release: hook(slices, wait) (the workload manager stops the
         # workloads on them first, so the agent is not refused the teardown with IN_USE).
         self.release_hooks: list = []
@@ -185,6 +187,11 @@ class Controller:
             existing = self.requests.get((req.tenant, request_id))
             if existing:
                 return existing, await self._await_ready(existing, no_wait, timeout)
+        for listener in self.request_listeners:
+            try:
+                listener(req)
+            except Exception:   # noqa: BLE001 - the history never stops an allocation
+                logger.exception("request listener")
         # The decision and the fleet update below run without an await in between, so no other
         # request sees the same capacity; victims of a preemption are evicted before the bind.
         framework = getattr(self, "scheduler", None) or placement.default_framework()

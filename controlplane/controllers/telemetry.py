@@ -86,6 +86,8 @@ class TelemetryManager:
         # async fn(node, [BackendLoad]) called with each reading's model-server loads (the deployment
         # controller attaches them to its replicas: controlplane/serving/deployments.py)
         self.backend_listeners: list = []
+        # fn(GpuState, GpuTelemetry) called with each judged reading (the history: controlplane/forecast/)
+        self.reading_listeners: list = []
         ctl.agent_handlers["telemetry"] = self.on_telemetry
         ctl.agent_handlers["event"] = self.on_event
         ctl.telemetry = self
@@ -192,6 +194,11 @@ class TelemetryManager:
         g.telemetry = reading
         await self.health.on_reading(g, reading)
         reading.health = HEALTH_ENUM[g.health]
+        for listener in self.reading_listeners:
+            try:
+                listener(g, reading)
+            except Exception:   # noqa: BLE001 - history never stops the GPU readings
+                logger.exception("reading listener")
 
     async def _xid(self, g: GpuState, code: int) -> None:
         await self.health.on_xid(g, code)

@@ -109,7 +109,7 @@ def create_app(gw: Gateway) -> Starlette:
         return JSONResponse(gpuapi.status(gw, caller(request)))
 
     async def gpu_forecast(request):
-        return JSONResponse(gpuapi.memory_forecast(gw, caller(request), request.query_params.get("hours")))
+        return JSONResponse(await gpuapi.memory_forecast(gw, caller(request), request.query_params.get("hours")))
 
     async def gpu_optimal(request):
         return JSONResponse(gpuapi.models_optimal(gw, caller(request), request.query_params.get("agent_type")))

@@ -1,5 +1,6 @@
 """Seed 003's GPU endpoints and seed 002's resource-manager endpoints, answered from the gateway's view of
-the fleet and its own measurements (no control-plane call)."""
+the fleet and its own measurements (no control-plane call, except /v1/gpu/memory-forecast, which asks the
+control plane's ForecastService)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def status(gw, caller: Caller) -> dict:
             if gw.view.updated_at else None}
 
 
-def memory_forecast(gw, caller: Caller, hours: str | None) -> dict:
+async def memory_forecast(gw, caller: Caller, hours: str | None) -> dict:
+    """Each visible GPU's memory use over the next `hours`: from the control plane's ForecastService (the
+    highest point and interval edge over the horizon) where it can forecast, else the current use."""
+    from controlplane.gateway import forecastclient
     try:
         h = float(hours) if hours not in (None, "") else 1.0
     except ValueError:
@@ -60,16 +64,35 @@ def memory_forecast(gw, caller: Caller, hours: str | None) -> dict:
     if not 0 < h <= 168:
         raise invalid("hours", f"{hours!r} is not a number of hours", "more than 0, at most 168")
     st = status(gw, caller)
-    out = []
+    got = await forecastclient.gpu_memory(gw.cfg, [(g["node"], g["index"]) for g in st["gpus"]], h * 3600)
+    out, reasons = [], set()
     for g in st["gpus"]:
-        out.append({"node": g["node"], "index": g["index"], "memory_used_bytes": g["memory_used_bytes"],
-                    "memory_total_bytes": g["memory_total_bytes"],
-                    "projected_used_bytes": g["memory_used_bytes"],
-                    "headroom_bytes": g["memory_available_bytes"],
-                    "available_for_inference_bytes": max(g["memory_available_bytes"], 0)})
-    return {"hours": h, "source": "current-use",
-            "note": "no forecasting service runs yet: the projection is the current use, and the headroom is "
-                    "what is free now", "gpus": out}
+        f = got.get((g["node"], g["index"]))
+        row = {"node": g["node"], "index": g["index"], "memory_used_bytes": g["memory_used_bytes"],
+               "memory_total_bytes": g["memory_total_bytes"]}
+        if isinstance(f, str) or f is None or not f.points:
+            reasons.add(f or "no answer")
+            row.update({"source": "current-use", "projected_used_bytes": g["memory_used_bytes"],
+                        "headroom_bytes": g["memory_available_bytes"],
+                        "available_for_inference_bytes": max(g["memory_available_bytes"], 0), "forecast_error": f})
+        else:
+            peak, high = max(p.value for p in f.points), max(p.hi for p in f.points)
+            headroom = int(g["memory_total_bytes"] - high)
+            row.update({"source": "forecast", "projected_used_bytes": int(peak), "projected_high_bytes": int(high),
+                        "headroom_bytes": headroom, "available_for_inference_bytes": max(headroom, 0),
+                        "model": f.model, "backtest_mase": f.backtest_mase, "level": f.level,
+                        "history_points": f.history_points, "history_span_seconds": f.history_span_seconds})
+        out.append(row)
+    sources = {r["source"] for r in out}
+    source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "current-use")
+    if source == "forecast":
+        note = ("from the control plane's ForecastService: projected_used_bytes is the highest forecast point over "
+                "the horizon, headroom is the total less the interval's highest edge")
+    else:
+        note = ("no forecast from the control plane's forecasting service for " +
+                ("some GPUs" if source == "mixed" else "these GPUs") + f" ({'; '.join(sorted(map(str, reasons)))}): "
+                "their projection is the current use, and their headroom is what is free now")
+    return {"hours": h, "source": source, "note": note, "gpus": out}
 
 
 def models_optimal(gw, caller: Caller, agent_type: str | None) -> dict:

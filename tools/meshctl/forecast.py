@@ -50,7 +50,7 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("forecast", help="forecasts: backtest forecasters on a CSV series",
+    p = sub.add_parser("forecast", help="forecasts: from the control plane's history, and backtests on a CSV series",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     fsub = p.add_subparsers(dest="forecast_command", metavar="COMMAND", title="commands")
     b = subcommand(fsub, "backtest", help="rolling-origin backtest of the forecasters on a CSV series",
@@ -97,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--freq", required=True, metavar="SECONDS|DURATION", help="bin width (3600, 1h, 10min)")
     c.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
     c.set_defaults(func=run_concurrency)
+    from tools.meshctl import forecast_live
+    forecast_live.register(fsub)          # get, series: from the control plane's ForecastService
     p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 2)[1])
 
 

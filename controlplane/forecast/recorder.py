@@ -1,0 +1,158 @@
+"""Feeds the history store from what the leader already sees, and flushes it off the event loop.
+
+- every GPU reading (controlplane/controllers/telemetry.py): utilization, memory used and total,
+  temperature, power, and the memory-pressure and thermal levels as judged (0-3);
+- every `sample_seconds`, per deployment: its replicas' load signals summed (requests running and
+  waiting, prompt and generation tokens per second) and its replica count;
+- the slice-request stream (controlplane/controllers/slices.py): Allocate requests counted per minute,
+  for the fleet, per tenant, per MIG profile or size class, and per GPU model.
+
+Samples wait in memory and are written every `flush_seconds` in one transaction on a single worker
+thread (SQLite is blocking); `stop()` flushes what is left, so a restart loses only an unclean exit's
+last interval. Compaction (downsampling and retention) runs on the same thread once a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+
+from controlplane.forecast.history import HistoryStore
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+GPU_METRICS = ("utilization", "memory_used", "memory_total", "temperature", "power", "memory_pressure",
+               "thermal_state")
+LOAD_FIELDS = (("requests_running", "requests_running"), ("requests_waiting", "requests_waiting"),
+               ("prompt_tokens_per_second", "prompt_tokens_per_second"),
+               ("generation_tokens_per_second", "generation_tokens_per_second"))
+PENDING_LIMIT = 1_000_000      # samples kept in memory when the disk is slow; the oldest go first
+
+
+class HistoryRecorder:
+    def __init__(self, store: HistoryStore, flush_seconds: float = 5.0, sample_seconds: float = 5.0,
+                 clock=time.time) -> None:
+        self.store = store
+        self.flush_seconds = flush_seconds
+        self.sample_seconds = sample_seconds
+        self.clock = clock
+        self.pending: collections.deque = collections.deque(maxlen=PENDING_LIMIT)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
+        self.deployments = None
+        self.counts: dict[tuple[str, str, str, str], int] = {}     # this minute's Allocate counts
+        self.counted: set[tuple[str, str, str, str]] = set()        # keys seen: a quiet minute records 0
+        self.minute = int(self.clock() // 60)
+        self._task: asyncio.Task | None = None
+        self._last_compact = 0.0
+
+    # -- sources ------------------------------------------------------------------------------
+
+    def attach(self, telemetry, slices_ctl, deployments=None) -> None:
+        telemetry.reading_listeners.append(self.on_gpu)
+        slices_ctl.request_listeners.append(self.on_request)
+        self.deployments = deployments
+
+    def add(self, kind: str, name: str, metric: str, value: float, tenant: str = "", at: float | None = None) -> None:
+        self.pending.append((kind, name, metric, tenant, self.clock() if at is None else at, float(value)))
+
+    def on_gpu(self, g, r) -> None:
+        """One GPU reading (types_pb2.GpuTelemetry, with the control plane's judgement filled in)."""
+        at = r.at.ToNanoseconds() / 1e9 if r.HasField("at") else self.clock()
+        name = f"{g.node}/{g.index}"
+        for metric, value in zip(GPU_METRICS, (r.utilization_pct, r.memory_used_bytes,
+                                               r.memory_total_bytes or g.memory_bytes, r.temperature_c, r.power_w,
+                                               max(0, r.memory_pressure - 1), max(0, r.thermal_state - 1))):
+            self.add("gpu", name, metric, value, at=at)
+
+    def on_request(self, req) -> None:
+        """One Allocate request (mesh.slicespec.SliceRequest), counted into this minute."""
+        self._roll()
+        size = req.mig_profile or (f"{req.memory_bytes >> 30}GiB" if req.memory_bytes else "any")
+        for key in (("fleet", "allocate", "requests", ""), ("tenant", req.tenant, "requests", req.tenant),
+                    ("fleet", f"profile/{size}", "requests", ""),
+                    ("fleet", f"gpu_model/{req.gpu_model or 'any'}", "requests", "")):
+            self.counts[key] = self.counts.get(key, 0) + req.count
+            self.counted.add(key)
+
+    def _roll(self) -> None:
+        minute = int(self.clock() // 60)
+        if minute == self.minute:
+            return
+        for m in range(self.minute, min(minute, self.minute + 60)):      # at most an hour of quiet zeros
+            for key in self.counted:
+                self.add(key[0], key[1], key[2], self.counts.get(key, 0) if m == self.minute else 0, key[3], m * 60.0)
+        self.counts.clear()
+        self.minute = minute
+
+    def sample_deployments(self) -> None:
+        dm = self.deployments
+        if dm is None:
+            return
+        st = dm.store
+        for name, d in list(st.deployments.items()):
+            reps = list(st.replicas.get(name, {}).values())
+            tenant = d.spec.tenant
+            self.add("deployment", name, "replicas", len(reps), tenant)
+            loads = [st.loads[r.id] for r in reps if r.id in st.loads]
+            if not loads:
+                continue
+            for metric, attr in LOAD_FIELDS:
+                self.add("deployment", name, metric, sum(getattr(x, attr) for x in loads), tenant)
+
+    # -- flushing -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="history")
+
+    async def _loop(self) -> None:
+        next_sample = 0.0
+        while True:
+            await asyncio.sleep(min(self.flush_seconds, self.sample_seconds))
+            try:
+                now = self.clock()
+                if now >= next_sample:
+                    self.sample_deployments()
+                    next_sample = now + self.sample_seconds
+                self._roll()
+                await self.flush()
+                if now - self._last_compact >= 60:
+                    self._last_compact = now
+                    await self._run(self.store.compact, now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # noqa: BLE001 - history never stops the control plane
+                log(logger, logging.WARNING, "history flush failed; retrying", error=repr(e))
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def flush(self) -> int:
+        batch = list(self.pending)
+        self.pending.clear()
+        if not batch:
+            return 0
+        try:
+            return await self._run(self.store.write, batch)
+        except Exception:
+            self.pending.extendleft(reversed(batch))      # kept for the next try
+            raise
+
+    async def read(self, fn, *args):
+        """Run a store read on the history thread (never on the event loop)."""
+        return await self._run(fn, *args)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.flush()
+        finally:
+            await self._run(self.store.close)
+            self.pool.shutdown(wait=True)

@@ -1,0 +1,102 @@
+"""ForecastService (proto/gpumesh/v1/forecast_service.proto) over the embedded history.
+
+Store reads run on the history's thread; fitting runs in a worker thread, at most `fit_slots` at a
+time, so a burst of calls never starves the event loop's CPU. Viewers and admins read every series;
+a tenant's caller only its own (its deployments and its tenant series); others are NOT_FOUND for it,
+as an unknown series is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from google.protobuf import timestamp_pb2
+
+from controlplane.api import auth
+from controlplane.api.rpc import unary
+from controlplane.forecast import forecasting
+from controlplane.forecast.history import KINDS
+from gpumesh.v1 import forecast_service_pb2 as F
+from gpumesh.v1 import forecast_service_pb2_grpc
+from mesh import errors
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def may_read(tenant: str) -> bool:
+    p = auth.current()
+    return p.admin or p.role == "viewer" or (bool(tenant) and tenant == p.tenant)
+
+
+class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
+    def __init__(self, recorder, fit_slots: int = 1, prometheus=None) -> None:
+        self.recorder = recorder
+        self.store = recorder.store
+        self.slots = asyncio.Semaphore(fit_slots)
+        self.prometheus = prometheus          # controlplane/forecast/prometheus.py, or None
+
+    async def forecast(self, kind: str, name: str, metric: str, horizon_s: float, step_s: float = 0.0,
+                       level: float = 0.0) -> F.GetForecastResponse:
+        p = forecasting.plan(kind, name, metric, horizon_s, step_s, level)
+        source = "embedded"
+        if self.prometheus is not None and self.prometheus.serves(kind, metric):
+            if not may_read(""):         # the fleet's own GPU series: viewers and admins
+                raise errors.NotFound(f"no series {kind}/{name} {metric}", kind="series", name=f"{kind}/{name}/{metric}")
+            rows = await self.prometheus.read(kind, name, metric, p.step_s, forecasting.MAX_BINS)
+            if not rows:
+                raise errors.NotFound(f"no series {kind}/{name} {metric} in Prometheus at {self.prometheus.url} "
+                                      f"({self.prometheus.query(name, metric)} has no samples)",
+                                      kind="series", name=f"{kind}/{name}/{metric}")
+            return await self._answer(p, rows, "prometheus")
+        found = await self.recorder.read(self.store.find, kind, name, metric)
+        if found is None or not may_read(found[1]):
+            raise errors.NotFound(f"no series {kind}/{name} {metric} in the history (meshctl forecast series "
+                                  f"lists them)", kind="series", name=f"{kind}/{name}/{metric}")
+        rows = await self.recorder.read(self.store.read, kind, name, metric)
+        return await self._answer(p, rows, source)
+
+    async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
+        kind, name, metric = p.kind, p.name, p.metric
+        times, values = forecasting.check_history(p, rows)
+        async with self.slots:
+            f = await asyncio.to_thread(forecasting.fit, p, times, values)
+        return F.GetForecastResponse(
+            kind=kind, name=name, metric=metric, model=f["model"], backtest_mase=f["mase"], level=p.level,
+            step_seconds=p.step_s, history_points=int(values.size),
+            history_span_seconds=float(times[-1] - times[0]), last_value=float(values[-1]),
+            last_at=_ts(float(times[-1])), source=source,
+            points=[F.ForecastPoint(at=_ts(float(t)), value=v, lo=lo, hi=hi)
+                    for t, v, lo, hi in zip(f["times"], f["points"], f["lo"], f["hi"])])
+
+    @unary
+    async def GetForecast(self, request, context):
+        return await self.forecast(request.kind, request.name, request.metric, request.horizon_seconds,
+                                   request.step_seconds, request.level)
+
+    @unary
+    async def ListSeries(self, request, context):
+        if request.kind and request.kind not in KINDS:
+            raise errors.InvalidArgument.of("kind", f"{request.kind!r} is not a series kind", ", ".join(KINDS))
+        infos = await self.recorder.read(self.store.list, request.kind)
+        return F.ListSeriesResponse(series=[
+            F.SeriesInfo(kind=s.kind, name=s.name, metric=s.metric, tenant=s.tenant, samples=s.count,
+                         first=_ts(s.first), last=_ts(s.last)) for s in infos if may_read(s.tenant)])
+
+
+OFF = "this control plane keeps no history (history_enabled: false), so it makes no forecasts"
+
+
+class DisabledForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
+    """history_enabled: false: every call says so."""
+
+    @unary
+    async def GetForecast(self, request, context):
+        raise errors.FailedPrecondition(OFF)
+
+    @unary
+    async def ListSeries(self, request, context):
+        raise errors.FailedPrecondition(OFF)

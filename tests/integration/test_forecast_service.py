@@ -1,0 +1,115 @@
+"""ForecastService on a real local cluster: the simulated GPU's telemetry accumulates in the leader's
+history (SQLite under its state dir), `meshctl forecast get` answers with points and an interval once the
+history is long enough (and says how much it needs before), and a control-plane crash keeps what was flushed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.integration.conftest import wait_for
+from tools.localcluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+HOST = {"node": "fc-1", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}
+
+
+@pytest.fixture(scope="module")
+def fcluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("fc"), [HOST], lease_ttl=3,
+                     controlplane_args=["--history-flush-seconds", "0.5"],
+                     agent_args=["--telemetry-interval-seconds", "0.25"])
+    c.start(timeout=90)
+    yield c
+    c.stop()
+
+
+def meshctl(cluster, *args, check=True):
+    p = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "--endpoint", cluster.endpoint, *args],
+                       capture_output=True, text=True, timeout=60)
+    if check and p.returncode != 0:
+        raise AssertionError(f"meshctl {' '.join(args)} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def simctl(cluster, *args):
+    state = next((cluster.state_dir / "agents").glob("*/sim/fc-1.state.json"))
+    host = cluster.state_dir / "hosts" / "fc-1.yaml"
+    subprocess.run([sys.executable, "-m", "nodeagent.nvml.simctl", "--state", str(state), "--host-file", str(host),
+                    *args], check=True, capture_output=True, timeout=30)
+
+
+def memory_series(cluster):
+    items = json.loads(meshctl(cluster, "forecast", "series", "--kind", "gpu", "-o", "json").stdout)["items"]
+    return next((s for s in items if s["name"] == "fc-1/0" and s["metric"] == "memory_used"), None)
+
+
+def test_telemetry_accumulates_and_meshctl_forecasts_it(fcluster):
+    wait_for(lambda: memory_series(fcluster), 60, "the GPU's memory_used series in the history")
+    # Too little history for a minute ahead: FAILED_PRECONDITION saying how much is needed.
+    p = meshctl(fcluster, "forecast", "get", "gpu/fc-1/0", "memory_used", "--horizon", "60s", check=False)
+    assert p.returncode != 0 and ("needs at least" in p.stderr or "longer than the history" in p.stderr), p.stderr
+    p = meshctl(fcluster, "forecast", "get", "gpu/fc-9/0", "memory_used", "--horizon", "60s", check=False)
+    assert p.returncode != 0 and "no series gpu/fc-9/0 memory_used" in p.stderr, p.stderr
+
+    # A load that climbs, driven from outside as a test harness would, while the history fills.
+    stop = threading.Event()
+
+    def climb():
+        gib = 10
+        while not stop.is_set() and gib < 70:
+            simctl(fcluster, "load", "--gpu", "0", "--util", "50", "--memory-used", f"{gib}GiB")
+            gib += 1
+            stop.wait(1.0)
+    t = threading.Thread(target=climb, daemon=True)
+    t.start()
+    try:
+        def forecast():
+            p = meshctl(fcluster, "forecast", "get", "gpu/fc-1/0", "memory_used", "--horizon", "5s", "--step",
+                        "0.5s", "-o", "json", check=False)
+            if p.returncode != 0:
+                assert "needs at least" in p.stderr or "longer than the history" in p.stderr, p.stderr
+                return None
+            return json.loads(p.stdout)
+        f = wait_for(forecast, 240, "a forecast of GPU 0's memory used", interval=3)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert len(f["points"]) == 10 and f["step_seconds"] == 0.5 and f["level"] == pytest.approx(0.9)
+    for pt in f["points"]:
+        # an interval around the point (conformal on the backtest residuals: it may sit off-centre, even
+        # wholly above the point when the model ran low on the backtest, as on a climb)
+        assert pt["at"] and pt["lo"] <= pt["hi"] and pt["hi"] > pt["lo"]
+    assert f["model"] and f["history"]["points"] >= 80 and f["source"] == "embedded"
+    assert f["history"]["last_value"] >= 10 << 30          # the climbing load reached the history
+    table = meshctl(fcluster, "forecast", "get", "gpu/fc-1/0", "memory_used", "--horizon", "5s",
+                    "--step", "0.5s").stdout
+    assert "forecast " in table and any(ch in table for ch in "▁▂▃▄▅▆▇█") and "HIGH" in table
+
+
+def test_allocate_requests_are_counted_per_minute(fcluster):
+    with fcluster.client() as mesh:
+        alloc = mesh.allocate(tenant="fc-team", mig_profile="1g.10gb", count=2)
+        for s in alloc.slices:
+            mesh.release(s.id)
+
+    def counted():
+        items = json.loads(meshctl(fcluster, "forecast", "series", "-o", "json").stdout)["items"]
+        names = {(s["kind"], s["name"], s["metric"]) for s in items}
+        want = {("fleet", "allocate", "requests"), ("tenant", "fc-team", "requests"),
+                ("fleet", "profile/1g.10gb", "requests"), ("fleet", "gpu_model/any", "requests")}
+        return want <= names
+    # the minute's count is written when the minute ends
+    wait_for(counted, 150, "the Allocate request counts in the history", interval=2)
+
+
+def test_a_crash_keeps_what_was_flushed(fcluster):
+    wait_for(lambda: memory_series(fcluster), 60, "the GPU's memory_used series in the history")
+    before = memory_series(fcluster)        # what ListSeries counts is in history.db: flushed
+    fcluster.restart_controlplane(kill=True)     # SIGKILL: no clean stop, no last flush
+    after = wait_for(lambda: memory_series(fcluster), 60, "the history after the restart")
+    assert after["first"] == before["first"] and after["samples"] >= before["samples"]

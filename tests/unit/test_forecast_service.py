@@ -1,0 +1,128 @@
+"""ForecastService over a real history store: the forecast of a known series, and every refusal naming
+the field and the limit (unknown series, bad horizon/step/level, history too short), and tenant scoping."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from controlplane.api import auth
+from controlplane.forecast.history import HistoryStore, parse_tiers
+from controlplane.forecast.recorder import HistoryRecorder
+from controlplane.forecast.service import ForecastService
+from mesh import errors
+
+T0 = 1_700_000_000.0
+
+
+def run_with(tmp_path, samples, fn, principal=auth.UNRESTRICTED):
+    async def go():
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), parse_tiers(["raw:1d", "1m:30d"])))
+        for s in samples:
+            rec.add(*s)
+        await rec.flush()
+        svc = ForecastService(rec)
+        token = auth._current.set(principal)
+        try:
+            return await fn(svc)
+        finally:
+            auth._current.reset(token)
+            await rec.stop()
+    return asyncio.run(go())
+
+
+def ramp(n=400, kind="gpu", name="n/0", metric="memory_used", tenant=""):
+    # a slow ramp with a small wave: something a damped trend forecasts well
+    return [(kind, name, metric, 1000.0 + 2.0 * i + 5 * math.sin(i / 7), tenant, T0 + i) for i in range(n)]
+
+
+def test_forecast_of_a_ramp_has_points_times_and_an_interval(tmp_path):
+    r = run_with(tmp_path, ramp(), lambda s: s.forecast("gpu", "n/0", "memory_used", 20, 1))
+    assert len(r.points) == 20 and r.step_seconds == 1 and r.level == pytest.approx(0.9)
+    assert r.history_points == 400 and r.history_span_seconds == pytest.approx(399)
+    assert r.points[0].at.ToNanoseconds() / 1e9 == pytest.approx(T0 + 401)
+    for p in r.points:
+        assert p.lo <= p.value <= p.hi
+    assert r.points[-1].value > r.last_value            # the ramp goes on
+    assert r.model and r.backtest_mase > 0 and r.source == "embedded"
+
+
+def test_constant_history_forecasts_the_value(tmp_path):
+    flat = [("gpu", "n/0", "power", 300.0, "", T0 + i) for i in range(200)]
+    r = run_with(tmp_path, flat, lambda s: s.forecast("gpu", "n/0", "power", 10, 1))
+    assert r.model == "constant" and {p.value for p in r.points} == {300.0} and r.points[0].hi == 300.0
+
+
+@pytest.mark.parametrize("args, exc, says", [
+    (("gpu", "n/9", "memory_used", 10, 1, 0), errors.NotFound, "no series gpu/n/9 memory_used"),
+    (("disk", "n/0", "memory_used", 10, 1, 0), errors.InvalidArgument, "kind: 'disk' is not a series kind"),
+    (("gpu", "", "memory_used", 10, 1, 0), errors.InvalidArgument, "name: is required"),
+    (("gpu", "n/0", "memory_used", 0, 1, 0), errors.InvalidArgument, "horizon_seconds: must be > 0"),
+    (("gpu", "n/0", "memory_used", -5, 1, 0), errors.InvalidArgument, "horizon_seconds: must be > 0"),
+    (("gpu", "n/0", "memory_used", 3600, 0, 0), errors.InvalidArgument,
+     "horizon_seconds: 3600s is longer than the history of gpu/n/0 memory_used (399.0s)"),
+    (("gpu", "n/0", "memory_used", 100, 0.01, 0), errors.InvalidArgument, "step_seconds"),
+    (("gpu", "n/0", "memory_used", 10, 1, 1.5), errors.InvalidArgument, "level: must be between 0 and 1"),
+    (("gpu", "n/0", "memory_used", 60, 1, 0), errors.FailedPrecondition,
+     "needs at least 480 (480s of history)"),
+])
+def test_bad_requests_name_the_field_and_the_limit(tmp_path, args, exc, says):
+    with pytest.raises(exc, match=None) as e:
+        run_with(tmp_path, ramp(), lambda s: s.forecast(*args))
+    assert says in str(e.value)
+
+
+def test_a_tenant_reads_only_its_own_series(tmp_path):
+    samples = ramp(kind="deployment", name="chat", metric="requests_running", tenant="acme") + ramp()
+    acme = auth.Principal("client", "a", tenant="acme", role="tenant")
+    other = auth.Principal("client", "b", tenant="other", role="tenant")
+    viewer = auth.Principal("client", "v", role="viewer")
+
+    async def both(s):
+        listed = [x.name for x in (await s.ListSeries(_req(), None)).series]
+        try:
+            await s.forecast("gpu", "n/0", "memory_used", 10, 1)
+            gpu = "ok"
+        except errors.NotFound:
+            gpu = "not found"
+        return listed, gpu
+    assert run_with(tmp_path / "a", samples, both, acme) == (["chat"], "not found")
+    assert run_with(tmp_path / "b", samples, both, other) == ([], "not found")
+    assert run_with(tmp_path / "c", samples, both, viewer) == (["chat", "n/0"], "ok")
+    r = run_with(tmp_path / "d", samples, lambda s: s.forecast("deployment", "chat", "requests_running", 10, 1), acme)
+    assert len(r.points) == 10
+
+
+def _req(kind=""):
+    from gpumesh.v1 import forecast_service_pb2 as F
+    return F.ListSeriesRequest(kind=kind)
+
+
+def test_meshctl_table_has_a_sparkline_and_readable_numbers(tmp_path):
+    from tools.meshctl.forecast_live import format_forecast, sparkline
+    assert sparkline([0, 1, 2, 3]) == "▁▃▆█" and sparkline([5, 5]) == "▁▁"
+    r = run_with(tmp_path, ramp(), lambda s: s.forecast("gpu", "n/0", "memory_used", 20, 1))
+    table = format_forecast(r, "table")
+    assert "gpu/n/0 memory_used: model " in table and "90% interval" in table
+    assert table.splitlines()[1].startswith("forecast ") and len(table.splitlines()[1]) == len("forecast ") + 20
+    assert "TIME" in table and "Gi" in table
+    import json
+    doc = json.loads(format_forecast(r, "json"))
+    assert len(doc["points"]) == 20 and doc["history"]["points"] == 400 and {"value", "lo", "hi", "at"} <= set(doc["points"][0])
+
+
+@pytest.mark.parametrize("args, field", [
+    (("gpu", "n/0", "m", float("nan"), 0, 0), "horizon_seconds"), (("gpu", "n/0", "m", float("inf"), 0, 0), "horizon_seconds"),
+    (("gpu", "n/0", "m", 10, float("nan"), 0), "step_seconds"), (("gpu", "n/0", "m", 10, -1, 0), "step_seconds"),
+    (("gpu", "n/0", "m", 10, 1e-300, 0), "step_seconds"), (("gpu", "n/0", "m", 10, 0, float("nan")), "level"),
+    (("gpu", "a\x00b", "m", 10, 0, 0), "name"), (("gpu", "n/0", "x" * 70_000, 10, 0, 0), "metric"),
+    (("", "n/0", "m", 10, 0, 0), "kind"), (("gpu", "n/0", "m", 3600, 1, 0), "step_seconds"),
+])
+def test_hostile_requests_are_invalid_argument_naming_the_field(args, field):
+    from controlplane.forecast.forecasting import plan
+    with pytest.raises(errors.InvalidArgument) as e:
+        plan(*args)
+    assert str(e.value).startswith(field + ":")
