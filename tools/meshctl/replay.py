@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--controller", default="none,reactive,predictive", metavar="NAME[,NAME...]",
                    help="none, reactive, predictive (default: all three)")
     p.add_argument("--days", type=positive_float, default=2.0, metavar="D", help="window length (default: 2)")
-    p.add_argument("--end", type=float, default=None, metavar="S", help="window end, trace seconds (default: last arrival)")
+    p.add_argument("--end", type=float, default=None, metavar="S",
+                   help="window end, trace seconds (default: the last arrival)")
     p.add_argument("--mig-create-s", type=float, default=10.0, metavar="X",
                    help="seconds to carve a slice (default: 10, an assumption: see docs/prediction.md)")
     p.add_argument("--mig-destroy-s", type=float, default=5.0, metavar="Y", help="seconds to destroy one (default: 5)")

@@ -56,6 +56,7 @@ class Params:
     screen: float = 0.6           # pressure below which a GPU's forecast is not computed
     level: float = 0.9            # the pressure forecast's interval
     demand_level: float = 0.99    # the demand forecast's interval: its high edge is the warm pool
+    demand_origins: int = 144     # backtest origins (a day of buckets): rare shapes need many to show up
     critical: float = 0.95
     high: float = 0.85
     downtime_s: float = 0.3       # measured migration downtime (docs/checkpointing.md)
@@ -139,7 +140,7 @@ class Sim:
                 self._push(p.creation_time, 2, ("arrive", p))
             else:
                 continue
-            if p.deletion_time and p.deletion_time > max(p.creation_time, start) and p.deletion_time < end:
+            if p.deletion_time and max(p.creation_time, start) < p.deletion_time < end:
                 self._push(p.deletion_time, 1, ("depart", p))
         t = start
         while t < end:
@@ -273,7 +274,7 @@ class Sim:
                 y = self.demand[k][max(0, b - self.p.demand_history_buckets):b]
                 try:
                     f = choose(y, season=int(86400 // self.p.bucket_s), horizon=2, models=DEMAND_MODELS,
-                               level=self.p.demand_level, origins=20)
+                               level=self.p.demand_level, origins=self.p.demand_origins)
                     self._demand_fc[k] = f.hi
                     if k in self._last_fc_point:
                         self.forecast_err.append(abs(self._last_fc_point[k] - self.demand[k][b - 1]))
