@@ -39,6 +39,7 @@ from tools.replay.trace import TraceNode, TracePod
 CONTROLLERS = ("none", "reactive", "predictive")
 DEMAND_MODELS = ("naive", "snaive")          # cheap: a replay refits every bucket for every shape
 PRESSURE_MODELS = ("naive", "snaive")
+LONE_MAX = 0.9
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ class Sim:
                 continue
             s = self.rp.fleet.slices[ids[0]]
             g = (s.node, s.gpu_index)
-            out[g] += share * self.load.use(name, t)
+            out[g] += self._use(name, share, t)
             where[name] = g
         self._where = where
         for g, v in out.items():
@@ -262,6 +263,11 @@ class Sim:
         for g in [g for g in self.gpu_hist if g not in out]:
             del self.gpu_hist[g]
         return out
+
+    def _use(self, name: str, share: float, t: float) -> float:
+        """GPU memory a workload uses (fraction of the GPU): its share x its load, never more than
+        LONE_MAX of the GPU (alone, a workload past that runs out of memory by itself: no move helps)."""
+        return min(LONE_MAX, share * self.load.use(name, t))
 
     def _warm_rule(self, t: float) -> None:
         b = int(t // self.p.bucket_s) - self.b0
@@ -324,7 +330,7 @@ class Sim:
         on: dict[tuple, list] = defaultdict(list)
         for name, g in self._where.items():
             pod, share = self.workloads[name]
-            on[g].append(WorkloadView(name, share * self.load.use(name, t), priority=0, movable=True,
+            on[g].append(WorkloadView(name, self._use(name, share, t), priority=0, movable=True,
                                       capacity=share))
         views = []
         for node in self.rp.fleet.nodes.values():
