@@ -2,7 +2,7 @@
 not only the point) reaches critical within the horizon has its lowest-priority movable workload
 live-migrated to a GPU whose forecast, with that workload added, stays below high.
 
-Guards: a budget (moves per workload per hour, per fleet per hour), a cooldown per source GPU, and a
+Guards: a budget (moves per workload per hour and per day, per fleet per hour), a cooldown per source GPU, and a
 cost check: the expected benefit (seconds of critical pressure the move avoids on the source) must
 exceed the migration's measured downtime. "Reactive" is the same rule fed the present reading as a
 flat forecast: it moves only once a GPU is already critical.
@@ -39,6 +39,7 @@ class MovePolicy:
     high: float = 0.85            # a target must stay below this, with the workload added
     step_s: float = 60.0          # the forecast's step
     per_workload_per_hour: int = 1
+    per_workload_per_day: int = 24
     fleet_per_hour: int = 60
     cooldown_s: float = 600.0     # per source GPU
     downtime_s: float = 0.3       # measured migration downtime (docs/checkpointing.md: about 0.3 s)
@@ -63,16 +64,19 @@ class MoveLedger:
         self.last_by_gpu[source] = now
 
     def _trim(self, now: float) -> None:
-        while self.moves and self.moves[0][0] <= now - 3600:
+        while self.moves and self.moves[0][0] <= now - 86400:
             self.moves.popleft()
 
     def fleet_last_hour(self, now: float) -> int:
         self._trim(now)
-        return len(self.moves)
+        return sum(1 for t, _, _ in self.moves if t > now - 3600)
 
     def workload_last_hour(self, now: float, workload: str) -> int:
+        return self.workload_since(now, workload, 3600)
+
+    def workload_since(self, now: float, workload: str, seconds: float) -> int:
         self._trim(now)
-        return sum(1 for _, w, _ in self.moves if w == workload)
+        return sum(1 for t, w, _ in self.moves if w == workload and t > now - seconds)
 
 
 def move_actions(gpus: list[GpuView], hi: dict[str, list[float]], policy: MovePolicy, ledger: MoveLedger,
@@ -95,7 +99,8 @@ def move_actions(gpus: list[GpuView], hi: dict[str, list[float]], policy: MovePo
             continue
         cands = sorted((w for w in by_id[gid].workloads if w.movable), key=lambda w: (w.priority, w.memory))
         for w in cands:
-            if ledger.workload_last_hour(now, w.id) >= policy.per_workload_per_hour:
+            if (ledger.workload_last_hour(now, w.id) >= policy.per_workload_per_hour
+                    or ledger.workload_since(now, w.id, 86400) >= policy.per_workload_per_day):
                 continue
             target = _target(gpus, hi, gid, w, policy, extra, taken)
             if target is None:

@@ -128,3 +128,13 @@ RP = ResizePolicy(headroom=0.1, shrink_band=0.3)
 def test_resize_table(slice_, hi, want):
     acts = resize_actions([slice_], {"s": hi}, RP)
     assert [(a.kind, a.size) for a in acts] == want
+
+
+def test_move_budget_per_workload_per_day():
+    hi = {"hot": [0.99, 0.99], "cool": [0.2, 0.2], "warmish": [0.6, 0.6]}
+    pol = MovePolicy(per_workload_per_hour=1, per_workload_per_day=2, cooldown_s=0)
+    led = MoveLedger()
+    led.record(0.0, "b", "x")
+    led.record(4000.0, "b", "y")                          # b moved twice today, an hour apart
+    assert [a.subject for a in move_actions(fleet(), hi, pol, led, now=8000.0)] == ["a"]
+    assert [a.subject for a in move_actions(fleet(), hi, pol, led, now=86400.0 + 1)] == ["b"]   # a day later

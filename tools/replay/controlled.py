@@ -53,7 +53,7 @@ class Params:
     warm_max_per_key: int = 32
     warm_lead_s: float = 600.0    # warm slices cover the forecast high edge over this much time (a bucket:
                                   # arrivals come in bursts, so a share of the bucket under-provisions)
-    horizon_steps: int = 10       # pressure forecast horizon (ticks)
+    horizon_steps: int = 2        # pressure forecast horizon (ticks): act only on an imminent crossing
     screen: float = 0.6           # pressure below which a GPU's forecast is not computed
     level: float = 0.9            # the pressure forecast's interval
     demand_level: float = 0.99    # the demand forecast's interval: its high edge is the warm pool
@@ -310,6 +310,18 @@ class Sim:
                     self.warm_idle_gpu_s += (t + self.p.destroy_s - w.created) * w.gpus
                     self._push(t + self.p.destroy_s, 0, ("free", w))
 
+    def _pressure_hi(self, y: np.ndarray, now: float, h: int) -> list[float]:
+        """The high edge of the pressure forecast: with an hourly season once the GPU's series holds
+        enough of it for a backtest, else the last value plus the interval of its changes (season 1),
+        else (a GPU just filled) the present."""
+        for season in (int(PERIOD_S // self.p.tick_s), 1):
+            try:
+                f = choose(y, season=season, horizon=h, models=PRESSURE_MODELS, level=self.p.level, origins=8)
+            except InvalidArgument:
+                continue
+            return [max(a, now) if i == 0 else a for i, a in enumerate(f.hi)]
+        return [now] * h
+
     def _move_rule(self, t: float, pressure: dict) -> None:
         h = self.p.horizon_steps
         hi: dict[str, list[float]] = {}
@@ -318,13 +330,7 @@ class Sim:
             if self.ctl == "reactive" or v < self.p.screen:
                 hi[gid] = [v] * h
                 continue
-            hist = self.gpu_hist[g]
-            try:
-                f = choose(np.fromiter(hist, float), season=int(PERIOD_S // self.p.tick_s), horizon=h,
-                           models=PRESSURE_MODELS, level=self.p.level, origins=8)
-                hi[gid] = [max(a, v) if i == 0 else a for i, a in enumerate(f.hi)]
-            except InvalidArgument:          # too little history for a backtest: the present
-                hi[gid] = [v] * h
+            hi[gid] = self._pressure_hi(np.fromiter(self.gpu_hist[g], float), v, h)
         if not any(max(x) >= self.p.critical for x in hi.values()):
             return
         on: dict[tuple, list] = defaultdict(list)
