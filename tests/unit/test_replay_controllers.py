@@ -68,3 +68,21 @@ def test_cli_rejects_unknown_controller():
     args.controller, args.mig_create_s = "none", -1.0
     with pytest.raises(CliError, match="--mig-create-s: must be >= 0"):
         replay(args)
+
+
+def test_load_series_file(tmp_path):
+    from mesh.errors import InvalidArgument
+    from tools.replay.load import LoadModel, read_series
+    good = tmp_path / "load.csv"
+    good.write_text("time_s,value\n0,0.5\n60,1.0\n120,0.25\n")
+    series = read_series(str(good))
+    m = LoadModel(0, series)
+    vals = {round(m.use("w", t), 6) for t in range(0, 180, 60)}
+    assert len(vals) == 3                                  # the workload walks through the series
+    bad = tmp_path / "bad.csv"
+    bad.write_text("t,v\n0,1\n")
+    with pytest.raises(InvalidArgument, match="--load: .* needs the columns time_s,value"):
+        read_series(str(bad))
+    bad.write_text("time_s,value\n0,x\n1,2\n")
+    with pytest.raises(InvalidArgument, match="row 2: non-numeric"):
+        read_series(str(bad))
