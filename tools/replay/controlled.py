@@ -110,7 +110,8 @@ class Sim:
                                    per_workload_per_hour=params.per_workload_per_hour,
                                    fleet_per_hour=params.fleet_per_hour, cooldown_s=params.cooldown_s,
                                    downtime_s=params.downtime_s)
-        self.warm_pol = WarmPolicy(step_s=params.bucket_s, lead_s=max(params.warm_lead_s, params.tick_s + params.create_s),
+        lead = max(params.warm_lead_s, params.tick_s + params.create_s)
+        self.warm_pol = WarmPolicy(step_s=params.bucket_s, lead_s=lead,
                                    max_per_key=params.warm_max_per_key)
         self.gpu_hist: dict[tuple, deque] = {}
         self.forecast_err: list[float] = []

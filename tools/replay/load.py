@@ -7,8 +7,9 @@ with base ~ U(0.60, 0.85), amp ~ U(0.10, 0.35), period one hour (a training or e
 phase ~ U(0, 2 pi), noise ~ N(0, 0.02), all drawn per workload (and second) from the seed, so
 every controller sees the same load. GPU-sharing (MPS)
 workloads are not hard-capped, so several on one GPU whose peaks align push its memory pressure
-(sum of share x u) past critical; a workload's use is capped at 0.9 of the GPU (alone it never is critical: a workload past
-its GPU's memory fails by itself, and no move helps; whole-GPU workloads are not modelled).
+(sum of share x u) past critical; a workload's use is capped at 0.9 of the GPU (alone it never is
+critical: a workload past its GPU's memory fails by itself, and no move helps; whole-GPU workloads are
+not modelled).
 With `--load FILE` (a CSV `time_s,value`, value = fraction of the allocation used, e.g. one container
 of the GenAI trace divided by its limit), every workload replays that series from its own seeded
 offset, scaled by its own factor ~ U(0.8, 1.2).
