@@ -87,7 +87,11 @@ class Slicer:
             for inst in instances:
                 s = want.get((inst.gpu_index, inst.profile, inst.start))
                 declared = self._declared(index)
-                if s is not None and declared is None and (claims or {}).get(inst.uuid, s.id) != s.id:
+                # the control plane's record of the slice naming this very instance wins over the claim
+                # (a resize or migration commit moves a workload onto a new instance under the same slice
+                # ID: the workload record still names the reserved target slice's ID)
+                if s is not None and declared is None and (claims or {}).get(inst.uuid, s.id) != s.id \
+                        and s.device_uuid != inst.uuid:
                     s = None
                 if s is not None and inst.ci_id is not None and s.id not in self.mig:
                     self.mig[s.id] = inst

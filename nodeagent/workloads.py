@@ -384,9 +384,15 @@ class WorkloadRunner:
         still running on them and wait until they end (SIGKILL after the grace), so the GPU is not asked
         to destroy an instance its processes still use. A restarted agent meets this when the slice of a
         workload was released while the agent was away."""
+        def on_it(wid: str, w) -> bool:
+            # by the device when the workload's is known: a resize or migration commit moves a workload
+            # onto a new instance under the same slice ID while the reserved slice ID (with the old
+            # instance) is released, and the moved workload must not be stopped for that
+            uuid = self.meta.get(wid, {}).get("device_uuid")
+            return uuid in device_uuids if uuid else w.slice_id in slice_ids
         victims = [wid for wid, w in self.workloads.items()
                    if w.state == W.WORKLOAD_STATE_RUNNING and not self.meta.get(wid, {}).get("frozen")
-                   and (w.slice_id in slice_ids or (self.meta.get(wid, {}).get("device_uuid") or "-") in device_uuids)]
+                   and on_it(wid, w)]
         if not victims:
             return
         for wid in victims:

@@ -139,7 +139,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
     # the replica changes in the durable event stream (controlplane/events/)
     evs = mesh.list_events(kind="Deployment", name="chat")
-    assert {"replicas 2 -> 1", "replicas 1 -> 2"} <= {e.message for e in evs if e.reason == "Scaled"}
+    assert {"replicas 2 -> 3", "replicas 3 -> 1", "replicas 1 -> 2"} <= {e.message for e in evs if e.reason == "Scaled"}
     assert {"Created", "ReplicaCreated", "ReplicaReady", "ReplicaRemoved"} <= {e.reason for e in evs}
 
     # rollout restart: every replica replaced, one at a time, never fewer than 2 READY
@@ -282,7 +282,8 @@ def test_drain_starts_replacements_first(cluster, mesh, smollm2):
     mesh.cordon(other)                  # no room elsewhere, at first
     try:
         resp = mesh.drain(node)
-        assert [s.id for s in resp.replacing] == [old.slice_id]
+        mine = {s.id for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "drained"}
+        assert [s.id for s in resp.replacing if s.id in mine] == [old.slice_id]
         assert old.slice_id not in {s.id for s in resp.evicted}
         assert resp.node.cordoned and resp.node.draining
 

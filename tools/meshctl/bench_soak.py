@@ -116,7 +116,8 @@ def soak(state_dir, cycles: int, clients: int = 4, every: int = 500, warmup: int
     cluster = LocalCluster(state_dir, [HOST], lease_ttl=5, agents_per_process=1, log_level="warning",
                            controlplane_args=["--retention-seconds", str(retention),
                                               "--request-id-retention-seconds", str(request_retention),
-                                              "--retention-interval-seconds", str(sweep)])
+                                              "--retention-interval-seconds", str(sweep),
+                                              "--events-retention-seconds", str(retention)])
     cluster.start(timeout=120)
     samples, errors = [], {}
     done, started = [0], [0]
