@@ -27,8 +27,9 @@ def test_soak_state_stays_flat(tmp_path):
     # etcd: bounded by what lives within the retention windows (the cycle rate times the window, which
     # jitters with the rate), not by the cycles run
     assert a["etcd_keys_max"] <= a["etcd_keys_first"] + max(40, 0.3 * a["etcd_keys_first"]), r["samples"]
-    # everything finished expired: the keys of before the first cycle, nothing held in memory
-    assert final["etcd_keys"] == base["etcd_keys"], (base, final)
+    # everything finished expired: no more keys than before the first cycle, nothing held in memory
+    # (at most: the node's own events of before the first cycle expire too, with the soak's retention)
+    assert final["etcd_keys"] <= base["etcd_keys"], (base, final)
     rec = final["records"]
     assert rec["workloads"] == 0 and rec["slices"] == 0 and rec["ready_waiters"] == 0 and rec["gone_waiters"] == 0
     assert rec["workload_waiters"] == 0 and rec["log_streams"] == 0
