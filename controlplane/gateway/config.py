@@ -78,9 +78,11 @@ class GatewayConfig:
                                          "time to first token (gpu-aware) or this (baselines), at most "
                                          "queue_timeout_seconds; 0: no default deadline, the wait is "
                                          "queue_timeout_seconds", minimum=0, maximum=3600000)
-    shed_early: bool = option(True, "gpu-aware: answer 429 at once when the expected wait for a slot already "
-                                    "exceeds what the request's deadline allows (instead of after waiting it "
-                                    "out); a request with no healthy replica at all still waits")
+    shed_early: bool = option(False, "gpu-aware: answer 429 at once when the expected wait for a slot (healthy "
+                                     "replicas, and critical ones with critical_overflow) already exceeds what the "
+                                     "request's deadline allows, instead of after waiting it out (off: a 429 only "
+                                     "once no replica served within the deadline); a request with no healthy "
+                                     "replica at all still waits")
     weight_inflight: float = option(1.0, "score weight of the gateway's in-flight requests on the replica",
                                     minimum=0)
     weight_backend_queue: float = option(0.5, "score weight of the backend's waiting requests and KV-cache use "

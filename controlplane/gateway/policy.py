@@ -187,7 +187,12 @@ class GpuAware(Policy):
         return cost.completion(c, ctx.max_tokens, pool, self.cfg)
 
     def expected_wait(self, cands, ctx):
+        """The wait for a slot on any replica that may serve the request: the healthy ones, and with
+        critical_overflow the critical ones too (while a healthy one exists)."""
         usable = [c for c in cands if c.key not in ctx.exclude and self.healthy(c)]
+        if usable and self.cfg.critical_overflow:
+            usable += [c for c in cands if c.key not in ctx.exclude and self.reachable(c) and self.at_risk(c)
+                       and (c.gpu is None or c.gpu.healthy)]
         return cost.expected_wait(usable, ctx.max_tokens, cands, self.cfg, ctx.ahead)
 
     def first_token(self, cands):

@@ -111,7 +111,11 @@ def test_critical_gpu_takes_a_request_only_when_the_wait_would_pass_its_deadline
     far = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 60)
     chosen, why = p.pick([busy, full], far)
     assert chosen is None and "expected wait 10.0s" in why       # waiting 10 s is within 60 s: wait
-    assert p.expected_wait([busy, full], far) == pytest.approx(10.0)
+    assert p.expected_wait([busy, full], far) == 0.0             # the critical one is free: it can serve
+    full.stats.in_flight = 1                                     # both busy: 2 slots of 10 s each, ~5 s
+    assert p.expected_wait([busy, full], far) == pytest.approx(5.0)
+    assert make("gpu-aware", cfg(critical_overflow=False)).expected_wait([busy, full], far) == pytest.approx(10.0)
+    full.stats.in_flight = 0
     near = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 3)
     chosen, why = p.pick([busy, full], near)
     assert chosen is full and "overflow to a critical GPU" in why
@@ -326,6 +330,7 @@ async def test_gpu_aware_admission_sheds_at_once_only_when_the_wait_cannot_fit()
     p = make("gpu-aware", cfg())
     busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # a slot frees in about 10 s (max_tokens 10)
     adm = Admission(p, queue_size=4, shed_early=True)
+    assert not cfg().shed_early                                  # off by default: 429 after waiting it out
     ctx = RouteContext("chat", max_tokens=10)
     with pytest.raises(Rejected) as e:
         await adm.acquire(lambda: [busy], ctx, "standard", 2)
