@@ -353,6 +353,27 @@ async def test_gpu_aware_admission_sheds_at_once_only_when_the_wait_cannot_fit()
     assert "became free within" in str(e.value)
 
 
+async def test_a_deadline_the_healthy_replicas_cannot_meet_is_served_by_a_critical_one_not_refused():
+    p = make("gpu-aware", cfg())
+    adm = Admission(p, queue_size=4)
+    busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # the healthy replica: busy for ~10 s
+    full = cand("full", used_gib=79)                             # critical memory, idle
+    slot = await adm.acquire(lambda: [busy, full], RouteContext("chat", max_tokens=10), "standard", 2)
+    assert slot.candidate is full and "overflow" in slot.why and slot.waited == 0
+    # with time enough to wait, it waits for the healthy one instead
+    t = asyncio.create_task(adm.acquire(lambda: [busy, cand("full2", used_gib=79)],
+                                        RouteContext("chat", max_tokens=10), "standard", 60))
+    await asyncio.sleep(0.02)
+    assert not t.done()
+    busy.stats.in_flight = 0
+    adm.kick()
+    assert (await t).candidate is busy
+    # round-robin and least-loaded route as before: the critical GPU is just another replica to them
+    ll = Admission(make("least-loaded", cfg()), queue_size=4)
+    assert (await ll.acquire(lambda: [cand("b", in_flight=1), cand("f", used_gib=79)], RouteContext("chat"),
+                             "standard", 2)).candidate.key == "chat/f"
+
+
 async def test_admission_waits_for_the_fleet_to_change():
     p = make("gpu-aware", cfg())
     hot = cand("hot", temp=90)
