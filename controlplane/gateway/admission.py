@@ -4,13 +4,17 @@ A request asks for a slot on one of its model's replicas. The policy picks among
 and have a free slot; when none does, the request waits in its model's queue (critical before standard
 before sheddable, first come first served within a class) until a slot frees, the fleet changes (a GPU
 cools down, a replica becomes ready, a circuit half-opens) or its deadline passes. A full queue or a
-passed deadline raises `Rejected`; the caller answers 429 or falls back."""
+passed deadline raises `Rejected`; the caller answers 429 or falls back. With `shed_early`, a policy that
+can estimate the wait (gpu-aware) has a request refused at once when its expected wait already exceeds
+what its deadline allows; the request's deadline and its place in the queue are in its RouteContext, so
+the policy can weigh a degraded replica against the wait."""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -50,9 +54,10 @@ class Slot:
 
 
 class Admission:
-    def __init__(self, policy: Policy, queue_size: int) -> None:
+    def __init__(self, policy: Policy, queue_size: int, shed_early: bool = False) -> None:
         self.policy = policy
         self.queue_size = queue_size
+        self.shed_early = shed_early
         self.queues: dict[str, list[_Waiter]] = {}
         self._seq = itertools.count()
 
@@ -75,7 +80,9 @@ class Admission:
         start = time.monotonic()
         q = self.queues.setdefault(ctx.model, [])
         prio = PRIORITIES.index(priority)
-        if not any(w.priority <= prio for w in q):
+        ctx.deadline_at = start + max(timeout, 0.0)
+        ctx.ahead = sum(1 for w in q if w.priority <= prio)
+        if not ctx.ahead:
             c, why = self.policy.pick(candidates(), ctx)
             if c is not None:
                 self._take(c)
@@ -84,6 +91,11 @@ class Admission:
             raise Rejected(f"the queue of {ctx.model} is full ({self.queue_size} waiting)", "queue_full")
         if timeout <= 0:
             raise Rejected(f"no replica of {ctx.model} is free and the request's deadline allows no wait", "deadline")
+        if self.shed_early:
+            wait = self.policy.expected_wait(candidates(), ctx)
+            if wait is not None and math.isfinite(wait) and wait > timeout:
+                raise Rejected(f"no replica of {ctx.model} can take the request within its deadline (expected wait "
+                               f"{wait:.1f}s, {timeout:.1f}s allowed)", "deadline")
         w = _Waiter(prio, next(self._seq), candidates, ctx, asyncio.get_running_loop().create_future(), start)
         heapq.heappush(q, w)
         try:
@@ -117,6 +129,7 @@ class Admission:
                 if w.future.done():
                     heapq.heappop(q)
                     continue
+                w.ctx.ahead = 0
                 c, why = self.policy.pick(w.candidates(), w.ctx)
                 if c is None:
                     break

@@ -1,5 +1,8 @@
-"""A circuit breaker per replica: closed; open after K consecutive failures; after `open_seconds` one
-half-open probe is let through; its success closes the circuit, its failure opens it again."""
+"""A circuit breaker per replica: closed; open after K consecutive failures, or at once when the replica
+refused or cut the connection (`trip`: a dead process does not get K more requests to prove it); after
+`open_seconds` one half-open probe is let through; its success closes the circuit, its failure opens it
+again. A circuit tripped by a connection failure is also probed by the gateway with a plain TCP connect
+(`hold` keeps it open while nothing listens), so no request is spent on a port that is still dead."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self._state = CLOSED
         self.probing = False          # a half-open probe is in flight
+        self.unreachable = False      # opened by a refused/cut connection: the gateway probes it by TCP
 
     @property
     def state(self) -> str:
@@ -40,6 +44,21 @@ class CircuitBreaker:
         self.consecutive = 0
         self._state = CLOSED
         self.probing = False
+        self.unreachable = False
+
+    def trip(self) -> None:
+        """The replica refused or cut the connection: open now, whatever the count."""
+        self.consecutive += 1
+        self._state = OPEN
+        self.opened_at = self.clock()
+        self.probing = False
+        self.unreachable = True
+
+    def hold(self) -> None:
+        """A TCP probe found nothing listening: stay open for another `open_seconds`."""
+        if self._state != CLOSED:
+            self._state = OPEN
+            self.opened_at = self.clock()
 
     def failure(self) -> None:
         self.consecutive += 1

@@ -57,24 +57,49 @@ class GatewayConfig:
                                       "critical (seed 003)")
     thermal_c: str = option("65,80,85", "temperature (C) where the thermal state becomes warning, throttling, "
                                         "critical (seed 003)")
-    weight_pressure: float = option(1.0, "score weight of the GPU's memory-pressure level", minimum=0)
-    weight_thermal: float = option(1.0, "score weight of the GPU's thermal state", minimum=0)
-    weight_latency: float = option(1.0, "score weight of the replica's EMA time to first token and per-token "
-                                        "latency", minimum=0)
+    weight_pressure: float = option(1.0, "score weight of the GPU's memory-pressure level (gpu-aware: high "
+                                         "pressure multiplies the expected completion time by 1 + 0.25 x this)",
+                                    minimum=0)
+    weight_thermal: float = option(1.0, "gpu-aware: how much a GPU's thermal slowdown counts (the expected "
+                                        "service time is multiplied by (1/speed)^weight; 0: ignored)", minimum=0)
+    weight_latency: float = option(1.0, "gpu-aware: use the replica's EMA time to first token and per-token latency "
+                                        "as its service time (0: every replica counts as equally fast)", minimum=0)
+    throttle_speed: float = option(0.85, "gpu-aware: relative speed of a GPU in the throttling band (an H100's SM "
+                                         "clock ratio at 85 C); its replica is used at that cost, not left out",
+                                   minimum=0.05, maximum=1)
+    critical_speed: float = option(0.5, "gpu-aware: relative speed of a GPU in the critical thermal band (used only "
+                                        "by critical_overflow)", minimum=0.05, maximum=1)
+    critical_overflow: bool = option(True, "gpu-aware: a replica on a GPU at critical memory or temperature takes a "
+                                           "request when the healthy replicas' expected wait exceeds the request's "
+                                           "deadline (rather than the request failing); never when no healthy "
+                                           "replica exists (then requests wait for one)")
+    default_deadline_ms: int = option(0, "deadline (ms to the first token) of a request that sends no "
+                                         "x-gpumesh-deadline-ms; its wait for a slot is this minus the expected "
+                                         "time to first token (gpu-aware) or this (baselines), at most "
+                                         "queue_timeout_seconds; 0: no default deadline, the wait is "
+                                         "queue_timeout_seconds", minimum=0, maximum=3600000)
+    shed_early: bool = option(False, "gpu-aware: answer 429 at once when the expected wait for a slot (healthy "
+                                     "replicas, and critical ones with critical_overflow) already exceeds what the "
+                                     "request's deadline allows, instead of after waiting it out (off: a 429 only "
+                                     "once no replica served within the deadline); a request with no healthy "
+                                     "replica at all still waits")
     weight_inflight: float = option(1.0, "score weight of the gateway's in-flight requests on the replica",
                                     minimum=0)
     weight_backend_queue: float = option(0.5, "score weight of the backend's waiting requests and KV-cache use "
                                               "(when the replica reports them)", minimum=0)
-    weight_failures: float = option(2.0, "score weight of the replica's recent failures", minimum=0)
+    weight_failures: float = option(2.0, "score weight of the replica's recent failures (gpu-aware: 5 recent "
+                                         "failures multiply the expected completion time by 1 + this)", minimum=0)
     ema_alpha: float = option(0.3, "smoothing factor of the latency EMAs", minimum=0.01, maximum=1)
     affinity: bool = option(True, "prefix/session affinity: a conversation goes to the replica that served its "
                                   "prefix while that replica is not loaded beyond affinity_load_bound")
     affinity_prefix_chars: int = option(256, "characters of the prompt that make the affinity key", minimum=16)
     affinity_load_bound: float = option(1.25, "the affine replica is skipped when its load exceeds this factor of "
                                               "the mean load (then power of two choices)", minimum=1.0)
-    breaker_failures: int = option(3, "consecutive failures that open a replica's circuit", minimum=1)
-    breaker_open_seconds: float = option(5.0, "how long an open circuit stays open before one half-open probe",
-                                         minimum=0.1)
+    breaker_failures: int = option(3, "consecutive failures that open a replica's circuit (a refused or cut "
+                                      "connection opens it at once)", minimum=1)
+    breaker_open_seconds: float = option(2.0, "how long an open circuit stays open before one half-open probe (one "
+                                              "opened by a refused connection is first probed by TCP connect and "
+                                              "stays open while nothing listens)", minimum=0.1)
     llamacpp_concurrency: int = option(1, "requests at once on a llama.cpp replica (its server decodes one at a "
                                           "time)", minimum=1)
     vllm_concurrency: int = option(0, "requests at once on a vLLM replica; 0: the deployment's concurrency "

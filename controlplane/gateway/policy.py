@@ -6,10 +6,13 @@ today, kept for `meshctl bench serve` to compare against)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from controlplane.gateway import cost
 from controlplane.gateway.stats import ReplicaStats
 from controlplane.gateway.view import GpuInfo, ReplicaInfo
 
@@ -65,6 +68,11 @@ class RouteContext:
     affinity_key: str = ""
     max_tokens: int = 16
     exclude: frozenset = frozenset()
+    deadline_at: float | None = None     # time.monotonic() by which the request must have a slot (admission)
+    ahead: int = 0                       # requests queued before it (admission)
+
+    def wait_left(self) -> float:
+        return math.inf if self.deadline_at is None else self.deadline_at - time.monotonic()
 
 
 def affinity_key(tenant: str | None, body: dict, chars: int) -> str:
@@ -92,15 +100,27 @@ class Policy:
         self.rng = rng or random.Random()
 
     def healthy(self, c: Candidate) -> bool:
-        """May the replica take requests at all (slots aside)?"""
+        """May the replica take requests in the normal course (slots aside)?"""
+        return self.reachable(c) and not (self.uses_gpu and self.at_risk(c))
+
+    def reachable(self, c: Candidate) -> bool:
+        """Ready, and its circuit (where the policy uses one) lets a request through."""
         if not c.replica.ready:
             return False
-        if self.uses_breaker and not c.stats.breaker.allows():
-            return False
-        if self.uses_gpu and (c.pressure == "critical" or c.thermal in ("throttling", "critical")
-                              or (c.gpu is not None and not c.gpu.healthy)):
-            return False
-        return True
+        return not (self.uses_breaker and not c.stats.breaker.allows())
+
+    @staticmethod
+    def at_risk(c: Candidate) -> bool:
+        """A GPU at critical memory pressure or critical temperature, or reported unhealthy."""
+        return c.pressure == "critical" or c.thermal == "critical" or (c.gpu is not None and not c.gpu.healthy)
+
+    def expected_wait(self, cands: list[Candidate], ctx: RouteContext) -> float | None:
+        """Seconds until a slot frees for this request, where the policy can tell (None: it cannot)."""
+        return None
+
+    def first_token(self, cands: list[Candidate]) -> float:
+        """Expected seconds to the first token once a slot is had (0 where the policy does not know)."""
+        return 0.0
 
     def filter(self, cands: list[Candidate], ctx: RouteContext) -> list[Candidate]:
         return [c for c in cands if c.key not in ctx.exclude and c.free and self.healthy(c)]
@@ -146,9 +166,14 @@ class LeastLoaded(Policy):
 
 
 class GpuAware(Policy):
-    """Seed 003's routing: GPU memory pressure and thermal state (critical or throttling GPUs get nothing),
-    EMA latency, in-flight and backend queue, failures with a circuit breaker, and prefix affinity with a
-    load bound (power of two choices when the affine replica is too loaded)."""
+    """Seed 003's routing as expected completion time (cost.py): the replica where the request is expected
+    to finish first, from its EMA service time slowed by its GPU's thermal state, its in-flight requests and
+    backend queue, with a small risk factor for high memory pressure and recent failures; prefix affinity
+    with a load bound (power of two choices when the affine replica is too loaded); a circuit breaker.
+    A throttling GPU is used at the cost of its slowdown, not left out. A GPU at critical memory or critical
+    temperature is left out while the others can serve the request within its deadline; when their
+    expected wait runs past it, the critical one takes the request rather than the request failing
+    (`critical_overflow`). When every GPU is critical the request waits (seed 003's queue)."""
     NAME = "gpu-aware"
     uses_gpu = True
     uses_breaker = True
@@ -158,33 +183,44 @@ class GpuAware(Policy):
         self.affine: OrderedDict[str, str] = OrderedDict()     # affinity key -> replica key
         self.affine_max = 10000
 
-    def _latency(self, c: Candidate, ctx: RouteContext, pool: list[Candidate]) -> float:
-        def est(x: Candidate) -> float | None:
-            if x.stats.ttft_ema is None and x.stats.tpot_ema is None:
-                return None
-            return (x.stats.ttft_ema or 0.0) + (x.stats.tpot_ema or 0.0) * ctx.max_tokens
-        known = [e for e in (est(x) for x in pool) if e is not None]
-        mine = est(c)
-        if not known or mine is None:
-            return 0.0
-        best = min(known)
-        return (mine - best) / best if best > 0 else 0.0
-
     def score(self, c, ctx, pool):
-        cfg = self.cfg
-        s = cfg.weight_pressure * PRESSURE.index(c.pressure) / 3
-        s += cfg.weight_thermal * THERMAL.index(c.thermal) / 3
-        s += cfg.weight_latency * min(self._latency(c, ctx, pool), 10.0)
-        s += cfg.weight_inflight * c.stats.in_flight / c.limit
-        backend = (c.replica.waiting or 0) / c.limit + (c.replica.kv_usage or 0.0)
-        s += cfg.weight_backend_queue * backend
-        s += cfg.weight_failures * min(c.stats.recent_failures, 5.0)
-        return s
+        return cost.completion(c, ctx.max_tokens, pool, self.cfg)
+
+    def expected_wait(self, cands, ctx):
+        """The wait for a slot on any replica that may serve the request: the healthy ones, and with
+        critical_overflow the critical ones too (while a healthy one exists)."""
+        usable = [c for c in cands if c.key not in ctx.exclude and self.healthy(c)]
+        if usable and self.cfg.critical_overflow:
+            usable += [c for c in cands if c.key not in ctx.exclude and self.reachable(c) and self.at_risk(c)
+                       and (c.gpu is None or c.gpu.healthy)]
+        return cost.expected_wait(usable, ctx.max_tokens, cands, self.cfg, ctx.ahead)
+
+    def first_token(self, cands):
+        return cost.first_token([c for c in cands if self.healthy(c)], cands, self.cfg)
+
+    def _overflow(self, cands, ctx) -> tuple[Candidate | None, str]:
+        """A critical GPU's replica, when the healthy ones cannot give the request a slot within its deadline
+        (and at least one healthy one exists: with none, the request waits for the fleet to recover)."""
+        if not self.cfg.critical_overflow:
+            return None, "no replica free and healthy"
+        spare = [c for c in cands if c.key not in ctx.exclude and c.free and self.reachable(c) and self.at_risk(c)
+                 and (c.gpu is None or c.gpu.healthy)]
+        if not spare:
+            return None, "no replica free and healthy"
+        usable = [c for c in cands if c.key not in ctx.exclude and self.healthy(c)]
+        if not usable:
+            return None, "no replica free and healthy (every GPU critical: waiting for one to recover)"
+        wait, left = cost.expected_wait(usable, ctx.max_tokens, cands, self.cfg, ctx.ahead), ctx.wait_left()
+        if wait <= left:
+            return None, f"no replica free and healthy (expected wait {wait:.1f}s within the deadline)"
+        chosen = min(spare, key=lambda c: (self.score(c, ctx, cands), self.rng.random()))
+        return chosen, (f"overflow to a critical GPU (pressure {chosen.pressure}, thermal {chosen.thermal}): the "
+                        f"healthy replicas' expected wait {wait:.1f}s exceeds the {max(left, 0):.1f}s left")
 
     def pick(self, cands, ctx):
         ok = self.filter(cands, ctx)
         if not ok:
-            return None, "no replica free and healthy"
+            return self._overflow(cands, ctx)
         if self.cfg.affinity and ctx.affinity_key:
             want = self.affine.get(ctx.affinity_key)
             pool = [c for c in cands if c.replica.ready]
@@ -195,14 +231,14 @@ class GpuAware(Policy):
                 return chosen, "prefix affinity"
             if want is not None and len(ok) >= 2:
                 a, b = self.rng.sample(ok, 2)
-                chosen = min((a, b), key=lambda c: self.score(c, ctx, ok))
+                chosen = min((a, b), key=lambda c: self.score(c, ctx, cands))
                 self._remember(ctx.affinity_key, chosen)
                 return chosen, "affine replica loaded or unavailable: power of two choices"
-        chosen = min(ok, key=lambda c: (self.score(c, ctx, ok), self.rng.random()))
+        chosen = min(ok, key=lambda c: (self.score(c, ctx, cands), self.rng.random()))
         if ctx.affinity_key:
             self._remember(ctx.affinity_key, chosen)
-        return chosen, (f"lowest score {self.score(chosen, ctx, ok):.3f} of {len(ok)} (pressure {chosen.pressure}, "
-                        f"thermal {chosen.thermal}, in flight {chosen.stats.in_flight})")
+        return chosen, (f"least expected completion {self.score(chosen, ctx, cands):.2f}s of {len(ok)} (pressure "
+                        f"{chosen.pressure}, thermal {chosen.thermal}, in flight {chosen.stats.in_flight})")
 
     def _remember(self, key: str, c: Candidate) -> None:
         self.affine[key] = c.key

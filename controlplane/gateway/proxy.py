@@ -14,7 +14,22 @@ from controlplane.gateway.sse import DONE, EventReader
 
 
 class BackendFailed(Exception):
-    """The replica failed before sending a token (connection refused or cut, 5xx, timeout): retryable."""
+    """The replica failed before sending a token (connection refused or cut, 5xx, timeout): retryable.
+    `unreachable`: the connection was refused, reset or closed without an answer (the process is gone or
+    going): the replica's circuit opens at once."""
+
+    def __init__(self, why: str, unreachable: bool = False) -> None:
+        super().__init__(why)
+        self.unreachable = unreachable
+
+
+# connection refused, reset, or closed before an answer: what a killed backend looks like
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+               httpx.RemoteProtocolError)
+
+
+def failed(e: httpx.HTTPError) -> BackendFailed:
+    return BackendFailed(f"{type(e).__name__}: {e}", isinstance(e, UNREACHABLE))
 
 
 def _error_of(status: int, body: bytes) -> APIError:
@@ -40,7 +55,7 @@ async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: by
     try:
         r = await client.post(f"http://{endpoint}{path}", content=data, headers={"content-type": "application/json"})
     except httpx.HTTPError as e:
-        raise BackendFailed(f"{type(e).__name__}: {e}") from None
+        raise failed(e) from None
     if r.status_code >= 500:
         raise BackendFailed(f"HTTP {r.status_code}: {r.content[:200].decode(errors='replace')}")
     if r.status_code != 200:
@@ -66,7 +81,7 @@ async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data:
     try:
         resp = await client.send(req, stream=True)
     except httpx.HTTPError as e:
-        raise BackendFailed(f"{type(e).__name__}: {e}") from None
+        raise failed(e) from None
     try:
         if resp.status_code != 200:
             body = await resp.aread()
@@ -85,7 +100,7 @@ async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data:
         return s
     except httpx.HTTPError as e:
         await resp.aclose()
-        raise BackendFailed(f"{type(e).__name__}: {e}") from None
+        raise failed(e) from None
     except BaseException:
         await resp.aclose()
         raise

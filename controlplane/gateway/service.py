@@ -5,6 +5,7 @@ the first token), measure, log. `app.py` turns its results into HTTP responses."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -63,12 +64,13 @@ class Gateway:
         self.view = view or FleetView()
         self.stats = StatsTable(cfg.breaker_failures, cfg.breaker_open_seconds, cfg.ema_alpha)
         self.policy = make(cfg.policy, cfg)
-        self.admission = Admission(self.policy, cfg.queue_size)
+        self.admission = Admission(self.policy, cfg.queue_size, cfg.shed_early)
         self.cache = cachemod.ResponseCache(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_seconds)
         self.clients = Clients(cfg.tenants_file)
         self.http = proxy.make_client(cfg.backend_timeout_seconds)
         self.view.listeners.append(self._on_view)
         self._ticker: asyncio.Task | None = None
+        self._probing: set[str] = set()
 
     # -- the fleet ------------------------------------------------------------------------------
 
@@ -81,6 +83,8 @@ class Gateway:
         async def tick():        # breakers half-open with time, not with events
             while True:
                 await asyncio.sleep(0.25)
+                if self.policy.uses_breaker:
+                    self._probe_unreachable()
                 self.admission.kick()
                 M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
         self._ticker = asyncio.get_running_loop().create_task(tick())
@@ -89,6 +93,35 @@ class Gateway:
         if self._ticker:
             self._ticker.cancel()
         await self.http.aclose()
+
+    def _probe_unreachable(self) -> None:
+        """A circuit opened by a refused or cut connection is due for its half-open probe: first check by TCP
+        connect that something listens at the replica's endpoint; while nothing does, it stays open (no
+        request is spent on a dead port). The request that then takes the half-open probe decides."""
+        for d in self.view.deployments.values():
+            for r in d.replicas:
+                s = self.stats.by_replica.get(r.key)
+                if (s is None or not s.breaker.unreachable or r.key in self._probing
+                        or s.breaker.state != "half-open" or s.breaker.probing):
+                    continue
+                s.breaker.probing = True             # no request takes the probe while the connect runs
+                self._probing.add(r.key)
+                asyncio.get_running_loop().create_task(self._tcp_probe(r.key, r.endpoint, s))
+
+    async def _tcp_probe(self, key: str, endpoint: str, s) -> None:
+        host, _, port = endpoint.rpartition(":")
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 2.0)
+            w.close()
+            s.breaker.probing = False                # listening: the next request is the half-open probe
+            s.breaker.unreachable = False
+            self.admission.kick()
+        except (OSError, asyncio.TimeoutError, ValueError):
+            s.breaker.probing = False
+            s.breaker.hold()
+        finally:
+            self._probing.discard(key)
+            M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])
 
     def limit(self, d: DeploymentInfo, concurrency: int) -> int:
         if d.backend == "vllm":
@@ -138,12 +171,11 @@ class Gateway:
                                "max_tokens" if "max_tokens" in body else "max_completion_tokens")
         prio = validate.priority(headers.get("x-gpumesh-priority"),
                                  self.cfg.priorities.get(caller.tenant or "", "standard"))
-        deadline = validate.deadline_ms(headers.get("x-gpumesh-deadline-ms"))
+        deadline = validate.deadline_ms(headers.get("x-gpumesh-deadline-ms")) or self.cfg.default_deadline_ms or None
         allow = validate.flag(headers.get("x-gpumesh-allow-fallback"), "x-gpumesh-allow-fallback")
         if allow is None:
             allow = (caller.tenant or "") in self.cfg.fallback_tenants
-        timeout = self.cfg.queue_timeout_seconds if deadline is None else min(deadline / 1000,
-                                                                               self.cfg.queue_timeout_seconds)
+        timeout = self._wait_bound(deadline, primary)
         ckey = None
         if self.cache.enabled and not info["stream"] and cachemod.deterministic(body):
             ckey = cachemod.key(caller.tenant, path, body)
@@ -161,6 +193,14 @@ class Gateway:
         slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
         dep = next(d for d in deps if d.name == slot.candidate.replica.deployment)
         return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey)
+
+    def _wait_bound(self, deadline_ms: float | None, deps) -> float:
+        """How long the request may wait for a slot: its deadline (to the first token) minus the expected time
+        to the first token once it has one (gpu-aware; 0 for the baselines), at most queue_timeout_seconds."""
+        if deadline_ms is None:
+            return self.cfg.queue_timeout_seconds
+        left = deadline_ms / 1000 - self.policy.first_token(self.candidates(deps))
+        return max(0.0, min(left, self.cfg.queue_timeout_seconds))
 
     async def _admit(self, primary, fallback, ctx: RouteContext, prio: str, timeout: float, t: Trace):
         cands = self.candidates(primary)
@@ -229,13 +269,14 @@ class Gateway:
                 t.backend_s += time.monotonic() - started
             except proxy.BackendFailed as e:
                 t.backend_s += time.monotonic() - started
-                self._failed(slot, str(e))
-                if attempts > 1:
+                self._failed(slot, e)
+                # retried once; a refused or cut connection (no work done) on every other replica in turn
+                if attempts > 1 and not (e.unreachable and attempts < sum(len(d.replicas) for d in deps)):
                     raise APIError(502, f"the model server failed twice (last: {c.key}: {e})",
                                    code="backend_failed") from None
                 M.RETRIES.labels(t.model).inc()
                 t.retries += 1
-                ctx = RouteContext(ctx.model, ctx.affinity_key, ctx.max_tokens, ctx.exclude | {c.key})
+                ctx = dataclasses.replace(ctx, exclude=ctx.exclude | {c.key})
                 slot = await self._retry_slot(deps, ctx, prio, t)
                 continue
             except APIError:
@@ -272,9 +313,10 @@ class Gateway:
         t.replica, t.why = slot.candidate.key, f"retry: {slot.why}"
         return slot
 
-    def _failed(self, slot: Slot, why: str) -> None:
+    def _failed(self, slot: Slot, e: proxy.BackendFailed) -> None:
+        why = str(e)
         c = slot.candidate
-        c.stats.failed()
+        c.stats.failed(e.unreachable)
         slot.release()
         M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
         M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
@@ -284,7 +326,7 @@ class Gateway:
     async def _relay(self, s: proxy.OpenStream, slot: Slot, started: float, t: Trace):
         c = slot.candidate
         first_at = time.monotonic()
-        done, broken, events = False, None, 0
+        done, broken, events, cut = False, None, 0, False
         try:
             pending = s.first
             while True:
@@ -308,13 +350,14 @@ class Gateway:
                 broken = "the model server ended the stream without [DONE]"
         except (proxy.httpx.HTTPError, OSError) as e:
             broken = f"{type(e).__name__}: {e}"
+            cut = isinstance(e, (proxy.UNREACHABLE, OSError))
         finally:
             await s.close()
             slot.release()
             if broken is None and done:
                 c.stats.ok()
             elif broken is not None:
-                c.stats.failed()
+                c.stats.failed(cut)
                 M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
             else:
                 c.stats.breaker.release()        # the client went away: logged as 499

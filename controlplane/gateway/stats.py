@@ -32,10 +32,14 @@ class ReplicaStats:
         self.recent_failures /= 2
         self.breaker.success()
 
-    def failed(self) -> None:
+    def failed(self, unreachable: bool = False) -> None:
+        """A failed request; `unreachable`: the connection was refused or cut (the circuit opens at once)."""
         self.failures += 1
         self.recent_failures += 1
-        self.breaker.failure()
+        if unreachable:
+            self.breaker.trip()
+        else:
+            self.breaker.failure()
 
 
 @dataclass

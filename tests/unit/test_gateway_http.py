@@ -207,12 +207,12 @@ async def test_a_dead_replica_fails_cleanly_and_opens_its_circuit(app):
     # the only replica's port refuses connections (nothing listens on 127.0.0.1:9)
     a = {"authorization": f"Bearer {app.tokens['team-a']}"}
     body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
-    for _ in range(3):
-        r = await app.post("/v1/chat/completions", headers=a, json=body)
-        assert r.status_code == 502 and r.json()["error"]["code"] == "backend_failed"
-        assert "no other replica" in r.json()["error"]["message"]
+    r = await app.post("/v1/chat/completions", headers=a, json=body)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "backend_failed"
+    assert "no other replica" in r.json()["error"]["message"]
     s = app.gw.stats.of("chat/chat-1")
-    assert s.in_flight == 0 and s.failures == 3 and s.breaker.state == "open"
+    # a refused connection opens the circuit at once (not after breaker_failures of them)
+    assert s.in_flight == 0 and s.failures == 1 and s.breaker.state == "open" and s.breaker.unreachable
     # open circuit: the request waits for a usable replica; past its deadline, 429 with Retry-After
     r = await app.post("/v1/chat/completions", headers={**a, "x-gpumesh-deadline-ms": "50"}, json=body)
     assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "deadline"
@@ -223,3 +223,68 @@ async def test_a_dead_replica_fails_cleanly_and_opens_its_circuit(app):
     metrics = (await app.get("/metrics")).text
     assert 'gpumesh_gateway_circuit_state{replica="chat/chat-1"} 2.0' in metrics
     assert 'gpumesh_gateway_fallbacks_total{model="chat"}' in metrics
+
+
+async def _stand_in_backend():
+    """A model server stand-in on a real socket (uvicorn): an OpenAI-shaped answer or a 3-event stream."""
+    import asyncio
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request):
+        body = await request.json()
+        if body.get("stream"):
+            async def events():
+                for word in ("a", "b"):
+                    yield f'data: {{"choices":[{{"delta":{{"content":"{word}"}}}}]}}\n\n'.encode()
+                yield b"data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return JSONResponse({"choices": [{"message": {"role": "assistant", "content": "ab"}}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+                                           log_level="warning"))
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, task, sock.getsockname()[1]
+
+
+async def test_a_killed_replica_costs_no_request_and_is_skipped_at_once(app):
+    # `chat` gets a second replica that answers; its first replica's port refuses connections
+    server, task, port = await _stand_in_backend()
+    try:
+        v = _view()
+        v.deployments[0].replicas.append(D.Replica(id="chat-2", deployment="chat", state=D.REPLICA_STATE_READY,
+                                                   endpoint=f"127.0.0.1:{port}", node="n", gpu_index=1))
+        app.gw.view.apply(v)
+        app.gw.stats.of("chat/chat-2").ttft_ema = 5.0           # looks slow: the first pick is the dead one
+        from controlplane.gateway import metrics as GM
+        retries = lambda: GM.RETRIES.labels("chat")._value.get()    # noqa: E731 (process-wide counter)
+        before = retries()
+        a = {"authorization": f"Bearer {app.tokens['team-a']}"}
+        served = []
+        for i in range(8):
+            body = {"model": "chat", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 2,
+                    "stream": i % 2 == 1}
+            r = await app.post("/v1/chat/completions", headers=a, json=body)
+            assert r.status_code == 200, r.text
+            assert "error" not in r.text
+            served.append(r.headers["x-gpumesh-served-by"])
+        assert served == ["chat/chat-2"] * 8                    # every request answered by the live replica
+        dead = app.gw.stats.of("chat/chat-1")
+        # one request tried the dead port and was retried before its first token; the circuit opened on
+        # that one failure, so no later request went there
+        assert dead.failures == 1 and dead.in_flight == 0 and dead.breaker.unreachable
+        assert dead.breaker.state in ("open", "half-open")
+        assert retries() == before + 1
+        assert app.gw.stats.of("chat/chat-2").in_flight == 0
+    finally:
+        server.should_exit = True
+        await task

@@ -53,16 +53,20 @@ def test_levels_follow_seed_003_bands():
     assert gpu_levels(None, c.pressure_limits, c.thermal_limits) == ("low", "normal")
 
 
-def test_gpu_aware_skips_critical_and_throttling_and_prefers_cool_idle_fast():
+def test_gpu_aware_skips_critical_but_only_penalizes_throttling():
     p = make("gpu-aware", cfg(), random.Random(1))
     ctx = RouteContext("chat")
     hot, full, ok = cand("hot", temp=84), cand("full", used_gib=79), cand("ok")
-    assert p.pick([hot, full, ok], ctx)[0] is ok
-    assert p.pick([hot, full], ctx)[0] is None           # nothing healthy: the request waits
-    # warmer and fuller rank lower, but are still used
-    warm, cool = cand("warm", temp=70, used_gib=60), cand("cool")
-    assert p.pick([warm, cool], ctx)[0] is cool
-    assert p.pick([warm], ctx)[0] is warm
+    assert hot.thermal == "throttling" and full.pressure == "critical"
+    assert p.pick([hot, full, ok], ctx)[0] is ok                # the cool one is expected to finish first
+    assert p.pick([hot, full], ctx)[0] is hot                   # throttling: slower, still used
+    ok.stats.in_flight = 1                                      # the cool one is busy: the hot one serves
+    assert p.pick([hot, full, ok], ctx)[0] is hot
+    assert p.pick([full], ctx)[0] is None                       # critical alone: the request waits
+    assert p.pick([cand("burning", temp=90)], ctx)[0] is None
+    # warmer and fuller (not critical) rank lower, but are still used
+    warm, cool = cand("warm", temp=70, used_gib=60), cand("cool", used_gib=45)
+    assert p.pick([warm, cool], ctx)[0] is cool and p.pick([warm], ctx)[0] is warm
     # latency: the replica with the lower EMA time to first token + per token wins
     slow, fast = cand("slow", ttft=0.5, tpot=0.05), cand("fast", ttft=0.1, tpot=0.02)
     assert p.pick([slow, fast], ctx)[0] is fast
@@ -77,13 +81,76 @@ def test_gpu_aware_skips_critical_and_throttling_and_prefers_cool_idle_fast():
     assert p.pick([cand("starting", ready=False)], ctx)[0] is None
 
 
+def test_throttling_costs_its_slowdown_in_expected_completion_time():
+    from controlplane.gateway import cost
+    c = cfg()
+    p = make("gpu-aware", c, random.Random(1))
+    ctx = RouteContext("chat", max_tokens=10)
+    # both measured at 1 s per request; the throttled one is expected 1/0.85 slower
+    hot, cool = cand("hot", temp=84, ttft=0.5, tpot=0.05), cand("cool", ttft=0.5, tpot=0.05)
+    assert cost.service_time(cool, 10, [hot, cool], c) == pytest.approx(1.0)
+    assert cost.service_time(hot, 10, [hot, cool], c) == pytest.approx(1 / 0.85)
+    # vLLM-like slots: the cool replica with half its slots taken (ECT 1.5 s) loses to the idle hot one (1.18 s)
+    hot.limit = cool.limit = 8
+    cool.stats.in_flight = 4
+    assert p.pick([hot, cool], ctx)[0] is hot
+    cool.stats.in_flight = 1                                    # 1.125 s: the cool one again
+    assert p.pick([hot, cool], ctx)[0] is cool
+    # an unmeasured replica is assumed as fast as the median measured one
+    new = cand("new")
+    assert cost.service_time(new, 10, [hot, cool, new], c) == pytest.approx(1.0)
+    # the throttle speed is configuration
+    assert cost.service_time(hot, 10, [hot], cfg(throttle_speed=0.5)) == pytest.approx(2.0)
+
+
+def test_critical_gpu_takes_a_request_only_when_the_wait_would_pass_its_deadline():
+    import time as _t
+    p = make("gpu-aware", cfg(), random.Random(1))
+    busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # 10 s per request, its one slot taken
+    full = cand("full", used_gib=79)                             # critical memory, idle
+    far = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 60)
+    chosen, why = p.pick([busy, full], far)
+    assert chosen is None and "expected wait 10.0s" in why       # waiting 10 s is within 60 s: wait
+    assert p.expected_wait([busy, full], far) == 0.0             # the critical one is free: it can serve
+    full.stats.in_flight = 1                                     # both busy: 2 slots of 10 s each, ~5 s
+    assert p.expected_wait([busy, full], far) == pytest.approx(5.0)
+    assert make("gpu-aware", cfg(critical_overflow=False)).expected_wait([busy, full], far) == pytest.approx(10.0)
+    full.stats.in_flight = 0
+    near = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 3)
+    chosen, why = p.pick([busy, full], near)
+    assert chosen is full and "overflow to a critical GPU" in why
+    # with three queued before it the wait is 40 s: past a 30 s deadline
+    queued = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 30, ahead=3)
+    assert p.pick([busy, full], queued)[0] is full
+    # off by configuration; and never when no healthy replica exists (the request waits for recovery)
+    assert make("gpu-aware", cfg(critical_overflow=False)).pick([busy, full], near)[0] is None
+    burning = cand("burning", temp=90, in_flight=1)
+    assert p.pick([burning, full], near)[0] is None
+    assert p.expected_wait([burning, full], near) == float("inf")
+    # baselines cannot tell
+    assert make("least-loaded", cfg()).expected_wait([busy, full], near) is None
+
+
 def test_weights_are_configuration():
-    # with the thermal weight at 0 and latency dominant, a warm but fast replica beats a cool slow one
-    p = make("gpu-aware", cfg(weight_thermal=0, weight_latency=5), random.Random(1))
-    warm_fast, cool_slow = cand("wf", temp=75, ttft=0.1, tpot=0.01), cand("cs", temp=30, ttft=1.0, tpot=0.1)
-    assert p.pick([warm_fast, cool_slow], RouteContext("chat"))[0] is warm_fast
-    p = make("gpu-aware", cfg(weight_thermal=5, weight_latency=0), random.Random(1))
-    assert p.pick([warm_fast, cool_slow], RouteContext("chat"))[0] is cool_slow
+    # with the thermal weight at 0 and latency dominant, a hot but fast replica beats a cool slow one
+    p = make("gpu-aware", cfg(weight_thermal=0), random.Random(1))
+    hot_fast, cool_slow = cand("hf", temp=84, ttft=0.1, tpot=0.01), cand("cs", temp=30, ttft=0.12, tpot=0.011)
+    assert p.pick([hot_fast, cool_slow], RouteContext("chat"))[0] is hot_fast
+    p = make("gpu-aware", cfg(weight_thermal=1), random.Random(1))
+    assert p.pick([hot_fast, cool_slow], RouteContext("chat"))[0] is cool_slow
+    # latency ignored: the busier (by in-flight share) loses whatever its speed
+    p = make("gpu-aware", cfg(weight_latency=0), random.Random(1))
+    a, b = cand("a", limit=4, in_flight=1, ttft=0.1), cand("b", limit=4, in_flight=2, ttft=0.01)
+    assert p.pick([a, b], RouteContext("chat"))[0] is a
+    # recent failures and high memory pressure weigh by their weights
+    f, g = cand("f", ttft=1.0), cand("g", ttft=1.2)
+    f.stats.recent_failures = 1
+    assert make("gpu-aware", cfg(), random.Random(1)).pick([f, g], RouteContext("chat"))[0] is g
+    assert make("gpu-aware", cfg(weight_failures=0), random.Random(1)).pick([f, g], RouteContext("chat"))[0] is f
+    hi, lo = cand("hi", used_gib=64, ttft=1.0), cand("lo", ttft=1.2)
+    assert hi.pressure == "high"
+    assert make("gpu-aware", cfg(weight_pressure=1), random.Random(1)).pick([hi, lo], RouteContext("chat"))[0] is lo
+    assert make("gpu-aware", cfg(weight_pressure=0), random.Random(1)).pick([hi, lo], RouteContext("chat"))[0] is hi
 
 
 def test_baselines_ignore_gpu_state():
@@ -141,6 +208,69 @@ def test_circuit_breaker_opens_probes_and_closes():
     assert br.state == CLOSED
 
 
+def test_a_refused_connection_opens_the_circuit_at_once_and_a_dead_port_keeps_it_open():
+    now = [0.0]
+    br = CircuitBreaker(failures=3, open_seconds=2, clock=lambda: now[0])
+    br.trip()
+    assert br.state == OPEN and br.unreachable and not br.allows()
+    now[0] = 2.0
+    assert br.state == HALF_OPEN
+    br.hold()                                      # the TCP probe found nothing listening
+    assert br.state == OPEN and not br.allows()
+    now[0] = 4.0
+    assert br.allows()
+    br.begin()
+    br.success()
+    assert br.state == CLOSED and not br.unreachable
+    s = ReplicaStats(CircuitBreaker(3, 2, clock=lambda: now[0]))
+    s.failed(unreachable=False)
+    assert s.breaker.state == CLOSED               # a 5xx or timeout counts toward K
+    s.failed(unreachable=True)
+    assert s.breaker.state == OPEN
+
+
+def test_connection_failures_are_told_from_slow_or_erroring_backends():
+    import httpx
+    from controlplane.gateway import proxy
+    assert proxy.failed(httpx.ConnectError("refused")).unreachable
+    assert proxy.failed(httpx.RemoteProtocolError("Server disconnected without sending a response.")).unreachable
+    assert proxy.failed(httpx.ReadError("reset")).unreachable
+    assert not proxy.failed(httpx.ReadTimeout("slow")).unreachable
+
+
+async def test_tcp_probe_holds_a_dead_port_open_and_frees_a_listening_one():
+    from controlplane.gateway.service import Gateway
+    gw = Gateway(cfg(breaker_open_seconds=0.1))
+    try:
+        s = gw.stats.of("chat/x")
+        s.failed(unreachable=True)
+        dead = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = dead.sockets[0].getsockname()[1]
+        dead.close()
+        await dead.wait_closed()                       # nothing listens on `port` now
+        await asyncio.sleep(0.15)
+        assert s.breaker.state == HALF_OPEN
+        await gw._tcp_probe("chat/x", f"127.0.0.1:{port}", s)
+        assert s.breaker.state == OPEN and s.breaker.unreachable
+        live = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        await asyncio.sleep(0.15)
+        await gw._tcp_probe("chat/x", f"127.0.0.1:{live.sockets[0].getsockname()[1]}", s)
+        assert s.breaker.state == HALF_OPEN and s.breaker.allows() and not s.breaker.unreachable
+        live.close()
+        await live.wait_closed()
+    finally:
+        await gw.http.aclose()
+
+
+def test_wait_bound_follows_the_deadline_where_configured():
+    from controlplane.gateway.service import Gateway
+    gw = Gateway(cfg())
+    assert gw._wait_bound(None, []) == 30.0                     # no deadline: queue_timeout_seconds
+    assert gw._wait_bound(5000, []) == pytest.approx(5.0)       # nothing measured: the whole deadline
+    assert gw._wait_bound(60000, []) == 30.0                    # never beyond queue_timeout_seconds
+    asyncio.run(gw.http.aclose())
+
+
 def test_policy_skips_an_open_circuit_until_half_open():
     now = [0.0]
     p = make("gpu-aware", cfg(breaker_failures=2, breaker_open_seconds=1))
@@ -194,6 +324,54 @@ async def test_admission_slots_priority_queue_bound_and_deadline():
     assert adm.depth("chat") == 0
     s1.release()
     assert a.stats.in_flight == 0
+
+
+async def test_gpu_aware_admission_sheds_at_once_only_when_the_wait_cannot_fit():
+    p = make("gpu-aware", cfg())
+    busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # a slot frees in about 10 s (max_tokens 10)
+    adm = Admission(p, queue_size=4, shed_early=True)
+    assert not cfg().shed_early                                  # off by default: 429 after waiting it out
+    ctx = RouteContext("chat", max_tokens=10)
+    with pytest.raises(Rejected) as e:
+        await adm.acquire(lambda: [busy], ctx, "standard", 2)
+    assert e.value.reason == "deadline" and "expected wait 10.0s" in str(e.value) and adm.depth("chat") == 0
+    t = asyncio.create_task(adm.acquire(lambda: [busy], RouteContext("chat", max_tokens=10), "standard", 30))
+    await asyncio.sleep(0.02)
+    assert not t.done() and adm.depth("chat") == 1             # 10 s fits in 30 s: it waits
+    busy.stats.in_flight = 0
+    adm.kick()
+    assert (await t).candidate is busy
+    # no healthy replica at all: no estimate to shed on, it waits (seed 003's queue) until its deadline
+    with pytest.raises(Rejected) as e:
+        await adm.acquire(lambda: [cand("burning", temp=90)], RouteContext("chat"), "standard", 0.05)
+    assert "became free within" in str(e.value)
+    # the baselines never shed early
+    ll = Admission(make("least-loaded", cfg()), queue_size=4, shed_early=True)
+    b2 = cand("b2", in_flight=1, ttft=5, tpot=0.5)
+    with pytest.raises(Rejected) as e:
+        await ll.acquire(lambda: [b2], RouteContext("chat", max_tokens=10), "standard", 0.05)
+    assert "became free within" in str(e.value)
+
+
+async def test_a_deadline_the_healthy_replicas_cannot_meet_is_served_by_a_critical_one_not_refused():
+    p = make("gpu-aware", cfg())
+    adm = Admission(p, queue_size=4)
+    busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # the healthy replica: busy for ~10 s
+    full = cand("full", used_gib=79)                             # critical memory, idle
+    slot = await adm.acquire(lambda: [busy, full], RouteContext("chat", max_tokens=10), "standard", 2)
+    assert slot.candidate is full and "overflow" in slot.why and slot.waited == 0
+    # with time enough to wait, it waits for the healthy one instead
+    t = asyncio.create_task(adm.acquire(lambda: [busy, cand("full2", used_gib=79)],
+                                        RouteContext("chat", max_tokens=10), "standard", 60))
+    await asyncio.sleep(0.02)
+    assert not t.done()
+    busy.stats.in_flight = 0
+    adm.kick()
+    assert (await t).candidate is busy
+    # round-robin and least-loaded route as before: the critical GPU is just another replica to them
+    ll = Admission(make("least-loaded", cfg()), queue_size=4)
+    assert (await ll.acquire(lambda: [cand("b", in_flight=1), cand("f", used_gib=79)], RouteContext("chat"),
+                             "standard", 2)).candidate.key == "chat/f"
 
 
 async def test_admission_waits_for_the_fleet_to_change():
