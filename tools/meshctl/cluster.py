@@ -189,10 +189,11 @@ def run_up(args: argparse.Namespace) -> int:
         if args.detach:
             if args.output not in ("json", "yaml"):
                 out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes), gateway "
-                    f"{cluster.gateway_url or 'off'}; "
+                    f"{cluster.gateway_url or 'off'}, web view {_web_url(cluster)}; "
                     f"stop it with: meshctl down --state-dir {args.state_dir}\n")
             return 1 if failed else 0
-        info(f"cluster running at {cluster.endpoint}; press Ctrl-C to stop")
+        info(f"cluster running at {cluster.endpoint}, gateway {cluster.gateway_url or 'off'}, web view "
+             f"{_web_url(cluster)}; press Ctrl-C to stop")
         return _wait(cluster)
     except KeyboardInterrupt:
         return 0
@@ -218,6 +219,10 @@ def _wait(cluster) -> int:
             if not proc.running() and name not in reported:
                 reported.add(name)
                 info(f"warning: agent {name} exited with status {proc.popen.returncode}; see {proc.log_path}")
+
+
+def _web_url(cluster) -> str:
+    return cluster.web or "off"
 
 
 def run_down(args: argparse.Namespace) -> int:
