@@ -229,8 +229,11 @@ def test_replica_load_signals(cluster, mesh, smollm2):
         assert got is not None
         load = got.replicas[0].load
         assert load.workload_id == r.workload_id and load.kind == "llama.cpp" and load.endpoint == r.endpoint
-        assert load.generation_tokens_total >= 9 and load.prompt_tokens_total > 0 and load.ttft_seconds > 0
-        assert load.requests_running == 0 and load.requests_waiting == 0 and 0 < load.kv_cache_usage <= 1
+        # at least one generated token per request (a completion may end early on the end-of-text token)
+        assert load.generation_tokens_total >= load.requests_total >= 3
+        assert load.prompt_tokens_total > 0 and load.ttft_seconds > 0
+        # (the controller's periodic readiness probe may be in flight at the agent's reading)
+        assert load.requests_running <= 1 and load.requests_waiting <= 1 and 0 < load.kv_cache_usage <= 1
         # beside the GPU's state as the control plane judges it (an idle simulated H100: low, normal)
         assert load.gpu_memory_pressure == types_pb2.MEMORY_PRESSURE_LOW
         assert load.gpu_thermal_state == types_pb2.THERMAL_STATE_NORMAL
