@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
 from gpumesh.v1 import types_pb2
+from mesh.levels import PRESSURE, THERMAL
 
 LEADER = Gauge("gpumesh_leader", "1 while this control plane leads, 0 while it stands by")
 ELECTIONS = Counter("gpumesh_leader_elections_total", "Times this control plane process became the leader")
@@ -23,8 +24,6 @@ MIGRATIONS_FINISHED = Counter("gpumesh_migrations_finished_total", "Migrations t
                               ["result"])
 STATES = ("pending", "ready", "releasing", "failed", "unknown")
 HEALTHS = ("healthy", "unhealthy", "lost", "quarantined")
-PRESSURES = ("low", "normal", "high", "critical")
-THERMALS = ("normal", "warning", "throttling", "critical")
 
 
 def _gpus(ctl) -> list[tuple]:
@@ -166,15 +165,15 @@ class FleetCollector:
             ("thermal_level", "Thermal state: 0 normal, 1 warning, 2 throttling, 3 critical"),
             ("slices", "Slices placed on the GPU"))}
         health = dict.fromkeys(HEALTHS, 0)
-        pressure = dict.fromkeys(PRESSURES, 0)
-        thermal = dict.fromkeys(THERMALS, 0)
+        pressure = dict.fromkeys(PRESSURE, 0)
+        thermal = dict.fromkeys(THERMAL, 0)
         for node, index, model, h, p, t, used, total, temp, util, slices in snap["gpus"]:
             key = [node, index, model]
             for name, value in (("healthy", int(h == "healthy")), ("memory_used_bytes", used),
                                 ("memory_total_bytes", total), ("temperature_celsius", temp),
                                 ("utilization_percent", util),
-                                ("memory_pressure_level", PRESSURES.index(p) if p in PRESSURES else 0),
-                                ("thermal_level", THERMALS.index(t) if t in THERMALS else 0), ("slices", slices)):
+                                ("memory_pressure_level", PRESSURE.index(p) if p in PRESSURE else 0),
+                                ("thermal_level", THERMAL.index(t) if t in THERMAL else 0), ("slices", slices)):
                 fams[name].add_metric(key, value)
             health[h] = health.get(h, 0) + 1
             pressure[p] = pressure.get(p, 0) + 1

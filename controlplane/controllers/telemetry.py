@@ -27,13 +27,12 @@ from controlplane.state.fleet import GpuState
 from controlplane.controllers.health import HEALTH_ENUM, HealthController
 from controlplane.controllers.healthpolicy import HealthPolicy
 from gpumesh.v1 import types_pb2
+from mesh.levels import PRESSURE, THERMAL, level
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 T = types_pb2
 
-PRESSURE = ("low", "normal", "high", "critical")
-THERMAL = ("normal", "warning", "throttling", "critical")
 PRESSURE_ENUM = dict(zip(PRESSURE, (T.MEMORY_PRESSURE_LOW, T.MEMORY_PRESSURE_NORMAL, T.MEMORY_PRESSURE_HIGH,
                                     T.MEMORY_PRESSURE_CRITICAL)))
 THERMAL_ENUM = dict(zip(THERMAL, (T.THERMAL_STATE_NORMAL, T.THERMAL_STATE_WARNING, T.THERMAL_STATE_THROTTLING,
@@ -50,23 +49,12 @@ class Policy:
 
     def memory_pressure(self, used: int, total: int) -> str:
         pct = 100.0 * used / total if total > 0 else 0.0
-        return _level(pct, self.pressure_pct, PRESSURE)
+        return level(pct, self.pressure_pct, PRESSURE)
 
     def thermal_state(self, celsius: float) -> str:
-        return _level(celsius, self.thermal_c, THERMAL)
+        return level(celsius, self.thermal_c, THERMAL)
 
 
-def _level(value: float, limits: tuple[float, float, float], names: tuple[str, ...]) -> str:
-    """As the seeds define the bands: names[0] below limits[0]; names[1] up to and including
-    limits[1]; names[2] up to and including limits[2]; names[3] above (e.g. memory: <50% low,
-    50-70% normal, 70-85% high, >85% critical)."""
-    if value < limits[0]:
-        return names[0]
-    if value <= limits[1]:
-        return names[1]
-    if value <= limits[2]:
-        return names[2]
-    return names[3]
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:

@@ -15,20 +15,10 @@ from dataclasses import dataclass
 from controlplane.gateway import cost
 from controlplane.gateway.stats import ReplicaStats
 from controlplane.gateway.view import GpuInfo, ReplicaInfo
-
-PRESSURE = ("low", "normal", "high", "critical")
-THERMAL = ("normal", "warning", "throttling", "critical")
+from mesh.levels import PRESSURE, THERMAL, level
 
 
-def level(value: float, limits: tuple[float, float, float], names: tuple[str, ...]) -> str:
-    """Seed 003's bands, as the control plane computes them (controllers/telemetry.py)."""
-    if value < limits[0]:
-        return names[0]
-    if value <= limits[1]:
-        return names[1]
-    if value <= limits[2]:
-        return names[2]
-    return names[3]
+
 
 
 def gpu_levels(g: GpuInfo | None, pressure_limits, thermal_limits) -> tuple[str, str]:

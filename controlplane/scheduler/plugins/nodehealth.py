@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from controlplane.state.fleet import GpuState, NodeEntry
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
+from mesh.levels import PRESSURE, THERMAL
 from mesh.slicespec import SliceRequest
 
 NAME = "NodeHealth"
-PRESSURE = ("low", "normal", "high", "critical")
-THERMAL = ("normal", "warning", "throttling", "critical")
 
 
 class Plugin:
