@@ -36,6 +36,7 @@ from google.protobuf import json_format, timestamp_pb2
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
+from nodeagent.teardown import SliceTeardown
 from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,7 @@ class WorkloadRunner:
         self.agent.handlers["workloads"] = self.on_command
         self.agent.handlers["logs"] = self.on_logs
         self.agent.session_hooks.append(self.on_session)
-        if hasattr(self.agent, "teardown_hooks"):
-            self.agent.teardown_hooks.append(self.free_slices)
-        if hasattr(self.agent, "claim_hooks"):
-            self.agent.claim_hooks.append(self.device_claims)
+        SliceTeardown(self).install()
         return self
 
     # -- files --------------------------------------------------------------------------
@@ -372,39 +370,6 @@ class WorkloadRunner:
                 self.mps.remove_client(meta["mps_pipe"], self.workloads[wid].pid)
             except Exception:   # noqa: BLE001
                 pass
-
-    def device_claims(self) -> dict[str, str]:
-        """{device UUID: slice ID} of the workloads running here (what a restarted agent knows of which
-        slice a MIG instance was made for)."""
-        return {m["device_uuid"]: w.slice_id for wid, w in self.workloads.items()
-                if w.state == W.WORKLOAD_STATE_RUNNING and (m := self.meta.get(wid, {})).get("device_uuid")}
-
-    async def free_slices(self, slice_ids: set[str], device_uuids: set[str], timeout: float | None = None) -> None:
-        """Before slices (or orphan MIG instances, by device UUID) are torn down: stop the workloads
-        still running on them and wait until they end (SIGKILL after the grace), so the GPU is not asked
-        to destroy an instance its processes still use. A restarted agent meets this when the slice of a
-        workload was released while the agent was away."""
-        def on_it(wid: str, w) -> bool:
-            # by the device when the workload's is known: a resize or migration commit moves a workload
-            # onto a new instance under the same slice ID while the reserved slice ID (with the old
-            # instance) is released, and the moved workload must not be stopped for that
-            uuid = self.meta.get(wid, {}).get("device_uuid")
-            return uuid in device_uuids if uuid else w.slice_id in slice_ids
-        victims = [wid for wid, w in self.workloads.items()
-                   if w.state == W.WORKLOAD_STATE_RUNNING and not self.meta.get(wid, {}).get("frozen")
-                   and on_it(wid, w)]
-        if not victims:
-            return
-        for wid in victims:
-            self.meta.setdefault(wid, {}).setdefault("stop_reason", "its slice was released")
-            self.stop(wid)
-        deadline = time.monotonic() + (self.stop_grace + 5 if timeout is None else timeout)
-        while time.monotonic() < deadline and any(self.workloads[w].state == W.WORKLOAD_STATE_RUNNING
-                                                  for w in victims if w in self.workloads):
-            await asyncio.sleep(self.poll_interval)
-            self.check_all()
-        log(logger, logging.INFO, "stopped the workloads of slices being torn down", node=self.agent.node,
-            workloads=",".join(victims), slices=",".join(sorted(slice_ids)))
 
     def stop(self, wid: str) -> None:
         w = self.workloads.get(wid)
