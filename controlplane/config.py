@@ -118,6 +118,17 @@ class ControlPlaneConfig:
                                      "/metrics: GPU forecasts then read their history with PromQL from it "
                                      "(gpumesh_gpu_* gauges) instead of history.db; other series stay embedded "
                                      "(docs/prediction.md)")
+    # cost (docs/cost.md)
+    gpu_prices: list = option(["H100-80GB=2.49", "A100-80GB=1.79", "A100-40GB=1.29"],
+                              "dollars per GPU-hour per GPU model, MODEL=PRICE; a slice is charged its share (MIG: "
+                              "memory slices of 8; MPS, time-share: the larger of compute share and memory "
+                              "fraction; exclusive: the whole GPU)")
+    gpu_price_default: float = option(0.0, "dollars per GPU-hour of a GPU model gpu_prices does not name",
+                                      minimum=0, maximum=1_000_000)
+
+    def price_table(self):
+        from mesh.cost import PriceTable
+        return PriceTable.parse(self.gpu_prices, self.gpu_price_default)
 
     def deployment_policy(self):
         from controlplane.serving.reconcile import Policy
@@ -152,6 +163,10 @@ class ControlPlaneConfig:
             raise ConfigError(f"state_dir: the parent directory of {self.state_dir!r} does not exist")
         from controlplane.forecast.history import parse_tiers
         parse_tiers(self.history_tiers)      # raises ConfigError naming history_tiers
+        try:
+            self.price_table()
+        except ValueError as e:
+            raise ConfigError(f"gpu_prices: {e}") from None
         if self.prometheus_url:
             from urllib.parse import urlparse
             u = urlparse(self.prometheus_url)

@@ -1,0 +1,6 @@
+"""Deployment autoscaling: Knative-like stable and panic windows, predictive warm-up, scale to zero and a
+cost ceiling, as pure functions of observed samples (see ``types``)."""
+
+from mesh.autoscale.types import METRICS, Decision, Sample, ScalingPolicy
+
+__all__ = ["METRICS", "Decision", "Sample", "ScalingPolicy"]
