@@ -289,7 +289,7 @@ class ControlPlane:
         store = HistoryStore(str(self.state_dir / "history.db"), parse_tiers(self.cfg.history_tiers))
         rec = HistoryRecorder(store, flush_seconds=self.cfg.history_flush_seconds,
                               sample_seconds=self.cfg.history_sample_seconds)
-        rec.attach(self.telemetry, self.ctl, self.deployments)
+        rec.attach(self.telemetry, self.ctl, self.deployments, workloads=self.workloads)
         rec.start()
         return rec
 
