@@ -63,8 +63,9 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
     async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
         kind, name, metric = p.kind, p.name, p.metric
         times, values = forecasting.check_history(p, rows)
+        recent = forecasting.last_in_bins(rows, times, p.step_s)
         async with self.slots:
-            f = await asyncio.to_thread(forecasting.fit, p, times, values)
+            f = await asyncio.to_thread(forecasting.fit, p, times, values, recent)
         return F.GetForecastResponse(
             kind=kind, name=name, metric=metric, model=f["model"], backtest_mase=f["mase"], level=p.level,
             step_seconds=p.step_s, history_points=int(values.size),
