@@ -240,5 +240,5 @@ def backtest(y, spec: BacktestSpec, progress: Callable[[str], None] | None = Non
     return evaluate(arr, rf, spec, intervals), rf
 
 
-__all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_recent", "check_series", "evaluate", "pick",
-           "plan_origins", "rolling_forecasts", "sequential_intervals"]
+__all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_recent", "check_series", "evaluate",
+           "pick", "plan_origins", "rolling_forecasts", "sequential_intervals"]

@@ -6,9 +6,11 @@ with no gaps (one value per step), `season` the number of steps in one season (1
 number of steps ahead; `predict` returns `h` points.
 
 The statistical models come from `statsforecast` (the `gpumesh[forecast]` extra): exponential smoothing
-(`AutoETS`), a damped additive trend, and `MSTL` (a seasonal decomposition whose deseasonalised part is
+(`AutoETS`), a damped additive trend, simple exponential smoothing (`ses`), AutoTheta (`theta`), AutoCES
+(`ces`), and `MSTL` (a seasonal decomposition whose deseasonalised part is
 forecast by AutoETS), which handles long seasons such as 144 ten-minute steps a day. The naive forecasts
-and the local models (`latest`, `linear`: mesh.forecast.local) need only numpy; the LSTM (`mesh.forecast.neural`) needs torch (`gpumesh[torch]`).
+and the local models (`latest`, `linear`: mesh.forecast.local) need only numpy; the LSTM
+(`mesh.forecast.neural`) needs torch (`gpumesh[torch]`).
 """
 
 from __future__ import annotations
