@@ -24,6 +24,13 @@ examples:
   meshctl forecast backtest --csv ../shared/traces/alibaba-genai-2026/pod_gpu_duty_cycle_anon.csv \\
       --time-col timestamp_anon --value-col value --group-col container_ip --freq 5min --agg mean \\
       --fill ffill --horizon 30min --season 1h --max-series 20 --skip-bad
+  # the freshest sample: each 10-minute mean's last raw minute feeds latest and linear
+  meshctl forecast backtest --csv ../shared/traces/helios-earth-2020/vcSoL_cluster_sequence_vc.csv \
+      --time-col time --value-col running_gpu_num --freq 10min --horizon 30min --season 1d --origins 400 \
+      --models naive,snaive,ses,latest,linear
+  # an already binned series with its freshest reading in a column (forecast concurrency's at_end)
+  meshctl forecast backtest --csv openb_gpus_hourly.csv --time-col time --value-col value --recent-col at_end \
+      --horizon 1 --season 24 --models naive,snaive,latest,linear
   # write every forecast for independent scoring
   meshctl forecast backtest --csv load.csv --time-col t --value-col v --horizon 12 --season 24 \\
       --models naive,snaive,damped,mstl,lstm --predictions-out preds.csv
