@@ -56,6 +56,8 @@ class HistoryRecorder:
         self.workloads = None                # controlplane/controllers/workloads.py WorkloadManager
         self.entries: dict[str, tuple] = {}  # workload -> the last interaction row written (changes only)
         self.pending_entries: dict[str, fleet_series.Interaction] = {}
+        self._by_node: dict[str, list] | None = None
+        self._by_node_at = 0.0
 
     # -- sources ------------------------------------------------------------------------------
 
@@ -76,10 +78,23 @@ class HistoryRecorder:
             return
         at = t.at.ToNanoseconds() / 1e9 if t.HasField("at") else self.clock()
         rows, uses = fleet_series.node_samples(entry, t, at)
-        ws = self.workloads.list(node=node) if self.workloads is not None else []
+        ws = self._workloads_on(node)
         rows += fleet_series.workload_samples(uses, ws, at)
         self.pending.extend(rows)
         self.note_workloads(ws, entry)
+
+    def _workloads_on(self, node: str) -> list:
+        """The workloads on `node`, from an index rebuilt at most once a second (a scan of every workload
+        per node reading would grow with nodes x workloads)."""
+        if self.workloads is None:
+            return []
+        now = self.clock()
+        if self._by_node is None or now - self._by_node_at >= 1.0:
+            by_node: dict[str, list] = {}
+            for w in list(getattr(self.workloads, "workloads", {}).values()):
+                by_node.setdefault(w.node, []).append(w)
+            self._by_node, self._by_node_at = by_node, now
+        return self._by_node.get(node, [])
 
     def note_workloads(self, ws, entry=None) -> None:
         """Queue the interaction entries of `ws` whose state, labels or placement changed."""
