@@ -20,6 +20,7 @@ what runs until it has seen a window's worth; a scale-down waits for its delay a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ SCALES = Counter("gpumesh_autoscaler_scale_events_total", "Changes of replicas t
                  ["deployment", "direction"])
 STATUS_REFRESH_S = 30.0      # the status's signals are rewritten at least this often while they change
 SOURCE = "autoscaler"
+WAKE_HOLD_S = 600.0          # after a Wake, the held request counts as demand until a replica is READY, this long at most
 
 
 @dataclass
@@ -51,6 +53,7 @@ class _State:
     auto: Autoscaler
     counters: autoscale_signals.Counters = field(default_factory=autoscale_signals.Counters)
     woken_seen: float = 0.0
+    waking_since: float = 0.0   # a Wake's time while no replica has been READY since
     forecast: float | None = None
     forecast_note: str = ""
     forecast_at: float = 0.0
@@ -135,14 +138,19 @@ class AutoscalerController:
         st = self._state(name, d.spec.scaling)
         now = self.clock()
         replicas = self.dm.store.replicas_of(name)
+        ready, starting = autoscale_signals.counts(replicas)
         woken = self.dm.scaling.woken.get(name, 0.0)
         if woken > st.woken_seen:
-            st.woken_seen = woken       # the request the gateway holds is demand (and activity) at the wake
-            st.auto.observe(Sample(t=min(woken, now), queue=1.0, request_rate=0.0, ready=0))
+            st.woken_seen = st.waking_since = woken
         sample = autoscale_signals.sample(now, replicas, self.dm.store.loads, st.counters)
+        if ready:
+            st.waking_since = 0.0
+        elif st.waking_since and now - st.waking_since < WAKE_HOLD_S:
+            # the request the gateway holds is demand until a replica is READY to take it: the idle period
+            # starts again, and a replica starting from zero is not scaled away under it
+            sample = dataclasses.replace(sample, queue=sample.queue + 1)
         st.auto.observe(sample)
         self._record(name, d, st.policy, sample)
-        ready, starting = autoscale_signals.counts(replicas)
         variant, need = self._variant(d)
         cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
                                               int(d.spec.isolation), self.registry.gpu_models(),

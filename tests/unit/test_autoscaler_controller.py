@@ -153,9 +153,17 @@ async def test_idle_scales_to_zero_and_wake_brings_one_back():
     resp = await dm.scaling.wake("chat")
     assert resp.woke and resp.replicas == 1 and dm.events[-1][1] == "WokenFromZero"
     assert (await dm.scaling.wake("chat")).woke is False          # idempotent
+    for _ in range(4):                                 # no replica READY yet: the held request is demand
+        clock[0] += 3
+        decision = await ctl.one("chat")
+        assert decision.desired == 1 and dm.store.deployments["chat"].spec.replicas == 1
+    r, load = replica(2, at=2)                         # READY: the request is served, the idle period starts
+    dm.replicas.append(r)
+    dm.store.loads["r-2"] = load
     clock[0] += 1
-    decision = await ctl.one("chat")                   # the held request is demand: one replica stays
-    assert decision.desired == 1 and dm.store.deployments["chat"].spec.replicas == 1
+    assert (await ctl.one("chat")).desired == 1
+    clock[0] += 6
+    assert (await ctl.one("chat")).desired == 0
 
 
 async def test_wake_needs_a_policy_that_scales_to_zero():
