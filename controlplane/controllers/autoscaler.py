@@ -44,7 +44,7 @@ SCALES = Counter("gpumesh_autoscaler_scale_events_total", "Changes of replicas t
                  ["deployment", "direction"])
 STATUS_REFRESH_S = 30.0      # the status's signals are rewritten at least this often while they change
 SOURCE = "autoscaler"
-WAKE_HOLD_S = 600.0          # after a Wake, the held request counts as demand until a replica is READY, this long at most
+WAKE_HOLD_S = 600.0          # after a Wake the held request is demand until a replica is READY, this long at most
 
 
 @dataclass

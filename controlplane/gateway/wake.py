@@ -72,7 +72,8 @@ class Waker:
             spec = self._specs.get(name)
             task = self._calls.get(name)
             if task is None or task.done():
-                if spec is not None and spec.spec.replicas > 0 and time.monotonic() - self._asked.get(name, 0) < REWAKE_S:
+                recent = time.monotonic() - self._asked.get(name, 0) < REWAKE_S
+                if spec is not None and spec.spec.replicas > 0 and recent:
                     continue        # already woken (its replica is starting)
                 self._asked[name] = time.monotonic()
                 task = self._calls[name] = asyncio.get_running_loop().create_task(self._call(name))

@@ -1,8 +1,8 @@
 """The v1 DeploymentService onto the deployment controller (controlplane/serving/deployments.py).
 
-Roles are checked by the interceptor (controlplane/api/auth.py RULES): Create, Scale, Update and Delete
-(and SetScaling, Wake) need the tenant role, Get, List and Watch a viewer. A tenant acts on its own tenant's deployments only
-(another tenant's read as unknown); an admin on all.
+Roles are checked by the interceptor (controlplane/api/auth.py RULES): Create, Scale, Update, Delete,
+SetScaling and Wake need the tenant role, Get, List and Watch a viewer. A tenant acts on its own tenant's
+deployments only (another tenant's read as unknown); an admin on all.
 """
 
 from __future__ import annotations

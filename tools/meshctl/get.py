@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if kind == "policies":
         from tools.meshctl import autoscale
         with client(args) as mesh:
-            items = [d for d in mesh.list_deployments(tenant=args.tenant) if not args.names or d.spec.name in args.names]
+            items = [d for d in mesh.list_deployments(tenant=args.tenant)
+                     if not args.names or d.spec.name in args.names]
         out(autoscale.format_policies(items, args.output))
         return 0
     if kind in ("deployments", "replicas"):

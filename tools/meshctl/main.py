@@ -14,8 +14,8 @@ from tools.meshctl import (autoscale, bench, certs, cluster, deploy, describe, f
                            nodes, replay, sim, slices, top, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, autoscale, bench, sim, replay,
-          forecast, certs, top)
+GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, autoscale, bench, sim,
+          replay, forecast, certs, top)
 
 EPILOG = """\
 examples:
