@@ -179,11 +179,13 @@ class DeploymentManager:
         probe.backend.CopyFrom(spec.backend)
         probe.labels.clear()
         probe.labels.update(spec.labels)
-        if spec.HasField("scaling"):
+        new_policy = spec.HasField("scaling") and spec.scaling != old.spec.scaling
+        if new_policy:
             probe.scaling.CopyFrom(spec.scaling)
         variant, need = self._resolve(probe)
         deployspec.check_fits(need, self.registry.gpu_models())
-        scaling.check(self, probe, variant, need, self.registry.get(probe.model))
+        if new_policy:          # (the stored policy as it is: an Update from Get passes it back unchanged)
+            scaling.check(self, probe, variant, need, self.registry.get(probe.model))
 
         def edit(d: D.Deployment) -> None:
             d.spec.replicas = spec.replicas
