@@ -27,10 +27,10 @@ class BenchSpec:
     tick_s: float = 2.0
     seed: int = 0
     season: int = 0                        # forecast season in buckets (0: a day of buckets, else an hour)
-    refit_every: int = 5                   # buckets between forecast refits
+    refit_every: int = 10                  # buckets between forecast refits
     level: float = 0.9                     # the forecast interval's coverage (its upper edge is used)
     models: tuple[str, ...] = ("naive", "snaive", "damped")
-    max_history: int = 2000
+    max_history: int = 600
     replica_cost_per_hour: float = 0.0
     tune_targets: tuple[float, ...] = ()   # per autoscaling policy: run each, keep the best reaching slo_goal
     slo_goal: float = 0.99
@@ -45,7 +45,7 @@ def _season(spec: BenchSpec, series: demand.Series) -> int:
 
 
 def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: LatencyModel, spec: BenchSpec,
-               on_tick=None) -> dict:
+               on_tick=None, cache: dict | None = None) -> dict:
     """One policy's figures on ``arrivals`` (bench seconds)."""
     service = model.service_s()
     end_s = series.duration_s / spec.speedup
@@ -67,7 +67,7 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
             season = _season(spec, series)
             forecaster = RateForecaster(bucket, lead, season=season, level=spec.level, refit_every=spec.refit_every,
                                         min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models,
-                                        max_history=spec.max_history)
+                                        max_history=spec.max_history, cache=cache)
         scaler = AutoscalerScaler(policy, service_s=service, cold_start_s=model.cold_start_s,
                                   replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster)
         initial = max(policy.min_replicas, peak_replicas(float(lam[0]), service, policy.target, policy.max_replicas))
@@ -126,7 +126,7 @@ def compare(policies: dict[str, dict]) -> dict:
 
 
 def tune(name: str, arrivals: np.ndarray, series: demand.Series, model: LatencyModel, spec: BenchSpec,
-         progress=None) -> dict:
+         progress=None, cache: dict | None = None) -> dict:
     """Run ``name`` at each of ``spec.tune_targets`` and keep the one with the most goodput per slice-hour
     among those that reach ``spec.slo_goal`` attainment (else the one with the best attainment)."""
     sweep = []
@@ -134,7 +134,7 @@ def tune(name: str, arrivals: np.ndarray, series: demand.Series, model: LatencyM
         s = replace(spec, policy=replace(spec.policy, target=target), predictive_target=0.0)
         if progress is not None:
             progress(f"{name}: target {target:g} per replica")
-        r = run_policy(name, arrivals, series, model, s)
+        r = run_policy(name, arrivals, series, model, s, cache=cache)
         sweep.append((target, r))
     ok = [(t, r) for t, r in sweep if r["slo_attainment"] >= spec.slo_goal]
     if ok:
@@ -153,6 +153,7 @@ def run(series: demand.Series, model: LatencyModel, spec: BenchSpec, policies: t
     arrivals = demand.arrivals(series, spec.rate_scale, spec.speedup, spec.seed)
     _, lam = demand.rates(series, spec.rate_scale, spec.speedup)
     results = {}
+    cache: dict = {}
     end_s = series.duration_s / spec.speedup
     for name in policies:
         tick = None
@@ -165,9 +166,9 @@ def run(series: demand.Series, model: LatencyModel, spec: BenchSpec, policies: t
                     last[0] = pct
                     progress(f"{name}: {pct}% of the series simulated")
         if name != "fixed-peak" and spec.tune_targets:
-            results[name] = tune(name, arrivals, series, model, spec, progress)
+            results[name] = tune(name, arrivals, series, model, spec, progress, cache=cache)
         else:
-            results[name] = run_policy(name, arrivals, series, model, spec, on_tick=tick)
+            results[name] = run_policy(name, arrivals, series, model, spec, on_tick=tick, cache=cache)
     return {
         "mode": "calibrated",
         "policies": results,

@@ -61,7 +61,7 @@ class RateForecaster:
     """Buckets the observed arrivals and forecasts the rate's upper quantile ahead (see module doc)."""
 
     def __init__(self, bucket_s: float, lead_s: float, *, season: int, level: float, refit_every: int,
-                 min_history: int, models: tuple[str, ...], max_history: int = 0) -> None:
+                 min_history: int, models: tuple[str, ...], max_history: int = 0, cache: dict | None = None) -> None:
         self.bucket_s = bucket_s
         self.lead_s = lead_s
         self.season = season
@@ -78,6 +78,8 @@ class RateForecaster:
         self._hi: list[float] = []
         self._pt: list[float] = []
         self.log = ForecastLog()
+        self.cache = cache if cache is not None else {}   # history length -> forecast: the arrivals, hence the
+        #                                                   forecasts, are the same for every run on one series
 
     def observe(self, now: float, arrived: float) -> None:
         """``arrived`` requests in the tick that ended at ``now``."""
@@ -93,10 +95,15 @@ class RateForecaster:
         hist = np.array(self.counts, dtype=float) / self.bucket_s
         horizon = int(math.ceil(self.lead_s / self.bucket_s)) + self.refit_every + 1
         self._fitted_at = len(self.counts)
-        try:
-            f = choose(hist, season=self.season, horizon=horizon, models=self.models, level=self.level,
-                       max_history=self.max_history)
-        except Exception:                       # too short for a backtest, or a model failed: no forecast
+        key = (len(self.counts), horizon)
+        if key not in self.cache:
+            try:
+                self.cache[key] = choose(hist, season=self.season, horizon=horizon, models=self.models,
+                                         level=self.level, max_history=self.max_history)
+            except Exception:                   # too short for a backtest, or a model failed: no forecast
+                self.cache[key] = None
+        f = self.cache[key]
+        if f is None:
             self.log.failures += 1
             self._hi, self._pt = [], []
             return

@@ -82,7 +82,7 @@ def register(kinds: argparse._SubParsersAction) -> None:
     f = p.add_argument_group("forecast (predictive)")
     f.add_argument("--season", type=int, default=0, metavar="POINTS",
                    help="season in series points (default: a day when the series has 3, else an hour)")
-    f.add_argument("--refit-every", type=positive_int, default=5, metavar="POINTS", help="(default: 5)")
+    f.add_argument("--refit-every", type=positive_int, default=10, metavar="POINTS", help="(default: 10)")
     f.add_argument("--level", type=float, default=0.9, metavar="Q",
                    help="the forecast interval's coverage; its upper edge is provisioned for (default: 0.9)")
     c = p.add_argument_group("cost")
