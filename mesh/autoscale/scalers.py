@@ -82,8 +82,9 @@ class RateForecaster:
         #                                                   forecasts, are the same for every run on one series
 
     def observe(self, now: float, arrived: float) -> None:
-        """``arrived`` requests in the tick that ended at ``now``."""
-        k = int(now // self.bucket_s)
+        """``arrived`` requests in the tick that ended at ``now`` (a tick ending on a bucket's edge is that
+        bucket's last)."""
+        k = max(0, math.ceil(now / self.bucket_s - 1e-9) - 1)
         while self._bucket < k:
             self.counts.append(self._partial)
             self._partial = 0.0

@@ -203,3 +203,22 @@ def test_cli_constant_and_non_numeric_series(tmp_path) -> None:
     assert p.returncode == 2 and "every value of 'rps' is 0" in p.stderr
     p = meshctl("--series", write(tmp_path, "t,rps\n0,1\n60,lots\n"), "--time-col", "t", "--value-col", "rps")
     assert p.returncode == 2 and "'lots', not a number" in p.stderr
+
+
+def test_rate_forecaster_forecasts_the_bucket_a_lead_time_ahead_from_history_only() -> None:
+    from mesh.autoscale.scalers import RateForecaster
+    pattern = [1.0, 1.0, 6.0, 2.0]                            # requests per second, season of 4 buckets of 10 s
+    f = RateForecaster(10.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("snaive",))
+    seen = []
+    for k in range(64):                                      # ticks of 2 s, arrivals at the bucket's rate
+        for j in range(5):
+            now = 10.0 * k + 2.0 * (j + 1)
+            f.observe(now, pattern[k % 4] * 2.0)
+            if k >= 50 and j == 0:
+                seen.append((k, f.upper_rate(now)))
+    assert f.log.fits > 0 and f.log.failures == 0
+    for k, upper in seen:
+        # at 2 s into bucket k the lead reaches bucket k + 1: the upper edge covers the max of k, k + 1
+        assert upper == pytest.approx(max(pattern[k % 4], pattern[(k + 1) % 4]), abs=0.05)
+    err = f.log.error(np.array([pattern[k % 4] for k in range(64)]))
+    assert err["buckets"] > 0 and err["mae_rps"] == pytest.approx(0.0, abs=0.05)
