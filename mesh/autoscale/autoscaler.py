@@ -19,9 +19,7 @@ The rules, in the order ``decide`` applies them:
    where forecast_upper is the demand expected at now + lead time, in the metric's units.
 4. Scale-up at most ``max_scale_up_rate`` x max(ready, 1) per decision; a scale-up waits until every want
    in the last ``scale_up_delay_s`` asked for it; a scale-down goes only to the highest want of the last
-   ``scale_down_delay_s`` (Knative's scale-down delay), except with a forecast (predictive): the delay is
-   there in case demand comes back, and the forecast's upper edge over the lead time already says whether
-   it does, so the scale-down is not delayed (the forecast's want is the floor, rule 3).
+   ``scale_down_delay_s`` (Knative's scale-down delay).
 5. Scale to zero: with ``min_replicas == 0`` and ``scale_to_zero_after_s > 0``, zero replicas once no request
    was seen for that long; until then at least one. From zero, one replica at once on any demand.
 6. Clamp to [min, max], then to the cost ceiling (floor(ceiling / replica cost), ``bound_by="cost_ceiling"``)
@@ -167,11 +165,7 @@ class Autoscaler:
                 bound_by = "stabilization"
                 reason += f"; scale-up limited to {p.max_scale_up_rate:g}x the ready replicas"
         self._wants.append((now, want))
-        forecast_covers = p.predictive and forecast_upper is not None and p.metric != "ttft"
-        if mode != "panic" and want < current and p.scale_down_delay_s > 0 and forecast_covers:
-            reason += (f"; scale-down not delayed: the forecast's upper edge over the lead time wants only "
-                       f"{signals.get('want_forecast', 0):.0f}")
-        elif mode != "panic" and want < current and p.scale_down_delay_s > 0:
+        if mode != "panic" and want < current and p.scale_down_delay_s > 0:
             recent = max(w for t, w in self._wants if t >= now - p.scale_down_delay_s)
             if recent > want:
                 want = min(recent, current)
