@@ -57,7 +57,7 @@ def check(p: S.ScalingPolicy, *, replica_cost: float | None = None, variants: tu
                    f"0 to max_replicas ({p.max_replicas})", prefix)
     metric = p.metric or DEFAULTS.metric
     if metric not in METRICS:
-        raise _bad("metric", f"unknown metric {p.metric!r}", ", ".join(METRICS), prefix)
+        raise _bad("metric", f"unknown metric {p.metric[:64]!r}", ", ".join(METRICS), prefix)
     top, unit = TARGET_LIMITS[metric]
     if not math.isfinite(p.target) or not 0 < p.target <= top:
         raise _bad("target", "is required" if p.target == 0 else f"{p.target:g} is out of range for {metric}",
@@ -93,7 +93,7 @@ def check(p: S.ScalingPolicy, *, replica_cost: float | None = None, variants: tu
         raise _bad("variants", f"{len(p.variants)} names", f"at most {MAX_VARIANTS}", prefix)
     for i, v in enumerate(p.variants):
         if variants is not None and v not in variants:
-            raise _bad(f"variants[{i}]", f"the model has no variant {v!r}", ", ".join(variants), prefix)
+            raise _bad(f"variants[{i}]", f"the model has no variant {v[:64]!r}", ", ".join(variants), prefix)
     return p
 
 
