@@ -122,8 +122,7 @@ def create_app(gw: Gateway) -> Starlette:
                                                          request.query_params.get("max_tokens")))
 
     async def policies(request):
-        caller(request)
-        return JSONResponse(gpuapi.policies(gw))
+        return JSONResponse(gpuapi.policies(gw, caller(request).tenant))
 
     async def metrics(request):
         for key, s in list(gw.stats.by_replica.items()):

@@ -107,6 +107,9 @@ class GatewayConfig:
     queue_size: int = option(64, "waiting requests per model beyond which new ones are refused (429)", minimum=0)
     queue_timeout_seconds: float = option(30.0, "the longest a request waits for a replica unless it sends "
                                                 "x-gpumesh-deadline-ms", minimum=0)
+    wake_timeout_seconds: float = option(300.0, "the longest a request for a deployment scaled to zero is held "
+                                                "while its first replica starts, unless it sends "
+                                                "x-gpumesh-deadline-ms (docs/autoscaling.md)", minimum=0)
     retry_after_seconds: int = option(1, "Retry-After of a 429", minimum=1)
     tenant_priority: list = option([], "a tenant's default priority class, TENANT=critical|standard|sheddable "
                                        "(others: standard)")

@@ -24,6 +24,7 @@ from controlplane.gateway.sse import DONE, frame
 from controlplane.gateway.stats import StatsTable
 from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.view import DeploymentInfo, FleetView
+from controlplane.gateway.wake import Waker
 from mesh.logs import log
 
 logger = logging.getLogger("gateway.requests")
@@ -69,6 +70,7 @@ class Gateway:
         self.clients = Clients(cfg.tenants_file)
         self.http = proxy.make_client(cfg.backend_timeout_seconds)
         self.view.listeners.append(self._on_view)
+        self.waker = Waker(cfg, self.view)          # scale from zero (controlplane/gateway/wake.py)
         self._ticker: asyncio.Task | None = None
         self._probing: set[str] = set()
 
@@ -93,6 +95,7 @@ class Gateway:
         if self._ticker:
             self._ticker.cancel()
         await self.http.aclose()
+        await self.waker.close()
 
     def _probe_unreachable(self) -> None:
         """A circuit opened by a refused or cut connection is due for its half-open probe: first check by TCP
@@ -176,6 +179,10 @@ class Gateway:
         if allow is None:
             allow = (caller.tenant or "") in self.cfg.fallback_tenants
         timeout = self._wait_bound(deadline, primary)
+        asleep = self.waker.asleep(primary)
+        if asleep:                  # scaled to zero: wake it and hold the request while a replica starts
+            await self.waker.wake(asleep)
+            timeout = self.waker.hold_seconds(deadline)
         ckey = None
         if self.cache.enabled and not info["stream"] and cachemod.deterministic(body):
             ckey = cachemod.key(caller.tenant, path, body)
@@ -244,6 +251,8 @@ class Gateway:
         h = {"x-gpumesh-served-by": slot.candidate.key}
         if t.degraded:
             h["x-gpumesh-degraded"] = t.degraded
+        if t.degraded == "queued":
+            h["x-gpumesh-held-ms"] = str(round(t.queued_s * 1000))
         return h
 
     async def _call(self, path, body, stream, slot: Slot, deps, dep, ctx, prio, t: Trace, ckey) -> Outcome:
