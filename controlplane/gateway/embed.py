@@ -43,8 +43,16 @@ class Embedder:
         import numpy as np
         import torch
         self._np, self._torch = np, torch
-        self.directory = Path(directory) if directory else model_dir()
+        self.directory = model_dir(str(directory or ""))
         torch.set_num_threads(max(1, threads))
+        try:
+            self._load()
+        except (OSError, ValueError) as e:
+            raise FailedPrecondition(f"semantic_cache_model_dir: cannot load the embedding model from "
+                                     f"{str(self.directory)!r}: {str(e).splitlines()[0]}") from None
+        self.dim = int(self.encode(["warm up"]).shape[1])
+
+    def _load(self) -> None:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
@@ -58,7 +66,6 @@ class Embedder:
             self._tok = AutoTokenizer.from_pretrained(str(self.directory))
             self._model = AutoModel.from_pretrained(str(self.directory)).eval()
             self.backend = "transformers"
-        self.dim = int(self.encode(["warm up"]).shape[1])
 
     def encode(self, texts: list[str], batch: int = 32):
         np = self._np
