@@ -243,8 +243,3 @@ def policies(gw, tenant: str | None = None) -> dict:
             if d.spec.HasField("scaling") and (tenant is None or d.spec.tenant == tenant)]
     return {"routing_policy": gw.policy.NAME, "available": ["gpu-aware", "round-robin", "least-loaded"],
             "scaling_policies": [policy_doc(d) for d in sorted(deps, key=lambda d: d.spec.name)]}
-
-
-def refuse_register() -> None:
-    raise APIError(405, "models are registered with the control plane (`meshctl model import`, `meshctl deploy`), "
-                        "not through the gateway", code="method_not_allowed")
