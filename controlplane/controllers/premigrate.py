@@ -104,9 +104,9 @@ class MovePass:
         for a, metric, f in decisions:
             node = a.target.rpartition("/")[0]
             w = self.wm.workloads.get(a.subject) if self.wm is not None else None
-            unit = "C" if metric == "temperature" else ""
-            what = (f"{metric} forecast {f.points[-1]:.3g}{unit} [{min(f.lo):.3g}, {f.peak_hi:.3g}] over the next "
-                    f"{len(f.hi) * f.step_s:g}s ({f.model}), now {f.last:.3g}{unit}")
+            unit, fmt = ("C", ".1f") if metric == "temperature" else ("", ".3f")
+            what = (f"{metric} forecast {f.points[-1]:{fmt}}{unit} [{min(f.lo):{fmt}}, {f.peak_hi:{fmt}}] over the "
+                    f"next {len(f.hi) * f.step_s:g}s ({f.model}), now {f.last:{fmt}}{unit}")
             reason = f"orchestrator: GPU {a.source} {what}; {a.reason}; expected benefit {a.benefit:g}s at critical avoided"
             try:
                 await self.migrations.migrate(a.subject, to_node=node, reason=reason[:500])
