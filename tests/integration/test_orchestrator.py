@@ -5,6 +5,7 @@ reaches critical. Latencies are printed, never asserted."""
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import subprocess
@@ -112,7 +113,6 @@ def test_demand_pattern_drives_warm_slices_that_allocations_claim(cluster):
 
 def gpu_temp(cluster, node) -> float:
     out = meshctl(cluster, "get", "gpus", "-o", "json")
-    import json
     return next(g["temperature_c"] for g in json.loads(out)["items"] if g["node"] == node)
 
 
@@ -148,6 +148,12 @@ def test_a_heating_gpu_has_its_workload_moved_before_critical(cluster):
         assert mesh.get_workload(w.id).node != hot
         print(f"\nmoved at {now_c:.1f} C (forecast upper edge {upper:.1f} C within 15 s); temperatures seen: "
               f"{[round(x, 1) for x in readings[-5:]]}")
+        # describe shows the forecasts that matter for the node and the slice (ForecastService's)
+        text = meshctl(cluster, "describe", "node", hot)
+        assert "Forecasts:" in text and f"gpu/{hot}/0" in text and "temperature" in text
+        moved_slice = mesh.get_workload(w.id).slice_id
+        doc = json.loads(meshctl(cluster, "describe", "slice", moved_slice, "-o", "json"))
+        assert {r["metric"] for r in doc["forecasts"]} >= {"temperature", "memory_used", "requests"}
         simctl(cluster, hot, "clear", "--gpu", "0")
         stop_running(mesh)
         release_all(mesh)
