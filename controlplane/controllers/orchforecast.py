@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import math
 import multiprocessing
 import os
@@ -177,13 +178,21 @@ class ProcessFitter:
     """`fit_jobs` in `workers` spawned processes (a fork of a gRPC process is unsafe)."""
 
     def __init__(self, workers: int = 1) -> None:
-        self.pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        self.workers = workers
+        self.pool = self._new()
+
+    def _new(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
 
     async def __call__(self, jobs: list[Job]) -> list[Forecast | None]:
         if not jobs:
             return []
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fit_jobs, jobs)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fit_jobs, jobs)
+        except concurrent.futures.process.BrokenProcessPool:
+            self.pool = self._new()           # a worker died (killed, out of memory): a fresh one next pass
+            raise
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

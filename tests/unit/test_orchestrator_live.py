@@ -260,3 +260,24 @@ def test_short_history_gives_no_forecast():
     w = Windows(3600)
     w.on_request("k")
     assert fit_jobs(jobs_for_demand(w, 1.0, 5.0, 0.9, w.first_arrival["k"] + 3)) == [None]
+
+
+async def test_process_fitter_fits_off_the_loop_and_survives_a_dead_worker():
+    from controlplane.controllers.orchforecast import Job, ProcessFitter
+    import os
+    import signal
+    times = tuple(float(i) for i in range(1, 61))
+    values = tuple(float(i % 7) for i in range(60))
+    job = Job("gpu", "n1/0", "temperature", 1.0, 3.0, 0.9, times, values)
+    f = ProcessFitter(1)
+    try:
+        (got,) = await f([job])
+        assert got is not None and len(got.hi) == 3
+        for pid in list(f.pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(Exception):
+            await f([job])
+        (again,) = await f([job])
+        assert again is not None
+    finally:
+        f.close()
