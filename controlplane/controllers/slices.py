@@ -202,7 +202,7 @@ class Controller:
         if warm is not None:
             claimed = warm.claim(req, framework)
             if claimed is not None:
-                return await self._claimed(req, request_id, claimed)
+                return await self._claimed(req, request_id, claimed, warm)
         decision = framework.schedule(req, self.fleet)
         warm_victims: list[str] = []
         if not decision.ok and warm is not None:
@@ -261,9 +261,10 @@ class Controller:
             return alloc_id, slices
         return alloc_id, await self._gather(alloc_id, [s.id for s in slices], waits, timeout)
 
-    async def _claimed(self, req: SliceRequest, request_id: str, s: types_pb2.Slice) -> tuple[str, list]:
+    async def _claimed(self, req: SliceRequest, request_id: str, s: types_pb2.Slice, warm) -> tuple[str, list]:
         """Allocate's answer from a claimed warm slice (controllers/warmslices.py): saved under the
-        tenant and answered READY at once; the agent is told the new owner."""
+        tenant and answered READY at once; the agent is told the new owner. The tenant's events are
+        those of a fresh slice (scheduled, then ready); that it was warm is an admin's event."""
         extra, conds = [], []
         warm_key = f"{s.profile}/{s.gpu_model}"
         try:
@@ -276,16 +277,21 @@ class Controller:
         except BaseException:
             if request_id:
                 self.requests.pop((req.tenant, request_id), None)
-            prior = self.warm.prior.pop(s.id, None)
+            prior = warm.prior.pop(s.id, None)
             if prior is not None:
                 self.fleet.put_slice(prior)           # still warm, as etcd has it
             raise
-        self.warm.prior.pop(s.id, None)
+        warm.prior.pop(s.id, None)
         log(logger, logging.INFO, "allocated from a warm slice", allocation=s.allocation_id, tenant=req.tenant,
             slices=[f"{s.id}@{s.node}/{s.gpu_index}"])
         self.recorder.emit("Allocation", s.allocation_id, "Normal", "Scheduled",
                            f"placed 1 slice(s): {s.id} on {s.node}/GPU {s.gpu_index}", tenant=req.tenant,
                            source="scheduler")
+        self.recorder.emit("Slice", s.id, "Normal", "Scheduled", f"assigned to {s.node}/GPU {s.gpu_index} ({s.profile}, "
+                           f"start {s.placement.start}) by allocation {s.allocation_id}", tenant=req.tenant,
+                           node=s.node, source="scheduler")
+        self.recorder.emit("Slice", s.id, "Normal", "SliceReady", "pending -> ready", tenant=req.tenant, node=s.node,
+                           source="slice-controller")
         self.recorder.emit("Slice", s.id, "Normal", "WarmSliceClaimed", f"warm {warm_key} claimed by allocation "
                            f"{s.allocation_id}", node=s.node, source="orchestrator")
         session = self.sessions.get(s.node)

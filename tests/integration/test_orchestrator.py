@@ -151,6 +151,7 @@ def test_a_heating_gpu_has_its_workload_moved_before_critical(cluster):
         # describe shows the forecasts that matter for the node and the slice (ForecastService's)
         text = meshctl(cluster, "describe", "node", hot)
         assert "Forecasts:" in text and f"gpu/{hot}/0" in text and "temperature" in text
+        print("\n" + text[text.index("Forecasts:"):])
         moved_slice = mesh.get_workload(w.id).slice_id
         doc = json.loads(meshctl(cluster, "describe", "slice", moved_slice, "-o", "json"))
         assert {r["metric"] for r in doc["forecasts"]} >= {"temperature", "memory_used", "requests"}
