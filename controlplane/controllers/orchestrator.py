@@ -11,7 +11,7 @@ rules need (in worker processes: `orchforecast.ProcessFitter`), runs the pure ru
 3. grow before the need (`autoresize.ResizePass`): resize opted-in slices ahead of their use.
 
 Each decision is a durable event with its reason (the forecast, its interval, the model, the action
-and the expected benefit; `meshctl get events --kind Orchestrator`, `--reason PreMigrate`, ...) and a
+and the expected benefit; `meshctl get events --for orchestrator`, `--for workload/ID`, ...) and a
 metric (`orchmetrics`). The state it acts on is the fleet's (warm slices are slice records, moves are
 migration records), so a new leader carries on where the last one stopped; only the recent samples
 its forecasts read (`orchforecast.Windows`) start over.
