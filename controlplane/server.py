@@ -302,7 +302,8 @@ class ControlPlane:
             return None
         orch = Orchestrator(self.ctl, settings, telemetry=self.telemetry, workloads=self.workloads,
                             migrations=self.migrations, deployments=self.deployments,
-                            thresholds=(self.telemetry.policy.pressure_pct, self.telemetry.policy.thermal_c))
+                            thresholds=(self.telemetry.policy.pressure_pct, self.telemetry.policy.thermal_c),
+                            history=self.history)
         orch.attach()
         orch.start()
         log(logger, logging.INFO, "orchestrator started", warm_slices=settings.warm, moves=settings.moves,

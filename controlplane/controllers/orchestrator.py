@@ -14,7 +14,7 @@ Each decision is a durable event with its reason (the forecast, its interval, th
 and the expected benefit; `meshctl get events --for orchestrator`, `--for workload/ID`, ...) and a
 metric (`orchmetrics`). The state it acts on is the fleet's (warm slices are slice records, moves are
 migration records), so a new leader carries on where the last one stopped; only the recent samples
-its forecasts read (`orchforecast.Windows`) start over.
+its forecasts read (`orchforecast.Windows`) start over, seeded from the history store when it is on.
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ class Settings:
 class Orchestrator:
     def __init__(self, ctl, settings: Settings, *, telemetry=None, workloads=None, migrations=None,
                  deployments=None, thresholds=((50.0, 70.0, 85.0), (65.0, 80.0, 85.0)), fitter=None,
-                 clock=time.time) -> None:
+                 history=None, clock=time.time) -> None:
         self.ctl, self.s = ctl, settings
         self.telemetry, self.wm, self.migrations, self.deployments = telemetry, workloads, migrations, deployments
         self.pressure_pct, self.thermal_c = thresholds
         self.clock = clock
+        self.history = history          # controlplane/forecast/recorder.HistoryRecorder, or None
         keep = max(forecasting.MAX_BINS * settings.load_step_s, 8 * 3600.0,
                    forecasting.MAX_BINS * settings.demand_step_s if settings.warm else 0.0)
         self.windows = Windows(keep, clock)
@@ -134,7 +135,36 @@ class Orchestrator:
         if self.fitter is not None:
             self.fitter.close()
 
+    async def seed(self, history) -> None:
+        """Start from the history store's record (controlplane/forecast/) instead of empty windows: the
+        GPUs' raw readings, and the Allocate counts per minute per MIG profile (as the key PROFILE/any,
+        when the demand step is a minute: the store keeps requests per minute). A new leader or a
+        restarted control plane then forecasts at once."""
+        if history is None:
+            return
+        read, store = history.read, history.store
+        since = self.clock() - self.windows.keep_s
+        n = 0
+        if self.s.moves:
+            for node in list(self.ctl.fleet.nodes.values()):
+                for g in node.gpus:
+                    name = f"{g.node}/{g.index}"
+                    got = [await read(store.read, "gpu", name, m, since)
+                           for m in ("temperature", "memory_used", "memory_total")]
+                    n += self.windows.seed_gpu(name, *got)
+        if self.s.warm and self.s.demand_step_s == 60.0:
+            for info in await read(store.list, "fleet"):
+                if info.metric == "requests" and info.name.startswith("profile/"):
+                    rows = await read(store.read, "fleet", info.name, "requests", since)
+                    n += self.windows.seed_requests(f"{info.name.removeprefix('profile/')}/any", rows)
+        log(logger, logging.INFO, "orchestrator seeded from the history", samples=n)
+
     async def _loop(self) -> None:
+        if self.history is not None:
+            try:
+                await self.seed(self.history)
+            except Exception as e:   # noqa: BLE001 - without the record it starts from empty windows
+                log(logger, logging.WARNING, "orchestrator: cannot read the history; starting empty", error=repr(e))
         while True:
             started = time.monotonic()
             try:

@@ -99,6 +99,30 @@ class Windows:
         while q and q[0][0] < now - self.keep_s:
             q.popleft()
 
+    def seed_gpu(self, name: str, temperature, used, total) -> int:
+        """Earlier readings of a GPU from the history store ([(t, v)] per metric), before any live one."""
+        if self.gpu.get(name):
+            return 0
+        used_at, total_at = dict(used), dict(total)
+        rows = [(t, used_at[t] / total_at[t] if total_at.get(t) else 0.0, v) for t, v in temperature if t in used_at]
+        for row in rows:
+            self._push(self.gpu, name, row)
+        return len(rows)
+
+    def seed_requests(self, key: str, per_minute) -> int:
+        """Earlier Allocate counts per minute ([(minute start, count)]) as arrivals spread over each minute."""
+        if key in self.arrivals or not per_minute:
+            return 0
+        q = self.arrivals[key] = collections.deque(maxlen=MAX_SAMPLES)
+        n = 0
+        for t0, count in per_minute:
+            k = int(round(count))
+            for i in range(k):
+                q.append((t0 + 60.0 * (i + 0.5) / k,))
+            n += k
+        self.first_arrival[key] = per_minute[0][0]
+        return n
+
     def forget_gpu(self, name: str) -> None:
         self.gpu.pop(name, None)
 

@@ -281,3 +281,27 @@ async def test_process_fitter_fits_off_the_loop_and_survives_a_dead_worker():
         assert again is not None
     finally:
         f.close()
+
+
+async def test_a_new_leader_starts_from_the_history_store(tmp_path, env):
+    from controlplane.forecast.history import HistoryStore
+    from controlplane.forecast.recorder import HistoryRecorder
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db")))
+    now = env.orch.clock()
+    rows = []
+    for i in range(200):
+        at = now - 200 + i
+        rows += [("gpu", "n1/0", "temperature", "", at, 40.0 + i * 0.1), ("gpu", "n1/0", "memory_used", "", at, 8 * GiB),
+                 ("gpu", "n1/0", "memory_total", "", at, 80 * GiB)]
+    for m in range(40):
+        rows.append(("fleet", "profile/1g.10gb", "requests", "", (int(now // 60) - 40 + m) * 60.0, 3))
+    rec.store.write(rows)
+    try:
+        await env.orch.seed(rec)
+        w = env.orch.windows
+        assert len(w.gpu["n1/0"]) == 200 and w.gpu["n1/0"][-1][1] == pytest.approx(0.1)
+        assert len(w.arrivals["1g.10gb/any"]) == 120
+        fs = await env.orch.forecast()
+        assert ("gpu", "n1/0", "temperature") in fs and ("fleet", "1g.10gb/any", "requests") in fs
+    finally:
+        await rec.stop()
