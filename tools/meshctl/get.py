@@ -18,13 +18,15 @@ RESOURCES = {
     "deployments": "deployments", "deployment": "deployments", "deploy": "deployments",
     "replicas": "replicas", "replica": "replicas",
     "events": "events", "event": "events", "ev": "events",
+    "policies": "policies", "policy": "policies", "hpa": "policies", "scalingpolicies": "policies",
 }
 
 EPILOG = """\
 resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
            migrations (migration, mig), checkpoints (checkpoint, ck), models (model),
            deployments (deployment, deploy), replicas (replica: NAMEs are deployments),
-           events (event, ev: what the control plane did and why)
+           events (event, ev: what the control plane did and why),
+           policies (policy, hpa: deployments' scaling policies and the autoscaler's last decision)
 
 examples:
   meshctl get nodes
@@ -38,6 +40,7 @@ examples:
   meshctl get events --type warning -w                # follow new events (Ctrl-C to stop)
   meshctl get events --for slice/s-7f3a9c1e2b4d -o yaml
   meshctl get events --for orchestrator               # the live orchestrator's warm-pool decisions
+  meshctl get policies -o wide                        # MIN MAX METRIC TARGET DESIRED MODE BOUND-BY ...
 """
 
 
@@ -95,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
         with client(args) as mesh:
             items = [m for m in mesh.list_models() if not args.names or m.name in args.names]
         out(models.format_models(items, args.output))
+        return 0
+    if kind == "policies":
+        from tools.meshctl import autoscale
+        with client(args) as mesh:
+            items = [d for d in mesh.list_deployments(tenant=args.tenant)
+                     if not args.names or d.spec.name in args.names]
+        out(autoscale.format_policies(items, args.output))
         return 0
     if kind in ("deployments", "replicas"):
         from tools.meshctl import deploy
