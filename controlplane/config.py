@@ -127,6 +127,49 @@ class ControlPlaneConfig:
                                      "/metrics: GPU forecasts then read their history with PromQL from it "
                                      "(gpumesh_gpu_* gauges) instead of history.db; other series stay embedded "
                                      "(docs/prediction.md)")
+    # the live orchestrator (docs/prediction.md, "The live orchestrator"); every rule is off by default
+    orchestrator_warm_slices: bool = option(False, "keep MIG slices carved ahead (warm) from the forecast of the "
+                                            "Allocate request mix; Allocate claims a matching warm slice at once")
+    orchestrator_moves: bool = option(False, "live-migrate the lowest-priority movable workload off a GPU whose "
+                                      "forecast memory pressure or temperature (the interval's upper edge) reaches "
+                                      "critical within orchestrator_load_horizon_seconds")
+    orchestrator_resize: bool = option(False, "resize slices labelled gpumesh.io/autoresize=true before their forecast "
+                                       "memory use outgrows them, and shrink them back when it falls")
+    orchestrator_interval_seconds: float = option(5.0, "how often the orchestrator looks at the fleet and its "
+                                                  "forecasts (level-triggered)", minimum=0.2, maximum=3600)
+    orchestrator_level: float = option(0.9, "coverage of the prediction intervals the rules judge on",
+                                       minimum=0.5, maximum=0.99)
+    orchestrator_fit_workers: int = option(1, "worker processes that fit the orchestrator's forecasts (off the "
+                                           "event loop; bounds their CPU)", minimum=1, maximum=16)
+    orchestrator_load_step_seconds: float = option(1.0, "step of the GPU load forecasts (memory, temperature)",
+                                                   minimum=0.1, maximum=3600)
+    orchestrator_load_horizon_seconds: float = option(15.0, "how far ahead a hot spot is looked for (seed 000: 5-15 s)",
+                                                      minimum=0.1, maximum=86400)
+    orchestrator_demand_step_seconds: float = option(60.0, "step of the request-mix forecast (Allocate requests per "
+                                                     "step, per MIG profile and GPU model)", minimum=0.1, maximum=86400)
+    orchestrator_warm_lead_seconds: float = option(60.0, "how far ahead warm slices must cover the forecast demand's "
+                                                   "upper edge (the control period plus the time to carve one)",
+                                                   minimum=0.1, maximum=86400)
+    orchestrator_warm_release_band: float = option(0.5, "hysteresis: warm slices are given back only above "
+                                                   "need * (1 + band) + 1", minimum=0, maximum=10)
+    orchestrator_warm_max_per_key: int = option(8, "warm slices of one (profile, GPU model) at most",
+                                                minimum=0, maximum=1000)
+    orchestrator_warm_max_total: int = option(16, "warm slices in the fleet at most", minimum=0, maximum=100_000)
+    orchestrator_move_per_workload_per_hour: int = option(1, "orchestrator migrations of one workload per hour at most",
+                                                          minimum=0, maximum=1000)
+    orchestrator_move_fleet_per_hour: int = option(60, "orchestrator migrations in the fleet per hour at most",
+                                                   minimum=0, maximum=100_000)
+    orchestrator_move_cooldown_seconds: float = option(600.0, "after a move off a GPU, no other move off it for this "
+                                                       "long", minimum=0, maximum=86400)
+    orchestrator_move_downtime_seconds: float = option(0.3, "the migration downtime the cost check assumes until "
+                                                       "migrations have been measured (then their mean)",
+                                                       minimum=0, maximum=3600)
+    orchestrator_resize_headroom: float = option(0.1, "grow to the forecast's upper edge times (1 + headroom)",
+                                                 minimum=0, maximum=10)
+    orchestrator_resize_shrink_band: float = option(0.3, "shrink only when the grown size times (1 + band) is still "
+                                                    "below the slice's size", minimum=0, maximum=10)
+    orchestrator_resize_cooldown_seconds: float = option(300.0, "after a resize of a slice, no other resize of it "
+                                                         "for this long", minimum=0, maximum=86400)
     # cost (docs/cost.md)
     gpu_prices: list = option(["H100-80GB=2.49", "A100-80GB=1.79", "A100-40GB=1.29"],
                               "dollars per GPU-hour per GPU model, MODEL=PRICE; a slice is charged its share (MIG: "

@@ -249,6 +249,7 @@ class ControlPlane:
         await self.deployments.load()
         self.deployments.prices = self.cfg.price_table()
         self.history = self._start_history()
+        self.orchestrator = self._start_orchestrator()
         from controlplane.controllers.autoscaler import AutoscalerController
         self.autoscaler = AutoscalerController(self.deployments, self.models, history=self.history,
                                                interval=self.cfg.autoscaler_interval_seconds,
@@ -300,6 +301,22 @@ class ControlPlane:
         rec.start()
         return rec
 
+    def _start_orchestrator(self):
+        """The live orchestrator (controlplane/controllers/orchestrator.py) when a rule is on; None when all are off."""
+        from controlplane.controllers.orchestrator import Orchestrator, Settings
+        settings = Settings.from_config(self.cfg)
+        if not settings.enabled:
+            return None
+        orch = Orchestrator(self.ctl, settings, telemetry=self.telemetry, workloads=self.workloads,
+                            migrations=self.migrations, deployments=self.deployments,
+                            thresholds=(self.telemetry.policy.pressure_pct, self.telemetry.policy.thermal_c),
+                            history=self.history)
+        orch.attach()
+        orch.start()
+        log(logger, logging.INFO, "orchestrator started", warm_slices=settings.warm, moves=settings.moves,
+            resize=settings.resize, interval_s=settings.interval_s)
+        return orch
+
     async def _writer_failed(self, why: str) -> None:
         """The etcd writer cannot be restarted: stop serving and give the leadership up (a standby, or
         this process restarted by its supervisor, takes over from etcd)."""
@@ -320,6 +337,8 @@ class ControlPlane:
         if self.server is not None:
             await _set_health(self.health, "", health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(self.cfg.grace_seconds)
+        if getattr(self, "orchestrator", None) is not None:
+            await self.orchestrator.stop()         # before the actuators it drives
         if getattr(self, "nodes", None) is not None:
             await self.nodes.stop()
             if getattr(self, "mesh", None) is not None:

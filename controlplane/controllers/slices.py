@@ -80,12 +80,15 @@ class Controller:
         # Awaited at the start of a release: hook(slices, wait) (the workload manager stops the
         # workloads on them first, so the agent is not refused the teardown with IN_USE).
         self.release_hooks: list = []
+        # The warm-slice pool (controllers/warmslices.py) when the orchestrator keeps one: Allocate claims from it.
+        self.warm = None
 
     # -- persistence helpers ------------------------------------------------------------
 
     async def save(self, changed: list[types_pb2.Slice], deleted: list[types_pb2.Slice] = (),
-                   created: bool = False, extra: list = (), extra_conds: list = ()) -> int:
-        """Write `changed` slices (and delete `deleted`) durably, then publish events."""
+                   created: bool = False, extra: list = (), extra_conds: list = (), added: bool = False) -> int:
+        """Write `changed` slices (and delete `deleted`) durably, then publish events (ADDED when
+        `created`, or `added`: a claimed warm slice is new to its tenant's watchers)."""
         ops = [Put(keys.slice_(s.id), s.SerializeToString()) for s in changed]
         ops += [Delete(keys.slice_(s.id)) for s in deleted]
         ops += list(extra)
@@ -95,7 +98,7 @@ class Controller:
         self.revision = max(self.revision, rev)
         for s in changed:
             self.fleet.revisions[s.id] = rev
-            self.events.publish(ADDED if created else MODIFIED, s, rev)
+            self.events.publish(ADDED if created or added else MODIFIED, s, rev)
             self._slice_event(s, created)
             if s.state in TERMINAL:
                 self._resolve(self.ready_waiters, s.id, s)
@@ -195,7 +198,17 @@ class Controller:
         # The decision and the fleet update below run without an await in between, so no other
         # request sees the same capacity; victims of a preemption are evicted before the bind.
         framework = getattr(self, "scheduler", None) or placement.default_framework()
+        warm = self.warm
+        if warm is not None:
+            claimed = warm.claim(req, framework)
+            if claimed is not None:
+                return await self._claimed(req, request_id, claimed, warm)
         decision = framework.schedule(req, self.fleet)
+        warm_victims: list[str] = []
+        if not decision.ok and warm is not None:
+            room, warm_victims = warm.make_room(req, framework)
+            if room is not None:
+                decision = room
         if not decision.ok:
             refused = placement.exhausted(req, decision)
             self.recorder.emit("Allocation", request_id or "-", "Warning", "FailedScheduling", str(refused),
@@ -207,6 +220,9 @@ class Controller:
             s.cpu_milli, s.host_memory_bytes = c.cpu_milli, c.host_memory_bytes
             s.anti_affinity.update(req.anti_affinity)
             self.fleet.put_slice(s)
+        for victim in warm_victims:
+            log(logger, logging.INFO, "a warm slice yields", victim=victim, allocation=alloc_id)
+            await self.release(victim, wait=False, message=f"warm slice yields its space to allocation {alloc_id}")
         for victim in decision.victims:
             log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority)
             await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "
@@ -244,6 +260,44 @@ class Controller:
         if no_wait:
             return alloc_id, slices
         return alloc_id, await self._gather(alloc_id, [s.id for s in slices], waits, timeout)
+
+    async def _claimed(self, req: SliceRequest, request_id: str, s: types_pb2.Slice, warm) -> tuple[str, list]:
+        """Allocate's answer from a claimed warm slice (controllers/warmslices.py): saved under the
+        tenant and answered READY at once; the agent is told the new owner. The tenant's events are
+        those of a fresh slice (scheduled, then ready); that it was warm is an admin's event."""
+        extra, conds = [], []
+        warm_key = f"{s.profile}/{s.gpu_model}"
+        try:
+            if request_id:
+                self.remember_request(req.tenant, request_id, s.allocation_id)
+                lease = await self._request_lease()
+                extra.append(Put(keys.request(req.tenant, request_id), s.allocation_id.encode(), lease=lease))
+                conds.append(Absent(keys.request(req.tenant, request_id)))
+            rev = await self.save([s], extra=extra, extra_conds=conds, added=True)
+        except BaseException:
+            if request_id:
+                self.requests.pop((req.tenant, request_id), None)
+            prior = warm.prior.pop(s.id, None)
+            if prior is not None:
+                self.fleet.put_slice(prior)           # still warm, as etcd has it
+            raise
+        warm.prior.pop(s.id, None)
+        log(logger, logging.INFO, "allocated from a warm slice", allocation=s.allocation_id, tenant=req.tenant,
+            slices=[f"{s.id}@{s.node}/{s.gpu_index}"])
+        self.recorder.emit("Allocation", s.allocation_id, "Normal", "Scheduled",
+                           f"placed 1 slice(s): {s.id} on {s.node}/GPU {s.gpu_index}", tenant=req.tenant,
+                           source="scheduler")
+        self.recorder.emit("Slice", s.id, "Normal", "Scheduled", f"assigned to {s.node}/GPU {s.gpu_index} ({s.profile}, "
+                           f"start {s.placement.start}) by allocation {s.allocation_id}", tenant=req.tenant,
+                           node=s.node, source="scheduler")
+        self.recorder.emit("Slice", s.id, "Normal", "SliceReady", "pending -> ready", tenant=req.tenant, node=s.node,
+                           source="slice-controller")
+        self.recorder.emit("Slice", s.id, "Normal", "WarmSliceClaimed", f"warm {warm_key} claimed by allocation "
+                           f"{s.allocation_id}", node=s.node, source="orchestrator")
+        session = self.sessions.get(s.node)
+        if session is not None:
+            session.send_upserts([s], rev)
+        return s.allocation_id, [s]
 
     def remember_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
         """Keep an Allocate request id for REQUEST_TTL_S (a retry within it gets the same allocation)."""

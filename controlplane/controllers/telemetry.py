@@ -76,6 +76,8 @@ class TelemetryManager:
         self.backend_listeners: list = []
         # fn(GpuState, GpuTelemetry) called with each judged reading (the history: controlplane/forecast/)
         self.reading_listeners: list = []
+        # fn(node, [types_pb2.SliceTelemetry]) with every agent report's slice readings (the orchestrator)
+        self.slice_listeners: list = []
         # fn(node, NodeTelemetry) called after a whole reading is judged (the history's slice, node and
         # workload series: controlplane/forecast/fleet_series.py)
         self.node_listeners: list = []
@@ -148,6 +150,12 @@ class TelemetryManager:
                     await listener(node, list(t.backends))
                 except Exception:   # noqa: BLE001 - load signals never stop the GPU readings
                     logger.exception("backend load listener")
+        if t.slices:
+            for listener in self.slice_listeners:
+                try:
+                    listener(node, list(t.slices))
+                except Exception:   # noqa: BLE001 - the orchestrator never stops the GPU readings
+                    logger.exception("slice reading listener")
         seen = set()
         for reading in t.gpus:
             g = self.ctl.fleet.gpu(node, reading.index)

@@ -16,6 +16,11 @@ examples:
   meshctl describe deployment chat
   meshctl describe migration m-1a2b3c4d5e6f
   meshctl describe no sim-node-01 -o json    # the node with "gpu_status" and "slice_list"
+  meshctl describe node sim-node-01 --horizon 60s   # forecasts 60 s ahead (default 15s)
+
+A node and a slice show the forecasts that matter for them (docs/prediction.md): each GPU's
+temperature and memory used at the horizon (the point, the interval, the model), and for a MIG
+slice the Allocate requests per minute for its profile; --no-forecasts leaves them out.
 """
 
 KINDS = {"node": "node", "nodes": "node", "no": "node",
@@ -33,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", metavar="KIND", help="node | slice | workload | deployment | migration (or an alias: no, "
                                                  "sl, wl, deploy, mig)")
     p.add_argument("name", metavar="NAME", help="node name, slice ID, workload ID, deployment name or migration ID")
+    p.add_argument("--horizon", default="15s", help="how far ahead the forecasts look (90s, 10m, 1h; default 15s)")
+    p.add_argument("--no-forecasts", action="store_true", help="do not ask ForecastService")
     p.set_defaults(func=run)
 
 
@@ -149,18 +156,33 @@ def format_slice(d: dict) -> str:
     return text
 
 
+def _forecasts(doc: dict, rows: list[dict]) -> str:
+    """The forecasts section (json/yaml: "forecasts")."""
+    from tools.meshctl import describeforecast
+    doc["forecasts"] = rows
+    return describeforecast.section(rows)
+
+
 def run(args: argparse.Namespace) -> int:
     kind = KINDS.get(args.kind.lower())
     if kind is None:
         raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment, migration)")
+    from tools.meshctl import describeforecast as dfc
+    from tools.meshctl.forecast_live import duration
     from tools.meshctl.output import dump
+    try:
+        horizon = duration(args.horizon)
+    except argparse.ArgumentTypeError as e:
+        raise CliError(f"--horizon: {e}") from None
     with client(args) as mesh:
         table = args.output in ("table", "wide")
         if kind == "node":
             node = mesh.get_node(args.name)
             doc = node_document(node, mesh.list_gpus(node=args.name), mesh.list_slices(node=args.name))
+            fc = "" if args.no_forecasts else _forecasts(doc, dfc.safe(
+                dfc.for_gpus, mesh, args.name, [g["index"] for g in doc["gpu_status"]], horizon))
             evs = _with_events(mesh, "", doc, args.output, "Node", args.name)
-            text = (format_node(doc) + evs) if table else dump(doc, args.output)
+            text = (format_node(doc) + fc + evs) if table else dump(doc, args.output)
         elif kind == "deployment":
             from mesh.deployapi import deployment_to_dict
             from tools.meshctl import deploy
@@ -182,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from mesh.client import slice_to_dict
             doc = slice_to_dict(mesh.get_slice(args.name))
+            fc = "" if args.no_forecasts else _forecasts(doc, dfc.safe(dfc.for_slice, mesh, doc, horizon))
             evs = _with_events(mesh, "", doc, args.output, "Slice", args.name)
-            text = (format_slice(doc) + evs) if table else dump(doc, args.output)
+            text = (format_slice(doc) + fc + evs) if table else dump(doc, args.output)
     out(text)
     return 0

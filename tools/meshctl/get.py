@@ -39,6 +39,7 @@ examples:
   meshctl get events --for node/sim-node-01 --since 1h
   meshctl get events --type warning -w                # follow new events (Ctrl-C to stop)
   meshctl get events --for slice/s-7f3a9c1e2b4d -o yaml
+  meshctl get events --for orchestrator               # the live orchestrator's warm-pool decisions
   meshctl get policies -o wide                        # MIN MAX METRIC TARGET DESIRED MODE BOUND-BY ...
 """
 

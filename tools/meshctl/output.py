@@ -78,7 +78,7 @@ def node_status(d: dict) -> str:
 def slice_columns(now: datetime | None = None) -> list[Column]:
     return [
         ("ID", lambda d: d["id"], False),
-        ("TENANT", lambda d: d["tenant"], False),
+        ("TENANT", lambda d: d["tenant"] or ("<warm>" if d["labels"].get("gpumesh.io/warm") == "true" else ""), False),
         ("NODE", lambda d: d["node"], False),
         ("GPU", lambda d: d["gpu_index"] if d["node"] else None, False),
         ("ISOLATION", lambda d: d["isolation"], False),

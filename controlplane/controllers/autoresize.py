@@ -1,0 +1,103 @@
+"""Grow before the need (rule 3 of the orchestrator): slices whose client opted in are resized
+ahead of their forecast memory use, through the resize machinery (`MigrationManager.resize`:
+MPS and time-share in place, MIG by migration to the smallest profile that holds the new size).
+
+Opt-in and bounds are the slice's labels (set at Allocate):
+
+    gpumesh.io/autoresize: "true"
+    gpumesh.io/autoresize-min-gib: "10"     # never below (default: 1 GiB)
+    gpumesh.io/autoresize-max-gib: "40"     # never above (default: the GPU's memory)
+
+The demand is the slice's memory used as its agent reports it (slice telemetry), forecast at the load
+step and horizon; sizes in GiB, whole GiB. The tenant's `max_memory_bytes` quota bounds growth.
+A slice resized is left alone for `orchestrator_resize_cooldown_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from mesh.logs import log
+from mesh.orchestrator import ResizePolicy, SliceView, resize_actions
+
+logger = logging.getLogger(__name__)
+OPT_IN = "gpumesh.io/autoresize"
+MIN_LABEL = "gpumesh.io/autoresize-min-gib"
+MAX_LABEL = "gpumesh.io/autoresize-max-gib"
+GiB = 1 << 30
+
+
+def _gib(labels, key: str, default: float) -> float:
+    try:
+        v = float(labels.get(key, ""))
+        return v if math.isfinite(v) and v > 0 else default
+    except ValueError:
+        return default
+
+
+def opted_in(s: types_pb2.Slice) -> bool:
+    return s.labels.get(OPT_IN) == "true" and s.state == types_pb2.SLICE_STATE_READY
+
+
+def quota_left_gib(ctl, tenant: str) -> float:
+    fw = getattr(ctl, "scheduler", None)
+    for p in getattr(fw, "pre_filters", ()):
+        if getattr(p, "NAME", "") == "TenantQuota":
+            q = p.tenants.get(tenant, p.default)
+            if "max_memory_bytes" in q:
+                used = ctl.fleet.usage.get(tenant, (0, 0, 0.0))[1]
+                return max(0.0, (q["max_memory_bytes"] - used) / GiB)
+    return math.inf
+
+
+def slice_views(ctl) -> list[SliceView]:
+    out = []
+    for s in ctl.fleet.slices.values():
+        if not opted_in(s):
+            continue
+        g = ctl.fleet.gpu(s.node, s.gpu_index)
+        gpu_gib = g.memory_bytes / GiB if g is not None else math.inf
+        out.append(SliceView(s.id, s.memory_bytes / GiB, True, min_size=_gib(s.labels, MIN_LABEL, 1.0),
+                             max_size=min(_gib(s.labels, MAX_LABEL, gpu_gib), gpu_gib),
+                             quota_left=quota_left_gib(ctl, s.tenant), granularity=1.0))
+    return out
+
+
+class ResizePass:
+    def __init__(self, ctl, migrations, settings, clock=time.time) -> None:
+        self.ctl, self.migrations, self.s = ctl, migrations, settings
+        self.clock = clock
+        self.last: dict[str, float] = {}       # slice id -> when the orchestrator last resized it
+
+    def decide(self, forecasts: dict) -> list:
+        """(action, forecast) per resize; `forecasts`: slice id -> Forecast of memory_used (bytes)."""
+        now = self.clock()
+        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items()
+              if now - self.last.get(sid, -1e18) >= self.s.resize_cooldown_s}
+        policy = ResizePolicy(headroom=self.s.resize_headroom, shrink_band=self.s.resize_shrink_band)
+        return [(a, forecasts[a.subject]) for a in resize_actions(slice_views(self.ctl), hi, policy)]
+
+    async def act(self, decisions) -> int:
+        done = 0
+        for a, f in decisions:
+            s = self.ctl.fleet.slices.get(a.subject)
+            if s is None:
+                continue
+            what = (f"memory used forecast {f.points[-1] / GiB:.2f} GiB [{min(f.lo) / GiB:.2f}, {f.peak_hi / GiB:.2f}] "
+                    f"over the next {len(f.hi) * f.step_s:g}s ({f.model})")
+            try:
+                await self.migrations.resize(a.subject, int(a.size * GiB), 0.0)
+            except errors.MeshError as e:
+                log(logger, logging.WARNING, "orchestrator: resize refused", slice=a.subject, error=str(e))
+                self.ctl.recorder.emit("Slice", a.subject, "Warning", "AutoResizeFailed", f"{what}; {a.reason}: {e}",
+                                       tenant=s.tenant, node=s.node, source="orchestrator")
+                continue
+            self.last[a.subject] = self.clock()
+            self.ctl.recorder.emit("Slice", a.subject, "Normal", "AutoGrow" if a.kind == "grow" else "AutoShrink",
+                                   f"{what}; {a.reason}", tenant=s.tenant, node=s.node, source="orchestrator")
+            done += 1
+        return done

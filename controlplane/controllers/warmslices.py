@@ -1,0 +1,206 @@
+"""Warm slices: MIG instances carved ahead of the requests the forecast expects (rule 1 of the
+orchestrator, docs/prediction.md "The live orchestrator").
+
+A warm slice is an ordinary slice record made by the same machinery as Allocate's (the scheduler
+places it, the agent creates the MIG instance through NVML), owned by no tenant (tenant "", so it
+counts against no quota and only admins and viewers see it) and labelled `gpumesh.io/warm=true`
+(with its key, `gpumesh.io/warm-key`). The pool keeps no state of its own: the fleet (and so etcd)
+is the pool, so a restart or a new leader finds it as it was.
+
+- `create`: placed with the fragmentation-gradient (FGD) profile, never by preemption; not waited for.
+- `claim` (called by `Controller.allocate` before scheduling, without an await in between): a READY
+  warm slice matching a one-slice MIG request becomes the tenant's, with a new allocation id, the
+  request's labels and priority and a new creation time, so the tenant cannot tell it from a fresh
+  slice (the instance was created for no one and ran nothing; its device and environment are the
+  slice's own). Quotas are checked as for any allocation.
+- `make_room`: a request that fits only where warm slices sit takes that space; the warm slices in
+  its way are released (the agent destroys them before it creates the new one, in order).
+- `release`: given back (the orchestrator's hysteresis decides how many).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from controlplane import placement
+from controlplane.controllers.orchmetrics import CLAIMS, YIELDS
+from controlplane.scheduler.framework import CycleState
+from gpumesh.v1 import types_pb2
+from mesh.logs import log
+from mesh.slicespec import SliceRequest
+
+logger = logging.getLogger(__name__)
+S = types_pb2
+WARM_LABEL = "gpumesh.io/warm"
+KEY_LABEL = "gpumesh.io/warm-key"
+WARM_TENANT = ""
+WARM_PRIORITY = -(2 ** 31)      # below every tenant's: a real request never yields to a warm slice
+ANY = "any"
+
+
+def key_of(profile: str, gpu_model: str | None) -> str:
+    """The warm pool's key of a request: `PROFILE/GPU_MODEL` (`any` when the request names no model)."""
+    return f"{profile}/{gpu_model or ANY}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    profile, _, model = key.partition("/")
+    return profile, (None if model in ("", ANY) else model)
+
+
+def request_key(req: SliceRequest) -> str | None:
+    """The key of a request the warm pool can serve (one MIG slice of a named profile), else None."""
+    if req.count != 1 or not req.mig_profile or req.isolation not in (None, "mig"):
+        return None
+    return key_of(req.mig_profile, req.gpu_model)
+
+
+def is_warm(s: types_pb2.Slice) -> bool:
+    return s.labels.get(WARM_LABEL) == "true" and s.tenant == WARM_TENANT
+
+
+class WarmPool:
+    def __init__(self, ctl) -> None:
+        self.ctl = ctl
+        from controlplane.scheduler import profiles
+        self.framework = profiles.build("fgd", preemption=False)
+        self.claims = 0            # since start (metrics)
+        self.prior: dict[str, types_pb2.Slice] = {}     # slice id -> its warm record while a claim is saved
+
+    # -- what there is -------------------------------------------------------------------------
+
+    def slices(self) -> list[types_pb2.Slice]:
+        return [s for s in self.ctl.fleet.slices.values() if is_warm(s) and s.state != S.SLICE_STATE_RELEASING]
+
+    def counts(self) -> dict[str, int]:
+        """key -> warm slices carved or being carved."""
+        out: dict[str, int] = {}
+        for s in self.slices():
+            k = s.labels.get(KEY_LABEL, key_of(s.profile, s.gpu_model))
+            out[k] = out.get(k, 0) + 1
+        return out
+
+    # -- carve and give back ---------------------------------------------------------------------
+
+    async def create(self, key: str, count: int, reason: str) -> list[types_pb2.Slice]:
+        """Carve up to `count` warm slices of `key` where FGD puts them; returns those placed."""
+        profile, model = split_key(key)
+        req = SliceRequest(tenant=WARM_TENANT or "warm", memory_bytes=0, compute_share=0.0, isolation="mig",
+                           gpu_model=model, mig_profile=profile, count=1, topology="any", priority=WARM_PRIORITY,
+                           labels={WARM_LABEL: "true", KEY_LABEL: key})
+        made: list[types_pb2.Slice] = []
+        for _ in range(count):
+            decision = self.framework.schedule(req, self.ctl.fleet, allow_preemption=False, explain=False)
+            if not decision.ok:
+                log(logger, logging.INFO, "no room for a warm slice", key=key)
+                break
+            s = self.ctl._slices_for(req, decision.choices)[0]
+            s.tenant = WARM_TENANT
+            self.ctl.fleet.put_slice(s)
+            try:
+                rev = await self.ctl.save([s], created=True)
+            except BaseException:
+                self.ctl.fleet.drop_slice(s.id)
+                raise
+            session = self.ctl.sessions.get(s.node)
+            if session is not None:
+                session.send_upserts([s], rev)
+            self.ctl.recorder.emit("Slice", s.id, "Normal", "WarmSliceCreated",
+                                   f"warm {profile} on {s.node}/GPU {s.gpu_index} (start {s.placement.start}): "
+                                   f"{reason}", node=s.node, source="orchestrator")
+            made.append(s)
+        return made
+
+    async def release(self, key: str, count: int, reason: str) -> list[str]:
+        """Give back `count` warm slices of `key`: those still being carved first, then the newest."""
+        mine = [s for s in self.slices() if s.labels.get(KEY_LABEL) == key]
+        mine.sort(key=lambda s: (s.state == S.SLICE_STATE_READY, s.created_at.ToNanoseconds()))
+        gone = []
+        for s in mine[:count]:
+            await self.ctl.release(s.id, wait=False, message=f"warm slice given back: {reason}")
+            self.ctl.recorder.emit("Slice", s.id, "Normal", "WarmSliceReleased", f"given back: {reason}",
+                                   node=s.node, source="orchestrator")
+            gone.append(s.id)
+        return gone
+
+    # -- Allocate's side (synchronous: no other request runs in between) --------------------------
+
+    def claim(self, req: SliceRequest, framework) -> types_pb2.Slice | None:
+        """The updated slice record of the warm slice this request takes, or None (then it is scheduled
+        as usual). The caller saves it."""
+        key = request_key(req)
+        if key is None or req.cpu_milli or req.host_memory_bytes or req.anti_affinity or req.preempt:
+            return None
+        fleet = self.ctl.fleet
+        candidates = []
+        for s in self.slices():
+            if s.state != S.SLICE_STATE_READY or s.profile != req.mig_profile:
+                continue
+            if req.gpu_model and s.gpu_model != req.gpu_model:
+                continue
+            if req.gpu_models and s.gpu_model not in req.gpu_models:
+                continue
+            node = fleet.nodes.get(s.node)
+            g = fleet.gpu(s.node, s.gpu_index)
+            if node is None or not node.schedulable or g is None or g.health != "healthy" \
+                    or "critical" in (g.memory_pressure, g.thermal_state):
+                continue
+            candidates.append(s)
+        if not candidates:
+            return None
+        state = CycleState()
+        for p in framework.pre_filters:            # the tenant's quota, as for any allocation
+            if not p.pre_filter(state, req, fleet).ok:
+                return None
+        # the same key first (exactly what was forecast), then the fullest GPU (keeps the rest whole)
+        candidates.sort(key=lambda s: (s.labels.get(KEY_LABEL) != key, -fleet.gpu(s.node, s.gpu_index).fill, s.id))
+        w = candidates[0]
+        from controlplane.controllers.slices import new_id, now
+        ns = types_pb2.Slice()
+        ns.CopyFrom(w)
+        ts = now()
+        ns.allocation_id = new_id("a")
+        ns.tenant = req.tenant
+        ns.priority = req.priority
+        ns.labels.clear()
+        ns.labels.update(req.labels)
+        ns.message = ""
+        ns.created_at.CopyFrom(ts)
+        ns.updated_at.CopyFrom(ts)
+        self.prior[ns.id] = w
+        fleet.put_slice(ns)
+        self.claims += 1
+        CLAIMS.inc()
+        return ns
+
+    def make_room(self, req: SliceRequest, framework) -> tuple[object, list[str]]:
+        """Schedule `req` as if no warm slice existed; returns (decision, warm slice ids in its way).
+        The fleet is left as it was."""
+        warm = [s for s in self.slices()]
+        if not warm:
+            return None, []
+        for s in warm:
+            self.ctl.fleet.drop_slice(s.id)
+        try:
+            decision = framework.schedule(req, self.ctl.fleet)
+        finally:
+            for s in warm:
+                self.ctl.fleet.put_slice(s)
+        if not decision.ok:
+            return None, []
+        victims = []
+        for c in decision.choices:
+            for s in warm:
+                if s.node != c.node or s.gpu_index != c.gpu_index:
+                    continue
+                if c.profile and not _overlaps(s, c):
+                    continue
+                victims.append(s.id)
+        YIELDS.inc(len(set(victims)))
+        return decision, sorted(set(victims))
+
+
+def _overlaps(s: types_pb2.Slice, c: placement.Choice) -> bool:
+    a0, a1 = s.placement.start, s.placement.start + max(1, s.placement.size)
+    b0, b1 = c.start, c.start + max(1, c.size)
+    return a0 < b1 and b0 < a1
