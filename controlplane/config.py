@@ -126,6 +126,15 @@ class ControlPlaneConfig:
     gpu_price_default: float = option(0.0, "dollars per GPU-hour of a GPU model gpu_prices does not name",
                                       minimum=0, maximum=1_000_000)
 
+    cost_interval_seconds: float = option(10.0, "seconds between two cost accountings (each charges every slice "
+                                          "for the time since the last and writes the ledger)", minimum=0.5,
+                                          maximum=3600)
+    cost_retention_days: float = option(400.0, "days the cost ledger keeps (minute rows for a day, then hourly)",
+                                        minimum=1, maximum=3650)
+    cost_recommend_observe_seconds: float = option(3600.0, "how long a replica's load must be observed before "
+                                                   "meshctl recommend sizes it by its measured peak or calls it idle",
+                                                   minimum=0, maximum=30 * 86400)
+
     def price_table(self):
         from mesh.cost import PriceTable
         return PriceTable.parse(self.gpu_prices, self.gpu_price_default)

@@ -73,6 +73,12 @@ class Actuator:
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
             await self.store.put_replica(n)
+            if spec.pool and "Pool" in str(e):
+                # the pool is the limit: an event on the deployment (repeats coalesce into one with a count)
+                why = next((part.strip() for part in str(e).split(";") if "Pool" in part), str(e))
+                self.ctl.recorder.emit("Deployment", spec.name, "Warning", "PoolExhausted",
+                                       f"replica {r.id}: {why}"[:500], tenant=spec.tenant,
+                                       source="deployment-controller")
             raise
         s = slices[0]
         n = self._copy(r, slice_id=s.id, allocation_id=s.allocation_id, node=s.node, gpu_uuid=s.gpu_uuid,

@@ -124,6 +124,7 @@ class DeploymentManager:
             raise errors.InvalidArgument.of("spec.model", f"no model {spec.model!r} in the registry",
                                             "a registered model (meshctl get models)") from None
         deployspec.check_fits(need, self.registry.gpu_models())
+        deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
         deployspec.slice_request(spec, need, "r-check", spread=True)   # tenant, labels, priority as slices take them
         spec.variant = variant.name
         ts = now()

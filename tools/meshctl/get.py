@@ -18,13 +18,14 @@ RESOURCES = {
     "deployments": "deployments", "deployment": "deployments", "deploy": "deployments",
     "replicas": "replicas", "replica": "replicas",
     "events": "events", "event": "events", "ev": "events",
+    "pools": "pools", "pool": "pools",
 }
 
 EPILOG = """\
 resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
            migrations (migration, mig), checkpoints (checkpoint, ck), models (model),
            deployments (deployment, deploy), replicas (replica: NAMEs are deployments),
-           events (event, ev: what the control plane did and why)
+           events (event, ev: what the control plane did and why), pools (pool)
 
 examples:
   meshctl get nodes
@@ -89,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
         from tools.meshctl import events
         with client(args) as mesh:
             return events.run(args, mesh)
+    if kind == "pools":
+        from tools.meshctl import pools
+        with client(args) as mesh:
+            items = [p for p in mesh.list_pools() if not args.names or p.name in args.names]
+        out(pools.format_pools(items, args.output))
+        return 0
     if kind == "models":
         from tools.meshctl import models
         with client(args) as mesh:
