@@ -1,0 +1,101 @@
+"""Pools: validation (clear errors naming the field), selection, usage, quota refusals, and the scheduler's
+Pool plugin on an in-memory fleet."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpumesh.v1 import pool_service_pb2 as P
+from gpumesh.v1 import types_pb2
+from mesh import errors, pools
+from mesh.cost import PriceTable
+from mesh.poolapi import pool_from_dict
+
+PRICES = PriceTable.parse(["H100-80GB=2.40"])
+
+
+def pool(**kw) -> P.Pool:
+    return pool_from_dict({"name": "inference-a", **kw})
+
+
+@pytest.mark.parametrize("doc,field", [
+    ({"selector": {"gpu_models": ["H900"]}}, "pool.selector.gpu_models[0]"),
+    ({"quota": {"max_gpus": -1}}, "pool.quota.max_gpus"),
+    ({"quota": {"max_slices": -2}}, "pool.quota.max_slices"),
+    ({"name": "-bad"}, "pool.name"),
+])
+def test_bad_pools_name_the_field(doc, field):
+    with pytest.raises(errors.InvalidArgument) as e:
+        pools.validate(pool_from_dict({"name": "inference-a", **doc}))
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_not_finite_quota_is_refused():
+    with pytest.raises(errors.InvalidArgument) as e:
+        pools.validate(P.Pool(name="a", quota=P.PoolQuota(max_dollars_per_hour=float("nan"))))
+    assert e.value.field == "pool.quota.max_dollars_per_hour"
+
+
+def test_bad_isolation_in_a_file_names_the_field():
+    with pytest.raises(errors.InvalidArgument) as e:
+        pool(selector={"isolations": ["vgpu"]})
+    assert e.value.field == "pool.selector.isolations[0]" and "mig" in str(e.value)
+
+
+def test_validate_canonicalizes_models():
+    p = pools.validate(pool(selector={"gpu_models": ["h100"]}))
+    assert list(p.selector.gpu_models) == ["H100-80GB"]
+
+
+def test_selection():
+    p = pools.validate(pool(selector={"gpu_models": ["H100-80GB"], "isolations": ["mps"], "node_labels": {"tier": "a"}}))
+    assert pools.selects_gpu(p, "H100-80GB", False, None) is None
+    assert "isolation mps" in pools.selects_gpu(p, "H100-80GB", True, None)       # MIG GPU gives MIG
+    assert "GPU models" in pools.selects_gpu(p, "A100-40GB", False, None)
+    assert pools.selects_node(p, {"tier": "a", "x": "y"}) and not pools.selects_node(p, {"tier": "b"})
+
+
+def _slice(sid, pool_name, mem=10 * 2**30, share=0.125):
+    return types_pb2.Slice(id=sid, gpu_model="H100-80GB", isolation=types_pb2.ISOLATION_MPS, memory_bytes=mem,
+                           compute_share=share, labels={pools.LABEL: pool_name} if pool_name else {})
+
+
+def test_usage_and_refusal_names_the_pool():
+    p = pools.validate(pool(quota={"max_slices": 2}))
+    u = pools.usage("inference-a", [_slice("a", "inference-a"), _slice("b", "inference-a"), _slice("c", "")], PRICES)
+    assert u.slices == 2 and u.memory_bytes == 20 * 2**30
+    assert u.dollars_per_hour == pytest.approx(u.gpus * 2.40) and u.gpus > 0
+    why = pools.refusal(p, u, 1, 2**30, 0.1, 0.1)
+    assert why.startswith('PoolExhausted: pool "inference-a" quota max_slices=2 reached')
+    assert pools.refusal(p, pools.Usage(slices=1), 1, 0, 0, 0) is None
+
+
+def test_scheduler_plugin_restricts_and_refuses():
+    from controlplane.scheduler import profiles
+    from controlplane.state.fleet import Fleet
+    from mesh import slicespec
+    fleet = Fleet()
+    for name, labels in (("n1", {"tier": "a"}), ("n2", {"tier": "b"})):
+        inv = types_pb2.NodeInventory(labels=labels, cpu_milli=8000, memory_bytes=64 * 2**30, gpus=[
+            types_pb2.Gpu(index=0, uuid=f"GPU-{name}", model="H100-80GB", memory_bytes=80 * 2**30)])
+        fleet.upsert_node(types_pb2.Node(name=name, inventory=inv))
+        fleet.nodes[name].ready = True
+    fw = profiles.build()
+    plugin = fw.plugin("Pool")
+    plugin.set_pools({"inference-a": pools.validate(pool(selector={"node_labels": {"tier": "b"}},
+                                                         quota={"max_slices": 1}))}, PRICES)
+
+    def req(pool_name):
+        spec = types_pb2.SliceSpec(tenant="t", memory_bytes=8 * 2**30, isolation=types_pb2.ISOLATION_MPS, count=1,
+                                   labels={pools.LABEL: pool_name} if pool_name else {})
+        return slicespec.validate(spec)
+    d = fw.schedule(req("inference-a"), fleet)
+    assert d.ok and d.choices[0].node == "n2"
+    s = _slice("x", "inference-a")
+    s.node, s.gpu_index = "n2", 0
+    fleet.put_slice(s)
+    d = fw.schedule(req("inference-a"), fleet)
+    assert not d.ok and 'pool "inference-a" quota max_slices=1' in str(d.reasons)
+    assert fw.schedule(req(""), fleet).ok                 # no pool: no pool rules
+    d = fw.schedule(req("gone"), fleet)
+    assert not d.ok and "PoolNotFound" in str(d.reasons)
