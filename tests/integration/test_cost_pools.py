@@ -7,7 +7,8 @@ SmolLM2-135M GGUF.
 - `meshctl cost` adds up to the slice-seconds the cluster ran, checked against the slice records' creation
   times and the release time (within one accounting interval), also across a control-plane restart;
 - `meshctl recommend --apply` moves a replica sized for 4 sequences, measured at 1, to a smaller slice,
-  and the deployment answers a completion before, during and after.
+  and the deployment answers a completion before, during and after; the gateway's /metrics carries the
+  model's cost.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _need_llama():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
-    c = LocalCluster(tmp_path_factory.mktemp("cost"), HOSTS, lease_ttl=3, agents_per_process=1, env=env,
+    c = LocalCluster(tmp_path_factory.mktemp("cost"), HOSTS, lease_ttl=3, agents_per_process=1, env=env, gateway=True,
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
                                         "2", "--cost-interval-seconds", str(INTERVAL),
                                         "--cost-recommend-observe-seconds", "4"])
@@ -237,4 +238,13 @@ def test_recommend_apply_resizes_a_replica(cluster, smollm2):
         assert completion(d.replicas[0].endpoint)                        # after
         table = meshctl(cluster, "cost", "--by", "deployment", "--since", "1h").stdout
         assert "chat" in table
+
+        # the gateway's /metrics carries the model's cost (from the serving view it follows)
+        def gateway_cost():
+            text = urllib.request.urlopen(f"{cluster.gateway_url}/metrics", timeout=10).read().decode()
+            for line in text.splitlines():
+                if line.startswith('gpumesh_gateway_model_cost_dollars_per_hour{model="smollm2"}'):
+                    return float(line.split()[-1]) > 0
+            return False
+        wait_for(gateway_cost, 60, "the gateway's per-model cost gauge", interval=1.0)
         mesh.undeploy("chat")
