@@ -63,4 +63,18 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
             raise errors.PermissionDenied("Recommend with apply needs the admin role")
         if request.limit < 0:
             raise errors.InvalidArgument.of("limit", f"{request.limit} is negative", "0 (all) or more")
-        return await self.rec.run(request.apply, request.limit, list(request.kinds))
+        out = await self.rec.run(request.apply, request.limit, list(request.kinds))
+        if not auth.current().admin:
+            # a tenant (or viewer) sees the recommendations about its own tenant's deployments and slices only
+            keep = [r for r in out.recommendations if self._visible(r)]
+            del out.recommendations[:]
+            out.recommendations.extend(keep)
+            out.saving_per_day = sum(r.saving_per_day for r in keep)
+        return out
+
+    def _visible(self, r) -> bool:
+        if r.deployment:
+            d = self.rec.deployments.store.deployments.get(r.deployment)
+            return d is not None and auth.visible(d.spec.tenant)
+        s = self.rec.ctl.fleet.slices.get(r.slice_id) if r.slice_id else None
+        return s is not None and auth.visible(s.tenant)

@@ -62,11 +62,14 @@ class PoolStore:
             raise errors.NotFound(f"no pool {name!r}", kind="pool", name=name)
         return p
 
-    def drawing(self, name: str) -> list[str]:
+    def drawing(self, name: str, visible_only: bool = False) -> list[str]:
+        """The deployments that name the pool (`visible_only`: those the caller may see)."""
         dm = self.deployments
         if dm is None:
             return []
-        return sorted(n for n, d in dm.store.deployments.items() if d.spec.pool == name)
+        from controlplane.api import auth
+        return sorted(n for n, d in dm.store.deployments.items()
+                      if d.spec.pool == name and (not visible_only or auth.visible(d.spec.tenant)))
 
     def view(self, p: P.Pool) -> P.Pool:
         """`p` with its usage now."""
@@ -95,7 +98,7 @@ class PoolStore:
         u.available_memory_bytes = int(least(pools.room(q.max_memory_bytes, used.memory_bytes),
                                              max(0, cap_mem - used.memory_bytes)))
         u.available_dollars_per_hour = pools.room(q.max_dollars_per_hour, used.dollars_per_hour)
-        u.deployments.extend(self.drawing(p.name))
+        u.deployments.extend(self.drawing(p.name, visible_only=True))   # a tenant sees only its own
         return out
 
     def list(self) -> list[P.Pool]:
