@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import logging
 import time
+from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
@@ -37,8 +38,21 @@ IDLE = Counter("gpumesh_cost_idle_dollars_total", "Dollars charged for idle warm
 RATE = Gauge("gpumesh_cost_dollars_per_hour", "Dollars per hour of the live slices now", LABELS)
 PER_1K = Gauge("gpumesh_cost_dollars_per_1k_tokens", "Dollars per 1,000 tokens served, per model, over the "
                "accountant's token window", ["model"])
+CHUNK = 2000            # slices charged between two hand-backs of the event loop
 LABEL_DEPLOYMENT = "gpumesh.deployment"
 LABEL_REPLICA = "gpumesh.replica"
+
+
+@dataclass
+class _Pass:
+    """One accounting's running sums."""
+
+    charges: list = field(default_factory=list)
+    live: dict = field(default_factory=dict)                 # slice id -> its new cursor
+    rates: dict = field(default_factory=dict)                # (tenant, deployment, model, node) -> $/hour
+    spent: dict = field(default_factory=dict)                # same key -> [dollars, idle warm, idle replica]
+    per_model: dict = field(default_factory=dict)            # model -> [dollars, tokens]
+    seen_replicas: set = field(default_factory=set)
 
 
 def _secs(t) -> float:
@@ -66,6 +80,11 @@ class CostAccountant:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost")
         self._task: asyncio.Task | None = None
         self._last_compact = 0.0
+        self._shapes: dict[tuple, tuple[float, float]] = {}
+        # labels -> the metric's labelled child (looked up once: labels() is slow at thousands of slices)
+        self._children: dict[tuple, object] = {}
+        self._idle_children: dict[tuple, object] = {}
+        self._rate_children: dict[tuple, object] = {}
         ctl.cost = self
 
     async def _run(self, fn, *args):
@@ -108,15 +127,31 @@ class CostAccountant:
 
     # -- one accounting -----------------------------------------------------------------------
 
+    def _share_price(self, s) -> tuple[float, float]:
+        """(share, dollars per hour) of a slice's shape, computed once per shape."""
+        shape = (int(s.isolation), s.gpu_model, s.profile, int(s.memory_bytes), float(s.compute_share))
+        got = self._shapes.get(shape)
+        if got is None:
+            share = slice_share(shape[0], shape[1], profile=shape[2], memory_bytes=shape[3], compute_share=shape[4])
+            got = self._shapes[shape] = (share, share * self.prices.gpu_hour(s.gpu_model))
+            if len(self._shapes) > 100_000:
+                self._shapes.clear()
+        return got
+
+    def _child(self, cache: dict, metric, key: tuple):
+        c = cache.get(key)
+        if c is None:
+            c = cache[key] = metric.labels(*key)
+        return c
+
     def facts(self, s) -> acc.SliceFacts:
-        share = slice_share(int(s.isolation), s.gpu_model, profile=s.profile, memory_bytes=int(s.memory_bytes),
-                            compute_share=float(s.compute_share))
+        share, per_hour = self._share_price(s)
         dep = s.labels.get(LABEL_DEPLOYMENT, "")
         model = ""
         if dep and self.deployments is not None:
             d = self.deployments.store.deployments.get(dep)
             model = d.spec.model if d is not None else ""
-        return acc.SliceFacts(s.id, s.tenant, s.node, s.gpu_model, share, share * self.prices.gpu_hour(s.gpu_model),
+        return acc.SliceFacts(s.id, s.tenant, s.node, s.gpu_model, share, per_hour,
                               _secs(s.created_at) if s.HasField("created_at") else self.clock(), dep, model,
                               acc.WARM_LABEL in s.labels)
 
@@ -153,28 +188,57 @@ class CostAccountant:
     def tick(self, now: float) -> tuple[list[acc.Charge], dict[str, float], set[str]]:
         """Charge every slice up to `now` (in memory: cursors, metrics); the charges, the cursors to store and
         the slices gone since the last tick."""
-        charges: list[acc.Charge] = []
-        live: dict[str, float] = {}
-        rates: dict[tuple, float] = {}
-        seen_replicas = set()
+        p = _Pass()
         for s in list(self.ctl.fleet.slices.values()):
-            f = self.facts(s)
-            idle, tokens = self._activity(s)
-            rid = s.labels.get(LABEL_REPLICA)
-            if rid:
-                seen_replicas.add(rid)
-            c = acc.charge(f, self.cursors.get(s.id), now, idle_replica=idle, tokens=tokens)
-            live[s.id] = max(now, self.cursors.get(s.id, 0.0))
-            key = (f.tenant, f.deployment, f.model, f.node)
-            rates[key] = rates.get(key, 0.0) + f.dollars_per_hour
-            if c is None:
-                continue
-            charges.append(c)
-            DOLLARS.labels(*key).inc(c.dollars)
-            if c.category != acc.BUSY:
-                IDLE.labels(*key, c.category).inc(c.dollars)
-            if f.model:
-                self.window.setdefault(f.model, collections.deque()).append((now, c.dollars, c.tokens))
+            self._charge(p, s, now)
+        return self._finish(p, now)
+
+    async def tick_async(self, now: float, chunk: int = CHUNK) -> tuple[list[acc.Charge], dict[str, float], set[str]]:
+        """`tick`, handing the event loop back every `chunk` slices (a large fleet takes a while)."""
+        p = _Pass()
+        for i, s in enumerate(list(self.ctl.fleet.slices.values())):
+            if i and i % chunk == 0:
+                await asyncio.sleep(0)
+            self._charge(p, s, now)
+        return self._finish(p, now)
+
+    def _charge(self, p: "_Pass", s, now: float) -> None:
+        f = self.facts(s)
+        idle, tokens = self._activity(s) if f.deployment else (False, 0.0)
+        rid = s.labels.get(LABEL_REPLICA)
+        if rid:
+            p.seen_replicas.add(rid)
+        c = acc.charge(f, self.cursors.get(s.id), now, idle_replica=idle, tokens=tokens)
+        p.live[s.id] = max(now, self.cursors.get(s.id, 0.0))
+        key = (f.tenant, f.deployment, f.model, f.node)
+        p.rates[key] = p.rates.get(key, 0.0) + f.dollars_per_hour
+        if c is None:
+            return
+        p.charges.append(c)
+        spent = p.spent.get(key)
+        if spent is None:
+            spent = p.spent[key] = [0.0, 0.0, 0.0]
+        spent[0] += c.dollars
+        if c.category == acc.IDLE_WARM:
+            spent[1] += c.dollars
+        elif c.category == acc.IDLE_REPLICA:
+            spent[2] += c.dollars
+        if f.model:
+            m = p.per_model.setdefault(f.model, [0.0, 0.0])
+            m[0] += c.dollars
+            m[1] += c.tokens
+
+    def _finish(self, p: "_Pass", now: float) -> tuple[list[acc.Charge], dict[str, float], set[str]]:
+        charges, live, rates, spent, per_model, seen_replicas = (p.charges, p.live, p.rates, p.spent, p.per_model,
+                                                                 p.seen_replicas)
+        for key, (dollars, warm, idle_rep) in spent.items():
+            self._child(self._children, DOLLARS, key).inc(dollars)
+            if warm:
+                self._child(self._idle_children, IDLE, (*key, acc.IDLE_WARM)).inc(warm)
+            if idle_rep:
+                self._child(self._idle_children, IDLE, (*key, acc.IDLE_REPLICA)).inc(idle_rep)
+        for model, (dollars, tokens) in per_model.items():
+            self.window.setdefault(model, collections.deque()).append((now, dollars, tokens))
         gone = set(self.cursors) - set(live)
         self.cursors = live
         for rid in set(self.activity) - seen_replicas:
@@ -182,12 +246,14 @@ class CostAccountant:
         for rid in set(self.observed) - seen_replicas:
             self.observed.pop(rid, None)
         for key in set(self.rates) - set(rates):
+            self._rate_children.pop(key, None)
             try:
                 RATE.remove(*key)
             except KeyError:
                 pass
         for key, v in rates.items():
-            RATE.labels(*key).set(v)
+            if self.rates.get(key) != v:
+                self._child(self._rate_children, RATE, key).set(v)
         self.rates = rates
         for model, dq in list(self.window.items()):
             while dq and dq[0][0] < now - self.token_window:
@@ -206,7 +272,7 @@ class CostAccountant:
 
     async def account(self) -> int:
         now = self.clock()
-        charges, live, gone = self.tick(now)
+        charges, live, gone = await self.tick_async(now)
         n = await self._run(self.ledger.write, charges, live, gone)
         lines = await self._run(self.ledger.query, "model", now - 86400.0)
         self.model_24h = {ln.key: (ln.dollars, ln.tokens) for ln in lines if ln.key}

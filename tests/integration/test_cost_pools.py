@@ -248,3 +248,19 @@ def test_recommend_apply_resizes_a_replica(cluster, smollm2):
             return False
         wait_for(gateway_cost, 60, "the gateway's per-model cost gauge", interval=1.0)
         mesh.undeploy("chat")
+
+
+def test_idle_warm_slice_is_counted_apart_and_released_by_recommend(cluster, mesh):
+    """A warm slice (labelled gpumesh.warm, as the orchestrator pre-carves them) is charged as idle warm, and
+    `meshctl recommend --apply --kind idle-warm` releases it."""
+    w = mesh.allocate(tenant="team-warm", memory_bytes=8 * 2**30, isolation="mps",
+                      labels={"gpumesh.warm": "orchestrator"}).slices[0]
+    time.sleep(5)
+    doc = json.loads(meshctl(cluster, "cost", "--by", "tenant", "--since", "1h", "-o", "json").stdout)
+    ln = next(x for x in doc["lines"] if x["key"] == "team-warm")
+    assert ln["dollars"] > 0 and ln["idle_warm_dollars"] == pytest.approx(ln["dollars"])
+    assert ln["idle_replica_dollars"] == 0
+    p = meshctl(cluster, "recommend", "--apply", "--kind", "idle-warm", "-o", "json")
+    rec = next(x for x in json.loads(p.stdout)["recommendations"] if x["slice_id"] == w.id)
+    assert rec["result"] == "applied" and rec["saving_per_day"] > 0 and "unclaimed" in rec["risk"]
+    wait_for(lambda: w.id not in {s.id for s in mesh.list_slices(tenant="team-warm")}, 60, "the warm slice released")

@@ -159,3 +159,56 @@ def test_idle_warm_and_share_mps_and_pack():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="kinds: 'shrink'"):
         R.recommend([], [], [], kinds=("shrink",))
+
+
+# -- the accountant on an in-memory fleet ----------------------------------------------------------
+
+def test_accountant_tick_categories_tokens_and_cursors(tmp_path):
+    from types import SimpleNamespace
+
+    from controlplane.cost.accountant import CostAccountant
+    from controlplane.state.fleet import Fleet
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import types_pb2
+
+    fleet = Fleet()
+
+    def add(sid, labels):
+        s = types_pb2.Slice(id=sid, tenant="t1", node="n1", gpu_model="H100-80GB", isolation=types_pb2.ISOLATION_MIG,
+                            profile="1g.10gb", memory_bytes=10 * GIB, labels=labels)
+        s.created_at.FromSeconds(1000)
+        fleet.slices[sid] = s
+    add("s-rep", {"gpumesh.deployment": "chat", "gpumesh.replica": "r-1"})
+    add("s-warm", {acc.WARM_LABEL: "1"})
+    rep_ = D.Replica(id="r-1", deployment="chat", state=D.REPLICA_STATE_READY, slice_id="s-rep")
+    store = SimpleNamespace(deployments={"chat": D.Deployment(spec=D.DeploymentSpec(name="chat", model="smollm2"))},
+                            replicas={"chat": {"r-1": rep_}}, loads={})
+    deployments = SimpleNamespace(store=store)
+    clock = [1000.0]
+    a = CostAccountant(SimpleNamespace(fleet=fleet), deployments, CostLedger(str(tmp_path / "h.db")), PRICES,
+                       interval=10, clock=lambda: clock[0])
+
+    def load(requests, tokens, running=0):
+        return types_pb2.BackendLoad(workload_id="w", scraped=True, requests_total=requests,
+                                     prompt_tokens_total=tokens, generation_tokens_total=0, requests_running=running)
+
+    def tick(t, ld):
+        clock[0] = t
+        if ld is not None:
+            store.loads["r-1"] = ld
+        charges, live, gone = a.tick(t)
+        return {c.slice_id: c for c in charges}, live, gone
+    got, live, _ = tick(1010.0, load(3, 300))
+    assert got["s-rep"].category == acc.BUSY and got["s-warm"].category == acc.IDLE_WARM
+    assert got["s-rep"].model == "smollm2" and got["s-rep"].seconds == 10
+    assert got["s-rep"].dollars == pytest.approx(10 * 2.40 / 8 / 3600)
+    got, _, _ = tick(1020.0, load(3, 300))                       # nothing served: idle
+    assert got["s-rep"].category == acc.IDLE_REPLICA and got["s-rep"].seconds == 10
+    got, _, _ = tick(1030.0, load(5, 520))                       # two requests, 220 tokens
+    assert got["s-rep"].category == acc.BUSY and got["s-rep"].tokens == 220
+    assert a.observed["r-1"][1] >= 1                             # a request ran: peak at least one
+    assert a.rate("model", "smollm2") == pytest.approx(2.40 / 8)
+    del fleet.slices["s-warm"]
+    _, live, gone = tick(1040.0, load(5, 520))
+    assert gone == {"s-warm"} and set(live) == {"s-rep"}
+    assert [c.model for c in a.model_costs(["smollm2"])] == ["smollm2"]
