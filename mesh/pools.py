@@ -81,11 +81,11 @@ def parse_isolation(name: str, field: str = "isolation") -> int:
 # -- selection --------------------------------------------------------------------------------
 
 def isolation_on(requested: str | None, mig_enabled: bool) -> str:
-    """The isolation a slice gets on a GPU: the one asked for, else MIG on a MIG-enabled GPU and an MPS
-    share elsewhere (mesh/slicespec.py: a memory-sized request with no isolation named)."""
+    """The isolation a slice gets on a GPU: the one asked for, else MIG on a MIG-enabled GPU and time-share
+    elsewhere (the scheduler's NodeResourcesFit for a memory-sized request with no isolation named)."""
     if requested:
         return requested
-    return "mig" if mig_enabled else "mps"
+    return "mig" if mig_enabled else "timeshare"
 
 
 def selects_gpu(pool: P.Pool, gpu_model: str, mig_enabled: bool, requested_isolation: str | None) -> str | None:
@@ -110,6 +110,13 @@ def holds_gpu(pool: P.Pool, model: gpumodels.GpuModel, mig_enabled: bool) -> boo
         return True
     possible = {"mig"} if mig_enabled else set(model.isolations) - {"mig"}
     return any(ISOLATIONS.get(i) in possible for i in sel.isolations)
+
+
+def default_isolation(pool: P.Pool) -> int:
+    """The isolation a deployment in the pool asks for when its spec leaves it unspecified: the pool's only
+    allowed kind when it allows one, else unspecified (each GPU's own default, where the pool allows it)."""
+    kinds = list(dict.fromkeys(pool.selector.isolations))
+    return kinds[0] if len(kinds) == 1 else types_pb2.ISOLATION_UNSPECIFIED
 
 
 def selects_node(pool: P.Pool, node_labels) -> bool:

@@ -63,12 +63,13 @@ class Actuator:
     async def allocate(self, r: D.Replica, spec: D.DeploymentSpec, need: int) -> D.Replica:
         """A slice for `r`: spread from the deployment's other replicas' nodes when the fleet allows,
         else anywhere it fits."""
+        pool = getattr(getattr(self.ctl, "pools", None), "pools", {}).get(spec.pool) if spec.pool else None
         try:
-            req = deployspec.slice_request(spec, need, r.id, spread=True)
+            req = deployspec.slice_request(spec, need, r.id, spread=True, pool=pool)
             try:
                 _, slices = await self.ctl.allocate(req, request_id=r.id, no_wait=True)
             except errors.ResourceExhausted:
-                req = deployspec.slice_request(spec, need, r.id, spread=False)
+                req = deployspec.slice_request(spec, need, r.id, spread=False, pool=pool)
                 _, slices = await self.ctl.allocate(req, request_id=r.id + "-any", no_wait=True)
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")

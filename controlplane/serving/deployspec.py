@@ -105,14 +105,20 @@ def check_fits(need: int, gpu_models) -> None:
             f"concurrency, or pick a smaller variant")
 
 
-def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool) -> slicespec.SliceRequest:
+def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool,
+                  pool=None) -> slicespec.SliceRequest:
     """The SliceRequest of one replica: the need's memory, the deployment's labels plus its own, and
-    (`spread`) anti-affinity to the nodes of the deployment's other spread replicas."""
+    (`spread`) anti-affinity to the nodes of the deployment's other spread replicas. In a `pool` that allows
+    one isolation kind, an unspecified isolation asks for that kind."""
     labels = dict(spec.labels)
     labels.update({LABEL_DEPLOYMENT: spec.name, LABEL_REPLICA: replica_id})
     if spec.pool:
         labels[LABEL_POOL] = spec.pool
-    s = types_pb2.SliceSpec(tenant=spec.tenant, memory_bytes=need, isolation=spec.isolation, count=1,
+    isolation = spec.isolation
+    if not isolation and pool is not None:
+        from mesh import pools
+        isolation = pools.default_isolation(pool)
+    s = types_pb2.SliceSpec(tenant=spec.tenant, memory_bytes=need, isolation=isolation, count=1,
                             priority=spec.priority, labels=labels)
     if spread:
         # A separate label: a replica placed anywhere (no node free of the others) must not carry it, or the

@@ -120,6 +120,8 @@ def test_pool_quota_limits_a_deployment(cluster, mesh, smollm2):
         return (d, pending[0]) if len(ready) == 1 and pending and "PoolExhausted" in pending[0].message else None
     d, pending = wait_for(one_ready_one_refused, SLOW, "one replica READY, the other refused by the pool", interval=0.5)
     assert 'pool "inference-a" quota max_slices=1 reached' in pending.message
+    ready = next(r for r in d.replicas if r.state == READY)
+    assert ready.isolation == 2          # MPS: the pool's only isolation kind, though the spec left it unspecified
     p = mesh.get_pool("inference-a")
     assert p.usage.slices == 1 and p.usage.available_slices == 0 and list(p.usage.deployments) == ["pooled"]
     assert p.usage.capacity_gpus == 2 and p.usage.dollars_per_hour > 0

@@ -38,6 +38,13 @@ def test_apportioned_by_share_adds_up_to_the_gpu():
     assert total == pytest.approx(2.40)
 
 
+def test_timeshare_pays_its_memory_not_the_whole_gpu():
+    """The scheduler gives a memory-sized time-share slice a compute share of 1.0: charged by its memory."""
+    assert slice_share(3, "H100-80GB", memory_bytes=8 * 2**30, compute_share=1.0) == pytest.approx(8 * 1024 / 81559,
+                                                                                                   rel=0.05)
+    assert slice_share(3, "H100-80GB", compute_share=0.5) == 0.5            # memory unknown: the compute share
+
+
 def test_categories_counted_apart():
     assert acc.charge(facts(warm=True), None, 1100.0).category == acc.IDLE_WARM
     assert acc.charge(facts(), None, 1100.0, idle_replica=True).category == acc.IDLE_REPLICA
