@@ -120,9 +120,10 @@ class ControlPlaneConfig:
                                      "(docs/prediction.md)")
     # cost (docs/cost.md)
     gpu_prices: list = option(["H100-80GB=2.49", "A100-80GB=1.79", "A100-40GB=1.29"],
-                              "dollars per GPU-hour per GPU model, MODEL=PRICE; a slice is charged its share (MIG: "
-                              "memory slices of 8; MPS, time-share: the larger of compute share and memory "
-                              "fraction; exclusive: the whole GPU)")
+                              "dollars per GPU-hour per GPU model, MODEL=PRICE (the defaults are illustrative "
+                              "on-demand list prices: set your own); a slice is charged its share (MIG: memory "
+                              "slices of 8; MPS: the larger of compute share and memory fraction; time-share: its "
+                              "memory fraction; exclusive: the whole GPU)")
     gpu_price_default: float = option(0.0, "dollars per GPU-hour of a GPU model gpu_prices does not name",
                                       minimum=0, maximum=1_000_000)
 

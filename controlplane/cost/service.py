@@ -53,7 +53,8 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
             for f in ("dollars", "idle_warm_dollars", "idle_replica_dollars", "slice_seconds", "gpu_seconds",
                       "dollars_per_hour", "tokens"):
                 setattr(total, f, getattr(total, f) + getattr(cl, f))
-        total.dollars_per_1k_tokens = per_1k_tokens(total.dollars, total.tokens)
+        # per 1k tokens over the groups that served tokens (slices of no model serve none)
+        total.dollars_per_1k_tokens = per_1k_tokens(sum(ln.dollars for ln in out.lines if ln.tokens), total.tokens)
         out.total.CopyFrom(total)
         return out
 

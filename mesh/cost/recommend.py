@@ -89,6 +89,12 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB"
 
 
+def _span(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h"
+
+
 def resize(r: ReplicaFacts, min_observed: float) -> Rec | None:
     if not r.ready or r.observed_seconds < min_observed or r.peak_need_bytes >= r.memory_bytes:
         return None
@@ -98,7 +104,7 @@ def resize(r: ReplicaFacts, min_observed: float) -> Rec | None:
         return None
     gpu_bytes = model.memory_mib * 2**20
     risk = (f"sized for {r.sized_concurrency} sequence(s) ({_gib(r.need_bytes)}); measured peak "
-            f"{r.peak_in_flight:g} in flight over {r.observed_seconds / 3600:.1f} h ({_gib(r.peak_need_bytes)})")
+            f"{r.peak_in_flight:g} in flight over {_span(r.observed_seconds)} ({_gib(r.peak_need_bytes)})")
     if r.isolation == "mig":
         p = model.smallest_profile_for(r.peak_need_bytes, 0.0)
         if p is None or p.name == r.profile or p.memory_slices / 8 >= r.share:
@@ -121,7 +127,7 @@ def idle_replica(r: ReplicaFacts, min_observed: float) -> Rec | None:
     if not (r.ready and r.idle and r.ready_peers >= 1 and r.observed_seconds >= min_observed):
         return None
     return Rec("idle-replica", r.share * r.gpu_price * 24, f"scale deployment {r.deployment} down by one",
-               f"no request over {r.observed_seconds / 3600:.1f} h; {r.ready_peers} other READY replica(s) remain",
+               f"no request over {_span(r.observed_seconds)}; {r.ready_peers} other READY replica(s) remain",
                r.deployment, r.replica, r.slice_id, r.node, "replicas - 1")
 
 
@@ -129,7 +135,7 @@ def idle_warm(w: WarmSlice, min_observed: float) -> Rec | None:
     if w.idle_seconds < min_observed:
         return None
     return Rec("idle-warm", w.share * w.gpu_price * 24, "release the warm slice",
-               f"unclaimed for {w.idle_seconds / 3600:.1f} h; a request of its size waits for a new slice",
+               f"unclaimed for {_span(w.idle_seconds)}; a request of its size waits for a new slice",
                slice_id=w.slice_id, node=w.node)
 
 
