@@ -45,8 +45,9 @@ class CostApi:
                                                   timeout=self.timeout)
 
     def recommend(self, apply: bool = False, limit: int = 0, kinds: list[str] | None = None,
-                  timeout: float | None = None) -> C.RecommendResponse:
+                  timeout: float | None = None, slice_id: str = "") -> C.RecommendResponse:
         """Recommendations; with `apply` (admin) carried out one at a time, stopping at the first failure
         (a resize by migration can take minutes: give a `timeout`)."""
-        return _converting(self._costsvc.Recommend)(C.RecommendRequest(apply=apply, limit=limit, kinds=kinds or []),
+        return _converting(self._costsvc.Recommend)(C.RecommendRequest(apply=apply, limit=limit, kinds=kinds or [],
+                                                                       slice_id=slice_id),
                                                     timeout=timeout or self.timeout)

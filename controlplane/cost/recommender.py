@@ -131,8 +131,8 @@ class Recommender:
             n.memory_bytes, n.profile = s.memory_bytes, s.profile
             self.deployments.store.replicas[rec.deployment][rec.replica] = n
 
-    async def run(self, apply: bool, limit: int = 0, kinds=()) -> C.RecommendResponse:
-        recs = self.recommend(kinds)
+    async def run(self, apply: bool, limit: int = 0, kinds=(), slice_id: str = "") -> C.RecommendResponse:
+        recs = [r for r in self.recommend(kinds) if not slice_id or r.slice_id == slice_id]
         out = C.RecommendResponse()
         for rec in recs:
             m = out.recommendations.add(kind=rec.kind, deployment=rec.deployment, replica=rec.replica,

@@ -87,10 +87,9 @@ def run_recommend(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CliError(f"--limit: {args.limit} is negative (0: all)")
     with client(args) as mesh:
-        if args.apply and args.output in ("table", "wide"):
-            info("applying recommendations one at a time (stops at the first failure)...")
-        resp = mesh.recommend(apply=args.apply, limit=args.limit, kinds=args.kind,
-                              timeout=args.apply_timeout if args.apply else None)
+        resp = mesh.recommend(kinds=args.kind)
+        if args.apply:
+            resp = _apply(mesh, args, resp)
     if args.output in ("json", "yaml"):
         out(dump(to_dict(resp), args.output))
         return 1 if resp.stopped else 0
@@ -101,3 +100,29 @@ def run_recommend(args: argparse.Namespace) -> int:
     out(f"total saving per day: {_money(resp.saving_per_day)}" +
         (f"; applied {resp.applied}{' (stopped at a failure)' if resp.stopped else ''}" if args.apply else "") + "\n")
     return 1 if resp.stopped else 0
+
+
+def _apply(mesh, args: argparse.Namespace, listed):
+    """Carry the listed recommendations out one at a time (each by its slice and kind), with a progress line
+    per step on stderr, stopping at the first failure."""
+    import time
+    recs = list(listed.recommendations)
+    todo = recs[:args.limit] if args.limit else recs
+    deadline = time.monotonic() + args.apply_timeout
+    for i, r in enumerate(todo, 1):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            r.result = "skipped: --apply-timeout reached"
+            listed.stopped = True
+            break
+        info(f"[{i}/{len(todo)}] {r.kind} {r.deployment or r.slice_id or r.node}: {r.action} ...")
+        got = mesh.recommend(apply=True, kinds=[r.kind], slice_id=r.slice_id, limit=1, timeout=left)
+        mine = next((x for x in got.recommendations if x.result), None)
+        r.result = mine.result if mine is not None else "skipped: no longer recommended"
+        info(f"[{i}/{len(todo)}] {r.result}")
+        if r.result == "applied":
+            listed.applied += 1
+        if got.stopped:
+            listed.stopped = True
+            break
+    return listed

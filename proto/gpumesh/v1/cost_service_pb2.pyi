@@ -68,14 +68,16 @@ class ModelCost(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dollars_per_hour: _Optional[float] = ..., dollars_24h: _Optional[float] = ..., dollars_per_1k_tokens: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("apply", "limit", "kinds")
+    __slots__ = ("apply", "limit", "kinds", "slice_id")
     APPLY_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
+    SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     apply: bool
     limit: int
     kinds: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, apply: _Optional[bool] = ..., limit: _Optional[int] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+    slice_id: str
+    def __init__(self, apply: _Optional[bool] = ..., limit: _Optional[int] = ..., kinds: _Optional[_Iterable[str]] = ..., slice_id: _Optional[str] = ...) -> None: ...
 
 class Recommendation(_message.Message):
     __slots__ = ("kind", "deployment", "replica", "slice_id", "node", "action", "target", "saving_per_day", "risk", "result")
