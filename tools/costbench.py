@@ -49,7 +49,8 @@ def run(n: int, ticks: int = 5) -> dict:
     expected = n * 2.49 * (1 / 8) * 10 * ticks / 3600
     return {"slices": n, "tick_ms_median": round(statistics.median(tick_ms[1:] or tick_ms), 1),
             "first_tick_ms": round(tick_ms[0], 1), "write_ms_median": round(statistics.median(write_ms), 1),
-            "query_by_tenant_ms": round(query_ms, 1), "dollars": round(dollars, 6), "expected_dollars": round(expected, 6),
+            "query_by_tenant_ms": round(query_ms, 1), "dollars": round(dollars, 6),
+            "expected_dollars": round(expected, 6),
             "exact": abs(dollars - expected) < 1e-6 * max(1.0, expected)}
 
 

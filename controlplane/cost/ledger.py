@@ -101,9 +101,11 @@ class CostLedger:
                        FROM cost_ledger WHERE bucket < ? AND bucket != CAST(bucket / ? AS INTEGER) * ?
                        GROUP BY CAST(bucket / ? AS INTEGER), slice, category""",
                     (HOUR, HOUR, cutoff, HOUR, HOUR, HOUR))
-                self.db.execute("DELETE FROM cost_ledger WHERE bucket < ? AND bucket != CAST(bucket / ? AS INTEGER) * ?",
+                self.db.execute("DELETE FROM cost_ledger WHERE bucket < ? AND "
+                                "bucket != CAST(bucket / ? AS INTEGER) * ?",
                                 (cutoff, HOUR, HOUR))
-                self.db.execute(_ADD.replace("VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", "SELECT * FROM folded WHERE 1"))
+                self.db.execute(_ADD.replace("VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                             "SELECT * FROM folded WHERE 1"))
                 self.db.execute("DELETE FROM cost_ledger WHERE bucket < ?", (now - self.keep,))
                 self.db.execute("COMMIT")
             except BaseException:

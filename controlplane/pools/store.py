@@ -115,7 +115,8 @@ class PoolStore:
             p.updated_at.CopyFrom(p.created_at)
             p.generation = 1
             try:
-                await self.ctl.writer.write([Put(keys.pool(p.name), p.SerializeToString())], [Absent(keys.pool(p.name))])
+                await self.ctl.writer.write([Put(keys.pool(p.name), p.SerializeToString())],
+                                            [Absent(keys.pool(p.name))])
             except errors.Aborted:
                 raise errors.AlreadyExists(f"pool {p.name!r} already exists") from None
             self.pools[p.name] = p
@@ -133,7 +134,8 @@ class PoolStore:
             p.updated_at.CopyFrom(now())
             p.generation = old.generation + 1
             try:
-                await self.ctl.writer.write([Put(keys.pool(p.name), p.SerializeToString())], [Present(keys.pool(p.name))])
+                await self.ctl.writer.write([Put(keys.pool(p.name), p.SerializeToString())],
+                                            [Present(keys.pool(p.name))])
             except errors.Aborted:
                 self.pools.pop(p.name, None)
                 raise errors.NotFound(f"no pool {p.name!r} (deleted meanwhile)", kind="pool", name=p.name) from None

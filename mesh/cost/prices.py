@@ -4,7 +4,8 @@ A slice pays its GPU's price times its share: a MIG instance its memory slices o
 size, which is what it takes from other tenants), an MPS slice the larger of its compute share and its memory
 fraction, a time-share slice its memory fraction (time-slicing hands every slice the whole GPU's compute in
 turns, and the scheduler gives a memory-sized time-share slice a compute share of 1.0: what it takes from the
-others is memory; its compute share only when its memory is not known), an exclusive slice the whole GPU. No I/O: the control plane's configuration gives
+others is memory; its compute share only when its memory is not known), an exclusive slice the whole GPU.
+No I/O: the control plane's configuration gives
 the table, the accounting and the autoscaler's cost ceiling read it.
 """
 

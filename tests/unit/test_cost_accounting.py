@@ -142,14 +142,16 @@ def test_no_resize_before_enough_observation_or_when_right_sized():
 
 
 def test_idle_replica_never_the_last_one():
-    reps = [rep(rid="r1", idle=True, peers=1, peak_need=20 * GIB), rep(rid="r2", idle=True, peers=1, peak_need=20 * GIB)]
+    reps = [rep(rid="r1", idle=True, peers=1, peak_need=20 * GIB),
+            rep(rid="r2", idle=True, peers=1, peak_need=20 * GIB)]
     recs = R.recommend(reps, [], [], 3600, kinds=("idle-replica",))
     assert len(recs) == 1 and recs[0].saving_per_day == pytest.approx(0.25 * 2.40 * 24)
     assert R.recommend([rep(idle=True, peers=0)], [], [], 3600, kinds=("idle-replica",)) == []
 
 
 def test_idle_warm_and_share_mps_and_pack():
-    warm = [R.WarmSlice("w1", "n1", "H100-80GB", 1 / 8, 2.40, 7200.0), R.WarmSlice("w2", "n1", "H100-80GB", 1 / 8, 2.40, 60)]
+    warm = [R.WarmSlice("w1", "n1", "H100-80GB", 1 / 8, 2.40, 7200.0),
+            R.WarmSlice("w2", "n1", "H100-80GB", 1 / 8, 2.40, 60)]
     recs = R.recommend([], warm, [], 3600)
     assert [r.slice_id for r in recs] == ["w1"] and recs[0].saving_per_day == pytest.approx(0.3 * 24)
     whole = [rep("a", "ra", iso="exclusive", share=1.0, peak_need=30 * GIB),

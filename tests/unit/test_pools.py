@@ -48,14 +48,16 @@ def test_validate_canonicalizes_models():
 
 
 def test_selection():
-    p = pools.validate(pool(selector={"gpu_models": ["H100-80GB"], "isolations": ["mps"], "node_labels": {"tier": "a"}}))
+    p = pools.validate(pool(selector={"gpu_models": ["H100-80GB"], "isolations": ["mps"],
+                                      "node_labels": {"tier": "a"}}))
     assert pools.selects_gpu(p, "H100-80GB", False, "mps") is None
     assert "isolation mps" in pools.selects_gpu(p, "H100-80GB", False, None)      # unspecified: time-share there
     assert "isolation mps" in pools.selects_gpu(p, "H100-80GB", True, None)       # MIG GPU gives MIG
     assert pools.default_isolation(p) == types_pb2.ISOLATION_MPS                  # the pool's only kind
     both = pools.validate(pool(selector={"isolations": ["mig", "timeshare"]}))
     assert pools.default_isolation(both) == types_pb2.ISOLATION_UNSPECIFIED
-    assert pools.selects_gpu(both, "H100-80GB", True, None) is None and pools.selects_gpu(both, "H100-80GB", False, None) is None
+    assert pools.selects_gpu(both, "H100-80GB", True, None) is None
+    assert pools.selects_gpu(both, "H100-80GB", False, None) is None
     assert "GPU models" in pools.selects_gpu(p, "A100-40GB", False, None)
     assert pools.selects_node(p, {"tier": "a", "x": "y"}) and not pools.selects_node(p, {"tier": "b"})
 
