@@ -16,11 +16,11 @@ import logging
 import math
 import time
 
-from controlplane.cost.accountant import LABEL_DEPLOYMENT, LABEL_REPLICA, CostAccountant
+from controlplane.cost.accountant import CostAccountant
 from controlplane.serving import deployspec
 from gpumesh.v1 import cost_service_pb2 as C
 from gpumesh.v1 import deployment_service_pb2 as D
-from mesh import errors, gpumodels
+from mesh import errors
 from mesh.cost import recommend as R
 from mesh.cost import slice_share
 from mesh.cost.accounting import WARM_LABEL
