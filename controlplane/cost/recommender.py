@@ -20,6 +20,7 @@ from controlplane.cost.accountant import CostAccountant
 from controlplane.serving import deployspec
 from gpumesh.v1 import cost_service_pb2 as C
 from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import types_pb2 as W
 from mesh import errors
 from mesh.cost import recommend as R
 from mesh.cost import slice_share
@@ -81,14 +82,12 @@ class Recommender:
                                     memory_bytes=int(s.memory_bytes), compute_share=float(s.compute_share))
                 created = s.created_at.seconds + s.created_at.nanos / 1e9
                 warm.append(R.WarmSlice(s.id, s.node, s.gpu_model, share, prices.gpu_hour(s.gpu_model), now - created))
+        running = {w.slice_id: w.id for w in self.migrations.wm.workloads.values()
+                   if w.state == W.WORKLOAD_STATE_RUNNING}
         gpus = []
         for e in self.ctl.fleet.nodes.values():
             for g in e.gpus:
-                sl = []
-                for s in g.slices.values():
-                    w = next((w for w in self.migrations.wm.workloads.values() if w.slice_id == s.id and w.state == 2),
-                             None)
-                    sl.append((s.id, s.memory_bytes, w.id if w is not None else ""))
+                sl = [(s.id, s.memory_bytes, running.get(s.id, "")) for s in g.slices.values()]
                 gpus.append(R.GpuFacts(e.name, g.index, g.model.name, g.memory_bytes, prices.gpu_hour(g.model.name),
                                        g.sharing or "", tuple(sl), g.allocated_memory))
         return replicas, warm, gpus

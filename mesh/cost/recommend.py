@@ -165,32 +165,46 @@ def share_mps(replicas: list[ReplicaFacts]) -> list[Rec]:
     return out
 
 
-def pack(gpus: list[GpuFacts]) -> list[Rec]:
-    """GPUs of shared slices that can be emptied into the free memory of others of the same model and kind."""
+def pack(gpus: list[GpuFacts], max_sources: int = 64) -> list[Rec]:
+    """GPUs of shared slices that can be emptied into the free memory of others of the same model and kind. The
+    least-filled GPUs of each (model, kind) are tried as sources, at most `max_sources` of them (a large fleet
+    stays quick: the next run finds the next ones)."""
     out = []
     free = {(g.node, g.index): g.memory_bytes - g.allocated_bytes for g in gpus}
-    emptied = set()
-    shared = [g for g in gpus if g.isolation in ("mps", "timeshare") and g.slices]
-    for g in sorted(shared, key=lambda g: (g.allocated_bytes, g.node, g.index)):
-        targets = [t for t in shared if (t.node, t.index) != (g.node, g.index) and (t.node, t.index) not in emptied
-                   and t.gpu_model == g.gpu_model and t.isolation == g.isolation]
-        targets.sort(key=lambda t: free[(t.node, t.index)])       # best fit
-        moves, taken = [], {}
-        for sid, mem, wid in sorted(g.slices, key=lambda s: -s[1]):
-            dest = next((t for t in targets if free[(t.node, t.index)] - taken.get((t.node, t.index), 0) >= mem), None)
-            if dest is None:
-                moves = None
-                break
-            taken[(dest.node, dest.index)] = taken.get((dest.node, dest.index), 0) + mem
-            moves.append((sid, wid, dest.node, dest.index))
-        if not moves:
-            continue
-        for k, v in taken.items():
-            free[k] -= v
-        emptied.add((g.node, g.index))
-        out.append(Rec("pack", g.gpu_price * 24, f"migrate {len(moves)} slice(s) off GPU {g.node}/{g.index} to free it",
-                       f"the receiving GPUs run {_gib(sum(s[1] for s in g.slices))} more; their memory pressure rises",
-                       node=g.node, target=", ".join(f"{s[0]}->{s[2]}/{s[3]}" for s in moves), moves=moves))
+    groups: dict[tuple[str, str], list[GpuFacts]] = {}
+    for g in gpus:
+        if g.isolation in ("mps", "timeshare") and g.slices:
+            groups.setdefault((g.gpu_model, g.isolation), []).append(g)
+    for members in groups.values():
+        emptied: set = set()
+        receiving: set = set()
+        members.sort(key=lambda g: (g.allocated_bytes, g.node, g.index))
+        for g in members[:max_sources]:
+            me = (g.node, g.index)
+            if me in receiving:
+                continue            # it took slices of an emptied GPU: it stays
+            targets = sorted((t for t in members if (t.node, t.index) != me and (t.node, t.index) not in emptied),
+                             key=lambda t: free[(t.node, t.index)])      # best fit
+            moves, taken = [], {}
+            for sid, mem, wid in sorted(g.slices, key=lambda s: -s[1]):
+                dest = next((t for t in targets
+                             if free[(t.node, t.index)] - taken.get((t.node, t.index), 0) >= mem), None)
+                if dest is None:
+                    moves = None
+                    break
+                taken[(dest.node, dest.index)] = taken.get((dest.node, dest.index), 0) + mem
+                moves.append((sid, wid, dest.node, dest.index))
+            if not moves:
+                continue
+            for k, v in taken.items():
+                free[k] -= v
+                receiving.add(k)
+            emptied.add(me)
+            out.append(Rec("pack", g.gpu_price * 24,
+                           f"migrate {len(moves)} slice(s) off GPU {g.node}/{g.index} to free it",
+                           f"the receiving GPUs hold {_gib(sum(s[1] for s in g.slices))} more; their memory "
+                           f"pressure rises", node=g.node,
+                           target=", ".join(f"{s[0]}->{s[2]}/{s[3]}" for s in moves), moves=moves))
     return out
 
 

@@ -221,3 +221,17 @@ def test_accountant_tick_categories_tokens_and_cursors(tmp_path):
     _, live, gone = tick(1040.0, load(5, 520))
     assert gone == {"s-warm"} and set(live) == {"s-rep"}
     assert [c.model for c in a.model_costs(["smollm2"])] == ["smollm2"]
+
+
+def test_pack_never_empties_a_gpu_that_received_slices_and_stays_quick():
+    gpus = [R.GpuFacts("n1", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s1", 10 * GIB, "w-1"),), 10 * GIB),
+            R.GpuFacts("n2", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s2", 20 * GIB, "w-2"),), 20 * GIB)]
+    recs = R.pack(gpus)
+    assert len(recs) == 1 and recs[0].node == "n1"            # n2 received s1: it is not emptied in turn
+    big = [R.GpuFacts(f"n{i}", 0, "H100-80GB", 80 * GIB, 2.40, "mps", ((f"s{i}", 30 * GIB, f"w-{i}"),), 30 * GIB)
+           for i in range(5000)]
+    recs = R.pack(big, max_sources=64)
+    assert 0 < len(recs) <= 64
+    moved = [m for r in recs for m in r.moves]
+    sources = {r.node for r in recs}
+    assert not sources & {m[2] for m in moved}                  # no GPU both emptied and receiving
