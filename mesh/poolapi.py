@@ -28,6 +28,8 @@ def _converting(fn):
 
 def pool_to_dict(p: P.Pool) -> dict:
     d = json_format.MessageToDict(p, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for part in ("selector", "quota", "usage"):
+        d.setdefault(part, {})
     d["selector"]["isolations"] = [pools.ISOLATIONS.get(i, str(i)) for i in p.selector.isolations]
     for k in ("memory_bytes", "capacity_memory_bytes", "available_memory_bytes"):
         d["usage"][k] = int(d["usage"].get(k, 0))

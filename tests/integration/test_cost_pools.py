@@ -135,8 +135,8 @@ def test_pool_quota_limits_a_deployment(cluster, mesh, smollm2):
     # still refused after a while (not a race): then a larger quota lets the second replica through
     time.sleep(3)
     assert sum(r.state == READY for r in mesh.get_deployment("pooled").replicas) == 1
-    p.quota.max_slices = 2
-    mesh.update_pool(p)
+    meshctl(cluster, "update", "pool", "inference-a", "--max-slices", "2")
+    assert mesh.get_pool("inference-a").selector.isolations == [2]          # the other fields kept
     wait_for(lambda: mesh.get_deployment("pooled").status.ready_replicas == 2, SLOW, "both replicas READY")
     with pytest.raises(errors.FailedPrecondition, match="pooled"):
         mesh.delete_pool("inference-a")

@@ -106,3 +106,20 @@ def test_scheduler_plugin_restricts_and_refuses():
     assert fw.schedule(req(""), fleet).ok                 # no pool: no pool rules
     d = fw.schedule(req("gone"), fleet)
     assert not d.ok and "PoolNotFound" in str(d.reasons)
+
+
+def test_describe_yaml_round_trips_through_a_file(tmp_path):
+    """What `meshctl describe pool NAME -o yaml` prints is what `create pool -f` / `update pool -f` read."""
+    import argparse
+
+    import yaml
+
+    from mesh.poolapi import pool_to_dict
+    from tools.meshctl.pools import pool_from_args
+    p = pools.validate(pool(description="chat", selector={"gpu_models": ["H100-80GB"], "isolations": ["mps", "mig"],
+                                                          "node_labels": {"tier": "a"}},
+                            quota={"max_slices": 3, "max_memory_bytes": 40 * 2**30}))
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(pool_to_dict(p)))
+    back = pool_from_dict(pool_from_args(argparse.Namespace(file=str(path), name="")))
+    assert pools.validate(back) == p

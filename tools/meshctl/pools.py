@@ -10,9 +10,10 @@ EPILOG = """\
 examples:
   meshctl create pool inference-a --gpu-model H100-80GB --isolation mps --max-slices 4
   meshctl create pool batch --node-selector tier=spot --max-gpus 2.5 --max-dollars-per-hour 10
-  meshctl create pool -f pool.yaml                      # the shape `get pool NAME -o yaml` prints
+  meshctl create pool -f pool.yaml                      # the shape `describe pool NAME -o yaml` prints
   meshctl get pools                                     # NAME SLICES GPUS $/H AVAILABLE DEPLOYMENTS
   meshctl describe pool inference-a                     # selector, quota, usage, deployments drawing from it
+  meshctl update pool inference-a --max-slices 8         # the flags given replace those fields
   meshctl deploy smollm2-135m --pool inference-a --replicas 3
   meshctl delete pool inference-a
 """
@@ -38,23 +39,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                    description="Create a resource (pool): named GPU capacity with a quota that deployments draw from.")
     p.add_argument("kind", metavar="KIND", choices=("pool",), help="pool")
     p.add_argument("name", metavar="NAME", nargs="?", default="")
-    p.add_argument("-f", "--file", default="", help="a YAML or JSON pool (name, selector, quota)")
-    p.add_argument("--description", default="")
-    p.add_argument("--gpu-model", action="append", default=[], metavar="MODEL", help="repeatable (H100-80GB, ...)")
-    p.add_argument("--isolation", action="append", default=[], metavar="KIND",
-                   help="repeatable: mig, mps, timeshare, exclusive")
-    p.add_argument("--node-selector", type=_pair, action="append", default=[], metavar="KEY=VALUE",
-                   help="node labels that must match (repeatable)")
-    p.add_argument("--max-slices", type=int, default=0, metavar="N")
-    p.add_argument("--max-gpus", type=float, default=0.0, metavar="GPUS", help="GPU-equivalents (sum of shares)")
-    p.add_argument("--max-memory", type=_size, default=0, metavar="SIZE", help="e.g. 40GiB")
-    p.add_argument("--max-dollars-per-hour", type=float, default=0.0, metavar="DOLLARS")
+    _pool_flags(p, defaults=True)
     p.set_defaults(func=run_create)
+    u = subcommand(sub, "update", help="change a resource pool's selector or quota", epilog=EPILOG,
+                   description="Update a resource (pool): the flags given replace those fields (the others stay); "
+                               "-f FILE replaces the whole pool. Guarded by the pool's generation.")
+    u.add_argument("kind", metavar="KIND", choices=("pool",), help="pool")
+    u.add_argument("name", metavar="NAME", nargs="?", default="")
+    _pool_flags(u, defaults=None)
+    u.set_defaults(func=run_update)
     d = subcommand(sub, "delete", help="delete a resource pool", epilog=EPILOG,
                    description="Delete a resource (pool); refused while a deployment draws from it.")
     d.add_argument("kind", metavar="KIND", choices=("pool",), help="pool")
     d.add_argument("name", metavar="NAME")
     d.set_defaults(func=run_delete)
+
+
+def _pool_flags(p: argparse.ArgumentParser, defaults) -> None:
+    """The pool's flags; with `defaults` None (update) a flag not given stays None (the field is kept)."""
+    z = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("-f", "--file", default="", help="a YAML or JSON pool (name, selector, quota)")
+    p.add_argument("--description", default=z(""))
+    p.add_argument("--gpu-model", action="append", default=z([]), metavar="MODEL", help="repeatable (H100-80GB, ...)")
+    p.add_argument("--isolation", action="append", default=z([]), metavar="KIND",
+                   help="repeatable: mig, mps, timeshare, exclusive")
+    p.add_argument("--node-selector", type=_pair, action="append", default=z([]), metavar="KEY=VALUE",
+                   help="node labels that must match (repeatable)")
+    p.add_argument("--max-slices", type=int, default=z(0), metavar="N", help="0: no limit")
+    p.add_argument("--max-gpus", type=float, default=z(0.0), metavar="GPUS", help="GPU-equivalents (sum of shares)")
+    p.add_argument("--max-memory", type=_size, default=z(0), metavar="SIZE", help="e.g. 40GiB")
+    p.add_argument("--max-dollars-per-hour", type=float, default=z(0.0), metavar="DOLLARS")
 
 
 def pool_from_args(args: argparse.Namespace) -> dict:
@@ -83,6 +97,31 @@ def run_create(args: argparse.Namespace) -> int:
     with client(args) as mesh:
         p = mesh.create_pool(pool_from_args(args))
     out(dump(pool_to_dict(p), args.output) if args.output in ("json", "yaml") else f"pool/{p.name} created\n")
+    return 0
+
+
+def run_update(args: argparse.Namespace) -> int:
+    from mesh.poolapi import pool_to_dict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        if args.file:
+            doc = pool_from_args(args)
+        else:
+            if not args.name:
+                raise CliError("a pool NAME (or -f FILE) is required")
+            doc = pool_to_dict(mesh.get_pool(args.name))
+            sel, q = doc["selector"], doc["quota"]
+            for flag, (where, key) in {"description": (doc, "description"), "gpu_model": (sel, "gpu_models"),
+                                       "isolation": (sel, "isolations"), "max_slices": (q, "max_slices"),
+                                       "max_gpus": (q, "max_gpus"), "max_memory": (q, "max_memory_bytes"),
+                                       "max_dollars_per_hour": (q, "max_dollars_per_hour")}.items():
+                if getattr(args, flag) is not None:
+                    where[key] = getattr(args, flag)
+            if args.node_selector is not None:
+                sel["node_labels"] = dict(args.node_selector)
+        p = mesh.update_pool(doc)
+    out(dump(pool_to_dict(p), args.output) if args.output in ("json", "yaml")
+        else f"pool/{p.name} updated (generation {p.generation})\n")
     return 0
 
 
