@@ -421,6 +421,13 @@ class DeploymentManager:
                     message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
             if ctype == "Draining":
                 reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
+            if ctype == "Available" and not status:
+                # the pool is the limit (docs/pools.md): say so where `describe deployment` shows it
+                held = next((r for r in replicas
+                             if r.state == D.REPLICA_STATE_PENDING and "PoolExhausted" in r.message), None)
+                if held is not None:
+                    why = held.message[held.message.index("PoolExhausted"):].split(";")[0]
+                    reason, message = "PoolExhausted", f"{message}; replica {held.id}: {why}"
             c = D.DeploymentCondition(type=ctype, status=status, reason=reason, message=message[:4000])
             prev = old.get(ctype)
             if prev is not None and prev.status == status:

@@ -122,6 +122,10 @@ def test_pool_quota_limits_a_deployment(cluster, mesh, smollm2):
     assert 'pool "inference-a" quota max_slices=1 reached' in pending.message
     ready = next(r for r in d.replicas if r.state == READY)
     assert ready.isolation == 2          # MPS: the pool's only isolation kind, though the spec left it unspecified
+    avail = wait_for(lambda: next((c for c in mesh.get_deployment("pooled").status.conditions
+                                   if c.type == "Available" and c.reason == "PoolExhausted"), None),
+                     30, "the Available condition naming the pool")
+    assert not avail.status and 'pool "inference-a"' in avail.message
     p = mesh.get_pool("inference-a")
     assert p.usage.slices == 1 and p.usage.available_slices == 0 and list(p.usage.deployments) == ["pooled"]
     assert p.usage.capacity_gpus == 2 and p.usage.dollars_per_hour > 0
