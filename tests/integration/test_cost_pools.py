@@ -8,7 +8,10 @@ SmolLM2-135M GGUF.
   times and the release time (within one accounting interval), also across a control-plane restart;
 - `meshctl recommend --apply` moves a replica sized for 4 sequences, measured at 1, to a smaller slice,
   and the deployment answers a completion before, during and after; the gateway's /metrics carries the
-  model's cost.
+  model's cost;
+- an idle warm slice is counted apart and released by `recommend --apply --kind idle-warm`; two idle READY
+  replicas are counted as idle replica cost and `recommend --apply --kind idle-replica` scales the deployment
+  down by one, never to zero.
 """
 
 from __future__ import annotations
@@ -270,3 +273,32 @@ def test_idle_warm_slice_is_counted_apart_and_released_by_recommend(cluster, mes
     rec = next(x for x in json.loads(p.stdout)["recommendations"] if x["slice_id"] == w.id)
     assert rec["result"] == "applied" and rec["saving_per_day"] > 0 and "unclaimed" in rec["risk"]
     wait_for(lambda: w.id not in {s.id for s in mesh.list_slices(tenant="team-warm")}, 60, "the warm slice released")
+
+
+def test_idle_replica_is_scaled_away_by_recommend(cluster, smollm2):
+    """Two READY replicas that serve nothing: their time is counted as idle replica cost, and `recommend --apply
+    --kind idle-replica` scales the deployment down by one (never to zero), the other still answering."""
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as mesh:
+        mesh.deploy("smollm2", name="quiet", replicas=2, context=512, isolation="mps")
+        mesh.wait_deployment("quiet", lambda x: x.status.ready_replicas == 2, timeout=SLOW)
+
+        def idle_cost():
+            doc = json.loads(meshctl(cluster, "cost", "--by", "deployment", "--since", "1h", "-o", "json").stdout)
+            ln = next((x for x in doc["lines"] if x["key"] == "quiet"), None)
+            return ln if ln is not None and ln["idle_replica_dollars"] > 0 else None
+        ln = wait_for(idle_cost, 60, "idle replica cost of the quiet deployment", interval=1.0)
+        assert ln["idle_replica_dollars"] <= ln["dollars"]
+
+        def recommended():
+            return [x for x in mesh.recommend(kinds=["idle-replica"]).recommendations if x.deployment == "quiet"]
+        recs = wait_for(recommended, 120, "an idle-replica recommendation", interval=1.0)
+        assert len(recs) == 1 and "other READY replica" in recs[0].risk          # never the last one
+        p = meshctl(cluster, "recommend", "--apply", "--kind", "idle-replica", "-o", "json")
+        mine = next(x for x in json.loads(p.stdout)["recommendations"] if x["deployment"] == "quiet")
+        assert mine["result"] == "applied"
+        d = wait_for(lambda: (lambda x: x if len(x.replicas) == 1 and x.status.ready_replicas == 1 else None)(
+            mesh.get_deployment("quiet")), 120, "scaled down to one READY replica")
+        assert d.spec.replicas == 1
+        assert completion(d.replicas[0].endpoint)
+        mesh.undeploy("quiet")
