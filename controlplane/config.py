@@ -103,6 +103,15 @@ class ControlPlaneConfig:
                                                  minimum=0, maximum=86400)
     deployment_stable_seconds: float = option(60.0, "ready this long, a replica's crash count starts over",
                                               minimum=0, maximum=86400)
+    # the autoscaler (docs/autoscaling.md)
+    autoscaler_interval_seconds: float = option(2.0, "how often the autoscaler samples each deployment with a "
+                                                "scaling policy and decides its replicas", minimum=0.1, maximum=600)
+    autoscaler_cold_start_seconds: float = option(30.0, "a replica's cold start (slice plus model load) when neither "
+                                                  "the deployment's own replicas nor the registry's `model bench` "
+                                                  "figures give one: a predictive policy's default lead time",
+                                                  minimum=0, maximum=3600)
+    autoscaler_forecast_seconds: float = option(30.0, "how often a predictive policy's demand forecast is refitted "
+                                                "(in a worker thread, off the event loop)", minimum=1, maximum=3600)
     # history and forecasts (docs/prediction.md, "History" and "ForecastService")
     history_enabled: bool = option(True, "keep time series of GPU telemetry, deployment load and the slice-request "
                                    "stream in SQLite under state_dir (history.db), for ForecastService")

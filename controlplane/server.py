@@ -254,9 +254,16 @@ class ControlPlane:
                                              interval=self.cfg.deployment_interval_seconds,
                                              node_lost_seconds=self.cfg.deployment_node_lost_seconds)
         await self.deployments.load()
+        self.deployments.prices = self.cfg.price_table()
         self.pools.deployments = self.deployments
         self.history = self._start_history()
         self.cost, self.recommender = await self._start_cost()
+        from controlplane.controllers.autoscaler import AutoscalerController
+        self.autoscaler = AutoscalerController(self.deployments, self.models, history=self.history,
+                                               interval=self.cfg.autoscaler_interval_seconds,
+                                               default_cold_start=self.cfg.autoscaler_cold_start_seconds,
+                                               forecast_every=self.cfg.autoscaler_forecast_seconds)
+        self.autoscaler.start()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).
         gc.freeze()
@@ -313,7 +320,7 @@ class ControlPlane:
         store = HistoryStore(str(self.state_dir / "history.db"), parse_tiers(self.cfg.history_tiers))
         rec = HistoryRecorder(store, flush_seconds=self.cfg.history_flush_seconds,
                               sample_seconds=self.cfg.history_sample_seconds)
-        rec.attach(self.telemetry, self.ctl, self.deployments)
+        rec.attach(self.telemetry, self.ctl, self.deployments, workloads=self.workloads)
         rec.start()
         return rec
 
@@ -345,6 +352,8 @@ class ControlPlane:
                 await self.migrations.stop()
             if getattr(self, "retention", None) is not None:
                 await self.retention.stop()
+            if getattr(self, "autoscaler", None) is not None:
+                await self.autoscaler.stop()
             if getattr(self, "deployments", None) is not None:
                 await self.deployments.stop()
             if getattr(self, "workloads", None) is not None:

@@ -5,6 +5,7 @@
         d = mesh.wait_deployment("chat", lambda d: d.status.ready_replicas == 2, timeout=300)
         [r.endpoint for r in d.replicas]          # host:port of each OpenAI-compatible server
         mesh.scale_deployment("chat", 1)
+        mesh.set_scaling("chat", scalingpolicy.build(min_replicas=1, max_replicas=4, target=4))  # autoscale
         mesh.undeploy("chat")
 
 `deployment_to_dict` is what `meshctl get deployments -o json|yaml` prints. Mixed into
@@ -87,6 +88,21 @@ class DeploymentApi:
         spec.restart_stamp = datetime.now(timezone.utc).isoformat()
         return self.update_deployment(spec, d.generation)
 
+    def set_scaling(self, name: str, policy) -> D.Deployment:
+        """Set the deployment's scaling policy (a scaling_pb2.ScalingPolicy; mesh.scalingpolicy.build makes
+        one). The leader's autoscaler then owns its replicas."""
+        return _converting(self._deploysvc.SetScaling)(D.SetScalingRequest(name=name, policy=policy),
+                                                       timeout=self.timeout)
+
+    def clear_scaling(self, name: str) -> D.Deployment:
+        """Remove the deployment's scaling policy (the replicas stay where the autoscaler left them)."""
+        return _converting(self._deploysvc.SetScaling)(D.SetScalingRequest(name=name, clear=True),
+                                                       timeout=self.timeout)
+
+    def wake_deployment(self, name: str) -> D.WakeDeploymentResponse:
+        """Wake a deployment scaled to zero (what the gateway does on a request for it); idempotent."""
+        return _converting(self._deploysvc.Wake)(D.WakeDeploymentRequest(name=name), timeout=self.timeout)
+
     def undeploy(self, name: str) -> D.Deployment:
         """Delete a deployment: its replicas are stopped and their slices released in the background."""
         return _converting(self._deploysvc.Delete)(D.DeleteDeploymentRequest(name=name), timeout=self.timeout)
@@ -163,4 +179,13 @@ def deployment_to_dict(d: D.Deployment) -> dict[str, Any]:
                    "conditions": [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
                                    "last_transition_at": _ts(c, "last_transition_at")} for c in st.conditions]},
         "replica_list": [replica_to_dict(r) for r in d.replicas],
+        "scaling": _scaling(d),
     }
+
+
+def _scaling(d: D.Deployment) -> dict[str, Any] | None:
+    if not d.spec.HasField("scaling"):
+        return None
+    from mesh import scalingpolicy
+    doc = scalingpolicy.policy_doc(d)
+    return {"policy": doc["policy"], "autoscaler": doc["autoscaler"]}

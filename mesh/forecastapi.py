@@ -7,8 +7,10 @@
         print(f.model, f.backtest_mase, f.history_points)
         for s in mesh.list_series(kind="gpu"):
             print(s.kind, s.name, s.metric, s.samples)
+        for e in mesh.list_interactions(app_type="training"):    # seed 000's interaction log
+            print(e.workload_id, e.hardware.gpu_model, e.hardware.mig_profile, len(e.usage))
 
-`forecast_to_dict` / `series_to_dict` are what `meshctl forecast get|series -o json|yaml` print. Mixed into
+`forecast_to_dict` / `series_to_dict` / `interaction_to_dict` are what `meshctl forecast get|series -o json|yaml` print. Mixed into
 `mesh.client.MeshClient`; errors are the typed `mesh.errors` ones.
 """
 
@@ -47,6 +49,28 @@ class ForecastApi:
         """The series of the history the caller may read."""
         return list(_converting(self._forecastsvc.ListSeries)(F.ListSeriesRequest(kind=kind),
                                                               timeout=self.timeout).series)
+
+
+    def list_interactions(self, app_type: str = "", *, workload_id: str = "", tenant: str = "", limit: int = 0,
+                          max_samples: int = 0) -> list[F.Interaction]:
+        """Interaction-log entries (newest first): labels, hardware fingerprint and use over time per workload."""
+        req = F.ListInteractionsRequest(app_type=app_type, workload_id=workload_id, tenant=tenant, limit=limit,
+                                        max_samples=max_samples)
+        return list(_converting(self._forecastsvc.ListInteractions)(req, timeout=self.timeout).interactions)
+
+
+def _num(v: float):
+    return None if v != v else v        # NaN (a metric not read at that time) -> null
+
+
+def interaction_to_dict(e: F.Interaction) -> dict[str, Any]:
+    from mesh.client import timestamp
+    hw = {f.name: getattr(e.hardware, f.name) for f in e.hardware.DESCRIPTOR.fields}
+    return {"workload_id": e.workload_id, "tenant": e.tenant, "app_type": e.app_type, "phase": e.phase,
+            "labels": dict(e.labels), "hardware": hw, "slice_id": e.slice_id, "state": e.state,
+            "started": timestamp(e, "started"), "ended": timestamp(e, "ended"),
+            "usage": [{"at": timestamp(u, "at"), "utilization_pct": _num(u.utilization_pct),
+                       "memory_used_bytes": _num(u.memory_used_bytes)} for u in e.usage]}
 
 
 def forecast_to_dict(f: F.GetForecastResponse) -> dict[str, Any]:

@@ -232,6 +232,8 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.DeploymentService/Scale": TENANT,
     "/gpumesh.v1.DeploymentService/Update": TENANT,
     "/gpumesh.v1.DeploymentService/Delete": TENANT,
+    "/gpumesh.v1.DeploymentService/SetScaling": TENANT,
+    "/gpumesh.v1.DeploymentService/Wake": TENANT,        # the gateway, waking a deployment scaled to zero
     "/gpumesh.v1.DeploymentService/Get": VIEWER,
     "/gpumesh.v1.DeploymentService/List": VIEWER,
     "/gpumesh.v1.DeploymentService/Watch": VIEWER,

@@ -76,6 +76,9 @@ class TelemetryManager:
         self.backend_listeners: list = []
         # fn(GpuState, GpuTelemetry) called with each judged reading (the history: controlplane/forecast/)
         self.reading_listeners: list = []
+        # fn(node, NodeTelemetry) called after a whole reading is judged (the history's slice, node and
+        # workload series: controlplane/forecast/fleet_series.py)
+        self.node_listeners: list = []
         ctl.agent_handlers["telemetry"] = self.on_telemetry
         ctl.agent_handlers["event"] = self.on_event
         ctl.telemetry = self
@@ -155,6 +158,11 @@ class TelemetryManager:
         for g in entry.gpus:
             if g.index not in seen and g.health == "healthy" and t.gpus:
                 await self.health.on_lost(g, f"GPU {g.index} missing from the agent's telemetry")
+        for listener in self.node_listeners:
+            try:
+                listener(node, t)
+            except Exception:   # noqa: BLE001 - history never stops the GPU readings
+                logger.exception("node reading listener")
 
     async def _reading(self, g: GpuState, r: types_pb2.GpuTelemetry) -> None:
         for code in r.xid_events:

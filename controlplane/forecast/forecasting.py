@@ -19,8 +19,9 @@ MAX_BINS = 3000            # history bins a fit sees at most (bounds the CPU per
 TARGET_POINTS = 30         # points per forecast when the step is not given
 MAX_POINTS = 360           # forecast points at most (horizon / step): the backtest needs 8x that in bins
 DAY = 86400.0
-MODELS = ("naive", "snaive", "damped")        # fast enough to fit per call; mstl when seasons exist
-SEASONAL_MODELS = ("naive", "snaive", "damped", "mstl")
+MODELS = ("naive", "snaive", "damped", "latest")        # fast enough to fit per call; mstl when seasons exist
+SEASONAL_MODELS = ("naive", "snaive", "damped", "latest", "mstl")
+LINEAR_MAX_STEPS = 60      # the per-step linear model joins when the horizon has at most this many steps
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,15 @@ def binned(rows, step: float) -> tuple[np.ndarray, np.ndarray]:
     return ends, out
 
 
+def last_in_bins(rows, times: np.ndarray, step: float) -> np.ndarray:
+    """The last raw sample at or before the end of each bin of `times` (bin end times from binned()): the
+    freshest reading a forecast made then could have used (mesh.forecast.local)."""
+    t = np.asarray([r[0] for r in rows], dtype=float)
+    v = np.asarray([r[1] for r in rows], dtype=float)
+    idx = np.searchsorted(t, times, side="left") - 1      # samples strictly before the bin's end
+    return v[np.maximum(idx, 0)]
+
+
 def needed_points(steps: int, season: int = 1) -> int:
     """Bins a rolling-origin backtest needs at this horizon (mesh.forecast.backtest.check_series)."""
     from mesh.forecast.backtest import MIN_ORIGINS, BacktestSpec
@@ -115,15 +125,18 @@ def season_for(step: float, n: int) -> int:
     return 1
 
 
-def fit(p: Plan, times: np.ndarray, values: np.ndarray) -> dict:
-    """Blocking: the chosen model's forecast as {"points", "lo", "hi", "model", "mase", "times"}."""
+def fit(p: Plan, times: np.ndarray, values: np.ndarray, recent: np.ndarray | None = None) -> dict:
+    """Blocking: the chosen model's forecast as {"points", "lo", "hi", "model", "mase", "times"}.
+    `recent`: the last raw sample in each bin (last_in_bins), for the models `latest` and `linear`."""
     out_times = times[-1] + p.step_s * np.arange(1, p.steps + 1)
     if np.ptp(values) == 0:       # nothing varies: the forecast is the value, exactly
         flat = [float(values[-1])] * p.steps
         return {"points": flat, "lo": flat, "hi": flat, "model": "constant", "mase": 0.0, "times": out_times}
     from mesh.forecast import choose
     season = season_for(p.step_s, values.size)
-    f = choose(values, season=season, horizon=p.steps, models=SEASONAL_MODELS if season > 1 else MODELS,
-               level=p.level)
+    models = SEASONAL_MODELS if season > 1 else MODELS
+    if p.steps <= LINEAR_MAX_STEPS:
+        models += ("linear",)
+    f = choose(values, season=season, horizon=p.steps, models=models, level=p.level, recent=recent)
     return {"points": f.points, "lo": f.lo, "hi": f.hi, "model": f.model, "mase": float(f.backtest_error),
             "times": out_times}

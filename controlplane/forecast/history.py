@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mesh.config import ConfigError
 
-KINDS = ("gpu", "slice", "node", "deployment", "tenant", "fleet")
+KINDS = ("gpu", "slice", "node", "workload", "deployment", "tenant", "fleet")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 

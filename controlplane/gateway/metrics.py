@@ -34,12 +34,19 @@ CIRCUIT = Gauge("gpumesh_gateway_circuit_state", "circuit breaker per replica: 0
                 ["replica"], registry=REGISTRY)
 IN_FLIGHT = Gauge("gpumesh_gateway_in_flight", "requests the gateway has on a replica", ["replica"],
                   registry=REGISTRY)
-CACHE_HITS = Counter("gpumesh_gateway_cache_hits_total", "answers served from the response cache", ["model"],
+CACHE_HITS = Counter("gpumesh_gateway_cache_hits_total", "answers served from a response cache, by kind (exact, "
+                     "semantic)", ["model", "kind"],
                      registry=REGISTRY)
-CACHE_MISSES = Counter("gpumesh_gateway_cache_misses_total", "cacheable requests not in the cache", ["model"],
+CACHE_MISSES = Counter("gpumesh_gateway_cache_misses_total", "cacheable requests not in a cache, by kind",
+                       ["model", "kind"],
                        registry=REGISTRY)
 CACHE_SAVED = Counter("gpumesh_gateway_cache_saved_tokens_total", "completion tokens not generated thanks to the "
-                      "cache", ["model"], registry=REGISTRY)
+                      "cache, by kind", ["model", "kind"], registry=REGISTRY)
+CACHE_SKIPPED = Counter("gpumesh_gateway_semantic_cache_skipped_total", "eligible requests that skipped the "
+                        "semantic cache because the embedder was saturated", ["model"], registry=REGISTRY)
+EMBED = Histogram("gpumesh_gateway_semantic_embed_seconds", "time to embed one prompt (the semantic cache), "
+                  "queue included", buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1),
+                  registry=REGISTRY)
 OVERHEAD = Histogram("gpumesh_gateway_overhead_seconds", "the gateway's own time per request: end to end in the "
                      "gateway minus the queue wait and the backend's time", ["model"],
                      buckets=(.0001, .00025, .0005, .001, .002, .005, .01, .025, .05, .1), registry=REGISTRY)

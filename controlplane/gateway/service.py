@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from controlplane.gateway import cache as cachemod
 from controlplane.gateway import metrics as M
-from controlplane.gateway import proxy, validate
+from controlplane.gateway import proxy, semcache, validate
 from controlplane.gateway.admission import Admission, Rejected, Slot
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway.clients import Caller, Clients
@@ -24,6 +24,7 @@ from controlplane.gateway.sse import DONE, frame
 from controlplane.gateway.stats import StatsTable
 from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.view import DeploymentInfo, FleetView
+from controlplane.gateway.wake import Waker
 from mesh.logs import log
 
 logger = logging.getLogger("gateway.requests")
@@ -66,9 +67,11 @@ class Gateway:
         self.policy = make(cfg.policy, cfg)
         self.admission = Admission(self.policy, cfg.queue_size, cfg.shed_early)
         self.cache = cachemod.ResponseCache(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_seconds)
+        self.semcache = semcache.build(cfg)          # None unless semantic_cache is on
         self.clients = Clients(cfg.tenants_file)
         self.http = proxy.make_client(cfg.backend_timeout_seconds)
         self.view.listeners.append(self._on_view)
+        self.waker = Waker(cfg, self.view)          # scale from zero (controlplane/gateway/wake.py)
         self._ticker: asyncio.Task | None = None
         self._probing: set[str] = set()
 
@@ -92,7 +95,10 @@ class Gateway:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        if self.semcache is not None:
+            self.semcache.embedder.close()
         await self.http.aclose()
+        await self.waker.close()
 
     def _probe_unreachable(self) -> None:
         """A circuit opened by a refused or cut connection is due for its half-open probe: first check by TCP
@@ -176,23 +182,52 @@ class Gateway:
         if allow is None:
             allow = (caller.tenant or "") in self.cfg.fallback_tenants
         timeout = self._wait_bound(deadline, primary)
-        ckey = None
+        asleep = self.waker.asleep(primary)
+        if asleep:                  # scaled to zero: wake it and hold the request while a replica starts
+            await self.waker.wake(asleep)
+            timeout = self.waker.hold_seconds(deadline)
+        ckey = skey = None
         if self.cache.enabled and not info["stream"] and cachemod.deterministic(body):
             ckey = cachemod.key(caller.tenant, path, body)
             hit = self.cache.get(ckey)
             if hit is not None:
-                M.CACHE_HITS.labels(t.model).inc()
-                M.CACHE_SAVED.labels(t.model).inc(hit[1])
+                M.CACHE_HITS.labels(t.model, "exact").inc()
+                M.CACHE_SAVED.labels(t.model, "exact").inc(hit[1])
                 t.cache, t.replica, t.why = "hit", "cache", "exact-match cache hit"
                 return Outcome(200, hit[0], headers={"x-gpumesh-served-by": "cache", "x-gpumesh-cache": "hit"})
-            M.CACHE_MISSES.labels(t.model).inc()
+            M.CACHE_MISSES.labels(t.model, "exact").inc()
             t.cache = "miss"
+        if self.semcache is not None and not info["stream"] and cachemod.deterministic(body):
+            out, skey = await self._semantic(caller.tenant, path, body, t)
+            if out is not None:
+                return out
         max_tokens = info["max_tokens"] or 16
         ctx = RouteContext(",".join(sorted(d.name for d in primary)),
                            affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens)
         slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
         dep = next(d for d in deps if d.name == slot.candidate.replica.deployment)
-        return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey)
+        return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey, skey)
+
+    async def _semantic(self, tenant, path: str, body: dict, t: Trace):
+        """(an answer from the semantic cache, or None and what to store the backend's answer under)."""
+        started = time.monotonic()
+        hit, pending = await self.semcache.lookup(tenant, path, body)
+        if pending is None:
+            if semcache.split(tenant, path, body) is not None:
+                M.CACHE_SKIPPED.labels(t.model).inc()
+            return None, None
+        M.EMBED.observe(time.monotonic() - started)
+        if hit is None:
+            M.CACHE_MISSES.labels(t.model, "semantic").inc()
+            t.cache = (t.cache + ",semantic-miss").lstrip(",")
+            return None, pending
+        M.CACHE_HITS.labels(t.model, "semantic").inc()
+        M.CACHE_SAVED.labels(t.model, "semantic").inc(hit.tokens)
+        sim = f"{hit.similarity:.4f}"
+        t.cache, t.replica = "semantic", "cache"
+        t.why = f"semantic cache hit (similarity {sim} >= bound {self.semcache.index.bound:.4f})"
+        return Outcome(200, hit.body, headers={"x-gpumesh-served-by": "cache", "x-gpumesh-cache": "semantic",
+                                               "x-gpumesh-cache-similarity": sim}), None
 
     def _wait_bound(self, deadline_ms: float | None, deps) -> float:
         """How long the request may wait for a slot: its deadline (to the first token) minus the expected time
@@ -244,9 +279,12 @@ class Gateway:
         h = {"x-gpumesh-served-by": slot.candidate.key}
         if t.degraded:
             h["x-gpumesh-degraded"] = t.degraded
+        if t.degraded == "queued":
+            h["x-gpumesh-held-ms"] = str(round(t.queued_s * 1000))
         return h
 
-    async def _call(self, path, body, stream, slot: Slot, deps, dep, ctx, prio, t: Trace, ckey) -> Outcome:
+    async def _call(self, path, body, stream, slot: Slot, deps, dep, ctx, prio, t: Trace, ckey,
+                    skey=None) -> Outcome:
         attempts = 0
         while True:
             attempts += 1
@@ -296,6 +334,8 @@ class Gateway:
             self._measure(t, c, e2e, None)
             if ckey:
                 self.cache.put(ckey, answer, usage[1])
+            if skey is not None:
+                self.semcache.put(skey, answer, usage[1])
             return Outcome(200, answer, headers=self._headers(slot, t))
 
     async def _retry_slot(self, deps, ctx, prio, t: Trace) -> Slot:

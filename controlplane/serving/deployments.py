@@ -21,7 +21,7 @@ import time
 from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
-from controlplane.serving import deployspec
+from controlplane.serving import deployspec, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
@@ -65,6 +65,8 @@ class DeploymentManager:
             telemetry.backend_listeners.append(self.on_loads)
         self.drain_notes: dict[str, str] = {}          # deployment -> the last "waiting for" node event sent
         ctl.deployments = self                          # NodeManager.drain asks which slices are replicas'
+        self.prices = None                              # mesh.cost.PriceTable (the server sets it): policy checks
+        self.scaling = scaling.ScalingOps(self)
 
     async def on_loads(self, node: str, loads: list) -> None:
         """The model servers' load signals from `node`'s telemetry: each onto the replica whose current
@@ -125,6 +127,7 @@ class DeploymentManager:
                                             "a registered model (meshctl get models)") from None
         deployspec.check_fits(need, self.registry.gpu_models())
         deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
+        scaling.check(self, spec, variant, need, self.registry.get(spec.model))
         deployspec.slice_request(spec, need, "r-check", spread=True)   # tenant, labels, priority as slices take them
         spec.variant = variant.name
         ts = now()
@@ -177,8 +180,13 @@ class DeploymentManager:
         probe.backend.CopyFrom(spec.backend)
         probe.labels.clear()
         probe.labels.update(spec.labels)
+        new_policy = spec.HasField("scaling") and spec.scaling != old.spec.scaling
+        if new_policy:
+            probe.scaling.CopyFrom(spec.scaling)
         variant, need = self._resolve(probe)
         deployspec.check_fits(need, self.registry.gpu_models())
+        if new_policy:          # (the stored policy as it is: an Update from Get passes it back unchanged)
+            scaling.check(self, probe, variant, need, self.registry.get(probe.model))
 
         def edit(d: D.Deployment) -> None:
             d.spec.replicas = spec.replicas
@@ -186,6 +194,8 @@ class DeploymentManager:
             d.spec.labels.clear()
             d.spec.labels.update(spec.labels)
             d.spec.restart_stamp = spec.restart_stamp
+            if spec.HasField("scaling"):
+                d.spec.scaling.CopyFrom(spec.scaling)
             d.status.vram_bytes = need
         return await self._change(spec.name, generation, edit)
 
@@ -201,11 +211,27 @@ class DeploymentManager:
 
     def _event(self, name: str, type: str, reason: str, message: str, tenant: str = "") -> None:
         """A durable event of the deployment `name` (controlplane/events/)."""
+        self._event_as(name, type, reason, message, tenant, "deployment-controller")
+
+    def _event_as(self, name: str, type: str, reason: str, message: str, tenant: str, source: str) -> None:
         if not tenant:
             d = self.store.deployments.get(name)
             tenant = d.spec.tenant if d is not None else ""
-        self.ctl.recorder.emit("Deployment", name, type, reason, message, tenant=tenant,
-                               source="deployment-controller")
+        self.ctl.recorder.emit("Deployment", name, type, reason, message, tenant=tenant, source=source)
+
+    async def write_autoscaler_status(self, name: str, status) -> None:
+        """Replace `status.autoscaler` (scaling_pb2.AutoscalerStatus) of `name`; the generation stays."""
+        async with self._lock:
+            d = self.store.deployments.get(name)
+            if d is None:
+                return
+            n = D.Deployment()
+            n.CopyFrom(d)
+            n.status.autoscaler.CopyFrom(status)
+            try:
+                await self.store.put(n)
+            except errors.NotFound:
+                pass
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -405,6 +431,12 @@ class DeploymentManager:
         return reason, message
 
     async def _set_status(self, d: D.Deployment, plan: rc.Plan) -> None:
+        async with self._lock:      # read again under the lock: a Scale or the autoscaler may have written since
+            d = self.store.deployments.get(d.spec.name)
+            if d is not None:
+                await self._write_status(d, plan)
+
+    async def _write_status(self, d: D.Deployment, plan: rc.Plan) -> None:
         replicas = self.store.replicas_of(d.spec.name)
         st = D.DeploymentStatus()
         st.CopyFrom(d.status)

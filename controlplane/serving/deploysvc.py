@@ -1,8 +1,8 @@
 """The v1 DeploymentService onto the deployment controller (controlplane/serving/deployments.py).
 
-Roles are checked by the interceptor (controlplane/api/auth.py RULES): Create, Scale, Update and Delete
-need the tenant role, Get, List and Watch a viewer. A tenant acts on its own tenant's deployments only
-(another tenant's read as unknown); an admin on all.
+Roles are checked by the interceptor (controlplane/api/auth.py RULES): Create, Scale, Update, Delete,
+SetScaling and Wake need the tenant role, Get, List and Watch a viewer. A tenant acts on its own tenant's
+deployments only (another tenant's read as unknown); an admin on all.
 """
 
 from __future__ import annotations
@@ -63,6 +63,16 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
     async def Delete(self, request, context):
         self._own(request.name)
         return await self.m.delete(request.name)
+
+    @unary
+    async def SetScaling(self, request, context):
+        self._own(request.name)
+        return await self.m.scaling.set_scaling(request.name, request.policy, request.clear)
+
+    @unary
+    async def Wake(self, request, context):
+        self._own(request.name)
+        return await self.m.scaling.wake(request.name)
 
     @streaming
     async def Watch(self, request, context):

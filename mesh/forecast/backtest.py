@@ -21,7 +21,7 @@ import numpy as np
 
 from mesh.errors import InvalidArgument
 from mesh.forecast import conformal, metrics
-from mesh.forecast.models import BASELINES, DEFAULT_MODELS, REGISTRY, make
+from mesh.forecast.models import BASELINES, DEFAULT_MODELS, REGISTRY, fit_model, make
 
 MIN_ORIGINS = 4     # two to select on, two to evaluate on
 
@@ -91,8 +91,11 @@ def plan_origins(n: int, spec: BacktestSpec) -> np.ndarray:
 
 
 def rolling_forecasts(y: np.ndarray, spec: BacktestSpec,
-                      progress: Callable[[str], None] | None = None) -> RollingForecasts:
-    """Every model's forecasts from every origin (fitted on the history before it only)."""
+                      progress: Callable[[str], None] | None = None,
+                      recent: np.ndarray | None = None) -> RollingForecasts:
+    """Every model's forecasts from every origin (fitted on the history before it only). `recent`, when
+    given, is the last raw sample inside each bin of `y` (the models with `uses_recent` see it, up to the
+    origin only)."""
     origins = plan_origins(len(y), spec)
     h, cap = spec.horizon, spec.history_cap()
     actual = np.stack([y[o:o + h] for o in origins])
@@ -111,7 +114,7 @@ def rolling_forecasts(y: np.ndarray, spec: BacktestSpec,
         for i, o in enumerate(origins):
             hist = y[max(0, o - cap):o]
             if fitted_at is None or not refit_every or o - fitted_at >= refit_every:
-                model.fit(hist, spec.season)
+                fit_model(model, hist, spec.season, None if recent is None else recent[max(0, o - cap):o])
                 fitted_at = o
             else:
                 model.update(hist)
@@ -216,13 +219,26 @@ def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, le
     return lo, hi
 
 
+def check_recent(recent, y: np.ndarray) -> np.ndarray | None:
+    """`recent` as floats aligned with `y`, or None; InvalidArgument when it does not line up."""
+    if recent is None:
+        return None
+    r = np.asarray(recent, dtype=float)
+    if r.shape != y.shape:
+        raise InvalidArgument.of("recent", f"has {r.size} values for a series of {y.size}")
+    if not np.all(np.isfinite(r)):
+        raise InvalidArgument.of("recent", "has a missing or non-finite value")
+    return r
+
+
 def backtest(y, spec: BacktestSpec, progress: Callable[[str], None] | None = None,
-             intervals: dict | None = None) -> tuple[dict, RollingForecasts]:
-    """Check, forecast from every origin, evaluate. Returns (report, forecasts); see evaluate()."""
+             intervals: dict | None = None, recent=None) -> tuple[dict, RollingForecasts]:
+    """Check, forecast from every origin, evaluate. Returns (report, forecasts); see evaluate().
+    `recent`: the last raw sample in each bin of `y`, for the models that use it (mesh.forecast.local)."""
     arr = check_series(y, spec)
-    rf = rolling_forecasts(arr, spec, progress)
+    rf = rolling_forecasts(arr, spec, progress, check_recent(recent, arr))
     return evaluate(arr, rf, spec, intervals), rf
 
 
-__all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_series", "evaluate", "pick",
-           "plan_origins", "rolling_forecasts", "sequential_intervals"]
+__all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_recent", "check_series", "evaluate",
+           "pick", "plan_origins", "rolling_forecasts", "sequential_intervals"]

@@ -33,3 +33,15 @@ def concurrency(starts, ends, weights, step: float, t0: float | None = None,
     area = np.concatenate([[0.0], np.cumsum(level[:-1] * np.diff(times))])   # integral of C up to each event
     a = np.interp(edges, times, area, left=0.0, right=area[-1])
     return edges[:-1], np.diff(a) / step
+
+
+def level_at(starts, ends, weights, at) -> np.ndarray:
+    """The concurrency C at each time of `at` (the intervals open at that instant: start <= t < end)."""
+    s, e, w = (np.asarray(x, dtype=float) for x in (starts, ends, weights))
+    keep = e > s
+    s, e, w = s[keep], e[keep], w[keep]
+    at = np.asarray(at, dtype=float)
+    ss, es = np.argsort(s), np.argsort(e)
+    started = np.concatenate([[0.0], np.cumsum(w[ss])])[np.searchsorted(s[ss], at, side="right")]
+    ended = np.concatenate([[0.0], np.cumsum(w[es])])[np.searchsorted(e[es], at, side="right")]
+    return started - ended

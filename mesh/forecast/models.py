@@ -6,9 +6,11 @@ with no gaps (one value per step), `season` the number of steps in one season (1
 number of steps ahead; `predict` returns `h` points.
 
 The statistical models come from `statsforecast` (the `gpumesh[forecast]` extra): exponential smoothing
-(`AutoETS`), a damped additive trend, and `MSTL` (a seasonal decomposition whose deseasonalised part is
+(`AutoETS`), a damped additive trend, simple exponential smoothing (`ses`), AutoTheta (`theta`), AutoCES
+(`ces`), and `MSTL` (a seasonal decomposition whose deseasonalised part is
 forecast by AutoETS), which handles long seasons such as 144 ten-minute steps a day. The naive forecasts
-need only numpy; the LSTM (`mesh.forecast.neural`) needs torch (`gpumesh[torch]`).
+and the local models (`latest`, `linear`: mesh.forecast.local) need only numpy; the LSTM
+(`mesh.forecast.neural`) needs torch (`gpumesh[torch]`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ class Forecaster(Protocol):
 
     def predict(self, h: int) -> np.ndarray:
         """The next `h` points after the history given to `fit`."""
+
+
+def fit_model(model: Forecaster, y: np.ndarray, season: int, recent: np.ndarray | None = None) -> Forecaster:
+    """`model.fit(y, season)`, passing `recent` (the last raw sample in each bin, aligned with `y`) to the
+    models that use it (`uses_recent`)."""
+    if recent is not None and getattr(model, "uses_recent", False):
+        return model.fit(y, season, recent=recent)
+    return model.fit(y, season)
 
 
 class Naive:
@@ -128,9 +138,45 @@ class MSTL(_StatsModel):
         return m.MSTL(season_length=season, trend_forecaster=m.AutoETS(model="ZZN"))
 
 
+class SES(_StatsModel):
+    """Simple exponential smoothing with its weight fitted (ETS(A,N,N)): the level, with the noise of the
+    last few steps averaged away; a flat forecast."""
+
+    name = "ses"
+
+    def _build(self, season: int):
+        return _statsforecast().SimpleExponentialSmoothingOptimized()
+
+
+class Theta(_StatsModel):
+    """AutoTheta: the theta method (a drift line and exponentially smoothed level, combined), the variant
+    chosen by in-sample error, on the deseasonalised series when the season tests significant (seasons up
+    to ETS_MAX_SEASON; longer ones non-seasonal)."""
+
+    name = "theta"
+
+    def _build(self, season: int):
+        return _statsforecast().AutoTheta(season_length=season if season <= ETS_MAX_SEASON else 1)
+
+
+class CES(_StatsModel):
+    """AutoCES: complex exponential smoothing (level and a "potential" component, no explicit trend),
+    seasonal for seasons up to ETS_MAX_SEASON."""
+
+    name = "ces"
+
+    def _build(self, season: int):
+        return _statsforecast().AutoCES(season_length=season if season <= ETS_MAX_SEASON else 1)
+
+
 def _lstm(horizon: int) -> Forecaster:
     from mesh.forecast.neural import LSTMForecaster
     return LSTMForecaster(horizon=horizon)
+
+
+def _local():
+    from mesh.forecast import local
+    return local
 
 
 # name -> factory(horizon); each call gives a fresh, unfitted model. Only the LSTM, a direct multi-step
@@ -141,6 +187,11 @@ REGISTRY: dict[str, Callable[[int], Forecaster]] = {
     "ets": lambda h: ETS(),
     "damped": lambda h: DampedTrend(),
     "mstl": lambda h: MSTL(),
+    "ses": lambda h: SES(),
+    "theta": lambda h: Theta(),
+    "ces": lambda h: CES(),
+    "latest": lambda h: _local().Latest(),
+    "linear": lambda h: _local().DirectLinear(),
     "lstm": _lstm,
 }
 BASELINES = ("naive", "snaive")

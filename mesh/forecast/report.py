@@ -28,7 +28,7 @@ def one(series: Series, spec: BacktestSpec, predictions: bool = False) -> dict:
     """The backtest report of one series (`{"series", ..., "error"}` when the series is unusable)."""
     intervals: dict | None = {} if predictions else None
     try:
-        rep, rf = backtest(series.values, spec, intervals=intervals)
+        rep, rf = backtest(series.values, spec, intervals=intervals, recent=series.recent)
     except InvalidArgument as exc:
         return {"series": series.name, "error": exc.message.replace("series: ", f"series {series.name!r}: ", 1)}
     rep = {"series": series.name, **rep}

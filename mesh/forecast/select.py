@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh.forecast import conformal, metrics
-from mesh.forecast.backtest import BacktestSpec, add_ensembles, check_series, pick, rolling_forecasts, steady_winners
-from mesh.forecast.models import DEFAULT_MODELS, make
+from mesh.forecast.backtest import (BacktestSpec, add_ensembles, check_recent, check_series, pick, rolling_forecasts,
+                                    steady_winners)
+from mesh.forecast.models import DEFAULT_MODELS, fit_model, make
 
 
 @dataclass(frozen=True)
@@ -41,18 +42,22 @@ def members(model: str) -> list[str]:
 
 
 def choose(y, season: int, horizon: int, models: tuple[str, ...] = DEFAULT_MODELS, level: float = 0.9,
-           origins: int = 20, max_history: int = 0) -> Forecast:
-    """Backtest `models` on `y`, choose one, and forecast `horizon` steps with a `level` interval."""
+           origins: int = 20, max_history: int = 0, recent=None) -> Forecast:
+    """Backtest `models` on `y`, choose one, and forecast `horizon` steps with a `level` interval.
+    `recent` (optional, aligned with `y`): the last raw sample in each bin, for `latest` and `linear`."""
     spec = BacktestSpec(horizon=horizon, season=season, models=tuple(models), origins=origins,
                         max_history=max_history, level=level)
     arr = check_series(y, spec)
-    rf = rolling_forecasts(arr, spec)
+    rec = check_recent(recent, arr)
+    rf = rolling_forecasts(arr, spec, recent=rec)
     maes = {m: metrics.mae(rf.actual, p) for m, p in rf.points.items()}
     for name in add_ensembles(rf, sorted(maes, key=maes.get)):
         maes[name] = metrics.mae(rf.actual, rf.points[name])
     chosen = pick(maes, steady_winners(rf.actual, rf.points))
     hist = arr[-spec.history_cap():]
-    point = np.mean([make(m, horizon).fit(hist, season).predict(horizon) for m in members(chosen)], axis=0)
+    rhist = None if rec is None else rec[-spec.history_cap():]
+    point = np.mean([fit_model(make(m, horizon), hist, season, rhist).predict(horizon) for m in members(chosen)],
+                    axis=0)
     floor = 0.0 if np.min(arr) >= 0 else None
     if floor is not None:
         point = np.maximum(point, floor)

@@ -113,3 +113,36 @@ def test_a_crash_keeps_what_was_flushed(fcluster):
     fcluster.restart_controlplane(kill=True)     # SIGKILL: no clean stop, no last flush
     after = wait_for(lambda: memory_series(fcluster), 60, "the history after the restart")
     assert after["first"] == before["first"] and after["samples"] >= before["samples"]
+
+
+def test_a_workload_enters_the_interaction_log_with_its_fingerprint(fcluster):
+    """Seed 000's interaction log on a real cluster: a labelled workload on a MIG slice appears with its
+    application context, the agent's hardware fingerprint and its use over time; slice and node series
+    fill in the history; the entry says when it stopped."""
+    with fcluster.client() as mesh:
+        alloc = mesh.allocate(tenant="fc-team", mig_profile="1g.10gb")
+        sid = alloc.slices[0].id
+        w = mesh.run_workload(sid, ["sleep", "600"], labels={"app-type": "fc-training", "phase": "warmup"})
+        simctl(fcluster, "load", "--gpu", "0", "--util", "40", "--memory-used", "12GiB")
+
+        def entry(want_usage=True):
+            items = json.loads(meshctl(fcluster, "forecast", "interactions", "--app-type", "fc-training",
+                                       "-o", "json").stdout)["items"]
+            e = next((i for i in items if i["workload_id"] == w.id), None)
+            return e if e is not None and (not want_usage or len(e["usage"]) >= 3) else None
+        e = wait_for(entry, 90, "the workload's interaction-log entry with use samples", interval=2)
+        assert (e["app_type"], e["phase"], e["state"], e["tenant"]) == ("fc-training", "warmup", "running", "fc-team")
+        hw = e["hardware"]
+        assert hw["gpu_model"] == "H100-80GB" and hw["mig_profile"] == "1g.10gb" and hw["isolation"] == "mig"
+        assert hw["driver_version"] and hw["cuda_version"] and hw["gpu_memory_bytes"] > 0 and hw["node"] == "fc-1"
+        assert all(u["at"] for u in e["usage"])
+        kinds = {(s["kind"], s["name"], s["metric"])
+                 for s in json.loads(meshctl(fcluster, "forecast", "series", "-o", "json").stdout)["items"]}
+        assert {("slice", sid, "memory_used"), ("node", "fc-1", "power"), ("workload", w.id, "utilization")} <= kinds
+        table = meshctl(fcluster, "forecast", "interactions").stdout
+        assert w.id in table and "1g.10gb" in table and "H100-80GB" in table
+        mesh.stop_workload(w.id)
+        stopped = wait_for(lambda: (lambda x: x if x and x["state"] == "stopped" else None)(entry(False)), 60,
+                           "the entry's stopped state")
+        assert stopped["ended"]
+        mesh.release(sid)

@@ -319,7 +319,7 @@ def test_cache_hit_is_served_without_a_backend(cluster, fleet):
     assert after == before                          # no replica got a request
     assert post(cluster, body, who="team-b").status_code == 404      # scoped per tenant
     metrics = httpx.get(f"{cluster.gateway_url}/metrics", timeout=30).text
-    assert 'gpumesh_gateway_cache_hits_total{model="chat"}' in metrics
+    assert 'gpumesh_gateway_cache_hits_total{kind="exact",model="chat"}' in metrics
     # not deterministic: never cached
     body = chat_body("Tell me a fact about dogs.", max_tokens=4, temperature=0.9)
     assert post(cluster, body).headers["x-gpumesh-served-by"] != "cache"

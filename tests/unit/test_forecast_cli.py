@@ -149,3 +149,45 @@ def test_freq_bins_and_fills_an_irregular_series(tmp_path, capsys):
     code, out, err = run(capsys, *base, "--fill", "zero")
     assert code == 0, err
     assert json.loads(out)["series"][0]["points"] == 300
+
+
+def test_recent_col_feeds_latest_and_bad_recent_input_exits_2(tmp_path, capsys):
+    # hourly bins of a demand whose last reading in each bin (at_end) leads the bin's mean
+    rng = np.random.default_rng(3)
+    level = np.repeat(rng.integers(0, 10, size=80) * 5.0, 5)[:360]
+    rows = [(3600 * i, (level[i - 1] + level[i]) / 2 if i else level[0], level[i]) for i in range(360)]
+    path = write_csv(tmp_path / "c.csv", rows, header=("time", "value", "at_end"))
+    code, out, err = run(capsys, "--csv", path, "--time-col", "time", "--value-col", "value", "--recent-col", "at_end",
+                         "--horizon", "1", "--season", "1", "--models", "naive,latest,linear", "--origins", "80",
+                         "--no-ensembles", "-o", "json")
+    assert code == 0, err
+    [r] = json.loads(out)["series"]
+    assert r["models"]["latest"]["mae"] < r["models"]["naive"]["mae"] and r["chosen"] in ("latest", "linear")
+    code, _, err = run(capsys, "--csv", path, "--time-col", "time", "--value-col", "value", "--recent-col", "nope",
+                       "--horizon", "1", "--models", "naive,latest")
+    assert code == 2 and "recent-col" in err and "no column 'nope'" in err and "at_end" in err
+    bad = write_csv(tmp_path / "b.csv", rows[:50] + [(3600 * 50, 1.0, "soon")] + rows[51:],
+                    header=("time", "value", "at_end"))
+    code, _, err = run(capsys, "--csv", bad, "--time-col", "time", "--value-col", "value", "--recent-col", "at_end",
+                       "--horizon", "1", "--models", "naive,latest")
+    assert code == 2 and "recent-col" in err and "row 52" in err and "'soon'" in err
+
+
+@pytest.mark.parametrize("model", ["ses", "theta", "ces", "latest", "linear"])
+def test_new_models_refuse_a_constant_series_and_a_horizon_past_the_history(tmp_path, capsys, model):
+    flat = write_csv(tmp_path / "f.csv", [(60 * i, 5.0) for i in range(300)], header=("t", "v"))
+    code, _, err = run(capsys, "--csv", flat, "--time-col", "t", "--value-col", "v", "--models", f"naive,{model}")
+    assert code == 2 and "constant" in err
+    short = write_csv(tmp_path / "s.csv", [(60 * i, float(i % 7)) for i in range(40)], header=("t", "v"))
+    code, _, err = run(capsys, "--csv", short, "--time-col", "t", "--value-col", "v", "--models", f"naive,{model}",
+                       "--horizon", "30")
+    assert code == 2 and "too short for horizon 30" in err
+
+
+def test_concurrency_writes_the_level_at_each_bin_end(tmp_path, capsys):
+    path = write_csv(tmp_path / "pods.csv", [(0, 5400, 1), (1800, 9000, 2)], header=("start", "end", "gpus"))
+    code = main(["forecast", "concurrency", "--csv", path, "--start-col", "start", "--end-col", "end",
+                 "--weight-cols", "gpus", "--freq", "1h"])
+    out = capsys.readouterr().out.split()
+    assert code == 0 and out[0] == "time,value,at_end"
+    assert out[1:] == ["0,2,3", "3600,2.5,2", "7200,1,0"]      # means per bin; the level at each bin end

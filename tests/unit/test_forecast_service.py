@@ -126,3 +126,17 @@ def test_hostile_requests_are_invalid_argument_naming_the_field(args, field):
     with pytest.raises(errors.InvalidArgument) as e:
         plan(*args)
     assert str(e.value).startswith(field + ":")
+
+
+def test_step_demand_is_forecast_from_the_freshest_sample(tmp_path):
+    # 1 Hz samples of a level that jumps every 37 s, forecast at 10 s steps: a bin's mean lags the level,
+    # the last raw sample in it does not, so the choice falls on a model that reads it
+    rng = __import__("numpy").random.default_rng(5)
+    levels = rng.integers(0, 8, size=60) * 10.0
+    levels[59] = levels[58] + 30                      # the last jump comes 3 s before the end
+    samples = [("gpu", "n/0", "utilization", float(levels[i // 37]), "", T0 + i) for i in range(37 * 59 + 3)]
+    r = run_with(tmp_path, samples, lambda s: s.forecast("gpu", "n/0", "utilization", 20, 10))
+    assert "latest" in r.model or "linear" in r.model, r.model
+    fresh = samples[-1][3]
+    assert r.last_value < fresh                         # the last bin's mean lags: half old level, half new
+    assert abs(r.points[0].value - fresh) < abs(r.last_value - fresh)

@@ -157,7 +157,13 @@ async def test_http_errors_are_openai_shaped(app):
     r = await app.post("/v1/gpu/benchmark-model?model_name=chat&max_tokens=0", headers=a)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = await app.post("/models", headers=a, json={})
-    assert r.status_code == 405
+    assert r.status_code == 403 and r.json()["error"]["param"] == "authorization"      # a tenant may not register
+    admin = {"authorization": f"Bearer {app.tokens['admin']}"}
+    r = await app.post("/models", headers=admin, json={"family": "x"})                 # checked before forwarding
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model.name"
+    r = await app.post("/models", headers=admin, json={"name": "m", "variants": [{"name": "v", "backend": "tf"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model.variants[0].backend"
+    assert (await app.delete("/models/smol", headers=a)).status_code == 403
     r = await app.get("/metrics")
     assert r.status_code == 200 and "gpumesh_gateway_requests_total" in r.text
     assert (await app.get("/policies", headers=a)).json()["routing_policy"] == "gpu-aware"

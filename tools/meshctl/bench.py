@@ -88,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     __import__("tools.meshctl.benchmesh", fromlist=["register"]).register(kinds)   # bench mesh
     __import__("tools.meshctl.bench_soak", fromlist=["add_soak_bench"]).add_soak_bench(kinds)  # bench soak
     __import__("tools.meshctl.bench_serve", fromlist=["register"]).register(kinds)   # bench serve
+    __import__("tools.meshctl.bench_autoscale", fromlist=["register"]).register(kinds)   # bench autoscale
 
 
 def run_schedule_bench(args: argparse.Namespace) -> int:

@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
             from tools.meshctl import deploy
             doc = deployment_to_dict(mesh.get_deployment(args.name))
             evs = _with_events(mesh, "", doc, args.output, "Deployment", args.name)
-            text = (deploy.format_deployment(doc) + evs) if table else dump(doc, args.output)
+            from tools.meshctl.autoscale import format_section
+            text = (deploy.format_deployment(doc) + format_section(doc) + evs) if table else dump(doc, args.output)
         elif kind == "workload":
             from mesh.client import workload_to_dict
             from tools.meshctl.workloads import format_workload

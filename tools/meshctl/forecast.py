@@ -24,6 +24,13 @@ examples:
   meshctl forecast backtest --csv ../shared/traces/alibaba-genai-2026/pod_gpu_duty_cycle_anon.csv \\
       --time-col timestamp_anon --value-col value --group-col container_ip --freq 5min --agg mean \\
       --fill ffill --horizon 30min --season 1h --max-series 20 --skip-bad
+  # the freshest sample: each 10-minute mean's last raw minute feeds latest and linear
+  meshctl forecast backtest --csv ../shared/traces/helios-earth-2020/vcSoL_cluster_sequence_vc.csv \
+      --time-col time --value-col running_gpu_num --freq 10min --horizon 30min --season 1d --origins 400 \
+      --models naive,snaive,ses,latest,linear
+  # an already binned series with its freshest reading in a column (forecast concurrency's at_end)
+  meshctl forecast backtest --csv openb_gpus_hourly.csv --time-col time --value-col value --recent-col at_end \
+      --horizon 1 --season 24 --models naive,snaive,latest,linear
   # write every forecast for independent scoring
   meshctl forecast backtest --csv load.csv --time-col t --value-col v --horizon 12 --season 24 \\
       --models naive,snaive,damped,mstl,lstm --predictions-out preds.csv
@@ -31,7 +38,9 @@ examples:
 --horizon and --season take a number of steps or a duration (30s, 10min, 2h, 1d) that is a whole
 number of steps. The default season is one day when the series holds at least three, else none.
 Models: naive (last value), snaive (one season ago), ets (AutoETS), damped (damped trend), mstl
-(STL season + AutoETS), lstm (small torch LSTM); the first two are always computed, and ensembles (the
+(STL season + AutoETS), ses (simple exponential smoothing), theta (AutoTheta), ces (AutoCES), latest
+(the freshest raw sample: the last one inside the last bin), linear (a robust linear model of the
+change from the last value, per step), lstm (small torch LSTM); the first two are always computed, and ensembles (the
 mean of the best two or three) compete unless --no-ensembles. A model is chosen only when it beat the
 last value on the selection origins. Bad input (unknown column, non-numeric value, gap, constant or too
 short a series) exits with status 2 and names the problem; --skip-bad reports such series and goes on.
@@ -60,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--time-col", required=True, metavar="C", help="time column: Unix seconds or date-times")
     b.add_argument("--value-col", required=True, metavar="C", help="value column (numbers)")
     b.add_argument("--group-col", metavar="C", help="one series per distinct value of this column")
+    b.add_argument("--recent-col", metavar="C",
+                   help="the freshest reading at each row (e.g. `forecast concurrency`'s at_end), for the models "
+                        "latest and linear; with --freq and --agg mean|max|min the last raw value of each bin "
+                        "is used without it")
     b.add_argument("--freq", metavar="F", help="aggregate into bins of this width (1s, 1min, 10min, 1h)")
     b.add_argument("--agg", default="mean", metavar="A", help="bin aggregate: mean, sum, max, min, last, count "
                                                               "(rows per bin) (default: mean)")
@@ -86,7 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=run_backtest)
     c = subcommand(fsub, "concurrency", help="turn a CSV of intervals (requests, pods) into a demand series",
                    description="The time-averaged sum of the weights of the intervals open in each bin, as a CSV "
-                               "time,value (time in the start column's unit, seconds) for `forecast backtest`.",
+                               "time,value,at_end (time in the start column's unit, seconds; at_end: the sum "
+                               "open at the bin's end, the freshest reading, for --recent-col) for "
+                               "`forecast backtest`.",
                    epilog=CONCURRENCY_EPILOG, skip=("timeout",))
     c.add_argument("--csv", required=True, metavar="FILE", help="the CSV of intervals")
     c.add_argument("--start-col", required=True, metavar="C", help="interval start (seconds)")
@@ -163,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
     import os
     series = []
     for path in args.csv:
-        part = load(path, args.time_col, args.value_col, args.group_col, args.freq, args.agg, args.fill)
+        part = load(path, args.time_col, args.value_col, args.group_col, args.freq, args.agg, args.fill,
+                    recent_col=args.recent_col)
         if len(args.csv) > 1:
             stem = os.path.splitext(os.path.basename(path))[0]
             for s in part:
@@ -253,7 +269,7 @@ def _concurrency(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
     from mesh.errors import InvalidArgument
-    from mesh.forecast.events import concurrency
+    from mesh.forecast.events import concurrency, level_at
     from mesh.forecast.series import read_csv
     weights = [w.strip() for w in args.weight_cols.split(",") if w.strip()]
     df = read_csv(args.csv, args.start_col, args.end_col)
@@ -283,7 +299,8 @@ def _concurrency(args: argparse.Namespace) -> int:
         t, v = concurrency(cols[args.start_col], cols[args.end_col], w, step)
     except ValueError as exc:
         raise InvalidArgument.of("csv", str(exc)) from None
-    lines = ["time,value"] + [f"{ti:.0f},{vi:.6g}" for ti, vi in zip(t, v)]
+    end = level_at(cols[args.start_col], cols[args.end_col], w, t + step)      # known when the bin closes
+    lines = ["time,value,at_end"] + [f"{ti:.0f},{vi:.6g},{ei:.6g}" for ti, vi, ei in zip(t, v, end)]
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as f:

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from tools.meshctl.common import CliError, client, out, subcommand
 
-KINDS = ("gpu", "slice", "node", "deployment", "tenant", "fleet")
+KINDS = ("gpu", "slice", "node", "workload", "deployment", "tenant", "fleet")
 BARS = "▁▂▃▄▅▆▇█"
 UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -19,10 +19,28 @@ examples:
   meshctl forecast get deployment/chat requests_running --horizon 10m --step 30s -o json
   # Allocate requests per minute across the fleet, 2 hours ahead, 80% interval
   meshctl forecast get fleet/allocate requests --horizon 2h --step 1m --level 0.8
+  # a slice's memory used, a node's power, a workload's utilization
+  meshctl forecast get slice/s-7f3a9c1e2b4d memory_used --horizon 10m
+  meshctl forecast get node/node-1 power --horizon 30m
+  meshctl forecast get workload/w-3f9a2c1d7e6b utilization --horizon 5m
 
 A series is KIND/NAME METRIC as `meshctl forecast series` lists them. The forecast needs about eight
 horizons of history (a rolling-origin backtest chooses the model); with less, the control plane says
 how much it needs.
+"""
+
+INTERACTIONS_EPILOG = """\
+examples:
+  # every workload's entry: app type, phase, GPU model, MIG profile or MPS share, state
+  meshctl forecast interactions
+  # the training workloads, with their use over time, as JSON
+  meshctl forecast interactions --app-type training -o json
+  # one workload, up to 1000 use samples
+  meshctl forecast interactions --workload w-3f9a2c1d7e6b --max-samples 1000 -o yaml
+
+Seed 000's interaction log: per workload the labels its client gave (`app-type` and `phase` are the
+application context), the hardware fingerprint (GPU model and memory, driver and CUDA version, MIG profile
+or MPS share) and its resource use over time (utilization, memory used), kept as long as the history.
 """
 
 SERIES_EPILOG = """\
@@ -70,7 +88,8 @@ def parse_series(text: str) -> tuple[str, str]:
 
 def register(fsub) -> None:
     g = subcommand(fsub, "get", help="forecast one series of the control plane's history", epilog=GET_EPILOG)
-    g.add_argument("series", metavar="KIND/NAME", help="gpu/NODE/INDEX, deployment/NAME, tenant/NAME, fleet/NAME")
+    g.add_argument("series", metavar="KIND/NAME", help="gpu/NODE/INDEX, slice/ID, node/NAME, workload/ID, "
+                                                       "deployment/NAME, tenant/NAME, fleet/NAME")
     g.add_argument("metric", help="memory_used, utilization, temperature, requests_running, requests, ...")
     g.add_argument("--horizon", type=duration, required=True, metavar="DURATION", help="how far ahead (30s, 30m, 2h)")
     g.add_argument("--step", type=duration, default=0.0, metavar="DURATION",
@@ -80,6 +99,15 @@ def register(fsub) -> None:
     s = subcommand(fsub, "series", help="list the series the control plane's history holds", epilog=SERIES_EPILOG)
     s.add_argument("--kind", default="", choices=("",) + KINDS, help="only series of this kind")
     s.set_defaults(func=run_series)
+    i = subcommand(fsub, "interactions", help="seed 000's interaction log: per workload its labels, hardware and use",
+                   epilog=INTERACTIONS_EPILOG)
+    i.add_argument("--app-type", default="", metavar="T", help="only workloads labelled app-type=T")
+    i.add_argument("--workload", default="", metavar="ID", help="only this workload")
+    i.add_argument("--tenant", default="", metavar="T", help="only this tenant's workloads")
+    i.add_argument("--limit", type=int, default=0, metavar="N", help="entries at most (default 100, at most 1000)")
+    i.add_argument("--max-samples", type=int, default=0, metavar="N",
+                   help="use samples per entry at most (default 120)")
+    i.set_defaults(func=run_interactions)
 
 
 def format_forecast(f, fmt: str) -> str:
@@ -144,4 +172,36 @@ def run_series(args: argparse.Namespace) -> int:
         out(render_table(["SERIES", "METRIC", "TENANT", "SAMPLES", "FIRST", "LAST"],
                          [[f"{d['kind']}/{d['name']}", d["metric"], d["tenant"] or "-", d["samples"], age(d["first"]),
                            age(d["last"])] for d in docs]))
+    return 0
+
+
+def run_interactions(args: argparse.Namespace) -> int:
+    from mesh.forecastapi import interaction_to_dict
+    from tools.meshctl.output import age, dump, render_table
+    with client(args) as mesh:
+        docs = [interaction_to_dict(e) for e in mesh.list_interactions(
+            args.app_type, workload_id=args.workload, tenant=args.tenant, limit=args.limit,
+            max_samples=args.max_samples)]
+    if args.output in ("json", "yaml"):
+        out(dump({"items": docs}, args.output))
+        return 0
+    if not docs:
+        out("No interactions found.\n")
+        return 0
+    rows = []
+    for d in docs:
+        hw = d["hardware"]
+        share = hw["mig_profile"] or (f"mps {hw['mps_share']:.2f}" if hw["mps_share"] else hw["isolation"] or "-")
+        mems = [u["memory_used_bytes"] for u in d["usage"] if u["memory_used_bytes"] is not None]
+        utils = [u["utilization_pct"] for u in d["usage"] if u["utilization_pct"] is not None]
+        row = [d["workload_id"], d["tenant"], d["app_type"] or "-", d["phase"] or "-", hw["gpu_model"] or "-", share,
+               d["state"], age(d["started"]), f"{max(mems) / 2**30:.2f}Gi" if mems else "-",
+               f"{sum(utils) / len(utils):.0f}%" if utils else "-"]
+        if args.output == "wide":
+            row += [hw["driver_version"] or "-", hw["cuda_version"] or "-", hw["node"] or "-", len(d["usage"])]
+        rows.append(row)
+    headers = ["WORKLOAD", "TENANT", "APP TYPE", "PHASE", "GPU", "SHARE", "STATE", "STARTED", "PEAK MEM", "MEAN UTIL"]
+    if args.output == "wide":
+        headers += ["DRIVER", "CUDA", "NODE", "SAMPLES"]
+    out(render_table(headers, rows))
     return 0

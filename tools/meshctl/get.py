@@ -18,6 +18,7 @@ RESOURCES = {
     "deployments": "deployments", "deployment": "deployments", "deploy": "deployments",
     "replicas": "replicas", "replica": "replicas",
     "events": "events", "event": "events", "ev": "events",
+    "policies": "policies", "policy": "policies", "hpa": "policies", "scalingpolicies": "policies",
     "pools": "pools", "pool": "pools",
 }
 
@@ -25,7 +26,9 @@ EPILOG = """\
 resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload, wl),
            migrations (migration, mig), checkpoints (checkpoint, ck), models (model),
            deployments (deployment, deploy), replicas (replica: NAMEs are deployments),
-           events (event, ev: what the control plane did and why), pools (pool)
+           events (event, ev: what the control plane did and why),
+           policies (policy, hpa: deployments' scaling policies and the autoscaler's last decision),
+           pools (pool: resource pools with their usage)
 
 examples:
   meshctl get nodes
@@ -38,6 +41,7 @@ examples:
   meshctl get events --for node/sim-node-01 --since 1h
   meshctl get events --type warning -w                # follow new events (Ctrl-C to stop)
   meshctl get events --for slice/s-7f3a9c1e2b4d -o yaml
+  meshctl get policies -o wide                        # MIN MAX METRIC TARGET DESIRED MODE BOUND-BY ...
 """
 
 
@@ -101,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
         with client(args) as mesh:
             items = [m for m in mesh.list_models() if not args.names or m.name in args.names]
         out(models.format_models(items, args.output))
+        return 0
+    if kind == "policies":
+        from tools.meshctl import autoscale
+        with client(args) as mesh:
+            items = [d for d in mesh.list_deployments(tenant=args.tenant)
+                     if not args.names or d.spec.name in args.names]
+        out(autoscale.format_policies(items, args.output))
         return 0
     if kind in ("deployments", "replicas"):
         from tools.meshctl import deploy

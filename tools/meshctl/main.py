@@ -10,12 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import (bench, certs, cluster, cost, deploy, describe, forecast, get, mesh, migrate, models, nodes,
-                           pools, replay, sim, slices, top, workloads)
+from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, get, mesh, migrate,
+                           models, nodes, pools, replay, sim, slices, top, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, bench, sim, replay, forecast,
-          certs, top, pools, cost)
+GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, autoscale, bench, sim,
+          replay, forecast, certs, top, pools, cost)
 
 EPILOG = """\
 examples:

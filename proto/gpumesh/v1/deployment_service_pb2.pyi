@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from gpumesh.v1 import scaling_pb2 as _scaling_pb2
 from gpumesh.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -39,7 +40,7 @@ class BackendSettings(_message.Message):
     def __init__(self, context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority", "restart_stamp", "pool")
+    __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority", "restart_stamp", "scaling", "pool")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +58,7 @@ class DeploymentSpec(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     RESTART_STAMP_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
@@ -68,8 +70,9 @@ class DeploymentSpec(_message.Message):
     tenant: str
     priority: int
     restart_stamp: str
+    scaling: _scaling_pb2.ScalingPolicy
     pool: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., restart_stamp: _Optional[str] = ..., pool: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., restart_stamp: _Optional[str] = ..., scaling: _Optional[_Union[_scaling_pb2.ScalingPolicy, _Mapping]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("id", "deployment", "state", "endpoint", "slice_id", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "memory_bytes", "workload_id", "restarts", "message", "created_at", "ready_at", "last_crash_at", "next_start_at", "allocation_id", "template", "load")
@@ -134,18 +137,20 @@ class DeploymentCondition(_message.Message):
     def __init__(self, type: _Optional[str] = ..., status: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
-    __slots__ = ("replicas", "ready_replicas", "conditions", "vram_bytes", "backend")
+    __slots__ = ("replicas", "ready_replicas", "conditions", "vram_bytes", "backend", "autoscaler")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     VRAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALER_FIELD_NUMBER: _ClassVar[int]
     replicas: int
     ready_replicas: int
     conditions: _containers.RepeatedCompositeFieldContainer[DeploymentCondition]
     vram_bytes: int
     backend: str
-    def __init__(self, replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[DeploymentCondition, _Mapping]]] = ..., vram_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    autoscaler: _scaling_pb2.AutoscalerStatus
+    def __init__(self, replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[DeploymentCondition, _Mapping]]] = ..., vram_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., autoscaler: _Optional[_Union[_scaling_pb2.AutoscalerStatus, _Mapping]] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("spec", "status", "replicas", "created_at", "updated_at", "generation")
@@ -225,3 +230,29 @@ class WatchDeploymentRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SetScalingRequest(_message.Message):
+    __slots__ = ("name", "policy", "clear")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    policy: _scaling_pb2.ScalingPolicy
+    clear: bool
+    def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[_scaling_pb2.ScalingPolicy, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class WakeDeploymentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WakeDeploymentResponse(_message.Message):
+    __slots__ = ("woke", "replicas", "ready_replicas")
+    WOKE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    woke: bool
+    replicas: int
+    ready_replicas: int
+    def __init__(self, woke: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ...) -> None: ...

@@ -77,6 +77,16 @@ class DeploymentServiceStub:
                 request_serializer=gpumesh_dot_v1_dot_deployment__service__pb2.WatchDeploymentRequest.SerializeToString,
                 response_deserializer=gpumesh_dot_v1_dot_deployment__service__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.SetScaling = channel.unary_unary(
+                '/gpumesh.v1.DeploymentService/SetScaling',
+                request_serializer=gpumesh_dot_v1_dot_deployment__service__pb2.SetScalingRequest.SerializeToString,
+                response_deserializer=gpumesh_dot_v1_dot_deployment__service__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/gpumesh.v1.DeploymentService/Wake',
+                request_serializer=gpumesh_dot_v1_dot_deployment__service__pb2.WakeDeploymentRequest.SerializeToString,
+                response_deserializer=gpumesh_dot_v1_dot_deployment__service__pb2.WakeDeploymentResponse.FromString,
+                _registered_method=True)
 
 
 class DeploymentServiceServicer:
@@ -153,6 +163,30 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetScaling(self, request, context):
+        """Set (or, with `clear`, remove) the deployment's scaling policy
+        (docs/autoscaling.md). INVALID_ARGUMENT naming `spec.scaling.<field>`
+        for a bad policy (min above max, windows out of range, an unknown
+        metric, a cost ceiling below one replica's cost). The leader's
+        autoscaler then owns `spec.replicas` (a Scale is overridden on its next
+        pass).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wake(self, request, context):
+        """Wake a deployment scaled to zero (the gateway calls it when a request
+        arrives for a deployment with no ready replica whose policy scales to
+        zero): sets `spec.replicas` to max(1, min_replicas) when it is 0 and
+        restarts the idle period. Idempotent: a deployment already above zero is
+        left as it is (`woke` false). FAILED_PRECONDITION when its policy does
+        not scale to zero (or it has none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +224,16 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=gpumesh_dot_v1_dot_deployment__service__pb2.WatchDeploymentRequest.FromString,
                     response_serializer=gpumesh_dot_v1_dot_deployment__service__pb2.Deployment.SerializeToString,
+            ),
+            'SetScaling': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetScaling,
+                    request_deserializer=gpumesh_dot_v1_dot_deployment__service__pb2.SetScalingRequest.FromString,
+                    response_serializer=gpumesh_dot_v1_dot_deployment__service__pb2.Deployment.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=gpumesh_dot_v1_dot_deployment__service__pb2.WakeDeploymentRequest.FromString,
+                    response_serializer=gpumesh_dot_v1_dot_deployment__service__pb2.WakeDeploymentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +433,60 @@ class DeploymentService:
             '/gpumesh.v1.DeploymentService/Watch',
             gpumesh_dot_v1_dot_deployment__service__pb2.WatchDeploymentRequest.SerializeToString,
             gpumesh_dot_v1_dot_deployment__service__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetScaling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpumesh.v1.DeploymentService/SetScaling',
+            gpumesh_dot_v1_dot_deployment__service__pb2.SetScalingRequest.SerializeToString,
+            gpumesh_dot_v1_dot_deployment__service__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpumesh.v1.DeploymentService/Wake',
+            gpumesh_dot_v1_dot_deployment__service__pb2.WakeDeploymentRequest.SerializeToString,
+            gpumesh_dot_v1_dot_deployment__service__pb2.WakeDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -96,3 +96,96 @@ class ListSeriesResponse(_message.Message):
     SERIES_FIELD_NUMBER: _ClassVar[int]
     series: _containers.RepeatedCompositeFieldContainer[SeriesInfo]
     def __init__(self, series: _Optional[_Iterable[_Union[SeriesInfo, _Mapping]]] = ...) -> None: ...
+
+class ListInteractionsRequest(_message.Message):
+    __slots__ = ("app_type", "workload_id", "tenant", "limit", "max_samples")
+    APP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    app_type: str
+    workload_id: str
+    tenant: str
+    limit: int
+    max_samples: int
+    def __init__(self, app_type: _Optional[str] = ..., workload_id: _Optional[str] = ..., tenant: _Optional[str] = ..., limit: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
+class HardwareFingerprint(_message.Message):
+    __slots__ = ("gpu_model", "gpu_product", "gpu_memory_bytes", "driver_version", "cuda_version", "gpu_backend", "isolation", "mig_profile", "mps_share", "slice_memory_bytes", "compute_share", "node", "gpu_index")
+    GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    GPU_PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CUDA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GPU_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    MIG_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MPS_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    gpu_model: str
+    gpu_product: str
+    gpu_memory_bytes: int
+    driver_version: str
+    cuda_version: str
+    gpu_backend: str
+    isolation: str
+    mig_profile: str
+    mps_share: float
+    slice_memory_bytes: int
+    compute_share: float
+    node: str
+    gpu_index: int
+    def __init__(self, gpu_model: _Optional[str] = ..., gpu_product: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., gpu_backend: _Optional[str] = ..., isolation: _Optional[str] = ..., mig_profile: _Optional[str] = ..., mps_share: _Optional[float] = ..., slice_memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ...) -> None: ...
+
+class UsageSample(_message.Message):
+    __slots__ = ("at", "utilization_pct", "memory_used_bytes")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    utilization_pct: float
+    memory_used_bytes: float
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., utilization_pct: _Optional[float] = ..., memory_used_bytes: _Optional[float] = ...) -> None: ...
+
+class Interaction(_message.Message):
+    __slots__ = ("workload_id", "tenant", "app_type", "phase", "labels", "hardware", "slice_id", "state", "started", "ended", "usage")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    APP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    workload_id: str
+    tenant: str
+    app_type: str
+    phase: str
+    labels: _containers.ScalarMap[str, str]
+    hardware: HardwareFingerprint
+    slice_id: str
+    state: str
+    started: _timestamp_pb2.Timestamp
+    ended: _timestamp_pb2.Timestamp
+    usage: _containers.RepeatedCompositeFieldContainer[UsageSample]
+    def __init__(self, workload_id: _Optional[str] = ..., tenant: _Optional[str] = ..., app_type: _Optional[str] = ..., phase: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[HardwareFingerprint, _Mapping]] = ..., slice_id: _Optional[str] = ..., state: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Iterable[_Union[UsageSample, _Mapping]]] = ...) -> None: ...
+
+class ListInteractionsResponse(_message.Message):
+    __slots__ = ("interactions",)
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    def __init__(self, interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...

@@ -52,6 +52,11 @@ class ForecastServiceStub:
                 request_serializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListSeriesRequest.SerializeToString,
                 response_deserializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListSeriesResponse.FromString,
                 _registered_method=True)
+        self.ListInteractions = channel.unary_unary(
+                '/gpumesh.v1.ForecastService/ListInteractions',
+                request_serializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListInteractionsRequest.SerializeToString,
+                response_deserializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListInteractionsResponse.FromString,
+                _registered_method=True)
 
 
 class ForecastServiceServicer:
@@ -83,6 +88,19 @@ class ForecastServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInteractions(self, request, context):
+        """Seed 000's interaction log: per workload, its application context (the
+        labels its client gave, `app-type` and `phase` among them), the hardware
+        fingerprint it ran on and its resource use over time, newest first, so a
+        forecaster can learn per application type. Entries are kept as long as
+        the history's last tier (30 days by default), at most 100,000. A tenant
+        sees its own workloads only. INVALID_ARGUMENT for a negative limit or
+        max_samples.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ForecastServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +113,11 @@ def add_ForecastServiceServicer_to_server(servicer, server):
                     servicer.ListSeries,
                     request_deserializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListSeriesRequest.FromString,
                     response_serializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListSeriesResponse.SerializeToString,
+            ),
+            'ListInteractions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInteractions,
+                    request_deserializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListInteractionsRequest.FromString,
+                    response_serializer=gpumesh_dot_v1_dot_forecast__service__pb2.ListInteractionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -159,6 +182,33 @@ class ForecastService:
             '/gpumesh.v1.ForecastService/ListSeries',
             gpumesh_dot_v1_dot_forecast__service__pb2.ListSeriesRequest.SerializeToString,
             gpumesh_dot_v1_dot_forecast__service__pb2.ListSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInteractions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpumesh.v1.ForecastService/ListInteractions',
+            gpumesh_dot_v1_dot_forecast__service__pb2.ListInteractionsRequest.SerializeToString,
+            gpumesh_dot_v1_dot_forecast__service__pb2.ListInteractionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,49 @@
+"""Predictive warm-up's forecast: the upper quantile of a deployment's demand one lead time ahead.
+
+The autoscaler controller records each sample's demand in the policy's metric into the history store
+(controlplane/forecast/recorder.py) as `deployment/<name> demand_<metric>`; this reads that series on the
+history's thread and fits it with the forecasting service's code (controlplane/forecast/forecasting.py) in
+a worker thread, never on the event loop. The forecast's interval is central, so the upper quantile q is
+the high edge of the (2q - 1) interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from controlplane.forecast import forecasting
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+POINTS = 4                 # forecast steps over the lead time
+
+
+def series_metric(metric: str) -> str:
+    return f"demand_{metric}"
+
+
+async def upper(history, name: str, metric: str, lead_s: float, quantile: float,
+                step_floor: float) -> tuple[float | None, str]:
+    """(the demand's upper `quantile` at now + `lead_s`, or None; a note: the model, or why none)."""
+    if history is None:
+        return None, "no history (history_enabled: false)"
+    lead = max(lead_s, step_floor)
+    step = max(step_floor, lead / POINTS)
+    level = min(0.98, max(0.02, 2 * quantile - 1))
+    try:
+        p = forecasting.plan("deployment", name, series_metric(metric), lead, step, level)
+        rows = await history.read(history.store.read, "deployment", name, series_metric(metric))
+        times, values = forecasting.check_history(p, rows)
+        f = await asyncio.to_thread(forecasting.fit, p, times, values)
+    except errors.MeshError as e:
+        return None, str(e)[:200]
+    except Exception as e:  # noqa: BLE001 - a failed fit leaves the policy reactive
+        log(logger, logging.WARNING, "demand forecast failed", deployment=name, error=repr(e))
+        return None, f"fit failed: {e!r}"[:200]
+    hi = [float(x) for x in f["hi"] if math.isfinite(float(x))]
+    if not hi:
+        return None, "no finite forecast"
+    return max(0.0, max(hi)), f"{f['model']} over {values.size} points of {step:g}s"

@@ -1,0 +1,112 @@
+"""What the autoscaler controller observes of one deployment: a `mesh.autoscale.Sample` from its replicas'
+load signals, the replicas ready and starting, one replica's cost, and its cold start.
+
+- Load: each READY replica's latest `Replica.load` (the agent's reading of the backend's /metrics, kept in
+  memory by the deployment store, nodeagent/backends/loadsignals.py) when it was read from the replica's
+  current workload and scraped: requests running (in flight) and waiting (queue) summed, KV-cache use and
+  TTFT averaged, the request rate from the increase of each backend's `requests_total` counter since the
+  controller's previous reading of it.
+- Cost: a running replica's slice priced as it is (mesh.cost), else the estimate for the slice it would
+  get (controlplane/serving/replicacost.py).
+- Cold start: the latest of the deployment's own replicas' created -> ready time; else the registry's
+  `model bench` load time of the variant plus a slice's start; else the configured default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controlplane.serving import replicacost
+from gpumesh.v1 import deployment_service_pb2 as D
+from mesh.autoscale import Sample
+
+SLICE_START_S = 5.0          # added to a registry load time: a slice's creation, not measured there
+
+
+def _secs(t) -> float:
+    return t.seconds + t.nanos / 1e9 if t.seconds or t.nanos else 0.0
+
+
+@dataclass
+class Counters:
+    """The previous `requests_total` reading per replica: (workload, total, time read)."""
+    last: dict[str, tuple[str, float, float]] = field(default_factory=dict)
+
+    def rate(self, r: D.Replica, load) -> tuple[float, float]:
+        """(requests finished since the previous reading, seconds between the readings); (0, 0) on the first."""
+        at = _secs(load.at)
+        prev = self.last.get(r.id)
+        self.last[r.id] = (load.workload_id, float(load.requests_total), at)
+        if prev is None or prev[0] != load.workload_id or at <= prev[2]:
+            return 0.0, 0.0
+        return max(0.0, float(load.requests_total) - prev[1]), at - prev[2]
+
+    def keep_only(self, ids: set[str]) -> None:
+        for rid in [k for k in self.last if k not in ids]:
+            del self.last[rid]
+
+
+def counts(replicas: list[D.Replica]) -> tuple[int, int]:
+    """(READY replicas, replicas on their way: pending, starting or failed-and-restarting)."""
+    ready = sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY)
+    starting = sum(1 for r in replicas if r.state in (D.REPLICA_STATE_PENDING, D.REPLICA_STATE_STARTING,
+                                                      D.REPLICA_STATE_FAILED))
+    return ready, starting
+
+
+def sample(now: float, replicas: list[D.Replica], loads: dict, counters: Counters) -> Sample:
+    """The deployment's load now, from its READY replicas' latest readings."""
+    in_flight = queue = kv = ttft = finished = 0.0
+    spans: list[float] = []
+    kv_n = ttft_n = 0
+    ready = 0
+    for r in replicas:
+        if r.state != D.REPLICA_STATE_READY:
+            continue
+        ready += 1
+        load = loads.get(r.id)
+        if load is None or not load.scraped or load.workload_id != r.workload_id:
+            continue
+        in_flight += load.requests_running
+        queue += load.requests_waiting
+        kv += load.kv_cache_usage
+        kv_n += 1
+        if load.ttft_seconds > 0:
+            ttft += load.ttft_seconds * 1000
+            ttft_n += 1
+        n, dt = counters.rate(r, load)
+        if dt > 0:
+            finished += n
+            spans.append(dt)
+    counters.keep_only({r.id for r in replicas})
+    rate = finished / (sum(spans) / len(spans)) if spans else 0.0
+    return Sample(t=now, in_flight=in_flight, queue=queue, kv_cache=kv / kv_n if kv_n else 0.0,
+                  ttft_ms=ttft / ttft_n if ttft_n else 0.0, request_rate=rate, ready=ready)
+
+
+def replica_cost(replicas: list[D.Replica], slices: dict, need: int, isolation: int, gpu_models,
+                 prices) -> float:
+    """Dollars per hour of one replica: the dearest running replica's slice, else the cheapest estimate
+    over the fleet's GPU models (0: no price known)."""
+    if prices is None:
+        return 0.0
+    running = [slices[r.slice_id] for r in replicas if r.slice_id and r.slice_id in slices]
+    if running:
+        return max(replicacost.of_replicas(running, prices))
+    return replicacost.cheapest(need, isolation, gpu_models, prices) or 0.0
+
+
+def cold_start(replicas: list[D.Replica], variant, default_s: float) -> tuple[float, str]:
+    """(seconds, where the figure comes from)."""
+    seen = [(_secs(r.ready_at), _secs(r.ready_at) - _secs(r.created_at)) for r in replicas
+            if r.HasField("ready_at") and r.HasField("created_at") and _secs(r.ready_at) > _secs(r.created_at)]
+    if seen:
+        return max(seen)[1], "replicas"
+    if variant is not None:
+        gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
+        loads = [m.load_seconds for k, m in variant.measured.items() if m.load_seconds > 0
+                 and (not gpu_models or k in gpu_models)]
+        loads = loads or [m.load_seconds for m in variant.measured.values() if m.load_seconds > 0]
+        if loads:
+            return max(loads) + SLICE_START_S, "registry"
+    return default_s, "default"

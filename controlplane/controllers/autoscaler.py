@@ -1,0 +1,254 @@
+"""The autoscaler controller (leader only): applies each deployment's scaling policy.
+
+Level-triggered: every `interval` seconds, for each deployment with a policy (`spec.scaling`), it samples
+its replicas' load (controlplane/controllers/autoscale_signals.py), feeds the deployment's
+`mesh.autoscale.Autoscaler` and asks it for a decision, with one replica's cost (the cost ceiling), and for
+a predictive policy the forecast's upper quantile of demand one cold start ahead
+(controlplane/controllers/autoscale_forecast.py, refitted every `forecast_every` seconds off the event
+loop). When the decision differs from `spec.replicas` it sets the replicas through the deployment manager
+(one etcd write with the decision on `status.autoscaler`); the deployment controller does the rest.
+
+Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
+a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode.
+Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
+mode and bound_by) and `gpumesh_autoscaler_scale_events_total`.
+
+Its state is the samples of the last window, in memory: a new leader starts with empty windows (it holds
+what runs until it has seen a window's worth; a scale-down waits for its delay as after any change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge
+
+from controlplane.controllers import autoscale_forecast, autoscale_signals
+from controlplane.controllers.slices import now as ts_now
+from controlplane.serving import scalingspec
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import scaling_pb2 as S
+from mesh import errors
+from mesh.autoscale import Autoscaler, Decision, Sample, ScalingPolicy
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+DESIRED = Gauge("gpumesh_autoscaler_desired_replicas", "Replicas the autoscaler wants per deployment", ["deployment"])
+DECISIONS = Counter("gpumesh_autoscaler_decisions_total", "Autoscaler decisions by mode and what bound them",
+                    ["deployment", "mode", "bound_by"])
+SCALES = Counter("gpumesh_autoscaler_scale_events_total", "Changes of replicas the autoscaler made",
+                 ["deployment", "direction"])
+STATUS_REFRESH_S = 30.0      # the status's signals are rewritten at least this often while they change
+SOURCE = "autoscaler"
+WAKE_HOLD_S = 600.0          # after a Wake the held request is demand until a replica is READY, this long at most
+
+
+@dataclass
+class _State:
+    policy: ScalingPolicy
+    auto: Autoscaler
+    counters: autoscale_signals.Counters = field(default_factory=autoscale_signals.Counters)
+    woken_seen: float = 0.0
+    waking_since: float = 0.0   # a Wake's time while no replica has been READY since
+    forecast: float | None = None
+    forecast_note: str = ""
+    forecast_at: float = 0.0
+    forecasting: asyncio.Task | None = None
+    status_at: float = 0.0
+    ceiling_bound: bool = False
+
+
+class AutoscalerController:
+    def __init__(self, deployments, registry, *, history=None, interval: float = 2.0,
+                 default_cold_start: float = 30.0, forecast_every: float = 30.0, clock=time.time) -> None:
+        self.dm = deployments
+        self.registry = registry
+        self.history = history                  # controlplane/forecast/recorder.HistoryRecorder, or None
+        self.interval = interval
+        self.default_cold_start = default_cold_start
+        self.forecast_every = forecast_every
+        self.clock = clock
+        self.states: dict[str, _State] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="autoscaler")
+
+    async def stop(self) -> None:
+        tasks = [self._task] + [s.forecasting for s in self.states.values()]
+        for t in tasks:
+            if t is not None and not t.done():
+                t.cancel()
+        for t in tasks:
+            if t is not None:
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # noqa: BLE001 - the next pass tries again
+                logger.exception("autoscaler pass")
+
+    async def run_once(self) -> None:
+        names = [n for n, d in sorted(self.dm.store.deployments.items()) if d.spec.HasField("scaling")]
+        for gone in set(self.states) - set(names):
+            st = self.states.pop(gone)
+            if st.forecasting is not None:
+                st.forecasting.cancel()
+            try:
+                DESIRED.remove(gone)
+            except KeyError:
+                pass
+        for name in names:
+            try:
+                await self.one(name)
+            except errors.NotFound:
+                continue        # deleted meanwhile
+
+    def _state(self, name: str, pb: S.ScalingPolicy) -> _State:
+        policy = scalingspec.to_policy(pb)
+        st = self.states.get(name)
+        if st is None or st.policy != policy:
+            old = st
+            st = _State(policy, Autoscaler(policy))
+            if old is not None:         # a changed policy keeps what was seen, not what was decided
+                st.counters, st.woken_seen = old.counters, old.woken_seen
+                for s in old.auto._samples:
+                    st.auto.observe(s)
+                if old.forecasting is not None:
+                    old.forecasting.cancel()
+            self.states[name] = st
+        return st
+
+    async def one(self, name: str) -> Decision | None:
+        d = self.dm.store.deployments.get(name)
+        if d is None or not d.spec.HasField("scaling"):
+            return None
+        st = self._state(name, d.spec.scaling)
+        now = self.clock()
+        replicas = self.dm.store.replicas_of(name)
+        ready, starting = autoscale_signals.counts(replicas)
+        woken = self.dm.scaling.woken.get(name, 0.0)
+        if woken > st.woken_seen:
+            st.woken_seen = st.waking_since = woken
+        sample = autoscale_signals.sample(now, replicas, self.dm.store.loads, st.counters)
+        if ready:
+            st.waking_since = 0.0
+        elif st.waking_since and now - st.waking_since < WAKE_HOLD_S:
+            # the request the gateway holds is demand until a replica is READY to take it: the idle period
+            # starts again, and a replica starting from zero is not scaled away under it
+            sample = dataclasses.replace(sample, queue=sample.queue + 1)
+        st.auto.observe(sample)
+        self._record(name, d, st.policy, sample)
+        variant, need = self._variant(d)
+        cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
+                                              int(d.spec.isolation), self.registry.gpu_models(),
+                                              getattr(self.dm, "prices", None))
+        cold, cold_from = autoscale_signals.cold_start(replicas, variant, self.default_cold_start)
+        lead = st.policy.lead_time_s or cold
+        if st.policy.predictive:
+            self._refresh_forecast(name, st, lead, now)
+        decision = st.auto.decide(now, ready=ready, starting=starting, replica_cost_per_hour=cost,
+                                  forecast_upper=st.forecast if st.policy.predictive else None,
+                                  cold_start_s=lead if st.policy.predictive else 0.0)
+        signals = dict(decision.signals)
+        signals.update(in_flight=sample.in_flight, queue=sample.queue, kv_cache=round(sample.kv_cache, 4),
+                       ttft_ms=round(sample.ttft_ms, 1), request_rate=round(sample.request_rate, 4),
+                       replica_cost_per_hour=round(cost, 4))
+        if st.policy.predictive:
+            signals["lead_time_s"] = round(lead, 2)
+        DESIRED.labels(name).set(decision.desired)
+        DECISIONS.labels(name, decision.mode, decision.bound_by or "none").inc()
+        await self._apply(name, d, st, decision, signals, cost, now, cold_from)
+        return decision
+
+    def _variant(self, d: D.Deployment):
+        try:
+            return self.dm._resolve(d.spec)
+        except errors.MeshError:
+            return None, 0
+
+    def _record(self, name: str, d: D.Deployment, policy: ScalingPolicy, s: Sample) -> None:
+        """The demand in the policy's metric into the history (what a predictive policy forecasts)."""
+        if self.history is None:
+            return
+        demand = {"concurrency": s.in_flight + s.queue, "queue": s.queue, "kv_cache": s.kv_cache * s.ready,
+                  "ttft": s.ttft_ms}[policy.metric]
+        self.history.add("deployment", name, autoscale_forecast.series_metric(policy.metric), demand,
+                         d.spec.tenant, at=s.t)
+        self.history.add("deployment", name, "request_rate", s.request_rate, d.spec.tenant, at=s.t)
+
+    def _refresh_forecast(self, name: str, st: _State, lead: float, now: float) -> None:
+        if (st.forecasting is not None and not st.forecasting.done()) or now - st.forecast_at < self.forecast_every:
+            return
+        st.forecast_at = now
+        policy = st.policy
+
+        async def refit():
+            value, note = await autoscale_forecast.upper(self.history, name, policy.metric, lead,
+                                                          policy.forecast_quantile, self.interval)
+            st.forecast, st.forecast_note = value, note
+        st.forecasting = asyncio.create_task(refit(), name=f"autoscaler-forecast-{name}")
+
+    async def _apply(self, name: str, d: D.Deployment, st: _State, decision: Decision, signals: dict,
+                     cost: float, now: float, cold_from: str) -> None:
+        old = d.spec.replicas
+        status = S.AutoscalerStatus(desired=decision.desired, mode=decision.mode, reason=decision.reason[:1000],
+                                    bound_by=decision.bound_by, signals=signals, replica_cost_per_hour=cost)
+        prev = d.status.autoscaler
+        if prev.HasField("last_scale_at"):
+            status.last_scale_at.CopyFrom(prev.last_scale_at)
+        if prev.HasField("woken_at"):
+            status.woken_at.CopyFrom(prev.woken_at)
+        status.observed_at.CopyFrom(ts_now())
+        tenant = d.spec.tenant
+        bound = decision.bound_by == "cost_ceiling"
+        if bound and not st.ceiling_bound:
+            self.dm._event_as(name, "Warning", "CostCeiling", _ceiling_message(st.policy, decision, cost, signals),
+                              tenant, SOURCE)
+        st.ceiling_bound = bound
+        changed = decision.desired != old
+        material = (prev.desired, prev.mode, prev.bound_by) != (status.desired, status.mode, status.bound_by)
+        if not changed and not material and now - st.status_at < STATUS_REFRESH_S:
+            return
+        if changed:
+            status.last_scale_at.CopyFrom(ts_now())
+
+        def edit(n: D.Deployment) -> None:
+            n.spec.replicas = decision.desired
+            n.status.autoscaler.CopyFrom(status)
+        if changed:
+            await self.dm._change(name, 0, edit)
+            SCALES.labels(name, "up" if decision.desired > old else "down").inc()
+            reason = "ScaledToZero" if decision.desired == 0 else "Autoscaled"
+            text = (f"replicas {old} -> {decision.desired} ({decision.mode}"
+                    f"{', bound by ' + decision.bound_by if decision.bound_by else ''}): {decision.reason} "
+                    f"signals: {_fmt(signals)}")
+            self.dm._event_as(name, "Normal", reason, text[:1000], tenant, SOURCE)
+            log(logger, logging.INFO, "autoscaled", deployment=name, replicas_from=old, replicas_to=decision.desired,
+                mode=decision.mode, bound_by=decision.bound_by, reason=decision.reason, cold_start_from=cold_from)
+        else:
+            await self.dm.write_autoscaler_status(name, status)
+        st.status_at = now
+
+
+def _fmt(signals: dict) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in sorted(signals.items()))
+
+
+def _ceiling_message(policy: ScalingPolicy, decision: Decision, cost: float, signals: dict) -> str:
+    wanted = max(signals.get("want_stable", 0), signals.get("want_panic", 0), signals.get("want_forecast", 0))
+    return (f"the cost ceiling ${policy.cost_ceiling_per_hour:g}/h holds the deployment at {decision.desired} "
+            f"replica(s) at ${cost:.4f}/h each (${decision.desired * cost:.4f}/h); the load wants {wanted:g} "
+            f"(${wanted * cost:.4f}/h). {decision.reason}")[:1000]

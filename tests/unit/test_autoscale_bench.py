@@ -1,0 +1,224 @@
+"""`meshctl bench autoscale`'s parts: the latency model's fit, the series reader, the simulation's accounting
+on hand-checkable inputs, the policies' scalers, and the CLI (bad input exits 2; a calibrated run end to end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mesh.autoscale import demand
+from mesh.autoscale.latency import LatencyModel, Measurement, default_model, fit
+from mesh.autoscale.scalers import FixedScaler, peak_replicas
+from mesh.autoscale.simulate import simulate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- calibration -----------------------------------------------------------------------------------------------
+
+def test_fit_recovers_known_parameters_from_synthetic_measurements() -> None:
+    rng = np.random.default_rng(1)
+    base, per_token, decode = 0.040, 0.0009, 0.011
+    reqs = []
+    for n in (32, 128, 384):
+        for _ in range(10):
+            tokens = 64
+            reqs.append(Measurement(n, base + per_token * n + rng.normal(0, 0.002), tokens,
+                                    (tokens - 1) * decode * (1 + rng.normal(0, 0.02))))
+    m = fit(reqs, [1.4, 1.5, 1.6], [0.2, 0.3, 0.25], prompt_tokens=128, max_tokens=64)
+    assert m.prefill_base_s == pytest.approx(base, abs=0.003)
+    assert m.prefill_per_token_s == pytest.approx(per_token, rel=0.05)
+    assert m.decode_per_token_s == pytest.approx(decode, rel=0.03)
+    assert m.load_s == 1.5 and m.slice_create_s == 0.25 and m.cold_start_s == pytest.approx(1.75)
+    assert m.service_s() == pytest.approx(m.ttft_s(128) + 63 * m.decode_per_token_s)
+    assert m.source["fit"]["ttft_r2"] > 0.95
+
+
+def test_fit_refuses_too_few_measurements() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        fit([Measurement(10, 0.1, 5, 0.1)], [1.0], [0.1])
+    with pytest.raises(ValueError, match="load and slice-creation"):
+        fit([Measurement(10, 0.1, 5, 0.1)] * 2, [], [0.1])
+
+
+def test_calibration_round_trips_and_bad_files_are_named(tmp_path) -> None:
+    m = LatencyModel(0.05, 0.001, 0.01, 1.5, 0.2, source={"backend": "x"})
+    m.save(tmp_path / "c.json")
+    assert LatencyModel.load(tmp_path / "c.json") == m
+    doc = json.loads((tmp_path / "c.json").read_text())
+    del doc["load_s"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="load_s"):
+        LatencyModel.load(tmp_path / "bad.json")
+
+
+def test_shipped_calibration_was_measured() -> None:
+    m = default_model()
+    assert m.source.get("backend", "").startswith("llama.cpp")
+    assert m.source["fit"]["requests"] >= 20 and len(m.source["load_s"]) >= 1
+    assert 0 < m.ttft_s() < m.service_s() and m.cold_start_s > m.load_s > 0
+
+
+# -- the series ------------------------------------------------------------------------------------------------
+
+def write(tmp_path, text: str) -> str:
+    p = tmp_path / "s.csv"
+    p.write_text(text)
+    return str(p)
+
+
+def test_series_sums_rows_at_one_time_and_parses_dates(tmp_path) -> None:
+    s = demand.read_series(write(tmp_path, "time,v,x\n2020-05-01 00:01:00,2,a\n2020-05-01 00:00:00,1,a\n"
+                                           "2020-05-01 00:01:00,3,b\n2020-05-01 00:02:00,NULL,c\n"), "time", "v")
+    assert s.t.tolist() == [0.0, 60.0] and s.value.tolist() == [1.0, 5.0] and s.step_s == 60.0
+
+
+@pytest.mark.parametrize("text,cols,match", [
+    ("t,v\n0,1\n1,2\n", ("t", "rate"), "--value-col 'rate': no such column"),
+    ("t,v\n0,1\n1,2\n", ("time", "v"), "--time-col 'time': no such column"),
+    ("t,v\n", ("t", "v"), "0 usable point"),
+    ("t,v\n0,0\n1,0\n", ("t", "v"), "every value"),
+    ("t,v\n0,1\n1,abc\n", ("t", "v"), "row 3: value column 'v' has 'abc', not a number"),
+    ("t,v\n0,1\nyesterday,2\n", ("t", "v"), "row 3: time column 't'"),
+    ("t,v\n0,1\n1,-3\n", ("t", "v"), ">= 0"),
+])
+def test_series_bad_input_is_named(tmp_path, text, cols, match) -> None:
+    with pytest.raises(demand.SeriesError, match=match):
+        demand.read_series(write(tmp_path, text), *cols)
+
+
+def test_arrivals_follow_the_rate_and_speedup(tmp_path) -> None:
+    s = demand.read_series(write(tmp_path, "t,v\n0,10\n100,0\n200,30\n"), "t", "v")
+    a = demand.arrivals(s, rate_scale=0.5, speedup=2, seed=3)        # 5/s for 50 s, 0, 15/s for 50 s
+    assert a.min() >= 0 and a.max() <= 150
+    assert not ((a >= 50) & (a < 100)).any()
+    assert 180 < (a < 50).sum() < 320 and 600 < (a >= 100).sum() < 900
+
+
+# -- the simulation's accounting -------------------------------------------------------------------------------
+
+HAND = LatencyModel(prefill_base_s=0.1, prefill_per_token_s=0.0, decode_per_token_s=0.9, load_s=4.0,
+                    slice_create_s=1.0, slots=1, prompt_tokens=1, max_tokens=2)   # TTFT 0.1 s, service 1.0 s
+
+
+class Always:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def scale(self, now, sample, *, ready, starting):
+        return self.n
+
+
+def test_accounting_on_a_tiny_series_with_a_warm_replica() -> None:
+    r = simulate(np.array([0.0, 0.5, 3.0]), HAND, FixedScaler(1), slo_ttft_s=0.5, end_s=10.0, tick_s=2.0,
+                 initial_replicas=1, warm_start=True)
+    # request 0: TTFT 0.1; request 1 waits for request 0 (until 1.0): 0.6, misses the 0.5 SLO; request 2: 0.1
+    assert r.requests == 3 and r.met_slo == 2 and r.slo_attainment == pytest.approx(2 / 3)
+    assert r.ttft_s == pytest.approx([0.1, 0.6, 0.1])
+    assert r.slice_seconds == pytest.approx(10.0) and r.slice_hours == pytest.approx(10 / 3600)
+    assert r.cold_start_misses == 0 and r.scale_events == 0
+
+
+def test_a_request_that_waits_for_a_cold_start_is_a_miss_and_the_slice_pays_from_the_decision() -> None:
+    r = simulate(np.array([1.0]), HAND, Always(1), slo_ttft_s=0.5, end_s=10.0, tick_s=2.0)
+    # the tick at 2 s starts a replica (cold start 5 s): ready at 7, the request's TTFT = 7 - 1 + 0.1
+    assert r.ttft_s == pytest.approx([6.1]) and r.met_slo == 0
+    assert r.cold_start_misses == 1 and r.scale_events == 1
+    assert r.slice_seconds == pytest.approx(8.0)               # from 2 s to the end at 10 s
+
+
+def test_scale_down_drains_busy_replicas_and_pays_until_they_leave() -> None:
+    class Down:
+        def scale(self, now, sample, *, ready, starting):
+            return 2 if now < 4 else 1
+
+    # two warm replicas, both busy from 3.5 to 4.5 when the tick at 4 s wants one: one drains, leaves at 4.5
+    r = simulate(np.array([3.5, 3.5]), HAND, Down(), slo_ttft_s=1.0, end_s=6.0, tick_s=2.0,
+                 initial_replicas=2, warm_start=True)
+    assert r.met_slo == 2 and r.slice_seconds == pytest.approx(6.0 + 4.5)
+
+
+def test_peak_replicas_by_littles_law() -> None:
+    assert peak_replicas(3.0, 1.0, 0.7, 64) == 5          # 3 req/s x 1 s = 3 in flight / 0.7 per replica
+    assert peak_replicas(100.0, 1.0, 1.0, 8) == 8
+    assert peak_replicas(0.0, 1.0, 1.0, 8) == 1
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------
+
+def meshctl(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "proto")])}
+    return subprocess.run([sys.executable, "-m", "tools.meshctl.main", "bench", "autoscale", *argv], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_runs_every_policy_calibrated_on_a_short_series(tmp_path) -> None:
+    rows = ["t,rps"] + [f"{60 * i},{v}" for i, v in enumerate([1, 1, 2, 4, 6, 6, 3, 1, 1, 2, 5, 2])]
+    path = write(tmp_path, "\n".join(rows) + "\n")
+    p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--refit-every", "2",
+                "--season", "2", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["mode"] == "calibrated" and set(doc["policies"]) == {"predictive", "reactive", "fixed-peak"}
+    for r in doc["policies"].values():
+        for key in ("requests", "slo_attainment", "goodput_per_slice_hour", "slice_hours", "cost",
+                    "cold_start_misses", "scale_events"):
+            assert key in r
+        assert r["requests"] == doc["series"]["arrivals"] > 100
+        assert 0 <= r["slo_attainment"] <= 1 and r["slice_hours"] > 0
+        assert r["cost"] == pytest.approx(r["slice_hours"] * doc["replica_cost_per_hour"], rel=1e-3, abs=1e-4)
+    fixed = doc["policies"]["fixed-peak"]
+    assert fixed["scale_events"] == 0 and fixed["slice_hours"] >= doc["policies"]["reactive"]["slice_hours"]
+    assert doc["calibration"]["source"]["backend"].startswith("llama.cpp")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--time-col", "t", "--value-col", "rps"], "--series FILE is required"),
+    (["--series", "S", "--time-col", "t", "--value-col", "nope"], "--value-col 'nope': no such column"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--policy", "reactive,magic"], "unknown magic"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--min-replicas", "9", "--max-replicas", "2"],
+     "--min-replicas 9 is above --max-replicas 2"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--rate-scale", "0"], "--rate-scale"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--mode", "sideways"], "--mode"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--profile", "9g.99gb"], "--profile '9g.99gb'"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--calibration", "/nonexistent.json"],
+     "calibration /nonexistent.json"),
+    (["--series", "/nonexistent.csv", "--time-col", "t", "--value-col", "rps"], "--series /nonexistent.csv"),
+])
+def test_cli_bad_input_exits_2_naming_the_problem(tmp_path, argv, match) -> None:
+    path = write(tmp_path, "t,rps\n0,1\n60,2\n120,3\n")
+    p = meshctl(*[path if a == "S" else a for a in argv], "-o", "json")
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert match in p.stderr and p.stdout == ""
+
+
+def test_cli_constant_and_non_numeric_series(tmp_path) -> None:
+    p = meshctl("--series", write(tmp_path, "t,rps\n0,0\n60,0\n"), "--time-col", "t", "--value-col", "rps")
+    assert p.returncode == 2 and "every value of 'rps' is 0" in p.stderr
+    p = meshctl("--series", write(tmp_path, "t,rps\n0,1\n60,lots\n"), "--time-col", "t", "--value-col", "rps")
+    assert p.returncode == 2 and "'lots', not a number" in p.stderr
+
+
+def test_rate_forecaster_forecasts_the_bucket_a_lead_time_ahead_from_history_only() -> None:
+    from mesh.autoscale.scalers import RateForecaster
+    pattern = [1.0, 1.0, 6.0, 2.0]                            # requests per second, season of 4 buckets of 10 s
+    f = RateForecaster(10.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("snaive",))
+    seen = []
+    for k in range(64):                                      # ticks of 2 s, arrivals at the bucket's rate
+        for j in range(5):
+            now = 10.0 * k + 2.0 * (j + 1)
+            f.observe(now, pattern[k % 4] * 2.0)
+            if k >= 50 and j == 0:
+                seen.append((k, f.upper_rate(now)))
+    assert f.log.fits > 0 and f.log.failures == 0
+    for k, upper in seen:
+        # at 2 s into bucket k the lead reaches bucket k + 1: the upper edge covers the max of k, k + 1
+        assert upper == pytest.approx(max(pattern[k % 4], pattern[(k + 1) % 4]), abs=0.05)
+    err = f.log.error(np.array([pattern[k % 4] for k in range(64)]))
+    assert err["buckets"] > 0 and err["mae_rps"] == pytest.approx(0.0, abs=0.05)

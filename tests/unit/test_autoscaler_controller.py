@@ -1,0 +1,211 @@
+"""The autoscaler controller over an in-memory deployment manager (the real one needs etcd: see
+tests/integration/test_autoscaling.py): the sample it builds from the replicas' load signals and counters,
+the replicas it sets and the events and status it writes, the cost ceiling's Warning, and Wake."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from controlplane.controllers import autoscale_signals
+from controlplane.controllers.autoscaler import AutoscalerController
+from controlplane.serving.scaling import ScalingOps
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import types_pb2 as T
+from mesh import errors, gpumodels, scalingpolicy
+from mesh.cost import PriceTable
+
+READY = D.REPLICA_STATE_READY
+
+
+class Manager:
+    """What the controller and ScalingOps use of controlplane/serving/deployments.DeploymentManager."""
+
+    def __init__(self, d: D.Deployment, replicas: list[D.Replica]) -> None:
+        self.events: list[tuple[str, str, str]] = []
+        self.store = SimpleNamespace(deployments={d.spec.name: d}, loads={}, get=self._get, full=self._get,
+                                     replicas_of=lambda n: list(replicas))
+        self.replicas = replicas
+        self.ctl = SimpleNamespace(fleet=SimpleNamespace(slices={}))
+        self.registry = SimpleNamespace(gpu_models=lambda: [gpumodels.get_model("H100-80GB")],
+                                        get=lambda name: None)
+        self.prices = PriceTable.parse(["H100-80GB=2.40"])
+        self.scaling = ScalingOps(self)
+        self.writes = 0
+
+    def _get(self, name):
+        if name not in self.store.deployments:
+            raise errors.NotFound(f"no deployment {name!r}")
+        return self.store.deployments[name]
+
+    def _resolve(self, spec):
+        return None, 2 << 30           # a 2 GiB replica: a 1g.10gb MIG slice, 1/8 of an H100 = $0.30/h
+
+    async def _change(self, name, generation, edit):
+        d = D.Deployment()
+        d.CopyFrom(self._get(name))
+        edit(d)
+        d.generation += 1
+        self.store.deployments[name] = d
+        self.writes += 1
+        return d
+
+    async def write_autoscaler_status(self, name, status):
+        self.store.deployments[name].status.autoscaler.CopyFrom(status)
+        self.writes += 1
+
+    def _event_as(self, name, type, reason, message, tenant, source):
+        self.events.append((type, reason, message))
+
+    def _event(self, name, type, reason, message, tenant=""):
+        self.events.append((type, reason, message))
+
+
+def replica(i: int, running: float = 0, waiting: float = 0, total: float = 0, at: float = 0) -> tuple:
+    r = D.Replica(id=f"r-{i}", deployment="chat", state=READY, workload_id=f"w-{i}", endpoint="127.0.0.1:1")
+    load = T.BackendLoad(workload_id=f"w-{i}", scraped=True, requests_running=running, requests_waiting=waiting,
+                         requests_total=total, kv_cache_usage=0.25, ttft_seconds=0.4)
+    load.at.FromNanoseconds(int(at * 1e9))
+    return r, load
+
+
+def deployment(replicas: int, **policy) -> D.Deployment:
+    return D.Deployment(spec=D.DeploymentSpec(name="chat", model="smol", replicas=replicas, tenant="team-a",
+                                              scaling=scalingpolicy.build(**policy)))
+
+
+def test_the_sample_sums_in_flight_and_queue_and_rates_the_counters():
+    counters = autoscale_signals.Counters()
+    (r1, l1), (r2, l2) = replica(1, 1, 2, total=10, at=100), replica(2, 1, 0, total=5, at=100)
+    s = autoscale_signals.sample(100, [r1, r2], {"r-1": l1, "r-2": l2}, counters)
+    assert (s.in_flight, s.queue, s.ready, s.request_rate) == (2, 2, 2, 0)     # no previous reading: no rate
+    assert s.kv_cache == pytest.approx(0.25) and s.ttft_ms == pytest.approx(400)
+    (r1, l1), (r2, l2) = replica(1, total=30, at=110), replica(2, total=15, at=110)
+    s = autoscale_signals.sample(110, [r1, r2], {"r-1": l1, "r-2": l2}, counters)
+    assert s.request_rate == pytest.approx(3.0)                                  # 30 requests over 10 s
+    stale = T.BackendLoad(workload_id="w-old", scraped=True, requests_running=9)  # an earlier workload's reading
+    s = autoscale_signals.sample(120, [r1], {"r-1": stale}, counters)
+    assert s.in_flight == 0 and s.ready == 1
+    assert autoscale_signals.counts([r1, D.Replica(state=D.REPLICA_STATE_PENDING),
+                                     D.Replica(state=D.REPLICA_STATE_TERMINATING)]) == (1, 1)
+
+
+def test_cold_start_from_the_replicas_then_the_registry_then_the_default():
+    r = D.Replica(id="r-1")
+    r.created_at.FromSeconds(100)
+    r.ready_at.FromSeconds(142)
+    assert autoscale_signals.cold_start([r], None, 30) == (42, "replicas")
+    from gpumesh.v1 import model_service_pb2 as M
+    v = M.Variant(name="q4")
+    v.measured["H100-80GB"].load_seconds = 4.5
+    assert autoscale_signals.cold_start([], v, 30) == (4.5 + autoscale_signals.SLICE_START_S, "registry")
+    assert autoscale_signals.cold_start([], None, 30) == (30, "default")
+
+
+async def test_a_burst_scales_up_with_an_event_and_the_status():
+    reps = [replica(1, running=1, waiting=7, at=1)]
+    dm = Manager(deployment(1, min_replicas=1, max_replicas=4, target=2, stable_window_s=10, panic_window_s=2,
+                            scale_down_delay_s=0), [reps[0][0]])
+    dm.store.loads["r-1"] = reps[0][1]
+    clock = [1000.0]
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: clock[0])
+    decision = await ctl.one("chat")
+    d = dm.store.deployments["chat"]
+    assert decision.desired == 4 and d.spec.replicas == 4            # 8 in flight + waiting at 2 per replica
+    assert decision.mode == "panic" and d.status.autoscaler.desired == 4 and d.status.autoscaler.mode == "panic"
+    assert d.status.autoscaler.HasField("last_scale_at")
+    assert d.status.autoscaler.signals["queue"] == 7 and d.status.autoscaler.replica_cost_per_hour == pytest.approx(0.3)
+    kind, reason, text = dm.events[-1]
+    assert (kind, reason) == ("Normal", "Autoscaled") and "replicas 1 -> 4 (panic" in text and "queue=7" in text
+
+
+async def test_the_cost_ceiling_stops_a_scale_up_and_warns_once():
+    r, load = replica(1, running=1, waiting=7, at=1)
+    dm = Manager(deployment(1, min_replicas=1, max_replicas=4, target=2, cost_ceiling_per_hour=0.65), [r])
+    dm.store.loads["r-1"] = load
+    clock = [1000.0]
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: clock[0])
+    decision = await ctl.one("chat")
+    assert decision.desired == 2 and decision.bound_by == "cost_ceiling"     # $0.65 / $0.30 = 2 replicas
+    warnings = [e for e in dm.events if e[0] == "Warning"]
+    assert len(warnings) == 1 and warnings[0][1] == "CostCeiling"
+    assert "$0.65/h" in warnings[0][2] and "$0.3000/h each" in warnings[0][2] and "wants 4" in warnings[0][2]
+    clock[0] += 2
+    await ctl.one("chat")
+    assert len([e for e in dm.events if e[0] == "Warning"]) == 1              # once per episode
+    assert dm.store.deployments["chat"].status.autoscaler.bound_by == "cost_ceiling"
+
+
+async def test_idle_scales_to_zero_and_wake_brings_one_back():
+    r, load = replica(1, at=1)
+    dm = Manager(deployment(1, max_replicas=2, target=2, scale_to_zero_after_s=5, stable_window_s=5,
+                            panic_window_s=1, scale_down_delay_s=0), [r])
+    dm.store.loads["r-1"] = load
+    clock = [1000.0]
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: clock[0])
+    assert (await ctl.one("chat")).desired == 1            # idle 0 s: within the grace
+    clock[0] += 6
+    decision = await ctl.one("chat")
+    assert decision.desired == 0 and decision.mode == "idle"
+    assert dm.store.deployments["chat"].spec.replicas == 0 and dm.events[-1][1] == "ScaledToZero"
+    dm.replicas.clear()
+    resp = await dm.scaling.wake("chat")
+    assert resp.woke and resp.replicas == 1 and dm.events[-1][1] == "WokenFromZero"
+    assert (await dm.scaling.wake("chat")).woke is False          # idempotent
+    for _ in range(4):                                 # no replica READY yet: the held request is demand
+        clock[0] += 3
+        decision = await ctl.one("chat")
+        assert decision.desired == 1 and dm.store.deployments["chat"].spec.replicas == 1
+    r, load = replica(2, at=2)                         # READY: the request is served, the idle period starts
+    dm.replicas.append(r)
+    dm.store.loads["r-2"] = load
+    clock[0] += 1
+    assert (await ctl.one("chat")).desired == 1
+    clock[0] += 6
+    assert (await ctl.one("chat")).desired == 0
+
+
+async def test_wake_needs_a_policy_that_scales_to_zero():
+    r, _ = replica(1)
+    dm = Manager(deployment(1, max_replicas=2, target=2), [r])
+    with pytest.raises(errors.FailedPrecondition, match="scales to zero"):
+        await dm.scaling.wake("chat")
+
+
+async def test_a_predictive_policy_provisions_for_the_forecast_of_its_recorded_demand(tmp_path):
+    """The controller records the demand into the history store (real SQLite) and forecasts it with the
+    forecasting service's code: on a rising demand, the forecast's upper quantile one lead time ahead wants more
+    replicas than the load now."""
+    from controlplane.controllers import autoscale_forecast
+    from controlplane.forecast.history import HistoryStore
+    from controlplane.forecast.recorder import HistoryRecorder
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "history.db")), clock=lambda: 0.0)
+    try:
+        value, note = await autoscale_forecast.upper(rec, "chat", "concurrency", 20, 0.9, 1.0)
+        assert value is None and "no samples" in note                        # nothing recorded yet: reactive
+        for i in range(400):                                                 # demand rising 1 per 20 s
+            rec.add("deployment", "chat", "demand_concurrency", i / 20, "team-a", at=1000.0 + i)
+        await rec.flush()
+        value, note = await autoscale_forecast.upper(rec, "chat", "concurrency", 20, 0.9, 1.0)
+        assert value is not None and value > 399 / 20, note                  # above the last value: rising
+
+        r, load = replica(1, running=10, waiting=0, at=1)          # 10 now wants 2 replicas of 8
+        dm = Manager(deployment(1, min_replicas=1, max_replicas=64, target=8, predictive=True, lead_time_s=20,
+                                scale_down_delay_s=0), [r])
+        dm.store.loads["r-1"] = load
+        clock = [1400.0]
+        ctl = AutoscalerController(dm, dm.registry, history=rec, clock=lambda: clock[0], forecast_every=1)
+        first = await ctl.one("chat")
+        assert first.mode != "predictive"                                    # the fit runs in the background
+        await ctl.states["chat"].forecasting
+        clock[0] += 1
+        decision = await ctl.one("chat")
+        assert decision.mode == "predictive", decision.reason
+        assert decision.signals["forecast_upper"] == pytest.approx(ctl.states["chat"].forecast, rel=1e-3)
+        assert decision.desired == math.ceil(ctl.states["chat"].forecast / 8) > 2
+        assert dm.store.deployments["chat"].status.autoscaler.signals["lead_time_s"] == 20
+        assert any(s[2] == "demand_concurrency" for s in rec.pending)        # what it saw went to the history
+    finally:
+        await rec.stop()
