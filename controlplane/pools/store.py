@@ -79,7 +79,7 @@ class PoolStore:
         u = out.usage
         u.slices, u.gpus, u.memory_bytes, u.dollars_per_hour = (used.slices, used.gpus, used.memory_bytes,
                                                                  used.dollars_per_hour)
-        cap_gpus, cap_mem = 0, 0
+        cap_gpus, cap_mem, free_mem, free_gpus = 0, 0, 0, 0.0
         for e in self.ctl.fleet.nodes.values():
             if not e.schedulable or not pools.selects_node(p, e.record.inventory.labels):
                 continue
@@ -87,6 +87,10 @@ class PoolStore:
                 if pools.holds_gpu(p, g.model, g.mig_enabled):
                     cap_gpus += 1
                     cap_mem += g.memory_bytes
+                    # what is still free on it, whoever holds the rest (this pool or not)
+                    free = max(0, g.memory_bytes - g.allocated_memory)
+                    free_mem += free
+                    free_gpus += free / g.memory_bytes if g.memory_bytes else 0.0
         u.capacity_gpus, u.capacity_memory_bytes = cap_gpus, cap_mem
         q = p.quota
 
@@ -94,12 +98,27 @@ class PoolStore:
             known = [v for v in values if v >= 0]
             return min(known) if known else -1
         u.available_slices = int(pools.room(q.max_slices, used.slices))
-        u.available_gpus = least(pools.room(q.max_gpus, used.gpus), max(0.0, cap_gpus - used.gpus))
-        u.available_memory_bytes = int(least(pools.room(q.max_memory_bytes, used.memory_bytes),
-                                             max(0, cap_mem - used.memory_bytes)))
+        u.available_gpus = least(pools.room(q.max_gpus, used.gpus), free_gpus)
+        u.available_memory_bytes = int(least(pools.room(q.max_memory_bytes, used.memory_bytes), free_mem))
         u.available_dollars_per_hour = pools.room(q.max_dollars_per_hour, used.dollars_per_hour)
         u.deployments.extend(self.drawing(p.name, visible_only=True))   # a tenant sees only its own
         return out
+
+    def room(self, name: str, need_bytes: int, replica_cost_per_hour: float) -> int | None:
+        """How many more replicas of `need_bytes` (costing `replica_cost_per_hour` each) the pool's quota and
+        capacity admit now; None when the pool is unknown or nothing bounds it (the autoscaler's pool_room)."""
+        p = self.pools.get(name)
+        if p is None:
+            return None
+        u = self.view(p).usage
+        bounds = []
+        if u.available_slices >= 0:
+            bounds.append(u.available_slices)
+        if u.available_memory_bytes >= 0 and need_bytes > 0:
+            bounds.append(u.available_memory_bytes // need_bytes)
+        if u.available_dollars_per_hour >= 0 and replica_cost_per_hour > 0:
+            bounds.append(int(u.available_dollars_per_hour / replica_cost_per_hour + 1e-9))
+        return int(min(bounds)) if bounds else None
 
     def list(self) -> list[P.Pool]:
         return [self.view(p) for _, p in sorted(self.pools.items())]

@@ -123,3 +123,29 @@ def test_describe_yaml_round_trips_through_a_file(tmp_path):
     path.write_text(yaml.safe_dump(pool_to_dict(p)))
     back = pool_from_dict(pool_from_args(argparse.Namespace(file=str(path), name="")))
     assert pools.validate(back) == p
+
+
+def test_pool_room_in_replicas_for_the_autoscaler():
+    """PoolStore.room: the fewest more replicas any quota (slices, memory, $/hour) or the capacity admits."""
+    from types import SimpleNamespace
+
+    from controlplane.pools.store import PoolStore
+    from controlplane.state.fleet import Fleet
+    fleet = Fleet()
+    inv = types_pb2.NodeInventory(gpus=[types_pb2.Gpu(index=0, uuid="GPU-a", model="H100-80GB",
+                                                      memory_bytes=80 * 2**30)])
+    fleet.upsert_node(types_pb2.Node(name="n1", inventory=inv))
+    fleet.nodes["n1"].ready = True
+    ctl = SimpleNamespace(fleet=fleet, scheduler=None)
+    store = PoolStore(ctl, PRICES)
+    store.pools["a"] = pools.validate(pool(name="a", quota={"max_slices": 5, "max_dollars_per_hour": 1.0}))
+    store.pools["free"] = pools.validate(pool(name="free"))
+    s = _slice("x", "a")
+    s.node, s.gpu_index = "n1", 0
+    fleet.put_slice(s)
+    # 4 slices left by max_slices; $1/h minus what x costs, at $0.30 a replica: 2
+    used = pools.usage("a", fleet.slices.values(), PRICES).dollars_per_hour
+    assert store.room("a", 10 * 2**30, 0.30) == min(4, int((1.0 - used) / 0.30))
+    # no quota: the free capacity bounds it (the 80 GiB GPU less x's 10 GiB, whatever pool x is in; 10 GiB a replica)
+    assert store.room("free", 10 * 2**30, 0.30) == 7
+    assert store.room("missing", 10 * 2**30, 0.30) is None
