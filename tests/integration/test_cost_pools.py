@@ -11,7 +11,8 @@ SmolLM2-135M GGUF.
   model's cost;
 - an idle warm slice is counted apart and released by `recommend --apply --kind idle-warm`; two idle READY
   replicas are counted as idle replica cost and `recommend --apply --kind idle-replica` scales the deployment
-  down by one, never to zero.
+  down by one, never to zero;
+- the autoscaler scales a pooled deployment within the pool's room and says so (bound_by pool, PoolLimit).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def cluster(tmp_path_factory):
     c = LocalCluster(tmp_path_factory.mktemp("cost"), HOSTS, lease_ttl=3, agents_per_process=1, env=env, gateway=True,
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
                                         "2", "--cost-interval-seconds", str(INTERVAL),
-                                        "--cost-recommend-observe-seconds", "4"])
+                                        "--cost-recommend-observe-seconds", "4",
+                                        "--autoscaler-interval-seconds", "0.5"])
     c.start(timeout=90)
     yield c
     c.stop()
@@ -302,3 +304,23 @@ def test_idle_replica_is_scaled_away_by_recommend(cluster, smollm2):
         assert d.spec.replicas == 1
         assert completion(d.replicas[0].endpoint)
         mesh.undeploy("quiet")
+
+
+def test_autoscaler_scales_within_the_pool_and_says_so(cluster, smollm2):
+    """A policy that wants two replicas of a deployment whose pool holds one: the autoscaler stays at one, its
+    decision says bound_by pool, and a PoolLimit event names the pool."""
+    from mesh import scalingpolicy
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as mesh:
+        mesh.create_pool({"name": "scaled", "selector": {"isolations": ["mps"]}, "quota": {"max_slices": 1}})
+        mesh.deploy("smollm2", name="grow", replicas=1, context=512, pool="scaled")
+        mesh.wait_deployment("grow", lambda x: x.status.ready_replicas == 1, timeout=SLOW)
+        mesh.set_scaling("grow", scalingpolicy.build(min_replicas=2, max_replicas=3, target=4))
+        d = wait_for(lambda: (lambda x: x if x.status.autoscaler.bound_by == "pool" else None)(
+            mesh.get_deployment("grow")), 60, "the autoscaler's decision bound by the pool", interval=0.5)
+        assert d.spec.replicas == 1 and "pool has room for 0 more" in d.status.autoscaler.reason
+        evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="grow")
+                                if e.reason == "PoolLimit"], 30, "a PoolLimit event")
+        assert "'scaled'" in evs[0].message
+        mesh.undeploy("grow")
+        wait_for(lambda: _deleted(mesh, "scaled"), 60, "the pool deleted once unused")
