@@ -172,11 +172,21 @@ class ControlPlaneConfig:
                                                          "for this long", minimum=0, maximum=86400)
     # cost (docs/cost.md)
     gpu_prices: list = option(["H100-80GB=2.49", "A100-80GB=1.79", "A100-40GB=1.29"],
-                              "dollars per GPU-hour per GPU model, MODEL=PRICE; a slice is charged its share (MIG: "
-                              "memory slices of 8; MPS, time-share: the larger of compute share and memory "
-                              "fraction; exclusive: the whole GPU)")
+                              "dollars per GPU-hour per GPU model, MODEL=PRICE (the defaults are illustrative "
+                              "on-demand list prices: set your own); a slice is charged its share (MIG: memory "
+                              "slices of 8; MPS: the larger of compute share and memory fraction; time-share: its "
+                              "memory fraction; exclusive: the whole GPU)")
     gpu_price_default: float = option(0.0, "dollars per GPU-hour of a GPU model gpu_prices does not name",
                                       minimum=0, maximum=1_000_000)
+
+    cost_interval_seconds: float = option(10.0, "seconds between two cost accountings (each charges every slice "
+                                          "for the time since the last and writes the ledger)", minimum=0.5,
+                                          maximum=3600)
+    cost_retention_days: float = option(400.0, "days the cost ledger keeps (minute rows for a day, then hourly)",
+                                        minimum=1, maximum=3650)
+    cost_recommend_observe_seconds: float = option(3600.0, "how long a replica's load must be observed before "
+                                                   "meshctl recommend sizes it by its measured peak or calls it idle",
+                                                   minimum=0, maximum=30 * 86400)
 
     def price_table(self):
         from mesh.cost import PriceTable

@@ -34,6 +34,7 @@ from gpumesh.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from gpumesh.v1 import event_service_pb2, event_service_pb2_grpc
 from gpumesh.v1 import servingview_service_pb2, servingview_service_pb2_grpc
 from gpumesh.v1 import forecast_service_pb2, forecast_service_pb2_grpc
+from gpumesh.v1 import cost_service_pb2, cost_service_pb2_grpc, pool_service_pb2, pool_service_pb2_grpc
 from mesh import errors, tls
 from mesh.config import parse_hostport
 from mesh.logs import log
@@ -101,7 +102,8 @@ class ControlPlane:
             (deployment_service_pb2.DESCRIPTOR, "DeploymentService"),
             (event_service_pb2.DESCRIPTOR, "EventService"),
             (servingview_service_pb2.DESCRIPTOR, "ServingViewService"),
-            (forecast_service_pb2.DESCRIPTOR, "ForecastService"))]
+            (forecast_service_pb2.DESCRIPTOR, "ForecastService"),
+            (pool_service_pb2.DESCRIPTOR, "PoolService"), (cost_service_pb2.DESCRIPTOR, "CostService"))]
         reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                      reflection.SERVICE_NAME], self.server)
         host, port = parse_hostport(self.cfg.listen, "listen")
@@ -239,17 +241,24 @@ class ControlPlane:
                                    events=self.event_log, events_retention_s=self.cfg.events_retention_seconds,
                                    events_kept=self.cfg.events_kept)
         self.retention.start()
+        from controlplane.pools.store import PoolStore
+        self.pools = PoolStore(self.ctl, self.cfg.price_table())
+        await self.pools.load()
         from controlplane.serving.deployments import DeploymentManager
         from controlplane.serving.deploysvc import DeploymentService
         from controlplane.events.service import EventService
         from controlplane.serving.viewsvc import ServingViewService
+        from controlplane.pools.service import PoolService
+        from controlplane.cost.service import CostService
         self.deployments = DeploymentManager(self.ctl, self.workloads, self.models, self.cfg.deployment_policy(),
                                              interval=self.cfg.deployment_interval_seconds,
                                              node_lost_seconds=self.cfg.deployment_node_lost_seconds)
         await self.deployments.load()
         self.deployments.prices = self.cfg.price_table()
+        self.pools.deployments = self.deployments
         self.history = self._start_history()
         self.orchestrator = self._start_orchestrator()
+        self.cost, self.recommender = await self._start_cost()
         from controlplane.controllers.autoscaler import AutoscalerController
         self.autoscaler = AutoscalerController(self.deployments, self.models, history=self.history,
                                                interval=self.cfg.autoscaler_interval_seconds,
@@ -272,7 +281,9 @@ class ControlPlane:
                 "DeploymentService": DeploymentService(self.deployments),
                 "EventService": EventService(self.event_log),
                 "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models),
-                "ForecastService": _forecast_service(self.history, self.cfg.prometheus_url)}
+                "ForecastService": _forecast_service(self.history, self.cfg.prometheus_url),
+                "PoolService": PoolService(self.pools),
+                "CostService": CostService(self.cost, self.recommender)}
         for name, sw in self.switches.items():
             sw.target = real[name]
             sw.reader = None
@@ -287,6 +298,19 @@ class ControlPlane:
         metrics.LEADER.set(1)
         metrics.ELECTIONS.inc()
         log(logger, logging.INFO, "leading", advertise=self.advertise)
+
+    async def _start_cost(self):
+        """The cost accountant (controlplane/cost/) with its ledger in history.db, and the recommender."""
+        from controlplane.cost.accountant import CostAccountant
+        from controlplane.cost.ledger import CostLedger
+        from controlplane.cost.recommender import Recommender
+        ledger = CostLedger(str(self.state_dir / "history.db"), keep=self.cfg.cost_retention_days * 86400.0)
+        acc = CostAccountant(self.ctl, self.deployments, ledger, self.cfg.price_table(),
+                             interval=self.cfg.cost_interval_seconds, history=self.history)
+        await acc.load()
+        acc.start()
+        return acc, Recommender(self.ctl, self.deployments, self.migrations, acc,
+                                min_observed=self.cfg.cost_recommend_observe_seconds)
 
     def _start_history(self):
         """The history recorder (controlplane/forecast/) fed by telemetry, deployments and Allocate; None when off."""
@@ -353,6 +377,8 @@ class ControlPlane:
                 await self.deployments.stop()
             if getattr(self, "workloads", None) is not None:
                 await self.workloads.stop()
+            if getattr(self, "cost", None) is not None:
+                await self.cost.stop()             # the last interval is charged and written
             if getattr(self, "history", None) is not None:
                 await self.history.stop()          # what is recorded is flushed to history.db
             if hasattr(self.ctl.recorder, "stop"):
@@ -404,7 +430,9 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (deployment_service_pb2, deployment_service_pb2_grpc, "DeploymentService"),
             (event_service_pb2, event_service_pb2_grpc, "EventService"),
             (servingview_service_pb2, servingview_service_pb2_grpc, "ServingViewService"),
-            (forecast_service_pb2, forecast_service_pb2_grpc, "ForecastService"))
+            (forecast_service_pb2, forecast_service_pb2_grpc, "ForecastService"),
+            (pool_service_pb2, pool_service_pb2_grpc, "PoolService"),
+            (cost_service_pb2, cost_service_pb2_grpc, "CostService"))
 
 
 def _forecast_service(history, prometheus_url: str = ""):

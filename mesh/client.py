@@ -27,6 +27,8 @@ from mesh.migrationapi import MigrationApi
 from mesh.deployapi import DeploymentApi
 from mesh.eventapi import EventApi
 from mesh.forecastapi import ForecastApi
+from mesh.poolapi import PoolApi
+from mesh.costapi import CostApi
 from mesh.modelapi import ModelApi
 
 T = TypeVar("T")
@@ -113,7 +115,7 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, ForecastApi):
+class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, ForecastApi, PoolApi, CostApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

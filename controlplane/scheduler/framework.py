@@ -25,6 +25,8 @@ from controlplane.scheduler.types import (  # noqa: F401  (re-exported: plugins 
     Choice, Code, CycleState, Decision, FilterPlugin, GpuFilterPlugin, NormalizePlugin, Option, OptionsPlugin, Pick, Placement, PostFilterPlugin, PreFilterPlugin, Reasons, ReservePlugin, SUCCESS, ScorePlugin, Status, gpu_of, to_choices)
 from mesh.slicespec import SliceRequest
 
+POOL_LABEL = "gpumesh.pool"   # mesh/pools.py LABEL: the Pool plugin's GPU filter depends on it
+
 
 @dataclass(frozen=True)
 class _NodeVerdict:
@@ -324,7 +326,7 @@ class Framework:
 def request_key(req: SliceRequest, version: int) -> tuple:
     """The request's shape: every field a cacheable plugin may look at."""
     return (req.memory_bytes, req.compute_share, req.isolation, req.gpu_model, req.gpu_models, req.mig_profile,
-            req.count, req.topology, req.cpu_milli, req.host_memory_bytes, version)
+            req.count, req.topology, req.cpu_milli, req.host_memory_bytes, req.labels.get(POOL_LABEL), version)
 
 
 def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:

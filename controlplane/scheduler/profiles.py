@@ -21,7 +21,7 @@ from controlplane.scheduler.framework import Framework, Profile
 from mesh import config as mesh_config
 from controlplane.scheduler.plugins import REGISTRY
 
-FILTERS = ["NodeHealth", "GpuModel", "NodeResourcesFit", "TenantQuota", "AntiAffinity", "Preemption"]
+FILTERS = ["NodeHealth", "GpuModel", "NodeResourcesFit", "TenantQuota", "Pool", "AntiAffinity", "Preemption"]
 
 # name -> (score plugins with weights, extra constructor args)
 PROFILES: dict[str, tuple[dict[str, float], dict[str, dict]]] = {

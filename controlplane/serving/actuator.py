@@ -63,16 +63,23 @@ class Actuator:
     async def allocate(self, r: D.Replica, spec: D.DeploymentSpec, need: int) -> D.Replica:
         """A slice for `r`: spread from the deployment's other replicas' nodes when the fleet allows,
         else anywhere it fits."""
+        pool = getattr(getattr(self.ctl, "pools", None), "pools", {}).get(spec.pool) if spec.pool else None
         try:
-            req = deployspec.slice_request(spec, need, r.id, spread=True)
+            req = deployspec.slice_request(spec, need, r.id, spread=True, pool=pool)
             try:
                 _, slices = await self.ctl.allocate(req, request_id=r.id, no_wait=True)
             except errors.ResourceExhausted:
-                req = deployspec.slice_request(spec, need, r.id, spread=False)
+                req = deployspec.slice_request(spec, need, r.id, spread=False, pool=pool)
                 _, slices = await self.ctl.allocate(req, request_id=r.id + "-any", no_wait=True)
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
             await self.store.put_replica(n)
+            if spec.pool and "Pool" in str(e):
+                # the pool is the limit: an event on the deployment (repeats coalesce into one with a count)
+                why = next((part.strip() for part in str(e).split(";") if "Pool" in part), str(e))
+                self.ctl.recorder.emit("Deployment", spec.name, "Warning", "PoolExhausted",
+                                       f"replica {r.id}: {why}"[:500], tenant=spec.tenant,
+                                       source="deployment-controller")
             raise
         s = slices[0]
         n = self._copy(r, slice_id=s.id, allocation_id=s.allocation_id, node=s.node, gpu_uuid=s.gpu_uuid,

@@ -126,6 +126,7 @@ class DeploymentManager:
             raise errors.InvalidArgument.of("spec.model", f"no model {spec.model!r} in the registry",
                                             "a registered model (meshctl get models)") from None
         deployspec.check_fits(need, self.registry.gpu_models())
+        deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
         scaling.check(self, spec, variant, need, self.registry.get(spec.model))
         deployspec.slice_request(spec, need, "r-check", spread=True)   # tenant, labels, priority as slices take them
         spec.variant = variant.name
@@ -452,6 +453,13 @@ class DeploymentManager:
                     message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
             if ctype == "Draining":
                 reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
+            if ctype == "Available" and not status:
+                # the pool is the limit (docs/pools.md): say so where `describe deployment` shows it
+                held = next((r for r in replicas
+                             if r.state == D.REPLICA_STATE_PENDING and "PoolExhausted" in r.message), None)
+                if held is not None:
+                    why = held.message[held.message.index("PoolExhausted"):].split(";")[0]
+                    reason, message = "PoolExhausted", f"{message}; replica {held.id}: {why}"
             c = D.DeploymentCondition(type=ctype, status=status, reason=reason, message=message[:4000])
             prev = old.get(ctype)
             if prev is not None and prev.status == status:

@@ -28,6 +28,7 @@ VLLM_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 MIG_UTILIZATION = 0.9
 LABEL_DEPLOYMENT = "gpumesh.deployment"     # on the replicas' slices and workloads
 LABEL_REPLICA = "gpumesh.replica"
+LABEL_POOL = "gpumesh.pool"                  # mesh/pools.py LABEL: the pool the replica's slice draws from
 LABEL_SPREAD = "gpumesh.spread"              # only on replicas placed with anti-affinity (see slice_request)
 
 
@@ -104,12 +105,20 @@ def check_fits(need: int, gpu_models) -> None:
             f"concurrency, or pick a smaller variant")
 
 
-def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool) -> slicespec.SliceRequest:
+def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool,
+                  pool=None) -> slicespec.SliceRequest:
     """The SliceRequest of one replica: the need's memory, the deployment's labels plus its own, and
-    (`spread`) anti-affinity to the nodes of the deployment's other spread replicas."""
+    (`spread`) anti-affinity to the nodes of the deployment's other spread replicas. In a `pool` that allows
+    one isolation kind, an unspecified isolation asks for that kind."""
     labels = dict(spec.labels)
     labels.update({LABEL_DEPLOYMENT: spec.name, LABEL_REPLICA: replica_id})
-    s = types_pb2.SliceSpec(tenant=spec.tenant, memory_bytes=need, isolation=spec.isolation, count=1,
+    if spec.pool:
+        labels[LABEL_POOL] = spec.pool
+    isolation = spec.isolation
+    if not isolation and pool is not None:
+        from mesh import pools
+        isolation = pools.default_isolation(pool)
+    s = types_pb2.SliceSpec(tenant=spec.tenant, memory_bytes=need, isolation=isolation, count=1,
                             priority=spec.priority, labels=labels)
     if spread:
         # A separate label: a replica placed anywhere (no node free of the others) must not carry it, or the
@@ -117,6 +126,22 @@ def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bo
         s.labels[LABEL_SPREAD] = spec.name
         s.anti_affinity[LABEL_SPREAD] = spec.name
     return slicespec.validate(s)
+
+
+def check_pool(spec: D.DeploymentSpec, pool_store) -> None:
+    """spec.pool names an existing pool, and an isolation the spec insists on is one the pool allows."""
+    if not spec.pool:
+        return
+    known = getattr(pool_store, "pools", {}) if pool_store is not None else {}
+    pool = known.get(spec.pool)
+    if pool is None:
+        raise errors.InvalidArgument.of("spec.pool", f"no pool {spec.pool!r}",
+                                        ", ".join(sorted(known)) or "none defined yet (meshctl create pool)")
+    from mesh import pools
+    if spec.isolation and pool.selector.isolations and spec.isolation not in pool.selector.isolations:
+        raise errors.InvalidArgument.of("spec.isolation", f"pool {spec.pool!r} does not allow "
+                                        f"{pools.ISOLATIONS.get(spec.isolation, spec.isolation)}",
+                                        "|".join(pools.ISOLATIONS[i] for i in pool.selector.isolations))
 
 
 def gpu_memory_utilization(slice_memory: int, gpu_memory: int, isolation: int) -> float:

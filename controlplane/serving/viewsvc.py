@@ -42,6 +42,10 @@ def snapshot(ctl, deployments: DeploymentManager, models: ModelRegistry) -> V.Se
         m = models.models.get(name)
         if m is not None:
             view.models.append(m)
+    cost = getattr(ctl, "cost", None)
+    if cost is not None and view.models:
+        # per-model cost (controlplane/cost/accountant.py): the gateway's /metrics carries it
+        view.model_costs.extend(cost.model_costs([m.name for m in view.models]))
     for node, index in sorted(gpus):
         entry = ctl.fleet.nodes.get(node)
         if entry is None:

@@ -18,6 +18,7 @@
 | `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
 | `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
 | `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
+| `/gpumesh/v1/pools/<name>` | `gpumesh.v1.Pool` (selector, quota, generation; usage empty) | PoolService Create/Update/Delete (admin) |
 | `/gpumesh/v1/events/<event-id>` | `gpumesh.v1.Event` (object kind and name, tenant, type, reason, message, count, first and last time); expires after `events_retention_seconds`, at most `events_kept` of them | the leader's event recorder (controlplane/events/recorder.py), rewritten when the event repeats; deleted by the retention sweep |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
@@ -47,6 +48,7 @@ in their MigrationCommands; never part of a record the API returns; deleted when
 DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
 EVENTS = PREFIX + "events/"
+POOLS = PREFIX + "pools/"
 """durable events (controlplane/events/): bounded by age and count, expired by the retention sweep."""
 
 
@@ -116,3 +118,7 @@ def replica(deployment_name: str, replica_id: str) -> bytes:
 
 def event(event_id: str) -> bytes:
     return (EVENTS + event_id).encode()
+
+
+def pool(name: str) -> bytes:
+    return (POOLS + name).encode()

@@ -1,8 +1,11 @@
 """Prices per GPU-hour and a slice's share of its GPU.
 
 A slice pays its GPU's price times its share: a MIG instance its memory slices of eight (NVML's placement
-size, which is what it takes from other tenants), an MPS or time-share slice the larger of its compute share
-and its memory fraction, an exclusive slice the whole GPU. No I/O: the control plane's configuration gives
+size, which is what it takes from other tenants), an MPS slice the larger of its compute share and its memory
+fraction, a time-share slice its memory fraction (time-slicing hands every slice the whole GPU's compute in
+turns, and the scheduler gives a memory-sized time-share slice a compute share of 1.0: what it takes from the
+others is memory; its compute share only when its memory is not known), an exclusive slice the whole GPU.
+No I/O: the control plane's configuration gives
 the table, the accounting and the autoscaler's cost ceiling read it.
 """
 
@@ -76,6 +79,8 @@ def slice_share(isolation: int, gpu_model: str, *, profile: str = "", memory_byt
     memory_fraction = 0.0
     if model is not None and memory_bytes > 0:
         memory_fraction = memory_bytes / (model.memory_mib * 2**20)
+    if isolation == _TIMESHARE and memory_fraction > 0:
+        return max(0.0, min(1.0, memory_fraction))
     return max(0.0, min(1.0, max(float(compute_share), memory_fraction)))
 
 

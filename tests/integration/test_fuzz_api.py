@@ -24,8 +24,9 @@ from google.protobuf.descriptor import FieldDescriptor as FD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpumesh.v1 import (admin_service_pb2, deployment_service_pb2, mesh_service_pb2, migration_service_pb2,
-                        model_service_pb2, node_service_pb2, slice_service_pb2, workload_service_pb2)
+from gpumesh.v1 import (admin_service_pb2, cost_service_pb2, deployment_service_pb2, mesh_service_pb2,
+                        migration_service_pb2, model_service_pb2, node_service_pb2, pool_service_pb2,
+                        slice_service_pb2, workload_service_pb2)
 from mesh import tls
 from tests.integration.conftest import HOSTS, wait_for
 from tests.integration.secure import TOKENS, agent_channel, client, start
@@ -42,7 +43,7 @@ WAITING = {"Allocate", "Run", "Stop", "Connect", "Disconnect", "Release", "Logs"
            "Migrate", "Checkpoint", "Restore", "Resize"}
 CALLERS = ("admin", "team-a", "team-a", "team-b", "team-b", "viewer-a", None, "bad-token", "agent")
 SERVICES = (slice_service_pb2, workload_service_pb2, mesh_service_pb2, migration_service_pb2, admin_service_pb2,
-            node_service_pb2, model_service_pb2, deployment_service_pb2)
+            node_service_pb2, model_service_pb2, deployment_service_pb2, pool_service_pb2, cost_service_pb2)
 
 INT_RANGES = {FD.TYPE_INT32: (-2**31, 2**31 - 1), FD.TYPE_SINT32: (-2**31, 2**31 - 1), FD.TYPE_SFIXED32: (-2**31, 2**31 - 1),
               FD.TYPE_INT64: (-2**63, 2**63 - 1), FD.TYPE_SINT64: (-2**63, 2**63 - 1), FD.TYPE_SFIXED64: (-2**63, 2**63 - 1),

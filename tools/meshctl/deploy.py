@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--tenant", default="", help="the owning tenant (admins; tenants deploy for their own)")
     p.add_argument("--priority", type=_nonneg, default=0, help="slice priority (0-1000)")
+    p.add_argument("--pool", default="", help="the resource pool the replicas' slices come from (meshctl get pools)")
     p.add_argument("--wait", action="store_true", help="wait until every replica is READY")
     p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="(default 600)")
     p.set_defaults(func=run_deploy)
@@ -95,7 +96,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         d = mesh.deploy(args.model, replicas=args.replicas, name=args.name, variant=args.variant,
                         isolation=args.isolation, context=args.context, concurrency=args.concurrency,
                         gpu_layers=args.gpu_layers, labels=dict(args.label), tenant=args.tenant,
-                        priority=args.priority, device=args.device)
+                        priority=args.priority, device=args.device, pool=args.pool)
         from tools.meshctl.progress import for_args
         progress = for_args(args)              # quiet with -o json|yaml
         progress.step(f"deployment/{d.spec.name} created: {d.spec.replicas} replica(s) of {d.spec.model}/"

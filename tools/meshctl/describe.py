@@ -27,7 +27,8 @@ KINDS = {"node": "node", "nodes": "node", "no": "node",
          "slice": "slice", "slices": "slice", "sl": "slice",
          "workload": "workload", "workloads": "workload", "wl": "workload",
          "deployment": "deployment", "deployments": "deployment", "deploy": "deployment",
-         "migration": "migration", "migrations": "migration", "mig": "migration"}
+         "migration": "migration", "migrations": "migration", "mig": "migration",
+         "pool": "pool", "pools": "pool"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -166,7 +167,7 @@ def _forecasts(doc: dict, rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     kind = KINDS.get(args.kind.lower())
     if kind is None:
-        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment, migration)")
+        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment, migration, pool)")
     from tools.meshctl import describeforecast as dfc
     from tools.meshctl.forecast_live import duration
     from tools.meshctl.output import dump
@@ -183,6 +184,12 @@ def run(args: argparse.Namespace) -> int:
                 dfc.for_gpus, mesh, args.name, [g["index"] for g in doc["gpu_status"]], horizon))
             evs = _with_events(mesh, "", doc, args.output, "Node", args.name)
             text = (format_node(doc) + fc + evs) if table else dump(doc, args.output)
+        elif kind == "pool":
+            from mesh.poolapi import pool_to_dict
+            from tools.meshctl import pools
+            p = mesh.get_pool(args.name)
+            evs = ""
+            text = (pools.describe_pool(p) + evs) if table else dump(pool_to_dict(p), args.output)
         elif kind == "deployment":
             from mesh.deployapi import deployment_to_dict
             from tools.meshctl import deploy

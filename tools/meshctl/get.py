@@ -19,6 +19,7 @@ RESOURCES = {
     "replicas": "replicas", "replica": "replicas",
     "events": "events", "event": "events", "ev": "events",
     "policies": "policies", "policy": "policies", "hpa": "policies", "scalingpolicies": "policies",
+    "pools": "pools", "pool": "pools",
 }
 
 EPILOG = """\
@@ -26,7 +27,8 @@ resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload
            migrations (migration, mig), checkpoints (checkpoint, ck), models (model),
            deployments (deployment, deploy), replicas (replica: NAMEs are deployments),
            events (event, ev: what the control plane did and why),
-           policies (policy, hpa: deployments' scaling policies and the autoscaler's last decision)
+           policies (policy, hpa: deployments' scaling policies and the autoscaler's last decision),
+           pools (pool: resource pools with their usage)
 
 examples:
   meshctl get nodes
@@ -93,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
         from tools.meshctl import events
         with client(args) as mesh:
             return events.run(args, mesh)
+    if kind == "pools":
+        from tools.meshctl import pools
+        with client(args) as mesh:
+            items = [p for p in mesh.list_pools() if not args.names or p.name in args.names]
+        out(pools.format_pools(items, args.output))
+        return 0
     if kind == "models":
         from tools.meshctl import models
         with client(args) as mesh:

@@ -10,12 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.meshctl import (autoscale, bench, certs, cluster, deploy, describe, forecast, get, mesh, migrate, models,
-                           nodes, replay, sim, slices, top, workloads)
+from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, get, mesh, migrate,
+                           models, nodes, pools, replay, sim, slices, top, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
 GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, autoscale, bench, sim,
-          replay, forecast, certs, top)
+          replay, forecast, certs, top, pools, cost)
 
 EPILOG = """\
 examples:
@@ -32,6 +32,9 @@ examples:
   meshctl drain sim-node-02 --dry-run
   meshctl top                                           # live view (--once: one frame)
   meshctl model import /models/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-135m
+  meshctl create pool inference-a --gpu-model H100-80GB --max-slices 4
+  meshctl cost --by model --since 24h
+  meshctl recommend
   meshctl down
 
 The control plane address comes from --endpoint, then $MESH_ENDPOINT, then the

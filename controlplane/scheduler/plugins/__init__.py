@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from controlplane.scheduler.plugins import (antiaffinity, bestfit, fgd, gpumodel, nodehealth, noderesources,
-                                            packing, preemption, pressure, quota, random_score, spread, topology)
+                                            packing, pool, preemption, pressure, quota, random_score, spread, topology)
 
 REGISTRY = {m.NAME: m.Plugin for m in (antiaffinity, bestfit, fgd, gpumodel, nodehealth, noderesources,
-                                       packing, preemption, pressure, quota, random_score, spread, topology)}
+                                       packing, pool, preemption, pressure, quota, random_score, spread, topology)}

@@ -40,7 +40,7 @@ class BackendSettings(_message.Message):
     def __init__(self, context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority", "restart_stamp", "scaling")
+    __slots__ = ("name", "model", "variant", "replicas", "isolation", "backend", "labels", "tenant", "priority", "restart_stamp", "scaling", "pool")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class DeploymentSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     RESTART_STAMP_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     variant: str
@@ -70,7 +71,8 @@ class DeploymentSpec(_message.Message):
     priority: int
     restart_stamp: str
     scaling: _scaling_pb2.ScalingPolicy
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., restart_stamp: _Optional[str] = ..., scaling: _Optional[_Union[_scaling_pb2.ScalingPolicy, _Mapping]] = ...) -> None: ...
+    pool: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., restart_stamp: _Optional[str] = ..., scaling: _Optional[_Union[_scaling_pb2.ScalingPolicy, _Mapping]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("id", "deployment", "state", "endpoint", "slice_id", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "memory_bytes", "workload_id", "restarts", "message", "created_at", "ready_at", "last_crash_at", "next_start_at", "allocation_id", "template", "load")

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from gpumesh.v1 import cost_service_pb2 as _cost_service_pb2
 from gpumesh.v1 import deployment_service_pb2 as _deployment_service_pb2
 from gpumesh.v1 import model_service_pb2 as _model_service_pb2
 from gpumesh.v1 import types_pb2 as _types_pb2
@@ -21,15 +22,17 @@ class WatchServingViewRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class ServingView(_message.Message):
-    __slots__ = ("deployments", "models", "gpus", "at", "sequence")
+    __slots__ = ("deployments", "models", "gpus", "at", "sequence", "model_costs")
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_COSTS_FIELD_NUMBER: _ClassVar[int]
     deployments: _containers.RepeatedCompositeFieldContainer[_deployment_service_pb2.Deployment]
     models: _containers.RepeatedCompositeFieldContainer[_model_service_pb2.Model]
     gpus: _containers.RepeatedCompositeFieldContainer[_types_pb2.GpuStatus]
     at: _timestamp_pb2.Timestamp
     sequence: int
-    def __init__(self, deployments: _Optional[_Iterable[_Union[_deployment_service_pb2.Deployment, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[_model_service_pb2.Model, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.GpuStatus, _Mapping]]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    model_costs: _containers.RepeatedCompositeFieldContainer[_cost_service_pb2.ModelCost]
+    def __init__(self, deployments: _Optional[_Iterable[_Union[_deployment_service_pb2.Deployment, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[_model_service_pb2.Model, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.GpuStatus, _Mapping]]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., model_costs: _Optional[_Iterable[_Union[_cost_service_pb2.ModelCost, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,156 @@
+"""Consolidation on the live fleet: gathers the facts mesh/cost/recommend.py reasons over (replicas with their
+measured peaks from the accountant, warm slices, GPUs) and, asked to apply, carries the recommendations out
+one at a time with the control plane's own machinery, stopping at the first failure:
+
+- resize: MigrationManager.resize (controlplane/controllers/resize.py: in place for MPS/time-share when the
+  GPU has room, else by migration; the replica's backend keeps running);
+- idle-replica: DeploymentManager.scale (one replica fewer; the controller removes one);
+- idle-warm: Controller.release of the warm slice;
+- pack: MigrationManager.migrate of each slice's workload to the receiving node;
+- share-mps: not applied (it needs the deployments recreated with MPS isolation): reported as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from controlplane.cost.accountant import CostAccountant
+from controlplane.serving import deployspec
+from gpumesh.v1 import cost_service_pb2 as C
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import types_pb2 as W
+from mesh import errors
+from mesh.cost import recommend as R
+from mesh.cost import slice_share
+from mesh.cost.accounting import is_warm_labels
+from mesh.logs import log
+from mesh.models import vram
+
+logger = logging.getLogger(__name__)
+ISO = {1: "mig", 2: "mps", 3: "timeshare", 4: "exclusive"}
+
+
+class Recommender:
+    def __init__(self, ctl, deployments, migrations, accountant: CostAccountant, min_observed: float = 3600.0,
+                 clock=time.time) -> None:
+        self.ctl = ctl
+        self.deployments = deployments
+        self.migrations = migrations
+        self.acc = accountant
+        self.min_observed = min_observed
+        self.clock = clock
+
+    # -- facts --------------------------------------------------------------------------------
+
+    def _need(self, d: D.Deployment, concurrency: int) -> int:
+        variant, _ = self.deployments._resolve(d.spec)
+        return vram.vram(deployspec.BACKEND_KINDS[variant.backend], variant.weight_bytes,
+                         variant.kv_bytes_per_token, deployspec.context_of(d.spec, variant), concurrency).total_bytes
+
+    def facts(self) -> tuple[list[R.ReplicaFacts], list[R.WarmSlice], list[R.GpuFacts]]:
+        now = self.clock()
+        prices = self.acc.prices
+        replicas = []
+        st = self.deployments.store
+        for name, d in st.deployments.items():
+            reps = list(st.replicas.get(name, {}).values())
+            ready = [r for r in reps if r.state == D.REPLICA_STATE_READY]
+            for r in reps:
+                s = self.ctl.fleet.slices.get(r.slice_id) if r.slice_id else None
+                if s is None:
+                    continue
+                first, peak, last_active = self.acc.observed.get(r.id, [now, 0.0, now])
+                sized = max(1, d.spec.backend.concurrency or 1)
+                try:
+                    need = self._need(d, sized)
+                    peak_need = self._need(d, max(1, math.ceil(peak)))
+                except (errors.MeshError, ValueError):
+                    continue
+                share = slice_share(int(s.isolation), s.gpu_model, profile=s.profile,
+                                    memory_bytes=int(s.memory_bytes), compute_share=float(s.compute_share))
+                replicas.append(R.ReplicaFacts(
+                    name, r.id, s.id, s.node, s.gpu_index, s.gpu_model, ISO.get(s.isolation, ""), s.profile,
+                    s.memory_bytes, share, prices.gpu_hour(s.gpu_model), sized, need, peak, peak_need, now - first,
+                    ready=r.state == D.REPLICA_STATE_READY, idle=now - last_active >= self.min_observed,
+                    ready_peers=len(ready) - (1 if r in ready else 0)))
+        warm = []
+        for s in self.ctl.fleet.slices.values():
+            if is_warm_labels(s.labels):
+                share = slice_share(int(s.isolation), s.gpu_model, profile=s.profile,
+                                    memory_bytes=int(s.memory_bytes), compute_share=float(s.compute_share))
+                created = s.created_at.seconds + s.created_at.nanos / 1e9
+                warm.append(R.WarmSlice(s.id, s.node, s.gpu_model, share, prices.gpu_hour(s.gpu_model), now - created))
+        running = {w.slice_id: w.id for w in self.migrations.wm.workloads.values()
+                   if w.state == W.WORKLOAD_STATE_RUNNING}
+        gpus = []
+        for e in self.ctl.fleet.nodes.values():
+            for g in e.gpus:
+                sl = [(s.id, s.memory_bytes, running.get(s.id, "")) for s in g.slices.values()]
+                gpus.append(R.GpuFacts(e.name, g.index, g.model.name, g.memory_bytes, prices.gpu_hour(g.model.name),
+                                       g.sharing or "", tuple(sl), g.allocated_memory))
+        return replicas, warm, gpus
+
+    def recommend(self, kinds=()) -> list[R.Rec]:
+        try:
+            return R.recommend(*self.facts(), min_observed=self.min_observed, kinds=tuple(kinds))
+        except ValueError as e:
+            raise errors.InvalidArgument.of("kinds", str(e).split(": ", 1)[-1], ", ".join(R.KINDS)) from None
+
+    # -- applying -----------------------------------------------------------------------------
+
+    async def apply_one(self, rec: R.Rec) -> str:
+        if rec.kind == "resize":
+            s = await self.migrations.resize(rec.slice_id, rec.memory_bytes, rec.compute_share, rec.profile)
+            self._sync_replica(rec, s)
+            return "applied"
+        if rec.kind == "idle-replica":
+            d = self.deployments.store.get(rec.deployment)
+            await self.deployments.scale(rec.deployment, max(0, d.spec.replicas - 1))
+            return "applied"
+        if rec.kind == "idle-warm":
+            await self.ctl.release(rec.slice_id, wait=False, message="released as idle by meshctl recommend --apply")
+            return "applied"
+        if rec.kind == "pack":
+            for sid, wid, node, _index in rec.moves:
+                if not wid:
+                    raise errors.FailedPrecondition(f"slice {sid} runs no workload to migrate")
+                await self.migrations.migrate(wid, to_node=node, reason="consolidation (meshctl recommend --apply)")
+            return "applied"
+        return "skipped: recreate the deployments with isolation mps (not automatic)"
+
+    def _sync_replica(self, rec: R.Rec, s) -> None:
+        """The replica's record follows its slice's new size (the next controller pass would not look)."""
+        reps = self.deployments.store.replicas.get(rec.deployment, {})
+        r = reps.get(rec.replica)
+        if r is not None and s is not None and s.id == r.slice_id and s.memory_bytes != r.memory_bytes:
+            n = D.Replica()
+            n.CopyFrom(r)
+            n.memory_bytes, n.profile = s.memory_bytes, s.profile
+            self.deployments.store.replicas[rec.deployment][rec.replica] = n
+
+    async def run(self, apply: bool, limit: int = 0, kinds=(), slice_id: str = "") -> C.RecommendResponse:
+        recs = [r for r in self.recommend(kinds) if not slice_id or r.slice_id == slice_id]
+        out = C.RecommendResponse()
+        for rec in recs:
+            m = out.recommendations.add(kind=rec.kind, deployment=rec.deployment, replica=rec.replica,
+                                        slice_id=rec.slice_id, node=rec.node, action=rec.action, target=rec.target,
+                                        saving_per_day=round(rec.saving_per_day, 4), risk=rec.risk)
+            out.saving_per_day += m.saving_per_day
+            if not apply or out.stopped or (limit and out.applied >= limit):
+                continue
+            try:
+                m.result = await self.apply_one(rec)
+            except errors.MeshError as e:
+                m.result = f"failed: {e}"
+                out.stopped = True
+            if m.result == "applied":
+                out.applied += 1
+            log(logger, logging.INFO if not out.stopped else logging.WARNING, "recommendation carried out",
+                kind=rec.kind, slice=rec.slice_id, deployment=rec.deployment, result=m.result)
+            self.ctl.recorder.emit("Deployment" if rec.deployment else "Slice", rec.deployment or rec.slice_id,
+                                   "Normal" if m.result == "applied" else "Warning", "Consolidated",
+                                   f"{rec.action}: {m.result}; saves ${rec.saving_per_day:.2f}/day"[:500],
+                                   source="cost-recommender")
+        return out

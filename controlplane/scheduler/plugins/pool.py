@@ -1,0 +1,90 @@
+"""Pool: a request labelled with a resource pool (mesh/pools.py LABEL) goes only to GPUs the pool selects
+(GPU models, isolation kinds, node labels) and only while the pool's quota has room; a refusal names the
+pool and the limit ("PoolExhausted: pool "a" quota max_slices=2 reached").
+
+The pools are handed in by the pool store (controlplane/pools/store.py `attach`), which also calls
+`on_change` (the framework's cache invalidation) when one changes. A request of a pool this plugin does not
+know is refused (the pool was deleted after the deployment was made)."""
+
+from __future__ import annotations
+
+from controlplane.state.fleet import Fleet, GpuState, NodeEntry
+from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
+from mesh import pools as P
+from mesh.cost import PriceTable
+from mesh.models import vram
+from mesh.slicespec import SliceRequest
+
+NAME = "Pool"
+
+
+class Plugin:
+    NAME = NAME
+    cacheable = False      # node labels are not in the node's signature
+
+    def __init__(self) -> None:
+        self.pools: dict = {}              # name -> gpumesh.v1.Pool
+        self.prices = PriceTable()
+        self.on_change = None              # set by the framework
+
+    def set_pools(self, pools: dict, prices: PriceTable | None = None) -> None:
+        self.pools = pools
+        if prices is not None:
+            self.prices = prices
+        if self.on_change is not None:
+            self.on_change()
+
+    def relevant(self, req: SliceRequest) -> bool:
+        return P.LABEL in req.labels
+
+    def _pool(self, req: SliceRequest):
+        name = req.labels.get(P.LABEL)
+        return None if name is None else self.pools.get(name)
+
+    def estimate(self, pool, req: SliceRequest, fleet: Fleet) -> tuple[float, float]:
+        """The least (GPU-equivalents, dollars per hour) one slice of `req` can take on the pool's GPU
+        models present in the fleet (its share depends on the GPU it lands on)."""
+        models = {g.model.name: g.model for e in fleet.nodes.values() for g in e.gpus
+                  if not pool.selector.gpu_models or g.model.name in pool.selector.gpu_models}
+        best: tuple[float, float] | None = None
+        for m in models.values():
+            fit = vram.slice_for(req.memory_bytes, m) if req.memory_bytes else None
+            if req.isolation == "exclusive" or fit is None:
+                share = req.compute_share or 1.0
+            elif fit.mig_profile and req.isolation in (None, "mig"):
+                share = m.profile(fit.mig_profile).memory_slices / 8
+            else:
+                share = max(req.compute_share, req.memory_bytes / (m.memory_mib * 2**20))
+            share = min(1.0, share)
+            cand = (share, share * self.prices.gpu_hour(m.name))
+            if best is None or cand[1] < best[1] or (cand[1] == best[1] and cand[0] < best[0]):
+                best = cand
+        return best or (0.0, 0.0)
+
+    def pre_filter(self, state: CycleState, req: SliceRequest, fleet: Fleet) -> Status:
+        name = req.labels.get(P.LABEL)
+        if name is None:
+            return SUCCESS
+        pool = self.pools.get(name)
+        if pool is None:
+            return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", f"PoolNotFound: no pool {name!r}"),), NAME)
+        used = P.usage(name, fleet.slices.values(), self.prices)
+        gpus, dollars = self.estimate(pool, req, fleet)
+        why = P.refusal(pool, used, req.count, req.memory_bytes * req.count, gpus * req.count, dollars * req.count)
+        if why is not None:
+            return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", why),), NAME)
+        return SUCCESS
+
+    def filter(self, state: CycleState, req: SliceRequest, node: NodeEntry) -> Status:
+        pool = self._pool(req)
+        if pool is None or P.selects_node(pool, node.record.inventory.labels):
+            return SUCCESS
+        why = f"node:not in pool {pool.name!r} (node labels)"
+        return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE,
+                      tuple((g.model.name, why[5:]) for g in node.gpus) or (("host", why),), NAME)
+
+    def filter_gpu(self, req: SliceRequest, gpu: GpuState) -> str | None:
+        pool = self._pool(req)
+        if pool is None:
+            return None
+        return P.selects_gpu(pool, gpu.model.name, gpu.mig_enabled, req.isolation)

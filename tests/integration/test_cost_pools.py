@@ -1,0 +1,326 @@
+"""Resource pools, cost accounting and consolidation on a real local cluster: etcd, the control plane, two
+simulated H100 hosts' agents (no MIG: replicas get MPS shares), and real llama.cpp servers loading the real
+SmolLM2-135M GGUF.
+
+- a pool's quota limits a deployment: the replica beyond it stays PENDING with the pool named, in its
+  message and an event, PoolService.Get reports the usage and no room; raising the quota lets it through;
+- `meshctl cost` adds up to the slice-seconds the cluster ran, checked against the slice records' creation
+  times and the release time (within one accounting interval), also across a control-plane restart;
+- `meshctl recommend --apply` moves a replica sized for 4 sequences, measured at 1, to a smaller slice,
+  and the deployment answers a completion before, during and after; the gateway's /metrics carries the
+  model's cost;
+- an idle warm slice is counted apart and released by `recommend --apply --kind idle-warm`; two idle READY
+  replicas are counted as idle replica cost and `recommend --apply --kind idle-replica` scales the deployment
+  down by one, never to zero;
+- the autoscaler scales a pooled deployment within the pool's room and says so (bound_by pool, PoolLimit).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from mesh import errors
+from tests.integration.conftest import wait_for
+from tests.models_util import smollm2_gguf
+from tools.localcluster import LocalCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+HOSTS = [{"node": "gpu-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": False}]},
+         {"node": "gpu-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": False}]}]
+READY = D.REPLICA_STATE_READY
+SLOW = 240
+INTERVAL = 1.0          # the accountant's interval in this cluster
+PRICE = 2.49            # H100-80GB's default price (gpu_prices)
+
+
+def _need_llama():
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
+        pytest.skip("llama-cpp-python[server] is not installed (pip install 'gpumesh[serving]')")
+    if importlib.util.find_spec("httpx") is None:
+        pytest.skip("httpx is not installed (pip install 'gpumesh[serving]')")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+    c = LocalCluster(tmp_path_factory.mktemp("cost"), HOSTS, lease_ttl=3, agents_per_process=1, env=env, gateway=True,
+                     controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
+                                        "2", "--cost-interval-seconds", str(INTERVAL),
+                                        "--cost-recommend-observe-seconds", "4",
+                                        "--autoscaler-interval-seconds", "0.5"])
+    c.start(timeout=90)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(cluster):
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def smollm2(mesh):
+    _need_llama()
+    from mesh.models import importer
+    v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
+    return mesh.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
+
+
+def meshctl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "--endpoint", cluster.endpoint, *args],
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"meshctl {' '.join(args)} failed ({p.returncode}): {p.stderr}{p.stdout}")
+    return p
+
+
+def completion(endpoint: str, prompt: str = "The capital of France is") -> str:
+    import httpx
+    r = httpx.post(f"http://{endpoint}/v1/completions", timeout=120,
+                   json={"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
+def _ts(t) -> float:
+    return t.seconds + t.nanos / 1e9
+
+
+def test_bad_pools_and_unknown_pool_are_refused(cluster, mesh, smollm2):
+    p = meshctl(cluster, "create", "pool", "bad", "--gpu-model", "H900", check=False)
+    assert p.returncode != 0 and "pool.selector.gpu_models[0]" in p.stderr and "H100-80GB" in p.stderr
+    p = meshctl(cluster, "create", "pool", "bad", "--max-slices", "-1", check=False)
+    assert p.returncode != 0 and "pool.quota.max_slices" in p.stderr
+    with pytest.raises(errors.InvalidArgument) as e:
+        mesh.deploy("smollm2", name="nopool", pool="missing", context=512)
+    assert e.value.field == "spec.pool"
+    p = meshctl(cluster, "cost", "--by", "gpu", check=False)
+    assert p.returncode != 0 and "--by" in p.stderr and "tenant" in p.stderr
+    p = meshctl(cluster, "cost", "--since", "yesterday", check=False)
+    assert p.returncode != 0 and "--since" in p.stderr
+
+
+def test_pool_quota_limits_a_deployment(cluster, mesh, smollm2):
+    meshctl(cluster, "create", "pool", "inference-a", "--gpu-model", "H100-80GB", "--isolation", "mps",
+            "--max-slices", "1")
+    mesh.deploy("smollm2", name="pooled", replicas=2, context=512, pool="inference-a")
+
+    def one_ready_one_refused():
+        d = mesh.get_deployment("pooled")
+        ready = [r for r in d.replicas if r.state == READY]
+        pending = [r for r in d.replicas if r.state == D.REPLICA_STATE_PENDING]
+        return (d, pending[0]) if len(ready) == 1 and pending and "PoolExhausted" in pending[0].message else None
+    d, pending = wait_for(one_ready_one_refused, SLOW, "one replica READY, the other refused by the pool", interval=0.5)
+    assert 'pool "inference-a" quota max_slices=1 reached' in pending.message
+    ready = next(r for r in d.replicas if r.state == READY)
+    assert ready.isolation == 2          # MPS: the pool's only isolation kind, though the spec left it unspecified
+    avail = wait_for(lambda: next((c for c in mesh.get_deployment("pooled").status.conditions
+                                   if c.type == "Available" and c.reason == "PoolExhausted"), None),
+                     30, "the Available condition naming the pool")
+    assert not avail.status and 'pool "inference-a"' in avail.message
+    p = mesh.get_pool("inference-a")
+    assert p.usage.slices == 1 and p.usage.available_slices == 0 and list(p.usage.deployments) == ["pooled"]
+    assert p.usage.capacity_gpus == 2 and p.usage.dollars_per_hour > 0
+    evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="pooled")
+                            if e.reason == "PoolExhausted"], 30, "a PoolExhausted event")
+    assert "inference-a" in evs[0].message
+    table = meshctl(cluster, "get", "pools").stdout
+    assert "inference-a" in table and "1/1" in table and "pooled" in table
+    desc = meshctl(cluster, "describe", "pool", "inference-a").stdout
+    assert "Deployments:   pooled" in desc and "max_slices:           1" in desc
+    # still refused after a while (not a race): then a larger quota lets the second replica through
+    time.sleep(3)
+    assert sum(r.state == READY for r in mesh.get_deployment("pooled").replicas) == 1
+    meshctl(cluster, "update", "pool", "inference-a", "--max-slices", "2")
+    assert mesh.get_pool("inference-a").selector.isolations == [2]          # the other fields kept
+    wait_for(lambda: mesh.get_deployment("pooled").status.ready_replicas == 2, SLOW, "both replicas READY")
+    with pytest.raises(errors.FailedPrecondition, match="pooled"):
+        mesh.delete_pool("inference-a")
+    mesh.undeploy("pooled")
+    wait_for(lambda: not mesh.get_pool("inference-a").usage.slices, 60, "the pool's slices released")
+    wait_for(lambda: _deleted(mesh, "inference-a"), 60, "the pool deleted once unused")
+
+
+def _deleted(mesh, name) -> bool:
+    try:
+        mesh.delete_pool(name)
+        return True
+    except errors.FailedPrecondition:
+        return False
+
+
+def test_cost_adds_up_to_slice_seconds(cluster, mesh):
+    a = mesh.allocate(tenant="team-cost", memory_bytes=16 * 2**30, isolation="mps").slices[0]
+    b = mesh.allocate(tenant="team-cost", memory_bytes=8 * 2**30, isolation="mps").slices[0]
+    time.sleep(4)
+    mesh.release(b.allocation_id)
+    released_b = time.time()
+    wait_for(lambda: b.id not in {s.id for s in mesh.list_slices(tenant="team-cost")}, 60, "slice b gone")
+    time.sleep(3)
+
+    def lines():
+        doc = json.loads(meshctl(cluster, "cost", "--by", "slice", "--since", "1h", "-o", "json").stdout)
+        return {ln["key"]: ln for ln in doc["lines"]}, doc
+    got, doc = lines()
+    now = time.time()
+    assert doc["interval_seconds"] == INTERVAL
+    ran_a = now - _ts(a.created_at)
+    ran_b = released_b - _ts(b.created_at)
+    slack = INTERVAL + 1.0        # one accounting interval, plus the command's own time
+    assert ran_a - slack <= got[a.id]["slice_seconds"] <= ran_a + 0.5, (got[a.id], ran_a)
+    assert ran_b - slack <= got[b.id]["slice_seconds"] <= ran_b + slack, (got[b.id], ran_b)
+    # dollars are GPU-seconds (seconds x share) at the H100's price
+    for ln in (got[a.id], got[b.id]):
+        assert ln["dollars"] == pytest.approx(ln["gpu_seconds"] * PRICE / 3600, rel=1e-6)
+        assert 0 < ln["gpu_seconds"] < ln["slice_seconds"]
+    assert got[a.id]["gpu_seconds"] / got[a.id]["slice_seconds"] == pytest.approx(16 / 79.6, rel=0.05)
+    # by tenant: the same total
+    by_tenant = {ln["key"]: ln for ln in json.loads(
+        meshctl(cluster, "cost", "--by", "tenant", "--since", "1h", "-o", "json").stdout)["lines"]}
+    assert by_tenant["team-cost"]["slice_seconds"] >= got[a.id]["slice_seconds"] + got[b.id]["slice_seconds"] - 0.01
+    assert by_tenant["team-cost"]["dollars_per_hour"] == pytest.approx(
+        16 * 2**30 / (81559 * 2**20) * PRICE, rel=0.02)      # only a is live
+    text = urllib.request.urlopen(f"http://{cluster.metrics_endpoint}/metrics", timeout=10).read().decode()
+    assert 'gpumesh_cost_dollars_total{deployment="",model="",node="' in text and 'tenant="team-cost"' in text
+
+    # a control-plane restart loses nothing of a live slice: the time it was down is charged after it
+    before = got[a.id]["slice_seconds"]
+    cluster.restart_controlplane()
+    mesh_after = cluster.client()
+    try:
+        time.sleep(3 * INTERVAL)
+        doc = mesh_after.get_cost(by="slice", since_seconds=3600)
+        after = next(ln for ln in doc.lines if ln.key == a.id)
+        ran_a = time.time() - _ts(a.created_at)
+        assert after.slice_seconds > before
+        assert ran_a - slack - 1 <= after.slice_seconds <= ran_a + 0.5, (after.slice_seconds, ran_a)
+        mesh_after.release(a.allocation_id)
+    finally:
+        mesh_after.close()
+
+
+def test_recommend_apply_resizes_a_replica(cluster, smollm2):
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as mesh:
+        mesh.deploy("smollm2", name="chat", replicas=1, context=512, concurrency=4, isolation="mps")
+        d = mesh.wait_deployment("chat", lambda x: x.status.ready_replicas == 1, timeout=SLOW)
+        r = d.replicas[0]
+        assert completion(r.endpoint)                                    # before
+        big = mesh.get_slice(r.slice_id).memory_bytes
+
+        def recommended():
+            resp = mesh.recommend(kinds=["resize"])
+            return next((x for x in resp.recommendations if x.replica == r.id), None)
+        rec = wait_for(recommended, 120, "a resize recommendation for the replica", interval=1.0)
+        assert rec.saving_per_day > 0 and "sized for 4 sequence(s)" in rec.risk
+        answered, stop = [], threading.Event()
+
+        def keep_asking():
+            while not stop.is_set():
+                answered.append(bool(completion(r.endpoint, "Hello")))
+        t = threading.Thread(target=keep_asking, daemon=True)
+        t.start()
+        try:
+            p = meshctl(cluster, "recommend", "--apply", "--kind", "resize", "-o", "json")   # during
+        finally:
+            stop.set()
+            t.join(180)
+        doc = json.loads(p.stdout)
+        mine = next(x for x in doc["recommendations"] if x["replica"] == r.id)
+        assert mine["result"] == "applied" and doc["applied"] >= 1 and not doc["stopped"]
+        small = mesh.get_slice(r.slice_id).memory_bytes
+        assert small < big
+        assert answered and all(answered)
+        d = mesh.get_deployment("chat")
+        assert d.status.ready_replicas == 1 and d.replicas[0].id == r.id
+        assert completion(d.replicas[0].endpoint)                        # after
+        table = meshctl(cluster, "cost", "--by", "deployment", "--since", "1h").stdout
+        assert "chat" in table
+
+        # the gateway's /metrics carries the model's cost (from the serving view it follows)
+        def gateway_cost():
+            text = urllib.request.urlopen(f"{cluster.gateway_url}/metrics", timeout=10).read().decode()
+            for line in text.splitlines():
+                if line.startswith('gpumesh_gateway_model_cost_dollars_per_hour{model="smollm2"}'):
+                    return float(line.split()[-1]) > 0
+            return False
+        wait_for(gateway_cost, 60, "the gateway's per-model cost gauge", interval=1.0)
+        mesh.undeploy("chat")
+
+
+def test_idle_warm_slice_is_counted_apart_and_released_by_recommend(cluster, mesh):
+    """A warm slice (labelled gpumesh.io/warm=true, as the orchestrator pre-carves them) is charged as idle warm, and
+    `meshctl recommend --apply --kind idle-warm` releases it."""
+    w = mesh.allocate(tenant="team-warm", memory_bytes=8 * 2**30, isolation="mps",
+                      labels={"gpumesh.io/warm": "true"}).slices[0]
+    time.sleep(5)
+    doc = json.loads(meshctl(cluster, "cost", "--by", "tenant", "--since", "1h", "-o", "json").stdout)
+    ln = next(x for x in doc["lines"] if x["key"] == "team-warm")
+    assert ln["dollars"] > 0 and ln["idle_warm_dollars"] == pytest.approx(ln["dollars"])
+    assert ln["idle_replica_dollars"] == 0
+    p = meshctl(cluster, "recommend", "--apply", "--kind", "idle-warm", "-o", "json")
+    rec = next(x for x in json.loads(p.stdout)["recommendations"] if x["slice_id"] == w.id)
+    assert rec["result"] == "applied" and rec["saving_per_day"] > 0 and "unclaimed" in rec["risk"]
+    wait_for(lambda: w.id not in {s.id for s in mesh.list_slices(tenant="team-warm")}, 60, "the warm slice released")
+
+
+def test_idle_replica_is_scaled_away_by_recommend(cluster, smollm2):
+    """Two READY replicas that serve nothing: their time is counted as idle replica cost, and `recommend --apply
+    --kind idle-replica` scales the deployment down by one (never to zero), the other still answering."""
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as mesh:
+        mesh.deploy("smollm2", name="quiet", replicas=2, context=512, isolation="mps")
+        mesh.wait_deployment("quiet", lambda x: x.status.ready_replicas == 2, timeout=SLOW)
+
+        def idle_cost():
+            doc = json.loads(meshctl(cluster, "cost", "--by", "deployment", "--since", "1h", "-o", "json").stdout)
+            ln = next((x for x in doc["lines"] if x["key"] == "quiet"), None)
+            return ln if ln is not None and ln["idle_replica_dollars"] > 0 else None
+        ln = wait_for(idle_cost, 60, "idle replica cost of the quiet deployment", interval=1.0)
+        assert ln["idle_replica_dollars"] <= ln["dollars"]
+
+        def recommended():
+            return [x for x in mesh.recommend(kinds=["idle-replica"]).recommendations if x.deployment == "quiet"]
+        recs = wait_for(recommended, 120, "an idle-replica recommendation", interval=1.0)
+        assert len(recs) == 1 and "other READY replica" in recs[0].risk          # never the last one
+        p = meshctl(cluster, "recommend", "--apply", "--kind", "idle-replica", "-o", "json")
+        mine = next(x for x in json.loads(p.stdout)["recommendations"] if x["deployment"] == "quiet")
+        assert mine["result"] == "applied"
+        d = wait_for(lambda: (lambda x: x if len(x.replicas) == 1 and x.status.ready_replicas == 1 else None)(
+            mesh.get_deployment("quiet")), 120, "scaled down to one READY replica")
+        assert d.spec.replicas == 1
+        assert completion(d.replicas[0].endpoint)
+        mesh.undeploy("quiet")
+
+
+def test_autoscaler_scales_within_the_pool_and_says_so(cluster, smollm2):
+    """A policy that wants two replicas of a deployment whose pool holds one: the autoscaler stays at one, its
+    decision says bound_by pool, and a PoolLimit event names the pool."""
+    from mesh import scalingpolicy
+    from mesh.client import MeshClient
+    with MeshClient(cluster.endpoint, timeout=30) as mesh:
+        mesh.create_pool({"name": "scaled", "selector": {"isolations": ["mps"]}, "quota": {"max_slices": 1}})
+        mesh.deploy("smollm2", name="grow", replicas=1, context=512, pool="scaled")
+        mesh.wait_deployment("grow", lambda x: x.status.ready_replicas == 1, timeout=SLOW)
+        mesh.set_scaling("grow", scalingpolicy.build(min_replicas=2, max_replicas=3, target=4))
+        d = wait_for(lambda: (lambda x: x if x.status.autoscaler.bound_by == "pool" else None)(
+            mesh.get_deployment("grow")), 60, "the autoscaler's decision bound by the pool", interval=0.5)
+        assert d.spec.replicas == 1 and "pool has room for 0 more" in d.status.autoscaler.reason
+        evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="grow")
+                                if e.reason == "PoolLimit"], 30, "a PoolLimit event")
+        assert "'scaled'" in evs[0].message
+        mesh.undeploy("grow")
+        wait_for(lambda: _deleted(mesh, "scaled"), 60, "the pool deleted once unused")
