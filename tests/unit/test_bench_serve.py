@@ -122,3 +122,15 @@ def test_process_tree_and_signals():
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_gateway_args_become_checked_gateway_settings():
+    from tools.meshctl.bench_serve import gateway_settings
+    env = gateway_settings(["weight_failures=4", "critical-overflow=false", "queue_size=10"])
+    assert env == {"MESH_GATEWAY_WEIGHT_FAILURES": "4", "MESH_GATEWAY_CRITICAL_OVERFLOW": "false",
+                   "MESH_GATEWAY_QUEUE_SIZE": "10"}
+    for bad, words in ((["nokey"], "not KEY=VALUE"), (["magic=1"], "'magic' is not a gateway setting"),
+                       (["weight_failures=lots"], "weight_failures"), (["policy=round-robin"], "set by the bench"),
+                       (["queue_size=-3"], "queue_size")):
+        with pytest.raises(CliError, match=words):
+            gateway_settings(bad)
