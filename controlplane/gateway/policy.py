@@ -235,7 +235,9 @@ class GpuAware(Policy):
             if chosen is not None:
                 return chosen, why
         best = min(free, key=lambda c: (self.score(c, ctx, cands), self.rng.random()))
-        if self.risky(best):
+        if self.risky(best) and not any(not self.risky(c) for c in free):
+            # only risky replicas are free: weigh the best of them against waiting for a busy sound one
+            # (with a sound one free, nothing waits: the lowest expected completion among the free wins)
             wait, why = self._wait_instead(best, usable, cands, ctx)
             if wait:
                 return None, f"no sound replica free ({why})"

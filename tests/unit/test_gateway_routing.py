@@ -126,6 +126,15 @@ def test_work_conserving_a_sound_idle_replica_is_never_left_unused():
     for make_cands, want in rows:
         chosen, why = p.pick(make_cands(), ctx)
         assert chosen is not None and chosen.key == want, (want, why)
+    # a bench run's trace: the fast sound replica busy, a critical one (fast, x2 risk: 1.2 s) and a hot sound
+    # one (measured 1.5 s) free. It must not wait for the busy fast one while the hot one idles; the lowest
+    # expected completion among the free ones serves
+    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=0.75, tpot=0.075),
+                          cand("full", used_gib=79, ttft=0.3, tpot=0.03)], ctx)
+    assert chosen is not None and chosen.key == "chat/full", why
+    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=0.5, tpot=0.05),
+                          cand("full", used_gib=79, ttft=0.3, tpot=0.03)], ctx)
+    assert chosen is not None and chosen.key == "chat/hot", why
     # in admission: with a sound replica free nothing waits in the queue
     adm = Admission(p, queue_size=4)
     free_slow = cand("slow", ttft=2, tpot=0.5)

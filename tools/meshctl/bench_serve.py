@@ -82,6 +82,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
                    help="requests through the gateway and direct for the overhead figure (default: 50)")
     p.add_argument("--emulate-throttle", action=argparse.BooleanOptionalAction, default=True,
                    help="slow a hot replica's backend to its simulated GPU's SM clock ratio (default: on)")
+    p.add_argument("--rounds", type=positive_int, default=1, metavar="N",
+                   help="replay every policy N times, each round starting one policy later, figures pooled "
+                        "(a drift of the machine's load falls on every policy alike; default: 1)")
     p.add_argument("--oom-rate", type=float, default=None, metavar="PER_S",
                    help="OOM crashes per second of compute of a backend on a GPU at critical memory pressure "
                         "(default: 0.1; 0: critical pressure changes the telemetry only)")

@@ -76,6 +76,8 @@ class ServeBench:
         return pairs
 
     def run_policy(self, policy: str, prompts: list[str], injector: Injector) -> dict:
+        """One replay of the arrivals with `policy`: its results, wall time, the gateway's counters and what
+        was injected (summarized by `summary`, over one or more rounds)."""
         pick: Callable
         if policy == "direct":
             gw = None
@@ -101,7 +103,16 @@ class ServeBench:
             bar.end()
             if gw is not None:
                 gw.stop()
-        summary = stats.summarize(results, wall, self.args.slo_ttft)
+        return {"results": results, "wall": wall, "counters": counters, "injected": list(injector.applied)}
+
+    def summary(self, runs: list[dict]) -> dict:
+        """A policy's figures over its rounds (results pooled, wall times added)."""
+        results = [r for run in runs for r in run["results"]]
+        summary = stats.summarize(results, sum(run["wall"] for run in runs), self.args.slo_ttft)
+        counters: dict[str, float] = {}
+        for run in runs:
+            for k, v in run["counters"].items():
+                counters[k] = counters.get(k, 0) + v
         # The gateway counts its retries (before the first token, on another replica) and fallbacks itself;
         # a client sees neither a retry nor (without the header) a fallback.
         summary["retries"] = max(summary["retries"], int(counters.get("gpumesh_gateway_retries", 0)))
@@ -110,8 +121,9 @@ class ServeBench:
         summary["served_by"] = _count(r.served_by or r.target for r in results)
         summary["errors"] = _count(r.error[:80] for r in results if r.error)
         summary["slowest_ttft"] = slowest(results)
-        summary["injected"] = list(injector.applied)
-        summary["oom_crashes"] = sum(1 for e in injector.applied if e["kind"] == "oom")
+        summary["rounds"] = len(runs)
+        summary["injected"] = [e for run in runs for e in run["injected"]]
+        summary["oom_crashes"] = sum(1 for e in summary["injected"] if e["kind"] == "oom")
         return summary
 
     # -- the whole run --------------------------------------------------------------------------------------
@@ -134,28 +146,40 @@ class ServeBench:
             finally:
                 gw.stop()
             overhead["policy"] = gateways[0]
+        runs: dict[str, list[dict]] = {p: [] for p in self.policies}
+        rounds = max(1, int(getattr(self.args, "rounds", 1) or 1))
+        n = 0
+        for rnd in range(rounds):
+            # each round starts one policy later (A B C, B C A, ...): a drift of the machine's load over the
+            # run falls on every policy alike
+            k = rnd % len(self.policies)
+            for policy in self.policies[k:] + self.policies[:k]:
+                if n:
+                    info("taking the faults away; waiting for every replica READY and every GPU normal...")
+                    injector.reset()
+                n += 1
+                info(f"round {rnd + 1}/{rounds}, policy {policy}: replaying {len(self.arrivals)} requests...")
+                runs[policy].append(self.run_policy(policy, prompts, injector))
         results: dict[str, dict] = {}
         injected: dict[str, list] = {}
-        for n, policy in enumerate(self.policies):
-            if n:
-                info("taking the faults away; waiting for every replica READY and every GPU normal...")
-                injector.reset()
-            info(f"policy {policy}: replaying {len(self.arrivals)} requests...")
-            s = self.run_policy(policy, prompts, injector)
+        for policy in self.policies:
+            s = self.summary(runs[policy])
             injected[policy] = s.pop("injected")
             results[policy] = s
-        first = next(iter(injected.values()), [])
+        planned = {}
+        for e in next(iter(injected.values()), []):
+            if e["kind"] != "oom":
+                planned.setdefault((e["kind"], e["replica"], e["at_s"]), e)
         return {
             "policies": results,
             "gateway_overhead_ms": overhead,
-            "injected": [{k: v for k, v in e.items() if k not in ("applied_at_s", "pid")} for e in first
-                         if e["kind"] != "oom"],
+            "injected": [{k: v for k, v in e.items() if k not in ("applied_at_s", "pid")} for e in planned.values()],
             "injected_per_policy": injected,
             "replicas": [r.describe() for r in self.sc.replicas],
             "goals": goals(results, overhead),
             "settings": {"trace": self.trace_path.name, "requests": len(self.arrivals),
                          "duration_s": self.args.duration, "rate_scale": self.args.rate_scale,
-                         "trace_start_s": self.args.trace_start,
+                         "trace_start_s": self.args.trace_start, "rounds": rounds,
                          "prompts": self.args.prompts, "tokenizer": tokenizer, "context": self.args.context,
                          "slo_ttft_ms": self.args.slo_ttft, "restart_delay_s": self.args.restart_delay,
                          "emulate_throttle": self.args.emulate_throttle, "oom_rate_per_busy_s": self.oom_rate,
