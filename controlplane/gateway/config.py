@@ -59,7 +59,7 @@ class GatewayConfig:
                                         "critical (seed 003)")
     weight_pressure: float = option(1.0, "score weight of the GPU's memory-pressure level (gpu-aware: high "
                                          "pressure multiplies the expected completion time by 1 + 0.25 x this, "
-                                         "critical by 1 + this)",
+                                         "critical memory or temperature by 1 + 3 x this)",
                                     minimum=0)
     weight_thermal: float = option(1.0, "gpu-aware: how much a GPU's thermal slowdown counts for a replica "
                                         "not measured yet (the pool's median service time is multiplied by "

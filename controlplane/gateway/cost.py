@@ -9,7 +9,8 @@ a slot when none is free.
   measurement of its own and borrows the pool's median (which was measured at full clocks).
 - ECT(c) = S(c) × (1 + weight_inflight × in flight / slots + weight_backend_queue × (backend waiting /
   slots + KV use)) × risk(c): least-loaded with speed awareness. risk = 1 + weight_pressure × (0.25 at
-  high memory pressure, 1.0 at critical) + weight_failures × recent failures / 5: the expected cost of a
+  high memory pressure, 3.0 at critical memory or temperature) + weight_failures × recent failures / 5: the
+  expected cost of a
   request that fails there and is served again elsewhere. A GPU near its memory limit or a replica that just
   failed costs more; it is not left out (the policy weighs it against waiting for a sound one).
 - expected_wait: when no usable replica has a free slot, slots free up at Σ slots/S(c) per second over
@@ -23,7 +24,12 @@ from __future__ import annotations
 import math
 import statistics
 
-PRESSURE_RISK = {"low": 0.0, "normal": 0.0, "high": 0.25, "critical": 1.0}
+# The risk a GPU state adds, in service times. A GPU at critical memory fails allocations (the backend dies of
+# a CUDA OOM, docs/gateway.md); one at critical temperature runs at a fraction of its clocks or shuts down;
+# either way a request there may fail and run again, and the replica be gone for a restart: a prior of 3
+# service times more (x4), before any failure is seen. Throttling adds none: its slowdown is measured.
+PRESSURE_RISK = {"low": 0.0, "normal": 0.0, "high": 0.25, "critical": 3.0}
+THERMAL_RISK = {"normal": 0.0, "warning": 0.0, "throttling": 0.0, "critical": 3.0}
 
 
 def speed(c, cfg) -> float:
@@ -63,7 +69,7 @@ def service_time(c, max_tokens: int, pool, cfg) -> float:
 
 
 def risk(c, cfg) -> float:
-    return (1.0 + cfg.weight_pressure * PRESSURE_RISK.get(c.pressure, 0.0)
+    return (1.0 + cfg.weight_pressure * max(PRESSURE_RISK.get(c.pressure, 0.0), THERMAL_RISK.get(c.thermal, 0.0))
             + cfg.weight_failures * min(c.stats.recent_failures, 5.0) / 5.0)
 
 

@@ -126,10 +126,10 @@ def test_work_conserving_a_sound_idle_replica_is_never_left_unused():
     for make_cands, want in rows:
         chosen, why = p.pick(make_cands(), ctx)
         assert chosen is not None and chosen.key == want, (want, why)
-    # a bench run's trace: the fast sound replica busy, a critical one (fast, x2 risk: 1.2 s) and a hot sound
-    # one (measured 1.5 s) free. It must not wait for the busy fast one while the hot one idles; the lowest
+    # a bench run's trace: the fast sound replica busy, a critical one (fast, x4 risk: 2.4 s) and a hot sound
+    # one (measured 3 s) free. It must not wait for the busy fast one while the hot one idles; the lowest
     # expected completion among the free ones serves
-    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=0.75, tpot=0.075),
+    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=1.5, tpot=0.15),
                           cand("full", used_gib=79, ttft=0.3, tpot=0.03)], ctx)
     assert chosen is not None and chosen.key == "chat/full", why
     chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=0.5, tpot=0.05),
@@ -150,17 +150,21 @@ def test_a_critical_or_failing_replica_is_avoided_only_when_waiting_is_better():
     import time as _t
     p = make("gpu-aware", cfg(), random.Random(1))
     far = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600)
-    # the sound replica is busy, ~1 s per request; a critical one (risk x2, so 2 s expected) is free
+    # the sound replica is busy, ~1 s per request; a critical one (risk x4, so 4 s expected) is free
     busy = cand("busy", in_flight=1, ttft=0.5, tpot=0.05)
     full = cand("full", used_gib=79, ttft=0.5, tpot=0.05)
     assert full.pressure == "critical"
-    # waiting: ~1 s for the slot + 1 s = 2 s, not worse than 2 s there: it waits
+    # waiting: ~1 s for the slot + 1 s = 2 s, better than 4 s there: it waits
     chosen, why = p.pick([busy, full], far)
     assert chosen is None and "expected wait 1.0s" in why
-    # three queued ahead: waiting (4 s + 1 s) is worse than the critical replica's 2 s: it serves
+    # three queued ahead: waiting (4 s + 1 s) is worse than the critical replica's 4 s: it serves
     deep = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600, ahead=3)
     chosen, why = p.pick([busy, full], deep)
     assert chosen is full and "risky replica" in why
+    # a GPU at critical temperature the same way (its EMA, measured before it heated, does not show it)
+    burning_fast = cand("burning-fast", temp=90, ttft=0.5, tpot=0.05)
+    assert burning_fast.thermal == "critical"
+    assert p.pick([busy, burning_fast], far)[0] is None and p.pick([busy, burning_fast], deep)[0] is burning_fast
     # a failing replica the same way: recent failures weigh (1 + 2 x 3/5 = x2.2) against waiting
     failing = cand("failing", ttft=0.5, tpot=0.05)
     failing.stats.recent_failures = 3.0
