@@ -54,7 +54,11 @@ def cluster(tmp_path_factory):
     _need()
     smollm2_gguf()
     d = tmp_path_factory.mktemp("gateway")
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+    # INTERRUPT_REQUESTS=false: by default llama-cpp-python's server ends a stream early (with [DONE], as if it
+    # had finished) whenever another request waits for the model, e.g. the control plane's readiness probe
+    # arriving mid-stream on a loaded machine (a stream of ' 4' where the whole answer was ' 4, 5, 6'); the
+    # gateway bounds each replica's concurrency itself, as the bench does (tools/meshctl/bench_serve_cluster.py)
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", INTERRUPT_REQUESTS="false")
     tls_dir = d / "tls"
     c = LocalCluster(d / "cluster", HOSTS, lease_ttl=3, agents_per_process=1, env=env, tls_dir=tls_dir,
                      tenants_file=str(write_tenants(d / "tenants.yaml")),
