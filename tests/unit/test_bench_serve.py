@@ -134,3 +134,15 @@ def test_gateway_args_become_checked_gateway_settings():
                        (["queue_size=-3"], "queue_size")):
         with pytest.raises(CliError, match=words):
             gateway_settings(bad)
+
+
+def test_slowest_lists_the_requests_behind_the_p99():
+    from mesh.loadgen.client import Result
+    from tools.meshctl.bench_serve_run import slowest
+    rs = [Result(index=i, ok=True, status=200, sent_s=float(i), ttft_s=0.1 * i, e2e_s=0.2 * i, served_by=f"r{i % 2}")
+          for i in range(10)]
+    rs.append(Result(index=10, status=503, error="the model server failed", e2e_s=5.0))
+    top = slowest(rs, 3)
+    assert [t["index"] for t in top] == [10, 9, 8]          # the failed one (5 s to its error) first
+    assert top[0]["error"].startswith("the model server") and top[1] == {
+        "index": 9, "sent_s": 9.0, "ttft_ms": 900, "e2e_ms": 1800, "served_by": "r1", "retries": 0}
