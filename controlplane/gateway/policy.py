@@ -207,7 +207,18 @@ class GpuAware(Policy):
     def first_token(self, cands):
         return cost.first_token([c for c in cands if self.healthy(c)], cands, self.cfg)
 
-    def _wait_instead(self, best: Candidate, usable, cands, ctx) -> tuple[bool, str]:
+    def _floor(self, usable, cands, ctx) -> float:
+        """The fastest sound replica's service time: a risky replica is not assumed faster than that (its EMA
+        was measured before its GPU went critical or it started failing; a critical GPU does not speed up)."""
+        sound = [cost.service_time(c, ctx.max_tokens, cands, self.cfg) for c in usable if not self.risky(c)]
+        return min(sound) if sound else 0.0
+
+    def cost_of(self, c: Candidate, ctx, cands, floor: float) -> float:
+        """The score, with a risky replica's service time not below `floor`."""
+        ect = self.score(c, ctx, cands)
+        return max(ect, floor * cost.risk(c, self.cfg)) if self.risky(c) else ect
+
+    def _wait_instead(self, best: Candidate, usable, cands, ctx, floor: float) -> tuple[bool, str]:
         """Should the request wait for a sound replica rather than go to the risky free `best` now?"""
         sound = [c for c in usable if not self.risky(c)]
         if not sound:
@@ -216,7 +227,7 @@ class GpuAware(Policy):
         # once a slot is had, the request costs the replica's service time (its in-flight load is the wait)
         later = wait + min(cost.service_time(c, ctx.max_tokens, cands, self.cfg) * cost.risk(c, self.cfg)
                            for c in sound)
-        now = self.score(best, ctx, cands)
+        now = self.cost_of(best, ctx, cands, floor)
         if wait > ctx.wait_left():
             return False, f"the sound replicas' expected wait {wait:.1f}s exceeds the {max(ctx.wait_left(), 0):.1f}s left"
         if now < later:
@@ -234,11 +245,12 @@ class GpuAware(Policy):
             chosen, why = self._affine(free, cands, ctx)
             if chosen is not None:
                 return chosen, why
-        best = min(free, key=lambda c: (self.score(c, ctx, cands), self.rng.random()))
+        floor = self._floor(usable, cands, ctx)
+        best = min(free, key=lambda c: (self.cost_of(c, ctx, cands, floor), self.rng.random()))
         if self.risky(best) and not any(not self.risky(c) for c in free):
             # only risky replicas are free: weigh the best of them against waiting for a busy sound one
             # (with a sound one free, nothing waits: the lowest expected completion among the free wins)
-            wait, why = self._wait_instead(best, usable, cands, ctx)
+            wait, why = self._wait_instead(best, usable, cands, ctx, floor)
             if wait:
                 return None, f"no sound replica free ({why})"
             if ctx.affinity_key:

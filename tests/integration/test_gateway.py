@@ -66,6 +66,9 @@ def cluster(tmp_path_factory):
                      agent_args=["--telemetry-interval-seconds", "0.5"],
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds", "2"],
                      gateway=True, gateway_args=["--queue-size", "2", "--breaker-open-seconds", "2", "--grpc-listen", "127.0.0.1:0",
+                                                 # the queued requests' own deadlines bound their wait, not the
+                                                 # 30 s default (a loaded machine takes longer to cool the GPUs)
+                                                 "--queue-timeout-seconds", "300",
                                                  "--log-format", "json"])
     c.start(timeout=120)
     yield c

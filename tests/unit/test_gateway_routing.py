@@ -126,10 +126,10 @@ def test_work_conserving_a_sound_idle_replica_is_never_left_unused():
     for make_cands, want in rows:
         chosen, why = p.pick(make_cands(), ctx)
         assert chosen is not None and chosen.key == want, (want, why)
-    # a bench run's trace: the fast sound replica busy, a critical one (fast, x4 risk: 2.4 s) and a hot sound
-    # one (measured 3 s) free. It must not wait for the busy fast one while the hot one idles; the lowest
-    # expected completion among the free ones serves
-    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=1.5, tpot=0.15),
+    # a bench run's trace: the fast sound replica busy, a critical one (x4 risk on at least the fast one's 0.8 s:
+    # 3.2 s) and a hot sound one (measured 4 s) free. It must not wait for the busy fast one while the hot one
+    # idles; the lowest expected completion among the free ones serves
+    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=2, tpot=0.2),
                           cand("full", used_gib=79, ttft=0.3, tpot=0.03)], ctx)
     assert chosen is not None and chosen.key == "chat/full", why
     chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=0.5, tpot=0.05),
@@ -173,9 +173,10 @@ def test_a_critical_or_failing_replica_is_avoided_only_when_waiting_is_better():
     # a wait past the deadline: the critical one serves
     near = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 0.5)
     assert p.pick([busy, full], near)[0] is full
-    # when the risky replica is much faster than the sound one, it is used even with no queue
+    # a risky replica is not assumed faster than the sound ones (its EMA predates its GPU's state): a critical
+    # one measured 10x faster than the busy sound one still waits for it with nothing queued
     slow_busy = cand("slowbusy", in_flight=1, ttft=5, tpot=0.5)
-    assert p.pick([slow_busy, full], far)[0] is full
+    assert p.pick([slow_busy, full], far)[0] is None
     # off by configuration: a critical GPU is never used while a sound one exists
     assert make("gpu-aware", cfg(critical_overflow=False)).pick([busy, full], near)[0] is None
     # every GPU critical: the request waits (seed 003's queue), no estimate
