@@ -13,6 +13,8 @@ a slot when none is free.
   expected cost of a
   request that fails there and is served again elsewhere. A GPU near its memory limit or a replica that just
   failed costs more; it is not left out (the policy weighs it against waiting for a sound one).
+- A replica's service time is at least the age of its oldest in-flight request: the EMA learns only when a
+  request ends, so a replica that suddenly became slow would otherwise look fast for as long as it is slow.
 - expected_wait: when no usable replica has a free slot, slots free up at Σ slots/S(c) per second over
   the usable replicas; a request with `ahead` requests in front of it waits about (ahead + 1) / that rate.
   Infinite when no replica is usable (every GPU critical, every circuit open): only the fleet changing
@@ -61,11 +63,14 @@ def base_service(c, max_tokens: int, pool, cfg) -> float:
 
 def service_time(c, max_tokens: int, pool, cfg) -> float:
     """Expected seconds of one request on c now: its own measured service time (which already holds any
-    thermal slowdown it was measured under); unmeasured, the pool's median slowed by its thermal state."""
+    thermal slowdown it was measured under); unmeasured, the pool's median slowed by its thermal state. At
+    least as long as its oldest in-flight request has run: a replica that became slow (the machine, the
+    GPU) shows it there before its EMA learns it."""
     mine = _own(c, max_tokens) if cfg.weight_latency > 0 else None
-    if mine is not None and mine > 0:
-        return mine
-    return base_service(c, max_tokens, pool, cfg) * (1.0 / speed(c, cfg)) ** cfg.weight_thermal
+    if mine is None or mine <= 0:
+        mine = base_service(c, max_tokens, pool, cfg) * (1.0 / speed(c, cfg)) ** cfg.weight_thermal
+    age = c.stats.oldest_age() if cfg.weight_latency > 0 else 0.0
+    return max(mine, age)
 
 
 def risk(c, cfg) -> float:

@@ -4,6 +4,7 @@ count (fresher than a backend's /metrics), recent failures and the circuit break
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from controlplane.gateway.breaker import CircuitBreaker
@@ -23,6 +24,14 @@ class ReplicaStats:
     half_life: float = 10.0
     clock: object = time.monotonic
     _recent_at: float = 0.0
+    starts: deque = field(default_factory=deque)     # time.monotonic() each in-flight request took its slot
+
+    def oldest_age(self, now: float | None = None) -> float:
+        """Seconds the oldest in-flight request has run (0 when none): a replica that suddenly became slow
+        shows it here long before its EMA, which learns only when a request ends."""
+        if not self.starts:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self.starts[0])
 
     @property
     def recent_failures(self) -> float:

@@ -191,6 +191,33 @@ def test_a_critical_or_failing_replica_is_avoided_only_when_waiting_is_better():
     assert make("least-loaded", cfg()).expected_wait([busy, full], near) is None
 
 
+def test_a_long_running_request_tells_a_stale_ema():
+    import time as _t
+    from controlplane.gateway import cost
+    c = cfg()
+    p = make("gpu-aware", c, random.Random(1))
+    busy = cand("busy", in_flight=1, ttft=0.5, tpot=0.05)           # EMA: 1 s per request
+    full = cand("full", used_gib=79, ttft=0.5, tpot=0.05)
+    assert cost.service_time(busy, 10, [busy, full], c) == pytest.approx(1.0)
+    # its request has run 20 s (the machine slowed down): the replica is at least that slow now
+    busy.stats.starts.append(_t.monotonic() - 20)
+    assert cost.service_time(busy, 10, [busy, full], c) == pytest.approx(20.0, abs=0.5)
+    # so a request with 10 s left to its deadline no longer waits for it: the critical one serves
+    ctx = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 10)
+    chosen, why = p.pick([busy, full], ctx)
+    assert chosen is full and "exceeds" in why
+    # admission keeps the start times with the slots
+    adm = Admission(p, queue_size=4)
+    a = cand("a")
+
+    async def go():
+        s1 = await adm.acquire(lambda: [a], RouteContext("chat"), "standard", 1)
+        assert len(a.stats.starts) == 1 and a.stats.oldest_age() >= 0
+        s1.release()
+        assert not a.stats.starts and a.stats.oldest_age() == 0.0
+    asyncio.run(go())
+
+
 def test_recent_failures_fade_with_time_and_successes():
     now = [0.0]
     s = ReplicaStats(CircuitBreaker(3, 2, clock=lambda: now[0]), half_life=10.0, clock=lambda: now[0])
