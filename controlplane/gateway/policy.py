@@ -228,8 +228,9 @@ class GpuAware(Policy):
         later = wait + min(cost.service_time(c, ctx.max_tokens, cands, self.cfg) * cost.risk(c, self.cfg)
                            for c in sound)
         now = self.cost_of(best, ctx, cands, floor)
-        if wait > ctx.wait_left():
-            return False, f"the sound replicas' expected wait {wait:.1f}s exceeds the {max(ctx.wait_left(), 0):.1f}s left"
+        left = ctx.wait_left()
+        if wait > left:
+            return False, f"the sound replicas' expected wait {wait:.1f}s exceeds the {max(left, 0):.1f}s left"
         if now < later:
             return False, f"expected {now:.1f}s there, {later:.1f}s waiting for a sound replica (wait {wait:.1f}s)"
         return True, f"waiting for a sound replica: expected wait {wait:.1f}s, done in {later:.1f}s vs {now:.1f}s"
