@@ -66,12 +66,15 @@ class Admission:
 
     def _take(self, c: Candidate) -> None:
         c.stats.in_flight += 1
+        c.stats.starts.append(time.monotonic())
         c.stats.requests += 1
         if self.policy.uses_breaker:
             c.stats.breaker.begin()
 
     def _free(self, c: Candidate) -> None:
         c.stats.in_flight = max(0, c.stats.in_flight - 1)
+        if c.stats.starts:
+            c.stats.starts.popleft()          # the oldest (exact for one slot; for several, close enough)
         self.kick()
 
     async def acquire(self, candidates, ctx: RouteContext, priority: str, timeout: float) -> Slot:
@@ -103,7 +106,10 @@ class Admission:
         except asyncio.TimeoutError:
             self._drop(ctx.model, w)
             if w.future.done() and not w.future.cancelled():     # granted at the last moment: give it back
-                w.future.result()[0].stats.in_flight -= 1
+                st = w.future.result()[0].stats
+                st.in_flight -= 1
+                if st.starts:
+                    st.starts.pop()
                 self.kick()
             raise Rejected(f"no replica of {ctx.model} became free within {timeout:.1f}s", "deadline") from None
         except asyncio.CancelledError:                               # the client went away while waiting

@@ -58,10 +58,13 @@ class GatewayConfig:
     thermal_c: str = option("65,80,85", "temperature (C) where the thermal state becomes warning, throttling, "
                                         "critical (seed 003)")
     weight_pressure: float = option(1.0, "score weight of the GPU's memory-pressure level (gpu-aware: high "
-                                         "pressure multiplies the expected completion time by 1 + 0.25 x this)",
+                                         "pressure multiplies the expected completion time by 1 + 0.25 x this, "
+                                         "critical memory or temperature by 1 + 3 x this)",
                                     minimum=0)
-    weight_thermal: float = option(1.0, "gpu-aware: how much a GPU's thermal slowdown counts (the expected "
-                                        "service time is multiplied by (1/speed)^weight; 0: ignored)", minimum=0)
+    weight_thermal: float = option(1.0, "gpu-aware: how much a GPU's thermal slowdown counts for a replica "
+                                        "not measured yet (the pool's median service time is multiplied by "
+                                        "(1/speed)^weight; a measured replica's EMA already holds its slowdown, "
+                                        "which is not counted again; 0: ignored)", minimum=0)
     weight_latency: float = option(1.0, "gpu-aware: use the replica's EMA time to first token and per-token latency "
                                         "as its service time (0: every replica counts as equally fast)", minimum=0)
     throttle_speed: float = option(0.85, "gpu-aware: relative speed of a GPU in the throttling band (an H100's SM "
@@ -69,10 +72,11 @@ class GatewayConfig:
                                    minimum=0.05, maximum=1)
     critical_speed: float = option(0.5, "gpu-aware: relative speed of a GPU in the critical thermal band (used only "
                                         "by critical_overflow)", minimum=0.05, maximum=1)
-    critical_overflow: bool = option(True, "gpu-aware: a replica on a GPU at critical memory or temperature takes a "
-                                           "request when the healthy replicas' expected wait exceeds the request's "
-                                           "deadline (rather than the request failing); never when no healthy "
-                                           "replica exists (then requests wait for one)")
+    critical_overflow: bool = option(True, "gpu-aware: a free replica on a GPU at critical memory or temperature "
+                                           "takes a request when it is expected to finish it (risk-weighted) sooner "
+                                           "than waiting for a sound replica would, or when that wait exceeds the "
+                                           "request's deadline; off: never while a sound GPU exists. Never when no "
+                                           "sound GPU exists (then requests wait for one to recover)")
     default_deadline_ms: int = option(0, "deadline (ms to the first token) of a request that sends no "
                                          "x-gpumesh-deadline-ms; its wait for a slot is this minus the expected "
                                          "time to first token (gpu-aware) or this (baselines), at most "
@@ -89,6 +93,8 @@ class GatewayConfig:
                                               "(when the replica reports them)", minimum=0)
     weight_failures: float = option(2.0, "score weight of the replica's recent failures (gpu-aware: 5 recent "
                                          "failures multiply the expected completion time by 1 + this)", minimum=0)
+    failure_half_life_seconds: float = option(10.0, "gpu-aware: a replica's recent failures halve every this many "
+                                                    "seconds (and on each success)", minimum=0.1)
     ema_alpha: float = option(0.3, "smoothing factor of the latency EMAs", minimum=0.01, maximum=1)
     affinity: bool = option(True, "prefix/session affinity: a conversation goes to the replica that served its "
                                   "prefix while that replica is not loaded beyond affinity_load_bound")

@@ -3,13 +3,18 @@ a slot when none is free.
 
 - Service time S(c): what one request costs on the replica: its own EMA time to first token plus EMA time
   per output token × the request's max_tokens; a replica not measured yet takes the median of those that
-  are (1 s when none is). A GPU in the throttling band is slower by the clock ratio it runs at
-  (`throttle_speed`, 0.85: an H100's SM clock at 85 °C), a critical one by `critical_speed`; the slowdown
-  is applied as (1/speed)^weight_thermal on top of the EMA (which lags a GPU that has just heated up).
+  are (1 s when none is). A GPU's thermal slowdown is counted once: a replica measured while throttled
+  already shows it in its EMA, so the thermal factor ((1/speed)^weight_thermal, `throttle_speed` 0.85: an
+  H100's SM clock at 85 °C; `critical_speed` in the critical band) applies only to a replica that has no
+  measurement of its own and borrows the pool's median (which was measured at full clocks).
 - ECT(c) = S(c) × (1 + weight_inflight × in flight / slots + weight_backend_queue × (backend waiting /
-  slots + KV use)) × risk(c): least-loaded with speed awareness. risk = 1 + weight_pressure × 0.25 at
-  high memory pressure + weight_failures × recent failures / 5: a GPU near its memory limit or a replica
-  that just failed costs a little more, it is not left out.
+  slots + KV use)) × risk(c): least-loaded with speed awareness. risk = 1 + weight_pressure × (0.25 at
+  high memory pressure, 3.0 at critical memory or temperature) + weight_failures × recent failures / 5: the
+  expected cost of a
+  request that fails there and is served again elsewhere. A GPU near its memory limit or a replica that just
+  failed costs more; it is not left out (the policy weighs it against waiting for a sound one).
+- A replica's service time is at least the age of its oldest in-flight request: the EMA learns only when a
+  request ends, so a replica that suddenly became slow would otherwise look fast for as long as it is slow.
 - expected_wait: when no usable replica has a free slot, slots free up at Σ slots/S(c) per second over
   the usable replicas; a request with `ahead` requests in front of it waits about (ahead + 1) / that rate.
   Infinite when no replica is usable (every GPU critical, every circuit open): only the fleet changing
@@ -21,7 +26,12 @@ from __future__ import annotations
 import math
 import statistics
 
-PRESSURE_RISK = {"low": 0.0, "normal": 0.0, "high": 0.25, "critical": 1.0}
+# The risk a GPU state adds, in service times. A GPU at critical memory fails allocations (the backend dies of
+# a CUDA OOM, docs/gateway.md); one at critical temperature runs at a fraction of its clocks or shuts down;
+# either way a request there may fail and run again, and the replica be gone for a restart: a prior of 3
+# service times more (x4), before any failure is seen. Throttling adds none: its slowdown is measured.
+PRESSURE_RISK = {"low": 0.0, "normal": 0.0, "high": 0.25, "critical": 3.0}
+THERMAL_RISK = {"normal": 0.0, "warning": 0.0, "throttling": 0.0, "critical": 3.0}
 
 
 def speed(c, cfg) -> float:
@@ -52,12 +62,19 @@ def base_service(c, max_tokens: int, pool, cfg) -> float:
 
 
 def service_time(c, max_tokens: int, pool, cfg) -> float:
-    """Expected seconds of one request on c now: measured service time, slowed by the GPU's thermal state."""
-    return base_service(c, max_tokens, pool, cfg) * (1.0 / speed(c, cfg)) ** cfg.weight_thermal
+    """Expected seconds of one request on c now: its own measured service time (which already holds any
+    thermal slowdown it was measured under); unmeasured, the pool's median slowed by its thermal state. At
+    least as long as its oldest in-flight request has run: a replica that became slow (the machine, the
+    GPU) shows it there before its EMA learns it."""
+    mine = _own(c, max_tokens) if cfg.weight_latency > 0 else None
+    if mine is None or mine <= 0:
+        mine = base_service(c, max_tokens, pool, cfg) * (1.0 / speed(c, cfg)) ** cfg.weight_thermal
+    age = c.stats.oldest_age() if cfg.weight_latency > 0 else 0.0
+    return max(mine, age)
 
 
 def risk(c, cfg) -> float:
-    return (1.0 + cfg.weight_pressure * PRESSURE_RISK.get(c.pressure, 0.0)
+    return (1.0 + cfg.weight_pressure * max(PRESSURE_RISK.get(c.pressure, 0.0), THERMAL_RISK.get(c.thermal, 0.0))
             + cfg.weight_failures * min(c.stats.recent_failures, 5.0) / 5.0)
 
 
@@ -81,5 +98,5 @@ def expected_wait(usable, max_tokens: int, pool, cfg, ahead: int) -> float:
 def first_token(usable, pool, cfg) -> float:
     """Expected time to first token on the best usable replica (0 when nothing is measured): what a
     deadline on the first token leaves for waiting is the deadline minus this."""
-    ttfts = [c.stats.ttft_ema / speed(c, cfg) for c in usable if c.stats.ttft_ema is not None]
+    ttfts = [c.stats.ttft_ema for c in usable if c.stats.ttft_ema is not None]
     return min(ttfts) if ttfts else 0.0

@@ -137,10 +137,10 @@ def rebalance(gw, caller: Caller, apply: str | None) -> dict:
                 continue
             routed = gw.policy.uses_gpu or gw.policy.uses_breaker
             soft = c.thermal == "throttling" and len(reasons) == 1      # throttling only: weighed, not avoided
-            detail = ("new requests count its slowdown (throttle_speed) and go to it only when it is still "
-                      "expected to finish first" if soft else "new requests go to the model's other replicas (or "
-                      "wait, or fall back; a critical GPU only when the others cannot serve within the request's "
-                      "deadline) until it recovers")
+            detail = ("new requests count its measured slowdown and go to it only when it is still expected to "
+                      "finish first" if soft else "new requests go to the model's other replicas (or wait, or fall "
+                      "back) until it recovers; a critical GPU only when waiting for a sound replica is expected to "
+                      "take longer (its risk counted) or to pass the request's deadline")
             actions.append({"action": "route-around", "replica": c.key, "reason": "; ".join(reasons),
                             "applied": routed, "detail": detail if routed else
                             f"the {gw.policy.NAME} policy does not route around GPU state"})

@@ -157,13 +157,20 @@ class LeastLoaded(Policy):
 
 class GpuAware(Policy):
     """Seed 003's routing as expected completion time (cost.py): the replica where the request is expected
-    to finish first, from its EMA service time slowed by its GPU's thermal state, its in-flight requests and
-    backend queue, with a small risk factor for high memory pressure and recent failures; prefix affinity
-    with a load bound (power of two choices when the affine replica is too loaded); a circuit breaker.
-    A throttling GPU is used at the cost of its slowdown, not left out. A GPU at critical memory or critical
-    temperature is left out while the others can serve the request within its deadline; when their
-    expected wait runs past it, the critical one takes the request rather than the request failing
-    (`critical_overflow`). When every GPU is critical the request waits (seed 003's queue)."""
+    to finish first, from its measured service time (EMA time to first token and per token, which holds a
+    throttled GPU's slowdown once), its in-flight requests and backend queue, times a risk factor for memory
+    pressure and recent failures (the expected cost of a request that fails there and runs again elsewhere);
+    prefix affinity with a load bound (power of two choices when the affine replica is too loaded); a
+    circuit breaker.
+
+    Work-conserving: a request never waits while a replica with a free slot is expected to finish it at
+    least as soon as waiting would. A free replica that is sound (GPU below critical memory and temperature,
+    no recent failures) always takes it; the free replica with the lowest expected completion time wins. A
+    risky replica (critical memory or temperature, recent failures) is skipped only while waiting for a sound
+    one is expected to finish the request sooner (the sound ones' expected wait for a slot, from their
+    service rate and the requests ahead, plus their service time), or, where it is not, still taken; with
+    `critical_overflow` off a critical GPU is never used while a sound GPU exists. When every GPU is critical
+    the request waits (seed 003's queue) until one recovers or its deadline passes."""
     NAME = "gpu-aware"
     uses_gpu = True
     uses_breaker = True
@@ -176,59 +183,105 @@ class GpuAware(Policy):
     def score(self, c, ctx, pool):
         return cost.completion(c, ctx.max_tokens, pool, self.cfg)
 
+    @staticmethod
+    def risky(c: Candidate) -> bool:
+        """Critical GPU or recent failures: used only where it beats waiting for a sound replica."""
+        return Policy.at_risk(c) or c.stats.recent_failures >= 1.0
+
+    def _usable(self, cands, ctx) -> list[Candidate]:
+        """Replicas the request may go to at all: not excluded, ready, circuit closed or probing, GPU not
+        reported unhealthy; critical GPUs only with critical_overflow while a sound GPU exists."""
+        out = [c for c in cands if c.key not in ctx.exclude and self.reachable(c)
+               and (c.gpu is None or c.gpu.healthy)]
+        if not any(not self.at_risk(c) for c in out):
+            return []                     # every GPU critical: seed 003's queue, wait for one to recover
+        if not self.cfg.critical_overflow:
+            out = [c for c in out if not self.at_risk(c)]
+        return out
+
     def expected_wait(self, cands, ctx):
-        """The wait for a slot on any replica that may serve the request: the healthy ones, and with
-        critical_overflow the critical ones too (while a healthy one exists)."""
-        usable = [c for c in cands if c.key not in ctx.exclude and self.healthy(c)]
-        if usable and self.cfg.critical_overflow:
-            usable += [c for c in cands if c.key not in ctx.exclude and self.reachable(c) and self.at_risk(c)
-                       and (c.gpu is None or c.gpu.healthy)]
+        """The wait for a slot on any replica that may serve the request (inf when none may)."""
+        usable = self._usable(cands, ctx)
         return cost.expected_wait(usable, ctx.max_tokens, cands, self.cfg, ctx.ahead)
 
     def first_token(self, cands):
         return cost.first_token([c for c in cands if self.healthy(c)], cands, self.cfg)
 
-    def _overflow(self, cands, ctx) -> tuple[Candidate | None, str]:
-        """A critical GPU's replica, when the healthy ones cannot give the request a slot within its deadline
-        (and at least one healthy one exists: with none, the request waits for the fleet to recover)."""
-        if not self.cfg.critical_overflow:
-            return None, "no replica free and healthy"
-        spare = [c for c in cands if c.key not in ctx.exclude and c.free and self.reachable(c) and self.at_risk(c)
-                 and (c.gpu is None or c.gpu.healthy)]
-        if not spare:
-            return None, "no replica free and healthy"
-        usable = [c for c in cands if c.key not in ctx.exclude and self.healthy(c)]
-        if not usable:
-            return None, "no replica free and healthy (every GPU critical: waiting for one to recover)"
-        wait, left = cost.expected_wait(usable, ctx.max_tokens, cands, self.cfg, ctx.ahead), ctx.wait_left()
-        if wait <= left:
-            return None, f"no replica free and healthy (expected wait {wait:.1f}s within the deadline)"
-        chosen = min(spare, key=lambda c: (self.score(c, ctx, cands), self.rng.random()))
-        return chosen, (f"overflow to a critical GPU (pressure {chosen.pressure}, thermal {chosen.thermal}): the "
-                        f"healthy replicas' expected wait {wait:.1f}s exceeds the {max(left, 0):.1f}s left")
+    def _floor(self, usable, cands, ctx) -> float:
+        """The fastest sound replica's service time: a risky replica is not assumed faster than that (its EMA
+        was measured before its GPU went critical or it started failing; a critical GPU does not speed up)."""
+        sound = [cost.service_time(c, ctx.max_tokens, cands, self.cfg) for c in usable if not self.risky(c)]
+        return min(sound) if sound else 0.0
+
+    def cost_of(self, c: Candidate, ctx, cands, floor: float) -> float:
+        """The score, with a risky replica's service time not below `floor`."""
+        ect = self.score(c, ctx, cands)
+        return max(ect, floor * cost.risk(c, self.cfg)) if self.risky(c) else ect
+
+    def _wait_instead(self, best: Candidate, usable, cands, ctx, floor: float) -> tuple[bool, str]:
+        """Should the request wait for a sound replica rather than go to the risky free `best` now?"""
+        sound = [c for c in usable if not self.risky(c)]
+        if not sound:
+            return False, "no sound replica to wait for"
+        wait = cost.expected_wait(sound, ctx.max_tokens, cands, self.cfg, ctx.ahead)
+        # once a slot is had, the request costs the replica's service time (its in-flight load is the wait)
+        later = wait + min(cost.service_time(c, ctx.max_tokens, cands, self.cfg) * cost.risk(c, self.cfg)
+                           for c in sound)
+        now = self.cost_of(best, ctx, cands, floor)
+        left = ctx.wait_left()
+        if wait > left:
+            return False, f"the sound replicas' expected wait {wait:.1f}s exceeds the {max(left, 0):.1f}s left"
+        if now < later:
+            return False, f"expected {now:.1f}s there, {later:.1f}s waiting for a sound replica (wait {wait:.1f}s)"
+        return True, f"waiting for a sound replica: expected wait {wait:.1f}s, done in {later:.1f}s vs {now:.1f}s"
 
     def pick(self, cands, ctx):
-        ok = self.filter(cands, ctx)
-        if not ok:
-            return self._overflow(cands, ctx)
+        usable = self._usable(cands, ctx)
+        free = [c for c in usable if c.free]
+        if not free:
+            if not usable:
+                return None, "no replica free and healthy (every GPU critical: waiting for one to recover)"
+            return None, "no replica free"
         if self.cfg.affinity and ctx.affinity_key:
-            want = self.affine.get(ctx.affinity_key)
-            pool = [c for c in cands if c.replica.ready]
-            mean = sum(c.load for c in pool) / max(len(pool), 1)
-            chosen = next((c for c in ok if c.key == want), None)
-            if chosen is not None and chosen.load <= self.cfg.affinity_load_bound * mean + 1e-9 + 1.0 / chosen.limit:
-                self._remember(ctx.affinity_key, chosen)
-                return chosen, "prefix affinity"
-            if want is not None and len(ok) >= 2:
-                a, b = self.rng.sample(ok, 2)
-                chosen = min((a, b), key=lambda c: self.score(c, ctx, cands))
-                self._remember(ctx.affinity_key, chosen)
-                return chosen, "affine replica loaded or unavailable: power of two choices"
-        chosen = min(ok, key=lambda c: (self.score(c, ctx, cands), self.rng.random()))
+            chosen, why = self._affine(free, cands, ctx)
+            if chosen is not None:
+                return chosen, why
+        floor = self._floor(usable, cands, ctx)
+        best = min(free, key=lambda c: (self.cost_of(c, ctx, cands, floor), self.rng.random()))
+        if self.risky(best) and not any(not self.risky(c) for c in free):
+            # only risky replicas are free: weigh the best of them against waiting for a busy sound one
+            # (with a sound one free, nothing waits: the lowest expected completion among the free wins)
+            wait, why = self._wait_instead(best, usable, cands, ctx, floor)
+            if wait:
+                return None, f"no sound replica free ({why})"
+            if ctx.affinity_key:
+                self._remember(ctx.affinity_key, best)
+            return best, (f"risky replica (pressure {best.pressure}, thermal {best.thermal}, recent failures "
+                          f"{best.stats.recent_failures:.1f}) used: {why}")
         if ctx.affinity_key:
+            self._remember(ctx.affinity_key, best)
+        return best, (f"least expected completion {self.score(best, ctx, cands):.2f}s of {len(free)} free (pressure "
+                      f"{best.pressure}, thermal {best.thermal}, in flight {best.stats.in_flight})")
+
+    def _affine(self, free, cands, ctx) -> tuple[Candidate | None, str]:
+        """The conversation's replica while it is free, sound and not loaded beyond the bound; else the
+        better of two random free sound ones (None: no affinity known, decide by score)."""
+        want = self.affine.get(ctx.affinity_key)
+        if want is None:
+            return None, ""
+        sound = [c for c in free if not self.risky(c)]
+        pool = [c for c in cands if c.replica.ready]
+        mean = sum(c.load for c in pool) / max(len(pool), 1)
+        chosen = next((c for c in sound if c.key == want), None)
+        if chosen is not None and chosen.load <= self.cfg.affinity_load_bound * mean + 1e-9 + 1.0 / chosen.limit:
             self._remember(ctx.affinity_key, chosen)
-        return chosen, (f"least expected completion {self.score(chosen, ctx, cands):.2f}s of {len(ok)} (pressure "
-                        f"{chosen.pressure}, thermal {chosen.thermal}, in flight {chosen.stats.in_flight})")
+            return chosen, "prefix affinity"
+        if len(sound) >= 2:
+            a, b = self.rng.sample(sound, 2)
+            chosen = min((a, b), key=lambda c: self.score(c, ctx, cands))
+            self._remember(ctx.affinity_key, chosen)
+            return chosen, "affine replica loaded or unavailable: power of two choices"
+        return None, ""
 
     def _remember(self, key: str, c: Candidate) -> None:
         self.affine[key] = c.key

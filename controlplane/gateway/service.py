@@ -63,7 +63,8 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, view: FleetView | None = None) -> None:
         self.cfg = cfg
         self.view = view or FleetView()
-        self.stats = StatsTable(cfg.breaker_failures, cfg.breaker_open_seconds, cfg.ema_alpha)
+        self.stats = StatsTable(cfg.breaker_failures, cfg.breaker_open_seconds, cfg.ema_alpha,
+                                cfg.failure_half_life_seconds)
         self.policy = make(cfg.policy, cfg)
         self.admission = Admission(self.policy, cfg.queue_size, cfg.shed_early)
         self.cache = cachemod.ResponseCache(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_seconds)

@@ -3,6 +3,8 @@ count (fresher than a backend's /metrics), recent failures and the circuit break
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from controlplane.gateway.breaker import CircuitBreaker
@@ -17,8 +19,36 @@ class ReplicaStats:
     in_flight: int = 0
     requests: int = 0
     failures: int = 0                  # total
-    recent_failures: float = 0.0       # decays by half on each success
+    _recent: float = 0.0               # recent failures: halves on each success and every half_life seconds
     served: int = 0
+    half_life: float = 10.0
+    clock: object = time.monotonic
+    _recent_at: float = 0.0
+    starts: deque = field(default_factory=deque)     # time.monotonic() each in-flight request took its slot
+
+    def oldest_age(self, now: float | None = None) -> float:
+        """Seconds the oldest in-flight request has run (0 when none): a replica that suddenly became slow
+        shows it here long before its EMA, which learns only when a request ends."""
+        if not self.starts:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self.starts[0])
+
+    @property
+    def recent_failures(self) -> float:
+        """Failures lately, decayed by half per success and per `half_life` seconds (a replica that failed
+        and came back is not held against for ever while nothing is sent to it)."""
+        if self._recent <= 0:
+            return 0.0
+        now = self.clock()
+        self._recent *= 0.5 ** (max(0.0, now - self._recent_at) / self.half_life)
+        self._recent_at = now
+        if self._recent < 0.01:
+            self._recent = 0.0
+        return self._recent
+
+    @recent_failures.setter
+    def recent_failures(self, value: float) -> None:
+        self._recent, self._recent_at = value, self.clock()
 
     def observe(self, ttft: float | None, tpot: float | None) -> None:
         a = self.alpha
@@ -47,12 +77,14 @@ class StatsTable:
     failures: int = 3
     open_seconds: float = 5.0
     alpha: float = 0.3
+    failure_half_life: float = 10.0
     by_replica: dict[str, ReplicaStats] = field(default_factory=dict)
 
     def of(self, key: str) -> ReplicaStats:
         s = self.by_replica.get(key)
         if s is None:
-            s = self.by_replica[key] = ReplicaStats(CircuitBreaker(self.failures, self.open_seconds), self.alpha)
+            s = self.by_replica[key] = ReplicaStats(CircuitBreaker(self.failures, self.open_seconds), self.alpha,
+                                                          half_life=self.failure_half_life)
         return s
 
     def forget_except(self, keys: set[str]) -> None:

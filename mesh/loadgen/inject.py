@@ -12,10 +12,33 @@ start of each policy's run):
 `hot` and `pressure` start at T (default 0: from the start) and last to the end of the run; the bench takes
 them away (and waits for a killed replica to be back) before the next policy, so every policy meets the
 same conditions at the same times. `parse` checks the grammar and the replica indices.
+
+What each fault does to the backend (the same for every policy; the gateway is not told):
+
+- hot: the GPU reports a throttling temperature and computes at the SM clock ratio it reports under load
+  (the bench slows the backend process to that ratio).
+- pressure=R:critical: `OomModel`. A GPU above 95 % memory use fails allocations: the model server's next
+  allocation (activations, KV blocks, cuBLAS workspace) gets CUDA out-of-memory, and both backends die of
+  it. llama.cpp's CUDA backend aborts the process on a CUDA error (ggml-org/llama.cpp#8117, "Crash with GGML
+  CUDA error when inferencing on llama-server"; TheTom/llama-cpp-turboquant#72, llama-server "core dumped"
+  on `CUDA error: out of memory` during a request; oobabooga/textgen#3119, an OOM in a llama.cpp CUDA
+  model crashes the server); vLLM's engine dies on an OOM in a forward pass and every later request fails
+  until the process restarts (vllm-project/vllm#5173, AsyncEngineDeadError after CUDA OOM;
+  vllm-project/vllm#13582, OOM and the service shutting down). An allocation happens only while the
+  backend computes, so the model is a hazard per second of compute: while the pressure lasts, each second
+  the backend spends computing (its CPU time here) ends in an OOM crash with probability
+  1 - exp(-rate x busy seconds) (`oom_rate`, default 0.1 per busy second); the crash is a SIGKILL of the
+  backend's process tree (what an abort looks like from outside: streams cut mid-way, connections refused
+  until the deployment restarts it after its backoff). An idle backend does not crash. The draws come from
+  a generator seeded per replica, so every policy meets the same sequence; how often a backend crashes
+  depends on how much work the policy sends it, which is the point. A GPU at `high` pressure keeps working.
+- kill: the backend process is SIGKILLed at T; the deployment restarts it after its backoff.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 from mesh.errors import InvalidArgument
@@ -27,6 +50,38 @@ LEVELS = ("high", "critical")
 HOT_CELSIUS = 85.0
 PRESSURE_FRACTION = {"high": 0.90, "critical": 0.97}   # high: 85-95 % (seed 003), critical: above 95 %
 GRAMMAR = "hot=R[@T], pressure=R:high|critical[@T], kill=R@T, or standard"
+OOM_RATE = 0.1             # OOM crashes per second of compute on a GPU at critical memory pressure
+
+
+@dataclass
+class OomModel:
+    """A backend on a GPU at critical memory pressure: each second it computes may end in a CUDA
+    out-of-memory crash (see the module's docstring for the sources). `step(busy_s)` is called with the
+    compute seconds since the last call and says whether the backend crashes now."""
+
+    rate: float = OOM_RATE          # crashes per busy second
+    seed: int = 0
+    busy_floor_s: float = 0.02      # less compute than this in a step is idle (an HTTP server's housekeeping)
+
+    def __post_init__(self) -> None:
+        if self.rate < 0:
+            raise InvalidArgument.of("oom_rate", f"{self.rate} is negative", ">= 0 crashes per busy second")
+        self.rng = random.Random(self.seed)
+        self.busy_total_s = 0.0
+
+    def probability(self, busy_s: float) -> float:
+        """The chance that `busy_s` seconds of compute end in an OOM."""
+        if busy_s < self.busy_floor_s or self.rate <= 0:
+            return 0.0
+        return 1.0 - math.exp(-self.rate * busy_s)
+
+    def step(self, busy_s: float) -> bool:
+        busy_s = max(0.0, busy_s)
+        p = self.probability(busy_s)
+        if p <= 0.0:
+            return False
+        self.busy_total_s += busy_s
+        return self.rng.random() < p
 
 
 @dataclass(frozen=True)

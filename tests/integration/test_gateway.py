@@ -54,7 +54,11 @@ def cluster(tmp_path_factory):
     _need()
     smollm2_gguf()
     d = tmp_path_factory.mktemp("gateway")
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
+    # INTERRUPT_REQUESTS=false: by default llama-cpp-python's server ends a stream early (with [DONE], as if it
+    # had finished) whenever another request waits for the model, e.g. the control plane's readiness probe
+    # arriving mid-stream on a loaded machine (a stream of ' 4' where the whole answer was ' 4, 5, 6'); the
+    # gateway bounds each replica's concurrency itself, as the bench does (tools/meshctl/bench_serve_cluster.py)
+    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", INTERRUPT_REQUESTS="false")
     tls_dir = d / "tls"
     c = LocalCluster(d / "cluster", HOSTS, lease_ttl=3, agents_per_process=1, env=env, tls_dir=tls_dir,
                      tenants_file=str(write_tenants(d / "tenants.yaml")),
@@ -62,6 +66,9 @@ def cluster(tmp_path_factory):
                      agent_args=["--telemetry-interval-seconds", "0.5"],
                      controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds", "2"],
                      gateway=True, gateway_args=["--queue-size", "2", "--breaker-open-seconds", "2", "--grpc-listen", "127.0.0.1:0",
+                                                 # the queued requests' own deadlines bound their wait, not the
+                                                 # 30 s default (a loaded machine takes longer to cool the GPUs)
+                                                 "--queue-timeout-seconds", "300",
                                                  "--log-format", "json"])
     c.start(timeout=120)
     yield c

@@ -122,3 +122,27 @@ def test_process_tree_and_signals():
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_gateway_args_become_checked_gateway_settings():
+    from tools.meshctl.bench_serve import gateway_settings
+    env = gateway_settings(["weight_failures=4", "critical-overflow=false", "queue_size=10"])
+    assert env == {"MESH_GATEWAY_WEIGHT_FAILURES": "4", "MESH_GATEWAY_CRITICAL_OVERFLOW": "false",
+                   "MESH_GATEWAY_QUEUE_SIZE": "10"}
+    for bad, words in ((["nokey"], "not KEY=VALUE"), (["magic=1"], "'magic' is not a gateway setting"),
+                       (["weight_failures=lots"], "weight_failures"), (["policy=round-robin"], "set by the bench"),
+                       (["queue_size=-3"], "queue_size")):
+        with pytest.raises(CliError, match=words):
+            gateway_settings(bad)
+
+
+def test_slowest_lists_the_requests_behind_the_p99():
+    from mesh.loadgen.client import Result
+    from tools.meshctl.bench_serve_run import slowest
+    rs = [Result(index=i, ok=True, status=200, sent_s=float(i), ttft_s=0.1 * i, e2e_s=0.2 * i, served_by=f"r{i % 2}")
+          for i in range(10)]
+    rs.append(Result(index=10, status=503, error="the model server failed", e2e_s=5.0))
+    top = slowest(rs, 3)
+    assert [t["index"] for t in top] == [10, 9, 8]          # the failed one (5 s to its error) first
+    assert top[0]["error"].startswith("the model server") and top[1] == {
+        "index": 9, "sent_s": 9.0, "ttft_ms": 900, "e2e_ms": 1800, "served_by": "r1", "retries": 0}

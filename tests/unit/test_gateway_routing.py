@@ -81,63 +81,167 @@ def test_gpu_aware_skips_critical_but_only_penalizes_throttling():
     assert p.pick([cand("starting", ready=False)], ctx)[0] is None
 
 
-def test_throttling_costs_its_slowdown_in_expected_completion_time():
+def test_a_throttled_replicas_slowdown_counts_once():
     from controlplane.gateway import cost
     c = cfg()
     p = make("gpu-aware", c, random.Random(1))
     ctx = RouteContext("chat", max_tokens=10)
-    # both measured at 1 s per request; the throttled one is expected 1/0.85 slower
-    hot, cool = cand("hot", temp=84, ttft=0.5, tpot=0.05), cand("cool", ttft=0.5, tpot=0.05)
-    assert cost.service_time(cool, 10, [hot, cool], c) == pytest.approx(1.0)
-    assert cost.service_time(hot, 10, [hot, cool], c) == pytest.approx(1 / 0.85)
-    # vLLM-like slots: the cool replica with half its slots taken (ECT 1.5 s) loses to the idle hot one (1.18 s)
-    hot.limit = cool.limit = 8
+    # table: (replica, expected service seconds for 10 tokens). Measured replicas count as measured: the hot
+    # one measured at 1.0 s is 1.0 s (its EMA was taken while throttled: no 0.85 factor on top); measured at
+    # 1/0.85 s it is that, once. An unmeasured hot replica borrows the pool's median / 0.85.
+    hot_same, cool = cand("hot", temp=84, ttft=0.5, tpot=0.05), cand("cool", ttft=0.5, tpot=0.05)
+    hot_slow = cand("hot-slow", temp=84, ttft=0.5 / 0.85, tpot=0.05 / 0.85)
+    hot_new, cool_new = cand("hot-new", temp=84), cand("cool-new")
+    pool = [hot_same, cool, hot_slow, hot_new, cool_new]
+    table = [(cool, 1.0), (hot_same, 1.0), (hot_slow, 1 / 0.85), (hot_new, 1.0 / 0.85), (cool_new, 1.0)]
+    for cnd, want in table:
+        assert cost.service_time(cnd, 10, pool, c) == pytest.approx(want), cnd.key
+    # the throttle speed is configuration (for unmeasured replicas only)
+    assert cost.service_time(cand("h", temp=84), 10, [cand("m", ttft=0.5, tpot=0.05)],
+                             cfg(throttle_speed=0.5)) == pytest.approx(2.0)
+    # vLLM-like slots: the cool replica with half its slots taken (ECT 1.5 s) loses to the idle hot one
+    # measured at 1/0.85 s (1.18 s); with one taken (1.125 s) the cool one wins
+    hot_slow.limit = cool.limit = 8
     cool.stats.in_flight = 4
-    assert p.pick([hot, cool], ctx)[0] is hot
-    cool.stats.in_flight = 1                                    # 1.125 s: the cool one again
-    assert p.pick([hot, cool], ctx)[0] is cool
-    # an unmeasured replica is assumed as fast as the median measured one
-    new = cand("new")
-    assert cost.service_time(new, 10, [hot, cool, new], c) == pytest.approx(1.0)
-    # the throttle speed is configuration
-    assert cost.service_time(hot, 10, [hot], cfg(throttle_speed=0.5)) == pytest.approx(2.0)
+    assert p.pick([hot_slow, cool], ctx)[0] is hot_slow
+    cool.stats.in_flight = 1
+    assert p.pick([hot_slow, cool], ctx)[0] is cool
+    # the first-token estimate is the measured EMA, not divided by the speed again
+    assert p.first_token([hot_slow]) == pytest.approx(0.5 / 0.85)
 
 
-def test_critical_gpu_takes_a_request_only_when_the_wait_would_pass_its_deadline():
+def test_work_conserving_a_sound_idle_replica_is_never_left_unused():
+    p = make("gpu-aware", cfg(), random.Random(1))
+    ctx = RouteContext("chat", max_tokens=10)
+    # table: (replicas, the one that must be picked). Whatever the others' speed, a request goes to a free
+    # sound replica when one exists, even a slow one (the fast ones are busy), even a hot one.
+    rows = [
+        (lambda: [cand("fast", ttft=0.1, tpot=0.01, in_flight=1), cand("slow", ttft=2, tpot=0.5)], "chat/slow"),
+        (lambda: [cand("cool", ttft=0.5, tpot=0.05, in_flight=1), cand("hot", temp=84, ttft=1, tpot=0.1)], "chat/hot"),
+        (lambda: [cand("a", ttft=0.5, tpot=0.05, in_flight=1), cand("b", ttft=0.5, tpot=0.05, in_flight=1),
+                  cand("c", ttft=5, tpot=0.5)], "chat/c"),
+        # among free ones, the lowest expected completion time
+        (lambda: [cand("slow", ttft=2, tpot=0.5), cand("fast", ttft=0.1, tpot=0.01)], "chat/fast"),
+    ]
+    for make_cands, want in rows:
+        chosen, why = p.pick(make_cands(), ctx)
+        assert chosen is not None and chosen.key == want, (want, why)
+    # a bench run's trace: the fast sound replica busy, a critical one (x4 risk on at least the fast one's 0.8 s:
+    # 3.2 s) and a hot sound one (measured 4 s) free. It must not wait for the busy fast one while the hot one
+    # idles; the lowest expected completion among the free ones serves
+    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=2, tpot=0.2),
+                          cand("full", used_gib=79, ttft=0.3, tpot=0.03)], ctx)
+    assert chosen is not None and chosen.key == "chat/full", why
+    chosen, why = p.pick([cand("fast", ttft=0.4, tpot=0.04, in_flight=1), cand("hot", temp=84, ttft=0.5, tpot=0.05),
+                          cand("full", used_gib=79, ttft=0.3, tpot=0.03)], ctx)
+    assert chosen is not None and chosen.key == "chat/hot", why
+    # in admission: with a sound replica free nothing waits in the queue
+    adm = Admission(p, queue_size=4)
+    free_slow = cand("slow", ttft=2, tpot=0.5)
+
+    async def go():
+        return await adm.acquire(lambda: [cand("busy", in_flight=1, ttft=0.1, tpot=0.01), free_slow],
+                                 RouteContext("chat", max_tokens=10), "standard", 30)
+    slot = asyncio.run(go())
+    assert slot.candidate is free_slow and slot.waited == 0
+
+
+def test_a_critical_or_failing_replica_is_avoided_only_when_waiting_is_better():
     import time as _t
     p = make("gpu-aware", cfg(), random.Random(1))
-    busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # 10 s per request, its one slot taken
-    full = cand("full", used_gib=79)                             # critical memory, idle
-    far = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 60)
+    far = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600)
+    # the sound replica is busy, ~1 s per request; a critical one (risk x4, so 4 s expected) is free
+    busy = cand("busy", in_flight=1, ttft=0.5, tpot=0.05)
+    full = cand("full", used_gib=79, ttft=0.5, tpot=0.05)
+    assert full.pressure == "critical"
+    # waiting: ~1 s for the slot + 1 s = 2 s, better than 4 s there: it waits
     chosen, why = p.pick([busy, full], far)
-    assert chosen is None and "expected wait 10.0s" in why       # waiting 10 s is within 60 s: wait
-    assert p.expected_wait([busy, full], far) == 0.0             # the critical one is free: it can serve
-    full.stats.in_flight = 1                                     # both busy: 2 slots of 10 s each, ~5 s
-    assert p.expected_wait([busy, full], far) == pytest.approx(5.0)
-    assert make("gpu-aware", cfg(critical_overflow=False)).expected_wait([busy, full], far) == pytest.approx(10.0)
-    full.stats.in_flight = 0
-    near = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 3)
-    chosen, why = p.pick([busy, full], near)
-    assert chosen is full and "overflow to a critical GPU" in why
-    # with three queued before it the wait is 40 s: past a 30 s deadline
-    queued = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 30, ahead=3)
-    assert p.pick([busy, full], queued)[0] is full
-    # off by configuration; and never when no healthy replica exists (the request waits for recovery)
+    assert chosen is None and "expected wait 1.0s" in why
+    # three queued ahead: waiting (4 s + 1 s) is worse than the critical replica's 4 s: it serves
+    deep = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600, ahead=3)
+    chosen, why = p.pick([busy, full], deep)
+    assert chosen is full and "risky replica" in why
+    # a GPU at critical temperature the same way (its EMA, measured before it heated, does not show it)
+    burning_fast = cand("burning-fast", temp=90, ttft=0.5, tpot=0.05)
+    assert burning_fast.thermal == "critical"
+    assert p.pick([busy, burning_fast], far)[0] is None and p.pick([busy, burning_fast], deep)[0] is burning_fast
+    # a failing replica the same way: recent failures weigh (1 + 2 x 3/5 = x2.2) against waiting
+    failing = cand("failing", ttft=0.5, tpot=0.05)
+    failing.stats.recent_failures = 3.0
+    assert p.pick([busy, failing], far)[0] is None
+    assert p.pick([busy, failing], deep)[0] is failing
+    # a wait past the deadline: the critical one serves
+    near = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 0.5)
+    assert p.pick([busy, full], near)[0] is full
+    # a risky replica is not assumed faster than the sound ones (its EMA predates its GPU's state): a critical
+    # one measured 10x faster than the busy sound one still waits for it with nothing queued
+    slow_busy = cand("slowbusy", in_flight=1, ttft=5, tpot=0.5)
+    assert p.pick([slow_busy, full], far)[0] is None
+    # off by configuration: a critical GPU is never used while a sound one exists
     assert make("gpu-aware", cfg(critical_overflow=False)).pick([busy, full], near)[0] is None
-    burning = cand("burning", temp=90, in_flight=1)
-    assert p.pick([burning, full], near)[0] is None
-    assert p.expected_wait([burning, full], near) == float("inf")
+    # every GPU critical: the request waits (seed 003's queue), no estimate
+    burning = cand("burning", temp=90)
+    assert p.pick([burning, full], far)[0] is None
+    assert p.expected_wait([burning, full], far) == float("inf")
+    # a failing replica alone (GPU sound) is used: nothing better to wait for
+    lone = cand("lone")
+    lone.stats.recent_failures = 3
+    assert p.pick([lone], far)[0] is lone
     # baselines cannot tell
     assert make("least-loaded", cfg()).expected_wait([busy, full], near) is None
 
 
+def test_a_long_running_request_tells_a_stale_ema():
+    import time as _t
+    from controlplane.gateway import cost
+    c = cfg()
+    p = make("gpu-aware", c, random.Random(1))
+    busy = cand("busy", in_flight=1, ttft=0.5, tpot=0.05)           # EMA: 1 s per request
+    full = cand("full", used_gib=79, ttft=0.5, tpot=0.05)
+    assert cost.service_time(busy, 10, [busy, full], c) == pytest.approx(1.0)
+    # its request has run 20 s (the machine slowed down): the replica is at least that slow now
+    busy.stats.starts.append(_t.monotonic() - 20)
+    assert cost.service_time(busy, 10, [busy, full], c) == pytest.approx(20.0, abs=0.5)
+    # so a request with 10 s left to its deadline no longer waits for it: the critical one serves
+    ctx = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 10)
+    chosen, why = p.pick([busy, full], ctx)
+    assert chosen is full and "exceeds" in why
+    # admission keeps the start times with the slots
+    adm = Admission(p, queue_size=4)
+    a = cand("a")
+
+    async def go():
+        s1 = await adm.acquire(lambda: [a], RouteContext("chat"), "standard", 1)
+        assert len(a.stats.starts) == 1 and a.stats.oldest_age() >= 0
+        s1.release()
+        assert not a.stats.starts and a.stats.oldest_age() == 0.0
+    asyncio.run(go())
+
+
+def test_recent_failures_fade_with_time_and_successes():
+    now = [0.0]
+    s = ReplicaStats(CircuitBreaker(3, 2, clock=lambda: now[0]), half_life=10.0, clock=lambda: now[0])
+    s.failed()
+    s.failed()
+    assert s.recent_failures == pytest.approx(2.0)
+    now[0] = 10.0
+    assert s.recent_failures == pytest.approx(1.0)          # one half-life later
+    s.ok()
+    assert s.recent_failures == pytest.approx(0.5)          # and halved on a success
+    now[0] = 100.0
+    assert s.recent_failures == 0.0
+
+
 def test_weights_are_configuration():
-    # with the thermal weight at 0 and latency dominant, a hot but fast replica beats a cool slow one
+    # an unmeasured hot replica takes the measured median (1.05 s): with the thermal weight at 0 it beats a
+    # cool one measured at 1.1 s, with weight 1 (1.05 / 0.85 = 1.24 s) it does not
+    ctx = RouteContext("chat", max_tokens=10)
+    fast_busy, cool_slow = cand("fb", ttft=0.5, tpot=0.05, in_flight=1), cand("cs", ttft=0.6, tpot=0.05)
+    hot_new = cand("hn", temp=84)
     p = make("gpu-aware", cfg(weight_thermal=0), random.Random(1))
-    hot_fast, cool_slow = cand("hf", temp=84, ttft=0.1, tpot=0.01), cand("cs", temp=30, ttft=0.12, tpot=0.011)
-    assert p.pick([hot_fast, cool_slow], RouteContext("chat"))[0] is hot_fast
+    assert p.pick([fast_busy, cool_slow, hot_new], ctx)[0] is hot_new
     p = make("gpu-aware", cfg(weight_thermal=1), random.Random(1))
-    assert p.pick([hot_fast, cool_slow], RouteContext("chat"))[0] is cool_slow
+    assert p.pick([fast_busy, cool_slow, hot_new], ctx)[0] is cool_slow
     # latency ignored: the busier (by in-flight share) loses whatever its speed
     p = make("gpu-aware", cfg(weight_latency=0), random.Random(1))
     a, b = cand("a", limit=4, in_flight=1, ttft=0.1), cand("b", limit=4, in_flight=2, ttft=0.01)
@@ -359,7 +463,7 @@ async def test_a_deadline_the_healthy_replicas_cannot_meet_is_served_by_a_critic
     busy = cand("busy", in_flight=1, ttft=5, tpot=0.5)           # the healthy replica: busy for ~10 s
     full = cand("full", used_gib=79)                             # critical memory, idle
     slot = await adm.acquire(lambda: [busy, full], RouteContext("chat", max_tokens=10), "standard", 2)
-    assert slot.candidate is full and "overflow" in slot.why and slot.waited == 0
+    assert slot.candidate is full and "risky replica" in slot.why and slot.waited == 0
     # with time enough to wait, it waits for the healthy one instead
     t = asyncio.create_task(adm.acquire(lambda: [busy, cand("full2", used_gib=79)],
                                         RouteContext("chat", max_tokens=10), "standard", 60))

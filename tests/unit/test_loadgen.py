@@ -255,3 +255,60 @@ def test_sharegpt_prompts_from_the_package():
     got = sharegpt_prompts(limit=50, seed=1)
     assert len(got) == 50 and all(p.strip() for p in got)
     assert got == sharegpt_prompts(limit=50, seed=1)
+
+
+def test_oom_model_crashes_only_while_computing_with_its_hazard():
+    m = inject.OomModel(rate=0.1, seed=3)
+    # idle (below the floor) never crashes and draws nothing
+    assert not any(m.step(0.0) for _ in range(1000)) and not any(m.step(0.01) for _ in range(1000))
+    assert m.busy_total_s == 0.0
+    # the probability of a crash in b busy seconds is 1 - exp(-rate b)
+    assert m.probability(1.0) == pytest.approx(1 - 2.718281828 ** -0.1, rel=1e-6)
+    assert m.probability(10.0) == pytest.approx(1 - 2.718281828 ** -1.0, rel=1e-6)
+    assert inject.OomModel(rate=0).probability(5.0) == 0.0
+    # over many busy steps the crash count follows the rate: 0.25 s steps, 4000 s of compute: ~400 crashes
+    m = inject.OomModel(rate=0.1, seed=7)
+    crashes = sum(m.step(0.25) for _ in range(16000))
+    assert 340 <= crashes <= 460, crashes
+    # the same seed gives the same sequence (every policy meets the same draws)
+    a, b = inject.OomModel(0.5, seed=11), inject.OomModel(0.5, seed=11)
+    assert [a.step(0.3) for _ in range(200)] == [b.step(0.3) for _ in range(200)]
+    with pytest.raises(InvalidArgument, match="oom_rate"):
+        inject.OomModel(rate=-1)
+
+
+def test_oom_watch_kills_a_computing_backend_and_spares_an_idle_one():
+    """OomWatch on real processes: a busy one (a CPU loop) is SIGKILLed by a model that always crashes on
+    compute; an idle one (sleeping) is left alone by the same model."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tools.meshctl.bench_serve_cluster import OomWatch, ReplicaInfo
+
+    class FakeCluster:                # only current_pid is used: the process under test
+        def __init__(self, pid):
+            self.pid = pid
+
+        def current_pid(self, _replica):
+            return self.pid
+
+    rep = ReplicaInfo(0, "r0", "127.0.0.1:1", "n0", 0, "llama.cpp", "w0")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    crashed = []
+    try:
+        w_busy = OomWatch(FakeCluster(busy.pid), rep, inject.OomModel(rate=1000.0), crashed.append, 0.1).start()
+        w_idle = OomWatch(FakeCluster(idle.pid), rep, inject.OomModel(rate=1000.0), crashed.append, 0.1).start()
+        assert busy.wait(60) == -signal.SIGKILL
+        time.sleep(1.0)
+        w_busy.stop()
+        w_idle.stop()
+        assert crashed == [busy.pid] and w_busy.crashes == 1 and w_idle.crashes == 0
+        assert idle.poll() is None
+    finally:
+        for p in (busy, idle):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

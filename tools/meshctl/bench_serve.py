@@ -34,12 +34,17 @@ examples:
   meshctl bench serve --policy gpu-aware,direct --duration 30 --prompts synthetic
   meshctl bench serve --inject hot=0,pressure=1:critical,kill=2@20 --slo-ttft 2000
   meshctl bench serve --trace AzureLLMInferenceTrace_conv.csv --max-output 64 -o json
+  meshctl bench serve --inject standard --gateway-arg weight_failures=4 --gateway-arg critical_overflow=false
 
 --trace is a CSV in the Azure LLM inference format (TIMESTAMP,ContextTokens,GeneratedTokens); the default
 is $MESH_LLM_TRACE, else ../shared/traces/azure-llm-2023/AzureLLMInferenceTrace_code.csv. --rate-scale K
 multiplies the trace's request rate (0.25: a quarter as many requests per second). --inject takes
 hot=R[@T], pressure=R:high|critical[@T], kill=R@T (R: replica index, T: seconds into each run) or standard
-(one hot, one critical, one killed a third of the way in).
+(one hot, one critical, one killed a third of the way in). A hot GPU's backend runs at the SM clock ratio
+the simulated GPU reports; a GPU at critical memory pressure fails allocations: its backend dies of a CUDA
+OOM with a hazard of --oom-rate per second of compute (llama.cpp aborts on a CUDA error, vLLM's engine dies;
+docs/gateway.md has the sources), and the deployment restarts it. --gateway-arg KEY=VALUE sets any
+mesh-gateway setting (docs/configuration.md) for every gateway policy of the run.
 
 Prints {"policies": {"<policy>": {"requests", "failed", "unanswered", "ttft_p50_ms", "ttft_p99_ms",
 "tpot_p50_ms", "e2e_p99_ms", "output_tokens_per_s", "goodput_rps", "retries", "fallbacks", ...}},
@@ -77,7 +82,15 @@ def register(kinds: argparse._SubParsersAction) -> None:
                    help="requests through the gateway and direct for the overhead figure (default: 50)")
     p.add_argument("--emulate-throttle", action=argparse.BooleanOptionalAction, default=True,
                    help="slow a hot replica's backend to its simulated GPU's SM clock ratio (default: on)")
-    p.add_argument("--seed", type=int, default=0, help="prompt order (default: 0)")
+    p.add_argument("--rounds", type=positive_int, default=1, metavar="N",
+                   help="replay every policy N times, each round starting one policy later, figures pooled "
+                        "(a drift of the machine's load falls on every policy alike; default: 1)")
+    p.add_argument("--oom-rate", type=float, default=None, metavar="PER_S",
+                   help="OOM crashes per second of compute of a backend on a GPU at critical memory pressure "
+                        "(default: 0.1; 0: critical pressure changes the telemetry only)")
+    p.add_argument("--gateway-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a mesh-gateway setting for the gateway policies (repeatable), e.g. weight_failures=4")
+    p.add_argument("--seed", type=int, default=0, help="prompt order and the OOM draws (default: 0)")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state dir (logs) afterwards")
     p.set_defaults(func=run_serve_bench)
 
@@ -113,11 +126,37 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def gateway_settings(items: list[str]) -> dict[str, str]:
+    """--gateway-arg KEY=VALUE items as MESH_GATEWAY_* environment, checked against the gateway's config."""
+    from controlplane.gateway.config import GatewayConfig
+    from mesh import config
+    env: dict[str, str] = {}
+    known = {f.name for f in __import__("dataclasses").fields(GatewayConfig)}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise CliError(f"--gateway-arg: {item!r} is not KEY=VALUE")
+        if key not in known:
+            raise CliError(f"--gateway-arg: {key!r} is not a gateway setting (see docs/configuration.md)")
+        if key in ("listen", "control_plane", "policy", "insecure"):
+            raise CliError(f"--gateway-arg: {key} is set by the bench (allowed: the routing and queue settings)")
+        env[f"{GatewayConfig.ENV_PREFIX}{key.upper()}"] = value
+    try:
+        config.load(GatewayConfig, None, environ={**env, "MESH_GATEWAY_INSECURE": "1"})
+    except config.ConfigError as e:
+        raise CliError(f"--gateway-arg: {e}") from None
+    return env
+
+
 def run_serve_bench(args: argparse.Namespace) -> int:
     from mesh.errors import InvalidArgument
     from mesh.loadgen import inject, trace
     from tools.meshctl.bench_serve_run import ServeBench
     policies = _policies(args.policy)
+    if args.oom_rate is not None and args.oom_rate < 0:
+        raise CliError(f"--oom-rate: {args.oom_rate:g} is negative (allowed: >= 0)")
+    args.gateway_env = gateway_settings(args.gateway_arg)
     if args.replicas < 3:
         raise CliError(f"--replicas: {args.replicas} is too few (allowed: >= 3)")
     trace_path = Path(args.trace or os.environ.get("MESH_LLM_TRACE") or DEFAULT_TRACE)

@@ -11,7 +11,10 @@ gateways under test, and the fault injector.
   watch); `kill` SIGKILLs the replica's backend process tree. A throttled GPU computes slower: with
   `emulate_throttle`, the backend of a hot replica is also slowed to the SM clock ratio the simulated GPU
   reports under load (SIGSTOP/SIGCONT duty cycle), since a CPU process does not feel a simulated clock.
-  `reset` takes all of it away and waits for the fleet to be as before.
+  A GPU at critical memory pressure fails allocations: `OomWatch` applies mesh.loadgen.inject.OomModel to
+  the backend on it (an OOM crash with a hazard per second of compute, measured as the process tree's CPU
+  time; the crash is a SIGKILL, the deployment restarts it). `reset` takes all of it away and waits for the
+  fleet to be as before.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mesh.loadgen.inject import HOT_CELSIUS, PRESSURE_FRACTION, Injection
+from mesh.loadgen.inject import HOT_CELSIUS, OOM_RATE, PRESSURE_FRACTION, Injection, OomModel
 
 MODEL = "smollm2"
 DEPLOYMENT = "bench"
@@ -138,6 +141,17 @@ class ServeCluster:
     def backend_pid(self, replica: ReplicaInfo) -> int:
         return self.mesh.get_workload(replica.workload_id).pid
 
+    def current_pid(self, replica: ReplicaInfo) -> int | None:
+        """The running backend's pid of the replica on replica.node now (a restart may bring a new workload);
+        None while it is not running."""
+        from gpumesh.v1 import deployment_service_pb2 as D
+        d = self.mesh.get_deployment(DEPLOYMENT)
+        r = next((x for x in d.replicas if x.node == replica.node), None)
+        if r is None or r.state != D.REPLICA_STATE_READY or not r.workload_id:
+            return None
+        pid = self.mesh.get_workload(r.workload_id).pid
+        return pid if pid and Path(f"/proc/{pid}").exists() else None
+
     def sim_files(self, replica: ReplicaInfo) -> tuple[Path, Path]:
         """The host file and the simulated NVML state file of the replica's host (what simctl takes)."""
         state = next((self.cluster.state_dir / "agents").glob(f"*/sim/{replica.node}.state.json"))
@@ -188,6 +202,59 @@ def loaded_clock_ratio(host_file: Path, state_file: Path, gpu: int) -> float:
     return max(0.05, min(1.0, now / top)) if top else 1.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process tree (from /proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])          # utime, stime (fields 14 and 15 of stat)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+class OomWatch:
+    """Applies an OomModel to one replica's backend while its GPU is at critical memory pressure: every
+    `period_s` the compute it did since the last look is fed to the model; a crash is a SIGKILL of the tree.
+    After a crash it waits for the deployment to bring the backend back (a new pid) and goes on."""
+
+    def __init__(self, sc: "ServeCluster", replica: ReplicaInfo, model: OomModel, on_crash: Callable[[int], None],
+                 period_s: float = 0.25):
+        self.sc, self.replica, self.model, self.on_crash, self.period = sc, replica, model, on_crash, period_s
+        self.crashes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"oom-{replica.index}")
+
+    def start(self) -> "OomWatch":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        pid, last = None, 0.0
+        while not self._stop.wait(self.period):
+            if pid is None or not Path(f"/proc/{pid}").exists():
+                try:
+                    pid = self.sc.current_pid(self.replica)
+                except Exception:                     # noqa: BLE001 - the control plane is busy: look again
+                    pid = None
+                last = cpu_seconds(pid) if pid else 0.0
+                continue
+            now = cpu_seconds(pid)
+            busy, last = now - last, now
+            if self.model.step(busy):
+                signal_tree(pid, signal.SIGKILL)
+                self.crashes += 1
+                self.on_crash(pid)
+                pid = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
 class Throttle:
     """Runs a process tree at `ratio` of its speed: SIGSTOP for (1 - ratio) of every period."""
 
@@ -223,9 +290,13 @@ class Injector:
     sc: ServeCluster
     emulate_throttle: bool = True
     say: Callable[[str], None] = lambda _m: None
+    oom_rate: float = OOM_RATE
+    seed: int = 0
     applied: list[dict] = field(default_factory=list)
     _throttles: list[Throttle] = field(default_factory=list)
+    _ooms: list[OomWatch] = field(default_factory=list)
     _touched: set[int] = field(default_factory=set)
+    started_at: float = 0.0                     # the run's start (time.monotonic()), for the crash times
 
     def apply(self, inj: Injection, t: float) -> None:
         rep = self.sc.replicas[inj.replica]
@@ -249,14 +320,34 @@ class Injector:
                 used = int(total * PRESSURE_FRACTION[inj.level])
                 nvml.sim_set_load(rep.gpu_index, None, used)
                 entry["memory_used_bytes"] = used
+                if inj.level == "critical" and self.oom_rate > 0:
+                    # the same generator for every policy's run: seeded by the bench's seed and the replica
+                    model = OomModel(self.oom_rate, seed=self.seed * 1000 + inj.replica)
+                    self._ooms.append(OomWatch(self.sc, rep, model, lambda pid, i=inj.replica: self._crashed(i, pid))
+                                      .start())
+                    entry["oom_rate_per_busy_s"] = self.oom_rate
         self.applied.append(entry)
         self.say(f"injected {inj.kind} on replica {inj.replica} ({rep.node}) at {t:.1f}s")
 
-    def reset(self, timeout: float = 600.0) -> None:
-        """Faults away, killed backends back and READY, the control plane's GPU states back to what they were."""
+    def _crashed(self, index: int, pid: int) -> None:
+        rep = self.sc.replicas[index]
+        t = time.monotonic() - self.started_at if self.started_at else 0.0
+        self.applied.append({"kind": "oom", "replica": index, "at_s": round(t, 2), "node": rep.node,
+                             "gpu_index": rep.gpu_index, "applied_at_s": round(t, 2), "pid": pid})
+        self.say(f"OOM crash of replica {index}'s backend ({rep.node}, critical memory) at {t:.1f}s")
+
+    def stop_faults(self) -> None:
+        """Stop the OOM watches and throttles (the end of a run), before anything is restored."""
+        for w in self._ooms:
+            w.stop()
+        self._ooms.clear()
         for th in self._throttles:
             th.stop()
         self._throttles.clear()
+
+    def reset(self, timeout: float = 600.0) -> None:
+        """Faults away, killed backends back and READY, the control plane's GPU states back to what they were."""
+        self.stop_faults()
         for i in sorted(self._touched):
             rep = self.sc.replicas[i]
             self.sc.nvml(rep).sim_clear(rep.gpu_index)
@@ -279,7 +370,7 @@ class Gateway:
     and the direct policy has no cache. `extra_args` go last (TLS, tokens, limits)."""
 
     def __init__(self, cp_endpoint: str, policy: str, log_dir: Path, extra_args: list[str] | None = None,
-                 insecure: bool = True, model: str = DEPLOYMENT, token: str = ""):
+                 insecure: bool = True, model: str = DEPLOYMENT, token: str = "", env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.policy, self.model, self.token = policy, model, token
@@ -287,6 +378,7 @@ class Gateway:
         self.argv = [sys.executable, "-m", "controlplane.gateway.main", "--control-plane", cp_endpoint,
                      "--listen", f"127.0.0.1:{self.port}", "--policy", policy, "--cache-entries", "0",
                      "--log-format", "json", *(["--insecure"] if insecure else []), *(extra_args or [])]
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> "Gateway":
@@ -294,7 +386,7 @@ class Gateway:
         import httpx
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, env=self.env)
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

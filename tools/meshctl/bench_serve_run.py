@@ -6,11 +6,12 @@ See tools/meshctl/bench_serve.py for what it measures; this module does it.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Callable
 
 from mesh.loadgen import stats
-from mesh.loadgen.inject import Injection
+from mesh.loadgen.inject import OOM_RATE, Injection
 from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker
 from mesh.loadgen.replay import replay, round_robin
 from mesh.loadgen.trace import Arrival
@@ -29,6 +30,9 @@ class ServeBench:
         self.sc: ServeCluster | None = None
         self.gateway: Gateway | None = None
         self.extra_body: dict = {}
+        self.gateway_env: dict = dict(getattr(args, "gateway_env", None) or {})
+        rate = getattr(args, "oom_rate", None)
+        self.oom_rate = OOM_RATE if rate is None else rate
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
@@ -72,12 +76,14 @@ class ServeBench:
         return pairs
 
     def run_policy(self, policy: str, prompts: list[str], injector: Injector) -> dict:
+        """One replay of the arrivals with `policy`: its results, wall time, the gateway's counters and what
+        was injected (summarized by `summary`, over one or more rounds)."""
         pick: Callable
         if policy == "direct":
             gw = None
             pick = round_robin([f"http://{r.endpoint}" for r in self.sc.replicas])
         else:
-            gw = Gateway(self.sc.cluster.endpoint, policy, self.state_dir).start()
+            gw = Gateway(self.sc.cluster.endpoint, policy, self.state_dir, env=self.gateway_env).start()
             pick = lambda _a, url=gw.url: url             # noqa: E731
         events = []
         for inj in self.injections:
@@ -86,16 +92,27 @@ class ServeBench:
             events.append((inj.at_s, fire))
         bar = self.progress_cls(policy, len(self.arrivals))
         injector.applied = []
+        injector.started_at = time.monotonic()
         try:
             results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=DEPLOYMENT, events=events,
                                                extra_body=self.extra_body, progress=bar,
                                                drain_s=max(180.0, self.args.duration * 2)))
             counters = gateway_counters(gw.metrics()) if gw is not None else {}
         finally:
+            injector.stop_faults()
             bar.end()
             if gw is not None:
                 gw.stop()
-        summary = stats.summarize(results, wall, self.args.slo_ttft)
+        return {"results": results, "wall": wall, "counters": counters, "injected": list(injector.applied)}
+
+    def summary(self, runs: list[dict]) -> dict:
+        """A policy's figures over its rounds (results pooled, wall times added)."""
+        results = [r for run in runs for r in run["results"]]
+        summary = stats.summarize(results, sum(run["wall"] for run in runs), self.args.slo_ttft)
+        counters: dict[str, float] = {}
+        for run in runs:
+            for k, v in run["counters"].items():
+                counters[k] = counters.get(k, 0) + v
         # The gateway counts its retries (before the first token, on another replica) and fallbacks itself;
         # a client sees neither a retry nor (without the header) a fallback.
         summary["retries"] = max(summary["retries"], int(counters.get("gpumesh_gateway_retries", 0)))
@@ -103,7 +120,10 @@ class ServeBench:
         summary["rejected_429"] = int(counters.get("gpumesh_gateway_rejected", 0))
         summary["served_by"] = _count(r.served_by or r.target for r in results)
         summary["errors"] = _count(r.error[:80] for r in results if r.error)
-        summary["injected"] = list(injector.applied)
+        summary["slowest_ttft"] = slowest(results)
+        summary["rounds"] = len(runs)
+        summary["injected"] = [e for run in runs for e in run["injected"]]
+        summary["oom_crashes"] = sum(1 for e in summary["injected"] if e["kind"] == "oom")
         return summary
 
     # -- the whole run --------------------------------------------------------------------------------------
@@ -115,40 +135,56 @@ class ServeBench:
         prompts, tokenizer = self.prompts()
         self.sc = ServeCluster(self.state_dir, self.args.replicas, self.args.context, self.args.restart_delay, info)
         self.sc.start()
-        injector = Injector(self.sc, emulate_throttle=self.args.emulate_throttle, say=info)
+        injector = Injector(self.sc, emulate_throttle=self.args.emulate_throttle, say=info,
+                            oom_rate=self.oom_rate, seed=self.args.seed)
         overhead = {"p50": None, "p99": None, "pairs": 0}
         if gateways:
             info(f"gateway overhead: {self.args.overhead_pairs} pairs through {gateways[0]} and direct...")
-            gw = Gateway(self.sc.cluster.endpoint, gateways[0], self.state_dir).start()
+            gw = Gateway(self.sc.cluster.endpoint, gateways[0], self.state_dir, env=self.gateway_env).start()
             try:
                 overhead = stats.overhead(asyncio.run(self._overhead_pairs(gw.url, self.args.overhead_pairs)))
             finally:
                 gw.stop()
             overhead["policy"] = gateways[0]
+        runs: dict[str, list[dict]] = {p: [] for p in self.policies}
+        rounds = max(1, int(getattr(self.args, "rounds", 1) or 1))
+        n = 0
+        for rnd in range(rounds):
+            # each round starts one policy later (A B C, B C A, ...): a drift of the machine's load over the
+            # run falls on every policy alike
+            k = rnd % len(self.policies)
+            for policy in self.policies[k:] + self.policies[:k]:
+                if n:
+                    info("taking the faults away; waiting for every replica READY and every GPU normal...")
+                    injector.reset()
+                n += 1
+                info(f"round {rnd + 1}/{rounds}, policy {policy}: replaying {len(self.arrivals)} requests...")
+                runs[policy].append(self.run_policy(policy, prompts, injector))
         results: dict[str, dict] = {}
         injected: dict[str, list] = {}
-        for n, policy in enumerate(self.policies):
-            if n:
-                info("taking the faults away; waiting for every replica READY and every GPU normal...")
-                injector.reset()
-            info(f"policy {policy}: replaying {len(self.arrivals)} requests...")
-            s = self.run_policy(policy, prompts, injector)
+        for policy in self.policies:
+            s = self.summary(runs[policy])
             injected[policy] = s.pop("injected")
             results[policy] = s
-        first = next(iter(injected.values()), [])
+        planned = {}
+        for e in next(iter(injected.values()), []):
+            if e["kind"] != "oom":
+                planned.setdefault((e["kind"], e["replica"], e["at_s"]), e)
         return {
             "policies": results,
             "gateway_overhead_ms": overhead,
-            "injected": [{k: v for k, v in e.items() if k not in ("applied_at_s", "pid")} for e in first],
+            "injected": [{k: v for k, v in e.items() if k not in ("applied_at_s", "pid")} for e in planned.values()],
             "injected_per_policy": injected,
             "replicas": [r.describe() for r in self.sc.replicas],
             "goals": goals(results, overhead),
             "settings": {"trace": self.trace_path.name, "requests": len(self.arrivals),
                          "duration_s": self.args.duration, "rate_scale": self.args.rate_scale,
-                         "trace_start_s": self.args.trace_start,
+                         "trace_start_s": self.args.trace_start, "rounds": rounds,
                          "prompts": self.args.prompts, "tokenizer": tokenizer, "context": self.args.context,
                          "slo_ttft_ms": self.args.slo_ttft, "restart_delay_s": self.args.restart_delay,
-                         "emulate_throttle": self.args.emulate_throttle, "model": "SmolLM2-135M-Instruct Q4_1",
+                         "emulate_throttle": self.args.emulate_throttle, "oom_rate_per_busy_s": self.oom_rate,
+                         "gateway_args": list(getattr(self.args, "gateway_arg", []) or []),
+                         "model": "SmolLM2-135M-Instruct Q4_1",
                          "backend": "llama.cpp (llama-cpp-python server, 1 thread, CPU)"},
         }
 
@@ -168,6 +204,15 @@ def gateway_counters(text: str) -> dict[str, float]:
     except ValueError:
         pass
     return out
+
+
+def slowest(results, n: int = 6) -> list[dict]:
+    """The requests with the longest time to first token (what makes the p99): when each left, where it was
+    served, its TTFT and end-to-end time, retries, error."""
+    timed = sorted((r for r in results if r.ttft_s is not None or r.error), key=lambda r: -(r.ttft_s or r.e2e_s or 0))
+    return [{"index": r.index, "sent_s": round(r.sent_s, 1), "ttft_ms": round((r.ttft_s or 0) * 1000),
+             "e2e_ms": round((r.e2e_s or 0) * 1000), "served_by": r.served_by or r.target, "retries": r.retries,
+             **({"error": r.error[:80]} if r.error else {})} for r in timed[:n]]
 
 
 def _count(items) -> dict:
