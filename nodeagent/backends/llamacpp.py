@@ -25,7 +25,10 @@ DEFAULT_CONTEXT = 2048
 def command(b: types_pb2.ServingBackend, host: str, port: int, python: str) -> list[str]:
     argv = [python, "-m", SERVER_MODULE, "--model", b.artifact, "--host", host, "--port", str(port),
             "--n_ctx", str(b.context or DEFAULT_CONTEXT),
-            "--n_gpu_layers", str(b.gpu_layers if b.gpu_layers > 0 else -1)]
+            "--n_gpu_layers", str(b.gpu_layers if b.gpu_layers > 0 else -1),
+            # llama-cpp-python's server otherwise ends a running stream (with [DONE], as if complete) when
+            # another request arrives; the gateway already bounds each replica's concurrency
+            "--interrupt_requests", "false"]
     if b.served_name:
         argv += ["--model_alias", b.served_name]
     return argv

@@ -22,7 +22,8 @@ def test_llamacpp_command_and_endpoint():
     port = int(w.endpoint.rsplit(":", 1)[1])
     assert argv == ["/venv/bin/python", "-m", "nodeagent.backends.llamacpp_server", "--model", "/m/x.gguf",
                     "--host", "127.0.0.1",
-                    "--port", str(port), "--n_ctx", "512", "--n_gpu_layers", "-1", "--model_alias", "smollm2"]
+                    "--port", str(port), "--n_ctx", "512", "--n_gpu_layers", "-1",
+                    "--interrupt_requests", "false", "--model_alias", "smollm2"]
     assert w.endpoint == f"127.0.0.1:{port}" and 0 < port < 65536
     w.backend.gpu_layers = 12
     backends.prepare(w, "127.0.0.1", "py")
