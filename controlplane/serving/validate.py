@@ -82,7 +82,7 @@ def validate(model: M.Model, gpu_models: Iterable[gpumodels.GpuModel], check_art
         raise _bad("model.variants", f"{len(m.variants)} variants", f"at most {MAX_VARIANTS}")
     fleet = list(gpu_models) or list(gpumodels.MODELS.values())
     names: dict[str, int] = {}
-    ranks: dict[int, int] = {}
+    ranks: dict[tuple[int, str], int] = {}
     for i, v in enumerate(m.variants):
         path = f"model.variants[{i}]"
         _variant(v, path, fleet, check_artifacts)
@@ -90,10 +90,13 @@ def validate(model: M.Model, gpu_models: Iterable[gpumodels.GpuModel], check_art
             raise _bad(f"{path}.name", f"{v.name!r} is also variants[{names[v.name]}]'s name",
                        "a name unique within the model")
         names[v.name] = i
-        if v.fallback_rank in ranks:
-            raise _bad(f"{path}.fallback_rank", f"{v.fallback_rank} is also variants[{ranks[v.fallback_rank]}]'s "
-                       f"rank", "distinct ranks (0 first, larger later)")
-        ranks[v.fallback_rank] = i
+        # variants of one rank are equals the gateway pools (e.g. the same weights on llama.cpp and on vLLM);
+        # two of one rank on the same backend would be the same thing twice
+        same = ranks.setdefault((v.fallback_rank, v.backend), i)
+        if same != i:
+            raise _bad(f"{path}.fallback_rank", f"{v.fallback_rank} is also variants[{same}]'s rank on the "
+                       f"same backend {M.Backend.Name(v.backend)}", "distinct ranks per backend (0 first, larger later; "
+                       "variants of one rank on different backends are served as one pool)")
     return m
 
 

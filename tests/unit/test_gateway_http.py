@@ -131,6 +131,17 @@ def test_resolve_primary_and_fallback():
     assert v.deployments["chat"].context == 512
 
 
+def test_variants_of_one_rank_on_two_backends_route_as_one_pool():
+    """The same weights on llama.cpp and on vLLM at rank 0: a request for the model may go to either."""
+    from controlplane.gateway.view import DeploymentInfo, FleetView
+    v = FleetView()
+    for name, variant, backend, rank in (("smol-cpp", "q4", "llamacpp", 0), ("smol-vllm", "bf16", "vllm", 0),
+                                          ("smol-tiny", "q2", "llamacpp", 1)):
+        v.deployments[name] = DeploymentInfo(name, "smol", variant, "team-a", backend, 512, rank)
+    prim, fb = v.resolve("smol", "team-a")
+    assert sorted(d.name for d in prim) == ["smol-cpp", "smol-vllm"] and [d.name for d in fb] == ["smol-tiny"]
+
+
 async def test_http_errors_are_openai_shaped(app):
     a = {"authorization": f"Bearer {app.tokens['team-a']}"}
     r = await app.post("/v1/chat/completions", content=b"{}")

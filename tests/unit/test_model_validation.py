@@ -158,7 +158,14 @@ def test_duplicate_variant_names_and_ranks(files):
     with pytest.raises(errors.InvalidArgument) as e:
         validate(M.Model(name="m", variants=[gguf_variant(files["gguf"]), gguf_variant(files["gguf"], name="b")]),
                  FLEET)
-    assert e.value.field == "model.variants[1].fallback_rank" and "distinct ranks" in e.value.message
+    assert e.value.field == "model.variants[1].fallback_rank" and "distinct ranks per backend" in e.value.message
+
+
+def test_variants_of_one_rank_on_different_backends_are_one_pool(files):
+    """The same weights on llama.cpp and on vLLM at rank 0 are equals (the gateway pools their deployments)."""
+    m = validate(M.Model(name="m", variants=[gguf_variant(files["gguf"]), hf_variant(files["hf"], name="hf", fallback_rank=0)]),
+                 FLEET)
+    assert [v.fallback_rank for v in m.variants] == [0, 0]
 
 
 def test_measurements_are_keyed_by_canonical_gpu_model(files):
