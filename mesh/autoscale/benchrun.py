@@ -34,6 +34,8 @@ class BenchSpec:
     replica_cost_per_hour: float = 0.0
     tune_targets: tuple[float, ...] = ()   # per autoscaling policy: run each, keep the best reaching slo_goal
     slo_goal: float = 0.99
+    sizing: str = "erlang"                 # the predictive policy's rule for the forecast rate (mesh/autoscale/sizing.py)
+    sizing_quantile: float = 0.97          # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
 
 
 def _season(spec: BenchSpec, series: demand.Series) -> int:
@@ -67,9 +69,12 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
             season = _season(spec, series)
             forecaster = RateForecaster(bucket, lead, season=season, level=spec.level, refit_every=spec.refit_every,
                                         min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models,
-                                        max_history=spec.max_history, cache=cache)
+                                        max_history=spec.max_history, cache=cache,
+                                        queueing=spec.sizing != "little")
         scaler = AutoscalerScaler(policy, service_s=service, cold_start_s=model.cold_start_s,
-                                  replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster)
+                                  replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster,
+                                  sizing_rule=spec.sizing, slots=model.slots, quantile=spec.sizing_quantile,
+                                  wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()))
         initial = max(policy.min_replicas, peak_replicas(float(lam[0]), service, policy.target, policy.max_replicas))
     else:
         raise ValueError(f"policy {name!r}: allowed {', '.join(POLICIES)}")
@@ -102,7 +107,29 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
         err = forecaster.log.error(counts / bucket)
         out["forecast_error"] = {**err, "lead_time_s": round(forecaster.lead_s, 3), "season": forecaster.season,
                                  "bucket_s": round(bucket, 3)}
+        out["sizing"] = {"rule": spec.sizing, "quantile": spec.sizing_quantile,
+                         "wait_s": round(max(0.0, spec.slo_ttft_s - model.ttft_s()), 4)}
     return out
+
+
+def cold_start_info(model: LatencyModel) -> dict:
+    """Which cold start the run used and where each part came from."""
+    src = model.source or {}
+    return {"cold_start_s": round(model.cold_start_s, 4), "slice_create_s": round(model.slice_create_s, 4),
+            "load_s": round(model.load_s, 4),
+            "slice_create_from": src.get("slice_create_from")
+            or f"calibration (measured: {src.get('slice_create', 'Allocate to READY')})",
+            "load_from": src.get("load_from") or f"calibration (measured: {src.get('backend', 'the real backend')})"}
+
+
+def with_slice_create(model: LatencyModel, seconds: float, why: str) -> LatencyModel:
+    """The model with the hardware part of the cold start (slice creation) set to ``seconds``; the model load
+    and serving latencies stay the calibration's."""
+    if not (math.isfinite(seconds) and 0 <= seconds <= 3600):
+        raise ValueError(f"slice_create_s {seconds!r}: must be between 0 and 3600 seconds")
+    source = {**(model.source or {}), "slice_create_from": why,
+              "slice_create_measured_s": model.slice_create_s}
+    return replace(model, slice_create_s=float(seconds), source=source)
 
 
 def compare(policies: dict[str, dict]) -> dict:
@@ -179,6 +206,7 @@ def run(series: demand.Series, model: LatencyModel, spec: BenchSpec, policies: t
                    "arrivals": int(len(arrivals)), "seed": spec.seed},
         "slo_ttft_ms": round(spec.slo_ttft_s * 1000, 3),
         "calibration": model.to_dict(),
+        "cold_start": cold_start_info(model),
         "policy": {k: getattr(spec.policy, k) for k in ("min_replicas", "max_replicas", "metric", "target",
                                                        "stable_window_s", "panic_window_s", "panic_threshold",
                                                        "scale_down_delay_s", "max_scale_up_rate",

@@ -6,7 +6,10 @@ for a replica count every tick.
 - ``predictive``: the same Autoscaler with predictive warm-up: the request rate, bucketed at the series'
   step, is forecast with ``mesh.forecast.choose`` (model choice by backtest, split-conformal interval), refit
   every ``refit_every`` buckets on the history seen so far; the interval's upper edge over now .. now + lead
-  time (the measured cold start plus one tick), times the service time (Little's law), is ``forecast_upper``.
+  time (the measured cold start plus one tick) is sized into replicas by ``sizing`` (mesh/autoscale/sizing.py:
+  ``erlang``, the fewest replicas whose queueing wait meets the SLO's room at a quantile, for the Poisson
+  bursts inside a bucket; ``poisson``; or ``little``, rate x service time at the target), and handed to the
+  Autoscaler as ``forecast_upper`` = those replicas x the target (the concurrency they carry at the target).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mesh.autoscale import sizing
 from mesh.autoscale.autoscaler import Autoscaler
 from mesh.autoscale.types import Decision, Sample, ScalingPolicy
 
@@ -41,12 +45,14 @@ class ForecastLog:
     upper: dict[int, float] = field(default_factory=dict)
     fits: int = 0
     failures: int = 0
+    naive_fallbacks: int = 0               # decisions made on the last bucket's rate (no fitted forecast yet)
     models: dict[str, int] = field(default_factory=dict)
 
     def error(self, actual: np.ndarray) -> dict:
         ks = [k for k in self.point if k < len(actual)]
         if not ks:
-            return {"buckets": 0, "fits": self.fits, "failures": self.failures, "models": self.models}
+            return {"buckets": 0, "fits": self.fits, "failures": self.failures, "models": self.models,
+                    "naive_fallbacks": self.naive_fallbacks}
         a = np.array([actual[k] for k in ks])
         p = np.array([self.point[k] for k in ks])
         u = np.array([self.upper[k] for k in ks])
@@ -54,14 +60,17 @@ class ForecastLog:
         return {"buckets": len(ks), "mae_rps": round(mae, 4),
                 "wape": round(float(np.sum(np.abs(a - p)) / np.sum(a)), 4) if np.sum(a) > 0 else None,
                 "upper_coverage": round(float(np.mean(a <= u + 1e-9)), 4), "fits": self.fits,
-                "failures": self.failures, "models": self.models}
+                "failures": self.failures, "models": self.models, "naive_fallbacks": self.naive_fallbacks}
 
 
 class RateForecaster:
     """Buckets the observed arrivals and forecasts the rate's upper quantile ahead (see module doc)."""
 
     def __init__(self, bucket_s: float, lead_s: float, *, season: int, level: float, refit_every: int,
-                 min_history: int, models: tuple[str, ...], max_history: int = 0, cache: dict | None = None) -> None:
+                 min_history: int, models: tuple[str, ...], max_history: int = 0, cache: dict | None = None,
+                 queueing: bool = False) -> None:
+        self.queueing = queueing               # with the queueing sizing rules: a naive forecast (the last finished
+        #                                        bucket's rate) before the first fit, and never below that rate
         self.bucket_s = bucket_s
         self.lead_s = lead_s
         self.season = season
@@ -114,12 +123,17 @@ class RateForecaster:
         self._hi, self._pt = list(f.hi), list(f.points)
 
     def upper_rate(self, now: float) -> float | None:
-        """The forecast's upper rate over now .. now + lead (None without a forecast)."""
+        """The forecast's upper rate over now .. now + lead (None without a forecast; see ``queueing``)."""
         done = len(self.counts)
         if done >= self.min_history and done - self._fitted_at >= self.refit_every:
             self._refit()
         if not self._hi:
-            return None
+            # too little history for the backtest (or the fit failed): the naive forecast, the last finished
+            # bucket's rate, with no interval
+            if not self.counts or not self.queueing:
+                return None
+            self.log.naive_fallbacks += 1
+            return self.counts[-1] / self.bucket_s
         k0 = int(now // self.bucket_s)
         k1 = int((now + self.lead_s) // self.bucket_s)
         his = []
@@ -130,15 +144,27 @@ class RateForecaster:
                 if k == k1 and k not in self.log.point:
                     self.log.point[k] = self._pt[i]
                     self.log.upper[k] = self._hi[i]
-        return max(his) if his else None
+        if not his:
+            return None
+        if self.queueing:                       # never below the last finished bucket's rate (persistence)
+            his.append(self.counts[-1] / self.bucket_s)
+        return max(his)
 
 
 class AutoscalerScaler:
     """The Autoscaler driven by the simulation's samples (and a forecaster when predictive)."""
 
     def __init__(self, policy: ScalingPolicy, *, service_s: float, cold_start_s: float,
-                 replica_cost_per_hour: float = 0.0, forecaster: RateForecaster | None = None) -> None:
+                 replica_cost_per_hour: float = 0.0, forecaster: RateForecaster | None = None,
+                 sizing_rule: str = "little", slots: int = 1, wait_s: float = 0.0, quantile: float = 0.99) -> None:
+        if sizing_rule not in sizing.RULES:
+            raise ValueError(f"sizing rule {sizing_rule!r}: allowed {', '.join(sizing.RULES)}")
         self.autoscaler = Autoscaler(policy)
+        self.target = policy.target
+        self.sizing_rule = sizing_rule
+        self.slots = slots
+        self.wait_s = wait_s
+        self.quantile = quantile
         self.service_s = service_s
         self.cold_start_s = cold_start_s
         self.cost = replica_cost_per_hour
@@ -154,9 +180,17 @@ class AutoscalerScaler:
             self._prev = now
             rate = self.forecaster.upper_rate(now)
             if rate is not None:
-                upper = rate * self.service_s           # Little's law: concurrency = rate x time in system
+                upper = self.forecast_upper(rate)
         d = self.autoscaler.decide(now, ready=ready, starting=starting, replica_cost_per_hour=self.cost,
                                    forecast_upper=upper, cold_start_s=self.cold_start_s)
         self.decisions[d.mode] = self.decisions.get(d.mode, 0) + 1
         self.last = d
         return d.desired
+
+    def forecast_upper(self, rate: float) -> float:
+        """The forecast's upper rate as demand in the Autoscaler's units (concurrency)."""
+        if self.sizing_rule == "little":
+            return rate * self.service_s                # Little's law: concurrency = rate x time in system
+        n = sizing.replicas_for(self.sizing_rule, rate, self.service_s, slots=self.slots, wait_s=self.wait_s,
+                                quantile=self.quantile)
+        return n * self.target                          # the Autoscaler wants ceil(upper / target) = n

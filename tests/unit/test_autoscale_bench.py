@@ -4,6 +4,7 @@ on hand-checkable inputs, the policies' scalers, and the CLI (bad input exits 2;
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -190,6 +191,16 @@ def test_cli_runs_every_policy_calibrated_on_a_short_series(tmp_path) -> None:
     (["--series", "S", "--time-col", "t", "--value-col", "rps", "--calibration", "/nonexistent.json"],
      "calibration /nonexistent.json"),
     (["--series", "/nonexistent.csv", "--time-col", "t", "--value-col", "rps"], "--series /nonexistent.csv"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--slice-create-s", "-1"],
+     "--slice-create-s -1.0: must be between 0 and 3600 seconds"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--slice-create-s", "nan"],
+     "--slice-create-s nan: must be between 0 and 3600"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--slice-create-s", "9999"],
+     "--slice-create-s 9999.0: must be between 0 and 3600"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--slice-create-s", "10", "--mode", "real"],
+     "--slice-create-s: calibrated mode only"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--sizing-quantile", "1"], "--sizing-quantile 1.0"),
+    (["--series", "S", "--time-col", "t", "--value-col", "rps", "--sizing", "guess"], "--sizing"),
 ])
 def test_cli_bad_input_exits_2_naming_the_problem(tmp_path, argv, match) -> None:
     path = write(tmp_path, "t,rps\n0,1\n60,2\n120,3\n")
@@ -222,3 +233,143 @@ def test_rate_forecaster_forecasts_the_bucket_a_lead_time_ahead_from_history_onl
         assert upper == pytest.approx(max(pattern[k % 4], pattern[(k + 1) % 4]), abs=0.05)
     err = f.log.error(np.array([pattern[k % 4] for k in range(64)]))
     assert err["buckets"] > 0 and err["mae_rps"] == pytest.approx(0.0, abs=0.05)
+
+
+def test_cli_slice_create_s_sets_the_cold_start_and_says_where_it_came_from(tmp_path) -> None:
+    rows = ["t,rps"] + [f"{60 * i},{v}" for i, v in enumerate([1, 1, 2, 4, 6, 6, 3, 1])]
+    path = write(tmp_path, "\n".join(rows) + "\n")
+    p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--policy", "predictive,reactive",
+                "--slice-create-s", "10", "--season", "2", "--refit-every", "2", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    measured = default_model()
+    cs = doc["cold_start"]
+    assert cs["slice_create_s"] == 10.0 and cs["load_s"] == pytest.approx(measured.load_s, abs=1e-4)
+    assert cs["cold_start_s"] == pytest.approx(10.0 + measured.load_s, abs=1e-3)
+    assert "--slice-create-s 10" in cs["slice_create_from"] and "calibration (measured" in cs["load_from"]
+    assert doc["calibration"]["prefill_base_s"] == pytest.approx(measured.prefill_base_s)   # serving kept
+    pred = doc["policies"]["predictive"]
+    assert pred["forecast_error"]["lead_time_s"] == pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-2)
+    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.97,
+                              "wait_s": pytest.approx(doc["slo_ttft_ms"] / 1000 - measured.ttft_s(), abs=1e-3)}
+    # without the flag: the calibration's measured slice creation, said so
+    p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--policy", "reactive", "-o", "json")
+    cs = json.loads(p.stdout)["cold_start"]
+    assert cs["slice_create_s"] == pytest.approx(measured.slice_create_s, abs=1e-4)
+    assert cs["slice_create_from"].startswith("calibration (measured")
+
+
+def test_with_slice_create_keeps_the_measured_load_and_refuses_bad_values() -> None:
+    from mesh.autoscale.benchrun import cold_start_info, with_slice_create
+    m = LatencyModel(0.05, 0.001, 0.01, 1.5, 0.2, source={"backend": "x"})
+    m30 = with_slice_create(m, 28.5, "assumed")
+    assert m30.cold_start_s == pytest.approx(30.0) and m30.load_s == 1.5 and m30.ttft_s() == m.ttft_s()
+    assert cold_start_info(m30)["slice_create_from"] == "assumed"
+    assert m30.source["slice_create_measured_s"] == 0.2
+    for bad in (-0.1, float("inf"), 3601.0):
+        with pytest.raises(ValueError, match="slice_create_s"):
+            with_slice_create(m, bad, "x")
+
+
+# -- the predictive policy's sizing rule (mesh/autoscale/sizing.py) ------------------------------------------------
+
+def _erlang_c_closed_form(c: int, a: float) -> float:
+    """Erlang C by its textbook sum: (a^c/c! x c/(c-a)) / (sum_{k<c} a^k/k! + a^c/c! x c/(c-a))."""
+    import math
+    top = a ** c / math.factorial(c) * c / (c - a)
+    return top / (sum(a ** k / math.factorial(k) for k in range(c)) + top)
+
+
+def test_erlang_c_matches_the_textbook_values() -> None:
+    from mesh.autoscale.sizing import erlang_c
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)                     # M/M/2 at a = 1 Erlang
+    for c, a in ((5, 3.2), (12, 9.7), (30, 25.0)):
+        assert erlang_c(c, a) == pytest.approx(_erlang_c_closed_form(c, a), rel=1e-9)
+    assert erlang_c(3, 3.0) == 1.0 and erlang_c(3, 0.0) == 0.0        # overloaded: everyone waits; idle: nobody
+
+
+@pytest.mark.parametrize("rate,service,slots,wait,q", [(0.92, 5.66, 1, 6.36, 0.97), (2.88, 5.66, 1, 6.36, 0.99),
+                                                       (4.0, 2.0, 4, 0.5, 0.95), (0.05, 5.66, 1, 6.36, 0.97)])
+def test_erlang_replicas_is_the_fewest_whose_wait_tail_meets_the_quantile(rate, service, slots, wait, q) -> None:
+    import math
+    from mesh.autoscale.sizing import erlang_replicas
+    a = rate * service
+
+    def tail(n: int) -> float:                                        # P(wait > wait_s), M/M/(n x slots)
+        c = n * slots
+        return 1.0 if c <= a else _erlang_c_closed_form(c, a) * math.exp(-(c - a) * wait / service)
+
+    n = erlang_replicas(rate, service, slots, wait, q)
+    assert tail(n) <= 1 - q
+    assert n == 1 or tail(n - 1) > 1 - q
+    assert n * slots > a                                               # never below the mean load
+
+
+def test_poisson_replicas_hold_the_quantile_of_poisson_concurrency() -> None:
+    import math
+    from mesh.autoscale.sizing import poisson_replicas
+    a = 2.0 * 5.0                                                      # 2 requests/s x 5 s in service
+    cdf, k = 0.0, 0
+    while True:                                                        # smallest k with P(N <= k) >= 0.99
+        cdf += math.exp(-a) * a ** k / math.factorial(k)
+        if cdf >= 0.99:
+            break
+        k += 1
+    assert k == 18
+    assert poisson_replicas(2.0, 5.0, 1, 0.99) == 18
+    assert poisson_replicas(2.0, 5.0, 4, 0.99) == math.ceil(18 / 4)
+    assert poisson_replicas(0.0, 5.0, 1, 0.99) == 0
+
+
+def test_sizing_rules_refuse_bad_arguments_naming_them() -> None:
+    from mesh.autoscale.sizing import erlang_replicas, little_replicas, poisson_replicas, replicas_for
+    assert little_replicas(2.0, 5.0, 0.7) == 15                        # ceil(10 / 0.7)
+    with pytest.raises(ValueError, match="quantile"):
+        erlang_replicas(1.0, 5.0, 1, 6.0, 1.0)
+    with pytest.raises(ValueError, match="rate"):
+        poisson_replicas(-1.0, 5.0, 1, 0.9)
+    with pytest.raises(ValueError, match="wait_s"):
+        erlang_replicas(1.0, 5.0, 1, -1.0, 0.9)
+    with pytest.raises(ValueError, match="service_s"):
+        erlang_replicas(1.0, 0.0, 1, 1.0, 0.9)
+    with pytest.raises(ValueError, match="allowed erlang, poisson, little"):
+        replicas_for("guess", 1.0, 5.0)
+
+
+def test_predictive_scaler_wants_the_erlang_replicas_for_the_forecast_rate() -> None:
+    from mesh.autoscale.scalers import AutoscalerScaler
+    from mesh.autoscale.sizing import erlang_replicas
+    from mesh.autoscale.types import Sample, ScalingPolicy
+    policy = ScalingPolicy(min_replicas=1, max_replicas=64, target=1.3, predictive=True, max_scale_up_rate=100)
+    s = AutoscalerScaler(policy, service_s=5.66, cold_start_s=30.0, sizing_rule="erlang", slots=1, wait_s=6.36,
+                         quantile=0.97)
+
+    class Fixed:                                                       # a forecaster that says 2.5 requests/s
+        def observe(self, now, arrived):
+            pass
+
+        def upper_rate(self, now):
+            return 2.5
+    s.forecaster = Fixed()
+    want = s.scale(2.0, Sample(t=2.0, in_flight=1, queue=0, request_rate=0.5, ready=1), ready=1, starting=0)
+    n = erlang_replicas(2.5, 5.66, 1, 6.36, 0.97)
+    assert want == n and n > math.ceil(2.5 * 5.66 / 1.3)               # more than Little's law at the target
+    assert s.last.mode == "predictive"
+    with pytest.raises(ValueError, match="sizing rule"):
+        AutoscalerScaler(policy, service_s=1.0, cold_start_s=1.0, sizing_rule="guess")
+
+
+def test_queueing_forecaster_uses_the_last_bucket_before_a_fit_and_never_forecasts_below_it() -> None:
+    from mesh.autoscale.scalers import RateForecaster
+    f = RateForecaster(10.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",),
+                       queueing=True)
+    assert f.upper_rate(1.0) is None                                   # nothing seen
+    for j in range(5):
+        f.observe(2.0 * (j + 1), 6.0)                                  # 30 arrivals in bucket 0: 3 requests/s
+    f.observe(12.0, 0.0)
+    assert f.upper_rate(12.0) == pytest.approx(3.0) and f.log.naive_fallbacks == 1
+    plain = RateForecaster(10.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",))
+    for j in range(5):
+        plain.observe(2.0 * (j + 1), 6.0)
+    plain.observe(12.0, 0.0)
+    assert plain.upper_rate(12.0) is None                              # the little rule keeps the old behaviour

@@ -25,6 +25,7 @@ examples:
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --policy reactive,fixed-peak --slo-ttft 800
   meshctl bench autoscale --calibrate-out my-calibration.json          # measure the real backend, write the fit
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --calibration my-calibration.json
+  meshctl bench autoscale --series s.csv --time-col t --value-col rps --slice-create-s 28.83   # GPU host's MIG creation
 
 Prints per policy: requests, slo_attainment, goodput_per_slice_hour (requests that met the TTFT SLO per
 slice-hour), slice_hours, cost (dollars: slice-hours x the slice's price from the control plane's default
@@ -58,6 +59,11 @@ def register(kinds: argparse._SubParsersAction) -> None:
                    "measured on SmolLM2-135M with llama.cpp)")
     p.add_argument("--calibrate-out", metavar="FILE",
                    help="measure the real backend now, fit the latency model, write it here (and use it)")
+    p.add_argument("--slice-create-s", type=float, default=None, metavar="S",
+                   help="seconds a slice takes to create on the GPU host (MIG GPU + compute instance, device "
+                        "bring-up): replaces the calibration's measured figure, which on this host's simulated GPU "
+                        "is milliseconds; the model load and serving latencies stay the calibration's "
+                        "(calibrated mode only; default: the calibration's)")
     p.add_argument("--model-file", metavar="GGUF", help="the GGUF to calibrate on (default: the demo SmolLM2)")
     g = p.add_argument_group("policy (both autoscalers)")
     g.add_argument("--target", type=positive_float, default=0.7, metavar="N",
@@ -85,6 +91,14 @@ def register(kinds: argparse._SubParsersAction) -> None:
     f.add_argument("--refit-every", type=positive_int, default=10, metavar="POINTS", help="(default: 10)")
     f.add_argument("--level", type=float, default=0.9, metavar="Q",
                    help="the forecast interval's coverage; its upper edge is provisioned for (default: 0.9)")
+    f.add_argument("--sizing", choices=("erlang", "poisson", "little"), default="erlang",
+                   help="how the forecast's upper rate becomes replicas: erlang = fewest replicas whose queueing "
+                        "wait stays within the SLO's room at --sizing-quantile (Erlang C, for the Poisson bursts "
+                        "inside a bucket); poisson = slots for the quantile of Poisson concurrency; little = rate x "
+                        "service time / target (default: erlang)")
+    f.add_argument("--sizing-quantile", type=float, default=0.97, metavar="Q",
+                   help="the quantile --sizing erlang|poisson provisions for (default: 0.97, tuned on the GenAI "
+                        "trace: docs/autoscaling.md)")
     c = p.add_argument_group("cost")
     c.add_argument("--gpu-model", default="H100-80GB", metavar="MODEL", help="(default: H100-80GB)")
     c.add_argument("--profile", default="1g.10gb", metavar="MIG", help="a replica's slice (default: 1g.10gb)")
@@ -143,13 +157,32 @@ def _spec(args: argparse.Namespace):
             raise BadInput(f"--tune-targets {args.tune_targets!r}: not a list of numbers") from None
         if not tune or min(tune) <= 0:
             raise BadInput(f"--tune-targets {args.tune_targets!r}: each target must be > 0")
+    if args.slice_create_s is not None:
+        if getattr(args, "mode", "calibrated") == "real":
+            raise BadInput("--slice-create-s: calibrated mode only (real mode creates real slices)")
+        if not (math.isfinite(args.slice_create_s) and 0 <= args.slice_create_s <= 3600):
+            raise BadInput(f"--slice-create-s {args.slice_create_s!r}: must be between 0 and 3600 seconds")
+    if not 0 < args.sizing_quantile < 1:
+        raise BadInput(f"--sizing-quantile {args.sizing_quantile!r}: must be between 0 and 1")
     if not 0 < args.slo_goal <= 1:
         raise BadInput(f"--slo-goal {args.slo_goal!r}: must be in (0, 1]")
     return BenchSpec(tune_targets=tune, slo_goal=args.slo_goal, rate_scale=args.rate_scale, speedup=args.speedup,
                      slo_ttft_s=(args.slo_ttft or 1000.0) / 1000,
                      policy=policy, predictive_target=args.predictive_target or 0.0, tick_s=args.tick,
                      seed=args.seed, season=args.season, refit_every=args.refit_every, level=args.level,
+                     sizing=args.sizing, sizing_quantile=args.sizing_quantile,
                      replica_cost_per_hour=_replica_cost(args.gpu_model, args.profile))
+
+
+def _slice_create(args: argparse.Namespace, model):
+    """The model with --slice-create-s as the hardware part of the cold start (or unchanged without it)."""
+    if args.slice_create_s is None:
+        return model
+    from mesh.autoscale.benchrun import with_slice_create
+    v = args.slice_create_s
+    return with_slice_create(model, v, f"--slice-create-s {v:g} (an assumption for a GPU host's MIG instance "
+                                       f"creation; the calibration measured {model.slice_create_s:.3f}s on a "
+                                       "simulated GPU)")
 
 
 def run_autoscale_bench(args: argparse.Namespace) -> int:
@@ -197,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
             model = LatencyModel.load(args.calibration) if args.calibration else default_model()
         except ValueError as e:
             raise BadInput(str(e)) from None
+    model = _slice_create(args, model)
     if args.slo_ttft is None:
         spec = replace(spec, slo_ttft_s=round(3 * model.ttft_s(), 3))
     if args.mode == "real":
