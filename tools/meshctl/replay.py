@@ -34,7 +34,8 @@ over seeds. Thermal state is not modelled: critical_thermal_gpu_minutes is alway
 
 FIGURES = ("alloc_wait_p50_s", "alloc_wait_p99_s", "alloc_wait_mean_s", "waited_allocations",
            "critical_memory_gpu_minutes", "critical_foreseen_gpu_minutes", "critical_thermal_gpu_minutes",
-           "migrations", "migrations_per_workload_day", "warm_idle_gpu_hours", "fleet_gpu_hours", "allocations",
+           "migrations", "migrations_per_workload_day", "warm_idle_gpu_hours", "warm_created", "warm_claimed",
+           "fleet_gpu_hours", "allocations",
            "unplaced", "demand_forecast_mae", "pressure_forecast_mae", "pressure_interval_coverage")
 
 

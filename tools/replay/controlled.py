@@ -13,8 +13,12 @@ controller runs:
 - reactive: the same rules fed the present: warm slices for the arrivals of the last bucket, moves
   off GPUs already at critical memory pressure;
 - predictive: the rules fed forecasts (`mesh.forecast.choose`): warm slices from the upper edge of the
-  90% interval of requests per bucket and shape, moves off GPUs whose forecast pressure interval
-  reaches critical within the horizon.
+  99% interval of requests per bucket and shape, and never fewer than the 99% quantile of that shape's
+  bursts within a create time over the last week (`burst_quantile`); moves off GPUs whose forecast
+  pressure's high edge reaches critical within the horizon (`tools.replay.pressure`).
+
+Both controllers also re-run the move rule for a GPU when a workload lands on it (the placement is a
+change the level-triggered controller sees), each on its own readings.
 
 Memory load per workload: `tools.replay.load`. Thermal state is not modelled (reported as 0).
 """
@@ -31,18 +35,15 @@ import numpy as np
 
 from mesh.errors import InvalidArgument
 from mesh.forecast import choose
-from mesh.orchestrator import (GpuView, MoveLedger, MovePolicy, WarmPolicy, WorkloadView, burst_quantile, move_actions,
-                               warm_actions)
-from controlplane.scheduler.plugins._gpu import free_milli
-from tools.replay.load import PERIOD_S, LoadModel
+from mesh.orchestrator import MoveLedger, MovePolicy, WarmPolicy, burst_quantile, warm_actions
+from tools.replay.load import LoadModel
+from tools.replay.pressure import PressureRules
 from tools.replay.record import Recorder
 from tools.replay.sim import Replay, typical_mix
 from tools.replay.trace import TraceNode, TracePod
 
 CONTROLLERS = ("none", "reactive", "predictive")
 DEMAND_MODELS = ("naive", "snaive")          # cheap: a replay refits every bucket for every shape
-PRESSURE_MODELS = ("naive", "snaive")
-LONE_MAX = 0.9
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Warm:
     gpus: float
 
 
-class Sim:
+class Sim(PressureRules):
     def __init__(self, nodes: list[TraceNode], pods: list[TracePod], controller: str, seed: int, start: float,
                  end: float, params: Params, load: LoadModel) -> None:
         if controller not in CONTROLLERS:
@@ -107,6 +108,7 @@ class Sim:
         self.workloads: dict[str, tuple] = {}      # pod name -> (pod, share) for single-GPU shared pods
         self.warm: dict[tuple, list[Warm]] = defaultdict(list)
         self.warm_n = 0
+        self.warm_claimed = 0
         self.warm_idle_gpu_s = 0.0
         self.critical_s = 0.0
         self.migrations = 0
@@ -124,6 +126,7 @@ class Sim:
                                    max_per_key=params.warm_max_per_key)
         self.gpu_hist: dict[tuple, deque] = {}
         self.since: dict[str, float] = {}           # workload -> when it landed on its GPU (placed or moved)
+        self.use_hist = np.zeros(201)               # use fractions seen at ticks, bins of 0.01 up to 2.0
         self.step_hist = np.zeros(201)              # a workload's use-fraction change over the horizon, seen at
         self._fracs: dict[str, deque] = {}          # ticks (bins of 0.01 from -1 to +1); its recent fractions
         self.floor: dict[str, int] = {}
@@ -226,6 +229,7 @@ class Sim:
             self.warm_idle_gpu_s += (min(t, w.ready) - w.created) * w.gpus + max(0.0, t - w.ready) * w.gpus
             self.rp.depart(self._pseudo(w))
             if self.rp.arrive(pod):
+                self.warm_claimed += 1
                 self._wait(t, max(0.0, w.ready - t))
                 self._placed(pod, t)
                 self._apply_warm(t, [key_of(pod)])     # level-triggered: a claim re-runs the rule for its shape
@@ -300,48 +304,6 @@ class Sim:
         self._warm_rule(t)
         self._move_rule(t, pressure)
 
-    def _layout(self) -> dict[tuple, list[str]]:
-        on: dict[tuple, list[str]] = defaultdict(list)
-        for name in self.workloads:
-            g = self._gpu_of(name)
-            if g is not None:
-                on[g].append(name)
-        return on
-
-    def _pressure(self, t: float, record: bool = False) -> dict:
-        """GPU memory pressure now (sum of its workloads' use); `record` (at ticks) appends it to the
-        GPUs' series and the workloads' use fractions to the fleet's histogram."""
-        self._on = self._layout()
-        out = {}
-        for g, names in self._on.items():
-            uses = [(self._use(n, self.workloads[n][1], t), self.workloads[n][1]) for n in names]
-            out[g] = sum(u for u, _ in uses)
-            if record:
-                for n, (u, share) in zip(names, uses):
-                    d = self._fracs.setdefault(n, deque(maxlen=self.p.horizon_steps + 1))
-                    d.append(u / share)
-                    if len(d) == d.maxlen:
-                        self.step_hist[min(200, max(0, int(round((d[-1] - d[0]) * 100)) + 100))] += 1
-        if record:
-            for g, v in out.items():
-                self.gpu_hist.setdefault(g, deque(maxlen=240)).append(v)
-            for g in [g for g in self.gpu_hist if g not in out]:
-                del self.gpu_hist[g]
-            c = np.cumsum(self.step_hist)
-            self._qstep = max(0.0, (int(np.searchsorted(c, self.p.young_q * c[-1])) - 99) / 100) if c[-1] else 0.1
-        return out
-
-    def _use(self, name: str, share: float, t: float) -> float:
-        """GPU memory a workload uses (fraction of the GPU): its share x its load, never more than
-        LONE_MAX of the GPU (alone, a workload past that runs out of memory by itself: no move helps)."""
-        return min(LONE_MAX, share * self.load.use(name, t))
-
-    def _bound(self, name: str, t: float) -> float:
-        """A workload's upper bound over the horizon (fraction of the GPU): its use now plus its share
-        times the fleet's `young_q` quantile of use-fraction changes over the horizon."""
-        share = self.workloads[name][1]
-        return min(LONE_MAX, self._use(name, share, t) + share * getattr(self, "_qstep", 0.1))
-
     def _warm_rule(self, t: float) -> None:
         b = int(t // self.p.bucket_s) - self.b0
         demand = {}
@@ -388,81 +350,6 @@ class Sim:
                     self.warm_idle_gpu_s += (t + self.p.destroy_s - w.created) * w.gpus
                     self._push(t + self.p.destroy_s, 0, ("free", w))
 
-    def _pressure_fc(self, y: np.ndarray, now: float, h: int) -> tuple[list[float], list[float]]:
-        """The pressure forecast (points, high edge): with an hourly season once the GPU's series holds
-        enough of it for a backtest, else the last value plus the interval of its changes (season 1),
-        else (a GPU just filled) the present."""
-        for season in (int(PERIOD_S // self.p.tick_s), 1):
-            try:
-                f = choose(y, season=season, horizon=h, models=PRESSURE_MODELS, level=self.p.level, origins=8)
-            except InvalidArgument:
-                continue
-            return list(f.points), [max(a, now) if i == 0 else a for i, a in enumerate(f.hi)]
-        return [now] * h, [now] * h
-
-    def _gpu_hi(self, g: tuple, v: float, t: float) -> list[float]:
-        """The high edge of a GPU's pressure over the horizon: the present for reactive; for predictive
-        the GPU series' forecast; for a GPU holding a young workload (less than a load period on it: the
-        series has not seen its cycle, and its arrival is a jump in the series), the sum of its
-        workloads' upper bounds (`_bound`)."""
-        h = self.p.horizon_steps
-        if self.ctl == "reactive":
-            return [v] * h
-        names = self._on.get(g, [])
-        if any(t - self.since.get(n, t) < PERIOD_S for n in names) or g not in self.gpu_hist:
-            return [sum(self._bound(n, t) for n in names)] * h
-        if v < self.p.screen:
-            return [v] * h
-        points, hi = self._pressure_fc(np.fromiter(self.gpu_hist[g], float), v, h)
-        self._fc_next[g] = (points[0], hi[0])
-        return hi
-
-    def _score_pressure_forecasts(self, pressure: dict) -> None:
-        for g, (point, hi) in getattr(self, "_fc_next", {}).items():
-            if g in pressure:
-                self.pressure_err.append(abs(point - pressure[g]))
-                self.pressure_cover.append(pressure[g] <= hi)
-        self._fc_next = {}
-
-    def _move_rule(self, t: float, pressure: dict | None, only: tuple | None = None) -> None:
-        """At a tick, every GPU; on a placement (`only`), the GPU the workload landed on."""
-        if pressure is None:
-            if only is None:
-                return
-            self._on = self._layout()
-            names = self._on.get(only, [])
-            pressure = {only: sum(self._use(n, self.workloads[n][1], t) for n in names)}
-        self._fc_next = getattr(self, "_fc_next", {})
-        hi = {f"{g[0]}/{g[1]}": self._gpu_hi(g, v, t) for g, v in pressure.items()}
-        for g in pressure:
-            self._seen[g] = max(self._seen.get(g, 0.0), max(hi[f"{g[0]}/{g[1]}"]))
-        if not any(max(x) >= self.p.critical for x in hi.values()):
-            return
-        predictive = self.ctl == "predictive"
-        views = []
-        for node in self.rp.fleet.nodes.values():
-            for g in node.gpus:
-                key = (node.name, g.index)
-                wl = tuple(WorkloadView(n, self._bound(n, t) if predictive else
-                                        self._use(n, self.workloads[n][1], t), priority=0, movable=True,
-                                        capacity=self.workloads[n][1]) for n in self._on.get(key, ()))
-                views.append(GpuView(f"{node.name}/{g.index}", free_milli(g) / 1000, wl))
-        for a in move_actions(views, hi, self.move_pol, self.ledger, t):
-            node, idx = a.target.rsplit("/", 1)
-            pod, _ = self.workloads[a.subject]
-            tnode = self.rp.fleet.nodes[node]
-            if tnode.cpu_free < pod.cpu_milli:
-                continue
-            for sid in self.rp.by_pod[a.subject]:
-                s = self.rp.fleet.slices[sid]
-                moved = type(s)()
-                moved.CopyFrom(s)
-                moved.node, moved.gpu_index = node, int(idx)
-                self.rp.fleet.put_slice(moved)
-            self.ledger.record(t, a.subject, a.source)
-            self.since[a.subject] = t
-            self.migrations += 1
-
     def _result(self) -> dict:
         w = np.array(self.waits) if self.waits else np.zeros(1)
         hours = (self.end - self.start) / 3600
@@ -477,6 +364,7 @@ class Sim:
                 "migrations": self.migrations,
                 "migrations_per_workload_day": round(self.migrations / days, 4) if days else 0.0,
                 "warm_idle_gpu_hours": round(self.warm_idle_gpu_s / 3600, 2),
+                "warm_created": self.warm_n, "warm_claimed": self.warm_claimed,
                 "fleet_gpu_hours": round(self.rp.capacity * hours, 1),
                 "allocations": len(self.waits), "cold_allocations": dict(self.cold), "unplaced": self.unplaced,
                 "demand_forecast_mae": round(float(np.mean(self.forecast_err)), 3) if self.forecast_err else None,
