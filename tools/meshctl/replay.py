@@ -18,18 +18,23 @@ from tools.meshctl.common import CliError, info, out, positive_float, positive_i
 EPILOG = """\
 examples:
   meshctl replay --controller none,reactive,predictive -o json
-  meshctl replay --nodes gpu_node --arrivals default --days 3 --seeds 3
-  meshctl replay --mig-create-s 20 --mig-destroy-s 8 --controller reactive,predictive
+  meshctl replay --nodes gpu_node --arrivals gpushare100 --days 7 --seeds 3 --plot replay.png
+  meshctl replay --mig-create-s 30 --mig-destroy-s 15 --controller reactive,predictive
+  meshctl replay --arrivals gpushare40 --seeds 3 --first-seed 3        # seeds 3, 4, 5 (held out)
   meshctl replay --load genai_memory.csv --days 1        # a time_s,value CSV replayed per workload
 
 --nodes and --arrivals take a trace file name (gpu_node; default, gpushare40, ...) under the trace
 directory ($MESH_TRACE_DIR or ../shared/traces/alibaba-gpu-v2023) or a path (openb CSV columns:
-name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,creation_time,deletion_time). The window is the
---days before --end (default: the last arrival); history before it feeds the forecasts. With -o json:
-{"window": {...}, "params": {...}, "controllers": {"<name>": {"alloc_wait_p50_s", "alloc_wait_p99_s",
-"critical_memory_gpu_minutes", "critical_thermal_gpu_minutes", "migrations",
-"migrations_per_workload_day", "warm_idle_gpu_hours", "fleet_gpu_hours", ...}}}, each figure the mean
-over seeds. Thermal state is not modelled: critical_thermal_gpu_minutes is always 0.
+name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,creation_time,deletion_time; name, num_gpu and
+creation_time are required). The window is the --days before --end (default: the last arrival);
+history before it feeds the forecasts. With -o json: {"window": {...}, "params": {...}, "seeds": [...],
+"controllers": {"<name>": {"alloc_wait_p50_s", "alloc_wait_p99_s", "waited_allocations",
+"critical_memory_gpu_minutes", "critical_foreseen_gpu_minutes", "critical_thermal_gpu_minutes",
+"migrations", "migrations_per_workload_day", "warm_idle_gpu_hours", "warm_created", "warm_claimed",
+"fleet_gpu_hours", "demand_forecast_mae", "pressure_forecast_mae", "pressure_interval_coverage", ...}}},
+each figure the mean over seeds. Progress goes to stderr. Bad input (a missing file, a column missing or
+not a number, an unknown controller, a bad flag) exits 2 naming it. Thermal state is not modelled:
+critical_thermal_gpu_minutes is always 0. The protocol and figures: docs/prediction.md, "Replay".
 """
 
 FIGURES = ("alloc_wait_p50_s", "alloc_wait_p99_s", "alloc_wait_mean_s", "waited_allocations",
