@@ -129,16 +129,25 @@ class PressureRules:
         # predictive judges a target first on its workloads' and the mover's hour-long bounds (a moved
         # workload may not move again within the budget's hour), then, where none passes (a packed
         # fleet), on the horizon's bounds; reactive on the present
+        # a target node without the host CPU for the workload is left out and the rule re-run (up to 3 times)
         for mode in (("hour", "horizon") if self.ctl == "predictive" else ("now",)):
-            views = self._views(t, mode)
-            target_hi = {v.id: [sum(w.memory for w in v.workloads)] for v in views} if mode == "hour" else None
-            for a in move_actions(views, hot, self.move_pol, self.ledger, t, target_hi):
-                if self._migrate(t, a):
-                    hot.pop(a.source, None)
+            exclude: set[str] = set()
+            for _ in range(3):
+                views = self._views(t, mode, exclude)
+                target_hi = {v.id: [sum(w.memory for w in v.workloads)] for v in views} if mode == "hour" else None
+                failed = False
+                for a in move_actions(views, hot, self.move_pol, self.ledger, t, target_hi):
+                    if self._migrate(t, a):
+                        hot.pop(a.source, None)
+                    else:
+                        exclude.add(a.target.rsplit("/", 1)[0])
+                        failed = True
+                if not failed or not hot:
+                    break
             if not hot:
                 break
 
-    def _views(self, t: float, mode: str) -> list[GpuView]:
+    def _views(self, t: float, mode: str, exclude: set[str] = frozenset()) -> list[GpuView]:
         bound = {"hour": self._hour_bound, "horizon": self._bound,
                  "now": lambda n, t: self._use(n, self.workloads[n][1], t)}[mode]
         views = []
@@ -146,7 +155,8 @@ class PressureRules:
             for g in node.gpus:
                 wl = tuple(WorkloadView(n, bound(n, t), priority=0, movable=True, capacity=self.workloads[n][1])
                            for n in self._on.get((node.name, g.index), ()))
-                views.append(GpuView(f"{node.name}/{g.index}", free_milli(g) / 1000, wl))
+                free = 0.0 if node.name in exclude else free_milli(g) / 1000
+                views.append(GpuView(f"{node.name}/{g.index}", free, wl))
         return views
 
     def _migrate(self, t: float, a) -> bool:
