@@ -8,7 +8,7 @@ the same functions (docs/prediction.md, "The orchestrator").
 from mesh.orchestrator.actions import Action
 from mesh.orchestrator.moves import GpuView, MoveLedger, MovePolicy, WorkloadView, move_actions
 from mesh.orchestrator.resize import ResizePolicy, SliceView, resize_actions
-from mesh.orchestrator.warm import WarmPolicy, warm_actions, warm_need
+from mesh.orchestrator.warm import WarmPolicy, burst_quantile, warm_actions, warm_need
 
 __all__ = ["Action", "GpuView", "MoveLedger", "MovePolicy", "ResizePolicy", "SliceView", "WarmPolicy",
-           "WorkloadView", "move_actions", "resize_actions", "warm_actions", "warm_need"]
+           "WorkloadView", "burst_quantile", "move_actions", "resize_actions", "warm_actions", "warm_need"]

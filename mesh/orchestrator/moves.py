@@ -80,9 +80,11 @@ class MoveLedger:
 
 
 def move_actions(gpus: list[GpuView], hi: dict[str, list[float]], policy: MovePolicy, ledger: MoveLedger,
-                 now: float) -> list[Action]:
+                 now: float, target_hi: dict[str, list[float]] | None = None) -> list[Action]:
     """`hi`: GPU id -> the forecast memory pressure's high edge per step (the present reading,
-    repeated, for a reactive controller). At most one move per source GPU per call."""
+    repeated, for a reactive controller). `target_hi`: what a target is judged on, when that differs
+    (a moved workload cannot move again within the budget's hour, so a forecaster may judge targets
+    over that longer lead; default `hi`). At most one move per source GPU per call."""
     by_id = {g.id: g for g in gpus}
     extra: dict[str, float] = {}      # pressure and share already promised to targets in this call
     taken: dict[str, float] = {}
@@ -102,7 +104,7 @@ def move_actions(gpus: list[GpuView], hi: dict[str, list[float]], policy: MovePo
             if (ledger.workload_last_hour(now, w.id) >= policy.per_workload_per_hour
                     or ledger.workload_since(now, w.id, 86400) >= policy.per_workload_per_day):
                 continue
-            target = _target(gpus, hi, gid, w, policy, extra, taken)
+            target = _target(gpus, hi if target_hi is None else target_hi, gid, w, policy, extra, taken)
             if target is None:
                 continue
             extra[target] = extra.get(target, 0.0) + w.memory

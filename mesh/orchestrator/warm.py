@@ -42,16 +42,41 @@ def warm_need(hi: list[float], policy: WarmPolicy) -> int:
     return min(policy.max_per_key, math.ceil(sum(max(0.0, v) for v in window) * frac - 1e-9))
 
 
-def warm_actions(demand: dict[str, list[float]], current: dict[str, int], policy: WarmPolicy) -> list[Action]:
+def burst_quantile(times: list[float], window_s: float, q: float = 0.99) -> int:
+    """The `q` quantile of burst sizes in `times` (one key's arrival times, any order): for each
+    arrival, how many arrived within `window_s` up to and including it. A pool of that many warm
+    slices covers a burst that comes faster than a replacement can be carved (`window_s` = the
+    create time). 0 for no arrivals."""
+    if not 0 < q <= 1:
+        raise InvalidArgument.of("warm.burst_quantile", "must be > 0 and <= 1")
+    ts = sorted(times)
+    if not ts:
+        return 0
+    sizes, lo = [], 0
+    for i, t in enumerate(ts):
+        while ts[lo] < t - window_s:
+            lo += 1
+        sizes.append(i - lo + 1)
+    sizes.sort()
+    return sizes[min(len(sizes) - 1, math.ceil(q * len(sizes)) - 1)]
+
+
+def warm_actions(demand: dict[str, list[float]], current: dict[str, int], policy: WarmPolicy,
+                 floor: dict[str, int] | None = None) -> list[Action]:
     """`demand`: key -> the forecast interval's high edge per step; `current`: key -> warm slices
-    carved (ready or being carved). Creates up to the need; releases above the hysteresis band."""
+    carved (ready or being carved); `floor`: key -> warm slices kept whatever the step forecast says
+    (the upper quantile of a burst within the create time, `burst_quantile`). Creates up to the need;
+    releases above the hysteresis band."""
     out = []
-    for key in sorted(set(demand) | set(current)):
+    floor = floor or {}
+    for key in sorted(set(demand) | set(current) | set(floor)):
         hi = demand.get(key, [])
-        need = warm_need(hi, policy)
+        need = max(warm_need(hi, policy), min(policy.max_per_key, floor.get(key, 0)))
         have = current.get(key, 0)
         keep_max = math.floor(need * (1 + policy.release_band)) + 1
         why = f"forecast high {sum(hi[:policy.lead_steps()]):.2f} requests over the next {policy.lead_s:g}s"
+        if floor.get(key, 0) > warm_need(hi, policy):
+            why += f", burst high {floor[key]} within a create"
         if have < need:
             out.append(Action("warm_create", key, f"{why}: need {need} warm, have {have}", count=need - have))
         elif have > keep_max:

@@ -13,14 +13,19 @@ controller runs:
 - reactive: the same rules fed the present: warm slices for the arrivals of the last bucket, moves
   off GPUs already at critical memory pressure;
 - predictive: the rules fed forecasts (`mesh.forecast.choose`): warm slices from the upper edge of the
-  90% interval of requests per bucket and shape, moves off GPUs whose forecast pressure interval
-  reaches critical within the horizon.
+  99% interval of requests per bucket and shape, and never fewer than the 99% quantile of that shape's
+  bursts within a create time over the last week (`burst_quantile`); moves off GPUs whose forecast
+  pressure's high edge reaches critical within the horizon (`tools.replay.pressure`).
+
+Both controllers also re-run the move rule for a GPU when a workload lands on it (the placement is a
+change the level-triggered controller sees), each on its own readings.
 
 Memory load per workload: `tools.replay.load`. Thermal state is not modelled (reported as 0).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import Counter, defaultdict, deque
@@ -30,16 +35,15 @@ import numpy as np
 
 from mesh.errors import InvalidArgument
 from mesh.forecast import choose
-from mesh.orchestrator import GpuView, MoveLedger, MovePolicy, WarmPolicy, WorkloadView, move_actions, warm_actions
-from controlplane.scheduler.plugins._gpu import free_milli
-from tools.replay.load import PERIOD_S, LoadModel
+from mesh.orchestrator import MoveLedger, MovePolicy, WarmPolicy, burst_quantile, warm_actions
+from tools.replay.load import LoadModel
+from tools.replay.pressure import PressureRules
+from tools.replay.record import Recorder
 from tools.replay.sim import Replay, typical_mix
 from tools.replay.trace import TraceNode, TracePod
 
 CONTROLLERS = ("none", "reactive", "predictive")
 DEMAND_MODELS = ("naive", "snaive")          # cheap: a replay refits every bucket for every shape
-PRESSURE_MODELS = ("naive", "snaive")
-LONE_MAX = 0.9
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Params:
     tick_s: float = 60.0          # control period, and the pressure series' step
     bucket_s: float = 600.0       # demand series' step
     demand_history_buckets: int = 1008   # a week of 10-minute buckets
-    warm_keys: int = 32           # shapes kept warm: the most common in the history before the window
+    warm_keys: int = 64           # shapes kept warm: the most common in the history before the window
     warm_max_per_key: int = 32
     warm_lead_s: float = 600.0    # warm slices cover the forecast high edge over this much time (a bucket:
                                   # arrivals come in bursts, so a share of the bucket under-provisions)
@@ -58,12 +62,18 @@ class Params:
     level: float = 0.9            # the pressure forecast's interval
     demand_level: float = 0.99    # the demand forecast's interval: its high edge is the warm pool
     demand_origins: int = 144     # backtest origins (a day of buckets): rare shapes need many to show up
+    burst_q: float = 0.99         # predictive: keep warm this quantile of a shape's bursts within a create
+    burst_history_s: float = 7 * 86400.0   # ... over this much of its arrival history
+    young_q: float = 0.99         # predictive: a GPU holding a workload with less than a load period on it
+                                  # is forecast per workload: its use now plus this quantile of the changes
+                                  # over the horizon seen so far (fleet-wide)
     critical: float = 0.95
     high: float = 0.85
     downtime_s: float = 0.3       # measured migration downtime (docs/checkpointing.md)
     per_workload_per_hour: int = 1
     fleet_per_hour: int = 60
-    cooldown_s: float = 600.0
+    cooldown_s: float = 120.0     # per source GPU: 10 minutes left a refilled GPU critical (docs/prediction.md)
+    place_check: bool = True      # both controllers re-run the move rule for a GPU when a workload lands on it
 
 
 def key_of(p: TracePod) -> tuple:
@@ -84,7 +94,7 @@ class Warm:
     gpus: float
 
 
-class Sim:
+class Sim(PressureRules):
     def __init__(self, nodes: list[TraceNode], pods: list[TracePod], controller: str, seed: int, start: float,
                  end: float, params: Params, load: LoadModel) -> None:
         if controller not in CONTROLLERS:
@@ -98,6 +108,7 @@ class Sim:
         self.workloads: dict[str, tuple] = {}      # pod name -> (pod, share) for single-GPU shared pods
         self.warm: dict[tuple, list[Warm]] = defaultdict(list)
         self.warm_n = 0
+        self.warm_claimed = 0
         self.warm_idle_gpu_s = 0.0
         self.critical_s = 0.0
         self.migrations = 0
@@ -114,6 +125,18 @@ class Sim:
         self.warm_pol = WarmPolicy(step_s=params.bucket_s, lead_s=lead,
                                    max_per_key=params.warm_max_per_key)
         self.gpu_hist: dict[tuple, deque] = {}
+        self.since: dict[str, float] = {}           # workload -> when it landed on its GPU (placed or moved)
+        self.use_hist = np.zeros(201)               # use fractions seen at ticks, bins of 0.01 up to 2.0
+        self.step_hist = np.zeros(201)              # a workload's use-fraction change over the horizon, seen at
+        self._fracs: dict[str, deque] = {}          # ticks (bins of 0.01 from -1 to +1); its recent fractions
+        self.floor: dict[str, int] = {}
+        self.rec = Recorder()
+        self.pressure_err: list[float] = []
+        self.pressure_cover: list[bool] = []
+        self._seen: dict[tuple, float] = {}
+        self._fc_next: dict[tuple, tuple] = {}
+        self._on: dict[tuple, list[str]] = {}
+        self.progress = None
         self.forecast_err: list[float] = []
         self._demand_fc: dict[tuple, list[float]] = {}
         self._last_fc_point: dict[tuple, float] = {}
@@ -126,6 +149,12 @@ class Sim:
             same = [p for p in pods if key_of(p) == k]
             cm = Counter((p.cpu_milli, p.memory_mib) for p in same).most_common(1)[0][0]
             self.rep[k] = replace(same[0], cpu_milli=cm[0], memory_mib=cm[1])
+        self.arrivals_of: dict[tuple, list[float]] = defaultdict(list)   # the request stream's times per shape
+        for p in pods:
+            if key_of(p) in self.rep:
+                self.arrivals_of[key_of(p)].append(float(p.creation_time))
+        for v in self.arrivals_of.values():
+            v.sort()
         nb = params.demand_history_buckets
         self.b0 = int(start // params.bucket_s) - nb
         self.demand = {k: np.zeros(nb + int(math.ceil((end - start) / params.bucket_s)) + 2) for k in self.keys}
@@ -156,12 +185,16 @@ class Sim:
     # -- the run ----------------------------------------------------------------------
 
     def run(self) -> dict:
+        day = 0
         while self.events:
             t, _, _, (kind, what) = heapq.heappop(self.events)
             getattr(self, "_" + kind)(t, what)
+            if self.progress and t - self.start >= (day + 1) * 86400:
+                day += 1
+                self.progress(day)
         for q in self.queue:
             self.unplaced += 1
-            self.waits.append(self.end - q[1] + self.p.create_s)
+            self._wait(self.end, self.end - q[1] + self.p.create_s)
         for ws in self.warm.values():
             for w in ws:
                 self.warm_idle_gpu_s += (self.end - w.created) * w.gpus
@@ -180,6 +213,9 @@ class Sim:
             self._lifetime(pod, t)
         if pod.num_gpu == 1 and pod.gpu_milli < 1000:
             self.workloads[pod.name] = (pod, pod.gpu_milli / 1000)
+            self.since[pod.name] = t
+            if self.ctl != "none" and self.p.place_check and t > self.start:
+                self._move_rule(t, None, only=self._gpu_of(pod.name))
 
     def _arrive(self, t: float, pod: TracePod) -> None:
         if not pod.num_gpu:
@@ -193,13 +229,14 @@ class Sim:
             self.warm_idle_gpu_s += (min(t, w.ready) - w.created) * w.gpus + max(0.0, t - w.ready) * w.gpus
             self.rp.depart(self._pseudo(w))
             if self.rp.arrive(pod):
-                self.waits.append(max(0.0, w.ready - t))
+                self.warm_claimed += 1
+                self._wait(t, max(0.0, w.ready - t))
                 self._placed(pod, t)
                 self._apply_warm(t, [key_of(pod)])     # level-triggered: a claim re-runs the rule for its shape
                 return
         self.cold[("empty pool" if key_of(pod) in self.rep else "shape not kept warm")] += 1
         if self.rp.arrive(pod):
-            self.waits.append(self.p.create_s)
+            self._wait(t, self.p.create_s)
             self._placed(pod, t)
             return
         if any(self.warm.values()):              # a warm slice never blocks a real request
@@ -209,7 +246,7 @@ class Sim:
                     self.rp.depart(self._pseudo(w))
                 ws.clear()
             if self.rp.arrive(pod):
-                self.waits.append(self.p.destroy_s + self.p.create_s)
+                self._wait(t, self.p.destroy_s + self.p.create_s)
                 self._placed(pod, t)
                 return
         self.queue.append((pod, t))
@@ -218,6 +255,8 @@ class Sim:
         self.rp.depart(pod)
         if self.workloads.pop(pod.name, None) is not None:
             self.load.forget(pod.name)
+            self.since.pop(pod.name, None)
+            self._fracs.pop(pod.name, None)
         self._retry(t)
 
     def _free(self, t: float, w: Warm) -> None:
@@ -229,10 +268,21 @@ class Sim:
             pod, t0 = self.queue.popleft()
             if self.rp.arrive(pod):
                 if pod.num_gpu:
-                    self.waits.append(t - t0 + self.p.create_s)
+                    self._wait(t, t - t0 + self.p.create_s)
                 self._placed(pod, t)
             else:
                 self.queue.append((pod, t0))
+
+    def _wait(self, t: float, wait: float) -> None:
+        self.waits.append(wait)
+        self.rec.wait(t, wait)
+
+    def _gpu_of(self, name: str) -> tuple | None:
+        ids = self.rp.by_pod.get(name)
+        if not ids:
+            return None
+        s = self.rp.fleet.slices[ids[0]]
+        return (s.node, s.gpu_index)
 
     def _pseudo(self, w: Warm) -> TracePod:
         return replace(self.rep[w.key], name=w.name)
@@ -240,44 +290,29 @@ class Sim:
     # -- the controller ---------------------------------------------------------------
 
     def _tick(self, t: float, _) -> None:
-        pressure = self._pressure(t)
-        self.critical_s += self.p.tick_s * sum(1 for v in pressure.values() if v >= self.p.critical)
+        pressure = self._pressure(t, record=True)
+        crit = [g for g, v in pressure.items() if v >= self.p.critical]
+        self.critical_s += self.p.tick_s * len(crit)
+        self._score_pressure_forecasts(pressure)
+        self.rec.tick(t, critical=len(crit), foreseen=sum(1 for g in crit if self._seen.get(g, 0.0) >= self.p.critical),
+                      warm=sum(len(ws) for ws in self.warm.values()),
+                      warm_gpus=round(sum(w.gpus for ws in self.warm.values() for w in ws), 2),
+                      migrations=self.migrations)
+        self._seen = {}
         if self.ctl == "none":
             return
         self._warm_rule(t)
         self._move_rule(t, pressure)
 
-    def _pressure(self, t: float) -> dict:
-        out: dict[tuple, float] = defaultdict(float)
-        where = {}
-        for name, (pod, share) in self.workloads.items():
-            ids = self.rp.by_pod.get(name)
-            if not ids:
-                continue
-            s = self.rp.fleet.slices[ids[0]]
-            g = (s.node, s.gpu_index)
-            out[g] += self._use(name, share, t)
-            where[name] = g
-        self._where = where
-        for g, v in out.items():
-            self.gpu_hist.setdefault(g, deque(maxlen=240)).append(v)
-        for g in [g for g in self.gpu_hist if g not in out]:
-            del self.gpu_hist[g]
-        return out
-
-    def _use(self, name: str, share: float, t: float) -> float:
-        """GPU memory a workload uses (fraction of the GPU): its share x its load, never more than
-        LONE_MAX of the GPU (alone, a workload past that runs out of memory by itself: no move helps)."""
-        return min(LONE_MAX, share * self.load.use(name, t))
-
     def _warm_rule(self, t: float) -> None:
         b = int(t // self.p.bucket_s) - self.b0
         demand = {}
+        new_bucket = t % self.p.bucket_s < self.p.tick_s
         for k in self.keys:
             if self.ctl == "reactive":       # the present: arrivals over the last bucket's length
                 demand[key_name(k)] = [float(self.demand[k][b - 1])] * 2
                 continue
-            if t % self.p.bucket_s < self.p.tick_s or k not in self._demand_fc:
+            if new_bucket or k not in self._demand_fc:
                 y = self.demand[k][max(0, b - self.p.demand_history_buckets):b]
                 try:
                     f = choose(y, season=int(86400 // self.p.bucket_s), horizon=2, models=DEMAND_MODELS,
@@ -288,6 +323,9 @@ class Sim:
                     self._last_fc_point[k] = f.points[0]
                 except InvalidArgument:      # constant or short history: the last value
                     self._demand_fc[k] = [float(self.demand[k][b - 1])] * 2
+                times = self.arrivals_of[k]
+                lo, hi = bisect.bisect_left(times, t - self.p.burst_history_s), bisect.bisect_left(times, t)
+                self.floor[key_name(k)] = burst_quantile(times[lo:hi], self.p.create_s, self.p.burst_q)
             demand[key_name(k)] = self._demand_fc[k]
         self._demand_now = demand
         self._apply_warm(t, self.keys)
@@ -296,7 +334,8 @@ class Sim:
         by_name = {key_name(k): k for k in keys}
         demand = {n: self._demand_now.get(n, [0.0]) for n in by_name}
         current = {key_name(k): len(self.warm.get(k, [])) for k in keys}
-        for a in warm_actions(demand, current, self.warm_pol):
+        floor = {n: self.floor[n] for n in by_name if n in self.floor}
+        for a in warm_actions(demand, current, self.warm_pol, floor):
             k = by_name[a.subject]
             for _ in range(a.count):
                 if a.kind == "warm_create":
@@ -311,54 +350,6 @@ class Sim:
                     self.warm_idle_gpu_s += (t + self.p.destroy_s - w.created) * w.gpus
                     self._push(t + self.p.destroy_s, 0, ("free", w))
 
-    def _pressure_hi(self, y: np.ndarray, now: float, h: int) -> list[float]:
-        """The high edge of the pressure forecast: with an hourly season once the GPU's series holds
-        enough of it for a backtest, else the last value plus the interval of its changes (season 1),
-        else (a GPU just filled) the present."""
-        for season in (int(PERIOD_S // self.p.tick_s), 1):
-            try:
-                f = choose(y, season=season, horizon=h, models=PRESSURE_MODELS, level=self.p.level, origins=8)
-            except InvalidArgument:
-                continue
-            return [max(a, now) if i == 0 else a for i, a in enumerate(f.hi)]
-        return [now] * h
-
-    def _move_rule(self, t: float, pressure: dict) -> None:
-        h = self.p.horizon_steps
-        hi: dict[str, list[float]] = {}
-        for g, v in pressure.items():
-            gid = f"{g[0]}/{g[1]}"
-            if self.ctl == "reactive" or v < self.p.screen:
-                hi[gid] = [v] * h
-                continue
-            hi[gid] = self._pressure_hi(np.fromiter(self.gpu_hist[g], float), v, h)
-        if not any(max(x) >= self.p.critical for x in hi.values()):
-            return
-        on: dict[tuple, list] = defaultdict(list)
-        for name, g in self._where.items():
-            pod, share = self.workloads[name]
-            on[g].append(WorkloadView(name, self._use(name, share, t), priority=0, movable=True,
-                                      capacity=share))
-        views = []
-        for node in self.rp.fleet.nodes.values():
-            for g in node.gpus:
-                key = (node.name, g.index)
-                views.append(GpuView(f"{node.name}/{g.index}", free_milli(g) / 1000, tuple(on.get(key, ()))))
-        for a in move_actions(views, hi, self.move_pol, self.ledger, t):
-            node, idx = a.target.rsplit("/", 1)
-            pod, _ = self.workloads[a.subject]
-            tnode = self.rp.fleet.nodes[node]
-            if tnode.cpu_free < pod.cpu_milli:
-                continue
-            for sid in self.rp.by_pod[a.subject]:
-                s = self.rp.fleet.slices[sid]
-                moved = type(s)()
-                moved.CopyFrom(s)
-                moved.node, moved.gpu_index = node, int(idx)
-                self.rp.fleet.put_slice(moved)
-            self.ledger.record(t, a.subject, a.source)
-            self.migrations += 1
-
     def _result(self) -> dict:
         w = np.array(self.waits) if self.waits else np.zeros(1)
         hours = (self.end - self.start) / 3600
@@ -366,16 +357,26 @@ class Sim:
         return {"alloc_wait_p50_s": round(float(np.percentile(w, 50)), 3),
                 "alloc_wait_p99_s": round(float(np.percentile(w, 99)), 3),
                 "alloc_wait_mean_s": round(float(w.mean()), 3),
+                "waited_allocations": int((w > 0).sum()) if self.waits else 0,
                 "critical_memory_gpu_minutes": round(self.critical_s / 60, 1),
+                "critical_foreseen_gpu_minutes": round(self.rec.total("foreseen") * self.p.tick_s / 60, 1),
                 "critical_thermal_gpu_minutes": 0.0,
                 "migrations": self.migrations,
                 "migrations_per_workload_day": round(self.migrations / days, 4) if days else 0.0,
                 "warm_idle_gpu_hours": round(self.warm_idle_gpu_s / 3600, 2),
+                "warm_created": self.warm_n, "warm_claimed": self.warm_claimed,
                 "fleet_gpu_hours": round(self.rp.capacity * hours, 1),
                 "allocations": len(self.waits), "cold_allocations": dict(self.cold), "unplaced": self.unplaced,
-                "demand_forecast_mae": round(float(np.mean(self.forecast_err)), 3) if self.forecast_err else None}
+                "demand_forecast_mae": round(float(np.mean(self.forecast_err)), 3) if self.forecast_err else None,
+                "pressure_forecast_mae": (round(float(np.mean(self.pressure_err)), 4)
+                                          if self.pressure_err else None),
+                "pressure_interval_coverage": (round(float(np.mean(self.pressure_cover)), 3)
+                                               if self.pressure_cover else None),
+                "timeline": self.rec.rows}
 
 
 def simulate(nodes: list[TraceNode], pods: list[TracePod], controller: str, seed: int, start: float, end: float,
-             params: Params = Params(), series=None) -> dict:
-    return Sim(nodes, pods, controller, seed, start, end, params, LoadModel(seed, series)).run()
+             params: Params = Params(), series=None, progress=None) -> dict:
+    sim = Sim(nodes, pods, controller, seed, start, end, params, LoadModel(seed, series))
+    sim.progress = progress
+    return sim.run()

@@ -59,29 +59,54 @@ def trace_path(name: str, trace_dir: str = "", kind: str = "") -> str:
     return os.path.normpath(full)
 
 
-def _int(row: dict, key: str) -> int:
+class TraceError(ValueError):
+    """A trace file that cannot be read: the message names the file, the row or column, and the problem."""
+
+
+NODE_COLUMNS = ("sn", "gpu")
+POD_COLUMNS = ("name", "num_gpu")
+
+
+def _int(row: dict, key: str, path: str = "", line: int = 0) -> int:
     v = row.get(key) or "0"
-    return int(float(v))
+    try:
+        return int(float(v))
+    except ValueError:
+        raise TraceError(f"{path} row {line}: column {key} is not a number: {v!r}") from None
+
+
+def _rows(path: str, required: tuple[str, ...]) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            cols = reader.fieldnames or []
+    except OSError as e:
+        raise TraceError(f"cannot read {path}: {e.strerror}") from None
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise TraceError(f"{path} lacks the column(s) {', '.join(missing)} (has: {', '.join(cols) or 'none'})")
+    return rows
 
 
 def load_nodes(path: str) -> list[TraceNode]:
-    with open(path, newline="") as f:
-        return [TraceNode(r["sn"], _int(r, "cpu_milli"), _int(r, "memory_mib"), _int(r, "gpu"), r.get("model") or "")
-                for r in csv.DictReader(f)]
+    return [TraceNode(r["sn"], _int(r, "cpu_milli", path, i + 2), _int(r, "memory_mib", path, i + 2),
+                      _int(r, "gpu", path, i + 2), r.get("model") or "")
+            for i, r in enumerate(_rows(path, NODE_COLUMNS))]
 
 
-def load_pods(path: str) -> list[TracePod]:
-    with open(path, newline="") as f:
-        out = []
-        for r in csv.DictReader(f):
-            spec = tuple(s for s in (r.get("gpu_spec") or "").split("|") if s)
-            num = _int(r, "num_gpu")
-            milli = _int(r, "gpu_milli") if num else 0
-            if num > 1 or (num == 1 and milli <= 0):
-                milli = 1000
-            out.append(TracePod(r["name"], _int(r, "cpu_milli"), _int(r, "memory_mib"), num, milli, spec,
-                                _int(r, "creation_time"), _int(r, "deletion_time")))
-        return out
+def load_pods(path: str, require: tuple[str, ...] = ()) -> list[TracePod]:
+    """`require`: columns needed beyond name and num_gpu (the replay needs creation_time)."""
+    out = []
+    for i, r in enumerate(_rows(path, POD_COLUMNS + tuple(require))):
+        spec = tuple(s for s in (r.get("gpu_spec") or "").split("|") if s)
+        num = _int(r, "num_gpu", path, i + 2)
+        milli = _int(r, "gpu_milli", path, i + 2) if num else 0
+        if num > 1 or (num == 1 and milli <= 0):
+            milli = 1000
+        out.append(TracePod(r["name"], _int(r, "cpu_milli", path, i + 2), _int(r, "memory_mib", path, i + 2), num,
+                            milli, spec, _int(r, "creation_time", path, i + 2), _int(r, "deletion_time", path, i + 2)))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
