@@ -208,7 +208,7 @@ class Controller:
         if not decision.ok and warm is not None:
             room, warm_victims = warm.make_room(req, framework)
             if room is not None:
-                decision = room
+                decision = room     # no await from here to release_ids below: no claim can take a victim
         if not decision.ok:
             refused = placement.exhausted(req, decision)
             self.recorder.emit("Allocation", request_id or "-", "Warning", "FailedScheduling", str(refused),
@@ -220,9 +220,9 @@ class Controller:
             s.cpu_milli, s.host_memory_bytes = c.cpu_milli, c.host_memory_bytes
             s.anti_affinity.update(req.anti_affinity)
             self.fleet.put_slice(s)
-        for victim in warm_victims:
-            log(logger, logging.INFO, "a warm slice yields", victim=victim, allocation=alloc_id)
-            await self.release(victim, wait=False, message=f"warm slice yields its space to allocation {alloc_id}")
+        if warm_victims:
+            log(logger, logging.INFO, "warm slices yield", victims=warm_victims, allocation=alloc_id)
+            await warm.release_ids(warm_victims, f"warm slice yields its space to allocation {alloc_id}")
         for victim in decision.victims:
             log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority)
             await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "

@@ -27,6 +27,7 @@ from controlplane.controllers.orchmetrics import CLAIMS, YIELDS
 from controlplane.scheduler.framework import CycleState
 from gpumesh.v1 import types_pb2
 from mesh.logs import log
+from mesh.pools import LABEL as POOL_LABEL
 from mesh.slicespec import SliceRequest
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,31 @@ class WarmPool:
         self.framework = profiles.build("fgd", preemption=False)
         self.claims = 0            # since start (metrics)
         self.prior: dict[str, types_pb2.Slice] = {}     # slice id -> its warm record while a claim is saved
+        # warm slices chosen for release whose release has not begun yet: never claimed in between (a
+        # release awaits, and an Allocate claiming the next one on the list would lose its slice)
+        self.yielding: set[str] = set()
 
     # -- what there is -------------------------------------------------------------------------
 
     def slices(self) -> list[types_pb2.Slice]:
-        return [s for s in self.ctl.fleet.slices.values() if is_warm(s) and s.state != S.SLICE_STATE_RELEASING]
+        return [s for s in self.ctl.fleet.slices.values()
+                if is_warm(s) and s.state != S.SLICE_STATE_RELEASING and s.id not in self.yielding]
+
+    async def release_ids(self, ids: list[str], message: str) -> list[str]:
+        """Release these warm slices, each only if it is still warm when its turn comes; the ids are
+        withheld from claims from the start (call this without an await between choosing them and it)."""
+        self.yielding.update(ids)
+        gone = []
+        try:
+            for sid in ids:
+                s = self.ctl.fleet.slices.get(sid)
+                if s is None or not is_warm(s):
+                    continue
+                await self.ctl.release(sid, wait=False, message=message)
+                gone.append(sid)
+        finally:
+            self.yielding.difference_update(ids)
+        return gone
 
     def counts(self) -> dict[str, int]:
         """key -> warm slices carved or being carved."""
@@ -115,12 +136,11 @@ class WarmPool:
         """Give back `count` warm slices of `key`: those still being carved first, then the newest."""
         mine = [s for s in self.slices() if s.labels.get(KEY_LABEL) == key]
         mine.sort(key=lambda s: (s.state == S.SLICE_STATE_READY, s.created_at.ToNanoseconds()))
-        gone = []
-        for s in mine[:count]:
-            await self.ctl.release(s.id, wait=False, message=f"warm slice given back: {reason}")
-            self.ctl.recorder.emit("Slice", s.id, "Normal", "WarmSliceReleased", f"given back: {reason}",
-                                   node=s.node, source="orchestrator")
-            gone.append(s.id)
+        chosen = {s.id: s for s in mine[:count]}
+        gone = await self.release_ids(list(chosen), f"warm slice given back: {reason}")
+        for sid in gone:
+            self.ctl.recorder.emit("Slice", sid, "Normal", "WarmSliceReleased", f"given back: {reason}",
+                                   node=chosen[sid].node, source="orchestrator")
         return gone
 
     # -- Allocate's side (synchronous: no other request runs in between) --------------------------
@@ -130,6 +150,8 @@ class WarmPool:
         as usual). The caller saves it."""
         key = request_key(req)
         if key is None or req.cpu_milli or req.host_memory_bytes or req.anti_affinity or req.preempt:
+            return None
+        if POOL_LABEL in req.labels:     # a pool's nodes and GPU models are the scheduler's Pool filter's to judge
             return None
         fleet = self.ctl.fleet
         candidates = []

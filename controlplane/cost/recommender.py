@@ -110,7 +110,17 @@ class Recommender:
             await self.deployments.scale(rec.deployment, max(0, d.spec.replicas - 1))
             return "applied"
         if rec.kind == "idle-warm":
-            await self.ctl.release(rec.slice_id, wait=False, message="released as idle by meshctl recommend --apply")
+            message = "released as idle by meshctl recommend --apply"
+            warm = getattr(self.ctl, "warm", None)
+            s = self.ctl.fleet.slices.get(rec.slice_id)
+            if s is None or not is_warm_labels(s.labels):
+                raise errors.FailedPrecondition(f"slice {rec.slice_id} is no longer a warm slice (claimed or "
+                                                "released meanwhile)")
+            if warm is not None and s.tenant == "":
+                if not await warm.release_ids([rec.slice_id], message):
+                    raise errors.FailedPrecondition(f"slice {rec.slice_id} was claimed meanwhile")
+            else:
+                await self.ctl.release(rec.slice_id, wait=False, message=message)
             return "applied"
         if rec.kind == "pack":
             for sid, wid, node, _index in rec.moves:
