@@ -16,8 +16,9 @@ label `gpumesh.overflow-of=<name>`, and no policy of its own. The autoscaler con
 - a companion whose parent is gone, or whose parent's policy no longer lists variants, is deleted.
 
 The fit is an estimate from the control plane's fleet (free MIG placements of the profile that holds the
-need, else free memory on MPS/time-share GPUs); the scheduler decides, and a companion replica that gets
-no slice waits like any other.
+need, else free memory on GPUs shared the same way); the scheduler decides, and a companion replica that gets
+no slice waits like any other. When the estimate said the deployment's variant fits but its replica waits
+again, the controller does not try the swap back for RETRY_S (the estimate missed what the scheduler saw).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mesh.autoscale import choose_variant
 from mesh.models import vram
 
 LABEL_OVERFLOW_OF = "gpumesh.overflow-of"
+RETRY_S = 120.0                      # after a swap back ended with a replica waiting again, wait this long
 NO_ROOM_PREFIX = "no slice yet"      # controlplane/serving/actuator.py: a replica's message when allocation failed
 
 
@@ -74,7 +76,7 @@ def fit_count(need: int, fleet, isolation: int = 0) -> int:
                     profile = vram.slice_for(need, g.model).mig_profile
                     if profile:
                         n += len(g.free_starts(profile))
-            elif isolation != 1:
+            elif isolation != 1 and getattr(g, "sharing", None) in (None, "timeshare" if isolation == 3 else "mps"):
                 n += max(0, g.memory_bytes - g.allocated_memory) // need
     return n
 

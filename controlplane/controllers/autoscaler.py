@@ -65,6 +65,7 @@ class _State:
     status_at: float = 0.0
     ceiling_bound: bool = False
     pool_bound: bool = False
+    swap_hold_until: float = 0.0   # variant overflow: no swap back before this (a replica waited after one)
 
 
 class AutoscalerController:
@@ -231,12 +232,16 @@ class AutoscalerController:
         cost_c = autoscale_signals.replica_cost(comp_replicas, self.dm.ctl.fleet.slices, need_c, iso, gpu_models,
                                                 prices)
         own_need = need or d.status.vram_bytes
+        now = self.clock()
+        if waiting and comp is not None and comp.spec.replicas > 0:
+            st.swap_hold_until = now + autoscale_variants.RETRY_S     # the fit estimate missed: back off
+        parent_fits = now >= st.swap_hold_until and self._fit(d, own_need, cost) > 0
         sp = autoscale_variants.split(
             decision.desired, max_replicas=st.policy.max_replicas, ceiling=st.policy.cost_ceiling_per_hour,
             parent_ready=sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY),
             parent_placed=autoscale_variants.placed(replicas), waiting=waiting,
             companion_now=comp.spec.replicas if comp is not None else 0,
-            parent_fits=self._fit(d, own_need, cost) > 0, companion_fit=self._fit(d, need_c, cost_c) if need_c else 0,
+            parent_fits=parent_fits, companion_fit=self._fit(d, need_c, cost_c) if need_c else 0,
             parent_cost=cost, companion_cost=cost_c)
         signals.update(overflow_replicas=sp.companion, overflow_replica_cost_per_hour=round(cost_c, 4))
         now_c = comp.spec.replicas if comp is not None else 0

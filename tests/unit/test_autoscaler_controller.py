@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from controlplane.controllers import autoscale_signals
+from controlplane.controllers import autoscale_signals, autoscale_variants
 from controlplane.controllers.autoscaler import AutoscalerController
 from controlplane.serving import replicacost
 from controlplane.serving.scaling import ScalingOps
@@ -259,7 +259,8 @@ def overflow_setup(replicas: list[D.Replica], free_bytes: int, **policy) -> tupl
     dm = Manager(d, replicas)
     dm.needs = {"bf16": 20 * GIB, "q4": 2 * GIB}
     fleet_with_free(dm, free_bytes)
-    return dm, AutoscalerController(dm, dm.registry, clock=lambda: 1000.0)
+    dm.clock = [1000.0]
+    return dm, AutoscalerController(dm, dm.registry, clock=lambda: dm.clock[0])
 
 
 async def test_replicas_waiting_for_room_overflow_to_the_next_variant_that_fits():
@@ -358,3 +359,46 @@ def test_companion_names_are_valid_deployment_names():
     from controlplane.serving.deployspec import check_name
     assert companion_name("chat", "q4_k_m") == "chat-q4_k_m"
     assert check_name(companion_name("x" * 63, "Q4 K/M" * 10))
+
+
+async def test_a_swap_back_that_waits_again_backs_off():
+    dm, ctl = overflow_setup([ready(1), waiting(1), waiting(2), waiting(3)], 10 * GIB, min_replicas=4,
+                             max_replicas=4, target=2)
+    await ctl.one("chat")
+    dm.by_name["chat-q4"] = [ready(i, "chat-q4") for i in range(3)]
+    dm.by_name["chat"][:] = [ready(1)]
+    fleet_with_free(dm, 70 * GIB)                         # the estimate sees room for bf16
+    await ctl.one("chat")
+    assert (dm.store.deployments["chat"].spec.replicas, dm.store.deployments["chat-q4"].spec.replicas) == (2, 2)
+    dm.by_name["chat"][:] = [ready(1), waiting(4)]        # ... but the scheduler placed none: back to q4
+    dm.by_name["chat-q4"] = [ready(i, "chat-q4") for i in range(2)]
+    dm.clock[0] += 2
+    await ctl.one("chat")
+    assert (dm.store.deployments["chat"].spec.replicas, dm.store.deployments["chat-q4"].spec.replicas) == (1, 3)
+    dm.by_name["chat"][:] = [ready(1)]
+    dm.by_name["chat-q4"] = [ready(i, "chat-q4") for i in range(3)]
+    for _ in range(3):                                    # no new swap while the back-off lasts
+        dm.clock[0] += 2
+        await ctl.one("chat")
+        assert (dm.store.deployments["chat"].spec.replicas, dm.store.deployments["chat-q4"].spec.replicas) == (1, 3)
+    dm.clock[0] += autoscale_variants.RETRY_S
+    await ctl.one("chat")
+    assert (dm.store.deployments["chat"].spec.replicas, dm.store.deployments["chat-q4"].spec.replicas) == (2, 2)
+
+
+def test_the_fit_estimate_follows_how_the_gpu_is_shared():
+    model = gpumodels.get_model("H100-80GB")
+    mig = GpuState(node="n1", index=0, uuid="GPU-1", model=model, mig_enabled=True, memory_bytes=80 * GIB,
+                   nvlink_domain=0)
+    fleet = SimpleNamespace(nodes={"n1": SimpleNamespace(schedulable=True, gpus=[mig])})
+    assert autoscale_variants.fit_count(2 * GIB, fleet) == 7          # seven 1g.10gb placements on an empty H100
+    assert autoscale_variants.fit_count(2 * GIB, fleet, isolation=2) == 0   # MPS asked: a MIG GPU holds none
+    mig.health = "unhealthy"
+    assert autoscale_variants.fit_count(2 * GIB, fleet) == 0
+    mps = GpuState(node="n1", index=1, uuid="GPU-2", model=model, mig_enabled=False, memory_bytes=80 * GIB,
+                   nvlink_domain=0)
+    mps.allocated_memory = 75 * GIB
+    fleet.nodes["n1"].gpus.append(mps)
+    assert autoscale_variants.fit_count(2 * GIB, fleet) == 2 and autoscale_variants.fit_count(2 * GIB, fleet, 1) == 0
+    fleet.nodes["n1"].schedulable = False
+    assert autoscale_variants.fit_count(2 * GIB, fleet) == 0
