@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 
 from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
 from mesh.autoscale import choose_variant
 from mesh.models import vram
 
@@ -141,7 +142,10 @@ def next_variant(policy_variants: tuple[str, ...], own: str, fits) -> str | None
     return choose_variant([(v, v != own and fits(v)) for v in policy_variants])
 
 
-def companion_spec(parent: D.DeploymentSpec, variant: str, replicas: int) -> D.DeploymentSpec:
+def companion_spec(parent: D.DeploymentSpec, variant: str, replicas: int, v: M.Variant | None = None
+                   ) -> D.DeploymentSpec:
+    """The parent's spec as `variant` (the registry's `v` when known: settings of the parent's backend that
+    this variant does not take are left to the variant's defaults), with no policy and the overflow label."""
     spec = D.DeploymentSpec()
     spec.CopyFrom(parent)
     spec.ClearField("scaling")
@@ -149,4 +153,9 @@ def companion_spec(parent: D.DeploymentSpec, variant: str, replicas: int) -> D.D
     spec.variant = variant
     spec.replicas = replicas
     spec.labels[LABEL_OVERFLOW_OF] = parent.name
+    if v is not None:
+        if v.backend != M.BACKEND_VLLM:
+            spec.backend.device = ""                  # vLLM's build: not for a llama.cpp variant
+        if spec.backend.context > v.max_context:
+            spec.backend.context = 0                  # the variant's own
     return spec

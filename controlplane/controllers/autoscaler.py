@@ -188,13 +188,18 @@ class AutoscalerController:
         await self._apply(name, d, st, decision, signals, cost, now, cold_from, own)
         return decision
 
-    def _need(self, d: D.Deployment, variant: str) -> int:
-        """The VRAM need of a replica of `d` as `variant` (0: the registry does not resolve it)."""
-        spec = D.DeploymentSpec()
-        spec.CopyFrom(d.spec)
-        spec.variant = variant
+    def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
         try:
-            return self.dm._resolve(spec)[1]
+            model = self.registry.get(d.spec.model)
+        except errors.MeshError:
+            model = None
+        v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
+        return autoscale_variants.companion_spec(d.spec, variant, replicas, v)
+
+    def _need(self, d: D.Deployment, variant: str) -> int:
+        """The VRAM need of a replica of `d`'s companion as `variant` (0: the registry does not resolve it)."""
+        try:
+            return self.dm._resolve(self._companion(d, variant))[1]
         except errors.MeshError:
             return 0
 
@@ -250,7 +255,7 @@ class AutoscalerController:
         cname = comp.spec.name if comp is not None else autoscale_variants.companion_name(name, variant)
         try:
             if comp is None:
-                await self.dm.create(autoscale_variants.companion_spec(d.spec, variant, sp.companion))
+                await self.dm.create(self._companion(d, variant, sp.companion))
             else:
                 await self.dm.scale(cname, sp.companion)
         except errors.MeshError as e:

@@ -361,6 +361,19 @@ def test_companion_names_are_valid_deployment_names():
     assert check_name(companion_name("x" * 63, "Q4 K/M" * 10))
 
 
+def test_the_companion_spec_drops_what_its_variant_does_not_take():
+    from gpumesh.v1 import model_service_pb2 as M
+    parent = deployment(2, max_replicas=4, target=2, variants=("bf16", "q4")).spec
+    parent.variant, parent.pool, parent.labels["team"] = "bf16", "gpus", "a"
+    parent.backend.device, parent.backend.context = "cuda", 32768
+    spec = autoscale_variants.companion_spec(parent, "q4", 3, M.Variant(name="q4", backend=M.BACKEND_LLAMA_CPP,
+                                                                        max_context=8192))
+    assert (spec.name, spec.variant, spec.replicas, spec.pool, spec.tenant) == ("chat-q4", "q4", 3, "gpus", "team-a")
+    assert spec.backend.device == "" and spec.backend.context == 0 and not spec.HasField("scaling")
+    assert dict(spec.labels) == {"team": "a", "gpumesh.overflow-of": "chat"}
+    assert parent.backend.device == "cuda" and parent.HasField("scaling")          # the parent's spec untouched
+
+
 async def test_a_swap_back_that_waits_again_backs_off():
     dm, ctl = overflow_setup([ready(1), waiting(1), waiting(2), waiting(3)], 10 * GIB, min_replicas=4,
                              max_replicas=4, target=2)
