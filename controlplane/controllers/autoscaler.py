@@ -11,7 +11,9 @@ loop). When the decision differs from `spec.replicas` it sets the replicas throu
 Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
 a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode; so is
 a resource pool with no room for more (`PoolLimit`: a deployment with `spec.pool` is scaled within the pool's
-room, PoolStore.room, docs/pools.md).
+room, PoolStore.room, docs/pools.md). A policy with `variants` overflows replicas that wait for lack of room
+to a companion deployment of the next variant that fits (`VariantOverflow`,
+controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
 mode and bound_by) and `gpumesh_autoscaler_scale_events_total`.
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.controllers import autoscale_forecast, autoscale_signals
+from controlplane.controllers import autoscale_forecast, autoscale_signals, autoscale_variants
 from controlplane.controllers.slices import now as ts_now
 from controlplane.serving import scalingspec
 from gpumesh.v1 import deployment_service_pb2 as D
@@ -63,6 +65,7 @@ class _State:
     status_at: float = 0.0
     ceiling_bound: bool = False
     pool_bound: bool = False
+    swap_hold_until: float = 0.0   # variant overflow: no swap back before this (a replica waited after one)
 
 
 class AutoscalerController:
@@ -118,6 +121,7 @@ class AutoscalerController:
                 await self.one(name)
             except errors.NotFound:
                 continue        # deleted meanwhile
+        await self._companions_gone()
 
     def _state(self, name: str, pb: S.ScalingPolicy) -> _State:
         policy = scalingspec.to_policy(pb)
@@ -141,11 +145,14 @@ class AutoscalerController:
         st = self._state(name, d.spec.scaling)
         now = self.clock()
         replicas = self.dm.store.replicas_of(name)
-        ready, starting = autoscale_signals.counts(replicas)
+        comp = autoscale_variants.companion_of(self.dm.store.deployments, name) if st.policy.variants else None
+        comp_replicas = self.dm.store.replicas_of(comp.spec.name) if comp is not None else []
+        serving = replicas + comp_replicas          # the load and the count are the deployment's and its overflow's
+        ready, starting = autoscale_signals.counts(serving)
         woken = self.dm.scaling.woken.get(name, 0.0)
         if woken > st.woken_seen:
             st.woken_seen = st.waking_since = woken
-        sample = autoscale_signals.sample(now, replicas, self.dm.store.loads, st.counters)
+        sample = autoscale_signals.sample(now, serving, self.dm.store.loads, st.counters)
         if ready:
             st.waking_since = 0.0
         elif st.waking_since and now - st.waking_since < WAKE_HOLD_S:
@@ -175,8 +182,109 @@ class AutoscalerController:
             signals["lead_time_s"] = round(lead, 2)
         DESIRED.labels(name).set(decision.desired)
         DECISIONS.labels(name, decision.mode, decision.bound_by or "none").inc()
-        await self._apply(name, d, st, decision, signals, cost, now, cold_from)
+        own = decision.desired
+        if st.policy.variants:
+            own = await self._overflow(name, d, st, decision, replicas, comp, comp_replicas, need, cost, signals)
+        await self._apply(name, d, st, decision, signals, cost, now, cold_from, own)
         return decision
+
+    def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
+        try:
+            model = self.registry.get(d.spec.model)
+        except errors.MeshError:
+            model = None
+        v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
+        return autoscale_variants.companion_spec(d.spec, variant, replicas, v)
+
+    def _need(self, d: D.Deployment, variant: str) -> int:
+        """The VRAM need of a replica of `d`'s companion as `variant` (0: the registry does not resolve it)."""
+        try:
+            return self.dm._resolve(self._companion(d, variant))[1]
+        except errors.MeshError:
+            return 0
+
+    def _fit(self, d: D.Deployment, need: int, cost: float) -> int:
+        """Replicas of `need` the fleet's free capacity (and the deployment's pool) hold now, estimated."""
+        n = autoscale_variants.fit_count(need, getattr(self.dm.ctl, "fleet", None), int(d.spec.isolation))
+        pools = getattr(self.dm.ctl, "pools", None)
+        if d.spec.pool and pools is not None:
+            room = pools.room(d.spec.pool, need, cost)
+            if room is not None:
+                n = min(n, room)
+        return n
+
+    async def _overflow(self, name: str, d: D.Deployment, st: _State, decision: Decision, replicas: list,
+                        comp: D.Deployment | None, comp_replicas: list, need: int, cost: float,
+                        signals: dict) -> int:
+        """Share the decision between the deployment and its companion of the next variant that fits
+        (controlplane/controllers/autoscale_variants.py); creates or scales the companion; returns the
+        deployment's own replicas."""
+        waiting = autoscale_variants.no_room(replicas)
+        if not waiting and comp is None:
+            return decision.desired
+        gpu_models, prices = self.registry.gpu_models(), getattr(self.dm, "prices", None)
+        iso = int(d.spec.isolation)
+
+        def fits(v: str) -> bool:
+            n = self._need(d, v)
+            return n > 0 and self._fit(d, n, autoscale_signals.replica_cost([], {}, n, iso, gpu_models, prices)) > 0
+        variant = comp.spec.variant if comp is not None else \
+            autoscale_variants.next_variant(st.policy.variants, d.spec.variant, fits)
+        if variant is None:
+            signals["overflow_replicas"] = 0
+            return decision.desired
+        need_c = self._need(d, variant)
+        cost_c = autoscale_signals.replica_cost(comp_replicas, self.dm.ctl.fleet.slices, need_c, iso, gpu_models,
+                                                prices)
+        own_need = need or d.status.vram_bytes
+        now = self.clock()
+        if waiting and comp is not None and comp.spec.replicas > 0:
+            st.swap_hold_until = now + autoscale_variants.RETRY_S     # the fit estimate missed: back off
+        parent_fits = now >= st.swap_hold_until and self._fit(d, own_need, cost) > 0
+        sp = autoscale_variants.split(
+            decision.desired, max_replicas=st.policy.max_replicas, ceiling=st.policy.cost_ceiling_per_hour,
+            parent_ready=sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY),
+            parent_placed=autoscale_variants.placed(replicas), waiting=waiting,
+            companion_now=comp.spec.replicas if comp is not None else 0,
+            parent_fits=parent_fits, companion_fit=self._fit(d, need_c, cost_c) if need_c else 0,
+            parent_cost=cost, companion_cost=cost_c)
+        signals.update(overflow_replicas=sp.companion, overflow_replica_cost_per_hour=round(cost_c, 4))
+        now_c = comp.spec.replicas if comp is not None else 0
+        if sp.companion == now_c:
+            return sp.parent
+        cname = comp.spec.name if comp is not None else autoscale_variants.companion_name(name, variant)
+        try:
+            if comp is None:
+                await self.dm.create(self._companion(d, variant, sp.companion))
+            else:
+                await self.dm.scale(cname, sp.companion)
+        except errors.MeshError as e:
+            self.dm._event_as(name, "Warning", "VariantOverflow",
+                              f"could not set {cname} (variant {variant}) to {sp.companion}: {e}"[:1000],
+                              d.spec.tenant, SOURCE)
+            return decision.desired
+        text = (f"variant {variant} ({cname}) {now_c} -> {sp.companion} replica(s), {d.spec.variant or 'own'} "
+                f"{sp.parent}: {sp.reason}{', bound by ' + sp.bound_by if sp.bound_by else ''}; "
+                f"${cost:.4f}/h and ${cost_c:.4f}/h each")
+        self.dm._event_as(name, "Normal", "VariantOverflow", text[:1000], d.spec.tenant, SOURCE)
+        log(logger, logging.INFO, "variant overflow", deployment=name, companion=cname, variant=variant,
+            replicas_from=now_c, replicas_to=sp.companion, own=sp.parent, reason=sp.reason)
+        return sp.parent
+
+    async def _companions_gone(self) -> None:
+        """Delete companions whose deployment is gone or no longer lists variants in its policy."""
+        for cname, c in sorted(self.dm.store.deployments.items()):
+            parent = c.spec.labels.get(autoscale_variants.LABEL_OVERFLOW_OF)
+            if not parent:
+                continue
+            p = self.dm.store.deployments.get(parent)
+            if p is not None and p.spec.HasField("scaling") and p.spec.scaling.variants:
+                continue
+            try:
+                await self.dm.delete(cname)
+            except errors.NotFound:
+                continue
+            log(logger, logging.INFO, "variant companion deleted", deployment=parent, companion=cname)
 
     def _variant(self, d: D.Deployment):
         try:
@@ -207,8 +315,11 @@ class AutoscalerController:
         st.forecasting = asyncio.create_task(refit(), name=f"autoscaler-forecast-{name}")
 
     async def _apply(self, name: str, d: D.Deployment, st: _State, decision: Decision, signals: dict,
-                     cost: float, now: float, cold_from: str) -> None:
+                     cost: float, now: float, cold_from: str, own: int | None = None) -> None:
+        """Write the decision; the deployment's own replicas are `own` (its share beside a variant companion)
+        or the decision's."""
         old = d.spec.replicas
+        own = decision.desired if own is None else own
         status = S.AutoscalerStatus(desired=decision.desired, mode=decision.mode, reason=decision.reason[:1000],
                                     bound_by=decision.bound_by, signals=signals, replica_cost_per_hour=cost)
         prev = d.status.autoscaler
@@ -228,7 +339,7 @@ class AutoscalerController:
             text = f"pool {d.spec.pool!r} holds the deployment at {decision.desired}: {decision.reason}"
             self.dm._event_as(name, "Warning", "PoolLimit", text[:1000], tenant, SOURCE)
         st.pool_bound = pool_bound
-        changed = decision.desired != old
+        changed = own != old
         material = (prev.desired, prev.mode, prev.bound_by) != (status.desired, status.mode, status.bound_by)
         if not changed and not material and now - st.status_at < STATUS_REFRESH_S:
             return
@@ -236,17 +347,18 @@ class AutoscalerController:
             status.last_scale_at.CopyFrom(ts_now())
 
         def edit(n: D.Deployment) -> None:
-            n.spec.replicas = decision.desired
+            n.spec.replicas = own
             n.status.autoscaler.CopyFrom(status)
         if changed:
             await self.dm._change(name, 0, edit)
-            SCALES.labels(name, "up" if decision.desired > old else "down").inc()
+            SCALES.labels(name, "up" if own > old else "down").inc()
             reason = "ScaledToZero" if decision.desired == 0 else "Autoscaled"
-            text = (f"replicas {old} -> {decision.desired} ({decision.mode}"
+            beside = f" (of {decision.desired}; the rest as its variant companion)" if own != decision.desired else ""
+            text = (f"replicas {old} -> {own}{beside} ({decision.mode}"
                     f"{', bound by ' + decision.bound_by if decision.bound_by else ''}): {decision.reason} "
                     f"signals: {_fmt(signals)}")
             self.dm._event_as(name, "Normal", reason, text[:1000], tenant, SOURCE)
-            log(logger, logging.INFO, "autoscaled", deployment=name, replicas_from=old, replicas_to=decision.desired,
+            log(logger, logging.INFO, "autoscaled", deployment=name, replicas_from=old, replicas_to=own,
                 mode=decision.mode, bound_by=decision.bound_by, reason=decision.reason, cold_start_from=cold_from)
         else:
             await self.dm.write_autoscaler_status(name, status)
