@@ -242,6 +242,7 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.ServingViewService/Watch": VIEWER,
     "/gpumesh.v1.ForecastService/GetForecast": VIEWER,       # a tenant reads only its own series (service.py)
     "/gpumesh.v1.ForecastService/ListSeries": VIEWER,
+    "/gpumesh.v1.ForecastService/ListInteractions": VIEWER,  # scoped to the caller's tenant (service.py)
     "/gpumesh.v1.PoolService/Create": ADMIN,
     "/gpumesh.v1.PoolService/Update": ADMIN,
     "/gpumesh.v1.PoolService/Delete": ADMIN,

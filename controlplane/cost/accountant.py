@@ -280,12 +280,12 @@ class CostAccountant:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def rate(self, by: str, key: str) -> float:
-        """Dollars per hour now of the live slices of one group."""
+    def rate(self, by: str, key: str, tenant: str | None = None) -> float:
+        """Dollars per hour now of the live slices of one group (of one tenant's slices when given)."""
         i = {"tenant": 0, "deployment": 1, "model": 2, "node": 3}.get(by)
         if i is None:
             return 0.0
-        return sum(v for k, v in self.rates.items() if k[i] == key)
+        return sum(v for k, v in self.rates.items() if k[i] == key and (tenant is None or k[0] == tenant))
 
     def model_costs(self, models) -> list:
         out = []

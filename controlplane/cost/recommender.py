@@ -74,7 +74,7 @@ class Recommender:
                     name, r.id, s.id, s.node, s.gpu_index, s.gpu_model, ISO.get(s.isolation, ""), s.profile,
                     s.memory_bytes, share, prices.gpu_hour(s.gpu_model), sized, need, peak, peak_need, now - first,
                     ready=r.state == D.REPLICA_STATE_READY, idle=now - last_active >= self.min_observed,
-                    ready_peers=len(ready) - (1 if r in ready else 0)))
+                    ready_peers=len(ready) - (1 if r in ready else 0), tenant=d.spec.tenant))
         warm = []
         for s in self.ctl.fleet.slices.values():
             if is_warm_labels(s.labels):

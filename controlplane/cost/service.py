@@ -48,7 +48,7 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
         out.until.FromNanoseconds(int(now * 1e9))
         total = C.CostLine(key="total")
         for ln in lines:
-            cl = line(ln, self.acc.rate(by, ln.key))
+            cl = line(ln, self.acc.rate(by, ln.key, tenant))
             out.lines.append(cl)
             for f in ("dollars", "idle_warm_dollars", "idle_replica_dollars", "slice_seconds", "gpu_seconds",
                       "dollars_per_hour", "tokens"):

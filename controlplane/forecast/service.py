@@ -30,7 +30,9 @@ def _ts(seconds: float) -> timestamp_pb2.Timestamp:
 
 def may_read(tenant: str) -> bool:
     p = auth.current()
-    return p.admin or p.role == "viewer" or (bool(tenant) and tenant == p.tenant)
+    # a viewer reads the fleet's own series (GPUs, nodes: tenant "") and its tenant's, as it lists nodes and GPUs
+    # and its tenant's slices and workloads (docs/security.md)
+    return p.admin or (p.role == "viewer" and not tenant) or (bool(tenant) and tenant == p.tenant)
 
 
 class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
@@ -100,6 +102,7 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
 
 MAX_LIMIT = 1000
 MAX_SAMPLES = 10_000
+MAX_ANSWER_SAMPLES = 200_000     # limit x max_samples: one answer stays a few MB
 
 
 def interaction_query(request) -> Query:
@@ -108,14 +111,18 @@ def interaction_query(request) -> Query:
         raise errors.InvalidArgument.of("limit", f"must be 0 (100) to {MAX_LIMIT}, got {request.limit}")
     if request.max_samples < 0 or request.max_samples > MAX_SAMPLES:
         raise errors.InvalidArgument.of("max_samples", f"must be 0 (120) to {MAX_SAMPLES}, got {request.max_samples}")
+    if (request.limit or 100) * (request.max_samples or 120) > MAX_ANSWER_SAMPLES:
+        raise errors.InvalidArgument.of("max_samples", f"limit x max_samples must be at most {MAX_ANSWER_SAMPLES:,} "
+                                        f"(samples in one answer), got {(request.limit or 100)} x "
+                                        f"{(request.max_samples or 120)}")
     for field in ("app_type", "workload_id", "tenant"):
         value = getattr(request, field)
         if len(value) > 256 or not value.isprintable():
             raise errors.InvalidArgument.of(field, "is not valid", "printable, at most 256 characters")
     p = auth.current()
     tenant = request.tenant or None
-    if not (p.admin or p.role == "viewer"):
-        tenant = p.tenant or "\0"           # a tenant's caller sees its own workloads only
+    if not p.admin:
+        tenant = p.tenant or "\0"           # a tenant's caller (or viewer) sees its own workloads only
     return Query(app_type=request.app_type, tenant=tenant, workload=request.workload_id,
                  limit=request.limit or 100, max_samples=request.max_samples or 120)
 

@@ -39,6 +39,12 @@ _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]'\"]*): ")
 
 
 def _admin(gw, caller: Caller, what: str) -> None:
+    if not gw.clients.enforced and not gw.cfg.insecure:
+        # clients are not authenticated here (no tenants_file), but the gateway's own token is an admin's:
+        # forwarding it for anyone would hand every HTTP client the registry
+        raise APIError(403, f"authorization: {what} through the gateway needs clients authenticated by the "
+                            "control plane's tokens (the gateway's tenants_file); or use `meshctl model`",
+                       param="authorization", code="forbidden")
     if gw.clients.enforced and caller.tenant is not None:
         raise APIError(403, f"authorization: {what} needs an admin token (models are shared by every tenant; "
                             f"{caller.name!r} is a tenant's)", param="authorization", code="forbidden")

@@ -44,6 +44,7 @@ class ReplicaFacts:
     ready: bool = True
     idle: bool = False           # no request over the whole window
     ready_peers: int = 0         # other READY replicas of its deployment
+    tenant: str = ""             # its deployment's: MPS shares faults and memory, so only one tenant's pair
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def share_mps(replicas: list[ReplicaFacts]) -> list[Rec]:
         if a.replica in used:
             continue
         for b in whole[i + 1:]:
-            if b.replica in used or b.deployment == a.deployment or b.gpu_model != a.gpu_model:
+            if b.replica in used or b.deployment == a.deployment or b.gpu_model != a.gpu_model \
+                    or b.tenant != a.tenant:
                 continue
             try:
                 gpu_bytes = gpumodels.get_model(a.gpu_model).memory_mib * 2**20

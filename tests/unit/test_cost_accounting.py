@@ -115,9 +115,9 @@ GIB = 2**30
 
 
 def rep(name="d1", rid="r1", iso="mps", profile="", mem=20 * GIB, share=0.25, sized=8, need=20 * GIB, peak=1.0,
-        peak_need=6 * GIB, observed=7200.0, idle=False, peers=0, model="H100-80GB"):
+        peak_need=6 * GIB, observed=7200.0, idle=False, peers=0, model="H100-80GB", tenant="t1"):
     return R.ReplicaFacts(name, rid, f"s-{rid}", "n1", 0, model, iso, profile, mem, share, PRICES.gpu_hour(model),
-                          sized, need, peak, peak_need, observed, True, idle, peers)
+                          sized, need, peak, peak_need, observed, True, idle, peers, tenant)
 
 
 def test_resize_mps_to_measured_peak_with_saving_and_risk():
@@ -158,6 +158,8 @@ def test_idle_warm_and_share_mps_and_pack():
              rep("b", "rb", iso="exclusive", share=1.0, peak_need=30 * GIB)]
     sm = R.recommend(whole, [], [], 3600, kinds=("share-mps",))
     assert len(sm) == 1 and sm[0].saving_per_day == pytest.approx(2.40 * 24)
+    theirs = [whole[0], rep("b", "rb", iso="exclusive", share=1.0, peak_need=30 * GIB, tenant="t2")]
+    assert R.recommend(theirs, [], [], 3600, kinds=("share-mps",)) == []     # never two tenants on one MPS GPU
     gpus = [R.GpuFacts("n1", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s1", 10 * GIB, "w-1"),), 10 * GIB),
             R.GpuFacts("n2", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s2", 60 * GIB, "w-2"),), 60 * GIB),
             R.GpuFacts("n3", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s3", 75 * GIB, "w-3"),), 75 * GIB)]
@@ -217,6 +219,7 @@ def test_accountant_tick_categories_tokens_and_cursors(tmp_path):
     assert got["s-rep"].category == acc.BUSY and got["s-rep"].tokens == 220
     assert a.observed["r-1"][1] >= 1                             # a request ran: peak at least one
     assert a.rate("model", "smollm2") == pytest.approx(2.40 / 8)
+    assert a.rate("node", "n1", "t1") > 0 and a.rate("node", "n1", "t2") == 0    # a tenant sees its own rate
     del fleet.slices["s-warm"]
     _, live, gone = tick(1040.0, load(5, 520))
     assert gone == {"s-warm"} and set(live) == {"s-rep"}

@@ -200,6 +200,7 @@ def test_list_interactions_rpc_filters_and_scopes_to_the_tenant(tmp_path):
 @pytest.mark.parametrize("req, field", [(F.ListInteractionsRequest(limit=-1), "limit"),
                                         (F.ListInteractionsRequest(limit=5000), "limit"),
                                         (F.ListInteractionsRequest(max_samples=-3), "max_samples"),
+                                        (F.ListInteractionsRequest(limit=1000, max_samples=10_000), "max_samples"),
                                         (F.ListInteractionsRequest(app_type="a\x00b"), "app_type")])
 def test_list_interactions_bad_input_names_the_field(tmp_path, req, field):
     from controlplane.forecast.service import interaction_query

@@ -91,7 +91,9 @@ def test_a_tenant_reads_only_its_own_series(tmp_path):
         return listed, gpu
     assert run_with(tmp_path / "a", samples, both, acme) == (["chat"], "not found")
     assert run_with(tmp_path / "b", samples, both, other) == ([], "not found")
-    assert run_with(tmp_path / "c", samples, both, viewer) == (["chat", "n/0"], "ok")
+    assert run_with(tmp_path / "c", samples, both, viewer) == (["n/0"], "ok")        # the fleet's series only
+    acme_viewer = auth.Principal("client", "va", tenant="acme", role="viewer")
+    assert run_with(tmp_path / "e", samples, both, acme_viewer) == (["chat", "n/0"], "ok")
     r = run_with(tmp_path / "d", samples, lambda s: s.forecast("deployment", "chat", "requests_running", 10, 1), acme)
     assert len(r.points) == 10
 
