@@ -188,3 +188,12 @@ def test_served_by_backend_counts_answered_requests_per_backend():
           Result(index=4, status=503, error="failed", served_by="bench/r0"),       # failed: not counted
           Result(index=5, ok=True, status=200, served_by="cache")]
     assert served_by_backend(rs, reps) == {"llama.cpp": 2, "vllm": 2, "unknown": 1}
+
+
+def test_shared_gpus_names_replicas_placed_together():
+    from tools.meshctl.bench_serve_cluster import ReplicaInfo
+    from tools.meshctl.bench_serve_run import shared_gpus
+    reps = [ReplicaInfo(0, "a", "e0", "serve-0", 0, "llama.cpp", "w0"),
+            ReplicaInfo(1, "b", "e1", "serve-1", 0, "llama.cpp", "w1"),
+            ReplicaInfo(2, "c", "e2", "serve-0", 0, "vllm", "w2", "bench-vllm")]
+    assert shared_gpus(reps) == [[0, 2]] and shared_gpus(reps[:2]) == []

@@ -138,6 +138,11 @@ class ServeBench:
         self.sc = ServeCluster(self.state_dir, self.args.replicas, self.args.context, self.args.restart_delay, info,
                                vllm_replicas=vllm_n)
         self.sc.start()
+        shared = shared_gpus(self.sc.replicas)
+        if shared:
+            # the deployment spreads its own replicas, not two deployments' ones: an --inject on such a GPU
+            # touches every replica on it
+            info("note: replicas " + "; ".join(", ".join(map(str, ix)) for ix in shared) + " share a simulated GPU")
         injector = Injector(self.sc, emulate_throttle=self.args.emulate_throttle, say=info,
                             oom_rate=self.oom_rate, seed=self.args.seed)
         overhead = {"p50": None, "p99": None, "pairs": 0}
@@ -221,6 +226,14 @@ def slowest(results, n: int = 6) -> list[dict]:
     return [{"index": r.index, "sent_s": round(r.sent_s, 1), "ttft_ms": round((r.ttft_s or 0) * 1000),
              "e2e_ms": round((r.e2e_s or 0) * 1000), "served_by": r.served_by or r.target, "retries": r.retries,
              **({"error": r.error[:80]} if r.error else {})} for r in timed[:n]]
+
+
+def shared_gpus(replicas) -> list[list[int]]:
+    """Groups of replica indices placed on the same simulated GPU (node, index)."""
+    by_gpu: dict[tuple[str, int], list[int]] = {}
+    for r in replicas:
+        by_gpu.setdefault((r.node, r.gpu_index), []).append(r.index)
+    return [ix for ix in by_gpu.values() if len(ix) > 1]
 
 
 def served_by_backend(results, replicas) -> dict[str, int]:
