@@ -61,7 +61,10 @@ def test_render_table():
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["POLICY", "REQUESTS", "FAILED"]
     assert lines[1].startswith("gpu-aware") and lines[2].startswith("direct") and " - " in lines[2]
-    assert "p50 1.2 ms" in text
+    assert "p50 1.2 ms" in text and "served by backend" not in text
+    mixed = render({"policies": {"gpu-aware": {"requests": 3, "served_by_backend": {"vllm": 2, "llama.cpp": 1}}},
+                    "gateway_overhead_ms": {}, "goals": {}})
+    assert "gpu-aware served by backend: vllm 2, llama.cpp 1" in mixed
 
 
 @pytest.mark.parametrize("args, words", [

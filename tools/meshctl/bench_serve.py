@@ -224,6 +224,10 @@ def render(result: dict) -> str:
     rows = [[name, *("-" if s.get(c) is None else str(s.get(c)) for c in cols)]
             for name, s in result["policies"].items()]
     text = render_table(["POLICY", *(c.upper() for c in cols)], rows)
+    mixed = [(name, s["served_by_backend"]) for name, s in result["policies"].items()
+             if len(s.get("served_by_backend") or {}) > 1]
+    for name, by in mixed:
+        text += f"{name} served by backend: " + ", ".join(f"{b} {n}" for b, n in by.items()) + "\n"
     o = result.get("gateway_overhead_ms") or {}
     text += f"\ngateway overhead: p50 {o.get('p50')} ms, p99 {o.get('p99')} ms ({o.get('pairs', 0)} pairs)\n"
     for name, g in (result.get("goals") or {}).items():
