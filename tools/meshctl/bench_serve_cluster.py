@@ -19,6 +19,7 @@ gateways under test, and the fault injector.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -36,6 +37,71 @@ from mesh.loadgen.inject import HOT_CELSIUS, OOM_RATE, PRESSURE_FRACTION, Inject
 
 MODEL = "smollm2"
 DEPLOYMENT = "bench"
+VLLM_DEPLOYMENT = "bench-vllm"
+VLLM_SEQS = 4                   # vLLM's --max-num-seqs per replica: a few sequences batched on two shared cores
+BENCH_CACHE_ENV = "GPUMESH_BENCH_CACHE"
+BENCH_CACHE_DEFAULT = "/var/tmp/gpumesh-bench-cache"   # readable by the tenants' uids (not under $HOME)
+
+
+@dataclass(frozen=True)
+class PlannedDeployment:
+    """One deployment of the bench's cluster: `replicas` replicas of MODEL's `variant` on `backend`."""
+    name: str
+    backend: str                # "llama.cpp" or "vllm"
+    variant: str                # the registry variant's name (q4_1: the GGUF; bf16: its HF conversion)
+    replicas: int
+    concurrency: int            # per replica: llama.cpp decodes one request at a time; vLLM batches a few
+
+    @property
+    def own_concurrency(self) -> int:
+        """What the bench sets in the variant and deployment (0: the backend's default, llama.cpp's 1)."""
+        return self.concurrency if self.backend == "vllm" else 0
+
+    def describe(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "variant": self.variant, "replicas": self.replicas,
+                "concurrency": self.concurrency, "fallback_rank": 0}
+
+
+def cluster_plan(replicas: int, vllm_replicas: int = 0) -> list[PlannedDeployment]:
+    """The deployments the bench creates: `replicas` llama.cpp replicas of the GGUF and, with `vllm_replicas`,
+    that many vLLM replicas of its BF16 conversion, both variants fallback rank 0 (one pool the gateway
+    routes a request for MODEL over). One simulated host per replica."""
+    plan = [PlannedDeployment(DEPLOYMENT, "llama.cpp", "q4_1", replicas, 1)]
+    if vllm_replicas > 0:
+        plan.append(PlannedDeployment(VLLM_DEPLOYMENT, "vllm", "bf16", vllm_replicas, VLLM_SEQS))
+    return plan
+
+
+def vllm_missing() -> str:
+    """Why the bench cannot add vLLM replicas here ('' when it can)."""
+    from tools.meshctl.demo_serving import vllm_missing as why
+    found = why()
+    if found:
+        return found
+    for mod in ("transformers", "torch", "gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed: the GGUF -> HF conversion for vLLM needs gpumesh[vllm-cpu]"
+    return ""
+
+
+def smollm2_hf_dir(say: Callable[[str], None]) -> Path:
+    """SmolLM2's BF16 Hugging Face directory for vLLM, converted from the packaged GGUF once and reused from
+    $GPUMESH_BENCH_CACHE (default /var/tmp/gpumesh-bench-cache; the tests' cache has the same layout)."""
+    import fcntl
+
+    from mesh.models import hfconvert, importer
+    gguf = smollm2_gguf()
+    root = Path(os.environ.get(BENCH_CACHE_ENV) or BENCH_CACHE_DEFAULT)
+    key = root / hfconvert.file_digest(gguf)[:16]
+    key.mkdir(parents=True, exist_ok=True)
+    for d in (root, key):
+        os.chmod(d, 0o755)                  # the vLLM workloads run as the tenant's uid and must read it
+    with open(key / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (key / "smollm2-135m-bf16").exists():
+            say(f"converting {gguf.name} to a Hugging Face-format BF16 directory for vLLM (once, under {key})...")
+        out, _ = importer.convert_once(gguf, key / "smollm2-135m-bf16")
+    return out
 
 
 @dataclass
@@ -47,10 +113,16 @@ class ReplicaInfo:
     gpu_index: int
     backend: str
     workload_id: str
+    deployment: str = DEPLOYMENT
+
+    @property
+    def key(self) -> str:
+        """What the gateway's x-gpumesh-served-by names it by."""
+        return f"{self.deployment}/{self.id}"
 
     def describe(self) -> dict:
-        return {"index": self.index, "id": self.id, "endpoint": self.endpoint, "node": self.node,
-                "gpu_index": self.gpu_index, "backend": self.backend}
+        return {"index": self.index, "id": self.id, "deployment": self.deployment, "endpoint": self.endpoint,
+                "node": self.node, "gpu_index": self.gpu_index, "backend": self.backend}
 
 
 def process_tree(pid: int) -> list[int]:
@@ -85,18 +157,22 @@ class ServeCluster:
     """A local cluster serving MODEL on `replicas` replicas (one per simulated host)."""
 
     def __init__(self, state_dir: Path, replicas: int, context: int, restart_delay_s: float,
-                 say: Callable[[str], None], telemetry_interval_s: float = 0.5):
+                 say: Callable[[str], None], telemetry_interval_s: float = 0.5, vllm_replicas: int = 0):
         from tools.localcluster import LocalCluster
         self.say = say
         self.context = context
+        self.plan = cluster_plan(replicas, vllm_replicas)
+        total = sum(p.replicas for p in self.plan)
         self.hosts = [{"node": f"serve-{i}", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}
-                      for i in range(replicas)]
+                      for i in range(total)]
         # llama_cpp.server reads these: one thread each (two shared cores); N_BATCH=1 keeps prompts off the AMX
         # kernels that a -march=native build may use where the VM does not allow them (docs/serving.md).
         # INTERRUPT_REQUESTS=false: by default llama-cpp-python's server ends a stream after its current token
         # (with [DONE], as if it had finished) whenever another request waits for the model, so concurrent
         # requests (the direct policy) would come back one token long and look fast.
-        env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", INTERRUPT_REQUESTS="false")
+        # MESH_AGENT_VLLM_CPU_KVCACHE_MAX_GIB=1: a vLLM replica (vllm-cpu) takes a 1 GiB KV cache, as in the tests.
+        env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", INTERRUPT_REQUESTS="false",
+                   MESH_AGENT_VLLM_CPU_KVCACHE_MAX_GIB="1")
         self.cluster = LocalCluster(state_dir, self.hosts, lease_ttl=3, agents_per_process=1, env=env,
                                     agent_args=["--telemetry-interval-seconds", str(telemetry_interval_s)],
                                     controlplane_args=["--deployment-backoff-seconds", str(restart_delay_s),
@@ -105,28 +181,43 @@ class ServeCluster:
         self.mesh = None
         self.replicas: list[ReplicaInfo] = []
 
-    def start(self, timeout: float = 600.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        """Start the cluster, register MODEL's variants, deploy the plan and wait for every replica READY
+        (default: 600 s; 1800 s with vLLM replicas, which take minutes to start on a busy CPU)."""
+        timeout = timeout or (1800.0 if any(p.backend == "vllm" for p in self.plan) else 600.0)
         from gpumesh.v1 import model_service_pb2 as M
         from mesh.models import importer
         self.say(f"starting a local cluster of {len(self.hosts)} simulated H100 hosts...")
         self.cluster.start(timeout=120)
         self.mesh = self.cluster.client(timeout=60)
-        v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=self.context)
-        self.mesh.register_model(M.Model(name=MODEL, family="smollm2", variants=[v]))
-        self.mesh.deploy(MODEL, name=DEPLOYMENT, replicas=len(self.hosts), context=self.context)
-        self.say(f"deploying {len(self.hosts)} llama.cpp replicas of SmolLM2-135M (context {self.context})...")
+        variants = []
+        for p in self.plan:             # both at fallback rank 0: equals the gateway routes over as one pool
+            path = str(smollm2_gguf()) if p.backend == "llama.cpp" else str(smollm2_hf_dir(self.say))
+            v, _ = importer.variant_from_artifact(path, backend=p.backend, name=p.variant, context=self.context,
+                                                  concurrency=p.own_concurrency, fallback_rank=0)
+            variants.append(v)
+        self.mesh.register_model(M.Model(name=MODEL, family="smollm2", variants=variants))
+        for p in self.plan:
+            self.mesh.deploy(MODEL, name=p.name, variant=p.variant, replicas=p.replicas, context=self.context,
+                             concurrency=p.own_concurrency)
+            self.say(f"deploying {p.replicas} {p.backend} replica(s) of SmolLM2-135M as {p.name} "
+                     f"(variant {p.variant}, context {self.context}, concurrency {p.concurrency})...")
         self.wait_all_ready(timeout)
 
     def wait_all_ready(self, timeout: float = 600.0) -> list[ReplicaInfo]:
         from gpumesh.v1 import deployment_service_pb2 as D
-        n = len(self.hosts)
+        deadline = time.monotonic() + timeout
+        replicas: list[ReplicaInfo] = []
+        for p in self.plan:             # llama.cpp's replicas first, then vLLM's: the indices --inject names
 
-        def ready(d) -> bool:
-            return len(d.replicas) == n and all(r.state == D.REPLICA_STATE_READY and r.endpoint for r in d.replicas)
-        d = self.mesh.wait_deployment(DEPLOYMENT, ready, timeout=timeout, poll=0.5)
-        by_node = sorted(d.replicas, key=lambda r: r.node)
-        self.replicas = [ReplicaInfo(i, r.id, r.endpoint, r.node, r.gpu_index, d.status.backend, r.workload_id)
-                         for i, r in enumerate(by_node)]
+            def ready(d, n=p.replicas) -> bool:
+                return len(d.replicas) == n and all(r.state == D.REPLICA_STATE_READY and r.endpoint
+                                                    for r in d.replicas)
+            d = self.mesh.wait_deployment(p.name, ready, timeout=max(1.0, deadline - time.monotonic()), poll=0.5)
+            for r in sorted(d.replicas, key=lambda r: r.node):
+                replicas.append(ReplicaInfo(len(replicas), r.id, r.endpoint, r.node, r.gpu_index,
+                                            d.status.backend or p.backend, r.workload_id, p.name))
+        self.replicas = replicas
         return self.replicas
 
     def gpu_states(self) -> dict[tuple[str, int], tuple[str, str]]:
@@ -145,7 +236,7 @@ class ServeCluster:
         """The running backend's pid of the replica on replica.node now (a restart may bring a new workload);
         None while it is not running."""
         from gpumesh.v1 import deployment_service_pb2 as D
-        d = self.mesh.get_deployment(DEPLOYMENT)
+        d = self.mesh.get_deployment(replica.deployment)
         r = next((x for x in d.replicas if x.node == replica.node), None)
         if r is None or r.state != D.REPLICA_STATE_READY or not r.workload_id:
             return None
@@ -163,10 +254,11 @@ class ServeCluster:
 
     def stop(self) -> None:
         if self.mesh is not None:
-            try:
-                self.mesh.undeploy(DEPLOYMENT)
-            except Exception:       # noqa: BLE001 - the cluster goes next anyway
-                pass
+            for p in self.plan:
+                try:
+                    self.mesh.undeploy(p.name)
+                except Exception:       # noqa: BLE001 - the cluster goes next anyway
+                    pass
             self.mesh.close()
         self.cluster.stop()
 

