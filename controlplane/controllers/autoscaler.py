@@ -150,6 +150,9 @@ class AutoscalerController:
         serving = replicas + comp_replicas          # the load and the count are the deployment's and its overflow's
         ready, starting = autoscale_signals.counts(serving)
         woken = self.dm.scaling.woken.get(name, 0.0)
+        if d.status.HasField("autoscaler") and d.status.autoscaler.HasField("woken_at"):
+            # kept in etcd: a new leader still counts the request the gateway holds since the Wake
+            woken = max(woken, d.status.autoscaler.woken_at.ToNanoseconds() / 1e9)
         if woken > st.woken_seen:
             st.woken_seen = st.waking_since = woken
         sample = autoscale_signals.sample(now, serving, self.dm.store.loads, st.counters)

@@ -184,6 +184,19 @@ async def test_idle_scales_to_zero_and_wake_brings_one_back():
     assert (await ctl.one("chat")).desired == 0
 
 
+async def test_a_new_leader_still_counts_the_held_request_from_the_woken_status():
+    r, load = replica(1, at=1)
+    dm = Manager(deployment(0, max_replicas=2, target=2, scale_to_zero_after_s=5, stable_window_s=5,
+                            panic_window_s=1, scale_down_delay_s=0), [])
+    await dm.scaling.wake("chat")
+    clock = [dm.store.deployments["chat"].status.autoscaler.woken_at.ToNanoseconds() / 1e9]
+    dm.scaling.woken.clear()                          # the old leader's memory is gone with it
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: clock[0])
+    for _ in range(4):                                # no replica READY yet: still not scaled away
+        clock[0] += 3
+        assert (await ctl.one("chat")).desired == 1 and dm.store.deployments["chat"].spec.replicas == 1
+
+
 async def test_wake_needs_a_policy_that_scales_to_zero():
     r, _ = replica(1)
     dm = Manager(deployment(1, max_replicas=2, target=2), [r])
