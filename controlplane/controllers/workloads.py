@@ -402,6 +402,9 @@ class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
         s = self.m.ctl.fleet.slices.get(request.slice_id)
         if s is not None:
             auth.check_visible(s.tenant, "slice", request.slice_id)
+            if not s.tenant:        # a warm slice (the orchestrator's): a tenant claims it empty
+                raise errors.FailedPrecondition(f"slice {request.slice_id} is a warm slice held for Allocate "
+                                                "and runs no workload; allocate a slice to run one")
         return await self.m.run(request)
 
     @unary
