@@ -25,6 +25,9 @@ def line(ln, rate: float) -> C.CostLine:
                       dollars_per_1k_tokens=per_1k_tokens(ln.dollars, ln.tokens))
 
 
+
+MAX_LINES = 50_000     # one GetCost answer (by slice over a long window can be more)
+
 class CostService(cost_service_pb2_grpc.CostServiceServicer):
     def __init__(self, accountant: CostAccountant, recommender: Recommender) -> None:
         self.acc = accountant
@@ -43,6 +46,10 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
         tenant = None if p.admin else p.tenant
         now = self.acc.clock()
         lines = await self.acc._run(self.acc.ledger.query, by, now - since_s, None, tenant)
+        if len(lines) > MAX_LINES:
+            raise errors.InvalidArgument.of("since_seconds", f"{len(lines):,} {by} lines over {since_s:g} s are more "
+                                            f"than one answer holds", f"a shorter window or a coarser `by` "
+                                            f"(at most {MAX_LINES:,} lines)")
         out = C.GetCostResponse(by=by, interval_seconds=self.acc.interval)
         out.since.FromNanoseconds(int((now - since_s) * 1e9))
         out.until.FromNanoseconds(int(now * 1e9))
