@@ -25,8 +25,8 @@ def line(ln, rate: float) -> C.CostLine:
                       dollars_per_1k_tokens=per_1k_tokens(ln.dollars, ln.tokens))
 
 
-
 MAX_LINES = 50_000     # one GetCost answer (by slice over a long window can be more)
+
 
 class CostService(cost_service_pb2_grpc.CostServiceServicer):
     def __init__(self, accountant: CostAccountant, recommender: Recommender) -> None:
