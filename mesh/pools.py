@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gpumesh.v1 import pool_service_pb2 as P
 from gpumesh.v1 import types_pb2
-from mesh import errors, gpumodels
+from mesh import errors, gpumodels, slicespec
 from mesh.cost import PriceTable, slice_share
 
 LABEL = "gpumesh.pool"
@@ -24,6 +24,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ISOLATIONS = {types_pb2.ISOLATION_MIG: "mig", types_pb2.ISOLATION_MPS: "mps",
               types_pb2.ISOLATION_TIMESHARE: "timeshare", types_pb2.ISOLATION_EXCLUSIVE: "exclusive"}
 ISOLATION_VALUES = {v: k for k, v in ISOLATIONS.items()}
+MAX_TENANTS = 256
 QUOTAS = ("max_gpus", "max_slices", "max_memory_bytes", "max_dollars_per_hour")
 
 
@@ -58,6 +59,16 @@ def validate(pool: P.Pool) -> P.Pool:
         if iso not in ISOLATIONS:
             raise errors.InvalidArgument.of(f"pool.selector.isolations[{i}]", f"unknown isolation {iso}",
                                             ", ".join(ISOLATIONS.values()))
+    for field, values, most in (("pool.selector.gpu_models", pool.selector.gpu_models, 32),
+                                ("pool.selector.isolations", pool.selector.isolations, 4),
+                                ("pool.selector.node_labels", pool.selector.node_labels, 32),
+                                ("pool.tenants", pool.tenants, MAX_TENANTS)):
+        if len(values) > most:
+            raise errors.InvalidArgument.of(field, f"has {len(values)} entries", f"at most {most}")
+    for i, t in enumerate(pool.tenants):
+        if not slicespec.TENANT_RE.match(t):
+            raise errors.InvalidArgument.of(f"pool.tenants[{i}]", f"{t!r} is not a tenant name",
+                                            "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     for k, v in pool.selector.node_labels.items():
         if not k or len(k) > 63 or len(v) > 256:
             raise errors.InvalidArgument.of(f"pool.selector.node_labels[{k}]", "is not a valid label",

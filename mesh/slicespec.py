@@ -32,6 +32,10 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MAX_COUNT = 64
 PRIORITY_RANGE = (-1000, 1000)
 MAX_LABELS = 32
+# labels that say what gpumesh made a slice for (a warm slice, a pool's or a deployment's replica): gpumesh
+# sets them (admins may, by hand); a tenant's own would bill or release its slice as something it is not
+SYSTEM_LABELS = frozenset({"gpumesh.io/warm", "gpumesh.io/warm-key", "gpumesh.pool", "gpumesh.deployment",
+                           "gpumesh.replica"})
 MAX_CPU_MILLI = 4096 * 1000          # 4,096 CPUs
 MAX_HOST_MEMORY = 64 << 40           # 64 TiB
 

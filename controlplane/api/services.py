@@ -19,10 +19,6 @@ from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 MAX_ID = 128
-# labels that say what gpumesh made a slice for (a warm slice, a pool's or a deployment's replica): only
-# gpumesh and admins set them; a tenant's own would bill or release its slice as something it is not
-SYSTEM_LABELS = frozenset({"gpumesh.io/warm", "gpumesh.io/warm-key", "gpumesh.pool", "gpumesh.deployment",
-                           "gpumesh.replica"})
 
 
 def _check_id(value: str, field: str) -> str:
@@ -43,9 +39,9 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
         req = slicespec.validate(request.spec)
         if not auth.current().admin:
             for key in request.spec.labels:
-                if key in SYSTEM_LABELS:
+                if key in slicespec.SYSTEM_LABELS:
                     raise errors.InvalidArgument.of(f"spec.labels[{key!r}]", "is set by gpumesh itself",
-                                                    "labels other than " + ", ".join(sorted(SYSTEM_LABELS)))
+                                                    "labels other than " + ", ".join(sorted(slicespec.SYSTEM_LABELS)))
         if len(request.request_id) > MAX_ID or not request.request_id.isprintable():
             raise errors.InvalidArgument.of("request_id", "is not valid", f"printable, at most {MAX_ID} characters")
         if not (0 <= request.timeout_seconds <= 3600):

@@ -81,6 +81,9 @@ def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
         if not k or len(k) > 63 or len(v) > 256:
             raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is not a valid label",
                                             "keys of 1-63 and values of at most 256 characters")
+        if k in slicespec.SYSTEM_LABELS:       # copied onto the replicas' slices: spec.pool names the pool
+            raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is set by gpumesh itself",
+                                            "labels other than " + ", ".join(sorted(slicespec.SYSTEM_LABELS)))
     if not 0 <= spec.priority <= 1000:
         raise errors.InvalidArgument.of("spec.priority", f"{spec.priority} is out of range", "0 to 1000")
 
@@ -137,6 +140,9 @@ def check_pool(spec: D.DeploymentSpec, pool_store) -> None:
     if pool is None:
         raise errors.InvalidArgument.of("spec.pool", f"no pool {spec.pool!r}",
                                         ", ".join(sorted(known)) or "none defined yet (meshctl create pool)")
+    if pool.tenants and spec.tenant not in pool.tenants:
+        raise errors.InvalidArgument.of("spec.pool", f"pool {spec.pool!r} is not open to tenant {spec.tenant!r}",
+                                        "a pool whose tenants include it (meshctl describe pool)")
     from mesh import pools
     if spec.isolation and pool.selector.isolations and spec.isolation not in pool.selector.isolations:
         raise errors.InvalidArgument.of("spec.isolation", f"pool {spec.pool!r} does not allow "

@@ -23,11 +23,36 @@ def pool(**kw) -> P.Pool:
     ({"quota": {"max_gpus": -1}}, "pool.quota.max_gpus"),
     ({"quota": {"max_slices": -2}}, "pool.quota.max_slices"),
     ({"name": "-bad"}, "pool.name"),
+    ({"tenants": ["team a"]}, "pool.tenants[0]"),
+    ({"tenants": [f"t{i}" for i in range(257)]}, "pool.tenants"),
+    ({"selector": {"node_labels": {f"k{i}": "v" for i in range(33)}}}, "pool.selector.node_labels"),
 ])
 def test_bad_pools_name_the_field(doc, field):
     with pytest.raises(errors.InvalidArgument) as e:
         pools.validate(pool_from_dict({"name": "inference-a", **doc}))
     assert e.value.field == field and field in str(e.value)
+
+
+def test_a_pool_open_to_some_tenants_refuses_the_others_deployments():
+    from types import SimpleNamespace
+
+    from controlplane.serving import deployspec
+    from gpumesh.v1 import deployment_service_pb2 as D
+    store = SimpleNamespace(pools={"inference-a": pools.validate(pool(tenants=["team-a"]))})
+    deployspec.check_pool(D.DeploymentSpec(name="chat", tenant="team-a", pool="inference-a"), store)
+    with pytest.raises(errors.InvalidArgument) as e:
+        deployspec.check_pool(D.DeploymentSpec(name="chat", tenant="team-b", pool="inference-a"), store)
+    assert e.value.field == "spec.pool" and "not open to tenant 'team-b'" in str(e.value)
+
+
+def test_deployment_labels_cannot_name_a_pool_or_say_warm():
+    from controlplane.serving import deployspec
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import model_service_pb2 as M
+    for key in ("gpumesh.pool", "gpumesh.io/warm", "gpumesh.deployment"):
+        with pytest.raises(errors.InvalidArgument) as e:
+            deployspec.check_settings(D.DeploymentSpec(name="chat", labels={key: "x"}), M.Variant(max_context=512))
+        assert e.value.field == f"spec.labels[{key}]"
 
 
 def test_not_finite_quota_is_refused():

@@ -65,6 +65,8 @@ def _pool_flags(p: argparse.ArgumentParser, defaults) -> None:
                    help="repeatable: mig, mps, timeshare, exclusive")
     p.add_argument("--node-selector", type=_pair, action="append", default=z([]), metavar="KEY=VALUE",
                    help="node labels that must match (repeatable)")
+    p.add_argument("--tenant", action="append", default=z([]), metavar="TENANT",
+                   help="repeatable: the tenants whose deployments may use the pool (none: every tenant)")
     p.add_argument("--max-slices", type=int, default=z(0), metavar="N", help="0: no limit")
     p.add_argument("--max-gpus", type=float, default=z(0.0), metavar="GPUS", help="GPU-equivalents (sum of shares)")
     p.add_argument("--max-memory", type=_size, default=z(0), metavar="SIZE", help="e.g. 40GiB")
@@ -84,7 +86,7 @@ def pool_from_args(args: argparse.Namespace) -> dict:
         return doc
     if not args.name:
         raise CliError("a pool NAME (or -f FILE) is required")
-    return {"name": args.name, "description": args.description,
+    return {"name": args.name, "description": args.description, "tenants": args.tenant,
             "selector": {"gpu_models": args.gpu_model, "isolations": args.isolation,
                          "node_labels": dict(args.node_selector)},
             "quota": {"max_slices": args.max_slices, "max_gpus": args.max_gpus, "max_memory_bytes": args.max_memory,
@@ -119,6 +121,8 @@ def run_update(args: argparse.Namespace) -> int:
                     where[key] = getattr(args, flag)
             if args.node_selector is not None:
                 sel["node_labels"] = dict(args.node_selector)
+            if args.tenant is not None:
+                doc["tenants"] = args.tenant
         p = mesh.update_pool(doc)
     out(dump(pool_to_dict(p), args.output) if args.output in ("json", "yaml")
         else f"pool/{p.name} updated (generation {p.generation})\n")
@@ -171,6 +175,7 @@ def describe_pool(p) -> str:
     lines = [f"Name:          {p.name}", f"Description:   {p.description or '-'}",
              f"GPU models:    {', '.join(p.selector.gpu_models) or 'any'}",
              f"Isolation:     {', '.join(d['selector']['isolations']) or 'any'}",
+             f"Tenants:       {', '.join(p.tenants) or 'every tenant'}",
              f"Node selector: {', '.join(f'{k}={v}' for k, v in sorted(p.selector.node_labels.items())) or '-'}",
              "Quota:",
              f"  max_slices:           {_limit(q.max_slices)}", f"  max_gpus:             {_limit(q.max_gpus)}",

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpumesh/v1/pool_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpumesh/v1/types.proto\"\xbf\x01\n\x0cPoolSelector\x12\x12\n\ngpu_models\x18\x01 \x03(\t\x12)\n\nisolations\x18\x02 \x03(\x0e\x32\x15.gpumesh.v1.Isolation\x12=\n\x0bnode_labels\x18\x03 \x03(\x0b\x32(.gpumesh.v1.PoolSelector.NodeLabelsEntry\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\tPoolQuota\x12\x10\n\x08max_gpus\x18\x01 \x01(\x01\x12\x12\n\nmax_slices\x18\x02 \x01(\x05\x12\x18\n\x10max_memory_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14max_dollars_per_hour\x18\x04 \x01(\x01\"\x9a\x02\n\tPoolUsage\x12\x0e\n\x06slices\x18\x01 \x01(\x05\x12\x0c\n\x04gpus\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x64ollars_per_hour\x18\x04 \x01(\x01\x12\x15\n\rcapacity_gpus\x18\x05 \x01(\x05\x12\x1d\n\x15\x63\x61pacity_memory_bytes\x18\x06 \x01(\x03\x12\x18\n\x10\x61vailable_slices\x18\x07 \x01(\x05\x12\x16\n\x0e\x61vailable_gpus\x18\x08 \x01(\x01\x12\x1e\n\x16\x61vailable_memory_bytes\x18\t \x01(\x03\x12\"\n\x1a\x61vailable_dollars_per_hour\x18\n \x01(\x01\x12\x13\n\x0b\x64\x65ployments\x18\x0b \x03(\t\"\x95\x02\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12*\n\x08selector\x18\x03 \x01(\x0b\x32\x18.gpumesh.v1.PoolSelector\x12$\n\x05quota\x18\x04 \x01(\x0b\x32\x15.gpumesh.v1.PoolQuota\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.gpumesh.v1.PoolUsage\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x08 \x01(\x03\"3\n\x11\x43reatePoolRequest\x12\x1e\n\x04pool\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Pool\"\x1e\n\x0eGetPoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10ListPoolsRequest\"4\n\x11ListPoolsResponse\x12\x1f\n\x05pools\x18\x01 \x03(\x0b\x32\x10.gpumesh.v1.Pool\"3\n\x11UpdatePoolRequest\x12\x1e\n\x04pool\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Pool\"!\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xb8\x02\n\x0bPoolService\x12\x39\n\x06\x43reate\x12\x1d.gpumesh.v1.CreatePoolRequest\x1a\x10.gpumesh.v1.Pool\x12\x33\n\x03Get\x12\x1a.gpumesh.v1.GetPoolRequest\x1a\x10.gpumesh.v1.Pool\x12\x43\n\x04List\x12\x1c.gpumesh.v1.ListPoolsRequest\x1a\x1d.gpumesh.v1.ListPoolsResponse\x12\x39\n\x06Update\x12\x1d.gpumesh.v1.UpdatePoolRequest\x1a\x10.gpumesh.v1.Pool\x12\x39\n\x06\x44\x65lete\x12\x1d.gpumesh.v1.DeletePoolRequest\x1a\x10.gpumesh.v1.Poolb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpumesh/v1/pool_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpumesh/v1/types.proto\"\xbf\x01\n\x0cPoolSelector\x12\x12\n\ngpu_models\x18\x01 \x03(\t\x12)\n\nisolations\x18\x02 \x03(\x0e\x32\x15.gpumesh.v1.Isolation\x12=\n\x0bnode_labels\x18\x03 \x03(\x0b\x32(.gpumesh.v1.PoolSelector.NodeLabelsEntry\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\tPoolQuota\x12\x10\n\x08max_gpus\x18\x01 \x01(\x01\x12\x12\n\nmax_slices\x18\x02 \x01(\x05\x12\x18\n\x10max_memory_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14max_dollars_per_hour\x18\x04 \x01(\x01\"\x9a\x02\n\tPoolUsage\x12\x0e\n\x06slices\x18\x01 \x01(\x05\x12\x0c\n\x04gpus\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x64ollars_per_hour\x18\x04 \x01(\x01\x12\x15\n\rcapacity_gpus\x18\x05 \x01(\x05\x12\x1d\n\x15\x63\x61pacity_memory_bytes\x18\x06 \x01(\x03\x12\x18\n\x10\x61vailable_slices\x18\x07 \x01(\x05\x12\x16\n\x0e\x61vailable_gpus\x18\x08 \x01(\x01\x12\x1e\n\x16\x61vailable_memory_bytes\x18\t \x01(\x03\x12\"\n\x1a\x61vailable_dollars_per_hour\x18\n \x01(\x01\x12\x13\n\x0b\x64\x65ployments\x18\x0b \x03(\t\"\xa6\x02\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12*\n\x08selector\x18\x03 \x01(\x0b\x32\x18.gpumesh.v1.PoolSelector\x12$\n\x05quota\x18\x04 \x01(\x0b\x32\x15.gpumesh.v1.PoolQuota\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.gpumesh.v1.PoolUsage\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x12\x0f\n\x07tenants\x18\t \x03(\t\"3\n\x11\x43reatePoolRequest\x12\x1e\n\x04pool\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Pool\"\x1e\n\x0eGetPoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10ListPoolsRequest\"4\n\x11ListPoolsResponse\x12\x1f\n\x05pools\x18\x01 \x03(\x0b\x32\x10.gpumesh.v1.Pool\"3\n\x11UpdatePoolRequest\x12\x1e\n\x04pool\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Pool\"!\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xb8\x02\n\x0bPoolService\x12\x39\n\x06\x43reate\x12\x1d.gpumesh.v1.CreatePoolRequest\x1a\x10.gpumesh.v1.Pool\x12\x33\n\x03Get\x12\x1a.gpumesh.v1.GetPoolRequest\x1a\x10.gpumesh.v1.Pool\x12\x43\n\x04List\x12\x1c.gpumesh.v1.ListPoolsRequest\x1a\x1d.gpumesh.v1.ListPoolsResponse\x12\x39\n\x06Update\x12\x1d.gpumesh.v1.UpdatePoolRequest\x1a\x10.gpumesh.v1.Pool\x12\x39\n\x06\x44\x65lete\x12\x1d.gpumesh.v1.DeletePoolRequest\x1a\x10.gpumesh.v1.Poolb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POOLUSAGE']._serialized_start=404
   _globals['_POOLUSAGE']._serialized_end=686
   _globals['_POOL']._serialized_start=689
-  _globals['_POOL']._serialized_end=966
-  _globals['_CREATEPOOLREQUEST']._serialized_start=968
-  _globals['_CREATEPOOLREQUEST']._serialized_end=1019
-  _globals['_GETPOOLREQUEST']._serialized_start=1021
-  _globals['_GETPOOLREQUEST']._serialized_end=1051
-  _globals['_LISTPOOLSREQUEST']._serialized_start=1053
-  _globals['_LISTPOOLSREQUEST']._serialized_end=1071
-  _globals['_LISTPOOLSRESPONSE']._serialized_start=1073
-  _globals['_LISTPOOLSRESPONSE']._serialized_end=1125
-  _globals['_UPDATEPOOLREQUEST']._serialized_start=1127
-  _globals['_UPDATEPOOLREQUEST']._serialized_end=1178
-  _globals['_DELETEPOOLREQUEST']._serialized_start=1180
-  _globals['_DELETEPOOLREQUEST']._serialized_end=1213
-  _globals['_POOLSERVICE']._serialized_start=1216
-  _globals['_POOLSERVICE']._serialized_end=1528
+  _globals['_POOL']._serialized_end=983
+  _globals['_CREATEPOOLREQUEST']._serialized_start=985
+  _globals['_CREATEPOOLREQUEST']._serialized_end=1036
+  _globals['_GETPOOLREQUEST']._serialized_start=1038
+  _globals['_GETPOOLREQUEST']._serialized_end=1068
+  _globals['_LISTPOOLSREQUEST']._serialized_start=1070
+  _globals['_LISTPOOLSREQUEST']._serialized_end=1088
+  _globals['_LISTPOOLSRESPONSE']._serialized_start=1090
+  _globals['_LISTPOOLSRESPONSE']._serialized_end=1142
+  _globals['_UPDATEPOOLREQUEST']._serialized_start=1144
+  _globals['_UPDATEPOOLREQUEST']._serialized_end=1195
+  _globals['_DELETEPOOLREQUEST']._serialized_start=1197
+  _globals['_DELETEPOOLREQUEST']._serialized_end=1230
+  _globals['_POOLSERVICE']._serialized_start=1233
+  _globals['_POOLSERVICE']._serialized_end=1545
 # @@protoc_insertion_point(module_scope)

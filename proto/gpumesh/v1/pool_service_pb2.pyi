@@ -66,7 +66,7 @@ class PoolUsage(_message.Message):
     def __init__(self, slices: _Optional[int] = ..., gpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., dollars_per_hour: _Optional[float] = ..., capacity_gpus: _Optional[int] = ..., capacity_memory_bytes: _Optional[int] = ..., available_slices: _Optional[int] = ..., available_gpus: _Optional[float] = ..., available_memory_bytes: _Optional[int] = ..., available_dollars_per_hour: _Optional[float] = ..., deployments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "description", "selector", "quota", "usage", "created_at", "updated_at", "generation")
+    __slots__ = ("name", "description", "selector", "quota", "usage", "created_at", "updated_at", "generation", "tenants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Pool(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     selector: PoolSelector
@@ -83,7 +84,8 @@ class Pool(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     generation: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., selector: _Optional[_Union[PoolSelector, _Mapping]] = ..., quota: _Optional[_Union[PoolQuota, _Mapping]] = ..., usage: _Optional[_Union[PoolUsage, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., selector: _Optional[_Union[PoolSelector, _Mapping]] = ..., quota: _Optional[_Union[PoolQuota, _Mapping]] = ..., usage: _Optional[_Union[PoolUsage, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., generation: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreatePoolRequest(_message.Message):
     __slots__ = ("pool",)
