@@ -183,10 +183,6 @@ class Gateway:
         if allow is None:
             allow = (caller.tenant or "") in self.cfg.fallback_tenants
         timeout = self._wait_bound(deadline, primary)
-        asleep = self.waker.asleep(primary)
-        if asleep:                  # scaled to zero: wake it and hold the request while a replica starts
-            await self.waker.wake(asleep)
-            timeout = self.waker.hold_seconds(deadline)
         ckey = skey = None
         if self.cache.enabled and not info["stream"] and cachemod.deterministic(body):
             ckey = cachemod.key(caller.tenant, path, body)
@@ -202,6 +198,10 @@ class Gateway:
             out, skey = await self._semantic(caller.tenant, path, body, t)
             if out is not None:
                 return out
+        asleep = self.waker.asleep(primary)
+        if asleep:      # scaled to zero, and no cache answered: wake it and hold the request while a replica starts
+            await self.waker.wake(asleep)
+            timeout = self.waker.hold_seconds(deadline)
         max_tokens = info["max_tokens"] or 16
         ctx = RouteContext(",".join(sorted(d.name for d in primary)),
                            affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens)
