@@ -136,6 +136,28 @@ async def test_allocate_claims_a_ready_warm_slice_as_a_fresh_one(env):
     assert env.ctl.fleet.usage["acme"][0] == 2                 # now counted against the tenant
 
 
+async def test_a_warm_slice_chosen_for_release_is_never_claimed_while_an_earlier_one_is_released(env):
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    await env.orch.warm_pass({key: fc("fleet", key, "requests", [2.0], step=60)})
+    ready_all(env.ctl)
+    first, second = sorted(warm(env.ctl), key=lambda s: s.id)
+    real_release, claimed = env.ctl.release, []
+
+    async def release_then_allocate(sid, **kw):     # an Allocate arrives while the first release awaits
+        out = await real_release(sid, **kw)
+        if sid == first.id:
+            _, got = await env.ctl.allocate(validate(t.SliceSpec(tenant="acme", mig_profile="1g.10gb")),
+                                            no_wait=True)
+            claimed.append(got[0].id)
+        return out
+    env.ctl.release = release_then_allocate
+    gone = await env.ctl.warm.release_ids([first.id, second.id], "test")
+    assert claimed and claimed[0] != second.id          # the second was withheld from the claim
+    assert gone == [first.id, second.id] and not env.ctl.warm.yielding
+    assert env.ctl.fleet.slices[claimed[0]].tenant == "acme"
+
+
 async def test_claim_respects_quota_and_model(env):
     fw = profiles.build("default", args={"TenantQuota": {"tenants": {"tiny": {"max_slices": 0}}}})
     env.ctl.scheduler = fw
