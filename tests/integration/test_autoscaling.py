@@ -216,6 +216,10 @@ def test_the_cost_ceiling_stops_a_scale_up_and_says_why(cluster, mesh):
         warn = wait_for(lambda: events(mesh, "capped", "CostCeiling"), SLOW, "the cost ceiling's warning")
         wait_for(lambda: mesh.get_deployment("capped").status.autoscaler.bound_by == "cost_ceiling", SLOW,
                  "the decision bound by the cost ceiling")
+        # the event and the status can come before the replicas are written: wait for the write, then keep
+        # the burst on a little so that a scale past the ceiling would show
+        wait_for(lambda: mesh.get_deployment("capped").spec.replicas == 2, SLOW, "the two replicas it pays for")
+        time.sleep(3)
     assert max(burst.wanted) == 2, burst.wanted
     print(f"cost ceiling: {warn[0].message}")
     assert warn[0].type == "Warning" and f"${ceiling:g}/h" in warn[0].message
