@@ -91,6 +91,9 @@ class DeploymentRecords:
         return True
 
 
+STOP_TIMEOUT_S = 5.0
+
+
 class Follower:
     def __init__(self, store: EtcdStore, lease_ttl: int = 10, retry: float = 0.5) -> None:
         self.store = store
@@ -125,10 +128,12 @@ class Follower:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping either way
-                pass
+            # bounded: a watch that does not end on cancel (seen intermittently in a test, not diagnosed yet)
+            # must not hang the control plane's shutdown
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
+            if not done:
+                log(logger, logging.WARNING, "standby: the etcd watch did not end on stop; leaving it",
+                    seconds=STOP_TIMEOUT_S)
             self._task = None
         self.ctl.events.end_all()     # open Watch streams: watch again (at the leader)
         self.event_log.end_all()
