@@ -87,7 +87,7 @@ def test_loaded_clock_ratio_follows_the_simulated_gpu(tmp_path):
     """The hot replica's emulated speed is the simulated GPU's SM clock under load over its maximum: 1.0 when
     cool, lower once pinned at a throttling temperature; the real state file is left as it was."""
     from nodeagent.nvml.sim import SimNvml
-    from tools.meshctl.bench_serve_cluster import loaded_clock_ratio
+    from tools.meshctl.bench_serve_faults import loaded_clock_ratio
     host = tmp_path / "h.yaml"
     host.write_text("node: x\ngpus: [{model: H100-80GB, count: 1, mig: true}]\n")
     state = tmp_path / "s.json"

@@ -285,7 +285,8 @@ def test_oom_watch_kills_a_computing_backend_and_spares_an_idle_one():
     import sys
     import time
 
-    from tools.meshctl.bench_serve_cluster import OomWatch, ReplicaInfo
+    from tools.meshctl.bench_serve_cluster import ReplicaInfo
+    from tools.meshctl.bench_serve_faults import OomWatch
 
     class FakeCluster:                # only current_pid is used: the process under test
         def __init__(self, pid):

@@ -15,8 +15,8 @@ from mesh.loadgen.inject import OOM_RATE, Injection
 from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker
 from mesh.loadgen.replay import replay, round_robin
 from mesh.loadgen.trace import Arrival
-from tools.meshctl.bench_serve_cluster import (MODEL, Gateway, Injector, ServeCluster, gateway_available,
-                                               smollm2_gguf)
+from tools.meshctl.bench_serve_cluster import MODEL, Gateway, ServeCluster, gateway_available, smollm2_gguf
+from tools.meshctl.bench_serve_faults import Injector
 from tools.meshctl.common import CliError, info
 
 OVERHEAD_PROMPT = "The capital of France is"
