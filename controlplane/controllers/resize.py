@@ -28,6 +28,7 @@ from controlplane.api import auth
 
 from controlplane.state import keys
 from controlplane.controllers.slices import new_id, now
+from controlplane.controllers.resizequota import growth_refusal
 from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
@@ -87,6 +88,11 @@ class ResizeMixin:
                 log(logger, logging.INFO, "resize does not fit in place; by migration", slice=sid,
                     gpu_free_bytes=free_mem, gpu_free_share=round(free_share, 3))
                 return await self._resize_by_migration(s, memory_bytes=mem, compute_share=share)
+        framework = getattr(self.ctl, "scheduler", None)
+        why = growth_refusal(framework, self.ctl.fleet, s, mem, share) if framework is not None else None
+        if why is not None:
+            raise errors.ResourceExhausted(f"slice {sid} cannot grow to {mem} bytes, compute {share:.2f}: {why}; "
+                                           f"the slice is unchanged", reasons={"quota": why})
         return await self._resize_in_place(s, mem, share)
 
     def _new_profile(self, s: types_pb2.Slice, memory_bytes: int, compute_share: float, mig_profile: str) -> str:
