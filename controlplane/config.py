@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from mesh.config import ConfigError, option, parse_hostport
@@ -25,6 +26,8 @@ class ControlPlaneConfig:
                                         minimum=0.2, maximum=60)
     state_dir: str = option(".mesh/controlplane", "directory for the control plane's files (embedded etcd data, identity)")
     etcd_endpoints: list = option([], "etcd client URLs (http://HOST:PORT); none starts an embedded etcd under state_dir")
+    etcd_compaction_retention: str = option("1h", "embedded etcd only: history kept before etcd's periodic "
+                                             "auto-compaction (a duration: 30m, 1h, 24h; empty: never compact)")
     lease_ttl: int = option(10, "seconds a node stays Ready without a heartbeat", minimum=2, maximum=300)
     leader_ttl: int = option(10, "seconds of the control plane's own leader session lease", minimum=2, maximum=300)
     ready_timeout: float = option(30.0, "seconds Allocate waits for READY by default", minimum=0.1, maximum=3600)
@@ -220,6 +223,10 @@ class ControlPlaneConfig:
         for url in self.etcd_endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"etcd_endpoints: {url!r} must start with http:// or https://")
+        if self.etcd_compaction_retention and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s))+|\d+",
+                                                               self.etcd_compaction_retention):
+            raise ConfigError(f"etcd_compaction_retention: {self.etcd_compaction_retention!r} is not a duration "
+                              f"(allowed: like 30m, 1h, 2h30m, a whole number of hours, or empty for never)")
         parent = os.path.dirname(os.path.abspath(self.state_dir))
         if not os.path.isdir(parent):
             raise ConfigError(f"state_dir: the parent directory of {self.state_dir!r} does not exist")

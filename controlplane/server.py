@@ -70,7 +70,8 @@ class ControlPlane:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         endpoints = list(self.cfg.etcd_endpoints)
         if not endpoints:
-            self.etcd = EtcdServer(self.state_dir / "etcd", log_file=self.state_dir / "etcd.log")
+            self.etcd = EtcdServer(self.state_dir / "etcd", log_file=self.state_dir / "etcd.log",
+                                   compaction_retention=self.cfg.etcd_compaction_retention)
             self.etcd.start()   # in the main thread: the child's death signal follows this thread
             endpoints = [self.etcd.endpoint]
         creds = None

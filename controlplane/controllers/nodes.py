@@ -103,8 +103,23 @@ class NodeManager:
             except asyncio.CancelledError:
                 raise
             except ETCD_ERRORS + (errors.MeshError,) as e:
-                log(logger, logging.WARNING, "alive watch interrupted; restarting", error=str(e))
+                log(logger, logging.WARNING, "alive watch interrupted; re-reading the leases", error=str(e))
                 await asyncio.sleep(1)
+                try:
+                    start_revision = await self._relist_alive()
+                except ETCD_ERRORS + (errors.MeshError,) as e2:
+                    log(logger, logging.WARNING, "re-reading the leases failed; retrying", error=str(e2))
+
+    async def _relist_alive(self) -> int:
+        """After a broken watch: the revisions it missed may be compacted away (etcd's auto-compaction), so
+        the watch cannot resume from where it was. Read the alive keys as they are now, mark lost every node
+        that was ready and has no key any more, and return the revision to watch from."""
+        snap = await self.store.load(keys.ALIVE)
+        alive = {keys.name_of(k, keys.ALIVE) for k in snap.kvs}
+        for name, entry in list(self.fleet.nodes.items()):
+            if entry.ready and name not in alive:
+                await self._lease_lost(name)
+        return snap.revision + 1
 
     async def _lease_lost(self, name: str) -> None:
         entry = self.fleet.nodes.get(name)

@@ -54,8 +54,10 @@ class EtcdServer:
 
     def __init__(self, data_dir: str | os.PathLike, name: str = "gpumesh", host: str = "127.0.0.1",
                  client_port: int | None = None, peer_port: int | None = None,
-                 log_file: str | os.PathLike | None = None, fast: bool = False) -> None:
+                 log_file: str | os.PathLike | None = None, fast: bool = False,
+                 compaction_retention: str = "1h") -> None:
         self.data_dir = pathlib.Path(data_dir)
+        self.compaction_retention = compaction_retention
         self.name = name
         self.host = host
         self.fast = fast
@@ -82,6 +84,11 @@ class EtcdServer:
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
                "--log-level", "warn"]
+        if self.compaction_retention:
+            # etcd keeps every revision until compacted: without this its database grows with every write
+            # (heartbeats, telemetry, events) until it hits its space quota and refuses writes (NOSPACE).
+            # Watchers that fall further behind than this re-read (the follower and the alive watch do).
+            cmd += ["--auto-compaction-mode", "periodic", "--auto-compaction-retention", self.compaction_retention]
         if self.fast:
             cmd += ["--heartbeat-interval", "10", "--election-timeout", "100"]
         return cmd
