@@ -75,6 +75,10 @@ class AgentConfig:
                                      "a private /dev, and refuses to start workloads on a host that lacks the minimum "
                                      "(named in the agent's log); permissive uses what the host offers",
                                      choices=("secure", "permissive"))
+    workload_seccomp: bool = option(True, "install a seccomp filter in every workload (denies ptrace, "
+                                    "process_vm_*, new namespaces, mount, bpf, perf_event_open, userfaultfd, keyctl, "
+                                    "io_uring, kernel modules, ...; nodeagent/isolation/syscallfilter.py); secure mode "
+                                    "then needs libseccomp2 on the host")
     workload_uid_range: str = option("200000-265535", "uids/gids allocated to tenants without a mapping, FIRST-LAST "
                                      "(each tenant gets one, remembered in STATE_DIR/isolation/tenant-ids.json; "
                                      "never 0, the agent's own, or a host account's)")

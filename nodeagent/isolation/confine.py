@@ -14,7 +14,8 @@ this process is PID 1 of the workload's namespace. In order:
    home (empty tmpfs or /dev/null over them) and binds in only what the workload needs: the
    runtimes the operator exposes (read-only, at their own path, e.g. a Python under the hidden
    home), its own directory as /tmp, the MPS pipe directory inside it;
-5. switches to the tenant's uid/gid with no supplementary groups and sets no_new_privs;
+5. switches to the tenant's uid/gid with no supplementary groups and sets no_new_privs, then installs
+   the seccomp filter (syscallfilter.py, loaded by path before the mounts change) when the spec says so;
 6. forks the command, reaps every orphan of the namespace, and when the command ends writes
    `{"exit_code", "signal"}` (or `"error"`) to the status fd and exits: the kernel then kills
    whatever the command left behind in the namespace.
@@ -127,6 +128,17 @@ def setup_mounts(spec: dict) -> None:
                 mount("/dev/null", path, None, MS_BIND)
 
 
+def load_filter():
+    """syscallfilter.py beside this file, by path (this init runs with -I -S: no package imports); loaded
+    before the mounts change, which may hide the code's directory."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "syscallfilter.py")
+    spec = importlib.util.spec_from_file_location("gpumesh_syscallfilter", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def drop_privileges(spec: dict) -> None:
     uid, gid = int(spec["uid"]), int(spec["gid"])
     if uid == 0 or gid == 0:
@@ -204,10 +216,13 @@ def main(argv: list[str]) -> int:
         for procs in spec.get("cgroup_procs", []):
             with open(procs, "w", encoding="ascii") as f:
                 f.write("0")
+        syscalls = load_filter() if spec.get("seccomp") else None
         setup_mounts(spec)
         os.chdir(spec.get("workdir") or "/")
         drop_privileges(spec)
-    except (OSError, ConfineError, ValueError, KeyError) as e:
+        if syscalls is not None:
+            syscalls.install()
+    except (OSError, ConfineError, ValueError, KeyError, ImportError, RuntimeError) as e:
         msg = f"gpumesh: cannot confine the workload: {e}"
         print(msg, file=sys.stderr, flush=True)
         report({"exit_code": 126, "signal": 0, "error": msg[len("gpumesh: "):]})

@@ -50,6 +50,7 @@ class IsolationSettings:
     mask: list[str] = field(default_factory=list)       # host paths hidden from workloads
     expose: list[str] = field(default_factory=list)     # host paths bound read-only at the same path (runtimes)
     shm_root: str = SHM_ROOT
+    seccomp: bool = True                  # the syscall filter (syscallfilter.py) where the host can install it
 
 
 @dataclass
@@ -87,11 +88,12 @@ class Isolator:
                                      f"{node or 'node'}-{hashlib.sha256(scope.encode()).hexdigest()[:8]}")
         self.cgroups, self.devices, self.node = cgroups, devices, node
         self.namespaces = [n for n in settings.namespaces if n in features.namespaces]
-        self.missing = features.missing()
+        self.missing = [m for m in features.missing() if settings.seccomp or not m.startswith("a seccomp filter")]
         log(logger, logging.INFO if not self.missing else logging.WARNING, "isolation features", node=node,
             mode=settings.mode, setuid=features.setuid, no_new_privs=features.no_new_privs,
             namespaces=",".join(features.namespaces) or "none", cgroup_version=features.cgroup_version,
             cgroup_controllers=",".join(features.cgroup_controllers) or "none", dmem=features.dmem,
+            seccomp=features.seccomp and settings.seccomp,
             missing="; ".join(self.missing) or "nothing", problems="; ".join(features.problems))
 
     # -- limits ---------------------------------------------------------------------------------
@@ -160,6 +162,7 @@ class Isolator:
                 env["CUDA_MPS_PIPE_DIRECTORY"] = INSIDE_MPS_PIPE
         spec = {
             "uid": ident.uid, "gid": ident.gid, "no_new_privs": True, "namespaces": namespaces,
+            "seccomp": bool(self.settings.seccomp and self.features.seccomp),
             "cgroup_procs": procs, "workdir": INSIDE_WORKDIR if mount_ns else workdir,
             "devices": [{"name": d.name, "source": d.source} for d in limits.devices],
             "shm_dir": shm_dir, "mask": [p for p in self.settings.mask if p and os.path.exists(p)],

@@ -31,6 +31,7 @@ class HostFeatures:
     cgroup_version: int = 0              # 1, 2, or 0 (none usable)
     cgroup_controllers: list[str] = field(default_factory=list)   # usable: memory, cpu, pids, devices
     dmem: bool = False                   # cgroup v2 dmem controller (kernel-enforced device memory)
+    seccomp: bool = False                # a seccomp filter can be installed (kernel + libseccomp)
     problems: list[str] = field(default_factory=list)
 
     def missing(self) -> list[str]:
@@ -45,6 +46,8 @@ class HostFeatures:
                 out.append(f"a writable {c} cgroup controller (per-workload {c} limits)")
         if "devices" not in self.cgroup_controllers and "mount" not in self.namespaces:
             out.append("device confinement: a devices cgroup (v1) or a mount namespace for a private /dev")
+        if not self.seccomp:
+            out.append("a seccomp filter (kernel seccomp and libseccomp2: denies ptrace, namespaces, bpf, ...)")
         return out
 
     def summary(self) -> dict:
@@ -118,5 +121,20 @@ def probe(cgroup_root: str = CGROUP_ROOT, probe_name: str = "gpumesh-probe") -> 
     f.namespaces = [name for name, flag in NAMESPACE_FLAGS.items() if _try_unshare(flag)]
     f.cgroup_version = cgroup_version(cgroup_root)
     f.cgroup_controllers, f.dmem, f.problems = _writable_controllers(f.cgroup_version, cgroup_root, probe_name)
+    f.seccomp = _try_seccomp()
     return f
+
+
+def _try_seccomp() -> bool:
+    """Install the workload filter (syscallfilter.py) in a throwaway child and check it denies unshare."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "syscallfilter.py")
+    code = ("import ctypes, importlib.util, sys; "
+            f"s = importlib.util.spec_from_file_location('f', {path!r}); m = importlib.util.module_from_spec(s); "
+            "s.loader.exec_module(m); m.install(); libc = ctypes.CDLL(None, use_errno=True); "
+            "sys.exit(0 if libc.unshare(0x10000000) != 0 and ctypes.get_errno() == 1 else 1)")
+    try:
+        return subprocess.run([sys.executable, "-I", "-S", "-c", code], timeout=30,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 

@@ -220,6 +220,39 @@ def test_bad_resource_label_is_refused_with_the_label_named(mesh, slices):
     assert "gpumesh.io/memory-bytes" in w.message
 
 
+SYSCALLS = """
+import ctypes, errno, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def report(name, rc):
+    print(name, 'DENIED' if rc == -1 and ctypes.get_errno() == errno.EPERM else f'ALLOWED rc={rc} errno={ctypes.get_errno()}')
+report('unshare-user', libc.unshare(0x10000000))             # CLONE_NEWUSER: allowed unprivileged on this kernel
+report('keyctl', libc.syscall(250, 0, -3, 0))                 # keyctl(KEYCTL_GET_KEYRING_ID, session)
+child = subprocess.Popen(['sleep', '30'])                     # its own child: same uid, readable without the filter
+class IoVec(ctypes.Structure):
+    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(8)
+local, remote = IoVec(ctypes.addressof(buf), 8), IoVec(0x400000, 8)
+report('process_vm_readv', libc.process_vm_readv(child.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+report('ptrace-attach', libc.ptrace(16, child.pid, 0, 0))    # PTRACE_ATTACH
+child.kill(); child.wait()
+t = threading.Thread(target=lambda: print('THREAD OK')); t.start(); t.join()
+print('SUBPROCESS', subprocess.run(['echo', 'ok'], capture_output=True, text=True).stdout.strip())
+"""
+
+
+def test_syscalls_that_reach_other_processes_or_the_kernel_are_denied(mesh, slices, victim):
+    """The seccomp filter (nodeagent/isolation/syscallfilter.py): without it every one of these succeeds for
+    an unprivileged user on this kernel (a user namespace, its own child's memory, ptrace of its own child,
+    the kernel keyring), and ordinary programs (threads, subprocesses) still work under it."""
+    done, out = run(mesh, slices[0].id, SYSCALLS)
+    assert done.state == t.WORKLOAD_STATE_SUCCEEDED, out
+    for name in ("unshare-user", "keyctl", "process_vm_readv", "ptrace-attach"):
+        assert f"{name} DENIED" in out, out
+    assert "THREAD OK" in out and "SUBPROCESS ok" in out
+    assert mesh.get_node("iso-a").inventory.labels["gpumesh.io/workload-seccomp"] == "on"
+    still_fine(mesh, victim)
+
+
 def test_agent_still_runs_workloads_after_the_attacks(mesh, slices, victim):
     done, out = run(mesh, slices[0].id, "print('STILL HERE')")
     assert done.state == t.WORKLOAD_STATE_SUCCEEDED and "STILL HERE" in out

@@ -87,7 +87,7 @@ class FakeCgroups:
 
 def _isolator(tmp_path, features=None, mode="secure", cgroups=None, shm_root=None):
     full = HostFeatures(setuid=True, no_new_privs=True, namespaces=["mount", "ipc", "pid"], cgroup_version=1,
-                        cgroup_controllers=["memory", "cpu", "pids", "devices"])
+                        cgroup_controllers=["memory", "cpu", "pids", "devices"], seccomp=True)
     users = TenantUsers((300000, 300010), {}, str(tmp_path / "ids.json"))
     dev = make_sim_nodes(str(tmp_path / "dev"), 2) if os.geteuid() == 0 else str(tmp_path)
     return Isolator(IsolationSettings(mode=mode, mask=[str(tmp_path / "state")],
