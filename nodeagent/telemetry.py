@@ -71,9 +71,15 @@ TOPOLOGY_REFRESH_S = 30.0
 arrive at once as XID events in between)."""
 
 
+SharedSlices = Callable[[], Mapping[str, tuple[int, set[int]]]]
+
+
 class TelemetryCollector:
     """Readings over NVML. ``slices``: the agent's Slicer (its ``mig`` map), or a mapping of
-    slice id -> MigInstance, or a callable returning one; ``ib_root``: None for no IB ports."""
+    slice id -> MigInstance, or a callable returning one; ``ib_root``: None for no IB ports.
+    ``shared_slices``: slice id -> (GPU index, the host pids of its workloads' process trees) for the
+    slices that are not MIG instances (MPS, time-share, exclusive), whose memory NVML reports per
+    process only (set by the workload runner)."""
 
     def __init__(self, nvml: Any, gpus: NvmlGpus, slices: Any = None, ib_root: str | None = DEFAULT_ROOT,
                  clock: Callable[[], float] = time.time, topology_refresh_s: float = TOPOLOGY_REFRESH_S) -> None:
@@ -84,6 +90,7 @@ class TelemetryCollector:
         self.clock = clock
         self.topology_refresh_s = topology_refresh_s
         self.lost: set[int] = set()
+        self.shared_slices: SharedSlices | None = None
         self._sets: dict[int, Any] = {}  # GPU index -> its XID event set (None: not supported)
         # GPU index -> (read at, NVLink links, PCI bus id, NUMA node, CPU affinity): the slow-moving
         # part of a reading (NVLink alone is ~60 NVML calls a GPU), read again every topology_refresh_s
@@ -205,7 +212,39 @@ class TelemetryCollector:
         return links
 
     def read_slices(self) -> list[types_pb2.SliceTelemetry]:
-        """MIG slices: memory and processes of each slice's MIG device."""
+        """MIG slices: memory and processes of each slice's MIG device; then the shared slices."""
+        out = self._read_mig_slices()
+        if self.shared_slices is not None:
+            out.extend(self.read_shared_slices(self.shared_slices()))
+        return out
+
+    def read_shared_slices(self, slices: Mapping[str, tuple[int, set[int]]]) -> list[types_pb2.SliceTelemetry]:
+        """MPS, time-share and exclusive slices: NVML has no device per slice, so a slice's memory is the
+        sum of what its GPU's compute processes that belong to the slice's workloads use (one
+        nvmlDeviceGetComputeRunningProcesses per GPU). A slice without a process on its GPU reads 0."""
+        n = self.nvml
+        by_gpu: dict[int, list[tuple[str, set[int]]]] = {}
+        for sid, (index, pids) in slices.items():
+            by_gpu.setdefault(index, []).append((sid, pids))
+        out = []
+        for index, members in sorted(by_gpu.items()):
+            if index in self.lost:
+                continue
+            try:
+                procs = n.nvmlDeviceGetComputeRunningProcesses(n.nvmlDeviceGetHandleByIndex(index))
+            except n.NVMLError:          # lost, or not supported: no reading for these slices this time
+                continue
+            used = {}
+            for p in procs:
+                mem = getattr(p, "usedGpuMemory", None)
+                used[int(p.pid)] = used.get(int(p.pid), 0) + (int(mem) if mem is not None else 0)
+            for sid, pids in sorted(members):
+                mine = sorted(pid for pid in used if pid in pids)
+                out.append(types_pb2.SliceTelemetry(slice_id=sid, memory_used_bytes=sum(used[p] for p in mine),
+                                                    pids=mine))
+        return out
+
+    def _read_mig_slices(self) -> list[types_pb2.SliceTelemetry]:
         n = self.nvml
         out = []
         for sid, inst in sorted(self._mig_map().items()):

@@ -125,6 +125,23 @@ def test_mig_slices_report_memory_and_processes(agent_side):
     assert t.gpus[0].utilization_pct == pytest.approx(round(150 * 3 / 7))
 
 
+def test_shared_slices_report_their_workloads_memory(agent_side):
+    """MPS, time-share and exclusive slices have no NVML device of their own: each reads the memory of its
+    GPU's compute processes that are in its workloads' process trees; another slice's process is not its."""
+    nvml, gpus, c = agent_side(make_host("n1", 2, "H100", mig=False))
+    uuid0, uuid1 = (nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i)) for i in (0, 1))
+    nvml.sim_add_process(uuid0, 100, 6 * GiB)
+    nvml.sim_add_process(uuid0, 101, 2 * GiB)          # the same slice's child process
+    nvml.sim_add_process(uuid0, 200, 9 * GiB)          # the other tenant's slice on the same GPU
+    nvml.sim_add_process(uuid1, 300, 1 * GiB)          # nobody's
+    c.shared_slices = lambda: {"s-mps-a": (0, {100, 101, 102}), "s-mps-b": (0, {200}), "s-ts": (1, {400})}
+    got = {s.slice_id: (s.memory_used_bytes, list(s.pids)) for s in c.collect().slices}
+    assert got == {"s-mps-a": (8 * GiB, [100, 101]), "s-mps-b": (9 * GiB, [200]), "s-ts": (0, [])}
+    nvml.sim_lose_gpu(0)
+    c.collect()                                         # the lost GPU's slices are left out, the others read
+    assert {s.slice_id for s in c.read_slices()} == {"s-ts"}
+
+
 def test_xids_become_events_once(agent_side):
     slices = {}
     nvml, gpus, c = agent_side(make_host("n1", 2, "H100"), slices=slices)
@@ -195,3 +212,40 @@ async def test_the_agent_loop_sends_readings_and_events(agent_side):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_the_runner_names_each_shared_slices_process_tree(tmp_path):
+    """WorkloadRunner.shared_slice_pids: a running workload's pid and its descendants, per non-MIG slice,
+    with the slice's GPU; MIG slices (read through their own device) and ended workloads are left out."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from nodeagent.workloads import WorkloadRunner
+    tree = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "subprocess.Popen(['sleep', '30']); print('up', flush=True); time.sleep(30)"],
+                            stdout=subprocess.PIPE)
+    try:
+        assert tree.stdout.readline() == b"up\n"
+        desired = {"s-mps": types_pb2.Slice(id="s-mps", gpu_index=1, isolation=types_pb2.ISOLATION_MPS),
+                   "s-mig": types_pb2.Slice(id="s-mig", gpu_index=0, isolation=types_pb2.ISOLATION_MIG)}
+        collector = SimpleNamespace(shared_slices=None)
+        agent = SimpleNamespace(desired=desired, collector=collector, handlers={}, session_hooks=[],
+                                desired_hooks=[], start_hooks=[])
+        runner = WorkloadRunner(agent, str(tmp_path / "w"))
+        for wid, sid, state in (("w-1", "s-mps", types_pb2.WORKLOAD_STATE_RUNNING),
+                                ("w-2", "s-mig", types_pb2.WORKLOAD_STATE_RUNNING),
+                                ("w-3", "s-mps", types_pb2.WORKLOAD_STATE_SUCCEEDED)):
+            runner.workloads[wid] = types_pb2.Workload(id=wid, slice_id=sid, state=state, pid=tree.pid)
+        for _ in range(50):
+            got = runner.shared_slice_pids()
+            if len(got.get("s-mps", (0, set()))[1]) == 2:
+                break
+            time.sleep(0.1)
+        assert set(got) == {"s-mps"} and got["s-mps"][0] == 1
+        assert tree.pid in got["s-mps"][1] and len(got["s-mps"][1]) == 2      # the python and its sleep
+    finally:
+        subprocess.run(["pkill", "-P", str(tree.pid)])
+        tree.kill()
+        tree.wait()
