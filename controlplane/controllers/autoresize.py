@@ -87,8 +87,8 @@ class ResizePass:
             s = self.ctl.fleet.slices.get(a.subject)
             if s is None:
                 continue
-            what = (f"memory used forecast {f.points[-1] / GiB:.2f} GiB [{min(f.lo) / GiB:.2f}, {f.peak_hi / GiB:.2f}] "
-                    f"over the next {len(f.hi) * f.step_s:g}s ({f.model})")
+            what = (f"memory used now {f.last / GiB:.2f} GiB, forecast {f.points[-1] / GiB:.2f} GiB "
+                    f"[{min(f.lo) / GiB:.2f}, {f.peak_hi / GiB:.2f}] over the next {len(f.hi) * f.step_s:g}s ({f.model})")
             try:
                 await self.migrations.resize(a.subject, int(a.size * GiB), 0.0)
             except errors.MeshError as e:
