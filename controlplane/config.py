@@ -158,6 +158,13 @@ class ControlPlaneConfig:
     orchestrator_warm_max_per_key: int = option(8, "warm slices of one (profile, GPU model) at most",
                                                 minimum=0, maximum=1000)
     orchestrator_warm_max_total: int = option(16, "warm slices in the fleet at most", minimum=0, maximum=100_000)
+    orchestrator_warm_burst_quantile: float = option(0.0, "keep at least this quantile of the bursts seen (requests "
+                                                     "of one key within one create time, over the arrivals kept) "
+                                                     "warm, whatever the step forecast says; e.g. 0.99; 0: off",
+                                                     minimum=0, maximum=1)
+    orchestrator_warm_create_seconds: float = option(0.0, "the create time the burst floor covers; 0: measured (the "
+                                                     "median create-to-ready time of the last warm slices, 10 s "
+                                                     "until one is measured)", minimum=0, maximum=3600)
     orchestrator_move_per_workload_per_hour: int = option(1, "orchestrator migrations of one workload per hour at most",
                                                           minimum=0, maximum=1000)
     orchestrator_move_fleet_per_hour: int = option(60, "orchestrator migrations in the fleet per hour at most",

@@ -32,7 +32,7 @@ from controlplane.controllers.premigrate import MovePass
 from controlplane.controllers.warmslices import WarmPool, request_key
 from controlplane.forecast import forecasting
 from mesh.logs import log
-from mesh.orchestrator import WarmPolicy, warm_actions
+from mesh.orchestrator import WarmPolicy, burst_quantile, warm_actions
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class Settings:
     warm_release_band: float = 0.5
     warm_max_per_key: int = 8
     warm_max_total: int = 16
+    warm_burst_q: float = 0.0
+    warm_create_s: float = 0.0
     per_workload_per_hour: int = 1
     fleet_per_hour: int = 60
     cooldown_s: float = 600.0
@@ -74,6 +76,7 @@ class Settings:
                    demand_step_s=c.orchestrator_demand_step_seconds, warm_lead_s=c.orchestrator_warm_lead_seconds,
                    warm_release_band=c.orchestrator_warm_release_band,
                    warm_max_per_key=c.orchestrator_warm_max_per_key, warm_max_total=c.orchestrator_warm_max_total,
+                   warm_burst_q=c.orchestrator_warm_burst_quantile, warm_create_s=c.orchestrator_warm_create_seconds,
                    per_workload_per_hour=c.orchestrator_move_per_workload_per_hour,
                    fleet_per_hour=c.orchestrator_move_fleet_per_hour,
                    cooldown_s=c.orchestrator_move_cooldown_seconds, downtime_s=c.orchestrator_move_downtime_seconds,
@@ -243,6 +246,15 @@ class Orchestrator:
 
     # -- rule 1 ---------------------------------------------------------------------------------
 
+    def burst_floor(self) -> dict[str, int]:
+        """key -> warm slices kept whatever the step forecast says: the `warm_burst_q` quantile of the bursts
+        (requests of the key within one create time) among the arrivals the windows keep; {} when off."""
+        if not self.s.warm_burst_q:
+            return {}
+        create_s = self.s.warm_create_s or self.pool.create_time_s()
+        return {k: n for k, q in self.windows.arrivals.items()
+                if (n := burst_quantile([a[0] for a in q], create_s, self.s.warm_burst_q))}
+
     async def warm_pass(self, demand: dict) -> int:
         """`demand`: warm key -> Forecast of requests per step. Creates and releases warm slices."""
         policy = WarmPolicy(step_s=self.s.demand_step_s, lead_s=self.s.warm_lead_s,
@@ -250,7 +262,7 @@ class Orchestrator:
         counts = self.pool.counts()
         # keys without a forecast yet keep what they have (no decision on a history too short)
         current = {k: v for k, v in counts.items() if k in demand or k not in self.windows.arrivals}
-        actions = warm_actions({k: list(f.hi) for k, f in demand.items()}, current, policy)
+        actions = warm_actions({k: list(f.hi) for k, f in demand.items()}, current, policy, self.burst_floor())
         total = sum(counts.values())
         done = 0
         for a in sorted(actions, key=lambda a: a.kind != "warm_release"):      # give back first

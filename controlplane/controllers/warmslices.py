@@ -20,7 +20,9 @@ is the pool, so a restart or a new leader finds it as it was.
 
 from __future__ import annotations
 
+import collections
 import logging
+import statistics
 
 from controlplane import placement
 from controlplane.controllers.orchmetrics import CLAIMS, YIELDS
@@ -37,6 +39,8 @@ KEY_LABEL = "gpumesh.io/warm-key"
 WARM_TENANT = ""
 WARM_PRIORITY = -(2 ** 31)      # below every tenant's: a real request never yields to a warm slice
 ANY = "any"
+CREATE_SAMPLES = 20
+DEFAULT_CREATE_S = 10.0
 
 
 def key_of(profile: str, gpu_model: str | None) -> str:
@@ -70,6 +74,9 @@ class WarmPool:
         # warm slices chosen for release whose release has not begun yet: never claimed in between (a
         # release awaits, and an Allocate claiming the next one on the list would lose its slice)
         self.yielding: set[str] = set()
+        # create-to-ready seconds of the last warm slices (each measured once, when first seen READY)
+        self.create_times: collections.deque = collections.deque(maxlen=CREATE_SAMPLES)
+        self._timed: set[str] = set()
 
     # -- what there is -------------------------------------------------------------------------
 
@@ -92,6 +99,19 @@ class WarmPool:
         finally:
             self.yielding.difference_update(ids)
         return gone
+
+    def create_time_s(self) -> float:
+        """The median create-to-ready time of the last warm slices (their records' creation and the update
+        that made them READY, read on the first pass that sees them READY); DEFAULT_CREATE_S before any."""
+        for s in self.slices():
+            if s.state == S.SLICE_STATE_READY and s.id not in self._timed:
+                self._timed.add(s.id)
+                took = (s.updated_at.ToNanoseconds() - s.created_at.ToNanoseconds()) / 1e9
+                if took >= 0:
+                    self.create_times.append(took)
+        if len(self._timed) > 4 * CREATE_SAMPLES:
+            self._timed &= {s.id for s in self.slices()}
+        return statistics.median(self.create_times) if self.create_times else DEFAULT_CREATE_S
 
     def counts(self) -> dict[str, int]:
         """key -> warm slices carved or being carved."""

@@ -117,6 +117,38 @@ async def test_warm_total_is_capped(env):
     assert len(warm(env.ctl)) == 6
 
 
+async def test_the_burst_floor_keeps_the_bursts_within_a_create_time_warm(env):
+    """warm_burst_q: a key whose arrivals come in bursts faster than a slice can be carved keeps the burst's
+    quantile warm even when the step forecast asks for nothing; the create time is measured from the pool's
+    own warm slices unless configured."""
+    import collections
+    import dataclasses
+    key = "1g.10gb/any"
+    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=1.0, warm_create_s=10.0)
+    bursts = [b + d for b in (0.0, 100.0, 200.0) for d in (0.0, 1.0, 2.0)] + [300.0, 400.0]
+    env.orch.windows.arrivals[key] = collections.deque((x,) for x in bursts)
+    assert env.orch.burst_floor() == {key: 3}
+    seen: list[tuple] = []
+    env.ctl.recorder = SimpleNamespace(emit=lambda *a, **k: seen.append(a))
+    await env.orch.warm_pass({key: fc("fleet", key, "requests", [0.0], step=60)})
+    assert len(warm(env.ctl)) == 3
+    assert any(a[3] == "WarmSlicesCreated" and "burst high 3 within a create" in a[4] for a in seen), seen
+    # off: the forecast alone decides
+    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=0.0)
+    assert env.orch.burst_floor() == {}
+    # measured create time: the median of the warm slices' create-to-ready times
+    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=1.0, warm_create_s=0.0)
+    assert env.orch.pool.create_time_s() == 10.0            # nothing READY yet: the default
+    for i, s in enumerate(sorted(warm(env.ctl), key=lambda s: s.id)):
+        ns = t.Slice()
+        ns.CopyFrom(s)
+        ns.state = t.SLICE_STATE_READY
+        ns.updated_at.FromNanoseconds(s.created_at.ToNanoseconds() + int((1.5 + i) * 1e9))   # 1.5, 2.5, 3.5 s
+        env.ctl.fleet.put_slice(ns)
+    assert env.orch.pool.create_time_s() == pytest.approx(2.5)
+    assert env.orch.burst_floor() == {key: 3}               # bursts of 3 within 2.5 s too
+
+
 async def test_allocate_claims_a_ready_warm_slice_as_a_fresh_one(env):
     key = "1g.10gb/any"
     env.orch.windows.on_request(key)
