@@ -292,7 +292,7 @@ class ControlPlane:
         if self.cfg.metrics_listen and self._collector is None:
             # collected from a snapshot taken on this loop, never from the scrape thread (metrics.py)
             self._collector = metrics.FleetCollector(asyncio.get_running_loop(), lambda: metrics.snapshot(
-                self.ctl, self.workloads, self.migrations))
+                self.ctl, self.workloads, self.migrations, self.history))
             REGISTRY.register(self._collector)
         for n in self._names + [""]:
             await _set_health(self.health, n, health_pb2.HealthCheckResponse.SERVING)

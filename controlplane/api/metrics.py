@@ -40,8 +40,9 @@ def _gpus(ctl) -> list[tuple]:
     return out
 
 
-def snapshot(ctl, workloads=None, migrations=None) -> dict:
-    """Everything the gauges show, computed at once (call it on the event loop)."""
+def snapshot(ctl, workloads=None, migrations=None, history=None) -> dict:
+    """Everything the gauges show, computed at once (call it on the event loop). `history`: the history
+    recorder, whose nodes' last readings become the per-slice, per-node and per-workload gauges."""
     counts: dict[str, int] = {}
     tenants: dict[tuple[str, str], list[int]] = {}
     for s in ctl.fleet.slices.values():
@@ -72,7 +73,8 @@ def snapshot(ctl, workloads=None, migrations=None) -> dict:
             "events": len(ctl.recorder.log.events) if hasattr(ctl.recorder, "log") else 0,
             "nodes_ready": ready, "nodes": len(ctl.fleet.nodes),
             "batches": ctl.writer.batches, "writes": ctl.writer.writes, "writer_restarts": ctl.writer.restarts,
-            "watchers": len(ctl.events.subscribers), "sessions": len(ctl.sessions.by_node), "records": records}
+            "watchers": len(ctl.events.subscribers), "sessions": len(ctl.sessions.by_node), "records": records,
+            "series": history.latest_rows() if history is not None else []}
 
 
 class FleetCollector:
@@ -131,8 +133,24 @@ class FleetCollector:
             records.add_metric([kind], n)
         yield records
         yield from self._fleet(snap)
+        yield from self._series(snap.get("series", []))
         yield GaugeMetricFamily("gpumesh_metrics_snapshot_stale", "1 when the event loop did not answer the last "
                                 "scrape in time and an older snapshot was served", value=int(self.stale))
+
+    @staticmethod
+    def _series(rows):
+        """The history's latest slice, node and workload samples as gauges (fleet_series.GAUGES), so a
+        Prometheus that scrapes /metrics holds them (the forecasts' Prometheus source reads them back)."""
+        from controlplane.forecast.fleet_series import GAUGES
+        fams = {}
+        for (kind, metric), (name, help_) in GAUGES.items():
+            fams[kind, metric] = GaugeMetricFamily(name, help_, labels=["node"] if kind == "node" else
+                                                   [kind, "node", "tenant"])
+        for node, (kind, sid, metric, tenant, _at, value) in rows:
+            fam = fams.get((kind, metric))
+            if fam is not None:
+                fam.add_metric([node] if kind == "node" else [sid, node, tenant], value)
+        yield from fams.values()
 
     @staticmethod
     def _fleet(snap: dict):

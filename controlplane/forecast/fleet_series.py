@@ -27,6 +27,32 @@ STATE = {v: types_pb2.WorkloadState.Name(v).removeprefix("WORKLOAD_STATE_").lowe
          for v in types_pb2.WorkloadState.values()}
 
 
+# (kind, metric) -> (the Prometheus gauge the control plane exports the latest sample as, its help): the
+# control plane's /metrics (controlplane/api/metrics.py) and the Prometheus source of the history
+# (controlplane/forecast/prometheus.py) both read this table. Labels: the kind (slice, node, workload), plus
+# node and tenant for slices and workloads.
+GAUGES = {
+    ("slice", "utilization"): ("gpumesh_slice_utilization_percent", "Slice compute utilization (its own reading, "
+                               "else the GPU's split by compute share)"),
+    ("slice", "memory_used"): ("gpumesh_slice_memory_used_bytes", "Slice GPU memory in use (its own reading, else "
+                               "the GPU's split by memory share)"),
+    ("slice", "power"): ("gpumesh_slice_power_watts", "Slice share of its GPU's power draw"),
+    ("slice", "memory_bytes"): ("gpumesh_slice_memory_bytes", "GPU memory the slice holds"),
+    ("slice", "compute_share"): ("gpumesh_slice_compute_share", "Compute share the slice holds (0-1)"),
+    ("node", "utilization"): ("gpumesh_node_utilization_percent", "Mean GPU utilization of the node"),
+    ("node", "memory_used"): ("gpumesh_node_memory_used_bytes", "GPU memory in use on the node"),
+    ("node", "memory_total"): ("gpumesh_node_memory_total_bytes", "GPU memory of the node"),
+    ("node", "power"): ("gpumesh_node_power_watts", "GPU power draw of the node"),
+    ("node", "temperature"): ("gpumesh_node_temperature_celsius", "The node's hottest GPU"),
+    ("node", "slices"): ("gpumesh_node_slices", "Slices on the node"),
+    ("node", "allocated_memory"): ("gpumesh_node_allocated_memory_bytes", "GPU memory the node's slices hold"),
+    ("workload", "utilization"): ("gpumesh_workload_utilization_percent", "Workload share of its slice's "
+                                  "utilization"),
+    ("workload", "memory_used"): ("gpumesh_workload_memory_used_bytes", "Workload share of its slice's memory "
+                                  "in use"),
+}
+
+
 def _seconds(ts) -> float:
     return ts.seconds + ts.nanos / 1e9
 

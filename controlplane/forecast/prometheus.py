@@ -1,7 +1,9 @@
 """History read from Prometheus (`prometheus_url`) with PromQL over its HTTP API, for a fleet whose metrics
-Prometheus already scrapes: the GPU gauges the control plane exports (controlplane/api/metrics.py,
-`gpumesh_gpu_*{node, gpu, model}`). Other series (deployments, the request stream) come from the embedded
-store. `/api/v1/query_range` at the forecast's step; the answer's [time, "value"] pairs are the rows.
+Prometheus already scrapes: the gauges the control plane exports (controlplane/api/metrics.py), per GPU
+(`gpumesh_gpu_*{node, gpu, model}`) and per slice, node and workload (`gpumesh_slice_*{slice, node,
+tenant}`, `gpumesh_node_*{node}`, `gpumesh_workload_*{workload, node, tenant}`: fleet_series.GAUGES).
+Other series (deployments, the request stream) come from the embedded store. `/api/v1/query_range` at the
+forecast's step; the answer's [time, "value"] pairs are the rows.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 
 import aiohttp
 
+from controlplane.forecast.fleet_series import GAUGES
 from mesh import errors
 
 GPU_METRICS = {"memory_used": "gpumesh_gpu_memory_used_bytes", "memory_total": "gpumesh_gpu_memory_total_bytes",
@@ -29,9 +32,11 @@ class PrometheusHistory:
         self.clock = clock
 
     def serves(self, kind: str, metric: str) -> bool:
-        return kind == "gpu" and metric in GPU_METRICS
+        return (kind == "gpu" and metric in GPU_METRICS) or (kind, metric) in GAUGES
 
-    def query(self, name: str, metric: str) -> str:
+    def query(self, name: str, metric: str, kind: str = "gpu") -> str:
+        if kind != "gpu":       # max: a slice or workload that moved has had one series per node
+            return f'max({GAUGES[kind, metric][0]}{{{kind}="{_label(name)}"}})'
         node, _, index = name.rpartition("/")
         return f'max({GPU_METRICS[metric]}{{node="{_label(node)}",gpu="{_label(index)}"}})'
 
@@ -39,7 +44,7 @@ class PrometheusHistory:
         """[(time, value)] at `step` over the last `points` steps, oldest first; [] when Prometheus has none."""
         end = self.clock()
         start = end - step * min(points, MAX_POINTS - 1)
-        params = {"query": self.query(name, metric), "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        params = {"query": self.query(name, metric, kind), "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s:
                 async with s.get(f"{self.url}/api/v1/query_range", params=params) as r:

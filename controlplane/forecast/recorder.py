@@ -57,6 +57,7 @@ class HistoryRecorder:
         self.entries: dict[str, tuple] = {}  # workload -> the last interaction row written (changes only)
         self.pending_entries: dict[str, fleet_series.Interaction] = {}
         self._by_node: dict[str, list] | None = None
+        self.latest: dict[str, list[tuple]] = {}      # node -> its last reading's slice, node and workload rows
         self._by_node_at = 0.0
 
     # -- sources ------------------------------------------------------------------------------
@@ -81,7 +82,16 @@ class HistoryRecorder:
         ws = self._workloads_on(node)
         rows += fleet_series.workload_samples(uses, ws, at)
         self.pending.extend(rows)
+        self.latest[node] = rows
         self.note_workloads(ws, entry)
+
+    def latest_rows(self) -> list[tuple[str, tuple]]:
+        """(node, row) of every node's last reading (the control plane's per-slice, per-node and
+        per-workload gauges); nodes no longer in the fleet are forgotten."""
+        if self.fleet is not None:
+            for gone in set(self.latest) - set(self.fleet.nodes):
+                del self.latest[gone]
+        return [(node, r) for node, rows in self.latest.items() for r in rows]
 
     def _workloads_on(self, node: str) -> list:
         """The workloads on `node`, from an index rebuilt at most once a second (a scan of every workload

@@ -1,4 +1,4 @@
-"""ForecastService reading GPU history from a real Prometheus (Debian's `prometheus` package, as .ci/run
+"""ForecastService reading GPU and node history from a real Prometheus (Debian's `prometheus` package, as .ci/run
 installs it) that scrapes the control plane's /metrics: `prometheus_url` set, `meshctl forecast get` answers
 with `source: prometheus` once Prometheus holds enough samples."""
 
@@ -73,3 +73,11 @@ def test_forecast_from_prometheus(prom_cluster):
                         "forecast", "get", "gpu/fp-9/0", "temperature", "--horizon", "5s"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode != 0 and "no series gpu/fp-9/0 temperature in Prometheus" in p.stderr, p.stderr
+
+    # the node's series too (gpumesh_node_* gauges, exported from the history's latest node reading)
+    p = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "--endpoint", prom_cluster.endpoint,
+                        "forecast", "get", "node/fp-1", "temperature", "--horizon", "5s", "--step", "1s", "-o", "json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    node = json.loads(p.stdout)
+    assert node["source"] == "prometheus" and 0 < node["history"]["last_value"] < 150

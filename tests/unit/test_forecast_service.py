@@ -142,3 +142,81 @@ def test_step_demand_is_forecast_from_the_freshest_sample(tmp_path):
     fresh = samples[-1][3]
     assert r.last_value < fresh                         # the last bin's mean lags: half old level, half new
     assert abs(r.points[0].value - fresh) < abs(r.last_value - fresh)
+
+
+class FakePrometheus:
+    """PrometheusHistory's surface over fixed rows (its HTTP side is tested against a real Prometheus in
+    tests/integration/test_forecast_prometheus.py)."""
+
+    url = "http://prom:9090"
+
+    def __init__(self, rows):
+        self.rows, self.reads = rows, []
+
+    def serves(self, kind, metric):
+        from controlplane.forecast.prometheus import PrometheusHistory
+        return PrometheusHistory(self.url).serves(kind, metric)
+
+    def query(self, name, metric, kind="gpu"):
+        from controlplane.forecast.prometheus import PrometheusHistory
+        return PrometheusHistory(self.url).query(name, metric, kind)
+
+    async def read(self, kind, name, metric, step, points):
+        self.reads.append((kind, name, metric))
+        return self.rows
+
+
+def test_slice_node_and_workload_series_come_from_prometheus_with_their_owners(tmp_path):
+    """With prometheus_url, slice, node and workload series are read from Prometheus (the control plane's
+    gpumesh_slice_*, gpumesh_node_*, gpumesh_workload_* gauges); a slice's series is still its tenant's
+    only (the owner as history.db knows it), a node's the fleet's."""
+    samples = ramp(kind="slice", name="s-1", tenant="acme") + ramp(kind="node", name="n1")
+    rows = [(T0 + i, 1000.0 + 2.0 * i) for i in range(400)]
+    acme = auth.Principal("client", "a", tenant="acme", role="tenant")
+    other = auth.Principal("client", "b", tenant="other", role="tenant")
+
+    def ask(kind, name, principal):
+        prom = FakePrometheus(rows)
+
+        async def go(svc):
+            svc.prometheus = prom
+            try:
+                r = await svc.forecast(kind, name, "memory_used", 10, 1)
+                return r.source, prom.reads
+            except errors.NotFound as e:
+                return "not found: " + str(e), prom.reads
+        return run_with(tmp_path / f"{kind}-{principal.name}", samples, go, principal)
+    assert ask("slice", "s-1", acme) == ("prometheus", [("slice", "s-1", "memory_used")])
+    assert ask("slice", "s-1", other)[0].startswith("not found") and ask("slice", "s-1", other)[1] == []
+    assert ask("node", "n1", auth.UNRESTRICTED)[0] == "prometheus"
+    assert ask("node", "n1", acme)[0].startswith("not found")
+    assert ask("workload", "w-unknown", acme)[0].startswith("not found")      # no owner known: fleet only
+
+
+def test_prometheus_queries_name_the_gauge_and_the_object():
+    from controlplane.forecast.prometheus import PrometheusHistory
+    p = PrometheusHistory("http://prom:9090")
+    assert p.query("s-1", "memory_used", "slice") == 'max(gpumesh_slice_memory_used_bytes{slice="s-1"})'
+    assert p.query("n1", "temperature", "node") == 'max(gpumesh_node_temperature_celsius{node="n1"})'
+    assert p.query('w"1', "utilization", "workload") == 'max(gpumesh_workload_utilization_percent{workload="w\\"1"})'
+    assert p.query("n1/0", "temperature") == 'max(gpumesh_gpu_temperature_celsius{node="n1",gpu="0"})'
+    assert p.serves("slice", "power") and p.serves("node", "allocated_memory") and not p.serves("deployment", "replicas")
+
+
+def test_the_control_plane_exports_each_nodes_latest_series_as_gauges():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from controlplane.api.metrics import FleetCollector
+    rows = [("n1", ("slice", "s-1", "memory_used", "acme", T0, 5.0 * 2**30)),
+            ("n1", ("node", "n1", "temperature", "", T0, 71.0)),
+            ("n1", ("workload", "w-1", "utilization", "acme", T0, 40.0))]
+    reg = CollectorRegistry()
+
+    class One:
+        def collect(self):
+            return FleetCollector._series(rows)
+    reg.register(One())
+    text = generate_latest(reg).decode()
+    assert 'gpumesh_slice_memory_used_bytes{node="n1",slice="s-1",tenant="acme"} 5.36870912e+09' in text
+    assert 'gpumesh_node_temperature_celsius{node="n1"} 71.0' in text
+    assert 'gpumesh_workload_utilization_percent{node="n1",tenant="acme",workload="w-1"} 40.0' in text
