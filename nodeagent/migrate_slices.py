@@ -32,6 +32,7 @@ from pathlib import Path
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
+from nodeagent.migrate_base import Job
 
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
@@ -191,7 +192,6 @@ class SlicesMixin:
                                     credentials=self._server_credentials()).start()
             server.expect(cmd.session, ImageSink(images, lambda d, extras: self._restore_target(spec, mid, d, extras)),
                           secret=secret, peer=cmd.peer if self.tls is not None else "")
-            from nodeagent.migrate import Job
             job = self.jobs[(mid, "target")] = Job(mid, wid)
             job.server, job.images = server, images
             job.address = f"{self._dial_host()}:{server.address.rsplit(':', 1)[1]}"

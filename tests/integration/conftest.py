@@ -3,9 +3,11 @@ plane process and two agent processes over simulated GPU hosts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -37,6 +39,33 @@ def mesh(cluster):
         yield client
         release_all(client)
         wait_for(lambda: not client.list_slices(), 30, "slices to be released")
+
+
+@contextlib.contextmanager
+def workload_cluster(path, hosts: list[dict], **kwargs) -> Iterator[LocalCluster]:
+    """A cluster whose tests run workloads: a LocalCluster of `hosts` in `path` (3 s leases, one agent per process;
+    `kwargs` go to LocalCluster) started within 90 s; at the end every workload still pending or running is
+    stopped (no process outlives the cluster), then the cluster."""
+    c = LocalCluster(path, hosts, lease_ttl=LEASE_TTL, agents_per_process=1, **kwargs)
+    c.start(timeout=90)
+    try:
+        yield c
+    finally:
+        with c.client() as client:
+            stop_running(client)
+        c.stop()
+
+
+@contextlib.contextmanager
+def client_for_test(cluster, stop_workloads: bool = False):
+    """A client for one test, once every node is Ready; at the end of the test (every running workload stopped
+    first when `stop_workloads`) every slice left is released."""
+    cluster.wait_ready(timeout=30)
+    with cluster.client(timeout=30) as client:
+        yield client
+        if stop_workloads:
+            stop_running(client)
+        release_all(client)
 
 
 def release_all(client) -> None:

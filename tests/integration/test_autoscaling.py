@@ -17,68 +17,45 @@ seconds, not minutes, so each scale happens within the test.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
-import os
 import threading
 import time
 
 import pytest
 
 from gpumesh.v1 import deployment_service_pb2 as D
-from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors, scalingpolicy
 from tests.integration.conftest import wait_for
+from tests.integration.serving import h100_hosts, llama_env, need_llama, register_smollm2, started_cluster
+from tests.integration.serving import meshctl_in_process as meshctl
 from tests.models_util import smollm2_gguf
-from tools.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
-HOSTS = [{"node": f"gpu-{x}", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]} for x in "ab"]
+HOSTS = h100_hosts(2)
 READY = D.REPLICA_STATE_READY
 SLOW = 300
 NO_EOS = {"0": -100, "1": -100, "2": -100}     # SmolLM2's end tokens banned: every answer is max_tokens long
 H100_1G = 2.49 / 8                              # one replica: a 1g.10gb MIG slice, 1/8 of an H100 at $2.49/h
 
 
-def _need():
-    for mod in ("llama_cpp", "uvicorn", "httpx", "starlette"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"{mod} is not installed (pip install 'gpumesh[serving,dev]')")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    _need()
+    need_llama("starlette")
     smollm2_gguf()
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
-    c = LocalCluster(tmp_path_factory.mktemp("autoscale"), HOSTS, lease_ttl=3, agents_per_process=1, env=env,
-                     agent_args=["--telemetry-interval-seconds", "0.5"],
-                     controlplane_args=["--autoscaler-interval-seconds", "0.5", "--deployment-backoff-seconds", "0.5",
-                                        "--deployment-backoff-max-seconds", "2"],
-                     gateway=True, gateway_args=["--llamacpp-concurrency", "8", "--queue-size", "64"])
-    c.start(timeout=120)
-    yield c
-    c.stop()
+    with started_cluster(tmp_path_factory, "autoscale", HOSTS, timeout=120, env=llama_env(),
+                         agent_args=["--telemetry-interval-seconds", "0.5"],
+                         controlplane_args=["--autoscaler-interval-seconds", "0.5", "--deployment-backoff-seconds",
+                                            "0.5", "--deployment-backoff-max-seconds", "2"],
+                         gateway=True, gateway_args=["--llamacpp-concurrency", "8", "--queue-size", "64"]) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def mesh(cluster):
     from mesh.client import MeshClient
     with MeshClient(cluster.endpoint, timeout=60) as m:
-        from mesh.models import importer
-        v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
-        m.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
+        register_smollm2(m)
         yield m
-
-
-def meshctl(cluster, *argv: str) -> tuple[int, str, str]:
-    from tools.meshctl.main import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([*argv, "--endpoint", cluster.endpoint])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def ready(n: int):

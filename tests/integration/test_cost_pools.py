@@ -17,9 +17,7 @@ SmolLM2-135M GGUF.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,54 +27,27 @@ import urllib.request
 import pytest
 
 from gpumesh.v1 import deployment_service_pb2 as D
-from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors
 from tests.integration.conftest import wait_for
-from tests.models_util import smollm2_gguf
-from tools.localcluster import LocalCluster
+from tests.integration.serving import completion, h100_hosts, llama_env, started_cluster
+from tests.integration.serving import module_mesh, smollm2_model  # noqa: F401 - fixtures mesh, smollm2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
-HOSTS = [{"node": "gpu-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": False}]},
-         {"node": "gpu-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": False}]}]
+HOSTS = h100_hosts(2, mig=False)
 READY = D.REPLICA_STATE_READY
 SLOW = 240
 INTERVAL = 1.0          # the accountant's interval in this cluster
 PRICE = 2.49            # H100-80GB's default price (gpu_prices)
 
 
-def _need_llama():
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
-        pytest.skip("llama-cpp-python[server] is not installed (pip install 'gpumesh[serving]')")
-    if importlib.util.find_spec("httpx") is None:
-        pytest.skip("httpx is not installed (pip install 'gpumesh[serving]')")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
-    c = LocalCluster(tmp_path_factory.mktemp("cost"), HOSTS, lease_ttl=3, agents_per_process=1, env=env, gateway=True,
-                     controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
-                                        "2", "--cost-interval-seconds", str(INTERVAL),
-                                        "--cost-recommend-observe-seconds", "4",
-                                        "--autoscaler-interval-seconds", "0.5"])
-    c.start(timeout=90)
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def mesh(cluster):
-    from mesh.client import MeshClient
-    with MeshClient(cluster.endpoint, timeout=30) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def smollm2(mesh):
-    _need_llama()
-    from mesh.models import importer
-    v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
-    return mesh.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
+    with started_cluster(tmp_path_factory, "cost", HOSTS, env=llama_env(), gateway=True,
+                         controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
+                                            "2", "--cost-interval-seconds", str(INTERVAL),
+                                            "--cost-recommend-observe-seconds", "4",
+                                            "--autoscaler-interval-seconds", "0.5"]) as c:
+        yield c
 
 
 def meshctl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -85,14 +56,6 @@ def meshctl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check and p.returncode != 0:
         raise AssertionError(f"meshctl {' '.join(args)} failed ({p.returncode}): {p.stderr}{p.stdout}")
     return p
-
-
-def completion(endpoint: str, prompt: str = "The capital of France is") -> str:
-    import httpx
-    r = httpx.post(f"http://{endpoint}/v1/completions", timeout=120,
-                   json={"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0})
-    r.raise_for_status()
-    return r.json()["choices"][0]["text"]
 
 
 def _ts(t) -> float:

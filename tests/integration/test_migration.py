@@ -22,9 +22,8 @@ pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumes
 from gpumesh.v1 import migration_service_pb2 as M  # noqa: E402
 from gpumesh.v1 import types_pb2 as t  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
-from tests.integration.conftest import json_lines, release_all, stop_running, wait_for  # noqa: E402
+from tests.integration.conftest import client_for_test, json_lines, wait_for, workload_cluster  # noqa: E402
 from tests.unit._checkpoint_util import ROOT, run_example  # noqa: E402
-from tools.localcluster import LocalCluster  # noqa: E402
 
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": "mig-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
@@ -50,22 +49,15 @@ def reference():
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("mig")
     (d / "keys.yaml").write_text(f"sealed: {KEY}\n")
-    c = LocalCluster(d, HOSTS, lease_ttl=3, agents_per_process=1, agent_args=[
-        "--workload-stop-grace-seconds", "2", "--checkpoint-dir", str(d / "store"),
-        "--checkpoint-keys-file", str(d / "keys.yaml")])
-    c.start(timeout=90)
-    yield c
-    with c.client() as mesh:
-        stop_running(mesh)
-    c.stop()
+    with workload_cluster(d, HOSTS, agent_args=["--workload-stop-grace-seconds", "2", "--checkpoint-dir",
+                                                str(d / "store"), "--checkpoint-keys-file", str(d / "keys.yaml")]) as c:
+        yield c
 
 
 @pytest.fixture
 def mesh(cluster):
-    cluster.wait_ready(timeout=30)
-    with cluster.client(timeout=30) as client:
+    with client_for_test(cluster) as client:
         yield client
-        release_all(client)
 
 
 lines = json_lines

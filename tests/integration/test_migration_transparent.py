@@ -26,8 +26,7 @@ from gpumesh.v1 import types_pb2 as t
 from mesh import errors
 from mesh.migrationapi import migration_phase
 from tests import criu_gate
-from tests.integration.conftest import json_lines, release_all, stop_running, wait_for
-from tools.localcluster import LocalCluster
+from tests.integration.conftest import client_for_test, json_lines, wait_for, workload_cluster
 
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": "tp-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
@@ -51,20 +50,14 @@ needs_criu = criu_gate.needs_criu   # skips without CRIU; fails under GPUMESH_RE
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("tmig")
-    c = LocalCluster(d, HOSTS, lease_ttl=3, agents_per_process=1, agent_args=["--workload-stop-grace-seconds", "2"])
-    c.start(timeout=90)
-    yield c
-    with c.client() as mesh:
-        stop_running(mesh)
-    c.stop()
+    with workload_cluster(d, HOSTS, agent_args=["--workload-stop-grace-seconds", "2"]) as c:
+        yield c
 
 
 @pytest.fixture
 def mesh(cluster):
-    cluster.wait_ready(timeout=30)
-    with cluster.client(timeout=30) as client:
+    with client_for_test(cluster) as client:
         yield client
-        release_all(client)
 
 
 counts = json_lines

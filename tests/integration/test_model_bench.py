@@ -6,52 +6,30 @@ shows them. Figures are checked for being measured (> 0, consistent), never agai
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
 
 import pytest
 
 from gpumesh.v1 import model_service_pb2 as M
+from tests.integration.serving import h100_hosts, need_llama, started_cluster
+from tests.integration.serving import meshctl_in_process as meshctl
+from tests.integration.serving import module_mesh, smollm2_model  # noqa: F401 - fixtures mesh, smollm2
 from tests.models_util import smollm2_gguf
-from tools.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-HOSTS = [{"node": "gpu-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
+HOSTS = h100_hosts(1)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("httpx") is None:
-        pytest.skip("llama-cpp-python[server] / httpx are not installed (pip install 'gpumesh[serving]')")
+    need_llama()
     smollm2_gguf()
-    c = LocalCluster(tmp_path_factory.mktemp("bench"), HOSTS, lease_ttl=3, agents_per_process=1)
-    c.start(timeout=90)
-    yield c
-    c.stop()
+    with started_cluster(tmp_path_factory, "bench", HOSTS) as c:
+        yield c
 
 
-@pytest.fixture(scope="module")
-def mesh(cluster):
-    from mesh.client import MeshClient
-    from mesh.models import importer
-    with MeshClient(cluster.endpoint, timeout=30) as m:
-        v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
-        m.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
-        yield m
-
-
-def meshctl(cluster, *argv: str) -> tuple[int, str, str]:
-    from tools.meshctl.main import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([*argv, "--endpoint", cluster.endpoint])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def test_bench_llamacpp_stores_figures(cluster, mesh, monkeypatch):
-    # one thread (a small shared machine); N_BATCH=1: see tests/integration/test_deployments.py (AMX)
+def test_bench_llamacpp_stores_figures(cluster, mesh, smollm2, monkeypatch):
+    # one thread (a small shared machine); N_BATCH=1: see tests/integration/serving.py llama_env (AMX)
     for k, v in (("N_THREADS", "1"), ("N_THREADS_BATCH", "1"), ("N_BATCH", "1")):
         monkeypatch.setenv(k, v)
     before = mesh.get_model("smollm2")
@@ -92,7 +70,7 @@ def test_bench_llamacpp_stores_figures(cluster, mesh, monkeypatch):
         mesh.record_measurement("smollm2", "nope", "cpu", M.Measurement())
 
 
-def test_bench_bad_input(cluster, mesh):
+def test_bench_bad_input(cluster, mesh, smollm2):
     rc, _, err = meshctl(cluster, "model", "bench", "smollm2", "--variant", "nope")
     assert rc != 0 and "no variant 'nope'" in err
     rc, _, err = meshctl(cluster, "model", "bench", "smollm2", "--backend", "vllm")

@@ -13,8 +13,7 @@ import pytest
 from gpumesh.v1 import types_pb2 as t
 from mesh import errors
 from nodeagent.nvml.sim import SimNvml
-from tests.integration.conftest import stop_running, wait_for
-from tools.localcluster import LocalCluster
+from tests.integration.conftest import wait_for, workload_cluster
 
 pytestmark = pytest.mark.integration
 GiB = 1 << 30
@@ -28,13 +27,8 @@ PRINT_ENV = "import os; print('DEV=' + os.environ['CUDA_VISIBLE_DEVICES']); prin
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("wl"), HOSTS, lease_ttl=3, agents_per_process=1,
-                     agent_args=["--workload-stop-grace-seconds", "2"])
-    c.start(timeout=90)
-    yield c
-    with c.client() as mesh:      # no process outlives the test cluster
-        stop_running(mesh)
-    c.stop()
+    with workload_cluster(tmp_path_factory.mktemp("wl"), HOSTS, agent_args=["--workload-stop-grace-seconds", "2"]) as c:
+        yield c
 
 
 @pytest.fixture

@@ -1,0 +1,136 @@
+"""The shared state of the agent's migration steps: the per-migration `Job`, reporting to the control plane
+(`MigrationReport` on the agent's stream, from the loop or from worker threads) and the helpers every step uses
+(the workload's control socket, the transfer host and credentials, the migration's secret, the tenant's key and
+the checkpoint store's paths).
+
+`MigrationBase` holds them; the steps are mixins on it (nodeagent/migrate_source.py, migrate_target.py,
+migrate_checkpoint.py, migrate_slices.py), put together as `MigrationAgent` in nodeagent/migrate.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import node_service_pb2, types_pb2
+
+
+class Cancelled(Exception):
+    """The control plane rolled the migration back while the send ran."""
+
+
+@dataclass
+class Job:
+    migration_id: str
+    workload_id: str
+    cancelled: bool = False
+    done: bool = False
+    final: Any = None                  # the last report (RESTORED or FAILED), re-sent on a repeated step
+    committed: dict = field(default_factory=dict)
+    thread: threading.Thread | None = None
+    bytes_sent: int = 0
+    state_bytes: int = 0
+    address: str = ""
+    server: Any = None                 # transparent mode: the target's transfer server for the images
+    images: str = ""                   # transparent mode: where the target receives them
+
+
+class MigrationBase:
+    """The agent's migration state and the helpers its steps share (see the module's docstring)."""
+
+    def __init__(self, agent, runner, checkpoint_dir: str = "", keys_file: str = "", transfer_host: str = "",
+                 tls: tuple[str, str, str] | None = None) -> None:
+        self.agent = agent
+        self.runner = runner
+        self.checkpoint_dir = checkpoint_dir
+        self.keys_file = keys_file
+        self.transfer_host = transfer_host
+        self.tls = tls
+        """(ca, cert, key) of this agent's certificate when the agent is secured: agent-to-agent
+        transfers speak mTLS with it."""
+        self.jobs: dict[tuple[str, str], Job] = {}      # (migration id, role) -> job
+        self.outbox: asyncio.Queue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- reporting (from the loop or from worker threads) ---------------------------------
+
+    def _send(self, rep: M.MigrationReport) -> None:
+        msg = node_service_pb2.AgentMessage(migration=rep)
+        outbox, loop = self.outbox, self.loop
+        if outbox is None or loop is None:
+            return
+        try:
+            if threading.current_thread() is threading.main_thread():
+                outbox.put_nowait(msg)
+            else:
+                loop.call_soon_threadsafe(outbox.put_nowait, msg)
+        except RuntimeError:
+            pass    # the loop is closing
+
+    def _reporter(self, mid: str):
+        def report(event: int, **fields: Any) -> M.MigrationReport:
+            rep = M.MigrationReport(migration_id=mid, event=event, **fields)
+            self._send(rep)
+            return rep
+        return report
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _socket(self, wid: str) -> str:
+        return self.runner.socket_path(wid)
+
+    def _running(self, wid: str) -> bool:
+        w = self.runner.workloads.get(wid)
+        return w is not None and w.state == types_pb2.WORKLOAD_STATE_RUNNING
+
+    def _advertise_host(self) -> str:
+        from nodeagent.registrar import route_source
+        return route_source(self.agent.endpoint)
+
+    def _listen_host(self) -> str:
+        """Where transfer receivers listen: `transfer_host`, else the address peers reach us at."""
+        return self.transfer_host or self._advertise_host()
+
+    def _dial_host(self) -> str:
+        host = self._listen_host()
+        return self._advertise_host() if host in ("0.0.0.0", "::", "[::]") else host
+
+    def _server_credentials(self):
+        if self.tls is None:
+            return None
+        from mesh import tls
+        ca, cert, key = self.tls
+        return tls.server_credentials(cert, key, client_ca=ca, require_client_auth=True)
+
+    def _channel_credentials(self):
+        if self.tls is None:
+            return None
+        from mesh import tls
+        ca, cert, key = self.tls
+        return tls.channel_credentials(ca, cert, key)
+
+    @staticmethod
+    def _secret(cmd: M.MigrationCommand) -> bytes:
+        from mesh.checkpoint.transfer_auth import check_secret
+        if not cmd.secret:
+            raise RuntimeError("the control plane sent no transfer secret for this migration (an older control "
+                               "plane?): refused")
+        return check_secret(cmd.secret, "MigrationCommand.secret")
+
+    def _key(self, tenant: str) -> bytes | None:
+        if not self.keys_file:
+            return None
+        from mesh.checkpoint.store import load_keys
+        return load_keys(self.keys_file).get(tenant)
+
+    def _store_path(self, rel: str) -> str:
+        if not self.checkpoint_dir:
+            raise RuntimeError(f"node {self.agent.node} has no checkpoint store: set checkpoint_dir")
+        path = os.path.normpath(os.path.join(self.checkpoint_dir, rel))
+        if not path.startswith(os.path.normpath(self.checkpoint_dir) + os.sep):
+            raise RuntimeError(f"checkpoint path {rel!r} leaves the store")
+        return path
