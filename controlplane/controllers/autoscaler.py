@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge
 
 from controlplane.controllers import autoscale_forecast, autoscale_signals, autoscale_variants
 from controlplane.controllers.slices import now as ts_now
+from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import scaling_pb2 as S
@@ -79,32 +80,23 @@ class AutoscalerController:
         self.forecast_every = forecast_every
         self.clock = clock
         self.states: dict[str, _State] = {}
-        self._task: asyncio.Task | None = None
+        self._loop = PeriodicTask("autoscaler", self.run_once, interval=lambda: self.interval,
+                                  on_error=lambda e: logger.error("autoscaler pass", exc_info=e))
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="autoscaler")
+        self._loop.start()
 
     async def stop(self) -> None:
-        tasks = [self._task] + [s.forecasting for s in self.states.values()]
-        for t in tasks:
-            if t is not None and not t.done():
+        fits = [s.forecasting for s in self.states.values() if s.forecasting is not None]
+        for t in fits:
+            if not t.done():
                 t.cancel()
-        for t in tasks:
-            if t is not None:
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+        await self._loop.stop()
+        for t in fits:
             try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:   # noqa: BLE001 - the next pass tries again
-                logger.exception("autoscaler pass")
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
 
     async def run_once(self) -> None:
         names = [n for n, d in sorted(self.dm.store.deployments.items()) if d.spec.HasField("scaling")]

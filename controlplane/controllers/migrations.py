@@ -212,8 +212,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
                 self._send(node, cmd)
                 next_send = t + resend
             try:
-                rep = await asyncio.wait_for(q.get(), max(0.01, min(next_send, deadline) - t))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(0.01, min(next_send, deadline) - t)):   # not wait_for (gh-86296)
+                    rep = await q.get()
+            except TimeoutError:
                 continue
             if rep.event == R.FAILED and failures:
                 raise _Failed(rep.message or f"{what} failed on {node}")

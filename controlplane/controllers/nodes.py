@@ -15,12 +15,14 @@ import re
 
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller, now
-from controlplane.state.store import ETCD_ERRORS, Put
+from controlplane.state.store import ETCD_ERRORS, Put, cancel_watch
 from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 5.0
 NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 
@@ -91,9 +93,11 @@ class NodeManager:
     async def stop(self) -> None:
         if self._watch_task:
             self._watch_task.cancel()
+            await asyncio.wait({self._watch_task}, timeout=STOP_TIMEOUT_S)   # ends at once; a bound all the same
 
     async def _watch_alive(self, start_revision: int) -> None:
         while True:
+            watch = None
             try:
                 watch = await self.store.watch_prefix(keys.ALIVE, start_revision)
                 async for ev in watch:
@@ -109,6 +113,9 @@ class NodeManager:
                     start_revision = await self._relist_alive()
                 except ETCD_ERRORS + (errors.MeshError,) as e2:
                     log(logger, logging.WARNING, "re-reading the leases failed; retrying", error=str(e2))
+            finally:
+                if watch is not None:
+                    await cancel_watch(watch)
 
     async def _relist_alive(self) -> int:
         """After a broken watch: the revisions it missed may be compacted away (etcd's auto-compaction), so

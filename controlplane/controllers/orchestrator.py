@@ -19,7 +19,6 @@ its forecasts read (`orchforecast.Windows`) start over, seeded from the history 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from controlplane.controllers.orchforecast import (InlineFitter, ProcessFitter, 
 from controlplane.controllers.premigrate import MovePass
 from controlplane.controllers.warmslices import WarmPool, request_key
 from controlplane.forecast import forecasting
+from controlplane.loops import PeriodicTask
 from mesh.logs import log
 from mesh.orchestrator import WarmPolicy, burst_quantile, warm_actions
 
@@ -102,7 +102,10 @@ class Orchestrator:
         self.moves = MovePass(ctl, workloads, migrations, settings, clock)
         self.resizes = ResizePass(ctl, migrations, settings, clock)
         self.latest: dict[tuple[str, str, str], object] = {}      # (kind, name, metric) -> Forecast
-        self._task: asyncio.Task | None = None
+        # a pass every interval_s from the start of the last one (at least 50 ms apart), the first at once
+        self._loop = PeriodicTask("orchestrator", self.tick, interval=lambda: self.s.interval_s, at_once=True,
+                                  from_start=True, min_gap=0.05, setup=self._seed_from_history,
+                                  on_error=self._pass_failed)
         self._warm_keys_seen: set[str] = set()
 
     # -- wiring -----------------------------------------------------------------------------------
@@ -124,15 +127,10 @@ class Orchestrator:
     def start(self) -> None:
         if self.fitter is None:
             self.fitter = ProcessFitter(self.s.fit_workers) if self.s.fit_workers else InlineFitter()
-        self._task = asyncio.create_task(self._loop(), name="orchestrator")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._loop.stop()
         if self.ctl.warm is self.pool:
             self.ctl.warm = None
         if self.fitter is not None:
@@ -162,21 +160,16 @@ class Orchestrator:
                     n += self.windows.seed_requests(f"{info.name.removeprefix('profile/')}/any", rows)
         log(logger, logging.INFO, "orchestrator seeded from the history", samples=n)
 
-    async def _loop(self) -> None:
+    async def _seed_from_history(self) -> None:
         if self.history is not None:
             try:
                 await self.seed(self.history)
             except Exception as e:   # noqa: BLE001 - without the record it starts from empty windows
                 log(logger, logging.WARNING, "orchestrator: cannot read the history; starting empty", error=repr(e))
-        while True:
-            started = time.monotonic()
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:   # noqa: BLE001 - a failed pass is retried at the next one
-                log(logger, logging.WARNING, "orchestrator pass failed; retrying", error=repr(e))
-            await asyncio.sleep(max(0.05, self.s.interval_s - (time.monotonic() - started)))
+
+    @staticmethod
+    def _pass_failed(e: Exception) -> None:
+        log(logger, logging.WARNING, "orchestrator pass failed; retrying", error=repr(e))
 
     # -- one level-triggered pass -------------------------------------------------------------------
 

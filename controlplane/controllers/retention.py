@@ -21,11 +21,11 @@ IDs are remembered, at most REMEMBERED of them). Standbys follow the deletes thr
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
 
+from controlplane.loops import PeriodicTask
 from controlplane.state import keys
 from controlplane.state.store import Delete
 from gpumesh.v1 import migration_service_pb2 as M
@@ -61,31 +61,22 @@ class Retention:
         self.events_kept = events_kept
         self.expired = collections.Counter()           # kind -> records expired (metrics, tests)
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._task: asyncio.Task | None = None
+        self._loop = PeriodicTask("retention", self.sweep, interval=lambda: self.interval,
+                                  on_error=self._sweep_failed)
         workloads.expired_ids = self.recent            # _report tells a returning agent to forget them
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="retention")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping either way
-                pass
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except errors.MeshError as e:
-                log(logger, logging.WARNING, "retention sweep failed; retrying at the next one", error=str(e))
-            except Exception:  # noqa: BLE001 - a sweep's bug must not stop later sweeps
-                logger.exception("retention sweep failed")
+    @staticmethod
+    def _sweep_failed(e: Exception) -> None:
+        if isinstance(e, errors.MeshError):
+            log(logger, logging.WARNING, "retention sweep failed; retrying at the next one", error=str(e))
+        else:   # a sweep's bug must not stop later sweeps
+            logger.error("retention sweep failed", exc_info=e)
 
     # -- what expires --------------------------------------------------------------------------
 

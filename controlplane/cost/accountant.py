@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge
 
 from controlplane.cost.ledger import CostLedger
+from controlplane.loops import PeriodicTask
 from gpumesh.v1 import cost_service_pb2 as C
 from gpumesh.v1 import deployment_service_pb2 as D
 from mesh.cost import PriceTable, slice_share
@@ -78,7 +79,8 @@ class CostAccountant:
         self.rates: dict[tuple, float] = {}
         self.model_24h: dict[str, tuple[float, float]] = {}  # model -> (dollars, tokens) over 24 h (ledger)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost")
-        self._task: asyncio.Task | None = None
+        self._loop = PeriodicTask("cost-accountant", self._pass, interval=lambda: self.interval,
+                                  on_error=self._pass_failed)
         self._last_compact = 0.0
         self._shapes: dict[tuple, tuple[float, float]] = {}
         # labels -> the metric's labelled child (looked up once: labels() is slow at thousands of slices)
@@ -95,15 +97,10 @@ class CostAccountant:
         log(logger, logging.INFO, "cost ledger loaded", cursors=len(self.cursors), path=self.ledger.path)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="cost-accountant")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._loop.stop()
         try:
             await self.account()          # the last interval, so a clean stop loses nothing
         except Exception as e:   # noqa: BLE001
@@ -111,19 +108,16 @@ class CostAccountant:
         await self._run(self.ledger.close)
         self.pool.shutdown(wait=True)
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.account()
-                now = self.clock()
-                if now - self._last_compact >= 3600:
-                    self._last_compact = now
-                    await self._run(self.ledger.compact, now)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:   # noqa: BLE001 - accounting never stops the control plane
-                log(logger, logging.WARNING, "cost accounting failed; retrying", error=repr(e))
+    async def _pass(self) -> None:
+        await self.account()
+        now = self.clock()
+        if now - self._last_compact >= 3600:
+            self._last_compact = now
+            await self._run(self.ledger.compact, now)
+
+    @staticmethod
+    def _pass_failed(e: Exception) -> None:   # accounting never stops the control plane
+        log(logger, logging.WARNING, "cost accounting failed; retrying", error=repr(e))
 
     # -- one accounting -----------------------------------------------------------------------
 

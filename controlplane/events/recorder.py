@@ -24,6 +24,7 @@ import time
 from prometheus_client import Counter
 
 from controlplane.events.log import EventLog, seconds
+from controlplane.loops import PeriodicTask
 from controlplane.state import keys
 from controlplane.state.store import Put
 from gpumesh.v1 import event_service_pb2 as E
@@ -68,7 +69,9 @@ class Recorder:
         self.inflight: set[str] = set()
         self.latest: collections.OrderedDict[tuple, E.Event] = collections.OrderedDict()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        # a write each time events arrive (woken by emit), of all that came within flush_delay
+        self._loop = PeriodicTask("event-recorder", self._write_pending, interval=None, wake=self._wake,
+                                  on_error=self._write_failed)
 
     # -- the API other components call -------------------------------------------------------
 
@@ -129,29 +132,24 @@ class Recorder:
             self.latest[(ev.kind, ev.name, ev.type, ev.reason, ev.message, ev.tenant)] = ev
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-recorder")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Write what is pending (best effort), then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping either way
-                pass
-            self._task = None
+        await self._loop.stop()
         if self.pending and not self.writer.failed:
             try:
                 await asyncio.wait_for(self.flush(), 2.0)
             except (asyncio.TimeoutError, errors.MeshError):
                 pass
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self.flush_delay)       # gather the events of this moment into one write
-            await self.flush()
+    async def _write_pending(self) -> None:
+        await asyncio.sleep(self.flush_delay)       # gather the events of this moment into one write
+        await self.flush()
+
+    @staticmethod
+    def _write_failed(e: Exception) -> None:   # flush() handles etcd errors itself: this is a bug
+        log(logger, logging.ERROR, "event recorder: a write failed; writing again at the next event", error=repr(e))
 
     async def flush(self) -> int:
         """Write every pending event; returns how many were written."""

@@ -25,6 +25,7 @@ import time
 from controlplane.forecast import fleet_series
 from controlplane.forecast.history import HistoryStore
 from controlplane.forecast.interactions import InteractionLog
+from controlplane.loops import PeriodicTask
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class HistoryRecorder:
         self.counts: dict[tuple[str, str, str, str], int] = {}     # this minute's Allocate counts
         self.counted: set[tuple[str, str, str, str]] = set()        # keys seen: a quiet minute records 0
         self.minute = int(self.clock() // 60)
-        self._task: asyncio.Task | None = None
+        self._loop = PeriodicTask("history", self._pass, on_error=self._pass_failed,
+                                  interval=lambda: min(self.flush_seconds, self.sample_seconds))
+        self._next_sample = 0.0                 # when the deployments' load is sampled next (clock seconds)
         self._last_compact = 0.0
         self.interactions = InteractionLog(store)
         self.fleet = None
@@ -169,33 +172,30 @@ class HistoryRecorder:
     # -- flushing -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="history")
+        self._next_sample = 0.0
+        self._loop.start()
 
-    async def _loop(self) -> None:
-        next_sample = 0.0
-        while True:
-            await asyncio.sleep(min(self.flush_seconds, self.sample_seconds))
-            try:
-                now = self.clock()
-                if now >= next_sample:
-                    self.sample_deployments()
-                    if self.workloads is not None:      # a workload that ended between node readings
-                        known = self.workloads.workloads
-                        self.note_workloads([w for w in known.values()
-                                             if w.state in fleet_series.TERMINAL and w.id in self.entries])
-                        for wid in [wid for wid in self.entries if wid not in known]:
-                            del self.entries[wid]
-                    next_sample = now + self.sample_seconds
-                self._roll()
-                await self.flush()
-                if now - self._last_compact >= 60:
-                    self._last_compact = now
-                    await self._run(self.store.compact, now)
-                    await self._run(self.interactions.expire, now, self.store.tiers[-1].keep)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:   # noqa: BLE001 - history never stops the control plane
-                log(logger, logging.WARNING, "history flush failed; retrying", error=repr(e))
+    async def _pass(self) -> None:
+        now = self.clock()
+        if now >= self._next_sample:
+            self.sample_deployments()
+            if self.workloads is not None:      # a workload that ended between node readings
+                known = self.workloads.workloads
+                self.note_workloads([w for w in known.values()
+                                     if w.state in fleet_series.TERMINAL and w.id in self.entries])
+                for wid in [wid for wid in self.entries if wid not in known]:
+                    del self.entries[wid]
+            self._next_sample = now + self.sample_seconds
+        self._roll()
+        await self.flush()
+        if now - self._last_compact >= 60:
+            self._last_compact = now
+            await self._run(self.store.compact, now)
+            await self._run(self.interactions.expire, now, self.store.tiers[-1].keep)
+
+    @staticmethod
+    def _pass_failed(e: Exception) -> None:   # history never stops the control plane
+        log(logger, logging.WARNING, "history flush failed; retrying", error=repr(e))
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -225,12 +225,7 @@ class HistoryRecorder:
         return await self._run(fn, *args)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._loop.stop()
         try:
             await self.flush()
         finally:

@@ -21,6 +21,7 @@ import time
 from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
+from controlplane.loops import PeriodicTask
 from controlplane.serving import deployspec, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
@@ -58,7 +59,9 @@ class DeploymentManager:
         self.node_lost_seconds = node_lost_seconds
         self.down_since: dict[str, float] = {}          # node -> when this leader first saw it NotReady
         self._kick = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        # a pass every interval, or at once when kicked (a change to a deployment or replica)
+        self._loop = PeriodicTask("deployments", self.reconcile_all, interval=lambda: self.interval, wake=self._kick,
+                                  on_error=lambda e: logger.error("deployment controller pass", exc_info=e))
         self._lock = asyncio.Lock()
         telemetry = getattr(ctl, "telemetry", None)
         if telemetry is not None and hasattr(telemetry, "backend_listeners"):
@@ -89,12 +92,12 @@ class DeploymentManager:
 
     async def load(self) -> None:
         await self.store.load()
-        self._task = asyncio.create_task(self._loop(), name="deployments")
+        self._loop.start()
 
     async def stop(self) -> None:
-        for t in [self._task, *self.busy.values()]:
-            if t is not None:
-                t.cancel()
+        for t in self.busy.values():
+            t.cancel()
+        await self._loop.stop()
         await self.act.close()
 
     def kick(self) -> None:
@@ -233,21 +236,7 @@ class DeploymentManager:
             except errors.NotFound:
                 pass
 
-    # -- the loop -----------------------------------------------------------------------------
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._kick.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
-            self._kick.clear()
-            try:
-                await self.reconcile_all()
-            except asyncio.CancelledError:
-                raise
-            except Exception:   # noqa: BLE001 - the next pass tries again
-                logger.exception("deployment controller pass")
+    # -- one pass (self._loop runs it every interval, or at once when kicked) ------------------
 
     async def reconcile_all(self) -> None:
         names = set(self.store.deployments) | set(self.store.replicas)

@@ -85,8 +85,9 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
                     return
                 yield self.m.store.full(request.name)
                 try:
-                    await asyncio.wait_for(ev.wait(), WATCH_HEARTBEAT)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(WATCH_HEARTBEAT):   # not wait_for: it can drop a cancel (gh-86296)
+                        await ev.wait()
+                except TimeoutError:
                     pass
         finally:
             self.m.store.unsubscribe(request.name, ev)

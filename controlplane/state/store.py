@@ -183,7 +183,8 @@ class EtcdStore:
         while True:
             await asyncio.sleep(delay)
             try:
-                reply = await asyncio.wait_for(self.client.refresh_lease(lease_id), timeout=max(ttl / 4, 0.5))
+                async with asyncio.timeout(max(ttl / 4, 0.5)):   # not wait_for: it can drop a cancel (gh-86296)
+                    reply = await self.client.refresh_lease(lease_id)
                 if reply is not None and reply.TTL > 0:
                     last_ok = loop.time()
                     delay = max(ttl / 3, 0.5)
@@ -327,7 +328,28 @@ class EtcdStore:
             pass
 
     async def watch_prefix(self, prefix: str, start_revision: int):
-        return await self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+        """A watch on `prefix` from `start_revision` (an aetcd Watch: iterate it, `cancel()` it when done).
+
+        A cancel of the calling task while the watch is being created is always raised here. aetcd waits for
+        etcd's "created" answer with `asyncio.wait_for`, which on Python 3.11 returns the result and drops the
+        cancel when it lands just as that answer wakes the waiter (CPython gh-86296): the caller would then
+        follow its new watch for ever, cancelled in name only (the standby's follower hung on stop so)."""
+        task = asyncio.current_task()
+        asked = task.cancelling() if task is not None else 0
+        watch = await self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+        if task is not None and task.cancelling() > asked:
+            await cancel_watch(watch)
+            raise asyncio.CancelledError()
+        return watch
+
+
+async def cancel_watch(watch) -> None:
+    """Stop a watch's events (best effort, at most 1 s: etcd may be unreachable)."""
+    try:
+        async with asyncio.timeout(1):
+            await watch.cancel()
+    except Exception:  # noqa: BLE001 - etcd errors and the timeout: the stream ends with the client
+        pass
 
 
 def _is_ipv4(host: str) -> bool:

@@ -43,8 +43,9 @@ class ChangeFeed:
         changes, e.g. a gang allocation, is drawn as one frame)."""
         if self.version == seen:
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):     # not wait_for: on 3.11 it can drop a cancel (gh-86296)
+                    await self._changed.wait()
+            except TimeoutError:
                 return
         await asyncio.sleep(0.1)
 
