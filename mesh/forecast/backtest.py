@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from mesh.errors import InvalidArgument
-from mesh.forecast import conformal, metrics
+from mesh.forecast import combine, conformal, metrics
 from mesh.forecast.models import BASELINES, DEFAULT_MODELS, REGISTRY, fit_model, make
 
 MIN_ORIGINS = 4     # two to select on, two to evaluate on
@@ -36,6 +36,7 @@ class BacktestSpec:
     max_history: int = 0       # points each fit sees; 0 = max(10 seasons, 50 horizons, 500)
     level: float = 0.9         # interval level
     ensembles: bool = True
+    shrink: bool = True        # candidates shrunk toward the last value, step by step (mesh.forecast.combine)
     calibration: int = 0       # intervals calibrate on the latest N observed origins; 0 = all of them
 
     def history_cap(self) -> int:
@@ -51,6 +52,7 @@ class RollingForecasts:
     actual: np.ndarray                      # (origins, horizon)
     points: dict[str, np.ndarray]           # model -> (origins, horizon)
     fit_seconds: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)   # shrunk(m) -> per-step weight of m
 
 
 def check_series(y, spec: BacktestSpec, what: str = "series") -> np.ndarray:
@@ -140,10 +142,33 @@ def add_ensembles(rf: RollingForecasts, rank: list[str]) -> list[str]:
 
 def pick(maes: dict[str, float], steady: set[str] | None = None) -> str:
     """The lowest error among the models that beat the last value (and are in `steady`, when given);
-    the last value when none does."""
+    when none does, the better of the two naive forecasts (the last value on a tie)."""
     bar = maes["naive"]
     better = {m: e for m, e in maes.items() if e < bar and (steady is None or m in steady)}
-    return min(better, key=better.get) if better else "naive"
+    if better:
+        return min(better, key=better.get)
+    return "snaive" if maes.get("snaive", bar) < bar else "naive"
+
+
+def select(actual: np.ndarray, rf: RollingForecasts, rows: np.ndarray, spec: BacktestSpec) -> tuple[str, dict]:
+    """The choice on origins `rows`: ensembles of the best two and three models and every model shrunk
+    toward the last value (weights fitted on `rows`) join the candidates in `rf.points`; the pick is the
+    lowest error among those that beat the last value, did no worse than it on either half of `rows`, and
+    (a shrunk one) whose weights fitted on the earlier half beat it on the later half. Returns (chosen,
+    MAE on `rows` of every candidate)."""
+    a = actual[rows]
+    maes = {m: metrics.mae(a, p[rows]) for m, p in rf.points.items()}
+    if spec.ensembles:
+        for name in add_ensembles(rf, sorted(maes, key=maes.get)):
+            maes[name] = metrics.mae(a, rf.points[name][rows])
+    shrunk: list[str] = []
+    if spec.shrink:
+        shrunk = combine.add_shrunk(actual, rf.points, rows, rf.weights)
+        for name in shrunk:
+            maes[name] = metrics.mae(a, rf.points[name][rows])
+    steady = steady_winners(a, {m: p[rows] for m, p in rf.points.items()})
+    steady -= set(shrunk) - combine.validated(actual, rf.points, rows, shrunk)
+    return pick(maes, steady), maes
 
 
 def steady_winners(actual: np.ndarray, points: dict[str, np.ndarray]) -> set[str]:
@@ -166,12 +191,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
     split = n_o // 2
     sel = np.arange(split)
     ev = np.array([j for j in range(split, n_o) if rf.origins[j] >= rf.origins[split - 1] + h])
-    sel_mae = {m: metrics.mae(rf.actual[sel], p[sel]) for m, p in rf.points.items()}
-    if spec.ensembles:
-        rank = sorted(sel_mae, key=sel_mae.get)
-        for name in add_ensembles(rf, rank):
-            sel_mae[name] = metrics.mae(rf.actual[sel], rf.points[name][sel])
-    chosen = pick(sel_mae, steady_winners(rf.actual[sel], {m: p[sel] for m, p in rf.points.items()}))
+    chosen, sel_mae = select(rf.actual, rf, sel, spec)
     scale = metrics.mase_scale(y[:rf.origins[ev[0]]], spec.season)
     floor = 0.0 if np.min(y[:rf.origins[0]]) >= 0 else None
     a = rf.actual[ev]
@@ -241,4 +261,4 @@ def backtest(y, spec: BacktestSpec, progress: Callable[[str], None] | None = Non
 
 
 __all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_recent", "check_series", "evaluate",
-           "pick", "plan_origins", "rolling_forecasts", "sequential_intervals"]
+           "pick", "plan_origins", "rolling_forecasts", "select", "sequential_intervals"]
