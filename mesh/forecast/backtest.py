@@ -38,6 +38,7 @@ class BacktestSpec:
     ensembles: bool = True
     shrink: bool = True        # candidates shrunk toward the last value, step by step (mesh.forecast.combine)
     calibration: int = 0       # intervals calibrate on the latest N observed origins; 0 = all of them
+    aci_gamma: float = conformal.ACI_GAMMA   # the interval level adapts by this step (ACI); 0 = fixed level
 
     def history_cap(self) -> int:
         return self.max_history or max(10 * self.season, 50 * self.horizon, 500)
@@ -198,7 +199,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
     maes = {m: metrics.mae(a, p[ev]) for m, p in rf.points.items()}
     report = {}
     for m, p in rf.points.items():
-        lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration)
+        lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration, spec.aci_gamma)
         if intervals is not None:
             intervals[m] = (ev, lo, hi)
         report[m] = {
@@ -225,17 +226,39 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
 
 
 def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, level: float,
-                         floor: float | None, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                         floor: float | None, window: int = 0,
+                         gamma: float = conformal.ACI_GAMMA,
+                         state: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Intervals of the forecasts at origins `ev`, each calibrated on the residuals of the origins whose
-    whole horizon had been observed by then (the latest `window` of them, when > 0)."""
+    whole horizon had been observed by then (the latest `window` of them, when > 0). With `gamma` > 0 the
+    level adapts (ACI): intervals are issued from the first origin with a known residual on, and each one's
+    misses, once its horizon is observed, move the level of the later ones. `state`, when given, receives
+    "level": the adapted level once every origin's outcome is in (what the next forecast is issued at)."""
     h = p.shape[1]
     lo, hi = np.empty((len(ev), h)), np.empty((len(ev), h))
     resid = rf.actual - p
-    for k, j in enumerate(ev):
+    adaptive = conformal.AdaptiveLevel(level, gamma) if gamma > 0 else None
+    issued: list[tuple[int, float]] = []       # (origin index, miss share) not yet observed by the level
+    want = {int(j): k for k, j in enumerate(ev)}
+    first = int(ev[0]) if not adaptive else 0
+    for j in range(first, int(ev[-1]) + 1):
         known = np.flatnonzero(rf.origins + h <= rf.origins[j])
+        if not len(known) or (j not in want and not adaptive):
+            continue
+        if adaptive:
+            while issued and rf.origins[issued[0][0]] + h <= rf.origins[j]:
+                adaptive.observe(issued.pop(0)[1])
         if window:
             known = known[-window:]
-        lo[k], hi[k] = conformal.interval(p[j], resid[known], level, floor)
+        a, b = conformal.interval(p[j], resid[known], adaptive.level if adaptive else level, floor)
+        if adaptive:
+            issued.append((j, float(np.mean((rf.actual[j] < a) | (rf.actual[j] > b)))))
+        if j in want:
+            lo[want[j]], hi[want[j]] = a, b
+    if state is not None:
+        for _, miss in issued if adaptive else ():
+            adaptive.observe(miss)
+        state["level"] = adaptive.level if adaptive else level
     return lo, hi
 
 

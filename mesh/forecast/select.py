@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh.forecast import combine, conformal, metrics
-from mesh.forecast.backtest import BacktestSpec, check_recent, check_series, rolling_forecasts, select
+from mesh.forecast.backtest import (BacktestSpec, check_recent, check_series, rolling_forecasts, select,
+                                    sequential_intervals)
 from mesh.forecast.models import DEFAULT_MODELS, fit_model, make
 
 
@@ -64,7 +65,9 @@ def choose(y, season: int, horizon: int, models: tuple[str, ...] = DEFAULT_MODEL
     floor = 0.0 if np.min(arr) >= 0 else None
     if floor is not None:
         point = np.maximum(point, floor)
-    lo, hi = conformal.interval(point, rf.actual - rf.points[chosen], level, floor)
+    state: dict = {}            # the level adapted (ACI) over the backtest's forecasts, in time order
+    sequential_intervals(rf, rf.points[chosen], np.arange(len(rf.origins)), level, floor, state=state)
+    lo, hi = conformal.interval(point, rf.actual - rf.points[chosen], state["level"], floor)
     scale = metrics.mase_scale(arr[:rf.origins[0]], season) or 1.0
     return Forecast(points=point.tolist(), lo=lo.tolist(), hi=hi.tolist(), model=chosen,
                     backtest_error=maes[chosen] / scale, level=level, errors=maes)
