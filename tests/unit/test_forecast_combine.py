@@ -111,3 +111,19 @@ def test_adaptive_level_moves_against_the_misses_and_stays_in_bounds():
     for _ in range(3000):
         a.observe(0.0)                      # nothing missed for long: narrower, never below a coin flip
     assert a.level == 0.5
+
+
+# -- intermittent demand (statsforecast's Croston, TSB, ADIDA, IMAPA) --------------------------------------------
+
+def test_intermittent_models_forecast_the_demand_rate_and_tsb_follows_a_stretch_of_zeros():
+    pytest.importorskip("statsforecast", reason="needs gpumesh[forecast]")
+    from mesh.forecast import make
+    rng = np.random.default_rng(1)
+    y = np.where(rng.random(400) < 0.25, 8.0, 0.0)                 # a job a quarter of the time: rate 2.0
+    for name in ("croston", "adida", "imapa"):
+        got = make(name, 3).fit(y, 1).predict(3)
+        assert got.shape == (3,) and 1.0 <= got[0] <= 3.0, (name, got)
+    ended = np.concatenate([y, np.zeros(40)])                      # then the demand stops
+    tsb, croston = (make(m, 3).fit(ended, 1).predict(3)[0] for m in ("tsb", "croston"))
+    assert croston > 1.0                # Croston updates only on non-zero values: it still forecasts the old rate
+    assert tsb < 0.1 * croston          # TSB lowers the probability of demand at every zero
