@@ -127,3 +127,14 @@ def test_intermittent_models_forecast_the_demand_rate_and_tsb_follows_a_stretch_
     tsb, croston = (make(m, 3).fit(ended, 1).predict(3)[0] for m in ("tsb", "croston"))
     assert croston > 1.0                # Croston updates only on non-zero values: it still forecasts the old rate
     assert tsb < 0.1 * croston          # TSB lowers the probability of demand at every zero
+
+
+def test_a_small_loss_on_one_half_is_tolerated_a_clear_one_is_not():
+    from mesh.forecast.backtest import STEADY_TOLERANCE, steady_winners
+    actual = np.zeros((40, 2))
+    naive = np.ones((40, 2))
+    near = np.concatenate([np.full((20, 2), 0.5), np.full((20, 2), 1 + STEADY_TOLERANCE / 2)])
+    far = np.concatenate([np.full((20, 2), 0.5), np.full((20, 2), 1 + 2 * STEADY_TOLERANCE)])
+    got = steady_winners(actual, {"naive": naive, "near": near, "far": far})
+    assert got == {"naive", "near"}
+    assert steady_winners(actual, {"naive": naive, "near": near}, tolerance=0.0) == {"naive"}
