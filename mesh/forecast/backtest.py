@@ -246,10 +246,12 @@ def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, le
     issued: list[tuple[int, float]] = []       # (origin index, miss share) not yet observed by the level
     want = {int(j): k for k, j in enumerate(ev)}
     first = int(ev[0]) if not adaptive else 0
+    ends = rf.origins + h              # sorted, as the origins are
     for j in range(first, int(ev[-1]) + 1):
-        known = np.flatnonzero(rf.origins + h <= rf.origins[j])
-        if not len(known) or (j not in want and not adaptive):
+        m = int(np.searchsorted(ends, rf.origins[j], side="right"))     # origins 0..m-1 observed by now
+        if not m or (j not in want and not adaptive):
             continue
+        known = np.arange(m)
         if adaptive:
             while issued and rf.origins[issued[0][0]] + h <= rf.origins[j]:
                 adaptive.observe(issued.pop(0)[1])
@@ -257,7 +259,7 @@ def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, le
             known = known[-window:]
         a, b = conformal.interval(p[j], resid[known], adaptive.level if adaptive else level, floor)
         if adaptive:
-            issued.append((j, float(np.mean((rf.actual[j] < a) | (rf.actual[j] > b)))))
+            issued.append((j, float(np.count_nonzero((rf.actual[j] < a) | (rf.actual[j] > b))) / h))
         if j in want:
             lo[want[j]], hi[want[j]] = a, b
     if state is not None:
