@@ -40,6 +40,7 @@ class BacktestSpec:
     shrink: bool = True        # candidates shrunk toward the last value, step by step (mesh.forecast.combine)
     calibration: int = 0       # intervals calibrate on the latest N observed origins; 0 = all of them
     aci_gamma: float = conformal.ACI_GAMMA   # the interval level adapts by this step (ACI); 0 = fixed level
+    steady_tolerance: float = STEADY_TOLERANCE   # see steady_winners
 
     def history_cap(self) -> int:
         return self.max_history or max(10 * self.season, 50 * self.horizon, 500)
@@ -168,7 +169,7 @@ def select(actual: np.ndarray, rf: RollingForecasts, rows: np.ndarray, spec: Bac
         shrunk = combine.add_shrunk(actual, rf.points, rows, rf.weights)
         for name in shrunk:
             maes[name] = metrics.mae(a, rf.points[name][rows])
-    steady = steady_winners(a, {m: p[rows] for m, p in rf.points.items()})
+    steady = steady_winners(a, {m: p[rows] for m, p in rf.points.items()}, spec.steady_tolerance)
     steady -= set(shrunk) - combine.validated(actual, rf.points, rows, shrunk)
     return pick(maes, steady), maes
 
