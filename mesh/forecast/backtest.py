@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 
 from mesh.errors import InvalidArgument
-from mesh.forecast import conformal, metrics
+from mesh.forecast import combine, conformal, metrics
 from mesh.forecast.models import BASELINES, DEFAULT_MODELS, REGISTRY, fit_model, make
 
 MIN_ORIGINS = 4     # two to select on, two to evaluate on
+STEADY_TOLERANCE = 0.05   # a candidate may lose this much to the last value on either half of the selection
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class BacktestSpec:
     max_history: int = 0       # points each fit sees; 0 = max(10 seasons, 50 horizons, 500)
     level: float = 0.9         # interval level
     ensembles: bool = True
+    shrink: bool = True        # candidates shrunk toward the last value, step by step (mesh.forecast.combine)
     calibration: int = 0       # intervals calibrate on the latest N observed origins; 0 = all of them
+    aci_gamma: float = conformal.ACI_GAMMA   # the interval level adapts by this step (ACI); 0 = fixed level
+    steady_tolerance: float = STEADY_TOLERANCE   # see steady_winners
 
     def history_cap(self) -> int:
         return self.max_history or max(10 * self.season, 50 * self.horizon, 500)
@@ -51,6 +55,7 @@ class RollingForecasts:
     actual: np.ndarray                      # (origins, horizon)
     points: dict[str, np.ndarray]           # model -> (origins, horizon)
     fit_seconds: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)   # shrunk(m) -> per-step weight of m
 
 
 def check_series(y, spec: BacktestSpec, what: str = "series") -> np.ndarray:
@@ -140,21 +145,48 @@ def add_ensembles(rf: RollingForecasts, rank: list[str]) -> list[str]:
 
 def pick(maes: dict[str, float], steady: set[str] | None = None) -> str:
     """The lowest error among the models that beat the last value (and are in `steady`, when given);
-    the last value when none does."""
+    when none does, the better of the two naive forecasts (the last value on a tie)."""
     bar = maes["naive"]
     better = {m: e for m, e in maes.items() if e < bar and (steady is None or m in steady)}
-    return min(better, key=better.get) if better else "naive"
+    if better:
+        return min(better, key=better.get)
+    return "snaive" if maes.get("snaive", bar) < bar else "naive"
 
 
-def steady_winners(actual: np.ndarray, points: dict[str, np.ndarray]) -> set[str]:
-    """Models no worse than the last value on the earlier and on the later half of these origins alike: a
-    model that won one stretch and lost the other (a regime that ended) is not trusted over persistence.
-    A tie is allowed (the LSTM forecasts persistence until it has history enough to train on)."""
+def select(actual: np.ndarray, rf: RollingForecasts, rows: np.ndarray, spec: BacktestSpec) -> tuple[str, dict]:
+    """The choice on origins `rows`: ensembles of the best two and three models and every model shrunk
+    toward the last value (weights fitted on `rows`) join the candidates in `rf.points`; the pick is the
+    lowest error among those that beat the last value, did no worse than it on either half of `rows`, and
+    (a shrunk one) whose weights fitted on the earlier half beat it on the later half. Returns (chosen,
+    MAE on `rows` of every candidate)."""
+    a = actual[rows]
+    maes = {m: metrics.mae(a, p[rows]) for m, p in rf.points.items()}
+    if spec.ensembles:
+        for name in add_ensembles(rf, sorted(maes, key=maes.get)):
+            maes[name] = metrics.mae(a, rf.points[name][rows])
+    shrunk: list[str] = []
+    if spec.shrink:
+        shrunk = combine.add_shrunk(actual, rf.points, rows, rf.weights)
+        for name in shrunk:
+            maes[name] = metrics.mae(a, rf.points[name][rows])
+    steady = steady_winners(a, {m: p[rows] for m, p in rf.points.items()}, spec.steady_tolerance)
+    steady -= set(shrunk) - combine.validated(actual, rf.points, rows, shrunk)
+    return pick(maes, steady), maes
+
+
+def steady_winners(actual: np.ndarray, points: dict[str, np.ndarray],
+                   tolerance: float = STEADY_TOLERANCE) -> set[str]:
+    """Models within `tolerance` of the last value's error on the earlier and on the later half of these
+    origins alike: a model that won one stretch and clearly lost the other (a regime that ended) is not
+    trusted over persistence; a small loss on one half (noise in a few tens of origins) is tolerated, since
+    the pick also requires beating the last value over all of them. A tie is allowed (the LSTM forecasts
+    persistence until it has history enough to train on)."""
     n = len(actual)
     halves = (slice(0, n // 2), slice(n // 2, n)) if n >= 2 else (slice(0, n),)
     out = set()
     for m, p in points.items():
-        if all(metrics.mae(actual[h], p[h]) <= metrics.mae(actual[h], points["naive"][h]) for h in halves):
+        if all(metrics.mae(actual[h], p[h]) <= (1 + tolerance) * metrics.mae(actual[h], points["naive"][h])
+               for h in halves):
             out.add(m)
     return out
 
@@ -166,19 +198,14 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
     split = n_o // 2
     sel = np.arange(split)
     ev = np.array([j for j in range(split, n_o) if rf.origins[j] >= rf.origins[split - 1] + h])
-    sel_mae = {m: metrics.mae(rf.actual[sel], p[sel]) for m, p in rf.points.items()}
-    if spec.ensembles:
-        rank = sorted(sel_mae, key=sel_mae.get)
-        for name in add_ensembles(rf, rank):
-            sel_mae[name] = metrics.mae(rf.actual[sel], rf.points[name][sel])
-    chosen = pick(sel_mae, steady_winners(rf.actual[sel], {m: p[sel] for m, p in rf.points.items()}))
+    chosen, sel_mae = select(rf.actual, rf, sel, spec)
     scale = metrics.mase_scale(y[:rf.origins[ev[0]]], spec.season)
     floor = 0.0 if np.min(y[:rf.origins[0]]) >= 0 else None
     a = rf.actual[ev]
     maes = {m: metrics.mae(a, p[ev]) for m, p in rf.points.items()}
     report = {}
     for m, p in rf.points.items():
-        lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration)
+        lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration, spec.aci_gamma)
         if intervals is not None:
             intervals[m] = (ev, lo, hi)
         report[m] = {
@@ -205,17 +232,41 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
 
 
 def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, level: float,
-                         floor: float | None, window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                         floor: float | None, window: int = 0,
+                         gamma: float = conformal.ACI_GAMMA,
+                         state: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Intervals of the forecasts at origins `ev`, each calibrated on the residuals of the origins whose
-    whole horizon had been observed by then (the latest `window` of them, when > 0)."""
+    whole horizon had been observed by then (the latest `window` of them, when > 0). With `gamma` > 0 the
+    level adapts (ACI): intervals are issued from the first origin with a known residual on, and each one's
+    misses, once its horizon is observed, move the level of the later ones. `state`, when given, receives
+    "level": the adapted level once every origin's outcome is in (what the next forecast is issued at)."""
     h = p.shape[1]
     lo, hi = np.empty((len(ev), h)), np.empty((len(ev), h))
     resid = rf.actual - p
-    for k, j in enumerate(ev):
-        known = np.flatnonzero(rf.origins + h <= rf.origins[j])
+    adaptive = conformal.AdaptiveLevel(level, gamma) if gamma > 0 else None
+    issued: list[tuple[int, float]] = []       # (origin index, miss share) not yet observed by the level
+    want = {int(j): k for k, j in enumerate(ev)}
+    first = int(ev[0]) if not adaptive else 0
+    ends = rf.origins + h              # sorted, as the origins are
+    for j in range(first, int(ev[-1]) + 1):
+        m = int(np.searchsorted(ends, rf.origins[j], side="right"))     # origins 0..m-1 observed by now
+        if not m or (j not in want and not adaptive):
+            continue
+        known = np.arange(m)
+        if adaptive:
+            while issued and rf.origins[issued[0][0]] + h <= rf.origins[j]:
+                adaptive.observe(issued.pop(0)[1])
         if window:
             known = known[-window:]
-        lo[k], hi[k] = conformal.interval(p[j], resid[known], level, floor)
+        a, b = conformal.interval(p[j], resid[known], adaptive.level if adaptive else level, floor)
+        if adaptive:
+            issued.append((j, float(np.count_nonzero((rf.actual[j] < a) | (rf.actual[j] > b))) / h))
+        if j in want:
+            lo[want[j]], hi[want[j]] = a, b
+    if state is not None:
+        for _, miss in issued if adaptive else ():
+            adaptive.observe(miss)
+        state["level"] = adaptive.level if adaptive else level
     return lo, hi
 
 
@@ -241,4 +292,4 @@ def backtest(y, spec: BacktestSpec, progress: Callable[[str], None] | None = Non
 
 
 __all__ = ["BASELINES", "BacktestSpec", "RollingForecasts", "backtest", "check_recent", "check_series", "evaluate",
-           "pick", "plan_origins", "rolling_forecasts", "sequential_intervals"]
+           "pick", "plan_origins", "rolling_forecasts", "select", "sequential_intervals"]

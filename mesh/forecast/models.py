@@ -169,6 +169,47 @@ class CES(_StatsModel):
         return _statsforecast().AutoCES(season_length=season if season <= ETS_MAX_SEASON else 1)
 
 
+class Croston(_StatsModel):
+    """Croston's method with its smoothing weights optimised (CrostonOptimized): for intermittent demand,
+    the size of the non-zero values and the interval between them smoothed apart; a flat forecast of
+    their ratio."""
+
+    name = "croston"
+
+    def _build(self, season: int):
+        return _statsforecast().CrostonOptimized()
+
+
+class TSB(_StatsModel):
+    """Teunter-Syntetos-Babai: the probability of a non-zero value updated every step (so a stretch of
+    zeros lowers the forecast, which Croston's method does not) times the smoothed non-zero size; weights
+    0.1 and 0.1, the common choice in the intermittent-demand literature."""
+
+    name = "tsb"
+
+    def _build(self, season: int):
+        return _statsforecast().TSB(alpha_d=0.1, alpha_p=0.1)
+
+
+class ADIDA(_StatsModel):
+    """ADIDA: the series aggregated into buckets of the mean interval between non-zero values, forecast by
+    SES, and disaggregated: intermittency removed by temporal aggregation."""
+
+    name = "adida"
+
+    def _build(self, season: int):
+        return _statsforecast().ADIDA()
+
+
+class IMAPA(_StatsModel):
+    """IMAPA: ADIDA over several aggregation levels, averaged."""
+
+    name = "imapa"
+
+    def _build(self, season: int):
+        return _statsforecast().IMAPA()
+
+
 def _lstm(horizon: int) -> Forecaster:
     from mesh.forecast.neural import LSTMForecaster
     return LSTMForecaster(horizon=horizon)
@@ -190,6 +231,10 @@ REGISTRY: dict[str, Callable[[int], Forecaster]] = {
     "ses": lambda h: SES(),
     "theta": lambda h: Theta(),
     "ces": lambda h: CES(),
+    "croston": lambda h: Croston(),
+    "tsb": lambda h: TSB(),
+    "adida": lambda h: ADIDA(),
+    "imapa": lambda h: IMAPA(),
     "latest": lambda h: _local().Latest(),
     "linear": lambda h: _local().DirectLinear(),
     "lstm": _lstm,

@@ -1,7 +1,8 @@
 """`choose`: the forecast a caller asks for (points, interval, model, backtest error), in one call.
 
-It runs the rolling-origin backtest on the series itself, picks the model (or ensemble) with the lowest
-backtest error among those that beat the last value (and lost to it on neither half of the origins),
+It runs the rolling-origin backtest on the series itself, picks the model (or ensemble, or a model shrunk
+toward the last value step by step: mesh.forecast.combine) with the lowest backtest error among those that
+beat the last value (and lost to it on neither half of the origins),
 refits it on the whole history and forecasts; the interval comes from that model's backtest residuals per horizon step
 (split conformal). Pure and blocking: run it in a thread or process (`loop.run_in_executor`) to keep
 an event loop free.
@@ -13,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh.forecast import conformal, metrics
-from mesh.forecast.backtest import (BacktestSpec, add_ensembles, check_recent, check_series, pick, rolling_forecasts,
-                                    steady_winners)
+from mesh.forecast import combine, conformal, metrics
+from mesh.forecast.backtest import (BacktestSpec, check_recent, check_series, rolling_forecasts, select,
+                                    sequential_intervals)
 from mesh.forecast.models import DEFAULT_MODELS, fit_model, make
 
 
@@ -35,7 +36,11 @@ class Forecast:
 
 
 def members(model: str) -> list[str]:
-    """The registry names a chosen model is the mean of (itself when not an ensemble)."""
+    """The registry names a chosen model is the mean of (itself when not an ensemble; a `shrunk(m)`
+    is m's members, shrunk toward the last value)."""
+    base = combine.base_of(model)
+    if base is not None:
+        return members(base)
     if model.startswith("ensemble(") and model.endswith(")"):
         return model[len("ensemble("):-1].split("+")
     return [model]
@@ -50,18 +55,19 @@ def choose(y, season: int, horizon: int, models: tuple[str, ...] = DEFAULT_MODEL
     arr = check_series(y, spec)
     rec = check_recent(recent, arr)
     rf = rolling_forecasts(arr, spec, recent=rec)
-    maes = {m: metrics.mae(rf.actual, p) for m, p in rf.points.items()}
-    for name in add_ensembles(rf, sorted(maes, key=maes.get)):
-        maes[name] = metrics.mae(rf.actual, rf.points[name])
-    chosen = pick(maes, steady_winners(rf.actual, rf.points))
+    chosen, maes = select(rf.actual, rf, np.arange(len(rf.origins)), spec)
     hist = arr[-spec.history_cap():]
     rhist = None if rec is None else rec[-spec.history_cap():]
     point = np.mean([fit_model(make(m, horizon), hist, season, rhist).predict(horizon) for m in members(chosen)],
                     axis=0)
+    if chosen in rf.weights:        # shrunk toward the last value with the weights the backtest fitted
+        point = combine.apply(rf.weights[chosen], point, np.full(horizon, arr[-1]))
     floor = 0.0 if np.min(arr) >= 0 else None
     if floor is not None:
         point = np.maximum(point, floor)
-    lo, hi = conformal.interval(point, rf.actual - rf.points[chosen], level, floor)
+    state: dict = {}            # the level adapted (ACI) over the backtest's forecasts, in time order
+    sequential_intervals(rf, rf.points[chosen], np.arange(len(rf.origins)), level, floor, state=state)
+    lo, hi = conformal.interval(point, rf.actual - rf.points[chosen], state["level"], floor)
     scale = metrics.mase_scale(arr[:rf.origins[0]], season) or 1.0
     return Forecast(points=point.tolist(), lo=lo.tolist(), hi=hi.tolist(), model=chosen,
                     backtest_error=maes[chosen] / scale, level=level, errors=maes)

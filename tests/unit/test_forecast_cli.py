@@ -92,6 +92,7 @@ def test_table_output_names_the_choice(tmp_path, capsys):
     ("duplicate-times", "two values at"),
     ("unknown-model", "unknown model 'prophet'"),
     ("bad-horizon", "horizon: not a number of steps or a duration"),
+    ("bad-aci-gamma", "aci-gamma: must be >= 0 and < 1"),
 ])
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, case, want):
     good = [(60 * i, float(i % 7), "a") for i in range(200)]
@@ -117,6 +118,8 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, case, want):
         extra = ["--models", "naive,prophet"]
     elif case == "bad-horizon":
         args["--horizon"] = "soon"
+    elif case == "bad-aci-gamma":
+        extra = ["--aci-gamma", "-0.1"]
     path = str(tmp_path / "missing.csv") if case == "missing-file" else write_csv(tmp_path / "x.csv", rows)
     argv = ["--csv", path] + [x for kv in args.items() for x in kv] + extra + ["-o", "json"]
     code, out, err = run(capsys, *argv)
@@ -191,3 +194,15 @@ def test_concurrency_writes_the_level_at_each_bin_end(tmp_path, capsys):
     out = capsys.readouterr().out.split()
     assert code == 0 and out[0] == "time,value,at_end"
     assert out[1:] == ["0,2,3", "3600,2.5,2", "7200,1,0"]      # means per bin; the level at each bin end
+
+
+def test_no_shrink_and_the_rule_options_reach_the_backtest(tmp_path, capsys):
+    path = two_series(tmp_path / "s.csv")
+    base = ["--csv", path, "--time-col", "t", "--value-col", "v", "--group-col", "g", "--season", "24",
+            "--horizon", "6", "--models", "naive,snaive", "--origins", "10", "-o", "json"]
+    code, out, err = run(capsys, *base)
+    assert code == 0, err
+    assert any(m.startswith("shrunk(") for m in json.loads(out)["series"][0]["models"])
+    code, out, err = run(capsys, *base, "--no-shrink", "--aci-gamma", "0", "--steady-tolerance", "0")
+    assert code == 0, err
+    assert not any(m.startswith("shrunk(") for m in json.loads(out)["series"][0]["models"])

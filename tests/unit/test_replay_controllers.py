@@ -198,3 +198,23 @@ def test_cli_bad_input_exits_2_naming_the_problem(tmp_path, capsys, change, args
                "-o", "json"] + args)
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_burst_floor_counts_bursts_over_two_create_times():
+    # the history: two pods, then two more 40 s later, every few hours. Within one create time (30 s) a
+    # burst is 2; within two, 4: the pool kept is the larger, a margin for a burst larger than the week's.
+    from tools.replay.controlled import LoadModel, Sim
+    r, pods, t = random.Random(3), [], 0.0
+    while t < 8 * 86400:
+        t += r.expovariate(1 / (6 * HOUR))
+        for j, dt in enumerate((0, 0, 40, 40)):
+            pods.append(TracePod(f"b{int(t)}-{j}", 2000, 4096, 1, 250, (), int(t) + dt, int(t) + dt + 1800))
+    floors = {}
+    for windows in (1.0, 2.0):
+        sim = Sim(NODES, pods, "predictive", 0, 6 * 86400, 7 * 86400, Params(create_s=30.0, burst_windows=windows),
+                  LoadModel(0, None))
+        sim.progress = None
+        res = sim.run()
+        floors[windows] = set(sim.floor.values())
+        assert res["allocations"] > 4
+    assert floors == {1.0: {2}, 2.0: {4}}

@@ -90,6 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--calibration", type=int, default=0, metavar="N",
                    help="intervals calibrate on the latest N observed origins (default: 0, all of them)")
     b.add_argument("--no-ensembles", action="store_true", help="do not let means of the best models compete")
+    b.add_argument("--no-shrink", action="store_true",
+                   help="do not let models shrunk toward the last value step by step (shrunk(m)) compete")
+    b.add_argument("--aci-gamma", type=float, default=None, metavar="G",
+                   help="step of the adaptive interval level (ACI; default: 0.02; 0: a fixed level)")
+    b.add_argument("--steady-tolerance", type=float, default=None, metavar="X",
+                   help="how much a chosen model may lose to the last value on either half of the selection "
+                        "origins (default: 0.05)")
     b.add_argument("--max-series", type=positive_int, default=None, metavar="N",
                    help="backtest a random sample of N series (seeded by --sample-seed)")
     b.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --max-series (default: 0)")
@@ -157,7 +164,22 @@ def _spec(args, series):
     return BacktestSpec(horizon=_steps(args.horizon, step_s, "horizon"), season=season, models=models,
                         origins=args.origins, stride=args.stride or 0, max_history=args.max_history or 0,
                         level=args.level, ensembles=not args.no_ensembles,
-                        calibration=max(0, args.calibration)), step_s
+                        calibration=max(0, args.calibration), **_rule_options(args)), step_s
+
+
+def _rule_options(args) -> dict:
+    """--no-shrink, --aci-gamma, --steady-tolerance as BacktestSpec fields (only those given)."""
+    from mesh.errors import InvalidArgument
+    out: dict = {}
+    if getattr(args, "no_shrink", False):
+        out["shrink"] = False
+    for flag, field in (("aci_gamma", "aci_gamma"), ("steady_tolerance", "steady_tolerance")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            if not 0 <= v < 1:
+                raise InvalidArgument.of(flag.replace("_", "-"), f"must be >= 0 and < 1, got {v:g}")
+            out[field] = v
+    return out
 
 
 def run_backtest(args: argparse.Namespace) -> int:

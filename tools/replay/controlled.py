@@ -14,7 +14,7 @@ controller runs:
   off GPUs already at critical memory pressure;
 - predictive: the rules fed forecasts (`mesh.forecast.choose`): warm slices from the upper edge of the
   99% interval of requests per bucket and shape, and never fewer than the 99% quantile of that shape's
-  bursts within a create time over the last week (`burst_quantile`); moves off GPUs whose forecast
+  bursts within two create times over the last week (`burst_quantile`); moves off GPUs whose forecast
   pressure's high edge reaches critical within the horizon (`tools.replay.pressure`).
 
 Both controllers also re-run the move rule for a GPU when a workload lands on it (the placement is a
@@ -64,6 +64,10 @@ class Params:
     demand_origins: int = 144     # backtest origins (a day of buckets): rare shapes need many to show up
     burst_q: float = 0.99         # predictive: keep warm this quantile of a shape's bursts within a create
     burst_history_s: float = 7 * 86400.0   # ... over this much of its arrival history
+    burst_windows: float = 2.0    # bursts are counted within this many create times: a pool of the
+                                  # history's burst quantile within one create time is exactly enough for
+                                  # bursts no larger than the past week's; counting over two gives a margin
+                                  # that scales with the create time (docs/prediction.md, session 6)
     young_q: float = 0.99         # predictive: a GPU holding a workload with less than a load period on it
                                   # is forecast per workload: its use now plus this quantile of the changes
                                   # over the horizon seen so far (fleet-wide)
@@ -325,7 +329,8 @@ class Sim(PressureRules):
                     self._demand_fc[k] = [float(self.demand[k][b - 1])] * 2
                 times = self.arrivals_of[k]
                 lo, hi = bisect.bisect_left(times, t - self.p.burst_history_s), bisect.bisect_left(times, t)
-                self.floor[key_name(k)] = burst_quantile(times[lo:hi], self.p.create_s, self.p.burst_q)
+                self.floor[key_name(k)] = burst_quantile(times[lo:hi], self.p.burst_windows * self.p.create_s,
+                                                         self.p.burst_q)
             demand[key_name(k)] = self._demand_fc[k]
         self._demand_now = demand
         self._apply_warm(t, self.keys)
