@@ -165,6 +165,9 @@ class ControlPlaneConfig:
     orchestrator_warm_create_seconds: float = option(0.0, "the create time the burst floor covers; 0: measured (the "
                                                      "median create-to-ready time of the last warm slices, 10 s "
                                                      "until one is measured)", minimum=0, maximum=3600)
+    orchestrator_warm_burst_windows: float = option(2.0, "bursts are counted within this many create times (the "
+                                                    "replay's margin: at 2 a burst may exceed the past's by what "
+                                                    "arrives in one more create time)", minimum=1, maximum=100)
     orchestrator_move_per_workload_per_hour: int = option(1, "orchestrator migrations of one workload per hour at most",
                                                           minimum=0, maximum=1000)
     orchestrator_move_fleet_per_hour: int = option(60, "orchestrator migrations in the fleet per hour at most",

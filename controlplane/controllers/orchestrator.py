@@ -54,6 +54,7 @@ class Settings:
     warm_max_total: int = 16
     warm_burst_q: float = 0.0
     warm_create_s: float = 0.0
+    warm_burst_windows: float = 2.0
     per_workload_per_hour: int = 1
     fleet_per_hour: int = 60
     cooldown_s: float = 600.0
@@ -77,6 +78,7 @@ class Settings:
                    warm_release_band=c.orchestrator_warm_release_band,
                    warm_max_per_key=c.orchestrator_warm_max_per_key, warm_max_total=c.orchestrator_warm_max_total,
                    warm_burst_q=c.orchestrator_warm_burst_quantile, warm_create_s=c.orchestrator_warm_create_seconds,
+                   warm_burst_windows=c.orchestrator_warm_burst_windows,
                    per_workload_per_hour=c.orchestrator_move_per_workload_per_hour,
                    fleet_per_hour=c.orchestrator_move_fleet_per_hour,
                    cooldown_s=c.orchestrator_move_cooldown_seconds, downtime_s=c.orchestrator_move_downtime_seconds,
@@ -241,12 +243,13 @@ class Orchestrator:
 
     def burst_floor(self) -> dict[str, int]:
         """key -> warm slices kept whatever the step forecast says: the `warm_burst_q` quantile of the bursts
-        (requests of the key within one create time) among the arrivals the windows keep; {} when off."""
+        (requests of the key within `warm_burst_windows` create times) among the arrivals the windows keep;
+        {} when off."""
         if not self.s.warm_burst_q:
             return {}
-        create_s = self.s.warm_create_s or self.pool.create_time_s()
+        window = self.s.warm_burst_windows * (self.s.warm_create_s or self.pool.create_time_s())
         return {k: n for k, q in self.windows.arrivals.items()
-                if (n := burst_quantile([a[0] for a in q], create_s, self.s.warm_burst_q))}
+                if (n := burst_quantile([a[0] for a in q], window, self.s.warm_burst_q))}
 
     async def warm_pass(self, demand: dict) -> int:
         """`demand`: warm key -> Forecast of requests per step. Creates and releases warm slices."""

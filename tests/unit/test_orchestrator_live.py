@@ -124,7 +124,7 @@ async def test_the_burst_floor_keeps_the_bursts_within_a_create_time_warm(env):
     import collections
     import dataclasses
     key = "1g.10gb/any"
-    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=1.0, warm_create_s=10.0)
+    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=1.0, warm_create_s=10.0, warm_burst_windows=1.0)
     bursts = [b + d for b in (0.0, 100.0, 200.0) for d in (0.0, 1.0, 2.0)] + [300.0, 400.0]
     env.orch.windows.arrivals[key] = collections.deque((x,) for x in bursts)
     assert env.orch.burst_floor() == {key: 3}
@@ -147,6 +147,8 @@ async def test_the_burst_floor_keeps_the_bursts_within_a_create_time_warm(env):
         env.ctl.fleet.put_slice(ns)
     assert env.orch.pool.create_time_s() == pytest.approx(2.5)
     assert env.orch.burst_floor() == {key: 3}               # bursts of 3 within 2.5 s too
+    env.orch.s = dataclasses.replace(env.orch.s, warm_create_s=60.0, warm_burst_windows=2.0)
+    assert env.orch.burst_floor() == {key: 6}               # within 120 s: 100..102 and 200..202
 
 
 async def test_allocate_claims_a_ready_warm_slice_as_a_fresh_one(env):
