@@ -99,6 +99,14 @@ def register(kinds: argparse._SubParsersAction) -> None:
     f.add_argument("--sizing-quantile", type=float, default=0.97, metavar="Q",
                    help="the quantile --sizing erlang|poisson provisions for (default: 0.97, tuned on the GenAI "
                         "trace: docs/autoscaling.md)")
+    f.add_argument("--nowcast", choices=("on", "off"), default="on",
+                   help="on: the predictive policy's forecast rate is never below the rate seen so far in the "
+                        "series point under way, once a third of it has passed (default: on)")
+    f.add_argument("--catch-up", choices=("auto", "off"), default="auto",
+                   help="auto: when the cold start plus a tick is within the SLO's room to queue, the predictive "
+                        "policy's reactive want catches a burst in time, so its forecast floor is sized at the "
+                        "median and it scales down without --scale-down-delay; off: always the floor at "
+                        "--sizing-quantile and the delay (the sizing before) (default: auto)")
     c = p.add_argument_group("cost")
     c.add_argument("--gpu-model", default="H100-80GB", metavar="MODEL", help="(default: H100-80GB)")
     c.add_argument("--profile", default="1g.10gb", metavar="MIG", help="a replica's slice (default: 1g.10gb)")
@@ -171,6 +179,8 @@ def _spec(args: argparse.Namespace):
                      policy=policy, predictive_target=args.predictive_target or 0.0, tick_s=args.tick,
                      seed=args.seed, season=args.season, refit_every=args.refit_every, level=args.level,
                      sizing=args.sizing, sizing_quantile=args.sizing_quantile,
+                     catch_up=getattr(args, "catch_up", "auto") == "auto",
+                     nowcast=getattr(args, "nowcast", "on") == "on",
                      replica_cost_per_hour=_replica_cost(args.gpu_model, args.profile))
 
 
