@@ -35,7 +35,7 @@ class BenchSpec:
     tune_targets: tuple[float, ...] = ()   # per autoscaling policy: run each, keep the best reaching slo_goal
     slo_goal: float = 0.99
     sizing: str = "erlang"                 # the predictive policy's rule for the forecast rate (mesh/autoscale/sizing.py)
-    sizing_quantile: float = 0.97          # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
+    sizing_quantile: float = 0.7           # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
     nowcast: bool = True                   # predictive: the forecast rate never below the bucket under way's so far
     catch_up: bool = True                  # predictive: median floor and no scale-down delay when the reactive
     #                                        want catches a burst within the SLO's room (mesh/autoscale/scalers.py)

@@ -173,8 +173,8 @@ class RateForecaster:
 
     def nowcast_rate(self, now: float) -> float | None:
         """The arrival rate so far in the bucket under way, once NOWCAST_FRACTION of it has passed (else None,
-        and None without ``nowcast``)."""
-        if not self.nowcast:
+        and None without ``nowcast`` or the queueing rules)."""
+        if not (self.nowcast and self.queueing):
             return None
         elapsed = now - self._bucket * self.bucket_s
         if elapsed < NOWCAST_FRACTION * self.bucket_s - 1e-9:

@@ -250,10 +250,10 @@ def test_cli_slice_create_s_sets_the_cold_start_and_says_where_it_came_from(tmp_
     assert doc["calibration"]["prefill_base_s"] == pytest.approx(measured.prefill_base_s)   # serving kept
     pred = doc["policies"]["predictive"]
     assert pred["forecast_error"]["lead_time_s"] == pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-2)
-    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.97,
+    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.7,
                               "wait_s": pytest.approx(doc["slo_ttft_ms"] / 1000 - measured.ttft_s(), abs=1e-3),
                               "nowcast": True, "reaction_s": pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-3),
-                              "catch_up": False, "floor_quantile": 0.97, "scale_down_delay_s": 120.0}
+                              "catch_up": False, "floor_quantile": 0.7, "scale_down_delay_s": 120.0}
     # the measured 1.2 s cold start plus a tick is within the SLO's room: catch-up, unless turned off
     for flag, on in (("auto", True), ("off", False)):
         p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--policy", "predictive",
@@ -261,7 +261,7 @@ def test_cli_slice_create_s_sets_the_cold_start_and_says_where_it_came_from(tmp_
         assert p.returncode == 0, p.stderr
         sz = json.loads(p.stdout)["policies"]["predictive"]["sizing"]
         assert sz["catch_up"] is on and sz["nowcast"] is False
-        assert (sz["floor_quantile"], sz["scale_down_delay_s"]) == ((0.5, 0.0) if on else (0.97, 120.0))
+        assert (sz["floor_quantile"], sz["scale_down_delay_s"]) == ((0.5, 0.0) if on else (0.7, 120.0))
     # without the flag: the calibration's measured slice creation, said so
     p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--policy", "reactive", "-o", "json")
     cs = json.loads(p.stdout)["cold_start"]

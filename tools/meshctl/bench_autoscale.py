@@ -96,8 +96,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
                         "wait stays within the SLO's room at --sizing-quantile (Erlang C, for the Poisson bursts "
                         "inside a bucket); poisson = slots for the quantile of Poisson concurrency; little = rate x "
                         "service time / target (default: erlang)")
-    f.add_argument("--sizing-quantile", type=float, default=0.97, metavar="Q",
-                   help="the quantile --sizing erlang|poisson provisions for (default: 0.97, tuned on the GenAI "
+    f.add_argument("--sizing-quantile", type=float, default=0.7, metavar="Q",
+                   help="the quantile --sizing erlang|poisson provisions for (default: 0.7, tuned on the GenAI "
                         "trace: docs/autoscaling.md)")
     f.add_argument("--nowcast", choices=("on", "off"), default="on",
                    help="on: the predictive policy's forecast rate is never below the rate seen so far in the "
