@@ -113,8 +113,8 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
                                  "bucket_s": round(bucket, 3)}
         out["sizing"] = {"rule": spec.sizing, "quantile": spec.sizing_quantile,
                          "wait_s": round(max(0.0, spec.slo_ttft_s - model.ttft_s()), 4),
-                         "nowcast": spec.nowcast, "reaction_s": round(scaler.reaction_s, 4), "catch_up": scaler.catching_up,
-                         "floor_quantile": scaler.floor_quantile,
+                         "nowcast": spec.nowcast, "reaction_s": round(scaler.reaction_s, 4),
+                         "catch_up": scaler.catching_up, "floor_quantile": scaler.floor_quantile,
                          "scale_down_delay_s": 0.0 if scaler.catching_up else policy.scale_down_delay_s}
     return out
 
