@@ -26,8 +26,8 @@ examples:
   meshctl bench autoscale --calibrate-out my-calibration.json          # measure the real backend, write the fit
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --calibration my-calibration.json
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --slice-create-s 28.83   # GPU host's MIG creation
-  meshctl bench autoscale --series s.csv --time-col t --value-col rps --catch-up off --nowcast off \
-      --sizing-quantile 0.97                                            # the predictive policy before catch-up
+  meshctl bench autoscale --series s.csv --time-col t --value-col rps --catch-up off --nowcast off \\
+      --sizing-quantile 0.97                # the predictive policy before catch-up and the nowcast
 
 Prints per policy: requests, slo_attainment, goodput_per_slice_hour (requests that met the TTFT SLO per
 slice-hour), slice_hours, cost (dollars: slice-hours x the slice's price from the control plane's default
