@@ -19,7 +19,7 @@ The rules, in the order ``decide`` applies them:
    where forecast_upper is the demand expected at now + lead time, in the metric's units.
 4. Scale-up at most ``max_scale_up_rate`` x max(ready, 1) per decision; a scale-up waits until every want
    in the last ``scale_up_delay_s`` asked for it; a scale-down goes only to the highest want of the last
-   ``scale_down_delay_s`` (Knative's scale-down delay).
+   ``scale_down_delay_s`` (Knative's scale-down delay; a caller may pass a shorter one per decision).
 5. Scale to zero: with ``min_replicas == 0`` and ``scale_to_zero_after_s > 0``, zero replicas once no request
    was seen for that long; until then at least one. From zero, one replica at once on any demand.
 6. Clamp to [min, max], then to the cost ceiling (floor(ceiling / replica cost), ``bound_by="cost_ceiling"``)
@@ -94,9 +94,14 @@ class Autoscaler:
 
     def decide(self, now: float, *, ready: int, starting: int, replica_cost_per_hour: float = 0.0,
                forecast_upper: float | None = None, pool_room: int | None = None,
-               cold_start_s: float = 0.0) -> Decision:
+               cold_start_s: float = 0.0, scale_down_delay_s: float | None = None) -> Decision:
+        """``scale_down_delay_s`` (optional, at most the policy's) replaces the policy's scale-down delay for
+        this decision: a predictive caller that knows a wrong scale-down is undone within the SLO's room
+        passes 0 (mesh/autoscale/scalers.py)."""
         p = self.policy
         self._trim(now)
+        down_delay = p.scale_down_delay_s if scale_down_delay_s is None else \
+            max(0.0, min(p.scale_down_delay_s, scale_down_delay_s))
         current = ready + starting
         stable, n_stable = self._average(now, p.stable_window_s)
         panic_avg, n_panic = self._average(now, p.panic_window_s)
@@ -165,12 +170,12 @@ class Autoscaler:
                 bound_by = "stabilization"
                 reason += f"; scale-up limited to {p.max_scale_up_rate:g}x the ready replicas"
         self._wants.append((now, want))
-        if mode != "panic" and want < current and p.scale_down_delay_s > 0:
-            recent = max(w for t, w in self._wants if t >= now - p.scale_down_delay_s)
+        if mode != "panic" and want < current and down_delay > 0:
+            recent = max(w for t, w in self._wants if t >= now - down_delay)
             if recent > want:
                 want = min(recent, current)
                 bound_by = "stabilization"
-                reason += f"; scale-down held at {want}, the highest want of the last {p.scale_down_delay_s:g}s"
+                reason += f"; scale-down held at {want}, the highest want of the last {down_delay:g}s"
         if want > current and p.scale_up_delay_s > 0 and current > 0:
             lowest = min(w for t, w in self._wants if t >= now - p.scale_up_delay_s)
             if lowest < want:

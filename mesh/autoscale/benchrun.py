@@ -35,7 +35,10 @@ class BenchSpec:
     tune_targets: tuple[float, ...] = ()   # per autoscaling policy: run each, keep the best reaching slo_goal
     slo_goal: float = 0.99
     sizing: str = "erlang"                 # the predictive policy's rule for the forecast rate (mesh/autoscale/sizing.py)
-    sizing_quantile: float = 0.97          # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
+    sizing_quantile: float = 0.7           # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
+    nowcast: bool = True                   # predictive: the forecast rate never below the bucket under way's so far
+    catch_up: bool = True                  # predictive: median floor and no scale-down delay when the reactive
+    #                                        want catches a burst within the SLO's room (mesh/autoscale/scalers.py)
 
 
 def _season(spec: BenchSpec, series: demand.Series) -> int:
@@ -70,11 +73,12 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
             forecaster = RateForecaster(bucket, lead, season=season, level=spec.level, refit_every=spec.refit_every,
                                         min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models,
                                         max_history=spec.max_history, cache=cache,
-                                        queueing=spec.sizing != "little")
+                                        queueing=spec.sizing != "little", nowcast=spec.nowcast)
         scaler = AutoscalerScaler(policy, service_s=service, cold_start_s=model.cold_start_s,
                                   replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster,
                                   sizing_rule=spec.sizing, slots=model.slots, quantile=spec.sizing_quantile,
-                                  wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()))
+                                  wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()),
+                                  catch_up=spec.catch_up, tick_s=spec.tick_s)
         initial = max(policy.min_replicas, peak_replicas(float(lam[0]), service, policy.target, policy.max_replicas))
     else:
         raise ValueError(f"policy {name!r}: allowed {', '.join(POLICIES)}")
@@ -108,7 +112,10 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
         out["forecast_error"] = {**err, "lead_time_s": round(forecaster.lead_s, 3), "season": forecaster.season,
                                  "bucket_s": round(bucket, 3)}
         out["sizing"] = {"rule": spec.sizing, "quantile": spec.sizing_quantile,
-                         "wait_s": round(max(0.0, spec.slo_ttft_s - model.ttft_s()), 4)}
+                         "wait_s": round(max(0.0, spec.slo_ttft_s - model.ttft_s()), 4),
+                         "nowcast": spec.nowcast, "reaction_s": round(scaler.reaction_s, 4),
+                         "catch_up": scaler.catching_up, "floor_quantile": scaler.floor_quantile,
+                         "scale_down_delay_s": 0.0 if scaler.catching_up else policy.scale_down_delay_s}
     return out
 
 

@@ -10,6 +10,18 @@ for a replica count every tick.
   ``erlang``, the fewest replicas whose queueing wait meets the SLO's room at a quantile, for the Poisson
   bursts inside a bucket; ``poisson``; or ``little``, rate x service time at the target), and handed to the
   Autoscaler as ``forecast_upper`` = those replicas x the target (the concurrency they carry at the target).
+  With the queueing rules the forecast rate is never below the last finished bucket's rate, and with
+  ``nowcast`` never below the rate seen so far in the bucket under way once a third of it has passed (the
+  freshest evidence of a jump the bucket forecast did not see).
+
+  **Catch-up** (``catch_up``, on in the bench): the reaction time is the cold start plus one tick, how long a
+  replica started on the first sign of a queue takes to serve it. When it is within the SLO's room to queue
+  (``wait_s``), a burst the forecast did not see is caught by the Autoscaler's own (stable and panic) want
+  before its requests miss the SLO, so the forecast floor need not hold the burst by itself: it is sized at
+  the median (``CATCH_UP_QUANTILE``) instead of the sizing quantile, and the policy scales down without its
+  scale-down delay (down to the larger of the want now and the floor over now .. now + lead), since a wrong
+  scale-down is undone within the room. With a longer cold start nothing changes: the floor at the sizing
+  quantile and the policy's delay.
 """
 
 from __future__ import annotations
@@ -63,14 +75,19 @@ class ForecastLog:
                 "failures": self.failures, "models": self.models, "naive_fallbacks": self.naive_fallbacks}
 
 
+NOWCAST_FRACTION = 1 / 3      # how much of the bucket under way must have passed before its rate so far counts
+
+
 class RateForecaster:
     """Buckets the observed arrivals and forecasts the rate's upper quantile ahead (see module doc)."""
 
     def __init__(self, bucket_s: float, lead_s: float, *, season: int, level: float, refit_every: int,
                  min_history: int, models: tuple[str, ...], max_history: int = 0, cache: dict | None = None,
-                 queueing: bool = False) -> None:
+                 queueing: bool = False, nowcast: bool = False) -> None:
         self.queueing = queueing               # with the queueing sizing rules: a naive forecast (the last finished
         #                                        bucket's rate) before the first fit, and never below that rate
+        self.nowcast = nowcast                 # and never below the rate seen so far in the bucket under way, once
+        #                                        NOWCAST_FRACTION of it has passed
         self.bucket_s = bucket_s
         self.lead_s = lead_s
         self.season = season
@@ -133,7 +150,8 @@ class RateForecaster:
             if not self.counts or not self.queueing:
                 return None
             self.log.naive_fallbacks += 1
-            return self.counts[-1] / self.bucket_s
+            rate = self.nowcast_rate(now)
+            return max(self.counts[-1] / self.bucket_s, rate if rate is not None else 0.0)
         k0 = int(now // self.bucket_s)
         k1 = int((now + self.lead_s) // self.bucket_s)
         his = []
@@ -148,7 +166,23 @@ class RateForecaster:
             return None
         if self.queueing:                       # never below the last finished bucket's rate (persistence)
             his.append(self.counts[-1] / self.bucket_s)
+        rate = self.nowcast_rate(now)
+        if rate is not None:
+            his.append(rate)
         return max(his)
+
+    def nowcast_rate(self, now: float) -> float | None:
+        """The arrival rate so far in the bucket under way, once NOWCAST_FRACTION of it has passed (else None,
+        and None without ``nowcast`` or the queueing rules)."""
+        if not (self.nowcast and self.queueing):
+            return None
+        elapsed = now - self._bucket * self.bucket_s
+        if elapsed < NOWCAST_FRACTION * self.bucket_s - 1e-9:
+            return None
+        return self._partial / elapsed
+
+
+CATCH_UP_QUANTILE = 0.5       # the floor's quantile when the reactive want catches a burst within the SLO's room
 
 
 class AutoscalerScaler:
@@ -156,7 +190,8 @@ class AutoscalerScaler:
 
     def __init__(self, policy: ScalingPolicy, *, service_s: float, cold_start_s: float,
                  replica_cost_per_hour: float = 0.0, forecaster: RateForecaster | None = None,
-                 sizing_rule: str = "little", slots: int = 1, wait_s: float = 0.0, quantile: float = 0.99) -> None:
+                 sizing_rule: str = "little", slots: int = 1, wait_s: float = 0.0, quantile: float = 0.99,
+                 catch_up: bool = False, tick_s: float = 2.0) -> None:
         if sizing_rule not in sizing.RULES:
             raise ValueError(f"sizing rule {sizing_rule!r}: allowed {', '.join(sizing.RULES)}")
         self.autoscaler = Autoscaler(policy)
@@ -171,6 +206,10 @@ class AutoscalerScaler:
         self.forecaster = forecaster
         self.decisions: dict[str, int] = {}
         self.last: Decision | None = None
+        self.reaction_s = cold_start_s + tick_s
+        self.catching_up = (catch_up and forecaster is not None and sizing_rule != "little"
+                            and self.reaction_s <= wait_s)
+        self.floor_quantile = CATCH_UP_QUANTILE if self.catching_up else quantile
 
     def scale(self, now: float, sample: Sample, *, ready: int, starting: int) -> int:
         self.autoscaler.observe(sample)
@@ -182,7 +221,8 @@ class AutoscalerScaler:
             if rate is not None:
                 upper = self.forecast_upper(rate)
         d = self.autoscaler.decide(now, ready=ready, starting=starting, replica_cost_per_hour=self.cost,
-                                   forecast_upper=upper, cold_start_s=self.cold_start_s)
+                                   forecast_upper=upper, cold_start_s=self.cold_start_s,
+                                   scale_down_delay_s=0.0 if self.catching_up and upper is not None else None)
         self.decisions[d.mode] = self.decisions.get(d.mode, 0) + 1
         self.last = d
         return d.desired
@@ -192,5 +232,5 @@ class AutoscalerScaler:
         if self.sizing_rule == "little":
             return rate * self.service_s                # Little's law: concurrency = rate x time in system
         n = sizing.replicas_for(self.sizing_rule, rate, self.service_s, slots=self.slots, wait_s=self.wait_s,
-                                quantile=self.quantile)
+                                quantile=self.floor_quantile)
         return n * self.target                          # the Autoscaler wants ceil(upper / target) = n

@@ -250,8 +250,18 @@ def test_cli_slice_create_s_sets_the_cold_start_and_says_where_it_came_from(tmp_
     assert doc["calibration"]["prefill_base_s"] == pytest.approx(measured.prefill_base_s)   # serving kept
     pred = doc["policies"]["predictive"]
     assert pred["forecast_error"]["lead_time_s"] == pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-2)
-    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.97,
-                              "wait_s": pytest.approx(doc["slo_ttft_ms"] / 1000 - measured.ttft_s(), abs=1e-3)}
+    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.7,
+                              "wait_s": pytest.approx(doc["slo_ttft_ms"] / 1000 - measured.ttft_s(), abs=1e-3),
+                              "nowcast": True, "reaction_s": pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-3),
+                              "catch_up": False, "floor_quantile": 0.7, "scale_down_delay_s": 120.0}
+    # the measured 1.2 s cold start plus a tick is within the SLO's room: catch-up, unless turned off
+    for flag, on in (("auto", True), ("off", False)):
+        p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--policy", "predictive",
+                    "--season", "2", "--refit-every", "2", "--catch-up", flag, "--nowcast", "off", "-o", "json")
+        assert p.returncode == 0, p.stderr
+        sz = json.loads(p.stdout)["policies"]["predictive"]["sizing"]
+        assert sz["catch_up"] is on and sz["nowcast"] is False
+        assert (sz["floor_quantile"], sz["scale_down_delay_s"]) == ((0.5, 0.0) if on else (0.7, 120.0))
     # without the flag: the calibration's measured slice creation, said so
     p = meshctl("--series", path, "--time-col", "t", "--value-col", "rps", "--policy", "reactive", "-o", "json")
     cs = json.loads(p.stdout)["cold_start"]
@@ -373,3 +383,77 @@ def test_queueing_forecaster_uses_the_last_bucket_before_a_fit_and_never_forecas
         plain.observe(2.0 * (j + 1), 6.0)
     plain.observe(12.0, 0.0)
     assert plain.upper_rate(12.0) is None                              # the little rule keeps the old behaviour
+
+
+class _FixedRate:
+    """A forecaster that always says ``rate`` requests/s."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def observe(self, now, arrived):
+        pass
+
+    def upper_rate(self, now):
+        return self.rate
+
+
+def _scaler(cold_start_s: float, catch_up: bool, quantile: float = 0.97):
+    from mesh.autoscale.scalers import AutoscalerScaler
+    from mesh.autoscale.types import ScalingPolicy
+    policy = ScalingPolicy(min_replicas=1, max_replicas=64, target=3.0, predictive=True, max_scale_up_rate=100,
+                           scale_down_delay_s=120, panic_threshold=100)
+    return AutoscalerScaler(policy, service_s=5.66, cold_start_s=cold_start_s, sizing_rule="erlang", slots=1,
+                            wait_s=6.36, quantile=quantile, catch_up=catch_up, tick_s=2.0,
+                            forecaster=_FixedRate(2.5))
+
+
+def test_catch_up_sizes_the_floor_at_the_median_when_a_replica_is_ready_within_the_slo_room() -> None:
+    from mesh.autoscale.scalers import CATCH_UP_QUANTILE
+    from mesh.autoscale.sizing import erlang_replicas
+    from mesh.autoscale.types import Sample
+    fast = _scaler(1.2, catch_up=True)                  # 1.2 s + 2 s tick <= 6.36 s of room
+    assert fast.catching_up and fast.floor_quantile == CATCH_UP_QUANTILE
+    slow = _scaler(30.0, catch_up=True)                 # 32 s > 6.36 s: nothing changes
+    assert not slow.catching_up and slow.floor_quantile == 0.97
+    off = _scaler(1.2, catch_up=False)
+    assert not off.catching_up and off.floor_quantile == 0.97
+    sample = Sample(t=2.0, in_flight=1, request_rate=0.5, ready=1)
+    n_median = erlang_replicas(2.5, 5.66, 1, 6.36, CATCH_UP_QUANTILE)
+    n_tail = erlang_replicas(2.5, 5.66, 1, 6.36, 0.97)
+    assert n_median < n_tail
+    assert fast.scale(2.0, sample, ready=1, starting=0) == n_median
+    assert slow.scale(2.0, sample, ready=1, starting=0) == n_tail
+    assert off.scale(2.0, sample, ready=1, starting=0) == n_tail
+
+
+def test_catch_up_scales_down_to_the_floor_without_the_delay() -> None:
+    from mesh.autoscale.types import Sample
+    fast, slow = _scaler(1.2, catch_up=True), _scaler(30.0, catch_up=True)
+    for s in (fast, slow):
+        s.forecaster.rate = 2.5
+        high = s.scale(2.0, Sample(t=2.0, in_flight=1, request_rate=2.5, ready=1), ready=1, starting=0)
+        s.forecaster.rate = 0.5                         # the forecast drops
+        s.last_high = high
+    low_fast = fast.scale(4.0, Sample(t=4.0, in_flight=1, request_rate=0.5, ready=fast.last_high),
+                          ready=fast.last_high, starting=0)
+    low_slow = slow.scale(4.0, Sample(t=4.0, in_flight=1, request_rate=0.5, ready=slow.last_high),
+                          ready=slow.last_high, starting=0)
+    assert low_fast < fast.last_high                    # down at once, to the floor for 0.5 requests/s
+    assert low_slow == slow.last_high and slow.last.bound_by == "stabilization"   # held by the 120 s delay
+
+
+def test_nowcast_keeps_the_forecast_rate_at_least_the_bucket_under_way_once_a_third_has_passed() -> None:
+    from mesh.autoscale.scalers import RateForecaster
+    f = RateForecaster(30.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",),
+                       queueing=True, nowcast=True)
+    f.observe(30.0, 30.0)                               # bucket 0: 1 request/s
+    f.observe(32.0, 0.0)                                # bucket 1 begins
+    assert f.upper_rate(32.0) == pytest.approx(1.0)     # 2 s of 30: too early, the last bucket's rate
+    f.observe(40.0, 40.0)                               # 40 arrivals in the first 10 s of bucket 1
+    assert f.upper_rate(40.0) == pytest.approx(4.0)     # a third has passed: its 4 requests/s so far
+    plain = RateForecaster(30.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",),
+                           queueing=True)
+    plain.observe(30.0, 30.0)
+    plain.observe(40.0, 40.0)
+    assert plain.upper_rate(40.0) == pytest.approx(1.0)

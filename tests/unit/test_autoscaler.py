@@ -167,3 +167,21 @@ def test_bad_policy_named(policy: ScalingPolicy, field_name: str) -> None:
 ])
 def test_choose_variant(variants, want) -> None:
     assert choose_variant(variants) == want
+
+
+def test_a_caller_may_shorten_the_scale_down_delay_but_never_lengthen_it() -> None:
+    def fed() -> Autoscaler:
+        a = Autoscaler(ScalingPolicy(max_replicas=20, target=1.0, stable_window_s=10, panic_threshold=100,
+                                     scale_down_delay_s=60))
+        for t in range(0, 11, 2):
+            a.observe(Sample(t=t, in_flight=8, request_rate=1))
+        assert a.decide(10, ready=8, starting=0).desired == 8
+        for t in range(12, 41, 2):
+            a.observe(Sample(t=t, in_flight=2, request_rate=1))
+        return a
+    assert fed().decide(40, ready=8, starting=0).desired == 8                     # the policy's 60 s holds
+    fast = fed().decide(40, ready=8, starting=0, scale_down_delay_s=0.0)
+    assert fast.desired == 2 and fast.bound_by == ""                             # down at once
+    assert fed().decide(40, ready=8, starting=0, scale_down_delay_s=20.0).desired == 2   # want 8 was 30 s ago
+    held = fed().decide(40, ready=8, starting=0, scale_down_delay_s=3600.0)      # capped at the policy's 60 s
+    assert held.desired == 8 and "last 60s" in held.reason

@@ -26,6 +26,8 @@ examples:
   meshctl bench autoscale --calibrate-out my-calibration.json          # measure the real backend, write the fit
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --calibration my-calibration.json
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --slice-create-s 28.83   # GPU host's MIG creation
+  meshctl bench autoscale --series s.csv --time-col t --value-col rps --catch-up off --nowcast off \\
+      --sizing-quantile 0.97                # the predictive policy before catch-up and the nowcast
 
 Prints per policy: requests, slo_attainment, goodput_per_slice_hour (requests that met the TTFT SLO per
 slice-hour), slice_hours, cost (dollars: slice-hours x the slice's price from the control plane's default
@@ -96,9 +98,17 @@ def register(kinds: argparse._SubParsersAction) -> None:
                         "wait stays within the SLO's room at --sizing-quantile (Erlang C, for the Poisson bursts "
                         "inside a bucket); poisson = slots for the quantile of Poisson concurrency; little = rate x "
                         "service time / target (default: erlang)")
-    f.add_argument("--sizing-quantile", type=float, default=0.97, metavar="Q",
-                   help="the quantile --sizing erlang|poisson provisions for (default: 0.97, tuned on the GenAI "
+    f.add_argument("--sizing-quantile", type=float, default=0.7, metavar="Q",
+                   help="the quantile --sizing erlang|poisson provisions for (default: 0.7, tuned on the GenAI "
                         "trace: docs/autoscaling.md)")
+    f.add_argument("--nowcast", choices=("on", "off"), default="on",
+                   help="on: the predictive policy's forecast rate is never below the rate seen so far in the "
+                        "series point under way, once a third of it has passed (default: on)")
+    f.add_argument("--catch-up", choices=("auto", "off"), default="auto",
+                   help="auto: when the cold start plus a tick is within the SLO's room to queue, the predictive "
+                        "policy's reactive want catches a burst in time, so its forecast floor is sized at the "
+                        "median and it scales down without --scale-down-delay; off: always the floor at "
+                        "--sizing-quantile and the delay (the sizing before) (default: auto)")
     c = p.add_argument_group("cost")
     c.add_argument("--gpu-model", default="H100-80GB", metavar="MODEL", help="(default: H100-80GB)")
     c.add_argument("--profile", default="1g.10gb", metavar="MIG", help="a replica's slice (default: 1g.10gb)")
@@ -171,6 +181,8 @@ def _spec(args: argparse.Namespace):
                      policy=policy, predictive_target=args.predictive_target or 0.0, tick_s=args.tick,
                      seed=args.seed, season=args.season, refit_every=args.refit_every, level=args.level,
                      sizing=args.sizing, sizing_quantile=args.sizing_quantile,
+                     catch_up=getattr(args, "catch_up", "auto") == "auto",
+                     nowcast=getattr(args, "nowcast", "on") == "on",
                      replica_cost_per_hour=_replica_cost(args.gpu_model, args.profile))
 
 

@@ -144,11 +144,13 @@ def run_real(series: demand.Series, model: LatencyModel, spec: BenchSpec, polici
                         bucket = series.step_s / spec.speedup
                         forecaster = RateForecaster(bucket, model.cold_start_s + spec.tick_s, season=max(1, spec.season or 2),
                                                     level=spec.level, refit_every=spec.refit_every, min_history=8,
-                                                    models=spec.models, queueing=spec.sizing != "little")
+                                                    models=spec.models, queueing=spec.sizing != "little",
+                                                    nowcast=spec.nowcast)
                     scaler = AutoscalerScaler(p, service_s=service, cold_start_s=model.cold_start_s,
                                               replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster,
                                               sizing_rule=spec.sizing, slots=model.slots, quantile=spec.sizing_quantile,
-                                              wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()))
+                                              wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()),
+                                              catch_up=spec.catch_up, tick_s=spec.tick_s)
                     initial = max(p.min_replicas, peak_replicas(float(lam[0]), service, p.target, hosts))
                 progress.step(f"{name}: scaling to {initial} replicas before the run")
                 sc.mesh.scale_deployment(DEPLOYMENT, initial)
