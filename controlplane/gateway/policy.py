@@ -84,6 +84,9 @@ class Policy:
     NAME = ""
     uses_gpu = False
     uses_breaker = False
+    # a stream that breaks after tokens were sent is continued on another replica (relay.py); the baselines
+    # stand for nginx/Envoy, which retry only before the response starts
+    resumes_streams = False
 
     def __init__(self, cfg, rng: random.Random | None = None) -> None:
         self.cfg = cfg
@@ -174,6 +177,7 @@ class GpuAware(Policy):
     NAME = "gpu-aware"
     uses_gpu = True
     uses_breaker = True
+    resumes_streams = True
 
     def __init__(self, cfg, rng=None) -> None:
         super().__init__(cfg, rng)
