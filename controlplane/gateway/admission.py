@@ -85,6 +85,7 @@ class Admission:
         prio = PRIORITIES.index(priority)
         ctx.deadline_at = start + max(timeout, 0.0)
         ctx.ahead = sum(1 for w in q if w.priority <= prio)
+        ctx.behind = len(q) - ctx.ahead
         if not ctx.ahead:
             c, why = self.policy.pick(candidates(), ctx)
             if c is not None:
@@ -135,7 +136,7 @@ class Admission:
                 if w.future.done():
                     heapq.heappop(q)
                     continue
-                w.ctx.ahead = 0
+                w.ctx.ahead, w.ctx.behind = 0, len(q) - 1
                 c, why = self.policy.pick(w.candidates(), w.ctx)
                 if c is None:
                     break
