@@ -157,9 +157,10 @@ class StreamRelay:
                 M.RESUMED.labels(t.model, "failed").inc()
                 return None, "no other replica to continue on"
             try:
-                # the continuation goes before new requests: the client is already reading its answer
-                slot = await gw.admission.acquire(lambda: gw.candidates(deps), ctx, "critical",
-                                                  gw.cfg.queue_timeout_seconds)
+                # the continuation goes before the requests of its class waiting now: it was admitted first,
+                # and its client is already reading the answer
+                slot = await gw.admission.acquire(lambda: gw.candidates(deps), ctx, plan.prio,
+                                                  gw.cfg.queue_timeout_seconds, first_in_class=True)
             except Rejected as e:
                 M.RESUMED.labels(t.model, "failed").inc()
                 return None, f"no replica took the continuation: {e}"

@@ -352,8 +352,10 @@ class Gateway:
                                 "replica for the retry", code="backend_failed",
                            headers={"retry-after": str(self.cfg.retry_after_seconds)})
         try:
+            # first in its class: the request was admitted before those waiting now (at the back, a retry
+            # waited behind every request that arrived while it failed)
             slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
-                                                self.cfg.queue_timeout_seconds)
+                                                self.cfg.queue_timeout_seconds, first_in_class=True)
         except Rejected as e:
             raise APIError(503, f"the model server failed and no other replica took the retry: {e}",
                            code="backend_failed", headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None

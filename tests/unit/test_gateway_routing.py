@@ -510,6 +510,35 @@ async def test_a_queue_behind_the_head_puts_an_idle_critical_replica_to_work():
     await asyncio.gather(*waiters[1:], return_exceptions=True)
 
 
+async def test_a_retry_goes_first_in_its_priority_class():
+    """A request retried after its replica failed (or a broken stream's continuation) was admitted before
+    the requests waiting now: it goes before them in its class, still after a better class."""
+    p = make("least-loaded", cfg())
+    adm = Admission(p, queue_size=8)
+    busy = cand("busy", in_flight=1)
+    order = []
+
+    async def one(name, prio, first=False):
+        slot = await adm.acquire(lambda: [busy], RouteContext("chat"), prio, 60, first_in_class=first)
+        order.append(name)
+        slot.release()
+    tasks = [asyncio.create_task(one("standard-1", "standard"))]
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(one("standard-2", "standard")))
+    tasks.append(asyncio.create_task(one("critical", "critical")))
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(one("retry-1", "standard", True)))
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(one("retry-2", "standard", True)))
+    await asyncio.sleep(0.01)
+    assert adm.depth("chat") == 5
+    busy.stats.in_flight = 0
+    busy.stats.starts.clear()
+    adm.kick()
+    await asyncio.gather(*tasks)
+    assert order == ["critical", "retry-1", "retry-2", "standard-1", "standard-2"]
+
+
 async def test_admission_waits_for_the_fleet_to_change():
     p = make("gpu-aware", cfg())
     hot = cand("hot", temp=90)
