@@ -428,7 +428,6 @@ def test_killed_backend_costs_no_request(cluster, fleet):
     import openai
     c = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-a"], max_retries=0, timeout=300)
     req = dict(model="chat", prompt="1, 2, 3, 4,", max_tokens=120, temperature=0, logit_bias=NO_EOS)
-    whole = c.completions.create(**req).choices[0].text          # the answer when nothing breaks (greedy)
     resumed = _metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}')
     # the openai client streams; the backend serving it is killed after the first tokens: the gateway continues
     # the answer on the other replica in the same stream, and the client reads one complete answer
@@ -437,17 +436,23 @@ def test_killed_backend_costs_no_request(cluster, fleet):
         victim_id = raw.headers["x-gpumesh-served-by"].split("/")[1]
         victim = next(r for r in admin.get_deployment("chat").replicas if r.id == victim_id)
         stream = raw.parse()
-        pieces, ids, killed = [], set(), False
+        pieces, ids, finish, killed, before = [], set(), None, False, ""
         for chunk in stream:
             ids.add(chunk.id)
             if chunk.choices and chunk.choices[0].text:
                 pieces.append(chunk.choices[0].text)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
             if pieces and not killed:
                 os.kill(admin.get_workload(victim.workload_id).pid, signal.SIGKILL)
-                killed = True
-    # no error event (the openai client raises on one), the whole greedy answer, one stream id
-    assert "".join(pieces) == whole, ("".join(pieces), whole)
-    assert len(ids) == 1
+                killed, before = True, "".join(pieces)
+    # no error event (the openai client raises on one); the answer ran to its token limit, as an unbroken one
+    # does (EOS is banned), in one stream (one id) that goes on from what was sent before the kill. (Not
+    # compared with an unbroken answer's text: two llama.cpp processes, one decoding token by token and the
+    # other prefilling the text so far, round differently and greedy decoding may part at a near tie.)
+    text = "".join(pieces)
+    assert finish == "length" and len(ids) == 1
+    assert text.startswith(before) and len(text) > len(before) and 60 <= len(pieces) <= 120, (len(pieces), text)
     assert _metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}') == resumed + 1
     served = _served_by(cluster, 8)                    # every one answered 200 (asserted inside)
     assert served and all(s.startswith("chat/") for s in served)
