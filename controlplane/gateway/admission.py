@@ -77,14 +77,17 @@ class Admission:
             c.stats.starts.popleft()          # the oldest (exact for one slot; for several, close enough)
         self.kick()
 
-    async def acquire(self, candidates, ctx: RouteContext, priority: str, timeout: float) -> Slot:
+    async def acquire(self, candidates, ctx: RouteContext, priority: str, timeout: float,
+                      first_in_class: bool = False) -> Slot:
         """A slot on a replica of ctx.model; waits up to `timeout` seconds; Rejected when the queue is full or
-        the wait ran out."""
+        the wait ran out. `first_in_class`: the request goes before every waiting request of its priority
+        class (a retry, or a broken stream's continuation: it was admitted before any of them)."""
         start = time.monotonic()
         q = self.queues.setdefault(ctx.model, [])
         prio = PRIORITIES.index(priority)
         ctx.deadline_at = start + max(timeout, 0.0)
-        ctx.ahead = sum(1 for w in q if w.priority <= prio)
+        ctx.ahead = sum(1 for w in q if (w.priority < prio if first_in_class else w.priority <= prio))
+        ctx.behind = len(q) - ctx.ahead
         if not ctx.ahead:
             c, why = self.policy.pick(candidates(), ctx)
             if c is not None:
@@ -99,7 +102,9 @@ class Admission:
             if wait is not None and math.isfinite(wait) and wait > timeout:
                 raise Rejected(f"no replica of {ctx.model} can take the request within its deadline (expected wait "
                                f"{wait:.1f}s, {timeout:.1f}s allowed)", "deadline")
-        w = _Waiter(prio, next(self._seq), candidates, ctx, asyncio.get_running_loop().create_future(), start)
+        seq = next(self._seq)
+        w = _Waiter(prio, seq - (1 << 62) if first_in_class else seq, candidates, ctx,
+                    asyncio.get_running_loop().create_future(), start)
         heapq.heappush(q, w)
         try:
             c, why = await asyncio.wait_for(asyncio.shield(w.future), timeout)
@@ -135,7 +140,7 @@ class Admission:
                 if w.future.done():
                     heapq.heappop(q)
                     continue
-                w.ctx.ahead = 0
+                w.ctx.ahead, w.ctx.behind = 0, len(q) - 1
                 c, why = self.policy.pick(w.candidates(), w.ctx)
                 if c is None:
                     break

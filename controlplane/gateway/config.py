@@ -116,6 +116,12 @@ class GatewayConfig:
     wake_timeout_seconds: float = option(300.0, "the longest a request for a deployment scaled to zero is held "
                                                 "while its first replica starts, unless it sends "
                                                 "x-gpumesh-deadline-ms (docs/autoscaling.md)", minimum=0)
+    resume_broken_streams: bool = option(True, "a stream that breaks after tokens were sent (the backend died "
+                                               "mid-answer) is continued once on another replica in the same SSE "
+                                               "stream: completions with the generated text appended to the prompt, "
+                                               "chat completions only on vLLM (continue_final_message); only with a "
+                                               "policy that resumes (gpu-aware; the baselines never do); off: the "
+                                               "stream ends with an error event")
     retry_after_seconds: int = option(1, "Retry-After of a 429", minimum=1)
     tenant_priority: list = option([], "a tenant's default priority class, TENANT=critical|standard|sheddable "
                                        "(others: standard)")

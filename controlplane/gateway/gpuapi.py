@@ -160,7 +160,7 @@ async def benchmark_model(gw, caller: Caller, model_name: str | None, max_tokens
     from controlplane.gateway.admission import Rejected
     from controlplane.gateway.policy import RouteContext
     from controlplane.gateway.service import Trace
-    from controlplane.gateway.service import _count as count_event
+    from controlplane.gateway.relay import count_event
     if not model_name:
         raise invalid("model_name", "is required: a model from GET /v1/models")
     try:

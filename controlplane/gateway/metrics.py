@@ -26,6 +26,9 @@ FALLBACKS = Counter("gpumesh_gateway_fallbacks_total", "requests served by a fal
                     registry=REGISTRY)
 RETRIES = Counter("gpumesh_gateway_retries_total", "requests retried on another replica before the first token",
                   ["model"], registry=REGISTRY)
+RESUMED = Counter("gpumesh_gateway_resumed_total", "streams that broke after tokens were sent, by what the gateway "
+                  "did: resumed (continued on another replica), refused (the request or backend cannot be "
+                  "continued), failed (no replica took the continuation)", ["model", "outcome"], registry=REGISTRY)
 REJECTED = Counter("gpumesh_gateway_rejected_total", "requests answered 429 (queue full or deadline)",
                    ["model", "reason"], registry=REGISTRY)
 BACKEND_ERRORS = Counter("gpumesh_gateway_backend_errors_total", "failed backend attempts", ["model", "replica"],

@@ -60,6 +60,7 @@ class RouteContext:
     exclude: frozenset = frozenset()
     deadline_at: float | None = None     # time.monotonic() by which the request must have a slot (admission)
     ahead: int = 0                       # requests queued before it (admission)
+    behind: int = 0                      # requests queued after it for the same pool (admission)
 
     def wait_left(self) -> float:
         return math.inf if self.deadline_at is None else self.deadline_at - time.monotonic()
@@ -84,6 +85,9 @@ class Policy:
     NAME = ""
     uses_gpu = False
     uses_breaker = False
+    # a stream that breaks after tokens were sent is continued on another replica (relay.py); the baselines
+    # stand for nginx/Envoy, which retry only before the response starts
+    resumes_streams = False
 
     def __init__(self, cfg, rng: random.Random | None = None) -> None:
         self.cfg = cfg
@@ -168,12 +172,14 @@ class GpuAware(Policy):
     no recent failures) always takes it; the free replica with the lowest expected completion time wins. A
     risky replica (critical memory or temperature, recent failures) is skipped only while waiting for a sound
     one is expected to finish the request sooner (the sound ones' expected wait for a slot, from their
-    service rate and the requests ahead, plus their service time), or, where it is not, still taken; with
+    service rate and the requests ahead, plus their service time, plus one slot-interval for each request
+    queued behind, which an idle risky replica also keeps waiting), or, where it is not, still taken; with
     `critical_overflow` off a critical GPU is never used while a sound GPU exists. When every GPU is critical
     the request waits (seed 003's queue) until one recovers or its deadline passes."""
     NAME = "gpu-aware"
     uses_gpu = True
     uses_breaker = True
+    resumes_streams = True
 
     def __init__(self, cfg, rng=None) -> None:
         super().__init__(cfg, rng)
@@ -227,13 +233,19 @@ class GpuAware(Policy):
         # once a slot is had, the request costs the replica's service time (its in-flight load is the wait)
         later = wait + min(cost.service_time(c, ctx.max_tokens, cands, self.cfg) * cost.risk(c, self.cfg)
                            for c in sound)
+        # leaving the risky replica idle is not free for the queue: each request waiting behind this one then
+        # gets its sound slot one slot-interval later (the interval at which sound slots free up)
+        interval = cost.expected_wait(sound, ctx.max_tokens, cands, self.cfg, 0)
+        others = ctx.behind * interval
         now = self.cost_of(best, ctx, cands, floor)
         left = ctx.wait_left()
         if wait > left:
             return False, f"the sound replicas' expected wait {wait:.1f}s exceeds the {max(left, 0):.1f}s left"
-        if now < later:
-            return False, f"expected {now:.1f}s there, {later:.1f}s waiting for a sound replica (wait {wait:.1f}s)"
-        return True, f"waiting for a sound replica: expected wait {wait:.1f}s, done in {later:.1f}s vs {now:.1f}s"
+        if now < later + others:
+            return False, (f"expected {now:.1f}s there, {later:.1f}s waiting for a sound replica (wait {wait:.1f}s)"
+                           f" + {others:.1f}s more for the {ctx.behind} queued behind")
+        return True, (f"waiting for a sound replica: expected wait {wait:.1f}s, done in {later:.1f}s vs {now:.1f}s "
+                      f"({ctx.behind} queued behind)")
 
     def pick(self, cands, ctx):
         usable = self._usable(cands, ctx)

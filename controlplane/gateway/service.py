@@ -1,6 +1,7 @@
 """The gateway's request path, independent of the HTTP framework: authenticate, validate, resolve the
 model, answer from the cache, take a replica slot (queue, fallback), call the backend (retry once before
-the first token), measure, log. `app.py` turns its results into HTTP responses."""
+the first token; relay.py streams, and resumes a stream that breaks), measure, log. `app.py` turns its
+results into HTTP responses."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from controlplane.gateway.apierror import APIError
 from controlplane.gateway.clients import Caller, Clients
 from controlplane.gateway.config import GatewayConfig
 from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, gpu_levels, make
-from controlplane.gateway.sse import DONE, frame
+from controlplane.gateway.relay import Plan, Segment, StreamRelay
 from controlplane.gateway.stats import StatsTable
 from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.view import DeploymentInfo, FleetView
@@ -57,6 +58,7 @@ class Trace:
     start: float = field(default_factory=time.monotonic)
     error: str = ""
     backend_s: float = 0.0
+    resumed: str = ""           # the replica a broken stream was resumed on (relay.py)
 
 
 class Gateway:
@@ -66,6 +68,9 @@ class Gateway:
         self.stats = StatsTable(cfg.breaker_failures, cfg.breaker_open_seconds, cfg.ema_alpha,
                                 cfg.failure_half_life_seconds)
         self.policy = make(cfg.policy, cfg)
+        # a stream that breaks after tokens were sent is continued on another replica (relay.py) where the
+        # gateway allows it and the policy does (the baselines stand for balancers that never do)
+        self.resumes = cfg.resume_broken_streams and self.policy.resumes_streams
         self.admission = Admission(self.policy, cfg.queue_size, cfg.shed_early)
         self.cache = cachemod.ResponseCache(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_seconds)
         self.semcache = semcache.build(cfg)          # None unless semantic_cache is on
@@ -299,7 +304,8 @@ class Gateway:
                     s = await proxy.open_stream(self.http, c.replica.endpoint, path, data)
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
-                    relay = self._relay(s, slot, started, t)
+                    plan = Plan(path, body, path.endswith("/chat/completions"), deps, ctx, prio, self.resumes)
+                    relay = StreamRelay(self, Segment(s, slot, started), t, plan).run()
                     # a stream the server never starts (its client left first) never runs its finally: the
                     # slot is released when the generator is dropped
                     weakref.finalize(relay, slot.release)
@@ -346,8 +352,10 @@ class Gateway:
                                 "replica for the retry", code="backend_failed",
                            headers={"retry-after": str(self.cfg.retry_after_seconds)})
         try:
+            # first in its class: the request was admitted before those waiting now (at the back, a retry
+            # waited behind every request that arrived while it failed)
             slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
-                                                self.cfg.queue_timeout_seconds)
+                                                self.cfg.queue_timeout_seconds, first_in_class=True)
         except Rejected as e:
             raise APIError(503, f"the model server failed and no other replica took the retry: {e}",
                            code="backend_failed", headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None
@@ -363,61 +371,6 @@ class Gateway:
         M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
         log(logger, logging.WARNING, "backend failed", replica=c.key, endpoint=c.replica.endpoint, error=why,
             circuit=c.stats.breaker.state)
-
-    async def _relay(self, s: proxy.OpenStream, slot: Slot, started: float, t: Trace):
-        c = slot.candidate
-        first_at = time.monotonic()
-        done, broken, events, cut = False, None, 0, False
-        try:
-            pending = s.first
-            while True:
-                for data in pending:
-                    if data == DONE:
-                        done = True
-                        break
-                    events += _count(data, t)
-                    yield frame(data)
-                if done:
-                    break
-                waited = time.monotonic()
-                try:
-                    chunk = await s.chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    t.backend_s += time.monotonic() - waited
-                pending = s.reader.feed(chunk)
-            if not done:
-                broken = "the model server ended the stream without [DONE]"
-        except (proxy.httpx.HTTPError, OSError) as e:
-            broken = f"{type(e).__name__}: {e}"
-            cut = isinstance(e, (proxy.UNREACHABLE, OSError))
-        finally:
-            await s.close()
-            slot.release()
-            if broken is None and done:
-                c.stats.ok()
-            elif broken is not None:
-                c.stats.failed(cut)
-                M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
-            else:
-                c.stats.breaker.release()        # the client went away: logged as 499
-                t.status, t.error = 499, "the client closed the stream"
-                M.REQUESTS.labels(t.model, "499").inc()
-                self._log(t)
-            M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
-        if broken is not None:
-            t.status, t.error = 502, broken
-            yield APIError(502, f"the stream broke after tokens were sent: {broken}", code="stream_broken").sse()
-        yield frame(DONE)
-        tokens = max(t.tokens_out, events)
-        t.tokens_out = tokens
-        e2e = time.monotonic() - started
-        tpot = (time.monotonic() - first_at) / (tokens - 1) if tokens > 1 else None
-        c.stats.observe(first_at - started, tpot)
-        self._measure(t, c, e2e, first_at - started, tpot)
-        M.REQUESTS.labels(t.model, str(t.status)).inc()
-        self._log(t)
 
     def _measure(self, t: Trace, c: Candidate, e2e: float, ttft: float | None, tpot: float | None = None) -> None:
         model, rep = c.replica.deployment, c.key
@@ -439,7 +392,7 @@ class Gateway:
             cache=t.cache, queued_ms=round(t.queued_s * 1000, 1),
             ttft_ms=round(t.ttft * 1000, 1) if t.ttft is not None else None,
             e2e_ms=round((time.monotonic() - t.start) * 1000, 1), backend_ms=round(t.backend_s * 1000, 1),
-            tokens_in=t.tokens_in, tokens_out=t.tokens_out,
+            tokens_in=t.tokens_in, tokens_out=t.tokens_out, resumed=t.resumed,
             error=t.error)
 
 
@@ -450,20 +403,3 @@ def _usage(answer: bytes) -> tuple[int, int]:
     except (ValueError, AttributeError, TypeError):
         return 0, 0
 
-
-def _count(data: bytes, t: Trace) -> int:
-    """1 when the event carries generated text; takes the usage when the backend sends it."""
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return 0
-    if not isinstance(doc, dict):
-        return 0
-    u = doc.get("usage")
-    if isinstance(u, dict):
-        t.tokens_in = int(u.get("prompt_tokens") or t.tokens_in)
-        t.tokens_out = int(u.get("completion_tokens") or t.tokens_out)
-    for ch in doc.get("choices") or ():
-        if isinstance(ch, dict) and (ch.get("text") or (ch.get("delta") or {}).get("content")):
-            return 1
-    return 0

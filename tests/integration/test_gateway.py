@@ -8,7 +8,8 @@ reach each other's models; bad input gets OpenAI-shaped 4xx naming the field; de
 answered from the cache without a backend; requests avoid a replica whose GPU is made throttling or
 critical (simulated NVML, `simctl`) and come back when it recovers; with every primary GPU hot the queue
 answers 429 with Retry-After (full, or past the deadline), queued requests are served once the GPUs cool,
-and the fallback variant serves only when allowed, tagged; a killed backend costs no request.
+and the fallback variant serves only when allowed, tagged; a killed backend costs no request (a stream it
+was serving is resumed on the other replica).
 """
 
 from __future__ import annotations
@@ -266,6 +267,12 @@ def test_oversized_body_and_unknown_paths(cluster, fleet):
     assert httpx.get(f"{cluster.gateway_url}/healthz", timeout=30).json()["status"] == "ok"
 
 
+def _metric(cluster, series: str) -> float:
+    import httpx
+    text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=30).text
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+
 def _in_flight(cluster) -> int:
     return sum(r["in_flight"] for m in _status(cluster)["models"] for r in m["replicas"])
 
@@ -418,23 +425,35 @@ def test_queue_429_queued_and_fallback_only_when_allowed(cluster, fleet):
 
 
 def test_killed_backend_costs_no_request(cluster, fleet):
-    import httpx
-    # a stream whose backend dies after tokens were sent ends with an error event, then [DONE]
-    with client(cluster, "admin") as admin, httpx.stream(
-            "POST", f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=300,
-            json={"model": "chat", "prompt": "1, 2, 3, 4,", "max_tokens": 300, "temperature": 0,
-                  "logit_bias": NO_EOS, "stream": True}) as resp:
-        assert resp.status_code == 200
-        victim_id = resp.headers["x-gpumesh-served-by"].split("/")[1]
+    import openai
+    c = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-a"], max_retries=0, timeout=300)
+    req = dict(model="chat", prompt="1, 2, 3, 4,", max_tokens=120, temperature=0, logit_bias=NO_EOS)
+    resumed = _metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}')
+    # the openai client streams; the backend serving it is killed after the first tokens: the gateway continues
+    # the answer on the other replica in the same stream, and the client reads one complete answer
+    with client(cluster, "admin") as admin:
+        raw = c.completions.with_raw_response.create(**req, stream=True)
+        victim_id = raw.headers["x-gpumesh-served-by"].split("/")[1]
         victim = next(r for r in admin.get_deployment("chat").replicas if r.id == victim_id)
-        chunks = resp.iter_raw()
-        text = next(chunks).decode()
-        os.kill(admin.get_workload(victim.workload_id).pid, signal.SIGKILL)
-        text += b"".join(chunks).decode()
-    events = [e for e in text.split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: "):])["error"]["code"] == "stream_broken", events[-3:]
-    assert any('"text"' in e for e in events[:-2])              # tokens came before the break
+        stream = raw.parse()
+        pieces, ids, finish, killed, before = [], set(), None, False, ""
+        for chunk in stream:
+            ids.add(chunk.id)
+            if chunk.choices and chunk.choices[0].text:
+                pieces.append(chunk.choices[0].text)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if pieces and not killed:
+                os.kill(admin.get_workload(victim.workload_id).pid, signal.SIGKILL)
+                killed, before = True, "".join(pieces)
+    # no error event (the openai client raises on one); the answer ran to its token limit, as an unbroken one
+    # does (EOS is banned), in one stream (one id) that goes on from what was sent before the kill. (Not
+    # compared with an unbroken answer's text: two llama.cpp processes, one decoding token by token and the
+    # other prefilling the text so far, round differently and greedy decoding may part at a near tie.)
+    text = "".join(pieces)
+    assert finish == "length" and len(ids) == 1
+    assert text.startswith(before) and len(text) > len(before) and 60 <= len(pieces) <= 120, (len(pieces), text)
+    assert _metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}') == resumed + 1
     served = _served_by(cluster, 8)                    # every one answered 200 (asserted inside)
     assert served and all(s.startswith("chat/") for s in served)
     st = _status(cluster)

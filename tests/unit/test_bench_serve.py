@@ -53,6 +53,12 @@ def test_gateway_counters_sum_labels():
             '# TYPE gpumesh_gateway_queue_depth gauge\ngpumesh_gateway_queue_depth{model="a"} 4.0\n')
     assert gateway_counters(text) == {"gpumesh_gateway_retries": 3.0}
     assert gateway_counters("not prometheus {") == {}
+    resumed = ('# TYPE gpumesh_gateway_resumed_total counter\n'
+               'gpumesh_gateway_resumed_total{model="a",outcome="resumed"} 2.0\n'
+               'gpumesh_gateway_resumed_total{model="b",outcome="resumed"} 1.0\n'
+               'gpumesh_gateway_resumed_total{model="a",outcome="refused"} 4.0\n')
+    got = gateway_counters(resumed)          # the per-outcome totals too (the bench's "resumed" is one outcome)
+    assert got["gpumesh_gateway_resumed:resumed"] == 3.0 and got["gpumesh_gateway_resumed:refused"] == 4.0
 
 
 def test_render_table():

@@ -161,6 +161,13 @@ def test_a_critical_or_failing_replica_is_avoided_only_when_waiting_is_better():
     deep = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600, ahead=3)
     chosen, why = p.pick([busy, full], deep)
     assert chosen is full and "risky replica" in why
+    # requests queued behind it: leaving the critical replica idle delays each of them one slot-interval (1 s);
+    # one behind: 2 s + 1 s < 4 s, it still waits; three behind: 2 s + 3 s > 4 s, the critical one serves
+    one = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600, behind=1)
+    assert p.pick([busy, full], one)[0] is None
+    three = RouteContext("chat", max_tokens=10, deadline_at=_t.monotonic() + 600, behind=3)
+    chosen, why = p.pick([busy, full], three)
+    assert chosen is full and "3 queued behind" in why
     # a GPU at critical temperature the same way (its EMA, measured before it heated, does not show it)
     burning_fast = cand("burning-fast", temp=90, ttft=0.5, tpot=0.05)
     assert burning_fast.thermal == "critical"
@@ -476,6 +483,60 @@ async def test_a_deadline_the_healthy_replicas_cannot_meet_is_served_by_a_critic
     ll = Admission(make("least-loaded", cfg()), queue_size=4)
     assert (await ll.acquire(lambda: [cand("b", in_flight=1), cand("f", used_gib=79)], RouteContext("chat"),
                              "standard", 2)).candidate.key == "chat/f"
+
+
+async def test_a_queue_behind_the_head_puts_an_idle_critical_replica_to_work():
+    """The bench's saturated run (docs/gateway.md): the sound replicas busy, a queue building, and a critical
+    replica left idle while every waiting request in turn preferred waiting for a sound slot. Counting the
+    queue behind, the head of a long queue takes the critical replica."""
+    p = make("gpu-aware", cfg())
+    adm = Admission(p, queue_size=16)
+    busy = cand("busy", in_flight=1, ttft=0.5, tpot=0.05)       # 1 s per request
+    full = cand("full", used_gib=79, ttft=0.5, tpot=0.05)       # critical: 4 s expected
+    full.stats.in_flight = 1                                      # busy too for now
+    waiters = [asyncio.create_task(adm.acquire(lambda: [busy, full], RouteContext("chat", max_tokens=10),
+                                               "standard", 600)) for _ in range(5)]
+    await asyncio.sleep(0.02)
+    assert adm.depth("chat") == 5 and not any(t.done() for t in waiters)
+    full.stats.in_flight = 0                                      # the critical replica frees; 4 behind the head
+    adm.kick()
+    await asyncio.sleep(0.02)
+    assert waiters[0].done() and (await waiters[0]).candidate is full
+    assert "queued behind" in (await waiters[0]).why
+    # the next head has 3 behind: 2 s + 3 s > 4 s would take it too, but the critical replica is busy now
+    assert adm.depth("chat") == 4
+    for t in waiters[1:]:
+        t.cancel()
+    await asyncio.gather(*waiters[1:], return_exceptions=True)
+
+
+async def test_a_retry_goes_first_in_its_priority_class():
+    """A request retried after its replica failed (or a broken stream's continuation) was admitted before
+    the requests waiting now: it goes before them in its class, still after a better class."""
+    p = make("least-loaded", cfg())
+    adm = Admission(p, queue_size=8)
+    busy = cand("busy", in_flight=1)
+    order = []
+
+    async def one(name, prio, first=False):
+        slot = await adm.acquire(lambda: [busy], RouteContext("chat"), prio, 60, first_in_class=first)
+        order.append(name)
+        slot.release()
+    tasks = [asyncio.create_task(one("standard-1", "standard"))]
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(one("standard-2", "standard")))
+    tasks.append(asyncio.create_task(one("critical", "critical")))
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(one("retry-1", "standard", True)))
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(one("retry-2", "standard", True)))
+    await asyncio.sleep(0.01)
+    assert adm.depth("chat") == 5
+    busy.stats.in_flight = 0
+    busy.stats.starts.clear()
+    adm.kick()
+    await asyncio.gather(*tasks)
+    assert order == ["critical", "retry-1", "retry-2", "standard-1", "standard-2"]
 
 
 async def test_admission_waits_for_the_fleet_to_change():

@@ -51,7 +51,7 @@ $GPUMESH_BENCH_CACHE, default /var/tmp/gpumesh-bench-cache), at the same fallbac
 name the model (smollm2) and every policy routes over both backends; their indices follow llama.cpp's.
 
 Prints {"policies": {"<policy>": {"requests", "failed", "unanswered", "ttft_p50_ms", "ttft_p99_ms",
-"tpot_p50_ms", "e2e_p99_ms", "output_tokens_per_s", "goodput_rps", "retries", "fallbacks", ...}},
+"tpot_p50_ms", "e2e_p99_ms", "output_tokens_per_s", "goodput_rps", "retries", "resumed", "fallbacks", "load_avg", ...}},
 "gateway_overhead_ms": {"p50", "p99", "pairs"}, "injected": [...], "replicas": [...] (each with its backend),
 "deployments": [...], "goals": {...},
 "settings": {...}}; progress goes to stderr.
@@ -220,7 +220,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 def render(result: dict) -> str:
     from tools.meshctl.output import render_table
     cols = ("requests", "failed", "unanswered", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms",
-            "output_tokens_per_s", "goodput_rps", "retries", "fallbacks")
+            "output_tokens_per_s", "goodput_rps", "retries", "resumed", "fallbacks")
     rows = [[name, *("-" if s.get(c) is None else str(s.get(c)) for c in cols)]
             for name, s in result["policies"].items()]
     text = render_table(["POLICY", *(c.upper() for c in cols)], rows)
@@ -228,6 +228,9 @@ def render(result: dict) -> str:
              if len(s.get("served_by_backend") or {}) > 1]
     for name, by in mixed:
         text += f"{name} served by backend: " + ", ".join(f"{b} {n}" for b, n in by.items()) + "\n"
+    for name, s in result["policies"].items():
+        if s.get("load_avg"):
+            text += f"{name} load average (start, end of each round): {s['load_avg']}\n"
     o = result.get("gateway_overhead_ms") or {}
     text += f"\ngateway overhead: p50 {o.get('p50')} ms, p99 {o.get('p99')} ms ({o.get('pairs', 0)} pairs)\n"
     for name, g in (result.get("goals") or {}).items():

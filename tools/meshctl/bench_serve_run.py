@@ -6,6 +6,7 @@ See tools/meshctl/bench_serve.py for what it measures; this module does it.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,7 @@ class ServeBench:
                 await asyncio.to_thread(injector.apply, inj, t0)
             events.append((inj.at_s, fire))
         bar = self.progress_cls(policy, len(self.arrivals))
+        load_before = os.getloadavg()[0]
         injector.applied = []
         injector.started_at = time.monotonic()
         try:
@@ -103,7 +105,11 @@ class ServeBench:
             bar.end()
             if gw is not None:
                 gw.stop()
-        return {"results": results, "wall": wall, "counters": counters, "injected": list(injector.applied)}
+        # the machine's 1-minute load average when the run started and ended (a shared machine: read each
+        # policy's figures with it)
+        load = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+        return {"results": results, "wall": wall, "counters": counters, "injected": list(injector.applied),
+                "load_avg": load}
 
     def summary(self, runs: list[dict]) -> dict:
         """A policy's figures over its rounds (results pooled, wall times added)."""
@@ -118,6 +124,9 @@ class ServeBench:
         summary["retries"] = max(summary["retries"], int(counters.get("gpumesh_gateway_retries", 0)))
         summary["fallbacks"] = max(summary["fallbacks"], int(counters.get("gpumesh_gateway_fallbacks", 0)))
         summary["rejected_429"] = int(counters.get("gpumesh_gateway_rejected", 0))
+        # streams broken after tokens were sent and continued on another replica (gpu-aware only)
+        summary["resumed"] = int(counters.get("gpumesh_gateway_resumed:resumed", 0))
+        summary["load_avg"] = [run.get("load_avg") for run in runs]
         summary["served_by"] = _count(r.served_by or r.target for r in results)
         summary["served_by_backend"] = served_by_backend(results, self.sc.replicas)
         summary["errors"] = _count(r.error[:80] for r in results if r.error)
@@ -214,6 +223,10 @@ def gateway_counters(text: str) -> dict[str, float]:
         for fam in text_string_to_metric_families(text):
             if fam.type == "counter":
                 out[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+                for smp in fam.samples:          # and per outcome where the counter has one (resumed_total)
+                    if smp.name.endswith("_total") and "outcome" in smp.labels:
+                        k = f"{fam.name}:{smp.labels['outcome']}"
+                        out[k] = out.get(k, 0) + smp.value
     except ValueError:
         pass
     return out
