@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.integration.test_deployments import _need_llama
+from tests.integration.serving import need_llama
 from tests.models_util import smollm2_gguf
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -25,7 +25,7 @@ def meshctl(*args, env, timeout=1200):
 
 
 def test_up_demo_serves_smollm2_and_says_where(tmp_path):
-    _need_llama()
+    need_llama()
     smollm2_gguf()
     import httpx
     # one thread per llama.cpp server on this small shared machine; N_BATCH=1 keeps prompts off AMX kernels
