@@ -31,7 +31,7 @@ from tests.integration.conftest import client_for_test, json_lines, wait_for, wo
 pytestmark = pytest.mark.integration
 HOSTS = [{"node": "tp-a", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]},
          {"node": "tp-b", "gpus": [{"model": "H100-80GB", "count": 1, "mig": True}]}]
-MARKER = "gpumesh-transparent-counter"
+MARKER = f"gpumesh-transparent-counter-{os.getpid()}"     # this run's: two runs at once never count each other's
 COUNTER = ("import json, os, sys, time\n"
            "token = os.urandom(8).hex()\n"
            "n = 0\n"
