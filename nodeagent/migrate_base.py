@@ -58,6 +58,16 @@ class MigrationBase:
 
     # -- reporting (from the loop or from worker threads) ---------------------------------
 
+    def _asked_again(self, key) -> bool:
+        """True when the step `key` already has a job (the control plane asked again: a retry or a new
+        leader); its final report, if it has one, is sent again."""
+        job = self.jobs.get(key)
+        if job is None:
+            return False
+        if job.done and job.final is not None:
+            self._send(job.final)
+        return True
+
     def _send(self, rep: M.MigrationReport) -> None:
         msg = node_service_pb2.AgentMessage(migration=rep)
         outbox, loop = self.outbox, self.loop

@@ -259,7 +259,7 @@ class SlicesMixin:
     # the source
 
     def _run_send_transparent(self, job, cmd: M.MigrationCommand, report) -> None:
-        from mesh.checkpoint.criu import LOG_ENTRY, Criu, image_entries, image_manifest, path_key
+        from mesh.checkpoint.criu import LOG_ENTRY, image_entries, image_manifest, path_key
         from mesh.checkpoint.transfer import TransferClient
         r, wid, mid = self.runner, cmd.workload_id, cmd.migration_id
         t0 = time.perf_counter()
@@ -321,7 +321,7 @@ class SlicesMixin:
     def _restore_source(self, wid: str) -> None:
         """Rollback of a dumped source: restore it from its images here (same PIDs: they must be free,
         so the target's copy must be gone first; raises until it is, and the step is asked again)."""
-        from mesh.checkpoint.criu import Criu, path_key
+        from mesh.checkpoint.criu import path_key
         r = self.runner
         w, meta = r.workloads[wid], r.meta[wid]
         images = meta["criu_images"]

@@ -73,10 +73,7 @@ class SourceSteps(MigrationBase):
 
     async def _send_state(self, cmd: M.MigrationCommand, report) -> None:
         key = (cmd.migration_id, "source")
-        job = self.jobs.get(key)
-        if job is not None:
-            if job.done and job.final is not None:
-                self._send(job.final)
+        if self._asked_again(key):
             return
         if not self._running(cmd.workload_id):
             raise RuntimeError(f"workload {cmd.workload_id} does not run on {self.agent.node}")

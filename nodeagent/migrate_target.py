@@ -80,10 +80,7 @@ class TargetSteps(MigrationBase):
 
     async def _push_checkpoint(self, cmd: M.MigrationCommand, report) -> None:
         key = (cmd.migration_id, "push")
-        job = self.jobs.get(key)
-        if job is not None:
-            if job.done and job.final is not None:
-                self._send(job.final)
+        if self._asked_again(key):
             return
         tjob = self.jobs.get((cmd.migration_id, "target"))
         if tjob is None or not tjob.address:
