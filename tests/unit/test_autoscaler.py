@@ -113,7 +113,8 @@ def test_rule(case: Case) -> None:
     assert d.reason.endswith(".") and "stable_avg" in d.signals
 
 
-def test_scale_down_waits_for_the_highest_want_in_the_delay() -> None:
+def wanted_8_then_2() -> Autoscaler:
+    """Wanted 8 replicas until t=10, then 2 until t=40, under a 60 s scale-down delay."""
     a = Autoscaler(ScalingPolicy(max_replicas=20, target=1.0, stable_window_s=10, panic_threshold=100,
                                  scale_down_delay_s=60))
     for t in range(0, 11, 2):
@@ -121,6 +122,11 @@ def test_scale_down_waits_for_the_highest_want_in_the_delay() -> None:
     assert a.decide(10, ready=8, starting=0).desired == 8
     for t in range(12, 41, 2):
         a.observe(Sample(t=t, in_flight=2, request_rate=1))
+    return a
+
+
+def test_scale_down_waits_for_the_highest_want_in_the_delay() -> None:
+    a = wanted_8_then_2()
     held = a.decide(40, ready=8, starting=0)
     assert held.desired == 8 and held.bound_by == "stabilization"
     for t in range(42, 81, 2):
@@ -170,15 +176,7 @@ def test_choose_variant(variants, want) -> None:
 
 
 def test_a_caller_may_shorten_the_scale_down_delay_but_never_lengthen_it() -> None:
-    def fed() -> Autoscaler:
-        a = Autoscaler(ScalingPolicy(max_replicas=20, target=1.0, stable_window_s=10, panic_threshold=100,
-                                     scale_down_delay_s=60))
-        for t in range(0, 11, 2):
-            a.observe(Sample(t=t, in_flight=8, request_rate=1))
-        assert a.decide(10, ready=8, starting=0).desired == 8
-        for t in range(12, 41, 2):
-            a.observe(Sample(t=t, in_flight=2, request_rate=1))
-        return a
+    fed = wanted_8_then_2
     assert fed().decide(40, ready=8, starting=0).desired == 8                     # the policy's 60 s holds
     fast = fed().decide(40, ready=8, starting=0, scale_down_delay_s=0.0)
     assert fast.desired == 2 and fast.bound_by == ""                             # down at once
