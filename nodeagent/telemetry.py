@@ -25,6 +25,7 @@ from google.protobuf import timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
+from mesh.procs import process_tree
 from nodeagent.gpu import MigInstance, NvmlGpus
 from nodeagent.infiniband import DEFAULT_ROOT, read_ports
 
@@ -72,6 +73,20 @@ arrive at once as XID events in between)."""
 
 
 SharedSlices = Callable[[], Mapping[str, tuple[int, set[int]]]]
+
+
+def shared_slice_pids(workloads, desired: Mapping[str, types_pb2.Slice]) -> dict[str, tuple[int, set[int]]]:
+    """`TelemetryCollector.shared_slices` from the workload runner's records: each MPS, time-share or
+    exclusive slice with running workloads -> (its GPU index, the host pids of their process trees)."""
+    out: dict[str, tuple[int, set[int]]] = {}
+    for w in workloads:
+        if w.state != types_pb2.WORKLOAD_STATE_RUNNING or not w.pid:
+            continue
+        s = desired.get(w.slice_id)
+        if s is None or s.isolation == types_pb2.ISOLATION_MIG or s.gpu_index < 0:
+            continue
+        out.setdefault(s.id, (s.gpu_index, set()))[1].update(process_tree(w.pid))
+    return out
 
 
 class TelemetryCollector:

@@ -37,6 +37,7 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
 from nodeagent.teardown import SliceTeardown
+from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -84,21 +85,8 @@ class WorkloadRunner:
         SliceTeardown(self).install()
         collector = getattr(self.agent, "collector", None)
         if collector is not None:
-            collector.shared_slices = self.shared_slice_pids
+            collector.shared_slices = lambda: shared_slice_pids(self.workloads.values(), self.agent.desired)
         return self
-
-    def shared_slice_pids(self) -> dict[str, tuple[int, set[int]]]:
-        """For the telemetry: each MPS, time-share or exclusive slice with running workloads -> (its GPU
-        index, the host pids of their process trees), so its memory can be read per process."""
-        out: dict[str, tuple[int, set[int]]] = {}
-        for w in self.workloads.values():
-            if w.state != W.WORKLOAD_STATE_RUNNING or not w.pid:
-                continue
-            s = self.agent.desired.get(w.slice_id)
-            if s is None or s.isolation == types_pb2.ISOLATION_MIG or s.gpu_index < 0:
-                continue
-            out.setdefault(s.id, (s.gpu_index, set()))[1].update(process_tree(w.pid))
-        return out
 
     # -- files --------------------------------------------------------------------------
 

@@ -215,13 +215,14 @@ async def test_the_agent_loop_sends_readings_and_events(agent_side):
 
 
 def test_the_runner_names_each_shared_slices_process_tree(tmp_path):
-    """WorkloadRunner.shared_slice_pids: a running workload's pid and its descendants, per non-MIG slice,
+    """shared_slice_pids over a WorkloadRunner's records: a running workload's pid and its descendants, per non-MIG slice,
     with the slice's GPU; MIG slices (read through their own device) and ended workloads are left out."""
     import subprocess
     import sys
     import time
     from types import SimpleNamespace
 
+    from nodeagent.telemetry import shared_slice_pids
     from nodeagent.workloads import WorkloadRunner
     tree = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                              "subprocess.Popen(['sleep', '30']); print('up', flush=True); time.sleep(30)"],
@@ -239,7 +240,7 @@ def test_the_runner_names_each_shared_slices_process_tree(tmp_path):
                                 ("w-3", "s-mps", types_pb2.WORKLOAD_STATE_SUCCEEDED)):
             runner.workloads[wid] = types_pb2.Workload(id=wid, slice_id=sid, state=state, pid=tree.pid)
         for _ in range(50):
-            got = runner.shared_slice_pids()
+            got = shared_slice_pids(runner.workloads.values(), desired)
             if len(got.get("s-mps", (0, set()))[1]) == 2:
                 break
             time.sleep(0.1)
