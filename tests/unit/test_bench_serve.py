@@ -82,6 +82,8 @@ def test_render_table():
     (["--inject", "kill=1"], "kill needs a time"),
     (["--inject", "hot=7"], "replica 7 does not exist"),
     (["--trace", "/nonexistent.csv"], "cannot read"),
+    (["--lengths", "sharegpt", "--prompts", "synthetic"], "--lengths sharegpt takes the prompts from ShareGPT"),
+    (["--lengths", "chat"], "invalid choice: 'chat'"),
 ])
 def test_refused_before_starting_anything(args, words):
     r = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "bench", "serve", *args],
