@@ -17,6 +17,7 @@ from mesh.loadgen.lengths import sharegpt_requests
 from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker, sharegpt_exchanges
 from mesh.loadgen.replay import replay, round_robin
 from mesh.loadgen.trace import Arrival
+from tools.meshctl.bench_serve import PROMPT_MARGIN
 from tools.meshctl.bench_serve_cluster import MODEL, Gateway, ServeCluster, gateway_available, smollm2_gguf
 from tools.meshctl.bench_serve_faults import Injector
 from tools.meshctl.common import CliError, info
