@@ -83,9 +83,9 @@ class ArtifactDigests:
         """DigestMismatch unless the artifact's digest is `expected`."""
         got = self.of(path)
         if got != expected.lower():
-            raise DigestMismatch(f"artifact {path}: its SHA-256 is {got}, not the registered {expected.lower()} "
-                                 "(the weights changed after registration: update the model with the new "
-                                 "artifact_sha256 to accept them)")
+            raise DigestMismatch(f"the weights are not the registered ones: SHA-256 {got} where the model pins "
+                                 f"{expected.lower()} (artifact {path}; to accept new weights, update the model "
+                                 "with their artifact_sha256)")
 
 
 DIGESTS = ArtifactDigests()

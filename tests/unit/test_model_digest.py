@@ -46,7 +46,7 @@ def test_an_unchanged_file_is_read_once_and_a_rewritten_one_again(tmp_path, monk
     with open(path, "r+b") as f:                  # same size, and the modification time put back
         f.write(b"B")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(digest.DigestMismatch, match=f"not the registered {first}"):
+    with pytest.raises(digest.DigestMismatch, match=f"where the model pins {first}"):
         d.verify(path, first)
     assert len(reads) == 2
 
@@ -107,6 +107,6 @@ def test_the_agent_refuses_to_start_a_backend_on_other_weights(tmp_path):
     with open(gguf, "ab") as f:
         f.write(b"tampered")
     w2 = types_pb2.Workload(id="r2", backend=w.backend)
-    with pytest.raises(ValueError, match=f"its SHA-256 is [0-9a-f]{{64}}, not the registered {good}"):
+    with pytest.raises(ValueError, match=f"not the registered ones: SHA-256 [0-9a-f]{{64}} where the model pins {good}"):
         backends.prepare(w2, "127.0.0.1", "/usr/bin/python3")
     assert not w2.command
