@@ -5,7 +5,8 @@ Deploy two replicas (spread over the two nodes), a real completion from each end
 process and see it restarted while the other keeps answering; scale 2 -> 3 -> 1 -> 2; a rollout restart
 replaces both without fewer than two READY; restart the control plane and find the deployment intact with
 its running replicas adopted (same workloads, still answering); a backend that cannot load its model
-crash-loops with its log in the condition; a variant too large at the asked concurrency is refused; a
+crash-loops with its log in the condition; weights changed after registration are refused by the agent (the
+registry pinned their SHA-256); a variant too large at the asked concurrency is refused; a
 drained node's replica is replaced on the other node before it is stopped (and with no room elsewhere,
 stays and says why) while completions keep being answered; an agent restart keeps its replica (adopted);
 a replica on a lost node is replaced on the other; undeploy releases every slice.
