@@ -16,6 +16,7 @@
 | `/gpumesh/v1/models/<model-name>` | `gpumesh.v1.Model` (family, labels, variants with backend, artifact, facts, VRAM need, measurements) | ModelService Register/Update/Delete (admin) |
 | `/gpumesh/v1/checkpoint-keys/<checkpoint-id>` | 32 random bytes: the key a stored checkpoint of a tenant without a `checkpoint_keys_file` key is sealed with (control plane only; sent to the agents that write and restore it) | MigrationService Checkpoint |
 | `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
+| `/gpumesh/v1/replica-keys/<deployment>/<replica-id>` | the replica's model-server API key (text, `secrets.token_urlsafe(32)`; control plane only; sent to the replica's agent in its workload and to admins' serving view, never in a Replica or Workload the API returns; deleted with the replica) | the deployment controller (controlplane/serving/replicakeys.py) |
 | `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
 | `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
 | `/gpumesh/v1/pools/<name>` | `gpumesh.v1.Pool` (selector, quota, generation; usage empty) | PoolService Create/Update/Delete (admin) |
@@ -45,6 +46,9 @@ only, sent to the agents that write and restore it; kept as long as the checkpoi
 MIGRATION_SECRETS = PREFIX + "migration-secrets/"
 """a migration's transfer secret (raw bytes): read by the control plane only, sent to the two agents
 in their MigrationCommands; never part of a record the API returns; deleted when the migration ends."""
+REPLICA_KEYS = PREFIX + "replica-keys/"
+"""a replica's model-server API key: read by the control plane only, sent to the agent that runs the replica
+(in the workload's backend) and to admins' serving view (the gateway); deleted with the replica record."""
 DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
 EVENTS = PREFIX + "events/"
@@ -114,6 +118,10 @@ def deployment(name: str) -> bytes:
 
 def replica(deployment_name: str, replica_id: str) -> bytes:
     return f"{REPLICAS}{deployment_name}/{replica_id}".encode()
+
+
+def replica_key(deployment_name: str, replica_id: str) -> bytes:
+    return f"{REPLICA_KEYS}{deployment_name}/{replica_id}".encode()
 
 
 def event(event_id: str) -> bytes:

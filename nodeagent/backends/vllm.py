@@ -39,6 +39,9 @@ GIB = 1 << 30
 RUNTIME_RESERVE = 2560 << 20
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM's key variable (vllm/envs.py; --api-key would put it on the command line): with it set, every route
+# under /v1 answers 401 without `authorization: Bearer <key>`; /health and /metrics stay open
+API_KEY_ENV = "VLLM_API_KEY"
 
 
 @dataclass
