@@ -146,3 +146,37 @@ def test_the_gateway_sends_each_replica_its_own_key():
     assert "key-one" not in repr(r1)                              # never in a log line that prints a replica
     assert proxy.headers_for(r1.api_key)["authorization"] == "Bearer key-one-0123456789"
     assert "authorization" not in proxy.headers_for(r2.api_key)
+
+
+def test_the_load_scraper_sends_the_key(tmp_path):
+    """vLLM's /metrics is behind the key (nodeagent/backends/vllm.py GUARD_ALL_PATHS): the agent's scraper reads it
+    with the workload's key, over a real socket, and a server that refuses says so in the load's error."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from nodeagent.backends.loadscraper import LoadScraper
+    page = (b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 2.0\n"
+            b"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 1.0\n")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):        # noqa: N802 - http.server's name
+            ok = self.headers.get("authorization") == "Bearer s3cret-key-0123456789"
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(page if ok else b'{"error": "Unauthorized"}')
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        w = _backend_workload()
+        w.backend.kind, w.endpoint, w.state = "vllm", f"127.0.0.1:{server.server_port}", types_pb2.WORKLOAD_STATE_RUNNING
+        (load,) = asyncio.run(LoadScraper(lambda: [w], timeout=10).read())
+        assert load.scraped and load.requests_running == 2, load.error
+        w.backend.api_key = "wrong"
+        (load,) = asyncio.run(LoadScraper(lambda: [w], timeout=10).read())
+        assert not load.scraped and "401" in load.error
+    finally:
+        server.shutdown()
