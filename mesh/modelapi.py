@@ -114,7 +114,7 @@ def variant_to_dict(v: M.Variant) -> dict[str, Any]:
         "quantization": v.quantization, "weight_bytes": v.weight_bytes,
         "kv_bytes_per_token": v.kv_bytes_per_token, "kv_cache_type": v.kv_cache_type,
         "max_context": v.max_context, "context": v.context, "concurrency": v.concurrency,
-        "fallback_rank": v.fallback_rank,
+        "fallback_rank": v.fallback_rank, "artifact_sha256": v.artifact_sha256,
         "architecture": {"name": a.name, "block_count": a.block_count, "embedding_length": a.embedding_length,
                          "head_count": a.head_count, "head_count_kv": a.head_count_kv, "key_length": a.key_length,
                          "value_length": a.value_length, "vocab_size": a.vocab_size,

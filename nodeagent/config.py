@@ -84,6 +84,11 @@ class AgentConfig:
                                      "never 0, the agent's own, or a host account's)")
     workload_uid_map: str = option("", "fixed tenant ids: TENANT=UID[:GID],... (e.g. the tenant's account in your "
                                    "directory service)")
+    workload_egress_deny: str = option("local:2379,local:2380", "endpoints workloads may not open connections to, "
+                                       "HOST:PORT[-LAST],... (HOST: local = any address of this host, an address "
+                                       "or a CIDR network, IPv6 in brackets); nftables rejects them for tenant uids "
+                                       "(nodeagent/isolation/egress.py). The default is etcd's client and peer ports; "
+                                       "the agent adds its metrics port; empty turns the guard off")
     workload_namespaces: str = option("pid,ipc,mount", "namespaces each workload gets where the kernel allows "
                                       "(comma-separated of pid, ipc, mount)")
     workload_memory_default_bytes: int = option(8 << 30, "memory limit of a workload whose slice reserves no host "
@@ -133,6 +138,8 @@ class AgentConfig:
         from nodeagent.isolation.users import parse_map, parse_range
         parse_range(self.workload_uid_range)
         parse_map(self.workload_uid_map)
+        from nodeagent.isolation.egress import parse as parse_egress
+        parse_egress(self.workload_egress_deny)
         bad = set(filter(None, (n.strip() for n in self.workload_namespaces.split(",")))) - {"pid", "ipc", "mount"}
         if bad:
             raise ConfigError(f"workload_namespaces: {', '.join(sorted(bad))} not allowed (pid, ipc, mount)")

@@ -61,9 +61,11 @@ def install_components(agents, cfg: AgentConfig):
     from nodeagent.layout import NodeMig
     from nodeagent.workloads import WorkloadRunner
 
-    from nodeagent.isolation.setup import isolator_for, isolation_host
+    from nodeagent.isolation.setup import egress_guard, isolator_for, isolation_host
     host = isolation_host(cfg)
+    egress = egress_guard(cfg, host)
     for agent in agents:
+        agent.labels["gpumesh.io/workload-egress"] = egress
         daemon = mps.for_backend(cfg.gpu_backend)
         agent.slicer.mps = daemon
         NodeMig(agent, cfg.mig_mode, cfg.mig_layout).install()

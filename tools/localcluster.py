@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,8 +307,27 @@ class LocalCluster:
         for node in self.groups[name]:
             argv += ["--sim-host-file", str(self._host_files[node])]
         argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
-                 "--log-format", self.log_format, "--log-level", self.log_level, *self.agent_args]
+                 "--log-format", self.log_format, "--log-level", self.log_level,
+                 "--workload-egress-deny", self.egress_deny(), *self.agent_args]
         return Proc(name, argv, self._dir("logs") / f"{name}.log")
+
+    def egress_deny(self) -> str:
+        """What the agents' workloads may not connect to: etcd's default ports, and this cluster's etcd (its
+        embedded or external members' client and peer ports) and control-plane metrics ports
+        (nodeagent/isolation/egress.py)."""
+        ports = set()
+        for url in self.etcd_endpoints:
+            ports.add(urllib.parse.urlparse(url if "://" in url else f"http://{url}").port)
+        for saved in [self.etcd_data_dir / "ports.json", *(self.state_dir / "etcd-cluster").glob("*/ports.json")]:
+            try:
+                ports.update(json.loads(saved.read_text()).values())
+            except (OSError, ValueError, AttributeError):
+                pass
+        if self.metrics_endpoint:
+            ports.add(int(self.metrics_endpoint.rpartition(":")[2]))
+        items = ["local:2379", "local:2380", *(f"local:{p}" for p in sorted(p for p in ports
+                                                                              if isinstance(p, int) and p > 0))]
+        return ",".join(dict.fromkeys(items))
 
     def start_agent(self, node: str) -> str:
         """Start the agent process that runs `node` (and its co-hosted nodes) if it is not running."""

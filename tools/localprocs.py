@@ -142,7 +142,18 @@ def stop_workloads(state_dir: str | os.PathLike, grace: float = 5.0) -> int:
         deadline = time.monotonic() + grace
         while sig == signal.SIGTERM and time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.05)
+    remove_egress_guards(state_dir)
     return len(pids)
+
+
+def remove_egress_guards(state_dir: str | os.PathLike) -> None:
+    """Delete the nftables guards the cluster's agents installed for their workloads
+    (nodeagent/isolation/egress.py): they outlive an agent, not the cluster."""
+    from nodeagent.isolation import egress
+    agents = Path(state_dir) / "agents"
+    for d in (sorted(agents.iterdir()) if agents.is_dir() else []):
+        if d.is_dir():
+            egress.remove(str(d))
 
 
 def read_state(state_dir: str | os.PathLike) -> dict | None:

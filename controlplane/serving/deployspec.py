@@ -169,7 +169,7 @@ def serving_backend(spec: D.DeploymentSpec, variant: M.Variant, slice_memory: in
     b = types_pb2.ServingBackend(kind=kind, artifact=str(artifact.resolve(variant.artifact)),
                                  served_name=spec.model, context=context_of(spec, variant),
                                  concurrency=spec.backend.concurrency or 1, gpu_layers=spec.backend.gpu_layers,
-                                 memory_bytes=slice_memory)
+                                 memory_bytes=slice_memory, artifact_sha256=variant.artifact_sha256)
     if kind == "vllm":
         b.gpu_memory_utilization = gpu_memory_utilization(slice_memory, gpu_memory, isolation)
         b.device = spec.backend.device
@@ -183,5 +183,6 @@ def template(spec: D.DeploymentSpec, variant: M.Variant) -> str:
     b = spec.backend
     text = "|".join(str(x) for x in (variant.name, variant.artifact, context_of(spec, variant),
                                      b.concurrency or 1, b.gpu_layers, spec.restart_stamp)) + (
-        f"|{b.device}" if b.device else "")       # (absent when empty: earlier replicas' digests stay valid)
+        f"|{b.device}" if b.device else "") + (   # (absent when empty: earlier replicas' digests stay valid)
+        f"|{variant.artifact_sha256}" if variant.artifact_sha256 else "")   # new weights roll the replicas
     return hashlib.sha256(text.encode()).hexdigest()[:12]

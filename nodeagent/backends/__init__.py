@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from gpumesh.v1 import types_pb2
 
+from mesh.models.digest import DIGESTS
 from nodeagent.backends import llamacpp, vllm
 
 KINDS = (llamacpp.KIND, vllm.KIND)
@@ -53,9 +54,12 @@ def free_port(host: str) -> int:
 
 def prepare(w: types_pb2.Workload, host: str, python: str, options: BackendOptions | None = None) -> None:
     """Fill `w.command`, `w.env` (the backend's own variables) and `w.endpoint` from `w.backend`
-    (ValueError for an unknown kind or a backend this host cannot run)."""
+    (ValueError for an unknown kind, a backend this host cannot run, or an artifact whose SHA-256 is not
+    the registered one)."""
     b = w.backend
     opts = options or BackendOptions(host=host)
+    if b.artifact_sha256:       # the weights must be the registered ones (DigestMismatch is a ValueError)
+        DIGESTS.verify(b.artifact, b.artifact_sha256)
     port = free_port(host)
     if b.kind == llamacpp.KIND:
         argv, env = llamacpp.command(b, host, port, python), {}

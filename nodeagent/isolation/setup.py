@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
+
+from mesh.config import parse_hostport
+from mesh.logs import log
 
 from nodeagent.isolation import cgroups as cg
 from nodeagent.isolation.devices import NvidiaDevices, make_sim_nodes
 from nodeagent.isolation.plan import Isolator, IsolationSettings
 from nodeagent.isolation.probe import HostFeatures, probe
 from nodeagent.isolation.users import TenantUsers, parse_map, parse_range
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +66,31 @@ def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
     agent.desired_hooks.append(lambda d: iso.forget_slices({s.id for s in d.upserts}, full=d.full,
                                                            removed=set(d.removals)))
     return iso
+
+
+def egress_guard(cfg, host: IsolationHost) -> str:
+    """Install the workloads' egress guard of this agent process (egress.py); the node label's value:
+    guarded, off (nothing denied) or unguarded (nftables unusable here: logged)."""
+    from nodeagent.isolation import egress
+    endpoints = egress.parse(cfg.workload_egress_deny)
+    if endpoints and cfg.metrics_listen:
+        port = parse_hostport(cfg.metrics_listen, "metrics_listen")[1]
+        if port:
+            endpoints.append(egress.Endpoint("local", (port, port)))
+    if not endpoints:
+        egress.remove(cfg.state_dir)
+        return "off"
+    users = host.users
+    uids = [(users.lo, users.hi), *((i.uid, i.uid) for i in users.mapping.values())]
+    try:
+        table = egress.install(cfg.state_dir, uids, endpoints)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(logger, logging.WARNING, "workloads' egress guard not installed: they can reach every port of this "
+                                     "host", reason=str(e))
+        return "unguarded"
+    log(logger, logging.INFO, "workloads' egress guard installed", table=table,
+        denied=",".join(f"{e.address}:{e.port_text()}" for e in endpoints))
+    return "guarded"
 
 
 def inventory_labels(host: IsolationHost) -> dict[str, str]:

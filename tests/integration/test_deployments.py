@@ -5,7 +5,8 @@ Deploy two replicas (spread over the two nodes), a real completion from each end
 process and see it restarted while the other keeps answering; scale 2 -> 3 -> 1 -> 2; a rollout restart
 replaces both without fewer than two READY; restart the control plane and find the deployment intact with
 its running replicas adopted (same workloads, still answering); a backend that cannot load its model
-crash-loops with its log in the condition; a variant too large at the asked concurrency is refused; a
+crash-loops with its log in the condition; weights changed after registration are refused by the agent (the
+registry pinned their SHA-256); a variant too large at the asked concurrency is refused; a
 drained node's replica is replaced on the other node before it is stopped (and with no room elsewhere,
 stays and says why) while completions keep being answered; an agent restart keeps its replica (adopted);
 a replica on a lost node is replaced on the other; undeploy releases every slice.
@@ -172,6 +173,32 @@ def test_crashloop_with_log_lines(cluster, mesh, tmp_path):
         wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "broken"],
                  60, "the undeployed replicas' slices released")
         mesh.delete_model("broken")
+
+
+def test_weights_swapped_after_registration_are_refused_by_the_agent(cluster, mesh, tmp_path):
+    # the registry pins the GGUF's SHA-256; the file then changes under the same path: no server starts on it
+    path = write_tiny_gguf(tmp_path / "swapped.gguf")
+    os.chmod(tmp_path, 0o755)
+    m = mesh.register_model(M.Model(name="swapped", family="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), weight_bytes=4160, max_context=256,
+        architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                    head_count_kv=2))]))
+    pinned = m.variants[0].artifact_sha256
+    assert len(pinned) == 64
+    with open(path, "ab") as f:
+        f.write(b"\0" * 128)
+    try:
+        mesh.deploy("swapped", replicas=1)
+        evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="swapped")
+                                if e.reason == "ReplicaFailed"], SLOW, "the ReplicaFailed event", interval=0.5)
+        assert "weights are not the registered ones" in evs[0].message and pinned[:16] in evs[0].message, \
+            evs[0].message
+        assert mesh.get_deployment("swapped").status.ready_replicas == 0
+    finally:
+        mesh.undeploy("swapped")
+        wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "swapped"],
+                 60, "the undeployed replica's slice released")
+        mesh.delete_model("swapped")
 
 
 def test_replica_load_signals(cluster, mesh, smollm2):

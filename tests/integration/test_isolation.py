@@ -253,6 +253,45 @@ def test_syscalls_that_reach_other_processes_or_the_kernel_are_denied(mesh, slic
     still_fine(mesh, victim)
 
 
+def test_cannot_connect_to_etcd_or_the_metrics_ports(cluster, mesh, slices, victim):
+    """The egress guard (nodeagent/isolation/egress.py): etcd's ports and the control plane's metrics port are
+    refused to a tenant's process; another local port (a listener this test opens) is not."""
+    import json
+    import socket
+    import subprocess
+    if shutil.which("nft") is None:
+        pytest.skip("the nft command is not installed (apt install nftables): the agent cannot guard egress")
+    probe = subprocess.run(["nft", "-f", "-"], input="table inet gpumesh_probe\ndelete table inet gpumesh_probe\n",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"nftables is not usable on this host: {probe.stderr.strip()}")
+    node = mesh.get_node(HOSTS[0]["node"])
+    assert node.inventory.labels.get("gpumesh.io/workload-egress") == "guarded", dict(node.inventory.labels)
+    etcd = json.loads((cluster.etcd_data_dir / "ports.json").read_text())
+    metrics = int(cluster.metrics_endpoint.rpartition(":")[2])
+    with socket.socket() as open_port:
+        open_port.bind(("127.0.0.1", 0))
+        open_port.listen(8)
+        ports = {"etcd": etcd["client"], "etcd-peer": etcd["peer"], "metrics": metrics,
+                 "other": open_port.getsockname()[1]}
+        code = ("import socket\n"
+                f"for name, port in {ports!r}.items():\n"
+                "    s = socket.socket(); s.settimeout(10)\n"
+                "    try:\n"
+                "        s.connect(('127.0.0.1', port)); print('CONNECTED', name, flush=True)\n"
+                "    except OSError as e:\n"
+                "        print('REFUSED', name, e.errno, flush=True)\n")
+        done, out = run(mesh, slices[0].id, code)
+    assert done.state == t.WORKLOAD_STATE_SUCCEEDED, out
+    for name in ("etcd", "etcd-peer", "metrics"):
+        assert f"REFUSED {name}" in out, out
+    assert "CONNECTED other" in out, out
+    # the agent's own user (root here) still reaches etcd: only tenant uids are guarded
+    with socket.create_connection(("127.0.0.1", etcd["client"]), timeout=10):
+        pass
+    still_fine(mesh, victim)
+
+
 def test_agent_still_runs_workloads_after_the_attacks(mesh, slices, victim):
     done, out = run(mesh, slices[0].id, "print('STILL HERE')")
     assert done.state == t.WORKLOAD_STATE_SUCCEEDED and "STILL HERE" in out

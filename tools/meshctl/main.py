@@ -7,7 +7,9 @@ its subparsers; handlers import the SDK lazily so `meshctl --help` is fast.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, get, mesh, migrate,
@@ -81,18 +83,34 @@ def _describe_error(exc: BaseException, args: argparse.Namespace) -> str:
     return str(exc)
 
 
+def _terminated(signum, _frame):
+    """SIGTERM unwinds like Ctrl-C: the command's clean-up runs (a bench's cluster, its state directory)."""
+    raise Terminated(signum)
+
+
+class Terminated(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run meshctl; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    """Run meshctl; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted, 143 terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Terminated as t:
+        sys.stderr.write("terminated\n")
+        return 128 + t.signum
     except BrokenPipeError:
         return 0
     except CliError as exc:
@@ -109,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
         return 1
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -322,6 +322,7 @@ def format_model(d: dict, context: int = 0, concurrency: int = 0) -> str:
         text += f"Variant {v['name']} (fallback rank {v['fallback_rank']}):\n"
         text += _fields([
             ("Backend", v["backend"]), ("Artifact", f"{v['artifact']} ({v['artifact_format']})"),
+            ("SHA-256", v.get("artifact_sha256") or "(not pinned: agents do not check the weights)"),
             ("Quantization", v["quantization"]),
             ("Architecture", f"{a['name']}: {a['block_count']} blocks, embedding {a['embedding_length']}, "
                              f"{a['head_count']} heads ({a['head_count_kv'] or a['head_count']} KV), "

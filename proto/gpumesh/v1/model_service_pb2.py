@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpumesh/v1/model_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x0c\x41rchitecture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62lock_count\x18\x02 \x01(\x05\x12\x18\n\x10\x65mbedding_length\x18\x03 \x01(\x05\x12\x12\n\nhead_count\x18\x04 \x01(\x05\x12\x15\n\rhead_count_kv\x18\x05 \x01(\x05\x12\x12\n\nkey_length\x18\x06 \x01(\x05\x12\x14\n\x0cvalue_length\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x17\n\x0fparameter_count\x18\t \x01(\x03\"\xc3\x02\n\x0bMeasurement\x12\x19\n\x11tokens_per_second\x18\x01 \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\x12/\n\x0bmeasured_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ontext\x18\x05 \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x10\n\x08requests\x18\x08 \x01(\x05\x12\x15\n\rprompt_tokens\x18\t \x01(\x05\x12\x12\n\nmax_tokens\x18\n \x01(\x05\x12\x18\n\x10ttft_p95_seconds\x18\x0b \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x0c \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\"\xa9\x01\n\x08SliceFit\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\x13\n\x0bmig_profile\x18\x02 \x01(\t\x12\x18\n\x10mig_memory_bytes\x18\x03 \x01(\x03\x12\x18\n\x10mps_memory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11mps_compute_share\x18\x05 \x01(\x01\x12\x18\n\x10gpu_memory_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04\x66its\x18\x07 \x01(\x08\"\xb5\x01\n\x0cVramEstimate\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x04 \x01(\x03\x12\x16\n\x0eoverhead_bytes\x18\x05 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12$\n\x06slices\x18\x07 \x03(\x0b\x32\x14.gpumesh.v1.SliceFit\"\x8c\x04\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x13.gpumesh.v1.Backend\x12\x10\n\x08\x61rtifact\x18\x03 \x01(\t\x12\x33\n\x0f\x61rtifact_format\x18\x04 \x01(\x0e\x32\x1a.gpumesh.v1.ArtifactFormat\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12.\n\x0c\x61rchitecture\x18\x06 \x01(\x0b\x32\x18.gpumesh.v1.Architecture\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x08 \x01(\x03\x12\x15\n\rkv_cache_type\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12\x15\n\rfallback_rank\x18\x0b \x01(\x05\x12\x33\n\x08measured\x18\x0c \x03(\x0b\x32!.gpumesh.v1.Variant.MeasuredEntry\x12\x0f\n\x07\x63ontext\x18\r \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x0e \x01(\x05\x12&\n\x04vram\x18\x0f \x01(\x0b\x32\x18.gpumesh.v1.VramEstimate\x1aH\n\rMeasuredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gpumesh.v1.Measurement:\x02\x38\x01\"\xb3\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x06labels\x18\x04 \x03(\x0b\x32\x1d.gpumesh.v1.Model.LabelsEntry\x12%\n\x08variants\x18\x05 \x03(\x0b\x32\x13.gpumesh.v1.Variant\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x14RegisterModelRequest\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.gpumesh.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8d\x01\n\x11ListModelsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x39\n\x06labels\x18\x02 \x03(\x0b\x32).gpumesh.v1.ListModelsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.gpumesh.v1.Model\"6\n\x12UpdateModelRequest\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.gpumesh.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*K\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42\x41\x43KEND_LLAMA_CPP\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_VLLM\x10\x02*r\n\x0e\x41rtifactFormat\x12\x1f\n\x1b\x41RTIFACT_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41RTIFACT_FORMAT_GGUF_FILE\x10\x01\x12 \n\x1c\x41RTIFACT_FORMAT_HF_DIRECTORY\x10\x02\x32\xc7\x02\n\x0cModelService\x12?\n\x08Register\x12 .gpumesh.v1.RegisterModelRequest\x1a\x11.gpumesh.v1.Model\x12\x35\n\x03Get\x12\x1b.gpumesh.v1.GetModelRequest\x1a\x11.gpumesh.v1.Model\x12\x45\n\x04List\x12\x1d.gpumesh.v1.ListModelsRequest\x1a\x1e.gpumesh.v1.ListModelsResponse\x12;\n\x06Update\x12\x1e.gpumesh.v1.UpdateModelRequest\x1a\x11.gpumesh.v1.Model\x12;\n\x06\x44\x65lete\x12\x1e.gpumesh.v1.DeleteModelRequest\x1a\x11.gpumesh.v1.Modelb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpumesh/v1/model_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x0c\x41rchitecture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62lock_count\x18\x02 \x01(\x05\x12\x18\n\x10\x65mbedding_length\x18\x03 \x01(\x05\x12\x12\n\nhead_count\x18\x04 \x01(\x05\x12\x15\n\rhead_count_kv\x18\x05 \x01(\x05\x12\x12\n\nkey_length\x18\x06 \x01(\x05\x12\x14\n\x0cvalue_length\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x17\n\x0fparameter_count\x18\t \x01(\x03\"\xc3\x02\n\x0bMeasurement\x12\x19\n\x11tokens_per_second\x18\x01 \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\x12/\n\x0bmeasured_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ontext\x18\x05 \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x10\n\x08requests\x18\x08 \x01(\x05\x12\x15\n\rprompt_tokens\x18\t \x01(\x05\x12\x12\n\nmax_tokens\x18\n \x01(\x05\x12\x18\n\x10ttft_p95_seconds\x18\x0b \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x0c \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\"\xa9\x01\n\x08SliceFit\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\x13\n\x0bmig_profile\x18\x02 \x01(\t\x12\x18\n\x10mig_memory_bytes\x18\x03 \x01(\x03\x12\x18\n\x10mps_memory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11mps_compute_share\x18\x05 \x01(\x01\x12\x18\n\x10gpu_memory_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04\x66its\x18\x07 \x01(\x08\"\xb5\x01\n\x0cVramEstimate\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x04 \x01(\x03\x12\x16\n\x0eoverhead_bytes\x18\x05 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12$\n\x06slices\x18\x07 \x03(\x0b\x32\x14.gpumesh.v1.SliceFit\"\xa5\x04\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x13.gpumesh.v1.Backend\x12\x10\n\x08\x61rtifact\x18\x03 \x01(\t\x12\x33\n\x0f\x61rtifact_format\x18\x04 \x01(\x0e\x32\x1a.gpumesh.v1.ArtifactFormat\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12.\n\x0c\x61rchitecture\x18\x06 \x01(\x0b\x32\x18.gpumesh.v1.Architecture\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x08 \x01(\x03\x12\x15\n\rkv_cache_type\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12\x15\n\rfallback_rank\x18\x0b \x01(\x05\x12\x33\n\x08measured\x18\x0c \x03(\x0b\x32!.gpumesh.v1.Variant.MeasuredEntry\x12\x0f\n\x07\x63ontext\x18\r \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x0e \x01(\x05\x12&\n\x04vram\x18\x0f \x01(\x0b\x32\x18.gpumesh.v1.VramEstimate\x12\x17\n\x0f\x61rtifact_sha256\x18\x10 \x01(\t\x1aH\n\rMeasuredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gpumesh.v1.Measurement:\x02\x38\x01\"\xb3\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x06labels\x18\x04 \x03(\x0b\x32\x1d.gpumesh.v1.Model.LabelsEntry\x12%\n\x08variants\x18\x05 \x03(\x0b\x32\x13.gpumesh.v1.Variant\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x14RegisterModelRequest\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.gpumesh.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8d\x01\n\x11ListModelsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x39\n\x06labels\x18\x02 \x03(\x0b\x32).gpumesh.v1.ListModelsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.gpumesh.v1.Model\"6\n\x12UpdateModelRequest\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.gpumesh.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*K\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42\x41\x43KEND_LLAMA_CPP\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_VLLM\x10\x02*r\n\x0e\x41rtifactFormat\x12\x1f\n\x1b\x41RTIFACT_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41RTIFACT_FORMAT_GGUF_FILE\x10\x01\x12 \n\x1c\x41RTIFACT_FORMAT_HF_DIRECTORY\x10\x02\x32\xc7\x02\n\x0cModelService\x12?\n\x08Register\x12 .gpumesh.v1.RegisterModelRequest\x1a\x11.gpumesh.v1.Model\x12\x35\n\x03Get\x12\x1b.gpumesh.v1.GetModelRequest\x1a\x11.gpumesh.v1.Model\x12\x45\n\x04List\x12\x1d.gpumesh.v1.ListModelsRequest\x1a\x1e.gpumesh.v1.ListModelsResponse\x12;\n\x06Update\x12\x1e.gpumesh.v1.UpdateModelRequest\x1a\x11.gpumesh.v1.Model\x12;\n\x06\x44\x65lete\x12\x1e.gpumesh.v1.DeleteModelRequest\x1a\x11.gpumesh.v1.Modelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTMODELSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_BACKEND']._serialized_start=2190
-  _globals['_BACKEND']._serialized_end=2265
-  _globals['_ARTIFACTFORMAT']._serialized_start=2267
-  _globals['_ARTIFACTFORMAT']._serialized_end=2381
+  _globals['_BACKEND']._serialized_start=2215
+  _globals['_BACKEND']._serialized_end=2290
+  _globals['_ARTIFACTFORMAT']._serialized_start=2292
+  _globals['_ARTIFACTFORMAT']._serialized_end=2406
   _globals['_ARCHITECTURE']._serialized_start=80
   _globals['_ARCHITECTURE']._serialized_end=285
   _globals['_MEASUREMENT']._serialized_start=288
@@ -51,27 +51,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VRAMESTIMATE']._serialized_start=786
   _globals['_VRAMESTIMATE']._serialized_end=967
   _globals['_VARIANT']._serialized_start=970
-  _globals['_VARIANT']._serialized_end=1494
-  _globals['_VARIANT_MEASUREDENTRY']._serialized_start=1422
-  _globals['_VARIANT_MEASUREDENTRY']._serialized_end=1494
-  _globals['_MODEL']._serialized_start=1497
-  _globals['_MODEL']._serialized_end=1804
-  _globals['_MODEL_LABELSENTRY']._serialized_start=1759
-  _globals['_MODEL_LABELSENTRY']._serialized_end=1804
-  _globals['_REGISTERMODELREQUEST']._serialized_start=1806
-  _globals['_REGISTERMODELREQUEST']._serialized_end=1862
-  _globals['_GETMODELREQUEST']._serialized_start=1864
-  _globals['_GETMODELREQUEST']._serialized_end=1895
-  _globals['_LISTMODELSREQUEST']._serialized_start=1898
-  _globals['_LISTMODELSREQUEST']._serialized_end=2039
-  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_start=1759
-  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_end=1804
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2041
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2096
-  _globals['_UPDATEMODELREQUEST']._serialized_start=2098
-  _globals['_UPDATEMODELREQUEST']._serialized_end=2152
-  _globals['_DELETEMODELREQUEST']._serialized_start=2154
-  _globals['_DELETEMODELREQUEST']._serialized_end=2188
-  _globals['_MODELSERVICE']._serialized_start=2384
-  _globals['_MODELSERVICE']._serialized_end=2711
+  _globals['_VARIANT']._serialized_end=1519
+  _globals['_VARIANT_MEASUREDENTRY']._serialized_start=1447
+  _globals['_VARIANT_MEASUREDENTRY']._serialized_end=1519
+  _globals['_MODEL']._serialized_start=1522
+  _globals['_MODEL']._serialized_end=1829
+  _globals['_MODEL_LABELSENTRY']._serialized_start=1784
+  _globals['_MODEL_LABELSENTRY']._serialized_end=1829
+  _globals['_REGISTERMODELREQUEST']._serialized_start=1831
+  _globals['_REGISTERMODELREQUEST']._serialized_end=1887
+  _globals['_GETMODELREQUEST']._serialized_start=1889
+  _globals['_GETMODELREQUEST']._serialized_end=1920
+  _globals['_LISTMODELSREQUEST']._serialized_start=1923
+  _globals['_LISTMODELSREQUEST']._serialized_end=2064
+  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_start=1784
+  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_end=1829
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2066
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2121
+  _globals['_UPDATEMODELREQUEST']._serialized_start=2123
+  _globals['_UPDATEMODELREQUEST']._serialized_end=2177
+  _globals['_DELETEMODELREQUEST']._serialized_start=2179
+  _globals['_DELETEMODELREQUEST']._serialized_end=2213
+  _globals['_MODELSERVICE']._serialized_start=2409
+  _globals['_MODELSERVICE']._serialized_end=2736
 # @@protoc_insertion_point(module_scope)

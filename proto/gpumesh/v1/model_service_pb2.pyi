@@ -117,7 +117,7 @@ class VramEstimate(_message.Message):
     def __init__(self, context: _Optional[int] = ..., concurrency: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., overhead_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceFit, _Mapping]]] = ...) -> None: ...
 
 class Variant(_message.Message):
-    __slots__ = ("name", "backend", "artifact", "artifact_format", "quantization", "architecture", "weight_bytes", "kv_bytes_per_token", "kv_cache_type", "max_context", "fallback_rank", "measured", "context", "concurrency", "vram")
+    __slots__ = ("name", "backend", "artifact", "artifact_format", "quantization", "architecture", "weight_bytes", "kv_bytes_per_token", "kv_cache_type", "max_context", "fallback_rank", "measured", "context", "concurrency", "vram", "artifact_sha256")
     class MeasuredEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class Variant(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     VRAM_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: Backend
     artifact: str
@@ -155,7 +156,8 @@ class Variant(_message.Message):
     context: int
     concurrency: int
     vram: VramEstimate
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., artifact: _Optional[str] = ..., artifact_format: _Optional[_Union[ArtifactFormat, str]] = ..., quantization: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_cache_type: _Optional[str] = ..., max_context: _Optional[int] = ..., fallback_rank: _Optional[int] = ..., measured: _Optional[_Mapping[str, Measurement]] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., vram: _Optional[_Union[VramEstimate, _Mapping]] = ...) -> None: ...
+    artifact_sha256: str
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., artifact: _Optional[str] = ..., artifact_format: _Optional[_Union[ArtifactFormat, str]] = ..., quantization: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_cache_type: _Optional[str] = ..., max_context: _Optional[int] = ..., fallback_rank: _Optional[int] = ..., measured: _Optional[_Mapping[str, Measurement]] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., vram: _Optional[_Union[VramEstimate, _Mapping]] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "family", "description", "labels", "variants", "created_at", "updated_at", "generation")

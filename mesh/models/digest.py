@@ -1,0 +1,91 @@
+"""The SHA-256 of a model artifact, so that the weights an agent loads are the weights that were registered.
+
+- A file (GGUF): the SHA-256 of its bytes, what `sha256sum FILE` prints.
+- A directory (Hugging Face format): the SHA-256 of its manifest, one line per regular file below it in
+  sorted order of the path relative to the directory, `<sha256 of the file>  <relative path>\\n`: what
+  `cd DIR && find . -type f | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum` prints (symbolic
+  links are followed, as a Hugging Face cache's snapshot links to its blobs).
+
+Hashing reads the whole artifact (about 1-2 GB/s per core). `ArtifactDigests` remembers each file's digest
+under its identity and change stamps (device, inode, size, modification and status-change times): a write, a
+rename over it or a `touch -d` changes the status-change time, which no unprivileged user can set back, so a
+changed file is read again while an unchanged one is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from pathlib import Path
+
+HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+
+
+class DigestMismatch(ValueError):
+    """The artifact on disk is not the registered one (the message names both digests)."""
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_below(directory: Path) -> list[str]:
+    """The regular files below `directory` (links followed), as sorted relative POSIX paths."""
+    out = []
+    for root, _dirs, files in os.walk(directory, followlinks=True):
+        for name in files:
+            p = Path(root) / name
+            if p.is_file():
+                out.append(p.relative_to(directory).as_posix())
+    return sorted(out, key=lambda s: s.encode())
+
+
+class ArtifactDigests:
+    """Digests of artifacts, each file read once while it does not change (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple, str]] = {}
+        self._lock = threading.Lock()
+
+    def _file(self, path: Path) -> str:
+        real = os.path.realpath(path)
+        stamp = _stamp(os.stat(real))
+        with self._lock:
+            hit = self._known.get(real)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        digest = file_sha256(Path(real))
+        if _stamp(os.stat(real)) == stamp:          # not written while it was read: remember it
+            with self._lock:
+                self._known[real] = (stamp, digest)
+        return digest
+
+    def of(self, path: str | Path) -> str:
+        """The artifact's digest (OSError when it cannot be read)."""
+        p = Path(path)
+        if not p.is_dir():
+            return self._file(p)
+        manifest = "".join(f"{self._file(p / rel)}  {rel}\n" for rel in files_below(p))
+        return hashlib.sha256(manifest.encode()).hexdigest()
+
+    def verify(self, path: str | Path, expected: str) -> None:
+        """DigestMismatch unless the artifact's digest is `expected`."""
+        got = self.of(path)
+        if got != expected.lower():
+            raise DigestMismatch(f"the weights are not the registered ones: SHA-256 {got} where the model pins "
+                                 f"{expected.lower()} (artifact {path}; to accept new weights, update the model "
+                                 "with their artifact_sha256)")
+
+
+DIGESTS = ArtifactDigests()

@@ -1,0 +1,128 @@
+"""The workloads' egress guard: tenant processes may not open connections to the host's own unauthenticated
+services (etcd, Prometheus endpoints), whatever their namespaces.
+
+Workloads share the host's network namespace (a model server must be reachable by the gateway), so a tenant
+process could reach every port the host listens on. This installs an nftables table with one rule in the
+output hook: a new TCP or UDP flow whose socket belongs to a tenant uid (the allocated range and the mapped
+uids) and whose destination is one of the denied endpoints is rejected (the connection is refused, as a
+closed port would be). Established flows and other owners are untouched; loopback traffic to any other port
+(a server's own helpers, the SDK's data plane, which authenticates every channel) goes through.
+
+Endpoints (`workload_egress_deny`, comma-separated): `local:PORT` (any address of this host), `ADDRESS:PORT`
+or `CIDR:PORT` (IPv4, or IPv6 in brackets), where PORT is a number or FIRST-LAST. The default denies etcd's
+client and peer ports on the host; the agent adds its own metrics port.
+
+The table (`inet gpumesh_egress_<hash of the state directory>`) is replaced atomically at each agent start and
+kept when the agent stops: workloads outlive an agent restart, and so does their guard. `meshctl down` (and a
+local cluster's stop) deletes it with the workloads. It needs the `nft` command (the nftables package) and
+CAP_NET_ADMIN; without them the agent logs why and labels the node `gpumesh.io/workload-egress=unguarded`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from mesh.config import ConfigError
+
+DEFAULT_DENY = "local:2379,local:2380"
+TABLE_PREFIX = "gpumesh_egress_"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str          # "local", or an IPv4/IPv6 network in CIDR form
+    ports: tuple[int, int]
+
+    @property
+    def family(self) -> str:
+        if self.address == "local":
+            return "local"
+        return "ip6" if ":" in self.address else "ip"
+
+    def port_text(self) -> str:
+        lo, hi = self.ports
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _ports(text: str, where: str) -> tuple[int, int]:
+    lo_s, _, hi_s = text.partition("-")
+    try:
+        lo, hi = int(lo_s), int(hi_s or lo_s)
+    except ValueError:
+        raise ConfigError(f"workload_egress_deny: {where}: {text!r} is not a port or FIRST-LAST") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise ConfigError(f"workload_egress_deny: {where}: ports must be within 1..65535 with FIRST <= LAST")
+    return lo, hi
+
+
+def parse(text: str) -> list[Endpoint]:
+    """`local:2379,10.0.0.0/8:9100,[::1]:2379-2380` -> endpoints; ConfigError naming the item."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"workload_egress_deny: {item!r} is not HOST:PORT (HOST: local, an address or a "
+                              "CIDR network, IPv6 in brackets)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host != "local":
+            try:
+                host = str(ipaddress.ip_network(host, strict=False))
+            except ValueError:
+                raise ConfigError(f"workload_egress_deny: {item!r}: {host!r} is not local, an address or a "
+                                  "CIDR network") from None
+        out.append(Endpoint(host, _ports(port, repr(item))))
+    return out
+
+
+def table_name(state_dir: str) -> str:
+    return TABLE_PREFIX + hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:12]
+
+
+def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint]) -> str:
+    """The nft script that replaces `table` with the guard (atomic: one transaction)."""
+    uids = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in sorted(set(uid_ranges)))
+    who = f"meta skuid {{ {uids} }} ct state new meta l4proto {{ tcp, udp }}"
+    rules = []
+    for e in endpoints:
+        where = {"local": "fib daddr type local", "ip": f"ip daddr {e.address}",
+                 "ip6": f"ip6 daddr {e.address}"}[e.family]
+        rules.append(f"    {who} {where} th dport {e.port_text()} counter reject")
+    body = "\n".join(rules)
+    return (f"table inet {table}\ndelete table inet {table}\n"
+            f"table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n"
+            f"{body}\n  }}\n}}\n")
+
+
+def _nft(script: str) -> None:
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    if not os.path.exists(nft):
+        raise OSError("the nft command is not installed (apt install nftables)")
+    r = subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise OSError(f"nft: {r.stderr.strip() or 'failed'}")
+
+
+def install(state_dir: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint]) -> str:
+    """Install (or replace) the guard of the agent whose state directory is `state_dir`; its table name.
+    OSError when nftables cannot be used here."""
+    table = table_name(state_dir)
+    if not endpoints:
+        remove(state_dir)
+        return table
+    _nft(ruleset(table, uid_ranges, endpoints))
+    return table
+
+
+def remove(state_dir: str) -> None:
+    """Delete the guard of `state_dir`'s agent, if any (nothing when nftables is missing)."""
+    table = table_name(state_dir)
+    try:
+        _nft(f"table inet {table}\ndelete table inet {table}\n")
+    except (OSError, subprocess.TimeoutExpired):
+        pass

@@ -1,0 +1,52 @@
+"""The workloads' egress guard without an agent: parsing the endpoints and the nftables script
+(nodeagent/isolation/egress.py; tests/integration/test_isolation.py runs it against real nftables)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.config import ConfigError
+from nodeagent.isolation import egress
+
+
+def test_endpoints_parse_with_local_addresses_networks_and_port_ranges():
+    got = egress.parse(" local:2379, 10.1.2.3:9100 ,10.0.0.0/8:9100-9200,[::1]:2380,")
+    assert [(e.address, e.ports, e.family) for e in got] == [
+        ("local", (2379, 2379), "local"), ("10.1.2.3/32", (9100, 9100), "ip"),
+        ("10.0.0.0/8", (9100, 9200), "ip"), ("::1/128", (2380, 2380), "ip6")]
+    assert egress.parse("") == []
+
+
+@pytest.mark.parametrize("text, words", [
+    ("2379", "is not HOST:PORT"),
+    ("local:", "'' is not a port"),
+    ("local:0", "within 1..65535"),
+    ("local:9-3", "FIRST <= LAST"),
+    ("example.com:80", "'example.com' is not local, an address or a CIDR network"),
+])
+def test_bad_endpoints_are_refused_naming_the_option(text, words):
+    with pytest.raises(ConfigError, match="workload_egress_deny") as e:
+        egress.parse(text)
+    assert words in str(e.value)
+
+
+def test_the_script_replaces_the_table_at_once_and_matches_only_tenant_uids():
+    script = egress.ruleset("gpumesh_egress_t", [(200000, 265535), (1234, 1234), (1234, 1234)],
+                            egress.parse("local:2379,10.0.0.0/8:9100"))
+    lines = script.splitlines()
+    assert lines[:2] == ["table inet gpumesh_egress_t", "delete table inet gpumesh_egress_t"]
+    rules = [ln.strip() for ln in lines if "reject" in ln]
+    assert rules == [
+        "meta skuid { 1234, 200000-265535 } ct state new meta l4proto { tcp, udp } fib daddr type local "
+        "th dport 2379 counter reject",
+        "meta skuid { 1234, 200000-265535 } ct state new meta l4proto { tcp, udp } ip daddr 10.0.0.0/8 "
+        "th dport 9100 counter reject"]
+    assert egress.table_name("/var/lib/a") != egress.table_name("/var/lib/b")
+    assert egress.table_name("/var/lib/a") == egress.table_name("/var/lib/a/")
+
+
+def test_the_agent_config_checks_the_option():
+    from nodeagent.config import AgentConfig
+    cfg = AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_egress_deny="local:x")
+    with pytest.raises(ConfigError, match="workload_egress_deny"):
+        cfg.check()
