@@ -4,6 +4,7 @@
         d = mesh.deploy("smollm2-135m", replicas=2, name="chat")        # returns at once
         d = mesh.wait_deployment("chat", lambda d: d.status.ready_replicas == 2, timeout=300)
         [r.endpoint for r in d.replicas]          # host:port of each OpenAI-compatible server
+        mesh.replica_api_keys()[d.replicas[0].id]  # its key (admins only; tenants go through the gateway)
         mesh.scale_deployment("chat", 1)
         mesh.set_scaling("chat", scalingpolicy.build(min_replicas=1, max_replicas=4, target=4))  # autoscale
         mesh.undeploy("chat")
@@ -106,6 +107,23 @@ class DeploymentApi:
     def undeploy(self, name: str) -> D.Deployment:
         """Delete a deployment: its replicas are stopped and their slices released in the background."""
         return _converting(self._deploysvc.Delete)(D.DeleteDeploymentRequest(name=name), timeout=self.timeout)
+
+    def replica_api_keys(self) -> dict[str, str]:
+        """Replica ID -> the key its model server requires (`authorization: Bearer <key>`), from one snapshot
+        of the serving view. Admins only (the gateway's identity): a tenant or viewer gets an empty map and
+        reaches the replicas through the gateway."""
+        import grpc
+        from mesh import richstatus
+        from gpumesh.v1 import servingview_service_pb2 as V
+        from gpumesh.v1 import servingview_service_pb2_grpc
+        call = servingview_service_pb2_grpc.ServingViewServiceStub(self._channel).Watch(
+            V.WatchServingViewRequest(), timeout=self.timeout)
+        try:
+            return dict(next(iter(call)).replica_api_keys)
+        except grpc.RpcError as exc:
+            raise richstatus.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
 
     def watch_deployment(self, name: str, timeout: float | None = None) -> Iterator[D.Deployment]:
         """The deployment now and after each change, until it is deleted (or `timeout`)."""

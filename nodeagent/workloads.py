@@ -233,6 +233,9 @@ class WorkloadRunner:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
         env.update(w.env)
         env.update(st.env)          # the slice's own environment always wins
+        if w.HasField("backend"):   # a model server's API key: its environment only, never w.env or argv
+            from nodeagent import backends
+            env.update(backends.secret_environment(w))
         env["GPUMESH_WORKLOAD_ID"] = w.id
         env["GPUMESH_CHECKPOINT_SOCKET"] = self.socket_path(w.id)
         argv = [sys.executable, SHIM, "--pid-file", self.path(w.id, "pid"), "--exit-file", self.path(w.id, "exit"),

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             v, _ = importer.variant_from_artifact(str(smollm2_gguf()), context=512)
             m.register_model(M.Model(name="smollm2", family="smollm2", variants=[v]))
             m.deploy("smollm2", name="chat", replicas=1, context=512)
-            ep = m.wait_deployment("chat", lambda x: x.status.ready_replicas == 1, timeout=300).replicas[0].endpoint
+            rep = m.wait_deployment("chat", lambda x: x.status.ready_replicas == 1, timeout=300).replicas[0]
+            ep, key = rep.endpoint, m.replica_api_keys().get(rep.id, "")     # the replica requires its key
         gw = c.gateway_url
         deadline = time.monotonic() + 60
         while not any(r["ready"] for mm in httpx.get(f"{gw}/v1/gpu/status").json()["models"] for r in mm["replicas"]):
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(timeout=120) as h:
             for i in range(args.n + 5):
                 t = time.perf_counter()
-                r1 = h.post(f"http://{ep}/v1/completions", json=body)
+                r1 = h.post(f"http://{ep}/v1/completions", json=body, headers={"authorization": f"Bearer {key}"})
                 a = time.perf_counter() - t
                 t = time.perf_counter()
                 r2 = h.post(f"{gw}/v1/completions", json=dict(body, model="chat"))

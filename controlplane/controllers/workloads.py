@@ -24,6 +24,7 @@ from controlplane.state import keys
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
+from controlplane.serving.replicakeys import redacted
 from controlplane.state.store import Absent, Put
 from gpumesh.v1 import node_service_pb2, types_pb2, workload_service_pb2, workload_service_pb2_grpc
 from mesh import errors
@@ -406,22 +407,23 @@ class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
             if not s.tenant:        # a warm slice (the orchestrator's): a tenant claims it empty
                 raise errors.FailedPrecondition(f"slice {request.slice_id} is a warm slice held for Allocate "
                                                 "and runs no workload; allocate a slice to run one")
-        return await self.m.run(request)
+        return redacted(await self.m.run(request))
 
     @unary
     async def Stop(self, request, context):
         self._own(request.id)
-        return await self.m.stop_workload(request.id, request.grace_seconds)
+        return redacted(await self.m.stop_workload(request.id, request.grace_seconds))
 
     @unary
     async def Get(self, request, context):
         self._own(request.id)
-        return self.m.get(request.id)
+        return redacted(self.m.get(request.id))
 
     @unary
     async def List(self, request, context):
         return workload_service_pb2.ListWorkloadsResponse(
-            workloads=self.m.list(auth.scope_tenant(request.tenant), request.node, request.slice_id))
+            workloads=[redacted(w) for w in self.m.list(auth.scope_tenant(request.tenant), request.node,
+                                                        request.slice_id)])
 
     @streaming
     async def Logs(self, request, context):

@@ -189,7 +189,8 @@ async def benchmark_model(gw, caller: Caller, model_name: str | None, max_tokens
             continue
         start, tokens, first = _time.monotonic(), 0, None
         try:
-            s = await proxy.open_stream(gw.http, c.replica.endpoint, "/v1/completions", body)
+            s = await proxy.open_stream(gw.http, c.replica.endpoint, "/v1/completions", body,
+                                       c.replica.api_key)
             first = _time.monotonic() - start
             events = list(s.first)
             try:

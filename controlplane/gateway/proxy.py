@@ -1,6 +1,7 @@
 """Talking to a replica's backend over HTTP (httpx, one pooled async client): a whole answer, or a stream
 whose first event is read before the client sees anything (so a failure before the first token can be
-retried on another replica)."""
+retried on another replica). Each request carries the replica's API key (`authorization: Bearer`), which
+the gateway has from its serving view."""
 
 from __future__ import annotations
 
@@ -51,9 +52,17 @@ def make_client(timeout: float) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512))
 
 
-async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes) -> bytes:
+def headers_for(api_key: str, **more: str) -> dict[str, str]:
+    """The request headers to a replica: its API key (controlplane/serving/replicakeys.py), when it has one."""
+    out = {"content-type": "application/json", **more}
+    if api_key:
+        out["authorization"] = f"Bearer {api_key}"
+    return out
+
+
+async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes, api_key: str = "") -> bytes:
     try:
-        r = await client.post(f"http://{endpoint}{path}", content=data, headers={"content-type": "application/json"})
+        r = await client.post(f"http://{endpoint}{path}", content=data, headers=headers_for(api_key))
     except httpx.HTTPError as e:
         raise failed(e) from None
     if r.status_code >= 500:
@@ -74,10 +83,11 @@ class OpenStream:
         await self.response.aclose()
 
 
-async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes) -> OpenStream:
+async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes,
+                      api_key: str = "") -> OpenStream:
     """Send the request and read up to the first event; BackendFailed if it fails before one arrives."""
     req = client.build_request("POST", f"http://{endpoint}{path}", content=data,
-                               headers={"content-type": "application/json", "accept": "text/event-stream"})
+                               headers=headers_for(api_key, accept="text/event-stream"))
     try:
         resp = await client.send(req, stream=True)
     except httpx.HTTPError as e:

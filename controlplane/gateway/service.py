@@ -301,7 +301,7 @@ class Gateway:
             started = time.monotonic()
             try:
                 if stream:
-                    s = await proxy.open_stream(self.http, c.replica.endpoint, path, data)
+                    s = await proxy.open_stream(self.http, c.replica.endpoint, path, data, c.replica.api_key)
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
                     plan = Plan(path, body, path.endswith("/chat/completions"), deps, ctx, prio, self.resumes)
@@ -310,7 +310,7 @@ class Gateway:
                     # slot is released when the generator is dropped
                     weakref.finalize(relay, slot.release)
                     return Outcome(200, stream=relay, headers=self._headers(slot, t))
-                answer = await proxy.complete(self.http, c.replica.endpoint, path, data)
+                answer = await proxy.complete(self.http, c.replica.endpoint, path, data, c.replica.api_key)
                 t.backend_s += time.monotonic() - started
             except proxy.BackendFailed as e:
                 t.backend_s += time.monotonic() - started

@@ -45,6 +45,7 @@ class ReplicaInfo:
     running: int | None = None       # the backend's own load signals, when the control plane reports them
     waiting: int | None = None
     kv_usage: float | None = None    # 0..1
+    api_key: str = field(default="", repr=False)   # its server's key (the serving view's replica_api_keys)
 
     @property
     def key(self) -> str:
@@ -97,7 +98,8 @@ class FleetView:
                 running, waiting, kv = _signals(r)
                 info.replicas.append(ReplicaInfo(
                     r.id, d.spec.name, r.endpoint, r.state == D.REPLICA_STATE_READY and bool(r.endpoint),
-                    (r.node, r.gpu_index), backend, max(1, d.spec.backend.concurrency), running, waiting, kv))
+                    (r.node, r.gpu_index), backend, max(1, d.spec.backend.concurrency), running, waiting, kv,
+                    view.replica_api_keys.get(r.id, "")))
             deps[info.name] = info
         gpus = {}
         for g in view.gpus:

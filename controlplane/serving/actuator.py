@@ -9,8 +9,9 @@ backends run through `WorkloadManager.run` (what WorkloadService.Run calls) as w
 
 Readiness is checked here, by the control plane, over HTTP (httpx): the backend's health endpoint
 answers 200 (vLLM's `/health`; llama-cpp-python's server has none: its `/v1/models`), and a one-token
-completion of a short prompt comes back with a choice. The control plane
-must reach the endpoints anyway (so must the gateway).
+completion of a short prompt comes back with a choice, both sent with the replica's API key (every backend
+requires its replica's own key: controlplane/serving/replicakeys.py). The control plane must reach the
+endpoints anyway (so must the gateway).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class Actuator:
         node = self.ctl.fleet.nodes.get(s.node)
         gpu_mem = next((g.memory_bytes for g in (node.gpus if node else []) if g.uuid == s.gpu_uuid), 0)
         backend = deployspec.serving_backend(spec, variant, s.memory_bytes, gpu_mem, s.isolation)
+        # the server requires this replica's own key (made once per replica, durable before it starts)
+        backend.api_key = await self.store.keys.ensure(r.deployment, r.id)
         labels = dict(spec.labels)
         labels.update({deployspec.LABEL_DEPLOYMENT: spec.name, deployspec.LABEL_REPLICA: r.id})
         w = await self.workloads.run(workload_service_pb2.RunWorkloadRequest(
@@ -113,11 +116,11 @@ class Actuator:
     # -- readiness ----------------------------------------------------------------------------
 
     async def probe(self, endpoint: str, served_name: str, complete: bool = True,
-                    kind: str = "") -> tuple[bool, str]:
+                    kind: str = "", api_key: str = "") -> tuple[bool, str]:
         """(ready, why not): the backend's health endpoint (HEALTH_PATHS) answers, and (`complete`) a
-        one-token completion succeeds. A READY replica is re-checked with the health endpoint only:
-        llama-cpp-python's server runs one request at a time, and a completion every few seconds would
-        queue behind the users' requests."""
+        one-token completion succeeds, both with the replica's `api_key` (replicakeys.py). A READY replica
+        is re-checked with the health endpoint only: llama-cpp-python's server runs one request at a time,
+        and a completion every few seconds would queue behind the users' requests."""
         if not endpoint:
             return False, "no endpoint yet"
         try:
@@ -128,14 +131,15 @@ class Actuator:
             self._http = httpx.AsyncClient(timeout=self.probe_timeout)
         base = f"http://{endpoint}"
         health = HEALTH_PATHS.get(kind, "/v1/models")
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            resp = await self._http.get(base + health)
+            resp = await self._http.get(base + health, headers=headers)
             if resp.status_code != 200:
                 return False, f"GET {health} answered {resp.status_code}"
             if not complete:
                 return True, ""
             resp = await self._http.post(base + "/v1/completions", json={
-                "model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+                "model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}, headers=headers)
             if resp.status_code != 200:
                 return False, f"a one-token completion answered {resp.status_code}: {resp.text[:200]}"
             if not resp.json().get("choices"):

@@ -18,6 +18,7 @@ import asyncio
 import logging
 
 from controlplane.serving import loadmetrics
+from controlplane.serving.replicakeys import ReplicaKeys
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller
 from controlplane.state.store import Absent, Delete, Present, Put
@@ -36,6 +37,7 @@ class DeploymentStore:
         self.replicas: dict[str, dict[str, D.Replica]] = {}    # deployment -> replica id -> replica
         self._watchers: dict[str, list[asyncio.Event]] = {}
         self.loads: dict[str, types_pb2.BackendLoad] = {}      # replica id -> its latest load (memory only)
+        self.keys = ReplicaKeys(ctl)                            # replica id -> its model server's API key
 
     async def load(self) -> None:
         snap = await self.ctl.store.load(keys.DEPLOYMENTS)
@@ -46,6 +48,7 @@ class DeploymentStore:
         for key, (value, _rev, _lease) in snap.kvs.items():
             r = D.Replica.FromString(value)
             self.replicas.setdefault(r.deployment, {})[r.id] = r
+        await self.keys.load()
         log(logger, logging.INFO, "deployments loaded", deployments=len(self.deployments),
             replicas=sum(len(v) for v in self.replicas.values()))
 
@@ -126,8 +129,10 @@ class DeploymentStore:
         self.changed(r.deployment)
 
     async def delete_replica(self, r: D.Replica) -> None:
-        await self.ctl.writer.write([Delete(keys.replica(r.deployment, r.id))])
+        await self.ctl.writer.write([Delete(keys.replica(r.deployment, r.id)),
+                                     Delete(keys.replica_key(r.deployment, r.id))])
         self.replicas.get(r.deployment, {}).pop(r.id, None)
+        self.keys.forget(r.id)
         if self.loads.pop(r.id, None) is not None:
             loadmetrics.forget(r.deployment, r.id)
         if not self.replicas.get(r.deployment):

@@ -5,6 +5,8 @@ serve and the status and telemetry of every GPU under a replica. The stream is l
 servicer compares a fresh snapshot with the last one sent every `interval_ms` and sends it when anything
 changed (a replica became READY, an endpoint moved, a GPU's memory or temperature reading changed), and
 at least every `heartbeat_ms`. A gateway thus follows the fleet without a control-plane call per request.
+An admin's snapshot (the gateway's) also carries each replica's model-server API key
+(`replica_api_keys`, controlplane/serving/replicakeys.py); a tenant's or viewer's never does.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def snapshot(ctl, deployments: DeploymentManager, models: ModelRegistry) -> V.Se
         view.deployments.append(full)
         served.add(d.spec.model)
         gpus.update((r.node, r.gpu_index) for r in full.replicas if r.node)
+        if auth.current().admin:
+            # the replicas' API keys, for the gateway (an admin identity) only: never a tenant's or viewer's
+            view.replica_api_keys.update(deployments.store.keys.of(r.id for r in full.replicas))
     for name in sorted(served):
         m = models.models.get(name)
         if m is not None:

@@ -7,7 +7,7 @@
 | `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
 | `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
 | `/gpumesh/v1/requests/<tenant>/<request-id>` | allocation id (idempotency of Allocate; expires after 24-25 h through a lease) | Allocate |
-| `/gpumesh/v1/workloads/<workload-id>` | `gpumesh.v1.Workload` (command, slice, state, exit code) | Run, Stop, agent workload reports |
+| `/gpumesh/v1/workloads/<workload-id>` | `gpumesh.v1.Workload` (command, slice, state, exit code; a replica's backend with its API key, which every API answer clears) | Run, Stop, agent workload reports |
 | `/gpumesh/v1/gpuhealth/<node>/<index>` | `gpumesh.v1.GpuTelemetry` (health, reason, since, recovery, incidents) | health changes (controlplane/controllers/health.py) |
 | `/gpumesh/v1/mesh/<connection-id>` | `gpumesh.v1.MeshConnection` (slices, transport, both buffer descriptors, state) | MeshService Connect/Disconnect, slice release, agent restart |
 | `/gpumesh/v1/meshgrants/<from-tenant>/<to-tenant>` | `gpumesh.v1.MeshGrant` (admin: cross-tenant connections allowed) | MeshService Grant |
@@ -16,6 +16,7 @@
 | `/gpumesh/v1/models/<model-name>` | `gpumesh.v1.Model` (family, labels, variants with backend, artifact, facts, VRAM need, measurements) | ModelService Register/Update/Delete (admin) |
 | `/gpumesh/v1/checkpoint-keys/<checkpoint-id>` | 32 random bytes: the key a stored checkpoint of a tenant without a `checkpoint_keys_file` key is sealed with (control plane only; sent to the agents that write and restore it) | MigrationService Checkpoint |
 | `/gpumesh/v1/migration-secrets/<migration-id>` | 32 random bytes: the migration's transfer secret (control plane only; sent to the two agents; deleted when the migration ends) | migration planning |
+| `/gpumesh/v1/replica-keys/<deployment>/<replica-id>` | the replica's model-server API key (text, `secrets.token_urlsafe(32)`; control plane only; sent to the replica's agent in its workload and to admins' serving view, never in a Replica or Workload the API returns; deleted with the replica) | the deployment controller (controlplane/serving/replicakeys.py) |
 | `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
 | `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
 | `/gpumesh/v1/pools/<name>` | `gpumesh.v1.Pool` (selector, quota, generation; usage empty) | PoolService Create/Update/Delete (admin) |
@@ -45,6 +46,9 @@ only, sent to the agents that write and restore it; kept as long as the checkpoi
 MIGRATION_SECRETS = PREFIX + "migration-secrets/"
 """a migration's transfer secret (raw bytes): read by the control plane only, sent to the two agents
 in their MigrationCommands; never part of a record the API returns; deleted when the migration ends."""
+REPLICA_KEYS = PREFIX + "replica-keys/"
+"""a replica's model-server API key: read by the control plane only, sent to the agent that runs the replica
+(in the workload's backend) and to admins' serving view (the gateway); deleted with the replica record."""
 DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
 EVENTS = PREFIX + "events/"
@@ -114,6 +118,10 @@ def deployment(name: str) -> bytes:
 
 def replica(deployment_name: str, replica_id: str) -> bytes:
     return f"{REPLICAS}{deployment_name}/{replica_id}".encode()
+
+
+def replica_key(deployment_name: str, replica_id: str) -> bytes:
+    return f"{REPLICA_KEYS}{deployment_name}/{replica_id}".encode()
 
 
 def event(event_id: str) -> bytes:

@@ -115,9 +115,10 @@ async def stream_completion(client: httpx.AsyncClient, base_url: str, body: dict
     return r
 
 
-async def timed_completion(client: httpx.AsyncClient, base_url: str, body: dict) -> tuple[float, httpx.Response]:
+async def timed_completion(client: httpx.AsyncClient, base_url: str, body: dict,
+                           headers: dict | None = None) -> tuple[float, httpx.Response]:
     """A plain (not streamed) completion: its end-to-end seconds and the response."""
     t0 = time.perf_counter()
-    resp = await client.post(f"{base_url}/v1/completions", json=body)
+    resp = await client.post(f"{base_url}/v1/completions", json=body, headers=headers)
     await resp.aread()
     return time.perf_counter() - t0, resp

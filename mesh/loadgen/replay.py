@@ -31,11 +31,13 @@ def round_robin(urls: Sequence[str]) -> Callable[[Arrival], str]:
 
 
 async def replay(arrivals: Sequence[Arrival], prompts: Sequence[str], pick: Callable[[Arrival], str], *,
-                 model: str, headers: dict | None = None,
+                 model: str, headers: dict | Callable[[str], dict] | None = None,
                  events: Sequence[tuple[float, Callable[[], Awaitable[None]]]] = (),
                  progress: Progress | None = None, drain_s: float = 300.0, request_timeout_s: float = 600.0,
                  temperature: float = 0.0, extra_body: dict | None = None) -> tuple[list[Result], float]:
-    """Replay; returns the results (in arrival order) and the wall time from the start to the last answer."""
+    """Replay; returns the results (in arrival order) and the wall time from the start to the last answer.
+    `headers`: sent with every request, or a function of the picked URL giving them (the `direct` policy: each
+    replica's own API key)."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     timeout = httpx.Timeout(request_timeout_s, connect=10.0)
     results: list[Result | None] = [None] * len(arrivals)
@@ -47,7 +49,9 @@ async def replay(arrivals: Sequence[Arrival], prompts: Sequence[str], pick: Call
             nonlocal finished, failed
             body = {"model": model, "prompt": prompt, "max_tokens": a.generated_tokens, "temperature": temperature,
                     **(extra_body or {})}
-            r = await stream_completion(client, pick(a), body, index=a.index, headers=headers, started=start)
+            url = pick(a)
+            r = await stream_completion(client, url, body, index=a.index,
+                                        headers=headers(url) if callable(headers) else headers, started=start)
             results[a.index] = r
             finished += 1
             failed += 0 if r.ok else 1

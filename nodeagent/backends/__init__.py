@@ -4,6 +4,8 @@ A workload with a `backend` (types.proto ServingBackend) carries no command line
 here, for the backend's kind, with a TCP port it picks (a free one on `host`), and reports the address
 in the workload's `endpoint`. The process then runs like any other workload (nodeagent/workloads.py):
 under the shim, with the slice's environment, restarted or stopped by the control plane.
+The replica's API key (`backend.api_key`) reaches the server through its environment only
+(`secret_environment`), so the server refuses API requests without `authorization: Bearer <key>`.
 
 - `llama.cpp` (nodeagent/backends/llamacpp.py): llama-cpp-python's server, one GGUF file.
 - `vllm` (nodeagent/backends/vllm.py): vLLM's server, a Hugging Face-format directory; the `vllm`
@@ -72,3 +74,14 @@ def prepare(w: types_pb2.Workload, host: str, python: str, options: BackendOptio
     w.command.extend(argv)
     w.env.update(env)
     w.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def secret_environment(w: types_pb2.Workload) -> dict[str, str]:
+    """The server's API key (`w.backend.api_key`, the replica's own, from the control plane) in the variable
+    its kind reads. It goes into the process's environment only: not on the command line
+    (/proc/<pid>/cmdline is world-readable; environ only to the same uid and root) and not into `w.env`
+    (the workload's record, which the agent reports)."""
+    if not w.HasField("backend") or not w.backend.api_key:
+        return {}
+    var = {llamacpp.KIND: llamacpp.API_KEY_ENV, vllm.KIND: vllm.API_KEY_ENV}.get(w.backend.kind)
+    return {var: w.backend.api_key} if var else {}

@@ -20,6 +20,10 @@ KIND = "llama.cpp"
 # llama_cpp.server with a Prometheus /metrics of its load (requests, KV use, tokens, time to first token)
 SERVER_MODULE = "nodeagent.backends.llamacpp_server"
 DEFAULT_CONTEXT = 2048
+# the server's `api_key` setting (llama_cpp.server.settings.ServerSettings, a pydantic-settings BaseSettings:
+# read from this variable when not on the command line); with it set, every /v1 route and /extras route
+# answers 401 without `authorization: Bearer <key>` (our /metrics is not behind it)
+API_KEY_ENV = "API_KEY"
 
 
 def command(b: types_pb2.ServingBackend, host: str, port: int, python: str) -> list[str]:

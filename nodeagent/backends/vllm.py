@@ -39,6 +39,22 @@ GIB = 1 << 30
 RUNTIME_RESERVE = 2560 << 20
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM's key variable (vllm/envs.py; --api-key would put it on the command line): with it set, vLLM's
+# AuthenticationMiddleware answers 401 without `authorization: Bearer <key>`
+API_KEY_ENV = "VLLM_API_KEY"
+# ... but only on the paths under its GUARDED_PREFIX (/v1, /v2, /inference, /cohere): /invocations (SageMaker's
+# entry, which runs completions), /tokenize, /detokenize and the rest stay open. The server is therefore started
+# through this program, which makes the middleware guard every path ("/": /health and /metrics too, so the
+# control plane's probes and the agent's load scraper send the key), then runs the server module as `-m` would.
+# A vLLM without that module (older releases) runs with its own, narrower guard.
+GUARD_ALL_PATHS = (
+    "import runpy\n"
+    "try:\n"
+    "    from vllm.entrypoints.serve.middleware import authenticate\n"
+    "    authenticate.GUARDED_PREFIX = ('/',)\n"
+    "except ImportError:\n"
+    "    pass\n"
+    f"runpy.run_module({SERVER_MODULE!r}, run_name='__main__', alter_sys=True)\n")
 
 
 @dataclass
@@ -103,9 +119,10 @@ def dtype_of(b: types_pb2.ServingBackend) -> str:
 def command(b: types_pb2.ServingBackend, host: str, port: int, agent_python: str, vhost: VllmHost,
             device: str) -> list[str]:
     """The argv: the launcher (the agent's interpreter: it points the caches into the workload's
-    directory) that execs `vhost.python -m vllm.entrypoints.openai.api_server ...`."""
+    directory) that execs `vhost.python -c GUARD_ALL_PATHS ...`, i.e. vllm.entrypoints.openai.api_server with
+    every path behind the replica's key."""
     argv = [agent_python, "-m", "nodeagent.backends.launch", "--",
-            vhost.python, "-m", SERVER_MODULE, "--model", b.artifact, "--host", host, "--port", str(port),
+            vhost.python, "-c", GUARD_ALL_PATHS, "--model", b.artifact, "--host", host, "--port", str(port),
             "--max-model-len", str(b.context or DEFAULT_CONTEXT), "--max-num-seqs", str(max(1, b.concurrency)),
             "--dtype", dtype_of(b), "--served-model-name", b.served_name or b.artifact]
     if device == "cpu":

@@ -2,7 +2,7 @@
 test_cost_pools, test_deployments, test_model_bench): simulated H100 hosts, the skip when llama.cpp's server
 is missing, the llama.cpp servers' one-thread environment, a cluster started for a module and stopped after it,
 the real SmolLM2-135M GGUF registered as the model `smollm2`, and the calls those tests make of it (a completion
-from a replica's endpoint, meshctl in this process).
+from a replica's endpoint, with the replica's API key; meshctl in this process).
 
 A test module uses the fixtures `mesh` (one client for the whole module, in place of conftest's per-test `mesh`)
 and `smollm2` by importing `module_mesh` and `smollm2_model`; its own `cluster` fixture uses `started_cluster`.
@@ -81,10 +81,18 @@ def smollm2_model(mesh):
     return register_smollm2(mesh)
 
 
-def completion(endpoint: str, prompt: str = "The capital of France is", model: str = "smollm2") -> str:
-    """A real completion (4 tokens, greedy) from a replica's OpenAI-compatible endpoint."""
+def replica_auth(mesh, replica) -> dict[str, str]:
+    """The header a direct request to `replica` needs: its server's API key, from the serving view (the test
+    clusters are insecure, so the tests' client is an admin). Fails when the replica has no key."""
+    key = mesh.replica_api_keys().get(replica.id, "")
+    assert key, f"replica {replica.id} has no API key in the serving view"
+    return {"authorization": f"Bearer {key}"}
+
+
+def completion(mesh, replica, prompt: str = "The capital of France is", model: str = "smollm2") -> str:
+    """A real completion (4 tokens, greedy) straight from a replica's OpenAI-compatible endpoint, with its key."""
     import httpx
-    r = httpx.post(f"http://{endpoint}/v1/completions", timeout=120,
+    r = httpx.post(f"http://{replica.endpoint}/v1/completions", timeout=120, headers=replica_auth(mesh, replica),
                    json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0})
     r.raise_for_status()
     return r.json()["choices"][0]["text"]

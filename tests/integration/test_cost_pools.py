@@ -181,7 +181,7 @@ def test_recommend_apply_resizes_a_replica(cluster, smollm2):
         mesh.deploy("smollm2", name="chat", replicas=1, context=512, concurrency=4, isolation="mps")
         d = mesh.wait_deployment("chat", lambda x: x.status.ready_replicas == 1, timeout=SLOW)
         r = d.replicas[0]
-        assert completion(r.endpoint)                                    # before
+        assert completion(mesh, r)                                    # before
         big = mesh.get_slice(r.slice_id).memory_bytes
 
         def recommended():
@@ -193,7 +193,7 @@ def test_recommend_apply_resizes_a_replica(cluster, smollm2):
 
         def keep_asking():
             while not stop.is_set():
-                answered.append(bool(completion(r.endpoint, "Hello")))
+                answered.append(bool(completion(mesh, r, "Hello")))
         t = threading.Thread(target=keep_asking, daemon=True)
         t.start()
         try:
@@ -209,7 +209,7 @@ def test_recommend_apply_resizes_a_replica(cluster, smollm2):
         assert answered and all(answered)
         d = mesh.get_deployment("chat")
         assert d.status.ready_replicas == 1 and d.replicas[0].id == r.id
-        assert completion(d.replicas[0].endpoint)                        # after
+        assert completion(mesh, d.replicas[0])                        # after
         table = meshctl(cluster, "cost", "--by", "deployment", "--since", "1h").stdout
         assert "chat" in table
 
@@ -265,7 +265,7 @@ def test_idle_replica_is_scaled_away_by_recommend(cluster, smollm2):
         d = wait_for(lambda: (lambda x: x if len(x.replicas) == 1 and x.status.ready_replicas == 1 else None)(
             mesh.get_deployment("quiet")), 120, "scaled down to one READY replica")
         assert d.spec.replicas == 1
-        assert completion(d.replicas[0].endpoint)
+        assert completion(mesh, d.replicas[0])
         mesh.undeploy("quiet")
 
 

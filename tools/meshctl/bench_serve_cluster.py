@@ -109,6 +109,12 @@ class ReplicaInfo:
     backend: str
     workload_id: str
     deployment: str = DEPLOYMENT
+    api_key: str = field(default="", repr=False)     # its server's key (the serving view; the bench is admin)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The headers a direct request to this replica needs."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def key(self) -> str:
@@ -203,15 +209,19 @@ class ServeCluster:
         from gpumesh.v1 import deployment_service_pb2 as D
         deadline = time.monotonic() + timeout
         replicas: list[ReplicaInfo] = []
+        api_keys: dict[str, str] = {}
         for p in self.plan:             # llama.cpp's replicas first, then vLLM's: the indices --inject names
 
             def ready(d, n=p.replicas) -> bool:
                 return len(d.replicas) == n and all(r.state == D.REPLICA_STATE_READY and r.endpoint
                                                     for r in d.replicas)
             d = self.mesh.wait_deployment(p.name, ready, timeout=max(1.0, deadline - time.monotonic()), poll=0.5)
+            if any(r.id not in api_keys for r in d.replicas):
+                api_keys = self.mesh.replica_api_keys()     # the `direct` policy and overhead pairs need them
             for r in sorted(d.replicas, key=lambda r: r.node):
                 replicas.append(ReplicaInfo(len(replicas), r.id, r.endpoint, r.node, r.gpu_index,
-                                            d.status.backend or p.backend, r.workload_id, p.name))
+                                            d.status.backend or p.backend, r.workload_id, p.name,
+                                            api_keys.get(r.id, "")))
         self.replicas = replicas
         return self.replicas
 

@@ -62,9 +62,10 @@ class ServeBench:
         import httpx
 
         from mesh.loadgen.client import timed_completion
-        by_name = {}
+        by_name, auth = {}, {}
         for r in self.sc.replicas:
             by_name.update({r.id: r.endpoint, r.key: r.endpoint, r.endpoint: r.endpoint})
+            auth[r.endpoint] = r.auth
         body = {"model": MODEL, "prompt": OVERHEAD_PROMPT, "max_tokens": 1, "temperature": 0}
         pairs = []
         async with httpx.AsyncClient(timeout=60) as client:
@@ -78,7 +79,7 @@ class ServeBench:
                 if resp.status_code != 200 or target is None:
                     raise CliError(f"overhead: the gateway answered {resp.status_code} served by {served!r} "
                                    f"(known replicas: {sorted(by_name)})")
-                t_direct, resp = await timed_completion(client, f"http://{target}", body)
+                t_direct, resp = await timed_completion(client, f"http://{target}", body, headers=auth[target])
                 if resp.status_code != 200:
                     raise CliError(f"overhead: replica {target} answered {resp.status_code}")
                 if i >= 2:
@@ -92,7 +93,10 @@ class ServeBench:
         if policy == "direct":
             gw = None
             pick = round_robin([f"http://{r.endpoint}" for r in self.sc.replicas])
+            auth = {f"http://{r.endpoint}": r.auth for r in self.sc.replicas}
+            headers = auth.get                      # each replica's own key
         else:
+            headers = None
             gw = Gateway(self.sc.cluster.endpoint, policy, self.state_dir, env=self.gateway_env, model=MODEL).start()
             pick = lambda _a, url=gw.url: url             # noqa: E731
         events = []
@@ -106,7 +110,7 @@ class ServeBench:
         injector.started_at = time.monotonic()
         try:
             results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=MODEL, events=events,
-                                               extra_body=self.extra_body, progress=bar,
+                                               headers=headers, extra_body=self.extra_body, progress=bar,
                                                drain_s=max(180.0, self.args.duration * 2)))
             counters = gateway_counters(gw.metrics()) if gw is not None else {}
         finally:

@@ -148,7 +148,7 @@ def serve_demo(cluster, args: argparse.Namespace) -> tuple[dict, bool]:
         info(f"demo: serving the model failed: {type(exc).__name__}: {exc}")
         return {"deployments": [], "endpoints": {}, "gateway": None, "error": f"{type(exc).__name__}: {exc}"}, True
     if args.output in ("table", "wide"):
-        out(demo_serving.describe(doc))
+        out(demo_serving.describe(doc, cluster.gateway_url))
     return doc, False
 
 

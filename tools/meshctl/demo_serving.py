@@ -11,7 +11,9 @@ state directory) after it in the fallback order. Each backend gets a deployment 
 `run` returns the document `meshctl up --demo -o json` adds to its output: `deployments` (name, backend,
 variant, replicas with endpoint, node, GPU, slice profile), `endpoints` (deployment -> base URLs),
 `completions` (deployment -> the text of the real completion), `skipped` (backend -> why) and `gateway`
-(None here; the inference gateway, when it runs, fills in its URL).
+(None here; the inference gateway, when it runs, fills in its URL). Each replica requires its own API key
+(docs/security.md): the demo's completion sends it (this process is an admin of the insecure demo cluster);
+the summary's curl goes through the gateway.
 """
 
 from __future__ import annotations
@@ -138,10 +140,12 @@ def wait_ready(mesh, names: list[str], timeout: float, progress) -> dict[str, ob
         time.sleep(1.0)
 
 
-def complete(endpoint: str, model: str, prompt: str = PROMPT, max_tokens: int = 16) -> str:
+def complete(endpoint: str, model: str, prompt: str = PROMPT, max_tokens: int = 16, api_key: str = "") -> str:
+    """A completion straight from a replica, with its API key (every replica requires its own)."""
     import httpx
     resp = httpx.post(f"http://{endpoint}/v1/completions", timeout=300, json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        headers={"authorization": f"Bearer {api_key}"} if api_key else None)
     resp.raise_for_status()
     return resp.json()["choices"][0]["text"]
 
@@ -177,28 +181,32 @@ def run(endpoint: str, state_dir: Path, progress, timeout: float = 900.0) -> dic
                 progress(f"demo: deployment/{name} exists already")
             names.append(name)
         ds = wait_ready(mesh, names, timeout, progress)
+        api_keys = mesh.replica_api_keys()      # the demo cluster is insecure: this process is an admin
         for name, d in ds.items():
             urls = [f"http://{r.endpoint}/v1" for r in d.replicas]
             doc["endpoints"][name] = urls
             doc["deployments"].append({"name": name, "model": d.spec.model, "variant": d.spec.variant,
                                        "backend": d.status.backend,
                                        "replicas": [replica_to_dict(r) for r in d.replicas]})
-            text = complete(d.replicas[0].endpoint, d.spec.model)
+            text = complete(d.replicas[0].endpoint, d.spec.model, api_key=api_keys.get(d.replicas[0].id, ""))
             doc["completions"][name] = text
             progress(f"demo: {name} answers at {urls[0]}: {PROMPT!r} -> {text!r}")
     return doc
 
 
-def describe(doc: dict) -> str:
-    """The human summary: where each deployment answers and a curl to try."""
+def describe(doc: dict, gateway: str | None = None) -> str:
+    """The human summary: where each deployment answers and a curl to try (through the gateway: the replicas
+    themselves require their API key)."""
     if not doc.get("deployments"):
         return ""
     lines = ["", "Serving:"]
     for d in doc["deployments"]:
         for url in doc["endpoints"].get(d["name"], []):
             lines.append(f"  {d['name']:<18} {d['backend']:<10} {url}")
-    first = doc["endpoints"][doc["deployments"][0]["name"]][0]
-    lines += ["", "Try:", f"  curl -s {first}/completions -H 'content-type: application/json' "
-              f"-d '{{\"model\": \"{doc['model']}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
-              "  meshctl get replicas -o wide", ""]
+    lines.append("  (each replica requires its own API key: `authorization: Bearer <key>`, docs/security.md)")
+    if gateway:
+        lines += ["", "Try:", f"  curl -s {gateway}/v1/completions -H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{doc['deployments'][0]['name']}\", \"prompt\": \"Hello\", "
+                  "\"max_tokens\": 16}'"]
+    lines += ["", "  meshctl get replicas -o wide", ""]
     return "\n".join(lines) + "\n"

@@ -29,17 +29,21 @@ from gpumesh.v1 import model_service_pb2 as gpumesh_dot_v1_dot_model__service__p
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$gpumesh/v1/servingview_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dgpumesh/v1/cost_service.proto\x1a#gpumesh/v1/deployment_service.proto\x1a\x1egpumesh/v1/model_service.proto\x1a\x16gpumesh/v1/types.proto\"D\n\x17WatchServingViewRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\x05\"\xe8\x01\n\x0bServingView\x12+\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x16.gpumesh.v1.Deployment\x12!\n\x06models\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Model\x12#\n\x04gpus\x18\x03 \x03(\x0b\x32\x15.gpumesh.v1.GpuStatus\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x05 \x01(\x03\x12*\n\x0bmodel_costs\x18\x06 \x03(\x0b\x32\x15.gpumesh.v1.ModelCost2]\n\x12ServingViewService\x12G\n\x05Watch\x12#.gpumesh.v1.WatchServingViewRequest\x1a\x17.gpumesh.v1.ServingView0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$gpumesh/v1/servingview_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dgpumesh/v1/cost_service.proto\x1a#gpumesh/v1/deployment_service.proto\x1a\x1egpumesh/v1/model_service.proto\x1a\x16gpumesh/v1/types.proto\"D\n\x17WatchServingViewRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\x05\"\xe6\x02\n\x0bServingView\x12+\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x16.gpumesh.v1.Deployment\x12!\n\x06models\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Model\x12#\n\x04gpus\x18\x03 \x03(\x0b\x32\x15.gpumesh.v1.GpuStatus\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x05 \x01(\x03\x12*\n\x0bmodel_costs\x18\x06 \x03(\x0b\x32\x15.gpumesh.v1.ModelCost\x12\x45\n\x10replica_api_keys\x18\x07 \x03(\x0b\x32+.gpumesh.v1.ServingView.ReplicaApiKeysEntry\x1a\x35\n\x13ReplicaApiKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32]\n\x12ServingViewService\x12G\n\x05Watch\x12#.gpumesh.v1.WatchServingViewRequest\x1a\x17.gpumesh.v1.ServingView0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpumesh.v1.servingview_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SERVINGVIEW_REPLICAAPIKEYSENTRY']._loaded_options = None
+  _globals['_SERVINGVIEW_REPLICAAPIKEYSENTRY']._serialized_options = b'8\001'
   _globals['_WATCHSERVINGVIEWREQUEST']._serialized_start=209
   _globals['_WATCHSERVINGVIEWREQUEST']._serialized_end=277
   _globals['_SERVINGVIEW']._serialized_start=280
-  _globals['_SERVINGVIEW']._serialized_end=512
-  _globals['_SERVINGVIEWSERVICE']._serialized_start=514
-  _globals['_SERVINGVIEWSERVICE']._serialized_end=607
+  _globals['_SERVINGVIEW']._serialized_end=638
+  _globals['_SERVINGVIEW_REPLICAAPIKEYSENTRY']._serialized_start=585
+  _globals['_SERVINGVIEW_REPLICAAPIKEYSENTRY']._serialized_end=638
+  _globals['_SERVINGVIEWSERVICE']._serialized_start=640
+  _globals['_SERVINGVIEWSERVICE']._serialized_end=733
 # @@protoc_insertion_point(module_scope)

@@ -583,7 +583,7 @@ class Workload(_message.Message):
     def __init__(self, id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., tenant: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., backend: _Optional[_Union[ServingBackend, _Mapping]] = ..., endpoint: _Optional[str] = ...) -> None: ...
 
 class ServingBackend(_message.Message):
-    __slots__ = ("kind", "artifact", "served_name", "context", "concurrency", "gpu_layers", "gpu_memory_utilization", "memory_bytes", "device", "dtype", "artifact_sha256")
+    __slots__ = ("kind", "artifact", "served_name", "context", "concurrency", "gpu_layers", "gpu_memory_utilization", "memory_bytes", "device", "dtype", "api_key", "artifact_sha256")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     SERVED_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -594,6 +594,7 @@ class ServingBackend(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     kind: str
     artifact: str
@@ -605,5 +606,6 @@ class ServingBackend(_message.Message):
     memory_bytes: int
     device: str
     dtype: str
+    api_key: str
     artifact_sha256: str
-    def __init__(self, kind: _Optional[str] = ..., artifact: _Optional[str] = ..., served_name: _Optional[str] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., artifact: _Optional[str] = ..., served_name: _Optional[str] = ..., context: _Optional[int] = ..., concurrency: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., api_key: _Optional[str] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
