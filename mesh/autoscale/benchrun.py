@@ -10,6 +10,7 @@ import numpy as np
 
 from mesh.autoscale import demand
 from mesh.autoscale.latency import LatencyModel
+from mesh.autoscale.planner import ServiceFigures
 from mesh.autoscale.scalers import AutoscalerScaler, FixedScaler, RateForecaster, peak_replicas
 from mesh.autoscale.simulate import percentile, simulate
 from mesh.autoscale.types import ScalingPolicy
@@ -49,6 +50,20 @@ def _season(spec: BenchSpec, series: demand.Series) -> int:
     return per_day if len(series.t) >= 3 * per_day else per_hour
 
 
+def bench_policy(policy: ScalingPolicy, spec: BenchSpec, model: LatencyModel, predictive: bool) -> ScalingPolicy:
+    """The autoscaling policy a bench run gives the Planner: the spec's target per slot x the slots, and the
+    spec's SLO and sizing settings in the policy's own fields (what a deployment's policy sets live)."""
+    return replace(policy, predictive=predictive, target=policy.target * model.slots,
+                   slo_ttft_ms=spec.slo_ttft_s * 1000, sizing=spec.sizing, sizing_quantile=spec.sizing_quantile,
+                   nowcast=spec.nowcast, catch_up=spec.catch_up)
+
+
+def figures_of(model: LatencyModel) -> ServiceFigures:
+    """The calibration's figures, as sizing needs them."""
+    return ServiceFigures(service_s=model.service_s(), ttft_s=model.ttft_s(), slots=model.slots,
+                          cold_start_s=model.cold_start_s)
+
+
 def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: LatencyModel, spec: BenchSpec,
                on_tick=None, cache: dict | None = None) -> dict:
     """One policy's figures on ``arrivals`` (bench seconds)."""
@@ -65,20 +80,16 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
         predictive = name == "predictive"
         if predictive and spec.predictive_target:
             policy = replace(policy, target=spec.predictive_target)
-        policy = replace(policy, predictive=predictive, target=policy.target * model.slots)
+        policy = bench_policy(policy, spec, model, predictive)
         if predictive:
             bucket = series.step_s / spec.speedup
             lead = policy.lead_time_s or model.cold_start_s + spec.tick_s
             season = _season(spec, series)
             forecaster = RateForecaster(bucket, lead, season=season, level=spec.level, refit_every=spec.refit_every,
                                         min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models,
-                                        max_history=spec.max_history, cache=cache,
-                                        queueing=spec.sizing != "little", nowcast=spec.nowcast)
-        scaler = AutoscalerScaler(policy, service_s=service, cold_start_s=model.cold_start_s,
-                                  replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster,
-                                  sizing_rule=spec.sizing, slots=model.slots, quantile=spec.sizing_quantile,
-                                  wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()),
-                                  catch_up=spec.catch_up, tick_s=spec.tick_s)
+                                        max_history=spec.max_history, cache=cache)
+        scaler = AutoscalerScaler(policy, figures=figures_of(model), replica_cost_per_hour=spec.replica_cost_per_hour,
+                                  forecaster=forecaster, tick_s=spec.tick_s)
         initial = max(policy.min_replicas, peak_replicas(float(lam[0]), service, policy.target, policy.max_replicas))
     else:
         raise ValueError(f"policy {name!r}: allowed {', '.join(POLICIES)}")
