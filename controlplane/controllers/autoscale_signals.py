@@ -96,6 +96,18 @@ def replica_cost(replicas: list[D.Replica], slices: dict, need: int, isolation: 
     return replicacost.cheapest(need, isolation, gpu_models, prices) or 0.0
 
 
+def free_slot_ttft(variant, replicas: list[D.Replica]) -> float | None:
+    """The registry's measured TTFT on a free slot (`meshctl model bench`, on the replicas' GPU models when
+    measured there; the slowest), seconds; None when not measured (the controller then takes the observed)."""
+    if variant is None:
+        return None
+    gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
+    ttfts = [m.ttft_seconds for k, m in variant.measured.items() if m.ttft_seconds > 0
+             and (not gpu_models or k in gpu_models)]
+    ttfts = ttfts or [m.ttft_seconds for m in variant.measured.values() if m.ttft_seconds > 0]
+    return max(ttfts) if ttfts else None
+
+
 def cold_start(replicas: list[D.Replica], variant, default_s: float) -> tuple[float, str]:
     """(seconds, where the figure comes from)."""
     seen = [(_secs(r.ready_at), _secs(r.ready_at) - _secs(r.created_at)) for r in replicas
