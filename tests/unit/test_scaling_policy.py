@@ -135,4 +135,5 @@ def test_the_slo_and_sizing_fields_reach_the_autoscaler_with_their_defaults():
     doc = scalingpolicy.effective(built)
     assert (doc["slo_ttft_ms"], doc["sizing"], doc["nowcast"], doc["catch_up"]) == (6800, "poisson", False, False)
     assert scalingpolicy.effective(pol(slo_ttft_ms=500))["sizing"] == "erlang"
-    assert "TTFT objective 6800 ms" in scalingspec.describe(built) and "poisson sizing q0.9" in scalingspec.describe(built)
+    line = scalingspec.describe(built)
+    assert "TTFT objective 6800 ms" in line and "poisson sizing q0.9, no nowcast, no catch-up" in line
