@@ -131,3 +131,15 @@ async def test_the_nowcast_acts_in_the_controller(monkeypatch):
     assert off[k].signals["provisioned_rate"] == pytest.approx(1.5)        # the forecast (above the last minute's 1)
     k = 33                                                   # 8 s in: too early for the nowcast
     assert on[k].signals["provisioned_rate"] == pytest.approx(1.5)
+
+
+def test_the_controller_measures_the_time_in_service_and_the_free_slot_ttft():
+    from mesh.autoscale.planner import measured_figures
+    samples = [Sample(t=2, in_flight=4, request_rate=1, ttft_ms=900, queue=2),
+               Sample(t=4, in_flight=8, request_rate=2, ttft_ms=500),
+               Sample(t=6, in_flight=0, request_rate=0, ttft_ms=0)]
+    f = measured_figures(samples, slots=2, cold_start_s=12.0)
+    assert f == ServiceFigures(service_s=12 / 3, ttft_s=0.5, slots=2, cold_start_s=12.0)   # Little: 12 / 3
+    assert measured_figures(samples, slots=0, cold_start_s=1.0, ttft_s=0.3).ttft_s == 0.3    # the registry's
+    assert measured_figures(samples, slots=0, cold_start_s=1.0).slots == 1
+    assert measured_figures(samples[2:], slots=1, cold_start_s=1.0) is None                 # no request seen yet
