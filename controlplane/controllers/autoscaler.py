@@ -2,10 +2,11 @@
 
 Level-triggered: every `interval` seconds, for each deployment with a policy (`spec.scaling`), it samples
 its replicas' load (controlplane/controllers/autoscale_signals.py), feeds the deployment's
-`mesh.autoscale.Autoscaler` and asks it for a decision, with one replica's cost (the cost ceiling), and for
-a predictive policy the forecast's upper quantile of demand one cold start ahead
+`mesh.autoscale.planner.Planner` (the decision code `meshctl bench autoscale` measures, around the
+Knative-like `Autoscaler`) and asks it for a decision, with one replica's cost (the cost ceiling), and for a
+predictive policy the forecast's upper quantile of the request rate over one lead time
 (controlplane/controllers/autoscale_forecast.py, refitted every `forecast_every` seconds off the event
-loop). When the decision differs from `spec.replicas` it sets the replicas through the deployment manager
+loop) and the replica's measured figures (time in service, TTFT on a free slot, cold start) that size it. When the decision differs from `spec.replicas` it sets the replicas through the deployment manager
 (one etcd write with the decision on `status.autoscaler`); the deployment controller does the rest.
 
 Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
@@ -124,7 +125,7 @@ class AutoscalerController:
             st = _State(policy, Planner(policy, tick_s=self.interval, origin=None))
             if old is not None:         # a changed policy keeps what was seen, not what was decided
                 st.counters, st.woken_seen = old.counters, old.woken_seen
-                for s in old.plan.autoscaler._samples:
+                for s in old.plan.samples:
                     st.plan.observe(s)
                 if old.forecasting is not None:
                     old.forecasting.cancel()
@@ -166,8 +167,7 @@ class AutoscalerController:
         figures = None
         if st.policy.predictive:
             self._refresh_forecast(name, st, lead, now)
-            window = [x for x in st.plan.autoscaler._samples if x.t >= now - st.policy.stable_window_s]
-            figures = measured_figures(window, slots=d.spec.backend.concurrency or 1, cold_start_s=cold,
+            figures = measured_figures(st.plan.recent(now, st.policy.stable_window_s), slots=d.spec.backend.concurrency or 1, cold_start_s=cold,
                                        ttft_s=autoscale_signals.free_slot_ttft(variant, replicas))
         pools = getattr(self.dm.ctl, "pools", None)
         room = pools.room(d.spec.pool, need or d.status.vram_bytes, cost) if d.spec.pool and pools else None

@@ -115,6 +115,15 @@ class Planner:
         self.rates.observe(sample.t, sample.request_rate * max(0.0, sample.t - prev), origin=origin)
         self._prev_t = sample.t
 
+    @property
+    def samples(self) -> list[Sample]:
+        """The samples kept (the last stable window's)."""
+        return list(self.autoscaler._samples)
+
+    def recent(self, now: float, seconds: float) -> list[Sample]:
+        """The samples kept of the last ``seconds`` before ``now``."""
+        return [x for x in self.samples if now - seconds <= x.t <= now]
+
     def wait_s(self, figures: ServiceFigures) -> float:
         """The SLO's room to queue: the objective minus the TTFT on a free slot (0 without an SLO)."""
         return max(0.0, self.policy.slo_ms / 1000 - figures.ttft_s)

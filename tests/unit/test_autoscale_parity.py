@@ -81,7 +81,7 @@ async def _run(monkeypatch, cold_start_s: float, **policy) -> tuple[list, list]:
         if scaler is None:
             scaler = AutoscalerScaler(st.policy, figures=ServiceFigures(SERVICE_S, TTFT_S, 1, cold_start_s),
                                       forecaster=_Forecast(), tick_s=TICK_S)
-        sample: Sample = st.plan.autoscaler._samples[-1]     # the sample the controller built from the loads
+        sample: Sample = st.plan.samples[-1]                 # the sample the controller built from the loads
         scaler.forecaster.step = k
         want = scaler.scale(t, sample, ready=int(decision.signals["ready"]),
                             starting=int(decision.signals["starting"]))
