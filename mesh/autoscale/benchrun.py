@@ -11,7 +11,7 @@ import numpy as np
 from mesh.autoscale import demand
 from mesh.autoscale.latency import LatencyModel
 from mesh.autoscale.planner import ServiceFigures
-from mesh.autoscale.scalers import AutoscalerScaler, FixedScaler, RateForecaster, peak_replicas
+from mesh.autoscale.scalers import AutoscalerScaler, FixedScaler, OracleForecaster, RateForecaster, peak_replicas
 from mesh.autoscale.simulate import percentile, simulate
 from mesh.autoscale.types import ScalingPolicy
 
@@ -38,6 +38,7 @@ class BenchSpec:
     sizing: str = "erlang"                 # the predictive policy's rule for the forecast rate (mesh/autoscale/sizing.py)
     sizing_quantile: float = 0.7           # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
     nowcast: bool = True                   # predictive: the forecast rate never below the bucket under way's so far
+    forecast: str = "fitted"               # "fitted" | "oracle" (the realized bucket rates: a bound, not a policy)
     catch_up: bool = True                  # predictive: median floor and no scale-down delay when the reactive
     #                                        want catches a burst within the SLO's room (mesh/autoscale/scalers.py)
 
@@ -85,9 +86,12 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
             bucket = series.step_s / spec.speedup
             lead = policy.lead_time_s or model.cold_start_s + spec.tick_s
             season = _season(spec, series)
-            forecaster = RateForecaster(bucket, lead, season=season, level=spec.level, refit_every=spec.refit_every,
-                                        min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models,
-                                        max_history=spec.max_history, cache=cache)
+            if spec.forecast == "oracle":
+                forecaster = OracleForecaster(bucket, lead, arrivals, end_s)
+            else:
+                forecaster = RateForecaster(bucket, lead, season=season, level=spec.level,
+                                            refit_every=spec.refit_every, max_history=spec.max_history, cache=cache,
+                                            min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models)
         scaler = AutoscalerScaler(policy, figures=figures_of(model), replica_cost_per_hour=spec.replica_cost_per_hour,
                                   forecaster=forecaster, tick_s=spec.tick_s)
         initial = max(policy.min_replicas, peak_replicas(float(lam[0]), service, policy.target, policy.max_replicas))
@@ -122,7 +126,7 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
         err = forecaster.log.error(counts / bucket)
         out["forecast_error"] = {**err, "lead_time_s": round(forecaster.lead_s, 3), "season": forecaster.season,
                                  "bucket_s": round(bucket, 3)}
-        out["sizing"] = {"rule": spec.sizing, "quantile": spec.sizing_quantile,
+        out["sizing"] = {"forecast": spec.forecast, "rule": spec.sizing, "quantile": spec.sizing_quantile,
                          "wait_s": round(max(0.0, spec.slo_ttft_s - model.ttft_s()), 4),
                          "nowcast": spec.nowcast, "reaction_s": round(scaler.reaction_s, 4),
                          "catch_up": scaler.catching_up, "floor_quantile": scaler.floor_quantile,

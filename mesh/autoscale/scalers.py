@@ -21,8 +21,8 @@ import numpy as np
 from mesh.autoscale.planner import CATCH_UP_QUANTILE, NOWCAST_FRACTION, Planner, RateBuckets, ServiceFigures
 from mesh.autoscale.types import Decision, Sample, ScalingPolicy
 
-__all__ = ["CATCH_UP_QUANTILE", "NOWCAST_FRACTION", "AutoscalerScaler", "FixedScaler", "ForecastLog", "RateForecaster",
-           "peak_replicas"]
+__all__ = ["CATCH_UP_QUANTILE", "NOWCAST_FRACTION", "AutoscalerScaler", "FixedScaler", "ForecastLog",
+           "OracleForecaster", "RateForecaster", "peak_replicas"]
 
 
 class FixedScaler:
@@ -135,6 +135,26 @@ class RateForecaster:
                     self.log.point[k] = self._pt[i]
                     self.log.upper[k] = self._hi[i]
         return max(his) if his else None
+
+
+class OracleForecaster(RateForecaster):
+    """A bound, not a policy: the realized rate of each bucket of ``arrivals``, known ahead (what a perfect
+    forecast of the bucket rates would give the same decision code; `meshctl bench autoscale --forecast oracle`)."""
+
+    def __init__(self, bucket_s: float, lead_s: float, arrivals: np.ndarray, end_s: float) -> None:
+        super().__init__(bucket_s, lead_s, season=1, level=0.5, refit_every=1, min_history=0, models=("oracle",))
+        n = int(math.ceil(end_s / bucket_s)) + 1
+        self.actual = np.bincount(np.minimum((np.asarray(arrivals) // bucket_s).astype(int), n - 1),
+                                  minlength=n) / bucket_s
+
+    def upper_rate(self, now: float) -> float | None:
+        k0 = int(now // self.bucket_s)
+        k1 = min(int((now + self.lead_s) // self.bucket_s), len(self.actual) - 1)
+        if k0 > k1:
+            return None
+        if k1 not in self.log.point:
+            self.log.point[k1] = self.log.upper[k1] = float(self.actual[k1])
+        return float(self.actual[k0:k1 + 1].max())
 
 
 class AutoscalerScaler:

@@ -251,7 +251,7 @@ def test_cli_slice_create_s_sets_the_cold_start_and_says_where_it_came_from(tmp_
     assert doc["calibration"]["prefill_base_s"] == pytest.approx(measured.prefill_base_s)   # serving kept
     pred = doc["policies"]["predictive"]
     assert pred["forecast_error"]["lead_time_s"] == pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-2)
-    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.7,
+    assert pred["sizing"] == {"forecast": "fitted", "rule": "erlang", "quantile": 0.7,
                               "wait_s": pytest.approx(doc["slo_ttft_ms"] / 1000 - measured.ttft_s(), abs=1e-3),
                               "nowcast": True, "reaction_s": pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-3),
                               "catch_up": False, "floor_quantile": 0.7, "scale_down_delay_s": 120.0}
@@ -455,3 +455,21 @@ def test_nowcast_keeps_the_forecast_rate_at_least_the_bucket_under_way_once_a_th
     assert b.nowcast_rate(32.0) is None                 # 2 s of 30: too early
     b.observe(40.0, 40.0)                               # 40 arrivals in the first 10 s of bucket 1
     assert b.nowcast_rate(40.0) == pytest.approx(4.0)   # a third has passed: its 4 requests/s so far
+
+
+def test_the_oracle_forecast_is_the_realized_bucket_rate_a_lead_ahead() -> None:
+    from mesh.autoscale.scalers import OracleForecaster
+    arrivals = np.array([1.0, 2.0, 3.0] + [10.0 + i / 4 for i in range(40)])   # 3 in bucket 0, 40 in bucket 1
+    f = OracleForecaster(10.0, 4.0, arrivals, 20.0)
+    assert f.upper_rate(2.0) == pytest.approx(0.3)                 # now .. now + 4 s: bucket 0 only
+    assert f.upper_rate(7.0) == pytest.approx(4.0)                 # the lead reaches bucket 1: its 40 in 10 s
+    assert f.log.point[1] == pytest.approx(4.0)
+
+
+def test_cli_oracle_forecast_says_so(tmp_path) -> None:
+    rows = ["t,rps"] + [f"{60 * i},{v}" for i, v in enumerate([1, 1, 2, 4, 6, 6, 3, 1])]
+    p = meshctl("--series", write(tmp_path, "\n".join(rows) + "\n"), "--time-col", "t", "--value-col", "rps",
+                "--policy", "predictive", "--forecast", "oracle", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    pred = json.loads(p.stdout)["policies"]["predictive"]
+    assert pred["sizing"]["forecast"] == "oracle" and pred["forecast_error"]["mae_rps"] == 0.0
