@@ -167,7 +167,8 @@ class AutoscalerController:
         figures = None
         if st.policy.predictive:
             self._refresh_forecast(name, st, lead, now)
-            figures = measured_figures(st.plan.recent(now, st.policy.stable_window_s), slots=d.spec.backend.concurrency or 1, cold_start_s=cold,
+            figures = measured_figures(st.plan.recent(now, st.policy.stable_window_s),
+                                       slots=autoscale_signals.slots(d.spec, variant), cold_start_s=cold,
                                        ttft_s=autoscale_signals.free_slot_ttft(variant, replicas))
         pools = getattr(self.dm.ctl, "pools", None)
         room = pools.room(d.spec.pool, need or d.status.vram_bytes, cost) if d.spec.pool and pools else None

@@ -143,3 +143,13 @@ def test_the_controller_measures_the_time_in_service_and_the_free_slot_ttft():
     assert measured_figures(samples, slots=0, cold_start_s=1.0, ttft_s=0.3).ttft_s == 0.3    # the registry's
     assert measured_figures(samples, slots=0, cold_start_s=1.0).slots == 1
     assert measured_figures(samples[2:], slots=1, cold_start_s=1.0) is None                 # no request seen yet
+
+
+def test_a_replica_serves_its_backend_concurrency_at_once_but_one_on_llama_cpp():
+    from controlplane.controllers import autoscale_signals
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import model_service_pb2 as M
+    spec = D.DeploymentSpec(name="chat", backend=D.BackendSettings(concurrency=8))
+    assert autoscale_signals.slots(spec, M.Variant(name="bf16", backend=M.BACKEND_VLLM)) == 8
+    assert autoscale_signals.slots(spec, M.Variant(name="q4", backend=M.BACKEND_LLAMA_CPP)) == 1
+    assert autoscale_signals.slots(D.DeploymentSpec(name="chat"), None) == 1
