@@ -17,7 +17,8 @@ def build(*, min_replicas: int | None = None, max_replicas: int, metric: str = "
           scale_up_delay_s: float = 0.0, scale_down_delay_s: float | None = None, max_scale_up_rate: float = 0.0,
           scale_to_zero_after_s: float = 0.0, predictive: bool = False, lead_time_s: float = 0.0,
           forecast_quantile: float = 0.0, cost_ceiling_per_hour: float = 0.0,
-          variants: tuple[str, ...] = ()) -> S.ScalingPolicy:
+          variants: tuple[str, ...] = (), slo_ttft_ms: float = 0.0, sizing: str = "",
+          sizing_quantile: float = 0.0, nowcast: bool | None = None, catch_up: bool | None = None) -> S.ScalingPolicy:
     """A policy message; 0 / None leave a field at the control plane's default (see scaling.proto).
     With `scale_to_zero_after_s` and no `min_replicas`, min_replicas is 0."""
     p = S.ScalingPolicy(max_replicas=max_replicas, metric=metric, target=target,
@@ -25,7 +26,12 @@ def build(*, min_replicas: int | None = None, max_replicas: int, metric: str = "
                         panic_threshold=panic_threshold, scale_up_delay_seconds=scale_up_delay_s,
                         max_scale_up_rate=max_scale_up_rate, scale_to_zero_after_seconds=scale_to_zero_after_s,
                         predictive=predictive, lead_time_seconds=lead_time_s, forecast_quantile=forecast_quantile,
-                        cost_ceiling_per_hour=cost_ceiling_per_hour, variants=list(variants))
+                        cost_ceiling_per_hour=cost_ceiling_per_hour, variants=list(variants),
+                        slo_ttft_ms=slo_ttft_ms, sizing=sizing, sizing_quantile=sizing_quantile)
+    if nowcast is not None:
+        p.nowcast = nowcast
+    if catch_up is not None:
+        p.catch_up = catch_up
     if min_replicas is None and scale_to_zero_after_s:
         min_replicas = 0
     if min_replicas is not None:
@@ -51,6 +57,12 @@ def effective(p: S.ScalingPolicy) -> dict[str, Any]:
         "scale_to_zero_after_seconds": p.scale_to_zero_after_seconds, "predictive": p.predictive,
         "lead_time_seconds": p.lead_time_seconds, "forecast_quantile": p.forecast_quantile or d.forecast_quantile,
         "cost_ceiling_per_hour": p.cost_ceiling_per_hour, "variants": list(p.variants),
+        "slo_ttft_ms": p.slo_ttft_ms,
+        "sizing": p.sizing or ("erlang" if (p.slo_ttft_ms or ((p.metric or d.metric) == "ttft" and p.target))
+                               else "little"),
+        "sizing_quantile": p.sizing_quantile or d.sizing_quantile,
+        "nowcast": p.nowcast if p.HasField("nowcast") else d.nowcast,
+        "catch_up": p.catch_up if p.HasField("catch_up") else d.catch_up,
     }
 
 

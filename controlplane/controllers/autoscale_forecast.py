@@ -1,8 +1,9 @@
-"""Predictive warm-up's forecast: the upper quantile of a deployment's demand one lead time ahead.
+"""Predictive warm-up's forecast: the upper quantile of a deployment's request rate one lead time ahead.
 
-The autoscaler controller records each sample's demand in the policy's metric into the history store
-(controlplane/forecast/recorder.py) as `deployment/<name> demand_<metric>`; this reads that series on the
-history's thread and fits it with the forecasting service's code (controlplane/forecast/forecasting.py) in
+The autoscaler controller records each sample's request rate (and its demand in the policy's metric, as
+`demand_<metric>`) into the history store (controlplane/forecast/recorder.py) as `deployment/<name>
+request_rate`; the forecast's upper rate is the Planner's `forecast_rate` (mesh/autoscale/planner.py), which
+sizes it into replicas as `meshctl bench autoscale` does. This reads the series on the history's thread and fits it with the forecasting service's code (controlplane/forecast/forecasting.py) in
 a worker thread, never on the event loop. The forecast's interval is central, so the upper quantile q is
 the high edge of the (2q - 1) interval.
 """
@@ -25,17 +26,18 @@ def series_metric(metric: str) -> str:
     return f"demand_{metric}"
 
 
-async def upper(history, name: str, metric: str, lead_s: float, quantile: float,
+async def upper(history, name: str, series: str, lead_s: float, quantile: float,
                 step_floor: float) -> tuple[float | None, str]:
-    """(the demand's upper `quantile` at now + `lead_s`, or None; a note: the model, or why none)."""
+    """(the upper `quantile` of the deployment's `series` over now .. now + `lead_s`, or None; a note: the
+    model, or why none)."""
     if history is None:
         return None, "no history (history_enabled: false)"
     lead = max(lead_s, step_floor)
     step = max(step_floor, lead / POINTS)
     level = min(0.98, max(0.02, 2 * quantile - 1))
     try:
-        p = forecasting.plan("deployment", name, series_metric(metric), lead, step, level)
-        rows = await history.read(history.store.read, "deployment", name, series_metric(metric))
+        p = forecasting.plan("deployment", name, series, lead, step, level)
+        rows = await history.read(history.store.read, "deployment", name, series)
         times, values = forecasting.check_history(p, rows)
         f = await asyncio.to_thread(forecasting.fit, p, times, values)
     except errors.MeshError as e:

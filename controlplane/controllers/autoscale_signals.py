@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from controlplane.serving import replicacost
 from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
 from mesh.autoscale import Sample
 
 SLICE_START_S = 5.0          # added to a registry load time: a slice's creation, not measured there
@@ -94,6 +95,26 @@ def replica_cost(replicas: list[D.Replica], slices: dict, need: int, isolation: 
     if running:
         return max(replicacost.of_replicas(running, prices))
     return replicacost.cheapest(need, isolation, gpu_models, prices) or 0.0
+
+
+def slots(spec: D.DeploymentSpec, variant) -> int:
+    """Requests one replica serves at once: the deployment's `backend.concurrency` (1 unset), and 1 on
+    llama.cpp, whose Python server decodes one request at a time whatever it is given."""
+    if variant is not None and variant.backend == M.BACKEND_LLAMA_CPP:
+        return 1
+    return max(1, spec.backend.concurrency)
+
+
+def free_slot_ttft(variant, replicas: list[D.Replica]) -> float | None:
+    """The registry's measured TTFT on a free slot (`meshctl model bench`, on the replicas' GPU models when
+    measured there; the slowest), seconds; None when not measured (the controller then takes the observed)."""
+    if variant is None:
+        return None
+    gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
+    ttfts = [m.ttft_seconds for k, m in variant.measured.items() if m.ttft_seconds > 0
+             and (not gpu_models or k in gpu_models)]
+    ttfts = ttfts or [m.ttft_seconds for m in variant.measured.values() if m.ttft_seconds > 0]
+    return max(ttfts) if ttfts else None
 
 
 def cold_start(replicas: list[D.Replica], variant, default_s: float) -> tuple[float, str]:

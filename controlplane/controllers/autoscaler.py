@@ -2,10 +2,11 @@
 
 Level-triggered: every `interval` seconds, for each deployment with a policy (`spec.scaling`), it samples
 its replicas' load (controlplane/controllers/autoscale_signals.py), feeds the deployment's
-`mesh.autoscale.Autoscaler` and asks it for a decision, with one replica's cost (the cost ceiling), and for
-a predictive policy the forecast's upper quantile of demand one cold start ahead
+`mesh.autoscale.planner.Planner` (the decision code `meshctl bench autoscale` measures, around the
+Knative-like `Autoscaler`) and asks it for a decision, with one replica's cost (the cost ceiling), and for a
+predictive policy the forecast's upper quantile of the request rate over one lead time
 (controlplane/controllers/autoscale_forecast.py, refitted every `forecast_every` seconds off the event
-loop). When the decision differs from `spec.replicas` it sets the replicas through the deployment manager
+loop) and the replica's measured figures (time in service, TTFT on a free slot, cold start) that size it. When the decision differs from `spec.replicas` it sets the replicas through the deployment manager
 (one etcd write with the decision on `status.autoscaler`); the deployment controller does the rest.
 
 Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
@@ -38,7 +39,8 @@ from controlplane.serving import scalingspec
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import scaling_pb2 as S
 from mesh import errors
-from mesh.autoscale import Autoscaler, Decision, Sample, ScalingPolicy
+from mesh.autoscale import Decision, Sample, ScalingPolicy
+from mesh.autoscale.planner import Planner, measured_figures
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ WAKE_HOLD_S = 600.0          # after a Wake the held request is demand until a r
 @dataclass
 class _State:
     policy: ScalingPolicy
-    auto: Autoscaler
+    plan: Planner
     counters: autoscale_signals.Counters = field(default_factory=autoscale_signals.Counters)
     woken_seen: float = 0.0
     waking_since: float = 0.0   # a Wake's time while no replica has been READY since
@@ -120,11 +122,11 @@ class AutoscalerController:
         st = self.states.get(name)
         if st is None or st.policy != policy:
             old = st
-            st = _State(policy, Autoscaler(policy))
+            st = _State(policy, Planner(policy, tick_s=self.interval, origin=None))
             if old is not None:         # a changed policy keeps what was seen, not what was decided
                 st.counters, st.woken_seen = old.counters, old.woken_seen
-                for s in old.auto._samples:
-                    st.auto.observe(s)
+                for s in old.plan.samples:
+                    st.plan.observe(s)
                 if old.forecasting is not None:
                     old.forecasting.cancel()
             self.states[name] = st
@@ -154,7 +156,7 @@ class AutoscalerController:
             # the request the gateway holds is demand until a replica is READY to take it: the idle period
             # starts again, and a replica starting from zero is not scaled away under it
             sample = dataclasses.replace(sample, queue=sample.queue + 1)
-        st.auto.observe(sample)
+        st.plan.observe(sample)
         self._record(name, d, st.policy, sample)
         variant, need = self._variant(d)
         cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
@@ -162,19 +164,26 @@ class AutoscalerController:
                                               getattr(self.dm, "prices", None))
         cold, cold_from = autoscale_signals.cold_start(replicas, variant, self.default_cold_start)
         lead = st.policy.lead_time_s or cold
+        figures = None
         if st.policy.predictive:
             self._refresh_forecast(name, st, lead, now)
+            figures = measured_figures(st.plan.recent(now, st.policy.stable_window_s),
+                                       slots=autoscale_signals.slots(d.spec, variant), cold_start_s=cold,
+                                       ttft_s=autoscale_signals.free_slot_ttft(variant, replicas))
         pools = getattr(self.dm.ctl, "pools", None)
         room = pools.room(d.spec.pool, need or d.status.vram_bytes, cost) if d.spec.pool and pools else None
-        decision = st.auto.decide(now, ready=ready, starting=starting, replica_cost_per_hour=cost,
-                                  forecast_upper=st.forecast if st.policy.predictive else None,
-                                  cold_start_s=lead if st.policy.predictive else 0.0, pool_room=room)
+        # the same decision code as `meshctl bench autoscale` (mesh/autoscale/planner.py)
+        decision = st.plan.decide(now, ready=ready, starting=starting, figures=figures,
+                                  forecast_rate=st.forecast if st.policy.predictive else None,
+                                  replica_cost_per_hour=cost, pool_room=room)
         signals = dict(decision.signals)
         signals.update(in_flight=sample.in_flight, queue=sample.queue, kv_cache=round(sample.kv_cache, 4),
                        ttft_ms=round(sample.ttft_ms, 1), request_rate=round(sample.request_rate, 4),
                        replica_cost_per_hour=round(cost, 4))
         if st.policy.predictive:
             signals["lead_time_s"] = round(lead, 2)
+            if st.forecast is not None:
+                signals["forecast_rate"] = round(st.forecast, 4)
         DESIRED.labels(name).set(decision.desired)
         DECISIONS.labels(name, decision.mode, decision.bound_by or "none").inc()
         own = decision.desired
@@ -288,7 +297,8 @@ class AutoscalerController:
             return None, 0
 
     def _record(self, name: str, d: D.Deployment, policy: ScalingPolicy, s: Sample) -> None:
-        """The demand in the policy's metric into the history (what a predictive policy forecasts)."""
+        """The demand in the policy's metric and the request rate (what a predictive policy forecasts) into
+        the history."""
         if self.history is None:
             return
         demand = {"concurrency": s.in_flight + s.queue, "queue": s.queue, "kv_cache": s.kv_cache * s.ready,
@@ -304,7 +314,7 @@ class AutoscalerController:
         policy = st.policy
 
         async def refit():
-            value, note = await autoscale_forecast.upper(self.history, name, policy.metric, lead,
+            value, note = await autoscale_forecast.upper(self.history, name, "request_rate", lead,
                                                           policy.forecast_quantile, self.interval)
             st.forecast, st.forecast_note = value, note
         st.forecasting = asyncio.create_task(refit(), name=f"autoscaler-forecast-{name}")

@@ -13,7 +13,7 @@ import math
 
 from gpumesh.v1 import scaling_pb2 as S
 from mesh import errors
-from mesh.autoscale import METRICS, ScalingPolicy
+from mesh.autoscale import METRICS, SIZINGS, ScalingPolicy
 
 MAX_REPLICAS = 64
 PREFIX = "spec.scaling"
@@ -25,6 +25,7 @@ TARGET_LIMITS = {"concurrency": (10000.0, "requests in flight per replica"),
                  "ttft": (600000.0, "milliseconds to the first token")}
 MAX_COST = 1e6
 MAX_VARIANTS = 8
+MAX_SLO_MS = 600000.0
 
 
 def _bad(field: str, problem: str, allowed: str, prefix: str) -> errors.InvalidArgument:
@@ -89,6 +90,19 @@ def check(p: S.ScalingPolicy, *, replica_cost: float | None = None, variants: tu
         raise _bad("cost_ceiling_per_hour", f"${p.cost_ceiling_per_hour:.4f}/h is below one replica's cost "
                    f"(${replica_cost:.4f}/h for its slice at the configured GPU prices)",
                    f"0 (none) or at least {replica_cost:.4f}", prefix)
+    if not math.isfinite(p.slo_ttft_ms) or not 0 <= p.slo_ttft_ms <= MAX_SLO_MS:
+        raise _bad("slo_ttft_ms", f"{p.slo_ttft_ms:g} is negative" if p.slo_ttft_ms < 0 else
+                   f"{p.slo_ttft_ms:g} is out of range", f"0 (none) or milliseconds up to {MAX_SLO_MS:g}", prefix)
+    if p.sizing and p.sizing not in SIZINGS:
+        raise _bad("sizing", f"unknown sizing rule {p.sizing[:64]!r}", ", ".join(SIZINGS) + " (unset: erlang with "
+                   "an objective, else little)", prefix)
+    objective = p.slo_ttft_ms or (p.target if metric == "ttft" else 0.0)
+    if p.sizing == "erlang" and not objective:
+        raise _bad("sizing", "erlang sizes for the objective's room to queue and the policy has no objective",
+                   "set slo_ttft_ms (or use poisson or little)", prefix)
+    if not math.isfinite(p.sizing_quantile) or (p.sizing_quantile and not 0 < p.sizing_quantile < 1):
+        raise _bad("sizing_quantile", f"{p.sizing_quantile:g} is out of range",
+                   f"above 0 and below 1 (0: {DEFAULTS.sizing_quantile:g})", prefix)
     if len(p.variants) > MAX_VARIANTS:
         raise _bad("variants", f"{len(p.variants)} names", f"at most {MAX_VARIANTS}", prefix)
     for i, v in enumerate(p.variants):
@@ -112,7 +126,10 @@ def to_policy(p: S.ScalingPolicy) -> ScalingPolicy:
         max_scale_up_rate=p.max_scale_up_rate or d.max_scale_up_rate,
         scale_to_zero_after_s=p.scale_to_zero_after_seconds, predictive=p.predictive,
         lead_time_s=p.lead_time_seconds, forecast_quantile=p.forecast_quantile or d.forecast_quantile,
-        cost_ceiling_per_hour=p.cost_ceiling_per_hour, variants=tuple(p.variants))
+        cost_ceiling_per_hour=p.cost_ceiling_per_hour, variants=tuple(p.variants),
+        slo_ttft_ms=p.slo_ttft_ms, sizing=p.sizing, sizing_quantile=p.sizing_quantile or d.sizing_quantile,
+        nowcast=p.nowcast if p.HasField("nowcast") else d.nowcast,
+        catch_up=p.catch_up if p.HasField("catch_up") else d.catch_up)
 
 
 def scales_to_zero(p: S.ScalingPolicy) -> bool:
@@ -126,8 +143,12 @@ def describe(p: S.ScalingPolicy) -> str:
              f"windows {a.stable_window_s:g}s/{a.panic_window_s:g}s", f"down after {a.scale_down_delay_s:g}s"]
     if a.scale_to_zero_after_s:
         parts.append(f"to zero after {a.scale_to_zero_after_s:g}s idle")
+    if a.slo_ttft_ms:
+        parts.append(f"TTFT objective {a.slo_ttft_ms:g} ms")
     if a.predictive:
-        parts.append(f"predictive q{a.forecast_quantile:g}" + (f" lead {a.lead_time_s:g}s" if a.lead_time_s else ""))
+        parts.append(f"predictive q{a.forecast_quantile:g}" + (f" lead {a.lead_time_s:g}s" if a.lead_time_s else "")
+                     + f", {a.sizing_rule} sizing" + (f" q{a.sizing_quantile:g}" if a.sizing_rule != "little" else "")
+                     + ("" if a.nowcast else ", no nowcast") + ("" if a.catch_up else ", no catch-up"))
     if a.cost_ceiling_per_hour:
         parts.append(f"ceiling ${a.cost_ceiling_per_hour:g}/h")
     return ", ".join(parts)

@@ -2,6 +2,6 @@
 cost ceiling, as pure functions of observed samples (see ``types``)."""
 
 from mesh.autoscale.autoscaler import Autoscaler, choose_variant
-from mesh.autoscale.types import METRICS, Decision, Sample, ScalingPolicy
+from mesh.autoscale.types import METRICS, SIZINGS, Decision, Sample, ScalingPolicy
 
-__all__ = ["METRICS", "Autoscaler", "Decision", "Sample", "ScalingPolicy", "choose_variant"]
+__all__ = ["METRICS", "SIZINGS", "Autoscaler", "Decision", "Sample", "ScalingPolicy", "choose_variant"]

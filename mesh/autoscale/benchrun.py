@@ -10,7 +10,8 @@ import numpy as np
 
 from mesh.autoscale import demand
 from mesh.autoscale.latency import LatencyModel
-from mesh.autoscale.scalers import AutoscalerScaler, FixedScaler, RateForecaster, peak_replicas
+from mesh.autoscale.planner import ServiceFigures
+from mesh.autoscale.scalers import AutoscalerScaler, FixedScaler, OracleForecaster, RateForecaster, peak_replicas
 from mesh.autoscale.simulate import percentile, simulate
 from mesh.autoscale.types import ScalingPolicy
 
@@ -37,6 +38,7 @@ class BenchSpec:
     sizing: str = "erlang"                 # the predictive policy's rule for the forecast rate (mesh/autoscale/sizing.py)
     sizing_quantile: float = 0.7           # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - this
     nowcast: bool = True                   # predictive: the forecast rate never below the bucket under way's so far
+    forecast: str = "fitted"               # "fitted" | "oracle" (the realized bucket rates: a bound, not a policy)
     catch_up: bool = True                  # predictive: median floor and no scale-down delay when the reactive
     #                                        want catches a burst within the SLO's room (mesh/autoscale/scalers.py)
 
@@ -47,6 +49,20 @@ def _season(spec: BenchSpec, series: demand.Series) -> int:
     per_day = max(1, round(86400 / series.step_s))
     per_hour = max(1, round(3600 / series.step_s))
     return per_day if len(series.t) >= 3 * per_day else per_hour
+
+
+def bench_policy(policy: ScalingPolicy, spec: BenchSpec, model: LatencyModel, predictive: bool) -> ScalingPolicy:
+    """The autoscaling policy a bench run gives the Planner: the spec's target per slot x the slots, and the
+    spec's SLO and sizing settings in the policy's own fields (what a deployment's policy sets live)."""
+    return replace(policy, predictive=predictive, target=policy.target * model.slots,
+                   slo_ttft_ms=spec.slo_ttft_s * 1000, sizing=spec.sizing, sizing_quantile=spec.sizing_quantile,
+                   nowcast=spec.nowcast, catch_up=spec.catch_up)
+
+
+def figures_of(model: LatencyModel) -> ServiceFigures:
+    """The calibration's figures, as sizing needs them."""
+    return ServiceFigures(service_s=model.service_s(), ttft_s=model.ttft_s(), slots=model.slots,
+                          cold_start_s=model.cold_start_s)
 
 
 def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: LatencyModel, spec: BenchSpec,
@@ -65,20 +81,19 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
         predictive = name == "predictive"
         if predictive and spec.predictive_target:
             policy = replace(policy, target=spec.predictive_target)
-        policy = replace(policy, predictive=predictive, target=policy.target * model.slots)
+        policy = bench_policy(policy, spec, model, predictive)
         if predictive:
             bucket = series.step_s / spec.speedup
             lead = policy.lead_time_s or model.cold_start_s + spec.tick_s
             season = _season(spec, series)
-            forecaster = RateForecaster(bucket, lead, season=season, level=spec.level, refit_every=spec.refit_every,
-                                        min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models,
-                                        max_history=spec.max_history, cache=cache,
-                                        queueing=spec.sizing != "little", nowcast=spec.nowcast)
-        scaler = AutoscalerScaler(policy, service_s=service, cold_start_s=model.cold_start_s,
-                                  replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster,
-                                  sizing_rule=spec.sizing, slots=model.slots, quantile=spec.sizing_quantile,
-                                  wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()),
-                                  catch_up=spec.catch_up, tick_s=spec.tick_s)
+            if spec.forecast == "oracle":
+                forecaster = OracleForecaster(bucket, lead, arrivals, end_s)
+            else:
+                forecaster = RateForecaster(bucket, lead, season=season, level=spec.level,
+                                            refit_every=spec.refit_every, max_history=spec.max_history, cache=cache,
+                                            min_history=min(2 * season + 20, max(40, 2 * season)), models=spec.models)
+        scaler = AutoscalerScaler(policy, figures=figures_of(model), replica_cost_per_hour=spec.replica_cost_per_hour,
+                                  forecaster=forecaster, tick_s=spec.tick_s)
         initial = max(policy.min_replicas, peak_replicas(float(lam[0]), service, policy.target, policy.max_replicas))
     else:
         raise ValueError(f"policy {name!r}: allowed {', '.join(POLICIES)}")
@@ -111,7 +126,7 @@ def run_policy(name: str, arrivals: np.ndarray, series: demand.Series, model: La
         err = forecaster.log.error(counts / bucket)
         out["forecast_error"] = {**err, "lead_time_s": round(forecaster.lead_s, 3), "season": forecaster.season,
                                  "bucket_s": round(bucket, 3)}
-        out["sizing"] = {"rule": spec.sizing, "quantile": spec.sizing_quantile,
+        out["sizing"] = {"forecast": spec.forecast, "rule": spec.sizing, "quantile": spec.sizing_quantile,
                          "wait_s": round(max(0.0, spec.slo_ttft_s - model.ttft_s()), 4),
                          "nowcast": spec.nowcast, "reaction_s": round(scaler.reaction_s, 4),
                          "catch_up": scaler.catching_up, "floor_quantile": scaler.floor_quantile,

@@ -3,25 +3,12 @@ for a replica count every tick.
 
 - ``fixed-peak``: the replicas the series' peak rate needs (Little's law at the policy's target), all the time.
 - ``reactive``: the Autoscaler on current load with Knative-like windows (predictive off).
-- ``predictive``: the same Autoscaler with predictive warm-up: the request rate, bucketed at the series'
-  step, is forecast with ``mesh.forecast.choose`` (model choice by backtest, split-conformal interval), refit
-  every ``refit_every`` buckets on the history seen so far; the interval's upper edge over now .. now + lead
-  time (the measured cold start plus one tick) is sized into replicas by ``sizing`` (mesh/autoscale/sizing.py:
-  ``erlang``, the fewest replicas whose queueing wait meets the SLO's room at a quantile, for the Poisson
-  bursts inside a bucket; ``poisson``; or ``little``, rate x service time at the target), and handed to the
-  Autoscaler as ``forecast_upper`` = those replicas x the target (the concurrency they carry at the target).
-  With the queueing rules the forecast rate is never below the last finished bucket's rate, and with
-  ``nowcast`` never below the rate seen so far in the bucket under way once a third of it has passed (the
-  freshest evidence of a jump the bucket forecast did not see).
-
-  **Catch-up** (``catch_up``, on in the bench): the reaction time is the cold start plus one tick, how long a
-  replica started on the first sign of a queue takes to serve it. When it is within the SLO's room to queue
-  (``wait_s``), a burst the forecast did not see is caught by the Autoscaler's own (stable and panic) want
-  before its requests miss the SLO, so the forecast floor need not hold the burst by itself: it is sized at
-  the median (``CATCH_UP_QUANTILE``) instead of the sizing quantile, and the policy scales down without its
-  scale-down delay (down to the larger of the want now and the floor over now .. now + lead), since a wrong
-  scale-down is undone within the room. With a longer cold start nothing changes: the floor at the sizing
-  quantile and the policy's delay.
+- ``predictive``: the same decision code as the live controller (mesh/autoscale/planner.py: sizing, persistence,
+  the nowcast and catch-up), with the calibration's figures and a forecast of the request rate: bucketed at the
+  series' step, forecast with ``mesh.forecast.choose`` (model choice by backtest, split-conformal interval),
+  refit every ``refit_every`` buckets on the history seen so far; the interval's upper edge over now .. now +
+  lead time (the measured cold start plus one tick) is the Planner's ``forecast_rate``. The controller gets
+  that rate from the history store's ``request_rate`` series instead (controlplane/controllers/autoscale_forecast.py).
 """
 
 from __future__ import annotations
@@ -31,9 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh.autoscale import sizing
-from mesh.autoscale.autoscaler import Autoscaler
+from mesh.autoscale.planner import CATCH_UP_QUANTILE, NOWCAST_FRACTION, Planner, RateBuckets, ServiceFigures
 from mesh.autoscale.types import Decision, Sample, ScalingPolicy
+
+__all__ = ["CATCH_UP_QUANTILE", "NOWCAST_FRACTION", "AutoscalerScaler", "FixedScaler", "ForecastLog",
+           "OracleForecaster", "RateForecaster", "peak_replicas"]
 
 
 class FixedScaler:
@@ -75,19 +64,13 @@ class ForecastLog:
                 "failures": self.failures, "models": self.models, "naive_fallbacks": self.naive_fallbacks}
 
 
-NOWCAST_FRACTION = 1 / 3      # how much of the bucket under way must have passed before its rate so far counts
-
-
 class RateForecaster:
-    """Buckets the observed arrivals and forecasts the rate's upper quantile ahead (see module doc)."""
+    """Fits the bucketed arrivals (``buckets``, which the Planner counts) and forecasts the rate's upper edge
+    ahead; persistence and the nowcast are the Planner's (mesh/autoscale/planner.py), as in the controller."""
 
     def __init__(self, bucket_s: float, lead_s: float, *, season: int, level: float, refit_every: int,
-                 min_history: int, models: tuple[str, ...], max_history: int = 0, cache: dict | None = None,
-                 queueing: bool = False, nowcast: bool = False) -> None:
-        self.queueing = queueing               # with the queueing sizing rules: a naive forecast (the last finished
-        #                                        bucket's rate) before the first fit, and never below that rate
-        self.nowcast = nowcast                 # and never below the rate seen so far in the bucket under way, once
-        #                                        NOWCAST_FRACTION of it has passed
+                 min_history: int, models: tuple[str, ...], max_history: int = 0, cache: dict | None = None) -> None:
+        self.buckets = RateBuckets(bucket_s)
         self.bucket_s = bucket_s
         self.lead_s = lead_s
         self.season = season
@@ -96,9 +79,6 @@ class RateForecaster:
         self.min_history = min_history
         self.models = models
         self.max_history = max_history
-        self.counts: list[float] = []          # arrivals per finished bucket
-        self._partial = 0.0
-        self._bucket = 0
         self._fitted_at = -10**9
         self._fc_start = 0                     # bucket index of the forecast's first step
         self._hi: list[float] = []
@@ -107,15 +87,13 @@ class RateForecaster:
         self.cache = cache if cache is not None else {}   # history length -> forecast: the arrivals, hence the
         #                                                   forecasts, are the same for every run on one series
 
+    @property
+    def counts(self) -> list[float]:
+        return self.buckets.counts
+
     def observe(self, now: float, arrived: float) -> None:
-        """``arrived`` requests in the tick that ended at ``now`` (a tick ending on a bucket's edge is that
-        bucket's last)."""
-        k = max(0, math.ceil(now / self.bucket_s - 1e-9) - 1)
-        while self._bucket < k:
-            self.counts.append(self._partial)
-            self._partial = 0.0
-            self._bucket += 1
-        self._partial += arrived
+        """``arrived`` requests in the tick that ended at ``now`` (used alone; a Planner feeds ``buckets``)."""
+        self.buckets.observe(now, arrived)
 
     def _refit(self) -> None:
         from mesh.forecast import choose
@@ -140,18 +118,12 @@ class RateForecaster:
         self._hi, self._pt = list(f.hi), list(f.points)
 
     def upper_rate(self, now: float) -> float | None:
-        """The forecast's upper rate over now .. now + lead (None without a forecast; see ``queueing``)."""
+        """The fitted forecast's upper rate over now .. now + lead (None: no fit yet, or it failed)."""
         done = len(self.counts)
         if done >= self.min_history and done - self._fitted_at >= self.refit_every:
             self._refit()
         if not self._hi:
-            # too little history for the backtest (or the fit failed): the naive forecast, the last finished
-            # bucket's rate, with no interval
-            if not self.counts or not self.queueing:
-                return None
-            self.log.naive_fallbacks += 1
-            rate = self.nowcast_rate(now)
-            return max(self.counts[-1] / self.bucket_s, rate if rate is not None else 0.0)
+            return None
         k0 = int(now // self.bucket_s)
         k1 = int((now + self.lead_s) // self.bucket_s)
         his = []
@@ -162,75 +134,58 @@ class RateForecaster:
                 if k == k1 and k not in self.log.point:
                     self.log.point[k] = self._pt[i]
                     self.log.upper[k] = self._hi[i]
-        if not his:
-            return None
-        if self.queueing:                       # never below the last finished bucket's rate (persistence)
-            his.append(self.counts[-1] / self.bucket_s)
-        rate = self.nowcast_rate(now)
-        if rate is not None:
-            his.append(rate)
-        return max(his)
-
-    def nowcast_rate(self, now: float) -> float | None:
-        """The arrival rate so far in the bucket under way, once NOWCAST_FRACTION of it has passed (else None,
-        and None without ``nowcast`` or the queueing rules)."""
-        if not (self.nowcast and self.queueing):
-            return None
-        elapsed = now - self._bucket * self.bucket_s
-        if elapsed < NOWCAST_FRACTION * self.bucket_s - 1e-9:
-            return None
-        return self._partial / elapsed
+        return max(his) if his else None
 
 
-CATCH_UP_QUANTILE = 0.5       # the floor's quantile when the reactive want catches a burst within the SLO's room
+class OracleForecaster(RateForecaster):
+    """A bound, not a policy: the realized rate of each bucket of ``arrivals``, known ahead (what a perfect
+    forecast of the bucket rates would give the same decision code; `meshctl bench autoscale --forecast oracle`)."""
+
+    def __init__(self, bucket_s: float, lead_s: float, arrivals: np.ndarray, end_s: float) -> None:
+        super().__init__(bucket_s, lead_s, season=1, level=0.5, refit_every=1, min_history=0, models=("oracle",))
+        n = int(math.ceil(end_s / bucket_s)) + 1
+        self.actual = np.bincount(np.minimum((np.asarray(arrivals) // bucket_s).astype(int), n - 1),
+                                  minlength=n) / bucket_s
+
+    def upper_rate(self, now: float) -> float | None:
+        k0 = int(now // self.bucket_s)
+        k1 = min(int((now + self.lead_s) // self.bucket_s), len(self.actual) - 1)
+        if k0 > k1:
+            return None
+        if k1 not in self.log.point:
+            self.log.point[k1] = self.log.upper[k1] = float(self.actual[k1])
+        return float(self.actual[k0:k1 + 1].max())
 
 
 class AutoscalerScaler:
-    """The Autoscaler driven by the simulation's samples (and a forecaster when predictive)."""
+    """The Planner (the live controller's decision code) driven by the simulation's samples, with the
+    calibration's figures and, when predictive, a forecaster."""
 
-    def __init__(self, policy: ScalingPolicy, *, service_s: float, cold_start_s: float,
-                 replica_cost_per_hour: float = 0.0, forecaster: RateForecaster | None = None,
-                 sizing_rule: str = "little", slots: int = 1, wait_s: float = 0.0, quantile: float = 0.99,
-                 catch_up: bool = False, tick_s: float = 2.0) -> None:
-        if sizing_rule not in sizing.RULES:
-            raise ValueError(f"sizing rule {sizing_rule!r}: allowed {', '.join(sizing.RULES)}")
-        self.autoscaler = Autoscaler(policy)
-        self.target = policy.target
-        self.sizing_rule = sizing_rule
-        self.slots = slots
-        self.wait_s = wait_s
-        self.quantile = quantile
-        self.service_s = service_s
-        self.cold_start_s = cold_start_s
+    def __init__(self, policy: ScalingPolicy, *, figures: ServiceFigures, replica_cost_per_hour: float = 0.0,
+                 forecaster: RateForecaster | None = None, tick_s: float = 2.0) -> None:
+        self.planner = Planner(policy, tick_s=tick_s, rates=forecaster.buckets if forecaster is not None else None,
+                               bucket_s=forecaster.bucket_s if forecaster is not None else 60.0)
+        self.autoscaler = self.planner.autoscaler
+        self.figures = figures
         self.cost = replica_cost_per_hour
         self.forecaster = forecaster
-        self.decisions: dict[str, int] = {}
-        self.last: Decision | None = None
-        self.reaction_s = cold_start_s + tick_s
-        self.catching_up = (catch_up and forecaster is not None and sizing_rule != "little"
-                            and self.reaction_s <= wait_s)
-        self.floor_quantile = CATCH_UP_QUANTILE if self.catching_up else quantile
+        self.reaction_s = figures.cold_start_s + tick_s
+        self.catching_up = self.planner.catching_up(figures)
+        self.floor_quantile = self.planner.floor_quantile(figures)
+
+    @property
+    def decisions(self) -> dict[str, int]:
+        return self.planner.decisions
+
+    @property
+    def last(self) -> Decision | None:
+        return self.planner.last
 
     def scale(self, now: float, sample: Sample, *, ready: int, starting: int) -> int:
-        self.autoscaler.observe(sample)
-        upper = None
+        self.planner.observe(sample)
+        rate = self.forecaster.upper_rate(now) if self.forecaster is not None else None
+        d = self.planner.decide(now, ready=ready, starting=starting, figures=self.figures, forecast_rate=rate,
+                                replica_cost_per_hour=self.cost)
         if self.forecaster is not None:
-            self.forecaster.observe(now, sample.request_rate * (now - getattr(self, "_prev", 0.0)))
-            self._prev = now
-            rate = self.forecaster.upper_rate(now)
-            if rate is not None:
-                upper = self.forecast_upper(rate)
-        d = self.autoscaler.decide(now, ready=ready, starting=starting, replica_cost_per_hour=self.cost,
-                                   forecast_upper=upper, cold_start_s=self.cold_start_s,
-                                   scale_down_delay_s=0.0 if self.catching_up and upper is not None else None)
-        self.decisions[d.mode] = self.decisions.get(d.mode, 0) + 1
-        self.last = d
+            self.forecaster.log.naive_fallbacks = self.planner.naive_fallbacks
         return d.desired
-
-    def forecast_upper(self, rate: float) -> float:
-        """The forecast's upper rate as demand in the Autoscaler's units (concurrency)."""
-        if self.sizing_rule == "little":
-            return rate * self.service_s                # Little's law: concurrency = rate x time in system
-        n = sizing.replicas_for(self.sizing_rule, rate, self.service_s, slots=self.slots, wait_s=self.wait_s,
-                                quantile=self.floor_quantile)
-        return n * self.target                          # the Autoscaler wants ceil(upper / target) = n

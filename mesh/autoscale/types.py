@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 METRICS = ("concurrency", "queue", "kv_cache", "ttft")
+SIZINGS = ("erlang", "poisson", "little")     # how a predictive policy turns a forecast rate into replicas
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,22 @@ class ScalingPolicy:
     forecast_quantile: float = 0.9         # which upper quantile of the forecast to provision for
     cost_ceiling_per_hour: float = 0.0     # dollars per hour the deployment may never exceed (0: none)
     variants: tuple[str, ...] = ()         # variant order to add replicas of when the first does not fit
+    # predictive sizing (mesh/autoscale/planner.py): the same rules in the live controller and the bench
+    slo_ttft_ms: float = 0.0               # the TTFT objective served (0: none; a ttft policy's target is it)
+    sizing: str = ""                       # "erlang" | "poisson" | "little" ("": erlang with an SLO, else little)
+    sizing_quantile: float = 0.7           # erlang: P(wait > the SLO's room) <= 1 - this; poisson: P(busy) <= 1 - it
+    nowcast: bool = True                   # the forecast rate never below the rate so far in the bucket under way
+    catch_up: bool = True                  # median floor, no scale-down delay when a cold start fits the room
+
+    @property
+    def slo_ms(self) -> float:
+        """The TTFT objective in milliseconds (0: none): ``slo_ttft_ms``, else a ttft policy's target."""
+        return self.slo_ttft_ms or (self.target if self.metric == "ttft" else 0.0)
+
+    @property
+    def sizing_rule(self) -> str:
+        """The sizing rule in force: ``sizing``, else erlang when the SLO is known, else little."""
+        return self.sizing or ("erlang" if self.slo_ms > 0 else "little")
 
 
 @dataclass(frozen=True)

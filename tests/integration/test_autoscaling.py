@@ -215,7 +215,10 @@ def test_bad_policies_are_refused_naming_the_field(cluster, mesh):
              (dict(max_replicas=2, target=0), "policy.target"),
              (dict(min_replicas=1, max_replicas=2, target=1, scale_to_zero_after_s=60),
               "policy.scale_to_zero_after_seconds"),
-             (dict(max_replicas=2, target=1, cost_ceiling_per_hour=0.1), "policy.cost_ceiling_per_hour")]
+             (dict(max_replicas=2, target=1, cost_ceiling_per_hour=0.1), "policy.cost_ceiling_per_hour"),
+             (dict(max_replicas=2, target=1, slo_ttft_ms=-5), "policy.slo_ttft_ms"),
+             (dict(max_replicas=2, target=1, predictive=True, sizing="erlang"), "policy.sizing"),
+             (dict(max_replicas=2, target=1, slo_ttft_ms=800, sizing_quantile=1.5), "policy.sizing_quantile")]
     for fields, field in cases:
         with pytest.raises(errors.InvalidArgument) as e:
             mesh.set_scaling("strict", scalingpolicy.build(**fields))
@@ -240,4 +243,13 @@ def test_bad_policies_are_refused_naming_the_field(cluster, mesh):
     assert not mesh.get_deployment("strict").spec.HasField("scaling")
     rc, out, err = meshctl(cluster, "autoscale", "strict", "--max", "2", "--target", "3", "--scale-down-delay", "1m")
     assert rc == 0 and "1-2 replicas" in out and "down after 60s" in out, err
+    # the objective and the sizing the bench measures reach the control plane from meshctl and come back
+    rc, out, err = meshctl(cluster, "autoscale", "strict", "--max", "2", "--target", "1", "--predictive",
+                           "--slo-ttft", "6800", "--catch-up", "off", "-o", "json")
+    assert rc == 0, err
+    doc = json.loads(out)["policy"]
+    assert (doc["slo_ttft_ms"], doc["sizing"], doc["sizing_quantile"], doc["nowcast"], doc["catch_up"]) == \
+        (6800, "erlang", 0.7, True, False)
+    sc = mesh.get_deployment("strict").spec.scaling
+    assert sc.slo_ttft_ms == 6800 and sc.HasField("catch_up") and not sc.catch_up and not sc.HasField("nowcast")
     mesh.undeploy("strict")

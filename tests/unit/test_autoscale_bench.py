@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,7 @@ def test_cli_slice_create_s_sets_the_cold_start_and_says_where_it_came_from(tmp_
     assert doc["calibration"]["prefill_base_s"] == pytest.approx(measured.prefill_base_s)   # serving kept
     pred = doc["policies"]["predictive"]
     assert pred["forecast_error"]["lead_time_s"] == pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-2)
-    assert pred["sizing"] == {"rule": "erlang", "quantile": 0.7,
+    assert pred["sizing"] == {"forecast": "fitted", "rule": "erlang", "quantile": 0.7,
                               "wait_s": pytest.approx(doc["slo_ttft_ms"] / 1000 - measured.ttft_s(), abs=1e-3),
                               "nowcast": True, "reaction_s": pytest.approx(cs["cold_start_s"] + 2.0, abs=1e-3),
                               "catch_up": False, "floor_quantile": 0.7, "scale_down_delay_s": 120.0}
@@ -346,53 +347,56 @@ def test_sizing_rules_refuse_bad_arguments_naming_them() -> None:
         replicas_for("guess", 1.0, 5.0)
 
 
+def _figures(cold_start_s: float = 30.0):
+    from mesh.autoscale.planner import ServiceFigures
+    return ServiceFigures(service_s=5.66, ttft_s=0.0, slots=1, cold_start_s=cold_start_s)   # room 6.36 s at 6360 ms
+
+
 def test_predictive_scaler_wants_the_erlang_replicas_for_the_forecast_rate() -> None:
     from mesh.autoscale.scalers import AutoscalerScaler
     from mesh.autoscale.sizing import erlang_replicas
     from mesh.autoscale.types import Sample, ScalingPolicy
-    policy = ScalingPolicy(min_replicas=1, max_replicas=64, target=1.3, predictive=True, max_scale_up_rate=100)
-    s = AutoscalerScaler(policy, service_s=5.66, cold_start_s=30.0, sizing_rule="erlang", slots=1, wait_s=6.36,
-                         quantile=0.97)
-
-    class Fixed:                                                       # a forecaster that says 2.5 requests/s
-        def observe(self, now, arrived):
-            pass
-
-        def upper_rate(self, now):
-            return 2.5
-    s.forecaster = Fixed()
+    policy = ScalingPolicy(min_replicas=1, max_replicas=64, target=1.3, predictive=True, max_scale_up_rate=100,
+                           slo_ttft_ms=6360, sizing="erlang", sizing_quantile=0.97)
+    s = AutoscalerScaler(policy, figures=_figures(), forecaster=_FixedRate(2.5))
     want = s.scale(2.0, Sample(t=2.0, in_flight=1, queue=0, request_rate=0.5, ready=1), ready=1, starting=0)
     n = erlang_replicas(2.5, 5.66, 1, 6.36, 0.97)
     assert want == n and n > math.ceil(2.5 * 5.66 / 1.3)               # more than Little's law at the target
     assert s.last.mode == "predictive"
     with pytest.raises(ValueError, match="sizing rule"):
-        AutoscalerScaler(policy, service_s=1.0, cold_start_s=1.0, sizing_rule="guess")
+        AutoscalerScaler(replace(policy, sizing="guess"), figures=_figures())
 
 
-def test_queueing_forecaster_uses_the_last_bucket_before_a_fit_and_never_forecasts_below_it() -> None:
-    from mesh.autoscale.scalers import RateForecaster
-    f = RateForecaster(10.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",),
-                       queueing=True)
-    assert f.upper_rate(1.0) is None                                   # nothing seen
+def test_queueing_planner_uses_the_last_bucket_before_a_fit_and_never_forecasts_below_it() -> None:
+    from mesh.autoscale.planner import Planner
+    from mesh.autoscale.types import Sample, ScalingPolicy
+    policy = ScalingPolicy(max_replicas=8, target=1.0, predictive=True, slo_ttft_ms=6360, nowcast=False)
+    plan = Planner(policy, tick_s=2.0, bucket_s=10.0)
+    assert plan.upper_rate(1.0, None) is None                          # nothing seen
     for j in range(5):
-        f.observe(2.0 * (j + 1), 6.0)                                  # 30 arrivals in bucket 0: 3 requests/s
-    f.observe(12.0, 0.0)
-    assert f.upper_rate(12.0) == pytest.approx(3.0) and f.log.naive_fallbacks == 1
-    plain = RateForecaster(10.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",))
+        plan.observe(Sample(t=2.0 * (j + 1), request_rate=3.0))         # 30 arrivals in bucket 0: 3 requests/s
+    plan.observe(Sample(t=12.0, request_rate=0.0))
+    assert plan.upper_rate(12.0, None) == pytest.approx(3.0) and plan.naive_fallbacks == 1
+    assert plan.upper_rate(12.0, 1.0) == pytest.approx(3.0)            # a fitted forecast never below it
+    assert plan.upper_rate(12.0, 5.0) == pytest.approx(5.0)
+    little = Planner(replace(policy, sizing="little"), tick_s=2.0, bucket_s=10.0)
     for j in range(5):
-        plain.observe(2.0 * (j + 1), 6.0)
-    plain.observe(12.0, 0.0)
-    assert plain.upper_rate(12.0) is None                              # the little rule keeps the old behaviour
+        little.observe(Sample(t=2.0 * (j + 1), request_rate=3.0))
+    little.observe(Sample(t=12.0, request_rate=0.0))
+    assert little.upper_rate(12.0, None) is None                       # the little rule keeps the old behaviour
+    assert little.upper_rate(12.0, 1.0) == pytest.approx(1.0)
 
 
 class _FixedRate:
     """A forecaster that always says ``rate`` requests/s."""
 
     def __init__(self, rate: float) -> None:
+        from mesh.autoscale.planner import RateBuckets
+        from mesh.autoscale.scalers import ForecastLog
         self.rate = rate
-
-    def observe(self, now, arrived):
-        pass
+        self.log = ForecastLog()
+        self.buckets = RateBuckets(60.0)
+        self.bucket_s = 60.0
 
     def upper_rate(self, now):
         return self.rate
@@ -402,10 +406,9 @@ def _scaler(cold_start_s: float, catch_up: bool, quantile: float = 0.97):
     from mesh.autoscale.scalers import AutoscalerScaler
     from mesh.autoscale.types import ScalingPolicy
     policy = ScalingPolicy(min_replicas=1, max_replicas=64, target=3.0, predictive=True, max_scale_up_rate=100,
-                           scale_down_delay_s=120, panic_threshold=100)
-    return AutoscalerScaler(policy, service_s=5.66, cold_start_s=cold_start_s, sizing_rule="erlang", slots=1,
-                            wait_s=6.36, quantile=quantile, catch_up=catch_up, tick_s=2.0,
-                            forecaster=_FixedRate(2.5))
+                           scale_down_delay_s=120, panic_threshold=100, slo_ttft_ms=6360, sizing="erlang",
+                           sizing_quantile=quantile, catch_up=catch_up)
+    return AutoscalerScaler(policy, figures=_figures(cold_start_s), tick_s=2.0, forecaster=_FixedRate(2.5))
 
 
 def test_catch_up_sizes_the_floor_at_the_median_when_a_replica_is_ready_within_the_slo_room() -> None:
@@ -444,16 +447,29 @@ def test_catch_up_scales_down_to_the_floor_without_the_delay() -> None:
 
 
 def test_nowcast_keeps_the_forecast_rate_at_least_the_bucket_under_way_once_a_third_has_passed() -> None:
-    from mesh.autoscale.scalers import RateForecaster
-    f = RateForecaster(30.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",),
-                       queueing=True, nowcast=True)
-    f.observe(30.0, 30.0)                               # bucket 0: 1 request/s
-    f.observe(32.0, 0.0)                                # bucket 1 begins
-    assert f.upper_rate(32.0) == pytest.approx(1.0)     # 2 s of 30: too early, the last bucket's rate
-    f.observe(40.0, 40.0)                               # 40 arrivals in the first 10 s of bucket 1
-    assert f.upper_rate(40.0) == pytest.approx(4.0)     # a third has passed: its 4 requests/s so far
-    plain = RateForecaster(30.0, 12.0, season=4, level=0.9, refit_every=1, min_history=50, models=("naive",),
-                           queueing=True)
-    plain.observe(30.0, 30.0)
-    plain.observe(40.0, 40.0)
-    assert plain.upper_rate(40.0) == pytest.approx(1.0)
+    from mesh.autoscale.planner import RateBuckets
+    b = RateBuckets(30.0)
+    b.observe(30.0, 30.0)                               # bucket 0: 1 request/s
+    b.observe(32.0, 0.0)                                # bucket 1 begins
+    assert b.last_rate() == pytest.approx(1.0)
+    assert b.nowcast_rate(32.0) is None                 # 2 s of 30: too early
+    b.observe(40.0, 40.0)                               # 40 arrivals in the first 10 s of bucket 1
+    assert b.nowcast_rate(40.0) == pytest.approx(4.0)   # a third has passed: its 4 requests/s so far
+
+
+def test_the_oracle_forecast_is_the_realized_bucket_rate_a_lead_ahead() -> None:
+    from mesh.autoscale.scalers import OracleForecaster
+    arrivals = np.array([1.0, 2.0, 3.0] + [10.0 + i / 4 for i in range(40)])   # 3 in bucket 0, 40 in bucket 1
+    f = OracleForecaster(10.0, 4.0, arrivals, 20.0)
+    assert f.upper_rate(2.0) == pytest.approx(0.3)                 # now .. now + 4 s: bucket 0 only
+    assert f.upper_rate(7.0) == pytest.approx(4.0)                 # the lead reaches bucket 1: its 40 in 10 s
+    assert f.log.point[1] == pytest.approx(4.0)
+
+
+def test_cli_oracle_forecast_says_so(tmp_path) -> None:
+    rows = ["t,rps"] + [f"{60 * i},{v}" for i, v in enumerate([1, 1, 2, 4, 6, 6, 3, 1])]
+    p = meshctl("--series", write(tmp_path, "\n".join(rows) + "\n"), "--time-col", "t", "--value-col", "rps",
+                "--policy", "predictive", "--forecast", "oracle", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    pred = json.loads(p.stdout)["policies"]["predictive"]
+    assert pred["sizing"]["forecast"] == "oracle" and pred["forecast_error"]["mae_rps"] == 0.0

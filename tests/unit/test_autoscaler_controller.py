@@ -204,24 +204,24 @@ async def test_wake_needs_a_policy_that_scales_to_zero():
         await dm.scaling.wake("chat")
 
 
-async def test_a_predictive_policy_provisions_for_the_forecast_of_its_recorded_demand(tmp_path):
-    """The controller records the demand into the history store (real SQLite) and forecasts it with the
-    forecasting service's code: on a rising demand, the forecast's upper quantile one lead time ahead wants more
-    replicas than the load now."""
+async def test_a_predictive_policy_provisions_for_the_forecast_of_its_recorded_request_rate(tmp_path):
+    """The controller records the request rate into the history store (real SQLite) and forecasts it with the
+    forecasting service's code: on a rising rate, the forecast's upper quantile one lead time ahead, times the
+    time in service it measures (Little's law), wants more replicas than the load now."""
     from controlplane.controllers import autoscale_forecast
     from controlplane.forecast.history import HistoryStore
     from controlplane.forecast.recorder import HistoryRecorder
     rec = HistoryRecorder(HistoryStore(str(tmp_path / "history.db")), clock=lambda: 0.0)
     try:
-        value, note = await autoscale_forecast.upper(rec, "chat", "concurrency", 20, 0.9, 1.0)
+        value, note = await autoscale_forecast.upper(rec, "chat", "request_rate", 20, 0.9, 1.0)
         assert value is None and "no samples" in note                        # nothing recorded yet: reactive
-        for i in range(400):                                                 # demand rising 1 per 20 s
-            rec.add("deployment", "chat", "demand_concurrency", i / 20, "team-a", at=1000.0 + i)
+        for i in range(400):                                                 # rate rising 1 request/s per 100 s
+            rec.add("deployment", "chat", "request_rate", i / 100, "team-a", at=1000.0 + i)
         await rec.flush()
-        value, note = await autoscale_forecast.upper(rec, "chat", "concurrency", 20, 0.9, 1.0)
-        assert value is not None and value > 399 / 20, note                  # above the last value: rising
+        value, note = await autoscale_forecast.upper(rec, "chat", "request_rate", 20, 0.9, 1.0)
+        assert value is not None and value > 399 / 100, note                 # above the last value: rising
 
-        r, load = replica(1, running=10, waiting=0, at=1)          # 10 now wants 2 replicas of 8
+        r, load = replica(1, running=10, waiting=0, total=0, at=1)           # 10 in flight now wants 2 of 8
         dm = Manager(deployment(1, min_replicas=1, max_replicas=64, target=8, predictive=True, lead_time_s=20,
                                 scale_down_delay_s=0), [r])
         dm.store.loads["r-1"] = load
@@ -231,12 +231,17 @@ async def test_a_predictive_policy_provisions_for_the_forecast_of_its_recorded_d
         assert first.mode != "predictive"                                    # the fit runs in the background
         await ctl.states["chat"].forecasting
         clock[0] += 1
+        _, load = replica(1, running=10, waiting=0, total=4, at=2)           # 4 requests finished in 1 s
+        dm.store.loads["r-1"] = load
         decision = await ctl.one("chat")
+        rate = ctl.states["chat"].forecast
         assert decision.mode == "predictive", decision.reason
-        assert decision.signals["forecast_upper"] == pytest.approx(ctl.states["chat"].forecast, rel=1e-3)
-        assert decision.desired == math.ceil(ctl.states["chat"].forecast / 8) > 2
-        assert dm.store.deployments["chat"].status.autoscaler.signals["lead_time_s"] == 20
-        assert any(s[2] == "demand_concurrency" for s in rec.pending)        # what it saw went to the history
+        assert decision.signals["service_s"] == pytest.approx(20 / 4)        # Little's law: mean 10 in flight / 2 per s
+        assert decision.signals["forecast_upper"] == pytest.approx(rate * 5.0, rel=1e-3)
+        assert decision.desired == math.ceil(rate * 5.0 / 8) > 2
+        status = dm.store.deployments["chat"].status.autoscaler
+        assert status.signals["lead_time_s"] == 20 and status.signals["forecast_rate"] == pytest.approx(rate, rel=1e-3)
+        assert {s[2] for s in rec.pending} >= {"request_rate", "demand_concurrency"}   # what it saw went to the history
     finally:
         await rec.stop()
 

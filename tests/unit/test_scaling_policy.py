@@ -44,6 +44,13 @@ BAD = [
     (dict(forecast_quantile=1.0), "spec.scaling.forecast_quantile", "above 0.5 and below 1"),
     (dict(cost_ceiling_per_hour=-1), "spec.scaling.cost_ceiling_per_hour", "0 (none)"),
     (dict(cost_ceiling_per_hour=float("inf")), "spec.scaling.cost_ceiling_per_hour", "0 (none)"),
+    (dict(slo_ttft_ms=-1), "spec.scaling.slo_ttft_ms", "0 (none) or milliseconds up to 600000"),
+    (dict(slo_ttft_ms=float("nan")), "spec.scaling.slo_ttft_ms", "0 (none)"),
+    (dict(slo_ttft_ms=7e5), "spec.scaling.slo_ttft_ms", "up to 600000"),
+    (dict(sizing="guess"), "spec.scaling.sizing", "erlang, poisson, little"),
+    (dict(sizing="erlang"), "spec.scaling.sizing", "set slo_ttft_ms"),
+    (dict(sizing_quantile=1.0, slo_ttft_ms=800), "spec.scaling.sizing_quantile", "above 0 and below 1"),
+    (dict(sizing_quantile=-0.2), "spec.scaling.sizing_quantile", "above 0 and below 1"),
 ]
 
 
@@ -111,3 +118,22 @@ def test_one_replicas_cost_follows_its_slice():
     assert replicacost.cheapest(need, 0, [h100, a100], prices) == pytest.approx(1.29 / 8)
     assert replicacost.estimate(200 << 30, 0, h100, prices) is None          # fits no slice
     assert replicacost.cheapest(need, 0, [], prices) is None
+
+
+def test_the_slo_and_sizing_fields_reach_the_autoscaler_with_their_defaults():
+    a = scalingspec.to_policy(pol())
+    assert (a.slo_ttft_ms, a.sizing_rule, a.sizing_quantile, a.nowcast, a.catch_up) == (0.0, "little", 0.7, True, True)
+    a = scalingspec.to_policy(scalingspec.check(pol(slo_ttft_ms=6800, predictive=True)))
+    assert (a.slo_ms, a.sizing_rule) == (6800, "erlang")              # the objective's room: Erlang C
+    a = scalingspec.to_policy(pol(metric="ttft", target=900))
+    assert (a.slo_ms, a.sizing_rule) == (900, "erlang")               # a ttft policy's target is its objective
+    built = scalingspec.check(scalingpolicy.build(max_replicas=8, target=1, predictive=True, slo_ttft_ms=6800,
+                                                  sizing="poisson", sizing_quantile=0.9, nowcast=False,
+                                                  catch_up=False))
+    a = scalingspec.to_policy(built)
+    assert (a.sizing_rule, a.sizing_quantile, a.nowcast, a.catch_up) == ("poisson", 0.9, False, False)
+    doc = scalingpolicy.effective(built)
+    assert (doc["slo_ttft_ms"], doc["sizing"], doc["nowcast"], doc["catch_up"]) == (6800, "poisson", False, False)
+    assert scalingpolicy.effective(pol(slo_ttft_ms=500))["sizing"] == "erlang"
+    line = scalingspec.describe(built)
+    assert "TTFT objective 6800 ms" in line and "poisson sizing q0.9, no nowcast, no catch-up" in line

@@ -14,6 +14,9 @@ examples:
   meshctl autoscale chat --min 1 --max 8 --target 4 --panic-window 6s --stable-window 60s --scale-down-delay 2m
   meshctl autoscale chat --min 0 --max 4 --target 2 --scale-to-zero-after 5m   # the gateway wakes it
   meshctl autoscale chat --max 6 --target 4 --predictive --forecast-quantile 0.95
+  meshctl autoscale chat --max 16 --target 0.7 --predictive --slo-ttft 6800 --forecast-quantile 0.75
+      # sized for the objective's room to queue (Erlang C at q0.7), nowcast and catch-up on: what
+      # `meshctl bench autoscale` measures
   meshctl autoscale chat --max 8 --target 0.7 --metric kv_cache --cost-ceiling 3.50
   meshctl autoscale chat --max 4 --metric ttft --target 800                     # TTFT objective, ms
   meshctl autoscale chat --delete                                               # remove the policy
@@ -65,6 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lead-time", type=duration, default=0.0, metavar="DUR",
                    help="how far ahead (default: the measured cold start)")
     p.add_argument("--forecast-quantile", type=float, default=0.0, metavar="Q", help="0.5 < Q < 1 (default 0.9)")
+    p.add_argument("--slo-ttft", type=float, default=0.0, metavar="MS",
+                   help="the time-to-first-token objective served, ms (a predictive policy sizes for its room to "
+                        "queue; default: none, or a ttft policy's target)")
+    p.add_argument("--sizing", default="", choices=("", "erlang", "poisson", "little"),
+                   help="how the forecast rate becomes replicas (default: erlang with an objective, else little)")
+    p.add_argument("--sizing-quantile", type=float, default=0.0, metavar="Q", help="0 < Q < 1 (default 0.7)")
+    p.add_argument("--nowcast", choices=("on", "off"), default=None,
+                   help="never below the rate so far in the minute under way (default on)")
+    p.add_argument("--catch-up", choices=("on", "off"), default=None,
+                   help="median floor and no scale-down delay when a cold start fits the room to queue (default on)")
     p.add_argument("--cost-ceiling", type=float, default=0.0, metavar="DOLLARS",
                    help="dollars per hour the deployment's replicas may never exceed together")
     p.add_argument("--variants", default="", metavar="V1,V2", help="variants in the order to add replicas of")
@@ -89,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
             scale_to_zero_after_s=args.scale_to_zero_after, predictive=args.predictive,
             lead_time_s=args.lead_time, forecast_quantile=args.forecast_quantile,
             cost_ceiling_per_hour=args.cost_ceiling,
-            variants=tuple(v for v in args.variants.split(",") if v))
+            variants=tuple(v for v in args.variants.split(",") if v), slo_ttft_ms=args.slo_ttft,
+            sizing=args.sizing, sizing_quantile=args.sizing_quantile,
+            nowcast=None if args.nowcast is None else args.nowcast == "on",
+            catch_up=None if args.catch_up is None else args.catch_up == "on")
         d = mesh.set_scaling(args.deployment, policy)
     if args.output in ("json", "yaml"):
         from tools.meshctl.output import dump
@@ -155,6 +171,10 @@ def format_section(d: dict) -> str:
                              f"{p['lead_time_seconds']:g}s" if p["lead_time_seconds"] else
                              f"quantile {p['forecast_quantile']:g}, lead = measured cold start")
               if p["predictive"] else "no"),
+             ("TTFT objective", f"{p['slo_ttft_ms']:g} ms" if p.get("slo_ttft_ms") else "none"),
+             ("Sizing", f"{p['sizing']}" + (f" q{p['sizing_quantile']:g}" if p["sizing"] != "little" else "")
+              + f", nowcast {'on' if p['nowcast'] else 'off'}, catch-up {'on' if p['catch_up'] else 'off'}"
+              if p["predictive"] and "sizing" in p else "-"),
              ("Cost ceiling", f"${p['cost_ceiling_per_hour']:g}/h" if p["cost_ceiling_per_hour"] else "none")]
     if a:
         pairs += [("Desired", f"{a['desired']} ({a['mode']}{', bound by ' + a['bound_by'] if a['bound_by'] else ''})"),

@@ -28,6 +28,8 @@ examples:
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --slice-create-s 28.83   # GPU host's MIG creation
   meshctl bench autoscale --series s.csv --time-col t --value-col rps --catch-up off --nowcast off \\
       --sizing-quantile 0.97                # the predictive policy before catch-up and the nowcast
+  meshctl bench autoscale --series s.csv --time-col t --value-col rps --forecast oracle \\
+      --policy predictive                   # a bound: the realized rates as the forecast
 
 Prints per policy: requests, slo_attainment, goodput_per_slice_hour (requests that met the TTFT SLO per
 slice-hour), slice_hours, cost (dollars: slice-hours x the slice's price from the control plane's default
@@ -109,6 +111,10 @@ def register(kinds: argparse._SubParsersAction) -> None:
                         "policy's reactive want catches a burst in time, so its forecast floor is sized at the "
                         "median and it scales down without --scale-down-delay; off: always the floor at "
                         "--sizing-quantile and the delay (the sizing before) (default: auto)")
+    f.add_argument("--forecast", choices=("fitted", "oracle"), default="fitted",
+                   help="fitted: forecast the rate from the buckets seen so far (the product's way); oracle: the "
+                        "realized rate of each bucket, known ahead, a bound on what a better forecast could give, "
+                        "not a policy (default: fitted)")
     c = p.add_argument_group("cost")
     c.add_argument("--gpu-model", default="H100-80GB", metavar="MODEL", help="(default: H100-80GB)")
     c.add_argument("--profile", default="1g.10gb", metavar="MIG", help="a replica's slice (default: 1g.10gb)")
@@ -183,6 +189,7 @@ def _spec(args: argparse.Namespace):
                      sizing=args.sizing, sizing_quantile=args.sizing_quantile,
                      catch_up=getattr(args, "catch_up", "auto") == "auto",
                      nowcast=getattr(args, "nowcast", "on") == "on",
+                     forecast=getattr(args, "forecast", "fitted"),
                      replica_cost_per_hour=_replica_cost(args.gpu_model, args.profile))
 
 

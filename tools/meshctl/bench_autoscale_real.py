@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mesh.autoscale import demand
-from mesh.autoscale.benchrun import BenchSpec, compare
+from mesh.autoscale.benchrun import BenchSpec, bench_policy, compare, figures_of
 from mesh.autoscale.latency import LatencyModel
 from mesh.autoscale.scalers import AutoscalerScaler, FixedScaler, RateForecaster, peak_replicas
 from mesh.autoscale.simulate import percentile
@@ -139,18 +139,15 @@ def run_real(series: demand.Series, model: LatencyModel, spec: BenchSpec, polici
                     n = peak_replicas(float(lam.max()), service, policy.target, hosts)
                     scaler, initial = FixedScaler(n), n
                 else:
-                    p = replace(policy, predictive=name == "predictive")
+                    p = replace(bench_policy(policy, spec, model, name == "predictive"), target=policy.target)
                     if name == "predictive":
                         bucket = series.step_s / spec.speedup
                         forecaster = RateForecaster(bucket, model.cold_start_s + spec.tick_s, season=max(1, spec.season or 2),
                                                     level=spec.level, refit_every=spec.refit_every, min_history=8,
-                                                    models=spec.models, queueing=spec.sizing != "little",
-                                                    nowcast=spec.nowcast)
-                    scaler = AutoscalerScaler(p, service_s=service, cold_start_s=model.cold_start_s,
+                                                    models=spec.models)
+                    scaler = AutoscalerScaler(p, figures=figures_of(model),
                                               replica_cost_per_hour=spec.replica_cost_per_hour, forecaster=forecaster,
-                                              sizing_rule=spec.sizing, slots=model.slots, quantile=spec.sizing_quantile,
-                                              wait_s=max(0.0, spec.slo_ttft_s - model.ttft_s()),
-                                              catch_up=spec.catch_up, tick_s=spec.tick_s)
+                                              tick_s=spec.tick_s)
                     initial = max(p.min_replicas, peak_replicas(float(lam[0]), service, p.target, hosts))
                 progress.step(f"{name}: scaling to {initial} replicas before the run")
                 sc.mesh.scale_deployment(DEPLOYMENT, initial)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpumesh/v1/scaling.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x03\n\rScalingPolicy\x12\x19\n\x0cmin_replicas\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\x01\x12\x1d\n\x15stable_window_seconds\x18\x05 \x01(\x01\x12\x1c\n\x14panic_window_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fpanic_threshold\x18\x07 \x01(\x01\x12\x1e\n\x16scale_up_delay_seconds\x18\x08 \x01(\x01\x12%\n\x18scale_down_delay_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11max_scale_up_rate\x18\n \x01(\x01\x12#\n\x1bscale_to_zero_after_seconds\x18\x0b \x01(\x01\x12\x12\n\npredictive\x18\x0c \x01(\x08\x12\x19\n\x11lead_time_seconds\x18\r \x01(\x01\x12\x19\n\x11\x66orecast_quantile\x18\x0e \x01(\x01\x12\x1d\n\x15\x63ost_ceiling_per_hour\x18\x0f \x01(\x01\x12\x10\n\x08variants\x18\x10 \x03(\tB\x0f\n\r_min_replicasB\x1b\n\x19_scale_down_delay_seconds\"\xf0\x02\n\x10\x41utoscalerStatus\x12\x0f\n\x07\x64\x65sired\x18\x01 \x01(\x05\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x62ound_by\x18\x04 \x01(\t\x12\x31\n\rlast_scale_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x07signals\x18\x07 \x03(\x0b\x32).gpumesh.v1.AutoscalerStatus.SignalsEntry\x12\x1d\n\x15replica_cost_per_hour\x18\x08 \x01(\x01\x12,\n\x08woken_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpumesh/v1/scaling.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x04\n\rScalingPolicy\x12\x19\n\x0cmin_replicas\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\x01\x12\x1d\n\x15stable_window_seconds\x18\x05 \x01(\x01\x12\x1c\n\x14panic_window_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fpanic_threshold\x18\x07 \x01(\x01\x12\x1e\n\x16scale_up_delay_seconds\x18\x08 \x01(\x01\x12%\n\x18scale_down_delay_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11max_scale_up_rate\x18\n \x01(\x01\x12#\n\x1bscale_to_zero_after_seconds\x18\x0b \x01(\x01\x12\x12\n\npredictive\x18\x0c \x01(\x08\x12\x19\n\x11lead_time_seconds\x18\r \x01(\x01\x12\x19\n\x11\x66orecast_quantile\x18\x0e \x01(\x01\x12\x1d\n\x15\x63ost_ceiling_per_hour\x18\x0f \x01(\x01\x12\x10\n\x08variants\x18\x10 \x03(\t\x12\x13\n\x0bslo_ttft_ms\x18\x11 \x01(\x01\x12\x0e\n\x06sizing\x18\x12 \x01(\t\x12\x17\n\x0fsizing_quantile\x18\x13 \x01(\x01\x12\x14\n\x07nowcast\x18\x14 \x01(\x08H\x02\x88\x01\x01\x12\x15\n\x08\x63\x61tch_up\x18\x15 \x01(\x08H\x03\x88\x01\x01\x42\x0f\n\r_min_replicasB\x1b\n\x19_scale_down_delay_secondsB\n\n\x08_nowcastB\x0b\n\t_catch_up\"\xf0\x02\n\x10\x41utoscalerStatus\x12\x0f\n\x07\x64\x65sired\x18\x01 \x01(\x05\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x62ound_by\x18\x04 \x01(\t\x12\x31\n\rlast_scale_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x07signals\x18\x07 \x03(\x0b\x32).gpumesh.v1.AutoscalerStatus.SignalsEntry\x12\x1d\n\x15replica_cost_per_hour\x18\x08 \x01(\x01\x12,\n\x08woken_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTOSCALERSTATUS_SIGNALSENTRY']._loaded_options = None
   _globals['_AUTOSCALERSTATUS_SIGNALSENTRY']._serialized_options = b'8\001'
   _globals['_SCALINGPOLICY']._serialized_start=74
-  _globals['_SCALINGPOLICY']._serialized_end=560
-  _globals['_AUTOSCALERSTATUS']._serialized_start=563
-  _globals['_AUTOSCALERSTATUS']._serialized_end=931
-  _globals['_AUTOSCALERSTATUS_SIGNALSENTRY']._serialized_start=885
-  _globals['_AUTOSCALERSTATUS_SIGNALSENTRY']._serialized_end=931
+  _globals['_SCALINGPOLICY']._serialized_end=692
+  _globals['_AUTOSCALERSTATUS']._serialized_start=695
+  _globals['_AUTOSCALERSTATUS']._serialized_end=1063
+  _globals['_AUTOSCALERSTATUS_SIGNALSENTRY']._serialized_start=1017
+  _globals['_AUTOSCALERSTATUS_SIGNALSENTRY']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScalingPolicy(_message.Message):
-    __slots__ = ("min_replicas", "max_replicas", "metric", "target", "stable_window_seconds", "panic_window_seconds", "panic_threshold", "scale_up_delay_seconds", "scale_down_delay_seconds", "max_scale_up_rate", "scale_to_zero_after_seconds", "predictive", "lead_time_seconds", "forecast_quantile", "cost_ceiling_per_hour", "variants")
+    __slots__ = ("min_replicas", "max_replicas", "metric", "target", "stable_window_seconds", "panic_window_seconds", "panic_threshold", "scale_up_delay_seconds", "scale_down_delay_seconds", "max_scale_up_rate", "scale_to_zero_after_seconds", "predictive", "lead_time_seconds", "forecast_quantile", "cost_ceiling_per_hour", "variants", "slo_ttft_ms", "sizing", "sizing_quantile", "nowcast", "catch_up")
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,11 @@ class ScalingPolicy(_message.Message):
     FORECAST_QUANTILE_FIELD_NUMBER: _ClassVar[int]
     COST_CEILING_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    SLO_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    SIZING_FIELD_NUMBER: _ClassVar[int]
+    SIZING_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    NOWCAST_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_FIELD_NUMBER: _ClassVar[int]
     min_replicas: int
     max_replicas: int
     metric: str
@@ -43,7 +48,12 @@ class ScalingPolicy(_message.Message):
     forecast_quantile: float
     cost_ceiling_per_hour: float
     variants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., metric: _Optional[str] = ..., target: _Optional[float] = ..., stable_window_seconds: _Optional[float] = ..., panic_window_seconds: _Optional[float] = ..., panic_threshold: _Optional[float] = ..., scale_up_delay_seconds: _Optional[float] = ..., scale_down_delay_seconds: _Optional[float] = ..., max_scale_up_rate: _Optional[float] = ..., scale_to_zero_after_seconds: _Optional[float] = ..., predictive: _Optional[bool] = ..., lead_time_seconds: _Optional[float] = ..., forecast_quantile: _Optional[float] = ..., cost_ceiling_per_hour: _Optional[float] = ..., variants: _Optional[_Iterable[str]] = ...) -> None: ...
+    slo_ttft_ms: float
+    sizing: str
+    sizing_quantile: float
+    nowcast: bool
+    catch_up: bool
+    def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., metric: _Optional[str] = ..., target: _Optional[float] = ..., stable_window_seconds: _Optional[float] = ..., panic_window_seconds: _Optional[float] = ..., panic_threshold: _Optional[float] = ..., scale_up_delay_seconds: _Optional[float] = ..., scale_down_delay_seconds: _Optional[float] = ..., max_scale_up_rate: _Optional[float] = ..., scale_to_zero_after_seconds: _Optional[float] = ..., predictive: _Optional[bool] = ..., lead_time_seconds: _Optional[float] = ..., forecast_quantile: _Optional[float] = ..., cost_ceiling_per_hour: _Optional[float] = ..., variants: _Optional[_Iterable[str]] = ..., slo_ttft_ms: _Optional[float] = ..., sizing: _Optional[str] = ..., sizing_quantile: _Optional[float] = ..., nowcast: _Optional[bool] = ..., catch_up: _Optional[bool] = ...) -> None: ...
 
 class AutoscalerStatus(_message.Message):
     __slots__ = ("desired", "mode", "reason", "bound_by", "last_scale_at", "observed_at", "signals", "replica_cost_per_hour", "woken_at")
