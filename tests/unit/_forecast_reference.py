@@ -1,0 +1,96 @@
+"""The per-origin forecasting code as it was before the speed-up (git 78a1951), kept as the slow reference
+that tests/unit/test_forecast_speed.py checks the fast paths against, bit for bit.
+
+Only the functions the speed-up replaced are here, verbatim but for their names: the sequential conformal
+walk (one `conformal.interval` per origin), the per-step shrinkage weights (one grid point at a time) and
+the rolling forecasts of the cheap models (a fit and a predict per origin).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from mesh.forecast import conformal
+from mesh.forecast.backtest import RollingForecasts, plan_origins
+from mesh.forecast.combine import GRID
+from mesh.forecast.models import fit_model, make
+
+
+def sequential_intervals_ref(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, level: float,
+                         floor: float | None, window: int = 0,
+                         gamma: float = conformal.ACI_GAMMA,
+                         state: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals of the forecasts at origins `ev`, each calibrated on the residuals of the origins whose
+    whole horizon had been observed by then (the latest `window` of them, when > 0). With `gamma` > 0 the
+    level adapts (ACI): intervals are issued from the first origin with a known residual on, and each one's
+    misses, once its horizon is observed, move the level of the later ones. `state`, when given, receives
+    "level": the adapted level once every origin's outcome is in (what the next forecast is issued at)."""
+    h = p.shape[1]
+    lo, hi = np.empty((len(ev), h)), np.empty((len(ev), h))
+    resid = rf.actual - p
+    adaptive = conformal.AdaptiveLevel(level, gamma) if gamma > 0 else None
+    issued: list[tuple[int, float]] = []       # (origin index, miss share) not yet observed by the level
+    want = {int(j): k for k, j in enumerate(ev)}
+    first = int(ev[0]) if not adaptive else 0
+    ends = rf.origins + h              # sorted, as the origins are
+    for j in range(first, int(ev[-1]) + 1):
+        m = int(np.searchsorted(ends, rf.origins[j], side="right"))     # origins 0..m-1 observed by now
+        if not m or (j not in want and not adaptive):
+            continue
+        known = np.arange(m)
+        if adaptive:
+            while issued and rf.origins[issued[0][0]] + h <= rf.origins[j]:
+                adaptive.observe(issued.pop(0)[1])
+        if window:
+            known = known[-window:]
+        a, b = conformal.interval(p[j], resid[known], adaptive.level if adaptive else level, floor)
+        if adaptive:
+            issued.append((j, float(np.count_nonzero((rf.actual[j] < a) | (rf.actual[j] > b))) / h))
+        if j in want:
+            lo[want[j]], hi[want[j]] = a, b
+    if state is not None:
+        for _, miss in issued if adaptive else ():
+            adaptive.observe(miss)
+        state["level"] = adaptive.level if adaptive else level
+    return lo, hi
+
+
+
+def step_weights_ref(actual: np.ndarray, point: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    a, p, n = (np.asarray(x, dtype=float) for x in (actual, point, anchor))
+    errs = np.stack([np.mean(np.abs(a - (n + w * (p - n))), axis=0) for w in GRID])    # (grid, steps)
+    return GRID[np.argmin(errs, axis=0)]
+
+
+def rolling_forecasts_ref(y: np.ndarray, spec, progress=None, recent=None) -> RollingForecasts:
+    origins = plan_origins(len(y), spec)
+    h, cap = spec.horizon, spec.history_cap()
+    actual = np.stack([y[o:o + h] for o in origins])
+    floor = 0.0 if np.min(y[:origins[0]]) >= 0 else None     # never negative before the first origin
+    points: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for name in dict.fromkeys(("naive", "snaive") + tuple(spec.models)):
+        model = make(name, h)
+        out = np.empty((len(origins), h))
+        t0 = time.perf_counter()
+        # a model with update() (the LSTM) is retrained every refit_every steps and otherwise given the new
+        # history only; the others are refitted at every origin.
+        refit_every = getattr(model, "refit_every", None)
+        refit_every = (refit_every or 10 * h) if hasattr(model, "update") else 0
+        fitted_at = None
+        for i, o in enumerate(origins):
+            hist = y[max(0, o - cap):o]
+            if fitted_at is None or not refit_every or o - fitted_at >= refit_every:
+                fit_model(model, hist, spec.season, None if recent is None else recent[max(0, o - cap):o])
+                fitted_at = o
+            else:
+                model.update(hist)
+            out[i] = model.predict(h)
+        if floor is not None:
+            out = np.maximum(out, floor)
+        points[name], seconds[name] = out, round(time.perf_counter() - t0, 3)
+        if progress:
+            progress(f"{name}: {len(origins)} origins in {seconds[name]:.1f}s")
+    return RollingForecasts(origins, actual, points, seconds)
