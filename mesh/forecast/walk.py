@@ -28,15 +28,17 @@ from collections import deque
 import numpy as np
 
 from mesh.forecast import conformal
-from mesh.forecast.conformal import AdaptiveLevel
+from mesh.forecast.conformal import ACI_BOUNDS, AdaptiveLevel
 
 
-VECTOR_LIMIT = 400_000   # padded calibration values (blocks x rows x steps) up to which the walk is vectorised;
-                         # beyond, sorting every block costs more than one partition per origin
+VECTOR_LIMIT = 2_000_000  # padded calibration values (blocks x rows x steps) up to which the walk is vectorised;
+                          # beyond, memory grows with the square of the origins: one origin at a time
+SHORT_WALK = 6            # with fewer origins to issue, one at a time is quicker (the vectorised walk's fixed cost)
+COUNT_LIMIT = 20_000      # edges (origins x steps x block values) up to which the ranks are counted, not searched
 
 
 def _block_size(ms: np.ndarray, window: int, h: int) -> int:
-    distinct = len(np.unique(ms))
+    distinct = int(np.count_nonzero(np.diff(ms))) + 1
     return distinct * min(int(ms.max()), window or int(ms.max())) * h
 
 
@@ -90,6 +92,15 @@ def _first_ranks(z: np.ndarray, u: np.ndarray, point: np.ndarray, sc: np.ndarray
     return lo[0], lo[1]
 
 
+def _first_ranks_counted(z: np.ndarray, u: np.ndarray, point: np.ndarray, sc: np.ndarray,
+                         actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_first_ranks by counting the edges at or below (and below) the actual: fewer numpy calls when the
+    blocks are small."""
+    edge = point[:, :, None] + z[u][:, None, :] * sc[:, :, None]
+    a = actual[:, :, None]
+    return np.count_nonzero(edge <= a, axis=2), np.count_nonzero(edge < a, axis=2)
+
+
 def sequential(origins: np.ndarray, actual: np.ndarray, p: np.ndarray, ev: np.ndarray, level: float,
                floor: float | None, window: int, gamma: float,
                state: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +118,13 @@ def sequential(origins: np.ndarray, actual: np.ndarray, p: np.ndarray, ev: np.nd
         wanted[ev - first] = True
         keep &= wanted
     js, ms = js[keep], ms[keep]
-    if len(js) and _block_size(ms, window, h) > VECTOR_LIMIT:
+    if len(js) and (len(js) < SHORT_WALK or _block_size(ms, window, h) > VECTOR_LIMIT):
         return _per_origin(origins, actual, p, ev, level, floor, window, gamma, state)
     if len(js):
         resid = actual - p
-        um, inv = np.unique(ms, return_inverse=True)
+        new_block = np.empty(len(ms), dtype=bool)             # ms never decreases (origins are sorted)
+        new_block[0], new_block[1:] = True, ms[1:] != ms[:-1]
+        um, inv = ms[new_block], np.cumsum(new_block) - 1
         starts = np.maximum(0, um - window) if window else np.zeros_like(um)
         sc = _scales(resid, um, starts)
         z = _sorted_blocks(resid, sc, um, starts)
@@ -148,25 +161,38 @@ def _ranks(adaptive: AdaptiveLevel | None, level: float, origins: np.ndarray, js
             lr.append(max(1, math.floor((nk + 1) * alpha)))
         return np.array(lr, dtype=np.int64), np.array(hr, dtype=np.int64)
     pj, aj, sj = p[js], actual[js], sc[inv]
-    below, above = _first_ranks(z, inv, pj, sj, aj)         # actual < edge(k) iff k >= below; > iff k < above
+    search = _first_ranks_counted if pj.size * z.shape[1] <= COUNT_LIMIT else _first_ranks
+    below, above = search(z, inv, pj, sj, aj)                # actual < edge(k) iff k >= below; > iff k < above
     if floor is not None:                                    # under the floor: outside whatever the ranks
         under, over = aj < floor, aj > floor
         below[under] = -1                                    # counted once, as a miss below
         above[under | ~over] = -1                            # never a miss above (at or under the floor)
     low_keys, high_keys = np.sort(below, axis=1).tolist(), np.sort(above, axis=1).tolist()
     ends, starts = (origins[js] + h).tolist(), origins[js].tolist()
+    # AdaptiveLevel's observe() and level, inlined (the same arithmetic, in the same order)
+    a_lo, a_hi = 1 - ACI_BOUNDS[0], 1 - ACI_BOUNDS[1]
+    l_lo, l_hi = ACI_BOUNDS
+    gamma, target, alpha_t = adaptive.gamma, adaptive.target_alpha, adaptive.alpha
     issued: deque = deque()
     for k, nk in enumerate(nl):
         while issued and issued[0][0] <= starts[k]:
-            adaptive.observe(issued.popleft()[1])
-        alpha = (1 - adaptive.level) / 2
-        hi_rank, lo_rank = min(nk, math.ceil((nk + 1) * (1 - alpha))), max(1, math.floor((nk + 1) * alpha))
+            x = alpha_t + gamma * (target - issued.popleft()[1])
+            x = x if x > a_hi else a_hi                     # min(a_lo, max(a_hi, x)), as observe() does
+            alpha_t = a_lo if a_lo < x else x
+        x = 1 - alpha_t
+        x = x if x > l_lo else l_lo                         # min(l_hi, max(l_lo, 1 - alpha)), as .level does
+        alpha = (1 - (l_hi if l_hi < x else x)) / 2
+        hi_rank = math.ceil((nk + 1) * (1 - alpha))
+        hi_rank = hi_rank if hi_rank < nk else nk
+        lo_rank = math.floor((nk + 1) * alpha)
+        lo_rank = lo_rank if lo_rank > 1 else 1
         lr.append(lo_rank)
         hr.append(hi_rank)
         miss = bisect_right(low_keys[k], lo_rank - 1) + h - bisect_left(high_keys[k], hi_rank)
         issued.append((ends[k], miss / h))
     while issued:
-        adaptive.observe(issued.popleft()[1])
+        alpha_t = min(a_lo, max(a_hi, alpha_t + gamma * (target - issued.popleft()[1])))
+    adaptive.alpha = alpha_t
     return np.array(lr, dtype=np.int64), np.array(hr, dtype=np.int64)
 
 
