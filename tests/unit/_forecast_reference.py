@@ -94,3 +94,58 @@ def rolling_forecasts_ref(y: np.ndarray, spec, progress=None, recent=None) -> Ro
         if progress:
             progress(f"{name}: {len(origins)} origins in {seconds[name]:.1f}s")
     return RollingForecasts(origins, actual, points, seconds)
+
+
+def _bench() -> dict:
+    """choose() per call, the reference code paths against the current ones, in one process: the replay's
+    demand call (a week of 10-minute buckets, 144 origins, naive+snaive, level 0.99) and pressure call
+    (8 origins), and the backtest CLI's shape (40 origins, naive, snaive, ses, latest, linear), on the
+    Helios VC vc8Sj (10-minute means, the last 1,008 and 2,000 bins)."""
+    import contextlib
+    import importlib
+    import os
+    from mesh.forecast import combine
+    from mesh.forecast.series import load
+    select = importlib.import_module("mesh.forecast.select")
+    traces = os.environ.get("MESH_TRACES", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "traces"))
+    s = load(os.path.join(traces, "helios-earth-2020", "vc8Sj_cluster_sequence_vc.csv"), "time", "running_gpu_num",
+             freq="10min")[0]
+
+    @contextlib.contextmanager
+    def reference():
+        saved = (select.rolling_forecasts, select.sequential_intervals, combine.step_weights)
+        select.rolling_forecasts, select.sequential_intervals = rolling_forecasts_ref, sequential_intervals_ref
+        combine.step_weights = step_weights_ref
+        try:
+            yield
+        finally:
+            select.rolling_forecasts, select.sequential_intervals, combine.step_weights = saved
+
+    calls = {"replay_demand": (s.values[-1008:], None, dict(season=144, horizon=2, models=("naive", "snaive"),
+                                                            level=0.99, origins=144)),
+             "replay_pressure": (s.values[-300:], None, dict(season=60, horizon=2, models=("naive", "snaive"),
+                                                             level=0.9, origins=8)),
+             "backtest_shape": (s.values[-2000:], s.recent[-2000:],
+                                dict(season=144, horizon=3, models=("naive", "snaive", "ses", "latest", "linear"),
+                                     origins=40))}
+    out = {}
+    for name, (y, recent, kw) in calls.items():
+        n = 3 if "ses" in kw["models"] else 200
+        row = {}
+        for label, ctx in (("reference_ms", reference), ("fast_ms", contextlib.nullcontext)):
+            with ctx():
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.process_time()
+                    for _ in range(n):
+                        f = select.choose(y, recent=recent, **kw)
+                    best = min(best, (time.process_time() - t0) / n)
+                row[label], row[label.replace("_ms", "_model")] = round(best * 1e3, 3), f.model
+        row["speedup"] = round(row["reference_ms"] / row["fast_ms"], 2)
+        out[name] = row
+    return {"choose_cpu_ms_per_call": out}
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(_bench(), indent=2))
