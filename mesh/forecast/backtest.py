@@ -170,15 +170,14 @@ def select(actual: np.ndarray, rf: RollingForecasts, rows: np.ndarray, spec: Bac
     (a shrunk one) whose weights fitted on the earlier half beat it on the later half. Returns (chosen,
     MAE on `rows` of every candidate)."""
     a = actual[rows]
-    maes = {m: metrics.mae(a, p[rows]) for m, p in rf.points.items()}
+    maes = metrics.mae_each(actual, rf.points, rows)
     if spec.ensembles:
         for name in add_ensembles(rf, sorted(maes, key=maes.get)):
             maes[name] = metrics.mae(a, rf.points[name][rows])
     shrunk: list[str] = []
     if spec.shrink:
         shrunk = combine.add_shrunk(actual, rf.points, rows, rf.weights)
-        for name in shrunk:
-            maes[name] = metrics.mae(a, rf.points[name][rows])
+        maes.update(metrics.mae_each(actual, {name: rf.points[name] for name in shrunk}, rows))
     steady = steady_winners(a, {m: p[rows] for m, p in rf.points.items()}, spec.steady_tolerance)
     steady -= set(shrunk) - combine.validated(actual, rf.points, rows, shrunk)
     return pick(maes, steady), maes
@@ -193,12 +192,8 @@ def steady_winners(actual: np.ndarray, points: dict[str, np.ndarray],
     persistence until it has history enough to train on)."""
     n = len(actual)
     halves = (slice(0, n // 2), slice(n // 2, n)) if n >= 2 else (slice(0, n),)
-    out = set()
-    for m, p in points.items():
-        if all(metrics.mae(actual[h], p[h]) <= (1 + tolerance) * metrics.mae(actual[h], points["naive"][h])
-               for h in halves):
-            out.add(m)
-    return out
+    errors = [metrics.mae_each(actual, points, h) for h in halves]
+    return {m for m in points if all(e[m] <= (1 + tolerance) * e["naive"] for e in errors)}
 
 
 def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals: dict | None = None) -> dict:
@@ -212,7 +207,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
     scale = metrics.mase_scale(y[:rf.origins[ev[0]]], spec.season)
     floor = 0.0 if np.min(y[:rf.origins[0]]) >= 0 else None
     a = rf.actual[ev]
-    maes = {m: metrics.mae(a, p[ev]) for m, p in rf.points.items()}
+    maes = metrics.mae_each(rf.actual, rf.points, ev)
     report = {}
     for m, p in rf.points.items():
         lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration, spec.aci_gamma)

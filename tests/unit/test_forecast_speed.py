@@ -20,19 +20,9 @@ TRACES = os.environ.get("MESH_TRACES", os.path.join(os.path.dirname(__file__), "
 
 
 @pytest.fixture
-def reference(monkeypatch):
+def reference():
     """A context in which mesh.forecast runs the reference (pre-speed-up) code paths."""
-    class Ref:
-        def __enter__(self):
-            monkeypatch.setattr(select, "rolling_forecasts", ref.rolling_forecasts_ref)
-            monkeypatch.setattr(select, "sequential_intervals", ref.sequential_intervals_ref)
-            monkeypatch.setattr(bt, "rolling_forecasts", ref.rolling_forecasts_ref)
-            monkeypatch.setattr(bt, "sequential_intervals", ref.sequential_intervals_ref)
-            monkeypatch.setattr(combine, "step_weights", ref.step_weights_ref)
-
-        def __exit__(self, *exc):
-            monkeypatch.undo()
-    return Ref()
+    return ref.reference
 
 
 def _trace_series():
@@ -81,7 +71,8 @@ def test_choose_is_unchanged_on_traces(name, call, reference):
     _, y, recent, season = next(s for s in SERIES if s[0] == name)
     h, origins, models, level = call
     fast = select.choose(y, season, h, models=models, level=level, origins=origins, recent=recent)
-    with reference:
+    with reference():
+        assert select.sequential_intervals is ref.sequential_intervals_ref and bt.select is ref.select_ref
         slow = select.choose(y, season, h, models=models, level=level, origins=origins, recent=recent)
     _same_forecast(fast, slow)
 
@@ -94,7 +85,7 @@ def test_backtest_is_unchanged_on_traces(name, reference):
     iv_fast: dict = {}
     iv_slow: dict = {}
     fast, _ = bt.backtest(y, spec, intervals=iv_fast, recent=recent)
-    with reference:
+    with reference():
         slow, _ = bt.backtest(y, spec, intervals=iv_slow, recent=recent)
     for rep in (fast, slow):
         for m in rep["models"].values():
@@ -115,7 +106,7 @@ def test_choose_is_unchanged_on_synthetic_series(reference):
     for y in cases:
         for h, origins, models, level in CALLS:
             fast = select.choose(y, 144, h, models=models, level=level, origins=origins)
-            with reference:
+            with reference():
                 slow = select.choose(y, 144, h, models=models, level=level, origins=origins)
             _same_forecast(fast, slow)
 
