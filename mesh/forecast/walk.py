@@ -10,13 +10,18 @@ origin in time order, without a numpy round trip per origin:
 2. ACI's recursion is sequential (an origin's level depends on the misses of the ones observed before
    it), but a miss only depends on two ranks. For every origin and step, the edges `point + z_k * scale`
    grow with the rank k, so two binary searches (vectorised over all origins) give the ranks from which
-   the actual value lies below an edge, or above it. The recursion then runs on integers and bisects.
+   the actual value lies below an edge, or above it (on small blocks they are counted instead). The
+   recursion then runs on integers and bisects.
 3. The edges of the origins asked for are gathered at once.
+
+Very short walks (under SHORT_WALK origins) and very large ones (over VECTOR_LIMIT padded values) go one
+origin at a time (`_per_origin`, the per-origin loop itself), where that is the cheaper way.
 
 Every float is computed by the same operations as in `conformal.interval` (the per-step scale as the
 same sequential sum: a cumulative sum down the rows equals numpy's column sum of a C-ordered block when
 there are two steps or more; one step, or a calibration window, sums each block as conformal does).
-tests/unit/test_forecast_speed.py pins the equality against the per-origin reference on real traces.
+tests/unit/test_forecast_speed.py pins the equality against the per-origin reference on real traces and
+on random ones (it would catch a numpy whose column sums were summed in another order).
 """
 
 from __future__ import annotations
