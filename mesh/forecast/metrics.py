@@ -20,10 +20,10 @@ def mae_each(actual: np.ndarray, points: dict[str, np.ndarray], rows=None) -> di
     if not points:
         return {}
     a = np.asarray(actual, dtype=float)
-    stack = np.stack([np.asarray(p, dtype=float) for p in points.values()])
-    if rows is not None:
-        a, stack = a[rows], stack[:, rows]
-    err = np.abs(a[None] - stack).reshape(len(points), -1)
+    pick = (lambda x: x[rows]) if rows is not None else (lambda x: x)
+    # C order throughout: each forecast's errors one contiguous row, summed pairwise as np.mean sums them
+    stack = np.ascontiguousarray(np.stack([pick(np.asarray(p, dtype=float)) for p in points.values()]))
+    err = np.ascontiguousarray(np.abs(pick(a)[None] - stack)).reshape(len(points), -1)
     return dict(zip(points, np.mean(err, axis=1).tolist()))
 
 

@@ -55,7 +55,8 @@ SERIES = _trace_series()
 CALLS = [(3, 40, ("naive", "snaive", "ses", "latest", "linear"), 0.9),
          (2, 144, ("naive", "snaive"), 0.99),
          (2, 8, ("naive", "snaive"), 0.9),
-         (6, 30, ("naive", "snaive", "latest"), 0.9)]
+         (6, 30, ("naive", "snaive", "latest"), 0.9),
+         (1, 60, ("naive", "snaive", "ses", "latest", "linear"), 0.9)]     # one step: other numpy sum paths
 
 
 def _same_forecast(a, b) -> None:
@@ -79,9 +80,11 @@ def test_choose_is_unchanged_on_traces(name, call, reference):
 
 @pytest.mark.skipif(not SERIES, reason=f"no traces under {TRACES}")
 @pytest.mark.parametrize("name", [s[0] for s in SERIES])
-def test_backtest_is_unchanged_on_traces(name, reference):
+@pytest.mark.parametrize("horizon", [3, 1])
+def test_backtest_is_unchanged_on_traces(name, horizon, reference):
     _, y, recent, season = next(s for s in SERIES if s[0] == name)
-    spec = BacktestSpec(horizon=3, season=season, models=("naive", "snaive", "ses", "latest", "linear"), origins=60)
+    spec = BacktestSpec(horizon=horizon, season=season, models=("naive", "snaive", "ses", "latest", "linear"),
+                        origins=60 if horizon > 1 else 150)
     iv_fast: dict = {}
     iv_slow: dict = {}
     fast, _ = bt.backtest(y, spec, intervals=iv_fast, recent=recent)
@@ -142,6 +145,19 @@ def test_walk_matches_per_origin_intervals(limit, monkeypatch):
                         assert np.array_equal(a[0][seen], b[0][seen]) and np.array_equal(a[1][seen], b[1][seen])
                         checked += 1
     assert checked == 60 * 2 * 8
+
+
+def test_mae_each_matches_mae_per_model():
+    """Many forecasts' errors at once, on the rows of a selection (fancy-indexed, one step or several)."""
+    from mesh.forecast import metrics
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        r, h, k = int(rng.integers(2, 400)), int(rng.integers(1, 6)), int(rng.integers(1, 30))
+        a = np.round(rng.standard_normal((r, h)) * 5, 3)
+        points = {f"m{i}": a + rng.standard_normal((r, h)) for i in range(k)}
+        rows = np.sort(rng.choice(r, size=int(rng.integers(1, r + 1)), replace=False))
+        got = metrics.mae_each(a, points, rows)
+        assert got == {m: metrics.mae(a[rows], p[rows]) for m, p in points.items()}
 
 
 def test_step_weights_match_the_grid_loop():
