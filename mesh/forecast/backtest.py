@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from mesh.errors import InvalidArgument
-from mesh.forecast import combine, conformal, metrics
-from mesh.forecast.models import BASELINES, DEFAULT_MODELS, REGISTRY, fit_model, make
+from mesh.forecast import combine, conformal, metrics, walk
+from mesh.forecast.models import BASELINES, DEFAULT_MODELS, REGISTRY, fit_model, make, rolling_points
 
 MIN_ORIGINS = 4     # two to select on, two to evaluate on
 STEADY_TOLERANCE = 0.05   # a candidate may lose this much to the last value on either half of the selection
@@ -108,28 +108,38 @@ def rolling_forecasts(y: np.ndarray, spec: BacktestSpec,
     points: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     for name in dict.fromkeys(("naive", "snaive") + tuple(spec.models)):
-        model = make(name, h)
-        out = np.empty((len(origins), h))
         t0 = time.perf_counter()
-        # a model with update() (the LSTM) is retrained every refit_every steps and otherwise given the new
-        # history only; the others are refitted at every origin.
-        refit_every = getattr(model, "refit_every", None)
-        refit_every = (refit_every or 10 * h) if hasattr(model, "update") else 0
-        fitted_at = None
-        for i, o in enumerate(origins):
-            hist = y[max(0, o - cap):o]
-            if fitted_at is None or not refit_every or o - fitted_at >= refit_every:
-                fit_model(model, hist, spec.season, None if recent is None else recent[max(0, o - cap):o])
-                fitted_at = o
-            else:
-                model.update(hist)
-            out[i] = model.predict(h)
+        out = rolling_points(name, y, origins, h, spec.season, cap, recent)
+        if out is None:
+            out = _fit_every_origin(name, y, origins, spec, recent)
         if floor is not None:
             out = np.maximum(out, floor)
         points[name], seconds[name] = out, round(time.perf_counter() - t0, 3)
         if progress:
             progress(f"{name}: {len(origins)} origins in {seconds[name]:.1f}s")
     return RollingForecasts(origins, actual, points, seconds)
+
+
+def _fit_every_origin(name: str, y: np.ndarray, origins: np.ndarray, spec: BacktestSpec,
+                      recent: np.ndarray | None) -> np.ndarray:
+    """A model's forecasts from every origin, fitted on the history before each one."""
+    h, cap = spec.horizon, spec.history_cap()
+    model = make(name, h)
+    out = np.empty((len(origins), h))
+    # a model with update() (the LSTM) is retrained every refit_every steps and otherwise given the new
+    # history only; the others are refitted at every origin.
+    refit_every = getattr(model, "refit_every", None)
+    refit_every = (refit_every or 10 * h) if hasattr(model, "update") else 0
+    fitted_at = None
+    for i, o in enumerate(origins):
+        hist = y[max(0, o - cap):o]
+        if fitted_at is None or not refit_every or o - fitted_at >= refit_every:
+            fit_model(model, hist, spec.season, None if recent is None else recent[max(0, o - cap):o])
+            fitted_at = o
+        else:
+            model.update(hist)
+        out[i] = model.predict(h)
+    return out
 
 
 def add_ensembles(rf: RollingForecasts, rank: list[str]) -> list[str]:
@@ -160,15 +170,14 @@ def select(actual: np.ndarray, rf: RollingForecasts, rows: np.ndarray, spec: Bac
     (a shrunk one) whose weights fitted on the earlier half beat it on the later half. Returns (chosen,
     MAE on `rows` of every candidate)."""
     a = actual[rows]
-    maes = {m: metrics.mae(a, p[rows]) for m, p in rf.points.items()}
+    maes = metrics.mae_each(actual, rf.points, rows)
     if spec.ensembles:
         for name in add_ensembles(rf, sorted(maes, key=maes.get)):
             maes[name] = metrics.mae(a, rf.points[name][rows])
     shrunk: list[str] = []
     if spec.shrink:
         shrunk = combine.add_shrunk(actual, rf.points, rows, rf.weights)
-        for name in shrunk:
-            maes[name] = metrics.mae(a, rf.points[name][rows])
+        maes.update(metrics.mae_each(actual, {name: rf.points[name] for name in shrunk}, rows))
     steady = steady_winners(a, {m: p[rows] for m, p in rf.points.items()}, spec.steady_tolerance)
     steady -= set(shrunk) - combine.validated(actual, rf.points, rows, shrunk)
     return pick(maes, steady), maes
@@ -183,12 +192,8 @@ def steady_winners(actual: np.ndarray, points: dict[str, np.ndarray],
     persistence until it has history enough to train on)."""
     n = len(actual)
     halves = (slice(0, n // 2), slice(n // 2, n)) if n >= 2 else (slice(0, n),)
-    out = set()
-    for m, p in points.items():
-        if all(metrics.mae(actual[h], p[h]) <= (1 + tolerance) * metrics.mae(actual[h], points["naive"][h])
-               for h in halves):
-            out.add(m)
-    return out
+    errors = [metrics.mae_each(actual, points, h) for h in halves]
+    return {m for m in points if all(e[m] <= (1 + tolerance) * e["naive"] for e in errors)}
 
 
 def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals: dict | None = None) -> dict:
@@ -202,7 +207,7 @@ def evaluate(y: np.ndarray, rf: RollingForecasts, spec: BacktestSpec, intervals:
     scale = metrics.mase_scale(y[:rf.origins[ev[0]]], spec.season)
     floor = 0.0 if np.min(y[:rf.origins[0]]) >= 0 else None
     a = rf.actual[ev]
-    maes = {m: metrics.mae(a, p[ev]) for m, p in rf.points.items()}
+    maes = metrics.mae_each(rf.actual, rf.points, ev)
     report = {}
     for m, p in rf.points.items():
         lo, hi = sequential_intervals(rf, p, ev, spec.level, floor, spec.calibration, spec.aci_gamma)
@@ -239,35 +244,10 @@ def sequential_intervals(rf: RollingForecasts, p: np.ndarray, ev: np.ndarray, le
     whole horizon had been observed by then (the latest `window` of them, when > 0). With `gamma` > 0 the
     level adapts (ACI): intervals are issued from the first origin with a known residual on, and each one's
     misses, once its horizon is observed, move the level of the later ones. `state`, when given, receives
-    "level": the adapted level once every origin's outcome is in (what the next forecast is issued at)."""
-    h = p.shape[1]
-    lo, hi = np.empty((len(ev), h)), np.empty((len(ev), h))
-    resid = rf.actual - p
-    adaptive = conformal.AdaptiveLevel(level, gamma) if gamma > 0 else None
-    issued: list[tuple[int, float]] = []       # (origin index, miss share) not yet observed by the level
-    want = {int(j): k for k, j in enumerate(ev)}
-    first = int(ev[0]) if not adaptive else 0
-    ends = rf.origins + h              # sorted, as the origins are
-    for j in range(first, int(ev[-1]) + 1):
-        m = int(np.searchsorted(ends, rf.origins[j], side="right"))     # origins 0..m-1 observed by now
-        if not m or (j not in want and not adaptive):
-            continue
-        known = np.arange(m)
-        if adaptive:
-            while issued and rf.origins[issued[0][0]] + h <= rf.origins[j]:
-                adaptive.observe(issued.pop(0)[1])
-        if window:
-            known = known[-window:]
-        a, b = conformal.interval(p[j], resid[known], adaptive.level if adaptive else level, floor)
-        if adaptive:
-            issued.append((j, float(np.count_nonzero((rf.actual[j] < a) | (rf.actual[j] > b))) / h))
-        if j in want:
-            lo[want[j]], hi[want[j]] = a, b
-    if state is not None:
-        for _, miss in issued if adaptive else ():
-            adaptive.observe(miss)
-        state["level"] = adaptive.level if adaptive else level
-    return lo, hi
+    "level": the adapted level once every origin's outcome is in (what the next forecast is issued at).
+    The same numbers as `conformal.interval` at every origin in time order, computed at once
+    (mesh.forecast.walk)."""
+    return walk.sequential(rf.origins, rf.actual, p, ev, level, floor, window, gamma, state)
 
 
 def check_recent(recent, y: np.ndarray) -> np.ndarray | None:

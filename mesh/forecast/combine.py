@@ -37,7 +37,7 @@ def step_weights(actual: np.ndarray, point: np.ndarray, anchor: np.ndarray) -> n
     """Per step (columns), the weight in GRID of least mean absolute error of anchor + w (point - anchor)
     over the rows (origins); ties go to the smaller weight (closer to the last value)."""
     a, p, n = (np.asarray(x, dtype=float) for x in (actual, point, anchor))
-    errs = np.stack([np.mean(np.abs(a - (n + w * (p - n))), axis=0) for w in GRID])    # (grid, steps)
+    errs = np.mean(np.abs(a[None] - (n[None] + GRID[:, None, None] * (p - n)[None])), axis=1)   # (grid, steps)
     return GRID[np.argmin(errs, axis=0)]
 
 

@@ -14,6 +14,19 @@ def mae(actual: np.ndarray, point: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(actual) - np.asarray(point))))
 
 
+def mae_each(actual: np.ndarray, points: dict[str, np.ndarray], rows=None) -> dict[str, float]:
+    """`mae(actual[rows], p[rows])` of every forecast in `points` (name -> array shaped like `actual`), in one
+    array operation: the same numbers (each is the mean over one contiguous block, as mae takes it)."""
+    if not points:
+        return {}
+    a = np.asarray(actual, dtype=float)
+    pick = (lambda x: x[rows]) if rows is not None else (lambda x: x)
+    # C order throughout: each forecast's errors one contiguous row, summed pairwise as np.mean sums them
+    stack = np.ascontiguousarray(np.stack([pick(np.asarray(p, dtype=float)) for p in points.values()]))
+    err = np.ascontiguousarray(np.abs(pick(a)[None] - stack)).reshape(len(points), -1)
+    return dict(zip(points, np.mean(err, axis=1).tolist()))
+
+
 def mase_scale(history: np.ndarray, season: int) -> float:
     """In-sample MAE of the seasonal naive forecast (lag `season`; lag 1 when the history is shorter
     than two seasons or the seasonal differences are all zero). 0 only for a constant history."""

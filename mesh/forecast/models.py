@@ -243,6 +243,24 @@ BASELINES = ("naive", "snaive")
 DEFAULT_MODELS = ("naive", "snaive", "damped", "mstl")
 
 
+def rolling_points(name: str, y: np.ndarray, origins: np.ndarray, h: int, season: int, cap: int,
+                   recent: np.ndarray | None = None) -> np.ndarray | None:
+    """The forecasts of a model that only copies past values (`naive`, `snaive`, `latest`) from every origin
+    at once: row i is what fitting on y[max(0, o - cap):o] (o = origins[i]) and predicting h steps gives,
+    the same numbers. None for the other models (they are fitted per origin)."""
+    o = np.asarray(origins, dtype=np.int64)[:, None]
+    k = np.arange(h)[None, :]
+    if name == "naive" or (name == "latest" and recent is None):
+        return np.asarray(y, dtype=float)[o - 1 + 0 * k]
+    if name == "latest":
+        return np.asarray(recent, dtype=float)[o - 1 + 0 * k]
+    if name == "snaive":
+        have = np.minimum(o, cap)                               # the history's length at each origin
+        m = np.where((season > 1) & (season <= have), season, 1)
+        return np.asarray(y, dtype=float)[o - m + k % m]
+    return None
+
+
 def make(name: str, horizon: int = 1) -> Forecaster:
     """A fresh forecaster by registry name, for forecasts up to `horizon` steps."""
     from mesh.errors import InvalidArgument

@@ -12,6 +12,7 @@ import argparse
 import csv
 import random
 import sys
+import time
 
 from tools.meshctl.common import CliError, HelpFormatter, info, out, positive_int, subcommand
 
@@ -182,6 +183,13 @@ def _rule_options(args) -> dict:
     return out
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished worker processes (--jobs)."""
+    import os
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_backtest(args: argparse.Namespace) -> int:
     from mesh.errors import InvalidArgument
     try:
@@ -228,7 +236,9 @@ def _run(args: argparse.Namespace) -> int:
             what = r.get("error") or f"chose {r['chosen']}, MASE {r['models'][r['chosen']]['mase']:.3f}"
             info(f"[{done[0]}/{len(good)}] {r['series']}: {what}")
 
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     reports = report.run(good, spec, jobs=args.jobs, predictions=bool(args.predictions_out), progress=progress)
+    runtime = {"wall": round(time.perf_counter() - wall0, 2), "cpu": round(_cpu_seconds() - cpu0, 2)}
     if args.predictions_out:
         with open(args.predictions_out, "w", newline="") as f:
             w = csv.writer(f)
@@ -239,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     doc = {"csv": args.csv if len(args.csv) > 1 else args.csv[0], "value_col": args.value_col, "freq": args.freq,
            "step_seconds": step_s,
            "season": spec.season, "horizon": spec.horizon, "level": spec.level, "models": list(spec.models),
-           "origins": spec.origins, "summary": report.summarize(reports), "series": reports}
+           "origins": spec.origins, "runtime_s": runtime, "summary": report.summarize(reports), "series": reports}
     if args.output in ("json", "yaml"):
         from tools.meshctl.output import dump
         out(dump(doc, args.output))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from tools.meshctl.common import CliError, info, out, positive_float, positive_int, subcommand
 
@@ -31,7 +32,8 @@ history before it feeds the forecasts. With -o json: {"window": {...}, "params":
 "controllers": {"<name>": {"alloc_wait_p50_s", "alloc_wait_p99_s", "waited_allocations",
 "critical_memory_gpu_minutes", "critical_foreseen_gpu_minutes", "critical_thermal_gpu_minutes",
 "migrations", "migrations_per_workload_day", "warm_idle_gpu_hours", "warm_created", "warm_claimed",
-"fleet_gpu_hours", "demand_forecast_mae", "pressure_forecast_mae", "pressure_interval_coverage", ...}}},
+"fleet_gpu_hours", "demand_forecast_mae", "pressure_forecast_mae", "pressure_interval_coverage",
+"runtime_s": {"wall", "cpu"}, ...}}},
 each figure the mean over seeds. Progress goes to stderr. Bad input (a missing file, a column missing or
 not a number, an unknown controller, a bad flag) exits 2 naming it. Thermal state is not modelled:
 critical_thermal_gpu_minutes is always 0. The protocol and figures: docs/prediction.md, "Replay".
@@ -102,6 +104,7 @@ def replay(args: argparse.Namespace) -> dict:
     timelines: dict[str, list[dict]] = {}
     for c in ctls:
         runs = []
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         for seed in seeds:
             def progress(day, c=c, seed=seed):
                 info(f"{c} seed {seed}: day {day} of {args.days:g} replayed")
@@ -115,6 +118,9 @@ def replay(args: argparse.Namespace) -> dict:
             vals = [r[f] for r in runs if r[f] is not None]
             doc[f] = round(sum(vals) / len(vals), 4) if vals else None
         doc["cold_allocations"] = runs[0]["cold_allocations"]
+        # what replaying this controller took, all seeds (wall clock, and this process's CPU time, which
+        # a machine shared with other jobs slows less)
+        doc["runtime_s"] = {"wall": round(time.perf_counter() - wall0, 2), "cpu": round(time.process_time() - cpu0, 2)}
         docs[c] = doc
     return {"window": {"start_s": start, "end_s": end, "days": args.days, "nodes": os.path.basename(nodes_path),
                        "arrivals": os.path.basename(pods_path), "load": args.load or "synthetic"},
