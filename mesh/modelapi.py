@@ -30,6 +30,9 @@ FORMATS = {"": M.ARTIFACT_FORMAT_UNSPECIFIED, "gguf": M.ARTIFACT_FORMAT_GGUF_FIL
            "hf": M.ARTIFACT_FORMAT_HF_DIRECTORY}
 BACKEND_NAMES = {v: k for k, v in BACKENDS.items()}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+# Register and Update hash the artifact in the control plane (about a second per GB): a large model outlasts
+# the default deadline, and a call cut short by it would still register
+DIGEST_TIMEOUT_S = 900.0
 
 
 def _converting(fn):
@@ -52,7 +55,8 @@ class ModelApi:
         """Add a model (admin). Returns it with the derived facts (VRAM need, smallest slices)."""
         if isinstance(model, dict):
             model = model_from_dict(model)
-        return _converting(self._modelsvc.Register)(M.RegisterModelRequest(model=model), timeout=self.timeout)
+        return _converting(self._modelsvc.Register)(M.RegisterModelRequest(model=model),
+                                                    timeout=max(self.timeout, DIGEST_TIMEOUT_S))
 
     def get_model(self, name: str) -> M.Model:
         return _converting(self._modelsvc.Get)(M.GetModelRequest(name=name), timeout=self.timeout)
@@ -66,7 +70,8 @@ class ModelApi:
         """Replace a model (admin); with model.generation set, only if nobody changed it since."""
         if isinstance(model, dict):
             model = model_from_dict(model)
-        return _converting(self._modelsvc.Update)(M.UpdateModelRequest(model=model), timeout=self.timeout)
+        return _converting(self._modelsvc.Update)(M.UpdateModelRequest(model=model),
+                                                  timeout=max(self.timeout, DIGEST_TIMEOUT_S))
 
     def delete_model(self, name: str) -> M.Model:
         return _converting(self._modelsvc.Delete)(M.DeleteModelRequest(name=name), timeout=self.timeout)

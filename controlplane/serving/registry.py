@@ -16,6 +16,7 @@ it is when read (`view`): nodes of new GPU models show up, departed ones drop ou
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 
 from prometheus_client import Gauge
@@ -36,6 +37,15 @@ MODELS = Gauge("gpumesh_models", "Models in the registry (the leader's count)")
 VARIANTS = Gauge("gpumesh_model_variants", "Variants of the registry's models (the leader's count)")
 
 
+def same_artifact(a: str, b: str) -> bool:
+    """Do two artifact references name the same path (a path and its file:// URI do)?"""
+    from mesh.models import artifact
+    try:
+        return os.path.realpath(artifact.resolve(a)) == os.path.realpath(artifact.resolve(b))
+    except (artifact.ArtifactError, OSError):
+        return a == b
+
+
 def pinned(model: M.Model, old: M.Model | None) -> M.Model:
     """`model` with the registered digest filled in for each variant that names the same artifact as before
     and gives no digest: new weights at the same path are then refused until their digest is given."""
@@ -46,7 +56,7 @@ def pinned(model: M.Model, old: M.Model | None) -> M.Model:
     m.CopyFrom(model)
     for v in m.variants:
         prev = before.get(v.name)
-        if prev is not None and not v.artifact_sha256 and v.artifact == prev.artifact:
+        if prev is not None and not v.artifact_sha256 and same_artifact(v.artifact, prev.artifact):
             v.artifact_sha256 = prev.artifact_sha256
     return m
 

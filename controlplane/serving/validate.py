@@ -232,6 +232,8 @@ def pin_digests(m: M.Model) -> M.Model:
             raise _bad(f"{path}.artifact", str(e), "an absolute path or file:// URI") from None
         except OSError as e:
             raise _bad(f"{path}.artifact", f"cannot be read: {e.strerror}", "a readable path") from None
+        except digest.DigestMismatch as e:
+            raise _bad(f"{path}.artifact", str(e), "a GGUF file or a Hugging Face directory") from None
         if v.artifact_sha256 and v.artifact_sha256 != sha:
             raise errors.FailedPrecondition(
                 f"{path}.artifact_sha256: the artifact {p} has SHA-256 {sha}, not {v.artifact_sha256} (the file "

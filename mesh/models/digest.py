@@ -2,9 +2,12 @@
 
 - A file (GGUF): the SHA-256 of its bytes, what `sha256sum FILE` prints.
 - A directory (Hugging Face format): the SHA-256 of its manifest, one line per regular file below it in
-  sorted order of the path relative to the directory, `<sha256 of the file>  <relative path>\\n`: what
-  `cd DIR && find . -type f | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum` prints (symbolic
-  links are followed, as a Hugging Face cache's snapshot links to its blobs).
+  sorted order of the path relative to the directory, `<sha256 of the file>  <relative path>\\n`, leaving out
+  hidden names (a file or directory whose name starts with a dot: a download tool's `.cache`, a `.git`, whose
+  contents differ between hosts that hold the same weights): what `cd DIR && find -L . -name '.?*' -prune -o
+  -type f -print | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum` prints (symbolic links are
+  followed, as a Hugging Face cache's snapshot links to its blobs).
+- Anything else (a device, a FIFO, a socket) is refused: it is not weights, and reading it may never end.
 
 Hashing reads the whole artifact (about 1-2 GB/s per core). `ArtifactDigests` remembers each file's digest
 under its identity and change stamps (device, inode, size, modification and status-change times): a write, a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 
@@ -41,12 +45,14 @@ def file_sha256(path: Path) -> str:
 
 
 def files_below(directory: Path) -> list[str]:
-    """The regular files below `directory` (links followed), as sorted relative POSIX paths."""
+    """The regular files below `directory` (links followed, hidden names left out), as sorted relative POSIX
+    paths."""
     out = []
-    for root, _dirs, files in os.walk(directory, followlinks=True):
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             p = Path(root) / name
-            if p.is_file():
+            if not name.startswith(".") and p.is_file():
                 out.append(p.relative_to(directory).as_posix())
     return sorted(out, key=lambda s: s.encode())
 
@@ -60,7 +66,10 @@ class ArtifactDigests:
 
     def _file(self, path: Path) -> str:
         real = os.path.realpath(path)
-        stamp = _stamp(os.stat(real))
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            raise DigestMismatch(f"artifact {path}: not a regular file or a directory")
+        stamp = _stamp(st)
         with self._lock:
             hit = self._known.get(real)
         if hit is not None and hit[0] == stamp:

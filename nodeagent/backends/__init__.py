@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from gpumesh.v1 import types_pb2
 
-from mesh.models.digest import DIGESTS
+from mesh.models.digest import HEX_RE
 from nodeagent.backends import llamacpp, vllm
 
 KINDS = (llamacpp.KIND, vllm.KIND)
+LAUNCHER = "nodeagent.backends.launch"
 
 
 @dataclass
@@ -54,12 +55,12 @@ def free_port(host: str) -> int:
 
 def prepare(w: types_pb2.Workload, host: str, python: str, options: BackendOptions | None = None) -> None:
     """Fill `w.command`, `w.env` (the backend's own variables) and `w.endpoint` from `w.backend`
-    (ValueError for an unknown kind, a backend this host cannot run, or an artifact whose SHA-256 is not
-    the registered one)."""
+    (ValueError for an unknown kind or a backend this host cannot run). A pinned artifact is checked by the
+    launcher when the workload starts (launch.py), not here: as the tenant's uid, without holding the agent."""
     b = w.backend
     opts = options or BackendOptions(host=host)
-    if b.artifact_sha256:       # the weights must be the registered ones (DigestMismatch is a ValueError)
-        DIGESTS.verify(b.artifact, b.artifact_sha256)
+    if b.artifact_sha256 and not HEX_RE.match(b.artifact_sha256):
+        raise ValueError(f"artifact_sha256 {b.artifact_sha256[:80]!r} is not a SHA-256 (64 lower-case hex digits)")
     port = free_port(host)
     if b.kind == llamacpp.KIND:
         argv, env = llamacpp.command(b, host, port, python), {}
@@ -70,10 +71,22 @@ def prepare(w: types_pb2.Workload, host: str, python: str, options: BackendOptio
         b.device = device        # as run: the workload record says which build serves it
     else:
         raise ValueError(f"backend {b.kind!r} is not supported by this agent (supported: {', '.join(KINDS)})")
+    if b.artifact_sha256:       # the launcher checks the weights, in the workload (launch.py)
+        argv = with_weight_check(argv, python, b.artifact, b.artifact_sha256)
     del w.command[:]
     w.command.extend(argv)
     w.env.update(env)
     w.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def with_weight_check(argv: list[str], python: str, artifact: str, sha256: str) -> list[str]:
+    """`argv` run through the launcher with `--artifact --sha256` (inserted where the launcher is already
+    the program, as for vLLM; put in front otherwise)."""
+    check = ["--artifact", artifact, "--sha256", sha256]
+    if argv[1:3] == ["-m", LAUNCHER] and "--" in argv:
+        i = argv.index("--")
+        return [*argv[:i], *check, *argv[i:]]
+    return [python, "-m", LAUNCHER, *check, "--", *argv]
 
 
 def secret_environment(w: types_pb2.Workload) -> dict[str, str]:

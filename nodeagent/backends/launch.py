@@ -1,5 +1,11 @@
-"""`python -m nodeagent.backends.launch -- ARGV...`: start a model server with its caches in the workload's
-own directory.
+"""`python -m nodeagent.backends.launch [--artifact PATH --sha256 HEX] -- ARGV...`: start a model server with
+its caches in the workload's own directory, on the registered weights only.
+
+With `--artifact` and `--sha256` (the replica's `ServingBackend.artifact_sha256`, pinned by the registry),
+the launcher first hashes the artifact (mesh/models/digest.py) and exits with status 65 (EX_DATAERR) and a
+line on stderr naming both digests when it is not the registered one: the check runs in the workload, as the
+tenant's uid and under its confinement, so it reads only what the server could read, costs the agent nothing,
+and happens just before the server opens the same files.
 
 A backend runs as a workload: as the tenant's unprivileged uid, in its own directory (the working
 directory the shim gives it: its private /tmp inside a mount namespace, `<runner>/<id>.d` without one),
@@ -38,13 +44,50 @@ def cache_environment(workdir: str) -> dict[str, str]:
     return {var: os.path.join(root, sub) if sub else root for var, sub in CACHE_VARS.items()}
 
 
+USAGE = "usage: python -m nodeagent.backends.launch [--artifact PATH --sha256 HEX] -- PROGRAM [ARGS...]"
+EX_DATAERR = 65
+
+
+def split_options(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(--artifact/--sha256 options, the program's argv after `--`); ValueError for anything else."""
+    opts: dict[str, str] = {}
+    while args and args[0] != "--":
+        if args[0] not in ("--artifact", "--sha256") or len(args) < 2:
+            raise ValueError(f"unknown option {args[0]!r}")
+        opts[args[0][2:]] = args[1]
+        args = args[2:]
+    if ("artifact" in opts) != ("sha256" in opts):
+        raise ValueError("--artifact and --sha256 go together")
+    return opts, args[1:]
+
+
+def verify(opts: dict[str, str]) -> str:
+    """'' when there is nothing to check or the artifact is the registered one, else why not."""
+    if not opts:
+        return ""
+    from mesh.models.digest import ArtifactDigests, DigestMismatch
+    try:
+        ArtifactDigests().verify(opts["artifact"], opts["sha256"])
+    except DigestMismatch as e:
+        return str(e)
+    except OSError as e:
+        return f"artifact {opts['artifact']}: cannot be read: {e.strerror or e}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--"]:
-        args = args[1:]
-    if not args:
-        print("usage: python -m nodeagent.backends.launch -- PROGRAM [ARGS...]", file=sys.stderr)
+    try:
+        opts, args = split_options(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        print(f"{USAGE}\n{e}", file=sys.stderr)
         return 2
+    if not args:
+        print(USAGE, file=sys.stderr)
+        return 2
+    why = verify(opts)
+    if why:
+        print(f"gpumesh: {why}", file=sys.stderr, flush=True)
+        return EX_DATAERR
     env = dict(os.environ)
     env.update(cache_environment(os.getcwd()))
     for path in {env[v] for v in CACHE_VARS}:

@@ -189,10 +189,14 @@ def test_weights_swapped_after_registration_are_refused_by_the_agent(cluster, me
         f.write(b"\0" * 128)
     try:
         mesh.deploy("swapped", replicas=1)
-        evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="swapped")
-                                if e.reason == "ReplicaFailed"], SLOW, "the ReplicaFailed event", interval=0.5)
-        assert "weights are not the registered ones" in evs[0].message and pinned[:16] in evs[0].message, \
-            evs[0].message
+
+        def crashloop():
+            d = mesh.get_deployment("swapped")
+            c = {c.type: c for c in d.status.conditions}.get("CrashLoop")
+            return c if c is not None and c.status else None
+        c = wait_for(crashloop, SLOW, "the CrashLoop condition", interval=0.5)
+        # the launcher's line, from the replica's log: the server never started on those weights
+        assert "weights are not the registered ones" in c.message and pinned[:16] in c.message, c.message
         assert mesh.get_deployment("swapped").status.ready_replicas == 0
     finally:
         mesh.undeploy("swapped")

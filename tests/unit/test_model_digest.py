@@ -26,9 +26,15 @@ def test_a_file_digest_is_sha256sum_and_a_directory_digest_is_its_manifests(tmp_
     hf = write_hf_dir(tmp_path / "hf", weights=1 << 20)
     (hf / "sub").mkdir()
     (hf / "sub" / "tokenizer.json").write_text("{}")
+    (hf / ".cache").mkdir()
+    (hf / ".cache" / "download.metadata").write_text("local to this host")
+    blob = tmp_path / "blob"
+    blob.write_text("a snapshot's link to its blob")
+    (hf / "linked.json").symlink_to(blob)
     if shutil.which("sha256sum") is None:
         pytest.skip("sha256sum is not installed: the shell pipeline of the module's doc cannot run")
-    shell = subprocess.run("find . -type f | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum",
+    shell = subprocess.run("find -L . -name '.?*' -prune -o -type f -print | sed 's|^\\./||' | LC_ALL=C sort | "
+                           "xargs sha256sum | sha256sum",
                            shell=True, cwd=hf, capture_output=True, text=True, check=True).stdout.split()[0]
     assert digest.ArtifactDigests().of(hf) == shell
 
@@ -83,6 +89,9 @@ def test_register_pins_the_digest_and_update_keeps_it_for_the_same_file(tmp_path
         m2.generation = 0
         with pytest.raises(errors.FailedPrecondition, match=f"has SHA-256 {new}, not {want}"):
             await r.update(m2)
+        m2.variants[0].artifact = f"file://{gguf}"           # the same file by its URI: still pinned
+        with pytest.raises(errors.FailedPrecondition, match=f"has SHA-256 {new}, not {want}"):
+            await r.update(m2)
         m2.variants[0].artifact_sha256 = new.upper()
         assert (await r.update(m2)).variants[0].artifact_sha256 == new
     asyncio.run(main())
@@ -95,18 +104,51 @@ def test_a_digest_that_is_not_hex_is_refused_naming_the_field(tmp_path):
         validate(M.Model(name="t", variants=[gguf_variant(str(gguf), artifact_sha256="abc")]), [])
 
 
-def test_the_agent_refuses_to_start_a_backend_on_other_weights(tmp_path):
+def test_the_launcher_refuses_to_start_a_server_on_other_weights(tmp_path):
+    """The agent puts the check in front of the server's command (the launcher, run as the workload); the
+    launcher exits 65 with both digests on stderr when the file changed, and execs the server when not."""
+    import sys
+
     from nodeagent import backends
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     good = hashlib.sha256(gguf.read_bytes()).hexdigest()
     w = types_pb2.Workload(id="r1", backend=types_pb2.ServingBackend(kind="llama.cpp", artifact=str(gguf),
                                                                      served_name="tiny", context=128,
                                                                      artifact_sha256=good))
-    backends.prepare(w, "127.0.0.1", "/usr/bin/python3")
-    assert w.command and w.endpoint.startswith("127.0.0.1:")
+    backends.prepare(w, "127.0.0.1", sys.executable)
+    argv = list(w.command)
+    assert argv[:8] == [sys.executable, "-m", backends.LAUNCHER, "--artifact", str(gguf), "--sha256", good, "--"]
+    assert argv[9:11] == ["-m", "nodeagent.backends.llamacpp_server"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ok = subprocess.run([*argv[:8], sys.executable, "-c", "print('SERVER STARTED')"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "SERVER STARTED" in ok.stdout, ok.stderr
     with open(gguf, "ab") as f:
         f.write(b"tampered")
-    w2 = types_pb2.Workload(id="r2", backend=w.backend)
-    with pytest.raises(ValueError, match=f"not the registered ones: SHA-256 [0-9a-f]{{64}} where the model pins {good}"):
-        backends.prepare(w2, "127.0.0.1", "/usr/bin/python3")
-    assert not w2.command
+    bad = subprocess.run([*argv[:8], sys.executable, "-c", "print('SERVER STARTED')"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 65 and "SERVER STARTED" not in bad.stdout
+    assert f"the weights are not the registered ones: SHA-256 " in bad.stderr and good in bad.stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)                                   # never read: refused before any open
+    odd = subprocess.run([sys.executable, "-m", backends.LAUNCHER, "--artifact", str(fifo), "--sha256", good,
+                          "--", "true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert odd.returncode == 65 and "not a regular file" in odd.stderr
+
+
+def test_vllm_gets_the_check_inside_its_launcher():
+    from nodeagent import backends
+    argv = ["/py", "-m", backends.LAUNCHER, "--", "/vpy", "-c", "x"]
+    assert backends.with_weight_check(argv, "/py", "/m", "a" * 64) == [
+        "/py", "-m", backends.LAUNCHER, "--artifact", "/m", "--sha256", "a" * 64, "--", "/vpy", "-c", "x"]
+
+
+def test_hidden_files_are_not_part_of_a_directorys_digest(tmp_path):
+    hf = write_hf_dir(tmp_path / "hf", weights=1 << 16)
+    before = digest.ArtifactDigests().of(hf)
+    (hf / ".cache" / "huggingface").mkdir(parents=True)
+    (hf / ".cache" / "huggingface" / "x.metadata").write_text("downloaded at 12:00")
+    (hf / ".gitattributes").write_text("*.safetensors filter=lfs")
+    assert digest.ArtifactDigests().of(hf) == before
+    (hf / "extra.json").write_text("{}")
+    assert digest.ArtifactDigests().of(hf) != before
