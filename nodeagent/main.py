@@ -79,11 +79,17 @@ def install_components(agents, cfg: AgentConfig):
     return agents
 
 
-async def run(agents, metrics_listen: str) -> None:
-    if metrics_listen:
+def start_metrics(cfg: AgentConfig) -> None:
+    """Serve /metrics before anything else, so that the port it got (with port 0) is known to the
+    workloads' egress guard; `cfg.metrics_listen` then names that port."""
+    if cfg.metrics_listen:
         from prometheus_client import start_http_server
-        host, port = config.parse_hostport(metrics_listen, "metrics_listen")
-        start_http_server(port, addr=host)
+        host, port = config.parse_hostport(cfg.metrics_listen, "metrics_listen")
+        httpd, _ = start_http_server(port, addr=host)
+        cfg.metrics_listen = f"[{host}]:{httpd.server_port}" if ":" in host else f"{host}:{httpd.server_port}"
+
+
+async def run(agents) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(AgentConfig, args)
         logs.setup("agent", cfg.log_level, cfg.log_format)
+        start_metrics(cfg)
         agents = build_agents(cfg)
         creds = cfg.channel_credentials()
         for a in agents:
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from nodeagent.layout import LayoutError
     try:
-        asyncio.run(run(agents, cfg.metrics_listen))
+        asyncio.run(run(agents))
     except KeyboardInterrupt:
         pass
     except LayoutError as e:

@@ -68,15 +68,23 @@ def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
     return iso
 
 
-def egress_guard(cfg, host: IsolationHost) -> str:
-    """Install the workloads' egress guard of this agent process (egress.py); the node label's value:
-    guarded, off (nothing denied) or unguarded (nftables unusable here: logged)."""
+def denied_endpoints(cfg) -> list:
+    """`workload_egress_deny`, plus the agent's metrics port (bound by then: nodeagent/main.start_metrics)
+    unless the list is empty (the guard off)."""
     from nodeagent.isolation import egress
     endpoints = egress.parse(cfg.workload_egress_deny)
     if endpoints and cfg.metrics_listen:
         port = parse_hostport(cfg.metrics_listen, "metrics_listen")[1]
         if port:
             endpoints.append(egress.Endpoint("local", (port, port)))
+    return endpoints
+
+
+def egress_guard(cfg, host: IsolationHost) -> str:
+    """Install the workloads' egress guard of this agent process (egress.py); the node label's value:
+    guarded, off (nothing denied) or unguarded (nftables unusable here: logged)."""
+    from nodeagent.isolation import egress
+    endpoints = denied_endpoints(cfg)
     if not endpoints:
         egress.remove(cfg.state_dir)
         return "off"

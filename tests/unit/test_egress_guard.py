@@ -50,3 +50,21 @@ def test_the_agent_config_checks_the_option():
     cfg = AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_egress_deny="local:x")
     with pytest.raises(ConfigError, match="workload_egress_deny"):
         cfg.check()
+
+
+def test_the_agents_metrics_port_is_denied_even_when_the_kernel_picked_it():
+    import urllib.request
+
+    from nodeagent.config import AgentConfig
+    from nodeagent.isolation.setup import denied_endpoints
+    from nodeagent.main import start_metrics
+    cfg = AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, metrics_listen="127.0.0.1:0")
+    start_metrics(cfg)
+    port = int(cfg.metrics_listen.rpartition(":")[2])
+    assert port > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+    got = [(e.address, e.ports) for e in denied_endpoints(cfg)]
+    assert got == [("local", (2379, 2379)), ("local", (2380, 2380)), ("local", (port, port))]
+    cfg.workload_egress_deny = ""                # the guard off: nothing denied, the metrics port neither
+    assert denied_endpoints(cfg) == []
