@@ -44,16 +44,41 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 API_KEY_ENV = "VLLM_API_KEY"
 # ... but only on the paths under its GUARDED_PREFIX (/v1, /v2, /inference, /cohere): /invocations (SageMaker's
 # entry, which runs completions), /tokenize, /detokenize and the rest stay open. The server is therefore started
-# through this program, which makes the middleware guard every path ("/": /health and /metrics too, so the
-# control plane's probes and the agent's load scraper send the key), then runs the server module as `-m` would.
-# A vLLM without that module (older releases) runs with its own, narrower guard.
+# through this program, which wraps the ASGI app every uvicorn.Config is given (vLLM serves through uvicorn in
+# every release) in a guard of its own: every HTTP and websocket request needs the bearer key, /health and
+# /metrics included (the control plane's probes and the agent's load scraper send it). It depends on no vLLM
+# internals, and fails closed: with a key but without uvicorn the server does not start (without a key, as for
+# a server started by hand through WorkloadService.Run, nothing is guarded, as with llama.cpp).
+# It runs in the vLLM interpreter (maybe another virtual environment), so it imports nothing of gpumesh.
 GUARD_ALL_PATHS = (
-    "import runpy\n"
-    "try:\n"
-    "    from vllm.entrypoints.serve.middleware import authenticate\n"
-    "    authenticate.GUARDED_PREFIX = ('/',)\n"
-    "except ImportError:\n"
-    "    pass\n"
+    "import hashlib, hmac, os, runpy, sys\n"
+    "key = os.environ.get('VLLM_API_KEY', '')\n"
+    "want = hashlib.sha256(('Bearer ' + key).encode()).digest()\n"
+    "class Guard:\n"
+    "    def __init__(self, app):\n"
+    "        self.app = app\n"
+    "    async def __call__(self, scope, receive, send):\n"
+    "        if scope['type'] in ('http', 'websocket'):\n"
+    "            got = dict(scope.get('headers') or []).get(b'authorization', b'')\n"
+    "            if not hmac.compare_digest(hashlib.sha256(got).digest(), want):\n"
+    "                if scope['type'] == 'websocket':\n"
+    "                    await send({'type': 'websocket.close', 'code': 1008})\n"
+    "                    return\n"
+    "                body = b'{\"error\": \"Unauthorized\"}'\n"
+    "                await send({'type': 'http.response.start', 'status': 401, 'headers': [\n"
+    "                    (b'content-type', b'application/json'), (b'content-length', str(len(body)).encode())]})\n"
+    "                await send({'type': 'http.response.body', 'body': body})\n"
+    "                return\n"
+    "        await self.app(scope, receive, send)\n"
+    "if key:\n"
+    "    try:\n"
+    "        import uvicorn\n"
+    "    except ImportError as e:\n"
+    "        sys.exit(f'gpumesh: cannot guard the server with its key ({e}): not starting it')\n"
+    "    config_init = uvicorn.Config.__init__\n"
+    "    def guarded_init(self, app, *args, **kwargs):\n"
+    "        config_init(self, Guard(app), *args, **kwargs)\n"
+    "    uvicorn.Config.__init__ = guarded_init\n"
     f"runpy.run_module({SERVER_MODULE!r}, run_name='__main__', alter_sys=True)\n")
 
 

@@ -45,7 +45,7 @@ def test_cpu_command_line_and_environment(monkeypatch):
     assert argv[:4] == ["/venv/bin/python", "-m", "nodeagent.backends.launch", "--"]
     # ... which runs vLLM's server module with its key guard widened to every path (/invocations included)
     assert argv[4:7] == ["/venv/bin/python", "-c", vllm.GUARD_ALL_PATHS]
-    assert "GUARDED_PREFIX = ('/',)" in argv[6] and "'vllm.entrypoints.openai.api_server'" in argv[6]
+    assert "uvicorn.Config.__init__ = guarded_init" in argv[6] and "'vllm.entrypoints.openai.api_server'" in argv[6]
     compile(argv[6], "<guard>", "exec")
     assert _argv_value(argv, "--model") == "/m/smollm2-bf16" and _argv_value(argv, "--port") == str(port)
     assert _argv_value(argv, "--host") == "127.0.0.1"
@@ -208,3 +208,49 @@ def test_agent_options(tmp_path):
     assert (o.host, o.has_gpu, o.vllm_python, o.vllm_cpu_kvcache_max_gib) == ("10.1.1.1", True, "/x/python", 3)
     Agent.backend = "sim"
     assert backends.options_of(Agent()).has_gpu is False
+
+
+@pytest.mark.parametrize("key", ["k3y-of-the-replica", ""])
+def test_the_key_guard_covers_every_path_of_any_uvicorn_app(tmp_path, key):
+    """GUARD_ALL_PATHS around a stand-in server module (a bare uvicorn app, as vLLM serves its app through
+    uvicorn.Config): with a key, every path needs it (/health, /metrics, /invocations); without one, nothing
+    is guarded."""
+    import time
+    import urllib.error
+    import urllib.request
+    pytest.importorskip("uvicorn")
+    (tmp_path / "standin_server.py").write_text(
+        "import socket, sys, uvicorn\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n"
+        "        return\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "print(port, flush=True)\n"
+        "uvicorn.run(app, host='127.0.0.1', port=port, log_level='error')\n")
+    code = vllm.GUARD_ALL_PATHS.replace(repr(vllm.SERVER_MODULE), repr("standin_server"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), vllm.API_KEY_ENV: key}
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(p.stdout.readline())
+
+        def status(path, sent=None):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                         headers={"Authorization": f"Bearer {sent}"} if sent else {})
+            for _ in range(100):
+                try:
+                    return urllib.request.urlopen(req, timeout=5).status
+                except urllib.error.HTTPError as e:
+                    return e.code
+                except OSError:
+                    time.sleep(0.1)            # not listening yet
+            raise AssertionError("the stand-in server never answered")
+        if key:
+            assert [status(p) for p in ("/health", "/metrics", "/invocations", "/v1/models")] == [401] * 4
+            assert status("/invocations", "wrong") == 401 and status("/tokenize", key) == 200
+        else:
+            assert status("/invocations") == 200
+    finally:
+        p.terminate()
+        p.wait(10)
