@@ -47,6 +47,17 @@ def _error_of(status: int, body: bytes) -> APIError:
     return APIError(status, f"the model server refused the request ({status}): {body[:300].decode(errors='replace')}")
 
 
+def _refused(status: int, body: bytes) -> Exception:
+    """A backend's non-200 answer: 5xx, and a 401/403 (the gateway's key for the replica is missing or stale,
+    not the client's fault), fail the replica (retried elsewhere, else 502); another 4xx is the request's."""
+    if status >= 500:
+        return BackendFailed(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+    if status in (401, 403):
+        return BackendFailed(f"HTTP {status}: the model server refused the gateway's key for it (the gateway "
+                             "reads replica keys from the serving view, which carries them only to admins)")
+    return _error_of(status, body)
+
+
 def make_client(timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0),
                              limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512))
@@ -65,10 +76,8 @@ async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: by
         r = await client.post(f"http://{endpoint}{path}", content=data, headers=headers_for(api_key))
     except httpx.HTTPError as e:
         raise failed(e) from None
-    if r.status_code >= 500:
-        raise BackendFailed(f"HTTP {r.status_code}: {r.content[:200].decode(errors='replace')}")
     if r.status_code != 200:
-        raise _error_of(r.status_code, r.content)
+        raise _refused(r.status_code, r.content)
     return r.content
 
 
@@ -94,10 +103,7 @@ async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data:
         raise failed(e) from None
     try:
         if resp.status_code != 200:
-            body = await resp.aread()
-            if resp.status_code >= 500:
-                raise BackendFailed(f"HTTP {resp.status_code}: {body[:200].decode(errors='replace')}")
-            raise _error_of(resp.status_code, body)
+            raise _refused(resp.status_code, await resp.aread())
         s = OpenStream(resp, resp.aiter_raw(), EventReader())
         while not s.first:
             try:

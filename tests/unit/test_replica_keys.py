@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from controlplane.controllers.workloads import WorkloadService
 from controlplane.gateway import proxy
 from controlplane.gateway.view import FleetView
@@ -180,3 +182,28 @@ def test_the_load_scraper_sends_the_key(tmp_path):
         assert not load.scraped and "401" in load.error
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("status, failed", [(401, True), (403, True), (500, True), (400, False), (404, False)])
+def test_a_backend_refusing_the_gateways_key_fails_the_replica_not_the_client(status, failed):
+    """A 401/403 from a model server means the gateway's key for it is missing or stale: the replica failed
+    (retried elsewhere, else 502), the client is not told it is unauthenticated; other 4xx are the request's."""
+    import asyncio
+
+    import httpx
+
+    from controlplane.gateway import proxy
+    from controlplane.gateway.apierror import APIError
+
+    def answer(request):
+        return httpx.Response(status, json={"error": {"message": "nope"}})
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            for call in (proxy.complete(client, "r:1", "/v1/completions", b"{}", api_key="k"),
+                         proxy.open_stream(client, "r:1", "/v1/completions", b"{}", api_key="k")):
+                with pytest.raises(proxy.BackendFailed if failed else APIError) as e:
+                    await call
+                if status in (401, 403):
+                    assert "refused the gateway's key" in str(e.value)
+    asyncio.run(main())
