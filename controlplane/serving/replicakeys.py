@@ -24,7 +24,7 @@ from __future__ import annotations
 import secrets
 
 from controlplane.state import keys
-from controlplane.state.store import Put
+from controlplane.state.store import Present, Put
 from gpumesh.v1 import types_pb2
 
 KEY_BYTES = 32          # secrets.token_urlsafe(32): 43 URL-safe characters
@@ -51,12 +51,15 @@ class ReplicaKeys:
         return self.keys.get(replica_id, "")
 
     async def ensure(self, deployment: str, replica_id: str) -> str:
-        """The replica's key, made and written to etcd first when it has none."""
+        """The replica's key, made and written to etcd first when it has none (errors.Aborted when the
+        replica's record is gone meanwhile)."""
         key = self.keys.get(replica_id)
         if key:
             return key
         key = new_key()
-        await self.ctl.writer.write([Put(keys.replica_key(deployment, replica_id), key.encode())])
+        # only while the replica's record exists: a key written after the replica's delete would stay forever
+        await self.ctl.writer.write([Put(keys.replica_key(deployment, replica_id), key.encode())],
+                                    [Present(keys.replica(deployment, replica_id))])
         self.keys[replica_id] = key
         return key
 

@@ -16,10 +16,11 @@ from controlplane.gateway.view import FleetView
 from controlplane.serving import replicakeys
 from controlplane.serving.deploystore import DeploymentStore
 from controlplane.state import keys
-from controlplane.state.store import Delete, Put, Snapshot
+from controlplane.state.store import Delete, Present, Put, Snapshot
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import servingview_service_pb2 as V
 from gpumesh.v1 import types_pb2, workload_service_pb2
+from mesh import errors
 from nodeagent import backends
 
 
@@ -35,6 +36,9 @@ class MemoryEtcd:
         return Snapshot(self.revision, {k: (v, self.revision, 0) for k, v in self.kv.items() if k.startswith(p)})
 
     async def write(self, ops, conditions=()) -> int:
+        for c in conditions:                      # the Writer's transaction: all or nothing
+            if isinstance(c, Present) != (c.key in self.kv):
+                raise errors.Aborted(f"condition on {c.key!r} failed")
         self.revision += 1
         for op in ops:
             if isinstance(op, Put):
@@ -50,6 +54,8 @@ def ctl_of(etcd: MemoryEtcd):
 
 async def test_a_key_is_made_once_per_replica_kept_durably_and_reloaded():
     etcd = MemoryEtcd()
+    for rid in ("r-1", "r-2"):
+        etcd.kv[keys.replica("chat", rid)] = D.Replica(id=rid, deployment="chat").SerializeToString()
     store = replicakeys.ReplicaKeys(ctl_of(etcd))
     assert store.get("r-1") == ""
     k1 = await store.ensure("chat", "r-1")
@@ -77,6 +83,10 @@ async def test_a_removed_replica_takes_its_key_with_it():
     store.deployments["chat"] = D.Deployment(spec=D.DeploymentSpec(name="chat"))
     assert key.encode() not in store.full("chat").SerializeToString()
     await store.delete_replica(r)
+    assert keys.replica_key("chat", "r-1") not in etcd.kv and store.keys.get("r-1") == ""
+    # a start racing the delete writes no key that would outlive the replica
+    with pytest.raises(errors.Aborted):
+        await store.keys.ensure("chat", "r-1")
     assert keys.replica_key("chat", "r-1") not in etcd.kv and store.keys.get("r-1") == ""
     reloaded = DeploymentStore(ctl_of(etcd))
     await reloaded.load()
