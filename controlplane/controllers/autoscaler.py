@@ -16,10 +16,14 @@ room, PoolStore.room, docs/pools.md). A policy with `variants` overflows replica
 to a companion deployment of the next variant that fits (`VariantOverflow`,
 controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
-mode and bound_by) and `gpumesh_autoscaler_scale_events_total`.
+mode and bound_by), `gpumesh_autoscaler_scale_events_total` and `gpumesh_autoscaler_errors_total` (a
+deployment whose pass failed: logged, a Warning event `AutoscalerError` once per episode, and the pass goes on
+with the other deployments).
 
-Its state is the samples of the last window, in memory: a new leader starts with empty windows (it holds
-what runs until it has seen a window's worth; a scale-down waits for its delay as after any change).
+Its state is the samples of the last window and a predictive policy's last measured figures, in memory: a
+new leader starts with empty windows (it holds what runs until it has seen a window's worth; a scale-down
+waits for its delay as after any change) and sizes a forecast floor with the figures the previous leader
+wrote on the status, else the registry's (`_figures`).
 """
 
 from __future__ import annotations

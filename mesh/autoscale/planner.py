@@ -15,13 +15,17 @@ What it adds to the Knative-like `Autoscaler` (mesh/autoscale/autoscaler.py), fo
   Without a fitted forecast yet, a queueing rule uses the last finished bucket's rate (the naive forecast).
 - **Sizing** (mesh/autoscale/sizing.py): the replicas that rate needs; erlang bounds P(wait > the SLO's room
   to queue) by 1 - ``policy.sizing_quantile``, where the room is the TTFT objective minus the TTFT on a free
-  slot. The result goes to the Autoscaler as its forecast floor.
+  slot. The result goes to the Autoscaler as its forecast floor, in the policy metric's units
+  (``demand_for``: a queueing rule's replicas x target; ``little``, Little's law's mean concurrency as that
+  load would read in the metric). A ``ttft`` policy gets no floor (its ratio rule takes none).
 - **Catch-up**: when a cold start plus one tick fits in that room, a burst the reactive rules see is caught
   by a replica started then, so the floor is sized at the median (CATCH_UP_QUANTILE) and there is no
-  scale-down delay while a forecast floor holds (a wrong scale-down is undone within the room).
+  scale-down delay while a forecast floor holds (a wrong scale-down is undone within the room); without a
+  floor (ttft, no forecast) the policy's delay stays.
 
 ``ServiceFigures`` are what sizing needs of one replica: the bench knows them from its calibration, the
-controller measures them (``measured_figures``: Little's law over the window, the registry's TTFT).
+controller measures them (``measured_figures``: Little's law over the window, the registry's TTFT) and
+keeps the last through quiet windows.
 """
 
 from __future__ import annotations

@@ -187,7 +187,8 @@ def _reactive_want(metric: str, target: float, sample: Sample) -> int:
     return a.decide(TICK_S * 30, ready=sample.ready, starting=0).desired
 
 
-@pytest.mark.parametrize("metric,target,slots", [("concurrency", 4.0, 4), ("concurrency", 3.0, 1), ("kv_cache", 0.8, 16), ("kv_cache", 0.5, 1),
+@pytest.mark.parametrize("metric,target,slots", [("concurrency", 4.0, 4), ("concurrency", 3.0, 1),
+                                                 ("kv_cache", 0.8, 16), ("kv_cache", 0.5, 1),
                                                  ("queue", 2.0, 4), ("queue", 0.5, 1), ("queue", 3.0, 16)])
 def test_the_little_floor_wants_the_replicas_at_which_the_reactive_rule_holds_that_load(metric, target, slots):
     """At 10 requests/s x 2 s in service (20 in flight), the floor for that rate (no objective: Little's law)
