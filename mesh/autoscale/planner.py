@@ -133,9 +133,10 @@ class Planner:
         return max(0.0, self.policy.slo_ms / 1000 - figures.ttft_s)
 
     def catching_up(self, figures: ServiceFigures | None) -> bool:
-        """A cold start plus one tick fits in the room to queue (catch-up applies)."""
+        """A cold start plus one tick fits in the room to queue (catch-up applies; never without a floor to
+        size at the median: a ttft policy keeps its quantile and its scale-down delay)."""
         p = self.policy
-        return (figures is not None and p.catch_up and p.predictive and self.queueing and p.slo_ms > 0
+        return (figures is not None and p.catch_up and self.floor_applies and self.queueing and p.slo_ms > 0
                 and figures.cold_start_s + self.tick_s <= self.wait_s(figures))
 
     def floor_quantile(self, figures: ServiceFigures | None) -> float:

@@ -221,10 +221,11 @@ def test_a_kv_cache_floor_is_not_the_concurrency():
 def test_a_ttft_policy_keeps_its_scale_down_delay_with_catch_up(catch_up):
     """A ttft policy takes no forecast floor, so catch-up does not drop its scale-down delay: TTFT falling to
     0.2x the objective holds 4 replicas for the delay either way (a cold start of 1 s + a 2 s tick fits the
-    objective's 9.5 s of room, so catch-up is on)."""
+    objective's 9.5 s of room, so catch-up would be on with a floor to size)."""
     plan = _planner("ttft", 10000.0, scale_down_delay_s=300, stable_window_s=20, catch_up=catch_up)
     figures = ServiceFigures(service_s=4.0, ttft_s=0.5, slots=1, cold_start_s=1.0)
-    assert plan.catching_up(figures) == catch_up
+    assert not plan.catching_up(figures)
+    assert _planner("concurrency", 1.0, slo_ttft_ms=10000.0, catch_up=catch_up).catching_up(figures) == catch_up
     t = 0.0
     for _ in range(20):                                       # at the objective: hold 4
         t += TICK_S
@@ -237,7 +238,7 @@ def test_a_ttft_policy_keeps_its_scale_down_delay_with_catch_up(catch_up):
         d = plan.decide(t, ready=4, starting=0, figures=figures, forecast_rate=1.0)
         assert d.desired == 4, d.reason
     assert d.bound_by == "stabilization" and d.signals["ttft_ratio"] == pytest.approx(0.2)
-    assert "forecast_upper" not in d.signals
+    assert "forecast_upper" not in d.signals and d.signals["catch_up"] == 0.0
 
 
 def test_a_huge_forecast_sizes_no_further_than_max_replicas():
