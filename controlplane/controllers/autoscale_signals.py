@@ -8,6 +8,7 @@ load signals, the replicas ready and starting, one replica's cost, and its cold 
   controller's previous reading of it.
 - Cost: a running replica's slice priced as it is (mesh.cost), else the estimate for the slice it would
   get (controlplane/serving/replicacost.py).
+- Figures (what sizes a predictive floor) from the registry when the deployment's own are not measured.
 - Cold start: the latest of the deployment's own replicas' created -> ready time; else the registry's
   `model bench` load time of the variant plus a slice's start; else the configured default.
 """
@@ -20,6 +21,7 @@ from controlplane.serving import replicacost
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from mesh.autoscale import Sample
+from mesh.autoscale.planner import ServiceFigures
 
 SLICE_START_S = 5.0          # added to a registry load time: a slice's creation, not measured there
 
@@ -115,6 +117,23 @@ def free_slot_ttft(variant, replicas: list[D.Replica]) -> float | None:
              and (not gpu_models or k in gpu_models)]
     ttfts = ttfts or [m.ttft_seconds for m in variant.measured.values() if m.ttft_seconds > 0]
     return max(ttfts) if ttfts else None
+
+
+def registry_figures(variant, replicas: list[D.Replica], *, slots: int, cold_start_s: float) -> ServiceFigures | None:
+    """A replica's figures from the registry's `model bench` of the variant (the slowest of the replicas' GPU
+    models when measured there): the time in service of its bench request (TTFT + max_tokens / decode
+    tokens per second) and the TTFT; None when not measured. What sizes a predictive policy's floor before
+    the deployment's own requests were measured (a new leader, a deployment that has been quiet)."""
+    if variant is None:
+        return None
+    gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
+    usable = [(k, m) for k, m in variant.measured.items() if m.tokens_per_second > 0 and m.max_tokens > 0]
+    ms = [m for k, m in usable if not gpu_models or k in gpu_models] or [m for _, m in usable]
+    if not ms:
+        return None
+    m = max(ms, key=lambda m: m.ttft_seconds + m.max_tokens / m.tokens_per_second)
+    return ServiceFigures(service_s=m.ttft_seconds + m.max_tokens / m.tokens_per_second, ttft_s=m.ttft_seconds,
+                          slots=max(1, slots), cold_start_s=cold_start_s)
 
 
 def cold_start(replicas: list[D.Replica], variant, default_s: float) -> tuple[float, str]:

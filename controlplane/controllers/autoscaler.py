@@ -16,10 +16,14 @@ room, PoolStore.room, docs/pools.md). A policy with `variants` overflows replica
 to a companion deployment of the next variant that fits (`VariantOverflow`,
 controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
-mode and bound_by) and `gpumesh_autoscaler_scale_events_total`.
+mode and bound_by), `gpumesh_autoscaler_scale_events_total` and `gpumesh_autoscaler_errors_total` (a
+deployment whose pass failed: logged, a Warning event `AutoscalerError` once per episode, and the pass goes on
+with the other deployments).
 
-Its state is the samples of the last window, in memory: a new leader starts with empty windows (it holds
-what runs until it has seen a window's worth; a scale-down waits for its delay as after any change).
+Its state is the samples of the last window and a predictive policy's last measured figures, in memory: a
+new leader starts with empty windows (it holds what runs until it has seen a window's worth; a scale-down
+waits for its delay as after any change) and sizes a forecast floor with the figures the previous leader
+wrote on the status, else the registry's (`_figures`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import scaling_pb2 as S
 from mesh import errors
 from mesh.autoscale import Decision, Sample, ScalingPolicy
-from mesh.autoscale.planner import Planner, measured_figures
+from mesh.autoscale.planner import Planner, ServiceFigures, measured_figures
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,8 @@ DECISIONS = Counter("gpumesh_autoscaler_decisions_total", "Autoscaler decisions 
                     ["deployment", "mode", "bound_by"])
 SCALES = Counter("gpumesh_autoscaler_scale_events_total", "Changes of replicas the autoscaler made",
                  ["deployment", "direction"])
+ERRORS = Counter("gpumesh_autoscaler_errors_total", "Autoscaler passes that failed for a deployment (the others "
+                 "went on)", ["deployment"])
 STATUS_REFRESH_S = 30.0      # the status's signals are rewritten at least this often while they change
 SOURCE = "autoscaler"
 WAKE_HOLD_S = 600.0          # after a Wake the held request is demand until a replica is READY, this long at most
@@ -69,6 +75,8 @@ class _State:
     ceiling_bound: bool = False
     pool_bound: bool = False
     swap_hold_until: float = 0.0   # variant overflow: no swap back before this (a replica waited after one)
+    figures: ServiceFigures | None = None   # the last measured figures (kept through quiet windows)
+    figures_from: str = ""                  # "measured", "status" (a previous leader's), "registry"
 
 
 class AutoscalerController:
@@ -82,6 +90,7 @@ class AutoscalerController:
         self.forecast_every = forecast_every
         self.clock = clock
         self.states: dict[str, _State] = {}
+        self.failing: set[str] = set()          # deployments whose last pass failed (one Warning per episode)
         self._loop = PeriodicTask("autoscaler", self.run_once, interval=lambda: self.interval,
                                   on_error=lambda e: logger.error("autoscaler pass", exc_info=e))
 
@@ -110,12 +119,37 @@ class AutoscalerController:
                 DESIRED.remove(gone)
             except KeyError:
                 pass
+        self.failing &= set(names)
         for name in names:
             try:
                 await self.one(name)
             except errors.NotFound:
                 continue        # deleted meanwhile
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one deployment's failure must not stop the others'
+                self._failed(name, e)
+            else:
+                self.failing.discard(name)
         await self._companions_gone()
+
+    def _failed(self, name: str, e: Exception) -> None:
+        """Log and count a deployment's failed pass; a Warning event (`AutoscalerError`) once per episode."""
+        ERRORS.labels(name).inc()
+        logger.error("autoscaler pass failed", exc_info=e,
+                     extra={"fields": {"deployment": name, "error": repr(e)[:500]}})
+        if name in self.failing:
+            return
+        self.failing.add(name)
+        d = self.dm.store.deployments.get(name)
+        event = getattr(self.dm, "_event_as", None)
+        if d is None or event is None:
+            return
+        try:
+            event(name, "Warning", "AutoscalerError", f"the autoscaler could not decide for this deployment "
+                  f"(its replicas are left as they are; the others go on): {e!r}"[:1000], d.spec.tenant, SOURCE)
+        except Exception as e2:  # noqa: BLE001 - the event is best effort
+            logger.warning("autoscaler error event for %s not recorded: %r", name, e2)
 
     def _state(self, name: str, pb: S.ScalingPolicy) -> _State:
         policy = scalingspec.to_policy(pb)
@@ -125,6 +159,7 @@ class AutoscalerController:
             st = _State(policy, Planner(policy, tick_s=self.interval, origin=None))
             if old is not None:         # a changed policy keeps what was seen, not what was decided
                 st.counters, st.woken_seen = old.counters, old.woken_seen
+                st.figures, st.figures_from = old.figures, old.figures_from
                 for s in old.plan.samples:
                     st.plan.observe(s)
                 if old.forecasting is not None:
@@ -167,9 +202,7 @@ class AutoscalerController:
         figures = None
         if st.policy.predictive:
             self._refresh_forecast(name, st, lead, now)
-            figures = measured_figures(st.plan.recent(now, st.policy.stable_window_s),
-                                       slots=autoscale_signals.slots(d.spec, variant), cold_start_s=cold,
-                                       ttft_s=autoscale_signals.free_slot_ttft(variant, replicas))
+            figures = self._figures(d, st, variant, replicas, now, cold)
         pools = getattr(self.dm.ctl, "pools", None)
         room = pools.room(d.spec.pool, need or d.status.vram_bytes, cost) if d.spec.pool and pools else None
         # the same decision code as `meshctl bench autoscale` (mesh/autoscale/planner.py)
@@ -191,6 +224,34 @@ class AutoscalerController:
             own = await self._overflow(name, d, st, decision, replicas, comp, comp_replicas, need, cost, signals)
         await self._apply(name, d, st, decision, signals, cost, now, cold_from, own)
         return decision
+
+    def _figures(self, d: D.Deployment, st: _State, variant, replicas: list, now: float,
+                 cold: float) -> ServiceFigures | None:
+        """The replica's figures that size the forecast floor: measured over the stable window; after a
+        window with no request, the last measured (kept in memory), else what the previous leader wrote
+        on the status (`service_s`, `ttft_free_s`), else the registry's `model bench` figures; the slots
+        and the cold start are always today's."""
+        slots = autoscale_signals.slots(d.spec, variant)
+        ttft = autoscale_signals.free_slot_ttft(variant, replicas)
+        f = measured_figures(st.plan.recent(now, st.policy.stable_window_s), slots=slots, cold_start_s=cold,
+                             ttft_s=ttft)
+        if f is not None:
+            st.figures, st.figures_from = f, "measured"
+            return f
+        if st.figures is None:
+            signals = d.status.autoscaler.signals if d.status.HasField("autoscaler") else {}
+            service = signals.get("service_s", 0.0)
+            if service > 0:
+                st.figures = ServiceFigures(service_s=service, ttft_s=signals.get("ttft_free_s", 0.0),
+                                            slots=slots, cold_start_s=cold)
+                st.figures_from = "status"
+            else:
+                st.figures = autoscale_signals.registry_figures(variant, replicas, slots=slots, cold_start_s=cold)
+                st.figures_from = "registry" if st.figures is not None else ""
+        if st.figures is None:
+            return None
+        return dataclasses.replace(st.figures, slots=slots, cold_start_s=cold,
+                                   ttft_s=ttft if ttft is not None else st.figures.ttft_s)
 
     def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
         try:

@@ -15,13 +15,17 @@ What it adds to the Knative-like `Autoscaler` (mesh/autoscale/autoscaler.py), fo
   Without a fitted forecast yet, a queueing rule uses the last finished bucket's rate (the naive forecast).
 - **Sizing** (mesh/autoscale/sizing.py): the replicas that rate needs; erlang bounds P(wait > the SLO's room
   to queue) by 1 - ``policy.sizing_quantile``, where the room is the TTFT objective minus the TTFT on a free
-  slot. The result goes to the Autoscaler as its forecast floor.
+  slot. The result goes to the Autoscaler as its forecast floor, in the policy metric's units
+  (``demand_for``: a queueing rule's replicas x target; ``little``, Little's law's mean concurrency as that
+  load would read in the metric). A ``ttft`` policy gets no floor (its ratio rule takes none).
 - **Catch-up**: when a cold start plus one tick fits in that room, a burst the reactive rules see is caught
   by a replica started then, so the floor is sized at the median (CATCH_UP_QUANTILE) and there is no
-  scale-down delay while a forecast floor holds (a wrong scale-down is undone within the room).
+  scale-down delay while a forecast floor holds (a wrong scale-down is undone within the room); without a
+  floor (ttft, no forecast) the policy's delay stays.
 
 ``ServiceFigures`` are what sizing needs of one replica: the bench knows them from its calibration, the
-controller measures them (``measured_figures``: Little's law over the window, the registry's TTFT).
+controller measures them (``measured_figures``: Little's law over the window, the registry's TTFT) and
+keeps the last through quiet windows.
 """
 
 from __future__ import annotations
@@ -129,9 +133,10 @@ class Planner:
         return max(0.0, self.policy.slo_ms / 1000 - figures.ttft_s)
 
     def catching_up(self, figures: ServiceFigures | None) -> bool:
-        """A cold start plus one tick fits in the room to queue (catch-up applies)."""
+        """A cold start plus one tick fits in the room to queue (catch-up applies; never without a floor to
+        size at the median: a ttft policy keeps its quantile and its scale-down delay)."""
         p = self.policy
-        return (figures is not None and p.catch_up and p.predictive and self.queueing and p.slo_ms > 0
+        return (figures is not None and p.catch_up and self.floor_applies and self.queueing and p.slo_ms > 0
                 and figures.cold_start_s + self.tick_s <= self.wait_s(figures))
 
     def floor_quantile(self, figures: ServiceFigures | None) -> float:
@@ -153,14 +158,37 @@ class Planner:
             rates.append(nowcast)
         return max(rates)
 
+    @property
+    def floor_applies(self) -> bool:
+        """The Autoscaler adds a forecast floor (every metric but ttft: its ratio rule has no unit for one)."""
+        return self.policy.predictive and self.policy.metric != "ttft"
+
+    def replicas_for(self, rate: float, figures: ServiceFigures) -> int:
+        """The replicas ``rate`` needs by the queueing sizing rule, the search capped at max_replicas + 1
+        (more is clamped to max_replicas anyway; the cap bounds the cost of a huge forecast on the control
+        plane's event loop)."""
+        p = self.policy
+        return sizing.replicas_for(p.sizing_rule, rate, figures.service_s, slots=figures.slots,
+                                   wait_s=self.wait_s(figures), quantile=self.floor_quantile(figures),
+                                   limit=p.max_replicas + 1)
+
     def demand_for(self, rate: float, figures: ServiceFigures) -> float:
-        """The demand ``rate`` brings in the Autoscaler's units (concurrency): by Little's law, or the
-        sizing rule's replicas x target (the Autoscaler then wants exactly those replicas)."""
-        if not self.queueing:
-            return rate * figures.service_s
-        n = sizing.replicas_for(self.policy.sizing_rule, rate, figures.service_s, slots=figures.slots,
-                                wait_s=self.wait_s(figures), quantile=self.floor_quantile(figures))
-        return n * self.policy.target
+        """The demand ``rate`` brings in the policy metric's units (the Autoscaler's forecast floor).
+
+        A queueing rule (erlang, poisson): its replicas x target, so the Autoscaler wants exactly those.
+        ``little``: Little's law, the mean concurrency a = rate x service time, as a fluid in the metric's
+        units: concurrency a; kv_cache a / slots (a replica's KV cache holds ``slots`` sequences, so a
+        sequences fill a / slots replicas' worth); queue the requests beyond the replicas' slots at the
+        target's queue per replica, a x target / (slots + target) (n replicas hold n x (slots + target))."""
+        p = self.policy
+        if self.queueing:
+            return self.replicas_for(rate, figures) * p.target
+        a = rate * figures.service_s
+        if p.metric == "kv_cache":
+            return a / figures.slots
+        if p.metric == "queue":
+            return a * p.target / (figures.slots + p.target)
+        return a
 
     def decide(self, now: float, *, ready: int, starting: int, figures: ServiceFigures | None = None,
                forecast_rate: float | None = None, replica_cost_per_hour: float = 0.0,
@@ -172,13 +200,14 @@ class Planner:
         rate = None
         if p.predictive and figures is not None and figures.service_s > 0:
             rate = self.upper_rate(now, forecast_rate)
-            if rate is not None:
+            if rate is not None and self.floor_applies:
                 upper = self.demand_for(rate, figures)
         catching = self.catching_up(figures)
         d = self.autoscaler.decide(now, ready=ready, starting=starting, replica_cost_per_hour=replica_cost_per_hour,
                                    forecast_upper=upper, pool_room=pool_room,
                                    cold_start_s=figures.cold_start_s if figures is not None else 0.0,
                                    scale_down_delay_s=0.0 if catching and upper is not None else None)
+        # (upper is None for ttft, whose ratio rule takes no floor: its scale-down delay stays)
         if p.predictive and figures is not None:
             d.signals.update(service_s=round(figures.service_s, 4), ttft_free_s=round(figures.ttft_s, 4),
                              wait_room_s=round(self.wait_s(figures), 4), catch_up=float(catching),

@@ -47,13 +47,15 @@ def little_replicas(rate: float, service_s: float, target: float) -> int:
     return math.ceil(round(rate * service_s / target, 9))
 
 
-def poisson_replicas(rate: float, service_s: float, slots: int, quantile: float) -> int:
-    """The fewest replicas whose slots hold the ``quantile`` of a Poisson(rate x service) concurrency."""
+def poisson_replicas(rate: float, service_s: float, slots: int, quantile: float, limit: int | None = None) -> int:
+    """The fewest replicas whose slots hold the ``quantile`` of a Poisson(rate x service) concurrency
+    (at most ``limit`` when given)."""
     _check(rate, service_s, slots, quantile)
     a = rate * service_s
     if a == 0:
         return 0
-    return math.ceil(int(poisson.ppf(quantile, a)) / slots)
+    n = math.ceil(int(poisson.ppf(quantile, a)) / slots)
+    return n if limit is None else min(n, limit)
 
 
 def erlang_c(servers: int, load: float) -> float:
@@ -77,9 +79,12 @@ def wait_exceeds(servers: int, load: float, service_s: float, wait_s: float) -> 
     return c * math.exp(-(servers - load) * wait_s / service_s)
 
 
-def erlang_replicas(rate: float, service_s: float, slots: int, wait_s: float, quantile: float) -> int:
+def erlang_replicas(rate: float, service_s: float, slots: int, wait_s: float, quantile: float,
+                    limit: int | None = None) -> int:
     """The fewest replicas (``slots`` servers each) so that P(a request waits longer than ``wait_s``) <=
-    1 - ``quantile`` at Poisson ``rate`` and mean time in service ``service_s``."""
+    1 - ``quantile`` at Poisson ``rate`` and mean time in service ``service_s``; with ``limit``, at most
+    that many (the search stops there: each step costs O(servers), so an unbounded load would cost
+    O(load^2))."""
     _check(rate, service_s, slots, quantile)
     if not (math.isfinite(wait_s) and wait_s >= 0):
         raise ValueError(f"wait_s {wait_s!r}: must be a finite number >= 0")
@@ -87,18 +92,23 @@ def erlang_replicas(rate: float, service_s: float, slots: int, wait_s: float, qu
     if a == 0:
         return 0
     n = max(1, math.floor(a / slots))
+    if limit is not None and n >= limit:
+        return limit
     while wait_exceeds(n * slots, a, service_s, wait_s) > 1 - quantile:
         n += 1
+        if limit is not None and n >= limit:
+            return limit
     return n
 
 
 def replicas_for(rule: str, rate: float, service_s: float, *, slots: int = 1, target: float = 1.0,
-                 wait_s: float = 0.0, quantile: float = 0.99) -> int:
-    """Dispatch on ``rule`` (one of RULES)."""
+                 wait_s: float = 0.0, quantile: float = 0.99, limit: int | None = None) -> int:
+    """Dispatch on ``rule`` (one of RULES); ``limit``: at most that many replicas."""
     if rule == "erlang":
-        return erlang_replicas(rate, service_s, slots, wait_s, quantile)
+        return erlang_replicas(rate, service_s, slots, wait_s, quantile, limit)
     if rule == "poisson":
-        return poisson_replicas(rate, service_s, slots, quantile)
+        return poisson_replicas(rate, service_s, slots, quantile, limit)
     if rule == "little":
-        return little_replicas(rate, service_s, target)
+        n = little_replicas(rate, service_s, target)
+        return n if limit is None else min(n, limit)
     raise ValueError(f"sizing rule {rule!r}: allowed {', '.join(RULES)}")

@@ -9,6 +9,9 @@ and the same forecast rates: every decision is equal. Then that catch-up and the
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
 from controlplane.controllers import autoscale_forecast
@@ -58,7 +61,8 @@ async def _run(monkeypatch, cold_start_s: float, **policy) -> tuple[list, list]:
         return (FORECAST[k] if k < len(FORECAST) else None), "table"
     monkeypatch.setattr(autoscale_forecast, "upper", upper)
     r, _ = replica(1)
-    d = deployment(2, min_replicas=1, max_replicas=64, target=1.0, predictive=True, scale_down_delay_s=120,
+    policy = {"target": 1.0, **policy}
+    d = deployment(2, min_replicas=1, max_replicas=64, predictive=True, scale_down_delay_s=120,
                    panic_threshold=100, max_scale_up_rate=100, **policy)
     dm = Manager(d, [r])
     clock = [TICK_S]
@@ -98,6 +102,10 @@ CASES = {
     "erlang q0.97, no nowcast": (1.2, dict(slo_ttft_ms=6800, sizing_quantile=0.97, nowcast=False)),
     "poisson": (10.0, dict(slo_ttft_ms=6800, sizing="poisson")),
     "little, no objective": (1.2, dict()),
+    "kv_cache, little": (1.2, dict(metric="kv_cache", target=0.8)),
+    "queue, little": (1.2, dict(metric="queue", target=2.0)),
+    "kv_cache, erlang": (1.2, dict(metric="kv_cache", target=0.8, slo_ttft_ms=6800)),
+    "ttft objective, erlang": (1.2, dict(metric="ttft", target=6800)),
 }
 
 
@@ -108,7 +116,11 @@ async def test_the_controller_decides_as_the_bench_on_the_same_samples(monkeypat
     for k, (d, (want, b)) in enumerate(zip(live, bench)):
         assert (d.desired, d.mode, d.bound_by) == (want, b.mode, b.bound_by), (k, d.reason, b.reason)
         assert d.signals.get("forecast_upper") == b.signals.get("forecast_upper"), k
-    assert any(d.mode == "predictive" for d in live)          # the forecast floor acted, not only the load
+    if policy.get("metric") == "ttft":                       # the ratio rule takes no floor: none is made
+        assert all("forecast_upper" not in d.signals for d in live)
+        assert any("provisioned_rate" in d.signals for d in live)
+    else:
+        assert any(d.mode == "predictive" for d in live)      # the forecast floor acted, not only the load
 
 
 async def test_catch_up_acts_in_the_controller(monkeypatch):
@@ -153,3 +165,90 @@ def test_a_replica_serves_its_backend_concurrency_at_once_but_one_on_llama_cpp()
     assert autoscale_signals.slots(spec, M.Variant(name="bf16", backend=M.BACKEND_VLLM)) == 8
     assert autoscale_signals.slots(spec, M.Variant(name="q4", backend=M.BACKEND_LLAMA_CPP)) == 1
     assert autoscale_signals.slots(D.DeploymentSpec(name="chat"), None) == 1
+
+
+# -- the forecast floor's units and the scale-down delay (mesh/autoscale/planner.py) --------------------------
+
+def _planner(metric: str, target: float, **policy):
+    from mesh.autoscale.planner import Planner
+    from mesh.autoscale.types import ScalingPolicy
+    p = ScalingPolicy(min_replicas=1, max_replicas=64, metric=metric, target=target, predictive=True, **policy)
+    return Planner(p, tick_s=TICK_S)
+
+
+def _reactive_want(metric: str, target: float, sample: Sample) -> int:
+    """What the reactive rule wants after a stable window of ``sample``."""
+    from mesh.autoscale.autoscaler import Autoscaler
+    from mesh.autoscale.types import ScalingPolicy
+    a = Autoscaler(ScalingPolicy(min_replicas=1, max_replicas=64, metric=metric, target=target, panic_threshold=100,
+                                 scale_down_delay_s=0))
+    for k in range(1, 31):
+        a.observe(dataclasses.replace(sample, t=TICK_S * k))
+    return a.decide(TICK_S * 30, ready=sample.ready, starting=0).desired
+
+
+@pytest.mark.parametrize("metric,target,slots", [("concurrency", 4.0, 4), ("concurrency", 3.0, 1),
+                                                 ("kv_cache", 0.8, 16), ("kv_cache", 0.5, 1),
+                                                 ("queue", 2.0, 4), ("queue", 0.5, 1), ("queue", 3.0, 16)])
+def test_the_little_floor_wants_the_replicas_at_which_the_reactive_rule_holds_that_load(metric, target, slots):
+    """At 10 requests/s x 2 s in service (20 in flight), the floor for that rate (no objective: Little's law)
+    wants the fewest replicas m on which that load, spread over m replicas of ``slots`` slots, leaves the
+    reactive rule wanting no more than m: the load's fluid picture in each metric's units (kv_cache: a
+    replica's KV cache holds ``slots`` sequences; queue: what the slots cannot hold waits)."""
+    rate, service = 10.0, 2.0
+    a = rate * service
+
+    def load(m: int) -> Sample:
+        return Sample(t=0, in_flight=min(a, m * slots), queue=max(0.0, a - m * slots),
+                      kv_cache=a / slots / m, request_rate=rate, ready=m)
+    n = next(m for m in range(1, 65) if _reactive_want(metric, target, load(m)) <= m)
+    plan = _planner(metric, target)
+    plan.observe(Sample(t=TICK_S, request_rate=0.0, ready=n))                 # no load now: the floor alone
+    d = plan.decide(TICK_S, ready=n, starting=0, figures=ServiceFigures(service, 0.0, slots, 1.0), forecast_rate=rate)
+    assert d.signals["want_forecast"] == n, d.reason
+    assert d.desired == n and d.mode == "predictive"
+
+
+def test_a_kv_cache_floor_is_not_the_concurrency():
+    """The review's case: kv_cache target 0.8 at 10 requests/s x 2 s on replicas of 16 slots wants 2, not 25."""
+    plan = _planner("kv_cache", 0.8)
+    plan.observe(Sample(t=TICK_S, ready=1))
+    d = plan.decide(TICK_S, ready=1, starting=0, figures=ServiceFigures(2.0, 0.0, 16, 1.0), forecast_rate=10.0)
+    assert d.signals["forecast_upper"] == pytest.approx(20 / 16) and d.signals["want_forecast"] == 2
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_a_ttft_policy_keeps_its_scale_down_delay_with_catch_up(catch_up):
+    """A ttft policy takes no forecast floor, so catch-up does not drop its scale-down delay: TTFT falling to
+    0.2x the objective holds 4 replicas for the delay either way (a cold start of 1 s + a 2 s tick fits the
+    objective's 9.5 s of room, so catch-up would be on with a floor to size)."""
+    plan = _planner("ttft", 10000.0, scale_down_delay_s=300, stable_window_s=20, catch_up=catch_up)
+    figures = ServiceFigures(service_s=4.0, ttft_s=0.5, slots=1, cold_start_s=1.0)
+    assert not plan.catching_up(figures)
+    assert _planner("concurrency", 1.0, slo_ttft_ms=10000.0, catch_up=catch_up).catching_up(figures) == catch_up
+    t = 0.0
+    for _ in range(20):                                       # at the objective: hold 4
+        t += TICK_S
+        plan.observe(Sample(t=t, in_flight=4, ttft_ms=10000, request_rate=1.0, ready=4))
+        d = plan.decide(t, ready=4, starting=0, figures=figures, forecast_rate=1.0)
+        assert d.desired == 4, d.reason
+    for _ in range(30):                                       # 0.2x the objective for 60 s, well inside 300 s
+        t += TICK_S
+        plan.observe(Sample(t=t, in_flight=4, ttft_ms=2000, request_rate=1.0, ready=4))
+        d = plan.decide(t, ready=4, starting=0, figures=figures, forecast_rate=1.0)
+        assert d.desired == 4, d.reason
+    assert d.bound_by == "stabilization" and d.signals["ttft_ratio"] == pytest.approx(0.2)
+    assert "forecast_upper" not in d.signals and d.signals["catch_up"] == 0.0
+
+
+def test_a_huge_forecast_sizes_no_further_than_max_replicas():
+    """erlang's search stops at max_replicas + 1 (each step costs O(servers)): a forecast of a billion
+    requests per second is decided at once, at max_replicas."""
+    from mesh.autoscale.sizing import erlang_replicas, poisson_replicas
+    assert erlang_replicas(1e9, 5.0, 1, 1.0, 0.9, limit=65) == 65
+    assert erlang_replicas(3.0, SERVICE_S, 1, 6.36, 0.5, limit=65) == erlang_replicas(3.0, SERVICE_S, 1, 6.36, 0.5)
+    assert poisson_replicas(1e9, 5.0, 1, 0.9, limit=65) == 65
+    plan = _planner("concurrency", 1.0, slo_ttft_ms=6800)
+    plan.observe(Sample(t=TICK_S, ready=1))
+    d = plan.decide(TICK_S, ready=1, starting=0, figures=ServiceFigures(SERVICE_S, TTFT_S, 1, 1.0), forecast_rate=1e9)
+    assert d.signals["forecast_upper"] == 65 and d.desired == 10     # 65 wanted; 10x the ready replicas per step

@@ -433,3 +433,113 @@ def test_the_fit_estimate_follows_how_the_gpu_is_shared():
     assert autoscale_variants.fit_count(2 * GIB, fleet) == 2 and autoscale_variants.fit_count(2 * GIB, fleet, 1) == 0
     fleet.nodes["n1"].schedulable = False
     assert autoscale_variants.fit_count(2 * GIB, fleet) == 0
+
+
+# -- a predictive policy's figures through quiet windows and a new leader; one deployment's failure -----------
+
+def _forecast_rate(monkeypatch, rates: dict[str, float]) -> None:
+    from controlplane.controllers import autoscale_forecast
+
+    async def upper(history, name, series, lead_s, quantile, step_floor):
+        return rates.get(name), "table"
+    monkeypatch.setattr(autoscale_forecast, "upper", upper)
+
+
+async def _pass(ctl: AutoscalerController, name: str = "chat"):
+    """One pass of the controller over ``name``, the forecast's fit it started done."""
+    decision = await ctl.one(name)
+    st = ctl.states[name]
+    if st.forecasting is not None:
+        await st.forecasting
+    return decision
+
+
+def _predictive_deployment(**kw) -> D.Deployment:
+    return deployment(1, min_replicas=1, max_replicas=8, target=1, predictive=True, stable_window_s=10,
+                      panic_window_s=2, scale_down_delay_s=0, **kw)
+
+
+async def test_the_forecast_floor_outlives_a_quiet_window(monkeypatch):
+    """The time in service measured while requests came (4 in flight at 1 request/s: 4 s) still sizes the
+    floor after a stable window with no request: the forecast of 1.5 requests/s keeps 6 replicas warm."""
+    _forecast_rate(monkeypatch, {"chat": 1.5})
+    r, _ = replica(1)
+    dm = Manager(_predictive_deployment(), [r])
+    clock = [0.0]
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: clock[0], forecast_every=0)
+    clock[0], total = 1.0, 0.0
+    dm.store.loads["r-1"] = replica(1, total=total, at=1)[1]     # the counter's first reading
+    await _pass(ctl)
+    for t in range(2, 6):                                     # 1 request/s, 4 in flight
+        clock[0], total = float(t), total + 1
+        dm.store.loads["r-1"] = replica(1, running=4, total=total, at=t)[1]
+        d = await _pass(ctl)
+    assert d.signals["service_s"] == pytest.approx(4.0) and d.signals["forecast_upper"] == pytest.approx(6.0)
+    for t in range(5, 41):                                    # 36 s with no request, past the 10 s window
+        clock[0] = float(t)
+        dm.store.loads["r-1"] = replica(1, running=0, total=total, at=t)[1]
+        d = await _pass(ctl)
+        assert d.desired == 6 and d.signals["forecast_upper"] == pytest.approx(6.0), (t, d.reason)
+    assert d.mode == "predictive" and ctl.states["chat"].figures_from == "measured"
+
+
+async def test_a_new_leader_sizes_the_floor_with_the_figures_on_the_status_then_the_registry(monkeypatch):
+    """A new leader has seen no request: it takes the time in service the previous leader wrote on the
+    status; without one, the registry's `model bench` figures of the variant (TTFT + max_tokens / decode
+    speed); without those, no floor."""
+    from gpumesh.v1 import model_service_pb2 as M
+    _forecast_rate(monkeypatch, {"chat": 1.0})
+
+    async def first_decision(d: D.Deployment, variant=None):
+        r, load = replica(1, running=0, total=0, at=1)
+        dm = Manager(d, [r])
+        dm.store.loads["r-1"] = load
+        dm._resolve = lambda spec: (variant, 2 << 30)
+        ctl = AutoscalerController(dm, dm.registry, clock=lambda: 100.0, forecast_every=0)
+        await _pass(ctl)                                      # the first pass starts the fit
+        return await _pass(ctl)
+
+    d = _predictive_deployment()
+    d.status.autoscaler.signals["service_s"] = 5.0
+    d.status.autoscaler.signals["ttft_free_s"] = 0.25
+    got = await first_decision(d)
+    assert got.signals["forecast_upper"] == pytest.approx(5.0) and got.desired == 5 and got.mode == "predictive"
+
+    v = M.Variant(name="q4")
+    v.measured["H100-80GB"].CopyFrom(M.Measurement(tokens_per_second=20, max_tokens=64, ttft_seconds=0.3))
+    got = await first_decision(_predictive_deployment(), v)
+    assert got.signals["service_s"] == pytest.approx(0.3 + 64 / 20) and got.desired == 4     # 3.5 s: 3.5 wants 4
+    assert got.signals["ttft_free_s"] == pytest.approx(0.3)
+
+    got = await first_decision(_predictive_deployment(), M.Variant(name="q4"))
+    assert "forecast_upper" not in got.signals and got.desired == 1
+
+
+async def test_one_deployments_failure_does_not_stop_the_others(monkeypatch):
+    """A deployment whose decision fails (an infinite forecast rate: the sizing code refuses it) is logged,
+    counted and warned about once; the deployments after it are still decided on every pass."""
+    from prometheus_client import REGISTRY
+    _forecast_rate(monkeypatch, {"a-bad": math.inf})
+    busy, load = replica(1, running=1, waiting=7, at=1)
+    dm = Manager(deployment(1, min_replicas=1, max_replicas=4, target=2, stable_window_s=10, panic_window_s=2,
+                            scale_down_delay_s=0), [busy])
+    dm.store.loads["r-1"] = load
+    bad = _predictive_deployment(slo_ttft_ms=5000)
+    bad.spec.name = "a-bad"
+    bad.status.autoscaler.signals["service_s"] = 4.0         # figures to size with (a previous leader's)
+    r2 = D.Replica(id="r-2", deployment="a-bad", state=READY, workload_id="w-2")
+    dm.store.deployments["a-bad"], dm.by_name["a-bad"] = bad, [r2]
+    dm.store.loads["r-2"] = replica(2, at=1)[1]
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: 100.0, forecast_every=0)
+    before = REGISTRY.get_sample_value("gpumesh_autoscaler_errors_total", {"deployment": "a-bad"}) or 0.0
+    for _ in range(3):
+        await ctl.run_once()
+        fit = ctl.states["a-bad"].forecasting
+        if fit is not None:
+            await fit
+    assert dm.store.deployments["chat"].spec.replicas == 4                # decided behind the failing one
+    after = REGISTRY.get_sample_value("gpumesh_autoscaler_errors_total", {"deployment": "a-bad"})
+    assert after - before == 2                                            # passes 2 and 3 (pass 1 had no forecast)
+    warnings = [e for e in dm.events if e[1] == "AutoscalerError"]
+    assert len(warnings) == 1 and warnings[0][0] == "Warning" and "rate inf" in warnings[0][2]
+    assert "a-bad" in ctl.failing
