@@ -220,18 +220,18 @@ class Controller:
             s.cpu_milli, s.host_memory_bytes = c.cpu_milli, c.host_memory_bytes
             s.anti_affinity.update(req.anti_affinity)
             self.fleet.put_slice(s)
-        if warm_victims:
-            log(logger, logging.INFO, "warm slices yield", victims=warm_victims, allocation=alloc_id)
-            await warm.release_ids(warm_victims, f"warm slice yields its space to allocation {alloc_id}")
-        for victim in decision.victims:
-            log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority)
-            await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "
-                                                           f"(priority {req.priority}) of tenant {req.tenant}")
         extra, conds = [], []
-        if request_id:
-            self.remember_request(req.tenant, request_id, alloc_id)
         try:
+            # a victim whose release is not durable fails the allocation: its slices leave the fleet below
+            if warm_victims:
+                log(logger, logging.INFO, "warm slices yield", victims=warm_victims, allocation=alloc_id)
+                await warm.release_ids(warm_victims, f"warm slice yields its space to allocation {alloc_id}")
+            for victim in decision.victims:
+                log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority)
+                await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "
+                                                               f"(priority {req.priority}) of tenant {req.tenant}")
             if request_id:
+                self.remember_request(req.tenant, request_id, alloc_id)
                 lease = await self._request_lease()
                 extra.append(Put(keys.request(req.tenant, request_id), alloc_id.encode(), lease=lease))
                 conds.append(Absent(keys.request(req.tenant, request_id)))
@@ -239,8 +239,7 @@ class Controller:
         except BaseException:
             for s in slices:
                 self.fleet.drop_slice(s.id)
-            if request_id:
-                self.requests.pop((req.tenant, request_id), None)
+            self._forget_request(req.tenant, request_id, alloc_id)
             raise
         log(logger, logging.INFO, "allocated", allocation=alloc_id, tenant=req.tenant,
             slices=[f"{s.id}@{s.node}/{s.gpu_index}" for s in slices])
@@ -275,8 +274,7 @@ class Controller:
                 conds.append(Absent(keys.request(req.tenant, request_id)))
             rev = await self.save([s], extra=extra, extra_conds=conds, added=True)
         except BaseException:
-            if request_id:
-                self.requests.pop((req.tenant, request_id), None)
+            self._forget_request(req.tenant, request_id, s.allocation_id)
             prior = warm.prior.pop(s.id, None)
             if prior is not None:
                 self.fleet.put_slice(prior)           # still warm, as etcd has it
@@ -307,6 +305,11 @@ class Controller:
         while self._request_times and now - self._request_times[0][0] > self.request_ttl:
             _, key = self._request_times.popleft()
             self.requests.pop(key, None)
+
+    def _forget_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
+        """Drop a failed Allocate's request id, unless a concurrent call with the same id owns it now."""
+        if request_id and self.requests.get((tenant, request_id)) == alloc_id:
+            del self.requests[(tenant, request_id)]
 
     async def _request_lease(self) -> int:
         """The etcd lease request keys are written with: granted for REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S
@@ -364,14 +367,18 @@ class Controller:
         targets = self.find(ident)
         for hook in self.release_hooks:
             await hook([s for s in targets if s.state != S.SLICE_STATE_RELEASING], wait)
-        changed = []
-        for s in targets:
-            if s.state != S.SLICE_STATE_RELEASING:
-                changed.append(self._update(s, state=S.SLICE_STATE_RELEASING, message=message or "released"))
+        priors = [s for s in targets if s.state != S.SLICE_STATE_RELEASING]
+        changed = [self._update(s, state=S.SLICE_STATE_RELEASING, message=message or "released") for s in priors]
         result = [self.fleet.slices[s.id] for s in targets]
         gone = [self._wait(self.gone_waiters, s.id) for s in result] if wait else []
         if changed:
-            rev = await self.save(changed)
+            try:
+                rev = await self._save_or_restore(changed, priors)
+            except BaseException:
+                for f in gone:
+                    f.cancel()
+                self._unwait(self.gone_waiters, gone)
+                raise
             by_node: dict[str, list[str]] = {}
             for s in changed:
                 by_node.setdefault(s.node, []).append(s.id)
@@ -434,8 +441,19 @@ class Controller:
                 raise
 
     async def mark_node_lost(self, node: str, why: str) -> None:
-        changed = [self._update(s, state=S.SLICE_STATE_UNKNOWN, message=f"node NotReady: {why}")
-                   for s in self.fleet.slices_on(node)
-                   if s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_PENDING)]
+        priors = [s for s in self.fleet.slices_on(node) if s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_PENDING)]
+        changed = [self._update(s, state=S.SLICE_STATE_UNKNOWN, message=f"node NotReady: {why}") for s in priors]
         if changed:
-            await self.save(changed)
+            await self._save_or_restore(changed, priors)
+
+    async def _save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice]) -> int:
+        """`save(changed)`; when the write fails, put the fleet back as etcd has it (`priors`), so a retry
+        sees the change still to make instead of answering for one that never became durable."""
+        try:
+            return await self.save(changed)
+        except BaseException:
+            for prior in priors:
+                if prior.id in self.fleet.slices:
+                    self.fleet.put_slice(prior)
+                self._state_changes.pop(prior.id, None)
+            raise
