@@ -196,8 +196,16 @@ class MeshManager:
                                 secret=secret, data_path=path, fallback_reason=fallback)
         conn.a.CopyFrom(results[0].descriptor)
         conn.b.CopyFrom(results[1].descriptor)
-        self.connections[cid] = conn
-        await self.ctl.writer.write([Put(keys.mesh(cid), conn.SerializeToString())], [Absent(keys.mesh(cid))])
+        self.connections[cid] = conn        # before the write: a release while it is written finds it
+        try:
+            await self.ctl.writer.write([Put(keys.mesh(cid), conn.SerializeToString())], [Absent(keys.mesh(cid))])
+        except BaseException:
+            # not durable: no connection, and the buffers registered for it are given back
+            self.connections.pop(cid, None)
+            for d in (conn.a, conn.b):
+                self._send(d.node, mesh_deregister=M.MeshDeregister(buffer_ids=[d.buffer_id],
+                                                                    reason="connect not saved"))
+            raise
         log(logger, logging.INFO, "mesh connected", connection=cid, transport=transport, reason=why,
             data_path=path, fallback_reason=fallback, slice_a=f"{a.id}@{a.node}", slice_b=f"{b.id}@{b.node}",
             size=req.size_bytes)
@@ -266,6 +274,9 @@ class MeshManager:
             await self.ctl.writer.write([Delete(keys.mesh(cid))], [Present(keys.mesh(cid))])
         except errors.Aborted:
             pass   # already gone
+        except BaseException:
+            self.connections.setdefault(cid, c)     # still in etcd: a retry revokes again and deletes it
+            raise
         log(logger, logging.INFO, "mesh disconnected", connection=cid, reason=reason)
         return self._with(c, state=CLOSED, message=reason)
 

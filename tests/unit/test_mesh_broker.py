@@ -246,3 +246,65 @@ def test_get_and_list_return_the_secret_only_to_the_slices_owners(who, sees_secr
     assert got.secret == (b"S" * 32 if sees_secret else b"")
     assert listed[0].secret == got.secret
     assert svc.mesh.connections["m-1"].secret == b"S" * 32      # the record itself keeps it
+
+
+# -- a connection whose etcd write fails is not kept ---------------------------------------------
+
+class _FailingWriter:
+    def __init__(self):
+        self.calls = 0
+
+    async def write(self, ops, conds=()):
+        self.calls += 1
+        raise errors.Unavailable("etcd: deadline exceeded")
+
+
+def _manager_with_two_slices():
+    from controlplane.api.meshsvc import MeshManager
+    ready = types_pb2.SLICE_STATE_READY
+    slices = {"s-a": types_pb2.Slice(id="s-a", tenant="team-a", node="n1", state=ready),
+              "s-b": types_pb2.Slice(id="s-b", tenant="team-a", node="n1", state=ready)}
+    ctl = types.SimpleNamespace(agent_handlers={}, writer=_FailingWriter(), sessions={},
+                                fleet=types.SimpleNamespace(slices=slices,
+                                                            nodes={"n1": types.SimpleNamespace(record=node("n1"))}))
+    mgr = MeshManager(ctl)
+    sent = []
+    mgr._send = lambda node_name, **kind: sent.append((node_name, kind)) or True
+    return mgr, sent
+
+
+def test_connect_whose_write_fails_keeps_no_connection_and_gives_the_buffers_back():
+    from controlplane.api import auth
+    mgr, sent = _manager_with_two_slices()
+
+    async def register(s, cid, size, transport, secret):
+        return M.MeshRegistered(descriptor=M.BufferDescriptor(buffer_id=f"b-{s.id}", node=s.node))
+    mgr._register = register
+    token = auth._current.set(auth.Principal("client", "x", "team-a", "tenant"))
+    try:
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(mgr.connect(M.MeshConnectRequest(slice_a="s-a", slice_b="s-b", size_bytes=4096)))
+    finally:
+        auth._current.reset(token)
+    assert mgr.connections == {}
+    given_back = sorted(b for _, kind in sent for b in kind["mesh_deregister"].buffer_ids)
+    assert given_back == ["b-s-a", "b-s-b"]
+
+
+def test_disconnect_whose_write_fails_keeps_the_connection_for_a_retry():
+    from controlplane.api import auth
+    mgr, _ = _manager_with_two_slices()
+    conn = M.MeshConnection(id="m-1", tenant="team-a", slice_a="s-a", slice_b="s-b", transport="tcp",
+                            state=M.MESH_CONNECTION_STATE_READY)
+    mgr.connections["m-1"] = conn
+
+    async def revoke(node_name, buffer_ids, reason):
+        return None
+    mgr._revoke = revoke
+    token = auth._current.set(auth.Principal("client", "x", "team-a", "tenant"))
+    try:
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(mgr.disconnect("m-1"))
+        assert mgr.get("m-1") is conn         # a retry finds it (it is still in etcd), not NOT_FOUND
+    finally:
+        auth._current.reset(token)
