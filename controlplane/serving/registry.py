@@ -149,6 +149,11 @@ class ModelRegistry:
             if model.generation and model.generation != old.generation:
                 raise errors.Aborted(f"model {m.name!r} is at generation {old.generation}, not {model.generation}: "
                                      f"read it again and retry")
+            users = self.users(m.name, {v.name for v in m.variants})
+            if users:
+                raise errors.FailedPrecondition(
+                    f"model.variants: the update drops variant(s) that deployment(s) {', '.join(users)} run; keep "
+                    f"them, or move those deployments to another variant (meshctl deployment update) first")
             m.created_at.CopyFrom(old.created_at)
             m.updated_at.CopyFrom(now())
             m.generation = old.generation + 1
@@ -163,9 +168,23 @@ class ModelRegistry:
         log(logger, logging.INFO, "model updated", model=m.name, generation=m.generation)
         return m
 
+    def users(self, name: str, variants: set[str] | None = None) -> list[str]:
+        """The deployments that run model `name` (with `variants`: those whose variant is not among them)."""
+        dm = getattr(self.ctl, "deployments", None)
+        if dm is None:
+            return []
+        return sorted(f"{n} ({d.spec.variant})" if variants is not None else n
+                      for n, d in dm.store.deployments.items()
+                      if d.spec.model == name and (variants is None or d.spec.variant not in variants))
+
     async def delete(self, name: str) -> M.Model:
         async with self._lock:
             m = self.get(name)
+            users = self.users(name)
+            if users:
+                # their replicas could no longer be replaced (a crash, a node lost, a scale-up)
+                raise errors.FailedPrecondition(f"model {name!r} is in use by deployment(s) {', '.join(users)}: "
+                                                f"delete them first")
             try:
                 await self.ctl.writer.write([Delete(keys.model(name))], [Present(keys.model(name))])
             except errors.Aborted:

@@ -230,3 +230,35 @@ def test_reads_answer_the_smallest_slices_of_the_fleet_as_it_is(files):
                                                                                      ("H200-141GB", "1g.18gb")]
     assert [s.gpu_model for s in stored.variants[0].vram.slices] == ["H100-80GB", "L4"]     # the record unchanged
     assert seen.variants[0].vram.total_bytes == stored.variants[0].vram.total_bytes
+
+
+def test_a_model_or_variant_that_deployments_run_cannot_be_deleted(files):
+    """Their replicas would no longer be replaceable (a crash, a lost node, a scale-up): refused, naming them."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    writes = []
+
+    async def write(ops, conds=()):
+        writes.append(ops)
+        return 1
+    deployments = {"chat": D.Deployment(spec=D.DeploymentSpec(name="chat", model="tiny", variant="f16"))}
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}), writer=SimpleNamespace(write=write),
+                          deployments=SimpleNamespace(store=SimpleNamespace(deployments=deployments)))
+    r = ModelRegistry(ctl, check_artifacts=False)
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+
+    async def main():
+        with pytest.raises(errors.FailedPrecondition, match="in use by deployment.*chat"):
+            await r.delete("tiny")
+        other = gguf_variant(files["gguf"], name="q8", fallback_rank=1)
+        with pytest.raises(errors.FailedPrecondition, match=r"model.variants: .*chat \(f16\)"):
+            await r.update(M.Model(name="tiny", variants=[other]))
+        assert "tiny" in r.models and not writes                     # nothing changed
+        both = await r.update(M.Model(name="tiny", variants=[gguf_variant(files["gguf"]), other]))
+        assert [v.name for v in both.variants] == ["f16", "q8"]      # keeping the variant in use is fine
+        del deployments["chat"]
+        assert (await r.delete("tiny")).name == "tiny" and "tiny" not in r.models
+    asyncio.run(main())
