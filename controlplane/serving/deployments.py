@@ -188,8 +188,11 @@ class DeploymentManager:
             probe.scaling.CopyFrom(spec.scaling)
         variant, need = self._resolve(probe)
         deployspec.check_fits(need, self.registry.gpu_models())
-        if new_policy:          # (the stored policy as it is: an Update from Get passes it back unchanged)
+        # a policy is checked when it changes, or when new backend settings change what a replica costs
+        # (an Update from Get passes the stored policy back unchanged)
+        if probe.HasField("scaling") and (new_policy or probe.backend != old.spec.backend):
             scaling.check(self, probe, variant, need, self.registry.get(probe.model))
+        deployspec.slice_request(probe, need, "r-check", spread=True)     # labels as slices take them
 
         def edit(d: D.Deployment) -> None:
             d.spec.replicas = spec.replicas

@@ -34,7 +34,8 @@ LABEL_SPREAD = "gpumesh.spread"              # only on replicas placed with anti
 
 def check_name(name: str, field: str = "spec.name") -> str:
     if not NAME_RE.match(name or ""):
-        raise errors.InvalidArgument.of(field, f"{name!r} is not a valid name" if name else "is required",
+        shown = name if len(name or "") <= 80 else name[:80] + "..."
+        raise errors.InvalidArgument.of(field, f"{shown!r} is not a valid name" if name else "is required",
                                         "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
 

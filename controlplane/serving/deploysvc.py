@@ -11,6 +11,7 @@ import asyncio
 
 from controlplane.api import auth
 from controlplane.api.rpc import streaming, unary
+from controlplane.serving import deployspec
 from controlplane.serving.deployments import DeploymentManager
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import deployment_service_pb2_grpc
@@ -23,7 +24,8 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
     def __init__(self, manager: DeploymentManager) -> None:
         self.m = manager
 
-    def _own(self, name: str) -> D.Deployment:
+    def _own(self, name: str, field: str = "name") -> D.Deployment:
+        deployspec.check_name(name, field)        # INVALID_ARGUMENT for a bad name, before looking it up
         d = self.m.store.get(name)
         auth.check_visible(d.spec.tenant, "deployment", name)
         return d
@@ -56,7 +58,7 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
 
     @unary
     async def Update(self, request, context):
-        self._own(request.spec.name)
+        self._own(request.spec.name, "spec.name")
         return await self.m.update(request.spec, request.generation)
 
     @unary

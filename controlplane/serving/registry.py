@@ -153,7 +153,7 @@ class ModelRegistry:
             if users:
                 raise errors.FailedPrecondition(
                     f"model.variants: the update drops variant(s) that deployment(s) {', '.join(users)} run; keep "
-                    f"them, or move those deployments to another variant (meshctl deployment update) first")
+                    f"them, or delete those deployments first")
             m.created_at.CopyFrom(old.created_at)
             m.updated_at.CopyFrom(now())
             m.generation = old.generation + 1

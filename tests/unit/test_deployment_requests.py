@@ -1,0 +1,95 @@
+"""DeploymentService's checks on names and Update's on what the replicas' slices will need: refused with
+INVALID_ARGUMENT naming the field, before anything is looked up or written."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from controlplane.serving.deployments import DeploymentManager
+from controlplane.serving.deploysvc import DeploymentService
+from controlplane.serving.validate import validate
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as M
+from mesh import errors, gpumodels
+from tests.models_util import TINY_WEIGHT_BYTES, write_tiny_gguf
+
+H100 = gpumodels.get_model("H100-80GB")
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    async def abort_with_status(self, status):
+        raise Aborted(status.code, status.details)
+
+    async def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+@pytest.fixture
+def manager(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = validate(M.Model(name="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
+        max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                                     head_count_kv=2))]), [H100])
+    registry = SimpleNamespace(get=lambda name: model, gpu_models=lambda: [H100])
+    m = DeploymentManager(SimpleNamespace(telemetry=None), workloads=None, registry=registry)
+    m.store.deployments["chat"] = D.Deployment(spec=D.DeploymentSpec(name="chat", model="tiny", variant="f16",
+                                                                     tenant="team-a", replicas=1), generation=1)
+    writes = []
+
+    async def change(name, generation, edit):
+        writes.append(name)
+    m._change = change
+    m.writes = writes
+    return m
+
+
+@pytest.mark.parametrize("method, request_", [
+    ("Get", D.GetDeploymentRequest(name="")),
+    ("Scale", D.ScaleDeploymentRequest(name="bad name!", replicas=1)),
+    ("Delete", D.DeleteDeploymentRequest(name="x" * 5000)),
+    ("Update", D.UpdateDeploymentRequest(spec=D.DeploymentSpec(name="no/slash"))),
+])
+def test_a_bad_name_is_invalid_argument_naming_the_field_not_not_found(manager, method, request_):
+    with pytest.raises(Aborted) as e:
+        asyncio.run(getattr(DeploymentService(manager), method)(request_, Context()))
+    code, details = e.value.args
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith("spec.name: " if method == "Update" else "name: "), details
+    assert len(details) < 400                                  # a long name is not echoed whole
+
+
+def test_update_refuses_labels_that_slices_refuse(manager):
+    spec = D.DeploymentSpec(name="chat", model="tiny", replicas=1, labels={"bad key!": "v"})
+    with pytest.raises(errors.InvalidArgument, match=r"spec.labels\['bad key!'\]"):
+        asyncio.run(manager.update(spec, 0))
+    assert manager.writes == []
+    spec.labels.clear()
+    spec.labels["team"] = "search"
+    asyncio.run(manager.update(spec, 0))
+    assert manager.writes == ["chat"]
+
+
+def test_update_checks_the_stored_policy_again_when_the_backend_settings_change(manager, monkeypatch):
+    """New backend settings change what a replica costs: the stored policy's ceiling is checked again."""
+    from controlplane.serving import deployments
+    from gpumesh.v1 import scaling_pb2
+    checked = []
+    monkeypatch.setattr(deployments.scaling, "check", lambda *a: checked.append(a[1].backend.context))
+    policy = scaling_pb2.ScalingPolicy(min_replicas=1, max_replicas=2)
+    manager.store.deployments["chat"].spec.scaling.CopyFrom(policy)
+    same = D.DeploymentSpec(name="chat", model="tiny", replicas=1, scaling=policy)
+    asyncio.run(manager.update(same, 0))
+    assert checked == []                                   # nothing that prices a replica changed
+    bigger = D.DeploymentSpec(name="chat", model="tiny", replicas=1, scaling=policy)
+    bigger.backend.context = 256
+    asyncio.run(manager.update(bigger, 0))
+    assert checked == [256]
