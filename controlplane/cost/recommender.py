@@ -103,7 +103,7 @@ class Recommender:
     async def apply_one(self, rec: R.Rec) -> str:
         if rec.kind == "resize":
             s = await self.migrations.resize(rec.slice_id, rec.memory_bytes, rec.compute_share, rec.profile)
-            self._sync_replica(rec, s)
+            await self._sync_replica(rec, s)
             return "applied"
         if rec.kind == "idle-replica":
             d = self.deployments.store.get(rec.deployment)
@@ -130,15 +130,16 @@ class Recommender:
             return "applied"
         return "skipped: recreate the deployments with isolation mps (not automatic)"
 
-    def _sync_replica(self, rec: R.Rec, s) -> None:
-        """The replica's record follows its slice's new size (the next controller pass would not look)."""
+    async def _sync_replica(self, rec: R.Rec, s) -> None:
+        """The replica's record follows its slice's new size (the next controller pass would not look),
+        in etcd too: a new leader reads it."""
         reps = self.deployments.store.replicas.get(rec.deployment, {})
         r = reps.get(rec.replica)
         if r is not None and s is not None and s.id == r.slice_id and s.memory_bytes != r.memory_bytes:
             n = D.Replica()
             n.CopyFrom(r)
             n.memory_bytes, n.profile = s.memory_bytes, s.profile
-            self.deployments.store.replicas[rec.deployment][rec.replica] = n
+            await self.deployments.store.put_replica(n)
 
     async def run(self, apply: bool, limit: int = 0, kinds=(), slice_id: str = "") -> C.RecommendResponse:
         recs = [r for r in self.recommend(kinds) if not slice_id or r.slice_id == slice_id]

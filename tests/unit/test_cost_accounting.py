@@ -238,3 +238,33 @@ def test_pack_never_empties_a_gpu_that_received_slices_and_stays_quick():
     moved = [m for r in recs for m in r.moves]
     sources = {r.node for r in recs}
     assert not sources & {m[2] for m in moved}                  # no GPU both emptied and receiving
+
+
+def test_recommend_apply_resize_writes_the_replicas_new_size_to_etcd():
+    """`meshctl recommend --apply`'s resize: the replica record follows the slice, durably (a new leader
+    reads etcd), not only in the leader's memory."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from controlplane.cost.recommender import Recommender
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import types_pb2
+    from mesh.cost import recommend as R
+
+    put = []
+    replica = D.Replica(id="r-1", deployment="chat", slice_id="s-1", memory_bytes=20 << 30, profile="2g.20gb")
+    store = SimpleNamespace(replicas={"chat": {"r-1": replica}})
+
+    async def put_replica(r):
+        put.append(r)
+        store.replicas["chat"][r.id] = r
+    store.put_replica = put_replica
+    resized = types_pb2.Slice(id="s-1", memory_bytes=10 << 30, profile="1g.10gb")
+
+    async def resize(slice_id, memory, share, profile):
+        return resized
+    rec = Recommender(SimpleNamespace(), SimpleNamespace(store=store), SimpleNamespace(resize=resize), None)
+    out = asyncio.run(rec.apply_one(R.Rec(kind="resize", saving_per_day=1.0, action="resize", risk="", deployment="chat",
+                                          replica="r-1", slice_id="s-1", memory_bytes=10 << 30, profile="1g.10gb")))
+    assert out == "applied"
+    assert [(r.memory_bytes, r.profile) for r in put] == [(10 << 30, "1g.10gb")]
