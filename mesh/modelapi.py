@@ -175,12 +175,30 @@ def _scalar(f: D.FieldDescriptor, value: Any, path: str) -> Any:
     if isinstance(value, str) and f.name.endswith("_bytes"):
         from mesh.units import ALLOWED_FORMS, parse_size
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except ValueError:
             raise _bad(path, f"{value!r} is not a size", ALLOWED_FORMS) from None
+        return _in_range(f, size, path)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(path, f"{value!r} is not an integer", "an integer" + (" or a size like 90MiB"
                                                                             if f.name.endswith("_bytes") else ""))
+    return _in_range(f, value, path)
+
+
+_INT_RANGES = {D.FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+               D.FieldDescriptor.TYPE_SINT32: (-(1 << 31), (1 << 31) - 1),
+               D.FieldDescriptor.TYPE_SFIXED32: (-(1 << 31), (1 << 31) - 1),
+               D.FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+               D.FieldDescriptor.TYPE_FIXED32: (0, (1 << 32) - 1),
+               D.FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
+               D.FieldDescriptor.TYPE_FIXED64: (0, (1 << 64) - 1)}
+
+
+def _in_range(f: D.FieldDescriptor, value: int, path: str) -> int:
+    """`value` if the field's protobuf type holds it, else InvalidArgument naming the range."""
+    lo, hi = _INT_RANGES.get(f.type, (-(1 << 63), (1 << 63) - 1))
+    if not lo <= value <= hi:
+        raise _bad(path, f"{value} is out of range", f"{lo} to {hi}")
     return value
 
 

@@ -50,6 +50,9 @@ def test_sizes_may_be_written_with_units():
     ({"variants": [{"measured": {"H100": {"tokens_per_second": "fast"}}}]},
      "model.variants[0].measured['H100'].tokens_per_second", "not a number"),
     ({"created_at": "yesterday"}, "model.created_at", "RFC 3339"),
+    # beyond what the protobuf field holds: a clear error, not a ValueError from the setter (a 500)
+    ({"variants": [{"max_context": 10 ** 12}]}, "model.variants[0].max_context", "out of range"),
+    ({"variants": [{"weight_bytes": "20000PiB"}]}, "model.variants[0].weight_bytes", "out of range"),
 ])
 def test_bad_documents_name_the_key(doc, path, text):
     with pytest.raises(errors.InvalidArgument) as e:
