@@ -8,12 +8,23 @@ import json
 import grpc
 
 from controlplane.gateway.apierror import APIError
+from controlplane.gateway.config import PRIORITIES
 from gpumesh.v1 import inference_service_pb2 as I
 from gpumesh.v1 import inference_service_pb2_grpc
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-         429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE}
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
+         412: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.INVALID_ARGUMENT,
+         422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
+         501: grpc.StatusCode.UNIMPLEMENTED, 502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE,
+         504: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def grpc_code(status: int) -> grpc.StatusCode:
+    """The gRPC code of an HTTP status (the same request path answers both); other 4xx are the caller's."""
+    if status in CODES:
+        return CODES[status]
+    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
 
 
 def to_body(req: I.GenerateRequest) -> tuple[str, dict]:
@@ -21,6 +32,9 @@ def to_body(req: I.GenerateRequest) -> tuple[str, dict]:
                   "temperature": round(float(req.temperature), 6)}
     if req.has_seed:
         body["seed"] = req.seed
+    if req.priority and req.priority.strip().lower() not in PRIORITIES:      # named as this call's field
+        raise APIError(400, f"priority: {req.priority[:40]!r} is not a priority class (allowed: "
+                            f"{', '.join(PRIORITIES)})", param="priority")
     if req.messages and req.prompt:
         raise APIError(400, "prompt: give exactly one of prompt, messages", param="prompt")
     if req.messages:
@@ -45,7 +59,7 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
             path, body = to_body(request)
             out = await self.gw.handle(path, json.dumps(body).encode(), headers)
         except APIError as e:
-            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+            await context.abort(grpc_code(e.status), e.message)
             return
         served, degraded = out.headers.get("x-gpumesh-served-by", ""), out.headers.get("x-gpumesh-degraded", "")
         try:

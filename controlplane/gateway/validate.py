@@ -90,8 +90,9 @@ def _extras(body: dict, chat: bool) -> None:
         if not isinstance(lb, dict) or len(lb) > 300:
             raise invalid("logit_bias", "must be an object of at most 300 token ids to numbers")
         for k, v in lb.items():
-            if not k.isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-                raise invalid(f"logit_bias[{k[:20]!r}]", "must map a token id (digits) to a number", "-100 to 100")
+            if not (k.isascii() and k.isdigit() and len(k) <= 9) or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise invalid(f"logit_bias[{k[:20]!r}]", "must map a token id (1-9 digits 0-9) to a number",
+                              "-100 to 100")
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > 256):
         raise invalid("user", "must be a string of at most 256 characters")

@@ -199,6 +199,9 @@ def test_only_checked_parameters_reach_a_backend():
     assert "top_p" not in body and body["top_k"] == 40                    # nulls dropped, extras kept
     for extra, param in (({"tools": []}, "tools"), ({"logit_bias": []}, "logit_bias"),
                          ({"logit_bias": {"x": 1}}, "logit_bias['x']"), ({"logprobs": 3}, "logprobs"),
+                         # digits int() cannot read, and token ids beyond any vocabulary
+                         ({"logit_bias": {"\u00b2": 1}}, "logit_bias['\u00b2']"),
+                         ({"logit_bias": {"9" * 23: 1}}, f"logit_bias[{'9' * 20!r}]"),
                          ({"top_k": -1}, "top_k"), ({"stream_options": {"x": 1}}, "stream_options"),
                          ({"echo": True}, "echo")):
         assert err(validate.request, {**ok, **extra}, True).param == param, extra
@@ -305,3 +308,18 @@ async def test_a_killed_replica_costs_no_request_and_is_skipped_at_once(app):
     finally:
         server.should_exit = True
         await task
+
+
+def test_grpc_generate_names_its_own_field_and_maps_every_status():
+    import grpc
+
+    from controlplane.gateway.apierror import APIError
+    from controlplane.gateway.grpcsvc import grpc_code, to_body
+    from gpumesh.v1 import inference_service_pb2 as I
+    with pytest.raises(APIError) as e:
+        to_body(I.GenerateRequest(model="m", prompt="x", priority="urgent"))
+    assert e.value.status == 400 and e.value.param == "priority" and e.value.message.startswith("priority: ")
+    assert to_body(I.GenerateRequest(model="m", prompt="x", priority="Critical"))[0] == "/v1/completions"
+    assert grpc_code(504) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert grpc_code(422) == grpc.StatusCode.INVALID_ARGUMENT and grpc_code(418) == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_code(409) == grpc.StatusCode.FAILED_PRECONDITION and grpc_code(500) == grpc.StatusCode.INTERNAL
