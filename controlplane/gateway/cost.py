@@ -53,14 +53,24 @@ def fixed_risk(pressure: str, thermal: str) -> float:
     return max(PRESSURE_RISK.get(pressure, 0.0), THERMAL_RISK.get(thermal, 0.0))
 
 
+def failure_prior(state: str, cfg) -> float:
+    """The prior probability that a request sent to a replica in `state` (a risk_state key) fails: the fixed
+    risk / failure_cost, at most 1."""
+    fixed = 0.0
+    for part in state.split("+") if state else ():
+        kind, _, lvl = part.partition("-")
+        fixed = max(fixed, (PRESSURE_RISK if kind == "memory" else THERMAL_RISK).get(lvl, 0.0))
+    return min(1.0, fixed / cfg.failure_cost)
+
+
 def state_risk(c, cfg) -> float:
     """Expected extra cost, in service times, of sending a request to c in its GPU's state: fixed, or the
     observed failure probability there × failure_cost (prior: the fixed risk / failure_cost, at most 1)."""
     fixed = fixed_risk(c.pressure, c.thermal)
     if fixed <= 0 or cfg.risk_pricing == "fixed":
         return fixed
-    prior = min(1.0, fixed / cfg.failure_cost)
-    return c.stats.failure_probability(risk_state(c.pressure, c.thermal), prior) * cfg.failure_cost
+    state = risk_state(c.pressure, c.thermal)
+    return c.stats.failure_probability(state, failure_prior(state, cfg)) * cfg.failure_cost
 
 
 def speed(c, cfg) -> float:

@@ -256,6 +256,7 @@ async def test_the_gateway_counts_each_outcome_under_the_gpu_state_it_was_sent_i
                                                                "stream": True})
                 assert r.status_code == 200 and not any("error" in e for e in events(r.text))
             status = (await client.get("/v1/gpu/status")).json()
+            metrics = (await client.get("/metrics")).text
         await gw.http.aclose()
     finally:
         for server, task in servers:
@@ -266,5 +267,14 @@ async def test_the_gateway_counts_each_outcome_under_the_gpu_state_it_was_sent_i
     assert by_rep[f"chat/chat-{'ab'.index(cut_on)}"]["memory-high"]["failures"] == pytest.approx(1.0)
     assert sum(s["memory-high"]["requests"] for s in by_rep.values()) == pytest.approx(3.0, abs=0.01)
     assert sum(s["memory-high"]["failures"] for s in by_rep.values()) == pytest.approx(1.0, abs=0.01)
+    # what gpu-aware prices each replica by, in the status and as a metric: the pooled posterior mean
+    prior = 0.25 / 3
+    clean = next(r for r in by_rep.values() if r["memory-high"]["failures"] == 0)
+    n = clean["memory-high"]["requests"]                    # its own: n served; the other's: 1 failed of 3 - n
+    want = 3 * ((3 * prior + 1) / (3 + 3 - n)) / (3 + n)
+    assert clean["memory-high"]["failure_probability"] == pytest.approx(want, abs=1e-3)
+    line = next(x for x in metrics.splitlines() if x.startswith("gpumesh_gateway_state_failure_probability{")
+                and f'replica="chat/chat-{"ab".index(cut_on)}"' in x)
+    assert 'state="memory-high"' in line and float(line.split()[-1]) > prior
     fleet_ev = gw.stats.book.fleet["memory-high"]
     assert (round(fleet_ev.requests, 2), round(fleet_ev.failures, 2)) == (3.0, 1.0)
