@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from controlplane.gateway import gpuapi, modelsapi, validate
+from controlplane.gateway import cost, gpuapi, modelsapi, validate
 from controlplane.gateway import metrics as M
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway.breaker import STATE_VALUE
@@ -135,6 +135,9 @@ def create_app(gw: Gateway) -> Starlette:
         for key, s in list(gw.stats.by_replica.items()):
             M.IN_FLIGHT.labels(key).set(s.in_flight)
             M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])
+            for state in list(s.by_state):
+                M.FAILURE_PROBABILITY.labels(key, state).set(
+                    s.failure_probability(state, cost.failure_prior(state, gw.cfg)))
         return Response(generate_latest(M.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request):

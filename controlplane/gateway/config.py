@@ -8,6 +8,7 @@ from mesh.config import ConfigError, option, parse_hostport
 
 POLICIES = ("gpu-aware", "round-robin", "least-loaded")
 PRIORITIES = ("critical", "standard", "sheddable")
+RISK_PRICINGS = ("observed", "fixed")
 
 
 def _triple(text: str, what: str) -> tuple[float, float, float]:
@@ -57,10 +58,31 @@ class GatewayConfig:
                                       "critical (seed 003)")
     thermal_c: str = option("65,80,85", "temperature (C) where the thermal state becomes warning, throttling, "
                                         "critical (seed 003)")
-    weight_pressure: float = option(1.0, "score weight of the GPU's memory-pressure level (gpu-aware: high "
-                                         "pressure multiplies the expected completion time by 1 + 0.25 x this, "
-                                         "critical memory or temperature by 1 + 3 x this)",
+    weight_pressure: float = option(1.0, "score weight of the GPU's state risk (gpu-aware: the expected "
+                                         "completion time on a replica is multiplied by 1 + this x its state "
+                                         "risk; see risk_pricing)",
                                     minimum=0)
+    risk_pricing: str = option("observed", "gpu-aware: how a replica whose GPU is at high memory pressure or "
+                                           "critical memory or temperature is priced. observed: its state risk "
+                                           "is failure_cost x the probability that a request sent there fails, "
+                                           "from the failures the gateway saw on replicas in that state (prior: "
+                                           "the fixed risk / failure_cost; docs/gateway.md). fixed: 0.25 at high "
+                                           "pressure, 3 at critical, whatever happens there (before session 8)",
+                               choices=RISK_PRICINGS)
+    failure_cost: float = option(3.0, "gpu-aware, risk_pricing observed: what a failed request costs, in its "
+                                      "service times (the attempt lost, the rerun elsewhere, the wait for a "
+                                      "slot again). At 3 or more a fresh gateway prices as risk_pricing fixed "
+                                      "(at 3 a critical GPU is assumed to fail every request until seen "
+                                      "otherwise); below 3 the critical prior is capped at certain failure",
+                                 minimum=1)
+    failure_prior_requests: float = option(3.0, "gpu-aware, risk_pricing observed: how many requests of "
+                                                "evidence the prior counts as (at 3 a critical GPU that served N "
+                                                "requests without a failure is priced at 3/(N+3), about the "
+                                                "95 percent upper bound on its failure rate)", minimum=0.1)
+    failure_risk_half_life_seconds: float = option(300.0, "gpu-aware, risk_pricing observed: the observed "
+                                                          "requests and failures per GPU state count half after "
+                                                          "this many seconds (without evidence the estimate "
+                                                          "returns to the prior)", minimum=1)
     weight_thermal: float = option(1.0, "gpu-aware: how much a GPU's thermal slowdown counts for a replica "
                                         "not measured yet (the pool's median service time is multiplied by "
                                         "(1/speed)^weight; a measured replica's EMA already holds its slowdown, "

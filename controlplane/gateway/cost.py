@@ -8,11 +8,14 @@ a slot when none is free.
   H100's SM clock at 85 °C; `critical_speed` in the critical band) applies only to a replica that has no
   measurement of its own and borrows the pool's median (which was measured at full clocks).
 - ECT(c) = S(c) × (1 + weight_inflight × in flight / slots + weight_backend_queue × (backend waiting /
-  slots + KV use)) × risk(c): least-loaded with speed awareness. risk = 1 + weight_pressure × (0.25 at
-  high memory pressure, 3.0 at critical memory or temperature) + weight_failures × recent failures / 5: the
-  expected cost of a
-  request that fails there and is served again elsewhere. A GPU near its memory limit or a replica that just
-  failed costs more; it is not left out (the policy weighs it against waiting for a sound one).
+  slots + KV use)) × risk(c): least-loaded with speed awareness. risk = 1 + weight_pressure × state risk +
+  weight_failures × recent failures / 5: the expected cost of a request that fails there and is served
+  again elsewhere, in service times. The state risk of a GPU at high memory pressure or critical memory or
+  temperature is, with `risk_pricing` observed (the default), P(a request sent there fails) × failure_cost,
+  P being the failure rate the gateway observed on replicas in that state (hazard.py) with a prior of the
+  fixed risk / failure_cost; with `risk_pricing` fixed it is the fixed risk below (0.25 high, 3.0 critical)
+  whatever happens there. A fresh gateway prices both ways alike. A GPU near its memory limit or a replica
+  that just failed costs more; it is not left out (the policy weighs it against waiting for a sound one).
 - A replica's service time is at least the age of its oldest in-flight request: the EMA learns only when a
   request ends, so a replica that suddenly became slow would otherwise look fast for as long as it is slow.
 - expected_wait: when no usable replica has a free slot, slots free up at Σ slots/S(c) per second over
@@ -26,12 +29,48 @@ from __future__ import annotations
 import math
 import statistics
 
-# The risk a GPU state adds, in service times. A GPU at critical memory fails allocations (the backend dies of
-# a CUDA OOM, docs/gateway.md); one at critical temperature runs at a fraction of its clocks or shuts down;
-# either way a request there may fail and run again, and the replica be gone for a restart: a prior of 3
-# service times more (x4), before any failure is seen. Throttling adds none: its slowdown is measured.
+# The risk a GPU state adds, in service times, before any request there is seen (risk_pricing fixed: always).
+# A GPU at critical memory fails allocations (the backend dies of a CUDA OOM, docs/gateway.md); one at
+# critical temperature runs at a fraction of its clocks or shuts down; either way a request there may fail
+# and run again, and the replica be gone for a restart: 3 service times more (x4), i.e. with failure_cost 3,
+# "a request there fails" until the gateway has seen otherwise. Throttling adds none: its slowdown is measured.
 PRESSURE_RISK = {"low": 0.0, "normal": 0.0, "high": 0.25, "critical": 3.0}
 THERMAL_RISK = {"normal": 0.0, "warning": 0.0, "throttling": 0.0, "critical": 3.0}
+
+
+def risk_state(pressure: str, thermal: str) -> str:
+    """The risky part of a GPU's state, the key its observed failures are kept under ("" when sound:
+    nothing is counted there, a sound replica's failures are the recent-failures term and the breaker)."""
+    parts = []
+    if PRESSURE_RISK.get(pressure, 0.0) > 0:
+        parts.append(f"memory-{pressure}")
+    if THERMAL_RISK.get(thermal, 0.0) > 0:
+        parts.append(f"thermal-{thermal}")
+    return "+".join(parts)
+
+
+def fixed_risk(pressure: str, thermal: str) -> float:
+    return max(PRESSURE_RISK.get(pressure, 0.0), THERMAL_RISK.get(thermal, 0.0))
+
+
+def failure_prior(state: str, cfg) -> float:
+    """The prior probability that a request sent to a replica in `state` (a risk_state key) fails: the fixed
+    risk / failure_cost, at most 1."""
+    fixed = 0.0
+    for part in state.split("+") if state else ():
+        kind, _, lvl = part.partition("-")
+        fixed = max(fixed, (PRESSURE_RISK if kind == "memory" else THERMAL_RISK).get(lvl, 0.0))
+    return min(1.0, fixed / cfg.failure_cost)
+
+
+def state_risk(c, cfg) -> float:
+    """Expected extra cost, in service times, of sending a request to c in its GPU's state: fixed, or the
+    observed failure probability there × failure_cost (prior: the fixed risk / failure_cost, at most 1)."""
+    fixed = fixed_risk(c.pressure, c.thermal)
+    if fixed <= 0 or cfg.risk_pricing == "fixed":
+        return fixed
+    state = risk_state(c.pressure, c.thermal)
+    return c.stats.failure_probability(state, failure_prior(state, cfg)) * cfg.failure_cost
 
 
 def speed(c, cfg) -> float:
@@ -74,7 +113,7 @@ def service_time(c, max_tokens: int, pool, cfg) -> float:
 
 
 def risk(c, cfg) -> float:
-    return (1.0 + cfg.weight_pressure * max(PRESSURE_RISK.get(c.pressure, 0.0), THERMAL_RISK.get(c.thermal, 0.0))
+    return (1.0 + cfg.weight_pressure * state_risk(c, cfg)
             + cfg.weight_failures * min(c.stats.recent_failures, 5.0) / 5.0)
 
 

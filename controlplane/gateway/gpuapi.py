@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from controlplane.gateway import cost
 from controlplane.gateway.apierror import APIError, invalid
 from controlplane.gateway.breaker import OPEN
 from controlplane.gateway.clients import Caller
@@ -30,6 +31,15 @@ def _vram(gw, d) -> int:
     return int(v.vram.total_bytes) if v is not None and v.HasField("vram") else 0
 
 
+def _by_state(gw, s) -> dict:
+    """Per risky GPU state the replica was sent requests in: requests and failures seen there (decayed) and
+    the failure probability gpu-aware prices it by (cost.py)."""
+    out = s.book.evidence(s.by_state)
+    for state, ev in out.items():
+        ev["failure_probability"] = round(s.failure_probability(state, cost.failure_prior(state, gw.cfg)), 4)
+    return out
+
+
 def _model(gw, d) -> dict:
     reps = []
     for r in d.replicas:
@@ -38,7 +48,9 @@ def _model(gw, d) -> dict:
                      "ema_ttft_ms": round(s.ttft_ema * 1000, 1) if s.ttft_ema is not None else None,
                      "ema_tpot_ms": round(s.tpot_ema * 1000, 2) if s.tpot_ema is not None else None,
                      "in_flight": s.in_flight, "requests": s.requests, "failures": s.failures,
-                     "circuit": s.breaker.state, "backend_waiting": r.waiting, "kv_cache_usage": r.kv_usage})
+                     "circuit": s.breaker.state, "backend_waiting": r.waiting, "kv_cache_usage": r.kv_usage,
+                     # requests and failures seen while its GPU was in each risky state (decayed; cost.py)
+                     "by_gpu_state": _by_state(gw, s)})
     return {"name": d.name, "model": d.model, "variant": d.variant, "tenant": d.tenant, "backend": d.backend,
             "context": d.context, "fallback_rank": d.fallback_rank, "vram_bytes": _vram(gw, d),
             "queue": gw.admission.depth(d.name), "replicas": reps}

@@ -35,6 +35,10 @@ BACKEND_ERRORS = Counter("gpumesh_gateway_backend_errors_total", "failed backend
                          registry=REGISTRY)
 CIRCUIT = Gauge("gpumesh_gateway_circuit_state", "circuit breaker per replica: 0 closed, 1 half-open, 2 open",
                 ["replica"], registry=REGISTRY)
+FAILURE_PROBABILITY = Gauge("gpumesh_gateway_state_failure_probability", "gpu-aware's estimate that a request "
+                            "sent to the replica while its GPU is in the risky state (memory-high, "
+                            "memory-critical, thermal-critical, ...) fails: the rate observed there, shrunk "
+                            "toward the prior (docs/gateway.md)", ["replica", "state"], registry=REGISTRY)
 IN_FLIGHT = Gauge("gpumesh_gateway_in_flight", "requests the gateway has on a replica", ["replica"],
                   registry=REGISTRY)
 CACHE_HITS = Counter("gpumesh_gateway_cache_hits_total", "answers served from a response cache, by kind (exact, "

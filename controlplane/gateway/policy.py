@@ -43,6 +43,12 @@ class Candidate:
         return self.replica.key
 
     @property
+    def risk_state(self) -> str:
+        """The risky part of its GPU's state when the candidate was taken ("" sound): the key the request's
+        outcome is counted under in the observed failure risk (cost.py, hazard.py)."""
+        return cost.risk_state(self.pressure, self.thermal)
+
+    @property
     def free(self) -> bool:
         return self.stats.in_flight < self.limit
 
@@ -162,8 +168,9 @@ class LeastLoaded(Policy):
 class GpuAware(Policy):
     """Seed 003's routing as expected completion time (cost.py): the replica where the request is expected
     to finish first, from its measured service time (EMA time to first token and per token, which holds a
-    throttled GPU's slowdown once), its in-flight requests and backend queue, times a risk factor for memory
-    pressure and recent failures (the expected cost of a request that fails there and runs again elsewhere);
+    throttled GPU's slowdown once), its in-flight requests and backend queue, times a risk factor for its
+    GPU's state (the failure rate observed there, hazard.py; or a fixed one) and recent failures (the
+    expected cost of a request that fails there and runs again elsewhere);
     prefix affinity with a load bound (power of two choices when the affine replica is too loaded); a
     circuit breaker.
 
@@ -268,7 +275,8 @@ class GpuAware(Policy):
                 return None, f"no sound replica free ({why})"
             if ctx.affinity_key:
                 self._remember(ctx.affinity_key, best)
-            return best, (f"risky replica (pressure {best.pressure}, thermal {best.thermal}, recent failures "
+            return best, (f"risky replica (pressure {best.pressure}, thermal {best.thermal}, state risk "
+                          f"{cost.state_risk(best, self.cfg):.2f}, recent failures "
                           f"{best.stats.recent_failures:.1f}) used: {why}")
         if ctx.affinity_key:
             self._remember(ctx.affinity_key, best)

@@ -93,9 +93,9 @@ class StreamRelay:
                 await seg.stream.close()
                 seg.slot.release()
                 if broken is None and done:
-                    c.stats.ok()
+                    c.stats.ok(c.risk_state)
                 elif broken is not None:
-                    c.stats.failed(cut)
+                    c.stats.failed(cut, c.risk_state)
                     M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
                 else:
                     c.stats.breaker.release()        # the client went away: logged as 499

@@ -22,6 +22,7 @@ from controlplane.gateway.clients import Caller, Clients
 from controlplane.gateway.config import GatewayConfig
 from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, gpu_levels, make
 from controlplane.gateway.relay import Plan, Segment, StreamRelay
+from controlplane.gateway.hazard import HazardBook
 from controlplane.gateway.stats import StatsTable
 from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.view import DeploymentInfo, FleetView
@@ -66,7 +67,8 @@ class Gateway:
         self.cfg = cfg
         self.view = view or FleetView()
         self.stats = StatsTable(cfg.breaker_failures, cfg.breaker_open_seconds, cfg.ema_alpha,
-                                cfg.failure_half_life_seconds)
+                                cfg.failure_half_life_seconds,
+                                HazardBook(cfg.failure_prior_requests, cfg.failure_risk_half_life_seconds))
         self.policy = make(cfg.policy, cfg)
         # a stream that breaks after tokens were sent is continued on another replica (relay.py) where the
         # gateway allows it and the policy does (the baselines stand for balancers that never do)
@@ -336,7 +338,7 @@ class Gateway:
             usage = _usage(answer)
             t.tokens_in, t.tokens_out = usage
             c.stats.observe(None, e2e / max(usage[1], 1))
-            c.stats.ok()
+            c.stats.ok(c.risk_state)
             slot.release()
             self._measure(t, c, e2e, None)
             if ckey:
@@ -365,7 +367,7 @@ class Gateway:
     def _failed(self, slot: Slot, e: proxy.BackendFailed) -> None:
         why = str(e)
         c = slot.candidate
-        c.stats.failed(e.unreachable)
+        c.stats.failed(e.unreachable, c.risk_state)
         slot.release()
         M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
         M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])

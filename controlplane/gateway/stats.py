@@ -1,5 +1,6 @@
 """What the gateway measures per replica: EMA time to first token and per output token, its own in-flight
-count (fresher than a backend's /metrics), recent failures and the circuit breaker."""
+count (fresher than a backend's /metrics), recent failures, the circuit breaker, and the requests and failures
+it saw while the replica's GPU was in each risky state (hazard.py: the observed failure risk)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from controlplane.gateway.breaker import CircuitBreaker
+from controlplane.gateway.hazard import HazardBook
 
 
 @dataclass
@@ -25,6 +27,8 @@ class ReplicaStats:
     clock: object = time.monotonic
     _recent_at: float = 0.0
     starts: deque = field(default_factory=deque)     # time.monotonic() each in-flight request took its slot
+    book: HazardBook = field(default_factory=HazardBook)        # the fleet's (StatsTable shares one)
+    by_state: dict = field(default_factory=dict)     # risky GPU state -> hazard.Evidence of this replica in it
 
     def oldest_age(self, now: float | None = None) -> float:
         """Seconds the oldest in-flight request has run (0 when none): a replica that suddenly became slow
@@ -57,19 +61,30 @@ class ReplicaStats:
         if tpot is not None and tpot > 0:
             self.tpot_ema = tpot if self.tpot_ema is None else a * tpot + (1 - a) * self.tpot_ema
 
-    def ok(self) -> None:
+    def ok(self, state: str = "") -> None:
+        """A request served; `state`: the risky GPU state the replica was in when it was sent ("" sound: not
+        counted in the observed failure risk)."""
         self.served += 1
         self.recent_failures /= 2
         self.breaker.success()
+        if state:
+            self.book.record(self.by_state, state, failed=False)
 
-    def failed(self, unreachable: bool = False) -> None:
-        """A failed request; `unreachable`: the connection was refused or cut (the circuit opens at once)."""
+    def failed(self, unreachable: bool = False, state: str = "") -> None:
+        """A failed request; `unreachable`: the connection was refused or cut (the circuit opens at once);
+        `state` as in ok()."""
         self.failures += 1
         self.recent_failures += 1
+        if state:
+            self.book.record(self.by_state, state, failed=True)
         if unreachable:
             self.breaker.trip()
         else:
             self.breaker.failure()
+
+    def failure_probability(self, state: str, prior: float) -> float:
+        """The observed probability that a request sent here while its GPU is in `state` fails (hazard.py)."""
+        return self.book.estimate(self.by_state, state, prior)
 
 
 @dataclass
@@ -78,13 +93,14 @@ class StatsTable:
     open_seconds: float = 5.0
     alpha: float = 0.3
     failure_half_life: float = 10.0
+    book: HazardBook = field(default_factory=HazardBook)       # observed failure risk per GPU state
     by_replica: dict[str, ReplicaStats] = field(default_factory=dict)
 
     def of(self, key: str) -> ReplicaStats:
         s = self.by_replica.get(key)
         if s is None:
             s = self.by_replica[key] = ReplicaStats(CircuitBreaker(self.failures, self.open_seconds), self.alpha,
-                                                          half_life=self.failure_half_life)
+                                                          half_life=self.failure_half_life, book=self.book)
         return s
 
     def forget_except(self, keys: set[str]) -> None:
