@@ -54,6 +54,10 @@ def isolation_host(cfg) -> IsolationHost:
     fsmodes.passage(cfg.state_dir, cfg.state_dir)
     if cfg.checkpoint_dir:
         fsmodes.private_dir(cfg.checkpoint_dir)
+        if fsmodes.others_may_read(cfg.checkpoint_dir):      # not this user's: its owner decides
+            log(logger, logging.WARNING, "the checkpoint store is open to other users and not the agent's to "
+                "close: tenants' workloads may read its checkpoints", path=cfg.checkpoint_dir,
+                mode=oct(os.stat(cfg.checkpoint_dir).st_mode & 0o7777))
     return IsolationHost(features, users, settings)
 
 
