@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from controlplane.config import ControlPlaneConfig
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="With no --etcd-endpoints it starts an embedded etcd under --state-dir.")
     config.add_arguments(parser, ControlPlaneConfig)
     args = parser.parse_args(argv)
+    os.umask(0o077)      # its state (history.db, etcd's files, identity) is its user's alone (mesh/fsmodes.py)
     try:
         cfg = config.load(ControlPlaneConfig, args)
     except config.ConfigError as e:

@@ -24,6 +24,7 @@ from controlplane.controllers.nodes import NodeManager
 from controlplane.api.services import AdminService, NodeService, SliceService
 from controlplane.controllers.standby import Switch
 from controlplane.state.store import EtcdStore, new_identity
+from mesh.fsmodes import private_dir
 from controlplane.controllers.workloads import WorkloadManager, WorkloadService
 from controlplane.controllers.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
@@ -67,7 +68,7 @@ class ControlPlane:
         return ident
 
     async def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)     # 0700: every tenant's costs (history.db), etcd's data, the identity
         endpoints = list(self.cfg.etcd_endpoints)
         if not endpoints:
             self.etcd = EtcdServer(self.state_dir / "etcd", log_file=self.state_dir / "etcd.log",

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from mesh import config, logs
+from mesh import config, fsmodes, logs
 from nodeagent.config import AgentConfig
 
 
@@ -70,6 +70,8 @@ def install_components(agents, cfg: AgentConfig):
         agent.slicer.mps = daemon
         NodeMig(agent, cfg.mig_mode, cfg.mig_layout).install()
         wdir = os.path.join(cfg.state_dir, "workloads", *([agent.node] if cfg.gpu_backend == "sim" else []))
+        fsmodes.passage(cfg.state_dir, wdir)       # tenants pass through to their own directories, list nothing
+        fsmodes.passage(cfg.state_dir, agent.slicer.mps_root)   # to the MPS pipe directories (mps.py)
         agent.backend_host = cfg.backend_host
         agent.vllm_python, agent.vllm_cpu_kvcache_max_gib = cfg.vllm_python, cfg.vllm_cpu_kvcache_max_gib
         WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds,
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mesh-agent", description="gpumesh node agent: slices this host's GPUs.")
     config.add_arguments(parser, AgentConfig)
     args = parser.parse_args(argv)
+    os.umask(fsmodes.PRIVATE_UMASK)     # what the agent writes is its own; shared things get explicit modes
     try:
         cfg = config.load(AgentConfig, args)
         logs.setup("agent", cfg.log_level, cfg.log_format)

@@ -42,7 +42,7 @@ class CheckpointSteps(MigrationBase):
             from mesh.checkpoint.store import StoreSink
             from mesh.checkpoint.transfer import TransferServer
             from mesh.checkpoint.transfer_auth import new_secret
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)     # the store is the agents' alone
             server = TransferServer("127.0.0.1:0").start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
             secret = new_secret()       # both ends are here: the workload gets it over its control socket

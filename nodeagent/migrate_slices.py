@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh.fsmodes import copy_private
 from mesh.logs import log
 from nodeagent.migrate_base import Job
 
@@ -209,7 +210,7 @@ class SlicesMixin:
         if extras.get("cwd"):
             os.makedirs(extras["cwd"], exist_ok=True)   # CRIU restores the working directory by path
         r.forget(wid)
-        shutil.copyfile(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far; the process appends
+        copy_private(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far (0600); the process appends
         argv, pidfile = self._restore_argv(str(images), str(extras["log_key"]), leave_stopped=True)
         w = r.start(spec, restore=(argv, pidfile), restore_uid=int(extras.get("uid", -1)))
         r.meta[wid].update(migration=mid, criu_hold=True)

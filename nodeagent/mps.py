@@ -28,9 +28,19 @@ import subprocess
 import time
 from typing import Protocol
 
+from mesh import fsmodes
 from mesh.procs import pid_alive
 
 CONTROL_BINARY = "nvidia-cuda-mps-control"
+
+
+def _make_dirs(pipe_dir: str, log_dir: str) -> None:
+    """The daemon's pipe and log directories, which the clients (workloads of every tenant's uid) use: 0755, as
+    NVIDIA's daemon expects; the GPU's directory above them lets them pass (0711) and lists nothing."""
+    for d in {os.path.dirname(pipe_dir), os.path.dirname(log_dir)}:
+        fsmodes.private_dir(d, fsmodes.PASSAGE)
+    for d in (pipe_dir, log_dir):
+        fsmodes.private_dir(d, 0o755)
 
 
 class MpsError(RuntimeError):
@@ -109,10 +119,10 @@ class RealMps:
     def start(self, gpu_index: int, pipe_dir: str, log_dir: str, device: str = "") -> None:
         if self.healthy(gpu_index, pipe_dir):
             return
-        os.makedirs(pipe_dir, exist_ok=True)
-        os.makedirs(log_dir, exist_ok=True)
+        _make_dirs(pipe_dir, log_dir)
+        # the daemon makes its pipes for clients of every tenant's uid: not under the agent's private umask
         res = subprocess.run([self._path(), "-d"], capture_output=True, text=True, timeout=self.timeout,
-                             env=_env(device or str(gpu_index), pipe_dir, log_dir))
+                             env=_env(device or str(gpu_index), pipe_dir, log_dir), umask=0o022)
         if res.returncode != 0:
             raise MpsError(f"starting the MPS daemon of GPU {gpu_index} failed (status {res.returncode}): "
                            f"{(res.stderr or res.stdout).strip()}")
@@ -192,8 +202,7 @@ class SimMps:
     def start(self, gpu_index: int, pipe_dir: str, log_dir: str, device: str = "") -> None:
         if self.healthy(gpu_index, pipe_dir):
             return
-        os.makedirs(pipe_dir, exist_ok=True)
-        os.makedirs(log_dir, exist_ok=True)
+        _make_dirs(pipe_dir, log_dir)
         self._write(pipe_dir, {"gpu": gpu_index, "device": device or str(gpu_index), "log_dir": log_dir,
                                "started_at": time.time(), "clients": []})
         with open(os.path.join(pipe_dir, "control"), "w", encoding="utf-8"):

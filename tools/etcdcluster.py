@@ -35,7 +35,9 @@ class Member(EtcdServer):
 
     def spawn(self) -> None:
         """Start the process without waiting for health (a lone member of a cluster never is)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        from mesh.fsmodes import private_dir
+        private_dir(self.data_dir.parent)   # the members' data and logs: every cluster secret is in them
+        private_dir(self.data_dir)
         (self.data_dir / "ports.json").write_text(
             __import__("json").dumps({"client": self.client_port, "peer": self.peer_port}))
         self._kill_stale()

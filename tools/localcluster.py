@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh import fsmodes
 from mesh.procs import with_death_signal
 from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
                               read_state, signal_group, stop_detached, stop_pid)
@@ -94,6 +95,8 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
+        # others pass through (to their workloads' own directories under agents/), list and read nothing
+        fsmodes.passage(self.state_dir, self.state_dir)
         self.endpoint: str | None = None
         self.mtls_endpoint: str | None = None
         self.metrics_endpoint: str | None = None
@@ -123,8 +126,13 @@ class LocalCluster:
         return list(self._host_files)
 
     def _dir(self, name: str) -> Path:
+        """A directory of the cluster's: 0700 (logs, host files, the control planes' state), except agents/ (0711:
+        the workloads' own directories are below, nodeagent/isolation/plan.py)."""
         path = self.state_dir / name
-        path.mkdir(parents=True, exist_ok=True)
+        if name == "agents":
+            fsmodes.passage(self.state_dir, path)
+        else:
+            fsmodes.private_dir(path)
         return path
 
     def _write_hosts(self) -> None:
@@ -143,7 +151,8 @@ class LocalCluster:
             if node in self._host_files:
                 raise ClusterError(f"node {node!r} is given twice")
             path = self._dir("hosts") / f"{node}.yaml"
-            path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+            with fsmodes.private_file(path) as f:
+                f.write(yaml.safe_dump(mapping, sort_keys=False).encode())
             try:
                 load_host_file(path)
             except Exception as exc:
@@ -168,11 +177,13 @@ class LocalCluster:
     # -- processes ------------------------------------------------------------
 
     def _spawn(self, proc: Proc) -> None:
-        proc.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fsmodes.private_dir(proc.log_path.parent)
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         main_thread = threading.current_thread() is threading.main_thread()
-        with open(proc.log_path, "ab") as log:
+        fd = os.open(proc.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)           # workload commands, tenants, node names: the operator's alone
+        with open(fd, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.argv)}\n".encode())
             log.flush()
             # the death signal follows the starting thread: only tie the child to a main thread that waits
@@ -494,7 +505,8 @@ class LocalCluster:
                 "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
                 "pids": self.pids(), "detached": self.detach}
         tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with fsmodes.private_file(tmp) as f:
+            f.write((json.dumps(data, indent=2) + "\n").encode())
         os.replace(tmp, self.state_dir / CLUSTER_FILE)
 
     def client(self, timeout: float = 30.0):

@@ -94,7 +94,8 @@ class EtcdServer:
         return cmd
 
     def start(self, timeout: float = 30.0) -> "EtcdServer":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        from mesh.fsmodes import private_dir
+        private_dir(self.data_dir)          # every cluster secret is in etcd's data: its user's alone
         (self.data_dir / "ports.json").write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab")

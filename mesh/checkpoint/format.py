@@ -204,21 +204,35 @@ class CheckpointWriter:
     older checkpoint there, so a reader never sees a half-written checkpoint.
     """
 
-    def __init__(self, path: str | os.PathLike[str], workload_id: str = "", algo: str = DEFAULT_CHECKSUM) -> None:
+    def __init__(self, path: str | os.PathLike[str], workload_id: str = "", algo: str = DEFAULT_CHECKSUM,
+                 private: bool = False) -> None:
+        """`private`: the directory 0700 and its files 0600 whatever the umask (the agents' checkpoint store: a
+        process's state, docs/security.md); else as the umask makes them (a workload's own checkpoints)."""
         self.path = Path(path)
         self.workload_id = workload_id
         self.algo = algo
+        self.private = private
         self.tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "data").mkdir(parents=True)
+        (self.tmp / "data").mkdir(parents=True, mode=0o700 if private else 0o777)
+        if private:
+            os.chmod(self.tmp, 0o700)
+            os.chmod(self.tmp / "data", 0o700)
         self.entries: list[EntryMeta] = []
+
+    def create(self, rel: str):
+        """A new file of the checkpoint (binary, for writing)."""
+        if self.private:
+            from mesh.fsmodes import private_file
+            return private_file(self.tmp / rel)
+        return open(self.tmp / rel, "wb")
 
     def write_entry(self, meta: EntryMeta, chunks: Iterable[bytes | memoryview]) -> EntryMeta:
         """Writes one entry from its chunks; fills in and returns its checksum and size."""
         h = new_hasher(self.algo)
         n = 0
         rel = entry_file(len(self.entries))
-        with open(self.tmp / rel, "wb") as f:
+        with self.create(rel) as f:
             for chunk in chunks:
                 h.update(chunk)
                 f.write(chunk)
@@ -234,8 +248,8 @@ class CheckpointWriter:
                                              extras=extras or {}, checksum=self.algo))
 
     def commit_manifest(self, manifest: Manifest) -> Manifest:
-        with open(self.tmp / MANIFEST, "w") as f:
-            json.dump(manifest.to_json(), f, indent=1)
+        with self.create(MANIFEST) as f:
+            f.write(json.dumps(manifest.to_json(), indent=1).encode())
             f.flush()
             os.fsync(f.fileno())
         old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")

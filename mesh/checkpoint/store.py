@@ -125,10 +125,11 @@ class _EncryptedFile:
     an entry at the receiver's contiguous offset, so they do)."""
 
     def __init__(self, path: Path, aead: Any, name: str, tenant: str, checkpoint_id: str) -> None:
+        from mesh.fsmodes import private_file
         self.path, self.aead, self.name = path, aead, name
         self.tenant, self.checkpoint_id = tenant, checkpoint_id
         self.written = 0
-        with open(path, "wb") as f:
+        with private_file(path) as f:
             f.write(MAGIC)
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -148,7 +149,7 @@ class StoreSink(DirectorySink):
 
     def __init__(self, path: str, workload_id: str = "", key: bytes | None = None, tenant: str = "",
                  checkpoint_id: str = "", key_kind: str = "tenant") -> None:
-        super().__init__(path, workload_id)
+        super().__init__(path, workload_id, private=True)      # a process's state: the agents' alone
         if key_kind not in KEY_KINDS:
             raise KeyError_(f"key_kind: {key_kind!r} (allowed: {', '.join(KEY_KINDS)})")
         self.key = key

@@ -68,8 +68,8 @@ class NullSink:
 class DirectorySink:
     """Receives into a checkpoint directory (the store); the manifest is written on commit."""
 
-    def __init__(self, path: str, workload_id: str = "") -> None:
-        self.writer = CheckpointWriter(path, workload_id)
+    def __init__(self, path: str, workload_id: str = "", private: bool = False) -> None:
+        self.writer = CheckpointWriter(path, workload_id, private=private)
         self.files: dict[str, str] = {}
 
     class _File:
@@ -84,7 +84,7 @@ class DirectorySink:
     def open_entry(self, meta: EntryMeta) -> EntryTarget:
         rel = self.files.setdefault(meta.name, entry_file(len(self.files)))
         path = self.writer.tmp / rel
-        with open(path, "wb") as f:
+        with self.writer.create(rel) as f:
             f.truncate(meta.nbytes)
         return self._File(path)
 

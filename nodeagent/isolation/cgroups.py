@@ -52,6 +52,21 @@ class CgroupDriver(Protocol):
         ...
 
 
+def _makedirs(path: str) -> None:
+    """Make a cgroup directory and its missing parents 0755 whatever the agent's umask (0077): `criu restore`
+    checks them with access(2), as the tenant's real uid (nodeagent/isolation/criu_ids.py)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o755)
+
+
 def _write(path: str, value: str) -> None:
     try:
         with open(path, "w", encoding="ascii") as f:
@@ -109,7 +124,7 @@ class CgroupV1:
         for c in self.CONTROLLERS:
             d = self._dir(c, name)
             try:
-                os.makedirs(d, exist_ok=True)
+                _makedirs(d)
             except OSError as e:
                 raise CgroupError(f"cannot create the {c} cgroup {d}: {e.strerror}") from None
             procs.append(os.path.join(d, "cgroup.procs"))
@@ -151,7 +166,7 @@ class CgroupV2:
 
     def _enable(self) -> None:
         base = os.path.join(self.root, self.base)
-        os.makedirs(base, exist_ok=True)
+        _makedirs(base)
         for d in (self.root, base):
             try:
                 with open(os.path.join(d, "cgroup.controllers"), encoding="ascii") as f:
@@ -166,7 +181,7 @@ class CgroupV2:
         self._enable()
         d = self._dir(name)
         try:
-            os.makedirs(d, exist_ok=True)
+            _makedirs(d)
         except OSError as e:
             raise CgroupError(f"cannot create the cgroup {d}: {e.strerror}") from None
         if limits.memory_bytes:

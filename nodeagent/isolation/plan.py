@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
+from mesh.fsmodes import others_may_read
 from mesh.logs import log
 from nodeagent.isolation import cgroups as cg
 from nodeagent.isolation.devices import DeviceError, NvidiaDevices
@@ -51,6 +52,7 @@ class IsolationSettings:
     expose: list[str] = field(default_factory=list)     # host paths bound read-only at the same path (runtimes)
     shm_root: str = SHM_ROOT
     seccomp: bool = True                  # the syscall filter (syscallfilter.py) where the host can install it
+    secret_files: list[str] = field(default_factory=list)   # keys the agent reads: private, or criu is refused
 
 
 @dataclass
@@ -130,6 +132,10 @@ class Isolator:
             if self.settings.mode == "secure" and (self.cgroups is None or not self.cgroups.confines_devices):
                 raise IsolationRefused(f"label {LABEL_ISOLATION}=criu: without a mount namespace only a devices "
                                        "cgroup (v1) confines the GPU nodes, and this host has none")
+            exposed = [p for p in self.settings.secret_files if others_may_read(p)]
+            if self.settings.mode == "secure" and exposed:
+                raise IsolationRefused(f"label {LABEL_ISOLATION}=criu: without a mount namespace the workload would "
+                                       f"read {', '.join(exposed)} (readable by every user): chmod 600 it")
         try:
             limits.devices = self.devices.for_slice(gpu_index, gi_id, ci_id) if gpu_index >= 0 else []
         except DeviceError as e:

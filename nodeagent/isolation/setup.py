@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from mesh import fsmodes
 from mesh.config import parse_hostport
 from mesh.logs import log
 
@@ -39,15 +40,24 @@ def isolation_host(cfg) -> IsolationHost:
     # which a workload replaces with its own directory; state under them stays masked (confine.py)
     code_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__ + "/..")))
     expose = [os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), code_root, *cfg.workload_expose]
+    # files a workload without a mount namespace (gpumesh.io/isolation=criu) would see: they must be private
+    secret_files = [cfg.checkpoint_keys_file, cfg.tls_key, *cfg.workload_hide]
     settings = IsolationSettings(
         mode=cfg.workload_isolation,
         namespaces=tuple(n.strip() for n in cfg.workload_namespaces.split(",") if n.strip()),
         default_memory_bytes=cfg.workload_memory_default_bytes, default_pids=cfg.workload_pids_max,
         seccomp=cfg.workload_seccomp,
-        mask=[os.path.realpath(p) for p in mask if p], expose=[os.path.realpath(p) for p in expose if p])
-    for d in (cfg.state_dir, cfg.checkpoint_dir):     # nothing of the agent's readable through plain paths
-        if d and os.path.isdir(d) and os.stat(d).st_uid == os.getuid():
-            os.chmod(d, os.stat(d).st_mode & 0o7711)
+        mask=[os.path.realpath(p) for p in mask if p], expose=[os.path.realpath(p) for p in expose if p],
+        secret_files=[os.path.realpath(p) for p in secret_files if p])
+    # nothing of the agent's readable through plain paths: the state directory only lets tenants pass through
+    # to their own workload directories; nobody but the agent enters the checkpoint store
+    fsmodes.passage(cfg.state_dir, cfg.state_dir)
+    if cfg.checkpoint_dir:
+        fsmodes.private_dir(cfg.checkpoint_dir)
+        if fsmodes.others_may_read(cfg.checkpoint_dir):      # not this user's: its owner decides
+            log(logger, logging.WARNING, "the checkpoint store is open to other users and not the agent's to "
+                "close: tenants' workloads may read its checkpoints", path=cfg.checkpoint_dir,
+                mode=oct(os.stat(cfg.checkpoint_dir).st_mode & 0o7777))
     return IsolationHost(features, users, settings)
 
 
