@@ -145,8 +145,9 @@ def create_app(gw: Gateway) -> Starlette:
                              "deployments": len(gw.view.deployments), "policy": gw.policy.NAME})
 
     async def readyz(request):
-        ok = gw.view.updated_at > 0
-        return JSONResponse({"ready": ok, "view_connected": gw.view.connected}, status_code=200 if ok else 503)
+        ok = gw.view.updated_at > 0 and not gw.draining
+        return JSONResponse({"ready": ok, "view_connected": gw.view.connected, "draining": gw.draining},
+                            status_code=200 if ok else 503)
 
     async def on_api_error(request, e: APIError):
         return error_response(e)

@@ -171,6 +171,14 @@ class GatewayConfig:
     semantic_cache_ttl_seconds: float = option(300.0, "semantic cache: how long an answer is reused", minimum=0)
     semantic_cache_max_pending: int = option(8, "semantic cache: prompts waiting for the embedder beyond which a "
                                                 "request skips the semantic cache rather than wait", minimum=1)
+    shutdown_drain_seconds: float = option(0.0, "on SIGTERM, how long /readyz answers 503 and gRPC health NOT_SERVING "
+                                                "while requests are still taken, so a load balancer stops sending "
+                                                "before the listener closes (set it to the balancer's health-check "
+                                                "interval times its failure threshold)", minimum=0, maximum=300)
+    shutdown_grace_seconds: float = option(25.0, "on SIGTERM, after the drain: how long requests and streams in flight "
+                                                 "may finish before they are cut (keep it under the orchestrator's kill "
+                                                 "timeout, e.g. Kubernetes' terminationGracePeriodSeconds)",
+                                           minimum=0, maximum=3600)
     log_requests: bool = option(True, "one structured log line per request with its routing decision")
 
     def check(self) -> None:

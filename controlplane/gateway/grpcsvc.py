@@ -3,6 +3,7 @@ as the HTTP API (authentication, validation, routing, queue, fallback, retry), s
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -44,6 +45,14 @@ def to_body(req: I.GenerateRequest) -> tuple[str, dict]:
     return "/v1/completions", body
 
 
+class StreamBroken(Exception):
+    """The backend's stream ended with an error event after output was sent."""
+
+    def __init__(self, message: str, completion: int) -> None:
+        super().__init__(message)
+        self.message, self.completion = message, completion
+
+
 class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -65,6 +74,11 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             async for item in self._chunks(out, served, degraded):
                 yield item
+        except StreamBroken as e:
+            yield I.GenerateResponse(finish_reason="error", served_by=served, degraded=degraded, text=e.message,
+                                     completion_tokens=e.completion)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the stream broke after {e.completion} chunk(s): "
+                                                             f"{e.message}")
         finally:
             await out.stream.aclose()          # a cancelled call releases its replica slot at once
 
@@ -76,9 +90,9 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
                 continue                       # drain the relay: it measures and logs after [DONE]
             doc = json.loads(data)
             if "error" in doc:
-                yield I.GenerateResponse(finish_reason="error", served_by=served, degraded=degraded,
-                                         text=str(doc["error"].get("message", "")), completion_tokens=completion)
-                return
+                # the partial output went out; the call itself fails, so a client that checks only the
+                # status never takes a cut answer for a whole one
+                raise StreamBroken(str(doc["error"].get("message", "")), completion)
             for ch in doc.get("choices") or ():
                 text = ch.get("text") or (ch.get("delta") or {}).get("content") or ""
                 finish = ch.get("finish_reason") or finish
@@ -89,6 +103,14 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
                                  completion_tokens=completion)
 
 
+async def set_serving(gw, serving: bool) -> None:
+    """The gRPC health status of the gateway (the empty service name and InferenceService)."""
+    from grpc_health.v1 import health_pb2
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", I.DESCRIPTOR.services_by_name["InferenceService"].full_name):
+        await gw.grpc_health.set(name, status)
+
+
 async def start_grpc(gw, listen: str, cert: str = "", key: str = "") -> grpc.aio.Server:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
@@ -96,7 +118,15 @@ async def start_grpc(gw, listen: str, cert: str = "", key: str = "") -> grpc.aio
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(gw), server)
     h = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(h, server)
-    await h.set("", health_pb2.HealthCheckResponse.SERVING)
+    gw.grpc_health = h
+    # NOT_SERVING until the first view of the fleet (every model would read as unknown before it)
+    await set_serving(gw, gw.view.updated_at > 0)
+    if not gw.view.updated_at:
+        def on_view():
+            if gw.view.updated_at and on_view in gw.view.listeners:
+                gw.view.listeners.remove(on_view)
+                asyncio.get_running_loop().create_task(set_serving(gw, True))
+        gw.view.listeners.append(on_view)
     reflection.enable_server_reflection([I.DESCRIPTOR.services_by_name["InferenceService"].full_name,
                                          reflection.SERVICE_NAME], server)
     if cert:

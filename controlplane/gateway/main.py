@@ -34,13 +34,35 @@ async def serve(cfg: GatewayConfig) -> None:
         grpc_server = await start_grpc(gw, cfg.grpc_listen, cfg.serve_tls_cert, cfg.serve_tls_key)
     host, port = parse_hostport(cfg.listen, "listen")
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host=host, port=port, log_level="warning",
-                                           access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                           access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=cfg.shutdown_grace_seconds,
                                            ssl_certfile=cfg.serve_tls_cert or None,
                                            ssl_keyfile=cfg.serve_tls_key or None))
     server.install_signal_handlers = lambda: None
     loop = asyncio.get_running_loop()
+    grpc_stopping: list[asyncio.Task] = []
+
+    async def drain() -> None:
+        """Not ready first (a balancer stops sending), then stop taking requests; those in flight finish
+        within the grace, HTTP and gRPC alike, before the backends' client closes (the finally below)."""
+        log(logger, logging.INFO, "shutting down", drain_seconds=cfg.shutdown_drain_seconds,
+            grace_seconds=cfg.shutdown_grace_seconds)
+        if grpc_server is not None:
+            from controlplane.gateway.grpcsvc import set_serving
+            await set_serving(gw, False)
+        await asyncio.sleep(cfg.shutdown_drain_seconds)
+        if grpc_server is not None:
+            grpc_stopping.append(asyncio.ensure_future(grpc_server.stop(cfg.shutdown_grace_seconds)))
+        server.should_exit = True
+
+    def on_signal() -> None:
+        if gw.draining:
+            server.force_exit = True            # a second signal: no more waiting
+            return
+        gw.draining = True
+        loop.create_task(drain())
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, on_signal)
 
     async def announce():
         while not server.started:
@@ -57,10 +79,10 @@ async def serve(cfg: GatewayConfig) -> None:
     try:
         await server.serve()
     finally:
+        if grpc_server is not None:             # before the backends' client closes: streams in flight finish
+            await (grpc_stopping[0] if grpc_stopping else grpc_server.stop(cfg.shutdown_grace_seconds))
         await follower.stop()
         await gw.stop()
-        if grpc_server is not None:
-            await grpc_server.stop(2)
 
 
 def main(argv: list[str] | None = None) -> int:

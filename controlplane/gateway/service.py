@@ -76,6 +76,8 @@ class Gateway:
         self.admission = Admission(self.policy, cfg.queue_size, cfg.shed_early)
         self.cache = cachemod.ResponseCache(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_seconds)
         self.semcache = semcache.build(cfg)          # None unless semantic_cache is on
+        self.draining = False                        # SIGTERM received: /readyz 503, gRPC NOT_SERVING (main.py)
+        self.grpc_port, self.grpc_health = 0, None   # set by grpcsvc.start_grpc
         self.clients = Clients(cfg.tenants_file)
         self.http = proxy.make_client(cfg.backend_timeout_seconds)
         self.view.listeners.append(self._on_view)
@@ -177,6 +179,10 @@ class Gateway:
         info = validate.request(body, chat)
         t.model = info["model"]
         primary, fallback = self.view.resolve(info["model"], caller.tenant)
+        if not primary and not self.view.updated_at:
+            # no view of the fleet yet (a gateway just started): not "no such model", which clients do not retry
+            raise APIError(503, "the gateway has no view of the deployments yet (it is starting or cannot reach "
+                                "the control plane): retry", code="not_ready", headers={"retry-after": "2"})
         if not primary:
             raise APIError(404, f"model: {info['model']!r} is not a model you can use (GET /v1/models lists yours)",
                            param="model", code="model_not_found")
@@ -206,13 +212,19 @@ class Gateway:
             if out is not None:
                 return out
         asleep = self.waker.asleep(primary)
+        rewaking = None
         if asleep:      # scaled to zero, and no cache answered: wake it and hold the request while a replica starts
             await self.waker.wake(asleep)
             timeout = self.waker.hold_seconds(deadline)
+            rewaking = asyncio.ensure_future(self.waker.keep_waking(asleep))    # a Wake that failed is asked again
         max_tokens = info["max_tokens"] or 16
         ctx = RouteContext(",".join(sorted(d.name for d in primary)),
                            affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens)
-        slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
+        try:
+            slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
+        finally:
+            if rewaking is not None:
+                rewaking.cancel()
         dep = next(d for d in deps if d.name == slot.candidate.replica.deployment)
         return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey, skey)
 

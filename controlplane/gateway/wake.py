@@ -81,6 +81,20 @@ class Waker:
         if tasks:
             await asyncio.wait(tasks, timeout=10)
 
+    async def keep_waking(self, names: list[str]) -> None:
+        """While a request is held: ask again, every REWAKE_S, for each deployment still asleep whose
+        replica count is still zero (the first Wake failed: a control plane restarting, a standby)."""
+        while True:
+            await asyncio.sleep(REWAKE_S)
+            still = [n for n in names if n in self.asleep_names(names)
+                     and (self._specs.get(n) is None or self._specs[n].spec.replicas == 0)]
+            if still:
+                await self.wake(still)
+
+    def asleep_names(self, names: list[str]) -> set[str]:
+        deps = [self.view.deployments[n] for n in names if n in self.view.deployments]
+        return set(self.asleep(deps))
+
     def _stub(self) -> deployment_service_pb2_grpc.DeploymentServiceStub:
         if self._channel is None:
             target = self.targets[self.turn % len(self.targets)]

@@ -465,3 +465,45 @@ def test_killed_backend_costs_no_request(cluster, fleet):
             r.id == victim.id and r.restarts >= 1 for r in x.replicas), timeout=SLOW)
     wait_for(lambda: f"chat/{victim.id}" in _served_by(cluster, 4), 120, "the restarted replica serves again",
              interval=0.5)
+
+
+def test_sigterm_lets_streams_in_flight_finish(cluster, fleet):
+    """A gateway told to stop (a rolling update) lets the streams it is serving, gRPC and HTTP, run to their
+    end before it closes its backends' client, and exits cleanly; a new gateway serves the same deployments.
+    (It used to close that client as soon as no HTTP connection was left: a gRPC stream broke at the signal.)"""
+    import grpc
+    import openai
+    from gpumesh.v1 import inference_service_pb2 as I
+    from gpumesh.v1 import inference_service_pb2_grpc
+    try:
+        proc = cluster.gateway_proc.popen
+        with grpc.insecure_channel(cluster.gateway_grpc) as ch:
+            stream = inference_service_pb2_grpc.InferenceServiceStub(ch).Generate(
+                I.GenerateRequest(model="chat", prompt="1, 2, 3, 4,", max_tokens=40),
+                metadata=(("authorization", f"Bearer {TOKENS['team-a']}"),), timeout=300)
+            assert next(stream).text
+            proc.send_signal(signal.SIGTERM)
+            rest = list(stream)                     # raises if the call ended with an error status
+        assert rest and rest[-1].finish_reason in ("stop", "length"), rest[-1:]
+        assert proc.wait(timeout=60) == 0
+        cluster.stop_gateway()
+        cluster.start_gateway()
+        proc = cluster.gateway_proc.popen
+        c = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-a"], max_retries=0, timeout=300)
+        wait_for(lambda: _ready_in_gateway(cluster, "chat", 2), 60, "the new gateway sees the replicas")
+        pieces, finish = [], None
+        for chunk in c.completions.create(model="chat", prompt="1, 2, 3, 4,", max_tokens=60, temperature=0,
+                                          logit_bias=NO_EOS, stream=True):
+            if chunk.choices and chunk.choices[0].text:
+                pieces.append(chunk.choices[0].text)
+                if len(pieces) == 1:
+                    proc.send_signal(signal.SIGTERM)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        assert finish == "length" and len(pieces) >= 30, (finish, len(pieces))     # not cut at the signal
+        assert proc.wait(timeout=60) == 0
+    finally:
+        cluster.stop_gateway()
+        cluster.start_gateway()
+    wait_for(lambda: _ready_in_gateway(cluster, "chat", 2), 60, "the new gateway sees the replicas")
+    assert post(cluster, chat_body()).status_code == 200
