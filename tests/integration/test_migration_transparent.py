@@ -122,6 +122,9 @@ def test_transparent_migration_continues_the_process_from_its_memory(mesh, tmp_p
     moved = mesh.get_workload(w.id)
     assert moved.state == t.WORKLOAD_STATE_RUNNING, moved.message
     assert moved.node == m.target_node != w.node and moved.slice_id == m.target_slice != src_slice.id
+    # the record is the same workload's: tenant, command, labels, env, created_at, and CRIU's same pid
+    assert (moved.tenant, list(moved.command), dict(moved.labels), dict(moved.env), moved.created_at, moved.pid) == (
+        w.tenant, list(w.command), CRIU_LABELS, dict(w.env), w.created_at, w.pid)
     at_commit = last(mesh, w.id)
     wait_for(lambda: last(mesh, w.id) >= at_commit + 20, 60, "the restored counter to go on")
     # one copy, the restored one, followed by a shim of the target's runner
