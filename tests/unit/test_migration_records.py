@@ -152,3 +152,23 @@ async def test_a_restored_targets_runner_record_keeps_backend_and_endpoint(state
             except ProcessLookupError:
                 pass
         runner.stop("w-1")
+
+
+def test_the_agents_load_scraper_leaves_dumped_and_held_processes_alone():
+    """A scrape's connection open at the dump would make CRIU refuse the process (an established TCP socket); a
+    restored target held stopped would not answer: the agent's scraper reads neither, and reads the target once
+    it runs (RESUME_TARGET drops `criu_hold`)."""
+    from types import SimpleNamespace
+
+    from nodeagent.agent import NodeAgent
+
+    def server(wid: str) -> t.Workload:
+        return t.Workload(id=wid, state=t.WORKLOAD_STATE_RUNNING, endpoint=f"127.0.0.1:{len(wid)}",
+                          backend=t.ServingBackend(kind="llama.cpp", api_key=KEY))
+    runner = SimpleNamespace(workloads={w: server(w) for w in ("w-a", "w-bb", "w-ccc")},
+                             meta={"w-a": {"frozen": "m-1"}, "w-bb": {"criu_hold": True, "migration": "m-2"}, "w-ccc": {}})
+    agent = SimpleNamespace(workload_runner=runner)
+    scraper = NodeAgent.backend_loads(agent)
+    assert [x[0] for x in scraper.targets()] == ["w-ccc"]
+    del runner.meta["w-bb"]["criu_hold"]
+    assert [x[0] for x in scraper.targets()] == ["w-bb", "w-ccc"]
