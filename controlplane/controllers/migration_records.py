@@ -10,7 +10,7 @@ what belongs to the source's process or placement changes:
 | node, slice_id | the target's | the target's (a resize: the client's slice ID) |
 | tenant, command, env, labels, created_at | kept (restore variables of an earlier restore dropped) | kept |
 | backend (kind, artifact, served_name, context, ..., api_key, artifact_sha256) | kept | kept |
-| endpoint | kept (a transparent target listens where the source did) | kept when transparent; else "" until the target agent reports its new port |
+| endpoint | kept (a transparent target listens where the source did) | transparent: kept; else "" until reported |
 | state | PENDING | RUNNING |
 | pid | 0 | kept when transparent (CRIU restores the same PID); else 0 until the target agent reports it |
 | exit_code, finished_at | cleared | cleared |

@@ -29,7 +29,8 @@ def replica_workload(**more) -> t.Workload:
     w = t.Workload(id="w-1", slice_id="s-src", node="a", tenant="acme", state=t.WORKLOAD_STATE_RUNNING, pid=4242,
                    command=["python", "-m", "llama_cpp.server", "--port", "40001"],
                    env={"FOO": "bar", "GPUMESH_RESTORE_FROM": "receive:x@h:0", "GPUMESH_RESTORE_HOLD": "1"},
-                   labels={"gpumesh.io/deployment": "chat", "gpumesh.io/replica": "r-1", "gpumesh.io/isolation": "criu"},
+                   labels={"gpumesh.io/deployment": "chat", "gpumesh.io/replica": "r-1",
+                           "gpumesh.io/isolation": "criu"},
                    endpoint="127.0.0.1:40001", message="", **more)
     w.backend.CopyFrom(t.ServingBackend(kind="llama.cpp", artifact="/models/smol.gguf", served_name="smol", context=512,
                                        concurrency=2, gpu_layers=-1, api_key=KEY, artifact_sha256=SHA))
@@ -166,7 +167,8 @@ def test_the_agents_load_scraper_leaves_dumped_and_held_processes_alone():
         return t.Workload(id=wid, state=t.WORKLOAD_STATE_RUNNING, endpoint=f"127.0.0.1:{len(wid)}",
                           backend=t.ServingBackend(kind="llama.cpp", api_key=KEY))
     runner = SimpleNamespace(workloads={w: server(w) for w in ("w-a", "w-bb", "w-ccc")},
-                             meta={"w-a": {"frozen": "m-1"}, "w-bb": {"criu_hold": True, "migration": "m-2"}, "w-ccc": {}})
+                             meta={"w-a": {"frozen": "m-1"}, "w-bb": {"criu_hold": True, "migration": "m-2"},
+                                   "w-ccc": {}})
     agent = SimpleNamespace(workload_runner=runner)
     scraper = NodeAgent.backend_loads(agent)
     assert [x[0] for x in scraper.targets()] == ["w-ccc"]
