@@ -27,6 +27,7 @@ from controlplane.controllers.migration_phases import RESTORE_ENV, W
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors
+from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
 
 
 def target_spec(w: types_pb2.Workload, wid: str, slice_id: str, node: str) -> types_pb2.Workload:
@@ -37,7 +38,7 @@ def target_spec(w: types_pb2.Workload, wid: str, slice_id: str, node: str) -> ty
     t.pid, t.exit_code = 0, 0
     for f in ("started_at", "finished_at", "message"):
         t.ClearField(f)
-    for k in RESTORE_ENV:
+    for k in (*RESTORE_ENV, SECRET_FILE_ENV):      # an earlier receiving target's, never this one's
         t.env.pop(k, None)
     return t
 

@@ -28,7 +28,8 @@ def replica_workload(**more) -> t.Workload:
     """A deployment replica's model server as the control plane records it once it ran on node a."""
     w = t.Workload(id="w-1", slice_id="s-src", node="a", tenant="acme", state=t.WORKLOAD_STATE_RUNNING, pid=4242,
                    command=["python", "-m", "llama_cpp.server", "--port", "40001"],
-                   env={"FOO": "bar", "GPUMESH_RESTORE_FROM": "receive:x@h:0", "GPUMESH_RESTORE_HOLD": "1"},
+                   env={"FOO": "bar", "GPUMESH_RESTORE_FROM": "receive:x@h:0", "GPUMESH_RESTORE_HOLD": "1",
+                        "GPUMESH_TRANSFER_SECRET_FILE": "/x/transfer-secret"},
                    labels={"gpumesh.io/deployment": "chat", "gpumesh.io/replica": "r-1",
                            "gpumesh.io/isolation": "criu"},
                    endpoint="127.0.0.1:40001", message="", **more)
