@@ -232,7 +232,12 @@ class NodeAgent:
             return None
         if getattr(self, "_load_scraper", None) is None:
             from nodeagent.backends.loadscraper import LoadScraper
-            self._load_scraper = LoadScraper(lambda: runner.workloads.values())
+            def serving():
+                # not a process a transparent migration dumped (gone) or restored and holds stopped: a scrape's
+                # connection open at the dump would make CRIU refuse it (an established TCP socket)
+                return [w for wid, w in list(runner.workloads.items())
+                        if not {"frozen", "criu_hold"} & set(runner.meta.get(wid, {}))]
+            self._load_scraper = LoadScraper(serving)
         return self._load_scraper
 
     async def _heartbeats(self, stub, interval: float, call) -> None:

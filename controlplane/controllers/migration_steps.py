@@ -13,6 +13,7 @@ import secrets
 from controlplane.state import keys
 from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
                                            START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.controllers.migration_records import committed_record
 from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
@@ -163,13 +164,7 @@ class StepsMixin:
         if m.checkpoint_id is None or not m.checkpoint_id:
             if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
                 raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
-        n = types_pb2.Workload()
-        n.CopyFrom(w)
-        n.node, n.slice_id, n.state, n.exit_code = (m.target_node, m.resize_slice or m.target_slice,
-                                                     W.WORKLOAD_STATE_RUNNING, 0)
-        n.message = (f"restored from checkpoint {m.checkpoint_id} at step {rep.step}" if m.checkpoint_id
-                     else f"migrated from {m.source_node} at step {rep.step} ({m.id})")
-        n.ClearField("finished_at")
+        n = committed_record(w, m, rep.step)        # everything still true kept (migration_records.py)
         m.phase = P.MIGRATION_PHASE_COMMITTED
         m.step, m.downtime_ms, m.total_ms = rep.step, rep.downtime_ms, rep.total_ms
         m.bytes_sent = max(m.bytes_sent, rep.bytes)

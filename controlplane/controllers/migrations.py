@@ -59,8 +59,9 @@ from controlplane.api import auth
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.controllers.migration_checkpoints import CheckpointsMixin
-from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, PHASE_NAMES, RESEND, RESTORE_ENV,
+from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, PHASE_NAMES, RESEND,
                                            STEP_TIMEOUT, TARGET_WANTED, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.controllers.migration_records import check_mode, target_spec
 from controlplane.controllers.migration_steps import StepsMixin
 from controlplane.controllers.resize import ResizeMixin
 from controlplane.state.store import Absent, Delete, Present, Put
@@ -249,12 +250,14 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         return out
 
     def _target_spec(self, m: M.Migration, w: types_pb2.Workload) -> types_pb2.Workload:
-        t = types_pb2.Workload(id=alias(m) or w.id, slice_id=m.target_slice, node=m.target_node, tenant=w.tenant,
-                               command=w.command, env=w.env, labels=w.labels, state=W.WORKLOAD_STATE_PENDING,
-                               created_at=w.created_at)
-        for k in RESTORE_ENV:
-            t.env.pop(k, None)
-        return t
+        """The workload as the target agent starts it: the record as it is (tenant, command, env, labels,
+        the model server's `backend` with its replica key and pinned artifact, its `endpoint`, created_at)
+        on the target's node and slice, under the same-node alias if any, PENDING, without what belongs to
+        the source's process (pid, exit code, start and end times, message) and without the restore
+        variables of an earlier restore. A transparent target is restored with the same command and
+        listening socket, so it keeps `endpoint`; any other target is started anew and its agent picks a
+        new port (nodeagent/backends/) and reports it (migration_records.py)."""
+        return target_spec(w, alias(m) or w.id, m.target_slice, m.target_node)
 
     async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
                       reason: str = "migrate") -> M.Migration:
@@ -266,6 +269,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         if busy is not None:
             raise errors.FailedPrecondition(f"workload {wid} is migrating already ({busy.id}, "
                                             f"{phase_name(busy.phase)})")
+        check_mode(w, mode or M.MIGRATION_MODE_PRECOPY)
         if mode == M.MIGRATION_MODE_TRANSPARENT:
             await self._check_transparent(w)
         m = M.Migration(id=new_id("m"), workload_id=wid, tenant=w.tenant, mode=mode or M.MIGRATION_MODE_PRECOPY,

