@@ -165,11 +165,16 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                  memory_bytes: int = 0, compute_share: float = 0.0, isolation: str | int | None = None,
                  gpu_model: str = "", mig_profile: str = "", count: int = 1, topology: str | int = "any",
                  priority: int = 0, labels: Mapping[str, str] | None = None, request_id: str = "",
-                 no_wait: bool = False, timeout_seconds: float = 0) -> slice_service_pb2.AllocateResponse:
+                 no_wait: bool = False, timeout_seconds: float = 0, cpu_milli: int = 0,
+                 host_memory_bytes: int = 0, preempt: bool = False,
+                 anti_affinity: Mapping[str, str] | None = None) -> slice_service_pb2.AllocateResponse:
         """Place `count` slices all or nothing and (unless `no_wait`) wait until they are READY.
 
         Either pass a ready-made `spec` or the keyword fields. Unknown isolation or topology
-        names raise InvalidArgument before anything is sent.
+        names raise InvalidArgument before anything is sent. `cpu_milli` and `host_memory_bytes`
+        reserve host CPU (milli-CPUs) and memory per slice; `preempt` lets the scheduler evict
+        lower-priority slices when nothing else fits (where the control plane allows preemption);
+        `anti_affinity` keeps the slices off nodes holding a slice with any of these label pairs.
         """
         if spec is None:
             spec = types_pb2.SliceSpec(
@@ -177,7 +182,8 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                 isolation=_enum_value("isolation", ISOLATIONS, isolation, "spec.isolation"),
                 gpu_model=gpu_model, mig_profile=mig_profile, count=count,
                 topology=_enum_value("topology", TOPOLOGIES, topology, "spec.topology"),
-                priority=priority, labels=dict(labels or {}))
+                priority=priority, labels=dict(labels or {}), cpu_milli=cpu_milli,
+                host_memory_bytes=host_memory_bytes, preempt=preempt, anti_affinity=dict(anti_affinity or {}))
         # A request id makes Allocate idempotent on the server, so a retry (on another control plane
         # after a failover) returns what the first attempt allocated instead of allocating again.
         request_id = request_id or f"sdk-{uuid.uuid4().hex}"

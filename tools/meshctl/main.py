@@ -13,11 +13,11 @@ import threading
 from collections.abc import Sequence
 
 from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, get, mesh, migrate,
-                           models, nodes, pools, replay, sim, slices, top, workloads)
+                           models, nodes, pools, replay, sim, slices, top, update, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
 GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, autoscale, bench, sim,
-          replay, forecast, certs, top, pools, cost)
+          replay, forecast, certs, top, pools, update, cost)
 
 EPILOG = """\
 examples:
