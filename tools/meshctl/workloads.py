@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the program and its arguments")
     r.set_defaults(func=run_run)
 
-    s = subcommand(sub, "stop", help="stop a workload", description="SIGTERM a workload, SIGKILL after the grace period.")
+    s = subcommand(sub, "stop", help="stop a workload", description="SIGTERM a workload, SIGKILL after the grace period.",
+                   epilog="examples:\n  meshctl stop w-3f9a2c1d7e6b\n  meshctl stop w-3f9a2c1d7e6b --grace 30   "
+                          "# SIGKILL only after 30 s\n  meshctl stop w-3f9a2c1d7e6b -o json\n")
     s.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
     s.add_argument("--grace", type=float, default=0.0, metavar="SECONDS", help="grace period (default: the agent's, 10 s)")
     s.set_defaults(func=run_stop)
