@@ -267,12 +267,32 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
     # -- workloads ------------------------------------------------------------
 
     @_converting
-    def run_workload(self, slice_id: str, command: list[str], env: Mapping[str, str] | None = None,
-                     labels: Mapping[str, str] | None = None) -> types_pb2.Workload:
+    def run_workload(self, slice_id: str, command: list[str] | None = None, env: Mapping[str, str] | None = None,
+                     labels: Mapping[str, str] | None = None, *, backend: str = "", artifact: str = "",
+                     served_name: str = "", context: int = 0, concurrency: int = 0, gpu_layers: int = 0,
+                     device: str = "", dtype: str = "") -> types_pb2.Workload:
         """Start `command` (argv) on a READY slice with the slice's environment plus `env`.
         Answers once the agent has started it (RUNNING, or FAILED with the reason), or PENDING
-        when the node is not connected."""
-        req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command),
+        when the node is not connected.
+
+        With `backend` ("llama.cpp" or "vllm") and `artifact` (a GGUF file or a Hugging Face directory on
+        the node) instead of a command, the agent starts that model server (nodeagent/backends/) with the
+        settings given and reports its address in the workload's `endpoint` (docs/serving.md)."""
+        if backend:
+            if command:
+                raise errors.InvalidArgument.of("command", "is set with a backend", "either a command or a backend")
+            if backend not in ("llama.cpp", "vllm"):
+                raise errors.InvalidArgument.of("backend", f"{backend!r} is not allowed", "llama.cpp, vllm")
+            if not artifact:
+                raise errors.InvalidArgument.of("artifact", "is required with a backend",
+                                                "the model's path on the node (GGUF file or HF directory)")
+            spec = types_pb2.ServingBackend(kind=backend, artifact=artifact, served_name=served_name,
+                                            context=context, concurrency=concurrency, gpu_layers=gpu_layers,
+                                            device=device, dtype=dtype)
+            req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, backend=spec, env=dict(env or {}),
+                                                          labels=dict(labels or {}))
+            return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
+        req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command or []),
                                                       env=dict(env or {}), labels=dict(labels or {}))
         return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
 
@@ -371,6 +391,11 @@ def workload_to_dict(w: types_pb2.Workload) -> dict[str, Any]:
         "env": dict(w.env), "state": workload_state_name(w.state), "pid": w.pid, "exit_code": w.exit_code,
         "created_at": timestamp(w, "created_at"), "started_at": timestamp(w, "started_at"),
         "finished_at": timestamp(w, "finished_at"), "message": w.message, "labels": dict(w.labels),
+        "endpoint": w.endpoint,
+        "backend": {"kind": w.backend.kind, "artifact": w.backend.artifact, "served_name": w.backend.served_name,
+                    "context": w.backend.context, "concurrency": w.backend.concurrency,
+                    "gpu_layers": w.backend.gpu_layers, "device": w.backend.device}
+        if w.HasField("backend") else None,
     }
 
 
