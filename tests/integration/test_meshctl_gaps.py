@@ -8,7 +8,8 @@ as subprocesses over real gRPC. No model server runs: the deployment here has 0 
   given, which the simulated hosts have room for);
 - `get slices -w` prints the slices, then a line for a slice allocated after it started, and ends cleanly
   on SIGTERM;
-- `mesh grant` then `get grants` / `mesh grants` list it.
+- `mesh grant` then `get grants` / `mesh grants` list it;
+- `update pool` (now beside `update deployment`) still changes a pool and refuses deployment flags.
 """
 
 from __future__ import annotations
@@ -119,3 +120,15 @@ def test_grants_are_listed(cluster, mesh):
         assert "team-h" in meshctl(cluster, "get", "grants").stdout
     finally:
         meshctl(cluster, "mesh", "grant", "team-g", "team-h", "--revoke")
+
+
+def test_update_pool_still_works(cluster, mesh):
+    meshctl(cluster, "create", "pool", "p-upd", "--max-slices", "4")
+    try:
+        meshctl(cluster, "update", "pool", "p-upd", "--max-slices", "2")
+        doc = json.loads(meshctl(cluster, "describe", "pool", "p-upd", "-o", "json").stdout)
+        assert doc["quota"]["max_slices"] == 2
+        p = meshctl(cluster, "update", "pool", "p-upd", "--replicas", "3", check=False)
+        assert p.returncode == 1 and "--replicas" in p.stderr
+    finally:
+        meshctl(cluster, "delete", "pool", "p-upd")

@@ -76,8 +76,12 @@ def pool_from_args(args: argparse.Namespace) -> dict:
     if args.file:
         import yaml
         try:
-            with open(args.file) as f:
-                doc = yaml.safe_load(f)
+            if args.file == "-":
+                import sys
+                doc = yaml.safe_load(sys.stdin)
+            else:
+                with open(args.file) as f:
+                    doc = yaml.safe_load(f)
         except OSError as e:
             raise CliError(f"cannot read {args.file}: {e.strerror}") from None
         if args.name and isinstance(doc, dict):
