@@ -165,11 +165,16 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                  memory_bytes: int = 0, compute_share: float = 0.0, isolation: str | int | None = None,
                  gpu_model: str = "", mig_profile: str = "", count: int = 1, topology: str | int = "any",
                  priority: int = 0, labels: Mapping[str, str] | None = None, request_id: str = "",
-                 no_wait: bool = False, timeout_seconds: float = 0) -> slice_service_pb2.AllocateResponse:
+                 no_wait: bool = False, timeout_seconds: float = 0, cpu_milli: int = 0,
+                 host_memory_bytes: int = 0, preempt: bool = False,
+                 anti_affinity: Mapping[str, str] | None = None) -> slice_service_pb2.AllocateResponse:
         """Place `count` slices all or nothing and (unless `no_wait`) wait until they are READY.
 
         Either pass a ready-made `spec` or the keyword fields. Unknown isolation or topology
-        names raise InvalidArgument before anything is sent.
+        names raise InvalidArgument before anything is sent. `cpu_milli` and `host_memory_bytes`
+        reserve host CPU (milli-CPUs) and memory per slice; `preempt` lets the scheduler evict
+        lower-priority slices when nothing else fits (where the control plane allows preemption);
+        `anti_affinity` keeps the slices off nodes holding a slice with any of these label pairs.
         """
         if spec is None:
             spec = types_pb2.SliceSpec(
@@ -177,7 +182,8 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                 isolation=_enum_value("isolation", ISOLATIONS, isolation, "spec.isolation"),
                 gpu_model=gpu_model, mig_profile=mig_profile, count=count,
                 topology=_enum_value("topology", TOPOLOGIES, topology, "spec.topology"),
-                priority=priority, labels=dict(labels or {}))
+                priority=priority, labels=dict(labels or {}), cpu_milli=cpu_milli,
+                host_memory_bytes=host_memory_bytes, preempt=preempt, anti_affinity=dict(anti_affinity or {}))
         # A request id makes Allocate idempotent on the server, so a retry (on another control plane
         # after a failover) returns what the first attempt allocated instead of allocating again.
         request_id = request_id or f"sdk-{uuid.uuid4().hex}"
@@ -261,12 +267,32 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
     # -- workloads ------------------------------------------------------------
 
     @_converting
-    def run_workload(self, slice_id: str, command: list[str], env: Mapping[str, str] | None = None,
-                     labels: Mapping[str, str] | None = None) -> types_pb2.Workload:
+    def run_workload(self, slice_id: str, command: list[str] | None = None, env: Mapping[str, str] | None = None,
+                     labels: Mapping[str, str] | None = None, *, backend: str = "", artifact: str = "",
+                     served_name: str = "", context: int = 0, concurrency: int = 0, gpu_layers: int = 0,
+                     device: str = "", dtype: str = "") -> types_pb2.Workload:
         """Start `command` (argv) on a READY slice with the slice's environment plus `env`.
         Answers once the agent has started it (RUNNING, or FAILED with the reason), or PENDING
-        when the node is not connected."""
-        req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command),
+        when the node is not connected.
+
+        With `backend` ("llama.cpp" or "vllm") and `artifact` (a GGUF file or a Hugging Face directory on
+        the node) instead of a command, the agent starts that model server (nodeagent/backends/) with the
+        settings given and reports its address in the workload's `endpoint` (docs/serving.md)."""
+        if backend:
+            if command:
+                raise errors.InvalidArgument.of("command", "is set with a backend", "either a command or a backend")
+            if backend not in ("llama.cpp", "vllm"):
+                raise errors.InvalidArgument.of("backend", f"{backend!r} is not allowed", "llama.cpp, vllm")
+            if not artifact:
+                raise errors.InvalidArgument.of("artifact", "is required with a backend",
+                                                "the model's path on the node (GGUF file or HF directory)")
+            spec = types_pb2.ServingBackend(kind=backend, artifact=artifact, served_name=served_name,
+                                            context=context, concurrency=concurrency, gpu_layers=gpu_layers,
+                                            device=device, dtype=dtype)
+            req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, backend=spec, env=dict(env or {}),
+                                                          labels=dict(labels or {}))
+            return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
+        req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command or []),
                                                       env=dict(env or {}), labels=dict(labels or {}))
         return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
 
@@ -365,6 +391,11 @@ def workload_to_dict(w: types_pb2.Workload) -> dict[str, Any]:
         "env": dict(w.env), "state": workload_state_name(w.state), "pid": w.pid, "exit_code": w.exit_code,
         "created_at": timestamp(w, "created_at"), "started_at": timestamp(w, "started_at"),
         "finished_at": timestamp(w, "finished_at"), "message": w.message, "labels": dict(w.labels),
+        "endpoint": w.endpoint,
+        "backend": {"kind": w.backend.kind, "artifact": w.backend.artifact, "served_name": w.backend.served_name,
+                    "context": w.backend.context, "concurrency": w.backend.concurrency,
+                    "gpu_layers": w.backend.gpu_layers, "device": w.backend.device}
+        if w.HasField("backend") else None,
     }
 
 

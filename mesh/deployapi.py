@@ -80,6 +80,79 @@ class DeploymentApi:
         return _converting(self._deploysvc.Update)(D.UpdateDeploymentRequest(spec=spec, generation=generation),
                                                    timeout=self.timeout)
 
+    def edit_deployment(self, name: str, *, replicas: int | None = None, context: int | None = None,
+                        concurrency: int | None = None, gpu_layers: int | None = None, device: str | None = None,
+                        labels: dict[str, str] | None = None, remove_labels: tuple[str, ...] | list[str] = (),
+                        generation: int = 0) -> D.Deployment:
+        """Change what Update may change (replicas, backend settings, labels) and keep the rest: reads the
+        deployment, applies the arguments given (None: keep; `labels` are set, `remove_labels` removed),
+        and writes it back guarded by the generation read (or `generation` when nonzero: ABORTED when
+        the stored one moved on). A backend change rolls the replicas one at a time."""
+        d = self.get_deployment(name)
+        spec = D.DeploymentSpec()
+        spec.CopyFrom(d.spec)
+        if replicas is not None:
+            spec.replicas = replicas
+        for field, value in (("context", context), ("concurrency", concurrency), ("gpu_layers", gpu_layers),
+                             ("device", device)):
+            if value is not None:
+                setattr(spec.backend, field, value)
+        for key in remove_labels:
+            spec.labels.pop(key, None)
+        spec.labels.update(labels or {})
+        return self.update_deployment(spec, generation or d.generation)
+
+    def apply_deployment(self, doc: dict) -> D.Deployment:
+        """Update from a document shaped like `deployment_to_dict` (`get deployment NAME -o yaml`): its
+        replicas, backend settings and labels replace the stored ones; its `generation` (when given)
+        guards the write. Fields Update cannot change (model, variant, isolation, tenant, priority, pool)
+        must match the stored ones (InvalidArgument naming the field otherwise)."""
+        from mesh import errors
+        if not isinstance(doc, dict) or not isinstance(doc.get("name"), str) or not doc.get("name"):
+            raise errors.InvalidArgument.of("name", "the document needs the deployment's name", "a string")
+        d = self.get_deployment(doc["name"])
+        stored = deployment_to_dict(d)
+        for key in FIXED_FIELDS:
+            if key in doc and doc[key] != stored[key]:
+                raise errors.InvalidArgument.of(
+                    key, f"{key} is {stored[key]!r}; Update cannot change it (got {doc[key]!r}): undeploy and "
+                    "deploy again", f"{stored[key]!r}")
+        backend = doc.get("backend") or {}
+        if not isinstance(backend, dict):
+            raise errors.InvalidArgument.of("backend", "is not a mapping", "context, concurrency, gpu_layers, device")
+        unknown = sorted(set(backend) - {"kind", "context", "concurrency", "gpu_layers", "device"})
+        if unknown:
+            raise errors.InvalidArgument.of(f"backend.{unknown[0]}", "is not a backend setting",
+                                            "context, concurrency, gpu_layers, device")
+        changes: dict[str, Any] = {}
+        for key in ("context", "concurrency", "gpu_layers"):
+            if key in backend:
+                changes[key] = _int_field(f"backend.{key}", backend[key])
+        if "device" in backend:
+            if backend["device"] not in ("", None, "cuda", "cpu"):
+                raise errors.InvalidArgument.of("backend.device", f"{backend['device']!r} is not allowed",
+                                                "cuda, cpu, or empty")
+            changes["device"] = backend["device"] or ""
+        if "replicas" in doc:
+            changes["replicas"] = _int_field("replicas", doc["replicas"])
+        labels = doc.get("labels")
+        if labels is not None:
+            if not isinstance(labels, dict):
+                raise errors.InvalidArgument.of("labels", "is not a mapping", "KEY: VALUE pairs")
+            changes["labels"] = {str(k): str(v) for k, v in labels.items()}
+        generation = _int_field("generation", doc.get("generation") or 0)
+        spec = D.DeploymentSpec()
+        spec.CopyFrom(d.spec)
+        if "replicas" in changes:
+            spec.replicas = changes["replicas"]
+        for key in ("context", "concurrency", "gpu_layers", "device"):
+            if key in changes:
+                setattr(spec.backend, key, changes[key])
+        if "labels" in changes:
+            spec.labels.clear()
+            spec.labels.update(changes["labels"])
+        return self.update_deployment(spec, generation)
+
     def rollout_restart(self, name: str) -> D.Deployment:
         """Restart every replica, one at a time, a new one first (an Update of the restart stamp)."""
         from datetime import datetime, timezone
@@ -149,6 +222,16 @@ class DeploymentApi:
                 raise TimeoutError(f"deployment {name}: condition not reached in {timeout:g}s; last: "
                                    f"{[(r.id, state_name(r.state), r.message[:120]) for r in d.replicas]}")
             time.sleep(poll)
+
+
+FIXED_FIELDS = ("model", "variant", "isolation", "tenant", "priority", "pool")
+
+
+def _int_field(path: str, value: Any) -> int:
+    from mesh import errors
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise errors.InvalidArgument.of(path, f"{value!r} is not a whole number >= 0", "0, 1, 2, ...")
+    return value
 
 
 # -- documents ---------------------------------------------------------------------------------------

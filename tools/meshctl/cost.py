@@ -22,6 +22,8 @@ examples:
   meshctl recommend -o json
   meshctl recommend --apply --kind resize       # admin: carry them out one at a time, stop at the first failure
   meshctl recommend --apply --limit 1
+  meshctl recommend --slice s-7f3a9c1e2b4d       # only those about one slice (--apply: carry out those)
+  meshctl recommend -o wide                      # + REPLICA NODE TARGET
 """
 BY = ("tenant", "model", "deployment", "node", "slice")
 KINDS = ("resize", "idle-replica", "idle-warm", "share-mps", "pack")
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--apply", action="store_true", help="carry them out (admin), one at a time")
     r.add_argument("--kind", action="append", default=[], choices=KINDS, help="only this kind (repeatable)")
     r.add_argument("--limit", type=int, default=0, metavar="N", help="apply at most N (default all)")
+    r.add_argument("--slice", default="", metavar="ID", help="only the recommendations about this slice")
     r.add_argument("--apply-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="how long --apply may take in all (default 1800)")
     r.set_defaults(func=run_recommend)
@@ -87,15 +90,18 @@ def run_recommend(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CliError(f"--limit: {args.limit} is negative (0: all)")
     with client(args) as mesh:
-        resp = mesh.recommend(kinds=args.kind)
+        resp = mesh.recommend(kinds=args.kind, slice_id=args.slice)
         if args.apply:
             resp = _apply(mesh, args, resp)
     if args.output in ("json", "yaml"):
         out(dump(to_dict(resp), args.output))
         return 1 if resp.stopped else 0
-    headers = ["KIND", "DEPLOYMENT", "SLICE", "ACTION", "SAVING/DAY", "RISK"] + (["RESULT"] if args.apply else [])
+    wide = args.output == "wide"
+    headers = (["KIND", "DEPLOYMENT", "SLICE", "ACTION", "SAVING/DAY", "RISK"] + (["RESULT"] if args.apply else [])
+               + (["REPLICA", "NODE", "TARGET"] if wide else []))
     rows = [[r.kind, r.deployment or "-", r.slice_id or r.node or "-", r.action, _money(r.saving_per_day), r.risk]
-            + ([r.result or "-"] if args.apply else []) for r in resp.recommendations]
+            + ([r.result or "-"] if args.apply else []) + ([r.replica or "-", r.node or "-", r.target or "-"]
+                                                              if wide else []) for r in resp.recommendations]
     out(render_table(headers, rows) if rows else "No recommendations: nothing measured would cost less.\n")
     out(f"total saving per day: {_money(resp.saving_per_day)}" +
         (f"; applied {resp.applied}{' (stopped at a failure)' if resp.stopped else ''}" if args.apply else "") + "\n")

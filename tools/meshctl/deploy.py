@@ -85,6 +85,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=run_rollout_restart)
 
+    p = subcommand(sub, "wake", help="wake a deployment scaled to zero (what the gateway does on a request)",
+                   description="Wake a deployment its scaling policy scaled to zero: the autoscaler brings up its "
+                               "minimum of replicas at once. Idempotent (a deployment awake already is left alone).",
+                   epilog="examples:\n  meshctl wake deployment chat\n  meshctl wake deployment chat --wait\n"
+                          "  meshctl wake deploy chat -o json\n")
+    p.add_argument("kind", metavar="KIND", choices=("deployment", "deploy", "deployments"), help="deployment")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--wait", action="store_true", help="wait until a replica is READY")
+    p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="(default 600)")
+    p.set_defaults(func=run_wake)
+
     p = subcommand(sub, "undeploy", help="delete a deployment (stops its replicas, releases their slices)",
                    epilog=EPILOG)
     p.add_argument("name", metavar="NAME")
@@ -126,6 +137,34 @@ def run_rollout_restart(args: argparse.Namespace) -> int:
     info(f"deployment/{d.spec.name} restarting: replicas are replaced one at a time")
     out(format_deployments([d], args.output, single=True))
     return 0
+
+
+def run_wake(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from tools.meshctl.output import dump
+    with client(args) as mesh:
+        resp = mesh.wake_deployment(args.name)
+        doc = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        if args.wait:
+            with for_args_progress(args).waiting(f"deployment/{args.name}: waiting for a READY replica"):
+                mesh.wait_deployment(args.name, lambda x: x.status.ready_replicas >= 1, timeout=args.wait_timeout)
+            doc["ready"] = True
+    if args.output in ("json", "yaml"):
+        out(dump(doc, args.output))
+    else:
+        out(f"deployment/{args.name} {_wake_text(doc)}\n")
+    return 0
+
+
+def for_args_progress(args: argparse.Namespace):
+    from tools.meshctl.progress import for_args
+    return for_args(args)
+
+
+def _wake_text(doc: dict) -> str:
+    what = "woken" if doc.get("woke") else "already awake"
+    text = f"{what}: {doc.get('replicas', 0)} replica(s) wanted, {doc.get('ready_replicas', 0)} ready"
+    return text + (" (a replica is READY now)" if doc.get("ready") else "")
 
 
 def run_undeploy(args: argparse.Namespace) -> int:
@@ -274,8 +313,10 @@ def describe(mesh, name: str, fmt: str) -> str:
     return format_deployment(doc) if fmt in ("table", "wide") else dump(doc, fmt)
 
 
-def get(mesh, kind: str, names: list[str], tenant: str, fmt: str) -> str:
-    items = [d for d in mesh.list_deployments(tenant=tenant) if not names or d.spec.name in names]
+def get(mesh, kind: str, names: list[str], tenant: str, fmt: str, model: str = "",
+        labels: dict[str, str] | None = None) -> str:
+    items = [d for d in mesh.list_deployments(tenant=tenant, model=model, labels=labels)
+             if not names or d.spec.name in names]
     missing = sorted(set(names) - {d.spec.name for d in items})
     if missing and kind == "deployments":
         print(f"error: no deployment {', '.join(missing)}", file=sys.stderr)

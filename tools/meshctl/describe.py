@@ -1,5 +1,6 @@
-"""`meshctl describe node|slice|workload|deployment|migration NAME`: one object in detail, with its
-recent events (EventService) at the end, as kubectl describe shows them."""
+"""`meshctl describe KIND NAME` (node, slice, workload, deployment, migration, pool, model, checkpoint, gpu,
+connection): one object in detail, with its recent events (EventService) at the end, as kubectl describe
+shows them. The last four live in tools/meshctl/describemore.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ examples:
   meshctl describe workload w-3f9a2c1d7e6b
   meshctl describe deployment chat
   meshctl describe migration m-1a2b3c4d5e6f
+  meshctl describe pool inference-a
+  meshctl describe model smollm2-135m                 # as `meshctl model describe`
+  meshctl describe checkpoint c-1a2b3c4d5e6f
+  meshctl describe gpu sim-node-01/3                   # one GPU: its row of `get gpus -o wide`, its slices
+  meshctl describe connection m-0123456789ab           # a mesh connection with both buffers
   meshctl describe no sim-node-01 -o json    # the node with "gpu_status" and "slice_list"
   meshctl describe node sim-node-01 --horizon 60s   # forecasts 60 s ahead (default 15s)
 
@@ -29,16 +35,17 @@ KINDS = {"node": "node", "nodes": "node", "no": "node",
          "deployment": "deployment", "deployments": "deployment", "deploy": "deployment",
          "migration": "migration", "migrations": "migration", "mig": "migration",
          "pool": "pool", "pools": "pool"}
+ALL_KINDS = "node, slice, workload, deployment, migration, pool, model, checkpoint, gpu, connection"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = subcommand(sub, "describe", help="show one node or slice in detail",
-                   description="Show one node (facts, GPUs with their MIG layout, slices on it) "
-                               "or one slice (placement, device, environment).",
+    p = subcommand(sub, "describe", help="show one object in detail: node, slice, workload, deployment, model, ...",
+                   description="Show one object in detail (" + ALL_KINDS + "), with its recent events.",
                    epilog=EPILOG)
-    p.add_argument("kind", metavar="KIND", help="node | slice | workload | deployment | migration (or an alias: no, "
-                                                 "sl, wl, deploy, mig)")
-    p.add_argument("name", metavar="NAME", help="node name, slice ID, workload ID, deployment name or migration ID")
+    p.add_argument("kind", metavar="KIND", help=ALL_KINDS.replace(", ", " | ") + " (or an alias: no, sl, wl, "
+                                                 "deploy, mig, ck, conn)")
+    p.add_argument("name", metavar="NAME", help="node name, slice ID, workload ID, deployment/pool/model name, "
+                                                 "migration ID, checkpoint ID, NODE/INDEX (gpu), connection ID")
     p.add_argument("--horizon", default="15s", help="how far ahead the forecasts look (90s, 10m, 1h; default 15s)")
     p.add_argument("--no-forecasts", action="store_true", help="do not ask ForecastService")
     p.set_defaults(func=run)
@@ -165,9 +172,14 @@ def _forecasts(doc: dict, rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tools.meshctl import describemore
     kind = KINDS.get(args.kind.lower())
+    if kind is None and args.kind.lower() in describemore.KINDS:
+        with client(args) as mesh:
+            out(describemore.describe(mesh, describemore.KINDS[args.kind.lower()], args.name, args.output))
+        return 0
     if kind is None:
-        raise CliError(f"unknown kind {args.kind!r} (allowed: node, slice, workload, deployment, migration, pool)")
+        raise CliError(f"unknown kind {args.kind!r} (allowed: {ALL_KINDS})")
     from tools.meshctl import describeforecast as dfc
     from tools.meshctl.forecast_live import duration
     from tools.meshctl.output import dump

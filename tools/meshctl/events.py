@@ -99,9 +99,12 @@ def run(args: argparse.Namespace, mesh: Any) -> int:
     if etype and etype not in ("Normal", "Warning"):
         raise CliError(f"--type: {args.type!r} is not allowed (Normal, Warning)")
     since = parse_since(args.since)
-    flt = dict(kind=kind, name=name, type=etype, since=since, tenant=args.tenant, node=args.node)
+    if args.watch and getattr(args, "limit", 0):
+        raise CliError("--limit applies to the list, not to -w/--watch (use --since to start later)")
+    flt = dict(kind=kind, name=name, type=etype, since=since, tenant=args.tenant, node=args.node,
+               reason=getattr(args, "reason", ""))
     if not args.watch:
-        out(format_events(mesh.list_events(**flt), args.output))
+        out(format_events(mesh.list_events(**flt, limit=getattr(args, "limit", 0)), args.output))
         return 0
     return watch(mesh, flt, args.output)
 

@@ -1,4 +1,5 @@
-"""`meshctl get nodes|gpus|slices`: list resources as a table, or json/yaml `{"items": [...]}`."""
+"""`meshctl get RESOURCE [NAME...]`: list resources as a table (-o wide: more columns), or json/yaml
+`{"items": [...]}`; `-w` follows slices, a deployment, a migration or events."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ RESOURCES = {
     "events": "events", "event": "events", "ev": "events",
     "policies": "policies", "policy": "policies", "hpa": "policies", "scalingpolicies": "policies",
     "pools": "pools", "pool": "pools",
+    "connections": "connections", "connection": "connections", "conn": "connections",
+    "grants": "grants", "grant": "grants",
 }
 
 EPILOG = """\
@@ -28,7 +31,9 @@ resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload
            deployments (deployment, deploy), replicas (replica: NAMEs are deployments),
            events (event, ev: what the control plane did and why),
            policies (policy, hpa: deployments' scaling policies and the autoscaler's last decision),
-           pools (pool: resource pools with their usage)
+           pools (pool: resource pools with their usage),
+           connections (connection, conn: mesh connections, as `meshctl mesh get`),
+           grants (grant: which tenants' slices may connect to which, as `meshctl mesh grants`)
 
 examples:
   meshctl get nodes
@@ -42,30 +47,84 @@ examples:
   meshctl get events --type warning -w                # follow new events (Ctrl-C to stop)
   meshctl get events --for slice/s-7f3a9c1e2b4d -o yaml
   meshctl get events --for orchestrator               # the live orchestrator's warm-pool decisions
+  meshctl get events --reason Preempted --limit 20    # the newest 20 of one reason
   meshctl get policies -o wide                        # MIN MAX METRIC TARGET DESIRED MODE BOUND-BY ...
+  meshctl get slices -w                               # the slices, then a line per change (Ctrl-C to stop)
+  meshctl get deployment chat -w -o json              # a JSON line per change of one deployment
+  meshctl get migration m-1a2b3c4d5e6f -w
+  meshctl get deployments --model smollm2-135m -l team=search
+  meshctl get models --family llama -l tier=prod
+  meshctl get migrations -o wide                      # + MODE TENANT ROUND SENT MB/S DOWNTIME TOTAL ...
+  meshctl get connections --tenant team-a
+  meshctl get grants
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = subcommand(sub, "get", help="list nodes, GPUs or slices",
-                   description="List nodes, GPUs or slices. Names or IDs narrow the list.",
+    p = subcommand(sub, "get", help="list resources: nodes, gpus, slices, workloads, deployments, models, events, ...",
+                   description="List resources of one kind (see below). Names or IDs narrow the list.",
                    epilog=EPILOG)
-    p.add_argument("resource", metavar="RESOURCE", help="nodes | gpus | slices (or an alias)")
+    p.add_argument("resource", metavar="RESOURCE", help="nodes | gpus | slices | workloads | migrations | checkpoints "
+                   "| models | deployments | replicas | events | policies | pools | connections | grants (or an alias)")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="only these node names (nodes, gpus) or slice/allocation IDs (slices)")
-    p.add_argument("--tenant", default="", help="slices (or events) of this tenant only")
-    p.add_argument("--node", default="", help="GPUs, slices or workloads on this node only")
-    p.add_argument("--slice", default="", metavar="ID", help="workloads on this slice only")
+                   help="only these names or IDs (nodes: node names; gpus: their node's names; slices: slice or "
+                        "allocation IDs; deployments, models, pools: names; migrations, checkpoints: IDs or "
+                        "workload IDs)")
+    p.add_argument("--tenant", default="", help="slices, workloads, deployments, migrations, checkpoints, "
+                   "connections or events of this tenant only")
+    p.add_argument("--node", default="", help="GPUs, slices, workloads or events on this node only")
+    p.add_argument("--slice", default="", metavar="ID", help="workloads or connections of this slice only")
     p.add_argument("--state", default=None,
                    help="nodes: ready | not-ready; slices: pending | ready | releasing | failed | unknown")
+    p.add_argument("--model", default="", help="deployments of this model only")
+    p.add_argument("--family", default="", help="models of this family only")
+    p.add_argument("-l", "--selector", type=_label, action="append", default=[], metavar="KEY=VALUE",
+                   help="deployments or models with this label (repeatable: all must match)")
     p.add_argument("--for", dest="for_", default="", metavar="KIND/NAME",
                    help="events: only those of this object (node/NAME, slice/ID, deployment/NAME, migration/ID, "
                         "allocation/ID, workload/ID, gpu/NODE/INDEX) or kind (node)")
     p.add_argument("--type", default="", help="events: Normal or Warning only")
+    p.add_argument("--reason", default="", help="events: only this reason (Scaled, Preempted, NodeNotReady, ...)")
+    p.add_argument("--limit", type=_count, default=0, metavar="N", help="events: the newest N only (0: all)")
     p.add_argument("--since", default=None, metavar="DURATION",
                    help="events: only those seen in the last 30s, 10m, 2h, 1d")
-    p.add_argument("-w", "--watch", action="store_true", help="events: after the list, follow new events")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="events, slices, one deployment or one migration: after the list, a line per change "
+                        "(Ctrl-C to stop)")
     p.set_defaults(func=run)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r} (allowed: KEY=VALUE)")
+    return key, value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+# which kinds take which filters (anything else is refused, naming the flag)
+FILTERS = {"model": ("deployments", "replicas"), "family": ("models",), "selector": ("deployments", "replicas",
+           "models"), "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
+           "since": ("events",), "watch": ("events", "slices", "deployments", "migrations")}
+FLAG_NAMES = {"for_": "--for", "selector": "-l/--selector"}
+
+
+def check_filters(args: argparse.Namespace, kind: str) -> None:
+    for dest, kinds in FILTERS.items():
+        if getattr(args, dest, None) and kind not in kinds:
+            flag = FLAG_NAMES.get(dest, "--" + dest)
+            raise CliError(f"{flag} applies to {', '.join(kinds)}, not {kind}")
+    if args.watch and kind in ("deployments", "migrations") and len(args.names) != 1:
+        raise CliError(f"-w/--watch on {kind} follows one: give one NAME (get {kind[:-1]} NAME -w)")
 
 
 def fetch(args: argparse.Namespace, kind: str) -> list:
@@ -89,12 +148,30 @@ def run(args: argparse.Namespace) -> int:
     kind = RESOURCES.get(args.resource.lower())
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
-    if kind != "events" and (args.for_ or args.type or args.since or args.watch):
-        raise CliError(f"--for, --type, --since and --watch apply to events, not {kind}")
+    check_filters(args, kind)
     if kind == "events":
         from tools.meshctl import events
         with client(args) as mesh:
             return events.run(args, mesh)
+    if args.watch:
+        from tools.meshctl import watch
+        with client(args) as mesh:
+            if kind == "slices":
+                return watch.watch_slices(mesh, args)
+            if kind == "deployments":
+                return watch.watch_deployment(mesh, args.names[0], args.output)
+            return watch.watch_migration(mesh, args.names[0], args.output)
+    if kind in ("connections", "grants"):
+        from tools.meshctl import mesh as meshcmd
+        with client(args) as mesh:
+            if kind == "grants":
+                items = [g for g in mesh.mesh_grants() if not args.names or g.from_tenant in args.names]
+                out(meshcmd.format_grants(items, args.output))
+                return 0
+            conns = [c for c in mesh.mesh_list(tenant=args.tenant, slice_id=args.slice)
+                     if not args.names or c.id in args.names]
+        meshcmd._show(conns, args)
+        return 0
     if kind == "pools":
         from tools.meshctl import pools
         with client(args) as mesh:
@@ -104,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     if kind == "models":
         from tools.meshctl import models
         with client(args) as mesh:
-            items = [m for m in mesh.list_models() if not args.names or m.name in args.names]
+            items = [m for m in mesh.list_models(family=args.family, labels=dict(args.selector))
+                     if not args.names or m.name in args.names]
         out(models.format_models(items, args.output))
         return 0
     if kind == "policies":
@@ -117,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     if kind in ("deployments", "replicas"):
         from tools.meshctl import deploy
         with client(args) as mesh:
-            out(deploy.get(mesh, kind, args.names, args.tenant, args.output))
+            out(deploy.get(mesh, kind, args.names, args.tenant, args.output, model=args.model,
+                           labels=dict(args.selector)))
         return 0
     if kind in ("migrations", "checkpoints"):
         from tools.meshctl import migrate

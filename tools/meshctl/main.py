@@ -12,12 +12,12 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, get, mesh, migrate,
-                           models, nodes, pools, replay, sim, slices, top, workloads)
+from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, generate, get, mesh,
+                           migrate, models, nodes, pools, replay, sim, slices, top, update, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
 
-GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, autoscale, bench, sim,
-          replay, forecast, certs, top, pools, cost)
+GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, generate, autoscale, bench,
+          sim, replay, forecast, certs, top, pools, update, cost)
 
 EPILOG = """\
 examples:

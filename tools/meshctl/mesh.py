@@ -17,6 +17,8 @@ examples:
   meshctl mesh disconnect m-0123456789ab
   meshctl mesh grant team-a team-b       # admin: team-a's slices may connect to team-b's
   meshctl mesh grant team-a team-b --revoke
+  meshctl mesh grants                    # FROM TENANT  TO TENANT  AGE  (also: meshctl get grants)
+  meshctl mesh grants -o yaml
 
 -o json prints the connection with both buffer descriptors (address, length, rkey,
 endpoint, shm segment or verbs QP); `get` prints {"items": [...]}.
@@ -50,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("to_tenant", metavar="TO_TENANT")
     p.add_argument("--revoke", action="store_true", help="withdraw the grant")
     p.set_defaults(func=run_grant)
+    p = subcommand(cmds, "grants", help="list the grants between tenants (MeshService.ListGrants)", epilog=EPILOG)
+    p.set_defaults(func=run_grants)
 
 
 def _show(conns, args, single: bool = False) -> None:
@@ -105,4 +109,23 @@ def run_grant(args) -> int:
     else:
         out(f"{'revoked' if args.revoke else 'granted'}: slices of {g['from_tenant']} may "
             f"{'no longer ' if args.revoke else ''}connect to slices of {g['to_tenant']}\n")
+    return 0
+
+
+def format_grants(grants, fmt: str) -> str:
+    from mesh.meshapi import grant_to_dict
+    from tools.meshctl.output import age, dump, render_table
+    docs = [grant_to_dict(g) for g in grants]
+    if fmt in ("json", "yaml"):
+        return dump({"items": docs}, fmt)
+    if not docs:
+        return "No grants found.\n"
+    headers = ["FROM TENANT", "TO TENANT", "AGE"] + (["CREATED"] if fmt == "wide" else [])
+    return render_table(headers, [[d["from_tenant"], d["to_tenant"], age(d["created_at"])]
+                                  + ([d["created_at"] or "-"] if fmt == "wide" else []) for d in docs])
+
+
+def run_grants(args) -> int:
+    with client(args) as mesh:
+        out(format_grants(mesh.mesh_grants(), args.output))
     return 0

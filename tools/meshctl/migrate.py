@@ -148,30 +148,63 @@ def run_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_checkpoints(items: list, fmt: str) -> str:
+def checkpoint_columns(now=None) -> list:
+    from tools.meshctl.output import age
+    return [
+        ("ID", lambda c: c["id"], False),
+        ("WORKLOAD", lambda c: c["workload_id"], False),
+        ("STEP", lambda c: str(c["step"]), False),
+        ("SIZE", lambda c: f"{int(c['bytes']) / 1e6:.1f}MB", False),
+        ("ENCRYPTED", lambda c: "yes" if c["encrypted"] else "no", False),
+        ("PATH", lambda c: c["path"], False),
+        ("TENANT", lambda c: c["tenant"] or "-", True),
+        ("NODE", lambda c: c["node"] or "-", True),
+        ("SECONDS", lambda c: f"{c['seconds']:.2f}", True),
+        ("MB/S", lambda c: f"{c['mb_per_s']:.1f}", True),
+        ("AGE", lambda c: age(c.get("created_at"), now), True),
+    ]
+
+
+def migration_columns(now=None) -> list:
+    from tools.meshctl.output import age
+    return [
+        ("ID", lambda m: m["id"], False),
+        ("WORKLOAD", lambda m: m["workload_id"], False),
+        ("PHASE", lambda m: m["phase"], False),
+        ("FROM", lambda m: m["source_node"] or "-", False),
+        ("TO", lambda m: m["target_node"] or "-", False),
+        ("STEP", lambda m: str(m["step"]), False),
+        ("REASON", lambda m: m["reason"], False),
+        ("MODE", lambda m: m["mode"], True),
+        ("TENANT", lambda m: m["tenant"] or "-", True),
+        ("ROUND", lambda m: m["round"], True),
+        ("SENT", lambda m: f"{int(m['bytes_sent']) / 1e6:.1f}MB", True),
+        ("MB/S", lambda m: f"{m['mb_per_s']:.1f}", True),
+        ("DOWNTIME", lambda m: f"{m['downtime_ms']:.0f}ms" if m["downtime_ms"] else "-", True),
+        ("TOTAL", lambda m: f"{m['total_ms']:.0f}ms" if m["total_ms"] else "-", True),
+        ("CHECKPOINT", lambda m: m["checkpoint_id"] or "-", True),
+        ("AGE", lambda m: age(m.get("created_at"), now), True),
+        ("MESSAGE", lambda m: (m["message"] or "-").split("\n")[0][:80], True),
+    ]
+
+
+def format_checkpoints(items: list, fmt: str, now=None) -> str:
     from mesh.migrationapi import checkpoint_to_dict
-    from tools.meshctl.output import dump
+    from tools.meshctl.output import dump, table_of
     dicts = [checkpoint_to_dict(c) for c in items]
     if fmt in ("json", "yaml"):
         return dump({"items": dicts}, fmt)
     if not dicts:
         return "No checkpoints found.\n"
-    rows = [("ID", "WORKLOAD", "STEP", "SIZE", "ENCRYPTED", "PATH")]
-    rows += [(c.id, c.workload_id, str(c.step), f"{c.bytes / 1e6:.1f}MB", "yes" if c.encrypted else "no", c.path)
-             for c in items]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
+    return table_of(dicts, checkpoint_columns(now), wide=(fmt == "wide"))
 
 
-def format_migrations(items: list, fmt: str) -> str:
-    from mesh.migrationapi import migration_phase, migration_to_dict
-    from tools.meshctl.output import dump
+def format_migrations(items: list, fmt: str, now=None) -> str:
+    from mesh.migrationapi import migration_to_dict
+    from tools.meshctl.output import dump, table_of
+    dicts = [migration_to_dict(m) for m in items]
     if fmt in ("json", "yaml"):
-        return dump({"items": [migration_to_dict(m) for m in items]}, fmt)
-    if not items:
+        return dump({"items": dicts}, fmt)
+    if not dicts:
         return "No migrations found.\n"
-    rows = [("ID", "WORKLOAD", "PHASE", "FROM", "TO", "STEP", "REASON")]
-    rows += [(m.id, m.workload_id, migration_phase(m), m.source_node or "-", m.target_node or "-", str(m.step),
-              m.reason) for m in items]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
+    return table_of(dicts, migration_columns(now), wide=(fmt == "wide"))

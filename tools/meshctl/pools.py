@@ -41,13 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME", nargs="?", default="")
     _pool_flags(p, defaults=True)
     p.set_defaults(func=run_create)
-    u = subcommand(sub, "update", help="change a resource pool's selector or quota", epilog=EPILOG,
-                   description="Update a resource (pool): the flags given replace those fields (the others stay); "
-                               "-f FILE replaces the whole pool. Guarded by the pool's generation.")
-    u.add_argument("kind", metavar="KIND", choices=("pool",), help="pool")
-    u.add_argument("name", metavar="NAME", nargs="?", default="")
-    _pool_flags(u, defaults=None)
-    u.set_defaults(func=run_update)
+    # `update pool` is registered by tools/meshctl/update.py (with `update deployment`)
     d = subcommand(sub, "delete", help="delete a resource pool", epilog=EPILOG,
                    description="Delete a resource (pool); refused while a deployment draws from it.")
     d.add_argument("kind", metavar="KIND", choices=("pool",), help="pool")
@@ -55,10 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_delete)
 
 
-def _pool_flags(p: argparse.ArgumentParser, defaults) -> None:
+POOL_FLAGS = ("description", "gpu_model", "isolation", "node_selector", "tenant", "max_slices", "max_gpus",
+              "max_memory", "max_dollars_per_hour")
+
+
+def _pool_flags(p, defaults, file_flag: bool = True) -> None:
     """The pool's flags; with `defaults` None (update) a flag not given stays None (the field is kept)."""
     z = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("-f", "--file", default="", help="a YAML or JSON pool (name, selector, quota)")
+    if file_flag:
+        p.add_argument("-f", "--file", default="", help="a YAML or JSON pool (name, selector, quota)")
     p.add_argument("--description", default=z(""))
     p.add_argument("--gpu-model", action="append", default=z([]), metavar="MODEL", help="repeatable (H100-80GB, ...)")
     p.add_argument("--isolation", action="append", default=z([]), metavar="KIND",
@@ -77,8 +76,12 @@ def pool_from_args(args: argparse.Namespace) -> dict:
     if args.file:
         import yaml
         try:
-            with open(args.file) as f:
-                doc = yaml.safe_load(f)
+            if args.file == "-":
+                import sys
+                doc = yaml.safe_load(sys.stdin)
+            else:
+                with open(args.file) as f:
+                    doc = yaml.safe_load(f)
         except OSError as e:
             raise CliError(f"cannot read {args.file}: {e.strerror}") from None
         if args.name and isinstance(doc, dict):

@@ -13,6 +13,9 @@ examples:
   meshctl alloc --tenant team-a --memory 8GiB --compute 0.25 --isolation mps
   meshctl alloc --tenant team-a --memory 80G --isolation exclusive --model H100-80GB
   meshctl alloc --tenant team-a --profile 1g.10gb --label job=train-42 --no-wait -o json
+  meshctl alloc --tenant team-a --memory 8GiB --cpu 2 --host-memory 16GiB    # reserve host CPU and RAM too
+  meshctl alloc --tenant team-a --profile 1g.10gb --priority 500 --preempt   # may evict lower priorities
+  meshctl alloc --tenant team-a --profile 1g.10gb --label app=db --anti-affinity app=db   # one per node
 
 -o json|yaml prints {"id": <allocation id>, "slices": [...]}.
 """
@@ -52,6 +55,18 @@ def label_arg(text: str) -> tuple[str, str]:
     return key, value
 
 
+def cpu_arg(text: str) -> int:
+    """`--cpu 2`, `0.5` or `500m` -> milli-CPUs (> 0)."""
+    try:
+        value = int(text[:-1]) if text.endswith("m") else round(float(text) * 1000)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid CPU amount {text!r} (allowed: CPUs like 2 or 0.5, "
+                                         "or milli-CPUs like 500m)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "alloc", aliases=("allocate",), help="allocate slices for a tenant",
                    description="Place --count slices all or nothing and wait until they are "
@@ -71,6 +86,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--priority", type=int, default=0, help="-1000..1000 (default: 0)")
     p.add_argument("--label", type=label_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept with the slices (repeatable)")
+    p.add_argument("--cpu", type=cpu_arg, default=0, metavar="CPUS",
+                   help="host CPU reserved per slice: 2, 0.5 or 500m (default: none)")
+    p.add_argument("--host-memory", type=size_arg, default=0, metavar="SIZE",
+                   help="host memory reserved per slice, e.g. 16GiB (default: none)")
+    p.add_argument("--preempt", action="store_true",
+                   help="may evict lower-priority slices when nothing else fits (if the scheduler allows it)")
+    p.add_argument("--anti-affinity", type=label_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="not on a node holding a slice with this label (repeatable; spreads replicas)")
     p.add_argument("--request-id", default="", help="idempotency key: a retry returns the first allocation")
     p.add_argument("--no-wait", action="store_true", help="answer once placed (state PENDING)")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="SECONDS",
@@ -95,7 +118,8 @@ def run_alloc(args: argparse.Namespace) -> int:
             isolation=args.isolation, gpu_model=args.model, mig_profile=args.profile,
             count=args.count, topology=args.topology, priority=args.priority,
             labels=dict(args.label), request_id=args.request_id, no_wait=args.no_wait,
-            timeout_seconds=args.wait_timeout)
+            timeout_seconds=args.wait_timeout, cpu_milli=args.cpu, host_memory_bytes=args.host_memory,
+            preempt=args.preempt, anti_affinity=dict(args.anti_affinity))
     out(format_allocation(resp, args.output))
     return 0
 

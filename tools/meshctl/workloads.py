@@ -18,9 +18,15 @@ examples:
   meshctl run --slice s-7f3a9c1e2b4d -- python train.py --epochs 3
   meshctl run --slice s-7f3a9c1e2b4d --env NCCL_DEBUG=INFO --label job=train-42 -- ./serve
   meshctl run --slice s-7f3a9c1e2b4d -f -- nvidia-smi -L     # follow its output, exit with its status
+  meshctl run --slice s-7f3a9c1e2b4d --backend llama.cpp --artifact /models/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --context 512 --served-name smollm2                   # a model server; prints its ENDPOINT
+  meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 --device cpu -o json
 
 The process gets the slice's environment (CUDA_VISIBLE_DEVICES = the slice's
-device UUID, MPS limits on MPS slices) plus --env.
+device UUID, MPS limits on MPS slices) plus --env. With --backend the agent
+starts that model server on the slice (no COMMAND: it builds the command line,
+picks a port and reports the OpenAI-compatible ENDPOINT); a deployment does this
+for each replica (meshctl deploy).
 """
 
 LOGS_EPILOG = """\
@@ -49,10 +55,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a label kept with the workload (repeatable)")
     r.add_argument("-f", "--follow", action="store_true",
                    help="print its output until it ends, then exit with its exit status")
+    b = r.add_argument_group("model server (instead of a COMMAND)")
+    b.add_argument("--backend", choices=("llama.cpp", "vllm"), default="", help="the server the agent starts")
+    b.add_argument("--artifact", default="", metavar="PATH",
+                   help="the model on the node: a GGUF file (llama.cpp) or a Hugging Face directory (vllm)")
+    b.add_argument("--served-name", default="", metavar="NAME", help="the name it answers to in /v1/models")
+    b.add_argument("--context", type=_count, default=0, metavar="TOKENS", help="context per sequence")
+    b.add_argument("--concurrency", type=_count, default=0, metavar="N", help="vllm: sequences at once")
+    b.add_argument("--gpu-layers", type=_count, default=0, metavar="N", help="llama.cpp: layers on the GPU (0: all)")
+    b.add_argument("--device", choices=("cuda", "cpu"), default="", help="vllm: pin the build (default: the agent's)")
+    b.add_argument("--dtype", default="", help="vllm: bfloat16, float16, float32 (default: the checkpoint's)")
     r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the program and its arguments")
     r.set_defaults(func=run_run)
 
-    s = subcommand(sub, "stop", help="stop a workload", description="SIGTERM a workload, SIGKILL after the grace period.")
+    s = subcommand(sub, "stop", help="stop a workload", description="SIGTERM a workload, SIGKILL after the grace period.",
+                   epilog="examples:\n  meshctl stop w-3f9a2c1d7e6b\n  meshctl stop w-3f9a2c1d7e6b --grace 30   "
+                          "# SIGKILL only after 30 s\n  meshctl stop w-3f9a2c1d7e6b -o json\n")
     s.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
     s.add_argument("--grace", type=float, default=0.0, metavar="SECONDS", help="grace period (default: the agent's, 10 s)")
     s.set_defaults(func=run_stop)
@@ -71,13 +89,39 @@ def _stream(mesh, wid: str, tail: int, follow: bool) -> None:
         sys.stdout.flush()
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+SERVER_FLAGS = ("artifact", "served_name", "context", "concurrency", "gpu_layers", "device", "dtype")
+
+
 def run_run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise CliError("no command given (meshctl run --slice ID -- COMMAND ...)")
+    server = {k: getattr(args, k) for k in SERVER_FLAGS}
+    if args.backend:
+        if command:
+            raise CliError("--backend starts a model server: give no COMMAND (the agent builds it)")
+        if not args.artifact:
+            raise CliError("--artifact is required with --backend (the model's path on the node)")
+    elif any(server.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in server.items() if v)
+        raise CliError(f"{given}: model-server flags need --backend llama.cpp|vllm")
+    elif not command:
+        raise CliError("no command given (meshctl run --slice ID -- COMMAND ..., or --backend with --artifact)")
     from tools.meshctl.output import dump
     with client(args) as mesh:
-        w = mesh.run_workload(args.slice, command, env=dict(args.env), labels=dict(args.label))
+        if args.backend:
+            w = mesh.run_workload(args.slice, env=dict(args.env), labels=dict(args.label), backend=args.backend,
+                                  **server)
+        else:
+            w = mesh.run_workload(args.slice, command, env=dict(args.env), labels=dict(args.label))
         if args.follow:
             _stream(mesh, w.id, 0, True)
             w = mesh.get_workload(w.id)
@@ -88,6 +132,7 @@ def run_run(args: argparse.Namespace) -> int:
         out(dump(doc, args.output))
     else:
         out(f"workload/{doc['id']} {doc['state']} on {doc['node']} (slice {doc['slice_id']}, pid {doc['pid'] or '-'})"
+            + (f", {doc['backend']['kind']} at {doc['endpoint'] or '(starting)'}" if doc["backend"] else "")
             + (f": {doc['message']}" if doc["message"] else "") + "\n")
     return 1 if doc["state"] == "failed" else 0
 

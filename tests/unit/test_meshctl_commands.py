@@ -1,0 +1,511 @@
+"""meshctl commands over a fake client: `update deployment` (flags and -f, through the real SDK code of
+mesh.deployapi over a fake DeploymentService stub), `alloc`'s scheduler flags, `get grants|connections`,
+`get ... -w`, `wake deployment`, the list filters, and the flag errors. Each test checks what reaches the
+API and what is printed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import mesh_service_pb2 as MS
+from gpumesh.v1 import migration_service_pb2 as MG
+from gpumesh.v1 import slice_service_pb2 as S
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from mesh.deployapi import DeploymentApi
+from tools.meshctl import main as meshctl
+
+
+class FakeDeployStub:
+    """DeploymentService with one stored deployment; Update honours the generation like the server."""
+
+    def __init__(self, d: D.Deployment) -> None:
+        self.d = d
+        self.updates: list[D.UpdateDeploymentRequest] = []
+        self.woken: list[str] = []
+
+    def Get(self, req, timeout=None):
+        if req.name != self.d.spec.name:
+            raise errors.NotFound(f"deployment {req.name!r} not found")
+        return self.d
+
+    def Update(self, req, timeout=None):
+        self.updates.append(req)
+        if req.generation and req.generation != self.d.generation:
+            raise errors.MeshError(f"generation {req.generation} is stale (now {self.d.generation})")
+        d = D.Deployment()
+        d.CopyFrom(self.d)
+        d.spec.replicas = req.spec.replicas
+        d.spec.backend.CopyFrom(req.spec.backend)
+        d.spec.labels.clear()
+        d.spec.labels.update(req.spec.labels)
+        d.generation += 1
+        self.d = d
+        return d
+
+    def List(self, req, timeout=None):
+        self.listed = req
+        return D.ListDeploymentsResponse(deployments=[self.d])
+
+    def Wake(self, req, timeout=None):
+        self.woken.append(req.name)
+        return D.WakeDeploymentResponse(woke=True, replicas=1, ready_replicas=0)
+
+    def Watch(self, req, timeout=None):
+        return FakeCall(self.watch_items)
+
+
+class FakeCall:
+    def __init__(self, items):
+        self.items = list(items)
+        self.cancelled = False
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __next__(self):
+        if not self.items:
+            raise StopIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def chat(generation: int = 3) -> D.Deployment:
+    return D.Deployment(spec=D.DeploymentSpec(
+        name="chat", model="smollm2-135m", variant="q4_1", replicas=2, tenant="team-a", pool="",
+        labels={"team": "search", "old": "x"}, backend=D.BackendSettings(context=2048, concurrency=1)),
+        status=D.DeploymentStatus(backend="llama.cpp", replicas=2, ready_replicas=2), generation=generation)
+
+
+class FakeMesh(DeploymentApi):
+    """The real DeploymentApi over FakeDeployStub, plus recording stand-ins for the other calls used here."""
+
+    def __init__(self) -> None:
+        self.timeout = 5.0
+        self.stub = FakeDeployStub(chat())
+        self.__dict__["_deploy_stub"] = self.stub
+        self.calls: list[tuple[str, dict]] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def allocate(self, **kw):
+        self.calls.append(("allocate", kw))
+        return S.AllocateResponse(allocation_id="a-1", slices=[types_pb2.Slice(id="s-1", allocation_id="a-1",
+                                                                                 tenant=kw["tenant"])])
+
+    def mesh_grants(self):
+        self.calls.append(("mesh_grants", {}))
+        return [MS.MeshGrant(from_tenant="team-a", to_tenant="team-b")]
+
+    def mesh_list(self, tenant="", slice_id=""):
+        self.calls.append(("mesh_list", {"tenant": tenant, "slice_id": slice_id}))
+        return [MS.MeshConnection(id="m-1", tenant="team-a", transport="tcp", slice_a="s-1", slice_b="s-2",
+                                  size_bytes=4 << 20)]
+
+    def list_models(self, family="", labels=None):
+        self.calls.append(("list_models", {"family": family, "labels": labels}))
+        return []
+
+    def list_events(self, **kw):
+        self.calls.append(("list_events", kw))
+        return []
+
+    def watch_slices(self, tenant="", node="", send_initial=False):
+        self.calls.append(("watch_slices", {"tenant": tenant, "node": node, "send_initial": send_initial}))
+        return FakeSliceWatch()
+
+    def watch_migration(self, id, timeout=None):
+        self.calls.append(("watch_migration", {"id": id}))
+        m = MG.Migration(id=id, workload_id="w-1", phase=MG.MIGRATION_PHASE_COPYING, source_node="n1")
+        m2 = MG.Migration()
+        m2.CopyFrom(m)
+        m2.phase = MG.MIGRATION_PHASE_DONE
+        return iter([m, m, m2])
+
+
+class FakeSliceWatch:
+    def __init__(self):
+        self.initial = [S.SliceEvent(type=S.SliceEvent.ADDED, slice=types_pb2.Slice(
+            id="s-1", tenant="team-a", state=types_pb2.SLICE_STATE_PENDING))]
+        self.closed = False
+        self.live = [S.SliceEvent(type=S.SliceEvent.MODIFIED, slice=types_pb2.Slice(
+            id="s-1", tenant="team-a", state=types_pb2.SLICE_STATE_READY)),
+            S.SliceEvent(type=S.SliceEvent.ADDED, slice=types_pb2.Slice(id="s-2", tenant="team-a"))]
+
+    def __iter__(self):
+        return iter(self.live)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    m = FakeMesh()
+    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: m)
+    return m
+
+
+def run(capsys, *argv):
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", *argv])
+    o = capsys.readouterr()
+    return rc, o.out, o.err
+
+
+# -- 1. update deployment ------------------------------------------------------------------------------
+
+def test_update_deployment_flags_change_only_what_is_given(fake, capsys):
+    rc, out, err = run(capsys, "update", "deployment", "chat", "--replicas", "3", "--context", "4096",
+                       "--gpu-layers", "20", "--label", "tier=prod", "--label", "old-", "-o", "json")
+    assert rc == 0, err
+    req = fake.stub.updates[-1]
+    assert req.generation == 3                                   # guarded by the generation read
+    assert req.spec.replicas == 3 and req.spec.backend.context == 4096 and req.spec.backend.gpu_layers == 20
+    assert req.spec.backend.concurrency == 1                     # not given: kept
+    assert dict(req.spec.labels) == {"team": "search", "tier": "prod"}
+    assert req.spec.model == "smollm2-135m"
+    doc = json.loads(out)
+    assert doc["replicas"] == 3 and doc["generation"] == 4
+    assert "updated (generation 4)" in err
+
+
+def test_update_deployment_device_auto_clears_the_pin(fake, capsys):
+    fake.stub.d.spec.backend.device = "cpu"
+    rc, _, err = run(capsys, "update", "deploy", "chat", "--device", "auto")
+    assert rc == 0, err
+    assert fake.stub.updates[-1].spec.backend.device == ""
+
+
+def test_update_deployment_from_file_uses_its_generation(fake, capsys, tmp_path):
+    from mesh.deployapi import deployment_to_dict
+    doc = deployment_to_dict(chat(generation=3))
+    doc["replicas"] = 5
+    doc["backend"]["concurrency"] = 4
+    doc["labels"] = {"team": "ads"}
+    f = tmp_path / "chat.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    rc, out, err = run(capsys, "update", "deployment", "-f", str(f))
+    assert rc == 0, err
+    req = fake.stub.updates[-1]
+    assert (req.generation, req.spec.replicas, req.spec.backend.concurrency) == (3, 5, 4)
+    assert dict(req.spec.labels) == {"team": "ads"}              # the file's labels replace the stored ones
+    assert "chat" in out
+    # the same file again: its generation (3) is stale now -> the server's refusal, no second write applied
+    rc, _, err = run(capsys, "update", "deployment", "-f", str(f))
+    assert rc == 1 and "stale" in err and fake.stub.d.generation == 4
+
+
+def test_update_deployment_file_cannot_change_the_model(fake, capsys, tmp_path):
+    from mesh.deployapi import deployment_to_dict
+    doc = deployment_to_dict(chat())
+    doc["model"] = "other"
+    f = tmp_path / "chat.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    rc, _, err = run(capsys, "update", "deployment", "-f", str(f))
+    assert rc == 1 and "model" in err and "cannot change" in err
+    assert fake.stub.updates == []
+
+
+def test_update_deployment_file_names_a_bad_field(fake, capsys, tmp_path):
+    f = tmp_path / "chat.yaml"
+    f.write_text(yaml.safe_dump({"name": "chat", "backend": {"context": -1}}))
+    rc, _, err = run(capsys, "update", "deployment", "-f", str(f))
+    assert rc == 1 and "backend.context" in err
+    f.write_text(yaml.safe_dump({"name": "chat", "backend": {"ctx": 5}}))
+    rc, _, err = run(capsys, "update", "deployment", "-f", str(f))
+    assert rc == 1 and "backend.ctx" in err and fake.stub.updates == []
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["update", "deployment", "chat"], "nothing to change"),
+    (["update", "deployment", "chat", "--max-slices", "3"], "--max-slices: pool flags"),
+    (["update", "pool", "p", "--replicas", "3"], "--replicas: deployment flags"),
+    (["update", "deployment", "--replicas", "2"], "NAME (or -f FILE)"),
+])
+def test_update_refuses_flags_of_the_other_kind(fake, capsys, argv, needle):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and needle in err and fake.stub.updates == []
+
+
+def test_update_label_syntax_error_names_the_flag(fake, capsys):
+    with pytest.raises(SystemExit) as e:
+        meshctl.main(["update", "deployment", "chat", "--label", "oops"])
+    assert e.value.code == 2
+    assert "--label" in capsys.readouterr().err
+
+
+def test_update_pool_still_parses():
+    args = meshctl.build_parser().parse_args(["update", "pool", "inference-a", "--max-slices", "8"])
+    assert args.kind == "pool" and args.max_slices == 8 and args.replicas is None
+
+
+# -- 2. alloc flags ------------------------------------------------------------------------------------
+
+def test_alloc_passes_scheduler_fields(fake, capsys):
+    rc, out, err = run(capsys, "alloc", "--tenant", "team-a", "--profile", "1g.10gb", "--preempt",
+                       "--anti-affinity", "app=db", "--cpu", "500m", "--host-memory", "2GiB", "-o", "json")
+    assert rc == 0, err
+    kw = dict(fake.calls)["allocate"]
+    assert kw["preempt"] is True and kw["anti_affinity"] == {"app": "db"}
+    assert kw["cpu_milli"] == 500 and kw["host_memory_bytes"] == 2 << 30
+    assert json.loads(out)["id"] == "a-1"
+
+
+def test_alloc_cpu_in_cpus_and_bad_values():
+    p = meshctl.build_parser()
+    assert p.parse_args(["alloc", "--tenant", "t", "--memory", "1GiB", "--cpu", "1.5"]).cpu == 1500
+    for bad in (["--cpu", "lots"], ["--cpu", "0"], ["--anti-affinity", "novalue"], ["--host-memory", "big"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["alloc", "--tenant", "t", "--memory", "1GiB", *bad])
+
+
+def test_sdk_allocate_builds_the_spec():
+    from mesh.client import MeshClient
+
+    class Slices:
+        def Allocate(self, req, timeout=None):
+            self.req = req
+            return S.AllocateResponse(allocation_id="a-2")
+    c = MeshClient.__new__(MeshClient)
+    c.timeout = 5.0
+    c._slices = Slices()
+    c.allocate(tenant="t", memory_bytes=1 << 30, preempt=True, anti_affinity={"k": "v"}, cpu_milli=250,
+               host_memory_bytes=1 << 20, no_wait=True)
+    spec = c._slices.req.spec
+    assert spec.preempt and dict(spec.anti_affinity) == {"k": "v"} and spec.cpu_milli == 250
+    assert spec.host_memory_bytes == 1 << 20
+
+
+# -- 3. grants and connections -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["get", "grants"], ["mesh", "grants"]])
+def test_grants(fake, capsys, argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert out.split("\n")[0].split() == ["FROM", "TENANT", "TO", "TENANT", "AGE"] and "team-b" in out
+    rc, out, _ = run(capsys, *argv, "-o", "yaml")
+    assert yaml.safe_load(out)["items"][0] == {"from_tenant": "team-a", "to_tenant": "team-b", "created_at": None}
+
+
+def test_get_connections_is_mesh_get(fake, capsys):
+    rc, out, err = run(capsys, "get", "connections", "--tenant", "team-a", "--slice", "s-1")
+    assert rc == 0, err
+    assert ("mesh_list", {"tenant": "team-a", "slice_id": "s-1"}) in fake.calls
+    assert out.startswith("ID") and "m-1" in out
+
+
+# -- 4. watch ------------------------------------------------------------------------------------------
+
+def test_get_slices_watch_prints_a_line_per_change(fake, capsys):
+    rc, out, err = run(capsys, "get", "slices", "-w", "--tenant", "team-a")
+    assert rc == 0, err
+    lines = out.strip().split("\n")
+    assert lines[0].split()[:2] == ["EVENT", "ID"]
+    assert [ln.split()[:2] for ln in lines[1:]] == [["ADDED", "s-1"], ["MODIFIED", "s-1"], ["ADDED", "s-2"]]
+    assert ("watch_slices", {"tenant": "team-a", "node": "", "send_initial": True}) in fake.calls
+
+
+def test_get_slices_watch_names_and_json(fake, capsys):
+    rc, out, _ = run(capsys, "get", "slices", "s-2", "-w", "-o", "json")
+    docs = [json.loads(x) for x in out.strip().split("\n")]
+    assert [(d["type"], d["object"]["id"]) for d in docs] == [("ADDED", "s-2")]
+
+
+def test_get_deployment_watch(fake, capsys):
+    later = chat(generation=4)
+    later.status.ready_replicas = 1
+    fake.stub.watch_items = [chat(), chat(), later]
+    rc, out, err = run(capsys, "get", "deployment", "chat", "-w")
+    assert rc == 0, err
+    lines = out.strip().split("\n")
+    assert lines[0].split()[:2] == ["EVENT", "NAME"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["ADDED", "MODIFIED"]       # the repeat left out
+    assert "1/2" in lines[2]
+
+
+def test_get_migration_watch_yaml(fake, capsys):
+    rc, out, err = run(capsys, "get", "migration", "m-1", "-w", "-o", "yaml")
+    assert rc == 0, err
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert [(d["type"], d["object"]["phase"]) for d in docs] == [("ADDED", "copying"), ("MODIFIED", "done")]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["get", "deployments", "-w"], "give one NAME"),
+    (["get", "nodes", "-w"], "--watch applies to"),
+    (["get", "nodes", "--reason", "X"], "--reason applies to events"),
+    (["get", "slices", "--model", "m"], "--model applies to deployments"),
+    (["get", "events", "-w", "--limit", "3"], "--limit applies to the list"),
+])
+def test_get_flag_errors_name_the_flag(fake, capsys, argv, needle):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and needle in err
+
+
+def test_watch_ctrl_c_ends_cleanly(fake, capsys):
+    class Interrupting(FakeSliceWatch):
+        def __iter__(self):
+            yield self.live[0]
+            raise KeyboardInterrupt
+    w = Interrupting()
+    fake.watch_slices = lambda **kw: w
+    rc, out, _ = run(capsys, "get", "slices", "-w")
+    assert rc == 0 and w.closed and "MODIFIED" in out
+
+
+# -- 5. wake -------------------------------------------------------------------------------------------
+
+def test_wake_deployment(fake, capsys):
+    rc, out, err = run(capsys, "wake", "deployment", "chat")
+    assert rc == 0, err
+    assert fake.stub.woken == ["chat"] and "woken" in out and "1 replica(s) wanted" in out
+    rc, out, _ = run(capsys, "wake", "deploy", "chat", "-o", "json")
+    assert json.loads(out)["woke"] is True
+
+
+# -- 6. filters ----------------------------------------------------------------------------------------
+
+def test_get_deployments_filters_reach_the_server(fake, capsys):
+    rc, _, err = run(capsys, "get", "deployments", "--model", "smollm2-135m", "-l", "team=search")
+    assert rc == 0, err
+    assert fake.stub.listed.model == "smollm2-135m" and dict(fake.stub.listed.labels) == {"team": "search"}
+
+
+def test_get_models_and_events_filters(fake, capsys):
+    run(capsys, "get", "models", "--family", "llama", "-l", "tier=prod")
+    assert ("list_models", {"family": "llama", "labels": {"tier": "prod"}}) in fake.calls
+    run(capsys, "get", "events", "--reason", "Preempted", "--limit", "5")
+    kw = dict(fake.calls)["list_events"]
+    assert kw["reason"] == "Preempted" and kw["limit"] == 5
+
+
+# -- 7. describe model|checkpoint|gpu|connection -------------------------------------------------------
+
+class DescribeMesh(FakeMesh):
+    def get_model(self, name):
+        from gpumesh.v1 import model_service_pb2 as MM
+        if name != "smollm2-135m":
+            raise errors.NotFound(f"model {name!r} not found")
+        return MM.Model(name=name, family="llama", variants=[MM.Variant(name="q4_1", backend=MM.BACKEND_LLAMA_CPP)])
+
+    def list_checkpoints(self, workload_id="", tenant=""):
+        return [MG.CheckpointInfo(id="c-1", workload_id="w-1", node="n1", path="/ck/c-1", step=7, bytes=3_000_000,
+                                  seconds=0.5, mb_per_s=6.0, encrypted=True),
+                MG.CheckpointInfo(id="c-2", workload_id="w-2")]
+
+    def list_gpus(self, node=""):
+        g = types_pb2.GpuStatus(node=node, gpu=types_pb2.Gpu(index=3, uuid="GPU-3", model="H100-80GB",
+                                                              memory_bytes=80 << 30), slices=1)
+        return [g]
+
+    def list_slices(self, tenant="", node="", state=None):
+        return [types_pb2.Slice(id="s-on3", node=node, gpu_index=3), types_pb2.Slice(id="s-on0", node=node)]
+
+    def list_events(self, **kw):
+        self.calls.append(("list_events", kw))
+        return []
+
+    def mesh_get(self, id):
+        return MS.MeshConnection(id=id, tenant="team-a", transport="shm", slice_a="s-1", slice_b="s-2",
+                                 a=MS.BufferDescriptor(slice_id="s-1", node="n1"),
+                                 b=MS.BufferDescriptor(slice_id="s-2", node="n2"))
+
+
+@pytest.fixture
+def dfake(monkeypatch):
+    m = DescribeMesh()
+    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: m)
+    return m
+
+
+def test_describe_model_is_model_describe(dfake, capsys):
+    rc, out, err = run(capsys, "describe", "model", "smollm2-135m")
+    assert rc == 0, err
+    assert out.startswith("Name:") and "Variant q4_1" in out
+    rc, out, _ = run(capsys, "describe", "model", "smollm2-135m", "-o", "json")
+    assert json.loads(out)["family"] == "llama"
+    rc, _, err = run(capsys, "describe", "model", "nope")
+    assert rc == 1 and "nope" in err
+
+
+def test_describe_checkpoint_picks_the_id(dfake, capsys):
+    rc, out, err = run(capsys, "describe", "checkpoint", "c-1")
+    assert rc == 0, err
+    assert "/ck/c-1" in out and "Encrypted:" in out and "w-2" not in out
+    rc, out, _ = run(capsys, "describe", "ck", "c-1", "-o", "yaml")
+    assert yaml.safe_load(out)["path"] == "/ck/c-1"
+    rc, _, err = run(capsys, "describe", "checkpoint", "c-9")
+    assert rc == 1 and "no checkpoint 'c-9'" in err
+
+
+def test_describe_gpu_node_index(dfake, capsys):
+    rc, out, err = run(capsys, "describe", "gpu", "sim-node-01/3")
+    assert rc == 0, err
+    assert "Uuid:" in out and "GPU-3" in out and "s-on3" in out and "s-on0" not in out
+    assert dict(dfake.calls)["list_events"]["name"] == "sim-node-01/3"
+    rc, out, _ = run(capsys, "describe", "gpu", "sim-node-01/3", "-o", "json")
+    assert [s["id"] for s in json.loads(out)["slice_list"]] == ["s-on3"]
+    rc, _, err = run(capsys, "describe", "gpu", "sim-node-01")
+    assert rc == 1 and "NODE/INDEX" in err
+    rc, _, err = run(capsys, "describe", "gpu", "sim-node-01/5")
+    assert rc == 1 and "no gpu 5" in err
+
+
+def test_describe_connection(dfake, capsys):
+    rc, out, err = run(capsys, "describe", "connection", "m-1")
+    assert rc == 0, err
+    assert "Transport:" in out and "Side A (slice s-1)" in out and "Side B (slice s-2)" in out
+    rc, _, err = run(capsys, "describe", "thing", "x")
+    assert rc == 1 and "checkpoint, gpu, connection" in err
+
+
+# -- 8. recommend --slice, -o wide ---------------------------------------------------------------------
+
+def test_recommend_slice_and_wide(fake, capsys):
+    from gpumesh.v1 import cost_service_pb2 as C
+    asked = []
+
+    def recommend(**kw):
+        asked.append(kw)
+        return C.RecommendResponse(recommendations=[C.Recommendation(
+            kind="resize", slice_id="s-1", replica="r-1", node="n1", action="shrink", target="1g.10gb",
+            saving_per_day=1.5, risk="low")], saving_per_day=1.5)
+    fake.recommend = recommend
+    rc, out, err = run(capsys, "recommend", "--slice", "s-1", "-o", "wide")
+    assert rc == 0, err
+    assert asked[0]["slice_id"] == "s-1"
+    head = out.split("\n")[0].split()
+    assert head[-3:] == ["REPLICA", "NODE", "TARGET"] and "1g.10gb" in out
+
+
+def test_get_migrations_and_checkpoints_wide(capsys):
+    from tools.meshctl import migrate
+    m = MG.Migration(id="m-1", workload_id="w-1", phase=MG.MIGRATION_PHASE_DONE, mode=MG.MIGRATION_MODE_PRECOPY,
+                     bytes_sent=5_000_000, downtime_ms=12, total_ms=900, reason="drain")
+    narrow = migrate.format_migrations([m], "table")
+    wide = migrate.format_migrations([m], "wide")
+    assert "DOWNTIME" not in narrow and "DOWNTIME" in wide and "12ms" in wide and "5.0MB" in wide
+    c = MG.CheckpointInfo(id="c-1", workload_id="w-1", node="n1", bytes=2_000_000, mb_per_s=4.0)
+    assert "NODE" not in migrate.format_checkpoints([c], "table").split("\n")[0]
+    assert "4.0" in migrate.format_checkpoints([c], "wide")
+
+
+NEW_COMMANDS = [["update"], ["wake"], ["mesh", "grants"], ["get"], ["describe"], ["alloc"], ["stop"], ["recommend"]]
+
+
+@pytest.mark.parametrize("path", NEW_COMMANDS, ids=" ".join)
+def test_help_has_examples(path):
+    p = meshctl.build_parser()
+    for name in path:
+        p = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction").choices[name]
+    assert "examples:" in p.format_help() and "meshctl " + " ".join(path) in p.format_help()

@@ -1,0 +1,190 @@
+"""`meshctl generate` and mesh/inferenceapi.py against a real gRPC server on a local socket that implements
+InferenceService (a stand-in for mesh-gateway's: chunks, then a last message with the finish reason), and
+`meshctl run --backend` over a fake client: what reaches the server, what is printed, and the flag errors."""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+import pytest
+
+from gpumesh.v1 import inference_service_pb2 as I
+from gpumesh.v1 import inference_service_pb2_grpc, types_pb2
+from mesh import errors
+from mesh.inferenceapi import InferenceClient, generate_request
+from tools.meshctl import main as meshctl
+
+
+class Inference(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self):
+        self.requests = []
+        self.metadata = []
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
+        if request.model == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no model 'missing' for tenant team-a")
+        for piece in (" Paris", ",", " France"):
+            yield I.GenerateResponse(text=piece)
+        yield I.GenerateResponse(finish_reason="length", served_by="chat/r-1", prompt_tokens=6, completion_tokens=3)
+
+
+@pytest.fixture
+def gateway():
+    svc = Inference()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(svc, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", svc
+    server.stop(None)
+
+
+def test_sdk_streams_chunks_and_sends_the_token(gateway):
+    addr, svc = gateway
+    with InferenceClient(addr, token="tok-1") as inf:
+        chunks = list(inf.generate("chat", prompt="The capital of France is", max_tokens=3, seed=7))
+        assert [c.text for c in chunks[:3]] == [" Paris", ",", " France"] and chunks[-1].finish_reason == "length"
+        text, last = inf.complete("chat", messages=[("user", "Hi")])
+    assert text == " Paris, France" and last.served_by == "chat/r-1"
+    assert svc.metadata[0]["authorization"] == "Bearer tok-1"
+    r = svc.requests[0]
+    assert (r.model, r.prompt, r.max_tokens, r.seed, r.has_seed) == ("chat", "The capital of France is", 3, 7, True)
+    assert [(m.role, m.content) for m in svc.requests[1].messages] == [("user", "Hi")]
+
+
+def test_sdk_errors_are_typed(gateway):
+    addr, _ = gateway
+    with InferenceClient(addr) as inf:
+        with pytest.raises(errors.NotFound):
+            list(inf.generate("missing", prompt="x"))
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(prompt=""), "prompt"), (dict(prompt="a", messages=[("user", "b")]), "prompt"),
+    (dict(prompt="a", temperature=3.0), "temperature"), (dict(prompt="a", priority="urgent"), "priority"),
+    (dict(messages=[("robot", "b")]), "messages[0].role"), (dict(prompt="a", max_tokens=-1), "max_tokens"),
+])
+def test_bad_requests_name_the_field(kw, field):
+    with pytest.raises(errors.InvalidArgument) as e:
+        generate_request("chat", **kw)
+    assert e.value.field == field
+
+
+def test_meshctl_generate_streams_text(gateway, capsys, monkeypatch):
+    addr, svc = gateway
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    rc = meshctl.main(["generate", "chat", "--prompt", "The capital of France is", "--max-tokens", "3",
+                       "--gateway", addr, "--token", "tok-2"])
+    o = capsys.readouterr()
+    assert rc == 0, o.err
+    assert o.out == " Paris, France\n"
+    assert "served_by=chat/r-1" in o.err and "completion_tokens=3" in o.err
+    assert svc.metadata[-1]["authorization"] == "Bearer tok-2"
+
+
+def test_meshctl_generate_json_messages_and_env_gateway(gateway, capsys, monkeypatch):
+    addr, svc = gateway
+    monkeypatch.setenv("MESH_GATEWAY", addr)
+    rc = meshctl.main(["generate", "chat", "--message", "system=Be brief.", "--message", "user=Hi", "-o", "json",
+                       "--priority", "sheddable"])
+    o = capsys.readouterr()
+    assert rc == 0, o.err
+    doc = json.loads(o.out)
+    assert doc["text"] == " Paris, France" and doc["finish_reason"] == "length" and doc["prompt_tokens"] == 6
+    r = svc.requests[-1]
+    assert [m.role for m in r.messages] == ["system", "user"] and r.priority == "sheddable"
+
+
+def test_meshctl_generate_errors(gateway, capsys, monkeypatch):
+    addr, _ = gateway
+    monkeypatch.delenv("MESH_GATEWAY", raising=False)
+    assert meshctl.main(["generate", "chat", "--prompt", "x"]) == 1
+    assert "--gateway" in capsys.readouterr().err
+    assert meshctl.main(["generate", "chat", "--prompt", "x", "--gateway", "nohost"]) == 1
+    assert "--gateway" in capsys.readouterr().err
+    assert meshctl.main(["generate", "missing", "--prompt", "x", "--gateway", addr]) == 1
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        meshctl.main(["generate", "chat", "--message", "robot=hi", "--gateway", addr])
+    assert "--message" in capsys.readouterr().err
+
+
+# -- run --backend -----------------------------------------------------------------------------------
+
+class RunMesh:
+    def __init__(self):
+        self.runs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def run_workload(self, slice_id, command=None, env=None, labels=None, **kw):
+        self.runs.append((slice_id, command, kw))
+        w = types_pb2.Workload(id="w-1", slice_id=slice_id, node="gpu-a", state=types_pb2.WORKLOAD_STATE_RUNNING,
+                               endpoint="10.0.0.5:41000")
+        if kw.get("backend"):
+            w.backend.kind = kw["backend"]
+            w.backend.artifact = kw["artifact"]
+        return w
+
+
+@pytest.fixture
+def runmesh(monkeypatch):
+    m = RunMesh()
+    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: m)
+    return m
+
+
+def test_run_backend_reaches_the_sdk_and_prints_the_endpoint(runmesh, capsys):
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--backend", "llama.cpp", "--artifact",
+                       "/models/m.gguf", "--context", "512", "--served-name", "smollm2"])
+    o = capsys.readouterr()
+    assert rc == 0, o.err
+    sid, cmd, kw = runmesh.runs[-1]
+    assert sid == "s-1" and not cmd and kw["backend"] == "llama.cpp" and kw["artifact"] == "/models/m.gguf"
+    assert kw["context"] == 512 and kw["served_name"] == "smollm2"
+    assert "llama.cpp at 10.0.0.5:41000" in o.out
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--backend", "vllm", "--artifact",
+                       "/models/d", "-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["endpoint"] == "10.0.0.5:41000" and doc["backend"]["kind"] == "vllm"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--backend", "llama.cpp"], "--artifact is required"),
+    (["--backend", "llama.cpp", "--artifact", "/m", "--", "python"], "give no COMMAND"),
+    (["--context", "5", "--", "python"], "--context: model-server flags need --backend"),
+])
+def test_run_backend_flag_errors(runmesh, capsys, argv, needle):
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", *argv])
+    assert rc == 1 and needle in capsys.readouterr().err and runmesh.runs == []
+
+
+def test_sdk_run_workload_backend_builds_the_request():
+    from mesh.client import MeshClient
+
+    class Workloads:
+        def Run(self, req, timeout=None):
+            self.req = req
+            return types_pb2.Workload(id="w-2")
+    c = MeshClient.__new__(MeshClient)
+    c.timeout = 5.0
+    c._workloads = Workloads()
+    c.run_workload("s-1", backend="vllm", artifact="/m", device="cpu", concurrency=4)
+    req = c._workloads.req
+    assert req.HasField("backend") and not req.command
+    assert (req.backend.kind, req.backend.artifact, req.backend.device, req.backend.concurrency) == ("vllm", "/m",
+                                                                                                     "cpu", 4)
+    with pytest.raises(errors.InvalidArgument) as e:
+        c.run_workload("s-1", ["python"], backend="vllm", artifact="/m")
+    assert e.value.field == "command"
+    with pytest.raises(errors.InvalidArgument) as e:
+        c.run_workload("s-1", backend="tgi", artifact="/m")
+    assert e.value.field == "backend"
