@@ -143,7 +143,22 @@ def stop_workloads(state_dir: str | os.PathLike, grace: float = 5.0) -> int:
         while sig == signal.SIGTERM and time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.05)
     remove_egress_guards(state_dir)
+    remove_slice_shm_dirs(state_dir)
     return len(pids)
+
+
+def remove_slice_shm_dirs(state_dir: str | os.PathLike, root: str = "") -> None:
+    """Delete the slices' private /dev/shm directories of the cluster's agents (nodeagent/isolation/plan.py
+    `node_shm_root`): an agent keeps them across its restarts (its workloads do), the cluster's end does not."""
+    import shutil
+
+    from nodeagent.isolation.plan import SHM_ROOT, node_shm_root
+    agents = Path(state_dir) / "agents"
+    for agent in (sorted(agents.iterdir()) if agents.is_dir() else []):
+        runners = agent / "workloads"
+        for node in (sorted(runners.iterdir()) if runners.is_dir() else []):
+            if node.is_dir():
+                shutil.rmtree(node_shm_root(node.name, str(node), root or SHM_ROOT), ignore_errors=True)
 
 
 def remove_egress_guards(state_dir: str | os.PathLike) -> None:

@@ -84,10 +84,8 @@ class Isolator:
                  cgroups: cg.CgroupDriver | None, devices: NvidiaDevices, node: str = "", scope: str = "") -> None:
         """`scope`: what tells this agent's slices apart from other agents' on the host (the runner
         directory); the slices' shm directories live under `<shm_root>/<node>-<hash of scope>`."""
-        import hashlib
         self.settings, self.features, self.users = settings, features, users
-        self.shm_root = os.path.join(settings.shm_root,
-                                     f"{node or 'node'}-{hashlib.sha256(scope.encode()).hexdigest()[:8]}")
+        self.shm_root = node_shm_root(node, scope, settings.shm_root)
         self.cgroups, self.devices, self.node = cgroups, devices, node
         self.namespaces = [n for n in settings.namespaces if n in features.namespaces]
         self.missing = [m for m in features.missing() if settings.seccomp or not m.startswith("a seccomp filter")]
@@ -237,6 +235,12 @@ class Isolator:
         for sid in names:
             if (sid in removed or (full and sid not in keep)) and sid.startswith("s-"):
                 shutil.rmtree(os.path.join(self.shm_root, sid), ignore_errors=True)
+
+
+def node_shm_root(node: str, scope: str, root: str = SHM_ROOT) -> str:
+    """The directory of a node's slices' private /dev/shm directories: `<root>/<node>-<hash of scope>`."""
+    import hashlib
+    return os.path.join(root, f"{node or 'node'}-{hashlib.sha256(scope.encode()).hexdigest()[:8]}")
 
 
 def _artifact(w: types_pb2.Workload) -> list[str]:

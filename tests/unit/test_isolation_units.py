@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,21 @@ def test_real_mps_sends_the_documented_commands():
     cmds = mps.limit_commands(4242, 4 << 30, 25)
     assert cmds == ["set_default_device_pinned_mem_limit 0 4096M", "set_default_active_thread_percentage 25",
                     "set_device_pinned_mem_limit 4242 0 4096M", "set_active_thread_percentage 4242 25"]
+
+
+def test_a_clusters_end_removes_its_slices_shm_directories_and_no_others(tmp_path):
+    """`meshctl down` (localprocs.stop_workloads) removes the slices' private /dev/shm directories of the
+    cluster's agents, found the way the agent names them; another cluster's stay."""
+    from nodeagent.isolation.plan import node_shm_root
+    from tools.localprocs import remove_slice_shm_dirs
+    root = tmp_path / "shm"
+    mine = tmp_path / "cluster" / "agents" / "a0" / "workloads" / "sim-node-01"
+    other = tmp_path / "other" / "agents" / "a0" / "workloads" / "sim-node-01"
+    dirs = []
+    for runner in (mine, other):
+        runner.mkdir(parents=True)
+        d = Path(node_shm_root(runner.name, str(runner), str(root))) / "s-1"
+        d.mkdir(parents=True)
+        dirs.append(d.parent)
+    remove_slice_shm_dirs(tmp_path / "cluster", str(root))
+    assert not dirs[0].exists() and dirs[1].exists()
