@@ -53,9 +53,9 @@ class SlicesMixin:
         old = f"{alias}~source"
         r = self.runner
         if alias in r.workloads:
-            if wid in r.workloads:
-                r.rekey(wid, old)
-            r.rekey(alias, wid)
+            r.meta[alias]["hand_over_to"] = wid     # durable intent: a restarted runner finishes it (load)
+            r.save(alias)
+            r.finish_hand_over(alias)
             log(logger, logging.INFO, "target process took over the workload ID", node=self.agent.node,
                 workload=wid, source_key=old)
         return old
@@ -212,9 +212,8 @@ class SlicesMixin:
         r.forget(wid)
         copy_private(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far (0600); the process appends
         argv, pidfile = self._restore_argv(str(images), str(extras["log_key"]), leave_stopped=True)
-        w = r.start(spec, restore=(argv, pidfile), restore_uid=int(extras.get("uid", -1)))
-        r.meta[wid].update(migration=mid, criu_hold=True)
-        r.save(wid)
+        w = r.start(spec, restore=(argv, pidfile), restore_uid=int(extras.get("uid", -1)),
+                    meta={"migration": mid, "criu_hold": True})      # in the record before the shim exists
         if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
             raise RuntimeError(f"the restoring shim did not start: {w.message}")
         pid = self._wait_adopted(wid, str(images))
@@ -339,11 +338,7 @@ class SlicesMixin:
         spec = types_pb2.Workload()
         spec.CopyFrom(w)
         spec.pid = 0
-        stem = meta.get("stem")
-        r.start(spec, restore=(argv, pidfile))
-        if stem:
-            r.meta[wid]["stem"] = stem
-            r.save(wid)
+        r.start(spec, restore=(argv, pidfile))      # keeps the record's stem (its files) itself
         pid = self._wait_adopted(wid, images)
         self._criu(wid).resume_device(pid)
         shutil.rmtree(images, ignore_errors=True)

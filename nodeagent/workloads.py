@@ -38,7 +38,7 @@ from mesh.logs import log
 from mesh.procs import process_tree
 from nodeagent.teardown import SliceTeardown
 from nodeagent.telemetry import shared_slice_pids
-from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
+from nodeagent.procfiles import _find_shim, _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
 logger = logging.getLogger(__name__)
 W = types_pb2
@@ -107,6 +107,24 @@ class WorkloadRunner:
             self.popens[new] = self.popens.pop(old)
         self.save(new)
 
+    def finish_hand_over(self, alias: str) -> None:
+        """A same-node migration's hand-over (nodeagent/migrate_slices.py `_hand_over`): the record
+        `alias`, marked `hand_over_to` = the workload's ID, takes that ID and the source's record moves
+        to `alias~source`. Two renames, each durable; the mark stays until both are done, so an agent
+        that died between them finishes the hand-over when it loads its records again."""
+        wid = self.meta[alias]["hand_over_to"]
+        if alias == wid:            # both renames were done; only the mark was left
+            self.meta[wid].pop("hand_over_to", None)
+            self.save(wid)
+            return
+        self._crash_point("hand-over")
+        if wid in self.workloads:
+            self.rekey(wid, f"{alias}~source")
+        self._crash_point("hand-over-half")
+        self.rekey(alias, wid)
+        self.meta[wid].pop("hand_over_to", None)
+        self.save(wid)
+
     def socket_path(self, wid: str) -> str:
         """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET) as the agent sees
         it: in the workload's own directory when it is confined (it names another path inside);
@@ -144,6 +162,12 @@ class WorkloadRunner:
             w = json_format.ParseDict(doc["workload"], types_pb2.Workload(), ignore_unknown_fields=True)
             self.workloads[w.id] = w
             self.meta[w.id] = doc.get("meta", {})
+        for wid in [k for k, m in self.meta.items() if m.get("starting")]:
+            self._resolve_start(wid)
+        for alias in [k for k, m in self.meta.items() if m.get("hand_over_to")]:
+            log(logger, logging.INFO, "finishing an interrupted hand-over", node=self.agent.node, alias=alias,
+                workload=self.meta[alias]["hand_over_to"])
+            self.finish_hand_over(alias)
         if self.workloads:
             log(logger, logging.INFO, "workload records loaded", node=self.agent.node, count=len(self.workloads),
                 running=sum(1 for w in self.workloads.values() if w.state == W.WORKLOAD_STATE_RUNNING))
@@ -178,6 +202,8 @@ class WorkloadRunner:
         for w in cmd.start:
             if w.id in self.workloads:
                 continue
+            if any(m.get("hand_over_to") == w.id for m in self.meta.values()):
+                continue        # a same-node migration's target takes this ID (finish_hand_over)
             if w.HasField("started_at") or w.pid:     # it ran here once, but this agent has no record
                 lost = types_pb2.Workload()
                 lost.CopyFrom(w)
@@ -213,9 +239,15 @@ class WorkloadRunner:
         shutil.rmtree(workdir, ignore_errors=True)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
-              restore_uid: int = -1) -> types_pb2.Workload:
+              restore_uid: int = -1, meta: dict | None = None) -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
-        pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py)."""
+        pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py).
+        `meta` joins the record's meta before the supervisor starts (a migration's marks).
+
+        Crash-safe: the record is written as PENDING with `starting` in its meta BEFORE the
+        supervisor is launched; a restarted agent finds such a record in `load` and re-adopts the
+        supervisor it started (found in /proc by its pid-file path) or marks the workload FAILED,
+        so a workload never runs twice (`_resolve_start`)."""
         w = types_pb2.Workload()
         w.CopyFrom(spec)
         w.node = self.agent.node
@@ -262,22 +294,37 @@ class WorkloadRunner:
             env.update(plan.env)
             self._hand_over_secret(env, plan)
             argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
+        stem = self.meta.get(w.id, {}).get("stem")
+        record = {"shim_pid": 0, "device_uuid": st.device_uuid,
+                  "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0, "starting": time.time()}
+        if stem:
+            record["stem"] = stem       # a re-keyed record (same-node migration) keeps its files
+        if plan is not None:
+            record.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket,
+                          namespaces=[] if restore is not None else plan.spec["namespaces"])
+            if restore is not None:
+                record["cgroup_procs"] = plan.spec["cgroup_procs"]
+        record.update(meta or {})
+        for ext in ("pid", "exit"):     # a previous run's files would be read as this one's
+            try:
+                os.unlink(self.path(w.id, ext))
+            except FileNotFoundError:
+                pass
+        self.meta[w.id] = record
+        w.state = W.WORKLOAD_STATE_PENDING
+        self.save(w.id)                 # durable before the supervisor exists: see `_resolve_start`
+        self._crash_point("before-launch")
         try:
             fd = os.open(self.path(w.id, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with open(fd, "ab") as shim_err:
                 p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
+            record.pop("starting", None)
             return self._fail(w, f"cannot start the supervisor: {e}")
         self.popens[w.id] = p
-        meta = {"shim_pid": p.pid, "device_uuid": st.device_uuid,
-                "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
-        if plan is not None:
-            meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket,
-                        namespaces=[] if restore is not None else plan.spec["namespaces"])
-            if restore is not None:
-                meta["cgroup_procs"] = plan.spec["cgroup_procs"]
-        self.meta[w.id] = meta
+        record["shim_pid"] = p.pid
+        self._crash_point("after-launch")
         deadline = time.monotonic() + 5
         pid_doc = None
         while time.monotonic() < deadline:
@@ -288,6 +335,7 @@ class WorkloadRunner:
         w.state = W.WORKLOAD_STATE_RUNNING
         w.started_at.CopyFrom(_ts())
         w.message = ""
+        record.pop("starting", None)
         if pid_doc:
             w.pid = int(pid_doc["pid"])
             self._attach(w.id, w.pid)
@@ -295,6 +343,33 @@ class WorkloadRunner:
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
         return w
+
+    def _crash_point(self, where: str) -> None:
+        """Test hook: with MESH_AGENT_TEST_CRASH_AT=<where> in the agent's environment the agent
+        SIGKILLs itself there (tests/integration/test_workloads.py proves a restart never starts
+        the workload twice). Never set in production."""
+        if os.environ.get("MESH_AGENT_TEST_CRASH_AT") == where:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _resolve_start(self, wid: str) -> None:
+        """A record left `starting` by an agent that died while starting the workload: re-adopt the
+        supervisor if it was launched (alive, or its pid/exit file shows it ran; `check_all` then
+        follows it), else mark the workload FAILED. Never starts it again."""
+        w, meta = self.workloads[wid], self.meta[wid]
+        began = float(meta.pop("starting"))
+        shim = _find_shim(self.path(wid, "pid"))
+        ran = os.path.exists(self.path(wid, "pid")) or os.path.exists(self.path(wid, "exit"))
+        if shim or ran:
+            meta["shim_pid"] = shim
+            w.state = W.WORKLOAD_STATE_RUNNING
+            w.started_at.CopyFrom(_ts(began))
+            w.message = ""
+            self.save(wid)
+            log(logger, logging.INFO, "workload re-adopted after an interrupted start", node=self.agent.node,
+                workload=wid, shim_pid=shim)
+        else:
+            self._fail(w, "the agent restarted while starting this workload and its supervisor never ran: "
+                          "not started (a workload is never started twice)")
 
     def _confine(self, w: types_pb2.Workload, st):
         """The isolation plan of `w` (nodeagent/isolation/plan.py), written for the shim; on an MPS
