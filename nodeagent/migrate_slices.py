@@ -311,12 +311,18 @@ class SlicesMixin:
         self._send(job.final)
 
     def _old_shim_gone(self, wid: str) -> None:
+        """Wait (up to 30 s) for the dumped source's supervisor to end: its Popen, or after an agent
+        restart (no Popen) its pid in /proc."""
         p = self.runner.popens.get(wid)
         if p is not None:
             try:
                 p.wait(30)
             except Exception:   # noqa: BLE001
                 pass
+            return
+        deadline = time.monotonic() + 30
+        while self.runner.shim_running(wid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _restore_source(self, wid: str) -> None:
         """Rollback of a dumped source: restore it from its images here (same PIDs: they must be free,
@@ -350,9 +356,8 @@ class SlicesMixin:
         meta = self.runner.meta.get(wid, {})
         if not meta.get("frozen"):
             return False
-        p = self.runner.popens.get(wid)
-        if p is not None and p.poll() is None and self.runner.workloads[wid].pid and \
-                os.path.exists(f"/proc/{self.runner.workloads[wid].pid}"):
+        pid = self.runner.workloads[wid].pid      # the supervisor and /proc, not a Popen: an agent restart
+        if self.runner.shim_running(wid) and pid and os.path.exists(f"/proc/{pid}"):    # loses those
             meta.pop("frozen", None)        # the dump did not take it: it runs on
             meta.pop("criu_images", None)
             self.runner.save(wid)

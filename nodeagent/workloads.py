@@ -463,6 +463,15 @@ class WorkloadRunner:
         self.save(wid)
         log(logger, logging.INFO, "stopping workload", node=self.agent.node, workload=wid, pid=w.pid)
 
+    def shim_running(self, wid: str) -> bool:
+        """Whether the workload's supervisor still runs: its Popen when this agent process started it,
+        else its pid in /proc (after an agent restart)."""
+        p = self.popens.get(wid)
+        if p is not None:
+            return p.poll() is None
+        meta = self.meta.get(wid, {})
+        return bool(meta.get("shim_pid")) and _shim_alive(meta["shim_pid"], meta.get("stem") or wid)
+
     def _signal(self, wid: str, sig: int) -> None:
         pid = self.meta[wid].get("shim_pid")
         if not pid or not (wid in self.popens or _shim_alive(pid, self.meta[wid].get("stem") or wid)):
@@ -490,8 +499,7 @@ class WorkloadRunner:
             meta = self.meta.setdefault(wid, {})
             if meta.get("frozen"):
                 continue        # dumped by a transparent migration: its outcome decides (migrate_slices.py)
-            p = self.popens.get(wid)
-            running = p.poll() is None if p is not None else _shim_alive(meta.get("shim_pid", 0), meta.get("stem") or wid)
+            running = self.shim_running(wid)
             if not w.pid:
                 pid_doc = _read_json(self.path(wid, "pid"))
                 if pid_doc:

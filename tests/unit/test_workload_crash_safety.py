@@ -159,3 +159,31 @@ def test_a_hand_over_without_a_crash(runners):
     r.finish_hand_over(alias)
     assert r.meta["w-1"]["shim_pid"] == target_shim and "hand_over_to" not in r.meta["w-1"]
     assert runners().meta["w-1"]["shim_pid"] == target_shim
+
+
+def test_transparent_rollback_after_an_agent_restart_finds_the_running_source(runners):
+    """A CRIU dump that did not take the process (it ran on), then an agent restart, then ABORT_SOURCE:
+    the source is recognised as running by its supervisor and /proc (no Popen after a restart), its
+    frozen mark is cleared and the runner follows it again."""
+    from nodeagent.migrate_slices import SlicesMixin
+    r = runners()
+    r.start(spec())
+    wait_pid_file(r, "w-1")
+    r.check_all(report=False)
+    r.meta["w-1"].update(frozen="m-1", criu_images=r.path("w-1", "criu-m-1"))
+    r.save("w-1")
+
+    r2 = runners()                           # restarted: no Popen for the source
+    assert "w-1" not in r2.popens and r2.shim_running("w-1")
+    mig = types.SimpleNamespace(runner=r2, agent=r2.agent)
+    assert asyncio.run(SlicesMixin._abort_transparent(mig, "w-1")) is True
+    assert "frozen" not in r2.meta["w-1"] and "criu_images" not in r2.meta["w-1"]
+    assert "frozen" not in runners().meta["w-1"]         # durable
+    r2.check_all(report=False)
+    assert r2.workloads["w-1"].state == t.WORKLOAD_STATE_RUNNING
+    r2.stop("w-1")                           # and it is tracked: a stop ends it
+    deadline = time.monotonic() + 60
+    while r2.workloads["w-1"].state == t.WORKLOAD_STATE_RUNNING and time.monotonic() < deadline:
+        r2.check_all(report=False)
+        time.sleep(0.05)
+    assert r2.workloads["w-1"].state == t.WORKLOAD_STATE_STOPPED
