@@ -262,12 +262,14 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
 
     @_converting
     def run_workload(self, slice_id: str, command: list[str], env: Mapping[str, str] | None = None,
-                     labels: Mapping[str, str] | None = None) -> types_pb2.Workload:
+                     labels: Mapping[str, str] | None = None, request_id: str = "") -> types_pb2.Workload:
         """Start `command` (argv) on a READY slice with the slice's environment plus `env`.
         Answers once the agent has started it (RUNNING, or FAILED with the reason), or PENDING
-        when the node is not connected."""
+        when the node is not connected. `request_id` (idempotency key): a retry with the same key
+        returns the first call's workload instead of running it twice."""
         req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command),
-                                                      env=dict(env or {}), labels=dict(labels or {}))
+                                                      env=dict(env or {}), labels=dict(labels or {}),
+                                                      request_id=request_id)
         return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
 
     @_converting
