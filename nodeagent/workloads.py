@@ -37,8 +37,9 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
 from nodeagent.teardown import SliceTeardown
+from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
-from nodeagent.procfiles import _find_shim, _read_from, _read_json, _shim_alive, _tail  # noqa: F401
+from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
 logger = logging.getLogger(__name__)
 W = types_pb2
@@ -58,7 +59,7 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     return ts
 
 
-class WorkloadRunner:
+class WorkloadRunner(RecoveryMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
                  poll_interval: float = 0.2, isolator=None) -> None:
         self.agent = agent
@@ -106,24 +107,6 @@ class WorkloadRunner:
         if old in self.popens:
             self.popens[new] = self.popens.pop(old)
         self.save(new)
-
-    def finish_hand_over(self, alias: str) -> None:
-        """A same-node migration's hand-over (nodeagent/migrate_slices.py `_hand_over`): the record
-        `alias`, marked `hand_over_to` = the workload's ID, takes that ID and the source's record moves
-        to `alias~source`. Two renames, each durable; the mark stays until both are done, so an agent
-        that died between them finishes the hand-over when it loads its records again."""
-        wid = self.meta[alias]["hand_over_to"]
-        if alias == wid:            # both renames were done; only the mark was left
-            self.meta[wid].pop("hand_over_to", None)
-            self.save(wid)
-            return
-        self._crash_point("hand-over")
-        if wid in self.workloads:
-            self.rekey(wid, f"{alias}~source")
-        self._crash_point("hand-over-half")
-        self.rekey(alias, wid)
-        self.meta[wid].pop("hand_over_to", None)
-        self.save(wid)
 
     def socket_path(self, wid: str) -> str:
         """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET) as the agent sees
@@ -344,33 +327,6 @@ class WorkloadRunner:
             pid=w.pid, command=" ".join(w.command)[:200])
         return w
 
-    def _crash_point(self, where: str) -> None:
-        """Test hook: with MESH_AGENT_TEST_CRASH_AT=<where> in the agent's environment the agent
-        SIGKILLs itself there (tests/integration/test_workloads.py proves a restart never starts
-        the workload twice). Never set in production."""
-        if os.environ.get("MESH_AGENT_TEST_CRASH_AT") == where:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def _resolve_start(self, wid: str) -> None:
-        """A record left `starting` by an agent that died while starting the workload: re-adopt the
-        supervisor if it was launched (alive, or its pid/exit file shows it ran; `check_all` then
-        follows it), else mark the workload FAILED. Never starts it again."""
-        w, meta = self.workloads[wid], self.meta[wid]
-        began = float(meta.pop("starting"))
-        shim = _find_shim(self.path(wid, "pid"))
-        ran = os.path.exists(self.path(wid, "pid")) or os.path.exists(self.path(wid, "exit"))
-        if shim or ran:
-            meta["shim_pid"] = shim
-            w.state = W.WORKLOAD_STATE_RUNNING
-            w.started_at.CopyFrom(_ts(began))
-            w.message = ""
-            self.save(wid)
-            log(logger, logging.INFO, "workload re-adopted after an interrupted start", node=self.agent.node,
-                workload=wid, shim_pid=shim)
-        else:
-            self._fail(w, "the agent restarted while starting this workload and its supervisor never ran: "
-                          "not started (a workload is never started twice)")
-
     def _confine(self, w: types_pb2.Workload, st):
         """The isolation plan of `w` (nodeagent/isolation/plan.py), written for the shim; on an MPS
         slice the daemon gets the tenant's limits first."""
@@ -462,15 +418,6 @@ class WorkloadRunner:
         self._signal(wid, signal.SIGTERM)
         self.save(wid)
         log(logger, logging.INFO, "stopping workload", node=self.agent.node, workload=wid, pid=w.pid)
-
-    def shim_running(self, wid: str) -> bool:
-        """Whether the workload's supervisor still runs: its Popen when this agent process started it,
-        else its pid in /proc (after an agent restart)."""
-        p = self.popens.get(wid)
-        if p is not None:
-            return p.poll() is None
-        meta = self.meta.get(wid, {})
-        return bool(meta.get("shim_pid")) and _shim_alive(meta["shim_pid"], meta.get("stem") or wid)
 
     def _signal(self, wid: str, sig: int) -> None:
         pid = self.meta[wid].get("shim_pid")
