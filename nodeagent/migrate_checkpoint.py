@@ -97,6 +97,9 @@ class CheckpointSteps(MigrationBase):
         if self._asked_again(key):      # a repeat: running (ignored) or answered (the same answer again)
             return
         job = self.jobs[key] = Job(cmd.migration_id, cmd.workload_id)
+        crash_point = getattr(self.runner, "_crash_point", None)
+        if crash_point is not None:
+            crash_point("checkpoint")   # test hook (MESH_AGENT_TEST_CRASH_AT, nodeagent/workload_recovery.py)
         try:
             rep = self._already_written(cmd) or await self._write_checkpoint(cmd)
         except Exception as e:   # noqa: BLE001 - answered, and the same answer to a repeat
