@@ -45,6 +45,18 @@ class RecoveryMixin:
         self.meta[wid].pop("hand_over_to", None)
         self.save(wid)
 
+    def _mark_unmarked_hand_overs(self) -> None:
+        """A hand-over interrupted between its renames without the `hand_over_to` mark (records of an
+        agent version before the mark): `<wid>~<migration>~source` is recorded, its target
+        `<wid>~<migration>` too (marked with that migration), `<wid>` is not. Mark it to be finished."""
+        for key in list(self.workloads):
+            if not key.endswith("~source"):
+                continue
+            alias = key[:-len("~source")]
+            mid = self.meta.get(alias, {}).get("migration") if alias in self.workloads else None
+            if mid and alias.endswith(f"~{mid}") and alias[:-len(mid) - 1] not in self.workloads:
+                self.meta[alias]["hand_over_to"] = alias[:-len(mid) - 1]
+
     def _crash_point(self, where: str) -> None:
         """Test hook: with MESH_AGENT_TEST_CRASH_AT=<where> in the agent's environment the agent
         SIGKILLs itself there (tests/integration/test_workloads.py proves a restart never starts

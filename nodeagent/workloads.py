@@ -147,6 +147,7 @@ class WorkloadRunner(RecoveryMixin):
             self.meta[w.id] = doc.get("meta", {})
         for wid in [k for k, m in self.meta.items() if m.get("starting")]:
             self._resolve_start(wid)
+        self._mark_unmarked_hand_overs()
         for alias in [k for k, m in self.meta.items() if m.get("hand_over_to")]:
             log(logger, logging.INFO, "finishing an interrupted hand-over", node=self.agent.node, alias=alias,
                 workload=self.meta[alias]["hand_over_to"])
@@ -185,8 +186,8 @@ class WorkloadRunner(RecoveryMixin):
         for w in cmd.start:
             if w.id in self.workloads:
                 continue
-            if any(m.get("hand_over_to") == w.id for m in self.meta.values()):
-                continue        # a same-node migration's target takes this ID (finish_hand_over)
+            if any(m.get("hand_over_to") == w.id or m.get("stem") == w.id for m in self.meta.values()):
+                continue        # a same-node migration's target takes (or took) this ID: not lost (finish_hand_over)
             if w.HasField("started_at") or w.pid:     # it ran here once, but this agent has no record
                 lost = types_pb2.Workload()
                 lost.CopyFrom(w)

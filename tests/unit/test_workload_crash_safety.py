@@ -187,3 +187,22 @@ def test_transparent_rollback_after_an_agent_restart_finds_the_running_source(ru
         r2.check_all(report=False)
         time.sleep(0.05)
     assert r2.workloads["w-1"].state == t.WORKLOAD_STATE_STOPPED
+
+
+def test_a_hand_over_interrupted_without_the_mark_is_finished_too(runners):
+    """Records of an older agent that died between the two renames (no hand_over_to mark): the workload's
+    ID goes to the migration's target all the same (the reviewer's handover_crash.py state)."""
+    r = runners()
+    alias = "w-1~m-1"
+    r.start(spec())
+    r.start(spec(alias, "s-2"), meta={"migration": "m-1"})
+    target_shim = r.meta[alias]["shim_pid"]
+    r.rekey("w-1", f"{alias}~source")          # the first rename only
+    r2 = runners()
+    assert set(r2.workloads) == {"w-1", f"{alias}~source"} and r2.meta["w-1"]["shim_pid"] == target_shim
+    w = t.Workload(id="w-1", slice_id="s-2", node="n1", state=t.WORKLOAD_STATE_RUNNING, pid=1)
+    w.started_at.GetCurrentTime()
+    a = t.Workload(id=alias, slice_id="s-2", node="n1", state=t.WORKLOAD_STATE_PENDING)   # the target, as the
+    a.started_at.GetCurrentTime()                                                       # control plane keeps it
+    assert all(x.state != t.WORKLOAD_STATE_FAILED for x in full_command(r2, w, a))
+    assert r2.workloads["w-1"].state == t.WORKLOAD_STATE_RUNNING and not r2.meta["w-1"].get("stop_at")
