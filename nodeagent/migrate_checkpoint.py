@@ -51,7 +51,8 @@ def _newest_mtime(path: str) -> float:
 
 
 def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now: float | None = None) -> list[str]:
-    """Remove the half-written checkpoint directories (`<id>.partial-<pid>`, `<id>.old-<pid>`) under the
+    """Remove the half-written checkpoint directories (`<id>.partial-<pid>`, `<id>.old-<pid>`; an `.old`
+    one whose `<id>` is missing is renamed back, the complete checkpoint it is) under the
     store (`<tenant>/<workload>/`) whose writer is gone: not this process, no live process with that pid
     here, and nothing in them written for `stale_s` seconds (the store may be shared with other hosts'
     agents, whose writers this host cannot see). Returns the paths removed."""
@@ -73,6 +74,10 @@ def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now:
                     if pid == os.getpid() or _pid_alive(pid) or now - _newest_mtime(entry.path) < stale_s:
                         continue
                 except OSError:
+                    continue
+                base = os.path.join(wl.path, entry.name[:m.start()])
+                if m.group(1) == "old" and not os.path.exists(base):
+                    os.rename(entry.path, base)     # the writer died between its renames: the old one is it
                     continue
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.path)

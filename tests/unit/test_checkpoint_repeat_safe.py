@@ -103,6 +103,12 @@ def test_partial_checkpoints_of_a_dead_agent_are_removed_at_start(tmp_path):
     past = time.time() - 2 * migrate_checkpoint.PARTIAL_STALE_S
     for p in (stale, stale / "data", stale / "data" / "e0", old, live):
         os.utime(p, (past, past))
+    orphan = d / f"ck-5.old-{DEAD_PID}"                 # died between the renames: the only copy of ck-5
+    (orphan / "data").mkdir(parents=True)
+    past = time.time() - 2 * migrate_checkpoint.PARTIAL_STALE_S
+    for p in (orphan, orphan / "data"):
+        os.utime(p, (past, past))
     agent(tmp_path)
     assert not stale.exists() and not old.exists()
     assert done.exists() and fresh.exists() and live.exists()
+    assert (d / "ck-5" / "data").is_dir() and not orphan.exists()
