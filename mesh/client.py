@@ -270,14 +270,17 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
     def run_workload(self, slice_id: str, command: list[str] | None = None, env: Mapping[str, str] | None = None,
                      labels: Mapping[str, str] | None = None, *, backend: str = "", artifact: str = "",
                      served_name: str = "", context: int = 0, concurrency: int = 0, gpu_layers: int = 0,
-                     device: str = "", dtype: str = "") -> types_pb2.Workload:
+                     device: str = "", dtype: str = "", request_id: str = "") -> types_pb2.Workload:
         """Start `command` (argv) on a READY slice with the slice's environment plus `env`.
         Answers once the agent has started it (RUNNING, or FAILED with the reason), or PENDING
         when the node is not connected.
 
         With `backend` ("llama.cpp" or "vllm") and `artifact` (a GGUF file or a Hugging Face directory on
         the node) instead of a command, the agent starts that model server (nodeagent/backends/) with the
-        settings given and reports its address in the workload's `endpoint` (docs/serving.md)."""
+        settings given and reports its address in the workload's `endpoint` (docs/serving.md).
+
+        `request_id` (idempotency key): a retry with the same key returns the first call's workload instead
+        of running it twice."""
         if backend:
             if command:
                 raise errors.InvalidArgument.of("command", "is set with a backend", "either a command or a backend")
@@ -290,10 +293,11 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                                             context=context, concurrency=concurrency, gpu_layers=gpu_layers,
                                             device=device, dtype=dtype)
             req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, backend=spec, env=dict(env or {}),
-                                                          labels=dict(labels or {}))
+                                                          labels=dict(labels or {}), request_id=request_id)
             return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
         req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, command=list(command or []),
-                                                      env=dict(env or {}), labels=dict(labels or {}))
+                                                      env=dict(env or {}), labels=dict(labels or {}),
+                                                      request_id=request_id)
         return self._workloads.Run(req, timeout=max(self.timeout, 20.0))
 
     @_converting

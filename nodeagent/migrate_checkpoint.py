@@ -4,6 +4,13 @@ checkpoint's own key from the control plane (`checkpoint_key`): every stored che
 DELETE_CHECKPOINT removes an expired checkpoint's files. (A restore from the store is the target's
 PUSH_CHECKPOINT: nodeagent/migrate_target.py.)
 
+CHECKPOINT is repeat-safe by checkpoint id (the control plane sends it again every few seconds until
+it is answered): a repeat while it runs is ignored, a repeat after it ended gets the same answer, and a
+repeat after an agent restart answers from the checkpoint's manifest when it was completely written
+(else it is written anew). The checkpoint is written into `<path>.partial-<pid>` and renamed into
+place on completion (mesh/checkpoint/format.py CheckpointWriter); partial directories a dead agent left
+are removed when the agent starts (`clean_partial_checkpoints`).
+
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
 
@@ -12,22 +19,115 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import shutil
 import time
 import uuid
 
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh.checkpoint.agent_link import AgentLink
 from mesh.logs import log
-from nodeagent.migrate_base import MigrationBase
+from nodeagent.migrate_base import Job, MigrationBase
 
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
+PARTIAL = re.compile(r"\.(partial|old)-(\d+)$")
+PARTIAL_STALE_S = 600.0     # a partial directory untouched this long, of no live process here, is a dead writer's
+
+
+def _pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _newest_mtime(path: str) -> float:
+    newest = os.stat(path).st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now: float | None = None) -> list[str]:
+    """Remove the half-written checkpoint directories (`<id>.partial-<pid>`, `<id>.old-<pid>`; an `.old`
+    one whose `<id>` is missing is renamed back, the complete checkpoint it is) under the
+    store (`<tenant>/<workload>/`) whose writer is gone: not this process, no live process with that pid
+    here, and nothing in them written for `stale_s` seconds (the store may be shared with other hosts'
+    agents, whose writers this host cannot see). Returns the paths removed."""
+    removed, now = [], time.time() if now is None else now
+    if not store or not os.path.isdir(store):
+        return removed
+    for tenant in os.scandir(store):
+        if not tenant.is_dir(follow_symlinks=False):
+            continue
+        for wl in os.scandir(tenant.path):
+            if not wl.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(wl.path):
+                m = PARTIAL.search(entry.name)
+                if m is None or not entry.is_dir(follow_symlinks=False):
+                    continue
+                pid = int(m.group(2))
+                try:
+                    if pid == os.getpid() or _pid_alive(pid) or now - _newest_mtime(entry.path) < stale_s:
+                        continue
+                except OSError:
+                    continue
+                base = os.path.join(wl.path, entry.name[:m.start()])
+                if m.group(1) == "old" and not os.path.exists(base):
+                    os.rename(entry.path, base)     # the writer died between its renames: the old one is it
+                    continue
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
 
 
 class CheckpointSteps(MigrationBase):
     """CHECKPOINT and DELETE_CHECKPOINT (see the module's docstring)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            removed = clean_partial_checkpoints(self.checkpoint_dir)
+        except OSError as e:
+            logger.warning("cannot clean partial checkpoints in %s: %s", self.checkpoint_dir, e)
+            removed = []
+        if removed:
+            log(logger, logging.INFO, "partial checkpoints of a previous agent removed", count=len(removed))
+
     async def _checkpoint(self, cmd: M.MigrationCommand, report) -> None:
+        key = (cmd.migration_id, "checkpoint")
+        if self._asked_again(key):      # a repeat: running (ignored) or answered (the same answer again)
+            return
+        job = self.jobs[key] = Job(cmd.migration_id, cmd.workload_id)
+        crash_point = getattr(self.runner, "_crash_point", None)
+        if crash_point is not None:
+            crash_point("checkpoint")   # test hook (MESH_AGENT_TEST_CRASH_AT, nodeagent/workload_recovery.py)
+        try:
+            rep = self._already_written(cmd) or await self._write_checkpoint(cmd)
+        except Exception as e:   # noqa: BLE001 - answered, and the same answer to a repeat
+            rep = R(migration_id=cmd.migration_id, event=R.FAILED, message=f"checkpoint on {self.agent.node}: {e}")
+        job.final, job.done = rep, True
+        self._send(rep)
+
+    def _already_written(self, cmd: M.MigrationCommand) -> M.MigrationReport | None:
+        """The answer for a checkpoint that is in the store already (written before an agent restart)."""
+        from mesh.checkpoint.format import CheckpointError, read_manifest
+        try:
+            man = read_manifest(self._store_path(cmd.path))
+        except (CheckpointError, RuntimeError, OSError):
+            return None
+        enc = man.extras.get("encryption") or {}
+        if enc.get("checkpoint") not in (None, cmd.migration_id):
+            return None
+        log(logger, logging.INFO, "checkpoint found written (asked again)", node=self.agent.node,
+            workload=cmd.workload_id, path=cmd.path)
+        return R(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path, step=man.step,
+                 bytes=man.nbytes, encrypted=enc.get("key") == "tenant")
+
+    async def _write_checkpoint(self, cmd: M.MigrationCommand) -> M.MigrationReport:
         wid = cmd.workload_id
         if not self._running(wid):
             raise RuntimeError(f"workload {wid} does not run on {self.agent.node}")
@@ -64,7 +164,7 @@ class CheckpointSteps(MigrationBase):
         rep = await asyncio.to_thread(run)
         log(logger, logging.INFO, "checkpoint written", node=self.agent.node, workload=wid, path=path,
             step=rep.step, bytes=rep.bytes, encrypted=rep.encrypted)
-        self._send(rep)
+        return rep
 
     async def _delete_checkpoint(self, cmd: M.MigrationCommand, report) -> None:
         """The checkpoint's record expired (controlplane/controllers/retention.py): remove its files from the store."""

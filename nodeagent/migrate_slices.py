@@ -53,9 +53,9 @@ class SlicesMixin:
         old = f"{alias}~source"
         r = self.runner
         if alias in r.workloads:
-            if wid in r.workloads:
-                r.rekey(wid, old)
-            r.rekey(alias, wid)
+            r.meta[alias]["hand_over_to"] = wid     # durable intent: a restarted runner finishes it (load)
+            r.save(alias)
+            r.finish_hand_over(alias)
             log(logger, logging.INFO, "target process took over the workload ID", node=self.agent.node,
                 workload=wid, source_key=old)
         return old
@@ -212,9 +212,8 @@ class SlicesMixin:
         r.forget(wid)
         copy_private(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far (0600); the process appends
         argv, pidfile = self._restore_argv(str(images), str(extras["log_key"]), leave_stopped=True)
-        w = r.start(spec, restore=(argv, pidfile), restore_uid=int(extras.get("uid", -1)))
-        r.meta[wid].update(migration=mid, criu_hold=True)
-        r.save(wid)
+        w = r.start(spec, restore=(argv, pidfile), restore_uid=int(extras.get("uid", -1)),
+                    meta={"migration": mid, "criu_hold": True})      # in the record before the shim exists
         if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
             raise RuntimeError(f"the restoring shim did not start: {w.message}")
         pid = self._wait_adopted(wid, str(images))
@@ -312,12 +311,18 @@ class SlicesMixin:
         self._send(job.final)
 
     def _old_shim_gone(self, wid: str) -> None:
+        """Wait (up to 30 s) for the dumped source's supervisor to end: its Popen, or after an agent
+        restart (no Popen) its pid in /proc."""
         p = self.runner.popens.get(wid)
         if p is not None:
             try:
                 p.wait(30)
             except Exception:   # noqa: BLE001
                 pass
+            return
+        deadline = time.monotonic() + 30
+        while self.runner.shim_running(wid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _restore_source(self, wid: str) -> None:
         """Rollback of a dumped source: restore it from its images here (same PIDs: they must be free,
@@ -339,11 +344,7 @@ class SlicesMixin:
         spec = types_pb2.Workload()
         spec.CopyFrom(w)
         spec.pid = 0
-        stem = meta.get("stem")
-        r.start(spec, restore=(argv, pidfile))
-        if stem:
-            r.meta[wid]["stem"] = stem
-            r.save(wid)
+        r.start(spec, restore=(argv, pidfile))      # keeps the record's stem (its files) itself
         pid = self._wait_adopted(wid, images)
         self._criu(wid).resume_device(pid)
         shutil.rmtree(images, ignore_errors=True)
@@ -355,9 +356,8 @@ class SlicesMixin:
         meta = self.runner.meta.get(wid, {})
         if not meta.get("frozen"):
             return False
-        p = self.runner.popens.get(wid)
-        if p is not None and p.poll() is None and self.runner.workloads[wid].pid and \
-                os.path.exists(f"/proc/{self.runner.workloads[wid].pid}"):
+        pid = self.runner.workloads[wid].pid      # the supervisor and /proc, not a Popen: an agent restart
+        if self.runner.shim_running(wid) and pid and os.path.exists(f"/proc/{pid}"):    # loses those
             meta.pop("frozen", None)        # the dump did not take it: it runs on
             meta.pop("criu_images", None)
             self.runner.save(wid)

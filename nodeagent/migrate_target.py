@@ -47,9 +47,8 @@ class TargetSteps(MigrationBase):
                 spec.env[HOLD_ENV] = "1"
                 # the file's path goes in the environment, never the secret (the spec is reported back)
                 spec.env[SECRET_FILE_ENV] = write_secret_file(self.runner.path(wid, "transfer-secret"), secret)
-                w = await asyncio.to_thread(self.runner.start, spec)
-                self.runner.meta.setdefault(wid, {})["migration"] = cmd.migration_id
-                self.runner.save(wid)
+                # the migration's mark is in the record before the process exists (crash-safe)
+                w = await asyncio.to_thread(self.runner.start, spec, meta={"migration": cmd.migration_id})
                 self.runner.report([w])
                 if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
                     raise RuntimeError(f"the target process did not start: {w.message}")

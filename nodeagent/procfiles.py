@@ -27,6 +27,23 @@ def _shim_alive(pid: int, marker: str) -> bool:
     return b"shim.py" in cmd and marker.encode() in cmd
 
 
+def _find_shim(pid_file: str) -> int:
+    """The pid of a live shim launched with `--pid-file pid_file` (0 when none): how a restarted
+    agent finds the supervisor of a workload whose start it did not live to record."""
+    want = b"\0--pid-file\0" + pid_file.encode() + b"\0"
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"shim.py" in cmd and want in cmd and _shim_alive(int(name), pid_file):
+            return int(name)
+    return 0
+
+
 def _tail(path: str, lines: int) -> tuple[bytes, int]:
     """The last `lines` lines of the file (all when 0), and the file size read up to."""
     if not os.path.exists(path):

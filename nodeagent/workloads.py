@@ -37,6 +37,7 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
 from nodeagent.teardown import SliceTeardown
+from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
 
@@ -58,7 +59,7 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     return ts
 
 
-class WorkloadRunner:
+class WorkloadRunner(RecoveryMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
                  poll_interval: float = 0.2, isolator=None) -> None:
         self.agent = agent
@@ -144,6 +145,13 @@ class WorkloadRunner:
             w = json_format.ParseDict(doc["workload"], types_pb2.Workload(), ignore_unknown_fields=True)
             self.workloads[w.id] = w
             self.meta[w.id] = doc.get("meta", {})
+        for wid in [k for k, m in self.meta.items() if m.get("starting")]:
+            self._resolve_start(wid)
+        self._mark_unmarked_hand_overs()
+        for alias in [k for k, m in self.meta.items() if m.get("hand_over_to")]:
+            log(logger, logging.INFO, "finishing an interrupted hand-over", node=self.agent.node, alias=alias,
+                workload=self.meta[alias]["hand_over_to"])
+            self.finish_hand_over(alias)
         if self.workloads:
             log(logger, logging.INFO, "workload records loaded", node=self.agent.node, count=len(self.workloads),
                 running=sum(1 for w in self.workloads.values() if w.state == W.WORKLOAD_STATE_RUNNING))
@@ -178,6 +186,8 @@ class WorkloadRunner:
         for w in cmd.start:
             if w.id in self.workloads:
                 continue
+            if any(m.get("hand_over_to") == w.id or m.get("stem") == w.id for m in self.meta.values()):
+                continue        # a same-node migration's target takes (or took) this ID: not lost (finish_hand_over)
             if w.HasField("started_at") or w.pid:     # it ran here once, but this agent has no record
                 lost = types_pb2.Workload()
                 lost.CopyFrom(w)
@@ -213,9 +223,15 @@ class WorkloadRunner:
         shutil.rmtree(workdir, ignore_errors=True)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
-              restore_uid: int = -1) -> types_pb2.Workload:
+              restore_uid: int = -1, meta: dict | None = None) -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
-        pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py)."""
+        pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py).
+        `meta` joins the record's meta before the supervisor starts (a migration's marks).
+
+        Crash-safe: the record is written as PENDING with `starting` in its meta BEFORE the
+        supervisor is launched; a restarted agent finds such a record in `load` and re-adopts the
+        supervisor it started (found in /proc by its pid-file path) or marks the workload FAILED,
+        so a workload never runs twice (`_resolve_start`)."""
         w = types_pb2.Workload()
         w.CopyFrom(spec)
         w.node = self.agent.node
@@ -262,22 +278,37 @@ class WorkloadRunner:
             env.update(plan.env)
             self._hand_over_secret(env, plan)
             argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
+        stem = self.meta.get(w.id, {}).get("stem")
+        record = {"shim_pid": 0, "device_uuid": st.device_uuid,
+                  "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0, "starting": time.time()}
+        if stem:
+            record["stem"] = stem       # a re-keyed record (same-node migration) keeps its files
+        if plan is not None:
+            record.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket,
+                          namespaces=[] if restore is not None else plan.spec["namespaces"])
+            if restore is not None:
+                record["cgroup_procs"] = plan.spec["cgroup_procs"]
+        record.update(meta or {})
+        for ext in ("pid", "exit"):     # a previous run's files would be read as this one's
+            try:
+                os.unlink(self.path(w.id, ext))
+            except FileNotFoundError:
+                pass
+        self.meta[w.id] = record
+        w.state = W.WORKLOAD_STATE_PENDING
+        self.save(w.id)                 # durable before the supervisor exists: see `_resolve_start`
+        self._crash_point("before-launch")
         try:
             fd = os.open(self.path(w.id, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with open(fd, "ab") as shim_err:
                 p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
+            record.pop("starting", None)
             return self._fail(w, f"cannot start the supervisor: {e}")
         self.popens[w.id] = p
-        meta = {"shim_pid": p.pid, "device_uuid": st.device_uuid,
-                "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0}
-        if plan is not None:
-            meta.update(uid=plan.uid, gid=plan.gid, cgroup=plan.cgroup, socket=plan.socket,
-                        namespaces=[] if restore is not None else plan.spec["namespaces"])
-            if restore is not None:
-                meta["cgroup_procs"] = plan.spec["cgroup_procs"]
-        self.meta[w.id] = meta
+        record["shim_pid"] = p.pid
+        self._crash_point("after-launch")
         deadline = time.monotonic() + 5
         pid_doc = None
         while time.monotonic() < deadline:
@@ -288,6 +319,7 @@ class WorkloadRunner:
         w.state = W.WORKLOAD_STATE_RUNNING
         w.started_at.CopyFrom(_ts())
         w.message = ""
+        record.pop("starting", None)
         if pid_doc:
             w.pid = int(pid_doc["pid"])
             self._attach(w.id, w.pid)
@@ -415,8 +447,7 @@ class WorkloadRunner:
             meta = self.meta.setdefault(wid, {})
             if meta.get("frozen"):
                 continue        # dumped by a transparent migration: its outcome decides (migrate_slices.py)
-            p = self.popens.get(wid)
-            running = p.poll() is None if p is not None else _shim_alive(meta.get("shim_pid", 0), meta.get("stem") or wid)
+            running = self.shim_running(wid)
             if not w.pid:
                 pid_doc = _read_json(self.path(wid, "pid"))
                 if pid_doc:

@@ -24,6 +24,10 @@ from mesh.logs import log
 from controlplane.controllers.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
 
 logger = logging.getLogger("controlplane.controllers.migrations")
+# CHECKPOINT is sent again this often until answered: the agent's step is repeat-safe by checkpoint id
+# (nodeagent/migrate_checkpoint.py), so an agent that restarted mid-checkpoint is asked again within seconds
+# instead of the call hanging until COPY_TIMEOUT
+CHECKPOINT_RESEND = 3.0
 
 
 class CheckpointsMixin:
@@ -42,7 +46,7 @@ class CheckpointsMixin:
             rep = await self._ask(ck_id, w.node, M.MigrationCommand(
                 migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant,
                 checkpoint_key=ck_key),
-                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=COPY_TIMEOUT)
+                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=CHECKPOINT_RESEND)
         except StepFailed as e:
             raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
         finally:

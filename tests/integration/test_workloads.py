@@ -174,3 +174,73 @@ def test_agent_restart_keeps_workloads(cluster, mesh):
     assert mesh.stop_workload(long.id).state == t.WORKLOAD_STATE_STOPPED
     wait_for(lambda: not os.path.exists(f"/proc/{long.pid}") or
              open(f"/proc/{long.pid}/stat").read().rsplit(")", 1)[-1].split()[0] == "Z", 5, "the process to exit")
+
+
+def shims_of(wid: str) -> list[int]:
+    """The live supervisors (nodeagent/shim.py) of workload `wid`, found by their pid-file argument."""
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{name}/cmdline", "rb").read().split(b"\0")
+            state = open(f"/proc/{name}/stat", "rb").read().rsplit(b")", 1)[-1].split()[0]
+        except (OSError, ValueError):
+            continue
+        if state != b"Z" and any(a.endswith(b"shim.py") for a in cmd) and \
+                any(a.endswith(f"/{wid}.pid".encode()) for a in cmd):
+            out.append(int(name))
+    return out
+
+
+def test_agent_killed_right_after_starting_a_workload_never_runs_it_twice(cluster, mesh):
+    """The agent is SIGKILLed right after it launched the workload's supervisor, before it recorded or
+    reported the start (test hook MESH_AGENT_TEST_CRASH_AT=after-launch, nodeagent/workloads.py): the
+    restarted agent re-adopts that supervisor; the control plane's full command (the workload still
+    PENDING there) does not start a second copy."""
+    s = mesh.allocate(tenant="wl", mig_profile="1g.10gb").slices[0]
+    cluster.stop_agent("wl-a")
+    name = cluster.agent_for("wl-a")
+    proc = cluster._agent_proc(name)
+    saved, cluster.env = cluster.env, {**(cluster.env or os.environ), "MESH_AGENT_TEST_CRASH_AT": "after-launch"}
+    try:
+        cluster.agents[name] = proc
+        cluster._spawn(proc)
+    finally:
+        cluster.env = saved
+    try:
+        cluster.wait_ready(nodes=["wl-a"], timeout=30)
+        wait_for(lambda: mesh.get_slice(s.id).state == t.SLICE_STATE_READY, 30, "the slice to be READY again")
+        w = mesh.run_workload(s.id, ["sleep", "60"])
+        wait_for(lambda: not proc.running(), 30, "the agent to crash at the hook")
+        first = wait_for(lambda: shims_of(w.id), 10, "the supervisor the crashed agent launched")
+        assert mesh.get_workload(w.id).state != t.WORKLOAD_STATE_RUNNING      # no report came
+    finally:
+        cluster.start_agent("wl-a")          # without the hook
+    cluster.wait_ready(nodes=["wl-a"], timeout=30)
+    running = wait_for(lambda: (x := mesh.get_workload(w.id)).state == t.WORKLOAD_STATE_RUNNING and x, 30,
+                       "the re-adopted workload to be RUNNING")
+    time.sleep(1.0)                          # room for a (wrong) second start to show
+    assert shims_of(w.id) == first and len(first) == 1
+    assert running.pid and os.path.exists(f"/proc/{running.pid}")
+    assert mesh.stop_workload(w.id).state == t.WORKLOAD_STATE_STOPPED
+    wait_for(lambda: not shims_of(w.id), 10, "the supervisor to end")
+
+
+def test_run_request_id_is_idempotent_across_a_control_plane_restart(cluster, mesh):
+    """A retried Run with the same request_id returns the first workload, also after the control plane
+    was killed and restarted (the id is in etcd); another id runs a second one."""
+    s = mesh.allocate(tenant="wl", mig_profile="1g.10gb").slices[0]
+    cmd = [PY, "-c", "import time; time.sleep(30)"]
+    first = mesh.run_workload(s.id, cmd, request_id="retry-me-1")
+    assert first.state == t.WORKLOAD_STATE_RUNNING
+    assert mesh.run_workload(s.id, cmd, request_id="retry-me-1").id == first.id
+    cluster.restart_controlplane(kill=True)
+    with cluster.client(timeout=30) as again:
+        retried = again.run_workload(s.id, cmd, request_id="retry-me-1")
+        assert retried.id == first.id
+        assert [w.id for w in again.list_workloads(slice_id=s.id) if w.state == t.WORKLOAD_STATE_RUNNING] == [first.id]
+        other = again.run_workload(s.id, cmd, request_id="retry-me-2")
+        assert other.id != first.id
+        with pytest.raises(errors.InvalidArgument, match="request_id"):
+            again.run_workload(s.id, cmd, request_id="x" * 200)
+        for wid in (first.id, other.id):
+            again.stop_workload(wid)

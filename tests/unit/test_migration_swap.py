@@ -59,9 +59,17 @@ def test_cross_node_swap_each_node_renames_its_part():
     assert dst.agent.slicer.mig == {"s-x": NEW} and dst.agent.realized["s-x"].device_uuid == "MIG-new"
 
 
-def test_hand_over_gives_the_workload_id_to_the_target():
-    calls = []
-    runner = SimpleNamespace(workloads={"w-1": 1, "w-1~m-1": 2}, rekey=lambda a, b: calls.append((a, b)))
-    ma = MigrationAgent(SimpleNamespace(node="a"), runner)
+def test_hand_over_gives_the_workload_id_to_the_target(tmp_path):
+    from nodeagent.workloads import WorkloadRunner
+    agent = SimpleNamespace(node="a", desired={}, realized={})
+    runner = WorkloadRunner(agent, str(tmp_path))
+    for wid, sl in (("w-1", "s-src"), ("w-1~m-1", "s-dst")):
+        runner.workloads[wid] = t.Workload(id=wid, slice_id=sl, state=t.WORKLOAD_STATE_RUNNING)
+        runner.meta[wid] = {}
+        runner.save(wid)
+    ma = MigrationAgent(agent, runner)
     assert ma._hand_over("w-1", "w-1~m-1") == "w-1~m-1~source"
-    assert calls == [("w-1", "w-1~m-1~source"), ("w-1~m-1", "w-1")]
+    assert runner.workloads["w-1"].slice_id == "s-dst" and runner.meta["w-1"]["stem"] == "w-1~m-1"
+    assert runner.workloads["w-1~m-1~source"].slice_id == "s-src" and "hand_over_to" not in runner.meta["w-1"]
+    again = WorkloadRunner(agent, str(tmp_path))           # durable: a restarted agent sees the same
+    assert {k: w.slice_id for k, w in again.workloads.items()} == {"w-1": "s-dst", "w-1~m-1~source": "s-src"}

@@ -26,7 +26,7 @@ from gpumesh.v1 import node_service_pb2 as gpumesh_dot_v1_dot_node__service__pb2
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gpumesh/v1/workload_service.proto\x12\ngpumesh.v1\x1a\x1dgpumesh/v1/node_service.proto\x1a\x16gpumesh/v1/types.proto\"\xb1\x02\n\x12RunWorkloadRequest\x12\x10\n\x08slice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x34\n\x03\x65nv\x18\x03 \x03(\x0b\x32\'.gpumesh.v1.RunWorkloadRequest.EnvEntry\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.gpumesh.v1.RunWorkloadRequest.LabelsEntry\x12+\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0b\x32\x1a.gpumesh.v1.ServingBackend\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x13StopWorkloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\" \n\x12GetWorkloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x14ListWorkloadsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08slice_id\x18\x03 \x01(\t\"@\n\x15ListWorkloadsResponse\x12\'\n\tworkloads\x18\x01 \x03(\x0b\x32\x14.gpumesh.v1.Workload\"E\n\x13WorkloadLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x32\xd8\x02\n\x0fWorkloadService\x12;\n\x03Run\x12\x1e.gpumesh.v1.RunWorkloadRequest\x1a\x14.gpumesh.v1.Workload\x12=\n\x04Stop\x12\x1f.gpumesh.v1.StopWorkloadRequest\x1a\x14.gpumesh.v1.Workload\x12;\n\x03Get\x12\x1e.gpumesh.v1.GetWorkloadRequest\x1a\x14.gpumesh.v1.Workload\x12K\n\x04List\x12 .gpumesh.v1.ListWorkloadsRequest\x1a!.gpumesh.v1.ListWorkloadsResponse\x12?\n\x04Logs\x12\x1f.gpumesh.v1.WorkloadLogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gpumesh/v1/workload_service.proto\x12\ngpumesh.v1\x1a\x1dgpumesh/v1/node_service.proto\x1a\x16gpumesh/v1/types.proto\"\xc5\x02\n\x12RunWorkloadRequest\x12\x10\n\x08slice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x34\n\x03\x65nv\x18\x03 \x03(\x0b\x32\'.gpumesh.v1.RunWorkloadRequest.EnvEntry\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.gpumesh.v1.RunWorkloadRequest.LabelsEntry\x12+\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0b\x32\x1a.gpumesh.v1.ServingBackend\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x13StopWorkloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\" \n\x12GetWorkloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x14ListWorkloadsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08slice_id\x18\x03 \x01(\t\"@\n\x15ListWorkloadsResponse\x12\'\n\tworkloads\x18\x01 \x03(\x0b\x32\x14.gpumesh.v1.Workload\"E\n\x13WorkloadLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x32\xd8\x02\n\x0fWorkloadService\x12;\n\x03Run\x12\x1e.gpumesh.v1.RunWorkloadRequest\x1a\x14.gpumesh.v1.Workload\x12=\n\x04Stop\x12\x1f.gpumesh.v1.StopWorkloadRequest\x1a\x14.gpumesh.v1.Workload\x12;\n\x03Get\x12\x1e.gpumesh.v1.GetWorkloadRequest\x1a\x14.gpumesh.v1.Workload\x12K\n\x04List\x12 .gpumesh.v1.ListWorkloadsRequest\x1a!.gpumesh.v1.ListWorkloadsResponse\x12?\n\x04Logs\x12\x1f.gpumesh.v1.WorkloadLogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNWORKLOADREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_RUNWORKLOADREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_RUNWORKLOADREQUEST']._serialized_start=105
-  _globals['_RUNWORKLOADREQUEST']._serialized_end=410
-  _globals['_RUNWORKLOADREQUEST_ENVENTRY']._serialized_start=321
-  _globals['_RUNWORKLOADREQUEST_ENVENTRY']._serialized_end=363
-  _globals['_RUNWORKLOADREQUEST_LABELSENTRY']._serialized_start=365
-  _globals['_RUNWORKLOADREQUEST_LABELSENTRY']._serialized_end=410
-  _globals['_STOPWORKLOADREQUEST']._serialized_start=412
-  _globals['_STOPWORKLOADREQUEST']._serialized_end=468
-  _globals['_GETWORKLOADREQUEST']._serialized_start=470
-  _globals['_GETWORKLOADREQUEST']._serialized_end=502
-  _globals['_LISTWORKLOADSREQUEST']._serialized_start=504
-  _globals['_LISTWORKLOADSREQUEST']._serialized_end=574
-  _globals['_LISTWORKLOADSRESPONSE']._serialized_start=576
-  _globals['_LISTWORKLOADSRESPONSE']._serialized_end=640
-  _globals['_WORKLOADLOGSREQUEST']._serialized_start=642
-  _globals['_WORKLOADLOGSREQUEST']._serialized_end=711
-  _globals['_WORKLOADSERVICE']._serialized_start=714
-  _globals['_WORKLOADSERVICE']._serialized_end=1058
+  _globals['_RUNWORKLOADREQUEST']._serialized_end=430
+  _globals['_RUNWORKLOADREQUEST_ENVENTRY']._serialized_start=341
+  _globals['_RUNWORKLOADREQUEST_ENVENTRY']._serialized_end=383
+  _globals['_RUNWORKLOADREQUEST_LABELSENTRY']._serialized_start=385
+  _globals['_RUNWORKLOADREQUEST_LABELSENTRY']._serialized_end=430
+  _globals['_STOPWORKLOADREQUEST']._serialized_start=432
+  _globals['_STOPWORKLOADREQUEST']._serialized_end=488
+  _globals['_GETWORKLOADREQUEST']._serialized_start=490
+  _globals['_GETWORKLOADREQUEST']._serialized_end=522
+  _globals['_LISTWORKLOADSREQUEST']._serialized_start=524
+  _globals['_LISTWORKLOADSREQUEST']._serialized_end=594
+  _globals['_LISTWORKLOADSRESPONSE']._serialized_start=596
+  _globals['_LISTWORKLOADSRESPONSE']._serialized_end=660
+  _globals['_WORKLOADLOGSREQUEST']._serialized_start=662
+  _globals['_WORKLOADLOGSREQUEST']._serialized_end=731
+  _globals['_WORKLOADSERVICE']._serialized_start=734
+  _globals['_WORKLOADSERVICE']._serialized_end=1078
 # @@protoc_insertion_point(module_scope)

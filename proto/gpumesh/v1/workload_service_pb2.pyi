@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunWorkloadRequest(_message.Message):
-    __slots__ = ("slice_id", "command", "env", "labels", "backend")
+    __slots__ = ("slice_id", "command", "env", "labels", "backend", "request_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -29,12 +29,14 @@ class RunWorkloadRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     slice_id: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     labels: _containers.ScalarMap[str, str]
     backend: _types_pb2.ServingBackend
-    def __init__(self, slice_id: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., backend: _Optional[_Union[_types_pb2.ServingBackend, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, slice_id: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., backend: _Optional[_Union[_types_pb2.ServingBackend, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StopWorkloadRequest(_message.Message):
     __slots__ = ("id", "grace_seconds")

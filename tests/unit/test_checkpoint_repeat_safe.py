@@ -1,0 +1,114 @@
+"""The agent's CHECKPOINT step is repeat-safe by checkpoint id (the control plane re-sends it every few
+seconds): a repeat while it runs starts nothing, a repeat after it ended gets the same answer, a repeat
+after an agent restart answers from the checkpoint already in the store; half-written checkpoint
+directories a dead agent left are removed when the agent starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import types
+
+from gpumesh.v1 import migration_service_pb2 as M
+from mesh.checkpoint.format import CheckpointWriter
+from nodeagent import migrate_checkpoint
+from nodeagent.migrate import MigrationAgent
+
+R = M.MigrationReport
+DEAD_PID = 2 ** 22 + 4321          # above pid_max's default: no such process
+
+
+def agent(store):
+    runner = types.SimpleNamespace(workloads={}, meta={})
+    return MigrationAgent(types.SimpleNamespace(node="n1"), runner, str(store))
+
+
+def cmd(ck="ck-1"):
+    return M.MigrationCommand(migration_id=ck, action=M.MigrationCommand.CHECKPOINT, workload_id="w-1",
+                              path=f"t/w-1/{ck}", tenant="t", checkpoint_key=b"k" * 32)
+
+
+async def drive(m, *cmds, between=None):
+    m.outbox, m.loop = asyncio.Queue(), asyncio.get_running_loop()
+    tasks = []
+    for c in cmds:
+        tasks.append(asyncio.create_task(m.on_command(c, m.outbox)))
+        await asyncio.sleep(0)
+        if between is not None:
+            await between()
+    await asyncio.gather(*tasks)
+    out = []
+    while not m.outbox.empty():
+        out.append(m.outbox.get_nowait().migration)
+    return out
+
+
+def test_a_repeat_after_a_restart_answers_from_the_written_checkpoint(tmp_path):
+    w = CheckpointWriter(tmp_path / "t" / "w-1" / "ck-1", "w-1", private=True)
+    w.commit(step=7, extras={"encryption": {"checkpoint": "ck-1", "key": "tenant"}})
+    m = agent(tmp_path)                  # a new agent process: no job, the workload is not even here
+    out = asyncio.run(drive(m, cmd(), cmd()))
+    assert [r.event for r in out] == [R.CHECKPOINTED, R.CHECKPOINTED]
+    assert out[0].step == 7 and out[0].encrypted and out[0].path == "t/w-1/ck-1" and out[0] == out[1]
+
+
+def test_a_repeat_while_it_runs_starts_nothing_and_gets_the_same_answer(tmp_path, monkeypatch):
+    calls = []
+    gate = asyncio.Event
+
+    async def write(self, c):
+        calls.append(c.migration_id)
+        await self.gate.wait()
+        return R(migration_id=c.migration_id, event=R.CHECKPOINTED, path=c.path, step=3)
+    monkeypatch.setattr(migrate_checkpoint.CheckpointSteps, "_write_checkpoint", write)
+    m = agent(tmp_path)
+
+    async def main():
+        m.gate = gate()
+        state = {"n": 0}
+
+        async def between():
+            state["n"] += 1
+            if state["n"] == 2:
+                m.gate.set()            # the first run ends after the second command arrived
+        first = await drive(m, cmd(), cmd(), between=between)
+        again = await drive(m, cmd())
+        return first, again
+    first, again = asyncio.run(main())
+    assert calls == ["ck-1"]
+    assert [r.event for r in first] == [R.CHECKPOINTED] and again == first
+
+
+def test_a_failure_is_answered_the_same_way_to_a_repeat(tmp_path):
+    m = agent(tmp_path)
+    out = asyncio.run(drive(m, cmd(), cmd()))
+    assert [r.event for r in out] == [R.FAILED, R.FAILED] and "does not run" in out[0].message
+
+
+def test_partial_checkpoints_of_a_dead_agent_are_removed_at_start(tmp_path):
+    d = tmp_path / "t" / "w-1"
+    d.mkdir(parents=True)
+    done = d / "ck-1"
+    (done / "data").mkdir(parents=True)
+    stale = d / f"ck-2.partial-{DEAD_PID}"
+    (stale / "data").mkdir(parents=True)
+    (stale / "data" / "e0").write_bytes(b"x")
+    old = d / f"ck-1.old-{DEAD_PID}"
+    old.mkdir()
+    fresh = d / f"ck-3.partial-{DEAD_PID + 1}"         # another host's writer, still writing
+    fresh.mkdir()
+    live = d / f"ck-4.partial-{os.getpid()}"
+    live.mkdir()
+    past = time.time() - 2 * migrate_checkpoint.PARTIAL_STALE_S
+    for p in (stale, stale / "data", stale / "data" / "e0", old, live):
+        os.utime(p, (past, past))
+    orphan = d / f"ck-5.old-{DEAD_PID}"                 # died between the renames: the only copy of ck-5
+    (orphan / "data").mkdir(parents=True)
+    past = time.time() - 2 * migrate_checkpoint.PARTIAL_STALE_S
+    for p in (orphan, orphan / "data"):
+        os.utime(p, (past, past))
+    agent(tmp_path)
+    assert not stale.exists() and not old.exists()
+    assert done.exists() and fresh.exists() and live.exists()
+    assert (d / "ck-5" / "data").is_dir() and not orphan.exists()
