@@ -157,6 +157,14 @@ def test_run_backend_reaches_the_sdk_and_prints_the_endpoint(runmesh, capsys):
     assert doc["endpoint"] == "10.0.0.5:41000" and doc["backend"]["kind"] == "vllm"
 
 
+def test_run_request_id_reaches_the_sdk(runmesh, capsys):
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--request-id", "job-42", "--",
+                       "python", "train.py"])
+    assert rc == 0, capsys.readouterr().err
+    sid, cmd, kw = runmesh.runs[-1]
+    assert cmd == ["python", "train.py"] and kw["request_id"] == "job-42"
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--backend", "llama.cpp"], "--artifact is required"),
     (["--backend", "llama.cpp", "--artifact", "/m", "--", "python"], "give no COMMAND"),

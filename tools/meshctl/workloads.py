@@ -18,6 +18,7 @@ examples:
   meshctl run --slice s-7f3a9c1e2b4d -- python train.py --epochs 3
   meshctl run --slice s-7f3a9c1e2b4d --env NCCL_DEBUG=INFO --label job=train-42 -- ./serve
   meshctl run --slice s-7f3a9c1e2b4d -f -- nvidia-smi -L     # follow its output, exit with its status
+  meshctl run --slice s-7f3a9c1e2b4d --request-id job-42 -- ./train   # a retry with job-42 runs nothing twice
   meshctl run --slice s-7f3a9c1e2b4d --backend llama.cpp --artifact /models/SmolLM2-135M-Instruct.Q4_1.gguf \
       --context 512 --served-name smollm2                   # a model server; prints its ENDPOINT
   meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 --device cpu -o json
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra environment (repeatable)")
     r.add_argument("--label", type=_pair("label"), action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept with the workload (repeatable)")
+    r.add_argument("--request-id", default="", metavar="KEY",
+                   help="idempotency key: running the same command again with the same key (a retry after a "
+                        "timeout) returns the first workload instead of starting a second one")
     r.add_argument("-f", "--follow", action="store_true",
                    help="print its output until it ends, then exit with its exit status")
     b = r.add_argument_group("model server (instead of a COMMAND)")
@@ -119,9 +123,10 @@ def run_run(args: argparse.Namespace) -> int:
     with client(args) as mesh:
         if args.backend:
             w = mesh.run_workload(args.slice, env=dict(args.env), labels=dict(args.label), backend=args.backend,
-                                  **server)
+                                  request_id=args.request_id, **server)
         else:
-            w = mesh.run_workload(args.slice, command, env=dict(args.env), labels=dict(args.label))
+            w = mesh.run_workload(args.slice, command, env=dict(args.env), labels=dict(args.label),
+                                  request_id=args.request_id)
         if args.follow:
             _stream(mesh, w.id, 0, True)
             w = mesh.get_workload(w.id)
