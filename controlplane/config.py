@@ -61,8 +61,9 @@ class ControlPlaneConfig:
     retention_seconds: float = option(7 * 86400.0, "how long finished workloads, finished migrations and "
                                       "checkpoint records (with their log files and checkpoint files) are kept "
                                       "after they end", minimum=1, maximum=10 * 365 * 86400)
-    request_id_retention_seconds: float = option(86400.0, "how long an Allocate request_id is remembered (a retry "
-                                                 "with it within this time gets the same allocation)", minimum=10,
+    request_id_retention_seconds: float = option(86400.0, "how long an Allocate or Run request_id is remembered (a "
+                                                 "retry with it within this time gets the same allocation or "
+                                                 "workload)", minimum=10,
                                                  maximum=30 * 86400)
     events_retention_seconds: float = option(86400.0, "how long an event is kept after it last happened "
                                              "(`meshctl get events`)", minimum=1, maximum=365 * 86400)
