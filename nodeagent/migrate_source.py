@@ -159,5 +159,8 @@ class SourceSteps(MigrationBase):
             try:
                 await asyncio.to_thread(abort)
             except (OSError, ConnectionError) as e:
+                # still paused: FAILED (not SOURCE_RESUMED), so the control plane asks again and the
+                # migration stays ROLLING_BACK until the source really runs on
                 log(logger, logging.WARNING, "cannot resume the source", workload=wid, error=str(e))
+                raise RuntimeError(f"the source {wid} did not resume: {e}") from e
         report(R.SOURCE_RESUMED)
