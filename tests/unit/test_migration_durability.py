@@ -284,3 +284,35 @@ def test_targets_on_keeps_a_cross_node_target_until_the_record_names_its_node():
     m.phase = P.MIGRATION_PHASE_DONE
     wm.workloads[WID] = running_on_source()
     assert mm.targets_on("nB") == []
+
+
+def test_an_idle_resize_commit_that_fails_is_retried_and_adopted_only_once_written():
+    """A slice without a workload: PLANNED -> COMMITTED swaps the two placements in one write. A failed
+    write leaves the live record PLANNED and the fleet's slices as they were, and is tried again."""
+    async def main():
+        etcd = Etcd()
+        mm, _, _ = manager(etcd, None)
+        x = types_pb2.Slice(id="s-x", node="nA", gpu_index=0, profile="1g.10gb", state=types_pb2.SLICE_STATE_READY)
+        tgt = types_pb2.Slice(id="s-t", node="nA", gpu_index=1, profile="3g.40gb", state=types_pb2.SLICE_STATE_READY)
+        slices = {"s-x": x, "s-t": tgt}
+        mm.ctl.fleet = types.SimpleNamespace(slices=slices, put_slice=lambda s: slices.__setitem__(s.id, s))
+        seen = []
+
+        async def save(changed, extra=(), extra_conds=()):
+            m = M.Migration.FromString(next(o.value for o in extra if o.key == keys.migration(MID)))
+            seen.append((m.phase, mm.migrations[MID].phase))
+            if len(seen) < 3:
+                raise errors.Unavailable("etcd: no leader")
+            return await etcd.write([*extra], extra_conds)
+        mm.ctl.save = save
+        m = M.Migration(id=MID, source_node="nA", source_slice="s-x", target_node="nA", target_slice="s-t",
+                        resize_slice="s-x", phase=P.MIGRATION_PHASE_PLANNED)
+        etcd.kv[keys.migration(MID)] = m.SerializeToString()
+        mm.migrations[MID] = m
+        await mm._commit_idle_resize(m)
+        # each try wrote COMMITTED while the live record was still PLANNED; adopted after the third
+        assert seen == [(P.MIGRATION_PHASE_COMMITTED, P.MIGRATION_PHASE_PLANNED)] * 3
+        assert m.phase == P.MIGRATION_PHASE_COMMITTED and mm.migrations[MID] is m
+        assert etcd.migration().phase == P.MIGRATION_PHASE_COMMITTED
+        assert slices["s-x"].profile == "3g.40gb" and slices["s-t"].profile == "1g.10gb"
+    asyncio.run(main())
