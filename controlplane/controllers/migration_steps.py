@@ -280,12 +280,14 @@ class StepsMixin:
     async def _resume_source(self, m: M.Migration) -> None:
         """ABORT_SOURCE until the source's agent answers SOURCE_RESUMED: asked again every RESEND seconds, so an
         agent that is away gets it on its next session, and again after a FAILED answer (the SDK did not
-        answer its resume). Given up only when the source is no longer the workload (its record is gone, or
-        not RUNNING on the source node: the agent reported it ended, or the node was declared lost)."""
+        answer its resume). Given up only when the source is no longer the workload: its record is gone, names
+        another node, or has ended (the agent reported it ended, or its slice was deleted). UNKNOWN (the node
+        NotReady: its agent away past its lease) is waited for: the agent may come back with the source paused."""
         last = ""
         while True:
             w = self.wm.workloads.get(m.workload_id)
-            if w is None or w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
+            if w is None or w.node != m.source_node or w.state not in (W.WORKLOAD_STATE_RUNNING,
+                                                                        W.WORKLOAD_STATE_UNKNOWN):
                 state = "gone" if w is None else f"{W.WorkloadState.Name(w.state)} on {w.node}"
                 log(logger, logging.WARNING, "rollback: the source is no longer the workload; not resumed",
                     migration=m.id, workload=m.workload_id, state=state)

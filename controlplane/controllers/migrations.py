@@ -31,6 +31,11 @@ migration allocated, resume the source, then ABORTED); a COMMITTED one is finish
 the source, resume the target, DONE). Every agent step is idempotent and is repeated until
 answered, so a step cut by a crash or a reconnect is simply asked again.
 
+Only a durable phase is acted on: a phase change is built on a copy and adopted once etcd took it
+(`_set`, `_adopt`); a commit write that fails unapplied is tried again with the source paused (a
+refused one rolls back), so the target never runs on a commit etcd does not hold. A rollback stays
+ROLLING_BACK until the source's agent confirms the source resumed (re-sent on its next session).
+
 Checkpoints: `Checkpoint` asks the workload's agent to write a consistent checkpoint into
 the store (agents' `checkpoint_dir`, encrypted per tenant when keys are configured); the
 record is `/gpumesh/v1/checkpoints/<id>`. `Restore` is a migration without a source: the

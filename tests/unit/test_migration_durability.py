@@ -212,11 +212,17 @@ def test_rollback_waits_for_a_source_agent_that_is_away_longer_than_the_step_tim
     monkeypatch.setattr(migration_steps, "STEP_TIMEOUT", 0.05)     # ABORT_SOURCE's wait: 0.1 s here
     async def main():
         etcd = Etcd()
-        mm, sessions, _ = manager(etcd, running_on_source())
+        mm, sessions, wm = manager(etcd, running_on_source())
         b = Agent("nB", mm, etcd, dict(CROSS_NODE))
         sessions["nB"] = b                               # the source's agent (nA) is away
         start(mm, migration(etcd, P.MIGRATION_PHASE_ROLLING_BACK, message="rolling back: restarted in paused"))
-        await asyncio.sleep(0.5)                         # several ABORT_SOURCE waits ran out
+        await asyncio.sleep(0.3)                         # several ABORT_SOURCE waits ran out
+        assert mm.migrations[MID].phase == P.MIGRATION_PHASE_ROLLING_BACK
+        unknown = types_pb2.Workload()
+        unknown.CopyFrom(wm.workloads[WID])
+        unknown.state = types_pb2.WORKLOAD_STATE_UNKNOWN       # away past its lease: node NotReady
+        wm.workloads[WID] = unknown
+        await asyncio.sleep(0.3)
         assert mm.migrations[MID].phase == P.MIGRATION_PHASE_ROLLING_BACK
         assert etcd.migration().phase == P.MIGRATION_PHASE_ROLLING_BACK
         a = Agent("nA", mm, etcd, dict(CROSS_NODE))
