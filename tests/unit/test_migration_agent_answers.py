@@ -59,6 +59,7 @@ def test_resume_target_asked_again_after_the_resumed_target_ended_is_answered_re
 
 def test_abort_source_whose_resume_fails_answers_failed(tmp_path):
     ma = agent(tmp_path, t.WORKLOAD_STATE_RUNNING, {})      # runs, but its SDK socket does not answer
+    (tmp_path / "w-1.sock").write_text("")                 # there, nothing listening: connection refused
     answers = run(ma, M.MigrationCommand(migration_id="m-1", action=C.ABORT_SOURCE, workload_id="w-1"))
     assert [e for e, _ in answers] == [R.FAILED]
     assert "did not resume" in answers[0][1]
@@ -66,5 +67,11 @@ def test_abort_source_whose_resume_fails_answers_failed(tmp_path):
 
 def test_abort_source_of_a_source_that_ended_answers_resumed(tmp_path):
     ma = agent(tmp_path, t.WORKLOAD_STATE_SUCCEEDED, {})    # nothing to resume: the workload record says so
+    answers = run(ma, M.MigrationCommand(migration_id="m-1", action=C.ABORT_SOURCE, workload_id="w-1"))
+    assert [e for e, _ in answers] == [R.SOURCE_RESUMED]
+
+
+def test_abort_source_of_a_process_without_the_sdk_answers_resumed(tmp_path):
+    ma = agent(tmp_path, t.WORKLOAD_STATE_RUNNING, {})      # no SDK socket: nothing could have paused it
     answers = run(ma, M.MigrationCommand(migration_id="m-1", action=C.ABORT_SOURCE, workload_id="w-1"))
     assert [e for e, _ in answers] == [R.SOURCE_RESUMED]
