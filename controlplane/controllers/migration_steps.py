@@ -229,18 +229,39 @@ class StepsMixin:
                 await self._stop_source(m)
             except (StepFailed, errors.MeshError) as e:
                 results[1] = e
-            await resume
+            try:
+                await resume
+            except (StepFailed, errors.MeshError) as e:
+                if self._target_ended(m) is None:
+                    raise
+                results[0] = e
         else:
             jobs = [resume] if resume is not None else []
             if not m.checkpoint_id and m.workload_id:
                 jobs.append(self._stop_source(m))
             results = await asyncio.gather(*jobs, return_exceptions=True)
-            if results and isinstance(results[0], BaseException):
+            if results and isinstance(results[0], BaseException) and self._target_ended(m) is None:
                 raise results[0]
         if m.resize_slice:
             await self._release_old_placement(m)
-        await self._set(m, P.MIGRATION_PHASE_DONE, message="" if len(results) < 2 or not isinstance(
-            results[1], BaseException) else f"source not confirmed stopped: {results[1]}")
+        notes = []
+        if results and isinstance(results[0], BaseException):
+            notes.append(f"the target ended before it ran ({self._target_ended(m)}): {results[0]}")
+        if len(results) > 1 and isinstance(results[1], BaseException):
+            notes.append(f"source not confirmed stopped: {results[1]}")
+        await self._set(m, P.MIGRATION_PHASE_DONE, message="; ".join(notes))
+
+    def _target_ended(self, m: M.Migration) -> str | None:
+        """After the commit the record names the target: when its agent reported it ended (it died, or was
+        stopped, before it ran), RESUME_TARGET can only fail, so the migration ends (DONE, saying so) instead
+        of asking forever; the workload's record shows the end. None while it may still run."""
+        w = self.wm.workloads.get(m.workload_id)
+        if w is None:
+            return "its record is gone"
+        if w.node == m.target_node and w.state not in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING,
+                                                       W.WORKLOAD_STATE_UNKNOWN):
+            return f"{W.WorkloadState.Name(w.state)} on {w.node}"
+        return None
 
     async def _stop_source(self, m: M.Migration) -> None:
         await self._ask(m.id, m.source_node, M.MigrationCommand(

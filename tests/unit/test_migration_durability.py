@@ -322,3 +322,23 @@ def test_an_idle_resize_commit_that_fails_is_retried_and_adopted_only_once_writt
         assert etcd.migration().phase == P.MIGRATION_PHASE_COMMITTED
         assert slices["s-x"].profile == "3g.40gb" and slices["s-t"].profile == "1g.10gb"
     asyncio.run(main())
+
+
+def test_finish_asks_again_while_the_target_may_run_and_ends_once_its_end_is_reported():
+    """RESUME_TARGET answered FAILED (the target is not running): asked again while the workload's record
+    may still run; once the target's agent reported its end, the migration ends DONE saying so."""
+    async def main():
+        etcd = Etcd()
+        mm, sessions, wm = manager(etcd, running_on_source())
+        b = Agent("nB", mm, etcd, {**CROSS_NODE, C.RESUME_TARGET: [R.FAILED]})
+        sessions.update(nA=Agent("nA", mm, etcd, dict(CROSS_NODE)), nB=b)
+        start(mm, migration(etcd, P.MIGRATION_PHASE_PAUSED))
+        await wait_for(lambda: b.actions().count("RESUME_TARGET") >= 3, "RESUME_TARGET asked again")
+        assert mm.migrations[MID].phase == P.MIGRATION_PHASE_COMMITTED
+        ended = types_pb2.Workload()
+        ended.CopyFrom(wm.workloads[WID])
+        ended.state = types_pb2.WORKLOAD_STATE_FAILED          # the target's agent reported it
+        wm.workloads[WID] = ended
+        await wait_for(lambda: mm.migrations[MID].phase == P.MIGRATION_PHASE_DONE, "DONE")
+        assert "the target ended before it ran" in mm.migrations[MID].message
+    asyncio.run(main())
