@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -151,7 +152,8 @@ class SourceSteps(MigrationBase):
         if await self._abort_transparent(wid):
             report(R.SOURCE_RESUMED)
             return
-        if self._running(wid):
+        if self._running(wid) and os.path.exists(self._socket(wid)):
+            # (no SDK socket: a process without the SDK, e.g. a model server before its dump, was never paused)
             def abort() -> None:
                 with AgentLink(self._socket(wid), timeout=30) as link:
                     link.call("precopy_abort")
@@ -159,5 +161,8 @@ class SourceSteps(MigrationBase):
             try:
                 await asyncio.to_thread(abort)
             except (OSError, ConnectionError) as e:
+                # still paused: FAILED (not SOURCE_RESUMED), so the control plane asks again and the
+                # migration stays ROLLING_BACK until the source really runs on
                 log(logger, logging.WARNING, "cannot resume the source", workload=wid, error=str(e))
+                raise RuntimeError(f"the source {wid} did not resume: {e}") from e
         report(R.SOURCE_RESUMED)

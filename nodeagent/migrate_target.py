@@ -133,7 +133,12 @@ class TargetSteps(MigrationBase):
             w = self.runner.workloads.get(wid)
             if w is None:
                 raise RuntimeError(f"workload {wid} is not on {self.agent.node}")
-            step = 0                    # it ran and ended already: resumed before
+            if self.runner.meta.get(wid, {}).get("migration") == cmd.migration_id:
+                # never resumed (a resume clears the mark below) and not running: it was stopped or died
+                # while holding. Never answer resumed for a target that does not run.
+                raise RuntimeError(f"the target {wid} of migration {cmd.migration_id} is not running "
+                                   f"({types_pb2.WorkloadState.Name(w.state)}: {w.message or 'no message'})")
+            step = 0                    # it ran (resumed by an earlier RESUME_TARGET) and ended already
         meta = self.runner.meta.get(wid, {})
         if meta.pop("migration", None) is not None:
             self.runner.save(wid)

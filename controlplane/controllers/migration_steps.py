@@ -41,7 +41,8 @@ class StepsMixin:
                     await steps[m.phase](m)
                 except (_Failed, errors.MeshError) as e:
                     if m.phase in BEFORE_COMMIT:
-                        await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK, message=f"rolling back: {e}")
+                        await self._until_written("rolling back", m, lambda e=e: self._set(
+                            m, P.MIGRATION_PHASE_ROLLING_BACK, message=f"rolling back: {e}"))
                     elif m.phase == before:
                         log(logger, logging.WARNING, "migration step failed; retrying", migration=m.id,
                             phase=phase_name(m.phase), error=str(e))
@@ -158,28 +159,36 @@ class StepsMixin:
         return secret
 
     async def _commit(self, m: M.Migration, rep: M.MigrationReport) -> None:
-        w = self.wm.workloads.get(m.workload_id)
-        if w is None:
-            raise _Failed(f"workload {m.workload_id} is gone")
-        if m.checkpoint_id is None or not m.checkpoint_id:
-            if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
-                raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
-        n = committed_record(w, m, rep.step)        # everything still true kept (migration_records.py)
-        m.phase = P.MIGRATION_PHASE_COMMITTED
-        m.step, m.downtime_ms, m.total_ms = rep.step, rep.downtime_ms, rep.total_ms
-        m.bytes_sent = max(m.bytes_sent, rep.bytes)
-        if rep.state_bytes:
-            m.state_bytes = rep.state_bytes
-        if rep.mb_per_s:
-            m.mb_per_s = rep.mb_per_s
-        if rep.transfer:
-            m.transfer = rep.transfer
-        m.message = ""
-        ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))]
-        if m.resize_slice:
-            await self._save_swapped(m, ops, conds)
-        else:
-            await self._save(m, ops, conds)
+        """The commit point: one transaction writes the migration COMMITTED and the workload's record on the
+        target. The new migration record is built on a copy and adopted (and the in-memory workload record
+        moved) only once etcd took the write, so nothing acts on a commit that is not durable. A write that
+        fails without a verdict (an etcd member restarting, quorum lost) is tried again while the source
+        stays paused and the target holds; only a refused precondition (nothing written) rolls back."""
+        while True:
+            w = self.wm.workloads.get(m.workload_id)
+            if w is None:
+                raise _Failed(f"workload {m.workload_id} is gone")
+            if m.checkpoint_id is None or not m.checkpoint_id:
+                if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
+                    raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
+            n = committed_record(w, m, rep.step)        # everything still true kept (migration_records.py)
+            c = M.Migration()
+            c.CopyFrom(m)
+            c.phase = P.MIGRATION_PHASE_COMMITTED
+            c.step, c.downtime_ms, c.total_ms = rep.step, rep.downtime_ms, rep.total_ms
+            c.bytes_sent = max(c.bytes_sent, rep.bytes)
+            if rep.state_bytes:
+                c.state_bytes = rep.state_bytes
+            if rep.mb_per_s:
+                c.mb_per_s = rep.mb_per_s
+            if rep.transfer:
+                c.transfer = rep.transfer
+            c.message = ""
+            ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))]
+            if await self._write_commit(m, c, ops, conds):
+                break
+        # adopted together with the phase (no await in between): the target node's full command names the
+        # target through the whole commit (targets_on before, the record after)
         self.wm.workloads[n.id] = n
         self.wm.stopping.discard(n.id)
         for fut in self.wm.waiters.pop(n.id, []):
@@ -188,6 +197,22 @@ class StepsMixin:
         log(logger, logging.INFO, "migration committed", migration=m.id, workload=m.workload_id,
             target=m.target_node, step=m.step, downtime_ms=round(m.downtime_ms, 1))
         await self._pause_hook(m)
+
+    async def _write_commit(self, m: M.Migration, c: M.Migration, ops: list, conds: list) -> bool:
+        """Write the commit `c` of `m` (adopted on success: True). A refused precondition (errors.Aborted:
+        nothing was written) fails the step, so it rolls back; any other failure is logged and answers False
+        after a pause, for the caller to try again with what is then current (the same transaction again:
+        writing it twice is harmless if the first one did land after all)."""
+        try:
+            await self._adopt(m, c, ops, conds, swapped=bool(m.resize_slice))
+            return True
+        except errors.Aborted as e:
+            raise _Failed(f"the commit was refused (nothing written): {e}") from None
+        except errors.MeshError as e:
+            log(logger, logging.WARNING, "migration commit not written; the source stays paused, trying again",
+                migration=m.id, workload=m.workload_id, error=str(e))
+            await asyncio.sleep(RESEND)
+            return False
 
     async def _finish(self, m: M.Migration) -> None:
         """After the commit: the source stops and the target runs (both asked at once: the source is
@@ -204,18 +229,39 @@ class StepsMixin:
                 await self._stop_source(m)
             except (StepFailed, errors.MeshError) as e:
                 results[1] = e
-            await resume
+            try:
+                await resume
+            except (StepFailed, errors.MeshError) as e:
+                if self._target_ended(m) is None:
+                    raise
+                results[0] = e
         else:
             jobs = [resume] if resume is not None else []
             if not m.checkpoint_id and m.workload_id:
                 jobs.append(self._stop_source(m))
             results = await asyncio.gather(*jobs, return_exceptions=True)
-            if results and isinstance(results[0], BaseException):
+            if results and isinstance(results[0], BaseException) and self._target_ended(m) is None:
                 raise results[0]
         if m.resize_slice:
             await self._release_old_placement(m)
-        await self._set(m, P.MIGRATION_PHASE_DONE, message="" if len(results) < 2 or not isinstance(
-            results[1], BaseException) else f"source not confirmed stopped: {results[1]}")
+        notes = []
+        if results and isinstance(results[0], BaseException):
+            notes.append(f"the target ended before it ran ({self._target_ended(m)}): {results[0]}")
+        if len(results) > 1 and isinstance(results[1], BaseException):
+            notes.append(f"source not confirmed stopped: {results[1]}")
+        await self._set(m, P.MIGRATION_PHASE_DONE, message="; ".join(notes))
+
+    def _target_ended(self, m: M.Migration) -> str | None:
+        """After the commit the record names the target: when its agent reported it ended (it died, or was
+        stopped, before it ran), RESUME_TARGET can only fail, so the migration ends (DONE, saying so) instead
+        of asking forever; the workload's record shows the end. None while it may still run."""
+        w = self.wm.workloads.get(m.workload_id)
+        if w is None:
+            return "its record is gone"
+        if w.node == m.target_node and w.state not in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING,
+                                                       W.WORKLOAD_STATE_UNKNOWN):
+            return f"{W.WorkloadState.Name(w.state)} on {w.node}"
+        return None
 
     async def _stop_source(self, m: M.Migration) -> None:
         await self._ask(m.id, m.source_node, M.MigrationCommand(
@@ -224,8 +270,10 @@ class StepsMixin:
 
     async def _rollback(self, m: M.Migration) -> None:
         """Before the commit the source is the workload: stop the target, free what the migration
-        allocated, resume the source. Unreachable nodes are not waited for forever: the workload
-        manager's full command stops a stray target when its agent comes back."""
+        allocated, resume the source. The migration stays ROLLING_BACK (in etcd: a restarted control
+        plane asks again) until the source's agent confirms the source runs again, however long that
+        agent is away (`_resume_source`). An unreachable target node is not waited for forever: the
+        workload manager's full command stops a stray target when its agent comes back."""
         notes = []
 
         async def stop_target() -> None:
@@ -236,9 +284,7 @@ class StepsMixin:
 
         async def resume_source() -> None:
             if m.source_node and m.workload_id and not m.checkpoint_id:
-                await self._ask(m.id, m.source_node, M.MigrationCommand(
-                    migration_id=m.id, action=C.ABORT_SOURCE, workload_id=m.workload_id), (R.SOURCE_RESUMED,),
-                    STEP_TIMEOUT * 2, failures=False)
+                await self._resume_source(m)
         for name, result in zip(("target", "source"), await asyncio.gather(stop_target(), resume_source(),
                                                                            return_exceptions=True)):
             if isinstance(result, BaseException):
@@ -251,3 +297,30 @@ class StepsMixin:
         msg = m.message.removeprefix("rolling back: ")
         await self._set(m, P.MIGRATION_PHASE_ABORTED,
                         message=f"rolled back ({msg})" + (f"; {'; '.join(notes)}" if notes else ""))
+
+    async def _resume_source(self, m: M.Migration) -> None:
+        """ABORT_SOURCE until the source's agent answers SOURCE_RESUMED: asked again every RESEND seconds, so an
+        agent that is away gets it on its next session, and again after a FAILED answer (the SDK did not
+        answer its resume). Given up only when the source is no longer the workload: its record is gone, names
+        another node, or has ended (the agent reported it ended, or its slice was deleted). UNKNOWN (the node
+        NotReady: its agent away past its lease) is waited for: the agent may come back with the source paused."""
+        last = ""
+        while True:
+            w = self.wm.workloads.get(m.workload_id)
+            if w is None or w.node != m.source_node or w.state not in (W.WORKLOAD_STATE_RUNNING,
+                                                                        W.WORKLOAD_STATE_UNKNOWN):
+                state = "gone" if w is None else f"{W.WorkloadState.Name(w.state)} on {w.node}"
+                log(logger, logging.WARNING, "rollback: the source is no longer the workload; not resumed",
+                    migration=m.id, workload=m.workload_id, state=state)
+                return
+            try:
+                await self._ask(m.id, m.source_node, M.MigrationCommand(
+                    migration_id=m.id, action=C.ABORT_SOURCE, workload_id=m.workload_id), (R.SOURCE_RESUMED,),
+                    STEP_TIMEOUT * 2)
+                return
+            except _Failed as e:
+                if str(e) != last:
+                    last = str(e)
+                    log(logger, logging.WARNING, "rollback: the source has not resumed yet; asking again",
+                        migration=m.id, workload=m.workload_id, node=m.source_node, error=last)
+                await asyncio.sleep(RESEND)

@@ -31,6 +31,11 @@ migration allocated, resume the source, then ABORTED); a COMMITTED one is finish
 the source, resume the target, DONE). Every agent step is idempotent and is repeated until
 answered, so a step cut by a crash or a reconnect is simply asked again.
 
+Only a durable phase is acted on: a phase change is built on a copy and adopted once etcd took it
+(`_set`, `_adopt`); a commit write that fails unapplied is tried again with the source paused (a
+refused one rolls back), so the target never runs on a commit etcd does not hold. A rollback stays
+ROLLING_BACK until the source's agent confirms the source resumed (re-sent on its next session).
+
 Checkpoints: `Checkpoint` asks the workload's agent to write a consistent checkpoint into
 the store (agents' `checkpoint_dir`, encrypted per tenant when keys are configured); the
 record is `/gpumesh/v1/checkpoints/<id>`. `Restore` is a migration without a source: the
@@ -169,12 +174,39 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
                                node=m.source_node, source="migration-controller")
 
     async def _set(self, m: M.Migration, phase: int, **fields) -> None:
-        m.phase = phase
+        """Move `m` to `phase` once etcd holds it: the new record is built on a copy and adopted only after
+        the write succeeded, so a failed write leaves `m` in the phase etcd still says (never acted on)."""
+        n = M.Migration()
+        n.CopyFrom(m)
+        n.phase = phase
         for k, v in fields.items():
-            setattr(m, k, v)
-        await self._save(m)
+            setattr(n, k, v)
+        await self._adopt(m, n)
         log(logger, logging.INFO, "migration phase", migration=m.id, workload=m.workload_id,
             phase=phase_name(phase), message=m.message)
+
+    async def _adopt(self, m: M.Migration, n: M.Migration, ops: list = (), conds: list = (),
+                     swapped: bool = False) -> None:
+        """Write `n` (the next state of `m`, with `ops` in the same transaction; `swapped`: a resize's commit,
+        with both slice records) and only then make `m` it. On a failed write `m` is unchanged."""
+        if swapped:
+            await self._save_swapped(n, list(ops), list(conds))
+        else:
+            await self._save(n, ops, conds)
+        m.CopyFrom(n)
+        self.migrations[m.id] = m
+
+    async def _until_written(self, what: str, m: M.Migration, write) -> None:
+        """Repeat `write()` (a phase change that must not be skipped, e.g. into ROLLING_BACK) until etcd takes
+        it: an etcd member restarting or a lost quorum fails a write without applying it. Leadership lost
+        cancels the task (`stop`); the next leader recovers from what etcd holds."""
+        while True:
+            try:
+                return await write()
+            except errors.MeshError as e:
+                log(logger, logging.WARNING, "migration record not written; retrying", migration=m.id,
+                    what=what, error=str(e))
+                await asyncio.sleep(RESEND)
 
     async def _pause_hook(self, m: M.Migration) -> None:
         if self.pause_at is not None and m.phase == self.pause_at:
@@ -239,11 +271,15 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         """Workloads the target node must keep (the receiving target processes), for the workload
         manager's full command to an agent that reconnects mid-migration. A same-node target runs
         under its alias until the source hands the ID over after the commit, so it is kept through
-        COMMITTED too (once handed over, the agent knows no alias and ignores the entry)."""
+        COMMITTED too (once handed over, the agent knows no alias and ignores the entry). A target on another
+        node is kept through COMMITTED until the workload's record names that node (from then on the record
+        itself keeps it), so no moment of the commit leaves it out of the node's full command."""
         out = []
         for m in self.migrations.values():
-            wanted = m.phase in TARGET_WANTED or (m.phase == P.MIGRATION_PHASE_COMMITTED and alias(m))
-            if wanted and m.target_node == node and m.workload_id in self.wm.workloads:
+            w = self.wm.workloads.get(m.workload_id)
+            wanted = m.phase in TARGET_WANTED or (m.phase == P.MIGRATION_PHASE_COMMITTED and w is not None and (
+                alias(m) or w.node != m.target_node))
+            if wanted and m.target_node == node and w is not None:
                 t = self._target_spec(m, self.wm.workloads[m.workload_id])
                 t.started_at.CopyFrom(m.created_at)    # keep it if it runs; never start it from this command
                 out.append(t)

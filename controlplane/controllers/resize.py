@@ -248,9 +248,12 @@ class ResizeMixin:
         if any(x.slice_id == m.resize_slice and x.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)
                for x in self.wm.workloads.values()):
             raise StepFailed(f"a workload started on slice {m.resize_slice} meanwhile: resize again")
-        m.phase = P.MIGRATION_PHASE_COMMITTED
-        m.message = ""
-        await self._save_swapped(m, [], [])
+        c = M.Migration()
+        c.CopyFrom(m)
+        c.phase = P.MIGRATION_PHASE_COMMITTED
+        c.message = ""
+        while not await self._write_commit(m, c, [], []):     # adopted only once etcd holds it
+            pass
         log(logger, logging.INFO, "resize committed", migration=m.id, slice=m.resize_slice)
 
     async def _swap_on_agents(self, m: M.Migration) -> None:
