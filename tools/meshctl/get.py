@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tools.meshctl.common import CliError, client, out, subcommand
+from tools.meshctl.common import CliError, client, key_value, nonneg_int, out, subcommand
 
 # resource name -> canonical kind
 RESOURCES = {
@@ -78,37 +78,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="nodes: ready | not-ready; slices: pending | ready | releasing | failed | unknown")
     p.add_argument("--model", default="", help="deployments of this model only")
     p.add_argument("--family", default="", help="models of this family only")
-    p.add_argument("-l", "--selector", type=_label, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("-l", "--selector", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE",
                    help="deployments or models with this label (repeatable: all must match)")
     p.add_argument("--for", dest="for_", default="", metavar="KIND/NAME",
                    help="events: only those of this object (node/NAME, slice/ID, deployment/NAME, migration/ID, "
                         "allocation/ID, workload/ID, gpu/NODE/INDEX) or kind (node)")
     p.add_argument("--type", default="", help="events: Normal or Warning only")
     p.add_argument("--reason", default="", help="events: only this reason (Scaled, Preempted, NodeNotReady, ...)")
-    p.add_argument("--limit", type=_count, default=0, metavar="N", help="events: the newest N only (0: all)")
+    p.add_argument("--limit", type=nonneg_int, default=0, metavar="N", help="events: the newest N only (0: all)")
     p.add_argument("--since", default=None, metavar="DURATION",
                    help="events: only those seen in the last 30s, 10m, 2h, 1d")
     p.add_argument("-w", "--watch", action="store_true",
                    help="events, slices, one deployment or one migration: after the list, a line per change "
                         "(Ctrl-C to stop)")
     p.set_defaults(func=run)
-
-
-def _label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"invalid label {text!r} (allowed: KEY=VALUE)")
-    return key, value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 # which kinds take which filters (anything else is refused, naming the flag)

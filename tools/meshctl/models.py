@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from tools.meshctl.common import CliError, client, info, out, subcommand
+from tools.meshctl.common import CliError, client, info, key_value, nonneg_int, out, subcommand
 
 EPILOG = """\
 examples:
@@ -36,23 +36,6 @@ made from the same GGUF is reused.
 """
 
 
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"invalid label {text!r} (allowed: KEY=VALUE)")
-    return key, value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", aliases=["models"], help="the model registry: import, register, get, describe, "
                            "delete, bench", description="Models and their variants (backend, artifact, VRAM need).",
@@ -69,12 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="", metavar="V", help="the variant's name (default: the quantization, "
                    "e.g. q4_1)")
     p.add_argument("--family", default="", help="the model family (default: from the artifact)")
-    p.add_argument("--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable")
-    p.add_argument("--fallback-rank", type=_count, default=None, metavar="N",
+    p.add_argument("--label", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--fallback-rank", type=nonneg_int, default=None, metavar="N",
                    help="the variant's fallback order (default: after the model's other variants)")
-    p.add_argument("--context", type=_count, default=0, metavar="TOKENS",
+    p.add_argument("--context", type=nonneg_int, default=0, metavar="TOKENS",
                    help="the serving context the registry sizes for (default: the model's maximum)")
-    p.add_argument("--concurrency", type=_count, default=0, metavar="N", help="concurrent sequences (default: 1)")
+    p.add_argument("--concurrency", type=nonneg_int, default=0, metavar="N", help="concurrent sequences (default: 1)")
     p.add_argument("--kv-cache-type", default="", metavar="TYPE", help="f16 (default), bf16, f32, q8_0, q4_0, fp8")
     p.add_argument("--hf-out", default="", metavar="DIR", help="a GGUF: also convert it to a Hugging Face-format "
                    "directory DIR (BF16) and register that as a vLLM variant, with the GGUF as its fallback")
@@ -95,9 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = subcommand(cmds, "describe", help="a model's variants, VRAM need and smallest slices", epilog=EPILOG)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--context", type=_count, default=0, metavar="TOKENS",
+    p.add_argument("--context", type=nonneg_int, default=0, metavar="TOKENS",
                    help="also compute the need at this context (default: the registered serving point)")
-    p.add_argument("--concurrency", type=_count, default=0, metavar="N", help="... and this many sequences")
+    p.add_argument("--concurrency", type=nonneg_int, default=0, metavar="N", help="... and this many sequences")
     p.set_defaults(func=run_describe)
 
     p = subcommand(cmds, "delete", help="remove a model from the registry (its files stay)", epilog=EPILOG)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tools.meshctl.common import CliError, client, info, out, subcommand
+from tools.meshctl.common import CliError, client, info, nonneg_int, out, subcommand
 
 EPILOG = """\
 examples:
@@ -26,16 +26,6 @@ A deployment's scaling policy is changed with `meshctl autoscale`, not here.
 """
 
 DEPLOYMENT_FLAGS = ("replicas", "context", "concurrency", "gpu_layers", "device", "label")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def label_change(text: str) -> tuple[str, str | None]:
@@ -61,11 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a YAML or JSON document as `get deployment NAME -o yaml` / `describe pool NAME -o yaml` "
                         "prints ('-': stdin)")
     d = u.add_argument_group("deployment flags")
-    d.add_argument("--replicas", type=_count, default=None, metavar="N", help="0 to 64")
-    d.add_argument("--context", type=_count, default=None, metavar="TOKENS",
+    d.add_argument("--replicas", type=nonneg_int, default=None, metavar="N", help="0 to 64")
+    d.add_argument("--context", type=nonneg_int, default=None, metavar="TOKENS",
                    help="context per sequence (0: the variant's serving context)")
-    d.add_argument("--concurrency", type=_count, default=None, metavar="N", help="sequences at once (0: 1)")
-    d.add_argument("--gpu-layers", type=_count, default=None, metavar="N", help="llama.cpp: layers on the GPU (0: all)")
+    d.add_argument("--concurrency", type=nonneg_int, default=None, metavar="N", help="sequences at once (0: 1)")
+    d.add_argument("--gpu-layers", type=nonneg_int, default=None, metavar="N", help="llama.cpp: layers on the GPU (0: all)")
     d.add_argument("--device", choices=("cuda", "cpu", "auto"), default=None,
                    help="vLLM's build: cuda, cpu, or auto (each agent's choice)")
     d.add_argument("--label", type=label_change, action="append", default=None, metavar="KEY=VALUE|KEY-",

@@ -11,7 +11,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from tools.meshctl.common import CliError, client, out, subcommand
+from tools.meshctl.common import CliError, client, key_value, nonneg_int, out, subcommand
 
 RUN_EPILOG = """\
 examples:
@@ -37,22 +37,13 @@ examples:
 """
 
 
-def _pair(what: str):
-    def parse(text: str) -> tuple[str, str]:
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r} (allowed: KEY=VALUE)")
-        return key, value
-    return parse
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     r = subcommand(sub, "run", help="run a process on a slice",
                    description="Start COMMAND on a READY slice through its node's agent.", epilog=RUN_EPILOG)
     r.add_argument("--slice", required=True, metavar="ID", help="the slice to run on (s-...)")
-    r.add_argument("--env", type=_pair("environment variable"), action="append", default=[], metavar="KEY=VALUE",
+    r.add_argument("--env", type=key_value("environment variable"), action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment (repeatable)")
-    r.add_argument("--label", type=_pair("label"), action="append", default=[], metavar="KEY=VALUE",
+    r.add_argument("--label", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept with the workload (repeatable)")
     r.add_argument("--request-id", default="", metavar="KEY",
                    help="idempotency key: running the same command again with the same key (a retry after a "
@@ -64,9 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--artifact", default="", metavar="PATH",
                    help="the model on the node: a GGUF file (llama.cpp) or a Hugging Face directory (vllm)")
     b.add_argument("--served-name", default="", metavar="NAME", help="the name it answers to in /v1/models")
-    b.add_argument("--context", type=_count, default=0, metavar="TOKENS", help="context per sequence")
-    b.add_argument("--concurrency", type=_count, default=0, metavar="N", help="vllm: sequences at once")
-    b.add_argument("--gpu-layers", type=_count, default=0, metavar="N", help="llama.cpp: layers on the GPU (0: all)")
+    b.add_argument("--context", type=nonneg_int, default=0, metavar="TOKENS", help="context per sequence")
+    b.add_argument("--concurrency", type=nonneg_int, default=0, metavar="N", help="vllm: sequences at once")
+    b.add_argument("--gpu-layers", type=nonneg_int, default=0, metavar="N", help="llama.cpp: layers on the GPU (0: all)")
     b.add_argument("--device", choices=("cuda", "cpu"), default="", help="vllm: pin the build (default: the agent's)")
     b.add_argument("--dtype", default="", help="vllm: bfloat16, float16, float32 (default: the checkpoint's)")
     r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the program and its arguments")
@@ -91,16 +82,6 @@ def _stream(mesh, wid: str, tail: int, follow: bool) -> None:
     for data in mesh.workload_logs(wid, tail_lines=tail, follow=follow):
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 SERVER_FLAGS = ("artifact", "served_name", "context", "concurrency", "gpu_layers", "device", "dtype")
