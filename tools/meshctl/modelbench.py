@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from tools.meshctl.common import CliError, client, info, out, subcommand
+from tools.meshctl.common import CliError, client, info, out, positive_int, subcommand
 
 EPILOG = """\
 examples:
@@ -28,16 +28,6 @@ cost per 1k tokens derives from them. Settings of the backend come from the envi
 """
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def register(cmds: argparse._SubParsersAction) -> None:
     p = subcommand(cmds, "bench", help="measure a variant on its backend (load, TTFT, tokens/s) and store it",
                    epilog=EPILOG)
@@ -45,10 +35,10 @@ def register(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="", metavar="V", help="default: the first of --backend's variants in "
                    "fallback order")
     p.add_argument("--backend", choices=("llama.cpp", "vllm"), default="", help="pick the variant by backend")
-    p.add_argument("--requests", type=_positive, default=5, metavar="N", help="measured requests (default 5)")
-    p.add_argument("--prompt-tokens", type=_positive, default=128, metavar="N", help="prompt tokens (default 128)")
-    p.add_argument("--max-tokens", type=_positive, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
+    p.add_argument("--requests", type=positive_int, default=5, metavar="N", help="measured requests (default 5)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=128, metavar="N", help="prompt tokens (default 128)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--context", type=positive_int, default=None, metavar="TOKENS",
                    help="the backend's context (default: the variant's, at most 2048)")
     p.add_argument("--gpu-model", default="", metavar="NAME", help="key of the figures (default: this host's "
                    "first GPU by NVML, else cpu)")
