@@ -28,6 +28,8 @@ import pytest
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from tests.integration.conftest import wait_for
+from tests.integration.gatewayhttp import auth, metric, post, ready_in_gateway
+from tests.integration.gatewayhttp import status as gateway_status
 from tests.integration.secure import TOKENS, write_tenants
 from tests.models_util import smollm2_gguf
 from tools.localcluster import LocalCluster
@@ -103,31 +105,9 @@ def fleet(cluster):
         b.wait_deployment("other", all_ready(1), timeout=SLOW)
         assert lite_node not in {r.node for r in chat.replicas}
         nodes = {r.id: r.node for r in chat.replicas}
-    wait_for(lambda: _ready_in_gateway(cluster, "chat", 2) and _ready_in_gateway(cluster, "chat-lite", 1), 60,
+    wait_for(lambda: ready_in_gateway(cluster, "chat", 2) and ready_in_gateway(cluster, "chat-lite", 1), 60,
              "the gateway sees every replica ready")
     return {"chat": nodes, "lite_node": lite_node}
-
-
-def _status(cluster, who="admin") -> dict:
-    import httpx
-    r = httpx.get(f"{cluster.gateway_url}/v1/gpu/status", headers=_auth(who), timeout=30)
-    r.raise_for_status()
-    return r.json()
-
-
-def _ready_in_gateway(cluster, name: str, n: int) -> bool:
-    m = next((m for m in _status(cluster)["models"] if m["name"] == name), None)
-    return m is not None and sum(1 for r in m["replicas"] if r["ready"]) == n
-
-
-def _auth(who):
-    return {"authorization": f"Bearer {TOKENS[who]}"} if who else {}
-
-
-def post(cluster, body, who="team-a", path="/v1/chat/completions", headers=None, raw=None):
-    import httpx
-    return httpx.post(f"{cluster.gateway_url}{path}", headers={**_auth(who), **(headers or {})},
-                      content=raw if raw is not None else json.dumps(body), timeout=300)
 
 
 def chat_body(text="Say hello.", **kw):
@@ -143,7 +123,7 @@ def simctl(cluster, node, *args):
 
 
 def gpu_state(cluster, node) -> dict:
-    return next(g for g in _status(cluster)["gpus"] if g["node"] == node)
+    return next(g for g in gateway_status(cluster)["gpus"] if g["node"] == node)
 
 
 # -- the tests ---------------------------------------------------------------------------------------
@@ -173,7 +153,7 @@ def test_openai_client_completions_and_streams(cluster, fleet):
     assert len(pieces) >= 2 and "".join(pieces) == whole
     # the raw stream is OpenAI's framing, ending with [DONE]
     import httpx
-    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=300,
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=auth("team-a"), timeout=300,
                       json={"model": "chat", "prompt": "Hi", "max_tokens": 3, "stream": True}) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         body = resp.read().decode()
@@ -267,25 +247,19 @@ def test_oversized_body_and_unknown_paths(cluster, fleet):
     assert httpx.get(f"{cluster.gateway_url}/healthz", timeout=30).json()["status"] == "ok"
 
 
-def _metric(cluster, series: str) -> float:
-    import httpx
-    text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=30).text
-    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
-
-
 def _in_flight(cluster) -> int:
-    return sum(r["in_flight"] for m in _status(cluster)["models"] for r in m["replicas"])
+    return sum(r["in_flight"] for m in gateway_status(cluster)["models"] for r in m["replicas"])
 
 
 def test_gpu_endpoints(cluster, fleet):
     import httpx
-    h = _auth("team-a")
-    st = _status(cluster, "team-a")
+    h = auth("team-a")
+    st = gateway_status(cluster, "team-a")
     assert {g["node"] for g in st["gpus"]} == {fleet["lite_node"], *fleet["chat"].values()}
     g = st["gpus"][0]
     assert g["memory_total_bytes"] > 0 and g["pressure"] in ("low", "normal") and g["thermal_state"] == "normal"
     assert {m["name"] for m in st["models"]} == {"chat", "chat-lite"}
-    assert {g["node"] for g in _status(cluster, "team-b")["gpus"]} < {"gpu-a", "gpu-b", "gpu-c"}
+    assert {g["node"] for g in gateway_status(cluster, "team-b")["gpus"]} < {"gpu-a", "gpu-b", "gpu-c"}
     fc = httpx.get(f"{cluster.gateway_url}/v1/gpu/memory-forecast?hours=2", headers=h, timeout=30).json()
     assert fc["source"] == "current-use" and "forecasting service" in fc["note"] and fc["gpus"]   # too little history for 2 h
     opt = httpx.get(f"{cluster.gateway_url}/v1/gpu/models-optimal?agent_type=Chat", headers=h, timeout=30).json()
@@ -303,7 +277,7 @@ def test_gpu_endpoints(cluster, fleet):
 def test_client_disconnects_release_their_slots(cluster, fleet):
     import httpx
     # a stream dropped after its first chunk
-    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=300,
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", headers=auth("team-a"), timeout=300,
                       json={"model": "chat", "prompt": "1, 2, 3, 4,", "max_tokens": 200, "temperature": 0,
                             "logit_bias": NO_EOS, "stream": True}) as resp:
         assert resp.status_code == 200
@@ -311,11 +285,11 @@ def test_client_disconnects_release_their_slots(cluster, fleet):
     # whole answers given up on (client timeout) while the backends work
     for _ in range(3):
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{cluster.gateway_url}/v1/completions", headers=_auth("team-a"), timeout=0.3,
+            httpx.post(f"{cluster.gateway_url}/v1/completions", headers=auth("team-a"), timeout=0.3,
                        json={"model": "chat", "prompt": "1, 2, 3, 4,", "max_tokens": 200, "temperature": 0,
                              "logit_bias": NO_EOS})
     wait_for(lambda: _in_flight(cluster) == 0, 120, "every slot released")
-    assert next(m["queue"] for m in _status(cluster)["models"] if m["name"] == "chat") == 0
+    assert next(m["queue"] for m in gateway_status(cluster)["models"] if m["name"] == "chat") == 0
     r = post(cluster, chat_body("Still there?"))
     assert r.status_code == 200
 
@@ -325,11 +299,11 @@ def test_cache_hit_is_served_without_a_backend(cluster, fleet):
     body = chat_body("Tell me a fact about cats.", max_tokens=6, temperature=0)
     first = post(cluster, body)
     assert first.status_code == 200 and first.headers["x-gpumesh-served-by"].startswith("chat/")
-    before = {r["replica"]: r["requests"] for m in _status(cluster)["models"] for r in m["replicas"]}
+    before = {r["replica"]: r["requests"] for m in gateway_status(cluster)["models"] for r in m["replicas"]}
     second = post(cluster, body)
     assert second.status_code == 200 and second.headers["x-gpumesh-served-by"] == "cache"
     assert second.json() == first.json()
-    after = {r["replica"]: r["requests"] for m in _status(cluster)["models"] for r in m["replicas"]}
+    after = {r["replica"]: r["requests"] for m in gateway_status(cluster)["models"] for r in m["replicas"]}
     assert after == before                          # no replica got a request
     assert post(cluster, body, who="team-b").status_code == 404      # scoped per tenant
     metrics = httpx.get(f"{cluster.gateway_url}/metrics", timeout=30).text
@@ -373,11 +347,11 @@ def test_requests_avoid_a_hot_or_full_gpu_and_come_back(cluster, fleet):
     try:
         wait_for(lambda: gpu_state(cluster, node_b)["pressure"] == "critical", 60, "the full GPU seen")
         assert set(_served_by(cluster, 6)) == {rep_a}
-        st = _status(cluster)
+        st = gateway_status(cluster)
         rb = next(r for m in st["models"] if m["name"] == "chat" for r in m["replicas"] if r["replica"] == rep_b)
         assert rb["ready"]
         import httpx
-        acts = httpx.post(f"{cluster.gateway_url}/v1/gpu/rebalance", headers=_auth("team-a"), timeout=30).json()
+        acts = httpx.post(f"{cluster.gateway_url}/v1/gpu/rebalance", headers=auth("team-a"), timeout=30).json()
         assert any(a["replica"] == rep_b and a["action"] == "route-around" and a["applied"] for a in acts["actions"])
     finally:
         simctl(cluster, node_b, "clear", "--gpu", "0")
@@ -403,7 +377,7 @@ def test_queue_429_queued_and_fallback_only_when_allowed(cluster, fleet):
         ts = [threading.Thread(target=waiting, args=(k,)) for k in (1, 2)]
         for t in ts:
             t.start()
-        wait_for(lambda: next(m["queue"] for m in _status(cluster)["models"] if m["name"] == "chat") == 2, 60,
+        wait_for(lambda: next(m["queue"] for m in gateway_status(cluster)["models"] if m["name"] == "chat") == 2, 60,
                  "two requests queued")
         r = post(cluster, chat_body())
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"]
@@ -428,7 +402,7 @@ def test_killed_backend_costs_no_request(cluster, fleet):
     import openai
     c = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-a"], max_retries=0, timeout=300)
     req = dict(model="chat", prompt="1, 2, 3, 4,", max_tokens=120, temperature=0, logit_bias=NO_EOS)
-    resumed = _metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}')
+    resumed = metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}')
     # the openai client streams; the backend serving it is killed after the first tokens: the gateway continues
     # the answer on the other replica in the same stream, and the client reads one complete answer
     with client(cluster, "admin") as admin:
@@ -453,10 +427,10 @@ def test_killed_backend_costs_no_request(cluster, fleet):
     text = "".join(pieces)
     assert finish == "length" and len(ids) == 1
     assert text.startswith(before) and len(text) > len(before) and 60 <= len(pieces) <= 120, (len(pieces), text)
-    assert _metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}') == resumed + 1
+    assert metric(cluster, 'gpumesh_gateway_resumed_total{model="chat",outcome="resumed"}') == resumed + 1
     served = _served_by(cluster, 8)                    # every one answered 200 (asserted inside)
     assert served and all(s.startswith("chat/") for s in served)
-    st = _status(cluster)
+    st = gateway_status(cluster)
     rv = next(r for m in st["models"] if m["name"] == "chat" for r in m["replicas"] if r["replica"] == f"chat/{victim.id}")
     assert rv["failures"] >= 1                         # the broken stream counted against the replica
     # and the control plane brings it back; the gateway routes to it again
@@ -490,7 +464,7 @@ def test_sigterm_lets_streams_in_flight_finish(cluster, fleet):
         cluster.start_gateway()
         proc = cluster.gateway_proc.popen
         c = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key=TOKENS["team-a"], max_retries=0, timeout=300)
-        wait_for(lambda: _ready_in_gateway(cluster, "chat", 2), 60, "the new gateway sees the replicas")
+        wait_for(lambda: ready_in_gateway(cluster, "chat", 2), 60, "the new gateway sees the replicas")
         pieces, finish = [], None
         for chunk in c.completions.create(model="chat", prompt="1, 2, 3, 4,", max_tokens=60, temperature=0,
                                           logit_bias=NO_EOS, stream=True):
@@ -505,5 +479,5 @@ def test_sigterm_lets_streams_in_flight_finish(cluster, fleet):
     finally:
         cluster.stop_gateway()
         cluster.start_gateway()
-    wait_for(lambda: _ready_in_gateway(cluster, "chat", 2), 60, "the new gateway sees the replicas")
+    wait_for(lambda: ready_in_gateway(cluster, "chat", 2), 60, "the new gateway sees the replicas")
     assert post(cluster, chat_body()).status_code == 200

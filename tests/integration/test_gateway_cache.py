@@ -18,6 +18,7 @@ import pytest
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from tests.integration.conftest import wait_for
+from tests.integration.gatewayhttp import auth, get, post
 from tests.integration.secure import TOKENS, write_tenants
 from tests.models_util import smollm2_gguf
 from tools.localcluster import LocalCluster
@@ -76,18 +77,9 @@ def fleet(cluster):
     wait_for(lambda: _requests(cluster) is not None, 60, "the gateway sees the replica ready")
 
 
-def _auth(who):
-    return {"authorization": f"Bearer {TOKENS[who]}"} if who else {}
-
-
-def _get(cluster, path, who="admin"):
-    import httpx
-    return httpx.get(f"{cluster.gateway_url}{path}", headers=_auth(who), timeout=60)
-
-
 def _requests(cluster):
     """The requests the gateway has sent to chat's replica (None until the gateway sees it ready)."""
-    st = _get(cluster, "/v1/gpu/status").json()
+    st = get(cluster, "/v1/gpu/status").json()
     m = next((m for m in st["models"] if m["name"] == "chat"), None)
     reps = m["replicas"] if m else []
     return reps[0]["requests"] if len(reps) == 1 and reps[0]["ready"] else None
@@ -98,12 +90,6 @@ def _log_tail(cluster) -> str:
     path = cluster.state_dir / "logs" / "gateway.log"
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     return "\n".join(lines[-12:])
-
-
-def post(cluster, body, who="team-a", path="/v1/chat/completions", raw=None, method="POST"):
-    import httpx
-    return httpx.request(method, f"{cluster.gateway_url}{path}", headers=_auth(who),
-                         content=raw if raw is not None else json.dumps(body), timeout=300)
 
 
 def chat(text, **kw):
@@ -132,7 +118,7 @@ def test_a_paraphrase_is_answered_from_the_semantic_cache_without_the_backend(cl
         assert r.headers.get("x-gpumesh-cache") != "semantic"
     assert _requests(cluster) == before + 3, _log_tail(cluster)
     assert post(cluster, chat("How do I reverse a list in Python?"), who="team-b").status_code == 404
-    metrics = _get(cluster, "/metrics").text
+    metrics = get(cluster, "/metrics").text
     assert 'gpumesh_gateway_cache_hits_total{kind="semantic",model="chat"} 1.0' in metrics
     assert 'gpumesh_gateway_cache_misses_total{kind="semantic",model="chat"}' in metrics
     assert "gpumesh_gateway_semantic_embed_seconds_count" in metrics
@@ -147,7 +133,7 @@ def _model_doc(name):
 
 
 def _registered(cluster, who="team-a"):
-    return {m["name"] for m in _get(cluster, "/models", who).json()["registered"]}
+    return {m["name"] for m in get(cluster, "/models", who).json()["registered"]}
 
 
 @pytest.mark.parametrize("raw,param", [

@@ -25,6 +25,7 @@ import pytest
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from tests.integration.conftest import wait_for
+from tests.integration.gatewayhttp import auth
 from tests.integration.secure import TOKENS, write_tenants
 from tests.models_util import smollm2_gguf
 from tools.localcluster import LocalCluster
@@ -81,14 +82,10 @@ def http(cluster):
         yield h
 
 
-def _auth(who: str | None) -> dict:
-    return {"authorization": f"Bearer {TOKENS[who]}"} if who else {}
-
-
 def _valid(cluster, **kw):
     import httpx
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0, **kw}
-    return httpx.post(f"{cluster.gateway_url}/v1/completions", json=body, headers=_auth("team-a"), timeout=300)
+    return httpx.post(f"{cluster.gateway_url}/v1/completions", json=body, headers=auth("team-a"), timeout=300)
 
 
 def check(resp, kind: str, want_error: bool = True) -> None:
@@ -165,7 +162,7 @@ def test_fuzz_completion_bodies(cluster, http):
             else:
                 body[k] = v
         raw = json.dumps(body, allow_nan=True).encode()
-        check(http.post("/v1/completions", content=raw, headers={**_auth("team-a"),
+        check(http.post("/v1/completions", content=raw, headers={**auth("team-a"),
                                                                  "content-type": "application/json"}), "body")
     run()
 
@@ -182,7 +179,7 @@ def test_fuzz_chat_bodies(cluster, http):
         if other is not None and data.draw(st.booleans()):
             body[other] = data.draw(defects[other])
         check(http.post("/v1/chat/completions", content=json.dumps(body, allow_nan=True).encode(),
-                        headers=_auth("team-a")), "chat")
+                        headers=auth("team-a")), "chat")
     run()
 
 
@@ -201,7 +198,7 @@ def test_fuzz_malformed_json_and_arbitrary_documents(cluster, http):
               suppress_health_check=list(HealthCheck))
     @given(raw, st.sampled_from(["/v1/completions", "/v1/chat/completions", "/predict"]))
     def run(payload, path):
-        check(http.post(path, content=payload, headers=_auth("team-a")), "raw")
+        check(http.post(path, content=payload, headers=auth("team-a")), "raw")
     run()
 
 
@@ -209,7 +206,7 @@ def test_fuzz_malformed_json_and_arbitrary_documents(cluster, http):
                          ids=["arrays", "objects", "prompt"])
 def test_deeply_nested_json_is_a_clean_400(cluster, http, payload):
     """JSON nested deeper than the parser's recursion limit (inside the body limit) is malformed input too."""
-    resp = http.post("/v1/completions", content=payload, headers=_auth("team-a"))
+    resp = http.post("/v1/completions", content=payload, headers=auth("team-a"))
     check(resp, "nested")
     assert resp.status_code == 400, resp.text
 
@@ -250,7 +247,7 @@ def test_fuzz_tokens_and_headers(cluster, http):
         if kind == "auth":
             headers = {} if value is None else {"authorization": value}
         else:
-            headers = {**_auth("team-a"), value[0]: value[1]}
+            headers = {**auth("team-a"), value[0]: value[1]}
         check(http.post("/v1/completions", content=body, headers=headers), kind)
     run()
 
@@ -268,23 +265,23 @@ def test_fuzz_paths_methods_and_oversized_bodies(cluster, http):
     @given(st.lists(segment, min_size=1, max_size=4).map(lambda s: "/" + "/".join(s)).filter(lambda p: p not in known),
            st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
     def unknown_paths(path, method):
-        check(http.request(method, path, headers=_auth("team-a")), "path")
+        check(http.request(method, path, headers=auth("team-a")), "path")
     unknown_paths()
     for method in ("GET", "PUT", "DELETE", "PATCH"):
         for path in ("/v1/completions", "/v1/chat/completions", "/predict"):
-            check(http.request(method, path, headers=_auth("team-a")), "method")
+            check(http.request(method, path, headers=auth("team-a")), "method")
     # oversized: declared (content-length) and chunked (no length: the gateway counts as it reads)
     for size in (MAX_BODY + 1, MAX_BODY * 4, 8 << 20):
         pad = "x" * size
         body = json.dumps({"model": MODEL, "prompt": pad, "max_tokens": 2}).encode()
-        resp = http.post("/v1/completions", content=body, headers=_auth("team-a"))
+        resp = http.post("/v1/completions", content=body, headers=auth("team-a"))
         check(resp, "oversized")
         assert resp.status_code == 413, resp.text
 
         def chunks(data=body):
             for i in range(0, len(data), 16384):
                 yield data[i:i + 16384]
-        resp = http.post("/v1/completions", content=chunks(), headers=_auth("team-a"))
+        resp = http.post("/v1/completions", content=chunks(), headers=auth("team-a"))
         check(resp, "oversized-chunked")
         assert resp.status_code == 413, resp.text
 
@@ -303,7 +300,7 @@ def test_disconnects_then_healthy_and_no_stuck_slot(cluster, http):
             "temperature": 0}
     disconnected = 0
     for _ in range(6):                  # streams the client drops after the first event
-        with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, headers=_auth("team-a"),
+        with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, headers=auth("team-a"),
                           timeout=300) as resp:
             FIGURES[f"disconnect-stream {resp.status_code}"] += 1
             TOTAL[resp.status_code] += 1
