@@ -69,8 +69,8 @@ def state_risk(c, cfg) -> float:
     fixed = fixed_risk(c.pressure, c.thermal)
     if fixed <= 0 or cfg.risk_pricing == "fixed":
         return fixed
-    state = risk_state(c.pressure, c.thermal)
-    return c.stats.failure_probability(state, failure_prior(state, cfg)) * cfg.failure_cost
+    prior = min(1.0, fixed / cfg.failure_cost)       # = failure_prior(the state's key): no key to parse here
+    return c.stats.failure_probability(risk_state(c.pressure, c.thermal), prior) * cfg.failure_cost
 
 
 def speed(c, cfg) -> float:

@@ -9,7 +9,7 @@ import json
 import grpc
 
 from controlplane.gateway.apierror import APIError
-from controlplane.gateway.config import PRIORITIES
+from controlplane.gateway import validate
 from gpumesh.v1 import inference_service_pb2 as I
 from gpumesh.v1 import inference_service_pb2_grpc
 
@@ -33,9 +33,7 @@ def to_body(req: I.GenerateRequest) -> tuple[str, dict]:
                   "temperature": round(float(req.temperature), 6)}
     if req.has_seed:
         body["seed"] = req.seed
-    if req.priority and req.priority.strip().lower() not in PRIORITIES:      # named as this call's field
-        raise APIError(400, f"priority: {req.priority[:40]!r} is not a priority class (allowed: "
-                            f"{', '.join(PRIORITIES)})", param="priority")
+    validate.priority(req.priority, "standard", field="priority")      # named as this call's field
     if req.messages and req.prompt:
         raise APIError(400, "prompt: give exactly one of prompt, messages", param="prompt")
     if req.messages:
@@ -125,7 +123,8 @@ async def start_grpc(gw, listen: str, cert: str = "", key: str = "") -> grpc.aio
         def on_view():
             if gw.view.updated_at and on_view in gw.view.listeners:
                 gw.view.listeners.remove(on_view)
-                asyncio.get_running_loop().create_task(set_serving(gw, True))
+                if not gw.draining:         # a SIGTERM before the first view: stays NOT_SERVING
+                    asyncio.get_running_loop().create_task(set_serving(gw, True))
         gw.view.listeners.append(on_view)
     reflection.enable_server_reflection([I.DESCRIPTOR.services_by_name["InferenceService"].full_name,
                                          reflection.SERVICE_NAME], server)

@@ -185,12 +185,13 @@ def check_context(max_tokens: int | None, context: int, field: str = "max_tokens
                       f"1 to {context - 1}")
 
 
-def priority(header: str | None, default: str) -> str:
+def priority(header: str | None, default: str, field: str = "x-gpumesh-priority") -> str:
+    """The priority class a request names (`field`: the header, or gRPC's `priority`), else `default`."""
     if header is None or header == "":
         return default
     p = header.strip().lower()
     if p not in PRIORITIES:
-        raise invalid("x-gpumesh-priority", f"{header!r} is not a priority class", ", ".join(PRIORITIES))
+        raise invalid(field, f"{header[:40]!r} is not a priority class", ", ".join(PRIORITIES))
     return p
 
 

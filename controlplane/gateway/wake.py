@@ -86,7 +86,8 @@ class Waker:
         replica count is still zero (the first Wake failed: a control plane restarting, a standby)."""
         while True:
             await asyncio.sleep(REWAKE_S)
-            still = [n for n in names if n in self.asleep_names(names)
+            sleeping = self.asleep_names(names)
+            still = [n for n in names if n in sleeping
                      and (self._specs.get(n) is None or self._specs[n].spec.replicas == 0)]
             if still:
                 await self.wake(still)
