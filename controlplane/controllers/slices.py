@@ -9,7 +9,6 @@ the write is durable.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import secrets
 import time
@@ -17,6 +16,7 @@ import time
 from google.protobuf import timestamp_pb2
 
 from controlplane.state import keys
+from controlplane.state.requestids import RequestIds
 
 from controlplane import placement
 from controlplane.api.events import ADDED, DELETED, MODIFIED, EventHub
@@ -65,8 +65,7 @@ class Controller:
         self.release_timeout = release_timeout
         self.ready_waiters: dict[str, list[asyncio.Future]] = {}
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}
-        self.requests: dict[tuple[str, str], str] = {}   # (tenant, request id) -> allocation id
-        self._request_times: collections.deque = collections.deque()  # (monotonic time, key), oldest first
+        self.requests = RequestIds(lambda: self.request_ttl)   # (tenant, request id) -> allocation id
         self._req_lease: tuple[int, float] | None = None
         self.revision = 0
         self.request_ttl = REQUEST_TTL_S                 # how long Allocate request ids are kept (config)
@@ -187,7 +186,7 @@ class Controller:
     async def allocate(self, req: SliceRequest, request_id: str = "", no_wait: bool = False,
                        timeout: float = 0.0) -> tuple[str, list[types_pb2.Slice]]:
         if request_id:
-            existing = self.requests.get((req.tenant, request_id))
+            existing = self.requests.lookup(req.tenant, request_id)
             if existing:
                 return existing, await self._await_ready(existing, no_wait, timeout)
         for listener in self.request_listeners:
@@ -299,17 +298,11 @@ class Controller:
 
     def remember_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
         """Keep an Allocate request id for REQUEST_TTL_S (a retry within it gets the same allocation)."""
-        now = time.monotonic()
-        self.requests[(tenant, request_id)] = alloc_id
-        self._request_times.append((now, (tenant, request_id)))
-        while self._request_times and now - self._request_times[0][0] > self.request_ttl:
-            _, key = self._request_times.popleft()
-            self.requests.pop(key, None)
+        self.requests.remember(tenant, request_id, alloc_id)
 
     def _forget_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
         """Drop a failed Allocate's request id, unless a concurrent call with the same id owns it now."""
-        if request_id and self.requests.get((tenant, request_id)) == alloc_id:
-            del self.requests[(tenant, request_id)]
+        self.requests.forget(tenant, request_id, alloc_id)
 
     async def _request_lease(self) -> int:
         """The etcd lease request keys are written with: granted for REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S

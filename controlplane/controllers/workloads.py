@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 
 from controlplane.api import auth
 
 from controlplane.state import keys
+from controlplane.state.requestids import RequestIds
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
@@ -42,9 +42,6 @@ ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
                 "GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY",
                 "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
-# Run's request ids (idempotency keys): /gpumesh/v1/workload-requests/<tenant>/<request id> -> workload id,
-# under the slice controller's request-id lease (they expire with Allocate's; controllers/slices.py)
-WORKLOAD_REQUESTS = keys.PREFIX + "workload-requests/"
 RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
 
@@ -110,17 +107,17 @@ class WorkloadManager:
         self._watch: asyncio.Task | None = None
         self.expired_ids: dict = {}                      # recently expired IDs (controlplane/controllers/retention.py)
         self.resyncs = 0                                 # times the slice follower fell behind and resynced
-        self.requests: dict[tuple[str, str], tuple[str, float]] = {}   # (tenant, Run request id) -> (workload, when)
+        self.requests = RequestIds(lambda: ctl.request_ttl)     # (tenant, Run request id) -> workload id
         ctl.session_hooks.append(self._session_opened)
         ctl.agent_handlers["workloads"] = self._report
         ctl.agent_handlers["log"] = self._log_chunk
         ctl.release_hooks.append(self.stop_on_slices)
 
     async def load(self) -> None:
-        reqs = await self.ctl.store.load(WORKLOAD_REQUESTS)
+        reqs = await self.ctl.store.load(keys.WORKLOAD_REQUESTS)
         for key, (value, _rev, _lease) in reqs.kvs.items():
-            tenant, _, rid = key.decode()[len(WORKLOAD_REQUESTS):].partition("/")
-            self.requests[(tenant, rid)] = (value.decode(), time.monotonic())
+            tenant, _, rid = key.decode()[len(keys.WORKLOAD_REQUESTS):].partition("/")
+            self.requests.remember(tenant, rid, value.decode())
         snap = await self.ctl.store.load(keys.WORKLOADS)
         for value, _rev, _lease in snap.kvs.values():
             w = types_pb2.Workload()
@@ -219,7 +216,7 @@ class WorkloadManager:
                 f"a workload starts only on a READY slice")
         rkey = (s.tenant, req.request_id)
         if req.request_id:
-            seen = self._request(rkey)
+            seen = self.requests.lookup(*rkey)
             if seen is not None:        # a retry: the first call's workload, never a second run
                 return await self._answer_retry(seen)
         w = types_pb2.Workload(id=new_id("w"), slice_id=s.id, node=s.node, tenant=s.tenant, command=req.command,
@@ -228,19 +225,18 @@ class WorkloadManager:
             w.backend.CopyFrom(req.backend)
         extra, conds = [], []
         if req.request_id:
-            self.requests[rkey] = (w.id, time.monotonic())     # a concurrent retry waits on this one
-            key = f"{WORKLOAD_REQUESTS}{s.tenant}/{req.request_id}".encode()
+            self.requests.remember(*rkey, w.id)     # a concurrent retry waits on this one
+            key = keys.workload_request(*rkey)
             try:
                 extra.append(Put(key, w.id.encode(), lease=await self.ctl._request_lease()))
             except BaseException:
-                self.requests.pop(rkey, None)
+                self.requests.forget(*rkey, w.id)
                 raise
             conds.append(Absent(key))
         try:
             await self.save([w], created=True, extra=extra, extra_conds=conds)
         except BaseException:
-            if req.request_id and self.requests.get(rkey, ("",))[0] == w.id:
-                self.requests.pop(rkey, None)
+            self.requests.forget(*rkey, w.id)
             raise
         log(logger, logging.INFO, "workload created", workload=w.id, slice=s.id, node=s.node,
             request_id=req.request_id or None)
@@ -250,15 +246,6 @@ class WorkloadManager:
         session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(start=[w])))
         return await self._wait_until(w.id, lambda x: x.state != W.WORKLOAD_STATE_PENDING, RUN_WAIT)
 
-    def _request(self, rkey: tuple[str, str]) -> str | None:
-        """The workload a Run request id created (None when unknown or older than the TTL)."""
-        seen = self.requests.get(rkey)
-        if seen is None:
-            return None
-        if time.monotonic() - seen[1] > self.ctl.request_ttl:
-            self.requests.pop(rkey, None)
-            return None
-        return seen[0]
 
     async def _answer_retry(self, wid: str) -> types_pb2.Workload:
         for _ in range(100):         # a concurrent first call may still be writing it

@@ -33,6 +33,7 @@ NODES = PREFIX + "nodes/"
 ALIVE = PREFIX + "alive/"
 SLICES = PREFIX + "slices/"
 REQUESTS = PREFIX + "requests/"
+WORKLOAD_REQUESTS = PREFIX + "workload-requests/"   # Run's request ids, under the same lease as Allocate's
 WORKLOADS = PREFIX + "workloads/"
 GPU_HEALTH = PREFIX + "gpuhealth/"
 MESH = PREFIX + "mesh/"
@@ -70,6 +71,10 @@ def slice_(slice_id: str) -> bytes:
 
 def request(tenant: str, request_id: str) -> bytes:
     return (REQUESTS + tenant + "/" + request_id).encode()
+
+
+def workload_request(tenant: str, request_id: str) -> bytes:
+    return (WORKLOAD_REQUESTS + tenant + "/" + request_id).encode()
 
 
 def gpu_health(node_name: str, index: int) -> bytes:
