@@ -41,7 +41,7 @@ import logging
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh.logs import log
 from nodeagent.migrate_base import Cancelled, Job, MigrationBase
-from nodeagent.migrate_checkpoint import CheckpointSteps
+from nodeagent.migrate_checkpoint import CheckpointSteps, clean_store
 from nodeagent.migrate_slices import SlicesMixin
 from nodeagent.migrate_source import SourceSteps
 from nodeagent.migrate_target import TARGET_LISTEN_TIMEOUT, TargetSteps
@@ -93,6 +93,7 @@ def install(agents, cfg) -> None:
     tls = None
     if not getattr(cfg, "insecure", True) and getattr(cfg, "tls_cert", ""):
         tls = (cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+    clean_store(getattr(cfg, "checkpoint_dir", ""))      # the store may be shared by every agent here: once
     for a in agents:
         runner = getattr(a, "workload_runner", None)
         if runner is not None:

@@ -27,16 +27,13 @@ import uuid
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh.checkpoint.agent_link import AgentLink
 from mesh.logs import log
+from mesh.procs import pid_alive
 from nodeagent.migrate_base import Job, MigrationBase
 
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
 PARTIAL = re.compile(r"\.(partial|old)-(\d+)$")
 PARTIAL_STALE_S = 600.0     # a partial directory untouched this long, of no live process here, is a dead writer's
-
-
-def _pid_alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
 
 
 def _newest_mtime(path: str) -> float:
@@ -71,7 +68,7 @@ def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now:
                     continue
                 pid = int(m.group(2))
                 try:
-                    if pid == os.getpid() or _pid_alive(pid) or now - _newest_mtime(entry.path) < stale_s:
+                    if pid == os.getpid() or pid_alive(pid) or now - _newest_mtime(entry.path) < stale_s:
                         continue
                 except OSError:
                     continue
@@ -84,18 +81,20 @@ def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now:
     return removed
 
 
+def clean_store(checkpoint_dir: str) -> None:
+    """At agent start, once per agent process (nodeagent/migrate.py `install`): `clean_partial_checkpoints`,
+    logged."""
+    try:
+        removed = clean_partial_checkpoints(checkpoint_dir)
+    except OSError as e:
+        logger.warning("cannot clean partial checkpoints in %s: %s", checkpoint_dir, e)
+        return
+    if removed:
+        log(logger, logging.INFO, "partial checkpoints of a previous agent removed", count=len(removed))
+
+
 class CheckpointSteps(MigrationBase):
     """CHECKPOINT and DELETE_CHECKPOINT (see the module's docstring)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        try:
-            removed = clean_partial_checkpoints(self.checkpoint_dir)
-        except OSError as e:
-            logger.warning("cannot clean partial checkpoints in %s: %s", self.checkpoint_dir, e)
-            removed = []
-        if removed:
-            log(logger, logging.INFO, "partial checkpoints of a previous agent removed", count=len(removed))
 
     async def _checkpoint(self, cmd: M.MigrationCommand, report) -> None:
         key = (cmd.migration_id, "checkpoint")
