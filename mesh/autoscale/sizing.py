@@ -25,7 +25,9 @@ import math
 
 from scipy.stats import poisson
 
-RULES = ("erlang", "poisson", "little")
+from mesh.autoscale.types import SIZINGS
+
+RULES = SIZINGS         # the rules a policy's `sizing` names (mesh/autoscale/types.py)
 
 
 def _check(rate: float, service_s: float, slots: int, quantile: float | None = None) -> None:

@@ -214,10 +214,12 @@ class CheckpointWriter:
         self.private = private
         self.tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "data").mkdir(parents=True, mode=0o700 if private else 0o777)
         if private:
-            os.chmod(self.tmp, 0o700)
-            os.chmod(self.tmp / "data", 0o700)
+            from mesh.fsmodes import private_dir
+            private_dir(self.tmp)
+            private_dir(self.tmp / "data")
+        else:
+            (self.tmp / "data").mkdir(parents=True)
         self.entries: list[EntryMeta] = []
 
     def create(self, rel: str):
