@@ -235,9 +235,10 @@ class HealthController:
             self.tm.record(g.node, "Warning", what, f"GPU {g.index} {health}: {reason}; takes no new slices; "
                                                     f"{then}; slices on it: {ids}", g.index, now)
             message = f"GPU {health}: {reason}"
-        changed = [self.ctl._update(s, message=message) for s in slices if s.state != T.SLICE_STATE_RELEASING]
+        priors = [s for s in slices if s.state != T.SLICE_STATE_RELEASING]
+        changed = [self.ctl._update(s, message=message) for s in priors]
         if changed:
-            await self.ctl.save(changed)
+            await self.ctl.save_or_restore(changed, priors)
 
     # -- workloads ---------------------------------------------------------------------------------
 

@@ -119,14 +119,8 @@ class ResizeMixin:
         return p.name
 
     async def _resize_in_place(self, s: types_pb2.Slice, mem: int, share: float) -> types_pb2.Slice:
-        old = types_pb2.Slice()
-        old.CopyFrom(s)
         ns = self.ctl._update(s, memory_bytes=mem, compute_share=share, message="resized in place")
-        try:
-            rev = await self.ctl.save([ns])
-        except BaseException:
-            self.ctl.fleet.put_slice(old)
-            raise
+        rev = await self.ctl.save_or_restore([ns], [s])
         session = self.ctl.sessions.get(ns.node)
         if session is not None:
             session.send_upserts([ns], rev)

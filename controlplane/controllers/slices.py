@@ -366,7 +366,7 @@ class Controller:
         gone = [self._wait(self.gone_waiters, s.id) for s in result] if wait else []
         if changed:
             try:
-                rev = await self._save_or_restore(changed, priors)
+                rev = await self.save_or_restore(changed, priors)
             except BaseException:
                 for f in gone:
                     f.cancel()
@@ -421,32 +421,27 @@ class Controller:
             if s is not None and s.node == node and s.state == S.SLICE_STATE_RELEASING:
                 deleted.append(self.fleet.drop_slice(sid))
         if changed or deleted:
-            before = {ns.id: prior for ns, prior in zip(changed, priors)}
-            try:
-                await self.save(changed, deleted)
-            except errors.MeshError:
-                # Not durable: put the fleet back as etcd has it, so the agent's next (full) report
-                # is seen as a change again and written then.
-                for sid, prior in before.items():
-                    self.fleet.put_slice(prior)
-                for gone in deleted:
-                    self.fleet.put_slice(gone)
-                raise
+            await self.save_or_restore(changed, priors, deleted)   # else the agent's next report writes it
 
     async def mark_node_lost(self, node: str, why: str) -> None:
         priors = [s for s in self.fleet.slices_on(node) if s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_PENDING)]
         changed = [self._update(s, state=S.SLICE_STATE_UNKNOWN, message=f"node NotReady: {why}") for s in priors]
         if changed:
-            await self._save_or_restore(changed, priors)
+            await self.save_or_restore(changed, priors)
 
-    async def _save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice]) -> int:
-        """`save(changed)`; when the write fails, put the fleet back as etcd has it (`priors`), so a retry
-        sees the change still to make instead of answering for one that never became durable."""
+    async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
+                              deleted: list[types_pb2.Slice] = ()) -> int:
+        """`save(changed, deleted)` of slices `_update` already put in the fleet (and `deleted` ones already
+        dropped); when the write fails, put the fleet back as etcd has it (`priors`, `deleted`), so the next
+        attempt (a retry, the agent's next report) sees the change still to make instead of one that never
+        became durable."""
         try:
-            return await self.save(changed)
+            return await self.save(changed, deleted)
         except BaseException:
             for prior in priors:
                 if prior.id in self.fleet.slices:
                     self.fleet.put_slice(prior)
                 self._state_changes.pop(prior.id, None)
+            for gone in deleted:
+                self.fleet.put_slice(gone)
             raise
