@@ -34,24 +34,9 @@ from typing import Any
 
 from mesh import fsmodes
 from mesh.procs import with_death_signal
+from tools.localhosts import agent_groups, default_agents_per_process, sim_hosts, write_host_files
 from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
                               read_state, signal_group, stop_detached, stop_pid)
-
-MAX_AGENT_PROCESSES = 8
-
-
-def default_agents_per_process(hosts: int) -> int:
-    """One host per agent process up to 8 hosts; above that, at most 8 processes."""
-    return 1 if hosts <= MAX_AGENT_PROCESSES else math.ceil(hosts / MAX_AGENT_PROCESSES)
-
-
-def sim_hosts(count: int, gpus_per_host: int = 8, gpu_model: str = "H100-80GB", mig: bool = True) -> list:
-    """`count` simulated hosts named sim-node-01, sim-node-02, ..."""
-    from nodeagent.hostfile import make_host
-    width = max(2, len(str(count)))
-    return [make_host(f"sim-node-{i:0{width}d}", gpus_per_host, gpu_model, mig=mig)
-            for i in range(1, count + 1)]
-
 
 @dataclass
 class LocalCluster:
@@ -136,37 +121,8 @@ class LocalCluster:
         return path
 
     def _write_hosts(self) -> None:
-        import yaml
-        from nodeagent.hostfile import dump_host, load_host_file
-        for host in self.hosts:
-            if isinstance(host, (str, os.PathLike)):
-                mapping = yaml.safe_load(Path(host).read_text())
-            elif isinstance(host, Mapping):
-                mapping = dict(host)
-            else:
-                mapping = dump_host(host)
-            node = (mapping or {}).get("node")
-            if not node:
-                raise ClusterError(f"host {host!r} names no node (a `node:` key)")
-            if node in self._host_files:
-                raise ClusterError(f"node {node!r} is given twice")
-            path = self._dir("hosts") / f"{node}.yaml"
-            with fsmodes.private_file(path) as f:
-                f.write(yaml.safe_dump(mapping, sort_keys=False).encode())
-            try:
-                load_host_file(path)
-            except Exception as exc:
-                raise ClusterError(f"host file for {node} is not valid: {exc}") from exc
-            self._host_files[node] = path
-        if not self._host_files:
-            raise ClusterError("no hosts to start")
-        per = self.agents_per_process or default_agents_per_process(len(self._host_files))
-        nodes = self.nodes
-        if per == 1:
-            self.groups = {n: [n] for n in nodes}
-        else:
-            chunks = [nodes[i:i + per] for i in range(0, len(nodes), per)]
-            self.groups = {f"agent-{i + 1:02d}": c for i, c in enumerate(chunks)}
+        self._host_files.update(write_host_files(self.hosts, self._dir("hosts")))
+        self.groups = agent_groups(self.nodes, self.agents_per_process)
 
     def agent_for(self, node: str) -> str:
         for name, members in self.groups.items():
