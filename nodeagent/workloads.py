@@ -39,14 +39,14 @@ from mesh.procs import process_tree
 from nodeagent.teardown import SliceTeardown
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
-from nodeagent.procfiles import _read_from, _read_json, _shim_alive, _tail  # noqa: F401
+from nodeagent.procfiles import _read_json, _shim_alive
+from nodeagent.workload_logs import LogStreamer
 
 logger = logging.getLogger(__name__)
 W = types_pb2
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
-CHUNK = 32 << 10
 SECRET_FILE_NAME = ".transfer-secret"   # a migration target's secret, in its own directory
 
 
@@ -71,7 +71,7 @@ class WorkloadRunner(RecoveryMixin):
         self.workloads: dict[str, types_pb2.Workload] = {}
         self.meta: dict[str, dict] = {}              # id -> shim pid, device, stop request, ...
         self.popens: dict[str, subprocess.Popen] = {}
-        self.log_tasks: dict[str, asyncio.Task] = {}
+        self.logs = LogStreamer(self)
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
         os.makedirs(self.dir, mode=0o711, exist_ok=True)
@@ -81,7 +81,7 @@ class WorkloadRunner(RecoveryMixin):
     def install(self) -> "WorkloadRunner":
         self.agent.workload_runner = self       # for nodeagent/migrate.py
         self.agent.handlers["workloads"] = self.on_command
-        self.agent.handlers["logs"] = self.on_logs
+        self.agent.handlers["logs"] = self.logs.on_logs
         self.agent.session_hooks.append(self.on_session)
         SliceTeardown(self).install()
         collector = getattr(self.agent, "collector", None)
@@ -494,42 +494,3 @@ class WorkloadRunner(RecoveryMixin):
         log(logger, logging.INFO, "workload ended", node=self.agent.node, workload=wid,
             state=types_pb2.WorkloadState.Name(w.state), exit_code=w.exit_code)
         return w
-
-    # -- logs ---------------------------------------------------------------------------
-
-    async def on_logs(self, req: node_service_pb2.LogRequest, outbox: asyncio.Queue) -> None:
-        if req.cancel:
-            task = self.log_tasks.pop(req.request_id, None)
-            if task is not None:
-                task.cancel()
-            return
-        task = asyncio.get_running_loop().create_task(self._stream_log(req, outbox))
-        self.log_tasks[req.request_id] = task
-        task.add_done_callback(lambda _t, rid=req.request_id: self.log_tasks.pop(rid, None))
-
-    async def _stream_log(self, req: node_service_pb2.LogRequest, outbox: asyncio.Queue) -> None:
-        def chunk(data: bytes = b"", eof: bool = False, error: str = "") -> None:
-            outbox.put_nowait(node_service_pb2.AgentMessage(log=node_service_pb2.LogChunk(
-                request_id=req.request_id, data=data, eof=eof, error=error)))
-
-        if req.workload_id not in self.workloads:
-            chunk(eof=True, error=f"no workload {req.workload_id!r} on node {self.agent.node}")
-            return
-        path = self.path(req.workload_id, "log")
-        try:
-            data, offset = await asyncio.to_thread(_tail, path, req.tail_lines)
-        except OSError as e:
-            chunk(eof=True, error=f"cannot read the log: {e.strerror}")
-            return
-        for i in range(0, len(data), CHUNK):
-            chunk(data[i:i + CHUNK])
-        while req.follow:
-            finished = self.workloads[req.workload_id].state != W.WORKLOAD_STATE_RUNNING
-            more, offset = await asyncio.to_thread(_read_from, path, offset)
-            for i in range(0, len(more), CHUNK):
-                chunk(more[i:i + CHUNK])
-            if finished and not more:
-                break
-            if not more:
-                await asyncio.sleep(self.poll_interval)
-        chunk(eof=True)

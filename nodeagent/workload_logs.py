@@ -1,0 +1,56 @@
+"""A workload's log streamed to the control plane (`meshctl logs [-f]`): the last lines, then what the
+workload appends while it runs, in LogChunks of at most CHUNK bytes; one task per request, cancelled by a
+LogRequest with `cancel`. Composed into the agent's WorkloadRunner (nodeagent/workloads.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gpumesh.v1 import node_service_pb2
+from gpumesh.v1 import types_pb2 as W
+from nodeagent.procfiles import _read_from, _tail
+
+CHUNK = 32 << 10
+
+
+class LogStreamer:
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    async def on_logs(self, req: node_service_pb2.LogRequest, outbox: asyncio.Queue) -> None:
+        if req.cancel:
+            task = self.tasks.pop(req.request_id, None)
+            if task is not None:
+                task.cancel()
+            return
+        task = asyncio.get_running_loop().create_task(self._stream_log(req, outbox))
+        self.tasks[req.request_id] = task
+        task.add_done_callback(lambda _t, rid=req.request_id: self.tasks.pop(rid, None))
+
+    async def _stream_log(self, req: node_service_pb2.LogRequest, outbox: asyncio.Queue) -> None:
+        def chunk(data: bytes = b"", eof: bool = False, error: str = "") -> None:
+            outbox.put_nowait(node_service_pb2.AgentMessage(log=node_service_pb2.LogChunk(
+                request_id=req.request_id, data=data, eof=eof, error=error)))
+
+        if req.workload_id not in self.runner.workloads:
+            chunk(eof=True, error=f"no workload {req.workload_id!r} on node {self.runner.agent.node}")
+            return
+        path = self.runner.path(req.workload_id, "log")
+        try:
+            data, offset = await asyncio.to_thread(_tail, path, req.tail_lines)
+        except OSError as e:
+            chunk(eof=True, error=f"cannot read the log: {e.strerror}")
+            return
+        for i in range(0, len(data), CHUNK):
+            chunk(data[i:i + CHUNK])
+        while req.follow:
+            finished = self.runner.workloads[req.workload_id].state != W.WORKLOAD_STATE_RUNNING
+            more, offset = await asyncio.to_thread(_read_from, path, offset)
+            for i in range(0, len(more), CHUNK):
+                chunk(more[i:i + CHUNK])
+            if finished and not more:
+                break
+            if not more:
+                await asyncio.sleep(self.runner.poll_interval)
+        chunk(eof=True)
