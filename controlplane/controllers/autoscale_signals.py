@@ -107,15 +107,20 @@ def slots(spec: D.DeploymentSpec, variant) -> int:
     return max(1, spec.backend.concurrency)
 
 
+def _measured(variant, replicas: list[D.Replica], usable) -> list:
+    """The variant's `model bench` figures that pass `usable`, on the replicas' GPU models when measured
+    there, else on any GPU model."""
+    if variant is None:
+        return []
+    gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
+    ms = [(k, m) for k, m in variant.measured.items() if usable(m)]
+    return [m for k, m in ms if not gpu_models or k in gpu_models] or [m for _, m in ms]
+
+
 def free_slot_ttft(variant, replicas: list[D.Replica]) -> float | None:
     """The registry's measured TTFT on a free slot (`meshctl model bench`, on the replicas' GPU models when
     measured there; the slowest), seconds; None when not measured (the controller then takes the observed)."""
-    if variant is None:
-        return None
-    gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
-    ttfts = [m.ttft_seconds for k, m in variant.measured.items() if m.ttft_seconds > 0
-             and (not gpu_models or k in gpu_models)]
-    ttfts = ttfts or [m.ttft_seconds for m in variant.measured.values() if m.ttft_seconds > 0]
+    ttfts = [m.ttft_seconds for m in _measured(variant, replicas, lambda m: m.ttft_seconds > 0)]
     return max(ttfts) if ttfts else None
 
 
@@ -124,11 +129,7 @@ def registry_figures(variant, replicas: list[D.Replica], *, slots: int, cold_sta
     models when measured there): the time in service of its bench request (TTFT + max_tokens / decode
     tokens per second) and the TTFT; None when not measured. What sizes a predictive policy's floor before
     the deployment's own requests were measured (a new leader, a deployment that has been quiet)."""
-    if variant is None:
-        return None
-    gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
-    usable = [(k, m) for k, m in variant.measured.items() if m.tokens_per_second > 0 and m.max_tokens > 0]
-    ms = [m for k, m in usable if not gpu_models or k in gpu_models] or [m for _, m in usable]
+    ms = _measured(variant, replicas, lambda m: m.tokens_per_second > 0 and m.max_tokens > 0)
     if not ms:
         return None
     m = max(ms, key=lambda m: m.ttft_seconds + m.max_tokens / m.tokens_per_second)
@@ -142,11 +143,7 @@ def cold_start(replicas: list[D.Replica], variant, default_s: float) -> tuple[fl
             if r.HasField("ready_at") and r.HasField("created_at") and _secs(r.ready_at) > _secs(r.created_at)]
     if seen:
         return max(seen)[1], "replicas"
-    if variant is not None:
-        gpu_models = {r.gpu_model for r in replicas if r.gpu_model}
-        loads = [m.load_seconds for k, m in variant.measured.items() if m.load_seconds > 0
-                 and (not gpu_models or k in gpu_models)]
-        loads = loads or [m.load_seconds for m in variant.measured.values() if m.load_seconds > 0]
-        if loads:
-            return max(loads) + SLICE_START_S, "registry"
+    loads = [m.load_seconds for m in _measured(variant, replicas, lambda m: m.load_seconds > 0)]
+    if loads:
+        return max(loads) + SLICE_START_S, "registry"
     return default_s, "default"
