@@ -146,7 +146,8 @@ def command(b: types_pb2.ServingBackend, host: str, port: int, agent_python: str
     """The argv: the launcher (the agent's interpreter: it points the caches into the workload's
     directory) that execs `vhost.python -c GUARD_ALL_PATHS ...`, i.e. vllm.entrypoints.openai.api_server with
     every path behind the replica's key."""
-    argv = [agent_python, "-m", "nodeagent.backends.launch", "--",
+    from nodeagent.backends import LAUNCHER          # (the package imports this module first)
+    argv = [agent_python, "-m", LAUNCHER, "--",
             vhost.python, "-c", GUARD_ALL_PATHS, "--model", b.artifact, "--host", host, "--port", str(port),
             "--max-model-len", str(b.context or DEFAULT_CONTEXT), "--max-num-seqs", str(max(1, b.concurrency)),
             "--dtype", dtype_of(b), "--served-model-name", b.served_name or b.artifact]
