@@ -73,8 +73,8 @@ def test_an_mps_slice_grows_before_its_workload_needs_it(cluster):
             grown = mesh.get_slice(s.id)
             assert grown.id == s.id and grown.state == t.SLICE_STATE_READY and grown.node == s.node
             assert mesh.get_workload(w.id).state == t.WORKLOAD_STATE_RUNNING       # in place: the workload runs on
-            events = mesh.list_events("Slice", s.id, reason="AutoGrow")
-            assert events, "no AutoGrow event"
+            # the event is written after the resize it records (the recorder's batch): wait for it
+            events = wait_for(lambda: mesh.list_events("Slice", s.id, reason="AutoGrow"), 30, "the AutoGrow event")
             # the decision's own record: the use then was below the slice's size, the forecast's upper edge above
             seen = re.search(r"memory used now ([0-9.]+) GiB, forecast [0-9.]+ GiB \[[0-9.]+, ([0-9.]+)\]",
                              events[0].message)

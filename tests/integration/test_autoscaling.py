@@ -150,8 +150,8 @@ def test_a_burst_scales_up_within_the_bounds_and_back_down(cluster, mesh):
     # after the burst: back to min_replicas once the stable window and the scale-down delay pass
     d = mesh.wait_deployment("burst", ready(1), timeout=SLOW)
     assert d.status.autoscaler.desired == 1
-    downs = [e for e in events(mesh, "burst", "Autoscaled") if "-> 1 " in e.message]
-    assert downs, [e.message for e in events(mesh, "burst", "Autoscaled")]
+    wait_for(lambda: [e for e in events(mesh, "burst", "Autoscaled") if "-> 1 " in e.message], 30,
+             "the scale-down's Autoscaled event")        # written in a batch after the change it records
     mesh.undeploy("burst")
 
 
@@ -162,7 +162,7 @@ def test_scale_to_zero_then_the_first_request_is_held_until_a_replica_is_ready(c
                                                    stable_window_s=2, panic_window_s=0.5, scale_down_delay_s=0))
     d = mesh.wait_deployment("sleepy", lambda d: d.spec.replicas == 0 and not d.replicas, timeout=SLOW)
     assert d.status.autoscaler.desired == 0
-    assert events(mesh, "sleepy", "ScaledToZero")
+    wait_for(lambda: events(mesh, "sleepy", "ScaledToZero"), 30, "the ScaledToZero event")
     wait_for(lambda: in_gateway(cluster, "sleepy", total=0), 60, "the gateway sees no replica")
     started = time.monotonic()
     r = complete(cluster, "sleepy", max_tokens=4)

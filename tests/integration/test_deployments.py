@@ -104,9 +104,12 @@ def test_deploy_kill_scale_restart(cluster, mesh, smollm2):
     assert kept.id in {r.id for r in d.replicas}
     assert sorted(r.node for r in d.replicas) == ["gpu-a", "gpu-b"]
     # the replica changes in the durable event stream (controlplane/events/)
-    evs = mesh.list_events(kind="Deployment", name="chat")
-    assert {"replicas 2 -> 3", "replicas 3 -> 1", "replicas 1 -> 2"} <= {e.message for e in evs if e.reason == "Scaled"}
-    assert {"Created", "ReplicaCreated", "ReplicaReady", "ReplicaRemoved"} <= {e.reason for e in evs}
+    def recorded():         # events are written in batches after the change they record: wait for the last
+        evs = mesh.list_events(kind="Deployment", name="chat")
+        scaled = {e.message for e in evs if e.reason == "Scaled"}
+        return {"replicas 2 -> 3", "replicas 3 -> 1", "replicas 1 -> 2"} <= scaled and \
+            {"Created", "ReplicaCreated", "ReplicaReady", "ReplicaRemoved"} <= {e.reason for e in evs}
+    wait_for(recorded, 30, "the deployment's Scaled and replica events")
 
     # rollout restart: every replica replaced, one at a time, never fewer than 2 READY
     old_ids = {r.id for r in d.replicas}
