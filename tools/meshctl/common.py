@@ -24,8 +24,11 @@ class _GivesWay:
     def _handle_conflict_error(self, action, conflicting_actions):  # noqa: ANN001 - argparse's hook
         if all(getattr(a, "gives_way", False) for _, a in conflicting_actions):
             self._handle_conflict_resolve(action, conflicting_actions)
+            prog = getattr(self, "prog", "") or ""
             if action.type is not None:
-                action.type = _hint_global_context(action.type, getattr(self, "prog", "") or "")
+                action.type = _hint_global_context(action.type, prog)
+            if action.help:
+                action.help += f"; to choose a meshctl context: meshctl --context NAME {prog.removeprefix('meshctl ')} ..."
             return
         super()._handle_conflict_error(action, conflicting_actions)
 
