@@ -149,6 +149,18 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._workloads = workload_service_pb2_grpc.WorkloadServiceStub(self._channel)
 
+    @classmethod
+    def from_context(cls, context: str | None = None, *, endpoint: str | None = None, timeout: float = 30.0,
+                     **kwargs: Any) -> "MeshClient":
+        """A client of the control plane meshctl would use: `endpoint`, else `$MESH_ENDPOINT`, else the
+        context `context` (else `$MESH_CONTEXT`, else the current-context of meshctl's config file), with its
+        credentials unless `$MESH_TOKEN`/`$MESH_CA`/... or `token=`/`ca=`/... in `kwargs` are given
+        (mesh/context.py). An unknown context raises mesh.context.UnknownContextError listing the known ones."""
+        from mesh.context import resolve_auth, resolve_endpoint
+        flags = {k: kwargs.pop(k) for k in ("token", "ca", "cert", "key") if k in kwargs}
+        return cls(resolve_endpoint(endpoint, context=context), timeout=timeout,
+                   **resolve_auth(flags, context=context), **kwargs)
+
     def close(self) -> None:
         self._raw_channel.close()
 

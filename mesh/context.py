@@ -1,89 +1,118 @@
-"""Where `meshctl` finds the control plane.
+"""Where `meshctl` (and `MeshClient.from_context`) finds the control plane, and as whom.
 
-In order: the `--endpoint` flag, `$MESH_ENDPOINT`, then the current context
-file written by `meshctl up` (`context.json` in `$GPUMESH_CONFIG_DIR`, else
-`$XDG_CONFIG_HOME/gpumesh`, else `~/.config/gpumesh`).
+The endpoint: the `--endpoint` flag, else `$MESH_ENDPOINT`, else the chosen context's endpoint.
+Each credential (token, ca, cert, key): its flag, else `$MESH_TOKEN`/`$MESH_CA`/`$MESH_CERT`/`$MESH_KEY`,
+else the chosen context (its `token`, or the contents of its `token-file`).
+The chosen context: the `--context` flag (`context=` in the SDK), else `$MESH_CONTEXT`, else the config
+file's `current-context`. A context chosen by name that the file lacks is an error listing the known ones.
+The config file itself (named contexts, YAML like kubeconfig) is `mesh/meshconfig.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-CONTEXT_FILE = "context.json"
+from mesh import meshconfig
+from mesh.meshconfig import (ConfigFileError, Context, NoEndpointError, UnknownContextError, config_dir,
+                             config_path)
+
 ENV_ENDPOINT = "MESH_ENDPOINT"
-ENV_CONFIG_DIR = "GPUMESH_CONFIG_DIR"
-
-
-class NoEndpointError(Exception):
-    """No control plane endpoint could be found."""
-
-
-def config_dir() -> Path:
-    """The folder that holds the current context file."""
-    explicit = os.environ.get(ENV_CONFIG_DIR)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "gpumesh"
-    return Path.home() / ".config" / "gpumesh"
-
-
-def context_path() -> Path:
-    return config_dir() / CONTEXT_FILE
-
-
-def load_context() -> dict | None:
-    """The saved context (`{"endpoint": ..., "state_dir": ...}`), or None if none is saved."""
-    path = context_path()
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise NoEndpointError(f"cannot read the context file {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise NoEndpointError(f"the context file {path} is not a JSON object")
-    return data
-
-
-def resolve_endpoint(flag: str | None) -> str:
-    """The control plane's HOST:PORT from the flag, the environment or the context file."""
-    if flag:
-        return flag
-    env = os.environ.get(ENV_ENDPOINT)
-    if env:
-        return env
-    ctx = load_context()
-    if ctx and ctx.get("endpoint"):
-        return str(ctx["endpoint"])
-    raise NoEndpointError(
-        "no control plane endpoint: run `meshctl up` to start a local cluster, "
-        f"pass --endpoint HOST:PORT, or set ${ENV_ENDPOINT}")
-
-
+ENV_CONTEXT = "MESH_CONTEXT"
+ENV_CONFIG_DIR = meshconfig.ENV_CONFIG_DIR
+ENV_CONFIG = meshconfig.ENV_CONFIG
 AUTH_KEYS = ("token", "ca", "cert", "key")
 ENV_AUTH = {"token": "MESH_TOKEN", "ca": "MESH_CA", "cert": "MESH_CERT", "key": "MESH_KEY"}
 
 
-def resolve_auth(flags: dict | None = None) -> dict:
+def context_path() -> Path:
+    """The config file (kept under its old name for callers of the single-context API)."""
+    return config_path()
+
+
+def chosen_name(context: str | None = None) -> tuple[str, str]:
+    """(name, where it came from) of the explicitly chosen context: the flag, else `$MESH_CONTEXT`;
+    ("", "") when neither names one (the file's current-context applies)."""
+    if context:
+        return context, "--context"
+    env = os.environ.get(ENV_CONTEXT)
+    if env:
+        return env, f"${ENV_CONTEXT}"
+    return "", ""
+
+
+def select(context: str | None = None, *, strict_current: bool = True) -> Context | None:
+    """The context in use: `context`, else `$MESH_CONTEXT`, else the file's current-context; None when
+    none is set. A named context the file lacks raises UnknownContextError; so does a current-context
+    that names no context, unless `strict_current` is False (then it counts as none)."""
+    cfg = meshconfig.load()
+    name, source = chosen_name(context)
+    if name:
+        return cfg.get(name, source)
+    if not cfg.current:
+        return None
+    if cfg.current not in cfg.contexts and not strict_current:
+        return None
+    return cfg.get(cfg.current, f"current-context in {cfg.path}")
+
+
+def resolve_endpoint(flag: str | None, context: str | None = None) -> str:
+    """The control plane's HOST:PORT (or a comma-separated list) from the flag, the environment or the context.
+    A context named by `context` or `$MESH_CONTEXT` must exist even when the flag or environment wins."""
+    if flag or os.environ.get(ENV_ENDPOINT):
+        if chosen_name(context)[0]:
+            select(context)
+        return flag or os.environ[ENV_ENDPOINT]
+    ctx = select(context)
+    if ctx is not None and ctx.endpoint:
+        return ctx.endpoint
+    if ctx is not None:
+        raise NoEndpointError(f"context {ctx.name!r} has no endpoint: set one with "
+                              f"`meshctl config set-context {ctx.name} --endpoint HOST:PORT`")
+    raise NoEndpointError(
+        "no control plane endpoint: run `meshctl up` to start a local cluster, "
+        f"pass --endpoint HOST:PORT, set ${ENV_ENDPOINT}, or choose a context "
+        "(`meshctl config get-contexts`, `meshctl config use-context NAME`)")
+
+
+def resolve_auth(flags: dict | None = None, context: str | None = None) -> dict:
     """Credentials for MeshClient (token, ca, cert, key): each from the flag, else `$MESH_TOKEN`,
-    `$MESH_CA`, `$MESH_CERT`, `$MESH_KEY`, else the current context; absent ones are left out."""
+    `$MESH_CA`, `$MESH_CERT`, `$MESH_KEY`, else the chosen context; absent ones are left out."""
     flags = flags or {}
-    ctx = None
-    out = {}
+    out: dict[str, str] = {}
+    ctx: Context | None = None
+    loaded = False
     for k in AUTH_KEYS:
         value = flags.get(k) or os.environ.get(ENV_AUTH[k])
         if not value:
-            if ctx is None:
-                ctx = load_context() or {}
-            value = ctx.get(k)
+            if not loaded:
+                ctx, loaded = select(context, strict_current=False), True
+            value = _credential(ctx, k) if ctx is not None else ""
         if value:
             out[k] = str(value)
     return out
+
+
+def _credential(ctx: Context, key: str) -> str:
+    if key != "token" or ctx.token or not ctx.token_file:
+        return getattr(ctx, key)
+    path = Path(ctx.token_file).expanduser()
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigFileError(config_path(), f"context {ctx.name!r} token-file",
+                              f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not token:
+        raise ConfigFileError(config_path(), f"context {ctx.name!r} token-file", f"{path} is empty")
+    return token
+
+
+def load_context(context: str | None = None) -> dict | None:
+    """The context in use as a flat dict (`endpoint`, `state_dir`, `token`, `ca`, ...), or None if none is set."""
+    ctx = select(context, strict_current=False)
+    if ctx is None:
+        return None
+    return {attr: getattr(ctx, attr) for attr in meshconfig.FIELDS.values() if getattr(ctx, attr)}
 
 
 def _same_dir(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
@@ -92,44 +121,38 @@ def _same_dir(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
 
 
-def save_context(endpoint: str, state_dir: str | os.PathLike | None, auth: dict | None = None) -> Path:
-    """Make `endpoint` (of the cluster whose files are in `state_dir`, if local) the current context,
-    with its credentials (`auth`: token, ca, cert, key). The file is private (mode 0600): it may hold a token."""
-    path = context_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"endpoint": endpoint}
-    if state_dir is not None:
-        data["state_dir"] = os.path.realpath(os.fspath(state_dir))
-    data.update({k: v for k, v in (auth or {}).items() if k in AUTH_KEYS and v})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".context-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+def save_context(endpoint: str, state_dir: str | os.PathLike | None, auth: dict | None = None,
+                 name: str | None = None, *, make_current: bool = True) -> Path:
+    """Save `endpoint` (of the cluster whose files are in `state_dir`, if local) with its credentials
+    (`auth`: token, ca, cert, key) as the context `name` (default: `local` for a local cluster, else
+    `default`), replacing one of that name, and make it the current context. Returns the file."""
+    name = meshconfig.check_name(name or (meshconfig.LEGACY_LOCAL if state_dir is not None
+                                          else meshconfig.LEGACY_DEFAULT))
+    ctx = Context(name=name, endpoint=endpoint,
+                  state_dir=os.path.realpath(os.fspath(state_dir)) if state_dir is not None else "",
+                  **{k: str(v) for k, v in (auth or {}).items() if k in AUTH_KEYS and v})
+    with meshconfig.editing() as cfg:
+        cfg.contexts[name] = ctx
+        if make_current:
+            cfg.current = name
+        return cfg.path
 
 
 def clear_context(state_dir: str | os.PathLike) -> bool:
-    """Remove the current context if it points at `state_dir`; True if it was removed."""
+    """Remove the contexts of the local cluster in `state_dir` (saved by `meshctl up`), and the
+    current-context if it was one of them; True if any was removed. A broken file is left alone."""
     try:
-        ctx = load_context()
-    except NoEndpointError:
+        with meshconfig.editing() as cfg:
+            gone = [n for n, c in cfg.contexts.items() if _same_dir(c.state_dir, state_dir)]
+            for n in gone:
+                del cfg.contexts[n]
+            if cfg.current in gone:
+                cfg.current = ""
+            return bool(gone)
+    except ConfigFileError:
         return False
-    if not ctx or not _same_dir(ctx.get("state_dir"), state_dir):
-        return False
-    try:
-        context_path().unlink()
-    except FileNotFoundError:
-        return False
-    return True
 
 
-__all__ = ["resolve_endpoint", "resolve_auth", "save_context", "clear_context", "load_context",
-           "config_dir", "context_path", "NoEndpointError"]
+__all__ = ["resolve_endpoint", "resolve_auth", "save_context", "clear_context", "load_context", "select",
+           "chosen_name", "config_dir", "config_path", "context_path", "NoEndpointError", "ConfigFileError",
+           "UnknownContextError", "ENV_CONTEXT", "ENV_ENDPOINT", "ENV_CONFIG"]

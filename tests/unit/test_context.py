@@ -1,15 +1,15 @@
 """mesh.context: where meshctl finds the control plane."""
 
-import json
-
 import pytest
+import yaml
 
 from mesh import context
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("MESH_ENDPOINT", raising=False)
+    for var in ("MESH_ENDPOINT", "MESH_CONTEXT", "MESHCONFIG"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("GPUMESH_CONFIG_DIR", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -49,12 +49,14 @@ def test_config_dir_precedence(monkeypatch, tmp_path):
     assert context.config_dir() == tmp_path / "home" / ".config" / "gpumesh"
 
 
-def test_save_writes_the_documented_json(tmp_path):
+def test_save_writes_the_documented_yaml(tmp_path):
     path = context.save_context("127.0.0.1:5000", tmp_path / "state")
-    assert path == tmp_path / "xdg" / "gpumesh" / "context.json"
-    data = json.loads(path.read_text())
-    assert data == {"endpoint": "127.0.0.1:5000", "state_dir": str((tmp_path / "state").resolve())}
-    assert [p.name for p in path.parent.iterdir()] == ["context.json"]  # no temp files left
+    assert path == tmp_path / "xdg" / "gpumesh" / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data == {"apiVersion": "gpumesh/v1", "kind": "Config", "current-context": "local",
+                    "contexts": [{"name": "local", "endpoint": "127.0.0.1:5000",
+                                  "state-dir": str((tmp_path / "state").resolve())}]}
+    assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == ["config.yaml"]  # no temp file
 
 
 def test_clear_only_removes_a_context_of_that_state_dir(tmp_path):
@@ -76,6 +78,6 @@ def test_a_broken_context_file_is_a_clear_error(tmp_path):
     path = context.context_path()
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    with pytest.raises(context.NoEndpointError, match="context file"):
+    with pytest.raises(context.NoEndpointError, match=f"{path}: not valid YAML"):
         context.resolve_endpoint(None)
     assert context.clear_context(tmp_path) is False

@@ -95,11 +95,11 @@ class BenchCluster:
 
     @classmethod
     def existing(cls, args: argparse.Namespace, endpoint: str) -> "BenchCluster":
-        from mesh.context import resolve_auth
+        from tools.meshctl.common import auth
         if args.secure or args.tmpfs or args.data_dir:
             raise CliError("--secure, --tmpfs and --data-dir are for the cluster bench alloc starts; "
                            "with --endpoint give that cluster's credentials (--ca, --cert/--key, --token)")
-        creds = Credentials(**resolve_auth({k: getattr(args, k, None) for k in ("token", "ca", "cert", "key")}))
+        creds = Credentials(**auth(args))
         if bool(creds.cert) != bool(creds.key):
             raise CliError("--cert and --key go together")
         bc = cls(args, endpoint=endpoint, admin=creds)

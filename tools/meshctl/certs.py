@@ -1,11 +1,11 @@
-"""`meshctl certs init|issue` (a CA and the certificates of the control plane, agents and clients) and
-`meshctl config set-context` (where and as whom meshctl talks to a control plane)."""
+"""`meshctl certs init|issue`: a CA and the certificates of the control plane, agents and clients
+(`meshctl config set-context`, in contexts.py, says where and as whom meshctl talks to a control plane)."""
 
 from __future__ import annotations
 
 import argparse
 
-from tools.meshctl.common import CliError, HelpFormatter, info, out, subcommand
+from tools.meshctl.common import CliError, HelpFormatter, info, out
 
 CERTS_EPILOG = """\
 examples:
@@ -46,17 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_issue)
     certs.set_defaults(func=lambda args: (certs.print_help(), 2)[1])
 
-    cfg = sub.add_parser("config", help="meshctl's contexts", formatter_class=HelpFormatter,
-                         description="Where meshctl finds the control plane, and its credentials.")
-    ccfg = cfg.add_subparsers(dest="config_command", metavar="COMMAND", title="commands")
-    sc = subcommand(ccfg, "set-context", help="save the endpoint and credentials as the current context",
-                    description="Save --endpoint with --token and/or --ca/--cert/--key as the current context "
-                                "(a private file; see `meshctl --help` for where).",
-                    epilog="example:\n  meshctl config set-context --endpoint cp.example.internal:50051 \\\n"
-                           "      --ca /etc/gpumesh/pki/ca.crt --token \"$(cat ~/.gpumesh-token)\"\n")
-    sc.set_defaults(func=run_set_context)
-    cfg.set_defaults(func=lambda args: (cfg.print_help(), 2)[1])
-
 
 def run_init(args: argparse.Namespace) -> int:
     from mesh import tls
@@ -80,20 +69,4 @@ def run_issue(args: argparse.Namespace) -> int:
     except tls.TlsError as e:
         raise CliError(str(e)) from None
     out(f"{crt}\n{key}\n")
-    return 0
-
-
-def run_set_context(args: argparse.Namespace) -> int:
-    import os
-    from mesh.context import save_context
-    if not getattr(args, "endpoint", None):
-        raise CliError("--endpoint HOST:PORT is required")
-    auth = {k: getattr(args, k, None) for k in ("token", "ca", "cert", "key")}
-    for k in ("ca", "cert", "key"):
-        if auth[k]:
-            auth[k] = os.path.abspath(os.path.expanduser(auth[k]))
-    if bool(auth["cert"]) != bool(auth["key"]):
-        raise CliError("--cert and --key go together")
-    path = save_context(args.endpoint, None, auth)
-    info(f"context saved in {path}")
     return 0

@@ -16,10 +16,13 @@ examples:
   meshctl up --hosts fleet.yaml --state-dir /tmp/mesh --detach -o json
   meshctl up --demo                               # a few slices for tenant "demo", and SmolLM2 served
   meshctl up --demo --detach -o json              # ... and where it answers: "deployments", "endpoints"
+  meshctl up --state-dir /tmp/mesh2 --context-name lab --detach   # a second cluster, context "lab"
 
 --hosts FILE is YAML with `hosts: [<host file mapping>, ...]`, each item shaped
 like one nodeagent host file (with its `node:` name).
 Files go under --state-dir: controlplane/, etcd/, hosts/, agents/, logs/, cluster.json.
+The cluster is saved as the context --context-name (replacing one of that name)
+and made current; `meshctl down` removes it (`meshctl config get-contexts`).
 """
 
 DOWN_EPILOG = """\
@@ -46,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--agents-per-process", type=positive_int, metavar="K",
                    help="hosts per agent process (default: 1 up to 8 hosts, else at most 8 processes)")
     p.add_argument("--detach", action="store_true", help="leave the cluster running in the background")
+    p.add_argument("--context-name", default="local", metavar="NAME",
+                   help="the context it saves in meshctl's config file and makes current; `meshctl down` removes "
+                        "it (default: local)")
     p.add_argument("--no-gateway", action="store_true", help="do not start mesh-gateway (docs/gateway.md)")
     p.add_argument("--demo", action="store_true",
                    help="once Ready, allocate a few slices for tenant demo, and serve SmolLM2-135M (the "
@@ -59,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = subcommand(sub, "down", help="stop a local cluster started with `meshctl up`",
                    description="Stop the cluster recorded in DIR/cluster.json (SIGTERM, then SIGKILL "
-                               "after a grace) and clear the saved context if it points there.",
+                               "after a grace) and remove the context `meshctl up` saved for it (the other "
+                               "contexts stay).",
                    epilog=DOWN_EPILOG, skip=("timeout",))
     d.add_argument("--state-dir", default=".mesh", metavar="DIR", help="(default: ./.mesh)")
     d.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
@@ -158,8 +165,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     from mesh.context import clear_context, save_context
+    from mesh.meshconfig import check_name
     from tools.localcluster import ClusterError, LocalCluster
     from tools.meshctl.output import dump
+    try:
+        check_name(args.context_name, "--context-name")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     try:
         cluster = LocalCluster(Path(args.state_dir), load_hosts(args), lease_ttl=args.lease_ttl,
                                agents_per_process=args.agents_per_process, detach=args.detach,
@@ -174,7 +186,8 @@ def run_up(args: argparse.Namespace) -> int:
             cluster.start(timeout=args.ready_timeout, progress=progress.step)
     except ClusterError as exc:
         raise CliError(str(exc)) from None
-    save_context(cluster.endpoint, cluster.state_dir)
+    save_context(cluster.endpoint, cluster.state_dir, name=args.context_name)
+    progress.step(f"saved as the current context {args.context_name!r}")
     try:
         served, failed = None, False
         if args.demo:
@@ -233,7 +246,7 @@ def run_down(args: argparse.Namespace) -> int:
         stopped = stop_detached(state_dir, grace=args.grace)
     except ClusterError as exc:
         cleared = clear_context(state_dir)
-        raise CliError(str(exc) + ("; cleared the saved context" if cleared else "")) from None
+        raise CliError(str(exc) + ("; removed its context" if cleared else "")) from None
     clear_context(state_dir)
     if args.output in ("json", "yaml"):
         from tools.meshctl.output import dump

@@ -64,10 +64,10 @@ def gateway(args: argparse.Namespace) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from mesh.context import resolve_auth
     from mesh.inferenceapi import InferenceClient, response_to_dict
+    from tools.meshctl.common import auth as credentials
     from tools.meshctl.output import dump
-    auth = resolve_auth({k: getattr(args, k, None) for k in ("token", "ca", "cert", "key")})
+    auth = credentials(args)
     stream = args.output not in ("json", "yaml")
     text: list[str] = []
     last = None

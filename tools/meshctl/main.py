@@ -12,12 +12,12 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from tools.meshctl import (autoscale, bench, certs, cluster, cost, deploy, describe, forecast, generate, get, mesh,
+from tools.meshctl import (autoscale, bench, certs, cluster, contexts, cost, deploy, describe, forecast, generate, get, mesh,
                            migrate, models, nodes, pools, replay, sim, slices, top, update, workloads)
-from tools.meshctl.common import CliError, HelpFormatter, add_global_flags
+from tools.meshctl.common import CliError, HelpFormatter, Parser, add_global_flags
 
 GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, generate, autoscale, bench,
-          sim, replay, forecast, certs, top, pools, update, cost)
+          sim, replay, forecast, certs, contexts, top, pools, update, cost)
 
 EPILOG = """\
 examples:
@@ -38,16 +38,20 @@ examples:
   meshctl cost --by model --since 24h
   meshctl recommend
   meshctl down
+  meshctl config get-contexts                           # staging, production, local...
+  meshctl --context production get nodes
 
 The control plane address comes from --endpoint, then $MESH_ENDPOINT, then the
-context saved by `meshctl up` or `meshctl config set-context`; credentials from
---token/--ca/--cert/--key, then $MESH_TOKEN/$MESH_CA/$MESH_CERT/$MESH_KEY, then
-the context.
+context: --context NAME, else $MESH_CONTEXT, else the current-context of the
+config file ($MESHCONFIG, else config.yaml in $GPUMESH_CONFIG_DIR or
+~/.config/gpumesh), which `meshctl up` and `meshctl config set-context|use-context`
+write. Credentials come from --token/--ca/--cert/--key, then
+$MESH_TOKEN/$MESH_CA/$MESH_CERT/$MESH_KEY, then the context.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="meshctl", formatter_class=HelpFormatter, epilog=EPILOG,
         description="Manage a gpumesh fleet: nodes, GPUs and the slices carved from them.")
     add_global_flags(parser, root=True)
