@@ -276,8 +276,10 @@ class Registrar:
         return ids
 
     def close(self) -> None:
-        for bid in list(self.buffers):
-            self.deregister(bid, "agent stopping")
+        """Revoke every buffer (held, or a previous run's not recovered) and stop the data plane. A stopping
+        agent does not call this: its buffers outlive it for the next run to recover."""
+        for bid in list(self.buffers) + list(self._unrecovered()):
+            self.deregister(bid, "registrar closed")
         self.server.close()
 
     # -- Sync stream ----------------------------------------------------------------------
