@@ -18,7 +18,13 @@ data plane refuses one-sided TCP access to verbs buffers from other hosts).
 A buffer is revoked (its keys stop working, its QP and MR are destroyed) on
 `MeshDeregister` and when its slice leaves the node's desired set (a release).
 On each new Sync stream the registrar reports its endpoint, transports, why
-verbs is missing if it is, and the buffers it holds (`MeshHello`).
+verbs is missing if it is, the buffers it holds, and those a previous run of
+this agent registered whose segments survived it (`MeshHello.recoverable`,
+from the records in `<state_dir>/mesh/<node>/`, nodeagent/meshrecords.py).
+The segments outlive the agent process: `MeshRegister.recover` re-adopts one
+(same bytes, same shm key; a verbs buffer gets a new MR and QP over it), so a
+connection comes back after an agent restart (docs/mesh.md "What survives
+what").
 """
 
 from __future__ import annotations
