@@ -123,3 +123,53 @@ def test_shm_mapping_survives_and_the_connection_recovers_across_a_control_plane
             assert fresh.read(5, 12) == b"still mapped"
     finally:
         mapped.close()
+
+
+# -- RDMA verbs (the pyverbs stand-in: its fabric is in-process, so both nodes run in one agent process and a
+# kill restarts both agents) -------------------------------------------------------------------------------
+
+IB_HOSTS = [{**h, "node": h["node"].replace("mr", "ibr"),
+             "nics": [{"name": "mlx5_0", "kind": "infiniband", "rate_gbps": 400, "gpus": [0]}]} for h in HOSTS]
+
+
+def test_verbs_connection_gets_new_queue_pairs_after_the_agents_are_killed(tmp_path):
+    env = {**os.environ, "GPUMESH_PYVERBS_STANDIN": "tests.unit.fakeverbs:make"}
+    c = LocalCluster(tmp_path, IB_HOSTS, lease_ttl=3, agents_per_process=2, env=env)
+    c.start(timeout=90)
+    try:
+        c.wait_ready(timeout=60)
+        with c.client(timeout=30) as mesh:
+            slices = {}
+            for node, other in (("ibr-a", "ibr-b"), ("ibr-b", "ibr-a")):
+                mesh.cordon(other)
+                try:
+                    slices[node] = mesh.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
+                finally:
+                    mesh.uncordon(other)
+            conn = mesh.mesh_connect(slices["ibr-a"].id, slices["ibr-b"].id, size_bytes=1 << 20)
+            assert conn.transport == "verbs" and conn.data_path == "rdma"
+            payload = os.urandom(1 << 20)
+            with mesh.mesh_open(conn, side="b") as peer:                 # A -> B by RDMA
+                peer.write(0, payload)
+            c.kill_agent("ibr-a")                                      # the one process of both nodes
+            c.start_agent("ibr-a")
+            c.wait_ready(timeout=60)
+
+            def ready():
+                got = mesh.mesh_get(conn.id)
+                return got if got.state == READY and got.a.qp_num != conn.a.qp_num else None
+            after = wait_for(ready, 90, "the verbs connection to be READY with new queue pairs")
+            assert after.id == conn.id and after.secret == conn.secret and after.data_path == "rdma"
+            assert after.b.qp_num != conn.b.qp_num        # new QPs on both sides (keys may repeat in a new process)
+            with mesh.mesh_open(after, side="b") as peer:
+                assert type(peer).__name__ == "RdmaConnection"
+                assert peer.read(0, 1 << 20) == payload                  # written by RDMA before the kill
+                peer.write(0, b"by RDMA again")
+            with mesh.mesh_open(after, side="a") as back:
+                back.write(3, b"and back")
+            with mesh.mesh_open(after, side="b") as peer, mesh.mesh_open(after, side="a") as back:
+                assert peer.read(0, 13) == b"by RDMA again" and back.read(3, 8) == b"and back"
+            logs = "".join(p.read_text() for p in (c.state_dir / "logs").glob("*.log"))
+            assert "mesh buffer recovered" in logs and "mesh connection recovered" in logs
+    finally:
+        c.stop()
