@@ -149,8 +149,9 @@ class MeshRecovery:
                     node=d.node, error=str(r))
                 return "failed"
         if any(isinstance(r, BaseException) for r in results):
-            log(logger, logging.INFO, "mesh recovery waits for an agent", connection=cid,
-                error=str(next(r for r in results if isinstance(r, BaseException))))
+            error = str(next(r for r in results if isinstance(r, BaseException)))
+            log(logger, logging.INFO, "mesh recovery waits for an agent", connection=cid, error=error)
+            await self._note(cid, f"{why}: waiting to re-register: {error}")
             return "retry"
         da, db = results[0].descriptor, results[1].descriptor
         if c.transport == "verbs":
@@ -163,6 +164,7 @@ class MeshRecovery:
             if bad:
                 log(logger, logging.WARNING, "mesh recovery: queue pairs not connected", connection=cid,
                     error=str(bad[0]))
+                await self._note(cid, f"{why}: waiting to connect the new queue pairs: {bad[0]}")
                 return "retry"        # the next attempt makes new MRs and QPs on both sides
         current = self._live(cid)
         if current is None:
@@ -180,6 +182,12 @@ class MeshRecovery:
         log(logger, logging.INFO, "mesh connection recovered", connection=cid, transport=c.transport,
             buffer_a=da.buffer_id, buffer_b=db.buffer_id)
         return "ready"
+
+    async def _note(self, cid: str, message: str) -> None:
+        """Say in the stored RECOVERING connection what it waits for (`meshctl describe connection`)."""
+        c = self._live(cid)
+        if c is not None and c.state == RECOVERING and c.message != message:
+            await self._store(self.mgr._with(c, message=message))
 
     def _revoke_late(self, cid: str, results) -> None:
         """The connection went away while its buffers were re-registered: revoke what was registered."""

@@ -171,5 +171,7 @@ def test_verbs_connection_gets_new_queue_pairs_after_the_agents_are_killed(tmp_p
                 assert peer.read(0, 13) == b"by RDMA again" and back.read(3, 8) == b"and back"
             logs = "".join(p.read_text() for p in (c.state_dir / "logs").glob("*.log"))
             assert "mesh buffer recovered" in logs and "mesh connection recovered" in logs
+            mesh.mesh_disconnect(after.id)           # revoked: the segments (which outlive agents) are unlinked
+            assert not os.path.exists("/dev/shm/" + after.a.shm_name)
     finally:
         c.stop()

@@ -442,3 +442,34 @@ def test_the_records_never_hold_the_secret(tmp_path):
         assert os.listdir(tmp_path / "rec") == []
     finally:
         r.close()
+
+
+def test_a_control_plane_that_restarts_mid_recovery_resumes_it_from_etcd(cluster):
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        c.start_agent("n1")
+        # the old control plane got as far as RECOVERING (and the agent re-adopted its buffer), then died
+        await c.open_session("n1")
+        await c.settle(conn.id)
+        recovering = c.mgr._with(c.etcd.connection(conn.id), state=RECOVERING, message="interrupted")
+        await c.etcd.write([Put(keys.mesh(conn.id), recovering.SerializeToString())])
+        c.mgr = MeshManager(c.ctl)
+        c.mgr.connections = {conn.id: c.etcd.connection(conn.id)}
+        for s in c.sessions.values():
+            s.mgr = c.mgr
+        for n in ("n1", "n2"):                 # both agents hold their buffers; the record says RECOVERING
+            await c.open_session(n)
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == READY and after.secret == conn.secret
+    assert c.etcd.connection(conn.id).state == READY
+    with _open(after, "a") as pa:
+        pa.write(0, b"resumed")
+        assert pa.read(0, 7) == b"resumed"
