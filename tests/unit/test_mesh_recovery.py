@@ -92,12 +92,15 @@ class Cluster:
         self.mgr = MeshManager(self.ctl)
         self.tmp, self.transport, self.verbs = tmp_path, transport, verbs
         self.agents: dict[str, Registrar] = {}
+        self.isolator = None
 
     def start_agent(self, node: str) -> Registrar:
         from mesh.transport.verbs import VerbsTransport
         agent = types.SimpleNamespace(node=node, endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
                                       desired_hooks=[], desired={s: self.slices[s] for s, n in SLICES.items()
                                                                  if n == node and s in self.slices})
+        if self.isolator is not None:
+            agent.isolator = self.isolator
         vt = VerbsTransport(node, pyverbs=self.verbs) if self.verbs is not None else None
         r = Registrar(agent, "127.0.0.1:0", verbs_transport=vt, state_dir=str(self.tmp / "mesh" / node))
         self.agents[node] = r
@@ -473,3 +476,54 @@ def test_a_control_plane_that_restarts_mid_recovery_resumes_it_from_etcd(cluster
     with _open(after, "a") as pa:
         pa.write(0, b"resumed")
         assert pa.read(0, 7) == b"resumed"
+
+
+class SliceShm:
+    """The isolation's slice directories (nodeagent/isolation/plan.py share_segment): a hard link of each
+    segment in the slice's private /dev/shm."""
+
+    def __init__(self, root: str) -> None:
+        self.shm_root = root
+
+    def share_segment(self, slice_id, tenant, name):
+        d = os.path.join(self.shm_root, slice_id)
+        os.makedirs(d, exist_ok=True)
+        if not os.path.exists(os.path.join(d, name)):
+            os.link(os.path.join("/dev/shm", name), os.path.join(d, name))
+
+    def unshare_segment(self, slice_id, name):
+        try:
+            os.unlink(os.path.join(self.shm_root, slice_id, name))
+        except OSError:
+            pass
+
+
+def test_a_segment_whose_dev_shm_name_was_removed_is_recovered_from_the_slices_link(cluster):
+    import shutil
+    from mesh.transport.shm import unlink_segment
+    c = cluster(transport="tcp")
+    root = f"/dev/shm/gpumesh-test-{secrets.token_hex(4)}"       # the same tmpfs as the segments (hard links)
+    c.isolator = SliceShm(root)
+    payload = os.urandom(4096)
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        with _open(conn, "a") as pa:
+            pa.write(0, payload)
+        c.kill_agent("n1")
+        assert unlink_segment(conn.a.shm_name)          # the name is gone; the slice still links the memory
+        c.start_agent("n1")
+        await c.open_session("n1")
+        return conn, await c.settle(conn.id)
+
+    try:
+        conn, after = run(scenario())
+        assert after.state == READY and os.path.exists("/dev/shm/" + conn.a.shm_name)
+        with _open(after, "a") as pa:
+            assert pa.read(0, 4096) == payload
+    finally:
+        c.close()
+        shutil.rmtree(root, ignore_errors=True)
