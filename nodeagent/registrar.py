@@ -18,13 +18,20 @@ data plane refuses one-sided TCP access to verbs buffers from other hosts).
 A buffer is revoked (its keys stop working, its QP and MR are destroyed) on
 `MeshDeregister` and when its slice leaves the node's desired set (a release).
 On each new Sync stream the registrar reports its endpoint, transports, why
-verbs is missing if it is, and the buffers it holds (`MeshHello`).
+verbs is missing if it is, the buffers it holds, and those a previous run of
+this agent registered whose segments survived it (`MeshHello.recoverable`,
+from the records in `<state_dir>/mesh/<node>/`, nodeagent/meshrecords.py).
+The segments outlive the agent process: `MeshRegister.recover` re-adopts one
+(same bytes, same shm key; a verbs buffer gets a new MR and QP over it), so a
+connection comes back after an agent restart (docs/mesh.md "What survives
+what").
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -33,13 +40,23 @@ from gpumesh.v1 import node_service_pb2
 from mesh.config import parse_hostport
 from mesh.logs import log
 from mesh.transport import channel, cuda_ipc, verbs
-from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDescriptor, OutOfBounds, TransportError, check_bounds,
-                                 new_key)
-from mesh.transport.shm import ShmRegion
+from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDescriptor, OutOfBounds, Revoked, TransportError,
+                                 check_bounds, new_key)
+from mesh.transport.shm import PREFIX, ShmRegion, segment_exists, unlink_segment
+from nodeagent.meshrecords import BufferRecords
 from mesh.transport.tcp import TcpDataPlane
 from mesh.transport.wire import OK, OUT_OF_BOUNDS, QP_ERROR
 
 logger = logging.getLogger(__name__)
+
+
+class BufferGone(Exception):
+    """A buffer to recover whose memory no longer exists (MeshRegistered error_kind "gone")."""
+
+
+def buffer_id_for(connection_id: str, slice_id: str) -> str:
+    """The buffer of a connection's side: the same id on every (re-)registration."""
+    return f"b-{connection_id or 'x'}-{slice_id}"[:60]
 
 
 @dataclass
@@ -63,8 +80,9 @@ def route_source(endpoint: str) -> str:
 class Registrar:
     def __init__(self, agent, listen: str = "0.0.0.0:0", advertise: str = "", verbs_transport=None,
                  verbs_unavailable: str = "", tls: bool = True, identity: channel.TlsIdentity | None = None,
-                 cuda_transport=None) -> None:
-        """`tls`: the data plane serves TLS (with `identity`, else a self-signed certificate made now) and
+                 cuda_transport=None, state_dir: str = "") -> None:
+        """`state_dir`: where the records of registered buffers live (what a restarted agent recovers; none:
+        a restart recovers nothing). `tls`: the data plane serves TLS (with `identity`, else a self-signed certificate made now) and
         refuses plaintext from other hosts; off: plaintext everywhere (the operator's choice, for speed)."""
         self.agent = agent
         self.node = agent.node
@@ -75,6 +93,7 @@ class Registrar:
         self.server = TcpDataPlane(host or "0.0.0.0", port, advertise or route_source(agent.endpoint),
                                    identity=identity if tls else None, require_tls_remote=tls, rdma=self)
         self.buffers: dict[str, Held] = {}
+        self.records = BufferRecords(state_dir) if state_dir else None
         self.verbs = verbs_transport
         self.verbs_unavailable = "" if verbs_transport is not None else (verbs_unavailable or "no verbs transport")
         self.cuda = cuda_transport
@@ -93,7 +112,10 @@ class Registrar:
     # -- registration -----------------------------------------------------------------------
 
     def register(self, slice_id: str, size: int, transport: str, connection_id: str = "",
-                 secret: bytes = b"") -> BufferDescriptor:
+                 secret: bytes = b"", recover: bool = False) -> BufferDescriptor:
+        """A buffer for the connection's side on `slice_id`. `recover`: over the memory that already holds it
+        (a segment a previous run of this agent registered, or the buffer itself for a verbs buffer whose MR
+        and QP are made anew): its bytes are kept; `BufferGone` when that memory no longer exists."""
         if slice_id not in self.agent.desired:
             raise LookupError(f"slice {slice_id} is not on node {self.node}")
         if not 0 < size <= MAX_BUFFER_BYTES:
@@ -104,17 +126,38 @@ class Registrar:
                                  f"(available: {', '.join(self.transports)}){why}", op="register")
         if secret and len(secret) < 16:
             raise ValueError("secret: the connection secret must be at least 128 bits")
-        bid = f"b-{connection_id or 'x'}-{slice_id}"[:60]
-        if bid in self.buffers:
-            self.deregister(bid, "re-registered")
+        bid = buffer_id_for(connection_id, slice_id)
         scope = (connection_id or bid) if secret else ""
-        if transport == "cuda_ipc":
-            self.cuda.device = int(getattr(self.agent.desired[slice_id], "gpu_index", 0) or 0)   # the slice's GPU
-            desc = self.cuda.register(slice_id, size, buffer_id=bid)
-            desc.node, desc.endpoint = self.node, ""
-            self.buffers[bid] = Held(desc, connection_id)
-            return desc
-        region = ShmRegion(bid, size, new_key(), secret)
+        base = 0
+        if recover:
+            held = self.buffers.get(bid)
+            if held is not None and (held.descriptor.transport != transport or held.descriptor.length != size):
+                raise BufferGone(f"buffer {bid} on node {self.node} is a {held.descriptor.transport} buffer of "
+                                 f"{held.descriptor.length} bytes, not {transport} of {size}")
+            if held is not None and transport != "verbs":
+                return held.descriptor                    # still registered: nothing changed
+            if transport == "cuda_ipc":
+                raise BufferGone(f"buffer {bid}: cuda_ipc memory is device memory the agent's process allocated; "
+                                 f"it died with the previous agent process")
+            if held is not None:                          # verbs: a new MR and QP over the same segment
+                self.buffers.pop(bid)
+                self.server.remove(held.descriptor.rkey)
+                self.verbs.deregister(bid)
+                region = held.region
+            else:
+                region = self._reopen(bid, slice_id, size, secret)
+                rec = self.records.get(bid) if self.records is not None else None
+                base = rec["address"] if rec and transport != "verbs" else 0
+        else:
+            if bid in self.buffers:
+                self.deregister(bid, "re-registered")
+            if transport == "cuda_ipc":
+                self.cuda.device = int(getattr(self.agent.desired[slice_id], "gpu_index", 0) or 0)  # the slice's GPU
+                desc = self.cuda.register(slice_id, size, buffer_id=bid)
+                desc.node, desc.endpoint = self.node, ""
+                self.buffers[bid] = Held(desc, connection_id)
+                return desc
+            region = ShmRegion(bid, size, new_key(), secret, outlive_process=True)
         try:
             if transport == "verbs":
                 # the MR is the shared memory segment itself: the slice's workload maps it, the HCA reads and
@@ -122,32 +165,82 @@ class Registrar:
                 addr = ctypes.addressof(ctypes.c_char.from_buffer(region.data))
                 desc = self.verbs.register(slice_id, size, buffer=addr, buffer_id=bid)
                 region.set_key(desc.rkey)
-                served = self.server.add(bid, slice_id, region.data, desc.rkey, base=desc.address, scope=scope,
-                                         secret=secret, local_only=True)
+                self.server.add(bid, slice_id, region.data, desc.rkey, base=desc.address, scope=scope,
+                                secret=secret, local_only=True)
                 desc.node, desc.endpoint, desc.shm_name = self.node, self.server.endpoint, region.name
             else:
-                served = self.server.add(bid, slice_id, region.data, region.rkey, scope=scope, secret=secret)
+                served = self.server.add(bid, slice_id, region.data, region.rkey, base=base, scope=scope,
+                                         secret=secret)
                 desc = BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport=transport,
                                         address=served.base, length=size, rkey=region.rkey,
                                         endpoint=self.server.endpoint, shm_name=region.name)
         except BaseException:
             if self.verbs is not None:
                 self.verbs.deregister(bid)
-            region.revoke()
+            if recover:
+                region.detach()          # the memory stays (and its record): a later attempt may adopt it
+            else:
+                region.revoke()
+                if self.records is not None:
+                    self.records.drop(bid)
             raise
         desc.tls_sha256 = self.server.tls_sha256
         self.buffers[bid] = Held(desc, connection_id, region)
+        if self.records is not None:
+            self.records.save({"buffer_id": bid, "connection_id": connection_id, "slice_id": slice_id,
+                               "transport": transport, "size": size, "shm_name": region.name,
+                               "address": desc.address})
         iso = getattr(self.agent, "isolator", None)      # the slice's workloads see it in their /dev/shm
         if iso is not None:
             iso.share_segment(slice_id, self.agent.desired[slice_id].tenant, region.name)
-        log(logger, logging.INFO, "mesh buffer registered", node=self.node, buffer=bid, slice=slice_id,
-            size=size, transport=transport)
+        log(logger, logging.INFO, "mesh buffer recovered" if recover else "mesh buffer registered", node=self.node,
+            buffer=bid, slice=slice_id, size=size, transport=transport)
         return desc
+
+    def _slice_link(self, slice_id: str, name: str) -> str:
+        """Where the slice's private /dev/shm holds a hard link of the segment (isolation), or ""."""
+        root = getattr(getattr(self.agent, "isolator", None), "shm_root", "")
+        return os.path.join(root, slice_id, name) if root else ""
+
+    def _reopen(self, bid: str, slice_id: str, size: int, secret: bytes) -> ShmRegion:
+        """The segment of `bid` as a previous run of this agent left it; from the slice's own link when the
+        /dev/shm name is gone but the slice still maps it."""
+        name = PREFIX + bid
+        link = self._slice_link(slice_id, name)
+        if not segment_exists(name) and link and os.path.exists(link):
+            try:
+                os.link(link, os.path.join("/dev/shm", name))
+            except OSError as e:
+                raise BufferGone(f"buffer {bid}: cannot restore segment {name} from the slice's link: {e}") from None
+        try:
+            return ShmRegion.reopen(bid, size, secret)
+        except Revoked as e:
+            raise BufferGone(e.message) from None
+
+    def _present(self, rec: dict) -> bool:
+        link = self._slice_link(rec["slice_id"], rec["shm_name"])
+        return segment_exists(rec["shm_name"]) or bool(link and os.path.exists(link))
+
+    def _forget_record(self, rec: dict, reason: str) -> None:
+        """Unlink a buffer this agent does not hold any more (a previous run's) and drop its record."""
+        unlink_segment(rec["shm_name"])
+        iso = getattr(self.agent, "isolator", None)
+        if iso is not None:
+            iso.unshare_segment(rec["slice_id"], rec["shm_name"])
+        self.records.drop(rec["buffer_id"])
+        log(logger, logging.INFO, "mesh buffer of a previous agent run revoked", node=self.node,
+            buffer=rec["buffer_id"], slice=rec["slice_id"], reason=reason)
 
     def deregister(self, buffer_id: str, reason: str = "") -> bool:
         held = self.buffers.pop(buffer_id, None)
         if held is None:
+            rec = self.records.get(buffer_id) if self.records is not None else None
+            if rec is not None:             # a previous run's buffer, not recovered: its memory goes too
+                self._forget_record(rec, reason)
+                return True
             return False
+        if self.records is not None:
+            self.records.drop(buffer_id)
         self.server.remove(held.descriptor.rkey)
         if held.descriptor.transport == "verbs" and self.verbs is not None:
             self.verbs.deregister(buffer_id)          # QP, CQ and MRs first: the HCA stops touching the segment
@@ -183,27 +276,45 @@ class Registrar:
 
     def revoke_slice(self, slice_id: str, reason: str = "slice released") -> list[str]:
         ids = [b for b, h in self.buffers.items() if h.descriptor.slice_id == slice_id]
+        ids += [b for b, r in self._unrecovered().items() if r["slice_id"] == slice_id]
         for bid in ids:
             self.deregister(bid, reason)
         return ids
 
     def close(self) -> None:
-        for bid in list(self.buffers):
-            self.deregister(bid, "agent stopping")
+        """Revoke every buffer (held, or a previous run's not recovered) and stop the data plane. A stopping
+        agent does not call this: its buffers outlive it for the next run to recover."""
+        for bid in list(self.buffers) + list(self._unrecovered()):
+            self.deregister(bid, "registrar closed")
         self.server.close()
 
     # -- Sync stream ----------------------------------------------------------------------
 
+    def _unrecovered(self) -> dict[str, dict]:
+        """Records of buffers a previous run of this agent registered that this run does not hold."""
+        if self.records is None:
+            return {}
+        return {b: r for b, r in self.records.load().items() if b not in self.buffers}
+
     def on_session(self, outbox) -> None:
+        recoverable = []
+        for bid, rec in self._unrecovered().items():
+            if self._present(rec):
+                recoverable.append(bid)
+            else:
+                self.records.drop(bid)           # its memory is gone: nothing to recover, nothing to free
         outbox.put_nowait(node_service_pb2.AgentMessage(mesh_hello=M.MeshHello(
             endpoint=self.server.endpoint, transports=self.transports, buffers=sorted(self.buffers),
-            verbs_unavailable=self.verbs_unavailable, tls=self.tls)))
+            verbs_unavailable=self.verbs_unavailable, tls=self.tls, recoverable=sorted(recoverable))))
 
     async def on_register(self, msg: M.MeshRegister, outbox) -> None:
         reply = M.MeshRegistered(request_id=msg.request_id)
         try:
-            desc = self.register(msg.slice_id, msg.size_bytes, msg.transport, msg.connection_id, msg.secret)
+            desc = self.register(msg.slice_id, msg.size_bytes, msg.transport, msg.connection_id, msg.secret,
+                                 recover=msg.recover)
             reply.descriptor.CopyFrom(desc.to_proto())
+        except BufferGone as e:
+            reply.error, reply.error_kind = str(e), "gone"
         except LookupError as e:
             reply.error, reply.error_kind = str(e), "not_found"
         except ValueError as e:
@@ -246,6 +357,7 @@ class Registrar:
         if d.full:
             keep = {s.id for s in d.upserts}
             gone |= {h.descriptor.slice_id for h in self.buffers.values()} - keep
+            gone |= {r["slice_id"] for r in self._unrecovered().values()} - keep
         for sid in gone:
             self.revoke_slice(sid)
 
@@ -263,7 +375,9 @@ def attach_all(agents, cfg) -> list[Registrar]:
         vt = verbs.VerbsTransport(a.node) if ok else None
         ct = cuda_ipc.CudaIpcTransport(a.node) if cuda_ok else None
         out.append(Registrar(a, getattr(cfg, "mesh_listen", "0.0.0.0:0"), getattr(cfg, "mesh_advertise", ""), vt,
-                             verbs_unavailable=why, tls=tls, identity=identity, cuda_transport=ct))
+                             verbs_unavailable=why, tls=tls, identity=identity, cuda_transport=ct,
+                             state_dir=os.path.join(cfg.state_dir, "mesh", a.node) if getattr(cfg, "state_dir", "")
+                             else ""))
     if not ok:
         log(logger, logging.INFO, "mesh: no RDMA verbs on this host; tcp and shm only", reason=why)
     if not tls:

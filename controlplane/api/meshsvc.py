@@ -12,8 +12,10 @@ secret (32 random bytes) that both agents receive with `MeshRegister` and that
 opens the buffers on the data plane; it is returned to the caller of Connect and,
 on Get/List, only to the two slices' tenants (tenant role), never to viewers. Disconnect, and the release of either slice, revoke both
 buffers (`MeshDeregister`) and delete the connection. When an agent
-reconnects, its `MeshHello` lists the buffers it still holds: connections that
-lost one turn FAILED, buffers no connection knows are revoked.
+reconnects, its `MeshHello` lists the buffers it still holds and those of a
+previous run whose memory survived: connections that lost one are recovered
+with the same id and secret (controlplane/api/meshrecovery.py; FAILED only when
+the memory is gone), buffers no connection knows are revoked.
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ from gpumesh.v1 import mesh_service_pb2_grpc, node_service_pb2, types_pb2
 from mesh import errors
 from mesh.logs import log
 from controlplane.api.meshchoice import choose_transport, data_path, fallback_reason, same_host
+from controlplane.api.meshrecovery import MeshRecovery
 from mesh.transport.base import MAX_BUFFER_BYTES
 from mesh.transport.channel import SECRET_BYTES
 
 logger = logging.getLogger(__name__)
 REGISTER_TIMEOUT_S = 15.0
 REVOKE_TIMEOUT_S = 5.0
-READY, CLOSED, FAILED = (M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_CLOSED,
-                         M.MESH_CONNECTION_STATE_FAILED)
+READY, CLOSED = M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_CLOSED
 AGENT_ERRORS = {"not_found": errors.NotFound, "invalid_argument": errors.InvalidArgument,
-                "unavailable": errors.Unavailable}
+                "unavailable": errors.Unavailable, "gone": errors.FailedPrecondition}
 
 
 class MeshManager:
@@ -52,6 +54,8 @@ class MeshManager:
         self.grants: dict[tuple[str, str], M.MeshGrant] = {}
         self.hellos: dict[str, M.MeshHello] = {}
         self.pending: dict[str, asyncio.Future] = {}
+        self.closing: set[str] = set()          # connections being disconnected: a recovery never writes them
+        self.recovery = MeshRecovery(self)
         self._task: asyncio.Task | None = None
         ctl.agent_handlers["mesh_hello"] = self.on_hello
         ctl.agent_handlers["mesh_registered"] = self.on_registered
@@ -70,6 +74,7 @@ class MeshManager:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        await self.recovery.stop()
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -86,19 +91,18 @@ class MeshManager:
             fut.set_result(msg)
 
     async def on_hello(self, node: str, msg: M.MeshHello) -> None:
+        """A new Sync stream of `node`'s agent: recover the connections whose buffer it no longer holds (it
+        restarted) or that were left RECOVERING; revoke the buffers (held or surviving) no connection knows."""
         self.hellos[node] = msg
-        held, known, lost = set(msg.buffers), set(), []
+        held, known = set(msg.buffers), set()
         for c in list(self.connections.values()):
-            for d in (c.a, c.b):
-                if d.node != node:
-                    continue
-                known.add(d.buffer_id)
-                if c.state == READY and d.buffer_id not in held:
-                    lost.append(c)
-        for c in lost:
-            await self._save(self._with(c, state=FAILED, message=f"buffer lost: the agent of {node} restarted; "
-                                                                  f"disconnect and connect again"))
-        orphans = sorted(held - known)
+            if node not in (c.a.node, c.b.node):
+                continue
+            known.update(d.buffer_id for d in (c.a, c.b) if d.node == node)
+            if self.recovery.needs(c, node, held):
+                self.recovery.schedule(c.id, f"the agent of node {node} restarted" if c.state == READY
+                                       else f"the agent of node {node} reconnected")
+        orphans = sorted((held | set(msg.recoverable)) - known)
         if orphans:
             self._send(node, mesh_deregister=M.MeshDeregister(buffer_ids=orphans, reason="orphan"))
 
@@ -267,16 +271,20 @@ class MeshManager:
 
     async def disconnect(self, cid: str, reason: str = "disconnect") -> M.MeshConnection:
         c = self.get(cid)
-        await asyncio.gather(*(self._revoke(d.node, [d.buffer_id], reason) for d in (c.a, c.b)))
-        if self.connections.pop(cid, None) is None:
-            return self._with(c, state=CLOSED, message=reason)     # a concurrent disconnect finished first
+        self.closing.add(cid)          # a recovery in flight stops here and writes nothing back
         try:
-            await self.ctl.writer.write([Delete(keys.mesh(cid))], [Present(keys.mesh(cid))])
-        except errors.Aborted:
-            pass   # already gone
-        except BaseException:
-            self.connections.setdefault(cid, c)     # still in etcd: a retry revokes again and deletes it
-            raise
+            await asyncio.gather(*(self._revoke(d.node, [d.buffer_id], reason) for d in (c.a, c.b)))
+            if self.connections.pop(cid, None) is None:
+                return self._with(c, state=CLOSED, message=reason)     # a concurrent disconnect finished first
+            try:
+                await self.ctl.writer.write([Delete(keys.mesh(cid))], [Present(keys.mesh(cid))])
+            except errors.Aborted:
+                pass   # already gone
+            except BaseException:
+                self.connections.setdefault(cid, c)     # still in etcd: a retry revokes again and deletes it
+                raise
+        finally:
+            self.closing.discard(cid)
         log(logger, logging.INFO, "mesh disconnected", connection=cid, reason=reason)
         return self._with(c, state=CLOSED, message=reason)
 
@@ -340,10 +348,6 @@ class MeshManager:
         for k, v in fields.items():
             setattr(out, k, v)
         return out
-
-    async def _save(self, c: M.MeshConnection) -> None:
-        self.connections[c.id] = c
-        await self.ctl.writer.write([Put(keys.mesh(c.id), c.SerializeToString())], [Present(keys.mesh(c.id))])
 
 
 class MeshService(mesh_service_pb2_grpc.MeshServiceServicer):

@@ -17,6 +17,12 @@ raw is the file's mode (0600, the agent's user) and the workload's private
 
 Two-sided send/recv go through the owner's TCP data plane (`endpoint`), the
 one-sided path never does.
+
+A segment outlives the process that created it (the agent): it is not left to
+Python's resource tracker, which would unlink it when the agent dies, and it
+is only unlinked on revocation. A restarted agent re-adopts it
+(`ShmRegion.reopen`: same bytes, same key, its own pid in the header) and
+peers that had it mapped go on: the owner pid is re-read on every operation.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import secrets
 import struct
 import threading
+import _posixshmem
 from multiprocessing import resource_tracker, shared_memory
 
 from mesh.procs import pid_alive
@@ -40,7 +47,7 @@ NO_TAG = bytes(16)
 HEADER_BYTES = 64
 ACTIVE, REVOKED = 1, 2
 PREFIX = "gpumesh-"
-_OWNED: set[str] = set()      # segments this process created (the resource tracker knows them)
+_OWNED: set[str] = set()      # segments this process owns (created or re-adopted)
 
 
 def secret_tag(secret: bytes, name: str) -> bytes:
@@ -50,21 +57,67 @@ def secret_tag(secret: bytes, name: str) -> bytes:
 class ShmRegion:
     """The owner's side of one segment."""
 
-    def __init__(self, buffer_id: str, length: int, rkey: int, secret: bytes = b"") -> None:
+    def __init__(self, buffer_id: str, length: int, rkey: int, secret: bytes = b"", *,
+                 outlive_process: bool = False) -> None:
+        """`outlive_process`: the segment stays when this process dies (an agent's mesh buffers: a restarted
+        agent re-adopts them); else Python's resource tracker unlinks it when this process ends."""
         self.buffer_id = buffer_id
         self.length = length
         self.rkey = rkey
         self.name = PREFIX + buffer_id
         self.shm = shared_memory.SharedMemory(name=self.name, create=True, size=HEADER_BYTES + max(1, length))
+        self._tracked = not outlive_process
+        if outlive_process:
+            _untrack(self.shm)      # only revoke() unlinks it
         _OWNED.add(self.name)
         HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, length, os.getpid())
         TAG.pack_into(self.shm.buf, HEADER.size, secret_tag(secret, self.name) if secret else NO_TAG)
         self.data = self.shm.buf[HEADER_BYTES:HEADER_BYTES + length]
 
+    @classmethod
+    def reopen(cls, buffer_id: str, length: int, secret: bytes = b"") -> "ShmRegion":
+        """Adopt the segment a previous owner (this agent before a restart) registered: its bytes and its key
+        are kept, the header names this process as the owner. Revoked when the segment is missing (unlinked),
+        revoked, of another length or made for another secret: that buffer's memory is gone."""
+        name = PREFIX + buffer_id
+        try:
+            shm = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            raise Revoked(f"buffer {buffer_id}: segment {name} no longer exists (its memory is gone)",
+                          op="recover", buffer_id=buffer_id) from None
+        _untrack(shm)
+        magic, rkey, state, size, _ = HEADER.unpack_from(shm.buf, 0)
+        (tag,) = TAG.unpack_from(shm.buf, HEADER.size)
+        why = ("is not a gpumesh buffer" if magic != MAGIC else "was revoked" if state != ACTIVE
+               else f"holds {size} bytes, not {length}" if size != length
+               else "belongs to another connection" if tag != (secret_tag(secret, name) if secret else NO_TAG)
+               else "")
+        if why:
+            _close_quietly(shm)
+            raise Revoked(f"buffer {buffer_id}: segment {name} {why}", op="recover", buffer_id=buffer_id)
+        self = cls.__new__(cls)
+        self.buffer_id, self.length, self.rkey, self.name, self.shm = buffer_id, length, rkey, name, shm
+        self._tracked = False
+        _OWNED.add(name)
+        HEADER.pack_into(shm.buf, 0, MAGIC, rkey, ACTIVE, length, os.getpid())
+        self.data = shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+        return self
+
     def set_key(self, rkey: int) -> None:
         """Take another key (a verbs MR's rkey, once the MR over this segment exists)."""
         self.rkey = rkey
         HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, self.length, os.getpid())
+
+    def detach(self) -> None:
+        """Close this process's mapping and leave the segment (its bytes, its key) for a later owner."""
+        if self.shm is None:
+            return
+        self.data.release()
+        if self._tracked:
+            _untrack(self.shm)
+        _OWNED.discard(self.name)
+        _close_quietly(self.shm)
+        self.shm = None
 
     def revoke(self) -> None:
         """Kill the keys (attached peers see REVOKED on their next operation) and free the segment."""
@@ -72,10 +125,9 @@ class ShmRegion:
             return
         HEADER.pack_into(self.shm.buf, 0, MAGIC, 0, REVOKED, self.length, os.getpid())
         self.data.release()
-        try:
-            self.shm.unlink()
-        except FileNotFoundError:
-            pass
+        unlink_segment(self.name)
+        if self._tracked:
+            _untrack(self.shm)
         _OWNED.discard(self.name)
         _close_quietly(self.shm)
         self.shm = None
@@ -90,15 +142,32 @@ def _close_quietly(shm: shared_memory.SharedMemory) -> None:
         shm.close = lambda: None
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    shm = shared_memory.SharedMemory(name=name)
-    if name in _OWNED:
-        return shm
-    # Python 3.11 registers attached segments too and would unlink them when this process exits.
+def unlink_segment(name: str) -> bool:
+    """Remove the segment `name` from /dev/shm (mappings that exist stay valid until closed); False if absent."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def segment_exists(name: str) -> bool:
+    return os.path.exists(os.path.join("/dev/shm", name))
+
+
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    """Python 3.11 registers created and attached segments with its resource tracker, which unlinks them
+    when this process exits (or is killed): a segment must outlive its owner's process and its peers'."""
     try:
         resource_tracker.unregister(shm._name, "shared_memory")   # noqa: SLF001
     except Exception:
         pass
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    shm = shared_memory.SharedMemory(name=name)
+    if name not in _OWNED:       # (this process's own tracked segment stays with the tracker)
+        _untrack(shm)
     return shm
 
 
@@ -145,9 +214,10 @@ class ShmConnection:
         bid = self.descriptor.buffer_id
         if self._data is None:
             raise TransportError(f"connection to {bid} is closed", op=op, buffer_id=bid)
-        _, rkey, state, _, _ = HEADER.unpack_from(self._shm.buf, 0)
+        _, rkey, state, _, owner = HEADER.unpack_from(self._shm.buf, 0)
         if state != ACTIVE or rkey != self.descriptor.rkey:
             raise Revoked(f"buffer {bid} was deregistered", op=op, buffer_id=bid)
+        self._owner = owner          # a restarted agent re-adopts the segment under its new pid
         if not _owner_alive(self._owner):
             raise PeerGone(f"the owner of buffer {bid} (pid {self._owner}) is gone", op=op, buffer_id=bid)
         check_bounds(op, bid, offset, length, self.length)

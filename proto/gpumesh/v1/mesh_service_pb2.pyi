@@ -16,10 +16,12 @@ class MeshConnectionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MESH_CONNECTION_STATE_READY: _ClassVar[MeshConnectionState]
     MESH_CONNECTION_STATE_CLOSED: _ClassVar[MeshConnectionState]
     MESH_CONNECTION_STATE_FAILED: _ClassVar[MeshConnectionState]
+    MESH_CONNECTION_STATE_RECOVERING: _ClassVar[MeshConnectionState]
 MESH_CONNECTION_STATE_UNSPECIFIED: MeshConnectionState
 MESH_CONNECTION_STATE_READY: MeshConnectionState
 MESH_CONNECTION_STATE_CLOSED: MeshConnectionState
 MESH_CONNECTION_STATE_FAILED: MeshConnectionState
+MESH_CONNECTION_STATE_RECOVERING: MeshConnectionState
 
 class BufferDescriptor(_message.Message):
     __slots__ = ("buffer_id", "slice_id", "node", "transport", "address", "length", "rkey", "lkey", "endpoint", "shm_name", "gid", "lid", "qp_num", "psn", "device", "port", "ipc_handle", "tls_sha256")
@@ -164,34 +166,38 @@ class ListMeshGrantsResponse(_message.Message):
     def __init__(self, grants: _Optional[_Iterable[_Union[MeshGrant, _Mapping]]] = ...) -> None: ...
 
 class MeshHello(_message.Message):
-    __slots__ = ("endpoint", "transports", "buffers", "verbs_unavailable", "tls")
+    __slots__ = ("endpoint", "transports", "buffers", "verbs_unavailable", "tls", "recoverable")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     VERBS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERABLE_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     transports: _containers.RepeatedScalarFieldContainer[str]
     buffers: _containers.RepeatedScalarFieldContainer[str]
     verbs_unavailable: str
     tls: bool
-    def __init__(self, endpoint: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[str]] = ..., verbs_unavailable: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
+    recoverable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, endpoint: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[str]] = ..., verbs_unavailable: _Optional[str] = ..., tls: _Optional[bool] = ..., recoverable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MeshRegister(_message.Message):
-    __slots__ = ("request_id", "connection_id", "slice_id", "size_bytes", "transport", "secret")
+    __slots__ = ("request_id", "connection_id", "slice_id", "size_bytes", "transport", "secret", "recover")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    RECOVER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     connection_id: str
     slice_id: str
     size_bytes: int
     transport: str
     secret: bytes
-    def __init__(self, request_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
+    recover: bool
+    def __init__(self, request_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., secret: _Optional[bytes] = ..., recover: _Optional[bool] = ...) -> None: ...
 
 class MeshRegistered(_message.Message):
     __slots__ = ("request_id", "descriptor", "error", "error_kind")

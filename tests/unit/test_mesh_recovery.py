@@ -1,0 +1,529 @@
+"""Mesh connections survive agent restarts: the control plane's recovery (controlplane/api/meshrecovery.py)
+driven by real registrars (real shared memory segments, a real TCP data plane, the pyverbs stand-in),
+with a simulated Sync session per agent and an in-memory etcd with the writer's preconditions.
+
+An agent "dies" as a killed process does: nothing is deregistered, its data plane and (verbs) its queue
+pairs and memory regions are gone, its mappings closed; the segments stay. A "restarted" agent is a new
+Registrar for the same node with the same state directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import types
+
+import pytest
+
+from controlplane.api.meshsvc import MeshManager
+from controlplane.state import keys
+from controlplane.state.store import Absent, Delete, Present, Put
+from gpumesh.v1 import mesh_service_pb2 as M
+from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh import errors
+from mesh.transport import connect
+from mesh.transport.base import BufferDescriptor, PeerGone
+from nodeagent.registrar import Registrar
+
+READY, FAILED, RECOVERING = (M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_FAILED,
+                             M.MESH_CONNECTION_STATE_RECOVERING)
+SLICES = {"s-a": "n1", "s-b": "n2"}
+
+
+class Etcd:
+    """The writer's contract: all ops or none, guarded by Present/Absent (Aborted when a guard fails)."""
+
+    def __init__(self) -> None:
+        self.kv: dict[bytes, bytes] = {}
+
+    async def write(self, ops, conds=()):
+        await asyncio.sleep(0)
+        for c in conds:
+            if isinstance(c, Present) and c.key not in self.kv or isinstance(c, Absent) and c.key in self.kv:
+                raise errors.Aborted(f"precondition failed on {c.key!r}")
+        for op in ops:
+            if isinstance(op, Put):
+                self.kv[op.key] = op.value
+            elif isinstance(op, Delete):
+                self.kv.pop(op.key, None)
+
+    def connection(self, cid: str) -> M.MeshConnection:
+        c = M.MeshConnection()
+        c.ParseFromString(self.kv[keys.mesh(cid)])
+        return c
+
+
+class Session:
+    """One agent's Sync stream: messages to the agent in order, its answers back to the control plane."""
+
+    def __init__(self, mgr: MeshManager, registrar: Registrar) -> None:
+        self.mgr, self.r = mgr, registrar
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.seen: list[str] = []
+        self.task = asyncio.create_task(self._serve())
+
+    def send(self, msg) -> None:
+        self.inbox.put_nowait(msg)
+
+    async def _serve(self) -> None:
+        while True:
+            msg = await self.inbox.get()
+            kind = msg.WhichOneof("kind")
+            self.seen.append(kind)
+            out: asyncio.Queue = asyncio.Queue()
+            await self.r.agent.handlers[kind](getattr(msg, kind), out)
+            while not out.empty():
+                reply = out.get_nowait()
+                if reply.WhichOneof("kind") == "mesh_registered":
+                    await self.mgr.on_registered(self.r.node, reply.mesh_registered)
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+class Cluster:
+    def __init__(self, tmp_path, transport: str = "tcp", verbs=None) -> None:
+        ready = types_pb2.SLICE_STATE_READY
+        self.slices = {sid: types_pb2.Slice(id=sid, tenant="team-a", node=n, state=ready) for sid, n in SLICES.items()}
+        self.etcd = Etcd()
+        self.sessions: dict[str, Session] = {}
+        self.ctl = types.SimpleNamespace(agent_handlers={}, writer=self.etcd, sessions=self.sessions,
+                                         fleet=types.SimpleNamespace(slices=self.slices, nodes={}))
+        self.mgr = MeshManager(self.ctl)
+        self.tmp, self.transport, self.verbs = tmp_path, transport, verbs
+        self.agents: dict[str, Registrar] = {}
+        self.isolator = None
+
+    def start_agent(self, node: str) -> Registrar:
+        from mesh.transport.verbs import VerbsTransport
+        agent = types.SimpleNamespace(node=node, endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
+                                      desired_hooks=[], desired={s: self.slices[s] for s, n in SLICES.items()
+                                                                 if n == node and s in self.slices})
+        if self.isolator is not None:
+            agent.isolator = self.isolator
+        vt = VerbsTransport(node, pyverbs=self.verbs) if self.verbs is not None else None
+        r = Registrar(agent, "127.0.0.1:0", verbs_transport=vt, state_dir=str(self.tmp / "mesh" / node))
+        self.agents[node] = r
+        return r
+
+    async def open_session(self, node: str) -> None:
+        """The agent's new Sync stream: its MeshHello reaches the control plane."""
+        r = self.agents[node]
+        self.sessions[node] = Session(self.mgr, r)
+        hello: asyncio.Queue = asyncio.Queue()
+        r.on_session(hello)
+        await self.mgr.on_hello(node, hello.get_nowait().mesh_hello)
+
+    def kill_agent(self, node: str) -> None:
+        """SIGKILL: no deregistration; the data plane, QPs and MRs die with the process, the segments stay."""
+        r = self.agents.pop(node)
+        s = self.sessions.pop(node, None)
+        if s is not None:
+            s.close()
+        r.server.close()
+        if r.verbs is not None:
+            for b in list(r.verbs.buffers.values()):
+                for obj in (b.qp, b.cq, b.staging, b.mr):
+                    obj.close()
+        for held in r.buffers.values():
+            if held.region is not None:
+                held.region.detach()
+        r.buffers.clear()
+
+    async def connect(self, size: int = 1 << 16) -> M.MeshConnection:
+        hello = M.MeshHello(transports=["tcp", "shm"] + (["verbs"] if self.verbs is not None else []))
+        self.mgr.hellos.setdefault("n1", hello)
+        self.mgr.hellos.setdefault("n2", hello)
+        for n in ("n1", "n2"):
+            self.ctl.fleet.nodes[n] = types.SimpleNamespace(record=types_pb2.Node(name=n))
+        from controlplane.api import auth
+        token = auth._current.set(auth.Principal("client", "x", "team-a", "tenant"))
+        try:
+            return await self.mgr.connect(M.MeshConnectRequest(slice_a="s-a", slice_b="s-b", size_bytes=size,
+                                                               transport=self.transport))
+        finally:
+            auth._current.reset(token)
+
+    async def settle(self, cid: str) -> M.MeshConnection:
+        """Wait for the recovery of `cid` to finish (no timing bound: it ends or the test's timeout does)."""
+        while True:
+            task = self.mgr.recovery.tasks.get(cid)
+            if task is None:
+                return self.mgr.connections.get(cid)
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            s.close()
+        for r in self.agents.values():
+            r.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(**kw) -> Cluster:
+        made.append(Cluster(tmp_path, **kw))
+        return made[-1]
+    yield make
+    for c in made:
+        c.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def _open(conn: M.MeshConnection, side: str):
+    mine = conn.b if side == "a" else conn.a
+    target = conn.a if side == "a" else conn.b
+    return connect(BufferDescriptor.from_proto(target), secret=conn.secret, local=BufferDescriptor.from_proto(mine))
+
+
+def test_one_agent_restarts_and_the_connection_is_ready_again_with_its_bytes(cluster):
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        before = os.urandom(4096)
+        with _open(conn, "a") as pa:
+            pa.write(100, before)
+        c.kill_agent("n1")
+        with pytest.raises(PeerGone):                     # its data plane died with it
+            with _open(conn, "a") as pa:
+                pa.read(100, 10)
+        c.start_agent("n1")
+        await c.open_session("n1")
+        after = await c.settle(conn.id)
+        return conn, after, before
+
+    conn, after, before = run(scenario())
+    assert after.state == READY and after.id == conn.id and after.secret == conn.secret
+    stored = c.etcd.connection(conn.id)
+    assert stored.state == READY and stored.secret == conn.secret
+    # the restarted side's data plane has a new port; etcd and the record carry it; the other side is unchanged
+    assert after.a.endpoint != conn.a.endpoint and stored.a.endpoint == after.a.endpoint
+    assert after.a.buffer_id == conn.a.buffer_id and after.a.rkey == conn.a.rkey and after.a.address == conn.a.address
+    assert stored.b == conn.b
+    with _open(after, "a") as pa, _open(after, "b") as pb:
+        assert pa.read(100, 4096) == before              # written before the kill, read after: same memory
+        pa.write(0, b"moves again")
+        pb.write(0, b"both ways")
+        assert pa.read(0, 11) == b"moves again" and pb.read(0, 9) == b"both ways"
+
+
+def test_bytes_written_before_the_kill_are_read_back_after_it(cluster):
+    c = cluster(transport="tcp")
+    payload = os.urandom(1 << 16)
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect(1 << 16)
+        with _open(conn, "a") as pa, _open(conn, "b") as pb:
+            pa.write(0, payload)
+            pb.write(0, payload[::-1])
+        c.kill_agent("n1")
+        c.start_agent("n1")
+        await c.open_session("n1")
+        return await c.settle(conn.id)
+
+    after = run(scenario())
+    assert after.state == READY
+    with _open(after, "a") as pa, _open(after, "b") as pb:
+        assert pa.read(0, 1 << 16) == payload
+        assert pb.read(0, 1 << 16) == payload[::-1]
+
+
+def test_both_agents_restart_and_the_control_plane_too(cluster):
+    c = cluster(transport="tcp")
+    payload = os.urandom(8192)
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        with _open(conn, "b") as pb:
+            pb.write(0, payload)
+        c.kill_agent("n1")
+        c.kill_agent("n2")
+        # the control plane restarts too: a new manager loads the connections from etcd
+        c.mgr = MeshManager(c.ctl)
+        c.mgr.connections = {conn.id: c.etcd.connection(conn.id)}
+        c.start_agent("n1")
+        await c.open_session("n1")        # the other agent is still away: the connection waits RECOVERING
+        waiting = await c.settle(conn.id)
+        assert waiting.state == RECOVERING and "n1" in waiting.message
+        assert c.etcd.connection(conn.id).state == RECOVERING
+        c.start_agent("n2")
+        await c.open_session("n2")
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == READY and after.secret == conn.secret and after.id == conn.id
+    assert after.a.endpoint != conn.a.endpoint and after.b.endpoint != conn.b.endpoint
+    assert c.etcd.connection(conn.id) == after
+    with _open(after, "b") as pb:
+        assert pb.read(0, 8192) == payload
+
+
+def test_a_buffer_whose_memory_is_gone_fails_the_connection_with_the_reason(cluster):
+    from mesh.transport.shm import unlink_segment
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n2")
+        assert unlink_segment(conn.b.shm_name)       # the memory is gone (e.g. /dev/shm cleared)
+        c.start_agent("n2")
+        await c.open_session("n2")
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == FAILED
+    assert conn.b.buffer_id in after.message and "cannot be recovered" in after.message and "n2" in after.message
+    assert c.etcd.connection(conn.id).state == FAILED
+
+
+def test_disconnect_during_recovery_wins(cluster):
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        c.start_agent("n1")
+        # hold the recovering agent's answers until the disconnect has started
+        gate = asyncio.Event()
+        real = c.mgr.on_registered
+
+        async def slow(node, msg):
+            if node == "n1" and not gate.is_set() and msg.descriptor.buffer_id:
+                await gate.wait()
+            await real(node, msg)
+        c.mgr.on_registered = slow
+        await c.open_session("n1")
+        await asyncio.sleep(0.05)
+        assert c.mgr.connections[conn.id].state == RECOVERING
+        from controlplane.api import auth
+        token = auth._current.set(auth.Principal("client", "x", "team-a", "tenant"))
+        try:
+            closing = asyncio.create_task(c.mgr.disconnect(conn.id))
+            await asyncio.sleep(0.01)
+            gate.set()
+            closed = await closing
+        finally:
+            auth._current.reset(token)
+        await c.settle(conn.id)
+        await asyncio.sleep(0.1)           # the late revocation reaches the agents
+        return conn, closed
+
+    conn, closed = run(scenario())
+    assert closed.state == M.MESH_CONNECTION_STATE_CLOSED
+    assert conn.id not in c.mgr.connections and keys.mesh(conn.id) not in c.etcd.kv
+    assert c.agents["n1"].buffers == {} and c.agents["n2"].buffers == {}       # nothing resurrected
+    assert not os.path.exists("/dev/shm/" + conn.a.shm_name) and not os.path.exists("/dev/shm/" + conn.b.shm_name)
+
+
+def test_a_released_slice_is_not_recovered(cluster):
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        c.slices["s-a"].state = types_pb2.SLICE_STATE_RELEASING     # released while the agent was away
+        c.start_agent("n1")
+        await c.open_session("n1")
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == READY and after.a.endpoint == conn.a.endpoint   # untouched: the release follower closes it
+    assert "mesh_register" not in c.sessions["n1"].seen
+
+
+def test_surviving_buffers_no_connection_knows_are_unlinked(cluster):
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        del c.mgr.connections[conn.id]       # disconnected while the agent was away (its revocation was lost)
+        c.start_agent("n1")
+        await c.open_session("n1")
+        await asyncio.sleep(0.1)
+        return conn
+
+    conn = run(scenario())
+    assert not os.path.exists("/dev/shm/" + conn.a.shm_name)
+    assert c.agents["n1"].records.load() == {}
+
+
+def test_verbs_connection_gets_new_queue_pairs_in_rts_after_a_restart(cluster):
+    from mesh.transport.tcp import RdmaConnection
+    from tests.unit import fakeverbs
+    v = fakeverbs.make()
+    c = cluster(transport="verbs", verbs=v)
+    payload = os.urandom(1 << 15)
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect(1 << 15)
+        a, b = BufferDescriptor.from_proto(conn.a), BufferDescriptor.from_proto(conn.b)
+        await asyncio.to_thread(_rdma_write, b, a, conn.secret, payload)     # slice a's workload -> b's buffer
+        c.kill_agent("n2")
+        c.start_agent("n2")
+        await c.open_session("n2")
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == READY and after.secret == conn.secret and after.data_path == "rdma"
+    # new QPs on both sides (the survivor's QP pointed at a QP that died), new MRs over the same memory
+    assert {after.a.qp_num, after.b.qp_num}.isdisjoint({conn.a.qp_num, conn.b.qp_num})
+    assert after.b.rkey != conn.b.rkey and after.a.rkey != conn.a.rkey
+    for d, peer in ((after.a, after.b), (after.b, after.a)):
+        qp = v.fabric.qps[d.qp_num]
+        assert qp.qp_state == v.enums.IBV_QPS_RTS and qp.dest == peer.qp_num
+    assert c.etcd.connection(conn.id) == after
+    a, b = BufferDescriptor.from_proto(after.a), BufferDescriptor.from_proto(after.b)
+    with RdmaConnection(b, a, secret=after.secret) as peer:
+        assert peer.read(0, 1 << 15) == payload           # written by RDMA before the kill
+        peer.write(0, b"by RDMA again")
+    with RdmaConnection(a, b, secret=after.secret) as back:
+        back.write(7, b"other way")
+    with connect(b, secret=after.secret) as mine:
+        assert mine.read(0, 13) == b"by RDMA again"
+
+
+def _rdma_write(peer, local, secret, data):
+    from mesh.transport.tcp import RdmaConnection
+    with RdmaConnection(peer, local, secret=secret) as conn:
+        conn.write(0, data)
+
+
+def test_cuda_ipc_buffers_cannot_outlive_their_agent():
+    """A cuda_ipc buffer is device memory the agent's process allocated: the registrar says it is gone."""
+    from nodeagent.registrar import BufferGone
+    agent = types.SimpleNamespace(node="n1", endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
+                                  desired_hooks=[], desired={"s-a": types_pb2.Slice(id="s-a")})
+    r = Registrar(agent, "127.0.0.1:0", cuda_transport=object())
+    try:
+        with pytest.raises(BufferGone, match="died with the previous agent"):
+            r.register("s-a", 4096, "cuda_ipc", "m-1", secrets.token_bytes(32), recover=True)
+    finally:
+        r.close()
+
+
+def test_the_records_never_hold_the_secret(tmp_path):
+    agent = types.SimpleNamespace(node="n1", endpoint="127.0.0.1:50051", handlers={}, session_hooks=[],
+                                  desired_hooks=[], desired={"s-a": types_pb2.Slice(id="s-a")})
+    r = Registrar(agent, "127.0.0.1:0", state_dir=str(tmp_path / "rec"))
+    secret = secrets.token_bytes(32)
+    try:
+        r.register("s-a", 4096, "shm", "m-1", secret)
+        raw = b"".join((tmp_path / "rec" / f).read_bytes() for f in os.listdir(tmp_path / "rec"))
+        assert b"m-1" in raw and secret not in raw and secret.hex().encode() not in raw
+        r.on_desired(node_service_pb2.DesiredSlices(removals=["s-a"]))
+        assert os.listdir(tmp_path / "rec") == []
+    finally:
+        r.close()
+
+
+def test_a_control_plane_that_restarts_mid_recovery_resumes_it_from_etcd(cluster):
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        c.start_agent("n1")
+        # the old control plane got as far as RECOVERING (and the agent re-adopted its buffer), then died
+        await c.open_session("n1")
+        await c.settle(conn.id)
+        recovering = c.mgr._with(c.etcd.connection(conn.id), state=RECOVERING, message="interrupted")
+        await c.etcd.write([Put(keys.mesh(conn.id), recovering.SerializeToString())])
+        c.mgr = MeshManager(c.ctl)
+        c.mgr.connections = {conn.id: c.etcd.connection(conn.id)}
+        for s in c.sessions.values():
+            s.mgr = c.mgr
+        for n in ("n1", "n2"):                 # both agents hold their buffers; the record says RECOVERING
+            await c.open_session(n)
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == READY and after.secret == conn.secret
+    assert c.etcd.connection(conn.id).state == READY
+    with _open(after, "a") as pa:
+        pa.write(0, b"resumed")
+        assert pa.read(0, 7) == b"resumed"
+
+
+class SliceShm:
+    """The isolation's slice directories (nodeagent/isolation/plan.py share_segment): a hard link of each
+    segment in the slice's private /dev/shm."""
+
+    def __init__(self, root: str) -> None:
+        self.shm_root = root
+
+    def share_segment(self, slice_id, tenant, name):
+        d = os.path.join(self.shm_root, slice_id)
+        os.makedirs(d, exist_ok=True)
+        if not os.path.exists(os.path.join(d, name)):
+            os.link(os.path.join("/dev/shm", name), os.path.join(d, name))
+
+    def unshare_segment(self, slice_id, name):
+        try:
+            os.unlink(os.path.join(self.shm_root, slice_id, name))
+        except OSError:
+            pass
+
+
+def test_a_segment_whose_dev_shm_name_was_removed_is_recovered_from_the_slices_link(cluster):
+    import shutil
+    from mesh.transport.shm import unlink_segment
+    c = cluster(transport="tcp")
+    root = f"/dev/shm/gpumesh-test-{secrets.token_hex(4)}"       # the same tmpfs as the segments (hard links)
+    c.isolator = SliceShm(root)
+    payload = os.urandom(4096)
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        with _open(conn, "a") as pa:
+            pa.write(0, payload)
+        c.kill_agent("n1")
+        assert unlink_segment(conn.a.shm_name)          # the name is gone; the slice still links the memory
+        c.start_agent("n1")
+        await c.open_session("n1")
+        return conn, await c.settle(conn.id)
+
+    try:
+        conn, after = run(scenario())
+        assert after.state == READY and os.path.exists("/dev/shm/" + conn.a.shm_name)
+        with _open(after, "a") as pa:
+            assert pa.read(0, 4096) == payload
+    finally:
+        c.close()
+        shutil.rmtree(root, ignore_errors=True)
