@@ -144,7 +144,23 @@ def stop_workloads(state_dir: str | os.PathLike, grace: float = 5.0) -> int:
             time.sleep(0.05)
     remove_egress_guards(state_dir)
     remove_slice_shm_dirs(state_dir)
+    remove_mesh_segments(state_dir)
     return len(pids)
+
+
+def remove_mesh_segments(state_dir: str | os.PathLike) -> int:
+    """Unlink the mesh buffers' shared memory segments the cluster's agents registered (their records,
+    nodeagent/meshrecords.py, under each agent's `mesh/<node>/`): a segment outlives its agent (a restarted
+    agent re-adopts it), not the cluster. Another cluster's segments stay. The number unlinked."""
+    from mesh.transport.shm import PREFIX, unlink_segment
+    from nodeagent.meshrecords import BufferRecords
+    agents = Path(state_dir) / "agents"
+    gone = 0
+    for d in sorted(agents.glob("*/mesh/*")) if agents.is_dir() else []:
+        if d.is_dir():
+            gone += sum(unlink_segment(r["shm_name"]) for r in BufferRecords(str(d)).load().values()
+                        if r["shm_name"].startswith(PREFIX) and "/" not in r["shm_name"])
+    return gone
 
 
 def remove_slice_shm_dirs(state_dir: str | os.PathLike, root: str = "") -> None:

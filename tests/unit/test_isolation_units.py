@@ -237,3 +237,22 @@ def test_a_clusters_end_removes_its_slices_shm_directories_and_no_others(tmp_pat
         dirs.append(d.parent)
     remove_slice_shm_dirs(tmp_path / "cluster", str(root))
     assert not dirs[0].exists() and dirs[1].exists()
+
+
+def test_a_clusters_end_unlinks_its_agents_mesh_segments_and_no_others(tmp_path):
+    """Mesh buffer segments outlive an agent (a restarted agent re-adopts them, mesh/transport/shm.py) but not
+    the cluster: `stop_workloads` unlinks those its agents' records name; another cluster's stay."""
+    from mesh.transport.shm import ShmRegion, segment_exists
+    from nodeagent.meshrecords import BufferRecords
+    from tools.localprocs import remove_mesh_segments
+    regions = [ShmRegion(f"b-test{os.getpid()}x{i}", 4096, 7, outlive_process=True) for i in range(2)]
+    try:
+        for region, cluster in zip(regions, ("mine", "other")):
+            BufferRecords(str(tmp_path / cluster / "agents" / "a0" / "mesh" / "sim-node-01")).save(
+                {"buffer_id": region.buffer_id, "connection_id": "m-1", "slice_id": "s-1", "transport": "shm",
+                 "size": 4096, "shm_name": region.name, "address": 0})
+        assert remove_mesh_segments(tmp_path / "mine") == 1
+        assert not segment_exists(regions[0].name) and segment_exists(regions[1].name)
+    finally:
+        for region in regions:
+            region.revoke()
