@@ -63,7 +63,7 @@ def test_real_mps_daemon(tmp_path):
         assert mps.healthy(0, pipe)
     finally:
         mps.stop(0, pipe)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while mps.healthy(0, pipe) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not mps.healthy(0, pipe)
