@@ -252,6 +252,10 @@ def test_idle_warm_slice_is_counted_apart_and_released_by_recommend(cluster, mes
     ln = wait_for(charged, 60, "the warm slice's time charged", interval=1.0)
     assert ln["idle_warm_dollars"] == pytest.approx(ln["dollars"])
     assert ln["idle_replica_dollars"] == 0
+
+    def recommended():  # once the recommender has watched the slice idle for its observation time (4 s here)
+        return next((x for x in mesh.recommend(kinds=["idle-warm"]).recommendations if x.slice_id == w.id), None)
+    wait_for(recommended, 120, "an idle-warm recommendation for the slice", interval=1.0)
     p = meshctl(cluster, "recommend", "--apply", "--kind", "idle-warm", "-o", "json")
     rec = next(x for x in json.loads(p.stdout)["recommendations"] if x["slice_id"] == w.id)
     assert rec["result"] == "applied" and rec["saving_per_day"] > 0 and "unclaimed" in rec["risk"]
