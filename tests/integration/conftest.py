@@ -100,6 +100,17 @@ WAIT_SCALE = float(os.environ.get("GPUMESH_TEST_WAIT_SCALE", "3"))
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """`predicate()`'s first truthy value, polled every `interval` seconds; AssertionError naming `what` after
+    `timeout` (times WAIT_SCALE) seconds.
+
+    Read through it, never once, whatever is written after the call that caused it returns: durable events (the
+    recorder writes them in batches after the change: `list_events`, `meshctl get events`, `describe`); a node's
+    events that follow an etcd write (GpuRecovered, GpuUnhealthy after the health change); the gateway's view
+    (`/v1/gpu/status`, `/policies`, `/models`: it learns by watching); a standby's reads (it follows etcd); the
+    forecast history (`forecast series`: flushed periodically); whatever a background loop computes (cost
+    accounting, autoscaler, orchestrator) or another process writes (agent logs and files, a backend's
+    /metrics counting a request out after its response). A fixed sleep is no substitute: wait for the
+    condition itself, with a timeout that only bounds how long a failure takes."""
     timeout *= WAIT_SCALE
     deadline = time.monotonic() + timeout
     while True:

@@ -137,16 +137,19 @@ def test_a_burst_scales_up_within_the_bounds_and_back_down(cluster, mesh):
         rc, out, _ = meshctl(cluster, "get", "policies", "-o", "wide")
         assert rc == 0 and "burst" in out and "4s/1s" in out
         import httpx
-        gw = httpx.get(f"{cluster.gateway_url}/policies", timeout=30).json()
-        assert [p["policy"]["max_replicas"] for p in gw["scaling_policies"] if p["deployment"] == "burst"] == [3]
+
+        def gateway_lists_the_policy():      # the gateway learns the policy by watching the deployments
+            gw = httpx.get(f"{cluster.gateway_url}/policies", timeout=30).json()
+            return [p["policy"]["max_replicas"] for p in gw["scaling_policies"] if p["deployment"] == "burst"] == [3]
+        wait_for(gateway_lists_the_policy, 30, "the gateway's /policies to list the burst's policy")
         rc, out, _ = meshctl(cluster, "describe", "deployment", "burst")
         assert rc == 0 and "Scaling:" in out and "1-3" in out and "Desired:" in out
     print(f"burst: {len(burst.statuses)} requests, replicas wanted over time: max {max(burst.wanted)}, "
           f"ready during the burst {d.status.ready_replicas}")
     assert burst.statuses and all(s == 200 for s in burst.statuses), burst.statuses
     assert 2 <= max(burst.wanted) <= 3, burst.wanted
-    up = events(mesh, "burst", "Autoscaled")
-    assert up and "replicas 1 -> " in up[0].message and "signals:" in up[0].message and "queue=" in up[0].message
+    up = wait_for(lambda: events(mesh, "burst", "Autoscaled"), 30, "the scale-up's Autoscaled event")
+    assert "replicas 1 -> " in up[0].message and "signals:" in up[0].message and "queue=" in up[0].message
     # after the burst: back to min_replicas once the stable window and the scale-down delay pass
     d = mesh.wait_deployment("burst", ready(1), timeout=SLOW)
     assert d.status.autoscaler.desired == 1
@@ -174,8 +177,8 @@ def test_scale_to_zero_then_the_first_request_is_held_until_a_replica_is_ready(c
     print(f"scale from zero: the first request was held {held_ms / 1000:.1f}s (cold start: slice + model load), "
           f"answered after {took:.1f}s")
     assert held_ms > 0
-    woke = events(mesh, "sleepy", "WokenFromZero")
-    assert woke and "0 -> 1" in woke[0].message
+    woke = wait_for(lambda: events(mesh, "sleepy", "WokenFromZero"), 30, "the WokenFromZero event")
+    assert "0 -> 1" in woke[0].message
     d = mesh.get_deployment("sleepy")
     assert d.status.autoscaler.HasField("woken_at")
     mesh.undeploy("sleepy")

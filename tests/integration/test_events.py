@@ -186,10 +186,18 @@ def test_retention_bounds_the_number_of_events(cluster, admin):
 
 
 def test_events_survive_a_control_plane_restart(cluster, admin):
+    def uncordoned():
+        return [e for e in admin.list_events(kind="Node", name="gpu-a") if e.reason == "Uncordoned"]
+    # an earlier test's Uncordoned may be recorded already: this one repeats it (its count goes up), written in
+    # a batch after the uncordon returns; wait for this one's write, not the earlier record
+    had = sum(e.count for e in uncordoned())
     admin.cordon("gpu-a")
     admin.uncordon("gpu-a")
-    before = wait_for(lambda: [e for e in admin.list_events(kind="Node", name="gpu-a") if e.reason == "Uncordoned"],
-                      30, "Uncordoned to be recorded")
+
+    def recorded():
+        evs = uncordoned()
+        return evs if sum(e.count for e in evs) > had else None
+    before = wait_for(recorded, 30, "this Uncordoned to be recorded")
     cluster.restart_controlplane(kill=True)
     with secure.client(cluster, "admin", timeout=30) as again:
         after = wait_for(lambda: _list_or_none(again), 60, "the restarted control plane to answer")

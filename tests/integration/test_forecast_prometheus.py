@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,30 +28,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+GLOBAL = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+
+
+def start_prometheus(d) -> tuple[subprocess.Popen, int]:
+    """Prometheus on a free port, answering /-/ready, with no scrape target yet. The port is picked, then bound
+    by Prometheus: one taken meanwhile by another process makes Prometheus exit, and another port is tried."""
+    import httpx
+    (d / "prometheus.yml").write_text(GLOBAL)
+    for _ in range(5):
+        port = free_port()
+        with open(d / "prometheus.log", "ab") as log:
+            prom = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}",
+                                     f"--storage.tsdb.path={d / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                    stdout=log, stderr=subprocess.STDOUT)
+
+        def ready_or_exited():
+            if prom.poll() is not None:
+                return "exited"
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200 and "ready"
+            except httpx.HTTPError:
+                return None
+        if wait_for(ready_or_exited, 60, "Prometheus to answer /-/ready (or exit)", interval=0.2) == "ready":
+            return prom, port
+    raise AssertionError(f"Prometheus did not start on a free port in 5 tries: {(d / 'prometheus.log').read_text()}")
+
+
+def stop(prom: subprocess.Popen) -> None:
+    prom.terminate()
+    try:
+        prom.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        prom.kill()
+        prom.wait()
+
+
 @pytest.fixture(scope="module")
 def prom_cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("fp")
-    port = free_port()
-    c = LocalCluster(d, [HOST], lease_ttl=3, controlplane_args=["--prometheus-url", f"http://127.0.0.1:{port}"],
-                     agent_args=["--telemetry-interval-seconds", "0.5"])
-    c.start(timeout=90)
-    (d / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: gpumesh-controlplane\n    static_configs:\n"
-        f"      - targets: ['{c.metrics_endpoint}']\n")
-    log = open(d / "prometheus.log", "wb")
-    prom = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    # Prometheus first (so its port is its own before the control plane is told it), then the cluster; then
+    # Prometheus reloads its configuration (SIGHUP) with the control plane's /metrics as its target
+    prom, port = start_prometheus(d)
     try:
-        yield c
-    finally:
-        prom.terminate()
+        c = LocalCluster(d, [HOST], lease_ttl=3, controlplane_args=["--prometheus-url", f"http://127.0.0.1:{port}"],
+                         agent_args=["--telemetry-interval-seconds", "0.5"])
+        c.start(timeout=90)
         try:
-            prom.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-        log.close()
-        c.stop()
+            (d / "prometheus.yml").write_text(
+                GLOBAL + f"scrape_configs:\n  - job_name: gpumesh-controlplane\n    static_configs:\n"
+                         f"      - targets: ['{c.metrics_endpoint}']\n")
+            prom.send_signal(signal.SIGHUP)
+            yield c
+        finally:
+            c.stop()
+    finally:
+        stop(prom)
 
 
 def test_forecast_from_prometheus(prom_cluster):

@@ -136,9 +136,13 @@ def test_a_workload_enters_the_interaction_log_with_its_fingerprint(fcluster):
         assert hw["gpu_model"] == "H100-80GB" and hw["mig_profile"] == "1g.10gb" and hw["isolation"] == "mig"
         assert hw["driver_version"] and hw["cuda_version"] and hw["gpu_memory_bytes"] > 0 and hw["node"] == "fc-1"
         assert all(u["at"] for u in e["usage"])
-        kinds = {(s["kind"], s["name"], s["metric"])
-                 for s in json.loads(meshctl(fcluster, "forecast", "series", "-o", "json").stdout)["items"]}
-        assert {("slice", sid, "memory_used"), ("node", "fc-1", "power"), ("workload", w.id, "utilization")} <= kinds
+
+        def series_filled():     # ListSeries reads the history as flushed (every 0.5 s here), after the samples came
+            kinds = {(s["kind"], s["name"], s["metric"])
+                     for s in json.loads(meshctl(fcluster, "forecast", "series", "-o", "json").stdout)["items"]}
+            wanted = {("slice", sid, "memory_used"), ("node", "fc-1", "power"), ("workload", w.id, "utilization")}
+            return wanted <= kinds
+        wait_for(series_filled, 60, "the slice's, node's and workload's series in the history", interval=1.0)
         table = meshctl(fcluster, "forecast", "interactions").stdout
         assert w.id in table and "1g.10gb" in table and "H100-80GB" in table
         mesh.stop_workload(w.id)

@@ -105,8 +105,9 @@ def fleet(cluster):
         b.wait_deployment("other", all_ready(1), timeout=SLOW)
         assert lite_node not in {r.node for r in chat.replicas}
         nodes = {r.id: r.node for r in chat.replicas}
-    wait_for(lambda: ready_in_gateway(cluster, "chat", 2) and ready_in_gateway(cluster, "chat-lite", 1), 60,
-             "the gateway sees every replica ready")
+    # the gateway learns the replicas by watching: wait for every deployment the tests use (team-b's too)
+    wait_for(lambda: ready_in_gateway(cluster, "chat", 2) and ready_in_gateway(cluster, "chat-lite", 1)
+             and ready_in_gateway(cluster, "other", 1), 60, "the gateway sees every replica ready")
     return {"chat": nodes, "lite_node": lite_node}
 
 

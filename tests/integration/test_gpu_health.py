@@ -94,8 +94,9 @@ def test_fatal_xid_moves_the_workload_then_the_gpu_is_reset_and_returns(cluster,
     migs = [m for m in mesh.list_migrations(workload_id=w.id)]
     assert migs and "XID 48" in migs[-1].reason
     # the same story in the durable event stream: the GPU's health, the migration's phases
-    gpu_events = {e.reason for e in mesh.list_events(kind="Gpu", name=f"{src}/{s.gpu_index}")}
-    assert {"XidError", "GpuUnhealthy", "GpuWorkloadMigrating"} <= gpu_events
+    # (written by the event recorder in a batch after the node's own record: wait for them)
+    wait_for(lambda: {"XidError", "GpuUnhealthy", "GpuWorkloadMigrating"} <= {e.reason for e in mesh.list_events(
+        kind="Gpu", name=f"{src}/{s.gpu_index}")}, 60, "the GPU's health events in the durable stream")
     wait_for(lambda: {"MigrationPlanned", "MigrationDone"} <= {e.reason for e in mesh.list_events(
         kind="Migration", name=migs[-1].id)}, 60, "the migration's phase events")
     # the source GPU, idle now, is reset by its agent and comes back on clean readings
@@ -133,7 +134,8 @@ def test_a_gpu_off_the_bus_moves_the_workload_and_returns_when_the_node_brings_i
     assert reasons(mesh, src).count("GpuResetRequested") == asked      # a GPU off the bus is not reset
     sim.sim_clear(s.gpu_index)                          # the node brings it back (reseat / reboot)
     wait_for(lambda: health(mesh, src) == "healthy", 60, "the GPU back in service")
-    assert "GpuRecovered" in reasons(mesh, src)
+    # the health changes in memory first, the GpuRecovered record follows the health's etcd write: wait for it
+    wait_for(lambda: "GpuRecovered" in reasons(mesh, src), 30, "the GpuRecovered event")
 
 
 def test_a_thousand_transient_faults_leave_no_gpu_out_of_service(cluster, mesh):

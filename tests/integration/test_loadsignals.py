@@ -33,24 +33,33 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed (gpumesh[serving])")
     httpx = pytest.importorskip("httpx", reason="httpx is not installed (gpumesh[serving])")
-    port = _free_port()
     b = types_pb2.ServingBackend(kind="llama.cpp", artifact=str(smollm2_gguf()), served_name="smollm2", context=512)
-    argv = llamacpp.command(b, "127.0.0.1", port, sys.executable)
     # one thread (a small shared machine); N_BATCH=1: see tests/integration/serving.py llama_env (AMX)
     env = dict(os.environ, N_THREADS="1", N_THREADS_BATCH="1", N_BATCH="1")
-    log = open(tmp_path_factory.mktemp("llama") / "server.log", "wb")
-    p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("llama") / "server.log"
+    log = open(log_path, "wb")
+    # the port is picked here and bound by the server seconds later: one taken meanwhile by another process
+    # makes the server exit ("address already in use"), and another port is tried
+    for _ in range(5):
+        port = _free_port()
+        p = subprocess.Popen(llamacpp.command(b, "127.0.0.1", port, sys.executable), env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+        endpoint = f"127.0.0.1:{port}"
 
-    def up():
-        if p.poll() is not None:
-            raise AssertionError(f"the server exited with {p.returncode}")
-        try:
-            return httpx.get(f"http://{endpoint}/v1/models", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
+        def up():
+            if p.poll() is not None:
+                return "exited"
+            try:
+                return httpx.get(f"http://{endpoint}/v1/models", timeout=5).status_code == 200 and "up"
+            except httpx.HTTPError:
+                return None
+        if wait_for(up, 240, "the llama.cpp server to answer (or exit)", interval=0.3) == "up":
+            break
+        if "address already in use" not in log_path.read_text(errors="replace").lower():
+            raise AssertionError(f"the server exited with {p.returncode}: {log_path.read_text(errors='replace')}")
+    else:
+        raise AssertionError("the llama.cpp server found no free port in 5 tries")
     try:
-        wait_for(up, 240, "the llama.cpp server to answer", interval=0.3)
         yield endpoint
     finally:
         p.terminate()
@@ -90,20 +99,25 @@ def test_llamacpp_load_signals(server):
     threads = [threading.Thread(target=ask) for _ in range(3)]
     for t in threads:
         t.start()
-    seen = []
 
     def queued():
+        # the running request's tokens are in the context once its prompt is evaluated, a moment after it took
+        # the model (a reading in between has it running with the context still empty): wait for both
         load = _read(reader)
-        seen.append(load)
-        return load.scraped and load.requests_running == 1 and load.requests_waiting >= 1
-    wait_for(queued, 120, "one request running and others waiting", interval=0.05)
-    assert seen[-1].kv_cache_usage > 0          # the running request's tokens are in the context
+        return load.scraped and load.requests_running == 1 and load.requests_waiting >= 1 and \
+            load.kv_cache_usage > 0
+    wait_for(queued, 120, "one request running (its tokens in the context) and others waiting", interval=0.05)
     for t in threads:
         t.join(300)
     assert len(results) == 3 and all(isinstance(u, dict) for u in results), results
 
-    after = _read(reader)
-    assert after.requests_running == 0 and after.requests_waiting == 0
+    # the server counts a request out (its middleware's `finally`, the model lock's release) after the response's
+    # last bytes are sent, so a read right after the answers arrived may still count one: wait for idle
+
+    def idle_again():
+        load = _read(reader)
+        return load if load.requests_running == 0 and load.requests_waiting == 0 else None
+    after = wait_for(idle_again, 30, "the server to count every request out")
     generated = sum(u["completion_tokens"] for u in results)
     prompt = sum(u["prompt_tokens"] for u in results)
     # the counters hold these requests' tokens (nothing else ran here); a request that ended on the

@@ -120,7 +120,7 @@ def test_release_revokes_and_tears_down(mesh):
     pa.write(0, b"a" * 100)
     pb.write(0, b"b" * 100)
     mesh.release(b.id)
-    wait_for(lambda: not mesh.mesh_list(slice_id=a.id), 10, "the connection to be torn down")
+    wait_for(lambda: not mesh.mesh_list(slice_id=a.id), 30, "the connection to be torn down")
     for p in (pa, pb):                                       # both sides revoked
         with pytest.raises(Revoked):
             p.read(0, 10)

@@ -35,11 +35,20 @@ def meshctl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProc
     return p
 
 
+def gateway_sees_ready(cluster, name: str) -> bool:
+    """Whether the gateway's view (`/v1/gpu/status`) has a READY replica of deployment `name`."""
+    import httpx
+    models = httpx.get(f"{cluster.gateway_url}/v1/gpu/status", timeout=30).json()["models"]
+    return any(r["ready"] for m in models if m["name"] == name for r in m["replicas"])
+
+
 def test_generate_streams_from_a_replica(cluster, mesh, smollm2):
     assert cluster.gateway_grpc
     mesh.deploy("smollm2", name="chat", replicas=1, context=512)
     try:
         wait_for(lambda: mesh.get_deployment("chat").status.ready_replicas == 1, SLOW, "the replica to be READY")
+        # the gateway learns the replica by watching the control plane: wait until it routes to it too
+        wait_for(lambda: gateway_sees_ready(cluster, "chat"), 60, "the gateway to see the replica READY")
         p = meshctl(cluster, "generate", "chat", "--prompt", "1, 2, 3,", "--max-tokens", "4",
                     "--gateway", cluster.gateway_grpc)
         assert p.stdout.strip(), p.stderr                    # the generated text, streamed to stdout

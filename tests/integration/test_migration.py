@@ -130,7 +130,7 @@ def test_live_migration_mid_training_is_bit_identical(cluster, mesh, reference):
     assert 10 <= m.step < STEPS and m.bytes_sent >= m.state_bytes > 0 and m.rounds
     moved = mesh.get_workload(w.id)
     assert moved.node == m.target_node != w.node and moved.slice_id == m.target_slice != src_slice.id
-    wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+    wait_for(lambda: not alive(w.pid), 30, "the source process to end")
     check_kept(cluster, mesh, w, m)
     check_result(mesh, w.id, reference, started_at=m.step)
     assert mesh.list_migrations(workload_id=w.id)[-1].id == m.id
@@ -149,7 +149,7 @@ def test_restore_from_the_store_after_the_source_agent_is_killed(cluster, mesh, 
     cluster.kill_agent(w.node)
     os.kill(w.pid, signal.SIGKILL)
     try:
-        wait_for(lambda: mesh.get_workload(w.id).state == t.WORKLOAD_STATE_UNKNOWN, 20, "the workload to be UNKNOWN")
+        wait_for(lambda: mesh.get_workload(w.id).state == t.WORKLOAD_STATE_UNKNOWN, 30, "the workload to be UNKNOWN")
         m = mesh.wait_migration(mesh.restore(ck.id).id, timeout=120)
         assert migration_phase(m) == "done", m.message
         assert m.target_node != w.node and m.step == ck.step
@@ -184,7 +184,7 @@ def test_control_plane_crash_in_every_phase(cluster, mesh, reference):
             if phase == "committed":
                 assert migration_phase(m) == "done", m.message
                 assert now.node == m.target_node != w.node
-                wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+                wait_for(lambda: not alive(w.pid), 30, "the source process to end")
                 check_kept(cluster, mesh, w, m)      # the commit's record and the recovery keep it whole
                 check_result(mesh, w.id, reference, started_at=m.step)
             else:

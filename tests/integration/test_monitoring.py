@@ -5,9 +5,10 @@ dashboard has the shape Grafana imports."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import shutil
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -72,18 +73,36 @@ def served(text: str) -> set[str]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on: its sockets (/proc/PID/fd) in the LISTEN state (/proc/PID/net)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:         # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """The /metrics text of the control plane and of the (one) agent process of a running cluster."""
-    agent_port = free_port()
+    """The /metrics text of the control plane and of the (one) agent process of a running cluster. The agent
+    serves /metrics on a port of its own choosing (LocalCluster's `--metrics-listen 127.0.0.1:0`), found among its
+    listening sockets: a port picked here and bound later by the agent could be taken meanwhile."""
     c = LocalCluster(tmp_path_factory.mktemp("monitoring"), HOSTS, lease_ttl=LEASE_TTL,
-                     agents_per_process=len(HOSTS), agent_args=["--metrics-listen", f"127.0.0.1:{agent_port}"])
+                     agents_per_process=len(HOSTS))
     c.start(timeout=90)
     try:
         c.wait_ready(timeout=60)
@@ -94,7 +113,15 @@ def pages(tmp_path_factory):
             with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
                 return r.read().decode()
         cp = wait_for(lambda: get(c.metrics_endpoint), 30, "the control plane's /metrics")
-        agent = wait_for(lambda: _try(get, f"127.0.0.1:{agent_port}"), 60, "the agent's /metrics")
+        (agent_proc,) = c.agents.values()
+
+        def agent_page():
+            for port in sorted(listening_ports(agent_proc.pid)):
+                page = _try(get, f"127.0.0.1:{port}")
+                if page and "gpumesh_agent_" in page:
+                    return page
+            return None
+        agent = wait_for(agent_page, 60, "the agent's /metrics")
         yield {"controlplane": cp, "agent": agent}
     finally:
         c.stop()
@@ -103,7 +130,7 @@ def pages(tmp_path_factory):
 def _try(fn, *a):
     try:
         return fn(*a)
-    except OSError:
+    except (OSError, ValueError, http.client.HTTPException):    # refused, or not HTTP (another of its listeners)
         return None
 
 

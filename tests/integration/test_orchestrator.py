@@ -102,9 +102,12 @@ def test_demand_pattern_drives_warm_slices_that_allocations_claim(cluster):
             mesh.release(s.id)
             time.sleep(0.3)
         assert claimed, "no allocation claimed a ready warm slice"
-        events = meshctl(cluster, "get", "events", "-o", "json")
-        assert "WarmSlicesCreated" in events and all(sid in events for sid in claimed)
-        assert "WarmSliceClaimed" in events
+
+        def recorded():     # events are written in batches after the change they record: wait for the last claim's
+            events = meshctl(cluster, "get", "events", "-o", "json")
+            return "WarmSlicesCreated" in events and "WarmSliceClaimed" in events and \
+                all(sid in events for sid in claimed)
+        wait_for(recorded, 30, f"the WarmSlicesCreated and WarmSliceClaimed events (claimed {claimed})", interval=1.0)
         print(f"\nAllocate {PROFILE}: cold (NVML creates the instance) median "
               f"{statistics.median(cold) * 1000:.1f} ms over {len(cold)}; warm (claimed) median "
               f"{statistics.median(warm_lat) * 1000:.1f} ms over {len(warm_lat)}")

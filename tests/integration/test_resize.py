@@ -91,7 +91,7 @@ def test_resize_mig_slice_with_running_training_keeps_id_and_step(mesh, referenc
     assert m.transfer in ("grpc", "shm")        # the channel the state took is on the record
     moved = mesh.get_workload(w.id)
     assert moved.slice_id == s.id and moved.node == "rz-a" and moved.pid != w.pid
-    wait_for(lambda: not alive(w.pid), 15, "the source process to end")
+    wait_for(lambda: not alive(w.pid), 30, "the source process to end")
     # the old placement is released; only the resized slice is left
     wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
     check_result(mesh, w.id, reference, started_at=m.step)     # continues from the exact step
@@ -199,7 +199,7 @@ def test_control_plane_killed_during_a_resize(cluster, mesh, reference, phase):
             assert migration_phase(m) == "done", m.message
             got = mesh.get_slice(s.id)
             assert got.profile == "3g.40gb" and got.device_uuid != before.device_uuid and now.slice_id == s.id
-            wait_for(lambda: not alive(w.pid), 15, "the source process to end")
+            wait_for(lambda: not alive(w.pid), 30, "the source process to end")
             wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
             check_result(mesh, w.id, reference, started_at=m.step)
         else:

@@ -123,7 +123,7 @@ def test_cordon_and_drain(mesh):
         assert [x.id for x in dry.evicted] == [s.id] and mesh.get_slice(s.id).state == t.SLICE_STATE_READY
         out = mesh.drain("gpu-a")
         assert out.node.cordoned and [x.id for x in out.evicted] == [s.id]
-        wait_for(lambda: not mesh.list_slices(node="gpu-a"), 15, "the drained slice to go")
+        wait_for(lambda: not mesh.list_slices(node="gpu-a"), 30, "the drained slice to go")
     finally:
         mesh.uncordon("gpu-a")
     assert not mesh.get_node("gpu-a").cordoned
@@ -156,7 +156,7 @@ def test_agent_restart_adopts_its_slices(cluster, mesh):
     cluster.kill_agent("gpu-b")
     cluster.start_agent("gpu-b")
     cluster.wait_ready(nodes=["gpu-b"], timeout=30)
-    wait_for(lambda: all(mesh.get_slice(s.id).state == t.SLICE_STATE_READY for s in mine), 15, "adoption")
+    wait_for(lambda: all(mesh.get_slice(s.id).state == t.SLICE_STATE_READY for s in mine), 60, "adoption")
     for s in mine:
         now = mesh.get_slice(s.id)
         assert now.device_uuid == s.device_uuid and now.gpu_instance_id == s.gpu_instance_id
@@ -176,5 +176,5 @@ def test_killed_agent_makes_node_not_ready_then_recovers(cluster, mesh):
     assert "node not ready" in exc.value.reasons["H100-80GB"]
     cluster.start_agent("gpu-a")
     cluster.wait_ready(nodes=["gpu-a"], timeout=30)
-    wait_for(lambda: mesh.get_slice(s.id).state == t.SLICE_STATE_READY, 15, "the slice to be READY again")
+    wait_for(lambda: mesh.get_slice(s.id).state == t.SLICE_STATE_READY, 60, "the slice to be READY again")
     assert mesh.get_slice(s.id).device_uuid == s.device_uuid

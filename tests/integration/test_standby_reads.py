@@ -26,8 +26,10 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
         node = cluster.nodes[0]
         with MeshClient(cluster.cp_endpoints[leader], timeout=10) as lead, \
                 MeshClient(cluster.cp_endpoints[standby], timeout=10) as sb:
-            # the standby's view of the fleet: the node Ready, its GPUs
-            assert [n.name for n in sb.list_nodes(state="ready")] == [node]
+            # the standby's view of the fleet: the node Ready, its GPUs (the standby follows etcd: it may see the
+            # node Ready a moment after the leader did)
+            wait_for(lambda: [n.name for n in sb.list_nodes(state="ready")] == [node], 30,
+                     "the node Ready on the standby")
             assert sb.get_node(node).state == types_pb2.NODE_STATE_READY
             assert len(sb.list_gpus(node=node)) == 2
             with pytest.raises(errors.NotFound):
@@ -51,27 +53,27 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
                 sb.cordon(node)
             # workloads and mesh connections read on the standby too
             w = lead.run_workload(sid, ["sleep", "30"])
-            got_w = wait_for(lambda: _maybe(sb.get_workload, w.id), 5, "the workload on the standby")
+            got_w = wait_for(lambda: _maybe(sb.get_workload, w.id), 30, "the workload on the standby")
             assert got_w.slice_id == sid and [x.id for x in sb.list_workloads(slice_id=sid)] == [w.id]
             other = lead.allocate(tenant="team-sb", mig_profile="1g.10gb").slices[0].id
             conn = lead.mesh_connect(sid, other, size_bytes=1 << 20)
-            got_c = wait_for(lambda: _maybe(sb.mesh_get, conn.id), 5, "the mesh connection on the standby")
+            got_c = wait_for(lambda: _maybe(sb.mesh_get, conn.id), 30, "the mesh connection on the standby")
             assert {got_c.slice_a, got_c.slice_b} == {sid, other}
             assert [c.id for c in sb.mesh_list(slice_id=other)] == [conn.id]
             lead.mesh_disconnect(conn.id)
-            wait_for(lambda: not sb.mesh_list(slice_id=other), 5, "the disconnect on the standby")
+            wait_for(lambda: not sb.mesh_list(slice_id=other), 30, "the disconnect on the standby")
             lead.stop_workload(w.id)
             # the model registry reads on the standby too; registering there is refused
             model = _tiny_model(tmp_path)
             lead.register_model(model)
-            got_m = wait_for(lambda: _maybe(sb.get_model, model.name), 5, "the model on the standby")
+            got_m = wait_for(lambda: _maybe(sb.get_model, model.name), 30, "the model on the standby")
             assert got_m.generation == 1 and [m.name for m in sb.list_models()] == [model.name]
             with pytest.raises(errors.Unavailable):
                 sb.delete_model(model.name)
             # events: the slice's, listed on the standby; a new one reaches a watch on the standby
-            wait_for(lambda: [e for e in sb.list_events(kind="Slice", name=sid) if e.reason == "SliceReady"], 10,
+            wait_for(lambda: [e for e in sb.list_events(kind="Slice", name=sid) if e.reason == "SliceReady"], 30,
                      "the slice's events on the standby")
-            stream = sb.watch_events(kind="Node", name=node, timeout=60)
+            stream = sb.watch_events(kind="Node", name=node, timeout=180)
             first = next(stream)
             assert first.type == first.SYNCED
             lead.cordon(node)
@@ -81,10 +83,10 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             stream.close()
             # deployments read on the standby (Get, List, Watch); changing one there is refused
             lead.deploy(model.name, name="tiny-dep", replicas=0, context=128)
-            got_d = wait_for(lambda: _maybe(sb.get_deployment, "tiny-dep"), 5, "the deployment on the standby")
+            got_d = wait_for(lambda: _maybe(sb.get_deployment, "tiny-dep"), 30, "the deployment on the standby")
             assert got_d.spec.model == "tiny" and got_d.generation == 1
             assert [d.spec.name for d in sb.list_deployments()] == ["tiny-dep"]
-            watched = sb.watch_deployment("tiny-dep", timeout=30)
+            watched = sb.watch_deployment("tiny-dep", timeout=180)
             assert next(watched).spec.name == "tiny-dep"
             lead.scale_deployment("tiny-dep", 0)
             assert any(x.generation == 2 for x in watched)      # the scale, seen through the standby's Watch
@@ -92,7 +94,7 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             with pytest.raises(errors.Unavailable):
                 sb.scale_deployment("tiny-dep", 1)
             lead.undeploy("tiny-dep")
-            wait_for(lambda: _maybe(sb.get_deployment, "tiny-dep") is None, 5, "the undeploy on the standby")
+            wait_for(lambda: _maybe(sb.get_deployment, "tiny-dep") is None, 30, "the undeploy on the standby")
         cluster.kill_controlplane(index=leader)
         assert cluster.leader_index(timeout=30) == standby
         with MeshClient(cluster.cp_endpoints[standby], timeout=10) as new:

@@ -75,9 +75,12 @@ def test_xid_makes_a_gpu_unhealthy_until_cleared(tcluster):
     with tcluster.client() as mesh:
         simctl(tcluster, "xid", "--gpu", "1", "--code", "48")
         wait_for(lambda: gpus(tcluster)[1]["health"] == "unhealthy", 20, "GPU 1 unhealthy")
-        node = mesh.get_node("tele-1")
-        reasons = [(e.reason, e.gpu_index) for e in node.events]
-        assert ("XidError", 1) in reasons and ("GpuUnhealthy", 1) in reasons
+        # the health changes in memory first; the GpuUnhealthy record follows the health's etcd write: wait for it
+
+        def recorded():
+            reasons = [(e.reason, e.gpu_index) for e in mesh.get_node("tele-1").events]
+            return ("XidError", 1) in reasons and ("GpuUnhealthy", 1) in reasons
+        wait_for(recorded, 30, "the XidError and GpuUnhealthy events of GPU 1")
         s = mesh.allocate(tenant="t", mig_profile="7g.80gb").slices[0]
         assert s.gpu_index == 0                               # the unhealthy GPU takes nothing
         simctl(tcluster, "xid", "--gpu", "0", "--code", "13")   # application class by the default policy
