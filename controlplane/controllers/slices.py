@@ -19,6 +19,7 @@ from controlplane.state import keys
 from controlplane.state.requestids import RequestIds
 
 from controlplane import placement
+from controlplane.scheduler import profiles
 from controlplane.api.events import ADDED, DELETED, MODIFIED, EventHub
 from controlplane.state.fleet import Fleet
 from controlplane.controllers.sessions import Sessions
@@ -196,7 +197,9 @@ class Controller:
                 logger.exception("request listener")
         # The decision and the fleet update below run without an await in between, so no other
         # request sees the same capacity; victims of a preemption are evicted before the bind.
-        framework = getattr(self, "scheduler", None) or placement.default_framework()
+        framework = getattr(self, "scheduler", None)
+        if framework is None:    # this controller's own: its scorers learn the request mix, never shared
+            framework = self.scheduler = profiles.build("default")
         warm = self.warm
         if warm is not None:
             claimed = warm.claim(req, framework)
