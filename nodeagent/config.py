@@ -91,6 +91,12 @@ class AgentConfig:
                                        "the agent adds its metrics port; empty turns the guard off")
     workload_namespaces: str = option("pid,ipc,mount", "namespaces each workload gets where the kernel allows "
                                       "(comma-separated of pid, ipc, mount)")
+    workload_network: str = option("host", "network of a workload whose run request and slice carry no "
+                                   "gpumesh.io/network label (docs/security.md, Workload networks): host shares the "
+                                   "host's network (behind workload_egress_deny); none gives each its own network "
+                                   "namespace with only loopback (reaches nothing of the host or other workloads). "
+                                   "Model servers and gpumesh.io/isolation=criu workloads always run in host",
+                                   choices=("host", "none"))
     workload_memory_default_bytes: int = option(8 << 30, "memory limit of a workload whose slice reserves no host "
                                                 "memory and that asks for none (label gpumesh.io/memory-bytes)",
                                                 minimum=16 << 20)

@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
+from mesh import netmode
 from mesh.fsmodes import others_may_read
 from mesh.logs import log
 from nodeagent.isolation import cgroups as cg
@@ -36,6 +37,7 @@ LABEL_MEMORY, LABEL_CPU, LABEL_PIDS = "gpumesh.io/memory-bytes", "gpumesh.io/cpu
 # runs without namespaces: its uid, no_new_privs and cgroups (memory, CPU, pids, and the devices
 # list, which then alone confines the GPU nodes: cgroup v1 only; refused on v2 in secure mode).
 LABEL_ISOLATION = "gpumesh.io/isolation"
+DEPLOYMENT_LABEL = "gpumesh.deployment"      # a deployment's replica (controlplane/serving/deployspec.py)
 
 
 class IsolationRefused(RuntimeError):
@@ -53,6 +55,7 @@ class IsolationSettings:
     shm_root: str = SHM_ROOT
     seccomp: bool = True                  # the syscall filter (syscallfilter.py) where the host can install it
     secret_files: list[str] = field(default_factory=list)   # keys the agent reads: private, or criu is refused
+    network: str = "host"                 # workloads without a gpumesh.io/network label (mesh/netmode.py)
 
 
 @dataclass
@@ -110,6 +113,18 @@ class Isolator:
         return cg.Limits(memory_bytes=mem or slice_mem or self.settings.default_memory_bytes,
                          cpu_milli=cpu or slice_cpu, pids_max=pids or self.settings.default_pids)
 
+    def network(self, w: types_pb2.Workload, s: types_pb2.Slice | None) -> str:
+        """`w`'s network mode (mesh/netmode.py): its label, its slice's, the agent's default; host for a
+        model server. A label the API let through but this agent does not know is refused."""
+        mode = netmode.resolve(w.labels, s.labels if s is not None else {}, self.settings.network,
+                               model_server=w.HasField("backend") or DEPLOYMENT_LABEL in w.labels)
+        if mode not in netmode.MODES:
+            raise IsolationRefused(f"label {netmode.LABEL_NETWORK}: {mode!r} is not allowed ({', '.join(netmode.MODES)})")
+        if mode == netmode.NONE and w.labels.get(LABEL_ISOLATION, "") == "criu":
+            raise IsolationRefused(f"label {netmode.LABEL_NETWORK}=none needs a network namespace, which "
+                                   f"{LABEL_ISOLATION}=criu workloads run without")
+        return mode
+
     # -- the plan -------------------------------------------------------------------------------
 
     def plan(self, w: types_pb2.Workload, s: types_pb2.Slice | None, *, gpu_index: int, gi_id: int | None,
@@ -134,6 +149,12 @@ class Isolator:
             if self.settings.mode == "secure" and exposed:
                 raise IsolationRefused(f"label {LABEL_ISOLATION}=criu: without a mount namespace the workload would "
                                        f"read {', '.join(exposed)} (readable by every user): chmod 600 it")
+        network = self.network(w, s)
+        if network == netmode.NONE:
+            if "net" not in self.features.namespaces:
+                raise IsolationRefused(f"{netmode.LABEL_NETWORK}=none: this host cannot make network namespaces "
+                                       "(unshare(CLONE_NEWNET) failed when the agent started)")
+            namespaces = [*namespaces, "net"]
         try:
             limits.devices = self.devices.for_slice(gpu_index, gi_id, ci_id) if gpu_index >= 0 else []
         except DeviceError as e:
