@@ -154,6 +154,10 @@ class Isolator:
             if "net" not in self.features.namespaces:
                 raise IsolationRefused(f"{netmode.LABEL_NETWORK}=none: this host cannot make network namespaces "
                                        "(unshare(CLONE_NEWNET) failed when the agent started)")
+            if "mount" not in namespaces:
+                raise IsolationRefused(f"{netmode.LABEL_NETWORK}=none needs the mount namespace too (its checkpoint "
+                                       "and migration transfers pass through Unix sockets in its own /tmp): add "
+                                       "mount to workload_namespaces")
             namespaces = [*namespaces, "net"]
         try:
             limits.devices = self.devices.for_slice(gpu_index, gi_id, ci_id) if gpu_index >= 0 else []
