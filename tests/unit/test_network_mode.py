@@ -125,3 +125,44 @@ def test_mode_none_is_refused_where_the_kernel_makes_no_network_namespace(tmp_pa
 def test_the_probe_finds_network_namespaces_on_this_host():
     from nodeagent.isolation.probe import CLONE_NEWNET, _try_unshare
     assert _try_unshare(CLONE_NEWNET)
+
+
+def test_meshctl_run_network_sets_the_label_and_refuses_other_values(monkeypatch, capsys):
+    from tools.meshctl import main as meshctl
+    seen: dict = {}
+
+    class Fake:
+        timeout = 5.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+        def run_workload(self, slice_id, command=None, env=None, labels=None, **kw):
+            seen.update(slice=slice_id, labels=dict(labels or {}))
+            return types_pb2.Workload(id="w-1", slice_id=slice_id, state=types_pb2.WORKLOAD_STATE_RUNNING,
+                                      labels=labels)
+    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: Fake())
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--network", "none", "--label",
+                       "job=a", "--", "true"])
+    assert rc == 0 and seen["labels"] == {LABEL: "none", "job": "a"}, capsys.readouterr()
+    with pytest.raises(SystemExit):
+        meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--network", "bridge", "--", "true"])
+    assert "invalid choice: 'bridge'" in capsys.readouterr().err
+    out = _run_help()
+    assert "gpumesh.io/network=host|none" in out and "--network {host,none}" in out
+
+
+def _run_help() -> str:
+    import contextlib
+    import io
+    from tools.meshctl import main as meshctl
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        meshctl.main(["run", "--help"])
+    return buf.getvalue()
