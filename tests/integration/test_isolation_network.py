@@ -140,9 +140,9 @@ print("RESULT " + json.dumps(res), flush=True)
 """
 
 
-def _probe(mesh, slice_id: str, targets: dict, labels: dict) -> tuple[t.Workload, dict]:
+def _probe(mesh, slice_id: str, targets: dict, labels: dict, python: str = PY) -> tuple[t.Workload, dict]:
     code = f"TARGETS = {targets!r}\n" + PROBE
-    w = mesh.run_workload(slice_id, [PY, "-c", code], labels=labels)
+    w = mesh.run_workload(slice_id, [python, "-c", code], labels=labels)
     done = _ended(mesh, w.id)
     out = _logs(mesh, w.id)
     assert done.state == t.WORKLOAD_STATE_SUCCEEDED and "RESULT " in out, out
