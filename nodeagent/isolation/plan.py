@@ -119,7 +119,8 @@ class Isolator:
         mode = netmode.resolve(w.labels, s.labels if s is not None else {}, self.settings.network,
                                model_server=w.HasField("backend") or DEPLOYMENT_LABEL in w.labels)
         if mode not in netmode.MODES:
-            raise IsolationRefused(f"label {netmode.LABEL_NETWORK}: {mode!r} is not allowed ({', '.join(netmode.MODES)})")
+            raise IsolationRefused(f"label {netmode.LABEL_NETWORK}: {mode!r} is not allowed "
+                                   f"({', '.join(netmode.MODES)})")
         if mode == netmode.NONE and w.labels.get(LABEL_ISOLATION, "") == "criu":
             raise IsolationRefused(f"label {netmode.LABEL_NETWORK}=none needs a network namespace, which "
                                    f"{LABEL_ISOLATION}=criu workloads run without")

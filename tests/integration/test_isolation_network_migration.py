@@ -23,7 +23,8 @@ from gpumesh.v1 import types_pb2 as t  # noqa: E402
 from mesh.migrationapi import migration_phase  # noqa: E402
 from tests.integration.conftest import client_for_test, wait_for, workload_cluster  # noqa: E402
 from tests.integration.test_isolation_network import _no_netns  # noqa: E402
-from tests.integration.test_migration import STEPS, TRAIN, alive, check_result, last_step, reference_checksums  # noqa: E402
+from tests.integration.test_migration import (STEPS, TRAIN, alive, check_result, last_step,  # noqa: E402
+                                              reference_checksums)
 from tests.unit._checkpoint_util import ROOT  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(_no_netns()), reason=_no_netns() or "-")]
