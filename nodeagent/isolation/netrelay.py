@@ -66,6 +66,7 @@ class Relay:
 
     def __init__(self, listener: socket.socket, dial: Callable[[], socket.socket], address: str, name: str) -> None:
         self.listener, self._dial, self.address, self.name = listener, dial, address, name
+        self.host_path = ""
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -153,8 +154,10 @@ def outbound(workdir: str, uid: int, gid: int, target: str) -> Relay:
     finally:
         os.close(dfd)
     host, port = _split(target)
-    return Relay(sock, lambda: socket.create_connection((host, port), timeout=30),
-                 f"unix:{INSIDE_RELAY_DIR}/{name}", f"out-{name}").start()
+    relay = Relay(sock, lambda: socket.create_connection((host, port), timeout=30),
+                  f"unix:{INSIDE_RELAY_DIR}/{name}", f"out-{name}")
+    relay.host_path = os.path.join(workdir, RELAY_DIR, name)      # the same socket, as the host sees it
+    return relay.start()
 
 
 def _dial_workload(workdir: str, name: str, uid: int) -> socket.socket:
