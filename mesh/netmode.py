@@ -5,6 +5,9 @@
 - `none`: the workload gets a network namespace of its own with only a loopback interface, brought
   up (docker's `--network none`): it reaches nothing of the host or of other workloads, and nothing
   reaches it; its own 127.0.0.1 / ::1 work (a localhost rendezvous of its processes).
+- `isolated`: `none` plus a veth pair into the agent's bridge with an address of the node's workload
+  network (nodeagent/isolation/bridge.py): the host reaches the ports it serves; it still reaches nothing
+  of the host, other workloads, or beyond.
 
 The mode comes from the workload's label, else its slice's label, else the agent's `workload_network`
 option. Model servers (a deployment's replicas: a run with a backend) always run in `host`: the gateway
@@ -20,9 +23,11 @@ from collections.abc import Mapping
 from mesh import errors
 
 LABEL_NETWORK = "gpumesh.io/network"
-HOST, NONE = "host", "none"
-MODES = (HOST, NONE)
-ALLOWED = "host (the host's network) or none (its own namespace, loopback only)"
+HOST, NONE, ISOLATED = "host", "none", "isolated"
+MODES = (HOST, NONE, ISOLATED)
+OWN_NAMESPACE = (NONE, ISOLATED)        # the modes with a network namespace of the workload's own
+ALLOWED = ("host (the host's network), none (its own namespace, loopback only) or isolated (its own namespace "
+           "and an address on the node's workload bridge, reachable from the host only)")
 LABEL_ISOLATION = "gpumesh.io/isolation"
 
 
@@ -40,18 +45,18 @@ def check_labels(labels: Mapping[str, str], prefix: str = "labels") -> str:
     if not value:
         return ""
     check_mode(value, f"{prefix}[{LABEL_NETWORK}]")
-    if value == NONE and labels.get(LABEL_ISOLATION, "") == "criu":
-        raise errors.InvalidArgument.of(f"{prefix}[{LABEL_NETWORK}]", "none needs a network namespace, which "
+    if value in OWN_NAMESPACE and labels.get(LABEL_ISOLATION, "") == "criu":
+        raise errors.InvalidArgument.of(f"{prefix}[{LABEL_NETWORK}]", f"{value} needs a network namespace, which "
                                         f"{LABEL_ISOLATION}=criu workloads run without",
                                         f"host, or drop {LABEL_ISOLATION}=criu")
     return value
 
 
 def check_model_server(labels: Mapping[str, str], prefix: str) -> None:
-    """Model servers take inbound requests from the gateway: only `host` (or no label)."""
+    """Model servers take inbound requests from the gateway on `backend_host`: only `host` (or no label)."""
     value = check_labels(labels, prefix)
-    if value == NONE:
-        raise errors.InvalidArgument.of(f"{prefix}[{LABEL_NETWORK}]", "none is not possible for a model server "
+    if value in OWN_NAMESPACE:
+        raise errors.InvalidArgument.of(f"{prefix}[{LABEL_NETWORK}]", f"{value} is not possible for a model server "
                                         "(the gateway must reach its port)", "host, or no label")
 
 

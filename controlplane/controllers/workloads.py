@@ -358,6 +358,8 @@ class WorkloadManager:
                 n.env.update(st.env)            # ... its own variables (vLLM's KV cache size on CPUs)
                 if st.backend.device:
                     n.backend.device = st.backend.device      # ... and the vLLM build it chose
+            if st.network_address:
+                n.network_address = st.network_address      # an isolated workload's bridge address
             for f in ("started_at", "finished_at"):
                 if st.HasField(f):
                     getattr(n, f).CopyFrom(getattr(st, f))

@@ -9,6 +9,7 @@ this process is PID 1 of the workload's namespace. In order:
 2. unshares its mount (and IPC) namespace, makes every mount private, mounts a fresh /proc; with
    `net` in the spec's namespaces (gpumesh.io/network=none) also a network namespace, whose only
    interface, loopback, it brings up (127.0.0.1 and ::1 work inside; nothing of the host is reachable);
+   with `"network": "isolated"` it then waits for the agent to give it `eth0` (its bridge address);
 3. builds a private /dev (tmpfs: null, zero, full, random, urandom, tty, the slice's GPU nodes bound
    in from the host or the simulated host's stand-ins) and a private /dev/shm (the slice's shm
    directory, into which the agent links the slice's mesh segments);
@@ -84,6 +85,8 @@ def setup_mounts(spec: dict) -> None:
         _check(LIBC.unshare(flags), "unshare")
     if "net" in ns:
         loopback_up()
+        if spec.get("network") == "isolated":
+            wait_for_interface("eth0", float(spec.get("network_wait_seconds", 60)))
     if "mount" not in ns:
         return
     mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -144,6 +147,31 @@ def loopback_up() -> None:
         req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))
         flags = struct.unpack("16sH", req[:18])[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def wait_for_interface(name: str, timeout: float) -> None:
+    """An isolated workload: the agent moves one end of a veth pair in, names it `name`, gives it the
+    workload's address and brings it up (nodeagent/isolation/bridge.py); the command starts after that."""
+    import fcntl
+    import socket
+    import struct
+    import time
+    SIOCGIFADDR = 0x8915
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        while True:
+            try:
+                req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", name.encode(), 0))
+                flags = struct.unpack("16sH", req[:18])[1]
+                fcntl.ioctl(s, SIOCGIFADDR, struct.pack("16sH22x", name.encode(), socket.AF_INET))
+                if flags & IFF_UP:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfineError(f"the agent did not give the workload its network interface ({name}) "
+                                   f"within {timeout:g} s")
+            time.sleep(0.01)
 
 
 def load_filter():

@@ -46,7 +46,7 @@ def isolation_host(cfg) -> IsolationHost:
         mode=cfg.workload_isolation,
         namespaces=tuple(n.strip() for n in cfg.workload_namespaces.split(",") if n.strip()),
         default_memory_bytes=cfg.workload_memory_default_bytes, default_pids=cfg.workload_pids_max,
-        seccomp=cfg.workload_seccomp, network=cfg.workload_network,
+        seccomp=cfg.workload_seccomp, network=cfg.workload_network, bridge_cidr=cfg.workload_bridge_cidr,
         mask=[os.path.realpath(p) for p in mask if p], expose=[os.path.realpath(p) for p in expose if p],
         secret_files=[os.path.realpath(p) for p in secret_files if p])
     # nothing of the agent's readable through plain paths: the state directory only lets tenants pass through
@@ -71,6 +71,8 @@ def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
     else:
         devices = NvidiaDevices()
     iso = Isolator(host.settings, host.features, host.users, driver, devices, node=agent.node, scope=scope)
+    from nodeagent.isolation.bridge import WorkloadBridge
+    iso.bridge = WorkloadBridge(cfg.state_dir, host.settings.bridge_cidr)     # made at the first isolated workload
     agent.isolator = iso
     agent.labels.update(inventory_labels(host))
     agent.desired_hooks.append(lambda d: iso.forget_slices({s.id for s in d.upserts}, full=d.full,

@@ -37,6 +37,9 @@ PY = sys.executable
 HOSTS = [{"node": "net-a", "gpus": [{"model": "H100-80GB", "count": 2, "mig": True}]}]
 NONE = {"gpumesh.io/network": "none"}
 HOST = {"gpumesh.io/network": "host"}
+ISOLATED = {"gpumesh.io/network": "isolated"}
+# this cluster's workload bridge network: not another test run's (a run in parallel has another pid)
+BRIDGE_NET = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 256}"
 
 
 def _free_port() -> int:
@@ -60,7 +63,8 @@ def _outside_address() -> str:
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("netiso")
     c = LocalCluster(d, HOSTS, lease_ttl=3, agents_per_process=1,
-                     agent_args=["--workload-stop-grace-seconds", "2", "--mesh-listen", f"0.0.0.0:{_free_port()}"])
+                     agent_args=["--workload-stop-grace-seconds", "2", "--mesh-listen", f"0.0.0.0:{_free_port()}",
+                                 "--workload-bridge-cidr", f"{BRIDGE_NET}.0/24"])
     c.start(timeout=90)
     yield c
     with c.client() as mesh:
@@ -104,11 +108,14 @@ def tb_listener(mesh, slices):
     mesh.stop_workload(w.id)
 
 
-def _targets(cluster, mesh, tb_port: int) -> dict[str, tuple[str, int]]:
+def _targets(cluster, mesh, tb_port: int, bridge: bool = False) -> dict[str, tuple[str, int]]:
     etcd_ports = json.loads((cluster.etcd_data_dir / "ports.json").read_text())
     etcd_client = int(etcd_ports.get("client") or sorted(etcd_ports.values())[0])
     cp_host, _, cp_port = cluster.endpoint.rpartition(":")
     mesh_port = int(next(a for a in cluster.agent_args if a.startswith("0.0.0.0:")).rpartition(":")[2])
+    if bridge:      # the host's own address on the workload bridge
+        return {"control-plane@bridge": (f"{BRIDGE_NET}.1", int(cp_port)),
+                "tenant-b@bridge": (f"{BRIDGE_NET}.1", tb_port)}
     targets = {"etcd": ("127.0.0.1", etcd_client), "control-plane": (cp_host, int(cp_port)),
                "mesh-data-plane": ("127.0.0.1", mesh_port), "tenant-b": ("127.0.0.1", tb_port)}
     outside = _outside_address()
@@ -244,3 +251,85 @@ def test_torch_distributed_rendezvous_on_its_own_loopback(mesh, slices):
     done = _ended(mesh, w.id, timeout=300)
     out = _logs(mesh, w.id)
     assert done.state == t.WORKLOAD_STATE_SUCCEEDED and "ALLREDUCE 3.0" in out, out
+
+
+SERVE = r"""
+import socket, sys, threading, time
+def serve(who):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 8000)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(who.encode()); c.close()
+threading.Thread(target=serve, args=(WHO,), daemon=True).start()
+time.sleep(0.2)
+"""
+
+
+def _serving(mesh, slice_id: str, who: str, targets: dict | None = None) -> t.Workload:
+    """An isolated workload answering `who` on port 8000 of its address; with `targets`, it first probes them."""
+    code = f"WHO = {who!r}\nTARGETS = {targets or {}!r}\n" + SERVE + (PROBE if targets else "") + \
+        "\nprint('SERVING', flush=True)\nwhile True:\n    time.sleep(1)\n"
+    w = mesh.run_workload(slice_id, [PY, "-c", code], labels=ISOLATED)
+    # PENDING until the agent has it (just after an agent restart, its session may be opening)
+    w = wait_for(lambda: (x := mesh.get_workload(w.id)).state != t.WORKLOAD_STATE_PENDING and x, 60, f"{who} to start")
+    assert w.state == t.WORKLOAD_STATE_RUNNING, w.message
+    wait_for(lambda: "SERVING" in _logs(mesh, w.id), 120, f"{who} to serve")
+    return mesh.get_workload(w.id)
+
+
+def _ask(host: str, port: int) -> str:
+    with socket.create_connection((host, port), timeout=10) as c:
+        return c.recv(64).decode()
+
+
+def test_an_isolated_workload_serves_the_host_and_reaches_nothing(cluster, mesh, slices, tb_listener):
+    b = _serving(mesh, slices[1].id, "tenant-b")
+    assert b.network_address.startswith(BRIDGE_NET + ".") and b.network_address != f"{BRIDGE_NET}.1"
+    targets = {**_targets(cluster, mesh, tb_listener), **_targets(cluster, mesh, tb_listener, bridge=True),
+               "isolated-b": (b.network_address, 8000)}
+    a = _serving(mesh, slices[0].id, "tenant-a", targets)
+    try:
+        out = _logs(mesh, a.id)
+        res = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+        for name in targets:
+            assert res[name] != "CONNECTED", (name, res)
+        assert res["own-loopback"] == "hello" and res["interfaces"] == ["eth0", "lo"], res
+        assert a.network_address not in ("", b.network_address)
+        assert _ask(a.network_address, 8000) == "tenant-a" and _ask(b.network_address, 8000) == "tenant-b"
+        # the control: a host-mode workload (and any host process) reaches the isolated one's port, and tb's
+        # server on the host's bridge address, which the isolated workload was refused (by the bridge's table)
+        _, host_res = _probe(mesh, slices[0].id, {"isolated-b": (b.network_address, 8000),
+                                                  "tenant-b@bridge": targets["tenant-b@bridge"]}, HOST)
+        assert host_res["isolated-b"] == "CONNECTED" and host_res["tenant-b@bridge"] == "CONNECTED", host_res
+        assert mesh.get_workload(a.id).network_address == a.network_address
+    finally:
+        for w in (a, b):
+            mesh.stop_workload(w.id)
+    for w in (a, b):
+        _ended(mesh, w.id)
+    # their addresses are free again with their namespaces: the bridge has no port left
+    bridge = next(n for n in os.listdir("/sys/class/net") if n.startswith("gmb") and
+                  os.path.exists(f"/sys/class/net/{n}/brif") and
+                  f"{BRIDGE_NET}.1" in os.popen(f"ip -4 -o addr show dev {n}").read())
+    wait_for(lambda: not os.listdir(f"/sys/class/net/{bridge}/brif"), 30, "the veth pairs to go")
+
+
+def test_an_isolated_workload_keeps_its_address_across_an_agent_restart(cluster, mesh, slices):
+    """The veth pair belongs to the workload's namespace: after `kill -9` and a restart of the agent it still
+    answers at its address, and the next isolated workload gets another (the bridge's ports say which are
+    taken: nothing to persist)."""
+    a = _serving(mesh, slices[0].id, "before-restart")
+    try:
+        assert _ask(a.network_address, 8000) == "before-restart"
+        cluster.kill_agent("net-a")
+        cluster.start_agent("net-a")
+        cluster.wait_ready(timeout=90)
+        wait_for(lambda: mesh.get_workload(a.id).state == t.WORKLOAD_STATE_RUNNING, 60, "the workload re-adopted")
+        assert mesh.get_workload(a.id).network_address == a.network_address
+        assert _ask(a.network_address, 8000) == "before-restart"
+        b = _serving(mesh, slices[1].id, "after-restart")
+        assert b.network_address not in ("", a.network_address)
+        assert _ask(b.network_address, 8000) == "after-restart"
+        mesh.stop_workload(b.id)
+    finally:
+        mesh.stop_workload(a.id)

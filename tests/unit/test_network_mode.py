@@ -33,6 +33,7 @@ def _run(labels: dict, backend: bool = False) -> workload_service_pb2.RunWorkloa
 def test_the_run_request_accepts_host_and_none_and_refuses_anything_else_naming_the_label():
     validate_run(_run({LABEL: "host"}))
     validate_run(_run({LABEL: "none"}))
+    validate_run(_run({LABEL: "isolated"}))
     validate_run(_run({}))
     with pytest.raises(errors.InvalidArgument) as e:
         validate_run(_run({LABEL: "bridge"}))
@@ -45,9 +46,10 @@ def test_the_run_request_accepts_host_and_none_and_refuses_anything_else_naming_
 
 def test_a_model_server_is_refused_network_none_at_the_api():
     validate_run(_run({LABEL: "host"}, backend=True))
-    with pytest.raises(errors.InvalidArgument, match="model server") as e:
-        validate_run(_run({LABEL: "none"}, backend=True))
-    assert e.value.field == f"labels[{LABEL}]"
+    for mode in ("none", "isolated"):
+        with pytest.raises(errors.InvalidArgument, match="model server") as e:
+            validate_run(_run({LABEL: mode}, backend=True))
+        assert e.value.field == f"labels[{LABEL}]"
     with pytest.raises(errors.InvalidArgument, match="spec.labels"):      # a deployment's labels (deployspec)
         netmode.check_model_server({LABEL: "none"}, "spec.labels")
 
@@ -63,9 +65,13 @@ def test_a_slice_label_is_checked_at_allocation():
 def test_the_agent_option_is_validated_and_defaults_to_host():
     from nodeagent.config import AgentConfig
     assert AgentConfig().workload_network == "host"
-    validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_network="none"))
-    with pytest.raises(ConfigError, match="workload_network: 'isolated' is not allowed"):
-        validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_network="isolated"))
+    for mode in ("none", "isolated"):
+        validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_network=mode))
+    with pytest.raises(ConfigError, match="workload_network: 'bridge' is not allowed"):
+        validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_network="bridge"))
+    for bad in ("10.0.0.0/16", "10.0.0.1/24", "fd00::/64", "x"):
+        with pytest.raises(ConfigError, match="workload_bridge_cidr"):
+            validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True, workload_bridge_cidr=bad))
 
 
 def test_the_mode_comes_from_the_workload_then_the_slice_then_the_agent():
@@ -112,6 +118,29 @@ def test_the_plan_has_a_network_namespace_only_in_mode_none(tmp_path):
         _plan(iso, tmp_path, _w(**{LABEL: "bridge"}))
 
 
+class FakeBridge:
+    def __init__(self, problem=""):
+        self._problem = problem
+
+    def problem(self):
+        return self._problem
+
+
+@root_only
+def test_an_isolated_plan_asks_the_init_to_wait_for_its_interface_and_needs_a_bridge(tmp_path):
+    iso = _isolator(tmp_path, features=FULL_NET, cgroups=FakeCgroups())
+    with pytest.raises(IsolationRefused, match="no workload bridge"):
+        _plan(iso, tmp_path, _w(**{LABEL: "isolated"}))
+    iso.bridge = FakeBridge("nft not found")
+    with pytest.raises(IsolationRefused, match="nft not found"):
+        _plan(iso, tmp_path, _w(**{LABEL: "isolated"}))
+    iso.bridge = FakeBridge()
+    spec = _plan(iso, tmp_path, _w(**{LABEL: "isolated"})).spec
+    assert spec["network"] == "isolated" and spec["namespaces"][-1] == "net"
+    assert _plan(iso, tmp_path, _w(**{LABEL: "none"})).spec["network"] == "none"
+    assert _plan(iso, tmp_path, _w()).spec["network"] == "host"
+
+
 @root_only
 def test_mode_none_is_refused_where_the_kernel_makes_no_network_namespace(tmp_path):
     no_net = HostFeatures(**{**FULL_NET.summary(), "namespaces": ["mount", "ipc", "pid"]})
@@ -155,7 +184,7 @@ def test_meshctl_run_network_sets_the_label_and_refuses_other_values(monkeypatch
         meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--network", "bridge", "--", "true"])
     assert "invalid choice: 'bridge'" in capsys.readouterr().err
     out = _run_help()
-    assert "gpumesh.io/network=host|none" in out and "--network {host,none}" in out
+    assert "gpumesh.io/network=host|none|isolated" in out and "--network {host,none,isolated}" in out
 
 
 def _run_help() -> str:

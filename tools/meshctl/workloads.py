@@ -31,9 +31,13 @@ picks a port and reports the OpenAI-compatible ENDPOINT); a deployment does this
 for each replica (meshctl deploy).
 
 Labels gpumesh reads (docs/operations.md, Workload isolation):
-  gpumesh.io/network=host|none   none: its own network namespace with only
-                                 loopback (reaches nothing of the host); same
-                                 as --network; default: the slice's label, else
+  gpumesh.io/network=host|none|isolated
+                                 none: its own network namespace with only
+                                 loopback (reaches nothing of the host);
+                                 isolated: also an address on the node's
+                                 workload bridge that the host reaches (Address
+                                 in meshctl describe workload); same as
+                                 --network; default: the slice's label, else
                                  the agent's workload_network (host)
   gpumesh.io/memory-bytes=N      host memory limit (at most the slice's)
   gpumesh.io/cpu-milli=N         CPU limit in milli-CPUs (at most the slice's)
@@ -56,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra environment (repeatable)")
     r.add_argument("--label", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept with the workload (repeatable)")
-    r.add_argument("--network", choices=("host", "none"), default="",
-                   help="host: the host's network; none: its own network namespace with only loopback (the label "
+    r.add_argument("--network", choices=("host", "none", "isolated"), default="",
+                   help="host: the host's network; none: its own network namespace with only loopback; isolated: "
+                        "also an address on the node's workload bridge that the host reaches (the label "
                         "gpumesh.io/network; default: the slice's label, else the agent's workload_network)")
     r.add_argument("--request-id", default="", metavar="KEY",
                    help="idempotency key: running the same command again with the same key (a retry after a "
@@ -194,6 +199,8 @@ def format_workload(d: dict[str, Any]) -> str:
         ("Exit code", d["exit_code"] if d["finished_at"] else None),
         ("Created", d["created_at"]), ("Started", d["started_at"]), ("Finished", d["finished_at"]),
         ("Labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))),
+        ("Network", d["labels"].get("gpumesh.io/network") or None),
+        ("Address", d.get("network_address") or None),
     ])
     text += "Environment (besides the slice's):\n"
     text += "".join(f"  {k}={v}\n" for k, v in sorted(d["env"].items())) or "  <none>\n"
