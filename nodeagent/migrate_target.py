@@ -17,6 +17,7 @@ import uuid
 
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
+from mesh import netmode
 from mesh.checkpoint.agent_link import HOLD_ENV, RESTORE_ENV, AgentLink
 from nodeagent.isolation.plan import INSIDE_WORKDIR
 from nodeagent.migrate_base import Job, MigrationBase
@@ -90,12 +91,13 @@ class TargetSteps(MigrationBase):
             time.sleep(0.05)
 
     def _will_have_no_network(self, spec: types_pb2.Workload) -> bool:
-        """The workload `spec` will run in a network namespace of its own (the isolator's decision)."""
+        """The workload `spec` will run in a network namespace of its own (`none` or `isolated`: the
+        isolator's decision), so it receives on a Unix socket."""
         iso = getattr(self.runner, "isolator", None)
         if iso is None:
             return False
         try:
-            return iso.network(spec, self.agent.desired.get(spec.slice_id)) == "none"
+            return iso.network(spec, self.agent.desired.get(spec.slice_id)) in netmode.OWN_NAMESPACE
         except Exception:   # noqa: BLE001 - a refused label: the start refuses it with the reason
             return False
 

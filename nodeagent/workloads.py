@@ -309,7 +309,9 @@ class WorkloadRunner(RecoveryMixin):
         self.popens[w.id] = p
         record["shim_pid"] = p.pid
         self._crash_point("after-launch")
-        deadline = time.monotonic() + 5
+        # an isolated workload's init waits for its interface, which needs its pid: wait longer for it
+        isolated = plan is not None and plan.spec.get("network") == "isolated"
+        deadline = time.monotonic() + (30 if isolated else 5)
         pid_doc = None
         while time.monotonic() < deadline:
             pid_doc = _read_json(self.path(w.id, "pid"))
@@ -323,7 +325,7 @@ class WorkloadRunner(RecoveryMixin):
         if pid_doc:
             w.pid = int(pid_doc["pid"])
             self._attach(w.id, w.pid)
-            if plan is not None and plan.spec.get("network") == "isolated":
+            if isolated:
                 try:
                     w.network_address = self._plug_network(w.pid)
                 except (OSError, RuntimeError) as e:

@@ -1,4 +1,5 @@
-"""Checkpoint, restore and live migration of a workload without network (`gpumesh.io/network=none`).
+"""Checkpoint, restore and live migration of a workload without network (`gpumesh.io/network=none`, and
+a live migration with `isolated`).
 
 Such a workload cannot open a TCP connection to anything outside its namespace, yet the cooperative SDK
 sends its state over the transfer protocol: to the agent's receiver (checkpoint), from a stored checkpoint
@@ -54,28 +55,35 @@ def mesh(cluster):
         yield client
 
 
-def start_training(mesh, tenant="nmig"):
+def start_training(mesh, tenant="nmig", labels=LABELS):
     s = mesh.allocate(tenant=tenant, mig_profile="1g.10gb").slices[0]
-    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)}, labels=LABELS)
+    w = mesh.run_workload(s.id, TRAIN, env={"PYTHONPATH": str(ROOT)}, labels=labels)
     assert w.state == t.WORKLOAD_STATE_RUNNING, w.message
     wait_for(lambda: last_step(mesh, w.id) >= 10, 60, "training to reach step 10")
     return s, mesh.get_workload(w.id)
 
 
-def only_loopback(pid: int) -> bool:
+def interfaces(pid: int) -> list[str]:
     with open(f"/proc/{pid}/net/dev", encoding="ascii") as f:
-        return [line.split(":")[0].strip() for line in f.readlines()[2:]] == ["lo"]
+        return sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
 
 
-def test_live_migration_of_a_workload_without_network(mesh, reference):
-    _, w = start_training(mesh)
-    assert only_loopback(w.pid)
+def only_loopback(pid: int) -> bool:
+    return interfaces(pid) == ["lo"]
+
+
+@pytest.mark.parametrize("mode", ["none", "isolated"])
+def test_live_migration_of_a_workload_without_network(mesh, reference, mode):
+    labels = {**LABELS, "gpumesh.io/network": mode}
+    _, w = start_training(mesh, labels=labels)
+    expect = ["lo"] if mode == "none" else ["eth0", "lo"]
+    assert interfaces(w.pid) == expect and bool(w.network_address) == (mode == "isolated")
     m = mesh.wait_migration(mesh.migrate(w.id).id, timeout=180)
     assert migration_phase(m) == "done", m.message
     assert m.bytes_sent >= m.state_bytes > 0
     moved = wait_for(lambda: (x := mesh.get_workload(w.id)).pid not in (0, w.pid) and x, 30, "the target's pid")
-    assert moved.node == m.target_node != w.node and only_loopback(moved.pid)
-    assert dict(moved.labels) == LABELS
+    assert moved.node == m.target_node != w.node and interfaces(moved.pid) == expect
+    assert dict(moved.labels) == labels
     wait_for(lambda: not alive(w.pid), 10, "the source process to end")
     check_result(mesh, w.id, reference, started_at=m.step)
 
