@@ -195,3 +195,16 @@ def _run_help() -> str:
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
         meshctl.main(["run", "--help"])
     return buf.getvalue()
+
+
+def test_describe_workload_shows_the_network_and_the_address():
+    from mesh.client import workload_to_dict
+    from tools.meshctl.workloads import format_workload
+    w = types_pb2.Workload(id="w-1", slice_id="s-1", command=["x"], labels={LABEL: "isolated"},
+                           network_address="10.213.0.2")
+    d = workload_to_dict(w)
+    assert d["network_address"] == "10.213.0.2"
+    text = format_workload(d)
+    assert "isolated" in text and "10.213.0.2" in text
+    plain = format_workload(workload_to_dict(types_pb2.Workload(id="w-2", command=["x"])))
+    assert "Address:   <none>" in plain and "10.213" not in plain
