@@ -267,6 +267,9 @@ time.sleep(0.2)
 
 def _serving(mesh, slice_id: str, who: str, targets: dict | None = None) -> t.Workload:
     """An isolated workload answering `who` on port 8000 of its address; with `targets`, it first probes them."""
+    from nodeagent.isolation.bridge import WorkloadBridge
+    if WorkloadBridge.problem():
+        pytest.skip(f"isolated workloads need a bridge: {WorkloadBridge.problem()}")
     code = f"WHO = {who!r}\nTARGETS = {targets or {}!r}\n" + SERVE + (PROBE if targets else "") + \
         "\nprint('SERVING', flush=True)\nwhile True:\n    time.sleep(1)\n"
     w = mesh.run_workload(slice_id, [PY, "-c", code], labels=ISOLATED)
