@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
 
-from mesh import errors, gpumodels
+from mesh import errors, gpumodels, netmode
 
 ISOLATIONS = {
     types_pb2.ISOLATION_MIG: "mig",
@@ -134,6 +134,7 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
             raise _bad(f"labels[{k!r}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
         if len(v) > 256:
             raise _bad(f"labels[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
+    netmode.check_labels(spec.labels, "spec.labels")     # gpumesh.io/network: host or none
 
     if spec.cpu_milli < 0 or spec.cpu_milli > MAX_CPU_MILLI:
         raise _bad("cpu_milli", f"{spec.cpu_milli} milli-CPUs", f"0 to {MAX_CPU_MILLI} (0: none reserved)")

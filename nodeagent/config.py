@@ -91,6 +91,16 @@ class AgentConfig:
                                        "the agent adds its metrics port; empty turns the guard off")
     workload_namespaces: str = option("pid,ipc,mount", "namespaces each workload gets where the kernel allows "
                                       "(comma-separated of pid, ipc, mount)")
+    workload_network: str = option("host", "network of a workload whose run request and slice carry no "
+                                   "gpumesh.io/network label (docs/security.md, Workload networks): host shares the "
+                                   "host's network (behind workload_egress_deny); none gives each its own network "
+                                   "namespace with only loopback (reaches nothing of the host or other workloads); "
+                                   "isolated adds an address on the agent's bridge (workload_bridge_cidr) that the "
+                                   "host reaches. Model servers and gpumesh.io/isolation=criu workloads always run "
+                                   "in host", choices=("host", "none", "isolated"))
+    workload_bridge_cidr: str = option("10.213.0.0/24", "the network of gpumesh.io/network=isolated workloads on "
+                                       "this agent's bridge (IPv4, /24 to /29): the host takes the first address, "
+                                       "each workload one of the others; agents sharing a host need distinct ones")
     workload_memory_default_bytes: int = option(8 << 30, "memory limit of a workload whose slice reserves no host "
                                                 "memory and that asks for none (label gpumesh.io/memory-bytes)",
                                                 minimum=16 << 20)
@@ -138,6 +148,8 @@ class AgentConfig:
         from nodeagent.isolation.users import parse_map, parse_range
         parse_range(self.workload_uid_range)
         parse_map(self.workload_uid_map)
+        from nodeagent.isolation.bridge import parse_cidr
+        parse_cidr(self.workload_bridge_cidr)
         from nodeagent.isolation.egress import parse as parse_egress
         parse_egress(self.workload_egress_deny)
         bad = set(filter(None, (n.strip() for n in self.workload_namespaces.split(",")))) - {"pid", "ipc", "mount"}

@@ -37,6 +37,7 @@ class Job:
     address: str = ""
     server: Any = None                 # transparent mode: the target's transfer server for the images
     images: str = ""                   # transparent mode: where the target receives them
+    relay: Any = None                  # a target without network: the TCP port that leads to its socket
 
 
 class MigrationBase:
@@ -96,6 +97,20 @@ class MigrationBase:
     def _running(self, wid: str) -> bool:
         w = self.runner.workloads.get(wid)
         return w is not None and w.state == types_pb2.WORKLOAD_STATE_RUNNING
+
+    def _no_network(self, wid: str) -> bool:
+        """`wid` runs in a network namespace of its own (gpumesh.io/network=none): its transfers pass
+        through relays (nodeagent/isolation/netrelay.py)."""
+        return "net" in self.runner.meta.get(wid, {}).get("namespaces", [])
+
+    def _outbound(self, wid: str, target: str):
+        """For a workload without network: a relay from a Unix socket in its directory to `target`
+        (HOST:PORT), whose `.address` it dials instead; None for any other workload."""
+        if not self._no_network(wid):
+            return None
+        from nodeagent.isolation import netrelay
+        meta = self.runner.meta[wid]
+        return netrelay.outbound(self.runner.path(wid, "d"), int(meta["uid"]), int(meta["gid"]), target)
 
     def _advertise_host(self) -> str:
         from nodeagent.registrar import route_source

@@ -145,13 +145,16 @@ class CheckpointSteps(MigrationBase):
             server = TransferServer("127.0.0.1:0").start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
             secret = new_secret()       # both ends are here: the workload gets it over its control socket
+            relay = None
             try:
                 sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant,
                                                         checkpoint_id=cmd.migration_id, key_kind=kind),
                                      mesh=True, secret=secret)
+                relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
                 with AgentLink(self._socket(wid), timeout=600) as link:
-                    r = link.call("checkpoint", target=server.address, session=session, secret=secret.hex())
+                    r = link.call("checkpoint", target=relay.address if relay else server.address, session=session,
+                                  secret=secret.hex())
                 seconds = time.perf_counter() - t0
                 done = sess.committed or {}
                 nbytes = int(done.get("bytes", r.get("bytes", 0)))
@@ -159,6 +162,8 @@ class CheckpointSteps(MigrationBase):
                                          step=int(r.get("step", 0)), bytes=nbytes, seconds=seconds,
                                          mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
             finally:
+                if relay is not None:
+                    relay.stop()
                 server.stop(0)
         rep = await asyncio.to_thread(run)
         log(logger, logging.INFO, "checkpoint written", node=self.agent.node, workload=wid, path=path,

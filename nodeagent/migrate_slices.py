@@ -222,8 +222,12 @@ class SlicesMixin:
         return {"pid": pid, "step": 0}
 
     def _release_target_job(self, mid: str) -> None:
-        """After the hand-over or a rollback: the image receiver and the images go."""
+        """After the hand-over or a rollback: the image receiver and the images go (and the relay of a
+        cooperative target without network)."""
         job = self.jobs.get((mid, "target"))
+        if job is not None and job.relay is not None:     # a target without network: its inbound relay
+            job.relay.stop()
+            job.relay = None
         server = getattr(job, "server", None)
         if server is not None:
             job.server = None

@@ -90,7 +90,16 @@ class SourceSteps(MigrationBase):
         policy = PrecopyPolicy(max_rounds=cmd.max_rounds or 8, stop_bytes=cmd.stop_bytes or (16 << 20))
         link = AgentLink(self._socket(cmd.workload_id))
         src = _SourceLink(link, job, report)
-        m = PrecopyMigration(src, _RemoteTarget(cmd.address, cmd.session, job), secret=self._secret(cmd),
+        try:
+            relay = self._outbound(cmd.workload_id, cmd.address)    # a source without network: through its /tmp
+        except OSError as e:
+            link.close()
+            job.final = M.MigrationReport(migration_id=job.migration_id, event=R.FAILED,
+                                          message=f"cannot relay the source's transfer: {e}")
+            job.done = True
+            return self._send(job.final)
+        m = PrecopyMigration(src, _RemoteTarget(relay.address if relay else cmd.address, cmd.session, job),
+                             secret=self._secret(cmd),
                              policy=policy, stop_source=False,
                              progress=lambda msg: log(logger, logging.INFO, "migration", migration=job.migration_id,
                                                       step=msg))
@@ -104,6 +113,8 @@ class SourceSteps(MigrationBase):
             job.final = M.MigrationReport(migration_id=job.migration_id, event=R.FAILED, message=str(e))
         finally:
             link.close()
+            if relay is not None:
+                relay.stop()
             job.done = True
         log(logger, logging.INFO, "migration send finished", node=self.agent.node, migration=job.migration_id,
             result=R.Event.Name(job.final.event), message=job.final.message)

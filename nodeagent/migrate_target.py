@@ -13,10 +13,13 @@ import asyncio
 import os
 import threading
 import time
+import uuid
 
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
+from mesh import netmode
 from mesh.checkpoint.agent_link import HOLD_ENV, RESTORE_ENV, AgentLink
+from nodeagent.isolation.plan import INSIDE_WORKDIR
 from nodeagent.migrate_base import Job, MigrationBase
 
 R = M.MigrationReport
@@ -44,17 +47,25 @@ class TargetSteps(MigrationBase):
                 self.runner.forget(wid)
                 host = self._listen_host()
                 spec.env[RESTORE_ENV] = f"receive:{cmd.session}@{'[' + host + ']' if ':' in host else host}:0"
+                meta = {"migration": cmd.migration_id}
+                if self._will_have_no_network(spec):
+                    # its own loopback only: it listens on a Unix socket in its /tmp, the agent relays to it
+                    meta["receive_socket"] = f".gpumesh-recv-{uuid.uuid4().hex[:12]}.sock"
+                    spec.env[RESTORE_ENV] = f"receive:{cmd.session}@unix:{INSIDE_WORKDIR}/{meta['receive_socket']}"
                 spec.env[HOLD_ENV] = "1"
                 # the file's path goes in the environment, never the secret (the spec is reported back)
                 spec.env[SECRET_FILE_ENV] = write_secret_file(self.runner.path(wid, "transfer-secret"), secret)
                 # the migration's mark is in the record before the process exists (crash-safe)
-                w = await asyncio.to_thread(self.runner.start, spec, meta={"migration": cmd.migration_id})
+                w = await asyncio.to_thread(self.runner.start, spec, meta=meta)
                 self.runner.report([w])
                 if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
                     raise RuntimeError(f"the target process did not start: {w.message}")
             job = self.jobs[(cmd.migration_id, "target")] = Job(cmd.migration_id, wid)
         if not job.address:
             port = await asyncio.to_thread(self._wait_listening, wid)
+            if port == 0:       # a target without network listens on its Unix socket: a TCP port leads there
+                job.relay = await asyncio.to_thread(self._inbound, wid)
+                port = int(job.relay.address.rsplit(":", 1)[1])
             job.address = f"{self._dial_host()}:{port}"
         report(R.TARGET_LISTENING, address=job.address)
 
@@ -68,6 +79,8 @@ class TargetSteps(MigrationBase):
                 with AgentLink(sock, timeout=5) as link:
                     st = link.call("status")
                 if st.get("receive_address"):
+                    if st["receive_address"].startswith("unix:"):
+                        return 0            # the relay to it is made by the caller
                     return int(st["receive_address"].rsplit(":", 1)[1])
                 if st.get("restored"):
                     raise RuntimeError("the target restored already (no longer receiving)")
@@ -76,6 +89,26 @@ class TargetSteps(MigrationBase):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the target process of {wid} did not listen within {TARGET_LISTEN_TIMEOUT:g} s")
             time.sleep(0.05)
+
+    def _will_have_no_network(self, spec: types_pb2.Workload) -> bool:
+        """The workload `spec` will run in a network namespace of its own (`none` or `isolated`: the
+        isolator's decision), so it receives on a Unix socket."""
+        iso = getattr(self.runner, "isolator", None)
+        if iso is None:
+            return False
+        try:
+            return iso.network(spec, self.agent.desired.get(spec.slice_id)) in netmode.OWN_NAMESPACE
+        except Exception:   # noqa: BLE001 - a refused label: the start refuses it with the reason
+            return False
+
+    def _inbound(self, wid: str):
+        """The TCP relay to a receiving target without network (nodeagent/isolation/netrelay.py)."""
+        from nodeagent.isolation import netrelay
+        meta = self.runner.meta.get(wid, {})
+        name = meta.get("receive_socket")
+        if not name or "uid" not in meta:
+            raise RuntimeError(f"the target {wid} listens on a Unix socket this agent did not give it")
+        return netrelay.inbound(self._listen_host(), self.runner.path(wid, "d"), name, int(meta["uid"]))
 
     async def _push_checkpoint(self, cmd: M.MigrationCommand, report) -> None:
         key = (cmd.migration_id, "push")

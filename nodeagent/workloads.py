@@ -309,7 +309,9 @@ class WorkloadRunner(RecoveryMixin):
         self.popens[w.id] = p
         record["shim_pid"] = p.pid
         self._crash_point("after-launch")
-        deadline = time.monotonic() + 5
+        # an isolated workload's init waits for its interface, which needs its pid: wait longer for it
+        isolated = plan is not None and plan.spec.get("network") == "isolated"
+        deadline = time.monotonic() + (30 if isolated else 5)
         pid_doc = None
         while time.monotonic() < deadline:
             pid_doc = _read_json(self.path(w.id, "pid"))
@@ -323,10 +325,27 @@ class WorkloadRunner(RecoveryMixin):
         if pid_doc:
             w.pid = int(pid_doc["pid"])
             self._attach(w.id, w.pid)
+            if isolated:
+                try:
+                    w.network_address = self._plug_network(w.pid)
+                except (OSError, RuntimeError) as e:
+                    self._signal(w.id, signal.SIGKILL)
+                    return self._fail(w, f"isolation: network: {e}")
         self.save(w.id)
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
         return w
+
+    def _plug_network(self, pid: int) -> str:
+        """An isolated workload (gpumesh.io/network=isolated): once its init (`pid`) is in its own network
+        namespace, its veth pair and bridge address (nodeagent/isolation/bridge.py); its init waits for them."""
+        host_ns = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + 30
+        while os.readlink(f"/proc/{pid}/ns/net") == host_ns:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workload's init did not make its network namespace within 30 s")
+            time.sleep(0.005)
+        return self.isolator.bridge.attach(pid)
 
     def _confine(self, w: types_pb2.Workload, st):
         """The isolation plan of `w` (nodeagent/isolation/plan.py), written for the shim; on an MPS

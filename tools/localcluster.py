@@ -275,7 +275,9 @@ class LocalCluster:
             argv += ["--sim-host-file", str(self._host_files[node])]
         argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
                  "--log-format", self.log_format, "--log-level", self.log_level,
-                 "--workload-egress-deny", self.egress_deny(), *self.agent_args]
+                 "--workload-egress-deny", self.egress_deny(),
+                 # each agent its own bridge network for isolated workloads (agent_args may set another)
+                 "--workload-bridge-cidr", f"10.213.{list(self.groups).index(name) % 256}.0/24", *self.agent_args]
         return Proc(name, argv, self._dir("logs") / f"{name}.log")
 
     def egress_deny(self) -> str:

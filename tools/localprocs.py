@@ -179,12 +179,15 @@ def remove_slice_shm_dirs(state_dir: str | os.PathLike, root: str = "") -> None:
 
 def remove_egress_guards(state_dir: str | os.PathLike) -> None:
     """Delete the nftables guards the cluster's agents installed for their workloads
-    (nodeagent/isolation/egress.py): they outlive an agent, not the cluster."""
+    (nodeagent/isolation/egress.py) and their isolated workloads' bridges (bridge.py): they outlive an
+    agent, not the cluster."""
     from nodeagent.isolation import egress
+    from nodeagent.isolation.bridge import WorkloadBridge
     agents = Path(state_dir) / "agents"
     for d in (sorted(agents.iterdir()) if agents.is_dir() else []):
         if d.is_dir():
             egress.remove(str(d))
+            WorkloadBridge(str(d)).remove_if_there()       # isolated workloads' bridge and its table
 
 
 def read_state(state_dir: str | os.PathLike) -> dict | None:

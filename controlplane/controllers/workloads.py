@@ -28,7 +28,7 @@ from controlplane.api.rpc import streaming, unary
 from controlplane.serving.replicakeys import redacted
 from controlplane.state.store import Absent, Put
 from gpumesh.v1 import node_service_pb2, types_pb2, workload_service_pb2, workload_service_pb2_grpc
-from mesh import errors
+from mesh import errors, netmode
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,10 @@ def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
         if not k or len(k) > 63 or len(v) > 256:
             raise errors.InvalidArgument.of(f"labels[{k}]", "is not a valid label",
                                             "keys of 1-63 and values of at most 256 characters")
+    if req.HasField("backend"):         # a model server: the gateway must reach its port
+        netmode.check_model_server(req.labels, "labels")
+    else:
+        netmode.check_labels(req.labels, "labels")
 
 
 class WorkloadManager:
@@ -354,6 +358,8 @@ class WorkloadManager:
                 n.env.update(st.env)            # ... its own variables (vLLM's KV cache size on CPUs)
                 if st.backend.device:
                     n.backend.device = st.backend.device      # ... and the vLLM build it chose
+            if st.network_address:
+                n.network_address = st.network_address      # an isolated workload's bridge address
             for f in ("started_at", "finished_at"):
                 if st.HasField(f):
                     getattr(n, f).CopyFrom(getattr(st, f))

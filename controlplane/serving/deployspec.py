@@ -14,7 +14,7 @@ import re
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import types_pb2
-from mesh import errors, slicespec
+from mesh import errors, netmode, slicespec
 from mesh.models import vram
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -85,6 +85,7 @@ def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
         if k in slicespec.SYSTEM_LABELS:       # copied onto the replicas' slices: spec.pool names the pool
             raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is set by gpumesh itself",
                                             "labels other than " + ", ".join(sorted(slicespec.SYSTEM_LABELS)))
+    netmode.check_model_server(spec.labels, "spec.labels")     # replicas serve the gateway: host only
     if not 0 <= spec.priority <= 1000:
         raise errors.InvalidArgument.of("spec.priority", f"{spec.priority} is out of range", "0 to 1000")
 

@@ -6,7 +6,10 @@ Started by the shim (nodeagent/shim.py) as root, after the shim unshared a PID n
 this process is PID 1 of the workload's namespace. In order:
 
 1. joins the workload's cgroups (writes "0" to each `cgroup_procs` file), so all it starts counts;
-2. unshares its mount (and IPC) namespace, makes every mount private, mounts a fresh /proc;
+2. unshares its mount (and IPC) namespace, makes every mount private, mounts a fresh /proc; with
+   `net` in the spec's namespaces (gpumesh.io/network=none) also a network namespace, whose only
+   interface, loopback, it brings up (127.0.0.1 and ::1 work inside; nothing of the host is reachable);
+   with `"network": "isolated"` it then waits for the agent to give it `eth0` (its bridge address);
 3. builds a private /dev (tmpfs: null, zero, full, random, urandom, tty, the slice's GPU nodes bound
    in from the host or the simulated host's stand-ins) and a private /dev/shm (the slice's shm
    directory, into which the agent links the slice's mesh segments);
@@ -34,7 +37,8 @@ import os
 import signal
 import sys
 
-CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
@@ -75,9 +79,14 @@ def _bind_fd(fd: int, target: str, directory: bool, rdonly: bool = False) -> Non
 
 def setup_mounts(spec: dict) -> None:
     ns = spec.get("namespaces", [])
-    flags = (CLONE_NEWNS if "mount" in ns else 0) | (CLONE_NEWIPC if "ipc" in ns else 0)
+    flags = ((CLONE_NEWNS if "mount" in ns else 0) | (CLONE_NEWIPC if "ipc" in ns else 0)
+             | (CLONE_NEWNET if "net" in ns else 0))
     if flags:
         _check(LIBC.unshare(flags), "unshare")
+    if "net" in ns:
+        loopback_up()
+        if spec.get("network") == "isolated":
+            wait_for_interface("eth0", float(spec.get("network_wait_seconds", 60)))
     if "mount" not in ns:
         return
     mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -126,6 +135,43 @@ def setup_mounts(spec: dict) -> None:
                 mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
             elif os.path.exists(path):
                 mount("/dev/null", path, None, MS_BIND)
+
+
+def loopback_up() -> None:
+    """Bring up `lo` of the (new, empty) network namespace: SIOCSIFFLAGS with IFF_UP, as `ip link set lo
+    up` does; the kernel then gives it 127.0.0.1/8 and ::1."""
+    import fcntl
+    import socket
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))
+        flags = struct.unpack("16sH", req[:18])[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def wait_for_interface(name: str, timeout: float) -> None:
+    """An isolated workload: the agent moves one end of a veth pair in, names it `name`, gives it the
+    workload's address and brings it up (nodeagent/isolation/bridge.py); the command starts after that."""
+    import fcntl
+    import socket
+    import struct
+    import time
+    SIOCGIFADDR = 0x8915
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        while True:
+            try:
+                req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", name.encode(), 0))
+                flags = struct.unpack("16sH", req[:18])[1]
+                fcntl.ioctl(s, SIOCGIFADDR, struct.pack("16sH22x", name.encode(), socket.AF_INET))
+                if flags & IFF_UP:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfineError(f"the agent did not give the workload its network interface ({name}) "
+                                   f"within {timeout:g} s")
+            time.sleep(0.01)
 
 
 def load_filter():

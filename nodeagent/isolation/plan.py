@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
+from mesh import netmode
 from mesh.fsmodes import others_may_read
 from mesh.logs import log
 from nodeagent.isolation import cgroups as cg
@@ -36,6 +37,7 @@ LABEL_MEMORY, LABEL_CPU, LABEL_PIDS = "gpumesh.io/memory-bytes", "gpumesh.io/cpu
 # runs without namespaces: its uid, no_new_privs and cgroups (memory, CPU, pids, and the devices
 # list, which then alone confines the GPU nodes: cgroup v1 only; refused on v2 in secure mode).
 LABEL_ISOLATION = "gpumesh.io/isolation"
+DEPLOYMENT_LABEL = "gpumesh.deployment"      # a deployment's replica (controlplane/serving/deployspec.py)
 
 
 class IsolationRefused(RuntimeError):
@@ -53,6 +55,8 @@ class IsolationSettings:
     shm_root: str = SHM_ROOT
     seccomp: bool = True                  # the syscall filter (syscallfilter.py) where the host can install it
     secret_files: list[str] = field(default_factory=list)   # keys the agent reads: private, or criu is refused
+    network: str = "host"                 # workloads without a gpumesh.io/network label (mesh/netmode.py)
+    bridge_cidr: str = "10.213.0.0/24"    # isolated workloads' addresses (nodeagent/isolation/bridge.py)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Isolator:
         self.shm_root = node_shm_root(node, scope, settings.shm_root)
         self.cgroups, self.devices, self.node = cgroups, devices, node
         self.namespaces = [n for n in settings.namespaces if n in features.namespaces]
+        self.bridge = None            # nodeagent/isolation/bridge.WorkloadBridge (isolated workloads), set by setup
         self.missing = [m for m in features.missing() if settings.seccomp or not m.startswith("a seccomp filter")]
         log(logger, logging.INFO if not self.missing else logging.WARNING, "isolation features", node=node,
             mode=settings.mode, setuid=features.setuid, no_new_privs=features.no_new_privs,
@@ -109,6 +114,19 @@ class Isolator:
             raise IsolationRefused(f"label {LABEL_CPU}: {cpu} exceeds the CPU of slice {s.id} ({slice_cpu} milli)")
         return cg.Limits(memory_bytes=mem or slice_mem or self.settings.default_memory_bytes,
                          cpu_milli=cpu or slice_cpu, pids_max=pids or self.settings.default_pids)
+
+    def network(self, w: types_pb2.Workload, s: types_pb2.Slice | None) -> str:
+        """`w`'s network mode (mesh/netmode.py): its label, its slice's, the agent's default; host for a
+        model server. A label the API let through but this agent does not know is refused."""
+        mode = netmode.resolve(w.labels, s.labels if s is not None else {}, self.settings.network,
+                               model_server=w.HasField("backend") or DEPLOYMENT_LABEL in w.labels)
+        if mode not in netmode.MODES:
+            raise IsolationRefused(f"label {netmode.LABEL_NETWORK}: {mode!r} is not allowed "
+                                   f"({', '.join(netmode.MODES)})")
+        if mode in netmode.OWN_NAMESPACE and w.labels.get(LABEL_ISOLATION, "") == "criu":
+            raise IsolationRefused(f"label {netmode.LABEL_NETWORK}={mode} needs a network namespace, which "
+                                   f"{LABEL_ISOLATION}=criu workloads run without")
+        return mode
 
     # -- the plan -------------------------------------------------------------------------------
 
@@ -134,6 +152,19 @@ class Isolator:
             if self.settings.mode == "secure" and exposed:
                 raise IsolationRefused(f"label {LABEL_ISOLATION}=criu: without a mount namespace the workload would "
                                        f"read {', '.join(exposed)} (readable by every user): chmod 600 it")
+        network = self.network(w, s)
+        if network in netmode.OWN_NAMESPACE:
+            if "net" not in self.features.namespaces:
+                raise IsolationRefused(f"{netmode.LABEL_NETWORK}={network}: this host cannot make network namespaces "
+                                       "(unshare(CLONE_NEWNET) failed when the agent started)")
+            if network == netmode.ISOLATED and (self.bridge is None or self.bridge.problem()):
+                raise IsolationRefused(f"{netmode.LABEL_NETWORK}=isolated: this agent has no workload bridge"
+                                       + (f" ({self.bridge.problem()})" if self.bridge is not None else ""))
+            if "mount" not in namespaces:
+                raise IsolationRefused(f"{netmode.LABEL_NETWORK}={network} needs the mount namespace too (its "
+                                       "checkpoint and migration transfers pass through Unix sockets in its own "
+                                       "/tmp): add mount to workload_namespaces")
+            namespaces = [*namespaces, "net"]
         try:
             limits.devices = self.devices.for_slice(gpu_index, gi_id, ci_id) if gpu_index >= 0 else []
         except DeviceError as e:
@@ -165,7 +196,7 @@ class Isolator:
                 os.makedirs(os.path.join(workdir, "nvidia-mps"), exist_ok=True)
                 env["CUDA_MPS_PIPE_DIRECTORY"] = INSIDE_MPS_PIPE
         spec = {
-            "uid": ident.uid, "gid": ident.gid, "no_new_privs": True, "namespaces": namespaces,
+            "uid": ident.uid, "gid": ident.gid, "no_new_privs": True, "namespaces": namespaces, "network": network,
             "seccomp": bool(self.settings.seccomp and self.features.seccomp),
             "cgroup_procs": procs, "workdir": INSIDE_WORKDIR if mount_ns else workdir,
             "devices": [{"name": d.name, "source": d.source} for d in limits.devices],

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
-NAMESPACE_FLAGS = {"mount": CLONE_NEWNS, "ipc": CLONE_NEWIPC, "pid": CLONE_NEWPID}
+CLONE_NEWNET = 0x40000000
+NAMESPACE_FLAGS = {"mount": CLONE_NEWNS, "ipc": CLONE_NEWIPC, "pid": CLONE_NEWPID, "net": CLONE_NEWNET}
 PR_GET_NO_NEW_PRIVS = 39
 CAP_SETUID, CAP_SETGID, CAP_SYS_ADMIN = 7, 6, 21
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -27,7 +28,7 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 class HostFeatures:
     setuid: bool = False                 # may switch to another uid/gid (root or CAP_SETUID+CAP_SETGID)
     no_new_privs: bool = False
-    namespaces: list[str] = field(default_factory=list)      # of mount, ipc, pid
+    namespaces: list[str] = field(default_factory=list)      # of mount, ipc, pid, net (gpumesh.io/network=none)
     cgroup_version: int = 0              # 1, 2, or 0 (none usable)
     cgroup_controllers: list[str] = field(default_factory=list)   # usable: memory, cpu, pids, devices
     dmem: bool = False                   # cgroup v2 dmem controller (kernel-enforced device memory)

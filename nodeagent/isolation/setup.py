@@ -46,7 +46,7 @@ def isolation_host(cfg) -> IsolationHost:
         mode=cfg.workload_isolation,
         namespaces=tuple(n.strip() for n in cfg.workload_namespaces.split(",") if n.strip()),
         default_memory_bytes=cfg.workload_memory_default_bytes, default_pids=cfg.workload_pids_max,
-        seccomp=cfg.workload_seccomp,
+        seccomp=cfg.workload_seccomp, network=cfg.workload_network, bridge_cidr=cfg.workload_bridge_cidr,
         mask=[os.path.realpath(p) for p in mask if p], expose=[os.path.realpath(p) for p in expose if p],
         secret_files=[os.path.realpath(p) for p in secret_files if p])
     # nothing of the agent's readable through plain paths: the state directory only lets tenants pass through
@@ -71,6 +71,8 @@ def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
     else:
         devices = NvidiaDevices()
     iso = Isolator(host.settings, host.features, host.users, driver, devices, node=agent.node, scope=scope)
+    from nodeagent.isolation.bridge import WorkloadBridge
+    iso.bridge = WorkloadBridge(cfg.state_dir, host.settings.bridge_cidr)     # made at the first isolated workload
     agent.isolator = iso
     agent.labels.update(inventory_labels(host))
     agent.desired_hooks.append(lambda d: iso.forget_slices({s.id for s in d.upserts}, full=d.full,
@@ -119,6 +121,8 @@ def inventory_labels(host: IsolationHost) -> dict[str, str]:
         "gpumesh.io/workload-namespaces": "+".join(n for n in host.settings.namespaces if n in f.namespaces) or "none",
         "gpumesh.io/workload-cgroup": f"v{f.cgroup_version}" if f.cgroup_controllers else "none",
         "gpumesh.io/workload-seccomp": "on" if f.seccomp and host.settings.seccomp else "off",
+        # the default network of workloads (gpumesh.io/network), and whether `none` is possible here
+        "gpumesh.io/workload-network": host.settings.network + ("" if "net" in f.namespaces else "-no-netns"),
         # MPS GPU memory: kernel-enforced partitioning needs the cgroup v2 dmem controller (r615+ drivers);
         # without it the limits are the MPS daemon's (set per tenant server)
         "gpumesh.io/mps-memory-limits": "dmem-available" if f.dmem else "mps-daemon",

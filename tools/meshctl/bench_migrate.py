@@ -17,7 +17,10 @@ bytes sent, and the stop-and-copy downtime. Progress goes to stderr.
 Every transfer is authenticated and sealed with a per-session secret, as the agents' are
 (mesh/checkpoint/transfer_auth.py). `--tls` also measures the raw stream over mTLS (a fresh
 CA and two agent certificates, as agent-to-agent transfers in a secured cluster use):
-`link_tls_mb_per_s` against `link_mb_per_s`.
+`link_tls_mb_per_s` against `link_mb_per_s`. `--relay` also measures the raw stream through the agent's
+relay for workloads without network (a Unix socket piped to the receiver's TCP port, as a
+`gpumesh.io/network=none` workload's checkpoint and migration take, nodeagent/isolation/netrelay.py):
+`link_relay_mb_per_s` against `link_mb_per_s`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ examples:
   meshctl bench migrate --state-mb 256 --dirty-pct 10 --step-ms 50
   meshctl bench migrate --state-mb 1024 --dirty-pct 2 --transport auto -o json
   python -m tools.meshctl.bench_migrate --state-mb 1024 --dirty-pct 2 -o json
+  meshctl bench migrate --state-mb 512 --relay --no-stop-and-copy -o json   # + the none workloads' relay
 
 Prints {"downtime_ms", "total_ms", "bytes_sent", "stop_and_copy_downtime_ms",
 "link_mb_per_s", "downtime_ratio", "total_vs_link", "rounds", ...}.
@@ -74,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=("auto", "grpc", "shm"), default="grpc",
                    help="channel for the state's bytes: grpc (the transfer stream, as between hosts; default), "
                         "shm (the mesh: the target's shared-memory ring, same host), auto (the mesh when faster)")
+    p.add_argument("--relay", action="store_true",
+                   help="also measure the raw stream through the relay of workloads without network "
+                        "(link_relay_mb_per_s)")
     p.add_argument("--tls", action="store_true",
                    help="also measure the raw stream over mTLS with agent certificates (link_tls_mb_per_s)")
 
@@ -245,9 +252,11 @@ def _certs(d: str) -> str:
     return d
 
 
-def _link_speed(nbytes: int, transport: str = "grpc", tls_dir: str = "") -> tuple[float, float]:
+def _link_speed(nbytes: int, transport: str = "grpc", tls_dir: str = "",
+                relay: bool = False) -> tuple[float, float]:
     """The raw speed of a channel: `nbytes` unchecked to a discarding receiver in another process
-    (sealed with a session secret as always; over mTLS with `tls_dir`)."""
+    (sealed with a session secret as always; over mTLS with `tls_dir`; with `relay`, through the agent's
+    Unix-socket relay of a workload without network, nodeagent/isolation/netrelay.py)."""
     from mesh.checkpoint.transfer import TransferClient, raw_entries
     from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, new_secret, write_secret_file
     secret = new_secret()
@@ -256,6 +265,12 @@ def _link_speed(nbytes: int, transport: str = "grpc", tls_dir: str = "") -> tupl
         sink = subprocess.Popen(_python() + ["--role", "sink"] + (["--tls", tls_dir] if tls_dir else []),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         address = sink.stdout.readline().strip()
+    pipe = relay_dir = None
+    if relay:
+        from nodeagent.isolation import netrelay
+        relay_dir = tempfile.TemporaryDirectory(prefix="gpumesh-bench-relay-")
+        pipe = netrelay.outbound(relay_dir.name, os.getuid(), os.getgid(), address)
+        address = f"unix:{pipe.host_path}"
     creds = None
     if tls_dir:
         from mesh import tls
@@ -269,6 +284,9 @@ def _link_speed(nbytes: int, transport: str = "grpc", tls_dir: str = "") -> tupl
             raise RuntimeError(f"the raw {transport} channel could not be measured ({stats.transport_note})")
         return stats.mb_per_s, stats.seconds
     finally:
+        if pipe is not None:
+            pipe.stop()
+            relay_dir.cleanup()
         sink.stdin.close()
         sink.wait(timeout=30)
 
@@ -278,6 +296,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     speeds: dict[str, list[float]] = {"grpc": [], "shm": []}
 
     tls_speeds: list[float] = []
+    relay_speeds: list[float] = []
     tls_tmp = tempfile.TemporaryDirectory(prefix="gpumesh-bench-tls-") if args.tls else None
 
     def link(when: str) -> None:
@@ -287,6 +306,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             mb_s, _ = _link_speed(state_bytes, kind)
             speeds[kind].append(mb_s)
             info(f"link ({when}): raw {state_bytes / 1e6:.0f} MB over {kind}: {mb_s:.0f} MB/s")
+        if args.relay:
+            mb_s, _ = _link_speed(state_bytes, "grpc", relay=True)
+            relay_speeds.append(mb_s)
+            info(f"link ({when}): raw {state_bytes / 1e6:.0f} MB over grpc through the relay: {mb_s:.0f} MB/s")
         if tls_tmp is not None:
             mb_s, _ = _link_speed(state_bytes, "grpc", tls_dir=tls_tmp.name)
             tls_speeds.append(mb_s)
@@ -324,6 +347,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "stop_and_copy_bytes_sent": snc.bytes_sent if snc else None,
         "link_tls_mb_per_s": round(max(tls_speeds), 1) if tls_speeds else None,
         "link_tls_runs_mb_per_s": [round(x, 1) for x in tls_speeds] or None,
+        "link_relay_mb_per_s": round(max(relay_speeds), 1) if relay_speeds else None,
+        "link_relay_runs_mb_per_s": [round(x, 1) for x in relay_speeds] or None,
         "round_detail": [{"round": r.round, "entries": r.entries, "bytes": r.bytes, "seconds": round(r.seconds, 3),
                           "paused": r.paused} for r in pre.rounds],
     }

@@ -19,6 +19,7 @@ examples:
   meshctl run --slice s-7f3a9c1e2b4d --env NCCL_DEBUG=INFO --label job=train-42 -- ./serve
   meshctl run --slice s-7f3a9c1e2b4d -f -- nvidia-smi -L     # follow its output, exit with its status
   meshctl run --slice s-7f3a9c1e2b4d --request-id job-42 -- ./train   # a retry with job-42 runs nothing twice
+  meshctl run --slice s-7f3a9c1e2b4d --network none -- torchrun --nproc-per-node 2 train.py   # loopback only
   meshctl run --slice s-7f3a9c1e2b4d --backend llama.cpp --artifact /models/SmolLM2-135M-Instruct.Q4_1.gguf \
       --context 512 --served-name smollm2                   # a model server; prints its ENDPOINT
   meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 --device cpu -o json
@@ -28,6 +29,20 @@ device UUID, MPS limits on MPS slices) plus --env. With --backend the agent
 starts that model server on the slice (no COMMAND: it builds the command line,
 picks a port and reports the OpenAI-compatible ENDPOINT); a deployment does this
 for each replica (meshctl deploy).
+
+Labels gpumesh reads (docs/operations.md, Workload isolation):
+  gpumesh.io/network=host|none|isolated
+                                 none: its own network namespace with only
+                                 loopback (reaches nothing of the host);
+                                 isolated: also an address on the node's
+                                 workload bridge that the host reaches (Address
+                                 in meshctl describe workload); same as
+                                 --network; default: the slice's label, else
+                                 the agent's workload_network (host)
+  gpumesh.io/memory-bytes=N      host memory limit (at most the slice's)
+  gpumesh.io/cpu-milli=N         CPU limit in milli-CPUs (at most the slice's)
+  gpumesh.io/pids=N              process/thread limit
+  gpumesh.io/isolation=criu      no namespaces, transparently migratable (CRIU)
 """
 
 LOGS_EPILOG = """\
@@ -45,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra environment (repeatable)")
     r.add_argument("--label", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept with the workload (repeatable)")
+    r.add_argument("--network", choices=("host", "none", "isolated"), default="",
+                   help="host: the host's network; none: its own network namespace with only loopback; isolated: "
+                        "also an address on the node's workload bridge that the host reaches (the label "
+                        "gpumesh.io/network; default: the slice's label, else the agent's workload_network)")
     r.add_argument("--request-id", default="", metavar="KEY",
                    help="idempotency key: running the same command again with the same key (a retry after a "
                         "timeout) returns the first workload instead of starting a second one")
@@ -88,6 +107,8 @@ SERVER_FLAGS = ("artifact", "served_name", "context", "concurrency", "gpu_layers
 
 
 def run_run(args: argparse.Namespace) -> int:
+    if args.network:
+        args.label = [*args.label, ("gpumesh.io/network", args.network)]
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     server = {k: getattr(args, k) for k in SERVER_FLAGS}
     if args.backend:
@@ -178,6 +199,8 @@ def format_workload(d: dict[str, Any]) -> str:
         ("Exit code", d["exit_code"] if d["finished_at"] else None),
         ("Created", d["created_at"]), ("Started", d["started_at"]), ("Finished", d["finished_at"]),
         ("Labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))),
+        ("Network", d["labels"].get("gpumesh.io/network") or None),
+        ("Address", d.get("network_address") or None),
     ])
     text += "Environment (besides the slice's):\n"
     text += "".join(f"  {k}={v}\n" for k, v in sorted(d["env"].items())) or "  <none>\n"
