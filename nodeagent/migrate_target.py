@@ -143,7 +143,7 @@ class TargetSteps(MigrationBase):
     def _drop_secret_file(self, wid: str) -> None:
         """The receiving workload removes its secret file once read; a target that never read it (it died,
         or was stopped first) must not leave it behind."""
-        from nodeagent.workloads import SECRET_FILE_NAME
+        from nodeagent.workload_confine import SECRET_FILE_NAME
         for path in (self.runner.path(wid, "transfer-secret"), os.path.join(self.runner.path(wid, "d"), SECRET_FILE_NAME)):
             try:
                 os.unlink(path)

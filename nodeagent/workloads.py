@@ -40,6 +40,7 @@ from nodeagent.teardown import SliceTeardown
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
+from nodeagent.workload_confine import confinement_plan, hand_over_secret, plug_network
 from nodeagent.workload_logs import LogStreamer
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ W = types_pb2
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
-SECRET_FILE_NAME = ".transfer-secret"   # a migration target's secret, in its own directory
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -261,7 +261,7 @@ class WorkloadRunner(RecoveryMixin):
             argv[-len(w.command) - 1:] = ["--restore-pidfile", restore[1], "--", *restore[0]]
             if self.isolator is not None:      # CRIU restores the uid; the target's cgroup takes the process
                 try:
-                    plan = self._confine(w, st)
+                    plan = confinement_plan(self, w, st)
                 except Exception as e:   # noqa: BLE001
                     return self._fail(w, f"isolation: {e}")
                 if restore_uid >= 0 and restore_uid != plan.uid:
@@ -272,11 +272,11 @@ class WorkloadRunner(RecoveryMixin):
                     "--real-ids", f"{plan.uid}:{plan.gid}"]
         elif self.isolator is not None:
             try:
-                plan = self._confine(w, st)
+                plan = confinement_plan(self, w, st)
             except Exception as e:   # noqa: BLE001 - IsolationRefused, OSError: the workload does not start
                 return self._fail(w, f"isolation: {e}")
             env.update(plan.env)
-            self._hand_over_secret(env, plan)
+            hand_over_secret(env, plan)
             argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
         stem = self.meta.get(w.id, {}).get("stem")
         record = {"shim_pid": 0, "device_uuid": st.device_uuid,
@@ -327,7 +327,7 @@ class WorkloadRunner(RecoveryMixin):
             self._attach(w.id, w.pid)
             if isolated:
                 try:
-                    w.network_address = self._plug_network(w.pid)
+                    w.network_address = plug_network(self.isolator.bridge, w.pid)
                 except (OSError, RuntimeError) as e:
                     self._signal(w.id, signal.SIGKILL)
                     return self._fail(w, f"isolation: network: {e}")
@@ -335,48 +335,6 @@ class WorkloadRunner(RecoveryMixin):
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
         return w
-
-    def _plug_network(self, pid: int) -> str:
-        """An isolated workload (gpumesh.io/network=isolated): once its init (`pid`) is in its own network
-        namespace, its veth pair and bridge address (nodeagent/isolation/bridge.py); its init waits for them."""
-        host_ns = os.readlink("/proc/self/ns/net")
-        deadline = time.monotonic() + 30
-        while os.readlink(f"/proc/{pid}/ns/net") == host_ns:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the workload's init did not make its network namespace within 30 s")
-            time.sleep(0.005)
-        return self.isolator.bridge.attach(pid)
-
-    def _confine(self, w: types_pb2.Workload, st):
-        """The isolation plan of `w` (nodeagent/isolation/plan.py), written for the shim; on an MPS
-        slice the daemon gets the tenant's limits first."""
-        s = self.agent.desired.get(w.slice_id)
-        mig = getattr(self.agent.slicer, "mig", {}).get(w.slice_id)
-        gpu_index = s.gpu_index if s is not None else -1
-        mps_pipe = st.env.get("CUDA_MPS_PIPE_DIRECTORY", "")
-        plan = self.isolator.plan(w, s, gpu_index=gpu_index, gi_id=mig.gi_id if mig else None,
-                                  ci_id=mig.ci_id if mig else None, workdir=self.path(w.id, "d"), mps_pipe=mps_pipe)
-        if mps_pipe and self.mps is not None and s is not None:
-            self.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
-        path = self.path(w.id, "confine.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(plan.spec, f)
-        return plan
-
-    @staticmethod
-    def _hand_over_secret(env: dict, plan) -> None:
-        """A migration target's transfer secret file (written by the agent, 0600) moves into the
-        workload's own directory, owned by the workload's uid, and the environment names it as the
-        workload sees it; nothing else can read it there."""
-        from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
-        src = env.get(SECRET_FILE_ENV)
-        if not src or not os.path.exists(src):
-            return
-        dst = os.path.join(plan.workdir, SECRET_FILE_NAME)
-        os.replace(src, dst)
-        os.chown(dst, plan.uid, plan.gid)
-        env[SECRET_FILE_ENV] = os.path.join(plan.spec["workdir"], SECRET_FILE_NAME)
 
     def _fail(self, w: types_pb2.Workload, why: str) -> types_pb2.Workload:
         w.state = W.WORKLOAD_STATE_FAILED
