@@ -20,6 +20,14 @@ from tests.unit.test_gateway_routing import GIB, cand, cfg
 CRIT = "memory-critical"
 
 
+@pytest.fixture(autouse=True)
+def frozen_evidence_clock(monkeypatch):
+    """The books made without a clock (StatsTable's, the candidates') see time stand still: the counts halve
+    every 300 s of the real clock, which on a loaded machine moved a figure between two reads."""
+    prior, half_life, _ = HazardBook.__init__.__defaults__
+    monkeypatch.setattr(HazardBook.__init__, "__defaults__", (prior, half_life, lambda: 0.0))
+
+
 def far(**kw) -> RouteContext:
     return RouteContext("chat", max_tokens=10, deadline_at=time.monotonic() + 600, **kw)
 
