@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 FIELDS = {"buffer_id": str, "connection_id": str, "slice_id": str, "transport": str, "size": int,
           "shm_name": str, "address": int}
 BUFFER_ID = re.compile(r"^b-[A-Za-z0-9_.-]{1,58}$")
+SLICE_ID = re.compile(r"^s-[A-Za-z0-9_.-]{1,60}$")
+SEGMENT_PREFIX = "gpumesh-"      # mesh/transport/shm.py PREFIX: a buffer's segment is PREFIX + its id
 
 
 class BufferRecords:
@@ -75,6 +77,10 @@ class BufferRecords:
                 rec = {k: t(raw[k]) for k, t in FIELDS.items()}
                 if rec["buffer_id"] + ".json" != name or not BUFFER_ID.match(rec["buffer_id"]):
                     raise ValueError("the buffer id does not match the file name")
+                if not SLICE_ID.match(rec["slice_id"]):
+                    raise ValueError(f"slice_id {rec['slice_id']!r} is not a slice id")
+                if rec["shm_name"] and rec["shm_name"] != SEGMENT_PREFIX + rec["buffer_id"]:
+                    raise ValueError(f"shm_name {rec['shm_name']!r} is not the buffer's segment")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log(logger, logging.WARNING, "skipping a malformed mesh buffer record", file=name, error=str(e))
                 continue

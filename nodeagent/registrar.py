@@ -33,6 +33,7 @@ import ctypes
 import logging
 import os
 import socket
+import stat
 from dataclasses import dataclass
 
 from gpumesh.v1 import mesh_service_pb2 as M
@@ -145,9 +146,14 @@ class Registrar:
                 self.verbs.deregister(bid)
                 region = held.region
             else:
-                region = self._reopen(bid, slice_id, size, secret)
+                # only a buffer this agent's records say it registered (for this connection and slice): never
+                # whatever file stands at the name in the world-writable /dev/shm
                 rec = self.records.get(bid) if self.records is not None else None
-                base = rec["address"] if rec and transport != "verbs" else 0
+                if rec is None or rec["slice_id"] != slice_id or rec["connection_id"] != connection_id:
+                    raise BufferGone(f"buffer {bid}: node {self.node} has no record of registering it (its memory "
+                                     f"did not survive, e.g. a reboot)")
+                region = self._reopen(bid, slice_id, size, secret)
+                base = rec["address"] if transport != "verbs" else 0
         else:
             if bid in self.buffers:
                 self.deregister(bid, "re-registered")
@@ -207,9 +213,12 @@ class Registrar:
         /dev/shm name is gone but the slice still maps it."""
         name = PREFIX + bid
         link = self._slice_link(slice_id, name)
-        if not segment_exists(name) and link and os.path.exists(link):
+        if not segment_exists(name) and link and os.path.lexists(link):
+            # the slice's directory is the tenant's: a regular file only, linked without following a symlink
             try:
-                os.link(link, os.path.join("/dev/shm", name))
+                if not stat.S_ISREG(os.lstat(link).st_mode):
+                    raise OSError("it is not a regular file")
+                os.link(link, os.path.join("/dev/shm", name), follow_symlinks=False)
             except OSError as e:
                 raise BufferGone(f"buffer {bid}: cannot restore segment {name} from the slice's link: {e}") from None
         try:

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 READY, FAILED, RECOVERING = (M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_FAILED,
                              M.MESH_CONNECTION_STATE_RECOVERING)
 RETRY_S = 2.0
-RETRIES = 5
+RETRIES = 30                # 2 s apart: a minute for the agents and their slices to come back
 # an agent's answer that means the buffer's memory is not there any more (vs. a transient failure)
 UNRECOVERABLE = (errors.FailedPrecondition, errors.NotFound, errors.InvalidArgument)
 
@@ -95,15 +95,25 @@ class MeshRecovery:
         return c is not None and all(self.mgr.ctl.sessions.get(d.node) is not None for d in (c.a, c.b))
 
     def _live(self, cid: str) -> M.MeshConnection | None:
-        """The connection if it is still wanted: not disconnected (or being), both slices READY."""
+        """The connection if it is still wanted (`_gone` says no)."""
+        return None if self._gone(cid) else self.mgr.connections.get(cid)
+
+    def _gone(self, cid: str) -> bool:
+        """Whether the connection is no longer wanted: disconnected (or being), or a slice of it released,
+        failed or gone. A slice not READY for now (UNKNOWN while its node was away, until the node's report)
+        is not gone: the recovery waits for it and revokes nothing."""
         c = self.mgr.connections.get(cid)
         if c is None or cid in self.mgr.closing or c.state not in (READY, RECOVERING):
-            return None
+            return True
         for sid in (c.slice_a, c.slice_b):
             s = self.mgr.ctl.fleet.slices.get(sid)
-            if s is None or s.state != types_pb2.SLICE_STATE_READY:
-                return None          # released (the release follower disconnects it) or not ready yet
-        return c
+            if s is None or s.state in (types_pb2.SLICE_STATE_RELEASING, types_pb2.SLICE_STATE_FAILED):
+                return True          # released (the release follower disconnects it)
+        return False
+
+    def _slices_ready(self, c: M.MeshConnection) -> bool:
+        return all(getattr(self.mgr.ctl.fleet.slices.get(sid), "state", None) == types_pb2.SLICE_STATE_READY
+                   for sid in (c.slice_a, c.slice_b))
 
     async def _store(self, c: M.MeshConnection) -> bool:
         """Write `c` over its record if the connection still exists; never brings back a disconnected one."""
@@ -129,6 +139,9 @@ class MeshRecovery:
                 return "gone"
             log(logger, logging.INFO, "mesh connection recovering", connection=cid, why=why)
         if not self._agents_connected(cid):
+            return "retry"
+        if not self._slices_ready(c):
+            await self._note(cid, f"{why}: waiting for its slices to be READY again")
             return "retry"
         sides = [(c.slice_a, c.a), (c.slice_b, c.b)]
         results = await asyncio.gather(*(self.mgr._ask(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
@@ -238,15 +239,37 @@ class Isolator:
 
     def share_segment(self, slice_id: str, tenant: str, name: str) -> None:
         """Link the mesh segment /dev/shm/<name> into the slice's private /dev/shm (same name),
-        owned by the slice's tenant: its workloads map it, no other tenant's can."""
+        owned by the slice's tenant: its workloads map it, no other tenant's can.
+
+        The slice's directory is the tenant's (its workloads write there), so nothing here follows a name
+        in it: whatever stands at the name and is not this segment (a symlink to /etc/passwd, a file) is
+        removed, the link is made without following, and the owner and mode are set through the segment's
+        own descriptor, never a path."""
         try:
             ident = self.users.identity(tenant)
             d = self.slice_shm_dir(slice_id, ident.uid, ident.gid)
-            link = os.path.join(d, name)
-            if not os.path.exists(link):
-                os.link(os.path.join("/dev/shm", name), link)
-            os.chown(link, ident.uid, ident.gid)
-            os.chmod(link, 0o600)
+            seg = os.open(os.path.join("/dev/shm", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            dfd = -1
+            try:
+                st = os.fstat(seg)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(f"/dev/shm/{name} is not a regular file")
+                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                if not _same_file(dfd, name, st):
+                    try:
+                        os.unlink(name, dir_fd=dfd)        # a tenant's symlink or file in its place
+                    except FileNotFoundError:
+                        pass
+                    os.link(os.path.join("/dev/shm", name), name, dst_dir_fd=dfd, follow_symlinks=False)
+                    if not _same_file(dfd, name, st):      # /dev/shm/<name> changed under us
+                        os.unlink(name, dir_fd=dfd)
+                        raise OSError(f"/dev/shm/{name} changed while it was linked")
+                os.fchown(seg, ident.uid, ident.gid)
+                os.fchmod(seg, 0o600)
+            finally:
+                os.close(seg)
+                if dfd >= 0:
+                    os.close(dfd)
         except (OSError, IdentityError) as e:
             log(logger, logging.WARNING, "cannot share a mesh segment into the slice", slice=slice_id,
                 segment=name, error=str(e))
@@ -288,3 +311,12 @@ def _outermost(paths: list[str]) -> list[str]:
     """`paths` without those inside another of them (binding a parent again would cover the child)."""
     real = sorted({os.path.realpath(p) for p in paths if p})
     return [p for p in real if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in real)]
+
+
+def _same_file(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """Whether `name` in the directory `dir_fd` is (without following a symlink) the file `st` describes."""
+    try:
+        here = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(here.st_mode) and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)

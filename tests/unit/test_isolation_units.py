@@ -174,6 +174,44 @@ def test_a_mesh_segment_is_shared_into_its_slice_only(tmp_path):
         shutil.rmtree(shm_root, ignore_errors=True)
 
 
+@root_only
+def test_sharing_a_segment_never_follows_what_the_tenant_put_at_its_name(tmp_path):
+    """The slice's /dev/shm directory is the tenant's: a symlink its workload put at the segment's name (to a
+    host file) is replaced by the segment's link; the host file keeps its owner and mode (no chown/chmod
+    through a path the tenant controls); a file in its place is replaced too."""
+    import shutil
+    import tempfile
+    shm_root = tempfile.mkdtemp(prefix="gpumesh.unit.", dir="/dev/shm")
+    iso = _isolator(tmp_path, shm_root=shm_root)
+    ident = iso.users.identity("ta")
+    name = f"gpumesh-unit-test-{os.getpid()}"
+    victim = tmp_path / "passwd"
+    victim.write_text("root:x:0:0::/root:/bin/sh\n")
+    os.chmod(victim, 0o644)
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.write(b"x" * 64)
+    try:
+        d = iso.slice_shm_dir("s-1", ident.uid, ident.gid)
+        for planted in ("symlink", "file"):
+            link = os.path.join(d, name)
+            if os.path.lexists(link):
+                os.unlink(link)
+            if planted == "symlink":
+                os.symlink(victim, link)
+            else:
+                with open(link, "wb") as f:
+                    f.write(b"the tenant's own")
+            iso.share_segment("s-1", "ta", name)
+            st = os.lstat(link)
+            assert stat.S_ISREG(st.st_mode) and st.st_ino == os.stat(f"/dev/shm/{name}").st_ino, planted
+            assert st.st_uid == ident.uid and stat.S_IMODE(st.st_mode) == 0o600
+            v = os.stat(victim)
+            assert (v.st_uid, stat.S_IMODE(v.st_mode)) == (0, 0o644), planted
+    finally:
+        os.unlink(f"/dev/shm/{name}")
+        shutil.rmtree(shm_root, ignore_errors=True)
+
+
 def test_cgroup_v1_and_v2_write_the_limits(tmp_path):
     root = tmp_path / "cg"
     for c in ("memory", "cpu", "pids", "devices"):

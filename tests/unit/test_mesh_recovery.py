@@ -527,3 +527,93 @@ def test_a_segment_whose_dev_shm_name_was_removed_is_recovered_from_the_slices_l
     finally:
         c.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_segment_without_the_agents_record_is_never_adopted(cluster):
+    """After a restart the agent re-adopts only what its records say it registered: a segment that stands at
+    the name in the world-writable /dev/shm without one (planted, or a record lost) fails the connection."""
+    import shutil
+    c = cluster(transport="tcp")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        shutil.rmtree(c.tmp / "mesh" / "n1")                  # the segment is there, its record is not
+        c.start_agent("n1")
+        await c.open_session("n1")
+        return conn, await c.settle(conn.id)
+
+    conn, after = run(scenario())
+    assert after.state == FAILED and "no record" in after.message, after.message
+    assert conn.a.buffer_id not in c.agents["n1"].buffers
+
+
+def test_a_symlink_in_the_slices_directory_is_never_followed_to_restore_a_segment(cluster, tmp_path):
+    """The slice's private /dev/shm is the tenant's: a symlink its workload put at the segment's name (to a file
+    of the host) is not linked into /dev/shm as the buffer's memory; the connection fails instead."""
+    import shutil
+    from mesh.transport.shm import unlink_segment
+    c = cluster(transport="tcp")
+    root = f"/dev/shm/gpumesh-test-{secrets.token_hex(4)}"
+    c.isolator = SliceShm(root)
+    victim = tmp_path / "host-file"
+    victim.write_bytes(b"not the tenant's")
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        c.kill_agent("n1")
+        assert unlink_segment(conn.a.shm_name)
+        link = os.path.join(root, conn.a.slice_id, conn.a.shm_name)
+        os.unlink(link)
+        os.symlink(victim, link)                           # the tenant's workload, in its own /dev/shm
+        c.start_agent("n1")
+        await c.open_session("n1")
+        return conn, await c.settle(conn.id)
+
+    try:
+        conn, after = run(scenario())
+        assert after.state == FAILED and "regular file" in after.message, after.message
+        assert not os.path.lexists("/dev/shm/" + conn.a.shm_name) and os.stat(victim).st_nlink == 1
+    finally:
+        c.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_slice_not_ready_yet_makes_the_recovery_wait_not_give_up(cluster, monkeypatch):
+    """An agent away past its lease comes back with its slices UNKNOWN until its report: the recovery marks
+    the connection RECOVERING, says it waits for the slices, revokes nothing, and finishes once they are READY
+    (it used to treat them as released: the connection stayed READY with a dead endpoint)."""
+    from controlplane.api import meshrecovery
+    monkeypatch.setattr(meshrecovery, "RETRY_S", 0.05)
+    c = cluster(transport="tcp")
+    payload = os.urandom(1024)
+
+    async def scenario():
+        for n in ("n1", "n2"):
+            c.start_agent(n)
+            await c.open_session(n)
+        conn = await c.connect()
+        with _open(conn, "a") as pa:
+            pa.write(0, payload)
+        c.kill_agent("n1")
+        c.slices["s-a"].state = types_pb2.SLICE_STATE_UNKNOWN      # the node was marked lost
+        c.start_agent("n1")
+        await c.open_session("n1")
+        while "waiting for its slices" not in c.etcd.connection(conn.id).message:
+            await asyncio.sleep(0.01)
+        waiting = c.etcd.connection(conn.id)
+        assert conn.a.buffer_id in c.agents["n1"].records.load()        # nothing revoked meanwhile
+        c.slices["s-a"].state = types_pb2.SLICE_STATE_READY        # the node's report
+        return conn, waiting, await c.settle(conn.id)
+
+    conn, waiting, after = run(scenario())
+    assert waiting.state == RECOVERING
+    assert after.state == READY and after.secret == conn.secret
+    with _open(after, "a") as pa:
+        assert pa.read(0, 1024) == payload
