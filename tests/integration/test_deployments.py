@@ -193,11 +193,11 @@ def test_weights_swapped_after_registration_are_refused_by_the_agent(cluster, me
     try:
         mesh.deploy("swapped", replicas=1)
 
-        def crashloop():
+        def crashloop():    # (the first write of the condition can precede the failure's record: "keeps crashing")
             d = mesh.get_deployment("swapped")
             c = {c.type: c for c in d.status.conditions}.get("CrashLoop")
-            return c if c is not None and c.status else None
-        c = wait_for(crashloop, SLOW, "the CrashLoop condition", interval=0.5)
+            return c if c is not None and c.status and "crashed" in c.message else None
+        c = wait_for(crashloop, SLOW, "the CrashLoop condition with the replica's last failure", interval=0.5)
         # the launcher's line, from the replica's log: the server never started on those weights
         assert "weights are not the registered ones" in c.message and pinned[:16] in c.message, c.message
         assert mesh.get_deployment("swapped").status.ready_replicas == 0
