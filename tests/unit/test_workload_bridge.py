@@ -294,3 +294,35 @@ def test_concurrent_attaches_of_two_agents_of_one_process_get_two_addresses(tmp_
             p.kill()
             p.wait()
         isos[0].bridge.remove()
+
+
+@pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "-")
+def test_an_agent_whose_bridge_network_a_device_of_the_host_has_does_not_start(tmp_path):
+    """M3 at agent start: `mesh-agent` exits with a configuration error naming the option, the prefix and
+    the device (a device made here, with an address of that network, stands for a real network of the host)."""
+    from tools.localhosts import write_host_files
+    net = _net()
+    dev = f"gmt{os.getpid() % 100000}"
+    (tmp_path / "hosts").mkdir()
+    hosts = write_host_files([{"node": "n1", "gpus": [{"model": "H100-80GB", "count": 1}]}], tmp_path / "hosts")
+    subprocess.run(["ip", "link", "add", dev, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{net}.7/24", "dev", dev], check=True)
+        argv = [sys.executable, "-m", "nodeagent.main", "--gpu-backend", "sim", "--sim-host-file", str(hosts["n1"]),
+                "--state-dir", str(tmp_path / "agent"), "--insecure", "--control-plane", "127.0.0.1:9",
+                "--metrics-listen", "", "--workload-bridge-cidr", f"{net}.0/24"]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        try:
+            _, err = p.communicate(timeout=240)      # it exits at once; still running by then: it started
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            pytest.fail(f"the agent started with a bridge network a device of the host has: {err[-2000:]}")
+        assert p.returncode == 2, err[-2000:]
+        assert (f"configuration error: workload_bridge_cidr: {net}.0/24 overlaps {net}.0/24 on device {dev}"
+                in err), err[-2000:]
+    finally:
+        subprocess.run(["ip", "link", "del", dev], capture_output=True)
+        from nodeagent.isolation import egress
+        egress.remove(str(tmp_path / "agent"))
