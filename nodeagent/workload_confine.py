@@ -46,11 +46,16 @@ def hand_over_secret(env: dict, plan) -> None:
 def plug_network(bridge, pid: int, timeout: float = 30.0) -> str:
     """An isolated workload (gpumesh.io/network=isolated): once its init (`pid`) is in its own network
     namespace, its veth pair and bridge address (`bridge`: nodeagent/isolation/bridge.py); its init waits
-    for them. The address."""
+    for them. The namespace is pinned once, as a descriptor that must name the namespace seen here (not the
+    host's), and every step uses it: a pid reused since cannot receive the pair. The address."""
     host_ns = os.readlink("/proc/self/ns/net")
     deadline = time.monotonic() + timeout
-    while os.readlink(f"/proc/{pid}/ns/net") == host_ns:
+    while (seen := os.readlink(f"/proc/{pid}/ns/net")) == host_ns:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the workload's init did not make its network namespace within {timeout:g} s")
         time.sleep(0.005)
-    return bridge.attach(pid)
+    fd = bridge.pin(pid, expect=seen)
+    try:
+        return bridge.attach(pid, ns_fd=fd)
+    finally:
+        os.close(fd)

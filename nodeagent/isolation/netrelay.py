@@ -16,7 +16,8 @@ the workload's own directory (its /tmp inside):
 
 The bytes relayed are the transfer protocol's own: authenticated and sealed with the session's secret
 (mesh/checkpoint/transfer_auth.py); a relay adds no trust. Each relay is threads (an accept loop, two
-pumps per connection) and ends with `stop()`.
+pumps per connection) and ends with `stop()`, which also unlinks an outbound relay's socket (through the
+agent's directory's descriptor, never a path the tenant could redirect).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Relay:
     def __init__(self, listener: socket.socket, dial: Callable[[], socket.socket], address: str, name: str) -> None:
         self.listener, self._dial, self.address, self.name = listener, dial, address, name
         self.host_path = ""
+        self.on_stop: Callable[[], None] | None = None     # outbound: unlinks its socket
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -109,6 +111,9 @@ class Relay:
             except OSError:
                 pass
             s.close()
+        if self.on_stop is not None:
+            self.on_stop()
+            self.on_stop = None
 
 
 def _split(hostport: str) -> tuple[str, int]:
@@ -137,6 +142,25 @@ def _relay_dir(workdir: str) -> int:
     return dfd
 
 
+def _unlink_socket(workdir: str, name: str) -> None:
+    """Remove the relay's socket `name` from `<workdir>/.gpumesh-relay`, reached by descriptors without
+    following a link, and only while that directory is still the agent's."""
+    try:
+        wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            dfd = os.open(RELAY_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=wfd)
+        finally:
+            os.close(wfd)
+        try:
+            st = os.fstat(dfd)
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:          # the workload's directory already gone with it: nothing left to remove
+        log(logger, logging.DEBUG, "transfer relay: socket not removed", workdir=workdir, name=name, error=str(e))
+
+
 def outbound(workdir: str, uid: int, gid: int, target: str) -> Relay:
     """A Unix socket in the workload's directory that leads to `target` (HOST:PORT); `.address` is its
     name inside the workload (`unix:/tmp/.gpumesh-relay/<name>.sock`)."""
@@ -150,6 +174,7 @@ def outbound(workdir: str, uid: int, gid: int, target: str) -> Relay:
         sock.listen(16)
     except OSError:
         sock.close()
+        _unlink_socket(workdir, name)
         raise
     finally:
         os.close(dfd)
@@ -157,6 +182,7 @@ def outbound(workdir: str, uid: int, gid: int, target: str) -> Relay:
     relay = Relay(sock, lambda: socket.create_connection((host, port), timeout=30),
                   f"unix:{INSIDE_RELAY_DIR}/{name}", f"out-{name}")
     relay.host_path = os.path.join(workdir, RELAY_DIR, name)      # the same socket, as the host sees it
+    relay.on_stop = lambda: _unlink_socket(workdir, name)
     return relay.start()
 
 

@@ -71,8 +71,10 @@ def isolator_for(agent, cfg, host: IsolationHost, scope: str) -> Isolator:
     else:
         devices = NvidiaDevices()
     iso = Isolator(host.settings, host.features, host.users, driver, devices, node=agent.node, scope=scope)
-    from nodeagent.isolation.bridge import WorkloadBridge
-    iso.bridge = WorkloadBridge(cfg.state_dir, host.settings.bridge_cidr)     # made at the first isolated workload
+    from nodeagent.isolation import bridge
+    iso.bridge = bridge.shared(cfg.state_dir, host.settings.bridge_cidr)     # made at the first isolated workload
+    if not iso.bridge.problem():
+        iso.bridge.check_overlap()        # CidrOverlapError (a ConfigError): the agent does not start
     agent.isolator = iso
     agent.labels.update(inventory_labels(host))
     agent.desired_hooks.append(lambda d: iso.forget_slices({s.id for s in d.upserts}, full=d.full,
@@ -108,6 +110,8 @@ def egress_guard(cfg, host: IsolationHost) -> str:
         log(logger, logging.WARNING, "workloads' egress guard not installed: they can reach every port of this "
                                      "host", reason=str(e))
         return "unguarded"
+    from nodeagent.isolation.nftkeeper import KEEPER
+    KEEPER.watch(table, lambda: egress.ruleset(table, uids, endpoints))     # applied again when it goes
     log(logger, logging.INFO, "workloads' egress guard installed", table=table,
         denied=",".join(f"{e.address}:{e.port_text()}" for e in endpoints))
     return "guarded"

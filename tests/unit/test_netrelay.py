@@ -149,3 +149,28 @@ def test_the_bench_measures_the_transfer_stream_through_the_relay():
     from tools.meshctl.bench_migrate import _link_speed
     mb_per_s, seconds = _link_speed(16 << 20, relay=True)
     assert mb_per_s > 0 and seconds > 0
+
+
+@root_only
+def test_a_stopped_outbound_relay_leaves_no_socket_behind(workdir):
+    """L3: each checkpoint or migration made a relay; its socket used to stay in `.gpumesh-relay`."""
+    relays = [netrelay.outbound(str(workdir), UID, UID, "127.0.0.1:9") for _ in range(3)]
+    assert len(os.listdir(workdir / ".gpumesh-relay")) == 3
+    for r in relays:
+        r.stop()
+    assert os.listdir(workdir / ".gpumesh-relay") == []
+
+
+@root_only
+def test_stopping_a_relay_never_follows_a_path_the_tenant_swapped(workdir, tmp_path):
+    """The tenant may rename its directory's relay directory away and put a link to another directory in its
+    place: the stop then removes nothing there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    relay = netrelay.outbound(str(workdir), UID, UID, "127.0.0.1:9")
+    name = os.path.basename(relay.address)
+    (elsewhere / name).write_text("not the relay's")
+    os.rename(workdir / ".gpumesh-relay", workdir / "moved")
+    os.symlink(elsewhere, workdir / ".gpumesh-relay")
+    relay.stop()
+    assert (elsewhere / name).read_text() == "not the relay's"

@@ -1,0 +1,55 @@
+"""The agent keeps its nftables tables (nodeagent/isolation/nftkeeper.py): the workloads' egress guard,
+taken away by an nftables reload (`flush ruleset`) or by hand, is applied again by the agent process's keeper
+without anything else happening, with a WARNING; the isolated workloads' bridge table is tested in
+test_workload_bridge.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from nodeagent.isolation import egress
+from nodeagent.isolation.nftkeeper import KEEPER
+from nodeagent.isolation.setup import egress_guard
+from nodeagent.isolation.users import TenantUsers
+
+
+def _unavailable() -> str:
+    if os.geteuid() != 0:
+        return "nftables needs root"
+    return "" if shutil.which("nft") else "nft not installed"
+
+
+def _table(table: str) -> str | None:
+    p = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True)
+    return p.stdout if p.returncode == 0 else None
+
+
+@pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "-")
+def test_the_egress_guard_is_applied_again_after_it_was_deleted(tmp_path, caplog):
+    from prometheus_client import REGISTRY
+    cfg = SimpleNamespace(workload_egress_deny="local:2379,10.9.0.0/16:80", metrics_listen="", state_dir=str(tmp_path))
+    host = SimpleNamespace(users=TenantUsers((300000, 300100), {}, str(tmp_path / "ids.json")))
+    table = egress.table_name(str(tmp_path))
+    caplog.set_level("WARNING")
+    try:
+        assert egress_guard(cfg, host) == "guarded"
+        applied = _table(table)
+        assert applied and "dport 2379" in applied
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)      # as `flush ruleset` does
+        deadline = time.monotonic() + 180       # the keeper's timer (CHECK_INTERVAL_S), however slow the host
+        while _table(table) is None:
+            assert time.monotonic() < deadline, "the egress guard was not applied again"
+            time.sleep(0.1)
+        assert _table(table) == applied
+        assert any(r.levelname == "WARNING" and "applied again" in r.getMessage()
+                   and r.fields.get("table") == table for r in caplog.records)
+        assert REGISTRY.get_sample_value("gpumesh_agent_firewall_reapplied_total", {"table": table}) == 1
+    finally:
+        KEEPER.forget(table)
+        egress.remove(str(tmp_path))
