@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 
 PRIVATE_UMASK = 0o077
 PASSAGE = 0o711         # others may traverse, not list
@@ -87,3 +88,24 @@ def others_may_read(path: str | os.PathLike[str]) -> bool:
         return False
     bits = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)
     return bool(st.st_mode & bits)
+
+
+def replace_private(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> None:
+    """Write `text` to `path` all at once (0600): a temporary file in the same directory renamed over it,
+    so a reader (or a crash) sees the old content or the new, never a part; the temporary file is removed
+    on failure. `fsync`: the bytes reach the disk before the rename."""
+    directory, name = os.path.split(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}-", suffix=".tmp")   # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -28,13 +28,14 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from mesh.fsmodes import replace_private
 
 API_VERSION = "gpumesh/v1"
 KIND = "Config"
@@ -247,19 +248,7 @@ def save(cfg: MeshConfig) -> Path:
     target = Path(os.path.realpath(cfg.path))
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     text = yaml.safe_dump(cfg.to_doc(), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_private(target, text, fsync=True)
     if cfg.legacy is not None:
         try:
             cfg.legacy.unlink()

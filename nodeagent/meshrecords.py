@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 
+from mesh.fsmodes import replace_private
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -40,17 +40,7 @@ class BufferRecords:
 
     def save(self, record: dict) -> None:
         rec = {k: t(record[k]) for k, t in FIELDS.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".rec-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(rec, f)
-            os.replace(tmp, self._path(rec["buffer_id"]))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        replace_private(self._path(rec["buffer_id"]), json.dumps(rec))
 
     def drop(self, buffer_id: str) -> None:
         try:
