@@ -20,6 +20,9 @@ What is retried:
   `MeshSendUnconfirmed` instead of sending it twice; the next operation waits for the recovery as usual.
 * Posted operations (`current.post_write` / `post_read` / `flush`) are not retried.
 
+For verbs the queue pairs die with either agent and only a recovery makes new ones: the buffer waits for a READY
+record with new descriptors (a `QueuePairError` waits too), not merely for READY.
+
 The wrapper gives up with a `mesh.errors.MeshConnectionLost` naming the connection: `MeshConnectionFailed`
 (the connection turned FAILED; its message says why), `MeshConnectionClosed` (disconnected: NOT_FOUND),
 `MeshRecoveryTimeout` (not usable again within `recover_timeout` seconds). Errors that say nothing about
@@ -153,9 +156,16 @@ class ReconnectingConnection:
             return True
         if not isinstance(e, MAYBE_RECOVERING):
             return False
-        now = self._fetch("check", e)
+        try:
+            now = self._fetch("check", e)
+        except errors.MeshConnectionClosed:
+            raise
+        except errors.MeshError:           # the control plane is away: wait for it (and the recovery) as usual
+            return True
         self._give_up_if_over(now, "check", e)
-        return now.state != READY or (now.a, now.b) != (self.connection.a, self.connection.b)
+        if isinstance(e, QueuePairError) and self._rdma:
+            return True                    # only a recovery (new queue pairs) makes it usable again
+        return now.state != READY or self._changed(now)
 
     def _fetch(self, op: str, cause: BaseException) -> M.MeshConnection:
         try:
@@ -187,7 +197,9 @@ class ReconnectingConnection:
                 if now is not None:
                     self._give_up_if_over(now, op, last)
                     state = _state_name(now.state)
-                    if now.state == READY:
+                    if now.state == READY and self._rdma and not self._changed(now):
+                        state += " with the queue pairs that failed"     # the peer's agent is not back yet
+                    elif now.state == READY:
                         try:
                             conn = self._open(now)
                         except (PeerGone, *MAYBE_RECOVERING) as e:    # not up yet (its agent, its new keys)
@@ -207,6 +219,15 @@ class ReconnectingConnection:
                 delay = min(delay * 2, MAX_DELAY_S)
         finally:
             self.waiting_since = None
+
+    @property
+    def _rdma(self) -> bool:
+        # A queue pair that failed (its peer's agent died) is replaced only by a recovery, which makes new ones on
+        # both sides: a READY record with the old descriptors is the state before the control plane noticed.
+        return self.connection.transport == "verbs"
+
+    def _changed(self, now: M.MeshConnection) -> bool:
+        return (now.a, now.b) != (self.connection.a, self.connection.b)
 
     def _open(self, conn: M.MeshConnection):
         return self._open_fn(conn, self.side, conn.secret or self._secret)

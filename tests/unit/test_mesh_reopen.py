@@ -203,3 +203,34 @@ def test_mesh_open_reconnect_checks_its_arguments():
         ReconnectingConnection(conn, "a", get=lambda cid: conn, recover_timeout=0)
     with pytest.raises(ValueError, match="side"):
         ReconnectingConnection(conn, "c", get=lambda cid: conn)
+
+
+def test_a_verbs_buffer_waits_for_new_queue_pairs_when_its_peers_agent_restarts(cluster):
+    """RDMA through the caller's own agent (the pyverbs stand-in): the peer's agent dies, its QP with it, the
+    caller's QP goes to the error state; the buffer waits for the recovery's new queue pairs (the record stays
+    READY with the dead ones until the restarted agent is back) and reads by RDMA again."""
+    from tests.unit import fakeverbs
+    v = fakeverbs.make()
+    c = cluster(transport="verbs", verbs=v)
+    payload = os.urandom(1 << 14)
+
+    async def scenario():
+        conn = await started(c)
+        buf = ReconnectingConnection(conn, "b", get=getter(c), recover_timeout=120)
+        assert type(buf.current).__name__ == "RdmaConnection"
+        await asyncio.to_thread(buf.write, 0, payload)
+        c.kill_agent("n2")
+        reading = asyncio.ensure_future(asyncio.to_thread(buf.read, 0, 1 << 14))
+        await until_waiting(buf, reading)
+        assert not reading.done()
+        after = await restart(c, "n2", conn.id)
+        got = await reading
+        await asyncio.to_thread(buf.write, 100, b"by RDMA again")
+        return conn, after, buf, got
+
+    conn, after, buf, got = run(scenario())
+    assert got == payload and buf.reopens == 1
+    assert after.b.qp_num != conn.b.qp_num and buf.connection.b.qp_num == after.b.qp_num
+    with MeshApi.mesh_open(after, side="b") as fresh:
+        assert fresh.read(100, 13) == b"by RDMA again"
+    buf.close()
