@@ -124,18 +124,26 @@ class ReconnectingConnection:
             try:
                 return fn(conn)
             except TransportError as e:
-                if not self._worth_recovering(e):
-                    raise
-                self._drop()
-                if unsure_if_cut and isinstance(e, PeerGone):
-                    raise errors.MeshSendUnconfirmed(
-                        f"{op} on mesh connection {self.id} (side {self.side}): the channel broke while the message "
-                        f"was on its way ({e}); it may or may not have been queued, so it is not sent again. The next "
-                        f"operation waits for the connection's recovery", connection_id=self.id,
-                        state="unknown") from e
-                cause = e
+                cause = self._failed(op, e, unsure_if_cut)
             self._conn = self._recover(op, cause)
-            return fn(self._conn)             # the one retry
+            try:
+                return fn(self._conn)         # the one retry
+            except TransportError as e:
+                self._failed(op, e, unsure_if_cut)     # the next operation reopens (it waits again if need be)
+                raise
+
+    def _failed(self, op: str, e: TransportError, unsure_if_cut: bool) -> TransportError:
+        """After a failed operation: raise it when it says nothing about a recovery (or the connection is gone),
+        drop the data-plane connection, raise MeshSendUnconfirmed for a send cut on its way; else `e`."""
+        if not self._worth_recovering(e):
+            raise e
+        self._drop()
+        if unsure_if_cut and isinstance(e, PeerGone):
+            raise errors.MeshSendUnconfirmed(
+                f"{op} on mesh connection {self.id} (side {self.side}): the channel broke while the message was on "
+                f"its way ({e}); it may or may not have been queued, so it is not sent again. The next operation "
+                f"waits for the connection's recovery", connection_id=self.id, state="unknown") from e
+        return e
 
     def _ensure(self, op: str):
         if self._closed:
