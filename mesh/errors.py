@@ -99,6 +99,46 @@ class Unauthenticated(MeshError):
     code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.UNAUTHENTICATED, init=False)
 
 
+
+@dataclass
+class MeshConnectionLost(MeshError):
+    """A reconnecting mesh buffer (`mesh_open(conn, side=..., reconnect=True)`, `mesh.reconnect`) cannot carry
+    on. `connection_id` names the connection; `state` is what it was when the buffer gave up."""
+
+    connection_id: str = ""
+    state: str = ""
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.UNAVAILABLE, init=False)
+
+
+@dataclass
+class MeshConnectionFailed(MeshConnectionLost):
+    """The connection turned FAILED (a buffer's memory is gone); `reason` is its message. Disconnect, connect
+    again."""
+
+    reason: str = ""
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.FAILED_PRECONDITION, init=False)
+
+
+@dataclass
+class MeshConnectionClosed(MeshConnectionLost):
+    """The connection was disconnected (or its slice released): Get answers NOT_FOUND."""
+
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.NOT_FOUND, init=False)
+
+
+@dataclass
+class MeshRecoveryTimeout(MeshConnectionLost):
+    """The connection was not usable again within the buffer's `recover_timeout`."""
+
+    code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.DEADLINE_EXCEEDED, init=False)
+
+
+@dataclass
+class MeshSendUnconfirmed(MeshConnectionLost):
+    """A two-sided send was cut by a broken channel: it may or may not have been queued, so it was not sent
+    again (a reconnecting buffer never duplicates a message). Decide at the application level."""
+
+
 BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,

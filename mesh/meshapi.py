@@ -7,12 +7,16 @@
         peer.write(0, payload); assert peer.read(0, len(payload)) == payload
         mesh.mesh_disconnect(conn.id)
 
+    peer = mesh.mesh_open(conn, side="b", reconnect=True)  # rides through an agent restart (mesh.reconnect)
+
 Mixed into `mesh.client.MeshClient`; errors are the typed `mesh.errors` ones
 (PERMISSION_DENIED across tenants without a grant, NOT_FOUND, FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 from gpumesh.v1 import mesh_service_pb2 as M
@@ -22,6 +26,20 @@ from gpumesh.v1 import mesh_service_pb2_grpc
 def _converting(fn):
     from mesh.client import _converting as conv
     return conv(fn)
+
+
+class _client_optional:
+    """A method that works on a client (`client.mesh_open(...)`) and on the class without one
+    (`MeshApi.mesh_open(descriptor, ...)`: `self` is None)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return functools.update_wrapper(functools.partial(self.fn, None), self.fn)
+        return types.MethodType(self.fn, obj)
 
 
 class MeshApi:
@@ -60,27 +78,52 @@ class MeshApi:
     def mesh_grants(self) -> list[M.MeshGrant]:
         return list(_converting(self._meshsvc.ListGrants)(M.ListMeshGrantsRequest(), timeout=self.timeout).grants)
 
-    @staticmethod
-    def mesh_open(target, fallback: bool = True, *, side: str = "", secret: bytes = b"", local=None):
+    @_client_optional
+    def mesh_open(self, target, fallback: bool = True, *, side: str = "", secret: bytes = b"", local=None,
+                  reconnect: bool = False, recover_timeout: float = 60.0):
         """A data-plane connection (`mesh.transport.base.Connection`).
 
         `target` is a MeshConnection and `side` "a" or "b" (the buffer to open; the other side is the
         caller's own, through which a verbs peer is reached by RDMA; the connection's secret is used),
         or a buffer descriptor (proto or dataclass) with the connection's `secret` and, for a verbs
-        peer, `local` (the caller's own descriptor)."""
-        from mesh.transport import connect
-        from mesh.transport.base import BufferDescriptor
-        if isinstance(target, M.MeshConnection):
+        peer, `local` (the caller's own descriptor).
+
+        `reconnect=True` (a MeshConnection and a client: `mesh.mesh_open(conn, side="b", reconnect=True)`):
+        a `mesh.reconnect.ReconnectingConnection` that rides through a recovery of the connection (an agent
+        restart): on PeerGone it waits, polling `mesh_get`, up to `recover_timeout` seconds for the connection
+        to be READY again, reopens it with the new descriptors and retries the operation once (a send only
+        when it cannot have been delivered; see the module). Also callable on the class (no client) for
+        `reconnect=False`."""
+        if reconnect:
+            if not isinstance(target, M.MeshConnection):
+                raise ValueError("target: reconnect=True needs the MeshConnection (from mesh_connect or mesh_get), "
+                                 "not a bare descriptor: the connection is fetched again by its id")
+            if self is None:
+                raise ValueError("reconnect=True needs a client to fetch the connection (client.mesh_open(...)), "
+                                 "or use mesh.reconnect.ReconnectingConnection(conn, side, get=...)")
+            from mesh.reconnect import ReconnectingConnection
             if side not in ("a", "b"):
                 raise ValueError(f"side: {side!r} is not 'a' or 'b' (the buffer of the connection to open)")
-            secret = secret or target.secret
-            local = target.b if side == "a" else target.a
-            target = target.a if side == "a" else target.b
-        if not isinstance(target, BufferDescriptor):
-            target = BufferDescriptor.from_proto(target)
-        if local is not None and not isinstance(local, BufferDescriptor):
-            local = BufferDescriptor.from_proto(local)
-        return connect(target, fallback=fallback, secret=secret, local=local)
+            return ReconnectingConnection(target, side, get=self.mesh_get, recover_timeout=recover_timeout,
+                                          open=lambda c, s, sec: open_connection(c, fallback, side=s, secret=sec))
+        return open_connection(target, fallback, side=side, secret=secret, local=local)
+
+
+def open_connection(target, fallback: bool = True, *, side: str = "", secret: bytes = b"", local=None):
+    """What `mesh_open` does without `reconnect` (see there)."""
+    from mesh.transport import connect
+    from mesh.transport.base import BufferDescriptor
+    if isinstance(target, M.MeshConnection):
+        if side not in ("a", "b"):
+            raise ValueError(f"side: {side!r} is not 'a' or 'b' (the buffer of the connection to open)")
+        secret = secret or target.secret
+        local = target.b if side == "a" else target.a
+        target = target.a if side == "a" else target.b
+    if not isinstance(target, BufferDescriptor):
+        target = BufferDescriptor.from_proto(target)
+    if local is not None and not isinstance(local, BufferDescriptor):
+        local = BufferDescriptor.from_proto(local)
+    return connect(target, fallback=fallback, secret=secret, local=local)
 
 
 def connection_state_name(value: int) -> str:

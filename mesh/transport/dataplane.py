@@ -276,6 +276,10 @@ class TcpDataPlane:
     def close(self) -> None:
         self._closing = True
         try:
+            self._lsock.shutdown(socket.SHUT_RDWR)    # wakes a blocked accept(): close alone leaves it accepting one
+        except OSError:
+            pass
+        try:
             self._lsock.close()
         except OSError:
             pass

@@ -99,6 +99,45 @@ def test_tcp_connection_carries_bytes_again_after_its_agent_is_killed(cluster, m
     assert [c.id for c in mesh.mesh_list()] == [conn.id]
 
 
+
+def test_a_reconnecting_buffer_rides_through_its_agents_restart(cluster, mesh):
+    """The SDK path (mesh_open(..., reconnect=True)): the same open buffer carries on after its agent was
+    killed and started again; nobody calls mesh_get or mesh_open by hand."""
+    import threading
+    a, b = slice_on(mesh, "mr-a"), slice_on(mesh, "mr-b")
+    conn = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)
+    assert conn.transport == "tcp"
+    payload = os.urandom(1 << 20)
+    with mesh.mesh_open(conn, side="a", reconnect=True, recover_timeout=300) as pa:
+        pa.write(0, payload)
+        cluster.kill_agent("mr-a")
+        got: dict = {}
+
+        def read() -> None:
+            try:
+                got["bytes"] = pa.read(0, 1 << 20)
+            except BaseException as e:      # handed to the test's thread below
+                got["error"] = e
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: pa.waiting_since is not None or got, 60, "the read to wait for the connection's recovery")
+        assert not got, got                 # it waits instead of raising PeerGone
+        cluster.start_agent("mr-a")
+        cluster.wait_ready(nodes=["mr-a"], timeout=60)
+        reader.join(timeout=300)
+        assert not reader.is_alive() and "error" not in got, got
+        assert got["bytes"] == payload      # the bytes written before the kill, through the same object
+        assert pa.reopens == 1
+        after = mesh.mesh_get(conn.id)
+        assert after.id == conn.id and after.secret == conn.secret and after.state == READY
+        assert pa.connection.a.endpoint == after.a.endpoint != conn.a.endpoint
+        pa.write(10, b"after the restart")
+        pa.send(b"hello a")
+        assert pa.recv(timeout=5) == b"hello a" and pa.recv(timeout=0) is None
+    with mesh.mesh_open(after, side="a") as fresh:
+        assert fresh.read(10, 17) == b"after the restart"
+
+
 def test_shm_mapping_survives_and_the_connection_recovers_across_a_control_plane_restart(cluster, mesh):
     a, b = slice_on(mesh, "mr-b"), slice_on(mesh, "mr-b")
     conn = mesh.mesh_connect(a.id, b.id, size_bytes=64 << 10)
