@@ -58,8 +58,9 @@ class MeshApi:
         return _converting(self._meshsvc.Connect)(M.MeshConnectRequest(
             slice_a=slice_a, slice_b=slice_b, size_bytes=size_bytes, transport=transport), timeout=self.timeout)
 
-    def mesh_get(self, id: str) -> M.MeshConnection:
-        return _converting(self._meshsvc.Get)(M.GetMeshConnectionRequest(id=id), timeout=self.timeout)
+    def mesh_get(self, id: str, timeout: float | None = None) -> M.MeshConnection:
+        return _converting(self._meshsvc.Get)(M.GetMeshConnectionRequest(id=id),
+                                              timeout=self.timeout if timeout is None else timeout)
 
     def mesh_list(self, tenant: str = "", slice_id: str = "") -> list[M.MeshConnection]:
         resp = _converting(self._meshsvc.List)(M.ListMeshConnectionsRequest(tenant=tenant, slice_id=slice_id),
@@ -104,7 +105,10 @@ class MeshApi:
             from mesh.reconnect import ReconnectingConnection
             if side not in ("a", "b"):
                 raise ValueError(f"side: {side!r} is not 'a' or 'b' (the buffer of the connection to open)")
-            return ReconnectingConnection(target, side, get=self.mesh_get, recover_timeout=recover_timeout,
+            # each poll's own deadline within the wait's (the client's timeout could be longer)
+            poll = min(self.timeout, recover_timeout) if self.timeout else recover_timeout
+            return ReconnectingConnection(target, side, get=lambda cid: self.mesh_get(cid, timeout=poll),
+                                          recover_timeout=recover_timeout, secret=secret,
                                           open=lambda c, s, sec: open_connection(c, fallback, side=s, secret=sec))
         return open_connection(target, fallback, side=side, secret=secret, local=local)
 

@@ -199,7 +199,8 @@ def _parse_context(entry: object, where: str, path: Path) -> Context:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ConfigFileError(path, f"{where}.{key}", f"must be a string (got {type(value).__name__} {value!r})")
+            shown = "" if key == "token" else f" {value!r}"          # a token is never echoed
+            raise ConfigFileError(path, f"{where}.{key}", f"must be a string (got {type(value).__name__}{shown})")
         values[attr] = value
     ctx = Context(name=name, **values)
     for fld, message in ctx.problems():

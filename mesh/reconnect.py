@@ -43,6 +43,9 @@ READY, FAILED = M.MESH_CONNECTION_STATE_READY, M.MESH_CONNECTION_STATE_FAILED
 # Answers of a data plane that may mean "this connection is being (or was) recovered": checked with `get`.
 MAYBE_RECOVERING = (Revoked, NotAuthorized, InvalidKey, QueuePairError)
 FIRST_DELAY_S, MAX_DELAY_S = 0.05, 2.0
+# What `get` may answer while the control plane itself is away (restarting, failing over): keep polling. Any
+# other error (a permission withdrawn, a token expired) is the caller's to see at once.
+AWAY = (errors.Unavailable, errors.DeadlineExceeded)
 
 
 def _state_name(value: int) -> str:
@@ -61,7 +64,7 @@ class ReconnectingConnection:
 
     def __init__(self, conn: M.MeshConnection, side: str, *, get: Callable[[str], M.MeshConnection],
                  open: Callable[[M.MeshConnection, str, bytes], Any] | None = None, recover_timeout: float = 60.0,
-                 fallback: bool = True, sleep: Callable[[float], None] = time.sleep,
+                 fallback: bool = True, secret: bytes = b"", sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if side not in ("a", "b"):
             raise ValueError(f"side: {side!r} is not 'a' or 'b' (the buffer of the connection to open)")
@@ -73,7 +76,8 @@ class ReconnectingConnection:
         self.connection = conn
         self.reopens = 0
         self.waiting_since: float | None = None
-        self._secret = conn.secret        # Get may return it empty to a caller who does not need it; it never changes
+        # the caller's secret, else the record's (Get returns it empty to a caller who does not need it); it never changes
+        self._secret = secret or conn.secret
         self._get, self._sleep, self._clock = get, sleep, clock
         self._open_fn = open or (lambda c, s, secret: _default_open(c, s, secret, fallback))
         self._lock = threading.RLock()
@@ -106,8 +110,8 @@ class ReconnectingConnection:
         return self._run("send", lambda c: c.send(data), unsure_if_cut=True)
 
     def close(self) -> None:
+        self._closed = True               # first, without the lock: a wait for a recovery in another thread ends
         with self._lock:
-            self._closed = True
             self._drop()
 
     def __enter__(self) -> "ReconnectingConnection":
@@ -138,7 +142,7 @@ class ReconnectingConnection:
         if not self._worth_recovering(e):
             raise e
         self._drop()
-        if unsure_if_cut and isinstance(e, PeerGone):
+        if unsure_if_cut and isinstance(e, PeerGone) and e.op != "connect":     # (a channel not opened: nothing left)
             raise errors.MeshSendUnconfirmed(
                 f"{op} on mesh connection {self.id} (side {self.side}): the channel broke while the message was on "
                 f"its way ({e}); it may or may not have been queued, so it is not sent again. The next operation "
@@ -168,7 +172,7 @@ class ReconnectingConnection:
             now = self._fetch("check", e)
         except errors.MeshConnectionClosed:
             raise
-        except errors.MeshError:           # the control plane is away: wait for it (and the recovery) as usual
+        except AWAY:                       # the control plane is away: wait for it (and the recovery) as usual
             return True
         self._give_up_if_over(now, "check", e)
         if isinstance(e, QueuePairError) and self._rdma:
@@ -196,11 +200,14 @@ class ReconnectingConnection:
         deadline, delay, last, state = start + self.recover_timeout, FIRST_DELAY_S, cause, "?"
         try:
             while True:
+                if self._closed:
+                    raise TransportError(f"{op} on mesh connection {self.id} (side {self.side}): closed while "
+                                         f"waiting for its recovery", op=op)
                 try:
                     now = self._fetch(op, last)
                 except errors.MeshConnectionClosed:
                     raise
-                except errors.MeshError as e:         # the control plane is away (restarting): keep polling
+                except AWAY as e:                     # the control plane is away (restarting): keep polling
                     last, now = e, None
                 if now is not None:
                     self._give_up_if_over(now, op, last)

@@ -255,13 +255,12 @@ def test_torch_distributed_rendezvous_on_its_own_loopback(mesh, slices):
 
 SERVE = r"""
 import socket, sys, threading, time
-def serve(who):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 8000)); s.listen(16)
+def serve(s, who):
     while True:
         c, _ = s.accept(); c.sendall(who.encode()); c.close()
-threading.Thread(target=serve, args=(WHO,), daemon=True).start()
-time.sleep(0.2)
+listening = socket.socket(); listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listening.bind(("0.0.0.0", 8000)); listening.listen(16)      # listening before SERVING is printed
+threading.Thread(target=serve, args=(listening, WHO), daemon=True).start()
 """
 
 

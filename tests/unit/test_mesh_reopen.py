@@ -234,3 +234,34 @@ def test_a_verbs_buffer_waits_for_new_queue_pairs_when_its_peers_agent_restarts(
     with MeshApi.mesh_open(after, side="b") as fresh:
         assert fresh.read(100, 13) == b"by RDMA again"
     buf.close()
+
+
+def test_the_callers_secret_is_used_when_the_record_has_none_and_a_denial_is_not_waited_for():
+    """A caller given the secret out of band (Get answers it empty to those who need not see it) opens with
+    it; while waiting, an answer of the control plane other than "away" (a permission withdrawn) is raised at
+    once instead of being polled until the timeout."""
+    opened = []
+    conn = M.MeshConnection(id="m-1", state=READY)           # as Get answers a non-owner: no secret
+
+    def open_(c, side, secret):
+        opened.append(secret)
+        if len(opened) == 1:
+            raise PeerGone("the agent is gone", op="connect")
+        return object()
+
+    def denied(cid):
+        raise errors.PermissionDenied("the grant was withdrawn")
+
+    with pytest.raises(errors.PermissionDenied):
+        ReconnectingConnection(conn, "a", get=denied, open=open_, secret=b"s" * 32, recover_timeout=600)
+    assert opened == [b"s" * 32]
+
+    opened.clear()                                            # the next open fails once again
+
+    def away_then_ready(cid, answers=[errors.Unavailable("restarting")]):   # noqa: B006 - one shared list
+        if answers:
+            raise answers.pop()
+        return conn
+    buf = ReconnectingConnection(conn, "a", get=away_then_ready, open=open_, secret=b"s" * 32,
+                                 sleep=lambda s: None)
+    assert buf.reopens == 1 and opened[-1] == b"s" * 32

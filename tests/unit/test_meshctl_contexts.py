@@ -203,6 +203,19 @@ def test_set_context_without_name_keeps_the_old_single_context_usage(capsys):
     assert resolve_endpoint(None) == "cp2.example:50051"
 
 
+def test_set_context_without_name_works_on_the_chosen_context(capsys, monkeypatch):
+    """`--context` / $MESH_CONTEXT choose the context set-context without NAME changes, as every command's."""
+    run(capsys, "config", "set-context", "local", "--endpoint", "127.0.0.1:1")
+    run(capsys, "config", "set-context", "prod", "--endpoint", "prod:1")
+    monkeypatch.setenv("MESH_CONTEXT", "prod")
+    code, out, _ = run(capsys, "config", "set-context", "--endpoint", "prod:2")
+    assert code == 0 and out == 'Context "prod" modified.\n'
+    monkeypatch.delenv("MESH_CONTEXT")
+    run(capsys, "--context", "prod", "config", "set-context", "--endpoint", "prod:3")
+    cfg = meshconfig.load()
+    assert cfg.contexts["prod"].endpoint == "prod:3" and cfg.contexts["local"].endpoint == "127.0.0.1:1"
+
+
 def test_the_first_context_becomes_current_later_ones_do_not(capsys):
     run(capsys, "config", "set-context", "a", "--endpoint", "a:1")
     run(capsys, "config", "set-context", "b", "--endpoint", "b:1")
@@ -298,3 +311,11 @@ def test_every_config_command_has_help_with_examples(capsys):
             main(["config", cmd, "--help"])
         assert exit_.value.code == 0
         assert "example" in capsys.readouterr().out
+
+
+def test_up_refuses_to_take_over_a_remote_context_before_starting_anything(capsys, tmp_path):
+    run(capsys, "config", "set-context", "prod", "--endpoint", "prod.example:50051", "--token", "t")
+    code, _, err = run(capsys, "up", "--context-name", "prod", "--state-dir", str(tmp_path / "cluster"))
+    assert code != 0 and "context 'prod' exists and is not a local cluster's" in err, err
+    assert meshconfig.load().contexts["prod"].endpoint == "prod.example:50051"
+    assert not (tmp_path / "cluster" / "etcd").exists()                 # nothing was started

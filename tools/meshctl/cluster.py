@@ -178,6 +178,15 @@ def run_up(args: argparse.Namespace) -> int:
                                gateway=not getattr(args, "no_gateway", False))
     except (ClusterError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    from mesh import meshconfig
+    try:
+        existing = meshconfig.load().contexts.get(args.context_name)   # a broken file stops `up` before it starts
+    except meshconfig.ConfigFileError as exc:
+        raise CliError(str(exc)) from None
+    if existing is not None and not existing.state_dir:
+        raise CliError(f"context {args.context_name!r} exists and is not a local cluster's (endpoint "
+                       f"{existing.endpoint}): give `meshctl up` another --context-name, or delete it first "
+                       f"(meshctl config delete-context {args.context_name})")
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to meshctl stops the cluster like Ctrl-C
     from tools.meshctl.progress import for_args
     progress = for_args(args)                  # quiet with -o json|yaml (tools/meshctl/progress.py)
@@ -186,7 +195,11 @@ def run_up(args: argparse.Namespace) -> int:
             cluster.start(timeout=args.ready_timeout, progress=progress.step)
     except ClusterError as exc:
         raise CliError(str(exc)) from None
-    save_context(cluster.endpoint, cluster.state_dir, name=args.context_name)
+    try:
+        save_context(cluster.endpoint, cluster.state_dir, name=args.context_name)
+    except Exception as exc:                   # noqa: BLE001 - never leave a started cluster behind
+        cluster.stop()
+        raise CliError(f"the cluster was stopped: its context could not be saved: {exc}") from None
     progress.step(f"saved as the current context {args.context_name!r}")
     try:
         served, failed = None, False

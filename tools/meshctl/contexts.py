@@ -168,7 +168,9 @@ def run_set_context(args: argparse.Namespace) -> int:
         if args.current or not name:
             if args.current and name and name != cfg.current:
                 raise CliError(f"give NAME or --current, not both (the current context is {cfg.current or 'unset'!r})")
-            name = cfg.current or meshconfig.LEGACY_DEFAULT
+            from mesh.context import chosen_name
+            # the context this command works on: --context / $MESH_CONTEXT, else the file's current one
+            name = chosen_name(getattr(args, "mesh_context", None))[0] or cfg.current or meshconfig.LEGACY_DEFAULT
         _check(meshconfig.check_name, name)
         ctx = cfg.contexts.get(name)
         created = ctx is None
