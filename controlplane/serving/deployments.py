@@ -454,6 +454,12 @@ class DeploymentManager:
                 crashing = [r for r in replicas if r.restarts >= self.policy.crashloop_after]
                 if crashing:
                     message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
+                else:
+                    # the failure that makes it a crash loop is not recorded yet (its action runs next): the
+                    # condition (and its event) turn true once it is, with the replica's reason
+                    prev = old.get(ctype)
+                    status, reason, message = (prev.status, prev.reason, prev.message) if prev is not None \
+                        else (False, "", "")
             if ctype == "Draining":
                 reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
             if ctype == "Available" and not status:
