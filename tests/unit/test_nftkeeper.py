@@ -47,8 +47,14 @@ def test_the_egress_guard_is_applied_again_after_it_was_deleted(tmp_path, caplog
             assert time.monotonic() < deadline, "the egress guard was not applied again"
             time.sleep(0.1)
         assert _table(table) == applied
-        assert any(r.levelname == "WARNING" and "applied again" in r.getMessage()
-                   and r.fields.get("table") == table for r in caplog.records)
+        # the keeper logs and counts after it applied the table: wait for the line too
+        while not any(r.levelname == "WARNING" and "applied again" in r.getMessage()
+                      and r.fields.get("table") == table for r in caplog.records):
+            assert time.monotonic() < deadline, "no WARNING that the egress guard was applied again"
+            time.sleep(0.1)
+        while REGISTRY.get_sample_value("gpumesh_agent_firewall_reapplied_total", {"table": table}) != 1:
+            assert time.monotonic() < deadline, "the re-application was not counted"
+            time.sleep(0.1)
         assert REGISTRY.get_sample_value("gpumesh_agent_firewall_reapplied_total", {"table": table}) == 1
     finally:
         KEEPER.forget(table)
