@@ -15,19 +15,7 @@ from mesh import errors
 from mesh.meshapi import MeshApi
 from mesh.reconnect import ReconnectingConnection
 from mesh.transport.base import OutOfBounds, PeerGone
-from tests.unit.test_mesh_recovery import READY, Cluster, run
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(**kw) -> Cluster:
-        made.append(Cluster(tmp_path, **kw))
-        return made[-1]
-    yield make
-    for c in made:
-        c.close()
+from tests.unit._mesh_cluster import READY, Cluster, cluster, run  # noqa: F401 - fixture cluster
 
 
 def getter(c: Cluster):
