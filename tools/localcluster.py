@@ -12,7 +12,8 @@ benchmarks and the integration tests.
 Files under `state_dir`: controlplane/ (the control plane's --state-dir: port
 file, identity, the embedded etcd's data in controlplane/etcd/), hosts/ (one
 host file per node), agents/ (one state dir per agent process; simulated
-device state in agents/<agent>/sim/<node>.state.json), logs/ (one log per
+device state in agents/<agent>/sim/<node>.state.json), bridge-nets/ (each
+agent's network for isolated workloads, tools/localnets.py), logs/ (one log per
 process), cluster.json (endpoint and pids, read by `meshctl down`).
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 from mesh import fsmodes
 from mesh.procs import with_death_signal
 from tools.localhosts import agent_groups, default_agents_per_process, sim_hosts, write_host_files
+from tools.localnets import BridgeNets
 from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
                               read_state, signal_group, stop_detached, stop_pid)
 
@@ -276,8 +278,10 @@ class LocalCluster:
         argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
                  "--log-format", self.log_format, "--log-level", self.log_level,
                  "--workload-egress-deny", self.egress_deny(),
-                 # each agent its own bridge network for isolated workloads (agent_args may set another)
-                 "--workload-bridge-cidr", f"10.213.{list(self.groups).index(name) % 256}.0/24", *self.agent_args]
+                 # each agent its own bridge network for isolated workloads, free on this host (tools/localnets.py;
+                 # agent_args may set another)
+                 "--workload-bridge-cidr", BridgeNets(self.state_dir).cidr(name, self._dir("bridge-nets") / name),
+                 *self.agent_args]
         return Proc(name, argv, self._dir("logs") / f"{name}.log")
 
     def egress_deny(self) -> str:

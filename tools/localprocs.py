@@ -183,11 +183,13 @@ def remove_egress_guards(state_dir: str | os.PathLike) -> None:
     agent, not the cluster."""
     from nodeagent.isolation import egress
     from nodeagent.isolation.bridge import WorkloadBridge
+    from tools.localnets import BridgeNets
     agents = Path(state_dir) / "agents"
     for d in (sorted(agents.iterdir()) if agents.is_dir() else []):
         if d.is_dir():
             egress.remove(str(d))
             WorkloadBridge(str(d)).remove_if_there()       # isolated workloads' bridge and its table
+    BridgeNets(Path(state_dir)).release()               # the bridges' networks, free for another cluster
 
 
 def read_state(state_dir: str | os.PathLike) -> dict | None:
