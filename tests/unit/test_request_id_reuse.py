@@ -181,3 +181,42 @@ async def test_meshctl_shows_the_refusal(store):
         code, err = await asyncio.to_thread(alloc_cli, "2g.20gb")
     assert code == 1
     assert "request_id: 'job-1' was used by an earlier Allocate call with other arguments" in err
+
+
+async def test_the_actuator_replaces_an_allocation_made_for_an_earlier_spec_of_the_replica():
+    """The serving actuator allocates with the replica's ID as the request id. When the deployment changed
+    between an allocation and the replica's record of it (a crash in between), the earlier allocation is of
+    the old size: it is released and the new request placed (under an id of its own, the same on a retry).
+    Before, the replica got the old allocation's slice."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    ctl = Controller(store=None)
+
+    async def write(ops, conds=()):
+        return 1
+
+    async def lease():
+        return 1
+    ctl.writer = SimpleNamespace(write=write)
+    ctl._request_lease = lease
+    fleet = make_fleet(("n1", [("H100-80GB", True)]), ("n2", [("H100-80GB", True)]))
+    ctl.fleet.nodes, ctl.fleet.index = fleet.nodes, fleet.index
+    saved = []
+
+    async def put_replica(r):
+        saved.append(r)
+    act = Actuator(ctl, None, SimpleNamespace(put_replica=put_replica))
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+    r = D.Replica(id="r-1", deployment="chat")
+    first = await act.allocate(r, spec, 2 << 30)
+    assert first.profile == "1g.10gb"
+    # the record of `first` was lost; the deployment now needs 15 GiB per replica
+    bigger = await act.allocate(r, spec, 15 << 30)
+    assert bigger.allocation_id != first.allocation_id and bigger.memory_bytes >= 15 << 30
+    assert ctl.fleet.slices[first.slice_id].state == t.SLICE_STATE_RELEASING
+    again = await act.allocate(r, spec, 15 << 30)                      # a retry: the same allocation
+    assert again.allocation_id == bigger.allocation_id
+    assert sum(1 for s in ctl.fleet.slices.values() if s.state != t.SLICE_STATE_RELEASING) == 1
