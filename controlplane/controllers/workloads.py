@@ -20,8 +20,7 @@ import re
 
 from controlplane.api import auth
 
-from controlplane.state import keys
-from controlplane.state import requestids
+from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.api.events import DELETED, Subscription

@@ -12,7 +12,9 @@ The fingerprint is the SHA-256 of the request message's deterministic serializat
 may legitimately differ on a retry cleared (`fingerprint`): the request id itself and how the caller waits
 (Allocate's `no_wait` and `timeout_seconds`: a retry after a timeout may wait longer), never what the call
 creates. Proto3 leaves fields at their defaults out of the bytes, so a field added to the message later does
-not change the fingerprint of a request that does not set it.
+not change the fingerprint of a request that does not set it. Deterministic serialization (fields in number
+order, map entries sorted by key) is not promised canonical across protobuf implementations; only the control
+plane computes fingerprints, and it compares them with its own.
 
 Durable values: `{"id": ..., "fingerprint": "sha256:..."}` (JSON). A value written before fingerprints were
 kept is the bare id; it is accepted as before (a retry gets its result whatever its arguments).
@@ -33,6 +35,7 @@ from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
+
 
 def fingerprint(msg: Message, *retry_fields: str) -> str:
     """'sha256:<hex>' of `msg` without its `request_id` and `retry_fields` (fields a retry may change)."""
