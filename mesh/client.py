@@ -191,6 +191,7 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
         reserve host CPU (milli-CPUs) and memory per slice; `preempt` lets the scheduler evict
         lower-priority slices when nothing else fits (where the control plane allows preemption);
         `anti_affinity` keeps the slices off nodes holding a slice with any of these label pairs.
+        A `request_id` an earlier call of the tenant used with other arguments raises errors.RequestIdReused.
         """
         if spec is None:
             spec = types_pb2.SliceSpec(
@@ -296,7 +297,7 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
         settings given and reports its address in the workload's `endpoint` (docs/serving.md).
 
         `request_id` (idempotency key): a retry with the same key returns the first call's workload instead
-        of running it twice."""
+        of running it twice; the same key with other arguments raises errors.RequestIdReused."""
         if backend:
             if command:
                 raise errors.InvalidArgument.of("command", "is set with a backend", "either a command or a backend")

@@ -57,6 +57,27 @@ class AlreadyExists(MeshError):
     code: grpc.StatusCode = dataclasses.field(default=grpc.StatusCode.ALREADY_EXISTS, init=False)
 
 
+REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+"""The google.rpc.ErrorInfo reason of RequestIdReused (mesh/richstatus.py)."""
+
+
+@dataclass
+class RequestIdReused(AlreadyExists):
+    """An idempotency key (`field`, e.g. `request_id`) that an earlier call of the same tenant used with other
+    arguments: its result is not this call's. A client bug (AWS's IdempotentParameterMismatch, Stripe's
+    idempotency_error): resend the first call's arguments unchanged to get its result, or use a new key.
+    ALREADY_EXISTS because what the key names exists, and no retry of this call can succeed."""
+
+    field: str = "request_id"
+    request_id: str = ""
+
+    @classmethod
+    def of(cls, request_id: str, call: str, field_path: str = "request_id") -> "RequestIdReused":
+        return cls(f"{field_path}: {request_id!r} was used by an earlier {call} call with other arguments (an "
+                   f"idempotency key names one request): resend that call's arguments unchanged to get its "
+                   f"result, or use a new {field_path}", field=field_path, request_id=request_id)
+
+
 @dataclass
 class ResourceExhausted(MeshError):
     """A request could not be placed; `reasons` maps a node class to why not."""

@@ -2,7 +2,9 @@
 
 INVALID_ARGUMENT carries a `google.rpc.BadRequest` (one field violation);
 RESOURCE_EXHAUSTED carries a `google.rpc.ErrorInfo` whose metadata maps each
-node class to the reason it could not take the request.
+node class to the reason it could not take the request; ALREADY_EXISTS for a
+reused idempotency key carries an ErrorInfo of reason REQUEST_ID_REUSED whose
+metadata names the field and the key.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ def to_status(err: errors.MeshError) -> grpc.Status:
         bad = error_details_pb2.BadRequest()
         bad.field_violations.add(field=err.field, description=err.message)
         details.append(bad)
+    elif isinstance(err, errors.RequestIdReused):
+        details.append(error_details_pb2.ErrorInfo(
+            reason=errors.REQUEST_ID_REUSED, domain=errors.DOMAIN,
+            metadata={"field": err.field, "request_id": err.request_id}))
     elif isinstance(err, errors.ResourceExhausted):
         details.append(error_details_pb2.ErrorInfo(
             reason="UNSCHEDULABLE", domain=errors.DOMAIN, metadata=dict(err.reasons)))
@@ -59,6 +65,12 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.MeshError:
             if d.Unpack(info):
                 reasons = dict(info.metadata)
         return errors.ResourceExhausted(message, reasons=reasons)
+    if cls is errors.AlreadyExists:
+        for d in status.details if status else []:
+            info = error_details_pb2.ErrorInfo()
+            if d.Unpack(info) and info.reason == errors.REQUEST_ID_REUSED and info.domain == errors.DOMAIN:
+                return errors.RequestIdReused(message, field=info.metadata.get("field", "request_id"),
+                                              request_id=info.metadata.get("request_id", ""))
     if cls is not None:
         return cls(message)
     err = errors.MeshError(message)

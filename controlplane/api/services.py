@@ -10,6 +10,7 @@ import grpc
 from controlplane.api import auth
 from controlplane.controllers.slices import Controller
 from controlplane.controllers.nodes import NodeManager, validate_node_name
+from controlplane.state import requestids
 from controlplane.api.rpc import streaming, unary
 from controlplane.controllers.telemetry import HEALTH_ENUM, PRESSURE_ENUM, THERMAL_ENUM
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
@@ -47,8 +48,9 @@ class SliceService(slice_service_pb2_grpc.SliceServiceServicer):
         if not (0 <= request.timeout_seconds <= 3600):
             raise errors.InvalidArgument.of("timeout_seconds", f"{request.timeout_seconds} is out of range",
                                             "0 (server default) to 3600")
+        fp = requestids.allocate_fingerprint(request) if request.request_id else ""   # after the tenant is scoped
         alloc_id, slices = await self.ctl.allocate(req, request.request_id, request.no_wait,
-                                                   request.timeout_seconds)
+                                                   request.timeout_seconds, fingerprint=fp)
         return slice_service_pb2.AllocateResponse(allocation_id=alloc_id, slices=slices)
 
     @unary

@@ -11,11 +11,14 @@ load signals, the replicas ready and starting, one replica's cost, and its cold 
 - Figures (what sizes a predictive floor) from the registry when the deployment's own are not measured.
 - Cold start: the latest of the deployment's own replicas' created -> ready time; else the registry's
   `model bench` load time of the variant plus a slice's start; else the configured default.
+- Model identity: what a replica's time in service and TTFT depend on, so figures measured under one
+  identity are not used under another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from controlplane.serving import replicacost
 from gpumesh.v1 import deployment_service_pb2 as D
@@ -147,3 +150,45 @@ def cold_start(replicas: list[D.Replica], variant, default_s: float) -> tuple[fl
     if loads:
         return max(loads) + SLICE_START_S, "registry"
     return default_s, "default"
+
+
+
+class ModelIdentity(NamedTuple):
+    """What a replica's time in service and TTFT depend on (`model_identity`)."""
+    model: str
+    variant: str
+    backend: int                 # the variant's backend kind (model_service.proto Backend)
+    artifact: str
+    artifact_sha256: str
+    context: int
+    concurrency: int
+    gpu_layers: int
+    device: str
+    isolation: int
+    vram_need: int               # bytes: with the isolation, picks the slice (the MIG profile: the compute share)
+    companion_model: str = ""
+    companion_variant: str = ""
+
+
+def model_identity(spec: D.DeploymentSpec, variant, need: int,
+                   companion: D.DeploymentSpec | None = None) -> ModelIdentity | None:
+    """The deployment's model identity (None: the registry does not resolve it now, nothing to compare): the
+    model, the variant (its backend kind, weights), the backend settings that change a request's speed
+    (context, concurrency: batching, GPU layers offloaded, device: CUDA or CPU) and the slice (isolation and
+    VRAM need, which pick the MIG profile and so the compute share); with a variant-overflow companion, its model
+    and variant too (its replicas' load is measured with the deployment's). Not the replicas, labels, tenant,
+    priority, restart stamp or scaling policy: they change no request's speed."""
+    if variant is None and not need:
+        return None
+    b = spec.backend
+    v = variant
+    return ModelIdentity(spec.model, v.name if v is not None else spec.variant, int(v.backend) if v is not None else 0,
+                         v.artifact if v is not None else "", v.artifact_sha256 if v is not None else "",
+                         b.context, b.concurrency or 1, b.gpu_layers, b.device, int(spec.isolation), need,
+                         companion.model if companion is not None else "",
+                         companion.variant if companion is not None else "")
+
+
+def identity_change(old: ModelIdentity, new: ModelIdentity) -> str:
+    """What differs, e.g. "variant 'q4' -> 'q8', vram_need 2147483648 -> 4294967296"."""
+    return ", ".join(f"{f} {a!r} -> {b!r}" for f, a, b in zip(ModelIdentity._fields, old, new) if a != b)

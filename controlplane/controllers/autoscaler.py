@@ -23,7 +23,9 @@ with the other deployments).
 Its state is the samples of the last window and a predictive policy's last measured figures, in memory: a
 new leader starts with empty windows (it holds what runs until it has seen a window's worth; a scale-down
 waits for its delay as after any change) and sizes a forecast floor with the figures the previous leader
-wrote on the status, else the registry's (`_figures`).
+wrote on the status, else the registry's (`_figures`). The figures describe one model: when the deployment's
+model identity changes (model, variant, backend and its settings, slice size: `_model_identity`) they expire,
+with a `FiguresReset` event.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class _State:
     swap_hold_until: float = 0.0   # variant overflow: no swap back before this (a replica waited after one)
     figures: ServiceFigures | None = None   # the last measured figures (kept through quiet windows)
     figures_from: str = ""                  # "measured", "status" (a previous leader's), "registry"
+    identity: autoscale_signals.ModelIdentity | None = None   # the model the figures describe
+    measured_since: float = 0.0             # samples before it (of an earlier model) measure no figures
+    status_figures: bool = True             # the status's figures may size (not once the model changed)
 
 
 class AutoscalerController:
@@ -160,6 +165,8 @@ class AutoscalerController:
             if old is not None:         # a changed policy keeps what was seen, not what was decided
                 st.counters, st.woken_seen = old.counters, old.woken_seen
                 st.figures, st.figures_from = old.figures, old.figures_from
+                st.identity, st.measured_since, st.status_figures = old.identity, old.measured_since, \
+                    old.status_figures
                 for s in old.plan.samples:
                     st.plan.observe(s)
                 if old.forecasting is not None:
@@ -194,6 +201,7 @@ class AutoscalerController:
         st.plan.observe(sample)
         self._record(name, d, st.policy, sample)
         variant, need = self._variant(d)
+        self._model_identity(name, d, st, variant, need, comp, now)
         cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
                                               int(d.spec.isolation), self.registry.gpu_models(),
                                               getattr(self.dm, "prices", None))
@@ -233,13 +241,13 @@ class AutoscalerController:
         and the cold start are always today's."""
         slots = autoscale_signals.slots(d.spec, variant)
         ttft = autoscale_signals.free_slot_ttft(variant, replicas)
-        f = measured_figures(st.plan.recent(now, st.policy.stable_window_s), slots=slots, cold_start_s=cold,
-                             ttft_s=ttft)
+        samples = [x for x in st.plan.recent(now, st.policy.stable_window_s) if x.t >= st.measured_since]
+        f = measured_figures(samples, slots=slots, cold_start_s=cold, ttft_s=ttft)
         if f is not None:
             st.figures, st.figures_from = f, "measured"
             return f
         if st.figures is None:
-            signals = d.status.autoscaler.signals if d.status.HasField("autoscaler") else {}
+            signals = d.status.autoscaler.signals if d.status.HasField("autoscaler") and st.status_figures else {}
             service = signals.get("service_s", 0.0)
             if service > 0:
                 st.figures = ServiceFigures(service_s=service, ttft_s=signals.get("ttft_free_s", 0.0),
@@ -252,6 +260,31 @@ class AutoscalerController:
             return None
         return dataclasses.replace(st.figures, slots=slots, cold_start_s=cold,
                                    ttft_s=ttft if ttft is not None else st.figures.ttft_s)
+
+    def _model_identity(self, name: str, d: D.Deployment, st: _State, variant, need: int, comp, now: float) -> None:
+        """Expire the model-dependent figures when the model identity changes (autoscale_signals.model_identity):
+        the kept measured figures and the status's (an earlier model's time in service and TTFT) are dropped, and
+        only samples from now on measure new ones; until then the registry's figures of the new variant size the
+        floor. The load samples of the windows, the request-rate buckets and forecast (demand) and the counters
+        stay: they are readings of the replicas serving now (the old ones serve until the rollout replaces
+        them), not a model's figures reused later, and they age out with the stable window."""
+        ident = autoscale_signals.model_identity(d.spec, variant, need, comp.spec if comp is not None else None)
+        if ident is None or ident == st.identity:
+            return
+        old, st.identity = st.identity, ident
+        if old is None:
+            return                  # first seen (a new leader): the status's figures are this model's
+        dropped = st.figures if st.policy.predictive else None    # (only a predictive policy sizes with them)
+        st.figures, st.figures_from, st.measured_since, st.status_figures = None, "", now, False
+        change = autoscale_signals.identity_change(old, ident)
+        was = f"service {dropped.service_s:.3g} s, TTFT {dropped.ttft_s:.3g} s" if dropped is not None else "none kept"
+        if not st.policy.predictive:
+            return
+        self.dm._event_as(name, "Normal", "FiguresReset", f"model identity changed ({change}): the figures measured "
+                          f"before ({was}) no longer size replicas; the new ones are measured from now (the "
+                          f"registry's until then)"[:1000], d.spec.tenant, SOURCE)
+        log(logger, logging.INFO, "autoscaler figures reset: model identity changed", deployment=name, change=change,
+            service_s=dropped.service_s if dropped is not None else None)
 
     def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
         try:

@@ -58,7 +58,7 @@ def rebuild(ctl: Controller, snap) -> dict[str, int]:
             alive[k[len(keys.ALIVE):]] = lease
         elif k.startswith(keys.REQUESTS):
             tenant, _, rid = k[len(keys.REQUESTS):].partition("/")
-            ctl.remember_request(tenant, rid, value.decode())
+            ctl.requests.load(tenant, rid, value)
     for key, (value, rev, lease) in snap.kvs.items():
         if key.decode().startswith(keys.SLICES):
             ctl.fleet.put_slice(decode_slice(value), rev)

@@ -15,7 +15,7 @@ import time
 
 from google.protobuf import timestamp_pb2
 
-from controlplane.state import keys
+from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
 
 from controlplane import placement
@@ -66,7 +66,7 @@ class Controller:
         self.release_timeout = release_timeout
         self.ready_waiters: dict[str, list[asyncio.Future]] = {}
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}
-        self.requests = RequestIds(lambda: self.request_ttl)   # (tenant, request id) -> allocation id
+        self.requests = RequestIds(lambda: self.request_ttl, "Allocate")   # (tenant, request id) -> allocation id
         self._req_lease: tuple[int, float] | None = None
         self.revision = 0
         self.request_ttl = REQUEST_TTL_S                 # how long Allocate request ids are kept (config)
@@ -185,9 +185,12 @@ class Controller:
         return out
 
     async def allocate(self, req: SliceRequest, request_id: str = "", no_wait: bool = False,
-                       timeout: float = 0.0) -> tuple[str, list[types_pb2.Slice]]:
+                       timeout: float = 0.0, fingerprint: str = "") -> tuple[str, list[types_pb2.Slice]]:
+        """Place `req` (see SliceService.Allocate). A `request_id` seen before answers its allocation when
+        `fingerprint` (requestids.allocate_fingerprint; "" compares with nothing) is the first call's, and
+        raises RequestIdReused when it is not."""
         if request_id:
-            existing = self.requests.lookup(req.tenant, request_id)
+            existing = self.requests.check(req.tenant, request_id, fingerprint)
             if existing:
                 return existing, await self._await_ready(existing, no_wait, timeout)
         for listener in self.request_listeners:
@@ -204,7 +207,7 @@ class Controller:
         if warm is not None:
             claimed = warm.claim(req, framework)
             if claimed is not None:
-                return await self._claimed(req, request_id, claimed, warm)
+                return await self._claimed(req, request_id, claimed, warm, fingerprint)
         decision = framework.schedule(req, self.fleet)
         warm_victims: list[str] = []
         if not decision.ok and warm is not None:
@@ -233,10 +236,7 @@ class Controller:
                 await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "
                                                                f"(priority {req.priority}) of tenant {req.tenant}")
             if request_id:
-                self.remember_request(req.tenant, request_id, alloc_id)
-                lease = await self._request_lease()
-                extra.append(Put(keys.request(req.tenant, request_id), alloc_id.encode(), lease=lease))
-                conds.append(Absent(keys.request(req.tenant, request_id)))
+                await self._request_ops(req.tenant, request_id, alloc_id, fingerprint, extra, conds)
             rev = await self.save(slices, created=True, extra=extra, extra_conds=conds)
         except BaseException:
             for s in slices:
@@ -262,7 +262,8 @@ class Controller:
             return alloc_id, slices
         return alloc_id, await self._gather(alloc_id, [s.id for s in slices], waits, timeout)
 
-    async def _claimed(self, req: SliceRequest, request_id: str, s: types_pb2.Slice, warm) -> tuple[str, list]:
+    async def _claimed(self, req: SliceRequest, request_id: str, s: types_pb2.Slice, warm,
+                       fingerprint: str = "") -> tuple[str, list]:
         """Allocate's answer from a claimed warm slice (controllers/warmslices.py): saved under the
         tenant and answered READY at once; the agent is told the new owner. The tenant's events are
         those of a fresh slice (scheduled, then ready); that it was warm is an admin's event."""
@@ -270,10 +271,7 @@ class Controller:
         warm_key = f"{s.profile}/{s.gpu_model}"
         try:
             if request_id:
-                self.remember_request(req.tenant, request_id, s.allocation_id)
-                lease = await self._request_lease()
-                extra.append(Put(keys.request(req.tenant, request_id), s.allocation_id.encode(), lease=lease))
-                conds.append(Absent(keys.request(req.tenant, request_id)))
+                await self._request_ops(req.tenant, request_id, s.allocation_id, fingerprint, extra, conds)
             rev = await self.save([s], extra=extra, extra_conds=conds, added=True)
         except BaseException:
             self._forget_request(req.tenant, request_id, s.allocation_id)
@@ -299,9 +297,18 @@ class Controller:
             session.send_upserts([s], rev)
         return s.allocation_id, [s]
 
-    def remember_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
+    def remember_request(self, tenant: str, request_id: str, alloc_id: str, fingerprint: str = "") -> None:
         """Keep an Allocate request id for REQUEST_TTL_S (a retry within it gets the same allocation)."""
-        self.requests.remember(tenant, request_id, alloc_id)
+        self.requests.remember(tenant, request_id, alloc_id, fingerprint)
+
+    async def _request_ops(self, tenant: str, request_id: str, alloc_id: str, fingerprint: str, extra: list,
+                           conds: list) -> None:
+        """Remember the id (a concurrent retry finds it) and add its durable key, with the fingerprint, to the
+        allocation's write; guarded by its absence, so two first calls never both win."""
+        self.remember_request(tenant, request_id, alloc_id, fingerprint)
+        lease = await self._request_lease()
+        extra.append(Put(keys.request(tenant, request_id), requestids.encode(alloc_id, fingerprint), lease=lease))
+        conds.append(Absent(keys.request(tenant, request_id)))
 
     def _forget_request(self, tenant: str, request_id: str, alloc_id: str) -> None:
         """Drop a failed Allocate's request id, unless a concurrent call with the same id owns it now."""

@@ -20,7 +20,7 @@ import re
 
 from controlplane.api import auth
 
-from controlplane.state import keys
+from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.api.events import DELETED, Subscription
@@ -111,7 +111,7 @@ class WorkloadManager:
         self._watch: asyncio.Task | None = None
         self.expired_ids: dict = {}                      # recently expired IDs (controlplane/controllers/retention.py)
         self.resyncs = 0                                 # times the slice follower fell behind and resynced
-        self.requests = RequestIds(lambda: ctl.request_ttl)     # (tenant, Run request id) -> workload id
+        self.requests = RequestIds(lambda: ctl.request_ttl, "Run")     # (tenant, Run request id) -> workload id
         ctl.session_hooks.append(self._session_opened)
         ctl.agent_handlers["workloads"] = self._report
         ctl.agent_handlers["log"] = self._log_chunk
@@ -121,7 +121,7 @@ class WorkloadManager:
         reqs = await self.ctl.store.load(keys.WORKLOAD_REQUESTS)
         for key, (value, _rev, _lease) in reqs.kvs.items():
             tenant, _, rid = key.decode()[len(keys.WORKLOAD_REQUESTS):].partition("/")
-            self.requests.remember(tenant, rid, value.decode())
+            self.requests.load(tenant, rid, value)
         snap = await self.ctl.store.load(keys.WORKLOADS)
         for value, _rev, _lease in snap.kvs.values():
             w = types_pb2.Workload()
@@ -219,8 +219,9 @@ class WorkloadManager:
                 f"slice {s.id} is {types_pb2.SliceState.Name(s.state).removeprefix('SLICE_STATE_')}, not READY: "
                 f"a workload starts only on a READY slice")
         rkey = (s.tenant, req.request_id)
+        fp = requestids.fingerprint(req) if req.request_id else ""     # every field but request_id
         if req.request_id:
-            seen = self.requests.lookup(*rkey)
+            seen = self.requests.check(*rkey, fp)
             if seen is not None:        # a retry: the first call's workload, never a second run
                 return await self._answer_retry(seen)
         w = types_pb2.Workload(id=new_id("w"), slice_id=s.id, node=s.node, tenant=s.tenant, command=req.command,
@@ -229,10 +230,10 @@ class WorkloadManager:
             w.backend.CopyFrom(req.backend)
         extra, conds = [], []
         if req.request_id:
-            self.requests.remember(*rkey, w.id)     # a concurrent retry waits on this one
+            self.requests.remember(*rkey, w.id, fp)     # a concurrent retry waits on this one
             key = keys.workload_request(*rkey)
             try:
-                extra.append(Put(key, w.id.encode(), lease=await self.ctl._request_lease()))
+                extra.append(Put(key, requestids.encode(w.id, fp), lease=await self.ctl._request_lease()))
             except BaseException:
                 self.requests.forget(*rkey, w.id)
                 raise

@@ -22,10 +22,11 @@ import time
 from controlplane.controllers.slices import now
 from controlplane.serving import deployspec
 from controlplane.serving.deploystore import DeploymentStore
+from controlplane.state import requestids
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
-from gpumesh.v1 import types_pb2, workload_service_pb2
-from mesh import errors
+from gpumesh.v1 import slice_service_pb2, types_pb2, workload_service_pb2
+from mesh import errors, slicespec
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,11 @@ class Actuator:
         else anywhere it fits."""
         pool = getattr(getattr(self.ctl, "pools", None), "pools", {}).get(spec.pool) if spec.pool else None
         try:
-            req = deployspec.slice_request(spec, need, r.id, spread=True, pool=pool)
             try:
-                _, slices = await self.ctl.allocate(req, request_id=r.id, no_wait=True)
+                slices = await self._allocate(deployspec.slice_spec(spec, need, r.id, spread=True, pool=pool), r.id)
             except errors.ResourceExhausted:
-                req = deployspec.slice_request(spec, need, r.id, spread=False, pool=pool)
-                _, slices = await self.ctl.allocate(req, request_id=r.id + "-any", no_wait=True)
+                slices = await self._allocate(deployspec.slice_spec(spec, need, r.id, spread=False, pool=pool),
+                                              r.id + "-any")
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
             await self.store.put_replica(n)
@@ -89,6 +89,25 @@ class Actuator:
         await self.store.put_replica(n)
         log(logger, logging.INFO, "replica placed", deployment=r.deployment, replica=r.id, slice=s.id, node=s.node)
         return n
+
+    async def _allocate(self, slice_spec: types_pb2.SliceSpec, request_id: str) -> list[types_pb2.Slice]:
+        """Allocate under the replica's request id, with its request's fingerprint. An id an earlier call used
+        with another request (the deployment changed between that allocation and the replica's record of it,
+        e.g. a control-plane crash in between) names an allocation no replica records, of the old size:
+        it is released, and this request placed under an id of its own (the same on a retry)."""
+        req = slicespec.validate(slice_spec)
+        fp = requestids.allocate_fingerprint(slice_service_pb2.AllocateRequest(spec=slice_spec))
+        try:
+            return (await self.ctl.allocate(req, request_id=request_id, no_wait=True, fingerprint=fp))[1]
+        except errors.RequestIdReused:
+            earlier = self.ctl.requests.lookup(req.tenant, request_id)
+            log(logger, logging.INFO, "replica's earlier allocation was for another spec: releasing it",
+                request_id=request_id, allocation=earlier)
+            if earlier and self.ctl.fleet.slices_of(earlier):
+                await self.ctl.release(earlier, wait=False, message=f"made for an earlier spec of replica "
+                                                                     f"{request_id} (its request id)")
+        return (await self.ctl.allocate(req, request_id=f"{request_id}.{fp.removeprefix('sha256:')[:12]}",
+                                        no_wait=True, fingerprint=fp))[1]
 
     async def run(self, r: D.Replica, spec: D.DeploymentSpec, variant: M.Variant) -> D.Replica:
         s = self.ctl.fleet.slices[r.slice_id]

@@ -112,7 +112,12 @@ def check_fits(need: int, gpu_models) -> None:
 
 def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool,
                   pool=None) -> slicespec.SliceRequest:
-    """The SliceRequest of one replica: the need's memory, the deployment's labels plus its own, and
+    """The validated SliceRequest of `slice_spec`."""
+    return slicespec.validate(slice_spec(spec, need, replica_id, spread, pool))
+
+
+def slice_spec(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bool, pool=None) -> types_pb2.SliceSpec:
+    """The SliceSpec of one replica: the need's memory, the deployment's labels plus its own, and
     (`spread`) anti-affinity to the nodes of the deployment's other spread replicas. In a `pool` that allows
     one isolation kind, an unspecified isolation asks for that kind."""
     labels = dict(spec.labels)
@@ -130,7 +135,7 @@ def slice_request(spec: D.DeploymentSpec, need: int, replica_id: str, spread: bo
         # spread replicas' rules would keep it off their nodes too.
         s.labels[LABEL_SPREAD] = spec.name
         s.anti_affinity[LABEL_SPREAD] = spec.name
-    return slicespec.validate(s)
+    return s
 
 
 def check_pool(spec: D.DeploymentSpec, pool_store) -> None:

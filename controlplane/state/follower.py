@@ -276,4 +276,4 @@ class Follower:
             if deleted:
                 ctl.requests.pop((tenant, rid), None)
             else:
-                ctl.requests[(tenant, rid)] = value.decode()
+                ctl.requests.load(tenant, rid, value)

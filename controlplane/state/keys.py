@@ -6,7 +6,7 @@
 | `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, draining, registration) | Register, cordon, drain |
 | `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
 | `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
-| `/gpumesh/v1/requests/<tenant>/<request-id>` | allocation id (idempotency of Allocate; expires after 24-25 h through a lease) | Allocate |
+| `/gpumesh/v1/requests/<tenant>/<request-id>` | `{"id": allocation id, "fingerprint": "sha256:..."}`, or a bare allocation id from earlier versions (idempotency of Allocate: state/requestids.py; expires after 24-25 h through a lease) | Allocate |
 | `/gpumesh/v1/workloads/<workload-id>` | `gpumesh.v1.Workload` (command, slice, state, exit code; a replica's backend with its API key, which every API answer clears) | Run, Stop, agent workload reports |
 | `/gpumesh/v1/gpuhealth/<node>/<index>` | `gpumesh.v1.GpuTelemetry` (health, reason, since, recovery, incidents) | health changes (controlplane/controllers/health.py) |
 | `/gpumesh/v1/mesh/<connection-id>` | `gpumesh.v1.MeshConnection` (slices, transport, both buffer descriptors, state) | MeshService Connect/Disconnect, slice release, agent restart |

@@ -156,3 +156,21 @@ def test_deployment_records_follow_etcd_and_serve_reads():
             f.deployments.store.get("chat")
         assert f.deployments.store.replicas_of("chat") == [r2]
     asyncio.run(main())
+
+
+def test_request_ids_are_followed_with_their_fingerprints():
+    """A standby keeps the request ids as etcd has them: a bare id (the old format) and one with its fingerprint
+    (before, the JSON value itself would have been taken for the allocation id)."""
+    from controlplane.state import requestids
+
+    async def main():
+        f = Follower(FakeStore({keys.request("t", "old"): (b"a-1", 3, 5)}))
+        await f._load()
+        f.apply(False, keys.request("t", "new").decode(), requestids.encode("a-2", "sha256:ab"), 8)
+        assert f.ctl.requests.lookup("t", "old") == "a-1" and f.ctl.requests.fingerprints[("t", "old")] == ""
+        assert f.ctl.requests.check("t", "new", "sha256:ab") == "a-2"
+        with pytest.raises(errors.RequestIdReused):
+            f.ctl.requests.check("t", "new", "sha256:cd")
+        f.apply(True, keys.request("t", "new").decode(), b"", 9)
+        assert f.ctl.requests.lookup("t", "new") is None and ("t", "new") not in f.ctl.requests.fingerprints
+    asyncio.run(main())

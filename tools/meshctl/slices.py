@@ -94,7 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="may evict lower-priority slices when nothing else fits (if the scheduler allows it)")
     p.add_argument("--anti-affinity", type=label_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="not on a node holding a slice with this label (repeatable; spreads replicas)")
-    p.add_argument("--request-id", default="", help="idempotency key: a retry returns the first allocation")
+    p.add_argument("--request-id", default="",
+                   help="idempotency key: a retry with the same arguments returns the first allocation; the key "
+                        "with other arguments is refused")
     p.add_argument("--no-wait", action="store_true", help="answer once placed (state PENDING)")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="SECONDS",
                    help="how long the control plane waits for READY (default: its own, 30 s)")

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "gpumesh.io/network; default: the slice's label, else the agent's workload_network)")
     r.add_argument("--request-id", default="", metavar="KEY",
                    help="idempotency key: running the same command again with the same key (a retry after a "
-                        "timeout) returns the first workload instead of starting a second one")
+                        "timeout) returns the first workload instead of starting a second one; the key with "
+                        "other arguments is refused")
     r.add_argument("-f", "--follow", action="store_true",
                    help="print its output until it ends, then exit with its exit status")
     b = r.add_argument_group("model server (instead of a COMMAND)")

@@ -1,0 +1,222 @@
+"""An idempotency key reused with other arguments is refused (controlplane/state/requestids.py).
+
+Allocate and Run, through their gRPC services and the SDK: the same request_id with the same arguments gets
+the first call's result (also with another wait); with other arguments RequestIdReused (ALREADY_EXISTS),
+which names request_id and neither the earlier arguments nor their result; the same after a control-plane
+restart (the ids read back from etcd); and a durable value of the old format (a bare id) is accepted as
+before. Before, every retry with a known id got the first call's result whatever its arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+
+import grpc
+import pytest
+
+from controlplane.api.services import SliceService
+from controlplane.controllers.nodes import rebuild
+from controlplane.controllers.slices import Controller
+from controlplane.controllers.workloads import WorkloadManager, WorkloadService
+from controlplane.state import keys
+from controlplane.state.store import EtcdStore
+from gpumesh.v1 import slice_service_pb2_grpc, types_pb2 as t, workload_service_pb2_grpc
+from mesh import errors
+from mesh.client import MeshClient
+from tests.unit.test_placement import make_fleet
+
+
+@pytest.fixture
+async def store(etcd_server, etcd_client):
+    s = EtcdStore([etcd_server.endpoint])
+    await s.connect()
+    await s.become_leader("request-id-reuse-test", ttl=5)
+    yield s
+    await s.close()
+
+
+class ControlPlane:
+    """A controller and a workload manager loaded from etcd as a restarted leader loads them, served over
+    real gRPC (SliceService, WorkloadService) on a loopback port."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self.store = store
+
+    async def __aenter__(self) -> "ControlPlane":
+        self.ctl = Controller(self.store)
+        self.ctl.writer.start()
+        fleet = make_fleet(("n1", [("H100-80GB", True), ("H100-80GB", True)]))     # (the agent's, in memory)
+        self.ctl.fleet.nodes, self.ctl.fleet.index = fleet.nodes, fleet.index
+        rebuild(self.ctl, await self.store.load())
+        for entry in self.ctl.fleet.nodes.values():
+            entry.ready = True                  # (its agent would be connected)
+        self.wm = WorkloadManager(self.ctl)
+        await self.wm.load()
+        self.server = grpc.aio.server()
+        slice_service_pb2_grpc.add_SliceServiceServicer_to_server(SliceService(self.ctl), self.server)
+        workload_service_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadService(self.wm), self.server)
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop(None)
+        await self.wm.stop()
+        await self.ctl.writer.stop()
+
+    async def call(self, method: str, *args, **kwargs):
+        """An SDK call (the SDK is synchronous: in a thread, so this loop keeps serving it)."""
+        def go():
+            with MeshClient(self.endpoint, timeout=20) as mesh:
+                return getattr(mesh, method)(*args, **kwargs)
+        return await asyncio.to_thread(go)
+
+    async def ready_slice(self, sid: str, tenant: str = "acme", gpu: int = 0) -> None:
+        """A READY slice (what an agent would have reported), durable so a restart finds it."""
+        s = t.Slice(id=sid, allocation_id="a-" + sid, tenant=tenant, node="n1", gpu_index=gpu,
+                    gpu_uuid=f"GPU-n1-{gpu}", isolation=t.ISOLATION_MIG, profile="1g.10gb",
+                    state=t.SLICE_STATE_READY)
+        self.ctl.fleet.put_slice(s)
+        await self.ctl.save([s], created=True)
+
+
+def alloc(**kw) -> dict:
+    return dict(dict(tenant="acme", mig_profile="1g.10gb", request_id="job-1", no_wait=True), **kw)
+
+
+def assert_refused(exc: errors.RequestIdReused, rid: str, call: str, *not_named: str) -> None:
+    assert isinstance(exc, errors.AlreadyExists) and exc.code == grpc.StatusCode.ALREADY_EXISTS
+    assert exc.field == "request_id" and exc.request_id == rid
+    assert exc.message.startswith(f"request_id: {rid!r} was used by an earlier {call} call with other arguments")
+    for text in not_named:                   # neither the earlier call's result nor its arguments
+        assert text not in exc.message
+
+
+async def test_allocate_retry_with_other_arguments_is_refused(store):
+    async with ControlPlane(store) as cp:
+        first = await cp.call("allocate", **alloc())
+        # the same arguments, waiting otherwise (timeout_seconds, no_wait are how the caller waits): the first
+        again = await cp.call("allocate", **alloc(timeout_seconds=120))
+        assert again.allocation_id == first.allocation_id
+        for other in (alloc(mig_profile="2g.20gb"), alloc(labels={"job": "x"}), alloc(priority=5)):
+            with pytest.raises(errors.RequestIdReused) as refused:
+                await cp.call("allocate", **other)
+            assert_refused(refused.value, "job-1", "Allocate", first.allocation_id, "1g.10gb", "2g.20gb")
+        assert len(cp.ctl.fleet.slices) == 1          # nothing placed by a refused call
+        # keys are per tenant: another tenant's call with the id is its own first call
+        theirs = await cp.call("allocate", **alloc(tenant="other", mig_profile="2g.20gb"))
+        assert theirs.allocation_id != first.allocation_id
+        value = json.loads((await store.client.get(keys.request("acme", "job-1"))).value)
+        assert value["id"] == first.allocation_id and value["fingerprint"].startswith("sha256:")
+
+
+async def test_allocate_refusal_survives_a_restart_and_old_values_are_accepted(store):
+    async with ControlPlane(store) as cp:
+        first = await cp.call("allocate", **alloc())
+        old = await cp.call("allocate", **alloc(request_id="old-1"))
+    # a value written before fingerprints were kept: the bare allocation id
+    lease = (await store.client.get(keys.request("acme", "old-1"))).lease
+    await store.client.put(keys.request("acme", "old-1"), old.allocation_id.encode(), lease=lease)
+    async with ControlPlane(store) as cp:          # a restarted control plane: the ids come from etcd
+        assert (await cp.call("allocate", **alloc())).allocation_id == first.allocation_id
+        with pytest.raises(errors.RequestIdReused) as refused:
+            await cp.call("allocate", **alloc(mig_profile="2g.20gb"))
+        assert_refused(refused.value, "job-1", "Allocate", first.allocation_id)
+        # the old value has no fingerprint: a retry gets its allocation, whatever its arguments, as before
+        again = await cp.call("allocate", **alloc(request_id="old-1", mig_profile="2g.20gb"))
+        assert again.allocation_id == old.allocation_id
+        assert len(cp.ctl.fleet.slices) == 2
+
+
+def run(sid: str = "s-1", **kw) -> tuple:
+    fields = dict(env={"A": "1", "B": "2"}, labels={"job": "train"}, request_id="run-1")
+    fields.update(kw)
+    return (sid, ["python", "train.py"]), fields
+
+
+async def test_run_retry_with_other_arguments_is_refused_also_after_a_restart(store):
+    async with ControlPlane(store) as cp:
+        await cp.ready_slice("s-1")
+        await cp.ready_slice("s-2", gpu=1)
+        args, kw = run()
+        first = await cp.call("run_workload", *args, **kw)
+        # the same arguments (the env map in another order serializes the same): the first workload
+        args, kw = run(env={"B": "2", "A": "1"})
+        assert (await cp.call("run_workload", *args, **kw)).id == first.id
+        others = [run(env={"A": "1", "B": "3"}), run(labels={}), run("s-2")]
+        for args, kw in others + [(("s-1", ["python", "eval.py"]), run()[1])]:
+            with pytest.raises(errors.RequestIdReused) as refused:
+                await cp.call("run_workload", *args, **kw)
+            assert_refused(refused.value, "run-1", "Run", first.id, "train.py")
+        assert list(cp.wm.workloads) == [first.id]
+        args, kw = run(request_id="old-run")
+        old = await cp.call("run_workload", *args, **kw)
+    key = keys.workload_request("acme", "old-run")
+    lease = (await store.client.get(key)).lease
+    await store.client.put(key, old.id.encode(), lease=lease)         # the old format: the bare workload id
+    async with ControlPlane(store) as cp:
+        args, kw = run()
+        assert (await cp.call("run_workload", *args, **kw)).id == first.id
+        with pytest.raises(errors.RequestIdReused):
+            await cp.call("run_workload", "s-2", ["python", "train.py"], **kw)
+        args, kw = run(request_id="old-run", env={})
+        assert (await cp.call("run_workload", *args, **kw)).id == old.id       # accepted as before
+        assert len(cp.wm.workloads) == 2
+
+
+async def test_meshctl_shows_the_refusal(store):
+    from tools.meshctl.main import main
+    async with ControlPlane(store) as cp:
+        await cp.call("allocate", **alloc())
+
+        def alloc_cli(profile: str) -> tuple[int, str]:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(["--endpoint", cp.endpoint, "alloc", "--tenant", "acme", "--profile", profile,
+                             "--request-id", "job-1", "--no-wait"])
+            return code, err.getvalue()
+        code, err = await asyncio.to_thread(alloc_cli, "2g.20gb")
+    assert code == 1
+    assert "request_id: 'job-1' was used by an earlier Allocate call with other arguments" in err
+
+
+async def test_the_actuator_replaces_an_allocation_made_for_an_earlier_spec_of_the_replica():
+    """The serving actuator allocates with the replica's ID as the request id. When the deployment changed
+    between an allocation and the replica's record of it (a crash in between), the earlier allocation is of
+    the old size: it is released and the new request placed (under an id of its own, the same on a retry).
+    Before, the replica got the old allocation's slice."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    ctl = Controller(store=None)
+
+    async def write(ops, conds=()):
+        return 1
+
+    async def lease():
+        return 1
+    ctl.writer = SimpleNamespace(write=write)
+    ctl._request_lease = lease
+    fleet = make_fleet(("n1", [("H100-80GB", True)]), ("n2", [("H100-80GB", True)]))
+    ctl.fleet.nodes, ctl.fleet.index = fleet.nodes, fleet.index
+    saved = []
+
+    async def put_replica(r):
+        saved.append(r)
+    act = Actuator(ctl, None, SimpleNamespace(put_replica=put_replica))
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+    r = D.Replica(id="r-1", deployment="chat")
+    first = await act.allocate(r, spec, 2 << 30)
+    assert first.profile == "1g.10gb"
+    # the record of `first` was lost; the deployment now needs 15 GiB per replica
+    bigger = await act.allocate(r, spec, 15 << 30)
+    assert bigger.allocation_id != first.allocation_id and bigger.memory_bytes >= 15 << 30
+    assert ctl.fleet.slices[first.slice_id].state == t.SLICE_STATE_RELEASING
+    again = await act.allocate(r, spec, 15 << 30)                      # a retry: the same allocation
+    assert again.allocation_id == bigger.allocation_id
+    assert sum(1 for s in ctl.fleet.slices.values() if s.state != t.SLICE_STATE_RELEASING) == 1
