@@ -46,6 +46,11 @@ RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
 
 
+def node_deleted(node: str) -> str:
+    """The message of what a node's deletion ended (controllers/nodedelete.py)."""
+    return f"node {node} deleted"
+
+
 def _check_id(value: str, field: str, what: str) -> str:
     if not value:
         raise errors.InvalidArgument.of(field, "is required", what)
@@ -289,6 +294,20 @@ class WorkloadManager:
         if running:
             await asyncio.gather(*(self.stop_workload(wid, wait=wait) for wid in running))
 
+    async def end_on_node(self, node: str, reason: str) -> list[str]:
+        """A deleted node (controllers/nodedelete.py): every workload on it that has not ended ends FAILED with
+        `reason`, durably, before its slices go (so it reads as failed, not as 'stopped: slice released').
+        Idempotent; the ids ended by this call."""
+        ended = []
+        for w in list(self.workloads.values()):
+            if w.node == node and w.state not in TERMINAL:
+                n = self._copy(w, state=W.WORKLOAD_STATE_FAILED, message=reason, pid=0)
+                n.finished_at.CopyFrom(now())
+                ended.append(n)
+        for i in range(0, len(ended), 100):         # etcd takes at most 128 operations per transaction
+            await self.save(ended[i:i + 100])
+        return [w.id for w in ended]
+
     def list(self, tenant: str = "", node: str = "", slice_id: str = "") -> list[types_pb2.Workload]:
         out = [w for w in self.workloads.values()
                if (not tenant or w.tenant == tenant) and (not node or w.node == node)
@@ -347,6 +366,12 @@ class WorkloadManager:
                 forget.append(st.id)        # expired while this agent was away: its files go too
                 self.expired_ids.pop(st.id, None)
             if w is None or w.node != node:
+                continue
+            if w.state == W.WORKLOAD_STATE_FAILED and w.message == node_deleted(node):
+                # the agent of a deleted node came back (a new node of the same name): its old workloads
+                # stay as the deletion ended them, and once stopped there their files go
+                if st.state in TERMINAL:
+                    forget.append(st.id)
                 continue
             if w.state in TERMINAL and st.state not in TERMINAL:
                 continue        # a late report never revives a finished workload
