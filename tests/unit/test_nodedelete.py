@@ -18,7 +18,7 @@ import pytest
 from controlplane.api.events import DELETED, MODIFIED
 from controlplane.api.meshsvc import MeshManager
 from controlplane.api.services import AdminService
-from controlplane.controllers import migration_steps, migrations, nodedelete
+from controlplane.controllers import migration_steps, migrations
 from controlplane.controllers.migration_phases import C, P, R
 from controlplane.controllers.migrations import MigrationManager
 from controlplane.controllers.nodedelete import NodeDeleter
@@ -26,7 +26,7 @@ from controlplane.controllers.nodes import NodeManager
 from controlplane.controllers.slices import Controller
 from controlplane.controllers.workloads import WorkloadManager
 from controlplane.state import keys
-from controlplane.state.store import Absent, Delete, Present, Put, Snapshot
+from controlplane.state.store import Absent, Present, Put, Snapshot
 from gpumesh.v1 import admin_service_pb2
 from gpumesh.v1 import mesh_service_pb2 as MS
 from gpumesh.v1 import migration_service_pb2 as M
@@ -453,3 +453,4 @@ async def test_a_migration_committed_to_the_deleted_node_finishes_with_the_workl
         assert ("STOP_SOURCE", "m-to-b") in ConnectedA.got
     finally:
         await cp.stop()
+

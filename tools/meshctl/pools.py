@@ -43,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_create)
     # `update pool` is registered by tools/meshctl/update.py (with `update deployment`)
     d = subcommand(sub, "delete", help="delete a resource pool or retire a node",
-                   epilog=EPILOG + "  meshctl delete node sim-node-02               # NotReady: its agent is stopped\n",
+                   epilog="examples:\n  meshctl delete pool inference-a\n"
+                          "  meshctl drain sim-node-02 --wait && ssh sim-node-02 systemctl stop mesh-agent\n"
+                          "  meshctl delete node sim-node-02           # once `get nodes` shows it NotReady\n"
+                          "  meshctl delete node sim-node-02 -o json   # what was ended, as a document\n",
                    description="Delete a resource. pool: refused while a deployment draws from it. node: retire a "
                                "NotReady node for good (drain it and stop its agent first; a READY node is "
                                "refused): its slices and their allocations, its workloads (FAILED), migrations "
