@@ -121,6 +121,11 @@ class NodeDeleter:
                 except errors.MeshError as e:
                     log(logger, logging.WARNING, "node deletion interrupted; trying again", node=name, error=str(e))
                     await asyncio.sleep(self.retry)
+        except errors.NotFound:
+            raise
+        except Exception:       # noqa: BLE001 - a bug: said here (a resumed deletion has no caller), a retry starts anew
+            logger.exception("deletion of node %s", name)
+            raise
         finally:
             self.tasks.pop(name, None)
 
