@@ -301,7 +301,7 @@ class WorkloadManager:
         ended = []
         for w in list(self.workloads.values()):
             if w.node == node and w.state not in TERMINAL:
-                n = self._copy(w, state=W.WORKLOAD_STATE_FAILED, message=reason, pid=0)
+                n = self._copy(w, state=W.WORKLOAD_STATE_FAILED, message=reason)
                 n.finished_at.CopyFrom(now())
                 ended.append(n)
         for i in range(0, len(ended), 100):         # etcd takes at most 128 operations per transaction
