@@ -1,6 +1,6 @@
 """Retiring a node for good on a real local cluster (etcd, the control plane and agent processes over simulated
-GPUs): `meshctl delete node` of a node whose agent is stopped ends its allocations and workloads and removes it
-from `get nodes`; its agent, started again, registers as a new node and tears down what it still held."""
+GPUs): `meshctl delete node` of a node whose agent is stopped ends its allocations, workloads and mesh connections
+and removes it from `get nodes`; its agent, started again, registers as a new node and tears down what it still held."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def test_delete_a_notready_node_and_its_agent_comes_back_as_a_new_node(cluster, 
         w = wait_for(lambda: (x := mesh.get_workload(w.id)).state == T.WORKLOAD_STATE_RUNNING and x, 60,
                      "the workload to run")
         assert len(mig_instances(cluster, GONE)) == 3
+        conn = mesh.mesh_connect(other.slices[0].id, kept.slices[0].id, 4096)      # a buffer on each node
 
         # READY: refused, naming the node and what to do
         rc, out, err = meshctl(cluster, capsys, "delete", "node", GONE)
@@ -77,7 +78,7 @@ def test_delete_a_notready_node_and_its_agent_comes_back_as_a_new_node(cluster, 
         assert doc["node"]["name"] == GONE and doc["node"]["deleting"]
         assert sorted(doc["slices"]) == sorted(s.id for s in [*gang.slices, *other.slices])
         assert sorted(doc["allocations"]) == sorted([gang.allocation_id, other.allocation_id])
-        assert doc["workloads"] == [w.id]
+        assert doc["workloads"] == [w.id] and doc["connections"] == [conn.id]
 
         assert GONE not in [n.name for n in mesh.list_nodes()]
         rc, out, err = meshctl(cluster, capsys, "get", "nodes")
@@ -85,6 +86,8 @@ def test_delete_a_notready_node_and_its_agent_comes_back_as_a_new_node(cluster, 
         assert [s.id for s in mesh.list_slices()] == [kept.slices[0].id]
         ended = mesh.get_workload(w.id)
         assert (ended.state, ended.message) == (T.WORKLOAD_STATE_FAILED, f"node {GONE} deleted")
+        with pytest.raises(errors.NotFound):                 # disconnected: the peer's buffer revoked
+            mesh.mesh_get(conn.id)
         with pytest.raises(errors.NotFound):                 # a retry: the node is gone
             mesh.delete_node(GONE)
         wait_for(lambda: mesh.list_events("Node", GONE, reason="NodeDeleted"), 30, "the NodeDeleted event")

@@ -11,6 +11,7 @@ migration commands.
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace as NS
 
 import pytest
@@ -25,9 +26,12 @@ from controlplane.controllers.nodedelete import NodeDeleter
 from controlplane.controllers.nodes import NodeManager
 from controlplane.controllers.slices import Controller
 from controlplane.controllers.workloads import WorkloadManager
+from controlplane.serving import reconcile as rc
+from controlplane.serving.deployments import DeploymentManager
 from controlplane.state import keys
 from controlplane.state.store import Absent, Present, Put, Snapshot
 from gpumesh.v1 import admin_service_pb2
+from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import mesh_service_pb2 as MS
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2
@@ -283,11 +287,13 @@ async def test_a_notready_node_is_deleted_and_everything_on_it_ends():
     try:
         agent = connect_a(cp)
         migrate(cp, etcd)
-        replicas = NS(store=NS(replicas={"chat": {"r-1": NS(deployment="chat", id="r-1", node=B, slice_id="s-b2"),
-                                                  "r-2": NS(deployment="chat", id="r-2", node=A, slice_id="s-a2")}}),
-                      kicked=0, down_since={B: 1.0})
-        replicas.kick = lambda: setattr(replicas, "kicked", replicas.kicked + 1)
-        cp.ctl.deployments = replicas
+        dm = DeploymentManager(cp.ctl, cp.wm, registry=NS())     # its loop not started: each pass by hand below
+        dm.store.replicas["chat"] = {
+            "r-1": D.Replica(id="r-1", deployment="chat", node=B, slice_id="s-b2", allocation_id="a-2",
+                             workload_id="w-b", state=D.REPLICA_STATE_READY),
+            "r-2": D.Replica(id="r-2", deployment="chat", node=A, slice_id="s-a2", allocation_id="a-3",
+                             workload_id="w-a", state=D.REPLICA_STATE_READY)}
+        dm.down_since[B] = 0.0
         watch = cp.ctl.events.subscribe("test")
         resp = await delete_rpc(cp, B)
         assert sorted(resp.slices) == ["s-b1", "s-b2", "s-bt"]
@@ -298,7 +304,12 @@ async def test_a_notready_node_is_deleted_and_everything_on_it_ends():
         assert resp.node.name == B and resp.node.deleting and resp.node.state == T.NODE_STATE_NOT_READY
         check_deleted(etcd)
         assert B not in cp.ctl.fleet.nodes and B not in cp.ctl.deleted_nodes and not cp.ctl.fleet.slices_on(B)
-        assert replicas.kicked and B not in replicas.down_since
+        assert dm._kick.is_set() and B not in dm.down_since
+        # the replica on B is lost at once (its slice is gone), not after deployment_node_lost_seconds
+        plan = rc.reconcile(rc.Desired(replicas=2), [dm.observe(r) for r in dm.store.replicas_of("chat")], time.time(),
+                            dm.policy)
+        assert ("remove", "r-1") in plan.kinds() and any(a.kind == "create" and a.count == 1 for a in plan.actions)
+        assert ("remove", "r-2") not in plan.kinds()
         assert ("ABORT_SOURCE", "m-to-b") in agent.got and ("STOP_TARGET", "m-from-b") in agent.got
         assert ("Node", B, "NodeDeleted") in [e[:3] for e in cp.ctl.recorder.events]
         seen = {}
