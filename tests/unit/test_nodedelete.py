@@ -122,10 +122,14 @@ class Recorder:
         self.events.append((kind, name, reason, message))
 
 
-async def control_plane(etcd: Etcd):
-    """A leader's start over what etcd holds (the order of controlplane/server.py _lead)."""
+async def control_plane(etcd):
+    """A leader's start over what etcd holds (the order of controlplane/server.py _lead): over the fake `Etcd`,
+    or a real EtcdStore (leading) with the real group-commit writer."""
     ctl = Controller(etcd)
-    ctl.writer.write = etcd.write
+    if isinstance(etcd, Etcd):
+        ctl.writer.write = etcd.write
+    else:
+        ctl.writer.start()
     ctl.recorder = Recorder()
     nodes = NodeManager(ctl)
     await nodes.load()
@@ -146,6 +150,8 @@ async def control_plane(etcd: Etcd):
         await mesh.stop()
         await wm.stop()
         await nodes.stop()
+        if not isinstance(etcd, Etcd):
+            await ctl.writer.stop()
     cp.stop = stop
     return cp
 
