@@ -63,3 +63,11 @@ def test_meshctl_delete_node_prints_what_was_ended(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run("delete", "gadget", B)
     assert "choose from 'pool', 'node'" in capsys.readouterr().err and fake.asked == [B, B, B, "ready-node"]
+
+
+def test_a_node_being_deleted_reads_notready_deleting():
+    from mesh.client import node_to_dict
+    from tools.meshctl.output import node_status
+    doc = node_to_dict(T.Node(name=B, state=T.NODE_STATE_NOT_READY, deleting=True, message="being deleted"))
+    assert doc["deleting"] and node_status(doc) == "NotReady,Deleting"
+    assert node_status(node_to_dict(T.Node(name=B, state=T.NODE_STATE_READY))) == "Ready"
