@@ -399,6 +399,30 @@ async def test_a_node_being_deleted_cannot_register():
         await cp.stop()
 
 
+async def test_a_register_that_was_granted_its_lease_while_the_marker_was_written_is_refused():
+    """Register awaits etcd for a lease; a deletion that began meanwhile wins (its write would bring the node
+    back READY, half-deleted)."""
+    etcd = Etcd()
+    fleet(etcd)
+    cp = await control_plane(etcd)
+    try:
+        granted = asyncio.Event()
+
+        async def slow_grant(ttl):
+            await granted.wait()
+            return 7
+        etcd.grant_lease = slow_grant
+        registering = asyncio.create_task(cp.nodes.register(B, node(B).inventory, "agent/1"))
+        await asyncio.sleep(0.05)
+        await cp.deleter._mark(B, cp.ctl.fleet.nodes[B])
+        granted.set()
+        with pytest.raises(errors.FailedPrecondition, match="being deleted"):
+            await registering
+        assert keys.alive(B) not in etcd.kv and etcd.get(keys.node(B), T.Node).deleting
+    finally:
+        await cp.stop()
+
+
 @pytest.mark.parametrize("fails", [keys.WORKLOADS, keys.MESH, keys.SLICES, keys.MIGRATIONS, keys.NODES])
 async def test_a_control_plane_stopped_mid_deletion_finishes_it_at_start(fails):
     """The first leader stops (as in a crash) while a write of one step keeps failing; the next leader, loaded
