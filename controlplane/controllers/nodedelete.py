@@ -6,7 +6,7 @@ go on running what the control plane forgets. The deletion is a marker, then ide
 1. the marker: the node's record with `deleting` set, written in one transaction guarded by the absence of
    its alive key (an agent that registered meanwhile wins: FAILED_PRECONDITION). From here the node is in
    `ctl.deleted_nodes`: its agent's Register is refused, and no migration waits for an answer from it.
-2. its workloads end FAILED "node NAME deleted" (the workload manager's own write);
+2. its workloads end FAILED "node NAME deleted" (`fail_workloads`, through the workload manager's write);
 3. its mesh connections are disconnected (the mesh manager's: the peer's buffer is revoked);
 4. its slices' allocations are released as a drain evicts them, and its slice records deleted as the
    agent's release report would (the slice controller's `end_node_slices`); a deployment replica whose
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane.controllers.workloads import node_deleted
 from controlplane.state import keys
 from controlplane.state.store import Absent, Delete, Present, Put
 from gpumesh.v1 import admin_service_pb2, types_pb2
@@ -40,6 +39,30 @@ logger = logging.getLogger(__name__)
 MIGRATION_WAIT_S = 15.0     # how long a deletion waits for the migrations it ended to reach their last phase
 ANSWER_WAIT_S = 60.0        # how long DeleteNode waits for the deletion; it goes on in the background after
 RETRY_S = 2.0               # between attempts of a deletion whose write failed (etcd unavailable)
+BATCH = 100                 # records per transaction (etcd takes at most 128 operations)
+
+
+def node_deleted(node: str) -> str:
+    """The message of what a node's deletion ended (workloads; slices and allocations; mesh connections)."""
+    return f"node {node} deleted"
+
+
+async def fail_workloads(wm, node: str, reason: str) -> list[str]:
+    """Every workload on `node` that has not ended ends FAILED with `reason`, durably (the workload manager's
+    own write: its events and waiters), before its slices go, so it reads as failed, not as 'stopped: slice
+    released'. Idempotent; the ids ended by this call."""
+    from controlplane.controllers.workloads import TERMINAL
+    ended = []
+    for w in list(wm.workloads.values()):
+        if w.node == node and w.state not in TERMINAL:
+            n = types_pb2.Workload()
+            n.CopyFrom(w)
+            n.state, n.message = types_pb2.WORKLOAD_STATE_FAILED, reason
+            n.finished_at.GetCurrentTime()
+            ended.append(n)
+    for i in range(0, len(ended), BATCH):
+        await wm.save(ended[i:i + BATCH])
+    return [w.id for w in ended]
 
 
 class NodeDeleter:
@@ -144,7 +167,7 @@ class NodeDeleter:
         # named before anything ends: those already failing (their asks of the node fail from the marker on)
         involved = migrations.unfinished_for(name) if migrations is not None else []
         if self.workloads is not None:
-            out.workloads.extend(await self.workloads.end_on_node(name, why))
+            out.workloads.extend(await fail_workloads(self.workloads, name, why))
         if self.mesh is not None:
             for c in [c for c in self.mesh.connections.values() if name in (c.a.node, c.b.node)]:
                 await self.mesh.disconnect(c.id, reason=why)

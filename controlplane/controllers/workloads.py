@@ -22,6 +22,7 @@ from controlplane.api import auth
 
 from controlplane.state import keys
 from controlplane.state.requestids import RequestIds
+from controlplane.controllers.nodedelete import node_deleted
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
@@ -44,11 +45,6 @@ RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE
                 "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
 RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
-
-
-def node_deleted(node: str) -> str:
-    """The message of what a node's deletion ended (controllers/nodedelete.py)."""
-    return f"node {node} deleted"
 
 
 def _check_id(value: str, field: str, what: str) -> str:
@@ -293,20 +289,6 @@ class WorkloadManager:
         running = [w.id for w in self.workloads.values() if w.slice_id in ids and w.state not in TERMINAL]
         if running:
             await asyncio.gather(*(self.stop_workload(wid, wait=wait) for wid in running))
-
-    async def end_on_node(self, node: str, reason: str) -> list[str]:
-        """A deleted node (controllers/nodedelete.py): every workload on it that has not ended ends FAILED with
-        `reason`, durably, before its slices go (so it reads as failed, not as 'stopped: slice released').
-        Idempotent; the ids ended by this call."""
-        ended = []
-        for w in list(self.workloads.values()):
-            if w.node == node and w.state not in TERMINAL:
-                n = self._copy(w, state=W.WORKLOAD_STATE_FAILED, message=reason)
-                n.finished_at.CopyFrom(now())
-                ended.append(n)
-        for i in range(0, len(ended), 100):         # etcd takes at most 128 operations per transaction
-            await self.save(ended[i:i + 100])
-        return [w.id for w in ended]
 
     def list(self, tenant: str = "", node: str = "", slice_id: str = "") -> list[types_pb2.Workload]:
         out = [w for w in self.workloads.values()
