@@ -257,6 +257,9 @@ class ControlPlane:
                                              node_lost_seconds=self.cfg.deployment_node_lost_seconds)
         await self.deployments.load()
         self.deployments.prices = self.cfg.price_table()
+        from controlplane.controllers.nodedelete import NodeDeleter
+        self.node_deleter = NodeDeleter(self.ctl, self.nodes, self.workloads, self.mesh)
+        await self.node_deleter.resume()        # deletions a stopped control plane had begun
         self.pools.deployments = self.deployments
         self.history = self._start_history()
         self.orchestrator = self._start_orchestrator()
@@ -275,7 +278,7 @@ class ControlPlane:
         auth.apply_quotas(self.ctl.scheduler, self.tenants)
         real = {"SliceService": SliceService(self.ctl),
                 "NodeService": NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)),
-                "AdminService": AdminService(self.ctl, self.nodes),
+                "AdminService": AdminService(self.ctl, self.nodes, self.node_deleter),
                 "WorkloadService": WorkloadService(self.workloads),
                 "MeshService": MeshService(self.mesh),
                 "MigrationService": MigrationService(self.migrations),
@@ -366,6 +369,8 @@ class ControlPlane:
         if getattr(self, "orchestrator", None) is not None:
             await self.orchestrator.stop()         # before the actuators it drives
         if getattr(self, "nodes", None) is not None:
+            if getattr(self, "node_deleter", None) is not None:
+                await self.node_deleter.stop()
             await self.nodes.stop()
             if getattr(self, "mesh", None) is not None:
                 await self.mesh.stop()

@@ -52,6 +52,8 @@ NODE_STATES = {"ready": types_pb2.NODE_STATE_READY, "not-ready": types_pb2.NODE_
 # How long past the server's own wait for READY the client's deadline runs.
 _ALLOCATE_DEADLINE_SLACK = 10.0
 _SERVER_DEFAULT_WAIT = 30.0
+DELETE_NODE_TIMEOUT_S = 90.0
+"""DeleteNode's deadline at least: the control plane waits up to a minute for the deletion (its migrations)."""
 
 
 def _enum_value(kind: str, table: Mapping[str, int], value: str | int | None, field: str) -> int:
@@ -275,6 +277,14 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
     def drain(self, name: str, dry_run: bool = False) -> admin_service_pb2.DrainNodeResponse:
         return self._admin.DrainNode(admin_service_pb2.DrainNodeRequest(name=name, dry_run=dry_run),
                                      timeout=self.timeout)
+
+    @_converting
+    def delete_node(self, name: str) -> admin_service_pb2.DeleteNodeResponse:
+        """Retire a NotReady node for good (admin): what ran on it ends, its records go, and the response
+        names what was ended. FailedPrecondition while it is READY (drain it, stop its agent, wait for
+        NotReady); NotFound for an unknown node or one deleted already."""
+        return self._admin.DeleteNode(admin_service_pb2.DeleteNodeRequest(name=name),
+                                      timeout=max(self.timeout, DELETE_NODE_TIMEOUT_S))
 
     @_converting
     def list_gpus(self, node: str = "") -> list[types_pb2.GpuStatus]:

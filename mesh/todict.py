@@ -92,6 +92,7 @@ def node_to_dict(n: types_pb2.Node) -> dict[str, Any]:
     inv = n.inventory
     return {
         "name": n.name, "state": node_state_name(n.state), "cordoned": n.cordoned, "draining": n.draining,
+        "deleting": n.deleting,
         "gpus": len(inv.gpus), "gpu_models": sorted({g.model for g in inv.gpus}),
         "slices": n.slices, "ready_slices": n.ready_slices,
         "registered_at": timestamp(n, "registered_at"),

@@ -256,6 +256,7 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.AdminService/CordonNode": ADMIN,
     "/gpumesh.v1.AdminService/UncordonNode": ADMIN,
     "/gpumesh.v1.AdminService/DrainNode": ADMIN,
+    "/gpumesh.v1.AdminService/DeleteNode": ADMIN,
 }
 
 

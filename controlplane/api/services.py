@@ -203,9 +203,10 @@ def coalesce(msg, outbox: asyncio.Queue):
 
 
 class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, ctl: Controller, nodes: NodeManager) -> None:
+    def __init__(self, ctl: Controller, nodes: NodeManager, deleter=None) -> None:
         self.ctl = ctl
         self.nodes = nodes
+        self.deleter = deleter          # controllers/nodedelete.py (the leader's)
 
     @unary
     async def ListNodes(self, request, context):
@@ -234,6 +235,13 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         validate_node_name(request.name, "name")
         node, evicted, replacing = await self.nodes.drain(request.name, request.dry_run)
         return admin_service_pb2.DrainNodeResponse(node=node, evicted=evicted, replacing=replacing)
+
+    @unary
+    async def DeleteNode(self, request, context):
+        validate_node_name(request.name, "name")
+        if self.deleter is None:
+            raise errors.Unavailable("this control plane cannot delete nodes (no node deleter)")
+        return await self.deleter.delete(request.name)
 
     @unary
     async def ListGpus(self, request, context):

@@ -239,6 +239,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         what = C.Action.Name(cmd.action).lower()
         while True:
             t = loop.time()
+            gone = self._deleted_node(mid, node)
+            if gone:
+                raise _Failed(f"node {gone} was deleted ({what} not answered)")
             if t >= deadline:
                 raise _Failed(f"node {node} did not answer {what} within {timeout:g} s")
             if t >= next_send:
@@ -255,6 +258,23 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
                 return rep
             if on_other is not None:
                 await on_other(rep)
+
+    def _deleted_node(self, mid: str, node: str) -> str:
+        """The deleted node (controllers/nodedelete.py) that makes the step asked of `node` hopeless, or "": the
+        node itself, or before the commit either side (a transfer to or from a deleted node never completes; the
+        step fails and the migration rolls back). Rollback and finish steps to a live node go on."""
+        deleted = getattr(self.ctl, "deleted_nodes", None)
+        nodes = getattr(getattr(self.ctl, "fleet", None), "nodes", None)
+
+        def gone(n: str) -> bool:
+            # being deleted, or deleted already (no record: a migration names only nodes that existed)
+            return bool(n) and ((deleted is not None and n in deleted) or (nodes is not None and n not in nodes))
+        if gone(node):
+            return node
+        m = self.migrations.get(mid)
+        if m is not None and m.phase in BEFORE_COMMIT:
+            return next((n for n in (m.source_node, m.target_node) if gone(n)), "")
+        return ""
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -379,3 +399,23 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             if task is not None:
                 await asyncio.wait([task], timeout=COPY_TIMEOUT)
         return [self.migrations[m.id] for m in started]
+
+    def unfinished_for(self, node: str) -> list[str]:
+        """The migrations from or to `node` that have not reached their last phase."""
+        return [m.id for m in self.migrations.values()
+                if m.phase not in FINISHED and node in (m.source_node, m.target_node)]
+
+    async def end_for_node(self, node: str, timeout: float) -> list[str]:
+        """A deleted node (controllers/nodedelete.py; `node` is in ctl.deleted_nodes): the unfinished migrations
+        from or to it end through their own state machine, since every step asked of the node (or, before the
+        commit, of its peer) now fails at once: before the commit they roll back (the source resumes where it
+        lives; a source on the deleted node is FAILED already and is not waited for), after it they finish.
+        Waits up to `timeout` for them; the ids."""
+        ids = self.unfinished_for(node)
+        for mid in ids:
+            if mid not in self.tasks:
+                self._spawn(mid)
+        tasks = [self.tasks[mid] for mid in ids if mid in self.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        return ids

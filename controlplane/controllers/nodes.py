@@ -87,6 +87,8 @@ class NodeManager:
             slices=len(self.fleet.slices), ready=sum(1 for n in self.fleet.nodes.values() if n.ready))
         self._watch_task = asyncio.create_task(self._watch_alive(snap.revision + 1), name="alive-watch")
         for name, entry in list(self.fleet.nodes.items()):
+            if entry.record.deleting:       # a deletion cut short: finished by controllers/nodedelete.py
+                self.ctl.deleted_nodes.add(name)
             if not entry.ready:
                 await self.ctl.mark_node_lost(name, "no lease at control-plane start")
 
@@ -145,19 +147,15 @@ class NodeManager:
 
     # -- agent-facing --------------------------------------------------------------------
 
+    def _refuse_deleting(self, name: str) -> None:
+        if name in getattr(self.ctl, "deleted_nodes", ()):
+            raise errors.FailedPrecondition(f"node {name!r} is being deleted (meshctl delete node): it registers "
+                                            f"again as a new node once the deletion has finished")
+
     async def register(self, name: str, inventory: types_pb2.NodeInventory, agent_version: str) -> types_pb2.Node:
         validate_node_name(name)
+        self._refuse_deleting(name)
         entry = self.fleet.nodes.get(name)
-        rec = types_pb2.Node()
-        if entry is not None:
-            rec.CopyFrom(entry.record)
-        else:
-            rec.name = name
-            rec.registered_at.CopyFrom(now())
-        rec.inventory.CopyFrom(inventory)
-        rec.agent_version = agent_version
-        rec.state = types_pb2.NODE_STATE_READY
-        rec.message = ""
         lease_id = entry.lease_id if entry is not None and entry.ready else 0
         if lease_id:
             try:
@@ -170,6 +168,21 @@ class NodeManager:
                 lease_id = await self.store.grant_lease(self.lease_ttl)
             except ETCD_ERRORS as e:
                 raise errors.Unavailable(f"etcd: cannot grant a lease: {e}") from e
+        # read again after the awaits: a deletion that began meanwhile wins (its marker is written guarded by
+        # the absence of the alive key; this write, queued after it, would bring the node back half-deleted),
+        # and a node deleted meanwhile registers as a new one, nothing of its old record kept
+        self._refuse_deleting(name)
+        entry = self.fleet.nodes.get(name)
+        rec = types_pb2.Node()
+        if entry is not None:
+            rec.CopyFrom(entry.record)
+        else:
+            rec.name = name
+            rec.registered_at.CopyFrom(now())
+        rec.inventory.CopyFrom(inventory)
+        rec.agent_version = agent_version
+        rec.state = types_pb2.NODE_STATE_READY
+        rec.message = ""
         await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString()),
                                      Put(keys.alive(name), name.encode(), lease=lease_id)])
         was = "new" if entry is None else ("ready" if entry.ready else "not-ready")

@@ -38,6 +38,7 @@ allocation; after it the id is forgotten (its etcd key expires with a lease), so
 REQUEST_LEASE_ROTATE_S = 3600
 
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
+DELETE_BATCH = 100      # slice records deleted per transaction (etcd takes at most 128 operations)
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -82,6 +83,9 @@ class Controller:
         self.release_hooks: list = []
         # The warm-slice pool (controllers/warmslices.py) when the orchestrator keeps one: Allocate claims from it.
         self.warm = None
+        # Nodes being deleted (controllers/nodedelete.py): their agent may not register, and nothing waits
+        # for an answer from them (a migration's steps fail at once).
+        self.deleted_nodes: set[str] = set()
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -438,6 +442,23 @@ class Controller:
         changed = [self._update(s, state=S.SLICE_STATE_UNKNOWN, message=f"node NotReady: {why}") for s in priors]
         if changed:
             await self.save_or_restore(changed, priors)
+
+    async def end_node_slices(self, node: str, message: str) -> tuple[list[str], list[str]]:
+        """A deleted node's slices (controllers/nodedelete.py): their allocations are released as a drain
+        evicts them (`release`: RELEASING with `message`, workloads stopped first, removals sent to the
+        other nodes' agents), then the records of the slices on `node`, whose agent will never confirm a
+        teardown, are deleted as an agent's release report would (watchers see DELETED, waiters answer).
+        Idempotent: a retry ends what is left. (slice ids, allocation ids) ended."""
+        on = self.fleet.slices_on(node)
+        ids, allocs = [s.id for s in on], sorted({s.allocation_id for s in on})
+        for alloc in allocs:
+            if self.fleet.slices_of(alloc):
+                await self.release(alloc, wait=False, message=message)
+        while self.fleet.slices_on(node):
+            batch = self.fleet.slices_on(node)[:DELETE_BATCH]
+            deleted = [self.fleet.drop_slice(s.id) for s in batch]
+            await self.save_or_restore([], [], deleted)
+        return ids, allocs
 
     async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
                               deleted: list[types_pb2.Slice] = ()) -> int:

@@ -22,6 +22,7 @@ from controlplane.api import auth
 
 from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
+from controlplane.controllers.nodedelete import node_deleted
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
@@ -348,6 +349,12 @@ class WorkloadManager:
                 forget.append(st.id)        # expired while this agent was away: its files go too
                 self.expired_ids.pop(st.id, None)
             if w is None or w.node != node:
+                continue
+            if w.state == W.WORKLOAD_STATE_FAILED and w.message == node_deleted(node):
+                # the agent of a deleted node came back (a new node of the same name): its old workloads
+                # stay as the deletion ended them, and once stopped there their files go
+                if st.state in TERMINAL:
+                    forget.append(st.id)
                 continue
             if w.state in TERMINAL and st.state not in TERMINAL:
                 continue        # a late report never revives a finished workload

@@ -309,6 +309,17 @@ class Fleet:
             self._place(self.slices[sid])
         return entry
 
+    def drop_node(self, name: str) -> NodeEntry | None:
+        """Forget a node (deleted, controlplane/controllers/nodedelete.py): its GPUs leave the fill index.
+        Its slices are dropped before (drop_slice); any left stay, placed nowhere."""
+        entry = self.nodes.pop(name, None)
+        if entry is not None:
+            for g in entry.gpus:
+                self.index.discard(g)
+        if not self.by_node.get(name):
+            self.by_node.pop(name, None)
+        return entry
+
     def gpu(self, node: str, index: int) -> GpuState | None:
         entry = self.nodes.get(node)
         if entry is None:

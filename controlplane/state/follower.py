@@ -263,10 +263,7 @@ class Follower:
         elif key.startswith(keys.NODES):
             name = key[len(keys.NODES):]
             if deleted:
-                entry = fleet.nodes.pop(name, None)
-                if entry is not None:
-                    for g in entry.gpus:
-                        fleet.index.discard(g)
+                fleet.drop_node(name)
             else:
                 entry = fleet.upsert_node(decode_node(value))
                 entry.ready = name in self._alive

@@ -3,7 +3,7 @@
 | key | value | written by |
 | --- | --- | --- |
 | `/gpumesh/v1/leader` | leader identity; bound to the leader's session lease | leader election |
-| `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, draining, registration) | Register, cordon, drain |
+| `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, draining, deleting, registration) | Register, cordon, drain, DeleteNode (its marker; deleted last) |
 | `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
 | `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
 | `/gpumesh/v1/requests/<tenant>/<request-id>` | `{"id": allocation id, "fingerprint": "sha256:..."}`, or a bare allocation id from earlier versions (idempotency of Allocate: state/requestids.py; expires after 24-25 h through a lease) | Allocate |

@@ -39,7 +39,7 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # Calls that wait for agents (or stream) may run into the client's deadline; nothing else may.
-WAITING = {"Allocate", "Run", "Stop", "Connect", "Disconnect", "Release", "Logs", "Watch", "DrainNode",
+WAITING = {"Allocate", "Run", "Stop", "Connect", "Disconnect", "Release", "Logs", "Watch", "DrainNode", "DeleteNode",
            "Migrate", "Checkpoint", "Restore", "Resize"}
 CALLERS = ("admin", "team-a", "team-a", "team-b", "team-b", "viewer-a", None, "bad-token", "agent")
 SERVICES = (slice_service_pb2, workload_service_pb2, mesh_service_pb2, migration_service_pb2, admin_service_pb2,

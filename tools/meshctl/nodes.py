@@ -1,5 +1,6 @@
-"""`meshctl cordon|uncordon|drain NAME`: take nodes in and out of scheduling; `meshctl gpu clear NODE
-INDEX`: take a quarantined GPU back through recovery (docs/operations.md, GPU health)."""
+"""`meshctl cordon|uncordon|drain NAME`: take nodes in and out of scheduling; `meshctl delete node NAME`:
+retire a NotReady node for good; `meshctl gpu clear NODE INDEX`: take a quarantined GPU back through recovery
+(docs/operations.md, GPU health)."""
 
 from __future__ import annotations
 
@@ -131,6 +132,34 @@ def wait_replicas_off(args: argparse.Namespace, quiet: bool = False) -> int:
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(1.0)
+
+
+def delete_node_to_dict(resp) -> dict:
+    from mesh.client import node_to_dict
+    return {"node": node_to_dict(resp.node), "slices": list(resp.slices), "allocations": list(resp.allocations),
+            "workloads": list(resp.workloads), "migrations": list(resp.migrations),
+            "connections": list(resp.connections), "replicas": list(resp.replicas)}
+
+
+def run_delete_node(args: argparse.Namespace) -> int:
+    """`meshctl delete node NAME` (registered with `delete pool`, tools/meshctl/pools.py)."""
+    from tools.meshctl.output import dump
+    from tools.meshctl.progress import for_args
+    with client(args) as mesh, for_args(args).waiting(f"deleting node/{args.name}"):
+        resp = mesh.delete_node(args.name)
+    doc = delete_node_to_dict(resp)
+    if args.output in ("json", "yaml"):
+        out(dump(doc, args.output))
+        return 0
+    kinds = (("allocations", "allocation(s) released", "allocation/"), ("slices", "slice(s) deleted", "slice/"),
+             ("workloads", "workload(s) failed", "workload/"), ("migrations", "migration(s) ended", "migration/"),
+             ("connections", "mesh connection(s) disconnected", "connection/"),
+             ("replicas", "replica(s) being replaced elsewhere", "replica/"))
+    lines = [f"{len(doc[key])} {what}: {' '.join(prefix + i for i in doc[key])}" for key, what, prefix in kinds
+             if doc[key]]
+    lines.append(f"node/{args.name} deleted")
+    out("\n".join(lines) + "\n")
+    return 0
 
 
 def run_gpu(args: argparse.Namespace) -> int:

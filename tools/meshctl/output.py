@@ -70,9 +70,10 @@ def _title(state: str) -> str:
 
 def node_status(d: dict) -> str:
     """"Ready", "NotReady", "Ready,SchedulingDisabled", "Ready,SchedulingDisabled,Draining" (model
-    replicas being replaced elsewhere)."""
+    replicas being replaced elsewhere), "NotReady,Deleting" (`meshctl delete node` in progress)."""
     status = _title(d["state"]) if d["state"] != "unspecified" else "Unknown"
-    return status + (",SchedulingDisabled" if d["cordoned"] else "") + (",Draining" if d.get("draining") else "")
+    return status + (",SchedulingDisabled" if d["cordoned"] else "") + (",Draining" if d.get("draining") else "") \
+        + (",Deleting" if d.get("deleting") else "")
 
 
 def slice_columns(now: datetime | None = None) -> list[Column]:

@@ -1,4 +1,4 @@
-"""`meshctl create pool`, `meshctl delete pool`, and the pool parts of `get pools` / `describe pool`."""
+"""`meshctl create pool`, `meshctl delete pool|node` (node: tools/meshctl/nodes.py), and the pool parts of `get pools` / `describe pool`."""
 
 from __future__ import annotations
 
@@ -42,9 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _pool_flags(p, defaults=True)
     p.set_defaults(func=run_create)
     # `update pool` is registered by tools/meshctl/update.py (with `update deployment`)
-    d = subcommand(sub, "delete", help="delete a resource pool", epilog=EPILOG,
-                   description="Delete a resource (pool); refused while a deployment draws from it.")
-    d.add_argument("kind", metavar="KIND", choices=("pool",), help="pool")
+    d = subcommand(sub, "delete", help="delete a resource pool or retire a node",
+                   epilog="examples:\n  meshctl delete pool inference-a\n"
+                          "  meshctl drain sim-node-02 --wait && ssh sim-node-02 systemctl stop mesh-agent\n"
+                          "  meshctl delete node sim-node-02           # once `get nodes` shows it NotReady\n"
+                          "  meshctl delete node sim-node-02 -o json   # what was ended, as a document\n",
+                   description="Delete a resource. pool: refused while a deployment draws from it. node: retire a "
+                               "NotReady node for good (drain it and stop its agent first; a READY node is "
+                               "refused): its slices and their allocations, its workloads (FAILED), migrations "
+                               "from or to it, mesh connections with a buffer there and its GPU health records "
+                               "end; deployment replicas on it are replaced elsewhere; prints what was ended. If "
+                               "its agent comes back it registers as a new node and tears down what it held.")
+    d.add_argument("kind", metavar="KIND", choices=("pool", "node"), help="pool or node")
     d.add_argument("name", metavar="NAME")
     d.set_defaults(func=run_delete)
 
@@ -133,6 +142,9 @@ def run_update(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    if args.kind == "node":
+        from tools.meshctl.nodes import run_delete_node
+        return run_delete_node(args)
     with client(args) as mesh:
         p = mesh.delete_pool(args.name)
     out(f"pool/{p.name} deleted\n")

@@ -74,3 +74,27 @@ class ListGpusResponse(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[_types_pb2.GpuStatus]
     def __init__(self, gpus: _Optional[_Iterable[_Union[_types_pb2.GpuStatus, _Mapping]]] = ...) -> None: ...
+
+class DeleteNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteNodeResponse(_message.Message):
+    __slots__ = ("node", "slices", "allocations", "workloads", "migrations", "connections", "replicas")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    node: _types_pb2.Node
+    slices: _containers.RepeatedScalarFieldContainer[str]
+    allocations: _containers.RepeatedScalarFieldContainer[str]
+    workloads: _containers.RepeatedScalarFieldContainer[str]
+    migrations: _containers.RepeatedScalarFieldContainer[str]
+    connections: _containers.RepeatedScalarFieldContainer[str]
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., slices: _Optional[_Iterable[str]] = ..., allocations: _Optional[_Iterable[str]] = ..., workloads: _Optional[_Iterable[str]] = ..., migrations: _Optional[_Iterable[str]] = ..., connections: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...

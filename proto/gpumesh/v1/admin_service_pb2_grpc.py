@@ -71,6 +71,11 @@ class AdminServiceStub:
                 request_serializer=gpumesh_dot_v1_dot_admin__service__pb2.ClearGpuQuarantineRequest.SerializeToString,
                 response_deserializer=gpumesh_dot_v1_dot_types__pb2.GpuStatus.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/gpumesh.v1.AdminService/DeleteNode',
+                request_serializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -128,6 +133,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteNode(self, request, context):
+        """Retire a node for good (`kubectl delete node`): everything placed on it
+        ends and its records go (slices and their allocations, workloads FAILED,
+        migrations from or to it rolled back or finished, mesh connections with a
+        buffer there, GPU health records); deployment replicas on it are replaced
+        at once. Admin only. FAILED_PRECONDITION while the node is READY (its
+        agent holds its lease: drain it and stop its agent first); NOT_FOUND for
+        an unknown node, and for a node already deleted (a retry); INVALID_ARGUMENT
+        for a bad name. If the agent comes back later it registers as a new node
+        and tears down what it still holds of the old one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +185,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ClearGpuQuarantine,
                     request_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.ClearGpuQuarantineRequest.FromString,
                     response_serializer=gpumesh_dot_v1_dot_types__pb2.GpuStatus.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +382,33 @@ class AdminService:
             '/gpumesh.v1.AdminService/ClearGpuQuarantine',
             gpumesh_dot_v1_dot_admin__service__pb2.ClearGpuQuarantineRequest.SerializeToString,
             gpumesh_dot_v1_dot_types__pb2.GpuStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpumesh.v1.AdminService/DeleteNode',
+            gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeRequest.SerializeToString,
+            gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,219 @@
+"""Retiring a node for good (`AdminService.DeleteNode`, `meshctl delete node`; kubectl's `delete node`).
+
+Only a NotReady node is deleted (its agent holds no lease): a READY one is refused, since its agent would
+go on running what the control plane forgets. The deletion is a marker, then idempotent steps:
+
+1. the marker: the node's record with `deleting` set, written in one transaction guarded by the absence of
+   its alive key (an agent that registered meanwhile wins: FAILED_PRECONDITION). From here the node is in
+   `ctl.deleted_nodes`: its agent's Register is refused, and no migration waits for an answer from it.
+2. its workloads end FAILED "node NAME deleted" (`fail_workloads`, through the workload manager's write);
+3. its mesh connections are disconnected (the mesh manager's: the peer's buffer is revoked);
+4. its slices' allocations are released as a drain evicts them, and its slice records deleted as the
+   agent's release report would (the slice controller's `end_node_slices`); a deployment replica whose
+   slice is gone is lost at once, so the deployment controller (kicked) replaces it;
+5. migrations from or to it end through their own state machine (every step asked of the node fails
+   now): rolled back before the commit, finished after it; waited for a while;
+6. the last transaction deletes its record (marker included) and its GPU health records (quarantines);
+   the in-memory node, its telemetry and heartbeats go; the event `NodeDeleted` is recorded.
+
+A control plane that stops in the middle finds the marker when it starts (NodeManager.load puts the node
+in `ctl.deleted_nodes`) and `resume` finishes the deletion; a DeleteNode retried before that joins or
+finishes it. A DeleteNode of a node already deleted answers NOT_FOUND (the node is gone; nothing is done
+twice). When the agent comes back it registers as a new node: the control plane sends it no slices and
+no workloads, so its own reconciliation tears down what it still holds (nodeagent/agent.py, orphans), and
+its reports of the old workloads change nothing (controllers/workloads.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from controlplane.state import keys
+from controlplane.state.store import Absent, Delete, Present, Put
+from gpumesh.v1 import admin_service_pb2, types_pb2
+from mesh import errors
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
+MIGRATION_WAIT_S = 15.0     # how long a deletion waits for the migrations it ended to reach their last phase
+ANSWER_WAIT_S = 60.0        # how long DeleteNode waits for the deletion; it goes on in the background after
+RETRY_S = 2.0               # between attempts of a deletion whose write failed (etcd unavailable)
+BATCH = 100                 # records per transaction (etcd takes at most 128 operations)
+
+
+def node_deleted(node: str) -> str:
+    """The message of what a node's deletion ended (workloads; slices and allocations; mesh connections)."""
+    return f"node {node} deleted"
+
+
+async def fail_workloads(wm, node: str, reason: str) -> list[str]:
+    """Every workload on `node` that has not ended ends FAILED with `reason`, durably (the workload manager's
+    own write: its events and waiters), before its slices go, so it reads as failed, not as 'stopped: slice
+    released'. Idempotent; the ids ended by this call."""
+    from controlplane.controllers.workloads import TERMINAL
+    ended = []
+    for w in list(wm.workloads.values()):
+        if w.node == node and w.state not in TERMINAL:
+            n = types_pb2.Workload()
+            n.CopyFrom(w)
+            n.state, n.message = types_pb2.WORKLOAD_STATE_FAILED, reason
+            n.finished_at.GetCurrentTime()
+            ended.append(n)
+    for i in range(0, len(ended), BATCH):
+        await wm.save(ended[i:i + BATCH])
+    return [w.id for w in ended]
+
+
+class NodeDeleter:
+    def __init__(self, ctl, nodes, workloads=None, mesh=None) -> None:
+        self.ctl = ctl
+        self.nodes = nodes
+        self.workloads = workloads
+        self.mesh = mesh
+        self.tasks: dict[str, asyncio.Task] = {}            # node -> its deletion in progress
+        self.migration_wait = MIGRATION_WAIT_S
+        self.answer_wait = ANSWER_WAIT_S
+        self.retry = RETRY_S
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    async def delete(self, name: str) -> admin_service_pb2.DeleteNodeResponse:
+        """DeleteNode: the marker, then the steps (in a task that outlives the call: a client that goes
+        away does not leave a half-deleted node); what was ended."""
+        entry = self.nodes.entry(name)                      # NOT_FOUND, also for a node deleted already
+        if name not in self.ctl.deleted_nodes:
+            if entry.ready:
+                raise errors.FailedPrecondition(
+                    f"node {name} is READY (its agent holds its lease): drain it and stop its agent first, "
+                    f"then delete it once `meshctl get nodes` shows it NotReady")
+            await self._mark(name, entry)
+        task = self._start(name)
+        done, _ = await asyncio.wait({task}, timeout=self.answer_wait)
+        if not done:
+            raise errors.Unavailable(f"the deletion of node {name} goes on in the background (a write to etcd "
+                                     f"keeps failing, or migrations take long): retry DeleteNode to follow it")
+        return task.result()
+
+    async def resume(self) -> None:
+        """At leader start: finish the deletions a stopped control plane had begun (their marker)."""
+        for name in sorted(self.ctl.deleted_nodes):
+            log(logger, logging.WARNING, "finishing the deletion of a node begun before a restart", node=name)
+            self._start(name)
+
+    async def stop(self) -> None:
+        for t in list(self.tasks.values()):
+            t.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=5.0)
+
+    # -- the marker -------------------------------------------------------------------------------
+
+    async def _mark(self, name: str, entry) -> None:
+        rec = types_pb2.Node()
+        rec.CopyFrom(entry.record)
+        rec.deleting = True
+        rec.message = "being deleted"
+        self.ctl.deleted_nodes.add(name)                    # before the write: a Register from now on is refused
+        try:
+            await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())],
+                                        [Present(keys.node(name)), Absent(keys.alive(name))])
+        except errors.Aborted:
+            self.ctl.deleted_nodes.discard(name)
+            raise errors.FailedPrecondition(f"node {name} registered again meanwhile (its agent holds its lease): "
+                                            f"stop its agent first") from None
+        except BaseException:
+            self.ctl.deleted_nodes.discard(name)
+            raise
+        entry.record = rec
+        log(logger, logging.WARNING, "node deletion begins", node=name)
+
+    def _start(self, name: str) -> asyncio.Task:
+        task = self.tasks.get(name)
+        if task is None or task.done():
+            task = self.tasks[name] = asyncio.create_task(self._until_done(name), name=f"delete-node-{name}")
+        return task
+
+    async def _until_done(self, name: str) -> admin_service_pb2.DeleteNodeResponse:
+        try:
+            while True:
+                try:
+                    return await self.finish(name)
+                except errors.NotFound:
+                    raise               # deleted already (an earlier attempt finished)
+                except errors.MeshError as e:
+                    log(logger, logging.WARNING, "node deletion interrupted; trying again", node=name, error=str(e))
+                    await asyncio.sleep(self.retry)
+        except errors.NotFound:
+            raise
+        except Exception:       # noqa: BLE001 - a bug: said here (a resumed deletion has no caller), a retry starts anew
+            logger.exception("deletion of node %s", name)
+            raise
+        finally:
+            self.tasks.pop(name, None)
+
+    # -- the steps ---------------------------------------------------------------------------------
+
+    async def finish(self, name: str) -> admin_service_pb2.DeleteNodeResponse:
+        """Steps 2-6 (module doc); each ends what is left, so running them again after a failure is safe."""
+        ctl = self.ctl
+        entry = ctl.fleet.nodes.get(name)
+        if entry is None:           # finished by an earlier attempt
+            ctl.deleted_nodes.discard(name)
+            raise errors.NotFound(f"no node {name!r}", kind="node", name=name)
+        why = node_deleted(name)
+        out = admin_service_pb2.DeleteNodeResponse(node=self.nodes.view(name))
+        migrations = getattr(ctl, "migrations", None)
+        # named before anything ends: those already failing (their asks of the node fail from the marker on)
+        involved = migrations.unfinished_for(name) if migrations is not None else []
+        if self.workloads is not None:
+            out.workloads.extend(await fail_workloads(self.workloads, name, why))
+        if self.mesh is not None:
+            for c in [c for c in self.mesh.connections.values() if name in (c.a.node, c.b.node)]:
+                await self.mesh.disconnect(c.id, reason=why)
+                out.connections.append(c.id)
+        deployments = getattr(ctl, "deployments", None)
+        if deployments is not None:
+            out.replicas.extend(sorted(f"{r.deployment}/{r.id}" for rs in deployments.store.replicas.values()
+                                       for r in rs.values() if r.node == name and r.slice_id))
+        slices, allocs = await ctl.end_node_slices(name, why)
+        out.slices.extend(slices)
+        out.allocations.extend(allocs)
+        if deployments is not None:
+            deployments.kick()                      # a slice gone is a replica lost: replaced at once
+        if migrations is not None:
+            ended = await migrations.end_for_node(name, self.migration_wait)
+            out.migrations.extend(sorted(set(involved) | set(ended)))
+        await self._forget(name)
+        log(logger, logging.WARNING, "node deleted", node=name, slices=len(out.slices), workloads=len(out.workloads),
+            migrations=len(out.migrations), connections=len(out.connections), replicas=len(out.replicas))
+        ctl.recorder.emit("Node", name, "Normal", "NodeDeleted",
+                          f"deleted: {len(out.slices)} slice(s) of {len(out.allocations)} allocation(s), "
+                          f"{len(out.workloads)} workload(s), {len(out.migrations)} migration(s), "
+                          f"{len(out.connections)} mesh connection(s), {len(out.replicas)} replica(s) ended",
+                          node=name, source="node-controller")
+        return out
+
+    async def _forget(self, name: str) -> None:
+        """The last transaction: the node's record (and marker) and its GPU health records; then memory."""
+        ctl = self.ctl
+        health = await ctl.store.load(f"{keys.GPU_HEALTH}{name}/")
+        ops = [Delete(k if isinstance(k, bytes) else k.encode()) for k in health.kvs] + [Delete(keys.node(name))]
+        try:
+            await ctl.writer.write(ops, [Absent(keys.alive(name))])
+        except errors.Aborted:
+            raise errors.Unavailable(f"node {name} holds a lease again: not deleted") from None
+        ctl.fleet.drop_node(name)
+        ctl.deleted_nodes.discard(name)
+        self.nodes.heartbeats.pop(name, None)
+        telemetry = getattr(ctl, "telemetry", None)
+        if telemetry is not None:
+            telemetry.events.pop(name, None)
+            telemetry.ib_ports.pop(name, None)
+            for key in [k for k in telemetry.health.gpus if k[0] == name]:
+                del telemetry.health.gpus[key]
+        deployments = getattr(ctl, "deployments", None)
+        if deployments is not None:
+            deployments.down_since.pop(name, None)
+        if self.mesh is not None:
+            self.mesh.hellos.pop(name, None)
