@@ -36,7 +36,7 @@ import threading
 from mesh.transport.base import BufferDamaged
 
 HEADER_BYTES = 64
-BOUNCE_BYTES = 1 << 20          # TLS payloads pass through a buffer of the serving thread's own
+BOUNCE_BYTES = 128 << 10       # TLS payloads pass through a buffer of the serving thread's own (L2-sized)
 _bounce = threading.local()
 
 
@@ -147,15 +147,22 @@ def recv_into_segment(sock, seg: Segment, mapped: memoryview, offset: int, lengt
                     raise
                 damaged = seg.shrunk("write")      # nothing of this call was taken from the stream
                 continue
-        else:
-            k = sock.recv_into(scratch, min(length - got, scratch.nbytes))
-            if k and damaged is None:
-                damaged = seg.damage("write")
-                if damaged is None:
-                    os.pwrite(seg.fd, scratch[:k], HEADER_BYTES + offset + got)
-        if k == 0:
-            raise ConnectionError("connection closed by peer")
-        got += k
+            if k == 0:
+                raise ConnectionError("connection closed by peer")
+            got += k
+            continue
+        # TLS (a record at a time) fills the bounce buffer, then one pwrite; or the rest of a refused payload
+        n, want = 0, min(length - got, scratch.nbytes)
+        while n < want:
+            k = sock.recv_into(scratch[n:want], want - n)
+            if k == 0:
+                raise ConnectionError("connection closed by peer")
+            n += k
+        if damaged is None:
+            damaged = seg.damage("write")
+            if damaged is None:
+                os.pwrite(seg.fd, scratch[:n], HEADER_BYTES + offset + got)
+        got += n
     return damaged
 
 
