@@ -74,7 +74,7 @@ class Segment:
         """The file's size now (bytes, header included)."""
         return os.lseek(self.fd, 0, os.SEEK_END)
 
-    def damage(self, op: str = "", offset: int = 0) -> BufferDamaged | None:
+    def damage(self, op: str = "") -> BufferDamaged | None:
         """None while the segment holds the whole buffer, else the error that says how it was shrunk."""
         size = self.size()
         if size >= self.needed:
