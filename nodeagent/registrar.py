@@ -41,8 +41,9 @@ from gpumesh.v1 import node_service_pb2
 from mesh.config import parse_hostport
 from mesh.logs import log
 from mesh.transport import channel, cuda_ipc, verbs
-from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDescriptor, OutOfBounds, Revoked, TransportError,
-                                 check_bounds, new_key)
+from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDamaged, BufferDescriptor, OutOfBounds, Revoked,
+                                 TransportError, check_bounds, new_key)
+from mesh.transport.dataplane import DAMAGED_BUFFERS
 from mesh.transport.shm import PREFIX, ShmRegion, segment_exists, unlink_segment
 from nodeagent.meshrecords import BufferRecords
 from mesh.transport.tcp import TcpDataPlane
@@ -164,6 +165,7 @@ class Registrar:
                 self.buffers[bid] = Held(desc, connection_id)
                 return desc
             region = ShmRegion(bid, size, new_key(), secret, outlive_process=True)
+        tenant = getattr(self.agent.desired[slice_id], "tenant", "")
         try:
             if transport == "verbs":
                 # the MR is the shared memory segment itself: the slice's workload maps it, the HCA reads and
@@ -172,11 +174,11 @@ class Registrar:
                 desc = self.verbs.register(slice_id, size, buffer=addr, buffer_id=bid)
                 region.set_key(desc.rkey)
                 self.server.add(bid, slice_id, region.data, desc.rkey, base=desc.address, scope=scope,
-                                secret=secret, local_only=True)
+                                secret=secret, local_only=True, segment=region.segment, tenant=tenant)
                 desc.node, desc.endpoint, desc.shm_name = self.node, self.server.endpoint, region.name
             else:
                 served = self.server.add(bid, slice_id, region.data, region.rkey, base=base, scope=scope,
-                                         secret=secret)
+                                         secret=secret, segment=region.segment, tenant=tenant)
                 desc = BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport=transport,
                                         address=served.base, length=size, rkey=region.rkey,
                                         endpoint=self.server.endpoint, shm_name=region.name)
@@ -198,7 +200,7 @@ class Registrar:
                                "address": desc.address})
         iso = getattr(self.agent, "isolator", None)      # the slice's workloads see it in their /dev/shm
         if iso is not None:
-            iso.share_segment(slice_id, self.agent.desired[slice_id].tenant, region.name)
+            iso.share_segment(slice_id, tenant, region.name)
         log(logger, logging.INFO, "mesh buffer recovered" if recover else "mesh buffer registered", node=self.node,
             buffer=bid, slice=slice_id, size=size, transport=transport)
         return desc
@@ -224,6 +226,12 @@ class Registrar:
         try:
             return ShmRegion.reopen(bid, size, secret)
         except Revoked as e:
+            raise BufferGone(e.message) from None
+        except BufferDamaged as e:       # the tenant shrank it or overwrote its header: its memory is not the buffer
+            DAMAGED_BUFFERS.labels(e.reason).inc()
+            log(logger, logging.WARNING, "mesh buffer damaged by a process that maps its segment: not recovered",
+                node=self.node, buffer=bid, slice=slice_id, tenant=getattr(self.agent.desired.get(slice_id), "tenant",
+                                                                           ""), reason=e.reason, error=e.message)
             raise BufferGone(e.message) from None
 
     def _present(self, rec: dict) -> bool:

@@ -11,8 +11,8 @@ never for verbs: a verbs peer is reached by RDMA through the caller's own agent.
 
 from __future__ import annotations
 
-from mesh.transport.base import (BufferDescriptor, Connection, InvalidKey, NotAuthorized, OutOfBounds, PeerGone,
-                                 QueuePairError, Revoked, Transport, TransportError, Unsupported)
+from mesh.transport.base import (BufferDamaged, BufferDescriptor, Connection, InvalidKey, NotAuthorized, OutOfBounds,
+                                 PeerGone, QueuePairError, Revoked, Transport, TransportError, Unsupported)
 
 
 def connect(descriptor: BufferDescriptor, *, fallback: bool = True, secret: bytes = b"",
@@ -71,5 +71,6 @@ def mesh_is_faster(size_bytes: int, mesh_mb_per_s: float, stream_mb_per_s: float
     return mesh_setup_s + mb / mesh_mb_per_s < mb / max(stream_mb_per_s, 1e-9)
 
 
-__all__ = ["BufferDescriptor", "Connection", "Transport", "TransportError", "InvalidKey", "OutOfBounds",
-           "Revoked", "PeerGone", "Unsupported", "NotAuthorized", "QueuePairError", "connect", "mesh_is_faster"]
+__all__ = ["BufferDamaged", "BufferDescriptor", "Connection", "Transport", "TransportError", "InvalidKey",
+           "OutOfBounds", "Revoked", "PeerGone", "Unsupported", "NotAuthorized", "QueuePairError", "connect",
+           "mesh_is_faster"]

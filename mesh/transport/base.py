@@ -87,10 +87,23 @@ class NotAuthorized(TransportError):
     key of another connection than the one this channel authenticated for."""
 
 
+@dataclass
+class BufferDamaged(TransportError):
+    """The buffer's shared memory segment was shrunk (`ftruncate`) or its header overwritten by a process
+    that maps it (its slice's workload: the segment is the tenant's file). Its memory is no longer what was
+    registered: the buffer fails, nothing was moved; the agent and every other buffer go on. Disconnect and
+    connect again. `size`: the segment's size when it was seen (bytes, header included); `expected`: what the
+    buffer needs; `reason`: "shrunk" or "header"."""
+
+    size: int = 0
+    expected: int = 0
+    reason: str = ""
+
+
 ERROR_KINDS: dict[str, type[TransportError]] = {
     "transport": TransportError, "invalid_key": InvalidKey, "out_of_bounds": OutOfBounds,
     "revoked": Revoked, "peer_gone": PeerGone, "unsupported": Unsupported,
-    "queue_pair": QueuePairError, "not_authorized": NotAuthorized}
+    "queue_pair": QueuePairError, "not_authorized": NotAuthorized, "damaged": BufferDamaged}
 
 
 def check_bounds(op: str, buffer_id: str, offset: int, length: int, region_length: int) -> None:

@@ -11,21 +11,39 @@ for RDMA (`local_only`) are not served one-sided to other hosts: their peers
 reach them with RDMA. `RDMA_WRITE` / `RDMA_READ` ask this agent to move bytes
 between the caller's buffer's connected queue pair and its peer (the `rdma` hook,
 the registrar's verbs links).
+
+A region over a tenant's shared memory segment (`segment`) is reached only
+through system calls (`mesh.transport.segment`): the tenant may shrink the
+file at any time, and a user-mode copy from or into its mapping would kill
+this process with SIGBUS. Before each WRITE/READ the segment's size is
+checked; a shrunk one marks the region damaged (every later one-sided
+operation on it answers DAMAGED, the client's `BufferDamaged`), logs a WARNING
+naming the buffer, slice and tenant and counts
+`gpumesh_mesh_buffers_damaged_total`. Other regions and channels go on.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
+from mesh.logs import log
 from mesh.transport import channel
-from mesh.transport.base import InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError, new_key
-from mesh.transport.wire import (BAD_REQUEST, DRAIN_LIMIT, EMPTY, INVALID_KEY, MAX_MESSAGE, MAX_QUEUED, OK, OPS,
+from mesh.transport.base import BufferDamaged, InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError, new_key
+from mesh.transport.segment import Segment, recv_into_segment, send_from_segment
+from mesh.transport.wire import (BAD_REQUEST, DAMAGED, DRAIN_LIMIT, EMPTY, INVALID_KEY, MAX_MESSAGE, MAX_QUEUED, OK, OPS,
                                  NOT_AUTHORIZED, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR, QUEUE_FULL, RDMA_READ, RDMA_WRITE, READ,
                                  RECV, REQ, RESP, REVOKED, REVOKED_KEPT, SEND, WRITE, recv_exact, tune)
+
+logger = logging.getLogger(__name__)
+DAMAGED_BUFFERS = Counter("gpumesh_mesh_buffers_damaged_total", "Mesh buffers found damaged by a process that maps "
+                          "their segment (reason: shrunk, header)", ["reason"])
 
 
 @dataclass
@@ -38,6 +56,9 @@ class Region:
     scope: str = ""             # the connection it belongs to ("" when registered without a secret)
     secret: bytes = b""         # the connection's secret (channels authenticate with it)
     local_only: bool = False    # RDMA buffers: one-sided access from this host only (peers use RDMA)
+    segment: Segment | None = None   # the tenant's shm segment under `data`: reached by system calls only
+    tenant: str = ""            # whose segment it is (for the log line when it is damaged)
+    damaged: str = ""           # why its segment can no longer be used ("": it can)
     inbox: collections.deque = field(default_factory=collections.deque)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -75,10 +96,12 @@ class TcpDataPlane:
         return self.identity.sha256 if self.identity is not None else b""
 
     def add(self, buffer_id: str, slice_id: str, data, rkey: int = 0, base: int = 0, *, scope: str = "",
-            secret: bytes = b"", local_only: bool = False) -> Region:
+            secret: bytes = b"", local_only: bool = False, segment: Segment | None = None,
+            tenant: str = "") -> Region:
         """Serve `data` (a writable bytes-like) under a key; the region (with its base address:
         `base`, e.g. a verbs MR's address, or a random one). With `secret`, only channels that
-        authenticated with it for a buffer of `scope` (the connection) reach it."""
+        authenticated with it for a buffer of `scope` (the connection) reach it. `segment`: `data` is
+        the mapping of that shared memory segment, which another process (`tenant`'s) can shrink."""
         mv = memoryview(data).cast("B")
         if mv.readonly:
             raise TransportError(f"buffer {buffer_id} is read-only", op="register", buffer_id=buffer_id)
@@ -86,7 +109,8 @@ class TcpDataPlane:
             raise TransportError(f"buffer {buffer_id}: a scope needs a secret and a secret a scope", op="register",
                                  buffer_id=buffer_id)
         base = base or (secrets.randbits(32) + 1) << 16
-        region = Region(buffer_id, slice_id, rkey or new_key(), base, mv, scope, secret, local_only)
+        region = Region(buffer_id, slice_id, rkey or new_key(), base, mv, scope, secret, local_only, segment,
+                        tenant)
         with self._lock:
             self.regions[region.rkey] = region
             self.by_id[buffer_id] = region
@@ -207,12 +231,16 @@ class TcpDataPlane:
                                               f"{region.buffer_id} of {region.length} bytes")
         elif region is not None and op == SEND and length > MAX_MESSAGE:
             status, why = BAD_REQUEST, f"message of {length} bytes is over the {MAX_MESSAGE}-byte limit"
+        if status == OK and region.segment is not None and op in (WRITE, READ):
+            status, why = self._segment_ok(region, OPS[op])
         if status != OK:
             if carries and not self._drain(sock, length):
                 self._reply(sock, status, tag, why)
                 return False
             self._reply(sock, status, tag, why)
             return True
+        if region.segment is not None and op in (WRITE, READ):
+            return self._segment_op(sock, op, tag, region, addr - region.base, length)
         if op == WRITE:
             off = addr - region.base
             recv_exact(sock, region.data[off:off + length])
@@ -242,6 +270,42 @@ class TcpDataPlane:
                             if gone else "")
             else:
                 self._reply(sock, OK, tag, msg)
+        return True
+
+    # -- regions over a tenant's segment ---------------------------------------------------------
+
+    def _segment_ok(self, region: Region, op: str) -> tuple[int, str]:
+        if not region.damaged:
+            e = region.segment.damage(op)
+            if e is None:
+                return OK, ""
+            self._mark_damaged(region, e)
+        return DAMAGED, region.damaged
+
+    def _mark_damaged(self, region: Region, e: BufferDamaged) -> None:
+        with self._lock:
+            first, region.damaged = not region.damaged, region.damaged or e.message
+        if first:
+            DAMAGED_BUFFERS.labels(e.reason or "shrunk").inc()
+            log(logger, logging.WARNING, "mesh buffer damaged by a process that maps its segment: its one-sided "
+                "operations fail from now on", buffer=region.buffer_id, slice=region.slice_id, tenant=region.tenant,
+                size=e.size, expected=e.expected, reason=e.reason, op=e.op)
+
+    def _segment_op(self, sock: socket.socket, op: int, tag: int, region: Region, off: int, length: int) -> bool:
+        """WRITE/READ on a region over a tenant's segment, by system calls only (mesh.transport.segment)."""
+        if op == WRITE:
+            e = recv_into_segment(sock, region.segment, region.data, off, length)
+            if e is not None:
+                self._mark_damaged(region, e)
+                self._reply(sock, DAMAGED, tag, region.damaged)
+            else:
+                self._reply(sock, OK, tag)
+            return True
+        sock.sendall(RESP.pack(OK, tag, length))
+        e = send_from_segment(sock, region.segment, region.data, off, length)
+        if e is not None:                 # shrunk during the copy: the reply is cut short, the channel closes
+            self._mark_damaged(region, e)
+            return False
         return True
 
     def _rdma(self, sock: socket.socket, op: int, tag: int, region: Region, offset: int, length: int,
@@ -306,4 +370,6 @@ def _status_of(e: TransportError) -> int:
         return PEER_GONE
     if isinstance(e, QueuePairError):
         return QP_ERROR
+    if isinstance(e, BufferDamaged):
+        return DAMAGED
     return BAD_REQUEST

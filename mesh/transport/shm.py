@@ -23,6 +23,19 @@ Python's resource tracker, which would unlink it when the agent dies, and it
 is only unlinked on revocation. A restarted agent re-adopts it
 (`ShmRegion.reopen`: same bytes, same key, its own pid in the header) and
 peers that had it mapped go on: the owner pid is re-read on every operation.
+
+The segment is its tenant's file (linked into the slice's private /dev/shm),
+so it can be shrunk or its header overwritten under anyone who maps it. The
+owner's side (`ShmRegion`, the agent) never loads or stores through its
+mapping: the header goes through the segment's descriptor (`pread`/`pwrite`)
+and the data plane copies with system calls (mesh.transport.segment), so a
+shrunk segment is a `BufferDamaged` error on that buffer, never a SIGBUS in the
+agent. A peer (`ShmConnection`) re-reads the header with `pread` and checks the
+file's size before every copy, then copies through its mapping (memcpy speed):
+a shrink before the operation is a typed error; one that races the copy can
+still fault the peer's own process. With workload isolation only the slice's
+own processes map its segment (docs/security.md), so that is the tenant's own
+process.
 """
 
 from __future__ import annotations
@@ -37,14 +50,16 @@ import _posixshmem
 from multiprocessing import resource_tracker, shared_memory
 
 from mesh.procs import pid_alive
-from mesh.transport.base import (BufferDescriptor, InvalidKey, NotAuthorized, PeerGone, Revoked, TransportError,
-                                 Unsupported, check_bounds, new_key)
+from mesh.transport.base import (BufferDamaged, BufferDescriptor, InvalidKey, NotAuthorized, PeerGone, Revoked,
+                                 TransportError, Unsupported, check_bounds, new_key)
+from mesh.transport.segment import HEADER_BYTES, Segment
 
 MAGIC = b"GPUMESH1"
 HEADER = struct.Struct("<8sQQQQ")      # magic, rkey, state, length, owner pid
 TAG = struct.Struct("<16s")            # at offset HEADER.size: the secret's tag (zero: no secret)
 NO_TAG = bytes(16)
-HEADER_BYTES = 64
+HEAD = HEADER.size + TAG.size          # the header bytes read back (the rest of the 64 are zero)
+PID_MAX = 1 << 22                      # the kernel's largest pid_max
 ACTIVE, REVOKED = 1, 2
 PREFIX = "gpumesh-"
 _OWNED: set[str] = set()      # segments this process owns (created or re-adopted)
@@ -70,49 +85,74 @@ class ShmRegion:
         if outlive_process:
             _untrack(self.shm)      # only revoke() unlinks it
         _OWNED.add(self.name)
-        HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, length, os.getpid())
-        TAG.pack_into(self.shm.buf, HEADER.size, secret_tag(secret, self.name) if secret else NO_TAG)
+        self.segment = Segment(self.shm._fd, buffer_id, length)       # noqa: SLF001
+        self.segment.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid())
+                                  + TAG.pack(secret_tag(secret, self.name) if secret else NO_TAG))
         self.data = self.shm.buf[HEADER_BYTES:HEADER_BYTES + length]
 
     @classmethod
     def reopen(cls, buffer_id: str, length: int, secret: bytes = b"") -> "ShmRegion":
         """Adopt the segment a previous owner (this agent before a restart) registered: its bytes and its key
-        are kept, the header names this process as the owner. Revoked when the segment is missing (unlinked),
-        revoked, of another length or made for another secret: that buffer's memory is gone."""
+        are kept, the header names this process as the owner. Revoked when the segment is missing (unlinked)
+        or revoked: that buffer's memory is gone; BufferDamaged when it was shrunk or its header overwritten
+        (of another length, not a gpumesh buffer, made for another secret) by a process that maps it."""
         name = PREFIX + buffer_id
         try:
             shm = shared_memory.SharedMemory(name=name)
         except FileNotFoundError:
             raise Revoked(f"buffer {buffer_id}: segment {name} no longer exists (its memory is gone)",
                           op="recover", buffer_id=buffer_id) from None
+        except ValueError:          # an empty file cannot be mapped: shrunk to nothing
+            raise BufferDamaged(f"buffer {buffer_id}: segment {name} was shrunk to 0 bytes", op="recover",
+                                buffer_id=buffer_id, size=0, expected=HEADER_BYTES + max(1, length),
+                                reason="shrunk") from None
         _untrack(shm)
-        magic, rkey, state, size, _ = HEADER.unpack_from(shm.buf, 0)
-        (tag,) = TAG.unpack_from(shm.buf, HEADER.size)
-        why = ("is not a gpumesh buffer" if magic != MAGIC else "was revoked" if state != ACTIVE
+        seg = Segment(shm._fd, buffer_id, length)           # noqa: SLF001
+        try:
+            seg.check("recover")
+            head = seg.read_header(HEAD)
+            magic, rkey, state, size, _ = HEADER.unpack_from(head)
+            (tag,) = TAG.unpack_from(head, HEADER.size)
+            data = shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+            if data.nbytes < length:                # shrunk between the check and the mapping
+                data.release()
+                raise seg.shrunk("recover")
+        except BufferDamaged as e:
+            _close_quietly(shm)
+            raise BufferDamaged(f"buffer {buffer_id}: segment {name} {e.message}", op="recover",
+                                buffer_id=buffer_id, size=e.size, expected=e.expected, reason=e.reason) from None
+        why = ("is not a gpumesh buffer" if magic != MAGIC
                else f"holds {size} bytes, not {length}" if size != length
                else "belongs to another connection" if tag != (secret_tag(secret, name) if secret else NO_TAG)
                else "")
-        if why:
+        if why or state != ACTIVE:
+            data.release()
             _close_quietly(shm)
-            raise Revoked(f"buffer {buffer_id}: segment {name} {why}", op="recover", buffer_id=buffer_id)
+            if not why:
+                raise Revoked(f"buffer {buffer_id}: segment {name} was revoked", op="recover", buffer_id=buffer_id)
+            raise BufferDamaged(f"buffer {buffer_id}: segment {name} {why} (its header was overwritten)",
+                                op="recover", buffer_id=buffer_id, size=seg.size(), expected=seg.needed,
+                                reason="header")
         self = cls.__new__(cls)
         self.buffer_id, self.length, self.rkey, self.name, self.shm = buffer_id, length, rkey, name, shm
         self._tracked = False
+        self.segment = seg
         _OWNED.add(name)
-        HEADER.pack_into(shm.buf, 0, MAGIC, rkey, ACTIVE, length, os.getpid())
-        self.data = shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+        seg.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid()))
+        self.data = data
         return self
 
     def set_key(self, rkey: int) -> None:
         """Take another key (a verbs MR's rkey, once the MR over this segment exists)."""
         self.rkey = rkey
-        HEADER.pack_into(self.shm.buf, 0, MAGIC, rkey, ACTIVE, self.length, os.getpid())
+        self.segment.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, self.length, os.getpid()))
 
     def detach(self) -> None:
         """Close this process's mapping and leave the segment (its bytes, its key) for a later owner."""
         if self.shm is None:
             return
         self.data.release()
+        self.segment = None            # its descriptor closes when operations in flight are done with it
         if self._tracked:
             _untrack(self.shm)
         _OWNED.discard(self.name)
@@ -123,7 +163,8 @@ class ShmRegion:
         """Kill the keys (attached peers see REVOKED on their next operation) and free the segment."""
         if self.shm is None:
             return
-        HEADER.pack_into(self.shm.buf, 0, MAGIC, 0, REVOKED, self.length, os.getpid())
+        self.segment.write_header(HEADER.pack(MAGIC, 0, REVOKED, self.length, os.getpid()))   # not if shrunk
+        self.segment = None
         self.data.release()
         unlink_segment(self.name)
         if self._tracked:
@@ -188,7 +229,17 @@ class ShmConnection:
         except FileNotFoundError:
             raise Revoked(f"buffer {bid}: segment {descriptor.shm_name} is gone (revoked, or not on this host)",
                           op="connect", buffer_id=bid) from None
-        magic, rkey, state, length, self._owner = HEADER.unpack_from(self._shm.buf, 0)
+        except ValueError:          # an empty file cannot be mapped
+            raise BufferDamaged(f"buffer {bid}: segment {descriptor.shm_name} was shrunk to 0 bytes", op="connect",
+                                buffer_id=bid, size=0, expected=HEADER_BYTES + 1, reason="shrunk") from None
+        self._seg = Segment(self._shm._fd, bid, descriptor.length)      # noqa: SLF001
+        try:
+            head = self._seg.read_header(HEAD)
+        except BufferDamaged as e:
+            self._shm.close()
+            raise BufferDamaged(f"buffer {bid}: {e.message}", op="connect", buffer_id=bid, size=e.size,
+                                expected=HEAD, reason="shrunk") from None
+        magic, rkey, state, length, self._owner = HEADER.unpack_from(head)
         if magic != MAGIC:
             self._shm.close()
             raise TransportError(f"{descriptor.shm_name} is not a gpumesh buffer", op="connect", buffer_id=bid)
@@ -198,29 +249,44 @@ class ShmConnection:
         if rkey != descriptor.rkey or not descriptor.rkey:
             self._shm.close()
             raise InvalidKey(f"wrong key for buffer {bid}", op="connect", buffer_id=bid, rkey=descriptor.rkey)
-        (tag,) = TAG.unpack_from(self._shm.buf, HEADER.size)
+        (tag,) = TAG.unpack_from(head, HEADER.size)
         if tag != NO_TAG and not (secret and hmac.compare_digest(tag, secret_tag(secret, descriptor.shm_name))):
             self._shm.close()
             raise NotAuthorized(f"buffer {bid} belongs to a mesh connection: attaching it needs the connection's "
                                 f"secret ({'a wrong one was given' if secret else 'none was given'})",
                                 op="connect", buffer_id=bid)
+        self._seg.expect(length)
+        self._data = self._shm.buf[HEADER_BYTES:HEADER_BYTES + length]
+        if self._data.nbytes < length or self._seg.damage("connect") is not None:
+            e = self._seg.shrunk("connect")
+            self._data.release()
+            self._shm.close()
+            raise e
         self._secret = secret
         self.length = length
-        self._data = self._shm.buf[HEADER_BYTES:HEADER_BYTES + length]
         self._tcp = None
         self._lock = threading.Lock()
 
     def _check(self, op: str, offset: int, length: int) -> None:
+        """The header (by pread: never a load from the mapping) and the file's size, before every copy."""
         bid = self.descriptor.buffer_id
         if self._data is None:
             raise TransportError(f"connection to {bid} is closed", op=op, buffer_id=bid)
-        _, rkey, state, _, owner = HEADER.unpack_from(self._shm.buf, 0)
-        if state != ACTIVE or rkey != self.descriptor.rkey:
+        magic, rkey, state, size, owner = HEADER.unpack_from(self._seg.read_header(HEADER.size))
+        if state == REVOKED and magic == MAGIC:
+            raise Revoked(f"buffer {bid} was deregistered", op=op, buffer_id=bid)
+        if magic != MAGIC or state != ACTIVE or size != self.length or not 0 < owner < PID_MAX:
+            raise BufferDamaged(f"{op} on buffer {bid}: its segment's header was overwritten (magic {magic!r}, state "
+                                f"{state}, length {size}, owner pid {owner}) by a process that maps it; the buffer "
+                                f"is unusable: disconnect and connect again", op=op, buffer_id=bid,
+                                size=self._seg.size(), expected=self._seg.needed, reason="header")
+        if rkey != self.descriptor.rkey:
             raise Revoked(f"buffer {bid} was deregistered", op=op, buffer_id=bid)
         self._owner = owner          # a restarted agent re-adopts the segment under its new pid
         if not _owner_alive(self._owner):
             raise PeerGone(f"the owner of buffer {bid} (pid {self._owner}) is gone", op=op, buffer_id=bid)
         check_bounds(op, bid, offset, length, self.length)
+        self._seg.check(op)
 
     def write(self, offset: int, data) -> int:
         n = memoryview(data).nbytes
@@ -254,6 +320,7 @@ class ShmConnection:
         if self._data is not None:
             self._data.release()
             self._data = None
+            self._seg = None
             _close_quietly(self._shm)
         if self._tcp is not None:
             self._tcp.close()

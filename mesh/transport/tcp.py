@@ -27,10 +27,10 @@ import ssl
 import threading
 
 from mesh.transport import channel
-from mesh.transport.base import (BufferDescriptor, Completion, InvalidKey, NotAuthorized, OutOfBounds, PeerGone,
-                                 QueuePairError, Revoked, TransportError)
+from mesh.transport.base import (BufferDamaged, BufferDescriptor, Completion, InvalidKey, NotAuthorized, OutOfBounds,
+                                 PeerGone, QueuePairError, Revoked, TransportError)
 from mesh.transport.dataplane import Region, TcpDataPlane
-from mesh.transport.wire import (EMPTY, INVALID_KEY, NOT_AUTHORIZED, OK, OPS, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR,
+from mesh.transport.wire import (DAMAGED, EMPTY, INVALID_KEY, NOT_AUTHORIZED, OK, OPS, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR,
                                  RDMA_READ, RDMA_WRITE, READ, RECV, REQ, RESP, REVOKED, SEND, SOCK_BUF, WINDOW, WRITE,
                                  recv_exact, tune)
 
@@ -94,6 +94,8 @@ class TcpConnection:
             return QueuePairError(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid)
         if status == NOT_AUTHORIZED:
             return NotAuthorized(f"{op} on buffer {bid}: {text}", op=op, buffer_id=bid)
+        if status == DAMAGED:
+            return BufferDamaged(text, op=op, buffer_id=bid, reason="shrunk")
         return TransportError(f"{op} on buffer {bid}: {text or 'status ' + str(status)}", op=op, buffer_id=bid)
 
     # -- posted operations: a window of requests in flight, completions in order --------------

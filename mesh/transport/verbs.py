@@ -254,10 +254,14 @@ class VerbsTransport:
         v, e = self.v, self.v.enums
         bid = buffer_id or f"b-{secrets.token_hex(6)}"
         access = self._access()
-        if buffer is not None:
-            mr = v.mr.MR(self.pd, size, access, address=int(buffer))
-        else:
-            mr = v.mr.MR(self.pd, size, access)
+        try:
+            if buffer is not None:      # ibv_reg_mr pins the pages: EFAULT when some are past a shrunk file's end
+                mr = v.mr.MR(self.pd, size, access, address=int(buffer))
+            else:
+                mr = v.mr.MR(self.pd, size, access)
+        except v.pyverbs_error.PyverbsError as err:
+            raise TransportError(f"cannot register a memory region of {size} bytes for buffer {bid}: {err}",
+                                 op="register", buffer_id=bid) from None
         staging = v.mr.MR(self.pd, max(1, min(size, STAGING_BYTES)), int(e.IBV_ACCESS_LOCAL_WRITE))
         cq = v.cq.CQ(self.ctx, 64)
         cap = v.qp.QPCap(max_send_wr=64, max_recv_wr=64, max_send_sge=1, max_recv_sge=1)

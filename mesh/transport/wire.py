@@ -11,6 +11,7 @@ WRITE, READ, SEND, RECV, PING, RDMA_WRITE, RDMA_READ = 1, 2, 3, 4, 5, 6, 7
 OPS = {WRITE: "write", READ: "read", SEND: "send", RECV: "recv", PING: "ping", RDMA_WRITE: "write",
        RDMA_READ: "read"}
 OK, INVALID_KEY, OUT_OF_BOUNDS, REVOKED, BAD_REQUEST, EMPTY, QUEUE_FULL, PEER_GONE, QP_ERROR, NOT_AUTHORIZED = range(10)
+DAMAGED = 10                   # the buffer's segment was shrunk by a process that maps it (BufferDamaged)
 SOCK_BUF = 8 << 20
 DRAIN_LIMIT = 1 << 30          # a refused WRITE larger than this closes the connection instead
 MAX_MESSAGE = 16 << 20

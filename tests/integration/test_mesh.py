@@ -171,6 +171,33 @@ def test_another_tenants_data_plane_and_segment_are_refused_without_the_secret(m
         assert owner.read(0, 11) == b"team-a data"
 
 
+def test_a_tenant_that_shrinks_its_segment_breaks_its_buffer_not_the_agent(cluster, mesh):
+    """The segment behind a buffer is its tenant's file. Shrunk, the agent's next TLS access (a peer on
+    another host) decrypted into the truncated mapping and the agent died of SIGBUS, taking every other
+    tenant's buffers with it; now that buffer answers BufferDamaged and the agent goes on."""
+    from mesh.transport import BufferDamaged
+    from mesh.transport.tcp import TcpConnection
+    a, b = slice_on(mesh, "mesh-a", "team-a"), slice_on(mesh, "mesh-b", "team-a")
+    conn = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)
+    other = mesh.mesh_connect(a.id, b.id, size_bytes=1 << 20)          # another buffer on the same agent
+    agent = cluster.agents[cluster.agent_for("mesh-b")]
+    pid = agent.pid
+    fd = os.open(os.path.join("/dev/shm", conn.b.shm_name), os.O_RDWR)   # what the tenant's workload can do
+    os.ftruncate(fd, 4096)
+    os.close(fd)
+    with TcpConnection(BufferDescriptor.from_proto(conn.b), secret=conn.secret, force_tls=True) as tls:
+        with pytest.raises(BufferDamaged, match="shrunk to 4096 bytes"):
+            tls.write(8192, os.urandom(1 << 19))
+        with pytest.raises(BufferDamaged):
+            tls.read(0, 100)
+    payload = os.urandom(1 << 20)
+    with mesh.mesh_open(other, side="b") as ob:
+        ob.write(0, payload)
+        assert sha(ob.read(0, 1 << 20)) == sha(payload)
+    assert agent.running() and agent.pid == pid
+    wait_for(lambda: "mesh buffer damaged" in agent.log_tail(200), 30, "the agent's warning about the buffer")
+
+
 # -- RDMA verbs between two agents (the pyverbs stand-in; both nodes in one agent process) -------
 
 IB_HOSTS = [{**h, "node": h["node"].replace("mesh", "ib"),

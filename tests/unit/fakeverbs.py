@@ -22,13 +22,25 @@ rdma-core (values of pyverbs.enums, pyverbs 44):
   (IBV_WC_RETRY_EXC_ERR), QP to ERR.
 * Completions go to the send CQ in posting order per QP, with the WC opcode
   (IBV_WC_RDMA_WRITE / IBV_WC_RDMA_READ), byte_len and qp_num.
+* An MR over existing memory (`address=`, e.g. a mesh buffer's shared memory segment) pins its
+  pages as ibv_reg_mr does: registering a range that is not all backed (pages past a shrunk file's
+  end) fails with EFAULT; once registered, the NIC keeps reaching the pinned pages even when the
+  file is shrunk later (they leave the file, not the MR), so it never faults. The stand-in reaches
+  such memory as DMA does, never with a CPU load or store of this process (which would be a SIGBUS
+  on a page that left the file): through /proc/self/mem, and a page that left the file becomes
+  the MR's own page. Unlike real pinned pages it starts as zeros (the stand-in cannot keep what
+  the page held at the shrink); a page that is past the end again after the file grew back is
+  reached in the file, not in the MR.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import itertools
+import mmap
+import os
 import random
 import types
 
@@ -68,11 +80,54 @@ class E:
     IBV_WC_RDMA_READ = 2
 
 
-EINVAL, ENOMEM = 22, 12
+EINVAL, ENOMEM, EFAULT = 22, 12, 14
+PAGE = mmap.PAGESIZE
+_mem: tuple[int, int] | None = None        # (pid, descriptor of /proc/self/mem): a fork needs its own
+
+
+def _proc_mem() -> int:
+    global _mem
+    if _mem is None or _mem[0] != os.getpid():
+        _mem = (os.getpid(), os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC))
+    return _mem[1]
+
+
+def _dma(addr: int, n: int, data=None, orphans: dict | None = None) -> bytes | None:
+    """Read `n` bytes at `addr` (data None) or write `data` there, through /proc/self/mem: a page that is
+    not backed any more answers EIO instead of raising SIGBUS. Such a page is served from `orphans` (the
+    MR's pinned copy, made on first use); without `orphans` the access fails with EFAULT."""
+    fd, out, pos = _proc_mem(), bytearray(), 0
+    src = memoryview(data).cast("B") if data is not None else None
+    while pos < n:
+        a = addr + pos
+        page, o = a - a % PAGE, a % PAGE
+        if orphans is not None and page in orphans:
+            k = min(n - pos, PAGE - o)
+            if src is None:
+                out += orphans[page][o:o + k]
+            else:
+                orphans[page][o:o + k] = src[pos:pos + k]
+            pos += k
+            continue
+        k = n - pos if orphans is None or not orphans else min(n - pos, PAGE - o)
+        try:
+            got = os.pwrite(fd, src[pos:pos + k], a) if src is not None else len(b := os.pread(fd, k, a))
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EFAULT):
+                raise
+            got = 0
+        if src is None and got:
+            out += b
+        if got == 0:
+            if orphans is None:
+                raise PyverbsRDMAError("Bad address", EFAULT)
+            orphans[page] = bytearray(PAGE)      # the pinned page left the file: it stays the MR's
+        pos += got
+    return bytes(out) if src is None else None
 
 
 def make(devices: bool = True) -> types.SimpleNamespace:
-    fabric = types.SimpleNamespace(mrs={}, qps={}, log=[])
+    fabric = types.SimpleNamespace(mrs={}, lkeys={}, qps={}, log=[])
     keys = itertools.count(0x1000)
 
     class Device:
@@ -110,17 +165,38 @@ def make(devices: bool = True) -> types.SimpleNamespace:
             self.length, self.access = length, access
             self._mem = None if address is not None else (ctypes.c_char * max(1, length))()
             self.buf = address if address is not None else ctypes.addressof(self._mem)
+            self.orphans: dict[int, bytearray] | None = None      # own memory: nothing to pin
+            if address is not None:       # ibv_reg_mr pins every page of the range: all must be backed
+                try:
+                    for a in {address, address + max(1, length) - 1}:
+                        _dma(a, 1)
+                except PyverbsRDMAError:
+                    raise PyverbsRDMAError("Failed to register a MR", EFAULT) from None
+                self.orphans = {}
             self.lkey, self.rkey = next(keys), next(keys)
             fabric.mrs[self.rkey] = self
+            fabric.lkeys[self.lkey] = self
+
+        def dma_write(self, addr, data, length):
+            if self.orphans is None:
+                ctypes.memmove(addr, bytes(data[:length]), length)
+            else:
+                _dma(addr, length, data[:length], self.orphans)
+
+        def dma_read(self, addr, length):
+            if self.orphans is None:
+                return ctypes.string_at(addr, length)
+            return _dma(addr, length, orphans=self.orphans)
 
         def write(self, data, length, offset=0):
-            ctypes.memmove(self.buf + offset, bytes(data), length)
+            self.dma_write(self.buf + offset, memoryview(bytes(data)), length)
 
         def read(self, length, offset):
-            return ctypes.string_at(self.buf + offset, length)
+            return self.dma_read(self.buf + offset, length)
 
         def close(self):
             fabric.mrs.pop(self.rkey, None)
+            fabric.lkeys.pop(self.lkey, None)
 
     class CQ:
         def __init__(self, ctx, cqe, *a):
@@ -236,10 +312,15 @@ def make(devices: bool = True) -> types.SimpleNamespace:
                 peer._error()         # a remote access error is fatal to both ends of the RC connection
                 self._complete(wr, E.IBV_WC_REM_ACCESS_ERR, 0)
                 return
+            local = fabric.lkeys.get(sge.lkey)
+            if local is None or not sge.addr >= local.buf or sge.addr + sge.length > local.buf + local.length:
+                self._error()
+                self._complete(wr, E.IBV_WC_LOC_PROT_ERR, 0)
+                return
             if write:
-                ctypes.memmove(wr.remote_addr, sge.addr, sge.length)
+                remote.dma_write(wr.remote_addr, memoryview(local.dma_read(sge.addr, sge.length)), sge.length)
             else:
-                ctypes.memmove(sge.addr, wr.remote_addr, sge.length)
+                local.dma_write(sge.addr, memoryview(remote.dma_read(wr.remote_addr, sge.length)), sge.length)
             self._complete(wr, E.IBV_WC_SUCCESS, sge.length)
 
         def close(self):
