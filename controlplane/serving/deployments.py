@@ -381,7 +381,8 @@ class DeploymentManager:
         if d is None or r is None:
             return
         ok, why = await self.act.probe(r.endpoint, d.spec.model, complete=r.state != D.REPLICA_STATE_READY,
-                                       kind=d.status.backend, api_key=self.store.keys.get(rid))
+                                       kind=d.status.backend, api_key=self.store.keys.get(rid),
+                                       certificate=r.endpoint_certificate)
         self.last_probe[rid] = time.time()
         r2 = self.store.replicas.get(name, {}).get(rid)
         if r2 is None or r2.workload_id != r.workload_id or r2.state not in (D.REPLICA_STATE_STARTING,
