@@ -159,7 +159,8 @@ def test_the_pinned_client_accepts_the_replicas_certificate_and_refuses_another(
     elsewhere_cert, elsewhere_key = tls.self_signed(("10.9.9.9",), "elsewhere")
 
     async def main():
-        real, impostor = TlsServer(right_cert, right_key, tmp_path, "r"), TlsServer(other_cert, other_key, tmp_path, "o")
+        real = TlsServer(right_cert, right_key, tmp_path, "r")
+        impostor = TlsServer(other_cert, other_key, tmp_path, "o")
         moved_away = TlsServer(elsewhere_cert, elsewhere_key, tmp_path, "e")
         ep, ep_impostor, ep_elsewhere = await real.start(), await impostor.start(), await moved_away.start()
         pem = right_cert.decode()
