@@ -165,9 +165,14 @@ def test_the_key_is_in_the_servers_environment_only(cluster, replica):
     key_files = {e.split(b"=", 1)[1].decode() for pid in pids
                  for e in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if e.startswith(b"SSL_KEYFILE=")}
     assert key_files, "the server was started without its TLS key"
-    for path in key_files:
-        if os.path.exists(path):            # (inside a mount namespace it is the server's /tmp: not here)
-            assert os.stat(path).st_mode & 0o077 == 0, oct(os.stat(path).st_mode)
+    # on the host: in the workload's own directory (the server's /tmp when it has a mount namespace)
+    (on_host,) = cluster.state_dir.glob(f"agents/**/{r.workload_id}.d/server-tls.key")
+    st = os.stat(on_host)
+    # owned by the server's uid: the tenant's when confined (its supervisor, the shim, runs as root)
+    server_uid = max(os.stat(f"/proc/{pid}").st_uid for pid in pids)
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == server_uid, (oct(st.st_mode), st.st_uid, server_uid)
+    assert os.stat(on_host.parent).st_mode & 0o077 == 0
+    assert on_host.with_suffix(".crt").read_text() == r.endpoint_certificate
     environs = [open(f"/proc/{pid}/environ", "rb").read().split(b"\0") for pid in pids]
     assert any(f"API_KEY={key}".encode() in env for env in environs)            # where llama.cpp's server reads it
 
