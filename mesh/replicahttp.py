@@ -55,24 +55,30 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         key = (request.url.netloc, pem)
         pool = self.pools.get(key)
         if pool is None:
-            pool = await self._open(key)
+            pool, stale = self._open(key)
+            for old in stale:
+                await old.aclose()
         else:
             self.pools.move_to_end(key)
         return await pool.handle_async_request(request)
 
-    async def _open(self, key: tuple[bytes, str]) -> httpx.AsyncHTTPTransport:
+    def _open(self, key: tuple[bytes, str]) -> tuple[httpx.AsyncHTTPTransport, list[httpx.AsyncHTTPTransport]]:
+        """The new pool for `key`, in place, and the pools it replaces, taken out (to be closed): the origin's
+        under another certificate (its server restarted) and, beyond `max_pools`, the least recently used.
+        Synchronous: no other request can interleave between the lookup and the insertion."""
         try:
             ctx = replicatls.context(key[1])
         except ValueError as e:         # TlsError: a record that is not a PEM certificate
             raise httpx.ConnectError(str(e)) from None
-        stale = [k for k in self.pools if k[0] == key[0]]       # the origin's older certificate: a restarted server
-        while len(self.pools) - len(stale) >= self.max_pools:
-            stale.append(next(k for k in self.pools if k not in stale))
-        for k in stale:
-            await self.pools.pop(k).aclose()
+        stale = [k for k in self.pools if k[0] == key[0]]
+        for k in self.pools:
+            if len(self.pools) - len(stale) < self.max_pools:
+                break
+            if k not in stale:
+                stale.append(k)
         pool = httpx.AsyncHTTPTransport(verify=ctx, limits=self.limits, trust_env=False)
         self.pools[key] = pool
-        return pool
+        return pool, [self.pools.pop(k) for k in stale]
 
     async def aclose(self) -> None:
         pools, self.pools = list(self.pools.values()), OrderedDict()

@@ -247,3 +247,57 @@ def test_a_replica_follows_its_workloads_certificate_and_a_restarted_target_drop
     w.backend.kind = "llama.cpp"
     m = M.Migration(id="m-1", workload_id="w-1", mode=M.MIGRATION_MODE_PRECOPY, target_node="b", target_slice="s-2")
     assert committed_record(w, m, 1).endpoint_certificate == ""
+
+
+
+def test_concurrent_first_requests_make_one_pool_even_while_an_old_one_closes(tmp_path, monkeypatch):
+    """Many requests at once to a replica whose server restarted (same address, new certificate) while the
+    old certificate's pool still holds a connection: one new pool for all of them, the old one closed."""
+    old_cert, old_key = tls.self_signed(("127.0.0.1",), "old")
+    new_cert, new_key = tls.self_signed(("127.0.0.1",), "new")
+    made = []
+    real = httpx.AsyncHTTPTransport
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("verify"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(replicahttp.httpx, "AsyncHTTPTransport", counting)
+
+    async def main():
+        server = TlsServer(old_cert, old_key, tmp_path, "s")
+        ep = await server.start()
+        transport = replicahttp.PinnedTransport()
+        async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+            url = f"https://{ep}/v1/models"
+            old_pin, new_pin = (replicahttp.request_extensions(c.decode()) for c in (old_cert, new_cert))
+            assert (await client.get(url, extensions=old_pin)).status_code == 200
+            (tmp_path / "s.crt").write_bytes(new_cert)
+            (tmp_path / "s.key").write_bytes(new_key)
+            server.ctx.load_cert_chain(tmp_path / "s.crt", tmp_path / "s.key")     # "restarted": the new cert
+            rs = await asyncio.gather(*(client.get(url, extensions=new_pin) for _ in range(8)))
+            assert [r.status_code for r in rs] == [200] * 8
+            assert [k[1] for k in transport.pools] == [new_cert.decode()]
+        await server.stop()
+    asyncio.run(main())
+    assert len([v for v in made if v is not None]) == 2, made      # the old certificate's pool, then one new one
+
+
+def test_concurrent_first_requests_share_one_pool_and_the_pools_are_bounded(tmp_path):
+    """Many requests to a replica not yet pooled, at once: one pool (none closed under another's request);
+    beyond max_pools the least recently used pool goes."""
+    cert, key = tls.self_signed(("127.0.0.1",), "w")
+    pem = cert.decode()
+
+    async def main():
+        server = TlsServer(cert, key, tmp_path, "c")
+        ep = await server.start()
+        transport = replicahttp.PinnedTransport(max_pools=1)
+        async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+            pin = replicahttp.request_extensions(pem)
+            rs = await asyncio.gather(*(client.get(f"https://{ep}/v1/models", extensions=pin) for _ in range(8)))
+            assert [r.status_code for r in rs] == [200] * 8 and len(transport.pools) == 1
+            other = await TlsServer(cert, key, tmp_path, "d").start()
+            assert (await client.get(f"https://{other}/v1/models", extensions=pin)).status_code == 200
+            assert [k[0].decode() for k in transport.pools] == [other]
+        await server.stop()
+    asyncio.run(main())
