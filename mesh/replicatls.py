@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import functools
 import ssl
+import time
 
 from mesh.tls import TlsError
 
 CONTEXTS_CACHED = 4096
+# a replica whose certificate ends within this is rolled (replaced by a new replica, whose server gets a fresh
+# one: controlplane/serving/deployments.py), well before clients would refuse it (mesh/tls.py SELF_SIGNED_DAYS)
+RENEW_BEFORE_SECONDS = 7 * 86400
 
 
 def scheme(certificate: str) -> str:
@@ -52,3 +56,21 @@ def context(certificate: str) -> ssl.SSLContext:
 def verify(certificate: str) -> ssl.SSLContext | bool:
     """httpx's `verify=` for a replica: its pinned context, or True (unused: plain HTTP) without a certificate."""
     return context(certificate) if certificate else True
+
+
+@functools.lru_cache(maxsize=CONTEXTS_CACHED)
+def expires_at(certificate: str) -> float:
+    """When `certificate` (PEM) stops being valid, in seconds since the epoch; 0 when it cannot be read."""
+    try:
+        from cryptography import x509
+        return x509.load_pem_x509_certificate(certificate.encode()).not_valid_after_utc.timestamp()
+    except (ValueError, TypeError):
+        return 0.0
+
+
+def expiring(certificate: str, now: float | None = None, within: float = RENEW_BEFORE_SECONDS) -> bool:
+    """Whether a replica's `certificate` ends within `within` seconds (or cannot be read): time to replace it.
+    False without one (plain HTTP)."""
+    if not certificate:
+        return False
+    return expires_at(certificate) - (time.time() if now is None else now) < within

@@ -301,3 +301,22 @@ def test_concurrent_first_requests_share_one_pool_and_the_pools_are_bounded(tmp_
             assert [k[0].decode() for k in transport.pools] == [other]
         await server.stop()
     asyncio.run(main())
+
+
+def test_a_replica_is_rolled_before_its_certificate_ends():
+    """A certificate within RENEW_BEFORE_SECONDS of its end makes the replica outdated: the deployment
+    controller replaces it (surge first), and the new replica's server gets a fresh certificate."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.deployments import DeploymentManager
+    fresh = tls.self_signed(("127.0.0.1",), "w")[0].decode()
+    ending = tls.self_signed(("127.0.0.1",), "w", days=1)[0].decode()
+    assert not replicatls.expiring(fresh) and replicatls.expiring(ending) and not replicatls.expiring("")
+    assert replicatls.expiring(fresh, now=replicatls.expires_at(fresh) - 3600)
+    mgr = DeploymentManager.__new__(DeploymentManager)
+    mgr.ctl = SimpleNamespace(fleet=SimpleNamespace(slices={}, nodes={}))
+    mgr.workloads = SimpleNamespace(workloads={})
+    mgr.busy, mgr.last_probe, mgr.down_since = set(), {}, {}
+    for cert, want in ((fresh, False), (ending, True), ("", False)):
+        r = D.Replica(id="r-1", state=D.REPLICA_STATE_READY, template="t", endpoint_certificate=cert)
+        assert mgr.observe(r, "t").outdated is want
