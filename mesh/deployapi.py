@@ -243,6 +243,9 @@ def _ts(msg: Any, field: str) -> str | None:
 
 def replica_to_dict(r: D.Replica) -> dict[str, Any]:
     return {"id": r.id, "deployment": r.deployment, "state": state_name(r.state), "endpoint": r.endpoint,
+            # https: TLS pinned to `endpoint_certificate` (its agent's backend_tls); http: plain
+            "scheme": ("https" if r.endpoint_certificate else "http") if r.endpoint else "",
+            "endpoint_certificate": r.endpoint_certificate,
             "slice_id": r.slice_id, "allocation_id": r.allocation_id, "node": r.node, "gpu_uuid": r.gpu_uuid,
             "gpu_index": r.gpu_index, "gpu_model": r.gpu_model, "isolation": ISOLATION_NAMES.get(r.isolation, ""),
             "profile": r.profile, "memory_bytes": r.memory_bytes, "workload_id": r.workload_id,

@@ -29,6 +29,7 @@ ROLES = ("admin", "tenant", "viewer")
 SERVER_CN = "gpumesh-controlplane"
 CA_DAYS = 3650
 LEAF_DAYS = 825
+SELF_SIGNED_DAYS = 30       # a model server's certificate (renewed whenever the server restarts)
 
 
 class TlsError(ValueError):
@@ -165,6 +166,36 @@ def issue(directory: str | os.PathLike, kind: str, name: str, *, hosts: tuple[st
     return crt, key_path
 
 
+def self_signed(hosts: tuple[str, ...], name: str, *, days: int = SELF_SIGNED_DAYS) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM) of a fresh self-signed server certificate for `hosts` (each an IP
+    address or a DNS name, in subjectAltName), valid for `days`. Its holder is trusted by pinning: a client
+    takes exactly this certificate as its only trust anchor (mesh/replicatls.py), so it needs no CA. It names
+    itself as its issuer (subject and authority key identifiers: the same key), as strict verifiers want."""
+    x509, hashes, _, ec, EKU, NameOID = _x509()
+    if not hosts or not all(hosts):
+        raise TlsError(f"hosts: {hosts!r}: a self-signed server certificate needs at least one address or name")
+    if days < 1:
+        raise TlsError(f"days: {days} must be at least 1")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64]),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "backend")])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
+                                         crl_sign=False, content_commitment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in dict.fromkeys(hosts)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return _pem_cert(cert), _pem_key(key)
+
+
 def _san(host: str):
     x509 = _x509()[0]
     try:
@@ -224,7 +255,7 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = ""):
         certificate_chain=read(cert, "cert") if cert else None)
 
 
-__all__ = ["Subject", "TlsError", "write_ca", "issue", "subject_of", "server_credentials",
+__all__ = ["Subject", "TlsError", "write_ca", "issue", "self_signed", "subject_of", "server_credentials",
            "channel_credentials", "KINDS", "ROLES", "SERVER_CN"]
 
 

@@ -63,7 +63,8 @@ def workload_to_dict(w: types_pb2.Workload) -> dict[str, Any]:
         "env": dict(w.env), "state": workload_state_name(w.state), "pid": w.pid, "exit_code": w.exit_code,
         "created_at": timestamp(w, "created_at"), "started_at": timestamp(w, "started_at"),
         "finished_at": timestamp(w, "finished_at"), "message": w.message, "labels": dict(w.labels),
-        "endpoint": w.endpoint, "network_address": w.network_address,
+        "endpoint": w.endpoint, "endpoint_certificate": w.endpoint_certificate,
+        "network_address": w.network_address,
         "backend": {"kind": w.backend.kind, "artifact": w.backend.artifact, "served_name": w.backend.served_name,
                     "context": w.backend.context, "concurrency": w.backend.concurrency,
                     "gpu_layers": w.backend.gpu_layers, "device": w.backend.device}

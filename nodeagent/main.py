@@ -72,7 +72,7 @@ def install_components(agents, cfg: AgentConfig):
         wdir = os.path.join(cfg.state_dir, "workloads", *([agent.node] if cfg.gpu_backend == "sim" else []))
         fsmodes.passage(cfg.state_dir, wdir)       # tenants pass through to their own directories, list nothing
         fsmodes.passage(cfg.state_dir, agent.slicer.mps_root)   # to the MPS pipe directories (mps.py)
-        agent.backend_host = cfg.backend_host
+        agent.backend_host, agent.backend_tls = cfg.backend_host, cfg.backend_tls
         agent.vllm_python, agent.vllm_cpu_kvcache_max_gib = cfg.vllm_python, cfg.vllm_cpu_kvcache_max_gib
         WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds,
                        isolator=isolator_for(agent, cfg, host, wdir)).install()

@@ -278,6 +278,12 @@ class WorkloadRunner(RecoveryMixin):
             env.update(plan.env)
             hand_over_secret(env, plan)
             argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
+        if w.HasField("backend") and restore is None:
+            from nodeagent import backends     # its TLS key and certificate, in the workload's own directory
+            try:
+                env.update(backends.server_tls(w, self.path(w.id, "d"), plan, backends.options_of(self.agent)))
+            except (ValueError, OSError) as e:
+                return self._fail(w, f"cannot make the TLS certificate of backend {w.backend.kind!r}: {e}")
         stem = self.meta.get(w.id, {}).get("stem")
         record = {"shim_pid": 0, "device_uuid": st.device_uuid,
                   "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0, "starting": time.time()}

@@ -2,7 +2,8 @@
 
 Starts a local cluster (etcd, control plane, one simulated H100 host, the gateway), deploys one llama.cpp
 replica of SmolLM2-135M, then sends the same one-token completion alternately straight to the replica and
-through the gateway, and prints JSON: p50/p99 of each, of the paired difference (what the gateway adds,
+through the gateway (both over TLS to the replica, pinned to its certificate, when its agent's backend_tls
+is on), and prints JSON: p50/p99 of each, of the paired difference (what the gateway adds,
 including the extra HTTP hop), and of the gateway's own time per request from its
 `gpumesh_gateway_overhead_seconds` histogram (its time minus the backend's). The full comparison against
 other balancers under injected faults is `meshctl bench serve`.
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             m.deploy("smollm2", name="chat", replicas=1, context=512)
             rep = m.wait_deployment("chat", lambda x: x.status.ready_replicas == 1, timeout=300).replicas[0]
             ep, key = rep.endpoint, m.replica_api_keys().get(rep.id, "")     # the replica requires its key
+            cert = rep.endpoint_certificate         # ... and is reached over TLS pinned to its certificate
         gw = c.gateway_url
         deadline = time.monotonic() + 60
         while not any(r["ready"] for mm in httpx.get(f"{gw}/v1/gpu/status").json()["models"] for r in mm["replicas"]):
@@ -67,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 1, "temperature": 0.5}
         direct, via = [], []
-        with httpx.Client(timeout=120) as h:
+        from mesh import replicatls
+        with httpx.Client(timeout=120) as h, httpx.Client(timeout=120, verify=replicatls.verify(cert)) as hr:
             for i in range(args.n + 5):
                 t = time.perf_counter()
-                r1 = h.post(f"http://{ep}/v1/completions", json=body, headers={"authorization": f"Bearer {key}"})
+                r1 = hr.post(f"{replicatls.base_url(ep, cert)}/v1/completions", json=body,
+                             headers={"authorization": f"Bearer {key}"})
                 a = time.perf_counter() - t
                 t = time.perf_counter()
                 r2 = h.post(f"{gw}/v1/completions", json=dict(body, model="chat"))
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"pairs": args.n, "direct_ms": {"p50": _q(direct, .5), "p99": _q(direct, .99)},
                           "gateway_ms": {"p50": _q(via, .5), "p99": _q(via, .99)},
                           "gateway_overhead_ms": {"p50": _q(diff, .5), "p99": _q(diff, .99)},
-                          "gateway_own_time_ms": own, "load_average": os.getloadavg()}, indent=1))
+                          "gateway_own_time_ms": own, "replica_scheme": replicatls.scheme(cert),
+                          "load_average": os.getloadavg()}, indent=1))
     finally:
         c.stop()
     return 0

@@ -11,6 +11,7 @@ what belongs to the source's process or placement changes:
 | tenant, command, env, labels, created_at | kept (restore variables of an earlier restore dropped) | kept |
 | backend (kind, artifact, served_name, context, ..., api_key, artifact_sha256) | kept | kept |
 | endpoint | kept (a transparent target listens where the source did) | transparent: kept; else "" until reported |
+| endpoint_certificate | kept (CRIU restores the server with its TLS key in memory) | as endpoint: kept; else cleared |
 | state | PENDING | RUNNING |
 | pid | 0 | kept when transparent (CRIU restores the same PID); else 0 until the target agent reports it |
 | exit_code, finished_at | cleared | cleared |
@@ -57,6 +58,7 @@ def committed_record(w: types_pb2.Workload, m: M.Migration, step: int) -> types_
         n.pid = 0
         if n.HasField("backend"):
             n.endpoint = ""
+            n.ClearField("endpoint_certificate")     # the target's server gets its own
     return n
 
 

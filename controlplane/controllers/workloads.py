@@ -362,6 +362,7 @@ class WorkloadManager:
             n = self._copy(w, state=st.state, pid=st.pid, exit_code=st.exit_code, message=message)
             if st.endpoint:
                 n.endpoint = st.endpoint        # a backend's address, picked by the agent
+                n.endpoint_certificate = st.endpoint_certificate    # ... its server's (new at each start)
                 n.command[:] = st.command
                 n.env.update(st.env)            # ... its own variables (vLLM's KV cache size on CPUs)
                 if st.backend.device:

@@ -44,7 +44,8 @@ def _model(gw, d) -> dict:
     reps = []
     for r in d.replicas:
         s = gw.stats.of(r.key)
-        reps.append({"replica": r.key, "endpoint": r.endpoint, "ready": r.ready, "gpu": f"{r.gpu[0]}/{r.gpu[1]}",
+        reps.append({"replica": r.key, "endpoint": r.endpoint, "scheme": r.scheme, "ready": r.ready,
+                     "gpu": f"{r.gpu[0]}/{r.gpu[1]}",
                      "ema_ttft_ms": round(s.ttft_ema * 1000, 1) if s.ttft_ema is not None else None,
                      "ema_tpot_ms": round(s.tpot_ema * 1000, 2) if s.tpot_ema is not None else None,
                      "in_flight": s.in_flight, "requests": s.requests, "failures": s.failures,
@@ -202,7 +203,7 @@ async def benchmark_model(gw, caller: Caller, model_name: str | None, max_tokens
         start, tokens, first = _time.monotonic(), 0, None
         try:
             s = await proxy.open_stream(gw.http, c.replica.endpoint, "/v1/completions", body,
-                                       c.replica.api_key)
+                                       c.replica.api_key, c.replica.certificate)
             first = _time.monotonic() - start
             events = list(s.first)
             try:

@@ -1,7 +1,11 @@
-"""Talking to a replica's backend over HTTP (httpx, one pooled async client): a whole answer, or a stream
+"""Talking to a replica's backend over HTTPS (httpx, one pooled async client): a whole answer, or a stream
 whose first event is read before the client sees anything (so a failure before the first token can be
 retried on another replica). Each request carries the replica's API key (`authorization: Bearer`), which
-the gateway has from its serving view."""
+the gateway has from its serving view, and is pinned to the replica's own certificate (the view's
+`endpoint_certificate`): the client's PinnedTransport keeps one connection pool per replica and certificate
+(mesh/replicahttp.py), so a server presenting another certificate is refused before anything is sent, and
+the pool's connections stay alive between requests as they did over plain HTTP. A replica without a
+certificate (its agent's backend_tls is off) is reached over plain HTTP."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from controlplane.gateway.apierror import APIError
+from mesh import replicahttp, replicatls
 from controlplane.gateway.sse import DONE, EventReader
 
 
@@ -59,8 +64,8 @@ def _refused(status: int, body: bytes) -> Exception:
 
 
 def make_client(timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0),
-                             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512))
+    return replicahttp.client(httpx.Timeout(timeout, connect=5.0),
+                              httpx.Limits(max_connections=4096, max_keepalive_connections=512))
 
 
 def headers_for(api_key: str, **more: str) -> dict[str, str]:
@@ -71,9 +76,11 @@ def headers_for(api_key: str, **more: str) -> dict[str, str]:
     return out
 
 
-async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes, api_key: str = "") -> bytes:
+async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes, api_key: str = "",
+                   certificate: str = "") -> bytes:
     try:
-        r = await client.post(f"http://{endpoint}{path}", content=data, headers=headers_for(api_key))
+        r = await client.post(replicatls.base_url(endpoint, certificate) + path, content=data,
+                              headers=headers_for(api_key), extensions=replicahttp.request_extensions(certificate))
     except httpx.HTTPError as e:
         raise failed(e) from None
     if r.status_code != 200:
@@ -93,10 +100,11 @@ class OpenStream:
 
 
 async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data: bytes,
-                      api_key: str = "") -> OpenStream:
+                      api_key: str = "", certificate: str = "") -> OpenStream:
     """Send the request and read up to the first event; BackendFailed if it fails before one arrives."""
-    req = client.build_request("POST", f"http://{endpoint}{path}", content=data,
-                               headers=headers_for(api_key, accept="text/event-stream"))
+    req = client.build_request("POST", replicatls.base_url(endpoint, certificate) + path, content=data,
+                               headers=headers_for(api_key, accept="text/event-stream"),
+                               extensions=replicahttp.request_extensions(certificate))
     try:
         resp = await client.send(req, stream=True)
     except httpx.HTTPError as e:

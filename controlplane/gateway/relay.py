@@ -169,7 +169,8 @@ class StreamRelay:
             data = json.dumps(dict(body, model=gw.view.deployments.get(dep.name, dep).model)).encode()
             started = time.monotonic()
             try:
-                s = await proxy.open_stream(gw.http, c.replica.endpoint, plan.path, data, c.replica.api_key)
+                s = await proxy.open_stream(gw.http, c.replica.endpoint, plan.path, data, c.replica.api_key,
+                                            c.replica.certificate)
             except proxy.BackendFailed as e:
                 gw._failed(slot, e)
                 exclude.add(c.key)

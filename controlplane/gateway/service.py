@@ -315,7 +315,8 @@ class Gateway:
             started = time.monotonic()
             try:
                 if stream:
-                    s = await proxy.open_stream(self.http, c.replica.endpoint, path, data, c.replica.api_key)
+                    s = await proxy.open_stream(self.http, c.replica.endpoint, path, data, c.replica.api_key,
+                                                  c.replica.certificate)
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
                     plan = Plan(path, body, path.endswith("/chat/completions"), deps, ctx, prio, self.resumes)
@@ -324,7 +325,8 @@ class Gateway:
                     # slot is released when the generator is dropped
                     weakref.finalize(relay, slot.release)
                     return Outcome(200, stream=relay, headers=self._headers(slot, t))
-                answer = await proxy.complete(self.http, c.replica.endpoint, path, data, c.replica.api_key)
+                answer = await proxy.complete(self.http, c.replica.endpoint, path, data, c.replica.api_key,
+                                              c.replica.certificate)
                 t.backend_s += time.monotonic() - started
             except proxy.BackendFailed as e:
                 t.backend_s += time.monotonic() - started

@@ -46,6 +46,11 @@ class ReplicaInfo:
     waiting: int | None = None
     kv_usage: float | None = None    # 0..1
     api_key: str = field(default="", repr=False)   # its server's key (the serving view's replica_api_keys)
+    certificate: str = field(default="", repr=False)   # its server's pinned TLS certificate ("": plain HTTP)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certificate else "http"
 
     @property
     def key(self) -> str:
@@ -99,7 +104,7 @@ class FleetView:
                 info.replicas.append(ReplicaInfo(
                     r.id, d.spec.name, r.endpoint, r.state == D.REPLICA_STATE_READY and bool(r.endpoint),
                     (r.node, r.gpu_index), backend, max(1, d.spec.backend.concurrency), running, waiting, kv,
-                    view.replica_api_keys.get(r.id, "")))
+                    view.replica_api_keys.get(r.id, ""), r.endpoint_certificate))
             deps[info.name] = info
         gpus = {}
         for g in view.gpus:

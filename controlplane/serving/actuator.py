@@ -7,7 +7,8 @@ backends run through `WorkloadManager.run` (what WorkloadService.Run calls) as w
 `backend`, whose command line and port the agent makes (nodeagent/backends/); a replica is removed by
 `WorkloadManager.stop_workload` and `Controller.release`.
 
-Readiness is checked here, by the control plane, over HTTP (httpx): the backend's health endpoint
+Readiness is checked here, by the control plane, over HTTPS pinned to the server's own certificate (plain
+HTTP where its agent's backend_tls is off; mesh/replicahttp.py, httpx): the backend's health endpoint
 answers 200 (vLLM's `/health`; llama-cpp-python's server has none: its `/v1/models`), and a one-token
 completion of a short prompt comes back with a choice, both sent with the replica's API key (every backend
 requires its replica's own key: controlplane/serving/replicakeys.py). The control plane must reach the
@@ -123,7 +124,8 @@ class Actuator:
         if w.state == types_pb2.WORKLOAD_STATE_FAILED:
             n = self._copy(r, workload_id=w.id, message=f"backend did not start: {w.message}")
         else:
-            n = self._copy(r, workload_id=w.id, endpoint=w.endpoint, state=D.REPLICA_STATE_STARTING,
+            n = self._copy(r, workload_id=w.id, endpoint=w.endpoint, endpoint_certificate=w.endpoint_certificate,
+                           state=D.REPLICA_STATE_STARTING,
                            message="backend started; waiting for a completion")
         n.template = deployspec.template(spec, variant)
         n.ClearField("ready_at")
@@ -135,9 +137,10 @@ class Actuator:
     # -- readiness ----------------------------------------------------------------------------
 
     async def probe(self, endpoint: str, served_name: str, complete: bool = True,
-                    kind: str = "", api_key: str = "") -> tuple[bool, str]:
+                    kind: str = "", api_key: str = "", certificate: str = "") -> tuple[bool, str]:
         """(ready, why not): the backend's health endpoint (HEALTH_PATHS) answers, and (`complete`) a
-        one-token completion succeeds, both with the replica's `api_key` (replicakeys.py). A READY replica
+        one-token completion succeeds, both with the replica's `api_key` (replicakeys.py), over HTTPS verified
+        against exactly the server's `certificate` when it has one (mesh/replicatls.py). A READY replica
         is re-checked with the health endpoint only: llama-cpp-python's server runs one request at a time,
         and a completion every few seconds would queue behind the users' requests."""
         if not endpoint:
@@ -146,19 +149,22 @@ class Actuator:
             import httpx
         except ImportError:
             return False, "the control plane cannot probe: httpx is not installed (pip install 'gpumesh[serving]')"
+        from mesh import replicahttp, replicatls
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.probe_timeout)
-        base = f"http://{endpoint}"
+            self._http = replicahttp.client(self.probe_timeout)
+        base = replicatls.base_url(endpoint, certificate)
+        pin = replicahttp.request_extensions(certificate)
         health = HEALTH_PATHS.get(kind, "/v1/models")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            resp = await self._http.get(base + health, headers=headers)
+            resp = await self._http.get(base + health, headers=headers, extensions=pin)
             if resp.status_code != 200:
                 return False, f"GET {health} answered {resp.status_code}"
             if not complete:
                 return True, ""
             resp = await self._http.post(base + "/v1/completions", json={
-                "model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}, headers=headers)
+                "model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}, headers=headers,
+                extensions=pin)
             if resp.status_code != 200:
                 return False, f"a one-token completion answered {resp.status_code}: {resp.text[:200]}"
             if not resp.json().get("choices"):

@@ -28,7 +28,7 @@ from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import types_pb2
-from mesh import errors
+from mesh import errors, replicatls
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,8 @@ class DeploymentManager:
             slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
             busy=r.id in self.busy, restarts=r.restarts, ready_since=_secs(r.ready_at),
             next_start=_secs(r.next_start_at), last_probe=self.last_probe.get(r.id, 0.0),
-            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template),
+            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template)
+            or replicatls.expiring(r.endpoint_certificate),     # rolled before its server's certificate ends
             draining=draining)
 
     async def reconcile_one(self, name: str) -> None:
@@ -381,7 +382,8 @@ class DeploymentManager:
         if d is None or r is None:
             return
         ok, why = await self.act.probe(r.endpoint, d.spec.model, complete=r.state != D.REPLICA_STATE_READY,
-                                       kind=d.status.backend, api_key=self.store.keys.get(rid))
+                                       kind=d.status.backend, api_key=self.store.keys.get(rid),
+                                       certificate=r.endpoint_certificate)
         self.last_probe[rid] = time.time()
         r2 = self.store.replicas.get(name, {}).get(rid)
         if r2 is None or r2.workload_id != r.workload_id or r2.state not in (D.REPLICA_STATE_STARTING,

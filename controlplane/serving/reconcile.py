@@ -20,7 +20,8 @@ The rules, in order, per replica:
 Then the count: fewer live replicas than wanted -> `Create` the difference; more -> `Remove` the
 surplus, the least useful first (failed, then pending, starting, and the newest ready ones last).
 Replicas started with other settings than the deployment's now (`outdated`: an update of the backend
-settings, a rollout restart) are rolled one at a time, surge first (`_roll`). Replicas on a node being
+settings, a rollout restart, a server's TLS certificate that ends within a week: mesh/replicatls.py) are
+rolled one at a time, surge first (`_roll`). Replicas on a node being
 drained (`draining`) are replaced surge first too (`_drain`): a replacement is created for each (the
 drained node is cordoned, so it lands elsewhere), and a draining replica is removed once enough
 replacements are READY that the ready count stays at what is wanted (one that is not READY goes at once).

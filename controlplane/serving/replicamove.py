@@ -40,6 +40,7 @@ def moved(r: D.Replica, w: types_pb2.Workload, s: types_pb2.Slice) -> D.Replica 
         n.allocation_id = s.allocation_id
     if w.endpoint:
         n.endpoint = w.endpoint
+        n.endpoint_certificate = w.endpoint_certificate     # the server there presents this one
     if n == r:
         return None
     return n

@@ -34,17 +34,24 @@ async def replay(arrivals: Sequence[Arrival], prompts: Sequence[str], pick: Call
                  model: str, headers: dict | Callable[[str], dict] | None = None,
                  events: Sequence[tuple[float, Callable[[], Awaitable[None]]]] = (),
                  progress: Progress | None = None, drain_s: float = 300.0, request_timeout_s: float = 600.0,
-                 temperature: float = 0.0, extra_body: dict | None = None) -> tuple[list[Result], float]:
+                 temperature: float = 0.0, extra_body: dict | None = None,
+                 pins: dict[str, str] | None = None) -> tuple[list[Result], float]:
     """Replay; returns the results (in arrival order) and the wall time from the start to the last answer.
     `headers`: sent with every request, or a function of the picked URL giving them (the `direct` policy: each
-    replica's own API key)."""
+    replica's own API key). `pins`: endpoint -> certificate of the replicas sent to directly over TLS
+    (mesh/replicahttp.py)."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     timeout = httpx.Timeout(request_timeout_s, connect=10.0)
     results: list[Result | None] = [None] * len(arrivals)
     finished = failed = 0
     start = time.perf_counter()
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    if pins:
+        from mesh import replicahttp
+        http = replicahttp.client(timeout, limits, pins=pins)
+    else:
+        http = httpx.AsyncClient(limits=limits, timeout=timeout)
+    async with http as client:
         async def one(a: Arrival, prompt: str) -> None:
             nonlocal finished, failed
             body = {"model": model, "prompt": prompt, "max_tokens": a.generated_tokens, "temperature": temperature,

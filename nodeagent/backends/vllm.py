@@ -79,6 +79,10 @@ GUARD_ALL_PATHS = (
     "    def guarded_init(self, app, *args, **kwargs):\n"
     "        config_init(self, Guard(app), *args, **kwargs)\n"
     "    uvicorn.Config.__init__ = guarded_init\n"
+    # the agent's TLS files (nodeagent/backends/servertls.py): the same variables llama-cpp-python's server reads
+    "for var, flag in (('SSL_KEYFILE', '--ssl-keyfile'), ('SSL_CERTFILE', '--ssl-certfile')):\n"
+    "    if os.environ.get(var):\n"
+    "        sys.argv += [flag, os.environ[var]]\n"
     f"runpy.run_module({SERVER_MODULE!r}, run_name='__main__', alter_sys=True)\n")
 
 

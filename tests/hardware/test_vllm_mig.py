@@ -100,9 +100,13 @@ def test_vllm_on_a_mig_slice_answers(tmp_path, smollm2_hf):
             assert w.backend.device == "cuda" and "--enforce-eager" not in list(w.command)
             assert r.isolation == types_pb2.ISOLATION_MIG and r.profile
             body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-            assert httpx.post(f"http://{r.endpoint}/v1/completions", timeout=120, json=body).status_code == 401
+            from mesh import replicatls        # vLLM serves TLS too (--ssl-keyfile/--ssl-certfile), pinned
+            url = replicatls.base_url(r.endpoint, r.endpoint_certificate)
+            verify = replicatls.verify(r.endpoint_certificate)
+            assert r.endpoint_certificate
+            assert httpx.post(f"{url}/v1/completions", timeout=120, json=body, verify=verify).status_code == 401
             key = mesh.replica_api_keys()[r.id]          # the replica's own key (the insecure cluster: an admin)
-            resp = httpx.post(f"http://{r.endpoint}/v1/completions", timeout=120, json=body,
+            resp = httpx.post(f"{url}/v1/completions", timeout=120, json=body, verify=verify,
                               headers={"authorization": f"Bearer {key}"})
             resp.raise_for_status()
             assert resp.json()["choices"][0]["text"].strip()

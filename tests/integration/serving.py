@@ -81,6 +81,18 @@ def smollm2_model(mesh):
     return register_smollm2(mesh)
 
 
+def replica_url(replica) -> str:
+    """scheme://host:port of a replica's server (https: its agent's backend_tls is on, the default)."""
+    from mesh import replicatls
+    return replicatls.base_url(replica.endpoint, replica.endpoint_certificate)
+
+
+def replica_verify(replica):
+    """httpx's `verify=` for a replica: its own certificate as the only trust anchor."""
+    from mesh import replicatls
+    return replicatls.verify(replica.endpoint_certificate)
+
+
 def replica_auth(mesh, replica) -> dict[str, str]:
     """The header a direct request to `replica` needs: its server's API key, from the serving view (the test
     clusters are insecure, so the tests' client is an admin). Fails when the replica has no key."""
@@ -90,9 +102,11 @@ def replica_auth(mesh, replica) -> dict[str, str]:
 
 
 def completion(mesh, replica, prompt: str = "The capital of France is", model: str = "smollm2") -> str:
-    """A real completion (4 tokens, greedy) straight from a replica's OpenAI-compatible endpoint, with its key."""
+    """A real completion (4 tokens, greedy) straight from a replica's OpenAI-compatible endpoint, with its key,
+    over TLS verified against exactly the replica's certificate (mesh/replicatls.py)."""
     import httpx
-    r = httpx.post(f"http://{replica.endpoint}/v1/completions", timeout=120, headers=replica_auth(mesh, replica),
+    r = httpx.post(f"{replica_url(replica)}/v1/completions", timeout=120, headers=replica_auth(mesh, replica),
+                   verify=replica_verify(replica),
                    json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0})
     r.raise_for_status()
     return r.json()["choices"][0]["text"]

@@ -44,18 +44,21 @@ def test_up_demo_serves_smollm2_and_says_where(tmp_path):
             assert doc["skipped"]["vllm"]                      # and it says why
         for d in doc["deployments"]:
             assert d["replicas"] and all(r["state"] == "READY" for r in d["replicas"]), d
-            assert doc["endpoints"][d["name"]] == [f"http://{r['endpoint']}/v1" for r in d["replicas"]]
+            assert doc["endpoints"][d["name"]] == [f"https://{r['endpoint']}/v1" for r in d["replicas"]]
             assert doc["completions"][d["name"]].strip()      # the demo's own completion was answered
         # the endpoint answers a completion of ours too, with the replica's key (the demo cluster is insecure: any
         # client is an admin and gets it from the serving view), and refuses one without it
         from mesh.client import MeshClient
         url = doc["endpoints"]["smollm2-llamacpp"][0]
-        rid = next(d for d in doc["deployments"] if d["name"] == "smollm2-llamacpp")["replicas"][0]["id"]
+        rep = next(d for d in doc["deployments"] if d["name"] == "smollm2-llamacpp")["replicas"][0]
         with MeshClient(doc["endpoint"], timeout=60) as mesh:
-            key = mesh.replica_api_keys()[rid]
+            key = mesh.replica_api_keys()[rep["id"]]
+        from mesh import replicatls
+        verify = replicatls.verify(rep["endpoint_certificate"])      # TLS, pinned to the replica's certificate
         body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
-        assert httpx.post(f"{url}/completions", timeout=300, json=body).status_code == 401
-        resp = httpx.post(f"{url}/completions", timeout=300, json=body, headers={"authorization": f"Bearer {key}"})
+        assert httpx.post(f"{url}/completions", timeout=300, json=body, verify=verify).status_code == 401
+        resp = httpx.post(f"{url}/completions", timeout=300, json=body, headers={"authorization": f"Bearer {key}"},
+                          verify=verify)
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"]
         # progress went to stderr, the JSON alone to stdout
         assert "answers at" in up.stderr and "READY" in up.stderr

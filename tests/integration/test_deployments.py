@@ -31,7 +31,8 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors
 from tests.integration.conftest import wait_for
-from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, replica_auth, started_cluster
+from tests.integration.serving import completion, h100_hosts, llama_env, need_llama, replica_auth, replica_url
+from tests.integration.serving import replica_verify, started_cluster
 from tests.integration.serving import module_mesh, smollm2_model  # noqa: F401 - fixtures mesh, smollm2
 from tests.models_util import smollm2_gguf, write_tiny_gguf
 
@@ -390,12 +391,14 @@ def test_vllm_replica_beside_llama_cpp(cluster, mesh, smollm2_hf, capsys):
         # SageMaker's /invocations (which runs completions and vLLM itself leaves open), /health and /metrics
         for bad in ({}, {"authorization": "Bearer not-the-key-0123456789"}):
             for path in ("/v1/completions", "/invocations"):
-                assert httpx.post(f"http://{v.endpoint}{path}", headers=bad, timeout=60, json={
+                assert httpx.post(f"{replica_url(v)}{path}", headers=bad, timeout=60, verify=replica_verify(v), json={
                     "model": "smol", "prompt": "Hi", "max_tokens": 1}).status_code == 401, path
-            assert httpx.get(f"http://{v.endpoint}/health", headers=bad, timeout=60).status_code == 401
+            assert httpx.get(f"{replica_url(v)}/health", headers=bad, timeout=60,
+                             verify=replica_verify(v)).status_code == 401
         key = replica_auth(mesh, v)
-        assert httpx.get(f"http://{v.endpoint}/health", headers=key, timeout=60).status_code == 200
-        metrics = httpx.get(f"http://{v.endpoint}/metrics", headers=key, timeout=60).text
+        assert httpx.get(f"{replica_url(v)}/health", headers=key, timeout=60,
+                         verify=replica_verify(v)).status_code == 200
+        metrics = httpx.get(f"{replica_url(v)}/metrics", headers=key, timeout=60, verify=replica_verify(v)).text
         assert "vllm:num_requests_running" in metrics and "vllm:kv_cache_usage_perc" in metrics
         # ... and the agent's load scraper sends it: the replica's load is read
         wait_for(lambda: mesh.get_deployment("smol-vllm").replicas[0].load.scraped, 180,

@@ -24,7 +24,7 @@ import pytest
 
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as t
-from mesh import errors
+from mesh import errors, replicatls
 from mesh.migrationapi import migration_phase
 from tests import criu_gate
 from tests.integration.conftest import client_for_test, json_lines, wait_for, workload_cluster
@@ -321,7 +321,8 @@ class ModelServer:
             log = b"".join(self.mesh.workload_logs(self.id, tail_lines=20)).decode(errors="replace")
             raise AssertionError(f"the server ended: {now.message}\n{log}")
         try:
-            return httpx.get(f"http://{now.endpoint}/v1/models", timeout=10,
+            return httpx.get(f"{replicatls.base_url(now.endpoint, now.endpoint_certificate)}/v1/models", timeout=10,
+                             verify=replicatls.verify(now.endpoint_certificate),
                              headers={"authorization": f"Bearer {key or self.key}"}).status_code == 200
         except httpx.HTTPError:
             return False
@@ -344,16 +345,20 @@ class ModelServer:
         assert w.endpoint == before.endpoint and list(w.command) == list(before.command)
         assert w.pid == before.pid, "CRIU restores the same process"
         wait_for(self.answers, 120, "the server to answer with its key", interval=0.5)
-        r = httpx.post(f"http://{w.endpoint}/v1/completions", headers={"authorization": f"Bearer {self.key}"},
+        # the restored server keeps its TLS key (in its memory): the certificate recorded before still verifies it
+        assert w.endpoint_certificate and w.endpoint_certificate == before.endpoint_certificate
+        base = replicatls.base_url(w.endpoint, w.endpoint_certificate)
+        verify = replicatls.verify(w.endpoint_certificate)
+        r = httpx.post(f"{base}/v1/completions", headers={"authorization": f"Bearer {self.key}"}, verify=verify,
                        timeout=120, json={"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 2,
                                           "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"], r.text
-        assert httpx.get(f"http://{w.endpoint}/v1/models", timeout=10).status_code == 401
+        assert httpx.get(f"{base}/v1/models", timeout=10, verify=verify).status_code == 401
         rec = _agent_record(cluster, w.node, w.id)
         assert rec.backend.api_key == self.key and rec.backend.artifact_sha256 == self.sha
         assert rec.endpoint == w.endpoint and rec.state == t.WORKLOAD_STATE_RUNNING
         scraper = LoadScraper(lambda: [rec])
-        assert scraper.targets() == [(w.id, "llama.cpp", w.endpoint, self.key)]
+        assert scraper.targets() == [(w.id, "llama.cpp", w.endpoint, self.key, w.endpoint_certificate)]
         loads = asyncio.run(scraper.read())
         assert len(loads) == 1 and loads[0].scraped and loads[0].workload_id == w.id, loads[0].error
 

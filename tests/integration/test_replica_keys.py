@@ -4,7 +4,9 @@ local cluster: TLS control plane with a tenants file, one simulated H100 host, a
 
 Team A deploys `keyed` (one replica). A request straight to the replica's endpoint without the key, or with a
 wrong one, is refused 401; with the key (which only an admin's serving view holds) it is answered, and so is the
-same request through the gateway with team A's token. The key is on neither the server's command line nor in any
+same request through the gateway with team A's token. The server speaks TLS only, with the certificate its
+agent made for it (the replica's `endpoint_certificate`): plain HTTP and another certificate are refused, and
+a restarted server comes with a new one. The key is on neither the server's command line nor in any
 answer team A or its viewer gets (workloads, deployments, serving view, events, logs), nor in the admin's
 workload reads. A crashed backend comes back with the same key; after an agent restart and then a control-plane
 restart the replica still answers through the gateway, and still refuses requests without its key.
@@ -79,12 +81,17 @@ def replica(cluster):
     return r, key
 
 
-def direct(endpoint: str, key: str | None, path: str = "/v1/completions"):
+def direct(r: D.Replica, key: str | None, path: str = "/v1/completions"):
+    """A request straight to the replica's server: over TLS verified against exactly its certificate."""
     import httpx
+
+    from mesh import replicatls
     headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+    url = replicatls.base_url(r.endpoint, r.endpoint_certificate) + path
+    verify = replicatls.verify(r.endpoint_certificate)
     if path == "/v1/completions":
-        return httpx.post(f"http://{endpoint}{path}", json=BODY, headers=headers, timeout=300)
-    return httpx.get(f"http://{endpoint}{path}", headers=headers, timeout=300)
+        return httpx.post(url, json=BODY, headers=headers, timeout=300, verify=verify)
+    return httpx.get(url, headers=headers, timeout=300, verify=verify)
 
 
 def gateway_answers(cluster, who: str = "team-a") -> bool:
@@ -97,20 +104,38 @@ def gateway_answers(cluster, who: str = "team-a") -> bool:
     return r.status_code == 200 and bool(r.json()["choices"][0]["text"])
 
 
-def refuses_without_the_key(endpoint: str, key: str) -> None:
+def refuses_without_the_key(r: D.Replica, key: str) -> None:
     for path in ("/v1/completions", "/v1/models"):
-        assert direct(endpoint, None, path).status_code == 401, path
-        assert direct(endpoint, "not-the-key-0123456789", path).status_code == 401, path
-        assert direct(endpoint, key, path).status_code == 200, path
+        assert direct(r, None, path).status_code == 401, path
+        assert direct(r, "not-the-key-0123456789", path).status_code == 401, path
+        assert direct(r, key, path).status_code == 200, path
+
+
+def refuses_plain_http_and_other_certificates(r: D.Replica, key: str) -> None:
+    """The server speaks TLS only (backend_tls is on by default), with the certificate its replica records."""
+    import httpx
+
+    from mesh import tls
+    assert r.endpoint_certificate.startswith("-----BEGIN CERTIFICATE-----")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{r.endpoint}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=30)
+    other = tls.self_signed((r.endpoint.rpartition(":")[0].strip("[]"),), "impostor")[0].decode()
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        direct(D.Replica(endpoint=r.endpoint, endpoint_certificate=other), key, "/v1/models")
 
 
 def test_direct_requests_need_the_replicas_key_and_the_gateway_has_it(cluster, replica):
     r, key = replica
-    refuses_without_the_key(r.endpoint, key)
-    assert direct(r.endpoint, key).json()["choices"][0]["text"]
-    assert gateway_answers(cluster)
-    # /metrics stays open, so the agent's load scraper still reads it without the key
-    assert direct(r.endpoint, None, "/metrics").status_code == 200
+    refuses_without_the_key(r, key)
+    refuses_plain_http_and_other_certificates(r, key)
+    assert direct(r, key).json()["choices"][0]["text"]
+    assert gateway_answers(cluster)       # ... so the gateway reached the replica over TLS, pinned to its cert
+    import httpx
+    status = httpx.get(f"{cluster.gateway_url}/v1/gpu/status", timeout=30,
+                       headers={"authorization": f"Bearer {TOKENS['admin']}"}).json()
+    assert [x["scheme"] for m in status["models"] for x in m["replicas"]] == ["https"]
+    # /metrics stays open, so the agent's load scraper still reads it without the key (over TLS as well)
+    assert direct(r, None, "/metrics").status_code == 200
     with client(cluster, "team-a") as a:
         d = wait_for(lambda: (lambda d: d if d.replicas[0].load.scraped else None)(a.get_deployment("keyed")), 60,
                      "the replica's load read by its agent")
@@ -136,6 +161,18 @@ def test_the_key_is_in_the_servers_environment_only(cluster, replica):
     assert pids, f"no process serves {r.endpoint}"
     for pid in pids:
         assert key.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()    # world-readable: never there
+    # the server's TLS key: a file of the workload's own directory, readable by the server's uid only
+    key_files = {e.split(b"=", 1)[1].decode() for pid in pids
+                 for e in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if e.startswith(b"SSL_KEYFILE=")}
+    assert key_files, "the server was started without its TLS key"
+    # on the host: in the workload's own directory (the server's /tmp when it has a mount namespace)
+    (on_host,) = cluster.state_dir.glob(f"agents/**/{r.workload_id}.d/server-tls.key")
+    st = os.stat(on_host)
+    # owned by the server's uid: the tenant's when confined (its supervisor, the shim, runs as root)
+    server_uid = max(os.stat(f"/proc/{pid}").st_uid for pid in pids)
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == server_uid, (oct(st.st_mode), st.st_uid, server_uid)
+    assert os.stat(on_host.parent).st_mode & 0o077 == 0
+    assert on_host.with_suffix(".crt").read_text() == r.endpoint_certificate
     environs = [open(f"/proc/{pid}/environ", "rb").read().split(b"\0") for pid in pids]
     assert any(f"API_KEY={key}".encode() in env for env in environs)            # where llama.cpp's server reads it
 
@@ -172,17 +209,19 @@ def test_the_key_survives_backend_agent_and_control_plane_restarts(cluster, repl
     with client(cluster, "team-a") as a:
         d = wait_for(lambda: (lambda d: d if all_ready(d) and d.replicas[0].restarts >= 1 else None)(
             a.get_deployment("keyed")), SLOW, "the crashed backend restarted and READY")
-    r = d.replicas[0]
+    old_certificate, r = r.endpoint_certificate, d.replicas[0]
+    assert r.endpoint_certificate and r.endpoint_certificate != old_certificate    # renewed with the server
     with client(cluster, "admin") as admin:
         assert admin.replica_api_keys().get(r.id) == key
-    refuses_without_the_key(r.endpoint, key)
+    refuses_without_the_key(r, key)
+    refuses_plain_http_and_other_certificates(r, key)
     wait_for(lambda: gateway_answers(cluster), SLOW, "the gateway answers after the backend restart", interval=0.5)
 
     # the agent dies and comes back: the backend keeps running with its key
     cluster.kill_agent(r.node)
     cluster.start_agent(r.node)
     cluster.wait_ready(90)
-    refuses_without_the_key(r.endpoint, key)
+    refuses_without_the_key(r, key)
     wait_for(lambda: gateway_answers(cluster), SLOW, "the gateway answers after the agent restart", interval=0.5)
 
     # the control plane restarts: the new leader loads the key from etcd, probes the replica with it (it stays
@@ -195,7 +234,7 @@ def test_the_key_survives_backend_agent_and_control_plane_restarts(cluster, repl
         assert (d.replicas[0].id, d.replicas[0].workload_id) == (r.id, r.workload_id)
     wait_for(lambda: gateway_answers(cluster), SLOW, "the gateway answers after the control-plane restart",
              interval=0.5)
-    refuses_without_the_key(r.endpoint, key)
+    refuses_without_the_key(r, key)
     with client(cluster, "team-a") as a:
         a.undeploy("keyed")
         wait_for(lambda: not a.list_deployments(), 120, "the deployment removed")

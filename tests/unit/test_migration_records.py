@@ -22,6 +22,7 @@ from nodeagent.backends.loadscraper import LoadScraper
 
 KEY = "k" * 43
 SHA = "ab" * 32
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"
 
 
 def replica_workload(**more) -> t.Workload:
@@ -32,7 +33,7 @@ def replica_workload(**more) -> t.Workload:
                         "GPUMESH_TRANSFER_SECRET_FILE": "/x/transfer-secret"},
                    labels={"gpumesh.io/deployment": "chat", "gpumesh.io/replica": "r-1",
                            "gpumesh.io/isolation": "criu"},
-                   endpoint="127.0.0.1:40001", message="", **more)
+                   endpoint="127.0.0.1:40001", endpoint_certificate=CERT, message="", **more)
     w.backend.CopyFrom(t.ServingBackend(kind="llama.cpp", artifact="/models/smol.gguf", served_name="smol", context=512,
                                        concurrency=2, gpu_layers=-1, api_key=KEY, artifact_sha256=SHA))
     w.created_at.FromSeconds(1000)
@@ -53,6 +54,7 @@ def test_the_target_spec_keeps_the_backend_key_endpoint_and_labels():
     assert spec.HasField("backend") and spec.backend == w.backend          # kind, artifact, ..., key, sha256
     assert spec.backend.api_key == KEY and spec.backend.artifact_sha256 == SHA
     assert spec.endpoint == w.endpoint and list(spec.command) == list(w.command)
+    assert spec.endpoint_certificate == CERT                                # a transparent target serves the same
     assert dict(spec.labels) == dict(w.labels) and spec.tenant == "acme" and spec.created_at == w.created_at
     assert dict(spec.env) == {"FOO": "bar"}                                 # an earlier restore's variables go
     assert (spec.id, spec.node, spec.slice_id, spec.state) == ("w-1", "b", "s-dst", t.WORKLOAD_STATE_PENDING)
@@ -73,6 +75,7 @@ def test_the_committed_record_of_a_transparent_move_keeps_pid_endpoint_and_backe
     n = committed_record(w, migration(), step=0)
     assert (n.node, n.slice_id, n.state, n.exit_code) == ("b", "s-dst", t.WORKLOAD_STATE_RUNNING, 0)
     assert n.backend == w.backend and n.endpoint == w.endpoint and n.pid == 4242   # CRIU: same PID, same socket
+    assert n.endpoint_certificate == CERT           # ... and the same TLS key, in the restored server's memory
     assert dict(n.labels) == dict(w.labels) and n.tenant == "acme" and list(n.command) == list(w.command)
     assert n.created_at == w.created_at and "migrated from a" in n.message and not n.HasField("finished_at")
 
@@ -81,6 +84,7 @@ def test_the_committed_record_of_a_restarted_process_waits_for_its_new_pid_and_p
     w = replica_workload()
     n = committed_record(w, migration(mode=M.MIGRATION_MODE_PRECOPY), step=7)
     assert n.pid == 0 and n.endpoint == ""          # the target agent reports its own (a new port)
+    assert n.endpoint_certificate == ""             # ... and its server's new certificate
     assert n.backend == w.backend and "at step 7" in n.message
     plain = t.Workload(id="w-2", node="a", slice_id="s", pid=9, endpoint="", command=["x"])
     assert committed_record(plain, migration(mode=M.MIGRATION_MODE_STOP_AND_COPY, resize_slice="s"), 1).slice_id == "s"
@@ -141,7 +145,7 @@ async def test_a_restored_targets_runner_record_keeps_backend_and_endpoint(state
             await asyncio.sleep(0.05)
         assert runner.workloads["w-1"].pid > 0, runner.workloads["w-1"].message
         targets = LoadScraper(lambda: runner.workloads.values()).targets()
-        assert targets == [("w-1", "llama.cpp", "127.0.0.1:40001", KEY)]
+        assert targets == [("w-1", "llama.cpp", "127.0.0.1:40001", KEY, CERT)]     # CRIU kept its TLS key too
         from nodeagent.workloads import WorkloadRunner
         reloaded = WorkloadRunner(agent, str(tmp_path / "wl"))
         assert reloaded.workloads["w-1"].backend == spec.backend and reloaded.workloads["w-1"].endpoint == w.endpoint

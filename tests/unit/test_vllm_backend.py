@@ -206,8 +206,9 @@ def test_agent_options(tmp_path):
         backend_host, backend, vllm_python, vllm_cpu_kvcache_max_gib = "10.1.1.1", "nvml", "/x/python", 3
     o = backends.options_of(Agent())
     assert (o.host, o.has_gpu, o.vllm_python, o.vllm_cpu_kvcache_max_gib) == ("10.1.1.1", True, "/x/python", 3)
-    Agent.backend = "sim"
-    assert backends.options_of(Agent()).has_gpu is False
+    assert o.tls is True                                    # backend_tls: on unless the agent says off
+    Agent.backend, Agent.backend_tls = "sim", False
+    assert backends.options_of(Agent()).has_gpu is False and backends.options_of(Agent()).tls is False
 
 
 @pytest.mark.parametrize("key", ["k3y-of-the-replica", ""])
@@ -254,3 +255,21 @@ def test_the_key_guard_covers_every_path_of_any_uvicorn_app(tmp_path, key):
     finally:
         p.terminate()
         p.wait(10)
+
+
+def test_the_wrapper_hands_the_agents_tls_files_to_vllm(tmp_path):
+    """nodeagent/backends/servertls.py names the key and certificate in SSL_KEYFILE / SSL_CERTFILE (what
+    llama-cpp-python's server reads); the vLLM wrapper passes them on as --ssl-keyfile / --ssl-certfile."""
+    import json
+    (tmp_path / "standin_server.py").write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    code = vllm.GUARD_ALL_PATHS.replace(repr(vllm.SERVER_MODULE), repr("standin_server"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), vllm.API_KEY_ENV: "",
+           "SSL_KEYFILE": "/tmp/server-tls.key", "SSL_CERTFILE": "/tmp/server-tls.crt"}
+    out = subprocess.run([sys.executable, "-c", code, "--model", "m"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == ["--model", "m", "--ssl-keyfile", "/tmp/server-tls.key",
+                               "--ssl-certfile", "/tmp/server-tls.crt"]
+    env.pop("SSL_KEYFILE"), env.pop("SSL_CERTFILE")        # backend_tls off: plain HTTP, as before
+    out = subprocess.run([sys.executable, "-c", code, "--model", "m"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == ["--model", "m"]

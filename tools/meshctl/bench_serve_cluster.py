@@ -110,6 +110,12 @@ class ReplicaInfo:
     workload_id: str
     deployment: str = DEPLOYMENT
     api_key: str = field(default="", repr=False)     # its server's key (the serving view; the bench is admin)
+    certificate: str = field(default="", repr=False)  # its server's pinned TLS certificate ("": plain HTTP)
+
+    @property
+    def url(self) -> str:
+        """scheme://host:port of its server (https when it has a certificate)."""
+        return f"{'https' if self.certificate else 'http'}://{self.endpoint}"
 
     @property
     def auth(self) -> dict[str, str]:
@@ -221,7 +227,7 @@ class ServeCluster:
             for r in sorted(d.replicas, key=lambda r: r.node):
                 replicas.append(ReplicaInfo(len(replicas), r.id, r.endpoint, r.node, r.gpu_index,
                                             d.status.backend or p.backend, r.workload_id, p.name,
-                                            api_keys.get(r.id, "")))
+                                            api_keys.get(r.id, ""), r.endpoint_certificate))
         self.replicas = replicas
         return self.replicas
 

@@ -58,17 +58,21 @@ class ServeBench:
 
     # -- measures -------------------------------------------------------------------------------------------
 
-    async def _overhead_pairs(self, gw_url: str, n: int) -> list[tuple[float, float]]:
-        import httpx
+    def pins(self) -> dict[str, str]:
+        """endpoint -> certificate of the replicas that serve TLS (requests straight to them verify it)."""
+        return {r.endpoint: r.certificate for r in self.sc.replicas if r.certificate}
 
+    async def _overhead_pairs(self, gw_url: str, n: int) -> list[tuple[float, float]]:
+        from mesh import replicahttp
         from mesh.loadgen.client import timed_completion
         by_name, auth = {}, {}
         for r in self.sc.replicas:
-            by_name.update({r.id: r.endpoint, r.key: r.endpoint, r.endpoint: r.endpoint})
-            auth[r.endpoint] = r.auth
+            by_name.update({r.id: r.url, r.key: r.url, r.endpoint: r.url})
+            auth[r.url] = r.auth
         body = {"model": MODEL, "prompt": OVERHEAD_PROMPT, "max_tokens": 1, "temperature": 0}
         pairs = []
-        async with httpx.AsyncClient(timeout=60) as client:
+        # the replicas over TLS pinned to their certificates (mesh/replicahttp.py), the gateway over plain HTTP
+        async with replicahttp.client(60, pins=self.pins()) as client:
             # The same request (one token of a short, always-cached prompt, so the backend's time varies
             # little) through the gateway, then straight to the replica that served it; the first two pairs
             # warm the connections.
@@ -79,7 +83,7 @@ class ServeBench:
                 if resp.status_code != 200 or target is None:
                     raise CliError(f"overhead: the gateway answered {resp.status_code} served by {served!r} "
                                    f"(known replicas: {sorted(by_name)})")
-                t_direct, resp = await timed_completion(client, f"http://{target}", body, headers=auth[target])
+                t_direct, resp = await timed_completion(client, target, body, headers=auth[target])
                 if resp.status_code != 200:
                     raise CliError(f"overhead: replica {target} answered {resp.status_code}")
                 if i >= 2:
@@ -92,8 +96,8 @@ class ServeBench:
         pick: Callable
         if policy == "direct":
             gw = None
-            pick = round_robin([f"http://{r.endpoint}" for r in self.sc.replicas])
-            auth = {f"http://{r.endpoint}": r.auth for r in self.sc.replicas}
+            pick = round_robin([r.url for r in self.sc.replicas])
+            auth = {r.url: r.auth for r in self.sc.replicas}
             headers = auth.get                      # each replica's own key
         else:
             headers = None
@@ -111,6 +115,7 @@ class ServeBench:
         try:
             results, wall = asyncio.run(replay(self.arrivals, prompts, pick, model=MODEL, events=events,
                                                headers=headers, extra_body=self.extra_body, progress=bar,
+                                               pins=self.pins() if gw is None else None,
                                                drain_s=max(180.0, self.args.duration * 2)))
             counters = gateway_counters(gw.metrics()) if gw is not None else {}
         finally:
@@ -268,7 +273,7 @@ def served_by_backend(results, replicas) -> dict[str, int]:
     x-gpumesh-served-by (deployment/replica) or, for direct, the replica's URL; "unknown" otherwise."""
     backend_of = {}
     for r in replicas:
-        backend_of.update({r.key: r.backend, r.id: r.backend, f"http://{r.endpoint}": r.backend,
+        backend_of.update({r.key: r.backend, r.id: r.backend, r.url: r.backend,
                            r.endpoint: r.backend})
     return _count(backend_of.get(r.served_by or r.target, "unknown") for r in results if not r.error)
 

@@ -140,10 +140,15 @@ def wait_ready(mesh, names: list[str], timeout: float, progress) -> dict[str, ob
         time.sleep(1.0)
 
 
-def complete(endpoint: str, model: str, prompt: str = PROMPT, max_tokens: int = 16, api_key: str = "") -> str:
-    """A completion straight from a replica, with its API key (every replica requires its own)."""
+def complete(endpoint: str, model: str, prompt: str = PROMPT, max_tokens: int = 16, api_key: str = "",
+             certificate: str = "") -> str:
+    """A completion straight from a replica, with its API key (every replica requires its own), over TLS
+    pinned to its certificate when it has one (mesh/replicatls.py)."""
     import httpx
-    resp = httpx.post(f"http://{endpoint}/v1/completions", timeout=300, json={
+
+    from mesh import replicatls
+    resp = httpx.post(f"{replicatls.base_url(endpoint, certificate)}/v1/completions", timeout=300,
+                      verify=replicatls.verify(certificate), json={
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
         headers={"authorization": f"Bearer {api_key}"} if api_key else None)
     resp.raise_for_status()
@@ -183,12 +188,13 @@ def run(endpoint: str, state_dir: Path, progress, timeout: float = 900.0) -> dic
         ds = wait_ready(mesh, names, timeout, progress)
         api_keys = mesh.replica_api_keys()      # the demo cluster is insecure: this process is an admin
         for name, d in ds.items():
-            urls = [f"http://{r.endpoint}/v1" for r in d.replicas]
+            urls = [f"{'https' if r.endpoint_certificate else 'http'}://{r.endpoint}/v1" for r in d.replicas]
             doc["endpoints"][name] = urls
             doc["deployments"].append({"name": name, "model": d.spec.model, "variant": d.spec.variant,
                                        "backend": d.status.backend,
                                        "replicas": [replica_to_dict(r) for r in d.replicas]})
-            text = complete(d.replicas[0].endpoint, d.spec.model, api_key=api_keys.get(d.replicas[0].id, ""))
+            text = complete(d.replicas[0].endpoint, d.spec.model, api_key=api_keys.get(d.replicas[0].id, ""),
+                            certificate=d.replicas[0].endpoint_certificate)
             doc["completions"][name] = text
             progress(f"demo: {name} answers at {urls[0]}: {PROMPT!r} -> {text!r}")
     return doc

@@ -27,7 +27,7 @@ from gpumesh.v1 import scaling_pb2 as gpumesh_dot_v1_dot_scaling__pb2
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#gpumesh/v1/deployment_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18gpumesh/v1/scaling.proto\x1a\x16gpumesh/v1/types.proto\"[\n\x0f\x42\x61\x63kendSettings\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\x12\x12\n\ngpu_layers\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"\x82\x03\n\x0e\x44\x65ploymentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12(\n\tisolation\x18\x05 \x01(\x0e\x32\x15.gpumesh.v1.Isolation\x12,\n\x07\x62\x61\x63kend\x18\x06 \x01(\x0b\x32\x1b.gpumesh.v1.BackendSettings\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.gpumesh.v1.DeploymentSpec.LabelsEntry\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x15\n\rrestart_stamp\x18\n \x01(\t\x12*\n\x07scaling\x18\x0b \x01(\x0b\x32\x19.gpumesh.v1.ScalingPolicy\x12\x0c\n\x04pool\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x04\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.gpumesh.v1.ReplicaState\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x10\n\x08slice_id\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x07 \x01(\t\x12\x11\n\tgpu_index\x18\x08 \x01(\x05\x12\x11\n\tgpu_model\x18\t \x01(\t\x12(\n\tisolation\x18\n \x01(\x0e\x32\x15.gpumesh.v1.Isolation\x12\x0f\n\x07profile\x18\x0b \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x03\x12\x13\n\x0bworkload_id\x18\r \x01(\t\x12\x10\n\x08restarts\x18\x0e \x01(\x05\x12\x0f\n\x07message\x18\x0f \x01(\t\x12.\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08ready_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_crash_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rnext_start_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rallocation_id\x18\x14 \x01(\t\x12\x10\n\x08template\x18\x15 \x01(\t\x12%\n\x04load\x18\x16 \x01(\x0b\x32\x17.gpumesh.v1.BackendLoad\"\x8c\x01\n\x13\x44\x65ploymentCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x36\n\x12last_transition_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x10\x44\x65ploymentStatus\x12\x10\n\x08replicas\x18\x01 \x01(\x05\x12\x16\n\x0eready_replicas\x18\x02 \x01(\x05\x12\x33\n\nconditions\x18\x03 \x03(\x0b\x32\x1f.gpumesh.v1.DeploymentCondition\x12\x12\n\nvram_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x30\n\nautoscaler\x18\x0b \x01(\x0b\x32\x1c.gpumesh.v1.AutoscalerStatus\"\xff\x01\n\nDeployment\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.gpumesh.v1.DeploymentSpec\x12,\n\x06status\x18\x02 \x01(\x0b\x32\x1c.gpumesh.v1.DeploymentStatus\x12%\n\x08replicas\x18\x03 \x03(\x0b\x32\x13.gpumesh.v1.Replica\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x06 \x01(\x03\"C\n\x17\x43reateDeploymentRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.gpumesh.v1.DeploymentSpec\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa6\x01\n\x16ListDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12>\n\x06labels\x18\x03 \x03(\x0b\x32..gpumesh.v1.ListDeploymentsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x17ListDeploymentsResponse\x12+\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x16.gpumesh.v1.Deployment\"8\n\x16ScaleDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"W\n\x17UpdateDeploymentRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.gpumesh.v1.DeploymentSpec\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16WatchDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"[\n\x11SetScalingRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06policy\x18\x02 \x01(\x0b\x32\x19.gpumesh.v1.ScalingPolicy\x12\r\n\x05\x63lear\x18\x03 \x01(\x08\"%\n\x15WakeDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"P\n\x16WakeDeploymentResponse\x12\x0c\n\x04woke\x18\x01 \x01(\x08\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x16\n\x0eready_replicas\x18\x03 \x01(\x05*\xb6\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x04\x12\x1d\n\x19REPLICA_STATE_TERMINATING\x10\x05\x32\x9a\x05\n\x11\x44\x65ploymentService\x12\x45\n\x06\x43reate\x12#.gpumesh.v1.CreateDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12?\n\x03Get\x12 .gpumesh.v1.GetDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12O\n\x04List\x12\".gpumesh.v1.ListDeploymentsRequest\x1a#.gpumesh.v1.ListDeploymentsResponse\x12\x43\n\x05Scale\x12\".gpumesh.v1.ScaleDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12\x45\n\x06Update\x12#.gpumesh.v1.UpdateDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12\x45\n\x06\x44\x65lete\x12#.gpumesh.v1.DeleteDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12\x45\n\x05Watch\x12\".gpumesh.v1.WatchDeploymentRequest\x1a\x16.gpumesh.v1.Deployment0\x01\x12\x43\n\nSetScaling\x12\x1d.gpumesh.v1.SetScalingRequest\x1a\x16.gpumesh.v1.Deployment\x12M\n\x04Wake\x12!.gpumesh.v1.WakeDeploymentRequest\x1a\".gpumesh.v1.WakeDeploymentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#gpumesh/v1/deployment_service.proto\x12\ngpumesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18gpumesh/v1/scaling.proto\x1a\x16gpumesh/v1/types.proto\"[\n\x0f\x42\x61\x63kendSettings\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x05\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\x12\x12\n\ngpu_layers\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"\x82\x03\n\x0e\x44\x65ploymentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12(\n\tisolation\x18\x05 \x01(\x0e\x32\x15.gpumesh.v1.Isolation\x12,\n\x07\x62\x61\x63kend\x18\x06 \x01(\x0b\x32\x1b.gpumesh.v1.BackendSettings\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.gpumesh.v1.DeploymentSpec.LabelsEntry\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x15\n\rrestart_stamp\x18\n \x01(\t\x12*\n\x07scaling\x18\x0b \x01(\x0b\x32\x19.gpumesh.v1.ScalingPolicy\x12\x0c\n\x04pool\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf7\x04\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.gpumesh.v1.ReplicaState\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x10\n\x08slice_id\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x07 \x01(\t\x12\x11\n\tgpu_index\x18\x08 \x01(\x05\x12\x11\n\tgpu_model\x18\t \x01(\t\x12(\n\tisolation\x18\n \x01(\x0e\x32\x15.gpumesh.v1.Isolation\x12\x0f\n\x07profile\x18\x0b \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x03\x12\x13\n\x0bworkload_id\x18\r \x01(\t\x12\x10\n\x08restarts\x18\x0e \x01(\x05\x12\x0f\n\x07message\x18\x0f \x01(\t\x12.\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08ready_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_crash_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rnext_start_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rallocation_id\x18\x14 \x01(\t\x12\x10\n\x08template\x18\x15 \x01(\t\x12%\n\x04load\x18\x16 \x01(\x0b\x32\x17.gpumesh.v1.BackendLoad\x12\x1c\n\x14\x65ndpoint_certificate\x18\x17 \x01(\t\"\x8c\x01\n\x13\x44\x65ploymentCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x36\n\x12last_transition_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x10\x44\x65ploymentStatus\x12\x10\n\x08replicas\x18\x01 \x01(\x05\x12\x16\n\x0eready_replicas\x18\x02 \x01(\x05\x12\x33\n\nconditions\x18\x03 \x03(\x0b\x32\x1f.gpumesh.v1.DeploymentCondition\x12\x12\n\nvram_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x30\n\nautoscaler\x18\x0b \x01(\x0b\x32\x1c.gpumesh.v1.AutoscalerStatus\"\xff\x01\n\nDeployment\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.gpumesh.v1.DeploymentSpec\x12,\n\x06status\x18\x02 \x01(\x0b\x32\x1c.gpumesh.v1.DeploymentStatus\x12%\n\x08replicas\x18\x03 \x03(\x0b\x32\x13.gpumesh.v1.Replica\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x06 \x01(\x03\"C\n\x17\x43reateDeploymentRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.gpumesh.v1.DeploymentSpec\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa6\x01\n\x16ListDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12>\n\x06labels\x18\x03 \x03(\x0b\x32..gpumesh.v1.ListDeploymentsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x17ListDeploymentsResponse\x12+\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x16.gpumesh.v1.Deployment\"8\n\x16ScaleDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"W\n\x17UpdateDeploymentRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.gpumesh.v1.DeploymentSpec\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16WatchDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"[\n\x11SetScalingRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06policy\x18\x02 \x01(\x0b\x32\x19.gpumesh.v1.ScalingPolicy\x12\r\n\x05\x63lear\x18\x03 \x01(\x08\"%\n\x15WakeDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"P\n\x16WakeDeploymentResponse\x12\x0c\n\x04woke\x18\x01 \x01(\x08\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x16\n\x0eready_replicas\x18\x03 \x01(\x05*\xb6\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x04\x12\x1d\n\x19REPLICA_STATE_TERMINATING\x10\x05\x32\x9a\x05\n\x11\x44\x65ploymentService\x12\x45\n\x06\x43reate\x12#.gpumesh.v1.CreateDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12?\n\x03Get\x12 .gpumesh.v1.GetDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12O\n\x04List\x12\".gpumesh.v1.ListDeploymentsRequest\x1a#.gpumesh.v1.ListDeploymentsResponse\x12\x43\n\x05Scale\x12\".gpumesh.v1.ScaleDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12\x45\n\x06Update\x12#.gpumesh.v1.UpdateDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12\x45\n\x06\x44\x65lete\x12#.gpumesh.v1.DeleteDeploymentRequest\x1a\x16.gpumesh.v1.Deployment\x12\x45\n\x05Watch\x12\".gpumesh.v1.WatchDeploymentRequest\x1a\x16.gpumesh.v1.Deployment0\x01\x12\x43\n\nSetScaling\x12\x1d.gpumesh.v1.SetScalingRequest\x1a\x16.gpumesh.v1.Deployment\x12M\n\x04Wake\x12!.gpumesh.v1.WakeDeploymentRequest\x1a\".gpumesh.v1.WakeDeploymentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYMENTSPEC_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTDEPLOYMENTSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTDEPLOYMENTSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_REPLICASTATE']._serialized_start=2615
-  _globals['_REPLICASTATE']._serialized_end=2797
+  _globals['_REPLICASTATE']._serialized_start=2645
+  _globals['_REPLICASTATE']._serialized_end=2827
   _globals['_BACKENDSETTINGS']._serialized_start=134
   _globals['_BACKENDSETTINGS']._serialized_end=225
   _globals['_DEPLOYMENTSPEC']._serialized_start=228
@@ -47,37 +47,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYMENTSPEC_LABELSENTRY']._serialized_start=569
   _globals['_DEPLOYMENTSPEC_LABELSENTRY']._serialized_end=614
   _globals['_REPLICA']._serialized_start=617
-  _globals['_REPLICA']._serialized_end=1218
-  _globals['_DEPLOYMENTCONDITION']._serialized_start=1221
-  _globals['_DEPLOYMENTCONDITION']._serialized_end=1361
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=1364
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=1564
-  _globals['_DEPLOYMENT']._serialized_start=1567
-  _globals['_DEPLOYMENT']._serialized_end=1822
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1824
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1891
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1893
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1929
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1932
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=2098
+  _globals['_REPLICA']._serialized_end=1248
+  _globals['_DEPLOYMENTCONDITION']._serialized_start=1251
+  _globals['_DEPLOYMENTCONDITION']._serialized_end=1391
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=1394
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=1594
+  _globals['_DEPLOYMENT']._serialized_start=1597
+  _globals['_DEPLOYMENT']._serialized_end=1852
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1854
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1921
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1923
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1959
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1962
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=2128
   _globals['_LISTDEPLOYMENTSREQUEST_LABELSENTRY']._serialized_start=569
   _globals['_LISTDEPLOYMENTSREQUEST_LABELSENTRY']._serialized_end=614
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=2100
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2170
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=2172
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=2228
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=2230
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=2317
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=2319
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2358
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=2360
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=2398
-  _globals['_SETSCALINGREQUEST']._serialized_start=2400
-  _globals['_SETSCALINGREQUEST']._serialized_end=2491
-  _globals['_WAKEDEPLOYMENTREQUEST']._serialized_start=2493
-  _globals['_WAKEDEPLOYMENTREQUEST']._serialized_end=2530
-  _globals['_WAKEDEPLOYMENTRESPONSE']._serialized_start=2532
-  _globals['_WAKEDEPLOYMENTRESPONSE']._serialized_end=2612
-  _globals['_DEPLOYMENTSERVICE']._serialized_start=2800
-  _globals['_DEPLOYMENTSERVICE']._serialized_end=3466
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=2130
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2200
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=2202
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=2258
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=2260
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=2347
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=2349
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2388
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=2390
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=2428
+  _globals['_SETSCALINGREQUEST']._serialized_start=2430
+  _globals['_SETSCALINGREQUEST']._serialized_end=2521
+  _globals['_WAKEDEPLOYMENTREQUEST']._serialized_start=2523
+  _globals['_WAKEDEPLOYMENTREQUEST']._serialized_end=2560
+  _globals['_WAKEDEPLOYMENTRESPONSE']._serialized_start=2562
+  _globals['_WAKEDEPLOYMENTRESPONSE']._serialized_end=2642
+  _globals['_DEPLOYMENTSERVICE']._serialized_start=2830
+  _globals['_DEPLOYMENTSERVICE']._serialized_end=3496
 # @@protoc_insertion_point(module_scope)

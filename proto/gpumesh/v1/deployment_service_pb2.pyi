@@ -75,7 +75,7 @@ class DeploymentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., backend: _Optional[_Union[BackendSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., restart_stamp: _Optional[str] = ..., scaling: _Optional[_Union[_scaling_pb2.ScalingPolicy, _Mapping]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("id", "deployment", "state", "endpoint", "slice_id", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "memory_bytes", "workload_id", "restarts", "message", "created_at", "ready_at", "last_crash_at", "next_start_at", "allocation_id", "template", "load")
+    __slots__ = ("id", "deployment", "state", "endpoint", "slice_id", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "memory_bytes", "workload_id", "restarts", "message", "created_at", "ready_at", "last_crash_at", "next_start_at", "allocation_id", "template", "load", "endpoint_certificate")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class Replica(_message.Message):
     ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     deployment: str
     state: ReplicaState
@@ -120,7 +121,8 @@ class Replica(_message.Message):
     allocation_id: str
     template: str
     load: _types_pb2.BackendLoad
-    def __init__(self, id: _Optional[str] = ..., deployment: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., endpoint: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_model: _Optional[str] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., profile: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., workload_id: _Optional[str] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_crash_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_start_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocation_id: _Optional[str] = ..., template: _Optional[str] = ..., load: _Optional[_Union[_types_pb2.BackendLoad, _Mapping]] = ...) -> None: ...
+    endpoint_certificate: str
+    def __init__(self, id: _Optional[str] = ..., deployment: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., endpoint: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_model: _Optional[str] = ..., isolation: _Optional[_Union[_types_pb2.Isolation, str]] = ..., profile: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., workload_id: _Optional[str] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_crash_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_start_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocation_id: _Optional[str] = ..., template: _Optional[str] = ..., load: _Optional[_Union[_types_pb2.BackendLoad, _Mapping]] = ..., endpoint_certificate: _Optional[str] = ...) -> None: ...
 
 class DeploymentCondition(_message.Message):
     __slots__ = ("type", "status", "reason", "message", "last_transition_at")

@@ -535,7 +535,7 @@ class NodeEvent(_message.Message):
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., gpu_index: _Optional[int] = ...) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("id", "slice_id", "node", "tenant", "command", "env", "state", "pid", "exit_code", "created_at", "started_at", "finished_at", "message", "labels", "backend", "endpoint", "network_address")
+    __slots__ = ("id", "slice_id", "node", "tenant", "command", "env", "state", "pid", "exit_code", "created_at", "started_at", "finished_at", "message", "labels", "backend", "endpoint", "network_address", "endpoint_certificate")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -567,6 +567,7 @@ class Workload(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     NETWORK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     slice_id: str
     node: str
@@ -584,7 +585,8 @@ class Workload(_message.Message):
     backend: ServingBackend
     endpoint: str
     network_address: str
-    def __init__(self, id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., tenant: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., backend: _Optional[_Union[ServingBackend, _Mapping]] = ..., endpoint: _Optional[str] = ..., network_address: _Optional[str] = ...) -> None: ...
+    endpoint_certificate: str
+    def __init__(self, id: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., tenant: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[WorkloadState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., backend: _Optional[_Union[ServingBackend, _Mapping]] = ..., endpoint: _Optional[str] = ..., network_address: _Optional[str] = ..., endpoint_certificate: _Optional[str] = ...) -> None: ...
 
 class ServingBackend(_message.Message):
     __slots__ = ("kind", "artifact", "served_name", "context", "concurrency", "gpu_layers", "gpu_memory_utilization", "memory_bytes", "device", "dtype", "api_key", "artifact_sha256")
