@@ -192,10 +192,16 @@ class Controller:
                        timeout: float = 0.0, fingerprint: str = "") -> tuple[str, list[types_pb2.Slice]]:
         """Place `req` (see SliceService.Allocate). A `request_id` seen before answers its allocation when
         `fingerprint` (requestids.allocate_fingerprint; "" compares with nothing) is the first call's, and
-        raises RequestIdReused when it is not."""
+        raises RequestIdReused when it is not, FailedPrecondition when that allocation was released since."""
         if request_id:
             existing = self.requests.check(req.tenant, request_id, fingerprint)
             if existing:
+                if self.released(existing):
+                    # its result is spent: answering an allocation of no slices would read as a success
+                    raise errors.FailedPrecondition(
+                        f"request_id: {request_id!r} named allocation {existing}, which has been released since "
+                        f"(an idempotency key answers its first call's result): use a new request_id to allocate "
+                        f"again")
                 return existing, await self._await_ready(existing, no_wait, timeout)
         for listener in self.request_listeners:
             try:
@@ -361,6 +367,10 @@ class Controller:
         return slices
 
     # -- release ----------------------------------------------------------------------
+
+    def released(self, alloc_id: str) -> bool:
+        """Whether every slice of the allocation is gone or being released (its result is spent)."""
+        return all(s.state == S.SLICE_STATE_RELEASING for s in self.fleet.slices_of(alloc_id))
 
     def find(self, ident: str) -> list[types_pb2.Slice]:
         if ident in self.fleet.slices:

@@ -30,6 +30,7 @@ from gpumesh.v1 import slice_service_pb2, types_pb2, workload_service_pb2
 from mesh import errors, slicespec
 from mesh.logs import log
 
+MAX_SPENT_IDS = 8      # request ids a replica goes through before it gives up (each a released allocation)
 logger = logging.getLogger(__name__)
 # the endpoint that says a backend's server is up, by kind (llama-cpp-python's server has no /health)
 HEALTH_PATHS = {"llama.cpp": "/v1/models", "vllm": "/health"}
@@ -95,20 +96,29 @@ class Actuator:
         """Allocate under the replica's request id, with its request's fingerprint. An id an earlier call used
         with another request (the deployment changed between that allocation and the replica's record of it,
         e.g. a control-plane crash in between) names an allocation no replica records, of the old size:
-        it is released, and this request placed under an id of its own (the same on a retry)."""
+        it is released, and this request placed under an id of its own (the same on a retry). An id whose
+        allocation was released since (its slice lost) is spent: the next id of the replica's is used."""
         req = slicespec.validate(slice_spec)
         fp = requestids.allocate_fingerprint(slice_service_pb2.AllocateRequest(spec=slice_spec))
-        try:
-            return (await self.ctl.allocate(req, request_id=request_id, no_wait=True, fingerprint=fp))[1]
-        except errors.RequestIdReused:
-            earlier = self.ctl.requests.lookup(req.tenant, request_id)
-            log(logger, logging.INFO, "replica's earlier allocation was for another spec: releasing it",
-                request_id=request_id, allocation=earlier)
-            if earlier and self.ctl.fleet.slices_of(earlier):
-                await self.ctl.release(earlier, wait=False, message=f"made for an earlier spec of replica "
-                                                                     f"{request_id} (its request id)")
-        return (await self.ctl.allocate(req, request_id=f"{request_id}.{fp.removeprefix('sha256:')[:12]}",
-                                        no_wait=True, fingerprint=fp))[1]
+        derived = f"{request_id}.{fp.removeprefix('sha256:')[:12]}"
+        for rid in [request_id, derived, *(f"{derived}.{k}" for k in range(2, MAX_SPENT_IDS))]:
+            try:
+                return (await self.ctl.allocate(req, request_id=rid, no_wait=True, fingerprint=fp))[1]
+            except errors.RequestIdReused:
+                earlier = self.ctl.requests.lookup(req.tenant, rid)
+                log(logger, logging.INFO, "replica's earlier allocation was for another spec: releasing it",
+                    request_id=rid, allocation=earlier)
+                if earlier and not self.ctl.released(earlier):
+                    await self.ctl.release(earlier, wait=False, message=f"made for an earlier spec of replica "
+                                                                         f"{request_id} (its request id)")
+            except errors.FailedPrecondition:
+                earlier = self.ctl.requests.lookup(req.tenant, rid)
+                if not earlier or not self.ctl.released(earlier):
+                    raise
+                log(logger, logging.INFO, "replica's earlier allocation was released: placing it anew",
+                    request_id=rid, allocation=earlier)
+        raise errors.FailedPrecondition(f"replica {request_id}: its last {MAX_SPENT_IDS} request ids are spent "
+                                        f"(allocations released or made for other specs)")
 
     async def run(self, r: D.Replica, spec: D.DeploymentSpec, variant: M.Variant) -> D.Replica:
         s = self.ctl.fleet.slices[r.slice_id]

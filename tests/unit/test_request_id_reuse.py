@@ -220,3 +220,36 @@ async def test_the_actuator_replaces_an_allocation_made_for_an_earlier_spec_of_t
     again = await act.allocate(r, spec, 15 << 30)                      # a retry: the same allocation
     assert again.allocation_id == bigger.allocation_id
     assert sum(1 for s in ctl.fleet.slices.values() if s.state != t.SLICE_STATE_RELEASING) == 1
+
+
+async def test_a_retry_of_a_released_allocation_is_refused_and_the_actuator_places_anew(store):
+    """An idempotency key whose allocation was released since answers FailedPrecondition naming request_id
+    (it answered an allocation of no live slice before: an empty answer read as a success, and the actuator
+    took slices[0] of it). The actuator then places the replica under its next request id, once per
+    released allocation."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    async with ControlPlane(store) as cp:
+        first = await cp.call("allocate", **alloc())
+        await cp.ctl.release(first.allocation_id, wait=False)
+        with pytest.raises(errors.FailedPrecondition, match=r"request_id: 'job-1' named allocation .* released"):
+            await cp.call("allocate", **alloc())
+
+        saved = []
+
+        async def put_replica(r):
+            saved.append(r)
+        act = Actuator(cp.ctl, None, SimpleNamespace(put_replica=put_replica))
+        spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+        r = D.Replica(id="r-1", deployment="chat")
+        placed = await act.allocate(r, spec, 2 << 30)
+        await cp.ctl.release(placed.allocation_id, wait=False)          # its slice lost
+        anew = await act.allocate(r, spec, 2 << 30)
+        assert anew.allocation_id != placed.allocation_id and anew.slice_id
+        assert (await act.allocate(r, spec, 2 << 30)).allocation_id == anew.allocation_id      # a retry
+        await cp.ctl.release(anew.allocation_id, wait=False)
+        third = await act.allocate(r, spec, 2 << 30)
+        assert third.allocation_id not in (placed.allocation_id, anew.allocation_id)
