@@ -5,7 +5,6 @@ and removes it from `get nodes`; its agent, started again, registers as a new no
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -13,6 +12,7 @@ import pytest
 
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors
+from mesh.procs import pid_alive
 from tests.integration.conftest import wait_for, workload_cluster
 
 pytestmark = pytest.mark.integration
@@ -32,16 +32,6 @@ def mig_instances(cluster, node: str) -> list:
     """The GPU instances the simulated GPU of `node` holds (its NVML state file, as the agent leaves it)."""
     state = json.loads((cluster.state_dir / "agents" / node / "sim" / f"{node}.state.json").read_text())
     return [gi for gpu in state["gpus"] for gi in gpu["gis"]]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def meshctl(cluster, capsys, *argv: str) -> tuple[int, str, str]:
@@ -98,7 +88,7 @@ def test_delete_a_notready_node_and_its_agent_comes_back_as_a_new_node(cluster, 
         fresh = mesh.get_node(GONE)
         assert fresh.registered_at.seconds >= int(deleted_at) - 1 and not fresh.deleting and fresh.slices == 0
         wait_for(lambda: not mig_instances(cluster, GONE), 60, "the old MIG instances to be torn down")
-        wait_for(lambda: not alive(w.pid), 60, "the old workload's process to be stopped")
+        wait_for(lambda: not pid_alive(w.pid), 60, "the old workload's process to be stopped")
         assert mesh.get_workload(w.id).state == T.WORKLOAD_STATE_FAILED          # its report changed nothing
         whole = mesh.allocate(tenant="t", gpu_model="H100-80GB", mig_profile="7g.80gb")   # the whole GPU is free
         assert whole.slices[0].node == GONE and whole.slices[0].state == T.SLICE_STATE_READY
