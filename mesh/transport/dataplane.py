@@ -61,10 +61,19 @@ class Region:
     damaged: str = ""           # why its segment can no longer be used ("": it can)
     inbox: collections.deque = field(default_factory=collections.deque)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    length: int = field(init=False)     # kept: a deregistration releases `data` while requests may read this
 
-    @property
-    def length(self) -> int:
-        return self.data.nbytes
+    def __post_init__(self) -> None:
+        self.length = self.data.nbytes
+
+
+def _slice(region: Region, off: int, length: int) -> memoryview | None:
+    """The region's bytes [off, off+length), taken once per request: a deregistration releases `region.data`
+    (remove()), not this slice, so a copy under way finishes; None when it was released before."""
+    try:
+        return region.data[off:off + length]
+    except ValueError:
+        return None
 
 
 class TcpDataPlane:
@@ -199,6 +208,14 @@ class TcpDataPlane:
             sock.sendall(RESP.pack(status, tag, n))
             sock.sendall(payload)
 
+    def _gone(self, sock: socket.socket, op: int, tag: int, region: Region, length: int) -> bool:
+        """Answer REVOKED for a region deregistered since its lookup (a WRITE's payload drained first, so the
+        stream stays in step); False when the connection must close instead."""
+        if op == WRITE and not self._drain(sock, length):
+            return False
+        self._reply(sock, REVOKED, tag, f"buffer {region.buffer_id} was deregistered")
+        return True
+
     def _drain(self, sock: socket.socket, length: int) -> bool:
         if length > DRAIN_LIMIT:
             return False
@@ -241,14 +258,17 @@ class TcpDataPlane:
             return True
         if region.segment is not None and op in (WRITE, READ):
             return self._segment_op(sock, op, tag, region, addr - region.base, length)
-        if op == WRITE:
+        if op in (WRITE, READ):
             off = addr - region.base
-            recv_exact(sock, region.data[off:off + length])
-            self._reply(sock, OK, tag)
-        elif op == READ:
-            off = addr - region.base
-            sock.sendall(RESP.pack(OK, tag, length))
-            sock.sendall(region.data[off:off + length])
+            view = _slice(region, off, length)
+            if view is None:
+                return self._gone(sock, op, tag, region, length)
+            if op == WRITE:
+                recv_exact(sock, view)
+                self._reply(sock, OK, tag)
+            else:
+                sock.sendall(RESP.pack(OK, tag, length))
+                sock.sendall(view)
         elif op == SEND:
             msg = bytearray(length)
             recv_exact(sock, memoryview(msg))
@@ -293,8 +313,11 @@ class TcpDataPlane:
 
     def _segment_op(self, sock: socket.socket, op: int, tag: int, region: Region, off: int, length: int) -> bool:
         """WRITE/READ on a region over a tenant's segment, by system calls only (mesh.transport.segment)."""
+        view = _slice(region, off, length)
+        if view is None:
+            return self._gone(sock, op, tag, region, length)
         if op == WRITE:
-            e = recv_into_segment(sock, region.segment, region.data, off, length)
+            e = recv_into_segment(sock, region.segment, view, off, length)
             if e is not None:
                 self._mark_damaged(region, e)
                 self._reply(sock, DAMAGED, tag, region.damaged)
@@ -302,7 +325,7 @@ class TcpDataPlane:
                 self._reply(sock, OK, tag)
             return True
         sock.sendall(RESP.pack(OK, tag, length))
-        e = send_from_segment(sock, region.segment, region.data, off, length)
+        e = send_from_segment(sock, region.segment, view, off, length)
         if e is not None:                 # shrunk during the copy: the reply is cut short, the channel closes
             self._mark_damaged(region, e)
             return False

@@ -130,9 +130,11 @@ def is_fault(e: OSError) -> bool:
     return e.errno == errno.EFAULT
 
 
-def recv_into_segment(sock, seg: Segment, mapped: memoryview, offset: int, length: int) -> BufferDamaged | None:
-    """Receive `length` payload bytes from `sock` into the buffer at `offset` (`mapped`: the buffer's bytes in
-    this process's mapping). On a plain socket straight into the mapping (recv_into is a system call); on TLS
+def recv_into_segment(sock, seg: Segment, dest: memoryview, offset: int, length: int) -> BufferDamaged | None:
+    """Receive `length` payload bytes from `sock` into the buffer at `offset` (`dest`: those `length` bytes of
+    the buffer in this process's mapping, sliced once by the caller: a deregistration that releases the buffer's
+    view meanwhile does not release this one). On a plain socket straight into the mapping (recv_into is a
+    system call); on TLS
     through this thread's bounce buffer and `pwrite`. When the segment cannot take them, the rest of the
     payload is read and dropped (the stream stays in step) and the error is returned. Connection errors raise."""
     got, damaged = 0, None
@@ -141,7 +143,7 @@ def recv_into_segment(sock, seg: Segment, mapped: memoryview, offset: int, lengt
     while got < length:
         if damaged is None and not tls:
             try:
-                k = sock.recv_into(mapped[offset + got:offset + length], length - got)
+                k = sock.recv_into(dest[got:], length - got)
             except OSError as e:
                 if not is_fault(e):
                     raise
@@ -166,12 +168,12 @@ def recv_into_segment(sock, seg: Segment, mapped: memoryview, offset: int, lengt
     return damaged
 
 
-def send_from_segment(sock, seg: Segment, mapped: memoryview, offset: int, length: int) -> BufferDamaged | None:
+def send_from_segment(sock, seg: Segment, src: memoryview, offset: int, length: int) -> BufferDamaged | None:
     """Send buffer bytes [offset, offset+length) (the reply's header is already sent). A shrink that races
     the copy cuts the reply short: the error is returned and the caller must close the channel."""
     if not isinstance(sock, ssl.SSLSocket):
         try:
-            sock.sendall(mapped[offset:offset + length])
+            sock.sendall(src)
         except OSError as e:
             if not is_fault(e):
                 raise

@@ -153,6 +153,36 @@ def test_a_shrink_that_races_a_write_is_an_error_not_a_signal():
     assert steps["ping"] is None                                     # the channel is in step
 
 
+def test_a_buffer_deregistered_between_its_checks_and_its_copy_answers_revoked():
+    """A deregistration releases the buffer's view while a request on it may be past its checks: the copy
+    takes its own slice once, up front, and a view already released answers REVOKED with the stream in step
+    (the copy used to slice the released view on every pass: ValueError killed the serving thread and the
+    caller saw its connection reset)."""
+    steps = run_child("""
+    from mesh.transport import dataplane
+    r = Registrar(agent("n1", "s-1", "s-2"), "127.0.0.1:0")
+    secret = secrets.token_bytes(32)
+    d = r.register("s-1", 1 << 20, "shm", CONN, secret)
+    c = TcpConnection(d, secret=secret)
+    step("before", lambda: c.write(0, b"abc"))
+    real = dataplane.TcpDataPlane._segment_ok
+    def ok_then_deregistered(self, region, op):
+        out = real(self, region, op)
+        region.data.release()                  # what remove() does, right after the checks passed
+        return out
+    dataplane.TcpDataPlane._segment_ok = ok_then_deregistered
+    step("write", lambda: c.write(0, os.urandom(1 << 16)))
+    step("read", lambda: c.read(0, 16))
+    dataplane.TcpDataPlane._segment_ok = real
+    step("ping", lambda: c.ping())
+    r.close()
+    """)
+    assert steps["before"] == 3
+    assert steps["write"]["error"] == "Revoked", steps["write"]
+    assert steps["read"]["error"] == "Revoked", steps["read"]
+    assert steps["ping"] is None                                     # the channel is in step
+
+
 def test_rdma_into_a_shrunk_peer_buffer_does_not_fault_the_agent():
     """A real MR pins its pages: the NIC never faults on a segment shrunk after registration. The stand-in
     follows that (and the agent copies only its own staging memory): the agent of the shrunk buffer's peer
