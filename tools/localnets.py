@@ -9,8 +9,9 @@ So the choice
 - skips the blocks an address or route of the host already uses (another cluster's bridge, once made, and any
   other device),
 - skips the blocks claimed by another cluster of this host whose state directory still exists (host-wide
-  claims in `claims_dir`, one file per block naming the cluster's state directory and the agent; a claim whose directory is
-  gone is stale and taken over; a cluster's stop gives its claims back, as it removes its bridges),
+  claims in `claims_dir`, the user's own directory (0700, checked), chosen under its lock; one file per block
+  naming the cluster's state directory and the agent; a claim whose directory is gone is stale and taken
+  over; a cluster's stop gives its claims back, as it removes its bridges),
 - and is kept in the cluster's state (`bridge-nets/<agent>`), so a restarted agent gets the network its
   bridge already has (the bridge refuses another); a kept network that another cluster claimed since this one
   stopped (its bridges gone with it) is chosen anew.
@@ -18,16 +19,19 @@ So the choice
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 BASE = ipaddress.ip_network("10.213.0.0/16")
 BLOCKS = 256
-DEFAULT_CLAIMS = Path(tempfile.gettempdir()) / "gpumesh-bridge-nets"
+DEFAULT_CLAIMS = Path(tempfile.gettempdir()) / f"gpumesh-bridge-nets-{os.getuid()}"
 
 
 def host_prefixes() -> list[ipaddress.IPv4Network]:
@@ -63,61 +67,79 @@ class BridgeNets:
             net = ipaddress.ip_network(kept.read_text().strip())
         except (OSError, ValueError):
             net = None
-        if net is not None and net.prefixlen == 24 and net.subnet_of(BASE) and self._claim(_index(net), agent):
-            return str(net)       # its bridge, if it still stands, has this network
-        used = self.in_use()
-        for k in range(BLOCKS):
-            i = (self._start + k) % BLOCKS
-            net = _block(i)
-            if any(net.overlaps(p) for p in used) or not self._claim(i, agent):
-                continue
-            kept.write_text(f"{net}\n")
-            return str(net)
+        with self._claims() as claims:
+            if net is not None and net.prefixlen == 24 and net.subnet_of(BASE) and self._claim(claims, _index(net),
+                                                                                                  agent):
+                return str(net)       # its bridge, if it still stands, has this network
+            used = self.in_use()
+            for k in range(BLOCKS):
+                i = (self._start + k) % BLOCKS
+                net = _block(i)
+                if any(net.overlaps(p) for p in used) or not self._claim(claims, i, agent):
+                    continue
+                kept.write_text(f"{net}\n")
+                return str(net)
         raise RuntimeError(f"no free /24 in {BASE} for agent {agent}'s isolated workloads: every block is used "
                            f"by a device or claimed in {self.claims_dir}; pass --workload-bridge-cidr yourself")
 
-    def _claim(self, i: int, agent: str) -> bool:
-        """Claim block i for this cluster's `agent` (True), unless another agent, of this cluster or of one
-        whose state directory still exists, holds it."""
-        me = f"{self.state_dir}\t{agent}"
-        path = self.claims_dir / str(i)
-        for _ in range(2):
-            try:
-                self.claims_dir.mkdir(mode=0o755, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            except FileExistsError:
-                owner = self._owner(path)
-                if owner == me:
-                    return True
-                if owner and Path(owner.split("\t")[0]).is_dir():
-                    return False
-                try:
-                    path.unlink(missing_ok=True)      # stale: its cluster's directory is gone
-                except OSError:
-                    return False
-                continue
-            except OSError:
-                return True       # no claims here (another user's directory): the devices' check alone
-            with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
-            return True
-        return False
-
-    @staticmethod
-    def _owner(path: Path) -> str:
+    @contextlib.contextmanager
+    def _claims(self) -> Iterator[Path | None]:
+        """The claims directory, locked (flock) for one choice or release at a time, so two clusters starting
+        together cannot both take over one stale claim; None when it cannot be trusted (not a directory of this
+        user's, writable by others) or made: the devices' check alone then."""
+        d = self.claims_dir
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            d.mkdir(mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                yield None
+                return
+            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError:
-            return ""
-        with os.fdopen(fd) as f:
-            return f.read(4096).strip()
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield d
+        finally:
+            os.close(fd)
+
+    def _claim(self, claims: Path | None, i: int, agent: str) -> bool:
+        """Claim block i for this cluster's `agent` (True), unless another agent, of this cluster or of one
+        whose state directory still exists, holds it (the caller holds the claims' lock)."""
+        if claims is None:
+            return True
+        me = f"{self.state_dir}\t{agent}"
+        path = claims / str(i)
+        owner = _owner(path)
+        if owner == me:
+            return True
+        if owner and Path(owner.split("\t")[0]).is_dir():
+            return False
+        try:
+            path.unlink(missing_ok=True)              # stale: its cluster's directory is gone
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        return True
 
     def release(self) -> None:
         """Give back this cluster's claims (its state is being removed)."""
-        try:
-            entries = list(self.claims_dir.iterdir())
-        except OSError:
-            return
-        for path in entries:
-            if self._owner(path).split("\t")[0] == str(self.state_dir):
-                path.unlink(missing_ok=True)
+        with self._claims() as claims:
+            for path in (sorted(claims.iterdir()) if claims is not None else []):
+                if path.name.isdigit() and _owner(path).split("\t")[0] == str(self.state_dir):
+                    path.unlink(missing_ok=True)
+
+
+def _owner(path: Path) -> str:
+    """Who holds a claim ("" for none, or for anything that is not a plain file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return ""
+        return f.read(4096).strip()

@@ -363,7 +363,8 @@ class Controller:
         if failed:
             await self.release(alloc_id, wait=False)
             raise errors.Unavailable(f"node {failed[0].node} could not realize slice {failed[0].id}: "
-                                     f"{failed[0].message}; the allocation was released, retry")
+                                     f"{failed[0].message}; the allocation was released, retry (with a new request_id: "
+                                     f"this one names the released allocation)")
         return slices
 
     # -- release ----------------------------------------------------------------------

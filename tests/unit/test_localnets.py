@@ -65,3 +65,24 @@ def test_a_claim_whose_cluster_is_gone_is_taken_over(tmp_path):
     b = nets(tmp_path, "b")
     taken = {b.cidr(f"x{i}", b.state_dir / "bridge-nets" / f"x{i}") for i in range(BLOCKS)}
     assert first in taken and len(taken) == BLOCKS
+
+
+def test_claims_in_a_directory_of_another_user_or_open_to_others_are_not_trusted(tmp_path):
+    """A claims directory writable by others (or not this user's) is ignored: its files could name any
+    directory (blocking every block) or be a FIFO (blocking the start); the devices' check alone decides."""
+    import os
+    claims = tmp_path / "claims"
+    claims.mkdir(mode=0o777)
+    os.chmod(claims, 0o777)
+    for i in range(BLOCKS):
+        (claims / str(i)).write_text(f"/\tx{i}\n")            # "held" by a cluster whose directory is /
+    a = nets(tmp_path, "a")
+    assert a.cidr("agent-0", a.state_dir / "bridge-nets" / "agent-0")
+    os.chmod(claims, 0o700)
+    os.mkfifo(claims / "fifo-claim")
+    (claims / "0").unlink()
+    os.mkfifo(claims / "0")                                    # a FIFO where a claim should be: not a claim
+    b = nets(tmp_path, "b")
+    b._start = 0
+    got = b.cidr("agent-0", b.state_dir / "bridge-nets" / "agent-0")
+    assert got == "10.213.0.0/24"
