@@ -50,7 +50,8 @@ async def test_a_checkpoint_taken_on_a_deleted_node_restores_to_another():
         assert done.phase == P.MIGRATION_PHASE_DONE, done.message
         w = etcd.get(keys.workload("w-b"), T.Workload)
         assert (w.node, w.slice_id, w.state) == (A, "s-af", T.WORKLOAD_STATE_RUNNING)
-        assert [a for a, mid in agent.got if mid == m.id] == ["START_TARGET", "PUSH_CHECKPOINT", "RESUME_TARGET"]
+        asked = list(dict.fromkeys(a for a, mid in agent.got if mid == m.id))     # a step may be sent twice
+        assert asked == ["START_TARGET", "PUSH_CHECKPOINT", "RESUME_TARGET"]
     finally:
         await cp.stop()
 
