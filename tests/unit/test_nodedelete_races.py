@@ -40,9 +40,6 @@ async def test_a_checkpoint_taken_on_a_deleted_node_restores_to_another():
                          C.RESUME_TARGET: R.TARGET_RESUMED}
         resp = await cp.deleter.delete(B)
         assert "w-b" in resp.workloads and B not in cp.ctl.fleet.nodes
-        # placed like its slice, which went with the node: only a named slice will do (said at once)
-        with pytest.raises(errors.FailedPrecondition, match="slice s-b2 is gone: name a slice"):
-            await cp.mm.restore("ck-1", to_node=A)
         m = await cp.mm.restore("ck-1", to_slice="s-af")
         assert m.source_node == B
         await wait_for(lambda: cp.mm.migrations[m.id].phase in FINISHED, "the restore to end")
@@ -52,6 +49,24 @@ async def test_a_checkpoint_taken_on_a_deleted_node_restores_to_another():
         assert (w.node, w.slice_id, w.state) == (A, "s-af", T.WORKLOAD_STATE_RUNNING)
         asked = list(dict.fromkeys(a for a, mid in agent.got if mid == m.id))     # a step may be sent twice
         assert asked == ["START_TARGET", "PUSH_CHECKPOINT", "RESUME_TARGET"]
+    finally:
+        await cp.stop()
+
+
+async def test_a_restore_to_a_node_after_the_deletion_is_told_to_name_a_slice():
+    """A target is placed like the workload's slice, which went with its node: only a named slice will do, said
+    at once (not a migration that rolls back)."""
+    etcd = Etcd()
+    fleet(etcd)
+    ck = M.CheckpointInfo(id="ck-1", workload_id="w-b", tenant="t", node=B, path="t/w-b/ck-1", step=7)
+    etcd.kv[keys.checkpoint(ck.id)] = ck.SerializeToString()
+    cp = await control_plane(etcd)
+    try:
+        connect_a(cp)
+        await cp.deleter.delete(B)
+        with pytest.raises(errors.FailedPrecondition, match="slice s-b2 is gone: name a slice"):
+            await cp.mm.restore("ck-1", to_node=A)
+        assert not etcd.under(keys.MIGRATIONS)
     finally:
         await cp.stop()
 
@@ -186,7 +201,7 @@ async def test_a_cordon_writing_when_the_deletion_begins_keeps_the_marker():
         cp.ctl.writer.write = slow_first
         cordon = asyncio.create_task(cp.nodes.set_cordon(B, True))
         await wait_for(held.is_set, "the cordon's write")
-        mark = asyncio.create_task(cp.deleter._mark(B))
+        mark = asyncio.create_task(cp.deleter._mark(B, cp.ctl.fleet.nodes[B]))
         await asyncio.sleep(0.05)
         gate.set()
         await cordon
