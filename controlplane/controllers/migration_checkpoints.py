@@ -77,7 +77,9 @@ class CheckpointsMixin:
                         phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
                         reason="restore", checkpoint_id=ck_id, created_at=now())
         self._set_target(m, to_slice, to_node)
-        if not (to_slice or to_node) and w.slice_id not in self.ctl.fleet.slices:
+        if not to_slice and w.slice_id not in self.ctl.fleet.slices:
+            # a target slice is placed like the workload's (its spec), also on a named node: without it, only a
+            # named slice will do (its node deleted, or its allocation released)
             raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
         await self._save(m, created=True)
         self._spawn(m.id)

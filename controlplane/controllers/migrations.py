@@ -77,6 +77,9 @@ from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 _Failed = StepFailed
+# the steps whose answer needs the migration's other node: the target listens for the source's data, the source
+# sends it to the target (a restore's target reads the checkpoint store: PUSH_CHECKPOINT is not one)
+TRANSFER_STEPS = (C.START_TARGET, C.SEND)
 __all__ = ["FINISHED", "MigrationManager", "phase_name"]
 
 
@@ -239,7 +242,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         what = C.Action.Name(cmd.action).lower()
         while True:
             t = loop.time()
-            gone = self._deleted_node(mid, node)
+            gone = self._deleted_node(mid, node, cmd.action)
             if gone:
                 raise _Failed(f"node {gone} was deleted ({what} not answered)")
             if t >= deadline:
@@ -259,10 +262,13 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             if on_other is not None:
                 await on_other(rep)
 
-    def _deleted_node(self, mid: str, node: str) -> str:
-        """The deleted node (controllers/nodedelete.py) that makes the step asked of `node` hopeless, or "": the
-        node itself, or before the commit either side (a transfer to or from a deleted node never completes; the
-        step fails and the migration rolls back). Rollback and finish steps to a live node go on."""
+    def _deleted_node(self, mid: str, node: str, action: int = 0) -> str:
+        """The deleted node (controllers/nodedelete.py) that makes the step `action` asked of `node` hopeless, or
+        "": the node itself; before the commit also the peer of a step that moves data between the two
+        (TRANSFER_STEPS: the target receives from the source, the source sends to the target), so such a step
+        fails and the migration rolls back. A restore's data comes from the checkpoint store, not from its
+        source (the node the workload last ran on, perhaps deleted since), so its source is never checked.
+        Rollback and finish steps to a live node go on."""
         deleted = getattr(self.ctl, "deleted_nodes", None)
         nodes = getattr(getattr(self.ctl, "fleet", None), "nodes", None)
 
@@ -272,9 +278,10 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         if gone(node):
             return node
         m = self.migrations.get(mid)
-        if m is not None and m.phase in BEFORE_COMMIT:
-            return next((n for n in (m.source_node, m.target_node) if gone(n)), "")
-        return ""
+        if m is None or m.phase not in BEFORE_COMMIT or m.checkpoint_id or action not in TRANSFER_STEPS:
+            return ""
+        peer = m.target_node if node == m.source_node else m.source_node
+        return peer if gone(peer) else ""
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -401,9 +408,10 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         return [self.migrations[m.id] for m in started]
 
     def unfinished_for(self, node: str) -> list[str]:
-        """The migrations from or to `node` that have not reached their last phase."""
-        return [m.id for m in self.migrations.values()
-                if m.phase not in FINISHED and node in (m.source_node, m.target_node)]
+        """The migrations from or to `node` that have not reached their last phase. A restore only names the node
+        its workload last ran on (`source_node`; it reads the checkpoint store), so it is one only to its target."""
+        return [m.id for m in self.migrations.values() if m.phase not in FINISHED and (
+            node == m.target_node or (node == m.source_node and not m.checkpoint_id))]
 
     async def end_for_node(self, node: str, timeout: float) -> list[str]:
         """A deleted node (controllers/nodedelete.py; `node` is in ctl.deleted_nodes): the unfinished migrations

@@ -5,16 +5,21 @@ go on running what the control plane forgets. The deletion is a marker, then ide
 
 1. the marker: the node's record with `deleting` set, written in one transaction guarded by the absence of
    its alive key (an agent that registered meanwhile wins: FAILED_PRECONDITION). From here the node is in
-   `ctl.deleted_nodes`: its agent's Register is refused, and no migration waits for an answer from it.
+   `ctl.deleted_nodes`: its agent's Register is refused, so are a cordon, an uncordon and a drain (their
+   copy of the record would put it back without the marker), and no migration waits for an answer from it.
 2. its workloads end FAILED "node NAME deleted" (`fail_workloads`, through the workload manager's write);
 3. its mesh connections are disconnected (the mesh manager's: the peer's buffer is revoked);
 4. its slices' allocations are released as a drain evicts them, and its slice records deleted as the
    agent's release report would (the slice controller's `end_node_slices`); a deployment replica whose
    slice is gone is lost at once, so the deployment controller (kicked) replaces it;
 5. migrations from or to it end through their own state machine (every step asked of the node fails
-   now): rolled back before the commit, finished after it; waited for a while;
+   now): rolled back before the commit, finished after it; waited for a while. A restore is one only to
+   its target (it reads the checkpoint store; a restore from a deleted node's checkpoint goes on);
 6. the last transaction deletes its record (marker included) and its GPU health records (quarantines);
    the in-memory node, its telemetry and heartbeats go; the event `NodeDeleted` is recorded.
+
+Each step skips what went meanwhile (a connection its tenant disconnected, an allocation released): a
+NotFound ends the deletion only when the node itself is gone.
 
 A control plane that stops in the middle finds the marker when it starts (NodeManager.load puts the node
 in `ctl.deleted_nodes`) and `resume` finishes the deletion; a DeleteNode retried before that joins or
@@ -52,17 +57,21 @@ async def fail_workloads(wm, node: str, reason: str) -> list[str]:
     own write: its events and waiters), before its slices go, so it reads as failed, not as 'stopped: slice
     released'. Idempotent; the ids ended by this call."""
     from controlplane.controllers.workloads import TERMINAL
-    ended = []
-    for w in list(wm.workloads.values()):
-        if w.node == node and w.state not in TERMINAL:
+    ids, ended = [w.id for w in wm.workloads.values() if w.node == node and w.state not in TERMINAL], []
+    for i in range(0, len(ids), BATCH):
+        batch = []
+        for wid in ids[i:i + BATCH]:
+            w = wm.workloads.get(wid)       # read at its batch's turn: one that ended (or went) meanwhile is skipped
+            if w is None or w.node != node or w.state in TERMINAL:
+                continue
             n = types_pb2.Workload()
             n.CopyFrom(w)
             n.state, n.message = types_pb2.WORKLOAD_STATE_FAILED, reason
             n.finished_at.GetCurrentTime()
-            ended.append(n)
-    for i in range(0, len(ended), BATCH):
-        await wm.save(ended[i:i + BATCH])
-    return [w.id for w in ended]
+            batch.append(n)
+        await wm.save(batch)
+        ended += [w.id for w in batch]
+    return ended
 
 
 class NodeDeleter:
@@ -72,6 +81,7 @@ class NodeDeleter:
         self.workloads = workloads
         self.mesh = mesh
         self.tasks: dict[str, asyncio.Task] = {}            # node -> its deletion in progress
+        self._marking: dict[str, asyncio.Event] = {}        # node -> set once its marker's write has ended
         self.migration_wait = MIGRATION_WAIT_S
         self.answer_wait = ANSWER_WAIT_S
         self.retry = RETRY_S
@@ -88,6 +98,8 @@ class NodeDeleter:
                     f"node {name} is READY (its agent holds its lease): drain it and stop its agent first, "
                     f"then delete it once `meshctl get nodes` shows it NotReady")
             await self._mark(name, entry)
+        else:
+            await self._marked(name)
         task = self._start(name)
         done, _ = await asyncio.wait({task}, timeout=self.answer_wait)
         if not done:
@@ -109,24 +121,46 @@ class NodeDeleter:
 
     # -- the marker -------------------------------------------------------------------------------
 
-    async def _mark(self, name: str, entry) -> None:
-        rec = types_pb2.Node()
-        rec.CopyFrom(entry.record)
-        rec.deleting = True
-        rec.message = "being deleted"
-        self.ctl.deleted_nodes.add(name)                    # before the write: a Register from now on is refused
+    async def _mark(self, name: str, entry=None) -> None:
+        """The marker. The node is in `ctl.deleted_nodes` before anything is awaited, so from here a Register,
+        a cordon or a drain is refused; the record is then read and written under its record lock
+        (NodeManager.record_lock), so a cordon or Register already writing lands first and its change is kept
+        (a copy of the record taken before would put it back without `deleting`). `entry`: unused, the
+        record is read under the lock."""
+        self.ctl.deleted_nodes.add(name)
+        done = self._marking[name] = asyncio.Event()
         try:
-            await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())],
-                                        [Present(keys.node(name)), Absent(keys.alive(name))])
-        except errors.Aborted:
-            self.ctl.deleted_nodes.discard(name)
-            raise errors.FailedPrecondition(f"node {name} registered again meanwhile (its agent holds its lease): "
-                                            f"stop its agent first") from None
+            async with self.nodes.record_lock(name):
+                entry = self.nodes.entry(name)
+                rec = types_pb2.Node()
+                rec.CopyFrom(entry.record)
+                rec.deleting = True
+                rec.message = "being deleted"
+                try:
+                    await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())],
+                                                [Present(keys.node(name)), Absent(keys.alive(name))])
+                except errors.Aborted:
+                    raise errors.FailedPrecondition(f"node {name} registered again meanwhile (its agent holds its "
+                                                    f"lease): stop its agent first") from None
+                entry.record = rec
         except BaseException:
             self.ctl.deleted_nodes.discard(name)
             raise
-        entry.record = rec
+        finally:
+            self._marking.pop(name, None)
+            done.set()
         log(logger, logging.WARNING, "node deletion begins", node=name)
+
+    async def _marked(self, name: str) -> None:
+        """A DeleteNode that finds the node being deleted: if the marker of a concurrent call is still being
+        written, its outcome first (the steps never run on a node whose marker etcd refused)."""
+        pending = self._marking.get(name)
+        if pending is None:
+            return
+        await pending.wait()
+        if name not in self.ctl.deleted_nodes:
+            raise errors.Unavailable(f"the deletion of node {name} did not begin (a concurrent DeleteNode's "
+                                     f"marker was not written): retry DeleteNode")
 
     def _start(self, name: str) -> asyncio.Task:
         task = self.tasks.get(name)
@@ -139,9 +173,11 @@ class NodeDeleter:
             while True:
                 try:
                     return await self.finish(name)
-                except errors.NotFound:
-                    raise               # deleted already (an earlier attempt finished)
                 except errors.MeshError as e:
+                    if isinstance(e, errors.NotFound) and name not in self.ctl.fleet.nodes:
+                        raise           # deleted already (an earlier attempt finished)
+                    # anything else gone meanwhile (a connection, an allocation someone else ended) is not the
+                    # end of the deletion: the next attempt ends what is left
                     log(logger, logging.WARNING, "node deletion interrupted; trying again", node=name, error=str(e))
                     await asyncio.sleep(self.retry)
         except errors.NotFound:
@@ -170,7 +206,10 @@ class NodeDeleter:
             out.workloads.extend(await fail_workloads(self.workloads, name, why))
         if self.mesh is not None:
             for c in [c for c in self.mesh.connections.values() if name in (c.a.node, c.b.node)]:
-                await self.mesh.disconnect(c.id, reason=why)
+                try:
+                    await self.mesh.disconnect(c.id, reason=why)
+                except errors.NotFound:
+                    continue        # disconnected meanwhile (its tenant, the release follower, the peer's deletion)
                 out.connections.append(c.id)
         deployments = getattr(ctl, "deployments", None)
         if deployments is not None:
@@ -199,12 +238,13 @@ class NodeDeleter:
         ctl = self.ctl
         health = await ctl.store.load(f"{keys.GPU_HEALTH}{name}/")
         ops = [Delete(k if isinstance(k, bytes) else k.encode()) for k in health.kvs] + [Delete(keys.node(name))]
-        try:
-            await ctl.writer.write(ops, [Absent(keys.alive(name))])
-        except errors.Aborted:
-            raise errors.Unavailable(f"node {name} holds a lease again: not deleted") from None
-        ctl.fleet.drop_node(name)
-        ctl.deleted_nodes.discard(name)
+        async with self.nodes.record_lock(name):
+            try:
+                await ctl.writer.write(ops, [Absent(keys.alive(name))])
+            except errors.Aborted:
+                raise errors.Unavailable(f"node {name} holds a lease again: not deleted") from None
+            ctl.fleet.drop_node(name)
+            ctl.deleted_nodes.discard(name)
         self.nodes.heartbeats.pop(name, None)
         telemetry = getattr(ctl, "telemetry", None)
         if telemetry is not None:

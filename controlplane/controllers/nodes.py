@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import weakref
 
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller, now
-from controlplane.state.store import ETCD_ERRORS, Put, cancel_watch
+from controlplane.state.store import ETCD_ERRORS, Present, Put, cancel_watch
 from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.logs import log
@@ -77,6 +78,18 @@ class NodeManager:
         self.lease_ttl = lease_ttl
         self.heartbeats: dict[str, types_pb2.Node] = {}
         self._watch_task: asyncio.Task | None = None
+        self._record_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def record_lock(self, name: str) -> asyncio.Lock:
+        """Held by every writer of a node's record (register, cordon, the deletion's marker and last
+        transaction) from reading `entry.record` until its write is adopted: each writes a whole copy of the
+        record, so two interleaved writers would put back what the other changed (a cordon's copy taken before
+        the marker lands erases `deleting`). One leader writes these keys, so a lock in this process orders
+        them. Kept only while held or awaited."""
+        lock = self._record_locks.get(name)
+        if lock is None:
+            lock = self._record_locks[name] = asyncio.Lock()
+        return lock
 
     # -- start: rebuild from etcd ----------------------------------------------------------
 
@@ -168,25 +181,26 @@ class NodeManager:
                 lease_id = await self.store.grant_lease(self.lease_ttl)
             except ETCD_ERRORS as e:
                 raise errors.Unavailable(f"etcd: cannot grant a lease: {e}") from e
-        # read again after the awaits: a deletion that began meanwhile wins (its marker is written guarded by
-        # the absence of the alive key; this write, queued after it, would bring the node back half-deleted),
-        # and a node deleted meanwhile registers as a new one, nothing of its old record kept
-        self._refuse_deleting(name)
-        entry = self.fleet.nodes.get(name)
-        rec = types_pb2.Node()
-        if entry is not None:
-            rec.CopyFrom(entry.record)
-        else:
-            rec.name = name
-            rec.registered_at.CopyFrom(now())
-        rec.inventory.CopyFrom(inventory)
-        rec.agent_version = agent_version
-        rec.state = types_pb2.NODE_STATE_READY
-        rec.message = ""
-        await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString()),
-                                     Put(keys.alive(name), name.encode(), lease=lease_id)])
-        was = "new" if entry is None else ("ready" if entry.ready else "not-ready")
-        entry = self.fleet.upsert_node(rec)
+        async with self.record_lock(name):
+            # read again after the awaits: a deletion that began meanwhile wins (its marker is written guarded by
+            # the absence of the alive key; this write, queued after it, would bring the node back half-deleted),
+            # and a node deleted meanwhile registers as a new one, nothing of its old record kept
+            self._refuse_deleting(name)
+            entry = self.fleet.nodes.get(name)
+            rec = types_pb2.Node()
+            if entry is not None:
+                rec.CopyFrom(entry.record)
+            else:
+                rec.name = name
+                rec.registered_at.CopyFrom(now())
+            rec.inventory.CopyFrom(inventory)
+            rec.agent_version = agent_version
+            rec.state = types_pb2.NODE_STATE_READY
+            rec.message = ""
+            await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString()),
+                                         Put(keys.alive(name), name.encode(), lease=lease_id)])
+            was = "new" if entry is None else ("ready" if entry.ready else "not-ready")
+            entry = self.fleet.upsert_node(rec)
         if was != "ready":
             self.ctl.recorder.emit("Node", name, "Normal", "Registered" if was == "new" else "NodeReady",
                                    f"{agent_version or 'agent'} registered with {len(inventory.gpus)} GPU(s)",
@@ -220,6 +234,13 @@ class NodeManager:
             raise errors.NotFound(f"no node {name!r}", kind="node", name=name)
         return entry
 
+    def _refuse_being_deleted(self, name: str) -> None:
+        """An admin change of a node being deleted (its marker written or being written) is refused: the
+        deletion ends what runs on it, and its record goes."""
+        if name in getattr(self.ctl, "deleted_nodes", ()):
+            raise errors.FailedPrecondition(f"node {name} is being deleted (meshctl delete node): it can no longer "
+                                            f"be cordoned, uncordoned or drained")
+
     def view(self, name: str) -> types_pb2.Node:
         entry = self.entry(name)
         n = types_pb2.Node()
@@ -241,17 +262,26 @@ class NodeManager:
 
     async def set_cordon(self, name: str, cordoned: bool, draining: bool | None = None) -> types_pb2.Node:
         """Cordon or uncordon; `draining` (default: cleared by an uncordon, kept by a cordon) marks a
-        drain in progress, which the deployment controller acts on."""
-        entry = self.entry(name)
-        if draining is None:
-            draining = entry.record.draining and cordoned
-        if entry.record.cordoned != cordoned or entry.record.draining != draining:
-            rec = types_pb2.Node()
-            rec.CopyFrom(entry.record)
-            rec.cordoned = cordoned
-            rec.draining = draining
-            await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())])
-            entry.record = rec
+        drain in progress, which the deployment controller acts on. Refused for a node being deleted; the
+        write is guarded by the record's presence, so it never brings back a node deleted meanwhile."""
+        async with self.record_lock(name):
+            entry = self.entry(name)                # read again under the lock: the record as it is now
+            self._refuse_being_deleted(name)
+            if draining is None:
+                draining = entry.record.draining and cordoned
+            changed = entry.record.cordoned != cordoned or entry.record.draining != draining
+            if changed:
+                rec = types_pb2.Node()
+                rec.CopyFrom(entry.record)
+                rec.cordoned = cordoned
+                rec.draining = draining
+                try:
+                    await self.ctl.writer.write([Put(keys.node(name), rec.SerializeToString())],
+                                                [Present(keys.node(name))])
+                except errors.Aborted:
+                    raise errors.NotFound(f"no node {name!r} (deleted meanwhile)", kind="node", name=name) from None
+                entry.record = rec
+        if changed:
             log(logger, logging.INFO, "node cordoned" if cordoned else "node uncordoned", node=name,
                 draining=draining)
             self.ctl.recorder.emit("Node", name, "Normal", "Cordoned" if cordoned else "Uncordoned",
@@ -265,6 +295,7 @@ class NodeManager:
         deployment replicas are not evicted: the deployment controller replaces each replica elsewhere
         first and releases the old slice once the replacement is READY (controlplane/serving/)."""
         self.entry(name)
+        self._refuse_being_deleted(name)
         deployments = getattr(self.ctl, "deployments", None)
         kept = deployments.replica_slices(name) if deployments is not None else set()
         victims = [s for s in self.fleet.slices_on(name) if s.state != types_pb2.SLICE_STATE_RELEASING]

@@ -464,7 +464,10 @@ class Controller:
         ids, allocs = [s.id for s in on], sorted({s.allocation_id for s in on})
         for alloc in allocs:
             if self.fleet.slices_of(alloc):
-                await self.release(alloc, wait=False, message=message)
+                try:
+                    await self.release(alloc, wait=False, message=message)
+                except errors.NotFound:
+                    continue        # released and gone meanwhile (its tenant, a drain): nothing left to end
         while self.fleet.slices_on(node):
             batch = self.fleet.slices_on(node)[:DELETE_BATCH]
             deleted = [self.fleet.drop_slice(s.id) for s in batch]
