@@ -63,9 +63,16 @@ def _refused(status: int, body: bytes) -> Exception:
     return _error_of(status, body)
 
 
-def make_client(timeout: float) -> httpx.AsyncClient:
-    return replicahttp.client(httpx.Timeout(timeout, connect=5.0),
-                              httpx.Limits(max_connections=4096, max_keepalive_connections=512))
+LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)   # all replicas together
+
+
+def make_transport() -> replicahttp.PinnedTransport:
+    """The replicas' pools, which the gateway keeps to close those of replicas that left its view."""
+    return replicahttp.PinnedTransport(LIMITS)
+
+
+def make_client(timeout: float, transport: replicahttp.PinnedTransport | None = None) -> httpx.AsyncClient:
+    return replicahttp.client(httpx.Timeout(timeout, connect=5.0), LIMITS, transport=transport)
 
 
 def headers_for(api_key: str, **more: str) -> dict[str, str]:
