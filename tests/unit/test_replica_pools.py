@@ -167,3 +167,21 @@ def test_max_connections_bounds_all_pools_together(tmp_path):
         for s in servers:
             await s.stop()
     asyncio.run(main())
+
+
+def test_the_control_planes_probes_close_the_pools_of_replicas_no_longer_recorded(tmp_path):
+    from controlplane.serving.actuator import Actuator
+
+    async def main():
+        gone, stays = TlsServer(CERT, KEY, tmp_path, "g"), TlsServer(CERT, KEY, tmp_path, "s")
+        ep_gone, ep_stays = await gone.start(), await stays.start()
+        act = Actuator(None, None, None, probe_timeout=10)
+        for ep in (ep_gone, ep_stays):
+            assert await act.probe(ep, "smol", complete=False, certificate=PEM) == (True, "")
+        act.retain([ep_stays])                      # the deployments controller's pass: ep_gone was removed
+        await until(lambda: gone.closed == 1, "the removed replica's probe connection is closed")
+        assert stays.closed == 0
+        await act.close()
+        for s in (gone, stays):
+            await s.stop()
+    asyncio.run(main())
