@@ -102,9 +102,9 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         expiry = self.limits.keepalive_expiry
         self.idle_after = IDLE_DEFAULT if expiry is None else expiry
         keep = self.limits.max_keepalive_connections
+        keep = POOL_KEEPALIVE if keep is None else min(keep, POOL_KEEPALIVE)
         self.pool_limits = httpx.Limits(max_connections=self.limits.max_connections,
-                                        max_keepalive_connections=min(POOL_KEEPALIVE, POOL_KEEPALIVE if keep is None else keep),
-                                        keepalive_expiry=expiry)
+                                        max_keepalive_connections=keep, keepalive_expiry=expiry)
         self.plain = httpx.AsyncHTTPTransport(limits=self.limits, trust_env=False)
         self.pools: OrderedDict[tuple[bytes, str], Pool] = OrderedDict()
         n = self.limits.max_connections

@@ -4,7 +4,8 @@ retried on another replica). Each request carries the replica's API key (`author
 the gateway has from its serving view, and is pinned to the replica's own certificate (the view's
 `endpoint_certificate`): the client's PinnedTransport keeps one connection pool per replica and certificate
 (mesh/replicahttp.py), so a server presenting another certificate is refused before anything is sent, and
-the pool's connections stay alive between requests as they did over plain HTTP. A replica without a
+the pool's connections stay alive between requests as they did over plain HTTP; the pools of replicas that
+left the view are closed (Gateway._on_view: `retain`), idle ones swept. A replica without a
 certificate (its agent's backend_tls is off) is reached over plain HTTP."""
 
 from __future__ import annotations
