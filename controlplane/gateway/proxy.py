@@ -4,7 +4,8 @@ retried on another replica). Each request carries the replica's API key (`author
 the gateway has from its serving view, and is pinned to the replica's own certificate (the view's
 `endpoint_certificate`): the client's PinnedTransport keeps one connection pool per replica and certificate
 (mesh/replicahttp.py), so a server presenting another certificate is refused before anything is sent, and
-the pool's connections stay alive between requests as they did over plain HTTP. A replica without a
+the pool's connections stay alive between requests as they did over plain HTTP; the pools of replicas that
+left the view are closed (Gateway._on_view: `retain`), idle ones swept. A replica without a
 certificate (its agent's backend_tls is off) is reached over plain HTTP."""
 
 from __future__ import annotations
@@ -63,9 +64,16 @@ def _refused(status: int, body: bytes) -> Exception:
     return _error_of(status, body)
 
 
-def make_client(timeout: float) -> httpx.AsyncClient:
-    return replicahttp.client(httpx.Timeout(timeout, connect=5.0),
-                              httpx.Limits(max_connections=4096, max_keepalive_connections=512))
+LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)   # all replicas together
+
+
+def make_transport() -> replicahttp.PinnedTransport:
+    """The replicas' pools, which the gateway keeps to close those of replicas that left its view."""
+    return replicahttp.PinnedTransport(LIMITS)
+
+
+def make_client(timeout: float, transport: replicahttp.PinnedTransport | None = None) -> httpx.AsyncClient:
+    return replicahttp.client(httpx.Timeout(timeout, connect=5.0), LIMITS, transport=transport)
 
 
 def headers_for(api_key: str, **more: str) -> dict[str, str]:

@@ -79,7 +79,8 @@ class Gateway:
         self.draining = False                        # SIGTERM received: /readyz 503, gRPC NOT_SERVING (main.py)
         self.grpc_port, self.grpc_health = 0, None   # set by grpcsvc.start_grpc
         self.clients = Clients(cfg.tenants_file)
-        self.http = proxy.make_client(cfg.backend_timeout_seconds)
+        self.replicas = proxy.make_transport()      # one pool per replica (mesh/replicahttp.py)
+        self.http = proxy.make_client(cfg.backend_timeout_seconds, self.replicas)
         self.view.listeners.append(self._on_view)
         self.waker = Waker(cfg, self.view)          # scale from zero (controlplane/gateway/wake.py)
         self._ticker: asyncio.Task | None = None
@@ -90,6 +91,8 @@ class Gateway:
     def _on_view(self) -> None:
         keys = {r.key for d in self.view.deployments.values() for r in d.replicas}
         self.stats.forget_except(keys)
+        # a replica that left the view is not asked again: its pool's connections close now, not at exit
+        self.replicas.retain(r.endpoint for d in self.view.deployments.values() for r in d.replicas if r.endpoint)
         self.admission.kick()
 
     async def start(self) -> None:
@@ -99,6 +102,7 @@ class Gateway:
                 if self.policy.uses_breaker:
                     self._probe_unreachable()
                 self.admission.kick()
+                self.replicas.sweep()          # pools idle past the keep-alive expiry, even with no requests
                 M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
         self._ticker = asyncio.get_running_loop().create_task(tick())
 

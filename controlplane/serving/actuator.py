@@ -50,6 +50,13 @@ class Actuator:
         self.store = store
         self.probe_timeout = probe_timeout
         self._http = None
+        self._pools = None          # its PinnedTransport (mesh/replicahttp.py), one pool per replica
+
+    def retain(self, endpoints) -> None:
+        """Close the probe pools of replicas no longer recorded (the deployments controller's reconcile pass
+        names the live endpoints): a removed replica's port is never probed again."""
+        if self._pools is not None:
+            self._pools.retain(endpoints)
 
     async def close(self) -> None:
         if self._http is not None:
@@ -161,7 +168,8 @@ class Actuator:
             return False, "the control plane cannot probe: httpx is not installed (pip install 'gpumesh[serving]')"
         from mesh import replicahttp, replicatls
         if self._http is None:
-            self._http = replicahttp.client(self.probe_timeout)
+            self._pools = replicahttp.PinnedTransport()
+            self._http = replicahttp.client(self.probe_timeout, transport=self._pools)
         base = replicatls.base_url(endpoint, certificate)
         pin = replicahttp.request_extensions(certificate)
         health = HEALTH_PATHS.get(kind, "/v1/models")

@@ -251,6 +251,7 @@ class DeploymentManager:
                 counts[state] = counts.get(state, 0) + 1
         for state in (rc.PENDING, rc.STARTING, rc.READY, rc.FAILED, rc.TERMINATING):
             REPLICAS.labels(state).set(counts.get(state, 0))
+        self.act.retain(r.endpoint for reps in self.store.replicas.values() for r in reps.values() if r.endpoint)
 
     def observe(self, r: D.Replica, template: str = "") -> rc.Observed:
         s = self.ctl.fleet.slices.get(r.slice_id) if r.slice_id else None

@@ -118,14 +118,14 @@ def test_backend_tls_is_on_by_default_and_refuses_a_wildcard_host():
 
 class TlsServer:
     """A minimal HTTPS server on 127.0.0.1 presenting `cert` (answers every request with 200 and a JSON body);
-    counts the TLS connections it accepted and the requests that reached it."""
+    counts the TLS connections it accepted, the requests that reached it, and the connections that ended."""
 
     def __init__(self, cert: bytes, key: bytes, tmp_path, name: str) -> None:
         (tmp_path / f"{name}.crt").write_bytes(cert)
         (tmp_path / f"{name}.key").write_bytes(key)
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ctx.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
-        self.connections = self.requests = 0
+        self.connections = self.requests = self.closed = 0
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ctx)
@@ -147,6 +147,7 @@ class TlsServer:
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
+            self.closed += 1
             writer.close()
 
     async def stop(self) -> None:
