@@ -15,7 +15,7 @@ import dataclasses
 
 import aetcd
 
-from controlplane.state import keys
+from controlplane.state import keys, requestids
 from controlplane.state.store import parse_endpoint
 from gpumesh.v1 import types_pb2
 
@@ -96,7 +96,9 @@ def check(endpoints: list[str], tenant: str = "", acked: dict[str, str] | None =
         for a, b in zip(mig, mig[1:]):
             if b[0] < a[1]:
                 rep.violations.append(f"GPU {node}/{g.index}: MIG placements of {a[2]} and {b[2]} overlap")
-    requests = {k[len(keys.REQUESTS):]: v.decode() for k, v in kvs.items() if k.startswith(keys.REQUESTS)}
+    # a request key's value: {"id", "fingerprint"} (or a bare id, written before fingerprints were kept)
+    requests = {k[len(keys.REQUESTS):]: requestids.decode(v)[0] for k, v in kvs.items()
+                if k.startswith(keys.REQUESTS)}
     allocs = collections.defaultdict(list)
     for s in slices:
         allocs[s.allocation_id].append(s)
