@@ -272,8 +272,10 @@ def _serving(mesh, slice_id: str, who: str, targets: dict | None = None) -> t.Wo
     code = f"WHO = {who!r}\nTARGETS = {targets or {}!r}\n" + SERVE + (PROBE if targets else "") + \
         "\nprint('SERVING', flush=True)\nwhile True:\n    time.sleep(1)\n"
     w = mesh.run_workload(slice_id, [PY, "-c", code], labels=ISOLATED)
-    # PENDING until the agent has it (just after an agent restart, its session may be opening)
-    w = wait_for(lambda: (x := mesh.get_workload(w.id)).state != t.WORKLOAD_STATE_PENDING and x, 60, f"{who} to start")
+    # PENDING until the agent has it; just after an agent restart its session may be opening, and UNKNOWN while
+    # the killed agent's lease runs out before the new one registers (the node reads Ready until then)
+    waiting = (t.WORKLOAD_STATE_PENDING, t.WORKLOAD_STATE_UNKNOWN)
+    w = wait_for(lambda: (x := mesh.get_workload(w.id)).state not in waiting and x, 60, f"{who} to start")
     assert w.state == t.WORKLOAD_STATE_RUNNING, w.message
     wait_for(lambda: "SERVING" in _logs(mesh, w.id), 120, f"{who} to serve")
     return mesh.get_workload(w.id)
