@@ -97,6 +97,7 @@ def node_to_dict(n: types_pb2.Node) -> dict[str, Any]:
         "gpus": len(inv.gpus), "gpu_models": sorted({g.model for g in inv.gpus}),
         "slices": n.slices, "ready_slices": n.ready_slices,
         "registered_at": timestamp(n, "registered_at"),
+        "agent_registered_at": timestamp(n, "agent_registered_at"),
         "last_heartbeat": timestamp(n, "last_heartbeat"),
         "agent_version": n.agent_version, "message": n.message,
         "inventory": {

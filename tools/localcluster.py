@@ -146,6 +146,7 @@ class LocalCluster:
             log.flush()
             # the death signal follows the starting thread: only tie the child to a main thread that waits
             argv = with_death_signal(proc.argv) if not self.detach and main_thread else proc.argv
+            proc.started_at = time.time()
             proc.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           env=env, start_new_session=True)
 
@@ -408,10 +409,14 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float = 60.0, nodes: Iterable[str] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list:
-        """Poll AdminService.ListNodes until `nodes` (default: all) are Ready; the Node messages."""
+        """Poll AdminService.ListNodes until `nodes` (default: all) are Ready; the Node messages. A node whose
+        agent this cluster (re)started counts once that agent has registered: just after a `kill_agent` and a
+        `start_agent`, the killed agent's lease still reads Ready until it runs out."""
         from gpumesh.v1 import types_pb2
         from mesh import errors
         wanted = set(nodes or self.nodes)
+        started = {n: self.agents[a].started_at for a in self.groups for n in self.groups[a]
+                   if n in wanted and a in self.agents}
         deadline, last = time.monotonic() + timeout, -1
         with self.client(timeout=5.0) as mesh:
             while True:
@@ -420,7 +425,8 @@ class LocalCluster:
                     listed = mesh.list_nodes()
                 except (errors.Unavailable, errors.DeadlineExceeded):
                     listed = []
-                ready = [n for n in listed if n.name in wanted and n.state == types_pb2.NODE_STATE_READY]
+                ready = [n for n in listed if n.name in wanted and n.state == types_pb2.NODE_STATE_READY
+                         and _registered_since(n, started.get(n.name, 0.0))]
                 if progress and len(ready) != last:
                     progress(len(ready), len(wanted))
                     last = len(ready)
@@ -486,3 +492,12 @@ class LocalCluster:
 
 __all__ = ["LocalCluster", "ClusterError", "sim_hosts", "default_agents_per_process", "read_state",
            "stop_detached", "CLUSTER_FILE"]
+
+
+def _registered_since(node, started_at: float) -> bool:
+    """Whether `node`'s agent registered after `started_at` (0: no start to wait for). A control plane without
+    `agent_registered_at` (older) leaves it unset: its Ready is taken as it is."""
+    if not started_at or not node.HasField("agent_registered_at"):
+        return True
+    at = node.agent_registered_at
+    return at.seconds + at.nanos / 1e9 >= started_at - 0.05     # one clock (one host); a margin for its rounding

@@ -74,6 +74,8 @@ class Proc:
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen | None = None
+    # wall-clock time of the latest start (time.time(): compared with the control plane's timestamps)
+    started_at: float = 0.0
 
     @property
     def pid(self) -> int | None:

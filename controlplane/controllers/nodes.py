@@ -187,12 +187,13 @@ class NodeManager:
             # and a node deleted meanwhile registers as a new one, nothing of its old record kept
             self._refuse_deleting(name)
             entry = self.fleet.nodes.get(name)
-            rec = types_pb2.Node()
+            rec, at = types_pb2.Node(), now()
             if entry is not None:
                 rec.CopyFrom(entry.record)
             else:
                 rec.name = name
-                rec.registered_at.CopyFrom(now())
+                rec.registered_at.CopyFrom(at)
+            rec.agent_registered_at.CopyFrom(at)
             rec.inventory.CopyFrom(inventory)
             rec.agent_version = agent_version
             rec.state = types_pb2.NODE_STATE_READY

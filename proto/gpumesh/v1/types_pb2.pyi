@@ -317,7 +317,7 @@ class NodeInventory(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., nvlink_domains: _Optional[_Iterable[_Union[NvlinkDomain, _Mapping]]] = ..., nics: _Optional[_Iterable[_Union[Nic, _Mapping]]] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., gpu_backend: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., cpu_milli: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "state", "cordoned", "inventory", "slices", "ready_slices", "registered_at", "last_heartbeat", "agent_version", "message", "events", "ib_ports", "draining", "deleting")
+    __slots__ = ("name", "state", "cordoned", "inventory", "slices", "ready_slices", "registered_at", "last_heartbeat", "agent_version", "message", "events", "ib_ports", "draining", "deleting", "agent_registered_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CORDONED_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,7 @@ class Node(_message.Message):
     IB_PORTS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DELETING_FIELD_NUMBER: _ClassVar[int]
+    AGENT_REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: NodeState
     cordoned: bool
@@ -346,7 +347,8 @@ class Node(_message.Message):
     ib_ports: _containers.RepeatedCompositeFieldContainer[IbPort]
     draining: bool
     deleting: bool
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., cordoned: _Optional[bool] = ..., inventory: _Optional[_Union[NodeInventory, _Mapping]] = ..., slices: _Optional[int] = ..., ready_slices: _Optional[int] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_version: _Optional[str] = ..., message: _Optional[str] = ..., events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., draining: _Optional[bool] = ..., deleting: _Optional[bool] = ...) -> None: ...
+    agent_registered_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., cordoned: _Optional[bool] = ..., inventory: _Optional[_Union[NodeInventory, _Mapping]] = ..., slices: _Optional[int] = ..., ready_slices: _Optional[int] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_version: _Optional[str] = ..., message: _Optional[str] = ..., events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ..., ib_ports: _Optional[_Iterable[_Union[IbPort, _Mapping]]] = ..., draining: _Optional[bool] = ..., deleting: _Optional[bool] = ..., agent_registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GpuStatus(_message.Message):
     __slots__ = ("node", "gpu", "allocated_memory_bytes", "allocated_compute_share", "slices", "mig_layout", "sharing", "node_ready", "node_cordoned", "telemetry")
