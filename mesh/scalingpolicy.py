@@ -71,7 +71,7 @@ def status_to_dict(st: S.AutoscalerStatus) -> dict[str, Any]:
     return {"desired": st.desired, "mode": st.mode, "reason": st.reason, "bound_by": st.bound_by,
             "last_scale_at": timestamp(st, "last_scale_at"), "observed_at": timestamp(st, "observed_at"),
             "woken_at": timestamp(st, "woken_at"), "replica_cost_per_hour": st.replica_cost_per_hour,
-            "signals": dict(sorted(st.signals.items()))}
+            "signals": dict(sorted(st.signals.items())), "figures_model": st.figures_model}
 
 
 def policy_doc(d) -> dict[str, Any]:

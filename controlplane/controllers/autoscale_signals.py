@@ -17,6 +17,7 @@ load signals, the replicas ready and starting, one replica's cost, and its cold 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -187,6 +188,13 @@ def model_identity(spec: D.DeploymentSpec, variant, need: int,
                          b.context, b.concurrency or 1, b.gpu_layers, b.device, int(spec.isolation), need,
                          companion.model if companion is not None else "",
                          companion.variant if companion is not None else "")
+
+
+def identity_digest(identity: ModelIdentity | None) -> str:
+    """A short stable digest of `identity` for the status (`AutoscalerStatus.figures_model`); "" for None."""
+    if identity is None:
+        return ""
+    return hashlib.sha256(repr(tuple(identity)).encode()).hexdigest()[:16]
 
 
 def identity_change(old: ModelIdentity, new: ModelIdentity) -> str:

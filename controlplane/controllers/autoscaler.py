@@ -23,7 +23,8 @@ with the other deployments).
 Its state is the samples of the last window and a predictive policy's last measured figures, in memory: a
 new leader starts with empty windows (it holds what runs until it has seen a window's worth; a scale-down
 waits for its delay as after any change) and sizes a forecast floor with the figures the previous leader
-wrote on the status, else the registry's (`_figures`). The figures describe one model: when the deployment's
+wrote on the status when they name the model identity deployed now (`figures_model`), else the registry's
+(`_figures`). The figures describe one model: when the deployment's
 model identity changes (model, variant, backend and its settings, slice size: `_model_identity`) they expire,
 with a `FiguresReset` event.
 """
@@ -247,7 +248,7 @@ class AutoscalerController:
             st.figures, st.figures_from = f, "measured"
             return f
         if st.figures is None:
-            signals = d.status.autoscaler.signals if d.status.HasField("autoscaler") and st.status_figures else {}
+            signals = d.status.autoscaler.signals if self._status_figures_apply(d, st) else {}
             service = signals.get("service_s", 0.0)
             if service > 0:
                 st.figures = ServiceFigures(service_s=service, ttft_s=signals.get("ttft_free_s", 0.0),
@@ -260,6 +261,16 @@ class AutoscalerController:
             return None
         return dataclasses.replace(st.figures, slots=slots, cold_start_s=cold,
                                    ttft_s=ttft if ttft is not None else st.figures.ttft_s)
+
+    @staticmethod
+    def _status_figures_apply(d: D.Deployment, st: _State) -> bool:
+        """Whether the figures on the status describe the model deployed now: not once this leader saw the model
+        change, nor when the status names another model identity (a change the previous leader decided on and
+        had not written figures for, before it lost the lead)."""
+        if not d.status.HasField("autoscaler") or not st.status_figures:
+            return False
+        written = d.status.autoscaler.figures_model
+        return not written or st.identity is None or written == autoscale_signals.identity_digest(st.identity)
 
     def _model_identity(self, name: str, d: D.Deployment, st: _State, variant, need: int, comp, now: float) -> None:
         """Expire the model-dependent figures when the model identity changes (autoscale_signals.model_identity):
@@ -420,7 +431,8 @@ class AutoscalerController:
         old = d.spec.replicas
         own = decision.desired if own is None else own
         status = S.AutoscalerStatus(desired=decision.desired, mode=decision.mode, reason=decision.reason[:1000],
-                                    bound_by=decision.bound_by, signals=signals, replica_cost_per_hour=cost)
+                                    bound_by=decision.bound_by, signals=signals, replica_cost_per_hour=cost,
+                                    figures_model=autoscale_signals.identity_digest(st.identity))
         prev = d.status.autoscaler
         if prev.HasField("last_scale_at"):
             status.last_scale_at.CopyFrom(prev.last_scale_at)
@@ -439,7 +451,8 @@ class AutoscalerController:
             self.dm._event_as(name, "Warning", "PoolLimit", text[:1000], tenant, SOURCE)
         st.pool_bound = pool_bound
         changed = own != old
-        material = (prev.desired, prev.mode, prev.bound_by) != (status.desired, status.mode, status.bound_by)
+        material = (prev.desired, prev.mode, prev.bound_by, prev.figures_model) != \
+            (status.desired, status.mode, status.bound_by, status.figures_model)
         if not changed and not material and now - st.status_at < STATUS_REFRESH_S:
             return
         if changed:

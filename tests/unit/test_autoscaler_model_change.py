@@ -111,3 +111,36 @@ def test_the_identity_covers_what_changes_a_requests_speed():
     assert autoscale_signals.model_identity(spec, v, 4 << 30) != base                 # another slice size
     assert autoscale_signals.model_identity(spec, v, 2 << 30, D.DeploymentSpec(model="smol", variant="q2")) != base
     assert autoscale_signals.model_identity(spec, None, 0) is None                    # unresolved: not compared
+
+
+async def test_a_new_leader_ignores_status_figures_of_another_model(monkeypatch):
+    """The status names the model identity its figures describe (`figures_model`): a leader that takes over
+    after a model change the previous one had not yet written figures for sizes with the new variant's registry
+    figures, not the old model's on the status; figures of the same identity, or of a status written before the
+    field, are used."""
+    dm, ctl, clock, total = await measured_under_a(monkeypatch)
+    status = dm.store.deployments["chat"].status.autoscaler
+    assert status.figures_model == autoscale_signals.identity_digest(ctl.states["chat"].identity) != ""
+    assert status.signals["service_s"] == pytest.approx(4.0)
+
+    async def new_leader(model: str, figures_model: str | None):
+        d = D.Deployment()
+        d.CopyFrom(dm.store.deployments["chat"])
+        d.spec.model = model
+        if figures_model is not None:
+            d.status.autoscaler.figures_model = figures_model
+        dm.store.deployments["chat"] = d
+        leader = AutoscalerController(dm, dm.registry, clock=lambda: clock[0], forecast_every=0)
+        clock[0] += 1
+        dm.store.loads["r-1"] = replica(1, running=0, total=total, at=clock[0])[1]
+        return leader, await _pass(leader)
+
+    leader, d = await new_leader("big", None)             # the status still names model A's identity
+    assert d.signals["service_s"] == pytest.approx(1.0) and leader.states["chat"].figures_from == "registry"
+    assert dm.store.deployments["chat"].status.autoscaler.figures_model == \
+        autoscale_signals.identity_digest(leader.states["chat"].identity)       # rewritten for model B at once
+    dm.store.deployments["chat"].status.autoscaler.signals["service_s"] = 3.0  # (B's, as a leader would write)
+    leader, d = await new_leader("big", None)
+    assert d.signals["service_s"] == pytest.approx(3.0) and leader.states["chat"].figures_from == "status"
+    leader, d = await new_leader("big", "")               # written by a version without the field: as before
+    assert d.signals["service_s"] == pytest.approx(3.0) and leader.states["chat"].figures_from == "status"

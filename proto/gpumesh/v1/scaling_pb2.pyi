@@ -56,7 +56,7 @@ class ScalingPolicy(_message.Message):
     def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., metric: _Optional[str] = ..., target: _Optional[float] = ..., stable_window_seconds: _Optional[float] = ..., panic_window_seconds: _Optional[float] = ..., panic_threshold: _Optional[float] = ..., scale_up_delay_seconds: _Optional[float] = ..., scale_down_delay_seconds: _Optional[float] = ..., max_scale_up_rate: _Optional[float] = ..., scale_to_zero_after_seconds: _Optional[float] = ..., predictive: _Optional[bool] = ..., lead_time_seconds: _Optional[float] = ..., forecast_quantile: _Optional[float] = ..., cost_ceiling_per_hour: _Optional[float] = ..., variants: _Optional[_Iterable[str]] = ..., slo_ttft_ms: _Optional[float] = ..., sizing: _Optional[str] = ..., sizing_quantile: _Optional[float] = ..., nowcast: _Optional[bool] = ..., catch_up: _Optional[bool] = ...) -> None: ...
 
 class AutoscalerStatus(_message.Message):
-    __slots__ = ("desired", "mode", "reason", "bound_by", "last_scale_at", "observed_at", "signals", "replica_cost_per_hour", "woken_at")
+    __slots__ = ("desired", "mode", "reason", "bound_by", "last_scale_at", "observed_at", "signals", "replica_cost_per_hour", "woken_at", "figures_model")
     class SignalsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class AutoscalerStatus(_message.Message):
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_COST_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     WOKEN_AT_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_MODEL_FIELD_NUMBER: _ClassVar[int]
     desired: int
     mode: str
     reason: str
@@ -82,4 +83,5 @@ class AutoscalerStatus(_message.Message):
     signals: _containers.ScalarMap[str, float]
     replica_cost_per_hour: float
     woken_at: _timestamp_pb2.Timestamp
-    def __init__(self, desired: _Optional[int] = ..., mode: _Optional[str] = ..., reason: _Optional[str] = ..., bound_by: _Optional[str] = ..., last_scale_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signals: _Optional[_Mapping[str, float]] = ..., replica_cost_per_hour: _Optional[float] = ..., woken_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    figures_model: str
+    def __init__(self, desired: _Optional[int] = ..., mode: _Optional[str] = ..., reason: _Optional[str] = ..., bound_by: _Optional[str] = ..., last_scale_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signals: _Optional[_Mapping[str, float]] = ..., replica_cost_per_hour: _Optional[float] = ..., woken_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., figures_model: _Optional[str] = ...) -> None: ...
