@@ -104,8 +104,8 @@ class Controller:
             self.fleet.revisions[s.id] = rev
             self.events.publish(ADDED if created or added else MODIFIED, s, rev)
             self._slice_event(s, created)
-            if s.state in TERMINAL:
-                self._resolve(self.ready_waiters, s.id, s)
+            if s.state in TERMINAL or s.state == S.SLICE_STATE_RELEASING:
+                self._resolve(self.ready_waiters, s.id, s)     # released before it was ready: no waiter stays
         for s in deleted:
             self._state_changes.pop(s.id, None)
             self.recorder.emit("Slice", s.id, "Normal", "Released", f"released from {s.node}/GPU {s.gpu_index}",
@@ -365,6 +365,13 @@ class Controller:
             raise errors.Unavailable(f"node {failed[0].node} could not realize slice {failed[0].id}: "
                                      f"{failed[0].message}; the allocation was released, retry (with a new request_id: "
                                      f"this one names the released allocation)")
+        released = [s for s in slices if s.state == S.SLICE_STATE_RELEASING]
+        if released or len(slices) < len(ids):
+            # released while the call waited (a Release, a preemption, its node drained or deleted): never a
+            # partial or releasing slice list as if it were the allocation
+            why = f"{released[0].message or 'released'} ({released[0].id})" if released else "its slices were deleted"
+            raise errors.Aborted(f"allocation {alloc_id} was released before it was ready: {why}; retry with a new "
+                                 f"request_id (this one names the released allocation)")
         return slices
 
     # -- release ----------------------------------------------------------------------
