@@ -124,3 +124,13 @@ def test_closing_line_counts_criu_skips(tmp_path):
     line = _summary().closing_line([("tests", str(tmp_path / "t.xml")), ("chaos", str(tmp_path / "none.xml"))])
     assert line == ("CI: tests: 1 passed, 1 failed, 1 errors, 2 skipped; chaos: no report; "
                     "1 TRANSPARENT-MIGRATION (CRIU) TESTS SKIPPED")
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The README's test command (its second code block) is what .ci/run runs, with the JUnit report added."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    command = blocks[1].strip()
+    assert command.startswith(".venv/bin/python -m pytest") and "\n" not in command
+    assert f"{command} --junitxml=.ci-junit.xml\n" in (ROOT / ".ci" / "run").read_text()
