@@ -45,12 +45,15 @@ class Slot:
     why: str
     waited: float
     admission: "Admission"
+    probe: int = 0              # the half-open probe this slot took (CircuitBreaker.begin), 0 when none
     released: bool = False
 
     def release(self) -> None:
+        """Free the slot, and the probe it took if no verdict (ok/failed) was given on it: a request that ends
+        without one (a benchmark, a client gone) must not leave the circuit half-open and probing for good."""
         if not self.released:
             self.released = True
-            self.admission._free(self.candidate)
+            self.admission._free(self.candidate, self.probe)
 
 
 class Admission:
@@ -64,17 +67,22 @@ class Admission:
     def depth(self, model: str) -> int:
         return len(self.queues.get(model, ()))
 
-    def _take(self, c: Candidate) -> None:
+    def _take(self, c: Candidate) -> int:
+        """Take a slot on `c`; the half-open probe it took (0: none)."""
         c.stats.in_flight += 1
         c.stats.starts.append(time.monotonic())
         c.stats.requests += 1
-        if self.policy.uses_breaker:
-            c.stats.breaker.begin()
+        return c.stats.breaker.begin() if self.policy.uses_breaker else 0
 
-    def _free(self, c: Candidate) -> None:
+    def _free(self, c: Candidate, probe: int = 0, newest: bool = False) -> None:
         c.stats.in_flight = max(0, c.stats.in_flight - 1)
         if c.stats.starts:
-            c.stats.starts.popleft()          # the oldest (exact for one slot; for several, close enough)
+            if newest:
+                c.stats.starts.pop()          # a grant given back unused: its own start
+            else:
+                c.stats.starts.popleft()      # the oldest (exact for one slot; for several, close enough)
+        if probe:
+            c.stats.breaker.release(probe)
         self.kick()
 
     async def acquire(self, candidates, ctx: RouteContext, priority: str, timeout: float,
@@ -91,8 +99,7 @@ class Admission:
         if not ctx.ahead:
             c, why = self.policy.pick(candidates(), ctx)
             if c is not None:
-                self._take(c)
-                return Slot(c, why, 0.0, self)
+                return Slot(c, why, 0.0, self, self._take(c))
         if len(q) >= self.queue_size:
             raise Rejected(f"the queue of {ctx.model} is full ({self.queue_size} waiting)", "queue_full")
         if timeout <= 0:
@@ -107,22 +114,20 @@ class Admission:
                     asyncio.get_running_loop().create_future(), start)
         heapq.heappush(q, w)
         try:
-            c, why = await asyncio.wait_for(asyncio.shield(w.future), timeout)
+            c, why, probe = await asyncio.wait_for(asyncio.shield(w.future), timeout)
         except asyncio.TimeoutError:
             self._drop(ctx.model, w)
             if w.future.done() and not w.future.cancelled():     # granted at the last moment: give it back
-                st = w.future.result()[0].stats
-                st.in_flight -= 1
-                if st.starts:
-                    st.starts.pop()
-                self.kick()
+                c, _, probe = w.future.result()
+                self._free(c, probe, newest=True)
             raise Rejected(f"no replica of {ctx.model} became free within {timeout:.1f}s", "deadline") from None
         except asyncio.CancelledError:                               # the client went away while waiting
             self._drop(ctx.model, w)
             if w.future.done() and not w.future.cancelled():
-                self._free(w.future.result()[0])
+                c, _, probe = w.future.result()
+                self._free(c, probe, newest=True)
             raise
-        return Slot(c, why, time.monotonic() - start, self)
+        return Slot(c, why, time.monotonic() - start, self, probe)
 
     def _drop(self, model: str, w: _Waiter) -> None:
         q = self.queues.get(model, [])
@@ -145,5 +150,4 @@ class Admission:
                 if c is None:
                     break
                 heapq.heappop(q)
-                self._take(c)
-                w.future.set_result((c, why))
+                w.future.set_result((c, why, self._take(c)))

@@ -21,6 +21,7 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self._state = CLOSED
         self.probing = False          # a half-open probe is in flight
+        self._probe = 0               # the number of the latest probe (begin), so a late release frees only its own
         self.unreachable = False      # opened by a refused/cut connection: the gateway probes it by TCP
 
     @property
@@ -35,10 +36,13 @@ class CircuitBreaker:
         s = self.state
         return s == CLOSED or (s == HALF_OPEN and not self.probing)
 
-    def begin(self) -> None:
-        """A request was sent; in half-open it is the one probe."""
+    def begin(self) -> int:
+        """A request was sent; in half-open it is the one probe: its number (0 when it is no probe)."""
         if self.state == HALF_OPEN:
             self.probing = True
+            self._probe += 1
+            return self._probe
+        return 0
 
     def success(self) -> None:
         self.consecutive = 0
@@ -67,6 +71,8 @@ class CircuitBreaker:
             self.opened_at = self.clock()
         self.probing = False
 
-    def release(self) -> None:
-        """A request ended without a verdict (client went away): free the probe."""
-        self.probing = False
+    def release(self, probe: int | None = None) -> None:
+        """A request ended without a verdict (client went away): free the probe; with `probe` (begin's number),
+        only while that probe is still the one in flight (not one taken since a verdict on it)."""
+        if probe is None or probe == self._probe:
+            self.probing = False

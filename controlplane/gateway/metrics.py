@@ -73,3 +73,25 @@ def set_model_costs(costs) -> None:
         COST_PER_HOUR.labels(c.model).set(c.dollars_per_hour)
         COST_24H.labels(c.model).set(c.dollars_24h)
         COST_PER_1K.labels(c.model).set(c.dollars_per_1k_tokens)
+
+
+# the series labelled by replica, with their label names in order
+PER_REPLICA = ((TTFT, ("model", "replica")), (TPOT, ("model", "replica")), (E2E, ("model", "replica")),
+               (BACKEND_ERRORS, ("model", "replica")), (CIRCUIT, ("replica",)), (IN_FLIGHT, ("replica",)),
+               (FAILURE_PROBABILITY, ("replica", "state")))
+
+
+def forget_replicas(keep: set[str]) -> int:
+    """Remove the series of replicas not in `keep` (they left the fleet: scaled away, rolled, replaced), so a
+    long-lived gateway's /metrics does not grow with every replica it ever saw; the number of series removed."""
+    removed = 0
+    for metric, names in PER_REPLICA:
+        gone = {tuple(s.labels[n] for n in names) for family in metric.collect() for s in family.samples
+                if "replica" in s.labels and s.labels["replica"] not in keep}
+        for labels in gone:
+            try:
+                metric.remove(*labels)
+                removed += 1
+            except KeyError:
+                pass
+    return removed

@@ -60,6 +60,7 @@ class Trace:
     error: str = ""
     backend_s: float = 0.0
     resumed: str = ""           # the replica a broken stream was resumed on (relay.py)
+    resolved: bool = False      # the model names a deployment the caller may use
 
 
 class Gateway:
@@ -91,6 +92,7 @@ class Gateway:
     def _on_view(self) -> None:
         keys = {r.key for d in self.view.deployments.values() for r in d.replicas}
         self.stats.forget_except(keys)
+        M.forget_replicas(keys | set(self.stats.by_replica))    # the series of replicas gone (none in flight)
         # a replica that left the view is not asked again: its pool's connections close now, not at exit
         self.replicas.retain(r.endpoint for d in self.view.deployments.values() for r in d.replicas if r.endpoint)
         self.admission.kick()
@@ -99,11 +101,14 @@ class Gateway:
         async def tick():        # breakers half-open with time, not with events
             while True:
                 await asyncio.sleep(0.25)
-                if self.policy.uses_breaker:
-                    self._probe_unreachable()
-                self.admission.kick()
-                self.replicas.sweep()          # pools idle past the keep-alive expiry, even with no requests
-                M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
+                try:
+                    if self.policy.uses_breaker:
+                        self._probe_unreachable()
+                    self.admission.kick()
+                    self.replicas.sweep()          # pools idle past the keep-alive expiry, even with no requests
+                    M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
+                except Exception:  # noqa: BLE001 - the ticker outlives a bad pass: probes, kicks, sweeps go on
+                    logger.exception("gateway tick")
         self._ticker = asyncio.get_running_loop().create_task(tick())
 
     async def stop(self) -> None:
@@ -124,7 +129,7 @@ class Gateway:
                 if (s is None or not s.breaker.unreachable or r.key in self._probing
                         or s.breaker.state != "half-open" or s.breaker.probing):
                     continue
-                s.breaker.probing = True             # no request takes the probe while the connect runs
+                s.breaker.begin()                    # no request takes the probe while the connect runs
                 self._probing.add(r.key)
                 asyncio.get_running_loop().create_task(self._tcp_probe(r.key, r.endpoint, s))
 
@@ -167,7 +172,7 @@ class Gateway:
             out = await self._handle(path, raw, headers, t)
         except APIError as e:
             t.status, t.error = e.status, e.message
-            M.REQUESTS.labels(t.model or "-", str(e.status)).inc()
+            M.REQUESTS.labels(t.model if t.resolved else "-", str(e.status)).inc()
             self._log(t)
             raise
         if out.stream is None:
@@ -181,15 +186,16 @@ class Gateway:
         chat = path.endswith("/chat/completions")
         body = validate.parse(raw)
         info = validate.request(body, chat)
-        t.model = info["model"]
+        t.model = info["model"][:200]
         primary, fallback = self.view.resolve(info["model"], caller.tenant)
         if not primary and not self.view.updated_at:
             # no view of the fleet yet (a gateway just started): not "no such model", which clients do not retry
             raise APIError(503, "the gateway has no view of the deployments yet (it is starting or cannot reach "
                                 "the control plane): retry", code="not_ready", headers={"retry-after": "2"})
         if not primary:
-            raise APIError(404, f"model: {info['model']!r} is not a model you can use (GET /v1/models lists yours)",
-                           param="model", code="model_not_found")
+            raise APIError(404, f"model: {validate.show(info['model'])} is not a model you can use (GET /v1/models "
+                                f"lists yours)", param="model", code="model_not_found")
+        t.resolved = True         # a model of the fleet: a metric label from now on (not any name a client sends)
         context = min((d.context for d in primary if d.context), default=0)
         validate.check_context(info["max_tokens"], context,
                                "max_tokens" if "max_tokens" in body else "max_completion_tokens")

@@ -9,6 +9,7 @@ from controlplane.gateway.apierror import APIError, invalid
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 PRIORITIES = ("critical", "standard", "sheddable")
+MAX_TOKENS = 2 ** 31 - 1      # a generation length (int32 in llama.cpp and vLLM); a context, when known, bounds it lower
 
 
 def parse(raw: bytes) -> dict:
@@ -32,12 +33,19 @@ def parse(raw: bytes) -> dict:
     return body
 
 
+def show(v) -> str:
+    """A client's value as an error message quotes it: its repr, cut to 40 characters (a 100 KB string or a
+    400-digit integer is not sent back whole)."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:32]}... ({len(text)} characters)"
+
+
 def _int(body: dict, name: str) -> int | None:
     v = body.get(name)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise invalid(name, f"{v!r} is not an integer")
+        raise invalid(name, f"{show(v)} is not an integer")
     return v
 
 
@@ -45,10 +53,10 @@ def _num(body: dict, name: str, lo: float, hi: float) -> float | None:
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise invalid(name, f"{v!r} is not a number")
-    if not lo <= v <= hi:
-        raise invalid(name, f"{v} is out of range", f"{lo:g} to {hi:g}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise invalid(name, f"{show(v)} is not a number")
+    if not lo <= v <= hi:                   # exact for an integer of any size (no float conversion before)
+        raise invalid(name, f"{show(v)} is out of range", f"{lo:g} to {hi:g}")
     return float(v)
 
 
@@ -99,7 +107,7 @@ def _extras(body: dict, chat: bool) -> None:
     if chat:
         lp = body.get("logprobs")
         if lp is not None and not isinstance(lp, bool):
-            raise invalid("logprobs", f"{lp!r} is not a boolean")
+            raise invalid("logprobs", f"{show(lp)} is not a boolean")
         _int_range(body, "top_logprobs", 0, 20)
         rf = body.get("response_format")
         if rf is not None and (not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema")):
@@ -108,7 +116,7 @@ def _extras(body: dict, chat: bool) -> None:
         _int_range(body, "logprobs", 0, 5)
         echo = body.get("echo")
         if echo is not None and not isinstance(echo, bool):
-            raise invalid("echo", f"{echo!r} is not a boolean")
+            raise invalid("echo", f"{show(echo)} is not a boolean")
         suffix = body.get("suffix")
         if suffix is not None and not isinstance(suffix, str):
             raise invalid("suffix", "must be a string")
@@ -120,7 +128,7 @@ def _extras(body: dict, chat: bool) -> None:
 def _int_range(body: dict, name: str, lo: int, hi: int) -> None:
     v = _int(body, name)
     if v is not None and not lo <= v <= hi:
-        raise invalid(name, f"{v} is out of range", f"{lo} to {hi}")
+        raise invalid(name, f"{show(v)} is out of range", f"{lo} to {hi}")
 
 
 def request(body: dict, chat: bool) -> dict:
@@ -129,7 +137,7 @@ def request(body: dict, chat: bool) -> dict:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model", "is required: a model name from GET /v1/models" if model is None
-                      else f"{model!r} is not a model name (a non-empty string)")
+                      else f"{show(model)} is not a model name (a non-empty string)")
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
@@ -139,7 +147,7 @@ def request(body: dict, chat: bool) -> dict:
             if not isinstance(m, dict):
                 raise invalid(f"messages[{i}]", "must be an object {role, content}")
             if m.get("role") not in ROLES:
-                raise invalid(f"messages[{i}].role", f"{m.get('role')!r} is not a role", ", ".join(ROLES))
+                raise invalid(f"messages[{i}].role", f"{show(m.get('role'))} is not a role", ", ".join(ROLES))
             _content(i, m.get("content"))
     else:
         p = body.get("prompt")
@@ -152,8 +160,8 @@ def request(body: dict, chat: bool) -> dict:
     for n in names:
         v = _int(body, n)
         if v is not None:
-            if v <= 0:
-                raise invalid(n, f"{v} must be at least 1")
+            if not 1 <= v <= MAX_TOKENS:
+                raise invalid(n, f"{show(v)} is out of range", f"1 to {MAX_TOKENS} (and below the model's context)")
             max_tokens = v
     _num(body, "temperature", 0, 2)
     _num(body, "top_p", 0, 1)
@@ -161,13 +169,13 @@ def request(body: dict, chat: bool) -> dict:
     _num(body, "frequency_penalty", -2, 2)
     n = _int(body, "n")
     if n is not None and n != 1:
-        raise invalid("n", f"{n} is not supported", "1")
+        raise invalid("n", f"{show(n)} is not supported", "1")
     seed = _int(body, "seed")
     if seed is not None and not -1 <= seed < 2 ** 32:
-        raise invalid("seed", f"{seed} is out of range", "-1 (random) to 4294967295")
+        raise invalid("seed", f"{show(seed)} is out of range", "-1 (random) to 4294967295")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise invalid("stream", f"{stream!r} is not a boolean")
+        raise invalid("stream", f"{show(stream)} is not a boolean")
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise invalid("stream_options", "must be an object")
@@ -203,7 +211,7 @@ def deadline_ms(header: str | None) -> float | None:
     except ValueError:
         v = -1
     if not math.isfinite(v) or v <= 0 or v > 3_600_000:
-        raise invalid("x-gpumesh-deadline-ms", f"{header!r} is not a number of milliseconds", "1 to 3600000")
+        raise invalid("x-gpumesh-deadline-ms", f"{show(header)} is not a number of milliseconds", "1 to 3600000")
     return v
 
 
@@ -215,4 +223,4 @@ def flag(header: str | None, name: str) -> bool | None:
         return True
     if h in ("0", "false", "no", "off"):
         return False
-    raise invalid(name, f"{header!r} is not a boolean", "true, false")
+    raise invalid(name, f"{show(header)} is not a boolean", "true, false")
