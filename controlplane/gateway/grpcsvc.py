@@ -86,15 +86,26 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
             data = frame[len(b"data: "):].strip()
             if data == b"[DONE]":
                 continue                       # drain the relay: it measures and logs after [DONE]
-            doc = json.loads(data)
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                raise StreamBroken(f"the backend sent an event that is not a JSON object: {data[:80]!r}", completion)
             if "error" in doc:
                 # the partial output went out; the call itself fails, so a client that checks only the
                 # status never takes a cut answer for a whole one
-                raise StreamBroken(str(doc["error"].get("message", "")), completion)
-            for ch in doc.get("choices") or ():
-                text = ch.get("text") or (ch.get("delta") or {}).get("content") or ""
-                finish = ch.get("finish_reason") or finish
-                if text:
+                err = doc["error"]
+                raise StreamBroken(str(err.get("message", "") if isinstance(err, dict) else err)[:1000], completion)
+            choices = doc.get("choices")
+            for ch in choices if isinstance(choices, list) else ():
+                if not isinstance(ch, dict):
+                    continue
+                delta = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+                text = ch.get("text") or delta.get("content") or ""
+                reason = ch.get("finish_reason")
+                finish = reason[:64] if isinstance(reason, str) and reason else finish
+                if text and isinstance(text, str):
                     completion += 1
                     yield I.GenerateResponse(text=text, served_by=served, degraded=degraded)
         yield I.GenerateResponse(finish_reason=finish or "stop", served_by=served, degraded=degraded,

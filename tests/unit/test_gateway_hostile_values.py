@@ -113,3 +113,27 @@ def test_a_replica_that_left_takes_its_series_with_it():
     from prometheus_client import generate_latest
     text = generate_latest(M.REGISTRY).decode()
     assert "gone-1" not in text and 'replica="stays-1"' in text
+
+
+@pytest.mark.parametrize("frame, says", [
+    (b"data: not json", "not a JSON object"),
+    (b"data: [1, 2]", "not a JSON object"),
+    (b'data: {"error": "out of memory"}', "out of memory"),
+    (b'data: {"error": {"message": "killed"}}', "killed"),
+])
+async def test_grpc_generate_turns_an_odd_backend_event_into_a_broken_stream(frame, says):
+    """The gRPC relay once raised on an event that was not a JSON object or an error that was a string: the call
+    ended UNKNOWN instead of UNAVAILABLE with the backend's message."""
+    from types import SimpleNamespace
+
+    from controlplane.gateway.grpcsvc import InferenceService, StreamBroken
+
+    async def frames():
+        yield b'data: {"choices": [{"text": "Hi", "finish_reason": 7}, "junk", {"delta": {"content": ["x"]}}]}'
+        yield frame
+    chunks = InferenceService(None)._chunks(SimpleNamespace(stream=frames()), "r-1", "")
+    first = await chunks.__anext__()
+    assert first.text == "Hi"
+    with pytest.raises(StreamBroken) as e:
+        await chunks.__anext__()
+    assert says in e.value.message and e.value.completion == 1
