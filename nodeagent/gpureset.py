@@ -43,6 +43,11 @@ class GpuResetter:
 
     async def on_command(self, cmd: node_service_pb2.GpuReset, outbox: asyncio.Queue) -> None:
         async with self.lock:
+            collector = getattr(self.agent, "collector", None)
+            if collector is not None:
+                # the XIDs logged before the reset first (a burst the last poll cut in two): they belong to the
+                # incident the reset ends, and would read as a new one after its result
+                await collector.report_events(outbox)
             try:
                 await asyncio.to_thread(self.reset, cmd.gpu_index)
             except ResetRefused as e:

@@ -107,6 +107,9 @@ class TelemetryCollector:
         self.lost: set[int] = set()
         self.shared_slices: SharedSlices | None = None
         self._sets: dict[int, Any] = {}  # GPU index -> its XID event set (None: not supported)
+        # one drain-and-report at a time, so events reach the control plane in the order they were read
+        # (a GPU reset reports what was logged before it first: report_events)
+        self.event_turn = asyncio.Lock()
         # GPU index -> (read at, NVLink links, PCI bus id, NUMA node, CPU affinity): the slow-moving
         # part of a reading (NVLink alone is ~60 NVML calls a GPU), read again every topology_refresh_s
         self._topology: dict[int, tuple[float, list, str, int, str]] = {}
@@ -284,6 +287,16 @@ class TelemetryCollector:
 
     # -- events
 
+    async def report_events(self, outbox: asyncio.Queue) -> int:
+        """Drain the events (`events`, off the event loop) and put them on `outbox`, one caller at a time: what
+        the GPU reset does before it resets (XIDs logged before a reset belong to the incident it ends, so the
+        control plane must see them before the reset's result, not after it as a new incident); the number."""
+        async with self.event_turn:
+            found = await asyncio.to_thread(self.events)
+            for ev in found:
+                outbox.put_nowait(node_service_pb2.AgentMessage(event=ev))
+            return len(found)
+
     def events(self) -> list[types_pb2.NodeEvent]:
         """XIDs since the last call, and a "GpuLost" event for each GPU that fell off the bus."""
         n = self.nvml
@@ -389,8 +402,7 @@ async def run_telemetry(collector: TelemetryCollector, interval: float, outbox: 
     failing = False
     while True:
         try:
-            for ev in await asyncio.to_thread(collector.events):
-                outbox.put_nowait(node_service_pb2.AgentMessage(event=ev))
+            await collector.report_events(outbox)
             if loop.time() >= due:
                 reading = await asyncio.to_thread(collector.collect)
                 if loads is not None:

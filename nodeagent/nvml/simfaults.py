@@ -207,27 +207,36 @@ class FaultApi:
 
     def sim_inject_xid(self, index: int, code: int, gi: int | None = None, ci: int | None = None) -> int:
         """Log XID ``code`` on GPU ``index`` (optionally on one GPU/compute instance); returns its sequence."""
+        return self.sim_inject_xids(index, [code], gi, ci)
+
+    def sim_inject_xids(self, index: int, codes: list[int], gi: int | None = None, ci: int | None = None) -> int:
+        """Log a burst of XIDs on GPU ``index`` at one instant, as the driver logs one fault's (48, 63, 94 within
+        milliseconds): one write of the state, so no reader sees part of it; returns the last one's sequence."""
         idx = self._gpu_index(index)
-        if not isinstance(code, int) or not 1 <= code <= 1000:
-            raise ValueError(f"XID code: expected an integer 1..1000, got {code!r}")
+        for code in codes:
+            if not isinstance(code, int) or isinstance(code, bool) or not 1 <= code <= 1000:
+                raise ValueError(f"XID code: expected an integer 1..1000, got {code!r}")
+        if not codes:
+            raise ValueError("XID codes: expected at least one")
         now = self._clock()
-        effects = DRIVER_EFFECTS.get(code, ())
         old_gen = self._models[idx].name in _OLD_PAGE_RETIREMENT
 
         def apply(state: dict) -> int:
             gpu = state["gpus"][idx]
-            seq = log_event(gpu, _n.nvmlEventTypeXidCriticalError, code, now, gi, ci)
-            mem = gpu.setdefault("memory_repair", {})
-            if "ecc" in effects:
-                ecc = gpu.setdefault("ecc", {})
-                ecc["uncorrected"] = ecc.get("uncorrected", 0) + 1
-                log_event(gpu, _n.nvmlEventTypeDoubleBitEccError, 1, now)
-            if "repair" in effects:
-                mem["pages_pending" if old_gen else "remap_pending"] = True
-            if "remap_failed" in effects:
-                mem["remap_failed"] = True
-            if "lost" in effects:
-                gpu["lost"] = True
+            for code in codes:
+                effects = DRIVER_EFFECTS.get(code, ())
+                seq = log_event(gpu, _n.nvmlEventTypeXidCriticalError, code, now, gi, ci)
+                mem = gpu.setdefault("memory_repair", {})
+                if "ecc" in effects:
+                    ecc = gpu.setdefault("ecc", {})
+                    ecc["uncorrected"] = ecc.get("uncorrected", 0) + 1
+                    log_event(gpu, _n.nvmlEventTypeDoubleBitEccError, 1, now)
+                if "repair" in effects:
+                    mem["pages_pending" if old_gen else "remap_pending"] = True
+                if "remap_failed" in effects:
+                    mem["remap_failed"] = True
+                if "lost" in effects:
+                    gpu["lost"] = True
             return seq
 
         return self._need_store().mutate(apply)

@@ -110,3 +110,27 @@ def test_the_agent_resetter_refuses_in_use_then_resets(sim):
     ev = outbox.get_nowait().event
     assert (ev.reason, ev.type) == ("GpuReset", "Normal")
     assert n.nvmlDeviceGetRemappedRows(h)[2] == 0 and agent.applied == 1    # slices realized again
+
+
+def test_the_xids_logged_before_a_reset_reach_the_control_plane_before_its_result(sim):
+    """A burst (48, 63, 94) the last event poll cut in two: the reset asked after 48 reports 63 and 94 first, so
+    the control plane counts them in the incident the reset ends, not as a new incident after it (which, with
+    two earlier incidents, quarantined the GPU under load)."""
+    from gpumesh.v1 import node_service_pb2 as N
+    from nodeagent.gpureset import GpuResetter
+    from nodeagent.telemetry import TelemetryCollector
+    n = sim()
+    agent = _Agent(n)
+    agent.collector = TelemetryCollector(n, agent.gpus, ib_root=None)
+    agent.collector.start()
+    outbox: asyncio.Queue = asyncio.Queue()
+    n.sim_inject_xid(0, 48)
+    assert asyncio.run(agent.collector.report_events(outbox)) == 1        # the poll that saw 48
+    n.sim_inject_xid(0, 63)
+    n.sim_inject_xid(0, 94)
+    asyncio.run(GpuResetter(agent).install().on_command(N.GpuReset(gpu_index=0, reason="XID 48"), outbox))
+    order = []
+    while not outbox.empty():
+        ev = outbox.get_nowait().event
+        order.append(ev.reason + (ev.message.rsplit("XID ", 1)[1] if ev.reason == "XidError" else ""))
+    assert order == ["XidError48", "XidError63", "XidError94", "GpuReset"]
