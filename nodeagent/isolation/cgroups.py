@@ -75,6 +75,17 @@ def _write(path: str, value: str) -> None:
         raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
 
 
+def _deny_forks(group: str) -> None:
+    """Set the group's pids.max to 0 before its processes are killed: a workload that forks a child and exits
+    (a new pid after every read of cgroup.procs) cannot outrun the kill loop. Best effort: a group without the
+    pids controller is killed as before."""
+    try:
+        with open(os.path.join(group, "pids.max"), "w", encoding="ascii") as f:
+            f.write("0")
+    except OSError:
+        pass
+
+
 def _remove_dir(path: str, procs: str) -> None:
     _remove_group(path, procs)
     try:
@@ -146,6 +157,7 @@ class CgroupV1:
         return procs
 
     def remove(self, name: str) -> None:
+        _deny_forks(self._dir("pids", name))
         for c in self.CONTROLLERS:
             _remove_dir(self._dir(c, name), "cgroup.procs")
 
@@ -195,6 +207,7 @@ class CgroupV2:
         return [os.path.join(d, "cgroup.procs")]
 
     def remove(self, name: str) -> None:
+        _deny_forks(self._dir(name))
         _remove_dir(self._dir(name), "cgroup.procs")
 
 
