@@ -36,6 +36,7 @@ from google.protobuf import json_format, timestamp_pb2
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
+from nodeagent.ids import BadId, check_id
 from nodeagent.teardown import SliceTeardown
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
@@ -205,7 +206,10 @@ class WorkloadRunner(RecoveryMixin):
         for wid in cmd.stop:
             self.stop(wid)
         for wid in cmd.forget:
-            self.expire(wid)
+            try:
+                self.expire(check_id(wid, "forget"))
+            except BadId as e:      # its files would be outside this runner's directory
+                log(logger, logging.WARNING, "workload command refused", node=self.agent.node, error=str(e))
         self.report(changed)
 
     def expire(self, wid: str) -> None:
@@ -237,6 +241,14 @@ class WorkloadRunner(RecoveryMixin):
         w = types_pb2.Workload()
         w.CopyFrom(spec)
         w.node = self.agent.node
+        try:        # its record, files and cgroup are named after them: never a path outside the agent's
+            check_id(w.id, "workload.id")
+            check_id(w.slice_id, "workload.slice_id")
+        except BadId as e:
+            w.state, w.message = W.WORKLOAD_STATE_FAILED, str(e)
+            w.finished_at.CopyFrom(_ts())
+            log(logger, logging.WARNING, "workload not started", node=self.agent.node, workload=w.id[:80], error=str(e))
+            return w                # answered, never recorded
         self.workloads[w.id] = w
         st = self.agent.realized.get(w.slice_id)
         if st is None or st.state != types_pb2.SLICE_STATE_READY:
