@@ -5,7 +5,6 @@ answer's first line says how much is not shown."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import tracemalloc
 import types
@@ -16,7 +15,8 @@ from mesh.outbox import Outbox
 from nodeagent import workloads as wl
 from nodeagent.procfiles import LOG_READ_CAP, _tail
 
-CUT = re.compile(rb"^\[\.\.\. the log's first (\d+) bytes are not shown: one read returns at most its last 8 MiB \.\.\.\]\n")
+CUT = re.compile(rb"^\[\.\.\. the log's first (\d+) bytes are not shown: "
+                 rb"one read returns at most its last 8 MiB \.\.\.\]\n")
 
 
 def _sparse_log(path, size, tail=b"THE END"):

@@ -42,7 +42,8 @@ def runner(tmp_path):
     """The real runner, confining its workloads with the real Isolator (permissive: no namespaces or
     cgroups needed on this host), tenants under uids 310000-310010."""
     iso = Isolator(IsolationSettings(mode="permissive", seccomp=False, shm_root=str(tmp_path / "shm")),
-                   HostFeatures(setuid=True, no_new_privs=True), TenantUsers((310000, 310010), {}, str(tmp_path / "ids.json")),
+                   HostFeatures(setuid=True, no_new_privs=True),
+                   TenantUsers((310000, 310010), {}, str(tmp_path / "ids.json")),
                    None, NvidiaDevices(str(tmp_path), str(tmp_path / "mig-minors")), node="n1", scope=str(tmp_path))
     r = wl.WorkloadRunner(fake_agent(), str(tmp_path / "w"), isolator=iso)
     yield r
