@@ -40,6 +40,7 @@ import logging
 
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh.logs import log
+from nodeagent.ids import BadId, check_ids
 from nodeagent.migrate_base import Cancelled, Job, MigrationBase
 from nodeagent.migrate_checkpoint import CheckpointSteps, clean_store
 from nodeagent.migrate_slices import SlicesMixin
@@ -79,6 +80,15 @@ class MigrationAgent(SourceSteps, TargetSteps, CheckpointSteps, SlicesMixin):
                        C.DELETE_CHECKPOINT: self._delete_checkpoint}[cmd.action]
         except KeyError:
             report(R.FAILED, message=f"unknown migration action {cmd.action}")
+            return
+        try:        # records, files, cgroups and CRIU images are named after them (nodeagent/ids.py)
+            check_ids(("migration_id", cmd.migration_id), ("workload_id", cmd.workload_id), ("alias", cmd.alias),
+                      ("workload.id", cmd.workload.id), ("workload.slice_id", cmd.workload.slice_id),
+                      *((f"slices[{i}].id", s.id) for i, s in enumerate(cmd.slices)))
+        except BadId as e:
+            log(logger, logging.WARNING, "migration command refused", node=self.agent.node,
+                action=C.Action.Name(cmd.action), error=str(e))
+            report(R.FAILED, message=f"{C.Action.Name(cmd.action).lower()} on {self.agent.node}: {e}")
             return
         try:
             await handler(cmd, report)

@@ -53,10 +53,12 @@ class TargetSteps(MigrationBase):
                     meta["receive_socket"] = f".gpumesh-recv-{uuid.uuid4().hex[:12]}.sock"
                     spec.env[RESTORE_ENV] = f"receive:{cmd.session}@unix:{INSIDE_WORKDIR}/{meta['receive_socket']}"
                 spec.env[HOLD_ENV] = "1"
-                # the file's path goes in the environment, never the secret (the spec is reported back)
-                spec.env[SECRET_FILE_ENV] = write_secret_file(self.runner.path(wid, "transfer-secret"), secret)
+                # the file's path goes to the runner, never the secret (the spec is reported back); it
+                # names the file in the workload's environment, never taking the spec's own value of it
+                spec.env.pop(SECRET_FILE_ENV, None)
+                secret_file = write_secret_file(self.runner.path(wid, "transfer-secret"), secret)
                 # the migration's mark is in the record before the process exists (crash-safe)
-                w = await asyncio.to_thread(self.runner.start, spec, meta=meta)
+                w = await asyncio.to_thread(self.runner.start, spec, meta=meta, secret_file=secret_file)
                 self.runner.report([w])
                 if w.state != types_pb2.WORKLOAD_STATE_RUNNING:
                     raise RuntimeError(f"the target process did not start: {w.message}")

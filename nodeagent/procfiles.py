@@ -44,25 +44,45 @@ def _find_shim(pid_file: str) -> int:
     return 0
 
 
-def _tail(path: str, lines: int) -> tuple[bytes, int]:
-    """The last `lines` lines of the file (all when 0), and the file size read up to."""
+LOG_READ_CAP = 8 << 20
+"""The most of a workload's log one log request reads (its end): the workload may write gigabytes
+without a newline, and the agent holds what it reads, then queues it on the Sync stream (whose outbox
+ends the stream at 256 MiB). What lies before is named in a first line (`_cut_line`)."""
+TAIL_BLOCK = 64 << 10
+
+
+def _cut_line(skipped: int) -> bytes:
+    return (f"[... the log's first {skipped} bytes are not shown: one read returns at most its last "
+            f"{LOG_READ_CAP >> 20} MiB ...]\n").encode()
+
+
+def _tail(path: str, lines: int, cap: int = LOG_READ_CAP) -> tuple[bytes, int]:
+    """The last `lines` lines of the file (all when 0), at most its last `cap` bytes (then a first line
+    says how many bytes before are not shown), and the file size read up to."""
     if not os.path.exists(path):
         return b"", 0
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
+        size = f.seek(0, os.SEEK_END)
         if lines <= 0:
-            f.seek(0)
-            return f.read(size), size
-        block, data = 64 << 10, b""
-        pos = size
-        while pos > 0 and data.count(b"\n") <= lines:
-            step = min(block, pos)
+            start = max(0, size - cap)
+            f.seek(start)
+            data = f.read(size - start)
+            return (_cut_line(start) + data if start else data), size
+        blocks: list[bytes] = []
+        pos, read, newlines = size, 0, 0
+        while pos > 0 and newlines <= lines and read < cap:     # one newline more than lines: the first's start
+            step = min(TAIL_BLOCK, pos, cap - read)
             pos -= step
             f.seek(pos)
-            data = f.read(step) + data
-        keep = data.splitlines(keepends=True)[-lines:]
-        return b"".join(keep), size
+            block = f.read(step)
+            blocks.append(block)
+            read += len(block)
+            newlines += block.count(b"\n")
+        blocks.reverse()
+        out = b"".join(b"".join(blocks).splitlines(keepends=True)[-lines:])
+        if pos > 0 and newlines <= lines:       # stopped by the cap: the first line shown may be partial
+            return _cut_line(size - len(out)) + out, size
+        return out, size
 
 
 def _read_from(path: str, offset: int) -> tuple[bytes, int]:

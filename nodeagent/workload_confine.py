@@ -29,17 +29,54 @@ def confinement_plan(runner, w, st):
     return plan
 
 
-def hand_over_secret(env: dict, plan) -> None:
-    """A migration target's transfer secret file (written by the agent, 0600) moves into the
-    workload's own directory, owned by the workload's uid, and the environment names it as the
-    workload sees it; nothing else can read it there."""
+def agent_env_names() -> tuple[str, ...]:
+    """Variables only the agent sets in a workload's environment because it acts on them (the
+    migration target's secret file, which it moves as root): a tenant's value is never taken. The
+    control plane refuses them in Run (controlplane/controllers/workloads.py RESERVED_ENV)."""
     from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
-    src = env.get(SECRET_FILE_ENV)
-    if not src or not os.path.exists(src):
+    return (SECRET_FILE_ENV,)
+
+
+def hand_over_secret(env: dict, plan, secret_file: str) -> None:
+    """A migration target's transfer secret file (written by the agent, 0600, in the runner's own
+    root-only directory: `secret_file`, never a path from the workload's environment) moves into the
+    workload's own directory, owned by the workload's uid, and the environment names it as the
+    workload sees it; nothing else can read it there.
+
+    The workload's directory belongs to the tenant, so nothing here follows a name in it: the
+    directory is opened without following links, a name left there (a link to a root-only file)
+    is removed, the file is created new (O_EXCL|O_NOFOLLOW) and chowned by its descriptor."""
+    from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
+    if not secret_file:
         return
-    dst = os.path.join(plan.workdir, SECRET_FILE_NAME)
-    os.replace(src, dst)
-    os.chown(dst, plan.uid, plan.gid)
+    try:
+        src = os.open(secret_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        with open(src, "rb", closefd=False) as f:
+            secret = f.read(1 << 16)
+    finally:
+        os.close(src)
+    dfd = os.open(plan.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            os.unlink(SECRET_FILE_NAME, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(SECRET_FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dfd)
+        try:
+            os.fchown(fd, plan.uid, plan.gid)
+            os.fchmod(fd, 0o600)
+            view = memoryview(secret)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    os.unlink(secret_file)
     env[SECRET_FILE_ENV] = os.path.join(plan.spec["workdir"], SECRET_FILE_NAME)
 
 

@@ -1,5 +1,6 @@
-"""A workload's log streamed to the control plane (`meshctl logs [-f]`): the last lines, then what the
-workload appends while it runs, in LogChunks of at most CHUNK bytes; one task per request, cancelled by a
+"""A workload's log streamed to the control plane (`meshctl logs [-f]`): the last lines (at most the log's
+last LOG_READ_CAP bytes, nodeagent/procfiles.py), then what the workload appends while it runs, in
+LogChunks of at most CHUNK bytes; one task per request, cancelled by a
 LogRequest with `cancel`. Composed into the agent's WorkloadRunner (nodeagent/workloads.py)."""
 
 from __future__ import annotations

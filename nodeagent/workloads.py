@@ -36,11 +36,12 @@ from google.protobuf import json_format, timestamp_pb2
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
+from nodeagent.ids import BadId, check_id
 from nodeagent.teardown import SliceTeardown
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
-from nodeagent.workload_confine import confinement_plan, hand_over_secret, plug_network
+from nodeagent.workload_confine import agent_env_names, confinement_plan, hand_over_secret, plug_network
 from nodeagent.workload_logs import LogStreamer
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,10 @@ class WorkloadRunner(RecoveryMixin):
         for wid in cmd.stop:
             self.stop(wid)
         for wid in cmd.forget:
-            self.expire(wid)
+            try:
+                self.expire(check_id(wid, "forget"))
+            except BadId as e:      # its files would be outside this runner's directory
+                log(logger, logging.WARNING, "workload command refused", node=self.agent.node, error=str(e))
         self.report(changed)
 
     def expire(self, wid: str) -> None:
@@ -223,10 +227,12 @@ class WorkloadRunner(RecoveryMixin):
         shutil.rmtree(workdir, ignore_errors=True)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
-              restore_uid: int = -1, meta: dict | None = None) -> types_pb2.Workload:
+              restore_uid: int = -1, meta: dict | None = None, secret_file: str = "") -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
         pidfile) the shim adopts the process CRIU restores instead (nodeagent/migrate_slices.py).
         `meta` joins the record's meta before the supervisor starts (a migration's marks).
+        `secret_file`: a migration target's transfer secret, written by the agent (migrate_target.py),
+        handed to the workload; the same variable in the workload's own environment is ignored.
 
         Crash-safe: the record is written as PENDING with `starting` in its meta BEFORE the
         supervisor is launched; a restarted agent finds such a record in `load` and re-adopts the
@@ -235,6 +241,14 @@ class WorkloadRunner(RecoveryMixin):
         w = types_pb2.Workload()
         w.CopyFrom(spec)
         w.node = self.agent.node
+        try:        # its record, files and cgroup are named after them: never a path outside the agent's
+            check_id(w.id, "workload.id")
+            check_id(w.slice_id, "workload.slice_id")
+        except BadId as e:
+            w.state, w.message = W.WORKLOAD_STATE_FAILED, str(e)
+            w.finished_at.CopyFrom(_ts())
+            log(logger, logging.WARNING, "workload not started", node=self.agent.node, workload=w.id[:80], error=str(e))
+            return w                # answered, never recorded
         self.workloads[w.id] = w
         st = self.agent.realized.get(w.slice_id)
         if st is None or st.state != types_pb2.SLICE_STATE_READY:
@@ -249,6 +263,13 @@ class WorkloadRunner(RecoveryMixin):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
         env.update(w.env)
         env.update(st.env)          # the slice's own environment always wins
+        for k in agent_env_names():     # acted on by the agent as root: never the tenant's (Run refuses them)
+            if env.pop(k, None) is not None and k in w.env:
+                log(logger, logging.WARNING, "workload environment sets a variable only the agent sets; ignored",
+                    node=self.agent.node, workload=w.id, variable=k)
+        if secret_file:
+            from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
+            env[SECRET_FILE_ENV] = secret_file      # unconfined: the workload runs as the agent's user
         if w.HasField("backend"):   # a model server's API key: its environment only, never w.env or argv
             from nodeagent import backends
             env.update(backends.secret_environment(w))
@@ -276,7 +297,7 @@ class WorkloadRunner(RecoveryMixin):
             except Exception as e:   # noqa: BLE001 - IsolationRefused, OSError: the workload does not start
                 return self._fail(w, f"isolation: {e}")
             env.update(plan.env)
-            hand_over_secret(env, plan)
+            hand_over_secret(env, plan, secret_file)
             argv[-len(w.command) - 1:-len(w.command) - 1] = ["--confine", self.path(w.id, "confine.json")]
         if w.HasField("backend") and restore is None:
             from nodeagent import backends     # its TLS key and certificate, in the workload's own directory

@@ -42,7 +42,9 @@ MAX_ID = 128
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
                 "GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY",
-                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
+                # set by the agent; the secret file's it moves as root into the workload's directory
+                "GPUMESH_CHECKPOINT_SOCKET", "GPUMESH_TRANSFER_SECRET_FILE")
 RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
 
@@ -85,7 +87,7 @@ def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
             raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid variable name",
                                             "letters, digits and '_', not starting with a digit")
         if k in RESERVED_ENV:
-            raise errors.InvalidArgument.of(f"env[{k}]", "is set by the slice", "any name but " + ", ".join(RESERVED_ENV))
+            raise errors.InvalidArgument.of(f"env[{k}]", "is set by the slice or the agent", "any name but " + ", ".join(RESERVED_ENV))
         if "\0" in v or len(v) > MAX_ARG_LEN:
             raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid value", f"no NUL bytes, at most {MAX_ARG_LEN} characters")
     for k, v in req.labels.items():

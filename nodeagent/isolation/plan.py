@@ -22,6 +22,7 @@ from gpumesh.v1 import types_pb2
 from mesh import netmode
 from mesh.fsmodes import others_may_read
 from mesh.logs import log
+from nodeagent.ids import BadId, check_id
 from nodeagent.isolation import cgroups as cg
 from nodeagent.isolation.devices import DeviceError, NvidiaDevices
 from nodeagent.isolation.probe import HostFeatures
@@ -135,6 +136,12 @@ class Isolator:
              ci_id: int | None, workdir: str, mps_pipe: str = "") -> ConfinePlan:
         if self.settings.mode == "secure" and self.missing:
             raise IsolationRefused("secure mode: this host lacks " + "; ".join(self.missing))
+        try:        # the cgroup (removed with its processes killed) and the shm directory are named after them
+            check_id(w.id, "workload.id")
+            if w.slice_id:
+                check_id(w.slice_id, "workload.slice_id")
+        except BadId as e:
+            raise IsolationRefused(str(e)) from None
         try:
             ident = self.users.identity(w.tenant)
         except IdentityError as e:
@@ -229,7 +236,7 @@ class Isolator:
     # -- the slice's shared memory --------------------------------------------------------------
 
     def slice_shm_dir(self, slice_id: str, uid: int, gid: int) -> str:
-        d = os.path.join(self.shm_root, slice_id)
+        d = os.path.join(self.shm_root, check_id(slice_id, "slice_id"))
         os.makedirs(self.shm_root, mode=0o711, exist_ok=True)
         os.chmod(self.settings.shm_root, 0o711)
         os.chmod(self.shm_root, 0o711)
@@ -270,7 +277,7 @@ class Isolator:
                 os.close(seg)
                 if dfd >= 0:
                     os.close(dfd)
-        except (OSError, IdentityError) as e:
+        except (OSError, IdentityError, BadId) as e:
             log(logger, logging.WARNING, "cannot share a mesh segment into the slice", slice=slice_id,
                 segment=name, error=str(e))
 

@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(stdout and stderr interleaved) as its node has it.", epilog=LOGS_EPILOG)
     lg.add_argument("id", metavar="WORKLOAD", help="workload ID (w-...)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the workload ends")
-    lg.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines (default: all)")
+    lg.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines (default: all; at most the log's last 8 MiB either way)")
     lg.set_defaults(func=run_logs)
 
 
