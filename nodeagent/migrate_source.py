@@ -88,7 +88,7 @@ class SourceSteps(MigrationBase):
     def _run_send(self, job: Job, cmd: M.MigrationCommand, report) -> None:
         from mesh.checkpoint.precopy import MigrationFailed, PrecopyMigration, PrecopyPolicy
         policy = PrecopyPolicy(max_rounds=cmd.max_rounds or 8, stop_bytes=cmd.stop_bytes or (16 << 20))
-        link = AgentLink(self._socket(cmd.workload_id))
+        link = self._link(cmd.workload_id)
         src = _SourceLink(link, job, report)
         try:
             relay = self._outbound(cmd.workload_id, cmd.address)    # a source without network: through its /tmp
@@ -139,7 +139,7 @@ class SourceSteps(MigrationBase):
 
             def stop() -> None:
                 try:
-                    with AgentLink(self._socket(wid), timeout=10) as link:
+                    with self._link(wid, timeout=10) as link:
                         link.call("stop")
                 except (OSError, ConnectionError):
                     pass
@@ -166,7 +166,7 @@ class SourceSteps(MigrationBase):
         if self._running(wid) and os.path.exists(self._socket(wid)):
             # (no SDK socket: a process without the SDK, e.g. a model server before its dump, was never paused)
             def abort() -> None:
-                with AgentLink(self._socket(wid), timeout=30) as link:
+                with self._link(wid, timeout=30) as link:
                     link.call("precopy_abort")
                     link.call("resume")
             try:
