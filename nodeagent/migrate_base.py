@@ -17,6 +17,8 @@ from typing import Any
 
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT, AgentLink
+from nodeagent.isolation.plan import INSIDE_SOCKET
 
 
 class Cancelled(Exception):
@@ -93,6 +95,18 @@ class MigrationBase:
 
     def _socket(self, wid: str) -> str:
         return self.runner.socket_path(wid)
+
+    def _link(self, wid: str, timeout: float = DEFAULT_TIMEOUT) -> AgentLink:
+        """A link to `wid`'s control socket that reaches only the workload's own SDK: a socket (never a link)
+        owned by and served by the workload's uid (mesh/ownedsock.py), the agent's own for a workload run
+        unconfined. The socket lies in the tenant's directory; a link there to another tenant's socket
+        would hand that workload this one's checkpoint secret, `stop` or `pause`."""
+        meta = self.runner.meta.get(wid, {})
+        path = self._socket(wid)
+        if meta.get("socket"):      # confined with its own /tmp: the socket in its directory, not the short link to it
+            path = os.path.join(self.runner.path(wid, "d"), os.path.basename(INSIDE_SOCKET))
+        uid = int(meta["uid"]) if "uid" in meta else os.geteuid()
+        return AgentLink(path, timeout=timeout, uid=uid)
 
     def _running(self, wid: str) -> bool:
         w = self.runner.workloads.get(wid)

@@ -25,7 +25,6 @@ import time
 import uuid
 
 from gpumesh.v1 import migration_service_pb2 as M
-from mesh.checkpoint.agent_link import AgentLink
 from mesh.logs import log
 from mesh.procs import pid_alive
 from nodeagent.migrate_base import Job, MigrationBase
@@ -152,7 +151,7 @@ class CheckpointSteps(MigrationBase):
                                      mesh=True, secret=secret)
                 relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
-                with AgentLink(self._socket(wid), timeout=600) as link:
+                with self._link(wid, timeout=600) as link:
                     r = link.call("checkpoint", target=relay.address if relay else server.address, session=session,
                                   secret=secret.hex())
                 seconds = time.perf_counter() - t0

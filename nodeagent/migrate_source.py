@@ -22,6 +22,9 @@ from nodeagent.migrate_base import Cancelled, Job, MigrationBase
 
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
+# One call of the pre-copy send may stream the whole state (round 0, or `final` of a stop-and-copy): 80 GB
+# at 1 Gb/s is 11 minutes. Longer than any such call, yet a silent SDK no longer holds the thread forever.
+SEND_CALL_TIMEOUT = 3600.0
 
 
 class _SourceLink:
@@ -88,7 +91,7 @@ class SourceSteps(MigrationBase):
     def _run_send(self, job: Job, cmd: M.MigrationCommand, report) -> None:
         from mesh.checkpoint.precopy import MigrationFailed, PrecopyMigration, PrecopyPolicy
         policy = PrecopyPolicy(max_rounds=cmd.max_rounds or 8, stop_bytes=cmd.stop_bytes or (16 << 20))
-        link = AgentLink(self._socket(cmd.workload_id))
+        link = self._link(cmd.workload_id, timeout=SEND_CALL_TIMEOUT)
         src = _SourceLink(link, job, report)
         try:
             relay = self._outbound(cmd.workload_id, cmd.address)    # a source without network: through its /tmp
@@ -139,7 +142,7 @@ class SourceSteps(MigrationBase):
 
             def stop() -> None:
                 try:
-                    with AgentLink(self._socket(wid), timeout=10) as link:
+                    with self._link(wid, timeout=10) as link:
                         link.call("stop")
                 except (OSError, ConnectionError):
                     pass
@@ -166,7 +169,7 @@ class SourceSteps(MigrationBase):
         if self._running(wid) and os.path.exists(self._socket(wid)):
             # (no SDK socket: a process without the SDK, e.g. a model server before its dump, was never paused)
             def abort() -> None:
-                with AgentLink(self._socket(wid), timeout=30) as link:
+                with self._link(wid, timeout=30) as link:
                     link.call("precopy_abort")
                     link.call("resume")
             try:

@@ -18,7 +18,7 @@ import uuid
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import netmode
-from mesh.checkpoint.agent_link import HOLD_ENV, RESTORE_ENV, AgentLink
+from mesh.checkpoint.agent_link import HOLD_ENV, RESTORE_ENV
 from nodeagent.isolation.plan import INSIDE_WORKDIR
 from nodeagent.migrate_base import Job, MigrationBase
 
@@ -73,12 +73,11 @@ class TargetSteps(MigrationBase):
 
     def _wait_listening(self, wid: str) -> int:
         deadline = time.monotonic() + TARGET_LISTEN_TIMEOUT
-        sock = self._socket(wid)
         while True:
             if not self._running(wid):
                 raise RuntimeError(f"the target process of {wid} ended before it listened")
             try:
-                with AgentLink(sock, timeout=5) as link:
+                with self._link(wid, timeout=5) as link:
                     st = link.call("status")
                 if st.get("receive_address"):
                     if st["receive_address"].startswith("unix:"):
@@ -160,7 +159,7 @@ class TargetSteps(MigrationBase):
             step = 0
         elif self._running(wid):
             def resume() -> dict:
-                with AgentLink(self._socket(wid), timeout=30) as link:
+                with self._link(wid, timeout=30) as link:
                     return link.call("resume")
             r = await asyncio.to_thread(resume)
             step = int(r.get("step", 0))

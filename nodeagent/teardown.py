@@ -14,6 +14,7 @@ from gpumesh.v1 import types_pb2 as W
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
+MIG_UUID_PREFIX = "MIG-"       # NVML's MIG device UUIDs; a whole GPU's start with "GPU-"
 
 
 class SliceTeardown:
@@ -41,12 +42,22 @@ class SliceTeardown:
         still running on them and wait until they end (SIGKILL after the grace), so the GPU is not asked
         to destroy an instance its processes still use. A restarted agent meets this when the slice of a
         workload was released while the agent was away."""
+        realized = getattr(self.runner.agent, "realized", {})
+
         def on_it(wid: str, w) -> bool:
-            # by the device when the workload's is known: a resize or migration commit moves a workload
-            # onto a new instance under the same slice ID while the reserved slice ID (with the old
-            # instance) is released, and the moved workload must not be stopped for that
             uuid = self.runner.meta.get(wid, {}).get("device_uuid")
-            return uuid in device_uuids if uuid else w.slice_id in slice_ids
+            if uuid and uuid.startswith(MIG_UUID_PREFIX):
+                # a MIG instance: by the device. A resize or migration commit moves a workload onto a new
+                # instance under the same slice ID while the reserved slice ID (with the old instance) is
+                # released; the moved workload's record still names the reserved ID and must not be stopped
+                return uuid in device_uuids
+            # an MPS, time-share or exclusive slice: its device is the whole GPU, which other slices share,
+            # so by the slice ID; a resize's target moved the same way runs on another GPU than the
+            # released reserved slice now names, and is kept
+            if w.slice_id not in slice_ids:
+                return False
+            st = realized.get(w.slice_id)
+            return not (uuid and st is not None and st.device_uuid and st.device_uuid != uuid)
         victims = [wid for wid, w in self.runner.workloads.items()
                    if w.state == W.WORKLOAD_STATE_RUNNING and not self.runner.meta.get(wid, {}).get("frozen")
                    and on_it(wid, w)]

@@ -32,11 +32,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from mesh import ownedsock
 from mesh.checkpoint.format import CheckpointError
 
 SOCKET_ENV = "GPUMESH_CHECKPOINT_SOCKET"
 RESTORE_ENV = "GPUMESH_RESTORE_FROM"
 HOLD_ENV = "GPUMESH_RESTORE_HOLD"
+MAX_REPLY_BYTES = 1 << 20       # one reply line, newline included; replies are a few hundred bytes
+DEFAULT_TIMEOUT = 600.0         # seconds; above PrecopyPolicy.pause_timeout (a `pause` blocks that long)
 
 
 class CommandError(CheckpointError):
@@ -48,20 +51,43 @@ class CommandError(CheckpointError):
         self.kind = kind
 
 
-class AgentLink:
-    """The agent's side: a connection to one workload's control socket."""
+class ReplyTooLong(ConnectionError):
+    """The workload sent more than MAX_REPLY_BYTES without ending its line: the link is closed, so a
+    tenant's SDK cannot grow the agent's memory."""
 
-    def __init__(self, path: str, timeout: float | None = None) -> None:
+
+class AgentLink:
+    """The agent's side: a connection to one workload's control socket.
+
+    `uid`: the uid the workload runs as (the agent's own for a workload started unconfined). The socket must
+    then be a socket owned by it, never a link, served by a process of that uid (mesh/ownedsock.py), else
+    `ownedsock.NotOwned` and nothing is sent: the socket lies in the tenant's own directory, and a link there
+    to another workload's socket would hand that workload this one's commands and checkpoint secret. None
+    only for a socket the caller made itself (tests, benchmarks).
+
+    `timeout`: seconds any one connect, send or reply may take (None: DEFAULT_TIMEOUT); a silent SDK never
+    holds an agent thread forever."""
+
+    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT, uid: int | None = None) -> None:
         self.path = path
-        self.timeout = timeout
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self.uid = uid
         self._sock: socket.socket | None = None
         self._file: Any = None
         self._lock = threading.Lock()
 
     def _connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.path)
+        if self.uid is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.settimeout(self.timeout)
+                s.connect(self.path)
+            except OSError:
+                s.close()
+                raise
+        else:
+            s = ownedsock.dial(os.path.dirname(self.path) or ".", os.path.basename(self.path), self.uid,
+                               self.timeout)
         self._sock, self._file = s, s.makefile("rwb")
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:
@@ -71,14 +97,24 @@ class AgentLink:
             try:
                 self._file.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
                 self._file.flush()
-                line = self._file.readline()
+                line = self._file.readline(MAX_REPLY_BYTES + 1)
             except OSError:
                 self.close()
                 raise
             if not line:
                 self.close()
                 raise ConnectionError(f"{self.path}: the workload closed the control socket during {cmd!r}")
-        reply = json.loads(line)
+            if len(line) > MAX_REPLY_BYTES:
+                self.close()
+                raise ReplyTooLong(f"{self.path}: the workload's reply to {cmd!r} is longer than "
+                                   f"{MAX_REPLY_BYTES} bytes (MAX_REPLY_BYTES)")
+        try:
+            reply = json.loads(line)
+        except ValueError as e:
+            self.close()
+            raise ConnectionError(f"{self.path}: the workload's reply to {cmd!r} is not JSON: {e}") from e
+        if not isinstance(reply, dict):
+            raise ConnectionError(f"{self.path}: the workload's reply to {cmd!r} is not a JSON object")
         if not reply.pop("ok", False):
             raise CommandError(cmd, reply.get("error", "Error"), reply.get("message", ""))
         return reply

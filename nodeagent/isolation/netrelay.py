@@ -25,12 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
-import struct
 import threading
 import uuid
 from collections.abc import Callable
 
+from mesh import ownedsock
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -188,31 +187,13 @@ def outbound(workdir: str, uid: int, gid: int, target: str) -> Relay:
 
 def _dial_workload(workdir: str, name: str, uid: int) -> socket.socket:
     """Connect to the socket the workload listens on, `<workdir>/<name>`: a socket owned by `uid` (not a
-    link to something else), whose listener runs as `uid`."""
-    wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    link to something else), whose listener runs as `uid` (mesh/ownedsock.py)."""
     try:
-        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=wfd)
-    finally:
-        os.close(wfd)
-    try:
-        st = os.fstat(pfd)
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != uid:
-            raise RelayError(f"{os.path.join(workdir, name)} is not a socket of uid {uid}")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(30)
-            s.connect(f"/proc/self/fd/{pfd}")         # exactly the inode checked above
-            s.settimeout(None)
-            _pid, peer_uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                      struct.calcsize("3i")))
-            if peer_uid != uid:
-                raise RelayError(f"{os.path.join(workdir, name)} is served by uid {peer_uid}, not the workload's")
-        except OSError:
-            s.close()
-            raise
-        return s
-    finally:
-        os.close(pfd)
+        s = ownedsock.dial(workdir, name, uid, timeout=30)
+    except ownedsock.NotOwned as e:
+        raise RelayError(str(e)) from e
+    s.settimeout(None)                                # the pumps block; the relay's stop() shuts them down
+    return s
 
 
 def inbound(listen_host: str, workdir: str, name: str, uid: int) -> Relay:

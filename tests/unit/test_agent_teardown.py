@@ -6,6 +6,7 @@ realized in the same resync. Also a removal of a slice whose workload still runs
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import pytest
@@ -22,7 +23,11 @@ SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sle
 
 def new_agent(state_dir, tmp_path):
     """An agent process's view: a fresh NVML handle on the same device state, a runner on the same directory."""
-    nvml = load_nvml("sim", make_host("n1", 1, "H100-80GB"), state_dir / "state.json")
+    return new_agent_gpus(state_dir, tmp_path, 1)
+
+
+def new_agent_gpus(state_dir, tmp_path, n: int):
+    nvml = load_nvml("sim", make_host("n1", n, "H100-80GB"), state_dir / "state.json")
     gpus = NvmlGpus(nvml)
     gpus.init()
     agent = NodeAgent("n1", "127.0.0.1:1", gpus, mps_root=str(tmp_path / "mps"), ib_root=None)
@@ -93,4 +98,59 @@ async def test_removal_stops_the_workload_then_tears_down(state_dir, tmp_path):
     released = [sid for m in [outbox.get_nowait() for _ in range(outbox.qsize())]
                 if m.WhichOneof("kind") == "report" for sid in m.report.released]
     assert released == ["s-1"]
+    runner.monitor.cancel()
+
+
+def shared_slice(gpus, sid, isolation, gpu_index=0):
+    inv = gpus.inventory()[gpu_index]
+    return t.Slice(id=sid, node="n1", gpu_index=gpu_index, gpu_uuid=inv.uuid, isolation=isolation,
+                   memory_bytes=8 << 30, compute_share=0.25)
+
+
+@pytest.mark.parametrize("isolation", [t.ISOLATION_TIMESHARE, t.ISOLATION_MPS, t.ISOLATION_EXCLUSIVE],
+                         ids=["timeshare", "mps", "exclusive"])
+async def test_removal_of_a_whole_gpu_slice_stops_its_workload(state_dir, tmp_path, isolation):
+    """An MPS, time-share or exclusive slice's device is the whole GPU (no MIG instance): its removal used to
+    be reported released while its workload kept running on the GPU the next slice is given."""
+    agent, gpus, runner = new_agent(state_dir, tmp_path)
+    outbox: asyncio.Queue = asyncio.Queue()
+    others = [] if isolation == t.ISOLATION_EXCLUSIVE else [shared_slice(gpus, "s-2", isolation)]
+    await agent._apply(node_service_pb2.DesiredSlices(full=True, upserts=[shared_slice(gpus, "s-1", isolation),
+                                                                          *others]), outbox)
+    assert agent.realized["s-1"].state == t.SLICE_STATE_READY, agent.realized["s-1"].message
+    w = await start_workload(agent, runner, "w-1", "s-1")
+    pid = w.pid
+    if others:                                            # a neighbour on the same GPU: not its slice
+        await start_workload(agent, runner, "w-2", "s-2")
+    await agent._apply(node_service_pb2.DesiredSlices(removals=["s-1"]), outbox)
+    w1 = runner.workloads["w-1"]
+    assert w1.state == t.WORKLOAD_STATE_STOPPED and "its slice was released" in w1.message
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    if others:
+        assert runner.workloads["w-2"].state == t.WORKLOAD_STATE_RUNNING
+    released = [sid for m in [outbox.get_nowait() for _ in range(outbox.qsize())]
+                if m.WhichOneof("kind") == "report" for sid in m.report.released]
+    assert released == ["s-1"]
+    for wid in list(runner.workloads):
+        runner.stop(wid)
+    runner.monitor.cancel()
+
+
+async def test_a_resized_shared_slices_target_is_kept_when_the_reserved_slice_is_released(state_dir, tmp_path):
+    """A resize by migration of a time-share slice: the target started on the reserved slice (its record names
+    it) on GPU 1; after the commit's swap the reserved ID names the old placement (GPU 0) and is released. The
+    target runs on under the client's slice ID; only what ran on GPU 0 under the reserved ID stops."""
+    agent, gpus, runner = new_agent_gpus(state_dir, tmp_path, 2)
+    outbox: asyncio.Queue = asyncio.Queue()
+    client = shared_slice(gpus, "s-c", t.ISOLATION_TIMESHARE, 0)
+    reserved = shared_slice(gpus, "s-r", t.ISOLATION_TIMESHARE, 1)
+    await agent._apply(node_service_pb2.DesiredSlices(full=True, upserts=[client, reserved]), outbox)
+    await start_workload(agent, runner, "w-t", "s-r")     # the target, on GPU 1
+    swapped_client = shared_slice(gpus, "s-c", t.ISOLATION_TIMESHARE, 1)
+    swapped_reserved = shared_slice(gpus, "s-r", t.ISOLATION_TIMESHARE, 0)
+    await agent._apply(node_service_pb2.DesiredSlices(upserts=[swapped_client, swapped_reserved]), outbox)
+    await agent._apply(node_service_pb2.DesiredSlices(removals=["s-r"]), outbox)
+    assert runner.workloads["w-t"].state == t.WORKLOAD_STATE_RUNNING
+    runner.stop("w-t")
     runner.monitor.cancel()

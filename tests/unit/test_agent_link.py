@@ -1,0 +1,195 @@
+"""The agent's end of a workload's control socket (mesh/checkpoint/agent_link.py, mesh/ownedsock.py): it talks
+only to the workload's own SDK, never waits forever and never buffers an endless reply.
+
+The socket lies in the tenant's own directory. A tenant that put a link there to another tenant's socket
+used to receive, through the agent, that tenant's state as its own checkpoint (the agent sent `checkpoint`
+with the session's secret to whatever the name led to)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from mesh import ownedsock
+from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT, MAX_REPLY_BYTES, AgentLink, ReplyTooLong
+from nodeagent.migrate_base import MigrationBase
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the tenants' sockets are made under their uids: root")
+UID_A, UID_B = 300131, 300132
+CTL = ".gpumesh-ctl.sock"
+
+
+def _tenant_dir(path, uid: int):
+    path.mkdir(parents=True)
+    os.chown(path, uid, uid)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _listen_as(path: str, uid: int):
+    """A Unix listener at `path` made by a process of `uid` (as a workload's SDK would); served from here."""
+    s = socket.socket(socket.AF_UNIX)
+    parent = os.open(os.path.dirname(path), os.O_PATH)
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            s.bind(f"/proc/self/fd/{parent}/{os.path.basename(path)}")
+            s.listen(8)
+            os.write(ready_w, b"k")
+            os.read(done_r, 1)            # hold it until the parent is done
+        finally:
+            os._exit(0)
+    os.close(parent)
+    assert os.read(ready_r, 1) == b"k"
+
+    def stop():
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        s.close()
+    return s, stop
+
+
+def _serve(sock: socket.socket, heard: list) -> None:
+    """An SDK stand-in on `sock`: records every request, answers ok with a step."""
+    def conn(c):
+        with c, c.makefile("rwb") as f:
+            for line in f:
+                heard.append(json.loads(line))
+                f.write(b'{"ok": true, "step": 7}\n')
+                f.flush()
+
+    def accept():
+        while True:
+            try:
+                c, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=conn, args=(c,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+
+
+class _Runner:
+    """What MigrationBase reads of the workload runner: records and paths."""
+
+    def __init__(self, d, meta):
+        self.dir, self.meta = d, meta
+
+    def path(self, wid, ext):
+        return os.path.join(self.dir, f"{wid}.{ext}")
+
+    def socket_path(self, wid):
+        return self.meta[wid].get("socket") or self.path(wid, "sock")
+
+
+@root_only
+def test_a_link_to_another_tenants_socket_is_refused_and_that_socket_hears_nothing(tmp_path):
+    a_dir, b_dir = _tenant_dir(tmp_path / "w-a.d", UID_A), _tenant_dir(tmp_path / "w-b.d", UID_B)
+    s, stop = _listen_as(str(b_dir / CTL), UID_B)
+    heard: list = []
+    _serve(s, heard)
+    agent = MigrationBase(agent=None, runner=_Runner(str(tmp_path), {
+        "w-a": {"uid": UID_A, "socket": "/tmp/gpumesh-0123456789abcdef.sock"},   # the short link the plan made
+        "w-b": {"uid": UID_B, "socket": str(b_dir / CTL)}}))
+    try:
+        os.symlink(b_dir / CTL, a_dir / CTL)                 # tenant A's move
+        with pytest.raises(ownedsock.NotOwned, match="not a socket of uid 300131"):
+            with agent._link("w-a") as link:
+                link.call("checkpoint", target="127.0.0.1:1", session="s", secret="00" * 32)
+        os.unlink(a_dir / CTL)
+        os.link(b_dir / CTL, a_dir / CTL)                    # a hard link: the socket is B's
+        with pytest.raises(ownedsock.NotOwned, match="not a socket of uid 300131"):
+            with agent._link("w-a") as link:
+                link.call("stop")
+        with agent._link("w-b") as link:                     # B's own socket, dialled for B
+            assert link.call("status")["step"] == 7
+        assert heard == [{"cmd": "status"}], "a command meant for A reached B's SDK"
+    finally:
+        stop()
+
+
+@root_only
+def test_a_socket_served_by_another_uid_is_refused(tmp_path):
+    """Owned by tenant A (its file), but the listener runs as B: B's SDK would hear A's commands."""
+    a_dir, b_dir = _tenant_dir(tmp_path / "w-a.d", UID_A), _tenant_dir(tmp_path / "w-b.d", UID_B)
+    s, stop = _listen_as(str(b_dir / CTL), UID_B)
+    heard: list = []
+    _serve(s, heard)
+    try:
+        os.chown(b_dir / CTL, UID_A, UID_A)
+        os.link(b_dir / CTL, a_dir / CTL)
+        with pytest.raises(ownedsock.NotOwned, match="served by uid 300132"):
+            with AgentLink(str(a_dir / CTL), timeout=10, uid=UID_A) as link:
+                link.call("pause", timeout=5)
+        assert heard == []
+    finally:
+        stop()
+
+
+def test_a_workload_run_unconfined_is_reached_as_the_agents_own_uid(tmp_path):
+    """Tests and the demo run workloads as the agent's own uid: the checks pass for that uid."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "w-u.sock"))
+    srv.listen(4)
+    heard: list = []
+    _serve(srv, heard)
+    agent = MigrationBase(agent=None, runner=_Runner(str(tmp_path), {"w-u": {}}))
+    link = agent._link("w-u", timeout=30)
+    assert (link.path, link.uid, link.timeout) == (str(tmp_path / "w-u.sock"), os.geteuid(), 30)
+    with link:
+        assert link.call("status")["step"] == 7
+    srv.close()
+
+
+def test_the_agents_link_dials_a_confined_workloads_socket_in_its_directory(tmp_path):
+    agent = MigrationBase(agent=None, runner=_Runner(str(tmp_path), {"w-a": {"uid": UID_A, "socket": "/tmp/x.sock"}}))
+    link = agent._link("w-a")
+    assert (link.path, link.uid, link.timeout) == (str(tmp_path / "w-a.d" / CTL), UID_A, DEFAULT_TIMEOUT)
+
+
+def _one_connection(tmp_path, reply: bytes):
+    """A socket whose SDK answers every request with `reply` (maybe nothing) and keeps the connection open."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "sdk.sock"))
+    srv.listen(1)
+    held = []
+
+    def serve():
+        c, _ = srv.accept()
+        held.append(c)
+        c.recv(65536)
+        try:
+            c.sendall(reply)
+        except OSError:
+            pass                          # the agent closed its end once it had read enough
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, held
+
+
+def test_a_reply_without_end_is_cut_at_the_limit(tmp_path):
+    srv, held = _one_connection(tmp_path, b"x" * (MAX_REPLY_BYTES + (1 << 20)))
+    link = AgentLink(str(tmp_path / "sdk.sock"), timeout=30)
+    with pytest.raises(ReplyTooLong, match="longer than"):
+        link.call("status")
+    assert link._sock is None, "the link stays open after a reply it could not read"
+    srv.close()
+    for c in held:
+        c.close()
+
+
+def test_a_silent_sdk_times_out_and_every_link_has_a_timeout(tmp_path):
+    assert AgentLink("x").timeout == DEFAULT_TIMEOUT
+    assert AgentLink("x", timeout=None).timeout == DEFAULT_TIMEOUT
+    srv, held = _one_connection(tmp_path, b"")
+    with pytest.raises(TimeoutError):
+        AgentLink(str(tmp_path / "sdk.sock"), timeout=0.5).call("status")
+    srv.close()
+    for c in held:
+        c.close()
