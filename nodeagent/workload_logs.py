@@ -12,6 +12,16 @@ from gpumesh.v1 import types_pb2 as W
 from nodeagent.procfiles import _read_from, _tail
 
 CHUNK = 32 << 10
+OUTBOX_SHARE = 4        # a follow waits while the outbox holds more than 1/OUTBOX_SHARE of its bounds
+
+
+def crowded(outbox) -> bool:
+    """Whether the agent's outbox (mesh/outbox.py: it ends the stream when full) already holds a quarter of
+    what it may: a followed log that a workload writes faster than the control plane reads then waits,
+    instead of filling the outbox and forcing every other report through a reconnect and resync."""
+    limit, max_bytes = getattr(outbox, "limit", 0), getattr(outbox, "max_bytes", 0)
+    return bool(limit and outbox.qsize() * OUTBOX_SHARE > limit) or \
+        bool(max_bytes and getattr(outbox, "bytes", 0) * OUTBOX_SHARE > max_bytes)
 
 
 class LogStreamer:
@@ -46,6 +56,8 @@ class LogStreamer:
         for i in range(0, len(data), CHUNK):
             chunk(data[i:i + CHUNK])
         while req.follow:
+            while crowded(outbox):
+                await asyncio.sleep(self.runner.poll_interval)
             finished = self.runner.workloads[req.workload_id].state != W.WORKLOAD_STATE_RUNNING
             more, offset = await asyncio.to_thread(_read_from, path, offset)
             for i in range(0, len(more), CHUNK):
