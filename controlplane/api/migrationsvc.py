@@ -8,6 +8,7 @@ from controlplane.api.events import Subscription
 from controlplane.api.rpc import streaming, unary
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import migration_service_pb2_grpc
+from mesh import errors
 
 
 class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
@@ -26,6 +27,9 @@ class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
 
     @unary
     async def Migrate(self, request, context):
+        if request.mode not in M.MigrationMode.values():
+            raise errors.InvalidArgument.of("mode", f"{request.mode} is not a migration mode",
+                                            "unspecified (precopy), precopy, stop_and_copy, transparent")
         self._own_workload(request.workload_id)
         return await self.m.migrate(request.workload_id, request.to_node, request.to_slice, request.mode)
 

@@ -44,9 +44,14 @@ def companion_name(parent: str, variant: str) -> str:
 
 
 def companion_of(deployments: dict, parent: str) -> D.Deployment | None:
-    """The deployment that takes `parent`'s overflow (by its label), None when there is none."""
-    return next((d for _, d in sorted(deployments.items()) if d.spec.labels.get(LABEL_OVERFLOW_OF) == parent),
-                None)
+    """The deployment of `parent`'s tenant that takes its overflow (by its label), None when there is none:
+    another tenant's deployment carrying the label is never it (DeploymentService also refuses the label from
+    a tenant: deploysvc.py)."""
+    p = deployments.get(parent)
+    if p is None:
+        return None
+    return next((d for _, d in sorted(deployments.items()) if d.spec.labels.get(LABEL_OVERFLOW_OF) == parent
+                 and d.spec.tenant == p.spec.tenant), None)
 
 
 def no_room(replicas: list[D.Replica]) -> int:

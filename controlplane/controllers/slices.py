@@ -242,9 +242,13 @@ class Controller:
                 log(logger, logging.INFO, "warm slices yield", victims=warm_victims, allocation=alloc_id)
                 await warm.release_ids(warm_victims, f"warm slice yields its space to allocation {alloc_id}")
             for victim in decision.victims:
-                log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority)
-                await self.release(victim, wait=False, message=f"preempted by allocation {alloc_id} "
-                                                               f"(priority {req.priority}) of tenant {req.tenant}")
+                log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority,
+                    tenant=req.tenant)
+                # the victim's tenant reads the message: another tenant's name and allocation stay in the log
+                own = all(s.tenant == req.tenant for s in self.find(victim))
+                await self.release(victim, wait=False, message=(
+                    f"preempted by allocation {alloc_id} (priority {req.priority}) of tenant {req.tenant}" if own
+                    else f"preempted by a higher-priority allocation (priority {req.priority}) of another tenant"))
             if request_id:
                 await self._request_ops(req.tenant, request_id, alloc_id, fingerprint, extra, conds)
             rev = await self.save(slices, created=True, extra=extra, extra_conds=conds)

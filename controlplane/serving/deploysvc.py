@@ -11,10 +11,12 @@ import asyncio
 
 from controlplane.api import auth
 from controlplane.api.rpc import streaming, unary
+from controlplane.controllers import autoscale_variants
 from controlplane.serving import deployspec
 from controlplane.serving.deployments import DeploymentManager
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import deployment_service_pb2_grpc
+from mesh import errors
 
 WATCH_HEARTBEAT = 30.0
 DEFAULT_TENANT = "default"      # a Watch re-sends the deployment at least this often
@@ -30,10 +32,23 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
         auth.check_visible(d.spec.tenant, "deployment", name)
         return d
 
+    @staticmethod
+    def _check_system_labels(spec: D.DeploymentSpec, before: D.DeploymentSpec | None = None) -> None:
+        """A tenant may not set the label that makes a deployment another's variant-overflow companion (the
+        autoscaler sets it on the companions it creates; an Update that keeps the stored value is fine)."""
+        if auth.current().admin:
+            return
+        key = autoscale_variants.LABEL_OVERFLOW_OF
+        value = spec.labels.get(key)
+        if value is not None and (before is None or before.labels.get(key) != value):
+            raise errors.InvalidArgument.of(f"spec.labels[{key!r}]", "is set by gpumesh itself (the autoscaler's "
+                                            "variant-overflow companions)", "other labels")
+
     @unary
     async def Create(self, request, context):
         spec = request.spec
         spec.tenant = auth.scope_tenant(spec.tenant, "spec.tenant")
+        self._check_system_labels(spec)
         spec.tenant = spec.tenant or DEFAULT_TENANT        # an admin (or the insecure demo) naming none
         return await self.m.create(spec)
 
@@ -58,7 +73,8 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
 
     @unary
     async def Update(self, request, context):
-        self._own(request.spec.name, "spec.name")
+        d = self._own(request.spec.name, "spec.name")
+        self._check_system_labels(request.spec, d.spec)
         return await self.m.update(request.spec, request.generation)
 
     @unary

@@ -52,5 +52,6 @@ def test_preemption_evicts_the_lower_priority_allocation_and_says_why(mesh):
     assert s.node == "gpu-b" and s.state == t.SLICE_STATE_READY
     gone = [x for x in mesh.list_slices(tenant="batch") if x.allocation_id == low.allocation_id]
     assert all(x.state == t.SLICE_STATE_RELEASING for x in gone)
-    assert all(f"preempted by allocation {high.allocation_id} (priority 50) of tenant prod" in x.message
-               for x in gone)
+    # batch is told it was preempted, not by whom (another tenant's allocation and name stay in the log)
+    assert all("preempted by a higher-priority allocation (priority 50) of another tenant" in x.message
+               and "prod" not in x.message for x in gone)

@@ -192,8 +192,8 @@ def test_quota_args_are_validated():
 ])
 def test_antiaffinity(name, existing_labels, existing_rules, labels, rules, code):
     fleet = make_fleet(("n", [("L4", False)]))
-    fleet.put_slice(t.Slice(id="x", node="n", gpu_index=0, memory_bytes=GiB, isolation=t.ISOLATION_TIMESHARE,
-                            labels=existing_labels, anti_affinity=existing_rules))
+    fleet.put_slice(t.Slice(id="x", tenant="t", node="n", gpu_index=0, memory_bytes=GiB,        # req's tenant
+                            isolation=t.ISOLATION_TIMESHARE, labels=existing_labels, anti_affinity=existing_rules))
     r = req(memory_bytes=GiB, labels=labels, anti_affinity=rules)
     assert antiaffinity.Plugin().filter(CycleState(), r, fleet.nodes["n"]).code == code
 

@@ -1,5 +1,7 @@
-"""AntiAffinity: a slice does not go to a node holding a slice that carries any of its
-anti-affinity label pairs, nor to one whose slices' anti-affinity rules name its own labels."""
+"""AntiAffinity: a slice does not go to a node holding a slice of its tenant that carries any of its
+anti-affinity label pairs, nor to one where a slice of its tenant has anti-affinity rules that name its own
+labels. Rules never reach across tenants: one tenant's rules (or labels) cannot keep another tenant's slices off
+a node."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class Plugin:
         rules = req.anti_affinity
         for g in node.gpus:
             for s in g.slices.values():
+                if s.tenant != req.tenant:
+                    continue
                 if rules and any(s.labels.get(k) == v for k, v in rules.items()):
                     return Status.unschedulable(g.model.name, "node:holds a slice matching anti-affinity", NAME)
                 if s.anti_affinity and any(req.labels.get(k) == v for k, v in s.anti_affinity.items()):

@@ -1,0 +1,128 @@
+"""What one tenant's request fields could do to another tenant (found by review), now refused or scoped:
+
+- a deployment labelled `gpumesh.overflow-of=<another tenant's deployment>` became that deployment's
+  variant-overflow companion (the autoscaler held the victim's own overflow back and scaled the intruder with its
+  demand); the label is refused from tenants and a companion must be of the parent's tenant;
+- anti-affinity rules in Allocate kept other tenants' slices off the nodes the rules' slices were on;
+- a preempted slice's message named the preempting tenant and its allocation to the victim tenant;
+- Migrate took any mode number and stored it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.api import auth
+from controlplane.api.migrationsvc import MigrationService
+from controlplane.controllers import autoscale_variants
+from controlplane.controllers.slices import Controller
+from controlplane.scheduler.framework import CycleState
+from controlplane.scheduler.plugins.antiaffinity import Plugin as AntiAffinity
+from controlplane.serving.deploysvc import DeploymentService
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import types_pb2 as T
+from mesh import errors, slicespec
+from tests.unit.test_slice_write_failures import _controller, _preempting, _slice
+
+OVERFLOW = autoscale_variants.LABEL_OVERFLOW_OF
+
+
+class as_tenant:
+    def __init__(self, tenant: str, role: str = "tenant") -> None:
+        self.who = auth.Principal("client", f"{tenant}-client", tenant=tenant, role=role)
+
+    def __enter__(self):
+        self.token = auth._current.set(self.who)
+
+    def __exit__(self, *exc):
+        auth._current.reset(self.token)
+
+
+def dep(name: str, tenant: str, **labels) -> D.Deployment:
+    return D.Deployment(spec=D.DeploymentSpec(name=name, tenant=tenant, model="smol", labels=labels))
+
+
+def test_a_companion_is_of_its_parents_tenant():
+    deps = {"chat": dep("chat", "b"), "aaa": dep("aaa", "a", **{OVERFLOW: "chat"}),
+            "chat-q2": dep("chat-q2", "b", **{OVERFLOW: "chat"})}
+    assert autoscale_variants.companion_of(deps, "chat").spec.name == "chat-q2"     # not a's "aaa", first in order
+    del deps["chat-q2"]
+    assert autoscale_variants.companion_of(deps, "chat") is None
+    assert autoscale_variants.companion_of(deps, "gone") is None
+
+
+def test_a_tenant_cannot_set_the_overflow_label():
+    spec = dep("aaa", "a", **{OVERFLOW: "chat"}).spec
+    with as_tenant("a"):
+        with pytest.raises(errors.InvalidArgument) as e:
+            DeploymentService._check_system_labels(spec)
+        assert e.value.field == f"spec.labels[{OVERFLOW!r}]"
+        DeploymentService._check_system_labels(spec, before=spec)          # an Update that keeps the stored value
+        with pytest.raises(errors.InvalidArgument):
+            DeploymentService._check_system_labels(spec, before=dep("aaa", "a").spec)
+        DeploymentService._check_system_labels(dep("x", "a", team="ml").spec)
+    with as_tenant("", role="admin"):
+        DeploymentService._check_system_labels(spec)
+
+
+def _node_with(*slices: T.Slice):
+    ctl = _controller()
+    for s in slices:
+        ctl.fleet.put_slice(s)
+    return ctl.fleet.nodes["n1"]
+
+
+def _request(tenant: str, labels=None, rules=None) -> slicespec.SliceRequest:
+    return slicespec.validate(T.SliceSpec(tenant=tenant, memory_bytes=1 << 30, isolation=T.ISOLATION_MPS,
+                                          labels=labels or {}, anti_affinity=rules or {}))
+
+
+def test_anti_affinity_does_not_reach_across_tenants():
+    b_replica = _slice("s-b", tenant="b")
+    b_replica.labels["app"] = "chat"
+    a_blocker = _slice("s-a", tenant="a")
+    a_blocker.anti_affinity["app"] = "chat"
+    plugin = AntiAffinity()
+    # a's rule on its resident slice does not keep b's replica away; b's own rule still spreads b
+    assert plugin.filter(CycleState(), _request("b", labels={"app": "chat"}), _node_with(a_blocker)).ok
+    b_spread = _slice("s-b2", tenant="b")
+    b_spread.anti_affinity["app"] = "chat"
+    assert not plugin.filter(CycleState(), _request("b", labels={"app": "chat"}), _node_with(b_spread)).ok
+    # a's request with a rule naming b's label is not kept off b's node; b's request with it is
+    assert plugin.filter(CycleState(), _request("a", rules={"app": "chat"}), _node_with(b_replica)).ok
+    assert not plugin.filter(CycleState(), _request("b", rules={"app": "chat"}), _node_with(b_replica)).ok
+
+
+async def test_a_preempted_tenant_is_not_told_who_preempted_it():
+    ctl = _controller()
+    ctl.fleet.put_slice(_slice("s-victim", tenant="low"))
+    req = _preempting(ctl)                 # tenant "hi", priority 10, evicts s-victim
+
+    async def write(ops, conds=()):
+        return 7
+    ctl.writer.write = write
+    alloc, _ = await ctl.allocate(req, no_wait=True)
+    victim = ctl.fleet.slices["s-victim"]
+    assert victim.state == T.SLICE_STATE_RELEASING
+    assert victim.message == "preempted by a higher-priority allocation (priority 10) of another tenant"
+    assert "tenant hi" not in victim.message and alloc not in victim.message
+
+
+class Refused(Exception):
+    pass
+
+
+class Context:
+    async def abort_with_status(self, status):
+        raise Refused(status.code, status.details)
+
+    async def abort(self, code, details):
+        raise Refused(code, details)
+
+
+async def test_migrate_refuses_an_unknown_mode():
+    svc = MigrationService(manager=None)
+    with pytest.raises(Refused) as e:
+        await svc.Migrate(M.MigrateRequest(workload_id="w-1", mode=42), Context())
+    assert e.value.args[0] == errors.InvalidArgument.code and "mode: 42 is not a migration mode" in e.value.args[1]
