@@ -339,6 +339,11 @@ class Authenticator:
             if s.kind == "agent":
                 return Principal("agent", s.name)
             if s.kind == "client":
+                if s.role != "admin" and not s.tenant:
+                    # a tenant or viewer certificate without its tenant (O) would be scoped to "", which every
+                    # List reads as all tenants; tls.issue never makes one, another issuer of the CA might
+                    raise errors.Unauthenticated(f"client certificate {s.name!r}: role {s.role!r} without a tenant "
+                                                 f"(the subject's O)")
                 if s.role != "admin" and self.tenants is not None and s.tenant not in self.tenants.quotas:
                     raise errors.Unauthenticated(f"client certificate {s.name!r}: tenant {s.tenant!r} is not "
                                                  f"in the tenants file")

@@ -38,6 +38,8 @@ TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STAT
 STOPPING = "stopping"
 MAX_ARGS = 256
 MAX_ARG_LEN = 32 << 10
+MAX_ENV = 256           # variables a Run may set (each is in the record, the agent's state and the exec)
+MAX_LABELS = 64         # labels of a workload (the record, events, every List filter)
 MAX_ID = 128
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
@@ -82,6 +84,10 @@ def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
 
 
 def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
+    if len(req.env) > MAX_ENV:
+        raise errors.InvalidArgument.of("env", f"has {len(req.env)} variables", f"at most {MAX_ENV}")
+    if len(req.labels) > MAX_LABELS:
+        raise errors.InvalidArgument.of("labels", f"has {len(req.labels)} labels", f"at most {MAX_LABELS}")
     for k, v in req.env.items():
         if not ENV_KEY.match(k):
             raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid variable name",

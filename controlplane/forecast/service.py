@@ -47,11 +47,11 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
         p = forecasting.plan(kind, name, metric, horizon_s, step_s, level)
         source = "embedded"
         if self.prometheus is not None and self.prometheus.serves(kind, metric):
-            owner = ""                   # the fleet's own GPU and node series: viewers and admins
+            owner: str | None = ""       # the fleet's own GPU and node series: viewers and admins
             if kind in ("slice", "workload"):        # a tenant's: its owner as the history knows it
                 found = await self.recorder.read(self.store.find, kind, name, metric)
-                owner = found[1] if found is not None else ""
-            if not may_read(owner):
+                owner = found[1] if found is not None else None      # unknown (aged out): an admin's only
+            if not (auth.current().admin if owner is None else may_read(owner)):
                 raise errors.NotFound(f"no series {kind}/{name} {metric}", kind="series", name=f"{kind}/{name}/{metric}")
             rows = await self.prometheus.read(kind, name, metric, p.step_s, forecasting.MAX_BINS)
             if not rows:

@@ -176,6 +176,9 @@ class DeploymentManager:
 
     async def update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
         deployspec.check_name(spec.name)
+        if generation < 0:
+            raise errors.InvalidArgument.of("generation", f"{generation} is negative",
+                                            "0 (no check) or the generation the change was read at")
         deployspec.check_replicas(spec.replicas)
         old = self.store.get(spec.name)
         probe = D.DeploymentSpec()

@@ -93,3 +93,10 @@ def test_update_checks_the_stored_policy_again_when_the_backend_settings_change(
     bigger.backend.context = 256
     asyncio.run(manager.update(bigger, 0))
     assert checked == [256]
+
+
+def test_update_refuses_a_negative_generation_naming_it(manager):
+    spec = D.DeploymentSpec(name="chat", model="tiny", replicas=1)
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(manager.update(spec, -1))
+    assert e.value.field == "generation" and manager.writes == []

@@ -191,6 +191,12 @@ def test_slice_node_and_workload_series_come_from_prometheus_with_their_owners(t
     assert ask("node", "n1", auth.UNRESTRICTED)[0] == "prometheus"
     assert ask("node", "n1", acme)[0].startswith("not found")
     assert ask("workload", "w-unknown", acme)[0].startswith("not found")      # no owner known: fleet only
+    # nor a viewer of another tenant (it reads the fleet's own series, and a series of unknown owner may be any
+    # tenant's): only an admin reads a slice or workload series the history no longer knows
+    viewer = auth.Principal("client", "v", tenant="other", role="viewer")
+    source, reads = ask("workload", "w-unknown", viewer)
+    assert source.startswith("not found") and reads == []                    # Prometheus not even asked
+    assert ask("workload", "w-unknown", auth.UNRESTRICTED)[0] == "prometheus"
 
 
 def test_prometheus_queries_name_the_gauge_and_the_object():

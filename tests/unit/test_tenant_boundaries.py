@@ -126,3 +126,23 @@ async def test_migrate_refuses_an_unknown_mode():
     with pytest.raises(Refused) as e:
         await svc.Migrate(M.MigrateRequest(workload_id="w-1", mode=42), Context())
     assert e.value.args[0] == errors.InvalidArgument.code and "mode: 42 is not a migration mode" in e.value.args[1]
+
+
+def test_a_tenant_certificate_without_its_tenant_is_refused(monkeypatch):
+    """A tenant or viewer client certificate with no O (tenant) would be scoped to "", which List reads as all
+    tenants; `tls.issue` never makes one, but another issuer under the same CA could."""
+    from mesh import tls
+
+    class Ctx:
+        def auth_context(self):
+            return {"x509_pem_cert": [b"(verified by the handshake)"]}
+
+    a = auth.Authenticator(tenants=None, insecure=False)
+    for role in ("tenant", "viewer"):
+        monkeypatch.setattr(auth, "_subject", lambda pem, role=role: tls.Subject("client", "c", "", role))
+        with pytest.raises(errors.Unauthenticated, match="without a tenant"):
+            a.principal(Ctx())
+    monkeypatch.setattr(auth, "_subject", lambda pem: tls.Subject("client", "c", "acme", "viewer"))
+    assert a.principal(Ctx()).tenant == "acme"
+    monkeypatch.setattr(auth, "_subject", lambda pem: tls.Subject("client", "ops", "", "admin"))
+    assert a.principal(Ctx()).admin

@@ -102,6 +102,19 @@ def test_run_refuses_the_variables_the_agent_sets():
         assert e.value.field == f"env[{name}]"
 
 
+def test_run_bounds_the_number_of_variables_and_labels():
+    ok = workload_service_pb2.RunWorkloadRequest(slice_id="s-1", command=["x"], env={f"V{i}": "1" for i in range(256)},
+                                                 labels={f"l{i}": "" for i in range(64)})
+    validate_run(ok)
+    for field, req in (("env", workload_service_pb2.RunWorkloadRequest(slice_id="s-1", command=["x"],
+                                                                        env={f"V{i}": "1" for i in range(257)})),
+                       ("labels", workload_service_pb2.RunWorkloadRequest(slice_id="s-1", command=["x"],
+                                                                           labels={f"l{i}": "" for i in range(65)}))):
+        with pytest.raises(errors.InvalidArgument) as e:
+            validate_run(req)
+        assert e.value.field == field and "at most" in e.value.message
+
+
 @pytest.mark.parametrize("value, ok", [
     ("w-3f2a9c", True), ("s-1", True), ("w-1~m-2", True), ("r1", True), ("a" * 128, True),
     ("../../system.slice/sshd.service", False), ("..", False), ("w-1..x", False), ("w/1", False),
