@@ -146,3 +146,16 @@ def test_a_tenant_certificate_without_its_tenant_is_refused(monkeypatch):
     assert a.principal(Ctx()).tenant == "acme"
     monkeypatch.setattr(auth, "_subject", lambda pem: tls.Subject("client", "ops", "", "admin"))
     assert a.principal(Ctx()).admin
+
+
+def test_a_tenant_reads_only_the_pools_it_may_use_and_not_who_else_may():
+    from controlplane.pools.service import shown
+    from gpumesh.v1 import pool_service_pb2 as P
+    shared, theirs, open_ = (P.Pool(name="shared", tenants=["a", "b"]), P.Pool(name="theirs", tenants=["b"]),
+                             P.Pool(name="open"))
+    with as_tenant("a", role="viewer"):
+        assert list(shown(P.Pool(name="shared", tenants=["a", "b"])).tenants) == ["a"]
+        assert shown(theirs) is None
+        assert list(shown(open_).tenants) == []              # open to every tenant: nothing to hide
+    with as_tenant("", role="admin"):
+        assert list(shown(shared).tenants) == ["a", "b"]
