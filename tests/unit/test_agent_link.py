@@ -17,6 +17,7 @@ import pytest
 from mesh import ownedsock
 from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT, MAX_REPLY_BYTES, AgentLink, ReplyTooLong
 from nodeagent.migrate_base import MigrationBase
+from tests.unit.test_netrelay import _listen_as as _listen_held
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the tenants' sockets are made under their uids: root")
 UID_A, UID_B = 300131, 300132
@@ -31,24 +32,9 @@ def _tenant_dir(path, uid: int):
 
 
 def _listen_as(path: str, uid: int):
-    """A Unix listener at `path` made by a process of `uid` (as a workload's SDK would); served from here."""
-    s = socket.socket(socket.AF_UNIX)
-    parent = os.open(os.path.dirname(path), os.O_PATH)
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            s.bind(f"/proc/self/fd/{parent}/{os.path.basename(path)}")
-            s.listen(8)
-            os.write(ready_w, b"k")
-            os.read(done_r, 1)            # hold it until the parent is done
-        finally:
-            os._exit(0)
-    os.close(parent)
-    assert os.read(ready_r, 1) == b"k"
+    """A Unix listener at `path` made by a process of `uid` (as a workload's SDK would); served from here.
+    (test_netrelay.py's, with a stop that lets the holding child go.)"""
+    s, pid, done_w = _listen_held(path, uid)
 
     def stop():
         os.write(done_w, b"x")

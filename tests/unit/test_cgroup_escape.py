@@ -32,6 +32,15 @@ while True:
 """
 
 
+def _group(name: str):
+    """(the cgroup manager, the files a process writes its pid into to join `name`); skips where it cannot."""
+    mgr = _manager()
+    try:
+        return mgr, mgr.create(name, cg.Limits(pids_max=64))
+    except cg.CgroupError as e:
+        pytest.skip(f"cannot create a cgroup here: {e}")
+
+
 def _manager():
     if os.geteuid() != 0:
         pytest.skip("needs root to create cgroups")
@@ -56,12 +65,8 @@ def _alive_in(marker: str) -> list[int]:
 
 
 def test_a_forking_workload_cannot_outrun_the_removal_of_its_cgroup():
-    mgr = _manager()
     name = "n/evader"
-    try:
-        procs = mgr.create(name, cg.Limits(pids_max=64))
-    except cg.CgroupError as e:
-        pytest.skip(f"cannot create a cgroup here: {e}")
+    mgr, procs = _group(name)
     marker = f"evader-{uuid.uuid4().hex}"
     code = f"# {marker}\n" + EVADER
     try:
@@ -89,12 +94,8 @@ def test_a_forking_workload_cannot_outrun_the_removal_of_its_cgroup():
 
 
 def test_after_the_denial_no_process_of_the_group_can_fork():
-    mgr = _manager()
     name = "n/denied"
-    try:
-        procs = mgr.create(name, cg.Limits(pids_max=64))
-    except cg.CgroupError as e:
-        pytest.skip(f"cannot create a cgroup here: {e}")
+    mgr, procs = _group(name)
     try:
         p = subprocess.Popen([sys.executable, "-c", "import os, sys\nsys.stdin.readline()\ntry:\n    pid = os.fork()\n"
                               "except OSError as e:\n    print('REFUSED', e.errno)\nelse:\n    print('FORKED')\n"

@@ -23,6 +23,7 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors, slicespec
+from tests.unit.test_deployment_requests import Aborted as Refused, Context
 from tests.unit.test_slice_write_failures import _controller, _preempting, _slice
 
 OVERFLOW = autoscale_variants.LABEL_OVERFLOW_OF
@@ -107,18 +108,6 @@ async def test_a_preempted_tenant_is_not_told_who_preempted_it():
     assert victim.state == T.SLICE_STATE_RELEASING
     assert victim.message == "preempted by a higher-priority allocation (priority 10) of another tenant"
     assert "tenant hi" not in victim.message and alloc not in victim.message
-
-
-class Refused(Exception):
-    pass
-
-
-class Context:
-    async def abort_with_status(self, status):
-        raise Refused(status.code, status.details)
-
-    async def abort(self, code, details):
-        raise Refused(code, details)
 
 
 async def test_migrate_refuses_an_unknown_mode():
