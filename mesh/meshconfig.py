@@ -223,7 +223,11 @@ def load(path: Path | None = None) -> MeshConfig:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigFileError(path, "", f"not valid YAML: {exc}") from exc
+        # the problem and where, never str(exc): PyYAML quotes the offending line, which may hold a token
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigFileError(path, "", f"not valid YAML{where}: {problem}") from None
     return parse(doc, path)
 
 

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 STATIC = pathlib.Path(__file__).with_name("static")
 FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 KEEPALIVE_S = 15.0
+MAX_STREAMS = 64              # live streams in all: each builds frames on the control plane's event loop
+MAX_STREAMS_PER_CALLER = 8    # per credential (a browser tab holds one)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -74,6 +76,7 @@ class WebView:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.streams: set[asyncio.Task] = set()
+        self.stream_callers: dict[str, int] = {}     # live streams per credential (MAX_STREAMS_PER_CALLER)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_headers])
@@ -138,16 +141,27 @@ class WebView:
         p = self._principal(request)
         if isinstance(p, web.Response):
             return p
+        who = str(p)
+        if len(self.streams) >= MAX_STREAMS or self.stream_callers.get(who, 0) >= MAX_STREAMS_PER_CALLER:
+            resp = _error(503, "UNAVAILABLE", f"too many live streams (at most {MAX_STREAMS_PER_CALLER} per "
+                                              f"credential, {MAX_STREAMS} in all): close one, or poll /api/snapshot")
+            resp.headers["Retry-After"] = "10"
+            return resp
+        # the middleware's headers come after a stream's are sent: its own, here
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", "Content-Security-Policy": CSP,
+                                           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
         await resp.prepare(request)
         task = asyncio.current_task()
         self.streams.add(task)
+        self.stream_callers[who] = self.stream_callers.get(who, 0) + 1
         last = None
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
         try:
             while True:
+                if request.transport is None or request.transport.is_closing():
+                    break           # the client went away: no more frames built for nobody
                 seen = self.changes.version
                 frame = await snapshot.take(self.switches, p)
                 body = json.dumps(frame, sort_keys=True)
@@ -166,6 +180,9 @@ class WebView:
             log(logger, logging.WARNING, "web view stream ended", error=repr(e))
         finally:
             self.streams.discard(task)
+            self.stream_callers[who] -= 1
+            if not self.stream_callers[who]:
+                del self.stream_callers[who]
         return resp
 
 

@@ -190,3 +190,13 @@ def test_check_name():
     for bad in ("", " a", "a b", "-a", "x" * 300, None):
         with pytest.raises(ValueError, match="allowed"):
             meshconfig.check_name(bad)
+
+
+def test_a_yaml_error_near_a_token_does_not_echo_it(tmp_path):
+    """PyYAML's message quotes the offending line: a hand-edited file broken on its token line printed the
+    token with every meshctl command."""
+    path = tmp_path / "config.yaml"
+    path.write_text("contexts:\n- name: a\n  endpoint: h:1\n  token: s3cr3t-token-value: x\n")
+    with pytest.raises(meshconfig.ConfigFileError) as e:
+        meshconfig.load(path)
+    assert "s3cr3t" not in str(e.value) and "not valid YAML at line 4" in str(e.value)

@@ -74,3 +74,48 @@ async def test_a_standby_serves_the_web_view_from_its_follower(tmp_path):
         if standby is not None:
             await standby.stop()
         await leader.stop()
+
+
+async def test_live_streams_are_bounded_and_end_with_their_client(tmp_path, monkeypatch):
+    """Each live stream builds frames on the control plane's event loop: at most MAX_STREAMS_PER_CALLER per
+    credential (503 with Retry-After beyond), and a stream whose client went away stops at its next refresh
+    instead of building frames for nobody until its next write (the keepalive, 15 s). Its headers carry the
+    page's security headers too (the middleware's come after a stream's headers are sent)."""
+    import asyncio
+
+    from controlplane.server import ControlPlane
+    from controlplane.web import server as web_server
+    monkeypatch.setattr(web_server, "MAX_STREAMS_PER_CALLER", 2)
+    cfg = ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", web_listen="127.0.0.1:0",
+                             state_dir=str(tmp_path / "cp"), insecure=True, leader_ttl=30, web_refresh_seconds=0.2)
+    cp = ControlPlane(cfg)
+    await cp.start()
+    try:
+        url = f"http://127.0.0.1:{cp.web_port}/api/stream"
+        sessions = [aiohttp.ClientSession() for _ in range(3)]
+        try:
+            held = []
+            for s in sessions[:2]:
+                r = await s.get(url)
+                assert r.status == 200 and r.headers["Content-Security-Policy"].startswith("default-src 'none'")
+                assert (await r.content.readline()).startswith(b"event: frame")
+                held.append(r)
+            async with sessions[2].get(url) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "10"
+                assert "too many live streams" in (await r.json())["error"]["message"]
+            held[0].close()                                  # one client goes away
+            await sessions[0].close()
+            web = cp.web
+            for _ in range(100):                             # its stream ends at its next refresh
+                if len(web.streams) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(web.streams) == 1
+            r = await sessions[2].get(url)
+            assert r.status == 200
+            r.close()
+        finally:
+            for s in sessions:
+                await s.close()
+    finally:
+        await cp.stop()
