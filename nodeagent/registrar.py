@@ -93,7 +93,8 @@ class Registrar:
         if tls and identity is None:
             identity = channel.TlsIdentity.self_signed(self.node)
         self.server = TcpDataPlane(host or "0.0.0.0", port, advertise or route_source(agent.endpoint),
-                                   identity=identity if tls else None, require_tls_remote=tls, rdma=self)
+                                   identity=identity if tls else None, require_tls_remote=tls, rdma=self,
+                                   refuse_unscoped=True)   # the control plane gives every buffer a secret
         self.buffers: dict[str, Held] = {}
         self.records = BufferRecords(state_dir) if state_dir else None
         self.verbs = verbs_transport

@@ -170,11 +170,13 @@ def client_open(sock: socket.socket, *, buffer_id: str = "", secret: bytes = b""
 
 
 def server_accept(sock: socket.socket, *, identity: TlsIdentity | None, require_tls_remote: bool,
-                  secret_of) -> tuple[socket.socket, str] | None:
+                  secret_of, allow_unscoped: bool = True) -> tuple[socket.socket, str] | None:
     """Run the server side on an accepted socket: (channel, scope) or None (refused, closed).
 
     `secret_of(buffer_id)` gives (scope, secret) of a registered buffer, or None. The scope "" is for
-    buffers registered without a secret (reached with an empty buffer id)."""
+    buffers registered without a secret (reached with an empty buffer id); `allow_unscoped` False refuses
+    such channels (a data plane whose every buffer has a secret: an anonymous channel reaches nothing there,
+    and would only hold a connection and its thread)."""
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
 
     def refuse(why: str) -> None:
@@ -207,7 +209,7 @@ def server_accept(sock: socket.socket, *, identity: TlsIdentity | None, require_
         sock.sendall(nonce)
         got = _recv(sock, ID_BYTES + MAC_BYTES)
         bid, tag = got[:ID_BYTES].rstrip(b"\0"), got[ID_BYTES:]
-        if not bid and tag == bytes(MAC_BYTES):
+        if not bid and tag == bytes(MAC_BYTES) and allow_unscoped:
             scope = ""
         else:
             known = secret_of(bid.decode(errors="replace"))

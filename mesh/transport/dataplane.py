@@ -2,8 +2,11 @@
 
 See `mesh.transport.tcp` for the framing and `mesh.transport.channel` for the
 handshake every channel starts with (TLS across hosts, the per-connection
-secret). One thread per peer connection; payloads go straight between the
-socket and the region (`recv_into` / `sendall` of slices).
+secret). One thread per peer connection, at most MAX_CONNECTIONS (a connection
+past them is closed at once, and running out of descriptors only pauses
+accepting); payloads go straight between the socket and the region
+(`recv_into` / `sendall` of slices). A buffer's SEND inbox holds at most
+MAX_QUEUED messages and MAX_QUEUED_BYTES bytes (then QUEUE_FULL).
 
 A channel authenticated for one connection's buffer reaches only the regions of
 that connection (`scope`); keys of others read as unknown. Regions registered
@@ -25,10 +28,12 @@ naming the buffer, slice and tenant and counts
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -37,13 +42,23 @@ from mesh.logs import log
 from mesh.transport import channel
 from mesh.transport.base import BufferDamaged, InvalidKey, OutOfBounds, PeerGone, Revoked, TransportError, new_key
 from mesh.transport.segment import Segment, recv_into_segment, send_from_segment
-from mesh.transport.wire import (BAD_REQUEST, DAMAGED, DRAIN_LIMIT, EMPTY, INVALID_KEY, MAX_MESSAGE, MAX_QUEUED, OK, OPS,
-                                 NOT_AUTHORIZED, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR, QUEUE_FULL, RDMA_READ, RDMA_WRITE, READ,
-                                 RECV, REQ, RESP, REVOKED, REVOKED_KEPT, SEND, WRITE, recv_exact, tune)
+from mesh.transport.wire import (BAD_REQUEST, DAMAGED, DRAIN_LIMIT, EMPTY, INVALID_KEY, MAX_MESSAGE, MAX_QUEUED,
+                                 MAX_QUEUED_BYTES, OK, OPS, NOT_AUTHORIZED, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR,
+                                 QUEUE_FULL, RDMA_READ, RDMA_WRITE, READ, RECV, REQ, RESP, REVOKED, REVOKED_KEPT, SEND,
+                                 WRITE, recv_exact, tune)
 
 logger = logging.getLogger(__name__)
 DAMAGED_BUFFERS = Counter("gpumesh_mesh_buffers_damaged_total", "Mesh buffers found damaged by a process that maps "
                           "their segment (reason: shrunk, header)", ["reason"])
+CONNECTIONS_DROPPED = Counter("gpumesh_mesh_dataplane_connections_dropped_total", "Data-plane connections closed "
+                              "at once because MAX_CONNECTIONS were open (reason: limit)", ["reason"])
+
+MAX_CONNECTIONS = 1024          # open peer connections (one thread each); the next is closed at once
+ACCEPT_RETRY_S = 0.1            # pause after accept() ran out of descriptors or memory, before trying again
+ACCEPT_LOG_EVERY_S = 10.0       # at most one log line per this many seconds for those (and for dropped ones)
+# accept() errors a connection flood causes (or a peer resetting before it was accepted): they pass, so
+# the data plane goes on accepting; any other error (EINVAL/EBADF: close() shut the listener) ends it
+ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED})
 
 
 @dataclass
@@ -60,6 +75,7 @@ class Region:
     tenant: str = ""            # whose segment it is (for the log line when it is damaged)
     damaged: str = ""           # why its segment can no longer be used ("": it can)
     inbox: collections.deque = field(default_factory=collections.deque)
+    queued: int = 0             # bytes of SEND messages in `inbox` or being received into it (under `cond`)
     cond: threading.Condition = field(default_factory=threading.Condition)
     length: int = field(init=False)     # kept: a deregistration releases `data` while requests may read this
 
@@ -77,15 +93,20 @@ def _slice(region: Region, off: int, length: int) -> memoryview | None:
 
 
 class TcpDataPlane:
-    """The agent's data-plane server: one thread per peer connection."""
+    """The agent's data-plane server: one thread per peer connection, at most MAX_CONNECTIONS of them."""
 
     def __init__(self, listen_host: str = "0.0.0.0", port: int = 0, advertise_host: str = "127.0.0.1",
-                 identity: channel.TlsIdentity | None = None, require_tls_remote: bool = False, rdma=None) -> None:
+                 identity: channel.TlsIdentity | None = None, require_tls_remote: bool = False, rdma=None, *,
+                 refuse_unscoped: bool = False) -> None:
         """`identity`: TLS certificate for channels from other hosts (None: plaintext only);
         `require_tls_remote`: refuse plaintext from other hosts; `rdma`: the hook that serves
         RDMA_WRITE/RDMA_READ (`check(region, op, offset, length)`, `write(region, offset, view)`,
-        `read(region, offset, length)`), None: those ops are refused."""
+        `read(region, offset, length)`), None: those ops are refused; `refuse_unscoped`: refuse channels
+        that prove no connection secret (for a plane whose every buffer has one, like the agent's: such a
+        channel reaches nothing and would only hold a connection open)."""
         self.identity, self.require_tls_remote, self.rdma = identity, require_tls_remote, rdma
+        self.refuse_unscoped = refuse_unscoped
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.by_id: dict[str, Region] = {}
         self._lsock = socket.create_server((listen_host, port), backlog=128, reuse_port=False)
         self.port = self._lsock.getsockname()[1]
@@ -141,6 +162,7 @@ class TcpDataPlane:
             while len(self.revoked) > REVOKED_KEPT:
                 self.revoked.popitem(last=False)
         with region.cond:
+            region.queued -= sum(len(m) for m in region.inbox)
             region.inbox.clear()
             region.cond.notify_all()
         try:
@@ -151,17 +173,49 @@ class TcpDataPlane:
     # -- serving ------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        """Accept until close(): running out of descriptors or memory (a connection flood) pauses and
+        retries instead of ending the data plane; past MAX_CONNECTIONS a new connection is closed at once."""
+        logged, errors, dropped = 0.0, 0, 0
         while not self._closing:
             try:
                 sock, _ = self._lsock.accept()
-            except OSError:
-                return
-            tune(sock)
-            threading.Thread(target=self._serve, args=(sock,), name="mesh-dataplane-conn", daemon=True).start()
+            except OSError as e:
+                if self._closing or e.errno not in ACCEPT_TRANSIENT:
+                    return                     # close() shut the listener (EINVAL, then EBADF)
+                errors += 1
+                if time.monotonic() - logged >= ACCEPT_LOG_EVERY_S:
+                    logged = time.monotonic()
+                    log(logger, logging.WARNING, "mesh data plane cannot accept connections for now: retrying",
+                        error=e.strerror or str(e), errno=e.errno, errors=errors, open=len(self._conns))
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            if not self._slots.acquire(blocking=False):
+                sock.close()
+                CONNECTIONS_DROPPED.labels("limit").inc()
+                dropped += 1
+                if time.monotonic() - logged >= ACCEPT_LOG_EVERY_S:
+                    logged = time.monotonic()
+                    log(logger, logging.WARNING, "mesh data plane at its connection limit: closed a new connection",
+                        limit=MAX_CONNECTIONS, dropped=dropped)
+                continue
+            try:
+                tune(sock)
+                threading.Thread(target=self._serve_slot, args=(sock,), name="mesh-dataplane-conn",
+                                 daemon=True).start()
+            except (OSError, RuntimeError) as e:     # RuntimeError: no thread could be started
+                self._slots.release()
+                sock.close()
+                log(logger, logging.WARNING, "mesh data plane could not serve a connection", error=str(e))
+
+    def _serve_slot(self, raw: socket.socket) -> None:
+        try:
+            self._serve(raw)
+        finally:
+            self._slots.release()
 
     def _serve(self, raw: socket.socket) -> None:
         opened = channel.server_accept(raw, identity=self.identity, require_tls_remote=self.require_tls_remote,
-                                       secret_of=self._secret_of)
+                                       secret_of=self._secret_of, allow_unscoped=not self.refuse_unscoped)
         if opened is None:
             return
         sock, scope = opened
@@ -270,26 +324,53 @@ class TcpDataPlane:
                 sock.sendall(RESP.pack(OK, tag, length))
                 sock.sendall(view)
         elif op == SEND:
-            msg = bytearray(length)
-            recv_exact(sock, memoryview(msg))
-            with region.cond:
-                if len(region.inbox) >= MAX_QUEUED:
-                    self._reply(sock, QUEUE_FULL, tag, f"buffer {region.buffer_id}'s inbox is full")
-                    return True
-                region.inbox.append(bytes(msg))
-                region.cond.notify()
-            self._reply(sock, OK, tag)
+            return self._send(sock, tag, region, length)
         elif op == RECV:
             timeout = addr / 1000.0
             with region.cond:
                 region.cond.wait_for(lambda: region.inbox or rkey not in self.regions, timeout)
                 msg = region.inbox.popleft() if region.inbox else None
+                if msg is not None:
+                    region.queued -= len(msg)
             if msg is None:
                 gone = rkey not in self.regions
                 self._reply(sock, REVOKED if gone else EMPTY, tag, f"buffer {region.buffer_id} was deregistered"
                             if gone else "")
             else:
                 self._reply(sock, OK, tag, msg)
+        return True
+
+    def _send(self, sock: socket.socket, tag: int, region: Region, length: int) -> bool:
+        """SEND: queue a message in the region's inbox. Its bytes are reserved before they are received, so
+        the inbox with the messages on their way stays within MAX_QUEUED_BYTES (and MAX_QUEUED messages);
+        over either, the payload is drained and the answer is QUEUE_FULL."""
+        with region.cond:
+            full = len(region.inbox) >= MAX_QUEUED or region.queued + length > MAX_QUEUED_BYTES
+            if not full:
+                region.queued += length
+        if full:
+            if not self._drain(sock, length):
+                return False
+            self._reply(sock, QUEUE_FULL, tag, f"buffer {region.buffer_id}'s inbox is full")
+            return True
+        msg = bytearray(length)
+        try:
+            recv_exact(sock, memoryview(msg))
+        except BaseException:
+            with region.cond:
+                region.queued -= length
+            raise
+        with region.cond:
+            if len(region.inbox) >= MAX_QUEUED:
+                region.queued -= length
+                full = True
+            else:
+                region.inbox.append(bytes(msg))
+                region.cond.notify()
+        if full:
+            self._reply(sock, QUEUE_FULL, tag, f"buffer {region.buffer_id}'s inbox is full")
+        else:
+            self._reply(sock, OK, tag)
         return True
 
     # -- regions over a tenant's segment ---------------------------------------------------------

@@ -16,6 +16,7 @@ SOCK_BUF = 8 << 20
 DRAIN_LIMIT = 1 << 30          # a refused WRITE larger than this closes the connection instead
 MAX_MESSAGE = 16 << 20
 MAX_QUEUED = 1024
+MAX_QUEUED_BYTES = 64 << 20     # a buffer's SEND inbox, in bytes: 1024 messages of MAX_MESSAGE would be 16 GiB
 REVOKED_KEPT = 100_000
 WINDOW = 64                    # posted operations in flight per connection
 

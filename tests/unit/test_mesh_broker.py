@@ -76,13 +76,14 @@ def registrar():
 
 def test_registrar_answers_and_revokes_on_release(registrar):
     outbox = asyncio.Queue()
+    secret = bytes(range(32))       # as the control plane sends (the agent's data plane refuses channels without one)
     asyncio.run(registrar.on_register(M.MeshRegister(request_id="r1", connection_id="m-1", slice_id="s-1",
-                                                     size_bytes=4096, transport="tcp"), outbox))
+                                                     size_bytes=4096, transport="tcp", secret=secret), outbox))
     reply = outbox.get_nowait().mesh_registered
     assert reply.request_id == "r1" and not reply.error
     d = BufferDescriptor.from_proto(reply.descriptor)
     assert d.endpoint == registrar.endpoint and d.shm_name and d.node == "n1"
-    c = connect(d)
+    c = connect(d, secret=secret)
     c.write(0, b"data")
     registrar.on_desired(node_service_pb2.DesiredSlices(removals=["s-1"]))     # the slice was released
     with pytest.raises(Revoked):

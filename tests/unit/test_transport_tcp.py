@@ -144,3 +144,115 @@ def test_peer_process_and_peer_gone():
     finally:
         if peer.poll() is None:
             peer.kill()
+
+
+# -- resource limits: a connection flood, idle anonymous channels, a full inbox ------------------------------
+
+def _wait_for(cond, deadline_s: float = 10.0, what: str = "condition"):
+    import time
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_accept_survives_running_out_of_descriptors_and_close_still_ends_it(monkeypatch):
+    """EMFILE from accept() (a connection flood) pauses and retries: the data plane serves the next
+    connection; close() (the listener shut) still ends the accept thread."""
+    import errno
+
+    from mesh.transport.dataplane import TcpDataPlane
+    real, raised = socket.socket.accept, []
+
+    def accept(self):
+        if not raised:
+            raised.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self)
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    plane = TcpDataPlane("127.0.0.1", 0, "127.0.0.1")
+    try:
+        t = TcpTransport("n1", server=plane)
+        d = t.register("s-1", 64)
+        _wait_for(lambda: raised, what="the injected EMFILE")
+        with TcpConnection(d, 5.0) as c:
+            c.write(0, b"after EMFILE")
+            assert c.read(0, 12) == b"after EMFILE"
+        assert plane._thread.is_alive()
+    finally:
+        plane.close()
+    plane._thread.join(5)
+    assert not plane._thread.is_alive()
+
+
+def test_connections_over_the_limit_are_closed_at_once(monkeypatch):
+    from mesh.transport import dataplane
+    monkeypatch.setattr(dataplane, "MAX_CONNECTIONS", 2, raising=False)
+    plane = dataplane.TcpDataPlane("127.0.0.1", 0, "127.0.0.1")
+    t = TcpTransport("n1", server=plane)
+    d = t.register("s-1", 64)
+    dropped = dataplane.CONNECTIONS_DROPPED.labels("limit")._value.get()
+    idle = [socket.create_connection(("127.0.0.1", plane.port)) for _ in range(2)]  # no handshake: slots held
+    try:
+        extra = socket.create_connection(("127.0.0.1", plane.port))
+        extra.settimeout(10)
+        try:
+            assert extra.recv(1) == b""                     # closed by the server, not left waiting
+        except ConnectionResetError:
+            pass
+        extra.close()
+        assert dataplane.CONNECTIONS_DROPPED.labels("limit")._value.get() == dropped + 1
+        idle.pop().close()                                  # a slot frees up: connections are served again
+
+        def served():
+            try:
+                with TcpConnection(d, 2.0) as c:
+                    c.write(0, b"ok")
+                    return c.read(0, 2) == b"ok"
+            except Exception:
+                return False
+        _wait_for(served, what="a connection served once a slot is free")
+    finally:
+        for s in idle:
+            s.close()
+        t.close()
+        plane.close()
+
+
+def test_unscoped_channels_refused_where_the_plane_says_so():
+    from mesh.transport.base import NotAuthorized
+    from mesh.transport.dataplane import TcpDataPlane
+    plane = TcpDataPlane("127.0.0.1", 0, "127.0.0.1", refuse_unscoped=True)
+    try:
+        t = TcpTransport("n1", server=plane)
+        d = t.register("s-1", 64)                           # even a buffer without a secret: no anonymous channel
+        refused = channel.CHANNELS.labels("refused_secret")._value.get()
+        with pytest.raises(NotAuthorized, match="secret"):
+            TcpConnection(d, 5.0)
+        assert channel.CHANNELS.labels("refused_secret")._value.get() == refused + 1
+    finally:
+        plane.close()
+
+
+def test_inbox_is_capped_in_bytes_and_a_receive_frees_room(tcp, monkeypatch):
+    from mesh.transport import dataplane
+    from mesh.transport.base import TransportError
+    monkeypatch.setattr(dataplane, "MAX_QUEUED_BYTES", 1000, raising=False)
+    d = tcp.register("s-1", 16)
+    region = tcp.buffers[d.buffer_id]
+    with tcp.connect(d) as peer, tcp.connect(d) as owner:
+        peer.send(b"a" * 600)
+        with pytest.raises(TransportError, match="inbox is full"):
+            peer.send(b"b" * 600)                           # 1200 bytes would be over the cap
+        peer.send(b"c" * 400)                               # exactly at the cap
+        with pytest.raises(TransportError, match="inbox is full"):
+            peer.send(b"d")
+        assert region.queued == 1000 == sum(len(m) for m in region.inbox)
+        assert owner.recv(1) == b"a" * 600                  # a receive frees its bytes
+        assert region.queued == 400
+        peer.send(b"e" * 600)                               # the channel stayed in step through the refusals
+        assert owner.recv(1) == b"c" * 400 and owner.recv(1) == b"e" * 600
+        assert region.queued == 0
