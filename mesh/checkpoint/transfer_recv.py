@@ -122,6 +122,7 @@ class ReceiveSession:
         self.sink = sink
         self.allow_unchecked = allow_unchecked
         self.entries: dict[str, _RecvEntry] = {}
+        self.data_bytes = 0         # what the entries' in-memory payloads hold (MAX_SESSION_DATA)
         self.lock = threading.Lock()
         self.bytes_received = 0
         self.committed: dict[str, Any] | None = None
@@ -143,17 +144,36 @@ class ReceiveSession:
             hasher = new_hasher(algo)
         except FormatError as exc:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"entry {meta.name!r}: {exc}") from None
+        if cur is None and len(self.entries) >= MAX_SESSION_ENTRIES:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: session {self.session!r} holds "
+                         f"{len(self.entries)} entries already (allowed: at most {MAX_SESSION_ENTRIES})")
         if meta.kind == "data":
             if meta.nbytes > MAX_DATA_ENTRY:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: a data entry of {meta.nbytes} "
                              f"bytes (allowed: at most {MAX_DATA_ENTRY})")
+            held = self.data_bytes - (len(cur.payload) if cur is not None and cur.payload is not None else 0)
+            if held + meta.nbytes > MAX_SESSION_DATA:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: a data entry of {meta.nbytes} "
+                             f"bytes with {held} held already (allowed: at most {MAX_SESSION_DATA} bytes of data "
+                             f"entries in a session)")
+            self._drop(meta.name)           # the replaced entry's buffer goes before the new one is allocated
             buf = bytearray(meta.nbytes)
+            self.data_bytes += len(buf)
             e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), algo, hasher, payload=buf)
         else:
+            self._drop(meta.name)
             e = _RecvEntry(meta, gen, self.sink.open_entry(meta), algo, hasher)
         e.cumulative = check == "cumulative"
         self.entries[meta.name] = e
         return e
+
+    def _drop(self, name: str) -> None:
+        """Forget entry `name` and release its in-memory payload (a pipeline may still hold the entry)."""
+        e = self.entries.pop(name, None)
+        if e is not None and e.payload is not None:
+            self.data_bytes -= len(e.payload)
+            e.payload = None
+            e.target = BufferTarget(memoryview(bytearray(0)))
 
     def chunk(self, e: _RecvEntry, header: dict[str, Any], data: memoryview) -> None:
         if header["offset"] != e.offset:
@@ -191,7 +211,8 @@ class ReceiveSession:
             return
         actual = e.hasher.hexdigest()
         if e.offset != e.meta.nbytes or actual != checksum:
-            del self.entries[e.meta.name]
+            if self.entries.get(e.meta.name) is e:
+                self._drop(e.meta.name)
             raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: {e.algo} mismatch "
                          f"({e.offset} of {e.meta.nbytes} bytes, expected {checksum[:16]}..., got {actual[:16]}...)")
         e.done = True
@@ -214,6 +235,12 @@ class ReceiveSession:
 
 MAX_DATA_ENTRY = 64 << 20
 """data entries (step, extras, RNG, optimizer hyper-parameters) are small and held in memory."""
+MAX_SESSION_DATA = 4 * MAX_DATA_ENTRY
+"""all the data entries one session holds in memory together: each `begin` of a data entry allocates its
+bytes at once, so without this bound a sender's small frames could make the receiver (the agent) allocate
+without end."""
+MAX_SESSION_ENTRIES = 1 << 16
+"""entries (of any kind) one session holds: a checkpoint's tensors and data entries are thousands at most."""
 
 
 class _Abort(Exception):

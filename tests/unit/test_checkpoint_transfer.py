@@ -174,3 +174,39 @@ def test_unreachable_endpoint_is_reported():
     with TransferClient(f"127.0.0.1:{port}", "x", connect_timeout=0.5, secret=SECRET) as c:
         with pytest.raises(TransferError, match="cannot reach the transfer endpoint"):
             c.send(entries(BLOBS))
+
+
+def test_data_entries_a_session_holds_are_bounded(monkeypatch):
+    """Each `begin` of a data entry allocates its bytes at once: past the session's bound (bytes and
+    entries) a begin is refused before anything is allocated, and a replaced entry's buffer is released."""
+    from mesh.checkpoint import transfer_recv
+    monkeypatch.setattr(transfer_recv, "MAX_DATA_ENTRY", 400)
+    monkeypatch.setattr(transfer_recv, "MAX_SESSION_DATA", 1000)
+    monkeypatch.setattr(transfer_recv, "MAX_SESSION_ENTRIES", 5)
+    s = ReceiveSession("x", MemorySink(), secret=SECRET)
+
+    def data(name: str, n: int, gen: int = 0):
+        return s.begin(EntryMeta(name=name, kind="data", nbytes=n), gen=gen, offset=0, algo="sha256")
+
+    data("a", 400)
+    data("b", 400)
+    with pytest.raises(_Abort) as exc:
+        data("c", 400)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and "at most 1000 bytes" in exc.value.message
+    assert "c" not in s.entries and s.data_bytes == 800
+    old = s.entries["a"]
+    data("a", 400, gen=1)           # a newer generation replaces a: its buffer is released, not added
+    assert old.payload is None and s.data_bytes == 800
+    data("c", 200)
+    assert s.data_bytes == 1000 == sum(len(e.payload) for e in s.entries.values())
+    for n in ("d", "e"):
+        data(n, 0)
+    with pytest.raises(_Abort, match="holds 5 entries already"):
+        data("f", 0)
+    with pytest.raises(_Abort, match="holds 5 entries already"):
+        s.begin(EntryMeta(name="t", kind="tensor", nbytes=1, dtype="uint8", shape=[1]), gen=0, offset=0,
+                algo="sha256")
+    e = s.entries["c"]              # an entry that fails its checksum is dropped, its bytes with it
+    with pytest.raises(_Abort, match="mismatch"):
+        s.end(e, "0" * 64)
+    assert s.data_bytes == 800 and e.payload is None
