@@ -243,6 +243,11 @@ MAX_SESSION_ENTRIES = 1 << 16
 """entries (of any kind) one session holds: a checkpoint's tensors and data entries are thousands at most."""
 
 
+HELLO_TIMEOUT_S = 10.0
+"""how long a stream may stay open before its hello (the sender sends it first, at once): a stream
+waiting for it holds one of the server's workers."""
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -359,12 +364,17 @@ class TransferServer:
     """Receives pushes for the sessions it `expect`s. `address` may be `host:port` (port 0 picks
     one; see `.address`) or `unix:/path`."""
 
-    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 4, credentials: Any = None) -> None:
+    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 16, credentials: Any = None,
+                 max_concurrent: int = 32) -> None:
         """`credentials`: grpc server credentials (the agent's mTLS) or None: plaintext gRPC; every
-        frame is sealed with the session's keys either way (transfer_auth.py)."""
+        frame is sealed with the session's keys either way (transfer_auth.py). Each stream holds a
+        worker thread while it lasts: a stream's hello must come within HELLO_TIMEOUT_S, and streams
+        beyond `max_concurrent` are refused (RESOURCE_EXHAUSTED) rather than queued, so idle
+        streams of anyone who can connect cannot hold every worker from the session's sender."""
         self.sessions: dict[str, ReceiveSession] = {}
         self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+                                  maximum_concurrent_rpcs=max_concurrent)
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Push": grpc.stream_stream_rpc_method_handler(self._push)})
         self.server.add_generic_rpc_handlers((handler,))
@@ -408,10 +418,27 @@ class TransferServer:
             return s
 
     def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        # a sync request iterator takes no deadline: a timer cancels the RPC (thread-safe; abort is not),
+        # which ends the wait below with an RpcError
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            context.cancel()
+        timer = threading.Timer(HELLO_TIMEOUT_S, expire)
+        timer.daemon = True
+        timer.start()
         try:
             first = next(requests)
         except StopIteration:
             return
+        except grpc.RpcError:
+            if expired.is_set():
+                log(logger, logging.WARNING, "transfer push refused", peer=context.peer(),
+                    reason=f"no hello within {HELLO_TIMEOUT_S} s")
+            return
+        finally:
+            timer.cancel()
         try:
             hello, _ = unframe(first)
             name = str(hello.get("session", "")) if isinstance(hello, dict) else ""
