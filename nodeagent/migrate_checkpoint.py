@@ -8,8 +8,9 @@ CHECKPOINT is repeat-safe by checkpoint id (the control plane sends it again eve
 it is answered): a repeat while it runs is ignored, a repeat after it ended gets the same answer, and a
 repeat after an agent restart answers from the checkpoint's manifest when it was completely written
 (else it is written anew). The checkpoint is written into `<path>.partial-<pid>` and renamed into
-place on completion (mesh/checkpoint/format.py CheckpointWriter); partial directories a dead agent left
-are removed when the agent starts (`clean_partial_checkpoints`).
+place on completion (mesh/checkpoint/format.py CheckpointWriter); a failed checkpoint's partial directory
+is removed at once, and those a dead agent left when the agent starts (`clean_partial_checkpoints`).
+Only a commit the agent's own receiver took makes a checkpoint: the workload's reply alone does not.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
@@ -144,26 +145,36 @@ class CheckpointSteps(MigrationBase):
             server = TransferServer("127.0.0.1:0").start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
             secret = new_secret()       # both ends are here: the workload gets it over its control socket
-            relay = None
+            relay = sink = None
+            written = False
             try:
-                sess = server.expect(session, StoreSink(path, wid, key=key, tenant=cmd.tenant,
-                                                        checkpoint_id=cmd.migration_id, key_kind=kind),
-                                     mesh=True, secret=secret)
+                sink = StoreSink(path, wid, key=key, tenant=cmd.tenant, checkpoint_id=cmd.migration_id, key_kind=kind)
+                sess = server.expect(session, sink, mesh=True, secret=secret)
                 relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
                 with self._link(wid, timeout=600) as link:
                     r = link.call("checkpoint", target=relay.address if relay else server.address, session=session,
                                   secret=secret.hex())
                 seconds = time.perf_counter() - t0
-                done = sess.committed or {}
+                # only the receiver the agent owns says the checkpoint is in the store: the workload's reply
+                # is its own word (the SDK answers after the receiver's `done`, which follows the commit)
+                done = sess.committed
+                if done is None:
+                    raise RuntimeError("the workload did not commit its checkpoint (its checkpoint call returned, "
+                                       "the agent's receiver got no commit)")
+                written = True
                 nbytes = int(done.get("bytes", r.get("bytes", 0)))
                 return M.MigrationReport(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path,
-                                         step=int(r.get("step", 0)), bytes=nbytes, seconds=seconds,
+                                         step=int(done.get("step", r.get("step", 0))), bytes=nbytes, seconds=seconds,
                                          mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
             finally:
                 if relay is not None:
                     relay.stop()
                 server.stop(0)
+                if sink is not None and not written:
+                    # `<path>.partial-<agent pid>`: clean_partial_checkpoints skips this live agent's own and
+                    # DELETE_CHECKPOINT removes only `path`, so nothing else would remove it
+                    sink.writer.abort()
         rep = await asyncio.to_thread(run)
         log(logger, logging.INFO, "checkpoint written", node=self.agent.node, workload=wid, path=path,
             step=rep.step, bytes=rep.bytes, encrypted=rep.encrypted)

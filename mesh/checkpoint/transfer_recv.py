@@ -122,6 +122,7 @@ class ReceiveSession:
         self.sink = sink
         self.allow_unchecked = allow_unchecked
         self.entries: dict[str, _RecvEntry] = {}
+        self.data_bytes = 0         # what the entries' in-memory payloads hold (MAX_SESSION_DATA)
         self.lock = threading.Lock()
         self.bytes_received = 0
         self.committed: dict[str, Any] | None = None
@@ -143,17 +144,36 @@ class ReceiveSession:
             hasher = new_hasher(algo)
         except FormatError as exc:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"entry {meta.name!r}: {exc}") from None
+        if cur is None and len(self.entries) >= MAX_SESSION_ENTRIES:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: session {self.session!r} holds "
+                         f"{len(self.entries)} entries already (allowed: at most {MAX_SESSION_ENTRIES})")
         if meta.kind == "data":
             if meta.nbytes > MAX_DATA_ENTRY:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: a data entry of {meta.nbytes} "
                              f"bytes (allowed: at most {MAX_DATA_ENTRY})")
+            held = self.data_bytes - (len(cur.payload) if cur is not None and cur.payload is not None else 0)
+            if held + meta.nbytes > MAX_SESSION_DATA:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"entry {meta.name!r}: a data entry of {meta.nbytes} "
+                             f"bytes with {held} held already (allowed: at most {MAX_SESSION_DATA} bytes of data "
+                             f"entries in a session)")
+            self._drop(meta.name)           # the replaced entry's buffer goes before the new one is allocated
             buf = bytearray(meta.nbytes)
+            self.data_bytes += len(buf)
             e = _RecvEntry(meta, gen, BufferTarget(memoryview(buf)), algo, hasher, payload=buf)
         else:
+            self._drop(meta.name)
             e = _RecvEntry(meta, gen, self.sink.open_entry(meta), algo, hasher)
         e.cumulative = check == "cumulative"
         self.entries[meta.name] = e
         return e
+
+    def _drop(self, name: str) -> None:
+        """Forget entry `name` and release its in-memory payload (a pipeline may still hold the entry)."""
+        e = self.entries.pop(name, None)
+        if e is not None and e.payload is not None:
+            self.data_bytes -= len(e.payload)
+            e.payload = None
+            e.target = BufferTarget(memoryview(bytearray(0)))
 
     def chunk(self, e: _RecvEntry, header: dict[str, Any], data: memoryview) -> None:
         if header["offset"] != e.offset:
@@ -191,7 +211,8 @@ class ReceiveSession:
             return
         actual = e.hasher.hexdigest()
         if e.offset != e.meta.nbytes or actual != checksum:
-            del self.entries[e.meta.name]
+            if self.entries.get(e.meta.name) is e:
+                self._drop(e.meta.name)
             raise _Abort(grpc.StatusCode.DATA_LOSS, f"entry {e.meta.name!r}: {e.algo} mismatch "
                          f"({e.offset} of {e.meta.nbytes} bytes, expected {checksum[:16]}..., got {actual[:16]}...)")
         e.done = True
@@ -214,6 +235,17 @@ class ReceiveSession:
 
 MAX_DATA_ENTRY = 64 << 20
 """data entries (step, extras, RNG, optimizer hyper-parameters) are small and held in memory."""
+MAX_SESSION_DATA = 4 * MAX_DATA_ENTRY
+"""all the data entries one session holds in memory together: each `begin` of a data entry allocates its
+bytes at once, so without this bound a sender's small frames could make the receiver (the agent) allocate
+without end."""
+MAX_SESSION_ENTRIES = 1 << 16
+"""entries (of any kind) one session holds: a checkpoint's tensors and data entries are thousands at most."""
+
+
+HELLO_TIMEOUT_S = 10.0
+"""how long a stream may stay open before its hello (the sender sends it first, at once): a stream
+waiting for it holds one of the server's workers."""
 
 
 class _Abort(Exception):
@@ -332,12 +364,17 @@ class TransferServer:
     """Receives pushes for the sessions it `expect`s. `address` may be `host:port` (port 0 picks
     one; see `.address`) or `unix:/path`."""
 
-    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 4, credentials: Any = None) -> None:
+    def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 16, credentials: Any = None,
+                 max_concurrent: int = 32) -> None:
         """`credentials`: grpc server credentials (the agent's mTLS) or None: plaintext gRPC; every
-        frame is sealed with the session's keys either way (transfer_auth.py)."""
+        frame is sealed with the session's keys either way (transfer_auth.py). Each stream holds a
+        worker thread while it lasts: a stream's hello must come within HELLO_TIMEOUT_S, and streams
+        beyond `max_concurrent` are refused (RESOURCE_EXHAUSTED) rather than queued, so idle
+        streams of anyone who can connect cannot hold every worker from the session's sender."""
         self.sessions: dict[str, ReceiveSession] = {}
         self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+                                  maximum_concurrent_rpcs=max_concurrent)
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Push": grpc.stream_stream_rpc_method_handler(self._push)})
         self.server.add_generic_rpc_handlers((handler,))
@@ -381,10 +418,27 @@ class TransferServer:
             return s
 
     def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        # a sync request iterator takes no deadline: a timer cancels the RPC (thread-safe; abort is not),
+        # which ends the wait below with an RpcError
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            context.cancel()
+        timer = threading.Timer(HELLO_TIMEOUT_S, expire)
+        timer.daemon = True
+        timer.start()
         try:
             first = next(requests)
         except StopIteration:
             return
+        except grpc.RpcError:
+            if expired.is_set():
+                log(logger, logging.WARNING, "transfer push refused", peer=context.peer(),
+                    reason=f"no hello within {HELLO_TIMEOUT_S} s")
+            return
+        finally:
+            timer.cancel()
         try:
             hello, _ = unframe(first)
             name = str(hello.get("session", "")) if isinstance(hello, dict) else ""

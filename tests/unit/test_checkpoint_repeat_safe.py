@@ -112,3 +112,66 @@ def test_partial_checkpoints_of_a_dead_agent_are_removed_at_start(tmp_path):
     assert not stale.exists() and not old.exists()
     assert done.exists() and fresh.exists() and live.exists()
     assert (d / "ck-5" / "data").is_dir() and not orphan.exists()
+
+
+class FakeLink:
+    """The workload's control socket: `push` does what its SDK would with the agent's receiver."""
+
+    def __init__(self, push) -> None:
+        self.push = push
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def call(self, command, **req):
+        assert command == "checkpoint"
+        return self.push(req)
+
+
+def running_agent(store, push):
+    from gpumesh.v1 import types_pb2
+    m = agent(store)
+    m.runner.workloads["w-1"] = types.SimpleNamespace(state=types_pb2.WORKLOAD_STATE_RUNNING)
+    m._link = lambda wid, timeout=0: FakeLink(push)
+    return m
+
+
+def _send(req, commit: bool) -> dict:
+    from mesh.checkpoint.format import EntryMeta, Manifest
+    from mesh.checkpoint.transfer import OutEntry, TransferClient
+    blob = b"\x05" * 3000
+    meta = EntryMeta(name="w", kind="tensor", nbytes=len(blob), dtype="uint8", shape=[len(blob)])
+    with TransferClient(req["target"], req["session"], secret=bytes.fromhex(req["secret"]), retries=0) as c:
+        st = c.send([OutEntry(meta, lambda start: iter([memoryview(blob)[start:]]))], commit=(lambda st: Manifest(
+            workload_id="w-1", step=9, entries=[EntryMeta(**{**meta.to_json(), "checksum": st.checksums["w"]})]))
+            if commit else None)
+    return {"step": 9, "bytes": st.bytes}
+
+
+def _partials(store) -> list[str]:
+    return [p.name for p in (store / "t" / "w-1").iterdir() if ".partial-" in p.name]
+
+
+def test_a_checkpoint_the_workload_committed_is_reported_and_in_the_store(tmp_path):
+    out = asyncio.run(drive(running_agent(tmp_path, lambda req: _send(req, commit=True)), cmd()))
+    assert [r.event for r in out] == [R.CHECKPOINTED] and out[0].step == 9 and out[0].bytes == 3000
+    assert (tmp_path / "t" / "w-1" / "ck-1" / "manifest.json").exists() and _partials(tmp_path) == []
+
+
+def test_an_ok_without_a_commit_fails_and_leaves_no_partial_checkpoint(tmp_path):
+    """The workload's reply is its own word: only a commit the agent's receiver took is a checkpoint."""
+    out = asyncio.run(drive(running_agent(tmp_path, lambda req: _send(req, commit=False)), cmd()))
+    assert [r.event for r in out] == [R.FAILED] and "did not commit its checkpoint" in out[0].message
+    assert not (tmp_path / "t" / "w-1" / "ck-1").exists() and _partials(tmp_path) == []
+
+
+def test_a_failed_checkpoint_leaves_no_partial_checkpoint(tmp_path):
+    def push(req):
+        _send(req, commit=False)
+        raise RuntimeError("the workload went away")
+    out = asyncio.run(drive(running_agent(tmp_path, push), cmd()))
+    assert [r.event for r in out] == [R.FAILED] and "went away" in out[0].message
+    assert _partials(tmp_path) == []

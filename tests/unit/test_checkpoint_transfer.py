@@ -174,3 +174,131 @@ def test_unreachable_endpoint_is_reported():
     with TransferClient(f"127.0.0.1:{port}", "x", connect_timeout=0.5, secret=SECRET) as c:
         with pytest.raises(TransferError, match="cannot reach the transfer endpoint"):
             c.send(entries(BLOBS))
+
+
+def test_data_entries_a_session_holds_are_bounded(monkeypatch):
+    """Each `begin` of a data entry allocates its bytes at once: past the session's bound (bytes and
+    entries) a begin is refused before anything is allocated, and a replaced entry's buffer is released."""
+    from mesh.checkpoint import transfer_recv
+    monkeypatch.setattr(transfer_recv, "MAX_DATA_ENTRY", 400)
+    monkeypatch.setattr(transfer_recv, "MAX_SESSION_DATA", 1000)
+    monkeypatch.setattr(transfer_recv, "MAX_SESSION_ENTRIES", 5)
+    s = ReceiveSession("x", MemorySink(), secret=SECRET)
+
+    def data(name: str, n: int, gen: int = 0):
+        return s.begin(EntryMeta(name=name, kind="data", nbytes=n), gen=gen, offset=0, algo="sha256")
+
+    data("a", 400)
+    data("b", 400)
+    with pytest.raises(_Abort) as exc:
+        data("c", 400)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and "at most 1000 bytes" in exc.value.message
+    assert "c" not in s.entries and s.data_bytes == 800
+    old = s.entries["a"]
+    data("a", 400, gen=1)           # a newer generation replaces a: its buffer is released, not added
+    assert old.payload is None and s.data_bytes == 800
+    data("c", 200)
+    assert s.data_bytes == 1000 == sum(len(e.payload) for e in s.entries.values())
+    for n in ("d", "e"):
+        data(n, 0)
+    with pytest.raises(_Abort, match="holds 5 entries already"):
+        data("f", 0)
+    with pytest.raises(_Abort, match="holds 5 entries already"):
+        s.begin(EntryMeta(name="t", kind="tensor", nbytes=1, dtype="uint8", shape=[1]), gen=0, offset=0,
+                algo="sha256")
+    e = s.entries["c"]              # an entry that fails its checksum is dropped, its bytes with it
+    with pytest.raises(_Abort, match="mismatch"):
+        s.end(e, "0" * 64)
+    assert s.data_bytes == 800 and e.payload is None
+
+
+class _CountingServer(TransferServer):
+    """Counts the Push streams a worker has taken up (the handler started)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import threading
+        self.entered = 0
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def _push(self, requests, context):
+        with self._count_lock:
+            self.entered += 1
+        yield from super()._push(requests, context)
+
+
+def _idle_streams(address: str, n: int):
+    """`n` Push streams that send nothing until `release` is set."""
+    import threading
+    from mesh.checkpoint.transfer_wire import SERVICE
+    release = threading.Event()
+
+    def nothing():
+        release.wait()
+        return
+        yield
+    channel = grpc.insecure_channel(address)
+    push = channel.stream_stream(f"/{SERVICE}/Push")
+    return channel, release, [push(nothing()) for _ in range(n)]
+
+
+def _wait_for(cond, deadline_s: float = 30.0) -> bool:
+    import time
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _push_in_thread(server, session: str):
+    import threading
+    sink = MemorySink()
+    server.expect(session, sink, secret=SECRET)
+    result: dict = {}
+
+    def run():
+        with TransferClient(server.address, session, chunk_bytes=CHUNK, retries=0, secret=SECRET) as c:
+            result["stats"] = c.send(entries(BLOBS), commit=lambda st: manifest_of(BLOBS, st))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, sink, result
+
+
+def test_idle_streams_do_not_block_a_real_push():
+    """Streams that never send their hello (anyone who can connect) held every worker of the server
+    (4 before): the session's sender waited behind them for as long as they stayed open."""
+    server = _CountingServer("127.0.0.1:0").start()
+    channel, release, calls = _idle_streams(server.address, 4)
+    try:
+        assert _wait_for(lambda: server.entered == 4), "the idle streams reached the server's handlers"
+        t, sink, result = _push_in_thread(server, "real")
+        t.join(30)
+        assert not t.is_alive() and sink.committed is not None and result["stats"].committed == {"ok": 1}
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        channel.close()
+        server.stop(0)
+
+
+def test_a_stream_without_its_hello_is_cancelled(monkeypatch):
+    """Even as many idle streams as the server has workers are ended after HELLO_TIMEOUT_S, and a
+    real push then goes through."""
+    from mesh.checkpoint import transfer_recv
+    monkeypatch.setattr(transfer_recv, "HELLO_TIMEOUT_S", 0.5)
+    server = _CountingServer("127.0.0.1:0", max_workers=4).start()
+    channel, release, calls = _idle_streams(server.address, 4)
+    try:
+        assert _wait_for(lambda: server.entered == 4)
+        t, sink, result = _push_in_thread(server, "real")
+        assert _wait_for(lambda: all(c.done() for c in calls)), "the idle streams were ended"
+        assert {c.code() for c in calls} == {grpc.StatusCode.CANCELLED}
+        t.join(30)
+        assert not t.is_alive() and sink.committed is not None
+    finally:
+        release.set()
+        channel.close()
+        server.stop(0)
