@@ -24,9 +24,14 @@ def test_soak_state_stays_flat(tmp_path):
     assert a["samples"] >= 2, r["samples"]
     # memory: no growth with the number of cycles once warm (a few MiB of allocator noise allowed)
     assert a["rss_mb_max"] - a["rss_mb_first"] <= max(8.0, 0.15 * a["rss_mb_first"]), r["samples"]
-    # etcd: bounded by what lives within the retention windows (the cycle rate times the window, which
-    # jitters with the rate), not by the cycles run
-    assert a["etcd_keys_max"] <= a["etcd_keys_first"] + max(40, 0.3 * a["etcd_keys_first"]), r["samples"]
+    # etcd: bounded by what lives within the retention windows, not by the cycles run. What lives there is the
+    # cycle rate times the window, and request ids expire a shared lease at a time: a sawtooth whose peaks
+    # jitter with the rate (a busy machine: +37 % once, then back). So the later half's peak is compared with
+    # the earlier half's: a leak of a key every few cycles lifts it, a sawtooth does not
+    post = [s for s in r["samples"] if s["cycle"] > r["warmup_cycles"] and s["seconds"] >= r["warmup_seconds"]]
+    early, late = post[:max(1, len(post) // 2)], post[max(1, len(post) // 2):] or post[-1:]
+    peak = max(s["etcd_keys"] for s in early)
+    assert max(s["etcd_keys"] for s in late) <= peak + max(40, 0.3 * peak), r["samples"]
     # everything finished expired: no more keys than before the first cycle, nothing held in memory
     # (at most: the node's own events of before the first cycle expire too, with the soak's retention)
     assert final["etcd_keys"] <= base["etcd_keys"], (base, final)
