@@ -38,7 +38,7 @@ from mesh.procs import with_death_signal
 from tools.localhosts import agent_groups, default_agents_per_process, sim_hosts, write_host_files
 from tools.localnets import BridgeNets
 from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
-                              read_state, signal_group, stop_detached, stop_pid)
+                              read_state, registered_since, signal_group, stop_detached, stop_pid)
 
 @dataclass
 class LocalCluster:
@@ -426,7 +426,7 @@ class LocalCluster:
                 except (errors.Unavailable, errors.DeadlineExceeded):
                     listed = []
                 ready = [n for n in listed if n.name in wanted and n.state == types_pb2.NODE_STATE_READY
-                         and _registered_since(n, started.get(n.name, 0.0))]
+                         and registered_since(n, started.get(n.name, 0.0))]
                 if progress and len(ready) != last:
                     progress(len(ready), len(wanted))
                     last = len(ready)
@@ -493,11 +493,3 @@ class LocalCluster:
 __all__ = ["LocalCluster", "ClusterError", "sim_hosts", "default_agents_per_process", "read_state",
            "stop_detached", "CLUSTER_FILE"]
 
-
-def _registered_since(node, started_at: float) -> bool:
-    """Whether `node`'s agent registered after `started_at` (0: no start to wait for). A control plane without
-    `agent_registered_at` (older) leaves it unset: its Ready is taken as it is."""
-    if not started_at or not node.HasField("agent_registered_at"):
-        return True
-    at = node.agent_registered_at
-    return at.seconds + at.nanos / 1e9 >= started_at - 0.05     # one clock (one host); a margin for its rounding

@@ -228,3 +228,12 @@ def stop_detached(state_dir: str | os.PathLike, grace: float = 10.0) -> list[str
         stopped.append("workloads")
     (Path(state_dir) / CLUSTER_FILE).unlink(missing_ok=True)
     return stopped
+
+
+def registered_since(node, started_at: float) -> bool:
+    """Whether `node`'s agent registered after `started_at` (0: no start to wait for). A control plane without
+    `agent_registered_at` (older) leaves it unset: its Ready is taken as it is."""
+    if not started_at or not node.HasField("agent_registered_at"):
+        return True
+    at = node.agent_registered_at
+    return at.seconds + at.nanos / 1e9 >= started_at - 0.05     # one clock (one host); a margin for its rounding

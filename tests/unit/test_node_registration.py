@@ -8,7 +8,7 @@ import time
 from controlplane.state import keys
 from gpumesh.v1 import types_pb2 as T
 from tests.unit.test_nodedelete import A, Etcd, control_plane, fleet, node
-from tools.localcluster import _registered_since
+from tools.localprocs import registered_since as _registered_since
 
 
 async def test_every_registration_is_stamped_and_the_first_one_is_kept():
