@@ -20,7 +20,7 @@ Commands (served by `mesh.checkpoint.sdk.Checkpointer`):
 | `dirty` | | how many entries/bytes changed since the last round (sends nothing) |
 | `final` | | paused: the rest, the small data entries, and the commit |
 | `precopy_abort` | | forget the pre-copy session |
-| `wait_restored` | timeout | (target) blocks until a restore has been applied; step |
+| `wait_restored` | timeout | (target) blocks until a restore has been applied; the step it applied |
 """
 
 from __future__ import annotations

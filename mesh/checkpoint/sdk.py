@@ -145,6 +145,7 @@ class Checkpointer:
         self._restored = threading.Event()
         self._held = False
         self.restored_at: float | None = None
+        self.restored_step: int | None = None      # the step the restore applied (training goes on after it)
         self.receive_address: str | None = None
         self.receive_session: str | None = None
         self._server = ControlServer(socket_path, self._handle) if socket_path else None
@@ -216,6 +217,7 @@ class Checkpointer:
         else:
             self.state.load(source)
         self.restored_at = time.time()
+        self.restored_step = self.state.step
         with self._cv:
             self._restored.set()
             while self._held and not self._stop:
@@ -356,7 +358,9 @@ class Checkpointer:
     def _cmd_wait_restored(self, req: dict[str, Any]) -> dict[str, Any]:
         if not self._restored.wait(req.get("timeout", 300.0)):
             raise TimeoutError("no restore was applied in time")
-        return {"step": self.state.step, "restored_at": self.restored_at}
+        # the step the restore applied, not the current one: an unheld workload trains on at once, and the
+        # migration compares this step with the one the source paused at
+        return {"step": self.restored_step, "now_step": self.state.step, "restored_at": self.restored_at}
 
 
 def _secret(req: dict[str, Any]) -> bytes:

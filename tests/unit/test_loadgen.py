@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 
 import pytest
 
@@ -157,9 +158,14 @@ def _serve(app):
     import uvicorn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(64)         # connections made before the server's loop runs wait in the backlog, not refused
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "the test server did not start"
     return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
