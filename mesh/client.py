@@ -136,12 +136,14 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
         self.endpoints = split_endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
-        from mesh.tls import channel_credentials, token_interceptor
+        from mesh.tls import channel_credentials, token_interceptor, warn_plaintext_token
 
         def make(target: str) -> grpc.Channel:
             if tls or (tls is None and (ca or cert)):
                 ch = grpc.secure_channel(target, channel_credentials(ca, cert, key), options=options or [])
             else:
+                if token:
+                    warn_plaintext_token(target)
                 ch = grpc.insecure_channel(target, options=options or [])
             return grpc.intercept_channel(ch, token_interceptor(token)) if token else ch
 

@@ -58,9 +58,11 @@ class InferenceClient:
 
     def __init__(self, gateway: str, *, token: str = "", ca: str = "", cert: str = "", key: str = "",
                  timeout: float | None = 300.0) -> None:
-        from mesh.tls import channel_credentials, token_interceptor
+        from mesh.tls import channel_credentials, token_interceptor, warn_plaintext_token
         self.gateway = gateway
         self.timeout = timeout
+        if token and not (ca or cert):
+            warn_plaintext_token(gateway)
         ch = (grpc.secure_channel(gateway, channel_credentials(ca, cert, key)) if ca or cert
               else grpc.insecure_channel(gateway))
         self._raw = ch

@@ -256,7 +256,37 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = ""):
 
 
 __all__ = ["Subject", "TlsError", "write_ca", "issue", "self_signed", "subject_of", "server_credentials",
-           "channel_credentials", "KINDS", "ROLES", "SERVER_CN"]
+           "channel_credentials", "KINDS", "ROLES", "SERVER_CN", "PlaintextTokenWarning", "is_loopback_target",
+           "warn_plaintext_token"]
+
+
+class PlaintextTokenWarning(UserWarning):
+    """A bearer token is about to cross the network in plaintext."""
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether a gRPC target (HOST:PORT, [V6]:PORT, unix:PATH, dns:///HOST:PORT) stays on this machine."""
+    t = target.strip()
+    if t.startswith(("unix:", "unix-abstract:")):
+        return True
+    t = t.split("///", 1)[-1] if "///" in t else t
+    host = t[1:t.index("]")] if t.startswith("[") and "]" in t else t.rsplit(":", 1)[0] if ":" in t else t
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_plaintext_token(target: str) -> None:
+    """Warns (once per target and call site) when a token goes over a plaintext channel to another machine:
+    anyone on the path can read it and act as its owner. Loopback targets stay quiet (the local cluster)."""
+    if not is_loopback_target(target):
+        import warnings
+        warnings.warn(f"sending a bearer token in plaintext to {target}: anyone on the network path can read it; "
+                      "give the control plane's CA (--ca, $MESH_CA or the context's ca) to use TLS",
+                      PlaintextTokenWarning, stacklevel=3)
 
 
 def token_interceptor(token: str):

@@ -10,6 +10,7 @@ import argparse
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 
 from tools.meshctl import (autoscale, bench, certs, cluster, contexts, cost, deploy, describe, forecast, generate, get, mesh,
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     in_main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    if in_main:         # a warning (a token sent in plaintext) reads like kubectl's, not like a traceback line
+        warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
