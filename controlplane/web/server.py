@@ -13,7 +13,8 @@ Routes (aiohttp):
 
 The API routes take the same credentials as gRPC: `Authorization: Bearer <token>` checked against the
 tenants file (controlplane/api/auth.py); with `insecure` and no tenants file nothing is checked (the
-local demo). Clients with the viewer role or more may read; what they see is scoped by the servicers.
+local demo; then only requests addressed to localhost or an IP are answered, against DNS rebinding). Clients
+with the viewer role or more may read; what they see is scoped by the servicers.
 Errors are JSON `{"error": {"code", "message"}}` with 401/403. With TLS configured for gRPC the web view
 serves HTTPS with the same certificate.
 """
@@ -21,6 +22,7 @@ serves HTTPS with the same certificate.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import pathlib
@@ -122,6 +124,13 @@ class WebView:
             p = self.authenticator.from_authorization(request.headers.get("Authorization", ""))
         except errors.MeshError as e:
             return _error(401, "UNAUTHENTICATED", e.message)
+        if p.unrestricted and not addressed_directly(request.host):
+            # nothing is checked (the demo): a page elsewhere whose name an attacker re-points at this
+            # address (DNS rebinding) would read the fleet; such a page's requests carry its own name
+            return _error(403, "PERMISSION_DENIED", "Host: without credentials the web view answers only "
+                                                    "requests addressed to localhost or an IP address (a "
+                                                    "name could be DNS rebinding); configure a tenants file "
+                                                    "to reach it by name")
         why = auth.denial(auth.VIEWER, p, "/gpumesh.web/View")
         if why is not None:
             code = 401 if p.kind == "anonymous" else 403
@@ -184,6 +193,22 @@ class WebView:
             if not self.stream_callers[who]:
                 del self.stream_callers[who]
         return resp
+
+
+def addressed_directly(host: str) -> bool:
+    """Whether an HTTP Host header names localhost or an IP literal (with or without a port)."""
+    h = (host or "").strip().lower()
+    if h.startswith("["):
+        h = h[1:h.find("]")] if "]" in h else h
+    elif h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    if h in ("localhost", "localhost.") or h.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(h)
+        return True
+    except ValueError:
+        return False
 
 
 def ssl_context(cert: str, key: str) -> ssl.SSLContext | None:

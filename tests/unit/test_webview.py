@@ -38,6 +38,13 @@ async def test_web_view_serves_the_page_and_frames(tmp_path):
                 frame = await r.json()
                 assert r.status == 200 and frame["principal"]["admin"] is True
                 assert frame["nodes"] == [] and frame["slices"] == [] and frame["unavailable"] == []
+            # nothing checked: a request addressed by a name (a rebound attacker's page) gets nothing
+            for host in ("evil.example:80", "gpumesh.attacker.test"):
+                async with s.get(base + "/api/snapshot", headers={"Host": host}) as r:
+                    assert r.status == 403 and "DNS rebinding" in (await r.json())["error"]["message"]
+            for host in (f"localhost:{cp.web_port}", f"[::1]:{cp.web_port}", "10.1.2.3"):
+                async with s.get(base + "/api/snapshot", headers={"Host": host}) as r:
+                    assert r.status == 200
     finally:
         await cp.stop()
     async with aiohttp.ClientSession() as s:
