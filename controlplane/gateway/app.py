@@ -132,6 +132,9 @@ def create_app(gw: Gateway) -> Starlette:
         return JSONResponse(gpuapi.policies(gw, caller(request).tenant))
 
     async def metrics(request):
+        if gw.cfg.metrics_auth == "admin" and gw.clients.enforced and caller(request).tenant is not None:
+            raise APIError(403, "authorization: /metrics names every tenant's models: it needs an admin token "
+                                "(metrics_auth: admin)", param="authorization", code="forbidden")
         for key, s in list(gw.stats.by_replica.items()):
             M.IN_FLIGHT.labels(key).set(s.in_flight)
             M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])

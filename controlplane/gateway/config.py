@@ -150,6 +150,10 @@ class GatewayConfig:
     fallback_tenants: list = option([], "tenants whose requests may be served by a fallback variant without "
                                         "asking (x-gpumesh-allow-fallback)")
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)", minimum=1024)
+    metrics_auth: str = option("open", "who may read /metrics when a tenants file is set: open (anyone, as vLLM "
+                               "and most servers; its series name every tenant's models) or admin (an admin "
+                               "token: Prometheus sends it with `authorization: credentials_file`)",
+                               choices=("open", "admin"))
     backend_timeout_seconds: float = option(300.0, "longest wait for a backend's answer or next chunk",
                                             minimum=1)
     cache_entries: int = option(1024, "exact-match response cache: entries kept (0 disables the cache)",

@@ -177,6 +177,14 @@ async def test_http_errors_are_openai_shaped(app):
     assert (await app.delete("/models/smol", headers=a)).status_code == 403
     r = await app.get("/metrics")
     assert r.status_code == 200 and "gpumesh_gateway_requests_total" in r.text
+    app.gw.cfg.metrics_auth = "admin"                   # closed: its series name every tenant's models
+    try:
+        assert (await app.get("/metrics")).status_code == 401
+        r = await app.get("/metrics", headers=a)
+        assert r.status_code == 403 and "admin token" in r.json()["error"]["message"]
+        assert (await app.get("/metrics", headers=admin)).status_code == 200
+    finally:
+        app.gw.cfg.metrics_auth = "open"
     assert (await app.get("/policies", headers=a)).json()["routing_policy"] == "gpu-aware"
 
 
