@@ -36,7 +36,7 @@ from mesh.logs import log
 logger = logging.getLogger(__name__)
 
 ROLES = ("viewer", "tenant", "admin")          # in increasing power
-QUOTA_KEYS = ("max_slices", "max_memory_bytes", "max_gpus")
+QUOTA_KEYS = ("max_slices", "max_memory_bytes", "max_gpus", "max_priority")
 
 
 @dataclass(frozen=True)

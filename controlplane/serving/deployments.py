@@ -26,6 +26,7 @@ from controlplane.serving import deployspec, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
+from controlplane.scheduler.plugins import quota
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import types_pb2
 from mesh import errors, replicatls
@@ -130,6 +131,10 @@ class DeploymentManager:
                                             "a registered model (meshctl get models)") from None
         deployspec.check_fits(need, self.registry.gpu_models())
         deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
+        cap = quota.priority_cap(getattr(self.ctl, "scheduler", None), spec.tenant)
+        if cap is not None and spec.priority > cap:       # its replicas' slices would never be admitted
+            raise errors.ResourceExhausted(f"spec.priority: tenant {spec.tenant} quota max_priority={cap:g} "
+                                           f"exceeded: asks priority {spec.priority}")
         scaling.check(self, spec, variant, need, self.registry.get(spec.model))
         deployspec.slice_request(spec, need, "r-check", spread=True)   # tenant, labels, priority as slices take them
         spec.variant = variant.name

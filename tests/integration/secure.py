@@ -17,11 +17,13 @@ TOKENS = {
     "viewer-a": "viewer-a-token-0123456789abcdef",
 }
 QUOTA_A_SLICES = 6
+QUOTA_A_PRIORITY = 500
 
 
 def write_tenants(path: Path) -> Path:
     path.write_text(yaml.safe_dump({
-        "tenants": {"team-a": {"quota": {"max_slices": QUOTA_A_SLICES, "max_memory_bytes": "400GiB"}},
+        "tenants": {"team-a": {"quota": {"max_slices": QUOTA_A_SLICES, "max_memory_bytes": "400GiB",
+                                                "max_priority": QUOTA_A_PRIORITY}},
                     "team-b": {}},
         "tokens": [
             {"name": "ops", "role": "admin", "token": TOKENS["admin"]},

@@ -12,7 +12,7 @@ from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, types_pb2
 from mesh import errors, tls
 from mesh.client import MeshClient
 from tests.integration.conftest import HOSTS, wait_for
-from tests.integration.secure import QUOTA_A_SLICES, TOKENS, agent_channel, client, start
+from tests.integration.secure import QUOTA_A_PRIORITY, QUOTA_A_SLICES, TOKENS, agent_channel, client, start
 
 pytestmark = pytest.mark.integration
 
@@ -190,6 +190,9 @@ def test_quota_from_the_tenants_file_is_enforced(sc, clean):
         a.allocate(mig_profile="1g.5gb", gpu_model="A100-40GB", count=QUOTA_A_SLICES)
         with pytest.raises(errors.ResourceExhausted, match="max_slices"):
             a.allocate(mig_profile="1g.10gb", gpu_model="H100-80GB")
+        # a priority above the tenant's cap would outbid other tenants into preemption: refused first
+        with pytest.raises(errors.ResourceExhausted, match=f"max_priority={QUOTA_A_PRIORITY} exceeded"):
+            a.allocate(mig_profile="1g.10gb", gpu_model="H100-80GB", priority=QUOTA_A_PRIORITY + 1)
 
 
 def test_client_certificate_authenticates_a_tenant(sc, clean):

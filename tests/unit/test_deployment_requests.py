@@ -100,3 +100,24 @@ def test_update_refuses_a_negative_generation_naming_it(manager):
     with pytest.raises(errors.InvalidArgument) as e:
         asyncio.run(manager.update(spec, -1))
     assert e.value.field == "generation" and manager.writes == []
+
+
+def test_create_refuses_a_priority_over_the_tenants_cap(manager):
+    from controlplane.scheduler import profiles
+    fw = profiles.build("default")
+    fw.plugin("TenantQuota").tenants["team-a"] = {"max_priority": 100}
+    manager.ctl.scheduler = fw
+    manager.ctl.recorder = SimpleNamespace(emit=lambda *a, **k: None)
+    manager.kick = lambda: None
+
+    async def create(d):
+        manager.writes.append(d.spec.name)
+        manager.store.deployments[d.spec.name] = d
+    manager.store.create = create
+    spec = D.DeploymentSpec(name="big", model="tiny", tenant="team-a", replicas=1, priority=101)
+    with pytest.raises(errors.ResourceExhausted, match=r"spec.priority: tenant team-a quota max_priority=100"):
+        asyncio.run(manager.create(spec))
+    assert manager.writes == []
+    asyncio.run(manager.create(D.DeploymentSpec(name="ok", model="tiny", tenant="team-a", replicas=1, priority=100)))
+    asyncio.run(manager.create(D.DeploymentSpec(name="b", model="tiny", tenant="team-b", replicas=1, priority=900)))
+    assert manager.writes == ["ok", "b"]

@@ -167,6 +167,9 @@ def test_topology(name, ranks, domains, nics, want):
     ("memory over", {"max_memory_bytes": 4 * GiB}, 3, {"memory_bytes": 2 * GiB}, Code.UNSCHEDULABLE_AND_UNRESOLVABLE),
     ("gpus over", {"max_gpus": 1}, 0, {"memory_bytes": GiB, "isolation": t.ISOLATION_EXCLUSIVE, "count": 2},
      Code.UNSCHEDULABLE_AND_UNRESOLVABLE),
+    ("priority at the cap", {"max_priority": 100}, 3, {"memory_bytes": GiB, "priority": 100}, Code.SUCCESS),
+    ("priority over the cap", {"max_priority": 100}, 0, {"memory_bytes": GiB, "priority": 101},
+     Code.UNSCHEDULABLE_AND_UNRESOLVABLE),
 ])
 def test_quota(name, limits, used, spec, code):
     fleet = make_fleet(("n", [("L4", False)]))

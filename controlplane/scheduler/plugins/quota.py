@@ -1,5 +1,6 @@
 """TenantQuota: a tenant may hold at most so many slices, GPU memory bytes and GPUs (the sum of
-its slices' compute shares); a request over a limit is refused naming the quota."""
+its slices' compute shares), and ask for at most priority `max_priority` (a priority above other tenants'
+lets its requests preempt their slices); a request over a limit is refused naming the quota."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
 from mesh.slicespec import SliceRequest
 
 NAME = "TenantQuota"
-LIMITS = ("max_slices", "max_memory_bytes", "max_gpus")
+LIMITS = ("max_slices", "max_memory_bytes", "max_gpus", "max_priority")
 
 
 class Plugin:
@@ -37,10 +38,27 @@ class Plugin:
         share = 1.0 if req.isolation == "exclusive" else (req.compute_share or (1.0 if req.memory_bytes == 0 else 0.0))
         want = {"max_slices": (slices, req.count), "max_memory_bytes": (memory, req.memory_bytes * req.count),
                 "max_gpus": (gpus, share * req.count)}
+        cap = q.get("max_priority")
+        if cap is not None and req.priority > cap:
+            why = f"tenant {req.tenant} quota max_priority={cap:g} exceeded: asks priority {req.priority}"
+            return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
         for k, limit in q.items():
+            if k == "max_priority":
+                continue
             used, more = want[k]
             if used + more > limit + 1e-9:
                 why = (f"tenant {req.tenant} quota {k}={limit:g} exceeded: uses {used:g}, "
                        f"asks {more:g} more")
                 return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
         return SUCCESS
+
+
+def priority_cap(framework, tenant: str) -> float | None:
+    """The highest priority `tenant` may ask for under the profile's TenantQuota (None: no cap)."""
+    try:
+        plugin = framework.plugin(NAME) if framework is not None else None
+    except KeyError:
+        return None
+    if plugin is None:
+        return None
+    return plugin.tenants.get(tenant, plugin.default).get("max_priority")
