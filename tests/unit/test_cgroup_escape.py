@@ -108,3 +108,44 @@ def test_after_the_denial_no_process_of_the_group_can_fork():
         assert out.split()[0] == "REFUSED", out
     finally:
         mgr.remove(name)
+
+
+def test_cgroup_kill_ends_every_process_of_a_v2_group_at_once():
+    """cgroups._kill_all (v2's cgroup.kill, before the removal's rmdir loop) on a group of the v2 hierarchy
+    (the unified one of a hybrid host, or the root of a pure v2 host)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create cgroups")
+    root = next((r for r in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+                 if os.path.exists(os.path.join(r, "cgroup.procs")) and
+                 os.path.exists(os.path.join(r, "cgroup.subtree_control"))), None)
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy here")
+    group = os.path.join(root, f"gpumesh-test-kill-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(group)
+    except OSError as e:
+        pytest.skip(f"cannot create a v2 cgroup here: {e}")
+    import subprocess
+    import time
+    procs = []
+    try:
+        if not os.path.exists(os.path.join(group, "cgroup.kill")):
+            pytest.skip("this kernel has no cgroup.kill (Linux < 5.14)")
+        for _ in range(3):
+            p = subprocess.Popen(["sleep", "300"])
+            procs.append(p)
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(p.pid))
+        cg._kill_all(group)
+        for p in procs:
+            assert p.wait(timeout=30) == -9            # SIGKILL, all of them, with no per-pid kill
+        deadline = time.monotonic() + 30
+        while open(os.path.join(group, "cgroup.procs")).read().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.rmdir(group)                                  # empty: the rmdir succeeds at once
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        if os.path.isdir(group):
+            os.rmdir(group)
