@@ -23,7 +23,7 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.transport import connect
 from mesh.transport.base import BufferDescriptor, PeerGone
 from nodeagent.registrar import Registrar
-from tests.unit._mesh_cluster import (FAILED, READY, RECOVERING, SliceShm, _open, cluster,  # noqa: F401 - fixture
+from tests.unit._mesh_cluster import (FAILED, READY, RECOVERING, SliceShm, _open, cluster, until,  # noqa: F401 - fixture
                                       run)
 
 def test_one_agent_restarts_and_the_connection_is_ready_again_with_its_bytes(cluster):
@@ -171,7 +171,8 @@ def test_disconnect_during_recovery_wins(cluster):
         finally:
             auth._current.reset(token)
         await c.settle(conn.id)
-        await asyncio.sleep(0.1)           # the late revocation reaches the agents
+        await until(lambda: c.agents["n1"].buffers == {} and c.agents["n2"].buffers == {},
+                    "the late revocation reaches the agents")
         return conn, closed
 
     conn, closed = run(scenario())
@@ -212,7 +213,8 @@ def test_surviving_buffers_no_connection_knows_are_unlinked(cluster):
         del c.mgr.connections[conn.id]       # disconnected while the agent was away (its revocation was lost)
         c.start_agent("n1")
         await c.open_session("n1")
-        await asyncio.sleep(0.1)
+        await until(lambda: not os.path.exists("/dev/shm/" + conn.a.shm_name), "the surviving buffer is unlinked")
+        await until(lambda: c.agents["n1"].records.load() == {}, "its record is gone")
         return conn
 
     conn = run(scenario())
