@@ -159,8 +159,7 @@ def test_disconnect_during_recovery_wins(cluster):
             await real(node, msg)
         c.mgr.on_registered = slow
         await c.open_session("n1")
-        await asyncio.sleep(0.05)
-        assert c.mgr.connections[conn.id].state == RECOVERING
+        await until(lambda: c.mgr.connections[conn.id].state == RECOVERING, "the recovery to begin")   # held there
         from controlplane.api import auth
         token = auth._current.set(auth.Principal("client", "x", "team-a", "tenant"))
         try:
