@@ -23,8 +23,8 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.transport import connect
 from mesh.transport.base import BufferDescriptor, PeerGone
 from nodeagent.registrar import Registrar
-from tests.unit._mesh_cluster import (FAILED, READY, RECOVERING, SliceShm, _open, cluster, until,  # noqa: F401 - fixture
-                                      run)
+from tests.unit._mesh_cluster import (FAILED, READY, RECOVERING, SliceShm, _open, cluster,  # noqa: F401 - fixture
+                                      run, until)
 
 def test_one_agent_restarts_and_the_connection_is_ready_again_with_its_bytes(cluster):
     c = cluster(transport="tcp")
