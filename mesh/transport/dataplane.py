@@ -190,8 +190,8 @@ class TcpDataPlane:
                 time.sleep(ACCEPT_RETRY_S)
                 continue
             if not self._slots.acquire(blocking=False):
+                CONNECTIONS_DROPPED.labels("limit").inc()      # counted before the peer can see the close
                 sock.close()
-                CONNECTIONS_DROPPED.labels("limit").inc()
                 dropped += 1
                 if time.monotonic() - logged >= ACCEPT_LOG_EVERY_S:
                     logged = time.monotonic()

@@ -11,6 +11,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from tests.integration.conftest import wait_for
+
 pytestmark = pytest.mark.integration
 
 
@@ -24,8 +26,14 @@ def test_health_reflection_and_metrics(cluster, mesh):
     mesh.get_slice(a.slices[0].id)
     with pytest.raises(Exception):
         mesh.mesh_get("c-none")                    # MeshService.Get: an error, a series of its own
-    with urllib.request.urlopen(f"http://{cluster.metrics_endpoint}/metrics", timeout=10) as r:
-        text = r.read().decode()
+
+    def fresh():
+        """A scrape whose fleet gauges are this moment's: the snapshot is taken on the control plane's event loop,
+        and one that loop did not answer within its bound (a loaded machine) is served stale, and says so."""
+        with urllib.request.urlopen(f"http://{cluster.metrics_endpoint}/metrics", timeout=10) as r:
+            got = r.read().decode()
+        return got if "gpumesh_metrics_snapshot_stale 0.0" in got else None
+    text = wait_for(fresh, 60, "a scrape with a fresh fleet snapshot")
     assert 'gpumesh_slices{state="ready"} 1.0' in text
     assert 'gpumesh_nodes{ready="true"} 2.0' in text
     assert 'gpumesh_grpc_requests_total{code="OK",method="Allocate",service="SliceService"}' in text

@@ -87,7 +87,7 @@ def test_live_migration_of_a_workload_without_network(mesh, reference, mode):
     moved = wait_for(lambda: (x := mesh.get_workload(w.id)).pid not in (0, w.pid) and x, 30, "the target's pid")
     assert moved.node == m.target_node != w.node and interfaces(moved.pid) == expect
     assert dict(moved.labels) == labels
-    wait_for(lambda: not alive(w.pid), 10, "the source process to end")
+    wait_for(lambda: not alive(w.pid), 60, "the source process to end")
     check_result(mesh, w.id, reference, started_at=m.step)
 
 
@@ -98,7 +98,7 @@ def test_checkpoint_and_restore_of_a_workload_without_network(cluster, mesh, ref
     cluster.kill_agent(w.node)
     os.kill(w.pid, signal.SIGKILL)
     try:
-        wait_for(lambda: mesh.get_workload(w.id).state == t.WORKLOAD_STATE_UNKNOWN, 20, "the workload to be UNKNOWN")
+        wait_for(lambda: mesh.get_workload(w.id).state == t.WORKLOAD_STATE_UNKNOWN, 60, "the workload to be UNKNOWN")
         m = mesh.wait_migration(mesh.restore(ck.id).id, timeout=120)
         assert migration_phase(m) == "done", m.message
         assert m.target_node != w.node and m.step == ck.step

@@ -92,7 +92,7 @@ def test_connect_across_agents_write_read_checksums(mesh):
         assert pb.read(0, 4) == payload[:4]
         # two-sided: a message into B's inbox, taken by B's owner
         pb.send(b"hello b")
-        assert pb.recv(timeout=2) == b"hello b"
+        assert pb.recv(timeout=30) == b"hello b"
         mesh.mesh_disconnect(conn.id)
         with pytest.raises(Revoked):
             pb.read(0, 4)

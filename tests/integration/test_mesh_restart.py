@@ -95,7 +95,7 @@ def test_tcp_connection_carries_bytes_again_after_its_agent_is_killed(cluster, m
         pb.write(0, b"both ways")
         assert pa.read(10, 17) == b"after the restart" and pb.read(0, 9) == b"both ways"
         pa.send(b"hello a")                         # two-sided: into A's inbox on the restarted data plane
-        assert pa.recv(timeout=5) == b"hello a"
+        assert pa.recv(timeout=30) == b"hello a"
     assert [c.id for c in mesh.mesh_list()] == [conn.id]
 
 
@@ -133,7 +133,7 @@ def test_a_reconnecting_buffer_rides_through_its_agents_restart(cluster, mesh):
         assert pa.connection.a.endpoint == after.a.endpoint != conn.a.endpoint
         pa.write(10, b"after the restart")
         pa.send(b"hello a")
-        assert pa.recv(timeout=5) == b"hello a" and pa.recv(timeout=0) is None
+        assert pa.recv(timeout=30) == b"hello a" and pa.recv(timeout=0) is None
     with mesh.mesh_open(after, side="a") as fresh:
         assert fresh.read(10, 17) == b"after the restart"
 

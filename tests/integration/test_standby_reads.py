@@ -17,8 +17,10 @@ from tools.localcluster import LocalCluster, sim_hosts
 
 
 def test_standby_serves_reads_and_takes_over(tmp_path):
+    # a 10 s leader lease: with 2 s, the leader's keepalive (refresh within 0.5 s, given up after 1.2 s) lapsed on a
+    # loaded machine, and the leader stepped down mid-test; the failover at the end takes at most the TTL
     cluster = LocalCluster(tmp_path, sim_hosts(1, 2), lease_ttl=3, agents_per_process=1, controlplanes=2,
-                           etcd_members=1, controlplane_args=["--leader-ttl", "2"], log_level="warning")
+                           etcd_members=1, controlplane_args=["--leader-ttl", "10"], log_level="warning")
     try:
         cluster.start(timeout=60)
         leader = cluster.leader_index()

@@ -152,17 +152,17 @@ def test_top_live_under_tmux(cluster, admin, tmp_path):
             return False
         wait_for(slice_drawn, 30, "the allocated slice's slots")           # from the watch, no keypress
         subprocess.run([*tmux, "send-keys", "s"], check=True)
-        wait_for(lambda: any(ln.startswith("SLICE") for ln in pane().splitlines()) and s.id in pane(), 20,
+        wait_for(lambda: any(ln.startswith("SLICE") for ln in pane().splitlines()) and s.id in pane(), 60,
                  "the slices view")
         subprocess.run([*tmux, "send-keys", "d"], check=True)
-        wait_for(lambda: any(ln.startswith("NAME") and "TTFT" in ln for ln in pane().splitlines()), 20,
+        wait_for(lambda: any(ln.startswith("NAME") and "TTFT" in ln for ln in pane().splitlines()), 60,
                  "the deployments view")
         subprocess.run([*tmux, "send-keys", "g"], check=True)
         subprocess.run([*tmux, "send-keys", "n"], check=True)           # node filter: the first node only
         wait_for(lambda: "n:node=view-1" in pane() and not any(ln.startswith("view-2")
                                                                 for ln in pane().splitlines()), 20, "the node filter")
         subprocess.run([*tmux, "send-keys", "q"], check=True)
-        wait_for(lambda: "TOP-EXITED 0" in pane(), 20, "top to quit on q")
+        wait_for(lambda: "TOP-EXITED 0" in pane(), 60, "top to quit on q")
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 

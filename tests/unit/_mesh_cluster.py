@@ -166,6 +166,17 @@ def cluster(tmp_path):
         c.close()
 
 
+async def until(cond, what: str, timeout: float = 30.0) -> None:
+    """Wait for `cond()` on the cluster's loop: what an agent does with a message takes a few turns of the
+    loop, and a fixed sleep can end first on a stalled machine; fails after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.01)
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 

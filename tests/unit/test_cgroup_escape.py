@@ -72,12 +72,12 @@ def test_a_forking_workload_cannot_outrun_the_removal_of_its_cgroup():
     try:
         p = subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: [
             open(f, "w").write(str(os.getpid())) for f in procs])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not _alive_in(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _alive_in(marker), "the evader did not start"
         mgr.remove(name)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while _alive_in(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive_in(marker), "a process of the removed cgroup still runs"

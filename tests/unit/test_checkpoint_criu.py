@@ -101,7 +101,7 @@ def test_round_trip_of_a_running_process(tmp_path):
         while not out.exists() or int(out.read_text() or 0) < 10:
             time.sleep(0.01)
         CRIU.dump(p.pid, tmp_path / "img", shell_job=False)
-        p.wait(timeout=10)
+        p.wait(timeout=60)
         before = int(out.read_text())
         pid = CRIU.restore(tmp_path / "img", shell_job=False)
         assert pid == p.pid

@@ -109,7 +109,7 @@ def server():
 
 @pytest.fixture
 def mesh(server):
-    with MeshClient(server[0], timeout=5) as c:
+    with MeshClient(server[0], timeout=30) as c:
         yield c
 
 

@@ -81,7 +81,7 @@ async def test_the_alive_watch_rereads_the_leases_after_a_compaction(own_etcd):
         async def first():
             async for ev in watch:
                 return ev
-        ev = await asyncio.wait_for(first(), 10)
+        ev = await asyncio.wait_for(first(), 30)
         assert ev.kind == "DELETE" and keys.name_of(ev.kv.key, keys.ALIVE) == "n1"
         await watch.cancel()
     finally:

@@ -59,11 +59,12 @@ async def test_writer_that_cannot_restart_gives_up_and_calls_on_fatal():
         await w.stop()
 
 
-async def test_lost_write_read_back_compares_revisions_not_values(etcd_server):
+async def test_lost_write_read_back_compares_revisions_not_values(etcd_server, etcd_client):  # a clean keyspace
     """The key already held the same value: that is no proof the lost transaction was applied."""
     st = EtcdStore([etcd_server.endpoint])
     await st.connect()
-    await st.become_leader("cp-rb", ttl=5, wait=10)
+    # a long lease: a 5 s one (refreshed within 1.25 s) lapses on a stalled worker and the store stops writing
+    await st.become_leader("cp-rb", ttl=30, wait=10)
     try:
         await st.commit([Put(b"/gpumesh/v1/rb", b"same")])
         real = st.client.kvstub.Txn
@@ -83,6 +84,7 @@ async def test_lost_write_read_back_compares_revisions_not_values(etcd_server):
         kv = await st.client.get(b"/gpumesh/v1/rb")
         assert rev == kv.mod_revision
     finally:
+        await st.revoke_lease(st.session_lease)
         await st.close()
 
 

@@ -140,15 +140,23 @@ def test_deployment_records_follow_etcd_and_serve_reads():
         async def watch():
             async for x in svc.Watch(D.WatchDeploymentRequest(name="chat"), None):
                 seen.append(sorted((r.id, r.state) for r in x.replicas))
+        async def until(cond, what):
+            """The Watch answers the state when woken (changes in between coalesce): each change is waited for
+            in what it sent, not given a fixed sleep, which a stalled worker can end before the watch ran."""
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not cond():
+                assert loop.time() < deadline and not task.done(), f"the watch never sent {what}: {seen}"
+                await asyncio.sleep(0.01)
         task = asyncio.create_task(watch())
-        await asyncio.sleep(0.05)
+        await until(lambda: seen, "the deployment")
         r2 = D.Replica(id="r-2", deployment="chat", state=D.REPLICA_STATE_STARTING)
         f.apply(False, keys.replica("chat", "r-2").decode(), r2.SerializeToString(), 7)
-        await asyncio.sleep(0.05)
+        await until(lambda: any(len(s) == 2 for s in seen), "both replicas")
         f.apply(True, keys.replica("chat", "r-1").decode(), b"", 8)
-        await asyncio.sleep(0.05)
+        await until(lambda: seen[-1] == [("r-2", D.REPLICA_STATE_STARTING)], "r-1 gone")
         f.apply(True, keys.deployment("chat").decode(), b"", 9)
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 30)
         assert seen[0] == [("r-1", D.REPLICA_STATE_READY)]
         assert seen[-1] == [("r-2", D.REPLICA_STATE_STARTING)]
         assert any(len(s) == 2 for s in seen)

@@ -75,17 +75,19 @@ async def test_tcp_probe_holds_a_dead_port_open_and_frees_a_listening_one():
     gw = Gateway(cfg(breaker_open_seconds=0.1))
     try:
         s = gw.stats.of("chat/x")
+        now = [0.0]
+        s.breaker.clock = lambda: now[0]               # the breaker's time moves only when the test says
         s.failed(unreachable=True)
         dead = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         port = dead.sockets[0].getsockname()[1]
         dead.close()
         await dead.wait_closed()                       # nothing listens on `port` now
-        await asyncio.sleep(0.15)
+        now[0] += 0.15
         assert s.breaker.state == HALF_OPEN
         await gw._tcp_probe("chat/x", f"127.0.0.1:{port}", s)
         assert s.breaker.state == OPEN and s.breaker.unreachable
         live = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-        await asyncio.sleep(0.15)
+        now[0] += 0.15
         await gw._tcp_probe("chat/x", f"127.0.0.1:{live.sockets[0].getsockname()[1]}", s)
         assert s.breaker.state == HALF_OPEN and s.breaker.allows() and not s.breaker.unreachable
         live.close()
@@ -221,7 +223,8 @@ async def test_a_queue_behind_the_head_puts_an_idle_critical_replica_to_work():
     assert adm.depth("chat") == 5 and not any(t.done() for t in waiters)
     full.stats.in_flight = 0                                      # the critical replica frees; 4 behind the head
     adm.kick()
-    await asyncio.sleep(0.02)
+    # the head's wake-up takes a few turns of the loop (a stalled process can let a fixed sleep end first)
+    await asyncio.wait([waiters[0]], timeout=30)
     assert waiters[0].done() and (await waiters[0]).candidate is full
     assert "queued behind" in (await waiters[0]).why
     # the next head has 3 behind: 2 s + 3 s > 4 s would take it too, but the critical replica is busy now

@@ -61,9 +61,9 @@ async def test_grpc_health_is_not_serving_until_the_first_view():
                 return (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
             gw.view.apply(_view())
-            for _ in range(100):
-                if await status() == health_pb2.HealthCheckResponse.SERVING:
-                    break
+            deadline = asyncio.get_running_loop().time() + 30
+            while await status() != health_pb2.HealthCheckResponse.SERVING \
+                    and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
             assert await status() == health_pb2.HealthCheckResponse.SERVING
             await set_serving(gw, False)                                    # what a SIGTERM does first

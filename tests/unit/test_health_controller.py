@@ -50,7 +50,8 @@ class Migrations:
 async def hc(etcd_server, etcd_client):
     store = EtcdStore([etcd_server.endpoint])
     await store.connect()
-    await store.become_leader("health-test", ttl=5)
+    # a long lease: a 5 s one (refreshed within 1.25 s) lapses on a stalled worker and the store stops writing
+    await store.become_leader("health-test", ttl=30)
     ctl = Controller(store)
     ctl.writer.start()
     fleet = make_fleet(("n1", [("H100-80GB", True), ("H100-80GB", True)]))
@@ -68,6 +69,7 @@ async def hc(etcd_server, etcd_client):
     yield SimpleNamespace(mgr=mgr, ctl=ctl, clock=clock, session=session, mm=ctl.migrations, store=store,
                           policy=policy)
     await ctl.writer.stop()
+    await store.revoke_lease(store.session_lease)
     await store.close()
 
 

@@ -330,9 +330,13 @@ def test_oom_watch_kills_a_computing_backend_and_spares_an_idle_one():
 
     rep = ReplicaInfo(0, "r0", "127.0.0.1:1", "n0", 0, "llama.cpp", "w0")
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # idle once it says so: a Python still starting up computes (its imports), and on a loaded machine that can
+    # outlast the watch's first look; the model, which crashes on any compute, would then kill it
+    idle = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE)
     crashed = []
     try:
+        assert idle.stdout.readline() == b"up\n"
         w_busy = OomWatch(FakeCluster(busy.pid), rep, inject.OomModel(rate=1000.0), crashed.append, 0.1).start()
         w_idle = OomWatch(FakeCluster(idle.pid), rep, inject.OomModel(rate=1000.0), crashed.append, 0.1).start()
         assert busy.wait(60) == -signal.SIGKILL

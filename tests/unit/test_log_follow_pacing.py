@@ -22,10 +22,9 @@ async def test_a_fast_log_followed_waits_for_the_outbox_and_loses_nothing(tmp_pa
     outbox = Outbox(limit=80, max_bytes=128 * CHUNK)         # small bounds: a quarter is 20 chunks
     streamer = LogStreamer(runner)
     await streamer.on_logs(node_service_pb2.LogRequest(request_id="r", workload_id="w-1", follow=True), outbox)
-    for _ in range(500):                                     # the tail's answer: the stream now follows
+    deadline = asyncio.get_running_loop().time() + 30       # the tail's answer (read in a thread): it now follows
+    while outbox.empty() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
-        if not outbox.empty():
-            break
     assert outbox.get_nowait().log.data == b"started\n"
     written = b"".join(bytes([65 + i % 26]) * 1000 + b"\n" for i in range(3000))      # ~3 MB, 94 chunks
     with open(log, "ab") as f:

@@ -24,7 +24,7 @@ from mesh.transport import connect
 from mesh.transport.base import BufferDescriptor, PeerGone
 from nodeagent.registrar import Registrar
 from tests.unit._mesh_cluster import (FAILED, READY, RECOVERING, SliceShm, _open, cluster,  # noqa: F401 - fixture
-                                      run)
+                                      run, until)
 
 def test_one_agent_restarts_and_the_connection_is_ready_again_with_its_bytes(cluster):
     c = cluster(transport="tcp")
@@ -159,8 +159,7 @@ def test_disconnect_during_recovery_wins(cluster):
             await real(node, msg)
         c.mgr.on_registered = slow
         await c.open_session("n1")
-        await asyncio.sleep(0.05)
-        assert c.mgr.connections[conn.id].state == RECOVERING
+        await until(lambda: c.mgr.connections[conn.id].state == RECOVERING, "the recovery to begin")   # held there
         from controlplane.api import auth
         token = auth._current.set(auth.Principal("client", "x", "team-a", "tenant"))
         try:
@@ -171,7 +170,8 @@ def test_disconnect_during_recovery_wins(cluster):
         finally:
             auth._current.reset(token)
         await c.settle(conn.id)
-        await asyncio.sleep(0.1)           # the late revocation reaches the agents
+        await until(lambda: c.agents["n1"].buffers == {} and c.agents["n2"].buffers == {},
+                    "the late revocation reaches the agents")
         return conn, closed
 
     conn, closed = run(scenario())
@@ -212,7 +212,8 @@ def test_surviving_buffers_no_connection_knows_are_unlinked(cluster):
         del c.mgr.connections[conn.id]       # disconnected while the agent was away (its revocation was lost)
         c.start_agent("n1")
         await c.open_session("n1")
-        await asyncio.sleep(0.1)
+        await until(lambda: not os.path.exists("/dev/shm/" + conn.a.shm_name), "the surviving buffer is unlinked")
+        await until(lambda: c.agents["n1"].records.load() == {}, "its record is gone")
         return conn
 
     conn = run(scenario())

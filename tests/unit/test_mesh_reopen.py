@@ -15,7 +15,7 @@ from mesh import errors
 from mesh.meshapi import MeshApi
 from mesh.reconnect import ReconnectingConnection
 from mesh.transport.base import OutOfBounds, PeerGone
-from tests.unit._mesh_cluster import READY, Cluster, cluster, run  # noqa: F401 - fixture cluster
+from tests.unit._mesh_cluster import READY, Cluster, cluster, run, until  # noqa: F401 - fixture cluster
 
 
 def getter(c: Cluster):
@@ -135,7 +135,7 @@ def test_a_disconnected_connection_raises_naming_it(cluster):
             await c.mgr.disconnect(conn.id)
         finally:
             auth._current.reset(token)
-        await asyncio.sleep(0.1)                     # the revocation reaches the agents
+        await until(lambda: all(not a.buffers for a in c.agents.values()), "the revocation reaches the agents")
         with pytest.raises(errors.MeshConnectionClosed) as closed:
             await asyncio.to_thread(buf.write, 0, b"y")
         return conn, closed.value

@@ -137,9 +137,9 @@ def test_library_precedence_and_sdk_from_context(two, monkeypatch):
     assert resolve_endpoint(None) == two["production"][0]
     assert resolve_endpoint(None, context="staging") == two["staging"][0]
     assert resolve_auth(context="staging") == {"token": "staging-token"}
-    with MeshClient.from_context("staging", timeout=5) as mesh:
+    with MeshClient.from_context("staging", timeout=30) as mesh:
         assert [n.name for n in mesh.list_nodes()] == ["node-of-staging"]
-    with MeshClient.from_context(timeout=5, token="sdk-token") as mesh:
+    with MeshClient.from_context(timeout=30, token="sdk-token") as mesh:
         assert [n.name for n in mesh.list_nodes()] == ["node-of-production"]
     assert two["production"][1].tokens[-1] == "Bearer sdk-token"
     with pytest.raises(UnknownContextError, match="known contexts: staging, production"):

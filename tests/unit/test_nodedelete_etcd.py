@@ -18,7 +18,8 @@ IDENTITY = "nodedelete-test"
 async def leader(etcd_server) -> EtcdStore:
     store = EtcdStore([etcd_server.endpoint])
     await store.connect()
-    await store.become_leader(IDENTITY, ttl=5)         # a restart of the same identity takes over at once
+    await store.become_leader(IDENTITY, ttl=30)        # a restart of the same identity takes over at once;
+    # long: a 5 s lease (refresh timeout 1.25 s) lapses on a stalled worker and the store stops writing
     return store
 
 
@@ -55,4 +56,5 @@ async def test_a_deletion_cut_after_its_marker_is_finished_by_the_next_leader(et
         assert ("Node", B, "NodeDeleted") in [e[:3] for e in second.ctl.recorder.events]
     finally:
         await second.stop()
+        await store.revoke_lease(store.session_lease)
         await store.close()

@@ -49,7 +49,8 @@ def fc(kind, name, metric, hi, points=None, step=1.0):
 async def env(etcd_server, etcd_client):
     store = EtcdStore([etcd_server.endpoint])
     await store.connect()
-    await store.become_leader("orch-test", ttl=5)
+    # a long lease: a 5 s one (refreshed within 1.25 s) lapses on a stalled worker and the store stops writing
+    await store.become_leader("orch-test", ttl=30)
     ctl = Controller(store)
     ctl.scheduler = profiles.build("default")
     ctl.writer.start()
@@ -66,6 +67,7 @@ async def env(etcd_server, etcd_client):
     orch.attach()
     yield SimpleNamespace(ctl=ctl, orch=orch, wm=wm, mig=mig)
     await ctl.writer.stop()
+    await store.revoke_lease(store.session_lease)
     await store.close()
 
 

@@ -25,7 +25,7 @@ PEM = CERT.decode()
 PIN = replicahttp.request_extensions(PEM)
 
 
-async def until(cond, what: str, deadline: float = 10.0, poke=None) -> None:
+async def until(cond, what: str, deadline: float = 30.0, poke=None) -> None:
     """Wait for `cond()` (calling `poke()`, a coroutine, between looks), failing after `deadline` seconds."""
     end = time.monotonic() + deadline
     while not cond():

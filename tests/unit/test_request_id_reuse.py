@@ -33,8 +33,10 @@ from tests.unit.test_placement import make_fleet
 async def store(etcd_server, etcd_client):
     s = EtcdStore([etcd_server.endpoint])
     await s.connect()
-    await s.become_leader("request-id-reuse-test", ttl=5)
+    # a long lease: a 5 s one (refreshed within 1.25 s) lapses on a stalled worker and the store stops writing
+    await s.become_leader("request-id-reuse-test", ttl=30)
     yield s
+    await s.revoke_lease(s.session_lease)
     await s.close()
 
 

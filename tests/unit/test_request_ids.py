@@ -17,13 +17,15 @@ from tests.unit.test_placement import make_fleet
 async def ctl(etcd_server, etcd_client):
     store = EtcdStore([etcd_server.endpoint])
     await store.connect()
-    await store.become_leader("request-ids-test", ttl=5)
+    # a long lease: a 5 s one (refreshed within 1.25 s) lapses on a stalled worker and the store stops writing
+    await store.become_leader("request-ids-test", ttl=30)
     c = Controller(store)
     c.writer.start()
     fleet = make_fleet(("n1", [("H100-80GB", True)]))
     c.fleet.nodes, c.fleet.index = fleet.nodes, fleet.index
     yield c
     await c.writer.stop()
+    await store.revoke_lease(store.session_lease)
     await store.close()
 
 

@@ -10,7 +10,9 @@ from controlplane.state.writer import Writer
 from mesh import errors
 
 
-async def make_store(etcd_server, ident, ttl=2, wait=10.0):
+async def make_store(etcd_server, ident, ttl=30, wait=10.0):
+    """A leader store. Leases are long: a 2 s or 5 s one lapses on a stalled worker (the keepalive gives up after
+    60 % of it), and then another candidate gets the key or the store stops writing, whatever the test meant."""
     st = EtcdStore([etcd_server.endpoint])
     await st.connect()
     await st.become_leader(ident, ttl=ttl, wait=wait)
@@ -23,11 +25,11 @@ async def test_only_the_leader_writes_and_a_deposed_leader_is_fenced(etcd_server
     b = EtcdStore([etcd_server.endpoint])
     await b.connect()
     with pytest.raises(errors.Unavailable):
-        await b.become_leader("cp-b", ttl=2, wait=0.5)     # a holds the key
+        await b.become_leader("cp-b", ttl=30, wait=0.5)    # a holds the key
     # a's session dies (lease revoked, as when a is partitioned long enough): b takes over
     a._keepalive_task.cancel()
     await etcd_client.revoke_lease(a.session_lease)
-    await b.become_leader("cp-b", ttl=2, wait=5)
+    await b.become_leader("cp-b", ttl=30, wait=5)
     with pytest.raises(errors.Unavailable):
         await a.commit([Put(b"/gpumesh/v1/x", b"stale")])   # fenced by the leader key's create revision
     assert a.lost_leadership.is_set()
@@ -35,6 +37,7 @@ async def test_only_the_leader_writes_and_a_deposed_leader_is_fenced(etcd_server
     await b.commit([Put(b"/gpumesh/v1/x", b"2")])
     assert (await etcd_client.get(b"/gpumesh/v1/x")).value == b"2"
     await a.close()
+    await b.revoke_lease(b.session_lease)
     await b.close()
 
 
@@ -48,11 +51,12 @@ async def test_restart_of_the_same_identity_takes_over_at_once(etcd_server, etcd
         await a.commit([Put(b"/gpumesh/v1/y", b"old")])
     await a2.commit([Put(b"/gpumesh/v1/y", b"new")])
     await a.close()
+    await a2.revoke_lease(a2.session_lease)
     await a2.close()
 
 
 async def test_group_commit_merges_and_isolates_a_conflict(etcd_server, etcd_client):
-    st = await make_store(etcd_server, "cp-w", ttl=5)
+    st = await make_store(etcd_server, "cp-w")
     w = Writer(st)
     w.start()
     await st.commit([Put(b"/gpumesh/v1/taken", b"x")])
@@ -69,6 +73,7 @@ async def test_group_commit_merges_and_isolates_a_conflict(etcd_server, etcd_cli
     res = await etcd_client.get_prefix(b"/gpumesh/v1/k")
     assert len(res.kvs) == 50
     await w.stop()
+    await st.revoke_lease(st.session_lease)
     await st.close()
 
 

@@ -43,7 +43,8 @@ class Clock:
 async def manager(etcd_server, etcd_client):
     store = EtcdStore([etcd_server.endpoint])
     await store.connect()
-    await store.become_leader("telemetry-test", ttl=5)
+    # a long lease: a 5 s one (refreshed within 1.25 s) lapses on a stalled worker and the store stops writing
+    await store.become_leader("telemetry-test", ttl=30)
     ctl = Controller(store)
     ctl.writer.start()
     fleet = make_fleet(("n1", [("H100-80GB", True), ("H100-80GB", True)]))
@@ -57,6 +58,7 @@ async def manager(etcd_server, etcd_client):
     mgr = TelemetryManager(ctl, Policy(), clock=clock)
     yield mgr, ctl, clock
     await ctl.writer.stop()
+    await store.revoke_lease(store.session_lease)
     await store.close()
 
 

@@ -148,7 +148,7 @@ def test_peer_process_and_peer_gone():
 
 # -- resource limits: a connection flood, idle anonymous channels, a full inbox ------------------------------
 
-def _wait_for(cond, deadline_s: float = 10.0, what: str = "condition"):
+def _wait_for(cond, deadline_s: float = 30.0, what: str = "condition"):
     import time
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -184,7 +184,7 @@ def test_accept_survives_running_out_of_descriptors_and_close_still_ends_it(monk
         assert plane._thread.is_alive()
     finally:
         plane.close()
-    plane._thread.join(5)
+    plane._thread.join(30)
     assert not plane._thread.is_alive()
 
 

@@ -227,9 +227,11 @@ def test_the_key_guard_covers_every_path_of_any_uvicorn_app(tmp_path, key):
         "        return\n"
         "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
         "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
-        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
-        "print(port, flush=True)\n"
-        "uvicorn.run(app, host='127.0.0.1', port=port, log_level='error')\n")
+        # listening before the port is told (a connection queues until uvicorn accepts it), on a socket it
+        # keeps: no port freed and bound again later, which another test's process could take in between
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(64)\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "uvicorn.Server(uvicorn.Config(app, log_level='error')).run(sockets=[s])\n")
     code = vllm.GUARD_ALL_PATHS.replace(repr(vllm.SERVER_MODULE), repr("standin_server"))
     env = {**os.environ, "PYTHONPATH": str(tmp_path), vllm.API_KEY_ENV: key}
     p = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
@@ -239,13 +241,14 @@ def test_the_key_guard_covers_every_path_of_any_uvicorn_app(tmp_path, key):
         def status(path, sent=None):
             req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
                                          headers={"Authorization": f"Bearer {sent}"} if sent else {})
-            for _ in range(100):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
                 try:
-                    return urllib.request.urlopen(req, timeout=5).status
+                    return urllib.request.urlopen(req, timeout=30).status
                 except urllib.error.HTTPError as e:
                     return e.code
                 except OSError:
-                    time.sleep(0.1)            # not listening yet
+                    time.sleep(0.1)            # (it listens before it says its port: only a slow start lands here)
             raise AssertionError("the stand-in server never answered")
         if key:
             assert [status(p) for p in ("/health", "/metrics", "/invocations", "/v1/models")] == [401] * 4

@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from controlplane.controllers import nodes as nodes_mod
 from controlplane.controllers.nodes import NodeManager
 from controlplane.controllers.slices import Controller
 from controlplane.state import keys
 from controlplane.state.follower import Follower
 from controlplane.state.store import EtcdStore
+
+
+@pytest.fixture(autouse=True)
+def stop_bound(monkeypatch):
+    """The stops' safety bound at 60 s, not 5: a watch that ends at once still counts no overrun on a worker
+    stalled for seconds (etcd's answers come late), and the hang guarded against (for ever) still overruns it."""
+    from controlplane.state import follower
+    monkeypatch.setattr(follower, "STOP_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(nodes_mod, "STOP_TIMEOUT_S", 60.0)
 
 
 async def _store(etcd_server) -> EtcdStore:

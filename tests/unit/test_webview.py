@@ -113,10 +113,9 @@ async def test_live_streams_are_bounded_and_end_with_their_client(tmp_path, monk
             held[0].close()                                  # one client goes away
             await sessions[0].close()
             web = cp.web
-            for _ in range(100):                             # its stream ends at its next refresh
-                if len(web.streams) == 1:
-                    break
-                await asyncio.sleep(0.05)
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(web.streams) != 1 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)                    # its stream ends at its next refresh (0.2 s)
             assert len(web.streams) == 1
             r = await sessions[2].get(url)
             assert r.status == 200
