@@ -20,8 +20,8 @@ from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV, write_secret_file  # 
 from tests.unit._checkpoint_util import (assert_same_state, clean_env, finish, run_example,  # noqa: E402
                                          start_example, wait_for_socket, wait_for_step)
 
-STEPS = "400"
-SLOW = ("--sleep-ms", "10")  # a 4 s run at least: the migrations land mid-run even on a loaded machine
+STEPS = "1000"
+SLOW = ("--sleep-ms", "10")  # a 10 s run at least: the migrations land mid-run even on a stalled worker
 
 
 @pytest.fixture(scope="module")
