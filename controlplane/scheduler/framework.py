@@ -300,7 +300,7 @@ class Framework:
                 pl = self.find(state, one, fleet, nodes, reasons)
                 if pl is None:
                     return None
-                tags.append(assume(fleet, pl, f"__assume-{i}"))
+                tags.append(assume(fleet, pl, f"__assume-{i}", one))
                 done.append(pl)
             return done
         finally:
@@ -329,9 +329,10 @@ def request_key(req: SliceRequest, version: int) -> tuple:
             req.count, req.topology, req.cpu_milli, req.host_memory_bytes, req.labels.get(POOL_LABEL), version)
 
 
-def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:
+def assume(fleet: Fleet, pl: Placement, tag: str, req: SliceRequest | None = None) -> list[str]:
     """Mark a placement taken in the fleet with placeholder slices (so the next cycle sees it);
-    returns their ids for `forget`."""
+    returns their ids for `forget`. With `req`, they carry its tenant, labels and anti-affinity rules
+    as the bound slices will, so the next slice of a spread gang honours anti-affinity to them."""
     from gpumesh.v1 import types_pb2
     from mesh.slicespec import ISOLATION_ENUM
     ids = []
@@ -340,6 +341,10 @@ def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:
                             isolation=ISOLATION_ENUM.get(pick.isolation, 0), profile=pick.profile or "",
                             memory_bytes=pick.memory_bytes, compute_share=pick.compute_share,
                             cpu_milli=pick.cpu_milli, host_memory_bytes=pick.host_memory_bytes)
+        if req is not None:
+            s.tenant = req.tenant
+            s.labels.update(req.labels)
+            s.anti_affinity.update(req.anti_affinity)
         if pick.profile:
             s.placement.start, s.placement.size = pick.start, pick.size
         fleet.put_slice(s)
