@@ -25,7 +25,7 @@ class Plugin:
         for k, v in q.items():
             if k not in LIMITS:
                 raise ValueError(f"{NAME}: unknown quota {k!r} for {who}; allowed: {', '.join(LIMITS)}")
-            if not isinstance(v, (int, float)) or v < 0:
+            if not isinstance(v, (int, float)) or not v >= 0:   # NaN: never exceeded
                 raise ValueError(f"{NAME}: {who}.{k} must be a number >= 0, not {v!r}")
         return dict(q)
 
