@@ -72,6 +72,22 @@ async def test_group_commit_merges_and_isolates_a_conflict(etcd_server, etcd_cli
     await st.close()
 
 
+async def test_group_commit_never_merges_past_etcds_operation_limit(etcd_server, etcd_client):
+    # two writes of 100 puts each (the event recorder's and retention's chunks) queued together: merged they
+    # were one transaction of 200 operations, which etcd refuses (--max-txn-ops 128), failing both callers
+    st = await make_store(etcd_server, "cp-big", ttl=5)
+    w = Writer(st)
+    w.start()
+    writes = [w.write([Put(f"/gpumesh/v1/big{j}/{i}".encode(), b"v") for i in range(100)]) for j in range(3)]
+    small = w.write([Put(b"/gpumesh/v1/small", b"v")], [Absent(b"/gpumesh/v1/small")])
+    results = await asyncio.gather(*writes, small, return_exceptions=True)
+    assert all(isinstance(r, int) for r in results), results
+    assert len((await etcd_client.get_prefix(b"/gpumesh/v1/big")).kvs) == 300
+    assert not st.lost_leadership.is_set()
+    await w.stop()
+    await st.close()
+
+
 def test_key_layout():
     assert keys.slice_("s-1") == b"/gpumesh/v1/slices/s-1"
     assert keys.name_of(keys.alive("n1"), keys.ALIVE) == "n1"
