@@ -271,9 +271,15 @@ class EtcdStore:
         applied at R. No put above `before`: not applied (0, a clean failure). A transaction of deletes
         only: applied when every key existed at `before` and is gone now. Anything else (half applied,
         or unknowable): leadership is dropped, so a fresh leader reloads etcd rather than this process
-        serving a fleet that may differ from it."""
+        serving a fleet that may differ from it.
+
+        "Not applied" is only answered after a barrier: a timed-out transaction may sit in etcd's raft log and be
+        applied after the read-back (a quorum's disks stalled past the deadline), so a fenced write is committed
+        first (`_barrier`): everything proposed before it is applied by the time it is, and the keys are read
+        again."""
         puts = [o for o in ops if isinstance(o, Put)]
         deletes = [o for o in ops if not isinstance(o, Put)]
+        barrier = False
         for _ in range(tries):
             if self.lost_leadership.is_set():
                 return 0
@@ -284,6 +290,10 @@ class EtcdStore:
                         kv, _ = await self._range(o.key)
                         revs.add(kv.mod_revision if kv is not None and kv.mod_revision > before else 0)
                     if revs == {0}:
+                        if not barrier:
+                            await self._barrier()
+                            barrier = True
+                            continue
                         return 0
                     if len(revs) == 1:
                         rev = revs.pop()
@@ -303,6 +313,10 @@ class EtcdStore:
                 if all(existed) and all(gone):
                     return now_rev
                 if not any(existed) or not any(gone):
+                    if any(existed) and not barrier:      # deletes of existing keys that may still apply
+                        await self._barrier()
+                        barrier = True
+                        continue
                     return 0
                 break
             except Exception:  # noqa: BLE001 - etcd still unreachable: wait for a member
@@ -310,6 +324,20 @@ class EtcdStore:
         log.error("cannot tell whether an etcd write was applied: giving up leadership")
         self.lost_leadership.set()
         raise errors.Unavailable("etcd: the outcome of a write is unknown; this control plane stepped down")
+
+    async def _barrier(self) -> None:
+        """Commit a fenced write of `keys.BARRIER`: once etcd answers, every transaction proposed before it has
+        been applied or never will be. Fenced off (another leader): leadership is lost, and a transaction of this
+        process still pending fails its own leader compare."""
+        tx = self.client.transactions
+        fence = tx.create(keys.LEADER.encode()) == self.leader_revision
+        resp = await self.client.kvstub.Txn(
+            aetcd.rpc.TxnRequest(compare=[fence.build_message()],
+                                 success=self.client._ops_to_requests([tx.put(keys.BARRIER.encode(), b"")])),
+            timeout=self.client._timeout, metadata=self.client.metadata)
+        self.revision = max(self.revision, resp.header.revision)
+        if not resp.succeeded:
+            self.lost_leadership.set()
 
     # -- node leases -----------------------------------------------------------------
 

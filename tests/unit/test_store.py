@@ -1,11 +1,13 @@
 """The etcd store against a real etcd: leader fencing and group commit."""
 
 import asyncio
+import types
 
+import aetcd
 import pytest
 
 from controlplane.state import keys
-from controlplane.state.store import Absent, EtcdStore, Present, Put
+from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
 from controlplane.state.writer import Writer
 from mesh import errors
 
@@ -85,6 +87,40 @@ async def test_group_commit_never_merges_past_etcds_operation_limit(etcd_server,
     assert len((await etcd_client.get_prefix(b"/gpumesh/v1/big")).kvs) == 300
     assert not st.lost_leadership.is_set()
     await w.stop()
+    await st.close()
+
+
+class LateTxn:
+    """kvstub.Txn whose first transaction loses its answer and reaches etcd only just before the next one, as a
+    proposal stuck in etcd's raft log past the client's deadline (a quorum's disks stalled) is applied later."""
+
+    def __init__(self, stub) -> None:
+        self.stub, self.held, self.calls = stub, None, 0
+
+    async def __call__(self, request, **kw):
+        self.calls += 1
+        if self.calls == 1:
+            self.held = (request, kw)
+            raise aetcd.exceptions.ConnectionTimeoutError("deadline exceeded")
+        if self.held is not None:
+            (late, late_kw), self.held = self.held, None
+            await self.stub.Txn(late, **late_kw)
+        return await self.stub.Txn(request, **kw)
+
+
+@pytest.mark.parametrize("op", ["put", "delete"])
+async def test_a_lost_write_applied_after_its_read_back_is_not_answered_as_failed(etcd_server, etcd_client, op):
+    st = await make_store(etcd_server, f"cp-late-{op}", ttl=5)
+    key = f"/gpumesh/v1/slices/late-{op}".encode()
+    if op == "delete":
+        await st.commit([Put(key, b"v")])
+    late = LateTxn(st.client.kvstub)
+    st.client.kvstub = types.SimpleNamespace(Txn=late, Range=st.client.kvstub.Range)
+    rev = await st.commit([Put(key, b"v2")] if op == "put" else [Delete(key)])
+    assert rev > 0                  # before: "not applied" (UNAVAILABLE), and then etcd applied it all the same
+    kv = await etcd_client.get(key)
+    assert (kv is not None and kv.value == b"v2") if op == "put" else kv is None
+    assert not st.lost_leadership.is_set()
     await st.close()
 
 
