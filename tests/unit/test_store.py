@@ -124,6 +124,23 @@ async def test_a_lost_write_applied_after_its_read_back_is_not_answered_as_faile
     await st.close()
 
 
+async def test_a_dead_first_endpoint_of_named_members_is_passed_over(etcd_server, etcd_client):
+    # endpoints by host name (docs/operations.md: https://etcd-1:2379, ...) were one channel to the first alone:
+    # with that member down the control plane could neither campaign nor write, whatever the others
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]                     # nothing listens here once closed
+    port = etcd_server.endpoint.rsplit(":", 1)[1]
+    st = EtcdStore([f"http://localhost:{dead}", f"http://localhost:{port}"], timeout=3)
+    await st.connect()
+    await st.become_leader("cp-named", ttl=5, wait=5)
+    await st.commit([Put(b"/gpumesh/v1/named", b"1")])
+    assert (await st.load()).kvs[b"/gpumesh/v1/named"][0] == b"1"
+    assert (await etcd_client.get(b"/gpumesh/v1/named")).value == b"1"
+    await st.close()
+
+
 def test_key_layout():
     assert keys.slice_("s-1") == b"/gpumesh/v1/slices/s-1"
     assert keys.name_of(keys.alive("n1"), keys.ALIVE) == "n1"
