@@ -81,6 +81,7 @@ class Framework:
                        and hasattr(self.node_scorers[0][0], "pick") else None)
         self.reservers = [p for p in profile.plugins if hasattr(p, "reserve")]
         self.post_filters = [p for p in profile.plugins if hasattr(p, "post_filter")]
+        self.permits = [p for p in profile.plugins if hasattr(p, "permit")]
         self.observers = [p for p in profile.plugins if hasattr(p, "observe")]
         for p in profile.plugins:
             if hasattr(p, "on_change"):
@@ -274,13 +275,22 @@ class Framework:
         reasons = Reasons() if explain else None
         placements = self._place_all(state, req, fleet, reasons)
         if placements is not None:
-            return Decision(SUCCESS, placements)
+            return self._permit(state, req, fleet, Decision(SUCCESS, placements))
         if allow_preemption and req.preempt:
             for p in self.post_filters:
                 d = p.post_filter(self, state, req, fleet)
                 if d is not None and d.ok:
-                    return d
+                    return self._permit(state, req, fleet, d)
         return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=reasons.summary() if reasons else {})
+
+    def _permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, d: Decision) -> Decision:
+        """The decision, unless a permit plugin (the tenant's quota, on what the chosen slices really take)
+        refuses it."""
+        for p in self.permits:
+            st = p.permit(state, req, fleet, d.choices, d.victims)
+            if not st.ok:
+                return Decision(st, reasons=dict(st.reasons))
+        return d
 
     def _place_all(self, state: CycleState, req: SliceRequest, fleet: Fleet, reasons: Reasons | None,
                    nodes: Iterable[NodeEntry] | None = None) -> list[Placement] | None:

@@ -1,5 +1,9 @@
 """TenantQuota: a tenant may hold at most so many slices, GPU memory bytes and GPUs (the sum of
-its slices' compute shares); a request over a limit is refused naming the quota."""
+its slices' compute shares); a request over a limit is refused naming the quota.
+
+The pre-filter refuses early from what the request names; `permit` checks the placement the cycle chose,
+with the memory and compute shares its slices will really hold (a MIG profile's, a time-share slice's whole
+GPU: the request does not name them), less what preempting the tenant's own victims gives back."""
 
 from __future__ import annotations
 
@@ -37,10 +41,29 @@ class Plugin:
         share = 1.0 if req.isolation == "exclusive" else (req.compute_share or (1.0 if req.memory_bytes == 0 else 0.0))
         want = {"max_slices": (slices, req.count), "max_memory_bytes": (memory, req.memory_bytes * req.count),
                 "max_gpus": (gpus, share * req.count)}
-        for k, limit in q.items():
-            used, more = want[k]
-            if used + more > limit + 1e-9:
-                why = (f"tenant {req.tenant} quota {k}={limit:g} exceeded: uses {used:g}, "
-                       f"asks {more:g} more")
-                return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
-        return SUCCESS
+        return _check_limits(req.tenant, q, want)
+
+    def permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, choices: list, victims=()) -> Status:
+        """The chosen placement (`choices`, after evicting the allocations `victims`) within the quota."""
+        q = self.tenants.get(req.tenant, self.default)
+        if not q:
+            return SUCCESS
+        slices, memory, gpus = fleet.usage.get(req.tenant, (0, 0, 0.0))
+        for a in victims:
+            for s in fleet.slices_of(a):
+                if s.tenant == req.tenant:
+                    slices, memory, gpus = slices - 1, memory - s.memory_bytes, gpus - s.compute_share
+        want = {"max_slices": (slices, len(choices)),
+                "max_memory_bytes": (memory, sum(c.memory_bytes for c in choices)),
+                "max_gpus": (gpus, sum(c.compute_share for c in choices))}
+        return _check_limits(req.tenant, q, want)
+
+
+def _check_limits(tenant: str, q: dict, want: dict) -> Status:
+    for k, limit in q.items():
+        used, more = want[k]
+        if used + more > limit + 1e-9:
+            why = (f"tenant {tenant} quota {k}={limit:g} exceeded: uses {used:g}, "
+                   f"asks {more:g} more")
+            return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
+    return SUCCESS
