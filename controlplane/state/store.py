@@ -289,7 +289,11 @@ class EtcdStore:
         self.revision = max(self.revision, resp.header.revision)
         if resp.succeeded:
             return resp.header.revision
-        leader = await self._call(lambda c: c.get(keys.LEADER.encode()))
+        try:    # not applied, for sure: whichever it was, the callers get a typed error (the writer's contract)
+            leader = await self._call(lambda c: c.get(keys.LEADER.encode()))
+        except ETCD_ERRORS as e:
+            WRITE_ERRORS.labels("etcd").inc()
+            raise errors.Unavailable(f"etcd: a precondition failed, and then etcd could not be read ({e})") from e
         if leader is None or leader.create_revision != self.leader_revision:
             self.lost_leadership.set()
             WRITE_ERRORS.labels("not_leader").inc()

@@ -141,6 +141,22 @@ async def test_a_dead_first_endpoint_of_named_members_is_passed_over(etcd_server
     await st.close()
 
 
+async def test_a_refused_write_whose_leader_check_fails_raises_a_typed_error(etcd_server, etcd_client):
+    # the writer fails only MeshErrors to their callers; anything else counts as a crash of the writer (5 in a
+    # minute and the leader steps down): a refused precondition and then an etcd blip must not be one
+    st = await make_store(etcd_server, "cp-check", ttl=5)
+    await st.commit([Put(b"/gpumesh/v1/there", b"1")])
+
+    async def unreachable(*a, **kw):
+        raise aetcd.exceptions.ConnectionFailedError("etcd unreachable")
+    real, st.client.get = st.client.get, unreachable
+    with pytest.raises(errors.Unavailable):
+        await st.commit([Put(b"/gpumesh/v1/there", b"2")], [Absent(b"/gpumesh/v1/there")])
+    st.client.get = real
+    assert not st.lost_leadership.is_set()
+    await st.close()
+
+
 def test_key_layout():
     assert keys.slice_("s-1") == b"/gpumesh/v1/slices/s-1"
     assert keys.name_of(keys.alive("n1"), keys.ALIVE) == "n1"
