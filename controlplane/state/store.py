@@ -77,14 +77,11 @@ class EtcdStore:
         if not endpoints:
             raise ValueError("etcd endpoints: at least one is needed")
         self.endpoints = endpoints
-        parsed = [parse_endpoint(e) for e in endpoints]
-        if len(parsed) > 1 and all(_is_ipv4(h) for h, _ in parsed):
-            # One gRPC channel over every member (target "ipv4:A:1,B:2,C:3"): a dead member's
-            # calls fail once, the next ones go to a live member.
-            parsed = [("ipv4:" + ",".join(f"{h}:{p}" for h, p in parsed[:-1]) + "," + parsed[-1][0], parsed[-1][1])]
-        # Else (host names: a channel cannot list several) one client per endpoint, used one at a time: a
-        # connection error moves the calls to come on to the next endpoint (`_failover`).
-        self._targets = parsed
+        # One client per endpoint, used one at a time: an error that says the member cannot serve (unreachable, or
+        # cut off from the quorum: "no leader", see etcdtls.REQUIRE_LEADER) moves the calls to come on to the next
+        # endpoint (`_failover`). (One channel over every member, "ipv4:A:1,B:2", took host names not at all, and
+        # stayed on a member that was reachable but had no leader.)
+        self._targets = [parse_endpoint(e) for e in endpoints]
         self._client_args = dict(timeout=timeout, credentials=credentials, username=username or None,
                                  password=password or None, options={
                                      "grpc.max_receive_message_length": 64 << 20,
@@ -437,11 +434,6 @@ def _unreachable(e: BaseException) -> bool:
         return True
     code = getattr(e, "code", None)
     return callable(code) and code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _is_ipv4(host: str) -> bool:
-    parts = host.split(".")
-    return len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
 
 
 def encode_leader(identity: str, endpoint: str = "") -> bytes:
