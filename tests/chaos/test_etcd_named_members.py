@@ -37,3 +37,36 @@ def test_first_named_member_killed_the_store_fails_over(tmp_path, figures):
         got = asyncio.run(scenario(cluster))
     assert got["refused_writes"] <= 3
     figures["etcd_named_member_killed"] = got
+
+
+def test_first_member_frozen_the_store_moves_on(tmp_path, figures):
+    # a hung host (SIGSTOP: connections stay open, nothing answers); IPv4 endpoints, as the chaos cluster has them
+    import os
+    import signal
+
+    async def scenario(cluster: EtcdCluster) -> dict:
+        st = EtcdStore(cluster.endpoints, timeout=2)
+        await st.connect()
+        await st.become_leader("cp-frozen", ttl=5, wait=5)
+        os.kill(cluster.members[0].proc.pid, signal.SIGSTOP)
+        try:
+            t0, failed = time.monotonic(), 0
+            for i in range(10):
+                try:
+                    await st.commit([Put(b"/gpumesh/v1/chaos/frozen", str(i).encode())])
+                    break
+                except errors.Unavailable:
+                    failed += 1
+            took = time.monotonic() - t0
+            await asyncio.sleep(6)             # past the session's TTL
+            assert not st.lost_leadership.is_set()
+            await st.commit([Put(b"/gpumesh/v1/chaos/frozen", b"last")])
+        finally:
+            os.kill(cluster.members[0].proc.pid, signal.SIGCONT)
+            await st.close()
+        return {"faults": 1, "refused_writes": failed, "failover_seconds": round(took, 2)}
+
+    with EtcdCluster(tmp_path / "etcd", members=3) as cluster:
+        got = asyncio.run(scenario(cluster))
+    assert got["refused_writes"] <= 3
+    figures["etcd_first_member_frozen"] = got
