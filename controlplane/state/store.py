@@ -277,6 +277,9 @@ class EtcdStore:
                 timeout=client._timeout, metadata=client.metadata)
         except Exception as e:  # ETCD_ERRORS, or grpc.aio.AioRpcError from the raw stub
             self._failover(client, e)
+            if _refused(e):     # etcd's answer, a refusal (no space, too many operations): not applied
+                WRITE_ERRORS.labels("etcd").inc()
+                raise errors.Unavailable(f"etcd refused the write: {getattr(e, 'details', lambda: e)()}") from e
             # The transaction may or may not have been applied (a member died with the answer).
             rev = await self._resolve(ops, before)
             if rev:
@@ -434,6 +437,18 @@ def _unreachable(e: BaseException) -> bool:
         return True
     code = getattr(e, "code", None)
     return callable(code) and code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
+                       grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OUT_OF_RANGE})
+
+
+def _refused(e: BaseException) -> bool:
+    """etcd answered and refused (the transaction was not applied), as opposed to an answer that may be lost:
+    read back, and proved by a barrier write, which a refusing etcd (its space quota reached) would refuse too."""
+    code = getattr(e, "code", None)
+    return callable(code) and code() in _REFUSALS
 
 
 def encode_leader(identity: str, endpoint: str = "") -> bytes:

@@ -157,6 +157,17 @@ async def test_a_refused_write_whose_leader_check_fails_raises_a_typed_error(etc
     await st.close()
 
 
+async def test_a_write_etcd_refuses_is_not_read_back(etcd_server, etcd_client):
+    # a refusal is an answer (etcd's space quota reached, too many operations): not applied, no read-back and no
+    # barrier write, which a full etcd would refuse too (20 tries, then the leader stepped down over nothing)
+    st = await make_store(etcd_server, "cp-refused", ttl=5)
+    with pytest.raises(errors.Unavailable, match="refused"):
+        await st.commit([Put(f"/gpumesh/v1/many/{i}".encode(), b"v") for i in range(200)])
+    assert await etcd_client.get(b"/gpumesh/v1/barrier") is None
+    assert not st.lost_leadership.is_set()
+    await st.close()
+
+
 def test_key_layout():
     assert keys.slice_("s-1") == b"/gpumesh/v1/slices/s-1"
     assert keys.name_of(keys.alive("n1"), keys.ALIVE) == "n1"
