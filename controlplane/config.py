@@ -231,9 +231,18 @@ class ControlPlaneConfig:
             parse_hostport(self.metrics_listen, "metrics_listen")
         if self.web_listen:
             parse_hostport(self.web_listen, "web_listen")
+        from controlplane.state.store import parse_endpoint
         for url in self.etcd_endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"etcd_endpoints: {url!r} must start with http:// or https://")
+            try:    # the store parses them at start: a bad one was a traceback there, naming no option
+                parse_endpoint(url)
+            except ValueError:
+                raise ConfigError(f"etcd_endpoints: {url!r} is not http(s)://HOST:PORT (a port 1-65535 is "
+                                  f"needed)") from None
+        if len({url.split("://", 1)[0] for url in self.etcd_endpoints}) > 1:
+            # one set of channel credentials serves them all: TLS to a plaintext member fails its every call
+            raise ConfigError(f"etcd_endpoints: {self.etcd_endpoints!r} mix http:// and https://; use one scheme")
         if self.etcd_compaction_retention and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s))+|\d+",
                                                                self.etcd_compaction_retention):
             raise ConfigError(f"etcd_compaction_retention: {self.etcd_compaction_retention!r} is not a duration "

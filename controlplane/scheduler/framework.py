@@ -81,6 +81,7 @@ class Framework:
                        and hasattr(self.node_scorers[0][0], "pick") else None)
         self.reservers = [p for p in profile.plugins if hasattr(p, "reserve")]
         self.post_filters = [p for p in profile.plugins if hasattr(p, "post_filter")]
+        self.permits = [p for p in profile.plugins if hasattr(p, "permit")]
         self.observers = [p for p in profile.plugins if hasattr(p, "observe")]
         for p in profile.plugins:
             if hasattr(p, "on_change"):
@@ -274,13 +275,22 @@ class Framework:
         reasons = Reasons() if explain else None
         placements = self._place_all(state, req, fleet, reasons)
         if placements is not None:
-            return Decision(SUCCESS, placements)
+            return self._permit(state, req, fleet, Decision(SUCCESS, placements))
         if allow_preemption and req.preempt:
             for p in self.post_filters:
                 d = p.post_filter(self, state, req, fleet)
                 if d is not None and d.ok:
-                    return d
+                    return self._permit(state, req, fleet, d)
         return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=reasons.summary() if reasons else {})
+
+    def _permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, d: Decision) -> Decision:
+        """The decision, unless a permit plugin (the tenant's quota, on what the chosen slices really take)
+        refuses it."""
+        for p in self.permits:
+            st = p.permit(state, req, fleet, d.choices, d.victims)
+            if not st.ok:
+                return Decision(st, reasons=dict(st.reasons))
+        return d
 
     def _place_all(self, state: CycleState, req: SliceRequest, fleet: Fleet, reasons: Reasons | None,
                    nodes: Iterable[NodeEntry] | None = None) -> list[Placement] | None:
@@ -300,7 +310,7 @@ class Framework:
                 pl = self.find(state, one, fleet, nodes, reasons)
                 if pl is None:
                     return None
-                tags.append(assume(fleet, pl, f"__assume-{i}"))
+                tags.append(assume(fleet, pl, f"__assume-{i}", one))
                 done.append(pl)
             return done
         finally:
@@ -329,9 +339,10 @@ def request_key(req: SliceRequest, version: int) -> tuple:
             req.count, req.topology, req.cpu_milli, req.host_memory_bytes, req.labels.get(POOL_LABEL), version)
 
 
-def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:
+def assume(fleet: Fleet, pl: Placement, tag: str, req: SliceRequest | None = None) -> list[str]:
     """Mark a placement taken in the fleet with placeholder slices (so the next cycle sees it);
-    returns their ids for `forget`."""
+    returns their ids for `forget`. With `req`, they carry its tenant, labels and anti-affinity rules
+    as the bound slices will, so the next slice of a spread gang honours anti-affinity to them."""
     from gpumesh.v1 import types_pb2
     from mesh.slicespec import ISOLATION_ENUM
     ids = []
@@ -340,6 +351,10 @@ def assume(fleet: Fleet, pl: Placement, tag: str) -> list[str]:
                             isolation=ISOLATION_ENUM.get(pick.isolation, 0), profile=pick.profile or "",
                             memory_bytes=pick.memory_bytes, compute_share=pick.compute_share,
                             cpu_milli=pick.cpu_milli, host_memory_bytes=pick.host_memory_bytes)
+        if req is not None:
+            s.tenant = req.tenant
+            s.labels.update(req.labels)
+            s.anti_affinity.update(req.anti_affinity)
         if pick.profile:
             s.placement.start, s.placement.size = pick.start, pick.size
         fleet.put_slice(s)

@@ -15,6 +15,7 @@ A scheduler configuration file (YAML; `scheduler_config` in the control plane's 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from controlplane.scheduler.framework import Framework, Profile
@@ -60,8 +61,8 @@ def build(name: str = "default", weights: dict[str, float] | None = None, args: 
     for k, v in (weights or {}).items():
         if k not in REGISTRY:
             raise ConfigError(f"weights: unknown plugin {k!r}; allowed: {', '.join(sorted(REGISTRY))}")
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"weights.{k}: {v!r} is not a number >= 0")
+        if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ConfigError(f"weights.{k}: {v!r} is not a finite number >= 0")
         w[k] = float(v)
     a: dict[str, dict] = {k: dict(v) for k, v in base_args.items()}
     for k, v in (args or {}).items():

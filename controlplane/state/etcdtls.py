@@ -21,13 +21,27 @@ def credentials(ca: str = "", cert: str = "", key: str = ""):
     return tls.channel_credentials(ca, cert, key)
 
 
+REQUIRE_LEADER = ("hasleader", "true")
+"""gRPC metadata etcd's clientv3 sends with `WithRequireLeader`: a member cut off from the quorum then answers
+"no leader" (UNAVAILABLE) at once and ends its watch streams so. Without it a watch there stays open and silent
+for as long as the cut lasts (a standby's follower served reads ever staler), and calls wait for their deadline."""
+
+
 class TlsClient(aetcd.Client):
     def __init__(self, *args, credentials=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._credentials = credentials
+        self.metadata = (REQUIRE_LEADER,)
+
+    async def connect(self) -> None:
+        await self._connect()
+        if REQUIRE_LEADER not in (self.metadata or ()):     # authentication replaced the metadata with its token
+            self.metadata = tuple(self.metadata or ()) + (REQUIRE_LEADER,)
+            if self._watcher is not None:
+                self._watcher._metadata = self.metadata
 
     @_handle_errors
-    async def connect(self) -> None:
+    async def _connect(self) -> None:
         if self._credentials is None:
             return await super().connect()
         if self._connected.is_set():

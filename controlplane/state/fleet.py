@@ -295,7 +295,17 @@ class Fleet:
             if record.inventory != entry.record.inventory:
                 for g in entry.gpus:
                     self.index.discard(g)
-                entry.gpus = gpus_from_inventory(record.name, record.inventory)
+                old = {(g.index, g.uuid): g for g in entry.gpus}
+                gpus = gpus_from_inventory(record.name, record.inventory)
+                for g in gpus:
+                    # the same GPU (index and UUID) keeps what the telemetry and health controllers judged of it:
+                    # only a control-plane start restores that from etcd, so a quarantined GPU would otherwise be
+                    # schedulable again after any change of its node's inventory (a re-registration)
+                    o = old.get((g.index, g.uuid))
+                    if o is not None:
+                        g.health, g.memory_pressure, g.thermal_state = o.health, o.memory_pressure, o.thermal_state
+                        g.telemetry = o.telemetry
+                entry.gpus = gpus
                 for g in entry.gpus:
                     self.index.add(g)
             entry.record = record

@@ -158,6 +158,9 @@ class Follower:
             self.event_log.end_all()
         self.event_log.clear()
         self._alive = rebuild(self.ctl, snap)
+        for key, (value, _rev, _lease) in snap.kvs.items():
+            if key.startswith(keys.GPU_HEALTH.encode()):
+                self._apply_health(False, key.decode(), value)
         self.workloads.workloads.clear()
         self.mesh.connections.clear()
         self.mesh.grants.clear()
@@ -229,6 +232,19 @@ class Follower:
             table[name] = msg.FromString(value)
         return True
 
+    def _apply_health(self, deleted: bool, key: str, value: bytes) -> None:
+        """A GPU's durable health (the leader's HealthController.restore does the same at its start): the standby's
+        ListGpus/GetNode showed every GPU healthy, a quarantined one included."""
+        from controlplane.controllers.health import HEALTH_NAME
+        node, _, index = key[len(keys.GPU_HEALTH):].rpartition("/")
+        g = self.ctl.fleet.gpu(node, int(index)) if index.isdigit() else None
+        if g is None:
+            return
+        rec = types_pb2.GpuTelemetry() if deleted else types_pb2.GpuTelemetry.FromString(value)
+        g.health = "healthy" if deleted else HEALTH_NAME.get(rec.health, "unhealthy")
+        g.telemetry = (types_pb2.GpuTelemetry(index=g.index, health=rec.health, health_reason=rec.health_reason)
+                       if g.health != "healthy" else None)
+
     def apply(self, deleted: bool, key: str, value: bytes, revision: int, lease: int = 0) -> None:
         """One watch event: a node record, an alive key (readiness), a slice, a workload or a mesh
         record; other keys are ignored."""
@@ -268,6 +284,8 @@ class Follower:
                 entry = fleet.upsert_node(decode_node(value))
                 entry.ready = name in self._alive
                 entry.lease_id = self._alive.get(name, 0)
+        elif key.startswith(keys.GPU_HEALTH):
+            self._apply_health(deleted, key, value)
         elif key.startswith(keys.REQUESTS):
             tenant, _, rid = key[len(keys.REQUESTS):].partition("/")
             if deleted:

@@ -17,6 +17,7 @@ import uuid
 
 import aetcd
 import aetcd.exceptions
+import grpc
 from prometheus_client import Counter
 
 from controlplane.state import keys
@@ -76,19 +77,18 @@ class EtcdStore:
         if not endpoints:
             raise ValueError("etcd endpoints: at least one is needed")
         self.endpoints = endpoints
-        host, port = parse_endpoint(endpoints[0])
-        parsed = [parse_endpoint(e) for e in endpoints]
-        if len(parsed) > 1 and all(_is_ipv4(h) for h, _ in parsed):
-            # One gRPC channel over every member (target "ipv4:A:1,B:2,C:3"): a dead member's
-            # calls fail once, the next ones go to a live member.
-            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in parsed[:-1]) + "," + parsed[-1][0]
-            port = parsed[-1][1]
-        from controlplane.state.etcdtls import TlsClient
-        self.client = TlsClient(host=host, port=port, timeout=timeout, credentials=credentials,
-                                username=username or None, password=password or None, options={
-            "grpc.max_receive_message_length": 64 << 20,
-            "grpc.keepalive_time_ms": 10_000,
-        })
+        # One client per endpoint, used one at a time: an error that says the member cannot serve (unreachable, or
+        # cut off from the quorum: "no leader", see etcdtls.REQUIRE_LEADER) moves the calls to come on to the next
+        # endpoint (`_failover`). (One channel over every member, "ipv4:A:1,B:2", took host names not at all, and
+        # stayed on a member that was reachable but had no leader.)
+        self._targets = [parse_endpoint(e) for e in endpoints]
+        self._client_args = dict(timeout=timeout, credentials=credentials, username=username or None,
+                                 password=password or None, options={
+                                     "grpc.max_receive_message_length": 64 << 20,
+                                     "grpc.keepalive_time_ms": 10_000})
+        self._clients: dict = {}
+        self._at = 0
+        self.client = self._client(0)
         self.identity = ""
         self.leader_revision = 0
         self.session_lease: int | None = None
@@ -97,15 +97,47 @@ class EtcdStore:
         self._keepalive_task: asyncio.Task | None = None
 
     async def connect(self) -> None:
-        await self.client.connect()
+        await self._call(lambda c: c.connect())
 
     async def close(self) -> None:
         if self._keepalive_task:
             self._keepalive_task.cancel()
-        try:
-            await self.client.close()
-        except ETCD_ERRORS:
-            pass
+        for client in self._clients.values():
+            try:
+                await client.close()
+            except ETCD_ERRORS:
+                pass
+
+    # -- endpoints -------------------------------------------------------------------
+
+    def _client(self, i: int):
+        client = self._clients.get(i)
+        if client is None:
+            from controlplane.state.etcdtls import TlsClient
+            host, port = self._targets[i]
+            client = self._clients[i] = TlsClient(host=host, port=port, **self._client_args)
+        return client
+
+    def _failover(self, client, e: BaseException) -> None:
+        """After `client` failed to reach etcd: the next endpoint serves the calls to come (unless another call
+        moved on from `client` already)."""
+        if len(self._targets) < 2 or client is not self.client or not _unreachable(e):
+            return
+        self._at = (self._at + 1) % len(self._targets)
+        self.client = self._client(self._at)
+        log.warning("etcd endpoint unreachable; trying the next", extra={"fields": {
+            "error": repr(e), "next": "%s:%s" % self._targets[self._at]}})
+
+    async def _call(self, fn):
+        """`await fn(client)` at the current endpoint; when it cannot be reached, again at each other one."""
+        for tried in range(len(self._targets)):
+            client = self.client
+            try:
+                return await fn(client)
+            except Exception as e:  # noqa: BLE001 - re-raised unless another endpoint is tried
+                self._failover(client, e)
+                if self.client is client or tried == len(self._targets) - 1:
+                    raise
 
     # -- leadership --------------------------------------------------------------
 
@@ -126,22 +158,22 @@ class EtcdStore:
         lease = None
         while True:
             if lease is None:
-                lease = await self.client.lease(ttl)
-            ok, _ = await self.client.transaction(
+                lease = await self._call(lambda c: c.lease(ttl))
+            ok, _ = await self._call(lambda c: c.transaction(
                 compare=[tx.create(keys.LEADER.encode()) == 0],
-                success=[tx.put(keys.LEADER.encode(), value, lease=lease.id)], failure=[])
+                success=[tx.put(keys.LEADER.encode(), value, lease=lease.id)], failure=[]))
             if ok:
-                kv = await self.client.get(keys.LEADER.encode())
+                kv = await self._call(lambda c: c.get(keys.LEADER.encode()))
                 self.leader_revision = kv.create_revision
                 self.revision = max(self.revision, kv.mod_revision)
                 break
-            held = await self.client.get(keys.LEADER.encode())
+            held = await self._call(lambda c: c.get(keys.LEADER.encode()))
             if held is not None and decode_leader(held.value)[0] == identity:
                 # Our own previous incarnation (a restart) still holds the key: drop it and
                 # take it anew, so the leader key gets a fresh create revision (fencing).
-                dropped, _ = await self.client.transaction(
+                dropped, _ = await self._call(lambda c: c.transaction(
                     compare=[tx.mod(keys.LEADER.encode()) == held.mod_revision],
-                    success=[tx.delete(keys.LEADER.encode())], failure=[])
+                    success=[tx.delete(keys.LEADER.encode())], failure=[]))
                 if dropped:
                     continue
             if deadline is not None and loop.time() > deadline:
@@ -149,7 +181,7 @@ class EtcdStore:
                 raise errors.Unavailable("another control plane holds the leader key")
             await asyncio.sleep(poll)
             try:
-                reply = await self.client.refresh_lease(lease.id)
+                reply = await self._call(lambda c: c.refresh_lease(lease.id))
                 if reply is None or reply.TTL <= 0:
                     lease = None
             except ETCD_ERRORS:
@@ -170,7 +202,7 @@ class EtcdStore:
 
     async def leader(self) -> tuple[str, str]:
         """(identity, advertised endpoint) of the current leader; ("", "") when there is none."""
-        kv = await self.client.get(keys.LEADER.encode())
+        kv = await self._call(lambda c: c.get(keys.LEADER.encode()))
         return decode_leader(kv.value) if kv is not None else ("", "")
 
     async def _keep_session(self, lease_id: int, ttl: int) -> None:
@@ -182,15 +214,17 @@ class EtcdStore:
         delay = max(ttl / 3, 0.5)
         while True:
             await asyncio.sleep(delay)
+            client = self.client
             try:
                 async with asyncio.timeout(max(ttl / 4, 0.5)):   # not wait_for: it can drop a cancel (gh-86296)
-                    reply = await self.client.refresh_lease(lease_id)
+                    reply = await client.refresh_lease(lease_id)
                 if reply is not None and reply.TTL > 0:
                     last_ok = loop.time()
                     delay = max(ttl / 3, 0.5)
                     continue
                 log.error("leader session lease expired")
             except ETCD_ERRORS as e:
+                self._failover(client, e)         # the next try (0.25 s on) goes to the next endpoint
                 log.warning("leader session keepalive failed", extra={"fields": {"error": str(e)}})
                 if loop.time() - last_ok < ttl * 0.6:
                     delay = 0.25
@@ -201,13 +235,13 @@ class EtcdStore:
     # -- reads ---------------------------------------------------------------------
 
     async def load(self, prefix: str = keys.PREFIX) -> Snapshot:
-        res = await self.client.get_prefix(prefix.encode())
+        res = await self._call(lambda c: c.get_prefix(prefix.encode()))
         self.revision = max(self.revision, res.header.revision)
         kvs = {kv.key: (kv.value, kv.mod_revision, kv.lease) for kv in res.kvs}
         return Snapshot(revision=res.header.revision, kvs=kvs)
 
     async def get(self, key: bytes) -> bytes | None:
-        kv = await self.client.get(key)
+        kv = await self._call(lambda c: c.get(key))
         return kv.value if kv is not None else None
 
     # -- writes --------------------------------------------------------------------
@@ -234,12 +268,18 @@ class EtcdStore:
         # Every revision etcd gave out up to here is at most `before`: if this transaction is applied,
         # its keys carry a mod_revision above it (the read-back after a lost answer relies on that).
         before = self.revision
+        client = self.client
         try:
-            resp = await self.client.kvstub.Txn(
+            await client.connect()
+            resp = await client.kvstub.Txn(
                 aetcd.rpc.TxnRequest(compare=[c.build_message() for c in compare],
-                                     success=self.client._ops_to_requests(success)),
-                timeout=self.client._timeout, metadata=self.client.metadata)
+                                     success=client._ops_to_requests(success)),
+                timeout=client._timeout, metadata=client.metadata)
         except Exception as e:  # ETCD_ERRORS, or grpc.aio.AioRpcError from the raw stub
+            self._failover(client, e)
+            if _refused(e):     # etcd's answer, a refusal (no space, too many operations): not applied
+                WRITE_ERRORS.labels("etcd").inc()
+                raise errors.Unavailable(f"etcd refused the write: {getattr(e, 'details', lambda: e)()}") from e
             # The transaction may or may not have been applied (a member died with the answer).
             rev = await self._resolve(ops, before)
             if rev:
@@ -249,7 +289,11 @@ class EtcdStore:
         self.revision = max(self.revision, resp.header.revision)
         if resp.succeeded:
             return resp.header.revision
-        leader = await self.client.get(keys.LEADER.encode())
+        try:    # not applied, for sure: whichever it was, the callers get a typed error (the writer's contract)
+            leader = await self._call(lambda c: c.get(keys.LEADER.encode()))
+        except ETCD_ERRORS as e:
+            WRITE_ERRORS.labels("etcd").inc()
+            raise errors.Unavailable(f"etcd: a precondition failed, and then etcd could not be read ({e})") from e
         if leader is None or leader.create_revision != self.leader_revision:
             self.lost_leadership.set()
             WRITE_ERRORS.labels("not_leader").inc()
@@ -258,8 +302,11 @@ class EtcdStore:
 
     async def _range(self, key: bytes, revision: int = 0):
         """The key's KeyValue (at `revision`, 0: now), or None; notes the answer's revision."""
-        resp = await self.client.kvstub.Range(aetcd.rpc.RangeRequest(key=key, revision=revision),
-                                              timeout=self.client._timeout, metadata=self.client.metadata)
+        async def rng(c):
+            await c.connect()
+            return await c.kvstub.Range(aetcd.rpc.RangeRequest(key=key, revision=revision), timeout=c._timeout,
+                                        metadata=c.metadata)
+        resp = await self._call(rng)
         self.revision = max(self.revision, resp.header.revision)
         return (resp.kvs[0] if resp.kvs else None), resp.header.revision
 
@@ -271,9 +318,15 @@ class EtcdStore:
         applied at R. No put above `before`: not applied (0, a clean failure). A transaction of deletes
         only: applied when every key existed at `before` and is gone now. Anything else (half applied,
         or unknowable): leadership is dropped, so a fresh leader reloads etcd rather than this process
-        serving a fleet that may differ from it."""
+        serving a fleet that may differ from it.
+
+        "Not applied" is only answered after a barrier: a timed-out transaction may sit in etcd's raft log and be
+        applied after the read-back (a quorum's disks stalled past the deadline), so a fenced write is committed
+        first (`_barrier`): everything proposed before it is applied by the time it is, and the keys are read
+        again."""
         puts = [o for o in ops if isinstance(o, Put)]
         deletes = [o for o in ops if not isinstance(o, Put)]
+        barrier = False
         for _ in range(tries):
             if self.lost_leadership.is_set():
                 return 0
@@ -284,6 +337,10 @@ class EtcdStore:
                         kv, _ = await self._range(o.key)
                         revs.add(kv.mod_revision if kv is not None and kv.mod_revision > before else 0)
                     if revs == {0}:
+                        if not barrier:
+                            await self._barrier()
+                            barrier = True
+                            continue
                         return 0
                     if len(revs) == 1:
                         rev = revs.pop()
@@ -303,6 +360,10 @@ class EtcdStore:
                 if all(existed) and all(gone):
                     return now_rev
                 if not any(existed) or not any(gone):
+                    if any(existed) and not barrier:      # deletes of existing keys that may still apply
+                        await self._barrier()
+                        barrier = True
+                        continue
                     return 0
                 break
             except Exception:  # noqa: BLE001 - etcd still unreachable: wait for a member
@@ -311,19 +372,36 @@ class EtcdStore:
         self.lost_leadership.set()
         raise errors.Unavailable("etcd: the outcome of a write is unknown; this control plane stepped down")
 
+    async def _barrier(self) -> None:
+        """Commit a fenced write of `keys.BARRIER`: once etcd answers, every transaction proposed before it has
+        been applied or never will be. Fenced off (another leader): leadership is lost, and a transaction of this
+        process still pending fails its own leader compare."""
+        tx = self.client.transactions
+        fence = tx.create(keys.LEADER.encode()) == self.leader_revision
+
+        async def txn(c):
+            await c.connect()
+            return await c.kvstub.Txn(aetcd.rpc.TxnRequest(
+                compare=[fence.build_message()], success=c._ops_to_requests([tx.put(keys.BARRIER.encode(), b"")])),
+                timeout=c._timeout, metadata=c.metadata)
+        resp = await self._call(txn)
+        self.revision = max(self.revision, resp.header.revision)
+        if not resp.succeeded:
+            self.lost_leadership.set()
+
     # -- node leases -----------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
-        return (await self.client.lease(ttl)).id
+        return (await self._call(lambda c: c.lease(ttl))).id
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Refresh a node lease; returns its TTL, 0 when it has expired."""
-        reply = await self.client.refresh_lease(lease_id)
+        reply = await self._call(lambda c: c.refresh_lease(lease_id))
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
         try:
-            await self.client.revoke_lease(lease_id)
+            await self._call(lambda c: c.revoke_lease(lease_id))
         except ETCD_ERRORS:
             pass
 
@@ -336,7 +414,7 @@ class EtcdStore:
         follow its new watch for ever, cancelled in name only (the standby's follower hung on stop so)."""
         task = asyncio.current_task()
         asked = task.cancelling() if task is not None else 0
-        watch = await self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+        watch = await self._call(lambda c: c.watch_prefix(prefix.encode(), start_revision=start_revision))
         if task is not None and task.cancelling() > asked:
             await cancel_watch(watch)
             raise asyncio.CancelledError()
@@ -352,9 +430,25 @@ async def cancel_watch(watch) -> None:
         pass
 
 
-def _is_ipv4(host: str) -> bool:
-    parts = host.split(".")
-    return len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
+def _unreachable(e: BaseException) -> bool:
+    """An error that says the endpoint could not be reached (not an answer of etcd's)."""
+    if isinstance(e, (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
+                      aetcd.exceptions.WatchTimeoutError, OSError, asyncio.TimeoutError)):
+        return True
+    code = getattr(e, "code", None)
+    return callable(code) and code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
+                       grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OUT_OF_RANGE})
+
+
+def _refused(e: BaseException) -> bool:
+    """etcd answered and refused (the transaction was not applied), as opposed to an answer that may be lost:
+    read back, and proved by a barrier write, which a refusing etcd (its space quota reached) would refuse too."""
+    code = getattr(e, "code", None)
+    return callable(code) and code() in _REFUSALS
 
 
 def encode_leader(identity: str, endpoint: str = "") -> bytes:

@@ -41,6 +41,7 @@ class Writer:
         self.failed: str = ""          # why the writer gave up ('' while it works)
         self.on_fatal: list = []       # callbacks (why) once it gives up
         self._inflight: list = []      # the batch being committed now
+        self._next = None              # a write taken from the queue that did not fit the batch: first of the next
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._supervise(), name="etcd-writer")
@@ -70,6 +71,9 @@ class Writer:
                 fut.set_exception(e)
 
     def _drain(self, e: Exception) -> None:
+        if self._next is not None:
+            self._fail([self._next], e)
+            self._next = None
         while not self.queue.empty():
             self._fail([self.queue.get_nowait()], e)
 
@@ -107,17 +111,25 @@ class Writer:
 
     async def _run(self) -> None:
         while True:
-            first = await self.queue.get()
+            first, self._next = self._next, None
+            if first is None:
+                first = await self.queue.get()
             self._inflight = [first]
             # Let the callbacks that are ready in this loop iteration queue their writes too: under
             # load the transaction then carries several callers' writes (one etcd round trip).
             await asyncio.sleep(0)
             batch = self._inflight
             n = len(first[0]) + len(first[1])
+            # never past MAX_OPS in all (etcd refuses a transaction of more than 128 operations, and the merged
+            # one would fail every caller in it); a write that does not fit starts the next batch
             while not self.queue.empty() and n < MAX_OPS:
                 item = self.queue.get_nowait()
+                size = len(item[0]) + len(item[1])
+                if n + size > MAX_OPS:
+                    self._next = item
+                    break
                 batch.append(item)
-                n += len(item[0]) + len(item[1])
+                n += size
             await self._commit(batch)
             self._inflight = []
 

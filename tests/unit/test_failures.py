@@ -70,6 +70,7 @@ async def test_lost_write_read_back_compares_revisions_not_values(etcd_server, e
         real = st.client.kvstub.Txn
 
         async def lost(*a, **kw):               # the answer is lost, and the transaction was NOT applied
+            st.client.kvstub.Txn = real         # (etcd takes the next one: the read-back's barrier)
             raise OSError("connection reset before the answer")
         st.client.kvstub.Txn = lost
         with pytest.raises(errors.Unavailable):

@@ -182,3 +182,22 @@ def test_request_ids_are_followed_with_their_fingerprints():
         f.apply(True, keys.request("t", "new").decode(), b"", 9)
         assert f.ctl.requests.lookup("t", "new") is None and ("t", "new") not in f.ctl.requests.fingerprints
     asyncio.run(main())
+
+
+def test_gpu_health_follows_etcd():
+    # a quarantined GPU read as healthy on a standby (its ListGpus / GetNode) until it led
+    bad = types_pb2.GpuTelemetry(index=0, health=types_pb2.GPU_HEALTH_QUARANTINED, health_reason="XID 79 recurring")
+
+    async def main():
+        f = Follower(FakeStore({keys.node("n1"): (node().SerializeToString(), 3, 0),
+                                keys.alive("n1"): (b"n1", 4, 99),
+                                keys.gpu_health("n1", 0): (bad.SerializeToString(), 5, 0)}))
+        await f._load()
+        g = f.ctl.fleet.gpu("n1", 0)
+        assert g.health == "quarantined" and g.telemetry.health_reason == "XID 79 recurring"
+        ok = types_pb2.GpuTelemetry(index=0, health=types_pb2.GPU_HEALTH_HEALTHY)
+        f.apply(False, keys.gpu_health("n1", 0).decode(), ok.SerializeToString(), 8)
+        assert g.health == "healthy"
+        f.apply(False, keys.gpu_health("n1", 0).decode(), bad.SerializeToString(), 9)
+        assert g.health == "quarantined"
+    asyncio.run(main())

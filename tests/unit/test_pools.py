@@ -174,3 +174,32 @@ def test_pool_room_in_replicas_for_the_autoscaler():
     # no quota: the free capacity bounds it (the 80 GiB GPU less x's 10 GiB, whatever pool x is in; 10 GiB a replica)
     assert store.room("free", 10 * 2**30, 0.30) == 7
     assert store.room("missing", 10 * 2**30, 0.30) is None
+
+
+
+def test_pool_quota_is_checked_on_the_gpu_model_chosen():
+    # the pre-filter judges the least a slice can take over the pool's models present (8 GiB: a tenth of an
+    # H100-80GB); the H100 is taken, so it lands on the A100-40GB, where it takes a fifth: past max_gpus 0.15
+    from controlplane.scheduler import profiles
+    from controlplane.state.fleet import Fleet
+    from mesh import slicespec
+    fleet = Fleet()
+    for name, model, mem in (("a-small", "A100-40GB", 40), ("b-big", "H100-80GB", 80)):
+        inv = types_pb2.NodeInventory(gpus=[types_pb2.Gpu(index=0, uuid=f"GPU-{name}", model=model,
+                                                          memory_bytes=mem * 2**30)])
+        fleet.upsert_node(types_pb2.Node(name=name, inventory=inv))
+        fleet.nodes[name].ready = True
+    fleet.put_slice(types_pb2.Slice(id="held", allocation_id="a-held", tenant="other", node="b-big", gpu_index=0,
+                                    gpu_model="H100-80GB", isolation=types_pb2.ISOLATION_EXCLUSIVE,
+                                    memory_bytes=80 * 2**30, compute_share=1.0))
+    fw = profiles.build()
+    fw.plugin("Pool").set_pools({"inference-a": pools.validate(pool(quota={"max_gpus": 0.15}))},
+                                PriceTable.parse(["H100-80GB=1.00", "A100-40GB=5.00"]))
+    spec = types_pb2.SliceSpec(tenant="t", memory_bytes=8 * 2**30, isolation=types_pb2.ISOLATION_TIMESHARE,
+                               count=1, labels={pools.LABEL: "inference-a"})
+    d = fw.schedule(slicespec.validate(spec), fleet)
+    assert not d.ok and 'pool "inference-a" quota max_gpus=0.15' in str(d.reasons) and "asks 0.2" in str(d.reasons)
+    fleet.drop_slice("held")
+    fleet.drop_node("a-small")
+    d = fw.schedule(slicespec.validate(spec), fleet)           # on the H100: a tenth, within the quota
+    assert d.ok and d.choices[0].gpu_model == "H100-80GB"

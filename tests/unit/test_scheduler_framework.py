@@ -177,3 +177,34 @@ def test_identical_nodes_share_one_verdict():
     fw = profiles.build("bestfit")
     fw.schedule(req(memory_bytes=GiB), fleet)
     assert fw.cached == 1
+
+
+@pytest.mark.parametrize("profile", ["default", "packing", "bestfit"])
+def test_spread_gang_honours_anti_affinity_among_its_own_slices(profile):
+    # every slice of the gang carries the labels its rules name: no two may share a node
+    fleet = make_fleet(("a", [("H100-80GB", False)] * 2), ("b", [("H100-80GB", False)] * 2))
+    r = req(memory_bytes=GiB, isolation=t.ISOLATION_TIMESHARE, count=2, topology=t.TOPOLOGY_ANY,
+            labels={"app": "x"}, anti_affinity={"app": "x"})
+    choices = placement.place(fleet, r, profiles.build(profile))
+    assert sorted(c.node for c in choices) == ["a", "b"]
+    with pytest.raises(errors.ResourceExhausted):   # a third slice has no node of its own
+        placement.place(fleet, req(memory_bytes=GiB, isolation=t.ISOLATION_TIMESHARE, count=3,
+                                   topology=t.TOPOLOGY_ANY, labels={"app": "x"}, anti_affinity={"app": "x"}))
+    assert not fleet.usage.get("t", [0])[0]   # the cycle's placeholders are gone again
+
+
+@pytest.mark.parametrize("spec,match", [
+    # a time-share slice holds its whole GPU (compute share 1.0), which the request does not name
+    ({"memory_bytes": GiB, "isolation": t.ISOLATION_TIMESHARE, "count": 4}, "quota max_gpus=2 exceeded: uses 0, asks 4"),
+    # a MIG profile names no memory: 7g.80gb holds 79 GiB each
+    ({"mig_profile": "7g.80gb", "count": 2}, "quota max_memory_bytes=.* exceeded"),
+])
+def test_quota_is_checked_on_what_the_chosen_slices_take(spec, match):
+    fw = profiles.from_config({"args": {"TenantQuota": {"tenants": {"t": {"max_gpus": 2,
+                                                                           "max_memory_bytes": 20 * GiB}}}}})
+    fleet = make_fleet(("a", [("H100-80GB", False)] * 4), ("b", [("H100-80GB", True)] * 4))
+    with pytest.raises(errors.ResourceExhausted, match=match):
+        placement.place(fleet, req(**spec), fw)
+    # within the quota it places as before
+    assert len(placement.place(fleet, req(memory_bytes=GiB, isolation=t.ISOLATION_TIMESHARE, count=2), fw)) == 2
+

@@ -220,7 +220,17 @@ def test_packing_policies_choose_nodes(policy, want):
 @pytest.mark.parametrize("cfg,match", [
     ({"profile": "nope"}, "unknown scheduler profile"),
     ({"weights": {"Nope": 1}}, "unknown plugin"),
-    ({"weights": {"BestFit": -1}}, "not a number >= 0"),
+    ({"weights": {"BestFit": -1}}, "not a finite number >= 0"),
+    # NaN or infinite weights and arguments make NaN scores (every comparison false: the first node wins)
+    ({"weights": {"Topology": float("nan")}}, r"weights.Topology: nan is not a finite number"),
+    ({"weights": {"Topology": float("inf")}}, r"weights.Topology: inf is not a finite number"),
+    ({"args": {"Topology": {"nvlink_weight": float("nan")}}}, "nvlink_weight must be a finite number"),
+    ({"profile": "bestfit", "args": {"BestFit": {"gpu_weight": float("inf")}}}, "gpu_weight must be a finite"),
+    ({"profile": "packing", "args": {"Packing": {"used_gpu": float("nan")}}}, "used_gpu must be a finite"),
+    ({"args": {"FragmentationGradient": {"scale": float("nan")}}}, "scale must be a finite number > 0"),
+    ({"args": {"FragmentationGradient": {"quantum": float("inf")}}}, "quantum must be a finite number"),
+    # a NaN quota is never exceeded: it would switch the quota off
+    ({"args": {"TenantQuota": {"default": {"max_slices": float("nan")}}}}, "max_slices must be a number"),
     ({"args": {"TenantQuota": {"tenants": {"t": {"max_slices": -1}}}}}, "max_slices must be a number"),
     ({"preemption": "yes"}, "preemption must be true or false"),
     ({"extra": 1}, "unknown key"),

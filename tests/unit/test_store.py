@@ -1,11 +1,13 @@
 """The etcd store against a real etcd: leader fencing and group commit."""
 
 import asyncio
+import types
 
+import aetcd
 import pytest
 
 from controlplane.state import keys
-from controlplane.state.store import Absent, EtcdStore, Present, Put
+from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
 from controlplane.state.writer import Writer
 from mesh import errors
 
@@ -74,6 +76,100 @@ async def test_group_commit_merges_and_isolates_a_conflict(etcd_server, etcd_cli
     assert len(res.kvs) == 50
     await w.stop()
     await st.revoke_lease(st.session_lease)
+    await st.close()
+
+
+async def test_group_commit_never_merges_past_etcds_operation_limit(etcd_server, etcd_client):
+    # two writes of 100 puts each (the event recorder's and retention's chunks) queued together: merged they
+    # were one transaction of 200 operations, which etcd refuses (--max-txn-ops 128), failing both callers
+    st = await make_store(etcd_server, "cp-big", ttl=5)
+    w = Writer(st)
+    w.start()
+    writes = [w.write([Put(f"/gpumesh/v1/big{j}/{i}".encode(), b"v") for i in range(100)]) for j in range(3)]
+    small = w.write([Put(b"/gpumesh/v1/small", b"v")], [Absent(b"/gpumesh/v1/small")])
+    results = await asyncio.gather(*writes, small, return_exceptions=True)
+    assert all(isinstance(r, int) for r in results), results
+    assert len((await etcd_client.get_prefix(b"/gpumesh/v1/big")).kvs) == 300
+    assert not st.lost_leadership.is_set()
+    await w.stop()
+    await st.close()
+
+
+class LateTxn:
+    """kvstub.Txn whose first transaction loses its answer and reaches etcd only just before the next one, as a
+    proposal stuck in etcd's raft log past the client's deadline (a quorum's disks stalled) is applied later."""
+
+    def __init__(self, stub) -> None:
+        self.stub, self.held, self.calls = stub, None, 0
+
+    async def __call__(self, request, **kw):
+        self.calls += 1
+        if self.calls == 1:
+            self.held = (request, kw)
+            raise aetcd.exceptions.ConnectionTimeoutError("deadline exceeded")
+        if self.held is not None:
+            (late, late_kw), self.held = self.held, None
+            await self.stub.Txn(late, **late_kw)
+        return await self.stub.Txn(request, **kw)
+
+
+@pytest.mark.parametrize("op", ["put", "delete"])
+async def test_a_lost_write_applied_after_its_read_back_is_not_answered_as_failed(etcd_server, etcd_client, op):
+    st = await make_store(etcd_server, f"cp-late-{op}", ttl=5)
+    key = f"/gpumesh/v1/slices/late-{op}".encode()
+    if op == "delete":
+        await st.commit([Put(key, b"v")])
+    late = LateTxn(st.client.kvstub)
+    st.client.kvstub = types.SimpleNamespace(Txn=late, Range=st.client.kvstub.Range)
+    rev = await st.commit([Put(key, b"v2")] if op == "put" else [Delete(key)])
+    assert rev > 0                  # before: "not applied" (UNAVAILABLE), and then etcd applied it all the same
+    kv = await etcd_client.get(key)
+    assert (kv is not None and kv.value == b"v2") if op == "put" else kv is None
+    assert not st.lost_leadership.is_set()
+    await st.close()
+
+
+async def test_a_dead_first_endpoint_of_named_members_is_passed_over(etcd_server, etcd_client):
+    # endpoints by host name (docs/operations.md: https://etcd-1:2379, ...) were one channel to the first alone:
+    # with that member down the control plane could neither campaign nor write, whatever the others
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]                     # nothing listens here once closed
+    port = etcd_server.endpoint.rsplit(":", 1)[1]
+    st = EtcdStore([f"http://localhost:{dead}", f"http://localhost:{port}"], timeout=3)
+    await st.connect()
+    await st.become_leader("cp-named", ttl=5, wait=5)
+    await st.commit([Put(b"/gpumesh/v1/named", b"1")])
+    assert (await st.load()).kvs[b"/gpumesh/v1/named"][0] == b"1"
+    assert (await etcd_client.get(b"/gpumesh/v1/named")).value == b"1"
+    await st.close()
+
+
+async def test_a_refused_write_whose_leader_check_fails_raises_a_typed_error(etcd_server, etcd_client):
+    # the writer fails only MeshErrors to their callers; anything else counts as a crash of the writer (5 in a
+    # minute and the leader steps down): a refused precondition and then an etcd blip must not be one
+    st = await make_store(etcd_server, "cp-check", ttl=5)
+    await st.commit([Put(b"/gpumesh/v1/there", b"1")])
+
+    async def unreachable(*a, **kw):
+        raise aetcd.exceptions.ConnectionFailedError("etcd unreachable")
+    real, st.client.get = st.client.get, unreachable
+    with pytest.raises(errors.Unavailable):
+        await st.commit([Put(b"/gpumesh/v1/there", b"2")], [Absent(b"/gpumesh/v1/there")])
+    st.client.get = real
+    assert not st.lost_leadership.is_set()
+    await st.close()
+
+
+async def test_a_write_etcd_refuses_is_not_read_back(etcd_server, etcd_client):
+    # a refusal is an answer (etcd's space quota reached, too many operations): not applied, no read-back and no
+    # barrier write, which a full etcd would refuse too (20 tries, then the leader stepped down over nothing)
+    st = await make_store(etcd_server, "cp-refused", ttl=5)
+    with pytest.raises(errors.Unavailable, match="refused"):
+        await st.commit([Put(f"/gpumesh/v1/many/{i}".encode(), b"v") for i in range(200)])
+    assert await etcd_client.get(b"/gpumesh/v1/barrier") is None
+    assert not st.lost_leadership.is_set()
     await st.close()
 
 

@@ -8,6 +8,8 @@ the node."""
 
 from __future__ import annotations
 
+import math
+
 from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli, pick_milli
@@ -31,8 +33,8 @@ class Plugin:
         if integer:
             self.tiebreak = lambda state, req, node, option: gpu_fill(node, option)
         for k, v in (("cpu_weight", cpu_weight), ("gpu_weight", gpu_weight)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{NAME}: {k} must be a number >= 0, not {v!r}")
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:   # NaN or inf: NaN scores
+                raise ValueError(f"{NAME}: {k} must be a finite number >= 0, not {v!r}")
         self.cpu_weight, self.gpu_weight = float(cpu_weight), float(gpu_weight)
 
     def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:

@@ -50,11 +50,11 @@ class Plugin:
             raise ValueError(f"{NAME}: host_memory must be true or false, not {host_memory!r}")
         # a type that does not find its host memory on a node cannot use the node's GPUs either
         self.host_memory = host_memory
-        if not isinstance(quantum, (int, float)) or quantum < 0:
-            raise ValueError(f"{NAME}: quantum must be a number >= 0, not {quantum!r}")
+        if not isinstance(quantum, (int, float)) or not 0 <= quantum < math.inf:
+            raise ValueError(f"{NAME}: quantum must be a finite number >= 0, not {quantum!r}")
         self.quantum = float(quantum)
-        if not isinstance(scale, (int, float)) or scale <= 0:
-            raise ValueError(f"{NAME}: scale must be a number > 0, not {scale!r}")
+        if not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"{NAME}: scale must be a finite number > 0, not {scale!r}")
         self.scale = float(scale)
         for k, v in (("cpu_types", cpu_types), ("normalize", normalize)):
             if not isinstance(v, bool):

@@ -8,6 +8,8 @@ without GPUs 0 everywhere. The GPU inside the node is the fullest that holds the
 
 from __future__ import annotations
 
+import math
+
 from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from controlplane.scheduler.plugins._gpu import free_milli
@@ -26,8 +28,8 @@ class Plugin:
                  cpu_fill: float = 0.0, integer: bool = False) -> None:
         for k, v in (("used_gpu", used_gpu), ("used_node", used_node), ("node_fill", node_fill),
                      ("cpu_fill", cpu_fill)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{NAME}: {k} must be a number >= 0, not {v!r}")
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:   # NaN or inf: NaN scores
+                raise ValueError(f"{NAME}: {k} must be a finite number >= 0, not {v!r}")
         if not isinstance(integer, bool):
             raise ValueError(f"{NAME}: integer must be true or false, not {integer!r}")
         self.used_gpu, self.used_node, self.node_fill, self.cpu_fill = used_gpu, used_node, node_fill, cpu_fill

@@ -4,16 +4,17 @@ pool and the limit ("PoolExhausted: pool "a" quota max_slices=2 reached").
 
 The pools are handed in by the pool store (controlplane/pools/store.py `attach`), which also calls
 `on_change` (the framework's cache invalidation) when one changes. A request of a pool this plugin does not
-know is refused (the pool was deleted after the deployment was made)."""
+know is refused (the pool was deleted after the deployment was made). The pre-filter judges the least a slice
+can take on the pool's GPU models; `permit` checks what the slices chosen take (their GPU model may charge more)."""
 
 from __future__ import annotations
 
 from controlplane.state.fleet import Fleet, GpuState, NodeEntry
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
 from mesh import pools as P
-from mesh.cost import PriceTable
+from mesh.cost import PriceTable, slice_share
 from mesh.models import vram
-from mesh.slicespec import SliceRequest
+from mesh.slicespec import ISOLATION_ENUM, SliceRequest
 
 NAME = "Pool"
 
@@ -71,6 +72,24 @@ class Plugin:
         used = P.usage(name, fleet.slices.values(), self.prices)
         gpus, dollars = self.estimate(pool, req, fleet)
         why = P.refusal(pool, used, req.count, req.memory_bytes * req.count, gpus * req.count, dollars * req.count)
+        if why is not None:
+            return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", why),), NAME)
+        return SUCCESS
+
+    def permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, choices: list, victims=()) -> Status:
+        """The pool's quota on the placement chosen (`choices`, once the allocations `victims` are evicted)."""
+        pool = self._pool(req)
+        if pool is None or not choices:
+            return SUCCESS
+        gone = set(victims)
+        used = P.usage(pool.name, (s for s in fleet.slices.values() if s.allocation_id not in gone), self.prices)
+        gpus = dollars = 0.0
+        for c in choices:
+            share = slice_share(ISOLATION_ENUM.get(c.isolation, 0), c.gpu_model, profile=c.profile or "",
+                                memory_bytes=c.memory_bytes, compute_share=c.compute_share)
+            gpus += share
+            dollars += share * self.prices.gpu_hour(c.gpu_model)
+        why = P.refusal(pool, used, len(choices), sum(c.memory_bytes for c in choices), gpus, dollars)
         if why is not None:
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", why),), NAME)
         return SUCCESS

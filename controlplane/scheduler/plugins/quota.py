@@ -1,6 +1,10 @@
 """TenantQuota: a tenant may hold at most so many slices, GPU memory bytes and GPUs (the sum of
 its slices' compute shares), and ask for at most priority `max_priority` (a priority above other tenants'
-lets its requests preempt their slices); a request over a limit is refused naming the quota."""
+lets its requests preempt their slices); a request over a limit is refused naming the quota.
+
+The pre-filter refuses early from what the request names; `permit` checks the placement the cycle chose,
+with the memory and compute shares its slices will really hold (a MIG profile's, a time-share slice's whole
+GPU: the request does not name them), less what preempting the tenant's own victims gives back."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class Plugin:
         for k, v in q.items():
             if k not in LIMITS:
                 raise ValueError(f"{NAME}: unknown quota {k!r} for {who}; allowed: {', '.join(LIMITS)}")
-            if not isinstance(v, (int, float)) or v < 0:
+            if not isinstance(v, (int, float)) or not v >= 0:   # NaN: never exceeded
                 raise ValueError(f"{NAME}: {who}.{k} must be a number >= 0, not {v!r}")
         return dict(q)
 
@@ -42,15 +46,34 @@ class Plugin:
         if cap is not None and req.priority > cap:
             why = f"tenant {req.tenant} quota max_priority={cap:g} exceeded: asks priority {req.priority}"
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
-        for k, limit in q.items():
-            if k == "max_priority":
-                continue
-            used, more = want[k]
-            if used + more > limit + 1e-9:
-                why = (f"tenant {req.tenant} quota {k}={limit:g} exceeded: uses {used:g}, "
-                       f"asks {more:g} more")
-                return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
-        return SUCCESS
+        return _check_limits(req.tenant, q, want)
+
+    def permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, choices: list, victims=()) -> Status:
+        """The chosen placement (`choices`, after evicting the allocations `victims`) within the quota."""
+        q = self.tenants.get(req.tenant, self.default)
+        if not q:
+            return SUCCESS
+        slices, memory, gpus = fleet.usage.get(req.tenant, (0, 0, 0.0))
+        for a in victims:
+            for s in fleet.slices_of(a):
+                if s.tenant == req.tenant:
+                    slices, memory, gpus = slices - 1, memory - s.memory_bytes, gpus - s.compute_share
+        want = {"max_slices": (slices, len(choices)),
+                "max_memory_bytes": (memory, sum(c.memory_bytes for c in choices)),
+                "max_gpus": (gpus, sum(c.compute_share for c in choices))}
+        return _check_limits(req.tenant, q, want)
+
+
+def _check_limits(tenant: str, q: dict, want: dict) -> Status:
+    for k, limit in q.items():
+        if k not in want:               # max_priority: checked on the request itself
+            continue
+        used, more = want[k]
+        if used + more > limit + 1e-9:
+            why = (f"tenant {tenant} quota {k}={limit:g} exceeded: uses {used:g}, "
+                   f"asks {more:g} more")
+            return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
+    return SUCCESS
 
 
 def priority_cap(framework, tenant: str) -> float | None:

@@ -3,6 +3,8 @@ node reports NIC-to-GPU affinity; 1 point for each, 0 for a single slice that ha
 
 from __future__ import annotations
 
+import math
+
 from controlplane.state.fleet import NodeEntry
 from controlplane.scheduler.framework import CycleState, Option, gpu_of
 from mesh.slicespec import SliceRequest
@@ -16,8 +18,8 @@ class Plugin:
 
     def __init__(self, nvlink_weight: float = 1.0, rail_weight: float = 1.0) -> None:
         for k, v in (("nvlink_weight", nvlink_weight), ("rail_weight", rail_weight)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{NAME}: {k} must be a number >= 0, not {v!r}")
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:   # NaN or inf: NaN scores
+                raise ValueError(f"{NAME}: {k} must be a finite number >= 0, not {v!r}")
         self.nvlink_weight, self.rail_weight = float(nvlink_weight), float(rail_weight)
 
     def score(self, state: CycleState, req: SliceRequest, node: NodeEntry, option: Option) -> float:

@@ -1,0 +1,26 @@
+"""The control plane's settings are checked at start, each refusal naming the option and what it allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.config import ControlPlaneConfig
+from mesh.config import ConfigError
+
+
+@pytest.mark.parametrize("endpoints,match", [
+    (["http://etcd-1"], "is not http\\(s\\)://HOST:PORT"),          # was a ValueError traceback at start
+    (["http://etcd-1:99999"], "is not http\\(s\\)://HOST:PORT"),
+    (["http://etcd-1:abc"], "is not http\\(s\\)://HOST:PORT"),
+    (["https://etcd-1:2379", "http://etcd-2:2379"], "mix http:// and https://"),
+    (["etcd-1:2379"], "must start with http:// or https://"),
+])
+def test_bad_etcd_endpoints_are_refused_naming_the_option(tmp_path, endpoints, match):
+    cfg = ControlPlaneConfig(state_dir=str(tmp_path / "cp"), insecure=True, etcd_endpoints=endpoints)
+    with pytest.raises(ConfigError, match="etcd_endpoints: .*" + match):
+        cfg.check()
+
+
+def test_good_etcd_endpoints_pass(tmp_path):
+    ControlPlaneConfig(state_dir=str(tmp_path / "cp"), insecure=True,
+                       etcd_endpoints=["http://etcd-1:2379", "http://10.0.0.2:2379"]).check()
