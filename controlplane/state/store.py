@@ -63,10 +63,16 @@ class Snapshot:
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:
+    """(host, port) of an etcd endpoint URL, the host as a gRPC target takes it (an IPv6 address bracketed:
+    the client dials f"{host}:{port}")."""
     u = urllib.parse.urlparse(url if "://" in url else "http://" + url)
-    if not u.hostname or not u.port:
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    if not u.hostname or not port:
         raise ValueError(f"etcd endpoint {url!r} is not http://HOST:PORT")
-    return u.hostname, u.port
+    return (f"[{u.hostname}]" if ":" in u.hostname else u.hostname), port
 
 
 class EtcdStore:

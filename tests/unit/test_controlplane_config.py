@@ -24,3 +24,14 @@ def test_bad_etcd_endpoints_are_refused_naming_the_option(tmp_path, endpoints, m
 def test_good_etcd_endpoints_pass(tmp_path):
     ControlPlaneConfig(state_dir=str(tmp_path / "cp"), insecure=True,
                        etcd_endpoints=["http://etcd-1:2379", "http://10.0.0.2:2379"]).check()
+
+
+@pytest.mark.parametrize("url,target", [
+    ("http://etcd-1:2379", ("etcd-1", 2379)), ("https://10.0.0.2:2380", ("10.0.0.2", 2380)),
+    ("http://[::1]:2379", ("[::1]", 2379)), ("http://[fd00::5]:32379", ("[fd00::5]", 32379)),
+    ("127.0.0.1:2379", ("127.0.0.1", 2379))])
+def test_etcd_endpoints_become_grpc_targets(url, target):
+    """The store's client dials f"{host}:{port}": an IPv6 member's address stays bracketed."""
+    from controlplane.state.store import parse_endpoint
+    assert parse_endpoint(url) == target
+
