@@ -148,3 +148,33 @@ def test_a_tenant_reads_only_the_pools_it_may_use_and_not_who_else_may():
         assert list(shown(open_).tenants) == []              # open to every tenant: nothing to hide
     with as_tenant("", role="admin"):
         assert list(shown(shared).tenants) == ["a", "b"]
+
+
+def test_a_deployment_watch_ends_when_its_name_is_taken_by_another_deployment():
+    """Watch re-read the deployment by name only: deleted and created again by another tenant between two
+    sends (a watcher slow to read), the stream went on with the other tenant's deployment."""
+    import asyncio
+    from types import SimpleNamespace
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from controlplane.serving.deploystore import DeploymentStore
+
+    store = DeploymentStore(SimpleNamespace())
+    mine = dep("chat", "a")
+    mine.created_at.CopyFrom(Timestamp(seconds=100))
+    store.deployments["chat"] = mine
+    svc = DeploymentService(SimpleNamespace(store=store))
+
+    async def watch():
+        with as_tenant("a"):
+            stream = svc.Watch(D.WatchDeploymentRequest(name="chat"), Context())
+            first = await anext(stream)
+            theirs = dep("chat", "b", secret="b's")
+            theirs.created_at.CopyFrom(Timestamp(seconds=200))
+            del store.deployments["chat"]
+            store.deployments["chat"] = theirs
+            store.changed("chat")
+            return first, await anext(stream, None)
+
+    first, after = asyncio.run(watch())
+    assert first.spec.tenant == "a"
+    assert after is None                    # the stream ended: b's deployment was not sent
