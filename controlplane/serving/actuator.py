@@ -136,8 +136,9 @@ class Actuator:
         backend.api_key = await self.store.keys.ensure(r.deployment, r.id)
         labels = dict(spec.labels)
         labels.update({deployspec.LABEL_DEPLOYMENT: spec.name, deployspec.LABEL_REPLICA: r.id})
-        w = await self.workloads.run(workload_service_pb2.RunWorkloadRequest(
-            slice_id=s.id, backend=backend, labels=labels))
+        w = await self._run(workload_service_pb2.RunWorkloadRequest(
+            slice_id=s.id, backend=backend, labels=labels, request_id=f"{r.id}.after-{r.workload_id or 'none'}"),
+            s.tenant)
         if w.state == types_pb2.WORKLOAD_STATE_FAILED:
             n = self._copy(r, workload_id=w.id, message=f"backend did not start: {w.message}")
         else:
@@ -150,6 +151,26 @@ class Actuator:
         log(logger, logging.INFO, "replica backend started", deployment=r.deployment, replica=r.id, workload=w.id,
             endpoint=w.endpoint, state=types_pb2.WorkloadState.Name(w.state))
         return n
+
+    async def _run(self, req: workload_service_pb2.RunWorkloadRequest, tenant: str) -> types_pb2.Workload:
+        """Run the replica's backend under a request id of this start (the replica and the workload it replaces):
+        a retry after a crash between the workload's record and the replica's (the replica does not name it
+        yet) gets the first call's workload instead of starting a second server on the slice. An id an earlier
+        call used with other settings (the deployment changed in between) names a workload no replica
+        records: it is stopped, and this one runs under an id of its own (the same on a retry)."""
+        try:
+            return await self.workloads.run(req)
+        except errors.RequestIdReused:
+            earlier = self.workloads.requests.lookup(tenant, req.request_id)
+            w = self.workloads.workloads.get(earlier) if earlier else None
+            if w is not None and w.state not in (types_pb2.WORKLOAD_STATE_SUCCEEDED, types_pb2.WORKLOAD_STATE_FAILED,
+                                                 types_pb2.WORKLOAD_STATE_STOPPED):
+                log(logger, logging.INFO, "replica's earlier backend was for another spec: stopping it",
+                    request_id=req.request_id, workload=w.id)
+                await self.workloads.stop_workload(w.id, wait=False)
+        fp = requestids.fingerprint(req)
+        req.request_id = f"{req.request_id}.{fp.removeprefix('sha256:')[:12]}"
+        return await self.workloads.run(req)
 
     # -- readiness ----------------------------------------------------------------------------
 
