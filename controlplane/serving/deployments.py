@@ -15,6 +15,7 @@ the next pass (the same rule finishes a delete interrupted by a restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -120,14 +121,17 @@ class DeploymentManager:
         need = deployspec.need_bytes(spec, variant)
         return variant, need
 
-    async def create(self, spec: D.DeploymentSpec) -> D.Deployment:
-        deployspec.check_name(spec.name)
-        deployspec.check_replicas(spec.replicas)
+    def _resolve_new(self, spec: D.DeploymentSpec):
         try:
-            variant, need = self._resolve(spec)
+            return self._resolve(spec)
         except errors.NotFound:
             raise errors.InvalidArgument.of("spec.model", f"no model {spec.model!r} in the registry",
                                             "a registered model (meshctl get models)") from None
+
+    async def create(self, spec: D.DeploymentSpec) -> D.Deployment:
+        deployspec.check_name(spec.name)
+        deployspec.check_replicas(spec.replicas)
+        variant, need = self._resolve_new(spec)
         deployspec.check_fits(need, self.registry.gpu_models())
         deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
         scaling.check(self, spec, variant, need, self.registry.get(spec.model))
@@ -137,12 +141,16 @@ class DeploymentManager:
         d = D.Deployment(spec=spec, created_at=ts, updated_at=ts, generation=1,
                          status=D.DeploymentStatus(vram_bytes=need,
                                                    backend=deployspec.BACKEND_KINDS[variant.backend]))
-        async with self._lock:
-            if spec.name in self.store.deployments:
-                raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
-            if self.store.replicas.get(spec.name):
-                raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry shortly")
-            await self.store.create(d)
+        # checked again under the registry's lock: a model's Delete (or an Update dropping a variant) checks which
+        # deployments run it there, then writes; a deployment created between the two ran a model that was gone
+        async with getattr(self.registry, "lock", None) or contextlib.nullcontext():
+            self._resolve_new(spec)
+            async with self._lock:
+                if spec.name in self.store.deployments:
+                    raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
+                if self.store.replicas.get(spec.name):
+                    raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry shortly")
+                await self.store.create(d)
         log(logger, logging.INFO, "deployment created", deployment=spec.name, model=spec.model,
             variant=variant.name, replicas=spec.replicas, vram=need)
         self._event(spec.name, "Normal", "Created", f"model {spec.model} variant {variant.name}, "

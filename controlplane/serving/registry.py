@@ -70,6 +70,12 @@ class ModelRegistry:
         self.check_artifacts = check_artifacts
         self._lock = asyncio.Lock()
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a write changes the registry (Update and Delete check the deployments that run the model
+        under it): DeploymentManager.create checks its model and writes under it too."""
+        return self._lock
+
     async def load(self) -> None:
         snap = await self.ctl.store.load(keys.MODELS)
         self.models.clear()

@@ -100,3 +100,37 @@ def test_update_refuses_a_negative_generation_naming_it(manager):
     with pytest.raises(errors.InvalidArgument) as e:
         asyncio.run(manager.update(spec, -1))
     assert e.value.field == "generation" and manager.writes == []
+
+
+async def test_a_deployment_is_not_created_for_a_model_whose_delete_is_being_written(tmp_path):
+    """The registry's Delete checks which deployments run the model, then writes; a Create between the two found
+    the model still registered and was written too: a deployment of a model that is gone (its replicas could
+    never be placed). Create checks the model again under the registry's lock."""
+    from controlplane.serving.registry import ModelRegistry
+    from controlplane.state.store import Delete
+    from controlplane.events.recorder import NullRecorder
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    gate, written = asyncio.Event(), []
+
+    async def write(ops, conds=()):
+        if any(isinstance(op, Delete) for op in ops):
+            await gate.wait()                     # the model's delete, in flight
+        written.extend(ops)
+    ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=SimpleNamespace(nodes={}), telemetry=None,
+                          recorder=NullRecorder())
+    registry = ModelRegistry(ctl, check_artifacts=False)
+    registry.models["tiny"] = validate(M.Model(name="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
+        max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                                     head_count_kv=2))]), [H100])
+    m = DeploymentManager(ctl, workloads=None, registry=registry)
+    deleting = asyncio.create_task(registry.delete("tiny"))
+    await asyncio.sleep(0)
+    creating = asyncio.create_task(m.create(D.DeploymentSpec(name="chat", model="tiny", tenant="a", replicas=1)))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await deleting
+    with pytest.raises(errors.InvalidArgument, match="spec.model: no model 'tiny'"):
+        await creating
+    assert "chat" not in m.store.deployments and "tiny" not in registry.models
