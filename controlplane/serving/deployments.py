@@ -131,6 +131,7 @@ class DeploymentManager:
     async def create(self, spec: D.DeploymentSpec) -> D.Deployment:
         deployspec.check_name(spec.name)
         deployspec.check_replicas(spec.replicas)
+        deployspec.check_restart_stamp(spec.restart_stamp)
         variant, need = self._resolve_new(spec)
         deployspec.check_fits(need, self.registry.gpu_models())
         deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
@@ -188,6 +189,7 @@ class DeploymentManager:
             raise errors.InvalidArgument.of("generation", f"{generation} is negative",
                                             "0 (no check) or the generation the change was read at")
         deployspec.check_replicas(spec.replicas)
+        deployspec.check_restart_stamp(spec.restart_stamp)
         old = self.store.get(spec.name)
         probe = D.DeploymentSpec()
         probe.CopyFrom(old.spec)

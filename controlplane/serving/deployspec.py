@@ -46,6 +46,17 @@ def check_replicas(n: int, field: str = "spec.replicas") -> int:
     return n
 
 
+MAX_STAMP = 128
+
+
+def check_restart_stamp(stamp: str, field: str = "spec.restart_stamp") -> str:
+    """Any short printable text (meshctl rollout restart writes the time): it is stored with the deployment."""
+    if len(stamp) > MAX_STAMP or not stamp.isprintable():
+        raise errors.InvalidArgument.of(field, f"is not valid text ({len(stamp)} characters)",
+                                        f"printable, at most {MAX_STAMP} characters")
+    return stamp
+
+
 def pick_variant(model: M.Model, name: str) -> M.Variant:
     if not name:
         return min(model.variants, key=lambda v: (v.fallback_rank, v.name))

@@ -134,3 +134,17 @@ async def test_a_deployment_is_not_created_for_a_model_whose_delete_is_being_wri
     with pytest.raises(errors.InvalidArgument, match="spec.model: no model 'tiny'"):
         await creating
     assert "chat" not in m.store.deployments and "tiny" not in registry.models
+
+
+def test_a_restart_stamp_is_short_printable_text(manager):
+    """restart_stamp was stored as given: a megabyte of it went into the deployment's etcd record (every status
+    write rewrote it; one over etcd's request limit failed the whole group-committed transaction it rode in)."""
+    spec = D.DeploymentSpec(name="chat", model="tiny", replicas=1, restart_stamp="x" * 1_000_000)
+    for call in (lambda: manager.update(spec, 0), lambda: manager.create(spec)):
+        with pytest.raises(errors.InvalidArgument) as e:
+            asyncio.run(call())
+        assert e.value.field == "spec.restart_stamp" and len(str(e.value)) < 300
+    assert manager.writes == []
+    spec.restart_stamp = "2026-12-07T07:00:00+00:00"
+    asyncio.run(manager.update(spec, 0))
+    assert manager.writes == ["chat"]
