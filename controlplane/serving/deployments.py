@@ -113,7 +113,7 @@ class DeploymentManager:
     # -- API ----------------------------------------------------------------------------------
 
     def _resolve(self, spec: D.DeploymentSpec):
-        model = self.registry.get(spec.model) if spec.model else None
+        model = self.registry.get(deployspec.check_name(spec.model, "spec.model")) if spec.model else None
         if model is None:
             raise errors.InvalidArgument.of("spec.model", "is required", "the name of a registered model")
         variant = deployspec.pick_variant(model, spec.variant)

@@ -148,3 +148,12 @@ def test_a_restart_stamp_is_short_printable_text(manager):
     spec.restart_stamp = "2026-12-07T07:00:00+00:00"
     asyncio.run(manager.update(spec, 0))
     assert manager.writes == ["chat"]
+
+
+def test_a_bad_model_name_is_refused_naming_spec_model(manager):
+    """The registry's lookup named its own field ("name: ..."), read as the deployment's name."""
+    from controlplane.serving.validate import check_name
+    manager.registry.get = lambda name: check_name(name, "name")
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(manager.create(D.DeploymentSpec(name="chat2", model="no/such model", replicas=1)))
+    assert e.value.field == "spec.model", e.value
