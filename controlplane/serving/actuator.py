@@ -83,7 +83,8 @@ class Actuator:
                                               r.id + "-any")
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
-            await self.store.put_replica(n)
+            if n != r:          # a replica waiting for room is retried every few seconds: written when the why changes
+                await self.store.put_replica(n)
             if spec.pool and "Pool" in str(e):
                 # the pool is the limit: an event on the deployment (repeats coalesce into one with a count)
                 why = next((part.strip() for part in str(e).split(";") if "Pool" in part), str(e))
