@@ -153,7 +153,12 @@ def check_pool(spec: D.DeploymentSpec, pool_store) -> None:
     """spec.pool names an existing pool, and an isolation the spec insists on is one the pool allows."""
     if not spec.pool:
         return
+    from controlplane.api import auth
     known = getattr(pool_store, "pools", {}) if pool_store is not None else {}
+    if not auth.current().admin:
+        # a tenant's caller learns nothing of the pools not open to its tenant (PoolService hides them too): such
+        # a pool reads as unknown, and the ones listed are its own
+        known = {n: p for n, p in known.items() if not p.tenants or spec.tenant in p.tenants}
     pool = known.get(spec.pool)
     if pool is None:
         raise errors.InvalidArgument.of("spec.pool", f"no pool {spec.pool!r}",
