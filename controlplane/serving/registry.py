@@ -149,6 +149,9 @@ class ModelRegistry:
 
     async def update(self, model: M.Model) -> M.Model:
         check_name(model.name, "model.name")
+        if model.generation < 0:
+            raise errors.InvalidArgument.of("model.generation", f"{model.generation} is negative",
+                                            "0 (no check) or the generation the model was read at")
         m = await self._validated(pinned(model, self.models.get(model.name)))
         async with self._lock:
             old = self.get(m.name)

@@ -262,3 +262,19 @@ def test_a_model_or_variant_that_deployments_run_cannot_be_deleted(files):
         del deployments["chat"]
         assert (await r.delete("tiny")).name == "tiny" and "tiny" not in r.models
     asyncio.run(main())
+
+
+def test_an_update_at_a_negative_generation_is_invalid_argument_naming_it(files):
+    """It was ABORTED ("is at generation 1, not -1"), read as a conflict to retry, after the artifact was read."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+
+    async def write(ops, conds=()):
+        raise AssertionError("nothing is written")
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}), writer=SimpleNamespace(write=write))
+    r = ModelRegistry(ctl, check_artifacts=False)
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(r.update(M.Model(name="tiny", generation=-1, variants=[gguf_variant(files["gguf"])])))
+    assert e.value.field == "model.generation"
