@@ -443,9 +443,13 @@ class DeploymentManager:
         telemetry = getattr(self.ctl, "telemetry", None)
         note = f"{reason}:{[(r.id, r.state) for r in old + new]}"
         if telemetry is not None and self.drain_notes.get(name) != note and new:
+            # node events are read by every tenant's callers (GetNode): no deployment's names or messages in them
             for node in sorted(drained):
+                here = sum(1 for r in old if r.node == node)
                 telemetry.record(node, "Warning" if reason == "NoRoomForReplacement" else "Normal", "DrainWaiting",
-                                 f"deployment {name}: {message}"[:1000])
+                                 f"{here} replica(s) of a deployment stay on this drained node until {len(new)} "
+                                 f"replacement(s) are READY" + (" (no room for a replacement)" if reason ==
+                                 "NoRoomForReplacement" else "") + ": its Draining condition says which")
         self.drain_notes[name] = note
         return reason, message
 

@@ -178,3 +178,25 @@ def test_a_deployment_watch_ends_when_its_name_is_taken_by_another_deployment():
     first, after = asyncio.run(watch())
     assert first.spec.tenant == "a"
     assert after is None                    # the stream ended: b's deployment was not sent
+
+
+def test_a_drained_nodes_event_carries_no_deployments_names_or_messages():
+    """DrainWaiting on the node (GetNode, which every tenant's caller may read) named the deployment, its
+    replicas and their messages (a FAILED replacement's holds its server's last log lines)."""
+    from types import SimpleNamespace
+    from controlplane.serving.deployments import DeploymentManager
+
+    events = []
+    telemetry = SimpleNamespace(record=lambda node, kind, reason, message: events.append((node, reason, message)))
+    nodes = {"n1": SimpleNamespace(record=SimpleNamespace(draining=True)),
+             "n2": SimpleNamespace(record=SimpleNamespace(draining=False))}
+    m = DeploymentManager(SimpleNamespace(telemetry=telemetry, fleet=SimpleNamespace(nodes=nodes)), None, None)
+    replicas = [D.Replica(id="r-old", deployment="secret-chat", node="n1", state=D.REPLICA_STATE_READY),
+                D.Replica(id="r-new", deployment="secret-chat", node="n2", state=D.REPLICA_STATE_FAILED,
+                          message="backend ended; last log lines:\nprompt: the merger with acme")]
+    reason, message = m._drain_status("secret-chat", replicas, True, "WaitingForReplacements", "")
+    assert "r-new" in message and "acme" in message                 # the deployment's own condition says it all
+    [(node, why, text)] = events
+    assert node == "n1" and why == "DrainWaiting" and "1 replica(s)" in text
+    for private in ("secret-chat", "r-old", "r-new", "acme", "log lines"):
+        assert private not in text
