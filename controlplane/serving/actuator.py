@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # the endpoint that says a backend's server is up, by kind (llama-cpp-python's server has no /health)
 HEALTH_PATHS = {"llama.cpp": "/v1/models", "vllm": "/health"}
 LOG_LINES = 15          # of a crashed backend's log, in the replica's message and the CrashLoop condition
+LOG_CHARS = 4000        # at most (its end): lines are of any length, and the replica's etcd record holds them
 
 
 def ts(t: float):
@@ -224,7 +225,8 @@ class Actuator:
                 data += chunk.data
         except errors.MeshError as e:
             return f"(log unavailable: {e})"
-        return data.decode("utf-8", "replace").strip()
+        text = data.decode("utf-8", "replace").strip()
+        return text if len(text) <= LOG_CHARS else "..." + text[-LOG_CHARS:]
 
     async def failed(self, r: D.Replica, next_start: float) -> D.Replica:
         w = self.workloads.workloads.get(r.workload_id)

@@ -314,33 +314,3 @@ async def test_the_actuator_starts_one_backend_per_replica_start_across_a_lost_r
     assert changed.workload_id not in (first.workload_id, restart.workload_id)
     assert wm.workloads[restart.workload_id].state == t.WORKLOAD_STATE_STOPPED
     assert (await act.run(first, spec, variant)).workload_id == changed.workload_id      # its retry
-
-
-async def test_a_replica_waiting_for_room_is_written_when_its_reason_changes_only():
-    """A replica no slice fits is retried every few seconds (each failed action kicks the next pass after the
-    backoff); each try wrote the same record to etcd again, for as long as the fleet stayed full."""
-    from types import SimpleNamespace
-
-    from controlplane.serving.actuator import Actuator
-    from gpumesh.v1 import deployment_service_pb2 as D
-
-    why = ["no GPU has 2 GiB free"]
-
-    async def allocate(req, **kw):
-        raise errors.ResourceExhausted(why[0])
-    ctl = SimpleNamespace(allocate=allocate, recorder=None)
-    saved = []
-
-    async def put_replica(r):
-        saved.append(r)
-    act = Actuator(ctl, None, SimpleNamespace(put_replica=put_replica))
-    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
-    r = D.Replica(id="r-1", deployment="chat", message="waiting for a slice")
-    for _ in range(3):
-        with pytest.raises(errors.ResourceExhausted):
-            await act.allocate(saved[-1] if saved else r, spec, 2 << 30)
-    assert len(saved) == 1 and saved[0].message == "no slice yet: no GPU has 2 GiB free"
-    why[0] = "no GPU has 2 GiB free (3 draining)"
-    with pytest.raises(errors.ResourceExhausted):
-        await act.allocate(saved[-1], spec, 2 << 30)
-    assert len(saved) == 2
