@@ -278,3 +278,36 @@ def test_an_update_at_a_negative_generation_is_invalid_argument_naming_it(files)
     with pytest.raises(errors.InvalidArgument) as e:
         asyncio.run(r.update(M.Model(name="tiny", generation=-1, variants=[gguf_variant(files["gguf"])])))
     assert e.value.field == "model.generation"
+
+
+def test_an_update_that_deployments_settings_no_longer_fit_is_refused(files):
+    """Only a dropped variant was refused: a variant updated to a max_context below a deployment's context was
+    written, and that deployment's replicas could no longer start (each start refused its settings)."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    writes = []
+
+    async def write(ops, conds=()):
+        writes.append(ops)
+        return 1
+    spec = D.DeploymentSpec(name="chat", model="tiny", variant="f16")
+    spec.backend.context = 256
+    big = D.DeploymentSpec(name="big", model="tiny", variant="f16")
+    big.backend.context = 1000                  # refused before the update already: not the update's doing
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}), writer=SimpleNamespace(write=write),
+                          deployments=SimpleNamespace(store=SimpleNamespace(deployments={
+                              "chat": D.Deployment(spec=spec), "big": D.Deployment(spec=big)})))
+    r = ModelRegistry(ctl, check_artifacts=False)
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+
+    async def main():
+        with pytest.raises(errors.FailedPrecondition, match=r"chat \(f16\): spec.backend.context: 256") as e:
+            await r.update(M.Model(name="tiny", variants=[gguf_variant(files["gguf"], max_context=128)]))
+        assert "big" not in str(e.value)
+        assert not writes and r.models["tiny"].variants[0].max_context == 256
+        same = await r.update(M.Model(name="tiny", variants=[gguf_variant(files["gguf"], max_context=512)]))
+        assert same.generation == 2 and len(writes) == 1           # one that still fits it is written
+    asyncio.run(main())
