@@ -223,6 +223,8 @@ class DeploymentManager:
         async with self._lock:
             d = self.store.full(name)
             await self.store.delete(name)
+            self.drain_notes.pop(name, None)        # (a deployment created later under the name starts afresh)
+            self.scaling.woken.pop(name, None)
         log(logger, logging.INFO, "deployment deleted", deployment=name, replicas=len(d.replicas))
         self._event(name, "Normal", "Deleted", f"deleted with {len(d.replicas)} replica(s)", d.spec.tenant)
         self.kick()

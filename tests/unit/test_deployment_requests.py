@@ -157,3 +157,16 @@ def test_a_bad_model_name_is_refused_naming_spec_model(manager):
     with pytest.raises(errors.InvalidArgument) as e:
         asyncio.run(manager.create(D.DeploymentSpec(name="chat2", model="no/such model", replicas=1)))
     assert e.value.field == "spec.model", e.value
+
+
+def test_a_deleted_deployments_notes_are_dropped(manager):
+    """The drain notes and the wake times of deleted deployments stayed in memory for the leader's life (one per
+    name ever drained or woken), and a deployment created later under the name read the old wake as its own."""
+    async def write(ops, conds=()):
+        return 1
+    manager.ctl.writer = SimpleNamespace(write=write)
+    manager.ctl.recorder = SimpleNamespace(emit=lambda *a, **kw: None)
+    manager.drain_notes["chat"] = "WaitingForReplacements:[]"
+    manager.scaling.woken["chat"] = 1.0
+    asyncio.run(manager.delete("chat"))
+    assert "chat" not in manager.drain_notes and "chat" not in manager.scaling.woken
