@@ -42,7 +42,7 @@ def same_artifact(a: str, b: str) -> bool:
     from mesh.models import artifact
     try:
         return os.path.realpath(artifact.resolve(a)) == os.path.realpath(artifact.resolve(b))
-    except (artifact.ArtifactError, OSError):
+    except (artifact.ArtifactError, OSError, ValueError):
         return a == b
 
 

@@ -124,6 +124,11 @@ BAD = [
     ("unknown measured backend", {"measured": {"cpu": M.Measurement(backend="tgi")}}, errors.InvalidArgument,
      "model.variants[0].measured['cpu'].backend", "llama.cpp, vllm"),
     ("bad variant name", {"name": "-x"}, errors.InvalidArgument, "model.variants[0].name", "letters, digits"),
+    # these were ValueErrors, answered INTERNAL
+    ("a NUL in a file URI", {"artifact": "file:///tmp/x%00.gguf"}, errors.InvalidArgument,
+     "model.variants[0].artifact", "embedded null byte"),
+    ("a file URI that does not parse", {"artifact": "file://[x/m.gguf"}, errors.InvalidArgument,
+     "model.variants[0].artifact", "Invalid IPv6 URL"),
 ]
 
 
@@ -311,3 +316,15 @@ def test_an_update_that_deployments_settings_no_longer_fit_is_refused(files):
         same = await r.update(M.Model(name="tiny", variants=[gguf_variant(files["gguf"], max_context=512)]))
         assert same.generation == 2 and len(writes) == 1           # one that still fits it is written
     asyncio.run(main())
+
+
+def test_an_update_naming_a_nul_in_its_artifact_is_invalid_argument(files):
+    """Update compared the artifact with the registered one first (realpath): a ValueError, answered INTERNAL."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    r = ModelRegistry(SimpleNamespace(fleet=SimpleNamespace(nodes={})))
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(r.update(M.Model(name="tiny", variants=[gguf_variant("file:///tmp/x%00.gguf")])))
+    assert e.value.field == "model.variants[0].artifact"
