@@ -142,7 +142,10 @@ class Actuator:
             slice_id=s.id, backend=backend, labels=labels, request_id=f"{r.id}.after-{r.workload_id or 'none'}"),
             s.tenant)
         if w.state == types_pb2.WORKLOAD_STATE_FAILED:
-            n = self._copy(r, workload_id=w.id, message=f"backend did not start: {w.message}")
+            # not FAILED yet: the next pass records the crash (restarts + 1, its backoff, the log's tail); a FAILED
+            # replica restarted here stayed FAILED past its backoff and was restarted again at once, every pass
+            n = self._copy(r, workload_id=w.id, state=D.REPLICA_STATE_PENDING,
+                           message=f"backend did not start: {w.message}")
         else:
             n = self._copy(r, workload_id=w.id, endpoint=w.endpoint, endpoint_certificate=w.endpoint_certificate,
                            state=D.REPLICA_STATE_STARTING,

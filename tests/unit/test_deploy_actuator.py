@@ -58,3 +58,39 @@ async def test_a_crashed_backends_log_tail_in_the_replica_is_bounded():
     n = await act.failed(D.Replica(id="r-1", deployment="chat", workload_id="w-1"), 0.0)
     assert len(n.message) < actuator.LOG_CHARS + 200 and n.message.endswith("CUDA error: out of memory")
     assert saved == [n]
+
+
+async def test_a_restart_whose_backend_does_not_start_backs_off():
+    """A FAILED replica restarted (its backoff over) whose new backend failed at once stayed FAILED with the old
+    backoff's time, so the next pass restarted it again at once: a new workload every pass, no backoff, its
+    restarts never counted (no CrashLoop). It now goes through the crash rule: restarts + 1 and a backoff."""
+    from types import SimpleNamespace
+
+    from controlplane.serving import reconcile as rc
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import model_service_pb2 as M
+
+    async def run(req):
+        return t.Workload(id="w-2", slice_id=req.slice_id, state=t.WORKLOAD_STATE_FAILED, message="exit code 1")
+
+    async def ensure(deployment, rid):
+        return "k"
+
+    async def put_replica(r):
+        pass
+    ctl = SimpleNamespace(fleet=SimpleNamespace(slices={"s-1": t.Slice(id="s-1", node="n1", memory_bytes=1 << 30)},
+                                                nodes={}))
+    act = Actuator(ctl, SimpleNamespace(run=run), SimpleNamespace(put_replica=put_replica,
+                                                                   keys=SimpleNamespace(ensure=ensure)))
+    r = D.Replica(id="r-1", deployment="chat", slice_id="s-1", workload_id="w-1", state=D.REPLICA_STATE_FAILED,
+                  restarts=1)
+    r.next_start_at.FromSeconds(100)
+    variant = M.Variant(name="f16", backend=M.BACKEND_LLAMA_CPP, artifact="/m/tiny.gguf")
+    n = await act.run(r, D.DeploymentSpec(name="chat", model="tiny"), variant)
+    assert n.workload_id == "w-2" and "did not start" in n.message
+    seen = rc.Observed(id=n.id, state=rc.PENDING if n.state == D.REPLICA_STATE_PENDING else rc.FAILED,
+                       has_slice=True, slice_ready=True, workload=rc.W_ENDED, restarts=n.restarts,
+                       next_start=n.next_start_at.seconds)
+    plan = rc.reconcile(rc.Desired(replicas=1), [seen], now=200.0)
+    assert plan.kinds() == [("fail", "r-1")]           # not ("restart", "r-1") at once
