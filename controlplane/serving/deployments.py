@@ -362,8 +362,11 @@ class DeploymentManager:
             return
 
         async def run():
+            idle = False
             try:
-                await coro
+                # an action that found nothing to do yet (False) kicks no pass: the next one looks again; a kick
+                # made each pass start it again at once, a busy loop while a replica's slice was being realized
+                idle = await coro is False
             except asyncio.CancelledError:
                 raise
             except errors.MeshError as e:
@@ -375,22 +378,25 @@ class DeploymentManager:
                 await asyncio.sleep(self.policy.backoff_base)
             finally:
                 self.busy.pop(rid, None)
-                self.kick()
+                if not idle:
+                    self.kick()
         self.busy[rid] = asyncio.create_task(run(), name=f"replica-{rid}")
 
-    async def _advance(self, name: str, rid: str) -> None:
-        """Bring a replica one step further: a slice, then (slice READY) its backend."""
+    async def _advance(self, name: str, rid: str) -> bool:
+        """Bring a replica one step further: a slice, then (slice READY) its backend. False: nothing to do yet."""
         d = self.store.deployments.get(name)
         r = self.store.replicas.get(name, {}).get(rid)
         if d is None or r is None:
-            return
+            return False
         variant, need = self._resolve(d.spec)
-        if not r.slice_id:
+        allocated = not r.slice_id
+        if allocated:
             r = await self.act.allocate(r, d.spec, need)
         s = self.ctl.fleet.slices.get(r.slice_id)
         if s is None or s.state != W.SLICE_STATE_READY:
-            return              # the next pass looks again once its node realized it
+            return allocated    # the next pass looks again once its node realized it
         await self.act.run(r, d.spec, variant)
+        return True
 
     async def _probe(self, name: str, rid: str) -> None:
         d = self.store.deployments.get(name)

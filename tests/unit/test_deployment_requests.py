@@ -170,3 +170,26 @@ def test_a_deleted_deployments_notes_are_dropped(manager):
     manager.scaling.woken["chat"] = 1.0
     asyncio.run(manager.delete("chat"))
     assert "chat" not in manager.drain_notes and "chat" not in manager.scaling.woken
+
+
+async def test_a_replica_waiting_for_its_slice_to_be_realized_does_not_spin_the_controller(manager):
+    """Each ended action kicked a pass at once, and a pass gave the replica whose slice its node had not realized
+    yet another advance that ended at once: thousands of passes a second until the slice was READY."""
+    from gpumesh.v1 import types_pb2 as T
+
+    async def write(ops, conds=()):
+        return 1
+    manager.ctl.writer = SimpleNamespace(write=write)
+    manager.ctl.recorder = SimpleNamespace(emit=lambda *a, **kw: None)
+    manager.ctl.fleet = SimpleNamespace(slices={"s-1": T.Slice(id="s-1", node="n1", state=T.SLICE_STATE_PENDING)},
+                                        nodes={"n1": SimpleNamespace(ready=True,
+                                                                     record=SimpleNamespace(draining=False))})
+    manager.workloads = SimpleNamespace(workloads={})
+    manager.interval = 0.1
+    manager.store.replicas["chat"] = {"r-1": D.Replica(id="r-1", deployment="chat", slice_id="s-1", node="n1",
+                                                       state=D.REPLICA_STATE_PENDING)}
+    manager._loop.start()
+    manager.kick()
+    await asyncio.sleep(0.5)
+    await manager._loop.stop()
+    assert 2 <= manager._loop.passes <= 10
