@@ -23,7 +23,7 @@ from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
 from controlplane.loops import PeriodicTask
-from controlplane.serving import deployspec, replicamove, scaling
+from controlplane.serving import deployspec, drainstatus, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
@@ -427,40 +427,6 @@ class DeploymentManager:
         if n != r2:
             await self.store.put_replica(n)
 
-    def _drain_status(self, name: str, replicas: list[D.Replica], status: bool, reason: str,
-                      message: str) -> tuple[str, str]:
-        """The Draining condition's reason and message: which replicas wait on drained nodes and for
-        what (the replacements not READY yet, and why: no room, loading). A new "waiting" message is
-        also recorded as an event on the drained node (`meshctl describe node`)."""
-        drained = {r.node for r in replicas if r.node in self.ctl.fleet.nodes
-                   and self.ctl.fleet.nodes[r.node].record.draining}
-        old = [r for r in replicas if r.node in drained and r.state != D.REPLICA_STATE_TERMINATING]
-        new = [r for r in replicas if r.node not in drained and r.state != D.REPLICA_STATE_READY]
-        if not old:
-            return reason, message
-        if any(r.state == D.REPLICA_STATE_PENDING and not r.slice_id and r.message.startswith("no slice yet")
-               for r in new):
-            reason = "NoRoomForReplacement"
-        message = (f"replica {', '.join(r.id for r in old)} on drained node {', '.join(sorted(drained))} "
-                   f"stay{'s' if len(old) == 1 else ''} until replacements are READY")
-        if new:
-            message += "; waiting for " + "; ".join(
-                f"{r.id} ({STATE_NAMES.get(r.state, 'pending')}" +
-                (f": {r.message})" if r.state in (D.REPLICA_STATE_PENDING, D.REPLICA_STATE_FAILED) else ")")
-                for r in new)
-        telemetry = getattr(self.ctl, "telemetry", None)
-        note = f"{reason}:{[(r.id, r.state) for r in old + new]}"
-        if telemetry is not None and self.drain_notes.get(name) != note and new:
-            # node events are read by every tenant's callers (GetNode): no deployment's names or messages in them
-            for node in sorted(drained):
-                here = sum(1 for r in old if r.node == node)
-                telemetry.record(node, "Warning" if reason == "NoRoomForReplacement" else "Normal", "DrainWaiting",
-                                 f"{here} replica(s) of a deployment stay on this drained node until {len(new)} "
-                                 f"replacement(s) are READY" + (" (no room for a replacement)" if reason ==
-                                 "NoRoomForReplacement" else "") + ": its Draining condition says which")
-        self.drain_notes[name] = note
-        return reason, message
-
     async def _set_status(self, d: D.Deployment, plan: rc.Plan) -> None:
         async with self._lock:      # read again under the lock: a Scale or the autoscaler may have written since
             d = self.store.deployments.get(d.spec.name)
@@ -489,7 +455,7 @@ class DeploymentManager:
                     status, reason, message = (prev.status, prev.reason, prev.message) if prev is not None \
                         else (False, "", "")
             if ctype == "Draining":
-                reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
+                reason, message = drainstatus.status(self, d.spec.name, replicas, reason, message)
             if ctype == "Available" and not status:
                 # the pool is the limit (docs/pools.md): say so where `describe deployment` shows it
                 held = next((r for r in replicas

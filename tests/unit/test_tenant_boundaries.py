@@ -184,6 +184,7 @@ def test_a_drained_nodes_event_carries_no_deployments_names_or_messages():
     """DrainWaiting on the node (GetNode, which every tenant's caller may read) named the deployment, its
     replicas and their messages (a FAILED replacement's holds its server's last log lines)."""
     from types import SimpleNamespace
+    from controlplane.serving import drainstatus
     from controlplane.serving.deployments import DeploymentManager
 
     events = []
@@ -194,7 +195,7 @@ def test_a_drained_nodes_event_carries_no_deployments_names_or_messages():
     replicas = [D.Replica(id="r-old", deployment="secret-chat", node="n1", state=D.REPLICA_STATE_READY),
                 D.Replica(id="r-new", deployment="secret-chat", node="n2", state=D.REPLICA_STATE_FAILED,
                           message="backend ended; last log lines:\nprompt: the merger with acme")]
-    reason, message = m._drain_status("secret-chat", replicas, True, "WaitingForReplacements", "")
+    reason, message = drainstatus.status(m, "secret-chat", replicas, "WaitingForReplacements", "")
     assert "r-new" in message and "acme" in message                 # the deployment's own condition says it all
     [(node, why, text)] = events
     assert node == "n1" and why == "DrainWaiting" and "1 replica(s)" in text
