@@ -262,5 +262,12 @@ class Actuator:
                 await self.ctl.release(ident, wait=bool(node and node.ready),
                                        message=f"replica {r.id} of deployment {r.deployment}: {why}")
                 break
+        # an allocation the record does not name (a crash between Allocate and the replica's write; an allocation
+        # under another of its request ids): its slices carry the replica's label, and nothing else releases them
+        for alloc in sorted({x.allocation_id for x in self.ctl.fleet.slices.values()
+                             if x.labels.get(deployspec.LABEL_REPLICA) == r.id and x.allocation_id
+                             and x.state != types_pb2.SLICE_STATE_RELEASING} - {r.allocation_id}):
+            await self.ctl.release(alloc, wait=False, message=f"replica {r.id} of deployment {r.deployment}: {why} "
+                                                              f"(an allocation its record did not name)")
         await self.store.delete_replica(r)
         log(logger, logging.INFO, "replica removed", deployment=r.deployment, replica=r.id, why=why)

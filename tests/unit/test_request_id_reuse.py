@@ -314,3 +314,41 @@ async def test_the_actuator_starts_one_backend_per_replica_start_across_a_lost_r
     assert changed.workload_id not in (first.workload_id, restart.workload_id)
     assert wm.workloads[restart.workload_id].state == t.WORKLOAD_STATE_STOPPED
     assert (await act.run(first, spec, variant)).workload_id == changed.workload_id      # its retry
+
+
+async def test_removing_a_replica_releases_an_allocation_its_record_lost():
+    """A control plane that crashed between Allocate and the replica's write left the replica without its slice;
+    removed before a retry adopted it (a scale-down, a delete), the allocation was held for ever: nothing named
+    it. Its slices carry the replica's label, and the removal releases them."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    ctl = Controller(store=None)
+
+    async def write(ops, conds=()):
+        return 1
+
+    async def lease():
+        return 1
+    ctl.writer = SimpleNamespace(write=write)
+    ctl._request_lease = lease
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    ctl.fleet.nodes, ctl.fleet.index = fleet.nodes, fleet.index
+    gone = []
+
+    async def put_replica(r):
+        pass
+
+    async def delete_replica(r):
+        gone.append(r.id)
+    act = Actuator(ctl, SimpleNamespace(workloads={}), SimpleNamespace(put_replica=put_replica,
+                                                                       delete_replica=delete_replica))
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+    other = await act.allocate(D.Replica(id="r-2", deployment="chat"), spec, 2 << 30)     # another replica's
+    lost = await act.allocate(D.Replica(id="r-1", deployment="chat"), spec, 2 << 30)
+    await act.remove(D.Replica(id="r-1", deployment="chat", state=D.REPLICA_STATE_PENDING), "scale down to 1")
+    assert gone == ["r-1"]
+    assert ctl.fleet.slices[lost.slice_id].state == t.SLICE_STATE_RELEASING
+    assert ctl.fleet.slices[other.slice_id].state != t.SLICE_STATE_RELEASING
