@@ -91,7 +91,8 @@ def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
         raise errors.InvalidArgument.of("spec.labels", f"has {len(spec.labels)} labels", f"at most {MAX_LABELS}")
     for k, v in spec.labels.items():
         if not k or len(k) > 63 or len(v) > 256:
-            raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is not a valid label",
+            shown = k if len(k) <= 63 else k[:60] + "..."       # (a long key is not echoed whole)
+            raise errors.InvalidArgument.of(f"spec.labels[{shown}]", "is not a valid label",
                                             "keys of 1-63 and values of at most 256 characters")
         if k in slicespec.SYSTEM_LABELS:       # copied onto the replicas' slices: spec.pool names the pool
             raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is set by gpumesh itself",

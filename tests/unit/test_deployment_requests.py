@@ -193,3 +193,10 @@ async def test_a_replica_waiting_for_its_slice_to_be_realized_does_not_spin_the_
     await asyncio.sleep(0.5)
     await manager._loop.stop()
     assert 2 <= manager._loop.passes <= 10
+
+
+def test_a_long_label_key_is_not_echoed_whole(manager):
+    spec = D.DeploymentSpec(name="chat", model="tiny", replicas=1, labels={"k" * 1_000_000: "v"})
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(manager.update(spec, 0))
+    assert e.value.field.startswith("spec.labels[kkk") and len(str(e.value)) < 400
