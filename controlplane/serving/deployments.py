@@ -184,6 +184,12 @@ class DeploymentManager:
         return out
 
     async def update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
+        # checked and written under the registry's lock: a model's Update checks the settings of the deployments
+        # that run it there, then writes; new settings written between the two could be ones it refuses
+        async with getattr(self.registry, "lock", None) or contextlib.nullcontext():
+            return await self._update(spec, generation)
+
+    async def _update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
         deployspec.check_name(spec.name)
         if generation < 0:
             raise errors.InvalidArgument.of("generation", f"{generation} is negative",

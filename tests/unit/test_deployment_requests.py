@@ -200,3 +200,41 @@ def test_a_long_label_key_is_not_echoed_whole(manager):
     with pytest.raises(errors.InvalidArgument) as e:
         asyncio.run(manager.update(spec, 0))
     assert e.value.field.startswith("spec.labels[kkk") and len(str(e.value)) < 400
+
+
+async def test_new_settings_are_checked_against_a_model_update_being_written(tmp_path):
+    """The registry's Update checks the settings of the deployments that run the model, then writes; a deployment
+    Update between the two was checked against the old variant and written: settings the new one refuses."""
+    from controlplane.serving.registry import ModelRegistry
+    from controlplane.events.recorder import NullRecorder
+    from controlplane.state import keys
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    gate = asyncio.Event()
+
+    async def write(ops, conds=()):
+        if any(op.key == keys.model("tiny") for op in ops):
+            await gate.wait()                     # the model's update, in flight
+    ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=SimpleNamespace(nodes={}), telemetry=None,
+                          recorder=NullRecorder())
+
+    def variant(max_context):
+        return M.Variant(name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16",
+                         weight_bytes=TINY_WEIGHT_BYTES, max_context=max_context, architecture=M.Architecture(
+                             name="llama", block_count=2, embedding_length=64, head_count=4, head_count_kv=2))
+    registry = ModelRegistry(ctl, check_artifacts=False)
+    registry.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[variant(256)]), [H100])
+    m = DeploymentManager(ctl, workloads=None, registry=registry)
+    m.store.deployments["chat"] = D.Deployment(spec=D.DeploymentSpec(name="chat", model="tiny", variant="f16",
+                                                                     tenant="a", replicas=1), generation=1)
+    shrinking = asyncio.create_task(registry.update(M.Model(name="tiny", variants=[variant(128)])))
+    await asyncio.sleep(0.05)
+    wider = D.DeploymentSpec(name="chat", model="tiny", replicas=1)
+    wider.backend.context = 256
+    widening = asyncio.create_task(m.update(wider, 0))
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert (await shrinking).generation == 2
+    with pytest.raises(errors.InvalidArgument, match="spec.backend.context: 256 is out of range"):
+        await widening
+    assert m.store.deployments["chat"].spec.backend.context == 0
