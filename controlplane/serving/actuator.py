@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # the endpoint that says a backend's server is up, by kind (llama-cpp-python's server has no /health)
 HEALTH_PATHS = {"llama.cpp": "/v1/models", "vllm": "/health"}
 LOG_LINES = 15          # of a crashed backend's log, in the replica's message and the CrashLoop condition
+LOG_CHARS = 4000        # at most (its end): lines are of any length, and the replica's etcd record holds them
 
 
 def ts(t: float):
@@ -83,7 +84,8 @@ class Actuator:
                                               r.id + "-any")
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
-            await self.store.put_replica(n)
+            if n != r:          # a replica waiting for room is retried every few seconds: written when the why changes
+                await self.store.put_replica(n)
             if spec.pool and "Pool" in str(e):
                 # the pool is the limit: an event on the deployment (repeats coalesce into one with a count)
                 why = next((part.strip() for part in str(e).split(";") if "Pool" in part), str(e))
@@ -136,10 +138,14 @@ class Actuator:
         backend.api_key = await self.store.keys.ensure(r.deployment, r.id)
         labels = dict(spec.labels)
         labels.update({deployspec.LABEL_DEPLOYMENT: spec.name, deployspec.LABEL_REPLICA: r.id})
-        w = await self.workloads.run(workload_service_pb2.RunWorkloadRequest(
-            slice_id=s.id, backend=backend, labels=labels))
+        w = await self._run(workload_service_pb2.RunWorkloadRequest(
+            slice_id=s.id, backend=backend, labels=labels, request_id=f"{r.id}.after-{r.workload_id or 'none'}"),
+            s.tenant)
         if w.state == types_pb2.WORKLOAD_STATE_FAILED:
-            n = self._copy(r, workload_id=w.id, message=f"backend did not start: {w.message}")
+            # not FAILED yet: the next pass records the crash (restarts + 1, its backoff, the log's tail); a FAILED
+            # replica restarted here stayed FAILED past its backoff and was restarted again at once, every pass
+            n = self._copy(r, workload_id=w.id, state=D.REPLICA_STATE_PENDING,
+                           message=f"backend did not start: {w.message}")
         else:
             n = self._copy(r, workload_id=w.id, endpoint=w.endpoint, endpoint_certificate=w.endpoint_certificate,
                            state=D.REPLICA_STATE_STARTING,
@@ -150,6 +156,26 @@ class Actuator:
         log(logger, logging.INFO, "replica backend started", deployment=r.deployment, replica=r.id, workload=w.id,
             endpoint=w.endpoint, state=types_pb2.WorkloadState.Name(w.state))
         return n
+
+    async def _run(self, req: workload_service_pb2.RunWorkloadRequest, tenant: str) -> types_pb2.Workload:
+        """Run the replica's backend under a request id of this start (the replica and the workload it replaces):
+        a retry after a crash between the workload's record and the replica's (the replica does not name it
+        yet) gets the first call's workload instead of starting a second server on the slice. An id an earlier
+        call used with other settings (the deployment changed in between) names a workload no replica
+        records: it is stopped, and this one runs under an id of its own (the same on a retry)."""
+        try:
+            return await self.workloads.run(req)
+        except errors.RequestIdReused:
+            earlier = self.workloads.requests.lookup(tenant, req.request_id)
+            w = self.workloads.workloads.get(earlier) if earlier else None
+            if w is not None and w.state not in (types_pb2.WORKLOAD_STATE_SUCCEEDED, types_pb2.WORKLOAD_STATE_FAILED,
+                                                 types_pb2.WORKLOAD_STATE_STOPPED):
+                log(logger, logging.INFO, "replica's earlier backend was for another spec: stopping it",
+                    request_id=req.request_id, workload=w.id)
+                await self.workloads.stop_workload(w.id, wait=False)
+        fp = requestids.fingerprint(req)
+        req.request_id = f"{req.request_id}.{fp.removeprefix('sha256:')[:12]}"
+        return await self.workloads.run(req)
 
     # -- readiness ----------------------------------------------------------------------------
 
@@ -202,7 +228,8 @@ class Actuator:
                 data += chunk.data
         except errors.MeshError as e:
             return f"(log unavailable: {e})"
-        return data.decode("utf-8", "replace").strip()
+        text = data.decode("utf-8", "replace").strip()
+        return text if len(text) <= LOG_CHARS else "..." + text[-LOG_CHARS:]
 
     async def failed(self, r: D.Replica, next_start: float) -> D.Replica:
         w = self.workloads.workloads.get(r.workload_id)
@@ -235,5 +262,12 @@ class Actuator:
                 await self.ctl.release(ident, wait=bool(node and node.ready),
                                        message=f"replica {r.id} of deployment {r.deployment}: {why}")
                 break
+        # an allocation the record does not name (a crash between Allocate and the replica's write; an allocation
+        # under another of its request ids): its slices carry the replica's label, and nothing else releases them
+        for alloc in sorted({x.allocation_id for x in self.ctl.fleet.slices.values()
+                             if x.labels.get(deployspec.LABEL_REPLICA) == r.id and x.allocation_id
+                             and x.state != types_pb2.SLICE_STATE_RELEASING} - {r.allocation_id}):
+            await self.ctl.release(alloc, wait=False, message=f"replica {r.id} of deployment {r.deployment}: {why} "
+                                                              f"(an allocation its record did not name)")
         await self.store.delete_replica(r)
         log(logger, logging.INFO, "replica removed", deployment=r.deployment, replica=r.id, why=why)

@@ -15,6 +15,7 @@ the next pass (the same rule finishes a delete interrupted by a restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -22,7 +23,7 @@ from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
 from controlplane.loops import PeriodicTask
-from controlplane.serving import deployspec, replicamove, scaling
+from controlplane.serving import deployspec, drainstatus, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
@@ -113,7 +114,7 @@ class DeploymentManager:
     # -- API ----------------------------------------------------------------------------------
 
     def _resolve(self, spec: D.DeploymentSpec):
-        model = self.registry.get(spec.model) if spec.model else None
+        model = self.registry.get(deployspec.check_name(spec.model, "spec.model")) if spec.model else None
         if model is None:
             raise errors.InvalidArgument.of("spec.model", "is required", "the name of a registered model")
         variant = deployspec.pick_variant(model, spec.variant)
@@ -121,14 +122,18 @@ class DeploymentManager:
         need = deployspec.need_bytes(spec, variant)
         return variant, need
 
-    async def create(self, spec: D.DeploymentSpec) -> D.Deployment:
-        deployspec.check_name(spec.name)
-        deployspec.check_replicas(spec.replicas)
+    def _resolve_new(self, spec: D.DeploymentSpec):
         try:
-            variant, need = self._resolve(spec)
+            return self._resolve(spec)
         except errors.NotFound:
             raise errors.InvalidArgument.of("spec.model", f"no model {spec.model!r} in the registry",
                                             "a registered model (meshctl get models)") from None
+
+    async def create(self, spec: D.DeploymentSpec) -> D.Deployment:
+        deployspec.check_name(spec.name)
+        deployspec.check_replicas(spec.replicas)
+        deployspec.check_restart_stamp(spec.restart_stamp)
+        variant, need = self._resolve_new(spec)
         deployspec.check_fits(need, self.registry.gpu_models())
         deployspec.check_pool(spec, getattr(self.ctl, "pools", None))
         cap = quota.priority_cap(getattr(self.ctl, "scheduler", None), spec.tenant)
@@ -142,12 +147,16 @@ class DeploymentManager:
         d = D.Deployment(spec=spec, created_at=ts, updated_at=ts, generation=1,
                          status=D.DeploymentStatus(vram_bytes=need,
                                                    backend=deployspec.BACKEND_KINDS[variant.backend]))
-        async with self._lock:
-            if spec.name in self.store.deployments:
-                raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
-            if self.store.replicas.get(spec.name):
-                raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry shortly")
-            await self.store.create(d)
+        # checked again under the registry's lock: a model's Delete (or an Update dropping a variant) checks which
+        # deployments run it there, then writes; a deployment created between the two ran a model that was gone
+        async with getattr(self.registry, "lock", None) or contextlib.nullcontext():
+            self._resolve_new(spec)
+            async with self._lock:
+                if spec.name in self.store.deployments:
+                    raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
+                if self.store.replicas.get(spec.name):
+                    raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry shortly")
+                await self.store.create(d)
         log(logger, logging.INFO, "deployment created", deployment=spec.name, model=spec.model,
             variant=variant.name, replicas=spec.replicas, vram=need)
         self._event(spec.name, "Normal", "Created", f"model {spec.model} variant {variant.name}, "
@@ -180,11 +189,18 @@ class DeploymentManager:
         return out
 
     async def update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
+        # checked and written under the registry's lock: a model's Update checks the settings of the deployments
+        # that run it there, then writes; new settings written between the two could be ones it refuses
+        async with getattr(self.registry, "lock", None) or contextlib.nullcontext():
+            return await self._update(spec, generation)
+
+    async def _update(self, spec: D.DeploymentSpec, generation: int) -> D.Deployment:
         deployspec.check_name(spec.name)
         if generation < 0:
             raise errors.InvalidArgument.of("generation", f"{generation} is negative",
                                             "0 (no check) or the generation the change was read at")
         deployspec.check_replicas(spec.replicas)
+        deployspec.check_restart_stamp(spec.restart_stamp)
         old = self.store.get(spec.name)
         probe = D.DeploymentSpec()
         probe.CopyFrom(old.spec)
@@ -218,6 +234,8 @@ class DeploymentManager:
         async with self._lock:
             d = self.store.full(name)
             await self.store.delete(name)
+            self.drain_notes.pop(name, None)        # (a deployment created later under the name starts afresh)
+            self.scaling.woken.pop(name, None)
         log(logger, logging.INFO, "deployment deleted", deployment=name, replicas=len(d.replicas))
         self._event(name, "Normal", "Deleted", f"deleted with {len(d.replicas)} replica(s)", d.spec.tenant)
         self.kick()
@@ -355,8 +373,11 @@ class DeploymentManager:
             return
 
         async def run():
+            idle = False
             try:
-                await coro
+                # an action that found nothing to do yet (False) kicks no pass: the next one looks again; a kick
+                # made each pass start it again at once, a busy loop while a replica's slice was being realized
+                idle = await coro is False
             except asyncio.CancelledError:
                 raise
             except errors.MeshError as e:
@@ -368,22 +389,25 @@ class DeploymentManager:
                 await asyncio.sleep(self.policy.backoff_base)
             finally:
                 self.busy.pop(rid, None)
-                self.kick()
+                if not idle:
+                    self.kick()
         self.busy[rid] = asyncio.create_task(run(), name=f"replica-{rid}")
 
-    async def _advance(self, name: str, rid: str) -> None:
-        """Bring a replica one step further: a slice, then (slice READY) its backend."""
+    async def _advance(self, name: str, rid: str) -> bool:
+        """Bring a replica one step further: a slice, then (slice READY) its backend. False: nothing to do yet."""
         d = self.store.deployments.get(name)
         r = self.store.replicas.get(name, {}).get(rid)
         if d is None or r is None:
-            return
+            return False
         variant, need = self._resolve(d.spec)
-        if not r.slice_id:
+        allocated = not r.slice_id
+        if allocated:
             r = await self.act.allocate(r, d.spec, need)
         s = self.ctl.fleet.slices.get(r.slice_id)
         if s is None or s.state != W.SLICE_STATE_READY:
-            return              # the next pass looks again once its node realized it
+            return allocated    # the next pass looks again once its node realized it
         await self.act.run(r, d.spec, variant)
+        return True
 
     async def _probe(self, name: str, rid: str) -> None:
         d = self.store.deployments.get(name)
@@ -414,36 +438,6 @@ class DeploymentManager:
         if n != r2:
             await self.store.put_replica(n)
 
-    def _drain_status(self, name: str, replicas: list[D.Replica], status: bool, reason: str,
-                      message: str) -> tuple[str, str]:
-        """The Draining condition's reason and message: which replicas wait on drained nodes and for
-        what (the replacements not READY yet, and why: no room, loading). A new "waiting" message is
-        also recorded as an event on the drained node (`meshctl describe node`)."""
-        drained = {r.node for r in replicas if r.node in self.ctl.fleet.nodes
-                   and self.ctl.fleet.nodes[r.node].record.draining}
-        old = [r for r in replicas if r.node in drained and r.state != D.REPLICA_STATE_TERMINATING]
-        new = [r for r in replicas if r.node not in drained and r.state != D.REPLICA_STATE_READY]
-        if not old:
-            return reason, message
-        if any(r.state == D.REPLICA_STATE_PENDING and not r.slice_id and r.message.startswith("no slice yet")
-               for r in new):
-            reason = "NoRoomForReplacement"
-        message = (f"replica {', '.join(r.id for r in old)} on drained node {', '.join(sorted(drained))} "
-                   f"stay{'s' if len(old) == 1 else ''} until replacements are READY")
-        if new:
-            message += "; waiting for " + "; ".join(
-                f"{r.id} ({STATE_NAMES.get(r.state, 'pending')}" +
-                (f": {r.message})" if r.state in (D.REPLICA_STATE_PENDING, D.REPLICA_STATE_FAILED) else ")")
-                for r in new)
-        telemetry = getattr(self.ctl, "telemetry", None)
-        note = f"{reason}:{[(r.id, r.state) for r in old + new]}"
-        if telemetry is not None and self.drain_notes.get(name) != note and new:
-            for node in sorted(drained):
-                telemetry.record(node, "Warning" if reason == "NoRoomForReplacement" else "Normal", "DrainWaiting",
-                                 f"deployment {name}: {message}"[:1000])
-        self.drain_notes[name] = note
-        return reason, message
-
     async def _set_status(self, d: D.Deployment, plan: rc.Plan) -> None:
         async with self._lock:      # read again under the lock: a Scale or the autoscaler may have written since
             d = self.store.deployments.get(d.spec.name)
@@ -472,7 +466,7 @@ class DeploymentManager:
                     status, reason, message = (prev.status, prev.reason, prev.message) if prev is not None \
                         else (False, "", "")
             if ctype == "Draining":
-                reason, message = self._drain_status(d.spec.name, replicas, status, reason, message)
+                reason, message = drainstatus.status(self, d.spec.name, replicas, reason, message)
             if ctype == "Available" and not status:
                 # the pool is the limit (docs/pools.md): say so where `describe deployment` shows it
                 held = next((r for r in replicas

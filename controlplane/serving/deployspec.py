@@ -46,6 +46,17 @@ def check_replicas(n: int, field: str = "spec.replicas") -> int:
     return n
 
 
+MAX_STAMP = 128
+
+
+def check_restart_stamp(stamp: str, field: str = "spec.restart_stamp") -> str:
+    """Any short printable text (meshctl rollout restart writes the time): it is stored with the deployment."""
+    if len(stamp) > MAX_STAMP or not stamp.isprintable():
+        raise errors.InvalidArgument.of(field, f"is not valid text ({len(stamp)} characters)",
+                                        f"printable, at most {MAX_STAMP} characters")
+    return stamp
+
+
 def pick_variant(model: M.Model, name: str) -> M.Variant:
     if not name:
         return min(model.variants, key=lambda v: (v.fallback_rank, v.name))
@@ -80,7 +91,8 @@ def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
         raise errors.InvalidArgument.of("spec.labels", f"has {len(spec.labels)} labels", f"at most {MAX_LABELS}")
     for k, v in spec.labels.items():
         if not k or len(k) > 63 or len(v) > 256:
-            raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is not a valid label",
+            shown = k if len(k) <= 63 else k[:60] + "..."       # (a long key is not echoed whole)
+            raise errors.InvalidArgument.of(f"spec.labels[{shown}]", "is not a valid label",
                                             "keys of 1-63 and values of at most 256 characters")
         if k in slicespec.SYSTEM_LABELS:       # copied onto the replicas' slices: spec.pool names the pool
             raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is set by gpumesh itself",
@@ -142,7 +154,12 @@ def check_pool(spec: D.DeploymentSpec, pool_store) -> None:
     """spec.pool names an existing pool, and an isolation the spec insists on is one the pool allows."""
     if not spec.pool:
         return
+    from controlplane.api import auth
     known = getattr(pool_store, "pools", {}) if pool_store is not None else {}
+    if not auth.current().admin:
+        # a tenant's caller learns nothing of the pools not open to its tenant (PoolService hides them too): such
+        # a pool reads as unknown, and the ones listed are its own
+        known = {n: p for n, p in known.items() if not p.tenants or spec.tenant in p.tenants}
     pool = known.get(spec.pool)
     if pool is None:
         raise errors.InvalidArgument.of("spec.pool", f"no pool {spec.pool!r}",

@@ -94,12 +94,15 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
 
     @streaming
     async def Watch(self, request, context):
-        self._own(request.name)
+        first = self._own(request.name)
         ev = self.m.store.subscribe(request.name)
         try:
             while True:
                 ev.clear()
-                if request.name not in self.m.store.deployments:
+                cur = self.m.store.deployments.get(request.name)
+                # deleted: the stream ends. A deployment created since under the same name is another one (maybe
+                # another tenant's), which this stream was never allowed to see: it ends too.
+                if cur is None or cur.created_at != first.created_at or cur.spec.tenant != first.spec.tenant:
                     return
                 yield self.m.store.full(request.name)
                 try:

@@ -42,7 +42,7 @@ def same_artifact(a: str, b: str) -> bool:
     from mesh.models import artifact
     try:
         return os.path.realpath(artifact.resolve(a)) == os.path.realpath(artifact.resolve(b))
-    except (artifact.ArtifactError, OSError):
+    except (artifact.ArtifactError, OSError, ValueError):
         return a == b
 
 
@@ -69,6 +69,12 @@ class ModelRegistry:
         self.models: dict[str, M.Model] = {}
         self.check_artifacts = check_artifacts
         self._lock = asyncio.Lock()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a write changes the registry (Update and Delete check the deployments that run the model
+        under it): DeploymentManager.create checks its model and writes under it too."""
+        return self._lock
 
     async def load(self) -> None:
         snap = await self.ctl.store.load(keys.MODELS)
@@ -143,6 +149,9 @@ class ModelRegistry:
 
     async def update(self, model: M.Model) -> M.Model:
         check_name(model.name, "model.name")
+        if model.generation < 0:
+            raise errors.InvalidArgument.of("model.generation", f"{model.generation} is negative",
+                                            "0 (no check) or the generation the model was read at")
         m = await self._validated(pinned(model, self.models.get(model.name)))
         async with self._lock:
             old = self.get(m.name)
@@ -154,6 +163,12 @@ class ModelRegistry:
                 raise errors.FailedPrecondition(
                     f"model.variants: the update drops variant(s) that deployment(s) {', '.join(users)} run; keep "
                     f"them, or delete those deployments first")
+            before = self.misfits(old)
+            misfits = [why for n, why in self.misfits(m).items() if n not in before]    # (the update's doing)
+            if misfits:
+                raise errors.FailedPrecondition(
+                    f"model.variants: deployment(s) run settings the updated variant(s) do not allow: "
+                    f"{'; '.join(misfits)}; change those deployments first, or keep the variants as they are"[:2000])
             m.created_at.CopyFrom(old.created_at)
             m.updated_at.CopyFrom(now())
             m.generation = old.generation + 1
@@ -176,6 +191,24 @@ class ModelRegistry:
         return sorted(f"{n} ({d.spec.variant})" if variants is not None else n
                       for n, d in dm.store.deployments.items()
                       if d.spec.model == name and (variants is None or d.spec.variant not in variants))
+
+    def misfits(self, m: M.Model) -> dict[str, str]:
+        """The deployments of `m` whose settings its variants do not allow, each with why: a context beyond the
+        variant's max_context, a need no slice of the fleet holds, ... (their replicas could not start)."""
+        from controlplane.serving import deployspec
+        dm = getattr(self.ctl, "deployments", None)
+        variants = {v.name: v for v in m.variants}
+        out = {}
+        for n, d in sorted(dm.store.deployments.items()) if dm is not None else ():
+            v = variants.get(d.spec.variant)
+            if d.spec.model != m.name or v is None:
+                continue
+            try:
+                deployspec.check_settings(d.spec, v)
+                deployspec.check_fits(deployspec.need_bytes(d.spec, v), self.gpu_models())
+            except errors.MeshError as e:
+                out[n] = f"{n} ({d.spec.variant}): {e}"
+        return out
 
     async def delete(self, name: str) -> M.Model:
         async with self._lock:

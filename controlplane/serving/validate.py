@@ -215,6 +215,8 @@ def _artifact(v: M.Variant, path: str, backend: str) -> None:
         raise _bad(where, str(e), allowed) from None
     except OSError as e:
         raise _bad(where, f"cannot be read: {e.strerror}", "a readable path") from None
+    except ValueError as e:     # a URI that does not parse ("file://[x"), a NUL in the path ("file:///m%00")
+        raise _bad(where, f"is not a usable path or file:// URI: {e}", "an absolute path or file:// URI") from None
     if v.weight_bytes > on_disk:
         raise _bad(f"{path}.weight_bytes", f"{v.weight_bytes} is more than the artifact holds ({on_disk} bytes of "
                    f"weights on disk)", f"at most {on_disk}")
@@ -234,6 +236,9 @@ def pin_digests(m: M.Model) -> M.Model:
             raise _bad(f"{path}.artifact", f"cannot be read: {e.strerror}", "a readable path") from None
         except digest.DigestMismatch as e:
             raise _bad(f"{path}.artifact", str(e), "a GGUF file or a Hugging Face directory") from None
+        except ValueError as e:     # (after DigestMismatch, a ValueError) a URI that does not parse, a NUL in it
+            raise _bad(f"{path}.artifact", f"is not a usable path or file:// URI: {e}",
+                       "an absolute path or file:// URI") from None
         if v.artifact_sha256 and v.artifact_sha256 != sha:
             raise errors.FailedPrecondition(
                 f"{path}.artifact_sha256: the artifact {p} has SHA-256 {sha}, not {v.artifact_sha256} (the file "

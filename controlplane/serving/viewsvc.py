@@ -6,7 +6,8 @@ servicer compares a fresh snapshot with the last one sent every `interval_ms` an
 changed (a replica became READY, an endpoint moved, a GPU's memory or temperature reading changed), and
 at least every `heartbeat_ms`. A gateway thus follows the fleet without a control-plane call per request.
 An admin's snapshot (the gateway's) also carries each replica's model-server API key
-(`replica_api_keys`, controlplane/serving/replicakeys.py); a tenant's or viewer's never does.
+(`replica_api_keys`, controlplane/serving/replicakeys.py) and the per-model costs (`model_costs`, every
+tenant's); a tenant's or viewer's never does.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ def snapshot(ctl, deployments: DeploymentManager, models: ModelRegistry) -> V.Se
         if m is not None:
             view.models.append(m)
     cost = getattr(ctl, "cost", None)
-    if cost is not None and view.models:
-        # per-model cost (controlplane/cost/accountant.py): the gateway's /metrics carries it
+    if cost is not None and view.models and auth.current().admin:
+        # per-model cost (controlplane/cost/accountant.py): the gateway's /metrics carries it. The figures are the
+        # whole fleet's (every tenant's deployments of the model): an admin's only, as CostService answers a
+        # tenant or viewer its own tenant's costs only
         view.model_costs.extend(cost.model_costs([m.name for m in view.models]))
     for node, index in sorted(gpus):
         entry = ctl.fleet.nodes.get(node)

@@ -121,3 +121,141 @@ def test_create_refuses_a_priority_over_the_tenants_cap(manager):
     asyncio.run(manager.create(D.DeploymentSpec(name="ok", model="tiny", tenant="team-a", replicas=1, priority=100)))
     asyncio.run(manager.create(D.DeploymentSpec(name="b", model="tiny", tenant="team-b", replicas=1, priority=900)))
     assert manager.writes == ["ok", "b"]
+
+
+async def test_a_deployment_is_not_created_for_a_model_whose_delete_is_being_written(tmp_path):
+    """The registry's Delete checks which deployments run the model, then writes; a Create between the two found
+    the model still registered and was written too: a deployment of a model that is gone (its replicas could
+    never be placed). Create checks the model again under the registry's lock."""
+    from controlplane.serving.registry import ModelRegistry
+    from controlplane.state.store import Delete
+    from controlplane.events.recorder import NullRecorder
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    gate, written = asyncio.Event(), []
+
+    async def write(ops, conds=()):
+        if any(isinstance(op, Delete) for op in ops):
+            await gate.wait()                     # the model's delete, in flight
+        written.extend(ops)
+    ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=SimpleNamespace(nodes={}), telemetry=None,
+                          recorder=NullRecorder())
+    registry = ModelRegistry(ctl, check_artifacts=False)
+    registry.models["tiny"] = validate(M.Model(name="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
+        max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                                     head_count_kv=2))]), [H100])
+    m = DeploymentManager(ctl, workloads=None, registry=registry)
+    deleting = asyncio.create_task(registry.delete("tiny"))
+    await asyncio.sleep(0)
+    creating = asyncio.create_task(m.create(D.DeploymentSpec(name="chat", model="tiny", tenant="a", replicas=1)))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await deleting
+    with pytest.raises(errors.InvalidArgument, match="spec.model: no model 'tiny'"):
+        await creating
+    assert "chat" not in m.store.deployments and "tiny" not in registry.models
+
+
+def test_a_restart_stamp_is_short_printable_text(manager):
+    """restart_stamp was stored as given: a megabyte of it went into the deployment's etcd record (every status
+    write rewrote it; one over etcd's request limit failed the whole group-committed transaction it rode in)."""
+    spec = D.DeploymentSpec(name="chat", model="tiny", replicas=1, restart_stamp="x" * 1_000_000)
+    for call in (lambda: manager.update(spec, 0), lambda: manager.create(spec)):
+        with pytest.raises(errors.InvalidArgument) as e:
+            asyncio.run(call())
+        assert e.value.field == "spec.restart_stamp" and len(str(e.value)) < 300
+    assert manager.writes == []
+    spec.restart_stamp = "2026-12-07T07:00:00+00:00"
+    asyncio.run(manager.update(spec, 0))
+    assert manager.writes == ["chat"]
+
+
+def test_a_bad_model_name_is_refused_naming_spec_model(manager):
+    """The registry's lookup named its own field ("name: ..."), read as the deployment's name."""
+    from controlplane.serving.validate import check_name
+    manager.registry.get = lambda name: check_name(name, "name")
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(manager.create(D.DeploymentSpec(name="chat2", model="no/such model", replicas=1)))
+    assert e.value.field == "spec.model", e.value
+
+
+def test_a_deleted_deployments_notes_are_dropped(manager):
+    """The drain notes and the wake times of deleted deployments stayed in memory for the leader's life (one per
+    name ever drained or woken), and a deployment created later under the name read the old wake as its own."""
+    async def write(ops, conds=()):
+        return 1
+    manager.ctl.writer = SimpleNamespace(write=write)
+    manager.ctl.recorder = SimpleNamespace(emit=lambda *a, **kw: None)
+    manager.drain_notes["chat"] = "WaitingForReplacements:[]"
+    manager.scaling.woken["chat"] = 1.0
+    asyncio.run(manager.delete("chat"))
+    assert "chat" not in manager.drain_notes and "chat" not in manager.scaling.woken
+
+
+async def test_a_replica_waiting_for_its_slice_to_be_realized_does_not_spin_the_controller(manager):
+    """Each ended action kicked a pass at once, and a pass gave the replica whose slice its node had not realized
+    yet another advance that ended at once: thousands of passes a second until the slice was READY."""
+    from gpumesh.v1 import types_pb2 as T
+
+    async def write(ops, conds=()):
+        return 1
+    manager.ctl.writer = SimpleNamespace(write=write)
+    manager.ctl.recorder = SimpleNamespace(emit=lambda *a, **kw: None)
+    manager.ctl.fleet = SimpleNamespace(slices={"s-1": T.Slice(id="s-1", node="n1", state=T.SLICE_STATE_PENDING)},
+                                        nodes={"n1": SimpleNamespace(ready=True,
+                                                                     record=SimpleNamespace(draining=False))})
+    manager.workloads = SimpleNamespace(workloads={})
+    manager.interval = 0.1
+    manager.store.replicas["chat"] = {"r-1": D.Replica(id="r-1", deployment="chat", slice_id="s-1", node="n1",
+                                                       state=D.REPLICA_STATE_PENDING)}
+    manager._loop.start()
+    manager.kick()
+    await asyncio.sleep(0.5)
+    await manager._loop.stop()
+    assert 2 <= manager._loop.passes <= 10
+
+
+def test_a_long_label_key_is_not_echoed_whole(manager):
+    spec = D.DeploymentSpec(name="chat", model="tiny", replicas=1, labels={"k" * 1_000_000: "v"})
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(manager.update(spec, 0))
+    assert e.value.field.startswith("spec.labels[kkk") and len(str(e.value)) < 400
+
+
+async def test_new_settings_are_checked_against_a_model_update_being_written(tmp_path):
+    """The registry's Update checks the settings of the deployments that run the model, then writes; a deployment
+    Update between the two was checked against the old variant and written: settings the new one refuses."""
+    from controlplane.serving.registry import ModelRegistry
+    from controlplane.events.recorder import NullRecorder
+    from controlplane.state import keys
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    gate = asyncio.Event()
+
+    async def write(ops, conds=()):
+        if any(op.key == keys.model("tiny") for op in ops):
+            await gate.wait()                     # the model's update, in flight
+    ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=SimpleNamespace(nodes={}), telemetry=None,
+                          recorder=NullRecorder())
+
+    def variant(max_context):
+        return M.Variant(name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16",
+                         weight_bytes=TINY_WEIGHT_BYTES, max_context=max_context, architecture=M.Architecture(
+                             name="llama", block_count=2, embedding_length=64, head_count=4, head_count_kv=2))
+    registry = ModelRegistry(ctl, check_artifacts=False)
+    registry.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[variant(256)]), [H100])
+    m = DeploymentManager(ctl, workloads=None, registry=registry)
+    m.store.deployments["chat"] = D.Deployment(spec=D.DeploymentSpec(name="chat", model="tiny", variant="f16",
+                                                                     tenant="a", replicas=1), generation=1)
+    shrinking = asyncio.create_task(registry.update(M.Model(name="tiny", variants=[variant(128)])))
+    await asyncio.sleep(0.05)
+    wider = D.DeploymentSpec(name="chat", model="tiny", replicas=1)
+    wider.backend.context = 256
+    widening = asyncio.create_task(m.update(wider, 0))
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert (await shrinking).generation == 2
+    with pytest.raises(errors.InvalidArgument, match="spec.backend.context: 256 is out of range"):
+        await widening
+    assert m.store.deployments["chat"].spec.backend.context == 0

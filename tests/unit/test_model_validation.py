@@ -124,6 +124,11 @@ BAD = [
     ("unknown measured backend", {"measured": {"cpu": M.Measurement(backend="tgi")}}, errors.InvalidArgument,
      "model.variants[0].measured['cpu'].backend", "llama.cpp, vllm"),
     ("bad variant name", {"name": "-x"}, errors.InvalidArgument, "model.variants[0].name", "letters, digits"),
+    # these were ValueErrors, answered INTERNAL
+    ("a NUL in a file URI", {"artifact": "file:///tmp/x%00.gguf"}, errors.InvalidArgument,
+     "model.variants[0].artifact", "embedded null byte"),
+    ("a file URI that does not parse", {"artifact": "file://[x/m.gguf"}, errors.InvalidArgument,
+     "model.variants[0].artifact", "Invalid IPv6 URL"),
 ]
 
 
@@ -262,3 +267,64 @@ def test_a_model_or_variant_that_deployments_run_cannot_be_deleted(files):
         del deployments["chat"]
         assert (await r.delete("tiny")).name == "tiny" and "tiny" not in r.models
     asyncio.run(main())
+
+
+def test_an_update_at_a_negative_generation_is_invalid_argument_naming_it(files):
+    """It was ABORTED ("is at generation 1, not -1"), read as a conflict to retry, after the artifact was read."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+
+    async def write(ops, conds=()):
+        raise AssertionError("nothing is written")
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}), writer=SimpleNamespace(write=write))
+    r = ModelRegistry(ctl, check_artifacts=False)
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(r.update(M.Model(name="tiny", generation=-1, variants=[gguf_variant(files["gguf"])])))
+    assert e.value.field == "model.generation"
+
+
+def test_an_update_that_deployments_settings_no_longer_fit_is_refused(files):
+    """Only a dropped variant was refused: a variant updated to a max_context below a deployment's context was
+    written, and that deployment's replicas could no longer start (each start refused its settings)."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    writes = []
+
+    async def write(ops, conds=()):
+        writes.append(ops)
+        return 1
+    spec = D.DeploymentSpec(name="chat", model="tiny", variant="f16")
+    spec.backend.context = 256
+    big = D.DeploymentSpec(name="big", model="tiny", variant="f16")
+    big.backend.context = 1000                  # refused before the update already: not the update's doing
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}), writer=SimpleNamespace(write=write),
+                          deployments=SimpleNamespace(store=SimpleNamespace(deployments={
+                              "chat": D.Deployment(spec=spec), "big": D.Deployment(spec=big)})))
+    r = ModelRegistry(ctl, check_artifacts=False)
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+
+    async def main():
+        with pytest.raises(errors.FailedPrecondition, match=r"chat \(f16\): spec.backend.context: 256") as e:
+            await r.update(M.Model(name="tiny", variants=[gguf_variant(files["gguf"], max_context=128)]))
+        assert "big" not in str(e.value)
+        assert not writes and r.models["tiny"].variants[0].max_context == 256
+        same = await r.update(M.Model(name="tiny", variants=[gguf_variant(files["gguf"], max_context=512)]))
+        assert same.generation == 2 and len(writes) == 1           # one that still fits it is written
+    asyncio.run(main())
+
+
+def test_an_update_naming_a_nul_in_its_artifact_is_invalid_argument(files):
+    """Update compared the artifact with the registered one first (realpath): a ValueError, answered INTERNAL."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    r = ModelRegistry(SimpleNamespace(fleet=SimpleNamespace(nodes={})))
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[gguf_variant(files["gguf"])]), FLEET)
+    with pytest.raises(errors.InvalidArgument) as e:
+        asyncio.run(r.update(M.Model(name="tiny", variants=[gguf_variant("file:///tmp/x%00.gguf")])))
+    assert e.value.field == "model.variants[0].artifact"

@@ -45,6 +45,30 @@ def test_a_pool_open_to_some_tenants_refuses_the_others_deployments():
     assert e.value.field == "spec.pool" and "not open to tenant 'team-b'" in str(e.value)
 
 
+def test_a_tenants_deployment_learns_nothing_of_pools_not_open_to_it():
+    """check_pool listed every pool's name when the one named did not exist, and told a pool open to other tenants
+    apart from an unknown one (PoolService hides those pools from the tenant)."""
+    from types import SimpleNamespace
+
+    from controlplane.api import auth
+    from controlplane.serving import deployspec
+    from gpumesh.v1 import deployment_service_pb2 as D
+    store = SimpleNamespace(pools={"acme-private": pools.validate(pool(name="acme-private", tenants=["acme"])),
+                                   "shared": pools.validate(pool(name="shared"))})
+    token = auth._current.set(auth.Principal("client", "b-client", tenant="team-b", role="tenant"))
+    try:
+        answers = []
+        for name in ("nope", "acme-private"):
+            with pytest.raises(errors.InvalidArgument) as e:
+                deployspec.check_pool(D.DeploymentSpec(name="chat", tenant="team-b", pool=name), store)
+            assert e.value.field == "spec.pool" and "acme" not in str(e.value).replace(name, "")
+            answers.append(str(e.value).replace(repr(name), "X"))
+        assert answers[0] == answers[1] and "shared" in answers[0]
+        deployspec.check_pool(D.DeploymentSpec(name="chat", tenant="team-b", pool="shared"), store)
+    finally:
+        auth._current.reset(token)
+
+
 def test_deployment_labels_cannot_name_a_pool_or_say_warm():
     from controlplane.serving import deployspec
     from gpumesh.v1 import deployment_service_pb2 as D

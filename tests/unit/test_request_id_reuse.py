@@ -255,3 +255,102 @@ async def test_a_retry_of_a_released_allocation_is_refused_and_the_actuator_plac
         await cp.ctl.release(anew.allocation_id, wait=False)
         third = await act.allocate(r, spec, 2 << 30)
         assert third.allocation_id not in (placed.allocation_id, anew.allocation_id)
+
+
+async def test_the_actuator_starts_one_backend_per_replica_start_across_a_lost_replica_record(tmp_path):
+    """A control plane that crashed after the backend's workload was recorded but before the replica named it
+    started a second server on the replica's slice on the retry (the first ran on, named by no replica).
+    The start's request id (the replica and the workload it replaces) makes the retry find the first one;
+    a retry for a changed deployment stops that one and starts the new settings."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.actuator import Actuator
+    from controlplane.serving.validate import validate
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import model_service_pb2 as Mo
+    from mesh import gpumodels
+    from tests.models_util import TINY_WEIGHT_BYTES, write_tiny_gguf
+
+    ctl = Controller(store=None)
+
+    async def write(ops, conds=()):
+        return 1
+
+    async def lease():
+        return 1
+    ctl.writer = SimpleNamespace(write=write)
+    ctl._request_lease = lease
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    ctl.fleet.nodes, ctl.fleet.index = fleet.nodes, fleet.index
+    ctl.fleet.put_slice(t.Slice(id="s-1", allocation_id="a-1", tenant="acme", node="n1", gpu_index=0,
+                                gpu_uuid="GPU-n1-0", isolation=t.ISOLATION_MIG, profile="1g.10gb",
+                                memory_bytes=10 << 30, state=t.SLICE_STATE_READY))
+    wm = WorkloadManager(ctl)
+
+    async def ensure(deployment, rid):
+        return "k" * 43
+
+    async def put_replica(r):
+        pass
+    act = Actuator(ctl, wm, SimpleNamespace(put_replica=put_replica, keys=SimpleNamespace(ensure=ensure)))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = validate(Mo.Model(name="tiny", variants=[Mo.Variant(
+        name="f16", backend=Mo.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16",
+        weight_bytes=TINY_WEIGHT_BYTES, max_context=256, architecture=Mo.Architecture(
+            name="llama", block_count=2, embedding_length=64, head_count=4, head_count_kv=2))]),
+        [gpumodels.get_model("H100-80GB")])
+    variant = model.variants[0]
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="tiny", variant="f16")
+    r = D.Replica(id="r-1", deployment="chat", slice_id="s-1", node="n1")
+
+    def live():
+        return sorted(w.id for w in wm.workloads.values() if w.state == t.WORKLOAD_STATE_PENDING)
+
+    first = await act.run(r, spec, variant)
+    again = await act.run(r, spec, variant)                # the replica's record of `first` was lost
+    assert again.workload_id == first.workload_id and live() == [first.workload_id]
+    restart = await act.run(first, spec, variant)         # a restart after `first` ended: a new start
+    assert restart.workload_id != first.workload_id
+    spec.backend.context = 128                             # the deployment changed before the retry
+    changed = await act.run(first, spec, variant)
+    assert changed.workload_id not in (first.workload_id, restart.workload_id)
+    assert wm.workloads[restart.workload_id].state == t.WORKLOAD_STATE_STOPPED
+    assert (await act.run(first, spec, variant)).workload_id == changed.workload_id      # its retry
+
+
+async def test_removing_a_replica_releases_an_allocation_its_record_lost():
+    """A control plane that crashed between Allocate and the replica's write left the replica without its slice;
+    removed before a retry adopted it (a scale-down, a delete), the allocation was held for ever: nothing named
+    it. Its slices carry the replica's label, and the removal releases them."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    ctl = Controller(store=None)
+
+    async def write(ops, conds=()):
+        return 1
+
+    async def lease():
+        return 1
+    ctl.writer = SimpleNamespace(write=write)
+    ctl._request_lease = lease
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    ctl.fleet.nodes, ctl.fleet.index = fleet.nodes, fleet.index
+    gone = []
+
+    async def put_replica(r):
+        pass
+
+    async def delete_replica(r):
+        gone.append(r.id)
+    act = Actuator(ctl, SimpleNamespace(workloads={}), SimpleNamespace(put_replica=put_replica,
+                                                                       delete_replica=delete_replica))
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+    other = await act.allocate(D.Replica(id="r-2", deployment="chat"), spec, 2 << 30)     # another replica's
+    lost = await act.allocate(D.Replica(id="r-1", deployment="chat"), spec, 2 << 30)
+    await act.remove(D.Replica(id="r-1", deployment="chat", state=D.REPLICA_STATE_PENDING), "scale down to 1")
+    assert gone == ["r-1"]
+    assert ctl.fleet.slices[lost.slice_id].state == t.SLICE_STATE_RELEASING
+    assert ctl.fleet.slices[other.slice_id].state != t.SLICE_STATE_RELEASING

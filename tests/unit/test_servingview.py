@@ -75,6 +75,21 @@ def test_fingerprint_ignores_the_reading_time_only():
     assert viewsvc._fingerprint(c) != viewsvc._fingerprint(b)
 
 
+def test_model_costs_are_an_admins_only():
+    """The per-model costs are the whole fleet's (every tenant's deployments of the model): a tenant's view
+    carried them, another tenant's spending on the same model (CostService answers a tenant its own only)."""
+    from gpumesh.v1 import cost_service_pb2 as C
+    ctl, deps, models, _ = fixture()
+    ctl.cost = SimpleNamespace(model_costs=lambda names: [C.ModelCost(model=n, dollars_per_hour=7.5) for n in names])
+    assert [c.model for c in viewsvc.snapshot(ctl, deps, models).model_costs] == ["smol"]       # the gateway's
+    token = auth._current.set(auth.Principal("client", "alice", "team-a", "tenant"))
+    try:
+        view = viewsvc.snapshot(ctl, deps, models)
+    finally:
+        auth._current.reset(token)
+    assert [m.name for m in view.models] == ["smol"] and not view.model_costs
+
+
 async def test_watch_bounds():
     ctl, deps, models, _ = fixture()
     svc = viewsvc.ServingViewService(ctl, deps, models)

@@ -148,3 +148,56 @@ def test_a_tenant_reads_only_the_pools_it_may_use_and_not_who_else_may():
         assert list(shown(open_).tenants) == []              # open to every tenant: nothing to hide
     with as_tenant("", role="admin"):
         assert list(shown(shared).tenants) == ["a", "b"]
+
+
+def test_a_deployment_watch_ends_when_its_name_is_taken_by_another_deployment():
+    """Watch re-read the deployment by name only: deleted and created again by another tenant between two
+    sends (a watcher slow to read), the stream went on with the other tenant's deployment."""
+    import asyncio
+    from types import SimpleNamespace
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from controlplane.serving.deploystore import DeploymentStore
+
+    store = DeploymentStore(SimpleNamespace())
+    mine = dep("chat", "a")
+    mine.created_at.CopyFrom(Timestamp(seconds=100))
+    store.deployments["chat"] = mine
+    svc = DeploymentService(SimpleNamespace(store=store))
+
+    async def watch():
+        with as_tenant("a"):
+            stream = svc.Watch(D.WatchDeploymentRequest(name="chat"), Context())
+            first = await anext(stream)
+            theirs = dep("chat", "b", secret="b's")
+            theirs.created_at.CopyFrom(Timestamp(seconds=200))
+            del store.deployments["chat"]
+            store.deployments["chat"] = theirs
+            store.changed("chat")
+            return first, await anext(stream, None)
+
+    first, after = asyncio.run(watch())
+    assert first.spec.tenant == "a"
+    assert after is None                    # the stream ended: b's deployment was not sent
+
+
+def test_a_drained_nodes_event_carries_no_deployments_names_or_messages():
+    """DrainWaiting on the node (GetNode, which every tenant's caller may read) named the deployment, its
+    replicas and their messages (a FAILED replacement's holds its server's last log lines)."""
+    from types import SimpleNamespace
+    from controlplane.serving import drainstatus
+    from controlplane.serving.deployments import DeploymentManager
+
+    events = []
+    telemetry = SimpleNamespace(record=lambda node, kind, reason, message: events.append((node, reason, message)))
+    nodes = {"n1": SimpleNamespace(record=SimpleNamespace(draining=True)),
+             "n2": SimpleNamespace(record=SimpleNamespace(draining=False))}
+    m = DeploymentManager(SimpleNamespace(telemetry=telemetry, fleet=SimpleNamespace(nodes=nodes)), None, None)
+    replicas = [D.Replica(id="r-old", deployment="secret-chat", node="n1", state=D.REPLICA_STATE_READY),
+                D.Replica(id="r-new", deployment="secret-chat", node="n2", state=D.REPLICA_STATE_FAILED,
+                          message="backend ended; last log lines:\nprompt: the merger with acme")]
+    reason, message = drainstatus.status(m, "secret-chat", replicas, "WaitingForReplacements", "")
+    assert "r-new" in message and "acme" in message                 # the deployment's own condition says it all
+    [(node, why, text)] = events
+    assert node == "n1" and why == "DrainWaiting" and "1 replica(s)" in text
+    for private in ("secret-chat", "r-old", "r-new", "acme", "log lines"):
+        assert private not in text
