@@ -81,6 +81,7 @@ class CheckpointsMixin:
             # a target slice is placed like the workload's (its spec), also on a named node: without it, only a
             # named slice will do (its node deleted, or its allocation released)
             raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
-        await self._save(m, created=True)
+        with self._planned(m):
+            await self._save(m, created=True)
         self._spawn(m.id)
         return m

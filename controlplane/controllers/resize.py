@@ -29,7 +29,7 @@ from controlplane.api import auth
 from controlplane.state import keys
 from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
-from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.migration_phases import LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
@@ -61,8 +61,7 @@ class ResizeMixin:
                                             "(0, 1], or 0 for unchanged")
         if s.state != types_pb2.SLICE_STATE_READY:
             raise errors.FailedPrecondition(f"slice {sid} is not READY")
-        busy = next((m for m in self.migrations.values() if m.phase not in FINISHED and sid in (
-            m.resize_slice, m.source_slice, m.target_slice)), None)
+        busy = next((m for m in self.unfinished() if sid in (m.resize_slice, m.source_slice, m.target_slice)), None)
         if busy is not None:
             raise errors.FailedPrecondition(f"slice {sid} is being moved or resized already ({busy.id}, "
                                             f"{P.Name(busy.phase).removeprefix('MIGRATION_PHASE_').lower()})")
@@ -153,7 +152,8 @@ class ResizeMixin:
         req = slicespec.validate(spec)
         what = profile or f"{memory_bytes} bytes, compute {compute_share:.2f}"
         m.message = f"resize to {what}: reserving"
-        await self._save(m, created=True)
+        with self._planned(m):
+            await self._save(m, created=True)
         try:
             alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
         except Exception as e:    # noqa: BLE001 - recorded, then raised as it came
