@@ -205,12 +205,11 @@ class Orchestrator:
     async def forecast(self) -> dict:
         now = self.clock()
         jobs = []
+        live = {f"{g.node}/{g.index}" for n in self.ctl.fleet.nodes.values() for g in n.gpus}
+        self.windows.keep_only(live, self.ctl.fleet.slices)     # whichever rules are on: telemetry feeds all
         if self.s.warm:
             jobs += jobs_for_demand(self.windows, self.s.demand_step_s, self.s.warm_lead_s, self.s.level, now)
         if self.s.moves:
-            live = {f"{g.node}/{g.index}" for n in self.ctl.fleet.nodes.values() for g in n.gpus}
-            for name in [n for n in self.windows.gpu if n not in live]:
-                self.windows.forget_gpu(name)
             jobs += jobs_for_gpus(self.windows, self.s.load_step_s, self.s.load_horizon_s, self.s.level, live)
         if self.s.resize:
             from controlplane.controllers.autoresize import opted_in

@@ -126,6 +126,13 @@ class Windows:
     def forget_gpu(self, name: str) -> None:
         self.gpu.pop(name, None)
 
+    def keep_only(self, gpus, slices) -> None:
+        """Drop the windows of GPUs and slices the fleet no longer has (a released slice's readings stop, but
+        its window would stay for ever: slices come and go all day)."""
+        for table, live in ((self.gpu, gpus), (self.slice, slices)):
+            for name in [n for n in table if n not in live]:
+                del table[name]
+
 
 def _binned(rows, col: int, step: float) -> tuple[tuple, tuple]:
     if not rows:

@@ -361,3 +361,21 @@ async def test_a_new_leader_starts_from_the_history_store(tmp_path, env):
         assert ("gpu", "n1/0", "temperature") in fs and ("fleet", "1g.10gb/any", "requests") in fs
     finally:
         await rec.stop()
+
+
+async def test_windows_of_released_slices_and_removed_gpus_are_dropped():
+    """Telemetry feeds every window whichever rules are on; a slice released (or a GPU whose node went) leaves
+    its window behind unless a pass drops it: with slices coming and going, the leader's memory grew for ever."""
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    live = t.Slice(id="s-live", node="n1")
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes=fleet.nodes, slices={live.id: live}))
+    orch = Orchestrator(ctl, Settings(warm=False, moves=False, resize=True), fitter=InlineFitter())
+    reading = lambda sid: SimpleNamespace(slice_id=sid, memory_used_bytes=GiB)   # noqa: E731
+    orch.windows.on_slices("n1", [reading("s-live"), reading("s-gone")])
+    g = SimpleNamespace(node="gone-node", index=0, memory_bytes=80 * GiB)
+    r = t.GpuTelemetry(memory_used_bytes=GiB, temperature_c=40)
+    orch.windows.on_gpu(g, r)
+    orch.windows.on_gpu(SimpleNamespace(node="n1", index=0, memory_bytes=80 * GiB), r)
+    await orch.forecast()
+    assert set(orch.windows.slice) == {"s-live"}
+    assert set(orch.windows.gpu) == {"n1/0"}
