@@ -135,6 +135,7 @@ class Windows:
 
 
 def _binned(rows, col: int, step: float) -> tuple[tuple, tuple]:
+    rows = forecasting.finite(rows, col)      # an agent's NaN reading would fail the series' fits for hours
     if not rows:
         return (), ()
     t, v = forecasting.binned([(r[0], r[col]) for r in rows], step)

@@ -68,6 +68,7 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
 
     async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
         kind, name, metric = p.kind, p.name, p.metric
+        rows = forecasting.finite(rows)
         times, values = forecasting.check_history(p, rows)
         recent = forecasting.last_in_bins(rows, times, p.step_s)
         async with self.slots:

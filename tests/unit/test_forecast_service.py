@@ -226,3 +226,18 @@ def test_the_control_plane_exports_each_nodes_latest_series_as_gauges():
     assert 'gpumesh_slice_memory_used_bytes{node="n1",slice="s-1",tenant="acme"} 5.36870912e+09' in text
     assert 'gpumesh_node_temperature_celsius{node="n1"} 71.0' in text
     assert 'gpumesh_workload_utilization_percent{node="n1",tenant="acme",workload="w-1"} 40.0' in text
+
+
+def test_non_finite_samples_from_prometheus_are_left_out(tmp_path):
+    """Prometheus answers "NaN" and "+Inf" samples; the forecast is made from the finite ones (one such sample
+    failed the whole call with INVALID_ARGUMENT about a 'series' field no request has)."""
+    rows = [(T0 + i, 1000.0 + 2.0 * i + 5 * math.sin(i / 7)) for i in range(400)]
+    rows[390] = (rows[390][0], math.nan)
+    rows[200] = (rows[200][0], math.inf)
+
+    async def go(svc):
+        svc.prometheus = FakePrometheus(rows)
+        return await svc.forecast("gpu", "n/0", "memory_used", 10, 1)
+    r = run_with(tmp_path, ramp(), go)
+    assert r.source == "prometheus" and len(r.points) == 10
+    assert all(math.isfinite(v) for p in r.points for v in (p.value, p.lo, p.hi))

@@ -379,3 +379,20 @@ async def test_windows_of_released_slices_and_removed_gpus_are_dropped():
     await orch.forecast()
     assert set(orch.windows.slice) == {"s-live"}
     assert set(orch.windows.gpu) == {"n1/0"}
+
+
+def test_a_nan_reading_does_not_stop_a_gpus_forecasts():
+    """An agent's NaN temperature is left out of the series; the fit goes on (before, it failed for as long as
+    the reading stayed in the window: no forecast and so no move for that GPU for hours)."""
+    w = Windows(3600)
+    g = SimpleNamespace(node="n1", index=0, memory_bytes=80 * GiB)
+    for i in range(600):
+        r = t.GpuTelemetry(memory_used_bytes=(10 + i % 5) * GiB, temperature_c=60.0 + (i % 7))
+        r.at.FromSeconds(1_700_000_000 + i)
+        if i == 590:
+            r.temperature_c = math.nan
+        w.on_gpu(g, r)
+    jobs = jobs_for_gpus(w, 1.0, 15.0, 0.9)
+    got = {j.metric: f for j, f in zip(jobs, fit_jobs(jobs))}
+    assert got["temperature"] is not None and all(math.isfinite(v) for v in got["temperature"].hi)
+    assert got["memory_fraction"] is not None
