@@ -200,6 +200,12 @@ class WorkloadManager:
                 await asyncio.wait_for(fut, left)
             except asyncio.TimeoutError:
                 break
+            finally:        # a call that timed out or was cancelled leaves no future behind
+                mine = self.waiters.get(wid)
+                if mine is not None and fut in mine:
+                    mine.remove(fut)
+                    if not mine:
+                        del self.waiters[wid]
         return self.workloads[wid]
 
     def desired_on(self, node: str) -> list[types_pb2.Workload]:
@@ -259,7 +265,6 @@ class WorkloadManager:
             return w
         session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(start=[w])))
         return await self._wait_until(w.id, lambda x: x.state != W.WORKLOAD_STATE_PENDING, RUN_WAIT)
-
 
     async def _answer_retry(self, wid: str) -> types_pb2.Workload:
         for _ in range(100):         # a concurrent first call may still be writing it
