@@ -76,8 +76,9 @@ class ResizePass:
     def decide(self, forecasts: dict) -> list:
         """(action, forecast) per resize; `forecasts`: slice id -> Forecast of memory_used (bytes)."""
         now = self.clock()
-        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items()
-              if now - self.last.get(sid, -1e18) >= self.s.resize_cooldown_s}
+        for sid in [sid for sid, t in self.last.items() if now - t >= self.s.resize_cooldown_s]:
+            del self.last[sid]          # cooled down (or released): kept no longer, so it never grows
+        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items() if sid not in self.last}
         policy = ResizePolicy(headroom=self.s.resize_headroom, shrink_band=self.s.resize_shrink_band)
         return [(a, forecasts[a.subject]) for a in resize_actions(slice_views(self.ctl), hi, policy)]
 

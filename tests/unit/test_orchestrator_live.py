@@ -396,3 +396,22 @@ def test_a_nan_reading_does_not_stop_a_gpus_forecasts():
     got = {j.metric: f for j, f in zip(jobs, fit_jobs(jobs))}
     assert got["temperature"] is not None and all(math.isfinite(v) for v in got["temperature"].hi)
     assert got["memory_fraction"] is not None
+
+
+async def test_resize_cooldown_holds_a_slice_then_is_forgotten():
+    """A slice the orchestrator resized is left alone for the cooldown; then its entry goes (it was kept for
+    ever, one per slice ever resized)."""
+    from controlplane.controllers.autoresize import ResizePass
+    now = [1000.0]
+    rp = ResizePass(SimpleNamespace(fleet=SimpleNamespace(slices={})), None, Settings(resize_cooldown_s=300),
+                    clock=lambda: now[0])
+    rp.last.update({"s-a": 900.0, "s-b": 600.0})
+    got = []
+    import controlplane.controllers.autoresize as ar
+    real = ar.resize_actions
+    ar.resize_actions = lambda views, hi, policy: got.append(sorted(hi)) or []
+    try:
+        rp.decide({"s-a": fc("slice", "s-a", "memory_used", [GiB]), "s-b": fc("slice", "s-b", "memory_used", [GiB])})
+    finally:
+        ar.resize_actions = real
+    assert got == [["s-b"]] and rp.last == {"s-a": 900.0}
