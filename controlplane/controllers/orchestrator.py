@@ -215,17 +215,19 @@ class Orchestrator:
             from controlplane.controllers.autoresize import opted_in
             ids = [s.id for s in self.ctl.fleet.slices.values() if opted_in(s)]
             jobs += jobs_for_slices(self.windows, ids, self.s.load_step_s, self.s.load_horizon_s, self.s.level)
-        if not jobs:
-            return {}
-        t0 = time.monotonic()
-        results = await self.fitter(jobs)
-        M.FIT_SECONDS.observe(time.monotonic() - t0)
         out = {}
-        for j, f in zip(jobs, results):
-            if f is None:
-                continue
-            out[(j.kind, j.name, j.metric)] = f
-            M.FORECAST_UPPER.labels(j.kind, j.name, j.metric).set(f.peak_hi)
+        if jobs:
+            t0 = time.monotonic()
+            results = await self.fitter(jobs)
+            M.FIT_SECONDS.observe(time.monotonic() - t0)
+            out = {(j.kind, j.name, j.metric): f for j, f in zip(jobs, results) if f is not None}
+        for key in set(self.latest) - set(out):      # a released slice's (a gone GPU's) last forecast is not kept
+            try:
+                M.FORECAST_UPPER.remove(*key)
+            except KeyError:
+                pass
+        for key, f in out.items():
+            M.FORECAST_UPPER.labels(*key).set(f.peak_hi)
         self.latest = out
         return out
 

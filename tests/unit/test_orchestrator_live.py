@@ -415,3 +415,24 @@ async def test_resize_cooldown_holds_a_slice_then_is_forgotten():
     finally:
         ar.resize_actions = real
     assert got == [["s-b"]] and rp.last == {"s-a": 900.0}
+
+
+async def test_the_forecast_gauge_of_a_released_slice_goes():
+    """gpumesh_orchestrator_forecast_upper had one series per slice ever forecast, each frozen at its last
+    value once the slice was released."""
+    from prometheus_client import REGISTRY
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    s = t.Slice(id="s-gauge", node="n1", state=t.SLICE_STATE_READY, labels={"gpumesh.io/autoresize": "true"})
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes=fleet.nodes, slices={s.id: s}))
+    orch = Orchestrator(ctl, Settings(resize=True), fitter=InlineFitter())
+    for i in range(400):
+        orch.windows._push(orch.windows.slice, s.id, (1_700_000_000.0 + i, float(GiB * (1 + i % 3))))
+
+    def gauge():
+        return REGISTRY.get_sample_value("gpumesh_orchestrator_forecast_upper",
+                                         {"kind": "slice", "name": "s-gauge", "metric": "memory_used"})
+    await orch.forecast()
+    assert gauge() is not None
+    del ctl.fleet.slices[s.id]
+    await orch.forecast()
+    assert gauge() is None and orch.latest == {}
