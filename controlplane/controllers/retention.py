@@ -133,6 +133,7 @@ class Retention:
             self.events.drop(i)
         for c in checkpoints:
             self.mm.checkpoints.pop(c.id, None)
+            getattr(self.mm, "checkpoint_keys", {}).pop(c.id, None)   # its sealing key, deleted in etcd above
             self._delete_checkpoint_files(c)
         for m in migrations:
             self.mm.migrations.pop(m.id, None)
