@@ -257,9 +257,14 @@ class Orchestrator:
         policy = WarmPolicy(step_s=self.s.demand_step_s, lead_s=self.s.warm_lead_s,
                             release_band=self.s.warm_release_band, max_per_key=self.s.warm_max_per_key)
         counts = self.pool.counts()
-        # keys without a forecast yet keep what they have (no decision on a history too short)
-        current = {k: v for k, v in counts.items() if k in demand or k not in self.windows.arrivals}
-        actions = warm_actions({k: list(f.hi) for k, f in demand.items()}, current, policy, self.burst_floor())
+        for k in counts:        # a new leader: a key no request was seen for yet has its window from now on
+            self.windows.track(k)
+        floor = self.burst_floor()
+        # keys without a forecast or burst floor yet keep what they have (no decision on a history too short);
+        # a key decided on is judged with what it has (a floor-only key counted none, and was carved again
+        # each pass; a key this leader had seen no request for was given back down to one)
+        current = {k: v for k, v in counts.items() if k in demand or k in floor}
+        actions = warm_actions({k: list(f.hi) for k, f in demand.items()}, current, policy, floor)
         total = sum(counts.values())
         done = 0
         for a in sorted(actions, key=lambda a: a.kind != "warm_release"):      # give back first

@@ -99,6 +99,13 @@ class Windows:
         while q and q[0][0] < now - self.keep_s:
             q.popleft()
 
+    def track(self, key: str) -> None:
+        """Count `key`'s arrivals from now on (no request of it seen yet): its demand is then forecast once its
+        window holds enough steps, zeros included."""
+        if key not in self.arrivals:
+            self.arrivals[key] = collections.deque(maxlen=MAX_SAMPLES)
+            self.first_arrival.setdefault(key, self.clock())
+
     def seed_gpu(self, name: str, temperature, used, total) -> int:
         """Earlier readings of a GPU from the history store ([(t, v)] per metric), before any live one."""
         if self.gpu.get(name):

@@ -436,3 +436,37 @@ async def test_the_forecast_gauge_of_a_released_slice_goes():
     del ctl.fleet.slices[s.id]
     await orch.forecast()
     assert gauge() is None and orch.latest == {}
+
+
+async def test_a_new_leader_keeps_the_warm_pool_until_it_has_a_forecast(env):
+    """A new leader (windows empty: no request of the key seen yet) keeps the warm slices the last one carved
+    until its own history forecasts the key; it gave them back down to one at its first pass, then carved them
+    again once its forecast came."""
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    await env.orch.warm_pass({key: fc("fleet", key, "requests", [3.0], step=60)})
+    assert len(warm(env.ctl)) == 3
+    now = [1_700_000_000.0]
+    new = Orchestrator(env.ctl, env.orch.s, workloads=env.wm, migrations=env.mig, fitter=InlineFitter(),
+                       clock=lambda: now[0])
+    new.pool = env.orch.pool
+    await new.warm_pass({})
+    assert len(warm(env.ctl)) == 3
+    assert key in new.windows.arrivals and new.windows.first_arrival[key] == now[0]
+    await new.warm_pass({key: fc("fleet", key, "requests", [0.0], step=60)})    # its forecast: nothing asked
+    assert len(warm(env.ctl)) == 1
+
+
+async def test_a_burst_floor_without_a_forecast_carves_once(env):
+    """A key with a burst floor and no forecast yet (history too short) is carved up to its floor once; it was
+    counted as having none and carved again at every pass, up to warm_max_total."""
+    import collections
+    import dataclasses
+    key = "1g.10gb/any"
+    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=1.0, warm_create_s=10.0, warm_burst_windows=1.0)
+    env.orch.windows.arrivals[key] = collections.deque((x,) for x in (0.0, 1.0))
+    env.orch.windows.first_arrival[key] = 0.0
+    assert env.orch.burst_floor() == {key: 2}
+    for _ in range(3):
+        await env.orch.warm_pass({})
+    assert len(warm(env.ctl)) == 2
