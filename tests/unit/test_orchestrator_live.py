@@ -470,3 +470,27 @@ async def test_a_burst_floor_without_a_forecast_carves_once(env):
     for _ in range(3):
         await env.orch.warm_pass({})
     assert len(warm(env.ctl)) == 2
+
+
+async def test_a_new_leader_keeps_the_move_budgets_and_cooldowns(env):
+    """The moves' ledger is rebuilt from the migration records: a new leader does not move again at once off a
+    GPU (or a workload) the last leader moved from a moment ago."""
+    from controlplane.controllers.premigrate import MovePass
+    from gpumesh.v1 import migration_service_pb2 as MS
+    running(env, "n1", "w-a0")
+    running(env, "n1", "w-b4")
+    hot = {("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [90] * 5),
+           ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [40] * 5)}
+    th = ((50.0, 70.0, 85.0), (65.0, 80.0, 85.0))
+    now = 1_700_000_000.0
+    fresh = MovePass(env.ctl, env.wm, env.mig, env.orch.s, clock=lambda: now)
+    assert len(fresh.decide(hot, *th, set())) == 1           # no record of a move: it would move
+    m = MS.Migration(id="m-1", workload_id="w-x", reason="orchestrator: GPU n1/0 temperature forecast 90.0C ...",
+                     phase=MS.MIGRATION_PHASE_DONE)
+    m.created_at.FromSeconds(int(now - 100))
+    other = MS.Migration(id="m-2", workload_id="w-y", reason="drain")
+    other.created_at.FromSeconds(int(now - 50))
+    env.mig.migrations.update({m.id: m, other.id: other})
+    again = MovePass(env.ctl, env.wm, env.mig, env.orch.s, clock=lambda: now)
+    assert again.decide(hot, *th, set()) == []               # n1/0 moved 100 s ago: cooldown 600 s
+    assert again.ledger.workload_last_hour(now, "w-x") == 1 and again.ledger.fleet_last_hour(now) == 1
