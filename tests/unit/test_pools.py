@@ -174,3 +174,20 @@ def test_pool_room_in_replicas_for_the_autoscaler():
     # no quota: the free capacity bounds it (the 80 GiB GPU less x's 10 GiB, whatever pool x is in; 10 GiB a replica)
     assert store.room("free", 10 * 2**30, 0.30) == 7
     assert store.room("missing", 10 * 2**30, 0.30) is None
+
+
+def test_update_refuses_a_negative_generation_naming_it():
+    """INVALID_ARGUMENT naming pool.generation (it answered ABORTED, 'at generation 1, not -1', as for a
+    change read at another generation)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from controlplane.pools.store import PoolStore
+    from controlplane.state.fleet import Fleet
+    store = PoolStore(SimpleNamespace(fleet=Fleet(), scheduler=None), PRICES)
+    store.pools["a"] = pools.validate(pool(name="a"))
+    store.pools["a"].generation = 1
+    p = pool(name="a")
+    p.generation = -1
+    with pytest.raises(errors.InvalidArgument, match="pool.generation"):
+        asyncio.run(store.update(p))
