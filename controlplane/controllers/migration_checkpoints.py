@@ -34,6 +34,8 @@ class CheckpointsMixin:
     """Mixed into MigrationManager (self.ctl, self.wm, self.checkpoints, self._ask, ...)."""
 
     async def checkpoint(self, wid: str) -> M.CheckpointInfo:
+        from controlplane.controllers.migration_records import check_workload_id
+        check_workload_id(wid)
         w = self.wm.get(wid)
         if w.state != W.WORKLOAD_STATE_RUNNING:
             raise errors.FailedPrecondition(f"workload {wid} is not RUNNING: nothing to checkpoint")

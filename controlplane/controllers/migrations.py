@@ -67,7 +67,7 @@ from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.controllers.migration_checkpoints import CheckpointsMixin
 from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, PHASE_NAMES, RESEND,
                                            STEP_TIMEOUT, TARGET_WANTED, C, P, R, StepFailed, W, alias, phase_name)
-from controlplane.controllers.migration_records import check_mode, target_spec
+from controlplane.controllers.migration_records import check_mode, check_workload_id, target_spec
 from controlplane.controllers.migration_steps import StepsMixin
 from controlplane.controllers.resize import ResizeMixin
 from controlplane.state.store import Absent, Delete, Present, Put
@@ -343,6 +343,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
                       reason: str = "migrate") -> M.Migration:
+        check_workload_id(wid)
         w = self.wm.get(wid)
         if w.state != W.WORKLOAD_STATE_RUNNING:
             raise errors.FailedPrecondition(f"workload {wid} is {W.WorkloadState.Name(w.state)}: only a RUNNING "

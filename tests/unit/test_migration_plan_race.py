@@ -80,3 +80,16 @@ def test_unfinished_lists_planned_and_unfinished_only():
         assert [m.id for m in mm.unfinished()] == ["m-new"]
     assert list(mm.unfinished()) == []
     assert migrations.MigrationManager.active_for(mm, WID) is None
+
+
+@pytest.mark.parametrize("wid, says", [("", "workload_id: is required"), ("w\n1", "workload_id: is not a valid ID")])
+async def test_migrate_and_checkpoint_name_the_workload_id_field(wid, says):
+    """INVALID_ARGUMENT naming `workload_id`, the request's field (the workload manager's check said `id`)."""
+    from controlplane.controllers.workloads import WorkloadManager
+    from controlplane.controllers.slices import Controller
+    mm, _, _ = manager(Etcd(), None)
+    mm.wm = WorkloadManager(Controller(store=None))
+    for call in (mm.migrate(wid), mm.checkpoint(wid)):
+        with pytest.raises(errors.InvalidArgument) as e:
+            await call
+        assert says in str(e.value)
