@@ -64,6 +64,8 @@ class CheckpointsMixin:
         return ck
 
     async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
+        if not ck_id:
+            raise errors.InvalidArgument.of("checkpoint_id", "is required", "the ID of a checkpoint (ck-...)")
         ck = self.checkpoints.get(ck_id)
         if ck is None:
             raise errors.NotFound(f"no checkpoint {ck_id!r}", kind="checkpoint", name=ck_id)

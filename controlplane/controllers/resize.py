@@ -50,6 +50,8 @@ class ResizeMixin:
 
     async def resize(self, sid: str, memory_bytes: int, compute_share: float,
                      mig_profile: str = "") -> types_pb2.Slice:
+        if not sid:
+            raise errors.InvalidArgument.of("slice_id", "is required", "the ID of a READY slice (s-...)")
         s = self.ctl.fleet.slices.get(sid)
         if s is None:
             raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)

@@ -93,3 +93,12 @@ async def test_migrate_and_checkpoint_name_the_workload_id_field(wid, says):
         with pytest.raises(errors.InvalidArgument) as e:
             await call
         assert says in str(e.value)
+
+
+async def test_resize_and_restore_name_their_missing_id():
+    """An empty slice_id or checkpoint_id is INVALID_ARGUMENT naming it (it was NOT_FOUND "no slice ''")."""
+    mm, _, _ = manager(Etcd(), None)
+    with pytest.raises(errors.InvalidArgument, match="slice_id: is required"):
+        await mm.resize("", 1 << 30, 0.0)
+    with pytest.raises(errors.InvalidArgument, match="checkpoint_id: is required"):
+        await mm.restore("")
