@@ -87,6 +87,7 @@ class Retention:
         migrations = self.mm.migrations if self.mm is not None else {}
         checkpoints = self.mm.checkpoints if self.mm is not None else {}
         active = [m for m in migrations.values() if m.phase not in FINISHED]
+        active += list(getattr(self.mm, "planning", {}).values())     # a Restore whose record is being written
         busy_workloads = {m.workload_id for m in active}
         busy_checkpoints = {m.checkpoint_id for m in active if m.checkpoint_id}
         workloads = [w for w in self.wm.workloads.values()

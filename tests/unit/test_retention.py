@@ -148,3 +148,14 @@ def test_agent_deletes_forgotten_workload_files_and_expired_checkpoints(tmp_path
     asyncio.run(ma.on_command(M.MigrationCommand(migration_id="ck-x", action=M.MigrationCommand.DELETE_CHECKPOINT,
                                                  path="../outside"), ma.outbox))
     assert outside.exists()                      # a path that leaves the store is refused
+
+
+def test_a_restore_being_planned_keeps_its_checkpoint_and_workload():
+    """A Restore whose migration record is still being written (MigrationManager.planning) counts as in
+    progress: the sweep that runs meanwhile keeps the checkpoint it restores from and its workload."""
+    now = time.time()
+    ctl, wm, mm, session = world(now)
+    mm.planning = {"m-new": M.Migration(id="m-new", workload_id="w-old", checkpoint_id="ck-of-old")}
+    r = Retention(ctl, wm, mm, retention_s=7 * DAY, checkpoints_kept=2)
+    asyncio.run(r.sweep(now))
+    assert "w-old" in wm.workloads and "ck-of-old" in mm.checkpoints
