@@ -40,7 +40,7 @@ RATE = Gauge("gpumesh_cost_dollars_per_hour", "Dollars per hour of the live slic
 PER_1K = Gauge("gpumesh_cost_dollars_per_1k_tokens", "Dollars per 1,000 tokens served, per model, over the "
                "accountant's token window", ["model"])
 CHUNK = 2000            # slices charged between two hand-backs of the event loop
-HELD_LIMIT = 1_000_000  # charges kept for the next write while the ledger refuses writes; the oldest go first
+HELD_LIMIT = 200_000    # charges kept for the next write while the ledger refuses writes; the oldest go first
 LABEL_DEPLOYMENT = "gpumesh.deployment"
 LABEL_REPLICA = "gpumesh.replica"
 
