@@ -241,3 +241,31 @@ def test_non_finite_samples_from_prometheus_are_left_out(tmp_path):
     r = run_with(tmp_path, ramp(), go)
     assert r.source == "prometheus" and len(r.points) == 10
     assert all(math.isfinite(v) for p in r.points for v in (p.value, p.lo, p.hi))
+
+
+@pytest.mark.parametrize("body", ['[1, 2]', '{"status": "success", "data": []}',
+                                  '{"status": "success", "data": {"result": [{"values": [[1, "x", 3]]}]}}'])
+def test_an_answer_that_is_not_prometheus_is_unavailable(body):
+    """JSON that is not a query_range answer (another server at prometheus_url) is UNAVAILABLE naming the URL,
+    not INTERNAL (an AttributeError or a ValueError from the parsing)."""
+    from aiohttp import web
+
+    from controlplane.forecast.prometheus import PrometheusHistory
+
+    async def answer(request):
+        return web.Response(text=body, content_type="application/json")
+
+    async def go():
+        app = web.Application()
+        app.router.add_get("/api/v1/query_range", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(errors.Unavailable, match="prometheus_url http://127.0.0.1"):
+                await PrometheusHistory(f"http://127.0.0.1:{port}").read("gpu", "n/0", "temperature", 1.0, 10)
+        finally:
+            await runner.cleanup()
+    asyncio.run(go())
