@@ -269,3 +269,34 @@ def test_an_answer_that_is_not_prometheus_is_unavailable(body):
         finally:
             await runner.cleanup()
     asyncio.run(go())
+
+
+def test_a_cancelled_call_holds_its_fit_slot_until_the_fit_ends(tmp_path, monkeypatch):
+    """fit_slots bounds the fits running at once, also when callers give up (a short deadline): the slot went
+    back with the cancelled call while its fit thread ran on, so a client retrying with short deadlines ran any
+    number of fits at once."""
+    import threading
+    import time as _time
+
+    from controlplane.forecast import forecasting
+    real, running, peak, lock = forecasting.fit, [0], [0], threading.Lock()
+
+    def slow_fit(*a, **k):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        _time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return real(*a, **k)
+    monkeypatch.setattr(forecasting, "fit", slow_fit)
+
+    async def go(svc):
+        for _ in range(4):
+            task = asyncio.ensure_future(svc.forecast("gpu", "n/0", "memory_used", 20, 1))
+            await asyncio.sleep(0.02)
+            task.cancel()
+        r = await svc.forecast("gpu", "n/0", "memory_used", 20, 1)
+        return r
+    r = run_with(tmp_path, ramp(), go)
+    assert len(r.points) == 20 and peak[0] == 1
