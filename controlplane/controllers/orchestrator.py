@@ -133,6 +133,7 @@ class Orchestrator:
 
     async def stop(self) -> None:
         await self._loop.stop()
+        await self.resizes.stop()
         if self.ctl.warm is self.pool:
             self.ctl.warm = None
         if self.fitter is not None:
