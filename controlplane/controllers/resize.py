@@ -29,7 +29,7 @@ from controlplane.api import auth
 from controlplane.state import keys
 from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
-from controlplane.controllers.migration_phases import LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
@@ -156,29 +156,11 @@ class ResizeMixin:
         m.message = f"resize to {what}: reserving"
         with self._planned(m):
             await self._save(m, created=True)
-        try:
-            alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
-        except Exception as e:    # noqa: BLE001 - recorded, then raised as it came
-            if not isinstance(e, errors.MeshError):
-                await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back ({e})")
-                raise
-            await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back (no room for {what}: {e})")
-            if isinstance(e, errors.ResourceExhausted):
-                raise errors.ResourceExhausted(f"slice {s.id} cannot be resized to {what}: {e}; the slice is "
-                                               f"unchanged", reasons=getattr(e, "reasons", {}) or {}) from None
-            raise
-        t = placed[0]
-        m.target_slice, m.target_node, m.target_allocated = t.id, t.node, True
-        m.message = f"resize to {what}: target {t.id} on {t.node}/{t.gpu_index}"
-        await self._save(m)
-        log(logger, logging.INFO, "resize by migration planned", migration=m.id, slice=s.id, to=what,
-            target=t.id, target_node=t.node, workload=m.workload_id)
-        try:
-            await self.ctl._await_ready(alloc_id, False, 0)
-        except errors.MeshError as e:
-            m.message = f"rolling back: the new slice did not become ready: {e}"
-            await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK)
-        self._spawn(m.id)
+        # the record exists from here: its state machine is started whatever ends this call (its client gone, a
+        # write failing), else it stayed PLANNED and undriven, the slice (and a reserved one) held until a restart
+        reserving = asyncio.ensure_future(self._reserve(m, s, req, what))
+        reserving.add_done_callback(lambda t: t.cancelled() or t.exception())     # retrieved
+        await asyncio.shield(reserving)
         task = self.tasks.get(m.id)
         if task is not None:
             await asyncio.wait([task], timeout=RESIZE_TIMEOUT)    # not cancelled with the RPC
@@ -189,6 +171,39 @@ class ResizeMixin:
                                             if m.phase == P.MIGRATION_PHASE_ABORTED else
                                             f"resize of slice {s.id} is still in progress ({m.id})")
         return self.ctl.fleet.slices.get(s.id, s)
+
+    async def _reserve(self, m: M.Migration, s: types_pb2.Slice, req, what: str) -> None:
+        """Reserve the slice of the new size and start the resize's state machine (in a task of its own: see
+        `_resize_by_migration`). A failure before a target is recorded rolls back."""
+        try:
+            try:
+                alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
+            except Exception as e:    # noqa: BLE001 - recorded, then raised as it came
+                if not isinstance(e, errors.MeshError):
+                    await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back ({e})")
+                    raise
+                await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back (no room for {what}: {e})")
+                if isinstance(e, errors.ResourceExhausted):
+                    raise errors.ResourceExhausted(f"slice {s.id} cannot be resized to {what}: {e}; the slice is "
+                                                   f"unchanged", reasons=getattr(e, "reasons", {}) or {}) from None
+                raise
+            t = placed[0]
+            m.target_slice, m.target_node, m.target_allocated = t.id, t.node, True
+            m.message = f"resize to {what}: target {t.id} on {t.node}/{t.gpu_index}"
+            await self._save(m)
+            log(logger, logging.INFO, "resize by migration planned", migration=m.id, slice=s.id, to=what,
+                target=t.id, target_node=t.node, workload=m.workload_id)
+            try:
+                await self.ctl._await_ready(alloc_id, False, 0)
+            except errors.MeshError as e:
+                m.message = f"rolling back: the new slice did not become ready: {e}"
+                await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK)
+        finally:
+            if m.phase not in FINISHED:
+                if not m.target_slice and m.phase == P.MIGRATION_PHASE_PLANNED:
+                    await self._until_written("rolling back", m, lambda: self._set(
+                        m, P.MIGRATION_PHASE_ROLLING_BACK, message="rolling back: the new slice was not reserved"))
+                self._spawn(m.id)
 
     # -- the commit and after -------------------------------------------------------------------
 

@@ -102,3 +102,33 @@ async def test_resize_and_restore_name_their_missing_id():
         await mm.resize("", 1 << 30, 0.0)
     with pytest.raises(errors.InvalidArgument, match="checkpoint_id: is required"):
         await mm.restore("")
+
+
+async def test_a_resize_whose_caller_goes_away_is_still_driven():
+    """The Resize call is cancelled (its client gone) while the new slice is being made: the resize's state
+    machine is started all the same; before, the migration stayed PLANNED and undriven, and the slice (and the
+    reserved one) could not be resized or moved until a control-plane restart."""
+    etcd = SlowEtcd()
+    mm, _, wm = manager(etcd, None)
+    s = types_pb2.Slice(id="s-a", node="nA", gpu_index=0, gpu_model="H100-80GB", isolation=types_pb2.ISOLATION_MIG,
+                        profile="1g.10gb", memory_bytes=10 << 30, tenant="t", state=types_pb2.SLICE_STATE_READY)
+    mm.ctl.fleet.slices["s-a"] = s
+    mm.ctl.fleet.gpu = lambda node, index: None
+    ready = asyncio.Event()
+
+    async def allocate(req, no_wait=False):
+        return "a-new", [types_pb2.Slice(id="s-new", node="nA", gpu_index=0)]
+
+    async def await_ready(alloc_id, no_wait, timeout):
+        await ready.wait()
+    mm.ctl.allocate, mm.ctl._await_ready = allocate, await_ready
+    spawned = []
+    mm._spawn = spawned.append
+    call = asyncio.ensure_future(mm.resize("s-a", 0, 0.0, mig_profile="2g.20gb"))
+    await asyncio.sleep(0.3)
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    ready.set()
+    await asyncio.sleep(0.2)
+    (m,) = mm.migrations.values()
+    assert spawned == [m.id] and m.target_slice == "s-new"
