@@ -15,6 +15,7 @@ A slice resized is left alone for `orchestrator_resize_cooldown_seconds`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -72,32 +73,61 @@ class ResizePass:
         self.ctl, self.migrations, self.s = ctl, migrations, settings
         self.clock = clock
         self.last: dict[str, float] = {}       # slice id -> when the orchestrator last resized it
+        # slice id -> its resize under way: a MIG resize is a live migration (minutes), so it runs beside the
+        # orchestrator's passes; awaited in the pass, it held warm slices and moves for as long as it took
+        self.running: dict[str, asyncio.Task] = {}
 
     def decide(self, forecasts: dict) -> list:
         """(action, forecast) per resize; `forecasts`: slice id -> Forecast of memory_used (bytes)."""
         now = self.clock()
-        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items()
-              if now - self.last.get(sid, -1e18) >= self.s.resize_cooldown_s}
+        for sid in [sid for sid, t in self.last.items() if now - t >= self.s.resize_cooldown_s]:
+            del self.last[sid]          # cooled down (or released): kept no longer, so it never grows
+        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items() if sid not in self.last}
         policy = ResizePolicy(headroom=self.s.resize_headroom, shrink_band=self.s.resize_shrink_band)
         return [(a, forecasts[a.subject]) for a in resize_actions(slice_views(self.ctl), hi, policy)]
 
     async def act(self, decisions) -> int:
-        done = 0
+        """Start the resizes (each in its own task, the slice's cooldown from its start); how many started."""
+        started = 0
         for a, f in decisions:
             s = self.ctl.fleet.slices.get(a.subject)
-            if s is None:
-                continue
-            what = (f"memory used now {f.last / GiB:.2f} GiB, forecast {f.points[-1] / GiB:.2f} GiB "
-                    f"[{min(f.lo) / GiB:.2f}, {f.peak_hi / GiB:.2f}] over the next {len(f.hi) * f.step_s:g}s ({f.model})")
-            try:
-                await self.migrations.resize(a.subject, int(a.size * GiB), 0.0)
-            except errors.MeshError as e:
-                log(logger, logging.WARNING, "orchestrator: resize refused", slice=a.subject, error=str(e))
-                self.ctl.recorder.emit("Slice", a.subject, "Warning", "AutoResizeFailed", f"{what}; {a.reason}: {e}",
-                                       tenant=s.tenant, node=s.node, source="orchestrator")
+            if s is None or a.subject in self.running:
                 continue
             self.last[a.subject] = self.clock()
-            self.ctl.recorder.emit("Slice", a.subject, "Normal", "AutoGrow" if a.kind == "grow" else "AutoShrink",
-                                   f"{what}; {a.reason}", tenant=s.tenant, node=s.node, source="orchestrator")
-            done += 1
-        return done
+            task = asyncio.create_task(self._resize(a, f, s), name=f"autoresize-{a.subject}")
+            self.running[a.subject] = task
+            task.add_done_callback(lambda _, sid=a.subject: self.running.pop(sid, None))
+            started += 1
+        await asyncio.sleep(0)        # each has begun (an in-place resize is done at its first write)
+        return started
+
+    async def _resize(self, a, f, s) -> bool:
+        what = (f"memory used now {f.last / GiB:.2f} GiB, forecast {f.points[-1] / GiB:.2f} GiB "
+                f"[{min(f.lo) / GiB:.2f}, {f.peak_hi / GiB:.2f}] over the next {len(f.hi) * f.step_s:g}s ({f.model})")
+        try:
+            await self.migrations.resize(a.subject, int(a.size * GiB), 0.0)
+        except errors.MeshError as e:
+            log(logger, logging.WARNING, "orchestrator: resize refused", slice=a.subject, error=str(e))
+            self.ctl.recorder.emit("Slice", a.subject, "Warning", "AutoResizeFailed", f"{what}; {a.reason}: {e}",
+                                   tenant=s.tenant, node=s.node, source="orchestrator")
+            return False
+        except Exception as e:  # noqa: BLE001 - a task: said, never lost silently
+            log(logger, logging.ERROR, "orchestrator: resize failed", slice=a.subject, error=repr(e))
+            return False
+        self.ctl.recorder.emit("Slice", a.subject, "Normal", "AutoGrow" if a.kind == "grow" else "AutoShrink",
+                               f"{what}; {a.reason}", tenant=s.tenant, node=s.node, source="orchestrator")
+        return True
+
+    async def settle(self) -> None:
+        """Wait for the resizes under way (tests)."""
+        while self.running:
+            await asyncio.wait(list(self.running.values()))
+
+    async def stop(self) -> None:
+        """Stop waiting for them (a resize by migration goes on in the MigrationManager; a new leader recovers
+        it from its record)."""
+        tasks = list(self.running.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)

@@ -97,6 +97,7 @@ class AutoscalerController:
         self.clock = clock
         self.states: dict[str, _State] = {}
         self.failing: set[str] = set()          # deployments whose last pass failed (one Warning per episode)
+        self.decided: dict[str, set[tuple[str, str]]] = {}    # deployment -> (mode, bound_by) labels counted
         self._loop = PeriodicTask("autoscaler", self.run_once, interval=lambda: self.interval,
                                   on_error=lambda e: logger.error("autoscaler pass", exc_info=e))
 
@@ -121,10 +122,7 @@ class AutoscalerController:
             st = self.states.pop(gone)
             if st.forecasting is not None:
                 st.forecasting.cancel()
-            try:
-                DESIRED.remove(gone)
-            except KeyError:
-                pass
+            _forget_metrics(gone, self.decided.pop(gone, set()))
         self.failing &= set(names)
         for name in names:
             try:
@@ -228,6 +226,7 @@ class AutoscalerController:
                 signals["forecast_rate"] = round(st.forecast, 4)
         DESIRED.labels(name).set(decision.desired)
         DECISIONS.labels(name, decision.mode, decision.bound_by or "none").inc()
+        self.decided.setdefault(name, set()).add((decision.mode, decision.bound_by or "none"))
         own = decision.desired
         if st.policy.variants:
             own = await self._overflow(name, d, st, decision, replicas, comp, comp_replicas, need, cost, signals)
@@ -475,6 +474,18 @@ class AutoscalerController:
         else:
             await self.dm.write_autoscaler_status(name, status)
         st.status_at = now
+
+
+def _forget_metrics(name: str, decided) -> None:
+    """A deployment gone (or without a policy now): its series go from every autoscaler metric (they stayed,
+    one set per deployment ever scaled, frozen)."""
+    for metric, labels in ((DESIRED, [()]), (ERRORS, [()]), (SCALES, [("up",), ("down",)]),
+                           (DECISIONS, sorted(decided))):
+        for rest in labels:
+            try:
+                metric.remove(name, *rest)
+            except KeyError:
+                pass
 
 
 def _fmt(signals: dict) -> str:

@@ -35,6 +35,7 @@ from controlplane.controllers.healthpolicy import QUARANTINE, REBOOT, RESET, Hea
 from controlplane.state.store import Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2, types_pb2
+from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class GpuRecord:
     reset_done: float = 0.0            # when the agent said the reset was done (0: not yet)
     gone: bool = False                 # it left the bus (lost) in this incident
     migrated: set[str] = field(default_factory=set)   # workloads asked to move in this incident
+    unsaved: types_pb2.GpuTelemetry | None = None      # the record a failed etcd write left to store
 
 
 class HealthController:
@@ -119,6 +121,12 @@ class HealthController:
     async def on_reading(self, g: GpuState, reading: types_pb2.GpuTelemetry) -> None:
         """A GPU present in the agent's telemetry: move its recovery on."""
         r = self.rec(g)
+        if r.unsaved is not None:
+            try:
+                await self._store(g, r)
+            except errors.MeshError as e:
+                log(logger, logging.WARNING, "GPU health record not stored yet; retrying at the next reading",
+                    node=g.node, gpu=g.index, error=str(e))
         if g.health == "healthy" or g.health == "quarantined":
             return
         if reading.remap_failed:
@@ -221,7 +229,10 @@ class HealthController:
         if g.telemetry is None:
             g.telemetry = types_pb2.GpuTelemetry(index=g.index)
         g.telemetry.health, g.telemetry.health_reason = stored.health, stored.health_reason
-        await self.ctl.writer.write([Put(keys.gpu_health(g.node, g.index), stored.SerializeToString())])
+        # decided in memory already (a repeat of the same health returns early above): a write that fails is
+        # retried at the GPU's next reading, so a restart never forgets a quarantine etcd was not given
+        r.unsaved = stored
+        await self._store(g, r)
         slices = [s for s in self.ctl.fleet.slices_on(g.node) if s.gpu_index == g.index]
         ids = ", ".join(s.id for s in slices) or "none"
         if health == "healthy":
@@ -239,6 +250,12 @@ class HealthController:
         changed = [self.ctl._update(s, message=message) for s in priors]
         if changed:
             await self.ctl.save_or_restore(changed, priors)
+
+    async def _store(self, g: GpuState, r: GpuRecord) -> None:
+        stored = r.unsaved
+        await self.ctl.writer.write([Put(keys.gpu_health(g.node, g.index), stored.SerializeToString())])
+        if r.unsaved is stored:
+            r.unsaved = None
 
     # -- workloads ---------------------------------------------------------------------------------
 
@@ -276,7 +293,6 @@ class HealthController:
         """Move `wid` to a healthy GPU: first on another node (the migration manager's default
         placement, as drain does); when none can take it, to another GPU of the same node (the
         scheduler never places on a marked GPU)."""
-        from mesh import errors
         reason = g.telemetry.health_reason if g.telemetry is not None else g.health
         why = f"GPU {g.node}/{g.index} {g.health}: {reason}"
         mm = self.ctl.migrations

@@ -34,6 +34,8 @@ class CheckpointsMixin:
     """Mixed into MigrationManager (self.ctl, self.wm, self.checkpoints, self._ask, ...)."""
 
     async def checkpoint(self, wid: str) -> M.CheckpointInfo:
+        from controlplane.controllers.migration_records import check_workload_id
+        check_workload_id(wid)
         w = self.wm.get(wid)
         if w.state != W.WORKLOAD_STATE_RUNNING:
             raise errors.FailedPrecondition(f"workload {wid} is not RUNNING: nothing to checkpoint")
@@ -62,6 +64,8 @@ class CheckpointsMixin:
         return ck
 
     async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
+        if not ck_id:
+            raise errors.InvalidArgument.of("checkpoint_id", "is required", "the ID of a checkpoint (ck-...)")
         ck = self.checkpoints.get(ck_id)
         if ck is None:
             raise errors.NotFound(f"no checkpoint {ck_id!r}", kind="checkpoint", name=ck_id)
@@ -81,6 +85,7 @@ class CheckpointsMixin:
             # a target slice is placed like the workload's (its spec), also on a named node: without it, only a
             # named slice will do (its node deleted, or its allocation released)
             raise errors.FailedPrecondition(f"the workload's slice {w.slice_id} is gone: name a slice (to_slice)")
-        await self._save(m, created=True)
+        with self._planned(m):
+            await self._save(m, created=True)
         self._spawn(m.id)
         return m

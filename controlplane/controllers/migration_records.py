@@ -62,6 +62,12 @@ def committed_record(w: types_pb2.Workload, m: M.Migration, step: int) -> types_
     return n
 
 
+def check_workload_id(wid: str) -> None:
+    """The request's `workload_id` (the workload manager's own check names its `id` field instead)."""
+    from controlplane.controllers.workloads import _check_id
+    _check_id(wid, "workload_id", "a workload ID (w-...)")
+
+
 def check_mode(w: types_pb2.Workload, mode: int) -> None:
     """A model server (a workload with a `backend`) does not speak the checkpoint SDK, so only a transparent
     migration (CRIU) can move it: any other mode is refused up front (it could only time out and roll back)."""

@@ -57,6 +57,7 @@ phase, so a test can kill the control plane there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from controlplane.api import auth
@@ -66,7 +67,7 @@ from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.controllers.migration_checkpoints import CheckpointsMixin
 from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, PHASE_NAMES, RESEND,
                                            STEP_TIMEOUT, TARGET_WANTED, C, P, R, StepFailed, W, alias, phase_name)
-from controlplane.controllers.migration_records import check_mode, target_spec
+from controlplane.controllers.migration_records import check_mode, check_workload_id, target_spec
 from controlplane.controllers.migration_steps import StepsMixin
 from controlplane.controllers.resize import ResizeMixin
 from controlplane.state.store import Absent, Delete, Present, Put
@@ -100,6 +101,8 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         self.tasks: dict[str, asyncio.Task] = {}
         self.watchers: dict[str, list[asyncio.Queue]] = {}
         self._phases_emitted: dict[str, int] = {}                  # migration id -> phase of its last event
+        # migration id -> a new migration whose first write is awaited: unfinished already for `unfinished()`
+        self.planning: dict[str, M.Migration] = {}
         ctl.agent_handlers["migration"] = self._on_report
         workloads.extra_desired.append(self.targets_on)
         ctl.migrations = self
@@ -291,8 +294,24 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             raise errors.NotFound(f"no migration {mid!r}", kind="migration", name=mid)
         return m
 
+    def unfinished(self):
+        """The migrations not finished, those being planned (first write awaited) included."""
+        yield from self.planning.values()
+        yield from (m for m in self.migrations.values() if m.phase not in FINISHED)
+
+    @contextlib.contextmanager
+    def _planned(self, m: M.Migration):
+        """`m` counts as unfinished from its checks until its record is written (then `migrations` holds it): a
+        second Migrate, Restore or resize of the same workload or slice, asked while the first write awaits,
+        is refused instead of planning a second migration of it."""
+        self.planning[m.id] = m
+        try:
+            yield m
+        finally:
+            self.planning.pop(m.id, None)
+
     def active_for(self, wid: str) -> M.Migration | None:
-        return next((m for m in self.migrations.values() if m.workload_id == wid and m.phase not in FINISHED), None)
+        return next((m for m in self.unfinished() if m.workload_id == wid), None)
 
     def targets_on(self, node: str) -> list[types_pb2.Workload]:
         """Workloads the target node must keep (the receiving target processes), for the workload
@@ -324,6 +343,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
                       reason: str = "migrate") -> M.Migration:
+        check_workload_id(wid)
         w = self.wm.get(wid)
         if w.state != W.WORKLOAD_STATE_RUNNING:
             raise errors.FailedPrecondition(f"workload {wid} is {W.WorkloadState.Name(w.state)}: only a RUNNING "
@@ -333,16 +353,18 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             raise errors.FailedPrecondition(f"workload {wid} is migrating already ({busy.id}, "
                                             f"{phase_name(busy.phase)})")
         check_mode(w, mode or M.MIGRATION_MODE_PRECOPY)
-        if mode == M.MIGRATION_MODE_TRANSPARENT:
-            await self._check_transparent(w)
         m = M.Migration(id=new_id("m"), workload_id=wid, tenant=w.tenant, mode=mode or M.MIGRATION_MODE_PRECOPY,
                         phase=P.MIGRATION_PHASE_PLANNED, source_node=w.node, source_slice=w.slice_id,
                         reason=reason, created_at=now())
-        self._set_target(m, to_slice, to_node)
-        if mode == M.MIGRATION_MODE_TRANSPARENT and m.target_node == w.node:
-            raise errors.FailedPrecondition(f"transparent migration of {wid} must go to another node: CRIU restores "
-                                            f"the process under its PIDs, which the source holds on {w.node}")
-        await self._save(m, created=True)
+        with self._planned(m):
+            if mode == M.MIGRATION_MODE_TRANSPARENT:
+                await self._check_transparent(w)
+            self._set_target(m, to_slice, to_node)
+            if mode == M.MIGRATION_MODE_TRANSPARENT and m.target_node == w.node:
+                raise errors.FailedPrecondition(f"transparent migration of {wid} must go to another node: CRIU "
+                                                f"restores the process under its PIDs, which the source holds on "
+                                                f"{w.node}")
+            await self._save(m, created=True)
         log(logger, logging.INFO, "migration planned", migration=m.id, workload=wid, source=w.node,
             to_node=to_node, to_slice=to_slice, reason=reason)
         self._spawn(m.id)

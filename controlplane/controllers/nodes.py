@@ -24,6 +24,7 @@ from mesh.logs import log
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+LOST_RETRY_S = 2.0           # between attempts to write a lost node's slices UNKNOWN (etcd unavailable)
 NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 
@@ -78,6 +79,7 @@ class NodeManager:
         self.lease_ttl = lease_ttl
         self.heartbeats: dict[str, types_pb2.Node] = {}
         self._watch_task: asyncio.Task | None = None
+        self._lost_tasks: dict[str, asyncio.Task] = {}      # node -> retrying its slices' UNKNOWN write
         self._record_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def record_lock(self, name: str) -> asyncio.Lock:
@@ -106,6 +108,8 @@ class NodeManager:
                 await self.ctl.mark_node_lost(name, "no lease at control-plane start")
 
     async def stop(self) -> None:
+        for t in self._lost_tasks.values():
+            t.cancel()
         if self._watch_task:
             self._watch_task.cancel()
             await asyncio.wait({self._watch_task}, timeout=STOP_TIMEOUT_S)   # ends at once; a bound all the same
@@ -156,7 +160,33 @@ class NodeManager:
         session = self.ctl.sessions.get(name)
         if session is not None:
             self.ctl.sessions.close(session)
-        await self.ctl.mark_node_lost(name, "lease expired")
+        try:
+            await self.ctl.mark_node_lost(name, "lease expired")
+        except errors.MeshError as e:
+            # the node reads NotReady from here on, so neither this watch nor a re-read of the leases would
+            # ask again: its slices stayed READY (their workloads RUNNING) until the next leader's start
+            log(logger, logging.WARNING, "lost node's slices not marked UNKNOWN yet; retrying", node=name,
+                error=str(e))
+            if name not in self._lost_tasks:
+                self._lost_tasks[name] = asyncio.create_task(self._mark_lost(name), name=f"node-lost-{name}")
+
+    async def _mark_lost(self, name: str) -> None:
+        """Write a lost node's slices UNKNOWN until etcd takes it, unless the node came back (registered) or
+        went (deleted) meanwhile."""
+        try:
+            while True:
+                await asyncio.sleep(LOST_RETRY_S)
+                entry = self.fleet.nodes.get(name)
+                if entry is None or entry.ready:
+                    return
+                try:
+                    await self.ctl.mark_node_lost(name, "lease expired")
+                    return
+                except errors.MeshError as e:
+                    log(logger, logging.WARNING, "lost node's slices not marked UNKNOWN yet; retrying", node=name,
+                        error=str(e))
+        finally:
+            self._lost_tasks.pop(name, None)
 
     # -- agent-facing --------------------------------------------------------------------
 

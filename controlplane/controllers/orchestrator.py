@@ -133,6 +133,7 @@ class Orchestrator:
 
     async def stop(self) -> None:
         await self._loop.stop()
+        await self.resizes.stop()
         if self.ctl.warm is self.pool:
             self.ctl.warm = None
         if self.fitter is not None:
@@ -205,28 +206,29 @@ class Orchestrator:
     async def forecast(self) -> dict:
         now = self.clock()
         jobs = []
+        live = {f"{g.node}/{g.index}" for n in self.ctl.fleet.nodes.values() for g in n.gpus}
+        self.windows.keep_only(live, self.ctl.fleet.slices)     # whichever rules are on: telemetry feeds all
         if self.s.warm:
             jobs += jobs_for_demand(self.windows, self.s.demand_step_s, self.s.warm_lead_s, self.s.level, now)
         if self.s.moves:
-            live = {f"{g.node}/{g.index}" for n in self.ctl.fleet.nodes.values() for g in n.gpus}
-            for name in [n for n in self.windows.gpu if n not in live]:
-                self.windows.forget_gpu(name)
             jobs += jobs_for_gpus(self.windows, self.s.load_step_s, self.s.load_horizon_s, self.s.level, live)
         if self.s.resize:
             from controlplane.controllers.autoresize import opted_in
             ids = [s.id for s in self.ctl.fleet.slices.values() if opted_in(s)]
             jobs += jobs_for_slices(self.windows, ids, self.s.load_step_s, self.s.load_horizon_s, self.s.level)
-        if not jobs:
-            return {}
-        t0 = time.monotonic()
-        results = await self.fitter(jobs)
-        M.FIT_SECONDS.observe(time.monotonic() - t0)
         out = {}
-        for j, f in zip(jobs, results):
-            if f is None:
-                continue
-            out[(j.kind, j.name, j.metric)] = f
-            M.FORECAST_UPPER.labels(j.kind, j.name, j.metric).set(f.peak_hi)
+        if jobs:
+            t0 = time.monotonic()
+            results = await self.fitter(jobs)
+            M.FIT_SECONDS.observe(time.monotonic() - t0)
+            out = {(j.kind, j.name, j.metric): f for j, f in zip(jobs, results) if f is not None}
+        for key in set(self.latest) - set(out):      # a released slice's (a gone GPU's) last forecast is not kept
+            try:
+                M.FORECAST_UPPER.remove(*key)
+            except KeyError:
+                pass
+        for key, f in out.items():
+            M.FORECAST_UPPER.labels(*key).set(f.peak_hi)
         self.latest = out
         return out
 
@@ -256,9 +258,14 @@ class Orchestrator:
         policy = WarmPolicy(step_s=self.s.demand_step_s, lead_s=self.s.warm_lead_s,
                             release_band=self.s.warm_release_band, max_per_key=self.s.warm_max_per_key)
         counts = self.pool.counts()
-        # keys without a forecast yet keep what they have (no decision on a history too short)
-        current = {k: v for k, v in counts.items() if k in demand or k not in self.windows.arrivals}
-        actions = warm_actions({k: list(f.hi) for k, f in demand.items()}, current, policy, self.burst_floor())
+        for k in counts:        # a new leader: a key no request was seen for yet has its window from now on
+            self.windows.track(k)
+        floor = self.burst_floor()
+        # keys without a forecast or burst floor yet keep what they have (no decision on a history too short);
+        # a key decided on is judged with what it has (a floor-only key counted none, and was carved again
+        # each pass; a key this leader had seen no request for was given back down to one)
+        current = {k: v for k, v in counts.items() if k in demand or k in floor}
+        actions = warm_actions({k: list(f.hi) for k, f in demand.items()}, current, policy, floor)
         total = sum(counts.values())
         done = 0
         for a in sorted(actions, key=lambda a: a.kind != "warm_release"):      # give back first

@@ -99,6 +99,13 @@ class Windows:
         while q and q[0][0] < now - self.keep_s:
             q.popleft()
 
+    def track(self, key: str) -> None:
+        """Count `key`'s arrivals from now on (no request of it seen yet): its demand is then forecast once its
+        window holds enough steps, zeros included."""
+        if key not in self.arrivals:
+            self.arrivals[key] = collections.deque(maxlen=MAX_SAMPLES)
+            self.first_arrival.setdefault(key, self.clock())
+
     def seed_gpu(self, name: str, temperature, used, total) -> int:
         """Earlier readings of a GPU from the history store ([(t, v)] per metric), before any live one."""
         if self.gpu.get(name):
@@ -126,8 +133,16 @@ class Windows:
     def forget_gpu(self, name: str) -> None:
         self.gpu.pop(name, None)
 
+    def keep_only(self, gpus, slices) -> None:
+        """Drop the windows of GPUs and slices the fleet no longer has (a released slice's readings stop, but
+        its window would stay for ever: slices come and go all day)."""
+        for table, live in ((self.gpu, gpus), (self.slice, slices)):
+            for name in [n for n in table if n not in live]:
+                del table[name]
+
 
 def _binned(rows, col: int, step: float) -> tuple[tuple, tuple]:
+    rows = forecasting.finite(rows, col)      # an agent's NaN reading would fail the series' fits for hours
     if not rows:
         return (), ()
     t, v = forecasting.binned([(r[0], r[col]) for r in rows], step)

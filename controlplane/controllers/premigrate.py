@@ -19,6 +19,7 @@ through the MigrationManager (the same pre-copy live migration `meshctl migrate`
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from gpumesh.v1 import types_pb2
@@ -28,6 +29,7 @@ from mesh.orchestrator import GpuView, MoveLedger, MovePolicy, WorkloadView, mov
 
 logger = logging.getLogger(__name__)
 MOVABLE_LABEL = "gpumesh.io/movable"
+REASON = re.compile(r"^orchestrator: GPU (\S+) ")      # a move's migration reason names its source GPU
 W = types_pb2
 
 
@@ -74,6 +76,22 @@ class MovePass:
         self.s = settings
         self.clock = clock
         self.ledger = MoveLedger()
+        self._seeded = False
+
+    def seed(self, now: float) -> None:
+        """The moves of the last day from the migration records (a new leader's ledger started empty, so the
+        budgets and the GPU cooldown began again: a workload just moved could be moved again at once)."""
+        self._seeded = True
+        if self.migrations is None:
+            return
+        done = []
+        for m in list(self.migrations.migrations.values()):
+            hit = REASON.match(m.reason)
+            t = m.created_at.ToNanoseconds() / 1e9
+            if hit and now - 86400 < t <= now:
+                done.append((t, m.workload_id, hit.group(1)))
+        for t, wid, gpu in sorted(done):
+            self.ledger.record(t, wid, gpu)
 
     def policies(self, pressure_pct, thermal_c, downtime: float) -> tuple[MovePolicy, MovePolicy]:
         common = dict(step_s=self.s.load_step_s, per_workload_per_hour=self.s.per_workload_per_hour,
@@ -85,6 +103,8 @@ class MovePass:
     def decide(self, forecasts: dict, pressure_pct, thermal_c, replica_slices: set[str]) -> list:
         """(action, metric, forecast) for each move the rule asks for. `forecasts`: (gpu name, metric) -> Forecast."""
         now = self.clock()
+        if not self._seeded:
+            self.seed(now)
         memory, thermal = self.policies(pressure_pct, thermal_c, downtime_s(self.migrations, self.s.downtime_s))
         out = []
         moved: set[str] = set()

@@ -50,6 +50,8 @@ class ResizeMixin:
 
     async def resize(self, sid: str, memory_bytes: int, compute_share: float,
                      mig_profile: str = "") -> types_pb2.Slice:
+        if not sid:
+            raise errors.InvalidArgument.of("slice_id", "is required", "the ID of a READY slice (s-...)")
         s = self.ctl.fleet.slices.get(sid)
         if s is None:
             raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
@@ -61,8 +63,7 @@ class ResizeMixin:
                                             "(0, 1], or 0 for unchanged")
         if s.state != types_pb2.SLICE_STATE_READY:
             raise errors.FailedPrecondition(f"slice {sid} is not READY")
-        busy = next((m for m in self.migrations.values() if m.phase not in FINISHED and sid in (
-            m.resize_slice, m.source_slice, m.target_slice)), None)
+        busy = next((m for m in self.unfinished() if sid in (m.resize_slice, m.source_slice, m.target_slice)), None)
         if busy is not None:
             raise errors.FailedPrecondition(f"slice {sid} is being moved or resized already ({busy.id}, "
                                             f"{P.Name(busy.phase).removeprefix('MIGRATION_PHASE_').lower()})")
@@ -153,30 +154,13 @@ class ResizeMixin:
         req = slicespec.validate(spec)
         what = profile or f"{memory_bytes} bytes, compute {compute_share:.2f}"
         m.message = f"resize to {what}: reserving"
-        await self._save(m, created=True)
-        try:
-            alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
-        except Exception as e:    # noqa: BLE001 - recorded, then raised as it came
-            if not isinstance(e, errors.MeshError):
-                await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back ({e})")
-                raise
-            await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back (no room for {what}: {e})")
-            if isinstance(e, errors.ResourceExhausted):
-                raise errors.ResourceExhausted(f"slice {s.id} cannot be resized to {what}: {e}; the slice is "
-                                               f"unchanged", reasons=getattr(e, "reasons", {}) or {}) from None
-            raise
-        t = placed[0]
-        m.target_slice, m.target_node, m.target_allocated = t.id, t.node, True
-        m.message = f"resize to {what}: target {t.id} on {t.node}/{t.gpu_index}"
-        await self._save(m)
-        log(logger, logging.INFO, "resize by migration planned", migration=m.id, slice=s.id, to=what,
-            target=t.id, target_node=t.node, workload=m.workload_id)
-        try:
-            await self.ctl._await_ready(alloc_id, False, 0)
-        except errors.MeshError as e:
-            m.message = f"rolling back: the new slice did not become ready: {e}"
-            await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK)
-        self._spawn(m.id)
+        with self._planned(m):
+            await self._save(m, created=True)
+        # the record exists from here: its state machine is started whatever ends this call (its client gone, a
+        # write failing), else it stayed PLANNED and undriven, the slice (and a reserved one) held until a restart
+        reserving = asyncio.ensure_future(self._reserve(m, s, req, what))
+        reserving.add_done_callback(lambda t: t.cancelled() or t.exception())     # retrieved
+        await asyncio.shield(reserving)
         task = self.tasks.get(m.id)
         if task is not None:
             await asyncio.wait([task], timeout=RESIZE_TIMEOUT)    # not cancelled with the RPC
@@ -187,6 +171,39 @@ class ResizeMixin:
                                             if m.phase == P.MIGRATION_PHASE_ABORTED else
                                             f"resize of slice {s.id} is still in progress ({m.id})")
         return self.ctl.fleet.slices.get(s.id, s)
+
+    async def _reserve(self, m: M.Migration, s: types_pb2.Slice, req, what: str) -> None:
+        """Reserve the slice of the new size and start the resize's state machine (in a task of its own: see
+        `_resize_by_migration`). A failure before a target is recorded rolls back."""
+        try:
+            try:
+                alloc_id, placed = await self.ctl.allocate(req, no_wait=True)
+            except Exception as e:    # noqa: BLE001 - recorded, then raised as it came
+                if not isinstance(e, errors.MeshError):
+                    await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back ({e})")
+                    raise
+                await self._set(m, P.MIGRATION_PHASE_ABORTED, message=f"rolled back (no room for {what}: {e})")
+                if isinstance(e, errors.ResourceExhausted):
+                    raise errors.ResourceExhausted(f"slice {s.id} cannot be resized to {what}: {e}; the slice is "
+                                                   f"unchanged", reasons=getattr(e, "reasons", {}) or {}) from None
+                raise
+            t = placed[0]
+            m.target_slice, m.target_node, m.target_allocated = t.id, t.node, True
+            m.message = f"resize to {what}: target {t.id} on {t.node}/{t.gpu_index}"
+            await self._save(m)
+            log(logger, logging.INFO, "resize by migration planned", migration=m.id, slice=s.id, to=what,
+                target=t.id, target_node=t.node, workload=m.workload_id)
+            try:
+                await self.ctl._await_ready(alloc_id, False, 0)
+            except errors.MeshError as e:
+                m.message = f"rolling back: the new slice did not become ready: {e}"
+                await self._set(m, P.MIGRATION_PHASE_ROLLING_BACK)
+        finally:
+            if m.phase not in FINISHED:
+                if not m.target_slice and m.phase == P.MIGRATION_PHASE_PLANNED:
+                    await self._until_written("rolling back", m, lambda: self._set(
+                        m, P.MIGRATION_PHASE_ROLLING_BACK, message="rolling back: the new slice was not reserved"))
+                self._spawn(m.id)
 
     # -- the commit and after -------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class Retention:
         migrations = self.mm.migrations if self.mm is not None else {}
         checkpoints = self.mm.checkpoints if self.mm is not None else {}
         active = [m for m in migrations.values() if m.phase not in FINISHED]
+        active += list(getattr(self.mm, "planning", {}).values())     # a Restore whose record is being written
         busy_workloads = {m.workload_id for m in active}
         busy_checkpoints = {m.checkpoint_id for m in active if m.checkpoint_id}
         workloads = [w for w in self.wm.workloads.values()
@@ -133,6 +134,7 @@ class Retention:
             self.events.drop(i)
         for c in checkpoints:
             self.mm.checkpoints.pop(c.id, None)
+            getattr(self.mm, "checkpoint_keys", {}).pop(c.id, None)   # its sealing key, deleted in etcd above
             self._delete_checkpoint_files(c)
         for m in migrations:
             self.mm.migrations.pop(m.id, None)

@@ -1,12 +1,10 @@
 """Workloads: processes the node agents run on slices (WorkloadService).
 
-The control plane keeps every workload in etcd (`/gpumesh/v1/workloads/<id>`)
-and in memory. The agents run them: on every Sync open the node gets the full
-set it should be running (WorkloadCommand full), then starts and stops as they
-are asked for; agents answer with WorkloadStatusReports (full on connect, then
-changes). Logs are streamed through the node's Sync stream: a LogRequest goes
-down with a request id, the LogChunks coming back are routed to the waiting
-Logs call by that id.
+The control plane keeps every workload in etcd (`/gpumesh/v1/workloads/<id>`) and in memory. The agents
+run them: on every Sync open the node gets the full set it should be running (WorkloadCommand full), then
+starts and stops as they are asked for; agents answer with WorkloadStatusReports (full on connect, then
+changes). Logs are streamed through the node's Sync stream: a LogRequest goes down with a request id, the
+LogChunks coming back are routed to the waiting Logs call by that id.
 
 A workload whose slice turns UNKNOWN (node NotReady) becomes UNKNOWN until its
 agent reports again; releasing a slice stops its workloads first.
@@ -19,7 +17,6 @@ import logging
 import re
 
 from controlplane.api import auth
-
 from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
 from controlplane.controllers.nodedelete import node_deleted
@@ -49,6 +46,7 @@ RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE
                 "GPUMESH_CHECKPOINT_SOCKET", "GPUMESH_TRANSFER_SECRET_FILE")
 RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
+SLICE_RETRY_S = 1.0    # before a resync of the workloads with the fleet after a failed write
 
 
 def _check_id(value: str, field: str, what: str) -> str:
@@ -200,6 +198,11 @@ class WorkloadManager:
                 await asyncio.wait_for(fut, left)
             except asyncio.TimeoutError:
                 break
+            finally:        # a call that timed out or was cancelled leaves no future behind
+                if fut in (mine := self.waiters.get(wid, [])):
+                    mine.remove(fut)
+                    if not mine:
+                        del self.waiters[wid]
         return self.workloads[wid]
 
     def desired_on(self, node: str) -> list[types_pb2.Workload]:
@@ -259,7 +262,6 @@ class WorkloadManager:
             return w
         session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(start=[w])))
         return await self._wait_until(w.id, lambda x: x.state != W.WORKLOAD_STATE_PENDING, RUN_WAIT)
-
 
     async def _answer_retry(self, wid: str) -> types_pb2.Workload:
         for _ in range(100):         # a concurrent first call may still be writing it
@@ -403,7 +405,8 @@ class WorkloadManager:
             try:
                 if resync:
                     self.resyncs += 1
-                    await self._apply_slices(self._reconcile_all())
+                    if not await self._apply_slices(self._reconcile_all()):
+                        continue    # not written: again (a subscription anew, the fleet read anew)
                 while True:
                     try:
                         ev = await q.next()
@@ -420,7 +423,8 @@ class WorkloadManager:
                         n = self._follow(w, None if ev.type == DELETED else ev.slice)
                         if n is not None:
                             changed.append(n)
-                    await self._apply_slices(changed)
+                    if not await self._apply_slices(changed):
+                        break       # not written (nothing delivers this change again): resync from the fleet
                 resync = True
             finally:
                 self.ctl.events.unsubscribe(q)
@@ -445,11 +449,14 @@ class WorkloadManager:
                 out.append(n)
         return out
 
-    async def _apply_slices(self, changed: list[types_pb2.Workload]) -> None:
+    async def _apply_slices(self, changed: list[types_pb2.Workload]) -> bool:
         try:
             await self.save(changed)
+            return True
         except errors.MeshError as e:
-            log(logger, logging.WARNING, "cannot update workloads", error=str(e))
+            log(logger, logging.WARNING, "cannot update workloads; resyncing", error=str(e))
+            await asyncio.sleep(SLICE_RETRY_S)
+            return False
 
 
 class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):

@@ -40,6 +40,7 @@ RATE = Gauge("gpumesh_cost_dollars_per_hour", "Dollars per hour of the live slic
 PER_1K = Gauge("gpumesh_cost_dollars_per_1k_tokens", "Dollars per 1,000 tokens served, per model, over the "
                "accountant's token window", ["model"])
 CHUNK = 2000            # slices charged between two hand-backs of the event loop
+HELD_LIMIT = 200_000    # charges kept for the next write while the ledger refuses writes; the oldest go first
 LABEL_DEPLOYMENT = "gpumesh.deployment"
 LABEL_REPLICA = "gpumesh.replica"
 
@@ -87,6 +88,9 @@ class CostAccountant:
         self._children: dict[tuple, object] = {}
         self._idle_children: dict[tuple, object] = {}
         self._rate_children: dict[tuple, object] = {}
+        # what a failed ledger write left (its transaction rolled back): written with the next accounting
+        self._held: list[acc.Charge] = []
+        self._held_gone: set[str] = set()
         ctl.cost = self
 
     async def _run(self, fn, *args):
@@ -267,7 +271,16 @@ class CostAccountant:
     async def account(self) -> int:
         now = self.clock()
         charges, live, gone = await self.tick_async(now)
-        n = await self._run(self.ledger.write, charges, live, gone)
+        # the cursors in memory moved on with this tick: charges a failed write did not store are kept and
+        # written with the next one (else the interval was never charged: the next tick starts at the new cursors)
+        charges = self._held + charges
+        gone = (self._held_gone | gone) - set(live)
+        try:
+            n = await self._run(self.ledger.write, charges, live, gone)
+        except Exception:
+            self._held, self._held_gone = charges[-HELD_LIMIT:], gone
+            raise
+        self._held, self._held_gone = [], set()
         lines = await self._run(self.ledger.query, "model", now - 86400.0)
         self.model_24h = {ln.key: (ln.dollars, ln.tokens) for ln in lines if ln.key}
         return n

@@ -61,6 +61,13 @@ def plan(kind: str, name: str, metric: str, horizon_s: float, step_s: float, lev
     return Plan(kind, name, metric, float(horizon_s), float(step), float(level))
 
 
+def finite(rows, col: int = 1) -> list:
+    """The rows whose time and `col` value are finite numbers: Prometheus answers "NaN" and "+Inf" samples
+    (a gauge set so, a division by zero in a recording rule), and one such sample failed every fit of the
+    series (INVALID_ARGUMENT naming no request field, or no forecast at all) for as long as it was in range."""
+    return [r for r in rows if math.isfinite(r[0]) and math.isfinite(r[col])]
+
+
 def binned(rows, step: float) -> tuple[np.ndarray, np.ndarray]:
     """[(t, v)] oldest first -> (bin end times, bin means) on a regular grid of `step`, the last MAX_BINS;
     an empty bin takes the previous bin's value (samples may be coarser than the step as they age)."""

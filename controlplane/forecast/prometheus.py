@@ -51,10 +51,15 @@ class PrometheusHistory:
                     body = await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             raise errors.Unavailable(f"prometheus_url {self.url}: {type(e).__name__}: {e}") from None
-        if body.get("status") != "success":
-            raise errors.Unavailable(f"prometheus_url {self.url} refused {params['query']!r}: "
-                                     f"{body.get('errorType', '')} {body.get('error', '')}".strip())
-        result = body.get("data", {}).get("result", [])
-        if not result:
-            return []
-        return [(float(t), float(v)) for t, v in result[0].get("values", [])]
+        try:
+            if body.get("status") != "success":
+                raise errors.Unavailable(f"prometheus_url {self.url} refused {params['query']!r}: "
+                                         f"{body.get('errorType', '')} {body.get('error', '')}".strip())
+            result = body.get("data", {}).get("result", [])
+            if not result:
+                return []
+            return [(float(t), float(v)) for t, v in result[0].get("values", [])]
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+            # JSON, but not a Prometheus answer (another server at that address, a proxy's page): was INTERNAL
+            raise errors.Unavailable(f"prometheus_url {self.url} did not answer as Prometheus's query_range "
+                                     f"does ({type(e).__name__}: {e})") from None

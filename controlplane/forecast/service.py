@@ -68,10 +68,15 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
 
     async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
         kind, name, metric = p.kind, p.name, p.metric
+        rows = forecasting.finite(rows)
         times, values = forecasting.check_history(p, rows)
         recent = forecasting.last_in_bins(rows, times, p.step_s)
-        async with self.slots:
-            f = await asyncio.to_thread(forecasting.fit, p, times, values, recent)
+        await self.slots.acquire()
+        # the slot is held until the fit's thread ends, also when the call is cancelled meanwhile (a client's
+        # deadline): released with the call, the thread went on and more than fit_slots fits ran at a time
+        fit = asyncio.ensure_future(asyncio.to_thread(forecasting.fit, p, times, values, recent))
+        fit.add_done_callback(lambda t: (self.slots.release(), t.cancelled() or t.exception()))   # retrieved
+        f = await asyncio.shield(fit)
         return F.GetForecastResponse(
             kind=kind, name=name, metric=metric, model=f["model"], backtest_mase=f["mase"], level=p.level,
             step_seconds=p.step_s, history_points=int(values.size),

@@ -145,6 +145,9 @@ class PoolStore:
 
     async def update(self, pool: P.Pool) -> P.Pool:
         p = pools.validate(pool)
+        if pool.generation < 0:
+            raise errors.InvalidArgument.of("pool.generation", f"{pool.generation} is negative",
+                                            "0 (no check) or the generation the change was read at")
         async with self._lock:
             old = self.get(p.name)
             if pool.generation and pool.generation != old.generation:

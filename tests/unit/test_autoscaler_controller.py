@@ -352,3 +352,26 @@ async def test_one_deployments_failure_does_not_stop_the_others(monkeypatch):
     warnings = [e for e in dm.events if e[1] == "AutoscalerError"]
     assert len(warnings) == 1 and warnings[0][0] == "Warning" and "rate inf" in warnings[0][2]
     assert "a-bad" in ctl.failing
+
+
+async def test_a_deleted_deployments_metrics_go():
+    """Each autoscaler metric kept a series per deployment ever scaled (only the desired-replicas gauge went):
+    with deployments coming and going, the exported series grew for ever."""
+    from prometheus_client import REGISTRY
+    reps = [replica(1, running=1, waiting=7, at=1)]
+    d = deployment(1, min_replicas=1, max_replicas=4, target=2, stable_window_s=10, panic_window_s=2,
+                   scale_down_delay_s=0)
+    d.spec.name = "chat-gone"          # a name no other test's controller counted
+    dm = Manager(d, [reps[0][0]])
+    dm.store.loads["r-1"] = reps[0][1]
+    ctl = AutoscalerController(dm, dm.registry, clock=lambda: 1000.0)
+    await ctl.run_once()
+
+    def series():
+        return [(m.name, s.labels) for m in REGISTRY.collect() if m.name.startswith("gpumesh_autoscaler")
+                for s in m.samples if s.labels.get("deployment") == "chat-gone"]
+    assert any(n == "gpumesh_autoscaler_decisions" for n, _ in series())
+    assert any(n == "gpumesh_autoscaler_scale_events" for n, _ in series())
+    del dm.store.deployments["chat-gone"]
+    await ctl.run_once()
+    assert series() == [] and ctl.decided == {}

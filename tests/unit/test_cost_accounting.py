@@ -268,3 +268,49 @@ def test_recommend_apply_resize_writes_the_replicas_new_size_to_etcd():
                                           replica="r-1", slice_id="s-1", memory_bytes=10 << 30, profile="1g.10gb")))
     assert out == "applied"
     assert [(r.memory_bytes, r.profile) for r in put] == [(10 << 30, "1g.10gb")]
+
+
+def test_a_failed_ledger_write_loses_no_charge(tmp_path):
+    """The ledger refuses one write (history.db locked by the history's compaction, a full disk): the next
+    accounting writes that interval's charges too; before, the cursors had moved on and the interval was lost."""
+    import asyncio
+    import sqlite3
+    from types import SimpleNamespace
+
+    from controlplane.cost.accountant import CostAccountant
+    from controlplane.state.fleet import Fleet
+    from gpumesh.v1 import types_pb2
+
+    fleet = Fleet()
+    for sid in ("s1", "s2"):
+        s = types_pb2.Slice(id=sid, tenant="t1", node="n1", gpu_model="H100-80GB", isolation=types_pb2.ISOLATION_MIG,
+                            profile="1g.10gb", memory_bytes=10 * GIB)
+        s.created_at.FromSeconds(1000)
+        fleet.slices[sid] = s
+    led = CostLedger(str(tmp_path / "h.db"))
+    clock = [1000.0]
+    a = CostAccountant(SimpleNamespace(fleet=fleet), None, led, PRICES, interval=10, clock=lambda: clock[0])
+    write, fail = led.write, [0]
+
+    def flaky(*args):
+        if fail[0]:
+            fail[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return write(*args)
+    led.write = flaky
+
+    async def go():
+        clock[0] = 1010.0
+        await a.account()                      # s1, s2: 10 s each, written
+        clock[0] = 1020.0
+        fail[0] = 1
+        del fleet.slices["s2"]                 # released meanwhile
+        with pytest.raises(sqlite3.OperationalError):
+            await a.account()                  # s1: 10 s, s2 gone: refused
+        clock[0] = 1030.0
+        await a.account()
+        a.pool.shutdown(wait=True)
+    asyncio.run(go())
+    seconds = {ln.key: ln.slice_seconds for ln in led.query("slice", 0.0)}
+    assert seconds == {"s1": pytest.approx(30), "s2": pytest.approx(10)}
+    assert led.cursors() == {"s1": 1030.0}     # the released slice's cursor went with the later write

@@ -261,3 +261,35 @@ def test_outbox_is_bounded_in_bytes_too():
     for _ in range(3):
         o.get_nowait()
     assert o.bytes == 0 and o.get_nowait() is None
+
+
+async def test_a_workload_change_etcd_refused_is_made_by_a_resync(monkeypatch):
+    """The follower's write (a deleted slice's workload STOPPED) fails once: it resyncs from the fleet and writes
+    it then; before, the change was logged and dropped (nothing delivers the slice's deletion again), so the
+    workload stayed RUNNING on a slice that no longer existed until the next leader's start."""
+    from controlplane.controllers import workloads as wmod
+    monkeypatch.setattr(wmod, "SLICE_RETRY_S", 0.01, raising=False)
+    ctl = _ctl()
+    fail = [1]
+    write = ctl.writer.write
+
+    async def flaky(ops, conds=()):
+        if fail[0]:
+            fail[0] -= 1
+            raise errors.Unavailable("etcd: no leader")
+        return await write(ops, conds)
+    ctl.writer.write = flaky
+    wm = WorkloadManager(ctl)
+    wm.workloads["w-1"] = types_pb2.Workload(id="w-1", slice_id="s-1", node="n", state=types_pb2.WORKLOAD_STATE_RUNNING)
+    task = asyncio.create_task(wm._follow_slices())
+    await asyncio.sleep(0.05)
+    ctl.events.publish(DELETED, types_pb2.Slice(id="s-1"), 1)
+    try:
+        for _ in range(100):
+            if wm.workloads["w-1"].state == types_pb2.WORKLOAD_STATE_STOPPED:
+                break
+            await asyncio.sleep(0.02)
+        assert wm.workloads["w-1"].state == types_pb2.WORKLOAD_STATE_STOPPED
+        assert fail == [0] and wm.resyncs >= 1 and len(ctl.events.subscribers) == 1
+    finally:
+        task.cancel()

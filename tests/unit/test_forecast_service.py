@@ -226,3 +226,77 @@ def test_the_control_plane_exports_each_nodes_latest_series_as_gauges():
     assert 'gpumesh_slice_memory_used_bytes{node="n1",slice="s-1",tenant="acme"} 5.36870912e+09' in text
     assert 'gpumesh_node_temperature_celsius{node="n1"} 71.0' in text
     assert 'gpumesh_workload_utilization_percent{node="n1",tenant="acme",workload="w-1"} 40.0' in text
+
+
+def test_non_finite_samples_from_prometheus_are_left_out(tmp_path):
+    """Prometheus answers "NaN" and "+Inf" samples; the forecast is made from the finite ones (one such sample
+    failed the whole call with INVALID_ARGUMENT about a 'series' field no request has)."""
+    rows = [(T0 + i, 1000.0 + 2.0 * i + 5 * math.sin(i / 7)) for i in range(400)]
+    rows[390] = (rows[390][0], math.nan)
+    rows[200] = (rows[200][0], math.inf)
+
+    async def go(svc):
+        svc.prometheus = FakePrometheus(rows)
+        return await svc.forecast("gpu", "n/0", "memory_used", 10, 1)
+    r = run_with(tmp_path, ramp(), go)
+    assert r.source == "prometheus" and len(r.points) == 10
+    assert all(math.isfinite(v) for p in r.points for v in (p.value, p.lo, p.hi))
+
+
+@pytest.mark.parametrize("body", ['[1, 2]', '{"status": "success", "data": []}',
+                                  '{"status": "success", "data": {"result": [{"values": [[1, "x", 3]]}]}}'])
+def test_an_answer_that_is_not_prometheus_is_unavailable(body):
+    """JSON that is not a query_range answer (another server at prometheus_url) is UNAVAILABLE naming the URL,
+    not INTERNAL (an AttributeError or a ValueError from the parsing)."""
+    from aiohttp import web
+
+    from controlplane.forecast.prometheus import PrometheusHistory
+
+    async def answer(request):
+        return web.Response(text=body, content_type="application/json")
+
+    async def go():
+        app = web.Application()
+        app.router.add_get("/api/v1/query_range", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(errors.Unavailable, match="prometheus_url http://127.0.0.1"):
+                await PrometheusHistory(f"http://127.0.0.1:{port}").read("gpu", "n/0", "temperature", 1.0, 10)
+        finally:
+            await runner.cleanup()
+    asyncio.run(go())
+
+
+def test_a_cancelled_call_holds_its_fit_slot_until_the_fit_ends(tmp_path, monkeypatch):
+    """fit_slots bounds the fits running at once, also when callers give up (a short deadline): the slot went
+    back with the cancelled call while its fit thread ran on, so a client retrying with short deadlines ran any
+    number of fits at once."""
+    import threading
+    import time as _time
+
+    from controlplane.forecast import forecasting
+    real, running, peak, lock = forecasting.fit, [0], [0], threading.Lock()
+
+    def slow_fit(*a, **k):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        _time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return real(*a, **k)
+    monkeypatch.setattr(forecasting, "fit", slow_fit)
+
+    async def go(svc):
+        for _ in range(4):
+            task = asyncio.ensure_future(svc.forecast("gpu", "n/0", "memory_used", 20, 1))
+            await asyncio.sleep(0.02)
+            task.cancel()
+        r = await svc.forecast("gpu", "n/0", "memory_used", 20, 1)
+        return r
+    r = run_with(tmp_path, ramp(), go)
+    assert len(r.points) == 20 and peak[0] == 1

@@ -247,3 +247,30 @@ async def test_lost_gpu_returns_only_when_back_on_the_bus(hc):
 def test_only_an_admin_clears_a_quarantine():
     from controlplane.api import auth
     assert auth.rule_for("/gpumesh.v1.AdminService/ClearGpuQuarantine") == auth.ADMIN
+
+
+async def test_a_health_record_etcd_refused_once_is_stored_at_the_next_reading(hc):
+    """The write of a GPU's new health fails (an etcd member restarting): the GPU is marked in memory, and the
+    record is written at its next reading; before, it never was (the same health again writes nothing), so a
+    restarted control plane put a quarantined or unhealthy GPU back in service."""
+    from controlplane.state import keys
+    from mesh import errors
+    h = hc
+    write, fail = h.ctl.writer.write, [1]
+
+    async def flaky(ops, conds=()):
+        if fail[0] and any(o.key == keys.gpu_health("n1", 0) for o in ops):
+            fail[0] -= 1
+            raise errors.Unavailable("etcd: no leader")
+        return await write(ops, conds)
+    h.ctl.writer.write = flaky
+    g = h.ctl.fleet.gpu("n1", 0)
+    with pytest.raises(errors.Unavailable):
+        await tick(h, reading(0, xids=[79]), reading(1))
+    assert g.health != "healthy"
+    was = g.health
+    await tick(h)                              # the next reading stores it
+    g.health = "healthy"                       # a restarted control plane reads etcd
+    again = TelemetryManager(h.ctl, Policy(health=h.policy), clock=h.clock)
+    await again.load()
+    assert g.health == was and again.health.rec(g).recovery == "reboot"

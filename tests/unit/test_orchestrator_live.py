@@ -285,6 +285,7 @@ async def test_resize_table(env, labels, hi_gib, want):
                 compute_share=0.2, state=t.SLICE_STATE_READY, labels=labels, allocation_id="a-r")
     env.ctl.fleet.put_slice(s)
     await env.orch.resizes.act(env.orch.resizes.decide({"s-r": fc("slice", "s-r", "memory_used", [hi_gib * GiB] * 3)}))
+    await env.orch.resizes.settle()
     assert env.mig.calls == ([] if want is None else [("resize", "s-r", want)])
 
 

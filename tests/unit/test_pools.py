@@ -200,7 +200,6 @@ def test_pool_room_in_replicas_for_the_autoscaler():
     assert store.room("missing", 10 * 2**30, 0.30) is None
 
 
-
 def test_pool_quota_is_checked_on_the_gpu_model_chosen():
     # the pre-filter judges the least a slice can take over the pool's models present (8 GiB: a tenth of an
     # H100-80GB); the H100 is taken, so it lands on the A100-40GB, where it takes a fifth: past max_gpus 0.15
@@ -227,3 +226,20 @@ def test_pool_quota_is_checked_on_the_gpu_model_chosen():
     fleet.drop_node("a-small")
     d = fw.schedule(slicespec.validate(spec), fleet)           # on the H100: a tenth, within the quota
     assert d.ok and d.choices[0].gpu_model == "H100-80GB"
+
+
+def test_update_refuses_a_negative_generation_naming_it():
+    """INVALID_ARGUMENT naming pool.generation (it answered ABORTED, 'at generation 1, not -1', as for a
+    change read at another generation)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from controlplane.pools.store import PoolStore
+    from controlplane.state.fleet import Fleet
+    store = PoolStore(SimpleNamespace(fleet=Fleet(), scheduler=None), PRICES)
+    store.pools["a"] = pools.validate(pool(name="a"))
+    store.pools["a"].generation = 1
+    p = pool(name="a")
+    p.generation = -1
+    with pytest.raises(errors.InvalidArgument, match="pool.generation"):
+        asyncio.run(store.update(p))

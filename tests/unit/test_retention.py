@@ -59,7 +59,7 @@ def world(now: float):
     wl("w-new", t.WORKLOAD_STATE_STOPPED, 1 * DAY)            # kept: within retention
     wl("w-run", t.WORKLOAD_STATE_RUNNING, 30 * DAY)           # kept: runs
     wl("w-mig", t.WORKLOAD_STATE_FAILED, 30 * DAY)            # kept: a migration of it is in progress
-    mm = SimpleNamespace(migrations={}, checkpoints={}, reports={}, watchers={}, tasks={})
+    mm = SimpleNamespace(migrations={}, checkpoints={}, checkpoint_keys={}, reports={}, watchers={}, tasks={})
     mm.migrations["m-done"] = M.Migration(id="m-done", workload_id="w-new", phase=M.MIGRATION_PHASE_DONE,
                                           updated_at=ts(9 * DAY, now))
     mm.migrations["m-recent"] = M.Migration(id="m-recent", workload_id="w-new", phase=M.MIGRATION_PHASE_ABORTED,
@@ -75,6 +75,7 @@ def world(now: float):
                                                    created_at=ts(9 * DAY, now))
     mm.checkpoints["ck-used"] = M.CheckpointInfo(id="ck-used", workload_id="w-mig", node="n1", path="t/w-mig/u",
                                                  created_at=ts(40 * DAY, now))
+    mm.checkpoint_keys.update({c: b"k" * 32 for c in mm.checkpoints})
     return ctl, wm, mm, session
 
 
@@ -87,6 +88,7 @@ def test_finished_records_expire_with_their_files():
     assert set(mm.migrations) == {"m-recent", "m-active"}
     # the newest 2 of w-new's, and the one an unfinished migration restores from
     assert set(mm.checkpoints) == {"ck-3", "ck-4", "ck-used"}
+    assert set(mm.checkpoint_keys) == set(mm.checkpoints)       # an expired one's sealing key is not kept in memory
     assert counts == {"workloads": 1, "migrations": 1, "checkpoints": 5, "events": 0}
     assert set(ctl.writer.deleted) == {keys.workload("w-old"), keys.migration("m-done"),
                                        *(keys.checkpoint(c) for c in ("ck-0", "ck-1", "ck-2", "ck-aged", "ck-of-old")),
@@ -146,3 +148,14 @@ def test_agent_deletes_forgotten_workload_files_and_expired_checkpoints(tmp_path
     asyncio.run(ma.on_command(M.MigrationCommand(migration_id="ck-x", action=M.MigrationCommand.DELETE_CHECKPOINT,
                                                  path="../outside"), ma.outbox))
     assert outside.exists()                      # a path that leaves the store is refused
+
+
+def test_a_restore_being_planned_keeps_its_checkpoint_and_workload():
+    """A Restore whose migration record is still being written (MigrationManager.planning) counts as in
+    progress: the sweep that runs meanwhile keeps the checkpoint it restores from and its workload."""
+    now = time.time()
+    ctl, wm, mm, session = world(now)
+    mm.planning = {"m-new": M.Migration(id="m-new", workload_id="w-old", checkpoint_id="ck-of-old")}
+    r = Retention(ctl, wm, mm, retention_s=7 * DAY, checkpoints_kept=2)
+    asyncio.run(r.sweep(now))
+    assert "w-old" in wm.workloads and "ck-of-old" in mm.checkpoints

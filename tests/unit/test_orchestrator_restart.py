@@ -1,0 +1,171 @@
+"""The live orchestrator across time and leaders: what it keeps bounded (windows, gauges, cooldown entries), what
+a new leader carries on from etcd (the warm pool, the moves' budgets), what a bad reading or a long resize must not
+stop. The fixtures and helpers are test_orchestrator_live.py's."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from controlplane.controllers.orchestrator import Orchestrator, Settings
+from controlplane.controllers.orchforecast import InlineFitter, Windows, fit_jobs, jobs_for_gpus
+from gpumesh.v1 import types_pb2 as t
+from tests.unit.test_orchestrator_live import GiB, env, fc, running, warm  # noqa: F401 - env is a fixture
+from tests.unit.test_placement import make_fleet
+
+
+async def test_windows_of_released_slices_and_removed_gpus_are_dropped():
+    """Telemetry feeds every window whichever rules are on; a slice released (or a GPU whose node went) leaves
+    its window behind unless a pass drops it: with slices coming and going, the leader's memory grew for ever."""
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    live = t.Slice(id="s-live", node="n1")
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes=fleet.nodes, slices={live.id: live}))
+    orch = Orchestrator(ctl, Settings(warm=False, moves=False, resize=True), fitter=InlineFitter())
+    reading = lambda sid: SimpleNamespace(slice_id=sid, memory_used_bytes=GiB)   # noqa: E731
+    orch.windows.on_slices("n1", [reading("s-live"), reading("s-gone")])
+    g = SimpleNamespace(node="gone-node", index=0, memory_bytes=80 * GiB)
+    r = t.GpuTelemetry(memory_used_bytes=GiB, temperature_c=40)
+    orch.windows.on_gpu(g, r)
+    orch.windows.on_gpu(SimpleNamespace(node="n1", index=0, memory_bytes=80 * GiB), r)
+    await orch.forecast()
+    assert set(orch.windows.slice) == {"s-live"}
+    assert set(orch.windows.gpu) == {"n1/0"}
+
+
+def test_a_nan_reading_does_not_stop_a_gpus_forecasts():
+    """An agent's NaN temperature is left out of the series; the fit goes on (before, it failed for as long as
+    the reading stayed in the window: no forecast and so no move for that GPU for hours)."""
+    w = Windows(3600)
+    g = SimpleNamespace(node="n1", index=0, memory_bytes=80 * GiB)
+    for i in range(600):
+        r = t.GpuTelemetry(memory_used_bytes=(10 + i % 5) * GiB, temperature_c=60.0 + (i % 7))
+        r.at.FromSeconds(1_700_000_000 + i)
+        if i == 590:
+            r.temperature_c = math.nan
+        w.on_gpu(g, r)
+    jobs = jobs_for_gpus(w, 1.0, 15.0, 0.9)
+    got = {j.metric: f for j, f in zip(jobs, fit_jobs(jobs))}
+    assert got["temperature"] is not None and all(math.isfinite(v) for v in got["temperature"].hi)
+    assert got["memory_fraction"] is not None
+
+
+async def test_resize_cooldown_holds_a_slice_then_is_forgotten():
+    """A slice the orchestrator resized is left alone for the cooldown; then its entry goes (it was kept for
+    ever, one per slice ever resized)."""
+    from controlplane.controllers.autoresize import ResizePass
+    now = [1000.0]
+    rp = ResizePass(SimpleNamespace(fleet=SimpleNamespace(slices={})), None, Settings(resize_cooldown_s=300),
+                    clock=lambda: now[0])
+    rp.last.update({"s-a": 900.0, "s-b": 600.0})
+    got = []
+    import controlplane.controllers.autoresize as ar
+    real = ar.resize_actions
+    ar.resize_actions = lambda views, hi, policy: got.append(sorted(hi)) or []
+    try:
+        rp.decide({"s-a": fc("slice", "s-a", "memory_used", [GiB]), "s-b": fc("slice", "s-b", "memory_used", [GiB])})
+    finally:
+        ar.resize_actions = real
+    assert got == [["s-b"]] and rp.last == {"s-a": 900.0}
+
+
+async def test_the_forecast_gauge_of_a_released_slice_goes():
+    """gpumesh_orchestrator_forecast_upper had one series per slice ever forecast, each frozen at its last
+    value once the slice was released."""
+    from prometheus_client import REGISTRY
+    fleet = make_fleet(("n1", [("H100-80GB", True)]))
+    s = t.Slice(id="s-gauge", node="n1", state=t.SLICE_STATE_READY, labels={"gpumesh.io/autoresize": "true"})
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes=fleet.nodes, slices={s.id: s}))
+    orch = Orchestrator(ctl, Settings(resize=True), fitter=InlineFitter())
+    for i in range(400):
+        orch.windows._push(orch.windows.slice, s.id, (1_700_000_000.0 + i, float(GiB * (1 + i % 3))))
+
+    def gauge():
+        return REGISTRY.get_sample_value("gpumesh_orchestrator_forecast_upper",
+                                         {"kind": "slice", "name": "s-gauge", "metric": "memory_used"})
+    await orch.forecast()
+    assert gauge() is not None
+    del ctl.fleet.slices[s.id]
+    await orch.forecast()
+    assert gauge() is None and orch.latest == {}
+
+
+async def test_a_new_leader_keeps_the_warm_pool_until_it_has_a_forecast(env):
+    """A new leader (windows empty: no request of the key seen yet) keeps the warm slices the last one carved
+    until its own history forecasts the key; it gave them back down to one at its first pass, then carved them
+    again once its forecast came."""
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    await env.orch.warm_pass({key: fc("fleet", key, "requests", [3.0], step=60)})
+    assert len(warm(env.ctl)) == 3
+    now = [1_700_000_000.0]
+    new = Orchestrator(env.ctl, env.orch.s, workloads=env.wm, migrations=env.mig, fitter=InlineFitter(),
+                       clock=lambda: now[0])
+    new.pool = env.orch.pool
+    await new.warm_pass({})
+    assert len(warm(env.ctl)) == 3
+    assert key in new.windows.arrivals and new.windows.first_arrival[key] == now[0]
+    await new.warm_pass({key: fc("fleet", key, "requests", [0.0], step=60)})    # its forecast: nothing asked
+    assert len(warm(env.ctl)) == 1
+
+
+async def test_a_burst_floor_without_a_forecast_carves_once(env):
+    """A key with a burst floor and no forecast yet (history too short) is carved up to its floor once; it was
+    counted as having none and carved again at every pass, up to warm_max_total."""
+    import collections
+    import dataclasses
+    key = "1g.10gb/any"
+    env.orch.s = dataclasses.replace(env.orch.s, warm_burst_q=1.0, warm_create_s=10.0, warm_burst_windows=1.0)
+    env.orch.windows.arrivals[key] = collections.deque((x,) for x in (0.0, 1.0))
+    env.orch.windows.first_arrival[key] = 0.0
+    assert env.orch.burst_floor() == {key: 2}
+    for _ in range(3):
+        await env.orch.warm_pass({})
+    assert len(warm(env.ctl)) == 2
+
+
+async def test_a_new_leader_keeps_the_move_budgets_and_cooldowns(env):
+    """The moves' ledger is rebuilt from the migration records: a new leader does not move again at once off a
+    GPU (or a workload) the last leader moved from a moment ago."""
+    from controlplane.controllers.premigrate import MovePass
+    from gpumesh.v1 import migration_service_pb2 as MS
+    running(env, "n1", "w-a0")
+    running(env, "n1", "w-b4")
+    hot = {("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [90] * 5),
+           ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [40] * 5)}
+    th = ((50.0, 70.0, 85.0), (65.0, 80.0, 85.0))
+    now = 1_700_000_000.0
+    fresh = MovePass(env.ctl, env.wm, env.mig, env.orch.s, clock=lambda: now)
+    assert len(fresh.decide(hot, *th, set())) == 1           # no record of a move: it would move
+    m = MS.Migration(id="m-1", workload_id="w-x", reason="orchestrator: GPU n1/0 temperature forecast 90.0C ...",
+                     phase=MS.MIGRATION_PHASE_DONE)
+    m.created_at.FromSeconds(int(now - 100))
+    other = MS.Migration(id="m-2", workload_id="w-y", reason="drain")
+    other.created_at.FromSeconds(int(now - 50))
+    env.mig.migrations.update({m.id: m, other.id: other})
+    again = MovePass(env.ctl, env.wm, env.mig, env.orch.s, clock=lambda: now)
+    assert again.decide(hot, *th, set()) == []               # n1/0 moved 100 s ago: cooldown 600 s
+    assert again.ledger.workload_last_hour(now, "w-x") == 1 and again.ledger.fleet_last_hour(now) == 1
+
+
+async def test_a_long_resize_does_not_hold_the_orchestrators_pass(env):
+    """A MIG slice grows by live migration (minutes): the pass starts it and goes on (warm slices and moves are
+    not held for as long as it takes); the slice is not asked again while it runs."""
+    import asyncio
+    s = t.Slice(id="s-r", node="n1", gpu_index=0, tenant="acme", isolation=t.ISOLATION_MPS, memory_bytes=20 * GiB,
+                compute_share=0.2, state=t.SLICE_STATE_READY, labels={"gpumesh.io/autoresize": "true"},
+                allocation_id="a-r")
+    env.ctl.fleet.put_slice(s)
+    gate = asyncio.Event()
+
+    async def slow_resize(sid, memory_bytes, compute_share, mig_profile=""):
+        env.mig.calls.append(("resize", sid, memory_bytes))
+        await gate.wait()
+    env.mig.resize = slow_resize
+    rp = env.orch.resizes
+    rp.s = Settings(resize_cooldown_s=0.0)
+    big = {"s-r": fc("slice", "s-r", "memory_used", [30 * GiB] * 3)}
+    assert await asyncio.wait_for(rp.act(rp.decide(big)), 2) == 1
+    assert await rp.act(rp.decide(big)) == 0 and len(env.mig.calls) == 1       # under way: not asked again
+    gate.set()
+    await rp.settle()
+    assert not rp.running
