@@ -44,3 +44,62 @@ async def test_a_failed_mark_of_a_lost_node_is_retried(monkeypatch):
     fleet.nodes["n2"].ready = True
     await asyncio.sleep(0.05)
     assert calls.count("n2") == 1 and not nm._lost_tasks
+
+
+async def test_the_alive_watch_survives_an_unexpected_error(monkeypatch):
+    """A bug in one node's handling (any exception, not only etcd's or the mesh's) ended the alive watch for
+    good: no node was ever marked NotReady again on that leader."""
+    from controlplane.state import keys
+    monkeypatch.setattr(nodes.asyncio, "sleep", _fast_sleep)
+    fleet = SimpleNamespace(nodes={"n1": _Node(), "n2": _Node()})
+    lost = []
+
+    async def mark_node_lost(name, why):
+        if name == "n1":
+            raise RuntimeError("a bug")
+        lost.append(name)
+
+    class Watch:
+        def __init__(self, name):
+            self.events = [SimpleNamespace(kind="DELETE", kv=SimpleNamespace(key=(keys.ALIVE + name).encode(),
+                                                                              mod_revision=5))]
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if self.events:
+                return self.events.pop()
+            await asyncio.Event().wait()                 # open and quiet, as a real watch
+
+        async def cancel(self):
+            pass
+
+    watches = iter([Watch("n1"), Watch("n2")])
+
+    async def watch_prefix(prefix, start_revision):
+        return next(watches)
+
+    async def load(prefix):
+        return SimpleNamespace(kvs={(keys.ALIVE + "n2").encode(): None}, revision=6)   # n2 still alive then
+    store = SimpleNamespace(watch_prefix=watch_prefix, load=load)
+    ctl = SimpleNamespace(fleet=fleet, store=store, sessions={}, mark_node_lost=mark_node_lost,
+                          recorder=SimpleNamespace(emit=lambda *a, **k: None))
+    nm = NodeManager(ctl)
+    task = asyncio.create_task(nm._watch_alive(1))
+    try:
+        for _ in range(500):
+            if lost:
+                break
+            await _real_sleep(0.01)
+        assert lost == ["n2"] and not fleet.nodes["n2"].ready       # the second watch's event was handled
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _fast_sleep(s):
+    await _real_sleep(min(s, 0.01))
