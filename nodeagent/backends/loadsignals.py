@@ -22,6 +22,7 @@ A backend kind without a parser (or a page without the metrics) is an error the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,7 +53,9 @@ def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     try:
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
-                out.setdefault(s.name, []).append((s.labels, float(s.value)))
+                v = float(s.value)
+                if math.isfinite(v):    # a NaN gauge read as 1.0 after the clamp: a full KV cache, a scale-up
+                    out.setdefault(s.name, []).append((s.labels, v))
     except Exception as e:  # noqa: BLE001 - prometheus_client raises ValueError and others on bad pages
         raise ValueError(f"not a Prometheus text page: {e}") from None
     return out

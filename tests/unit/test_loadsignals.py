@@ -110,6 +110,18 @@ def test_llamacpp_page_and_backend_restart():
     assert loadsignals.load_of(cur, prev).generation_tokens_per_second == pytest.approx(10.0)
 
 
+def test_a_nan_gauge_is_no_reading_not_a_full_cache():
+    """A NaN KV-cache gauge (a backend's 0/0 before its cache exists) clamped to 1.0 read as a full cache, and a
+    kv_cache scaling policy scaled up on it; non-finite samples are left out (no reading: 0)."""
+    page = LLAMACPP_PAGE.replace("kv_cache_usage_ratio 0.25", "kv_cache_usage_ratio NaN")
+    s = loadsignals.parse("llama.cpp", page, at=0.0)
+    assert s.kv_cache_usage == 0.0 and loadsignals.load_of(s, None).kv_cache_usage == 0.0
+    assert (s.running, s.waiting) == (1, 3)
+    page = LLAMACPP_PAGE.replace("requests_deferred 3.0", "requests_deferred +Inf")
+    with pytest.raises(ValueError, match="no llamacpp:requests_processing / llamacpp:requests_deferred"):
+        loadsignals.parse("llama.cpp", page, at=0.0)        # no count of waiting requests: not a reading
+
+
 @pytest.mark.parametrize("kind,text,match", [
     ("tgi", LLAMACPP_PAGE, "no load-signal parser for backend 'tgi'"),
     ("vllm", LLAMACPP_PAGE, "no vllm:num_requests_running"),
