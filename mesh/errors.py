@@ -45,6 +45,12 @@ class InvalidArgument(MeshError):
         return cls(text, field=field_path, allowed=allowed)
 
 
+def shown(value: str, limit: int = 60) -> str:
+    """`value` as an error message quotes it (repr), cut to about `limit` characters: a megabyte-long field is
+    not echoed whole into the answer, the logs and the events."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 @dataclass
 class NotFound(MeshError):
     kind: str = ""

@@ -71,7 +71,8 @@ def _bad(name: str, problem: str, allowed: str = "") -> errors.InvalidArgument:
 
 def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
     if not TENANT_RE.match(spec.tenant):
-        raise _bad("tenant", f"{spec.tenant!r} is not a valid tenant name" if spec.tenant else "is required",
+        raise _bad("tenant", f"{errors.shown(spec.tenant)} is not a valid tenant name" if spec.tenant else
+                   "is required",
                    "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
 
     model = None
@@ -79,7 +80,7 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
         try:
             model = gpumodels.get_model(spec.gpu_model)
         except KeyError:
-            raise _bad("gpu_model", f"unknown GPU model {spec.gpu_model!r}",
+            raise _bad("gpu_model", f"unknown GPU model {errors.shown(spec.gpu_model)}",
                        ", ".join(gpumodels.model_names())) from None
 
     if spec.isolation not in ISOLATIONS and spec.isolation != types_pb2.ISOLATION_UNSPECIFIED:
@@ -95,7 +96,7 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
         names = sorted({p.name for m in candidates if m for p in m.mig_profiles})
         if spec.mig_profile not in names:
             where = f"GPU model {model.name}" if model else "any MIG-capable GPU model"
-            raise _bad("mig_profile", f"unknown MIG profile {spec.mig_profile!r} for {where}",
+            raise _bad("mig_profile", f"unknown MIG profile {errors.shown(spec.mig_profile)} for {where}",
                        ", ".join(names) if names else f"none: {model.name} has no MIG")
         profile = spec.mig_profile
 
@@ -131,7 +132,7 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
         raise _bad("labels", f"{len(spec.labels)} labels", f"at most {MAX_LABELS}")
     for k, v in spec.labels.items():
         if not LABEL_KEY_RE.match(k):
-            raise _bad(f"labels[{k!r}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
+            raise _bad(f"labels[{errors.shown(k)}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
         if len(v) > 256:
             raise _bad(f"labels[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
     netmode.check_labels(spec.labels, "spec.labels")     # gpumesh.io/network: host or none
@@ -144,7 +145,8 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
         raise _bad("anti_affinity", f"{len(spec.anti_affinity)} rules", f"at most {MAX_LABELS}")
     for k, v in spec.anti_affinity.items():
         if not LABEL_KEY_RE.match(k):
-            raise _bad(f"anti_affinity[{k!r}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
+            raise _bad(f"anti_affinity[{errors.shown(k)}]", "invalid label key",
+                       "1-63 letters, digits, '.', '_', '-', '/'")
         if len(v) > 256:
             raise _bad(f"anti_affinity[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
 

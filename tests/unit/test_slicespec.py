@@ -52,3 +52,15 @@ def test_valid_specs_normalize():
     assert (r.gpu_model, r.isolation, r.count, r.topology, r.priority) == ("H100-80GB", "mps", 4, "same-node", -3)
     assert r.labels == {"app": "x"}
     assert validate(t.SliceSpec(tenant="t", memory_bytes=GiB)).isolation is None
+
+
+@pytest.mark.parametrize("field, spec", [
+    ("spec.tenant", dict(tenant="x" * 5000, memory_bytes=1)),
+    ("spec.gpu_model", dict(tenant="t", gpu_model="G" * 5000, memory_bytes=1)),
+    ("spec.mig_profile", dict(tenant="t", gpu_model="A100-40GB", mig_profile="9" * 5000)),
+    ("spec.labels[", dict(tenant="t", memory_bytes=1, labels={"bad key " * 700: "v"})),
+])
+def test_a_huge_value_is_not_echoed_whole(field, spec):
+    with pytest.raises(errors.InvalidArgument) as e:
+        validate(t.SliceSpec(**spec))
+    assert e.value.field.startswith(field) and len(str(e.value.message)) < 400 and "characters)" in e.value.message
