@@ -39,7 +39,11 @@ class StepsMixin:
                 before = m.phase
                 try:
                     await steps[m.phase](m)
-                except (_Failed, errors.MeshError) as e:
+                except Exception as e:  # noqa: BLE001 - a step's failure, or a bug in it: handled alike
+                    if not isinstance(e, (_Failed, errors.MeshError)):
+                        # ended here, the task left the migration in its phase (the source perhaps paused)
+                        # until the next leader's start: roll back before the commit, retry after it
+                        logger.exception("migration %s: unexpected error in phase %s", mid, phase_name(m.phase))
                     if m.phase in BEFORE_COMMIT:
                         await self._until_written("rolling back", m, lambda e=e: self._set(
                             m, P.MIGRATION_PHASE_ROLLING_BACK, message=f"rolling back: {e}"))

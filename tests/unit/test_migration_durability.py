@@ -342,3 +342,25 @@ def test_finish_asks_again_while_the_target_may_run_and_ends_once_its_end_is_rep
         await wait_for(lambda: mm.migrations[MID].phase == P.MIGRATION_PHASE_DONE, "DONE")
         assert "the target ended before it ran" in mm.migrations[MID].message
     asyncio.run(main())
+
+
+def test_an_unexpected_error_in_a_step_rolls_back_instead_of_ending_the_task():
+    """A bug in a step (not a step's failure) ended the migration's task with the migration left PAUSED (its
+    source paused) until the next leader's start; before the commit it now rolls back."""
+    async def main():
+        etcd = Etcd()
+        mm, sessions, _ = manager(etcd, running_on_source())
+        a, b = Agent("nA", mm, etcd, dict(CROSS_NODE)), Agent("nB", mm, etcd, dict(CROSS_NODE))
+        sessions.update(nA=a, nB=b)
+        real, raised = mm._copy, []
+
+        async def buggy(m):
+            if not raised:
+                raised.append(True)
+                raise KeyError("a bug")
+            return await real(m)
+        mm._copy = buggy
+        start(mm, migration(etcd, P.MIGRATION_PHASE_PAUSED))
+        await wait_for(lambda: mm.migrations[MID].phase == P.MIGRATION_PHASE_ABORTED, "ABORTED")
+        assert raised and "ABORT_SOURCE" in a.actions() and etcd.workload().node == "nA"
+    asyncio.run(main())
