@@ -96,6 +96,9 @@ async def test_resize_in_place_refuses_growth_over_quota_and_changes_nothing():
             self.ctl = SimpleNamespace(fleet=fleet, scheduler=fw)
             self.migrations, self.wm = {}, SimpleNamespace(workloads={})
 
+        def unfinished(self):                               # MigrationManager's: none here
+            return iter(self.migrations.values())
+
         async def _resize_in_place(self, s, mem, share):   # reached only when the quota allows
             self.grew = (mem, share)
             return s
