@@ -68,6 +68,15 @@ class DeploymentStore:
         for ev in self._watchers.get(name, []):
             ev.set()
 
+    def end_watches(self) -> None:
+        """End every Watch stream with ABORTED ("watch again"): a standby's copy reloading or stopping (its
+        promotion). Woken with the records cleared, a stream read its deployment as deleted and ended as if it
+        were; left alone on a stopped copy, it sent that copy's stale record at every heartbeat for ever."""
+        for lst in self._watchers.values():
+            for ev in lst:
+                ev.ended = True
+                ev.set()
+
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, name: str) -> D.Deployment:

@@ -98,6 +98,9 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
         ev = self.m.store.subscribe(request.name)
         try:
             while True:
+                if getattr(ev, "ended", False):
+                    raise errors.Aborted("the watch was ended by the control plane (a standby reloaded or was "
+                                         "promoted): watch again")
                 ev.clear()
                 cur = self.m.store.deployments.get(request.name)
                 # deleted: the stream ends. A deployment created since under the same name is another one (maybe

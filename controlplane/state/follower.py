@@ -63,6 +63,7 @@ class DeploymentRecords:
         self.store = DeploymentStore(ctl)
 
     def clear(self) -> None:
+        self.store.end_watches()            # a reload: open Watch streams watch again, not read a deletion
         names = set(self.store.deployments) | set(self.store.replicas)
         self.store.deployments.clear()
         self.store.replicas.clear()
@@ -143,6 +144,7 @@ class Follower:
             self._task = None
         self.ctl.events.end_all()     # open Watch streams: watch again (at the leader)
         self.event_log.end_all()
+        self.deployments.store.end_watches()
 
     # -- load and follow ---------------------------------------------------------------------
 

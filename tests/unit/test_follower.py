@@ -166,6 +166,40 @@ def test_deployment_records_follow_etcd_and_serve_reads():
     asyncio.run(main())
 
 
+def test_a_deployment_watch_is_ended_to_watch_again_on_reload_and_stop():
+    """On a standby's reload its records are cleared: a Watch woken then read its deployment as deleted and
+    ended as if it were; after the standby's promotion (its follower stops) a Watch kept sending the stopped
+    copy's record at every heartbeat. Both now end ABORTED: watch again."""
+    from gpumesh.v1 import deployment_service_pb2 as D
+    d = D.Deployment(spec=D.DeploymentSpec(name="chat", model="smollm2", tenant="t", replicas=1), generation=1)
+
+    async def main():
+        f = Follower(FakeStore({keys.deployment("chat"): (d.SerializeToString(), 5, 0)}))
+        await f._load()
+        svc = f.reader("DeploymentService")
+
+        async def first_then_rest(stream, seen):
+            async for x in stream:
+                seen.append(x)
+        class Context:              # gRPC's: the stream's MeshError becomes its status
+            async def abort_with_status(self, status):
+                raise errors.Aborted(status.details)
+        for end in (f._load, f.stop):
+            seen = []
+            task = asyncio.create_task(first_then_rest(svc.Watch(D.WatchDeploymentRequest(name="chat"), Context()),
+                                                       seen))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not seen:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            await end()
+            with pytest.raises(errors.Aborted, match="watch again"):
+                await asyncio.wait_for(task, 30)
+            assert [x.spec.name for x in seen] == ["chat"]
+    asyncio.run(main())
+
+
 def test_request_ids_are_followed_with_their_fingerprints():
     """A standby keeps the request ids as etcd has them: a bare id (the old format) and one with its fingerprint
     (before, the JSON value itself would have been taken for the allocation id)."""
