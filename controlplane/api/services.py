@@ -211,6 +211,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     @unary
     async def ListNodes(self, request, context):
         out = [self.nodes.view(n) for n in sorted(self.ctl.fleet.nodes)]
+        if not auth.current().admin:
+            for n in out:
+                _redact_events(n)
         if request.state:
             out = [n for n in out if n.state == request.state]
         return admin_service_pb2.ListNodesResponse(nodes=out)
@@ -218,7 +221,10 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     @unary
     async def GetNode(self, request, context):
         validate_node_name(request.name, "name")
-        return self.nodes.view(request.name)
+        n = self.nodes.view(request.name)
+        if not auth.current().admin:
+            _redact_events(n)
+        return n
 
     @unary
     async def CordonNode(self, request, context):
@@ -288,3 +294,15 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             st.telemetry.memory_pressure = PRESSURE_ENUM[g.memory_pressure]
             st.telemetry.thermal_state = THERMAL_ENUM[g.thermal_state]
         return st
+
+
+# Node events whose messages name a workload or migration (of any tenant) and the error that stopped it: a
+# tenant or viewer reading the node sees what happened, not whose or why (controllers/health.py writes them).
+WORKLOAD_EVENT_REASONS = frozenset({"GpuWorkloadNotMoved", "GpuWorkloadMigrating"})
+
+
+def _redact_events(n) -> None:
+    for ev in n.events:
+        if ev.reason in WORKLOAD_EVENT_REASONS:
+            ev.message = (f"GPU {ev.gpu_index}: " if ev.gpu_index >= 0 else "") + \
+                f"{ev.reason} (the workload and the details are shown to administrators)"

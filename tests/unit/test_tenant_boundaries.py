@@ -201,3 +201,25 @@ def test_a_drained_nodes_event_carries_no_deployments_names_or_messages():
     assert node == "n1" and why == "DrainWaiting" and "1 replica(s)" in text
     for private in ("secret-chat", "r-old", "r-new", "acme", "log lines"):
         assert private not in text
+
+
+async def test_node_events_about_workloads_name_none_to_tenants():
+    """GetNode and ListNodes showed every caller the health controller's events, which name a workload (any
+    tenant's), its migration and the error that kept it from moving."""
+    from types import SimpleNamespace
+
+    from controlplane.api.services import AdminService
+    from gpumesh.v1 import admin_service_pb2 as A
+    secret = "GPU 0: workload w-other cannot be migrated off (no room for tenant acme's 40GiB); it keeps running"
+    node = T.Node(name="n1", events=[T.NodeEvent(reason="GpuWorkloadNotMoved", message=secret, gpu_index=0),
+                                     T.NodeEvent(reason="XidError", message="GPU 0: Xid 48", gpu_index=0)])
+    nodes = SimpleNamespace(view=lambda name: T.Node().__class__.FromString(node.SerializeToString()))
+    svc = AdminService(SimpleNamespace(fleet=SimpleNamespace(nodes={"n1": None})), nodes)
+    with as_tenant("team-a"):
+        got = await svc.GetNode(A.GetNodeRequest(name="n1"), Context())
+        listed = (await svc.ListNodes(A.ListNodesRequest(), Context())).nodes[0]
+    for n in (got, listed):
+        assert [e.message for e in n.events] == [
+            "GPU 0: GpuWorkloadNotMoved (the workload and the details are shown to administrators)", "GPU 0: Xid 48"]
+    with as_tenant("ops", role="admin"):
+        assert (await svc.GetNode(A.GetNodeRequest(name="n1"), Context())).events[0].message == secret
