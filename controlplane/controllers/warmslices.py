@@ -197,6 +197,9 @@ class WarmPool:
         # the same key first (exactly what was forecast), then the fullest GPU (keeps the rest whole)
         candidates.sort(key=lambda s: (s.labels.get(KEY_LABEL) != key, -fleet.gpu(s.node, s.gpu_index).fill, s.id))
         w = candidates[0]
+        for p in getattr(framework, "permits", ()):   # the quota on what the slice really holds (a MIG
+            if not p.permit(state, req, fleet, [w]).ok:  # profile's memory, which the request does not name)
+                return None                              # the scheduler's path answers the refusal
         from controlplane.controllers.slices import new_id, now
         ns = types_pb2.Slice()
         ns.CopyFrom(w)

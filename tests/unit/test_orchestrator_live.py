@@ -209,6 +209,19 @@ async def test_claim_respects_quota_and_model(env):
     assert len(warm(env.ctl)) == 1
 
 
+async def test_claim_counts_the_memory_the_warm_slice_holds(env):
+    # a MIG profile names no memory: the pre-filter let a tenant capped at 5 GiB claim a 10 GiB warm slice
+    fw = profiles.build("default", args={"TenantQuota": {"tenants": {"small": {"max_memory_bytes": 5 * GiB}}}})
+    env.ctl.scheduler = fw
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    await env.orch.warm_pass({key: fc("fleet", key, "requests", [1.0], step=60)})
+    ready_all(env.ctl)
+    with pytest.raises(errors.ResourceExhausted, match="max_memory_bytes"):
+        await env.ctl.allocate(validate(t.SliceSpec(tenant="small", mig_profile="1g.10gb")), no_wait=True)
+    assert len(warm(env.ctl)) == 1 and env.ctl.warm.claims == 0
+
+
 async def test_a_real_request_takes_the_space_of_warm_slices(env):
     key = "1g.10gb/any"
     env.orch.s = Settings(warm=True, warm_max_per_key=14, warm_max_total=14)
