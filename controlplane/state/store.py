@@ -229,9 +229,11 @@ class EtcdStore:
                     delay = max(ttl / 3, 0.5)
                     continue
                 log.error("leader session lease expired")
-            except ETCD_ERRORS as e:
+            except Exception as e:  # noqa: BLE001 - etcd's errors, a raw gRPC one, anything: a failed refresh
+                # (an exception escaping here ended the keepalive without flagging the loss: the lease lapsed
+                # while this process went on writing until etcd refused a fenced write)
                 self._failover(client, e)         # the next try (0.25 s on) goes to the next endpoint
-                log.warning("leader session keepalive failed", extra={"fields": {"error": str(e)}})
+                log.warning("leader session keepalive failed", extra={"fields": {"error": repr(e)}})
                 if loop.time() - last_ok < ttl * 0.6:
                     delay = 0.25
                     continue

@@ -176,3 +176,18 @@ async def test_a_write_etcd_refuses_is_not_read_back(etcd_server, etcd_client):
 def test_key_layout():
     assert keys.slice_("s-1") == b"/gpumesh/v1/slices/s-1"
     assert keys.name_of(keys.alive("n1"), keys.ALIVE) == "n1"
+
+
+async def test_a_keepalive_that_fails_oddly_still_flags_the_lost_leadership():
+    """Only etcd's own errors were caught: any other exception from a refresh ended the keepalive without
+    setting lost_leadership, and the leader went on as if its session lived."""
+    st = EtcdStore(["http://127.0.0.1:9"])
+    calls = []
+
+    class Client:
+        async def refresh_lease(self, lease_id):
+            calls.append(lease_id)
+            raise RuntimeError("an unexpected answer")
+    st.client = Client()
+    await asyncio.wait_for(st._keep_session(7, 1), 30)
+    assert st.lost_leadership.is_set() and calls and set(calls) == {7}
