@@ -83,28 +83,35 @@ class RequestIds(dict):
         self.call = call                                        # the RPC's name, for the refusal's message
         self.fingerprints: dict[tuple[str, str], str] = {}
         self._times: collections.deque = collections.deque()     # (monotonic time, key), oldest first
+        self._at: dict[tuple[str, str], float] = {}             # key -> when it was remembered last
 
     def _prune(self, now: float) -> None:
         while self._times and now - self._times[0][0] > self.ttl():
-            _, key = self._times.popleft()
-            self.pop(key, None)
+            at, key = self._times.popleft()
+            if self._at.get(key) == at:          # an older entry of an id remembered again since is not its end
+                self.pop(key, None)
 
     def pop(self, key, *default):
         self.fingerprints.pop(key, None)
+        self._at.pop(key, None)
         return super().pop(key, *default)
 
     def __delitem__(self, key) -> None:
         self.fingerprints.pop(key, None)
+        self._at.pop(key, None)
         super().__delitem__(key)
 
     def clear(self) -> None:
         self.fingerprints.clear()
+        self._at.clear()
+        self._times.clear()
         super().clear()
 
     def remember(self, tenant: str, request_id: str, value: str, fp: str = "") -> None:
         now = time.monotonic()
         self[(tenant, request_id)] = value
         self.fingerprints[(tenant, request_id)] = fp
+        self._at[(tenant, request_id)] = now
         self._times.append((now, (tenant, request_id)))
         self._prune(now)
 

@@ -60,3 +60,25 @@ def test_remembered_ids_are_forgotten_after_the_ttl(monkeypatch):
     clock[0] += 2
     c.remember_request("acme", "new", "a-3")
     assert set(c.requests) == {("acme", "mid"), ("acme", "new")}
+
+
+def test_an_id_remembered_again_lives_its_whole_ttl_from_then(monkeypatch):
+    """A re-remembered id (a standby's reload, a retry's durable read) was dropped at its first entry's end; and
+    clear() left the old entries to drop ids remembered after it."""
+    clock = [1000.0]
+    monkeypatch.setattr(controller_mod.time, "monotonic", lambda: clock[0])
+    c = Controller(store=None)
+    c.remember_request("acme", "x", "a-1")
+    clock[0] += controller_mod.REQUEST_TTL_S - 1
+    c.requests.clear()                                   # a standby's reload: remembered again from etcd
+    c.remember_request("acme", "x", "a-1")
+    clock[0] += 2
+    c.remember_request("acme", "other", "a-2")          # prunes: the first entry of "x" is past its TTL
+    assert c.requests.lookup("acme", "x") == "a-1"
+    c.remember_request("acme", "x", "a-1")               # and remembered twice without a clear
+    clock[0] += controller_mod.REQUEST_TTL_S - 1
+    c.remember_request("acme", "third", "a-3")
+    assert c.requests.lookup("acme", "x") == "a-1"
+    clock[0] += 2
+    c.remember_request("acme", "fourth", "a-4")
+    assert c.requests.lookup("acme", "x") is None        # its last entry's TTL is over
