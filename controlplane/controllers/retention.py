@@ -80,16 +80,22 @@ class Retention:
 
     # -- what expires --------------------------------------------------------------------------
 
+    def _busy(self) -> tuple[set[str], set[str]]:
+        """(workload IDs, checkpoint IDs) an unfinished migration needs, a Restore whose record is being
+        written included."""
+        if self.mm is None:
+            return set(), set()
+        active = [m for m in self.mm.migrations.values() if m.phase not in FINISHED]
+        active += list(getattr(self.mm, "planning", {}).values())
+        return {m.workload_id for m in active}, {m.checkpoint_id for m in active if m.checkpoint_id}
+
     def due(self, now: float | None = None) -> tuple[list, list, list]:
         """(workloads, migrations, checkpoints) that expire at `now` (seconds since the epoch)."""
         now = time.time() if now is None else now
         cutoff = now - self.retention_s
         migrations = self.mm.migrations if self.mm is not None else {}
         checkpoints = self.mm.checkpoints if self.mm is not None else {}
-        active = [m for m in migrations.values() if m.phase not in FINISHED]
-        active += list(getattr(self.mm, "planning", {}).values())     # a Restore whose record is being written
-        busy_workloads = {m.workload_id for m in active}
-        busy_checkpoints = {m.checkpoint_id for m in active if m.checkpoint_id}
+        busy_workloads, busy_checkpoints = self._busy()
         workloads = [w for w in self.wm.workloads.values()
                      if w.state in TERMINAL and w.id not in busy_workloads
                      and _seconds(w.finished_at if w.HasField("finished_at") else w.created_at) < cutoff]
@@ -124,12 +130,14 @@ class Retention:
     async def sweep(self, now: float | None = None) -> dict:
         workloads, migrations, checkpoints = self.due(now)
         event_ids = self.events_due(now)
-        ops = ([Delete(keys.event(i)) for i in event_ids]
-               + [d for c in checkpoints for d in (Delete(keys.checkpoint(c.id)), Delete(keys.checkpoint_key(c.id)))]
-               + [Delete(keys.migration(m.id)) for m in migrations]
-               + [Delete(keys.workload(w.id)) for w in workloads])
-        for i in range(0, len(ops), MAX_OPS):
-            await self.ctl.writer.write(ops[i:i + MAX_OPS])
+        items = ([("event", i, [Delete(keys.event(i))]) for i in event_ids]
+                 + [("checkpoint", c, [Delete(keys.checkpoint(c.id)), Delete(keys.checkpoint_key(c.id))])
+                    for c in checkpoints]
+                 + [("migration", m, [Delete(keys.migration(m.id))]) for m in migrations]
+                 + [("workload", w, [Delete(keys.workload(w.id))]) for w in workloads])
+        done = await self._delete(items)
+        event_ids, checkpoints, migrations, workloads = (done["event"], done["checkpoint"], done["migration"],
+                                                         done["workload"])
         for i in event_ids:
             self.events.drop(i)
         for c in checkpoints:
@@ -165,6 +173,38 @@ class Retention:
         if any(counts.values()):
             log(logger, logging.INFO, "expired finished records", retention_s=self.retention_s, **counts)
         return counts
+
+    async def _delete(self, items: list) -> dict[str, list]:
+        """Delete `items` ((kind, record, ops)) in transactions of at most MAX_OPS keys; what was deleted, by
+        kind. Between the writes a Restore (or a Migrate of a stopped workload) may begin: each chunk is judged
+        again just before its write, and its checkpoints and workloads leave memory before it is written, so
+        nothing can begin from a record whose keys are going (they come back if the write fails)."""
+        done: dict[str, list] = {"event": [], "checkpoint": [], "migration": [], "workload": []}
+        i = 0
+        while i < len(items):
+            chunk, n = [], 0
+            while i < len(items) and (not chunk or n + len(items[i][2]) <= MAX_OPS):
+                chunk.append(items[i])
+                n += len(items[i][2])
+                i += 1
+            busy_workloads, busy_checkpoints = self._busy()
+            chunk = [it for it in chunk if not (it[0] == "checkpoint" and it[1].id in busy_checkpoints)
+                     and not (it[0] == "workload" and it[1].id in busy_workloads)]
+            if not chunk:
+                continue
+            held_cks = {c.id: self.mm.checkpoints.pop(c.id) for k, c, _ in chunk
+                        if k == "checkpoint" and c.id in self.mm.checkpoints}
+            held_ws = {w.id: self.wm.workloads.pop(w.id) for k, w, _ in chunk
+                       if k == "workload" and w.id in self.wm.workloads}
+            try:
+                await self.ctl.writer.write([op for _, _, ops in chunk for op in ops])
+            except BaseException:
+                self.mm.checkpoints.update(held_cks)
+                self.wm.workloads.update(held_ws)
+                raise
+            for kind, record, _ in chunk:
+                done[kind].append(record)
+        return done
 
     def _delete_checkpoint_files(self, ck: M.CheckpointInfo) -> None:
         nodes = [ck.node] + sorted(n for n in self.ctl.sessions.by_node if n != ck.node)

@@ -159,3 +159,33 @@ def test_a_restore_being_planned_keeps_its_checkpoint_and_workload():
     r = Retention(ctl, wm, mm, retention_s=7 * DAY, checkpoints_kept=2)
     asyncio.run(r.sweep(now))
     assert "w-old" in wm.workloads and "ck-of-old" in mm.checkpoints
+
+
+def test_a_restore_that_begins_between_two_writes_of_a_sweep_keeps_its_checkpoint():
+    """The sweep decided once what expires, then wrote it in chunks with awaits between: a Restore of an
+    expiring checkpoint that began after the first chunk lost the checkpoint (and its workload) to a later one.
+    Each chunk is judged again before its write, and what it deletes leaves memory first."""
+    from controlplane.controllers import retention
+    now = time.time()
+    ctl, wm, mm, session = world(now)
+    mm.planning = {}
+    written = []
+
+    class Writer:
+        async def write(self, ops, conds=()):
+            written.append([o.key for o in ops])
+            if len(written) == 1:        # a Restore of ck-of-old begins while the first chunk is written
+                assert "ck-of-old" in mm.checkpoints      # not in this chunk: still there to restore from
+                mm.planning["m-new"] = M.Migration(id="m-new", workload_id="w-old", checkpoint_id="ck-of-old")
+            return 1
+    ctl.writer = Writer()
+    events = SimpleNamespace(oldest_first=lambda: [SimpleNamespace(id=f"e{i}", last_timestamp=ts(30 * DAY, now))
+                                                   for i in range(retention.MAX_OPS)], drop=lambda i: None)
+    r = Retention(ctl, wm, mm, retention_s=7 * DAY, checkpoints_kept=2)
+    r.events, r.events_retention_s, r.events_kept = events, 7 * DAY, 10
+    asyncio.run(r.sweep(now))
+    assert len(written) >= 2 and len(written[0]) == retention.MAX_OPS      # the events filled the first chunk
+    later = [k for chunk in written[1:] for k in chunk]
+    assert keys.checkpoint("ck-of-old") not in later and keys.workload("w-old") not in later
+    assert "ck-of-old" in mm.checkpoints and "w-old" in wm.workloads
+    assert keys.checkpoint("ck-aged") in later and "ck-aged" not in mm.checkpoints    # the rest went
