@@ -32,6 +32,12 @@ class PoolStore:
         self._lock = asyncio.Lock()
         ctl.pools = self
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by Create, Update and Delete; a deployment's Create holds it while it checks its pool and writes
+        (a Delete checks the pool's users, then writes: a deployment created in between drew from no pool)."""
+        return self._lock
+
     async def load(self) -> None:
         snap = await self.ctl.store.load(keys.POOLS)
         self.pools.clear()

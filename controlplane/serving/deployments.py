@@ -147,16 +147,19 @@ class DeploymentManager:
         d = D.Deployment(spec=spec, created_at=ts, updated_at=ts, generation=1,
                          status=D.DeploymentStatus(vram_bytes=need,
                                                    backend=deployspec.BACKEND_KINDS[variant.backend]))
-        # checked again under the registry's lock: a model's Delete (or an Update dropping a variant) checks which
-        # deployments run it there, then writes; a deployment created between the two ran a model that was gone
+        # checked again under the registry's lock (and the pool under the pools'): a model's (a pool's) Delete checks
+        # its users there, then writes; a deployment created between the two ran a model (drew a pool) that was gone
+        pools = getattr(self.ctl, "pools", None)
         async with getattr(self.registry, "lock", None) or contextlib.nullcontext():
             self._resolve_new(spec)
-            async with self._lock:
-                if spec.name in self.store.deployments:
-                    raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
-                if self.store.replicas.get(spec.name):
-                    raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry shortly")
-                await self.store.create(d)
+            async with (getattr(pools, "lock", None) if spec.pool else None) or contextlib.nullcontext():
+                deployspec.check_pool(spec, pools)
+                async with self._lock:
+                    if spec.name in self.store.deployments:
+                        raise errors.AlreadyExists(f"deployment {spec.name!r} already exists")
+                    if self.store.replicas.get(spec.name):
+                        raise errors.FailedPrecondition(f"deployment {spec.name!r} is still being deleted: retry soon")
+                    await self.store.create(d)
         log(logger, logging.INFO, "deployment created", deployment=spec.name, model=spec.model,
             variant=variant.name, replicas=spec.replicas, vram=need)
         self._event(spec.name, "Normal", "Created", f"model {spec.model} variant {variant.name}, "

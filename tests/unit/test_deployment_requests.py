@@ -157,6 +157,47 @@ async def test_a_deployment_is_not_created_for_a_model_whose_delete_is_being_wri
     assert "chat" not in m.store.deployments and "tiny" not in registry.models
 
 
+async def test_a_deployment_is_not_created_in_a_pool_whose_delete_is_being_written(tmp_path):
+    """A pool's Delete checks which deployments draw from it, then writes; a Create between the two found the pool
+    and was written too (a deployment drawing from a pool that is gone). Create checks its pool again, and
+    writes, under the pools' lock."""
+    from controlplane.events.recorder import NullRecorder
+    from controlplane.pools.store import PoolStore
+    from controlplane.state.fleet import Fleet
+    from controlplane.state.store import Delete
+    from mesh import pools as mesh_pools
+    from mesh.cost import PriceTable
+    from tests.unit.test_pools import pool
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    gate = asyncio.Event()
+
+    async def write(ops, conds=()):
+        if any(isinstance(op, Delete) for op in ops):
+            await gate.wait()                     # the pool's delete, in flight
+    ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=Fleet(), telemetry=None, recorder=NullRecorder(),
+                          scheduler=None)
+    store = PoolStore(ctl, PriceTable.parse(["H100-80GB=2.40"]))
+    store.pools["gpus"] = mesh_pools.validate(pool(name="gpus"))
+    model = validate(M.Model(name="tiny", variants=[M.Variant(
+        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
+        max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                                     head_count_kv=2))]), [H100])
+    m = DeploymentManager(ctl, workloads=None, registry=SimpleNamespace(get=lambda name: model,
+                                                                        gpu_models=lambda: [H100]))
+    store.deployments = m
+    deleting = asyncio.create_task(store.delete("gpus"))
+    await asyncio.sleep(0)
+    creating = asyncio.create_task(m.create(D.DeploymentSpec(name="chat", model="tiny", tenant="a", replicas=1,
+                                                             pool="gpus")))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await deleting
+    with pytest.raises(errors.InvalidArgument, match="spec.pool: no pool 'gpus'"):
+        await creating
+    assert "chat" not in m.store.deployments and "gpus" not in store.pools
+
+
 def test_a_restart_stamp_is_short_printable_text(manager):
     """restart_stamp was stored as given: a megabyte of it went into the deployment's etcd record (every status
     write rewrote it; one over etcd's request limit failed the whole group-committed transaction it rode in)."""
