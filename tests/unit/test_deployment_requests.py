@@ -32,13 +32,18 @@ class Context:
         raise Aborted(code, details)
 
 
-@pytest.fixture
-def manager(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    model = validate(M.Model(name="tiny", variants=[M.Variant(
+def tiny_model(path) -> M.Model:
+    """The registered model of the tiny GGUF at `path` (one F16 llama.cpp variant), validated for an H100."""
+    return validate(M.Model(name="tiny", variants=[M.Variant(
         name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
         max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
                                                      head_count_kv=2))]), [H100])
+
+
+@pytest.fixture
+def manager(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = tiny_model(path)
     registry = SimpleNamespace(get=lambda name: model, gpu_models=lambda: [H100])
     m = DeploymentManager(SimpleNamespace(telemetry=None), workloads=None, registry=registry)
     m.store.deployments["chat"] = D.Deployment(spec=D.DeploymentSpec(name="chat", model="tiny", variant="f16",
@@ -141,10 +146,7 @@ async def test_a_deployment_is_not_created_for_a_model_whose_delete_is_being_wri
     ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=SimpleNamespace(nodes={}), telemetry=None,
                           recorder=NullRecorder())
     registry = ModelRegistry(ctl, check_artifacts=False)
-    registry.models["tiny"] = validate(M.Model(name="tiny", variants=[M.Variant(
-        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
-        max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
-                                                     head_count_kv=2))]), [H100])
+    registry.models["tiny"] = tiny_model(path)
     m = DeploymentManager(ctl, workloads=None, registry=registry)
     deleting = asyncio.create_task(registry.delete("tiny"))
     await asyncio.sleep(0)
@@ -179,10 +181,7 @@ async def test_a_deployment_is_not_created_in_a_pool_whose_delete_is_being_writt
                           scheduler=None)
     store = PoolStore(ctl, PriceTable.parse(["H100-80GB=2.40"]))
     store.pools["gpus"] = mesh_pools.validate(pool(name="gpus"))
-    model = validate(M.Model(name="tiny", variants=[M.Variant(
-        name="f16", backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16", weight_bytes=TINY_WEIGHT_BYTES,
-        max_context=256, architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
-                                                     head_count_kv=2))]), [H100])
+    model = tiny_model(path)
     m = DeploymentManager(ctl, workloads=None, registry=SimpleNamespace(get=lambda name: model,
                                                                         gpu_models=lambda: [H100]))
     store.deployments = m
