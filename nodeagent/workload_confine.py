@@ -32,7 +32,7 @@ def confinement_plan(runner, w, st):
 def agent_env_names() -> tuple[str, ...]:
     """Variables only the agent sets in a workload's environment because it acts on them (the
     migration target's secret file, which it moves as root): a tenant's value is never taken. The
-    control plane refuses them in Run (controlplane/controllers/workloads.py RESERVED_ENV)."""
+    control plane refuses them in Run (controlplane/controllers/workloadspec.py RESERVED_ENV)."""
     from mesh.checkpoint.transfer_auth import SECRET_FILE_ENV
     return (SECRET_FILE_ENV,)
 

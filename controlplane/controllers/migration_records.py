@@ -64,7 +64,7 @@ def committed_record(w: types_pb2.Workload, m: M.Migration, step: int) -> types_
 
 def check_workload_id(wid: str) -> None:
     """The request's `workload_id` (the workload manager's own check names its `id` field instead)."""
-    from controlplane.controllers.workloads import _check_id
+    from controlplane.controllers.workloadspec import _check_id
     _check_id(wid, "workload_id", "a workload ID (w-...)")
 
 

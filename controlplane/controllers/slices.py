@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 
 from google.protobuf import timestamp_pb2
 
@@ -35,7 +34,7 @@ S = types_pb2
 REQUEST_TTL_S = 24 * 3600
 """How long an Allocate request id is remembered: a retry with the same id within it gets the same
 allocation; after it the id is forgotten (its etcd key expires with a lease), so keys do not pile up."""
-REQUEST_LEASE_ROTATE_S = 3600
+REQUEST_LEASE_ROTATE_S = requestids.LEASE_ROTATE_S
 
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
 DELETE_BATCH = 100      # slice records deleted per transaction (etcd takes at most 128 operations)
@@ -68,7 +67,7 @@ class Controller:
         self.ready_waiters: dict[str, list[asyncio.Future]] = {}
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}
         self.requests = RequestIds(lambda: self.request_ttl, "Allocate")   # (tenant, request id) -> allocation id
-        self._req_lease: tuple[int, float] | None = None
+        self.request_lease = requestids.RequestKeyLease(lambda: self.store, lambda: self.request_ttl)
         self.revision = 0
         self.request_ttl = REQUEST_TTL_S                 # how long Allocate request ids are kept (config)
         # Extension points for other components (telemetry, workloads):
@@ -329,17 +328,8 @@ class Controller:
         self.requests.forget(tenant, request_id, alloc_id)
 
     async def _request_lease(self) -> int:
-        """The etcd lease request keys are written with: granted for REQUEST_TTL_S + REQUEST_LEASE_ROTATE_S
-        and used for REQUEST_LEASE_ROTATE_S, so each key lives between the two (etcd deletes it)."""
-        now = time.monotonic()
-        rotate = min(REQUEST_LEASE_ROTATE_S, max(1.0, self.request_ttl / 4))
-        if self._req_lease is None or now - self._req_lease[1] >= rotate:
-            try:
-                lease = await self.store.grant_lease(int(self.request_ttl + rotate))
-            except Exception as e:  # noqa: BLE001 - the etcd client's errors
-                raise errors.Unavailable(f"etcd: cannot grant the lease for request keys: {e}") from e
-            self._req_lease = (lease, now)
-        return self._req_lease[0]
+        """The etcd lease request keys are written with (requestids.RequestKeyLease)."""
+        return await self.request_lease.get()
 
     async def _await_ready(self, alloc_id: str, no_wait: bool, timeout: float) -> list[types_pb2.Slice]:
         ids = [s.id for s in self.fleet.slices_of(alloc_id)]

@@ -14,94 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 from controlplane.api import auth
 from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
 from controlplane.controllers.nodedelete import node_deleted
 from controlplane.controllers.slices import Controller, new_id, now
+from controlplane.controllers.workloadspec import _check_id, validate_run
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
 from controlplane.serving.replicakeys import redacted
 from controlplane.state.store import Absent, Put
 from gpumesh.v1 import node_service_pb2, types_pb2, workload_service_pb2, workload_service_pb2_grpc
-from mesh import errors, netmode
+from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 W = types_pb2
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 STOPPING = "stopping"
-MAX_ARGS = 256
-MAX_ARG_LEN = 32 << 10
-MAX_ENV = 256           # variables a Run may set (each is in the record, the agent's state and the exec)
-MAX_LABELS = 64         # labels of a workload (the record, events, every List filter)
-MAX_ID = 128
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
-                "GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY",
-                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
-                # set by the agent; the secret file's it moves as root into the workload's directory
-                "GPUMESH_CHECKPOINT_SOCKET", "GPUMESH_TRANSFER_SECRET_FILE")
 RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
 SLICE_RETRY_S = 1.0    # before a resync of the workloads with the fleet after a failed write
-
-
-def _check_id(value: str, field: str, what: str) -> str:
-    if not value:
-        raise errors.InvalidArgument.of(field, "is required", what)
-    if len(value) > MAX_ID or not value.isprintable():
-        raise errors.InvalidArgument.of(field, "is not a valid ID", f"printable, at most {MAX_ID} characters")
-    return value
-
-
-def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
-    _check_id(req.slice_id, "slice_id", "the ID of a READY slice (s-...)")
-    if req.request_id:
-        _check_id(req.request_id, "request_id", "an idempotency key")
-    if req.HasField("backend"):
-        if req.command:
-            raise errors.InvalidArgument.of("command", "is set with a backend", "either a command or a backend")
-        if req.backend.kind not in ("llama.cpp", "vllm") or not req.backend.artifact:
-            raise errors.InvalidArgument.of("backend", "needs a kind and an artifact",
-                                            "kind llama.cpp or vllm, and the artifact's path")
-        return validate_env_labels(req)
-    if not req.command:
-        raise errors.InvalidArgument.of("command", "is required", "argv, the program first")
-    if len(req.command) > MAX_ARGS:
-        raise errors.InvalidArgument.of("command", f"has {len(req.command)} arguments", f"at most {MAX_ARGS}")
-    if not req.command[0]:
-        raise errors.InvalidArgument.of("command[0]", "is empty", "the program to run")
-    for i, arg in enumerate(req.command):
-        if "\0" in arg or len(arg) > MAX_ARG_LEN:
-            raise errors.InvalidArgument.of(f"command[{i}]", "is not a valid argument",
-                                            f"no NUL bytes, at most {MAX_ARG_LEN} characters")
-    validate_env_labels(req)
-
-
-def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
-    if len(req.env) > MAX_ENV:
-        raise errors.InvalidArgument.of("env", f"has {len(req.env)} variables", f"at most {MAX_ENV}")
-    if len(req.labels) > MAX_LABELS:
-        raise errors.InvalidArgument.of("labels", f"has {len(req.labels)} labels", f"at most {MAX_LABELS}")
-    for k, v in req.env.items():
-        if not ENV_KEY.match(k):
-            raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid variable name",
-                                            "letters, digits and '_', not starting with a digit")
-        if k in RESERVED_ENV:
-            raise errors.InvalidArgument.of(f"env[{k}]", "is set by the slice or the agent", "any name but " + ", ".join(RESERVED_ENV))
-        if "\0" in v or len(v) > MAX_ARG_LEN:
-            raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid value", f"no NUL bytes, at most {MAX_ARG_LEN} characters")
-    for k, v in req.labels.items():
-        if not k or len(k) > 63 or len(v) > 256:
-            raise errors.InvalidArgument.of(f"labels[{k}]", "is not a valid label",
-                                            "keys of 1-63 and values of at most 256 characters")
-    if req.HasField("backend"):         # a model server: the gateway must reach its port
-        netmode.check_model_server(req.labels, "labels")
-    else:
-        netmode.check_labels(req.labels, "labels")
 
 
 class WorkloadManager:

@@ -1,7 +1,7 @@
 """Request ids (idempotency keys) the control plane remembers: (tenant, request id) -> what the first call
 created (an allocation for Allocate, a workload for Run), with the fingerprint of that call's arguments. Each
 is kept for the configured retention (`request_id_retention_seconds`); the durable copy is an etcd key under a
-lease that expires with it (controllers/slices.py `_request_lease`).
+lease that expires with it (`RequestKeyLease`, below).
 
 A retry with the same id and the same fingerprint gets the first call's result; the same id with another
 fingerprint is refused (errors.RequestIdReused): an idempotency key names one request, and answering another
@@ -141,3 +141,29 @@ class RequestIds(dict):
         """Drop a failed call's id, unless a concurrent call with the same id owns it now."""
         if request_id and self.get((tenant, request_id)) == value:
             del self[(tenant, request_id)]
+
+
+LEASE_ROTATE_S = 3600
+"""How long one etcd lease serves new request keys before the next is granted (at most a quarter of the TTL)."""
+
+
+class RequestKeyLease:
+    """The etcd lease request keys are written with: granted for the TTL + the rotation and used for the
+    rotation, so each key lives between the two (etcd deletes it). One lease per rotation, not one per request.
+    `store` and `ttl` are read at each call (the controller's store and its configured retention)."""
+
+    def __init__(self, store: Callable[[], object], ttl: Callable[[], float]) -> None:
+        self.store, self.ttl = store, ttl
+        self._lease: tuple[int, float] | None = None     # (lease id, when granted: monotonic)
+
+    async def get(self) -> int:
+        now = time.monotonic()
+        ttl = self.ttl()
+        rotate = min(LEASE_ROTATE_S, max(1.0, ttl / 4))
+        if self._lease is None or now - self._lease[1] >= rotate:
+            try:
+                lease = await self.store().grant_lease(int(ttl + rotate))
+            except Exception as e:  # noqa: BLE001 - the etcd client's errors
+                raise errors.Unavailable(f"etcd: cannot grant the lease for request keys: {e}") from e
+            self._lease = (lease, now)
+        return self._lease[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controlplane.controllers import slices as controller_mod
-from controlplane.state import keys
+from controlplane.state import keys, requestids
 from controlplane.controllers.slices import Controller
 from controlplane.state.store import EtcdStore
 from gpumesh.v1 import types_pb2 as t
@@ -51,7 +51,7 @@ async def test_a_retry_gets_the_same_allocation_and_the_key_expires_with_a_lease
 
 def test_remembered_ids_are_forgotten_after_the_ttl(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(controller_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(requestids.time, "monotonic", lambda: clock[0])   # the ids' clock
     c = Controller(store=None)
     c.remember_request("acme", "old", "a-1")
     clock[0] += controller_mod.REQUEST_TTL_S - 1
@@ -66,7 +66,7 @@ def test_an_id_remembered_again_lives_its_whole_ttl_from_then(monkeypatch):
     """A re-remembered id (a standby's reload, a retry's durable read) was dropped at its first entry's end; and
     clear() left the old entries to drop ids remembered after it."""
     clock = [1000.0]
-    monkeypatch.setattr(controller_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(requestids.time, "monotonic", lambda: clock[0])   # the ids' clock
     c = Controller(store=None)
     c.remember_request("acme", "x", "a-1")
     clock[0] += controller_mod.REQUEST_TTL_S - 1
