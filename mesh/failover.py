@@ -51,11 +51,15 @@ def pick_leader(hint: str, endpoints: list[str]) -> int:
 
 
 def _metadata(err: grpc.RpcError) -> dict[str, str]:
+    """The text entries of `err`'s trailing metadata. Binary entries (keys ending "-bin", such as the
+    rich status details `grpc-status-details-bin` a long UNAVAILABLE message carries) are left out:
+    their bytes are protobuf, not UTF-8."""
     try:
         md = err.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - some error objects carry none
         md = ()
-    return {k: (v if isinstance(v, str) else v.decode()) for k, v in md}
+    return {k: (v if isinstance(v, str) else v.decode("utf-8", "replace"))
+            for k, v in md if not k.endswith("-bin")}
 
 
 class FailoverChannel(grpc.Channel):
