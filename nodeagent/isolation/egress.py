@@ -14,7 +14,10 @@ client and peer ports on the host; the agent adds its own metrics port.
 
 The table (`inet gpumesh_egress_<hash of the state directory>`) is replaced atomically at each agent start and
 kept when the agent stops: workloads outlive an agent restart, and so does their guard. `meshctl down` (and a
-local cluster's stop) deletes it with the workloads. It needs the `nft` command (the nftables package) and
+local cluster's stop) deletes it with the workloads. The table's comment names its state directory; an agent
+starting deletes the guards whose state directory is gone (an agent killed and its directory removed, as a
+test run's temporary one is): such a guard protects nothing any more, and its uid set, shared by every agent
+of the host, would refuse today's tenants the ports it names. It needs the `nft` command (the nftables package) and
 CAP_NET_ADMIN; without them the agent logs why and labels the node `gpumesh.io/workload-egress=unguarded`.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -84,8 +88,30 @@ def table_name(state_dir: str) -> str:
     return TABLE_PREFIX + hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:12]
 
 
-def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint]) -> str:
-    """The nft script that replaces `table` with the guard (atomic: one transaction)."""
+COMMENT_PREFIX = "gpumesh-agent "
+_COMMENT_MAX = 127          # nftables keeps at most 128 bytes of a table's comment, its NUL included
+_COMMENT = re.compile(r'^\s*comment "' + re.escape(COMMENT_PREFIX) + r'([^"]*)"\s*$', re.M)
+_TABLE = re.compile(r"^table inet (" + TABLE_PREFIX + r"\w+)\s*$", re.M)
+
+
+def comment(state_dir: str) -> str:
+    """The table's comment naming its agent's state directory ("" when the path cannot be one: too long for
+    nftables, or with a quote or a character outside printable ASCII; such a guard is never swept)."""
+    text = COMMENT_PREFIX + os.path.realpath(state_dir)
+    if len(text.encode()) > _COMMENT_MAX or not all(" " <= c <= "~" and c != '"' for c in text):
+        return ""
+    return text
+
+
+def owner(listing: str) -> str | None:
+    """The state directory a guard's listing (`nft list table inet T`) names in its comment, None when none."""
+    m = _COMMENT.search(listing)
+    return m.group(1) if m else None
+
+
+def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint], state_dir: str = "") -> str:
+    """The nft script that replaces `table` with the guard (atomic: one transaction); with `state_dir`, the
+    table's comment names it."""
     uids = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in sorted(set(uid_ranges)))
     who = f"meta skuid {{ {uids} }} ct state new meta l4proto {{ tcp, udp }}"
     rules = []
@@ -94,8 +120,10 @@ def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpo
                  "ip6": f"ip6 daddr {e.address}"}[e.family]
         rules.append(f"    {who} {where} th dport {e.port_text()} counter reject")
     body = "\n".join(rules)
+    note = comment(state_dir) if state_dir else ""
     return (f"table inet {table}\ndelete table inet {table}\n"
-            f"table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n"
+            f"table inet {table} {{\n" + (f'  comment "{note}";\n' if note else "") +
+            f"  chain output {{\n    type filter hook output priority 0; policy accept;\n"
             f"{body}\n  }}\n}}\n")
 
 
@@ -115,8 +143,33 @@ def install(state_dir: str, uid_ranges: list[tuple[int, int]], endpoints: list[E
     if not endpoints:
         remove(state_dir)
         return table
-    _nft(ruleset(table, uid_ranges, endpoints))
+    _nft(ruleset(table, uid_ranges, endpoints, state_dir))
     return table
+
+
+def sweep_orphans() -> list[tuple[str, str]]:
+    """Delete the guards whose comment names a state directory that no longer exists; [(table, directory)]
+    of those deleted. A guard without the comment (made before it was written) is left alone. Nothing when
+    nftables cannot be listed here."""
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    try:
+        tables = subprocess.run([nft, "list", "tables", "inet"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gone = []
+    for table in _TABLE.findall(tables.stdout if tables.returncode == 0 else ""):
+        try:
+            p = subprocess.run([nft, "list", "table", "inet", table], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        state_dir = owner(p.stdout) if p.returncode == 0 else None
+        if state_dir and not os.path.isdir(state_dir):
+            try:        # another agent may sweep the same table at once: gone either way
+                _nft(f"table inet {table}\ndelete table inet {table}\n")
+                gone.append((table, state_dir))
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    return gone
 
 
 def remove(state_dir: str) -> None:

@@ -111,7 +111,10 @@ def egress_guard(cfg, host: IsolationHost) -> str:
                                      "host", reason=str(e))
         return "unguarded"
     from nodeagent.isolation.nftkeeper import KEEPER
-    KEEPER.watch(table, lambda: egress.ruleset(table, uids, endpoints))     # applied again when it goes
+    KEEPER.watch(table, lambda: egress.ruleset(table, uids, endpoints, cfg.state_dir))  # applied again when it goes
+    for orphan, state_dir in egress.sweep_orphans():
+        log(logger, logging.WARNING, "deleted the egress guard of an agent whose state directory is gone",
+            table=orphan, state_dir=state_dir)
     log(logger, logging.INFO, "workloads' egress guard installed", table=table,
         denied=",".join(f"{e.address}:{e.port_text()}" for e in endpoints))
     return "guarded"

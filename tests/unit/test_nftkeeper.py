@@ -59,3 +59,30 @@ def test_the_egress_guard_is_applied_again_after_it_was_deleted(tmp_path, caplog
     finally:
         KEEPER.forget(table)
         egress.remove(str(tmp_path))
+
+
+@pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "-")
+def test_an_agent_starting_deletes_the_guards_whose_state_directory_is_gone(tmp_path):
+    endpoints = egress.parse("local:2379")
+    gone, live, bare = tmp_path / "gone-agent", tmp_path / "live-agent", tmp_path / "old-agent"
+    for d in (gone, live, bare):
+        d.mkdir()
+    uids = [(300000, 300100)]
+    try:
+        egress.install(str(gone), uids, endpoints)
+        egress.install(str(live), uids, endpoints)
+        # a guard made before tables named their state directory: no comment, never judged
+        bare_table = egress.table_name(str(bare))
+        subprocess.run(["nft", "-f", "-"], input=egress.ruleset(bare_table, uids, endpoints), text=True,
+                       check=True)
+        gone.rmdir()
+        bare.rmdir()
+        swept = egress.sweep_orphans()
+        assert (egress.table_name(str(gone)), str(gone.resolve())) in swept
+        assert _table(egress.table_name(str(gone))) is None
+        assert _table(egress.table_name(str(live))) is not None
+        assert _table(bare_table) is not None
+        assert all(t != egress.table_name(str(live)) for t, _ in egress.sweep_orphans())
+    finally:
+        for d in (gone, live, bare):
+            egress.remove(str(d))
