@@ -56,7 +56,8 @@ def test_deleted_groups_lose_their_series_and_live_ones_keep_their_figures(tmp_p
     fleet.upsert_node(node("prune-live"))
     deps = {"prune-chat": D.Deployment(spec=D.DeploymentSpec(name="prune-chat", model="prune-m-chat"))}
     store = SimpleNamespace(deployments=deps, replicas={}, loads={})
-    for s in (slice_("s-plain", "prune-live", 0), slice_("s-chat", "prune-live", 0, {"gpumesh.deployment": "prune-chat"})):
+    for s in (slice_("s-plain", "prune-live", 0),
+              slice_("s-chat", "prune-live", 0, {"gpumesh.deployment": "prune-chat"})):
         fleet.slices[s.id] = s
     clock = [0.0]
     ledger = CostLedger(str(tmp_path / "h.db"))
