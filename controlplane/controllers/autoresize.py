@@ -10,7 +10,9 @@ Opt-in and bounds are the slice's labels (set at Allocate):
 
 The demand is the slice's memory used as its agent reports it (slice telemetry), forecast at the load
 step and horizon; sizes in GiB, whole GiB. The tenant's `max_memory_bytes` quota bounds growth.
-A slice resized is left alone for `orchestrator_resize_cooldown_seconds`.
+A slice resized is left alone for `orchestrator_resize_cooldown_seconds`: from when a resize was started
+(in memory) or from the slice's `resized_at` (its etcd record: any resize that changed it, this leader's or
+the last one's, so a new leader does not resize at once a slice the old one just resized).
 """
 
 from __future__ import annotations
@@ -82,9 +84,17 @@ class ResizePass:
         now = self.clock()
         for sid in [sid for sid, t in self.last.items() if now - t >= self.s.resize_cooldown_s]:
             del self.last[sid]          # cooled down (or released): kept no longer, so it never grows
-        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items() if sid not in self.last}
+        hi = {sid: [v / GiB for v in f.hi] for sid, f in forecasts.items()
+              if sid not in self.last and not self._cooling(sid, now)}
         policy = ResizePolicy(headroom=self.s.resize_headroom, shrink_band=self.s.resize_shrink_band)
         return [(a, forecasts[a.subject]) for a in resize_actions(slice_views(self.ctl), hi, policy)]
+
+    def _cooling(self, sid: str, now: float) -> bool:
+        """Whether the slice's record says it was resized less than the cooldown ago."""
+        s = self.ctl.fleet.slices.get(sid)
+        if s is None or not s.HasField("resized_at"):
+            return False
+        return now - s.resized_at.ToNanoseconds() / 1e9 < self.s.resize_cooldown_s
 
     async def act(self, decisions) -> int:
         """Start the resizes (each in its own task, the slice's cooldown from its start); how many started."""

@@ -23,6 +23,7 @@ again, the controller does not try the swap back for RETRY_S (the estimate misse
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -38,9 +39,17 @@ NO_ROOM_PREFIX = "no slice yet"      # controlplane/serving/actuator.py: a repli
 
 
 def companion_name(parent: str, variant: str) -> str:
-    """`<parent>-<variant>` as a valid deployment name (letters, digits, '.', '_', '-'; at most 63)."""
+    """`<parent>-<variant>` as a valid deployment name (letters, digits, '.', '_', '-'; at most 63). When that
+    loses something (too long to fit, or a variant with characters a name cannot hold), the name is shortened
+    and ends in a hash of the full pair: two long parents cut to the same prefix got one companion name, and
+    the second parent's companion could never be created (its name taken by the first's)."""
     v = re.sub(r"[^A-Za-z0-9._-]", "-", variant).strip("-") or "variant"
-    return f"{parent[:62 - min(len(v), 30)]}-{v[:30]}"[:63]
+    plain = f"{parent}-{v}"
+    if v == variant and len(plain) <= 63:
+        return plain
+    digest = hashlib.sha256(f"{parent}\0{variant}".encode()).hexdigest()[:8]
+    v = v[:20]
+    return f"{parent[:63 - len(v) - len(digest) - 2]}-{v}-{digest}"
 
 
 def companion_of(deployments: dict, parent: str) -> D.Deployment | None:

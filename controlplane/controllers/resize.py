@@ -121,6 +121,7 @@ class ResizeMixin:
 
     async def _resize_in_place(self, s: types_pb2.Slice, mem: int, share: float) -> types_pb2.Slice:
         ns = self.ctl._update(s, memory_bytes=mem, compute_share=share, message="resized in place")
+        ns.resized_at.CopyFrom(ns.updated_at)       # durable: the autoresize cooldown outlives a leader
         rev = await self.ctl.save_or_restore([ns], [s])
         session = self.ctl.sessions.get(ns.node)
         if session is not None:
@@ -227,6 +228,7 @@ class ResizeMixin:
             n.updated_at.CopyFrom(now())
             if "GPUMESH_SLICE_ID" in n.env:
                 n.env["GPUMESH_SLICE_ID"] = n.id
+        nx.resized_at.CopyFrom(nx.updated_at)     # the client's slice was resized now (the autoresize cooldown)
         was = x.profile or f"{x.memory_bytes} bytes"
         nx.message = f"resized from {was} on {x.node}/{x.gpu_index} ({m.id})"
         nt.message = f"old placement of {x.id} (resize {m.id})"

@@ -8,6 +8,9 @@ time since its cursor (mesh/cost/accounting.py), writes the charges and cursors 
 - `gpumesh_cost_dollars_per_hour{tenant,deployment,model,node}`: the live slices' rate now;
 - `gpumesh_cost_dollars_per_1k_tokens{model}`: over the last `token_window` seconds.
 
+A group's label sets go once its node or deployment is deleted and no slice of it is left (`_forget_deleted`),
+a model's once no deployment serves it and its window is empty: the ledger keeps what they were charged.
+
 A slice's deployment and model come from its labels (`gpumesh.deployment`) and the deployment's spec; a
 replica's activity (idle or not, tokens) from its backend's counters on Replica.load.
 """
@@ -55,6 +58,13 @@ class _Pass:
     spent: dict = field(default_factory=dict)                # same key -> [dollars, idle warm, idle replica]
     per_model: dict = field(default_factory=dict)            # model -> [dollars, tokens]
     seen_replicas: set = field(default_factory=set)
+
+
+def _remove(metric, *labels) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:       # never set in this process
+        pass
 
 
 def _secs(t) -> float:
@@ -245,19 +255,22 @@ class CostAccountant:
             self.observed.pop(rid, None)
         for key in set(self.rates) - set(rates):
             self._rate_children.pop(key, None)
-            try:
-                RATE.remove(*key)
-            except KeyError:
-                pass
+            _remove(RATE, *key)
         for key, v in rates.items():
             if self.rates.get(key) != v:
                 self._child(self._rate_children, RATE, key).set(v)
         self.rates = rates
+        served = self._served_models()
         for model, dq in list(self.window.items()):
             while dq and dq[0][0] < now - self.token_window:
                 dq.popleft()
+            if not dq and served is not None and model not in served:
+                del self.window[model]          # no deployment serves it and its window is empty: it goes
+                _remove(PER_1K, model)
+                continue
             dollars, tokens = sum(x[1] for x in dq), sum(x[2] for x in dq)
             PER_1K.labels(model).set(acc.per_1k_tokens(dollars, tokens))
+        self._forget_deleted(rates)
         if self.history is not None:
             per: dict[tuple[str, str, str], float] = {}
             for (tenant, dep, _model, _node), v in rates.items():
@@ -267,6 +280,33 @@ class CostAccountant:
             for (kind, name, tenant), v in per.items():
                 self.history.add(kind, name, "dollars_per_hour", v, tenant, at=now)
         return charges, live, gone
+
+    def _served_models(self) -> set[str] | None:
+        """The models of the deployments there are (None without a deployment manager: nothing is known)."""
+        if self.deployments is None:
+            return None
+        return {d.spec.model for d in list(self.deployments.store.deployments.values())}
+
+    def _deleted(self, key: tuple) -> bool:
+        """Whether a group's node or deployment is deleted, or its deployment serves another model now."""
+        _tenant, dep, model, node = key[:4]
+        nodes = getattr(self.ctl.fleet, "nodes", None)
+        if nodes is not None and node not in nodes:
+            return True
+        if dep and self.deployments is not None:
+            d = self.deployments.store.deployments.get(dep)
+            return d is None or (bool(model) and d.spec.model != model)
+        return False
+
+    def _forget_deleted(self, rates: dict) -> None:
+        """Drop the counters' label sets (and their cached children) of the groups whose node or deployment is
+        deleted (or whose deployment serves another model now) once no live slice is in them: they were kept
+        for ever, one series per group ever charged, frozen at their last value. What they were charged stays
+        in the ledger (GetCost, the 24 h figures); a group still live keeps its counters untouched."""
+        for cache, metric in ((self._children, DOLLARS), (self._idle_children, IDLE)):
+            for key in [k for k in cache if k[:4] not in rates and self._deleted(k)]:
+                del cache[key]
+                _remove(metric, *key)
 
     async def account(self) -> int:
         now = self.clock()

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import time
 
 from controlplane.forecast import fleet_series
@@ -39,7 +40,7 @@ PENDING_LIMIT = 1_000_000      # samples kept in memory when the disk is slow; t
 
 class HistoryRecorder:
     def __init__(self, store: HistoryStore, flush_seconds: float = 5.0, sample_seconds: float = 5.0,
-                 clock=time.time) -> None:
+                 clock=time.time, quiet_keep: float | None = None) -> None:
         self.store = store
         self.flush_seconds = flush_seconds
         self.sample_seconds = sample_seconds
@@ -48,7 +49,12 @@ class HistoryRecorder:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
         self.deployments = None
         self.counts: dict[tuple[str, str, str, str], int] = {}     # this minute's Allocate counts
-        self.counted: set[tuple[str, str, str, str]] = set()        # keys seen: a quiet minute records 0
+        # key -> the last minute it counted a request: a quiet minute records 0 for it, until it has been quiet
+        # for `quiet_keep` seconds (the store's longest retention by default: by then the store holds nothing of
+        # it but those zeros). Kept for ever, every tenant, MIG profile and GPU model ever asked for got its
+        # zero each minute for good, the set and the writes growing with churn.
+        self.counted: dict[tuple[str, str, str, str], int] = {}
+        self.quiet_keep = store.tiers[-1].keep if quiet_keep is None else quiet_keep
         self.minute = int(self.clock() // 60)
         self._loop = PeriodicTask("history", self._pass, on_error=self._pass_failed,
                                   interval=lambda: min(self.flush_seconds, self.sample_seconds))
@@ -142,17 +148,22 @@ class HistoryRecorder:
                     ("fleet", f"profile/{size}", "requests", ""),
                     ("fleet", f"gpu_model/{req.gpu_model or 'any'}", "requests", "")):
             self.counts[key] = self.counts.get(key, 0) + req.count
-            self.counted.add(key)
+            self.counted[key] = self.minute
 
     def _roll(self) -> None:
         minute = int(self.clock() // 60)
         if minute == self.minute:
             return
+        keep = math.ceil(self.quiet_keep / 60)       # minutes a key stays quiet before it is dropped
         for m in range(self.minute, min(minute, self.minute + 60)):      # at most an hour of quiet zeros
-            for key in self.counted:
-                self.add(key[0], key[1], key[2], self.counts.get(key, 0) if m == self.minute else 0, key[3], m * 60.0)
+            for key, last in self.counted.items():
+                if m - last <= keep:
+                    self.add(key[0], key[1], key[2], self.counts.get(key, 0) if m == self.minute else 0, key[3],
+                             m * 60.0)
         self.counts.clear()
         self.minute = minute
+        for key in [k for k, last in self.counted.items() if minute - last > keep]:
+            del self.counted[key]
 
     def sample_deployments(self) -> None:
         dm = self.deployments

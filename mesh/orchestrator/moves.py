@@ -54,7 +54,11 @@ class MovePolicy:
 
 @dataclass
 class MoveLedger:
-    """The moves made so far (for the budget and cooldowns); the caller records each one it does."""
+    """The moves made so far (for the budget and cooldowns); the caller records each one it does.
+
+    `moves` keeps a day (the longest budget); `last_by_gpu` keeps a GPU only while its cooldown runs
+    (`forget_cooled`): one entry per GPU ever moved from, kept for ever, grew with GPUs replaced and nodes
+    retired."""
 
     moves: deque = field(default_factory=deque)     # (time, workload, source)
     last_by_gpu: dict = field(default_factory=dict)
@@ -62,6 +66,11 @@ class MoveLedger:
     def record(self, now: float, workload: str, source: str) -> None:
         self.moves.append((now, workload, source))
         self.last_by_gpu[source] = now
+
+    def forget_cooled(self, now: float, cooldown_s: float) -> None:
+        """Drop the GPUs whose cooldown has ended: an entry older than the cooldown holds nothing back."""
+        for gid in [g for g, t in self.last_by_gpu.items() if now - t >= cooldown_s]:
+            del self.last_by_gpu[gid]
 
     def _trim(self, now: float) -> None:
         while self.moves and self.moves[0][0] <= now - 86400:
@@ -89,6 +98,7 @@ def move_actions(gpus: list[GpuView], hi: dict[str, list[float]], policy: MovePo
     extra: dict[str, float] = {}      # pressure and share already promised to targets in this call
     taken: dict[str, float] = {}
     out: list[Action] = []
+    ledger.forget_cooled(now, policy.cooldown_s)
     hot = [(max(h), gid) for gid, h in hi.items() if h and max(h) >= policy.critical and gid in by_id]
     for peak, gid in sorted(hot, reverse=True):
         if now - ledger.last_by_gpu.get(gid, -1e18) < policy.cooldown_s:

@@ -136,6 +136,7 @@ def test_resize_idle_slice_replaces_it_under_the_same_id(mesh):
     new = mesh.resize(s.id, mig_profile="1g.10gb", timeout=120)
     assert new.id == s.id and new.profile == "1g.10gb" and new.state == t.SLICE_STATE_READY
     assert new.device_uuid != s.device_uuid
+    assert not s.HasField("resized_at") and new.HasField("resized_at")     # the autoresize cooldown's start
     wait_for(lambda: [x.id for x in mesh.list_slices()] == [s.id], 30, "the old placement to be released")
     got = mesh.get_slice(s.id)
     assert got.env["GPUMESH_SLICE_ID"] == s.id and got.env["CUDA_VISIBLE_DEVICES"] == got.device_uuid
@@ -147,11 +148,13 @@ def test_mps_slice_resizes_in_place_and_refuses_what_no_gpu_holds(mesh):
     new = mesh.resize(s.id, memory_bytes=16 << 30, compute_share=0.5)
     assert (new.id, new.node, new.gpu_index, new.device_uuid) == (s.id, s.node, s.gpu_index, s.device_uuid)
     assert new.memory_bytes == 16 << 30 and new.compute_share == 0.5 and "in place" in new.message
+    assert new.HasField("resized_at")
     mesh.allocate(tenant="rz", isolation="mps", memory_bytes=60 << 30, compute_share=0.25)   # same GPU
     with pytest.raises(errors.ResourceExhausted):
         mesh.resize(s.id, memory_bytes=30 << 30)     # no room in place, and no other GPU of this kind
     got = mesh.get_slice(s.id)
     assert got.memory_bytes == 16 << 30 and got.device_uuid == s.device_uuid and got.state == t.SLICE_STATE_READY
+    assert got.resized_at == new.resized_at          # a refused resize is no resize
 
 
 @pytest.mark.skipif(not CRIU_MISSING, reason="CRIU works here: transparent mode runs (tests/integration/"

@@ -147,6 +147,22 @@ def test_companion_names_are_valid_deployment_names():
     assert check_name(companion_name("x" * 63, "Q4 K/M" * 10))
 
 
+def test_long_parents_cut_to_one_prefix_get_companions_of_their_own():
+    """Two parents of 63 characters that differ only past the cut got one companion name: the second one's
+    companion was refused (its name taken) for as long as both overflowed. A name that loses something ends in
+    a hash of the full pair; one that loses nothing stays `<parent>-<variant>`."""
+    from controlplane.controllers.autoscale_variants import companion_name
+    from controlplane.serving.deployspec import check_name
+    a, b = "chat-" + "x" * 57 + "a", "chat-" + "x" * 57 + "b"
+    names = {companion_name(p, v) for p in (a, b, "x" * 40) for v in ("q4_k_m", "Q4 K/M", "Q4/K M", "q" * 40)}
+    assert len(names) == 12
+    for n in names:
+        assert check_name(n) and len(n) <= 63
+    assert companion_name(a, "q4_k_m") == companion_name(a, "q4_k_m")     # the same pair: the same name
+    assert companion_name(a, "q4_k_m").startswith("chat-xxx") and "-q4_k_m-" in companion_name(a, "q4_k_m")
+    assert companion_name("x" * 40, "q4_k_m") == "x" * 40 + "-q4_k_m"      # fits as it is: unchanged
+
+
 def test_the_companion_spec_drops_what_its_variant_does_not_take():
     from gpumesh.v1 import model_service_pb2 as M
     parent = deployment(2, max_replicas=4, target=2, variants=("bf16", "q4")).spec

@@ -121,6 +121,37 @@ def test_allocate_requests_are_counted_per_minute_with_quiet_minutes_as_zero(tmp
     assert ("fleet", "allocate", 780.0) not in got          # the current minute is still counting
 
 
+def test_quiet_minute_keys_are_dropped_after_the_stores_retention(tmp_path):
+    """Every tenant, MIG profile and GPU model ever asked for got a zero each quiet minute for good: with tenants
+    coming and going the keys (and the writes) grew for ever. A key quiet for longer than the store keeps
+    anything (here 1 h) is dropped; a key asked for within it keeps its zero every quiet minute."""
+    clock = [0.0]
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), parse_tiers(["raw:10m", "1m:1h"])),
+                          clock=lambda: clock[0])
+
+    def ask(tenant):
+        rec.on_request(types.SimpleNamespace(tenant=tenant, mig_profile="1g.10gb", memory_bytes=0,
+                                             gpu_model="H100-80GB", count=1))
+    steady = []                                    # minutes of tenant `steady` recorded, zero or not
+    for minute in range(300):                      # five hours, a new tenant each minute, `steady` every 50
+        clock[0] = minute * 60.0 + 1
+        ask(f"churn-{minute}")
+        if minute % 50 == 0:
+            ask("steady")
+        steady += [(t, v) for k, n, _m, _tn, t, v in rec.pending if (k, n) == ("tenant", "steady")]
+        rec.pending.clear()
+        assert len(rec.counted) <= 3 + 1 + 61      # the fleet's 3 keys, steady, the last hour's tenants
+    assert [t for t, _ in steady] == [m * 60.0 for m in range(299)]      # no quiet minute left out
+    assert [t for t, v in steady if v] == [m * 60.0 for m in range(0, 299, 50)]
+    assert ("tenant", "churn-238", "requests", "churn-238") not in rec.counted
+    assert ("tenant", "churn-239", "requests", "churn-239") in rec.counted
+    clock[0] = 301 * 60.0                          # churn-239 asked at minute 239: its zeros run to minute 299
+    rec._roll()
+    got = [(n, t) for k, n, _m, _tn, t, v in rec.pending if k == "tenant"]
+    assert ("churn-239", 299 * 60.0) in got and ("churn-239", 300 * 60.0) not in got
+    assert ("churn-238", 299 * 60.0) not in got
+
+
 def test_control_plane_config_checks_history_and_prometheus_options(tmp_path):
     from controlplane.config import ControlPlaneConfig
     ok = dict(insecure=True, state_dir=str(tmp_path / "cp"))

@@ -169,3 +169,47 @@ async def test_a_long_resize_does_not_hold_the_orchestrators_pass(env):
     gate.set()
     await rp.settle()
     assert not rp.running
+
+
+async def test_a_new_leader_keeps_the_resize_cooldown(env):
+    """The cooldown lived in the leader's memory only: after a failover the new leader resized again at once a slice
+    the old one had just resized. A resize now records `resized_at` in the slice's etcd record, and a fresh
+    controller built from etcd (what a new leader builds) holds the slice until the cooldown ends."""
+    import time
+
+    from controlplane.controllers.autoresize import ResizePass
+    from controlplane.controllers.migrations import MigrationManager
+    from controlplane.controllers.nodes import rebuild
+    from controlplane.controllers.slices import Controller
+    from controlplane.state import keys
+    from tests.unit.test_orchestrator_live import FakeMigrations
+
+    s = t.Slice(id="s-cool", node="n1", gpu_index=0, gpu_model="H100-80GB", tenant="acme", isolation=t.ISOLATION_MPS,
+                memory_bytes=10 * GiB, compute_share=0.2, state=t.SLICE_STATE_READY, allocation_id="a-cool",
+                labels={"gpumesh.io/autoresize": "true"})
+    env.ctl.fleet.put_slice(s)
+    await env.ctl.save([s], created=True)
+    mm = MigrationManager(env.ctl, SimpleNamespace(workloads={}, extra_desired=[]))
+    cooldown = 300.0
+    old = ResizePass(env.ctl, mm, Settings(resize_cooldown_s=cooldown))
+    before = time.time()
+    assert await old.act(old.decide({s.id: fc("slice", s.id, "memory_used", [15 * GiB] * 3)})) == 1
+    await old.settle()
+    after = time.time()
+    assert env.ctl.fleet.slices[s.id].memory_bytes == 17 * GiB            # 15 GiB * 1.1, whole GiB: in place
+
+    new_ctl = Controller(env.ctl.store)                  # the new leader: its fleet from etcd, its memory empty
+    rebuild(new_ctl, await env.ctl.store.load(keys.SLICES))
+    rec = new_ctl.fleet.slices[s.id]
+    assert rec.memory_bytes == 17 * GiB and rec.HasField("resized_at")
+    at = rec.resized_at.ToNanoseconds() / 1e9
+    assert before <= at <= after
+    clock = [at + cooldown - 1]
+    mig = FakeMigrations()
+    new = ResizePass(new_ctl, mig, Settings(resize_cooldown_s=cooldown), clock=lambda: clock[0])
+    more = {s.id: fc("slice", s.id, "memory_used", [25 * GiB] * 3)}
+    assert await new.act(new.decide(more)) == 0 and mig.calls == []        # still cooling: left alone
+    clock[0] = at + cooldown
+    assert await new.act(new.decide(more)) == 1
+    await new.settle()
+    assert mig.calls == [("resize", s.id, 28 * GiB)]

@@ -138,3 +138,19 @@ def test_move_budget_per_workload_per_day():
     led.record(4000.0, "b", "y")                          # b moved twice today, an hour apart
     assert [a.subject for a in move_actions(fleet(), hi, pol, led, now=8000.0)] == ["a"]
     assert [a.subject for a in move_actions(fleet(), hi, pol, led, now=86400.0 + 1)] == ["b"]   # a day later
+
+
+def test_gpu_cooldowns_are_forgotten_once_they_end():
+    """`last_by_gpu` had one entry per GPU ever moved from, kept for ever (GPUs replaced, nodes retired): a GPU
+    whose cooldown has ended is dropped, one still cooling is kept and still holds its moves back."""
+    hi = {"hot": [0.99, 0.99], "cool": [0.2, 0.2], "warmish": [0.6, 0.6]}
+    led = MoveLedger()
+    for i in range(1000):                  # churn: a thousand GPUs moved from (the moves' day budget aside)
+        led.last_by_gpu[f"retired-{i}"] = float(i)
+    led.record(1500.0, "x", "hot")                       # the live GPU, cooling until 2100
+    assert move_actions(fleet(), hi, POL, led, now=1500.0) == []
+    assert set(led.last_by_gpu) == {"hot", *(f"retired-{i}" for i in range(901, 1000))}
+    assert move_actions(fleet(), hi, POL, led, now=2050.0) == []          # still cooling: still held back
+    assert led.last_by_gpu == {"hot": 1500.0}
+    assert [a.source for a in move_actions(fleet(), hi, POL, led, now=2100.0)] == ["hot"]
+    assert led.last_by_gpu == {}

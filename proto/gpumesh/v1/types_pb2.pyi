@@ -167,7 +167,7 @@ class SliceSpec(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ..., isolation: _Optional[_Union[Isolation, str]] = ..., gpu_model: _Optional[str] = ..., mig_profile: _Optional[str] = ..., count: _Optional[int] = ..., topology: _Optional[_Union[Topology, str]] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., cpu_milli: _Optional[int] = ..., host_memory_bytes: _Optional[int] = ..., preempt: _Optional[bool] = ..., anti_affinity: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Slice(_message.Message):
-    __slots__ = ("id", "allocation_id", "tenant", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "placement", "memory_bytes", "compute_share", "state", "device_uuid", "env", "message", "priority", "labels", "created_at", "updated_at", "gpu_instance_id", "compute_instance_id", "cpu_milli", "host_memory_bytes", "anti_affinity")
+    __slots__ = ("id", "allocation_id", "tenant", "node", "gpu_uuid", "gpu_index", "gpu_model", "isolation", "profile", "placement", "memory_bytes", "compute_share", "state", "device_uuid", "env", "message", "priority", "labels", "created_at", "updated_at", "gpu_instance_id", "compute_instance_id", "cpu_milli", "host_memory_bytes", "anti_affinity", "resized_at")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class Slice(_message.Message):
     CPU_MILLI_FIELD_NUMBER: _ClassVar[int]
     HOST_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     ANTI_AFFINITY_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     allocation_id: str
     tenant: str
@@ -239,7 +240,8 @@ class Slice(_message.Message):
     cpu_milli: int
     host_memory_bytes: int
     anti_affinity: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., allocation_id: _Optional[str] = ..., tenant: _Optional[str] = ..., node: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_model: _Optional[str] = ..., isolation: _Optional[_Union[Isolation, str]] = ..., profile: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ..., state: _Optional[_Union[SliceState, str]] = ..., device_uuid: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., message: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., cpu_milli: _Optional[int] = ..., host_memory_bytes: _Optional[int] = ..., anti_affinity: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    resized_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., allocation_id: _Optional[str] = ..., tenant: _Optional[str] = ..., node: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_model: _Optional[str] = ..., isolation: _Optional[_Union[Isolation, str]] = ..., profile: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ..., state: _Optional[_Union[SliceState, str]] = ..., device_uuid: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., message: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., cpu_milli: _Optional[int] = ..., host_memory_bytes: _Optional[int] = ..., anti_affinity: _Optional[_Mapping[str, str]] = ..., resized_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "product_name", "memory_bytes", "mig_enabled", "mig_pending", "nvlink_domain", "pci_bus_id", "serial")
