@@ -130,11 +130,18 @@ class ModelRegistry:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def _validated(self, model: M.Model) -> M.Model:
-        # Reading the artifact is file I/O (maybe a network filesystem): off the event loop. Its digest reads
-        # it whole (about a second per GB), after the cheap checks have passed.
-        m = await asyncio.to_thread(validate, model, self.gpu_models(), self.check_artifacts)
-        return await asyncio.to_thread(pin_digests, m) if self.check_artifacts else m
+    async def _validated(self, model: M.Model, old: M.Model | None = None) -> M.Model:
+        """`model` validated (with `old`, the registered one: its digests pinned where the artifact is the same).
+        Everything that touches the filesystem runs in a worker thread, off the event loop: resolving and
+        comparing paths (a stat on a slow or hung network filesystem blocks), checking the artifact's type
+        and format (never opening anything but a regular file: artifact.check_kind), and its digest, which
+        reads it whole (about a second per GB), after the cheap checks have passed."""
+        fleet, check = self.gpu_models(), self.check_artifacts
+
+        def work() -> M.Model:
+            m = validate(pinned(model, old), fleet, check)
+            return pin_digests(m) if check else m
+        return await asyncio.to_thread(work)
 
     async def register(self, model: M.Model) -> M.Model:
         m = await self._validated(model)
@@ -159,7 +166,7 @@ class ModelRegistry:
         if model.generation < 0:
             raise errors.InvalidArgument.of("model.generation", f"{model.generation} is negative",
                                             "0 (no check) or the generation the model was read at")
-        m = await self._validated(pinned(model, self.models.get(model.name)))
+        m = await self._validated(model, self.models.get(model.name))
         async with self._lock:
             old = self.get(m.name)
             if model.generation and model.generation != old.generation:
