@@ -322,8 +322,9 @@ async def test_a_policy_naming_a_variant_a_model_update_drops_is_refused(tmp_pat
 
     def variant(name, rank):
         return M.Variant(name=name, backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16",
-                         weight_bytes=TINY_WEIGHT_BYTES, max_context=256, fallback_rank=rank, architecture=M.Architecture(
-                             name="llama", block_count=2, embedding_length=64, head_count=4, head_count_kv=2))
+                         weight_bytes=TINY_WEIGHT_BYTES, max_context=256, fallback_rank=rank,
+                         architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                                     head_count_kv=2))
     registry = ModelRegistry(ctl, check_artifacts=False)
     registry.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[variant("f16", 0),
                                                                                     variant("q8", 1)]), [H100])

@@ -94,7 +94,8 @@ async def test_a_directory_holding_a_fifo_is_refused_without_opening_it(tmp_path
                                       hf / "sub.safetensors")
     assert f"{hf / 'sub.safetensors'} is a FIFO" in str(e)
     os.unlink(hf / "sub.safetensors")
-    assert (await r.register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))).variants[0].artifact_sha256
+    ok = await r.register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))
+    assert ok.variants[0].artifact_sha256                   # the same directory of regular files: registered
 
 
 async def test_a_device_is_refused_by_its_type():
