@@ -85,9 +85,9 @@ class Actuator:
         pool = getattr(getattr(self.ctl, "pools", None), "pools", {}).get(spec.pool) if spec.pool else None
         attempts = [(deployspec.slice_spec(spec, need, r.id, spread=True, pool=pool), r.id),
                     (deployspec.slice_spec(spec, need, r.id, spread=False, pool=pool), r.id + "-any")]
-        if self._held(*attempts[1]) and not self._held(*attempts[0]):
-            attempts.reverse()          # the fallback allocation an earlier call made: its replay answers it
         try:
+            if self._held(*attempts[1]) and not self._held(*attempts[0]):
+                attempts.reverse()      # the fallback allocation an earlier call made: its replay answers it
             try:
                 slices = await self._allocate(*attempts[0])
             except errors.ResourceExhausted:
