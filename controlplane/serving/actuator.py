@@ -74,14 +74,24 @@ class Actuator:
 
     async def allocate(self, r: D.Replica, spec: D.DeploymentSpec, need: int) -> D.Replica:
         """A slice for `r`: spread from the deployment's other replicas' nodes when the fleet allows,
-        else anywhere it fits."""
+        else anywhere it fits (under a request id of its own, `<replica>-any`).
+
+        A replica holds one allocation. An earlier call's allocation that the replica's record does not name
+        (a crash, or a failed write, between the allocation and the record) is reused when it is for this
+        request: a fallback one too, though the spread attempt might succeed now (before, the retry took a
+        second slice, spread, and the first stayed allocated until the replica was removed). Any other
+        allocation carrying the replica's label (one for an earlier spec of the deployment, one under an id
+        that expired) is released once this one is had, before the record names it."""
         pool = getattr(getattr(self.ctl, "pools", None), "pools", {}).get(spec.pool) if spec.pool else None
+        attempts = [(deployspec.slice_spec(spec, need, r.id, spread=True, pool=pool), r.id),
+                    (deployspec.slice_spec(spec, need, r.id, spread=False, pool=pool), r.id + "-any")]
         try:
+            if self._held(*attempts[1]) and not self._held(*attempts[0]):
+                attempts.reverse()      # the fallback allocation an earlier call made: its replay answers it
             try:
-                slices = await self._allocate(deployspec.slice_spec(spec, need, r.id, spread=True, pool=pool), r.id)
+                slices = await self._allocate(*attempts[0])
             except errors.ResourceExhausted:
-                slices = await self._allocate(deployspec.slice_spec(spec, need, r.id, spread=False, pool=pool),
-                                              r.id + "-any")
+                slices = await self._allocate(*attempts[1])
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
             if n != r:          # a replica waiting for room is retried every few seconds: written when the why changes
@@ -94,6 +104,7 @@ class Actuator:
                                        source="deployment-controller")
             raise
         s = slices[0]
+        await self._release_unrecorded(r, s.allocation_id, "a superfluous allocation (another one now holds it)")
         n = self._copy(r, slice_id=s.id, allocation_id=s.allocation_id, node=s.node, gpu_uuid=s.gpu_uuid,
                        gpu_index=s.gpu_index, gpu_model=s.gpu_model, isolation=s.isolation, profile=s.profile,
                        memory_bytes=s.memory_bytes, message="slice allocated; waiting for its node to realize it")
@@ -101,16 +112,40 @@ class Actuator:
         log(logger, logging.INFO, "replica placed", deployment=r.deployment, replica=r.id, slice=s.id, node=s.node)
         return n
 
+    @staticmethod
+    def _request_ids(slice_spec: types_pb2.SliceSpec, request_id: str):
+        """(the request, its fingerprint, the ids `_allocate` tries in turn) for `slice_spec` under `request_id`."""
+        req = slicespec.validate(slice_spec)
+        fp = requestids.allocate_fingerprint(slice_service_pb2.AllocateRequest(spec=slice_spec))
+        derived = f"{request_id}.{fp.removeprefix('sha256:')[:12]}"
+        return req, fp, [request_id, derived, *(f"{derived}.{k}" for k in range(2, MAX_SPENT_IDS))]
+
+    def _held(self, slice_spec: types_pb2.SliceSpec, request_id: str) -> bool:
+        """Whether an earlier call made a live allocation for this very request under one of its ids (a retry's
+        `_allocate` gets it back instead of placing another)."""
+        req, fp, ids = self._request_ids(slice_spec, request_id)
+        return any((alloc := self.ctl.requests.answers(req.tenant, rid, fp)) and not self.ctl.released(alloc)
+                   for rid in ids)
+
+    async def _release_unrecorded(self, r: D.Replica, keep: str, why: str) -> None:
+        """Release the live allocations carrying the replica's label, but `keep` (the one its record names or is
+        about to): allocations no record names, which nothing else would release."""
+        for alloc in sorted({x.allocation_id for x in self.ctl.fleet.slices.values()
+                             if x.labels.get(deployspec.LABEL_REPLICA) == r.id and x.allocation_id
+                             and x.state != types_pb2.SLICE_STATE_RELEASING} - {keep, ""}):
+            log(logger, logging.INFO, "releasing an allocation of the replica's that its record does not name",
+                deployment=r.deployment, replica=r.id, allocation=alloc, kept=keep)
+            await self.ctl.release(alloc, wait=False, message=f"replica {r.id} of deployment {r.deployment}: {why} "
+                                                              f"(an allocation its record did not name)")
+
     async def _allocate(self, slice_spec: types_pb2.SliceSpec, request_id: str) -> list[types_pb2.Slice]:
         """Allocate under the replica's request id, with its request's fingerprint. An id an earlier call used
         with another request (the deployment changed between that allocation and the replica's record of it,
         e.g. a control-plane crash in between) names an allocation no replica records, of the old size:
         it is released, and this request placed under an id of its own (the same on a retry). An id whose
         allocation was released since (its slice lost) is spent: the next id of the replica's is used."""
-        req = slicespec.validate(slice_spec)
-        fp = requestids.allocate_fingerprint(slice_service_pb2.AllocateRequest(spec=slice_spec))
-        derived = f"{request_id}.{fp.removeprefix('sha256:')[:12]}"
-        for rid in [request_id, derived, *(f"{derived}.{k}" for k in range(2, MAX_SPENT_IDS))]:
+        req, fp, ids = self._request_ids(slice_spec, request_id)
+        for rid in ids:
             try:
                 return (await self.ctl.allocate(req, request_id=rid, no_wait=True, fingerprint=fp))[1]
             except errors.RequestIdReused:
@@ -264,10 +299,6 @@ class Actuator:
                 break
         # an allocation the record does not name (a crash between Allocate and the replica's write; an allocation
         # under another of its request ids): its slices carry the replica's label, and nothing else releases them
-        for alloc in sorted({x.allocation_id for x in self.ctl.fleet.slices.values()
-                             if x.labels.get(deployspec.LABEL_REPLICA) == r.id and x.allocation_id
-                             and x.state != types_pb2.SLICE_STATE_RELEASING} - {r.allocation_id}):
-            await self.ctl.release(alloc, wait=False, message=f"replica {r.id} of deployment {r.deployment}: {why} "
-                                                              f"(an allocation its record did not name)")
+        await self._release_unrecorded(r, r.allocation_id, why)
         await self.store.delete_replica(r)
         log(logger, logging.INFO, "replica removed", deployment=r.deployment, replica=r.id, why=why)

@@ -151,7 +151,7 @@ class DeploymentManager:
         # its users there, then writes; a deployment created between the two ran a model (drew a pool) that was gone
         pools = getattr(self.ctl, "pools", None)
         async with getattr(self.registry, "lock", None) or contextlib.nullcontext():
-            self._resolve_new(spec)
+            scaling.check(self, spec, *self._resolve_new(spec), self.registry.get(spec.model))  # (policy variants)
             async with (getattr(pools, "lock", None) if spec.pool else None) or contextlib.nullcontext():
                 deployspec.check_pool(spec, pools)
                 async with self._lock:

@@ -61,6 +61,13 @@ def pinned(model: M.Model, old: M.Model | None) -> M.Model:
     return m
 
 
+def variants_run(spec) -> list[str]:
+    """Every variant a deployment can run: its own, then those its scaling policy names (the autoscaler starts
+    an overflow companion of one when the deployment's own variant gets no room)."""
+    policy = list(spec.scaling.variants) if spec.HasField("scaling") else []
+    return list(dict.fromkeys([spec.variant, *policy]))
+
+
 class ModelRegistry:
     """The registry's records (name -> Model) and its guarded writes."""
 
@@ -123,11 +130,18 @@ class ModelRegistry:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def _validated(self, model: M.Model) -> M.Model:
-        # Reading the artifact is file I/O (maybe a network filesystem): off the event loop. Its digest reads
-        # it whole (about a second per GB), after the cheap checks have passed.
-        m = await asyncio.to_thread(validate, model, self.gpu_models(), self.check_artifacts)
-        return await asyncio.to_thread(pin_digests, m) if self.check_artifacts else m
+    async def _validated(self, model: M.Model, old: M.Model | None = None) -> M.Model:
+        """`model` validated (with `old`, the registered one: its digests pinned where the artifact is the same).
+        Everything that touches the filesystem runs in a worker thread, off the event loop: resolving and
+        comparing paths (a stat on a slow or hung network filesystem blocks), checking the artifact's type
+        and format (never opening anything but a regular file: artifact.check_kind), and its digest, which
+        reads it whole (about a second per GB), after the cheap checks have passed."""
+        fleet, check = self.gpu_models(), self.check_artifacts
+
+        def work() -> M.Model:
+            m = validate(pinned(model, old), fleet, check)
+            return pin_digests(m) if check else m
+        return await asyncio.to_thread(work)
 
     async def register(self, model: M.Model) -> M.Model:
         m = await self._validated(model)
@@ -152,7 +166,7 @@ class ModelRegistry:
         if model.generation < 0:
             raise errors.InvalidArgument.of("model.generation", f"{model.generation} is negative",
                                             "0 (no check) or the generation the model was read at")
-        m = await self._validated(pinned(model, self.models.get(model.name)))
+        m = await self._validated(model, self.models.get(model.name))
         async with self._lock:
             old = self.get(m.name)
             if model.generation and model.generation != old.generation:
@@ -161,8 +175,9 @@ class ModelRegistry:
             users = self.users(m.name, {v.name for v in m.variants})
             if users:
                 raise errors.FailedPrecondition(
-                    f"model.variants: the update drops variant(s) that deployment(s) {', '.join(users)} run; keep "
-                    f"them, or delete those deployments first")
+                    f"model.variants: the update drops variant(s) that deployment(s) {', '.join(users)} run or "
+                    f"name in their scaling policy; keep them, or delete those deployments (or take the variants "
+                    f"out of their policies) first")
             before = self.misfits(old)
             misfits = [why for n, why in self.misfits(m).items() if n not in before]    # (the update's doing)
             if misfits:
@@ -184,13 +199,23 @@ class ModelRegistry:
         return m
 
     def users(self, name: str, variants: set[str] | None = None) -> list[str]:
-        """The deployments that run model `name` (with `variants`: those whose variant is not among them)."""
+        """The deployments that run model `name` (with `variants`: those that can run a variant not among them,
+        each with the variants it lacks). A variant named only in a deployment's scaling policy is in use too
+        (`variants_run`): the overflow would find it gone when it is needed."""
         dm = getattr(self.ctl, "deployments", None)
         if dm is None:
             return []
-        return sorted(f"{n} ({d.spec.variant})" if variants is not None else n
-                      for n, d in dm.store.deployments.items()
-                      if d.spec.model == name and (variants is None or d.spec.variant not in variants))
+        out = []
+        for n, d in sorted(dm.store.deployments.items()):
+            if d.spec.model != name:
+                continue
+            if variants is None:
+                out.append(n)
+                continue
+            missing = [v for v in variants_run(d.spec) if v not in variants]
+            if missing:
+                out.append(f"{n} ({', '.join(missing)})")
+        return out
 
     def misfits(self, m: M.Model) -> dict[str, str]:
         """The deployments of `m` whose settings its variants do not allow, each with why: a context beyond the

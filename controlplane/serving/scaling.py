@@ -8,6 +8,7 @@ there every pass; Wake leaves a note for it (`woken`) so the idle period starts 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -49,6 +50,13 @@ class ScalingOps:
         self.woken: dict[str, float] = {}          # deployment -> wall time of the last Wake that raised it
 
     async def set_scaling(self, name: str, policy: S.ScalingPolicy, clear: bool) -> D.Deployment:
+        # checked and written under the registry's lock: a model's Update refuses to drop a variant a policy
+        # names (registry.py users); a policy naming it written between that check and the write would name a
+        # variant that is gone
+        async with getattr(self.m.registry, "lock", None) or contextlib.nullcontext():
+            return await self._set_scaling(name, policy, clear)
+
+    async def _set_scaling(self, name: str, policy: S.ScalingPolicy, clear: bool) -> D.Deployment:
         d = self.m.store.get(name)
         if not clear:
             probe = D.DeploymentSpec()

@@ -137,6 +137,13 @@ class RequestIds(dict):
             raise errors.RequestIdReused.of(request_id, self.call or "call")
         return value
 
+    def answers(self, tenant: str, request_id: str, fp: str) -> str | None:
+        """What a retry of the id with fingerprint `fp` would be answered (its first call's result), without
+        refusing or logging: None for an unknown id, or one whose first call had another fingerprint."""
+        value = self.lookup(tenant, request_id)
+        first = self.fingerprints.get((tenant, request_id), "")
+        return None if value is None or (first and fp and first != fp) else value
+
     def forget(self, tenant: str, request_id: str, value: str) -> None:
         """Drop a failed call's id, unless a concurrent call with the same id owns it now."""
         if request_id and self.get((tenant, request_id)) == value:

@@ -4,12 +4,18 @@ directory's facts. Standard library only (the control plane checks artifacts wit
 - A GGUF file (llama.cpp) starts with the magic ``GGUF`` and a version (2 or 3, either byte order).
 - A Hugging Face-format directory (vLLM) holds ``config.json`` (a JSON object) and weights
   (``*.safetensors`` or ``pytorch_model*.bin``).
+
+Anything else (a FIFO, a device, a socket), as the artifact or inside its directory, is refused by its
+type (`check_kind`, a stat) before anything is opened: opening a FIFO for reading waits for a writer, for
+ever, and a device's open or read may never end either. What is read is opened with O_NONBLOCK and checked
+again on the open file (`open_regular`), so a FIFO put in place after the stat cannot block the reader.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import urllib.parse
 from pathlib import Path
@@ -42,12 +48,53 @@ def resolve(uri: str) -> Path:
     return p
 
 
-def check_gguf(path: Path) -> int:
-    """The GGUF version of `path`; ArtifactError when it is missing, unreadable or not GGUF."""
+WHAT_A_MODEL_IS = "a model is a regular file (GGUF) or a directory (Hugging Face layout)"
+KIND_NAMES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind_name(mode: int) -> str:
+    """What a file of `mode` is, in words ("a FIFO", "a character device", ...)."""
+    return next((name for test, name in KIND_NAMES if test(mode)), f"a file of type {stat.S_IFMT(mode):o}")
+
+
+def check_kind(path: Path) -> os.stat_result:
+    """The status of `path` (a symbolic link followed) when it is a regular file or a directory; ArtifactError
+    naming what it is otherwise (or that it is missing or unreadable). It stats, never opens."""
     try:
-        if path.is_dir():
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ArtifactError(f"{path} is {kind_name(st.st_mode)}; {WHAT_A_MODEL_IS}")
+    return st
+
+
+def open_regular(path: Path):
+    """`path` open for binary reading, when it is a regular file (ArtifactError naming what it is otherwise).
+    Opened with O_NONBLOCK (a FIFO's open returns at once instead of waiting for a writer; a regular file reads
+    as ever) and checked on the open file, so a FIFO swapped in after a `check_kind` is refused too."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ArtifactError(f"{path} is {kind_name(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_gguf(path: Path) -> int:
+    """The GGUF version of `path`; ArtifactError when it is missing, unreadable, not a regular file or not
+    GGUF."""
+    try:
+        if stat.S_ISDIR(check_kind(path).st_mode):
             raise ArtifactError(f"{path} is a directory, not a GGUF file")
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
     except FileNotFoundError:
         raise ArtifactError(f"{path} does not exist") from None
@@ -67,19 +114,42 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted({p for g in WEIGHT_GLOBS for p in directory.glob(g) if p.is_file()})
 
 
+def special_file(directory: Path) -> tuple[Path, int] | None:
+    """The first file below `directory` (links followed, hidden names left out, as the digest walks it:
+    mesh/models/digest.py) that is neither a regular file nor a directory, with its mode; None when there is
+    none. A dangling link is no file at all: left out, as the digest leaves it out."""
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            p = Path(root) / name
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(mode):
+                return p, mode
+    return None
+
+
 def check_hf_dir(path: Path) -> dict:
     """The parsed config.json of a Hugging Face-format directory; ArtifactError when the directory is
-    missing or unreadable, or lacks config.json or weights."""
-    if not path.exists():
-        raise ArtifactError(f"{path} does not exist")
-    if not path.is_dir():
+    missing or unreadable, holds anything but regular files and directories, or lacks config.json or
+    weights."""
+    if not stat.S_ISDIR(check_kind(path).st_mode):
         raise ArtifactError(f"{path} is a file, not a Hugging Face-format directory (vLLM loads a directory "
                             f"with config.json and *.safetensors)")
     if not os.access(path, os.R_OK | os.X_OK):
         raise ArtifactError(f"{path} cannot be read")
+    odd = special_file(path)
+    if odd is not None:
+        raise ArtifactError(f"{odd[0]} is {kind_name(odd[1])}; a Hugging Face directory holds regular files "
+                            f"(and directories) only")
     cfg = path / "config.json"
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
+        with open_regular(cfg) as f:
+            data = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path} has no config.json (vLLM loads a directory with config.json and "
                             f"*.safetensors)") from None

@@ -37,8 +37,19 @@ def _stamp(st: os.stat_result) -> tuple:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a regular file's bytes. Opened with O_NONBLOCK and checked on the open file: a FIFO put at
+    the path after the caller's stat is refused (DigestMismatch) instead of blocking the reader for ever."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DigestMismatch(f"artifact {path}: not a regular file or a directory")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()

@@ -3,6 +3,8 @@ record when a replica waits for room or its backend crashed."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from gpumesh.v1 import types_pb2 as t
@@ -15,13 +17,14 @@ async def test_a_replica_waiting_for_room_is_written_when_its_reason_changes_onl
     from types import SimpleNamespace
 
     from controlplane.serving.actuator import Actuator
+    from controlplane.state.requestids import RequestIds
     from gpumesh.v1 import deployment_service_pb2 as D
 
     why = ["no GPU has 2 GiB free"]
 
     async def allocate(req, **kw):
         raise errors.ResourceExhausted(why[0])
-    ctl = SimpleNamespace(allocate=allocate, recorder=None)
+    ctl = SimpleNamespace(allocate=allocate, recorder=None, requests=RequestIds(lambda: 3600.0))   # (no id seen)
     saved = []
 
     async def put_replica(r):
@@ -94,3 +97,83 @@ async def test_a_restart_whose_backend_does_not_start_backs_off():
                        next_start=n.next_start_at.seconds)
     plan = rc.reconcile(rc.Desired(replicas=1), [seen], now=200.0)
     assert plan.kinds() == [("fail", "r-1")]           # not ("restart", "r-1") at once
+
+
+def controller(*nodes):
+    """A real slice controller (scheduler, request ids, fleet) over an in-memory fleet, writing nowhere."""
+    from controlplane.controllers.slices import Controller
+    from tests.unit.test_placement import make_fleet
+
+    ctl = Controller(store=None)
+
+    async def write(ops, conds=()):
+        return 1
+
+    async def lease():
+        return 1
+    ctl.writer = SimpleNamespace(write=write)
+    ctl._request_lease = lease
+    fleet = make_fleet(*((n, [("H100-80GB", True)]) for n in nodes))
+    ctl.fleet.nodes, ctl.fleet.index = fleet.nodes, fleet.index
+    return ctl
+
+
+def live_allocations(ctl, replica: str) -> set[str]:
+    from controlplane.serving import deployspec
+    return {s.allocation_id for s in ctl.fleet.slices.values()
+            if s.labels.get(deployspec.LABEL_REPLICA) == replica and s.state != t.SLICE_STATE_RELEASING}
+
+
+async def test_a_retry_after_a_lost_record_reuses_the_fallback_allocation():
+    """A replica placed by the fallback (no node free of the deployment's other replicas) whose record of it was
+    lost (a crash before the write) was allocated again on the retry: the spread attempt, tried first, succeeded
+    once another node had room, and the first allocation stayed until the replica was removed (two slices for
+    one replica). The retry now gets the first allocation back."""
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    ctl = controller("n1", "n2")
+    ctl.fleet.nodes["n2"].ready = False                 # (not yet: only n1 takes slices)
+    saved = []
+
+    async def put_replica(r):
+        saved.append(r)
+    act = Actuator(ctl, None, SimpleNamespace(put_replica=put_replica))
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+    other = await act.allocate(D.Replica(id="r-0", deployment="chat"), spec, 2 << 30)
+    r = D.Replica(id="r-1", deployment="chat")
+    first = await act.allocate(r, spec, 2 << 30)
+    assert first.node == other.node == "n1"            # the fallback: n1 holds the deployment's other replica
+    ctl.fleet.nodes["n2"].ready = True                  # room on another node now; `first` was never recorded
+    again = await act.allocate(r, spec, 2 << 30)
+    assert again.allocation_id == first.allocation_id and again.slice_id == first.slice_id
+    assert live_allocations(ctl, "r-1") == {first.allocation_id}
+    assert live_allocations(ctl, "r-0") == {other.allocation_id}
+
+
+async def test_an_allocation_the_retry_cannot_reuse_is_released_once_another_holds_the_replica():
+    """The fallback allocation was for an earlier spec (the deployment changed before the retry): the retry places
+    the replica anew (spread, on the node that has room now) and releases the first at once, not at the replica's
+    removal."""
+    from controlplane.serving.actuator import Actuator
+    from gpumesh.v1 import deployment_service_pb2 as D
+
+    ctl = controller("n1", "n2")
+    ctl.fleet.nodes["n2"].ready = False
+    saved = []
+
+    async def put_replica(r):
+        saved.append(r)
+    act = Actuator(ctl, None, SimpleNamespace(put_replica=put_replica))
+    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
+    other = await act.allocate(D.Replica(id="r-0", deployment="chat"), spec, 2 << 30)
+    r = D.Replica(id="r-1", deployment="chat")
+    first = await act.allocate(r, spec, 2 << 30)
+    ctl.fleet.nodes["n2"].ready = True
+    bigger = await act.allocate(r, spec, 15 << 30)      # the record of `first` lost; now 15 GiB per replica
+    assert bigger.node == "n2" and bigger.memory_bytes >= 15 << 30
+    assert ctl.fleet.slices[first.slice_id].state == t.SLICE_STATE_RELEASING
+    assert live_allocations(ctl, "r-1") == {bigger.allocation_id}
+    assert live_allocations(ctl, "r-0") == {other.allocation_id}                # another replica's: untouched
+    assert (await act.allocate(r, spec, 15 << 30)).allocation_id == bigger.allocation_id        # a retry: the same
+    assert live_allocations(ctl, "r-1") == {bigger.allocation_id}

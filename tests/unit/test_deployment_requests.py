@@ -299,3 +299,48 @@ async def test_new_settings_are_checked_against_a_model_update_being_written(tmp
     with pytest.raises(errors.InvalidArgument, match="spec.backend.context: 256 is out of range"):
         await widening
     assert m.store.deployments["chat"].spec.backend.context == 0
+
+
+async def test_a_policy_naming_a_variant_a_model_update_drops_is_refused(tmp_path):
+    """A model's Update refuses to drop a variant a deployment's scaling policy names, and checks that under the
+    registry's lock; SetScaling (and Create with a policy) checked the policy's variant names without it, so a
+    policy naming the variant written while the update was in flight named a variant that was gone."""
+    from controlplane.serving.registry import ModelRegistry
+    from controlplane.events.recorder import NullRecorder
+    from controlplane.state import keys
+    from gpumesh.v1 import scaling_pb2 as S
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    in_flight, gate = asyncio.Event(), asyncio.Event()
+
+    async def write(ops, conds=()):
+        if any(op.key == keys.model("tiny") for op in ops):
+            in_flight.set()
+            await gate.wait()                     # the model's update, in flight
+    ctl = SimpleNamespace(writer=SimpleNamespace(write=write), fleet=SimpleNamespace(nodes={}), telemetry=None,
+                          recorder=NullRecorder())
+
+    def variant(name, rank):
+        return M.Variant(name=name, backend=M.BACKEND_LLAMA_CPP, artifact=str(path), quantization="F16",
+                         weight_bytes=TINY_WEIGHT_BYTES, max_context=256, fallback_rank=rank,
+                         architecture=M.Architecture(name="llama", block_count=2, embedding_length=64, head_count=4,
+                                                     head_count_kv=2))
+    registry = ModelRegistry(ctl, check_artifacts=False)
+    registry.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[variant("f16", 0),
+                                                                                    variant("q8", 1)]), [H100])
+    m = DeploymentManager(ctl, workloads=None, registry=registry)
+    m.store.deployments["chat"] = D.Deployment(spec=D.DeploymentSpec(name="chat", model="tiny", variant="f16",
+                                                                     tenant="a", replicas=1), generation=1)
+    dropping = asyncio.create_task(registry.update(M.Model(name="tiny", variants=[variant("f16", 0)])))
+    await asyncio.wait_for(in_flight.wait(), 30)
+    policy = S.ScalingPolicy(max_replicas=2, target=2, variants=["q8"])
+    setting = asyncio.create_task(m.scaling.set_scaling("chat", policy, False))
+    creating = asyncio.create_task(m.create(D.DeploymentSpec(name="other", model="tiny", tenant="a", replicas=1,
+                                                             scaling=policy)))
+    gate.set()
+    assert (await dropping).generation == 2
+    with pytest.raises(errors.InvalidArgument, match=r"policy.variants\[0\]: the model has no variant 'q8'"):
+        await setting
+    with pytest.raises(errors.InvalidArgument, match=r"spec.scaling.variants\[0\]: the model has no variant 'q8'"):
+        await creating
+    assert not m.store.deployments["chat"].spec.HasField("scaling") and "other" not in m.store.deployments

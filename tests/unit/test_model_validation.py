@@ -328,3 +328,38 @@ def test_an_update_naming_a_nul_in_its_artifact_is_invalid_argument(files):
     with pytest.raises(errors.InvalidArgument) as e:
         asyncio.run(r.update(M.Model(name="tiny", variants=[gguf_variant("file:///tmp/x%00.gguf")])))
     assert e.value.field == "model.variants[0].artifact"
+
+
+def test_a_variant_named_only_in_a_scaling_policy_cannot_be_dropped(files):
+    """The in-use check looked at each deployment's own variant only: an update dropping the overflow variant its
+    scaling policy names was written, and the autoscaler's companion of that variant could then never start."""
+    from types import SimpleNamespace
+
+    from controlplane.serving.registry import ModelRegistry
+    from gpumesh.v1 import deployment_service_pb2 as D
+    from gpumesh.v1 import scaling_pb2 as S
+
+    writes = []
+
+    async def write(ops, conds=()):
+        writes.append(ops)
+        return 1
+    spec = D.DeploymentSpec(name="chat", model="tiny", variant="f16",
+                            scaling=S.ScalingPolicy(max_replicas=4, target=2, variants=["q8"]))
+    ctl = SimpleNamespace(fleet=SimpleNamespace(nodes={}), writer=SimpleNamespace(write=write),
+                          deployments=SimpleNamespace(store=SimpleNamespace(deployments={
+                              "chat": D.Deployment(spec=spec)})))
+    r = ModelRegistry(ctl, check_artifacts=False)
+    f16 = gguf_variant(files["gguf"])
+    q8 = gguf_variant(files["gguf"], name="q8", fallback_rank=1)
+    q4 = gguf_variant(files["gguf"], name="q4", fallback_rank=2)
+    r.models["tiny"] = validate(M.Model(name="tiny", generation=1, variants=[f16, q8, q4]), FLEET)
+
+    async def main():
+        with pytest.raises(errors.FailedPrecondition, match=r"model.variants: .*chat \(q8\).*scaling policy") as e:
+            await r.update(M.Model(name="tiny", variants=[f16, q4]))       # q8: named only in chat's policy
+        assert e.value.code.name == "FAILED_PRECONDITION" and not writes
+        assert [v.name for v in r.models["tiny"].variants] == ["f16", "q8", "q4"]
+        kept = await r.update(M.Model(name="tiny", variants=[f16, q8]))    # q4: no deployment can run it
+        assert [v.name for v in kept.variants] == ["f16", "q8"] and len(writes) == 1
+    asyncio.run(main())
