@@ -109,3 +109,38 @@ def test_a_request_that_may_preempt_its_own_slices_passes_the_pre_filter():
     for spec in ({"priority": 10}, {"priority": 0, "preempt": True}):
         d = fw.schedule(req(memory_bytes=GiB, isolation=t.ISOLATION_EXCLUSIVE, **spec), fleet)
         assert not d.ok and "quota max_slices=1 exceeded" in str(d.reasons)
+
+
+POOL_SPECS = [
+    {"memory_bytes": 5 * GiB},                                                  # a MIG-capable model not in MIG mode
+    {"memory_bytes": 5 * GiB, "isolation": t.ISOLATION_TIMESHARE, "compute_share": 0.5},   # charged its memory
+    {"memory_bytes": 5 * GiB, "isolation": t.ISOLATION_MPS},
+    {"memory_bytes": 5 * GiB, "isolation": t.ISOLATION_MIG},
+    {"mig_profile": "1g.10gb"},
+]
+
+
+@pytest.mark.parametrize("spec", POOL_SPECS, ids=[str(s) for s in POOL_SPECS])
+@pytest.mark.parametrize("mig", [True, False], ids=["mig-gpus", "whole-gpus"])
+def test_the_pool_pre_filter_allows_what_its_permit_step_allows(spec, mig):
+    """The same for a pool's quota (GPU-equivalents, dollars an hour): set exactly to what the placement takes."""
+    from mesh import pools
+    from mesh.cost import PriceTable, slice_share
+    from mesh.slicespec import ISOLATION_ENUM
+    from tests.unit.test_pools import pool
+    wants_mig = bool(spec.get("mig_profile")) or spec.get("isolation") == t.ISOLATION_MIG
+    if wants_mig != mig and (wants_mig or spec.get("isolation") is not None):
+        pytest.skip("no GPU of the fleet holds it")
+    fleet = make_fleet(("b", [("H100-80GB", mig)]))
+    prices = PriceTable.parse(["H100-80GB=1.00"])
+    labelled = dict(spec, labels={pools.LABEL: "p"})
+    free = profiles.build()
+    free.plugin("Pool").set_pools({"p": pools.validate(pool(name="p"))}, prices)
+    (c,) = placement.place(fleet, req(**labelled), free)
+    share = slice_share(ISOLATION_ENUM[c.isolation], c.gpu_model, profile=c.profile or "",
+                        memory_bytes=c.memory_bytes, compute_share=c.compute_share)
+    fw = profiles.build()
+    fw.plugin("Pool").set_pools({"p": pools.validate(pool(name="p", quota={
+        "max_gpus": share, "max_dollars_per_hour": share * prices.gpu_hour(c.gpu_model) + 1e-9}))}, prices)
+    (got,) = placement.place(fleet, req(**labelled), fw)
+    assert (got.node, got.gpu_index, got.profile) == (c.node, c.gpu_index, c.profile)
