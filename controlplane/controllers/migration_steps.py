@@ -14,7 +14,8 @@ from controlplane.state import keys
 from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
                                            START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
 from controlplane.controllers.migration_records import committed_record
-from controlplane.state.store import Present, Put
+from controlplane.controllers.workloadrecords import UPDATE_TRIES as COMMIT_CONFLICTS
+from controlplane.state.store import Put, Revision
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors, slicespec
@@ -167,7 +168,13 @@ class StepsMixin:
         target. The new migration record is built on a copy and adopted (and the in-memory workload record
         moved) only once etcd took the write, so nothing acts on a commit that is not durable. A write that
         fails without a verdict (an etcd member restarting, quorum lost) is tried again while the source
-        stays paused and the target holds; only a refused precondition (nothing written) rolls back."""
+        stays paused and the target holds; only a refused precondition (nothing written) rolls back.
+
+        The workload's record is written on the condition that etcd still holds the one it was computed from (its
+        mod revision): a write that went first (the source's status report) is read back and the commit computed
+        again from it, and a late write computed from the record before the commit fails in its turn
+        (workloadrecords.py), so nothing puts the record back on the source."""
+        conflicts = 0
         while True:
             w = self.wm.workloads.get(m.workload_id)
             if w is None:
@@ -188,12 +195,21 @@ class StepsMixin:
             if rep.transfer:
                 c.transfer = rep.transfer
             c.message = ""
-            ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Present(keys.workload(n.id))]
-            if await self._write_commit(m, c, ops, conds):
+            base = self.wm.revisions.get(n.id, 0)
+            ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Revision(keys.workload(n.id), base)]
+            rev = await self._write_commit(m, c, ops, conds, workload=(n.id, base))
+            if rev is not None:
                 break
+            if base != self.wm.revisions.get(n.id, 0):
+                conflicts += 1
+                if conflicts >= COMMIT_CONFLICTS:
+                    raise _Failed(f"the workload's record kept changing during the commit ({conflicts} times)")
         # adopted together with the phase (no await in between): the target node's full command names the
-        # target through the whole commit (targets_on before, the record after)
-        self.wm.workloads[n.id] = n
+        # target through the whole commit (targets_on before, the record after); a newer record read back
+        # meanwhile (another write's conflict, computed from this one) stays
+        if (rev or 0) >= self.wm.revisions.get(n.id, 0):
+            self.wm.workloads[n.id] = n
+            self.wm.revisions[n.id] = rev or 0
         self.wm.stopping.discard(n.id)
         for fut in self.wm.waiters.pop(n.id, []):
             if not fut.done():
@@ -202,21 +218,36 @@ class StepsMixin:
             target=m.target_node, step=m.step, downtime_ms=round(m.downtime_ms, 1))
         await self._pause_hook(m)
 
-    async def _write_commit(self, m: M.Migration, c: M.Migration, ops: list, conds: list) -> bool:
-        """Write the commit `c` of `m` (adopted on success: True). A refused precondition (errors.Aborted:
-        nothing was written) fails the step, so it rolls back; any other failure is logged and answers False
-        after a pause, for the caller to try again with what is then current (the same transaction again:
-        writing it twice is harmless if the first one did land after all)."""
+    async def _write_commit(self, m: M.Migration, c: M.Migration, ops: list, conds: list,
+                            workload: tuple[str, int] | None = None) -> int | None:
+        """Write the commit `c` of `m` (adopted on success: the write's revision). A refused precondition
+        (errors.Aborted: nothing was written) fails the step, so it rolls back, unless it was the workload's
+        record (`workload`: its id and the mod revision the commit was computed from) that another write
+        changed meanwhile: that record is read back and None answered at once, for the caller to compute the
+        commit again. Any other failure is logged and answers None after a pause, for the caller to try again
+        with what is then current (the same transaction again: writing it twice is harmless if the first one
+        did land after all)."""
         try:
-            await self._adopt(m, c, ops, conds, swapped=bool(m.resize_slice))
-            return True
+            return await self._adopt(m, c, ops, conds, swapped=bool(m.resize_slice)) or 0
         except errors.Aborted as e:
+            if workload is not None:
+                try:
+                    changed = await self.wm.refresh(workload[0]) != workload[1]
+                except errors.MeshError as unread:      # etcd unreadable now: computed again after a pause
+                    log(logger, logging.WARNING, "migration commit refused and the workload unreadable; trying "
+                        "again", migration=m.id, workload=workload[0], error=str(unread))
+                    await asyncio.sleep(RESEND)
+                    return None
+                if changed:
+                    log(logger, logging.INFO, "the workload's record changed during the commit; computing it "
+                        "again", migration=m.id, workload=workload[0])
+                    return None
             raise _Failed(f"the commit was refused (nothing written): {e}") from None
         except errors.MeshError as e:
             log(logger, logging.WARNING, "migration commit not written; the source stays paused, trying again",
                 migration=m.id, workload=m.workload_id, error=str(e))
             await asyncio.sleep(RESEND)
-            return False
+            return None
 
     async def _finish(self, m: M.Migration) -> None:
         """After the commit: the source stops and the target runs (both asked at once: the source is

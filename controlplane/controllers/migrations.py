@@ -147,20 +147,21 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
 
     # -- persistence ------------------------------------------------------------------------
 
-    async def _save(self, m: M.Migration, ops: list = (), conds: list = (), created: bool = False) -> None:
+    async def _save(self, m: M.Migration, ops: list = (), conds: list = (), created: bool = False) -> int:
         m.updated_at.CopyFrom(now())
         ops = list(ops)
         if m.phase in FINISHED and m.id in self.secrets:
             ops.append(Delete(keys.migration_secret(m.id)))     # the transfer is over: its secret goes
-        await self.ctl.writer.write([Put(keys.migration(m.id), m.SerializeToString()), *ops],
-                                    [Absent(keys.migration(m.id)) if created else Present(keys.migration(m.id)),
-                                     *conds])
+        rev = await self.ctl.writer.write([Put(keys.migration(m.id), m.SerializeToString()), *ops],
+                                          [Absent(keys.migration(m.id)) if created else Present(keys.migration(m.id)),
+                                           *conds])
         if m.phase in FINISHED:
             self.secrets.pop(m.id, None)
         self._phase_event(m)
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
             q.put_nowait(M.Migration.FromString(m.SerializeToString()))
+        return rev
 
     def _phase_event(self, m: M.Migration) -> None:
         """A durable event for each phase a migration enters (controlplane/events/)."""
@@ -192,15 +193,13 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             phase=phase_name(phase), message=m.message)
 
     async def _adopt(self, m: M.Migration, n: M.Migration, ops: list = (), conds: list = (),
-                     swapped: bool = False) -> None:
+                     swapped: bool = False) -> int:
         """Write `n` (the next state of `m`, with `ops` in the same transaction; `swapped`: a resize's commit,
-        with both slice records) and only then make `m` it. On a failed write `m` is unchanged."""
-        if swapped:
-            await self._save_swapped(n, list(ops), list(conds))
-        else:
-            await self._save(n, ops, conds)
+        with both slice records) and only then make `m` it (the write's revision). A failed write leaves `m`."""
+        rev = await (self._save_swapped(n, list(ops), list(conds)) if swapped else self._save(n, ops, conds))
         m.CopyFrom(n)
         self.migrations[m.id] = m
+        return rev
 
     async def _until_written(self, what: str, m: M.Migration, write) -> None:
         """Repeat `write()` (a phase change that must not be skipped, e.g. into ROLLING_BACK) until etcd takes

@@ -54,23 +54,22 @@ def node_deleted(node: str) -> str:
 
 async def fail_workloads(wm, node: str, reason: str) -> list[str]:
     """Every workload on `node` that has not ended ends FAILED with `reason`, durably (the workload manager's
-    own write: its events and waiters), before its slices go, so it reads as failed, not as 'stopped: slice
-    released'. Idempotent; the ids ended by this call."""
+    own conditional write: its events and waiters; one moved off the node meanwhile, by a migration's commit,
+    is left as it is), before its slices go, so it reads as failed, not as 'stopped: slice released'.
+    Idempotent; the ids ended by this call."""
     from controlplane.controllers.workloads import TERMINAL
+
+    def failed(w: types_pb2.Workload) -> types_pb2.Workload | None:
+        if w.node != node or w.state in TERMINAL:       # ended (or moved) meanwhile: skipped
+            return None
+        n = types_pb2.Workload()
+        n.CopyFrom(w)
+        n.state, n.message = types_pb2.WORKLOAD_STATE_FAILED, reason
+        n.finished_at.GetCurrentTime()
+        return n
     ids, ended = [w.id for w in wm.workloads.values() if w.node == node and w.state not in TERMINAL], []
     for i in range(0, len(ids), BATCH):
-        batch = []
-        for wid in ids[i:i + BATCH]:
-            w = wm.workloads.get(wid)       # read at its batch's turn: one that ended (or went) meanwhile is skipped
-            if w is None or w.node != node or w.state in TERMINAL:
-                continue
-            n = types_pb2.Workload()
-            n.CopyFrom(w)
-            n.state, n.message = types_pb2.WORKLOAD_STATE_FAILED, reason
-            n.finished_at.GetCurrentTime()
-            batch.append(n)
-        await wm.save(batch)
-        ended += [w.id for w in batch]
+        ended += [w.id for w in await wm.update(ids[i:i + BATCH], failed, f"deletion of node {node}")]
     return ended
 
 

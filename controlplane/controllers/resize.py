@@ -234,7 +234,7 @@ class ResizeMixin:
         nt.message = f"old placement of {x.id} (resize {m.id})"
         return nx, nt
 
-    async def _save_swapped(self, m: M.Migration, ops: list, conds: list) -> None:
+    async def _save_swapped(self, m: M.Migration, ops: list, conds: list) -> int:
         """The commit of a resize: the migration, the workload (given) and both slice records in
         one transaction."""
         x, t = self.ctl.fleet.slices.get(m.resize_slice), self.ctl.fleet.slices.get(m.target_slice)
@@ -243,7 +243,7 @@ class ResizeMixin:
         self.ctl.fleet.put_slice(nx)
         self.ctl.fleet.put_slice(nt)
         try:
-            await self.ctl.save([nx, nt], extra=[Put(keys.migration(m.id), m.SerializeToString()), *ops],
+            rev = await self.ctl.save([nx, nt], extra=[Put(keys.migration(m.id), m.SerializeToString()), *ops],
                                 extra_conds=[Present(keys.migration(m.id)), *conds])
         except BaseException:
             self.ctl.fleet.put_slice(x)
@@ -252,6 +252,7 @@ class ResizeMixin:
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
             q.put_nowait(M.Migration.FromString(m.SerializeToString()))
+        return rev
 
     async def _commit_idle_resize(self, m: M.Migration) -> None:
         """A slice without a workload: swap the placements at once (PLANNED -> COMMITTED)."""
@@ -265,7 +266,7 @@ class ResizeMixin:
         c.CopyFrom(m)
         c.phase = P.MIGRATION_PHASE_COMMITTED
         c.message = ""
-        while not await self._write_commit(m, c, [], []):     # adopted only once etcd holds it
+        while await self._write_commit(m, c, [], []) is None:     # adopted only once etcd holds it
             pass
         log(logger, logging.INFO, "resize committed", migration=m.id, slice=m.resize_slice)
 

@@ -154,6 +154,7 @@ class Retention:
         by_node: dict[str, list[str]] = {}
         for w in workloads:
             self.wm.workloads.pop(w.id, None)
+            self.wm.revisions.pop(w.id, None)
             self.wm.stopping.discard(w.id)
             self.wm.waiters.pop(w.id, None)
             by_node.setdefault(w.node, []).append(w.id)

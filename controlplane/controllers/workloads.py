@@ -20,6 +20,7 @@ from controlplane.state import keys, requestids
 from controlplane.state.requestids import RequestIds
 from controlplane.controllers.nodedelete import node_deleted
 from controlplane.controllers.slices import Controller, new_id, now
+from controlplane.controllers.workloadrecords import TERMINAL, W, WorkloadRecords
 from controlplane.controllers.workloadspec import _check_id, validate_run
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
@@ -30,23 +31,19 @@ from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
-W = types_pb2
-TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 STOPPING = "stopping"
 RUN_WAIT = 10.0        # how long Run waits for the agent to start the process
 STOP_SLACK = 5.0       # Stop waits the grace period plus this for the process to end
 SLICE_RETRY_S = 1.0    # before a resync of the workloads with the fleet after a failed write
 
 
-class WorkloadManager:
-    """Workload records, the agents' view of them, and log routing."""
+class WorkloadManager(WorkloadRecords):
+    """Workload records (workloadrecords.py: their conditional writes), the agents' view of them, and log
+    routing."""
 
     def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
-        self.workloads: dict[str, types_pb2.Workload] = {}
-        self.stopping: set[str] = set()                  # stop asked for, process not ended yet
+        super().__init__(ctl)
         self.log_queues: dict[str, asyncio.Queue] = {}   # LogRequest id -> its chunks
-        self.waiters: dict[str, list[asyncio.Future]] = {}
         # hook(node) -> more workloads the node must keep running (migration targets; controlplane/controllers/migrations.py)
         self.extra_desired: list = []
         self._watch: asyncio.Task | None = None
@@ -64,80 +61,25 @@ class WorkloadManager:
             tenant, _, rid = key.decode()[len(keys.WORKLOAD_REQUESTS):].partition("/")
             self.requests.load(tenant, rid, value)
         snap = await self.ctl.store.load(keys.WORKLOADS)
-        for value, _rev, _lease in snap.kvs.values():
+        for value, rev, _lease in snap.kvs.values():
             w = types_pb2.Workload()
             w.ParseFromString(value)
             self.workloads[w.id] = w
+            self.revisions[w.id] = rev
             if w.state not in TERMINAL and w.message == STOPPING:
                 self.stopping.add(w.id)
-        lost = [self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN, message=f"node {w.node} NotReady")
-                for w in self.workloads.values()
-                if w.state not in TERMINAL and w.state != W.WORKLOAD_STATE_UNKNOWN
-                and not (self.ctl.fleet.nodes.get(w.node) and self.ctl.fleet.nodes[w.node].ready)]
-        await self.save(lost)
+
+        def lost(w: types_pb2.Workload) -> types_pb2.Workload | None:
+            node = self.ctl.fleet.nodes.get(w.node)
+            if w.state in TERMINAL or w.state == W.WORKLOAD_STATE_UNKNOWN or (node and node.ready):
+                return None
+            return self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN, message=f"node {w.node} NotReady")
+        await self.update(list(self.workloads), lost, "node NotReady at load")
         self._watch = asyncio.create_task(self._follow_slices(), name="workload-slices")
 
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-
-    # -- persistence ------------------------------------------------------------------
-
-    async def save(self, ws: list[types_pb2.Workload], created: bool = False, extra: list = (),
-                   extra_conds: list = ()) -> None:
-        if not ws:
-            return
-        await self.ctl.writer.write([Put(keys.workload(w.id), w.SerializeToString()) for w in ws] + list(extra),
-                                    ([Absent(keys.workload(w.id)) for w in ws] if created else []) + list(extra_conds))
-        for w in ws:
-            before = self.workloads.get(w.id)
-            if before is None or before.state != w.state:
-                self._state_event(w)
-            self.workloads[w.id] = w
-            if w.state in TERMINAL:
-                self.stopping.discard(w.id)
-            for fut in self.waiters.pop(w.id, []):
-                if not fut.done():
-                    fut.set_result(w)
-
-    def _state_event(self, w: types_pb2.Workload) -> None:
-        """The durable event of a workload's state change (controlplane/events/)."""
-        state = W.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_")
-        reason, kind = {"PENDING": ("Created", "Normal"), "RUNNING": ("Started", "Normal"),
-                        "SUCCEEDED": ("Completed", "Normal"), "FAILED": ("Failed", "Warning"),
-                        "STOPPED": ("Stopped", "Normal"),
-                        "UNKNOWN": ("NodeLost", "Warning")}.get(state, (state.capitalize(), "Normal"))
-        text = {"Created": f"on slice {w.slice_id}", "Started": f"pid {w.pid} on {w.node}",
-                "Completed": "exited 0", "Failed": f"exit code {w.exit_code}"}.get(reason, state.lower())
-        self.ctl.recorder.emit("Workload", w.id, kind, reason, text + (f": {w.message}" if w.message else ""),
-                               tenant=w.tenant, node=w.node, source="workload-controller")
-
-    def _copy(self, w: types_pb2.Workload, **fields) -> types_pb2.Workload:
-        n = types_pb2.Workload()
-        n.CopyFrom(w)
-        for k, v in fields.items():
-            setattr(n, k, v)
-        return n
-
-    async def _wait_until(self, wid: str, done, timeout: float) -> types_pb2.Workload:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not done(self.workloads[wid]):
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            fut = loop.create_future()
-            self.waiters.setdefault(wid, []).append(fut)
-            try:
-                await asyncio.wait_for(fut, left)
-            except asyncio.TimeoutError:
-                break
-            finally:        # a call that timed out or was cancelled leaves no future behind
-                if fut in (mine := self.waiters.get(wid, [])):
-                    mine.remove(fut)
-                    if not mine:
-                        del self.waiters[wid]
-        return self.workloads[wid]
 
     def desired_on(self, node: str) -> list[types_pb2.Workload]:
         out = [w for w in self.workloads.values()
@@ -214,12 +156,19 @@ class WorkloadManager:
         if w.state in TERMINAL:
             return w
         if w.state == W.WORKLOAD_STATE_PENDING and self.ctl.sessions.get(w.node) is None:
-            w = self._copy(w, state=W.WORKLOAD_STATE_STOPPED, message="stopped before it started")
-            w.finished_at.CopyFrom(now())
-            await self.save([w])
-            return w
+            def never_started(x: types_pb2.Workload) -> types_pb2.Workload | None:
+                if x.state != W.WORKLOAD_STATE_PENDING or self.ctl.sessions.get(x.node) is not None:
+                    return None     # it started (or ended) meanwhile: the stop below is the record's
+                n = self._copy(x, state=W.WORKLOAD_STATE_STOPPED, message="stopped before it started")
+                n.finished_at.CopyFrom(now())
+                return n
+            written = await self.update([wid], never_started, "Stop")
+            w = self.workloads.get(wid, written[0] if written else w)
+            if written or w.state in TERMINAL:
+                return w
         self.stopping.add(wid)
-        await self.save([self._copy(w, message=STOPPING)])
+        await self.update([wid], lambda x: None if x.state in TERMINAL else self._copy(x, message=STOPPING), "Stop")
+        w = self.workloads.get(wid, w)      # as it is now: a migration may have moved it meanwhile
         session = self.ctl.sessions.get(w.node)
         if session is not None:
             session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(stop=[wid])))
@@ -286,7 +235,7 @@ class WorkloadManager:
             full=True, start=self.desired_on(node))))
 
     async def _report(self, node: str, rep: node_service_pb2.WorkloadStatusReport) -> None:
-        changed, forget = [], []
+        reported, forget = {}, []
         for st in rep.workloads:
             w = self.workloads.get(st.id)
             if w is None and st.id in self.expired_ids and st.state in TERMINAL:
@@ -300,28 +249,39 @@ class WorkloadManager:
                 if st.state in TERMINAL:
                     forget.append(st.id)
                 continue
-            if w.state in TERMINAL and st.state not in TERMINAL:
-                continue        # a late report never revives a finished workload
-            message = STOPPING if st.id in self.stopping and st.state not in TERMINAL else st.message
-            n = self._copy(w, state=st.state, pid=st.pid, exit_code=st.exit_code, message=message)
-            if st.endpoint:
-                n.endpoint = st.endpoint        # a backend's address, picked by the agent
-                n.endpoint_certificate = st.endpoint_certificate    # ... its server's (new at each start)
-                n.command[:] = st.command
-                n.env.update(st.env)            # ... its own variables (vLLM's KV cache size on CPUs)
-                if st.backend.device:
-                    n.backend.device = st.backend.device      # ... and the vLLM build it chose
-            if st.network_address:
-                n.network_address = st.network_address      # an isolated workload's bridge address
-            for f in ("started_at", "finished_at"):
-                if st.HasField(f):
-                    getattr(n, f).CopyFrom(getattr(st, f))
-            if n != w:
-                changed.append(n)
+            reported[st.id] = st
         session = self.ctl.sessions.get(node)
         if forget and session is not None:
             session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(forget=forget)))
-        await self.save(changed)
+        # applied again to the record as etcd holds it if another write went first (workloadrecords.py)
+        await self.update(reported, lambda w: self._reported(node, w, reported[w.id]), f"{node}'s status report")
+
+    def _reported(self, node: str, w: types_pb2.Workload, st: types_pb2.Workload) -> types_pb2.Workload | None:
+        """Workload `w`'s record after `node` reported `st` of it; None when the report changes nothing."""
+        if w.node != node:
+            # the record moved (a migration committed) after the report was read: the node no longer holds it
+            log(logger, logging.INFO, "status report from a node that no longer holds the workload; ignored",
+                workload=w.id, node=node, holder=w.node, reported=W.WorkloadState.Name(st.state))
+            return None
+        if w.state == W.WORKLOAD_STATE_FAILED and w.message == node_deleted(node):
+            return None
+        if w.state in TERMINAL and st.state not in TERMINAL:
+            return None         # a late report never revives a finished workload
+        message = STOPPING if st.id in self.stopping and st.state not in TERMINAL else st.message
+        n = self._copy(w, state=st.state, pid=st.pid, exit_code=st.exit_code, message=message)
+        if st.endpoint:
+            n.endpoint = st.endpoint        # a backend's address, picked by the agent
+            n.endpoint_certificate = st.endpoint_certificate    # ... its server's (new at each start)
+            n.command[:] = st.command
+            n.env.update(st.env)            # ... its own variables (vLLM's KV cache size on CPUs)
+            if st.backend.device:
+                n.backend.device = st.backend.device      # ... and the vLLM build it chose
+        if st.network_address:
+            n.network_address = st.network_address      # an isolated workload's bridge address
+        for f in ("started_at", "finished_at"):
+            if st.HasField(f):
+                getattr(n, f).CopyFrom(getattr(st, f))
+        return n
 
     async def _log_chunk(self, node: str, chunk: node_service_pb2.LogChunk) -> None:
         q = self.log_queues.get(chunk.request_id)
@@ -339,7 +299,7 @@ class WorkloadManager:
             try:
                 if resync:
                     self.resyncs += 1
-                    if not await self._apply_slices(self._reconcile_all()):
+                    if not await self._apply_slices(list(self.workloads), self._reconciled, "resync"):
                         continue    # not written: again (a subscription anew, the fleet read anew)
                 while True:
                     try:
@@ -350,14 +310,10 @@ class WorkloadManager:
                         break
                     if ev is None:
                         break       # ended by the hub: subscribe again and resync
-                    changed = []
-                    for w in list(self.workloads.values()):
-                        if w.slice_id != ev.slice.id or w.state in TERMINAL:
-                            continue
-                        n = self._follow(w, None if ev.type == DELETED else ev.slice)
-                        if n is not None:
-                            changed.append(n)
-                    if not await self._apply_slices(changed):
+                    sid, s = ev.slice.id, None if ev.type == DELETED else ev.slice
+                    ids = [w.id for w in self.workloads.values() if w.slice_id == sid and w.state not in TERMINAL]
+                    if not await self._apply_slices(ids, lambda w: None if w.slice_id != sid or w.state in TERMINAL
+                                                    else self._follow(w, s), f"slice {sid} changed"):
                         break       # not written (nothing delivers this change again): resync from the fleet
                 resync = True
             finally:
@@ -373,19 +329,13 @@ class WorkloadManager:
             return self._copy(w, state=W.WORKLOAD_STATE_UNKNOWN, message=f"node {w.node} NotReady: {s.message}")
         return None
 
-    def _reconcile_all(self) -> list[types_pb2.Workload]:
-        out = []
-        for w in list(self.workloads.values()):
-            if w.state in TERMINAL:
-                continue
-            n = self._follow(w, self.ctl.fleet.slices.get(w.slice_id))
-            if n is not None:
-                out.append(n)
-        return out
+    def _reconciled(self, w: types_pb2.Workload) -> types_pb2.Workload | None:
+        """The workload's record given its slice as the fleet holds it now."""
+        return None if w.state in TERMINAL else self._follow(w, self.ctl.fleet.slices.get(w.slice_id))
 
-    async def _apply_slices(self, changed: list[types_pb2.Workload]) -> bool:
+    async def _apply_slices(self, ids: list[str], change, what: str) -> bool:
         try:
-            await self.save(changed)
+            await self.update(ids, change, what)
             return True
         except errors.MeshError as e:
             log(logger, logging.WARNING, "cannot update workloads; resyncing", error=str(e))

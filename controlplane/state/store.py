@@ -9,7 +9,6 @@ leadership can no longer write, whatever it believes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import urllib.parse
@@ -21,6 +20,8 @@ import grpc
 from prometheus_client import Counter
 
 from controlplane.state import keys
+# the operations and preconditions of a transaction (their own module; imported from here by the callers)
+from controlplane.state.txnops import Absent, Delete, Present, Put, Revision, Snapshot  # noqa: F401
 from mesh import errors
 
 WRITE_ERRORS = Counter("gpumesh_etcd_write_errors_total", "etcd transactions that failed: etcd unreachable or "
@@ -30,36 +31,6 @@ WRITE_ERRORS = Counter("gpumesh_etcd_write_errors_total", "etcd transactions tha
 log = logging.getLogger(__name__)
 
 ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, asyncio.TimeoutError)
-
-
-@dataclasses.dataclass
-class Put:
-    key: bytes
-    value: bytes
-    lease: int | None = None
-
-
-@dataclasses.dataclass
-class Delete:
-    key: bytes
-
-
-@dataclasses.dataclass
-class Absent:
-    """Precondition: the key does not exist."""
-    key: bytes
-
-
-@dataclasses.dataclass
-class Present:
-    """Precondition: the key exists."""
-    key: bytes
-
-
-@dataclasses.dataclass
-class Snapshot:
-    revision: int
-    kvs: dict[bytes, tuple[bytes, int, int]]  # key -> (value, mod_revision, lease)
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:
@@ -252,9 +223,17 @@ class EtcdStore:
         kv = await self._call(lambda c: c.get(key))
         return kv.value if kv is not None else None
 
+    async def read(self, key: bytes) -> tuple[bytes, int] | None:
+        """The key's (value, mod revision), or None: what a `Revision` precondition is checked against."""
+        try:
+            kv, _ = await self._range(key)
+        except (*ETCD_ERRORS, grpc.RpcError) as e:
+            raise errors.Unavailable(f"etcd: {e}") from e
+        return (kv.value, kv.mod_revision) if kv is not None else None
+
     # -- writes --------------------------------------------------------------------
 
-    async def commit(self, ops: list[Put | Delete], conditions: list[Absent | Present] = ()) -> int:
+    async def commit(self, ops: list[Put | Delete], conditions: list[Absent | Present | Revision] = ()) -> int:
         """Apply `ops` atomically if this process is still the leader and every
         condition holds. Returns the revision of the write.
 
@@ -269,6 +248,8 @@ class EtcdStore:
         for c in conditions:
             if isinstance(c, Absent):
                 compare.append(tx.create(c.key) == 0)
+            elif isinstance(c, Revision):
+                compare.append(tx.mod(c.key) == c.mod_revision)
             else:
                 compare.append(tx.create(c.key) > 0)
         success = [tx.put(o.key, o.value, lease=o.lease) if isinstance(o, Put) else tx.delete(o.key)

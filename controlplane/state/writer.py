@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 
-from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
+from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put, Revision
 from mesh import errors
 from mesh.logs import log as slog
 
@@ -56,7 +56,7 @@ class Writer:
         self._fail(self._inflight, errors.Unavailable("the control plane is stopping"))
         self._drain(errors.Unavailable("the control plane is stopping"))
 
-    async def write(self, ops: list[Put | Delete], conditions: list[Absent | Present] = ()) -> int:
+    async def write(self, ops: list[Put | Delete], conditions: list[Absent | Present | Revision] = ()) -> int:
         if self.failed:
             raise errors.Unavailable(f"the etcd writer of this control plane failed ({self.failed}); it stepped "
                                      f"down: retry at the new leader")

@@ -82,7 +82,11 @@ def manager(etcd: Etcd, workload: types_pb2.Workload | None):
                                 writer=types.SimpleNamespace(write=etcd.write),
                                 recorder=types.SimpleNamespace(emit=lambda *a, **k: None))
     wm = types.SimpleNamespace(extra_desired=[], workloads={WID: workload} if workload else {}, stopping=set(),
-                               waiters={})
+                               waiters={}, revisions={})
+
+    async def refresh(wid: str) -> int:     # etcd's record is the one in memory: a refusal was not its change
+        return wm.revisions.get(wid, 0)
+    wm.refresh = refresh
     if workload is not None:
         etcd.kv[keys.workload(WID)] = workload.SerializeToString()
     return migrations.MigrationManager(ctl, wm), sessions, wm

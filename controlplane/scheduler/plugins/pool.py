@@ -5,7 +5,8 @@ pool and the limit ("PoolExhausted: pool "a" quota max_slices=2 reached").
 The pools are handed in by the pool store (controlplane/pools/store.py `attach`), which also calls
 `on_change` (the framework's cache invalidation) when one changes. A request of a pool this plugin does not
 know is refused (the pool was deleted after the deployment was made). The pre-filter judges the least a slice
-can take on the pool's GPU models; `permit` checks what the slices chosen take (their GPU model may charge more)."""
+can take on the pool's GPU models (never refusing what `permit` allows); `permit` checks what the slices chosen
+take (their GPU model and sharing kind may charge more)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from controlplane.state.fleet import Fleet, GpuState, NodeEntry
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
 from mesh import pools as P
 from mesh.cost import PriceTable, slice_share
-from mesh.models import vram
 from mesh.slicespec import ISOLATION_ENUM, SliceRequest
 
 NAME = "Pool"
@@ -43,24 +43,30 @@ class Plugin:
         return None if name is None else self.pools.get(name)
 
     def estimate(self, pool, req: SliceRequest, fleet: Fleet) -> tuple[float, float]:
-        """The least (GPU-equivalents, dollars per hour) one slice of `req` can take on the pool's GPU
-        models present in the fleet (its share depends on the GPU it lands on)."""
+        """The least GPU-equivalents and the least dollars per hour one slice of `req` can be charged (each a
+        bound of its own) on the pool's GPU models present in the fleet, in MIG mode or not: `slice_share` of
+        what NodeResourcesFit would give it there, as `permit` counts it. (It used to count a MIG profile named
+        without memory as a whole GPU, a MIG-capable model only in MIG mode, and a time-share slice at its
+        compute share rather than the memory it is charged for: refusing what the permit step allows.)"""
         models = {g.model.name: g.model for e in fleet.nodes.values() for g in e.gpus
                   if not pool.selector.gpu_models or g.model.name in pool.selector.gpu_models}
-        best: tuple[float, float] | None = None
+        shares, dollars = [], []
         for m in models.values():
-            fit = vram.slice_for(req.memory_bytes, m) if req.memory_bytes else None
-            if req.isolation == "exclusive" or fit is None:
-                share = req.compute_share or 1.0
-            elif fit.mig_profile and req.isolation in (None, "mig"):
-                share = m.profile(fit.mig_profile).memory_slices / 8
-            else:
-                share = max(req.compute_share, req.memory_bytes / (m.memory_mib * 2**20))
-            share = min(1.0, share)
-            cand = (share, share * self.prices.gpu_hour(m.name))
-            if best is None or cand[1] < best[1] or (cand[1] == best[1] and cand[0] < best[0]):
-                best = cand
-        return best or (0.0, 0.0)
+            options = []
+            if m.mig_capable and req.isolation in (None, "mig"):
+                # the profile asked for, else the smallest that holds the memory (the scheduler's may be larger:
+                # it also asks the compute share)
+                p = next((p for p in m.mig_profiles if p.name == req.mig_profile), None) if req.mig_profile \
+                    else m.smallest_profile_for(req.memory_bytes, 0.0)
+                if p is not None:
+                    options.append(slice_share(ISOLATION_ENUM["mig"], m.name, profile=p.name))
+            if req.isolation != "mig":
+                options.append(slice_share(ISOLATION_ENUM[req.isolation or "timeshare"], m.name,
+                                           memory_bytes=req.memory_bytes, compute_share=req.compute_share))
+            if options:
+                shares.append(min(options))
+                dollars.append(shares[-1] * self.prices.gpu_hour(m.name))
+        return min(shares, default=0.0), min(dollars, default=0.0)
 
     def pre_filter(self, state: CycleState, req: SliceRequest, fleet: Fleet) -> Status:
         name = req.labels.get(P.LABEL)

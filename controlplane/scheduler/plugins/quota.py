@@ -2,14 +2,21 @@
 its slices' compute shares), and ask for at most priority `max_priority` (a priority above other tenants'
 lets its requests preempt their slices); a request over a limit is refused naming the quota.
 
-The pre-filter refuses early from what the request names; `permit` checks the placement the cycle chose,
-with the memory and compute shares its slices will really hold (a MIG profile's, a time-share slice's whole
-GPU: the request does not name them), less what preempting the tenant's own victims gives back."""
+`permit` checks the placement the cycle chose, with the memory and compute shares its slices will really
+hold (a MIG profile's, a time-share slice's whole GPU: the request does not name them), less what preempting
+the tenant's own victims gives back; it is the authority. The pre-filter refuses early only what no placement
+could bring within the quota: it counts the least a slice of the request can take on any GPU model it may land
+on (`least_take`), and for a request that may preempt, the tenant's usage less all its slices it could evict.
+(It used to count a MIG profile as a whole GPU, refusing a tenant near `max_gpus` a slice that fitted.)"""
 
 from __future__ import annotations
 
-from controlplane.state.fleet import Fleet
+import functools
+
+from controlplane.state.fleet import MIB, Fleet
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
+from gpumesh.v1 import types_pb2
+from mesh import gpumodels
 from mesh.slicespec import SliceRequest
 
 NAME = "TenantQuota"
@@ -38,15 +45,19 @@ class Plugin:
         q = self.tenants.get(req.tenant, self.default)
         if not q:
             return SUCCESS
-        slices, memory, gpus = fleet.usage.get(req.tenant, (0, 0, 0.0))
-        share = 1.0 if req.isolation == "exclusive" else (req.compute_share or (1.0 if req.memory_bytes == 0 else 0.0))
-        want = {"max_slices": (slices, req.count), "max_memory_bytes": (memory, req.memory_bytes * req.count),
-                "max_gpus": (gpus, share * req.count)}
         cap = q.get("max_priority")
         if cap is not None and req.priority > cap:
             why = f"tenant {req.tenant} quota max_priority={cap:g} exceeded: asks priority {req.priority}"
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
-        return _check_limits(req.tenant, q, want)
+        share, memory_each = least_take(req.memory_bytes, req.compute_share, req.isolation, req.mig_profile,
+                                        _models(req))
+        more = (req.count, memory_each * req.count, share * req.count)
+        used = fleet.usage.get(req.tenant, (0, 0, 0.0))
+        st = _check_limits(req.tenant, q, _want(used, more))
+        if not st.ok and req.preempt:
+            # permit counts the usage less the tenant's own victims: judge it on the least it could come to
+            st = _check_limits(req.tenant, q, _want(_usage_after_preemption(fleet, req, used), more))
+        return st
 
     def permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, choices: list, victims=()) -> Status:
         """The chosen placement (`choices`, after evicting the allocations `victims`) within the quota."""
@@ -62,6 +73,61 @@ class Plugin:
                 "max_memory_bytes": (memory, sum(c.memory_bytes for c in choices)),
                 "max_gpus": (gpus, sum(c.compute_share for c in choices))}
         return _check_limits(req.tenant, q, want)
+
+
+def _want(used, more) -> dict:
+    return {k: (u, m) for k, u, m in zip(("max_slices", "max_memory_bytes", "max_gpus"), used, more)}
+
+
+def _models(req: SliceRequest) -> tuple[str, ...]:
+    """The GPU models `req` may land on (all known ones when it names none)."""
+    if req.gpu_model:
+        return (req.gpu_model,)
+    return tuple(req.gpu_models) or tuple(gpumodels.MODELS)
+
+
+@functools.lru_cache(maxsize=4096)
+def least_take(memory_bytes: int, compute_share: float, isolation: str | None, mig_profile: str | None,
+               models: tuple[str, ...]) -> tuple[float, int]:
+    """The least compute share and the least GPU memory one slice of such a request can be charged on any of
+    `models`, in MIG mode or not, by the figures NodeResourcesFit (`fit_one`) gives the slice it picks and
+    permit counts. Each is a lower bound on its own (the two may come from different GPUs). A MIG slice's
+    figures are its profile's; where a figure depends on the memory the GPU reports (an MPS slice's default
+    share, an exclusive slice's memory) the bound does not assume the catalog's, which a card may exceed."""
+    shares, memories = [], []
+    for name in models:
+        m = gpumodels.MODELS.get(name)
+        if m is None:
+            continue
+        if m.mig_capable and isolation in (None, "mig"):
+            if mig_profile:
+                p = next((p for p in m.mig_profiles if p.name == mig_profile), None)
+            else:
+                p = m.smallest_profile_for(memory_bytes, compute_share)
+            if p is not None:
+                shares.append(round(p.compute_slices / gpumodels.MIG_COMPUTE_SLICES, 4))
+                memories.append(p.memory_mib * MIB)
+        if isolation != "mig":
+            if isolation == "exclusive":
+                shares.append(1.0)
+            elif compute_share or isolation in (None, "timeshare"):
+                shares.append(round(compute_share or 1.0, 4))
+            else:
+                shares.append(0.0)        # MPS: the memory asked over the GPU's (as the GPU reports it)
+            memories.append(memory_bytes)  # exclusive: the whole GPU, at least the memory asked
+    # no model can hold it: the filters refuse it, with a better reason than a quota
+    return min(shares, default=0.0), min(memories, default=0)
+
+
+def _usage_after_preemption(fleet: Fleet, req: SliceRequest, used) -> tuple:
+    """The tenant's usage less every slice of its own that `req` could preempt (those of lower priority
+    that are not already being released): the least it can hold once permit subtracts the victims."""
+    slices, memory, gpus = used
+    for s in fleet.slices.values():
+        if (s.tenant == req.tenant and s.allocation_id and s.priority < req.priority
+                and s.state != types_pb2.SLICE_STATE_RELEASING):
+            slices, memory, gpus = slices - 1, memory - s.memory_bytes, gpus - s.compute_share
+    return slices, memory, gpus
 
 
 def _check_limits(tenant: str, q: dict, want: dict) -> Status:

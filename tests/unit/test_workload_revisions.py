@@ -1,0 +1,119 @@
+"""Workload records are written on the condition that etcd still holds the record they were computed from (its
+mod revision), against a real etcd with the real group-commit writer: a source node's status report computed
+before a live migration's commit and written after it no longer puts the workload back on the source, and a
+commit that a report went before is computed again rather than rolled back (workloadrecords.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane.controllers.migration_phases import P, R
+from controlplane.controllers.migrations import MigrationManager
+from controlplane.controllers.slices import Controller
+from controlplane.controllers.workloads import WorkloadManager
+from controlplane.state import keys
+from controlplane.state.store import EtcdStore
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import node_service_pb2 as N
+from gpumesh.v1 import types_pb2 as T
+
+WID, MID = "w-1", "m-1"
+
+
+class Recorder:
+    def emit(self, *args, **kw) -> None:
+        pass
+
+
+@pytest.fixture
+async def world(etcd_server, etcd_client):
+    """A leader over etcd holding workload WID running on nA and migration MID copying it to nB."""
+    store = EtcdStore([etcd_server.endpoint])
+    await store.connect()
+    await store.become_leader("workload-revisions-test", ttl=30)
+    ctl = Controller(store)
+    ctl.recorder = Recorder()
+    ctl.writer.start()
+    for name in ("nA", "nB"):
+        ctl.fleet.upsert_node(T.Node(name=name, inventory=T.NodeInventory(hostname=name))).ready = True
+    w = T.Workload(id=WID, node="nA", slice_id="s-a", tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
+    m = M.Migration(id=MID, workload_id=WID, tenant="t", source_node="nA", source_slice="s-a", target_node="nB",
+                    target_slice="s-b", phase=P.MIGRATION_PHASE_COPYING)
+    await etcd_client.put(keys.workload(WID), w.SerializeToString())
+    await etcd_client.put(keys.migration(MID), m.SerializeToString())
+    wm = WorkloadManager(ctl)
+    await wm.load()
+    mm = MigrationManager(ctl, wm)
+    mm.migrations[MID] = m
+    try:
+        yield ctl, wm, mm, m
+    finally:
+        await wm.stop()
+        await ctl.writer.stop()
+        await store.revoke_lease(store.session_lease)
+        await store.close()
+
+
+def report(pid: int, state: int = T.WORKLOAD_STATE_RUNNING, started: int = 0) -> N.WorkloadStatusReport:
+    st = T.Workload(id=WID, state=state, pid=pid)
+    if started:
+        st.started_at.seconds = started
+    return N.WorkloadStatusReport(workloads=[st])
+
+
+async def in_etcd(etcd_client) -> tuple[T.Workload, int]:
+    kv = await etcd_client.get(keys.workload(WID))
+    return T.Workload.FromString(kv.value), kv.mod_revision
+
+
+async def test_a_source_report_written_after_the_commit_leaves_the_workload_on_the_target(world, etcd_client):
+    ctl, wm, mm, m = world
+    # both run to their writes in this order before the writer takes either: the report is computed from the
+    # record on nA (the commit is not adopted yet) and reaches etcd after the commit
+    commit = asyncio.create_task(mm._commit(m, M.MigrationReport(migration_id=MID, event=R.RESTORED, step=5)))
+    late = asyncio.create_task(wm._report("nA", report(pid=99, state=T.WORKLOAD_STATE_FAILED)))
+    await asyncio.wait_for(asyncio.gather(commit, late), 30)
+    rec, rev = await in_etcd(etcd_client)
+    assert (rec.node, rec.slice_id, rec.state) == ("nB", "s-b", T.WORKLOAD_STATE_RUNNING), rec
+    assert rec.pid != 99
+    assert wm.workloads[WID] == rec and wm.revisions[WID] == rev
+    assert m.phase == P.MIGRATION_PHASE_COMMITTED
+    assert wm.conflicts == 1        # the report's write was refused, read back, and found stale
+    # a report from nA now changes nothing, and writes nothing
+    await wm._report("nA", report(pid=98))
+    assert (await in_etcd(etcd_client))[1] == rev
+
+
+async def test_a_commit_that_a_source_report_went_before_is_computed_again_not_rolled_back(world, etcd_client):
+    ctl, wm, mm, m = world
+    early = asyncio.create_task(wm._report("nA", report(pid=99, started=1234)))
+    commit = asyncio.create_task(mm._commit(m, M.MigrationReport(migration_id=MID, event=R.RESTORED, step=5)))
+    await asyncio.wait_for(asyncio.gather(early, commit), 30)
+    rec, rev = await in_etcd(etcd_client)
+    assert (rec.node, rec.slice_id, rec.state) == ("nB", "s-b", T.WORKLOAD_STATE_RUNNING), rec
+    assert m.phase == P.MIGRATION_PHASE_COMMITTED
+    # the commit's first write, computed before the report landed, was refused; the second, computed from the
+    # report's record, keeps what the report said that is still true (it did not undo the report)
+    assert rec.started_at.seconds == 1234
+    assert wm.workloads[WID] == rec and wm.revisions[WID] == rev
+
+
+async def test_concurrent_changes_of_one_record_are_both_kept(world, etcd_client):
+    ctl, wm, mm, m = world
+
+    def change(**fields):
+        def apply(w: T.Workload) -> T.Workload:
+            n = T.Workload()
+            n.CopyFrom(w)
+            for k, v in fields.items():
+                setattr(n, k, v)
+            return n
+        return apply
+    # computed from the same record: the second is refused by etcd and applied again to the first's
+    await asyncio.wait_for(asyncio.gather(wm.update([WID], change(pid=42), "a"),
+                                          wm.update([WID], change(network_address="10.1.0.2"), "b")), 30)
+    rec, rev = await in_etcd(etcd_client)
+    assert (rec.pid, rec.network_address, rec.node) == (42, "10.1.0.2", "nA")
+    assert wm.workloads[WID] == rec and wm.revisions[WID] == rev and wm.conflicts == 1
