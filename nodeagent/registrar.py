@@ -44,8 +44,9 @@ from mesh.transport import channel, cuda_ipc, verbs
 from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDamaged, BufferDescriptor, OutOfBounds, Revoked,
                                  TransportError, check_bounds, new_key)
 from mesh.transport.dataplane import DAMAGED_BUFFERS
-from mesh.transport.shm import PREFIX, ShmRegion, segment_exists, unlink_segment
+from mesh.transport.shm import PREFIX, ShmRegion, owner_tag, segment_exists, unlink_segment
 from nodeagent.meshrecords import BufferRecords
+from nodeagent.meshsweep import sweep_orphan_segments
 from mesh.transport.tcp import TcpDataPlane
 from mesh.transport.wire import OK, OUT_OF_BOUNDS, QP_ERROR
 
@@ -97,6 +98,10 @@ class Registrar:
                                    refuse_unscoped=True)   # the control plane gives every buffer a secret
         self.buffers: dict[str, Held] = {}
         self.records = BufferRecords(state_dir) if state_dir else None
+        # this agent's mark in its segments' headers; the segments a killed run left unrecorded go now
+        self.owner = owner_tag(self.node, state_dir)
+        sweep_orphan_segments(self.node, self.owner, {r["shm_name"] for r in self.records.load().values()}
+                              if self.records is not None else set(), getattr(agent, "isolator", None))
         self.verbs = verbs_transport
         self.verbs_unavailable = "" if verbs_transport is not None else (verbs_unavailable or "no verbs transport")
         self.cuda = cuda_transport
@@ -165,7 +170,7 @@ class Registrar:
                 desc.node, desc.endpoint = self.node, ""
                 self.buffers[bid] = Held(desc, connection_id)
                 return desc
-            region = ShmRegion(bid, size, new_key(), secret, outlive_process=True)
+            region = ShmRegion(bid, size, new_key(), secret, outlive_process=True, owner=self.owner)
         tenant = getattr(self.agent.desired[slice_id], "tenant", "")
         try:
             if transport == "verbs":
@@ -225,7 +230,7 @@ class Registrar:
             except OSError as e:
                 raise BufferGone(f"buffer {bid}: cannot restore segment {name} from the slice's link: {e}") from None
         try:
-            return ShmRegion.reopen(bid, size, secret)
+            return ShmRegion.reopen(bid, size, secret, owner=self.owner)
         except Revoked as e:
             raise BufferGone(e.message) from None
         except BufferDamaged as e:       # the tenant shrank it or overwrote its header: its memory is not the buffer
