@@ -106,8 +106,8 @@ class ShmRegion:
             _untrack(self.shm)      # only revoke() unlinks it
         _OWNED.add(self.name)
         self.segment = Segment(self.shm._fd, buffer_id, length)       # noqa: SLF001
-        self.segment.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid())
-                                  + TAG.pack(secret_tag(secret, self.name) if secret else NO_TAG)
+        self.tag = secret_tag(secret, self.name) if secret else NO_TAG      # what peers check (and the agent's audit)
+        self.segment.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid()) + TAG.pack(self.tag)
                                   + OWNER.pack(owner or NO_OWNER))
         self.data = self.shm.buf[HEADER_BYTES:HEADER_BYTES + length]
 
@@ -158,7 +158,7 @@ class ShmRegion:
         self = cls.__new__(cls)
         self.buffer_id, self.length, self.rkey, self.name, self.shm = buffer_id, length, rkey, name, shm
         self._tracked = False
-        self.segment = seg
+        self.segment, self.tag = seg, tag
         _OWNED.add(name)
         seg.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid()) + head[HEADER.size:HEAD]
                          + (OWNER.pack(owner) if owner else head[HEAD:]))
