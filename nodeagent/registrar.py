@@ -24,7 +24,10 @@ from the records in `<state_dir>/mesh/<node>/`, nodeagent/meshrecords.py).
 The segments outlive the agent process: `MeshRegister.recover` re-adopts one
 (same bytes, same shm key; a verbs buffer gets a new MR and QP over it), so a
 connection comes back after an agent restart (docs/mesh.md "What survives
-what").
+what"). A buffer found unusable while held (its segment damaged or removed) is
+reported so that its connection turns FAILED (nodeagent/meshhealth.py); a
+starting registrar removes the segments a killed run left unrecorded
+(nodeagent/meshsweep.py).
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ from mesh.transport import channel, cuda_ipc, verbs
 from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDamaged, BufferDescriptor, OutOfBounds, Revoked,
                                  TransportError, check_bounds, new_key)
 from mesh.transport.dataplane import DAMAGED_BUFFERS
-from mesh.transport.shm import PREFIX, ShmRegion, segment_exists, unlink_segment
+from mesh.transport.shm import PREFIX, ShmRegion, owner_tag, segment_exists, unlink_segment
+from nodeagent.meshhealth import BufferHealth
 from nodeagent.meshrecords import BufferRecords
+from nodeagent.meshsweep import sweep_orphan_segments
 from mesh.transport.tcp import TcpDataPlane
 from mesh.transport.wire import OK, OUT_OF_BOUNDS, QP_ERROR
 
@@ -92,11 +97,18 @@ class Registrar:
         self.tls = tls
         if tls and identity is None:
             identity = channel.TlsIdentity.self_signed(self.node)
+        self.health = BufferHealth(self)        # unusable buffers: reported, their connections turn FAILED
         self.server = TcpDataPlane(host or "0.0.0.0", port, advertise or route_source(agent.endpoint),
                                    identity=identity if tls else None, require_tls_remote=tls, rdma=self,
-                                   refuse_unscoped=True)   # the control plane gives every buffer a secret
+                                   refuse_unscoped=True,   # the control plane gives every buffer a secret
+                                   on_damaged=lambda region, e: self.health.fail(region.buffer_id,
+                                                                                 e.reason or "shrunk", e.message))
         self.buffers: dict[str, Held] = {}
         self.records = BufferRecords(state_dir) if state_dir else None
+        # this agent's mark in its segments' headers; the segments a killed run left unrecorded go now
+        self.owner = owner_tag(self.node, state_dir)
+        sweep_orphan_segments(self.node, self.owner, {r["shm_name"] for r in self.records.load().values()}
+                              if self.records is not None else set(), getattr(agent, "isolator", None))
         self.verbs = verbs_transport
         self.verbs_unavailable = "" if verbs_transport is not None else (verbs_unavailable or "no verbs transport")
         self.cuda = cuda_transport
@@ -137,6 +149,9 @@ class Registrar:
             if held is not None and (held.descriptor.transport != transport or held.descriptor.length != size):
                 raise BufferGone(f"buffer {bid} on node {self.node} is a {held.descriptor.transport} buffer of "
                                  f"{held.descriptor.length} bytes, not {transport} of {size}")
+            unusable = self._unusable(bid) if held is not None else ""
+            if unusable:
+                raise BufferGone(unusable)                # damaged or removed while held: not the buffer any more
             if held is not None and transport != "verbs":
                 return held.descriptor                    # still registered: nothing changed
             if transport == "cuda_ipc":
@@ -165,7 +180,7 @@ class Registrar:
                 desc.node, desc.endpoint = self.node, ""
                 self.buffers[bid] = Held(desc, connection_id)
                 return desc
-            region = ShmRegion(bid, size, new_key(), secret, outlive_process=True)
+            region = ShmRegion(bid, size, new_key(), secret, outlive_process=True, owner=self.owner)
         tenant = getattr(self.agent.desired[slice_id], "tenant", "")
         try:
             if transport == "verbs":
@@ -206,6 +221,12 @@ class Registrar:
             buffer=bid, slice=slice_id, size=size, transport=transport)
         return desc
 
+    def _unusable(self, bid: str) -> str:
+        """Why held buffer `bid` is unusable (its segment damaged or removed: reported), or ""."""
+        self.health.audit()
+        failed = self.health.failure(bid)
+        return failed.message if failed is not None else ""
+
     def _slice_link(self, slice_id: str, name: str) -> str:
         """Where the slice's private /dev/shm holds a hard link of the segment (isolation), or ""."""
         root = getattr(getattr(self.agent, "isolator", None), "shm_root", "")
@@ -225,7 +246,7 @@ class Registrar:
             except OSError as e:
                 raise BufferGone(f"buffer {bid}: cannot restore segment {name} from the slice's link: {e}") from None
         try:
-            return ShmRegion.reopen(bid, size, secret)
+            return ShmRegion.reopen(bid, size, secret, owner=self.owner)
         except Revoked as e:
             raise BufferGone(e.message) from None
         except BufferDamaged as e:       # the tenant shrank it or overwrote its header: its memory is not the buffer
@@ -251,6 +272,7 @@ class Registrar:
 
     def deregister(self, buffer_id: str, reason: str = "") -> bool:
         held = self.buffers.pop(buffer_id, None)
+        self.health.forget(buffer_id)
         if held is None:
             rec = self.records.get(buffer_id) if self.records is not None else None
             if rec is not None:             # a previous run's buffer, not recovered: its memory goes too
@@ -304,6 +326,7 @@ class Registrar:
         agent does not call this: its buffers outlive it for the next run to recover."""
         for bid in list(self.buffers) + list(self._unrecovered()):
             self.deregister(bid, "registrar closed")
+        self.health.stop()
         self.server.close()
 
     # -- Sync stream ----------------------------------------------------------------------
@@ -324,6 +347,7 @@ class Registrar:
         outbox.put_nowait(node_service_pb2.AgentMessage(mesh_hello=M.MeshHello(
             endpoint=self.server.endpoint, transports=self.transports, buffers=sorted(self.buffers),
             verbs_unavailable=self.verbs_unavailable, tls=self.tls, recoverable=sorted(recoverable))))
+        self.health.attach(outbox)           # the buffers found unusable, on this stream too
 
     async def on_register(self, msg: M.MeshRegister, outbox) -> None:
         reply = M.MeshRegistered(request_id=msg.request_id)

@@ -152,16 +152,20 @@ def stop_workloads(state_dir: str | os.PathLike, grace: float = 5.0) -> int:
 
 def remove_mesh_segments(state_dir: str | os.PathLike) -> int:
     """Unlink the mesh buffers' shared memory segments the cluster's agents registered (their records,
-    nodeagent/meshrecords.py, under each agent's `mesh/<node>/`): a segment outlives its agent (a restarted
-    agent re-adopts it), not the cluster. Another cluster's segments stay. The number unlinked."""
-    from mesh.transport.shm import PREFIX, unlink_segment
+    nodeagent/meshrecords.py, under each agent's `mesh/<node>/`, and those without a record that carry the
+    agent's owner tag: left by a run killed between making a segment and recording it): a segment outlives its
+    agent (a restarted agent re-adopts it), not the cluster. Another cluster's segments stay. The number
+    unlinked."""
+    from mesh.transport.shm import PREFIX, owner_tag, unlink_segment
     from nodeagent.meshrecords import BufferRecords
+    from nodeagent.meshsweep import sweep_orphan_segments
     agents = Path(state_dir) / "agents"
     gone = 0
     for d in sorted(agents.glob("*/mesh/*")) if agents.is_dir() else []:
         if d.is_dir():
             gone += sum(unlink_segment(r["shm_name"]) for r in BufferRecords(str(d)).load().values()
                         if r["shm_name"].startswith(PREFIX) and "/" not in r["shm_name"])
+            gone += len(sweep_orphan_segments(d.name, owner_tag(d.name, str(d)), set()))
     return gone
 
 

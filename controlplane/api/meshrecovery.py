@@ -17,8 +17,10 @@ the connection is READY again.
 
 A buffer whose memory is gone (segment removed, slice torn down, a cuda_ipc
 buffer, which is device memory of the dead process) turns the connection FAILED
-with the reason. An agent that is away leaves the connection RECOVERING: its
-next MeshHello resumes it. Disconnect and slice releases win: a recovery never
+with the reason, and so does a buffer its agent reports unusable while it holds
+it (`MeshBufferFailed`: its segment damaged or removed, nodeagent/meshhealth.py).
+An agent that is away leaves the connection RECOVERING: its next MeshHello
+resumes it. Disconnect and slice releases win: a recovery never
 writes back a connection that is being or was disconnected, and buffers it
 re-registered for one are revoked.
 """
@@ -153,13 +155,9 @@ class MeshRecovery:
             return "gone"
         for (sid, d), r in zip(sides, results):
             if isinstance(r, UNRECOVERABLE):
-                failed = self.mgr._with(self.mgr.connections[cid], state=FAILED,
-                                        message=f"buffer {d.buffer_id} of slice {sid} on node {d.node} cannot be "
-                                                f"recovered: {r.message if isinstance(r, errors.MeshError) else r}; "
-                                                f"disconnect and connect again")
-                await self._store(failed)
-                log(logger, logging.WARNING, "mesh connection failed", connection=cid, buffer=d.buffer_id,
-                    node=d.node, error=str(r))
+                await self.fail(cid, d.buffer_id, f"buffer {d.buffer_id} of slice {sid} on node {d.node} cannot be "
+                                                  f"recovered: {r.message if isinstance(r, errors.MeshError) else r}; "
+                                                  f"disconnect and connect again")
                 return "failed"
         if any(isinstance(r, BaseException) for r in results):
             error = str(next(r for r in results if isinstance(r, BaseException)))
@@ -195,6 +193,16 @@ class MeshRecovery:
         log(logger, logging.INFO, "mesh connection recovered", connection=cid, transport=c.transport,
             buffer_a=da.buffer_id, buffer_b=db.buffer_id)
         return "ready"
+
+    async def fail(self, cid: str, buffer_id: str, message: str) -> bool:
+        """Turn a READY or RECOVERING connection FAILED with `message` (a buffer of it cannot be used: it was not
+        recovered, or its agent found it damaged or removed); False when it is no longer wanted (or already
+        FAILED). A recovery in flight then writes nothing back (`_gone`)."""
+        c = self._live(cid)
+        if c is None or not await self._store(self.mgr._with(c, state=FAILED, message=message)):
+            return False
+        log(logger, logging.WARNING, "mesh connection failed", connection=cid, buffer=buffer_id, error=message)
+        return True
 
     async def _note(self, cid: str, message: str) -> None:
         """Say in the stored RECOVERING connection what it waits for (`meshctl describe connection`)."""

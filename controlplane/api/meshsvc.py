@@ -59,6 +59,7 @@ class MeshManager:
         self._task: asyncio.Task | None = None
         ctl.agent_handlers["mesh_hello"] = self.on_hello
         ctl.agent_handlers["mesh_registered"] = self.on_registered
+        ctl.agent_handlers["mesh_buffer_failed"] = self.on_buffer_failed
 
     async def load(self) -> None:
         for key, (value, _, _) in (await self.ctl.store.load(keys.MESH)).kvs.items():
@@ -89,6 +90,21 @@ class MeshManager:
         fut = self.pending.pop(msg.request_id, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
+
+    async def on_buffer_failed(self, node: str, msg: M.MeshBufferFailed) -> None:
+        """`node`'s agent found a buffer of a connection unusable (damaged or removed segment): the connection
+        turns FAILED with why, so `meshctl mesh get` and peers (MeshConnectionFailed) see it. Only a buffer that
+        the connection places on that node counts."""
+        c = self.connections.get(msg.connection_id)
+        if c is None or not any(d.node == node and d.buffer_id == msg.buffer_id for d in (c.a, c.b)):
+            log(logger, logging.INFO, "an agent reported an unusable buffer no connection places on its node",
+                node=node, buffer=msg.buffer_id, connection=msg.connection_id)
+            return
+        why = msg.message or f"reason {msg.reason or 'unknown'}"
+        if "disconnect and connect again" not in why:
+            why += "; disconnect and connect again"
+        await self.recovery.fail(c.id, msg.buffer_id, f"buffer {msg.buffer_id} of slice {msg.slice_id} on node "
+                                                      f"{node} is unusable ({msg.reason or 'unknown'}): {why}")
 
     async def on_hello(self, node: str, msg: M.MeshHello) -> None:
         """A new Sync stream of `node`'s agent: recover the connections whose buffer it no longer holds (it

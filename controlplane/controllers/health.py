@@ -73,6 +73,7 @@ class HealthController:
         self.policy = policy
         self.gpus: dict[tuple[str, int], GpuRecord] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.task_nodes: dict[asyncio.Task, str] = {}     # the node of each task's GPU (a deletion cancels them)
 
     def rec(self, g: GpuState) -> GpuRecord:
         return self.gpus.setdefault((g.node, g.index), GpuRecord())
@@ -287,7 +288,27 @@ class HealthController:
                 r.migrated.add(w.id)
                 task = asyncio.create_task(self._migrate(g, w.id), name=f"health-migrate-{w.id}")
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self.task_nodes[task] = g.node
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self.task_nodes.pop(task, None)
+
+    def forget_node(self, node: str) -> int:
+        """A deleted node (controllers/nodedelete.py): the recovery of its GPUs ends. The tasks moving workloads
+        off them are cancelled (the deletion ends those workloads and migrations itself; left running, a task
+        tried the node itself next and recorded events on a node that no longer exists) and the GPUs' records
+        (incidents, resets asked, failures) go. Idempotent; the number of tasks cancelled."""
+        for key in [k for k in self.gpus if k[0] == node]:
+            del self.gpus[key]
+        cancelled = [t for t, n in list(self.task_nodes.items()) if n == node and not t.done()]
+        for task in cancelled:
+            task.cancel()
+        if cancelled:
+            log(logger, logging.INFO, "health migrations of a deleted node's GPUs cancelled", node=node,
+                tasks=len(cancelled))
+        return len(cancelled)
 
     async def _migrate(self, g: GpuState, wid: str) -> None:
         """Move `wid` to a healthy GPU: first on another node (the migration manager's default

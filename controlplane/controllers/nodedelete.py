@@ -18,6 +18,9 @@ go on running what the control plane forgets. The deletion is a marker, then ide
 6. the last transaction deletes its record (marker included) and its GPU health records (quarantines);
    the in-memory node, its telemetry and heartbeats go; the event `NodeDeleted` is recorded.
 
+Before step 2 the health controller forgets the node's GPUs (`HealthController.forget_node`): the tasks
+moving workloads off an unhealthy GPU of it are cancelled and no reset is asked of it any more.
+
 Each step skips what went meanwhile (a connection its tenant disconnected, an allocation released): a
 NotFound ends the deletion only when the node itself is gone.
 
@@ -198,6 +201,9 @@ class NodeDeleter:
             raise errors.NotFound(f"no node {name!r}", kind="node", name=name)
         why = node_deleted(name)
         out = admin_service_pb2.DeleteNodeResponse(node=self.nodes.view(name))
+        telemetry = getattr(ctl, "telemetry", None)
+        if telemetry is not None:
+            telemetry.health.forget_node(name)      # its GPUs' recovery (migrations off them, resets) ends first
         migrations = getattr(ctl, "migrations", None)
         # named before anything ends: those already failing (their asks of the node fail from the marker on)
         involved = migrations.unfinished_for(name) if migrations is not None else []
@@ -249,8 +255,7 @@ class NodeDeleter:
         if telemetry is not None:
             telemetry.events.pop(name, None)
             telemetry.ib_ports.pop(name, None)
-            for key in [k for k in telemetry.health.gpus if k[0] == name]:
-                del telemetry.health.gpus[key]
+            telemetry.health.forget_node(name)
         deployments = getattr(ctl, "deployments", None)
         if deployments is not None:
             deployments.down_since.pop(name, None)

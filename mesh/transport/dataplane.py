@@ -97,14 +97,16 @@ class TcpDataPlane:
 
     def __init__(self, listen_host: str = "0.0.0.0", port: int = 0, advertise_host: str = "127.0.0.1",
                  identity: channel.TlsIdentity | None = None, require_tls_remote: bool = False, rdma=None, *,
-                 refuse_unscoped: bool = False) -> None:
+                 refuse_unscoped: bool = False, on_damaged=None) -> None:
         """`identity`: TLS certificate for channels from other hosts (None: plaintext only);
         `require_tls_remote`: refuse plaintext from other hosts; `rdma`: the hook that serves
         RDMA_WRITE/RDMA_READ (`check(region, op, offset, length)`, `write(region, offset, view)`,
         `read(region, offset, length)`), None: those ops are refused; `refuse_unscoped`: refuse channels
         that prove no connection secret (for a plane whose every buffer has one, like the agent's: such a
-        channel reaches nothing and would only hold a connection open)."""
+        channel reaches nothing and would only hold a connection open); `on_damaged(region, error)`: called
+        (in a serving thread) when a region is first found damaged (the agent reports its buffer failed)."""
         self.identity, self.require_tls_remote, self.rdma = identity, require_tls_remote, rdma
+        self.on_damaged = on_damaged
         self.refuse_unscoped = refuse_unscoped
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.by_id: dict[str, Region] = {}
@@ -380,10 +382,11 @@ class TcpDataPlane:
             e = region.segment.damage(op)
             if e is None:
                 return OK, ""
-            self._mark_damaged(region, e)
+            self.mark_damaged(region, e)
         return DAMAGED, region.damaged
 
-    def _mark_damaged(self, region: Region, e: BufferDamaged) -> None:
+    def mark_damaged(self, region: Region, e: BufferDamaged) -> None:
+        """From now on `region`'s one-sided operations answer DAMAGED; the first time: counted, logged, reported."""
         with self._lock:
             first, region.damaged = not region.damaged, region.damaged or e.message
         if first:
@@ -391,6 +394,8 @@ class TcpDataPlane:
             log(logger, logging.WARNING, "mesh buffer damaged by a process that maps its segment: its one-sided "
                 "operations fail from now on", buffer=region.buffer_id, slice=region.slice_id, tenant=region.tenant,
                 size=e.size, expected=e.expected, reason=e.reason, op=e.op)
+            if self.on_damaged is not None:
+                self.on_damaged(region, e)
 
     def _segment_op(self, sock: socket.socket, op: int, tag: int, region: Region, off: int, length: int) -> bool:
         """WRITE/READ on a region over a tenant's segment, by system calls only (mesh.transport.segment)."""
@@ -400,7 +405,7 @@ class TcpDataPlane:
         if op == WRITE:
             e = recv_into_segment(sock, region.segment, view, off, length)
             if e is not None:
-                self._mark_damaged(region, e)
+                self.mark_damaged(region, e)
                 self._reply(sock, DAMAGED, tag, region.damaged)
             else:
                 self._reply(sock, OK, tag)
@@ -408,7 +413,7 @@ class TcpDataPlane:
         sock.sendall(RESP.pack(OK, tag, length))
         e = send_from_segment(sock, region.segment, view, off, length)
         if e is not None:                 # shrunk during the copy: the reply is cut short, the channel closes
-            self._mark_damaged(region, e)
+            self.mark_damaged(region, e)
             return False
         return True
 

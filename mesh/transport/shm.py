@@ -2,7 +2,8 @@
 
 It stands in for NVLink peer access between slices of one host: a peer maps
 the owner's segment and reads and writes it with plain memory copies. The
-segment starts with a 64-byte header (magic, rkey, state, length, owner pid);
+segment starts with a 64-byte header (magic, rkey, state, length, owner pid,
+secret tag, owner tag);
 attaching checks the magic and the rkey, and every operation re-checks the
 state word and the owner, so a deregistered buffer (state REVOKED, key
 zeroed, segment unlinked) or a dead owner fails with a typed error. Bounds
@@ -24,6 +25,13 @@ is only unlinked on revocation. A restarted agent re-adopts it
 (`ShmRegion.reopen`: same bytes, same key, its own pid in the header) and
 peers that had it mapped go on: the owner pid is re-read on every operation.
 
+An agent's segment also names its owner in its last 8 header bytes: a tag of
+the agent's node and state directory (`owner_tag`). A segment's name says
+which connection and slice it serves, not which agent made it, and several
+agents may share a host (a local cluster); the tag is what lets a starting
+agent find the segments a killed run of its own left behind that no record
+names (nodeagent/meshsweep.py) and leave every other agent's alone.
+
 The segment is its tenant's file (linked into the slice's private /dev/shm),
 so it can be shrunk or its header overwritten under anyone who maps it. The
 owner's side (`ShmRegion`, the agent) never loads or stores through its
@@ -43,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import secrets
 import struct
 import threading
@@ -58,7 +67,9 @@ MAGIC = b"GPUMESH1"
 HEADER = struct.Struct("<8sQQQQ")      # magic, rkey, state, length, owner pid
 TAG = struct.Struct("<16s")            # at offset HEADER.size: the secret's tag (zero: no secret)
 NO_TAG = bytes(16)
-HEAD = HEADER.size + TAG.size          # the header bytes read back (the rest of the 64 are zero)
+HEAD = HEADER.size + TAG.size          # the header bytes read back by peers
+OWNER = struct.Struct("<8s")           # at offset HEAD: the owning agent's tag (owner_tag; zero: none)
+NO_OWNER = bytes(8)
 PID_MAX = 1 << 22                      # the kernel's largest pid_max
 ACTIVE, REVOKED = 1, 2
 PREFIX = "gpumesh-"
@@ -69,13 +80,22 @@ def secret_tag(secret: bytes, name: str) -> bytes:
     return hmac.new(secret, b"gpumesh-shm-v1|" + name.encode(), hashlib.sha256).digest()[:16]
 
 
+def owner_tag(node: str, state_dir: str = "") -> bytes:
+    """The 8 bytes that say which agent a segment belongs to: its node and the directory of its buffer
+    records (resolved: two spellings of one directory are one owner). Not a secret: it tells a starting agent
+    its own leftovers from another agent's segments on the same host."""
+    where = os.path.realpath(state_dir) if state_dir else ""
+    return hashlib.sha256(f"gpumesh-shm-owner-v1|{node}|{where}".encode()).digest()[:8]
+
+
 class ShmRegion:
     """The owner's side of one segment."""
 
     def __init__(self, buffer_id: str, length: int, rkey: int, secret: bytes = b"", *,
-                 outlive_process: bool = False) -> None:
+                 outlive_process: bool = False, owner: bytes = b"") -> None:
         """`outlive_process`: the segment stays when this process dies (an agent's mesh buffers: a restarted
-        agent re-adopts them); else Python's resource tracker unlinks it when this process ends."""
+        agent re-adopts them); else Python's resource tracker unlinks it when this process ends. `owner`: the
+        agent's `owner_tag`, written into the header (what finds the segment if the agent dies unrecorded)."""
         self.buffer_id = buffer_id
         self.length = length
         self.rkey = rkey
@@ -86,16 +106,18 @@ class ShmRegion:
             _untrack(self.shm)      # only revoke() unlinks it
         _OWNED.add(self.name)
         self.segment = Segment(self.shm._fd, buffer_id, length)       # noqa: SLF001
-        self.segment.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid())
-                                  + TAG.pack(secret_tag(secret, self.name) if secret else NO_TAG))
+        self.tag = secret_tag(secret, self.name) if secret else NO_TAG      # what peers check (and the agent's audit)
+        self.segment.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid()) + TAG.pack(self.tag)
+                                  + OWNER.pack(owner or NO_OWNER))
         self.data = self.shm.buf[HEADER_BYTES:HEADER_BYTES + length]
 
     @classmethod
-    def reopen(cls, buffer_id: str, length: int, secret: bytes = b"") -> "ShmRegion":
+    def reopen(cls, buffer_id: str, length: int, secret: bytes = b"", owner: bytes = b"") -> "ShmRegion":
         """Adopt the segment a previous owner (this agent before a restart) registered: its bytes and its key
-        are kept, the header names this process as the owner. Revoked when the segment is missing (unlinked)
-        or revoked: that buffer's memory is gone; BufferDamaged when it was shrunk or its header overwritten
-        (of another length, not a gpumesh buffer, made for another secret) by a process that maps it."""
+        are kept, the header names this process as the owner (and `owner` as the owning agent, when given).
+        Revoked when the segment is missing (unlinked) or revoked: that buffer's memory is gone; BufferDamaged
+        when it was shrunk or its header overwritten (of another length, not a gpumesh buffer, made for another
+        secret) by a process that maps it."""
         name = PREFIX + buffer_id
         try:
             shm = shared_memory.SharedMemory(name=name)
@@ -110,7 +132,7 @@ class ShmRegion:
         seg = Segment(shm._fd, buffer_id, length)           # noqa: SLF001
         try:
             seg.check("recover")
-            head = seg.read_header(HEAD)
+            head = seg.read_header(HEADER_BYTES)
             magic, rkey, state, size, _ = HEADER.unpack_from(head)
             (tag,) = TAG.unpack_from(head, HEADER.size)
             data = shm.buf[HEADER_BYTES:HEADER_BYTES + length]
@@ -136,9 +158,10 @@ class ShmRegion:
         self = cls.__new__(cls)
         self.buffer_id, self.length, self.rkey, self.name, self.shm = buffer_id, length, rkey, name, shm
         self._tracked = False
-        self.segment = seg
+        self.segment, self.tag = seg, tag
         _OWNED.add(name)
-        seg.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid()))
+        seg.write_header(HEADER.pack(MAGIC, rkey, ACTIVE, length, os.getpid()) + head[HEADER.size:HEAD]
+                         + (OWNER.pack(owner) if owner else head[HEAD:]))
         self.data = data
         return self
 
@@ -194,6 +217,37 @@ def unlink_segment(name: str) -> bool:
 
 def segment_exists(name: str) -> bool:
     return os.path.exists(os.path.join("/dev/shm", name))
+
+
+def buffer_segments() -> list[str]:
+    """The names of the mesh buffers' segments in /dev/shm (PREFIX + a buffer id "b-..."), of every agent."""
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX + "b-"))
+    except OSError:
+        return []
+
+
+def segment_owner(name: str) -> tuple[int, bytes] | None:
+    """(owner pid, owner tag) from the header of the segment `name`; None when it is not a regular file
+    holding a gpumesh header (a symlink, a shrunk or foreign file, one still being created). Read with pread
+    on a descriptor of its own: nothing is mapped."""
+    try:
+        fd = os.open(os.path.join("/dev/shm", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.pread(fd, HEADER_BYTES, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(head) < HEADER_BYTES or head[:len(MAGIC)] != MAGIC:
+        return None
+    pid = HEADER.unpack_from(head)[4]
+    (owner,) = OWNER.unpack_from(head, HEAD)
+    return pid, owner
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:

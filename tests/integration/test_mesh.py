@@ -195,6 +195,11 @@ def test_a_tenant_that_shrinks_its_segment_breaks_its_buffer_not_the_agent(clust
         assert sha(ob.read(0, 1 << 20)) == sha(payload)
     assert agent.running() and agent.pid == pid
     wait_for(lambda: "mesh buffer damaged" in agent.log_tail(200), 30, "the agent's warning about the buffer")
+    # the agent reported it: the connection is FAILED with why (it stayed READY), the other one is untouched
+    failed = wait_for(lambda: (lambda c: c if c.state == M.MESH_CONNECTION_STATE_FAILED else None)(
+        mesh.mesh_get(conn.id)), 30, "the damaged buffer's connection to turn FAILED")
+    assert f"buffer {conn.b.buffer_id}" in failed.message and "unusable (shrunk)" in failed.message
+    assert mesh.mesh_get(other.id).state == M.MESH_CONNECTION_STATE_READY
 
 
 # -- RDMA verbs between two agents (the pyverbs stand-in; both nodes in one agent process) -------

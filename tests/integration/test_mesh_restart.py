@@ -214,3 +214,44 @@ def test_verbs_connection_gets_new_queue_pairs_after_the_agents_are_killed(tmp_p
             assert not os.path.exists("/dev/shm/" + after.a.shm_name)
     finally:
         c.stop()
+
+
+MAKE_SEGMENT = """
+import os, sys
+from mesh.transport.shm import ShmRegion
+ShmRegion(sys.argv[1], 4096, 7, b"s" * 32, outlive_process=True, owner=bytes.fromhex(sys.argv[2]))
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_restarted_agent_removes_the_segments_its_killed_run_left_unrecorded(cluster, mesh, tmp_path):
+    """A segment made by an agent killed before it wrote the buffer's record stayed in /dev/shm for good; the
+    agent's next start removes it (WARNING), and neither a live connection's segments nor another agent's."""
+    import subprocess
+    import sys
+
+    from mesh.transport.shm import PREFIX, owner_tag, segment_exists, unlink_segment
+    a, b = slice_on(mesh, "mr-a"), slice_on(mesh, "mr-b")
+    conn = mesh.mesh_connect(a.id, b.id, size_bytes=4096)
+    records = next((cluster.state_dir / "agents").glob("*/mesh/mr-a"))      # the agent's records directory
+    tag = os.urandom(4).hex()
+    orphan, foreign = f"b-m-{tag}o-{a.id}", f"b-m-{tag}f-{a.id}"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "proto")])}
+    for bid, owner in ((orphan, owner_tag("mr-a", str(records))), (foreign, owner_tag("mr-a", str(tmp_path)))):
+        p = subprocess.run([sys.executable, "-c", MAKE_SEGMENT, bid, owner.hex()], env=env, timeout=60)
+        assert p.returncode == -9 and segment_exists(PREFIX + bid)
+    try:
+        restart_agent(cluster, "mr-a")
+        agent = cluster.agents[cluster.agent_for("mr-a")]
+        wait_for(lambda: "mesh segment left by a killed run of this agent removed" in agent.log_tail(300), 60,
+                 "the restarted agent's warning about the orphan segment")
+        assert not segment_exists(PREFIX + orphan)
+        assert segment_exists(PREFIX + foreign)                     # another agent's (another state directory)
+        after = recovered(mesh, conn, "a")                          # the live buffer's segment was kept
+        with mesh.mesh_open(after, side="a") as pa:
+            pa.write(0, b"still here")
+            assert pa.read(0, 10) == b"still here"
+    finally:
+        unlink_segment(PREFIX + orphan)
+        unlink_segment(PREFIX + foreign)

@@ -54,8 +54,19 @@ class Session:
     def __init__(self, mgr: MeshManager, registrar: Registrar) -> None:
         self.mgr, self.r = mgr, registrar
         self.inbox: asyncio.Queue = asyncio.Queue()
+        self.outbox: asyncio.Queue = asyncio.Queue()     # what the agent sends unasked (after its MeshHello)
         self.seen: list[str] = []
         self.task = asyncio.create_task(self._serve())
+        self.forwarder: asyncio.Task | None = None
+
+    def forward(self) -> None:
+        """Deliver what the agent puts on its stream by itself (MeshBufferFailed) to the control plane."""
+        async def run():
+            while True:
+                msg = await self.outbox.get()
+                if msg.WhichOneof("kind") == "mesh_buffer_failed":
+                    await self.mgr.on_buffer_failed(self.r.node, msg.mesh_buffer_failed)
+        self.forwarder = asyncio.create_task(run())
 
     def send(self, msg) -> None:
         self.inbox.put_nowait(msg)
@@ -74,6 +85,8 @@ class Session:
 
     def close(self) -> None:
         self.task.cancel()
+        if self.forwarder is not None:
+            self.forwarder.cancel()
 
 
 class Cluster:
@@ -104,10 +117,10 @@ class Cluster:
     async def open_session(self, node: str) -> None:
         """The agent's new Sync stream: its MeshHello reaches the control plane."""
         r = self.agents[node]
-        self.sessions[node] = Session(self.mgr, r)
-        hello: asyncio.Queue = asyncio.Queue()
-        r.on_session(hello)
-        await self.mgr.on_hello(node, hello.get_nowait().mesh_hello)
+        self.sessions[node] = session = Session(self.mgr, r)
+        r.on_session(session.outbox)
+        await self.mgr.on_hello(node, session.outbox.get_nowait().mesh_hello)
+        session.forward()
 
     def kill_agent(self, node: str) -> None:
         """SIGKILL: no deregistration; the data plane, QPs and MRs die with the process, the segments stay."""

@@ -279,18 +279,25 @@ def test_a_clusters_end_removes_its_slices_shm_directories_and_no_others(tmp_pat
 
 def test_a_clusters_end_unlinks_its_agents_mesh_segments_and_no_others(tmp_path):
     """Mesh buffer segments outlive an agent (a restarted agent re-adopts them, mesh/transport/shm.py) but not
-    the cluster: `stop_workloads` unlinks those its agents' records name; another cluster's stay."""
-    from mesh.transport.shm import ShmRegion, segment_exists
+    the cluster: `stop_workloads` unlinks those its agents' records name, and those without a record that carry
+    one of its agents' owner tag (a killed run's); another cluster's stay."""
+    from mesh.transport.shm import ShmRegion, owner_tag, segment_exists, unlink_segment
     from nodeagent.meshrecords import BufferRecords
     from tools.localprocs import remove_mesh_segments
-    regions = [ShmRegion(f"b-test{os.getpid()}x{i}", 4096, 7, outlive_process=True) for i in range(2)]
+    dirs = [str(tmp_path / c / "agents" / "a0" / "mesh" / "sim-node-01") for c in ("mine", "other")]
+    regions = [ShmRegion(f"b-test{os.getpid()}x{i}", 4096, 7, outlive_process=True,
+                         owner=owner_tag("sim-node-01", dirs[i % 2])) for i in range(4)]
     try:
-        for region, cluster in zip(regions, ("mine", "other")):
-            BufferRecords(str(tmp_path / cluster / "agents" / "a0" / "mesh" / "sim-node-01")).save(
+        for region, d in zip(regions[:2], dirs):
+            BufferRecords(d).save(
                 {"buffer_id": region.buffer_id, "connection_id": "m-1", "slice_id": "s-1", "transport": "shm",
                  "size": 4096, "shm_name": region.name, "address": 0})
-        assert remove_mesh_segments(tmp_path / "mine") == 1
-        assert not segment_exists(regions[0].name) and segment_exists(regions[1].name)
+        for region in regions[2:]:
+            region.detach()              # no record, its process "dead" to the sweep: a killed run's leftover
+        assert remove_mesh_segments(tmp_path / "mine") == 2
+        assert [segment_exists(r.name) for r in regions] == [False, True, False, True]
     finally:
-        for region in regions:
+        for region in regions[:2]:
             region.revoke()
+        for region in regions[2:]:
+            unlink_segment(region.name)

@@ -110,7 +110,10 @@ class FakeMesh(DeploymentApi):
     def mesh_list(self, tenant="", slice_id=""):
         self.calls.append(("mesh_list", {"tenant": tenant, "slice_id": slice_id}))
         return [MS.MeshConnection(id="m-1", tenant="team-a", transport="tcp", slice_a="s-1", slice_b="s-2",
-                                  size_bytes=4 << 20)]
+                                  size_bytes=4 << 20, state=MS.MESH_CONNECTION_STATE_READY, message="connected"),
+                MS.MeshConnection(id="m-2", tenant="team-a", transport="shm", slice_a="s-1", slice_b="s-3",
+                                  size_bytes=4 << 20, state=MS.MESH_CONNECTION_STATE_FAILED,
+                                  message="buffer b-m-2-s-1 of slice s-1 on node n1 is unusable (shrunk): ...")]
 
     def list_models(self, family="", labels=None):
         self.calls.append(("list_models", {"family": family, "labels": labels}))
@@ -302,6 +305,8 @@ def test_get_connections_is_mesh_get(fake, capsys):
     assert rc == 0, err
     assert ("mesh_list", {"tenant": "team-a", "slice_id": "s-1"}) in fake.calls
     assert out.startswith("ID") and "m-1" in out
+    # why a connection is not READY: under the table (a READY one's message is not repeated there)
+    assert out.endswith("\n\nm-2 failed: buffer b-m-2-s-1 of slice s-1 on node n1 is unusable (shrunk): ...\n")
 
 
 # -- 4. watch ------------------------------------------------------------------------------------------

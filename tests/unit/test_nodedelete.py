@@ -495,3 +495,42 @@ async def test_a_migration_committed_to_the_deleted_node_finishes_with_the_workl
     finally:
         await cp.stop()
 
+
+
+async def test_the_health_recovery_of_the_deleted_node_s_gpus_ends_with_it():
+    """A GPU of B marked unhealthy: the health controller moves its workload off (a task waiting for the move)
+    before it asks the reset. B deleted, that task went on (next it tried B itself and recorded events on a
+    node that no longer exists) and B's GPU records stayed; now they end with the node, A's go on."""
+    from controlplane.controllers.telemetry import Policy, TelemetryManager
+    etcd = Etcd()
+    fleet(etcd)
+    cp = await control_plane(etcd)
+    tm = TelemetryManager(cp.ctl, Policy(), clock=time.time)
+    never = asyncio.Event()
+    moving: list[str] = []
+
+    async def migrate(wid, to_node="", to_slice="", mode=0, reason="migrate"):
+        moving.append(wid)
+        await never.wait()                 # the move of the workload is under way
+
+    cp.mm.migrate = migrate
+    try:
+        connect_a(cp)
+        ga, gb = cp.ctl.fleet.gpu(A, 1), cp.ctl.fleet.gpu(B, 1)     # w-a on s-a2, w-b on s-b2
+        wb = cp.wm.workloads["w-b"]
+        was, wb.state = wb.state, T.WORKLOAD_STATE_RUNNING    # marked while B was still up (now B is NotReady)
+        for g in (ga, gb):
+            tm.health._migrate_off(g, tm.health.rec(g))
+        wb.state = was
+        await wait_for(lambda: sorted(moving) == ["w-a", "w-b", "w-to-b"], "the health migrations to start")
+        tasks = {t.get_name(): t for t in tm.health.tasks}
+        await delete_rpc(cp, B)
+        await wait_for(lambda: tasks["health-migrate-w-b"].done(), "B's health migration to end")
+        assert tasks["health-migrate-w-b"].cancelled()
+        assert not tasks["health-migrate-w-a"].done() and not tasks["health-migrate-w-to-b"].done()
+        assert [k for k in tm.health.gpus if k[0] == B] == [] and (A, 1) in tm.health.gpus
+        assert set(tm.health.task_nodes.values()) == {A} and B not in tm.events
+    finally:
+        for t in list(tm.health.tasks):
+            t.cancel()
+        await cp.stop()

@@ -75,7 +75,10 @@ def _show(conns, args, single: bool = False) -> None:
             row += [d["a"]["node"], d["b"]["node"], d["a"]["endpoint"], d["b"]["endpoint"], d["reason"],
                     d["fallback_reason"] or "-"]
         rows.append(row)
-    out(render_table(headers, rows))
+    table = render_table(headers, rows)
+    # why a connection is not READY (a buffer that cannot be recovered, or that its agent found unusable)
+    notes = [f"{d['id']} {d['state']}: {d['message']}" for d in docs if d["state"].lower() != "ready" and d["message"]]
+    out(table + "".join(f"\n{n}\n" if i == 0 else f"{n}\n" for i, n in enumerate(notes)))
 
 
 def run_connect(args) -> int:

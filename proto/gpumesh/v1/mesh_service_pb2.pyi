@@ -211,6 +211,20 @@ class MeshRegistered(_message.Message):
     error_kind: str
     def __init__(self, request_id: _Optional[str] = ..., descriptor: _Optional[_Union[BufferDescriptor, _Mapping]] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ...) -> None: ...
 
+class MeshBufferFailed(_message.Message):
+    __slots__ = ("buffer_id", "connection_id", "slice_id", "reason", "message")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SLICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    connection_id: str
+    slice_id: str
+    reason: str
+    message: str
+    def __init__(self, buffer_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., slice_id: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class MeshDeregister(_message.Message):
     __slots__ = ("buffer_ids", "reason", "request_id")
     BUFFER_IDS_FIELD_NUMBER: _ClassVar[int]

@@ -103,7 +103,7 @@ class LogChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "report", "telemetry", "event", "workloads", "log", "mesh_hello", "mesh_registered", "migration")
+    __slots__ = ("hello", "report", "telemetry", "event", "workloads", "log", "mesh_hello", "mesh_registered", "mesh_buffer_failed", "migration")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class AgentMessage(_message.Message):
     LOG_FIELD_NUMBER: _ClassVar[int]
     MESH_HELLO_FIELD_NUMBER: _ClassVar[int]
     MESH_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    MESH_BUFFER_FAILED_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_FIELD_NUMBER: _ClassVar[int]
     hello: SyncHello
     report: SliceStatusReport
@@ -121,8 +122,9 @@ class AgentMessage(_message.Message):
     log: LogChunk
     mesh_hello: _mesh_service_pb2.MeshHello
     mesh_registered: _mesh_service_pb2.MeshRegistered
+    mesh_buffer_failed: _mesh_service_pb2.MeshBufferFailed
     migration: _migration_service_pb2.MigrationReport
-    def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., report: _Optional[_Union[SliceStatusReport, _Mapping]] = ..., telemetry: _Optional[_Union[_types_pb2.NodeTelemetry, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.NodeEvent, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadStatusReport, _Mapping]] = ..., log: _Optional[_Union[LogChunk, _Mapping]] = ..., mesh_hello: _Optional[_Union[_mesh_service_pb2.MeshHello, _Mapping]] = ..., mesh_registered: _Optional[_Union[_mesh_service_pb2.MeshRegistered, _Mapping]] = ..., migration: _Optional[_Union[_migration_service_pb2.MigrationReport, _Mapping]] = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., report: _Optional[_Union[SliceStatusReport, _Mapping]] = ..., telemetry: _Optional[_Union[_types_pb2.NodeTelemetry, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.NodeEvent, _Mapping]] = ..., workloads: _Optional[_Union[WorkloadStatusReport, _Mapping]] = ..., log: _Optional[_Union[LogChunk, _Mapping]] = ..., mesh_hello: _Optional[_Union[_mesh_service_pb2.MeshHello, _Mapping]] = ..., mesh_registered: _Optional[_Union[_mesh_service_pb2.MeshRegistered, _Mapping]] = ..., mesh_buffer_failed: _Optional[_Union[_mesh_service_pb2.MeshBufferFailed, _Mapping]] = ..., migration: _Optional[_Union[_migration_service_pb2.MigrationReport, _Mapping]] = ...) -> None: ...
 
 class DesiredSlices(_message.Message):
     __slots__ = ("full", "upserts", "removals", "revision")
