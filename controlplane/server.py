@@ -67,6 +67,16 @@ class ControlPlane:
         path.write_text(ident)
         return ident
 
+    async def _check_etcd_versions(self) -> None:
+        """A WARNING naming each etcd member of 3.5.0-3.5.2, which may lose committed writes when killed under
+        load (etcd-io/etcd#13766): the operator's to upgrade (3.5.3 or later, or 3.4.x)."""
+        from controlplane.state.etcdserver import unsafe_version
+        for endpoint, version in (await self.store.member_versions()).items():
+            if unsafe_version(version):
+                logger.warning("this etcd member's version may lose committed writes when a member is killed under "
+                            "load (etcd-io/etcd#13766): upgrade it to 3.5.3 or later", extra={"fields": {
+                                "endpoint": endpoint, "version": version}})
+
     async def start(self) -> None:
         private_dir(self.state_dir)     # 0700: every tenant's costs (history.db), etcd's data, the identity
         endpoints = list(self.cfg.etcd_endpoints)
@@ -82,6 +92,7 @@ class ControlPlane:
         self.store = EtcdStore(endpoints, credentials=creds, username=self.cfg.etcd_username,
                                password=self.cfg.etcd_password)
         await self.store.connect()
+        await self._check_etcd_versions()
         self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
         # DecodeGuard first: request bytes that do not parse are INVALID_ARGUMENT, never UNKNOWN (rpc.py)
         self.authenticator = auth.Authenticator(self.tenants, insecure=self.cfg.insecure)

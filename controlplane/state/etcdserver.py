@@ -40,6 +40,14 @@ _versions: dict[str, tuple[int, ...] | None] = {}
 _warned: set[str] = set()
 
 
+def unsafe_version(version: str | tuple[int, ...] | None) -> bool:
+    """True for 3.5.0-3.5.2 ("3.5.1" or (3, 5, 1)): see UNSAFE_VERSIONS."""
+    if isinstance(version, str):
+        m = re.match(r"(\d+)\.(\d+)\.(\d+)", version.strip())
+        version = tuple(int(x) for x in m.groups()) if m else None
+    return version in UNSAFE_VERSIONS
+
+
 def etcd_version(path: str) -> tuple[int, ...] | None:
     """The version `path --version` prints ((3, 4, 23)), None when it prints none."""
     if path not in _versions:
@@ -76,7 +84,7 @@ def find_etcd() -> str:
         return explicit
     found = _candidates()
     for p in found:
-        if etcd_version(p) not in UNSAFE_VERSIONS:
+        if not unsafe_version(etcd_version(p)):
             return p
     if found:
         p = found[0]
@@ -134,7 +142,7 @@ class EtcdServer:
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
-               "--log-level", "warn"]
+               "--logger", "zap", "--log-level", "warn"]
         if self.compaction_retention:
             # etcd keeps every revision until compacted: without this its database grows with every write
             # (heartbeats, telemetry, events) until it hits its space quota and refuses writes (NOSPACE).

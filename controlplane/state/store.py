@@ -76,6 +76,20 @@ class EtcdStore:
     async def connect(self) -> None:
         await self._call(lambda c: c.connect())
 
+    async def member_versions(self) -> dict[str, str]:
+        """The etcd version each endpoint's member reports ("" for one that does not answer now)."""
+        out = {}
+        for i, ep in enumerate(self.endpoints):
+            client = self._client(i)
+            try:
+                await client.connect()
+                resp = await client.maintenancestub.Status(aetcd.rpc.StatusRequest(), timeout=min(client._timeout, 3),
+                                                           metadata=client.metadata)
+                out[ep] = resp.version
+            except Exception:  # noqa: BLE001 - a member down now: its version is unknown, not an error
+                out[ep] = ""
+        return out
+
     async def close(self) -> None:
         if self._keepalive_task:
             self._keepalive_task.cancel()

@@ -74,3 +74,29 @@ def test_the_environment_names_the_binary(dirs, monkeypatch, tmp_path):
 def test_none_at_all_says_how_to_get_one(dirs):
     with pytest.raises(etcdserver.EtcdError, match="apt install etcd-server"):
         etcdserver.find_etcd()
+
+
+def test_the_affected_versions_are_told_apart_from_the_fixed_ones():
+    assert etcdserver.unsafe_version("3.5.1") and etcdserver.unsafe_version((3, 5, 2))
+    assert not etcdserver.unsafe_version("3.5.3") and not etcdserver.unsafe_version("3.4.23")
+    assert not etcdserver.unsafe_version("") and not etcdserver.unsafe_version(None)
+
+
+def test_the_store_reads_each_members_version(tmp_path):
+    import asyncio
+
+    from controlplane.state.store import EtcdStore
+    server = etcdserver.EtcdServer(tmp_path / "etcd", fast=True).start()
+    try:
+        real = etcdserver.etcd_version(etcdserver.find_etcd())
+
+        async def go():
+            store = EtcdStore([server.endpoint, "http://127.0.0.1:9"])     # the second: nothing listens
+            try:
+                return await store.member_versions()
+            finally:
+                await store.close()
+        got = asyncio.run(go())
+        assert got == {server.endpoint: ".".join(map(str, real)), "http://127.0.0.1:9": ""}
+    finally:
+        server.stop()
