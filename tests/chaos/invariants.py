@@ -115,3 +115,40 @@ def check(endpoints: list[str], tenant: str = "", acked: dict[str, str] | None =
         elif alloc not in released and alloc not in allocs:
             rep.lost.append(f"{rid}: allocation {alloc} has no slices")
     return rep
+
+
+async def _members(endpoints: list[str]) -> list[str]:
+    """Each member's disagreement with the first one on the keys under the prefix at one revision (the
+    lowest any member has applied: every member holds that one), read locally (serializable) from each."""
+    clients = []
+    try:
+        for ep in endpoints:
+            host, port = parse_endpoint(ep)
+            c = aetcd.Client(host=host, port=port, timeout=10)
+            await c.connect()
+            clients.append((ep, c))
+
+        async def rng(c, revision=0):
+            req = aetcd.rpc.RangeRequest(key=keys.PREFIX.encode(), range_end=aetcd.utils.prefix_range_end(
+                keys.PREFIX.encode()), serializable=True, revision=revision)
+            return await c.kvstub.Range(req, timeout=10)
+        at = min([(await rng(c)).header.revision for _, c in clients])
+        views = [(ep, {kv.key: (kv.mod_revision, kv.value) for kv in (await rng(c, at)).kvs}) for ep, c in clients]
+    finally:
+        for _, c in clients:
+            await c.close()
+    first_ep, first = views[0]
+    out = []
+    for ep, view in views[1:]:
+        missing, extra = first.keys() - view.keys(), view.keys() - first.keys()
+        differ = [k for k in first.keys() & view.keys() if first[k] != view[k]]
+        if missing or extra or differ:
+            out.append(f"{ep} at revision {at} against {first_ep}: {len(missing)} keys missing, {len(extra)} more, "
+                       f"{len(differ)} differ (e.g. {sorted(missing or extra or differ)[:3]})")
+    return out
+
+
+def members_disagree(endpoints: list[str]) -> list[str]:
+    """[] when every etcd member holds the same keys and values at one revision; else what differs (an etcd
+    member that came back from a kill without writes the others committed: etcd-io/etcd#13766 in 3.5.0-3.5.2)."""
+    return asyncio.run(_members(endpoints))
