@@ -102,7 +102,9 @@ class BufferHealth:
         if held is None:
             return
         with self._lock:
-            if buffer_id in self.failed:
+            # (looked up again under the lock: a deregistration on the agent's loop, pop then forget, that ran
+            # since the look-up above would otherwise leave this failure recorded for a buffer no longer held)
+            if buffer_id in self.failed or self.r.buffers.get(buffer_id) is not held:
                 return
             self.failed[buffer_id] = M.MeshBufferFailed(
                 buffer_id=buffer_id, connection_id=held.connection_id, slice_id=held.descriptor.slice_id,

@@ -299,7 +299,8 @@ class HealthController:
         """A deleted node (controllers/nodedelete.py): the recovery of its GPUs ends. The tasks moving workloads
         off them are cancelled (the deletion ends those workloads and migrations itself; left running, a task
         tried the node itself next and recorded events on a node that no longer exists) and the GPUs' records
-        (incidents, resets asked, failures) go. Idempotent; the number of tasks cancelled."""
+        (incidents, resets asked, failures) go. A task planning a migration (its record being written) ends, the
+        planning does not (`_uncut`). Idempotent; the number of tasks cancelled."""
         for key in [k for k in self.gpus if k[0] == node]:
             del self.gpus[key]
         cancelled = [t for t, n in list(self.task_nodes.items()) if n == node and not t.done()]
@@ -319,7 +320,7 @@ class HealthController:
         mm = self.ctl.migrations
         for to_node in ("", g.node):
             try:
-                m = await mm.migrate(wid, to_node=to_node, reason=why)
+                m = await _uncut(mm.migrate(wid, to_node=to_node, reason=why))
             except errors.MeshError as e:
                 MIGRATIONS.labels("refused").inc()
                 self.tm.record(g.node, "Warning", "GpuWorkloadNotMoved",
@@ -346,6 +347,16 @@ class HealthController:
                                    f"GPU {g.index}: migration {m.id} of workload {wid} aborted ({done.message}); "
                                    f"it keeps running here", g.index)
                 return
+
+
+async def _uncut(planning):
+    """Await `planning` (MigrationManager.migrate) to its end even when the caller is cancelled (forget_node): it
+    writes the migration's record and only then adopts and starts it, so a cancel in between left a record in
+    etcd that this leader neither knew nor drove. Cancelled, the caller ends at once; the migration, if it was
+    written, runs its course (its steps on a deleted node fail at once and it rolls back)."""
+    inner = asyncio.ensure_future(planning)
+    inner.add_done_callback(lambda t: t.cancelled() or t.exception())     # (retrieved: the caller may be gone)
+    return await asyncio.shield(inner)
 
 
 def _workloads(ctl):

@@ -54,7 +54,7 @@ class HistoryRecorder:
         # it but those zeros). Kept for ever, every tenant, MIG profile and GPU model ever asked for got its
         # zero each minute for good, the set and the writes growing with churn.
         self.counted: dict[tuple[str, str, str, str], int] = {}
-        self.quiet_keep = store.tiers[-1].keep if quiet_keep is None else quiet_keep
+        self.quiet_keep = max(t.keep for t in store.tiers) if quiet_keep is None else quiet_keep   # (any tier's)
         self.minute = int(self.clock() // 60)
         self._loop = PeriodicTask("history", self._pass, on_error=self._pass_failed,
                                   interval=lambda: min(self.flush_seconds, self.sample_seconds))

@@ -17,7 +17,8 @@ kept when the agent stops: workloads outlive an agent restart, and so does their
 local cluster's stop) deletes it with the workloads. The table's comment names its state directory; an agent
 starting deletes the guards whose state directory is gone (an agent killed and its directory removed, as a
 test run's temporary one is): such a guard protects nothing any more, and its uid set, shared by every agent
-of the host, would refuse today's tenants the ports it names. It needs the `nft` command (the nftables package) and
+of the host, would refuse today's tenants the ports it names. An nft older than table comments (0.9.7) gets the
+guard without it (`install` finds out), never swept. It needs the `nft` command (the nftables package) and
 CAP_NET_ADMIN; without them the agent logs why and labels the node `gpumesh.io/workload-egress=unguarded`.
 """
 
@@ -103,6 +104,11 @@ def comment(state_dir: str) -> str:
     return text
 
 
+# Whether this host's nft takes a table's comment (nftables 0.9.7 and later): None until an install found out.
+# Where it does not, guards go without it (never swept, as those made before the comment existed).
+_comments: bool | None = None
+
+
 def owner(listing: str) -> str | None:
     """The state directory a guard's listing (`nft list table inet T`) names in its comment, None when none."""
     m = _COMMENT.search(listing)
@@ -111,7 +117,7 @@ def owner(listing: str) -> str | None:
 
 def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint], state_dir: str = "") -> str:
     """The nft script that replaces `table` with the guard (atomic: one transaction); with `state_dir`, the
-    table's comment names it."""
+    table's comment names it (unless this host's nft takes no table comment: `install` found out)."""
     uids = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in sorted(set(uid_ranges)))
     who = f"meta skuid {{ {uids} }} ct state new meta l4proto {{ tcp, udp }}"
     rules = []
@@ -120,7 +126,7 @@ def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpo
                  "ip6": f"ip6 daddr {e.address}"}[e.family]
         rules.append(f"    {who} {where} th dport {e.port_text()} counter reject")
     body = "\n".join(rules)
-    note = comment(state_dir) if state_dir else ""
+    note = comment(state_dir) if state_dir and _comments is not False else ""
     return (f"table inet {table}\ndelete table inet {table}\n"
             f"table inet {table} {{\n" + (f'  comment "{note}";\n' if note else "") +
             f"  chain output {{\n    type filter hook output priority 0; policy accept;\n"
@@ -139,11 +145,23 @@ def _nft(script: str) -> None:
 def install(state_dir: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint]) -> str:
     """Install (or replace) the guard of the agent whose state directory is `state_dir`; its table name.
     OSError when nftables cannot be used here."""
+    global _comments
     table = table_name(state_dir)
     if not endpoints:
         remove(state_dir)
         return table
-    _nft(ruleset(table, uid_ranges, endpoints, state_dir))
+    script = ruleset(table, uid_ranges, endpoints, state_dir)
+    try:
+        _nft(script)
+    except OSError:
+        bare = ruleset(table, uid_ranges, endpoints)
+        if bare == script or _comments is not None:
+            raise
+        _nft(bare)              # (raises what a guard without the comment meets: that one was not the comment's)
+        _comments = False       # an nft older than table comments (0.9.7): the guard matters, its comment does not
+        return table
+    if script != ruleset(table, uid_ranges, endpoints):
+        _comments = True
     return table
 
 

@@ -80,3 +80,29 @@ def test_the_table_names_its_state_directory_when_nftables_can_keep_it(tmp_path)
               "\tchain output {\n\t}\n}\n")
     assert egress.owner(listed) == "/var/lib/gpumesh/agent 1"
     assert egress.owner("table inet gpumesh_egress_t {\n\tchain output {\n\t}\n}\n") is None
+
+
+def test_an_nft_without_table_comments_still_gets_the_guard(tmp_path, monkeypatch):
+    """Table comments came with nftables 0.9.7 (Ubuntu 20.04 ships 0.9.3): there the commented script is a syntax
+    error, and the guard, which installed before the comment was added, was not installed at all (the node ran
+    its workloads unguarded). It is installed without the comment (never swept, as a guard made before the
+    comment), and applied again (nftkeeper.py) the same way."""
+    applied = []
+
+    def old_nft(script: str) -> None:
+        if "comment" in script:
+            raise OSError('nft: /dev/stdin:4:3-9: Error: syntax error, unexpected comment\n  comment "gpumesh-agent')
+        applied.append(script)
+    monkeypatch.setattr(egress, "_nft", old_nft)
+    monkeypatch.setattr(egress, "_comments", None, raising=False)
+    eps, uids = egress.parse("local:2379"), [(200000, 265535)]
+    table = egress.install(str(tmp_path), uids, eps)
+    assert applied == [egress.ruleset(table, uids, eps)]                  # the guard, without the comment
+    assert egress.ruleset(table, uids, eps, str(tmp_path)) == applied[0]   # what the keeper applies again
+
+    def broken(script: str) -> None:
+        raise OSError("nft: Error: Could not process rule: Operation not permitted")
+    monkeypatch.setattr(egress, "_nft", broken)                           # a failure of another kind: as ever
+    monkeypatch.setattr(egress, "_comments", None, raising=False)
+    with pytest.raises(OSError, match="Operation not permitted"):
+        egress.install(str(tmp_path), uids, eps)

@@ -152,6 +152,19 @@ def test_quiet_minute_keys_are_dropped_after_the_stores_retention(tmp_path):
     assert ("churn-238", 299 * 60.0) not in got
 
 
+def test_a_quiet_key_is_kept_as_long_as_the_longest_tier_keeps_samples(tmp_path):
+    """The tiers' retentions need not grow with their resolution: the key stays as long as any tier keeps it."""
+    clock = [1.0]
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), parse_tiers(["raw:2h", "1m:1h"])),
+                          clock=lambda: clock[0])
+    rec.on_request(types.SimpleNamespace(tenant="once", mig_profile="", memory_bytes=0, gpu_model="", count=1))
+    clock[0] = 100 * 60.0 + 1                     # 100 quiet minutes: the raw tier still holds its first ones
+    rec._roll()
+    zeros = [t for k, n, _m, _tn, t, v in rec.pending if (k, n) == ("tenant", "once") and not v]
+    assert zeros == [m * 60.0 for m in range(1, 60)]      # (an hour of quiet zeros per roll at most)
+    assert ("tenant", "once", "requests", "once") in rec.counted
+
+
 def test_control_plane_config_checks_history_and_prometheus_options(tmp_path):
     from controlplane.config import ControlPlaneConfig
     ok = dict(insecure=True, state_dir=str(tmp_path / "cp"))

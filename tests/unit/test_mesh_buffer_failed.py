@@ -129,3 +129,29 @@ def test_the_report_is_sent_again_on_every_new_stream_until_the_buffer_is_deregi
     assert kinds[1].mesh_buffer_failed.buffer_id == conn.a.buffer_id
     assert kinds[1].mesh_buffer_failed.connection_id == conn.id and kinds[1].mesh_buffer_failed.reason == "shrunk"
     assert after == ["mesh_hello"]
+
+
+def test_a_damage_found_while_the_buffer_is_deregistered_leaves_no_report_behind():
+    """The data plane reports from its serving thread: a buffer deregistered (on the agent's loop) between the
+    report's look-up of the buffer and its record of the failure left that failure recorded for a buffer no
+    longer held, reported again on every new stream for good. The record is made only while it is held."""
+    from types import SimpleNamespace
+
+    from mesh.transport.base import BufferDescriptor
+    from nodeagent.registrar import Held
+
+    class Deregistered(dict):
+        """The buffers, with a deregistration (pop, then forget) right after the first look-up of each."""
+
+        def get(self, bid, default=None):
+            held = super().get(bid, default)
+            if held is not None:
+                self.pop(bid)
+                health.forget(bid)
+            return held
+
+    held = Held(BufferDescriptor(buffer_id="b-m-1-s-a", slice_id="s-a", node="n1", transport="tcp", address=0,
+                                 length=4096, rkey=7), "m-1")
+    health = meshhealth.BufferHealth(SimpleNamespace(node="n1", buffers=Deregistered({"b-m-1-s-a": held})))
+    health.fail("b-m-1-s-a", "shrunk", "shrunk to 10 bytes")
+    assert health.failed == {} and health.failure("b-m-1-s-a") is None
