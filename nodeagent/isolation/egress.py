@@ -91,15 +91,27 @@ def table_name(state_dir: str) -> str:
 
 COMMENT_PREFIX = "gpumesh-agent "
 _COMMENT_MAX = 127          # nftables keeps at most 128 bytes of a table's comment, its NUL included
-_COMMENT = re.compile(r'^\s*comment "' + re.escape(COMMENT_PREFIX) + r'([^"]*)"\s*$', re.M)
+_COMMENT = re.compile(r'^\s*comment "' + re.escape(COMMENT_PREFIX) + r'mnt=(\d+) ([^"]*)"\s*$', re.M)
 _TABLE = re.compile(r"^table inet (" + TABLE_PREFIX + r"\w+)\s*$", re.M)
 
 
+def mount_namespace() -> str:
+    """This process's mount namespace (the inode of /proc/self/ns/mnt), "" when it cannot be read. A state
+    directory's path means something only within one: an agent in a container sharing the host's network (and so
+    its nftables) but not its mounts sees none of the host agents' directories."""
+    try:
+        return str(os.stat("/proc/self/ns/mnt").st_ino)
+    except OSError:
+        return ""
+
+
 def comment(state_dir: str) -> str:
-    """The table's comment naming its agent's state directory ("" when the path cannot be one: too long for
-    nftables, or with a quote or a character outside printable ASCII; such a guard is never swept)."""
-    text = COMMENT_PREFIX + os.path.realpath(state_dir)
-    if len(text.encode()) > _COMMENT_MAX or not all(" " <= c <= "~" and c != '"' for c in text):
+    """The table's comment naming its agent's mount namespace and state directory ("" when the path cannot be
+    one: too long for nftables, or with a quote or a character outside printable ASCII, or the namespace
+    unknown; such a guard is never swept)."""
+    mnt = mount_namespace()
+    text = f"{COMMENT_PREFIX}mnt={mnt} {os.path.realpath(state_dir)}"
+    if not mnt or len(text.encode()) > _COMMENT_MAX or not all(" " <= c <= "~" and c != '"' for c in text):
         return ""
     return text
 
@@ -109,10 +121,11 @@ def comment(state_dir: str) -> str:
 _comments: bool | None = None
 
 
-def owner(listing: str) -> str | None:
-    """The state directory a guard's listing (`nft list table inet T`) names in its comment, None when none."""
+def owner(listing: str) -> tuple[str, str] | None:
+    """(mount namespace, state directory) a guard's listing (`nft list table inet T`) names in its comment, None
+    when none."""
     m = _COMMENT.search(listing)
-    return m.group(1) if m else None
+    return (m.group(1), m.group(2)) if m else None
 
 
 def ruleset(table: str, uid_ranges: list[tuple[int, int]], endpoints: list[Endpoint], state_dir: str = "") -> str:
@@ -166,9 +179,13 @@ def install(state_dir: str, uid_ranges: list[tuple[int, int]], endpoints: list[E
 
 
 def sweep_orphans() -> list[tuple[str, str]]:
-    """Delete the guards whose comment names a state directory that no longer exists; [(table, directory)]
-    of those deleted. A guard without the comment (made before it was written) is left alone. Nothing when
-    nftables cannot be listed here."""
+    """Delete the guards whose comment names this process's mount namespace and a state directory that no
+    longer exists in it; [(table, directory)] of those deleted. A guard of another mount namespace (an agent in
+    a container sharing the host's network), or without the comment, is left alone. Nothing when nftables
+    cannot be listed here."""
+    here = mount_namespace()
+    if not here:
+        return []
     nft = shutil.which("nft") or "/usr/sbin/nft"
     try:
         tables = subprocess.run([nft, "list", "tables", "inet"], capture_output=True, text=True, timeout=30)
@@ -180,8 +197,8 @@ def sweep_orphans() -> list[tuple[str, str]]:
             p = subprocess.run([nft, "list", "table", "inet", table], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             continue
-        state_dir = owner(p.stdout) if p.returncode == 0 else None
-        if state_dir and not os.path.isdir(state_dir):
+        mnt, state_dir = (owner(p.stdout) if p.returncode == 0 else None) or ("", "")
+        if mnt == here and state_dir and not os.path.isdir(state_dir):
             try:        # another agent may sweep the same table at once: gone either way
                 _nft(f"table inet {table}\ndelete table inet {table}\n")
                 gone.append((table, state_dir))

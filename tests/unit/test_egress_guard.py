@@ -72,13 +72,15 @@ def test_the_agents_metrics_port_is_denied_even_when_the_kernel_picked_it():
 
 def test_the_table_names_its_state_directory_when_nftables_can_keep_it(tmp_path):
     script = egress.ruleset("gpumesh_egress_t", [(200000, 265535)], egress.parse("local:2379"), str(tmp_path))
-    assert f'  comment "gpumesh-agent {tmp_path.resolve()}";' in script.splitlines()
+    mnt = egress.mount_namespace()
+    assert mnt.isdigit()
+    assert f'  comment "gpumesh-agent mnt={mnt} {tmp_path.resolve()}";' in script.splitlines()
     assert "comment" not in egress.ruleset("gpumesh_egress_t", [(200000, 265535)], egress.parse("local:2379"))
     assert egress.comment("/x/" + "d" * 200) == ""          # over nftables' 128 bytes: no comment
     assert egress.comment('/tmp/a"b') == "" and egress.comment("/tmp/é") == ""
-    listed = ('table inet gpumesh_egress_t {\n\tcomment "gpumesh-agent /var/lib/gpumesh/agent 1"\n'
+    listed = ('table inet gpumesh_egress_t {\n\tcomment "gpumesh-agent mnt=4026531841 /var/lib/gpumesh/agent 1"\n'
               "\tchain output {\n\t}\n}\n")
-    assert egress.owner(listed) == "/var/lib/gpumesh/agent 1"
+    assert egress.owner(listed) == ("4026531841", "/var/lib/gpumesh/agent 1")
     assert egress.owner("table inet gpumesh_egress_t {\n\tchain output {\n\t}\n}\n") is None
 
 

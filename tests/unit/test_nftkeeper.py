@@ -86,6 +86,16 @@ def test_an_agent_starting_deletes_the_guards_whose_state_directory_is_gone(tmp_
         assert _table(egress.table_name(str(live))) is not None
         assert _table(bare_table) is not None
         assert all(t != egress.table_name(str(live)) for t, _ in egress.sweep_orphans())
+        # a guard of an agent in another mount namespace (a container sharing the host's network): its directory
+        # is nothing this process can see, so it is never judged gone
+        other = egress.table_name(str(tmp_path / "elsewhere"))
+        script = egress.ruleset(other, uids, endpoints, str(tmp_path / "elsewhere"))
+        assert f"mnt={egress.mount_namespace()} " in script
+        subprocess.run(["nft", "-f", "-"], text=True, check=True,
+                       input=script.replace(f"mnt={egress.mount_namespace()} ", "mnt=1 "))
+        assert all(t != other for t, _ in egress.sweep_orphans())
+        assert _table(other) is not None
+        subprocess.run(["nft", "delete", "table", "inet", other], check=True)
     finally:
         for d in (gone, live, bare):
             egress.remove(str(d))
