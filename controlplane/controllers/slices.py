@@ -386,11 +386,8 @@ class Controller:
         targets = self.find(ident)
         for hook in self.release_hooks:
             await hook([s for s in targets if s.state != S.SLICE_STATE_RELEASING], wait)
-        # The records as they are now: a hook awaits (the workload's stop, its agent's answer), and meanwhile the
-        # slice may have changed (its agent's report, a resize, a resize's swap) or been released and deleted.
-        # RELEASING built from the copies read before undid such a change in the fleet and in etcd, and brought a
-        # deleted slice back as a ghost holding its GPU. (Every other write of a slice record is built from the
-        # fleet's copy with no await before it is queued, in order, on the writer: see `save`.)
+        # as they are now: while a hook awaits (a workload's stop) a slice may change (its agent's report, a resize)
+        # or go; RELEASING built from the copies read before undid that, or brought a deleted slice back
         targets = [self.fleet.slices[s.id] for s in targets if s.id in self.fleet.slices]
         priors = [s for s in targets if s.state != S.SLICE_STATE_RELEASING]
         changed = [self._update(s, state=S.SLICE_STATE_RELEASING, message=message or "released") for s in priors]
