@@ -283,8 +283,9 @@ class Controller:
         extra, conds = [], []
         warm_key = f"{s.profile}/{s.gpu_model}"
         try:
-            if request_id:
+            if request_id:   # may await the keys' lease: a change of the slice meanwhile is in the fleet's record
                 await self._request_ops(req.tenant, request_id, s.allocation_id, fingerprint, extra, conds)
+                s = self.fleet.slices.get(s.id, s)
             rev = await self.save([s], extra=extra, extra_conds=conds, added=True)
         except BaseException:
             self._forget_request(req.tenant, request_id, s.allocation_id)
