@@ -75,7 +75,6 @@ class Plugin:
         return out, [(cls, "node:no NVLink domain holds the gang" if req.topology == "same-nvlink" else
                       f"node:cannot hold {req.count} slices")]
 
-
     # -- the refusal ------------------------------------------------------------------
 
     def fleet_reason(self, req: SliceRequest, fleet: Fleet) -> tuple[str, str] | None:
