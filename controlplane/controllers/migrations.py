@@ -103,6 +103,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         self._phases_emitted: dict[str, int] = {}                  # migration id -> phase of its last event
         # migration id -> a new migration whose first write is awaited: unfinished already for `unfinished()`
         self.planning: dict[str, M.Migration] = {}
+        self.reserving: dict[str, asyncio.Future] = {}    # id -> a resize's `_reserve`: the writer until `_spawn`
         ctl.agent_handlers["migration"] = self._on_report
         workloads.extra_desired.append(self.targets_on)
         ctl.migrations = self
@@ -142,6 +143,10 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             t.cancel()
 
     def _spawn(self, mid: str) -> None:
+        """Start migration `mid`'s state machine, the one writer of its record, unless it runs already."""
+        running = self.tasks.get(mid)
+        if running is not None and not running.done():
+            return
         self.reports.setdefault(mid, {})
         self.tasks[mid] = asyncio.create_task(self._drive(mid), name=f"migration-{mid}")
 
@@ -441,10 +446,16 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         lives; a source on the deleted node is FAILED already and is not waited for), after it they finish.
         Waits up to `timeout` for them; the ids."""
         ids = self.unfinished_for(node)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # a resize reserving its target starts the state machine itself: one started here was a second writer
+        reserving = [self.reserving[mid] for mid in ids if mid in self.reserving]
+        if reserving:
+            await asyncio.wait(reserving, timeout=timeout)
         for mid in ids:
-            if mid not in self.tasks:
+            if mid not in self.tasks and mid not in self.reserving:
                 self._spawn(mid)
         tasks = [self.tasks[mid] for mid in ids if mid in self.tasks]
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         return ids

@@ -161,6 +161,7 @@ class ResizeMixin:
         # write failing), else it stayed PLANNED and undriven, the slice (and a reserved one) held until a restart
         reserving = asyncio.ensure_future(self._reserve(m, s, req, what))
         reserving.add_done_callback(lambda t: t.cancelled() or t.exception())     # retrieved
+        self.reserving[m.id] = reserving        # the record's writer until its state machine starts (end_for_node)
         await asyncio.shield(reserving)
         task = self.tasks.get(m.id)
         if task is not None:
@@ -205,6 +206,7 @@ class ResizeMixin:
                     await self._until_written("rolling back", m, lambda: self._set(
                         m, P.MIGRATION_PHASE_ROLLING_BACK, message="rolling back: the new slice was not reserved"))
                 self._spawn(m.id)
+            self.reserving.pop(m.id, None)
 
     # -- the commit and after -------------------------------------------------------------------
 

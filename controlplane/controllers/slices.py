@@ -283,8 +283,9 @@ class Controller:
         extra, conds = [], []
         warm_key = f"{s.profile}/{s.gpu_model}"
         try:
-            if request_id:
+            if request_id:   # may await the keys' lease: a change of the slice meanwhile is in the fleet's record
                 await self._request_ops(req.tenant, request_id, s.allocation_id, fingerprint, extra, conds)
+                s = self.fleet.slices.get(s.id, s)
             rev = await self.save([s], extra=extra, extra_conds=conds, added=True)
         except BaseException:
             self._forget_request(req.tenant, request_id, s.allocation_id)
@@ -386,6 +387,9 @@ class Controller:
         targets = self.find(ident)
         for hook in self.release_hooks:
             await hook([s for s in targets if s.state != S.SLICE_STATE_RELEASING], wait)
+        # as they are now: while a hook awaits (a workload's stop) a slice may change (its agent's report, a resize)
+        # or go; RELEASING built from the copies read before undid that, or brought a deleted slice back
+        targets = [self.fleet.slices[s.id] for s in targets if s.id in self.fleet.slices]
         priors = [s for s in targets if s.state != S.SLICE_STATE_RELEASING]
         changed = [self._update(s, state=S.SLICE_STATE_RELEASING, message=message or "released") for s in priors]
         result = [self.fleet.slices[s.id] for s in targets]

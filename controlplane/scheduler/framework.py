@@ -281,7 +281,12 @@ class Framework:
                 d = p.post_filter(self, state, req, fleet)
                 if d is not None and d.ok:
                     return self._permit(state, req, fleet, d)
-        return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=reasons.summary() if reasons else {})
+        summary = reasons.summary() if reasons else {}
+        why = self.fit.fleet_reason(req, fleet) if reasons is not None and hasattr(self.fit, "fleet_reason") else None
+        if why is not None:   # nothing in the fleet is large enough: say so, with the largest there is
+            summary[why[0]] = why[1]
+            return Decision(Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (why,), self.fit.NAME), reasons=summary)
+        return Decision(Status(Code.UNSCHEDULABLE, (), self.fit.NAME), reasons=summary)
 
     def _permit(self, state: CycleState, req: SliceRequest, fleet: Fleet, d: Decision) -> Decision:
         """The decision, unless a permit plugin (the tenant's quota, on what the chosen slices really take)

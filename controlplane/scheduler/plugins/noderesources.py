@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 
-from controlplane.state.fleet import MIB, GpuState, NodeEntry
+from controlplane.state.fleet import MIB, Fleet, GpuState, NodeEntry
 from controlplane.scheduler.framework import SUCCESS, CycleState, Option, Pick, Status
 from mesh import gpumodels
 from mesh.slicespec import SliceRequest
@@ -75,6 +75,32 @@ class Plugin:
         return out, [(cls, "node:no NVLink domain holds the gang" if req.topology == "same-nvlink" else
                       f"node:cannot hold {req.count} slices")]
 
+    # -- the refusal ------------------------------------------------------------------
+
+    def fleet_reason(self, req: SliceRequest, fleet: Fleet) -> tuple[str, str] | None:
+        """When a refused request asks for more memory than any GPU it may use has (of its GPU model(s), in the
+        mode its isolation needs, on a schedulable node), why, naming the largest: (class, why). None otherwise
+        (the per-GPU reasons say it all). Only worked out for a refusal, so it may look at every GPU."""
+        if req.isolation == "host" or req.mig_profile or not req.memory_bytes:
+            return None
+        models = {req.gpu_model} if req.gpu_model else set(req.gpu_models)
+        largest = None
+        for node in fleet.nodes.values():
+            if not node.schedulable:
+                continue
+            for g in node.gpus:
+                if models and g.model.name not in models:
+                    continue
+                if g.mig_enabled and req.isolation not in (None, "mig"):
+                    continue
+                if largest is None or g.memory_bytes > largest.memory_bytes:
+                    largest = g
+        if largest is None or req.memory_bytes <= largest.memory_bytes:
+            return None
+        to = f" to {req.isolation} slices" if req.isolation else ""
+        return "fleet", (f"no GPU can hold memory_bytes={req.memory_bytes}: the largest GPU memory available{to} "
+                         f"is {largest.memory_bytes} bytes ({largest.model.name} on {largest.node})")
+
 
 def mig_profile(req: SliceRequest, model: gpumodels.GpuModel) -> gpumodels.MigProfile | str:
     if req.mig_profile:
@@ -104,6 +130,10 @@ def fit_one(req: SliceRequest, g: GpuState, rank: int, layout, allocated_memory:
         return [Pick(rank, "mig", p.name, st, p.memory_slices, p.memory_mib * MIB, share, cpu, hmem) for st in starts]
     if req.isolation == "mig":
         return "MIG mode is disabled"
+    if req.memory_bytes > g.memory_bytes:
+        # checked first and for every mode: an exclusive slice is given the whole GPU, which must still hold
+        # what the request asked for (it used to be placed on any idle GPU, 40 GiB on a 24 GB L4)
+        return too_small(req.memory_bytes, g.memory_bytes)
     isolation = req.isolation or "timeshare"
     if sharing == "?":
         sharing = g.sharing
@@ -117,10 +147,16 @@ def fit_one(req: SliceRequest, g: GpuState, rank: int, layout, allocated_memory:
         mem = req.memory_bytes
         share = req.compute_share or (1.0 if isolation == "timeshare" else min(1.0, req.memory_bytes / g.memory_bytes))
     if mem > g.memory_bytes - allocated_memory:
-        return "not enough free memory"
+        return f"not enough free memory for memory_bytes={req.memory_bytes}"
     if isolation == "mps" and allocated_compute + share > 1.0 + 1e-9:
         return "MPS compute shares used up"
     return [Pick(rank, isolation, None, None, None, mem, round(share, 4), cpu, hmem)]
+
+
+def too_small(memory_bytes: int, gpu_memory: int) -> str:
+    """The reason a GPU can never hold a slice of `memory_bytes` (the same text for every GPU of one size,
+    so the refusal counts them together)."""
+    return f"memory_bytes={memory_bytes} is more than the GPU's {gpu_memory} bytes of memory"
 
 
 def gang_on(req: SliceRequest, gpus: list[tuple[int, GpuState]]) -> Option | None:

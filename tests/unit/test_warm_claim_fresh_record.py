@@ -1,0 +1,69 @@
+"""An Allocate that claims a warm slice writes the slice's record as it is when the write is queued, against a real
+etcd with the real writer. With a request id, the claim awaits the request keys' etcd lease (granted at the first
+one, then once an hour) between putting the claimed record in the fleet and saving it; a change of the slice
+meanwhile (its node lost, its GPU's health) is written first, from the fleet's record. The claim used to write its
+own copy after it, undoing that change in etcd while the fleet kept it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane.controllers.slices import Controller
+from controlplane.controllers.warmslices import WarmPool
+from controlplane.state import keys
+from controlplane.state.store import EtcdStore
+from gpumesh.v1 import node_service_pb2 as N
+from gpumesh.v1 import types_pb2 as T
+from mesh import gpumodels
+from mesh.slicespec import validate
+
+
+class Recorder:
+    def emit(self, *args, **kw) -> None:
+        pass
+
+
+@pytest.fixture
+async def world(etcd_server, etcd_client):
+    """A leader over etcd with one warm 1g.10gb slice, READY, on node nA's H100 (MIG mode)."""
+    store = EtcdStore([etcd_server.endpoint])
+    await store.connect()
+    await store.become_leader("warm-claim-fresh-record-test", ttl=30)
+    ctl = Controller(store)
+    ctl.recorder = Recorder()
+    ctl.writer.start()
+    h100 = gpumodels.get_model("H100-80GB")
+    inv = T.NodeInventory(hostname="nA")
+    inv.gpus.add(index=0, uuid="GPU-0", model=h100.name, memory_bytes=h100.memory_mib << 20, mig_enabled=True)
+    ctl.fleet.upsert_node(T.Node(name="nA", inventory=inv)).ready = True
+    ctl.warm = WarmPool(ctl)
+    made = await asyncio.wait_for(ctl.warm.create("1g.10gb/H100-80GB", 1, "test"), 20)
+    await asyncio.wait_for(ctl.report("nA", False, [N.SliceStatus(slice_id=made[0].id, state=T.SLICE_STATE_READY,
+                                                                  device_uuid="MIG-1")], []), 20)
+    try:
+        yield ctl, made[0].id
+    finally:
+        await ctl.writer.stop()
+        await store.revoke_lease(store.session_lease)
+        await store.close()
+
+
+async def test_a_change_made_while_the_claim_awaits_its_lease_is_kept(world, etcd_client):
+    ctl, sid = world
+    assert ctl.fleet.slices[sid].state == T.SLICE_STATE_READY
+    req = validate(T.SliceSpec(tenant="team-a", mig_profile="1g.10gb", gpu_model="H100-80GB"))
+    allocate = asyncio.create_task(ctl.allocate(req, request_id="r-1", no_wait=True))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while sid not in ctl.warm.prior:      # claimed in the fleet; the request key's lease is being granted
+        assert not allocate.done() and loop.time() < deadline, "the claim did not start"
+        await asyncio.sleep(0)
+    await asyncio.wait_for(ctl.mark_node_lost("nA", "lease expired"), 20)
+    alloc_id, slices = await asyncio.wait_for(allocate, 20)
+    kv = await etcd_client.get(keys.slice_(sid))
+    rec = T.Slice.FromString(kv.value)
+    assert (rec.tenant, rec.allocation_id) == ("team-a", alloc_id)
+    assert rec.state == T.SLICE_STATE_UNKNOWN and "node NotReady" in rec.message, rec
+    assert ctl.fleet.slices[sid] == rec and slices[0] == rec
