@@ -37,7 +37,7 @@ allocation; after it the id is forgotten (its etcd key expires with a lease), so
 REQUEST_LEASE_ROTATE_S = requestids.LEASE_ROTATE_S
 
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
-SAVE_BATCH = 50         # slice records per transaction of save_or_restore (a put and a compare each; etcd: 128 ops)
+SAVE_BATCH = 50         # slice records per transaction of save_or_restore (etcd takes 128 puts and 128 compares)
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -479,7 +479,7 @@ class Controller:
     async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
                               deleted: list[types_pb2.Slice] = ()) -> int:
         """`save(changed, deleted)` of slices `_update` already put in the fleet (and `deleted` ones already
-        dropped), SAVE_BATCH a transaction (a node's many MPS or time-share slices went past etcd's 128 operations);
+        dropped), SAVE_BATCH a transaction (a node's many MPS or time-share slices went past etcd's 128 puts);
         when a write fails, the fleet is put back as etcd has it (`priors`, `deleted`) for that transaction and the
         ones after it, so the next attempt (a retry, the agent's next report) sees the change still to make."""
         items, by_id, rev = [(c, None) for c in changed] + [(None, d) for d in deleted], {p.id: p for p in priors}, 0

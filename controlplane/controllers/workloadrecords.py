@@ -28,7 +28,7 @@ from mesh.logs import log
 logger = logging.getLogger(__name__)
 W = types_pb2
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
-RECORDS_PER_TXN = 50   # records an update writes in one transaction (2 operations each; etcd takes 128 at most)
+RECORDS_PER_TXN = 50   # records an update writes in one transaction (etcd takes 128 puts and 128 compares)
 UPDATE_TRIES = 8       # conflicts in a row before an update gives up (each one means another write went first)
 
 Change = Callable[[types_pb2.Workload], "types_pb2.Workload | None"]
@@ -93,9 +93,9 @@ class WorkloadRecords:
                 if n is not None and n != w:
                     changed.append(n)
             try:
-                # at most RECORDS_PER_TXN a transaction (two operations each: the put and its revision compare),
-                # so a node's many workloads (a status report, NotReady at load, a node deleted) stay within etcd's
-                # 128 operations; a refusal of a later chunk computes again what is still to change
+                # at most RECORDS_PER_TXN a transaction, so a node's many workloads (a status report, NotReady at
+                # load, a node deleted) stay within etcd's 128 puts; a refusal of a later chunk computes again what
+                # is still to change
                 for i in range(0, len(changed), RECORDS_PER_TXN):
                     chunk = changed[i:i + RECORDS_PER_TXN]
                     await self.save(chunk)

@@ -1,7 +1,7 @@
 """A node's many slices changed at once (NotReady, a full report, a deletion) are written SAVE_BATCH a transaction
-(controllers/slices.py `save_or_restore`), against a real etcd and the real writer: one transaction of a put and a
-compare per slice went past etcd's 128 operations for a node with more than about 60 MPS or time-share slices,
-was refused every time, and the node's slices were never marked lost."""
+(controllers/slices.py `save_or_restore`), against a real etcd and the real writer: one transaction of a put per
+slice went past etcd's 128 operations for a node with more than 128 MPS or time-share slices, was refused every
+time, and the node's slices were never marked lost."""
 
 from __future__ import annotations
 

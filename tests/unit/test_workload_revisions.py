@@ -121,7 +121,7 @@ async def test_concurrent_changes_of_one_record_are_both_kept(world, etcd_client
 
 async def test_an_update_of_many_records_stays_within_etcds_operations_per_transaction(world, etcd_client):
     """A node's many workloads changed at once (here 150: NotReady, a status report, a node deleted) were one
-    transaction of two operations each, which etcd refuses past 128 ("too many operations in txn request")."""
+    transaction of a put each, which etcd refuses past 128 ("too many operations in txn request")."""
     ctl, wm, mm, m = world
     ids = [f"w-many-{i:03d}" for i in range(150)]
     for wid in ids:
