@@ -20,6 +20,8 @@ import struct
 import urllib.parse
 from pathlib import Path
 
+from mesh.models.digest import walk
+
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
 FORMATS = ("gguf", "hf")       # GGUF file, Hugging Face directory
@@ -118,11 +120,8 @@ def special_file(directory: Path) -> tuple[Path, int] | None:
     """The first file below `directory` (links followed, hidden names left out, as the digest walks it:
     mesh/models/digest.py) that is neither a regular file nor a directory, with its mode; None when there is
     none. A dangling link is no file at all: left out, as the digest leaves it out."""
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for root, _dirs, files in walk(directory):
         for name in sorted(files):
-            if name.startswith("."):
-                continue
             p = Path(root) / name
             try:
                 mode = os.stat(p).st_mode

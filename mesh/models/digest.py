@@ -55,12 +55,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def files_below(directory: Path) -> list[str]:
-    """The regular files below `directory` (links followed, hidden names left out), as sorted relative POSIX
-    paths."""
-    out = []
+def walk(directory: Path):
+    """os.walk of a model directory: links followed, hidden names left out, and a directory that is one of its own
+    ancestors (a link loop, `sub/up -> ..`) not entered: the walk nested it until the path was too long, which two
+    such links make exponential. Other linked directories are walked as before (the digest does not change)."""
+    chains: dict[str, frozenset] = {}
     for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        here = (st.st_dev, st.st_ino)
+        above = chains.get(os.path.dirname(root), frozenset())
+        if here in above:
+            dirs[:] = []
+            continue
+        chains[root] = above | {here}
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield root, dirs, [f for f in files if not f.startswith(".")]
+
+
+def files_below(directory: Path) -> list[str]:
+    """The regular files below `directory` (`walk`: links followed, hidden names left out, each directory once),
+    as sorted relative POSIX paths."""
+    out = []
+    for root, dirs, files in walk(directory):
         for name in files:
             p = Path(root) / name
             if not name.startswith(".") and p.is_file():

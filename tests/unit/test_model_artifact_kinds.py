@@ -138,3 +138,19 @@ async def test_paths_are_resolved_and_stated_off_the_event_loop(tmp_path, monkey
     update.description = "the same weights"
     assert (await r.update(update)).variants[0].artifact_sha256 == m.variants[0].artifact_sha256
     assert on_loop == []
+
+
+def test_a_link_loop_in_a_model_directory_ends_the_walk_there(tmp_path):
+    """Two links back to an ancestor made os.walk(followlinks=True) nest 2^depth directories until the path was
+    too long; the walk (mesh/models/digest.py `walk`) enters no directory that is one of its own ancestors, and a
+    linked directory that is not a loop is walked as before."""
+    from mesh.models.digest import files_below
+    d = tmp_path / "model"
+    (d / "sub").mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "sub" / "w.bin").write_bytes(b"x")
+    (d / "sub" / "up").symlink_to("..")          # one loop: before, 40 nested copies (two: 2^40, a hang)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "t.json").write_text("{}")
+    (d / "tok").symlink_to(tmp_path / "shared")
+    assert files_below(d) == ["config.json", "sub/w.bin", "tok/t.json"]
