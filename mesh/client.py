@@ -28,6 +28,7 @@ from mesh.deployapi import DeploymentApi
 from mesh.eventapi import EventApi
 from mesh.forecastapi import ForecastApi
 from mesh.poolapi import PoolApi
+from mesh.servingviewapi import ServingViewApi
 from mesh.costapi import CostApi
 from mesh.modelapi import ModelApi
 # the converters, re-exported: `from mesh.client import slice_to_dict` is the SDK's spelling
@@ -121,7 +122,8 @@ class SliceWatch:
         self.close()
 
 
-class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, ForecastApi, PoolApi, CostApi):
+class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, ForecastApi, PoolApi, CostApi,
+                 ServingViewApi):
     """A synchronous client of one control plane. Thread-safe; share one per process."""
 
     def __init__(self, endpoint: str, *, timeout: float = 30.0,

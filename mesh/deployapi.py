@@ -39,6 +39,7 @@ def state_name(state: int) -> str:
 class DeploymentApi:
     _channel: Any
     timeout: float
+    serving_view: Callable[[], Any]   # mesh.servingviewapi.ServingViewApi, mixed in beside this one
 
     @property
     def _deploysvc(self) -> deployment_service_pb2_grpc.DeploymentServiceStub:
@@ -183,20 +184,9 @@ class DeploymentApi:
 
     def replica_api_keys(self) -> dict[str, str]:
         """Replica ID -> the key its model server requires (`authorization: Bearer <key>`), from one snapshot
-        of the serving view. Admins only (the gateway's identity): a tenant or viewer gets an empty map and
-        reaches the replicas through the gateway."""
-        import grpc
-        from mesh import richstatus
-        from gpumesh.v1 import servingview_service_pb2 as V
-        from gpumesh.v1 import servingview_service_pb2_grpc
-        call = servingview_service_pb2_grpc.ServingViewServiceStub(self._channel).Watch(
-            V.WatchServingViewRequest(), timeout=self.timeout)
-        try:
-            return dict(next(iter(call)).replica_api_keys)
-        except grpc.RpcError as exc:
-            raise richstatus.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        of the serving view (mesh.servingviewapi). Admins only (the gateway's identity): a tenant or viewer
+        gets an empty map and reaches the replicas through the gateway."""
+        return dict(self.serving_view().replica_api_keys)
 
     def watch_deployment(self, name: str, timeout: float | None = None) -> Iterator[D.Deployment]:
         """The deployment now and after each change, until it is deleted (or `timeout`)."""

@@ -23,6 +23,7 @@ RESOURCES = {
     "pools": "pools", "pool": "pools",
     "connections": "connections", "connection": "connections", "conn": "connections",
     "grants": "grants", "grant": "grants",
+    "servingview": "servingview", "view": "servingview", "sv": "servingview",
 }
 
 EPILOG = """\
@@ -33,7 +34,9 @@ resources: nodes (node, no), gpus (gpu), slices (slice, sl), workloads (workload
            policies (policy, hpa: deployments' scaling policies and the autoscaler's last decision),
            pools (pool: resource pools with their usage),
            connections (connection, conn: mesh connections, as `meshctl mesh get`),
-           grants (grant: which tenants' slices may connect to which, as `meshctl mesh grants`)
+           grants (grant: which tenants' slices may connect to which, as `meshctl mesh grants`),
+           servingview (view, sv: what the gateway routes by, one row per replica; NAMEs are
+           deployments; -o json|yaml: the whole snapshot, replica keys redacted)
 
 examples:
   meshctl get nodes
@@ -57,6 +60,8 @@ examples:
   meshctl get migrations -o wide                      # + MODE TENANT ROUND SENT MB/S DOWNTIME TOTAL ...
   meshctl get connections --tenant team-a
   meshctl get grants
+  meshctl get servingview -o wide                     # + NODE GPU "GPU HEALTH" MEMORY THERMAL KEY
+  meshctl get sv chat -w                              # a fresh view of deployment chat whenever it changes
 """
 
 
@@ -65,11 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    description="List resources of one kind (see below). Names or IDs narrow the list.",
                    epilog=EPILOG)
     p.add_argument("resource", metavar="RESOURCE", help="nodes | gpus | slices | workloads | migrations | checkpoints "
-                   "| models | deployments | replicas | events | policies | pools | connections | grants (or an alias)")
+                   "| models | deployments | replicas | events | policies | pools | connections | grants | servingview "
+                   "(or an alias)")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="only these names or IDs (nodes: node names; gpus: their node's names; slices: slice or "
-                        "allocation IDs; deployments, models, pools: names; migrations, checkpoints: IDs or "
-                        "workload IDs)")
+                        "allocation IDs; deployments, models, pools: names; servingview: deployment names; "
+                        "migrations, checkpoints: IDs or workload IDs)")
     p.add_argument("--tenant", default="", help="slices, workloads, deployments, migrations, checkpoints, "
                    "connections or events of this tenant only")
     p.add_argument("--node", default="", help="GPUs, slices, workloads or events on this node only")
@@ -89,15 +95,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", default=None, metavar="DURATION",
                    help="events: only those seen in the last 30s, 10m, 2h, 1d")
     p.add_argument("-w", "--watch", action="store_true",
-                   help="events, slices, one deployment or one migration: after the list, a line per change "
-                        "(Ctrl-C to stop)")
+                   help="events, slices, one deployment or one migration: after the list, a line per change; "
+                        "servingview: a fresh view per change (Ctrl-C to stop)")
     p.set_defaults(func=run)
 
 
 # which kinds take which filters (anything else is refused, naming the flag)
 FILTERS = {"model": ("deployments", "replicas"), "family": ("models",), "selector": ("deployments", "replicas",
            "models"), "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
-           "since": ("events",), "watch": ("events", "slices", "deployments", "migrations")}
+           "since": ("events",), "watch": ("events", "slices", "deployments", "migrations", "servingview")}
 FLAG_NAMES = {"for_": "--for", "selector": "-l/--selector"}
 
 
@@ -132,6 +138,15 @@ def run(args: argparse.Namespace) -> int:
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
     check_filters(args, kind)
+    if kind == "servingview":
+        for flag, value in (("--tenant", args.tenant), ("--node", args.node), ("--slice", args.slice),
+                            ("--state", args.state)):
+            if value:
+                raise CliError(f"{flag} does not filter servingview (the control plane scopes the view to the "
+                               f"caller's tenant; NAMEs narrow it to deployments)")
+        from tools.meshctl import servingview
+        with client(args) as mesh:
+            return servingview.run(mesh, args.names, args.output, args.watch)
     if kind == "events":
         from tools.meshctl import events
         with client(args) as mesh:
