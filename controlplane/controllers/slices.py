@@ -85,6 +85,10 @@ class Controller:
         # Nodes being deleted (controllers/nodedelete.py): their agent may not register, and nothing waits
         # for an answer from them (a migration's steps fail at once).
         self.deleted_nodes: set[str] = set()
+        # Resizes between their commit and the agents' SWAP_SLICES (controllers/resize.py): slice id -> the
+        # (device UUID, GPU instance, compute instance) its record has since the swap. An agent's report naming
+        # another one for it describes the placement before the swap (the record's old one): it is ignored.
+        self.swapping: dict[str, tuple[str, int, int]] = {}
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -428,6 +432,12 @@ class Controller:
             s = self.fleet.slices.get(st.slice_id)
             if s is None or s.node != node or s.state == S.SLICE_STATE_RELEASING:
                 continue
+            swapped = self.swapping.get(s.id)
+            if swapped is not None and swapped != (st.device_uuid, st.gpu_instance_id, st.compute_instance_id):
+                log(logger, logging.INFO, "report of a slice's placement before its resize's swap; ignored until "
+                    "the agent swaps it", slice=s.id, node=node, reported_device=st.device_uuid,
+                    reported_gpu_instance=st.gpu_instance_id, device=swapped[0], gpu_instance=swapped[1])
+                continue
             if (s.state, s.device_uuid, s.message, s.gpu_instance_id, s.compute_instance_id) == \
                     (st.state, st.device_uuid, st.message, st.gpu_instance_id, st.compute_instance_id) \
                     and dict(s.env) == dict(st.env):
@@ -439,8 +449,8 @@ class Controller:
         gone_ids = set(released)
         if full:
             for s in self.fleet.slices_on(node):
-                if s.id in held:
-                    continue
+                if s.id in held or s.id in self.swapping:
+                    continue        # (a swapped one: the agent holds it under the other ID until it swaps)
                 if s.state == S.SLICE_STATE_RELEASING:
                     gone_ids.add(s.id)
                 elif s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_UNKNOWN):
