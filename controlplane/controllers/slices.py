@@ -22,6 +22,7 @@ from controlplane.scheduler import profiles
 from controlplane.api.events import ADDED, DELETED, MODIFIED, EventHub
 from controlplane.state.fleet import Fleet
 from controlplane.controllers.sessions import Sessions
+from controlplane.controllers.slicewrites import SAVE_BATCH, SliceWrites  # noqa: F401 - SAVE_BATCH: its tests
 from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
 from controlplane.state.writer import Writer
 from gpumesh.v1 import types_pb2
@@ -37,7 +38,6 @@ allocation; after it the id is forgotten (its etcd key expires with a lease), so
 REQUEST_LEASE_ROTATE_S = requestids.LEASE_ROTATE_S
 
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
-SAVE_BATCH = 50         # slice records per transaction of save_or_restore (etcd takes 128 puts and 128 compares)
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -50,7 +50,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-class Controller:
+class Controller(SliceWrites):
     def __init__(self, store: EtcdStore, *, ready_timeout: float = 30.0, release_timeout: float = 30.0) -> None:
         self.store = store
         self.fleet = Fleet()
@@ -485,25 +485,3 @@ class Controller:
                     continue        # released and gone meanwhile (its tenant, a drain): nothing left to end
         await self.save_or_restore([], [], [self.fleet.drop_slice(s.id) for s in self.fleet.slices_on(node)])
         return ids, allocs
-
-    async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
-                              deleted: list[types_pb2.Slice] = ()) -> int:
-        """`save(changed, deleted)` of slices `_update` already put in the fleet (and `deleted` ones already
-        dropped), SAVE_BATCH a transaction (a node's many MPS or time-share slices went past etcd's 128 puts);
-        when a write fails, the fleet is put back as etcd has it (`priors`, `deleted`) for that transaction and the
-        ones after it, so the next attempt (a retry, the agent's next report) sees the change still to make."""
-        items, by_id, rev = [(c, None) for c in changed] + [(None, d) for d in deleted], {p.id: p for p in priors}, 0
-        for i in range(0, len(items), SAVE_BATCH):
-            try:
-                rev = await self.save([c for c, _ in items[i:i + SAVE_BATCH] if c is not None],
-                                      [d for _, d in items[i:i + SAVE_BATCH] if d is not None])
-            except BaseException:
-                for c, gone in items[i:]:
-                    if c is not None and c.id in by_id and c.id in self.fleet.slices:
-                        self.fleet.put_slice(by_id[c.id])
-                    if c is not None:
-                        self._state_changes.pop(c.id, None)
-                    if gone is not None:
-                        self.fleet.put_slice(gone)
-                raise
-        return rev
