@@ -242,6 +242,7 @@ class ResizeMixin:
         x, t = self.ctl.fleet.slices.get(m.resize_slice), self.ctl.fleet.slices.get(m.target_slice)
         nx, nt = self._swapped(m)
         m.updated_at.CopyFrom(now())
+        self._swapping(nx, nt)
         self.ctl.fleet.put_slice(nx)
         self.ctl.fleet.put_slice(nt)
         try:
@@ -250,6 +251,7 @@ class ResizeMixin:
         except BaseException:
             self.ctl.fleet.put_slice(x)
             self.ctl.fleet.put_slice(t)
+            self._swapped_on_agents(nx, nt)
             raise
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
@@ -277,9 +279,13 @@ class ResizeMixin:
         nx, nt = self.ctl.fleet.slices.get(m.resize_slice), self.ctl.fleet.slices.get(m.target_slice)
         records = [s for s in (nx, nt) if s is not None]
         nodes = sorted({s.node for s in records})
-        results = await asyncio.gather(*[self._ask(m.id, node, M.MigrationCommand(
-            migration_id=m.id, action=C.SWAP_SLICES, workload_id=m.workload_id, slices=records),
-            (R.SLICES_SWAPPED,), STEP_TIMEOUT) for node in nodes], return_exceptions=True)
+        self._swapping(*records)        # again: a new leader resuming the commit
+        try:
+            results = await asyncio.gather(*[self._ask(m.id, node, M.MigrationCommand(
+                migration_id=m.id, action=C.SWAP_SLICES, workload_id=m.workload_id, slices=records),
+                (R.SLICES_SWAPPED,), STEP_TIMEOUT) for node in nodes], return_exceptions=True)
+        finally:
+            self._swapped_on_agents(*records)
         for node, r in zip(nodes, results):
             if isinstance(r, BaseException):
                 if node == m.source_node and node != m.target_node and m.target_slice in self.ctl.fleet.slices:
@@ -288,6 +294,19 @@ class ResizeMixin:
                         error=str(r))
                     continue
                 raise r
+
+    def _swapping(self, *records: types_pb2.Slice) -> None:
+        """From the commit until the agents answer SWAP_SLICES, an agent's report still names each realized
+        slice by its ID before the swap: the one it gives for the client's ID is the old placement's state,
+        device and MIG instances, which the report handler (Controller.report) wrote over the swapped record
+        (and a full report found the renamed slice missing: PENDING). It ignores, for these IDs, a report
+        naming another placement than the record's; the agent's statuses after the swap name the record's."""
+        for s in records:
+            self.ctl.swapping[s.id] = (s.device_uuid, s.gpu_instance_id, s.compute_instance_id)
+
+    def _swapped_on_agents(self, *records: types_pb2.Slice) -> None:
+        for s in records:
+            self.ctl.swapping.pop(s.id, None)
 
     async def _release_old_placement(self, m: M.Migration) -> None:
         if m.target_slice in self.ctl.fleet.slices:

@@ -22,6 +22,7 @@ from controlplane.scheduler import profiles
 from controlplane.api.events import ADDED, DELETED, MODIFIED, EventHub
 from controlplane.state.fleet import Fleet
 from controlplane.controllers.sessions import Sessions
+from controlplane.controllers.slicewrites import SAVE_BATCH, SliceWrites  # noqa: F401 - SAVE_BATCH: its tests
 from controlplane.state.store import Absent, Delete, EtcdStore, Present, Put
 from controlplane.state.writer import Writer
 from gpumesh.v1 import types_pb2
@@ -37,7 +38,6 @@ allocation; after it the id is forgotten (its etcd key expires with a lease), so
 REQUEST_LEASE_ROTATE_S = requestids.LEASE_ROTATE_S
 
 TERMINAL = (S.SLICE_STATE_READY, S.SLICE_STATE_FAILED)
-SAVE_BATCH = 50         # slice records per transaction of save_or_restore (etcd takes 128 puts and 128 compares)
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -50,7 +50,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-class Controller:
+class Controller(SliceWrites):
     def __init__(self, store: EtcdStore, *, ready_timeout: float = 30.0, release_timeout: float = 30.0) -> None:
         self.store = store
         self.fleet = Fleet()
@@ -85,6 +85,10 @@ class Controller:
         # Nodes being deleted (controllers/nodedelete.py): their agent may not register, and nothing waits
         # for an answer from them (a migration's steps fail at once).
         self.deleted_nodes: set[str] = set()
+        # Resizes between their commit and the agents' SWAP_SLICES (controllers/resize.py): slice id -> the
+        # (device UUID, GPU instance, compute instance) its record has since the swap. An agent's report naming
+        # another one for it describes the placement before the swap (the record's old one): it is ignored.
+        self.swapping: dict[str, tuple[str, int, int]] = {}
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -428,6 +432,12 @@ class Controller:
             s = self.fleet.slices.get(st.slice_id)
             if s is None or s.node != node or s.state == S.SLICE_STATE_RELEASING:
                 continue
+            swapped = self.swapping.get(s.id)
+            if swapped is not None and swapped != (st.device_uuid, st.gpu_instance_id, st.compute_instance_id):
+                log(logger, logging.INFO, "report of a slice's placement before its resize's swap; ignored until "
+                    "the agent swaps it", slice=s.id, node=node, reported_device=st.device_uuid,
+                    reported_gpu_instance=st.gpu_instance_id, device=swapped[0], gpu_instance=swapped[1])
+                continue
             if (s.state, s.device_uuid, s.message, s.gpu_instance_id, s.compute_instance_id) == \
                     (st.state, st.device_uuid, st.message, st.gpu_instance_id, st.compute_instance_id) \
                     and dict(s.env) == dict(st.env):
@@ -439,8 +449,8 @@ class Controller:
         gone_ids = set(released)
         if full:
             for s in self.fleet.slices_on(node):
-                if s.id in held:
-                    continue
+                if s.id in held or s.id in self.swapping:
+                    continue        # (a swapped one: the agent holds it under the other ID until it swaps)
                 if s.state == S.SLICE_STATE_RELEASING:
                     gone_ids.add(s.id)
                 elif s.state in (S.SLICE_STATE_READY, S.SLICE_STATE_UNKNOWN):
@@ -475,25 +485,3 @@ class Controller:
                     continue        # released and gone meanwhile (its tenant, a drain): nothing left to end
         await self.save_or_restore([], [], [self.fleet.drop_slice(s.id) for s in self.fleet.slices_on(node)])
         return ids, allocs
-
-    async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
-                              deleted: list[types_pb2.Slice] = ()) -> int:
-        """`save(changed, deleted)` of slices `_update` already put in the fleet (and `deleted` ones already
-        dropped), SAVE_BATCH a transaction (a node's many MPS or time-share slices went past etcd's 128 puts);
-        when a write fails, the fleet is put back as etcd has it (`priors`, `deleted`) for that transaction and the
-        ones after it, so the next attempt (a retry, the agent's next report) sees the change still to make."""
-        items, by_id, rev = [(c, None) for c in changed] + [(None, d) for d in deleted], {p.id: p for p in priors}, 0
-        for i in range(0, len(items), SAVE_BATCH):
-            try:
-                rev = await self.save([c for c, _ in items[i:i + SAVE_BATCH] if c is not None],
-                                      [d for _, d in items[i:i + SAVE_BATCH] if d is not None])
-            except BaseException:
-                for c, gone in items[i:]:
-                    if c is not None and c.id in by_id and c.id in self.fleet.slices:
-                        self.fleet.put_slice(by_id[c.id])
-                    if c is not None:
-                        self._state_changes.pop(c.id, None)
-                    if gone is not None:
-                        self.fleet.put_slice(gone)
-                raise
-        return rev

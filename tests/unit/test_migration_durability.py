@@ -79,6 +79,7 @@ class Agent:
 def manager(etcd: Etcd, workload: types_pb2.Workload | None):
     sessions: dict = {}
     ctl = types.SimpleNamespace(agent_handlers={}, sessions=sessions, fleet=types.SimpleNamespace(slices={}),
+                                swapping={},
                                 writer=types.SimpleNamespace(write=etcd.write),
                                 recorder=types.SimpleNamespace(emit=lambda *a, **k: None))
     wm = types.SimpleNamespace(extra_desired=[], workloads={WID: workload} if workload else {}, stopping=set(),

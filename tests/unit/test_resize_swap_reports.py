@@ -1,0 +1,118 @@
+"""An agent's report about a resize's old placement, arriving between the commit (both slice records swapped in
+etcd) and the agents' SWAP_SLICES, is not written over the swapped records (controllers/resize.py `_swapping`,
+Controller.report): the agent still names each realized slice by its ID before the swap, so it gave the client's
+slice the old placement's device, MIG instances, state and message (and a full report from a node that holds the
+new placement under the reserved slice's ID turned the client's READY slice PENDING). The agent's statuses after
+the swap, and every report after it, are applied as before."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+from controlplane.controllers import migrations
+from controlplane.controllers.migration_phases import C, P, R
+from controlplane.controllers.slices import Controller
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import node_service_pb2 as N
+from gpumesh.v1 import types_pb2 as T
+
+MID = "m-1"
+
+
+class Etcd:
+    async def write(self, ops, conds=()):
+        await asyncio.sleep(0)
+        return 7
+
+
+class Agent:
+    """A node's session: on SWAP_SLICES it renames (sends `after`, the statuses under the new names), then
+    answers SLICES_SWAPPED."""
+
+    def __init__(self, node: str, ctl: Controller, mm, after: list) -> None:
+        self.node, self.ctl, self.mm, self.after = node, ctl, mm, after
+
+    def send(self, msg) -> None:
+        if msg.WhichOneof("kind") != "migration" or msg.migration.action != C.SWAP_SLICES:
+            return
+
+        async def swap():
+            await self.ctl.report(self.node, False, self.after, [])
+            await self.mm._on_report(self.node, M.MigrationReport(migration_id=MID, event=R.SLICES_SWAPPED))
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(swap()))
+
+
+def _controller(nodes: dict[str, list[str]]) -> Controller:
+    ctl = Controller(store=None)
+    ctl.recorder = types.SimpleNamespace(emit=lambda *a, **k: None)
+    ctl.writer.write = Etcd().write
+    for node, gpus in nodes.items():
+        ctl.fleet.upsert_node(T.Node(name=node, inventory=T.NodeInventory(
+            gpus=[T.Gpu(index=i, uuid=u, model="A100-80GB") for i, u in enumerate(gpus)]))).ready = True
+    return ctl
+
+
+def _slice(sid: str, node: str, gpu: int, uuid: str, mem_gib: int) -> T.Slice:
+    return T.Slice(id=sid, allocation_id="a-" + sid, tenant="t", node=node, gpu_uuid=uuid, gpu_index=gpu,
+                   gpu_model="A100-80GB", isolation=T.ISOLATION_MPS, memory_bytes=mem_gib << 30,
+                   compute_share=0.1, device_uuid=uuid, state=T.SLICE_STATE_READY, message="ready")
+
+
+def _status(sid: str, uuid: str, message: str = "ready") -> N.SliceStatus:
+    return N.SliceStatus(slice_id=sid, state=T.SLICE_STATE_READY, device_uuid=uuid, message=message)
+
+
+def _manager(ctl: Controller, x: T.Slice, t: T.Slice):
+    wm = types.SimpleNamespace(extra_desired=[], workloads={}, stopping=set(), waiters={}, revisions={})
+    mm = migrations.MigrationManager(ctl, wm)
+    for s in (x, t):
+        ctl.fleet.put_slice(s)
+    m = M.Migration(id=MID, source_node=x.node, source_slice=x.id, target_node=t.node, target_slice=t.id,
+                    resize_slice=x.id, phase=P.MIGRATION_PHASE_PLANNED)
+    mm.migrations[MID] = m
+    return mm, m
+
+
+def test_a_full_report_of_the_old_placement_between_commit_and_swap_is_not_written_over_the_records():
+    async def main():
+        ctl = _controller({"nA": ["GPU-0", "GPU-1"]})
+        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 1, "GPU-1", 2))
+        await mm._commit_idle_resize(m)
+        assert ctl.fleet.slices["s-x"].device_uuid == "GPU-1"          # the client's ID at the new placement
+        # the agent has not swapped yet: its full report names s-x on GPU-0 and s-t on GPU-1, as before
+        await ctl.report("nA", True, [_status("s-x", "GPU-0"), _status("s-t", "GPU-1")], [])
+        x, t = ctl.fleet.slices["s-x"], ctl.fleet.slices["s-t"]
+        assert (x.gpu_index, x.device_uuid, x.state) == (1, "GPU-1", T.SLICE_STATE_READY)
+        assert (t.gpu_index, t.device_uuid) == (0, "GPU-0")
+        assert x.message.startswith("resized from")
+        # the agent swaps: its statuses under the new names are applied, and the guard ends with the answer
+        ctl.sessions.by_node["nA"] = Agent("nA", ctl, mm, [_status("s-x", "GPU-1", "swapped"),
+                                                          _status("s-t", "GPU-0", "swapped")])
+        await asyncio.wait_for(mm._swap_on_agents(m), 30)
+        assert ctl.fleet.slices["s-x"].message == "swapped" and ctl.fleet.slices["s-t"].message == "swapped"
+        assert ctl.swapping == {}
+        await ctl.report("nA", False, [N.SliceStatus(slice_id="s-x", state=T.SLICE_STATE_FAILED,
+                                                     device_uuid="GPU-1", message="gone")], [])
+        assert ctl.fleet.slices["s-x"].state == T.SLICE_STATE_FAILED    # the normal report path, as before
+    asyncio.run(main())
+
+
+def test_a_full_report_from_the_new_placements_node_before_the_swap_leaves_the_client_slice_ready():
+    async def main():
+        ctl = _controller({"nA": ["GPU-a"], "nB": ["GPU-b"]})
+        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-a", 1), _slice("s-t", "nB", 0, "GPU-b", 2))
+        await mm._commit_idle_resize(m)
+        # nB realized the new placement as s-t: its full report lists s-t only, and s-x's record is on nB now
+        await ctl.report("nB", True, [_status("s-t", "GPU-b")], [])
+        await ctl.report("nA", True, [_status("s-x", "GPU-a")], [])
+        x, t = ctl.fleet.slices["s-x"], ctl.fleet.slices["s-t"]
+        assert (x.node, x.device_uuid, x.state) == ("nB", "GPU-b", T.SLICE_STATE_READY)
+        assert (t.node, t.device_uuid, t.state) == ("nA", "GPU-a", T.SLICE_STATE_READY)
+        ctl.sessions.by_node["nA"] = Agent("nA", ctl, mm, [_status("s-t", "GPU-a")])
+        ctl.sessions.by_node["nB"] = Agent("nB", ctl, mm, [_status("s-x", "GPU-b")])
+        await asyncio.wait_for(mm._swap_on_agents(m), 30)
+        assert ctl.swapping == {}
+        await ctl.report("nB", True, [_status("s-x", "GPU-b")], [])      # after the swap: a full report as usual
+        assert ctl.fleet.slices["s-x"].state == T.SLICE_STATE_READY
+    asyncio.run(main())
