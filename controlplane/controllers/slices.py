@@ -50,11 +50,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-class Controller(SliceWrites):
+class Controller:
     def __init__(self, store: EtcdStore, *, ready_timeout: float = 30.0, release_timeout: float = 30.0) -> None:
         self.store = store
         self.fleet = Fleet()
         self.writer = Writer(store)
+        self.writes = SliceWrites(self)
         self.events = EventHub()
         # Durable events (controlplane/events/): the leader sets its Recorder; elsewhere emit does nothing.
         #     ctl.recorder.emit(kind, name, "Normal" | "Warning", reason, message, tenant=..., node=...)
@@ -91,6 +92,12 @@ class Controller(SliceWrites):
         self.swapping: dict[str, tuple[str, int, int]] = {}
 
     # -- persistence helpers ------------------------------------------------------------
+
+    async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
+                              deleted: list[types_pb2.Slice] = ()) -> int:
+        """`save` of changes already made in the fleet, in batches, the fleet put back as etcd has it when one
+        fails (slicewrites.py)."""
+        return await self.writes.save_or_restore(changed, priors, deleted)
 
     async def save(self, changed: list[types_pb2.Slice], deleted: list[types_pb2.Slice] = (),
                    created: bool = False, extra: list = (), extra_conds: list = (), added: bool = False) -> int:

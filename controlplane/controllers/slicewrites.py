@@ -1,4 +1,4 @@
-"""The slice controller's writes of changes already made in the fleet (mixed into Controller,
+"""The slice controller's writes of changes already made in the fleet (held by Controller as `writes`,
 controllers/slices.py): in transactions etcd takes, and the fleet put back as etcd has it when one fails."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ SAVE_BATCH = 50         # slice records per transaction of save_or_restore (etcd
 
 
 class SliceWrites:
-    """Needs self.save, self.fleet, self.store, self._state_changes (Controller)."""
+    """Over a Controller: its save, fleet, store and _state_changes (read through it: tests replace them)."""
+
+    def __init__(self, ctl) -> None:
+        self.ctl = ctl
 
     async def save_or_restore(self, changed: list[types_pb2.Slice], priors: list[types_pb2.Slice],
                               deleted: list[types_pb2.Slice] = ()) -> int:
@@ -26,12 +29,12 @@ class SliceWrites:
         items, by_id, rev = [(c, None) for c in changed] + [(None, d) for d in deleted], {p.id: p for p in priors}, 0
         for i in range(0, len(items), SAVE_BATCH):
             try:
-                rev = await self.save([c for c, _ in items[i:i + SAVE_BATCH] if c is not None],
+                rev = await self.ctl.save([c for c, _ in items[i:i + SAVE_BATCH] if c is not None],
                                       [d for _, d in items[i:i + SAVE_BATCH] if d is not None])
             except BaseException as e:
                 for c, _ in items[i:]:
                     if c is not None:
-                        self._state_changes.pop(c.id, None)
+                        self.ctl._state_changes.pop(c.id, None)
                 await self._put_back(items[i:], by_id, read=not isinstance(e, asyncio.CancelledError))
                 raise
         return rev
@@ -46,7 +49,7 @@ class SliceWrites:
         failed writes), and a write that timed out may have been applied. Where etcd cannot be read (or the
         caller is cancelled), the priors, as before."""
         def left_as_this_change_made_it(c, sid: str) -> bool:
-            return self.fleet.slices.get(sid) is c if c is not None else sid not in self.fleet.slices
+            return self.ctl.fleet.slices.get(sid) is c if c is not None else sid not in self.ctl.fleet.slices
 
         for c, gone in items:
             sid = (c or gone).id
@@ -55,7 +58,7 @@ class SliceWrites:
             found, etcd = False, None
             if read:
                 try:
-                    etcd, found = await self.store.read(keys.slice_(sid)), True
+                    etcd, found = await self.ctl.store.read(keys.slice_(sid)), True
                 except Exception as e:  # noqa: BLE001 - etcd unreadable (or a stand-in store): the priors
                     log(logger, logging.INFO, "slice not read back after a failed write; putting back the prior",
                         slice=sid, error=str(e))
@@ -64,10 +67,10 @@ class SliceWrites:
                 continue            # changed during the read
             if found:
                 if etcd is None:
-                    self.fleet.drop_slice(sid)
+                    self.ctl.fleet.drop_slice(sid)
                 else:
-                    self.fleet.put_slice(types_pb2.Slice.FromString(etcd[0]), etcd[1])
+                    self.ctl.fleet.put_slice(types_pb2.Slice.FromString(etcd[0]), etcd[1])
             elif c is not None and sid in priors:
-                self.fleet.put_slice(priors[sid])
+                self.ctl.fleet.put_slice(priors[sid])
             elif gone is not None:
-                self.fleet.put_slice(gone)
+                self.ctl.fleet.put_slice(gone)
