@@ -27,7 +27,7 @@ import logging
 from controlplane.api import auth
 
 from controlplane.state import keys
-from controlplane.controllers.slices import new_id, now
+from controlplane.controllers.slices import new_id, now, placement_of
 from controlplane.controllers.resizequota import growth_refusal
 from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Present, Put
@@ -251,7 +251,7 @@ class ResizeMixin:
         except BaseException:
             self.ctl.fleet.put_slice(x)
             self.ctl.fleet.put_slice(t)
-            self._swapped_on_agents(nx, nt)
+            self._swapped_on_agents(nx.id, nt.id)
             raise
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
@@ -284,8 +284,8 @@ class ResizeMixin:
             results = await asyncio.gather(*[self._ask(m.id, node, M.MigrationCommand(
                 migration_id=m.id, action=C.SWAP_SLICES, workload_id=m.workload_id, slices=records),
                 (R.SLICES_SWAPPED,), STEP_TIMEOUT) for node in nodes], return_exceptions=True)
-        finally:
-            self._swapped_on_agents(*records)
+        finally:        # both IDs: a record gone since the commit (its node deleted) was guarded too
+            self._swapped_on_agents(m.resize_slice, m.target_slice)
         for node, r in zip(nodes, results):
             if isinstance(r, BaseException):
                 if node == m.source_node and node != m.target_node and m.target_slice in self.ctl.fleet.slices:
@@ -300,13 +300,14 @@ class ResizeMixin:
         slice by its ID before the swap: the one it gives for the client's ID is the old placement's state,
         device and MIG instances, which the report handler (Controller.report) wrote over the swapped record
         (and a full report found the renamed slice missing: PENDING). It ignores, for these IDs, a report
-        naming another placement than the record's; the agent's statuses after the swap name the record's."""
+        naming another placement than the record's (slices.placement_of: with the limits in the env, for a
+        resize on the slice's own GPU); the agent's statuses after the swap name the record's."""
         for s in records:
-            self.ctl.swapping[s.id] = (s.device_uuid, s.gpu_instance_id, s.compute_instance_id)
+            self.ctl.swapping[s.id] = placement_of(s.device_uuid, s.gpu_instance_id, s.compute_instance_id, s.env)
 
-    def _swapped_on_agents(self, *records: types_pb2.Slice) -> None:
-        for s in records:
-            self.ctl.swapping.pop(s.id, None)
+    def _swapped_on_agents(self, *ids: str) -> None:
+        for sid in ids:
+            self.ctl.swapping.pop(sid, None)
 
     async def _release_old_placement(self, m: M.Migration) -> None:
         if m.target_slice in self.ctl.fleet.slices:

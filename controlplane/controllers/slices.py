@@ -46,6 +46,16 @@ def now() -> timestamp_pb2.Timestamp:
     return ts
 
 
+# what of a realized slice's env tells two placements on one GPU apart (nodeagent/slicer.py slice_env): a resize
+# the scheduler put on the slice's own GPU (MPS, time-share) has the same device and no MIG instances
+SWAP_ENV = ("GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+
+
+def placement_of(device_uuid: str, gpu_instance_id: int, compute_instance_id: int, env) -> tuple:
+    """A slice record's or an agent's status's realized placement, as `Controller.swapping` compares them."""
+    return (device_uuid, gpu_instance_id, compute_instance_id, *(env.get(k, "") for k in SWAP_ENV))
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
@@ -87,9 +97,10 @@ class Controller:
         # for an answer from them (a migration's steps fail at once).
         self.deleted_nodes: set[str] = set()
         # Resizes between their commit and the agents' SWAP_SLICES (controllers/resize.py): slice id -> the
-        # (device UUID, GPU instance, compute instance) its record has since the swap. An agent's report naming
-        # another one for it describes the placement before the swap (the record's old one): it is ignored.
-        self.swapping: dict[str, tuple[str, int, int]] = {}
+        # placement (`placement_of`: device UUID, GPU and compute instance, the limits in its env) its record has
+        # since the swap. An agent's report naming another one for it describes the placement before the swap
+        # (the record's old one): it is ignored.
+        self.swapping: dict[str, tuple] = {}
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -440,7 +451,8 @@ class Controller:
             if s is None or s.node != node or s.state == S.SLICE_STATE_RELEASING:
                 continue
             swapped = self.swapping.get(s.id)
-            if swapped is not None and swapped != (st.device_uuid, st.gpu_instance_id, st.compute_instance_id):
+            if swapped is not None and swapped != placement_of(st.device_uuid, st.gpu_instance_id,
+                                                               st.compute_instance_id, st.env):
                 log(logger, logging.INFO, "report of a slice's placement before its resize's swap; ignored until "
                     "the agent swaps it", slice=s.id, node=node, reported_device=st.device_uuid,
                     reported_gpu_instance=st.gpu_instance_id, device=swapped[0], gpu_instance=swapped[1])

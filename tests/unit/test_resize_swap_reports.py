@@ -116,3 +116,53 @@ def test_a_full_report_from_the_new_placements_node_before_the_swap_leaves_the_c
         await ctl.report("nB", True, [_status("s-x", "GPU-b")], [])      # after the swap: a full report as usual
         assert ctl.fleet.slices["s-x"].state == T.SLICE_STATE_READY
     asyncio.run(main())
+
+
+def _realized(sid: str, uuid: str, mem_gib: int, share: float) -> dict[str, str]:
+    """The env an agent gives an MPS slice (nodeagent/slicer.py slice_env): its limits, not its GPU, tell two
+    placements on one GPU apart."""
+    return {"CUDA_VISIBLE_DEVICES": uuid, "GPUMESH_SLICE_ID": sid, "GPUMESH_MEMORY_LIMIT_BYTES": str(mem_gib << 30),
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(round(share * 100)),
+            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={mem_gib << 10}M"}
+
+
+def test_a_report_of_the_old_placement_on_the_same_gpu_is_told_apart_by_its_limits():
+    """A resize the scheduler placed on the slice's own GPU (MPS, 1 GiB -> 2 GiB on GPU-0): both placements have
+    the same device and no MIG instances, so the old one's status under the client's ID matched the swapped
+    record and put the old limits (its env: 1 GiB) and message back on it until the agent swapped."""
+    async def main():
+        ctl = _controller({"nA": ["GPU-0"]})
+        x, t = _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 0, "GPU-0", 2)
+        x.env.update(_realized("s-x", "GPU-0", 1, 0.1))
+        t.env.update(_realized("s-t", "GPU-0", 2, 0.1))
+        mm, m = _manager(ctl, x, t)
+        await mm._commit_idle_resize(m)
+        new_env = dict(ctl.fleet.slices["s-x"].env)
+        assert new_env["GPUMESH_MEMORY_LIMIT_BYTES"] == str(2 << 30) and new_env["GPUMESH_SLICE_ID"] == "s-x"
+        old = _status("s-x", "GPU-0", "old placement still")
+        old.env.update(_realized("s-x", "GPU-0", 1, 0.1))
+        await ctl.report("nA", False, [old], [])
+        x = ctl.fleet.slices["s-x"]
+        assert dict(x.env) == new_env and x.message.startswith("resized from"), x
+        # the agent swaps: the new placement's status under the client's ID (its limits: 2 GiB) is applied
+        after = _status("s-x", "GPU-0", "swapped")
+        after.env.update(_realized("s-x", "GPU-0", 2, 0.1))
+        ctl.sessions.by_node["nA"] = Agent("nA", ctl, mm, [after])
+        await asyncio.wait_for(mm._swap_on_agents(m), 30)
+        assert ctl.fleet.slices["s-x"].message == "swapped" and ctl.swapping == {}
+    asyncio.run(main())
+
+
+def test_the_guard_ends_for_a_record_gone_before_the_swap():
+    """The old placement's record dropped between the commit and SWAP_SLICES (its node deleted): the guard of
+    its ID ends with the swap too, not kept for good."""
+    async def main():
+        ctl = _controller({"nA": ["GPU-a"], "nB": ["GPU-b"]})
+        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-a", 1), _slice("s-t", "nB", 0, "GPU-b", 2))
+        await mm._commit_idle_resize(m)
+        assert set(ctl.swapping) == {"s-x", "s-t"}
+        ctl.fleet.drop_slice("s-t")                     # on nA now: end_node_slices of a deleted nA
+        ctl.sessions.by_node["nB"] = Agent("nB", ctl, mm, [_status("s-x", "GPU-b")])
+        await asyncio.wait_for(mm._swap_on_agents(m), 30)
+        assert ctl.swapping == {}
+    asyncio.run(main())
