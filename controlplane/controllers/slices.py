@@ -309,11 +309,13 @@ class Controller:
                 await self._request_ops(req.tenant, request_id, s.allocation_id, fingerprint, extra, conds)
                 s = self.fleet.slices.get(s.id, s)
             rev = await self.save([s], extra=extra, extra_conds=conds, added=True)
-        except BaseException:
+        except BaseException as e:
             self._forget_request(req.tenant, request_id, s.allocation_id)
             prior = warm.prior.pop(s.id, None)
-            if prior is not None:
-                self.fleet.put_slice(prior)           # still warm, as etcd has it
+            # as etcd has it (still warm, mostly), unless a change built on the claim during the lease's await (its
+            # node lost) or the slice's deletion (its node deleted) was written: then that change's record stays
+            await self.writes._put_back([(s, None)], {prior.id: prior} if prior is not None else {},
+                                        read=not isinstance(e, asyncio.CancelledError))
             raise
         warm.prior.pop(s.id, None)
         log(logger, logging.INFO, "allocated from a warm slice", allocation=s.allocation_id, tenant=req.tenant,

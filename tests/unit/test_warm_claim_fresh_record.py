@@ -16,7 +16,7 @@ from controlplane.state import keys
 from controlplane.state.store import EtcdStore
 from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
-from mesh import gpumodels
+from mesh import errors, gpumodels
 from mesh.slicespec import validate
 
 
@@ -67,3 +67,33 @@ async def test_a_change_made_while_the_claim_awaits_its_lease_is_kept(world, etc
     assert (rec.tenant, rec.allocation_id) == ("team-a", alloc_id)
     assert rec.state == T.SLICE_STATE_UNKNOWN and "node NotReady" in rec.message, rec
     assert ctl.fleet.slices[sid] == rec and slices[0] == rec
+
+
+async def test_a_claim_whose_slice_was_deleted_while_it_awaited_its_lease_does_not_bring_it_back(world, etcd_client):
+    """The claimed slice's node deleted while the claim awaits the request keys' lease: its records are released
+    and deleted (end_node_slices), the claim's write is refused (the record is gone), and the failed claim used to
+    put the warm slice back in the fleet: a slice that etcd no longer has, on a deleted node, counted on its GPU
+    and claimable again. Now what etcd has (nothing) stays."""
+    ctl, sid = world
+    granted = asyncio.Event()
+    real_lease = ctl._request_lease
+
+    async def held_lease() -> int:
+        await granted.wait()
+        return await real_lease()
+    ctl._request_lease = held_lease
+    req = validate(T.SliceSpec(tenant="team-a", mig_profile="1g.10gb", gpu_model="H100-80GB"))
+    allocate = asyncio.create_task(ctl.allocate(req, request_id="r-2", no_wait=True))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while sid not in ctl.warm.prior:      # claimed in the fleet; the request key's lease is held
+        assert not allocate.done() and loop.time() < deadline, "the claim did not start"
+        await asyncio.sleep(0)
+    await asyncio.wait_for(ctl.end_node_slices("nA", "node deleted"), 20)
+    assert sid not in ctl.fleet.slices and await etcd_client.get(keys.slice_(sid)) is None
+    granted.set()
+    with pytest.raises(errors.Aborted):     # the record it was claimed from is gone
+        await asyncio.wait_for(allocate, 20)
+    assert await etcd_client.get(keys.slice_(sid)) is None
+    assert sid not in ctl.fleet.slices, ctl.fleet.slices.get(sid)
+    assert ctl.fleet.gpu("nA", 0).allocated_memory == 0
