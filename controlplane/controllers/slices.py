@@ -52,8 +52,15 @@ SWAP_ENV = ("GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
 
 
 def placement_of(device_uuid: str, gpu_instance_id: int, compute_instance_id: int, env) -> tuple:
-    """A slice record's or an agent's status's realized placement, as `Controller.swapping` compares them."""
+    """A slice record's realized placement, as `Controller.swapping` keeps it."""
     return (device_uuid, gpu_instance_id, compute_instance_id, *(env.get(k, "") for k in SWAP_ENV))
+
+
+def names_placement(placement: tuple, st) -> bool:
+    """Whether an agent's status names `placement`: its device and MIG instances, and the limits in its env when
+    it has one (a READY status; the others carry none)."""
+    return placement == placement_of(st.device_uuid, st.gpu_instance_id, st.compute_instance_id,
+                                     st.env if st.env else dict(zip(SWAP_ENV, placement[3:])))
 
 
 def new_id(prefix: str) -> str:
@@ -453,8 +460,7 @@ class Controller:
             if s is None or s.node != node or s.state == S.SLICE_STATE_RELEASING:
                 continue
             swapped = self.swapping.get(s.id)
-            if swapped is not None and swapped != placement_of(st.device_uuid, st.gpu_instance_id,
-                                                               st.compute_instance_id, st.env):
+            if swapped is not None and not names_placement(swapped, st):
                 log(logger, logging.INFO, "report of a slice's placement before its resize's swap; ignored until "
                     "the agent swaps it", slice=s.id, node=node, reported_device=st.device_uuid,
                     reported_gpu_instance=st.gpu_instance_id, device=swapped[0], gpu_instance=swapped[1])

@@ -166,3 +166,19 @@ def test_the_guard_ends_for_a_record_gone_before_the_swap():
         await asyncio.wait_for(mm._swap_on_agents(m), 30)
         assert ctl.swapping == {}
     asyncio.run(main())
+
+
+def test_a_status_without_env_naming_the_records_placement_is_applied():
+    """A status that carries no env (any state but READY: the agent gives the env of a ready slice only) is
+    judged by its device and MIG instances alone: a failure of the new placement is not taken for the old one."""
+    async def main():
+        ctl = _controller({"nA": ["GPU-0"]})
+        x, t = _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 0, "GPU-0", 2)
+        x.env.update(_realized("s-x", "GPU-0", 1, 0.1))
+        t.env.update(_realized("s-t", "GPU-0", 2, 0.1))
+        mm, m = _manager(ctl, x, t)
+        await mm._commit_idle_resize(m)
+        await ctl.report("nA", False, [N.SliceStatus(slice_id="s-x", state=T.SLICE_STATE_FAILED,
+                                                     device_uuid="GPU-0", message="MPS daemon died")], [])
+        assert ctl.fleet.slices["s-x"].state == T.SLICE_STATE_FAILED
+    asyncio.run(main())
