@@ -76,13 +76,21 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[str(s) for s in SPECS])
-@pytest.mark.parametrize("mig", [True, False], ids=["mig-gpus", "whole-gpus"])
+def placeable(specs: list[dict]) -> list:
+    """(spec, mig) for each spec and GPU mode some GPU of the fleet holds it in (a MIG request only on GPUs in MIG
+    mode; an explicit non-MIG isolation only on GPUs not in it; a bare memory request on either)."""
+    out = []
+    for spec in specs:
+        wants_mig = bool(spec.get("mig_profile")) or spec.get("isolation") == t.ISOLATION_MIG
+        for mig in (True, False):
+            if wants_mig == mig or (not wants_mig and spec.get("isolation") is None):
+                out.append(pytest.param(spec, mig, id=f"{spec}-{'mig-gpus' if mig else 'whole-gpus'}"))
+    return out
+
+
+@pytest.mark.parametrize("spec, mig", placeable(SPECS))
 def test_the_pre_filter_allows_what_the_permit_step_allows(spec, mig):
     """A quota set exactly to what the placement will take (on top of 1.5 GPUs held) lets it through."""
-    wants_mig = bool(spec.get("mig_profile")) or spec.get("isolation") == t.ISOLATION_MIG
-    if wants_mig != mig and (wants_mig or spec.get("isolation") is not None):
-        pytest.skip("no GPU of the fleet holds it")
     fleet = make_fleet(("a", [("L4", False)] * 2), ("b", [("H100-80GB", mig), ("A100-40GB", mig)] * 2))
     holding(fleet, 1.5)
     choices = placement.place(fleet, req(**spec), profiles.build("default"))
@@ -120,17 +128,13 @@ POOL_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", POOL_SPECS, ids=[str(s) for s in POOL_SPECS])
-@pytest.mark.parametrize("mig", [True, False], ids=["mig-gpus", "whole-gpus"])
+@pytest.mark.parametrize("spec, mig", placeable(POOL_SPECS))
 def test_the_pool_pre_filter_allows_what_its_permit_step_allows(spec, mig):
     """The same for a pool's quota (GPU-equivalents, dollars an hour): set exactly to what the placement takes."""
     from mesh import pools
     from mesh.cost import PriceTable, slice_share
     from mesh.slicespec import ISOLATION_ENUM
     from tests.unit.test_pools import pool
-    wants_mig = bool(spec.get("mig_profile")) or spec.get("isolation") == t.ISOLATION_MIG
-    if wants_mig != mig and (wants_mig or spec.get("isolation") is not None):
-        pytest.skip("no GPU of the fleet holds it")
     fleet = make_fleet(("b", [("H100-80GB", mig)]))
     prices = PriceTable.parse(["H100-80GB=1.00"])
     labelled = dict(spec, labels={pools.LABEL: "p"})
