@@ -27,7 +27,8 @@ import logging
 from controlplane.api import auth
 
 from controlplane.state import keys
-from controlplane.controllers.slices import new_id, now, placement_of
+from controlplane.controllers.slicereports import placement_of
+from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
 from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Present, Put
@@ -300,7 +301,7 @@ class ResizeMixin:
         slice by its ID before the swap: the one it gives for the client's ID is the old placement's state,
         device and MIG instances, which the report handler (Controller.report) wrote over the swapped record
         (and a full report found the renamed slice missing: PENDING). It ignores, for these IDs, a report
-        naming another placement than the record's (slices.placement_of: with the limits in the env, for a
+        naming another placement than the record's (slicereports.placement_of: with the limits in the env, for a
         resize on the slice's own GPU); the agent's statuses after the swap name the record's."""
         for s in records:
             self.ctl.swapping[s.id] = placement_of(s.device_uuid, s.gpu_instance_id, s.compute_instance_id, s.env)
