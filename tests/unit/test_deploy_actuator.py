@@ -124,11 +124,10 @@ def live_allocations(ctl, replica: str) -> set[str]:
             if s.labels.get(deployspec.LABEL_REPLICA) == replica and s.state != t.SLICE_STATE_RELEASING}
 
 
-async def test_a_retry_after_a_lost_record_reuses_the_fallback_allocation():
-    """A replica placed by the fallback (no node free of the deployment's other replicas) whose record of it was
-    lost (a crash before the write) was allocated again on the retry: the spread attempt, tried first, succeeded
-    once another node had room, and the first allocation stayed until the replica was removed (two slices for
-    one replica). The retry now gets the first allocation back."""
+async def fallback_placed():
+    """Replicas r-0 and r-1 of deployment "chat" (2 GiB each) allocated while only n1 takes slices: r-1 by the
+    fallback, on the node that holds r-0. Returns (ctl, actuator, spec, r-1, r-0's slice, r-1's slice); n2 is
+    still not ready."""
     from controlplane.serving.actuator import Actuator
     from gpumesh.v1 import deployment_service_pb2 as D
 
@@ -143,6 +142,15 @@ async def test_a_retry_after_a_lost_record_reuses_the_fallback_allocation():
     other = await act.allocate(D.Replica(id="r-0", deployment="chat"), spec, 2 << 30)
     r = D.Replica(id="r-1", deployment="chat")
     first = await act.allocate(r, spec, 2 << 30)
+    return ctl, act, spec, r, other, first
+
+
+async def test_a_retry_after_a_lost_record_reuses_the_fallback_allocation():
+    """A replica placed by the fallback (no node free of the deployment's other replicas) whose record of it was
+    lost (a crash before the write) was allocated again on the retry: the spread attempt, tried first, succeeded
+    once another node had room, and the first allocation stayed until the replica was removed (two slices for
+    one replica). The retry now gets the first allocation back."""
+    ctl, act, spec, r, other, first = await fallback_placed()
     assert first.node == other.node == "n1"            # the fallback: n1 holds the deployment's other replica
     ctl.fleet.nodes["n2"].ready = True                  # room on another node now; `first` was never recorded
     again = await act.allocate(r, spec, 2 << 30)
@@ -155,20 +163,7 @@ async def test_an_allocation_the_retry_cannot_reuse_is_released_once_another_hol
     """The fallback allocation was for an earlier spec (the deployment changed before the retry): the retry places
     the replica anew (spread, on the node that has room now) and releases the first at once, not at the replica's
     removal."""
-    from controlplane.serving.actuator import Actuator
-    from gpumesh.v1 import deployment_service_pb2 as D
-
-    ctl = controller("n1", "n2")
-    ctl.fleet.nodes["n2"].ready = False
-    saved = []
-
-    async def put_replica(r):
-        saved.append(r)
-    act = Actuator(ctl, None, SimpleNamespace(put_replica=put_replica))
-    spec = D.DeploymentSpec(name="chat", tenant="acme", model="smol")
-    other = await act.allocate(D.Replica(id="r-0", deployment="chat"), spec, 2 << 30)
-    r = D.Replica(id="r-1", deployment="chat")
-    first = await act.allocate(r, spec, 2 << 30)
+    ctl, act, spec, r, other, first = await fallback_placed()
     ctl.fleet.nodes["n2"].ready = True
     bigger = await act.allocate(r, spec, 15 << 30)      # the record of `first` lost; now 15 GiB per replica
     assert bigger.node == "n2" and bigger.memory_bytes >= 15 << 30

@@ -14,13 +14,12 @@ import asyncio
 import pytest
 
 from controlplane.controllers.migrations import MigrationManager
-from controlplane.controllers.slices import Controller
 from controlplane.controllers.workloads import WorkloadManager
 from controlplane.state import keys
-from controlplane.state.store import EtcdStore
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors, gpumodels
+from tests.unit._leader import leader_controller
 
 GiB = 1 << 30
 SID = "s-x"
@@ -38,33 +37,26 @@ class Recorder:
 async def world(etcd_server, etcd_client):
     """A leader over etcd: nodes nA and nB with an L4 each, slice SID held exclusively on nA's (no workload), no
     agent connected (a target slice stays PENDING until the ready timeout)."""
-    store = EtcdStore([etcd_server.endpoint])
-    await store.connect()
-    await store.become_leader("migration-single-driver-test", ttl=30)
-    ctl = Controller(store, ready_timeout=2.0)
-    ctl.recorder = Recorder()
-    ctl.writer.start()
-    l4 = gpumodels.get_model("L4")
-    for name in ("nA", "nB"):
-        inv = T.NodeInventory(hostname=name)
-        inv.gpus.add(index=0, uuid=f"GPU-{name}", model=l4.name, memory_bytes=l4.memory_mib << 20)
-        ctl.fleet.upsert_node(T.Node(name=name, inventory=inv)).ready = True
-    s = T.Slice(id=SID, allocation_id="a-x", tenant="t", node="nA", gpu_index=0, gpu_uuid="GPU-nA",
-                gpu_model=l4.name, isolation=T.ISOLATION_EXCLUSIVE, memory_bytes=l4.memory_mib << 20,
-                compute_share=1.0, state=T.SLICE_STATE_READY)
-    await etcd_client.put(keys.slice_(SID), s.SerializeToString())
-    ctl.fleet.put_slice(s)
-    wm = WorkloadManager(ctl)
-    await wm.load()
-    mm = MigrationManager(ctl, wm)
-    try:
-        yield ctl, wm, mm
-    finally:
-        await mm.stop()
-        await wm.stop()
-        await ctl.writer.stop()
-        await store.revoke_lease(store.session_lease)
-        await store.close()
+    async with leader_controller(etcd_server, "migration-single-driver-test", recorder=Recorder(),
+                                 ready_timeout=2.0) as ctl:
+        l4 = gpumodels.get_model("L4")
+        for name in ("nA", "nB"):
+            inv = T.NodeInventory(hostname=name)
+            inv.gpus.add(index=0, uuid=f"GPU-{name}", model=l4.name, memory_bytes=l4.memory_mib << 20)
+            ctl.fleet.upsert_node(T.Node(name=name, inventory=inv)).ready = True
+        s = T.Slice(id=SID, allocation_id="a-x", tenant="t", node="nA", gpu_index=0, gpu_uuid="GPU-nA",
+                    gpu_model=l4.name, isolation=T.ISOLATION_EXCLUSIVE, memory_bytes=l4.memory_mib << 20,
+                    compute_share=1.0, state=T.SLICE_STATE_READY)
+        await etcd_client.put(keys.slice_(SID), s.SerializeToString())
+        ctl.fleet.put_slice(s)
+        wm = WorkloadManager(ctl)
+        await wm.load()
+        mm = MigrationManager(ctl, wm)
+        try:
+            yield ctl, wm, mm
+        finally:
+            await mm.stop()
+            await wm.stop()
 
 
 async def until(cond, what: str, timeout: float = 20.0) -> None:

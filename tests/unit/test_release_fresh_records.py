@@ -15,18 +15,13 @@ from controlplane.controllers.migrations import MigrationManager
 from controlplane.controllers.slices import Controller
 from controlplane.controllers.workloads import WorkloadManager
 from controlplane.state import keys
-from controlplane.state.store import EtcdStore
 from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
 from mesh import gpumodels
+from tests.unit._leader import leader_controller
 
 GiB = 1 << 30
 NODE, SID, AID, WID = "nA", "s-1", "a-1", "w-1"
-
-
-class Recorder:
-    def emit(self, *args, **kw) -> None:
-        pass
 
 
 class Session:
@@ -49,34 +44,26 @@ class Session:
 async def world(etcd_server, etcd_client):
     """A leader over etcd: slice SID (MPS, 4 GiB, READY) on NODE's L4, workload WID running on it, the agent
     connected."""
-    store = EtcdStore([etcd_server.endpoint])
-    await store.connect()
-    await store.become_leader("release-fresh-records-test", ttl=30)
-    ctl = Controller(store, release_timeout=30.0)
-    ctl.recorder = Recorder()
-    ctl.writer.start()
-    l4 = gpumodels.get_model("L4")
-    inv = T.NodeInventory(hostname=NODE)
-    inv.gpus.add(index=0, uuid="GPU-0", model=l4.name, memory_bytes=l4.memory_mib << 20)
-    ctl.fleet.upsert_node(T.Node(name=NODE, inventory=inv)).ready = True
-    s = T.Slice(id=SID, allocation_id=AID, tenant="t", node=NODE, gpu_index=0, gpu_uuid="GPU-0", gpu_model=l4.name,
-                isolation=T.ISOLATION_MPS, memory_bytes=4 * GiB, compute_share=0.25, state=T.SLICE_STATE_READY,
-                device_uuid="MPS-old")
-    w = T.Workload(id=WID, node=NODE, slice_id=SID, tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
-    await etcd_client.put(keys.slice_(SID), s.SerializeToString())
-    await etcd_client.put(keys.workload(WID), w.SerializeToString())
-    ctl.fleet.put_slice(s)
-    wm = WorkloadManager(ctl)
-    await wm.load()
-    mm = MigrationManager(ctl, wm)
-    session = ctl.sessions.by_node[NODE] = Session()
-    try:
-        yield ctl, wm, mm, session
-    finally:
-        await wm.stop()
-        await ctl.writer.stop()
-        await store.revoke_lease(store.session_lease)
-        await store.close()
+    async with leader_controller(etcd_server, "release-fresh-records-test", release_timeout=30.0) as ctl:
+        l4 = gpumodels.get_model("L4")
+        inv = T.NodeInventory(hostname=NODE)
+        inv.gpus.add(index=0, uuid="GPU-0", model=l4.name, memory_bytes=l4.memory_mib << 20)
+        ctl.fleet.upsert_node(T.Node(name=NODE, inventory=inv)).ready = True
+        s = T.Slice(id=SID, allocation_id=AID, tenant="t", node=NODE, gpu_index=0, gpu_uuid="GPU-0", gpu_model=l4.name,
+                    isolation=T.ISOLATION_MPS, memory_bytes=4 * GiB, compute_share=0.25, state=T.SLICE_STATE_READY,
+                    device_uuid="MPS-old")
+        w = T.Workload(id=WID, node=NODE, slice_id=SID, tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
+        await etcd_client.put(keys.slice_(SID), s.SerializeToString())
+        await etcd_client.put(keys.workload(WID), w.SerializeToString())
+        ctl.fleet.put_slice(s)
+        wm = WorkloadManager(ctl)
+        await wm.load()
+        mm = MigrationManager(ctl, wm)
+        session = ctl.sessions.by_node[NODE] = Session()
+        try:
+            yield ctl, wm, mm, session
+        finally:
+            await wm.stop()
 
 
 async def until(cond, what: str, timeout: float = 20.0) -> None:

@@ -126,17 +126,24 @@ def _realized(sid: str, uuid: str, mem_gib: int, share: float) -> dict[str, str]
             "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={mem_gib << 10}M"}
 
 
+async def _same_gpu_resize_committed():
+    """A resize of s-x (MPS, 1 GiB -> 2 GiB) that the scheduler placed on its own GPU-0 on nA (target s-t),
+    committed: each placement's env carries its own limits, so only those tell the two apart."""
+    ctl = _controller({"nA": ["GPU-0"]})
+    x, t = _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 0, "GPU-0", 2)
+    x.env.update(_realized("s-x", "GPU-0", 1, 0.1))
+    t.env.update(_realized("s-t", "GPU-0", 2, 0.1))
+    mm, m = _manager(ctl, x, t)
+    await mm._commit_idle_resize(m)
+    return ctl, mm, m
+
+
 def test_a_report_of_the_old_placement_on_the_same_gpu_is_told_apart_by_its_limits():
     """A resize the scheduler placed on the slice's own GPU (MPS, 1 GiB -> 2 GiB on GPU-0): both placements have
     the same device and no MIG instances, so the old one's status under the client's ID matched the swapped
     record and put the old limits (its env: 1 GiB) and message back on it until the agent swapped."""
     async def main():
-        ctl = _controller({"nA": ["GPU-0"]})
-        x, t = _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 0, "GPU-0", 2)
-        x.env.update(_realized("s-x", "GPU-0", 1, 0.1))
-        t.env.update(_realized("s-t", "GPU-0", 2, 0.1))
-        mm, m = _manager(ctl, x, t)
-        await mm._commit_idle_resize(m)
+        ctl, mm, m = await _same_gpu_resize_committed()
         new_env = dict(ctl.fleet.slices["s-x"].env)
         assert new_env["GPUMESH_MEMORY_LIMIT_BYTES"] == str(2 << 30) and new_env["GPUMESH_SLICE_ID"] == "s-x"
         old = _status("s-x", "GPU-0", "old placement still")
@@ -172,12 +179,7 @@ def test_a_status_without_env_naming_the_records_placement_is_applied():
     """A status that carries no env (any state but READY: the agent gives the env of a ready slice only) is
     judged by its device and MIG instances alone: a failure of the new placement is not taken for the old one."""
     async def main():
-        ctl = _controller({"nA": ["GPU-0"]})
-        x, t = _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 0, "GPU-0", 2)
-        x.env.update(_realized("s-x", "GPU-0", 1, 0.1))
-        t.env.update(_realized("s-t", "GPU-0", 2, 0.1))
-        mm, m = _manager(ctl, x, t)
-        await mm._commit_idle_resize(m)
+        ctl, mm, m = await _same_gpu_resize_committed()
         await ctl.report("nA", False, [N.SliceStatus(slice_id="s-x", state=T.SLICE_STATE_FAILED,
                                                      device_uuid="GPU-0", message="MPS daemon died")], [])
         assert ctl.fleet.slices["s-x"].state == T.SLICE_STATE_FAILED

@@ -9,42 +9,27 @@ import asyncio
 
 import pytest
 
-from controlplane.controllers.slices import SAVE_BATCH, Controller
+from controlplane.controllers.slices import SAVE_BATCH
 from controlplane.state import keys
-from controlplane.state.store import EtcdStore
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors
+from tests.unit._leader import leader_controller
 
 COUNT = 150
 
 
-class Recorder:
-    def emit(self, *args, **kw) -> None:
-        pass
-
-
 @pytest.fixture
 async def ctl(etcd_server, etcd_client):
-    store = EtcdStore([etcd_server.endpoint])
-    await store.connect()
-    await store.become_leader("slice-batches-test", ttl=30)
-    c = Controller(store)
-    c.recorder = Recorder()
-    c.writer.start()
-    c.fleet.upsert_node(T.Node(name="nA", inventory=T.NodeInventory(
-        hostname="nA", gpus=[T.Gpu(index=0, uuid="GPU-a", model="H100-80GB")]))).ready = True
-    for i in range(COUNT):
-        s = T.Slice(id=f"s-{i:03d}", node="nA", gpu_uuid="GPU-a", tenant="t", allocation_id=f"a-{i:03d}",
-                    isolation=T.ISOLATION_MPS, memory_bytes=1 << 28, compute_share=0.005,
-                    state=T.SLICE_STATE_READY)
-        await etcd_client.put(keys.slice_(s.id), s.SerializeToString())
-        c.fleet.put_slice(s)
-    try:
+    async with leader_controller(etcd_server, "slice-batches-test") as c:
+        c.fleet.upsert_node(T.Node(name="nA", inventory=T.NodeInventory(
+            hostname="nA", gpus=[T.Gpu(index=0, uuid="GPU-a", model="H100-80GB")]))).ready = True
+        for i in range(COUNT):
+            s = T.Slice(id=f"s-{i:03d}", node="nA", gpu_uuid="GPU-a", tenant="t", allocation_id=f"a-{i:03d}",
+                        isolation=T.ISOLATION_MPS, memory_bytes=1 << 28, compute_share=0.005,
+                        state=T.SLICE_STATE_READY)
+            await etcd_client.put(keys.slice_(s.id), s.SerializeToString())
+            c.fleet.put_slice(s)
         yield c
-    finally:
-        await c.writer.stop()
-        await store.revoke_lease(store.session_lease)
-        await store.close()
 
 
 async def _states(etcd_client) -> list[int]:

@@ -13,37 +13,22 @@ import pytest
 
 from controlplane.controllers.slices import Controller
 from controlplane.state import keys
-from controlplane.state.store import EtcdStore
 from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors
-
-
-class Recorder:
-    def emit(self, *args, **kw) -> None:
-        pass
+from tests.unit._leader import leader_controller
 
 
 @pytest.fixture
 async def ctl(etcd_server, etcd_client):
-    store = EtcdStore([etcd_server.endpoint])
-    await store.connect()
-    await store.become_leader("slice-write-races-test", ttl=30)
-    c = Controller(store)
-    c.recorder = Recorder()
-    c.writer.start()
-    c.fleet.upsert_node(T.Node(name="nA", inventory=T.NodeInventory(
-        hostname="nA", gpus=[T.Gpu(index=0, uuid="GPU-a", model="H100-80GB")]))).ready = True
-    s = T.Slice(id="s-1", node="nA", gpu_uuid="GPU-a", tenant="t", allocation_id="a-1", isolation=T.ISOLATION_MPS,
-                memory_bytes=1 << 30, compute_share=0.1, state=T.SLICE_STATE_PENDING)
-    await etcd_client.put(keys.slice_(s.id), s.SerializeToString())
-    c.fleet.put_slice(s)
-    try:
+    async with leader_controller(etcd_server, "slice-write-races-test") as c:
+        c.fleet.upsert_node(T.Node(name="nA", inventory=T.NodeInventory(
+            hostname="nA", gpus=[T.Gpu(index=0, uuid="GPU-a", model="H100-80GB")]))).ready = True
+        s = T.Slice(id="s-1", node="nA", gpu_uuid="GPU-a", tenant="t", allocation_id="a-1", isolation=T.ISOLATION_MPS,
+                    memory_bytes=1 << 30, compute_share=0.1, state=T.SLICE_STATE_PENDING)
+        await etcd_client.put(keys.slice_(s.id), s.SerializeToString())
+        c.fleet.put_slice(s)
         yield c
-    finally:
-        await c.writer.stop()
-        await store.revoke_lease(store.session_lease)
-        await store.close()
 
 
 def fail_commits(ctl: Controller, which: set[int], applied: bool = False) -> None:

@@ -10,44 +10,28 @@ import asyncio
 
 import pytest
 
-from controlplane.controllers.slices import Controller
 from controlplane.controllers.warmslices import WarmPool
 from controlplane.state import keys
-from controlplane.state.store import EtcdStore
 from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors, gpumodels
 from mesh.slicespec import validate
-
-
-class Recorder:
-    def emit(self, *args, **kw) -> None:
-        pass
+from tests.unit._leader import leader_controller
 
 
 @pytest.fixture
 async def world(etcd_server, etcd_client):
     """A leader over etcd with one warm 1g.10gb slice, READY, on node nA's H100 (MIG mode)."""
-    store = EtcdStore([etcd_server.endpoint])
-    await store.connect()
-    await store.become_leader("warm-claim-fresh-record-test", ttl=30)
-    ctl = Controller(store)
-    ctl.recorder = Recorder()
-    ctl.writer.start()
-    h100 = gpumodels.get_model("H100-80GB")
-    inv = T.NodeInventory(hostname="nA")
-    inv.gpus.add(index=0, uuid="GPU-0", model=h100.name, memory_bytes=h100.memory_mib << 20, mig_enabled=True)
-    ctl.fleet.upsert_node(T.Node(name="nA", inventory=inv)).ready = True
-    ctl.warm = WarmPool(ctl)
-    made = await asyncio.wait_for(ctl.warm.create("1g.10gb/H100-80GB", 1, "test"), 20)
-    await asyncio.wait_for(ctl.report("nA", False, [N.SliceStatus(slice_id=made[0].id, state=T.SLICE_STATE_READY,
-                                                                  device_uuid="MIG-1")], []), 20)
-    try:
+    async with leader_controller(etcd_server, "warm-claim-fresh-record-test") as ctl:
+        h100 = gpumodels.get_model("H100-80GB")
+        inv = T.NodeInventory(hostname="nA")
+        inv.gpus.add(index=0, uuid="GPU-0", model=h100.name, memory_bytes=h100.memory_mib << 20, mig_enabled=True)
+        ctl.fleet.upsert_node(T.Node(name="nA", inventory=inv)).ready = True
+        ctl.warm = WarmPool(ctl)
+        made = await asyncio.wait_for(ctl.warm.create("1g.10gb/H100-80GB", 1, "test"), 20)
+        await asyncio.wait_for(ctl.report("nA", False, [N.SliceStatus(slice_id=made[0].id, state=T.SLICE_STATE_READY,
+                                                                      device_uuid="MIG-1")], []), 20)
         yield ctl, made[0].id
-    finally:
-        await ctl.writer.stop()
-        await store.revoke_lease(store.session_lease)
-        await store.close()
 
 
 async def test_a_change_made_while_the_claim_awaits_its_lease_is_kept(world, etcd_client):

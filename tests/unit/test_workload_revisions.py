@@ -11,49 +11,35 @@ import pytest
 
 from controlplane.controllers.migration_phases import P, R
 from controlplane.controllers.migrations import MigrationManager
-from controlplane.controllers.slices import Controller
 from controlplane.controllers.workloads import WorkloadManager
 from controlplane.state import keys
-from controlplane.state.store import EtcdStore
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
+from tests.unit._leader import leader_controller
 
 WID, MID = "w-1", "m-1"
-
-
-class Recorder:
-    def emit(self, *args, **kw) -> None:
-        pass
 
 
 @pytest.fixture
 async def world(etcd_server, etcd_client):
     """A leader over etcd holding workload WID running on nA and migration MID copying it to nB."""
-    store = EtcdStore([etcd_server.endpoint])
-    await store.connect()
-    await store.become_leader("workload-revisions-test", ttl=30)
-    ctl = Controller(store)
-    ctl.recorder = Recorder()
-    ctl.writer.start()
-    for name in ("nA", "nB"):
-        ctl.fleet.upsert_node(T.Node(name=name, inventory=T.NodeInventory(hostname=name))).ready = True
-    w = T.Workload(id=WID, node="nA", slice_id="s-a", tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
-    m = M.Migration(id=MID, workload_id=WID, tenant="t", source_node="nA", source_slice="s-a", target_node="nB",
-                    target_slice="s-b", phase=P.MIGRATION_PHASE_COPYING)
-    await etcd_client.put(keys.workload(WID), w.SerializeToString())
-    await etcd_client.put(keys.migration(MID), m.SerializeToString())
-    wm = WorkloadManager(ctl)
-    await wm.load()
-    mm = MigrationManager(ctl, wm)
-    mm.migrations[MID] = m
-    try:
-        yield ctl, wm, mm, m
-    finally:
-        await wm.stop()
-        await ctl.writer.stop()
-        await store.revoke_lease(store.session_lease)
-        await store.close()
+    async with leader_controller(etcd_server, "workload-revisions-test") as ctl:
+        for name in ("nA", "nB"):
+            ctl.fleet.upsert_node(T.Node(name=name, inventory=T.NodeInventory(hostname=name))).ready = True
+        w = T.Workload(id=WID, node="nA", slice_id="s-a", tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
+        m = M.Migration(id=MID, workload_id=WID, tenant="t", source_node="nA", source_slice="s-a", target_node="nB",
+                        target_slice="s-b", phase=P.MIGRATION_PHASE_COPYING)
+        await etcd_client.put(keys.workload(WID), w.SerializeToString())
+        await etcd_client.put(keys.migration(MID), m.SerializeToString())
+        wm = WorkloadManager(ctl)
+        await wm.load()
+        mm = MigrationManager(ctl, wm)
+        mm.migrations[MID] = m
+        try:
+            yield ctl, wm, mm, m
+        finally:
+            await wm.stop()
 
 
 def report(pid: int, state: int = T.WORKLOAD_STATE_RUNNING, started: int = 0) -> N.WorkloadStatusReport:
