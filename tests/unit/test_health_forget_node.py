@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from controlplane.controllers.healthpolicy import HealthPolicy
 from controlplane.controllers.telemetry import Policy, TelemetryManager
 from gpumesh.v1 import types_pb2 as t
+from tests.unit._wait import until
 from tests.unit.test_placement import make_fleet
 
 
@@ -35,14 +36,6 @@ class Planning:
         return m
 
 
-async def until(cond, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_deletion_does_not_cut_a_migration_s_planning_in_two():
     fleet = make_fleet(("n1", [("H100-80GB", False)]))
     s = t.Slice(id="s-1", node="n1", gpu_index=0, state=t.SLICE_STATE_READY)
@@ -63,7 +56,7 @@ async def test_a_deletion_does_not_cut_a_migration_s_planning_in_two():
 
     assert h.forget_node("n1") == 1                       # mid-write: the task ends, the write's adoption does not
     mm.written.set()
-    await until(task.done, "the health task to end")
-    await until(lambda: "m-w-1" in mm.migrations, "the migration written to be adopted")
+    await until(task.done, "the health task to end", timeout=30.0)
+    await until(lambda: "m-w-1" in mm.migrations, "the migration written to be adopted", timeout=30.0)
     assert task.cancelled() and h.tasks == set() and h.task_nodes == {}
     assert events == []                                   # nothing recorded on the deleted node

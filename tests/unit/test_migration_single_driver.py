@@ -20,6 +20,7 @@ from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors, gpumodels
 from tests.unit._leader import leader_controller
+from tests.unit._wait import until
 
 GiB = 1 << 30
 SID = "s-x"
@@ -57,14 +58,6 @@ async def world(etcd_server, etcd_client):
         finally:
             await mm.stop()
             await wm.stop()
-
-
-async def until(cond, what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_node_deleted_while_a_resize_reserves_its_target_starts_no_second_state_machine(world, etcd_client):

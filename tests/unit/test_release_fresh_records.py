@@ -19,6 +19,7 @@ from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
 from mesh import gpumodels
 from tests.unit._leader import leader_controller
+from tests.unit._wait import until
 
 GiB = 1 << 30
 NODE, SID, AID, WID = "nA", "s-1", "a-1", "w-1"
@@ -64,14 +65,6 @@ async def world(etcd_server, etcd_client):
             yield ctl, wm, mm, session
         finally:
             await wm.stop()
-
-
-async def until(cond, what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def stop_sent(session: Session) -> bool:
