@@ -83,6 +83,9 @@ class TransferClient:
         self._push = self.channel.stream_stream(PUSH)
         self.cut_after_bytes: int | None = None
         """test hook: cancel the stream once this many bytes went out (simulates a cut connection)."""
+        self.cut_gate: Any = None
+        """test hook: with cut_after_bytes, an Event to wait for (30 s at most) before cancelling: the receiver
+        has taken what the test needs, whatever gRPC buffered."""
 
     def close(self) -> None:
         self.channel.close()
@@ -191,6 +194,8 @@ class TransferClient:
                                 self.progress(stats.bytes, total, time.perf_counter() - t0)
                             if self.cut_after_bytes is not None and stats.bytes >= self.cut_after_bytes:
                                 self.cut_after_bytes = None
+                                if self.cut_gate is not None:
+                                    self.cut_gate.wait(30)
                                 cut[0] = True
                                 call.cancel()
                                 return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
@@ -67,11 +69,34 @@ def test_chunked_send_and_commit(server):
     assert session.committed_event.is_set()
 
 
+class GatedSink(MemorySink):
+    """Sets `took_a` once the receiver has written a chunk of entry "a" (the sender cuts the stream only then:
+    cut_gate; without it, a cut before the receiver's pipeline wrote anything of "a" restarted the entry, rightly,
+    and the test failed on a loaded machine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.took_a = threading.Event()
+
+    def open_entry(self, meta: EntryMeta) -> BufferTarget:
+        target = super().open_entry(meta)
+        if meta.name != "a":
+            return target
+        took, write = self.took_a, target.write
+
+        def noted(offset: int, data: memoryview) -> None:
+            write(offset, data)
+            took.set()
+        target.write = noted
+        return target
+
+
 def test_resumes_after_a_cut_stream(server):
-    sink = MemorySink()
+    sink = GatedSink()
     session = server.expect("s2", sink, secret=SECRET)
     with TransferClient(server.address, "s2", chunk_bytes=CHUNK, secret=SECRET) as c:
         c.cut_after_bytes = 5000  # cancel the stream in the middle of entry "a"
+        c.cut_gate = sink.took_a  # ... once the receiver has written some of it
         stats = c.send(entries(BLOBS), commit=lambda st: manifest_of(BLOBS, st))
     assert stats.attempts == 2
     assert {n: bytes(b) for n, b in sink.buffers.items()} == BLOBS
