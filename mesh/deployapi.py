@@ -190,15 +190,9 @@ class DeploymentApi:
 
     def watch_deployment(self, name: str, timeout: float | None = None) -> Iterator[D.Deployment]:
         """The deployment now and after each change, until it is deleted (or `timeout`)."""
-        import grpc
         from mesh import richstatus
         call = self._deploysvc.Watch(D.WatchDeploymentRequest(name=name), timeout=timeout)
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise richstatus.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        yield from richstatus.stream(call)
 
     def wait_deployment(self, name: str, until: Callable[[D.Deployment], bool], timeout: float = 300.0,
                         poll: float = 0.5) -> D.Deployment:

@@ -83,12 +83,7 @@ class InferenceClient:
         `finish_reason` set. Stopping early (break, close) cancels the request at the gateway."""
         from mesh import richstatus
         call = self._stub.Generate(generate_request(model, **kw), timeout=self.timeout)
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise richstatus.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        yield from richstatus.stream(call)
 
     def complete(self, model: str, **kw: Any) -> tuple[str, I.GenerateResponse]:
         """The whole text and the last chunk (finish_reason, served_by, token counts)."""

@@ -79,3 +79,14 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.MeshError:
 
 
 __all__ = ["to_status", "from_rpc_error", "code_pb2"]
+
+
+def stream(call):
+    """The messages of a server-streaming `call`, its errors as MeshErrors; the call is cancelled when the caller
+    stops iterating (or it ends)."""
+    try:
+        yield from call
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
+    finally:
+        call.cancel()

@@ -39,16 +39,10 @@ class ServingViewApi:
         else 100..60000) and at least every `heartbeat_ms` (0: 5000, else interval_ms..600000). Runs until
         the caller stops iterating (the stream is cancelled then) or `timeout` passes. Viewers and up; a
         tenant sees its own deployments, and only admins get `replica_api_keys`."""
-        import grpc
         from mesh import richstatus
         call = self._viewsvc.Watch(V.WatchServingViewRequest(interval_ms=interval_ms, heartbeat_ms=heartbeat_ms),
                                    timeout=timeout)
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise richstatus.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        yield from richstatus.stream(call)
 
     def serving_view(self) -> V.ServingView:
         """One snapshot of the serving view (the first message of Watch; the stream is cancelled after it)."""
