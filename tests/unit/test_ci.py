@@ -127,10 +127,13 @@ def test_closing_line_counts_criu_skips(tmp_path):
 
 
 def test_ci_runs_the_readmes_test_command():
-    """The README's test command (its second code block) is what .ci/run runs, with the JUnit report added."""
+    """The README's first code block holds its two commands, install-and-run then the tests; the test command is what
+    .ci/run runs, with the JUnit report added (and the Quick start repeats both)."""
     import re
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
-    command = blocks[1].strip()
-    assert command.startswith(".venv/bin/python -m pytest") and "\n" not in command
+    install, command = blocks[0].strip().split("\n")
+    assert "pip install" in install and install.endswith("meshctl up --demo")
+    assert command.startswith(".venv/bin/python -m pytest")
+    assert [b.strip() for b in blocks[1:3]] == [install, command]
     assert f"{command} --junitxml=.ci-junit.xml\n" in (ROOT / ".ci" / "run").read_text()
