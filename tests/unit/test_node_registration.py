@@ -7,7 +7,7 @@ import time
 
 from controlplane.state import keys
 from gpumesh.v1 import types_pb2 as T
-from tests.unit.test_nodedelete import A, Etcd, control_plane, fleet, node
+from tests.unit._nodedelete_world import A, Etcd, control_plane, fleet, node
 from tools.localprocs import registered_since as _registered_since
 
 

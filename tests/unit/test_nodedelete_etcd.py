@@ -10,7 +10,7 @@ from controlplane.state import keys
 from controlplane.state.store import EtcdStore
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as T
-from tests.unit.test_nodedelete import B, Etcd, check_deleted, connect_a, control_plane, fleet, migrate, wait_for
+from tests.unit._nodedelete_world import B, Etcd, check_deleted, connect_a, control_plane, fleet, migrate, wait_for
 
 IDENTITY = "nodedelete-test"
 

@@ -17,8 +17,8 @@ from gpumesh.v1 import mesh_service_pb2 as MS
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as T
 from mesh import errors
-from tests.unit.test_nodedelete import (A, B, Context, Etcd, Refused, check_deleted, connect_a, control_plane, fleet,
-                                        migrate, node, quick, slice_, wait_for)
+from tests.unit._nodedelete_world import (A, B, Context, Etcd, Refused, check_deleted, connect_a, control_plane, fleet,
+                                          migrate, node, quick, slice_, wait_for)
 
 __all__ = ["quick"]     # the autouse fixture: shorter pauses between repeated agent steps
 
