@@ -48,14 +48,16 @@ class WorkloadRecords:
     # -- writes ---------------------------------------------------------------------------
 
     async def save(self, ws: list[types_pb2.Workload], created: bool = False, extra: list = (),
-                   extra_conds: list = ()) -> int:
+                   extra_conds: list = (), bases: dict[str, int] | None = None) -> int:
         """Write `ws`: new records (`created`: none of them may exist), or records each computed from the one in
-        memory with no await in between (each written only if etcd still holds that one: `update` retries).
-        Returns the revision of the write (0 when there was nothing to write)."""
+        memory with no await in between, or from the one at the mod revision `bases` gives for it (each written
+        only if etcd still holds that one: `update` retries). Returns the revision of the write (0 when there
+        was nothing to write)."""
         if not ws:
             return 0
+        base = bases if bases is not None else self.revisions
         conds = ([Absent(keys.workload(w.id)) for w in ws] if created
-                 else [Revision(keys.workload(w.id), self.revisions.get(w.id, 0)) for w in ws])
+                 else [Revision(keys.workload(w.id), base.get(w.id, 0)) for w in ws])
         rev = await self.ctl.writer.write([Put(keys.workload(w.id), w.SerializeToString()) for w in ws] + list(extra),
                                           conds + list(extra_conds))
         for w in ws:
@@ -86,19 +88,22 @@ class WorkloadRecords:
         wids = list(dict.fromkeys(wids))
         written: dict[str, types_pb2.Workload] = {}
         for attempt in range(UPDATE_TRIES):
-            changed = []
+            changed, bases = [], {}
             for wid in wids:
                 w = self.workloads.get(wid)
                 n = change(w) if w is not None else None
                 if n is not None and n != w:
                     changed.append(n)
+                    bases[wid] = self.revisions.get(wid, 0)     # what it was computed from
             try:
                 # at most RECORDS_PER_TXN a transaction, so a node's many workloads (a status report, NotReady at
                 # load, a node deleted) stay within etcd's 128 puts; a refusal of a later chunk computes again what
-                # is still to change
+                # is still to change. A later chunk is conditioned on the revisions its records were computed
+                # from (`bases`), not on those in memory when it is written: a write adopted while an earlier
+                # chunk was awaited (a migration's commit) is then refused to it, not undone by it
                 for i in range(0, len(changed), RECORDS_PER_TXN):
                     chunk = changed[i:i + RECORDS_PER_TXN]
-                    await self.save(chunk)
+                    await self.save(chunk, bases=bases)
                     written.update((n.id, n) for n in chunk)
                 return [written[wid] for wid in wids if wid in written]
             except errors.Aborted as e:

@@ -11,6 +11,7 @@ import pytest
 
 from controlplane.controllers.migration_phases import P, R
 from controlplane.controllers.migrations import MigrationManager
+from controlplane.controllers.workloadrecords import RECORDS_PER_TXN
 from controlplane.controllers.workloads import WorkloadManager
 from controlplane.state import keys
 from gpumesh.v1 import migration_service_pb2 as M
@@ -121,3 +122,30 @@ async def test_an_update_of_many_records_stays_within_etcds_operations_per_trans
     for wid in ids:
         kv = await etcd_client.get(keys.workload(wid))
         assert T.Workload.FromString(kv.value).state == T.WORKLOAD_STATE_UNKNOWN
+
+
+async def test_a_later_transaction_of_an_update_does_not_undo_a_write_made_during_an_earlier_one(world, etcd_client):
+    """An update of more than RECORDS_PER_TXN records (a node's status report) writes them a transaction at a
+    time; a record of a later transaction was computed before the earlier ones were awaited. A migration's commit
+    of that workload written meanwhile must refuse its stale write, not be overwritten by it (the record put back
+    on the source): the later transaction is conditioned on the revision the record was computed from."""
+    ctl, wm, mm, m = world
+    others = [f"w-other-{i:03d}" for i in range(RECORDS_PER_TXN + 5)]
+    for wid in others:
+        await wm.save([T.Workload(id=wid, node="nA", slice_id="s-x", tenant="t", state=T.WORKLOAD_STATE_RUNNING,
+                                  pid=7)], created=True)
+    # WID last: it is in the report's second transaction, computed (on nA) before the first one is awaited
+    rep = N.WorkloadStatusReport(workloads=[T.Workload(id=wid, state=T.WORKLOAD_STATE_RUNNING, pid=99)
+                                            for wid in [*others, WID]])
+    # the commit's write is queued first, the report's first transaction right after it (computed before the
+    # commit is adopted); the commit is adopted before the report's second transaction is written
+    commit = asyncio.create_task(mm._commit(m, M.MigrationReport(migration_id=MID, event=R.RESTORED, step=5)))
+    late = asyncio.create_task(wm._report("nA", rep))
+    await asyncio.wait_for(asyncio.gather(commit, late), 30)
+    rec, rev = await in_etcd(etcd_client)
+    assert (rec.node, rec.slice_id, rec.state) == ("nB", "s-b", T.WORKLOAD_STATE_RUNNING), rec
+    assert rec.pid != 99
+    assert wm.workloads[WID] == rec and wm.revisions[WID] == rev
+    for wid in others:      # the report's own changes all written
+        kv = await etcd_client.get(keys.workload(wid))
+        assert T.Workload.FromString(kv.value).pid == 99, wid
