@@ -28,9 +28,15 @@ class SliceWrites:
         ones after it, so the next attempt (a retry, the agent's next report) sees the change still to make."""
         items, by_id, rev = [(c, None) for c in changed] + [(None, d) for d in deleted], {p.id: p for p in priors}, 0
         for i in range(0, len(items), SAVE_BATCH):
+            # a changed slice another change was built on while an earlier batch was awaited (a release: its
+            # write, queued before this batch, carries this change's fields) is left to that change: written
+            # here, the older record went over the newer one in etcd (RELEASING undone)
+            batch = [(c, d) for c, d in items[i:i + SAVE_BATCH] if c is None or self.ctl.fleet.slices.get(c.id) is c]
+            if not batch:
+                continue
             try:
-                rev = await self.ctl.save([c for c, _ in items[i:i + SAVE_BATCH] if c is not None],
-                                      [d for _, d in items[i:i + SAVE_BATCH] if d is not None])
+                rev = await self.ctl.save([c for c, _ in batch if c is not None],
+                                          [d for _, d in batch if d is not None])
             except BaseException as e:
                 for c, _ in items[i:]:
                     if c is not None:

@@ -59,3 +59,18 @@ async def test_a_failed_batch_puts_back_its_slices_and_the_later_ones(ctl, etcd_
     fleet = sorted(ctl.fleet.slices.values(), key=lambda s: s.id)
     assert [s.state for s in fleet] == [T.SLICE_STATE_UNKNOWN] * SAVE_BATCH + [T.SLICE_STATE_READY] * (COUNT - SAVE_BATCH)
     assert sorted(await _states(etcd_client)) == sorted(s.state for s in fleet)       # memory as etcd has it
+
+
+async def test_a_later_batch_does_not_undo_a_release_written_during_an_earlier_one(ctl, etcd_client):
+    """A slice of a later batch changed again while an earlier batch was awaited (its allocation released: its
+    RELEASING record built on this change and written first) is left to that change: the later batch wrote the
+    older record over RELEASING, and a restart brought the released allocation back."""
+    last = f"s-{COUNT - 1:03d}"
+    lost = asyncio.create_task(ctl.mark_node_lost("nA", "lease expired"))
+    release = asyncio.create_task(ctl.release(f"a-{COUNT - 1:03d}", wait=False))
+    await asyncio.wait_for(asyncio.gather(lost, release), 60)
+    assert ctl.fleet.slices[last].state == T.SLICE_STATE_RELEASING
+    kv = await etcd_client.get(keys.slice_(last))
+    assert T.Slice.FromString(kv.value).state == T.SLICE_STATE_RELEASING      # as the fleet has it
+    states = await _states(etcd_client)
+    assert states.count(T.SLICE_STATE_UNKNOWN) == COUNT - 1
