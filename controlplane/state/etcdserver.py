@@ -89,13 +89,12 @@ def find_etcd(at_least: tuple[int, int] = (0, 0)) -> str:
         return explicit
     found = _candidates()
     if at_least > (0, 0):
-        fit = [p for p in found if (etcd_version(p) or (0, 0))[:2] >= at_least]
+        fit = [p for p in found if (etcd_version(p) or at_least)[:2] >= at_least]     # (unknown: it may be)
         if found and not fit:
             need = ".".join(map(str, at_least))
             raise EtcdError(f"the etcd data needs etcd {need} or later (an etcd {need} has run on it, and an older "
                             f"one refuses it), and none was found (found: " + ", ".join(
-                                f"{p} {'.'.join(map(str, etcd_version(p) or ())) or '(version unknown)'}"
-                                for p in found) + f"): install one (3.5.3 or later) or name it with {ETCD_ENV}")
+                                f"{p} {'.'.join(map(str, etcd_version(p) or ()))}" for p in found) + f"): install one (3.5.3 or later) or name it with {ETCD_ENV}")
         found = fit
     for p in found:
         if not unsafe_version(etcd_version(p)):
