@@ -152,3 +152,30 @@ def test_both_of_etcds_log_formats_are_understood():
     for line in (zap, capnslog):
         m = etcdserver._DOWNGRADE.search(line)
         assert m and (int(m.group(1)), int(m.group(2))) == (3, 5)
+
+
+def test_a_multi_member_cluster_on_data_a_35_ran_on_starts_with_a_35(dirs, tmp_path):
+    """The same for tools.etcdcluster (`meshctl up --etcd-members 3`, the chaos suite): each member refused
+    by the 3.4 is spawned again with the 3.5, and what ran is recorded."""
+    from tools.etcdcluster import EtcdCluster
+    venv, path1 = dirs
+    _fake(path1, "3.4.23")
+    _fake(venv, "3.5.1")
+    root = tmp_path / "cluster"
+    for i in range(2):
+        (root / f"m{i}" / "member-data").mkdir(parents=True)
+        (root / f"m{i}" / "member-data" / "cluster-version").write_text("3.5")
+    cluster = EtcdCluster(root, members=2)
+    try:
+        cluster.start(timeout=60)
+    finally:
+        cluster.stop()
+    for i in range(2):
+        assert _calls(root / f"m{i}") == ["3.4.23", "3.5.1"]
+        assert cluster.members[i].needs() == (3, 5)
+    fresh = EtcdCluster(tmp_path / "fresh", members=2)
+    try:
+        fresh.start(timeout=60)
+    finally:
+        fresh.stop()
+    assert [m.needs() for m in fresh.members] == [(3, 4), (3, 4)]
