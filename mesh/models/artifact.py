@@ -13,6 +13,7 @@ again on the open file (`open_regular`), so a FIFO put in place after the stat c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -119,14 +120,19 @@ def weight_files(directory: Path) -> list[Path]:
 def special_file(directory: Path) -> tuple[Path, int] | None:
     """The first file below `directory` (links followed, hidden names left out, as the digest walks it:
     mesh/models/digest.py) that is neither a regular file nor a directory, with its mode; None when there is
-    none. A dangling link is no file at all: left out, as the digest leaves it out."""
+    none. A dangling link, or a link in a loop (`a -> a`), is no file at all: left out, as the digest leaves it
+    out (`find -L -type f` lists neither). ArtifactError naming the file when it cannot be looked at."""
     for root, _dirs, files in walk(directory):
         for name in sorted(files):
             p = Path(root) / name
             try:
                 mode = os.stat(p).st_mode
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    continue
+                raise ArtifactError(f"{p} cannot be read: {e.strerror}") from None
             if not stat.S_ISREG(mode):
                 return p, mode
     return None

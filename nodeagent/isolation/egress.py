@@ -29,6 +29,7 @@ import ipaddress
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 
@@ -178,11 +179,23 @@ def install(state_dir: str, uid_ranges: list[tuple[int, int]], endpoints: list[E
     return table
 
 
+def _gone(state_dir: str) -> bool:
+    """Whether `state_dir` is certainly no directory any more: missing, or something else now. A directory this
+    process cannot look into (EACCES: another user's, NFS with root squashed; EIO, ESTALE) is not gone: its
+    agent may be running, and its guard is what keeps its tenants off the host's services."""
+    try:
+        return not stat.S_ISDIR(os.stat(state_dir).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def sweep_orphans() -> list[tuple[str, str]]:
     """Delete the guards whose comment names this process's mount namespace and a state directory that no
-    longer exists in it; [(table, directory)] of those deleted. A guard of another mount namespace (an agent in
-    a container sharing the host's network), or without the comment, is left alone. Nothing when nftables
-    cannot be listed here."""
+    longer exists in it (`_gone`); [(table, directory)] of those deleted. A guard of another mount namespace (an
+    agent in a container sharing the host's network), or without the comment, or whose directory this process
+    cannot look into, is left alone. Nothing when nftables cannot be listed here."""
     here = mount_namespace()
     if not here:
         return []
@@ -198,7 +211,7 @@ def sweep_orphans() -> list[tuple[str, str]]:
         except (OSError, subprocess.TimeoutExpired):
             continue
         mnt, state_dir = (owner(p.stdout) if p.returncode == 0 else None) or ("", "")
-        if mnt == here and state_dir and not os.path.isdir(state_dir):
+        if mnt == here and state_dir and _gone(state_dir):
             try:        # another agent may sweep the same table at once: gone either way
                 _nft(f"table inet {table}\ndelete table inet {table}\n")
                 gone.append((table, state_dir))

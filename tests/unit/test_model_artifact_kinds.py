@@ -21,6 +21,7 @@ import pytest
 from controlplane.serving.registry import ModelRegistry
 from gpumesh.v1 import model_service_pb2 as M
 from mesh import errors
+from mesh.models import digest
 from tests.models_util import write_hf_dir, write_tiny_gguf
 from tests.unit.test_model_validation import gguf_variant, hf_variant
 
@@ -154,3 +155,15 @@ def test_a_link_loop_in_a_model_directory_ends_the_walk_there(tmp_path):
     (tmp_path / "shared" / "t.json").write_text("{}")
     (d / "tok").symlink_to(tmp_path / "shared")
     assert files_below(d) == ["config.json", "sub/w.bin", "tok/t.json"]
+
+
+async def test_a_link_in_a_loop_is_no_file_as_a_dangling_one_is(tmp_path):
+    """The digest leaves a link that resolves to nothing out (a dangling one, or one in a loop: `find -L -type f`
+    lists neither); the kind check left the dangling one out but let the loop's ELOOP escape as a bare OSError
+    ("cannot be read: Too many levels of symbolic links", no file named), refusing a directory whose digest was
+    fine."""
+    hf = write_hf_dir(tmp_path / "hf")
+    (hf / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    (hf / "loop.safetensors").symlink_to(hf / "loop.safetensors")
+    m = await registry().register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))
+    assert m.variants[0].artifact_sha256 == digest.DIGESTS.of(hf)

@@ -78,8 +78,13 @@ def test_an_agent_starting_deletes_the_guards_whose_state_directory_is_gone(tmp_
         subprocess.run(["nft", "-f", "-"], input=egress.ruleset(bare_table, uids, endpoints), text=True,
                        check=True)
         bare.rmdir()
-        isdir = os.path.isdir
-        monkeypatch.setattr(os.path, "isdir", lambda p: p != str(gone.resolve()) and isdir(p))
+        real_stat, gone_path = os.stat, str(gone.resolve())
+
+        def stat_(p, *a, **kw):
+            if str(p) == gone_path:
+                raise FileNotFoundError(2, "No such file or directory", str(p))
+            return real_stat(p, *a, **kw)
+        monkeypatch.setattr(os, "stat", stat_)
         swept = egress.sweep_orphans()
         assert (egress.table_name(str(gone)), str(gone.resolve())) in swept
         assert _table(egress.table_name(str(gone))) is None
@@ -99,3 +104,27 @@ def test_an_agent_starting_deletes_the_guards_whose_state_directory_is_gone(tmp_
     finally:
         for d in (gone, live, bare):
             egress.remove(str(d))
+
+
+@pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "-")
+def test_a_guard_whose_state_directory_cannot_be_looked_into_is_kept(tmp_path, monkeypatch):
+    """A state directory this process may not stat (EACCES: another user's 0700 home, NFS with root squashed) may
+    belong to an agent running now: its guard is what keeps that agent's tenants off etcd, so it stays. Before,
+    `os.path.isdir` said False for it and the sweep deleted a live agent's guard."""
+    endpoints = egress.parse("local:2379")
+    hidden = tmp_path / "hidden-agent"
+    hidden.mkdir()
+    real_stat, hidden_path = os.stat, str(hidden.resolve())
+
+    def stat_(p, *a, **kw):
+        if str(p) == hidden_path:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_stat(p, *a, **kw)
+    try:
+        egress.install(str(hidden), [(300000, 300100)], endpoints)
+        monkeypatch.setattr(os, "stat", stat_)
+        assert all(t != egress.table_name(str(hidden)) for t, _ in egress.sweep_orphans())
+        assert _table(egress.table_name(str(hidden))) is not None
+    finally:
+        monkeypatch.undo()
+        egress.remove(str(hidden))
