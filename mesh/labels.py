@@ -31,3 +31,19 @@ def check(labels: Mapping[str, str], field: str, most: int, what: str = "labels"
         if len(v) > MAX_VALUE or not v.isprintable():
             raise errors.InvalidArgument.of(f"{field}[{errors.shown(k)}]",
                                             f"value {errors.shown(v)} is not a valid label value", VALUE_RULE)
+
+
+def parse_pairs(items, field: str, most: int) -> dict[str, str]:
+    """`KEY=VALUE` strings (flags, environment, a config list) into a label map checked as above; ValueError-free:
+    InvalidArgument naming `field` for a pair without '=' or a key given twice."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise errors.InvalidArgument.of(field, f"{errors.shown(item)} is not KEY=VALUE", KEY_RULE)
+        if key in out:
+            raise errors.InvalidArgument.of(f"{field}[{errors.shown(key)}]", "is given twice", "each key once")
+        out[key] = value
+    check(out, field, most)
+    return out
