@@ -289,7 +289,7 @@ class ControlPlane:
         auth.apply_quotas(self.ctl.scheduler, self.tenants)
         real = {"SliceService": SliceService(self.ctl),
                 "NodeService": NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)),
-                "AdminService": AdminService(self.ctl, self.nodes, self.node_deleter),
+                "AdminService": AdminService(self.ctl, self.nodes, self.node_deleter, leading=True),
                 "WorkloadService": WorkloadService(self.workloads),
                 "MeshService": MeshService(self.mesh),
                 "MigrationService": MigrationService(self.migrations),

@@ -291,6 +291,11 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                                       timeout=max(self.timeout, DELETE_NODE_TIMEOUT_S))
 
     @_converting
+    def version(self) -> admin_service_pb2.VersionInfo:
+        """The version of the control plane reached (leader or standby); etcd members' for admins."""
+        return self._admin.GetVersion(admin_service_pb2.GetVersionRequest(), timeout=self.timeout)
+
+    @_converting
     def list_gpus(self, node: str = "") -> list[types_pb2.GpuStatus]:
         return list(self._admin.ListGpus(admin_service_pb2.ListGpusRequest(node=node),
                                          timeout=self.timeout).gpus)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gpumesh.v1 import pool_service_pb2 as P
 from gpumesh.v1 import types_pb2
-from mesh import errors, gpumodels, slicespec
+from mesh import errors, gpumodels, labels, slicespec
 from mesh.cost import PriceTable, slice_share
 
 LABEL = "gpumesh.pool"
@@ -69,10 +69,7 @@ def validate(pool: P.Pool) -> P.Pool:
         if not slicespec.TENANT_RE.match(t):
             raise errors.InvalidArgument.of(f"pool.tenants[{i}]", f"{t!r} is not a tenant name",
                                             "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    for k, v in pool.selector.node_labels.items():
-        if not k or len(k) > 63 or len(v) > 256:
-            raise errors.InvalidArgument.of(f"pool.selector.node_labels[{k}]", "is not a valid label",
-                                            "keys of 1-63 and values of at most 256 characters")
+    labels.check(pool.selector.node_labels, "pool.selector.node_labels", 32)
     q = pool.quota
     for field in QUOTAS:
         v = getattr(q, field)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
 
-from mesh import errors, gpumodels, netmode
+from mesh import errors, gpumodels, labels, netmode
 
 ISOLATIONS = {
     types_pb2.ISOLATION_MIG: "mig",
@@ -28,7 +28,6 @@ TOPOLOGIES = {
     types_pb2.TOPOLOGY_SAME_NVLINK_DOMAIN: "same-nvlink",
 }
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MAX_COUNT = 64
 PRIORITY_RANGE = (-1000, 1000)
 MAX_LABELS = 32
@@ -128,27 +127,14 @@ def validate(spec: types_pb2.SliceSpec) -> SliceRequest:
     if not lo <= spec.priority <= hi:
         raise _bad("priority", f"{spec.priority} is out of range", f"{lo} to {hi}")
 
-    if len(spec.labels) > MAX_LABELS:
-        raise _bad("labels", f"{len(spec.labels)} labels", f"at most {MAX_LABELS}")
-    for k, v in spec.labels.items():
-        if not LABEL_KEY_RE.match(k):
-            raise _bad(f"labels[{errors.shown(k)}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
-        if len(v) > 256:
-            raise _bad(f"labels[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
+    labels.check(spec.labels, "spec.labels", MAX_LABELS)
     netmode.check_labels(spec.labels, "spec.labels")     # gpumesh.io/network: host or none
 
     if spec.cpu_milli < 0 or spec.cpu_milli > MAX_CPU_MILLI:
         raise _bad("cpu_milli", f"{spec.cpu_milli} milli-CPUs", f"0 to {MAX_CPU_MILLI} (0: none reserved)")
     if spec.host_memory_bytes < 0 or spec.host_memory_bytes > MAX_HOST_MEMORY:
         raise _bad("host_memory_bytes", f"{spec.host_memory_bytes} bytes", f"0 to {MAX_HOST_MEMORY} (0: none reserved)")
-    if len(spec.anti_affinity) > MAX_LABELS:
-        raise _bad("anti_affinity", f"{len(spec.anti_affinity)} rules", f"at most {MAX_LABELS}")
-    for k, v in spec.anti_affinity.items():
-        if not LABEL_KEY_RE.match(k):
-            raise _bad(f"anti_affinity[{errors.shown(k)}]", "invalid label key",
-                       "1-63 letters, digits, '.', '_', '-', '/'")
-        if len(v) > 256:
-            raise _bad(f"anti_affinity[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
+    labels.check(spec.anti_affinity, "spec.anti_affinity", MAX_LABELS, "rules")
 
     return SliceRequest(tenant=spec.tenant, memory_bytes=spec.memory_bytes, compute_share=share,
                         isolation=isolation, gpu_model=model.name if model else None, mig_profile=profile,

@@ -16,6 +16,7 @@ import random
 import grpc
 
 from gpumesh.v1 import node_service_pb2, node_service_pb2_grpc, types_pb2
+from mesh import version as release
 from mesh.failover import pick_leader
 from mesh.logs import log
 from mesh.outbox import Outbox
@@ -25,7 +26,7 @@ from nodeagent.slicer import Slicer
 from nodeagent.telemetry import TelemetryCollector, run_telemetry
 
 logger = logging.getLogger(__name__)
-VERSION = "gpumesh-agent/0.1.0"
+VERSION = f"gpumesh-agent/{release.VERSION}"
 RETRY_TEARDOWN_S = 2.0
 OUTBOX_LIMIT = 10_000          # messages queued for the control plane before the stream is ended and resynced
 

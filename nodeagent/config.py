@@ -20,6 +20,10 @@ class AgentConfig:
                               choices=("nvml", "sim"))
     sim_host_file: list = option([], "host file(s) describing simulated GPU hosts (gpu_backend=sim); one agent per file",
                                  flag="--sim-host-file")
+    node_labels: list = option([], "labels of this node, KEY=VALUE (repeat the flag or separate with commas): "
+                               "resource pools select nodes by them (pool.selector.node_labels, docs/pools.md). "
+                               "Keys under gpumesh.io/ are the agent's own; a simulated host file's `labels:` "
+                               "add to these for its host", flag="--node-label")
     state_dir: str = option("/var/lib/gpumesh-agent", "directory for agent state (simulated device state, MPS pipes)")
     metrics_listen: str = option("", "Prometheus /metrics address HOST:PORT; empty disables it")
     reconnect_max_seconds: float = option(5.0, "longest wait between reconnect attempts", minimum=0.1, maximum=300)
@@ -123,6 +127,7 @@ class AgentConfig:
     log_format: str = option("json", "log line format", choices=("json", "text"))
 
     def check(self) -> None:
+        self.node_label_map()
         for endpoint in self.control_plane.split(","):   # several: HA control planes, tried in turn
             parse_hostport(endpoint.strip(), "control_plane")
         from nodeagent.layout import LayoutError, load_declaration, parse_modes
@@ -185,3 +190,36 @@ class AgentConfig:
 
     def default_node_name(self) -> str:
         return self.node_name or socket.gethostname().split(".")[0].lower()
+
+    def node_label_map(self) -> dict[str, str]:
+        """`node_labels` as a map; ConfigError naming the label for a malformed or reserved one."""
+        return parse_node_labels(self.node_labels, "node_labels")
+
+
+MAX_NODE_LABELS = 32
+RESERVED_LABEL_PREFIX = "gpumesh.io/"      # the agent's own node labels (MIG layout, egress guard)
+
+
+def parse_node_labels(items, field: str) -> dict[str, str]:
+    """KEY=VALUE items into node labels (check_node_labels)."""
+    from mesh import errors, labels
+    try:
+        out = labels.parse_pairs(items, field, MAX_NODE_LABELS)
+    except errors.InvalidArgument as e:
+        raise ConfigError(str(e)) from None
+    return check_node_labels(out, field)
+
+
+def check_node_labels(out: dict[str, str], field: str) -> dict[str, str]:
+    """`out` when its keys and values pass the label rule (mesh/labels.py) and no key is the agent's own."""
+    from mesh import errors, labels
+    try:
+        labels.check(out, field, MAX_NODE_LABELS)
+    except errors.InvalidArgument as e:
+        raise ConfigError(str(e)) from None
+    for k in out:
+        if k.startswith(RESERVED_LABEL_PREFIX):
+            raise ConfigError(f"{field}[{k!r}]: keys under {RESERVED_LABEL_PREFIX} are set by the agent itself; "
+                              "use another prefix")
+    return out
+

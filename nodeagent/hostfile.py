@@ -14,6 +14,8 @@ YAML shape (every key but ``gpus`` is optional; unknown keys are errors)::
       - {name: mlx5_0, kind: infiniband, rate_gbps: 400, gpus: [0, 1],
          port_guid: "0x0c42a10300a1b2c3"}           # port_guid optional
     cpus: 128                      # host CPUs, for GPU CPU affinity; default 64
+    labels: {tier: serving}        # node labels of this host (pools select by them),
+                                   # added to the agent's node_labels setting
 
 Every GPU entry may also say, for the simulated telemetry and faults::
 
@@ -118,6 +120,7 @@ class HostSpec:
     driver_version: str = DEFAULT_DRIVER_VERSION
     cuda_version: str = DEFAULT_CUDA_VERSION
     cpus: int = DEFAULT_CPUS
+    labels: tuple[tuple[str, str], ...] = ()    # (key, value) pairs, checked as the agent's node_labels
 
 
 def load_host_file(path: str | os.PathLike) -> HostSpec:
@@ -216,8 +219,8 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
         heat = number(e, "extra_heat_c", f"{field}.extra_heat_c", -100.0, 200.0) if "extra_heat_c" in e else 0.0
         return FaultSpec(typed(e, "lost", f"{field}.lost", bool, False), heat, tuple(xids), **counts)
 
-    top = keys(data, "", ("node", "driver_version", "cuda_version", "gpus", "nvlink_domains", "nics", "cpus"),
-               ("gpus",))
+    top = keys(data, "", ("node", "driver_version", "cuda_version", "gpus", "nvlink_domains", "nics", "cpus",
+                          "labels"), ("gpus",))
     node = typed(top, "node", "node", str)
     driver = str(typed(top, "driver_version", "driver_version", (str, int, float), DEFAULT_DRIVER_VERSION))
     cuda = str(typed(top, "cuda_version", "cuda_version", (str, int, float), DEFAULT_CUDA_VERSION))
@@ -226,6 +229,15 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
     cpus = typed(top, "cpus", "cpus", int, DEFAULT_CPUS)
     if not 1 <= cpus <= 65536:
         raise fail("cpus", f"expected an integer 1..65536, got {cpus}")
+    raw_labels = top.get("labels") or {}
+    if not isinstance(raw_labels, dict) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                   for v in raw_labels.values()):
+        raise fail("labels", f"expected a mapping of label keys to text values, got {raw_labels!r}")
+    from nodeagent.config import ConfigError, check_node_labels
+    try:
+        host_labels = check_node_labels({str(k): str(v) for k, v in raw_labels.items()}, "labels")
+    except ConfigError as e:
+        raise ValueError(f"{source}: {e}") from None
     entries = top["gpus"]
     if not isinstance(entries, list) or not entries:
         raise fail("gpus", "expected a non-empty list of GPU entries")
@@ -304,7 +316,8 @@ def parse_host(data: Any, source: str = "<host>") -> HostSpec:
         guid = typed(e, "port_guid", f"{field}.port_guid", str, None) or _port_guid(node, name)
         nics.append(NicSpec(name, kind, rate, guid, index_list(e.get("gpus", []), f"{field}.gpus", n)))
 
-    return HostSpec(node, tuple(gpus[i] for i in range(n)), tuple(domains), tuple(nics), driver, cuda, cpus)
+    return HostSpec(node, tuple(gpus[i] for i in range(n)), tuple(domains), tuple(nics), driver, cuda, cpus,
+                    tuple(sorted(host_labels.items())))
 
 
 def _port_guid(node: str | None, nic: str) -> str:
@@ -344,6 +357,8 @@ def dump_host(spec: HostSpec) -> dict:
     out["cuda_version"] = spec.cuda_version
     if spec.cpus != DEFAULT_CPUS:
         out["cpus"] = spec.cpus
+    if spec.labels:
+        out["labels"] = dict(spec.labels)
     entries: list[dict[str, Any]] = []
     prev: GpuSpec | None = None
     for g in spec.gpus:

@@ -17,6 +17,15 @@ from mesh import config, fsmodes, logs
 from nodeagent.config import AgentConfig
 
 
+def node_labels(cfg: AgentConfig, host=None) -> dict[str, str]:
+    """The labels an agent reports for its node: the `node_labels` setting, then a simulated host file's own
+    `labels:` over them."""
+    out = cfg.node_label_map()
+    if host is not None:
+        out.update(host.labels)
+    return out
+
+
 def build_agents(cfg: AgentConfig):
     from nodeagent.agent import NodeAgent
     from nodeagent.gpu import NvmlGpus
@@ -31,6 +40,7 @@ def build_agents(cfg: AgentConfig):
         agents.append(NodeAgent(cfg.default_node_name(), cfg.control_plane, NvmlGpus(nvml), mps_root=mps_root,
                                 backend="nvml", reconnect_max=cfg.reconnect_max_seconds,
                                 telemetry_interval=cfg.telemetry_interval_seconds))
+        agents[-1].labels.update(node_labels(cfg))
         return install_components(agents, cfg)
     os.makedirs(os.path.join(cfg.state_dir, "sim"), exist_ok=True)
     names = set()
@@ -51,6 +61,7 @@ def build_agents(cfg: AgentConfig):
                                 driver_version=host.driver_version, cuda_version=host.cuda_version,
                                 reconnect_max=cfg.reconnect_max_seconds,
                                 telemetry_interval=cfg.telemetry_interval_seconds, ib_root=ib_root))
+        agents[-1].labels.update(node_labels(cfg, host))
     return install_components(agents, cfg)
 
 

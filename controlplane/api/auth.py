@@ -257,6 +257,7 @@ RULES: dict[str, str] = {
     "/gpumesh.v1.AdminService/UncordonNode": ADMIN,
     "/gpumesh.v1.AdminService/DrainNode": ADMIN,
     "/gpumesh.v1.AdminService/DeleteNode": ADMIN,
+    "/gpumesh.v1.AdminService/GetVersion": VIEWER,         # etcd members for admins only (services.py)
 }
 
 

@@ -16,6 +16,7 @@ from controlplane.controllers.telemetry import HEALTH_ENUM, PRESSURE_ENUM, THERM
 from gpumesh.v1 import (admin_service_pb2, admin_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
                         slice_service_pb2, slice_service_pb2_grpc, types_pb2)
 from mesh import errors, slicespec
+from mesh import version as release
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -203,10 +204,20 @@ def coalesce(msg, outbox: asyncio.Queue):
 
 
 class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, ctl: Controller, nodes: NodeManager, deleter=None) -> None:
+    def __init__(self, ctl: Controller, nodes: NodeManager, deleter=None, leading: bool = False) -> None:
         self.ctl = ctl
         self.nodes = nodes
         self.deleter = deleter          # controllers/nodedelete.py (the leader's)
+        self.leading = leading          # the leader's servicer (a standby's follower builds one that is not)
+
+    @unary
+    async def GetVersion(self, request, context):
+        info = admin_service_pb2.VersionInfo(version=release.VERSION, api=release.API, **release.runtime(),
+                                             identity=getattr(self.ctl.store, "identity", "") or "",
+                                             leader=self.leading)
+        if auth.current().admin:        # etcd's endpoints are the fleet's infrastructure: admins only
+            info.etcd_members.update(await self.ctl.store.member_versions())
+        return info
 
     @unary
     async def ListNodes(self, request, context):

@@ -25,7 +25,7 @@ LEADER_METADATA = "gpumesh-leader"
 STANDBY_METADATA = "gpumesh-standby"
 # What a standby answers itself (from its follower's fleet), by service.
 READS = {"SliceService": frozenset({"Get", "List", "Watch"}),
-         "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus"}),
+         "AdminService": frozenset({"ListNodes", "GetNode", "ListGpus", "GetVersion"}),
          "WorkloadService": frozenset({"Get", "List"}),
          "MeshService": frozenset({"Get", "List", "ListGrants"}),
          "MigrationService": frozenset({"Get", "List", "ListCheckpoints"}),

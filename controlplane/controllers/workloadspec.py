@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from gpumesh.v1 import workload_service_pb2
-from mesh import errors, netmode
+from mesh import errors, labels, netmode
 
 MAX_ARGS = 256
 MAX_ARG_LEN = 32 << 10
@@ -56,8 +56,6 @@ def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
 def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
     if len(req.env) > MAX_ENV:
         raise errors.InvalidArgument.of("env", f"has {len(req.env)} variables", f"at most {MAX_ENV}")
-    if len(req.labels) > MAX_LABELS:
-        raise errors.InvalidArgument.of("labels", f"has {len(req.labels)} labels", f"at most {MAX_LABELS}")
     for k, v in req.env.items():
         if not ENV_KEY.match(k):
             raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid variable name",
@@ -66,10 +64,7 @@ def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
             raise errors.InvalidArgument.of(f"env[{k}]", "is set by the slice or the agent", "any name but " + ", ".join(RESERVED_ENV))
         if "\0" in v or len(v) > MAX_ARG_LEN:
             raise errors.InvalidArgument.of(f"env[{k}]", "is not a valid value", f"no NUL bytes, at most {MAX_ARG_LEN} characters")
-    for k, v in req.labels.items():
-        if not k or len(k) > 63 or len(v) > 256:
-            raise errors.InvalidArgument.of(f"labels[{k}]", "is not a valid label",
-                                            "keys of 1-63 and values of at most 256 characters")
+    labels.check(req.labels, "labels", MAX_LABELS)
     if req.HasField("backend"):         # a model server: the gateway must reach its port
         netmode.check_model_server(req.labels, "labels")
     else:

@@ -14,7 +14,7 @@ import re
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import types_pb2
-from mesh import errors, netmode, slicespec
+from mesh import errors, labels, netmode, slicespec
 from mesh.models import vram
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -87,13 +87,8 @@ def check_settings(spec: D.DeploymentSpec, variant: M.Variant) -> None:
                               types_pb2.ISOLATION_TIMESHARE):
         raise errors.InvalidArgument.of("spec.isolation", f"{spec.isolation} is not allowed",
                                         "unspecified (smallest MIG profile, else MPS), mig, mps, timeshare")
-    if len(spec.labels) > MAX_LABELS:
-        raise errors.InvalidArgument.of("spec.labels", f"has {len(spec.labels)} labels", f"at most {MAX_LABELS}")
-    for k, v in spec.labels.items():
-        if not k or len(k) > 63 or len(v) > 256:
-            shown = k if len(k) <= 63 else k[:60] + "..."       # (a long key is not echoed whole)
-            raise errors.InvalidArgument.of(f"spec.labels[{shown}]", "is not a valid label",
-                                            "keys of 1-63 and values of at most 256 characters")
+    labels.check(spec.labels, "spec.labels", MAX_LABELS)
+    for k in spec.labels:
         if k in slicespec.SYSTEM_LABELS:       # copied onto the replicas' slices: spec.pool names the pool
             raise errors.InvalidArgument.of(f"spec.labels[{k}]", "is set by gpumesh itself",
                                             "labels other than " + ", ".join(sorted(slicespec.SYSTEM_LABELS)))

@@ -18,9 +18,9 @@ import re
 from typing import Iterable
 
 from gpumesh.v1 import model_service_pb2 as M
-from mesh import errors, gpumodels
+from mesh import errors, gpumodels, labels
 from mesh.models import artifact, digest, vram
-from mesh.slicespec import LABEL_KEY_RE, MAX_LABELS
+from mesh.slicespec import MAX_LABELS
 from mesh.units import format_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -69,13 +69,7 @@ def validate(model: M.Model, gpu_models: Iterable[gpumodels.GpuModel], check_art
     check_name(m.name, "model.name")
     _text(m.family, "model.family", 63)
     _text(m.description, "model.description", MAX_TEXT)
-    if len(m.labels) > MAX_LABELS:
-        raise _bad("model.labels", f"{len(m.labels)} labels", f"at most {MAX_LABELS}")
-    for k, v in m.labels.items():
-        if not LABEL_KEY_RE.match(k):
-            raise _bad(f"model.labels[{k!r}]", "invalid label key", "1-63 letters, digits, '.', '_', '-', '/'")
-        if len(v) > 256:
-            raise _bad(f"model.labels[{k!r}]", f"value of {len(v)} characters", "at most 256 characters")
+    labels.check(m.labels, "model.labels", MAX_LABELS)
     if not m.variants:
         raise _bad("model.variants", "is empty", "at least one variant")
     if len(m.variants) > MAX_VARIANTS:

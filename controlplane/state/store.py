@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import urllib.parse
 import uuid
 
@@ -133,16 +134,23 @@ class EtcdStore:
     # -- leadership --------------------------------------------------------------
 
     async def become_leader(self, identity: str, ttl: int = 10, wait: float | None = 60.0,
-                            endpoint: str = "", poll: float = 0.2) -> None:
+                            endpoint: str = "", poll: float = 0.2, host: str | None = None) -> None:
         """Take the leader key with a fresh session lease.
 
-        The key's value names this control plane and its advertised `endpoint` (so standbys can point
-        callers at the leader). A previous incarnation of the same identity (a restart) takes over at
-        once; another holder is waited for until its lease expires, at most `wait` seconds (None:
-        for ever, the standby's campaign). While waiting, this candidate keeps its own lease alive.
+        The key's value names this control plane, its host and its advertised `endpoint` (so standbys can
+        point callers at the leader). A previous incarnation of the same identity on the same host (a
+        restart) takes over at once; another holder is waited for until its lease expires, at most `wait`
+        seconds (None: for ever, the standby's campaign). While waiting, this candidate keeps its own lease
+        alive.
+
+        The same identity from another host is a copied state directory (its `identity` file cloned with it),
+        not a restart: taking over at once there made the two control planes take the key from each other
+        for as long as both ran. It is waited for like any other holder, with an ERROR saying what to do.
         """
         self.identity = identity
-        value = encode_leader(identity, endpoint)
+        host = host if host is not None else os.uname().nodename
+        value = encode_leader(identity, endpoint, host)
+        clone_logged = False
         tx = self.client.transactions
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + wait
@@ -159,7 +167,15 @@ class EtcdStore:
                 self.revision = max(self.revision, kv.mod_revision)
                 break
             held = await self._call(lambda c: c.get(keys.LEADER.encode()))
-            if held is not None and decode_leader(held.value)[0] == identity:
+            held_host = leader_host(held.value) if held is not None else ""
+            if (held is not None and decode_leader(held.value)[0] == identity and held_host not in ("", host)
+                    and not clone_logged):
+                clone_logged = True
+                log.error("the leader key holds this control plane's identity from another host: its state "
+                          "directory was copied; waiting as a standby (delete <state_dir>/identity on one of "
+                          "them to give it an identity of its own)",
+                          extra={"fields": {"identity": identity, "leader_host": held_host, "host": host}})
+            if held is not None and decode_leader(held.value)[0] == identity and held_host in ("", host):
                 # Our own previous incarnation (a restart) still holds the key: drop it and
                 # take it anew, so the leader key gets a fresh create revision (fencing).
                 dropped, _ = await self._call(lambda c: c.transaction(
@@ -454,8 +470,17 @@ def _refused(e: BaseException) -> bool:
     return callable(code) and code() in _REFUSALS
 
 
-def encode_leader(identity: str, endpoint: str = "") -> bytes:
-    return json.dumps({"identity": identity, "endpoint": endpoint}).encode()
+def encode_leader(identity: str, endpoint: str = "", host: str = "") -> bytes:
+    return json.dumps({"identity": identity, "endpoint": endpoint, "host": host}).encode()
+
+
+def leader_host(value: bytes) -> str:
+    """The host the leader key's holder ran on; "" when its value does not say (an older control plane)."""
+    try:
+        d = json.loads(value)
+    except ValueError:
+        return ""
+    return str(d.get("host", "")) if isinstance(d, dict) else ""
 
 
 def decode_leader(value: bytes) -> tuple[str, str]:

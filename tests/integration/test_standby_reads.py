@@ -11,6 +11,7 @@ import pytest
 
 from gpumesh.v1 import types_pb2
 from mesh import errors
+from mesh import version as release
 from mesh.client import MeshClient
 from tests.integration.conftest import wait_for
 from tools.localcluster import LocalCluster, sim_hosts
@@ -33,6 +34,12 @@ def test_standby_serves_reads_and_takes_over(tmp_path):
             wait_for(lambda: [n.name for n in sb.list_nodes(state="ready")] == [node], 30,
                      "the node Ready on the standby")
             assert sb.get_node(node).state == types_pb2.NODE_STATE_READY
+            # versions: each control plane answers for itself (`meshctl version`), the standby too
+            v_lead, v_sb = lead.version(), sb.version()
+            assert (v_lead.leader, v_sb.leader) == (True, False)
+            assert v_lead.identity and v_sb.identity and v_lead.identity != v_sb.identity
+            assert v_lead.version == v_sb.version == release.VERSION and v_lead.api == "gpumesh.v1"
+            assert len(v_lead.etcd_members) == len(cluster.etcd_endpoints) and all(v_lead.etcd_members.values())
             assert len(sb.list_gpus(node=node)) == 2
             with pytest.raises(errors.NotFound):
                 sb.get_slice("s-missing")

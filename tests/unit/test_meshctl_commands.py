@@ -123,6 +123,17 @@ class FakeMesh(DeploymentApi):
         self.calls.append(("list_events", kw))
         return []
 
+    def list_nodes(self, state=None):
+        return [types_pb2.Node(name=n, inventory=types_pb2.NodeInventory(hostname=n, labels=lbl))
+                for n, lbl in (("gpu-a", {"tier": "serving", "zone": "eu-1"}), ("gpu-b", {"tier": "batch"}))]
+
+    def list_slices(self, tenant="", node="", state=None):
+        return [types_pb2.Slice(id=i, tenant="team-a", labels=lbl)
+                for i, lbl in (("s-1", {"gpumesh.deployment": "chat"}), ("s-2", {}))]
+
+    def list_workloads(self, tenant="", node="", slice_id=""):
+        return [types_pb2.Workload(id=i, labels=lbl) for i, lbl in (("w-1", {"app": "train"}), ("w-2", {}))]
+
     def watch_slices(self, tenant="", node="", send_initial=False):
         self.calls.append(("watch_slices", {"tenant": tenant, "node": node, "send_initial": send_initial}))
         return FakeSliceWatch()
@@ -384,6 +395,21 @@ def test_get_deployments_filters_reach_the_server(fake, capsys):
     rc, _, err = run(capsys, "get", "deployments", "--model", "smollm2-135m", "-l", "team=search")
     assert rc == 0, err
     assert fake.stub.listed.model == "smollm2-135m" and dict(fake.stub.listed.labels) == {"team": "search"}
+
+
+@pytest.mark.parametrize("kind,selector,names", [
+    ("nodes", ["-l", "tier=serving"], ["gpu-a"]),
+    ("nodes", ["-l", "tier=serving", "-l", "zone=eu-2"], []),
+    ("nodes", [], ["gpu-a", "gpu-b"]),
+    ("slices", ["-l", "gpumesh.deployment=chat"], ["s-1"]),
+    ("workloads", ["--selector", "app=train"], ["w-1"]),
+])
+def test_get_nodes_slices_and_workloads_by_label(fake, capsys, kind, selector, names):
+    rc, out, err = run(capsys, "get", kind, *selector, "-o", "json")
+    assert rc == 0, err
+    got = json.loads(out)
+    items = got["items"] if isinstance(got, dict) else got
+    assert sorted(i.get("name") or i["id"] for i in items) == names
 
 
 def test_get_models_and_events_filters(fake, capsys):

@@ -57,6 +57,34 @@ async def test_restart_of_the_same_identity_takes_over_at_once(etcd_server, etcd
     await a2.close()
 
 
+async def test_the_same_identity_from_another_host_is_a_clone_and_waits(etcd_server, etcd_client, caplog):
+    """A state directory copied to a second host carries its identity file: the copy must not take the key
+    from the leader at once (the two then took it from each other for as long as both ran)."""
+    a = await make_store_on(etcd_server, "cp-cloned", host="host-a")
+    clone = EtcdStore([etcd_server.endpoint])
+    await clone.connect()
+    with caplog.at_level("ERROR"), pytest.raises(errors.Unavailable):
+        await clone.become_leader("cp-cloned", ttl=30, wait=1.0, host="host-b")
+    assert "state directory was copied" in caplog.text
+    assert not a.lost_leadership.is_set()
+    await a.commit([Put(b"/gpumesh/v1/z", b"a")])        # a is still the leader, unfenced
+    # a restart of the leader on its own host still takes over at once
+    a._keepalive_task.cancel()
+    a2 = await make_store_on(etcd_server, "cp-cloned", host="host-a", wait=2)
+    assert a2.leader_revision > a.leader_revision
+    for st in (a, clone):
+        await st.close()
+    await a2.revoke_lease(a2.session_lease)
+    await a2.close()
+
+
+async def make_store_on(etcd_server, ident, host, wait=10.0):
+    st = EtcdStore([etcd_server.endpoint])
+    await st.connect()
+    await st.become_leader(ident, ttl=30, wait=wait, host=host)
+    return st
+
+
 async def test_group_commit_merges_and_isolates_a_conflict(etcd_server, etcd_client):
     st = await make_store(etcd_server, "cp-w")
     w = Writer(st)

@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="", help="deployments of this model only")
     p.add_argument("--family", default="", help="models of this family only")
     p.add_argument("-l", "--selector", type=key_value("label"), action="append", default=[], metavar="KEY=VALUE",
-                   help="deployments or models with this label (repeatable: all must match)")
+                   help="nodes, slices, workloads, deployments or models with this label (repeatable: all "
+                        "must match)")
     p.add_argument("--for", dest="for_", default="", metavar="KIND/NAME",
                    help="events: only those of this object (node/NAME, slice/ID, deployment/NAME, migration/ID, "
                         "allocation/ID, workload/ID, gpu/NODE/INDEX) or kind (node)")
@@ -102,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # which kinds take which filters (anything else is refused, naming the flag)
 FILTERS = {"model": ("deployments", "replicas"), "family": ("models",), "selector": ("deployments", "replicas",
-           "models"), "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
+           "models", "nodes", "slices", "workloads"), "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
            "since": ("events",), "watch": ("events", "slices", "deployments", "migrations", "servingview")}
 FLAG_NAMES = {"for_": "--for", "selector": "-l/--selector"}
 
@@ -116,13 +117,19 @@ def check_filters(args: argparse.Namespace, kind: str) -> None:
         raise CliError(f"-w/--watch on {kind} follows one: give one NAME (get {kind[:-1]} NAME -w)")
 
 
+def has_labels(labels, selector) -> bool:
+    """Whether a label map holds every KEY=VALUE pair of -l/--selector."""
+    return all(labels.get(k) == v for k, v in selector)
+
+
 def fetch(args: argparse.Namespace, kind: str) -> list:
     with client(args) as mesh:
         if kind == "nodes":
             if args.tenant or args.node:
                 raise CliError("--tenant and --node do not filter nodes")
             items = mesh.list_nodes(state=args.state)
-            return [n for n in items if not args.names or n.name in args.names]
+            return [n for n in items if (not args.names or n.name in args.names)
+                    and has_labels(n.inventory.labels, args.selector)]
         if kind == "gpus":
             if args.tenant or args.state:
                 raise CliError("--tenant and --state do not filter gpus")
@@ -130,7 +137,8 @@ def fetch(args: argparse.Namespace, kind: str) -> list:
             return [g for g in items if not args.names or g.node in args.names]
         items = mesh.list_slices(tenant=args.tenant, node=args.node, state=args.state)
         return [s for s in items
-                if not args.names or s.id in args.names or s.allocation_id in args.names]
+                if (not args.names or s.id in args.names or s.allocation_id in args.names)
+                and has_labels(s.labels, args.selector)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Sequence
 
 from tools.meshctl import (autoscale, bench, certs, cluster, contexts, cost, deploy, describe, forecast, generate, get, mesh,
-                           migrate, models, nodes, pools, replay, sim, slices, top, update, workloads)
+                           migrate, models, nodes, pools, replay, sim, slices, top, update, version, workloads)
 from tools.meshctl.common import CliError, HelpFormatter, Parser, add_global_flags
 
 GROUPS = (cluster, get, describe, slices, workloads, migrate, nodes, mesh, models, deploy, generate, autoscale, bench,
-          sim, replay, forecast, certs, contexts, top, pools, update, cost)
+          sim, replay, forecast, certs, contexts, top, pools, update, cost, version)
 
 EPILOG = """\
 examples:
@@ -41,6 +41,7 @@ examples:
   meshctl down
   meshctl config get-contexts                           # staging, production, local...
   meshctl --context production get nodes
+  meshctl version                                       # meshctl, control plane, etcd, agents
 
 The control plane address comes from --endpoint, then $MESH_ENDPOINT, then the
 context: --context NAME, else $MESH_CONTEXT, else the current-context of the

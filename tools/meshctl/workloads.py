@@ -188,7 +188,9 @@ def fetch(args: argparse.Namespace) -> list:
         raise CliError("--state does not filter workloads")
     with client(args) as mesh:
         items = mesh.list_workloads(tenant=args.tenant, node=args.node, slice_id=getattr(args, "slice", "") or "")
-    return [w for w in items if not args.names or w.id in args.names]
+    from tools.meshctl.get import has_labels
+    return [w for w in items if (not args.names or w.id in args.names)
+            and has_labels(w.labels, getattr(args, "selector", None) or [])]
 
 
 def format_workload(d: dict[str, Any]) -> str:

@@ -25,37 +25,45 @@ _sym_db = _symbol_database.Default()
 from gpumesh.v1 import types_pb2 as gpumesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpumesh/v1/admin_service.proto\x12\ngpumesh.v1\x1a\x16gpumesh/v1/types.proto\"8\n\x10ListNodesRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.gpumesh.v1.NodeState\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.gpumesh.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"}\n\x11\x44rainNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\"\n\x07\x65victed\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Slice\x12$\n\treplacing\x18\x03 \x03(\x0b\x32\x11.gpumesh.v1.Slice\"\x1f\n\x0fListGpusRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"<\n\x19\x43learGpuQuarantineRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"7\n\x10ListGpusResponse\x12#\n\x04gpus\x18\x01 \x03(\x0b\x32\x15.gpumesh.v1.GpuStatus\"!\n\x11\x44\x65leteNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\x12\x44\x65leteNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\x0e\n\x06slices\x18\x02 \x03(\t\x12\x13\n\x0b\x61llocations\x18\x03 \x03(\t\x12\x11\n\tworkloads\x18\x04 \x03(\t\x12\x12\n\nmigrations\x18\x05 \x03(\t\x12\x13\n\x0b\x63onnections\x18\x06 \x03(\t\x12\x10\n\x08replicas\x18\x07 \x03(\t2\xc5\x04\n\x0c\x41\x64minService\x12H\n\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12\x37\n\x07GetNode\x12\x1a.gpumesh.v1.GetNodeRequest\x1a\x10.gpumesh.v1.Node\x12=\n\nCordonNode\x12\x1d.gpumesh.v1.CordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12\x41\n\x0cUncordonNode\x12\x1f.gpumesh.v1.UncordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12H\n\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12\x45\n\x08ListGpus\x12\x1b.gpumesh.v1.ListGpusRequest\x1a\x1c.gpumesh.v1.ListGpusResponse\x12R\n\x12\x43learGpuQuarantine\x12%.gpumesh.v1.ClearGpuQuarantineRequest\x1a\x15.gpumesh.v1.GpuStatus\x12K\n\nDeleteNode\x12\x1d.gpumesh.v1.DeleteNodeRequest\x1a\x1e.gpumesh.v1.DeleteNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpumesh/v1/admin_service.proto\x12\ngpumesh.v1\x1a\x16gpumesh/v1/types.proto\"\x13\n\x11GetVersionRequest\"\xf3\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x0e\n\x06python\x18\x03 \x01(\t\x12\x0e\n\x06grpcio\x18\x04 \x01(\t\x12\x10\n\x08protobuf\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x0e\n\x06leader\x18\x07 \x01(\x08\x12>\n\x0c\x65tcd_members\x18\x08 \x03(\x0b\x32(.gpumesh.v1.VersionInfo.EtcdMembersEntry\x1a\x32\n\x10\x45tcdMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x10ListNodesRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.gpumesh.v1.NodeState\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.gpumesh.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"}\n\x11\x44rainNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\"\n\x07\x65victed\x18\x02 \x03(\x0b\x32\x11.gpumesh.v1.Slice\x12$\n\treplacing\x18\x03 \x03(\x0b\x32\x11.gpumesh.v1.Slice\"\x1f\n\x0fListGpusRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"<\n\x19\x43learGpuQuarantineRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"7\n\x10ListGpusResponse\x12#\n\x04gpus\x18\x01 \x03(\x0b\x32\x15.gpumesh.v1.GpuStatus\"!\n\x11\x44\x65leteNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\x12\x44\x65leteNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.gpumesh.v1.Node\x12\x0e\n\x06slices\x18\x02 \x03(\t\x12\x13\n\x0b\x61llocations\x18\x03 \x03(\t\x12\x11\n\tworkloads\x18\x04 \x03(\t\x12\x12\n\nmigrations\x18\x05 \x03(\t\x12\x13\n\x0b\x63onnections\x18\x06 \x03(\t\x12\x10\n\x08replicas\x18\x07 \x03(\t2\x8b\x05\n\x0c\x41\x64minService\x12H\n\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12\x37\n\x07GetNode\x12\x1a.gpumesh.v1.GetNodeRequest\x1a\x10.gpumesh.v1.Node\x12=\n\nCordonNode\x12\x1d.gpumesh.v1.CordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12\x41\n\x0cUncordonNode\x12\x1f.gpumesh.v1.UncordonNodeRequest\x1a\x10.gpumesh.v1.Node\x12H\n\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12\x45\n\x08ListGpus\x12\x1b.gpumesh.v1.ListGpusRequest\x1a\x1c.gpumesh.v1.ListGpusResponse\x12R\n\x12\x43learGpuQuarantine\x12%.gpumesh.v1.ClearGpuQuarantineRequest\x1a\x15.gpumesh.v1.GpuStatus\x12K\n\nDeleteNode\x12\x1d.gpumesh.v1.DeleteNodeRequest\x1a\x1e.gpumesh.v1.DeleteNodeResponse\x12\x44\n\nGetVersion\x12\x1d.gpumesh.v1.GetVersionRequest\x1a\x17.gpumesh.v1.VersionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpumesh.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTNODESREQUEST']._serialized_start=70
-  _globals['_LISTNODESREQUEST']._serialized_end=126
-  _globals['_LISTNODESRESPONSE']._serialized_start=128
-  _globals['_LISTNODESRESPONSE']._serialized_end=180
-  _globals['_GETNODEREQUEST']._serialized_start=182
-  _globals['_GETNODEREQUEST']._serialized_end=212
-  _globals['_CORDONNODEREQUEST']._serialized_start=214
-  _globals['_CORDONNODEREQUEST']._serialized_end=247
-  _globals['_UNCORDONNODEREQUEST']._serialized_start=249
-  _globals['_UNCORDONNODEREQUEST']._serialized_end=284
-  _globals['_DRAINNODEREQUEST']._serialized_start=286
-  _globals['_DRAINNODEREQUEST']._serialized_end=335
-  _globals['_DRAINNODERESPONSE']._serialized_start=337
-  _globals['_DRAINNODERESPONSE']._serialized_end=462
-  _globals['_LISTGPUSREQUEST']._serialized_start=464
-  _globals['_LISTGPUSREQUEST']._serialized_end=495
-  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_start=497
-  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_end=557
-  _globals['_LISTGPUSRESPONSE']._serialized_start=559
-  _globals['_LISTGPUSRESPONSE']._serialized_end=614
-  _globals['_DELETENODEREQUEST']._serialized_start=616
-  _globals['_DELETENODEREQUEST']._serialized_end=649
-  _globals['_DELETENODERESPONSE']._serialized_start=652
-  _globals['_DELETENODERESPONSE']._serialized_end=819
-  _globals['_ADMINSERVICE']._serialized_start=822
-  _globals['_ADMINSERVICE']._serialized_end=1403
+  _globals['_VERSIONINFO_ETCDMEMBERSENTRY']._loaded_options = None
+  _globals['_VERSIONINFO_ETCDMEMBERSENTRY']._serialized_options = b'8\001'
+  _globals['_GETVERSIONREQUEST']._serialized_start=70
+  _globals['_GETVERSIONREQUEST']._serialized_end=89
+  _globals['_VERSIONINFO']._serialized_start=92
+  _globals['_VERSIONINFO']._serialized_end=335
+  _globals['_VERSIONINFO_ETCDMEMBERSENTRY']._serialized_start=285
+  _globals['_VERSIONINFO_ETCDMEMBERSENTRY']._serialized_end=335
+  _globals['_LISTNODESREQUEST']._serialized_start=337
+  _globals['_LISTNODESREQUEST']._serialized_end=393
+  _globals['_LISTNODESRESPONSE']._serialized_start=395
+  _globals['_LISTNODESRESPONSE']._serialized_end=447
+  _globals['_GETNODEREQUEST']._serialized_start=449
+  _globals['_GETNODEREQUEST']._serialized_end=479
+  _globals['_CORDONNODEREQUEST']._serialized_start=481
+  _globals['_CORDONNODEREQUEST']._serialized_end=514
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=516
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=551
+  _globals['_DRAINNODEREQUEST']._serialized_start=553
+  _globals['_DRAINNODEREQUEST']._serialized_end=602
+  _globals['_DRAINNODERESPONSE']._serialized_start=604
+  _globals['_DRAINNODERESPONSE']._serialized_end=729
+  _globals['_LISTGPUSREQUEST']._serialized_start=731
+  _globals['_LISTGPUSREQUEST']._serialized_end=762
+  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_start=764
+  _globals['_CLEARGPUQUARANTINEREQUEST']._serialized_end=824
+  _globals['_LISTGPUSRESPONSE']._serialized_start=826
+  _globals['_LISTGPUSRESPONSE']._serialized_end=881
+  _globals['_DELETENODEREQUEST']._serialized_start=883
+  _globals['_DELETENODEREQUEST']._serialized_end=916
+  _globals['_DELETENODERESPONSE']._serialized_start=919
+  _globals['_DELETENODERESPONSE']._serialized_end=1086
+  _globals['_ADMINSERVICE']._serialized_start=1089
+  _globals['_ADMINSERVICE']._serialized_end=1740
 # @@protoc_insertion_point(module_scope)

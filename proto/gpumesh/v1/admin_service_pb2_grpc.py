@@ -76,6 +76,11 @@ class AdminServiceStub:
                 request_serializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeRequest.SerializeToString,
                 response_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeResponse.FromString,
                 _registered_method=True)
+        self.GetVersion = channel.unary_unary(
+                '/gpumesh.v1.AdminService/GetVersion',
+                request_serializer=gpumesh_dot_v1_dot_admin__service__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.VersionInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -148,6 +153,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVersion(self, request, context):
+        """The version of the control plane that answers (`kubectl version`), leader
+        or standby: its gpumesh release, API and runtime, and for admins the
+        version each etcd member reports. Any authenticated caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +204,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteNode,
                     request_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeRequest.FromString,
                     response_serializer=gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'GetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersion,
+                    request_deserializer=gpumesh_dot_v1_dot_admin__service__pb2.GetVersionRequest.FromString,
+                    response_serializer=gpumesh_dot_v1_dot_admin__service__pb2.VersionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +428,33 @@ class AdminService:
             '/gpumesh.v1.AdminService/DeleteNode',
             gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeRequest.SerializeToString,
             gpumesh_dot_v1_dot_admin__service__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpumesh.v1.AdminService/GetVersion',
+            gpumesh_dot_v1_dot_admin__service__pb2.GetVersionRequest.SerializeToString,
+            gpumesh_dot_v1_dot_admin__service__pb2.VersionInfo.FromString,
             options,
             channel_credentials,
             insecure,
