@@ -116,6 +116,12 @@ def test_meshctl_table_and_wide(server, capsys):
     assert rows[2].split()[-6:] == ["n1", "0", "healthy", "-", "normal", "yes"]
 
 
+def test_meshctl_names_a_deployment_not_in_the_view(server, capsys):
+    rc, out, err = run(capsys, "--endpoint", server[0], "get", "servingview", "chat", "gone")
+    assert rc == 0 and "error: no deployment gone in the serving view" in err
+    assert [ln.split()[0] for ln in out.splitlines()[2:]] == ["chat"]
+
+
 def test_meshctl_json_and_yaml_redact_the_keys(server, capsys):
     rc, out, _ = run(capsys, "--endpoint", server[0], "get", "view", "-o", "json")
     doc = json.loads(out)

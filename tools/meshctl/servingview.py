@@ -6,6 +6,7 @@ differs from the last (the stream's heartbeats, which change only `sequence` and
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -62,7 +63,12 @@ def format_view(doc: dict, fmt: str, now: datetime | None = None) -> str:
 def run(mesh: Any, names: list[str], fmt: str, watch: bool) -> int:
     from mesh.servingviewapi import serving_view_to_dict
     if not watch:
-        out(format_view(_narrowed(serving_view_to_dict(mesh.serving_view()), names), fmt))
+        doc = _narrowed(serving_view_to_dict(mesh.serving_view()), names)
+        missing = sorted(set(names) - {d["name"] for d in doc["deployments"]})
+        if missing:       # as `get deployments NAME`: said on stderr, the rest still printed
+            print(f"error: no deployment {', '.join(missing)} in the serving view (not there, or not yours)",
+                  file=sys.stderr)
+        out(format_view(doc, fmt))
         return 0
     last = None
     try:
