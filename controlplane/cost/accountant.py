@@ -8,8 +8,10 @@ time since its cursor (mesh/cost/accounting.py), writes the charges and cursors 
 - `gpumesh_cost_dollars_per_hour{tenant,deployment,model,node}`: the live slices' rate now;
 - `gpumesh_cost_dollars_per_1k_tokens{model}`: over the last `token_window` seconds.
 
-A group's label sets go once its node or deployment is deleted and no slice of it is left (`_forget_deleted`),
-a model's once no deployment serves it and its window is empty: the ledger keeps what they were charged.
+A group's label sets go `SERIES_GRACE_S` after its last live slice once its node or deployment is deleted (the
+grace lets Prometheus scrape the last increment), or `SERIES_IDLE_S` after it with nothing deleted (a tenant
+that holds no slice on a node any more: no event says a tenant is gone); a model's once no deployment serves it
+and its window is empty. The ledger keeps what they were charged (`_forget_gone`).
 
 A slice's deployment and model come from its labels (`gpumesh.deployment`) and the deployment's spec; a
 replica's activity (idle or not, tokens) from its backend's counters on Replica.load.
@@ -46,6 +48,8 @@ CHUNK = 2000            # slices charged between two hand-backs of the event loo
 HELD_LIMIT = 200_000    # charges kept for the next write while the ledger refuses writes; the oldest go first
 LABEL_DEPLOYMENT = "gpumesh.deployment"
 LABEL_REPLICA = "gpumesh.replica"
+SERIES_GRACE_S = 300.0      # a deleted group's series outlive its last slice by several scrape intervals
+SERIES_IDLE_S = 86400.0     # a group with no live slice for a day loses its series, deleted or not
 
 
 @dataclass
@@ -101,6 +105,7 @@ class CostAccountant:
         # what a failed ledger write left (its transaction rolled back): written with the next accounting
         self._held: list[acc.Charge] = []
         self._held_gone: set[str] = set()
+        self._last_live: dict[tuple, float] = {}     # (tenant, deployment, model, node) -> last tick it was live
         ctl.cost = self
 
     async def _run(self, fn, *args):
@@ -270,7 +275,9 @@ class CostAccountant:
                 continue
             dollars, tokens = sum(x[1] for x in dq), sum(x[2] for x in dq)
             PER_1K.labels(model).set(acc.per_1k_tokens(dollars, tokens))
-        self._forget_deleted(rates)
+        for key in rates:
+            self._last_live[key] = now
+        self._forget_gone(rates, now)
         if self.history is not None:
             per: dict[tuple[str, str, str], float] = {}
             for (tenant, dep, _model, _node), v in rates.items():
@@ -298,15 +305,23 @@ class CostAccountant:
             return d is None or (bool(model) and d.spec.model != model)
         return False
 
-    def _forget_deleted(self, rates: dict) -> None:
-        """Drop the counters' label sets (and their cached children) of the groups whose node or deployment is
-        deleted (or whose deployment serves another model now) once no live slice is in them: they were kept
-        for ever, one series per group ever charged, frozen at their last value. What they were charged stays
-        in the ledger (GetCost, the 24 h figures); a group still live keeps its counters untouched."""
+    def _forget_gone(self, rates: dict, now: float) -> None:
+        """Drop the counters' label sets (and their cached children) of the groups with no live slice: those
+        whose node or deployment is deleted (or whose deployment serves another model now) `SERIES_GRACE_S`
+        after their last live slice, so a scrape still sees their last increment; any other `SERIES_IDLE_S`
+        after it (a tenant gone from a node). They were kept for ever, one series per group ever charged,
+        frozen at their last value. What they were charged stays in the ledger (GetCost, the 24 h figures); a
+        group still live keeps its counters untouched."""
+        def gone(k: tuple) -> bool:
+            idle = now - self._last_live.get(k[:4], now)
+            return idle >= SERIES_IDLE_S or (idle >= SERIES_GRACE_S and self._deleted(k))
         for cache, metric in ((self._children, DOLLARS), (self._idle_children, IDLE)):
-            for key in [k for k in cache if k[:4] not in rates and self._deleted(k)]:
+            for key in [k for k in cache if k[:4] not in rates and gone(k)]:
                 del cache[key]
                 _remove(metric, *key)
+        live = {k[:4] for k in self._children} | {k[:4] for k in self._idle_children} | set(rates)
+        for key in [k for k in self._last_live if k not in live]:
+            del self._last_live[key]
 
     async def account(self) -> int:
         now = self.clock()

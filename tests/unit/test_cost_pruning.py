@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import REGISTRY
 
-from controlplane.cost.accountant import CostAccountant
+from controlplane.cost.accountant import SERIES_GRACE_S, SERIES_IDLE_S, CostAccountant
 from controlplane.cost.ledger import CostLedger
 from controlplane.state.fleet import Fleet
 from gpumesh.v1 import deployment_service_pb2 as D
@@ -87,13 +87,21 @@ def test_deleted_groups_lose_their_series_and_live_ones_keep_their_figures(tmp_p
             fleet.drop_node(name)
             t += 10
             await account(t)
-            assert dollars(dep, model, name) is None and idle_warm(name) is None
-            # bounded: the live groups, and the models of the last token window (30 s)
-            assert len(a._children) <= 2 and len(a._idle_children) == 0
+            # kept SERIES_GRACE_S, unchanged, so a scrape still sees the last increment; then gone
+            assert dollars(dep, model, name) == pytest.approx(10 * PER_SLICE_HOUR / 3600)
+            if i >= SERIES_GRACE_S // 20:
+                j = i - int(SERIES_GRACE_S // 20)
+                assert dollars(f"prune-d{j}", f"prune-m{j}", f"prune-n{j}") is None
+                assert idle_warm(f"prune-n{j}") is None
+            # bounded: the live groups, the deleted ones of the grace, the models of the last token window (30 s)
+            assert len(a._children) <= 2 + 2 * (SERIES_GRACE_S // 20 + 1)
+            assert len(a._idle_children) <= SERIES_GRACE_S // 20 + 1
             assert len(a.window) <= 1 + 3
         return t
-    t = asyncio.run(churn()) + 40
-    asyncio.run(account(t))                 # the last token window of the retired models has passed
+    t = asyncio.run(churn()) + SERIES_GRACE_S
+    asyncio.run(account(t))                 # the grace and the last token window of the retired ones have passed
+    assert len(a._children) == 2 and not a._idle_children and len(a._last_live) == 2
+    assert dollars("prune-d39", "prune-m39", "prune-n39") is None
     assert set(a.window) == {"prune-m-chat"} and per_1k("prune-m39") is None
     assert per_1k("prune-m-chat") is not None
     # the live groups' counters never lost a charge: every second since creation, at the slice's rate
@@ -109,7 +117,36 @@ def test_deleted_groups_lose_their_series_and_live_ones_keep_their_figures(tmp_p
     # a deployment moved to another model: its old group's series goes, the new one counts from there
     deps["prune-chat"] = D.Deployment(spec=D.DeploymentSpec(name="prune-chat", model="prune-m-chat2"))
     asyncio.run(account(t + 10))
-    assert dollars("prune-chat", "prune-m-chat", "prune-live") is None
     assert dollars("prune-chat", "prune-m-chat2", "prune-live") == pytest.approx(10 * PER_SLICE_HOUR / 3600)
+    asyncio.run(account(t + 10 + SERIES_GRACE_S))
+    assert dollars("prune-chat", "prune-m-chat", "prune-live") is None
     a.pool.shutdown(wait=True)
     ledger.close()
+
+
+def test_a_group_without_a_live_slice_for_a_day_loses_its_series_deleted_or_not(tmp_path):
+    """A tenant that holds no slice on a node any more: nothing is deleted (no event says a tenant is gone), so
+    its series went nowhere; now after SERIES_IDLE_S, and a slice of it later counts anew."""
+    fleet = Fleet()
+    fleet.upsert_node(node("prune-idle"))
+    fleet.slices["s-idle"] = slice_("s-idle", "prune-idle", 0)
+    clock = [0.0]
+    ledger = CostLedger(str(tmp_path / "h.db"))
+    a = CostAccountant(SimpleNamespace(fleet=fleet), None, ledger, PRICES, interval=10, clock=lambda: clock[0])
+
+    def account(t):
+        clock[0] = t
+        asyncio.run(a.account())
+    account(10)
+    del fleet.slices["s-idle"]
+    account(20)
+    account(20 + SERIES_GRACE_S)                      # the node is there: not a deleted group, kept
+    assert dollars("", "", "prune-idle") == pytest.approx(10 * PER_SLICE_HOUR / 3600)
+    account(10 + SERIES_IDLE_S)
+    assert dollars("", "", "prune-idle") is None and not a._children and not a._last_live
+    fleet.slices["s-back"] = slice_("s-back", "prune-idle", 10 + SERIES_IDLE_S)
+    account(20 + SERIES_IDLE_S)
+    assert dollars("", "", "prune-idle") == pytest.approx(10 * PER_SLICE_HOUR / 3600)
+    a.pool.shutdown(wait=True)
+    ledger.close()
+
