@@ -218,6 +218,9 @@ class ResizeMixin:
         t = self.ctl.fleet.slices.get(m.target_slice)
         if x is None or t is None:
             raise StepFailed(f"slice {m.resize_slice if x is None else m.target_slice} is gone")
+        for s in (x, t):    # the swap takes the other record's state: a release (answered OK) would be undone
+            if s.state == types_pb2.SLICE_STATE_RELEASING:
+                raise StepFailed(f"slice {s.id} is being released ({s.message or 'released'})")
         nx, nt = types_pb2.Slice(), types_pb2.Slice()
         nx.CopyFrom(t)
         nt.CopyFrom(x)
