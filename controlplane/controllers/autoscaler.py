@@ -460,8 +460,15 @@ class AutoscalerController:
         def edit(n: D.Deployment) -> None:
             n.spec.replicas = own
             n.status.autoscaler.CopyFrom(status)
+        # written only onto the generation it was decided from: a Wake, Scale or SetScaling written meanwhile (the
+        # copy read above was the one before it) is not undone; the next pass decides on what is there
         if changed:
-            await self.dm._change(name, 0, edit)
+            try:
+                await self.dm._change(name, d.generation, edit)
+            except errors.Aborted:
+                log(logger, logging.INFO, "autoscaler decision dropped: the deployment changed since it was read",
+                    deployment=name, generation=d.generation)
+                return
             SCALES.labels(name, "up" if own > old else "down").inc()
             reason = "ScaledToZero" if decision.desired == 0 else "Autoscaled"
             beside = f" (of {decision.desired}; the rest as its variant companion)" if own != decision.desired else ""
@@ -471,8 +478,8 @@ class AutoscalerController:
             self.dm._event_as(name, "Normal", reason, text[:1000], tenant, SOURCE)
             log(logger, logging.INFO, "autoscaled", deployment=name, replicas_from=old, replicas_to=own,
                 mode=decision.mode, bound_by=decision.bound_by, reason=decision.reason, cold_start_from=cold_from)
-        else:
-            await self.dm.write_autoscaler_status(name, status)
+        elif not await self.dm.write_autoscaler_status(name, status, d.generation):
+            return
         st.status_at = now
 
 

@@ -218,6 +218,9 @@ class ResizeMixin:
         t = self.ctl.fleet.slices.get(m.target_slice)
         if x is None or t is None:
             raise StepFailed(f"slice {m.resize_slice if x is None else m.target_slice} is gone")
+        for s in (x, t):    # the swap takes the other record's state: a release (answered OK) would be undone
+            if s.state == types_pb2.SLICE_STATE_RELEASING:
+                raise StepFailed(f"slice {s.id} is being released ({s.message or 'released'})")
         nx, nt = types_pb2.Slice(), types_pb2.Slice()
         nx.CopyFrom(t)
         nt.CopyFrom(x)
@@ -249,15 +252,50 @@ class ResizeMixin:
         try:
             rev = await self.ctl.save([nx, nt], extra=[Put(keys.migration(m.id), m.SerializeToString()), *ops],
                                 extra_conds=[Present(keys.migration(m.id)), *conds])
-        except BaseException:
-            self.ctl.fleet.put_slice(x)
-            self.ctl.fleet.put_slice(t)
+        except BaseException as e:
             self._swapped_on_agents(nx.id, nt.id)
+            await self._unswap(((nx, x), (nt, t)), write=not isinstance(e, asyncio.CancelledError))
             raise
         self.migrations[m.id] = m
         for q in self.watchers.get(m.id, ()):
             q.put_nowait(M.Migration.FromString(m.SerializeToString()))
         return rev
+
+    async def _unswap(self, pairs, write: bool) -> None:
+        """After a failed commit: each (swapped, prior) record back as before the swap. A record the fleet still
+        holds as the commit left it is the prior again. One another change was built on meanwhile (a release, its
+        node lost) keeps that change (state, message) in the prior's placement, and is written: that change's own
+        write carried the swapped placement and may be in etcd though the commit is not (a later transaction).
+        Putting the bare prior back lost the change, and the commit's retry swapped from a READY record again: a
+        release answered OK was undone. Keeping the swapped record instead, the retry would swap it back."""
+        kept = []
+        for new, prior in pairs:
+            cur = self.ctl.fleet.slices.get(new.id)
+            if cur is new:
+                self.ctl.fleet.put_slice(prior)
+            elif cur is not None:
+                back = types_pb2.Slice()
+                back.CopyFrom(prior)
+                back.state, back.message = cur.state, cur.message
+                back.updated_at.CopyFrom(cur.updated_at)
+                self.ctl.fleet.put_slice(back)
+                kept.append(back)
+        if not kept or not write:
+            return
+        try:
+            rev = await self.ctl.save(kept)
+        except Exception as e:  # noqa: BLE001 - the commit's own failure is what its caller handles
+            log(logger, logging.WARNING, "a change made during a failed resize commit is not written back at its "
+                "placement", slices=[s.id for s in kept], error=str(e))
+            return
+        for s in kept:
+            session = self.ctl.sessions.get(s.node)
+            if session is None:
+                continue
+            if s.state == types_pb2.SLICE_STATE_RELEASING:
+                session.send_removals([s.id], rev)
+            else:
+                session.send_upserts([s], rev)
 
     async def _commit_idle_resize(self, m: M.Migration) -> None:
         """A slice without a workload: swap the placements at once (PLANNED -> COMMITTED)."""

@@ -308,6 +308,8 @@ class Controller:
             # node lost) or the slice's deletion (its node deleted) was written: then that change's record stays
             await self.writes._put_back([(s, None)], {prior.id: prior} if prior is not None else {},
                                         read=not isinstance(e, asyncio.CancelledError))
+            if prior is not None:       # ... but not as the tenant's: the claim is undone in it
+                await warm.undo_claim(s, prior)
             raise
         warm.prior.pop(s.id, None)
         log(logger, logging.INFO, "allocated from a warm slice", allocation=s.allocation_id, tenant=req.tenant,

@@ -218,6 +218,31 @@ class WarmPool:
         CLAIMS.inc()
         return ns
 
+    async def undo_claim(self, claimed: types_pb2.Slice, warm: types_pb2.Slice) -> None:
+        """After a failed claim (its slice put back as etcd has it): where the record still carries the claim
+        (another change built on the claimed record while it awaited, e.g. its node lost, and that change was
+        written or is queued), the slice goes back to the pool in that record: the warm owner, allocation,
+        labels, priority and creation time, the other change's fields kept. Else the tenant would hold an
+        allocation its Allocate failed to give it (counted against its quota, never released by it)."""
+        cur = self.ctl.fleet.slices.get(claimed.id)
+        if cur is None or cur.allocation_id != claimed.allocation_id:
+            return
+        back = types_pb2.Slice()
+        back.CopyFrom(cur)
+        back.tenant, back.allocation_id, back.priority = warm.tenant, warm.allocation_id, warm.priority
+        back.labels.clear()
+        back.labels.update(warm.labels)
+        back.created_at.CopyFrom(warm.created_at)
+        self.ctl.fleet.put_slice(back)
+        try:
+            await self.ctl.save_or_restore([back], [cur])
+        except Exception as e:  # noqa: BLE001 - the Allocate's own failure is what its caller hears
+            log(logger, logging.WARNING, "a failed warm claim is still written as the tenant's; release it",
+                slice=claimed.id, allocation=claimed.allocation_id, tenant=claimed.tenant, error=str(e))
+            return
+        log(logger, logging.INFO, "failed warm claim undone in a record another change wrote", slice=claimed.id,
+            allocation=claimed.allocation_id, tenant=claimed.tenant)
+
     def make_room(self, req: SliceRequest, framework) -> tuple[object, list[str]]:
         """Schedule `req` as if no warm slice existed; returns (decision, warm slice ids in its way).
         The fleet is left as it was."""

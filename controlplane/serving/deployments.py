@@ -254,19 +254,22 @@ class DeploymentManager:
             tenant = d.spec.tenant if d is not None else ""
         self.ctl.recorder.emit("Deployment", name, type, reason, message, tenant=tenant, source=source)
 
-    async def write_autoscaler_status(self, name: str, status) -> None:
-        """Replace `status.autoscaler` (scaling_pb2.AutoscalerStatus) of `name`; the generation stays."""
+    async def write_autoscaler_status(self, name: str, status, generation: int = 0) -> bool:
+        """Replace `status.autoscaler` (scaling_pb2.AutoscalerStatus) of `name`; the generation stays. With a
+        `generation` (the one the status was computed from), only while the deployment is still at it: a Wake, a
+        Scale or a SetScaling written since is not undone by a status decided before it (False: not written)."""
         async with self._lock:
             d = self.store.deployments.get(name)
-            if d is None:
-                return
+            if d is None or generation and d.generation != generation:
+                return False
             n = D.Deployment()
             n.CopyFrom(d)
             n.status.autoscaler.CopyFrom(status)
             try:
                 await self.store.put(n)
             except errors.NotFound:
-                pass
+                return False
+        return True
 
     # -- one pass (self._loop runs it every interval, or at once when kicked) ------------------
 

@@ -63,6 +63,8 @@ class DeploymentStore:
         lst = self._watchers.get(name, [])
         if ev in lst:
             lst.remove(ev)
+        if not lst:
+            self._watchers.pop(name, None)      # no key left behind per name ever watched (deleted ones too)
 
     def changed(self, name: str) -> None:
         for ev in self._watchers.get(name, []):

@@ -67,9 +67,10 @@ class Manager:
         self.writes += 1
         return d
 
-    async def write_autoscaler_status(self, name, status):
+    async def write_autoscaler_status(self, name, status, generation=0):
         self.store.deployments[name].status.autoscaler.CopyFrom(status)
         self.writes += 1
+        return True
 
     def _event_as(self, name, type, reason, message, tenant, source):
         self.events.append((type, reason, message))

@@ -76,3 +76,16 @@ def test_telemetry_manager_hands_loads_to_listeners():
     reading = types_pb2.NodeTelemetry(backends=[types_pb2.BackendLoad(workload_id="w-1")])
     asyncio.run(t.on_telemetry("gpu-a", reading))
     assert got == [("gpu-a", ["w-1"])]
+
+
+def test_a_watch_that_ends_leaves_no_entry_behind():
+    """The store's watchers are keyed by deployment name: the last watch of a deployment to end drops its key (an
+    empty list stayed for every name ever watched, deleted deployments' too)."""
+    m, _ = manager()
+    first, second = m.store.subscribe("chat"), m.store.subscribe("chat")
+    m.store.unsubscribe("chat", first)
+    m.store.changed("chat")
+    assert second.is_set() and not first.is_set()
+    m.store.unsubscribe("chat", second)
+    m.store.unsubscribe("chat", second)         # twice: nothing to do
+    assert m.store._watchers == {}

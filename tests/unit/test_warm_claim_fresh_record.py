@@ -81,3 +81,37 @@ async def test_a_claim_whose_slice_was_deleted_while_it_awaited_its_lease_does_n
     assert await etcd_client.get(keys.slice_(sid)) is None
     assert sid not in ctl.fleet.slices, ctl.fleet.slices.get(sid)
     assert ctl.fleet.gpu("nA", 0).allocated_memory == 0
+
+
+async def test_a_failed_claim_whose_record_another_change_wrote_gives_the_slice_back_to_the_pool(world, etcd_client):
+    """The claimed slice's node lost while the claim awaits the request keys' lease: that change, built on the
+    claimed record (the tenant's, a new allocation id), is written; then the lease cannot be granted and the
+    Allocate fails. The put-back kept what etcd had: the slice stayed the tenant's, under an allocation it was
+    never told of (counted against its quota, never released by it). Now the claim is undone in that record
+    too: the slice is warm again, with the node-lost change kept."""
+    ctl, sid = world
+    warm_alloc = ctl.fleet.slices[sid].allocation_id
+    granted = asyncio.Event()
+
+    async def failing_lease() -> int:
+        await granted.wait()
+        raise errors.Unavailable("etcd: cannot grant the lease for request keys: test")
+    ctl._request_lease = failing_lease
+    req = validate(T.SliceSpec(tenant="team-a", mig_profile="1g.10gb", gpu_model="H100-80GB"))
+    allocate = asyncio.create_task(ctl.allocate(req, request_id="r-3", no_wait=True))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while sid not in ctl.warm.prior:      # claimed in the fleet; the request key's lease is held
+        assert not allocate.done() and loop.time() < deadline, "the claim did not start"
+        await asyncio.sleep(0)
+    await asyncio.wait_for(ctl.mark_node_lost("nA", "lease expired"), 20)
+    assert T.Slice.FromString((await etcd_client.get(keys.slice_(sid))).value).tenant == "team-a"
+    granted.set()
+    with pytest.raises(errors.Unavailable):
+        await asyncio.wait_for(allocate, 20)
+    rec = T.Slice.FromString((await etcd_client.get(keys.slice_(sid))).value)
+    assert (rec.tenant, rec.allocation_id) == ("", warm_alloc), rec
+    assert rec.labels.get("gpumesh.io/warm") == "true" and rec.state == T.SLICE_STATE_UNKNOWN, rec
+    assert ctl.fleet.slices[sid] == rec
+    assert not [x.id for x in ctl.fleet.slices.values() if x.tenant == "team-a"]
+    assert sid not in ctl.warm.prior
