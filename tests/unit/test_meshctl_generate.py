@@ -151,6 +151,7 @@ def test_meshctl_up_starts_the_gateways_grpc_and_names_it(monkeypatch):
     monkeypatch.setattr("tools.localcluster.LocalCluster", fake_cluster)
     assert meshctl.main(["up", "--detach", "--state-dir", "/nonexistent/x"]) != 0     # stopped before starting
     assert seen["gateway"] and seen["gateway_args"] == ["--grpc-listen", "127.0.0.1:0"]
+    assert seen["agent_args"] == ["--checkpoint-dir", "/nonexistent/x/checkpoints"]     # `meshctl checkpoint` works
     c = type("C", (), dict(gateway_url="http://127.0.0.1:8080", gateway_grpc="127.0.0.1:8081", endpoint="e",
                            web=None, state_dir="/s", nodes=[], pids=lambda self: {}))()
     assert up.summary(c)["gateway_grpc"] == "127.0.0.1:8081"

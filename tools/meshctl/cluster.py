@@ -178,7 +178,10 @@ def run_up(args: argparse.Namespace) -> int:
                                gateway=not getattr(args, "no_gateway", False),
                                # the gateway's gRPC InferenceService too: `meshctl generate` finds it through the
                                # context's state dir (cluster.json "gateway_grpc")
-                               gateway_args=["--grpc-listen", "127.0.0.1:0"])
+                               gateway_args=["--grpc-listen", "127.0.0.1:0"],
+                               # a checkpoint store the simulated hosts share (one machine: one directory), so
+                               # `meshctl checkpoint` and `restore` work here ("no checkpoint store" without it)
+                               agent_args=["--checkpoint-dir", str(Path(args.state_dir).resolve() / "checkpoints")])
     except (ClusterError, ValueError) as exc:
         raise CliError(str(exc)) from None
     from mesh import meshconfig
