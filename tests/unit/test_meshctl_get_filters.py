@@ -117,3 +117,15 @@ def test_empty_lists_say_so_in_the_same_words(fake, capsys):
     fake.list_pools = lambda: []
     assert run(capsys, "get", "pools")[1] == "No pools found.\n"
     assert json.loads(run(capsys, "get", "connections", "-o", "json")[1]) == {"items": []}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["logs", "w-1", "-o", "json"], "-o json: logs prints the workload's output"),
+    (["logs", "w-1", "-o", "wide"], "-o wide: logs prints"),
+    (["top", "--once", "-o", "yaml"], "-o yaml: top prints terminal frames"),
+])
+def test_text_commands_refuse_a_format_they_cannot_print(fake, capsys, argv, needle):
+    """`logs` and `top` printed their text for -o json|yaml|wide as if asked for nothing."""
+    rc, out, err = run(capsys, *argv)
+    assert rc == 1 and needle in err and "allowed: table" in err and out == ""
+    assert fake.calls == []
