@@ -329,3 +329,13 @@ def test_every_timeout_flag_says_seconds():
                 yield " ".join(path), a.option_strings[-1], a.metavar
     bad = [(cmd, flag, mv) for cmd, flag, mv in walk(build_parser(), ["meshctl"]) if mv != "SECONDS"]
     assert bad == []
+
+
+def test_forecast_help_names_every_subcommand(capsys):
+    """`meshctl forecast --help` described only `backtest`, though `get`, `series` and `interactions` read the
+    control plane."""
+    from tools.meshctl import main as meshctl
+    with pytest.raises(SystemExit):
+        meshctl.main(["forecast", "--help"])
+    text = capsys.readouterr().out.split("commands:")[0]
+    assert all(f"`{c}`" in text for c in ("get", "series", "interactions", "backtest", "concurrency"))
