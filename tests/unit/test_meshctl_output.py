@@ -339,3 +339,12 @@ def test_forecast_help_names_every_subcommand(capsys):
         meshctl.main(["forecast", "--help"])
     text = capsys.readouterr().out.split("commands:")[0]
     assert all(f"`{c}`" in text for c in ("get", "series", "interactions", "backtest", "concurrency"))
+
+
+def test_model_import_names_a_missing_file_once(capsys, tmp_path):
+    """It said "error: /x.gguf: /x.gguf does not exist"."""
+    from tools.meshctl import main as meshctl
+    path = str(tmp_path / "missing.gguf")
+    assert meshctl.main(["--endpoint", "127.0.0.1:1", "model", "import", path, "--name", "m"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {path} does not exist"
