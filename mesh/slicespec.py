@@ -58,6 +58,8 @@ class SliceRequest:
     preempt: bool = False
     anti_affinity: dict[str, str] = field(default_factory=dict)
     gpu_models: tuple[str, ...] = ()   # any of these models (the trace's gpu_spec); () = no constraint
+    # nodes the slices must not go to (internal: a migration's target off its source node; no API field)
+    avoid_nodes: tuple[str, ...] = ()
 
     def one(self) -> "SliceRequest":
         """The same request for a single slice (a spread gang is placed one slice at a time)."""

@@ -243,7 +243,7 @@ class LocalCluster:
     def stop_gateway(self, grace: float = 10.0) -> None:
         if self.gateway_proc is not None and self.gateway_proc.popen is not None:
             stop_pid(self.gateway_proc.popen.pid, grace, self.gateway_proc.popen)
-        self.gateway_proc, self.gateway_url = None, None
+        self.gateway_proc, self.gateway_url, self.gateway_grpc = None, None, None
 
     def _security_args(self) -> list[str]:
         args = ["--tenants-file", str(self.tenants_file)] if self.tenants_file else []
@@ -469,7 +469,7 @@ class LocalCluster:
     def save_state(self) -> None:
         """Write cluster.json (endpoint, nodes, pids) for `meshctl down` and other tools."""
         data = {"endpoint": self.endpoint, "metrics": self.metrics_endpoint, "web": self.web,
-                "gateway": self.gateway_url,
+                "gateway": self.gateway_url, "gateway_grpc": self.gateway_grpc,
                 "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
                 "pids": self.pids(), "detached": self.detach}
         tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"

@@ -7,6 +7,7 @@ controlplane/controllers/migrations.py for the phases and the recovery rules.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 
@@ -79,6 +80,10 @@ class StepsMixin:
             spec.memory_bytes, spec.compute_share = src.memory_bytes, src.compute_share
         spec.labels[LABEL] = m.id
         req = slicespec.validate(spec)
+        if not (m.target_node or m.checkpoint_id or m.resize_slice):
+            # off the source node: the scheduler is told so (a packing score put every probe back on a source
+            # node with room, and after PLACE_ATTEMPTS probes the migration failed with the fleet half empty)
+            req = dataclasses.replace(req, avoid_nodes=(m.source_node,))
         held = []
         try:
             for _ in range(PLACE_ATTEMPTS):

@@ -169,7 +169,8 @@ class WarmPool:
         """The updated slice record of the warm slice this request takes, or None (then it is scheduled
         as usual). The caller saves it."""
         key = request_key(req)
-        if key is None or req.cpu_milli or req.host_memory_bytes or req.anti_affinity or req.preempt:
+        if (key is None or req.cpu_milli or req.host_memory_bytes or req.anti_affinity or req.preempt
+                or req.avoid_nodes):
             return None
         if POOL_LABEL in req.labels:     # a pool's nodes and GPU models are the scheduler's Pool filter's to judge
             return None

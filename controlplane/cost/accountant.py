@@ -59,6 +59,7 @@ class _Pass:
     charges: list = field(default_factory=list)
     live: dict = field(default_factory=dict)                 # slice id -> its new cursor
     rates: dict = field(default_factory=dict)                # (tenant, deployment, model, node) -> $/hour
+    slice_rates: dict = field(default_factory=dict)          # slice id -> (tenant, $/hour): `--by slice`'s rate
     spent: dict = field(default_factory=dict)                # same key -> [dollars, idle warm, idle replica]
     per_model: dict = field(default_factory=dict)            # model -> [dollars, tokens]
     seen_replicas: set = field(default_factory=set)
@@ -92,6 +93,7 @@ class CostAccountant:
         self.observed: dict[str, list[float]] = {}
         self.window: dict[str, collections.deque] = {}     # model -> (t, dollars, tokens) per accounting
         self.rates: dict[tuple, float] = {}
+        self.slice_rates: dict[str, tuple[str, float]] = {}
         self.model_24h: dict[str, tuple[float, float]] = {}  # model -> (dollars, tokens) over 24 h (ledger)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost")
         self._loop = PeriodicTask("cost-accountant", self._pass, interval=lambda: self.interval,
@@ -225,6 +227,7 @@ class CostAccountant:
         p.live[s.id] = max(now, self.cursors.get(s.id, 0.0))
         key = (f.tenant, f.deployment, f.model, f.node)
         p.rates[key] = p.rates.get(key, 0.0) + f.dollars_per_hour
+        p.slice_rates[s.id] = (f.tenant, f.dollars_per_hour)
         if c is None:
             return
         p.charges.append(c)
@@ -265,6 +268,7 @@ class CostAccountant:
             if self.rates.get(key) != v:
                 self._child(self._rate_children, RATE, key).set(v)
         self.rates = rates
+        self.slice_rates = p.slice_rates
         served = self._served_models()
         for model, dq in list(self.window.items()):
             while dq and dq[0][0] < now - self.token_window:
@@ -344,6 +348,9 @@ class CostAccountant:
 
     def rate(self, by: str, key: str, tenant: str | None = None) -> float:
         """Dollars per hour now of the live slices of one group (of one tenant's slices when given)."""
+        if by == "slice":             # one live slice's own rate (a released one: 0, as for a group of none)
+            owner, v = self.slice_rates.get(key, ("", 0.0))
+            return v if tenant is None or owner == tenant else 0.0
         i = {"tenant": 0, "deployment": 1, "model": 2, "node": 3}.get(by)
         if i is None:
             return 0.0

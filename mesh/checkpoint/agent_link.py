@@ -56,6 +56,18 @@ class ReplyTooLong(ConnectionError):
     tenant's SDK cannot grow the agent's memory."""
 
 
+class NoControlSocket(FileNotFoundError):
+    """The workload has no control socket: it does not run the checkpoint SDK (or has not started it yet).
+    Said in those words: the bare error named only '.gpumesh-ctl.sock', which tells an operator nothing."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"the workload has no checkpoint control socket ({path}): it does not use the "
+                         f"mesh.checkpoint SDK, or has not started its Checkpointer yet; checkpoints and precopy or "
+                         f"stop-and-copy migrations need it, a transparent migration (CRIU) does not "
+                         f"(docs/checkpointing.md)")
+        self.path = path
+
+
 class AgentLink:
     """The agent's side: a connection to one workload's control socket.
 
@@ -77,6 +89,13 @@ class AgentLink:
         self._lock = threading.Lock()
 
     def _connect(self) -> None:
+        try:
+            s = self._dial()
+        except FileNotFoundError:
+            raise NoControlSocket(self.path) from None
+        self._sock, self._file = s, s.makefile("rwb")
+
+    def _dial(self) -> socket.socket:
         if self.uid is None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -85,10 +104,9 @@ class AgentLink:
             except OSError:
                 s.close()
                 raise
-        else:
-            s = ownedsock.dial(os.path.dirname(self.path) or ".", os.path.basename(self.path), self.uid,
-                               self.timeout)
-        self._sock, self._file = s, s.makefile("rwb")
+            return s
+        return ownedsock.dial(os.path.dirname(self.path) or ".", os.path.basename(self.path), self.uid,
+                              self.timeout)
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:
         with self._lock:

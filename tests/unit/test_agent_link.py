@@ -179,3 +179,15 @@ def test_a_silent_sdk_times_out_and_every_link_has_a_timeout(tmp_path):
     srv.close()
     for c in held:
         c.close()
+
+
+@pytest.mark.parametrize("uid", [None, os.getuid()])
+def test_a_workload_without_the_sdk_is_named_as_such(tmp_path, uid):
+    """No control socket: the error says the workload does not use the checkpoint SDK (what `meshctl checkpoint`
+    of a plain process printed was "[Errno 2] No such file or directory: '.gpumesh-ctl.sock'")."""
+    from mesh.checkpoint.agent_link import NoControlSocket
+    path = str(tmp_path / CTL)
+    with pytest.raises(NoControlSocket) as e:
+        AgentLink(path, timeout=5, uid=uid).call("status")
+    assert isinstance(e.value, FileNotFoundError)           # callers that catch the OSError see the same kind
+    assert path in str(e.value) and "mesh.checkpoint SDK" in str(e.value) and "transparent" in str(e.value)

@@ -220,9 +220,13 @@ def test_accountant_tick_categories_tokens_and_cursors(tmp_path):
     assert a.observed["r-1"][1] >= 1                             # a request ran: peak at least one
     assert a.rate("model", "smollm2") == pytest.approx(2.40 / 8)
     assert a.rate("node", "n1", "t1") > 0 and a.rate("node", "n1", "t2") == 0    # a tenant sees its own rate
+    # `meshctl cost --by slice`: each live slice's own rate now (it answered $0 for every slice)
+    assert a.rate("slice", "s-rep") == pytest.approx(2.40 / 8) and a.rate("slice", "s-rep", "t2") == 0
+    assert a.rate("slice", "s-rep", "t1") + a.rate("slice", "s-warm") == pytest.approx(a.rate("node", "n1"))
     del fleet.slices["s-warm"]
     _, live, gone = tick(1040.0, load(5, 520))
     assert gone == {"s-warm"} and set(live) == {"s-rep"}
+    assert a.rate("slice", "s-warm") == 0                                         # released: no rate now
     assert [c.model for c in a.model_costs(["smollm2"])] == ["smollm2"]
 
 

@@ -418,3 +418,29 @@ def test_get_models_and_events_filters(fake, capsys):
     run(capsys, "get", "events", "--reason", "Preempted", "--limit", "5")
     kw = dict(fake.calls)["list_events"]
     assert kw["reason"] == "Preempted" and kw["limit"] == 5
+
+
+# -- 7. resize says what it did --------------------------------------------------------------------------
+
+def _slice(iso, profile="", mem=10 << 30, share=0.14, node="n1", gpu=0):
+    return types_pb2.Slice(id="s-1", isolation=iso, profile=profile, memory_bytes=mem, compute_share=share,
+                           node=node, gpu_index=gpu)
+
+
+@pytest.mark.parametrize("before, after, said", [
+    # a MIG slice whose profile already holds --memory: nothing changed (it printed "resized ... (in place)")
+    (_slice(types_pb2.ISOLATION_MIG, "2g.20gb", 20 << 30), _slice(types_pb2.ISOLATION_MIG, "2g.20gb", 20 << 30),
+     "slice/s-1 unchanged: already 2g.20gb"),
+    # MIG resizes by migration, even onto the same GPU (it printed "(in place)")
+    (_slice(types_pb2.ISOLATION_MIG, "1g.10gb"), _slice(types_pb2.ISOLATION_MIG, "2g.20gb", 20 << 30),
+     "resized: 2g.20gb, 20.0 GiB, compute 0.14 on n1/0 (by migration)"),
+    (_slice(types_pb2.ISOLATION_MPS, mem=8 << 30), _slice(types_pb2.ISOLATION_MPS, mem=12 << 30), "(in place)"),
+    (_slice(types_pb2.ISOLATION_MPS, mem=8 << 30), _slice(types_pb2.ISOLATION_MPS, mem=60 << 30, gpu=3),
+     "on n1/3 (by migration)"),
+])
+def test_resize_says_whether_it_changed_and_how(fake, capsys, before, after, said):
+    fake.get_slice = lambda id: before
+    fake.resize = lambda id, **kw: after
+    rc, out, err = run(capsys, "resize", "s-1", "--memory", "12GiB")
+    assert rc == 0, err
+    assert said in out

@@ -79,7 +79,11 @@ def test_describe_checkpoint_picks_the_id(dfake, capsys):
 def test_describe_gpu_node_index(dfake, capsys):
     rc, out, err = run(capsys, "describe", "gpu", "sim-node-01/3")
     assert rc == 0, err
-    assert "Uuid:" in out and "GPU-3" in out and "s-on3" in out and "s-on0" not in out
+    assert "UUID:" in out and "GPU-3" in out and "s-on3" in out and "s-on0" not in out
+    # field names in words as describe node|slice word theirs, and one "Slices:" (the count is "Slice count")
+    fields = [ln.split(":")[0] for ln in out.split("\n") if ln and not ln.startswith(" ") and ":" in ln]
+    assert {"GPU model", "MIG mode", "Memory used", "Temperature", "Node status"} <= set(fields)
+    assert not {"Mig", "Uuid", "Node-status", "Temp"} & set(fields) and fields.count("Slices") == 1
     assert dict(dfake.calls)["list_events"]["name"] == "sim-node-01/3"
     rc, out, _ = run(capsys, "describe", "gpu", "sim-node-01/3", "-o", "json")
     assert [s["id"] for s in json.loads(out)["slice_list"]] == ["s-on3"]

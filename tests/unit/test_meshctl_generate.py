@@ -113,6 +113,51 @@ def test_meshctl_generate_errors(gateway, capsys, monkeypatch):
     assert "--message" in capsys.readouterr().err
 
 
+def test_meshctl_generate_finds_the_local_clusters_gateway(gateway, capsys, monkeypatch, tmp_path):
+    """`meshctl up` saves its cluster as a context with its state dir; cluster.json there names the gateway's gRPC
+    address, so `generate` against that cluster needs no --gateway (it answered "no gateway address" before)."""
+    from mesh.context import save_context
+    from tools.localcluster import LocalCluster, sim_hosts
+    addr, svc = gateway
+    monkeypatch.delenv("MESH_GATEWAY", raising=False)
+    monkeypatch.delenv("MESH_CONTEXT", raising=False)
+    monkeypatch.delenv("MESHCONFIG", raising=False)
+    monkeypatch.setenv("GPUMESH_CONFIG_DIR", str(tmp_path / "cfg"))
+    cluster = LocalCluster(tmp_path / "mesh", sim_hosts(1, 1, "H100-80GB"))
+    cluster.gateway_url, cluster.gateway_grpc = "http://127.0.0.1:1", addr
+    cluster.save_state()
+    assert json.loads((tmp_path / "mesh" / "cluster.json").read_text())["gateway_grpc"] == addr
+    save_context("127.0.0.1:2", cluster.state_dir, name="local")
+    rc = meshctl.main(["generate", "chat", "--prompt", "The capital of France is"])
+    o = capsys.readouterr()
+    assert rc == 0, o.err
+    assert o.out == " Paris, France\n" and svc.requests[-1].prompt == "The capital of France is"
+    # a context that is no local cluster's names no gateway: the error says where one comes from
+    save_context("127.0.0.1:2", None, name="remote")
+    assert meshctl.main(["--context", "remote", "generate", "chat", "--prompt", "x"]) == 1
+    assert "a local cluster's context" in capsys.readouterr().err
+
+
+def test_meshctl_up_starts_the_gateways_grpc_and_names_it(monkeypatch):
+    from tools.meshctl import cluster as up
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_cluster(*a, **kw):
+        seen.update(kw)
+        raise Stop
+    monkeypatch.setattr("tools.localcluster.LocalCluster", fake_cluster)
+    assert meshctl.main(["up", "--detach", "--state-dir", "/nonexistent/x"]) != 0     # stopped before starting
+    assert seen["gateway"] and seen["gateway_args"] == ["--grpc-listen", "127.0.0.1:0"]
+    assert seen["agent_args"] == ["--checkpoint-dir", "/nonexistent/x/checkpoints"]     # `meshctl checkpoint` works
+    c = type("C", (), dict(gateway_url="http://127.0.0.1:8080", gateway_grpc="127.0.0.1:8081", endpoint="e",
+                           web=None, state_dir="/s", nodes=[], pids=lambda self: {}))()
+    assert up.summary(c)["gateway_grpc"] == "127.0.0.1:8081"
+    assert up._gateway_text(c) == "http://127.0.0.1:8080 (gRPC 127.0.0.1:8081)"
+
+
 # -- run --backend -----------------------------------------------------------------------------------
 
 class RunMesh:

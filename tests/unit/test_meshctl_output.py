@@ -297,3 +297,54 @@ def test_sigterm_unwinds_the_command_so_its_clean_up_runs(tmp_path):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=30)
     assert "cleaned up" in out and "terminated" in err and p.returncode == 143
+
+
+def test_python_dash_m_tools_meshctl_runs_the_cli():
+    """`python -m tools.meshctl` works from a checkout (it answered "'tools.meshctl' is a package and cannot be
+    directly executed")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'proto'}")
+    p = subprocess.run([sys.executable, "-m", "tools.meshctl", "get", "--help"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: meshctl get")
+
+
+def test_every_timeout_flag_says_seconds():
+    """A `--...-timeout` flag's metavar is SECONDS in every subcommand's usage (`drain` showed WAIT_TIMEOUT)."""
+    import argparse
+
+    from tools.meshctl.main import build_parser
+
+    def walk(p, path):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    yield from walk(sp, path + [name])
+            elif any(o.endswith("-timeout") for o in a.option_strings) and a.nargs != 0:
+                yield " ".join(path), a.option_strings[-1], a.metavar
+    bad = [(cmd, flag, mv) for cmd, flag, mv in walk(build_parser(), ["meshctl"]) if mv != "SECONDS"]
+    assert bad == []
+
+
+def test_forecast_help_names_every_subcommand(capsys):
+    """`meshctl forecast --help` described only `backtest`, though `get`, `series` and `interactions` read the
+    control plane."""
+    from tools.meshctl import main as meshctl
+    with pytest.raises(SystemExit):
+        meshctl.main(["forecast", "--help"])
+    text = capsys.readouterr().out.split("commands:")[0]
+    assert all(f"`{c}`" in text for c in ("get", "series", "interactions", "backtest", "concurrency"))
+
+
+def test_model_import_names_a_missing_file_once(capsys, tmp_path):
+    """It said "error: /x.gguf: /x.gguf does not exist"."""
+    from tools.meshctl import main as meshctl
+    path = str(tmp_path / "missing.gguf")
+    assert meshctl.main(["--endpoint", "127.0.0.1:1", "model", "import", path, "--name", "m"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {path} does not exist"

@@ -208,3 +208,20 @@ def test_quota_is_checked_on_what_the_chosen_slices_take(spec, match):
     # within the quota it places as before
     assert len(placement.place(fleet, req(memory_bytes=GiB, isolation=t.ISOLATION_TIMESHARE, count=2), fw)) == 2
 
+
+
+@pytest.mark.parametrize("profile", ["default", "bestfit", "packing", "spread", "fgd"])
+def test_avoid_nodes_keeps_a_slice_off_them_whatever_the_scores(profile):
+    """A migration's target is placed off its source node by the request's `avoid_nodes`: its probes used to
+    land back on a source node with room (packing scores prefer it) until PLACE_ATTEMPTS ran out."""
+    import dataclasses
+    fleet = make_fleet(("full", [("H100-80GB", True)] * 4), ("empty", [("H100-80GB", True)] * 4))
+    fleet.put_slice(t.Slice(id="x", tenant="t", node="full", gpu_index=0, profile="1g.10gb",
+                            isolation=t.ISOLATION_MIG, memory_bytes=10 * GiB))
+    r = req(mig_profile="1g.10gb")
+    fw = profiles.build(profile)
+    for _ in range(3):                     # the verdict caches must not carry one request's answer to the other
+        assert fw.schedule(dataclasses.replace(r, avoid_nodes=("full",)), fleet).choices[0].node == "empty"
+        assert fw.schedule(dataclasses.replace(r, avoid_nodes=("empty",)), fleet).choices[0].node == "full"
+    with pytest.raises(errors.ResourceExhausted, match="the node the slice moves off"):
+        placement.place(fleet, dataclasses.replace(r, avoid_nodes=("full", "empty")), fw)

@@ -118,7 +118,7 @@ def test_meshctl_table_and_wide(server, capsys):
 
 def test_meshctl_names_a_deployment_not_in_the_view(server, capsys):
     rc, out, err = run(capsys, "--endpoint", server[0], "get", "servingview", "chat", "gone")
-    assert rc == 0 and "error: no deployment gone in the serving view" in err
+    assert rc == 1 and "error: no deployment 'gone' in the serving view" in err
     assert [ln.split()[0] for ln in out.splitlines()[2:]] == ["chat"]
 
 

@@ -114,7 +114,7 @@ def sim_hosts(count: int, gpus_per_host: int, gpu_model: str, mig: bool = True) 
 
 def summary(cluster) -> dict:
     return {"endpoint": cluster.endpoint, "web": cluster.web, "gateway": cluster.gateway_url,
-            "state_dir": str(cluster.state_dir), "nodes": cluster.nodes, "pids": cluster.pids()}
+            "gateway_grpc": cluster.gateway_grpc, "state_dir": str(cluster.state_dir), "nodes": cluster.nodes, "pids": cluster.pids()}
 
 
 DEMO = (
@@ -175,7 +175,13 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         cluster = LocalCluster(Path(args.state_dir), load_hosts(args), lease_ttl=args.lease_ttl,
                                agents_per_process=args.agents_per_process, detach=args.detach,
-                               gateway=not getattr(args, "no_gateway", False))
+                               gateway=not getattr(args, "no_gateway", False),
+                               # the gateway's gRPC InferenceService too: `meshctl generate` finds it through the
+                               # context's state dir (cluster.json "gateway_grpc")
+                               gateway_args=["--grpc-listen", "127.0.0.1:0"],
+                               # a checkpoint store the simulated hosts share (one machine: one directory), so
+                               # `meshctl checkpoint` and `restore` work here ("no checkpoint store" without it)
+                               agent_args=["--checkpoint-dir", str(Path(args.state_dir).resolve() / "checkpoints")])
     except (ClusterError, ValueError) as exc:
         raise CliError(str(exc)) from None
     from mesh import meshconfig
@@ -215,10 +221,10 @@ def run_up(args: argparse.Namespace) -> int:
         if args.detach:
             if args.output not in ("json", "yaml"):
                 out(f"cluster running at {cluster.endpoint} ({len(cluster.nodes)} nodes), gateway "
-                    f"{cluster.gateway_url or 'off'}, web view {_web_url(cluster)}; "
+                    f"{_gateway_text(cluster)}, web view {_web_url(cluster)}; "
                     f"stop it with: meshctl down --state-dir {args.state_dir}\n")
             return 1 if failed else 0
-        info(f"cluster running at {cluster.endpoint}, gateway {cluster.gateway_url or 'off'}, web view "
+        info(f"cluster running at {cluster.endpoint}, gateway {_gateway_text(cluster)}, web view "
              f"{_web_url(cluster)}; press Ctrl-C to stop")
         return _wait(cluster)
     except KeyboardInterrupt:
@@ -229,6 +235,12 @@ def run_up(args: argparse.Namespace) -> int:
             cluster.stop()
             clear_context(cluster.state_dir)
             info("stopped")
+
+
+def _gateway_text(cluster) -> str:
+    if not cluster.gateway_url:
+        return "off"
+    return cluster.gateway_url + (f" (gRPC {cluster.gateway_grpc})" if cluster.gateway_grpc else "")
 
 
 def _wait(cluster) -> int:

@@ -165,6 +165,14 @@ def client(args: argparse.Namespace) -> "MeshClient":
     return MeshClient(endpoint(args), timeout=getattr(args, "timeout", 30.0), **auth(args))
 
 
+def text_only(args: argparse.Namespace, command: str, what: str) -> None:
+    """Refuse -o json|yaml|wide for a command whose output is text of its own (a workload's log, top's frames):
+    silently printing text for `-o json` breaks the script that asked for JSON."""
+    fmt = getattr(args, "output", "table")
+    if fmt != "table":
+        raise CliError(f"-o {fmt}: {command} prints {what}; -o does not apply to it (allowed: table, the default)")
+
+
 def out(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

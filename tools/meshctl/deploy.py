@@ -296,14 +296,4 @@ def describe(mesh, name: str, fmt: str) -> str:
     return format_deployment(doc) if fmt in ("table", "wide") else dump(doc, fmt)
 
 
-def get(mesh, kind: str, names: list[str], tenant: str, fmt: str, model: str = "",
-        labels: dict[str, str] | None = None) -> str:
-    items = [d for d in mesh.list_deployments(tenant=tenant, model=model, labels=labels)
-             if not names or d.spec.name in names]
-    missing = sorted(set(names) - {d.spec.name for d in items})
-    if missing and kind == "deployments":
-        print(f"error: no deployment {', '.join(missing)}", file=sys.stderr)
-    return format_deployments(items, fmt) if kind == "deployments" else format_replicas(items, fmt)
-
-
-__all__ = ["register", "describe", "get"]
+__all__ = ["register", "describe"]

@@ -64,10 +64,19 @@ def format_checkpoint(c: dict) -> str:
                     ("Encrypted", "yes" if c["encrypted"] else "no"), ("Created", c.get("created_at"))])
 
 
+# the field names of `describe gpu` for the columns of `get gpus -o wide` (as `describe node` and `describe slice`
+# word theirs: "GPU model", "Memory used", not the columns' capitalized "Mig", "Uuid", "Node-status")
+GPU_FIELDS = {"NODE": "Node", "INDEX": "Index", "MODEL": "GPU model", "MIG": "MIG mode", "MEMORY": "Allocated",
+              "COMPUTE": "Compute", "SLICES": "Slice count", "SHARING": "Sharing", "HEALTH": "Health",
+              "UTIL": "Utilization", "USED": "Memory used", "PRESSURE": "Memory pressure", "TEMP": "Temperature",
+              "THERMAL": "Thermal state", "POWER": "Power", "THROTTLE": "Throttle reasons", "LAYOUT": "MIG layout",
+              "UUID": "UUID", "NODE-STATUS": "Node status"}
+
+
 def format_gpu(d: dict) -> str:
     from tools.meshctl import output
     from tools.meshctl.describe import _fields, _indent
-    text = _fields([(header.capitalize(), get(d)) for header, get, _ in output.gpu_columns()])
+    text = _fields([(GPU_FIELDS.get(header, header.capitalize()), get(d)) for header, get, _ in output.gpu_columns()])
     cols = [c for c in output.slice_columns() if c[0] not in ("NODE", "GPU", "MESSAGE")]
     text += "Slices:\n" + _indent(output.table_of(d["slice_list"], cols) if d["slice_list"] else "<none>")
     return text

@@ -61,7 +61,11 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("forecast", help="forecasts: from the control plane's history, and backtests on a CSV series",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+                       description="Forecasts of demand and load (docs/prediction.md): `get` and `series` ask the "
+                                   "control plane's ForecastService about the history it keeps (GPU telemetry, "
+                                   "deployment load, Allocate requests per minute), `interactions` reads its "
+                                   "interaction log; `backtest` and `concurrency` work on CSV series, without a "
+                                   "cluster.", formatter_class=HelpFormatter)
     fsub = p.add_subparsers(dest="forecast_command", metavar="COMMAND", title="commands")
     b = subcommand(fsub, "backtest", help="rolling-origin backtest of the forecasters on a CSV series",
                    description=__doc__.split("\n\n", 1)[1], epilog=BACKTEST_EPILOG, skip=("timeout",))

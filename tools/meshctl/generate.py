@@ -18,7 +18,8 @@ examples:
 
 MODEL is a deployment name or a registry model name. The text goes to stdout as the gateway streams it;
 the replica that served it, why it stopped and the token counts go to stderr (-o json|yaml: one document
-at the end). The gateway is --gateway HOST:PORT (its grpc_listen), else $MESH_GATEWAY; the token and TLS
+at the end). The gateway is --gateway HOST:PORT (its grpc_listen), else $MESH_GATEWAY, else the gateway of the
+local cluster (`meshctl up`) that the context in use names; the token and TLS
 flags are the control plane's (--token, --ca, ... or $MESH_TOKEN, ...). Ctrl-C cancels the request.
 """
 
@@ -48,15 +49,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-fallback", action="store_true",
                    help="accept an answer from the model's fallback variant when its replicas are busy or down")
     p.add_argument("--gateway", default=None, metavar="HOST:PORT",
-                   help="the gateway's gRPC address (default: $MESH_GATEWAY)")
+                   help="the gateway's gRPC address (default: $MESH_GATEWAY, else the local cluster's of the "
+                        "context)")
     p.set_defaults(func=run_generate)
 
 
+def local_gateway(args: argparse.Namespace) -> str:
+    """The gRPC address of the gateway of the local cluster (`meshctl up`) the context in use names: its state
+    dir's cluster.json `gateway_grpc`; "" when the context is no local cluster's or its gateway has no gRPC."""
+    import json
+    from pathlib import Path
+    from mesh.context import NoEndpointError, select
+    from tools.localprocs import CLUSTER_FILE
+    try:
+        ctx = select(getattr(args, "mesh_context", None), strict_current=False)
+    except NoEndpointError:
+        return ""
+    if ctx is None or not ctx.state_dir:
+        return ""
+    try:
+        return json.loads((Path(ctx.state_dir) / CLUSTER_FILE).read_text()).get("gateway_grpc") or ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def gateway(args: argparse.Namespace) -> str:
-    addr = args.gateway or os.environ.get("MESH_GATEWAY", "")
+    addr = args.gateway or os.environ.get("MESH_GATEWAY", "") or local_gateway(args)
     if not addr:
         raise CliError("--gateway: no gateway address (give --gateway HOST:PORT, the gateway's grpc_listen, or set "
-                       "$MESH_GATEWAY)")
+                       "$MESH_GATEWAY; a local cluster's context, `meshctl up`, names its own)")
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise CliError(f"--gateway: {addr!r} is not HOST:PORT")

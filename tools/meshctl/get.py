@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tools.meshctl.common import CliError, client, key_value, nonneg_int, out, subcommand
 
@@ -101,11 +102,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# which kinds take which filters (anything else is refused, naming the flag)
-FILTERS = {"model": ("deployments", "replicas"), "family": ("models",), "selector": ("deployments", "replicas",
-           "models", "nodes", "slices", "workloads"), "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
+# which kinds take which filters: anything else is refused, naming the flag and the kinds it filters, never
+# silently ignored (`get replicas --node n1` listing every node's replicas reads as an answer; it is not one)
+FILTERS = {"tenant": ("slices", "workloads", "deployments", "replicas", "policies", "migrations", "checkpoints",
+                      "connections", "events"),
+           "node": ("gpus", "slices", "workloads", "events"), "slice": ("workloads", "connections"),
+           "state": ("nodes", "slices"),
+           "model": ("deployments", "replicas"), "family": ("models",),
+           "selector": ("deployments", "replicas", "models", "nodes", "slices", "workloads"),
+           "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
            "since": ("events",), "watch": ("events", "slices", "deployments", "migrations", "servingview")}
 FLAG_NAMES = {"for_": "--for", "selector": "-l/--selector"}
+
+# the kinds whose NAMEs name objects (for replicas and policies: deployments); a NAME none of them has is an
+# error, as `kubectl get` answers NotFound (the ones found are still printed; exit status 1)
+NAMED = {"nodes": "node", "slices": "slice or allocation", "workloads": "workload", "models": "model",
+         "deployments": "deployment", "replicas": "deployment", "policies": "deployment", "pools": "pool",
+         "connections": "mesh connection"}
 
 
 def check_filters(args: argparse.Namespace, kind: str) -> None:
@@ -125,14 +138,10 @@ def has_labels(labels, selector) -> bool:
 def fetch(args: argparse.Namespace, kind: str) -> list:
     with client(args) as mesh:
         if kind == "nodes":
-            if args.tenant or args.node:
-                raise CliError("--tenant and --node do not filter nodes")
             items = mesh.list_nodes(state=args.state)
             return [n for n in items if (not args.names or n.name in args.names)
                     and has_labels(n.inventory.labels, args.selector)]
         if kind == "gpus":
-            if args.tenant or args.state:
-                raise CliError("--tenant and --state do not filter gpus")
             items = mesh.list_gpus(node=args.node)
             return [g for g in items if not args.names or g.node in args.names]
         items = mesh.list_slices(tenant=args.tenant, node=args.node, state=args.state)
@@ -145,13 +154,14 @@ def run(args: argparse.Namespace) -> int:
     kind = RESOURCES.get(args.resource.lower())
     if kind is None:
         raise CliError(f"unknown resource {args.resource!r} (allowed: {', '.join(RESOURCES)})")
-    check_filters(args, kind)
     if kind == "servingview":
         for flag, value in (("--tenant", args.tenant), ("--node", args.node), ("--slice", args.slice),
                             ("--state", args.state)):
             if value:
                 raise CliError(f"{flag} does not filter servingview (the control plane scopes the view to the "
                                f"caller's tenant; NAMEs narrow it to deployments)")
+    check_filters(args, kind)
+    if kind == "servingview":
         from tools.meshctl import servingview
         with client(args) as mesh:
             return servingview.run(mesh, args.names, args.output, args.watch)
@@ -167,61 +177,71 @@ def run(args: argparse.Namespace) -> int:
             if kind == "deployments":
                 return watch.watch_deployment(mesh, args.names[0], args.output)
             return watch.watch_migration(mesh, args.names[0], args.output)
+    text, found = listing(args, kind)
+    out(text)
+    return missing_names(kind, args.names, found)
+
+
+def missing_names(kind: str, names: list[str], found: set[str]) -> int:
+    """Say which NAMEs of a named kind matched nothing (stderr) and answer the exit status: 1 if any did."""
+    missing = [n for n in dict.fromkeys(names) if n not in found] if kind in NAMED else []
+    for name in missing:
+        print(f"error: no {NAMED[kind]} {name!r}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def listing(args: argparse.Namespace, kind: str) -> tuple[str, set[str]]:
+    """The list of one kind in the output format, and the names and IDs it holds (to tell which NAMEs matched)."""
+    names = args.names
     if kind in ("connections", "grants"):
         from tools.meshctl import mesh as meshcmd
         with client(args) as mesh:
             if kind == "grants":
-                items = [g for g in mesh.mesh_grants() if not args.names or g.from_tenant in args.names]
-                out(meshcmd.format_grants(items, args.output))
-                return 0
+                items = [g for g in mesh.mesh_grants() if not names or g.from_tenant in names]
+                return meshcmd.format_grants(items, args.output), {g.from_tenant for g in items}
             conns = [c for c in mesh.mesh_list(tenant=args.tenant, slice_id=args.slice)
-                     if not args.names or c.id in args.names]
-        meshcmd._show(conns, args)
-        return 0
+                     if not names or c.id in names]
+        return meshcmd.format_connections(conns, args.output), {c.id for c in conns}
     if kind == "pools":
         from tools.meshctl import pools
         with client(args) as mesh:
-            items = [p for p in mesh.list_pools() if not args.names or p.name in args.names]
-        out(pools.format_pools(items, args.output))
-        return 0
+            items = [p for p in mesh.list_pools() if not names or p.name in names]
+        return pools.format_pools(items, args.output), {p.name for p in items}
     if kind == "models":
         from tools.meshctl import models
         with client(args) as mesh:
             items = [m for m in mesh.list_models(family=args.family, labels=dict(args.selector))
-                     if not args.names or m.name in args.names]
-        out(models.format_models(items, args.output))
-        return 0
-    if kind == "policies":
-        from tools.meshctl import autoscale
+                     if not names or m.name in names]
+        return models.format_models(items, args.output), {m.name for m in items}
+    if kind in ("policies", "deployments", "replicas"):
+        from tools.meshctl import autoscale, deploy
         with client(args) as mesh:
-            items = [d for d in mesh.list_deployments(tenant=args.tenant)
-                     if not args.names or d.spec.name in args.names]
-        out(autoscale.format_policies(items, args.output))
-        return 0
-    if kind in ("deployments", "replicas"):
-        from tools.meshctl import deploy
-        with client(args) as mesh:
-            out(deploy.get(mesh, kind, args.names, args.tenant, args.output, model=args.model,
-                           labels=dict(args.selector)))
-        return 0
+            if kind == "policies":
+                items = [d for d in mesh.list_deployments(tenant=args.tenant) if not names or d.spec.name in names]
+            else:
+                items = [d for d in mesh.list_deployments(tenant=args.tenant, model=args.model,
+                                                          labels=dict(args.selector))
+                         if not names or d.spec.name in names]
+        text = (autoscale.format_policies(items, args.output) if kind == "policies" else
+                deploy.format_deployments(items, args.output) if kind == "deployments" else
+                deploy.format_replicas(items, args.output))
+        return text, {d.spec.name for d in items}
     if kind in ("migrations", "checkpoints"):
         from tools.meshctl import migrate
         with client(args) as mesh:
             if kind == "migrations":
-                items = [m for m in mesh.list_migrations(tenant=args.tenant) if not args.names or m.id in args.names
-                         or m.workload_id in args.names]
-                out(migrate.format_migrations(items, args.output))
-            else:
-                items = [c for c in mesh.list_checkpoints(tenant=args.tenant) if not args.names or c.id in args.names
-                         or c.workload_id in args.names]
-                out(migrate.format_checkpoints(items, args.output))
-        return 0
+                items = [m for m in mesh.list_migrations(tenant=args.tenant) if not names or m.id in names
+                         or m.workload_id in names]
+                return migrate.format_migrations(items, args.output), {m.id for m in items}
+            items = [c for c in mesh.list_checkpoints(tenant=args.tenant) if not names or c.id in names
+                     or c.workload_id in names]
+        return migrate.format_checkpoints(items, args.output), {c.id for c in items}
     if kind == "workloads":
         from tools.meshctl import workloads
-        out(workloads.format_list(workloads.fetch(args), args.output))
-        return 0
-    if args.slice:
-        raise CliError(f"--slice does not filter {kind}")
+        items = workloads.fetch(args)
+        return workloads.format_list(items, args.output), {w.id for w in items}
     from tools.meshctl.output import format_list
-    out(format_list(kind, fetch(args, kind), args.output))
-    return 0
+    items = fetch(args, kind)
+    found = ({n.name for n in items} if kind == "nodes" else {g.node for g in items} if kind == "gpus" else
+             {s.id for s in items} | {s.allocation_id for s in items})
+    return format_list(kind, items, args.output), found

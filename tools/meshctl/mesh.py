@@ -57,28 +57,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _show(conns, args, single: bool = False) -> None:
+    out(format_connections(conns, args.output, single))
+
+
+def format_connections(conns, fmt: str, single: bool = False) -> str:
+    """Connections as a table (the reason under it for each one that is not READY), or json/yaml `{"items"}`
+    (`single`: the one connection's document)."""
     from mesh.meshapi import connection_to_dict
     from mesh.units import format_size
     from tools.meshctl.output import dump, render_table
     docs = [connection_to_dict(c) for c in conns]
-    if args.output in ("json", "yaml"):
-        out(dump(docs[0] if single else {"items": docs}, args.output))
-        return
+    if fmt in ("json", "yaml"):
+        return dump(docs[0] if single else {"items": docs}, fmt)
+    if not docs:
+        return "No connections found.\n"
     headers = ["ID", "TENANT", "TRANSPORT", "DATA PATH", "STATE", "SLICE A", "SLICE B", "SIZE"]
-    if args.output == "wide":
+    if fmt == "wide":
         headers += ["NODE A", "NODE B", "ENDPOINT A", "ENDPOINT B", "REASON", "WHY NOT RDMA"]
     rows = []
     for d in docs:
         row = [d["id"], d["tenant"], d["transport"], d["data_path"] or "-", d["state"], d["slice_a"], d["slice_b"],
                format_size(d["size_bytes"])]
-        if args.output == "wide":
+        if fmt == "wide":
             row += [d["a"]["node"], d["b"]["node"], d["a"]["endpoint"], d["b"]["endpoint"], d["reason"],
                     d["fallback_reason"] or "-"]
         rows.append(row)
     table = render_table(headers, rows)
     # why a connection is not READY (a buffer that cannot be recovered, or that its agent found unusable)
     notes = [f"{d['id']} {d['state']}: {d['message']}" for d in docs if d["state"].lower() != "ready" and d["message"]]
-    out(table + "".join(f"\n{n}\n" if i == 0 else f"{n}\n" for i, n in enumerate(notes)))
+    return table + "".join(f"\n{n}\n" if i == 0 else f"{n}\n" for i, n in enumerate(notes))
 
 
 def run_connect(args) -> int:

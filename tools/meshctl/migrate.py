@@ -138,14 +138,30 @@ def run_resize(args: argparse.Namespace) -> int:
         raise CliError("give --memory, --compute and/or --profile")
     from tools.meshctl.progress import for_args
     with client(args) as mesh, for_args(args).waiting(f"resizing slice/{args.id}"):
+        before = mesh.get_slice(args.id)
         s = mesh.resize(args.id, memory_bytes=memory, compute_share=args.compute, mig_profile=args.profile)
     if args.output in ("json", "yaml"):
         out(dump(slice_to_dict(s), args.output))
     else:
-        what = f"{s.profile}, " if s.profile else ""
-        out(f"slice/{s.id} resized: {what}{s.memory_bytes / 2**30:.1f} GiB, compute {s.compute_share:.2f} "
-            f"on {s.node}/{s.gpu_index} ({s.message or 'in place'})\n")
+        out(resize_summary(before, s))
     return 0
+
+
+def resize_summary(before, after) -> str:
+    """What a resize did, said from the slice before and after: unchanged (the size asked for is the one it has,
+    e.g. a MIG slice whose profile already holds --memory), in place (MPS/time-share limits on the same GPU), or
+    by migration (MIG and exclusive slices always, a shared one that moved to a GPU with room)."""
+    what = f"{after.profile}, " if after.profile else ""
+    size = f"{what}{after.memory_bytes / 2**30:.1f} GiB, compute {after.compute_share:.2f} on {after.node}/" \
+           f"{after.gpu_index}"
+    if (before.profile, before.memory_bytes, round(before.compute_share, 4)) == \
+            (after.profile, after.memory_bytes, round(after.compute_share, 4)):
+        return f"slice/{after.id} unchanged: already {size} (the size asked for is the one it has)\n"
+    from gpumesh.v1 import types_pb2
+    shared = after.isolation in (types_pb2.ISOLATION_MPS, types_pb2.ISOLATION_TIMESHARE)
+    moved = (before.node, before.gpu_index) != (after.node, after.gpu_index)
+    how = "in place" if shared and not moved else "by migration"
+    return f"slice/{after.id} resized: {size} ({how})\n"
 
 
 def checkpoint_columns(now=None) -> list:

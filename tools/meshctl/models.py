@@ -101,7 +101,8 @@ def run_import(args: argparse.Namespace) -> int:
         v, seen = importer.variant_from_artifact(args.path, args.backend, args.variant, args.kv_cache_type,
                                                  args.context, args.concurrency, args.fallback_rank or 0)
     except (artifact.ArtifactError, ValueError, RuntimeError) as e:
-        raise CliError(f"{args.path}: {e}") from None
+        # most of these name the file already ("/m.gguf does not exist"): the path once, not twice
+        raise CliError(str(e) if str(e).startswith(args.path) else f"{args.path}: {e}") from None
     info(f"read {seen['format']}: {v.architecture.name or '?'}, {v.quantization or '?'}, "
          f"{v.weight_bytes} weight bytes, context {v.max_context}")
     new = [v]

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--dry-run", action="store_true", help="only report what would be evicted")
     d.add_argument("--wait", action="store_true",
                    help="wait until every deployment replica on the node was replaced and removed")
-    d.add_argument("--wait-timeout", type=float, default=600.0, help="seconds --wait waits (default 600); exit 1 after")
+    d.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="seconds --wait waits (default 600); exit 1 after")
     d.set_defaults(func=run_drain)
 
     g = subcommand(sub, "gpu", help="GPU health actions (clear a quarantined GPU)",

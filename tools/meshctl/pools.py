@@ -179,7 +179,7 @@ def format_pools(items, fmt: str) -> str:
             row += [",".join(p.selector.gpu_models) or "any", ",".join(d["selector"]["isolations"]) or "any",
                     ",".join(f"{k}={v}" for k, v in sorted(p.selector.node_labels.items())) or "-", u.capacity_gpus]
         rows.append(row)
-    return render_table(headers, rows) if rows else "No pools.\n"
+    return render_table(headers, rows) if rows else "No pools found.\n"
 
 
 def describe_pool(p) -> str:

@@ -65,11 +65,10 @@ def run(mesh: Any, names: list[str], fmt: str, watch: bool) -> int:
     if not watch:
         doc = _narrowed(serving_view_to_dict(mesh.serving_view()), names)
         missing = sorted(set(names) - {d["name"] for d in doc["deployments"]})
-        if missing:       # as `get deployments NAME`: said on stderr, the rest still printed
-            print(f"error: no deployment {', '.join(missing)} in the serving view (not there, or not yours)",
-                  file=sys.stderr)
         out(format_view(doc, fmt))
-        return 0
+        for name in missing:      # as `get deployments NAME`: said on stderr, the rest still printed, exit 1
+            print(f"error: no deployment {name!r} in the serving view (not there, or not yours)", file=sys.stderr)
+        return 1 if missing else 0
     last = None
     try:
         for view in mesh.watch_serving_view():

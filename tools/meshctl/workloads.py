@@ -158,6 +158,8 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
+    from tools.meshctl.common import text_only
+    text_only(args, "logs", "the workload's output as it wrote it")
     if args.tail < 0:
         raise CliError("--tail must be >= 0")
     with client(args) as mesh:

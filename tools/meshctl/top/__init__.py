@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                         "(default: 80)")
 
     def run(args: argparse.Namespace) -> int:
+        from tools.meshctl.common import text_only
         from tools.meshctl.top.app import run as run_top
+        text_only(args, "top", "terminal frames (`get gpus|slices|deployments|events -o json` has the data)")
         return run_top(args)
     p.set_defaults(func=run)
