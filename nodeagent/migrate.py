@@ -77,6 +77,7 @@ class MigrationAgent(SourceSteps, TargetSteps, CheckpointSteps, SlicesMixin):
                        C.STOP_SOURCE: self._stop_source, C.ABORT_SOURCE: self._abort_source,
                        C.STOP_TARGET: self._stop_target, C.CHECKPOINT: self._checkpoint,
                        C.SWAP_SLICES: self._swap_slices, C.CHECK_TRANSPARENT: self._check_transparent,
+                       C.CHECK_SDK: self._check_sdk,
                        C.DELETE_CHECKPOINT: self._delete_checkpoint}[cmd.action]
         except KeyError:
             report(R.FAILED, message=f"unknown migration action {cmd.action}")

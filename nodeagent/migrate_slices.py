@@ -38,6 +38,7 @@ from nodeagent.migrate_base import Job
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
 RESTORE_TIMEOUT = 300.0
+PROBE_TIMEOUT = 10.0      # seconds the SDK probe (CHECK_SDK) waits for the workload's status answer
 
 
 class SlicesMixin:
@@ -137,6 +138,18 @@ class SlicesMixin:
                 "which CRIU does not dump and restore here: start it with the label gpumesh.io/isolation=criu "
                 "to make it transparently migratable (docs/operations.md, Workload isolation)")
         report(R.TRANSPARENT_OK)
+
+    async def _check_sdk(self, cmd: M.MigrationCommand, report) -> None:
+        """Whether the workload's checkpoint SDK answers a status on its control socket (only the workload's
+        own, `_link`): NoControlSocket says in words that it does not use mesh.checkpoint."""
+        if not self._running(cmd.workload_id):
+            raise RuntimeError(f"workload {cmd.workload_id} is not running on {self.agent.node}")
+        link = self._link(cmd.workload_id, timeout=PROBE_TIMEOUT)
+        try:
+            await asyncio.to_thread(link.call, "status")
+        finally:
+            link.close()
+        report(R.SDK_OK)
 
     def _images_dir(self, wid: str, mid: str) -> str:
         return os.path.realpath(self.runner.path(wid, f"criu-{mid}"))

@@ -363,6 +363,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         with self._planned(m):
             if mode == M.MIGRATION_MODE_TRANSPARENT:
                 await self._check_transparent(w)
+            else:
+                await self.check_sdk(w, f"{M.MigrationMode.Name(m.mode).removeprefix('MIGRATION_MODE_').lower()} "
+                                        f"migration")
             self._set_target(m, to_slice, to_node)
             if mode == M.MIGRATION_MODE_TRANSPARENT and m.target_node == w.node:
                 raise errors.FailedPrecondition(f"transparent migration of {wid} must go to another node: CRIU "
@@ -377,14 +380,32 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
     async def _check_transparent(self, w: types_pb2.Workload) -> None:
         """The source agent says whether it can dump the process with CRIU (else FAILED_PRECONDITION
         with its reason: criu missing or too old, `criu check` failing)."""
+        await self._probe(w, C.CHECK_TRANSPARENT, R.TRANSPARENT_OK, "transparent migration")
+
+    async def check_sdk(self, w: types_pb2.Workload, what: str = "migration") -> None:
+        """The source agent says whether the workload's checkpoint SDK answers (what pre-copy and stop-and-copy
+        need), else FAILED_PRECONDITION with its reason. Without it the migration started the target, which
+        never listened, and rolled back after the step timeout (90 s of a CLI waiting for nothing). An agent
+        of an earlier release, which does not know the probe, is taken at its word later, as before."""
+        if w.HasField("backend"):
+            return              # check_mode refuses a model server anything but transparent
+        try:
+            await self._probe(w, C.CHECK_SDK, R.SDK_OK, what)
+        except errors.FailedPrecondition as e:
+            if "unknown migration action" not in str(e):
+                raise
+            log(logger, logging.INFO, "the source agent cannot tell whether the workload uses the checkpoint SDK "
+                "(an earlier release): the migration goes ahead", workload=w.id, node=w.node)
+
+    async def _probe(self, w: types_pb2.Workload, action: int, ok: int, what: str) -> None:
         if self.ctl.sessions.get(w.node) is None:
             raise errors.Unavailable(f"node {w.node} is not connected")
         probe = new_id("probe")
         try:
-            await self._ask(probe, w.node, M.MigrationCommand(migration_id=probe, action=C.CHECK_TRANSPARENT,
-                                                              workload_id=w.id), (R.TRANSPARENT_OK,), STEP_TIMEOUT)
+            await self._ask(probe, w.node, M.MigrationCommand(migration_id=probe, action=action, workload_id=w.id),
+                            (ok,), STEP_TIMEOUT)
         except StepFailed as e:
-            raise errors.FailedPrecondition(f"transparent migration of {w.id} refused: {e}") from None
+            raise errors.FailedPrecondition(f"{what} of {w.id} refused: {e}") from None
         finally:
             self.reports.pop(probe, None)
 

@@ -142,6 +142,7 @@ class ResizeMixin:
                 raise errors.FailedPrecondition(f"workload {w.id} is migrating already ({busy.id})")
             from controlplane.controllers.migration_records import check_mode
             check_mode(w, M.MIGRATION_MODE_PRECOPY)     # a model server cannot be pre-copied (no checkpoint SDK)
+            await self.check_sdk(w, "resize by migration")
         m = M.Migration(id=new_id("m"), workload_id=w.id if w is not None else "", tenant=s.tenant,
                         mode=M.MIGRATION_MODE_PRECOPY, phase=P.MIGRATION_PHASE_PLANNED, source_node=s.node,
                         source_slice=s.id, reason="resize", resize_slice=s.id, created_at=now())

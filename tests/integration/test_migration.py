@@ -136,6 +136,27 @@ def test_live_migration_mid_training_is_bit_identical(cluster, mesh, reference):
     assert mesh.list_migrations(workload_id=w.id)[-1].id == m.id
 
 
+def test_a_process_without_the_sdk_is_refused_precopy_at_once(cluster, mesh):
+    """A plain process has no checkpoint control socket: pre-copy, stop-and-copy and a resize by migration are
+    refused when asked, naming why, instead of starting a target that never listens and rolling back after the
+    step timeout (90 s of a CLI waiting). Nothing is left planned; the workload runs on where it was."""
+    from mesh import errors
+    s = mesh.allocate(tenant="nosdk", mig_profile="1g.10gb").slices[0]
+    w = mesh.run_workload(s.id, ["sleep", "120"])
+    for mode in ("precopy", "stop-and-copy"):
+        with pytest.raises(errors.FailedPrecondition) as refused:
+            mesh.migrate(w.id, mode=mode)
+        assert "does not use the mesh.checkpoint SDK" in str(refused.value)
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        mesh.resize(s.id, mig_profile="2g.20gb")
+    assert "resize by migration" in str(refused.value) and "mesh.checkpoint SDK" in str(refused.value)
+    assert not [m for m in mesh.list_migrations(workload_id=w.id)]
+    now = mesh.get_workload(w.id)
+    assert now.state == t.WORKLOAD_STATE_RUNNING and now.slice_id == s.id and now.pid == w.pid
+    mesh.stop_workload(w.id)
+    mesh.release(s.allocation_id)
+
+
 def test_restore_from_the_store_after_the_source_agent_is_killed(cluster, mesh, reference, tmp_path):
     _, w = start_training(mesh, tenant="sealed")
     ck = mesh.checkpoint(w.id)

@@ -23,6 +23,10 @@ class SlowEtcd(Etcd):
 def quiet(mm) -> None:
     mm._spawn = lambda mid: None           # the state machine is not what this checks
 
+    async def sdk_answers(w, what="migration"):
+        await asyncio.sleep(0)             # the source agent's SDK probe: answered, after a turn of the loop
+    mm.check_sdk = sdk_answers
+
 
 @pytest.mark.asyncio
 async def test_two_migrates_of_one_workload_plan_one_migration():

@@ -230,6 +230,7 @@ class MigrationCommand(_message.Message):
         CHECKPOINT: _ClassVar[MigrationCommand.Action]
         SWAP_SLICES: _ClassVar[MigrationCommand.Action]
         CHECK_TRANSPARENT: _ClassVar[MigrationCommand.Action]
+        CHECK_SDK: _ClassVar[MigrationCommand.Action]
         DELETE_CHECKPOINT: _ClassVar[MigrationCommand.Action]
     ACTION_UNSPECIFIED: MigrationCommand.Action
     START_TARGET: MigrationCommand.Action
@@ -242,6 +243,7 @@ class MigrationCommand(_message.Message):
     CHECKPOINT: MigrationCommand.Action
     SWAP_SLICES: MigrationCommand.Action
     CHECK_TRANSPARENT: MigrationCommand.Action
+    CHECK_SDK: MigrationCommand.Action
     DELETE_CHECKPOINT: MigrationCommand.Action
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +296,7 @@ class MigrationReport(_message.Message):
         FAILED: _ClassVar[MigrationReport.Event]
         SLICES_SWAPPED: _ClassVar[MigrationReport.Event]
         TRANSPARENT_OK: _ClassVar[MigrationReport.Event]
+        SDK_OK: _ClassVar[MigrationReport.Event]
     EVENT_UNSPECIFIED: MigrationReport.Event
     TARGET_LISTENING: MigrationReport.Event
     PROGRESS: MigrationReport.Event
@@ -307,6 +310,7 @@ class MigrationReport(_message.Message):
     FAILED: MigrationReport.Event
     SLICES_SWAPPED: MigrationReport.Event
     TRANSPARENT_OK: MigrationReport.Event
+    SDK_OK: MigrationReport.Event
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
