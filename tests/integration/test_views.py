@@ -24,7 +24,7 @@ import pytest
 
 from tests.integration import secure
 from tests.integration.browser import Browser, find_chromium
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import json_lines, wait_for
 from tools.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -343,7 +343,10 @@ async def test_web_snapshot_shows_migrations_in_progress_to_their_tenant(cluster
     """A migration held in PLANNED (the cluster's --migration-pause-at): listed for admin and its tenant,
     not for another tenant. (Last in this file: the held migration stays.)"""
     s = admin.allocate(tenant="team-a", mig_profile="1g.10gb").slices[0]
-    w = admin.run_workload(s.id, ["sleep", "600"])
+    # a process that uses the checkpoint SDK: a pre-copy migration of one without it is refused when asked
+    w = admin.run_workload(s.id, [sys.executable, "-m", "tools.examples.train_mnist_like", "--steps", "100000",
+                                  "--sleep-ms", "50", "--print-every", "5"], env={"PYTHONPATH": str(ROOT)})
+    wait_for(lambda: any(d.get("step", 0) >= 5 for d in json_lines(admin, w.id)), 90, "training to reach step 5")
     m = admin.migrate(w.id)
     async with tls_session(cluster) as session:
         for who, shown in (("admin", True), ("team-a", True), ("team-b", False)):
