@@ -90,19 +90,23 @@ class StreamRelay:
                 broken = f"{type(e).__name__}: {e}"
                 cut = isinstance(e, (proxy.UNREACHABLE, OSError))
             finally:
-                await seg.stream.close()
-                seg.slot.release()
+                # the verdict before the slot is freed (freeing it hands the replica to a waiting request at
+                # once, Admission.kick, which must see the circuit this break opened), and all the accounting
+                # before the one await: a stream cancelled by its client's disconnect (an anyio cancel scope)
+                # is cancelled again at every await, and nothing after it would run
                 if broken is None and done:
                     c.stats.ok(c.risk_state)
                 elif broken is not None:
                     c.stats.failed(cut, c.risk_state)
                     M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
-                else:
-                    c.stats.breaker.release()        # the client went away: logged as 499
+                else:                                # the client went away: logged as 499
                     t.status, t.error = 499, "the client closed the stream"
                     M.REQUESTS.labels(t.model, "499").inc()
                     gw._log(t)
+                # frees the half-open probe only if this stream took it (not another request's probe)
+                seg.slot.release()
                 M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
+                await seg.stream.close()
             events += n
             if done:
                 tpot = (time.monotonic() - seg_first) / (n - 1) if n > 1 else None
@@ -176,13 +180,11 @@ class StreamRelay:
                 exclude.add(c.key)
                 continue
             except APIError as e:
-                slot.release()
-                c.stats.breaker.release()
+                slot.release()              # frees its own half-open probe, if it took one
                 M.RESUMED.labels(t.model, "failed").inc()
                 return None, f"{c.key} refused the continuation: {e.message}"
             except BaseException:
-                slot.release()
-                c.stats.breaker.release()
+                slot.release()              # frees its own half-open probe, if it took one
                 raise
             M.RESUMED.labels(t.model, "resumed").inc()
             t.resumed = c.key

@@ -355,8 +355,9 @@ class Gateway:
                 slot.release()
                 raise
             except BaseException:
+                # frees the half-open probe only if this request took it: a bare breaker.release() here freed
+                # another request's probe in flight, and a second probe went to a replica still on trial
                 slot.release()
-                c.stats.breaker.release()
                 raise
             e2e = time.monotonic() - started
             usage = _usage(answer)
