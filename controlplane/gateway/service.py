@@ -366,9 +366,11 @@ class Gateway:
             c.stats.ok(c.risk_state)
             slot.release()
             self._measure(t, c, e2e, None)
-            if ckey:
+            # the keys name the model asked for, not the variant that served: a fallback's answer stored under
+            # them would be replayed, untagged, to requests the primary variant serves again
+            if ckey and t.degraded != "fallback":
                 self.cache.put(ckey, answer, usage[1])
-            if skey is not None:
+            if skey is not None and t.degraded != "fallback":
                 self.semcache.put(skey, answer, usage[1])
             return Outcome(200, answer, headers=self._headers(slot, t))
 
