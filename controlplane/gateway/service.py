@@ -156,7 +156,11 @@ class Gateway:
     def candidates(self, deps: list[DeploymentInfo]) -> list[Candidate]:
         out = []
         for d in deps:
-            cur = self.view.deployments.get(d.name, d)       # the latest view, even for a queued request
+            cur = self.view.deployments.get(d.name)          # the latest view, even for a queued request
+            if cur is None or cur.tenant != d.tenant or cur.model != d.model:
+                # deleted since the request was resolved (its replicas are gone), or its name now another
+                # tenant's or another model's deployment: none of that is the caller's to be served by
+                continue
             for r in cur.replicas:
                 g = self.view.gpus.get(r.gpu)
                 pressure, thermal = gpu_levels(g, self.cfg.pressure_limits, self.cfg.thermal_limits)

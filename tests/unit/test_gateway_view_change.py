@@ -1,0 +1,65 @@
+"""The serving view changing under requests that were already resolved: a queued request is routed on the
+latest view, but only among the deployments it was resolved to. The gateway runs in-process with
+proxy.complete faked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from controlplane.gateway import proxy
+from gpumesh.v1 import deployment_service_pb2 as D
+from gpumesh.v1 import model_service_pb2 as MS
+from gpumesh.v1 import servingview_service_pb2 as V
+from tests.unit.test_gateway_accounting import until
+from tests.unit.test_gateway_routing import cfg
+
+
+def one(name: str, tenant: str, model: str, endpoint: str) -> V.ServingView:
+    m = MS.Model(name=model, variants=[MS.Variant(name="q4", fallback_rank=0, max_context=2048)])
+    d = D.Deployment(spec=D.DeploymentSpec(name=name, model=model, variant="q4", tenant=tenant,
+                                           backend=D.BackendSettings(context=512)))
+    d.status.backend = "llama.cpp"
+    d.replicas.append(D.Replica(id=f"{tenant}-r", deployment=name, state=D.REPLICA_STATE_READY,
+                                endpoint=endpoint, node="n", gpu_index=0))
+    return V.ServingView(deployments=[d], models=[m])
+
+
+@pytest.fixture
+async def gw(monkeypatch, tmp_path):
+    from controlplane.gateway.service import Gateway
+    from tests.integration.secure import TOKENS, write_tenants
+    g = Gateway(cfg(tenants_file=write_tenants(tmp_path / "t.yaml"), breaker_open_seconds=300))
+    g.view.apply(one("chat", "team-a", "smol", "127.0.0.1:9"))
+    g.served, g.hold, g.tokens = [], asyncio.Event(), TOKENS
+
+    async def complete(client, endpoint, path, data, api_key="", certificate=""):
+        g.served.append(endpoint)
+        await g.hold.wait()
+        return b'{"choices": [{"text": "x"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+    monkeypatch.setattr(proxy, "complete", complete)
+    yield g
+    await g.http.aclose()
+
+
+@pytest.mark.parametrize("now", ["another tenant's", "another model's", "gone"])
+async def test_a_queued_request_is_not_served_by_a_deployment_that_took_its_name(gw, now):
+    headers = {"authorization": f"Bearer {gw.tokens['team-a']}"}
+    req = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 4}).encode()
+    first = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.served == ["127.0.0.1:9"], "the first request on team-a's replica")
+    queued = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.admission.depth("chat") == 1, "the second request to queue")
+    # team-a's deployment is deleted; the name is free and comes back as another deployment (or not at all)
+    gw.view.apply({"another tenant's": one("chat", "team-b", "smol", "127.0.0.1:10"),
+                   "another model's": one("chat", "team-a", "llama", "127.0.0.1:10"),
+                   "gone": V.ServingView()}[now])
+    gw.hold.set()
+    await first
+    assert gw.admission.depth("chat") == 1, f"the queued request was given a replica of {now} deployment"
+    assert gw.served == ["127.0.0.1:9"]
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
