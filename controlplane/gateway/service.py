@@ -279,6 +279,9 @@ class Gateway:
         M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model) + 1)
         try:
             slot = await self.admission.acquire(lambda: self.candidates(primary), ctx, prio, timeout)
+        except asyncio.CancelledError:        # the client went away while waiting: it left the queue
+            M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
+            raise
         except Rejected as e:
             M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
             if fallback:

@@ -1,6 +1,6 @@
-"""The serving view changing under requests that were already resolved: a queued request is routed on the
-latest view, but only among the deployments it was resolved to. The gateway runs in-process with
-proxy.complete faked."""
+"""Requests waiting in the queue: when the serving view changes under them they are routed on the latest view,
+but only among the deployments they were resolved to; when their client goes away they leave the queue and
+its gauge. The gateway runs in-process with proxy.complete faked."""
 
 from __future__ import annotations
 
@@ -63,3 +63,20 @@ async def test_a_queued_request_is_not_served_by_a_deployment_that_took_its_name
     queued.cancel()
     with pytest.raises(asyncio.CancelledError):
         await queued
+
+
+async def test_a_client_gone_from_the_queue_leaves_the_queue_depth_gauge(gw):
+    from controlplane.gateway import metrics as M
+    headers = {"authorization": f"Bearer {gw.tokens['team-a']}"}
+    req = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 4}).encode()
+    first = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.served == ["127.0.0.1:9"], "the first request on the replica")
+    queued = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.admission.depth("chat") == 1, "the second request to queue")
+    assert M.QUEUE_DEPTH.labels("chat")._value.get() == 1
+    queued.cancel()                                   # its client went away
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert M.QUEUE_DEPTH.labels("chat")._value.get() == 0, "the gauge still counts the request that left"
+    gw.hold.set()
+    await first
