@@ -185,3 +185,17 @@ async def test_a_stream_cancelled_by_its_client_gives_its_slot_back_at_once(gw):
         await until(lambda: stream.more._getters, "the relay to wait for the backend")
         tg.cancel_scope.cancel()
     assert s.in_flight == 0 and not s.breaker.probing, "the cancelled stream kept its replica slot"
+
+
+async def test_a_benchmark_whose_stream_is_cut_reports_it_in_its_row(gw):
+    """POST /v1/gpu/benchmark-model on a replica whose backend dies mid-stream: an error in that replica's
+    row (not a 500), and the slot given back."""
+    from controlplane.gateway import gpuapi
+    from controlplane.gateway.clients import ANONYMOUS
+    g = await gw()
+    run = asyncio.ensure_future(gpuapi.benchmark_model(g, ANONYMOUS, "chat", "4"))
+    await until(lambda: g.streams, "the benchmark's stream")
+    g.streams[0].cut()
+    doc = await run
+    assert "the stream broke" in doc["replicas"][0]["error"] and g.streams[0].closed
+    assert g.stats.of(KEY).in_flight == 0
