@@ -103,6 +103,10 @@ class OpenStream:
     reader: EventReader
     first: list[bytes] = field(default_factory=list)
 
+    @property
+    def closed(self) -> bool:
+        return self.response.is_closed
+
     async def close(self) -> None:
         await self.response.aclose()
 

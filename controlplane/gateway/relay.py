@@ -10,10 +10,12 @@ before. Each resume is counted (`gpumesh_gateway_resumed_total`) and named in th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from controlplane.gateway import metrics as M
@@ -195,6 +197,29 @@ class StreamRelay:
             return Segment(s, slot, started), ""
         M.RESUMED.labels(t.model, "failed").inc()
         return None, "the continuation failed before its first token twice"
+
+
+_closing: set = set()       # closes of abandoned backend streams (the loop holds a task only weakly)
+
+
+def release_if_never_started(relay, seg: Segment) -> None:
+    """A stream the server never starts (its client left between the answer and its first read) never runs its
+    finally: when the generator is dropped, its slot is released and the backend's response closed. Left
+    open, that connection stayed taken for good (max_connections) and the backend kept generating into it,
+    its slot busy, until the socket's buffers filled and it blocked."""
+    weakref.finalize(relay, _abandoned, seg.slot, seg.stream).atexit = False
+
+
+def _abandoned(slot: Slot, stream) -> None:
+    slot.release()
+    if stream.closed:              # the relay ran and closed it (the usual end)
+        return
+    try:
+        task = asyncio.get_running_loop().create_task(stream.close())
+    except RuntimeError:           # no running loop: the process is ending, its sockets with it
+        return
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _event(data: bytes, p: resume.Progress, rewrite, t) -> tuple[bytes | None, int]:

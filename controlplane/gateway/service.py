@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
 
 from controlplane.gateway import cache as cachemod
@@ -21,7 +20,7 @@ from controlplane.gateway.apierror import APIError
 from controlplane.gateway.clients import Caller, Clients
 from controlplane.gateway.config import GatewayConfig
 from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, gpu_levels, make
-from controlplane.gateway.relay import Plan, Segment, StreamRelay
+from controlplane.gateway.relay import Plan, Segment, StreamRelay, release_if_never_started
 from controlplane.gateway.hazard import HazardBook
 from controlplane.gateway.stats import StatsTable
 from controlplane.gateway.breaker import STATE_VALUE
@@ -337,10 +336,9 @@ class Gateway:
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
                     plan = Plan(path, body, path.endswith("/chat/completions"), deps, ctx, prio, self.resumes)
-                    relay = StreamRelay(self, Segment(s, slot, started), t, plan).run()
-                    # a stream the server never starts (its client left first) never runs its finally: the
-                    # slot is released when the generator is dropped
-                    weakref.finalize(relay, slot.release)
+                    seg = Segment(s, slot, started)
+                    relay = StreamRelay(self, seg, t, plan).run()
+                    release_if_never_started(relay, seg)
                     return Outcome(200, stream=relay, headers=self._headers(slot, t))
                 answer = await proxy.complete(self.http, c.replica.endpoint, path, data, c.replica.api_key,
                                               c.replica.certificate)

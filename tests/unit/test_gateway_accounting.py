@@ -199,3 +199,18 @@ async def test_a_benchmark_whose_stream_is_cut_reports_it_in_its_row(gw):
     doc = await run
     assert "the stream broke" in doc["replicas"][0]["error"] and g.streams[0].closed
     assert g.stats.of(KEY).in_flight == 0
+
+
+async def test_a_stream_never_started_closes_its_backend_response_when_dropped(gw):
+    """The client left between the gateway's answer and the first read of its stream (Starlette then never
+    starts the body): the relay's finally never runs. Dropping it must free the slot and close the backend's
+    response, whose connection would otherwise stay taken while the backend generates into it."""
+    import gc
+    g = await gw()
+    out = await g.handle("/v1/completions", body(True), {})
+    stream = g.streams[0]
+    assert g.stats.of(KEY).in_flight == 1
+    del out
+    gc.collect()
+    assert g.stats.of(KEY).in_flight == 0
+    await until(lambda: stream.closed, "the backend's response to be closed")
