@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from controlplane.gateway import proxy
+from controlplane.gateway.apierror import APIError
 from controlplane.gateway.breaker import HALF_OPEN
 from controlplane.gateway.sse import EventReader
 from tests.unit.test_gateway_resume import view
@@ -214,3 +215,15 @@ async def test_a_stream_never_started_closes_its_backend_response_when_dropped(g
     gc.collect()
     assert g.stats.of(KEY).in_flight == 0
     await until(lambda: stream.closed, "the backend's response to be closed")
+
+
+@pytest.mark.parametrize("sent, want", [({"retry-after": "7"}, "7"), ({}, "1"),
+                                        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, "1")])
+async def test_a_backends_429_is_passed_on_with_retry_after(sent, want):
+    def backend(request):
+        return httpx.Response(429, headers=sent, json={"error": {"message": "busy", "code": "overloaded"}})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(backend)) as client:
+        for call in (proxy.complete, proxy.open_stream):
+            with pytest.raises(APIError) as e:
+                await call(client, "127.0.0.1:9", "/v1/completions", b"{}")
+            assert e.value.status == 429 and e.value.headers == {"retry-after": want}, call
