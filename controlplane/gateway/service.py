@@ -232,7 +232,8 @@ class Gateway:
             rewaking = asyncio.ensure_future(self.waker.keep_waking(asleep))    # a Wake that failed is asked again
         max_tokens = info["max_tokens"] or 16
         ctx = RouteContext(",".join(sorted(d.name for d in primary)),
-                           affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens)
+                           affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens,
+                           first_token_by=t.start + deadline / 1000 if deadline else None)
         try:
             slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
         finally:
@@ -388,8 +389,11 @@ class Gateway:
         try:
             # first in its class: the request was admitted before those waiting now (at the back, a retry
             # waited behind every request that arrived while it failed)
-            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
-                                                self.cfg.queue_timeout_seconds, first_in_class=True)
+            # within what is left of its deadline to the first token, which the failed attempt did not bring
+            wait = self.cfg.queue_timeout_seconds
+            if ctx.first_token_by is not None:
+                wait = max(0.0, min(wait, ctx.first_token_by - time.monotonic()))
+            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio, wait, first_in_class=True)
         except Rejected as e:
             raise APIError(503, f"the model server failed and no other replica took the retry: {e}",
                            code="backend_failed", headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None

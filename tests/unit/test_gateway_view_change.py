@@ -80,3 +80,34 @@ async def test_a_client_gone_from_the_queue_leaves_the_queue_depth_gauge(gw):
     assert M.QUEUE_DEPTH.labels("chat")._value.get() == 0, "the gauge still counts the request that left"
     gw.hold.set()
     await first
+
+
+async def test_a_retry_waits_no_longer_than_the_requests_deadline(monkeypatch, tmp_path):
+    """x-gpumesh-deadline-ms bounds the wait to the first token: a request whose first replica failed waits
+    for another within what is left of it, not for queue_timeout_seconds."""
+    from controlplane.gateway.service import Gateway
+    from controlplane.gateway.apierror import APIError
+    g = Gateway(cfg(queue_timeout_seconds=60, breaker_open_seconds=300))
+    v = one("chat", "team-a", "smol", "127.0.0.1:9")
+    v.deployments[0].replicas.append(D.Replica(id="team-a-r2", deployment="chat", state=D.REPLICA_STATE_READY,
+                                               endpoint="127.0.0.1:10", node="n", gpu_index=1))
+    g.view.apply(v)
+    hold = asyncio.Event()
+
+    async def complete(client, endpoint, path, data, api_key="", certificate=""):
+        if endpoint == "127.0.0.1:9":
+            raise proxy.BackendFailed("HTTP 500: boom")
+        await hold.wait()                                   # the other replica: busy for the whole test
+        return b'{"usage": {}}'
+    monkeypatch.setattr(proxy, "complete", complete)
+    req = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 4}).encode()
+    try:
+        busy = [asyncio.ensure_future(g.handle("/v1/completions", req, {}))]
+        await until(lambda: g.stats.of("chat/team-a-r2").in_flight == 1, "the second replica to be busy")
+        with pytest.raises(APIError) as e:
+            await asyncio.wait_for(g.handle("/v1/completions", req, {"x-gpumesh-deadline-ms": "300"}), 20)
+        assert e.value.status == 503 and "retry-after" in e.value.headers
+        hold.set()
+        await busy[0]
+    finally:
+        await g.http.aclose()
