@@ -1,6 +1,7 @@
-"""Requests waiting in the queue: when the serving view changes under them they are routed on the latest view,
+"""Requests waiting for a replica: when the serving view changes under them they are routed on the latest view,
 but only among the deployments they were resolved to; when their client goes away they leave the queue and
-its gauge. The gateway runs in-process with proxy.complete faked."""
+its gauge; a retry waits within the request's deadline. The gateway runs in-process with proxy.complete
+faked."""
 
 from __future__ import annotations
 
