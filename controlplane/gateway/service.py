@@ -239,6 +239,9 @@ class Gateway:
         finally:
             if rewaking is not None:
                 rewaking.cancel()
+        if deps is not primary:    # the fallback's: a retry or a continuation waits in the fallback's queue, not
+            # at the head of the primary's, where it blocked every request behind it from the primary's replicas
+            ctx = dataclasses.replace(ctx, model=",".join(sorted(d.name for d in deps)))
         dep = next(d for d in deps if d.name == slot.candidate.replica.deployment)
         return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey, skey)
 

@@ -112,3 +112,51 @@ async def test_a_retry_waits_no_longer_than_the_requests_deadline(monkeypatch, t
         await busy[0]
     finally:
         await g.http.aclose()
+
+
+async def test_a_fallback_requests_retry_waits_in_the_fallbacks_queue(monkeypatch):
+    """A request served by the fallback variant fails there and waits for another fallback replica. It must
+    wait in the fallback's queue: at the head of the primary's, it kept every request behind it from the
+    primary's replica once that was back."""
+    from controlplane.gateway.service import Gateway
+    g = Gateway(cfg(queue_timeout_seconds=60, breaker_open_seconds=300))
+    m = MS.Model(name="smol", variants=[MS.Variant(name="q4", fallback_rank=0), MS.Variant(name="lite", fallback_rank=1)])
+    deps = []
+    for name, variant, ports in (("chat", "q4", [9]), ("chat-lite", "lite", [10, 11])):
+        d = D.Deployment(spec=D.DeploymentSpec(name=name, model="smol", variant=variant, tenant="team-a",
+                                               backend=D.BackendSettings(context=512)))
+        d.status.backend = "llama.cpp"
+        for i, port in enumerate(ports):
+            d.replicas.append(D.Replica(id=f"{name}-{i}", deployment=name, state=D.REPLICA_STATE_READY,
+                                        endpoint=f"127.0.0.1:{port}", node="n", gpu_index=port))
+        deps.append(d)
+    g.view.apply(V.ServingView(deployments=deps, models=[m]))
+    hold = asyncio.Event()
+
+    async def complete(client, endpoint, path, data, api_key="", certificate=""):
+        if endpoint == "127.0.0.1:10":
+            raise proxy.BackendFailed("HTTP 500: boom")
+        if endpoint == "127.0.0.1:11":
+            await hold.wait()                                # the other fallback replica: busy
+        return b'{"usage": {}}'
+    monkeypatch.setattr(proxy, "complete", complete)
+
+    def req(model):
+        return json.dumps({"model": model, "prompt": "hi", "max_tokens": 4}).encode()
+    try:
+        busy = asyncio.ensure_future(g.handle("/v1/completions", req("chat-lite"), {}))
+        await until(lambda: g.stats.of("chat-lite/chat-lite-1").in_flight == 1, "the fallback's 2nd replica busy")
+        primary = g.stats.of("chat/chat-0").breaker
+        primary.trip()                                       # the primary is down: the next request falls back
+        failed = g.stats.of("chat-lite/chat-lite-0").failures       # 1 when the busy request was tried there first
+        fell = asyncio.ensure_future(g.handle("/v1/completions", req("chat"), {"x-gpumesh-allow-fallback": "true"}))
+        await until(lambda: g.stats.of("chat-lite/chat-lite-0").failures == failed + 1, "the fallback attempt to fail")
+        await until(lambda: g.admission.depth("chat") + g.admission.depth("chat-lite") == 1, "its retry to wait")
+        primary.success()                                    # the primary is back
+        out = await asyncio.wait_for(g.handle("/v1/completions", req("chat"), {}), 10)
+        assert out.headers["x-gpumesh-served-by"] == "chat/chat-0"
+        hold.set()
+        await busy
+        assert (await fell).headers["x-gpumesh-degraded"] == "fallback"
+    finally:
+        await g.http.aclose()
