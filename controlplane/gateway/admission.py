@@ -167,8 +167,11 @@ class Admission:
             if excluded is None:
                 excluded = set(w.ctx.exclude)           # the head: it could not be served
             elif excluded:
+                cands = w.candidates()
+                if not any(x.key in excluded and x.free for x in cands):
+                    return                              # none of them is free: nothing to hand past the head
                 w.ctx.ahead, w.ctx.behind = i, len(q) - i - 1
-                c, why = self.policy.pick(w.candidates(), w.ctx)
+                c, why = self.policy.pick(cands, w.ctx)
                 if c is not None and c.key in excluded:
                     q.remove(w)
                     heapq.heapify(q)
