@@ -178,6 +178,11 @@ class Gateway:
             M.REQUESTS.labels(t.model if t.resolved else "-", str(e.status)).inc()
             self._log(t)
             raise
+        except asyncio.CancelledError:          # the client went away (queued, or waiting for the backend)
+            t.status, t.error = 499, "the client went away before the answer"
+            M.REQUESTS.labels(t.model if t.resolved else "-", "499").inc()
+            self._log(t)
+            raise
         if out.stream is None:
             M.REQUESTS.labels(t.model, str(out.status)).inc()
             self._log(t)

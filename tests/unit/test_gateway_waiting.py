@@ -160,3 +160,26 @@ async def test_a_fallback_requests_retry_waits_in_the_fallbacks_queue(monkeypatc
         assert (await fell).headers["x-gpumesh-degraded"] == "fallback"
     finally:
         await g.http.aclose()
+
+
+async def test_a_client_gone_before_a_whole_answer_is_logged_as_499(gw, caplog):
+    """docs/gateway.md: a client that disconnects releases its slot at once and its log line says 499 (so
+    far only a stream's did: a whole answer's client gone while queued or waiting left no line at all)."""
+    import logging
+    from controlplane.gateway import metrics as M
+    headers = {"authorization": f"Bearer {gw.tokens['team-a']}"}
+    req = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 4}).encode()
+    before = M.REQUESTS.labels("chat", "499")._value.get()
+    caplog.set_level(logging.INFO, logger="gateway.requests")
+    waiting = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.served, "the first request to wait for its backend")
+    queued = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.admission.depth("chat") == 1, "the second request to queue")
+    for task in (queued, waiting):                      # both clients go away
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert M.REQUESTS.labels("chat", "499")._value.get() == before + 2
+    assert sum(r.getMessage() == "request" and r.fields["status"] == 499 for r in caplog.records
+               if r.name == "gateway.requests") == 2
+    assert gw.stats.of("chat/team-a-r").in_flight == 0 and gw.admission.depth("chat") == 0
