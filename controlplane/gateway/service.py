@@ -205,8 +205,8 @@ class Gateway:
                                 f"lists yours)", param="model", code="model_not_found")
         t.resolved = True         # a model of the fleet: a metric label from now on (not any name a client sends)
         context = min((d.context for d in primary if d.context), default=0)
-        validate.check_context(info["max_tokens"], context,
-                               "max_tokens" if "max_tokens" in body else "max_completion_tokens")
+        for name in ("max_tokens", "max_completion_tokens"):      # each one given, named as itself
+            validate.check_context(body.get(name), context, name)
         prio = validate.priority(headers.get("x-gpumesh-priority"),
                                  self.cfg.priorities.get(caller.tenant or "", "standard"))
         deadline = validate.deadline_ms(headers.get("x-gpumesh-deadline-ms")) or self.cfg.default_deadline_ms or None
