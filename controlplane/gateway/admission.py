@@ -113,6 +113,7 @@ class Admission:
         w = _Waiter(prio, seq - (1 << 62) if first_in_class else seq, candidates, ctx,
                     asyncio.get_running_loop().create_future(), start)
         heapq.heappush(q, w)
+        self._past_head(q)              # a replica the waiters ahead excluded may be free for this one now
         try:
             c, why, probe = await asyncio.wait_for(asyncio.shield(w.future), timeout)
         except asyncio.TimeoutError:
@@ -151,3 +152,31 @@ class Admission:
                     break
                 heapq.heappop(q)
                 w.future.set_result((c, why, self._take(c)))
+            self._past_head(q)
+
+    def _past_head(self, q: list[_Waiter]) -> None:
+        """The head of the queue waits; a free replica that it (and every waiter before the next one) excluded
+        (a retry's or a broken stream's continuation's failed replica) would stay idle behind it for nothing:
+        a waiter further back takes it when its own pick is that replica. Priority holds for everything else."""
+        if not q or q[0].future.done() or not q[0].ctx.exclude:
+            return                                      # the common case: nothing to look past
+        excluded = None
+        for i, w in enumerate(sorted(q)):
+            if w.future.done():
+                continue
+            if excluded is None:
+                excluded = set(w.ctx.exclude)           # the head: it could not be served
+            elif excluded:
+                cands = w.candidates()
+                if not any(x.key in excluded and x.free for x in cands):
+                    return                              # none of them is free: nothing to hand past the head
+                w.ctx.ahead, w.ctx.behind = i, len(q) - i - 1
+                c, why = self.policy.pick(cands, w.ctx)
+                if c is not None and c.key in excluded:
+                    q.remove(w)
+                    heapq.heapify(q)
+                    w.future.set_result((c, why, self._take(c)))
+                    continue
+                excluded &= set(w.ctx.exclude)          # those behind it go after it for the others
+            if not excluded:
+                return

@@ -224,6 +224,8 @@ async def benchmark_model(gw, caller: Caller, model_name: str | None, max_tokens
                         "e2e_ms": round(total * 1000, 1)})
         except (proxy.BackendFailed, APIError) as e:
             out.append({**row, "error": str(e)})
+        except proxy.httpx.HTTPError as e:          # the stream cut after its first event: the row says so, not a 500
+            out.append({**row, "error": f"the stream broke: {proxy.failed(e)}"})
         finally:
             slot.release()
     return {"model": model_name, "max_tokens": n, "replicas": out}

@@ -67,6 +67,7 @@ class RouteContext:
     deadline_at: float | None = None     # time.monotonic() by which the request must have a slot (admission)
     ahead: int = 0                       # requests queued before it (admission)
     behind: int = 0                      # requests queued after it for the same pool (admission)
+    first_token_by: float | None = None  # time.monotonic() of its x-gpumesh-deadline-ms (to the first token)
 
     def wait_left(self) -> float:
         return math.inf if self.deadline_at is None else self.deadline_at - time.monotonic()

@@ -53,9 +53,15 @@ def _error_of(status: int, body: bytes) -> APIError:
     return APIError(status, f"the model server refused the request ({status}): {body[:300].decode(errors='replace')}")
 
 
-def _refused(status: int, body: bytes) -> Exception:
+def _refused(status: int, body: bytes, headers=None) -> Exception:
     """A backend's non-200 answer: 5xx, and a 401/403 (the gateway's key for the replica is missing or stale,
-    not the client's fault), fail the replica (retried elsewhere, else 502); another 4xx is the request's."""
+    not the client's fault), fail the replica (retried elsewhere, else 502); another 4xx is the request's (a
+    429 with the backend's Retry-After, else 1 s: every 429 the gateway answers says when to come back)."""
+    if status == 429:
+        e = _error_of(status, body)
+        after = (headers or {}).get("retry-after", "")
+        e.headers = {**e.headers, "retry-after": after if after.isdigit() else "1"}
+        return e
     if status >= 500:
         return BackendFailed(f"HTTP {status}: {body[:200].decode(errors='replace')}")
     if status in (401, 403):
@@ -92,7 +98,7 @@ async def complete(client: httpx.AsyncClient, endpoint: str, path: str, data: by
     except httpx.HTTPError as e:
         raise failed(e) from None
     if r.status_code != 200:
-        raise _refused(r.status_code, r.content)
+        raise _refused(r.status_code, r.content, r.headers)
     return r.content
 
 
@@ -102,6 +108,10 @@ class OpenStream:
     chunks: object                      # the byte iterator
     reader: EventReader
     first: list[bytes] = field(default_factory=list)
+
+    @property
+    def closed(self) -> bool:
+        return self.response.is_closed
 
     async def close(self) -> None:
         await self.response.aclose()
@@ -119,7 +129,7 @@ async def open_stream(client: httpx.AsyncClient, endpoint: str, path: str, data:
         raise failed(e) from None
     try:
         if resp.status_code != 200:
-            raise _refused(resp.status_code, await resp.aread())
+            raise _refused(resp.status_code, await resp.aread(), resp.headers)
         s = OpenStream(resp, resp.aiter_raw(), EventReader())
         while not s.first:
             try:

@@ -10,10 +10,12 @@ before. Each resume is counted (`gpumesh_gateway_resumed_total`) and named in th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from controlplane.gateway import metrics as M
@@ -90,19 +92,23 @@ class StreamRelay:
                 broken = f"{type(e).__name__}: {e}"
                 cut = isinstance(e, (proxy.UNREACHABLE, OSError))
             finally:
-                await seg.stream.close()
-                seg.slot.release()
+                # the verdict before the slot is freed (freeing it hands the replica to a waiting request at
+                # once, Admission.kick, which must see the circuit this break opened), and all the accounting
+                # before the one await: a stream cancelled by its client's disconnect (an anyio cancel scope)
+                # is cancelled again at every await, and nothing after it would run
                 if broken is None and done:
                     c.stats.ok(c.risk_state)
                 elif broken is not None:
                     c.stats.failed(cut, c.risk_state)
                     M.BACKEND_ERRORS.labels(c.replica.deployment, c.key).inc()
-                else:
-                    c.stats.breaker.release()        # the client went away: logged as 499
+                else:                                # the client went away: logged as 499
                     t.status, t.error = 499, "the client closed the stream"
                     M.REQUESTS.labels(t.model, "499").inc()
                     gw._log(t)
+                # frees the half-open probe only if this stream took it (not another request's probe)
+                seg.slot.release()
                 M.CIRCUIT.labels(c.key).set(STATE_VALUE[c.stats.breaker.state])
+                await seg.stream.close()
             events += n
             if done:
                 tpot = (time.monotonic() - seg_first) / (n - 1) if n > 1 else None
@@ -176,13 +182,11 @@ class StreamRelay:
                 exclude.add(c.key)
                 continue
             except APIError as e:
-                slot.release()
-                c.stats.breaker.release()
+                slot.release()              # frees its own half-open probe, if it took one
                 M.RESUMED.labels(t.model, "failed").inc()
                 return None, f"{c.key} refused the continuation: {e.message}"
             except BaseException:
-                slot.release()
-                c.stats.breaker.release()
+                slot.release()              # frees its own half-open probe, if it took one
                 raise
             M.RESUMED.labels(t.model, "resumed").inc()
             t.resumed = c.key
@@ -193,6 +197,29 @@ class StreamRelay:
             return Segment(s, slot, started), ""
         M.RESUMED.labels(t.model, "failed").inc()
         return None, "the continuation failed before its first token twice"
+
+
+_closing: set = set()       # closes of abandoned backend streams (the loop holds a task only weakly)
+
+
+def release_if_never_started(relay, seg: Segment) -> None:
+    """A stream the server never starts (its client left between the answer and its first read) never runs its
+    finally: when the generator is dropped, its slot is released and the backend's response closed. Left
+    open, that connection stayed taken for good (max_connections) and the backend kept generating into it,
+    its slot busy, until the socket's buffers filled and it blocked."""
+    weakref.finalize(relay, _abandoned, seg.slot, seg.stream).atexit = False
+
+
+def _abandoned(slot: Slot, stream) -> None:
+    slot.release()
+    if stream.closed:              # the relay ran and closed it (the usual end)
+        return
+    try:
+        task = asyncio.get_running_loop().create_task(stream.close())
+    except RuntimeError:           # no running loop: the process is ending, its sockets with it
+        return
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _event(data: bytes, p: resume.Progress, rewrite, t) -> tuple[bytes | None, int]:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
 
 from controlplane.gateway import cache as cachemod
@@ -21,7 +20,7 @@ from controlplane.gateway.apierror import APIError
 from controlplane.gateway.clients import Caller, Clients
 from controlplane.gateway.config import GatewayConfig
 from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, gpu_levels, make
-from controlplane.gateway.relay import Plan, Segment, StreamRelay
+from controlplane.gateway.relay import Plan, Segment, StreamRelay, release_if_never_started
 from controlplane.gateway.hazard import HazardBook
 from controlplane.gateway.stats import StatsTable
 from controlplane.gateway.breaker import STATE_VALUE
@@ -156,7 +155,11 @@ class Gateway:
     def candidates(self, deps: list[DeploymentInfo]) -> list[Candidate]:
         out = []
         for d in deps:
-            cur = self.view.deployments.get(d.name, d)       # the latest view, even for a queued request
+            cur = self.view.deployments.get(d.name)          # the latest view, even for a queued request
+            if cur is None or cur.tenant != d.tenant or cur.model != d.model:
+                # deleted since the request was resolved (its replicas are gone), or its name now another
+                # tenant's or another model's deployment: none of that is the caller's to be served by
+                continue
             for r in cur.replicas:
                 g = self.view.gpus.get(r.gpu)
                 pressure, thermal = gpu_levels(g, self.cfg.pressure_limits, self.cfg.thermal_limits)
@@ -173,6 +176,11 @@ class Gateway:
         except APIError as e:
             t.status, t.error = e.status, e.message
             M.REQUESTS.labels(t.model if t.resolved else "-", str(e.status)).inc()
+            self._log(t)
+            raise
+        except asyncio.CancelledError:          # the client went away (queued, or waiting for the backend)
+            t.status, t.error = 499, "the client went away before the answer"
+            M.REQUESTS.labels(t.model if t.resolved else "-", "499").inc()
             self._log(t)
             raise
         if out.stream is None:
@@ -197,8 +205,8 @@ class Gateway:
                                 f"lists yours)", param="model", code="model_not_found")
         t.resolved = True         # a model of the fleet: a metric label from now on (not any name a client sends)
         context = min((d.context for d in primary if d.context), default=0)
-        validate.check_context(info["max_tokens"], context,
-                               "max_tokens" if "max_tokens" in body else "max_completion_tokens")
+        for name in ("max_tokens", "max_completion_tokens"):      # each one given, named as itself
+            validate.check_context(body.get(name), context, name)
         prio = validate.priority(headers.get("x-gpumesh-priority"),
                                  self.cfg.priorities.get(caller.tenant or "", "standard"))
         deadline = validate.deadline_ms(headers.get("x-gpumesh-deadline-ms")) or self.cfg.default_deadline_ms or None
@@ -229,12 +237,16 @@ class Gateway:
             rewaking = asyncio.ensure_future(self.waker.keep_waking(asleep))    # a Wake that failed is asked again
         max_tokens = info["max_tokens"] or 16
         ctx = RouteContext(",".join(sorted(d.name for d in primary)),
-                           affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens)
+                           affinity_key(caller.tenant, body, self.cfg.affinity_prefix_chars), max_tokens,
+                           first_token_by=t.start + deadline / 1000 if deadline else None)
         try:
             slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
         finally:
             if rewaking is not None:
                 rewaking.cancel()
+        if deps is not primary:    # the fallback's: a retry or a continuation waits in the fallback's queue, not
+            # at the head of the primary's, where it blocked every request behind it from the primary's replicas
+            ctx = dataclasses.replace(ctx, model=",".join(sorted(d.name for d in deps)))
         dep = next(d for d in deps if d.name == slot.candidate.replica.deployment)
         return await self._call(path, body, info["stream"], slot, deps, dep, ctx, prio, t, ckey, skey)
 
@@ -275,6 +287,9 @@ class Gateway:
         M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model) + 1)
         try:
             slot = await self.admission.acquire(lambda: self.candidates(primary), ctx, prio, timeout)
+        except asyncio.CancelledError:        # the client went away while waiting: it left the queue
+            M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
+            raise
         except Rejected as e:
             M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
             if fallback:
@@ -330,10 +345,9 @@ class Gateway:
                     t.ttft = time.monotonic() - t.start
                     t.backend_s += time.monotonic() - started
                     plan = Plan(path, body, path.endswith("/chat/completions"), deps, ctx, prio, self.resumes)
-                    relay = StreamRelay(self, Segment(s, slot, started), t, plan).run()
-                    # a stream the server never starts (its client left first) never runs its finally: the
-                    # slot is released when the generator is dropped
-                    weakref.finalize(relay, slot.release)
+                    seg = Segment(s, slot, started)
+                    relay = StreamRelay(self, seg, t, plan).run()
+                    release_if_never_started(relay, seg)
                     return Outcome(200, stream=relay, headers=self._headers(slot, t))
                 answer = await proxy.complete(self.http, c.replica.endpoint, path, data, c.replica.api_key,
                                               c.replica.certificate)
@@ -355,8 +369,9 @@ class Gateway:
                 slot.release()
                 raise
             except BaseException:
+                # frees the half-open probe only if this request took it: a bare breaker.release() here freed
+                # another request's probe in flight, and a second probe went to a replica still on trial
                 slot.release()
-                c.stats.breaker.release()
                 raise
             e2e = time.monotonic() - started
             usage = _usage(answer)
@@ -365,9 +380,11 @@ class Gateway:
             c.stats.ok(c.risk_state)
             slot.release()
             self._measure(t, c, e2e, None)
-            if ckey:
+            # the keys name the model asked for, not the variant that served: a fallback's answer stored under
+            # them would be replayed, untagged, to requests the primary variant serves again
+            if ckey and t.degraded != "fallback":
                 self.cache.put(ckey, answer, usage[1])
-            if skey is not None:
+            if skey is not None and t.degraded != "fallback":
                 self.semcache.put(skey, answer, usage[1])
             return Outcome(200, answer, headers=self._headers(slot, t))
 
@@ -380,8 +397,11 @@ class Gateway:
         try:
             # first in its class: the request was admitted before those waiting now (at the back, a retry
             # waited behind every request that arrived while it failed)
-            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio,
-                                                self.cfg.queue_timeout_seconds, first_in_class=True)
+            # within what is left of its deadline to the first token, which the failed attempt did not bring
+            wait = self.cfg.queue_timeout_seconds
+            if ctx.first_token_by is not None:
+                wait = max(0.0, min(wait, ctx.first_token_by - time.monotonic()))
+            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio, wait, first_in_class=True)
         except Rejected as e:
             raise APIError(503, f"the model server failed and no other replica took the retry: {e}",
                            code="backend_failed", headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None

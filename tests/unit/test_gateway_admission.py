@@ -274,3 +274,28 @@ async def test_admission_waits_for_the_fleet_to_change():
     adm.kick()
     slot = await t
     assert slot.candidate is hot and slot.waited > 0
+
+
+@pytest.mark.parametrize("policy", ["least-loaded", "gpu-aware"])
+async def test_a_retry_waiting_at_the_head_does_not_keep_the_replica_it_excluded_idle(policy):
+    """A request failed on `a` (a 5xx: a's circuit stays closed) and waits first in its class for another
+    replica; `b` is busy. A request arriving behind it must get `a`, which the retry will not take, rather
+    than wait with it for `b` (work conservation: nothing waits while a sound replica has a free slot)."""
+    adm = Admission(make(policy, cfg()), queue_size=8)
+    a, b = cand("a"), cand("b", in_flight=1)
+    retry = asyncio.create_task(adm.acquire(lambda: [a, b], RouteContext("chat", exclude=frozenset({a.key})),
+                                            "standard", 60, first_in_class=True))
+    await asyncio.sleep(0)
+    assert adm.depth("chat") == 1 and not retry.done()
+    slot = await adm.acquire(lambda: [a, b], RouteContext("chat"), "standard", 0.5)   # Rejected if it waits
+    assert slot.candidate is a and a.stats.in_flight == 1 and adm.depth("chat") == 1
+    # and after a release: a freed `a` goes to the next request behind the retry, `b` still to the retry
+    later = asyncio.create_task(adm.acquire(lambda: [a, b], RouteContext("chat"), "standard", 60))
+    await asyncio.sleep(0)
+    assert adm.depth("chat") == 2
+    slot.release()
+    assert (await asyncio.wait_for(later, 5)).candidate is a
+    b.stats.in_flight = 0
+    b.stats.starts.clear()
+    adm.kick()
+    assert (await asyncio.wait_for(retry, 5)).candidate is b

@@ -333,3 +333,13 @@ def test_grpc_generate_names_its_own_field_and_maps_every_status():
     assert grpc_code(504) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert grpc_code(422) == grpc.StatusCode.INVALID_ARGUMENT and grpc_code(418) == grpc.StatusCode.INVALID_ARGUMENT
     assert grpc_code(409) == grpc.StatusCode.FAILED_PRECONDITION and grpc_code(500) == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize("fields, param", [({"max_tokens": 600, "max_completion_tokens": 8}, "max_tokens"),
+                                           ({"max_tokens": 8, "max_completion_tokens": 600}, "max_completion_tokens")])
+async def test_each_token_limit_is_checked_against_the_context_and_named(app, fields, param):
+    """A chat request may give both limits; the one beyond the context (512) is refused by its own name."""
+    r = await app.post("/v1/chat/completions", headers={"authorization": f"Bearer {app.tokens['team-a']}"},
+                       json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], **fields})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and "600" in err["message"], r.text
