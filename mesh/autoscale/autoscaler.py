@@ -19,7 +19,9 @@ The rules, in the order ``decide`` applies them:
    where forecast_upper is the demand expected at now + lead time, in the metric's units.
 4. Scale-up at most ``max_scale_up_rate`` x max(ready, 1) per decision; a scale-up waits until every want
    in the last ``scale_up_delay_s`` asked for it; a scale-down goes only to the highest want of the last
-   ``scale_down_delay_s`` (Knative's scale-down delay; a caller may pass a shorter one per decision).
+   ``scale_down_delay_s`` (Knative's scale-down delay; a caller may pass a shorter one per decision). A new
+   autoscaler (a policy just set, a new leader) counts the replicas it found as its first want, so its first
+   scale-down also waits the delay: with no history, a fresh policy scaled 3 replicas to 1 on its first decision.
 5. Scale to zero: with ``min_replicas == 0`` and ``scale_to_zero_after_s > 0``, zero replicas once no request
    was seen for that long; until then at least one. From zero, one replica at once on any demand.
 6. Clamp to [min, max], then to the cost ceiling (floor(ceiling / replica cost), ``bound_by="cost_ceiling"``)
@@ -65,6 +67,7 @@ class Autoscaler:
         self._last_request_t: float | None = None
         self._first_t: float | None = None
         self._panic_until = -math.inf
+        self._decided = False
 
     @property
     def window_s(self) -> float:
@@ -169,6 +172,9 @@ class Autoscaler:
                 want = max(cap, current)
                 bound_by = "stabilization"
                 reason += f"; scale-up limited to {p.max_scale_up_rate:g}x the ready replicas"
+        if not self._decided:
+            self._decided = True
+            self._wants.append((now, current))      # what it found: its first scale-down waits the delay
         self._wants.append((now, want))
         if mode != "panic" and want < current and down_delay > 0:
             recent = max(w for t, w in self._wants if t >= now - down_delay)

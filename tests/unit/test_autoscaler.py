@@ -183,3 +183,23 @@ def test_a_caller_may_shorten_the_scale_down_delay_but_never_lengthen_it() -> No
     assert fed().decide(40, ready=8, starting=0, scale_down_delay_s=20.0).desired == 2   # want 8 was 30 s ago
     held = fed().decide(40, ready=8, starting=0, scale_down_delay_s=3600.0)      # capped at the policy's 60 s
     assert held.desired == 8 and "last 60s" in held.reason
+
+
+def test_a_new_policy_waits_its_scale_down_delay_before_scaling_down_what_it_found() -> None:
+    """A policy set on a deployment running 3 replicas at a load that wants 1: with no history, its first
+    decision scaled to 1 at once, as if the delay did not apply; it counts the 3 it found as a want now."""
+    a = Autoscaler(ScalingPolicy(max_replicas=10, target=1.0, stable_window_s=10, panic_threshold=100,
+                                 scale_down_delay_s=120))
+    for t in range(0, 11, 2):
+        a.observe(Sample(t=t, in_flight=1, request_rate=1))
+    first = a.decide(10, ready=3, starting=0)
+    assert first.desired == 3 and first.bound_by == "stabilization" and "last 120s" in first.reason
+    for t in range(12, 131, 2):
+        a.observe(Sample(t=t, in_flight=1, request_rate=1))
+        assert a.decide(t, ready=3, starting=0).desired == 3
+    assert a.decide(131, ready=3, starting=0).desired == 1      # the delay passed: down to what the load wants
+    up = Autoscaler(ScalingPolicy(max_replicas=10, target=1.0, stable_window_s=10, panic_threshold=100,
+                                  scale_down_delay_s=120))
+    for t in range(0, 11, 2):
+        up.observe(Sample(t=t, in_flight=5, request_rate=1))
+    assert up.decide(10, ready=3, starting=0).desired == 5        # a first scale-up is not held
