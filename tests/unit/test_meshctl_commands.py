@@ -17,6 +17,7 @@ from gpumesh.v1 import slice_service_pb2 as S
 from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.deployapi import DeploymentApi
+from tests.unit._meshctl_fake import install, run
 from tools.meshctl import main as meshctl
 
 
@@ -165,15 +166,7 @@ class FakeSliceWatch:
 
 @pytest.fixture
 def fake(monkeypatch):
-    m = FakeMesh()
-    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: m)
-    return m
-
-
-def run(capsys, *argv):
-    rc = meshctl.main(["--endpoint", "127.0.0.1:1", *argv])
-    o = capsys.readouterr()
-    return rc, o.out, o.err
+    return install(monkeypatch, FakeMesh())
 
 
 # -- 1. update deployment ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import pool_service_pb2 as P
 from gpumesh.v1 import types_pb2
-from tools.meshctl import main as meshctl
+from tests.unit._meshctl_fake import install, run
 
 
 class FakeMesh:
@@ -52,15 +52,7 @@ class FakeMesh:
 
 @pytest.fixture
 def fake(monkeypatch):
-    m = FakeMesh()
-    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: m)
-    return m
-
-
-def run(capsys, *argv):
-    rc = meshctl.main(["--endpoint", "127.0.0.1:1", *argv])
-    o = capsys.readouterr()
-    return rc, o.out, o.err
+    return install(monkeypatch, FakeMesh())
 
 
 @pytest.mark.parametrize("argv, needle", [

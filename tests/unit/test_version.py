@@ -14,6 +14,7 @@ from controlplane.api import auth
 from controlplane.api.services import AdminService
 from gpumesh.v1 import admin_service_pb2, types_pb2
 from mesh import version as release
+from tests.unit._meshctl_fake import install, run
 from tools.meshctl import main as meshctl
 
 
@@ -68,10 +69,8 @@ class FakeMesh:
 
 
 def _run(monkeypatch, capsys, mesh, *argv):
-    monkeypatch.setattr("mesh.client.MeshClient", lambda *a, **k: mesh)
-    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "version", *argv])
-    o = capsys.readouterr()
-    return rc, o.out, o.err
+    install(monkeypatch, mesh)
+    return run(capsys, "version", *argv)
 
 
 def test_the_table_names_client_server_etcd_and_agents(monkeypatch, capsys):
