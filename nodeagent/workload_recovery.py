@@ -91,4 +91,4 @@ class RecoveryMixin:
         if p is not None:
             return p.poll() is None
         meta = self.meta.get(wid, {})
-        return bool(meta.get("shim_pid")) and _shim_alive(meta["shim_pid"], meta.get("stem") or wid)
+        return bool(meta.get("shim_pid")) and _shim_alive(meta["shim_pid"], self.path(wid, "pid"))

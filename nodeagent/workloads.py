@@ -426,7 +426,7 @@ class WorkloadRunner(RecoveryMixin):
 
     def _signal(self, wid: str, sig: int) -> None:
         pid = self.meta[wid].get("shim_pid")
-        if not pid or not (wid in self.popens or _shim_alive(pid, self.meta[wid].get("stem") or wid)):
+        if not pid or not (wid in self.popens or _shim_alive(pid, self.path(wid, "pid"))):
             return
         try:
             os.killpg(pid, sig)
