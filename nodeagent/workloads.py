@@ -286,7 +286,7 @@ class WorkloadRunner(RecoveryMixin):
                 except Exception as e:   # noqa: BLE001
                     return self._fail(w, f"isolation: {e}")
                 if restore_uid >= 0 and restore_uid != plan.uid:
-                    return self._fail(w, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the source node "
+                    return self._abandon(w, plan, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the source node "
                                          f"and is uid {plan.uid} here; CRIU would restore it under another "
                                          "tenant's id: give the tenant the same ids on every node (workload_uid_map)")
                 argv[argv.index("--restore-pidfile"):argv.index("--restore-pidfile")] = [
@@ -304,7 +304,7 @@ class WorkloadRunner(RecoveryMixin):
             try:
                 env.update(backends.server_tls(w, self.path(w.id, "d"), plan, backends.options_of(self.agent)))
             except (ValueError, OSError) as e:
-                return self._fail(w, f"cannot make the TLS certificate of backend {w.backend.kind!r}: {e}")
+                return self._abandon(w, plan, f"cannot make the TLS certificate of backend {w.backend.kind!r}: {e}")
         stem = self.meta.get(w.id, {}).get("stem")
         record = {"shim_pid": 0, "device_uuid": st.device_uuid,
                   "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0, "starting": time.time()}
@@ -332,7 +332,7 @@ class WorkloadRunner(RecoveryMixin):
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
             record.pop("starting", None)
-            return self._fail(w, f"cannot start the supervisor: {e}")
+            return self._abandon(w, plan, f"cannot start the supervisor: {e}")
         self.popens[w.id] = p
         record["shim_pid"] = p.pid
         self._crash_point("after-launch")
@@ -356,8 +356,7 @@ class WorkloadRunner(RecoveryMixin):
                 try:
                     w.network_address = plug_network(self.isolator.bridge, w.pid)
                 except (OSError, RuntimeError) as e:
-                    self._signal(w.id, signal.SIGKILL)
-                    return self._fail(w, f"isolation: network: {e}")
+                    return self._abandon(w, plan, f"isolation: network: {e}")
         self.save(w.id)
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
@@ -370,6 +369,26 @@ class WorkloadRunner(RecoveryMixin):
         self.save(w.id)
         log(logger, logging.WARNING, "workload not started", node=self.agent.node, workload=w.id, error=why)
         return w
+
+    def _abandon(self, w: types_pb2.Workload, plan, why: str) -> types_pb2.Workload:
+        """A start that fails once the isolation plan is made: the plan made the workload's cgroup, and its
+        supervisor may run, attached to the device (an isolated workload whose network could not be plugged).
+        The record becomes FAILED, which the monitor never finishes (`_finish`), so what the start made goes
+        here: the supervisor's process group killed and reaped, its registrations, the cgroup."""
+        p = self.popens.pop(w.id, None)
+        if p is not None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            self._detach(w.id)
+        if plan is not None and plan.cgroup:
+            self.isolator.release(plan.cgroup)
+        return self._fail(w, why)
 
     def _attach(self, wid: str, pid: int) -> None:
         """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""

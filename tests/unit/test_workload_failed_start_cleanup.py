@@ -1,0 +1,124 @@
+"""A confined workload whose start fails after its isolation plan was made (the plan makes the workload's
+cgroup) leaves nothing behind: the cgroup is removed, and when its supervisor had started (an isolated
+workload whose network could not be plugged) that supervisor is gone and the process is no longer
+registered with the (simulated) NVML. The record is FAILED, so the monitor never finishes it: whatever the
+start made must go there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import types
+
+import pytest
+
+from gpumesh.v1 import node_service_pb2
+from gpumesh.v1 import types_pb2 as t
+from nodeagent import workloads as wl
+from nodeagent.isolation.devices import NvidiaDevices
+from nodeagent.isolation.plan import Isolator, IsolationSettings
+from nodeagent.isolation.probe import HostFeatures
+from nodeagent.isolation.users import TenantUsers
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="a confined workload switches to a tenant's uid: root")
+
+
+class FakeCgroups:
+    version, confines_devices = 1, True
+
+    def __init__(self):
+        self.groups: set[str] = set()
+
+    def create(self, name, limits):
+        self.groups.add(name)
+        return []
+
+    def remove(self, name):
+        self.groups.discard(name)
+
+    def exists(self, name):
+        return name in self.groups
+
+
+class FakeNvml:
+    def __init__(self):
+        self.processes: set[tuple[str, int]] = set()
+
+    def sim_add_process(self, uuid, pid, memory):
+        self.processes.add((uuid, pid))
+
+    def sim_remove_process(self, uuid, pid):
+        self.processes.discard((uuid, pid))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    agent = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
+                                  claim_hooks=[], gpus=types.SimpleNamespace(nvml=FakeNvml()), slicer=object())
+    agent.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY,
+                                                          device_uuid="GPU-x")}
+    groups = FakeCgroups()
+    iso = Isolator(IsolationSettings(mode="permissive", seccomp=False, shm_root=str(tmp_path / "shm")),
+                   HostFeatures(setuid=True, no_new_privs=True),
+                   TenantUsers((310000, 310010), {}, str(tmp_path / "ids.json")),
+                   groups, NvidiaDevices(str(tmp_path), str(tmp_path / "mig-minors")), node="n1", scope=str(tmp_path))
+    r = wl.WorkloadRunner(agent, str(tmp_path / "w"), isolator=iso)
+    yield r, groups, agent.gpus.nvml
+    for meta in r.meta.values():
+        if meta.get("shim_pid"):
+            try:
+                os.killpg(meta["shim_pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _spec():
+    return t.Workload(id="w-1", slice_id="s-1", tenant="ta", command=["sleep", "60"])
+
+
+@root_only
+def test_a_supervisor_that_cannot_start_leaves_no_cgroup(setup, monkeypatch):
+    r, groups, _ = setup
+
+    def no_popen(*a, **k):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(wl.subprocess, "Popen", no_popen)
+    w = r.start(_spec())
+    assert w.state == t.WORKLOAD_STATE_FAILED and "cannot start the supervisor" in w.message
+    assert groups.groups == set()
+
+
+@root_only
+def test_an_isolated_workload_whose_network_fails_leaves_no_cgroup_process_or_registration(setup, monkeypatch):
+    r, groups, nvml = setup
+    real_plan = wl.confinement_plan
+
+    def isolated_plan(runner, w, st):
+        plan = real_plan(runner, w, st)       # confine.json is written as planned (host network: no wait)
+        plan.spec["network"] = "isolated"     # the runner then plugs its network, which fails
+        return plan
+    monkeypatch.setattr(wl, "confinement_plan", isolated_plan)
+
+    def no_network(bridge, pid):
+        raise RuntimeError("the bridge is gone")
+    monkeypatch.setattr(wl, "plug_network", no_network)
+    r.isolator.bridge = object()
+    w = r.start(_spec())
+    assert w.state == t.WORKLOAD_STATE_FAILED and "network" in w.message
+    assert groups.groups == set()
+    assert nvml.processes == set()
+    assert "w-1" not in r.popens and not _alive(r.meta["w-1"]["shim_pid"])     # killed and reaped
+    deadline = time.monotonic() + 60          # the workload (the init's exec) dies with its group
+    while _alive(w.pid):
+        assert time.monotonic() < deadline, "the workload's process outlived its failed start"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return False
