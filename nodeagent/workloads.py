@@ -438,6 +438,8 @@ class WorkloadRunner(RecoveryMixin):
         meta = self.meta.get(wid)
         if w is None or meta is None or w.state != W.WORKLOAD_STATE_RUNNING or meta.get("stop_at"):
             return
+        if os.path.exists(self.path(wid, "exit")) or not self.shim_running(wid):
+            return      # it ended on its own before the stop came: the monitor records how (`_finish`)
         meta["stop_at"] = time.time()
         self._signal(wid, signal.SIGTERM)
         self.save(wid)

@@ -63,5 +63,5 @@ def test_a_reused_pid_of_another_workloads_shim_is_not_this_workloads(runner_dir
     assert r2.shim_running("job10") and not os.path.exists(r2.path("job10", "exit")), \
         "stopping job1 signalled job10's process group"
     r2.check_all(report=False)
-    assert r2.workloads["job1"].state == t.WORKLOAD_STATE_STOPPED     # its supervisor is gone: it ended
+    assert r2.workloads["job1"].state == t.WORKLOAD_STATE_FAILED     # killed: no exit file
     assert r2.workloads["job10"].state == t.WORKLOAD_STATE_RUNNING
