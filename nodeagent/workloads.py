@@ -126,12 +126,14 @@ class WorkloadRunner(RecoveryMixin):
         w = self.workloads.get(wid)
         if w is not None and w.state == W.WORKLOAD_STATE_RUNNING:
             raise RuntimeError(f"workload {wid} still runs")
+        # named before the record goes: a re-keyed record's files keep its stem (`rekey`), not its ID
+        files = [self.path(wid, ext) for ext in ("pid", "exit", "json", "confine.json")]
         self.workloads.pop(wid, None)
         self.meta.pop(wid, None)
         self.popens.pop(wid, None)
-        for ext in ("pid", "exit", "json", "confine.json"):
+        for path in files:
             try:
-                os.unlink(self.path(wid, ext))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
@@ -286,8 +288,8 @@ class WorkloadRunner(RecoveryMixin):
                 except Exception as e:   # noqa: BLE001
                     return self._fail(w, f"isolation: {e}")
                 if restore_uid >= 0 and restore_uid != plan.uid:
-                    return self._abandon(w, plan, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the source node "
-                                         f"and is uid {plan.uid} here; CRIU would restore it under another "
+                    return self._abandon(w, plan, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the "
+                                         f"source node and is uid {plan.uid} here; CRIU would restore it under another "
                                          "tenant's id: give the tenant the same ids on every node (workload_uid_map)")
                 argv[argv.index("--restore-pidfile"):argv.index("--restore-pidfile")] = [
                     "--real-ids", f"{plan.uid}:{plan.gid}"]
