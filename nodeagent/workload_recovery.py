@@ -39,6 +39,7 @@ class RecoveryMixin:
             return
         self._crash_point("hand-over")
         if wid in self.workloads:
+            self.meta.setdefault(wid, {})["source_of"] = wid    # expired with the workload (`expire`)
             self.rekey(wid, f"{alias}~source")
         self._crash_point("hand-over-half")
         self.rekey(alias, wid)

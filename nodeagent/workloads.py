@@ -216,10 +216,14 @@ class WorkloadRunner(RecoveryMixin):
 
     def expire(self, wid: str) -> None:
         """The control plane's record of a finished workload expired: delete its record, its log and
-        its own directory (the confined workload's /tmp and cwd)."""
+        its own directory (the confined workload's /tmp and cwd); and so those of the sources it was
+        handed over from by same-node migrations (`<wid>~<migration>~source`, marked `source_of`: the
+        control plane knows them not, so nothing else expires them)."""
         w = self.workloads.get(wid)
         if w is not None and w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
             return          # never the files of a workload that still runs
+        for source in [k for k, m in self.meta.items() if m.get("source_of") == wid and k != wid]:
+            self.expire(source)
         logfile, workdir = self.path(wid, "log"), self.path(wid, "d")
         self.forget(wid)
         try:
