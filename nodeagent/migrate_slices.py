@@ -287,6 +287,8 @@ class SlicesMixin:
                         meta.pop("frozen", None)
                         meta.pop("criu_images", None)
                         r.save(wid)
+                        # what it wrote of the process's memory: no later step knows the directory now
+                        shutil.rmtree(images, ignore_errors=True)
                     raise
                 r._detach(wid)
                 r.save(wid)
