@@ -1,7 +1,9 @@
 """A workload's log streamed to the control plane (`meshctl logs [-f]`): the last lines (at most the log's
 last LOG_READ_CAP bytes, nodeagent/procfiles.py), then what the workload appends while it runs, in
-LogChunks of at most CHUNK bytes; one task per request, cancelled by a
-LogRequest with `cancel`. Composed into the agent's WorkloadRunner (nodeagent/workloads.py)."""
+LogChunks of at most CHUNK bytes; one task per request, cancelled by a LogRequest with `cancel`. A follow
+goes on with a same-node migration's target once it takes the workload's ID (its log from the start), and
+ends when the workload ends or its record goes. Composed into the agent's WorkloadRunner
+(nodeagent/workloads.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +60,10 @@ class LogStreamer:
         while req.follow:
             while crowded(outbox):
                 await asyncio.sleep(self.runner.poll_interval)
-            finished = self.runner.workloads[req.workload_id].state != W.WORKLOAD_STATE_RUNNING
+            w = self.runner.workloads.get(req.workload_id)
+            finished = w is None or w.state != W.WORKLOAD_STATE_RUNNING     # None: its record expired meanwhile
+            if w is not None and (now := self.runner.path(req.workload_id, "log")) != path:
+                path, offset = now, 0   # a same-node migration's target took the ID: its log, from its start
             more, offset = await asyncio.to_thread(_read_from, path, offset)
             for i in range(0, len(more), CHUNK):
                 chunk(more[i:i + CHUNK])
