@@ -49,6 +49,7 @@ W = types_pb2
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
+SHORT_SOCKET_PREFIX = "/tmp/gpumesh-"   # a control socket's name when the runner's directory is too deep
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -118,7 +119,7 @@ class WorkloadRunner(RecoveryMixin):
         path = self.path(wid, "sock")
         if len(path) > 100:
             import hashlib
-            path = f"/tmp/gpumesh-{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
+            path = f"{SHORT_SOCKET_PREFIX}{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
         return path
 
     def forget(self, wid: str) -> None:
@@ -224,12 +225,14 @@ class WorkloadRunner(RecoveryMixin):
             return          # never the files of a workload that still runs
         for source in [k for k, m in self.meta.items() if m.get("source_of") == wid and k != wid]:
             self.expire(source)
-        logfile, workdir = self.path(wid, "log"), self.path(wid, "d")
+        logfile, workdir, sock = self.path(wid, "log"), self.path(wid, "d"), self.socket_path(wid)
         self.forget(wid)
-        try:
-            os.unlink(logfile)
-        except FileNotFoundError:
-            pass
+        # and the short name of its control socket under /tmp (a runner directory too deep for a socket's name)
+        for path in (logfile, *([sock] if sock.startswith(SHORT_SOCKET_PREFIX) else [])):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         shutil.rmtree(workdir, ignore_errors=True)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,

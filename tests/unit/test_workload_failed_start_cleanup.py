@@ -2,7 +2,7 @@
 cgroup) leaves nothing behind: the cgroup is removed, and when its supervisor had started (an isolated
 workload whose network could not be plugged) that supervisor is gone and the process is no longer
 registered with the (simulated) NVML. The record is FAILED, so the monitor never finishes it: whatever the
-start made must go there."""
+start made must go there. And a workload that expires leaves no link to its control socket under /tmp."""
 
 from __future__ import annotations
 
@@ -122,3 +122,25 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+@root_only
+def test_an_expired_workload_leaves_no_socket_link_in_tmp(tmp_path, setup):
+    """A runner directory too deep for a Unix socket name: the plan links a short name under /tmp to the
+    workload's control socket; the link goes with the workload's files when it expires."""
+    r0, groups, _ = setup
+    iso = Isolator(IsolationSettings(mode="permissive", seccomp=False, shm_root=str(tmp_path / "shm")),
+                   HostFeatures(setuid=True, no_new_privs=True, namespaces=["mount"]),
+                   TenantUsers((310000, 310010), {}, str(tmp_path / "ids.json")),
+                   groups, NvidiaDevices(str(tmp_path), str(tmp_path / "mig-minors")), node="n1", scope=str(tmp_path))
+    r = wl.WorkloadRunner(r0.agent, str(tmp_path / ("d" * 60) / ("e" * 60)), isolator=iso)
+    w = r.start(t.Workload(id="w-1", slice_id="s-1", tenant="ta", command=["true"]))
+    link = r.meta["w-1"]["socket"]
+    assert w.state == t.WORKLOAD_STATE_RUNNING and link.startswith("/tmp/gpumesh-") and os.path.islink(link)
+    deadline = time.monotonic() + 60
+    while r.workloads["w-1"].state == t.WORKLOAD_STATE_RUNNING:
+        assert time.monotonic() < deadline, "the workload did not end"
+        r.check_all(report=False)
+        time.sleep(0.02)
+    r.expire("w-1")
+    assert not os.path.lexists(link)
