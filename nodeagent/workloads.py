@@ -50,6 +50,7 @@ SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
 SHORT_SOCKET_PREFIX = "/tmp/gpumesh-"   # a control socket's name when the runner's directory is too deep
+LOG_CAP_INTERVAL = 1.0             # seconds between two checks of the running workloads' log sizes
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -63,8 +64,9 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
 
 class WorkloadRunner(RecoveryMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
-                 poll_interval: float = 0.2, isolator=None) -> None:
+                 poll_interval: float = 0.2, isolator=None, log_max_bytes: int = 0) -> None:
         self.agent = agent
+        self.log_max_bytes = log_max_bytes  # a running workload's log is kept within it (0: unbounded)
         self.dir = directory
         self.isolator = isolator         # nodeagent.isolation.Isolator: confines every workload
         self.mps = mps
@@ -234,6 +236,7 @@ class WorkloadRunner(RecoveryMixin):
             except FileNotFoundError:
                 pass
         shutil.rmtree(workdir, ignore_errors=True)
+        self.logs.cut.pop(logfile, None)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
               restore_uid: int = -1, meta: dict | None = None, secret_file: str = "") -> types_pb2.Workload:
@@ -466,12 +469,24 @@ class WorkloadRunner(RecoveryMixin):
     # -- following the processes --------------------------------------------------------
 
     async def _monitor(self) -> None:
+        capped = time.monotonic()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 self.check_all()
+                if self.log_max_bytes and time.monotonic() - capped >= LOG_CAP_INTERVAL:
+                    capped = time.monotonic()
+                    await self._cap_logs()
             except Exception:   # noqa: BLE001 - keep following the other workloads
                 logger.exception("workload monitor")
+
+    async def _cap_logs(self) -> None:
+        """The running workloads' logs kept within `log_max_bytes` (nodeagent/workload_logcap.py)."""
+        paths = {self.path(wid, "log"): wid for wid, w in self.workloads.items()
+                 if w.state == W.WORKLOAD_STATE_RUNNING and not self.meta.get(wid, {}).get("frozen")}
+        for path, n in (await asyncio.to_thread(self.logs.cap, list(paths), self.log_max_bytes)).items():
+            log(logger, logging.INFO, "workload log cut to stay within workload_log_max_bytes", node=self.agent.node,
+                workload=paths[path], removed_bytes=n, max_bytes=self.log_max_bytes)
 
     def check_all(self, report: bool = True) -> None:
         done = []
