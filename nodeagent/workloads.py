@@ -14,6 +14,8 @@ the slice's device (and with the simulated MPS daemon on MPS slices), so NVML
 sees it the way it sees a CUDA process on a real GPU: that is what makes IN_USE
 real there. It is removed when the process ends.
 
+Its records and files are in nodeagent/workload_records.py, its crash recovery in workload_recovery.py.
+
 Hooked into the agent through its extension points: ControllerMessage kinds
 "workloads" (WorkloadCommand) and "logs" (LogRequest), and a Sync-open hook
 that sends the full WorkloadStatusReport.
@@ -22,22 +24,21 @@ that sends the full WorkloadStatusReport.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
 from nodeagent.ids import BadId, check_id
 from nodeagent.teardown import SliceTeardown
+from nodeagent.workload_records import RecordsMixin
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
@@ -49,7 +50,6 @@ W = types_pb2
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
-SHORT_SOCKET_PREFIX = "/tmp/gpumesh-"   # a control socket's name when the runner's directory is too deep
 LOG_CAP_INTERVAL = 1.0             # seconds between two checks of the running workloads' log sizes
 
 
@@ -62,7 +62,7 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     return ts
 
 
-class WorkloadRunner(RecoveryMixin):
+class WorkloadRunner(RecordsMixin, RecoveryMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
                  poll_interval: float = 0.2, isolator=None, log_max_bytes: int = 0) -> None:
         self.agent = agent
@@ -92,82 +92,6 @@ class WorkloadRunner(RecoveryMixin):
         if collector is not None:
             collector.shared_slices = lambda: shared_slice_pids(self.workloads.values(), self.agent.desired)
         return self
-
-    # -- files --------------------------------------------------------------------------
-
-    def path(self, wid: str, ext: str) -> str:
-        # A record re-keyed by a same-node migration (`rekey`) keeps its files' stem.
-        return os.path.join(self.dir, f"{self.meta.get(wid, {}).get('stem') or wid}.{ext}")
-
-    def rekey(self, old: str, new: str) -> None:
-        """Let the record `old` answer to the ID `new` (its files keep their names): a same-node
-        migration swaps the source and the target process under the workload's ID."""
-        if new in self.workloads:
-            raise RuntimeError(f"workload {new} is recorded here already")
-        w, meta = self.workloads.pop(old), self.meta.pop(old, {})
-        meta.setdefault("stem", old)
-        w.id = new
-        self.workloads[new], self.meta[new] = w, meta
-        if old in self.popens:
-            self.popens[new] = self.popens.pop(old)
-        self.save(new)
-
-    def socket_path(self, wid: str) -> str:
-        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET) as the agent sees
-        it: in the workload's own directory when it is confined (it names another path inside);
-        else a short path under /tmp when the runner's directory is too deep for a Unix socket name."""
-        if self.meta.get(wid, {}).get("socket"):
-            return self.meta[wid]["socket"]
-        path = self.path(wid, "sock")
-        if len(path) > 100:
-            import hashlib
-            path = f"{SHORT_SOCKET_PREFIX}{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
-        return path
-
-    def forget(self, wid: str) -> None:
-        """Drop the record of a workload that is not running here (before it is started here again)."""
-        w = self.workloads.get(wid)
-        if w is not None and w.state == W.WORKLOAD_STATE_RUNNING:
-            raise RuntimeError(f"workload {wid} still runs")
-        # named before the record goes: a re-keyed record's files keep its stem (`rekey`), not its ID
-        files = [self.path(wid, ext) for ext in ("pid", "exit", "json", "confine.json")]
-        self.workloads.pop(wid, None)
-        self.meta.pop(wid, None)
-        self.popens.pop(wid, None)
-        for path in files:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-    def load(self) -> None:
-        """Read every workload record left by a previous agent process."""
-        for name in sorted(os.listdir(self.dir)):
-            if not name.endswith(".json") or name.endswith(".tmp"):
-                continue
-            doc = _read_json(os.path.join(self.dir, name))
-            if not doc or "workload" not in doc:
-                continue
-            w = json_format.ParseDict(doc["workload"], types_pb2.Workload(), ignore_unknown_fields=True)
-            self.workloads[w.id] = w
-            self.meta[w.id] = doc.get("meta", {})
-        for wid in [k for k, m in self.meta.items() if m.get("starting")]:
-            self._resolve_start(wid)
-        self._mark_unmarked_hand_overs()
-        for alias in [k for k, m in self.meta.items() if m.get("hand_over_to")]:
-            log(logger, logging.INFO, "finishing an interrupted hand-over", node=self.agent.node, alias=alias,
-                workload=self.meta[alias]["hand_over_to"])
-            self.finish_hand_over(alias)
-        if self.workloads:
-            log(logger, logging.INFO, "workload records loaded", node=self.agent.node, count=len(self.workloads),
-                running=sum(1 for w in self.workloads.values() if w.state == W.WORKLOAD_STATE_RUNNING))
-
-    def save(self, wid: str) -> None:
-        doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
-        tmp = self.path(wid, "json.tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
-            json.dump(doc, f)        # the record holds the workload's environment: root-only
-        os.replace(tmp, self.path(wid, "json"))
 
     # -- reporting ----------------------------------------------------------------------
 
@@ -216,27 +140,6 @@ class WorkloadRunner(RecoveryMixin):
             except BadId as e:      # its files would be outside this runner's directory
                 log(logger, logging.WARNING, "workload command refused", node=self.agent.node, error=str(e))
         self.report(changed)
-
-    def expire(self, wid: str) -> None:
-        """The control plane's record of a finished workload expired: delete its record, its log and
-        its own directory (the confined workload's /tmp and cwd); and so those of the sources it was
-        handed over from by same-node migrations (`<wid>~<migration>~source`, marked `source_of`: the
-        control plane knows them not, so nothing else expires them)."""
-        w = self.workloads.get(wid)
-        if w is not None and w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
-            return          # never the files of a workload that still runs
-        for source in [k for k, m in self.meta.items() if m.get("source_of") == wid and k != wid]:
-            self.expire(source)
-        logfile, workdir, sock = self.path(wid, "log"), self.path(wid, "d"), self.socket_path(wid)
-        self.forget(wid)
-        # and the short name of its control socket under /tmp (a runner directory too deep for a socket's name)
-        for path in (logfile, *([sock] if sock.startswith(SHORT_SOCKET_PREFIX) else [])):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        shutil.rmtree(workdir, ignore_errors=True)
-        self.logs.cut.pop(logfile, None)
 
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
               restore_uid: int = -1, meta: dict | None = None, secret_file: str = "") -> types_pb2.Workload:
