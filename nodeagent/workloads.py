@@ -260,10 +260,6 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
             if pid_doc or os.path.exists(self.path(w.id, "exit")) or p.poll() is not None:
                 break
             time.sleep(0.005)
-        w.state = W.WORKLOAD_STATE_RUNNING
-        w.started_at.CopyFrom(_ts())
-        w.message = ""
-        record.pop("starting", None)
         if pid_doc:
             w.pid = int(pid_doc["pid"])
             self._attach(w.id, w.pid)
@@ -271,7 +267,13 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
                 try:
                     w.network_address = plug_network(self.isolator.bridge, w.pid)
                 except (OSError, RuntimeError) as e:
+                    record.pop("starting", None)
                     return self._abandon(w, plan, f"isolation: network: {e}")
+        # published RUNNING (which the monitor, on the event loop, follows) only now: it sees a pid, attached
+        w.state = W.WORKLOAD_STATE_RUNNING
+        w.started_at.CopyFrom(_ts())
+        w.message = ""
+        record.pop("starting", None)
         self.save(w.id)
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
