@@ -358,8 +358,8 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
         if os.path.exists(self.path(wid, "exit")) or not self.shim_running(wid):
             return      # it ended on its own before the stop came: the monitor records how (`_finish`)
         meta["stop_at"] = time.time()
+        self.save(wid)          # before the signal: an agent that dies in between still knows it was a stop
         self._signal(wid, signal.SIGTERM)
-        self.save(wid)
         log(logger, logging.INFO, "stopping workload", node=self.agent.node, workload=wid, pid=w.pid)
 
     def _signal(self, wid: str, sig: int) -> None:

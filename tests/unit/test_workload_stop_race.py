@@ -65,3 +65,22 @@ def test_a_stop_of_a_running_workload_makes_it_stopped(runner):
     _finished(runner, "w-1")
     w = runner.workloads["w-1"]
     assert w.state == t.WORKLOAD_STATE_STOPPED and "killed by SIGTERM" in w.message
+
+
+def test_an_agent_that_dies_just_after_sending_the_stop_still_records_it_as_stopped(runner, monkeypatch):
+    """The stop is in the record before its SIGTERM is sent: a restarted agent then reports the end as the
+    stop it was (STOPPED), not as a workload killed by SIGTERM (FAILED)."""
+    runner.start(t.Workload(id="w-1", slice_id="s-1", command=["sleep", "60"]))
+    real_signal = wl.WorkloadRunner._signal
+
+    def signal_then_die(self, wid, sig):
+        real_signal(self, wid, sig)
+        raise SystemExit("the agent died here")
+    monkeypatch.setattr(wl.WorkloadRunner, "_signal", signal_then_die)
+    with pytest.raises(SystemExit):
+        runner.stop("w-1")
+    monkeypatch.undo()
+    again = wl.WorkloadRunner(runner.agent, runner.dir, stop_grace=30)     # the restarted agent
+    _finished(again, "w-1")
+    w = again.workloads["w-1"]
+    assert w.state == t.WORKLOAD_STATE_STOPPED and "killed by SIGTERM" in w.message, w.message
