@@ -24,6 +24,7 @@ that sends the full WorkloadStatusReport.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,23 @@ SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
 LOG_CAP_INTERVAL = 1.0             # seconds between two checks of the running workloads' log sizes
+
+
+def supervisor_environment() -> dict[str, str]:
+    """The environment of a workload's supervisor (shim.py, and through it confine.py and `criu restore`):
+    the agent's own, never the workload's, for they run as root."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
+
+
+def environment_fd(env: dict[str, str]) -> int:
+    """A memfd holding `env` as JSON, read back from the start (shim.py --env-fd): no file on disk holds
+    it (a model server's API key is in it), and no size bound of a pipe holds the agent back."""
+    fd = os.memfd_create("gpumesh-workload-env", os.MFD_CLOEXEC)
+    data = memoryview(json.dumps(env).encode())
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -175,7 +193,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
                 backends.prepare(w, opts.host, sys.executable, opts)
             except (ValueError, OSError) as e:
                 return self._fail(w, f"cannot start backend {w.backend.kind!r}: {e}")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
+        env = supervisor_environment()
         env.update(w.env)
         env.update(st.env)          # the slice's own environment always wins
         for k in agent_env_names():     # acted on by the agent as root: never the tenant's (Run refuses them)
@@ -240,14 +258,22 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
         w.state = W.WORKLOAD_STATE_PENDING
         self.save(w.id)                 # durable before the supervisor exists: see `_resolve_start`
         self._crash_point("before-launch")
+        env_fd = -1
         try:
+            # the shim and the workload's init run as root: the tenant's environment (PYTHONPATH, LD_PRELOAD...)
+            # is handed over in a memfd for the workload alone, never theirs (shim.py --env-fd)
+            env_fd = environment_fd(env)
             fd = os.open(self.path(w.id, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with open(fd, "ab") as shim_err:
-                p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
+                p = subprocess.Popen([*argv[:2], "--env-fd", str(env_fd), *argv[2:]], env=supervisor_environment(),
+                                     pass_fds=(env_fd,), stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
             record.pop("starting", None)
             return self._abandon(w, plan, f"cannot start the supervisor: {e}")
+        finally:
+            if env_fd >= 0:
+                os.close(env_fd)
         self.popens[w.id] = p
         record["shim_pid"] = p.pid
         self._crash_point("after-launch")
