@@ -7,7 +7,8 @@ checks the size of each running workload's log every second, and one that holds 
 compacted in place: its last half (from the first line that starts there) moves to the start of the file,
 which is then cut. Every writer appends (O_APPEND: the shim, the workload's init and the process itself,
 a CRIU-restored one through the descriptor it inherits), so what the workload writes meanwhile lands at
-the end and is moved too; only what it writes between the last move and the cut (microseconds) is lost.
+the end and is moved too; only what it writes between the last move and the cut (microseconds) is lost,
+or, from a workload that writes as fast as the move goes, what it wrote once the bound was moved.
 
 Readers (nodeagent/workload_logs.py) take the same lock, and a follow counts in bytes since the log's first
 byte: `cut[path]` says how many were removed from the front, so it goes on where it was.
@@ -36,14 +37,16 @@ def compact(path: str, max_bytes: int) -> int:
         src = size - max_bytes // 2
         newline = os.pread(fd, LINE_SEARCH, src - 1).find(b"\n")
         src += max(newline, 0)       # just after a newline (or, with none near, the middle of a line)
-        dst = 0
+        dst, budget = 0, max_bytes          # what stays is within the bound whatever the writers do
         while True:
-            data = os.pread(fd, MOVE_CHUNK, src)
+            data = os.pread(fd, min(MOVE_CHUNK, budget - dst), src) if dst < budget else b""
             if data:
                 os.pwrite(fd, data, dst)
                 src, dst = src + len(data), dst + len(data)
-            elif os.fstat(fd).st_size <= src:       # caught up with the writers
-                os.ftruncate(fd, dst)
-                return src - dst
+                continue
+            end = os.fstat(fd).st_size
+            if end <= src or dst >= budget:     # caught up with the writers, or one writes as fast as this moves:
+                os.ftruncate(fd, dst)           # what it wrote past the moved part goes with the cut
+                return max(end, src) - dst
     finally:
         os.close(fd)

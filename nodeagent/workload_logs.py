@@ -8,13 +8,16 @@ ends when the workload ends or its record goes. Composed into the agent's Worklo
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 from gpumesh.v1 import node_service_pb2
 from gpumesh.v1 import types_pb2 as W
+from mesh.logs import log
 from nodeagent.procfiles import _read_from, _tail
 from nodeagent.workload_logcap import compact
 
+logger = logging.getLogger("nodeagent.workloads")
 CHUNK = 32 << 10
 OUTBOX_SHARE = 4        # a follow waits while the outbox holds more than 1/OUTBOX_SHARE of its bounds
 
@@ -46,6 +49,22 @@ class LogStreamer:
                     self.cut[path] = self.cut.get(path, 0) + n
                     removed[path] = n
         return removed
+
+    async def cap_running(self) -> None:
+        """The running workloads' logs kept within the runner's `log_max_bytes` (workload_logcap.py): started
+        by the runner's monitor beside itself, since a compaction moves up to the bound."""
+        r = self.runner
+        paths = {r.path(wid, "log"): wid for wid, w in r.workloads.items()
+                 if w.state == W.WORKLOAD_STATE_RUNNING and not r.meta.get(wid, {}).get("frozen")}
+        try:
+            cut = await asyncio.to_thread(self.cap, list(paths), r.log_max_bytes)
+        except OSError as e:
+            log(logger, logging.WARNING, "cannot keep a workload log within its bound", node=r.agent.node,
+                error=str(e))
+            return
+        for path, n in cut.items():
+            log(logger, logging.INFO, "workload log cut to stay within workload_log_max_bytes", node=r.agent.node,
+                workload=paths[path], removed_bytes=n, max_bytes=r.log_max_bytes)
 
     def _tail(self, path: str, lines: int) -> tuple[bytes, int]:
         """`_tail` of the log, and where it ends counted from the log's first byte ever (cut ones too)."""

@@ -24,7 +24,6 @@ that sends the full WorkloadStatusReport.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -43,7 +42,8 @@ from nodeagent.workload_records import RecordsMixin
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
-from nodeagent.workload_confine import agent_env_names, confinement_plan, hand_over_secret, plug_network
+from nodeagent.workload_confine import (agent_env_names, confinement_plan, environment_fd, hand_over_secret,
+                                       plug_network, supervisor_environment)
 from nodeagent.workload_logs import LogStreamer
 
 logger = logging.getLogger(__name__)
@@ -52,23 +52,6 @@ SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
 LOG_CAP_INTERVAL = 1.0             # seconds between two checks of the running workloads' log sizes
-
-
-def supervisor_environment() -> dict[str, str]:
-    """The environment of a workload's supervisor (shim.py, and through it confine.py and `criu restore`):
-    the agent's own, never the workload's, for they run as root."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
-
-
-def environment_fd(env: dict[str, str]) -> int:
-    """A memfd holding `env` as JSON, read back from the start (shim.py --env-fd): no file on disk holds
-    it (a model server's API key is in it), and no size bound of a pipe holds the agent back."""
-    fd = os.memfd_create("gpumesh-workload-env", os.MFD_CLOEXEC)
-    data = memoryview(json.dumps(env).encode())
-    while data:
-        data = data[os.write(fd, data):]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -400,24 +383,17 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
     # -- following the processes --------------------------------------------------------
 
     async def _monitor(self) -> None:
-        capped = time.monotonic()
+        capped, capping = time.monotonic(), None
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 self.check_all()
-                if self.log_max_bytes and time.monotonic() - capped >= LOG_CAP_INTERVAL:
-                    capped = time.monotonic()
-                    await self._cap_logs()
+                # beside the monitor, never in its way: a compaction moves up to the bound
+                if self.log_max_bytes and time.monotonic() - capped >= LOG_CAP_INTERVAL and \
+                        (capping is None or capping.done()):
+                    capped, capping = time.monotonic(), asyncio.get_running_loop().create_task(self.logs.cap_running())
             except Exception:   # noqa: BLE001 - keep following the other workloads
                 logger.exception("workload monitor")
-
-    async def _cap_logs(self) -> None:
-        """The running workloads' logs kept within `log_max_bytes` (nodeagent/workload_logcap.py)."""
-        paths = {self.path(wid, "log"): wid for wid, w in self.workloads.items()
-                 if w.state == W.WORKLOAD_STATE_RUNNING and not self.meta.get(wid, {}).get("frozen")}
-        for path, n in (await asyncio.to_thread(self.logs.cap, list(paths), self.log_max_bytes)).items():
-            log(logger, logging.INFO, "workload log cut to stay within workload_log_max_bytes", node=self.agent.node,
-                workload=paths[path], removed_bytes=n, max_bytes=self.log_max_bytes)
 
     def check_all(self, report: bool = True) -> None:
         done = []

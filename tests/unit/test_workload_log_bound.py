@@ -82,3 +82,25 @@ async def test_the_runner_keeps_a_running_workloads_log_within_the_bound(tmp_pat
     finally:
         r.monitor.cancel()
         os.killpg(r.meta["w-1"]["shim_pid"], signal.SIGKILL)
+
+
+def test_a_compaction_ends_even_when_the_workload_writes_faster_than_it_moves(tmp_path, monkeypatch):
+    """A writer that appends as fast as the compaction moves (a tenant flooding its log) never holds the
+    compaction (and the log's lock, which every read of the log waits for) for good: it moves at most the
+    bound, then cuts what is left."""
+    import nodeagent.workload_logcap as logcap
+    log = tmp_path / "w.log"
+    log.write_bytes(_lines(0, 2000))
+    real_pread, appended = os.pread, [0]
+
+    def pread_while_flooded(fd, n, offset):
+        if appended[0] < 10_000:         # each read finds as much again appended: the end is never reached
+            with open(log, "ab") as f:
+                f.write(b"z" * 1000)
+            appended[0] += 1
+        return real_pread(fd, n, offset)
+    monkeypatch.setattr(logcap.os, "pread", pread_while_flooded)
+    monkeypatch.setattr(logcap, "MOVE_CHUNK", 1000)
+    removed = compact(str(log), 50_000)
+    assert appended[0] < 10_000, "the compaction ran as long as the flood"
+    assert os.path.getsize(log) <= 50_000 and removed > 0
