@@ -22,11 +22,15 @@ def confinement_plan(runner, w, st):
     mps_pipe = st.env.get("CUDA_MPS_PIPE_DIRECTORY", "")
     plan = runner.isolator.plan(w, s, gpu_index=gpu_index, gi_id=mig.gi_id if mig else None,
                                 ci_id=mig.ci_id if mig else None, workdir=runner.path(w.id, "d"), mps_pipe=mps_pipe)
-    if mps_pipe and runner.mps is not None and s is not None:
-        runner.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
-    fd = os.open(runner.path(w.id, "confine.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        json.dump(plan.spec, f)
+    try:
+        if mps_pipe and runner.mps is not None and s is not None:
+            runner.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
+        fd = os.open(runner.path(w.id, "confine.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(plan.spec, f)
+    except BaseException:
+        runner.isolator.release(plan.cgroup)        # the plan made it; the workload does not start
+        raise
     return plan
 
 

@@ -144,3 +144,20 @@ def test_an_expired_workload_leaves_no_socket_link_in_tmp(tmp_path, setup):
         time.sleep(0.02)
     r.expire("w-1")
     assert not os.path.lexists(link)
+
+
+@root_only
+def test_an_mps_server_that_refuses_the_tenants_limits_leaves_no_cgroup(setup):
+    """On an MPS slice the tenant's server gets its limits after the plan made the cgroup: a refusal fails
+    the start (naming it) and removes the cgroup."""
+    r, groups, _ = setup
+
+    class RefusingMps:
+        def set_limits(self, pipe, uid, memory, threads):
+            raise RuntimeError("start_server -uid: the daemon refused")
+    r.mps = RefusingMps()
+    r.agent.desired["s-1"] = t.Slice(id="s-1", gpu_index=-1, memory_bytes=1 << 30, compute_share=0.5)
+    r.agent.realized["s-1"].env["CUDA_MPS_PIPE_DIRECTORY"] = str(r.dir)
+    w = r.start(_spec())
+    assert w.state == t.WORKLOAD_STATE_FAILED and "the daemon refused" in w.message
+    assert groups.groups == set()
