@@ -16,6 +16,7 @@ import pytest
 from gpumesh.v1 import node_service_pb2
 from gpumesh.v1 import types_pb2 as t
 from nodeagent import workloads as wl
+from nodeagent.isolation import cgroups as wl_cg
 from nodeagent.isolation.devices import NvidiaDevices
 from nodeagent.isolation.plan import Isolator, IsolationSettings
 from nodeagent.isolation.probe import HostFeatures
@@ -160,4 +161,34 @@ def test_an_mps_server_that_refuses_the_tenants_limits_leaves_no_cgroup(setup):
     r.agent.realized["s-1"].env["CUDA_MPS_PIPE_DIRECTORY"] = str(r.dir)
     w = r.start(_spec())
     assert w.state == t.WORKLOAD_STATE_FAILED and "the daemon refused" in w.message
+    assert groups.groups == set()
+
+
+@root_only
+def test_a_cgroup_made_half_is_removed(setup):
+    """A cgroup whose limits cannot be written (one controller's directory made, the next write refused):
+    permissive mode starts the workload without one, and leaves none of it behind."""
+    r, groups, _ = setup
+
+    def half(name, limits):
+        groups.groups.add(name)
+        raise wl_cg.CgroupError("cannot write '1' to memory.limit_in_bytes: Device or resource busy")
+    groups.create = half
+    w = r.start(_spec())
+    assert w.state == t.WORKLOAD_STATE_RUNNING and r.meta["w-1"]["cgroup"] == ""
+    assert groups.groups == set()
+
+
+@root_only
+def test_a_plan_that_fails_after_the_cgroup_leaves_none(setup, tmp_path):
+    """The workload's own directory is the tenant's: what it left there (a dangling `nvidia-mps` link from an
+    earlier run of the ID) fails the plan of an MPS workload in a mount namespace; the cgroup goes with it."""
+    r, groups, _ = setup
+    r.isolator.namespaces = ["mount"]
+    r.agent.realized["s-1"].env["CUDA_MPS_PIPE_DIRECTORY"] = str(tmp_path / "pipe")
+    workdir = r.path("w-1", "d")
+    os.makedirs(workdir)
+    os.symlink("/nonexistent/gpumesh-test", os.path.join(workdir, "nvidia-mps"))
+    w = r.start(_spec())
+    assert w.state == t.WORKLOAD_STATE_FAILED and "nvidia-mps" in w.message
     assert groups.groups == set()
