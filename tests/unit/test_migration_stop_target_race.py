@@ -52,3 +52,23 @@ async def test_a_stop_of_a_target_being_started_stops_it_once_started(tmp_path, 
                 os.killpg(r.meta["w-1"]["shim_pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_images_committed_after_the_target_was_stopped_are_not_restored(tmp_path):
+    """The commit's restore runs in the transfer server's thread; one that comes after STOP_TARGET released the
+    target (the rollback) restores nothing: it would be a second copy that no step stops."""
+    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
+                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
+    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
+    r = wl.WorkloadRunner(a, str(tmp_path / "w"))
+    m = MigrationAgent(a, r)
+    m._release_target_job("m-1")            # STOP_TARGET ran: no receiver for this migration here any more
+    images = tmp_path / "images"
+    images.mkdir()
+    try:
+        m._restore_target(t.Workload(id="w-1", slice_id="s-1", command=["sleep", "60"]), "m-1", images,
+                          {"log_key": "x"})
+        raise AssertionError("restored after the rollback")
+    except RuntimeError as e:
+        assert "rolled back" in str(e)
+    assert "w-1" not in r.workloads
