@@ -38,6 +38,9 @@ class AgentConfig:
                              "differs; MIG slices then use only the declared instances. Empty: layouts follow slices")
     workload_stop_grace_seconds: float = option(10.0, "how long a stopped workload gets between SIGTERM and SIGKILL",
                                                 minimum=0, maximum=3600)
+    workload_log_max_bytes: int = option(1 << 30, "the most a running workload's log (its stdout and stderr) holds: "
+                                         "past it, the log keeps its last half and the older output is cut; "
+                                         "0: unbounded", minimum=0)
     mesh_listen: str = option("0.0.0.0:0", "mesh data plane (registered buffers served over TCP) address HOST:PORT; "
                               "port 0 picks a free one, reported to the control plane")
     mesh_advertise: str = option("", "address peers dial for this node's data plane (default: the local address "

@@ -220,6 +220,8 @@ class SlicesMixin:
             if r.meta.get(wid, {}).get("migration") == mid and r.workloads[wid].pid:
                 return {"pid": r.workloads[wid].pid, "step": 0}
             raise RuntimeError(f"workload {wid} already runs on this node")
+        if self._target_released(mid):
+            raise RuntimeError(f"migration {mid} was rolled back on this node: its images are not restored")
         if extras.get("cwd"):
             os.makedirs(extras["cwd"], exist_ok=True)   # CRIU restores the working directory by path
         r.forget(wid)
@@ -233,6 +235,12 @@ class SlicesMixin:
         log(logger, logging.INFO, "workload restored by CRIU (held stopped until the commit)", node=self.agent.node,
             workload=wid, pid=pid, migration=mid)
         return {"pid": pid, "step": 0}
+
+    def _target_released(self, mid: str) -> bool:
+        """The target job of `mid` is gone or released (STOP_TARGET, or an agent restart): nothing of it may
+        start here any more (a commit's restore runs in the transfer server's thread, beside the loop)."""
+        job = self.jobs.get((mid, "target"))
+        return job is None or job.server is None
 
     def _release_target_job(self, mid: str) -> None:
         """After the hand-over or a rollback: the image receiver and the images go (and the relay of a
@@ -300,6 +308,8 @@ class SlicesMixin:
                         meta.pop("frozen", None)
                         meta.pop("criu_images", None)
                         r.save(wid)
+                        # what it wrote of the process's memory: no later step knows the directory now
+                        shutil.rmtree(images, ignore_errors=True)
                     raise
                 r._detach(wid)
                 r.save(wid)

@@ -24,6 +24,7 @@ from nodeagent.migrate_base import Job, MigrationBase
 
 R = M.MigrationReport
 TARGET_LISTEN_TIMEOUT = 90.0
+START_SETTLE_TIMEOUT = 15.0     # STOP_TARGET waits this long for a start in flight (its supervisor's launch)
 
 
 class TargetSteps(MigrationBase):
@@ -141,6 +142,13 @@ class TargetSteps(MigrationBase):
         job.thread = threading.Thread(target=push, daemon=True, name=f"restore-{cmd.migration_id}")
         job.thread.start()
 
+    def _starting(self, wid: str, mid: str) -> bool:
+        """`wid`'s start for migration `mid` is in flight: its record is PENDING, marked with `mid` (or not yet
+        marked: the runner writes the marks just before it launches the supervisor)."""
+        w = self.runner.workloads.get(wid)
+        return w is not None and w.state == types_pb2.WORKLOAD_STATE_PENDING and \
+            self.runner.meta.get(wid, {}).get("migration", mid) == mid
+
     def _drop_secret_file(self, wid: str) -> None:
         """The receiving workload removes its secret file once read; a target that never read it (it died,
         or was stopped first) must not leave it behind."""
@@ -186,6 +194,13 @@ class TargetSteps(MigrationBase):
         if job is not None:
             job.cancelled = True
         self._release_target_job(cmd.migration_id)
+        # a transparent target is started in the transfer server's thread, beside this loop: one whose start
+        # is in flight (PENDING) is waited for, so what it starts is stopped here, not left running
+        deadline = time.monotonic() + START_SETTLE_TIMEOUT
+        while self._starting(wid, cmd.migration_id):
+            if time.monotonic() > deadline:     # never answered stopped while it may still start: asked again
+                raise RuntimeError(f"the target {wid} is still being started: not stopped yet")
+            await asyncio.sleep(0.05)
         self._drop_secret_file(wid)
         if self._running(wid) and self.runner.meta.get(wid, {}).get("migration") == cmd.migration_id:
             self._kill_restored(wid)

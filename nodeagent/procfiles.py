@@ -14,8 +14,9 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _shim_alive(pid: int, marker: str) -> bool:
-    """Whether `pid` is a live shim of this workload (a recycled pid is not)."""
+def _shim_alive(pid: int, pid_file: str) -> bool:
+    """Whether `pid` is a live shim launched with `--pid-file pid_file` (a recycled pid is not: not even
+    another workload's shim whose files' names contain this one's, as `job10` contains `job1`)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read()
@@ -24,7 +25,7 @@ def _shim_alive(pid: int, marker: str) -> bool:
                 return False
     except OSError:
         return False
-    return b"shim.py" in cmd and marker.encode() in cmd
+    return b"shim.py" in cmd and b"\0--pid-file\0" + pid_file.encode() + b"\0" in cmd
 
 
 def _find_shim(pid_file: str) -> int:

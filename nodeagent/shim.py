@@ -1,9 +1,10 @@
 """The supervisor between the agent and a workload process.
 
-    python nodeagent/shim.py --pid-file W.pid --exit-file W.exit --log-file W.log -- CMD ARGS...
+    python nodeagent/shim.py --env-fd N --pid-file W.pid --exit-file W.exit --log-file W.log -- CMD ARGS...
 
 It starts CMD (stdout and stderr appended to the log file, its environment
-its own), writes CMD's pid, waits for it and writes its exit status, so the
+the JSON object in descriptor N: the shim's own is the agent's, for it runs as
+root and the workload's is the tenant's), writes CMD's pid, waits for it and writes its exit status, so the
 status survives an agent that restarts or dies meanwhile. The agent starts the
 shim in a session of its own; stopping a workload signals that whole process
 group. The shim outlives SIGTERM/SIGINT/SIGHUP (its child gets them through the
@@ -45,8 +46,24 @@ def _write(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_env(fd: int) -> dict[str, str] | None:
+    """The workload's environment from descriptor `fd` (a memfd the agent wrote, read from its start without
+    moving its offset, so it can be passed on to confine.py); None without one (`fd` < 0)."""
+    if fd < 0:
+        return None
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    env = json.loads(b"".join(chunks))
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("the workload's environment is not an object of strings")
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpumesh-shim")
+    parser.add_argument("--env-fd", type=int, default=-1, help="descriptor of the workload's environment (JSON)")
     parser.add_argument("--pid-file", required=True)
     parser.add_argument("--exit-file", required=True)
     parser.add_argument("--log-file", required=True)
@@ -63,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)   # a handler, not SIG_IGN: the child gets default dispositions
     if args.restore_pidfile:
-        return _adopt(args, cmd)
+        return _adopt(args, cmd)        # the restored process has its environment from the images
+    try:
+        env = read_env(args.env_fd)
+    except (OSError, ValueError) as e:
+        _write(args.exit_file, {"exit_code": 126, "signal": 0, "finished_at": time.time(),
+                                "error": f"cannot read the workload's environment: {e}"})
+        return 126
     if args.confine:
         return _confined(args, cmd)
     with open(args.log_file, "ab", buffering=0) as log:
         try:
-            child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         except OSError as e:
             log.write(f"gpumesh: cannot start {cmd[0]!r}: {e.strerror}\n".encode())
             _write(args.exit_file, {"exit_code": 127, "signal": 0, "finished_at": time.time(),
@@ -111,9 +134,10 @@ def _confined(args: argparse.Namespace, cmd: list[str]) -> int:
         # it starts with them blocked, so a stop that comes early stays pending until it can act on it.
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
-            child = subprocess.Popen([sys.executable, "-I", "-S", CONFINE, "--status-fd", str(w), args.confine,
-                                      "--", *cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     pass_fds=(w,))
+            env_fd = [] if args.env_fd < 0 else ["--env-fd", str(args.env_fd)]     # the workload's, for its exec
+            child = subprocess.Popen([sys.executable, "-I", "-S", CONFINE, *env_fd, "--status-fd", str(w),
+                                      args.confine, "--", *cmd], stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, pass_fds=(w, *([args.env_fd] if env_fd else [])))
         except OSError as e:
             return fail(f"cannot start the workload's init: {e.strerror}")
         finally:

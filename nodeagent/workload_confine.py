@@ -1,4 +1,5 @@
-"""What the workload runner does to confine a workload before and just after its launch: the isolation
+"""What the workload runner does to confine a workload before and just after its launch: the environments
+of its root supervisor (the agent's) and of the workload (handed over in a memfd), the isolation
 plan written for the shim (nodeagent/isolation/plan.py, read by confine.py), the MPS daemon's limits for the
 tenant, a migration target's transfer secret moved into the workload's own directory, and an isolated
 workload's network interface (nodeagent/isolation/bridge.py)."""
@@ -21,11 +22,15 @@ def confinement_plan(runner, w, st):
     mps_pipe = st.env.get("CUDA_MPS_PIPE_DIRECTORY", "")
     plan = runner.isolator.plan(w, s, gpu_index=gpu_index, gi_id=mig.gi_id if mig else None,
                                 ci_id=mig.ci_id if mig else None, workdir=runner.path(w.id, "d"), mps_pipe=mps_pipe)
-    if mps_pipe and runner.mps is not None and s is not None:
-        runner.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
-    fd = os.open(runner.path(w.id, "confine.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        json.dump(plan.spec, f)
+    try:
+        if mps_pipe and runner.mps is not None and s is not None:
+            runner.mps.set_limits(mps_pipe, plan.uid, s.memory_bytes, max(1, round(s.compute_share * 100)))
+        fd = os.open(runner.path(w.id, "confine.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(plan.spec, f)
+    except BaseException:
+        runner.isolator.release(plan.cgroup)        # the plan made it; the workload does not start
+        raise
     return plan
 
 
@@ -96,3 +101,20 @@ def plug_network(bridge, pid: int, timeout: float = 30.0) -> str:
         return bridge.attach(pid, ns_fd=fd)
     finally:
         os.close(fd)
+
+
+def supervisor_environment() -> dict[str, str]:
+    """The environment of a workload's supervisor (shim.py, and through it confine.py and `criu restore`):
+    the agent's own, never the workload's, for they run as root."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
+
+
+def environment_fd(env: dict[str, str]) -> int:
+    """A memfd holding `env` as JSON, read back from the start (shim.py --env-fd): no file on disk holds
+    it (a model server's API key is in it), and no size bound of a pipe holds the agent back."""
+    fd = os.memfd_create("gpumesh-workload-env", os.MFD_CLOEXEC)
+    data = memoryview(json.dumps(env).encode())
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd

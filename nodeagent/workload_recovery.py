@@ -39,6 +39,7 @@ class RecoveryMixin:
             return
         self._crash_point("hand-over")
         if wid in self.workloads:
+            self.meta.setdefault(wid, {})["source_of"] = wid    # expired with the workload (`expire`)
             self.rekey(wid, f"{alias}~source")
         self._crash_point("hand-over-half")
         self.rekey(alias, wid)
@@ -91,4 +92,4 @@ class RecoveryMixin:
         if p is not None:
             return p.poll() is None
         meta = self.meta.get(wid, {})
-        return bool(meta.get("shim_pid")) and _shim_alive(meta["shim_pid"], meta.get("stem") or wid)
+        return bool(meta.get("shim_pid")) and _shim_alive(meta["shim_pid"], self.path(wid, "pid"))

@@ -14,6 +14,8 @@ the slice's device (and with the simulated MPS daemon on MPS slices), so NVML
 sees it the way it sees a CUDA process on a real GPU: that is what makes IN_USE
 real there. It is removed when the process ends.
 
+Its records and files are in nodeagent/workload_records.py, its crash recovery in workload_recovery.py.
+
 Hooked into the agent through its extension points: ControllerMessage kinds
 "workloads" (WorkloadCommand) and "logs" (LogRequest), and a Sync-open hook
 that sends the full WorkloadStatusReport.
@@ -22,26 +24,26 @@ that sends the full WorkloadStatusReport.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
 from mesh.procs import process_tree
 from nodeagent.ids import BadId, check_id
 from nodeagent.teardown import SliceTeardown
+from nodeagent.workload_records import RecordsMixin
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
-from nodeagent.workload_confine import agent_env_names, confinement_plan, hand_over_secret, plug_network
+from nodeagent.workload_confine import (agent_env_names, confinement_plan, environment_fd, hand_over_secret,
+                                       plug_network, supervisor_environment)
 from nodeagent.workload_logs import LogStreamer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ W = types_pb2
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
 SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
+LOG_CAP_INTERVAL = 1.0             # seconds between two checks of the running workloads' log sizes
 
 
 def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
@@ -60,10 +63,11 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     return ts
 
 
-class WorkloadRunner(RecoveryMixin):
+class WorkloadRunner(RecordsMixin, RecoveryMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
-                 poll_interval: float = 0.2, isolator=None) -> None:
+                 poll_interval: float = 0.2, isolator=None, log_max_bytes: int = 0) -> None:
         self.agent = agent
+        self.log_max_bytes = log_max_bytes  # a running workload's log is kept within it (0: unbounded)
         self.dir = directory
         self.isolator = isolator         # nodeagent.isolation.Isolator: confines every workload
         self.mps = mps
@@ -89,80 +93,6 @@ class WorkloadRunner(RecoveryMixin):
         if collector is not None:
             collector.shared_slices = lambda: shared_slice_pids(self.workloads.values(), self.agent.desired)
         return self
-
-    # -- files --------------------------------------------------------------------------
-
-    def path(self, wid: str, ext: str) -> str:
-        # A record re-keyed by a same-node migration (`rekey`) keeps its files' stem.
-        return os.path.join(self.dir, f"{self.meta.get(wid, {}).get('stem') or wid}.{ext}")
-
-    def rekey(self, old: str, new: str) -> None:
-        """Let the record `old` answer to the ID `new` (its files keep their names): a same-node
-        migration swaps the source and the target process under the workload's ID."""
-        if new in self.workloads:
-            raise RuntimeError(f"workload {new} is recorded here already")
-        w, meta = self.workloads.pop(old), self.meta.pop(old, {})
-        meta.setdefault("stem", old)
-        w.id = new
-        self.workloads[new], self.meta[new] = w, meta
-        if old in self.popens:
-            self.popens[new] = self.popens.pop(old)
-        self.save(new)
-
-    def socket_path(self, wid: str) -> str:
-        """The workload's checkpoint control socket ($GPUMESH_CHECKPOINT_SOCKET) as the agent sees
-        it: in the workload's own directory when it is confined (it names another path inside);
-        else a short path under /tmp when the runner's directory is too deep for a Unix socket name."""
-        if self.meta.get(wid, {}).get("socket"):
-            return self.meta[wid]["socket"]
-        path = self.path(wid, "sock")
-        if len(path) > 100:
-            import hashlib
-            path = f"/tmp/gpumesh-{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
-        return path
-
-    def forget(self, wid: str) -> None:
-        """Drop the record of a workload that is not running here (before it is started here again)."""
-        w = self.workloads.get(wid)
-        if w is not None and w.state == W.WORKLOAD_STATE_RUNNING:
-            raise RuntimeError(f"workload {wid} still runs")
-        self.workloads.pop(wid, None)
-        self.meta.pop(wid, None)
-        self.popens.pop(wid, None)
-        for ext in ("pid", "exit", "json", "confine.json"):
-            try:
-                os.unlink(self.path(wid, ext))
-            except FileNotFoundError:
-                pass
-
-    def load(self) -> None:
-        """Read every workload record left by a previous agent process."""
-        for name in sorted(os.listdir(self.dir)):
-            if not name.endswith(".json") or name.endswith(".tmp"):
-                continue
-            doc = _read_json(os.path.join(self.dir, name))
-            if not doc or "workload" not in doc:
-                continue
-            w = json_format.ParseDict(doc["workload"], types_pb2.Workload(), ignore_unknown_fields=True)
-            self.workloads[w.id] = w
-            self.meta[w.id] = doc.get("meta", {})
-        for wid in [k for k, m in self.meta.items() if m.get("starting")]:
-            self._resolve_start(wid)
-        self._mark_unmarked_hand_overs()
-        for alias in [k for k, m in self.meta.items() if m.get("hand_over_to")]:
-            log(logger, logging.INFO, "finishing an interrupted hand-over", node=self.agent.node, alias=alias,
-                workload=self.meta[alias]["hand_over_to"])
-            self.finish_hand_over(alias)
-        if self.workloads:
-            log(logger, logging.INFO, "workload records loaded", node=self.agent.node, count=len(self.workloads),
-                running=sum(1 for w in self.workloads.values() if w.state == W.WORKLOAD_STATE_RUNNING))
-
-    def save(self, wid: str) -> None:
-        doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
-        tmp = self.path(wid, "json.tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
-            json.dump(doc, f)        # the record holds the workload's environment: root-only
-        os.replace(tmp, self.path(wid, "json"))
 
     # -- reporting ----------------------------------------------------------------------
 
@@ -212,20 +142,6 @@ class WorkloadRunner(RecoveryMixin):
                 log(logger, logging.WARNING, "workload command refused", node=self.agent.node, error=str(e))
         self.report(changed)
 
-    def expire(self, wid: str) -> None:
-        """The control plane's record of a finished workload expired: delete its record, its log and
-        its own directory (the confined workload's /tmp and cwd)."""
-        w = self.workloads.get(wid)
-        if w is not None and w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
-            return          # never the files of a workload that still runs
-        logfile, workdir = self.path(wid, "log"), self.path(wid, "d")
-        self.forget(wid)
-        try:
-            os.unlink(logfile)
-        except FileNotFoundError:
-            pass
-        shutil.rmtree(workdir, ignore_errors=True)
-
     def start(self, spec: types_pb2.Workload, restore: tuple[list[str], str] | None = None,
               restore_uid: int = -1, meta: dict | None = None, secret_file: str = "") -> types_pb2.Workload:
         """Starts the workload's command under the shim; with `restore` = (criu restore argv, its
@@ -260,7 +176,7 @@ class WorkloadRunner(RecoveryMixin):
                 backends.prepare(w, opts.host, sys.executable, opts)
             except (ValueError, OSError) as e:
                 return self._fail(w, f"cannot start backend {w.backend.kind!r}: {e}")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_AGENT_", "GPUMESH_SIM_"))}
+        env = supervisor_environment()
         env.update(w.env)
         env.update(st.env)          # the slice's own environment always wins
         for k in agent_env_names():     # acted on by the agent as root: never the tenant's (Run refuses them)
@@ -286,8 +202,8 @@ class WorkloadRunner(RecoveryMixin):
                 except Exception as e:   # noqa: BLE001
                     return self._fail(w, f"isolation: {e}")
                 if restore_uid >= 0 and restore_uid != plan.uid:
-                    return self._fail(w, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the source node "
-                                         f"and is uid {plan.uid} here; CRIU would restore it under another "
+                    return self._abandon(w, plan, f"isolation: tenant {w.tenant!r} ran as uid {restore_uid} on the "
+                                         f"source node and is uid {plan.uid} here; CRIU would restore it under another "
                                          "tenant's id: give the tenant the same ids on every node (workload_uid_map)")
                 argv[argv.index("--restore-pidfile"):argv.index("--restore-pidfile")] = [
                     "--real-ids", f"{plan.uid}:{plan.gid}"]
@@ -304,7 +220,7 @@ class WorkloadRunner(RecoveryMixin):
             try:
                 env.update(backends.server_tls(w, self.path(w.id, "d"), plan, backends.options_of(self.agent)))
             except (ValueError, OSError) as e:
-                return self._fail(w, f"cannot make the TLS certificate of backend {w.backend.kind!r}: {e}")
+                return self._abandon(w, plan, f"cannot make the TLS certificate of backend {w.backend.kind!r}: {e}")
         stem = self.meta.get(w.id, {}).get("stem")
         record = {"shim_pid": 0, "device_uuid": st.device_uuid,
                   "mps_pipe": st.env.get("CUDA_MPS_PIPE_DIRECTORY", ""), "stop_at": 0.0, "starting": time.time()}
@@ -325,14 +241,22 @@ class WorkloadRunner(RecoveryMixin):
         w.state = W.WORKLOAD_STATE_PENDING
         self.save(w.id)                 # durable before the supervisor exists: see `_resolve_start`
         self._crash_point("before-launch")
+        env_fd = -1
         try:
+            # the shim and the workload's init run as root: the tenant's environment (PYTHONPATH, LD_PRELOAD...)
+            # is handed over in a memfd for the workload alone, never theirs (shim.py --env-fd)
+            env_fd = environment_fd(env)
             fd = os.open(self.path(w.id, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with open(fd, "ab") as shim_err:
-                p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
+                p = subprocess.Popen([*argv[:2], "--env-fd", str(env_fd), *argv[2:]], env=supervisor_environment(),
+                                     pass_fds=(env_fd,), stdin=subprocess.DEVNULL, stdout=shim_err, stderr=shim_err,
                                      start_new_session=True, cwd=self.dir)
         except OSError as e:
             record.pop("starting", None)
-            return self._fail(w, f"cannot start the supervisor: {e}")
+            return self._abandon(w, plan, f"cannot start the supervisor: {e}")
+        finally:
+            if env_fd >= 0:
+                os.close(env_fd)
         self.popens[w.id] = p
         record["shim_pid"] = p.pid
         self._crash_point("after-launch")
@@ -345,10 +269,6 @@ class WorkloadRunner(RecoveryMixin):
             if pid_doc or os.path.exists(self.path(w.id, "exit")) or p.poll() is not None:
                 break
             time.sleep(0.005)
-        w.state = W.WORKLOAD_STATE_RUNNING
-        w.started_at.CopyFrom(_ts())
-        w.message = ""
-        record.pop("starting", None)
         if pid_doc:
             w.pid = int(pid_doc["pid"])
             self._attach(w.id, w.pid)
@@ -356,8 +276,13 @@ class WorkloadRunner(RecoveryMixin):
                 try:
                     w.network_address = plug_network(self.isolator.bridge, w.pid)
                 except (OSError, RuntimeError) as e:
-                    self._signal(w.id, signal.SIGKILL)
-                    return self._fail(w, f"isolation: network: {e}")
+                    record.pop("starting", None)
+                    return self._abandon(w, plan, f"isolation: network: {e}")
+        # published RUNNING (which the monitor, on the event loop, follows) only now: it sees a pid, attached
+        w.state = W.WORKLOAD_STATE_RUNNING
+        w.started_at.CopyFrom(_ts())
+        w.message = ""
+        record.pop("starting", None)
         self.save(w.id)
         log(logger, logging.INFO, "workload started", node=self.agent.node, workload=w.id, slice=w.slice_id,
             pid=w.pid, command=" ".join(w.command)[:200])
@@ -370,6 +295,26 @@ class WorkloadRunner(RecoveryMixin):
         self.save(w.id)
         log(logger, logging.WARNING, "workload not started", node=self.agent.node, workload=w.id, error=why)
         return w
+
+    def _abandon(self, w: types_pb2.Workload, plan, why: str) -> types_pb2.Workload:
+        """A start that fails once the isolation plan is made: the plan made the workload's cgroup, and its
+        supervisor may run, attached to the device (an isolated workload whose network could not be plugged).
+        The record becomes FAILED, which the monitor never finishes (`_finish`), so what the start made goes
+        here: the supervisor's process group killed and reaped, its registrations, the cgroup."""
+        p = self.popens.pop(w.id, None)
+        if p is not None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            self._detach(w.id)
+        if plan is not None and plan.cgroup:
+            self.isolator.release(plan.cgroup)
+        return self._fail(w, why)
 
     def _attach(self, wid: str, pid: int) -> None:
         """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
@@ -419,14 +364,16 @@ class WorkloadRunner(RecoveryMixin):
         meta = self.meta.get(wid)
         if w is None or meta is None or w.state != W.WORKLOAD_STATE_RUNNING or meta.get("stop_at"):
             return
+        if os.path.exists(self.path(wid, "exit")) or not self.shim_running(wid):
+            return      # it ended on its own before the stop came: the monitor records how (`_finish`)
         meta["stop_at"] = time.time()
+        self.save(wid)          # before the signal: an agent that dies in between still knows it was a stop
         self._signal(wid, signal.SIGTERM)
-        self.save(wid)
         log(logger, logging.INFO, "stopping workload", node=self.agent.node, workload=wid, pid=w.pid)
 
     def _signal(self, wid: str, sig: int) -> None:
         pid = self.meta[wid].get("shim_pid")
-        if not pid or not (wid in self.popens or _shim_alive(pid, self.meta[wid].get("stem") or wid)):
+        if not pid or not (wid in self.popens or _shim_alive(pid, self.path(wid, "pid"))):
             return
         try:
             os.killpg(pid, sig)
@@ -436,10 +383,15 @@ class WorkloadRunner(RecoveryMixin):
     # -- following the processes --------------------------------------------------------
 
     async def _monitor(self) -> None:
+        capped, capping = time.monotonic(), None
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 self.check_all()
+                # beside the monitor, never in its way: a compaction moves up to the bound
+                if self.log_max_bytes and time.monotonic() - capped >= LOG_CAP_INTERVAL and \
+                        (capping is None or capping.done()):
+                    capped, capping = time.monotonic(), asyncio.get_running_loop().create_task(self.logs.cap_running())
             except Exception:   # noqa: BLE001 - keep following the other workloads
                 logger.exception("workload monitor")
 

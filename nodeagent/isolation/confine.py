@@ -1,6 +1,6 @@
 """The workload's init: builds its private view, drops privileges, runs the command.
 
-    python -I -S confine.py --status-fd N SPEC.json -- CMD ARGS...
+    python -I -S confine.py [--env-fd E] --status-fd N SPEC.json -- CMD ARGS...
 
 Started by the shim (nodeagent/shim.py) as root, after the shim unshared a PID namespace, so
 this process is PID 1 of the workload's namespace. In order:
@@ -23,6 +23,9 @@ this process is PID 1 of the workload's namespace. In order:
    `{"exit_code", "signal"}` (or `"error"`) to the status fd and exits: the kernel then kills
    whatever the command left behind in the namespace.
 
+The command runs with the environment in descriptor E (the workload's, as JSON, from the shim); this init
+itself runs with the agent's (it is root until the switch: a tenant's LD_PRELOAD never reaches it).
+
 Signals from the agent (SIGTERM to the process group) reach the command directly; this init
 keeps a handler for them so it survives to report how the command ended.
 
@@ -36,6 +39,7 @@ import json
 import os
 import signal
 import sys
+import warnings  # noqa: F401 - os.execvpe imports it, after the uid switch (the stdlib may be unreadable then)
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -214,7 +218,30 @@ def _on_stop(sig: int, _frame) -> None:
             pass
 
 
-def _spawn(cmd: list[str], workdir: str) -> int:
+def _exec(cmd: list[str], env: dict[str, str] | None):
+    if env is None:
+        os.execvp(cmd[0], cmd)
+    os.execvpe(cmd[0], cmd, env)       # the program is found on the workload's own PATH
+
+
+def read_env(fd: int) -> dict[str, str] | None:
+    """The workload's environment from descriptor `fd` (JSON, the shim's --env-fd), closed once read."""
+    if fd < 0:
+        return None
+    chunks, offset = [], 0
+    try:
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    env = json.loads(b"".join(chunks))
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("the workload's environment is not an object of strings")
+    return env
+
+
+def _spawn(cmd: list[str], workdir: str, env: dict[str, str] | None = None) -> int:
     """fork + exec (stop signals blocked around the fork, so none falls between the check and the
     child); an exec failure comes back through a close-on-exec pipe."""
     r, w = os.pipe()
@@ -225,7 +252,7 @@ def _spawn(cmd: list[str], workdir: str) -> int:
             for sig in STOPS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
-            os.execvp(cmd[0], cmd)
+            _exec(cmd, env)
         except OSError as e:
             os.write(w, f"{e.errno}".encode())
         finally:
@@ -242,6 +269,10 @@ def _spawn(cmd: list[str], workdir: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    env_fd = -1
+    if argv[:1] == ["--env-fd"]:
+        env_fd, argv = int(argv[1]), argv[2:]
+        os.set_inheritable(env_fd, False)        # the command never gets it
     status_fd = int(argv[argv.index("--status-fd") + 1])
     rest = argv[argv.index("--status-fd") + 2:]
     spec_path, cmd = rest[0], rest[2:] if rest[1:2] == ["--"] else rest[1:]
@@ -257,6 +288,7 @@ def main(argv: list[str]) -> int:
     for sig in STOPS:            # the shim started us with them blocked; they stay so until the fork
         signal.signal(sig, _on_stop)
     try:
+        env = read_env(env_fd)
         with open(spec_path, encoding="utf-8") as f:
             spec = json.load(f)
         for procs in spec.get("cgroup_procs", []):
@@ -280,7 +312,7 @@ def main(argv: list[str]) -> int:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
         try:
-            os.execvp(cmd[0], cmd)
+            _exec(cmd, env)
         except OSError as e:
             print(f"gpumesh: cannot start {cmd[0]!r}: {e.strerror}", file=sys.stderr, flush=True)
             report({"exit_code": 127, "signal": 0, "error": f"cannot start {cmd[0]!r}: {e.strerror}"})
@@ -291,7 +323,7 @@ def main(argv: list[str]) -> int:
         report({"exit_code": 128 + sig, "signal": int(sig)})
         return 128 + sig
     try:
-        child = _spawn(cmd, spec.get("workdir") or "/")
+        child = _spawn(cmd, spec.get("workdir") or "/", env)
     except OSError as e:
         print(f"gpumesh: cannot start {cmd[0]!r}: {e.strerror}", file=sys.stderr, flush=True)
         report({"exit_code": 127, "signal": 0, "error": f"cannot start {cmd[0]!r}: {e.strerror}"})

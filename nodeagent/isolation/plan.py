@@ -184,17 +184,6 @@ class Isolator:
         shm_dir = ""
         if mount_ns and w.slice_id:
             shm_dir = self.slice_shm_dir(w.slice_id, ident.uid, ident.gid)
-        cgroup = ""
-        procs: list[str] = []
-        if self.cgroups is not None:
-            cgroup = f"{self.node or 'node'}/{w.id}"
-            try:
-                self.cgroups.remove(cgroup)          # a leftover of an earlier run of this ID
-                procs = self.cgroups.create(cgroup, limits)
-            except cg.CgroupError as e:
-                if self.settings.mode == "secure":
-                    raise IsolationRefused(f"cgroup: {e}") from None
-                cgroup, procs = "", []
         env = {}
         keep = []
         if mount_ns:
@@ -203,6 +192,28 @@ class Isolator:
             if mps_pipe:
                 os.makedirs(os.path.join(workdir, "nvidia-mps"), exist_ok=True)
                 env["CUDA_MPS_PIPE_DIRECTORY"] = INSIDE_MPS_PIPE
+        sock = os.path.join(workdir, os.path.basename(INSIDE_SOCKET)) if mount_ns else ""
+        if len(sock) > 100:      # too long for a Unix socket name: the agent dials a short link to it
+            import hashlib
+            link = f"/tmp/gpumesh-{hashlib.sha256(sock.encode()).hexdigest()[:16]}.sock"
+            try:
+                os.unlink(link)
+            except FileNotFoundError:
+                pass
+            os.symlink(sock, link)
+            sock = link
+        cgroup = ""
+        procs: list[str] = []
+        if self.cgroups is not None:    # made last: nothing after it fails, so a refused plan leaves none
+            cgroup = f"{self.node or 'node'}/{w.id}"
+            try:
+                self.cgroups.remove(cgroup)          # a leftover of an earlier run of this ID
+                procs = self.cgroups.create(cgroup, limits)
+            except cg.CgroupError as e:
+                self.cgroups.remove(cgroup)          # what was made of it before the refusal
+                if self.settings.mode == "secure":
+                    raise IsolationRefused(f"cgroup: {e}") from None
+                cgroup, procs = "", []
         spec = {
             "uid": ident.uid, "gid": ident.gid, "no_new_privs": True, "namespaces": namespaces, "network": network,
             "seccomp": bool(self.settings.seccomp and self.features.seccomp),
@@ -217,16 +228,6 @@ class Isolator:
                        for p in _outermost([*self.settings.expose, *_artifact(w)]) if mount_ns and os.path.exists(p)]) +
                      ([{"source": mps_pipe, "target": INSIDE_MPS_PIPE}] if mount_ns and mps_pipe else []),
         }
-        sock = os.path.join(workdir, os.path.basename(INSIDE_SOCKET)) if mount_ns else ""
-        if len(sock) > 100:      # too long for a Unix socket name: the agent dials a short link to it
-            import hashlib
-            link = f"/tmp/gpumesh-{hashlib.sha256(sock.encode()).hexdigest()[:16]}.sock"
-            try:
-                os.unlink(link)
-            except FileNotFoundError:
-                pass
-            os.symlink(sock, link)
-            sock = link
         return ConfinePlan(ident.uid, ident.gid, workdir, sock, cgroup, spec, env)
 
     def release(self, cgroup: str) -> None:

@@ -3,11 +3,13 @@
 A configured mapping (`tenant=uid[:gid]`) wins; other tenants get ids allocated from a
 configured range, once, and remembered in a file of the agent's state directory (root-only),
 so the same tenant keeps its ids across agent restarts. An id is never 0, never the agent's own
-uid/gid, and never one the host's user database already gives to an account.
+uid/gid, and never one the host's user or group database already gives to an account or a group (the
+allocated gid is the uid).
 """
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import os
@@ -90,11 +92,15 @@ class TenantUsers:
 
     @staticmethod
     def _taken_by_account(uid: int) -> bool:
-        try:
-            pwd.getpwuid(uid)
-            return True
-        except KeyError:
-            return False
+        """Whether the host's user database has an account with this uid or its group database a group with
+        this gid (an allocated tenant's gid is its uid: it would run in that group, e.g. shadow or docker)."""
+        for lookup in (pwd.getpwuid, grp.getgrgid):
+            try:
+                lookup(uid)
+                return True
+            except KeyError:
+                pass
+        return False
 
     def identity(self, tenant: str) -> Identity:
         """The tenant's ids (allocated on first use)."""

@@ -125,6 +125,8 @@ def test_agent_deletes_forgotten_workload_files_and_expired_checkpoints(tmp_path
     from nodeagent.workloads import WorkloadRunner
     runner = WorkloadRunner.__new__(WorkloadRunner)
     runner.dir, runner.workloads, runner.meta, runner.popens = str(tmp_path / "wl"), {}, {}, {}
+    from nodeagent.workload_logs import LogStreamer
+    runner.logs = LogStreamer(runner)
     os.makedirs(runner.dir)
     for ext in ("json", "log", "exit"):
         (tmp_path / "wl" / f"w-1.{ext}").write_text("x")

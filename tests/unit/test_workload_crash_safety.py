@@ -206,3 +206,40 @@ def test_a_hand_over_interrupted_without_the_mark_is_finished_too(runners):
     a.started_at.GetCurrentTime()                                                       # control plane keeps it
     assert all(x.state != t.WORKLOAD_STATE_FAILED for x in full_command(r2, w, a))
     assert r2.workloads["w-1"].state == t.WORKLOAD_STATE_RUNNING and not r2.meta["w-1"].get("stop_at")
+
+
+def _handed_over_and_ended(r, alias="w-1~m-1"):
+    r.start(t.Workload(id="w-1", slice_id="s-1", command=["true"]))
+    r.start(t.Workload(id=alias, slice_id="s-2", command=["true"]), meta={"migration": "m-1"})
+    r.meta[alias]["hand_over_to"] = "w-1"
+    r.finish_hand_over(alias)
+    deadline = time.monotonic() + 60
+    while any(w.state == t.WORKLOAD_STATE_RUNNING for w in r.workloads.values()):
+        assert time.monotonic() < deadline, "the workloads did not end"
+        r.check_all(report=False)
+        time.sleep(0.02)
+
+
+def test_expiring_a_handed_over_workload_removes_its_own_files_not_the_sources(runners):
+    """After a same-node migration the workload's record keeps the target's files (`w-1~m-1.*`, its stem)
+    and the source's record (`w-1~m-1~source`) keeps `w-1.*`: expiring `w-1` removes its own files, so a
+    restarted agent does not load it again, and leaves the source's record whole."""
+    r = runners()
+    alias = "w-1~m-1"
+    _handed_over_and_ended(r, alias)
+    r.expire("w-1")
+    left = sorted(os.listdir(r.dir))
+    assert not [f for f in left if f.startswith(f"{alias}.")], left
+    r2 = runners()                          # the restarted agent
+    assert "w-1" not in r2.workloads
+
+
+def test_expiring_a_handed_over_workload_removes_the_record_of_its_source_too(runners):
+    """The source's record (`w-1~m-1~source`) is reported under a name the control plane does not know, so
+    it is never expired on its own: it goes with the workload it was handed over from, with its files (its
+    record, log, pid and exit files), here and after a restart."""
+    r = runners()
+    _handed_over_and_ended(r)
+    r.expire("w-1")
+    assert r.workloads == {} and os.listdir(r.dir) == []
+    assert runners().workloads == {}

@@ -1,0 +1,86 @@
+"""A stop that arrives after the workload ended on its own (the control plane's stop crossed the exit, or a
+full resync stops what it no longer wants) does not rewrite how it ended: a job that succeeded stays
+SUCCEEDED with its exit status, one that failed stays FAILED. A stop of a workload that still runs makes it
+STOPPED as before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import types
+
+import pytest
+
+from gpumesh.v1 import node_service_pb2
+from gpumesh.v1 import types_pb2 as t
+from nodeagent import workloads as wl
+
+
+@pytest.fixture
+def runner(tmp_path):
+    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
+                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
+    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
+    r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=30)
+    yield r
+    for meta in r.meta.values():
+        if meta.get("shim_pid"):
+            try:
+                os.killpg(meta["shim_pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _ended(r, wid):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(r.path(wid, "exit")):
+        assert time.monotonic() < deadline, "the workload did not end"
+        time.sleep(0.02)
+
+
+def _finished(r, wid):
+    """The monitor's rounds until it records the end (the shim exits just after writing the exit file)."""
+    deadline = time.monotonic() + 60
+    while r.workloads[wid].state == t.WORKLOAD_STATE_RUNNING:
+        assert time.monotonic() < deadline, "the workload's end was not recorded"
+        r.check_all(report=False)
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("command,state,code", [(["true"], t.WORKLOAD_STATE_SUCCEEDED, 0),
+                                                (["sh", "-c", "exit 3"], t.WORKLOAD_STATE_FAILED, 3)])
+def test_a_stop_after_the_exit_keeps_the_workloads_own_outcome(runner, command, state, code):
+    runner.start(t.Workload(id="w-1", slice_id="s-1", command=command))
+    _ended(runner, "w-1")
+    runner.stop("w-1")          # before the monitor saw the exit
+    _finished(runner, "w-1")
+    w = runner.workloads["w-1"]
+    assert (w.state, w.exit_code) == (state, code), w.message
+
+
+def test_a_stop_of_a_running_workload_makes_it_stopped(runner):
+    runner.start(t.Workload(id="w-1", slice_id="s-1", command=["sleep", "60"]))
+    runner.stop("w-1")
+    _finished(runner, "w-1")
+    w = runner.workloads["w-1"]
+    assert w.state == t.WORKLOAD_STATE_STOPPED and "killed by SIGTERM" in w.message
+
+
+def test_an_agent_that_dies_just_after_sending_the_stop_still_records_it_as_stopped(runner, monkeypatch):
+    """The stop is in the record before its SIGTERM is sent: a restarted agent then reports the end as the
+    stop it was (STOPPED), not as a workload killed by SIGTERM (FAILED)."""
+    runner.start(t.Workload(id="w-1", slice_id="s-1", command=["sleep", "60"]))
+    real_signal = wl.WorkloadRunner._signal
+
+    def signal_then_die(self, wid, sig):
+        real_signal(self, wid, sig)
+        raise SystemExit("the agent died here")
+    monkeypatch.setattr(wl.WorkloadRunner, "_signal", signal_then_die)
+    with pytest.raises(SystemExit):
+        runner.stop("w-1")
+    monkeypatch.undo()
+    again = wl.WorkloadRunner(runner.agent, runner.dir, stop_grace=30)     # the restarted agent
+    _finished(again, "w-1")
+    w = again.workloads["w-1"]
+    assert w.state == t.WORKLOAD_STATE_STOPPED and "killed by SIGTERM" in w.message, w.message
