@@ -300,3 +300,13 @@ def test_a_cancelled_call_holds_its_fit_slot_until_the_fit_ends(tmp_path, monkey
         return r
     r = run_with(tmp_path, ramp(), go)
     assert len(r.points) == 20 and peak[0] == 1
+
+
+def test_a_history_too_short_for_the_daily_season_forecasts_without_it(tmp_path):
+    """Three days of 5-minute bins (900) hold the daily season three times, but its backtest at 100 steps
+    ahead needs 976: the fit raised INVALID_ARGUMENT naming `series` (no field of the request) for a request
+    check_history had let through. Now the season is left out and the forecast is made."""
+    wave = [("gpu", "n/0", "utilization", 50 + 10 * math.sin(2 * math.pi * i / 288) + (i % 7) / 7, "",
+             T0 + 300.0 * i) for i in range(900)]
+    r = run_with(tmp_path, wave, lambda s: s.forecast("gpu", "n/0", "utilization", 30000, 300))
+    assert len(r.points) == 100 and r.history_points == 900 and r.model
