@@ -211,12 +211,19 @@ class HistoryRecorder:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def _write(self, fn, *args):
+        """`_run` for a write of what was taken from memory: it goes on when the pass awaiting it is cancelled
+        (stop() cancels the loop where it waits). A cancelled run_in_executor future whose job still waited
+        its turn (behind a store read) was dropped from the pool's queue, and the batch with it; stop()'s own
+        flush is queued after this one on the single history thread."""
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self.pool, fn, *args))
+
     async def flush(self) -> int:
         entries = list(self.pending_entries.values())
         self.pending_entries.clear()
         if entries:
             try:
-                await self._run(self.interactions.upsert, entries)
+                await self._write(self.interactions.upsert, entries)
             except Exception:
                 for e in entries:
                     self.pending_entries.setdefault(e.workload, e)
@@ -226,7 +233,7 @@ class HistoryRecorder:
         if not batch:
             return 0
         try:
-            return await self._run(self.store.write, batch)
+            return await self._write(self.store.write, batch)
         except Exception:
             self.pending.extendleft(reversed(batch))      # kept for the next try
             raise

@@ -200,3 +200,30 @@ def test_deployment_load_is_summed_over_its_replicas(tmp_path):
     got = {m: (v, tn) for k, n, m, tn, t, v in rec.pending}
     assert got["replicas"] == (2, "acme") and got["requests_running"] == (5, "acme")
     assert got["requests_waiting"] == (1, "acme") and got["generation_tokens_per_second"] == (50, "acme")
+
+
+def test_a_flush_cancelled_by_stop_while_its_write_waits_its_turn_loses_nothing(tmp_path):
+    """stop() cancels the loop's pass where it waits; a pass waiting for its write behind a store read (a long
+    GetForecast) had taken the batch from `pending`, and the cancel dropped the queued write with it: a clean
+    stop lost up to `flush_seconds` of samples. The write goes on; stop()'s own flush is queued after it."""
+    import threading
+    path = str(tmp_path / "h.db")
+
+    async def run():
+        rec = HistoryRecorder(HistoryStore(path, TIERS), flush_seconds=60)
+        gate = threading.Event()
+        rec.pool.submit(gate.wait, 30)               # the history thread is busy with a read
+        rec.add("fleet", "allocate", "requests", 3, at=60.0)
+        flush = asyncio.create_task(rec.flush())
+        deadline = asyncio.get_running_loop().time() + 10
+        while rec.pending and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert not rec.pending                        # taken, its write queued behind the read
+        flush.cancel()                                # stop() cancelling the pass
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        rec.add("fleet", "allocate", "requests", 4, at=120.0)
+        gate.set()
+        await rec.stop()
+    asyncio.run(run())
+    assert HistoryStore(path, TIERS).read("fleet", "allocate", "requests") == [(60.0, 3.0), (120.0, 4.0)]
