@@ -213,3 +213,22 @@ async def test_a_new_leader_keeps_the_resize_cooldown(env):
     assert await new.act(new.decide(more)) == 1
     await new.settle()
     assert mig.calls == [("resize", s.id, 28 * GiB)]
+
+
+async def test_a_warm_slice_its_agent_could_not_carve_is_given_back_and_replaced(env):
+    """A warm slice the agent failed to carve (FAILED: NVML refused, no such GPU) was counted as carved: the pool
+    kept it for ever (its GPU space held, no tenant to release it, never claimable) and carved no replacement,
+    so a key that asked for warm slices had none ready. It is given back, and the pass carves what is missing."""
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    need_two = {key: fc("fleet", key, "requests", [2.0], step=60)}
+    await env.orch.warm_pass(need_two)
+    bad = warm(env.ctl)[0]
+    failed = t.Slice()
+    failed.CopyFrom(bad)
+    failed.state, failed.message = t.SLICE_STATE_FAILED, "nvml: insufficient resources"
+    env.ctl.fleet.put_slice(failed)
+    await env.orch.warm_pass(need_two)
+    assert env.ctl.fleet.slices.get(bad.id) is None or env.ctl.fleet.slices[bad.id].state == t.SLICE_STATE_RELEASING
+    live = [s for s in warm(env.ctl) if s.state != t.SLICE_STATE_FAILED]
+    assert len(live) == 2 and bad.id not in {s.id for s in live}
