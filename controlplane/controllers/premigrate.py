@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 
 from gpumesh.v1 import types_pb2
 from mesh import errors
@@ -108,14 +109,23 @@ class MovePass:
         memory, thermal = self.policies(pressure_pct, thermal_c, downtime_s(self.migrations, self.s.downtime_s))
         out = []
         moved: set[str] = set()
+        # the temperature run is judged with the memory run's moves as if made: against the ledger as it was, a
+        # GPU hot on both gave up a workload for each in one pass (its cooldown ignored), the fleet budget was
+        # spent twice, and a target's free share was promised twice
+        trial = MoveLedger(deque(self.ledger.moves), dict(self.ledger.last_by_gpu))
+        taken: dict[str, float] = {}
         for metric, policy, scale in (("memory_fraction", memory, 1.0), ("temperature", thermal, 1 / thermal_c[2])):
             hi = {name: [v * scale for v in f.hi] for (name, m), f in forecasts.items() if m == metric}
             if not hi:
                 continue
             views = fleet_views(self.ctl, self.wm, self.migrations, replica_slices, thermal=metric == "temperature")
-            views = [GpuView(v.id, v.free, tuple(w for w in v.workloads if w.id not in moved)) for v in views]
-            for a in move_actions(views, hi, policy, self.ledger, now):
+            views = [GpuView(v.id, v.free - taken.get(v.id, 0.0), tuple(w for w in v.workloads if w.id not in moved))
+                     for v in views]
+            capacity = {w.id: w.capacity for v in views for w in v.workloads}
+            for a in move_actions(views, hi, policy, trial, now):
                 moved.add(a.subject)
+                trial.record(now, a.subject, a.source)
+                taken[a.target] = taken.get(a.target, 0.0) + capacity.get(a.subject, 0.0)
                 out.append((a, metric, forecasts[(a.source, metric)]))
         return out
 

@@ -232,3 +232,36 @@ async def test_a_warm_slice_its_agent_could_not_carve_is_given_back_and_replaced
     assert env.ctl.fleet.slices.get(bad.id) is None or env.ctl.fleet.slices[bad.id].state == t.SLICE_STATE_RELEASING
     live = [s for s in warm(env.ctl) if s.state != t.SLICE_STATE_FAILED]
     assert len(live) == 2 and bad.id not in {s.id for s in live}
+
+
+async def test_a_pass_judges_temperature_moves_with_the_memory_moves_it_just_decided(env):
+    """The pass runs the move rule twice (memory, then temperature), each against the ledger as it was: a GPU
+    hot on both had a workload moved for each in one pass (its cooldown and "one move per source GPU" ignored),
+    and the fleet budget was spent twice (fleet_per_hour 1: two moves)."""
+    import dataclasses
+    th = ((50.0, 70.0, 85.0), (65.0, 80.0, 85.0))
+    running(env, "n1", "w-a0")
+    running(env, "n1", "w-b4")
+    both = {("n1/0", "memory_fraction"): fc("gpu", "n1/0", "memory_fraction", [0.99] * 5),
+            ("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [90] * 5),
+            ("n2/0", "memory_fraction"): fc("gpu", "n2/0", "memory_fraction", [0.1] * 5),
+            ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [40] * 5)}
+    decisions = env.orch.moves.decide(both, *th, set())
+    assert [(a.subject, a.source) for a, _, _ in decisions] == [("w-a0", "n1/0")]
+
+    for wid in ("w-a0", "w-b4"):
+        del env.wm.workloads[wid]
+        env.ctl.fleet.drop_slice(f"s-{wid}")
+    for node, wid in (("n1", "w-a0"), ("n2", "w-c0")):      # a quarter of a GPU each: either fits on the other
+        running(env, node, wid, profile="2g.20gb")
+        s = t.Slice()
+        s.CopyFrom(env.ctl.fleet.slices[f"s-{wid}"])
+        s.memory_bytes, s.placement.size = 20 * GiB, 2
+        env.ctl.fleet.put_slice(s)
+    env.orch.moves.s = dataclasses.replace(env.orch.moves.s, fleet_per_hour=1)
+    env.orch.moves.ledger = type(env.orch.moves.ledger)()
+    apart = {("n1/0", "memory_fraction"): fc("gpu", "n1/0", "memory_fraction", [0.99] * 5),
+             ("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [40] * 5),
+             ("n2/0", "memory_fraction"): fc("gpu", "n2/0", "memory_fraction", [0.1] * 5),
+             ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [90] * 5)}
+    assert len(env.orch.moves.decide(apart, *th, set())) == 1
