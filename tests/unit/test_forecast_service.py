@@ -310,3 +310,15 @@ def test_a_history_too_short_for_the_daily_season_forecasts_without_it(tmp_path)
              T0 + 300.0 * i) for i in range(900)]
     r = run_with(tmp_path, wave, lambda s: s.forecast("gpu", "n/0", "utilization", 30000, 300))
     assert len(r.points) == 100 and r.history_points == 900 and r.model
+
+
+def test_a_forecast_reads_only_the_history_its_fit_sees(tmp_path, monkeypatch):
+    """The fit bins the last MAX_BINS steps; the whole series was read (a long raw tier: millions of samples,
+    held per call and filtered and binned on the event loop). The same forecast from the bounded read."""
+    from controlplane.forecast import forecasting
+    monkeypatch.setattr(forecasting, "MAX_BINS", 500)
+    seen = []
+    finite = forecasting.finite
+    monkeypatch.setattr(forecasting, "finite", lambda rows, *a: seen.append(len(rows)) or finite(rows, *a))
+    r = run_with(tmp_path, ramp(n=5000), lambda s: s.forecast("gpu", "n/0", "memory_used", 20, 1))
+    assert seen == [501] and r.history_points == 500 and len(r.points) == 20
