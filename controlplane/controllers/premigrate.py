@@ -78,6 +78,9 @@ class MovePass:
         self.clock = clock
         self.ledger = MoveLedger()
         self._seeded = False
+        # workload -> when its move was refused (it cannot be checkpointed, its slice is pinned): it sits out the
+        # cooldown; picked again each pass, it was refused each pass and the GPU's other workloads never tried
+        self.refused: dict[str, float] = {}
 
     def seed(self, now: float) -> None:
         """The moves of the last day from the migration records (a new leader's ledger started empty, so the
@@ -107,8 +110,10 @@ class MovePass:
         if not self._seeded:
             self.seed(now)
         memory, thermal = self.policies(pressure_pct, thermal_c, downtime_s(self.migrations, self.s.downtime_s))
+        for wid in [w for w, t in self.refused.items() if now - t >= self.s.cooldown_s]:
+            del self.refused[wid]
         out = []
-        moved: set[str] = set()
+        moved: set[str] = set(self.refused)
         # the temperature run is judged with the memory run's moves as if made: against the ledger as it was, a
         # GPU hot on both gave up a workload for each in one pass (its cooldown ignored), the fleet budget was
         # spent twice, and a target's free share was promised twice
@@ -142,6 +147,7 @@ class MovePass:
                 await self.migrations.migrate(a.subject, to_node=node, reason=reason[:500])
             except errors.MeshError as e:
                 log(logger, logging.WARNING, "orchestrator: move refused", workload=a.subject, error=str(e))
+                self.refused[a.subject] = self.clock()
                 self.ctl.recorder.emit("Workload", a.subject, "Warning", "PreMigrateFailed", f"{reason}: {e}",
                                        tenant=w.tenant if w else "", node=a.source.rpartition("/")[0],
                                        source="orchestrator")

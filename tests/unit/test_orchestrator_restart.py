@@ -265,3 +265,26 @@ async def test_a_pass_judges_temperature_moves_with_the_memory_moves_it_just_dec
              ("n2/0", "memory_fraction"): fc("gpu", "n2/0", "memory_fraction", [0.1] * 5),
              ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [90] * 5)}
     assert len(env.orch.moves.decide(apart, *th, set())) == 1
+
+
+async def test_a_workload_whose_move_was_refused_is_not_asked_for_again_each_pass(env):
+    """The migration of the hot GPU's lowest-priority workload is refused (it cannot be checkpointed, say): the
+    next pass picked the same workload again, refused again, a PreMigrateFailed warning every pass for as long as
+    the GPU stayed hot, and its other workloads were never tried. A refused workload sits out the cooldown."""
+    from mesh import errors
+    running(env, "n1", "w-a0", priority=0)
+    running(env, "n1", "w-b4", priority=5)
+    migrate = env.mig.migrate
+
+    async def refuse_a(wid, **kw):
+        if wid == "w-a0":
+            env.mig.calls.append(("refused", wid))
+            raise errors.FailedPrecondition("workload w-a0 does not use the checkpoint SDK")
+        await migrate(wid, **kw)
+    env.mig.migrate = refuse_a
+    hot = {("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [90] * 5),
+           ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [40] * 5)}
+    th = ((50.0, 70.0, 85.0), (65.0, 80.0, 85.0))
+    assert await env.orch.moves.act(env.orch.moves.decide(hot, *th, set())) == 0
+    assert await env.orch.moves.act(env.orch.moves.decide(hot, *th, set())) == 1
+    assert [c[:2] for c in env.mig.calls] == [("refused", "w-a0"), ("migrate", "w-b4")]
