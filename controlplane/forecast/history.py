@@ -102,21 +102,28 @@ class HistoryStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        self._ids: dict[tuple[str, str, str], int] = {}
+        self._ids: dict[tuple[str, str, str], tuple[int, str]] = {}     # -> (id, owner)
 
     def close(self) -> None:
         with self._lock:
             self.db.close()
 
     def _id(self, kind: str, name: str, metric: str, tenant: str) -> int:
+        """The series' id; its owner becomes `tenant` when that changed (a warm slice, carved for no tenant,
+        keeps its id when a tenant claims it: its series stayed the fleet's, read by every viewer and not by
+        the tenant whose slice it is)."""
         key = (kind, name, metric)
-        sid = self._ids.get(key)
-        if sid is None:
+        got = self._ids.get(key)
+        if got is None:
             self.db.execute("INSERT OR IGNORE INTO series (kind, name, metric, tenant) VALUES (?, ?, ?, ?)",
                             (kind, name, metric, tenant))
-            sid = self.db.execute("SELECT id FROM series WHERE kind=? AND name=? AND metric=?", key).fetchone()[0]
-            self._ids[key] = sid
-        return sid
+            got = tuple(self.db.execute("SELECT id, tenant FROM series WHERE kind=? AND name=? AND metric=?",
+                                        key).fetchone())
+        if got[1] != tenant:
+            self.db.execute("UPDATE series SET tenant=? WHERE id=?", (tenant, got[0]))
+            got = (got[0], tenant)
+        self._ids[key] = got
+        return got[0]
 
     def write(self, samples) -> int:
         """samples: iterable of (kind, name, metric, tenant, t, v), stored raw in one transaction.

@@ -322,3 +322,18 @@ def test_a_forecast_reads_only_the_history_its_fit_sees(tmp_path, monkeypatch):
     monkeypatch.setattr(forecasting, "finite", lambda rows, *a: seen.append(len(rows)) or finite(rows, *a))
     r = run_with(tmp_path, ramp(n=5000), lambda s: s.forecast("gpu", "n/0", "memory_used", 20, 1))
     assert seen == [501] and r.history_points == 500 and len(r.points) == 20
+
+
+def test_a_claimed_warm_slices_series_belongs_to_its_new_tenant(tmp_path):
+    """A warm slice is carved for no tenant ("") and keeps its id when a tenant's Allocate claims it; its series
+    kept the owner of its first sample, so the tenant's own slice usage was the fleet's: hidden from the tenant
+    and read by every viewer, whatever its tenant. The owner follows the samples."""
+    warm = [("slice", "s-1", "utilization", 0.0, "", T0 + i) for i in range(100)]
+    claimed = [("slice", "s-1", "utilization", 50.0 + i % 5, "acme", T0 + 100 + i) for i in range(300)]
+    acme = auth.Principal("client", "a", tenant="acme", role="tenant")
+    viewer = auth.Principal("client", "v", tenant="other", role="viewer")
+
+    async def listed(s):
+        return [(x.name, x.tenant) for x in (await s.ListSeries(_req("slice"), None)).series]
+    assert run_with(tmp_path / "a", warm + claimed, listed, acme) == [("s-1", "acme")]
+    assert run_with(tmp_path / "v", warm + claimed, listed, viewer) == []
