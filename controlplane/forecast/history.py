@@ -142,6 +142,23 @@ class HistoryStore:
                 raise
         return len(rows)
 
+    def add_counts(self, samples) -> int:
+        """`write`, adding each value to the one stored at that time (a count of part of a minute, written by a
+        control plane that stopped or started within it)."""
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                rows = [(self._id(k, n, m, tn), float(t), float(v)) for k, n, m, tn, t, v in samples
+                        if math.isfinite(v)]
+                self.db.executemany("INSERT INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1) "
+                                    "ON CONFLICT (series, tier, t) DO UPDATE SET v = samples.v + excluded.v", rows)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self._ids.clear()
+                raise
+        return len(rows)
+
     def compact(self, now: float) -> None:
         """Fold samples past each tier's retention into the next tier's buckets; drop what ages out of the last."""
         with self._lock:
