@@ -249,7 +249,11 @@ class HistoryRecorder:
         try:
             return await self._write(self.store.write, batch)
         except Exception:
-            self.pending.extendleft(reversed(batch))      # kept for the next try
+            # kept for the next try, before what came meanwhile; past the limit the oldest go (extendleft on the
+            # full deque dropped the newest instead)
+            kept = collections.deque(batch, maxlen=self.pending.maxlen)
+            kept.extend(self.pending)
+            self.pending = kept
             raise
 
     async def read(self, fn, *args):

@@ -251,3 +251,28 @@ def test_a_restart_keeps_the_allocate_count_of_the_minute_it_stopped_in(tmp_path
     asyncio.run(life(2, 600.0 + 50))          # back within it: two more
     assert HistoryStore(path, TIERS).read("fleet", "allocate", "requests") == [(600.0, 5.0)]
     assert HistoryStore(path, TIERS).read("tenant", "acme", "requests") == [(600.0, 5.0)]
+
+
+def test_a_failed_flush_past_the_pending_limit_drops_the_oldest_samples(tmp_path):
+    """Samples wait in memory up to a limit while the disk refuses writes, "the oldest go first"; a failed
+    flush put its batch back in front of what arrived meanwhile, and the bounded deque dropped from the other
+    end: the newest samples went, the oldest were kept."""
+    import collections
+    import sqlite3
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), TIERS), flush_seconds=60)
+    rec.pending = collections.deque(maxlen=4)
+    for t in (1.0, 2.0, 3.0):
+        rec.add("fleet", "allocate", "requests", t, at=t)
+
+    def refuse(batch):
+        rec.add("fleet", "allocate", "requests", 4.0, at=4.0)        # arrived while the write was refused
+        rec.add("fleet", "allocate", "requests", 5.0, at=5.0)
+        raise sqlite3.OperationalError("database is locked")
+    rec.store.write = refuse
+
+    async def run():
+        with pytest.raises(sqlite3.OperationalError):
+            await rec.flush()
+        rec.pool.shutdown(wait=True)
+    asyncio.run(run())
+    assert [s[4] for s in rec.pending] == [2.0, 3.0, 4.0, 5.0]
