@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 
 from gpumesh.v1 import types_pb2
 from mesh import errors
@@ -77,6 +78,9 @@ class MovePass:
         self.clock = clock
         self.ledger = MoveLedger()
         self._seeded = False
+        # workload -> when its move was refused (it cannot be checkpointed, its slice is pinned): it sits out the
+        # cooldown; picked again each pass, it was refused each pass and the GPU's other workloads never tried
+        self.refused: dict[str, float] = {}
 
     def seed(self, now: float) -> None:
         """The moves of the last day from the migration records (a new leader's ledger started empty, so the
@@ -106,16 +110,27 @@ class MovePass:
         if not self._seeded:
             self.seed(now)
         memory, thermal = self.policies(pressure_pct, thermal_c, downtime_s(self.migrations, self.s.downtime_s))
+        for wid in [w for w, t in self.refused.items() if now - t >= self.s.cooldown_s]:
+            del self.refused[wid]
         out = []
-        moved: set[str] = set()
+        moved: set[str] = set(self.refused)
+        # the temperature run is judged with the memory run's moves as if made: against the ledger as it was, a
+        # GPU hot on both gave up a workload for each in one pass (its cooldown ignored), the fleet budget was
+        # spent twice, and a target's free share was promised twice
+        trial = MoveLedger(deque(self.ledger.moves), dict(self.ledger.last_by_gpu))
+        taken: dict[str, float] = {}
         for metric, policy, scale in (("memory_fraction", memory, 1.0), ("temperature", thermal, 1 / thermal_c[2])):
             hi = {name: [v * scale for v in f.hi] for (name, m), f in forecasts.items() if m == metric}
             if not hi:
                 continue
             views = fleet_views(self.ctl, self.wm, self.migrations, replica_slices, thermal=metric == "temperature")
-            views = [GpuView(v.id, v.free, tuple(w for w in v.workloads if w.id not in moved)) for v in views]
-            for a in move_actions(views, hi, policy, self.ledger, now):
+            views = [GpuView(v.id, v.free - taken.get(v.id, 0.0), tuple(w for w in v.workloads if w.id not in moved))
+                     for v in views]
+            capacity = {w.id: w.capacity for v in views for w in v.workloads}
+            for a in move_actions(views, hi, policy, trial, now):
                 moved.add(a.subject)
+                trial.record(now, a.subject, a.source)
+                taken[a.target] = taken.get(a.target, 0.0) + capacity.get(a.subject, 0.0)
                 out.append((a, metric, forecasts[(a.source, metric)]))
         return out
 
@@ -132,6 +147,7 @@ class MovePass:
                 await self.migrations.migrate(a.subject, to_node=node, reason=reason[:500])
             except errors.MeshError as e:
                 log(logger, logging.WARNING, "orchestrator: move refused", workload=a.subject, error=str(e))
+                self.refused[a.subject] = self.clock()
                 self.ctl.recorder.emit("Workload", a.subject, "Warning", "PreMigrateFailed", f"{reason}: {e}",
                                        tenant=w.tenant if w else "", node=a.source.rpartition("/")[0],
                                        source="orchestrator")

@@ -114,9 +114,11 @@ class WarmPool:
         return statistics.median(self.create_times) if self.create_times else DEFAULT_CREATE_S
 
     def counts(self) -> dict[str, int]:
-        """key -> warm slices carved or being carved."""
+        """key -> warm slices carved or being carved (one its agent failed to carve is neither)."""
         out: dict[str, int] = {}
         for s in self.slices():
+            if s.state == S.SLICE_STATE_FAILED:
+                continue
             k = s.labels.get(KEY_LABEL, key_of(s.profile, s.gpu_model))
             out[k] = out.get(k, 0) + 1
         return out
@@ -151,6 +153,19 @@ class WarmPool:
                                    f"{reason}", node=s.node, source="orchestrator")
             made.append(s)
         return made
+
+    async def release_failed(self) -> list[str]:
+        """Give back the warm slices their agent could not carve (FAILED: NVML refused, the GPU is gone). They
+        were counted as carved, never claimable, and no tenant releases them: they held their GPU space for good
+        and the key got no replacement."""
+        gone = []
+        for s in [s for s in self.slices() if s.state == S.SLICE_STATE_FAILED]:
+            why = f"its node could not carve it: {s.message or 'failed'}"
+            if await self.release_ids([s.id], f"warm slice given back: {why}"):
+                gone.append(s.id)
+                self.ctl.recorder.emit("Slice", s.id, "Warning", "WarmSliceReleased", f"given back: {why}",
+                                       node=s.node, source="orchestrator")
+        return gone
 
     async def release(self, key: str, count: int, reason: str) -> list[str]:
         """Give back `count` warm slices of `key`: those still being carved first, then the newest."""

@@ -335,7 +335,10 @@ class CostAccountant:
         charges = self._held + charges
         gone = (self._held_gone | gone) - set(live)
         try:
-            n = await self._run(self.ledger.write, charges, live, gone)
+            # shielded: stop() cancels the pass where it waits, and a queued write (behind a GetCost query or the
+            # compaction) was dropped with the cancel while the cursors had moved on: that interval was never charged
+            n = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                self.pool, self.ledger.write, charges, live, gone))
         except Exception:
             self._held, self._held_gone = charges[-HELD_LIMIT:], gone
             raise

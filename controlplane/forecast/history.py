@@ -102,21 +102,28 @@ class HistoryStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        self._ids: dict[tuple[str, str, str], int] = {}
+        self._ids: dict[tuple[str, str, str], tuple[int, str]] = {}     # -> (id, owner)
 
     def close(self) -> None:
         with self._lock:
             self.db.close()
 
     def _id(self, kind: str, name: str, metric: str, tenant: str) -> int:
+        """The series' id; its owner becomes `tenant` when that changed (a warm slice, carved for no tenant,
+        keeps its id when a tenant claims it: its series stayed the fleet's, read by every viewer and not by
+        the tenant whose slice it is)."""
         key = (kind, name, metric)
-        sid = self._ids.get(key)
-        if sid is None:
+        got = self._ids.get(key)
+        if got is None:
             self.db.execute("INSERT OR IGNORE INTO series (kind, name, metric, tenant) VALUES (?, ?, ?, ?)",
                             (kind, name, metric, tenant))
-            sid = self.db.execute("SELECT id FROM series WHERE kind=? AND name=? AND metric=?", key).fetchone()[0]
-            self._ids[key] = sid
-        return sid
+            got = tuple(self.db.execute("SELECT id, tenant FROM series WHERE kind=? AND name=? AND metric=?",
+                                        key).fetchone())
+        if got[1] != tenant:
+            self.db.execute("UPDATE series SET tenant=? WHERE id=?", (tenant, got[0]))
+            got = (got[0], tenant)
+        self._ids[key] = got
+        return got[0]
 
     def write(self, samples) -> int:
         """samples: iterable of (kind, name, metric, tenant, t, v), stored raw in one transaction.
@@ -128,6 +135,23 @@ class HistoryStore:
                         if math.isfinite(v)]
                 self.db.executemany("INSERT OR REPLACE INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1)",
                                     rows)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self._ids.clear()
+                raise
+        return len(rows)
+
+    def add_counts(self, samples) -> int:
+        """`write`, adding each value to the one stored at that time (a count of part of a minute, written by a
+        control plane that stopped or started within it)."""
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                rows = [(self._id(k, n, m, tn), float(t), float(v)) for k, n, m, tn, t, v in samples
+                        if math.isfinite(v)]
+                self.db.executemany("INSERT INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1) "
+                                    "ON CONFLICT (series, tier, t) DO UPDATE SET v = samples.v + excluded.v", rows)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -175,6 +199,15 @@ class HistoryStore:
                 """SELECT s.t, s.v FROM samples s JOIN series x ON x.id = s.series
                    WHERE x.kind=? AND x.name=? AND x.metric=? AND s.t >= ? ORDER BY s.t""",
                 (kind, name, metric, since)).fetchall()
+
+    def tail(self, kind: str, name: str, metric: str, seconds: float) -> list[tuple[float, float]]:
+        """`read` of the samples within `seconds` of the series' last one (all of it when shorter)."""
+        with self._lock:
+            return self.db.execute(
+                """SELECT s.t, s.v FROM samples s JOIN series x ON x.id = s.series
+                   WHERE x.kind=? AND x.name=? AND x.metric=?
+                     AND s.t >= (SELECT MAX(t) FROM samples WHERE series = x.id) - ? ORDER BY s.t""",
+                (kind, name, metric, seconds)).fetchall()
 
     def tier_counts(self) -> dict[int, int]:
         with self._lock:

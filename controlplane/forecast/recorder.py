@@ -10,8 +10,8 @@
   000's interaction log (interactions.py): each workload's labels, hardware fingerprint and state.
 
 Samples wait in memory and are written every `flush_seconds` in one transaction on a single worker
-thread (SQLite is blocking); `stop()` flushes what is left, so a restart loses only an unclean exit's
-last interval. Compaction (downsampling and retention) runs on the same thread once a minute.
+thread (SQLite is blocking); `stop()` flushes what is left (the current minute's Allocate counts too, which a
+control plane back within that minute adds to), so a restart loses only an unclean exit's last interval. Compaction (downsampling and retention) runs on the same thread once a minute.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class HistoryRecorder:
         self.counted: dict[tuple[str, str, str, str], int] = {}
         self.quiet_keep = max(t.keep for t in store.tiers) if quiet_keep is None else quiet_keep   # (any tier's)
         self.minute = int(self.clock() // 60)
+        # the minute this recorder started in, seen only in part: its counts are added to what is stored (the
+        # part before a restart, written by stop()), as is the part of the minute stop() writes
+        self._first_minute = self.minute
+        self.pending_counts: list[tuple] = []
         self._loop = PeriodicTask("history", self._pass, on_error=self._pass_failed,
                                   interval=lambda: min(self.flush_seconds, self.sample_seconds))
         self._next_sample = 0.0                 # when the deployments' load is sampled next (clock seconds)
@@ -158,8 +162,11 @@ class HistoryRecorder:
         for m in range(self.minute, min(minute, self.minute + 60)):      # at most an hour of quiet zeros
             for key, last in self.counted.items():
                 if m - last <= keep:
-                    self.add(key[0], key[1], key[2], self.counts.get(key, 0) if m == self.minute else 0, key[3],
-                             m * 60.0)
+                    if m == self._first_minute:
+                        self.pending_counts.append((*key[:3], key[3], m * 60.0, self.counts.get(key, 0)))
+                    else:
+                        self.add(key[0], key[1], key[2], self.counts.get(key, 0) if m == self.minute else 0,
+                                 key[3], m * 60.0)
         self.counts.clear()
         self.minute = minute
         for key in [k for k, last in self.counted.items() if minute - last > keep]:
@@ -211,24 +218,42 @@ class HistoryRecorder:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def _write(self, fn, *args):
+        """`_run` for a write of what was taken from memory: it goes on when the pass awaiting it is cancelled
+        (stop() cancels the loop where it waits). A cancelled run_in_executor future whose job still waited
+        its turn (behind a store read) was dropped from the pool's queue, and the batch with it; stop()'s own
+        flush is queued after this one on the single history thread."""
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self.pool, fn, *args))
+
     async def flush(self) -> int:
         entries = list(self.pending_entries.values())
         self.pending_entries.clear()
         if entries:
             try:
-                await self._run(self.interactions.upsert, entries)
+                await self._write(self.interactions.upsert, entries)
             except Exception:
                 for e in entries:
                     self.pending_entries.setdefault(e.workload, e)
+                raise
+        counts, self.pending_counts = self.pending_counts, []
+        if counts:
+            try:
+                await self._write(self.store.add_counts, counts)
+            except Exception:
+                self.pending_counts[:0] = counts
                 raise
         batch = list(self.pending)
         self.pending.clear()
         if not batch:
             return 0
         try:
-            return await self._run(self.store.write, batch)
+            return await self._write(self.store.write, batch)
         except Exception:
-            self.pending.extendleft(reversed(batch))      # kept for the next try
+            # kept for the next try, before what came meanwhile; past the limit the oldest go (extendleft on the
+            # full deque dropped the newest instead)
+            kept = collections.deque(batch, maxlen=self.pending.maxlen)
+            kept.extend(self.pending)
+            self.pending = kept
             raise
 
     async def read(self, fn, *args):
@@ -237,6 +262,11 @@ class HistoryRecorder:
 
     async def stop(self) -> None:
         await self._loop.stop()
+        self._roll()
+        # the current minute's count so far (written when the minute ended, it was lost with every stop); a
+        # control plane back within this minute adds its part to it
+        self.pending_counts += [(*key[:3], key[3], self.minute * 60.0, n) for key, n in self.counts.items()]
+        self.counts.clear()
         try:
             await self.flush()
         finally:

@@ -63,7 +63,9 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
         if found is None or not may_read(found[1]):
             raise errors.NotFound(f"no series {kind}/{name} {metric} in the history (meshctl forecast series "
                                   f"lists them)", kind="series", name=f"{kind}/{name}/{metric}")
-        rows = await self.recorder.read(self.store.read, kind, name, metric)
+        # the fit sees the last MAX_BINS bins only: the whole series (a long raw tier holds millions of samples)
+        # was read, held per call and filtered and binned on the event loop
+        rows = await self.recorder.read(self.store.tail, kind, name, metric, forecasting.MAX_BINS * p.step_s)
         return await self._answer(p, rows, source)
 
     async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:

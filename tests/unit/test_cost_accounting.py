@@ -318,3 +318,45 @@ def test_a_failed_ledger_write_loses_no_charge(tmp_path):
     seconds = {ln.key: ln.slice_seconds for ln in led.query("slice", 0.0)}
     assert seconds == {"s1": pytest.approx(30), "s2": pytest.approx(10)}
     assert led.cursors() == {"s1": 1030.0}     # the released slice's cursor went with the later write
+
+
+def test_an_accounting_cancelled_by_stop_while_its_write_waits_its_turn_loses_nothing(tmp_path):
+    """stop() cancels the loop's pass where it waits; the pass had moved the cursors on in memory and its
+    write waited behind another ledger job (a GetCost query, the compaction): the cancel dropped the queued
+    write, and stop()'s last accounting charged from the new cursors, so that interval was never charged."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from controlplane.cost.accountant import CostAccountant
+    from controlplane.state.fleet import Fleet
+    from gpumesh.v1 import types_pb2
+
+    fleet = Fleet()
+    s = types_pb2.Slice(id="s1", tenant="t1", node="n1", gpu_model="H100-80GB", isolation=types_pb2.ISOLATION_MIG,
+                        profile="1g.10gb", memory_bytes=10 * GIB)
+    s.created_at.FromSeconds(1000)
+    fleet.slices["s1"] = s
+    path = str(tmp_path / "h.db")
+    clock = [1010.0]
+    a = CostAccountant(SimpleNamespace(fleet=fleet), None, CostLedger(path), PRICES, interval=10,
+                       clock=lambda: clock[0])
+
+    async def go():
+        gate = threading.Event()
+        a.pool.submit(gate.wait, 30)              # the ledger's thread is busy with a query
+        task = asyncio.create_task(a.account())
+        deadline = asyncio.get_running_loop().time() + 10
+        while a.cursors.get("s1") != 1010.0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert a.cursors.get("s1") == 1010.0      # charged in memory, its write queued
+        task.cancel()                             # stop() cancelling the pass
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        clock[0] = 1020.0
+        gate.set()
+        await a.stop()                            # the last interval, written after the first
+    asyncio.run(go())
+    led = CostLedger(path)
+    assert {ln.key: ln.slice_seconds for ln in led.query("slice", 0.0)} == {"s1": pytest.approx(20)}
+    assert led.cursors() == {"s1": 1020.0}

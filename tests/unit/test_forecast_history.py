@@ -113,7 +113,8 @@ def test_allocate_requests_are_counted_per_minute_with_quiet_minutes_as_zero(tmp
     rec.on_request(req)
     clock[0] = 600.0 + 3 * 60 + 5           # three minutes later
     rec._roll()
-    got = {(k, n, t): v for k, n, m, tn, t, v in rec.pending}
+    # (the minute the recorder started in is added to what is stored: pending_counts)
+    got = {(k, n, t): v for k, n, m, tn, t, v in [*rec.pending_counts, *rec.pending]}
     assert got[("fleet", "allocate", 600.0)] == 4
     assert got[("fleet", "allocate", 660.0)] == 0 and got[("fleet", "allocate", 720.0)] == 0
     assert got[("tenant", "acme", 600.0)] == 4
@@ -138,8 +139,10 @@ def test_quiet_minute_keys_are_dropped_after_the_stores_retention(tmp_path):
         ask(f"churn-{minute}")
         if minute % 50 == 0:
             ask("steady")
-        steady += [(t, v) for k, n, _m, _tn, t, v in rec.pending if (k, n) == ("tenant", "steady")]
+        steady += [(t, v) for k, n, _m, _tn, t, v in [*rec.pending_counts, *rec.pending]
+                   if (k, n) == ("tenant", "steady")]
         rec.pending.clear()
+        rec.pending_counts.clear()
         assert len(rec.counted) <= 3 + 1 + 61      # the fleet's 3 keys, steady, the last hour's tenants
     assert [t for t, _ in steady] == [m * 60.0 for m in range(299)]      # no quiet minute left out
     assert [t for t, v in steady if v] == [m * 60.0 for m in range(0, 299, 50)]
@@ -200,3 +203,76 @@ def test_deployment_load_is_summed_over_its_replicas(tmp_path):
     got = {m: (v, tn) for k, n, m, tn, t, v in rec.pending}
     assert got["replicas"] == (2, "acme") and got["requests_running"] == (5, "acme")
     assert got["requests_waiting"] == (1, "acme") and got["generation_tokens_per_second"] == (50, "acme")
+
+
+def test_a_flush_cancelled_by_stop_while_its_write_waits_its_turn_loses_nothing(tmp_path):
+    """stop() cancels the loop's pass where it waits; a pass waiting for its write behind a store read (a long
+    GetForecast) had taken the batch from `pending`, and the cancel dropped the queued write with it: a clean
+    stop lost up to `flush_seconds` of samples. The write goes on; stop()'s own flush is queued after it."""
+    import threading
+    path = str(tmp_path / "h.db")
+
+    async def run():
+        rec = HistoryRecorder(HistoryStore(path, TIERS), flush_seconds=60)
+        gate = threading.Event()
+        rec.pool.submit(gate.wait, 30)               # the history thread is busy with a read
+        rec.add("fleet", "allocate", "requests", 3, at=60.0)
+        flush = asyncio.create_task(rec.flush())
+        deadline = asyncio.get_running_loop().time() + 10
+        while rec.pending and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert not rec.pending                        # taken, its write queued behind the read
+        flush.cancel()                                # stop() cancelling the pass
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        rec.add("fleet", "allocate", "requests", 4, at=120.0)
+        gate.set()
+        await rec.stop()
+    asyncio.run(run())
+    assert HistoryStore(path, TIERS).read("fleet", "allocate", "requests") == [(60.0, 3.0), (120.0, 4.0)]
+
+
+def test_a_restart_keeps_the_allocate_count_of_the_minute_it_stopped_in(tmp_path):
+    """The current minute's Allocate count is written when the minute ends: a clean stop lost it (up to a
+    minute of requests per restart), and a control plane back within the same minute wrote only its own part of
+    it over what was there. Now stop() writes the partial minute and a restart adds to it."""
+    path = str(tmp_path / "h.db")
+    clock = [600.0 + 10]
+    req = types.SimpleNamespace(tenant="acme", mig_profile="", memory_bytes=0, gpu_model="", count=1)
+
+    async def life(n_requests, until):
+        rec = HistoryRecorder(HistoryStore(path, TIERS), flush_seconds=60, clock=lambda: clock[0])
+        rec.start()
+        for _ in range(n_requests):
+            rec.on_request(req)
+        clock[0] = until
+        await rec.stop()
+    asyncio.run(life(3, 600.0 + 30))          # stopped half-way through minute 10
+    asyncio.run(life(2, 600.0 + 50))          # back within it: two more
+    assert HistoryStore(path, TIERS).read("fleet", "allocate", "requests") == [(600.0, 5.0)]
+    assert HistoryStore(path, TIERS).read("tenant", "acme", "requests") == [(600.0, 5.0)]
+
+
+def test_a_failed_flush_past_the_pending_limit_drops_the_oldest_samples(tmp_path):
+    """Samples wait in memory up to a limit while the disk refuses writes, "the oldest go first"; a failed
+    flush put its batch back in front of what arrived meanwhile, and the bounded deque dropped from the other
+    end: the newest samples went, the oldest were kept."""
+    import collections
+    import sqlite3
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), TIERS), flush_seconds=60)
+    rec.pending = collections.deque(maxlen=4)
+    for t in (1.0, 2.0, 3.0):
+        rec.add("fleet", "allocate", "requests", t, at=t)
+
+    def refuse(batch):
+        rec.add("fleet", "allocate", "requests", 4.0, at=4.0)        # arrived while the write was refused
+        rec.add("fleet", "allocate", "requests", 5.0, at=5.0)
+        raise sqlite3.OperationalError("database is locked")
+    rec.store.write = refuse
+
+    async def run():
+        with pytest.raises(sqlite3.OperationalError):
+            await rec.flush()
+        rec.pool.shutdown(wait=True)
+    asyncio.run(run())
+    assert [s[4] for s in rec.pending] == [2.0, 3.0, 4.0, 5.0]

@@ -213,3 +213,78 @@ async def test_a_new_leader_keeps_the_resize_cooldown(env):
     assert await new.act(new.decide(more)) == 1
     await new.settle()
     assert mig.calls == [("resize", s.id, 28 * GiB)]
+
+
+async def test_a_warm_slice_its_agent_could_not_carve_is_given_back_and_replaced(env):
+    """A warm slice the agent failed to carve (FAILED: NVML refused, no such GPU) was counted as carved: the pool
+    kept it for ever (its GPU space held, no tenant to release it, never claimable) and carved no replacement,
+    so a key that asked for warm slices had none ready. It is given back, and the pass carves what is missing."""
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    need_two = {key: fc("fleet", key, "requests", [2.0], step=60)}
+    await env.orch.warm_pass(need_two)
+    bad = warm(env.ctl)[0]
+    failed = t.Slice()
+    failed.CopyFrom(bad)
+    failed.state, failed.message = t.SLICE_STATE_FAILED, "nvml: insufficient resources"
+    env.ctl.fleet.put_slice(failed)
+    await env.orch.warm_pass(need_two)
+    assert env.ctl.fleet.slices.get(bad.id) is None or env.ctl.fleet.slices[bad.id].state == t.SLICE_STATE_RELEASING
+    live = [s for s in warm(env.ctl) if s.state != t.SLICE_STATE_FAILED]
+    assert len(live) == 2 and bad.id not in {s.id for s in live}
+
+
+async def test_a_pass_judges_temperature_moves_with_the_memory_moves_it_just_decided(env):
+    """The pass runs the move rule twice (memory, then temperature), each against the ledger as it was: a GPU
+    hot on both had a workload moved for each in one pass (its cooldown and "one move per source GPU" ignored),
+    and the fleet budget was spent twice (fleet_per_hour 1: two moves)."""
+    import dataclasses
+    th = ((50.0, 70.0, 85.0), (65.0, 80.0, 85.0))
+    running(env, "n1", "w-a0")
+    running(env, "n1", "w-b4")
+    both = {("n1/0", "memory_fraction"): fc("gpu", "n1/0", "memory_fraction", [0.99] * 5),
+            ("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [90] * 5),
+            ("n2/0", "memory_fraction"): fc("gpu", "n2/0", "memory_fraction", [0.1] * 5),
+            ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [40] * 5)}
+    decisions = env.orch.moves.decide(both, *th, set())
+    assert [(a.subject, a.source) for a, _, _ in decisions] == [("w-a0", "n1/0")]
+
+    for wid in ("w-a0", "w-b4"):
+        del env.wm.workloads[wid]
+        env.ctl.fleet.drop_slice(f"s-{wid}")
+    for node, wid in (("n1", "w-a0"), ("n2", "w-c0")):      # a quarter of a GPU each: either fits on the other
+        running(env, node, wid, profile="2g.20gb")
+        s = t.Slice()
+        s.CopyFrom(env.ctl.fleet.slices[f"s-{wid}"])
+        s.memory_bytes, s.placement.size = 20 * GiB, 2
+        env.ctl.fleet.put_slice(s)
+    env.orch.moves.s = dataclasses.replace(env.orch.moves.s, fleet_per_hour=1)
+    env.orch.moves.ledger = type(env.orch.moves.ledger)()
+    apart = {("n1/0", "memory_fraction"): fc("gpu", "n1/0", "memory_fraction", [0.99] * 5),
+             ("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [40] * 5),
+             ("n2/0", "memory_fraction"): fc("gpu", "n2/0", "memory_fraction", [0.1] * 5),
+             ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [90] * 5)}
+    assert len(env.orch.moves.decide(apart, *th, set())) == 1
+
+
+async def test_a_workload_whose_move_was_refused_is_not_asked_for_again_each_pass(env):
+    """The migration of the hot GPU's lowest-priority workload is refused (it cannot be checkpointed, say): the
+    next pass picked the same workload again, refused again, a PreMigrateFailed warning every pass for as long as
+    the GPU stayed hot, and its other workloads were never tried. A refused workload sits out the cooldown."""
+    from mesh import errors
+    running(env, "n1", "w-a0", priority=0)
+    running(env, "n1", "w-b4", priority=5)
+    migrate = env.mig.migrate
+
+    async def refuse_a(wid, **kw):
+        if wid == "w-a0":
+            env.mig.calls.append(("refused", wid))
+            raise errors.FailedPrecondition("workload w-a0 does not use the checkpoint SDK")
+        await migrate(wid, **kw)
+    env.mig.migrate = refuse_a
+    hot = {("n1/0", "temperature"): fc("gpu", "n1/0", "temperature", [90] * 5),
+           ("n2/0", "temperature"): fc("gpu", "n2/0", "temperature", [40] * 5)}
+    th = ((50.0, 70.0, 85.0), (65.0, 80.0, 85.0))
+    assert await env.orch.moves.act(env.orch.moves.decide(hot, *th, set())) == 0
+    assert await env.orch.moves.act(env.orch.moves.decide(hot, *th, set())) == 1
+    assert [c[:2] for c in env.mig.calls] == [("refused", "w-a0"), ("migrate", "w-b4")]
