@@ -37,7 +37,9 @@ async def upper(history, name: str, series: str, lead_s: float, quantile: float,
     level = min(0.98, max(0.02, 2 * quantile - 1))
     try:
         p = forecasting.plan("deployment", name, series, lead, step, level)
-        rows = await history.read(history.store.read, "deployment", name, series)
+        # only the window the fit sees (forecasting.MAX_BINS steps): a long raw tier read whole held the
+        # history thread and this pass, every pass
+        rows = await history.read(history.store.tail, "deployment", name, series, forecasting.MAX_BINS * p.step_s)
         times, values = forecasting.check_history(p, rows)
         f = await asyncio.to_thread(forecasting.fit, p, times, values)
     except errors.MeshError as e:

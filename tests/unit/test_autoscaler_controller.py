@@ -203,6 +203,29 @@ async def test_wake_needs_a_policy_that_scales_to_zero():
         await dm.scaling.wake("chat")
 
 
+async def test_the_demand_forecast_reads_only_the_history_its_fit_sees(tmp_path, monkeypatch):
+    """Every forecast pass read the deployment's whole request-rate series (a long raw tier: millions of samples
+    on the history's thread, then binned); the fit sees the last MAX_BINS steps, and only those are read now."""
+    from controlplane.controllers import autoscale_forecast
+    from controlplane.forecast import forecasting
+    from controlplane.forecast.history import HistoryStore
+    from controlplane.forecast.recorder import HistoryRecorder
+    monkeypatch.setattr(forecasting, "MAX_BINS", 300)
+    seen = []
+    check = forecasting.check_history
+    monkeypatch.setattr(forecasting, "check_history", lambda p, rows: seen.append(len(rows)) or check(p, rows))
+    rec = HistoryRecorder(HistoryStore(str(tmp_path / "history.db")), clock=lambda: 0.0)
+    try:
+        for i in range(3000):
+            rec.add("deployment", "chat", "request_rate", 1 + (i % 7) / 10, "team-a", at=1000.0 + i)
+        await rec.flush()
+        value, note = await autoscale_forecast.upper(rec, "chat", "request_rate", 20, 0.9, 5.0)
+        assert value is not None, note
+        assert seen == [1501]           # MAX_BINS steps of 5 s at one sample a second, and the edge (not 3000)
+    finally:
+        rec.store.close()
+
+
 async def test_a_predictive_policy_provisions_for_the_forecast_of_its_recorded_request_rate(tmp_path):
     """The controller records the request rate into the history store (real SQLite) and forecasts it with the
     forecasting service's code: on a rising rate, the forecast's upper quantile one lead time ahead, times the
