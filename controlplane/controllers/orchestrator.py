@@ -257,7 +257,7 @@ class Orchestrator:
         """`demand`: warm key -> Forecast of requests per step. Creates and releases warm slices."""
         policy = WarmPolicy(step_s=self.s.demand_step_s, lead_s=self.s.warm_lead_s,
                             release_band=self.s.warm_release_band, max_per_key=self.s.warm_max_per_key)
-        await self.pool.release_failed()        # not carved: given back, and carved again below if still needed
+        await self.pool.release_unclaimable()   # not carved, or cordoned: given back, carved again below where needed
         counts = self.pool.counts()
         for k in counts:        # a new leader: a key no request was seen for yet has its window from now on
             self.windows.track(k)

@@ -113,11 +113,21 @@ class WarmPool:
             self._timed &= {s.id for s in self.slices()}
         return statistics.median(self.create_times) if self.create_times else DEFAULT_CREATE_S
 
+    def unclaimable(self, s: types_pb2.Slice) -> str:
+        """Why warm slice `s` can never be claimed, or "": its agent could not carve it (FAILED), or its node is
+        cordoned (the operator said no new placement there, and a claim is one: `claim` passes it over)."""
+        if s.state == S.SLICE_STATE_FAILED:
+            return f"its node could not carve it: {s.message or 'failed'}"
+        node = self.ctl.fleet.nodes.get(s.node)
+        if node is not None and node.record.cordoned:
+            return f"its node {s.node} is cordoned"
+        return ""
+
     def counts(self) -> dict[str, int]:
-        """key -> warm slices carved or being carved (one its agent failed to carve is neither)."""
+        """key -> warm slices carved or being carved that a request could still claim."""
         out: dict[str, int] = {}
         for s in self.slices():
-            if s.state == S.SLICE_STATE_FAILED:
+            if self.unclaimable(s):
                 continue
             k = s.labels.get(KEY_LABEL, key_of(s.profile, s.gpu_model))
             out[k] = out.get(k, 0) + 1
@@ -154,13 +164,14 @@ class WarmPool:
             made.append(s)
         return made
 
-    async def release_failed(self) -> list[str]:
-        """Give back the warm slices their agent could not carve (FAILED: NVML refused, the GPU is gone). They
-        were counted as carved, never claimable, and no tenant releases them: they held their GPU space for good
-        and the key got no replacement."""
+    async def release_unclaimable(self) -> list[str]:
+        """Give back the warm slices no request can claim (`unclaimable`: not carved, or on a cordoned node).
+        They were counted as carved and no tenant releases them: they held their GPU space for good and the key
+        got no replacement where requests can take one."""
         gone = []
-        for s in [s for s in self.slices() if s.state == S.SLICE_STATE_FAILED]:
-            why = f"its node could not carve it: {s.message or 'failed'}"
+        for s, why in [(s, self.unclaimable(s)) for s in self.slices()]:
+            if not why:
+                continue
             if await self.release_ids([s.id], f"warm slice given back: {why}"):
                 gone.append(s.id)
                 self.ctl.recorder.emit("Slice", s.id, "Warning", "WarmSliceReleased", f"given back: {why}",

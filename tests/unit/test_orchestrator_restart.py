@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from controlplane.controllers.orchestrator import Orchestrator, Settings
 from controlplane.controllers.orchforecast import InlineFitter, Windows, fit_jobs, jobs_for_gpus
 from gpumesh.v1 import types_pb2 as t
-from tests.unit.test_orchestrator_live import GiB, env, fc, running, warm  # noqa: F401 - env is a fixture
+from tests.unit.test_orchestrator_live import GiB, env, fc, ready_all, running, warm  # noqa: F401 - env is a fixture
 from tests.unit.test_placement import make_fleet
 
 
@@ -232,6 +232,26 @@ async def test_a_warm_slice_its_agent_could_not_carve_is_given_back_and_replaced
     assert env.ctl.fleet.slices.get(bad.id) is None or env.ctl.fleet.slices[bad.id].state == t.SLICE_STATE_RELEASING
     live = [s for s in warm(env.ctl) if s.state != t.SLICE_STATE_FAILED]
     assert len(live) == 2 and bad.id not in {s.id for s in live}
+
+
+async def test_a_warm_slice_on_a_cordoned_node_is_given_back_and_carved_elsewhere(env):
+    """A cordoned node takes no new placement, and a claim is one (`claim` passes such warm slices over): its warm
+    slices were counted as carved, so the key got none a request could take. They are given back, and the pass
+    carves what is missing on the nodes still open."""
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    need_two = {key: fc("fleet", key, "requests", [2.0], step=60)}
+    await env.orch.warm_pass(need_two)
+    ready_all(env.ctl)
+    before = warm(env.ctl)
+    assert len(before) == 2
+    shut = before[0].node
+    env.ctl.fleet.nodes[shut].record.cordoned = True
+    await env.orch.warm_pass(need_two)
+    live = warm(env.ctl)
+    assert len(live) == 2 and all(s.node != shut for s in live)
+    assert all(env.ctl.fleet.slices.get(s.id) is None or env.ctl.fleet.slices[s.id].state == t.SLICE_STATE_RELEASING
+               for s in before if s.node == shut)
 
 
 async def test_a_pass_judges_temperature_moves_with_the_memory_moves_it_just_decided(env):
