@@ -24,9 +24,9 @@ Its state is the samples of the last window and a predictive policy's last measu
 new leader starts with empty windows (it holds what runs until it has seen a window's worth; a scale-down
 waits for its delay as after any change) and sizes a forecast floor with the figures the previous leader
 wrote on the status when they name the model identity deployed now (`figures_model`), else the registry's
-(`_figures`). The figures describe one model: when the deployment's
-model identity changes (model, variant, backend and its settings, slice size: `_model_identity`) they expire,
-with a `FiguresReset` event.
+(`autoscale_figures.figures`). The figures describe one model: when the deployment's model identity changes
+(model, variant, backend and its settings, slice size: `autoscale_figures.note_model_identity`) they expire, with
+a `FiguresReset` event.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.controllers import autoscale_forecast, autoscale_signals, autoscale_variants
+from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_signals, autoscale_variants
 from controlplane.controllers.slices import now as ts_now
 from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
@@ -47,7 +47,7 @@ from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import scaling_pb2 as S
 from mesh import errors
 from mesh.autoscale import Decision, Sample, ScalingPolicy
-from mesh.autoscale.planner import Planner, ServiceFigures, measured_figures
+from mesh.autoscale.planner import Planner, ServiceFigures
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class AutoscalerController:
         st.plan.observe(sample)
         self._record(name, d, st.policy, sample)
         variant, need = self._variant(d)
-        self._model_identity(name, d, st, variant, need, comp, now)
+        autoscale_figures.note_model_identity(self.dm, name, d, st, variant, need, comp, now)
         cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
                                               int(d.spec.isolation), self.registry.gpu_models(),
                                               getattr(self.dm, "prices", None))
@@ -209,7 +209,7 @@ class AutoscalerController:
         figures = None
         if st.policy.predictive:
             self._refresh_forecast(name, st, lead, now)
-            figures = self._figures(d, st, variant, replicas, now, cold)
+            figures = autoscale_figures.figures(d, st, variant, replicas, now, cold)
         pools = getattr(self.dm.ctl, "pools", None)
         room = pools.room(d.spec.pool, need or d.status.vram_bytes, cost) if d.spec.pool and pools else None
         # the same decision code as `meshctl bench autoscale` (mesh/autoscale/planner.py)
@@ -232,69 +232,6 @@ class AutoscalerController:
             own = await self._overflow(name, d, st, decision, replicas, comp, comp_replicas, need, cost, signals)
         await self._apply(name, d, st, decision, signals, cost, now, cold_from, own)
         return decision
-
-    def _figures(self, d: D.Deployment, st: _State, variant, replicas: list, now: float,
-                 cold: float) -> ServiceFigures | None:
-        """The replica's figures that size the forecast floor: measured over the stable window; after a
-        window with no request, the last measured (kept in memory), else what the previous leader wrote
-        on the status (`service_s`, `ttft_free_s`), else the registry's `model bench` figures; the slots
-        and the cold start are always today's."""
-        slots = autoscale_signals.slots(d.spec, variant)
-        ttft = autoscale_signals.free_slot_ttft(variant, replicas)
-        samples = [x for x in st.plan.recent(now, st.policy.stable_window_s) if x.t >= st.measured_since]
-        f = measured_figures(samples, slots=slots, cold_start_s=cold, ttft_s=ttft)
-        if f is not None:
-            st.figures, st.figures_from = f, "measured"
-            return f
-        if st.figures is None:
-            signals = d.status.autoscaler.signals if self._status_figures_apply(d, st) else {}
-            service = signals.get("service_s", 0.0)
-            if service > 0:
-                st.figures = ServiceFigures(service_s=service, ttft_s=signals.get("ttft_free_s", 0.0),
-                                            slots=slots, cold_start_s=cold)
-                st.figures_from = "status"
-            else:
-                st.figures = autoscale_signals.registry_figures(variant, replicas, slots=slots, cold_start_s=cold)
-                st.figures_from = "registry" if st.figures is not None else ""
-        if st.figures is None:
-            return None
-        return dataclasses.replace(st.figures, slots=slots, cold_start_s=cold,
-                                   ttft_s=ttft if ttft is not None else st.figures.ttft_s)
-
-    @staticmethod
-    def _status_figures_apply(d: D.Deployment, st: _State) -> bool:
-        """Whether the figures on the status describe the model deployed now: not once this leader saw the model
-        change, nor when the status names another model identity (a change the previous leader decided on and
-        had not written figures for, before it lost the lead)."""
-        if not d.status.HasField("autoscaler") or not st.status_figures:
-            return False
-        written = d.status.autoscaler.figures_model
-        return not written or st.identity is None or written == autoscale_signals.identity_digest(st.identity)
-
-    def _model_identity(self, name: str, d: D.Deployment, st: _State, variant, need: int, comp, now: float) -> None:
-        """Expire the model-dependent figures when the model identity changes (autoscale_signals.model_identity):
-        the kept measured figures and the status's (an earlier model's time in service and TTFT) are dropped, and
-        only samples from now on measure new ones; until then the registry's figures of the new variant size the
-        floor. The load samples of the windows, the request-rate buckets and forecast (demand) and the counters
-        stay: they are readings of the replicas serving now (the old ones serve until the rollout replaces
-        them), not a model's figures reused later, and they age out with the stable window."""
-        ident = autoscale_signals.model_identity(d.spec, variant, need, comp.spec if comp is not None else None)
-        if ident is None or ident == st.identity:
-            return
-        old, st.identity = st.identity, ident
-        if old is None:
-            return                  # first seen (a new leader): the status's figures are this model's
-        dropped = st.figures if st.policy.predictive else None    # (only a predictive policy sizes with them)
-        st.figures, st.figures_from, st.measured_since, st.status_figures = None, "", now, False
-        change = autoscale_signals.identity_change(old, ident)
-        was = f"service {dropped.service_s:.3g} s, TTFT {dropped.ttft_s:.3g} s" if dropped is not None else "none kept"
-        if not st.policy.predictive:
-            return
-        self.dm._event_as(name, "Normal", "FiguresReset", f"model identity changed ({change}): the figures measured "
-                          f"before ({was}) no longer size replicas; the new ones are measured from now (the "
-                          f"registry's until then)"[:1000], d.spec.tenant, SOURCE)
-        log(logger, logging.INFO, "autoscaler figures reset: model identity changed", deployment=name, change=change,
-            service_s=dropped.service_s if dropped is not None else None)
 
     def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
         try:

@@ -128,30 +128,23 @@ class HistoryStore:
     def write(self, samples) -> int:
         """samples: iterable of (kind, name, metric, tenant, t, v), stored raw in one transaction.
         A second sample of a series at the same time replaces the first."""
-        with self._lock:
-            self.db.execute("BEGIN")
-            try:
-                rows = [(self._id(k, n, m, tn), float(t), float(v)) for k, n, m, tn, t, v in samples
-                        if math.isfinite(v)]
-                self.db.executemany("INSERT OR REPLACE INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1)",
-                                    rows)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                self._ids.clear()
-                raise
-        return len(rows)
+        return self._insert(samples, "INSERT OR REPLACE INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1)")
 
     def add_counts(self, samples) -> int:
         """`write`, adding each value to the one stored at that time (a count of part of a minute, written by a
         control plane that stopped or started within it)."""
+        return self._insert(samples, "INSERT INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1) "
+                                     "ON CONFLICT (series, tier, t) DO UPDATE SET v = samples.v + excluded.v")
+
+    def _insert(self, samples, sql: str) -> int:
+        """The finite samples' rows through `sql`, in one transaction (the series ids it made are forgotten when
+        it rolls back)."""
         with self._lock:
             self.db.execute("BEGIN")
             try:
                 rows = [(self._id(k, n, m, tn), float(t), float(v)) for k, n, m, tn, t, v in samples
                         if math.isfinite(v)]
-                self.db.executemany("INSERT INTO samples (series, tier, t, v, n) VALUES (?, 0, ?, ?, 1) "
-                                    "ON CONFLICT (series, tier, t) DO UPDATE SET v = samples.v + excluded.v", rows)
+                self.db.executemany(sql, rows)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
