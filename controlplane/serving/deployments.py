@@ -23,7 +23,7 @@ from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
 from controlplane.loops import PeriodicTask
-from controlplane.serving import deployspec, drainstatus, replicamove, scaling
+from controlplane.serving import deployspec, deploystatus, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
@@ -451,47 +451,7 @@ class DeploymentManager:
                 await self._write_status(d, plan)
 
     async def _write_status(self, d: D.Deployment, plan: rc.Plan) -> None:
-        replicas = self.store.replicas_of(d.spec.name)
-        st = D.DeploymentStatus()
-        st.CopyFrom(d.status)
-        st.replicas = sum(1 for r in replicas if r.state != D.REPLICA_STATE_TERMINATING)
-        st.ready_replicas = sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY)
-        old = {c.type: c for c in d.status.conditions}
-        del st.conditions[:]
-        if "Draining" not in plan.conditions:
-            self.drain_notes.pop(d.spec.name, None)
-        for ctype, (status, reason, message) in plan.conditions.items():
-            if ctype == "CrashLoop" and status:
-                crashing = [r for r in replicas if r.restarts >= self.policy.crashloop_after]
-                if crashing:
-                    message = f"replica {crashing[0].id} crashed {crashing[0].restarts} times: {crashing[0].message}"
-                else:
-                    # the failure that makes it a crash loop is not recorded yet (its action runs next): the
-                    # condition (and its event) turn true once it is, with the replica's reason
-                    prev = old.get(ctype)
-                    status, reason, message = (prev.status, prev.reason, prev.message) if prev is not None \
-                        else (False, "", "")
-            if ctype == "Draining":
-                reason, message = drainstatus.status(self, d.spec.name, replicas, reason, message)
-            if ctype == "Available" and not status:
-                # the pool is the limit (docs/pools.md): say so where `describe deployment` shows it
-                held = next((r for r in replicas
-                             if r.state == D.REPLICA_STATE_PENDING and "PoolExhausted" in r.message), None)
-                if held is not None:
-                    why = held.message[held.message.index("PoolExhausted"):].split(";")[0]
-                    reason, message = "PoolExhausted", f"{message}; replica {held.id}: {why}"
-            c = D.DeploymentCondition(type=ctype, status=status, reason=reason, message=message[:4000])
-            prev = old.get(ctype)
-            if prev is not None and prev.status == status:
-                c.last_transition_at.CopyFrom(prev.last_transition_at)
-            else:
-                c.last_transition_at.CopyFrom(now())
-                if ctype == "CrashLoop" and status:
-                    self._event(d.spec.name, "Warning", "CrashLoop", message[:500], d.spec.tenant)
-                elif prev is not None:
-                    self._event(d.spec.name, "Normal", f"{ctype}{'True' if status else 'False'}",
-                                f"{ctype} is now {str(bool(status)).lower()}: {reason}", d.spec.tenant)
-            st.conditions.append(c)
+        st = deploystatus.status_of(self, d, plan, self.store.replicas_of(d.spec.name))
         if st != d.status:
             n = D.Deployment()
             n.CopyFrom(d)
