@@ -6,7 +6,6 @@ stayed on the node's disk for good."""
 from __future__ import annotations
 
 import os
-import signal
 import types
 
 from gpumesh.v1 import migration_service_pb2 as M
@@ -16,6 +15,7 @@ from mesh.checkpoint.transfer_auth import new_secret
 from nodeagent import workloads as wl
 from nodeagent.migrate import MigrationAgent
 from nodeagent.migrate_base import Job
+from tests.unit._shims import kill_shims
 
 
 class FailingCriu:
@@ -45,8 +45,4 @@ def test_a_failed_dump_of_a_workload_that_runs_on_leaves_no_images(tmp_path, mon
         assert not r.meta["w-1"].get("frozen") and r.workloads["w-1"].state == t.WORKLOAD_STATE_RUNNING
         assert not os.path.exists(r.path("w-1", "criu-m-1")), os.listdir(r.path("w-1", "criu-m-1"))
     finally:
-        for meta in r.meta.values():
-            try:
-                os.killpg(meta["shim_pid"], signal.SIGKILL)
-            except (KeyError, ProcessLookupError):
-                pass
+        kill_shims(r)

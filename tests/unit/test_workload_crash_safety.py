@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 import types
 
@@ -17,6 +16,7 @@ from gpumesh.v1 import node_service_pb2
 from gpumesh.v1 import types_pb2 as t
 from nodeagent import workloads as wl
 from nodeagent.procfiles import _find_shim
+from tests.unit._shims import kill_shims
 
 
 class Crash(Exception):
@@ -41,12 +41,7 @@ def runners(tmp_path):
         return r
     yield make
     for r in made:                  # every shim these tests started
-        for meta in r.meta.values():
-            if meta.get("shim_pid"):
-                try:
-                    os.killpg(meta["shim_pid"], signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        kill_shims(r)
 
 
 def crash_at(monkeypatch, where):

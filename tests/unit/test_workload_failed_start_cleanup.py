@@ -7,7 +7,6 @@ start made must go there. And a workload that expires leaves no link to its cont
 from __future__ import annotations
 
 import os
-import signal
 import time
 import types
 
@@ -21,6 +20,7 @@ from nodeagent.isolation.devices import NvidiaDevices
 from nodeagent.isolation.plan import Isolator, IsolationSettings
 from nodeagent.isolation.probe import HostFeatures
 from nodeagent.isolation.users import TenantUsers
+from tests.unit._shims import kill_shims
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="a confined workload switches to a tenant's uid: root")
 
@@ -66,12 +66,7 @@ def setup(tmp_path):
                    groups, NvidiaDevices(str(tmp_path), str(tmp_path / "mig-minors")), node="n1", scope=str(tmp_path))
     r = wl.WorkloadRunner(agent, str(tmp_path / "w"), isolator=iso)
     yield r, groups, agent.gpus.nvml
-    for meta in r.meta.values():
-        if meta.get("shim_pid"):
-            try:
-                os.killpg(meta["shim_pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    kill_shims(r)
 
 
 def _spec():

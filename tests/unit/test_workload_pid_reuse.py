@@ -15,6 +15,7 @@ import pytest
 from gpumesh.v1 import node_service_pb2
 from gpumesh.v1 import types_pb2 as t
 from nodeagent import workloads as wl
+from tests.unit._shims import kill_shims
 
 
 def fake_agent():
@@ -29,11 +30,7 @@ def runner_dir(tmp_path):
     d = str(tmp_path / "w")
     yield d
     r = wl.WorkloadRunner(fake_agent(), d)
-    for meta in r.meta.values():
-        try:
-            os.killpg(meta["shim_pid"], signal.SIGKILL)
-        except (KeyError, ProcessLookupError, PermissionError):
-            pass
+    kill_shims(r)
 
 
 def wait_for(cond, what):

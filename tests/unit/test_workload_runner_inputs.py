@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import types
 
 import pytest
@@ -26,6 +25,7 @@ from nodeagent.isolation.probe import HostFeatures
 from nodeagent.isolation.users import TenantUsers
 from nodeagent.migrate import MigrationAgent
 from nodeagent.workload_confine import SECRET_FILE_NAME
+from tests.unit._shims import kill_shims
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to a tenant's uid needs root")
 
@@ -47,12 +47,7 @@ def runner(tmp_path):
                    None, NvidiaDevices(str(tmp_path), str(tmp_path / "mig-minors")), node="n1", scope=str(tmp_path))
     r = wl.WorkloadRunner(fake_agent(), str(tmp_path / "w"), isolator=iso)
     yield r
-    for meta in r.meta.values():            # every shim the test started
-        if meta.get("shim_pid"):
-            try:
-                os.killpg(meta["shim_pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    kill_shims(r)
 
 
 def _victim(path, text=b"root:$6$secret-hash:19000::::::\n"):

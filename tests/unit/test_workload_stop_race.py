@@ -6,7 +6,6 @@ STOPPED as before."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 import types
 
@@ -15,6 +14,7 @@ import pytest
 from gpumesh.v1 import node_service_pb2
 from gpumesh.v1 import types_pb2 as t
 from nodeagent import workloads as wl
+from tests.unit._shims import kill_shims
 
 
 @pytest.fixture
@@ -24,12 +24,7 @@ def runner(tmp_path):
     a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
     r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=30)
     yield r
-    for meta in r.meta.values():
-        if meta.get("shim_pid"):
-            try:
-                os.killpg(meta["shim_pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    kill_shims(r)
 
 
 def _ended(r, wid):
