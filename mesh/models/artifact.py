@@ -120,18 +120,25 @@ def weight_files(directory: Path) -> list[Path]:
 def special_file(directory: Path) -> tuple[Path, int] | None:
     """The first file below `directory` (links followed, hidden names left out, as the digest walks it:
     mesh/models/digest.py) that is neither a regular file nor a directory, with its mode; None when there is
-    none. A dangling link, or a link in a loop (`a -> a`), is no file at all: left out, as the digest leaves it
-    out (`find -L -type f` lists neither). ArtifactError naming the file when it cannot be looked at."""
+    none. ArtifactError naming the file when it cannot be looked at, or when it is a link that resolves to
+    nothing (dangling, or in a loop `a -> a`): a Hugging Face directory with a broken link is an incomplete one
+    (the snapshot links of an interrupted `huggingface-cli download` point at blobs that never arrived), and
+    vLLM fails on it only when a replica loads it."""
     for root, _dirs, files in walk(directory):
         for name in sorted(files):
             p = Path(root) / name
             try:
                 mode = os.stat(p).st_mode
             except (FileNotFoundError, NotADirectoryError):
-                continue
+                if not os.path.islink(p):
+                    continue            # removed while the walk ran: no file, as the digest sees it
+                raise ArtifactError(f"{p} is a link to {os.readlink(p)!r}, which does not exist; a Hugging Face "
+                                    f"directory holds no broken links (an interrupted download? fetch it again "
+                                    f"or remove the link)") from None
             except OSError as e:
                 if e.errno == errno.ELOOP:
-                    continue
+                    raise ArtifactError(f"{p} is a link in a loop (it resolves to itself); a Hugging Face "
+                                        f"directory holds no broken links") from None
                 raise ArtifactError(f"{p} cannot be read: {e.strerror}") from None
             if not stat.S_ISREG(mode):
                 return p, mode

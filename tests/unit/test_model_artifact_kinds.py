@@ -157,13 +157,23 @@ def test_a_link_loop_in_a_model_directory_ends_the_walk_there(tmp_path):
     assert files_below(d) == ["config.json", "sub/w.bin", "tok/t.json"]
 
 
-async def test_a_link_in_a_loop_is_no_file_as_a_dangling_one_is(tmp_path):
-    """The digest leaves a link that resolves to nothing out (a dangling one, or one in a loop: `find -L -type f`
-    lists neither); the kind check left the dangling one out but let the loop's ELOOP escape as a bare OSError
-    ("cannot be read: Too many levels of symbolic links", no file named), refusing a directory whose digest was
-    fine."""
+async def test_a_broken_link_in_a_model_directory_is_refused_naming_it(tmp_path):
+    """A link that resolves to nothing (dangling: the snapshot link of an interrupted Hugging Face download to a blob
+    that never arrived; or in a loop) was left out as no file, so an incomplete directory registered and failed only
+    when a replica loaded it. Register now refuses it, naming the link and where it points; without it the same
+    directory registers."""
     hf = write_hf_dir(tmp_path / "hf")
+    r = registry()
     (hf / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(errors.InvalidArgument) as e:
+        await r.register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))
+    assert e.value.field == "model.variants[0].artifact"
+    assert f"{hf / 'gone.safetensors'} is a link to {str(tmp_path / 'nowhere')!r}, which does not exist" in str(e.value)
+    os.unlink(hf / "gone.safetensors")
     (hf / "loop.safetensors").symlink_to(hf / "loop.safetensors")
-    m = await registry().register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))
+    with pytest.raises(errors.InvalidArgument, match=re.escape(f"{hf / 'loop.safetensors'} is a link in a loop")):
+        await r.register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))
+    os.unlink(hf / "loop.safetensors")
+    assert r.models == {}
+    m = await r.register(M.Model(name="hf", variants=[hf_variant(str(hf), weight_bytes=4096)]))
     assert m.variants[0].artifact_sha256 == digest.DIGESTS.of(hf)
