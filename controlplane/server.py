@@ -274,6 +274,9 @@ class ControlPlane:
         self.pools.deployments = self.deployments
         self.history = self._start_history()
         self.orchestrator = self._start_orchestrator()
+        if self.orchestrator is None or self.orchestrator.pool is None:
+            from controlplane.controllers.warmslices import release_when_off
+            await release_when_off(self.ctl, "orchestrator_warm_slices is false")
         self.cost, self.recommender = await self._start_cost()
         from controlplane.controllers.autoscaler import AutoscalerController
         self.autoscaler = AutoscalerController(self.deployments, self.models, history=self.history,

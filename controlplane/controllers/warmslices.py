@@ -64,6 +64,23 @@ def is_warm(s: types_pb2.Slice) -> bool:
     return s.labels.get(WARM_LABEL) == "true" and s.tenant == WARM_TENANT
 
 
+async def release_when_off(ctl, setting: str) -> list[str]:
+    """Give back every warm slice when warm slices are turned off: nothing claims them then (the pool is what
+    hands them to requests and makes room where they sit), so each held its GPU space for good and requests that
+    fit only there were refused. Called by a new leader whose configuration has the rule off; `setting` names
+    the option that turned it off, for the events."""
+    gone = []
+    for s in [s for s in ctl.fleet.slices.values() if is_warm(s) and s.state != S.SLICE_STATE_RELEASING]:
+        why = f"warm slices are turned off ({setting})"
+        await ctl.release(s.id, wait=False, message=f"warm slice given back: {why}")
+        gone.append(s.id)
+        ctl.recorder.emit("Slice", s.id, "Normal", "WarmSliceReleased", f"given back: {why}", node=s.node,
+                          source="orchestrator")
+    if gone:
+        log(logger, logging.INFO, "warm slices given back: the rule is off", count=len(gone), setting=setting)
+    return gone
+
+
 class WarmPool:
     def __init__(self, ctl) -> None:
         self.ctl = ctl

@@ -69,21 +69,26 @@ def timed_allocate(mesh, tenant):
     return s, time.perf_counter() - t0
 
 
+def drive_until_warm(mesh) -> list[float]:
+    """The pattern: one PROFILE allocation and release at a time, until the orchestrator has enough history to
+    forecast it (38 one-second steps at a 2 s lead) and keeps warm slices ready; the cold allocations' latencies."""
+    cold: list[float] = []
+    deadline = time.monotonic() + 240
+    while not warm_ready(mesh):
+        assert time.monotonic() < deadline, "no warm slice carved from a steady demand pattern"
+        pool = {x.id for x in mesh.list_slices() if x.labels.get("gpumesh.io/warm") == "true"}
+        s, dt = timed_allocate(mesh, "pattern")
+        if s.id not in pool:
+            cold.append(dt)
+        mesh.release(s.id)
+        time.sleep(0.3)
+    return cold
+
+
 def test_demand_pattern_drives_warm_slices_that_allocations_claim(cluster):
     cluster.wait_ready(timeout=60)
     with cluster.client(timeout=30) as mesh:
-        cold: list[float] = []
-        # The pattern: one PROFILE allocation and release at a time, until the orchestrator has enough
-        # history to forecast it (38 one-second steps at a 2 s lead) and keeps warm slices ready.
-        deadline = time.monotonic() + 240
-        while not warm_ready(mesh):
-            assert time.monotonic() < deadline, "no warm slice carved from a steady demand pattern"
-            pool = {x.id for x in mesh.list_slices() if x.labels.get("gpumesh.io/warm") == "true"}
-            s, dt = timed_allocate(mesh, "pattern")
-            if s.id not in pool:
-                cold.append(dt)
-            mesh.release(s.id)
-            time.sleep(0.3)
+        cold = drive_until_warm(mesh)
         for s in warm_ready(mesh):       # owned by no tenant, shown as warm
             assert s.tenant == "" and s.profile == PROFILE and s.device_uuid.startswith("MIG-")
         assert "<warm>" in meshctl(cluster, "get", "slices")
@@ -112,6 +117,27 @@ def test_demand_pattern_drives_warm_slices_that_allocations_claim(cluster):
               f"{statistics.median(cold) * 1000:.1f} ms over {len(cold)}; warm (claimed) median "
               f"{statistics.median(warm_lat) * 1000:.1f} ms over {len(warm_lat)}")
         release_all(mesh)
+
+
+def test_a_control_plane_with_warm_slices_off_gives_them_back(cluster):
+    """Restarted with the warm-slice rule off, the control plane gives back the warm slices the earlier one carved
+    (nothing would claim them or make room where they sit); then it is restarted as it was for the next test."""
+    with cluster.client(timeout=30) as mesh:
+        drive_until_warm(mesh)
+        warm = {s.id for s in mesh.list_slices() if s.labels.get("gpumesh.io/warm") == "true"}
+    args = list(cluster.controlplane_args)
+    try:
+        cluster.controlplane_args = [a for a in args if a != "--orchestrator-warm-slices"]
+        cluster.restart_controlplane(timeout=60)
+        with cluster.client(timeout=30) as mesh:
+            wait_for(lambda: not warm & {s.id for s in mesh.list_slices()}, 60,
+                     f"the warm slices {sorted(warm)} given back by a control plane with the rule off")
+            assert not [s for s in mesh.list_slices() if s.labels.get("gpumesh.io/warm") == "true"]
+        events = meshctl(cluster, "get", "events", "-o", "json")
+        assert "warm slices are turned off" in events
+    finally:
+        cluster.controlplane_args = args
+        cluster.restart_controlplane(timeout=60)
 
 
 def gpu_temp(cluster, node) -> float:

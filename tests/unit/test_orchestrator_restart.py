@@ -308,3 +308,28 @@ async def test_a_workload_whose_move_was_refused_is_not_asked_for_again_each_pas
     assert await env.orch.moves.act(env.orch.moves.decide(hot, *th, set())) == 0
     assert await env.orch.moves.act(env.orch.moves.decide(hot, *th, set())) == 1
     assert [c[:2] for c in env.mig.calls] == [("refused", "w-a0"), ("migrate", "w-b4")]
+
+
+async def test_a_leader_with_warm_slices_off_gives_the_warm_slices_back(env):
+    """Warm slices carved by a leader with the rule on, then a leader with it off: nothing claimed them or made room
+    where they sat (the pool does both, and there is none), so they held their GPU space until an admin released
+    them one by one. The leader with the rule off gives each back, with an event saying why; tenants' slices stay."""
+    from controlplane.controllers.warmslices import release_when_off
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    await env.orch.warm_pass({key: fc("fleet", key, "requests", [2.2], step=60)})
+    ready_all(env.ctl)
+    carved = {s.id for s in warm(env.ctl)}
+    assert len(carved) == 3
+    from mesh.slicespec import validate
+    env.ctl.warm = None                 # the tenant's slice is a fresh one, not a claimed warm one
+    _, (tenant,) = await env.ctl.allocate(validate(t.SliceSpec(tenant="acme", mig_profile="2g.20gb")), no_wait=True)
+    events = []
+    env.ctl.recorder = SimpleNamespace(emit=lambda *a, **kw: events.append(a))
+    gone = await release_when_off(env.ctl, "orchestrator_warm_slices is false")
+    assert set(gone) == carved and warm(env.ctl) == []
+    assert all(env.ctl.fleet.slices[sid].state == t.SLICE_STATE_RELEASING for sid in carved)
+    assert "warm slices are turned off" in env.ctl.fleet.slices[gone[0]].message
+    assert env.ctl.fleet.slices[tenant.id].state != t.SLICE_STATE_RELEASING
+    assert sorted(e[1] for e in events if e[3] == "WarmSliceReleased") == sorted(carved)
+    assert await release_when_off(env.ctl, "orchestrator_warm_slices is false") == []     # once
