@@ -16,13 +16,18 @@ is the pool, so a restart or a new leader finds it as it was.
 - `make_room`: a request that fits only where warm slices sit takes that space; the warm slices in
   its way are released (the agent destroys them before it creates the new one, in order).
 - `release`: given back (the orchestrator's hysteresis decides how many).
+- `release_unclaimable`: a warm slice its agent could not carve (FAILED) or on a cordoned node is given back; the
+  node of a failed one gets no warm slice for a backoff (`FAILED_BACKOFF_S`, doubling to `FAILED_BACKOFF_MAX_S`,
+  forgotten once a warm slice there is READY).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import statistics
+import time
 
 from controlplane import placement
 from controlplane.controllers.orchmetrics import CLAIMS, YIELDS
@@ -41,6 +46,11 @@ WARM_PRIORITY = -(2 ** 31)      # below every tenant's: a real request never yie
 ANY = "any"
 CREATE_SAMPLES = 20
 DEFAULT_CREATE_S = 10.0
+# A node whose agent could not carve a warm slice gets none for this long, doubled at each failure there up to
+# the cap, and forgotten when a warm slice there is READY: without it, FGD chose the same spot every pass and the
+# pool carved, failed and gave back there for good (two events a pass, an NVML call each time).
+FAILED_BACKOFF_S = 60.0
+FAILED_BACKOFF_MAX_S = 1800.0
 
 
 def key_of(profile: str, gpu_model: str | None) -> str:
@@ -82,8 +92,10 @@ async def release_when_off(ctl, setting: str) -> list[str]:
 
 
 class WarmPool:
-    def __init__(self, ctl) -> None:
+    def __init__(self, ctl, clock=time.monotonic) -> None:
         self.ctl = ctl
+        self.clock = clock
+        self.backoff: dict[str, tuple[float, float]] = {}     # node -> (no warm slice there until, its delay)
         from controlplane.scheduler import profiles
         self.framework = profiles.build("fgd", preemption=False)
         self.claims = 0            # since start (metrics)
@@ -158,6 +170,11 @@ class WarmPool:
         req = SliceRequest(tenant=WARM_TENANT or "warm", memory_bytes=0, compute_share=0.0, isolation="mig",
                            gpu_model=model, mig_profile=profile, count=1, topology="any", priority=WARM_PRIORITY,
                            labels={WARM_LABEL: "true", KEY_LABEL: key})
+        now = self.clock()
+        self.backoff = {n: b for n, b in self.backoff.items() if b[0] + FAILED_BACKOFF_MAX_S > now}
+        avoid = tuple(sorted(n for n, (until, _) in self.backoff.items() if until > now))
+        if avoid:
+            req = dataclasses.replace(req, avoid_nodes=avoid)
         made: list[types_pb2.Slice] = []
         for _ in range(count):
             decision = self.framework.schedule(req, self.ctl.fleet, allow_preemption=False, explain=False)
@@ -186,9 +203,17 @@ class WarmPool:
         They were counted as carved and no tenant releases them: they held their GPU space for good and the key
         got no replacement where requests can take one."""
         gone = []
+        for s in self.slices():
+            if s.state == S.SLICE_STATE_READY:
+                self.backoff.pop(s.node, None)
         for s, why in [(s, self.unclaimable(s)) for s in self.slices()]:
             if not why:
                 continue
+            if s.state == S.SLICE_STATE_FAILED:
+                delay = min(FAILED_BACKOFF_MAX_S, 2 * self.backoff[s.node][1]) if s.node in self.backoff \
+                    else FAILED_BACKOFF_S
+                self.backoff[s.node] = (self.clock() + delay, delay)
+                why += f"; no warm slice on {s.node} for {delay:g}s"
             if await self.release_ids([s.id], f"warm slice given back: {why}"):
                 gone.append(s.id)
                 self.ctl.recorder.emit("Slice", s.id, "Warning", "WarmSliceReleased", f"given back: {why}",

@@ -234,6 +234,47 @@ async def test_a_warm_slice_its_agent_could_not_carve_is_given_back_and_replaced
     assert len(live) == 2 and bad.id not in {s.id for s in live}
 
 
+async def test_a_node_that_fails_to_carve_gets_no_warm_slice_for_a_growing_backoff(env):
+    """FGD chose the same spot every pass, so a GPU whose carving always failed had a warm slice carved, failed and
+    given back there on every pass for good (two events and an NVML call a pass). The node of a failed carve now gets
+    none for 60 s, doubling at each failure there, and is forgotten once a warm slice there is READY."""
+    from controlplane.controllers import warmslices
+    now = [1000.0]
+    env.orch.pool.clock = lambda: now[0]
+    key = "1g.10gb/any"
+    env.orch.windows.on_request(key)
+    need_one = {key: fc("fleet", key, "requests", [1.0], step=60)}
+
+    def fail_the_warm_one():
+        (w,) = warm(env.ctl)
+        failed = t.Slice()
+        failed.CopyFrom(w)
+        failed.state, failed.message = t.SLICE_STATE_FAILED, "nvml: insufficient resources"
+        env.ctl.fleet.put_slice(failed)
+        return w.node
+    await env.orch.warm_pass(need_one)
+    first = fail_the_warm_one()
+    await env.orch.warm_pass(need_one)
+    (again,) = warm(env.ctl)
+    assert again.node != first                                # before: the same spot, on every pass
+    assert env.orch.pool.backoff[first] == (1000.0 + warmslices.FAILED_BACKOFF_S, warmslices.FAILED_BACKOFF_S)
+    second = fail_the_warm_one()
+    await env.orch.warm_pass(need_one)
+    assert warm(env.ctl) == []                                # both nodes backed off: none carved, none churned
+    now[0] += warmslices.FAILED_BACKOFF_S + 1                 # the first node's 60 s are over
+    await env.orch.warm_pass(need_one)
+    (third,) = warm(env.ctl)
+    assert third.node == first and second in env.orch.pool.backoff
+    fail_the_warm_one()
+    await env.orch.warm_pass(need_one)
+    assert env.orch.pool.backoff[first][1] == 2 * warmslices.FAILED_BACKOFF_S    # doubled at the second failure
+    now[0] += 2 * warmslices.FAILED_BACKOFF_S + 1
+    await env.orch.warm_pass(need_one)
+    ready_all(env.ctl)
+    await env.orch.warm_pass(need_one)
+    assert not {w.node for w in warm(env.ctl)} & set(env.orch.pool.backoff)   # READY there: forgotten
+
+
 async def test_a_warm_slice_on_a_cordoned_node_is_given_back_and_carved_elsewhere(env):
     """A cordoned node takes no new placement, and a claim is one (`claim` passes such warm slices over): its warm
     slices were counted as carved, so the key got none a request could take. They are given back, and the pass
