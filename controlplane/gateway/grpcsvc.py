@@ -10,6 +10,7 @@ import grpc
 
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway import validate
+from controlplane.gateway.sse import DONE, data_of
 from gpumesh.v1 import inference_service_pb2 as I
 from gpumesh.v1 import inference_service_pb2_grpc
 
@@ -82,9 +83,9 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def _chunks(self, out, served: str, degraded: str):
         finish, completion = "", 0
-        async for frame in out.stream:
-            data = frame[len(b"data: "):].strip()
-            if data == b"[DONE]":
+        async for event in out.stream:
+            data = data_of(event)              # an event whose data has several lines has several `data:` lines
+            if data == DONE:
                 continue                       # drain the relay: it measures and logs after [DONE]
             try:
                 doc = json.loads(data)
