@@ -23,6 +23,7 @@ from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, g
 from controlplane.gateway.relay import Plan, Segment, StreamRelay, release_if_never_started
 from controlplane.gateway.hazard import HazardBook
 from controlplane.gateway.stats import StatsTable
+from controlplane.gateway.tcpprobe import TcpProber
 from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.view import DeploymentInfo, FleetView
 from controlplane.gateway.wake import Waker
@@ -84,7 +85,7 @@ class Gateway:
         self.view.listeners.append(self._on_view)
         self.waker = Waker(cfg, self.view)          # scale from zero (controlplane/gateway/wake.py)
         self._ticker: asyncio.Task | None = None
-        self._probing: set[str] = set()
+        self.prober = TcpProber(self.stats, self.admission.kick)    # circuits a refused connection opened
 
     # -- the fleet ------------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class Gateway:
                 await asyncio.sleep(0.25)
                 try:
                     if self.policy.uses_breaker:
-                        self._probe_unreachable()
+                        self.prober.start_due(self.view)
                     self.admission.kick()
                     self.replicas.sweep()          # pools idle past the keep-alive expiry, even with no requests
                     M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
@@ -117,35 +118,6 @@ class Gateway:
             self.semcache.embedder.close()
         await self.http.aclose()
         await self.waker.close()
-
-    def _probe_unreachable(self) -> None:
-        """A circuit opened by a refused or cut connection is due for its half-open probe: first check by TCP
-        connect that something listens at the replica's endpoint; while nothing does, it stays open (no
-        request is spent on a dead port). The request that then takes the half-open probe decides."""
-        for d in self.view.deployments.values():
-            for r in d.replicas:
-                s = self.stats.by_replica.get(r.key)
-                if (s is None or not s.breaker.unreachable or r.key in self._probing
-                        or s.breaker.state != "half-open" or s.breaker.probing):
-                    continue
-                s.breaker.begin()                    # no request takes the probe while the connect runs
-                self._probing.add(r.key)
-                asyncio.get_running_loop().create_task(self._tcp_probe(r.key, r.endpoint, s))
-
-    async def _tcp_probe(self, key: str, endpoint: str, s) -> None:
-        host, _, port = endpoint.rpartition(":")
-        try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 2.0)
-            w.close()
-            s.breaker.probing = False                # listening: the next request is the half-open probe
-            s.breaker.unreachable = False
-            self.admission.kick()
-        except (OSError, asyncio.TimeoutError, ValueError):
-            s.breaker.probing = False
-            s.breaker.hold()
-        finally:
-            self._probing.discard(key)
-            M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])
 
     def limit(self, d: DeploymentInfo, concurrency: int) -> int:
         if d.backend == "vllm":
