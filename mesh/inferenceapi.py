@@ -96,5 +96,7 @@ class InferenceClient:
 
 def response_to_dict(text: str, last: I.GenerateResponse) -> dict[str, Any]:
     return {"text": text, "finish_reason": last.finish_reason, "served_by": last.served_by,
-            "degraded": last.degraded, "prompt_tokens": last.prompt_tokens,
+            "degraded": last.degraded,
+            # None: unknown (a backend that reports no usage in a stream, llama.cpp's)
+            "prompt_tokens": last.prompt_tokens if last.HasField("prompt_tokens") else None,
             "completion_tokens": last.completion_tokens}

@@ -4,7 +4,9 @@ A request asks for a slot on one of its model's replicas. The policy picks among
 and have a free slot; when none does, the request waits in its model's queue (critical before standard
 before sheddable, first come first served within a class) until a slot frees, the fleet changes (a GPU
 cools down, a replica becomes ready, a circuit half-opens) or its deadline passes. A full queue or a
-passed deadline raises `Rejected`; the caller answers 429 or falls back. With `shed_early`, a policy that
+passed deadline raises `Rejected`; the caller answers 429 or falls back. A request whose deployments all left
+the serving view while it waited (deleted; its `live` says so, `drop_gone` asks on every new view) raises
+`Gone` at once, and a queue left empty is forgotten. With `shed_early`, a policy that
 can estimate the wait (gpu-aware) has a request refused at once when its expected wait already exceeds
 what its deadline allows; the request's deadline and its place in the queue are in its RouteContext, so
 the policy can weigh a degraded replica against the wait."""
@@ -25,7 +27,14 @@ from controlplane.gateway.policy import Candidate, Policy, RouteContext
 class Rejected(Exception):
     def __init__(self, why: str, reason: str) -> None:
         super().__init__(why)
-        self.reason = reason          # queue_full | deadline
+        self.reason = reason          # queue_full | deadline | gone
+
+
+class Gone(Rejected):
+    """None of the deployments the request was resolved to is in the serving view any more."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why, "gone")
 
 
 @dataclass(order=True)
@@ -36,6 +45,7 @@ class _Waiter:
     ctx: RouteContext = field(compare=False)
     future: asyncio.Future = field(compare=False)
     enqueued: float = field(compare=False, default=0.0)
+    live: object = field(compare=False, default=None)          # () -> bool: its deployments are still served
 
 
 @dataclass
@@ -54,6 +64,11 @@ class Slot:
         if not self.released:
             self.released = True
             self.admission._free(self.candidate, self.probe)
+
+
+def _granted(w: _Waiter) -> bool:
+    """The waiter's future holds a slot (not cancelled, not answered Gone)."""
+    return w.future.done() and not w.future.cancelled() and w.future.exception() is None
 
 
 class Admission:
@@ -86,12 +101,16 @@ class Admission:
         self.kick()
 
     async def acquire(self, candidates, ctx: RouteContext, priority: str, timeout: float,
-                      first_in_class: bool = False) -> Slot:
+                      first_in_class: bool = False, live=None) -> Slot:
         """A slot on a replica of ctx.model; waits up to `timeout` seconds; Rejected when the queue is full or
         the wait ran out. `first_in_class`: the request goes before every waiting request of its priority
-        class (a retry, or a broken stream's continuation: it was admitted before any of them)."""
+        class (a retry, or a broken stream's continuation: it was admitted before any of them). `live`
+        (() -> bool): whether the request's deployments are still served; Gone when they are not (now, or
+        at a `drop_gone` while it waits)."""
         start = time.monotonic()
-        q = self.queues.setdefault(ctx.model, [])
+        if live is not None and not live():
+            raise Gone(f"no deployment serves {ctx.model} any more")
+        q = self.queues.get(ctx.model, [])
         prio = PRIORITIES.index(priority)
         ctx.deadline_at = start + max(timeout, 0.0)
         ctx.ahead = sum(1 for w in q if (w.priority < prio if first_in_class else w.priority <= prio))
@@ -111,20 +130,21 @@ class Admission:
                                f"{wait:.1f}s, {timeout:.1f}s allowed)", "deadline")
         seq = next(self._seq)
         w = _Waiter(prio, seq - (1 << 62) if first_in_class else seq, candidates, ctx,
-                    asyncio.get_running_loop().create_future(), start)
+                    asyncio.get_running_loop().create_future(), start, live)
+        self.queues[ctx.model] = q
         heapq.heappush(q, w)
         self._past_head(q)              # a replica the waiters ahead excluded may be free for this one now
         try:
             c, why, probe = await asyncio.wait_for(asyncio.shield(w.future), timeout)
         except asyncio.TimeoutError:
             self._drop(ctx.model, w)
-            if w.future.done() and not w.future.cancelled():     # granted at the last moment: give it back
+            if _granted(w):                                          # granted at the last moment: give it back
                 c, _, probe = w.future.result()
                 self._free(c, probe, newest=True)
             raise Rejected(f"no replica of {ctx.model} became free within {timeout:.1f}s", "deadline") from None
         except asyncio.CancelledError:                               # the client went away while waiting
             self._drop(ctx.model, w)
-            if w.future.done() and not w.future.cancelled():
+            if _granted(w):
                 c, _, probe = w.future.result()
                 self._free(c, probe, newest=True)
             raise
@@ -135,12 +155,31 @@ class Admission:
         if w in q:
             q.remove(w)
             heapq.heapify(q)
+        if not q:
+            self.queues.pop(model, None)
         if not w.future.done():
             w.future.cancel()
 
+    def drop_gone(self) -> set[str]:
+        """Answer at once (Gone) the waiters whose deployments left the serving view, and forget the queues that
+        are left empty (after a new view); the queues (models) that lost waiters."""
+        changed = set()
+        for model, q in list(self.queues.items()):
+            gone = [w for w in q if not w.future.done() and w.live is not None and not w.live()]
+            for w in gone:
+                w.future.set_exception(Gone(f"no deployment serves {model} any more: deleted while the request "
+                                            "waited"))
+            if gone:
+                q[:] = [w for w in q if w not in gone]
+                heapq.heapify(q)
+                changed.add(model)
+            if not q:
+                del self.queues[model]
+        return changed
+
     def kick(self) -> None:
         """Hand free slots to waiters, best priority first (after a release or a change of the fleet)."""
-        for model, q in self.queues.items():
+        for model, q in list(self.queues.items()):
             while q:
                 w = q[0]
                 if w.future.done():
@@ -153,6 +192,8 @@ class Admission:
                 heapq.heappop(q)
                 w.future.set_result((c, why, self._take(c)))
             self._past_head(q)
+            if not q:
+                del self.queues[model]         # the queue of a model nothing waits for (gone, or idle)
 
     def _past_head(self, q: list[_Waiter]) -> None:
         """The head of the queue waits; a free replica that it (and every waiter before the next one) excluded

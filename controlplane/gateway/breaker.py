@@ -2,7 +2,11 @@
 refused or cut the connection (`trip`: a dead process does not get K more requests to prove it); after
 `open_seconds` one half-open probe is let through; its success closes the circuit, its failure opens it
 again. A circuit tripped by a connection failure is also probed by the gateway with a plain TCP connect
-(`hold` keeps it open while nothing listens), so no request is spent on a port that is still dead."""
+before any request may take its probe (`hold` keeps it open while nothing listens, `listening` lets the next
+request be the probe), so no request is spent on a port that is still dead. Every probe has a number (`begin`),
+and a verdict given on a probe (a TCP probe's `hold`/`listening`, a request's `release`) counts only while
+that probe is the one in flight: a slow TCP probe that ends after the circuit has moved on (closed by a
+request sent before it opened, opened again, probed by a request) changes nothing."""
 
 from __future__ import annotations
 
@@ -32,12 +36,14 @@ class CircuitBreaker:
         return self._state
 
     def allows(self) -> bool:
-        """May a request go to this replica now (without taking the half-open probe)?"""
+        """May a request go to this replica now (without taking the half-open probe)? Not while a circuit opened
+        by a refused or cut connection has not passed its TCP probe."""
         s = self.state
-        return s == CLOSED or (s == HALF_OPEN and not self.probing)
+        return s == CLOSED or (s == HALF_OPEN and not self.probing and not self.unreachable)
 
     def begin(self) -> int:
-        """A request was sent; in half-open it is the one probe: its number (0 when it is no probe)."""
+        """A request (or the gateway's TCP probe) was sent; in half-open it is the one probe: its number (0 when it
+        is no probe)."""
         if self.state == HALF_OPEN:
             self.probing = True
             self._probe += 1
@@ -58,11 +64,22 @@ class CircuitBreaker:
         self.probing = False
         self.unreachable = True
 
-    def hold(self) -> None:
-        """A TCP probe found nothing listening: stay open for another `open_seconds`."""
-        if self._state != CLOSED:
+    def _current(self, probe: int) -> bool:
+        """Probe number `probe` is the one in flight, and no verdict was given since it began."""
+        return self.probing and probe == self._probe
+
+    def hold(self, probe: int) -> None:
+        """TCP probe `probe` (begin's number) found nothing listening: stay open for another `open_seconds`."""
+        if self._current(probe):
             self._state = OPEN
             self.opened_at = self.clock()
+            self.probing = False
+
+    def listening(self, probe: int) -> None:
+        """TCP probe `probe` found the port listening: the next request is the half-open probe."""
+        if self._current(probe):
+            self.probing = False
+            self.unreachable = False
 
     def failure(self) -> None:
         self.consecutive += 1

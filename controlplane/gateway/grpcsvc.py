@@ -10,6 +10,7 @@ import grpc
 
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway import validate
+from controlplane.gateway.sse import DONE, data_of
 from gpumesh.v1 import inference_service_pb2 as I
 from gpumesh.v1 import inference_service_pb2_grpc
 
@@ -29,8 +30,10 @@ def grpc_code(status: int) -> grpc.StatusCode:
 
 
 def to_body(req: I.GenerateRequest) -> tuple[str, dict]:
+    # the usage asked for: the last message's token counts are the server's own where it sends them (vLLM);
+    # llama-cpp-python's server ignores stream_options and sends none (prompt_tokens is then left unset)
     body: dict = {"model": req.model, "stream": True, "max_tokens": req.max_tokens or 16,
-                  "temperature": round(float(req.temperature), 6)}
+                  "temperature": round(float(req.temperature), 6), "stream_options": {"include_usage": True}}
     if req.has_seed:
         body["seed"] = req.seed
     validate.priority(req.priority, "standard", field="priority")      # named as this call's field
@@ -81,10 +84,10 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
             await out.stream.aclose()          # a cancelled call releases its replica slot at once
 
     async def _chunks(self, out, served: str, degraded: str):
-        finish, completion = "", 0
-        async for frame in out.stream:
-            data = frame[len(b"data: "):].strip()
-            if data == b"[DONE]":
+        finish, completion, usage = "", 0, {}
+        async for event in out.stream:
+            data = data_of(event)              # an event whose data has several lines has several `data:` lines
+            if data == DONE:
                 continue                       # drain the relay: it measures and logs after [DONE]
             try:
                 doc = json.loads(data)
@@ -97,6 +100,7 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
                 # status never takes a cut answer for a whole one
                 err = doc["error"]
                 raise StreamBroken(str(err.get("message", "") if isinstance(err, dict) else err)[:1000], completion)
+            usage = _usage(doc.get("usage")) or usage
             choices = doc.get("choices")
             for ch in choices if isinstance(choices, list) else ():
                 if not isinstance(ch, dict):
@@ -108,8 +112,19 @@ class InferenceService(inference_service_pb2_grpc.InferenceServiceServicer):
                 if text and isinstance(text, str):
                     completion += 1
                     yield I.GenerateResponse(text=text, served_by=served, degraded=degraded)
+        # no usage (llama.cpp): the prompt's count is unknown, left unset rather than reported as 0
         yield I.GenerateResponse(finish_reason=finish or "stop", served_by=served, degraded=degraded,
-                                 completion_tokens=completion)
+                                 completion_tokens=usage.get("completion_tokens", completion),
+                                 **{k: v for k, v in usage.items() if k == "prompt_tokens"})
+
+
+def _usage(u) -> dict:
+    """The counts of an event's `usage` that are whole numbers in the proto's range (a backend's odd value
+    is no count)."""
+    if not isinstance(u, dict):
+        return {}
+    return {k: u[k] for k in ("prompt_tokens", "completion_tokens")
+            if type(u.get(k)) is int and 0 <= u[k] < 2 ** 31}
 
 
 async def set_serving(gw, serving: bool) -> None:

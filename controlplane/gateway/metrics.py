@@ -95,3 +95,16 @@ def forget_replicas(keep: set[str]) -> int:
             except KeyError:
                 pass
     return removed
+
+
+def forget_queues(live) -> int:
+    """Remove the queue_depth series of the pools (comma-joined deployment names) that `live(pool)` says are gone
+    (deleted deployments), as forget_replicas does for replicas; the number removed."""
+    gone = {s.labels["model"] for family in QUEUE_DEPTH.collect() for s in family.samples
+            if not live(s.labels["model"])}
+    for pool in gone:
+        try:
+            QUEUE_DEPTH.remove(pool)
+        except KeyError:
+            pass
+    return len(gone)

@@ -166,7 +166,8 @@ class StreamRelay:
                 # the continuation goes before the requests of its class waiting now: it was admitted first,
                 # and its client is already reading the answer
                 slot = await gw.admission.acquire(lambda: gw.candidates(deps), ctx, plan.prio,
-                                                  gw.cfg.queue_timeout_seconds, first_in_class=True)
+                                                  gw.cfg.queue_timeout_seconds, first_in_class=True,
+                                                  live=lambda: gw.serves(deps))
             except Rejected as e:
                 M.RESUMED.labels(t.model, "failed").inc()
                 return None, f"no replica took the continuation: {e}"

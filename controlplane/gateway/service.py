@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from controlplane.gateway import cache as cachemod
 from controlplane.gateway import metrics as M
 from controlplane.gateway import proxy, semcache, validate
-from controlplane.gateway.admission import Admission, Rejected, Slot
+from controlplane.gateway.admission import Admission, Gone, Rejected, Slot
 from controlplane.gateway.apierror import APIError
 from controlplane.gateway.clients import Caller, Clients
 from controlplane.gateway.config import GatewayConfig
@@ -23,6 +23,7 @@ from controlplane.gateway.policy import Candidate, RouteContext, affinity_key, g
 from controlplane.gateway.relay import Plan, Segment, StreamRelay, release_if_never_started
 from controlplane.gateway.hazard import HazardBook
 from controlplane.gateway.stats import StatsTable
+from controlplane.gateway.tcpprobe import TcpProber
 from controlplane.gateway.breaker import STATE_VALUE
 from controlplane.gateway.view import DeploymentInfo, FleetView
 from controlplane.gateway.wake import Waker
@@ -84,7 +85,7 @@ class Gateway:
         self.view.listeners.append(self._on_view)
         self.waker = Waker(cfg, self.view)          # scale from zero (controlplane/gateway/wake.py)
         self._ticker: asyncio.Task | None = None
-        self._probing: set[str] = set()
+        self.prober = TcpProber(self.stats, self.admission.kick)    # circuits a refused connection opened
 
     # -- the fleet ------------------------------------------------------------------------------
 
@@ -94,6 +95,12 @@ class Gateway:
         M.forget_replicas(keys | set(self.stats.by_replica))    # the series of replicas gone (none in flight)
         # a replica that left the view is not asked again: its pool's connections close now, not at exit
         self.replicas.retain(r.endpoint for d in self.view.deployments.values() for r in d.replicas if r.endpoint)
+        # a request waiting for deployments that were deleted is answered now (not at its deadline), and the
+        # queues and queue_depth series of pools that are gone go with them
+        for pool in self.admission.drop_gone():
+            M.QUEUE_DEPTH.labels(pool).set(self.admission.depth(pool))
+        M.forget_queues(lambda pool: pool in self.admission.queues
+                        or all(n in self.view.deployments for n in pool.split(",")))
         self.admission.kick()
 
     async def start(self) -> None:
@@ -102,7 +109,7 @@ class Gateway:
                 await asyncio.sleep(0.25)
                 try:
                     if self.policy.uses_breaker:
-                        self._probe_unreachable()
+                        self.prober.start_due(self.view)
                     self.admission.kick()
                     self.replicas.sweep()          # pools idle past the keep-alive expiry, even with no requests
                     M.VIEW_AGE.set(time.time() - self.view.updated_at if self.view.updated_at else 0)
@@ -118,47 +125,26 @@ class Gateway:
         await self.http.aclose()
         await self.waker.close()
 
-    def _probe_unreachable(self) -> None:
-        """A circuit opened by a refused or cut connection is due for its half-open probe: first check by TCP
-        connect that something listens at the replica's endpoint; while nothing does, it stays open (no
-        request is spent on a dead port). The request that then takes the half-open probe decides."""
-        for d in self.view.deployments.values():
-            for r in d.replicas:
-                s = self.stats.by_replica.get(r.key)
-                if (s is None or not s.breaker.unreachable or r.key in self._probing
-                        or s.breaker.state != "half-open" or s.breaker.probing):
-                    continue
-                s.breaker.begin()                    # no request takes the probe while the connect runs
-                self._probing.add(r.key)
-                asyncio.get_running_loop().create_task(self._tcp_probe(r.key, r.endpoint, s))
-
-    async def _tcp_probe(self, key: str, endpoint: str, s) -> None:
-        host, _, port = endpoint.rpartition(":")
-        try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 2.0)
-            w.close()
-            s.breaker.probing = False                # listening: the next request is the half-open probe
-            s.breaker.unreachable = False
-            self.admission.kick()
-        except (OSError, asyncio.TimeoutError, ValueError):
-            s.breaker.probing = False
-            s.breaker.hold()
-        finally:
-            self._probing.discard(key)
-            M.CIRCUIT.labels(key).set(STATE_VALUE[s.breaker.state])
-
     def limit(self, d: DeploymentInfo, concurrency: int) -> int:
         if d.backend == "vllm":
             return self.cfg.vllm_concurrency or concurrency
         return self.cfg.llamacpp_concurrency
 
+    def _current(self, d: DeploymentInfo) -> DeploymentInfo | None:
+        """`d` as the latest view has it (even for a queued request); None when it was deleted since the request
+        was resolved, or its name is now another tenant's or model's deployment: not the caller's to use."""
+        cur = self.view.deployments.get(d.name)
+        return cur if cur is not None and cur.tenant == d.tenant and cur.model == d.model else None
+
+    def serves(self, deps: list[DeploymentInfo]) -> bool:
+        """Whether any of `deps` is still in the view (a request waiting for them can still be served)."""
+        return any(self._current(d) is not None for d in deps)
+
     def candidates(self, deps: list[DeploymentInfo]) -> list[Candidate]:
         out = []
         for d in deps:
-            cur = self.view.deployments.get(d.name)          # the latest view, even for a queued request
-            if cur is None or cur.tenant != d.tenant or cur.model != d.model:
-                # deleted since the request was resolved (its replicas are gone), or its name now another
-                # tenant's or another model's deployment: none of that is the caller's to be served by
+            cur = self._current(d)
+            if cur is None:
                 continue
             for r in cur.replicas:
                 g = self.view.gpus.get(r.gpu)
@@ -201,8 +187,7 @@ class Gateway:
             raise APIError(503, "the gateway has no view of the deployments yet (it is starting or cannot reach "
                                 "the control plane): retry", code="not_ready", headers={"retry-after": "2"})
         if not primary:
-            raise APIError(404, f"model: {validate.show(info['model'])} is not a model you can use (GET /v1/models "
-                                f"lists yours)", param="model", code="model_not_found")
+            raise validate.model_not_found(info["model"])
         t.resolved = True         # a model of the fleet: a metric label from now on (not any name a client sends)
         context = min((d.context for d in primary if d.context), default=0)
         for name in ("max_tokens", "max_completion_tokens"):      # each one given, named as itself
@@ -241,6 +226,14 @@ class Gateway:
                            first_token_by=t.start + deadline / 1000 if deadline else None)
         try:
             slot, deps = await self._admit(primary, fallback if allow else [], ctx, prio, timeout, t)
+        except Gone:
+            # its deployments were deleted while it waited: answered now as a request arriving now is (404 for
+            # a name that serves the caller nothing any more; else retry, and be routed to what serves it now)
+            if not self.view.resolve(info["model"], caller.tenant)[0]:
+                raise validate.model_not_found(info["model"]) from None
+            raise APIError(503, f"model: the deployments serving {validate.show(info['model'])} changed while the "
+                                "request waited: retry", param="model", code="model_changed",
+                           headers={"retry-after": "1"}) from None
         finally:
             if rewaking is not None:
                 rewaking.cancel()
@@ -286,7 +279,10 @@ class Gateway:
             return await self._fallback(fallback, ctx, prio, timeout, t, "every replica unavailable"), fallback
         M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model) + 1)
         try:
-            slot = await self.admission.acquire(lambda: self.candidates(primary), ctx, prio, timeout)
+            slot = await self.admission.acquire(lambda: self.candidates(primary), ctx, prio, timeout,
+                                                live=lambda: self.serves(primary))
+        except Gone:                          # its deployments went away: _on_view set the gauge
+            raise
         except asyncio.CancelledError:        # the client went away while waiting: it left the queue
             M.QUEUE_DEPTH.labels(ctx.model).set(self.admission.depth(ctx.model))
             raise
@@ -310,7 +306,10 @@ class Gateway:
     async def _fallback(self, fallback, ctx: RouteContext, prio: str, timeout: float, t: Trace, why: str) -> Slot:
         fctx = RouteContext(",".join(sorted(d.name for d in fallback)), ctx.affinity_key, ctx.max_tokens)
         try:
-            slot = await self.admission.acquire(lambda: self.candidates(fallback), fctx, prio, timeout)
+            slot = await self.admission.acquire(lambda: self.candidates(fallback), fctx, prio, timeout,
+                                                live=lambda: self.serves(fallback))
+        except Gone:
+            raise
         except Rejected as e:
             M.REJECTED.labels(t.model, e.reason).inc()
             raise APIError(429, f"{why}; the fallback variant too: {e}; retry after {self.cfg.retry_after_seconds}s",
@@ -401,7 +400,8 @@ class Gateway:
             wait = self.cfg.queue_timeout_seconds
             if ctx.first_token_by is not None:
                 wait = max(0.0, min(wait, ctx.first_token_by - time.monotonic()))
-            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio, wait, first_in_class=True)
+            slot = await self.admission.acquire(lambda: self.candidates(deps), ctx, prio, wait, first_in_class=True,
+                                                live=lambda: self.serves(deps))
         except Rejected as e:
             raise APIError(503, f"the model server failed and no other replica took the retry: {e}",
                            code="backend_failed", headers={"retry-after": str(self.cfg.retry_after_seconds)}) from None

@@ -33,6 +33,12 @@ def parse(raw: bytes) -> dict:
     return body
 
 
+def model_not_found(model) -> APIError:
+    """The answer to a request for a model the caller cannot use (none by that name, or deleted while it waited)."""
+    return APIError(404, f"model: {show(model)} is not a model you can use (GET /v1/models lists yours)",
+                    param="model", code="model_not_found")
+
+
 def show(v) -> str:
     """A client's value as an error message quotes it: its repr, cut to 40 characters (a 100 KB string or a
     400-digit integer is not sent back whole)."""

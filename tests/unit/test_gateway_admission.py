@@ -46,10 +46,12 @@ def test_a_refused_connection_opens_the_circuit_at_once_and_a_dead_port_keeps_it
     br.trip()
     assert br.state == OPEN and br.unreachable and not br.allows()
     now[0] = 2.0
-    assert br.state == HALF_OPEN
-    br.hold()                                      # the TCP probe found nothing listening
+    assert br.state == HALF_OPEN and not br.allows()     # no request before the TCP probe says it listens
+    br.hold(br.begin())                            # the TCP probe found nothing listening
     assert br.state == OPEN and not br.allows()
     now[0] = 4.0
+    assert br.state == HALF_OPEN and not br.allows()
+    br.listening(br.begin())                       # the next TCP probe found the port listening
     assert br.allows()
     br.begin()
     br.success()
@@ -84,14 +86,88 @@ async def test_tcp_probe_holds_a_dead_port_open_and_frees_a_listening_one():
         await dead.wait_closed()                       # nothing listens on `port` now
         now[0] += 0.15
         assert s.breaker.state == HALF_OPEN
-        await gw._tcp_probe("chat/x", f"127.0.0.1:{port}", s)
+        await gw.prober.probe("chat/x", f"127.0.0.1:{port}", s, s.breaker.begin())
         assert s.breaker.state == OPEN and s.breaker.unreachable
         live = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         now[0] += 0.15
-        await gw._tcp_probe("chat/x", f"127.0.0.1:{live.sockets[0].getsockname()[1]}", s)
+        await gw.prober.probe("chat/x", f"127.0.0.1:{live.sockets[0].getsockname()[1]}", s, s.breaker.begin())
         assert s.breaker.state == HALF_OPEN and s.breaker.allows() and not s.breaker.unreachable
         live.close()
         await live.wait_closed()
+    finally:
+        await gw.http.aclose()
+
+
+async def test_a_request_does_not_take_the_probe_of_a_refused_port_before_its_tcp_probe(tmp_path):
+    """A replica's port refused a connection (the circuit opened at once); its open time passed before the
+    gateway's tick ran the TCP probe. A request arriving in between took the half-open probe and was sent to
+    the dead port (one more refused connection, here a 502 with no other replica to retry on): it waits for
+    the TCP probe instead (here: its deadline, 429), and nothing is sent to the port."""
+    from controlplane.gateway.apierror import APIError
+    from controlplane.gateway.service import Gateway
+    from tests.unit.test_gateway_resume import view
+    dead = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = dead.sockets[0].getsockname()[1]
+    dead.close()
+    await dead.wait_closed()                       # nothing listens on `port` now
+    gw = Gateway(cfg(breaker_open_seconds=1))
+    gw.view.apply(view("llama.cpp", [port]))
+    try:
+        s = gw.stats.of("chat/chat-0")
+        now = [0.0]
+        s.breaker.clock = lambda: now[0]
+        s.failed(unreachable=True)                 # the refused connection
+        now[0] += 1                                # its open time passed; no tick has run the TCP probe yet
+        assert s.breaker.state == HALF_OPEN and not s.breaker.allows()
+        body = b'{"model": "chat", "prompt": "hi", "max_tokens": 2}'
+        with pytest.raises(APIError) as e:
+            await gw.handle("/v1/completions", body, {"x-gpumesh-deadline-ms": "50"})
+        assert e.value.status == 429 and e.value.code == "deadline"
+        assert s.failures == 1 and s.requests == 0 and not s.breaker.probing
+    finally:
+        await gw.http.aclose()
+
+
+@pytest.mark.parametrize("listens", [False, True])
+async def test_a_slow_tcp_probe_leaves_a_newer_requests_probe_alone(monkeypatch, listens):
+    """A TCP probe's connect is slow (up to its 2 s). Meanwhile a request sent before the circuit opened
+    succeeded (closed), others failed (open again), the open time passed and a request took the half-open
+    probe. The slow connect's verdict then freed that probe (a second request went to the replica on trial)
+    or reopened the circuit under it; it must change nothing: it is no longer the probe in flight."""
+    from controlplane.gateway.service import Gateway
+    gate = asyncio.Event()
+
+    async def slow_connect(host, port):
+        await gate.wait()
+        if not listens:
+            raise ConnectionRefusedError(111, "Connection refused")
+        w = type("W", (), {"close": lambda self: None})()
+        return None, w
+    monkeypatch.setattr(asyncio, "open_connection", slow_connect)
+    gw = Gateway(cfg(breaker_open_seconds=1))
+    from tests.unit.test_gateway_resume import view
+    gw.view.apply(view("llama.cpp", [9]))
+    try:
+        s = gw.stats.of("chat/chat-0")
+        now = [0.0]
+        s.breaker.clock = lambda: now[0]
+        s.failed(unreachable=True)                 # a cut connection opens the circuit
+        now[0] += 1
+        gw.prober.start_due(gw.view)               # the tick: the TCP probe starts, and waits on its connect
+        assert "chat/chat-0" in gw.prober.inflight and s.breaker.probing
+        s.ok()                                     # a request sent before the circuit opened succeeds
+        for _ in range(s.breaker.threshold):
+            s.failed()                             # others fail: open again
+        now[0] += 1
+        assert s.breaker.state == HALF_OPEN and s.breaker.allows()
+        mine = s.breaker.begin()                   # a request takes the half-open probe
+        gate.set()                                 # the slow connect ends
+        while "chat/chat-0" in gw.prober.inflight:
+            await asyncio.sleep(0)
+        assert s.breaker.state == HALF_OPEN and s.breaker.probing and not s.breaker.allows(), \
+            "the TCP probe's late verdict applied to the request's probe"
+        s.breaker.release(mine)
+        assert s.breaker.allows()
     finally:
         await gw.http.aclose()
 

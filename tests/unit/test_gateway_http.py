@@ -120,6 +120,61 @@ async def app(tmp_path):
     await gw.http.aclose()
 
 
+SPLIT = (b'{"id": "c", "object": "text_completion", "created": 1, "model": "m",',
+         b' "choices": [{"index": 0, "text": "two\\nlines", "finish_reason": null}]}')
+
+
+def client_events(text: str) -> list[str]:
+    """The data of each event as an SSE client reads it (the spec: one space after `data:` dropped, the values
+    of an event's `data:` lines joined by a newline)."""
+    out = []
+    for block in text.split("\n\n"):
+        values = [ln[6:] if ln.startswith("data: ") else ln[5:] for ln in block.split("\n") if ln.startswith("data:")]
+        if values:
+            out.append("\n".join(values))
+    return out
+
+
+async def test_an_event_whose_data_spans_lines_reaches_the_client_with_the_same_data():
+    """A backend event whose data is on several `data:` lines (a pretty-printed object; or text with a line
+    break) was re-framed as one `data:` line with a raw newline in it: the client read the first line as the
+    event's data (a cut JSON object) and dropped the rest as a field of no known name."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from controlplane.gateway.app import create_app
+    from controlplane.gateway.grpcsvc import InferenceService
+    from controlplane.gateway.service import Gateway
+    from tests.unit.test_gateway_resume import serve, view
+
+    async def completions(request):
+        async def events():
+            yield b"data: " + SPLIT[0] + b"\r\ndata: " + SPLIT[1] + b"\r\n\r\n"
+            yield b"data: plain one\ndata:\ndata:  plain three\n\n"
+            yield b'data: {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+        return StreamingResponse(events(), media_type="text/event-stream")
+    server, task, port = await serve(Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])]))
+    gw = Gateway(cfg())
+    gw.view.apply(view("llama.cpp", [port]))
+    body = {"model": "chat", "prompt": "hi", "max_tokens": 4, "stream": True}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gw)), base_url="http://gw") as c:
+            r = await c.post("/v1/completions", json=body)
+        got = client_events(r.text)
+        assert got[:2] == [b"\n".join(SPLIT).decode(), "plain one\n\n plain three"], r.text
+        assert json.loads(got[0])["choices"][0]["text"] == "two\nlines" and got[-1] == "[DONE]"
+        # the gRPC relay reads the same events
+        out = await gw.handle("/v1/completions", json.dumps(body).encode(), {})
+        first = await InferenceService(gw)._chunks(out, "", "").__anext__()
+        assert first.text == "two\nlines"
+        await out.stream.aclose()
+    finally:
+        await gw.http.aclose()
+        server.should_exit = True
+        await task
+
+
 def test_resolve_primary_and_fallback():
     from controlplane.gateway.view import FleetView
     v = FleetView()

@@ -130,3 +130,34 @@ async def test_a_grpc_stream_broken_after_output_ends_with_unavailable():
             got.append(item)
     assert [g.text for g in got] == ["Par", "the replica died mid-stream"] and got[-1].finish_reason == "error"
     assert e.value.args[0] == grpc.StatusCode.UNAVAILABLE and "broke after 1" in e.value.args[1]
+
+
+@pytest.mark.parametrize("usage", [None, {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}])
+async def test_grpc_generate_reports_the_servers_prompt_count_or_leaves_it_unset(usage):
+    """Generate reported prompt_tokens=0 for every answer: it never read a count. It asks the backend for usage
+    (stream_options.include_usage: vLLM sends it, llama-cpp-python's server ignores it) and reports the
+    server's counts; with no usage the prompt's count is unknown and left unset, not reported as 0."""
+    from types import SimpleNamespace
+
+    from controlplane.gateway.grpcsvc import InferenceService, to_body
+    from controlplane.gateway.sse import frame
+    from gpumesh.v1 import inference_service_pb2 as I
+    path, body = to_body(I.GenerateRequest(model="m", prompt="1, 2, 3,"))
+    assert body["stream_options"] == {"include_usage": True}
+
+    async def frames():
+        for text in ("4", ","):
+            yield frame(json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": None}]}).encode())
+        yield frame(json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}).encode())
+        if usage:
+            yield frame(json.dumps({"choices": [], "usage": usage}).encode())
+        yield frame(b"[DONE]")
+    got = [m async for m in InferenceService(None)._chunks(SimpleNamespace(stream=frames()), "chat/r-1", "")]
+    last = got[-1]
+    assert [g.text for g in got] == ["4", ",", ""] and last.finish_reason == "length" and last.completion_tokens == 2
+    if usage:
+        assert last.HasField("prompt_tokens") and last.prompt_tokens == 6
+    else:
+        assert not last.HasField("prompt_tokens")
+    from mesh.inferenceapi import response_to_dict
+    assert response_to_dict("4,", last)["prompt_tokens"] == (6 if usage else None)

@@ -45,8 +45,15 @@ async def gw(monkeypatch, tmp_path):
     await g.http.aclose()
 
 
-@pytest.mark.parametrize("now", ["another tenant's", "another model's", "gone"])
-async def test_a_queued_request_is_not_served_by_a_deployment_that_took_its_name(gw, now):
+@pytest.mark.parametrize("now, status, code", [("another tenant's", 404, "model_not_found"),
+                                               ("another model's", 503, "model_changed"),
+                                               ("gone", 404, "model_not_found")])
+async def test_a_queued_request_is_not_served_by_a_deployment_that_took_its_name(gw, now, status, code):
+    """Its deployment deleted while it waits, a queued request is answered at once as a request arriving now
+    is: 404 model_not_found when the name serves the caller nothing any more, 503 model_changed (retry) when
+    it names another of the caller's deployments now; never served by the deployment that took the name. It
+    waited for its deadline (here queue_timeout_seconds, 30 s) and was answered 429."""
+    from controlplane.gateway.apierror import APIError
     headers = {"authorization": f"Bearer {gw.tokens['team-a']}"}
     req = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 4}).encode()
     first = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
@@ -57,13 +64,39 @@ async def test_a_queued_request_is_not_served_by_a_deployment_that_took_its_name
     gw.view.apply({"another tenant's": one("chat", "team-b", "smol", "127.0.0.1:10"),
                    "another model's": one("chat", "team-a", "llama", "127.0.0.1:10"),
                    "gone": V.ServingView()}[now])
+    await until(queued.done, "the queued request to be answered")
+    with pytest.raises(APIError) as e:
+        await queued
+    assert (e.value.status, e.value.code) == (status, code), e.value.message
+    assert gw.admission.queues == {}, "the queue of the deleted deployment stayed"
     gw.hold.set()
     await first
-    assert gw.admission.depth("chat") == 1, f"the queued request was given a replica of {now} deployment"
     assert gw.served == ["127.0.0.1:9"]
-    queued.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await queued
+
+
+async def test_the_queue_of_a_deleted_deployment_and_its_gauge_are_forgotten(gw):
+    """Each model's queue (and its queue_depth series) stayed for good once created, for deployments long
+    deleted: a gateway that saw many deployments come and go kept them all."""
+    from prometheus_client import generate_latest
+
+    from controlplane.gateway import metrics as M
+    headers = {"authorization": f"Bearer {gw.tokens['team-a']}"}
+    req = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 4}).encode()
+    gw.hold.set()
+    await gw.handle("/v1/completions", req, headers)       # admitted at once: nothing waits
+    assert gw.admission.queues == {}
+    gw.hold.clear()
+    first = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.served == ["127.0.0.1:9"] * 2, "the second request on the replica")
+    queued = asyncio.ensure_future(gw.handle("/v1/completions", req, headers))
+    await until(lambda: gw.admission.depth("chat") == 1, "a request to queue")
+    gw.hold.set()
+    await first
+    await queued                                          # served: nothing waits for chat now
+    assert gw.admission.queues == {}
+    assert 'gpumesh_gateway_queue_depth{model="chat"}' in generate_latest(M.REGISTRY).decode()
+    gw.view.apply(V.ServingView())                         # chat is deleted
+    assert 'gpumesh_gateway_queue_depth{model="chat"}' not in generate_latest(M.REGISTRY).decode()
 
 
 async def test_a_client_gone_from_the_queue_leaves_the_queue_depth_gauge(gw):

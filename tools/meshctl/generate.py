@@ -106,7 +106,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if stream:
         out("\n")
         info(f"finish_reason={doc['finish_reason'] or '-'} served_by={doc['served_by'] or '-'} "
-             f"prompt_tokens={doc['prompt_tokens']} completion_tokens={doc['completion_tokens']}"
+             f"prompt_tokens={'-' if doc['prompt_tokens'] is None else doc['prompt_tokens']} "
+             f"completion_tokens={doc['completion_tokens']}"
              + (f" degraded={doc['degraded']}" if doc["degraded"] else ""))
     else:
         out(dump(doc, args.output))

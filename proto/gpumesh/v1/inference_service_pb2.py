@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gpumesh/v1/inference_service.proto\x12\ngpumesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.gpumesh.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x10\n\x08has_seed\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\t\x12\x16\n\x0e\x61llow_fallback\x18\t \x01(\x08\"\x8e\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x32[\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.gpumesh.v1.GenerateRequest\x1a\x1c.gpumesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gpumesh/v1/inference_service.proto\x12\ngpumesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.gpumesh.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x10\n\x08has_seed\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\t\x12\x16\n\x0e\x61llow_fallback\x18\t \x01(\x08\"\xa5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x42\x10\n\x0e_prompt_tokens2[\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.gpumesh.v1.GenerateRequest\x1a\x1c.gpumesh.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=97
   _globals['_GENERATEREQUEST']._serialized_end=303
   _globals['_GENERATERESPONSE']._serialized_start=306
-  _globals['_GENERATERESPONSE']._serialized_end=448
-  _globals['_INFERENCESERVICE']._serialized_start=450
-  _globals['_INFERENCESERVICE']._serialized_end=541
+  _globals['_GENERATERESPONSE']._serialized_end=471
+  _globals['_INFERENCESERVICE']._serialized_start=473
+  _globals['_INFERENCESERVICE']._serialized_end=564
 # @@protoc_insertion_point(module_scope)
