@@ -271,6 +271,12 @@ def denial(rule: str, p: Principal, method: str) -> str | None:
     short = method.rsplit("/", 1)[-1]
     if p.unrestricted or rule == PUBLIC:
         return None
+    if p.kind == "anonymous":
+        # no credentials at all (a plaintext listener with a tenants file): the caller is unidentified, which
+        # _admit answers UNAUTHENTICATED, never a missing role
+        who = "an agent token or certificate" if rule == AGENT else "a token from the tenants file"
+        return (f"{short} needs credentials: send 'authorization: Bearer <token>' ({who}) or connect with a "
+                f"client certificate")
     if rule == AGENT:
         # An agent's identity is its certificate (OU=agent, CN=node) or an agent token from the tenants
         # file: never the absence of credentials, which would let anyone speak for any node.
@@ -462,9 +468,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if request.node_name != p.name:
                 why = f"agent certificate {p.name!r} may not speak for node {request.node_name!r}"
         if why is not None:
-            _count(method, grpc.StatusCode.PERMISSION_DENIED)
-            log(logger, logging.WARNING, "permission denied", method=method, principal=str(p), reason=why)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            code = grpc.StatusCode.UNAUTHENTICATED if p.kind == "anonymous" else grpc.StatusCode.PERMISSION_DENIED
+            _count(method, code)
+            log(logger, logging.WARNING, "unauthenticated" if p.kind == "anonymous" else "permission denied",
+                method=method, principal=str(p), reason=why)
+            await context.abort(code, why)
         return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import grpc
 
@@ -224,7 +225,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         out = [self.nodes.view(n) for n in sorted(self.ctl.fleet.nodes)]
         if not auth.current().admin:
             for n in out:
-                _redact_events(n)
+                _redact_events(n, self.ctl)
         if request.state:
             out = [n for n in out if n.state == request.state]
         return admin_service_pb2.ListNodesResponse(nodes=out)
@@ -234,7 +235,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         validate_node_name(request.name, "name")
         n = self.nodes.view(request.name)
         if not auth.current().admin:
-            _redact_events(n)
+            _redact_events(n, self.ctl)
         return n
 
     @unary
@@ -312,8 +313,21 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 WORKLOAD_EVENT_REASONS = frozenset({"GpuWorkloadNotMoved", "GpuWorkloadMigrating"})
 
 
-def _redact_events(n) -> None:
+# A slice ID in any other node event (GpuUnhealthy's "slices on it: ...", an agent's ReleaseBlocked): each one the
+# caller may not see is replaced, so a tenant reads its own slices there and learns no other tenant's IDs.
+SLICE_ID = re.compile(r"\bs-[0-9a-f]{12}\b")
+HIDDEN = "(another tenant's slice)"
+
+
+def _redact_events(n, ctl=None) -> None:
+    slices = getattr(getattr(ctl, "fleet", None), "slices", {})
+
+    def shown(m: re.Match) -> str:
+        s = slices.get(m.group(0))
+        return m.group(0) if s is not None and s.tenant and auth.visible(s.tenant) else HIDDEN
     for ev in n.events:
         if ev.reason in WORKLOAD_EVENT_REASONS:
             ev.message = (f"GPU {ev.gpu_index}: " if ev.gpu_index >= 0 else "") + \
                 f"{ev.reason} (the workload and the details are shown to administrators)"
+        else:
+            ev.message = SLICE_ID.sub(shown, ev.message)

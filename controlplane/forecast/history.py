@@ -108,10 +108,12 @@ class HistoryStore:
         with self._lock:
             self.db.close()
 
-    def _id(self, kind: str, name: str, metric: str, tenant: str) -> int:
-        """The series' id; its owner becomes `tenant` when that changed (a warm slice, carved for no tenant,
-        keeps its id when a tenant claims it: its series stayed the fleet's, read by every viewer and not by
-        the tenant whose slice it is)."""
+    def _id(self, kind: str, name: str, metric: str, tenant: str) -> tuple[int, bool]:
+        """The series' id, and whether its samples were dropped now. Its owner becomes `tenant` when that changed
+        (a warm slice, carved for no tenant, keeps its id when a tenant claims it: its series stayed the fleet's,
+        read by every viewer and not by the tenant whose slice it is). A series that leaves a tenant's hands (a
+        deployment's name taken by another tenant's, a slice given back to the warm pool) loses the samples of
+        that tenant's, which its new owner may not read."""
         key = (kind, name, metric)
         got = self._ids.get(key)
         if got is None:
@@ -119,11 +121,15 @@ class HistoryStore:
                             (kind, name, metric, tenant))
             got = tuple(self.db.execute("SELECT id, tenant FROM series WHERE kind=? AND name=? AND metric=?",
                                         key).fetchone())
+        dropped = False
         if got[1] != tenant:
+            if got[1]:
+                self.db.execute("DELETE FROM samples WHERE series=?", (got[0],))
+                dropped = True
             self.db.execute("UPDATE series SET tenant=? WHERE id=?", (tenant, got[0]))
             got = (got[0], tenant)
         self._ids[key] = got
-        return got[0]
+        return got[0], dropped
 
     def write(self, samples) -> int:
         """samples: iterable of (kind, name, metric, tenant, t, v), stored raw in one transaction.
@@ -142,8 +148,14 @@ class HistoryStore:
         with self._lock:
             self.db.execute("BEGIN")
             try:
-                rows = [(self._id(k, n, m, tn), float(t), float(v)) for k, n, m, tn, t, v in samples
-                        if math.isfinite(v)]
+                rows = []
+                for k, n, m, tn, t, v in samples:
+                    if not math.isfinite(v):
+                        continue
+                    sid, dropped = self._id(k, n, m, tn)
+                    if dropped:         # the earlier owner's rows of this batch go too
+                        rows = [r for r in rows if r[0] != sid]
+                    rows.append((sid, float(t), float(v)))
                 self.db.executemany(sql, rows)
                 self.db.execute("COMMIT")
             except BaseException:

@@ -337,3 +337,22 @@ def test_a_claimed_warm_slices_series_belongs_to_its_new_tenant(tmp_path):
         return [(x.name, x.tenant) for x in (await s.ListSeries(_req("slice"), None)).series]
     assert run_with(tmp_path / "a", warm + claimed, listed, acme) == [("s-1", "acme")]
     assert run_with(tmp_path / "v", warm + claimed, listed, viewer) == []
+
+
+def test_a_deployment_name_taken_by_another_tenant_does_not_hand_it_the_old_history(tmp_path):
+    """Deployment names are reused: tenant a's "chat" deleted and tenant b's "chat" created, b's first sample made
+    the series b's, with a's samples still in it: b read a's request history (ListSeries' counts and span, the
+    forecast's history and last value). A series that changes from one tenant's hands starts afresh; a warm
+    slice's ("", the fleet's) samples still pass to the tenant that claims it (the test above)."""
+    theirs = [("deployment", "chat", "requests", 1000.0 + i, "a", T0 + i) for i in range(300)]
+    mine = [("deployment", "chat", "requests", 5.0, "b", T0 + 300 + i) for i in range(3)]
+    b = auth.Principal("client", "b", tenant="b", role="tenant")
+
+    async def listed(s):
+        return [(x.name, x.tenant, x.samples) for x in (await s.ListSeries(_req("deployment"), None)).series]
+    assert run_with(tmp_path / "b", theirs + mine, listed, b) == [("chat", "b", 3)]
+    store = HistoryStore(str(tmp_path / "b" / "h.db"), parse_tiers(["raw:1d", "1m:30d"]))
+    try:
+        assert [v for _, v in store.read("deployment", "chat", "requests")] == [5.0] * 3
+    finally:
+        store.close()

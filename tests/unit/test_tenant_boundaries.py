@@ -223,3 +223,34 @@ async def test_node_events_about_workloads_name_none_to_tenants():
             "GPU 0: GpuWorkloadNotMoved (the workload and the details are shown to administrators)", "GPU 0: Xid 48"]
     with as_tenant("ops", role="admin"):
         assert (await svc.GetNode(A.GetNodeRequest(name="n1"), Context())).events[0].message == secret
+
+
+async def test_node_events_name_no_other_tenants_slices():
+    """GetNode and ListNodes showed every caller the health controller's GpuUnhealthy/GpuLost/GpuQuarantined
+    events ("...; slices on it: <every slice's ID>") and the agents' ReleaseBlocked ("slice <ID> cannot be released
+    yet"): the IDs of other tenants' slices on the node, to any tenant's token."""
+    from types import SimpleNamespace
+
+    from controlplane.api.services import AdminService
+    from gpumesh.v1 import admin_service_pb2 as A
+    mine, theirs = "s-0123456789ab", "s-ba9876543210"
+    node = T.Node(name="n1", events=[
+        T.NodeEvent(reason="GpuUnhealthy", gpu_index=0, message=f"GPU 0 unhealthy: Xid 79; takes no new slices; "
+                                                                f"slices on it: {mine}, {theirs}"),
+        T.NodeEvent(reason="ReleaseBlocked", gpu_index=0, message=f"slice {theirs} cannot be released yet: busy"),
+        T.NodeEvent(reason="XidError", gpu_index=0, message="GPU 0: Xid 48")])
+    nodes = SimpleNamespace(view=lambda name: T.Node.FromString(node.SerializeToString()))
+    slices = {mine: T.Slice(id=mine, tenant="team-a"), theirs: T.Slice(id=theirs, tenant="team-b")}
+    svc = AdminService(SimpleNamespace(fleet=SimpleNamespace(nodes={"n1": None}, slices=slices)), nodes)
+    for role in ("tenant", "viewer"):
+        with as_tenant("team-a", role=role):
+            got = await svc.GetNode(A.GetNodeRequest(name="n1"), Context())
+            listed = (await svc.ListNodes(A.ListNodesRequest(), Context())).nodes[0]
+        for n in (got, listed):
+            text = "\n".join(e.message for e in n.events)
+            assert theirs not in text and mine in text, text
+            assert n.events[0].message.startswith("GPU 0 unhealthy: Xid 79; takes no new slices; slices on it: ")
+            assert n.events[2].message == "GPU 0: Xid 48"
+    with as_tenant("ops", role="admin"):
+        assert [e.message for e in (await svc.GetNode(A.GetNodeRequest(name="n1"), Context())).events] == \
+            [e.message for e in node.events]
