@@ -343,6 +343,24 @@ class WorkloadManager(WorkloadRecords):
             return False
 
 
+ENV_HIDDEN = "(hidden from viewers)"
+
+
+def shown(w: types_pb2.Workload) -> types_pb2.Workload:
+    """`w` as the caller may read it: never its backend's key (`redacted`); for a viewer, its environment's values
+    hidden too (the names stay). The tenant sets them and they often hold its credentials (an HF_TOKEN, a database
+    password); a viewer (a dashboard, an on-call reader) reads state and logs and needs none of them."""
+    out = redacted(w)
+    if auth.current().role != "viewer" or not out.env:
+        return out
+    if out is w:
+        out = types_pb2.Workload()
+        out.CopyFrom(w)
+    for k in out.env:
+        out.env[k] = ENV_HIDDEN
+    return out
+
+
 class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
     def __init__(self, manager: WorkloadManager) -> None:
         self.m = manager
@@ -361,22 +379,22 @@ class WorkloadService(workload_service_pb2_grpc.WorkloadServiceServicer):
             if not s.tenant:        # a warm slice (the orchestrator's): a tenant claims it empty
                 raise errors.FailedPrecondition(f"slice {request.slice_id} is a warm slice held for Allocate "
                                                 "and runs no workload; allocate a slice to run one")
-        return redacted(await self.m.run(request))
+        return shown(await self.m.run(request))
 
     @unary
     async def Stop(self, request, context):
         self._own(request.id)
-        return redacted(await self.m.stop_workload(request.id, request.grace_seconds))
+        return shown(await self.m.stop_workload(request.id, request.grace_seconds))
 
     @unary
     async def Get(self, request, context):
         self._own(request.id)
-        return redacted(self.m.get(request.id))
+        return shown(self.m.get(request.id))
 
     @unary
     async def List(self, request, context):
         return workload_service_pb2.ListWorkloadsResponse(
-            workloads=[redacted(w) for w in self.m.list(auth.scope_tenant(request.tenant), request.node,
+            workloads=[shown(w) for w in self.m.list(auth.scope_tenant(request.tenant), request.node,
                                                         request.slice_id)])
 
     @streaming

@@ -254,3 +254,29 @@ async def test_node_events_name_no_other_tenants_slices():
     with as_tenant("ops", role="admin"):
         assert [e.message for e in (await svc.GetNode(A.GetNodeRequest(name="n1"), Context())).events] == \
             [e.message for e in node.events]
+
+
+async def test_a_viewer_reads_a_workloads_environment_names_not_its_values():
+    """A workload's environment is what its tenant set, often its credentials (HF_TOKEN, a database password); a
+    viewer (a dashboard, an on-call reader) got them from Get and List. It now reads the names with the values
+    hidden; the tenant itself and admins read them, and the manager's record keeps them."""
+    from types import SimpleNamespace
+    from controlplane.controllers.workloads import ENV_HIDDEN, WorkloadService
+    from gpumesh.v1 import workload_service_pb2 as WS
+    w = T.Workload(id="w-1", tenant="a", slice_id="s-1", env={"HF_TOKEN": "hf_s3cret", "MODE": "eval"})
+    manager = SimpleNamespace(workloads={"w-1": w}, get=lambda wid: w, list=lambda *a: [w])
+    svc = WorkloadService(manager)
+
+    async def answers():
+        got = await WorkloadService.Get.__wrapped__(svc, WS.GetWorkloadRequest(id="w-1"), None)
+        listed = await WorkloadService.List.__wrapped__(svc, WS.ListWorkloadsRequest(), None)
+        return [got, listed.workloads[0]]
+    with as_tenant("a", role="viewer"):
+        for a in await answers():
+            assert dict(a.env) == {"HF_TOKEN": ENV_HIDDEN, "MODE": ENV_HIDDEN}
+            assert b"hf_s3cret" not in a.SerializeToString()
+    for role in ("tenant", "admin"):
+        with as_tenant("a", role=role):
+            for a in await answers():
+                assert dict(a.env) == {"HF_TOKEN": "hf_s3cret", "MODE": "eval"}
+    assert w.env["HF_TOKEN"] == "hf_s3cret"
