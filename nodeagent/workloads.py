@@ -14,7 +14,8 @@ the slice's device (and with the simulated MPS daemon on MPS slices), so NVML
 sees it the way it sees a CUDA process on a real GPU: that is what makes IN_USE
 real there. It is removed when the process ends.
 
-Its records and files are in nodeagent/workload_records.py, its crash recovery in workload_recovery.py.
+Its records and files are in nodeagent/workload_records.py, its crash recovery in workload_recovery.py,
+the removal of an ended workload's cgroup (a step per monitor pass, never a wait on the event loop) in workload_release.py.
 
 Hooked into the agent through its extension points: ControllerMessage kinds
 "workloads" (WorkloadCommand) and "logs" (LogRequest), and a Sync-open hook
@@ -40,6 +41,7 @@ from nodeagent.ids import BadId, check_id
 from nodeagent.teardown import SliceTeardown
 from nodeagent.workload_records import RecordsMixin
 from nodeagent.workload_recovery import RecoveryMixin
+from nodeagent.workload_release import CgroupRelease
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
 from nodeagent.workload_confine import (agent_env_names, confinement_plan, environment_fd, hand_over_secret,
@@ -77,6 +79,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
         self.meta: dict[str, dict] = {}              # id -> shim pid, device, stop request, ...
         self.popens: dict[str, subprocess.Popen] = {}
         self.logs = LogStreamer(self)
+        self.cgroups = CgroupRelease(isolator, getattr(agent, "node", ""))   # an ended workload's cgroup, a step per pass
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
         os.makedirs(self.dir, mode=0o711, exist_ok=True)
@@ -415,7 +418,8 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
                     meta["killed"] = True
                     self._signal(wid, signal.SIGKILL)
                 continue
-            done.append(self._finish(wid))
+            if self.cgroups.gone(wid, meta.get("cgroup", "")):     # its processes have left: it ended
+                done.append(self._finish(wid))
         if report:
             self.report(done)
 
@@ -444,8 +448,6 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
             w.state = W.WORKLOAD_STATE_FAILED
         w.finished_at.CopyFrom(_ts(ex["finished_at"]) if ex and ex.get("finished_at") else _ts())
         self._detach(wid)
-        if self.isolator is not None and meta.get("cgroup"):
-            self.isolator.release(meta["cgroup"])
         self.save(wid)
         log(logger, logging.INFO, "workload ended", node=self.agent.node, workload=wid,
             state=types_pb2.WorkloadState.Name(w.state), exit_code=w.exit_code)

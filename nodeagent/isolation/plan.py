@@ -231,8 +231,18 @@ class Isolator:
         return ConfinePlan(ident.uid, ident.gid, workdir, sock, cgroup, spec, env)
 
     def release(self, cgroup: str) -> None:
+        """Kill what is left in the workload's cgroup and remove it, waiting for its processes to leave: in a
+        thread. On the event loop: `begin_release`, then `release_step` until it answers True."""
         if cgroup and self.cgroups is not None:
             self.cgroups.remove(cgroup)
+
+    def begin_release(self, cgroup: str) -> None:
+        if cgroup and self.cgroups is not None:
+            self.cgroups.begin_remove(cgroup)
+
+    def release_step(self, cgroup: str) -> bool:
+        """One attempt at removing the cgroup, never waiting: True once it is gone."""
+        return not cgroup or self.cgroups is None or self.cgroups.remove_step(cgroup)
 
     # -- the slice's shared memory --------------------------------------------------------------
 
