@@ -417,6 +417,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
                 if meta.get("stop_at") and time.time() - meta["stop_at"] > self.stop_grace and not meta.get("killed"):
                     meta["killed"] = True
                     self._signal(wid, signal.SIGKILL)
+                    self.save(wid)      # after the signal (a restarted agent sends it again); its end names it
                 continue
             if self.cgroups.gone(wid, meta.get("cgroup", "")):     # its processes have left: it ended
                 done.append(self._finish(wid))
@@ -433,7 +434,8 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
             w.message = f"killed: {meta['mps_refused']}"
         elif ex is None:
             w.exit_code = 128 + signal.SIGKILL
-            w.message = "killed (its supervisor ended without recording the exit status)"
+            w.message = ("killed by SIGKILL: still running when the stop grace after SIGTERM ended" if meta.get("killed")
+                         else "killed (its supervisor ended without recording the exit status)")
         else:
             w.exit_code = int(ex.get("exit_code", 0))
             sig = int(ex.get("signal", 0))
