@@ -223,7 +223,7 @@ class SlicesMixin:
         if self._target_released(mid):
             raise RuntimeError(f"migration {mid} was rolled back on this node: its images are not restored")
         if extras.get("cwd"):
-            os.makedirs(extras["cwd"], exist_ok=True)   # CRIU restores the working directory by path
+            self._make_cwd(spec, extras)
         r.forget(wid)
         copy_private(images / LOG_ENTRY, r.path(wid, "log"))     # the log so far (0600); the process appends
         argv, pidfile = self._restore_argv(str(images), str(extras["log_key"]), leave_stopped=True)
@@ -235,6 +235,23 @@ class SlicesMixin:
         log(logger, logging.INFO, "workload restored by CRIU (held stopped until the commit)", node=self.agent.node,
             workload=wid, pid=pid, migration=mid)
         return {"pid": pid, "step": 0}
+
+    def _make_cwd(self, spec: types_pb2.Workload, extras: dict) -> None:
+        """CRIU restores the working directory by path, as the tenant's uid: it is made first, by the path it had
+        on the source (under another state directory when this host keeps its state elsewhere); the workload's
+        own directory there (`workdir`, or this runner's for an older source) the tenant's, as a fresh start
+        makes it (nodeagent/isolation/workdir.py)."""
+        r = self.runner
+        if r.isolator is None:          # unconfined: the workload runs as the agent's user
+            os.makedirs(extras["cwd"], exist_ok=True)
+            return
+        from nodeagent.isolation.users import IdentityError
+        from nodeagent.isolation.workdir import restore_cwd
+        try:
+            ident = r.isolator.users.identity(spec.tenant)
+        except IdentityError as e:
+            raise RuntimeError(f"isolation: {e}") from None
+        restore_cwd(extras["cwd"], extras.get("workdir") or r.path(spec.id, "d"), ident.uid, ident.gid)
 
     def _target_released(self, mid: str) -> bool:
         """The target job of `mid` is gone or released (STOP_TARGET, or an agent restart): nothing of it may
@@ -318,7 +335,7 @@ class SlicesMixin:
             logfile = os.path.realpath(r.path(wid, "log"))
             entries = image_entries(images, {LOG_ENTRY: logfile})
             extras = {"transparent": "criu", "log_key": path_key(logfile), "cwd": meta.get("criu_cwd") or os.path.realpath(r.dir),
-                      "pid": w.pid, "uid": meta.get("uid", -1)}
+                      "workdir": os.path.realpath(r.path(wid, "d")), "pid": w.pid, "uid": meta.get("uid", -1)}
             with TransferClient(cmd.address, cmd.session, mesh="grpc", secret=self._secret(cmd),
                                 credentials=self._channel_credentials(),
                                 server_name=cmd.peer if self.tls is not None else "") as client:

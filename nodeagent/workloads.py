@@ -14,7 +14,9 @@ the slice's device (and with the simulated MPS daemon on MPS slices), so NVML
 sees it the way it sees a CUDA process on a real GPU: that is what makes IN_USE
 real there. It is removed when the process ends.
 
-Its records and files are in nodeagent/workload_records.py, its crash recovery in workload_recovery.py.
+Its records and files are in nodeagent/workload_records.py, its crash recovery in workload_recovery.py, the
+process's registrations with the (simulated) NVML and the MPS daemon in workload_devices.py, the removal of
+an ended workload's cgroup (a step per monitor pass, never a wait on the event loop) in workload_release.py.
 
 Hooked into the agent through its extension points: ControllerMessage kinds
 "workloads" (WorkloadCommand) and "logs" (LogRequest), and a Sync-open hook
@@ -35,11 +37,12 @@ from google.protobuf import timestamp_pb2
 
 from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.logs import log
-from mesh.procs import process_tree
 from nodeagent.ids import BadId, check_id
 from nodeagent.teardown import SliceTeardown
+from nodeagent.workload_devices import DevicesMixin
 from nodeagent.workload_records import RecordsMixin
 from nodeagent.workload_recovery import RecoveryMixin
+from nodeagent.workload_release import CgroupRelease
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
 from nodeagent.workload_confine import (agent_env_names, confinement_plan, environment_fd, hand_over_secret,
@@ -50,7 +53,6 @@ logger = logging.getLogger(__name__)
 W = types_pb2
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 TERMINAL = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
-SIM_PROCESS_MEMORY = 256 << 20     # what a simulated workload occupies on its device
 LOG_CAP_INTERVAL = 1.0             # seconds between two checks of the running workloads' log sizes
 
 
@@ -63,7 +65,7 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     return ts
 
 
-class WorkloadRunner(RecordsMixin, RecoveryMixin):
+class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
                  poll_interval: float = 0.2, isolator=None, log_max_bytes: int = 0) -> None:
         self.agent = agent
@@ -77,6 +79,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
         self.meta: dict[str, dict] = {}              # id -> shim pid, device, stop request, ...
         self.popens: dict[str, subprocess.Popen] = {}
         self.logs = LogStreamer(self)
+        self.cgroups = CgroupRelease(isolator, getattr(agent, "node", ""))     # an ended workload's cgroup
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
         os.makedirs(self.dir, mode=0o711, exist_ok=True)
@@ -316,49 +319,6 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
             self.isolator.release(plan.cgroup)
         return self._fail(w, why)
 
-    def _attach(self, wid: str, pid: int) -> None:
-        """Make the process visible where the hardware would see it (simulated NVML, MPS clients)."""
-        meta = self.meta[wid]
-        for procs in meta.pop("cgroup_procs", []):      # a CRIU-restored process joins its cgroups here
-            for p in process_tree(pid):
-                try:
-                    with open(procs, "w", encoding="ascii") as f:
-                        f.write(str(p))
-                except OSError as e:
-                    logger.warning("cannot move restored process %s into %s: %s", p, procs, e)
-        nvml = self.agent.gpus.nvml
-        if hasattr(nvml, "sim_add_process") and meta.get("device_uuid"):
-            try:
-                nvml.sim_add_process(meta["device_uuid"], pid, SIM_PROCESS_MEMORY)
-                meta["sim_pid"] = pid
-            except ValueError as e:
-                logger.warning("cannot register workload with the simulated NVML: %s", e)
-        if self.mps is not None and meta.get("mps_pipe"):
-            try:
-                if "uid" in meta:
-                    self.mps.add_client(meta["mps_pipe"], pid, uid=meta["uid"], memory_bytes=SIM_PROCESS_MEMORY)
-                else:
-                    self.mps.add_client(meta["mps_pipe"], pid)
-                meta["mps_pid"] = pid
-            except Exception as e:   # noqa: BLE001 - the client is refused: its CUDA calls would fail
-                logger.warning("cannot attach workload to the MPS daemon: %s", e)
-                meta["mps_refused"] = str(e)
-                self._signal(wid, signal.SIGKILL)
-
-    def _detach(self, wid: str) -> None:
-        meta = self.meta.get(wid, {})
-        nvml = self.agent.gpus.nvml
-        if meta.pop("sim_pid", None) is not None and hasattr(nvml, "sim_remove_process"):
-            try:
-                nvml.sim_remove_process(meta["device_uuid"], self.workloads[wid].pid)
-            except ValueError:
-                pass   # the MIG device is gone already
-        if meta.pop("mps_pid", None) is not None and self.mps is not None:
-            try:
-                self.mps.remove_client(meta["mps_pipe"], self.workloads[wid].pid)
-            except Exception:   # noqa: BLE001
-                pass
-
     def stop(self, wid: str) -> None:
         w = self.workloads.get(wid)
         meta = self.meta.get(wid)
@@ -414,8 +374,10 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
                 if meta.get("stop_at") and time.time() - meta["stop_at"] > self.stop_grace and not meta.get("killed"):
                     meta["killed"] = True
                     self._signal(wid, signal.SIGKILL)
+                    self.save(wid)      # after the signal (a restarted agent sends it again); its end names it
                 continue
-            done.append(self._finish(wid))
+            if self.cgroups.gone(wid, meta.get("cgroup", "")):     # its processes have left: it ended
+                done.append(self._finish(wid))
         if report:
             self.report(done)
 
@@ -429,7 +391,8 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
             w.message = f"killed: {meta['mps_refused']}"
         elif ex is None:
             w.exit_code = 128 + signal.SIGKILL
-            w.message = "killed (its supervisor ended without recording the exit status)"
+            w.message = ("killed by SIGKILL: still running when the stop grace after SIGTERM ended"
+                         if meta.get("killed") else "killed (its supervisor ended without recording the exit status)")
         else:
             w.exit_code = int(ex.get("exit_code", 0))
             sig = int(ex.get("signal", 0))
@@ -444,8 +407,6 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin):
             w.state = W.WORKLOAD_STATE_FAILED
         w.finished_at.CopyFrom(_ts(ex["finished_at"]) if ex and ex.get("finished_at") else _ts())
         self._detach(wid)
-        if self.isolator is not None and meta.get("cgroup"):
-            self.isolator.release(meta["cgroup"])
         self.save(wid)
         log(logger, logging.INFO, "workload ended", node=self.agent.node, workload=wid,
             state=types_pb2.WorkloadState.Name(w.state), exit_code=w.exit_code)

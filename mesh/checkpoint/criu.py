@@ -324,8 +324,8 @@ class ImageSink:
             try:
                 verify_images(self.path, manifest)
                 extras = manifest.extras
-                if not isinstance(extras.get("log_key", ""), str) or not isinstance(extras.get("cwd", ""), str):
-                    raise ImagesRejected("the images' extras: log_key and cwd must be strings")
+                if not all(isinstance(extras.get(k, ""), str) for k in ("log_key", "cwd", "workdir")):
+                    raise ImagesRejected("the images' extras: log_key, cwd and workdir must be strings")
                 self._result = dict(self.on_commit(self.path, extras))
             except Exception as e:   # noqa: BLE001 - answered to the sender
                 self._error = e if isinstance(e, CheckpointError) else CheckpointError(str(e))

@@ -20,6 +20,7 @@ from typing import Protocol
 from nodeagent.isolation.devices import DeviceNode
 
 ROOT = "/sys/fs/cgroup"
+REMOVE_TRIES, REMOVE_PAUSE = 50, 0.05     # a waiting `remove`: attempts, and seconds between two
 CPU_PERIOD_US = 100_000
 # Character devices every workload may use: null, zero, full, random, urandom, tty, ptmx, pts.
 BASE_DEVICE_RULES = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm",
@@ -46,7 +47,14 @@ class CgroupDriver(Protocol):
         """Make the group `name` with `limits`; answer the files a process writes "0" into to join."""
 
     def remove(self, name: str) -> None:
-        """Kill what is left in the group and remove it (no error when it is gone already)."""
+        """Kill what is left in the group and remove it (no error when it is gone already). Waits for its
+        processes to leave: never on the event loop."""
+
+    def begin_remove(self, name: str) -> None:
+        """The start of a removal: the group's processes may not fork, and are killed."""
+
+    def remove_step(self, name: str) -> bool:
+        """One attempt at removing the group, without waiting: True once it is gone (or was)."""
 
     def exists(self, name: str) -> bool:
         ...
@@ -86,37 +94,47 @@ def _deny_forks(group: str) -> None:
         pass
 
 
-def _remove_dir(path: str, procs: str) -> None:
-    _remove_group(path, procs)
+def _remove_step(path: str, procs: str) -> bool:
+    """One attempt at removing the group `path` (and then its parent, the node's group, once its last workload is
+    gone): True when it is gone; else SIGKILL to every process it still lists, and the caller tries again later."""
+    if not os.path.isdir(path):
+        return True
     try:
-        os.rmdir(os.path.dirname(path))       # the node's parent group, once its last workload is gone
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:         # EBUSY: processes are still in it (killed, not yet gone)
+        try:
+            with open(os.path.join(path, procs), encoding="ascii") as f:
+                for pid in f.read().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        except OSError:
+            pass
+        return False
+    try:
+        os.rmdir(os.path.dirname(path))
     except OSError:
         pass
+    return True
 
 
-def _remove_group(path: str, procs: str) -> None:
-    if not os.path.isdir(path):
-        return
-    for attempt in range(50):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            try:
-                with open(os.path.join(path, procs), encoding="ascii") as f:
-                    for pid in f.read().split():
-                        try:
-                            os.kill(int(pid), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-            except OSError:
-                pass
-            time.sleep(0.05)
+class _Removal:
+    """`remove` from the drivers' two steps: `begin_remove` once, then `remove_step` until the group is gone.
+    `remove` waits (up to REMOVE_TRIES * REMOVE_PAUSE s) and so runs in a thread, never on the agent's event loop:
+    there the runner calls the steps itself, one per monitor pass (nodeagent/workload_release.py)."""
+
+    def remove(self, name: str) -> None:
+        self.begin_remove(name)
+        for _ in range(REMOVE_TRIES):
+            if self.remove_step(name):
+                return
+            time.sleep(REMOVE_PAUSE)
 
 
-class CgroupV1:
+class CgroupV1(_Removal):
     version = 1
     confines_devices = True
     CONTROLLERS = ("memory", "cpu", "pids", "devices")
@@ -156,13 +174,14 @@ class CgroupV1:
             _write(os.path.join(dev, "devices.allow"), rule)
         return procs
 
-    def remove(self, name: str) -> None:
+    def begin_remove(self, name: str) -> None:
         _deny_forks(self._dir("pids", name))
-        for c in self.CONTROLLERS:
-            _remove_dir(self._dir(c, name), "cgroup.procs")
+
+    def remove_step(self, name: str) -> bool:
+        return all([_remove_step(self._dir(c, name), "cgroup.procs") for c in self.CONTROLLERS])   # each one
 
 
-class CgroupV2:
+class CgroupV2(_Removal):
     version = 2
     confines_devices = False      # eBPF device programs: not done here, the private /dev confines
     CONTROLLERS = ("memory", "cpu", "pids")
@@ -206,10 +225,12 @@ class CgroupV2:
             _write(os.path.join(d, "pids.max"), str(limits.pids_max))
         return [os.path.join(d, "cgroup.procs")]
 
-    def remove(self, name: str) -> None:
+    def begin_remove(self, name: str) -> None:
         _deny_forks(self._dir(name))
         _kill_all(self._dir(name))
-        _remove_dir(self._dir(name), "cgroup.procs")
+
+    def remove_step(self, name: str) -> bool:
+        return _remove_step(self._dir(name), "cgroup.procs")
 
 
 def _kill_all(group: str) -> None:

@@ -27,6 +27,7 @@ from nodeagent.isolation import cgroups as cg
 from nodeagent.isolation.devices import DeviceError, NvidiaDevices
 from nodeagent.isolation.probe import HostFeatures
 from nodeagent.isolation.users import IdentityError, TenantUsers
+from nodeagent.isolation.workdir import make_workdir
 
 logger = logging.getLogger(__name__)
 SHM_ROOT = "/dev/shm/gpumesh.slices"
@@ -177,9 +178,7 @@ class Isolator:
             limits.devices = self.devices.for_slice(gpu_index, gi_id, ci_id) if gpu_index >= 0 else []
         except DeviceError as e:
             raise IsolationRefused(f"slice devices: {e}") from None
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
-        os.chown(workdir, ident.uid, ident.gid)
-        os.chmod(workdir, 0o700)
+        make_workdir(workdir, ident.uid, ident.gid)
         mount_ns = "mount" in namespaces
         shm_dir = ""
         if mount_ns and w.slice_id:
@@ -231,8 +230,18 @@ class Isolator:
         return ConfinePlan(ident.uid, ident.gid, workdir, sock, cgroup, spec, env)
 
     def release(self, cgroup: str) -> None:
+        """Kill what is left in the workload's cgroup and remove it, waiting for its processes to leave: in a
+        thread. On the event loop: `begin_release`, then `release_step` until it answers True."""
         if cgroup and self.cgroups is not None:
             self.cgroups.remove(cgroup)
+
+    def begin_release(self, cgroup: str) -> None:
+        if cgroup and self.cgroups is not None:
+            self.cgroups.begin_remove(cgroup)
+
+    def release_step(self, cgroup: str) -> bool:
+        """One attempt at removing the cgroup, never waiting: True once it is gone."""
+        return not cgroup or self.cgroups is None or self.cgroups.remove_step(cgroup)
 
     # -- the slice's shared memory --------------------------------------------------------------
 

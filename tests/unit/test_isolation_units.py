@@ -82,6 +82,13 @@ class FakeCgroups:
     def remove(self, name):
         self.made.pop(name, None)
 
+    def begin_remove(self, name):
+        pass
+
+    def remove_step(self, name):      # the monitor's removal, one step a pass
+        self.remove(name)
+        return True
+
     def exists(self, name):
         return name in self.made
 

@@ -79,3 +79,35 @@ def test_an_agent_that_dies_just_after_sending_the_stop_still_records_it_as_stop
     _finished(again, "w-1")
     w = again.workloads["w-1"]
     assert w.state == t.WORKLOAD_STATE_STOPPED and "killed by SIGTERM" in w.message, w.message
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_workload_killed_after_the_stop_grace_says_so_across_an_agent_restart(tmp_path, restart):
+    """A workload that outlives SIGTERM gets SIGKILL after the stop grace; its end names that kill (not a supervisor
+    that ended without recording the exit status, which is how it read), and so does an agent restarted after the
+    kill: the `killed` mark is in the record."""
+    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
+                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
+    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
+    r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=0.2)
+    try:
+        r.start(t.Workload(id="w-1", slice_id="s-1",
+                           command=["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"]))
+        deadline = time.monotonic() + 60
+        while b"ready" not in open(r.path("w-1", "log"), "rb").read():     # it ignores SIGTERM from now on
+            assert time.monotonic() < deadline, "the workload did not start"
+            time.sleep(0.02)
+        r.stop("w-1")
+        while not r.meta["w-1"].get("killed"):
+            assert time.monotonic() < deadline, "no SIGKILL after the stop grace"
+            r.check_all(report=False)
+            time.sleep(0.02)
+        if restart:             # the agent dies now; its supervisor, killed, is reaped by init
+            r.popens["w-1"].wait(60)
+            r = wl.WorkloadRunner(a, r.dir, stop_grace=0.2)
+        _finished(r, "w-1")
+        w = r.workloads["w-1"]
+        assert w.state == t.WORKLOAD_STATE_STOPPED and w.exit_code == 137, w.message
+        assert w.message == "stopped on request; killed by SIGKILL: still running when the stop grace after SIGTERM ended"
+    finally:
+        kill_shims(r)
