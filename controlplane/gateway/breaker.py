@@ -41,6 +41,12 @@ class CircuitBreaker:
         s = self.state
         return s == CLOSED or (s == HALF_OPEN and not self.probing and not self.unreachable)
 
+    def shut(self) -> bool:
+        """The circuit keeps requests off the replica: open, or half-open while its TCP probe has not found the port
+        listening (`allows` besides says whether the one probe is taken)."""
+        s = self.state
+        return s == OPEN or (s == HALF_OPEN and self.unreachable)
+
     def begin(self) -> int:
         """A request (or the gateway's TCP probe) was sent; in half-open it is the one probe: its number (0 when it
         is no probe)."""

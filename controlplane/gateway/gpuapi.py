@@ -8,7 +8,6 @@ import time
 
 from controlplane.gateway import cost
 from controlplane.gateway.apierror import APIError, invalid
-from controlplane.gateway.breaker import OPEN
 from controlplane.gateway.clients import Caller
 from controlplane.gateway.policy import gpu_levels
 
@@ -114,7 +113,7 @@ def models_optimal(gw, caller: Caller, agent_type: str | None) -> dict:
         ready = [r for r in d.replicas if r.ready]
         cands = gw.candidates([d])
         usable = [c for c in cands if c.replica.ready and c.pressure != "critical"
-                  and c.thermal not in ("throttling", "critical") and c.stats.breaker.state != OPEN]
+                  and c.thermal not in ("throttling", "critical") and not c.stats.breaker.shut()]
         reqs = sum(c.stats.requests for c in cands)
         fails = sum(c.stats.failures for c in cands)
         reliability = 1.0 - fails / reqs if reqs else 1.0
@@ -144,8 +143,9 @@ def rebalance(gw, caller: Caller, apply: str | None) -> dict:
                 reasons.append("GPU memory pressure critical")
             if c.thermal in ("throttling", "critical"):
                 reasons.append(f"GPU thermal state {c.thermal}")
-            if c.stats.breaker.state == OPEN:
-                reasons.append("circuit open after failures")
+            if c.stats.breaker.shut():
+                reasons.append("circuit open after failures" if not c.stats.breaker.unreachable else
+                               "circuit open: the replica refused or cut connections and nothing listens yet")
             if not reasons:
                 continue
             routed = gw.policy.uses_gpu or gw.policy.uses_breaker

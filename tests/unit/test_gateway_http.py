@@ -310,6 +310,29 @@ async def test_a_dead_replica_fails_cleanly_and_opens_its_circuit(app):
     assert 'gpumesh_gateway_fallbacks_total{model="chat"}' in metrics
 
 
+async def test_a_circuit_half_open_on_a_port_still_refusing_is_not_counted_usable(app):
+    """A circuit opened by a refused connection turns half-open after its open time, but takes no request until its
+    TCP probe finds the port listening; models-optimal counted such a replica as usable and rebalance recommended
+    nothing for it. Both now treat it as the open circuit it is for requests."""
+    a = {"authorization": f"Bearer {app.tokens['team-a']}"}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    assert (await app.post("/v1/chat/completions", headers=a, json=body)).status_code == 502
+    b = app.gw.stats.of("chat/chat-1").breaker
+    b.opened_at -= b.open_seconds + 1                      # the open time is over: half-open, port still dead
+    assert b.state == "half-open" and b.unreachable and not b.allows()
+
+    def chat_of(r):
+        return next(m for m in r.json()["models"] if m["model"] == "chat")
+    assert chat_of(await app.get("/v1/gpu/models-optimal", headers=a))["usable_replicas"] == 0
+    r = await app.post("/v1/gpu/rebalance", headers=a)
+    why = [x["reason"] for x in r.json()["actions"] if x["replica"] == "chat/chat-1" and x["action"] == "route-around"]
+    assert why and "refused or cut connections" in why[0]
+    b.listening(b.begin())                                 # its TCP probe found the port listening
+    assert chat_of(await app.get("/v1/gpu/models-optimal", headers=a))["usable_replicas"] == 1
+    assert not [x for x in (await app.post("/v1/gpu/rebalance", headers=a)).json()["actions"]
+                if x["replica"] == "chat/chat-1"]
+
+
 async def _stand_in_backend():
     """A model server stand-in on a real socket (uvicorn): an OpenAI-shaped answer or a 3-event stream."""
     import asyncio
