@@ -10,6 +10,10 @@ READY replica's backend is probed again, nothing is restarted that still runs.
 
 Deleting a deployment removes its record at once; its replicas, now of no deployment, are removed by
 the next pass (the same rule finishes a delete interrupted by a restart).
+
+Each deployment is reconciled on its own: one whose reconcile raises is logged, counted and told as a
+`ReconcileFailed` Warning event (once while its error stays the same: controlplane/serving/passerrors.py), and
+the pass goes on with the others.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from controlplane.serving import deployspec, deploystatus, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
+from controlplane.serving.passerrors import PassErrors
 from controlplane.scheduler.plugins import quota
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import types_pb2
@@ -72,6 +77,7 @@ class DeploymentManager:
         ctl.deployments = self                          # NodeManager.drain asks which slices are replicas'
         self.prices = None                              # mesh.cost.PriceTable (the server sets it): policy checks
         self.scaling = scaling.ScalingOps(self)
+        self.pass_errors = PassErrors(self._event)      # deployments whose reconcile failed (serving/passerrors.py)
 
     async def on_loads(self, node: str, loads: list) -> None:
         """The model servers' load signals from `node`'s telemetry: each onto the replica whose current
@@ -276,8 +282,17 @@ class DeploymentManager:
     async def reconcile_all(self) -> None:
         names = set(self.store.deployments) | set(self.store.replicas)
         counts: dict[str, int] = {}
+        self.pass_errors.keep_only(names)
         for name in sorted(names):
-            await self.reconcile_one(name)
+            # each deployment on its own: one whose reconcile raises (every pass, maybe) holds back no other
+            try:
+                await self.reconcile_one(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - logged, counted and a Warning event (passerrors.py)
+                self.pass_errors.failed(name, e)
+            else:
+                self.pass_errors.succeeded(name)
             for r in self.store.replicas_of(name):
                 state = STATE_NAMES.get(r.state, "pending")
                 counts[state] = counts.get(state, 0) + 1
