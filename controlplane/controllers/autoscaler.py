@@ -385,6 +385,10 @@ class AutoscalerController:
         if pool_bound and not st.pool_bound:
             text = f"pool {d.spec.pool!r} holds the deployment at {decision.desired}: {decision.reason}"
             self.dm._event_as(name, "Warning", "PoolLimit", text[:1000], tenant, SOURCE)
+            held = getattr(getattr(self.dm.ctl, "pools", None), "held", None)
+            if held is not None:            # and on the pool (`meshctl describe pool`)
+                held(d.spec.pool, "PoolLimit", name, tenant, f"held at {decision.desired} replica(s) by the "
+                     f"pool's room: {decision.reason}", SOURCE)
         st.pool_bound = pool_bound
         changed = own != old
         material = (prev.desired, prev.mode, prev.bound_by, prev.figures_model) != \
