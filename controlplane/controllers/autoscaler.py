@@ -1,7 +1,8 @@
 """The autoscaler controller (leader only): applies each deployment's scaling policy.
 
 Level-triggered: every `interval` seconds, for each deployment with a policy (`spec.scaling`), it samples
-its replicas' load (controlplane/controllers/autoscale_signals.py), feeds the deployment's
+its replicas' load (controlplane/controllers/autoscale_signals.py; a reading older than `load_max_age` is stale,
+and while a ready replica's load is unknown no scale-down is made: autoscale_freshness.py), feeds the deployment's
 `mesh.autoscale.planner.Planner` (the decision code `meshctl bench autoscale` measures, around the
 Knative-like `Autoscaler`) and asks it for a decision, with one replica's cost (the cost ceiling), and for a
 predictive policy the forecast's upper quantile of the request rate over one lead time
@@ -39,7 +40,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_signals, autoscale_variants
+from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_signals
+from controlplane.controllers import autoscale_variants
 from controlplane.controllers.slices import now as ts_now
 from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
@@ -77,6 +79,7 @@ class _State:
     status_at: float = 0.0
     ceiling_bound: bool = False
     pool_bound: bool = False
+    load_stale: bool = False    # a replica's reading is stale (one LoadStale Warning per episode)
     swap_hold_until: float = 0.0   # variant overflow: no swap back before this (a replica waited after one)
     figures: ServiceFigures | None = None   # the last measured figures (kept through quiet windows)
     figures_from: str = ""                  # "measured", "status" (a previous leader's), "registry"
@@ -87,13 +90,15 @@ class _State:
 
 class AutoscalerController:
     def __init__(self, deployments, registry, *, history=None, interval: float = 2.0,
-                 default_cold_start: float = 30.0, forecast_every: float = 30.0, clock=time.time) -> None:
+                 default_cold_start: float = 30.0, forecast_every: float = 30.0, clock=time.time,
+                 load_max_age: float = autoscale_freshness.DEFAULT_MAX_AGE_S) -> None:
         self.dm = deployments
         self.registry = registry
         self.history = history                  # controlplane/forecast/recorder.HistoryRecorder, or None
         self.interval = interval
         self.default_cold_start = default_cold_start
         self.forecast_every = forecast_every
+        self.load_max_age = load_max_age        # a reading received longer ago is stale (autoscale_freshness.py)
         self.clock = clock
         self.states: dict[str, _State] = {}
         self.failing: set[str] = set()          # deployments whose last pass failed (one Warning per episode)
@@ -190,15 +195,18 @@ class AutoscalerController:
             woken = max(woken, d.status.autoscaler.woken_at.ToNanoseconds() / 1e9)
         if woken > st.woken_seen:
             st.woken_seen = st.waking_since = woken
-        sample = autoscale_signals.sample(now, serving, self.dm.store.loads, st.counters)
+        loads = self.dm.store.loads
+        gap = autoscale_freshness.gaps(now, serving, loads, getattr(self.dm.store, "load_seen", {}), self.load_max_age)
+        sample = autoscale_signals.sample(now, serving, loads, st.counters, gap)
         if ready:
             st.waking_since = 0.0
         elif st.waking_since and now - st.waking_since < WAKE_HOLD_S:
             # the request the gateway holds is demand until a replica is READY to take it: the idle period
             # starts again, and a replica starting from zero is not scaled away under it
             sample = dataclasses.replace(sample, queue=sample.queue + 1)
-        st.plan.observe(sample)
-        self._record(name, d, st.policy, sample)
+        if not ready or len(gap.missing) < ready:      # with no ready replica's load known, zeros would read as idle
+            st.plan.observe(sample)
+            self._record(name, d, st.policy, sample)
         variant, need = self._variant(d)
         autoscale_figures.note_model_identity(self.dm, name, d, st, variant, need, comp, now)
         cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
@@ -216,6 +224,12 @@ class AutoscalerController:
         decision = st.plan.decide(now, ready=ready, starting=starting, figures=figures,
                                   forecast_rate=st.forecast if st.policy.predictive else None,
                                   replica_cost_per_hour=cost, pool_room=room)
+        decision = autoscale_freshness.hold(decision, gap, ready=ready, current=ready + starting,
+                                            max_replicas=st.policy.max_replicas, max_age=self.load_max_age)
+        if gap.stale and not st.load_stale:
+            self.dm._event_as(name, "Warning", "LoadStale", autoscale_freshness.stale_message(gap, self.load_max_age),
+                              d.spec.tenant, SOURCE)
+        st.load_stale = bool(gap.stale)
         signals = dict(decision.signals)
         signals.update(in_flight=sample.in_flight, queue=sample.queue, kv_cache=round(sample.kv_cache, 4),
                        ttft_ms=round(sample.ttft_ms, 1), request_rate=round(sample.request_rate, 4),
