@@ -13,7 +13,8 @@ loop) and the replica's measured figures (time in service, TTFT on a free slot, 
 Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
 a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode; so is
 a resource pool with no room for more (`PoolLimit`: a deployment with `spec.pool` is scaled within the pool's
-room, PoolStore.room, docs/pools.md). A policy with `variants` overflows replicas that wait for lack of room
+room, PoolStore.room, docs/pools.md), and a replica's load reading gone stale (`LoadStale`): autoscale_warnings.py.
+A policy with `variants` overflows replicas that wait for lack of room
 to a companion deployment of the next variant that fits (`VariantOverflow`,
 controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge
 
 from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_signals
-from controlplane.controllers import autoscale_variants
+from controlplane.controllers import autoscale_variants, autoscale_warnings
 from controlplane.controllers.slices import now as ts_now
 from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
@@ -226,10 +227,7 @@ class AutoscalerController:
                                   replica_cost_per_hour=cost, pool_room=room)
         decision = autoscale_freshness.hold(decision, gap, ready=ready, current=ready + starting,
                                             max_replicas=st.policy.max_replicas, max_age=self.load_max_age)
-        if gap.stale and not st.load_stale:
-            self.dm._event_as(name, "Warning", "LoadStale", autoscale_freshness.stale_message(gap, self.load_max_age),
-                              d.spec.tenant, SOURCE)
-        st.load_stale = bool(gap.stale)
+        autoscale_warnings.stale(self.dm, name, d, st, gap, self.load_max_age)
         signals = dict(decision.signals)
         signals.update(in_flight=sample.in_flight, queue=sample.queue, kv_cache=round(sample.kv_cache, 4),
                        ttft_ms=round(sample.ttft_ms, 1), request_rate=round(sample.request_rate, 4),
@@ -390,20 +388,7 @@ class AutoscalerController:
             status.woken_at.CopyFrom(prev.woken_at)
         status.observed_at.CopyFrom(ts_now())
         tenant = d.spec.tenant
-        bound = decision.bound_by == "cost_ceiling"
-        if bound and not st.ceiling_bound:
-            self.dm._event_as(name, "Warning", "CostCeiling", _ceiling_message(st.policy, decision, cost, signals),
-                              tenant, SOURCE)
-        st.ceiling_bound = bound
-        pool_bound = decision.bound_by == "pool"
-        if pool_bound and not st.pool_bound:
-            text = f"pool {d.spec.pool!r} holds the deployment at {decision.desired}: {decision.reason}"
-            self.dm._event_as(name, "Warning", "PoolLimit", text[:1000], tenant, SOURCE)
-            held = getattr(getattr(self.dm.ctl, "pools", None), "held", None)
-            if held is not None:            # and on the pool (`meshctl describe pool`)
-                held(d.spec.pool, "PoolLimit", name, tenant, f"held at {decision.desired} replica(s) by the "
-                     f"pool's room: {decision.reason}", SOURCE)
-        st.pool_bound = pool_bound
+        autoscale_warnings.bounds(self.dm, name, d, st, decision, cost, signals)
         changed = own != old
         material = (prev.desired, prev.mode, prev.bound_by, prev.figures_model) != \
             (status.desired, status.mode, status.bound_by, status.figures_model)
@@ -452,10 +437,3 @@ def _forget_metrics(name: str, decided) -> None:
 
 def _fmt(signals: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in sorted(signals.items()))
-
-
-def _ceiling_message(policy: ScalingPolicy, decision: Decision, cost: float, signals: dict) -> str:
-    wanted = max(signals.get("want_stable", 0), signals.get("want_panic", 0), signals.get("want_forecast", 0))
-    return (f"the cost ceiling ${policy.cost_ceiling_per_hour:g}/h holds the deployment at {decision.desired} "
-            f"replica(s) at ${cost:.4f}/h each (${decision.desired * cost:.4f}/h); the load wants {wanted:g} "
-            f"(${wanted * cost:.4f}/h). {decision.reason}")[:1000]
