@@ -116,6 +116,11 @@ class ControlPlaneConfig:
                                                   minimum=0, maximum=3600)
     autoscaler_forecast_seconds: float = option(30.0, "how often a predictive policy's demand forecast is refitted "
                                                 "(in a worker thread, off the event loop)", minimum=1, maximum=3600)
+    autoscaler_load_max_age_seconds: float = option(15.0, "a replica's load reading received longer ago than this "
+                                                    "is stale: its load is unknown, and the autoscaler makes no "
+                                                    "scale-down (nor scale to zero) until it reports again (keep it "
+                                                    "a few agent telemetry intervals; 0: no age bound)",
+                                                    minimum=0, maximum=3600)
     # history and forecasts (docs/prediction.md, "History" and "ForecastService")
     history_enabled: bool = option(True, "keep time series of GPU telemetry, deployment load and the slice-request "
                                    "stream in SQLite under state_dir (history.db), for ForecastService")

@@ -282,7 +282,8 @@ class ControlPlane:
         self.autoscaler = AutoscalerController(self.deployments, self.models, history=self.history,
                                                interval=self.cfg.autoscaler_interval_seconds,
                                                default_cold_start=self.cfg.autoscaler_cold_start_seconds,
-                                               forecast_every=self.cfg.autoscaler_forecast_seconds)
+                                               forecast_every=self.cfg.autoscaler_forecast_seconds,
+                                               load_max_age=self.cfg.autoscaler_load_max_age_seconds)
         self.autoscaler.start()
         # The fleet is long-lived and large; keep the collector off it and collect young objects
         # less often (the request path allocates many short-lived protobufs).

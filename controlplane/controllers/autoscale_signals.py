@@ -6,6 +6,8 @@ load signals, the replicas ready and starting, one replica's cost, and its cold 
   current workload and scraped: requests running (in flight) and waiting (queue) summed, KV-cache use and
   TTFT averaged, the request rate from the increase of each backend's `requests_total` counter since the
   controller's previous reading of it.
+- A READY replica whose reading went stale (controlplane/controllers/autoscale_freshness.py) is taken to carry
+  the mean load of the replicas read; one not read yet counts none.
 - Cost: a running replica's slice priced as it is (mesh.cost), else the estimate for the slice it would
   get (controlplane/serving/replicacost.py).
 - Figures (what sizes a predictive floor) from the registry when the deployment's own are not measured.
@@ -61,19 +63,27 @@ def counts(replicas: list[D.Replica]) -> tuple[int, int]:
     return ready, starting
 
 
-def sample(now: float, replicas: list[D.Replica], loads: dict, counters: Counters) -> Sample:
-    """The deployment's load now, from its READY replicas' latest readings."""
+def sample(now: float, replicas: list[D.Replica], loads: dict, counters: Counters,
+           gaps=None) -> Sample:
+    """The deployment's load now, from its READY replicas' latest readings. With `gaps` (the replicas whose load
+    is unknown: autoscale_freshness.gaps), a replica whose reading went stale is taken to carry the mean load of
+    those read (the in-flight, queued and request-rate sums scaled up to them), one not read (none yet, /metrics
+    did not answer) counts none, and neither's counter moves, so its next reading counts the requests of the
+    whole gap. None read: the load is zero (the caller does not observe it)."""
+    stale = frozenset(gaps.stale) if gaps is not None else frozenset()
+    skip = gaps.missing if gaps is not None else frozenset()
     in_flight = queue = kv = ttft = finished = 0.0
     spans: list[float] = []
     kv_n = ttft_n = 0
-    ready = 0
+    ready = read = 0
     for r in replicas:
         if r.state != D.REPLICA_STATE_READY:
             continue
         ready += 1
         load = loads.get(r.id)
-        if load is None or not load.scraped or load.workload_id != r.workload_id:
+        if r.id in skip or load is None or not load.scraped or load.workload_id != r.workload_id:
             continue
+        read += 1
         in_flight += load.requests_running
         queue += load.requests_waiting
         kv += load.kv_cache_usage
@@ -87,8 +97,9 @@ def sample(now: float, replicas: list[D.Replica], loads: dict, counters: Counter
             spans.append(dt)
     counters.keep_only({r.id for r in replicas})
     rate = finished / (sum(spans) / len(spans)) if spans else 0.0
-    return Sample(t=now, in_flight=in_flight, queue=queue, kv_cache=kv / kv_n if kv_n else 0.0,
-                  ttft_ms=ttft / ttft_n if ttft_n else 0.0, request_rate=rate, ready=ready)
+    scale = (read + len(stale)) / read if read else 1.0
+    return Sample(t=now, in_flight=in_flight * scale, queue=queue * scale, kv_cache=kv / kv_n if kv_n else 0.0,
+                  ttft_ms=ttft / ttft_n if ttft_n else 0.0, request_rate=rate * scale, ready=ready)
 
 
 def replica_cost(replicas: list[D.Replica], slices: dict, need: int, isolation: int, gpu_models,

@@ -1,7 +1,8 @@
 """The autoscaler controller (leader only): applies each deployment's scaling policy.
 
 Level-triggered: every `interval` seconds, for each deployment with a policy (`spec.scaling`), it samples
-its replicas' load (controlplane/controllers/autoscale_signals.py), feeds the deployment's
+its replicas' load (controlplane/controllers/autoscale_signals.py; a reading older than `load_max_age` is stale,
+and while a ready replica's load is unknown no scale-down is made: autoscale_freshness.py), feeds the deployment's
 `mesh.autoscale.planner.Planner` (the decision code `meshctl bench autoscale` measures, around the
 Knative-like `Autoscaler`) and asks it for a decision, with one replica's cost (the cost ceiling), and for a
 predictive policy the forecast's upper quantile of the request rate over one lead time
@@ -12,7 +13,8 @@ loop) and the replica's measured figures (time in service, TTFT on a free slot, 
 Every change of replicas is an event with the reason and the signal values (`Autoscaled`, `ScaledToZero`);
 a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode; so is
 a resource pool with no room for more (`PoolLimit`: a deployment with `spec.pool` is scaled within the pool's
-room, PoolStore.room, docs/pools.md). A policy with `variants` overflows replicas that wait for lack of room
+room, PoolStore.room, docs/pools.md), and a replica's load reading gone stale (`LoadStale`): autoscale_warnings.py.
+A policy with `variants` overflows replicas that wait for lack of room
 to a companion deployment of the next variant that fits (`VariantOverflow`,
 controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
@@ -39,7 +41,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_signals, autoscale_variants
+from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_signals
+from controlplane.controllers import autoscale_variants, autoscale_warnings
 from controlplane.controllers.slices import now as ts_now
 from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
@@ -77,6 +80,7 @@ class _State:
     status_at: float = 0.0
     ceiling_bound: bool = False
     pool_bound: bool = False
+    load_stale: bool = False    # a replica's reading is stale (one LoadStale Warning per episode)
     swap_hold_until: float = 0.0   # variant overflow: no swap back before this (a replica waited after one)
     figures: ServiceFigures | None = None   # the last measured figures (kept through quiet windows)
     figures_from: str = ""                  # "measured", "status" (a previous leader's), "registry"
@@ -87,13 +91,15 @@ class _State:
 
 class AutoscalerController:
     def __init__(self, deployments, registry, *, history=None, interval: float = 2.0,
-                 default_cold_start: float = 30.0, forecast_every: float = 30.0, clock=time.time) -> None:
+                 default_cold_start: float = 30.0, forecast_every: float = 30.0, clock=time.time,
+                 load_max_age: float = autoscale_freshness.DEFAULT_MAX_AGE_S) -> None:
         self.dm = deployments
         self.registry = registry
         self.history = history                  # controlplane/forecast/recorder.HistoryRecorder, or None
         self.interval = interval
         self.default_cold_start = default_cold_start
         self.forecast_every = forecast_every
+        self.load_max_age = load_max_age        # a reading received longer ago is stale (autoscale_freshness.py)
         self.clock = clock
         self.states: dict[str, _State] = {}
         self.failing: set[str] = set()          # deployments whose last pass failed (one Warning per episode)
@@ -190,15 +196,18 @@ class AutoscalerController:
             woken = max(woken, d.status.autoscaler.woken_at.ToNanoseconds() / 1e9)
         if woken > st.woken_seen:
             st.woken_seen = st.waking_since = woken
-        sample = autoscale_signals.sample(now, serving, self.dm.store.loads, st.counters)
+        loads = self.dm.store.loads
+        gap = autoscale_freshness.gaps(now, serving, loads, getattr(self.dm.store, "load_seen", {}), self.load_max_age)
+        sample = autoscale_signals.sample(now, serving, loads, st.counters, gap)
         if ready:
             st.waking_since = 0.0
         elif st.waking_since and now - st.waking_since < WAKE_HOLD_S:
             # the request the gateway holds is demand until a replica is READY to take it: the idle period
             # starts again, and a replica starting from zero is not scaled away under it
             sample = dataclasses.replace(sample, queue=sample.queue + 1)
-        st.plan.observe(sample)
-        self._record(name, d, st.policy, sample)
+        if not ready or len(gap.missing) < ready:      # with no ready replica's load known, zeros would read as idle
+            st.plan.observe(sample)
+            self._record(name, d, st.policy, sample)
         variant, need = self._variant(d)
         autoscale_figures.note_model_identity(self.dm, name, d, st, variant, need, comp, now)
         cost = autoscale_signals.replica_cost(replicas, self.dm.ctl.fleet.slices, need or d.status.vram_bytes,
@@ -216,6 +225,9 @@ class AutoscalerController:
         decision = st.plan.decide(now, ready=ready, starting=starting, figures=figures,
                                   forecast_rate=st.forecast if st.policy.predictive else None,
                                   replica_cost_per_hour=cost, pool_room=room)
+        decision = autoscale_freshness.hold(decision, gap, ready=ready, current=ready + starting,
+                                            max_replicas=st.policy.max_replicas, max_age=self.load_max_age)
+        autoscale_warnings.stale(self.dm, name, d, st, gap, self.load_max_age)
         signals = dict(decision.signals)
         signals.update(in_flight=sample.in_flight, queue=sample.queue, kv_cache=round(sample.kv_cache, 4),
                        ttft_ms=round(sample.ttft_ms, 1), request_rate=round(sample.request_rate, 4),
@@ -376,16 +388,7 @@ class AutoscalerController:
             status.woken_at.CopyFrom(prev.woken_at)
         status.observed_at.CopyFrom(ts_now())
         tenant = d.spec.tenant
-        bound = decision.bound_by == "cost_ceiling"
-        if bound and not st.ceiling_bound:
-            self.dm._event_as(name, "Warning", "CostCeiling", _ceiling_message(st.policy, decision, cost, signals),
-                              tenant, SOURCE)
-        st.ceiling_bound = bound
-        pool_bound = decision.bound_by == "pool"
-        if pool_bound and not st.pool_bound:
-            text = f"pool {d.spec.pool!r} holds the deployment at {decision.desired}: {decision.reason}"
-            self.dm._event_as(name, "Warning", "PoolLimit", text[:1000], tenant, SOURCE)
-        st.pool_bound = pool_bound
+        autoscale_warnings.bounds(self.dm, name, d, st, decision, cost, signals)
         changed = own != old
         material = (prev.desired, prev.mode, prev.bound_by, prev.figures_model) != \
             (status.desired, status.mode, status.bound_by, status.figures_model)
@@ -434,10 +437,3 @@ def _forget_metrics(name: str, decided) -> None:
 
 def _fmt(signals: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in sorted(signals.items()))
-
-
-def _ceiling_message(policy: ScalingPolicy, decision: Decision, cost: float, signals: dict) -> str:
-    wanted = max(signals.get("want_stable", 0), signals.get("want_panic", 0), signals.get("want_forecast", 0))
-    return (f"the cost ceiling ${policy.cost_ceiling_per_hour:g}/h holds the deployment at {decision.desired} "
-            f"replica(s) at ${cost:.4f}/h each (${decision.desired * cost:.4f}/h); the load wants {wanted:g} "
-            f"(${wanted * cost:.4f}/h). {decision.reason}")[:1000]

@@ -1,8 +1,8 @@
 """EventService: List and Watch over an `EventLog` (the leader's, or a standby follower's).
 
 A tenant's caller sees only the events of its tenant's objects (Allocation, Slice, Workload,
-Migration, Deployment, Replica); events of the fleet itself (Node, Gpu) carry no tenant and are
-seen by admins. Naming another tenant is PERMISSION_DENIED, as in every List of the API.
+Migration, Deployment, Replica, and a Pool's about its deployments); events of the fleet itself (Node,
+Gpu, a Pool's own changes) carry no tenant and are seen by admins. Naming another tenant is PERMISSION_DENIED, as in every List of the API.
 """
 
 from __future__ import annotations

@@ -5,12 +5,19 @@ Writes go through the group-commit writer (controlplane/state/writer.py) guarded
 (controlplane/scheduler/plugins/pool.py), which enforces the selector and quota on each placement; `view`
 adds the usage now (slices labelled with the pool, the capacity the selector matches, what is left) for Get
 and List, which is what an autoscaler reads to know its room.
+
+A pool's events (kind `Pool`, controlplane/events/, shown by `meshctl describe pool`): `Created`, `Updated` (what
+changed) and `Deleted`, of no tenant (an admin's, as the pool's tenants are); and, through `held`, what its quota
+holds back: a replica it refuses (`PoolExhausted`, from the deployment controller) and an autoscaler's scale-up it
+caps (`PoolLimit`), each of the held deployment's tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+
+from google.protobuf import json_format
 
 from controlplane.controllers.slices import now
 from controlplane.state import keys
@@ -21,6 +28,41 @@ from mesh.cost import PriceTable
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
+SOURCE = "pool-service"
+
+
+def _fields(p: P.Pool) -> dict[str, str]:
+    """What an operator set of pool `p` (no times, generation or usage), flattened and as text:
+    {"quota.max_slices": "2", "selector.isolations": "mps", ...}; a field left unset is absent."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and prefix != "selector.node_labels":
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, dict):
+            out[prefix] = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+        elif isinstance(value, list):
+            out[prefix] = ",".join(str(v) for v in value)
+        else:
+            out[prefix] = f"{value:g}" if isinstance(value, float) else str(value)
+    d = json_format.MessageToDict(p, preserving_proto_field_name=True)
+    for k in ("name", "created_at", "updated_at", "generation", "usage"):
+        d.pop(k, None)
+    if p.selector.isolations:
+        d["selector"]["isolations"] = [pools.ISOLATIONS.get(i, str(i)) for i in p.selector.isolations]
+    walk("", d)
+    return out
+
+
+def _summary(p: P.Pool) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(_fields(p).items())) or "selects every GPU, no quota"
+
+
+def _changes(old: P.Pool, new: P.Pool) -> str:
+    a, b = _fields(old), _fields(new)
+    return ", ".join(f"{k} {a.get(k, 'unset')} -> {b.get(k, 'unset')}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)) or "nothing changed"
 
 
 class PoolStore:
@@ -58,6 +100,21 @@ class PoolStore:
                 log(logger, logging.WARNING, "the scheduler profile has no Pool plugin: pool quotas not enforced")
             return
         plugin.set_pools(dict(self.pools), self.prices)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def event(self, name: str, type: str, reason: str, message: str, tenant: str = "",
+              source: str = SOURCE) -> None:
+        """A durable event of pool `name` (never raises; nothing where the control plane records none)."""
+        recorder = getattr(self.ctl, "recorder", None)
+        if recorder is not None:
+            recorder.emit("Pool", name, type, reason, message[:1000], tenant=tenant, source=source)
+
+    def held(self, name: str, reason: str, deployment: str, tenant: str, why: str, source: str) -> None:
+        """Pool `name`'s quota holds back deployment `deployment` (of `tenant`): a Warning `reason` on the pool,
+        which the deployment's tenant sees too. The caller sends it once per episode."""
+        if name in self.pools:
+            self.event(name, "Warning", reason, f"deployment {deployment}: {why}", tenant, source)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -147,6 +204,7 @@ class PoolStore:
             self.pools[p.name] = p
             self._publish()
         log(logger, logging.INFO, "pool created", pool=p.name)
+        self.event(p.name, "Normal", "Created", _summary(p))
         return self.view(p)
 
     async def update(self, pool: P.Pool) -> P.Pool:
@@ -170,6 +228,7 @@ class PoolStore:
             self.pools[p.name] = p
             self._publish()
         log(logger, logging.INFO, "pool updated", pool=p.name, generation=p.generation)
+        self.event(p.name, "Normal", "Updated", f"generation {p.generation}: {_changes(old, p)}")
         return self.view(p)
 
     async def delete(self, name: str) -> P.Pool:
@@ -187,4 +246,6 @@ class PoolStore:
             self.pools.pop(name, None)
             self._publish()
         log(logger, logging.INFO, "pool deleted", pool=name)
+        self.event(name, "Normal", "Deleted", f"deleted ({out.usage.slices} slice(s) of it still placed)"
+                   if out.usage.slices else "deleted")
         return out

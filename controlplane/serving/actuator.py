@@ -94,7 +94,8 @@ class Actuator:
                 slices = await self._allocate(*attempts[1])
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
-            if n != r:          # a replica waiting for room is retried every few seconds: written when the why changes
+            changed = n != r
+            if changed:         # a replica waiting for room is retried every few seconds: written when the why changes
                 await self.store.put_replica(n)
             if spec.pool and "Pool" in str(e):
                 # the pool is the limit: an event on the deployment (repeats coalesce into one with a count)
@@ -102,6 +103,12 @@ class Actuator:
                 self.ctl.recorder.emit("Deployment", spec.name, "Warning", "PoolExhausted",
                                        f"replica {r.id}: {why}"[:500], tenant=spec.tenant,
                                        source="deployment-controller")
+                held = getattr(getattr(self.ctl, "pools", None), "held", None)
+                if changed and held is not None and "PoolExhausted" in why:
+                    # and on the pool, once while the replica waits for the same reason (docs/pools.md)
+                    held(spec.pool, "PoolExhausted", spec.name, spec.tenant,
+                         f"replica {r.id} waits: {why[why.index('PoolExhausted'):]}",
+                         "deployment-controller")
             raise
         s = slices[0]
         await self._release_unrecorded(r, s.allocation_id, "a superfluous allocation (another one now holds it)")

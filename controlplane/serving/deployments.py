@@ -1,15 +1,19 @@
 """The deployment controller (leader only): makes each deployment's replicas match its spec.
 
 Level-triggered, like the slice and node controllers: every `interval` seconds, and at once after any
-API change, it observes each deployment's replicas (their records, slices, workloads, nodes), asks
-`reconcile` (a pure function, controlplane/serving/reconcile.py) what to do, and carries the actions out
-(controlplane/serving/actuator.py), each in a task of its own; a replica with an action in flight is
-`busy` and left alone until it ends. The state it acts on is in etcd (controlplane/serving/
-deploystore.py), so a new leader loads the deployments and replicas and adopts the running ones: a
-READY replica's backend is probed again, nothing is restarted that still runs.
+API change, it observes each deployment's replicas (their records, slices, workloads, nodes:
+controlplane/serving/observe.py), asks `reconcile` (a pure function, controlplane/serving/reconcile.py) what
+to do, and carries the actions out (controlplane/serving/actuator.py), each in a task of its own; a replica
+with an action in flight is `busy` and left alone until it ends. The state it acts on is in etcd
+(controlplane/serving/deploystore.py), so a new leader loads the deployments and replicas and adopts the
+running ones: a READY replica's backend is probed again, nothing is restarted that still runs.
 
 Deleting a deployment removes its record at once; its replicas, now of no deployment, are removed by
 the next pass (the same rule finishes a delete interrupted by a restart).
+
+Each deployment is reconciled on its own: one whose reconcile raises is logged, counted and told as a
+`ReconcileFailed` Warning event (once while its error stays the same: controlplane/serving/passerrors.py), and
+the pass goes on with the others.
 """
 
 from __future__ import annotations
@@ -23,27 +27,21 @@ from prometheus_client import Gauge
 
 from controlplane.controllers.slices import new_id, now
 from controlplane.loops import PeriodicTask
-from controlplane.serving import deployspec, deploystatus, replicamove, scaling
+from controlplane.serving import deployspec, deploystatus, observe, replicamove, scaling
 from controlplane.serving import reconcile as rc
 from controlplane.serving.actuator import Actuator
 from controlplane.serving.deploystore import DeploymentStore
+from controlplane.serving.observe import STATE_NAMES
+from controlplane.serving.passerrors import PassErrors
 from controlplane.scheduler.plugins import quota
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import types_pb2
-from mesh import errors, replicatls
+from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 REPLICAS = Gauge("gpumesh_deployment_replicas", "Replicas of the leader's deployments by state", ["state"])
-STATE_NAMES = {D.REPLICA_STATE_PENDING: rc.PENDING, D.REPLICA_STATE_STARTING: rc.STARTING,
-               D.REPLICA_STATE_READY: rc.READY, D.REPLICA_STATE_FAILED: rc.FAILED,
-               D.REPLICA_STATE_TERMINATING: rc.TERMINATING}
 W = types_pb2
-ENDED = (W.WORKLOAD_STATE_SUCCEEDED, W.WORKLOAD_STATE_FAILED, W.WORKLOAD_STATE_STOPPED)
-
-
-def _secs(t) -> float:
-    return t.seconds + t.nanos / 1e9 if t.seconds or t.nanos else 0.0
 
 
 class DeploymentManager:
@@ -72,6 +70,7 @@ class DeploymentManager:
         ctl.deployments = self                          # NodeManager.drain asks which slices are replicas'
         self.prices = None                              # mesh.cost.PriceTable (the server sets it): policy checks
         self.scaling = scaling.ScalingOps(self)
+        self.pass_errors = PassErrors(self._event)      # deployments whose reconcile failed (serving/passerrors.py)
 
     async def on_loads(self, node: str, loads: list) -> None:
         """The model servers' load signals from `node`'s telemetry: each onto the replica whose current
@@ -276,50 +275,23 @@ class DeploymentManager:
     async def reconcile_all(self) -> None:
         names = set(self.store.deployments) | set(self.store.replicas)
         counts: dict[str, int] = {}
+        self.pass_errors.keep_only(names)
         for name in sorted(names):
-            await self.reconcile_one(name)
+            # each deployment on its own: one whose reconcile raises (every pass, maybe) holds back no other
+            try:
+                await self.reconcile_one(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - logged, counted and a Warning event (passerrors.py)
+                self.pass_errors.failed(name, e)
+            else:
+                self.pass_errors.succeeded(name)
             for r in self.store.replicas_of(name):
                 state = STATE_NAMES.get(r.state, "pending")
                 counts[state] = counts.get(state, 0) + 1
         for state in (rc.PENDING, rc.STARTING, rc.READY, rc.FAILED, rc.TERMINATING):
             REPLICAS.labels(state).set(counts.get(state, 0))
         self.act.retain(r.endpoint for reps in self.store.replicas.values() for r in reps.values() if r.endpoint)
-
-    def observe(self, r: D.Replica, template: str = "") -> rc.Observed:
-        s = self.ctl.fleet.slices.get(r.slice_id) if r.slice_id else None
-        node_ready = True
-        if r.slice_id:
-            node = self.ctl.fleet.nodes.get(s.node) if s is not None else None
-            # a slice gone (released by someone else): lost at once; on a NotReady node: lost once the node
-            # stays NotReady for node_lost_seconds (an agent or control-plane restart is not a loss)
-            if s is None or node is None:
-                node_ready = False
-            elif node.ready and s.state != W.SLICE_STATE_UNKNOWN:
-                self.down_since.pop(s.node, None)
-            else:
-                since = self.down_since.setdefault(s.node, time.monotonic())
-                node_ready = time.monotonic() - since < self.node_lost_seconds
-        draining = False
-        if r.slice_id:
-            where = self.ctl.fleet.nodes.get(s.node if s is not None else r.node)
-            draining = where is not None and where.record.draining
-        w = self.workloads.workloads.get(r.workload_id) if r.workload_id else None
-        if not r.workload_id:
-            wstate = rc.W_NONE
-        elif w is None or w.state in ENDED:
-            wstate = rc.W_ENDED
-        elif w.state == W.WORKLOAD_STATE_UNKNOWN:
-            wstate = rc.W_UNKNOWN
-        else:
-            wstate = rc.W_RUNNING
-        return rc.Observed(
-            id=r.id, state=STATE_NAMES.get(r.state, rc.PENDING), has_slice=bool(r.slice_id),
-            slice_ready=s is not None and s.state == W.SLICE_STATE_READY, workload=wstate, node_ready=node_ready,
-            busy=r.id in self.busy, restarts=r.restarts, ready_since=_secs(r.ready_at),
-            next_start=_secs(r.next_start_at), last_probe=self.last_probe.get(r.id, 0.0),
-            created=_secs(r.created_at), outdated=bool(template and r.template and r.template != template)
-            or replicatls.expiring(r.endpoint_certificate),     # rolled before its server's certificate ends
-            draining=draining)
 
     async def reconcile_one(self, name: str) -> None:
         d = self.store.deployments.get(name)
@@ -342,7 +314,7 @@ class DeploymentManager:
                 current = deployspec.template(d.spec, self._resolve(d.spec)[0])
             except errors.MeshError:
                 current = ""        # its model or variant is gone: keep what runs
-        plan = rc.reconcile(desired, [self.observe(r, current) for r in replicas.values()], time.time(),
+        plan = rc.reconcile(desired, [observe.replica(self, r, current) for r in replicas.values()], time.time(),
                             self.policy)
         for a in plan.actions:
             if a.kind == "create":

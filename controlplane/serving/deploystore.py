@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from controlplane.serving import loadmetrics
 from controlplane.serving.replicakeys import ReplicaKeys
@@ -37,6 +38,8 @@ class DeploymentStore:
         self.replicas: dict[str, dict[str, D.Replica]] = {}    # deployment -> replica id -> replica
         self._watchers: dict[str, list[asyncio.Event]] = {}
         self.loads: dict[str, types_pb2.BackendLoad] = {}      # replica id -> its latest load (memory only)
+        self.load_seen: dict[str, float] = {}                   # replica id -> when its latest load was received
+        self.clock = time.time
         self.keys = ReplicaKeys(ctl)                            # replica id -> its model server's API key
 
     async def load(self) -> None:
@@ -105,6 +108,7 @@ class DeploymentStore:
     def set_load(self, r: D.Replica, load) -> None:
         """Keep `load` (types_pb2.BackendLoad) as replica `r`'s latest, in memory, and wake the watchers."""
         self.loads[r.id] = load
+        self.load_seen[r.id] = self.clock()         # its age for the autoscaler (not the agent's clock's `at`)
         loadmetrics.observe(r.deployment, r.id, load)
         self.changed(r.deployment)
 
@@ -144,6 +148,7 @@ class DeploymentStore:
                                      Delete(keys.replica_key(r.deployment, r.id))])
         self.replicas.get(r.deployment, {}).pop(r.id, None)
         self.keys.forget(r.id)
+        self.load_seen.pop(r.id, None)
         if self.loads.pop(r.id, None) is not None:
             loadmetrics.forget(r.deployment, r.id)
         if not self.replicas.get(r.deployment):

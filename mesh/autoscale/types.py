@@ -74,5 +74,6 @@ class Decision:
     desired: int
     mode: str                   # "stable" | "panic" | "predictive" | "idle" (scale to zero) | "hold"
     reason: str                 # one sentence an operator reads in the event
-    bound_by: str = ""          # "" | "min" | "max" | "cost_ceiling" | "pool" | "stabilization"
+    bound_by: str = ""          # "" | "min" | "max" | "cost_ceiling" | "pool" | "stabilization"; the controller
+                                # adds "unknown_load" (controlplane/controllers/autoscale_freshness.py)
     signals: dict[str, float] = field(default_factory=dict)   # the values behind it, for the event and metrics

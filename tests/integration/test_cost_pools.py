@@ -102,14 +102,19 @@ def test_pool_quota_limits_a_deployment(cluster, mesh, smollm2):
     assert "inference-a" in evs[0].message
     table = meshctl(cluster, "get", "pools").stdout
     assert "inference-a" in table and "1/1" in table and "pooled" in table
-    desc = meshctl(cluster, "describe", "pool", "inference-a").stdout
+    desc = wait_for(lambda: (lambda out: out if "PoolExhausted" in out else None)(
+        meshctl(cluster, "describe", "pool", "inference-a").stdout), 30, "the pool's PoolExhausted event")
     assert "Deployments:   pooled" in desc and "max_slices:           1" in desc
+    events = desc[desc.index("Events:"):]                # the pool's own events, as describe deployment shows its
+    assert "Created" in events and "deployment pooled: replica r-" in events and "quota max_slices=1" in events
     # still refused after a while (not a race): then a larger quota lets the second replica through
     time.sleep(3)
     assert sum(r.state == READY for r in mesh.get_deployment("pooled").replicas) == 1
     meshctl(cluster, "update", "pool", "inference-a", "--max-slices", "2")
     assert mesh.get_pool("inference-a").selector.isolations == [2]          # the other fields kept
     wait_for(lambda: mesh.get_deployment("pooled").status.ready_replicas == 2, SLOW, "both replicas READY")
+    assert any(e.reason == "Updated" and "quota.max_slices 1 -> 2" in e.message
+               for e in mesh.list_events(kind="Pool", name="inference-a"))
     with pytest.raises(errors.FailedPrecondition, match="pooled"):
         mesh.delete_pool("inference-a")
     mesh.undeploy("pooled")
@@ -307,5 +312,8 @@ def test_autoscaler_scales_within_the_pool_and_says_so(cluster, smollm2):
         evs = wait_for(lambda: [e for e in mesh.list_events(kind="Deployment", name="grow")
                                 if e.reason == "PoolLimit"], 30, "a PoolLimit event")
         assert "'scaled'" in evs[0].message
+        on_pool = wait_for(lambda: [e for e in mesh.list_events(kind="Pool", name="scaled")
+                                    if e.reason == "PoolLimit"], 30, "a PoolLimit event on the pool")
+        assert on_pool[0].message.startswith("deployment grow: held at 1 replica(s)")
         mesh.undeploy("grow")
         wait_for(lambda: _deleted(mesh, "scaled"), 60, "the pool deleted once unused")

@@ -78,6 +78,8 @@ async def _run(monkeypatch, cold_start_s: float, **policy) -> tuple[list, list]:
         if k:
             total += rate * TICK_S
         dm.store.loads["r-1"] = _load(t, rate if k else 0.0, total)
+        for i in range(2, len(dm.by_name["chat"]) + 1):    # the others read too, idle: r-1 reports the whole load
+            dm.store.loads[f"r-{i}"] = T.BackendLoad(workload_id=f"w-{i}", scraped=True)
         decision = await ctl.one("chat")
         st = ctl.states["chat"]
         if st.forecasting is not None:

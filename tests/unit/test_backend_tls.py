@@ -309,6 +309,7 @@ def test_a_replica_is_rolled_before_its_certificate_ends():
     controller replaces it (surge first), and the new replica's server gets a fresh certificate."""
     from types import SimpleNamespace
 
+    from controlplane.serving import observe
     from controlplane.serving.deployments import DeploymentManager
     fresh = tls.self_signed(("127.0.0.1",), "w")[0].decode()
     ending = tls.self_signed(("127.0.0.1",), "w", days=1)[0].decode()
@@ -320,4 +321,4 @@ def test_a_replica_is_rolled_before_its_certificate_ends():
     mgr.busy, mgr.last_probe, mgr.down_since = set(), {}, {}
     for cert, want in ((fresh, False), (ending, True), ("", False)):
         r = D.Replica(id="r-1", state=D.REPLICA_STATE_READY, template="t", endpoint_certificate=cert)
-        assert mgr.observe(r, "t").outdated is want
+        assert observe.replica(mgr, r, "t").outdated is want

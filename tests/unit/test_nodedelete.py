@@ -19,6 +19,7 @@ import pytest
 from controlplane.api.events import DELETED, MODIFIED
 from controlplane.controllers import migrations
 from controlplane.controllers.migration_phases import C, P, R
+from controlplane.serving import observe
 from controlplane.serving import reconcile as rc
 from controlplane.serving.deployments import DeploymentManager
 from controlplane.state import keys
@@ -57,8 +58,8 @@ async def test_a_notready_node_is_deleted_and_everything_on_it_ends():
         assert B not in cp.ctl.fleet.nodes and B not in cp.ctl.deleted_nodes and not cp.ctl.fleet.slices_on(B)
         assert dm._kick.is_set() and B not in dm.down_since
         # the replica on B is lost at once (its slice is gone), not after deployment_node_lost_seconds
-        plan = rc.reconcile(rc.Desired(replicas=2), [dm.observe(r) for r in dm.store.replicas_of("chat")], time.time(),
-                            dm.policy)
+        plan = rc.reconcile(rc.Desired(replicas=2), [observe.replica(dm, r) for r in dm.store.replicas_of("chat")],
+                            time.time(), dm.policy)
         assert ("remove", "r-1") in plan.kinds() and any(a.kind == "create" and a.count == 1 for a in plan.actions)
         assert ("remove", "r-2") not in plan.kinds()
         assert ("ABORT_SOURCE", "m-to-b") in agent.got and ("STOP_TARGET", "m-from-b") in agent.got

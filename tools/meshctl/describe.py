@@ -201,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
             from mesh.poolapi import pool_to_dict
             from tools.meshctl import pools
             p = mesh.get_pool(args.name)
-            evs = ""
-            text = (pools.describe_pool(p) + evs) if table else dump(pool_to_dict(p), args.output)
+            doc = pool_to_dict(p)
+            evs = _with_events(mesh, "", doc, args.output, "Pool", args.name)
+            text = (pools.describe_pool(p) + evs) if table else dump(doc, args.output)
         elif kind == "deployment":
             from mesh.deployapi import deployment_to_dict
             from tools.meshctl import deploy

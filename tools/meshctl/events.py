@@ -15,7 +15,8 @@ KINDS = {"node": "Node", "no": "Node", "nodes": "Node", "gpu": "Gpu", "gpus": "G
          "slice": "Slice", "sl": "Slice", "slices": "Slice", "allocation": "Allocation", "alloc": "Allocation",
          "workload": "Workload", "wl": "Workload", "migration": "Migration", "mig": "Migration",
          "deployment": "Deployment", "deploy": "Deployment", "deployments": "Deployment",
-         "replica": "Replica", "orchestrator": "Orchestrator", "orch": "Orchestrator"}
+         "replica": "Replica", "orchestrator": "Orchestrator", "orch": "Orchestrator", "pool": "Pool",
+         "pools": "Pool"}
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
 

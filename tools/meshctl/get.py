@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "must match)")
     p.add_argument("--for", dest="for_", default="", metavar="KIND/NAME",
                    help="events: only those of this object (node/NAME, slice/ID, deployment/NAME, migration/ID, "
-                        "allocation/ID, workload/ID, gpu/NODE/INDEX) or kind (node)")
+                        "allocation/ID, workload/ID, pool/NAME, gpu/NODE/INDEX) or kind (node)")
     p.add_argument("--type", default="", help="events: Normal or Warning only")
     p.add_argument("--reason", default="", help="events: only this reason (Scaled, Preempted, NodeNotReady, ...)")
     p.add_argument("--limit", type=nonneg_int, default=0, metavar="N", help="events: the newest N only (0: all)")
