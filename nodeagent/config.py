@@ -118,6 +118,13 @@ class AgentConfig:
                                                 minimum=16 << 20)
     workload_pids_max: int = option(4096, "process/thread limit of a workload that asks for none (label "
                                     "gpumesh.io/pids)", minimum=8)
+    workload_disk_quota: str = option("", "per-tenant disk quota on the filesystem of state_dir (its workloads' "
+                                      "directories and /tmp, and every other path of that filesystem), e.g. 50GiB: "
+                                      "a user quota on the tenant's uid, set through quotactl(2); the agent refuses "
+                                      "to start when that filesystem has no user quota enabled (ext4 -O quota "
+                                      "mounted with usrquota, XFS with uquota: docs/operations.md). Empty or 0: off")
+    workload_disk_quota_inodes: int = option(0, "per-tenant limit of files (inodes) on the filesystem of state_dir, "
+                                             "with workload_disk_quota's rules; 0: none", minimum=0)
     workload_hide: list = option([], "more host paths hidden from workloads (the agent's state directory, the "
                                  "checkpoint store, its key file and the agent's TLS key always are)",
                                  flag="--workload-hide")
@@ -165,6 +172,7 @@ class AgentConfig:
         from nodeagent.isolation.users import parse_map, parse_range
         parse_range(self.workload_uid_range)
         parse_map(self.workload_uid_map)
+        self.disk_quota_bytes()
         from nodeagent.isolation.bridge import parse_cidr
         parse_cidr(self.workload_bridge_cidr)
         from nodeagent.isolation.egress import parse as parse_egress
@@ -190,6 +198,14 @@ class AgentConfig:
         if not self.tls_cert:
             return tls.channel_credentials(self.tls_ca)     # server-only TLS: the agent token is the identity
         return tls.channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
+
+    def disk_quota_bytes(self) -> int:
+        """`workload_disk_quota` in bytes (0: off); ConfigError naming the forms allowed."""
+        from mesh.units import parse_size
+        try:
+            return parse_size(self.workload_disk_quota.strip() or "0")
+        except ValueError as e:
+            raise ConfigError(f"workload_disk_quota: {e}") from None
 
     def default_node_name(self) -> str:
         return self.node_name or socket.gethostname().split(".")[0].lower()

@@ -152,8 +152,13 @@ class SourceSteps(MigrationBase):
                 await asyncio.sleep(0.05)
                 self.runner.check_all()
             if self._running(wid):
-                meta["stop_at"] = 0
-                self.runner.stop(wid)    # the SDK did not answer: SIGTERM, SIGKILL after the grace period
+                # the SDK did not answer: SIGTERM, SIGKILL after the grace period. A stop grace under the wait
+                # may have had the runner kill it already: that mark goes with the old grace, or the new one's
+                # SIGKILL is never sent (the runner sends it once per mark; the mark is in the record)
+                prior = {k: meta.pop(k) for k in ("stop_at", "killed") if k in meta}
+                self.runner.stop(wid)
+                if not meta.get("stop_at"):     # it ended meanwhile: the stop it had stands (how it ended)
+                    meta.update(prior)
         report(R.SOURCE_STOPPED)
 
     async def _abort_source(self, cmd: M.MigrationCommand, report) -> None:

@@ -13,6 +13,7 @@ from mesh.config import parse_hostport
 from mesh.logs import log
 
 from nodeagent.isolation import cgroups as cg
+from nodeagent.isolation.diskquota import DiskQuotas
 from nodeagent.isolation.devices import NvidiaDevices, make_sim_nodes
 from nodeagent.isolation.plan import Isolator, IsolationSettings
 from nodeagent.isolation.probe import HostFeatures, probe
@@ -32,6 +33,15 @@ def isolation_host(cfg) -> IsolationHost:
     features = probe(probe_name=f"{cfg.cgroup_base}-probe-{os.getpid()}")
     users = TenantUsers(parse_range(cfg.workload_uid_range), parse_map(cfg.workload_uid_map),
                         os.path.join(cfg.state_dir, "isolation", "tenant-ids.json"))
+    quotas = DiskQuotas(cfg.state_dir, cfg.disk_quota_bytes(), cfg.workload_disk_quota_inodes)
+    quotas.check()                  # ConfigError: on, and the state directory's filesystem has no user quota
+    quotas.sync({i.uid for i in users.known().values()})
+    if quotas.on:
+        users.quotas = quotas
+        from nodeagent import metrics
+        metrics.TENANT_DISK.source = lambda: ((t, quotas.usage(i.uid)) for t, i in users.known().items())
+        log(logger, logging.INFO, "tenants' disk quotas set", device=quotas.ctl().device,
+            bytes=quotas.max_bytes, inodes=quotas.max_inodes)
     home = os.path.expanduser("~")
     mask = [cfg.state_dir, cfg.checkpoint_dir, cfg.checkpoint_keys_file, cfg.tls_key, *cfg.workload_hide,
             *([home] if home not in ("/", "") else [])]

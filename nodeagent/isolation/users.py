@@ -66,6 +66,7 @@ class TenantUsers:
         self.agent_ids = {os.getuid() if agent_uid is None else agent_uid,
                           os.getgid() if agent_gid is None else agent_gid, 0}
         self._lock = threading.Lock()
+        self.quotas = None          # DiskQuotas (diskquota.py): the limits set on each identity given out
         for tenant, ident in self.mapping.items():
             if {ident.uid, ident.gid} & self.agent_ids:
                 raise ConfigError(f"workload_uid_map: tenant {tenant!r} would run as root or as the agent's "
@@ -102,8 +103,24 @@ class TenantUsers:
                 pass
         return False
 
+    def known(self) -> dict[str, Identity]:
+        """Every identity this node has: the mapped ones and those allocated so far."""
+        with self._lock:
+            doc = self._load()
+        return {**{t: Identity(u, u) for t, u in doc.items()}, **self.mapping}
+
     def identity(self, tenant: str) -> Identity:
-        """The tenant's ids (allocated on first use)."""
+        """The tenant's ids (allocated on first use), with the tenants' disk quota set on the uid."""
+        ident = self._identity(tenant)
+        if self.quotas is not None:
+            try:
+                self.quotas.apply(ident.uid)
+            except OSError as e:
+                raise IdentityError(f"tenant {tenant!r}: its disk quota is not set, so it gets no workload: "
+                                    f"{e}") from None
+        return ident
+
+    def _identity(self, tenant: str) -> Identity:
         if not tenant:
             raise IdentityError("the workload has no tenant: no identity to run it under")
         if tenant in self.mapping:
