@@ -127,11 +127,13 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
 
 
-def device_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str, str]:
+def device_of(path: str, mountinfo: str = "/proc/self/mountinfo",
+              sysfs: str = "/sys/dev/block") -> tuple[str, str, str]:
     """(block device, mount point, filesystem type) of the filesystem holding `path`: the mount whose
     device number is the path's, deepest mount point first. The device is the mount's source when that is
-    a block device node, else /dev/block/MAJ:MIN (udev's link) when there is one, else the source as is
-    (quotactl then fails with ENOTBLK or ENOENT: `explain`)."""
+    a block device node, else /dev/block/MAJ:MIN (udev's link) when there is one, else /dev/NAME with the
+    kernel's name of MAJ:MIN (/sys/dev/block/MAJ:MIN/uevent; a root mounted from `/dev/root`, which names no
+    node), else the source as is (quotactl then fails with ENOTBLK or ENOENT: `explain`)."""
     real = os.path.realpath(path)
     st = os.stat(real)
     want = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
@@ -149,10 +151,25 @@ def device_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, 
     if best is None:
         raise QuotaError(errno.ENOENT, f"no mount of device {want} holds {real} in {mountinfo}")
     source, point, fstype = best
-    for candidate in (source, f"/dev/block/{want}"):
+    for candidate in (source, f"/dev/block/{want}", _sysfs_devname(want, sysfs)):
+        if not candidate:
+            continue
         try:
             if stat.S_ISBLK(os.stat(candidate).st_mode):
                 return candidate, point, fstype
         except OSError:
             continue
     return source, point, fstype
+
+
+def _sysfs_devname(majmin: str, sysfs: str = "/sys/dev/block") -> str:
+    """/dev/NAME of block device MAJ:MIN as the kernel names it (its uevent's DEVNAME), or ""."""
+    try:
+        with open(os.path.join(sysfs, majmin, "uevent"), encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key == "DEVNAME" and value:
+                    return os.path.join("/dev", value)
+    except OSError:
+        pass
+    return ""

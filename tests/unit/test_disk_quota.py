@@ -9,6 +9,7 @@ import ctypes
 import errno
 import json
 import os
+import stat
 
 import pytest
 
@@ -99,10 +100,44 @@ def test_the_device_is_the_mount_of_the_paths_device_deepest_first(tmp_path):
     info.write_text(f"1 0 {dev} / / rw - ext4 /dev/fake-root rw\n"
                     f"2 1 9999:1 / {tmp_path}/other rw - xfs /dev/other rw\n"
                     f"3 1 {dev} /sub {str(tmp_path).replace(' ', chr(92) + '040')} rw - ext4 /dev/my\\040disk rw\n")
-    assert q.device_of(str(tmp_path / "mountinfo"), str(info)) == ("/dev/my disk", str(tmp_path), "ext4")
+    nosys = str(tmp_path / "no-sysfs")
+    assert q.device_of(str(tmp_path / "mountinfo"), str(info), nosys) == ("/dev/my disk", str(tmp_path), "ext4")
     info.write_text("1 0 9999:1 / / rw - xfs /dev/other rw\n")
     with pytest.raises(q.QuotaError, match="no mount of device"):
         q.device_of(str(tmp_path), str(info))
+
+
+def test_a_source_that_names_no_node_is_found_by_the_kernels_name(tmp_path):
+    """A root mounted from `/dev/root` (no such node) on a host without udev's /dev/block links: the device is
+    /dev/NAME from /sys/dev/block/MAJ:MIN/uevent (before, quotactl got `/dev/root` and the agent refused to start
+    saying it was no block device)."""
+    sysfs = tmp_path / "sys"
+    (sysfs / "8:1").mkdir(parents=True)
+    (sysfs / "8:1" / "uevent").write_text("MAJOR=8\nMINOR=1\nDEVNAME=sda1\nDEVTYPE=partition\n")
+    assert q._sysfs_devname("8:1", str(sysfs)) == "/dev/sda1"
+    assert q._sysfs_devname("8:2", str(sysfs)) == ""
+    # end to end with a block device this host has: its mount source given as /dev/root
+    blocks = [(d.name, f"/dev/{n}") for d in os.scandir("/sys/dev/block")
+              for n in [q._sysfs_devname(d.name)[5:]] if n and os.path.exists(f"/dev/{n}")
+              and stat.S_ISBLK(os.stat(f"/dev/{n}").st_mode)] if os.path.isdir("/sys/dev/block") else []
+    if not blocks:
+        pytest.skip("this host has no block device in /sys/dev/block with its /dev node")
+    majmin, node = blocks[0]
+    info = tmp_path / "mountinfo"
+    info.write_text(f"1 0 {majmin} / / rw - ext4 /dev/root rw\n")
+    real_stat = os.stat
+
+    class Dev:                      # the path lies on that device, as the host's root would
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, k):
+            return os.makedev(*map(int, majmin.split(":"))) if k == "st_dev" else getattr(self.st, k)
+    import unittest.mock
+    with unittest.mock.patch.object(q.os, "stat", lambda p, *a, **kw: Dev(real_stat(p, *a, **kw))
+                                    if str(p) == str(tmp_path) else real_stat(p, *a, **kw)):
+        device, point, fstype = q.device_of(str(tmp_path), str(info))
+    assert (os.path.realpath(device), point, fstype) == (os.path.realpath(node), "/", "ext4")  # or udev's link to it
 
 
 class FakeCtl:
