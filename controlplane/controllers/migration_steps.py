@@ -187,6 +187,12 @@ class StepsMixin:
             if m.checkpoint_id is None or not m.checkpoint_id:
                 if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
                     raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
+            # a target slice released meanwhile (its client's Release, answered OK; a preemption) is torn down with
+            # the target in it: committed there, the source was stopped and the workload ran nowhere
+            t = self.ctl.fleet.slices.get(m.target_slice)
+            if t is None or t.state != types_pb2.SLICE_STATE_READY:
+                raise _Failed(f"the target slice {m.target_slice} was released while copying ("
+                              f"{'gone' if t is None else types_pb2.SliceState.Name(t.state)})")
             n = committed_record(w, m, rep.step)        # everything still true kept (migration_records.py)
             c = M.Migration()
             c.CopyFrom(m)
