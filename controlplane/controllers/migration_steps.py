@@ -187,6 +187,10 @@ class StepsMixin:
             if m.checkpoint_id is None or not m.checkpoint_id:
                 if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
                     raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
+            if w.id in self.wm.stopping:
+                # a Stop acknowledged meanwhile: committed, the target was resumed and the Stop lost (the commit's
+                # record is RUNNING on the target, and the source's end is a node's that no longer holds it)
+                raise _Failed(f"workload {w.id} is being stopped (Stop): not moved")
             # a target slice released meanwhile (its client's Release, answered OK; a preemption) is torn down with
             # the target in it: committed there, the source was stopped and the workload ran nowhere
             t = self.ctl.fleet.slices.get(m.target_slice)
@@ -221,7 +225,6 @@ class StepsMixin:
         if (rev or 0) >= self.wm.revisions.get(n.id, 0):
             self.wm.workloads[n.id] = n
             self.wm.revisions[n.id] = rev or 0
-        self.wm.stopping.discard(n.id)
         for fut in self.wm.waiters.pop(n.id, []):
             if not fut.done():
                 fut.set_result(n)
