@@ -6,7 +6,9 @@ into nodeagent.migrate.MigrationAgent).
   (`_hand_over`), so the source's end is never reported as the workload's.
 * SWAP_SLICES (a resize's commit) renames this node's realized slices so each new record names
   the instance at its placement; idempotent, and a full reconcile (adopt by placement) after an
-  agent restart reaches the same state.
+  agent restart reaches the same state. A record being released (the old placement, released after
+  the swap; the swap asked again by a restarted control plane) is never realized again: renamed when
+  its instance is still here, else reported released.
 * Transparent mode (CRIU, stop-and-copy; docs/checkpointing.md): refused with the reason where
   CRIU is unusable (missing, older than 4.0, `criu check` failing). Else the source dumps the
   workload process (not its shim; `--shell-job`, the process is killed) into
@@ -75,9 +77,14 @@ class SlicesMixin:
             x = slicer.shared.get(key)
             return x is not None and (x.gpu_index, x.isolation, x.memory_bytes) == (
                 s.gpu_index, s.isolation, s.memory_bytes)
-        moves = {}
+        moves, released = {}, []
         for s in mine:
             src = next((k for k in ([s.id] + ids) if k not in moves.values() and holds(k, s)), None)
+            if src is None and s.state == types_pb2.SLICE_STATE_RELEASING:
+                # the old placement, released after the swap and torn down here already: the swap is asked again
+                # (a restarted control plane finishing the resize); its release is answered, it is never realized
+                released.append(s.id)
+                continue
             if src is None and s.isolation != types_pb2.ISOLATION_MIG:
                 src = s.id      # shared slices are bookkeeping (lost with an agent restart): realized anew
             if src is None:
@@ -93,23 +100,30 @@ class SlicesMixin:
                 agent.desired.pop(k, None)
         statuses = []
         for s in mine:
-            src = moves[s.id]
+            src = moves.get(s.id)
+            if src is None:
+                continue
             if src in mig:
                 slicer.mig[s.id] = mig[src]
-            else:
+            elif s.state != types_pb2.SLICE_STATE_RELEASING:
                 slicer.shared[s.id] = s
+            if s.state == types_pb2.SLICE_STATE_RELEASING:
+                # renamed (its removal tears down the instance at its placement), never realized or desired again
+                agent.desired.pop(s.id, None)
+                agent.realized.pop(s.id, None)
+                continue
             agent.desired[s.id] = s
             agent.realized[s.id] = st = slicer.realize(s)
             statuses.append(st)
         if any(src != new for new, src in moves.items()):
             log(logger, logging.INFO, "slices swapped", node=agent.node, moves=moves)
-        self._send_statuses(statuses)
+        self._send_statuses(statuses, released)
         report(R.SLICES_SWAPPED)
 
-    def _send_statuses(self, statuses: list) -> None:
-        if statuses and self.outbox is not None:
+    def _send_statuses(self, statuses: list, released: list = ()) -> None:
+        if (statuses or released) and self.outbox is not None:
             self.outbox.put_nowait(node_service_pb2.AgentMessage(
-                report=node_service_pb2.SliceStatusReport(statuses=statuses)))
+                report=node_service_pb2.SliceStatusReport(statuses=statuses, released=released)))
 
     # -- transparent mode (CRIU) ---------------------------------------------------------
 

@@ -187,6 +187,16 @@ class StepsMixin:
             if m.checkpoint_id is None or not m.checkpoint_id:
                 if w.node != m.source_node or w.state != W.WORKLOAD_STATE_RUNNING:
                     raise _Failed(f"the source changed while copying ({W.WorkloadState.Name(w.state)} on {w.node})")
+            if w.id in self.wm.stopping:
+                # a Stop acknowledged meanwhile: committed, the target was resumed and the Stop lost (the commit's
+                # record is RUNNING on the target, and the source's end is a node's that no longer holds it)
+                raise _Failed(f"workload {w.id} is being stopped (Stop): not moved")
+            # a target slice released meanwhile (its client's Release, answered OK; a preemption) is torn down with
+            # the target in it: committed there, the source was stopped and the workload ran nowhere
+            t = self.ctl.fleet.slices.get(m.target_slice)
+            if t is None or t.state != types_pb2.SLICE_STATE_READY:
+                raise _Failed(f"the target slice {m.target_slice} was released while copying ("
+                              f"{'gone' if t is None else types_pb2.SliceState.Name(t.state)})")
             n = committed_record(w, m, rep.step)        # everything still true kept (migration_records.py)
             c = M.Migration()
             c.CopyFrom(m)
@@ -215,7 +225,6 @@ class StepsMixin:
         if (rev or 0) >= self.wm.revisions.get(n.id, 0):
             self.wm.workloads[n.id] = n
             self.wm.revisions[n.id] = rev or 0
-        self.wm.stopping.discard(n.id)
         for fut in self.wm.waiters.pop(n.id, []):
             if not fut.done():
                 fut.set_result(n)
@@ -230,11 +239,25 @@ class StepsMixin:
         record (`workload`: its id and the mod revision the commit was computed from) that another write
         changed meanwhile: that record is read back and None answered at once, for the caller to compute the
         commit again. Any other failure is logged and answers None after a pause, for the caller to try again
-        with what is then current (the same transaction again: writing it twice is harmless if the first one
-        did land after all)."""
+        with what is then current. Such a failure may have landed after all (the writer's "whether this write
+        was applied is unknown"): its retry is then refused (the workload's record moved), so a refusal after
+        one reads the migration's record back first, and a commit etcd holds is adopted (`_landed`), never
+        rolled back over."""
         try:
-            return await self._adopt(m, c, ops, conds, swapped=bool(m.resize_slice)) or 0
+            rev = await self._adopt(m, c, ops, conds, swapped=bool(m.resize_slice)) or 0
+            self.commit_unsure.discard(m.id)
+            return rev
         except errors.Aborted as e:
+            if m.id in self.commit_unsure:
+                try:
+                    landed = await self._landed(m, workload)
+                except errors.MeshError as unread:
+                    log(logger, logging.WARNING, "migration commit refused after one of unknown outcome, and etcd "
+                        "unreadable; trying again", migration=m.id, error=str(unread))
+                    await asyncio.sleep(RESEND)
+                    return None
+                if landed is not None:
+                    return landed
             if workload is not None:
                 try:
                     changed = await self.wm.refresh(workload[0]) != workload[1]
@@ -247,12 +270,41 @@ class StepsMixin:
                     log(logger, logging.INFO, "the workload's record changed during the commit; computing it "
                         "again", migration=m.id, workload=workload[0])
                     return None
+            self.commit_unsure.discard(m.id)
             raise _Failed(f"the commit was refused (nothing written): {e}") from None
         except errors.MeshError as e:
+            self.commit_unsure.add(m.id)
             log(logger, logging.WARNING, "migration commit not written; the source stays paused, trying again",
                 migration=m.id, workload=m.workload_id, error=str(e))
             await asyncio.sleep(RESEND)
             return None
+
+    async def _landed(self, m: M.Migration, workload: tuple[str, int] | None) -> int | None:
+        """After a commit write of unknown outcome, its retry refused: the revision of the commit when etcd holds
+        it (the migration's record COMMITTED, adopted as `m` with the workload's record and, for a resize, the two
+        swapped slice records read back), else None (it did not land: the refusal is the retry's own)."""
+        got = await self.ctl.store.read(keys.migration(m.id))
+        if got is None:
+            return None
+        stored = M.Migration.FromString(got[0])
+        if stored.phase != P.MIGRATION_PHASE_COMMITTED:
+            return None
+        if workload is not None:
+            await self.wm.refresh(workload[0])
+        if m.resize_slice:          # the fleet was put back as before the swap when the write seemed to fail
+            for sid in (m.resize_slice, m.target_slice):
+                s = await self.ctl.store.read(keys.slice_(sid))
+                if s is not None:
+                    self.ctl.fleet.put_slice(types_pb2.Slice.FromString(s[0]), s[1])
+        self.commit_unsure.discard(m.id)
+        log(logger, logging.INFO, "the migration's commit had landed though its write seemed to fail; adopted",
+            migration=m.id, workload=m.workload_id)
+        m.CopyFrom(stored)
+        self.migrations[m.id] = m
+        self._phase_event(m)
+        for q in self.watchers.get(m.id, ()):
+            q.put_nowait(M.Migration.FromString(m.SerializeToString()))
+        return got[1]
 
     async def _finish(self, m: M.Migration) -> None:
         """After the commit: the source stops and the target runs (both asked at once: the source is

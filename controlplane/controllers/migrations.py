@@ -104,6 +104,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         # migration id -> a new migration whose first write is awaited: unfinished already for `unfinished()`
         self.planning: dict[str, M.Migration] = {}
         self.reserving: dict[str, asyncio.Future] = {}    # id -> a resize's `_reserve`: the writer until `_spawn`
+        self.commit_unsure: set[str] = set()    # commits written without a verdict (migration_steps._write_commit)
         ctl.agent_handlers["migration"] = self._on_report
         workloads.extra_desired.append(self.targets_on)
         ctl.migrations = self
