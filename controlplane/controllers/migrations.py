@@ -107,6 +107,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         self.commit_unsure: set[str] = set()    # commits written without a verdict (migration_steps._write_commit)
         ctl.agent_handlers["migration"] = self._on_report
         workloads.extra_desired.append(self.targets_on)
+        workloads.run_guards.append(self.target_busy)
         ctl.migrations = self
 
     # -- start and stop -------------------------------------------------------------------
@@ -314,6 +315,17 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
             yield m
         finally:
             self.planning.pop(m.id, None)
+
+    def target_busy(self, sid: str) -> str:
+        """Why slice `sid` takes no new workload now: it is an unfinished migration's target (a workload started there
+        would be stopped with the slice if the migration rolls back, or share it with the migrated one if it
+        commits), or a slice being resized (one started on the old placement would be torn down with it)."""
+        for m in self.unfinished():
+            if sid == m.target_slice and sid != m.resize_slice:
+                return f"is the target of migration {m.id} ({phase_name(m.phase)}); run on it after it ends"
+            if sid == m.resize_slice:
+                return f"is being resized (migration {m.id}, {phase_name(m.phase)}); run on it after the resize ends"
+        return ""
 
     def active_for(self, wid: str) -> M.Migration | None:
         return next((m for m in self.unfinished() if m.workload_id == wid), None)

@@ -46,6 +46,8 @@ class WorkloadManager(WorkloadRecords):
         self.log_queues: dict[str, asyncio.Queue] = {}   # LogRequest id -> its chunks
         # hook(node) -> more workloads the node must keep running (migration targets; controlplane/controllers/migrations.py)
         self.extra_desired: list = []
+        # hook(slice id) -> why no workload may start on the slice now, or "" (a migration's target)
+        self.run_guards: list = []
         self._watch: asyncio.Task | None = None
         self.expired_ids: dict = {}                      # recently expired IDs (controlplane/controllers/retention.py)
         self.resyncs = 0                                 # times the slice follower fell behind and resynced
@@ -106,6 +108,9 @@ class WorkloadManager(WorkloadRecords):
             raise errors.FailedPrecondition(
                 f"slice {s.id} is {types_pb2.SliceState.Name(s.state).removeprefix('SLICE_STATE_')}, not READY: "
                 f"a workload starts only on a READY slice")
+        for guard in self.run_guards:
+            if why := guard(s.id):
+                raise errors.FailedPrecondition(f"slice {s.id} {why}")
         rkey = (s.tenant, req.request_id)
         fp = requestids.fingerprint(req) if req.request_id else ""     # every field but request_id
         if req.request_id:

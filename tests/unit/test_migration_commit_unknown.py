@@ -81,7 +81,7 @@ def test_a_commit_that_landed_with_its_answer_lost_is_finished_not_rolled_back()
                                     fleet=types.SimpleNamespace(slices={"s-b": target}), swapping={},
                                     writer=types.SimpleNamespace(write=etcd.write), store=etcd,
                                     recorder=types.SimpleNamespace(emit=lambda *a, **k: None))
-        wm = types.SimpleNamespace(extra_desired=[], workloads={WID: w}, stopping=set(), waiters={},
+        wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={WID: w}, stopping=set(), waiters={},
                                    revisions={WID: 1})
 
         async def refresh(wid: str) -> int:     # workloadrecords.refresh: etcd's record adopted when newer
@@ -125,7 +125,7 @@ def test_a_resize_commit_that_landed_with_its_answer_lost_is_adopted_with_the_sw
             etcd.kv[key] = (value.SerializeToString(), 1)
         for s in (x, t):
             ctl.fleet.put_slice(s, 1)
-        wm = types.SimpleNamespace(extra_desired=[], workloads={WID: w}, stopping=set(), waiters={},
+        wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={WID: w}, stopping=set(), waiters={},
                                    revisions={WID: 1})
 
         async def refresh(wid: str) -> int:

@@ -85,7 +85,7 @@ def manager(etcd: Etcd, workload: types_pb2.Workload | None):
                                 swapping={},
                                 writer=types.SimpleNamespace(write=etcd.write),
                                 recorder=types.SimpleNamespace(emit=lambda *a, **k: None))
-    wm = types.SimpleNamespace(extra_desired=[], workloads={WID: workload} if workload else {}, stopping=set(),
+    wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={WID: workload} if workload else {}, stopping=set(),
                                waiters={}, revisions={})
 
     async def refresh(wid: str) -> int:     # etcd's record is the one in memory: a refusal was not its change

@@ -189,7 +189,7 @@ async def test_a_new_leader_keeps_the_resize_cooldown(env):
                 labels={"gpumesh.io/autoresize": "true"})
     env.ctl.fleet.put_slice(s)
     await env.ctl.save([s], created=True)
-    mm = MigrationManager(env.ctl, SimpleNamespace(workloads={}, extra_desired=[]))
+    mm = MigrationManager(env.ctl, SimpleNamespace(workloads={}, extra_desired=[], run_guards=[]))
     cooldown = 300.0
     old = ResizePass(env.ctl, mm, Settings(resize_cooldown_s=cooldown))
     before = time.time()

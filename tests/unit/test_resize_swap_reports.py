@@ -64,7 +64,7 @@ def _status(sid: str, uuid: str, message: str = "ready") -> N.SliceStatus:
 
 
 def _manager(ctl: Controller, x: T.Slice, t: T.Slice):
-    wm = types.SimpleNamespace(extra_desired=[], workloads={}, stopping=set(), waiters={}, revisions={})
+    wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={}, stopping=set(), waiters={}, revisions={})
     mm = migrations.MigrationManager(ctl, wm)
     for s in (x, t):
         ctl.fleet.put_slice(s)

@@ -28,6 +28,8 @@ async def world(etcd_server, etcd_client):
     async with leader_controller(etcd_server, "workload-revisions-test") as ctl:
         for name in ("nA", "nB"):
             ctl.fleet.upsert_node(T.Node(name=name, inventory=T.NodeInventory(hostname=name))).ready = True
+        # the target's slice, READY (a commit onto a released one rolls back: migration_steps._commit)
+        ctl.fleet.put_slice(T.Slice(id="s-b", node="nB", tenant="t", state=T.SLICE_STATE_READY))
         w = T.Workload(id=WID, node="nA", slice_id="s-a", tenant="t", state=T.WORKLOAD_STATE_RUNNING, pid=7)
         m = M.Migration(id=MID, workload_id=WID, tenant="t", source_node="nA", source_slice="s-a", target_node="nB",
                         target_slice="s-b", phase=P.MIGRATION_PHASE_COPYING)
@@ -149,3 +151,24 @@ async def test_a_later_transaction_of_an_update_does_not_undo_a_write_made_durin
     for wid in others:      # the report's own changes all written
         kv = await etcd_client.get(keys.workload(wid))
         assert T.Workload.FromString(kv.value).pid == 99, wid
+
+
+async def test_no_workload_starts_on_a_migrations_target_or_a_slice_being_resized(world):
+    """Run did not look at migrations: a tenant could start a workload on the slice a migration copies onto (stopped
+    with it when the migration rolls back, sharing it with the migrated one when it commits) or on a slice being
+    resized (torn down with the old placement). Both are refused, naming the migration, until it ends."""
+    from mesh import errors
+    from gpumesh.v1 import workload_service_pb2 as WS
+    ctl, wm, mm, m = world
+    for sid in ("s-a", "s-b", "s-x"):
+        ctl.fleet.put_slice(T.Slice(id=sid, node="nB", tenant="t", state=T.SLICE_STATE_READY))
+    with pytest.raises(errors.FailedPrecondition, match=f"slice s-b is the target of migration {MID} \\(copying\\)"):
+        await wm.run(WS.RunWorkloadRequest(slice_id="s-b", command=["true"]))
+    mm.migrations["m-2"] = M.Migration(id="m-2", tenant="t", source_slice="s-x", resize_slice="s-x", target_slice="s-r",
+                                       reason="resize", phase=P.MIGRATION_PHASE_PLANNED)
+    with pytest.raises(errors.FailedPrecondition, match="slice s-x is being resized \\(migration m-2, planned\\)"):
+        await wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=["true"]))
+    started = await wm.run(WS.RunWorkloadRequest(slice_id="s-a", command=["true"]))     # the source: as before
+    assert started.slice_id == "s-a"
+    m.phase = P.MIGRATION_PHASE_DONE
+    assert (await wm.run(WS.RunWorkloadRequest(slice_id="s-b", command=["true"]))).slice_id == "s-b"
