@@ -28,7 +28,8 @@ waits for its delay as after any change) and sizes a forecast floor with the fig
 wrote on the status when they name the model identity deployed now (`figures_model`), else the registry's
 (`autoscale_figures.figures`). The figures describe one model: when the deployment's model identity changes
 (model, variant, backend and its settings, slice size: `autoscale_figures.note_model_identity`) they expire, with
-a `FiguresReset` event.
+a `FiguresReset` event. The state is of one deployment (its name and creation time, `_State.born`): a deployment
+deleted and created again under its name starts afresh, and its forecast reads no history from before its creation.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ WAKE_HOLD_S = 600.0          # after a Wake the held request is demand until a r
 class _State:
     policy: ScalingPolicy
     plan: Planner
+    born: float = 0.0           # the deployment's creation time: the state is of this deployment, not of its name
     counters: autoscale_signals.Counters = field(default_factory=autoscale_signals.Counters)
     woken_seen: float = 0.0
     waking_since: float = 0.0   # a Wake's time while no replica has been READY since
@@ -101,8 +103,11 @@ class AutoscalerController:
         self.forecast_every = forecast_every
         self.load_max_age = load_max_age        # a reading received longer ago is stale (autoscale_freshness.py)
         self.clock = clock
+        # each deployment's state, for the deployment now under its name (`_State.born`: a deployment deleted and
+        # created again under its name, even within one interval, starts afresh: `_state`)
         self.states: dict[str, _State] = {}
-        self.failing: set[str] = set()          # deployments whose last pass failed (one Warning per episode)
+        self.failing: dict[str, float] = {}     # deployment -> its creation time: its last pass failed (one Warning
+        #                                         per episode of that deployment)
         self.decided: dict[str, set[tuple[str, str]]] = {}    # deployment -> (mode, bound_by) labels counted
         self._loop = PeriodicTask("autoscaler", self.run_once, interval=lambda: self.interval,
                                   on_error=lambda e: logger.error("autoscaler pass", exc_info=e))
@@ -125,11 +130,8 @@ class AutoscalerController:
     async def run_once(self) -> None:
         names = [n for n, d in sorted(self.dm.store.deployments.items()) if d.spec.HasField("scaling")]
         for gone in set(self.states) - set(names):
-            st = self.states.pop(gone)
-            if st.forecasting is not None:
-                st.forecasting.cancel()
-            _forget_metrics(gone, self.decided.pop(gone, set()))
-        self.failing &= set(names)
+            self._forget(gone)
+        self.failing = {n: born for n, born in self.failing.items() if n in names}
         for name in names:
             try:
                 await self.one(name)
@@ -140,18 +142,26 @@ class AutoscalerController:
             except Exception as e:  # noqa: BLE001 - one deployment's failure must not stop the others'
                 self._failed(name, e)
             else:
-                self.failing.discard(name)
+                self.failing.pop(name, None)
         await self._companions_gone()
+
+    def _forget(self, name: str) -> None:
+        """Drop what is kept of the deployment under `name` (gone, or another created under its name)."""
+        st = self.states.pop(name, None)
+        if st is not None and st.forecasting is not None:
+            st.forecasting.cancel()
+        _forget_metrics(name, self.decided.pop(name, set()))
 
     def _failed(self, name: str, e: Exception) -> None:
         """Log and count a deployment's failed pass; a Warning event (`AutoscalerError`) once per episode."""
         ERRORS.labels(name).inc()
         logger.error("autoscaler pass failed", exc_info=e,
                      extra={"fields": {"deployment": name, "error": repr(e)[:500]}})
-        if name in self.failing:
-            return
-        self.failing.add(name)
         d = self.dm.store.deployments.get(name)
+        born = _born(d) if d is not None else 0.0
+        if self.failing.get(name) == born:
+            return
+        self.failing[name] = born
         event = getattr(self.dm, "_event_as", None)
         if d is None or event is None:
             return
@@ -161,12 +171,18 @@ class AutoscalerController:
         except Exception as e2:  # noqa: BLE001 - the event is best effort
             logger.warning("autoscaler error event for %s not recorded: %r", name, e2)
 
-    def _state(self, name: str, pb: S.ScalingPolicy) -> _State:
-        policy = scalingspec.to_policy(pb)
+    def _state(self, name: str, d: D.Deployment) -> _State:
+        policy = scalingspec.to_policy(d.spec.scaling)
+        born = _born(d)
         st = self.states.get(name)
+        if st is not None and st.born != born:
+            # another deployment under the name (deleted and created again since the last pass, by another tenant or
+            # with another model): nothing of the earlier one's (samples, figures, forecast, episodes) is its
+            self._forget(name)
+            st = None
         if st is None or st.policy != policy:
             old = st
-            st = _State(policy, Planner(policy, tick_s=self.interval, origin=None))
+            st = _State(policy, Planner(policy, tick_s=self.interval, origin=None), born=born)
             if old is not None:         # a changed policy keeps what was seen, not what was decided
                 st.counters, st.woken_seen = old.counters, old.woken_seen
                 st.figures, st.figures_from = old.figures, old.figures_from
@@ -183,7 +199,7 @@ class AutoscalerController:
         d = self.dm.store.deployments.get(name)
         if d is None or not d.spec.HasField("scaling"):
             return None
-        st = self._state(name, d.spec.scaling)
+        st = self._state(name, d)
         now = self.clock()
         replicas = self.dm.store.replicas_of(name)
         comp = autoscale_variants.companion_of(self.dm.store.deployments, name) if st.policy.variants else None
@@ -368,7 +384,7 @@ class AutoscalerController:
 
         async def refit():
             value, note = await autoscale_forecast.upper(self.history, name, "request_rate", lead,
-                                                          policy.forecast_quantile, self.interval)
+                                                          policy.forecast_quantile, self.interval, since=st.born)
             st.forecast, st.forecast_note = value, note
         st.forecasting = asyncio.create_task(refit(), name=f"autoscaler-forecast-{name}")
 
@@ -421,6 +437,12 @@ class AutoscalerController:
         elif not await self.dm.write_autoscaler_status(name, status, d.generation):
             return
         st.status_at = now
+
+
+def _born(d: D.Deployment) -> float:
+    """The deployment's creation time (seconds; 0 unset): with its name, what tells it from a deployment deleted
+    and created again under the name (the generation starts again at 1, the spec may be the same)."""
+    return d.created_at.ToNanoseconds() / 1e9 if d.HasField("created_at") else 0.0
 
 
 def _forget_metrics(name: str, decided) -> None:
