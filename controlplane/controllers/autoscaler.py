@@ -14,9 +14,9 @@ Every change of replicas is an event with the reason and the signal values (`Aut
 a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode; so is
 a resource pool with no room for more (`PoolLimit`: a deployment with `spec.pool` is scaled within the pool's
 room, PoolStore.room, docs/pools.md), and a replica's load reading gone stale (`LoadStale`): autoscale_warnings.py.
-A policy with `variants` overflows replicas that wait for lack of room
-to a companion deployment of the next variant that fits (`VariantOverflow`,
-controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
+A policy with `variants` overflows replicas that wait for lack of room to a companion deployment of the next variant
+that fits (`VariantOverflow`, controlplane/controllers/autoscale_overflow.py, autoscale_variants.py); the load and
+counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
 mode and bound_by), `gpumesh_autoscaler_scale_events_total` and `gpumesh_autoscaler_errors_total` (a
 deployment whose pass failed: logged, a Warning event `AutoscalerError` once per episode, and the pass goes on
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_signals
-from controlplane.controllers import autoscale_variants, autoscale_warnings
+from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_overflow
+from controlplane.controllers import autoscale_signals, autoscale_variants, autoscale_warnings
 from controlplane.controllers.slices import now as ts_now
 from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
@@ -143,7 +143,7 @@ class AutoscalerController:
                 self._failed(name, e)
             else:
                 self.failing.pop(name, None)
-        await self._companions_gone()
+        await autoscale_overflow.companions_gone(self)
 
     def _forget(self, name: str) -> None:
         """Drop what is kept of the deployment under `name` (gone, or another created under its name)."""
@@ -257,107 +257,10 @@ class AutoscalerController:
         self.decided.setdefault(name, set()).add((decision.mode, decision.bound_by or "none"))
         own = decision.desired
         if st.policy.variants:
-            own = await self._overflow(name, d, st, decision, replicas, comp, comp_replicas, need, cost, signals)
+            own = await autoscale_overflow.share(self, name, d, st, decision, replicas, comp, comp_replicas, need,
+                                                 cost, signals)
         await self._apply(name, d, st, decision, signals, cost, now, cold_from, own)
         return decision
-
-    def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
-        try:
-            model = self.registry.get(d.spec.model)
-        except errors.MeshError:
-            model = None
-        v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
-        return autoscale_variants.companion_spec(d.spec, variant, replicas, v)
-
-    def _need(self, d: D.Deployment, variant: str) -> int:
-        """The VRAM need of a replica of `d`'s companion as `variant` (0: the registry does not resolve it)."""
-        try:
-            return self.dm._resolve(self._companion(d, variant))[1]
-        except errors.MeshError:
-            return 0
-
-    def _fit(self, d: D.Deployment, need: int, cost: float) -> int:
-        """Replicas of `need` the fleet's free capacity (and the deployment's pool) hold now, estimated."""
-        n = autoscale_variants.fit_count(need, getattr(self.dm.ctl, "fleet", None), int(d.spec.isolation))
-        pools = getattr(self.dm.ctl, "pools", None)
-        if d.spec.pool and pools is not None:
-            room = pools.room(d.spec.pool, need, cost)
-            if room is not None:
-                n = min(n, room)
-        return n
-
-    async def _overflow(self, name: str, d: D.Deployment, st: _State, decision: Decision, replicas: list,
-                        comp: D.Deployment | None, comp_replicas: list, need: int, cost: float,
-                        signals: dict) -> int:
-        """Share the decision between the deployment and its companion of the next variant that fits
-        (controlplane/controllers/autoscale_variants.py); creates or scales the companion; returns the
-        deployment's own replicas."""
-        waiting = autoscale_variants.no_room(replicas)
-        if not waiting and comp is None:
-            return decision.desired
-        gpu_models, prices = self.registry.gpu_models(), getattr(self.dm, "prices", None)
-        iso = int(d.spec.isolation)
-
-        def fits(v: str) -> bool:
-            n = self._need(d, v)
-            return n > 0 and self._fit(d, n, autoscale_signals.replica_cost([], {}, n, iso, gpu_models, prices)) > 0
-        variant = comp.spec.variant if comp is not None else \
-            autoscale_variants.next_variant(st.policy.variants, d.spec.variant, fits)
-        if variant is None:
-            signals["overflow_replicas"] = 0
-            return decision.desired
-        need_c = self._need(d, variant)
-        cost_c = autoscale_signals.replica_cost(comp_replicas, self.dm.ctl.fleet.slices, need_c, iso, gpu_models,
-                                                prices)
-        own_need = need or d.status.vram_bytes
-        now = self.clock()
-        if waiting and comp is not None and comp.spec.replicas > 0:
-            st.swap_hold_until = now + autoscale_variants.RETRY_S     # the fit estimate missed: back off
-        parent_fits = now >= st.swap_hold_until and self._fit(d, own_need, cost) > 0
-        sp = autoscale_variants.split(
-            decision.desired, max_replicas=st.policy.max_replicas, ceiling=st.policy.cost_ceiling_per_hour,
-            parent_ready=sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY),
-            parent_placed=autoscale_variants.placed(replicas), waiting=waiting,
-            companion_now=comp.spec.replicas if comp is not None else 0,
-            parent_fits=parent_fits, companion_fit=self._fit(d, need_c, cost_c) if need_c else 0,
-            parent_cost=cost, companion_cost=cost_c)
-        signals.update(overflow_replicas=sp.companion, overflow_replica_cost_per_hour=round(cost_c, 4))
-        now_c = comp.spec.replicas if comp is not None else 0
-        if sp.companion == now_c:
-            return sp.parent
-        cname = comp.spec.name if comp is not None else autoscale_variants.companion_name(name, variant)
-        try:
-            if comp is None:
-                await self.dm.create(self._companion(d, variant, sp.companion))
-            else:
-                await self.dm.scale(cname, sp.companion)
-        except errors.MeshError as e:
-            self.dm._event_as(name, "Warning", "VariantOverflow",
-                              f"could not set {cname} (variant {variant}) to {sp.companion}: {e}"[:1000],
-                              d.spec.tenant, SOURCE)
-            return decision.desired
-        text = (f"variant {variant} ({cname}) {now_c} -> {sp.companion} replica(s), {d.spec.variant or 'own'} "
-                f"{sp.parent}: {sp.reason}{', bound by ' + sp.bound_by if sp.bound_by else ''}; "
-                f"${cost:.4f}/h and ${cost_c:.4f}/h each")
-        self.dm._event_as(name, "Normal", "VariantOverflow", text[:1000], d.spec.tenant, SOURCE)
-        log(logger, logging.INFO, "variant overflow", deployment=name, companion=cname, variant=variant,
-            replicas_from=now_c, replicas_to=sp.companion, own=sp.parent, reason=sp.reason)
-        return sp.parent
-
-    async def _companions_gone(self) -> None:
-        """Delete companions whose deployment is gone or no longer lists variants in its policy."""
-        for cname, c in sorted(self.dm.store.deployments.items()):
-            parent = c.spec.labels.get(autoscale_variants.LABEL_OVERFLOW_OF)
-            if not parent:
-                continue
-            p = self.dm.store.deployments.get(parent)
-            if p is not None and p.spec.HasField("scaling") and p.spec.scaling.variants:
-                continue
-            try:
-                await self.dm.delete(cname)
-            except errors.NotFound:
-                continue
-            log(logger, logging.INFO, "variant companion deleted", deployment=parent, companion=cname)
 
     def _variant(self, d: D.Deployment):
         try:
