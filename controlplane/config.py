@@ -118,7 +118,8 @@ class ControlPlaneConfig:
                                                 "(in a worker thread, off the event loop)", minimum=1, maximum=3600)
     autoscaler_load_max_age_seconds: float = option(15.0, "a replica's load reading received longer ago than this "
                                                     "is stale: its load is unknown, and the autoscaler makes no "
-                                                    "scale-down (nor scale to zero) until it reports again (keep it "
+                                                    "scale-down (nor scale to zero) until it reports again, and the "
+                                                    "history writes no deployment load sample meanwhile (keep it "
                                                     "a few agent telemetry intervals; 0: no age bound)",
                                                     minimum=0, maximum=3600)
     # history and forecasts (docs/prediction.md, "History" and "ForecastService")

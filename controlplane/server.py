@@ -340,7 +340,8 @@ class ControlPlane:
         from controlplane.forecast.recorder import HistoryRecorder
         store = HistoryStore(str(self.state_dir / "history.db"), parse_tiers(self.cfg.history_tiers))
         rec = HistoryRecorder(store, flush_seconds=self.cfg.history_flush_seconds,
-                              sample_seconds=self.cfg.history_sample_seconds)
+                              sample_seconds=self.cfg.history_sample_seconds,
+                              load_max_age=self.cfg.autoscaler_load_max_age_seconds)
         rec.attach(self.telemetry, self.ctl, self.deployments, workloads=self.workloads)
         rec.start()
         return rec

@@ -27,9 +27,11 @@ def series_metric(metric: str) -> str:
 
 
 async def upper(history, name: str, series: str, lead_s: float, quantile: float,
-                step_floor: float) -> tuple[float | None, str]:
+                step_floor: float, since: float = 0.0) -> tuple[float | None, str]:
     """(the upper `quantile` of the deployment's `series` over now .. now + `lead_s`, or None; a note: the
-    model, or why none)."""
+    model, or why none). Only samples at or after `since` (the deployment's creation time) are read: a series is
+    kept by name, and what it holds from before is an earlier deployment's under the name (deleted and created
+    again, with another model or by the same tenant: history.py drops another tenant's only on the first write)."""
     if history is None:
         return None, "no history (history_enabled: false)"
     lead = max(lead_s, step_floor)
@@ -39,7 +41,8 @@ async def upper(history, name: str, series: str, lead_s: float, quantile: float,
         p = forecasting.plan("deployment", name, series, lead, step, level)
         # only the window the fit sees (forecasting.MAX_BINS steps): a long raw tier read whole held the
         # history thread and this pass, every pass
-        rows = await history.read(history.store.tail, "deployment", name, series, forecasting.MAX_BINS * p.step_s)
+        rows = await history.read(history.store.tail, "deployment", name, series, forecasting.MAX_BINS * p.step_s,
+                                  since)
         times, values = forecasting.check_history(p, rows)
         f = await asyncio.to_thread(forecasting.fit, p, times, values)
     except errors.MeshError as e:

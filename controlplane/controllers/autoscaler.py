@@ -14,9 +14,9 @@ Every change of replicas is an event with the reason and the signal values (`Aut
 a cost ceiling that stops a scale-up is a Warning event (`CostCeiling`) with the figures, once per episode; so is
 a resource pool with no room for more (`PoolLimit`: a deployment with `spec.pool` is scaled within the pool's
 room, PoolStore.room, docs/pools.md), and a replica's load reading gone stale (`LoadStale`): autoscale_warnings.py.
-A policy with `variants` overflows replicas that wait for lack of room
-to a companion deployment of the next variant that fits (`VariantOverflow`,
-controlplane/controllers/autoscale_variants.py); the load and counts are the deployment's and its companion's.
+A policy with `variants` overflows replicas that wait for lack of room to a companion deployment of the next variant
+that fits (`VariantOverflow`, controlplane/controllers/autoscale_overflow.py, autoscale_variants.py); the load and
+counts are the deployment's and its companion's.
 Metrics: `gpumesh_autoscaler_desired_replicas`, `gpumesh_autoscaler_decisions_total` (every decision, by
 mode and bound_by), `gpumesh_autoscaler_scale_events_total` and `gpumesh_autoscaler_errors_total` (a
 deployment whose pass failed: logged, a Warning event `AutoscalerError` once per episode, and the pass goes on
@@ -28,7 +28,8 @@ waits for its delay as after any change) and sizes a forecast floor with the fig
 wrote on the status when they name the model identity deployed now (`figures_model`), else the registry's
 (`autoscale_figures.figures`). The figures describe one model: when the deployment's model identity changes
 (model, variant, backend and its settings, slice size: `autoscale_figures.note_model_identity`) they expire, with
-a `FiguresReset` event.
+a `FiguresReset` event. The state is of one deployment (its name and creation time, `_State.born`): a deployment
+deleted and created again under its name starts afresh, and its forecast reads no history from before its creation.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_signals
-from controlplane.controllers import autoscale_variants, autoscale_warnings
+from controlplane.controllers import autoscale_figures, autoscale_forecast, autoscale_freshness, autoscale_overflow
+from controlplane.controllers import autoscale_signals, autoscale_variants, autoscale_warnings
 from controlplane.controllers.slices import now as ts_now
 from controlplane.loops import PeriodicTask
 from controlplane.serving import scalingspec
@@ -70,6 +71,7 @@ WAKE_HOLD_S = 600.0          # after a Wake the held request is demand until a r
 class _State:
     policy: ScalingPolicy
     plan: Planner
+    born: float = 0.0           # the deployment's creation time: the state is of this deployment, not of its name
     counters: autoscale_signals.Counters = field(default_factory=autoscale_signals.Counters)
     woken_seen: float = 0.0
     waking_since: float = 0.0   # a Wake's time while no replica has been READY since
@@ -101,8 +103,11 @@ class AutoscalerController:
         self.forecast_every = forecast_every
         self.load_max_age = load_max_age        # a reading received longer ago is stale (autoscale_freshness.py)
         self.clock = clock
+        # each deployment's state, for the deployment now under its name (`_State.born`: a deployment deleted and
+        # created again under its name, even within one interval, starts afresh: `_state`)
         self.states: dict[str, _State] = {}
-        self.failing: set[str] = set()          # deployments whose last pass failed (one Warning per episode)
+        self.failing: dict[str, float] = {}     # deployment -> its creation time: its last pass failed (one Warning
+        #                                         per episode of that deployment)
         self.decided: dict[str, set[tuple[str, str]]] = {}    # deployment -> (mode, bound_by) labels counted
         self._loop = PeriodicTask("autoscaler", self.run_once, interval=lambda: self.interval,
                                   on_error=lambda e: logger.error("autoscaler pass", exc_info=e))
@@ -125,11 +130,8 @@ class AutoscalerController:
     async def run_once(self) -> None:
         names = [n for n, d in sorted(self.dm.store.deployments.items()) if d.spec.HasField("scaling")]
         for gone in set(self.states) - set(names):
-            st = self.states.pop(gone)
-            if st.forecasting is not None:
-                st.forecasting.cancel()
-            _forget_metrics(gone, self.decided.pop(gone, set()))
-        self.failing &= set(names)
+            self._forget(gone)
+        self.failing = {n: born for n, born in self.failing.items() if n in names}
         for name in names:
             try:
                 await self.one(name)
@@ -140,18 +142,26 @@ class AutoscalerController:
             except Exception as e:  # noqa: BLE001 - one deployment's failure must not stop the others'
                 self._failed(name, e)
             else:
-                self.failing.discard(name)
-        await self._companions_gone()
+                self.failing.pop(name, None)
+        await autoscale_overflow.companions_gone(self)
+
+    def _forget(self, name: str) -> None:
+        """Drop what is kept of the deployment under `name` (gone, or another created under its name)."""
+        st = self.states.pop(name, None)
+        if st is not None and st.forecasting is not None:
+            st.forecasting.cancel()
+        _forget_metrics(name, self.decided.pop(name, set()))
 
     def _failed(self, name: str, e: Exception) -> None:
         """Log and count a deployment's failed pass; a Warning event (`AutoscalerError`) once per episode."""
         ERRORS.labels(name).inc()
         logger.error("autoscaler pass failed", exc_info=e,
                      extra={"fields": {"deployment": name, "error": repr(e)[:500]}})
-        if name in self.failing:
-            return
-        self.failing.add(name)
         d = self.dm.store.deployments.get(name)
+        born = _born(d) if d is not None else 0.0
+        if self.failing.get(name) == born:
+            return
+        self.failing[name] = born
         event = getattr(self.dm, "_event_as", None)
         if d is None or event is None:
             return
@@ -161,12 +171,18 @@ class AutoscalerController:
         except Exception as e2:  # noqa: BLE001 - the event is best effort
             logger.warning("autoscaler error event for %s not recorded: %r", name, e2)
 
-    def _state(self, name: str, pb: S.ScalingPolicy) -> _State:
-        policy = scalingspec.to_policy(pb)
+    def _state(self, name: str, d: D.Deployment) -> _State:
+        policy = scalingspec.to_policy(d.spec.scaling)
+        born = _born(d)
         st = self.states.get(name)
+        if st is not None and st.born != born:
+            # another deployment under the name (deleted and created again since the last pass, by another tenant or
+            # with another model): nothing of the earlier one's (samples, figures, forecast, episodes) is its
+            self._forget(name)
+            st = None
         if st is None or st.policy != policy:
             old = st
-            st = _State(policy, Planner(policy, tick_s=self.interval, origin=None))
+            st = _State(policy, Planner(policy, tick_s=self.interval, origin=None), born=born)
             if old is not None:         # a changed policy keeps what was seen, not what was decided
                 st.counters, st.woken_seen = old.counters, old.woken_seen
                 st.figures, st.figures_from = old.figures, old.figures_from
@@ -183,7 +199,7 @@ class AutoscalerController:
         d = self.dm.store.deployments.get(name)
         if d is None or not d.spec.HasField("scaling"):
             return None
-        st = self._state(name, d.spec.scaling)
+        st = self._state(name, d)
         now = self.clock()
         replicas = self.dm.store.replicas_of(name)
         comp = autoscale_variants.companion_of(self.dm.store.deployments, name) if st.policy.variants else None
@@ -241,107 +257,10 @@ class AutoscalerController:
         self.decided.setdefault(name, set()).add((decision.mode, decision.bound_by or "none"))
         own = decision.desired
         if st.policy.variants:
-            own = await self._overflow(name, d, st, decision, replicas, comp, comp_replicas, need, cost, signals)
+            own = await autoscale_overflow.share(self, name, d, st, decision, replicas, comp, comp_replicas, need,
+                                                 cost, signals)
         await self._apply(name, d, st, decision, signals, cost, now, cold_from, own)
         return decision
-
-    def _companion(self, d: D.Deployment, variant: str, replicas: int = 0) -> D.DeploymentSpec:
-        try:
-            model = self.registry.get(d.spec.model)
-        except errors.MeshError:
-            model = None
-        v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
-        return autoscale_variants.companion_spec(d.spec, variant, replicas, v)
-
-    def _need(self, d: D.Deployment, variant: str) -> int:
-        """The VRAM need of a replica of `d`'s companion as `variant` (0: the registry does not resolve it)."""
-        try:
-            return self.dm._resolve(self._companion(d, variant))[1]
-        except errors.MeshError:
-            return 0
-
-    def _fit(self, d: D.Deployment, need: int, cost: float) -> int:
-        """Replicas of `need` the fleet's free capacity (and the deployment's pool) hold now, estimated."""
-        n = autoscale_variants.fit_count(need, getattr(self.dm.ctl, "fleet", None), int(d.spec.isolation))
-        pools = getattr(self.dm.ctl, "pools", None)
-        if d.spec.pool and pools is not None:
-            room = pools.room(d.spec.pool, need, cost)
-            if room is not None:
-                n = min(n, room)
-        return n
-
-    async def _overflow(self, name: str, d: D.Deployment, st: _State, decision: Decision, replicas: list,
-                        comp: D.Deployment | None, comp_replicas: list, need: int, cost: float,
-                        signals: dict) -> int:
-        """Share the decision between the deployment and its companion of the next variant that fits
-        (controlplane/controllers/autoscale_variants.py); creates or scales the companion; returns the
-        deployment's own replicas."""
-        waiting = autoscale_variants.no_room(replicas)
-        if not waiting and comp is None:
-            return decision.desired
-        gpu_models, prices = self.registry.gpu_models(), getattr(self.dm, "prices", None)
-        iso = int(d.spec.isolation)
-
-        def fits(v: str) -> bool:
-            n = self._need(d, v)
-            return n > 0 and self._fit(d, n, autoscale_signals.replica_cost([], {}, n, iso, gpu_models, prices)) > 0
-        variant = comp.spec.variant if comp is not None else \
-            autoscale_variants.next_variant(st.policy.variants, d.spec.variant, fits)
-        if variant is None:
-            signals["overflow_replicas"] = 0
-            return decision.desired
-        need_c = self._need(d, variant)
-        cost_c = autoscale_signals.replica_cost(comp_replicas, self.dm.ctl.fleet.slices, need_c, iso, gpu_models,
-                                                prices)
-        own_need = need or d.status.vram_bytes
-        now = self.clock()
-        if waiting and comp is not None and comp.spec.replicas > 0:
-            st.swap_hold_until = now + autoscale_variants.RETRY_S     # the fit estimate missed: back off
-        parent_fits = now >= st.swap_hold_until and self._fit(d, own_need, cost) > 0
-        sp = autoscale_variants.split(
-            decision.desired, max_replicas=st.policy.max_replicas, ceiling=st.policy.cost_ceiling_per_hour,
-            parent_ready=sum(1 for r in replicas if r.state == D.REPLICA_STATE_READY),
-            parent_placed=autoscale_variants.placed(replicas), waiting=waiting,
-            companion_now=comp.spec.replicas if comp is not None else 0,
-            parent_fits=parent_fits, companion_fit=self._fit(d, need_c, cost_c) if need_c else 0,
-            parent_cost=cost, companion_cost=cost_c)
-        signals.update(overflow_replicas=sp.companion, overflow_replica_cost_per_hour=round(cost_c, 4))
-        now_c = comp.spec.replicas if comp is not None else 0
-        if sp.companion == now_c:
-            return sp.parent
-        cname = comp.spec.name if comp is not None else autoscale_variants.companion_name(name, variant)
-        try:
-            if comp is None:
-                await self.dm.create(self._companion(d, variant, sp.companion))
-            else:
-                await self.dm.scale(cname, sp.companion)
-        except errors.MeshError as e:
-            self.dm._event_as(name, "Warning", "VariantOverflow",
-                              f"could not set {cname} (variant {variant}) to {sp.companion}: {e}"[:1000],
-                              d.spec.tenant, SOURCE)
-            return decision.desired
-        text = (f"variant {variant} ({cname}) {now_c} -> {sp.companion} replica(s), {d.spec.variant or 'own'} "
-                f"{sp.parent}: {sp.reason}{', bound by ' + sp.bound_by if sp.bound_by else ''}; "
-                f"${cost:.4f}/h and ${cost_c:.4f}/h each")
-        self.dm._event_as(name, "Normal", "VariantOverflow", text[:1000], d.spec.tenant, SOURCE)
-        log(logger, logging.INFO, "variant overflow", deployment=name, companion=cname, variant=variant,
-            replicas_from=now_c, replicas_to=sp.companion, own=sp.parent, reason=sp.reason)
-        return sp.parent
-
-    async def _companions_gone(self) -> None:
-        """Delete companions whose deployment is gone or no longer lists variants in its policy."""
-        for cname, c in sorted(self.dm.store.deployments.items()):
-            parent = c.spec.labels.get(autoscale_variants.LABEL_OVERFLOW_OF)
-            if not parent:
-                continue
-            p = self.dm.store.deployments.get(parent)
-            if p is not None and p.spec.HasField("scaling") and p.spec.scaling.variants:
-                continue
-            try:
-                await self.dm.delete(cname)
-            except errors.NotFound:
-                continue
-            log(logger, logging.INFO, "variant companion deleted", deployment=parent, companion=cname)
 
     def _variant(self, d: D.Deployment):
         try:
@@ -368,7 +287,7 @@ class AutoscalerController:
 
         async def refit():
             value, note = await autoscale_forecast.upper(self.history, name, "request_rate", lead,
-                                                          policy.forecast_quantile, self.interval)
+                                                          policy.forecast_quantile, self.interval, since=st.born)
             st.forecast, st.forecast_note = value, note
         st.forecasting = asyncio.create_task(refit(), name=f"autoscaler-forecast-{name}")
 
@@ -421,6 +340,12 @@ class AutoscalerController:
         elif not await self.dm.write_autoscaler_status(name, status, d.generation):
             return
         st.status_at = now
+
+
+def _born(d: D.Deployment) -> float:
+    """The deployment's creation time (seconds; 0 unset): with its name, what tells it from a deployment deleted
+    and created again under the name (the generation starts again at 1, the spec may be the same)."""
+    return d.created_at.ToNanoseconds() / 1e9 if d.HasField("created_at") else 0.0
 
 
 def _forget_metrics(name: str, decided) -> None:

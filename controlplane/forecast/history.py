@@ -205,14 +205,16 @@ class HistoryStore:
                    WHERE x.kind=? AND x.name=? AND x.metric=? AND s.t >= ? ORDER BY s.t""",
                 (kind, name, metric, since)).fetchall()
 
-    def tail(self, kind: str, name: str, metric: str, seconds: float) -> list[tuple[float, float]]:
-        """`read` of the samples within `seconds` of the series' last one (all of it when shorter)."""
+    def tail(self, kind: str, name: str, metric: str, seconds: float,
+             since: float = 0.0) -> list[tuple[float, float]]:
+        """`read` of the samples within `seconds` of the series' last one (all of it when shorter), none before
+        `since`."""
         with self._lock:
             return self.db.execute(
                 """SELECT s.t, s.v FROM samples s JOIN series x ON x.id = s.series
-                   WHERE x.kind=? AND x.name=? AND x.metric=?
+                   WHERE x.kind=? AND x.name=? AND x.metric=? AND s.t >= ?
                      AND s.t >= (SELECT MAX(t) FROM samples WHERE series = x.id) - ? ORDER BY s.t""",
-                (kind, name, metric, seconds)).fetchall()
+                (kind, name, metric, since, seconds)).fetchall()
 
     def tier_counts(self) -> dict[int, int]:
         with self._lock:

@@ -2,8 +2,12 @@
 
 - every GPU reading (controlplane/controllers/telemetry.py): utilization, memory used and total,
   temperature, power, and the memory-pressure and thermal levels as judged (0-3);
-- every `sample_seconds`, per deployment: its replicas' load signals summed (requests running and
-  waiting, prompt and generation tokens per second) and its replica count;
+- every `sample_seconds`, per deployment: its replica count, and its READY replicas' load signals summed
+  (requests running and waiting, prompt and generation tokens per second) with the autoscaler's age rule for a
+  reading (controlplane/controllers/autoscale_freshness.py, `load_max_age`): while a READY replica's load is
+  unknown (its reading is stale, or its backend's /metrics did not answer) no load sample is written (a gap the
+  forecasts bridge, not a stale value nor a false zero); a replica not read yet (just READY) counts none; with no
+  READY replica read, none is written;
 - the slice-request stream (controlplane/controllers/slices.py): Allocate requests counted per minute,
   for the fleet, per tenant, per MIG profile or size class, and per GPU model;
 - every node reading: per slice, per node and per running workload series (fleet_series.py), and seed
@@ -23,10 +27,12 @@ import logging
 import math
 import time
 
+from controlplane.controllers import autoscale_freshness
 from controlplane.forecast import fleet_series
 from controlplane.forecast.history import HistoryStore
 from controlplane.forecast.interactions import InteractionLog
 from controlplane.loops import PeriodicTask
+from gpumesh.v1 import deployment_service_pb2 as D
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -40,8 +46,10 @@ PENDING_LIMIT = 1_000_000      # samples kept in memory when the disk is slow; t
 
 class HistoryRecorder:
     def __init__(self, store: HistoryStore, flush_seconds: float = 5.0, sample_seconds: float = 5.0,
-                 clock=time.time, quiet_keep: float | None = None) -> None:
+                 clock=time.time, quiet_keep: float | None = None,
+                 load_max_age: float = autoscale_freshness.DEFAULT_MAX_AGE_S) -> None:
         self.store = store
+        self.load_max_age = load_max_age        # a replica's reading received longer ago is stale (0: no bound)
         self.flush_seconds = flush_seconds
         self.sample_seconds = sample_seconds
         self.clock = clock
@@ -177,15 +185,27 @@ class HistoryRecorder:
         if dm is None:
             return
         st = dm.store
+        now = self.clock()
         for name, d in list(st.deployments.items()):
             reps = list(st.replicas.get(name, {}).values())
             tenant = d.spec.tenant
             self.add("deployment", name, "replicas", len(reps), tenant)
-            loads = [st.loads[r.id] for r in reps if r.id in st.loads]
+            loads = self._known_loads(now, reps, st)
             if not loads:
                 continue
             for metric, attr in LOAD_FIELDS:
                 self.add("deployment", name, metric, sum(getattr(x, attr) for x in loads), tenant)
+
+    def _known_loads(self, now: float, reps: list, st) -> list | None:
+        """The READY replicas' readings of their current workload to sum; None when the deployment's load is unknown
+        (a READY replica's reading is stale, or of a scrape that failed: its value would be false) or no READY
+        replica was read. A READY replica with no reading of its current workload yet counts none."""
+        gap = autoscale_freshness.gaps(now, reps, st.loads, getattr(st, "load_seen", {}), self.load_max_age)
+        current = {r.id: st.loads[r.id] for r in reps if r.state == D.REPLICA_STATE_READY and r.id in st.loads
+                   and st.loads[r.id].workload_id == r.workload_id}
+        if gap.stale or any(rid in current for rid in gap.absent):     # (absent with a reading: not scraped)
+            return None
+        return list(current.values())
 
     # -- flushing -----------------------------------------------------------------------------
 

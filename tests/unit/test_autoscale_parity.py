@@ -55,7 +55,7 @@ async def _run(monkeypatch, cold_start_s: float, **policy) -> tuple[list, list]:
     """(the controller's decisions, the bench scaler's) over RATES, on the same samples and forecasts."""
     step = [0]
 
-    async def upper(history, name, series, lead_s, quantile, step_floor):
+    async def upper(history, name, series, lead_s, quantile, step_floor, since=0.0):
         assert series == "request_rate"                     # what the controller forecasts
         k = step[0] + 1                                     # the fit started now is used on the next pass
         return (FORECAST[k] if k < len(FORECAST) else None), "table"

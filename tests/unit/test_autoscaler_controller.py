@@ -273,7 +273,7 @@ async def test_a_predictive_policy_provisions_for_the_forecast_of_its_recorded_r
 def _forecast_rate(monkeypatch, rates: dict[str, float]) -> None:
     from controlplane.controllers import autoscale_forecast
 
-    async def upper(history, name, series, lead_s, quantile, step_floor):
+    async def upper(history, name, series, lead_s, quantile, step_floor, since=0.0):
         return rates.get(name), "table"
     monkeypatch.setattr(autoscale_forecast, "upper", upper)
 

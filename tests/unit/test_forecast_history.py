@@ -193,9 +193,12 @@ def test_history_off_means_the_service_says_so():
 def test_deployment_load_is_summed_over_its_replicas(tmp_path):
     from gpumesh.v1 import deployment_service_pb2 as D
     d = D.Deployment(spec=D.DeploymentSpec(name="chat", tenant="acme"))
-    reps = {"r1": D.Replica(id="r1", deployment="chat"), "r2": D.Replica(id="r2", deployment="chat")}
-    loads = {"r1": types_pb2.BackendLoad(requests_running=3, requests_waiting=1, generation_tokens_per_second=40),
-             "r2": types_pb2.BackendLoad(requests_running=2, generation_tokens_per_second=10)}
+    reps = {f"r{i}": D.Replica(id=f"r{i}", deployment="chat", state=D.REPLICA_STATE_READY, workload_id=f"w{i}")
+            for i in (1, 2)}
+    loads = {"r1": types_pb2.BackendLoad(workload_id="w1", scraped=True, requests_running=3, requests_waiting=1,
+                                         generation_tokens_per_second=40),
+             "r2": types_pb2.BackendLoad(workload_id="w2", scraped=True, requests_running=2,
+                                         generation_tokens_per_second=10)}
     store = types.SimpleNamespace(deployments={"chat": d}, replicas={"chat": reps}, loads=loads)
     rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), TIERS), clock=lambda: 100.0)
     rec.deployments = types.SimpleNamespace(store=store)
