@@ -268,6 +268,14 @@ def test_alloc_passes_scheduler_fields(fake, capsys):
     assert json.loads(out)["id"] == "a-1"
 
 
+def test_alloc_without_tenant_is_the_callers(fake, capsys):
+    # README's secure setup: `meshctl alloc --profile 3g.40gb` as a tenant's token; the control plane takes
+    # a spec without a tenant as the caller's (an admin without one is told spec.tenant is required)
+    rc, out, err = run(capsys, "alloc", "--profile", "3g.40gb", "-o", "json")
+    assert rc == 0, err
+    assert dict(fake.calls)["allocate"]["tenant"] == ""
+
+
 def test_alloc_cpu_in_cpus_and_bad_values():
     p = meshctl.build_parser()
     assert p.parse_args(["alloc", "--tenant", "t", "--memory", "1GiB", "--cpu", "1.5"]).cpu == 1500

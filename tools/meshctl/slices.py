@@ -16,6 +16,7 @@ examples:
   meshctl alloc --tenant team-a --memory 8GiB --cpu 2 --host-memory 16GiB    # reserve host CPU and RAM too
   meshctl alloc --tenant team-a --profile 1g.10gb --priority 500 --preempt   # may evict lower priorities
   meshctl alloc --tenant team-a --profile 1g.10gb --label app=db --anti-affinity app=db   # one per node
+  meshctl --context alice alloc --profile 3g.40gb     # a tenant's credentials: its own tenant
 
 -o json|yaml prints {"id": <allocation id>, "slices": [...]}.
 """
@@ -71,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "alloc", aliases=("allocate",), help="allocate slices for a tenant",
                    description="Place --count slices all or nothing and wait until they are "
                                "READY (unless --no-wait).", epilog=ALLOC_EPILOG)
-    p.add_argument("--tenant", required=True, help="owner of the slices")
+    p.add_argument("--tenant", default="",
+                   help="owner of the slices (default: the caller's tenant; an admin names one)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--profile", default="", help="a MIG profile, e.g. 1g.10gb or 3g.40gb (implies --isolation mig)")
     what.add_argument("--memory", type=size_arg, metavar="SIZE", help="GPU memory per slice, e.g. 8GiB, 40G")
