@@ -151,7 +151,10 @@ def reference(cls) -> str:
     rows = ["| setting | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `{f.name}` | `{_flag(f)}` | `{cls.ENV_PREFIX}{f.name.upper()}` | "
+        flags = f"`{_flag(f)}`"
+        if _kind(cls, f) is bool:       # argparse.BooleanOptionalAction: --X turns it on, --no-X off
+            flags += f" / `--no-{_flag(f)[2:]}`"
+        rows.append(f"| `{f.name}` | {flags} | `{cls.ENV_PREFIX}{f.name.upper()}` | "
                     f"`{default!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
 

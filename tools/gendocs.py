@@ -25,6 +25,8 @@ below, a YAML file (`--config FILE` or `$<PREFIX>CONFIG`; keys are the setting
 names), environment variables, and flags. Everything is validated at start; an
 invalid value stops the daemon with exit status 2 and a message that names the
 setting, where it came from and what is allowed.
+A true/false setting takes `true`/`false` (also `yes`/`no`, `on`/`off`, `1`/`0`)
+in the file and the environment, and `--X` or `--no-X` as a flag.
 
 ## mesh-controlplane
 

@@ -35,3 +35,23 @@ def test_etcd_endpoints_become_grpc_targets(url, target):
     from controlplane.state.store import parse_endpoint
     assert parse_endpoint(url) == target
 
+
+
+def test_the_reference_lists_every_flag_the_daemons_take():
+    """docs/configuration.md's flag column is every option string argparse accepts, no more: a boolean's
+    `--no-X` too (the reference showed only `--backend-tls`, `--history-enabled`, ... and an operator had no
+    way to learn how to turn one off on the command line; operator walk, session 15)."""
+    import argparse
+    import re
+
+    from controlplane.gateway.config import GatewayConfig
+    from mesh import config
+    from nodeagent.config import AgentConfig
+    for cls in (ControlPlaneConfig, AgentConfig, GatewayConfig):
+        parser = argparse.ArgumentParser(add_help=False)
+        config.add_arguments(parser, cls)
+        taken = {s for a in parser._actions for s in a.option_strings} - {"--config"}
+        listed = set()
+        for row in config.reference(cls).splitlines()[2:]:
+            listed |= set(re.findall(r"`(--[a-z0-9-]+)`", row.split(" | ")[1]))
+        assert listed == taken, (cls.__name__, sorted(taken - listed), sorted(listed - taken))
