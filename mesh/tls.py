@@ -133,6 +133,9 @@ def issue(directory: str | os.PathLike, kind: str, name: str, *, hosts: tuple[st
             raise TlsError(f"tenant: a {role} client certificate needs a tenant")
     elif tenant or role:
         raise TlsError(f"tenant and role are only for client certificates, not {kind}")
+    if (filename or name) == "ca":
+        raise TlsError("name: 'ca' would write over the CA's own ca.crt and ca.key in the same directory; "
+                       "issue it under another name")
     d = Path(directory)
     ca_cert, ca_key = _load_ca(d)
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, name)]

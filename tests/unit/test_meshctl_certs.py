@@ -43,3 +43,15 @@ def test_a_server_certificate_needs_a_host_and_only_it_takes_one(tmp_path, capsy
     rc, err = _meshctl(capsys, "certs", "issue", "--dir", d, "--kind", "client", "--name", "ops", "--role", "admin",
                        "--host", "x.example")
     assert rc == 1 and "--host" in err
+
+
+def test_a_certificate_named_ca_never_replaces_the_ca(tmp_path, capsys):
+    """`certs issue --kind agent --name ca` (a host called ca) wrote its key over ca.key and its certificate over
+    ca.crt: the CA was gone, and nothing it had signed could be verified or issued again."""
+    d = tmp_path / "pki"
+    _meshctl(capsys, "certs", "init", "--dir", str(d))
+    before = (d / "ca.key").read_bytes(), (d / "ca.crt").read_bytes()
+    for kind, extra in (("agent", ()), ("server", ("--host", "ca.example")), ("client", ("--role", "admin"))):
+        rc, err = _meshctl(capsys, "certs", "issue", "--dir", str(d), "--kind", kind, "--name", "ca", *extra)
+        assert rc == 1 and "ca.crt" in err, (kind, err)
+    assert ((d / "ca.key").read_bytes(), (d / "ca.crt").read_bytes()) == before
