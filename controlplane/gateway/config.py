@@ -48,6 +48,8 @@ class GatewayConfig:
     tls_ca: str = option("", "PEM CA that signed the control plane's certificate")
     token: str = option("", "bearer token the gateway watches the control plane with (an admin token: the "
                             "gateway routes every tenant's deployments)")
+    token_file: str = option("", "file holding token (its first line), read at start: keeps the admin token off "
+                                 "the command line and out of the config file; not with token")
     tenants_file: str = option("", "the control plane's tenants file: client tokens are checked against it (a "
                                "tenant reaches only its tenant's deployments); empty: no client authentication "
                                "(the local demo)")
@@ -199,8 +201,23 @@ class GatewayConfig:
                                   "bound is calibrated, not guessed: python -m controlplane.gateway.semcalibrate)")
             from controlplane.gateway.semcache import load_bound
             self.semantic_bound = float(load_bound(self.semantic_cache_bound_file)["bound"])
+        if self.token_file and not getattr(self, "_token_read", False):
+            self.token, self._token_read = _read_token(self.token_file, self.token), True
         if bool(self.serve_tls_cert) != bool(self.serve_tls_key):
             raise ConfigError("serve_tls_cert, serve_tls_key: give both or neither")
         if not self.insecure and not self.tls_ca:
             raise ConfigError("insecure: the gateway dials the control plane over TLS unless insecure is set; "
                               "give tls_ca (and token) or --insecure")
+
+
+def _read_token(path: str, token: str) -> str:
+    if token:
+        raise ConfigError("token, token_file: give one, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"token_file: cannot read {path}: {e}") from None
+    if not first:
+        raise ConfigError(f"token_file: {path} is empty (its first line is the admin token)")
+    return first
