@@ -41,6 +41,7 @@ def build_agents(cfg: AgentConfig):
                                 backend="nvml", reconnect_max=cfg.reconnect_max_seconds,
                                 telemetry_interval=cfg.telemetry_interval_seconds))
         agents[-1].labels.update(node_labels(cfg))
+        check_certificate_node(cfg, [a.node for a in agents])
         return install_components(agents, cfg)
     os.makedirs(os.path.join(cfg.state_dir, "sim"), exist_ok=True)
     names = set()
@@ -62,7 +63,28 @@ def build_agents(cfg: AgentConfig):
                                 reconnect_max=cfg.reconnect_max_seconds,
                                 telemetry_interval=cfg.telemetry_interval_seconds, ib_root=ib_root))
         agents[-1].labels.update(node_labels(cfg, host))
+    check_certificate_node(cfg, [a.node for a in agents])
     return install_components(agents, cfg)
+
+
+def check_certificate_node(cfg: AgentConfig, nodes: list[str]) -> None:
+    """The control plane lets an agent certificate (OU=agent, CN=node) speak for its own node only: another's
+    is a configuration error at start, not a refusal on every reconnect."""
+    if not cfg.tls_cert:
+        return
+    from mesh import tls
+    subject = tls.subject_of(tls.read(cfg.tls_cert, "tls_cert"))
+    fix = "meshctl certs issue --kind agent --name " + (nodes[0] if len(nodes) == 1 else "NODE")
+    if subject.kind != "agent":
+        raise config.ConfigError(f"tls_cert: {cfg.tls_cert} is not an agent certificate (OU=agent, CN=the node "
+                                 f"name); the control plane refuses it from an agent: `{fix}`")
+    other = [n for n in nodes if n != subject.name]
+    if other:
+        where = "its host file's node:" if cfg.gpu_backend == "sim" else "node_name, or the host name"
+        raise config.ConfigError(
+            f"tls_cert: {cfg.tls_cert} is the certificate of node {subject.name!r} and this agent is node "
+            f"{', '.join(map(repr, other))} ({where}); the control plane lets a node's certificate speak for "
+            f"that node only: `{fix}`")
 
 
 def install_components(agents, cfg: AgentConfig):
