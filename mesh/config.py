@@ -164,3 +164,19 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
         raise ConfigError(f"{what}: {value!r} is not HOST:PORT (port 0-65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def read_token_file(path: str, given: str, field: str, token_field: str, what: str) -> str:
+    """The first line of `path` (the `field` option: a file holding the `token_field` option's secret, kept off the
+    command line, where any local user reads it, and out of the config file); ConfigError naming the field when
+    both are given, or when the file cannot be read or is empty."""
+    if given:
+        raise ConfigError(f"{token_field}, {field}: give one, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{field}: cannot read {path}: {e}") from None
+    if not first:
+        raise ConfigError(f"{field}: {path} is empty (its first line is {what})")
+    return first

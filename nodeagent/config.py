@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from mesh.config import ConfigError, option, parse_hostport
+from mesh.config import ConfigError, option, parse_hostport, read_token_file
 
 
 @dataclass
@@ -76,6 +76,8 @@ class AgentConfig:
     agent_token: str = option("", "agent token from the control plane's tenants file (role: agent, name: this node), "
                                   "sent as 'authorization: Bearer'; the identity of an agent without a certificate "
                                   "(required in insecure mode when the control plane has a tenants file)")
+    agent_token_file: str = option("", "file holding agent_token (its first line), read at start: keeps the token "
+                                       "off the command line and out of the config file; not with agent_token")
     tls_server_name: str = option("", "name to check in the control plane's certificate when it differs from the "
                                       "host in control_plane")
     checkpoint_dir: str = option("", "checkpoint store: the directory (on a filesystem shared by the nodes) where "
@@ -159,6 +161,10 @@ class AgentConfig:
             raise ConfigError("sim_host_file: only allowed with gpu_backend=sim")
         if self.insecure and (self.tls_cert or self.tls_ca):
             raise ConfigError("insecure: plaintext cannot be combined with tls_ca or tls_cert")
+        if self.agent_token_file and not getattr(self, "_token_read", False):
+            self.agent_token = read_token_file(self.agent_token_file, self.agent_token, "agent_token_file",
+                                               "agent_token", "the agent token")
+            self._token_read = True
         if not self.insecure and not (self.tls_ca and ((self.tls_cert and self.tls_key) or self.agent_token)):
             raise ConfigError("tls_cert: the agent needs tls_ca, tls_cert and tls_key (`meshctl certs issue --kind "
                               "agent`, see docs/security.md), or insecure: true (--insecure) for a plaintext demo")

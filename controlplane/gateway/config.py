@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.config import ConfigError, option, parse_hostport
+from mesh.config import ConfigError, option, parse_hostport, read_token_file
 
 POLICIES = ("gpu-aware", "round-robin", "least-loaded")
 PRIORITIES = ("critical", "standard", "sheddable")
@@ -202,22 +202,10 @@ class GatewayConfig:
             from controlplane.gateway.semcache import load_bound
             self.semantic_bound = float(load_bound(self.semantic_cache_bound_file)["bound"])
         if self.token_file and not getattr(self, "_token_read", False):
-            self.token, self._token_read = _read_token(self.token_file, self.token), True
+            self.token = read_token_file(self.token_file, self.token, "token_file", "token", "the admin token")
+            self._token_read = True
         if bool(self.serve_tls_cert) != bool(self.serve_tls_key):
             raise ConfigError("serve_tls_cert, serve_tls_key: give both or neither")
         if not self.insecure and not self.tls_ca:
             raise ConfigError("insecure: the gateway dials the control plane over TLS unless insecure is set; "
                               "give tls_ca (and token) or --insecure")
-
-
-def _read_token(path: str, token: str) -> str:
-    if token:
-        raise ConfigError("token, token_file: give one, not both")
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"token_file: cannot read {path}: {e}") from None
-    if not first:
-        raise ConfigError(f"token_file: {path} is empty (its first line is the admin token)")
-    return first

@@ -36,3 +36,25 @@ def test_a_bad_token_file_is_refused_naming_it(tmp_path, content, argv, match):
         f.write_text(content)
     with pytest.raises(ConfigError, match=match):
         _load("--token-file", str(f), *argv)
+
+
+def _load_agent(tmp_path, *argv: str):
+    from nodeagent.config import AgentConfig
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, AgentConfig)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n")
+    return config.load(AgentConfig, parser.parse_args(["--tls-ca", str(ca), *argv]), environ={})
+
+
+def test_the_agents_token_is_read_from_agent_token_file(tmp_path):
+    """The agent's token had the same exposure as the gateway's (its only ways in: the command line, the environment
+    or the config file); `agent_token_file` reads it from a file, refused as the gateway's is when it is bad."""
+    f = tmp_path / "agent.token"
+    f.write_text("a" * 32 + "\n")
+    assert _load_agent(tmp_path, "--agent-token-file", str(f)).agent_token == "a" * 32
+    with pytest.raises(ConfigError, match="agent_token, agent_token_file: give one"):
+        _load_agent(tmp_path, "--agent-token-file", str(f), "--agent-token", "b" * 32)
+    f.write_text("\n")
+    with pytest.raises(ConfigError, match="agent_token_file: .* is empty"):
+        _load_agent(tmp_path, "--agent-token-file", str(f))
