@@ -301,7 +301,7 @@ class ControlPlane:
                 "DeploymentService": DeploymentService(self.deployments),
                 "EventService": EventService(self.event_log),
                 "ServingViewService": ServingViewService(self.ctl, self.deployments, self.models),
-                "ForecastService": _forecast_service(self.history, self.cfg.prometheus_url),
+                "ForecastService": _forecast_service(self.history, self.cfg.prometheus_url, self.deployments),
                 "PoolService": PoolService(self.pools),
                 "CostService": CostService(self.cost, self.recommender)}
         for name, sw in self.switches.items():
@@ -458,7 +458,7 @@ def SERVICES(migration_service_pb2, migration_service_pb2_grpc):
             (cost_service_pb2, cost_service_pb2_grpc, "CostService"))
 
 
-def _forecast_service(history, prometheus_url: str = ""):
+def _forecast_service(history, prometheus_url: str = "", deployments=None):
     from controlplane.forecast.service import DisabledForecastService, ForecastService
     if history is None:
         return DisabledForecastService()
@@ -466,7 +466,7 @@ def _forecast_service(history, prometheus_url: str = ""):
     if prometheus_url:
         from controlplane.forecast.prometheus import PrometheusHistory
         prom = PrometheusHistory(prometheus_url)
-    return ForecastService(history, prometheus=prom)
+    return ForecastService(history, prometheus=prom, deployments=deployments)
 
 
 async def _set_health(servicer, name: str, status) -> None:

@@ -23,7 +23,7 @@ def companion(ctl, d: D.Deployment, variant: str, replicas: int = 0) -> D.Deploy
     except errors.MeshError:
         model = None
     v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
-    return autoscale_variants.companion_spec(d.spec, variant, replicas, v)
+    return autoscale_variants.companion_spec(d.spec, variant, replicas, v, autoscale_variants.created_stamp(d))
 
 
 def _need(ctl, d: D.Deployment, variant: str) -> int:
@@ -103,13 +103,15 @@ async def share(ctl, name: str, d: D.Deployment, st, decision: Decision, replica
 
 
 async def companions_gone(ctl) -> None:
-    """Delete companions whose deployment is gone or no longer lists variants in its policy."""
+    """Delete companions whose deployment is gone (deleted, or deleted and created again under its name: the
+    new one is not their parent, autoscale_variants.belongs) or no longer lists variants in its policy."""
     for cname, c in sorted(ctl.dm.store.deployments.items()):
         parent = c.spec.labels.get(autoscale_variants.LABEL_OVERFLOW_OF)
         if not parent:
             continue
         p = ctl.dm.store.deployments.get(parent)
-        if p is not None and p.spec.HasField("scaling") and p.spec.scaling.variants:
+        if p is not None and autoscale_variants.belongs(c, p) and p.spec.HasField("scaling") \
+                and p.spec.scaling.variants:
             continue
         try:
             await ctl.dm.delete(cname)

@@ -34,6 +34,9 @@ from mesh.autoscale import choose_variant
 from mesh.models import vram
 
 LABEL_OVERFLOW_OF = "gpumesh.overflow-of"
+# the parent's creation time (nanoseconds) on its companion: a deployment deleted and created again under the name
+# (by its tenant: the tenant check passes) is another parent, which never adopts the earlier one's companion
+LABEL_OVERFLOW_PARENT_CREATED = "gpumesh.overflow-of-created"
 RETRY_S = 120.0                      # after a swap back ended with a replica waiting again, wait this long
 NO_ROOM_PREFIX = "no slice yet"      # controlplane/serving/actuator.py: a replica's message when allocation failed
 
@@ -52,15 +55,30 @@ def companion_name(parent: str, variant: str) -> str:
     return f"{parent[:63 - len(v) - len(digest) - 2]}-{v}-{digest}"
 
 
+def created_stamp(d: D.Deployment) -> str:
+    """A deployment's creation time as its companion's LABEL_OVERFLOW_PARENT_CREATED ("" when it has none)."""
+    return str(d.created_at.ToNanoseconds()) if d.HasField("created_at") else ""
+
+
+def belongs(c: D.Deployment, p: D.Deployment) -> bool:
+    """Whether `c` is the overflow companion of `p`: labelled as its overflow, of its tenant (another tenant's
+    deployment carrying the label is never it; DeploymentService also refuses the labels from a tenant:
+    deploysvc.py), and made for this deployment, not an earlier one under its name (the parent's creation time in
+    its label). A companion made before the label existed is its parent's when it was created after it."""
+    if c.spec.labels.get(LABEL_OVERFLOW_OF) != p.spec.name or c.spec.tenant != p.spec.tenant:
+        return False
+    stamp = c.spec.labels.get(LABEL_OVERFLOW_PARENT_CREATED)
+    if stamp is not None:
+        return stamp == created_stamp(p)
+    return c.created_at.ToNanoseconds() >= p.created_at.ToNanoseconds()
+
+
 def companion_of(deployments: dict, parent: str) -> D.Deployment | None:
-    """The deployment of `parent`'s tenant that takes its overflow (by its label), None when there is none:
-    another tenant's deployment carrying the label is never it (DeploymentService also refuses the label from
-    a tenant: deploysvc.py)."""
+    """The deployment that takes `parent`'s overflow (`belongs`), None when there is none."""
     p = deployments.get(parent)
     if p is None:
         return None
-    return next((d for _, d in sorted(deployments.items()) if d.spec.labels.get(LABEL_OVERFLOW_OF) == parent
-                 and d.spec.tenant == p.spec.tenant), None)
+    return next((d for _, d in sorted(deployments.items()) if belongs(d, p)), None)
 
 
 def no_room(replicas: list[D.Replica]) -> int:
@@ -156,10 +174,11 @@ def next_variant(policy_variants: tuple[str, ...], own: str, fits) -> str | None
     return choose_variant([(v, v != own and fits(v)) for v in policy_variants])
 
 
-def companion_spec(parent: D.DeploymentSpec, variant: str, replicas: int, v: M.Variant | None = None
-                   ) -> D.DeploymentSpec:
+def companion_spec(parent: D.DeploymentSpec, variant: str, replicas: int, v: M.Variant | None = None,
+                   parent_created: str = "") -> D.DeploymentSpec:
     """The parent's spec as `variant` (the registry's `v` when known: settings of the parent's backend that
-    this variant does not take are left to the variant's defaults), with no policy and the overflow label."""
+    this variant does not take are left to the variant's defaults), with no policy and the overflow labels
+    (`parent_created`: the parent's `created_stamp`)."""
     spec = D.DeploymentSpec()
     spec.CopyFrom(parent)
     spec.ClearField("scaling")
@@ -167,6 +186,9 @@ def companion_spec(parent: D.DeploymentSpec, variant: str, replicas: int, v: M.V
     spec.variant = variant
     spec.replicas = replicas
     spec.labels[LABEL_OVERFLOW_OF] = parent.name
+    spec.labels.pop(LABEL_OVERFLOW_PARENT_CREATED, None)
+    if parent_created:
+        spec.labels[LABEL_OVERFLOW_PARENT_CREATED] = parent_created
     if v is not None:
         if v.backend != M.BACKEND_VLLM:
             spec.backend.device = ""                  # vLLM's build: not for a llama.cpp variant

@@ -132,6 +132,9 @@ class AutoscalerController:
         for gone in set(self.states) - set(names):
             self._forget(gone)
         self.failing = {n: born for n, born in self.failing.items() if n in names}
+        # first: a deployment created again under its name makes its companion of its own, whose name the earlier
+        # one's orphaned companion held
+        await autoscale_overflow.companions_gone(self)
         for name in names:
             try:
                 await self.one(name)
@@ -143,7 +146,6 @@ class AutoscalerController:
                 self._failed(name, e)
             else:
                 self.failing.pop(name, None)
-        await autoscale_overflow.companions_gone(self)
 
     def _forget(self, name: str) -> None:
         """Drop what is kept of the deployment under `name` (gone, or another created under its name)."""

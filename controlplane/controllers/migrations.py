@@ -105,7 +105,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin):
         self.planning: dict[str, M.Migration] = {}
         self.reserving: dict[str, asyncio.Future] = {}    # id -> a resize's `_reserve`: the writer until `_spawn`
         self.commit_unsure: set[str] = set()    # commits written without a verdict (migration_steps._write_commit)
+        self.releasing_old: set[str] = set()    # resizes' old placements they release now (resize.py)
         ctl.agent_handlers["migration"] = self._on_report
+        ctl.release_hooks.insert(0, self._refuse_old_placement)     # before a hook stops anything
         workloads.extra_desired.append(self.targets_on)
         workloads.run_guards.append(self.target_busy)
         ctl.migrations = self

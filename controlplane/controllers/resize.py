@@ -351,8 +351,27 @@ class ResizeMixin:
 
     async def _release_old_placement(self, m: M.Migration) -> None:
         if m.target_slice in self.ctl.fleet.slices:
+            self.releasing_old.add(m.target_slice)      # its own release passes `_refuse_old_placement`
             try:
                 await self.ctl.release(m.target_slice, wait=False, message=f"old placement of {m.resize_slice} "
                                                                            f"(resize {m.id})")
             except errors.NotFound:
                 pass
+            finally:
+                self.releasing_old.discard(m.target_slice)
+
+    async def _refuse_old_placement(self, slices: list, wait: bool) -> None:
+        """A release hook (Controller.release): a resize's reserved slice is not released by anyone else from its
+        commit's write until the resize releases it itself (after SWAP_SLICES and the source's stop). The commit
+        gives its ID the old placement while its agent still names the new one by it: the removal sent for it
+        tore down the new placement and the workload moved into it (and, after the swap, the paused source before
+        it handed the workload over). Before the commit a release of it rolls the resize back, as before."""
+        for s in slices:
+            if s.id in self.releasing_old:
+                continue
+            m = next((m for m in self.unfinished() if m.resize_slice and m.target_slice == s.id and (
+                m.phase == P.MIGRATION_PHASE_COMMITTED or s.id in self.ctl.swapping)), None)
+            if m is not None:
+                raise errors.FailedPrecondition(
+                    f"slice {s.id} is the old placement of slice {m.resize_slice}, whose resize ({m.id}) has "
+                    f"committed: the resize releases it when it ends; release it then if it is still there")

@@ -220,11 +220,25 @@ class HistoryStore:
         with self._lock:
             return dict(self.db.execute("SELECT tier, COUNT(*) FROM samples GROUP BY tier").fetchall())
 
-    def list(self, kind: str = "", tenant: str | None = None) -> list[SeriesInfo]:
-        """Every series (of `kind`, of `tenant` when not None) with its sample count and time span."""
+    def list(self, kind: str = "", tenant: str | None = None,
+             since: dict[tuple[str, str], float] | None = None) -> list[SeriesInfo]:
+        """Every series (of `kind`, of `tenant` when not None) with its sample count and time span. `since`:
+        (kind, name) -> a time the series of that object start at (a deployment's creation: what its name's
+        series hold from before is an earlier deployment's); one with no sample from then is not listed."""
         q = ("SELECT x.kind, x.name, x.metric, x.tenant, COUNT(*), MIN(s.t), MAX(s.t) FROM series x "
              "JOIN samples s ON s.series = x.id WHERE (? = '' OR x.kind = ?) AND (? IS NULL OR x.tenant = ?) "
              "GROUP BY x.id ORDER BY x.kind, x.name, x.metric")
+        since = since or {}
+        out = []
         with self._lock:
-            rows = self.db.execute(q, (kind, kind, tenant, tenant)).fetchall()
-        return [SeriesInfo(*r) for r in rows]
+            for r in self.db.execute(q, (kind, kind, tenant, tenant)).fetchall():
+                start = since.get((r[0], r[1]), 0.0)
+                if start > r[5]:
+                    n, first, last = self.db.execute(
+                        "SELECT COUNT(*), MIN(s.t), MAX(s.t) FROM samples s JOIN series x ON x.id = s.series "
+                        "WHERE x.kind=? AND x.name=? AND x.metric=? AND s.t >= ?", (*r[:3], start)).fetchone()
+                    if not n:
+                        continue
+                    r = (*r[:4], n, first, last)
+                out.append(SeriesInfo(*r))
+        return out

@@ -3,7 +3,9 @@
 Store reads run on the history's thread; fitting runs in a worker thread, at most `fit_slots` at a
 time, so a burst of calls never starves the event loop's CPU. Viewers and admins read every series;
 a tenant's caller only its own (its deployments and its tenant series); others are NOT_FOUND for it,
-as an unknown series is.
+as an unknown series is. A deployment's series are read from its creation on (as the autoscaler's forecast
+reads them, controllers/autoscale_forecast.py): they are kept by name, and what a reused name's series hold from
+before is an earlier deployment's (history.py drops it only when the name passes to another tenant).
 """
 
 from __future__ import annotations
@@ -36,11 +38,22 @@ def may_read(tenant: str) -> bool:
 
 
 class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
-    def __init__(self, recorder, fit_slots: int = 1, prometheus=None) -> None:
+    def __init__(self, recorder, fit_slots: int = 1, prometheus=None, deployments=None) -> None:
         self.recorder = recorder
         self.store = recorder.store
         self.slots = asyncio.Semaphore(fit_slots)
         self.prometheus = prometheus          # controlplane/forecast/prometheus.py, or None
+        self.deployments = deployments        # serving/deployments.DeploymentManager: their creation times, or None
+
+    def _born(self) -> dict[tuple[str, str], float]:
+        """("deployment", name) -> the current deployment's creation time (seconds), for those that have one."""
+        known = getattr(getattr(self.deployments, "store", None), "deployments", None) or {}
+        return {("deployment", name): d.created_at.ToNanoseconds() / 1e9 for name, d in list(known.items())
+                if d.HasField("created_at")}
+
+    def since(self, kind: str, name: str) -> float:
+        """When the object's series start: a deployment's creation time, else 0 (all of it)."""
+        return self._born().get((kind, name), 0.0) if kind == "deployment" else 0.0
 
     async def forecast(self, kind: str, name: str, metric: str, horizon_s: float, step_s: float = 0.0,
                        level: float = 0.0) -> F.GetForecastResponse:
@@ -65,7 +78,8 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
                                   f"lists them)", kind="series", name=f"{kind}/{name}/{metric}")
         # the fit sees the last MAX_BINS bins only: the whole series (a long raw tier holds millions of samples)
         # was read, held per call and filtered and binned on the event loop
-        rows = await self.recorder.read(self.store.tail, kind, name, metric, forecasting.MAX_BINS * p.step_s)
+        rows = await self.recorder.read(self.store.tail, kind, name, metric, forecasting.MAX_BINS * p.step_s,
+                                        self.since(kind, name))
         return await self._answer(p, rows, source)
 
     async def _answer(self, p, rows, source: str) -> F.GetForecastResponse:
@@ -96,7 +110,7 @@ class ForecastService(forecast_service_pb2_grpc.ForecastServiceServicer):
     async def ListSeries(self, request, context):
         if request.kind and request.kind not in KINDS:
             raise errors.InvalidArgument.of("kind", f"{request.kind!r} is not a series kind", ", ".join(KINDS))
-        infos = await self.recorder.read(self.store.list, request.kind)
+        infos = await self.recorder.read(self.store.list, request.kind, None, self._born())
         return F.ListSeriesResponse(series=[
             F.SeriesInfo(kind=s.kind, name=s.name, metric=s.metric, tenant=s.tenant, samples=s.count,
                          first=_ts(s.first), last=_ts(s.last)) for s in infos if may_read(s.tenant)])

@@ -34,15 +34,15 @@ class DeploymentService(deployment_service_pb2_grpc.DeploymentServiceServicer):
 
     @staticmethod
     def _check_system_labels(spec: D.DeploymentSpec, before: D.DeploymentSpec | None = None) -> None:
-        """A tenant may not set the label that makes a deployment another's variant-overflow companion (the
-        autoscaler sets it on the companions it creates; an Update that keeps the stored value is fine)."""
+        """A tenant may not set the labels that make a deployment another's variant-overflow companion (the
+        autoscaler sets them on the companions it creates; an Update that keeps the stored value is fine)."""
         if auth.current().admin:
             return
-        key = autoscale_variants.LABEL_OVERFLOW_OF
-        value = spec.labels.get(key)
-        if value is not None and (before is None or before.labels.get(key) != value):
-            raise errors.InvalidArgument.of(f"spec.labels[{key!r}]", "is set by gpumesh itself (the autoscaler's "
-                                            "variant-overflow companions)", "other labels")
+        for key in (autoscale_variants.LABEL_OVERFLOW_OF, autoscale_variants.LABEL_OVERFLOW_PARENT_CREATED):
+            value = spec.labels.get(key)
+            if value is not None and (before is None or before.labels.get(key) != value):
+                raise errors.InvalidArgument.of(f"spec.labels[{key!r}]", "is set by gpumesh itself (the "
+                                                "autoscaler's variant-overflow companions)", "other labels")
 
     @unary
     async def Create(self, request, context):

@@ -217,3 +217,68 @@ def test_the_fit_estimate_follows_how_the_gpu_is_shared():
     assert autoscale_variants.fit_count(2 * GIB, fleet) == 2 and autoscale_variants.fit_count(2 * GIB, fleet, 1) == 0
     fleet.nodes["n1"].schedulable = False
     assert autoscale_variants.fit_count(2 * GIB, fleet) == 0
+
+
+def _stamping(dm: Manager) -> None:
+    """The fake's create stamps created_at from its clock, as DeploymentManager.create does."""
+    create = dm.create
+
+    async def stamped(spec):
+        d = await create(spec)
+        d.created_at.FromNanoseconds(int(dm.clock[0] * 1e9))
+        return d
+    dm.create = stamped
+
+
+async def test_a_deployment_created_again_by_its_tenant_does_not_adopt_the_earlier_ones_companion():
+    """`chat` overflowed to `chat-q4`; its tenant deleted `chat` and created it again before the autoscaler's next
+    pass deleted the companion. The companion was found by its parent's name and tenant only, so the new `chat`
+    adopted the earlier one's (its replicas, its spec: another model or backend settings, its count beside the new
+    deployment's). A companion carries its parent's creation time; the new `chat` does not adopt it, it is deleted
+    as an orphan, and the new `chat` overflows to a companion of its own."""
+    dm, ctl = overflow_setup([ready(1), waiting(1), waiting(2), waiting(3)], 10 * GIB, min_replicas=4,
+                             max_replicas=4, target=2)
+    _stamping(dm)
+    dm.store.deployments["chat"].created_at.FromSeconds(900)
+    await ctl.run_once()
+    old = dm.store.deployments["chat-q4"]
+    assert old.spec.replicas == 3
+    assert autoscale_variants.companion_of(dm.store.deployments, "chat") is old
+    # deleted and created again by the same tenant (one READY replica, nothing waiting), before the next pass
+    again = deployment(1, variants=("bf16", "q4"), min_replicas=1, max_replicas=4, target=2)
+    again.spec.variant = "bf16"
+    again.created_at.FromSeconds(1100)
+    dm.store.deployments["chat"] = again
+    dm.by_name["chat"] = [ready(1)]
+    dm.clock[0] = 1200.0
+    assert autoscale_variants.companion_of(dm.store.deployments, "chat") is None
+    await ctl.run_once()
+    assert "chat-q4" not in dm.store.deployments                  # the orphan is deleted
+    assert dm.store.deployments["chat"].spec.replicas == 1        # the new one's count is its own alone
+    # the new one overflows to a companion of its own
+    dm.by_name["chat"] = [ready(1), waiting(1)]
+    dm.store.deployments["chat"].spec.scaling.min_replicas = 2
+    await ctl.run_once()
+    mine = dm.store.deployments["chat-q4"]
+    assert old.spec.labels[autoscale_variants.LABEL_OVERFLOW_PARENT_CREATED] == str(900 * 10**9)
+    assert mine.spec.labels[autoscale_variants.LABEL_OVERFLOW_PARENT_CREATED] == str(1100 * 10**9)
+    assert autoscale_variants.companion_of(dm.store.deployments, "chat") is mine
+
+
+def test_a_companion_made_before_the_parent_label_is_its_parents_when_made_after_it():
+    """Companions created by a control plane before this label stay adopted on an upgrade (deleted, their
+    replicas went and came back), unless they are older than the deployment under their parent's name."""
+    parent = deployment(1, max_replicas=4, target=2)
+    parent.created_at.FromSeconds(100)
+    comp = D.Deployment(spec=autoscale_variants.companion_spec(parent.spec, "q4", 1))
+    assert autoscale_variants.LABEL_OVERFLOW_PARENT_CREATED not in comp.spec.labels
+    comp.created_at.FromSeconds(150)
+    assert autoscale_variants.belongs(comp, parent)
+    comp.created_at.FromSeconds(50)
+    assert not autoscale_variants.belongs(comp, parent)
+    labelled = D.Deployment(spec=autoscale_variants.companion_spec(
+        parent.spec, "q4", 1, parent_created=autoscale_variants.created_stamp(parent)))
+    assert autoscale_variants.belongs(labelled, parent)        # its own created_at is not what counts
+    other = deployment(1, max_replicas=4, target=2)
+    other.created_at.FromSeconds(101)
+    assert not autoscale_variants.belongs(labelled, other)

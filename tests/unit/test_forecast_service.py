@@ -17,14 +17,14 @@ from mesh import errors
 T0 = 1_700_000_000.0
 
 
-def run_with(tmp_path, samples, fn, principal=auth.UNRESTRICTED):
+def run_with(tmp_path, samples, fn, principal=auth.UNRESTRICTED, deployments=None):
     async def go():
         tmp_path.mkdir(parents=True, exist_ok=True)
         rec = HistoryRecorder(HistoryStore(str(tmp_path / "h.db"), parse_tiers(["raw:1d", "1m:30d"])))
         for s in samples:
             rec.add(*s)
         await rec.flush()
-        svc = ForecastService(rec)
+        svc = ForecastService(rec, deployments=deployments)
         token = auth._current.set(principal)
         try:
             return await fn(svc)
@@ -356,3 +356,31 @@ def test_a_deployment_name_taken_by_another_tenant_does_not_hand_it_the_old_hist
         assert [v for _, v in store.read("deployment", "chat", "requests")] == [5.0] * 3
     finally:
         store.close()
+
+
+def test_a_deployment_created_again_by_its_tenant_reads_no_history_from_before(tmp_path):
+    """Tenant a's "chat" deleted and created again by a: the series keeps its owner, so it kept the earlier
+    deployment's samples, and `meshctl forecast get deployment/chat` (and `forecast series`) read them, where the
+    autoscaler's own forecast reads none from before the deployment's creation. The service bounds a deployment's
+    series by the current deployment's created_at as well."""
+    from types import SimpleNamespace
+
+    from gpumesh.v1 import deployment_service_pb2 as D
+    earlier = [("deployment", "chat", "requests", 1000.0 + i, "a", T0 + i) for i in range(300)]
+    again = [("deployment", "chat", "requests", 5.0, "a", T0 + 1000 + i) for i in range(300)]
+    d = D.Deployment()
+    d.spec.name, d.spec.tenant = "chat", "a"
+    d.created_at.FromNanoseconds(int((T0 + 999) * 1e9))
+    dm = SimpleNamespace(store=SimpleNamespace(deployments={"chat": d}))
+    a = auth.Principal("client", "a", tenant="a", role="tenant")
+
+    async def both(s):
+        listed = [(x.name, x.samples, x.first.ToNanoseconds() / 1e9)
+                  for x in (await s.ListSeries(_req("deployment"), None)).series]
+        return listed, await s.forecast("deployment", "chat", "requests", 10, 1)
+    listed, r = run_with(tmp_path / "a", earlier + again, both, a, deployments=dm)
+    assert listed == [("chat", 300, T0 + 1000)]
+    assert r.history_points == 300 and r.history_span_seconds == pytest.approx(299) and r.model == "constant"
+    gone = [("deployment", "old", "requests", 1.0, "a", T0 + i) for i in range(300)]      # no deployment: all of it
+    listed = run_with(tmp_path / "b", gone, lambda s: s.ListSeries(_req("deployment"), None), a, deployments=dm)
+    assert [(x.name, x.samples) for x in listed.series] == [("old", 300)]

@@ -77,7 +77,7 @@ def test_a_commit_that_landed_with_its_answer_lost_is_finished_not_rolled_back()
         etcd.kv[keys.workload(WID)] = (w.SerializeToString(), 1)
         sessions: dict = {}
         target = types_pb2.Slice(id="s-b", node="nB", state=types_pb2.SLICE_STATE_READY)
-        ctl = types.SimpleNamespace(agent_handlers={}, sessions=sessions,
+        ctl = types.SimpleNamespace(agent_handlers={}, release_hooks=[], sessions=sessions,
                                     fleet=types.SimpleNamespace(slices={"s-b": target}), swapping={},
                                     writer=types.SimpleNamespace(write=etcd.write), store=etcd,
                                     recorder=types.SimpleNamespace(emit=lambda *a, **k: None))

@@ -80,7 +80,7 @@ def manager(etcd: Etcd, workload: types_pb2.Workload | None):
     sessions: dict = {}
     # the target slice the migrations here name, READY (a commit onto a released one rolls back)
     target = types_pb2.Slice(id="s-b", node="nB", state=types_pb2.SLICE_STATE_READY)
-    ctl = types.SimpleNamespace(agent_handlers={}, sessions=sessions,
+    ctl = types.SimpleNamespace(agent_handlers={}, release_hooks=[], sessions=sessions,
                                 fleet=types.SimpleNamespace(slices={"s-b": target}),
                                 swapping={},
                                 writer=types.SimpleNamespace(write=etcd.write),

@@ -67,6 +67,16 @@ def test_a_tenant_cannot_set_the_overflow_label():
         DeploymentService._check_system_labels(spec)
 
 
+def test_a_tenant_cannot_set_the_overflow_parents_creation_label():
+    key = autoscale_variants.LABEL_OVERFLOW_PARENT_CREATED
+    spec = dep("aaa", "a", **{key: "1"}).spec
+    with as_tenant("a"):
+        with pytest.raises(errors.InvalidArgument) as e:
+            DeploymentService._check_system_labels(spec)
+        assert e.value.field == f"spec.labels[{key!r}]"
+        DeploymentService._check_system_labels(spec, before=spec)
+
+
 def _node_with(*slices: T.Slice):
     ctl = _controller()
     for s in slices:
