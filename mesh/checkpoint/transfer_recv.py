@@ -128,6 +128,7 @@ class ReceiveSession:
         self.committed: dict[str, Any] | None = None
         self.committed_event = threading.Event()
         self.manifest: Manifest | None = None
+        self.hellos: set[bytes] = set()    # the senders' nonces of the hellos heard: a replayed one is refused
 
     def have(self) -> dict[str, list[Any]]:
         return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}
@@ -241,6 +242,8 @@ bytes at once, so without this bound a sender's small frames could make the rece
 without end."""
 MAX_SESSION_ENTRIES = 1 << 16
 """entries (of any kind) one session holds: a checkpoint's tensors and data entries are thousands at most."""
+MAX_SESSION_STREAMS = 1 << 16
+"""streams (hellos) one session hears: a sender opens one per send and per retry after a cut."""
 
 
 HELLO_TIMEOUT_S = 10.0
@@ -462,6 +465,22 @@ class TransferServer:
             log(logger, logging.WARNING, "transfer push refused", session=session.session, peer=context.peer(),
                 reason="no proof of the session's secret")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        # the proof covers the sender's nonce only: a hello recorded off the wire proves the secret again. Its
+        # stream could open no frame, but it would take the session's lock below and, held open, keep every
+        # later stream of the real sender out. A sender draws a new nonce for every stream.
+        with self._lock:
+            replayed = nonce_c in session.hellos
+            full = not replayed and len(session.hellos) >= MAX_SESSION_STREAMS
+            if not replayed and not full:
+                session.hellos.add(nonce_c)
+        if replayed:
+            log(logger, logging.WARNING, "transfer push refused", session=session.session, peer=context.peer(),
+                reason="a replayed hello")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"transfer session {session.session!r}: the hello was "
+                          f"heard before (replayed): a sender draws a new nonce for every stream")
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"transfer session {session.session!r} heard "
+                          f"{MAX_SESSION_STREAMS} streams already (MAX_SESSION_STREAMS)")
         with session.lock:
             ring = session.ring if session.ring is not None and session.ring.view is not None else None
             if ring is not None:

@@ -1,0 +1,85 @@
+"""Hostile input on the transfer receiver (a real TransferServer over gRPC): a hello recorded off the
+wire and replayed. Each is a clean refusal with a status that names it, and nothing of it reaches the
+sink's checkpoint directory."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from mesh.checkpoint.format import EntryMeta, Manifest, checksum
+from mesh.checkpoint.transfer import PUSH, DirectorySink, TransferServer, frame, unframe
+from mesh.checkpoint.transfer_auth import client_channel, client_hello
+
+SECRET = bytes(range(32))
+BLOB = bytes(range(256)) * 8
+
+
+@pytest.fixture
+def server():
+    s = TransferServer("127.0.0.1:0").start()
+    yield s
+    s.stop(0)
+
+
+def push(address: str, session: str, frames, secret: bytes = SECRET, hello=None):
+    """One stream: the hello (recorded one when given), then `frames(channel)` sealed by the stream's
+    channel. Returns the opened answers after the `have`; raises grpc.RpcError when refused."""
+    hello, nonce = hello or client_hello(secret, session)
+    ready, box = threading.Event(), {}
+
+    def requests():
+        yield frame(hello)
+        ready.wait(10)
+        for f in frames(box["ch"]) if "ch" in box else ():
+            yield box["ch"].seal(f)
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(PUSH)(requests(), timeout=20)
+        try:
+            box["ch"], _ = client_channel(secret, session, nonce, next(call))
+        finally:
+            ready.set()
+        return [unframe(box["ch"].open(m))[0] for m in call]
+
+
+def begin(meta: dict, gen=0, offset=0) -> bytes:
+    return frame({"t": "begin", "meta": meta, "gen": gen, "offset": offset, "algo": "sha256"})
+
+
+def tensor(name: str = "a", blob: bytes = BLOB) -> dict:
+    return {"name": name, "kind": "tensor", "nbytes": len(blob), "dtype": "uint8", "shape": [len(blob)]}
+
+
+def commit(entries: list[dict], step=1) -> bytes:
+    return frame({"t": "commit", "manifest": Manifest(workload_id="w", step=0, checksum="sha256", entries=[
+        EntryMeta.from_json(e) for e in entries]).to_json() | {"step": step}})
+
+
+def whole(name: str = "a", blob: bytes = BLOB) -> list[bytes]:
+    """begin, one chunk (CRC-32 checked) and end of a tensor entry."""
+    import zlib
+    return [begin(tensor(name, blob)), frame({"t": "chunk", "offset": 0, "sum": zlib.crc32(blob)}, blob),
+            frame({"t": "end", "checksum": checksum(blob, "sha256")})]
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+def test_a_replayed_hello_is_refused(server, tmp_path):
+    """The hello's proof covers only the sender's nonce: replayed by someone on the wire (no secret), it
+    used to be answered and its stream took the session's lock, holding off every later stream of the
+    real sender (a reconnect, the next pre-copy round) for as long as the replayer kept it open."""
+    sink = DirectorySink(str(tmp_path / "ck"), "w")
+    server.expect("mig-1", sink, secret=SECRET)
+    recorded = client_hello(SECRET, "mig-1")
+    push(server.address, "mig-1", lambda ch: [], hello=recorded)          # the real sender's stream
+    with pytest.raises(grpc.RpcError) as exc:
+        push(server.address, "mig-1", lambda ch: [], hello=recorded)      # the same hello again
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED and "replayed" in exc.value.details()
+    # a fresh hello of the real sender is still heard, and commits
+    done = push(server.address, "mig-1", lambda ch: whole() + [commit([tensor() | {
+        "checksum": checksum(BLOB, "sha256")}])])
+    assert done[-1]["committed"] == {"path": str(tmp_path / "ck")}
+
+
