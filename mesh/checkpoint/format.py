@@ -103,7 +103,7 @@ class EntryMeta:
             meta = cls(name=str(d["name"]), kind=d["kind"], nbytes=int(d["nbytes"]), dtype=str(d.get("dtype", "")),
                        shape=[int(x) for x in d.get("shape", [])], checksum=str(d.get("checksum", "")),
                        file=str(d.get("file", "")))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise FormatError(f"bad manifest entry {str(d)[:200]}: {exc}") from None
         if meta.kind not in KINDS:
             why = (" (pickled entries are refused: unpickling received bytes would run code)"

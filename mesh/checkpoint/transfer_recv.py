@@ -311,7 +311,9 @@ class _Pipeline:
                 return
             try:
                 self._frame(msg)
-            except (KeyError, ValueError, TypeError) as exc:
+            except (KeyError, ValueError, TypeError, OverflowError, struct_error) as exc:
+                # a field missing or of another type, a number JSON spells as Infinity: the sender's fault, said
+                # so (INVALID_ARGUMENT), never an UNKNOWN error of the server
                 self.error = _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc!r}")
                 return
             except BaseException as exc:   # noqa: BLE001 - handed to the stream's handler
@@ -324,7 +326,7 @@ class _Pipeline:
             h, data = unframe(self.channel.open(msg))     # opened first: nothing of a forged frame is used
         except TransferAuthError as exc:
             raise _Abort(grpc.StatusCode.DATA_LOSS, str(exc)) from None
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, UnicodeDecodeError, struct_error) as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}") from None
         kind = h.get("t") if isinstance(h, dict) else None
         if kind == "chunk":

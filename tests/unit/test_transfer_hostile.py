@@ -1,6 +1,7 @@
 """Hostile input on the transfer receiver (a real TransferServer over gRPC): a hello recorded off the
-wire and replayed. Each is a clean refusal with a status that names it, and nothing of it reaches the
-sink's checkpoint directory."""
+wire and replayed, frames a secret-holding sender malformed (empty, shorter than their header, numbers
+JSON spells as Infinity). Each is a clean refusal with a status that names it, and nothing of it
+reaches the sink's checkpoint directory."""
 
 from __future__ import annotations
 
@@ -83,3 +84,19 @@ def test_a_replayed_hello_is_refused(server, tmp_path):
     assert done[-1]["committed"] == {"path": str(tmp_path / "ck")}
 
 
+# --- malformed frames from a sender that holds the secret ----------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda: b"", id="empty frame"),
+    pytest.param(lambda: b"\x01\x00", id="frame shorter than its header length"),
+    pytest.param(lambda: begin(tensor(), gen=float("inf")), id="infinite generation"),
+    pytest.param(lambda: begin(tensor() | {"nbytes": float("inf")}), id="infinite nbytes"),
+    pytest.param(lambda: begin(tensor() | {"shape": [float("inf")]}), id="infinite shape"),
+])
+def test_a_malformed_frame_is_a_clean_invalid_argument(server, tmp_path, bad):
+    sink = DirectorySink(str(tmp_path / "ck"), "w")
+    server.expect("s", sink, secret=SECRET)
+    with pytest.raises(grpc.RpcError) as exc:
+        push(server.address, "s", lambda ch: [bad()])
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+    assert not (tmp_path / "ck").exists()
