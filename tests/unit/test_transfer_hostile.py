@@ -1,7 +1,7 @@
 """Hostile input on the transfer receiver (a real TransferServer over gRPC): a hello recorded off the
 wire and replayed, frames a secret-holding sender malformed (empty, shorter than their header, numbers
-JSON spells as Infinity). Each is a clean refusal with a status that names it, and nothing of it
-reaches the sink's checkpoint directory."""
+JSON spells as Infinity, a step or size past int64). Each is a clean refusal with a status that names
+it, and nothing of it reaches the sink's checkpoint directory."""
 
 from __future__ import annotations
 
@@ -99,4 +99,20 @@ def test_a_malformed_frame_is_a_clean_invalid_argument(server, tmp_path, bad):
     with pytest.raises(grpc.RpcError) as exc:
         push(server.address, "s", lambda ch: [bad()])
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+    assert not (tmp_path / "ck").exists()
+
+@pytest.mark.parametrize("field,value", [("step", 2 ** 64), ("step", -1), ("nbytes", 2 ** 63)])
+def test_numbers_outside_int64_are_refused_before_anything_is_committed(server, tmp_path, field, value):
+    """A step or size past int64 was committed into the checkpoint directory; the agent's answer (a
+    MigrationReport of int64 fields) then failed, so the store kept a checkpoint no record names."""
+    sink = DirectorySink(str(tmp_path / "ck"), "w")
+    server.expect("s", sink, secret=SECRET)
+    if field == "step":
+        frames = whole() + [commit([tensor() | {"checksum": checksum(BLOB, "sha256")}], step=value)]
+    else:
+        frames = [begin(tensor() | {"nbytes": value})]
+    with pytest.raises(grpc.RpcError) as exc:
+        push(server.address, "s", lambda ch: frames)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+    assert field in exc.value.details()
     assert not (tmp_path / "ck").exists()
