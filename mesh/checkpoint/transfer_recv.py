@@ -220,18 +220,32 @@ class ReceiveSession:
         e.checksum = actual
 
     def commit(self, manifest: Manifest) -> dict[str, Any]:
+        """The manifest is what the sink keeps (the store's manifest, what a restore sends): each of its entries
+        must have arrived whole, once, as it describes it (kind, size, dtype, shape) and with its checksum."""
+        named: set[str] = set()
         for m in manifest.entries:
+            if m.name in named:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"commit: entry {m.name!r} is in the manifest twice")
+            named.add(m.name)
             e = self.entries.get(m.name)
             if e is None or not e.done:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"commit: entry {m.name!r} has not arrived whole")
             if e.checksum != m.checksum:
                 raise _Abort(grpc.StatusCode.DATA_LOSS, f"commit: entry {m.name!r} holds checksum "
                              f"{e.checksum[:16]}..., the manifest says {m.checksum[:16]}...")
+            got, said = _described(e.meta), _described(m)
+            if got != said:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"commit: entry {m.name!r} arrived as {got}, the "
+                             f"manifest says {said}")
         data = {m.name: bytes(self.entries[m.name].payload or b"") for m in manifest.entries if m.kind == "data"}
         self.committed = self.sink.commit(manifest, data) or {}
         self.manifest = manifest
         self.committed_event.set()
         return self.committed
+
+
+def _described(meta: EntryMeta) -> str:
+    return f"{meta.kind} {meta.dtype or '-'}{list(meta.shape)} of {meta.nbytes} bytes"
 
 
 MAX_DATA_ENTRY = 64 << 20

@@ -1,7 +1,8 @@
 """Hostile input on the transfer receiver (a real TransferServer over gRPC): a hello recorded off the
 wire and replayed, frames a secret-holding sender malformed (empty, shorter than their header, numbers
-JSON spells as Infinity, a step or size past int64). Each is a clean refusal with a status that names
-it, and nothing of it reaches the sink's checkpoint directory."""
+JSON spells as Infinity, a step or size past int64), a commit whose manifest does not describe what
+arrived. Each is a clean refusal with a status that names it, and nothing of it reaches the sink's
+checkpoint directory."""
 
 from __future__ import annotations
 
@@ -115,4 +116,30 @@ def test_numbers_outside_int64_are_refused_before_anything_is_committed(server, 
         push(server.address, "s", lambda ch: frames)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
     assert field in exc.value.details()
+    assert not (tmp_path / "ck").exists()
+
+
+# --- a commit that does not describe what arrived ------------------------------------------------
+
+A = tensor() | {"checksum": checksum(BLOB, "sha256")}
+
+
+@pytest.mark.parametrize("entries", [
+    pytest.param([A | {"kind": "data", "dtype": "", "shape": []}], id="a tensor called data"),
+    pytest.param([A | {"nbytes": 10 * len(BLOB), "shape": [10 * len(BLOB)]}], id="another size"),
+    pytest.param([A | {"dtype": "float32", "shape": [len(BLOB) // 4]}], id="another dtype and shape"),
+    pytest.param([A, A], id="the entry twice"),
+])
+def test_a_commit_must_describe_the_entries_that_arrived(server, tmp_path, entries):
+    """The commit's manifest is what the store keeps and what a restore sends: it used to be checked only for
+    each entry's checksum. Into the agent's store (StoreSink) a received tensor the manifest calls a data
+    entry was overwritten by an empty data file, and the checkpoint was answered CHECKPOINTED: complete in
+    the store, and never restorable."""
+    from mesh.checkpoint.store import StoreSink
+    sink = StoreSink(str(tmp_path / "ck"), "w", key=bytes(32), tenant="t", checkpoint_id="ck")
+    server.expect("s", sink, secret=SECRET)
+    with pytest.raises(grpc.RpcError) as exc:
+        push(server.address, "s", lambda ch: whole() + [commit(entries)])
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+    assert "'a'" in exc.value.details()
     assert not (tmp_path / "ck").exists()
