@@ -36,9 +36,9 @@ skipped.
 
 from __future__ import annotations
 
-from mesh.checkpoint.transfer_recv import (BufferTarget, DirectorySink, EntryTarget, NullSink, ReceiveSession, Sink,
-                                           TransferServer, _Abort, _RecvEntry)
+from mesh.checkpoint.transfer_recv import ReceiveSession, TransferServer, _Abort, _RecvEntry
 from mesh.checkpoint.transfer_send import OutEntry, ProgressFn, SendStats, TransferClient, raw_entries
+from mesh.checkpoint.transfer_sinks import BufferTarget, DirectorySink, EntryTarget, NullSink, Sink
 from mesh.checkpoint.transfer_wire import (GRPC_OPTIONS, MAX_MESSAGE, PUSH, SERVICE, TransferError, frame,
                                            unframe)
 
