@@ -10,7 +10,9 @@ repeat after an agent restart answers from the checkpoint's manifest when it was
 (else it is written anew). The checkpoint is written into `<path>.partial-<pid>` and renamed into
 place on completion (mesh/checkpoint/format.py CheckpointWriter); a failed checkpoint's partial directory
 is removed at once, and those a dead agent left when the agent starts (`clean_partial_checkpoints`).
-Only a commit the agent's own receiver took makes a checkpoint: the workload's reply alone does not.
+Only a commit the agent's own receiver took makes a checkpoint: the workload's reply alone does not; and a
+step that fails after that commit (the workload's reply is an error) removes what was committed: it is answered
+FAILED, so no record would name it and nothing would ever delete it from the store.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
@@ -145,7 +147,7 @@ class CheckpointSteps(MigrationBase):
             server = TransferServer("127.0.0.1:0").start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
             secret = new_secret()       # both ends are here: the workload gets it over its control socket
-            relay = sink = None
+            relay = sink = sess = None
             written = False
             try:
                 sink = StoreSink(path, wid, key=key, tenant=cmd.tenant, checkpoint_id=cmd.migration_id, key_kind=kind)
@@ -162,11 +164,12 @@ class CheckpointSteps(MigrationBase):
                 if done is None:
                     raise RuntimeError("the workload did not commit its checkpoint (its checkpoint call returned, "
                                        "the agent's receiver got no commit)")
-                written = True
                 nbytes = int(done.get("bytes", r.get("bytes", 0)))
-                return M.MigrationReport(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path,
-                                         step=int(done.get("step", r.get("step", 0))), bytes=nbytes, seconds=seconds,
-                                         mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
+                rep = M.MigrationReport(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path,
+                                        step=int(done.get("step", r.get("step", 0))), bytes=nbytes, seconds=seconds,
+                                        mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
+                written = True
+                return rep
             finally:
                 if relay is not None:
                     relay.stop()
@@ -175,6 +178,10 @@ class CheckpointSteps(MigrationBase):
                     # `<path>.partial-<agent pid>`: clean_partial_checkpoints skips this live agent's own and
                     # DELETE_CHECKPOINT removes only `path`, so nothing else would remove it
                     sink.writer.abort()
+                    if sess is not None and sess.committed is not None:
+                        # the receiver committed, then the step failed (the workload's reply, the report): it is
+                        # answered FAILED, so no record names this checkpoint and nothing would ever delete it
+                        shutil.rmtree(path, ignore_errors=True)
         rep = await asyncio.to_thread(run)
         log(logger, logging.INFO, "checkpoint written", node=self.agent.node, workload=wid, path=path,
             step=rep.step, bytes=rep.bytes, encrypted=rep.encrypted)

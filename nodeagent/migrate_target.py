@@ -127,7 +127,10 @@ class TargetSteps(MigrationBase):
             from mesh.checkpoint.store import push_checkpoint
             from mesh.checkpoint.transfer import TransferClient
             try:
-                with TransferClient(tjob.address, cmd.session, secret=secret) as client:
+                # the gRPC stream only (mesh="grpc"): the ring a restoring workload offers is its own shared-memory
+                # segment, and the agent copying into it through a mapping is killed with SIGBUS when the tenant
+                # shrinks the segment during the copy (where it lies in the host's /dev/shm: isolation=criu)
+                with TransferClient(tjob.address, cmd.session, secret=secret, mesh="grpc") as client:
                     stats = push_checkpoint(path, client, self._key(tenant), tenant=tenant,
                                             checkpoint_id=os.path.basename(path),
                                             checkpoint_key=cmd.checkpoint_key or None)

@@ -42,6 +42,8 @@ CHUNK_BYTES = 4 << 20
 
 Kind = Literal["tensor", "data"]
 KINDS = ("tensor", "data")
+INT64_MAX = (1 << 63) - 1
+"""a manifest's step, sizes and dimensions are reported in int64 fields (MigrationReport, CheckpointInfo)."""
 
 try:
     import xxhash as _xxhash
@@ -103,15 +105,18 @@ class EntryMeta:
             meta = cls(name=str(d["name"]), kind=d["kind"], nbytes=int(d["nbytes"]), dtype=str(d.get("dtype", "")),
                        shape=[int(x) for x in d.get("shape", [])], checksum=str(d.get("checksum", "")),
                        file=str(d.get("file", "")))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise FormatError(f"bad manifest entry {str(d)[:200]}: {exc}") from None
         if meta.kind not in KINDS:
             why = (" (pickled entries are refused: unpickling received bytes would run code)"
                    if meta.kind == "pickle" else "")
             raise FormatError(f"entry {meta.name!r}: kind {meta.kind!r} is not allowed{why}; allowed: "
                               f"{', '.join(KINDS)}")
-        if meta.nbytes < 0:
-            raise FormatError(f"entry {meta.name!r}: nbytes {meta.nbytes} is negative")
+        if not 0 <= meta.nbytes <= INT64_MAX:
+            raise FormatError(f"entry {meta.name!r}: nbytes {meta.nbytes} (allowed: 0 to {INT64_MAX})")
+        if any(not 0 <= n <= INT64_MAX for n in meta.shape):
+            raise FormatError(f"entry {meta.name!r}: shape {str(meta.shape)[:200]} (allowed: dimensions of 0 to "
+                              f"{INT64_MAX})")
         return meta
 
 
@@ -156,10 +161,16 @@ class Manifest:
                               f"(this build reads version {FORMAT_VERSION}){why}")
         algo = d.get("checksum", "")
         check_algorithm(algo)
-        return cls(workload_id=str(d.get("workload_id", "")), step=int(d.get("step", 0)),
-                   created=float(d.get("created", 0.0)), extras=dict(d.get("extras", {})),
-                   entries=[EntryMeta.from_json(e) for e in d.get("entries", [])], format_version=version,
-                   checksum=algo)
+        try:
+            step, created, extras = int(d.get("step", 0)), float(d.get("created", 0.0)), dict(d.get("extras", {}))
+            entries = list(d.get("entries", []))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise FormatError(f"bad manifest (step, created, extras or entries): {exc}") from None
+        if not 0 <= step <= INT64_MAX:
+            # the agent reports it in an int64 field: past it, a checkpoint already in the store got no record
+            raise FormatError(f"manifest step {step} (allowed: 0 to {INT64_MAX})")
+        return cls(workload_id=str(d.get("workload_id", "")), step=step, created=created, extras=extras,
+                   entries=[EntryMeta.from_json(e) for e in entries], format_version=version, checksum=algo)
 
 
 def check_algorithm(algo: str) -> None:

@@ -31,6 +31,7 @@ Module buffers are always hashed: native kernels update some of them without a b
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 import time
@@ -246,7 +247,12 @@ class WorkloadState:
             raise StateMismatch(f"checkpoint entry {meta.name!r}: kind {meta.kind!r} is not a tensor")
         dtype = dtype_of(meta.dtype)
         name = meta.name
+        numel = math.prod(meta.shape)
+        if meta.nbytes != numel * dtype.itemsize:      # checked before a byte is taken, or anything allocated
+            raise StateMismatch(f"checkpoint entry {name!r}: {meta.nbytes} bytes declared, {meta.dtype}"
+                                f"{list(meta.shape)} is {numel * dtype.itemsize} bytes")
         if name.startswith("optim/"):
+            self._check_staged(name, numel)
             staged = torch.empty(meta.shape, dtype=dtype)
             self._staged[name] = staged
             return byte_view(staged)
@@ -262,6 +268,23 @@ class WorkloadState:
         staged = torch.empty(meta.shape, dtype=dtype)
         self._copy_back[name] = (live, staged)
         return byte_view(staged)
+
+    def _check_staged(self, name: str, numel: int) -> None:
+        """Optimizer state is staged in a new tensor of the entry's shape: only `optim/<o>/state/<i>/<key>` of a
+        registered optimizer `o` with a parameter `i`, and no more elements than all of `o`'s parameters hold
+        (Adam's moments are each one parameter's size, L-BFGS's flat history all of them)."""
+        parts = name.split("/", 4)
+        opt = None
+        if len(parts) == 5 and parts[2] == "state" and parts[3].isascii() and parts[3].isdigit():
+            opt = self._reg.optimizers.get(parts[1])
+        params = _params(opt) if opt is not None else []
+        if opt is None or int(parts[3]) >= len(params):
+            raise StateMismatch(f"checkpoint entry {name!r} is the state of no parameter of an optimizer "
+                                f"registered in this workload")
+        most = max(1, sum(p.numel() for p in params))
+        if numel > most:
+            raise StateMismatch(f"checkpoint entry {name!r}: {numel} elements, more than the {most} of all the "
+                                f"parameters of optimizer {parts[1]!r}")
 
     def apply(self, data: dict[str, bytes], tensor_names: list[str] | None = None) -> None:
         """Finishes a load once every entry's bytes are in: copies staged tensors, installs

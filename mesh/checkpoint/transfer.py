@@ -6,8 +6,9 @@ message is a *frame*: a 4-byte little-endian header length, a JSON header, then 
 payload. Every message after the `hello` is sealed (AES-256-GCM, keys from the session's
 secret and both sides' nonces; mesh/checkpoint/transfer_auth.py). The sender speaks first:
 
-    hello  {session, nonce, proof}           proof = HMAC(secret, session, nonce); without it the
-                                             stream is refused (UNAUTHENTICATED), nothing written
+    hello  {session, nonce, proof}           proof = HMAC(secret, session, nonce); without it, or
+                                             with a nonce heard before (replayed), the stream is
+                                             refused (UNAUTHENTICATED), nothing written
                                              -> receiver answers its nonce and a sealed `have`:
                                                 what it holds per entry (generation, contiguous
                                                 bytes, done)
@@ -35,9 +36,9 @@ skipped.
 
 from __future__ import annotations
 
-from mesh.checkpoint.transfer_recv import (BufferTarget, DirectorySink, EntryTarget, NullSink, ReceiveSession, Sink,
-                                           TransferServer, _Abort, _RecvEntry)
+from mesh.checkpoint.transfer_recv import ReceiveSession, TransferServer, _Abort, _RecvEntry
 from mesh.checkpoint.transfer_send import OutEntry, ProgressFn, SendStats, TransferClient, raw_entries
+from mesh.checkpoint.transfer_sinks import BufferTarget, DirectorySink, EntryTarget, NullSink, Sink
 from mesh.checkpoint.transfer_wire import (GRPC_OPTIONS, MAX_MESSAGE, PUSH, SERVICE, TransferError, frame,
                                            unframe)
 

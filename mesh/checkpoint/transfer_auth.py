@@ -12,7 +12,9 @@ Handshake (one round trip, inside the stream that carries the data):
 
     sender   -> hello {session, nonce_c, proof = HMAC-SHA256(secret, "hello" | session | nonce_c)}
     receiver    checks the proof in constant time: without it, or with another session's secret,
-                the stream is refused (UNAUTHENTICATED) before anything is written
+                the stream is refused (UNAUTHENTICATED) before anything is written; so is a hello
+                whose nonce the session heard before (replayed off the wire: the proof covers the
+                sender's nonce only, and the stream would hold the session; transfer_recv.py)
     receiver -> MAGIC | nonce_s | seal(have)
     both        keys = HKDF-SHA256(secret, salt = nonce_c | nonce_s, info = "gpumesh-transfer-v2" | session)
                 -> one AES-256-GCM key per direction

@@ -1,5 +1,5 @@
-"""The transfer channel's receiving side: sinks, `ReceiveSession`, `TransferServer`.
-See mesh/checkpoint/transfer.py for the protocol."""
+"""The transfer channel's receiving side: `ReceiveSession`, `TransferServer` (its sinks:
+mesh/checkpoint/transfer_sinks.py). See mesh/checkpoint/transfer.py for the protocol."""
 
 from __future__ import annotations
 
@@ -11,90 +11,20 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from struct import error as struct_error
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
-from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, CheckpointWriter, EntryMeta, FormatError,
-                                    Manifest, chunk_sum, entry_file, new_hasher)
+from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, EntryMeta, FormatError, Manifest, chunk_sum,
+                                    new_hasher)
 from mesh.checkpoint.transfer_auth import Channel, TransferAuthError, check_hello, check_secret, server_answer
+from mesh.checkpoint.transfer_sinks import BufferTarget, EntryTarget, Sink
 from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, cumulative_sum, frame, unframe
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
 
 # --- receiving ------------------------------------------------------------------------------
-
-class EntryTarget(Protocol):
-    def write(self, offset: int, data: memoryview) -> None: ...
-
-
-class Sink(Protocol):
-    """Where a receiving session puts entries."""
-
-    def open_entry(self, meta: EntryMeta) -> EntryTarget:
-        """Called at the start of each (re)sent entry; may be called again for a newer generation."""
-
-    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
-        """Every entry of `manifest` has arrived and checked out; `data` holds the bytes of its
-        data entries (tagged JSON, mesh/checkpoint/datafmt.py: never unpickled). Returns facts for
-        the sender's `done` answer."""
-
-
-class BufferTarget:
-    """Writes into a memoryview (a tensor's bytes, or a bytearray)."""
-
-    def __init__(self, buf: memoryview) -> None:
-        self.buf = buf
-
-    def write(self, offset: int, data: memoryview) -> None:
-        self.buf[offset:offset + len(data)] = data
-
-
-class NullSink:
-    """Discards everything: for measuring the channel."""
-
-    class _Null:
-        def write(self, offset: int, data: memoryview) -> None:
-            pass
-
-    def open_entry(self, meta: EntryMeta) -> EntryTarget:
-        return self._Null()
-
-    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
-        return {}
-
-
-class DirectorySink:
-    """Receives into a checkpoint directory (the store); the manifest is written on commit."""
-
-    def __init__(self, path: str, workload_id: str = "", private: bool = False) -> None:
-        self.writer = CheckpointWriter(path, workload_id, private=private)
-        self.files: dict[str, str] = {}
-
-    class _File:
-        def __init__(self, path: Any) -> None:
-            self.path = path
-
-        def write(self, offset: int, data: memoryview) -> None:
-            with open(self.path, "r+b") as f:
-                f.seek(offset)
-                f.write(data)
-
-    def open_entry(self, meta: EntryMeta) -> EntryTarget:
-        rel = self.files.setdefault(meta.name, entry_file(len(self.files)))
-        path = self.writer.tmp / rel
-        with self.writer.create(rel) as f:
-            f.truncate(meta.nbytes)
-        return self._File(path)
-
-    def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
-        entries = [EntryMeta(**{**e.to_json(), "file": self.files[e.name]}) for e in manifest.entries]
-        self.writer.commit_manifest(Manifest(workload_id=manifest.workload_id, step=manifest.step, entries=entries,
-                                             created=manifest.created, extras=manifest.extras,
-                                             checksum=manifest.checksum))
-        return {"path": str(self.writer.path)}
-
 
 @dataclass
 class _RecvEntry:
@@ -128,6 +58,7 @@ class ReceiveSession:
         self.committed: dict[str, Any] | None = None
         self.committed_event = threading.Event()
         self.manifest: Manifest | None = None
+        self.hellos: set[bytes] = set()    # the senders' nonces of the hellos heard: a replayed one is refused
 
     def have(self) -> dict[str, list[Any]]:
         return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}
@@ -219,18 +150,32 @@ class ReceiveSession:
         e.checksum = actual
 
     def commit(self, manifest: Manifest) -> dict[str, Any]:
+        """The manifest is what the sink keeps (the store's manifest, what a restore sends): each of its entries
+        must have arrived whole, once, as it describes it (kind, size, dtype, shape) and with its checksum."""
+        named: set[str] = set()
         for m in manifest.entries:
+            if m.name in named:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"commit: entry {m.name!r} is in the manifest twice")
+            named.add(m.name)
             e = self.entries.get(m.name)
             if e is None or not e.done:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"commit: entry {m.name!r} has not arrived whole")
             if e.checksum != m.checksum:
                 raise _Abort(grpc.StatusCode.DATA_LOSS, f"commit: entry {m.name!r} holds checksum "
                              f"{e.checksum[:16]}..., the manifest says {m.checksum[:16]}...")
+            got, said = _described(e.meta), _described(m)
+            if got != said:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"commit: entry {m.name!r} arrived as {got}, the "
+                             f"manifest says {said}")
         data = {m.name: bytes(self.entries[m.name].payload or b"") for m in manifest.entries if m.kind == "data"}
         self.committed = self.sink.commit(manifest, data) or {}
         self.manifest = manifest
         self.committed_event.set()
         return self.committed
+
+
+def _described(meta: EntryMeta) -> str:
+    return f"{meta.kind} {meta.dtype or '-'}{list(meta.shape)} of {meta.nbytes} bytes"
 
 
 MAX_DATA_ENTRY = 64 << 20
@@ -241,6 +186,8 @@ bytes at once, so without this bound a sender's small frames could make the rece
 without end."""
 MAX_SESSION_ENTRIES = 1 << 16
 """entries (of any kind) one session holds: a checkpoint's tensors and data entries are thousands at most."""
+MAX_SESSION_STREAMS = 1 << 16
+"""streams (hellos) one session hears: a sender opens one per send and per retry after a cut."""
 
 
 HELLO_TIMEOUT_S = 10.0
@@ -308,7 +255,9 @@ class _Pipeline:
                 return
             try:
                 self._frame(msg)
-            except (KeyError, ValueError, TypeError) as exc:
+            except (KeyError, ValueError, TypeError, OverflowError, struct_error) as exc:
+                # a field missing or of another type, a number JSON spells as Infinity: the sender's fault, said
+                # so (INVALID_ARGUMENT), never an UNKNOWN error of the server
                 self.error = _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc!r}")
                 return
             except BaseException as exc:   # noqa: BLE001 - handed to the stream's handler
@@ -321,7 +270,7 @@ class _Pipeline:
             h, data = unframe(self.channel.open(msg))     # opened first: nothing of a forged frame is used
         except TransferAuthError as exc:
             raise _Abort(grpc.StatusCode.DATA_LOSS, str(exc)) from None
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, UnicodeDecodeError, struct_error) as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}") from None
         kind = h.get("t") if isinstance(h, dict) else None
         if kind == "chunk":
@@ -462,6 +411,22 @@ class TransferServer:
             log(logger, logging.WARNING, "transfer push refused", session=session.session, peer=context.peer(),
                 reason="no proof of the session's secret")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        # the proof covers the sender's nonce only: a hello recorded off the wire proves the secret again. Its
+        # stream could open no frame, but it would take the session's lock below and, held open, keep every
+        # later stream of the real sender out. A sender draws a new nonce for every stream.
+        with self._lock:
+            replayed = nonce_c in session.hellos
+            full = not replayed and len(session.hellos) >= MAX_SESSION_STREAMS
+            if not replayed and not full:
+                session.hellos.add(nonce_c)
+        if replayed:
+            log(logger, logging.WARNING, "transfer push refused", session=session.session, peer=context.peer(),
+                reason="a replayed hello")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"transfer session {session.session!r}: the hello was "
+                          f"heard before (replayed): a sender draws a new nonce for every stream")
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"transfer session {session.session!r} heard "
+                          f"{MAX_SESSION_STREAMS} streams already (MAX_SESSION_STREAMS)")
         with session.lock:
             ring = session.ring if session.ring is not None and session.ring.view is not None else None
             if ring is not None:

@@ -175,3 +175,47 @@ def test_a_failed_checkpoint_leaves_no_partial_checkpoint(tmp_path):
     out = asyncio.run(drive(running_agent(tmp_path, push), cmd()))
     assert [r.event for r in out] == [R.FAILED] and "went away" in out[0].message
     assert _partials(tmp_path) == []
+
+
+class _CommitThenFail:
+    """A tenant's SDK on the control socket: pushes a whole checkpoint (the agent's receiver commits it),
+    then answers the `checkpoint` command with an error."""
+
+    def __init__(self) -> None:
+        self.pushed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def call(self, cmd, target, session, secret):
+        from mesh.checkpoint.agent_link import CommandError
+        from mesh.checkpoint.format import EntryMeta, Manifest
+        from mesh.checkpoint.transfer import OutEntry, TransferClient
+        blob = b"\x01" * 100
+        meta = EntryMeta(name="t", kind="tensor", nbytes=len(blob), dtype="uint8", shape=[len(blob)])
+        with TransferClient(target, session, secret=bytes.fromhex(secret), mesh="grpc") as c:
+            stats = c.send([OutEntry(meta, lambda start: [memoryview(blob)[start:]])], commit=lambda st: Manifest(
+                workload_id="w-1", step=5, checksum=c.algo, entries=[EntryMeta(
+                    **{**meta.to_json(), "checksum": st.checksums["t"]})]))
+        self.pushed = stats.committed is not None
+        raise CommandError(cmd, "RuntimeError", "the SDK failed after its commit")
+
+
+def test_a_checkpoint_that_fails_after_the_commit_leaves_nothing_in_the_store(tmp_path):
+    """The step answers FAILED, so the control plane records no checkpoint and never expires one: what the
+    agent's receiver committed before the failure must not stay in the store (a tenant could leave a
+    checkpoint there, uncounted and never deleted, with every request)."""
+    from gpumesh.v1 import types_pb2
+    m = agent(tmp_path)
+    m.runner.workloads["w-1"] = types_pb2.Workload(id="w-1", state=types_pb2.WORKLOAD_STATE_RUNNING)
+    m.runner.meta["w-1"] = {}
+    sdk = _CommitThenFail()
+    m._link = lambda wid, timeout=0: sdk
+    out = asyncio.run(drive(m, cmd()))
+    assert sdk.pushed, "the receiver committed the push"
+    assert [r.event for r in out] == [R.FAILED] and "after its commit" in out[0].message
+    assert not (tmp_path / "t" / "w-1" / "ck-1").exists()
+    assert os.listdir(tmp_path / "t" / "w-1") == []

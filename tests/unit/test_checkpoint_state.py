@@ -6,10 +6,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'gpumesh[torch]')")
 
+import math  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from mesh.checkpoint.format import EntryMeta  # noqa: E402
 from mesh.checkpoint.state import StateMismatch, WorkloadState, load_tensors  # noqa: E402
 from tests.unit._checkpoint_util import (assert_same_state, clean_env, finish, run_example,  # noqa: E402
                                          start_example)
@@ -81,6 +84,37 @@ def test_shape_mismatch_is_named(tmp_path):
     other.register_module("model", torch.nn.Sequential(torch.nn.Linear(8, 4)))
     with pytest.raises(StateMismatch, match=r"'module/model/0.weight': float32\[16, 8\].*float32\[4, 8\]"):
         other.load(str(tmp_path / "ck"))
+
+
+def test_an_entry_must_declare_the_size_of_its_shape():
+    """A received entry's size is checked against its dtype and shape before its bytes are taken: one declared
+    shorter (0 bytes for a [16, 8] float32 tensor) passed its checksum, and the restore left the live tensor
+    as the fresh process had made it, answered as restored."""
+    _, _, st = make()
+    for nbytes in (0, 511, 513):
+        meta = EntryMeta("module/model/0.weight", "tensor", nbytes=nbytes, dtype="float32", shape=[16, 8])
+        with pytest.raises(StateMismatch, match=rf"{nbytes} bytes.*float32\[16, 8\] is 512 bytes"):
+            st.writable(meta)
+    assert len(st.writable(EntryMeta("module/model/0.weight", "tensor", nbytes=512, dtype="float32",
+                                     shape=[16, 8]))) == 512
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("optim/sgd/state/0/exp_avg", [16, 8]),             # no optimizer sgd is registered
+    ("optim/adam/state/99/exp_avg", [4]),               # adam has no parameter 99
+    ("optim/adam/meta/0/exp_avg", [4]),                 # not a state entry
+    ("optim/adam/state/x/exp_avg", [4]),                # no parameter index
+    ("optim/adam/0/exp_avg", [4]),                      # no state part
+    ("optim/adam/state/0/exp_avg", [1 << 40]),          # more elements than all of adam's parameters
+])
+def test_optimizer_state_is_staged_only_where_a_registered_optimizer_can_hold_it(name, shape):
+    """Optimizer state is staged in a new tensor of the declared shape: any name under optim/ and any shape
+    was allocated before a byte of it arrived."""
+    _, _, st = make()
+    meta = EntryMeta(name, "tensor", nbytes=4 * math.prod(shape), dtype="float32", shape=shape)
+    with pytest.raises(StateMismatch, match=re.escape(repr(name))):
+        st.writable(meta)
+    assert st._staged == {}
 
 
 def test_dirty_tracking_by_version_counter():

@@ -230,6 +230,7 @@ def test_the_handshake_cannot_be_replayed(server):
         answers = _raw_push(server.address, [frame(hello), begin])
     assert exc.value.code() == grpc.StatusCode.DATA_LOSS and "failed authentication" in exc.value.details()
     assert sink.opened == []
+    hello, nonce = client_hello(SECRET, "mig-m-1")        # another one: a replayed hello is refused at once
     with pytest.raises(TransferAuthError):
         answers = [m for m in _raw_push(server.address, [frame(hello)])]
         client_channel(OTHER, "mig-m-1", nonce, answers[0])
