@@ -114,6 +114,12 @@ class SourceSteps(MigrationBase):
                 mb_per_s=res.bytes_sent / 1e6 / max(res.total_ms / 1e3, 1e-9), transfer=res.transport)
         except (MigrationFailed, Cancelled, OSError, ConnectionError) as e:
             job.final = M.MigrationReport(migration_id=job.migration_id, event=R.FAILED, message=str(e))
+        except (ValueError, TypeError) as e:
+            # the figures are the workload's SDK's (the tenant's code): one no report can carry (past int64) must
+            # end the send with an answer, not kill this thread without one
+            job.final = M.MigrationReport(migration_id=job.migration_id, event=R.FAILED,
+                                          message=f"the workload's checkpoint SDK answered a figure no report can "
+                                                  f"carry: {e}")
         finally:
             link.close()
             if relay is not None:

@@ -82,3 +82,35 @@ async def test_a_source_that_ends_just_before_the_restop_still_ends_as_the_migra
     finally:
         monkeypatch.undo()
         kill_shims(r)
+
+
+def test_a_source_sdk_answering_numbers_out_of_range_fails_the_send(tmp_path, monkeypatch):
+    """The workload's checkpoint SDK is the tenant's code: a `status` or round answered with a number past int64
+    (state_bytes 2^64) made building the report raise ValueError, which the send thread did not catch: it died
+    without a final report, and SEND was never answered (the migration waited out its copy timeout). It is now a
+    FAILED report naming the answer."""
+    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
+                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
+    a.realized = {}
+    r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=0)
+    m = MigrationAgent(a, r)
+
+    class Link:                   # the tenant's SDK over the control socket
+        def call(self, cmd, **kw):     # a whole pre-copy that goes well, but for its state_bytes
+            return {"status": {"state_bytes": 2 ** 64}, "dirty": {"bytes": 0}, "pause": {"step": 1},
+                    "final": {"entries": 1, "bytes": 10, "seconds": 0.1, "committed": {"step": 1}},
+                    }.get(cmd, {"entries": 1, "bytes": 10, "seconds": 0.1, "mb_per_s": 100.0})
+
+        def close(self):
+            pass
+    monkeypatch.setattr(m, "_link", lambda wid, timeout=0: Link())
+    monkeypatch.setattr(m, "_outbound", lambda wid, address: None)
+    monkeypatch.setattr(m, "_secret", lambda cmd: b"k" * 32)
+    sent = []
+    monkeypatch.setattr(m, "_send", lambda rep: sent.append(rep))
+    job = migrate_source.Job("m-1", "w-1")
+    cmd = M.MigrationCommand(migration_id="m-1", action=M.MigrationCommand.SEND, workload_id="w-1",
+                             address="127.0.0.1:9", session="mig-m-1")
+    m._run_send(job, cmd, lambda event, **k: None)
+    assert job.done and sent == [job.final]
+    assert job.final.event == M.MigrationReport.FAILED and "out of range" in job.final.message
