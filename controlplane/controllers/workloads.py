@@ -361,8 +361,7 @@ def shown(w: types_pb2.Workload) -> types_pb2.Workload:
     if out is w:
         out = types_pb2.Workload()
         out.CopyFrom(w)
-    for k in out.env:
-        out.env[k] = ENV_HIDDEN
+    out.env.update({k: ENV_HIDDEN for k in out.env})     # not set while iterating: upb's map iterator is undefined then
     return out
 
 
