@@ -245,6 +245,8 @@ class ControlPlane:
         from controlplane.api.migrationsvc import MigrationService
         self.migrations = MigrationManager(self.ctl, self.workloads, self.cfg.migration_pause_at)
         await self.migrations.load()
+        from controlplane.controllers.checkpoint_quota import CheckpointQuota
+        self.migrations.checkpoint_quota = CheckpointQuota(self.cfg.checkpoint_quota_bytes, self.tenants)
         from controlplane.serving.registry import ModelRegistry, ModelService
         self.models = ModelRegistry(self.ctl)
         await self.models.load()
