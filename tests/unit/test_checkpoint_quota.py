@@ -180,3 +180,28 @@ def test_a_bad_limit_in_the_tenants_file_is_refused_naming_it(tmp_path, bad):
 def test_a_negative_default_is_refused():
     with pytest.raises(ValueError, match="checkpoint_quota_bytes"):
         CheckpointQuota(-1)
+
+
+# -- what `meshctl get checkpoints` shows -------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_list_checkpoints_shows_each_tenants_usage_against_its_limit_to_those_who_may_see_it():
+    from controlplane.api.migrationsvc import MigrationService
+    from tools.meshctl import migrate
+    mm, _ = limited(1000)
+    mm.checkpoint_quota = CheckpointQuota(1000, _tenants({"b": {"max_checkpoint_bytes": 0}}))
+    held(mm, "ck-1", "a", 600)
+    held(mm, "ck-2", "a", 300)
+    held(mm, "ck-3", "b", 10_000)
+    svc = MigrationService(mm)
+    r = await svc.ListCheckpoints(M.ListCheckpointsRequest(), None)
+    assert [(u.tenant, u.bytes, u.limit_bytes) for u in r.usage] == [("a", 900, 1000), ("b", 10_000, 0)]
+    token = auth._current.set(auth.Principal("client", "alice", tenant="a", role="tenant"))
+    try:
+        r = await svc.ListCheckpoints(M.ListCheckpointsRequest(), None)
+    finally:
+        auth._current.reset(token)
+    assert [(u.tenant, u.bytes, u.limit_bytes) for u in r.usage] == [("a", 900, 1000)]     # not b's
+    text = migrate.format_checkpoints(list(r.checkpoints), "table", usage=r.usage)
+    assert "tenant a: checkpoints hold 900B of its 1000B checkpoint quota" in text
+    assert '"limit_bytes": "1000"' in migrate.format_checkpoints([], "json", usage=r.usage)

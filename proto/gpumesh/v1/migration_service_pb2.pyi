@@ -198,10 +198,22 @@ class ListCheckpointsRequest(_message.Message):
     def __init__(self, workload_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
-    __slots__ = ("checkpoints",)
+    __slots__ = ("checkpoints", "usage")
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
-    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[CheckpointUsage]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[CheckpointUsage, _Mapping]]] = ...) -> None: ...
+
+class CheckpointUsage(_message.Message):
+    __slots__ = ("tenant", "bytes", "limit_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    bytes: int
+    limit_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., bytes: _Optional[int] = ..., limit_bytes: _Optional[int] = ...) -> None: ...
 
 class ResizeRequest(_message.Message):
     __slots__ = ("slice_id", "memory_bytes", "compute_share", "mig_profile")
