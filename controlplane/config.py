@@ -74,6 +74,11 @@ class ControlPlaneConfig:
                                             "recording a new event", minimum=0, maximum=86400)
     checkpoints_kept: int = option(10, "checkpoints kept per workload (older ones expire first, whatever their "
                                    "age)", minimum=1, maximum=100_000)
+    checkpoint_quota_bytes: int = option(0, "bytes a tenant's checkpoints may hold in the agents' shared checkpoint "
+                                         "store (the sum of its checkpoint records' sizes; a tenant's "
+                                         "max_checkpoint_bytes quota in tenants_file overrides it); a Checkpoint is "
+                                         "refused at the limit, and one that would pass it is stopped while "
+                                         "received; 0: no limit", minimum=0, maximum=2**62)
     retention_interval_seconds: float = option(60.0, "how often expired records are looked for", minimum=0.1,
                                                maximum=86400)
     # security (docs/security.md)

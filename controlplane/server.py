@@ -156,6 +156,8 @@ class ControlPlane:
             # Standing by: serve the reads from a read-only fleet that follows etcd (controlplane/state/follower.py).
             from controlplane.state.follower import Follower
             self.follower = Follower(self.store, lease_ttl=self.cfg.lease_ttl)
+            from controlplane.controllers.checkpoint_quota import CheckpointQuota     # the limits ListCheckpoints shows
+            self.follower.migrations.checkpoint_quota = CheckpointQuota(self.cfg.checkpoint_quota_bytes, self.tenants)
             self.follower.ctl.events.max_queue = self.cfg.watch_queue_limit
             self.follower.event_log.max_queue = self.cfg.watch_queue_limit
             self.follower.start()
@@ -245,6 +247,8 @@ class ControlPlane:
         from controlplane.api.migrationsvc import MigrationService
         self.migrations = MigrationManager(self.ctl, self.workloads, self.cfg.migration_pause_at)
         await self.migrations.load()
+        from controlplane.controllers.checkpoint_quota import CheckpointQuota
+        self.migrations.checkpoint_quota = CheckpointQuota(self.cfg.checkpoint_quota_bytes, self.tenants)
         from controlplane.serving.registry import ModelRegistry, ModelService
         self.models = ModelRegistry(self.ctl)
         await self.models.load()

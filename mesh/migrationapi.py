@@ -94,8 +94,13 @@ class MigrationApi:
         return _converting(self._migrations.Restore)(req, timeout=self.timeout)
 
     def list_checkpoints(self, workload_id: str = "", tenant: str = "") -> list[M.CheckpointInfo]:
-        return list(_converting(self._migrations.ListCheckpoints)(
-            M.ListCheckpointsRequest(workload_id=workload_id, tenant=tenant), timeout=self.timeout).checkpoints)
+        return self.list_checkpoints_usage(workload_id, tenant)[0]
+
+    def list_checkpoints_usage(self, workload_id: str = "", tenant: str = "") -> tuple[list, list]:
+        """The checkpoints, and what each listed tenant's hold against its checkpoint quota (CheckpointUsage)."""
+        r = _converting(self._migrations.ListCheckpoints)(
+            M.ListCheckpointsRequest(workload_id=workload_id, tenant=tenant), timeout=self.timeout)
+        return list(r.checkpoints), list(r.usage)
 
     def resize(self, slice_id: str, memory_bytes: int = 0, compute_share: float = 0.0, mig_profile: str = "",
                timeout: float | None = None):

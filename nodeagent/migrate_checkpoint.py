@@ -7,7 +7,8 @@ PUSH_CHECKPOINT: nodeagent/migrate_target.py.)
 CHECKPOINT is repeat-safe by checkpoint id (the control plane sends it again every few seconds until
 it is answered): a repeat while it runs is ignored, a repeat after it ended gets the same answer, and a
 repeat after an agent restart answers from the checkpoint's manifest when it was completely written
-(else it is written anew). The checkpoint is written into `<path>.partial-<pid>` and renamed into
+(else it is written anew). `max_bytes` (what the tenant's checkpoint quota leaves) bounds the checkpoint: the
+store's receiver refuses an entry that would pass it before writing it, and the step fails naming the quota. The checkpoint is written into `<path>.partial-<pid>` and renamed into
 place on completion (mesh/checkpoint/format.py CheckpointWriter); a failed checkpoint's partial directory
 is removed at once, and those a dead agent left when the agent starts (`clean_partial_checkpoints`).
 Only a commit the agent's own receiver took makes a checkpoint: the workload's reply alone does not; and a
@@ -150,7 +151,8 @@ class CheckpointSteps(MigrationBase):
             relay = sink = sess = None
             written = False
             try:
-                sink = StoreSink(path, wid, key=key, tenant=cmd.tenant, checkpoint_id=cmd.migration_id, key_kind=kind)
+                sink = StoreSink(path, wid, key=key, tenant=cmd.tenant, checkpoint_id=cmd.migration_id, key_kind=kind,
+                                 max_bytes=max(0, cmd.max_bytes))
                 sess = server.expect(session, sink, mesh=True, secret=secret)
                 relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
@@ -170,6 +172,12 @@ class CheckpointSteps(MigrationBase):
                                         mb_per_s=nbytes / 1e6 / max(seconds, 1e-9), encrypted=kind == "tenant")
                 written = True
                 return rep
+            except Exception:
+                if sink is not None and sink.refused:
+                    # the receiver refused an entry past the tenant's quota: that is the answer, whatever the
+                    # workload's SDK made of the refusal (the control plane turns it into RESOURCE_EXHAUSTED)
+                    raise RuntimeError(sink.refused) from None
+                raise
             finally:
                 if relay is not None:
                     relay.stop()

@@ -36,7 +36,8 @@ from mesh.logs import log
 logger = logging.getLogger(__name__)
 
 ROLES = ("viewer", "tenant", "admin")          # in increasing power
-QUOTA_KEYS = ("max_slices", "max_memory_bytes", "max_gpus", "max_priority")
+QUOTA_KEYS = ("max_slices", "max_memory_bytes", "max_gpus", "max_priority", "max_checkpoint_bytes")
+STORE_QUOTA_KEYS = ("max_checkpoint_bytes",)    # the checkpoint store's (controllers/checkpoint_quota.py), not the scheduler's
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _quota(where: str, q) -> dict:
         if k not in QUOTA_KEYS:
             raise ConfigError(f"{where}: unknown quota {k!r} (allowed: {', '.join(QUOTA_KEYS)})")
         try:
-            if k == "max_memory_bytes":
+            if k in ("max_memory_bytes", "max_checkpoint_bytes"):
                 out[k] = parse_size(v)
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{v!r} is not a number >= 0")
@@ -180,11 +181,13 @@ def apply_quotas(framework, tenants: Tenants | None) -> None:
         return
     for plugin in getattr(getattr(framework, "profile", None), "plugins", []):
         if getattr(plugin, "NAME", "") == "TenantQuota":
-            plugin.tenants.update({t: q for t, q in tenants.quotas.items() if q})
-            if tenants.default_quota:
-                plugin.default = dict(tenants.default_quota)
+            sched = {t: {k: v for k, v in q.items() if k not in STORE_QUOTA_KEYS} for t, q in tenants.quotas.items()}
+            plugin.tenants.update({t: q for t, q in sched.items() if q})
+            default = {k: v for k, v in (tenants.default_quota or {}).items() if k not in STORE_QUOTA_KEYS}
+            if default:
+                plugin.default = default
             return
-    if any(tenants.quotas.values()) or tenants.default_quota:
+    if any(k not in STORE_QUOTA_KEYS for q in [*tenants.quotas.values(), tenants.default_quota or {}] for k in q):
         log(logger, logging.WARNING, "the scheduler profile has no TenantQuota plugin: tenant quotas not enforced")
 
 

@@ -68,7 +68,12 @@ class MigrationService(migration_service_pb2_grpc.MigrationServiceServicer):
 
     @unary
     async def ListCheckpoints(self, request, context):
-        return M.ListCheckpointsResponse(checkpoints=_listed(self.m.checkpoints.values(), request))
+        listed = _listed(self.m.checkpoints.values(), request)
+        quota, scoped = self.m.checkpoint_quota, auth.scope_tenant(request.tenant)
+        tenants = sorted({c.tenant for c in listed} | ({scoped} if scoped else set()))
+        usage = [M.CheckpointUsage(tenant=t, bytes=quota.usage(self.m.checkpoints, t), limit_bytes=quota.limit(t))
+                 for t in tenants]
+        return M.ListCheckpointsResponse(checkpoints=listed, usage=usage)
 
     @unary
     async def Resize(self, request, context):

@@ -14,11 +14,13 @@ import secrets
 
 from controlplane.api import auth
 
+from controlplane.controllers.checkpoint_quota import CheckpointQuota
 from controlplane.state import keys
 from controlplane.controllers.slices import new_id, now
 from controlplane.state.store import Absent, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh import errors
+from mesh.checkpoint.store import QUOTA_NAME
 from mesh.logs import log
 
 from controlplane.controllers.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
@@ -33,6 +35,9 @@ CHECKPOINT_RESEND = 3.0
 class CheckpointsMixin:
     """Mixed into MigrationManager (self.ctl, self.wm, self.checkpoints, self._ask, ...)."""
 
+    # the tenants' checkpoint quotas (unlimited unless the server sets one from its configuration)
+    checkpoint_quota: CheckpointQuota = CheckpointQuota()
+
     async def checkpoint(self, wid: str) -> M.CheckpointInfo:
         from controlplane.controllers.migration_records import check_workload_id
         check_workload_id(wid)
@@ -41,18 +46,35 @@ class CheckpointsMixin:
             raise errors.FailedPrecondition(f"workload {wid} is not RUNNING: nothing to checkpoint")
         if self.ctl.sessions.get(w.node) is None:
             raise errors.Unavailable(f"node {w.node} is not connected")
+        quota = self.checkpoint_quota
+        quota.remaining(self.checkpoints, w.tenant)     # refused up front: at or past the limit
+        lock = quota.lock(w.tenant)
+        if lock is None:
+            return await self._checkpoint(w, 0)
+        async with lock:        # a limited tenant's checkpoints one at a time: each is told what the others left
+            return await self._checkpoint(w, quota.remaining(self.checkpoints, w.tenant))
+
+    async def _checkpoint(self, w, max_bytes: int) -> M.CheckpointInfo:
+        wid = w.id
         ck_id = new_id("ck")
         path = f"{w.tenant or 'default'}/{wid}/{ck_id}"
         ck_key = secrets.token_bytes(32)    # seals it where the tenant has no key (stored with the record)
         try:
             rep = await self._ask(ck_id, w.node, M.MigrationCommand(
                 migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant,
-                checkpoint_key=ck_key),
+                checkpoint_key=ck_key, max_bytes=max_bytes),
                 (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=CHECKPOINT_RESEND)
         except StepFailed as e:
+            if max_bytes and QUOTA_NAME in str(e):      # the agent's receiver refused it past what was left
+                raise self.checkpoint_quota.refused(w.tenant, f"checkpoint of {wid} refused: {e}") from None
             raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
         finally:
             self.reports.pop(ck_id, None)
+        if max_bytes and rep.bytes > max_bytes:
+            # an agent that does not know max_bytes (older) stored more than was left: the record keeps it (its
+            # files are in the store; retention deletes them), the next checkpoint is refused up front
+            log(logger, logging.WARNING, "checkpoint past its tenant's quota (the agent did not bound it)",
+                checkpoint=ck_id, workload=wid, bytes=rep.bytes, allowed=max_bytes)
         ck = M.CheckpointInfo(id=ck_id, workload_id=wid, tenant=w.tenant, node=w.node, path=rep.path, step=rep.step,
                               bytes=rep.bytes, seconds=rep.seconds, mb_per_s=rep.mb_per_s, encrypted=rep.encrypted,
                               created_at=now())

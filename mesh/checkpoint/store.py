@@ -51,6 +51,13 @@ class KeyError_(CheckpointError):
     """A tenant key is missing, malformed, or does not open a checkpoint."""
 
 
+class StoreFull(CheckpointError):
+    """A checkpoint would pass what its tenant's checkpoint quota leaves (StoreSink max_bytes)."""
+
+
+QUOTA_NAME = "checkpoint quota (checkpoint_quota_bytes)"
+
+
 class StoreTampered(KeyError_):
     """A stored checkpoint's manifest or records do not authenticate under its tenant's key for the
     checkpoint ID asked for (altered, or moved to another ID or tenant); nothing is restored."""
@@ -148,8 +155,13 @@ class StoreSink(DirectorySink):
     (step, RNG, optimizer meta)."""
 
     def __init__(self, path: str, workload_id: str = "", key: bytes | None = None, tenant: str = "",
-                 checkpoint_id: str = "", key_kind: str = "tenant") -> None:
+                 checkpoint_id: str = "", key_kind: str = "tenant", max_bytes: int = 0) -> None:
         super().__init__(path, workload_id, private=True)      # a process's state: the agents' alone
+        if max_bytes < 0:
+            raise CheckpointError(f"max_bytes: {max_bytes} (allowed: 0, no limit, or more)")
+        self.max_bytes = max_bytes      # what the tenant's checkpoint quota leaves for this one (0: no limit)
+        self.declared: dict[str, int] = {}      # entry name -> the size its latest generation declared
+        self.refused = ""               # why an entry or the commit passed max_bytes (the agent's answer says it)
         if key_kind not in KEY_KINDS:
             raise KeyError_(f"key_kind: {key_kind!r} (allowed: {', '.join(KEY_KINDS)})")
         self.key = key
@@ -158,13 +170,27 @@ class StoreSink(DirectorySink):
         self.tenant = tenant
         self.checkpoint_id = checkpoint_id or Path(path).name
 
+    def _bound(self, what: str, total: int) -> None:
+        """Refuse (StoreFull) before anything is written when the checkpoint would hold more than max_bytes."""
+        if self.max_bytes and total > self.max_bytes:
+            self.refused = (f"{what}: the checkpoint would hold {total} bytes, more than the {self.max_bytes} left "
+                            f"of tenant {self.tenant or 'default'!r}'s {QUOTA_NAME}")
+            raise StoreFull(self.refused)
+
     def open_entry(self, meta: EntryMeta) -> EntryTarget:
+        # the declared size bounds what the entry may take (the receiver refuses bytes past it): sum the latest
+        # generation's of every entry, before the file is made
+        others = sum(n for name, n in self.declared.items() if name != meta.name)
+        self._bound(f"entry {meta.name!r} of {meta.nbytes} bytes", others + meta.nbytes)
+        self.declared[meta.name] = meta.nbytes
         if self.aead is None:
             return super().open_entry(meta)
         rel = self.files.setdefault(meta.name, entry_file(len(self.files)))
         return _EncryptedFile(self.writer.tmp / rel, self.aead, meta.name, self.tenant, self.checkpoint_id)
 
     def commit(self, manifest: Manifest, data: dict[str, bytes]) -> dict[str, Any]:
+        # the data entries (held in memory until now) count too: the manifest's size is what the record says
+        self._bound("commit", max(manifest.nbytes, sum(self.declared.values()) + sum(len(b) for b in data.values())))
         for name, blob in data.items():
             target = self.open_entry(EntryMeta(name=name, kind="data", nbytes=len(blob)))
             if blob:

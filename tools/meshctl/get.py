@@ -233,9 +233,9 @@ def listing(args: argparse.Namespace, kind: str) -> tuple[str, set[str]]:
                 items = [m for m in mesh.list_migrations(tenant=args.tenant) if not names or m.id in names
                          or m.workload_id in names]
                 return migrate.format_migrations(items, args.output), {m.id for m in items}
-            items = [c for c in mesh.list_checkpoints(tenant=args.tenant) if not names or c.id in names
-                     or c.workload_id in names]
-        return migrate.format_checkpoints(items, args.output), {c.id for c in items}
+            items, usage = mesh.list_checkpoints_usage(tenant=args.tenant)
+            items = [c for c in items if not names or c.id in names or c.workload_id in names]
+        return migrate.format_checkpoints(items, args.output, usage=usage), {c.id for c in items}
     if kind == "workloads":
         from tools.meshctl import workloads
         items = workloads.fetch(args)

@@ -204,15 +204,19 @@ def migration_columns(now=None) -> list:
     ]
 
 
-def format_checkpoints(items: list, fmt: str, now=None) -> str:
+def format_checkpoints(items: list, fmt: str, now=None, usage=()) -> str:
+    """`usage`: CheckpointUsage of the tenants listed (their store usage against the checkpoint quota)."""
     from mesh.migrationapi import checkpoint_to_dict
+    from mesh.units import format_size
     from tools.meshctl.output import dump, table_of
     dicts = [checkpoint_to_dict(c) for c in items]
     if fmt in ("json", "yaml"):
-        return dump({"items": dicts}, fmt)
-    if not dicts:
-        return "No checkpoints found.\n"
-    return table_of(dicts, checkpoint_columns(now), wide=(fmt == "wide"))
+        return dump({"items": dicts, **({"usage": [checkpoint_to_dict(u) for u in usage]} if usage else {})}, fmt)
+    text = table_of(dicts, checkpoint_columns(now), wide=(fmt == "wide")) if dicts else "No checkpoints found.\n"
+    for u in usage:
+        limit = f"of its {format_size(u.limit_bytes)} checkpoint quota" if u.limit_bytes else "(no checkpoint quota)"
+        text += f"tenant {u.tenant or 'default'}: checkpoints hold {format_size(u.bytes)} {limit}\n"
+    return text
 
 
 def format_migrations(items: list, fmt: str, now=None) -> str:

@@ -198,10 +198,22 @@ class ListCheckpointsRequest(_message.Message):
     def __init__(self, workload_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
-    __slots__ = ("checkpoints",)
+    __slots__ = ("checkpoints", "usage")
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
-    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[CheckpointUsage]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[CheckpointUsage, _Mapping]]] = ...) -> None: ...
+
+class CheckpointUsage(_message.Message):
+    __slots__ = ("tenant", "bytes", "limit_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    bytes: int
+    limit_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., bytes: _Optional[int] = ..., limit_bytes: _Optional[int] = ...) -> None: ...
 
 class ResizeRequest(_message.Message):
     __slots__ = ("slice_id", "memory_bytes", "compute_share", "mig_profile")
@@ -216,7 +228,7 @@ class ResizeRequest(_message.Message):
     def __init__(self, slice_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., compute_share: _Optional[float] = ..., mig_profile: _Optional[str] = ...) -> None: ...
 
 class MigrationCommand(_message.Message):
-    __slots__ = ("migration_id", "action", "workload_id", "workload", "session", "address", "mode", "path", "tenant", "max_rounds", "stop_bytes", "slices", "alias", "secret", "peer", "checkpoint_key")
+    __slots__ = ("migration_id", "action", "workload_id", "workload", "session", "address", "mode", "path", "tenant", "max_rounds", "stop_bytes", "slices", "alias", "secret", "peer", "checkpoint_key", "max_bytes")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[MigrationCommand.Action]
@@ -261,6 +273,7 @@ class MigrationCommand(_message.Message):
     SECRET_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     action: MigrationCommand.Action
     workload_id: str
@@ -277,7 +290,8 @@ class MigrationCommand(_message.Message):
     secret: bytes
     peer: str
     checkpoint_key: bytes
-    def __init__(self, migration_id: _Optional[str] = ..., action: _Optional[_Union[MigrationCommand.Action, str]] = ..., workload_id: _Optional[str] = ..., workload: _Optional[_Union[_types_pb2.Workload, _Mapping]] = ..., session: _Optional[str] = ..., address: _Optional[str] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., path: _Optional[str] = ..., tenant: _Optional[str] = ..., max_rounds: _Optional[int] = ..., stop_bytes: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ..., alias: _Optional[str] = ..., secret: _Optional[bytes] = ..., peer: _Optional[str] = ..., checkpoint_key: _Optional[bytes] = ...) -> None: ...
+    max_bytes: int
+    def __init__(self, migration_id: _Optional[str] = ..., action: _Optional[_Union[MigrationCommand.Action, str]] = ..., workload_id: _Optional[str] = ..., workload: _Optional[_Union[_types_pb2.Workload, _Mapping]] = ..., session: _Optional[str] = ..., address: _Optional[str] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., path: _Optional[str] = ..., tenant: _Optional[str] = ..., max_rounds: _Optional[int] = ..., stop_bytes: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[_types_pb2.Slice, _Mapping]]] = ..., alias: _Optional[str] = ..., secret: _Optional[bytes] = ..., peer: _Optional[str] = ..., checkpoint_key: _Optional[bytes] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
     __slots__ = ("migration_id", "event", "address", "step", "bytes", "state_bytes", "mb_per_s", "round", "downtime_ms", "total_ms", "message", "path", "seconds", "encrypted", "transfer")
