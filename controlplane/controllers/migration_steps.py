@@ -342,6 +342,7 @@ class StepsMixin:
         if len(results) > 1 and isinstance(results[1], BaseException):
             notes.append(f"source not confirmed stopped: {results[1]}")
         await self._set(m, P.MIGRATION_PHASE_DONE, message="; ".join(notes))
+        self.agents_swapped.discard(m.id)
 
     def _target_ended(self, m: M.Migration) -> str | None:
         """After the commit the record names the target: when its agent reported it ended (it died, or was

@@ -107,8 +107,11 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
         self.reserving: dict[str, asyncio.Future] = {}    # id -> a resize's `_reserve`: the writer until `_spawn`
         self.commit_unsure: set[str] = set()    # commits written without a verdict (migration_steps._write_commit)
         self.releasing_old: set[str] = set()    # resizes' old placements they release now (resize.py)
+        self.agents_swapped: set[str] = set()   # resizes whose agents answered SWAP_SLICES here (resize.py)
         ctl.agent_handlers["migration"] = self._on_report
         ctl.release_hooks.insert(0, self._refuse_old_placement)     # before a hook stops anything
+        if hasattr(ctl, "removal_holds"):
+            ctl.removal_holds.append(self._removal_held)
         workloads.extra_desired.append(self.targets_on)
         workloads.run_guards.append(self.target_busy)
         ctl.migrations = self

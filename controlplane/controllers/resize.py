@@ -255,6 +255,8 @@ class ResizeMixin:
                                 extra_conds=[Present(keys.migration(m.id)), *conds])
         except BaseException as e:
             self._swapped_on_agents(nx.id, nt.id)
+            for sid in (nx.id, nt.id):      # a release meanwhile: `_unswap` sends its removal, to its placement
+                getattr(self.ctl, "held_removals", {}).pop(sid, None)
             await self._unswap(((nx, x), (nt, t)), write=not isinstance(e, asyncio.CancelledError))
             raise
         self.migrations[m.id] = m
@@ -334,6 +336,32 @@ class ResizeMixin:
                         error=str(r))
                     continue
                 raise r
+        self.agents_swapped.add(m.id)
+        self._send_held_removals(m.resize_slice, m.target_slice)
+
+    def _removal_held(self, s: types_pb2.Slice) -> bool:
+        """A removal hook (Controller.removal_holds): the removal of the client's slice of a resize, released from
+        the commit's write until its agents answer SWAP_SLICES, waits for that answer (`_send_held_removals`; the
+        reserved slice is not released then: `_refuse_old_placement`). Meanwhile the record names the new
+        placement and the agent the old one by its ID: its tenant's release sent then went to the new placement's
+        node, whose agent names that one by the reserved slice's ID. On another node nothing was torn down, and
+        the swap (the record gone) left both instances realized with no record; on the same node the old
+        placement was torn down and a MIG swap found nothing at it: the resize retried it for good."""
+        return any(m.resize_slice == s.id and (
+            s.id in self.ctl.swapping or (m.phase == P.MIGRATION_PHASE_COMMITTED and m.id not in self.agents_swapped))
+            for m in self.unfinished())
+
+    def _send_held_removals(self, *ids: str) -> None:
+        """The removals of the released ones of `ids` held until the swap: to the node of their placement now."""
+        for sid in ids:
+            rev = getattr(self.ctl, "held_removals", {}).pop(sid, None)
+            s = self.ctl.fleet.slices.get(sid)
+            if rev is None or s is None or s.state != types_pb2.SLICE_STATE_RELEASING:
+                continue
+            session = self.ctl.sessions.get(s.node)
+            if session is not None:     # else its agent's full reconcile on its return tears it down
+                session.send_removals([sid], rev)
+            log(logger, logging.INFO, "removal held during a resize's swap sent", slice=sid, node=s.node)
 
     def _swapping(self, *records: types_pb2.Slice) -> None:
         """From the commit until the agents answer SWAP_SLICES, an agent's report still names each realized

@@ -93,6 +93,10 @@ class Controller:
         # since the swap. An agent's report naming another one for it describes the placement before the swap
         # (the record's old one): it is ignored.
         self.swapping: dict[str, tuple] = {}
+        # hook(slice) -> whether a release's removal of it waits (a resize's client slice until its agents swap,
+        # resize.py); a held one's release revision by slice id, for that hook's owner to send (`held_removals`)
+        self.removal_holds: list = []
+        self.held_removals: dict[str, int] = {}
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -422,6 +426,9 @@ class Controller:
                 raise
             by_node: dict[str, list[str]] = {}
             for s in changed:
+                if any(hold(s) for hold in self.removal_holds):
+                    self.held_removals[s.id] = rev
+                    continue
                 by_node.setdefault(s.node, []).append(s.id)
             for node, ids in by_node.items():
                 session = self.sessions.get(node)
