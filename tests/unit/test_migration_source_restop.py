@@ -11,18 +11,16 @@ import time
 import types
 
 from gpumesh.v1 import migration_service_pb2 as M
-from gpumesh.v1 import node_service_pb2
 from gpumesh.v1 import types_pb2 as t
 from nodeagent import migrate_source
 from nodeagent import workloads as wl
 from nodeagent.migrate import MigrationAgent
 from tests.unit._shims import kill_shims
+from tests.unit.test_migration_stop_target_race import agent_with_slice
 
 
 async def test_the_restop_after_an_unanswered_sdk_stop_sends_its_sigkill_again(tmp_path, monkeypatch):
-    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
-                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
-    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
+    a = agent_with_slice()
     r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=0)
     m = MigrationAgent(a, r)
     try:
@@ -54,9 +52,7 @@ async def test_a_source_that_ends_just_before_the_restop_still_ends_as_the_migra
     """The source's supervisor ends between the last look of the wait and the re-stop: the runner's stop does
     nothing (it ended on its own), and the stop it had must stand; it was cleared, so the source's end read
     as a workload killed by itself (FAILED) instead of STOPPED by its migration."""
-    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
-                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
-    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
+    a = agent_with_slice()
     r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=3600)
     m = MigrationAgent(a, r)
     try:
@@ -89,9 +85,7 @@ def test_a_source_sdk_answering_numbers_out_of_range_fails_the_send(tmp_path, mo
     (state_bytes 2^64) made building the report raise ValueError, which the send thread did not catch: it died
     without a final report, and SEND was never answered (the migration waited out its copy timeout). It is now a
     FAILED report naming the answer."""
-    a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
-                              claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
-    a.realized = {}
+    a = agent_with_slice(ready=False)
     r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=0)
     m = MigrationAgent(a, r)
 

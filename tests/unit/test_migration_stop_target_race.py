@@ -18,10 +18,17 @@ from nodeagent import workloads as wl
 from nodeagent.migrate import MigrationAgent
 
 
-async def test_a_stop_of_a_target_being_started_stops_it_once_started(tmp_path, monkeypatch):
+def agent_with_slice(ready: bool = True) -> types.SimpleNamespace:
+    """An agent stand-in for a WorkloadRunner and a MigrationAgent: node n1, with slice s-1 READY (or none)."""
     a = types.SimpleNamespace(node="n1", desired={}, handlers={}, session_hooks=[], teardown_hooks=[],
                               claim_hooks=[], gpus=types.SimpleNamespace(nvml=object()))
-    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY, device_uuid="GPU-x")}
+    a.realized = {"s-1": node_service_pb2.SliceStatus(slice_id="s-1", state=t.SLICE_STATE_READY,
+                                                      device_uuid="GPU-x")} if ready else {}
+    return a
+
+
+async def test_a_stop_of_a_target_being_started_stops_it_once_started(tmp_path, monkeypatch):
+    a = agent_with_slice()
     r = wl.WorkloadRunner(a, str(tmp_path / "w"), stop_grace=5)
     m = MigrationAgent(a, r)
     launched, go_on = threading.Event(), threading.Event()
