@@ -48,7 +48,8 @@ def _model(gw, d) -> dict:
                      "ema_ttft_ms": round(s.ttft_ema * 1000, 1) if s.ttft_ema is not None else None,
                      "ema_tpot_ms": round(s.tpot_ema * 1000, 2) if s.tpot_ema is not None else None,
                      "in_flight": s.in_flight, "requests": s.requests, "failures": s.failures,
-                     "circuit": s.breaker.state, "backend_waiting": r.waiting, "kv_cache_usage": r.kv_usage,
+                     "circuit": s.breaker.state, "circuit_shut": s.breaker.shut(),   # half-open, port not back: shut
+                     "backend_waiting": r.waiting, "kv_cache_usage": r.kv_usage,
                      # requests and failures seen while its GPU was in each risky state (decayed; cost.py)
                      "by_gpu_state": _by_state(gw, s)})
     return {"name": d.name, "model": d.model, "variant": d.variant, "tenant": d.tenant, "backend": d.backend,

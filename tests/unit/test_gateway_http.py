@@ -324,11 +324,19 @@ async def test_a_circuit_half_open_on_a_port_still_refusing_is_not_counted_usabl
     def chat_of(r):
         return next(m for m in r.json()["models"] if m["model"] == "chat")
     assert chat_of(await app.get("/v1/gpu/models-optimal", headers=a))["usable_replicas"] == 0
+
+    async def status_of_chat_1():
+        status = (await app.get("/v1/gpu/status", headers=a)).json()
+        return next(r for m in status["models"] if m["name"] == "chat" for r in m["replicas"]
+                    if r["replica"] == "chat/chat-1")
+    rep = await status_of_chat_1()
+    assert rep["circuit"] == "half-open" and rep["circuit_shut"] is True
     r = await app.post("/v1/gpu/rebalance", headers=a)
     why = [x["reason"] for x in r.json()["actions"] if x["replica"] == "chat/chat-1" and x["action"] == "route-around"]
     assert why and "refused or cut connections" in why[0]
     b.listening(b.begin())                                 # its TCP probe found the port listening
     assert chat_of(await app.get("/v1/gpu/models-optimal", headers=a))["usable_replicas"] == 1
+    assert (await status_of_chat_1())["circuit_shut"] is False
     assert not [x for x in (await app.post("/v1/gpu/rebalance", headers=a)).json()["actions"]
                 if x["replica"] == "chat/chat-1"]
 
