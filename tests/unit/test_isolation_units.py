@@ -18,6 +18,7 @@ from nodeagent.isolation.devices import (NVIDIA_MAJOR, DeviceError, NvidiaDevice
 from nodeagent.isolation.plan import Isolator, IsolationRefused, IsolationSettings
 from nodeagent.isolation.probe import HostFeatures
 from nodeagent.isolation.users import Identity, IdentityError, TenantUsers, parse_map, parse_range
+from tests.unit._fake_cgroups import StepRemoval
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mknod and chown need root")
 
@@ -69,7 +70,7 @@ def test_sim_device_nodes_are_character_devices_like_the_drivers(tmp_path):
         NvidiaDevices(d, os.path.join(d, "mig-minors")).for_slice(7)
 
 
-class FakeCgroups:
+class FakeCgroups(StepRemoval):
     version, confines_devices = 1, True
 
     def __init__(self):
@@ -81,13 +82,6 @@ class FakeCgroups:
 
     def remove(self, name):
         self.made.pop(name, None)
-
-    def begin_remove(self, name):
-        pass
-
-    def remove_step(self, name):      # the monitor's removal, one step a pass
-        self.remove(name)
-        return True
 
     def exists(self, name):
         return name in self.made

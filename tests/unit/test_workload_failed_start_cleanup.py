@@ -21,11 +21,12 @@ from nodeagent.isolation.plan import Isolator, IsolationSettings
 from nodeagent.isolation.probe import HostFeatures
 from nodeagent.isolation.users import TenantUsers
 from tests.unit._shims import kill_shims
+from tests.unit._fake_cgroups import StepRemoval
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="a confined workload switches to a tenant's uid: root")
 
 
-class FakeCgroups:
+class FakeCgroups(StepRemoval):
     version, confines_devices = 1, True
 
     def __init__(self):
@@ -37,13 +38,6 @@ class FakeCgroups:
 
     def remove(self, name):
         self.groups.discard(name)
-
-    def begin_remove(self, name):
-        pass
-
-    def remove_step(self, name):      # the monitor's removal, one step a pass
-        self.remove(name)
-        return True
 
     def exists(self, name):
         return name in self.groups

@@ -26,6 +26,7 @@ from nodeagent.isolation.users import TenantUsers
 from nodeagent.migrate import MigrationAgent
 from nodeagent.workload_confine import SECRET_FILE_NAME
 from tests.unit._shims import kill_shims
+from tests.unit._fake_cgroups import StepRemoval
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to a tenant's uid needs root")
 
@@ -151,7 +152,7 @@ def test_a_workload_id_or_slice_id_that_leaves_the_runners_directory_is_refused(
     assert os.listdir(runner.dir) == []
 
 
-class FakeCgroups:
+class FakeCgroups(StepRemoval):
     version, confines_devices = 1, True
 
     def __init__(self):
@@ -163,13 +164,6 @@ class FakeCgroups:
 
     def remove(self, name):
         self.touched.append(name)
-
-    def begin_remove(self, name):
-        pass
-
-    def remove_step(self, name):      # the monitor's removal, one step a pass
-        self.remove(name)
-        return True
 
 
 @root_only
