@@ -37,6 +37,7 @@ class Gaps:
     stale: tuple[str, ...] = ()
     absent: tuple[str, ...] = ()
     oldest_s: float = 0.0           # the age of the oldest stale reading
+    unscraped: tuple[str, ...] = ()     # those of `absent` with a reading whose /metrics did not answer
 
     @property
     def missing(self) -> frozenset[str]:
@@ -48,7 +49,7 @@ def gaps(now: float, replicas: list[D.Replica], loads: dict, seen: dict, max_age
     it (`seen`: replica id -> the time, DeploymentStore.set_load), not from the agent's stamp, so an agent's clock
     makes its readings look neither fresh nor stale; a reading held without a receipt time (none in the control
     plane, where set_load stamps each) is not judged. `max_age` <= 0: no age bound."""
-    stale, absent, oldest = [], [], 0.0
+    stale, absent, unscraped, oldest = [], [], [], 0.0
     for r in replicas:
         if r.state != D.REPLICA_STATE_READY:
             continue
@@ -62,7 +63,8 @@ def gaps(now: float, replicas: list[D.Replica], loads: dict, seen: dict, max_age
             oldest = max(oldest, now - at)
         elif not load.scraped:
             absent.append(r.id)
-    return Gaps(tuple(stale), tuple(absent), oldest)
+            unscraped.append(r.id)
+    return Gaps(tuple(stale), tuple(absent), oldest, tuple(unscraped))
 
 
 def hold(decision: Decision, gap: Gaps, *, ready: int, current: int, max_replicas: int,

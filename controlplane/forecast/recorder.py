@@ -201,11 +201,9 @@ class HistoryRecorder:
         (a READY replica's reading is stale, or of a scrape that failed: its value would be false) or no READY
         replica was read. A READY replica with no reading of its current workload yet counts none."""
         gap = autoscale_freshness.gaps(now, reps, st.loads, getattr(st, "load_seen", {}), self.load_max_age)
-        current = {r.id: st.loads[r.id] for r in reps if r.state == D.REPLICA_STATE_READY and r.id in st.loads
-                   and st.loads[r.id].workload_id == r.workload_id}
-        if gap.stale or any(rid in current for rid in gap.absent):     # (absent with a reading: not scraped)
+        if gap.stale or gap.unscraped:
             return None
-        return list(current.values())
+        return [st.loads[r.id] for r in reps if r.state == D.REPLICA_STATE_READY and r.id not in gap.absent]
 
     # -- flushing -----------------------------------------------------------------------------
 
