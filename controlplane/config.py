@@ -242,7 +242,7 @@ class ControlPlaneConfig:
             parse_hostport(self.metrics_listen, "metrics_listen")
         if self.web_listen:
             parse_hostport(self.web_listen, "web_listen")
-        from controlplane.state.store import parse_endpoint
+        from controlplane.state.etcdconn import parse_endpoint
         for url in self.etcd_endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"etcd_endpoints: {url!r} must start with http:// or https://")

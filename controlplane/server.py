@@ -23,7 +23,8 @@ from controlplane.api.meshsvc import MeshManager, MeshService
 from controlplane.controllers.nodes import NodeManager
 from controlplane.api.services import AdminService, NodeService, SliceService
 from controlplane.controllers.standby import Switch
-from controlplane.state.store import EtcdStore, new_identity
+from controlplane.state.leadership import new_identity
+from controlplane.state.store import EtcdStore
 from mesh.fsmodes import private_dir
 from controlplane.controllers.workloads import WorkloadManager, WorkloadService
 from controlplane.controllers.telemetry import Policy, TelemetryManager
@@ -200,7 +201,7 @@ class ControlPlane:
         return (await self.store.leader())[1]
 
     async def _campaign(self) -> None:
-        from controlplane.state.store import ETCD_ERRORS
+        from controlplane.state.etcdconn import ETCD_ERRORS
         while True:
             try:
                 await self.store.become_leader(self.identity(), ttl=self.cfg.leader_ttl, wait=None,

@@ -23,7 +23,7 @@ def etcd_server(tmp_path_factory):
 async def etcd_client(etcd_server):
     """An aetcd client on a clean keyspace."""
     import aetcd
-    from controlplane.state.store import parse_endpoint
+    from controlplane.state.etcdconn import parse_endpoint
     host, port = parse_endpoint(etcd_server.endpoint)
     client = aetcd.Client(host=host, port=port)
     await client.connect()

@@ -16,7 +16,8 @@ import weakref
 
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller, now
-from controlplane.state.store import ETCD_ERRORS, Present, Put, cancel_watch
+from controlplane.state.etcdconn import ETCD_ERRORS
+from controlplane.state.store import Present, Put, cancel_watch
 from gpumesh.v1 import types_pb2
 from mesh import errors
 from mesh.logs import log

@@ -3,7 +3,7 @@
 | key | value | written by |
 | --- | --- | --- |
 | `/gpumesh/v1/leader` | leader identity; bound to the leader's session lease | leader election |
-| `/gpumesh/v1/barrier` | empty (a fenced write whose answer settles an earlier lost one, state/store.py `_barrier`) | the leader's etcd store |
+| `/gpumesh/v1/barrier` | empty (a fenced write whose answer settles an earlier lost one, state/fencedcommit.py `_barrier`) | the leader's etcd store |
 | `/gpumesh/v1/nodes/<node>` | `gpumesh.v1.Node` (inventory, cordon, draining, deleting, registration) | Register, cordon, drain, DeleteNode (its marker; deleted last) |
 | `/gpumesh/v1/alive/<node>` | agent session id; bound to the node's lease | Register (lease kept by Heartbeat) |
 | `/gpumesh/v1/slices/<slice-id>` | `gpumesh.v1.Slice` (spec, placement, state) | Allocate, agent status, Release |
@@ -32,7 +32,7 @@ PREFIX = "/gpumesh/v1/"
 LEADER = PREFIX + "leader"
 BARRIER = PREFIX + "barrier"
 """empty; rewritten (fenced) after a write whose answer was lost, before it is judged not applied
-(state/store.py `_barrier`): everything proposed before it is applied by then."""
+(state/fencedcommit.py `_barrier`): everything proposed before it is applied by then."""
 NODES = PREFIX + "nodes/"
 ALIVE = PREFIX + "alive/"
 SLICES = PREFIX + "slices/"

@@ -16,7 +16,7 @@ import dataclasses
 import aetcd
 
 from controlplane.state import keys, requestids
-from controlplane.state.store import parse_endpoint
+from controlplane.state.etcdconn import parse_endpoint
 from gpumesh.v1 import types_pb2
 
 KNOWN_STATES = {types_pb2.SLICE_STATE_PENDING, types_pb2.SLICE_STATE_READY, types_pb2.SLICE_STATE_RELEASING,

@@ -32,7 +32,7 @@ def test_good_etcd_endpoints_pass(tmp_path):
     ("127.0.0.1:2379", ("127.0.0.1", 2379))])
 def test_etcd_endpoints_become_grpc_targets(url, target):
     """The store's client dials f"{host}:{port}": an IPv6 member's address stays bracketed."""
-    from controlplane.state.store import parse_endpoint
+    from controlplane.state.etcdconn import parse_endpoint
     assert parse_endpoint(url) == target
 
 

@@ -12,8 +12,9 @@ import pytest
 from controlplane.config import ControlPlaneConfig
 from controlplane.controllers.nodes import NodeManager
 from controlplane.state import keys
+from controlplane.state.etcdconn import ETCD_ERRORS
 from controlplane.state.etcdserver import EtcdServer
-from controlplane.state.store import ETCD_ERRORS, EtcdStore
+from controlplane.state.store import EtcdStore
 from mesh.config import ConfigError
 
 

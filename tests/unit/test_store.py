@@ -29,7 +29,7 @@ async def test_only_the_leader_writes_and_a_deposed_leader_is_fenced(etcd_server
     with pytest.raises(errors.Unavailable):
         await b.become_leader("cp-b", ttl=30, wait=0.5)    # a holds the key
     # a's session dies (lease revoked, as when a is partitioned long enough): b takes over
-    a._keepalive_task.cancel()
+    a.session._keepalive_task.cancel()
     await etcd_client.revoke_lease(a.session_lease)
     await b.become_leader("cp-b", ttl=30, wait=5)
     with pytest.raises(errors.Unavailable):
@@ -46,7 +46,7 @@ async def test_only_the_leader_writes_and_a_deposed_leader_is_fenced(etcd_server
 async def test_restart_of_the_same_identity_takes_over_at_once(etcd_server, etcd_client):
     a = await make_store(etcd_server, "cp-same", ttl=30)
     rev_a = a.leader_revision
-    a._keepalive_task.cancel()            # crashed: its lease would live 30 s more
+    a.session._keepalive_task.cancel()            # crashed: its lease would live 30 s more
     a2 = await make_store(etcd_server, "cp-same", ttl=30, wait=2)
     assert a2.leader_revision > rev_a      # a fresh create revision fences the old incarnation
     with pytest.raises(errors.Unavailable):
@@ -69,7 +69,7 @@ async def test_the_same_identity_from_another_host_is_a_clone_and_waits(etcd_ser
     assert not a.lost_leadership.is_set()
     await a.commit([Put(b"/gpumesh/v1/z", b"a")])        # a is still the leader, unfenced
     # a restart of the leader on its own host still takes over at once
-    a._keepalive_task.cancel()
+    a.session._keepalive_task.cancel()
     a2 = await make_store_on(etcd_server, "cp-cloned", host="host-a", wait=2)
     assert a2.leader_revision > a.leader_revision
     for st in (a, clone):
@@ -217,5 +217,5 @@ async def test_a_keepalive_that_fails_oddly_still_flags_the_lost_leadership():
             calls.append(lease_id)
             raise RuntimeError("an unexpected answer")
     st.client = Client()
-    await asyncio.wait_for(st._keep_session(7, 1), 30)
+    await asyncio.wait_for(st.session._keep_session(7, 1), 30)
     assert st.lost_leadership.is_set() and calls and set(calls) == {7}
