@@ -303,5 +303,5 @@ class ControlPlaneConfig:
             if (self.etcd_ca or self.etcd_cert) and not url.startswith("https://"):
                 raise ConfigError(f"etcd_endpoints: {url!r} must be https:// when etcd_ca or etcd_cert is set")
         if self.tenants_file:
-            from controlplane.api.auth import load_tenants
+            from controlplane.api.tenantsfile import load_tenants
             load_tenants(self.tenants_file)

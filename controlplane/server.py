@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 
 from controlplane.api import auth, metrics, rpc
+from controlplane.api.interceptor import AuthInterceptor
+from controlplane.api.tenantsfile import apply_quotas, load_tenants
 from controlplane.config import ControlPlaneConfig
 from controlplane.controllers.slices import Controller
 from controlplane.state.etcdserver import EtcdServer
@@ -94,11 +96,11 @@ class ControlPlane:
                                password=self.cfg.etcd_password)
         await self.store.connect()
         await self._check_etcd_versions()
-        self.tenants = auth.load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
+        self.tenants = load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
         # DecodeGuard first: request bytes that do not parse are INVALID_ARGUMENT, never UNKNOWN (rpc.py)
         self.authenticator = auth.Authenticator(self.tenants, insecure=self.cfg.insecure)
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[
-            rpc.DecodeGuard(), auth.AuthInterceptor(self.authenticator)])
+            rpc.DecodeGuard(), AuthInterceptor(self.authenticator)])
         from gpumesh.v1 import migration_service_pb2, migration_service_pb2_grpc
         # Every service is a Switch (controlplane/controllers/standby.py): UNAVAILABLE naming the leader until this
         # process wins the election, then the real servicer (built in _lead over the loaded fleet).
@@ -295,7 +297,7 @@ class ControlPlane:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
 
-        auth.apply_quotas(self.ctl.scheduler, self.tenants)
+        apply_quotas(self.ctl.scheduler, self.tenants)
         real = {"SliceService": SliceService(self.ctl),
                 "NodeService": NodeService(self.ctl, self.nodes, heartbeat_interval=max(0.5, self.cfg.lease_ttl / 3)),
                 "AdminService": AdminService(self.ctl, self.nodes, self.node_deleter, leading=True),

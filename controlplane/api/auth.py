@@ -1,12 +1,13 @@
-"""Who is calling, and may they: authentication and authorization of every RPC.
+"""Who is calling, and may they: the principal of an RPC, the rule of each method, the tenant scoping.
 
-A caller is resolved once per RPC (by `AuthInterceptor`) to a `Principal`:
+A caller is resolved once per RPC (by the `Authenticator`, which controlplane/api/interceptor.py asks for every
+call) to a `Principal`:
 
 * an **agent**: a verified client certificate with OU=agent; its name (CN) is
   the only node it may speak for;
 * a **client**: a verified client certificate with OU=admin|tenant|viewer and
   the tenant in O, or a bearer token (`authorization: Bearer <token>`) that the
-  tenants file maps to a name, a tenant and a role.
+  tenants file (controlplane/api/tenantsfile.py) maps to a name, a tenant and a role.
 
 Each method has one rule (`RULES`; methods not listed need admin). The
 principal is then in a context variable for the servicers, which keep tenants to
@@ -20,24 +21,16 @@ With `insecure` and no tenants file nothing is checked (the local demo).
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import hmac
-import inspect
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-
-import grpc
+from typing import TYPE_CHECKING
 
 from mesh import errors, tls
-from mesh.config import ConfigError
-from mesh.logs import log
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from controlplane.api.tenantsfile import Tenants
 
 ROLES = ("viewer", "tenant", "admin")          # in increasing power
-QUOTA_KEYS = ("max_slices", "max_memory_bytes", "max_gpus", "max_priority", "max_checkpoint_bytes")
-STORE_QUOTA_KEYS = ("max_checkpoint_bytes",)    # the checkpoint store's (controllers/checkpoint_quota.py), not the scheduler's
 
 
 @dataclass(frozen=True)
@@ -67,128 +60,6 @@ _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("gpumesh_pr
 
 def current() -> Principal:
     return _current.get()
-
-
-# -- the tenants file ------------------------------------------------------------------------
-
-@dataclass
-class Tenants:
-    """tokens (by SHA-256 of the token) -> principal, and per-tenant quotas."""
-
-    tokens: dict[str, Principal] = field(default_factory=dict)
-    quotas: dict[str, dict] = field(default_factory=dict)     # tenant -> {max_slices, ...} (may be empty)
-    default_quota: dict = field(default_factory=dict)
-
-    def lookup(self, token: str) -> Principal | None:
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        for known, p in self.tokens.items():        # constant-time per entry
-            if hmac.compare_digest(known, digest):
-                return p
-        return None
-
-
-def _quota(where: str, q) -> dict:
-    from mesh.units import parse_size
-    if q is None:
-        return {}
-    if not isinstance(q, dict):
-        raise ConfigError(f"{where}: must be a mapping of {', '.join(QUOTA_KEYS)}")
-    out = {}
-    for k, v in q.items():
-        if k not in QUOTA_KEYS:
-            raise ConfigError(f"{where}: unknown quota {k!r} (allowed: {', '.join(QUOTA_KEYS)})")
-        try:
-            if k in ("max_memory_bytes", "max_checkpoint_bytes"):
-                out[k] = parse_size(v)
-            elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{v!r} is not a number >= 0")
-            else:
-                out[k] = v
-        except ValueError as e:
-            raise ConfigError(f"{where}.{k}: {e}") from None
-    return out
-
-
-def load_tenants(path: str) -> Tenants:
-    """Read and check a tenants file (see docs/security.md); ConfigError names the entry at fault."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"tenants_file: cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"tenants_file: {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"tenants_file: {path} must hold a mapping (tenants, tokens, default_quota)")
-    unknown = set(data) - {"tenants", "tokens", "default_quota"}
-    if unknown:
-        raise ConfigError(f"tenants_file: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
-                          f"(allowed: tenants, tokens, default_quota)")
-    out = Tenants(default_quota=_quota("tenants_file: default_quota", data.get("default_quota")))
-    tenants = data.get("tenants") or {}
-    if not isinstance(tenants, dict):
-        raise ConfigError("tenants_file: tenants must map tenant names to {quota: {...}}")
-    for name, entry in tenants.items():
-        if not isinstance(name, str) or not name or len(name) > 128 or "/" in name or not name.isprintable():
-            raise ConfigError(f"tenants_file: tenant {name!r} is not a valid name (1-128 printable, no '/')")
-        entry = entry or {}
-        if not isinstance(entry, dict) or set(entry) - {"quota"}:
-            raise ConfigError(f"tenants_file: tenants.{name} may only hold quota")
-        out.quotas[name] = _quota(f"tenants_file: tenants.{name}.quota", entry.get("quota"))
-    tokens = data.get("tokens") or []
-    if not isinstance(tokens, list):
-        raise ConfigError("tenants_file: tokens must be a list of {name, role, tenant, token | token_sha256}")
-    for i, t in enumerate(tokens):
-        where = f"tenants_file: tokens[{i}]"
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where}: must be a mapping")
-        extra = set(t) - {"name", "role", "tenant", "token", "token_sha256"}
-        if extra:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, extra)))}")
-        name, role, tenant = str(t.get("name") or ""), t.get("role", "tenant"), str(t.get("tenant") or "")
-        if not name:
-            raise ConfigError(f"{where}: name is required")
-        if role not in ROLES + ("agent",):
-            raise ConfigError(f"{where} ({name}): role {role!r} is not one of {', '.join(ROLES + ('agent',))}")
-        if role == "agent":
-            # an agent token: its name is the one node it may speak for (like an agent certificate's CN)
-            if tenant:
-                raise ConfigError(f"{where} ({name}): an agent token has no tenant")
-        elif role != "admin" and tenant not in out.quotas:
-            raise ConfigError(f"{where} ({name}): tenant {tenant!r} is not under tenants "
-                              f"(known: {', '.join(sorted(out.quotas)) or 'none'})")
-        if ("token" in t) == ("token_sha256" in t):
-            raise ConfigError(f"{where} ({name}): give exactly one of token, token_sha256")
-        if "token" in t:
-            token = str(t["token"])
-            if len(token) < 16:
-                raise ConfigError(f"{where} ({name}): token is shorter than 16 characters")
-            digest = hashlib.sha256(token.encode()).hexdigest()
-        else:
-            digest = str(t["token_sha256"]).lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ConfigError(f"{where} ({name}): token_sha256 must be 64 hex digits")
-        if digest in out.tokens:
-            raise ConfigError(f"{where} ({name}): the same token as {out.tokens[digest].name}")
-        out.tokens[digest] = Principal("agent", name) if role == "agent" else Principal("client", name, tenant, role)
-    return out
-
-
-def apply_quotas(framework, tenants: Tenants | None) -> None:
-    """Hand the tenants file's quotas to the scheduler's TenantQuota plugin (the one place they are enforced)."""
-    if tenants is None:
-        return
-    for plugin in getattr(getattr(framework, "profile", None), "plugins", []):
-        if getattr(plugin, "NAME", "") == "TenantQuota":
-            sched = {t: {k: v for k, v in q.items() if k not in STORE_QUOTA_KEYS} for t, q in tenants.quotas.items()}
-            plugin.tenants.update({t: q for t, q in sched.items() if q})
-            default = {k: v for k, v in (tenants.default_quota or {}).items() if k not in STORE_QUOTA_KEYS}
-            if default:
-                plugin.default = default
-            return
-    if any(k not in STORE_QUOTA_KEYS for q in [*tenants.quotas.values(), tenants.default_quota or {}] for k in q):
-        log(logger, logging.WARNING, "the scheduler profile has no TenantQuota plugin: tenant quotas not enforced")
 
 
 # -- rules ------------------------------------------------------------------------------------
@@ -325,7 +196,7 @@ def check_node(node: str) -> None:
         raise errors.PermissionDenied(f"agent certificate {p.name!r} may not speak for node {node!r}")
 
 
-# -- the interceptor -------------------------------------------------------------------------------
+# -- the caller ------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=4096)
 def _subject(pem: bytes) -> tls.Subject:
@@ -386,103 +257,5 @@ class Authenticator:
                                      "client certificate")
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates and authorizes every RPC before its servicer runs; sets `current()` for it."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.auth = authenticator
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        method = details.method
-        rule = rule_for(method)
-        if handler is None or rule == PUBLIC or not self.auth.enforce:
-            return handler
-        admit = self._admit
-
-        def wrap_request_iterator(it, context):
-            async def checked():
-                async for msg in it:
-                    hello = getattr(msg, "hello", None) if msg.WhichOneof("kind") == "hello" else None
-                    if hello is not None:
-                        try:
-                            check_node(hello.node_name)
-                        except errors.PermissionDenied as e:
-                            _count(method, e.code)
-                            await context.abort(e.code, e.message)
-                    yield msg
-            return checked()
-
-        def unary_in(behavior, streaming_out):
-            if streaming_out:
-                async def gen(request, context):
-                    token = _current.set(await admit(method, request, context))
-                    try:
-                        async for item in behavior(request, context):
-                            yield item
-                    finally:
-                        _current.reset(token)
-                return gen
-
-            async def call(request, context):
-                token = _current.set(await admit(method, request, context))
-                try:
-                    return await behavior(request, context)
-                finally:
-                    _current.reset(token)
-            return call
-
-        def stream_in(behavior, streaming_out):
-            if streaming_out and inspect.isasyncgenfunction(behavior):
-                async def gen(it, context):
-                    token = _current.set(await admit(method, None, context))
-                    try:
-                        async for item in behavior(wrap_request_iterator(it, context), context):
-                            yield item
-                    finally:
-                        _current.reset(token)
-                return gen
-
-            async def call(it, context):
-                token = _current.set(await admit(method, None, context))
-                try:
-                    return await behavior(wrap_request_iterator(it, context), context)
-                finally:
-                    _current.reset(token)
-            return call
-
-        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_in(handler.unary_unary, False), **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(unary_in(handler.unary_stream, True), **kw)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(stream_in(handler.stream_unary, False), **kw)
-        return grpc.stream_stream_rpc_method_handler(stream_in(handler.stream_stream, True), **kw)
-
-    async def _admit(self, method: str, request, context) -> Principal:
-        try:
-            p = self.auth.principal(context)
-        except errors.Unauthenticated as e:
-            _count(method, e.code)
-            await context.abort(e.code, e.message)
-        why = denial(rule_for(method), p, method)
-        if why is None and p.kind == "agent" and request is not None and hasattr(request, "node_name"):
-            if request.node_name != p.name:
-                why = f"agent certificate {p.name!r} may not speak for node {request.node_name!r}"
-        if why is not None:
-            code = grpc.StatusCode.UNAUTHENTICATED if p.kind == "anonymous" else grpc.StatusCode.PERMISSION_DENIED
-            _count(method, code)
-            log(logger, logging.WARNING, "unauthenticated" if p.kind == "anonymous" else "permission denied",
-                method=method, principal=str(p), reason=why)
-            await context.abort(code, why)
-        return p
-
-
-def _count(method: str, code: grpc.StatusCode) -> None:
-    from controlplane.api.rpc import count
-    count(method, code.name)
-
-
-__all__ = ["Principal", "Tenants", "load_tenants", "apply_quotas", "Authenticator", "AuthInterceptor", "current",
-           "visible", "check_visible", "scope_tenant", "check_node", "RULES", "rule_for", "UNRESTRICTED"]
+__all__ = ["Principal", "Authenticator", "current", "visible", "check_visible", "scope_tenant", "check_node", "RULES",
+           "rule_for", "denial", "UNRESTRICTED"]

@@ -1,6 +1,6 @@
 """The per-tenant limit on the bytes a tenant's checkpoints hold in the shared store (the agents'
 `checkpoint_dir`): `checkpoint_quota_bytes` for every tenant, `max_checkpoint_bytes` in a tenant's quota in
-the tenants file (controlplane/api/auth.py) for one; 0 is no limit.
+the tenants file (controlplane/api/tenantsfile.py) for one; 0 is no limit.
 
 Usage is the sum of the tenant's checkpoint records' `bytes` (`/gpumesh/v1/checkpoints/<id>`, what the agent's
 receiver stored). `Checkpoint` is refused up front (RESOURCE_EXHAUSTED) when the tenant is at or past its limit;

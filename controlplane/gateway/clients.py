@@ -1,12 +1,12 @@
 """Who is calling the gateway: a bearer token checked against the control plane's tenants file
-(controlplane/api/auth.py reads it; the same tokens work on both). A tenant's token reaches its tenant's
+(controlplane/api/tenantsfile.py reads it; the same tokens work on both). A tenant's token reaches its tenant's
 deployments only; an admin's every tenant's. Without a tenants file nothing is checked (the demo)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.api import auth
+from controlplane.api.tenantsfile import load_tenants
 from controlplane.gateway.apierror import APIError
 
 
@@ -21,7 +21,7 @@ ANONYMOUS = Caller("anonymous", None)
 
 class Clients:
     def __init__(self, tenants_file: str = "") -> None:
-        self.tenants = auth.load_tenants(tenants_file) if tenants_file else None
+        self.tenants = load_tenants(tenants_file) if tenants_file else None
 
     @property
     def enforced(self) -> bool:

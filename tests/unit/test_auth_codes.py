@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from controlplane.api import auth
+from controlplane.api.interceptor import AuthInterceptor
+from controlplane.api.tenantsfile import Tenants
 
 TOKEN = "tenant-a-token-0123456789"
 METHODS = ("/gpumesh.v1.SliceService/List", "/gpumesh.v1.SliceService/Allocate", "/gpumesh.v1.AdminService/CordonNode",
@@ -38,10 +40,10 @@ class Ctx:
         raise Aborted(code, details)
 
 
-def _interceptor(insecure: bool) -> auth.AuthInterceptor:
-    tenants = auth.Tenants(tokens={hashlib.sha256(TOKEN.encode()).hexdigest():
+def _interceptor(insecure: bool) -> AuthInterceptor:
+    tenants = Tenants(tokens={hashlib.sha256(TOKEN.encode()).hexdigest():
                                    auth.Principal("client", "a-client", "team-a", "tenant")}, quotas={"team-a": {}})
-    return auth.AuthInterceptor(auth.Authenticator(tenants, insecure=insecure))
+    return AuthInterceptor(auth.Authenticator(tenants, insecure=insecure))
 
 
 @pytest.mark.parametrize("insecure", [True, False])

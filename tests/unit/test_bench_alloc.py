@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from controlplane.api.auth import load_tenants
+from controlplane.api.tenantsfile import load_tenants
 from tools.meshctl import bench_cluster
 from tools.meshctl.bench_cluster import BenchCluster, fs_type
 from tools.meshctl.common import CliError

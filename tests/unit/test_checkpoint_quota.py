@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from controlplane.api import auth
+from controlplane.api import auth, tenantsfile
 from controlplane.controllers.checkpoint_quota import CheckpointQuota
 from controlplane.controllers.migration_phases import StepFailed
 from gpumesh.v1 import migration_service_pb2 as M
@@ -152,19 +152,19 @@ async def test_the_agents_refusal_is_resource_exhausted():
 
 # -- configuration -----------------------------------------------------------------------------------------------
 
-def _tenants(quotas: dict, default: dict | None = None) -> auth.Tenants:
-    return auth.Tenants(quotas=quotas, default_quota=default or {})
+def _tenants(quotas: dict, default: dict | None = None) -> tenantsfile.Tenants:
+    return tenantsfile.Tenants(quotas=quotas, default_quota=default or {})
 
 
 def test_the_tenants_file_sets_a_tenants_limit_and_the_scheduler_never_sees_it(tmp_path):
     f = tmp_path / "tenants.yaml"
     f.write_text("default_quota: {max_checkpoint_bytes: 1GiB, max_slices: 4}\n"
                  "tenants:\n  a: {quota: {max_checkpoint_bytes: 2MiB}}\n  b: {}\n")
-    t = auth.load_tenants(str(f))
+    t = tenantsfile.load_tenants(str(f))
     q = CheckpointQuota(5, t)
     assert (q.limit("a"), q.limit("b"), q.limit("c")) == (2 << 20, 1 << 30, 1 << 30)
     plugin = type("P", (), {"NAME": "TenantQuota", "tenants": {}, "default": {}})()
-    auth.apply_quotas(type("F", (), {"profile": type("Pr", (), {"plugins": [plugin]})()})(), t)
+    tenantsfile.apply_quotas(type("F", (), {"profile": type("Pr", (), {"plugins": [plugin]})()})(), t)
     assert plugin.tenants == {} and plugin.default == {"max_slices": 4}
     assert CheckpointQuota(5).limit("a") == 5
 
@@ -174,7 +174,7 @@ def test_a_bad_limit_in_the_tenants_file_is_refused_naming_it(tmp_path, bad):
     f = tmp_path / "tenants.yaml"
     f.write_text(f"tenants:\n  a: {{quota: {{max_checkpoint_bytes: {bad}}}}}\n")
     with pytest.raises(ConfigError, match="tenants.a.quota.max_checkpoint_bytes"):
-        auth.load_tenants(str(f))
+        tenantsfile.load_tenants(str(f))
 
 
 def test_a_negative_default_is_refused():
