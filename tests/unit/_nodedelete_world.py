@@ -113,8 +113,8 @@ class Recorder:
 
 
 async def control_plane(etcd):
-    """A leader's start over what etcd holds (the order of controlplane/server.py _lead): over the fake `Etcd`,
-    or a real EtcdStore (leading) with the real group-commit writer."""
+    """A leader's start over what etcd holds (the order of controlplane/leader.py LeaderControllers.start): over the
+    fake `Etcd`, or a real EtcdStore (leading) with the real group-commit writer."""
     ctl = Controller(etcd)
     if isinstance(etcd, Etcd):
         ctl.writer.write = etcd.write
