@@ -15,30 +15,29 @@ host file per node), agents/ (one state dir per agent process; simulated
 device state in agents/<agent>/sim/<node>.state.json), bridge-nets/ (each
 agent's network for isolated workloads, tools/localnets.py), logs/ (one log per
 process), cluster.json (endpoint and pids, read by `meshctl down`).
+
+The daemons' command lines are made in tools/localcommands.py; starting, waiting for and stopping processes is
+tools/localprocs.py's.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
-import subprocess
 import sys
 import threading
-import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mesh import fsmodes
-from mesh.procs import with_death_signal
+from tools.localcommands import DaemonCommands, egress_deny
 from tools.localhosts import agent_groups, default_agents_per_process, sim_hosts, write_host_files
 from tools.localnets import BridgeNets
-from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, stop_workloads, is_mesh_process,
-                              read_state, registered_since, signal_group, stop_detached, stop_pid)
+from tools import localprobes
+from tools.localprocs import (CLUSTER_FILE, ClusterError, Proc, etcd_pids, exited, is_mesh_process, read_state,
+                              signal_group, spawn, stop_detached, stop_pid, stop_workloads, wait_for, write_state)
 
 @dataclass
 class LocalCluster:
@@ -135,20 +134,12 @@ class LocalCluster:
     # -- processes ------------------------------------------------------------
 
     def _spawn(self, proc: Proc) -> None:
-        fsmodes.private_dir(proc.log_path.parent)
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        main_thread = threading.current_thread() is threading.main_thread()
-        fd = os.open(proc.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(fd, 0o600)           # workload commands, tenants, node names: the operator's alone
-        with open(fd, "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.argv)}\n".encode())
-            log.flush()
-            # the death signal follows the starting thread: only tie the child to a main thread that waits
-            argv = with_death_signal(proc.argv) if not self.detach and main_thread else proc.argv
-            proc.started_at = time.time()
-            proc.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=env, start_new_session=True)
+        # the death signal follows the starting thread: only tie the child to a main thread that waits
+        spawn(proc, self.env, not self.detach and threading.current_thread() is threading.main_thread())
+
+    def _commands(self) -> DaemonCommands:
+        """The daemons' command lines from the cluster's settings now (tests change some between starts)."""
+        return DaemonCommands(self.python, self.log_format, self.log_level, self.tls_dir, self.tenants_file)
 
     def _cp_name(self, index: int) -> str:
         return "controlplane" if index == 0 else f"controlplane-{index + 1}"
@@ -173,25 +164,15 @@ class LocalCluster:
         port_file = self._dir(name) / "endpoint.json"
         port_file.unlink(missing_ok=True)
         listen = self.cp_endpoints[index] or (self.endpoint if index == 0 else None) or "127.0.0.1:0"
-        argv = [self.python, "-m", "controlplane.main", "--state-dir", str(self.state_dir / name),
-                "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
-                "--web-listen", "127.0.0.1:0",
-                "--log-format", self.log_format, "--log-level", self.log_level]
-        if self.etcd_endpoints:
-            argv += ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
-        if self.lease_ttl:
-            argv += ["--lease-ttl", str(math.ceil(self.lease_ttl))]
-        argv += self._security_args()
-        argv += self.controlplane_args
+        argv = self._commands().controlplane(self.state_dir / name, listen, port_file, self.etcd_endpoints,
+                                             self.lease_ttl, self.mtls_endpoint or "127.0.0.1:0",
+                                             self.controlplane_args)
         proc = self.cps[index] = Proc(name, argv, self._dir("logs") / f"{name}.log")
         if index == 0:
             self.controlplane = proc
         self._spawn(proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.running():
-                raise ClusterError(f"the control plane exited with status {proc.popen.returncode}"
-                                   f"; last log lines ({proc.log_path}):\n{proc.log_tail()}")
+
+        def port_file_read() -> str | None:
             try:
                 info = json.loads(port_file.read_text())
                 self.cp_endpoints[index] = info["endpoint"]
@@ -202,32 +183,19 @@ class LocalCluster:
                 self.save_state()
                 return info["endpoint"]
             except (OSError, ValueError, KeyError):
-                time.sleep(0.05)
-        raise ClusterError(f"the control plane wrote no port file within {timeout:g}s; "
-                           f"see {self.controlplane.log_path}")
+                return None
+        return wait_for(proc, "the control plane", port_file_read, timeout, lambda: (
+            f"the control plane wrote no port file within {timeout:g}s; see {self.controlplane.log_path}"))
 
     def start_gateway(self, timeout: float = 60.0, args: list[str] | None = None) -> str:
         """Start mesh-gateway against control plane 0; its base URL (http://HOST:PORT)."""
-        argv = [self.python, "-m", "controlplane.gateway.main", "--listen", "127.0.0.1:0",
-                "--control-plane", ",".join(self.endpoints), "--log-format", self.log_format,
-                "--log-level", self.log_level]
-        if self.tls_dir is None:
-            argv.append("--insecure")
-        else:
-            argv += ["--tls-ca", str(Path(self.tls_dir) / "ca.crt")]
-        if self.client_auth.get("token"):
-            argv += ["--token", self.client_auth["token"]]
-        if self.tenants_file:
-            argv += ["--tenants-file", str(self.tenants_file)]
-        argv += self.gateway_args + list(args or [])
+        argv = self._commands().gateway(self.endpoints, self.client_auth.get("token"),
+                                        self.gateway_args + list(args or []))
         proc = self.gateway_proc = Proc("gateway", argv, self._dir("logs") / "gateway.log")
         start = proc.log_path.stat().st_size if proc.log_path.exists() else 0
         self._spawn(proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.running():
-                raise ClusterError(f"the gateway exited with status {proc.popen.returncode}; last log lines "
-                                   f"({proc.log_path}):\n{proc.log_tail()}")
+
+        def listening() -> str | None:
             with open(proc.log_path, "rb") as f:
                 f.seek(start)
                 for line in f.read().decode(errors="replace").splitlines():
@@ -237,71 +205,30 @@ class LocalCluster:
                         self.gateway_url = "http://" + line.split()[1]
                         self.save_state()
                         return self.gateway_url
-            time.sleep(0.05)
-        raise ClusterError(f"the gateway did not listen within {timeout:g}s; see {proc.log_path}")
+            return None
+        return wait_for(proc, "the gateway", listening, timeout,
+                        lambda: f"the gateway did not listen within {timeout:g}s; see {proc.log_path}")
 
     def stop_gateway(self, grace: float = 10.0) -> None:
         if self.gateway_proc is not None and self.gateway_proc.popen is not None:
             stop_pid(self.gateway_proc.popen.pid, grace, self.gateway_proc.popen)
         self.gateway_proc, self.gateway_url, self.gateway_grpc = None, None, None
 
-    def _security_args(self) -> list[str]:
-        args = ["--tenants-file", str(self.tenants_file)] if self.tenants_file else []
-        if self.tls_dir is None:
-            return args + ["--insecure"]
-        from mesh import tls
-        d = Path(self.tls_dir)
-        if not (d / "ca.crt").exists():
-            tls.write_ca(d)
-        if not (d / "controlplane.crt").exists():
-            tls.issue(d, "server", tls.SERVER_CN, hosts=("localhost", "127.0.0.1"), filename="controlplane")
-        return args + ["--tls-cert", str(d / "controlplane.crt"), "--tls-key", str(d / "controlplane.key"),
-                       "--tls-client-ca", str(d / "ca.crt"), "--mtls-listen", self.mtls_endpoint or "127.0.0.1:0"]
-
-    def _agent_security_args(self, name: str) -> list[str]:
-        if self.tls_dir is None:
-            return ["--control-plane", ",".join(self.endpoints), "--insecure"]
-        from mesh import tls
-        nodes = self.groups[name]
-        if len(nodes) != 1:
-            raise ClusterError("with TLS every agent process runs one node (its certificate names it): "
-                               "agents_per_process must be 1")
-        d = Path(self.tls_dir)
-        if not (d / f"{nodes[0]}.crt").exists():
-            tls.issue(d, "agent", nodes[0])
-        return ["--control-plane", str(self.mtls_endpoint), "--tls-ca", str(d / "ca.crt"),
-                "--tls-cert", str(d / f"{nodes[0]}.crt"), "--tls-key", str(d / f"{nodes[0]}.key")]
-
     def _agent_proc(self, name: str) -> Proc:
-        argv = [self.python, "-m", "nodeagent.main", *self._agent_security_args(name), "--gpu-backend", "sim"]
-        for node in self.groups[name]:
-            argv += ["--sim-host-file", str(self._host_files[node])]
-        argv += ["--state-dir", str(self._dir("agents") / name), "--metrics-listen", "127.0.0.1:0",
-                 "--log-format", self.log_format, "--log-level", self.log_level,
-                 "--workload-egress-deny", self.egress_deny(),
-                 # each agent its own bridge network for isolated workloads, free on this host (tools/localnets.py;
-                 # agent_args may set another)
-                 "--workload-bridge-cidr", BridgeNets(self.state_dir).cidr(name, self._dir("bridge-nets") / name),
-                 *self.agent_args]
+        commands = self._commands()
+        security = commands.agent_security(self.groups[name], self.endpoints, self.mtls_endpoint)
+        argv = commands.agent(security, [self._host_files[node] for node in self.groups[name]],
+                              self._dir("agents") / name, self.egress_deny(),
+                              BridgeNets(self.state_dir).cidr(name, self._dir("bridge-nets") / name), self.agent_args)
         return Proc(name, argv, self._dir("logs") / f"{name}.log")
 
     def egress_deny(self) -> str:
-        """What the agents' workloads may not connect to: etcd's default ports, and this cluster's etcd (its
-        embedded or external members' client and peer ports) and control-plane metrics ports
-        (nodeagent/isolation/egress.py)."""
-        ports = set()
-        for url in self.etcd_endpoints:
-            ports.add(urllib.parse.urlparse(url if "://" in url else f"http://{url}").port)
-        for saved in [self.etcd_data_dir / "ports.json", *(self.state_dir / "etcd-cluster").glob("*/ports.json")]:
-            try:
-                ports.update(json.loads(saved.read_text()).values())
-            except (OSError, ValueError, AttributeError):
-                pass
-        if self.metrics_endpoint:
-            ports.add(int(self.metrics_endpoint.rpartition(":")[2]))
-        items = ["local:2379", "local:2380", *(f"local:{p}" for p in sorted(p for p in ports
-                                                                              if isinstance(p, int) and p > 0))]
-        return ",".join(dict.fromkeys(items))
+        """What the agents' workloads may not connect to (tools/localcommands.py `egress_deny`): etcd's default
+        ports, this cluster's etcd (its embedded or external members' client and peer ports) and control-plane
+        metrics ports."""
+        return egress_deny(self.etcd_endpoints, [self.etcd_data_dir / "ports.json",
+                                                 *(self.state_dir / "etcd-cluster").glob("*/ports.json")],
+                           self.metrics_endpoint)
 
     def start_agent(self, node: str) -> str:
         """Start the agent process that runs `node` (and its co-hosted nodes) if it is not running."""
@@ -343,20 +270,9 @@ class LocalCluster:
 
     def leader_index(self, timeout: float = 30.0) -> int:
         """Index of the control plane that leads (its health says SERVING), waiting up to `timeout`."""
-        from mesh.client import MeshClient
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ep in enumerate(self.cp_endpoints):
-                if ep and self.cps[i] is not None and self.cps[i].running():
-                    try:
-                        with MeshClient(ep, timeout=2.0, **self.client_auth) as c:
-                            if c.health() == "serving":
-                                return i
-                    except Exception:  # noqa: BLE001 - down or standby: try the next
-                        pass
-            if time.monotonic() > deadline:
-                raise ClusterError(f"no control plane leads after {timeout:g}s")
-            time.sleep(0.1)
+        def running(i: int) -> bool:
+            return self.cps[i] is not None and self.cps[i].running()
+        return localprobes.leader_index(self.cp_endpoints, running, self.client_auth, timeout)
 
     @property
     def etcd_data_dir(self) -> Path:
@@ -412,39 +328,19 @@ class LocalCluster:
         """Poll AdminService.ListNodes until `nodes` (default: all) are Ready; the Node messages. A node whose
         agent this cluster (re)started counts once that agent has registered: just after a `kill_agent` and a
         `start_agent`, the killed agent's lease still reads Ready until it runs out."""
-        from gpumesh.v1 import types_pb2
-        from mesh import errors
         wanted = set(nodes or self.nodes)
         started = {n: self.agents[a].started_at for a in self.groups for n in self.groups[a]
                    if n in wanted and a in self.agents}
-        deadline, last = time.monotonic() + timeout, -1
         with self.client(timeout=5.0) as mesh:
-            while True:
-                self._check_running(wanted)
-                try:
-                    listed = mesh.list_nodes()
-                except (errors.Unavailable, errors.DeadlineExceeded):
-                    listed = []
-                ready = [n for n in listed if n.name in wanted and n.state == types_pb2.NODE_STATE_READY
-                         and registered_since(n, started.get(n.name, 0.0))]
-                if progress and len(ready) != last:
-                    progress(len(ready), len(wanted))
-                    last = len(ready)
-                if len(ready) == len(wanted):
-                    return ready
-                if time.monotonic() > deadline:
-                    missing = sorted(wanted - {n.name for n in ready})
-                    raise ClusterError(f"{len(missing)} node(s) not Ready after {timeout:g}s: "
-                                       f"{', '.join(missing[:10])}; logs in {self.state_dir / 'logs'}")
-                time.sleep(0.2)
+            return localprobes.wait_nodes_ready(mesh, wanted, started, lambda: self._check_running(wanted),
+                                                timeout, progress, self.state_dir / "logs")
 
     def _check_running(self, nodes: set[str]) -> None:
         agents = {self.agent_for(n) for n in nodes}
         for proc in [*([self.controlplane] if self.controlplanes == 1 else []),
                      *(p for n, p in self.agents.items() if n in agents)]:
             if proc is not None and proc.popen is not None and proc.popen.poll() is not None:
-                raise ClusterError(f"{proc.name} exited with status {proc.popen.returncode}; "
-                                   f"last log lines ({proc.log_path}):\n{proc.log_tail()}")
+                raise exited(proc, proc.name)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the gateway and the agents, then the control plane, then the cluster's workloads (which outlive
@@ -472,10 +368,7 @@ class LocalCluster:
                 "gateway": self.gateway_url, "gateway_grpc": self.gateway_grpc,
                 "state_dir": str(self.state_dir), "nodes": self.nodes, "agents": self.groups,
                 "pids": self.pids(), "detached": self.detach}
-        tmp = self.state_dir / f".{CLUSTER_FILE}.tmp"
-        with fsmodes.private_file(tmp) as f:
-            f.write((json.dumps(data, indent=2) + "\n").encode())
-        os.replace(tmp, self.state_dir / CLUSTER_FILE)
+        write_state(self.state_dir, data)
 
     def client(self, timeout: float = 30.0):
         from mesh.client import MeshClient

@@ -1,4 +1,4 @@
-"""Child-process helpers for tools.localcluster: signal, stop, find leftovers, cluster.json.
+"""Child-process helpers for tools.localcluster: start and wait for, signal, stop, find leftovers, cluster.json.
 
 Every signal goes to a process id this cluster recorded (checked against its
 command line, so a recycled pid is never signalled), never to a name pattern.
@@ -12,10 +12,15 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from mesh.procs import pid_alive, process_tree
+from mesh import fsmodes
+from mesh.procs import pid_alive, process_tree, with_death_signal
+
+T = TypeVar("T")
 
 CLUSTER_FILE = "cluster.json"
 
@@ -89,6 +94,45 @@ class Proc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "<no log>"
+
+
+def spawn(proc: Proc, env: Mapping[str, str] | None, tie_to_caller: bool) -> None:
+    """Start `proc` in its own session (Ctrl-C reaches only the caller; killing its process group takes its children
+    along), its output appended to its log (0600) after a line naming the command. `env`: None for this process's
+    environment. With `tie_to_caller`, the child gets SIGTERM when the calling thread dies."""
+    fsmodes.private_dir(proc.log_path.parent)
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    fd = os.open(proc.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)           # workload commands, tenants, node names: the operator's alone
+    with open(fd, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.argv)}\n".encode())
+        log.flush()
+        argv = with_death_signal(proc.argv) if tie_to_caller else proc.argv
+        proc.started_at = time.time()
+        proc.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True)
+
+
+def exited(proc: Proc, who: str) -> ClusterError:
+    """The error for a child that exited: its status and the last lines of its log."""
+    return ClusterError(f"{who} exited with status {proc.popen.returncode}; last log lines ({proc.log_path}):\n"
+                        f"{proc.log_tail()}")
+
+
+def wait_for(proc: Proc, who: str, ready: Callable[[], T | None], timeout: float,
+             too_late: Callable[[], str]) -> T:
+    """What `ready()` gives once it gives something (asked every 0.05 s); ClusterError when `proc` exits first
+    (`exited`) or `timeout` seconds pass (the message `too_late()`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise exited(proc, who)
+        got = ready()
+        if got is not None:
+            return got
+        time.sleep(0.05)
+    raise ClusterError(too_late())
 
 
 def etcd_pids(data_dir: str | os.PathLike) -> list[int]:
@@ -204,6 +248,14 @@ def read_state(state_dir: str | os.PathLike) -> dict | None:
         return json.loads((Path(state_dir) / CLUSTER_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def write_state(state_dir: str | os.PathLike, data: dict) -> None:
+    """Write cluster.json (0600, replaced at once) for `meshctl down` and other tools: what `read_state` reads."""
+    tmp = Path(state_dir) / f".{CLUSTER_FILE}.tmp"
+    with fsmodes.private_file(tmp) as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode())
+    os.replace(tmp, Path(state_dir) / CLUSTER_FILE)
 
 
 def stop_detached(state_dir: str | os.PathLike, grace: float = 10.0) -> list[str]:
