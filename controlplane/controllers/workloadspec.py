@@ -8,6 +8,7 @@ import re
 
 from gpumesh.v1 import workload_service_pb2
 from mesh import errors, labels, netmode
+from mesh.models import digest
 
 MAX_ARGS = 256
 MAX_ARG_LEN = 32 << 10
@@ -15,7 +16,6 @@ MAX_ENV = 256           # variables a Run may set (each is in the record, the ag
 MAX_LABELS = 64         # labels of a workload (the record, events, every List filter)
 MAX_ID = 128
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_API_KEY = 256
 API_KEY = re.compile(r"^[!-~]{1,%d}$" % MAX_API_KEY)      # what an Authorization header carries as one token
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
@@ -64,7 +64,7 @@ def validate_backend_inputs(b) -> None:
     if u and not 0 < u <= 1:            # nan is neither
         raise errors.InvalidArgument.of("backend.gpu_memory_utilization", f"{u!r} is not a share",
                                         "0 (the backend's default) or a number in (0, 1]")
-    if b.artifact_sha256 and not SHA256.match(b.artifact_sha256):
+    if b.artifact_sha256 and not digest.HEX_RE.match(b.artifact_sha256):
         raise errors.InvalidArgument.of("backend.artifact_sha256", "is not a SHA-256", "64 lower-case hex digits")
     if b.api_key and not API_KEY.match(b.api_key):
         raise errors.InvalidArgument.of("backend.api_key", "is not a usable key",

@@ -131,8 +131,9 @@ def memory_share(text: str) -> float:
 
 def sha256_hex(text: str) -> str:
     """An argparse type: a SHA-256 as 64 hex digits (lower-cased); "" (argparse's default) stays ""."""
+    from mesh.models.digest import HEX_RE
     value = text.strip().lower()
-    if value and len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    if value and not HEX_RE.match(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (allowed: 64 hex digits, as sha256sum prints)")
     return value
 
