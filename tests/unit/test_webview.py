@@ -169,3 +169,21 @@ async def test_every_error_is_json_with_the_pages_security_headers(monkeypatch):
                 assert r.headers["Content-Security-Policy"] == web_server.CSP
     finally:
         await view.stop()
+
+
+def test_the_page_never_parses_what_it_receives_as_html():
+    """Names come from tenants (deployment and label names, workload commands, event messages): a tenant that
+    names something `<img src=x onerror=...>` must see that text drawn, never markup run. The page draws with
+    createElement/textContent only (controlplane/web/static/app.js `el`), and the CSP forbids inline script
+    besides; this keeps any HTML sink (and attribute setters that take code or URLs) out of it."""
+    import re
+
+    from controlplane.web.server import CSP, STATIC
+    js = (STATIC / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                 "createContextualFragment", "DOMParser", ".src =", ".href =", "srcdoc", "javascript:"):
+        assert sink not in js, f"app.js uses {sink}: draw received text with textContent"
+    assert not re.search(r"setAttribute\(\s*['\"]on", js) and "k.startsWith(\"on" not in js
+    html = (STATIC / "index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html) and not re.search(r"\son[a-z]+\s*=", html)
+    assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP
