@@ -306,14 +306,19 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
     def run_workload(self, slice_id: str, command: list[str] | None = None, env: Mapping[str, str] | None = None,
                      labels: Mapping[str, str] | None = None, *, backend: str = "", artifact: str = "",
                      served_name: str = "", context: int = 0, concurrency: int = 0, gpu_layers: int = 0,
-                     device: str = "", dtype: str = "", request_id: str = "") -> types_pb2.Workload:
+                     device: str = "", dtype: str = "", gpu_memory_utilization: float = 0.0,
+                     artifact_sha256: str = "", api_key: str = "", request_id: str = "") -> types_pb2.Workload:
         """Start `command` (argv) on a READY slice with the slice's environment plus `env`.
         Answers once the agent has started it (RUNNING, or FAILED with the reason), or PENDING
         when the node is not connected.
 
         With `backend` ("llama.cpp" or "vllm") and `artifact` (a GGUF file or a Hugging Face directory on
         the node) instead of a command, the agent starts that model server (nodeagent/backends/) with the
-        settings given and reports its address in the workload's `endpoint` (docs/serving.md).
+        settings given and reports its address in the workload's `endpoint` (docs/serving.md). vLLM only:
+        `gpu_memory_utilization` in (0, 1], the share of the device's memory it takes (an MPS or time-share
+        slice's device is the whole GPU; 0: vLLM's 0.9). `artifact_sha256`: the agent checks the weights
+        against it before the server starts. `api_key`: the server then requires `Authorization: Bearer
+        <api_key>` on every request (it reaches the server in its environment only, and no answer returns it).
 
         `request_id` (idempotency key): a retry with the same key returns the first call's workload instead
         of running it twice; the same key with other arguments raises errors.RequestIdReused."""
@@ -327,7 +332,8 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
                                                 "the model's path on the node (GGUF file or HF directory)")
             spec = types_pb2.ServingBackend(kind=backend, artifact=artifact, served_name=served_name,
                                             context=context, concurrency=concurrency, gpu_layers=gpu_layers,
-                                            device=device, dtype=dtype)
+                                            device=device, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                                            artifact_sha256=artifact_sha256, api_key=api_key)
             req = workload_service_pb2.RunWorkloadRequest(slice_id=slice_id, backend=spec, env=dict(env or {}),
                                                           labels=dict(labels or {}), request_id=request_id)
             return self._workloads.Run(req, timeout=max(self.timeout, 20.0))

@@ -8,6 +8,7 @@ import re
 
 from gpumesh.v1 import workload_service_pb2
 from mesh import errors, labels, netmode
+from mesh.models import digest
 
 MAX_ARGS = 256
 MAX_ARG_LEN = 32 << 10
@@ -15,6 +16,8 @@ MAX_ENV = 256           # variables a Run may set (each is in the record, the ag
 MAX_LABELS = 64         # labels of a workload (the record, events, every List filter)
 MAX_ID = 128
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_API_KEY = 256
+API_KEY = re.compile(r"^[!-~]{1,%d}$" % MAX_API_KEY)      # what an Authorization header carries as one token
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPUMESH_SLICE_ID", "GPUMESH_WORKLOAD_ID",
                 "GPUMESH_MEMORY_LIMIT_BYTES", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY",
                 "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
@@ -39,6 +42,7 @@ def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
         if req.backend.kind not in ("llama.cpp", "vllm") or not req.backend.artifact:
             raise errors.InvalidArgument.of("backend", "needs a kind and an artifact",
                                             "kind llama.cpp or vllm, and the artifact's path")
+        validate_backend_inputs(req.backend)
         return validate_env_labels(req)
     if not req.command:
         raise errors.InvalidArgument.of("command", "is required", "argv, the program first")
@@ -51,6 +55,20 @@ def validate_run(req: workload_service_pb2.RunWorkloadRequest) -> None:
             raise errors.InvalidArgument.of(f"command[{i}]", "is not a valid argument",
                                             f"no NUL bytes, at most {MAX_ARG_LEN} characters")
     validate_env_labels(req)
+
+
+def validate_backend_inputs(b) -> None:
+    """The ServingBackend inputs the agent would meet only when it starts the server (a FAILED workload, or
+    vLLM refusing a share over 1) or never (a key no client can send in an Authorization header)."""
+    u = b.gpu_memory_utilization
+    if u and not 0 < u <= 1:            # nan is neither
+        raise errors.InvalidArgument.of("backend.gpu_memory_utilization", f"{u!r} is not a share",
+                                        "0 (the backend's default) or a number in (0, 1]")
+    if b.artifact_sha256 and not digest.HEX_RE.match(b.artifact_sha256):
+        raise errors.InvalidArgument.of("backend.artifact_sha256", "is not a SHA-256", "64 lower-case hex digits")
+    if b.api_key and not API_KEY.match(b.api_key):
+        raise errors.InvalidArgument.of("backend.api_key", "is not a usable key",
+                                        f"1-{MAX_API_KEY} printable ASCII characters without spaces")
 
 
 def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:

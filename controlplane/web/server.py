@@ -15,8 +15,9 @@ The API routes take the same credentials as gRPC: `Authorization: Bearer <token>
 tenants file (controlplane/api/auth.py); with `insecure` and no tenants file nothing is checked (the
 local demo; then only requests addressed to localhost or an IP are answered, against DNS rebinding). Clients
 with the viewer role or more may read; what they see is scoped by the servicers.
-Errors are JSON `{"error": {"code", "message"}}` with 401/403. With TLS configured for gRPC the web view
-serves HTTPS with the same certificate.
+Errors are JSON `{"error": {"code", "message"}}`: 401/403, 404 (no such path), 405 (any method but GET/HEAD),
+500 (logged; the answer names no internals), all with the page's security headers. With TLS configured for
+gRPC the web view serves HTTPS with the same certificate.
 """
 
 from __future__ import annotations
@@ -56,7 +57,24 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def _headers(request: web.Request, handler):
-    resp = await handler(request)
+    """The page's security headers on every answer, and every error in the view's JSON shape: aiohttp's own
+    404 (no such route) and 405 (a method the route does not take) and an unexpected exception (500, logged,
+    its text kept out of the answer) would otherwise be bare text/plain."""
+    try:
+        resp = await handler(request)
+    except web.HTTPNotFound:
+        resp = _error(404, "NOT_FOUND", f"{request.path} is not a path of the web view (the page is /, its data "
+                                        f"/api/snapshot and /api/stream)")
+    except web.HTTPMethodNotAllowed as e:
+        resp = _error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on {request.path} (allowed: "
+                                                 f"{', '.join(sorted(e.allowed_methods))}); the web view only reads")
+        resp.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+    except web.HTTPException:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug in a frame answers 500 and is logged, never shown
+        log(logger, logging.ERROR, "web view request failed", path=request.path, error=repr(e))
+        logger.exception("web view request failed on %s", request.path)
+        resp = _error(500, "INTERNAL", "internal error in the web view (logged by the control plane)")
     resp.headers.setdefault("Content-Security-Policy", CSP)
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
     resp.headers.setdefault("Referrer-Policy", "no-referrer")

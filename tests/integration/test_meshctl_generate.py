@@ -79,3 +79,51 @@ def test_run_backend_starts_a_model_server(cluster, mesh):
         meshctl(cluster, "stop", wid)
     finally:
         mesh.release(alloc.allocation_id)
+
+
+def test_run_backend_with_a_key_and_a_pinned_digest(cluster, mesh, tmp_path):
+    """`meshctl run --backend --api-key-file --artifact-sha256`: the key reaches the real server (a request
+    without it is refused, one with it answered), no answer of meshctl or the API carries it, and the agent
+    checks the weights against the digest (a wrong one fails the workload). Before, neither could be given:
+    a server run by hand answered anything that reached its port."""
+    import hashlib
+
+    import httpx
+
+    from mesh import replicatls
+    wait_for(lambda: not mesh.list_slices(), SLOW, "the earlier slices to be released")
+    alloc = mesh.allocate(tenant="team-a", memory_bytes=2 << 30)
+    sid = alloc.slices[0].id
+    gguf = smollm2_gguf()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    key = "run-key-" + "0123456789abcdef" * 2
+    (tmp_path / "key").write_text(key + "\n")
+    try:
+        p = meshctl(cluster, "run", "--slice", sid, "--backend", "llama.cpp", "--artifact", str(gguf), "--context",
+                    "256", "--api-key-file", str(tmp_path / "key"), "--artifact-sha256", digest, "-o", "json")
+        assert key not in p.stdout + p.stderr
+        wid = json.loads(p.stdout)["id"]
+        w = wait_for(lambda: (lambda x: x if x.endpoint and x.state == 2 else None)(mesh.get_workload(wid)), SLOW,
+                     "the workload to run and report its endpoint")
+        assert not w.backend.api_key and w.backend.artifact_sha256 == digest
+        url = replicatls.base_url(w.endpoint, w.endpoint_certificate) + "/v1/models"
+        verify = replicatls.verify(w.endpoint_certificate)
+
+        def answered(headers):
+            try:
+                return httpx.get(url, headers=headers, verify=verify, timeout=10).status_code
+            except httpx.HTTPError:
+                return None             # still loading
+        assert wait_for(lambda: answered({"Authorization": f"Bearer {key}"}) == 200, SLOW, "the server to answer")
+        assert answered({}) == 401 and answered({"Authorization": "Bearer wrong-key"}) == 401
+        assert key not in meshctl(cluster, "get", "workloads", "-o", "json").stdout
+        meshctl(cluster, "stop", wid)
+        bad = meshctl(cluster, "run", "--slice", sid, "--backend", "llama.cpp", "--artifact", str(gguf),
+                      "--artifact-sha256", "0" * 64, "-o", "json", check=False)
+        assert bad.returncode == 0, bad.stderr
+        bid = json.loads(bad.stdout)["id"]
+        failed = wait_for(lambda: (lambda x: x if x.state in (4, 5) else None)(mesh.get_workload(bid)), SLOW,
+                          "the workload with a wrong digest to fail")
+        assert failed.state == 4, failed                      # FAILED: the launcher refused the weights
+    finally:
+        mesh.release(alloc.allocation_id)

@@ -241,3 +241,77 @@ def test_sdk_run_workload_backend_builds_the_request():
     with pytest.raises(errors.InvalidArgument) as e:
         c.run_workload("s-1", backend="tgi", artifact="/m")
     assert e.value.field == "backend"
+
+
+# -- run --backend: every ServingBackend input the API takes ------------------------------------------
+
+def test_run_backend_passes_memory_share_pinned_digest_and_key_file(runmesh, capsys, tmp_path):
+    """RunWorkloadRequest.backend takes gpu_memory_utilization (vLLM on an MPS or time-share slice sees the
+    whole GPU: without it vLLM reserves 90% of it), artifact_sha256 (the agent checks the weights) and api_key
+    (the server refuses requests without it); the SDK and `meshctl run` offered none of them. The key comes
+    from a file (a flag's value is on the command line, which every user of the host can read)."""
+    key = tmp_path / "key"
+    key.write_text("s3cret-key-0123456789\n")
+    digest = "ab" * 32
+    rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--backend", "vllm", "--artifact", "/m",
+                       "--gpu-memory-utilization", "0.25", "--artifact-sha256", digest, "--api-key-file", str(key)])
+    o = capsys.readouterr()
+    assert rc == 0, o.err
+    _, _, kw = runmesh.runs[-1]
+    assert kw["gpu_memory_utilization"] == 0.25 and kw["artifact_sha256"] == digest
+    assert kw["api_key"] == "s3cret-key-0123456789"
+    assert "s3cret" not in o.out + o.err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: 1.5 is not a share"),
+    (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization: nan is not a share"),
+    (["--artifact-sha256", "xyz"], "--artifact-sha256: 'xyz' is not a SHA-256"),
+    (["--api-key-file", "/nonexistent/key"], "--api-key-file: cannot read /nonexistent/key"),
+])
+def test_run_backend_input_errors_name_the_flag(runmesh, capsys, argv, needle):
+    try:
+        rc = meshctl.main(["--endpoint", "127.0.0.1:1", "run", "--slice", "s-1", "--backend", "vllm", "--artifact",
+                           "/m", *argv])
+    except SystemExit as e:         # a flag's value refused by argparse: a usage error (2)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc != 0 and needle in err and runmesh.runs == [], err
+
+
+def test_sdk_run_workload_sends_every_backend_input():
+    from mesh.client import MeshClient
+
+    class Workloads:
+        def Run(self, req, timeout=None):
+            self.req = req
+            return types_pb2.Workload(id="w-2")
+    c = MeshClient.__new__(MeshClient)
+    c.timeout = 5.0
+    c._workloads = Workloads()
+    c.run_workload("s-1", backend="vllm", artifact="/m", gpu_memory_utilization=0.3, artifact_sha256="cd" * 32,
+                   api_key="k" * 20)
+    b = c._workloads.req.backend
+    assert (b.gpu_memory_utilization, b.artifact_sha256, b.api_key) == (pytest.approx(0.3), "cd" * 32, "k" * 20)
+
+
+@pytest.mark.parametrize("field, backend", [
+    ("backend.gpu_memory_utilization", dict(gpu_memory_utilization=1.5)),
+    ("backend.gpu_memory_utilization", dict(gpu_memory_utilization=float("nan"))),
+    ("backend.gpu_memory_utilization", dict(gpu_memory_utilization=-0.1)),
+    ("backend.artifact_sha256", dict(artifact_sha256="not-hex")),
+    ("backend.api_key", dict(api_key="has space")),
+    ("backend.api_key", dict(api_key="k" * 300)),
+])
+def test_run_refuses_bad_backend_inputs_naming_the_field(field, backend):
+    """The control plane checks what the agent would otherwise meet only when it starts the server (a FAILED
+    workload, or vLLM refusing a share over 1) or never (a key a client cannot send in a header)."""
+    from controlplane.controllers.workloadspec import validate_run
+    from gpumesh.v1 import workload_service_pb2
+    req = workload_service_pb2.RunWorkloadRequest(slice_id="s-1", backend=types_pb2.ServingBackend(
+        kind="vllm", artifact="/m", **backend))
+    with pytest.raises(errors.InvalidArgument) as e:
+        validate_run(req)
+    assert e.value.field == field
+    validate_run(workload_service_pb2.RunWorkloadRequest(slice_id="s-1", backend=types_pb2.ServingBackend(
+        kind="vllm", artifact="/m", gpu_memory_utilization=0.5, artifact_sha256="ef" * 32, api_key="k" * 32)))

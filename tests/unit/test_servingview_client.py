@@ -146,3 +146,27 @@ def test_meshctl_watch_prints_changes_not_heartbeats(server, capsys):
 def test_meshctl_refuses_filters_it_does_not_take(server, capsys, flags, message):
     rc, out, err = run(capsys, "--endpoint", server[0], "get", "servingview", *flags)
     assert rc != 0 and message in err and out == ""
+
+
+def test_meshctl_watch_takes_the_compare_interval(server, capsys):
+    """WatchServingViewRequest.interval_ms (how often the control plane compares the view) was reachable from
+    the SDK only: `get servingview -w --interval SECONDS` sends it."""
+    before = len(server[1].requests)
+    rc, out, err = run(capsys, "--endpoint", server[0], "get", "servingview", "-w", "--interval", "0.25", "-o", "json")
+    assert rc == 0, err
+    assert [r.interval_ms for r in server[1].requests[before:]] == [250]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--interval", "2"], "--interval applies to servingview with -w"),
+    (["-w", "--interval", "0.01"], "--interval: 0.01 is outside 0.1..60 seconds"),
+])
+def test_meshctl_interval_errors(server, capsys, flags, message):
+    before = len(server[1].requests)
+    rc, out, err = run(capsys, "--endpoint", server[0], "get", "servingview", *flags)
+    assert rc != 0 and message in err and len(server[1].requests) == before, err
+
+
+def test_interval_is_refused_for_other_kinds(server, capsys):
+    rc, out, err = run(capsys, "--endpoint", server[0], "get", "slices", "-w", "--interval", "2")
+    assert rc != 0 and "--interval applies to servingview" in err

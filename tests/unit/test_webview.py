@@ -125,3 +125,65 @@ async def test_live_streams_are_bounded_and_end_with_their_client(tmp_path, monk
                 await s.close()
     finally:
         await cp.stop()
+
+
+async def _bare_view():
+    """A WebView over no servicers (each part of a frame 'not served'), on a free port, nothing checked."""
+    from controlplane.api import auth
+    from controlplane.web.server import WebView
+    view = WebView({}, auth.Authenticator(None, insecure=True), lambda: None)
+    port = await view.start("127.0.0.1", 0)
+    return view, f"http://127.0.0.1:{port}"
+
+
+async def test_every_error_is_json_with_the_pages_security_headers(monkeypatch):
+    """A path that is no route, a method a route does not take, and a frame that fails to build are
+    answered like the view's own errors (JSON {"error": {code, message}} naming what was wrong) and carry
+    the page's security headers: aiohttp's own answers were text/plain and bare (no CSP, no nosniff, no
+    no-store), and a failed frame a text 500."""
+    from controlplane.web import server as web_server
+    from controlplane.web import snapshot
+    view, base = await _bare_view()
+    try:
+        async with aiohttp.ClientSession() as s:
+            cases = [("GET", "/nope", 404, "NOT_FOUND", "/nope"), ("GET", "/static/", 404, "NOT_FOUND", "/static/"),
+                     ("POST", "/api/snapshot", 405, "METHOD_NOT_ALLOWED", "POST"),
+                     ("DELETE", "/", 405, "METHOD_NOT_ALLOWED", "GET")]
+            for method, path, status, code, named in cases:
+                async with s.request(method, base + path) as r:
+                    assert r.status == status, (method, path)
+                    assert r.content_type == "application/json", (method, path, await r.text())
+                    err = (await r.json())["error"]
+                    assert err["code"] == code and named in err["message"], err
+                    assert r.headers["Content-Security-Policy"] == web_server.CSP
+                    assert r.headers["X-Content-Type-Options"] == "nosniff"
+                    assert r.headers["Cache-Control"] == "no-store"
+
+            async def broken(switches, principal):
+                raise TypeError("a servicer's bug, with internals: /etc/secret")
+            monkeypatch.setattr(snapshot, "take", broken)
+            async with s.get(base + "/api/snapshot") as r:
+                assert r.status == 500 and r.content_type == "application/json"
+                err = (await r.json())["error"]
+                assert err["code"] == "INTERNAL" and "/etc/secret" not in err["message"], err
+                assert r.headers["Content-Security-Policy"] == web_server.CSP
+    finally:
+        await view.stop()
+
+
+def test_the_page_never_parses_what_it_receives_as_html():
+    """Names come from tenants (deployment and label names, workload commands, event messages): a tenant that
+    names something `<img src=x onerror=...>` must see that text drawn, never markup run. The page draws with
+    createElement/textContent only (controlplane/web/static/app.js `el`), and the CSP forbids inline script
+    besides; this keeps any HTML sink (and attribute setters that take code or URLs) out of it."""
+    import re
+
+    from controlplane.web.server import CSP, STATIC
+    js = (STATIC / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                 "createContextualFragment", "DOMParser", ".src =", ".href =", "srcdoc", "javascript:"):
+        assert sink not in js, f"app.js uses {sink}: draw received text with textContent"
+    assert not re.search(r"setAttribute\(\s*['\"]on", js) and "k.startsWith(\"on" not in js
+    html = (STATIC / "index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html) and not re.search(r"\son[a-z]+\s*=", html)
+    assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP

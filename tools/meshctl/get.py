@@ -99,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-w", "--watch", action="store_true",
                    help="events, slices, one deployment or one migration: after the list, a line per change; "
                         "servingview: a fresh view per change (Ctrl-C to stop)")
+    p.add_argument("--interval", type=float, default=None, metavar="SECONDS",
+                   help="servingview -w: how often the control plane compares the view for a change, 0.1-60 "
+                        "(default 0.5)")
     p.set_defaults(func=run)
 
 
@@ -111,7 +114,8 @@ FILTERS = {"tenant": ("slices", "workloads", "deployments", "replicas", "policie
            "model": ("deployments", "replicas"), "family": ("models",),
            "selector": ("deployments", "replicas", "models", "nodes", "slices", "workloads"),
            "reason": ("events",), "limit": ("events",), "for_": ("events",), "type": ("events",),
-           "since": ("events",), "watch": ("events", "slices", "deployments", "migrations", "servingview")}
+           "since": ("events",), "watch": ("events", "slices", "deployments", "migrations", "servingview"),
+           "interval": ("servingview",)}
 FLAG_NAMES = {"for_": "--for", "selector": "-l/--selector"}
 
 # the kinds whose NAMEs name objects (for replicas and policies: deployments); a NAME none of them has is an
@@ -163,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
     check_filters(args, kind)
     if kind == "servingview":
         from tools.meshctl import servingview
+        interval_ms = servingview.interval_ms(args.interval, args.watch)
         with client(args) as mesh:
-            return servingview.run(mesh, args.names, args.output, args.watch)
+            return servingview.run(mesh, args.names, args.output, args.watch, interval_ms)
     if kind == "events":
         from tools.meshctl import events
         with client(args) as mesh:

@@ -10,7 +10,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from tools.meshctl.common import out
+from tools.meshctl.common import CliError, out
 
 
 def _narrowed(doc: dict, names: list[str]) -> dict:
@@ -60,7 +60,18 @@ def format_view(doc: dict, fmt: str, now: datetime | None = None) -> str:
     return head + (table_of(items, columns(now), wide=(fmt == "wide")) if items else "No replicas in the view.\n")
 
 
-def run(mesh: Any, names: list[str], fmt: str, watch: bool) -> int:
+def interval_ms(seconds: float | None, watch: bool) -> int:
+    """WatchServingViewRequest.interval_ms for `--interval SECONDS` (0: the control plane's 500 ms)."""
+    if seconds is None:
+        return 0
+    if not watch:
+        raise CliError("--interval applies to servingview with -w (it paces the watch's comparisons)")
+    if not 0.1 <= seconds <= 60:            # nan too
+        raise CliError(f"--interval: {seconds:g} is outside 0.1..60 seconds")
+    return round(seconds * 1000)
+
+
+def run(mesh: Any, names: list[str], fmt: str, watch: bool, interval_ms: int = 0) -> int:
     from mesh.servingviewapi import serving_view_to_dict
     if not watch:
         doc = _narrowed(serving_view_to_dict(mesh.serving_view()), names)
@@ -71,7 +82,7 @@ def run(mesh: Any, names: list[str], fmt: str, watch: bool) -> int:
         return 1 if missing else 0
     last = None
     try:
-        for view in mesh.watch_serving_view():
+        for view in mesh.watch_serving_view(interval_ms=interval_ms):
             doc = _narrowed(serving_view_to_dict(view), names)
             same = {k: v for k, v in doc.items() if k not in ("sequence", "at")}
             if same == last:

@@ -23,6 +23,8 @@ examples:
   meshctl run --slice s-7f3a9c1e2b4d --backend llama.cpp --artifact /models/SmolLM2-135M-Instruct.Q4_1.gguf \
       --context 512 --served-name smollm2                   # a model server; prints its ENDPOINT
   meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 --device cpu -o json
+  meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 \
+      --gpu-memory-utilization 0.25 --api-key-file ~/.gpumesh/server.key   # an MPS slice of a quarter GPU
 
 The process gets the slice's environment (CUDA_VISIBLE_DEVICES = the slice's
 device UUID, MPS limits on MPS slices) plus --env. With --backend the agent
@@ -80,6 +82,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--gpu-layers", type=nonneg_int, default=0, metavar="N", help="llama.cpp: layers on the GPU (0: all)")
     b.add_argument("--device", choices=("cuda", "cpu"), default="", help="vllm: pin the build (default: the agent's)")
     b.add_argument("--dtype", default="", help="vllm: bfloat16, float16, float32 (default: the checkpoint's)")
+    b.add_argument("--gpu-memory-utilization", type=memory_share, default=0.0, metavar="SHARE",
+                   help="vllm: the share of the device's memory it may take, in (0, 1]; on an MPS or time-share "
+                        "slice the device is the whole GPU: the slice's memory over the GPU's (default: vLLM's, 0.9)")
+    b.add_argument("--artifact-sha256", type=sha256_hex, default="", metavar="HEX",
+                   help="the artifact's SHA-256: the agent checks the weights against it before the server starts")
+    b.add_argument("--api-key-file", default="", metavar="PATH",
+                   help="a file holding the key the server requires of every request (Authorization: Bearer KEY); "
+                        "default: none, anything that reaches its port may use it")
     r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the program and its arguments")
     r.set_defaults(func=run_run)
 
@@ -104,7 +114,40 @@ def _stream(mesh, wid: str, tail: int, follow: bool) -> None:
         sys.stdout.flush()
 
 
-SERVER_FLAGS = ("artifact", "served_name", "context", "concurrency", "gpu_layers", "device", "dtype")
+SERVER_FLAGS = ("artifact", "served_name", "context", "concurrency", "gpu_layers", "device", "dtype",
+                "gpu_memory_utilization", "artifact_sha256", "api_key_file")
+
+
+def memory_share(text: str) -> float:
+    """An argparse type: a share of a device's memory in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:          # nan too
+        raise argparse.ArgumentTypeError(f"{text} is not a share of the device's memory (allowed: (0, 1], e.g. 0.25)")
+    return value
+
+
+def sha256_hex(text: str) -> str:
+    """An argparse type: a SHA-256 as 64 hex digits (lower-cased); "" (argparse's default) stays ""."""
+    from mesh.models.digest import HEX_RE
+    value = text.strip().lower()
+    if value and not HEX_RE.match(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (allowed: 64 hex digits, as sha256sum prints)")
+    return value
+
+
+def read_api_key(path: str) -> str:
+    """The key in `path` (its first line, surrounding whitespace dropped); CliError naming the flag."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"--api-key-file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not key:
+        raise CliError(f"--api-key-file: {path} holds no key (its first line is empty)")
+    return key
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -117,6 +160,8 @@ def run_run(args: argparse.Namespace) -> int:
             raise CliError("--backend starts a model server: give no COMMAND (the agent builds it)")
         if not args.artifact:
             raise CliError("--artifact is required with --backend (the model's path on the node)")
+        key_file = server.pop("api_key_file")
+        server["api_key"] = read_api_key(key_file) if key_file else ""
     elif any(server.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in server.items() if v)
         raise CliError(f"{given}: model-server flags need --backend llama.cpp|vllm")
