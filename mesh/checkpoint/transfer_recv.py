@@ -19,7 +19,7 @@ from mesh.checkpoint.format import (DEFAULT_CHECKSUM, CheckpointError, EntryMeta
                                     new_hasher)
 from mesh.checkpoint.transfer_auth import Channel, TransferAuthError, check_hello, check_secret, server_answer
 from mesh.checkpoint.transfer_sinks import BufferTarget, EntryTarget, Sink
-from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, SERVICE, TransferError, cumulative_sum, frame, unframe
+from mesh.checkpoint.transfer_wire import SERVER_OPTIONS, SERVICE, TransferError, cumulative_sum, frame, unframe
 from mesh.logs import log
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class ReceiveSession:
         self.committed_event = threading.Event()
         self.manifest: Manifest | None = None
         self.hellos: set[bytes] = set()    # the senders' nonces of the hellos heard: a replayed one is refused
+        self.stalled = threading.Event()
+        """set when a stream of this session was given up for sending nothing within the idle timeout (its
+        sender may retry: the session takes it); `stalled_reason` says so. The session's owner may give up."""
+        self.stalled_reason = ""
 
     def have(self) -> dict[str, list[Any]]:
         return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}
@@ -193,6 +197,17 @@ MAX_SESSION_STREAMS = 1 << 16
 HELLO_TIMEOUT_S = 10.0
 """how long a stream may stay open before its hello (the sender sends it first, at once): a stream
 waiting for it holds one of the server's workers."""
+IDLE_TIMEOUT_S = 120.0
+"""the default of `TransferServer(idle_timeout_s=)`: how long a stream may send nothing between two frames
+before it is given up (DEADLINE_EXCEEDED) and the session's lock released. A 4 MiB chunk in 120 s is 35 kB/s;
+a sender whose connection died silently is found sooner by the keepalive pings (transfer_wire.py)."""
+
+
+def check_idle_timeout(value: Any, field: str = "idle_timeout_s") -> float:
+    """`value` as the idle timeout between frames: seconds, a finite number above 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{field}: {value!r} (allowed: seconds, a finite number above 0)")
+    return float(value)
 
 
 class _Abort(Exception):
@@ -200,6 +215,60 @@ class _Abort(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class _Idle(Exception):
+    """No message within the idle timeout."""
+
+
+class _Reader:
+    """Takes a stream's messages on a helper thread, so that the handler waits for each with a limit
+    (`next`): a sync gRPC request iterator takes none, and only the handler's thread can answer the
+    stream a status (context.abort)."""
+
+    _END = object()
+
+    def __init__(self, requests: Iterator[bytes], name: str) -> None:
+        self.requests = requests
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"transfer-read-{name}")
+        self.thread.start()
+
+    def next(self, timeout: float) -> bytes | None:
+        """The next message, None at the stream's end; raises _Idle when none came within `timeout`
+        seconds, or the stream's own error."""
+        try:
+            item = self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise _Idle() from None
+        if item is self._END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        """The handler is done: whatever still comes is dropped (the thread ends with the stream)."""
+        self.stopped.set()
+
+    def _run(self) -> None:
+        try:
+            for msg in self.requests:
+                if not self._put(msg):
+                    return
+            self._put(self._END)
+        except BaseException as exc:   # noqa: BLE001 - handed to the stream's handler
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 class _Pipeline:
@@ -314,15 +383,18 @@ class TransferServer:
     one; see `.address`) or `unix:/path`."""
 
     def __init__(self, address: str = "127.0.0.1:0", max_workers: int = 16, credentials: Any = None,
-                 max_concurrent: int = 32) -> None:
+                 max_concurrent: int = 32, idle_timeout_s: float | None = None) -> None:
         """`credentials`: grpc server credentials (the agent's mTLS) or None: plaintext gRPC; every
         frame is sealed with the session's keys either way (transfer_auth.py). Each stream holds a
         worker thread while it lasts: a stream's hello must come within HELLO_TIMEOUT_S, and streams
         beyond `max_concurrent` are refused (RESOURCE_EXHAUSTED) rather than queued, so idle
-        streams of anyone who can connect cannot hold every worker from the session's sender."""
+        streams of anyone who can connect cannot hold every worker from the session's sender.
+        `idle_timeout_s` (default IDLE_TIMEOUT_S): a stream that sends no frame for this long is given
+        up (DEADLINE_EXCEEDED), releasing its session for the sender's retry, which resumes."""
+        self.idle_timeout_s = check_idle_timeout(IDLE_TIMEOUT_S if idle_timeout_s is None else idle_timeout_s)
         self.sessions: dict[str, ReceiveSession] = {}
         self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
                                   maximum_concurrent_rpcs=max_concurrent)
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Push": grpc.stream_stream_rpc_method_handler(self._push)})
@@ -438,15 +510,26 @@ class TransferServer:
             t0 = time.perf_counter()
             n0 = session.bytes_received
             pipe = _Pipeline(session, ring, channel)
+            reader = _Reader(requests, session.session)
             try:
-                for msg in requests:
+                while (msg := reader.next(self.idle_timeout_s)) is not None:
                     pipe.put(msg)           # opened, checked and written by the pipeline's thread, in order
                 pipe.finish()
+            except _Idle:
+                why = (f"transfer session {session.session!r}: the sender sent no frame for "
+                       f"{self.idle_timeout_s:g} s (idle timeout)")
+                log(logger, logging.WARNING, "transfer stream given up", session=session.session,
+                    peer=context.peer(), reason=f"no frame for {self.idle_timeout_s:g} s")
+                session.stalled_reason = why
+                session.stalled.set()
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{why}: the stream is given up; a retry "
+                              f"resumes from what arrived")
             except _Abort as exc:
                 context.abort(exc.code, exc.message)
             except CheckpointError as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             finally:
+                reader.stop()
                 pipe.stop()
             yield channel.seal(frame({"t": "done", "bytes": session.bytes_received - n0,
                                       "seconds": time.perf_counter() - t0, "committed": session.committed}))
