@@ -40,7 +40,8 @@ skipped.
 
 from __future__ import annotations
 
-from mesh.checkpoint.transfer_recv import ReceiveSession, TransferServer, _Abort, _RecvEntry
+from mesh.checkpoint.transfer_recv import TransferServer
+from mesh.checkpoint.transfer_session import ReceiveSession, _Abort, _RecvEntry
 from mesh.checkpoint.transfer_send import OutEntry, ProgressFn, SendStats, TransferClient, raw_entries
 from mesh.checkpoint.transfer_sinks import BufferTarget, DirectorySink, EntryTarget, NullSink, Sink
 from mesh.checkpoint.transfer_wire import (GRPC_OPTIONS, MAX_MESSAGE, PUSH, SERVICE, TransferError, frame,
