@@ -13,7 +13,9 @@ place on completion (mesh/checkpoint/format.py CheckpointWriter); a failed check
 is removed at once, and those a dead agent left when the agent starts (`clean_partial_checkpoints`).
 Only a commit the agent's own receiver took makes a checkpoint: the workload's reply alone does not; and a
 step that fails after that commit (the workload's reply is an error) removes what was committed: it is answered
-FAILED, so no record would name it and nothing would ever delete it from the store.
+FAILED, so no record would name it and nothing would ever delete it from the store. A workload that stops
+sending in the middle of its push fails the step when the receiver gives its stream up (the transfer's idle
+timeout, `transfer_idle_timeout_seconds`; `call_unless_stalled`), not when its control socket times out.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
