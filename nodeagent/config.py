@@ -48,6 +48,11 @@ class AgentConfig:
     transfer_host: str = option("", "address the checkpoint/migration transfer receivers listen on (the agent's "
                                 "own, and its migration targets'); default: the local address that reaches the "
                                 "control plane. Never every interface unless set to 0.0.0.0 explicitly")
+    transfer_idle_timeout_seconds: float = option(120.0, "a checkpoint/migration transfer stream that sends no "
+                                                  "frame for this long is given up and its session released for "
+                                                  "the sender's retry (which resumes); a workload's checkpoint "
+                                                  "into the store then fails. Dead connections are found "
+                                                  "sooner by keepalive pings (30 s)", minimum=1, maximum=3600)
     backend_host: str = option("127.0.0.1", "address model servers (deployments' replicas) listen on and are "
                                "reported at (host:port with a port the agent picks); on a fleet, an address the "
                                "control plane and the gateway reach")
@@ -155,6 +160,11 @@ class AgentConfig:
                                    and self.transfer_host.count(":") == 1):
             raise ConfigError(f"transfer_host: {self.transfer_host!r} is a host (an IP address or a name) without a "
                               f"port; the port is picked per session")
+        from mesh.checkpoint.transfer_recv import check_idle_timeout
+        try:        # NaN passes the minimum and maximum (every comparison with it is false)
+            check_idle_timeout(self.transfer_idle_timeout_seconds, "transfer_idle_timeout_seconds")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.gpu_backend == "sim" and not self.sim_host_file:
             raise ConfigError("sim_host_file: at least one host file is needed with gpu_backend=sim")
         if self.gpu_backend == "nvml" and self.sim_host_file:

@@ -46,12 +46,15 @@ class MigrationBase:
     """The agent's migration state and the helpers its steps share (see the module's docstring)."""
 
     def __init__(self, agent, runner, checkpoint_dir: str = "", keys_file: str = "", transfer_host: str = "",
-                 tls: tuple[str, str, str] | None = None) -> None:
+                 tls: tuple[str, str, str] | None = None, transfer_idle_timeout: float | None = None) -> None:
         self.agent = agent
         self.runner = runner
         self.checkpoint_dir = checkpoint_dir
         self.keys_file = keys_file
         self.transfer_host = transfer_host
+        self.transfer_idle_timeout = transfer_idle_timeout
+        """the agent's transfer receivers give up a stream that sends nothing this long (None: the default,
+        mesh/checkpoint/transfer_recv.py IDLE_TIMEOUT_S); a checkpoint's step then fails."""
         self.tls = tls
         """(ca, cert, key) of this agent's certificate when the agent is secured: agent-to-agent
         transfers speak mTLS with it."""

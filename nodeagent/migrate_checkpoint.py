@@ -13,7 +13,9 @@ place on completion (mesh/checkpoint/format.py CheckpointWriter); a failed check
 is removed at once, and those a dead agent left when the agent starts (`clean_partial_checkpoints`).
 Only a commit the agent's own receiver took makes a checkpoint: the workload's reply alone does not; and a
 step that fails after that commit (the workload's reply is an error) removes what was committed: it is answered
-FAILED, so no record would name it and nothing would ever delete it from the store.
+FAILED, so no record would name it and nothing would ever delete it from the store. A workload that stops
+sending in the middle of its push fails the step when the receiver gives its stream up (the transfer's idle
+timeout, `transfer_idle_timeout_seconds`; `call_unless_stalled`), not when its control socket times out.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
@@ -25,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 
@@ -82,6 +85,36 @@ def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.path)
     return removed
+
+
+def call_unless_stalled(link, sess, cmd: str, **args) -> dict:
+    """`link.call(cmd, **args)` (the workload pushes its checkpoint into the receiving session `sess` before it
+    answers), unless the receiver gives up a stream of it for sending nothing within its idle timeout: then the
+    workload is stuck mid-push (its retry would be too), the call is aborted and the step fails at once, rather
+    than when the control socket times out. A limited tenant's checkpoint lock (controlplane/controllers/
+    checkpoint_quota.py) is held until the step answers."""
+    box: dict = {}
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            box["reply"] = link.call(cmd, **args)
+        except BaseException as exc:   # noqa: BLE001 - raised in the step's thread below
+            box["error"] = exc
+        finally:
+            done.set()
+    threading.Thread(target=call, daemon=True, name=f"link-{cmd}").start()
+    while not done.wait(STALL_POLL_S):
+        if sess.stalled.is_set():
+            link.abort()
+            done.wait(5.0)      # the shut-down socket ends the call at once: nothing of it is used
+            raise RuntimeError(f"the workload's checkpoint push stalled: {sess.stalled_reason}")
+    if "error" in box:
+        raise box["error"]
+    return box["reply"]
+
+
+STALL_POLL_S = 0.1
 
 
 def clean_store(checkpoint_dir: str) -> None:
@@ -145,7 +178,7 @@ class CheckpointSteps(MigrationBase):
             from mesh.checkpoint.transfer import TransferServer
             from mesh.checkpoint.transfer_auth import new_secret
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)     # the store is the agents' alone
-            server = TransferServer("127.0.0.1:0").start()
+            server = TransferServer("127.0.0.1:0", idle_timeout_s=self.transfer_idle_timeout).start()
             session = f"ckpt-{uuid.uuid4().hex[:12]}"
             secret = new_secret()       # both ends are here: the workload gets it over its control socket
             relay = sink = sess = None
@@ -157,8 +190,8 @@ class CheckpointSteps(MigrationBase):
                 relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
                 with self._link(wid, timeout=600) as link:
-                    r = link.call("checkpoint", target=relay.address if relay else server.address, session=session,
-                                  secret=secret.hex())
+                    r = call_unless_stalled(link, sess, "checkpoint", target=relay.address if relay else server.address,
+                                            session=session, secret=secret.hex())
                 seconds = time.perf_counter() - t0
                 # only the receiver the agent owns says the checkpoint is in the store: the workload's reply
                 # is its own word (the SDK answers after the receiver's `done`, which follows the commit)

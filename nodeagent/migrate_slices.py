@@ -217,7 +217,8 @@ class SlicesMixin:
             # the agent's configured address (never every interface by default), mTLS with the agents'
             # certificates when secured; the source must prove the migration's secret either way
             server = TransferServer(f"[{host}]:0" if ":" in host else f"{host}:0",
-                                    credentials=self._server_credentials()).start()
+                                    credentials=self._server_credentials(),
+                                    idle_timeout_s=self.transfer_idle_timeout).start()
             server.expect(cmd.session, ImageSink(images, lambda d, extras: self._restore_target(spec, mid, d, extras)),
                           secret=secret, peer=cmd.peer if self.tls is not None else "")
             job = self.jobs[(mid, "target")] = Job(mid, wid)

@@ -137,6 +137,16 @@ class AgentLink:
             raise CommandError(cmd, reply.get("error", "Error"), reply.get("message", ""))
         return reply
 
+    def abort(self) -> None:
+        """Ends a `call` another thread waits in (its reply is not wanted any more): shuts the socket down,
+        which wakes the read (the call raises ConnectionError); the next call connects again."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self._sock is not None:
             try:

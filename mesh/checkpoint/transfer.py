@@ -29,6 +29,10 @@ DATA_LOSS and is resent on the retry; an entry whose checksum differs is reset a
 resent from its start; after `retries` attempts the sender raises `TransferError`
 naming the entry.
 
+A stream that sends no frame for the receiver's idle timeout (IDLE_TIMEOUT_S, 120 s by default) is
+answered DEADLINE_EXCEEDED and its session released for the retry; both ends send keepalive pings
+(transfer_wire.py), so a connection that died silently is dropped within about 40 s.
+
 Generations let pre-copy resend an entry that changed: a `begin` with a newer
 generation replaces what the receiver holds; one the receiver already has whole is
 skipped.
@@ -36,7 +40,8 @@ skipped.
 
 from __future__ import annotations
 
-from mesh.checkpoint.transfer_recv import ReceiveSession, TransferServer, _Abort, _RecvEntry
+from mesh.checkpoint.transfer_recv import TransferServer
+from mesh.checkpoint.transfer_session import ReceiveSession, _Abort, _RecvEntry
 from mesh.checkpoint.transfer_send import OutEntry, ProgressFn, SendStats, TransferClient, raw_entries
 from mesh.checkpoint.transfer_sinks import BufferTarget, DirectorySink, EntryTarget, NullSink, Sink
 from mesh.checkpoint.transfer_wire import (GRPC_OPTIONS, MAX_MESSAGE, PUSH, SERVICE, TransferError, frame,

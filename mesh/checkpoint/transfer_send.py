@@ -15,7 +15,7 @@ import grpc
 from mesh.checkpoint.format import CHUNK_BYTES, DEFAULT_CHECKSUM, CheckpointError, EntryMeta, Manifest, new_hasher
 from mesh.checkpoint.transfer_auth import TransferAuthError, check_secret, client_channel, client_hello
 from mesh.checkpoint.transfer_mesh import STREAM_MB_PER_S, choose
-from mesh.checkpoint.transfer_wire import GRPC_OPTIONS, PUSH, TransferError, cumulative_sum, frame, unframe
+from mesh.checkpoint.transfer_wire import CHANNEL_OPTIONS, PUSH, TransferError, cumulative_sum, frame, unframe
 
 # --- sending --------------------------------------------------------------------------------
 
@@ -76,9 +76,9 @@ class TransferClient:
         self.algo = DEFAULT_CHECKSUM
         """False: no CRC or SHA-256 (raw channel measurements; the session must allow it)."""
         if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
-            opts = GRPC_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+            opts = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
             self.channel = grpc.secure_channel(target, credentials, options=opts)
         self._push = self.channel.stream_stream(PUSH)
         self.cut_after_bytes: int | None = None

@@ -1,4 +1,4 @@
-"""The transfer channel's sinks: where a receiving session (mesh/checkpoint/transfer_recv.py) puts
+"""The transfer channel's sinks: where a receiving session (mesh/checkpoint/transfer_session.py) puts
 entries. `BufferTarget` (a memoryview), `NullSink` (discards), `DirectorySink` (a checkpoint directory,
 the manifest written on commit). See mesh/checkpoint/transfer.py for the protocol."""
 

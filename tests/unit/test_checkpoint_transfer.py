@@ -204,10 +204,10 @@ def test_unreachable_endpoint_is_reported():
 def test_data_entries_a_session_holds_are_bounded(monkeypatch):
     """Each `begin` of a data entry allocates its bytes at once: past the session's bound (bytes and
     entries) a begin is refused before anything is allocated, and a replaced entry's buffer is released."""
-    from mesh.checkpoint import transfer_recv
-    monkeypatch.setattr(transfer_recv, "MAX_DATA_ENTRY", 400)
-    monkeypatch.setattr(transfer_recv, "MAX_SESSION_DATA", 1000)
-    monkeypatch.setattr(transfer_recv, "MAX_SESSION_ENTRIES", 5)
+    from mesh.checkpoint import transfer_session
+    monkeypatch.setattr(transfer_session, "MAX_DATA_ENTRY", 400)
+    monkeypatch.setattr(transfer_session, "MAX_SESSION_DATA", 1000)
+    monkeypatch.setattr(transfer_session, "MAX_SESSION_ENTRIES", 5)
     s = ReceiveSession("x", MemorySink(), secret=SECRET)
 
     def data(name: str, n: int, gen: int = 0):
