@@ -429,3 +429,12 @@ async def test_each_token_limit_is_checked_against_the_context_and_named(app, fi
                        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], **fields})
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == param and "600" in err["message"], r.text
+
+
+async def test_liveness_tells_an_anonymous_caller_nothing_about_the_tenants_deployments(app):
+    """`/healthz` takes no credentials (a load balancer's probe): it said how many deployments the gateway
+    serves across every tenant. It says whether the gateway is up and follows the control plane, no count."""
+    r = await app.get("/healthz")
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "ok" and body["view_connected"] is False
+    assert set(body) == {"status", "view_connected", "policy"}
