@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from typing import Any
@@ -137,6 +138,8 @@ def validate(cfg) -> None:
         choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
         if choices and value not in choices:
             raise ConfigError(f"{f.name}: {value!r} is not allowed (allowed: {', '.join(map(str, choices))})")
+        if isinstance(value, float) and not math.isfinite(value):     # NaN passes every comparison below
+            raise ConfigError(f"{f.name}: {value} is not allowed: a finite number is needed")
         if lo is not None and value < lo:
             raise ConfigError(f"{f.name}: {value} is below the minimum {lo}")
         if hi is not None and value > hi:

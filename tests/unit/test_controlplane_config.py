@@ -55,3 +55,26 @@ def test_the_reference_lists_every_flag_the_daemons_take():
         for row in config.reference(cls).splitlines()[2:]:
             listed |= set(re.findall(r"`(--[a-z0-9-]+)`", row.split(" | ")[1]))
         assert listed == taken, (cls.__name__, sorted(taken - listed), sorted(listed - taken))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_every_float_option_refuses_a_number_that_is_not_finite(tmp_path, bad):
+    """NaN passed every minimum and maximum check (each comparison with NaN is false) and infinity every
+    option without a maximum: a `nan` from a flag, the environment or a file reached the daemon's loops (a
+    timer of NaN seconds, a weight that makes every score NaN). Each float option, from the environment."""
+    import dataclasses
+
+    from controlplane.gateway.config import GatewayConfig
+    from mesh import config
+    from nodeagent.config import AgentConfig
+    checked = 0
+    for cls in (ControlPlaneConfig, AgentConfig, GatewayConfig):
+        for f in dataclasses.fields(cls):
+            if config._kind(cls, f) is not float:
+                continue
+            env = {f"{cls.ENV_PREFIX}{f.name.upper()}": bad, f"{cls.ENV_PREFIX}STATE_DIR": str(tmp_path),
+                   f"{cls.ENV_PREFIX}INSECURE": "true"}
+            with pytest.raises(ConfigError, match=f"^{f.name}\\b.*finite"):
+                config.load(cls, environ=env)
+            checked += 1
+    assert checked >= 20

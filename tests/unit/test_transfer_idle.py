@@ -132,7 +132,7 @@ def test_keepalive_pings_of_either_end_are_accepted_by_the_other():
 
 
 @pytest.mark.parametrize("bad, said", [(0.5, "below the minimum"), (7200, "above the maximum"),
-                                       (float("nan"), "a finite number above 0")])
+                                       (float("nan"), "a finite number is needed")])
 def test_the_agents_idle_timeout_is_validated(bad, said):
     from mesh.config import ConfigError, validate
     from nodeagent.config import AgentConfig
