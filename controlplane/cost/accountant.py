@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge
 
 from controlplane.cost.ledger import CostLedger
+from controlplane.cost.releases import ReleaseLog, Vanished
 from controlplane.loops import PeriodicTask
 from gpumesh.v1 import cost_service_pb2 as C
 from gpumesh.v1 import deployment_service_pb2 as D
@@ -63,6 +64,7 @@ class _Pass:
     spent: dict = field(default_factory=dict)                # same key -> [dollars, idle warm, idle replica]
     per_model: dict = field(default_factory=dict)            # model -> [dollars, tokens]
     seen_replicas: set = field(default_factory=set)
+    released: set = field(default_factory=set)               # slice ids charged up to their release
 
 
 def _remove(metric, *labels) -> None:
@@ -108,6 +110,10 @@ class CostAccountant:
         self._held: list[acc.Charge] = []
         self._held_gone: set[str] = set()
         self._last_live: dict[tuple, float] = {}     # (tenant, deployment, model, node) -> last tick it was live
+        # released slices, charged up to their release by the next accounting (controlplane/cost/releases.py)
+        self.releases = ReleaseLog(clock)
+        self.vanished = Vanished()
+        self.releases.attach(getattr(ctl, "events", None))
         ctl.cost = self
 
     async def _run(self, fn, *args):
@@ -126,6 +132,7 @@ class CostAccountant:
             await self.account()          # the last interval, so a clean stop loses nothing
         except Exception as e:   # noqa: BLE001
             log(logger, logging.WARNING, "cost: last accounting at stop failed", error=repr(e))
+        self.releases.detach(getattr(self.ctl, "events", None))
         await self._run(self.ledger.close)
         self.pool.shutdown(wait=True)
 
@@ -204,32 +211,54 @@ class CostAccountant:
         """Charge every slice up to `now` (in memory: cursors, metrics); the charges, the cursors to store and
         the slices gone since the last tick."""
         p = _Pass()
+        self.releases.attach(getattr(self.ctl, "events", None))
         for s in list(self.ctl.fleet.slices.values()):
             self._charge(p, s, now)
+        self._charge_released(p, now)
         return self._finish(p, now)
 
     async def tick_async(self, now: float, chunk: int = CHUNK) -> tuple[list[acc.Charge], dict[str, float], set[str]]:
         """`tick`, handing the event loop back every `chunk` slices (a large fleet takes a while)."""
         p = _Pass()
+        self.releases.attach(getattr(self.ctl, "events", None))
         for i, s in enumerate(list(self.ctl.fleet.slices.values())):
             if i and i % chunk == 0:
                 await asyncio.sleep(0)
             self._charge(p, s, now)
+        self._charge_released(p, now)
         return self._finish(p, now)
 
     def _charge(self, p: "_Pass", s, now: float) -> None:
+        """Charge live slice `s` from its cursor to `now`; it is live: its cursor moves to `now`, its rate counts."""
         f = self.facts(s)
         idle, tokens = self._activity(s) if f.deployment else (False, 0.0)
         rid = s.labels.get(LABEL_REPLICA)
         if rid:
             p.seen_replicas.add(rid)
-        c = acc.charge(f, self.cursors.get(s.id), now, idle_replica=idle, tokens=tokens)
-        p.live[s.id] = max(now, self.cursors.get(s.id, 0.0))
+        cursor = self.cursors.get(s.id)
+        if cursor is None and self.vanished.cursors:
+            cursor = self.vanished.pop(s.id)          # back in the fleet (a failed deletion put back)
+        p.live[s.id] = max(now, cursor or 0.0)
         key = (f.tenant, f.deployment, f.model, f.node)
         p.rates[key] = p.rates.get(key, 0.0) + f.dollars_per_hour
         p.slice_rates[s.id] = (f.tenant, f.dollars_per_hour)
+        self._add(p, f, acc.charge(f, cursor, now, idle_replica=idle, tokens=tokens))
+
+    def _charge_released(self, p: "_Pass", now: float) -> None:
+        """Charge each slice released since the last accounting from its cursor (its creation when it never had
+        one) up to its release: it is gone from the fleet, so `_charge` no longer sees it."""
+        for sid, (s, at) in self.releases.take().items():
+            if sid in p.live:
+                continue                  # in the fleet again (a put back): charged as live
+            cursor = self.cursors[sid] if sid in self.cursors else self.vanished.pop(sid)
+            p.released.add(sid)
+            f = self.facts(s)
+            self._add(p, f, acc.charge(f, cursor, min(at, now)))
+
+    def _add(self, p: "_Pass", f: acc.SliceFacts, c: acc.Charge | None) -> None:
         if c is None:
             return
+        key = (f.tenant, f.deployment, f.model, f.node)
         p.charges.append(c)
         spent = p.spent.get(key)
         if spent is None:
@@ -256,6 +285,7 @@ class CostAccountant:
         for model, (dollars, tokens) in per_model.items():
             self.window.setdefault(model, collections.deque()).append((now, dollars, tokens))
         gone = set(self.cursors) - set(live)
+        self.vanished.add(gone - p.released, self.cursors, now)     # left the fleet, their release not seen yet
         self.cursors = live
         for rid in set(self.activity) - seen_replicas:
             self.activity.pop(rid, None)
