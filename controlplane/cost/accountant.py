@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
+from controlplane.cost import watermark
 from controlplane.cost.ledger import CostLedger
 from controlplane.cost.releases import ReleaseLog, Vanished
 from controlplane.loops import PeriodicTask
@@ -90,6 +91,7 @@ class CostAccountant:
         self.token_window = token_window
         self.clock = clock
         self.cursors: dict[str, float] = {}
+        self.floor = 0.0          # the last leader's accounting (watermark.py): no slice is charged before it
         self.activity: dict[str, acc.Activity] = {}        # replica id -> its counters at the last accounting
         # replica id -> [first seen, peak in flight, last time it was active]: what recommendations size by
         self.observed: dict[str, list[float]] = {}
@@ -120,8 +122,11 @@ class CostAccountant:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def load(self) -> None:
-        self.cursors = await self._run(self.ledger.cursors)
-        log(logger, logging.INFO, "cost ledger loaded", cursors=len(self.cursors), path=self.ledger.path)
+        """The cursors of this host's ledger, none before the last leader's accounting (watermark.py)."""
+        self.floor = await watermark.read(getattr(self.ctl, "store", None))
+        self.cursors = {sid: max(t, self.floor) for sid, t in (await self._run(self.ledger.cursors)).items()}
+        log(logger, logging.INFO, "cost ledger loaded", cursors=len(self.cursors), path=self.ledger.path,
+            accounted_until=self.floor)
 
     def start(self) -> None:
         self._loop.start()
@@ -238,6 +243,8 @@ class CostAccountant:
         cursor = self.cursors.get(s.id)
         if cursor is None and self.vanished.cursors:
             cursor = self.vanished.pop(s.id)          # back in the fleet (a failed deletion put back)
+        if cursor is None and self.floor:
+            cursor = self.floor                       # charged by the last leader up to then
         p.live[s.id] = max(now, cursor or 0.0)
         key = (f.tenant, f.deployment, f.model, f.node)
         p.rates[key] = p.rates.get(key, 0.0) + f.dollars_per_hour
@@ -251,6 +258,8 @@ class CostAccountant:
             if sid in p.live:
                 continue                  # in the fleet again (a put back): charged as live
             cursor = self.cursors[sid] if sid in self.cursors else self.vanished.pop(sid)
+            if cursor is None and self.floor:
+                cursor = self.floor
             p.released.add(sid)
             f = self.facts(s)
             self._add(p, f, acc.charge(f, cursor, min(at, now)))
@@ -373,6 +382,7 @@ class CostAccountant:
             self._held, self._held_gone = charges[-HELD_LIMIT:], gone
             raise
         self._held, self._held_gone = [], set()
+        await watermark.write(getattr(self.ctl, "writer", None), max(now, self.floor))   # every live slice: up to now
         lines = await self._run(self.ledger.query, "model", now - 86400.0)
         self.model_24h = {ln.key: (ln.dollars, ln.tokens) for ln in lines if ln.key}
         return n
