@@ -49,6 +49,11 @@ def pool_from_dict(d: dict) -> P.Pool:
         raise errors.InvalidArgument.of("pool.selector.isolations", "must be a list", "mig, mps, timeshare, exclusive")
     sel["isolations"] = [pools.parse_isolation(str(x), f"pool.selector.isolations[{i}]") for i, x in enumerate(isos)]
     d["selector"] = sel
+    quota = d.get("quota")
+    if isinstance(quota, dict):       # what protobuf's JSON parser refuses with its own words, named here
+        for k, v in quota.items():
+            if k in pools.QUOTAS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                pools.check_quota(k, v)
     try:
         return json_format.ParseDict(d, P.Pool())
     except json_format.ParseError as e:

@@ -70,13 +70,20 @@ def validate(pool: P.Pool) -> P.Pool:
             raise errors.InvalidArgument.of(f"pool.tenants[{i}]", f"{t!r} is not a tenant name",
                                             "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     labels.check(pool.selector.node_labels, "pool.selector.node_labels", 32)
-    q = pool.quota
     for field in QUOTAS:
-        v = getattr(q, field)
-        if not (v >= 0 and math.isfinite(v)):
-            raise errors.InvalidArgument.of(f"pool.quota.{field}", f"{v!r} is negative or not finite",
-                                            "a number >= 0 (0: no limit)")
+        check_quota(field, getattr(pool.quota, field))
     return out
+
+
+QUOTA_MAX = {"max_slices": 2**31 - 1, "max_memory_bytes": 2**63 - 1}     # what their int32 / int64 fields hold
+
+
+def check_quota(field: str, v) -> None:
+    """InvalidArgument naming `pool.quota.<field>` unless `v` is a number the quota may be."""
+    most = QUOTA_MAX.get(field)
+    if not (v >= 0 and math.isfinite(v) and (most is None or v <= most)):
+        raise errors.InvalidArgument.of(f"pool.quota.{field}", f"{v!r} is negative, not finite or too large",
+                                        "a number >= 0 (0: no limit)" + (f", at most {most}" if most else ""))
 
 
 def parse_isolation(name: str, field: str = "isolation") -> int:

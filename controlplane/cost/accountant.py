@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
+from controlplane.cost import watermark
 from controlplane.cost.ledger import CostLedger
+from controlplane.cost.releases import ReleaseLog, Vanished
 from controlplane.loops import PeriodicTask
 from gpumesh.v1 import cost_service_pb2 as C
 from gpumesh.v1 import deployment_service_pb2 as D
@@ -63,6 +65,7 @@ class _Pass:
     spent: dict = field(default_factory=dict)                # same key -> [dollars, idle warm, idle replica]
     per_model: dict = field(default_factory=dict)            # model -> [dollars, tokens]
     seen_replicas: set = field(default_factory=set)
+    released: set = field(default_factory=set)               # slice ids charged up to their release
 
 
 def _remove(metric, *labels) -> None:
@@ -88,6 +91,7 @@ class CostAccountant:
         self.token_window = token_window
         self.clock = clock
         self.cursors: dict[str, float] = {}
+        self.floor = 0.0          # the last leader's accounting (watermark.py): no slice is charged before it
         self.activity: dict[str, acc.Activity] = {}        # replica id -> its counters at the last accounting
         # replica id -> [first seen, peak in flight, last time it was active]: what recommendations size by
         self.observed: dict[str, list[float]] = {}
@@ -108,14 +112,21 @@ class CostAccountant:
         self._held: list[acc.Charge] = []
         self._held_gone: set[str] = set()
         self._last_live: dict[tuple, float] = {}     # (tenant, deployment, model, node) -> last tick it was live
+        # released slices, charged up to their release by the next accounting (controlplane/cost/releases.py)
+        self.releases = ReleaseLog(clock)
+        self.vanished = Vanished()
+        self.releases.attach(getattr(ctl, "events", None))
         ctl.cost = self
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def load(self) -> None:
-        self.cursors = await self._run(self.ledger.cursors)
-        log(logger, logging.INFO, "cost ledger loaded", cursors=len(self.cursors), path=self.ledger.path)
+        """The cursors of this host's ledger, none before the last leader's accounting (watermark.py)."""
+        self.floor = await watermark.read(getattr(self.ctl, "store", None))
+        self.cursors = {sid: max(t, self.floor) for sid, t in (await self._run(self.ledger.cursors)).items()}
+        log(logger, logging.INFO, "cost ledger loaded", cursors=len(self.cursors), path=self.ledger.path,
+            accounted_until=self.floor)
 
     def start(self) -> None:
         self._loop.start()
@@ -126,6 +137,7 @@ class CostAccountant:
             await self.account()          # the last interval, so a clean stop loses nothing
         except Exception as e:   # noqa: BLE001
             log(logger, logging.WARNING, "cost: last accounting at stop failed", error=repr(e))
+        self.releases.detach(getattr(self.ctl, "events", None))
         await self._run(self.ledger.close)
         self.pool.shutdown(wait=True)
 
@@ -204,32 +216,58 @@ class CostAccountant:
         """Charge every slice up to `now` (in memory: cursors, metrics); the charges, the cursors to store and
         the slices gone since the last tick."""
         p = _Pass()
+        self.releases.attach(getattr(self.ctl, "events", None))
         for s in list(self.ctl.fleet.slices.values()):
             self._charge(p, s, now)
+        self._charge_released(p, now)
         return self._finish(p, now)
 
     async def tick_async(self, now: float, chunk: int = CHUNK) -> tuple[list[acc.Charge], dict[str, float], set[str]]:
         """`tick`, handing the event loop back every `chunk` slices (a large fleet takes a while)."""
         p = _Pass()
+        self.releases.attach(getattr(self.ctl, "events", None))
         for i, s in enumerate(list(self.ctl.fleet.slices.values())):
             if i and i % chunk == 0:
                 await asyncio.sleep(0)
             self._charge(p, s, now)
+        self._charge_released(p, now)
         return self._finish(p, now)
 
     def _charge(self, p: "_Pass", s, now: float) -> None:
+        """Charge live slice `s` from its cursor to `now`; it is live: its cursor moves to `now`, its rate counts."""
         f = self.facts(s)
         idle, tokens = self._activity(s) if f.deployment else (False, 0.0)
         rid = s.labels.get(LABEL_REPLICA)
         if rid:
             p.seen_replicas.add(rid)
-        c = acc.charge(f, self.cursors.get(s.id), now, idle_replica=idle, tokens=tokens)
-        p.live[s.id] = max(now, self.cursors.get(s.id, 0.0))
+        cursor = self.cursors.get(s.id)
+        if cursor is None and self.vanished.cursors:
+            cursor = self.vanished.pop(s.id)          # back in the fleet (a failed deletion put back)
+        if cursor is None and self.floor:
+            cursor = self.floor                       # charged by the last leader up to then
+        p.live[s.id] = max(now, cursor or 0.0)
         key = (f.tenant, f.deployment, f.model, f.node)
         p.rates[key] = p.rates.get(key, 0.0) + f.dollars_per_hour
         p.slice_rates[s.id] = (f.tenant, f.dollars_per_hour)
+        self._add(p, f, acc.charge(f, cursor, now, idle_replica=idle, tokens=tokens))
+
+    def _charge_released(self, p: "_Pass", now: float) -> None:
+        """Charge each slice released since the last accounting from its cursor (its creation when it never had
+        one) up to its release: it is gone from the fleet, so `_charge` no longer sees it."""
+        for sid, (s, at) in self.releases.take().items():
+            if sid in p.live:
+                continue                  # in the fleet again (a put back): charged as live
+            cursor = self.cursors[sid] if sid in self.cursors else self.vanished.pop(sid)
+            if cursor is None and self.floor:
+                cursor = self.floor
+            p.released.add(sid)
+            f = self.facts(s)
+            self._add(p, f, acc.charge(f, cursor, min(at, now)))
+
+    def _add(self, p: "_Pass", f: acc.SliceFacts, c: acc.Charge | None) -> None:
         if c is None:
             return
+        key = (f.tenant, f.deployment, f.model, f.node)
         p.charges.append(c)
         spent = p.spent.get(key)
         if spent is None:
@@ -256,6 +294,7 @@ class CostAccountant:
         for model, (dollars, tokens) in per_model.items():
             self.window.setdefault(model, collections.deque()).append((now, dollars, tokens))
         gone = set(self.cursors) - set(live)
+        self.vanished.add(gone - p.released, self.cursors, now)     # left the fleet, their release not seen yet
         self.cursors = live
         for rid in set(self.activity) - seen_replicas:
             self.activity.pop(rid, None)
@@ -343,6 +382,7 @@ class CostAccountant:
             self._held, self._held_gone = charges[-HELD_LIMIT:], gone
             raise
         self._held, self._held_gone = [], set()
+        await watermark.write(getattr(self.ctl, "writer", None), max(now, self.floor))   # every live slice: up to now
         lines = await self._run(self.ledger.query, "model", now - 86400.0)
         self.model_24h = {ln.key: (ln.dollars, ln.tokens) for ln in lines if ln.key}
         return n

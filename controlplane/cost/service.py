@@ -40,8 +40,10 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
             raise errors.InvalidArgument.of("by", f"{by!r} is not a grouping", ", ".join(GROUPS))
         since_s = request.since_seconds or DEFAULT_SINCE
         if not (math.isfinite(since_s) and 0 < since_s <= self.acc.ledger.keep):
+            keep = self.acc.ledger.keep
             raise errors.InvalidArgument.of("since_seconds", f"{request.since_seconds!r} is out of range",
-                                            f"a number of seconds in (0, {self.acc.ledger.keep:g}]")
+                                            f"a number of seconds in (0, {keep:g}] ({keep / 86400:g} days: "
+                                            f"cost_retention_days)")
         p = auth.current()
         tenant = None if p.admin else p.tenant
         now = self.acc.clock()

@@ -21,6 +21,7 @@
 | `/gpumesh/v1/deployments/<name>` | `gpumesh.v1.Deployment` (spec, generation, conditions; replicas empty) | DeploymentService, the deployment controller |
 | `/gpumesh/v1/replicas/<deployment>/<replica-id>` | `gpumesh.v1.Replica` (slice, workload, endpoint, state, restarts) | the deployment controller |
 | `/gpumesh/v1/pools/<name>` | `gpumesh.v1.Pool` (selector, quota, generation; usage empty) | PoolService Create/Update/Delete (admin) |
+| `/gpumesh/v1/cost/accounted` | `{"t": seconds}`: the time up to which the leader's cost accountant has charged every live slice into its ledger (a new leader, whose host's ledger may not know them, charges none before it: controlplane/cost/accountant.py) | the cost accountant, after each accounting written to its ledger |
 | `/gpumesh/v1/events/<event-id>` | `gpumesh.v1.Event` (object kind and name, tenant, type, reason, message, count, first and last time); expires after `events_retention_seconds`, at most `events_kept` of them | the leader's event recorder (controlplane/events/recorder.py), rewritten when the event repeats; deleted by the retention sweep |
 
 Values are serialized protobuf messages of the v1 API. Every write is one
@@ -58,6 +59,7 @@ DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
 EVENTS = PREFIX + "events/"
 POOLS = PREFIX + "pools/"
+COST_ACCOUNTED = PREFIX + "cost/accounted"
 """durable events (controlplane/events/): bounded by age and count, expired by the retention sweep."""
 
 

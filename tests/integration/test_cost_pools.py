@@ -134,9 +134,11 @@ def test_cost_adds_up_to_slice_seconds(cluster, mesh):
     a = mesh.allocate(tenant="team-cost", memory_bytes=16 * 2**30, isolation="mps").slices[0]
     b = mesh.allocate(tenant="team-cost", memory_bytes=8 * 2**30, isolation="mps").slices[0]
     time.sleep(4)
+    asked_release_b = time.time()         # b is charged up to its deletion, which comes after this
     mesh.release(b.allocation_id)
     released_b = time.time()
     wait_for(lambda: b.id not in {s.id for s in mesh.list_slices(tenant="team-cost")}, 60, "slice b gone")
+    gone_b = time.time()                  # its deletion is written within an etcd write of this
 
     def lines():
         doc = json.loads(meshctl(cluster, "cost", "--by", "slice", "--since", "1h", "-o", "json").stdout)
@@ -154,12 +156,13 @@ def test_cost_adds_up_to_slice_seconds(cluster, mesh):
             return None
         seconds_a = got[a.id]["slice_seconds"]
         caught_up = seconds_a >= asked - _ts(a.created_at) - slack and seconds_a > released_b - _ts(a.created_at)
-        return (got, doc) if caught_up and got[b.id]["slice_seconds"] >= ran_b - slack else None
+        # b up to its release (it was charged up to the last accounting before it, losing up to an interval)
+        return (got, doc) if caught_up and got[b.id]["slice_seconds"] >= asked_release_b - _ts(b.created_at) else None
     got, doc = wait_for(charged, 60, "the accountant to charge slice a up to now and slice b up to its release")
     ran_a = time.time() - _ts(a.created_at)
     assert doc["interval_seconds"] == INTERVAL
     assert got[a.id]["slice_seconds"] <= ran_a + 0.5, (got[a.id], ran_a)       # never more than it ran
-    assert got[b.id]["slice_seconds"] <= ran_b + slack, (got[b.id], ran_b)
+    assert got[b.id]["slice_seconds"] <= gone_b - _ts(b.created_at) + slack, (got[b.id], ran_b)
     # dollars are GPU-seconds (seconds x share) at the H100's price
     for ln in (got[a.id], got[b.id]):
         assert ln["dollars"] == pytest.approx(ln["gpu_seconds"] * PRICE / 3600, rel=1e-6)

@@ -85,6 +85,21 @@ def test_not_finite_quota_is_refused():
     assert e.value.field == "pool.quota.max_dollars_per_hour"
 
 
+@pytest.mark.parametrize("field,value", [
+    ("max_gpus", float("nan")), ("max_dollars_per_hour", float("inf")), ("max_slices", 99_999_999_999),
+    ("max_memory_bytes", 2**70), ("max_gpus", -1.0),
+])
+def test_a_quota_the_api_cannot_carry_names_its_field(field, value):
+    """`meshctl create pool --max-gpus nan` (and a pool file's `max_slices: 99999999999`): the SDK's pool_from_dict
+    answered protobuf's parse error ("pool: Failed to parse quota field: Failed to parse max_gpus field: Couldn't
+    parse NaN, use quoted "NaN" instead ..."), naming `pool` and the JSON mapping's rules, not the field and what
+    it may be."""
+    with pytest.raises(errors.InvalidArgument) as e:
+        pool(quota={field: value})
+    assert e.value.field == f"pool.quota.{field}"
+    assert "0: no limit" in str(e.value) and "parse" not in str(e.value)
+
+
 def test_bad_isolation_in_a_file_names_the_field():
     with pytest.raises(errors.InvalidArgument) as e:
         pool(selector={"isolations": ["vgpu"]})

@@ -55,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_recommend)
 
 
+def _duration_text(seconds: float) -> str:
+    """`--since`'s seconds as the operator wrote them (86400000 -> 1000d)."""
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _money(x: float) -> str:
     return f"${x:,.4f}" if abs(x) < 1 else f"${x:,.2f}"
 
@@ -62,10 +70,17 @@ def _money(x: float) -> str:
 def run_cost(args: argparse.Namespace) -> int:
     if args.by not in BY:
         raise CliError(f"--by: {args.by!r} is not one of {', '.join(BY)}")
+    from mesh import errors
     from mesh.costapi import to_dict
     from tools.meshctl.output import dump, render_table
     with client(args) as mesh:
-        resp = mesh.get_cost(by=args.by, since_seconds=args.since)
+        try:
+            resp = mesh.get_cost(by=args.by, since_seconds=args.since)
+        except errors.InvalidArgument as e:
+            if e.field != "since_seconds":
+                raise
+            raise CliError(f"--since: {_duration_text(args.since)} is more than the control plane keeps costs for "
+                           f"(allowed: {e.allowed or 'a shorter window'})") from None
     if args.output in ("json", "yaml"):
         out(dump(to_dict(resp), args.output))
         return 0
