@@ -352,12 +352,18 @@ class ResizeMixin:
             for m in self.unfinished())
 
     def _send_held_removals(self, *ids: str) -> None:
-        """The removals of the released ones of `ids` held until the swap: to the node of their placement now."""
+        """After the agents swapped: the removal of each of `ids` whose record is RELEASING, to the node of its
+        placement now. Read from the record, not from the removals this leader held (`held_removals`): a leader
+        that resumes the commit after a restart holds none, though a release written before it (the client's,
+        held for the swap; the resize's own of the old placement, its removal lost with that leader) is in etcd,
+        and its release was never sent (the agent renames a RELEASING record's instance for its removal)."""
+        held = getattr(self.ctl, "held_removals", {})
         for sid in ids:
-            rev = getattr(self.ctl, "held_removals", {}).pop(sid, None)
+            rev = held.pop(sid, None)
             s = self.ctl.fleet.slices.get(sid)
-            if rev is None or s is None or s.state != types_pb2.SLICE_STATE_RELEASING:
+            if s is None or s.state != types_pb2.SLICE_STATE_RELEASING:
                 continue
+            rev = rev or self.ctl.fleet.revisions.get(sid) or self.ctl.revision
             session = self.ctl.sessions.get(s.node)
             if session is not None:     # else its agent's full reconcile on its return tears it down
                 session.send_removals([sid], rev)
