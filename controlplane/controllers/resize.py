@@ -22,6 +22,7 @@ migration's, in etcd, so a control-plane restart rolls back or finishes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from controlplane.api import auth
@@ -30,7 +31,8 @@ from controlplane.state import keys
 from controlplane.controllers.slicereports import placement_of
 from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
-from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.evictions import ReleaseDeferred
+from controlplane.controllers.migration_phases import FINISHED, LABEL, RESEND, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
@@ -399,13 +401,37 @@ class ResizeMixin:
         commit's write until the resize releases it itself (after SWAP_SLICES and the source's stop). The commit
         gives its ID the old placement while its agent still names the new one by it: the removal sent for it
         tore down the new placement and the workload moved into it (and, after the swap, the paused source before
-        it handed the workload over). Before the commit a release of it rolls the resize back, as before."""
+        it handed the workload over). Before the commit a release of it rolls the resize back, as before. The
+        refusal says how to wait for the resize's own release: a drain or a preemption does (evictions.py)."""
         for s in slices:
             if s.id in self.releasing_old:
                 continue
-            m = next((m for m in self.unfinished() if m.resize_slice and m.target_slice == s.id and (
-                m.phase == P.MIGRATION_PHASE_COMMITTED or s.id in self.ctl.swapping)), None)
+            m = self._old_placement_of(s.id)
             if m is not None:
-                raise errors.FailedPrecondition(
+                raise ReleaseDeferred(
                     f"slice {s.id} is the old placement of slice {m.resize_slice}, whose resize ({m.id}) has "
-                    f"committed: the resize releases it when it ends; release it then if it is still there")
+                    f"committed: the resize releases it when it ends; release it then if it is still there",
+                    until=functools.partial(self._until_old_placement_released, s.id))
+
+    def _old_placement_of(self, sid: str) -> M.Migration | None:
+        """The resize in whose commit window slice `sid` is the reserved slice (the old placement from the commit's
+        write on), if any."""
+        return next((m for m in self.unfinished() if m.resize_slice and m.target_slice == sid and (
+            m.phase == P.MIGRATION_PHASE_COMMITTED or sid in self.ctl.swapping)), None)
+
+    async def _until_old_placement_released(self, sid: str, timeout: float) -> None:
+        """Until slice `sid` is released by its resize (RELEASING or gone) or no longer in a commit window (the
+        resize ended, or its commit failed), at most `timeout` seconds: its state machine's end is awaited, the
+        slice looked at again every RESEND seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (m := self._old_placement_of(sid)) is not None:
+            s = self.ctl.fleet.slices.get(sid)
+            left = deadline - loop.time()
+            if s is None or s.state == types_pb2.SLICE_STATE_RELEASING or left <= 0:
+                return
+            task = self.tasks.get(m.id)
+            if task is not None and not task.done():
+                await asyncio.wait([task], timeout=min(left, RESEND))
+            else:
+                await asyncio.sleep(min(left, RESEND))
