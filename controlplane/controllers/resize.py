@@ -33,7 +33,7 @@ from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
 from controlplane.controllers.evictions import ReleaseDeferred
 from controlplane.controllers.migration_phases import FINISHED, LABEL, RESEND, STEP_TIMEOUT, C, P, R, StepFailed, W
-from controlplane.state.store import Present, Put
+from controlplane.state.store import Absent, Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors, gpumodels, slicespec
@@ -136,6 +136,10 @@ class ResizeMixin:
                                    compute_share: float = 0.0) -> types_pb2.Slice:
         w = next((x for x in self.wm.workloads.values() if x.slice_id == s.id and x.state in (
             W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)), None)
+        starting = self.wm.new_on(s.id)[0]       # a Run's record being written: not in `workloads` yet
+        if starting:
+            raise errors.FailedPrecondition(f"workload {starting[0]} on slice {s.id} is starting: resize it once it "
+                                            f"runs")
         if w is not None:
             if w.state != W.WORKLOAD_STATE_RUNNING:
                 raise errors.FailedPrecondition(f"workload {w.id} on slice {s.id} is starting: resize it once it runs")
@@ -310,13 +314,28 @@ class ResizeMixin:
         if any(x.slice_id == m.resize_slice and x.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)
                for x in self.wm.workloads.values()):
             raise StepFailed(f"a workload started on slice {m.resize_slice} meanwhile: resize again")
+        conds = self._no_run_starting(m)
         c = M.Migration()
         c.CopyFrom(m)
         c.phase = P.MIGRATION_PHASE_COMMITTED
         c.message = ""
-        while await self._write_commit(m, c, [], []) is None:     # adopted only once etcd holds it
+        while await self._write_commit(m, c, [], conds) is None:     # adopted only once etcd holds it
             pass
         log(logger, logging.INFO, "resize committed", migration=m.id, slice=m.resize_slice)
+
+    def _no_run_starting(self, m: M.Migration) -> list:
+        """A resize's commit (none for another migration) and the Runs on its slice that passed their guards before
+        it was planned (WorkloadManager.run: their records are not in `wm.workloads` until written). One whose write
+        is in flight fails the commit: landing beside it, its workload was left on the old placement, released with
+        it. Those written without a verdict (they may have landed) each give the commit transaction a condition,
+        returned: their record absent."""
+        if not m.resize_slice:
+            return []
+        writing, unsure = self.wm.new_on(m.resize_slice)
+        if writing:
+            raise StepFailed(f"a workload is being started on slice {m.resize_slice} ({', '.join(writing)}): resize "
+                             f"again once it runs")
+        return [Absent(keys.workload(wid)) for wid in unsure]
 
     async def _swap_on_agents(self, m: M.Migration) -> None:
         """Every node holding one of the two placements renames its realized slices."""

@@ -18,6 +18,7 @@ from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as T
 from tests.unit.test_resize_client_release import Agent
 from tests.unit.test_resize_swap_reports import MID, _controller, _manager, _slice
+from tests.unit._workloads_standin import workloads_standin
 
 
 class Etcd:
@@ -56,7 +57,7 @@ async def _new_leader(etcd: Etcd, nodes: dict[str, list[str]], held: dict[str, d
     for k, v in etcd.kv.items():
         if k.startswith(keys.slice_("")):
             ctl.fleet.put_slice(T.Slice.FromString(v))
-    wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={}, stopping=set(), waiters={}, revisions={})
+    wm = workloads_standin()
     mm = migrations.MigrationManager(ctl, wm)
     agents = {n: Agent(n, ctl, mm, dict(h)) for n, h in held.items()}
     ctl.sessions.by_node.update(agents)
