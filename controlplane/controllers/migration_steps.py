@@ -180,6 +180,7 @@ class StepsMixin:
         again from it, and a late write computed from the record before the commit fails in its turn
         (workloadrecords.py), so nothing puts the record back on the source."""
         conflicts = 0
+        run_conds = self._no_run_starting(m)        # a resize: Runs on its slice that passed their guards before it
         while True:
             w = self.wm.workloads.get(m.workload_id)
             if w is None:
@@ -211,7 +212,8 @@ class StepsMixin:
                 c.transfer = rep.transfer
             c.message = ""
             base = self.wm.revisions.get(n.id, 0)
-            ops, conds = [Put(keys.workload(n.id), n.SerializeToString())], [Revision(keys.workload(n.id), base)]
+            ops = [Put(keys.workload(n.id), n.SerializeToString())]
+            conds = [Revision(keys.workload(n.id), base), *run_conds]
             rev = await self._write_commit(m, c, ops, conds, workload=(n.id, base))
             if rev is not None:
                 break

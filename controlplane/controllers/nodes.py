@@ -15,6 +15,7 @@ import re
 import weakref
 
 from controlplane.state import keys
+from controlplane.controllers.evictions import ReleaseDeferred, evict
 from controlplane.controllers.slices import Controller, now
 from controlplane.state.etcdconn import ETCD_ERRORS
 from controlplane.state.store import Present, Put, cancel_watch
@@ -342,9 +343,18 @@ class NodeManager:
         migrations = getattr(self.ctl, "migrations", None)
         if migrations is not None:      # move what can migrate first (controlplane/controllers/migrations.py)
             await migrations.drain(name, skip_slices=kept)
-        evicted = []
+        evicted, deferred, why = [], [], f"evicted: node {name} drained"
         for alloc in sorted({s.allocation_id for s in victims}):
-            evicted += await self.ctl.release(alloc, wait=False, message=f"evicted: node {name} drained")
+            try:
+                evicted += await self.ctl.release(alloc, wait=False, message=why)
+            except ReleaseDeferred:     # a resize's old placement: after the rest, once the resize released it
+                deferred.append(alloc)
+        for alloc in deferred:
+            try:
+                evicted += await evict(self.ctl, alloc, why, self.ctl.evict_wait)
+            except ReleaseDeferred as e:    # left to its resize, which releases it when it ends
+                log(logger, logging.WARNING, "drain: a slice is left to its resize", node=name, allocation=alloc,
+                    error=str(e))
         self.ctl.recorder.emit("Node", name, "Normal", "Drained", f"drained: {len(evicted)} slice(s) evicted",
                                node=name, source="node-controller")
         for s in evicted:

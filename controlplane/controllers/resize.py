@@ -22,6 +22,7 @@ migration's, in etcd, so a control-plane restart rolls back or finishes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from controlplane.api import auth
@@ -30,8 +31,9 @@ from controlplane.state import keys
 from controlplane.controllers.slicereports import placement_of
 from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
-from controlplane.controllers.migration_phases import FINISHED, LABEL, STEP_TIMEOUT, C, P, R, StepFailed, W
-from controlplane.state.store import Present, Put
+from controlplane.controllers.evictions import ReleaseDeferred
+from controlplane.controllers.migration_phases import FINISHED, LABEL, RESEND, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.state.store import Absent, Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors, gpumodels, slicespec
@@ -134,6 +136,10 @@ class ResizeMixin:
                                    compute_share: float = 0.0) -> types_pb2.Slice:
         w = next((x for x in self.wm.workloads.values() if x.slice_id == s.id and x.state in (
             W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)), None)
+        starting = self.wm.new_on(s.id)[0]       # a Run's record being written: not in `workloads` yet
+        if starting:
+            raise errors.FailedPrecondition(f"workload {starting[0]} on slice {s.id} is starting: resize it once it "
+                                            f"runs")
         if w is not None:
             if w.state != W.WORKLOAD_STATE_RUNNING:
                 raise errors.FailedPrecondition(f"workload {w.id} on slice {s.id} is starting: resize it once it runs")
@@ -308,13 +314,28 @@ class ResizeMixin:
         if any(x.slice_id == m.resize_slice and x.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)
                for x in self.wm.workloads.values()):
             raise StepFailed(f"a workload started on slice {m.resize_slice} meanwhile: resize again")
+        conds = self._no_run_starting(m)
         c = M.Migration()
         c.CopyFrom(m)
         c.phase = P.MIGRATION_PHASE_COMMITTED
         c.message = ""
-        while await self._write_commit(m, c, [], []) is None:     # adopted only once etcd holds it
+        while await self._write_commit(m, c, [], conds) is None:     # adopted only once etcd holds it
             pass
         log(logger, logging.INFO, "resize committed", migration=m.id, slice=m.resize_slice)
+
+    def _no_run_starting(self, m: M.Migration) -> list:
+        """A resize's commit (none for another migration) and the Runs on its slice that passed their guards before
+        it was planned (WorkloadManager.run: their records are not in `wm.workloads` until written). One whose write
+        is in flight fails the commit: landing beside it, its workload was left on the old placement, released with
+        it. Those written without a verdict (they may have landed) each give the commit transaction a condition,
+        returned: their record absent."""
+        if not m.resize_slice:
+            return []
+        writing, unsure = self.wm.new_on(m.resize_slice)
+        if writing:
+            raise StepFailed(f"a workload is being started on slice {m.resize_slice} ({', '.join(writing)}): resize "
+                             f"again once it runs")
+        return [Absent(keys.workload(wid)) for wid in unsure]
 
     async def _swap_on_agents(self, m: M.Migration) -> None:
         """Every node holding one of the two placements renames its realized slices."""
@@ -352,12 +373,18 @@ class ResizeMixin:
             for m in self.unfinished())
 
     def _send_held_removals(self, *ids: str) -> None:
-        """The removals of the released ones of `ids` held until the swap: to the node of their placement now."""
+        """After the agents swapped: the removal of each of `ids` whose record is RELEASING, to the node of its
+        placement now. Read from the record, not from the removals this leader held (`held_removals`): a leader
+        that resumes the commit after a restart holds none, though a release written before it (the client's,
+        held for the swap; the resize's own of the old placement, its removal lost with that leader) is in etcd,
+        and its release was never sent (the agent renames a RELEASING record's instance for its removal)."""
+        held = getattr(self.ctl, "held_removals", {})
         for sid in ids:
-            rev = getattr(self.ctl, "held_removals", {}).pop(sid, None)
+            rev = held.pop(sid, None)
             s = self.ctl.fleet.slices.get(sid)
-            if rev is None or s is None or s.state != types_pb2.SLICE_STATE_RELEASING:
+            if s is None or s.state != types_pb2.SLICE_STATE_RELEASING:
                 continue
+            rev = rev or self.ctl.fleet.revisions.get(sid) or self.ctl.revision
             session = self.ctl.sessions.get(s.node)
             if session is not None:     # else its agent's full reconcile on its return tears it down
                 session.send_removals([sid], rev)
@@ -393,13 +420,37 @@ class ResizeMixin:
         commit's write until the resize releases it itself (after SWAP_SLICES and the source's stop). The commit
         gives its ID the old placement while its agent still names the new one by it: the removal sent for it
         tore down the new placement and the workload moved into it (and, after the swap, the paused source before
-        it handed the workload over). Before the commit a release of it rolls the resize back, as before."""
+        it handed the workload over). Before the commit a release of it rolls the resize back, as before. The
+        refusal says how to wait for the resize's own release: a drain or a preemption does (evictions.py)."""
         for s in slices:
             if s.id in self.releasing_old:
                 continue
-            m = next((m for m in self.unfinished() if m.resize_slice and m.target_slice == s.id and (
-                m.phase == P.MIGRATION_PHASE_COMMITTED or s.id in self.ctl.swapping)), None)
+            m = self._old_placement_of(s.id)
             if m is not None:
-                raise errors.FailedPrecondition(
+                raise ReleaseDeferred(
                     f"slice {s.id} is the old placement of slice {m.resize_slice}, whose resize ({m.id}) has "
-                    f"committed: the resize releases it when it ends; release it then if it is still there")
+                    f"committed: the resize releases it when it ends; release it then if it is still there",
+                    until=functools.partial(self._until_old_placement_released, s.id))
+
+    def _old_placement_of(self, sid: str) -> M.Migration | None:
+        """The resize in whose commit window slice `sid` is the reserved slice (the old placement from the commit's
+        write on), if any."""
+        return next((m for m in self.unfinished() if m.resize_slice and m.target_slice == sid and (
+            m.phase == P.MIGRATION_PHASE_COMMITTED or sid in self.ctl.swapping)), None)
+
+    async def _until_old_placement_released(self, sid: str, timeout: float) -> None:
+        """Until slice `sid` is released by its resize (RELEASING or gone) or no longer in a commit window (the
+        resize ended, or its commit failed), at most `timeout` seconds: its state machine's end is awaited, the
+        slice looked at again every RESEND seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (m := self._old_placement_of(sid)) is not None:
+            s = self.ctl.fleet.slices.get(sid)
+            left = deadline - loop.time()
+            if s is None or s.state == types_pb2.SLICE_STATE_RELEASING or left <= 0:
+                return
+            task = self.tasks.get(m.id)
+            if task is not None and not task.done():
+                await asyncio.wait([task], timeout=min(left, RESEND))
+            else:
+                await asyncio.sleep(min(left, RESEND))

@@ -21,6 +21,7 @@ from controlplane import placement
 from controlplane.scheduler import profiles
 from controlplane.api.events import ADDED, DELETED, MODIFIED, EventHub
 from controlplane.state.fleet import Fleet
+from controlplane.controllers.evictions import EVICT_WAIT_S, preempt
 from controlplane.controllers.sessions import Sessions
 from controlplane.controllers.slicereports import SliceReports
 from controlplane.controllers.slicewrites import SAVE_BATCH, SliceWrites  # noqa: F401 - SAVE_BATCH: its tests
@@ -97,6 +98,7 @@ class Controller:
         # resize.py); a held one's release revision by slice id, for that hook's owner to send (`held_removals`)
         self.removal_holds: list = []
         self.held_removals: dict[str, int] = {}
+        self.evict_wait = EVICT_WAIT_S      # how long a drain or a preemption waits for a release (evictions.py)
 
     # -- persistence helpers ------------------------------------------------------------
 
@@ -258,14 +260,7 @@ class Controller:
             if warm_victims:
                 log(logger, logging.INFO, "warm slices yield", victims=warm_victims, allocation=alloc_id)
                 await warm.release_ids(warm_victims, f"warm slice yields its space to allocation {alloc_id}")
-            for victim in decision.victims:
-                log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority,
-                    tenant=req.tenant)
-                # the victim's tenant reads the message: another tenant's name and allocation stay in the log
-                own = all(s.tenant == req.tenant for s in self.find(victim))
-                await self.release(victim, wait=False, message=(
-                    f"preempted by allocation {alloc_id} (priority {req.priority}) of tenant {req.tenant}" if own
-                    else f"preempted by a higher-priority allocation (priority {req.priority}) of another tenant"))
+            await preempt(self, decision.victims, alloc_id, req)
             if request_id:
                 await self._request_ops(req.tenant, request_id, alloc_id, fingerprint, extra, conds)
             rev = await self.save(slices, created=True, extra=extra, extra_conds=conds)

@@ -16,6 +16,7 @@ is not older than the one there (`adopt`), so the completion of an older write n
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Callable, Iterable
 
@@ -44,6 +45,10 @@ class WorkloadRecords:
         self.stopping: set[str] = set()                  # stop asked for, process not ended yet
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.conflicts = 0                               # conditional writes refused: another write went first
+        # New records (Run), workload id -> slice id: from the Run's checks until its write's outcome is known, and
+        # those whose write failed without a verdict (it may have landed), for a resize's commit (`new_on`)
+        self.creating: dict[str, str] = {}
+        self.maybe_created: dict[str, str] = {}
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -63,6 +68,29 @@ class WorkloadRecords:
         for w in ws:
             self.adopt(w, rev)
         return rev
+
+    async def save_created(self, w: types_pb2.Workload, extra: list = (), extra_conds: list = ()) -> int:
+        """`save` of the new record `w`, noted in `creating` (by its caller, from its checks on). The write is awaited
+        through a cancellation of the caller (queued, it lands all the same), and the note ends with its outcome:
+        a failure without a verdict (not a refused precondition) leaves it in `maybe_created`."""
+        write = asyncio.ensure_future(self.save([w], created=True, extra=extra, extra_conds=extra_conds))
+        write.add_done_callback(functools.partial(self._created, w.id, w.slice_id))
+        return await asyncio.shield(write)
+
+    def _created(self, wid: str, slice_id: str, write: asyncio.Future) -> None:
+        self.creating.pop(wid, None)
+        failed = None if write.cancelled() else write.exception()
+        if write.cancelled() or (failed is not None and not isinstance(failed, errors.Aborted)):
+            self.maybe_created[wid] = slice_id
+
+    def new_on(self, slice_id: str) -> tuple[list[str], list[str]]:
+        """The IDs of new workload records on slice `slice_id` not in `workloads`: (being written, written without
+        a verdict). A resize's commit fails on the first and requires the second absent (resize.py)."""
+        for wid, sid in list(self.maybe_created.items()):
+            if wid in self.workloads or sid not in self.ctl.fleet.slices:
+                del self.maybe_created[wid]     # known now (read back), or its slice is gone
+        return ([wid for wid, sid in self.creating.items() if sid == slice_id],
+                [wid for wid, sid in self.maybe_created.items() if sid == slice_id])
 
     def adopt(self, w: types_pb2.Workload, rev: int) -> bool:
         """Make `w`, written (or read) at `rev`, the record in memory unless a newer one is there already;

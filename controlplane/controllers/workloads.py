@@ -122,6 +122,7 @@ class WorkloadManager(WorkloadRecords):
         if req.HasField("backend"):
             w.backend.CopyFrom(req.backend)
         extra, conds = [], []
+        self.creating[w.id] = s.id      # past the guards: no resize of the slice commits until it is written (new_on)
         if req.request_id:
             self.requests.remember(*rkey, w.id, fp)     # a concurrent retry waits on this one
             key = keys.workload_request(*rkey)
@@ -129,10 +130,11 @@ class WorkloadManager(WorkloadRecords):
                 extra.append(Put(key, requestids.encode(w.id, fp), lease=await self.ctl._request_lease()))
             except BaseException:
                 self.requests.forget(*rkey, w.id)
+                self.creating.pop(w.id, None)
                 raise
             conds.append(Absent(key))
         try:
-            await self.save([w], created=True, extra=extra, extra_conds=conds)
+            await self.save_created(w, extra, conds)
         except BaseException:
             self.requests.forget(*rkey, w.id)
             raise

@@ -22,6 +22,7 @@ from controlplane.state.store import Absent, Revision
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors
+from tests.unit._workloads_standin import workloads_standin
 from tests.unit.test_migration_durability import CROSS_NODE, MID, WID, Agent, migration, running_on_source, start, \
     wait_for
 
@@ -81,8 +82,7 @@ def test_a_commit_that_landed_with_its_answer_lost_is_finished_not_rolled_back()
                                     fleet=types.SimpleNamespace(slices={"s-b": target}), swapping={},
                                     writer=types.SimpleNamespace(write=etcd.write), store=etcd,
                                     recorder=types.SimpleNamespace(emit=lambda *a, **k: None))
-        wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={WID: w}, stopping=set(), waiters={},
-                                   revisions={WID: 1})
+        wm = workloads_standin({WID: w}, {WID: 1})
 
         async def refresh(wid: str) -> int:     # workloadrecords.refresh: etcd's record adopted when newer
             value, rev = etcd.kv[keys.workload(wid)]
@@ -125,8 +125,7 @@ def test_a_resize_commit_that_landed_with_its_answer_lost_is_adopted_with_the_sw
             etcd.kv[key] = (value.SerializeToString(), 1)
         for s in (x, t):
             ctl.fleet.put_slice(s, 1)
-        wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={WID: w}, stopping=set(), waiters={},
-                                   revisions={WID: 1})
+        wm = workloads_standin({WID: w}, {WID: 1})
 
         async def refresh(wid: str) -> int:
             value, rev = etcd.kv[keys.workload(wid)]

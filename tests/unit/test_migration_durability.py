@@ -19,6 +19,7 @@ from controlplane.state import keys
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
 from mesh import errors
+from tests.unit._workloads_standin import workloads_standin
 
 WID, MID = "w-1", "m-1"
 
@@ -85,8 +86,7 @@ def manager(etcd: Etcd, workload: types_pb2.Workload | None):
                                 swapping={},
                                 writer=types.SimpleNamespace(write=etcd.write),
                                 recorder=types.SimpleNamespace(emit=lambda *a, **k: None))
-    wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={WID: workload} if workload else {}, stopping=set(),
-                               waiters={}, revisions={})
+    wm = workloads_standin({WID: workload} if workload else {})
 
     async def refresh(wid: str) -> int:     # etcd's record is the one in memory: a refusal was not its change
         return wm.revisions.get(wid, 0)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from controlplane.controllers.orchestrator import Orchestrator, Settings
 from controlplane.controllers.orchforecast import InlineFitter, Windows, fit_jobs, jobs_for_gpus
 from gpumesh.v1 import types_pb2 as t
+from tests.unit._workloads_standin import workloads_standin
 from tests.unit.test_orchestrator_live import GiB, env, fc, ready_all, running, warm  # noqa: F401 - env is a fixture
 from tests.unit.test_placement import make_fleet
 
@@ -189,7 +190,7 @@ async def test_a_new_leader_keeps_the_resize_cooldown(env):
                 labels={"gpumesh.io/autoresize": "true"})
     env.ctl.fleet.put_slice(s)
     await env.ctl.save([s], created=True)
-    mm = MigrationManager(env.ctl, SimpleNamespace(workloads={}, extra_desired=[], run_guards=[]))
+    mm = MigrationManager(env.ctl, workloads_standin())
     cooldown = 300.0
     old = ResizePass(env.ctl, mm, Settings(resize_cooldown_s=cooldown))
     before = time.time()

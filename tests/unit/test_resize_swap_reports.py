@@ -16,6 +16,7 @@ from controlplane.controllers.slices import Controller
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import node_service_pb2 as N
 from gpumesh.v1 import types_pb2 as T
+from tests.unit._workloads_standin import workloads_standin
 
 MID = "m-1"
 
@@ -64,7 +65,7 @@ def _status(sid: str, uuid: str, message: str = "ready") -> N.SliceStatus:
 
 
 def _manager(ctl: Controller, x: T.Slice, t: T.Slice):
-    wm = types.SimpleNamespace(extra_desired=[], run_guards=[], workloads={}, stopping=set(), waiters={}, revisions={})
+    wm = workloads_standin()
     mm = migrations.MigrationManager(ctl, wm)
     for s in (x, t):
         ctl.fleet.put_slice(s)
