@@ -134,8 +134,13 @@ class ResizeMixin:
 
     async def _resize_by_migration(self, s: types_pb2.Slice, profile: str = "", memory_bytes: int = 0,
                                    compute_share: float = 0.0) -> types_pb2.Slice:
-        w = next((x for x in self.wm.workloads.values() if x.slice_id == s.id and x.state in (
-            W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)), None)
+        live = sorted((x for x in self.wm.workloads.values() if x.slice_id == s.id and x.state in (
+            W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)), key=lambda x: x.id)
+        if len(live) > 1:       # one migrates; the others would go down with the old placement
+            raise errors.FailedPrecondition(
+                f"slice {s.id} runs {len(live)} workloads ({', '.join(x.id for x in live)}): a resize by migration "
+                f"moves one; stop the others first")
+        w = live[0] if live else None
         starting = self.wm.new_on(s.id)[0]       # a Run's record being written: not in `workloads` yet
         if starting:
             raise errors.FailedPrecondition(f"workload {starting[0]} on slice {s.id} is starting: resize it once it "

@@ -196,3 +196,23 @@ def test_a_resize_asked_while_a_run_on_the_slice_is_written_is_refused_up_front(
         etcd.go.set()
         await asyncio.wait_for(run, 20)
     asyncio.run(main())
+
+
+def test_a_resize_by_migration_of_a_slice_running_two_workloads_is_refused_naming_them():
+    """A resize by migration moves one workload (the migration's) into the new placement and then releases the
+    old one: a second workload on the slice (nothing stops two Runs on one slice) was torn down with it, its
+    record left naming a slice whose placement is gone. Refused up front, naming both; nothing planned."""
+    async def main():
+        etcd, ctl, wm, mm = _world()
+        x = ctl.fleet.slices["s-x"]
+        x.isolation = T.ISOLATION_EXCLUSIVE         # resized by migration
+        ids = []
+        for cmd in ("train", "eval"):
+            w = await wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=[cmd]))
+            wm.workloads[w.id].state = T.WORKLOAD_STATE_RUNNING
+            ids.append(w.id)
+        with pytest.raises(errors.FailedPrecondition, match=f"{ids[0]}.*{ids[1]}|{ids[1]}.*{ids[0]}") as e:
+            await mm.resize("s-x", 2 << 30, 0.0)
+        assert "s-x" in str(e.value) and "one" in str(e.value)
+        assert mm.migrations == {} and not any(k.startswith(keys.migration("")) for k in etcd.kv)
+    asyncio.run(main())
