@@ -349,6 +349,8 @@ class NodeManager:
                 evicted += await self.ctl.release(alloc, wait=False, message=why)
             except ReleaseDeferred:     # a resize's old placement: after the rest, once the resize released it
                 deferred.append(alloc)
+            except errors.NotFound:     # released by its tenant and gone since the drain listed it
+                continue
         for alloc in deferred:
             try:
                 evicted += await evict(self.ctl, alloc, why, self.ctl.evict_wait)

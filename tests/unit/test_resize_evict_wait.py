@@ -110,3 +110,49 @@ def test_a_drain_evicts_the_rest_then_waits_for_the_resize_of_the_old_placement(
         assert ctl.fleet.slices == {} and agent.held == {}
         assert sorted(agent.removed) == ["s-o", "s-t", "s-x"]
     asyncio.run(main())
+
+
+def test_a_drain_skips_an_allocation_released_and_gone_while_it_evicts_the_others():
+    """The drain lists the node's allocations, then evicts them one by one (each release awaits its workloads'
+    stops, after the migration pass); a tenant's own release of a later one, gone by its turn, made the whole drain
+    fail NOT_FOUND half way (the rest not evicted, the operator told the drain failed). It is skipped."""
+    async def main():
+        ctl = _controller(NODES)
+        for s in (_slice("s-a", "nA", 0, "GPU-0", 5), _slice("s-b", "nA", 0, "GPU-0", 5),
+                  _slice("s-c", "nA", 0, "GPU-0", 5)):
+            s.allocation_id = "a-" + s.id
+            ctl.fleet.put_slice(s)
+        release = ctl.release
+
+        async def release_then_tenant_releases_b(ident, *a, **kw):
+            out = await release(ident, *a, **kw)
+            ctl.fleet.drop_slice("s-b")         # its tenant released it meanwhile, and its agent removed it
+            return out
+        ctl.release = release_then_tenant_releases_b
+        _, evicted, _ = await asyncio.wait_for(nodes_mod.NodeManager(ctl).drain("nA", False), 30)
+        assert {s.id for s in evicted} == {"s-a", "s-c"}
+        assert ctl.fleet.slices["s-c"].state == T.SLICE_STATE_RELEASING
+    asyncio.run(main())
+
+
+def test_a_preemption_whose_second_victim_is_released_meanwhile_allocates_without_naming_it():
+    """A preemption evicts its victims one by one (each eviction awaits); a later victim released by its own
+    tenant meanwhile and gone failed the allocation NOT_FOUND, naming the other tenant's allocation, though the
+    room it was to make was free. A victim gone is room made: skipped."""
+    async def main():
+        from controlplane.controllers.evictions import preempt
+        ctl = _controller(NODES)
+        for s in (_slice("s-a", "nA", 0, "GPU-0", 5), _slice("s-b", "nA", 0, "GPU-0", 5)):
+            s.allocation_id, s.tenant = "a-" + s.id, "other"
+            ctl.fleet.put_slice(s)
+        release = ctl.release
+
+        async def release_then_b_goes(ident, *a, **kw):
+            out = await release(ident, *a, **kw)
+            ctl.fleet.drop_slice("s-b")
+            return out
+        ctl.release = release_then_b_goes
+        req = T.SliceSpec(tenant="t2", priority=10)
+        await asyncio.wait_for(preempt(ctl, ["a-s-a", "a-s-b"], "a-new", req), 30)
+        assert ctl.fleet.slices["s-a"].state == T.SLICE_STATE_RELEASING and "s-b" not in ctl.fleet.slices
+    asyncio.run(main())
