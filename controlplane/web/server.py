@@ -33,7 +33,7 @@ from typing import Callable
 from aiohttp import web
 
 from controlplane.api import auth
-from controlplane.web import snapshot
+from controlplane.web import badrequests, snapshot
 from controlplane.web.changes import ChangeFeed
 from mesh import errors
 from mesh.logs import log
@@ -108,6 +108,7 @@ class WebView:
         return app
 
     async def start(self, host: str, port: int) -> int:
+        badrequests.quiet()
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context)

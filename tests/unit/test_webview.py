@@ -187,3 +187,32 @@ def test_the_page_never_parses_what_it_receives_as_html():
     html = (STATIC / "index.html").read_text()
     assert not re.search(r"<script(?![^>]*\bsrc=)", html) and not re.search(r"\son[a-z]+\s*=", html)
     assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP
+
+
+async def test_a_malformed_request_is_one_warning_line_not_an_error_with_a_traceback(tmp_path, caplog):
+    """aiohttp logs every request it cannot parse (an 8 KiB header line, a broken request line) at ERROR with
+    its traceback: anyone who reaches the port filled the control plane's log with tracebacks. It answers 400
+    as before; the log gets one WARNING line naming the peer and what was wrong."""
+    import asyncio
+    import logging
+
+    from controlplane.server import ControlPlane
+    cp = ControlPlane(ControlPlaneConfig(listen="127.0.0.1:0", metrics_listen="", web_listen="127.0.0.1:0",
+                                         state_dir=str(tmp_path / "cp"), insecure=True, leader_ttl=30))
+    await cp.start()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for bad in (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+                        b"NOT A REQUEST\x00\r\n\r\n"):
+                r, w = await asyncio.open_connection("127.0.0.1", cp.web_port)
+                w.write(bad)
+                await w.drain()
+                assert (await r.read(64)).startswith(b"HTTP/1.0 400")
+                w.close()
+            await asyncio.sleep(0.05)
+        mine = [x for x in caplog.records if x.name == "aiohttp.server"]
+        assert len(mine) == 2, [x.getMessage() for x in mine]
+        assert all(x.levelno == logging.WARNING and not x.exc_info for x in mine)
+        assert "127.0.0.1" in mine[0].getMessage() and "8190" in mine[0].getMessage()
+    finally:
+        await cp.stop()
