@@ -40,10 +40,14 @@ class Ctx:
         raise Aborted(code, details)
 
 
-def _interceptor(insecure: bool) -> AuthInterceptor:
+def _authenticator(insecure: bool) -> auth.Authenticator:
     tenants = Tenants(tokens={hashlib.sha256(TOKEN.encode()).hexdigest():
                                    auth.Principal("client", "a-client", "team-a", "tenant")}, quotas={"team-a": {}})
-    return AuthInterceptor(auth.Authenticator(tenants, insecure=insecure))
+    return auth.Authenticator(tenants, insecure=insecure)
+
+
+def _interceptor(insecure: bool) -> AuthInterceptor:
+    return AuthInterceptor(_authenticator(insecure))
 
 
 @pytest.mark.parametrize("insecure", [True, False])
@@ -67,3 +71,14 @@ async def test_a_wrong_token_is_unauthenticated_and_a_known_one_admitted(insecur
     with pytest.raises(Aborted) as e:           # a known caller without the role: PERMISSION_DENIED naming it
         await i._admit("/gpumesh.v1.AdminService/CordonNode", None, Ctx(TOKEN))
     assert e.value.args[0] == grpc.StatusCode.PERMISSION_DENIED and "needs the admin role" in e.value.args[1]
+
+
+@pytest.mark.parametrize("value", ["Basic dXNlcjpwdw==", TOKEN, "Bearer ", "Bearer"])
+def test_a_malformed_authorization_names_the_form_in_words_of_both_grpc_and_http(value):
+    """The same check answers gRPC metadata and the web view's HTTP header: it said "authorization metadata", which
+    names nothing an HTTP client sends. It names the form, and never echoes what was sent (a bare token)."""
+    with pytest.raises(Exception) as e:
+        _authenticator(True).from_authorization(value)
+    message = str(e.value)
+    assert "metadata" not in message and "'Bearer <token>'" in message and "authorization" in message
+    assert TOKEN not in message and "dXNlcjpwdw" not in message
