@@ -140,14 +140,11 @@ def sha256_hex(text: str) -> str:
 
 def read_api_key(path: str) -> str:
     """The key in `path` (its first line, surrounding whitespace dropped); CliError naming the flag."""
+    from mesh.config import ConfigError, read_token_file
     try:
-        with open(path, encoding="utf-8") as f:
-            key = f.readline().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CliError(f"--api-key-file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not key:
-        raise CliError(f"--api-key-file: {path} holds no key (its first line is empty)")
-    return key
+        return read_token_file(path, "", "--api-key-file", "", "the key")
+    except ConfigError as e:
+        raise CliError(str(e)) from None
 
 
 def run_run(args: argparse.Namespace) -> int:
