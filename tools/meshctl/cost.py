@@ -79,6 +79,9 @@ def run_cost(args: argparse.Namespace) -> int:
         except errors.InvalidArgument as e:
             if e.field != "since_seconds":
                 raise
+            if "cost_retention_days" not in e.allowed:     # more lines than one answer holds
+                raise CliError(f"--since {_duration_text(args.since)} --by {args.by}: more lines than one answer "
+                               f"holds; narrow it: {e.allowed.replace('`by`', '--by')}") from None
             raise CliError(f"--since: {_duration_text(args.since)} is more than the control plane keeps costs for "
                            f"(allowed: {e.allowed or 'a shorter window'})") from None
     if args.output in ("json", "yaml"):
