@@ -79,7 +79,8 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
             raise errors.PermissionDenied("Recommend with apply needs the admin role")
         if request.limit < 0:
             raise errors.InvalidArgument.of("limit", f"{request.limit} is negative", "0 (all) or more")
-        out = await self.rec.run(request.apply, request.limit, list(request.kinds), request.slice_id)
+        out = await self.rec.run(request.apply, request.limit, list(request.kinds), request.slice_id,
+                                list(request.ids))
         if not auth.current().admin:
             # a tenant (or viewer) sees the recommendations about its own tenant's deployments and slices only
             keep = [r for r in out.recommendations if self._visible(r)]
