@@ -6,6 +6,7 @@ consolidation recommendations.
         for line in resp.lines: print(line.key, line.dollars, line.dollars_per_1k_tokens)
         mesh.recommend()                     # what could cost less
         mesh.recommend(apply=True, kinds=["resize"])   # admin: carry them out, one at a time
+        mesh.recommend(apply=True, ids=[r.id])         # admin: exactly this listed one, or FailedPrecondition
 
 Mixed into `mesh.client.MeshClient`; errors are the typed `mesh.errors` ones.
 """
@@ -45,9 +46,11 @@ class CostApi:
                                                   timeout=self.timeout)
 
     def recommend(self, apply: bool = False, limit: int = 0, kinds: list[str] | None = None,
-                  timeout: float | None = None, slice_id: str = "") -> C.RecommendResponse:
+                  timeout: float | None = None, slice_id: str = "", ids: list[str] | None = None
+                  ) -> C.RecommendResponse:
         """Recommendations; with `apply` (admin) carried out one at a time, stopping at the first failure
-        (a resize by migration can take minutes: give a `timeout`)."""
-        return _converting(self._costsvc.Recommend)(C.RecommendRequest(apply=apply, limit=limit, kinds=kinds or [],
-                                                                       slice_id=slice_id),
-                                                    timeout=timeout or self.timeout)
+        (a resize by migration can take minutes: give a `timeout`). `ids` (the `id`s of an earlier answer):
+        only those, and with `apply` exactly those; one that no longer holds raises FailedPrecondition
+        naming what changed (when nothing was carried out before it in the call)."""
+        req = C.RecommendRequest(apply=apply, limit=limit, kinds=kinds or [], slice_id=slice_id, ids=ids or [])
+        return _converting(self._costsvc.Recommend)(req, timeout=timeout or self.timeout)

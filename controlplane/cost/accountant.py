@@ -399,6 +399,19 @@ class CostAccountant:
             return 0.0
         return sum(v for k, v in self.rates.items() if k[i] == key and (tenant is None or k[0] == tenant))
 
+    def rates_by(self, by: str, tenant: str | None = None) -> dict[str, float]:
+        """rate() of every group at once (one pass over the rates, not one per group)."""
+        if by == "slice":
+            return {k: v for k, (owner, v) in self.slice_rates.items() if tenant is None or owner == tenant}
+        i = {"tenant": 0, "deployment": 1, "model": 2, "node": 3}.get(by)
+        out: dict[str, float] = {}
+        if i is None:
+            return out
+        for k, v in self.rates.items():
+            if tenant is None or k[0] == tenant:
+                out[k[i]] = out.get(k[i], 0.0) + v
+        return out
+
     def model_costs(self, models) -> list:
         out = []
         for m in sorted(models):

@@ -112,31 +112,29 @@ class CostLedger:
                 self.db.execute("ROLLBACK")
                 raise
 
-    def query(self, by: str, since: float, until: float | None = None, tenant: str | None = None) -> list[Line]:
+    def query(self, by: str, since: float, until: float | None = None, tenant: str | None = None,
+              max_lines: int | None = None) -> list[Line]:
         """Sums per group of charges that ended in [since, until) (to the minute; older rows to the hour),
-        of one tenant's slices when `tenant` is not None."""
+        of one tenant's slices when `tenant` is not None, highest dollars first. With `max_lines`, at most
+        max_lines + 1 groups are read: more than max_lines lines means the query had more (the caller refuses
+        it) and the rest were never read."""
         if by not in GROUPS:
             raise ValueError(f"by: {by!r} is not one of {', '.join(GROUPS)}")
         col = "slice" if by == "slice" else by
-        q = (f"SELECT {col}, category, SUM(dollars), SUM(seconds), SUM(gpu_seconds), SUM(tokens) FROM cost_ledger "
+        per_category = ", ".join("SUM(CASE WHEN category = ? THEN dollars END)" for _ in CATEGORIES)
+        q = (f"SELECT {col}, SUM(dollars), SUM(seconds), SUM(gpu_seconds), SUM(tokens), {per_category} "
+             "FROM cost_ledger "
              "WHERE bucket >= ? AND (? IS NULL OR bucket < ?) AND (? IS NULL OR tenant = ?) "
-             f"GROUP BY {col}, category")
-        since_bucket = since // BUCKET * BUCKET
+             f"GROUP BY {col}" + ("" if max_lines is None else " LIMIT ?"))
+        limit = () if max_lines is None else (max_lines + 1,)
+        args = (*CATEGORIES, since // BUCKET * BUCKET, until, until, tenant, tenant, *limit)
+        lines: list[Line] = []
         with self._lock:
-            rows = self.db.execute(q, (since_bucket, until, until, tenant, tenant)).fetchall()
-        lines: dict[str, Line] = {}
-        for key, category, dollars, seconds, gpu_seconds, tokens in rows:
-            ln = lines.setdefault(key, Line(key))
-            ln.dollars += dollars
-            ln.slice_seconds += seconds
-            ln.gpu_seconds += gpu_seconds
-            ln.tokens += tokens
-            ln.categories[category] = ln.categories.get(category, 0.0) + dollars
-            if category == IDLE_WARM:
-                ln.idle_warm_dollars += dollars
-            elif category == IDLE_REPLICA:
-                ln.idle_replica_dollars += dollars
-        return sorted(lines.values(), key=lambda ln: (-ln.dollars, ln.key))
+            for key, dollars, seconds, gpu_seconds, tokens, *per in self.db.execute(q, args):
+                cats = {c: d for c, d in zip(CATEGORIES, per) if d is not None}
+                lines.append(Line(key, dollars, cats.get(IDLE_WARM, 0.0), cats.get(IDLE_REPLICA, 0.0),
+                                  seconds, gpu_seconds, tokens, cats))
+        return sorted(lines, key=lambda ln: (-ln.dollars, ln.key))
 
 
 __all__ = ["BUCKET", "BUSY", "CATEGORIES", "CostLedger", "Line"]

@@ -12,6 +12,7 @@ one at a time with the control plane's own machinery, stopping at the first fail
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from gpumesh.v1 import cost_service_pb2 as C
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import types_pb2 as W
 from mesh import errors
+from mesh.cost import listed as L
 from mesh.cost import recommend as R
 from mesh.cost import slice_share
 from mesh.cost.accounting import is_warm_labels
@@ -141,27 +143,71 @@ class Recommender:
             n.memory_bytes, n.profile = s.memory_bytes, s.profile
             await self.deployments.store.put_replica(n)
 
-    async def run(self, apply: bool, limit: int = 0, kinds=(), slice_id: str = "") -> C.RecommendResponse:
-        recs = [r for r in self.recommend(kinds) if not slice_id or r.slice_id == slice_id]
+    def named(self, rid: str) -> R.Rec:
+        """The recommendation `rid` names, as it stands now; listed.Changed naming what changed when it no
+        longer holds (mesh/cost/listed.py)."""
+        if L.kind_of(rid) == "pack":
+            return L.check_pack(rid, self.facts()[2])
+        return L.find(rid, self.recommend([L.kind_of(rid)]))
+
+    async def run(self, apply: bool, limit: int = 0, kinds=(), slice_id: str = "", ids=()) -> C.RecommendResponse:
+        """The recommendations (those named by `ids`, in that order, when given; else those computed now), and
+        with `apply` each carried out in turn, stopping at the first failure. A named one is checked just
+        before its turn and never replaced by another: when it no longer holds the call is refused
+        (FailedPrecondition) if nothing was carried out yet, else its result says so and the run stops."""
+        check_request(kinds, ids)
+        if ids:
+            steps = [(rid, functools.partial(self.named, rid)) for rid in ids]
+        else:
+            steps = [(L.identity(r), lambda r=r: r) for r in self.recommend(kinds)]
         out = C.RecommendResponse()
-        for rec in recs:
+        for rid, step in steps:
+            acting = apply and not out.stopped and not (limit and out.applied >= limit)
+            try:
+                rec = step()
+            except L.Changed as e:
+                if not acting:
+                    continue            # listed: only those that still hold
+                if not out.applied:
+                    raise errors.FailedPrecondition(f"{e} (not carried out; list again for what holds now)") from None
+                out.recommendations.add(id=rid, kind=L.kind_of(rid), result=f"failed: {e}")
+                out.stopped = True
+                continue
+            if (slice_id and rec.slice_id != slice_id) or (kinds and rec.kind not in kinds):
+                continue
             m = out.recommendations.add(kind=rec.kind, deployment=rec.deployment, replica=rec.replica,
                                         slice_id=rec.slice_id, node=rec.node, action=rec.action, target=rec.target,
-                                        saving_per_day=round(rec.saving_per_day, 4), risk=rec.risk)
+                                        saving_per_day=round(rec.saving_per_day, 4), risk=rec.risk, id=rid)
             out.saving_per_day += m.saving_per_day
-            if not apply or out.stopped or (limit and out.applied >= limit):
-                continue
-            try:
-                m.result = await self.apply_one(rec)
-            except errors.MeshError as e:
-                m.result = f"failed: {e}"
-                out.stopped = True
-            if m.result == "applied":
-                out.applied += 1
-            log(logger, logging.INFO if not out.stopped else logging.WARNING, "recommendation carried out",
-                kind=rec.kind, slice=rec.slice_id, deployment=rec.deployment, result=m.result)
-            self.ctl.recorder.emit("Deployment" if rec.deployment else "Slice", rec.deployment or rec.slice_id,
-                                   "Normal" if m.result == "applied" else "Warning", "Consolidated",
-                                   f"{rec.action}: {m.result}; saves ${rec.saving_per_day:.2f}/day"[:500],
-                                   source="cost-recommender")
+            if acting:
+                await self._carry_out(rec, m, out)
         return out
+
+    async def _carry_out(self, rec: R.Rec, m: C.Recommendation, out: C.RecommendResponse) -> None:
+        try:
+            m.result = await self.apply_one(rec)
+        except errors.MeshError as e:
+            m.result = f"failed: {e}"
+            out.stopped = True
+        if m.result == "applied":
+            out.applied += 1
+        log(logger, logging.INFO if not out.stopped else logging.WARNING, "recommendation carried out",
+            kind=rec.kind, slice=rec.slice_id, deployment=rec.deployment, result=m.result, id=m.id)
+        self.ctl.recorder.emit("Deployment" if rec.deployment else "Slice", rec.deployment or rec.slice_id,
+                               "Normal" if m.result == "applied" else "Warning", "Consolidated",
+                               f"{rec.action}: {m.result}; saves ${rec.saving_per_day:.2f}/day"[:500],
+                               source="cost-recommender")
+
+
+def check_request(kinds, ids) -> None:
+    for k in kinds:
+        if k not in R.KINDS:
+            raise errors.InvalidArgument.of("kinds", f"{k!r} is not a kind", ", ".join(R.KINDS))
+    if len(ids) > L.MAX_IDS:
+        raise errors.InvalidArgument.of("ids", f"{len(ids)} ids", f"at most {L.MAX_IDS} in one request")
+    for rid in ids:
+        try:
+            L.kind_of(rid)
+        except ValueError as e:
+            raise errors.InvalidArgument.of("ids", str(e), "the `id` of a recommendation an earlier answer "
+                                                           "listed") from None

@@ -4,6 +4,7 @@ interceptor's rule for Recommend is viewer, so anyone may read the recommendatio
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from controlplane.api import auth
@@ -26,6 +27,7 @@ def line(ln, rate: float) -> C.CostLine:
 
 
 MAX_LINES = 50_000     # one GetCost answer (by slice over a long window can be more)
+CHUNK = 1000           # lines built between two yields of the event loop
 
 
 class CostService(cost_service_pb2_grpc.CostServiceServicer):
@@ -47,17 +49,21 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
         p = auth.current()
         tenant = None if p.admin else p.tenant
         now = self.acc.clock()
-        lines = await self.acc._run(self.acc.ledger.query, by, now - since_s, None, tenant)
+        # in the ledger's thread, reading at most one line more than an answer holds
+        lines = await self.acc._run(self.acc.ledger.query, by, now - since_s, None, tenant, MAX_LINES)
         if len(lines) > MAX_LINES:
-            raise errors.InvalidArgument.of("since_seconds", f"{len(lines):,} {by} lines over {since_s:g} s are more "
-                                            f"than one answer holds", f"a shorter window or a coarser `by` "
-                                            f"(at most {MAX_LINES:,} lines)")
+            raise errors.InvalidArgument.of(
+                "since_seconds", f"over {since_s:g} s there are more than {MAX_LINES:,} {by} lines: more than one "
+                f"answer holds", f"a shorter window or a coarser `by` (at most {MAX_LINES:,} lines)")
         out = C.GetCostResponse(by=by, interval_seconds=self.acc.interval)
         out.since.FromNanoseconds(int((now - since_s) * 1e9))
         out.until.FromNanoseconds(int(now * 1e9))
+        rates = self.acc.rates_by(by, tenant)
         total = C.CostLine(key="total")
-        for ln in lines:
-            cl = line(ln, self.acc.rate(by, ln.key, tenant))
+        for i, ln in enumerate(lines):
+            if i and i % CHUNK == 0:
+                await asyncio.sleep(0)      # tens of thousands of lines: let the event loop serve other work
+            cl = line(ln, rates.get(ln.key, 0.0))
             out.lines.append(cl)
             for f in ("dollars", "idle_warm_dollars", "idle_replica_dollars", "slice_seconds", "gpu_seconds",
                       "dollars_per_hour", "tokens"):
@@ -73,7 +79,8 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
             raise errors.PermissionDenied("Recommend with apply needs the admin role")
         if request.limit < 0:
             raise errors.InvalidArgument.of("limit", f"{request.limit} is negative", "0 (all) or more")
-        out = await self.rec.run(request.apply, request.limit, list(request.kinds), request.slice_id)
+        out = await self.rec.run(request.apply, request.limit, list(request.kinds), request.slice_id,
+                                list(request.ids))
         if not auth.current().admin:
             # a tenant (or viewer) sees the recommendations about its own tenant's deployments and slices only
             keep = [r for r in out.recommendations if self._visible(r)]

@@ -83,10 +83,11 @@ class Rec:
     memory_bytes: int = 0        # resize: the new memory
     compute_share: float = 0.0
     profile: str = ""
-    moves: list = field(default_factory=list)   # pack: [(slice_id, workload_id, to_node)]
+    moves: list = field(default_factory=list)   # pack: [(slice_id, workload_id, to_node, to_gpu_index)]
+    gpu_index: int = 0           # pack: the GPU it frees (on `node`)
 
 
-def _gib(b: float) -> str:
+def gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB"
 
 
@@ -104,8 +105,8 @@ def resize(r: ReplicaFacts, min_observed: float) -> Rec | None:
     except KeyError:
         return None
     gpu_bytes = model.memory_mib * 2**20
-    risk = (f"sized for {r.sized_concurrency} sequence(s) ({_gib(r.need_bytes)}); measured peak "
-            f"{r.peak_in_flight:g} in flight over {_span(r.observed_seconds)} ({_gib(r.peak_need_bytes)})")
+    risk = (f"sized for {r.sized_concurrency} sequence(s) ({gib(r.need_bytes)}); measured peak "
+            f"{r.peak_in_flight:g} in flight over {_span(r.observed_seconds)} ({gib(r.peak_need_bytes)})")
     if r.isolation == "mig":
         p = model.smallest_profile_for(r.peak_need_bytes, 0.0)
         if p is None or p.name == r.profile or p.memory_slices / 8 >= r.share:
@@ -118,8 +119,8 @@ def resize(r: ReplicaFacts, min_observed: float) -> Rec | None:
         if new_share >= r.share - 1e-6:
             return None
         return Rec("resize", (r.share - new_share) * r.gpu_price * 24,
-                   f"resize slice to {_gib(r.peak_need_bytes)} ({new_share:.3f} of the GPU)", risk, r.deployment,
-                   r.replica, r.slice_id, r.node, _gib(r.peak_need_bytes), memory_bytes=r.peak_need_bytes,
+                   f"resize slice to {gib(r.peak_need_bytes)} ({new_share:.3f} of the GPU)", risk, r.deployment,
+                   r.replica, r.slice_id, r.node, gib(r.peak_need_bytes), memory_bytes=r.peak_need_bytes,
                    compute_share=round(new_share, 6) if r.isolation == "mps" else 0.0)
     return None
 
@@ -160,7 +161,7 @@ def share_mps(replicas: list[ReplicaFacts]) -> list[Rec]:
                 used.update((a.replica, b.replica))
                 out.append(Rec("share-mps", min(a.gpu_price, b.gpu_price) * 24,
                                f"run {a.deployment} and {b.deployment} on one GPU by MPS (isolation mps)",
-                               f"together {_gib(a.peak_need_bytes + b.peak_need_bytes)} of {_gib(gpu_bytes)} at their "
+                               f"together {gib(a.peak_need_bytes + b.peak_need_bytes)} of {gib(gpu_bytes)} at their "
                                f"measured peaks; MPS shares faults and memory bandwidth", a.deployment, a.replica,
                                a.slice_id, a.node, f"{b.deployment}/{b.replica}"))
                 break
@@ -202,12 +203,16 @@ def pack(gpus: list[GpuFacts], max_sources: int = 64) -> list[Rec]:
                 free[k] -= v
                 receiving.add(k)
             emptied.add(me)
-            out.append(Rec("pack", g.gpu_price * 24,
-                           f"migrate {len(moves)} slice(s) off GPU {g.node}/{g.index} to free it",
-                           f"the receiving GPUs hold {_gib(sum(s[1] for s in g.slices))} more; their memory "
-                           f"pressure rises", node=g.node,
-                           target=", ".join(f"{s[0]}->{s[2]}/{s[3]}" for s in moves), moves=moves))
+            out.append(pack_rec(g, moves))
     return out
+
+
+def pack_rec(g: GpuFacts, moves: list) -> Rec:
+    """The pack recommendation that empties GPU `g` by `moves` [(slice_id, workload_id, to_node, to_index)]."""
+    return Rec("pack", g.gpu_price * 24, f"migrate {len(moves)} slice(s) off GPU {g.node}/{g.index} to free it",
+               f"the receiving GPUs hold {gib(sum(s[1] for s in g.slices))} more; their memory pressure rises",
+               node=g.node, target=", ".join(f"{s[0]}->{s[2]}/{s[3]}" for s in moves), moves=moves,
+               gpu_index=g.index)
 
 
 def recommend(replicas: list[ReplicaFacts], warm: list[WarmSlice], gpus: list[GpuFacts],

@@ -223,6 +223,9 @@ def test_accountant_tick_categories_tokens_and_cursors(tmp_path):
     # `meshctl cost --by slice`: each live slice's own rate now (it answered $0 for every slice)
     assert a.rate("slice", "s-rep") == pytest.approx(2.40 / 8) and a.rate("slice", "s-rep", "t2") == 0
     assert a.rate("slice", "s-rep", "t1") + a.rate("slice", "s-warm") == pytest.approx(a.rate("node", "n1"))
+    for by, key, tenant in (("model", "smollm2", None), ("node", "n1", "t1"), ("node", "n1", None),
+                            ("slice", "s-rep", None), ("slice", "s-rep", "t2"), ("tenant", "t1", None)):
+        assert a.rates_by(by, tenant).get(key, 0.0) == pytest.approx(a.rate(by, key, tenant))   # GetCost's all-at-once
     del fleet.slices["s-warm"]
     _, live, gone = tick(1040.0, load(5, 520))
     assert gone == {"s-warm"} and set(live) == {"s-rep"}

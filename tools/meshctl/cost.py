@@ -23,6 +23,11 @@ examples:
   meshctl recommend --apply --kind resize       # admin: carry them out one at a time, stop at the first failure
   meshctl recommend --apply --limit 1
   meshctl recommend --slice s-7f3a9c1e2b4d       # only those about one slice (--apply: carry out those)
+  meshctl recommend --apply --id 'pack:n1/0:s-1@w-1>n2/0'   # exactly this one (ids: -o json), if it still holds
+
+--apply carries out exactly the recommendations it lists, each named by its id: one that no longer holds as
+listed (a pack whose GPU holds other slices now, a receiving GPU without room, a resize to another size) is
+refused naming what changed, and nothing is carried out in its place. List again to see what holds now.
   meshctl recommend -o wide                      # + REPLICA NODE TARGET
 """
 BY = ("tenant", "model", "deployment", "node", "slice")
@@ -50,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--kind", action="append", default=[], choices=KINDS, help="only this kind (repeatable)")
     r.add_argument("--limit", type=int, default=0, metavar="N", help="apply at most N (default all)")
     r.add_argument("--slice", default="", metavar="ID", help="only the recommendations about this slice")
+    r.add_argument("--id", action="append", default=[], metavar="ID",
+                   help="only this recommendation (its id in -o json; repeatable), if it still holds as listed")
     r.add_argument("--apply-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="how long --apply may take in all (default 1800)")
     r.set_defaults(func=run_recommend)
@@ -79,6 +86,9 @@ def run_cost(args: argparse.Namespace) -> int:
         except errors.InvalidArgument as e:
             if e.field != "since_seconds":
                 raise
+            if "cost_retention_days" not in e.allowed:     # more lines than one answer holds
+                raise CliError(f"--since {_duration_text(args.since)} --by {args.by}: more lines than one answer "
+                               f"holds; narrow it: {e.allowed.replace('`by`', '--by')}") from None
             raise CliError(f"--since: {_duration_text(args.since)} is more than the control plane keeps costs for "
                            f"(allowed: {e.allowed or 'a shorter window'})") from None
     if args.output in ("json", "yaml"):
@@ -105,7 +115,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CliError(f"--limit: {args.limit} is negative (0: all)")
     with client(args) as mesh:
-        resp = mesh.recommend(kinds=args.kind, slice_id=args.slice)
+        resp = mesh.recommend(kinds=args.kind, slice_id=args.slice, ids=args.id)
         if args.apply:
             resp = _apply(mesh, args, resp)
     if args.output in ("json", "yaml"):
@@ -124,9 +134,12 @@ def run_recommend(args: argparse.Namespace) -> int:
 
 
 def _apply(mesh, args: argparse.Namespace, listed):
-    """Carry the listed recommendations out one at a time (each by its slice and kind), with a progress line
-    per step on stderr, stopping at the first failure."""
+    """Carry out exactly the listed recommendations, one at a time (each named by its id), with a progress line
+    per step on stderr, stopping at the first failure. One that no longer holds as listed is refused by the
+    control plane (FAILED_PRECONDITION naming what changed): nothing is carried out in its place."""
     import time
+
+    from mesh import errors
     recs = list(listed.recommendations)
     todo = recs[:args.limit] if args.limit else recs
     deadline = time.monotonic() + args.apply_timeout
@@ -137,13 +150,27 @@ def _apply(mesh, args: argparse.Namespace, listed):
             listed.stopped = True
             break
         info(f"[{i}/{len(todo)}] {r.kind} {r.deployment or r.slice_id or r.node}: {r.action} ...")
-        got = mesh.recommend(apply=True, kinds=[r.kind], slice_id=r.slice_id, limit=1, timeout=left)
-        mine = next((x for x in got.recommendations if x.result), None)
-        r.result = mine.result if mine is not None else "skipped: no longer recommended"
+        if not r.id:        # a control plane from before ids: it would apply the first pack it computes then
+            if r.kind == "pack":
+                r.result = "skipped: the control plane cannot apply exactly this pack (upgrade it)"
+                info(f"[{i}/{len(todo)}] {r.result}")
+                continue
+            step = {"kinds": [r.kind], "slice_id": r.slice_id, "limit": 1}
+        else:
+            step = {"ids": [r.id]}
+        try:
+            got = mesh.recommend(apply=True, timeout=left, **step)
+        except errors.FailedPrecondition as e:
+            got = None
+            r.result = f"failed: {e}"
+            listed.stopped = True
+        if got is not None:
+            mine = next((x for x in got.recommendations if x.result), None)
+            r.result = mine.result if mine is not None else "skipped: no longer recommended"
+            listed.stopped = listed.stopped or got.stopped
         info(f"[{i}/{len(todo)}] {r.result}")
         if r.result == "applied":
             listed.applied += 1
-        if got.stopped:
-            listed.stopped = True
+        if listed.stopped:
             break
     return listed

@@ -68,19 +68,21 @@ class ModelCost(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dollars_per_hour: _Optional[float] = ..., dollars_24h: _Optional[float] = ..., dollars_per_1k_tokens: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("apply", "limit", "kinds", "slice_id")
+    __slots__ = ("apply", "limit", "kinds", "slice_id", "ids")
     APPLY_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
     apply: bool
     limit: int
     kinds: _containers.RepeatedScalarFieldContainer[str]
     slice_id: str
-    def __init__(self, apply: _Optional[bool] = ..., limit: _Optional[int] = ..., kinds: _Optional[_Iterable[str]] = ..., slice_id: _Optional[str] = ...) -> None: ...
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, apply: _Optional[bool] = ..., limit: _Optional[int] = ..., kinds: _Optional[_Iterable[str]] = ..., slice_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Recommendation(_message.Message):
-    __slots__ = ("kind", "deployment", "replica", "slice_id", "node", "action", "target", "saving_per_day", "risk", "result")
+    __slots__ = ("kind", "deployment", "replica", "slice_id", "node", "action", "target", "saving_per_day", "risk", "result", "id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +93,7 @@ class Recommendation(_message.Message):
     SAVING_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     deployment: str
     replica: str
@@ -101,7 +104,8 @@ class Recommendation(_message.Message):
     saving_per_day: float
     risk: str
     result: str
-    def __init__(self, kind: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., saving_per_day: _Optional[float] = ..., risk: _Optional[str] = ..., result: _Optional[str] = ...) -> None: ...
+    id: str
+    def __init__(self, kind: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[str] = ..., slice_id: _Optional[str] = ..., node: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., saving_per_day: _Optional[float] = ..., risk: _Optional[str] = ..., result: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("recommendations", "saving_per_day", "applied", "stopped")

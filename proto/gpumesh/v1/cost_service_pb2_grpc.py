@@ -71,7 +71,8 @@ class CostServiceServicer:
 
     def Recommend(self, request, context):
         """Consolidation recommendations (and, with `apply`, carry them out one
-        at a time, stopping at the first failure).
+        at a time, stopping at the first failure). FAILED_PRECONDITION when a
+        recommendation named in `ids` no longer holds (nothing carried out).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
