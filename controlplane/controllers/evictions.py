@@ -62,8 +62,9 @@ async def preempt(ctl, victims: list[str], alloc_id: str, req) -> None:
         log(logger, logging.INFO, "preempting", victim=victim, allocation=alloc_id, priority=req.priority,
             tenant=req.tenant)
         # the victim's tenant reads the message: another tenant's name and allocation stay in the log
-        slices = ctl.fleet.slices_of(victim)
-        if not slices:      # released by its own tenant and gone while an earlier victim was evicted: room made
+        try:
+            slices = ctl.find(victim)
+        except errors.NotFound:     # released by its tenant and gone while an earlier one was evicted: room made
             continue
         own = all(s.tenant == req.tenant for s in slices)
         message = (f"preempted by allocation {alloc_id} (priority {req.priority}) of tenant {req.tenant}" if own
