@@ -244,8 +244,8 @@ class Authenticator:
         if auth:
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise errors.Unauthenticated("authorization must be 'Bearer <token>': the word Bearer, a space, a token "
-                                             "from the tenants file")
+                raise errors.Unauthenticated("authorization must be 'Bearer <token>': the word Bearer, a space, "
+                                             "a token from the tenants file")
             p = self.tenants.lookup(token.strip()) if self.tenants is not None else None
             if p is None:
                 raise errors.Unauthenticated("invalid bearer token")
