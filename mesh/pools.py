@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gpumesh.v1 import pool_service_pb2 as P
 from gpumesh.v1 import types_pb2
-from mesh import errors, gpumodels, labels, slicespec
+from mesh import errors, gpumodels, labels, replacing, slicespec
 from mesh.cost import PriceTable, slice_share
 
 LABEL = "gpumesh.pool"
@@ -154,18 +154,35 @@ def slice_gpus(s) -> float:
                        compute_share=float(s.compute_share))
 
 
-def usage(pool_name: str, slices, prices: PriceTable) -> Usage:
-    """What the pool's slices (those labelled LABEL=pool_name among `slices`) take."""
-    u = Usage()
-    for s in slices:
-        if s.labels.get(LABEL) != pool_name:
-            continue
-        share = slice_gpus(s)
-        u.slices += 1
-        u.gpus += share
-        u.memory_bytes += s.memory_bytes
-        u.dollars_per_hour += share * prices.gpu_hour(s.gpu_model)
-    return u
+def _figures(s, prices: PriceTable) -> tuple:
+    share = slice_gpus(s)
+    return 1, share, int(s.memory_bytes), share * prices.gpu_hour(s.gpu_model)
+
+
+def usage(pool_name: str, slices, prices: PriceTable, replaced=None) -> Usage:
+    """What the pool's slices (those labelled LABEL=pool_name among `slices`) take. `replaced` (Fleet.replaced:
+    slice -> the source slice it replaces while its move is live, or None) counts a move's target and its source
+    once, at the larger of the two in each figure (mesh/replacing.py); without it each slice counts."""
+    mine = {s.id: s for s in slices if s.labels.get(LABEL) == pool_name}
+    totals = [0, 0.0, 0, 0.0]
+    for s in mine.values():
+        totals = [a + b for a, b in zip(totals, _figures(s, prices))]
+    if replaced is not None:
+        for t in mine.values():
+            src = replaced(t) if replacing.source_id(t.labels) else None
+            if src is not None and mine.get(src.id) is src:
+                twice = replacing.overlap(_figures(t, prices), _figures(src, prices))
+                totals = [a - b for a, b in zip(totals, twice)]
+    return Usage(slices=totals[0], gpus=totals[1], memory_bytes=totals[2], dollars_per_hour=totals[3])
+
+
+def request_beyond(source, prices: PriceTable, slices: int, memory: int, gpus: float, dollars: float) -> tuple:
+    """What a request for (`slices`, `memory`, `gpus`, `dollars`) asks of the pool beyond `source`, the slice it
+    replaces (None: all of it): (slices, memory, gpus, dollars)."""
+    if source is None:
+        return slices, memory, gpus, dollars
+    n, share, mem, cost = _figures(source, prices)
+    return replacing.beyond((slices, memory, gpus, dollars), (n, mem, share, cost))
 
 
 def refusal(pool: P.Pool, used: Usage, more_slices: int, more_memory: int, more_gpus: float,

@@ -33,8 +33,9 @@ PRIORITY_RANGE = (-1000, 1000)
 MAX_LABELS = 32
 # labels that say what gpumesh made a slice for (a warm slice, a pool's or a deployment's replica): gpumesh
 # sets them (admins may, by hand); a tenant's own would bill or release its slice as something it is not
+# (gpumesh.replaces: a move's target, counted once with the slice it replaces: mesh/replacing.py)
 SYSTEM_LABELS = frozenset({"gpumesh.io/warm", "gpumesh.io/warm-key", "gpumesh.pool", "gpumesh.deployment",
-                           "gpumesh.replica"})
+                           "gpumesh.replica", "gpumesh.replaces"})
 MAX_CPU_MILLI = 4096 * 1000          # 4,096 CPUs
 MAX_HOST_MEMORY = 64 << 40           # 64 TiB
 

@@ -52,7 +52,7 @@ def quota_left_gib(ctl, tenant: str) -> float:
         if getattr(p, "NAME", "") == "TenantQuota":
             q = p.tenants.get(tenant, p.default)
             if "max_memory_bytes" in q:
-                used = ctl.fleet.usage.get(tenant, (0, 0, 0.0))[1]
+                used = ctl.fleet.tenant_usage(tenant)[1]
                 return max(0.0, (q["max_memory_bytes"] - used) / GiB)
     return math.inf
 

@@ -7,26 +7,26 @@ controlplane/controllers/migrations.py for the phases and the recovery rules.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 
 from controlplane.state import keys
 from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
                                            START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.controllers.migration_quota import QuotaMixin, off_node
 from controlplane.controllers.migration_records import committed_record
 from controlplane.controllers.workloadrecords import UPDATE_TRIES as COMMIT_CONFLICTS
 from controlplane.state.store import Put, Revision
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
-from mesh import errors, slicespec
+from mesh import errors
 from mesh.logs import log
 
 logger = logging.getLogger("controlplane.controllers.migrations")
 _Failed = StepFailed
 
 
-class StepsMixin:
+class StepsMixin(QuotaMixin):
     """Mixed into MigrationManager (self.ctl, self.wm, self.migrations, self._ask, self._save, ...)."""
 
     # -- the state machine ----------------------------------------------------------------------
@@ -71,19 +71,11 @@ class StepsMixin:
         src = self.ctl.fleet.slices.get(w.slice_id)
         if src is None:
             raise _Failed(f"the workload's slice {w.slice_id} is gone: name a target slice")
-        spec = types_pb2.SliceSpec(tenant=src.tenant, gpu_model=src.gpu_model, isolation=src.isolation,
-                                   priority=src.priority, labels=dict(src.labels), cpu_milli=src.cpu_milli,
-                                   host_memory_bytes=src.host_memory_bytes)
-        if src.isolation == types_pb2.ISOLATION_MIG:
-            spec.mig_profile = src.profile
-        else:
-            spec.memory_bytes, spec.compute_share = src.memory_bytes, src.compute_share
-        spec.labels[LABEL] = m.id
-        req = slicespec.validate(spec)
+        req = self.target_request(src, m.id, replaces=not m.checkpoint_id)     # counts once with src (migration_quota)
         if not (m.target_node or m.checkpoint_id or m.resize_slice):
             # off the source node: the scheduler is told so (a packing score put every probe back on a source
             # node with room, and after PLACE_ATTEMPTS probes the migration failed with the fleet half empty)
-            req = dataclasses.replace(req, avoid_nodes=(m.source_node,))
+            req = off_node(req, m.source_node)
         held = []
         try:
             for _ in range(PLACE_ATTEMPTS):

@@ -112,6 +112,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
         ctl.release_hooks.insert(0, self._refuse_old_placement)     # before a hook stops anything
         if hasattr(ctl, "removal_holds"):
             ctl.removal_holds.append(self._removal_held)
+        self.attach_quota(getattr(ctl, "fleet", None))     # a move's target counts once with its source
         workloads.extra_desired.append(self.targets_on)
         workloads.run_guards.append(self.target_busy)
         ctl.migrations = self

@@ -32,11 +32,11 @@ from controlplane.controllers.slicereports import placement_of
 from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
 from controlplane.controllers.evictions import ReleaseDeferred
-from controlplane.controllers.migration_phases import FINISHED, LABEL, RESEND, STEP_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.migration_phases import FINISHED, RESEND, STEP_TIMEOUT, C, P, R, StepFailed, W
 from controlplane.state.store import Absent, Present, Put
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2
-from mesh import errors, gpumodels, slicespec
+from mesh import errors, gpumodels
 from mesh.logs import log
 
 logger = logging.getLogger("controlplane.controllers.migrations")
@@ -157,15 +157,9 @@ class ResizeMixin:
         m = M.Migration(id=new_id("m"), workload_id=w.id if w is not None else "", tenant=s.tenant,
                         mode=M.MIGRATION_MODE_PRECOPY, phase=P.MIGRATION_PHASE_PLANNED, source_node=s.node,
                         source_slice=s.id, reason="resize", resize_slice=s.id, created_at=now())
-        spec = types_pb2.SliceSpec(tenant=s.tenant, gpu_model=s.gpu_model, isolation=s.isolation,
-                                   priority=s.priority, labels=dict(s.labels), cpu_milli=s.cpu_milli,
-                                   host_memory_bytes=s.host_memory_bytes)
-        if profile:
-            spec.mig_profile = profile
-        else:
-            spec.memory_bytes, spec.compute_share = memory_bytes, compute_share
-        spec.labels[LABEL] = m.id
-        req = slicespec.validate(spec)
+        # the new slice is a reservation for the slice: the two count once, at the larger (migration_quota.py)
+        req = self.target_request(s, m.id, profile=profile, **({} if profile else dict(
+            memory_bytes=memory_bytes, compute_share=compute_share)))
         what = profile or f"{memory_bytes} bytes, compute {compute_share:.2f}"
         m.message = f"resize to {what}: reserving"
         with self._planned(m):

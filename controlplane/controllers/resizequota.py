@@ -3,8 +3,10 @@ quota (TenantQuota: GPU memory, GPUs) and of its pool's (Pool: GPUs, memory, dol
 passing the scheduler, so the growth is checked here against the same plugins' limits. Only the growth
 counts: a shrink is always allowed, even for a tenant already over its quota (it brings it closer).
 
-A resize by migration needs no check here: its new slice is allocated through the scheduler, whose plugins
-count the old slice and the new one (both exist until the commit)."""
+A resize by migration needs no check here: its new slice is allocated through the scheduler as a reservation for
+the old one (controllers/migration_quota.py), whose plugins count the pair once, at the larger of the two, until
+the resize ends: only the growth must fit. (They used to count both, so a slice of a full pool or of a tenant at
+its quota could not be resized by migration at all, not even to a smaller size.)"""
 
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ def _plugin(framework, name: str):
         return None
 
 
-def _tenant_refusal(plugin, usage: dict, s: types_pb2.Slice, grow_mem: int, grow_gpus: float) -> str | None:
+def _tenant_refusal(plugin, fleet, s: types_pb2.Slice, grow_mem: int, grow_gpus: float) -> str | None:
     q = plugin.tenants.get(s.tenant, plugin.default)
     if not q:
         return None
-    _, memory, gpus = usage.get(s.tenant, (0, 0, 0.0))
+    _, memory, gpus = fleet.tenant_usage(s.tenant)
     for key, used, more in (("max_memory_bytes", memory, grow_mem), ("max_gpus", gpus, grow_gpus)):
         limit = q.get(key)
         if limit is not None and more > 0 and used + more > limit + 1e-9:
@@ -32,7 +34,7 @@ def _tenant_refusal(plugin, usage: dict, s: types_pb2.Slice, grow_mem: int, grow
     return None
 
 
-def _pool_refusal(plugin, slices, s: types_pb2.Slice, new: types_pb2.Slice) -> str | None:
+def _pool_refusal(plugin, fleet, s: types_pb2.Slice, new: types_pb2.Slice) -> str | None:
     name = s.labels.get(P.LABEL)
     pool = plugin.pools.get(name) if name else None
     if pool is None:
@@ -40,7 +42,7 @@ def _pool_refusal(plugin, slices, s: types_pb2.Slice, new: types_pb2.Slice) -> s
     prices: PriceTable = plugin.prices
     grow_gpus = max(0.0, P.slice_gpus(new) - P.slice_gpus(s))
     grow_mem = max(0, new.memory_bytes - s.memory_bytes)
-    used = P.usage(name, slices, prices)
+    used = P.usage(name, fleet.slices.values(), prices, fleet.replaced)
     return P.refusal(pool, used, 0, grow_mem, grow_gpus, grow_gpus * prices.gpu_hour(s.gpu_model))
 
 
@@ -52,11 +54,11 @@ def growth_refusal(framework, fleet, s: types_pb2.Slice, memory_bytes: int, comp
     new.memory_bytes, new.compute_share = memory_bytes, compute_share
     tenant = _plugin(framework, "TenantQuota")
     if tenant is not None:
-        why = _tenant_refusal(tenant, fleet.usage, s, max(0, memory_bytes - s.memory_bytes),
+        why = _tenant_refusal(tenant, fleet, s, max(0, memory_bytes - s.memory_bytes),
                               max(0.0, compute_share - s.compute_share))
         if why is not None:
             return why
     pool = _plugin(framework, "Pool")
     if pool is not None:
-        return _pool_refusal(pool, fleet.slices.values(), s, new)
+        return _pool_refusal(pool, fleet, s, new)
     return None

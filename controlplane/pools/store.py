@@ -138,7 +138,8 @@ class PoolStore:
         """`p` with its usage now."""
         out = P.Pool()
         out.CopyFrom(p)
-        used = pools.usage(p.name, self.ctl.fleet.slices.values(), self.prices)
+        fleet = self.ctl.fleet
+        used = pools.usage(p.name, fleet.slices.values(), self.prices, fleet.replaced)     # a move's pair: once
         u = out.usage
         u.slices, u.gpus, u.memory_bytes, u.dollars_per_hour = (used.slices, used.gpus, used.memory_bytes,
                                                                  used.dollars_per_hour)

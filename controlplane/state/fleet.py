@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
 
-from mesh import gpumodels
+from mesh import gpumodels, replacing
 
 MIB = 1 << 20
 
@@ -281,6 +281,10 @@ class Fleet:
         self.usage: dict[str, list] = {}
         self.by_node: dict[str, dict[str, None]] = {}   # node -> ids of its slices (insertion order)
         self.by_allocation: dict[str, dict[str, None]] = {}  # allocation id -> ids of its slices
+        # ids of the slices that replace another (a move's target: mesh/replacing.py), and who says whether its move
+        # is live (target, source) -> bool: set by the migration manager; None: no pair counts once
+        self.reservations: dict[str, None] = {}
+        self.reservation_live = None
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -379,6 +383,10 @@ class Fleet:
         if old is not None and old.allocation_id != s.allocation_id:
             self._forget_allocation(old.allocation_id, s.id)
         self.by_allocation.setdefault(s.allocation_id, {})[s.id] = None
+        if replacing.source_id(s.labels):
+            self.reservations[s.id] = None
+        else:
+            self.reservations.pop(s.id, None)
         self._account(s, 1)
         if revision:
             self.revisions[s.id] = revision
@@ -392,7 +400,37 @@ class Fleet:
             self._account(s, -1)
             self.by_node.get(s.node, {}).pop(slice_id, None)
             self._forget_allocation(s.allocation_id, slice_id)
+            self.reservations.pop(slice_id, None)
         return s
+
+    # -- moves: a target and its source count once (mesh/replacing.py) ---------------------------
+
+    def replaced(self, t) -> types_pb2.Slice | None:
+        """The source slice that `t` (a slice, or a request: its `labels` and `tenant`) replaces while its move is
+        live, else None: the source must exist, be another slice of the same tenant, and the migration manager
+        (`reservation_live`) must say the move is live."""
+        sid = replacing.source_id(t.labels)
+        s = self.slices.get(sid) if sid else None
+        if s is None or s.tenant != t.tenant or s.id == getattr(t, "id", None) or self.reservation_live is None:
+            return None
+        return s if self.reservation_live(t, s) else None
+
+    def tenant_usage(self, tenant: str, gone: frozenset = frozenset()) -> tuple[int, int, float]:
+        """What `tenant`'s quota counts (slices, GPU memory bytes, GPUs: the sum of compute shares), each live move's
+        pair once at the larger of the two; less the slices of the allocations `gone` (preemption victims)."""
+        n, memory, gpus = self.usage.get(tenant, (0, 0, 0.0))
+        for a in gone:
+            for s in self.slices_of(a):
+                if s.tenant == tenant:
+                    n, memory, gpus = n - 1, memory - s.memory_bytes, gpus - s.compute_share
+        for tid in self.reservations:
+            t = self.slices[tid]
+            src = self.replaced(t) if t.tenant == tenant and t.allocation_id not in gone else None
+            if src is not None and src.allocation_id not in gone:
+                twice = replacing.overlap((1, t.memory_bytes, t.compute_share),
+                                          (1, src.memory_bytes, src.compute_share))
+                n, memory, gpus = n - twice[0], memory - twice[1], gpus - twice[2]
+        return n, memory, gpus
 
     def _forget_allocation(self, allocation_id: str, slice_id: str) -> None:
         group = self.by_allocation.get(allocation_id)

@@ -154,6 +154,7 @@ class Follower:
             # A reload: a fresh fleet (what was missed is unknown), open Watch streams cut off.
             self.reloads += 1
             fleet = Fleet()
+            fleet.reservation_live = self.ctl.fleet.reservation_live     # the migration manager's (a move's pair)
             self.ctl.fleet = self.nodes.fleet = fleet
             self.ctl.requests.clear()
             self.ctl.events.end_all()

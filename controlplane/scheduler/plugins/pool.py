@@ -42,6 +42,13 @@ class Plugin:
         name = req.labels.get(P.LABEL)
         return None if name is None else self.pools.get(name)
 
+    @staticmethod
+    def _source(req: SliceRequest, fleet: Fleet):
+        """The slice of the pool that `req` replaces while its move is live (a migration's or a resize's target:
+        the two count once, at the larger; mesh/replacing.py), or None."""
+        src = fleet.replaced(req)
+        return src if src is not None and src.labels.get(P.LABEL) == req.labels.get(P.LABEL) else None
+
     def estimate(self, pool, req: SliceRequest, fleet: Fleet) -> tuple[float, float]:
         """The least GPU-equivalents and the least dollars per hour one slice of `req` can be charged (each a
         bound of its own) on the pool's GPU models present in the fleet, in MIG mode or not: `slice_share` of
@@ -75,9 +82,11 @@ class Plugin:
         pool = self.pools.get(name)
         if pool is None:
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", f"PoolNotFound: no pool {name!r}"),), NAME)
-        used = P.usage(name, fleet.slices.values(), self.prices)
+        used = P.usage(name, fleet.slices.values(), self.prices, fleet.replaced)
         gpus, dollars = self.estimate(pool, req, fleet)
-        why = P.refusal(pool, used, req.count, req.memory_bytes * req.count, gpus * req.count, dollars * req.count)
+        more = P.request_beyond(self._source(req, fleet), self.prices, req.count, req.memory_bytes * req.count,
+                                gpus * req.count, dollars * req.count)
+        why = P.refusal(pool, used, *more)
         if why is not None:
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", why),), NAME)
         return SUCCESS
@@ -88,14 +97,19 @@ class Plugin:
         if pool is None or not choices:
             return SUCCESS
         gone = set(victims)
-        used = P.usage(pool.name, (s for s in fleet.slices.values() if s.allocation_id not in gone), self.prices)
+        used = P.usage(pool.name, (s for s in fleet.slices.values() if s.allocation_id not in gone), self.prices,
+                       fleet.replaced)
         gpus = dollars = 0.0
         for c in choices:
             share = slice_share(ISOLATION_ENUM.get(c.isolation, 0), c.gpu_model, profile=c.profile or "",
                                 memory_bytes=c.memory_bytes, compute_share=c.compute_share)
             gpus += share
             dollars += share * self.prices.gpu_hour(c.gpu_model)
-        why = P.refusal(pool, used, len(choices), sum(c.memory_bytes for c in choices), gpus, dollars)
+        source = self._source(req, fleet)
+        if source is not None and source.allocation_id in gone:
+            source = None
+        why = P.refusal(pool, used, *P.request_beyond(source, self.prices, len(choices),
+                                                      sum(c.memory_bytes for c in choices), gpus, dollars))
         if why is not None:
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("pool", why),), NAME)
         return SUCCESS

@@ -7,7 +7,11 @@ hold (a MIG profile's, a time-share slice's whole GPU: the request does not name
 the tenant's own victims gives back; it is the authority. The pre-filter refuses early only what no placement
 could bring within the quota: it counts the least a slice of the request can take on any GPU model it may land
 on (`least_take`), and for a request that may preempt, the tenant's usage less all its slices it could evict.
-(It used to count a MIG profile as a whole GPU, refusing a tenant near `max_gpus` a slice that fitted.)"""
+(It used to count a MIG profile as a whole GPU, refusing a tenant near `max_gpus` a slice that fitted.)
+
+The usage is `Fleet.tenant_usage`: a live move's target and source (a migration's, a drain's, a resize's) count
+once, at the larger of the two, and the target's request asks only its growth beyond the source, so a tenant at
+its quota can still have its slices moved (a resize that grows must still fit)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import functools
 from controlplane.state.fleet import MIB, Fleet
 from controlplane.scheduler.framework import SUCCESS, Code, CycleState, Status
 from gpumesh.v1 import types_pb2
-from mesh import gpumodels
+from mesh import gpumodels, replacing
 from mesh.slicespec import SliceRequest
 
 NAME = "TenantQuota"
@@ -51,8 +55,8 @@ class Plugin:
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, (("quota", why),), NAME)
         share, memory_each = least_take(req.memory_bytes, req.compute_share, req.isolation, req.mig_profile,
                                         _models(req))
-        more = (req.count, memory_each * req.count, share * req.count)
-        used = fleet.usage.get(req.tenant, (0, 0, 0.0))
+        more = _beyond_source(fleet, req, (req.count, memory_each * req.count, share * req.count))
+        used = fleet.tenant_usage(req.tenant)
         st = _check_limits(req.tenant, q, _want(used, more))
         if not st.ok and req.preempt:
             # permit counts the usage less the tenant's own victims: judge it on the least it could come to
@@ -64,15 +68,20 @@ class Plugin:
         q = self.tenants.get(req.tenant, self.default)
         if not q:
             return SUCCESS
-        slices, memory, gpus = fleet.usage.get(req.tenant, (0, 0, 0.0))
-        for a in victims:
-            for s in fleet.slices_of(a):
-                if s.tenant == req.tenant:
-                    slices, memory, gpus = slices - 1, memory - s.memory_bytes, gpus - s.compute_share
-        want = {"max_slices": (slices, len(choices)),
-                "max_memory_bytes": (memory, sum(c.memory_bytes for c in choices)),
-                "max_gpus": (gpus, sum(c.compute_share for c in choices))}
-        return _check_limits(req.tenant, q, want)
+        used = fleet.tenant_usage(req.tenant, frozenset(victims))
+        more = _beyond_source(fleet, req, (len(choices), sum(c.memory_bytes for c in choices),
+                                           sum(c.compute_share for c in choices)), frozenset(victims))
+        return _check_limits(req.tenant, q, _want(used, more))
+
+
+def _beyond_source(fleet: Fleet, req: SliceRequest, more: tuple, gone: frozenset = frozenset()) -> tuple:
+    """What `req` asks of its tenant's quota: all of `more`, or for a move's target (its request labelled as
+    replacing one of the tenant's slices while the move is live, mesh/replacing.py) only what it takes beyond the
+    source: the pair counts once, at the larger of the two."""
+    src = fleet.replaced(req)
+    if src is None or src.allocation_id in gone:
+        return more
+    return replacing.beyond(more, (1, src.memory_bytes, src.compute_share))
 
 
 def _want(used, more) -> dict:
