@@ -316,7 +316,8 @@ class MeshClient(MeshApi, MigrationApi, ModelApi, DeploymentApi, EventApi, Forec
         the node) instead of a command, the agent starts that model server (nodeagent/backends/) with the
         settings given and reports its address in the workload's `endpoint` (docs/serving.md). vLLM only:
         `gpu_memory_utilization` in (0, 1], the share of the device's memory it takes (an MPS or time-share
-        slice's device is the whole GPU; 0: vLLM's 0.9). `artifact_sha256`: the agent checks the weights
+        slice's device is the whole GPU: at most the slice's memory over the GPU's; 0: the control plane sets
+        the slice's share, as for a deployment's replica). `artifact_sha256`: the agent checks the weights
         against it before the server starts. `api_key`: the server then requires `Authorization: Bearer
         <api_key>` on every request (it reaches the server in its environment only, and no answer returns it).
 

@@ -21,7 +21,7 @@ from controlplane.state.requestids import RequestIds
 from controlplane.controllers.nodedelete import node_deleted
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.controllers.workloadrecords import TERMINAL, W, WorkloadRecords
-from controlplane.controllers.workloadspec import _check_id, validate_run
+from controlplane.controllers.workloadspec import _check_id, backend_share, validate_run
 from controlplane.api.events import DELETED, Subscription
 from controlplane.api.rpc import streaming, unary
 from controlplane.serving.replicakeys import redacted
@@ -121,6 +121,8 @@ class WorkloadManager(WorkloadRecords):
                                env=req.env, labels=req.labels, state=W.WORKLOAD_STATE_PENDING, created_at=now())
         if req.HasField("backend"):
             w.backend.CopyFrom(req.backend)
+            w.backend.gpu_memory_utilization = backend_share(req.backend, s.memory_bytes,
+                                                             self.ctl.fleet.gpu_memory_of(s), s.isolation)
         extra, conds = [], []
         self.creating[w.id] = s.id      # past the guards: no resize of the slice commits until it is written (new_on)
         if req.request_id:

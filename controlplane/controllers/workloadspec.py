@@ -71,6 +71,25 @@ def validate_backend_inputs(b) -> None:
                                         f"1-{MAX_API_KEY} printable ASCII characters without spaces")
 
 
+def backend_share(b, slice_memory: int, gpu_memory: int, isolation: int) -> float:
+    """The share of the device's memory vLLM on this slice takes (b.gpu_memory_utilization): a share left at 0 is
+    the slice's, as a deployment's replica gets (an MPS or time-share slice sees the whole GPU, where vLLM's own
+    default is 0.9 of all of it); one over the slice's part of the GPU is refused. Other backends: as given."""
+    from controlplane.serving import deployspec
+    u = b.gpu_memory_utilization
+    if b.kind != "vllm":
+        return u
+    if not u:
+        return deployspec.gpu_memory_utilization(slice_memory, gpu_memory, isolation)
+    most = deployspec.max_gpu_memory_utilization(slice_memory, gpu_memory, isolation)
+    if most is not None and u > most:
+        raise errors.InvalidArgument.of(
+            "backend.gpu_memory_utilization", f"{u!r} is more than the slice's part of its GPU "
+            f"({slice_memory / 2**30:.4g} GiB of {gpu_memory / 2**30:.4g} GiB)",
+            f"at most {most}, or 0 for the slice's share")
+    return u
+
+
 def validate_env_labels(req: workload_service_pb2.RunWorkloadRequest) -> None:
     if len(req.env) > MAX_ENV:
         raise errors.InvalidArgument.of("env", f"has {len(req.env)} variables", f"at most {MAX_ENV}")

@@ -173,9 +173,8 @@ class Actuator:
 
     async def run(self, r: D.Replica, spec: D.DeploymentSpec, variant: M.Variant) -> D.Replica:
         s = self.ctl.fleet.slices[r.slice_id]
-        node = self.ctl.fleet.nodes.get(s.node)
-        gpu_mem = next((g.memory_bytes for g in (node.gpus if node else []) if g.uuid == s.gpu_uuid), 0)
-        backend = deployspec.serving_backend(spec, variant, s.memory_bytes, gpu_mem, s.isolation)
+        backend = deployspec.serving_backend(spec, variant, s.memory_bytes, self.ctl.fleet.gpu_memory_of(s),
+                                             s.isolation)
         # the server requires this replica's own key (made once per replica, durable before it starts)
         backend.api_key = await self.store.keys.ensure(r.deployment, r.id)
         labels = dict(spec.labels)

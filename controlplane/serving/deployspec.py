@@ -173,12 +173,21 @@ def gpu_memory_utilization(slice_memory: int, gpu_memory: int, isolation: int) -
     """vLLM's --gpu-memory-utilization: the share of the device it sees that the slice is. A MIG slice is
     a device of its own (CUDA_VISIBLE_DEVICES = its UUID; its memory is the slice's): MIG_UTILIZATION of
     it, vLLM's default. MPS and time-share slices see the whole GPU: the slice's memory over the GPU's,
-    at most 0.95. 0 (vLLM's default) when either is unknown."""
+    at most 0.95. 0 (vLLM's default) when either is unknown. Used for deployments' replicas and for a
+    Run with a vLLM backend whose share is 0 (controllers/workloadspec.py backend_share)."""
     if isolation == types_pb2.ISOLATION_MIG:
         return MIG_UTILIZATION
-    if slice_memory <= 0 or gpu_memory <= 0:
-        return 0.0
-    return round(min(0.95, slice_memory / gpu_memory), 4)
+    return min(0.95, max_gpu_memory_utilization(slice_memory, gpu_memory, isolation) or 0.0)
+
+
+def max_gpu_memory_utilization(slice_memory: int, gpu_memory: int, isolation: int) -> float | None:
+    """The largest share of the device it sees that vLLM on this slice may take: the slice's memory over the
+    GPU's on an MPS, time-share or exclusive slice, rounded down to the 4 places the agent passes (rounded up
+    it would be over the slice); None (any share) on a MIG slice (its device is the slice) or when either
+    memory is unknown."""
+    if isolation == types_pb2.ISOLATION_MIG or slice_memory <= 0 or gpu_memory <= 0:
+        return None
+    return min(1.0, max(1, slice_memory * 10_000 // gpu_memory) / 10_000)
 
 
 def serving_backend(spec: D.DeploymentSpec, variant: M.Variant, slice_memory: int,

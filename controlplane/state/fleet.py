@@ -343,6 +343,11 @@ class Fleet:
                 return g
         return None
 
+    def gpu_memory_of(self, s: types_pb2.Slice) -> int:
+        """The memory of the GPU a slice is on (by its UUID), 0 when its node or GPU is unknown."""
+        entry = self.nodes.get(s.node)
+        return next((g.memory_bytes for g in (entry.gpus if entry else []) if g.uuid == s.gpu_uuid), 0)
+
     # -- slices --------------------------------------------------------------------
 
     def _account(self, s: types_pb2.Slice, sign: int) -> None:

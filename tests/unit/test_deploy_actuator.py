@@ -82,8 +82,9 @@ async def test_a_restart_whose_backend_does_not_start_backs_off():
 
     async def put_replica(r):
         pass
-    ctl = SimpleNamespace(fleet=SimpleNamespace(slices={"s-1": t.Slice(id="s-1", node="n1", memory_bytes=1 << 30)},
-                                                nodes={}))
+    from controlplane.state.fleet import Fleet
+    ctl = SimpleNamespace(fleet=Fleet())
+    ctl.fleet.slices["s-1"] = t.Slice(id="s-1", node="n1", memory_bytes=1 << 30)
     act = Actuator(ctl, SimpleNamespace(run=run), SimpleNamespace(put_replica=put_replica,
                                                                    keys=SimpleNamespace(ensure=ensure)))
     r = D.Replica(id="r-1", deployment="chat", slice_id="s-1", workload_id="w-1", state=D.REPLICA_STATE_FAILED,

@@ -24,7 +24,7 @@ examples:
       --context 512 --served-name smollm2                   # a model server; prints its ENDPOINT
   meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 --device cpu -o json
   meshctl run --slice s-7f3a9c1e2b4d --backend vllm --artifact /models/smollm2-bf16 \
-      --gpu-memory-utilization 0.25 --api-key-file ~/.gpumesh/server.key   # an MPS slice of a quarter GPU
+      --gpu-memory-utilization 0.2 --api-key-file ~/.gpumesh/server.key   # less than its quarter-GPU MPS slice
 
 The process gets the slice's environment (CUDA_VISIBLE_DEVICES = the slice's
 device UUID, MPS limits on MPS slices) plus --env. With --backend the agent
@@ -84,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--dtype", default="", help="vllm: bfloat16, float16, float32 (default: the checkpoint's)")
     b.add_argument("--gpu-memory-utilization", type=memory_share, default=0.0, metavar="SHARE",
                    help="vllm: the share of the device's memory it may take, in (0, 1]; on an MPS or time-share "
-                        "slice the device is the whole GPU: the slice's memory over the GPU's (default: vLLM's, 0.9)")
+                        "slice the device is the whole GPU, and a share over the slice's memory over the GPU's "
+                        "is refused (default: the slice's share, as a deployment's replica gets; 0.9 on MIG)")
     b.add_argument("--artifact-sha256", type=sha256_hex, default="", metavar="HEX",
                    help="the artifact's SHA-256: the agent checks the weights against it before the server starts")
     b.add_argument("--api-key-file", default="", metavar="PATH",
