@@ -196,6 +196,12 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="gpumesh-ckpt-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        except OSError:
+            pass    # the agent went away (it gave the call up): the answer left unsent is flushed again on close
+
+    def _serve_lines(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
             for line in f:
                 try:
