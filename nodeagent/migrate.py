@@ -110,4 +110,5 @@ def install(agents, cfg) -> None:
         if runner is not None:
             MigrationAgent(a, runner, getattr(cfg, "checkpoint_dir", ""), getattr(cfg, "checkpoint_keys_file", ""),
                            getattr(cfg, "transfer_host", ""), tls,
-                           getattr(cfg, "transfer_idle_timeout_seconds", None)).install()
+                           getattr(cfg, "transfer_idle_timeout_seconds", None),
+                           getattr(cfg, "checkpoint_timeout_seconds", None)).install()

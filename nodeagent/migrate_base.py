@@ -20,6 +20,8 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT, AgentLink
 from nodeagent.isolation.plan import INSIDE_SOCKET
 
+CHECKPOINT_TIMEOUT_S = 6 * 3600.0      # the default of the agent's `checkpoint_timeout_seconds`
+
 
 class Cancelled(Exception):
     """The control plane rolled the migration back while the send ran."""
@@ -46,7 +48,8 @@ class MigrationBase:
     """The agent's migration state and the helpers its steps share (see the module's docstring)."""
 
     def __init__(self, agent, runner, checkpoint_dir: str = "", keys_file: str = "", transfer_host: str = "",
-                 tls: tuple[str, str, str] | None = None, transfer_idle_timeout: float | None = None) -> None:
+                 tls: tuple[str, str, str] | None = None, transfer_idle_timeout: float | None = None,
+                 checkpoint_timeout: float | None = None) -> None:
         self.agent = agent
         self.runner = runner
         self.checkpoint_dir = checkpoint_dir
@@ -55,6 +58,8 @@ class MigrationBase:
         self.transfer_idle_timeout = transfer_idle_timeout
         """the agent's transfer receivers give up a stream that sends nothing this long (None: the default,
         mesh/checkpoint/transfer_recv.py IDLE_TIMEOUT_S); a checkpoint's step then fails."""
+        self.checkpoint_timeout = CHECKPOINT_TIMEOUT_S if checkpoint_timeout is None else checkpoint_timeout
+        """the longest a checkpoint into the store may take in all, however its push progresses"""
         self.tls = tls
         """(ca, cert, key) of this agent's certificate when the agent is secured: agent-to-agent
         transfers speak mTLS with it."""
@@ -99,7 +104,7 @@ class MigrationBase:
     def _socket(self, wid: str) -> str:
         return self.runner.socket_path(wid)
 
-    def _link(self, wid: str, timeout: float = DEFAULT_TIMEOUT) -> AgentLink:
+    def _link(self, wid: str, timeout: float = DEFAULT_TIMEOUT, reply_timeout: float | None = None) -> AgentLink:
         """A link to `wid`'s control socket that reaches only the workload's own SDK: a socket (never a link)
         owned by and served by the workload's uid (mesh/ownedsock.py), the agent's own for a workload run
         unconfined. The socket lies in the tenant's directory; a link there to another tenant's socket
@@ -109,7 +114,7 @@ class MigrationBase:
         if meta.get("socket"):      # confined with its own /tmp: the socket in its directory, not the short link to it
             path = os.path.join(self.runner.path(wid, "d"), os.path.basename(INSIDE_SOCKET))
         uid = int(meta["uid"]) if "uid" in meta else os.geteuid()
-        return AgentLink(path, timeout=timeout, uid=uid)
+        return AgentLink(path, timeout=timeout, uid=uid, reply_timeout=reply_timeout)
 
     def _running(self, wid: str) -> bool:
         w = self.runner.workloads.get(wid)

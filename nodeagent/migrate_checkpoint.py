@@ -15,7 +15,9 @@ Only a commit the agent's own receiver took makes a checkpoint: the workload's r
 step that fails after that commit (the workload's reply is an error) removes what was committed: it is answered
 FAILED, so no record would name it and nothing would ever delete it from the store. A workload that stops
 sending in the middle of its push fails the step when the receiver gives its stream up (the transfer's idle
-timeout, `transfer_idle_timeout_seconds`; `call_unless_stalled`), not when its control socket times out.
+timeout, `transfer_idle_timeout_seconds`; `call_unless_stalled`). The agent waits for the workload's answer as
+long as its push delivers frames, not a fixed time (a 100 GiB push over 150 MB/s takes 11 minutes), within
+`checkpoint_timeout_seconds` in all; a workload that never starts its push fails after NO_PUSH_TIMEOUT_S.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
@@ -32,9 +34,10 @@ import time
 import uuid
 
 from gpumesh.v1 import migration_service_pb2 as M
+from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT
 from mesh.logs import log
 from mesh.procs import pid_alive
-from nodeagent.migrate_base import Job, MigrationBase
+from nodeagent.migrate_base import CHECKPOINT_TIMEOUT_S, Job, MigrationBase
 
 logger = logging.getLogger("nodeagent.migrate")
 R = M.MigrationReport
@@ -87,12 +90,26 @@ def clean_partial_checkpoints(store: str, stale_s: float = PARTIAL_STALE_S, now:
     return removed
 
 
-def call_unless_stalled(link, sess, cmd: str, **args) -> dict:
+STALL_POLL_S = 0.1
+NO_PUSH_TIMEOUT_S = DEFAULT_TIMEOUT
+"""how long the workload's checkpoint may go without a frame of its push while no stream of it is open: before
+its push (it first waits for a safe point, up to PrecopyPolicy.pause_timeout) and between the push's end and its
+answer. A push in progress is bounded by the transfer's idle timeout instead, the whole by `overall_s`."""
+
+
+def call_unless_stalled(link, sess, cmd: str, overall_s: float = CHECKPOINT_TIMEOUT_S, **args) -> dict:
     """`link.call(cmd, **args)` (the workload pushes its checkpoint into the receiving session `sess` before it
-    answers), unless the receiver gives up a stream of it for sending nothing within its idle timeout: then the
-    workload is stuck mid-push (its retry would be too), the call is aborted and the step fails at once, rather
-    than when the control socket times out. A limited tenant's checkpoint lock (controlplane/controllers/
-    checkpoint_quota.py) is held until the step answers."""
+    answers), waited for as long as the push makes progress, not for a fixed time: the link's reply timeout
+    must be above `overall_s` (`_link(reply_timeout=)`); the call is aborted and the step fails at once when
+
+    - the receiver gives up a stream of the push for sending nothing within its idle timeout (`sess.stalled`):
+      the workload is stuck mid-push (its retry would be too);
+    - no stream of it is open and none delivered a frame for NO_PUSH_TIMEOUT_S (the workload never started its
+      push, or ended it and does not answer);
+    - the whole takes longer than `overall_s` (`checkpoint_timeout_seconds`), progress or not.
+
+    A limited tenant's checkpoint lock (controlplane/controllers/checkpoint_quota.py) is held until the step
+    answers."""
     box: dict = {}
     done = threading.Event()
 
@@ -103,18 +120,25 @@ def call_unless_stalled(link, sess, cmd: str, **args) -> dict:
             box["error"] = exc
         finally:
             done.set()
+    t0 = time.monotonic()
     threading.Thread(target=call, daemon=True, name=f"link-{cmd}").start()
     while not done.wait(STALL_POLL_S):
+        why, now = "", time.monotonic()
         if sess.stalled.is_set():
+            why = f"the workload's checkpoint push stalled: {sess.stalled_reason}"
+        elif now - t0 > overall_s:
+            why = (f"the workload's checkpoint did not finish within {overall_s:g} s (checkpoint_timeout_seconds; "
+                   f"{sess.bytes_received} bytes received)")
+        elif sess.streams <= 0 and now - max(t0, sess.last_frame) > NO_PUSH_TIMEOUT_S:
+            why = (f"the workload sent no checkpoint frame for {NO_PUSH_TIMEOUT_S:g} s and did not answer "
+                   f"{cmd!r} ({'its push ended' if sess.last_frame else 'it never started its push'})")
+        if why:
             link.abort()
             done.wait(5.0)      # the shut-down socket ends the call at once: nothing of it is used
-            raise RuntimeError(f"the workload's checkpoint push stalled: {sess.stalled_reason}")
+            raise RuntimeError(why)
     if "error" in box:
         raise box["error"]
     return box["reply"]
-
-
-STALL_POLL_S = 0.1
 
 
 def clean_store(checkpoint_dir: str) -> None:
@@ -189,9 +213,10 @@ class CheckpointSteps(MigrationBase):
                 sess = server.expect(session, sink, mesh=True, secret=secret)
                 relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
-                with self._link(wid, timeout=600) as link:
-                    r = call_unless_stalled(link, sess, "checkpoint", target=relay.address if relay else server.address,
-                                            session=session, secret=secret.hex())
+                overall = self.checkpoint_timeout
+                with self._link(wid, reply_timeout=overall + 60) as link:       # the wait is bounded below
+                    r = call_unless_stalled(link, sess, "checkpoint", overall, session=session, secret=secret.hex(),
+                                            target=relay.address if relay else server.address)
                 seconds = time.perf_counter() - t0
                 # only the receiver the agent owns says the checkpoint is in the store: the workload's reply
                 # is its own word (the SDK answers after the receiver's `done`, which follows the commit)

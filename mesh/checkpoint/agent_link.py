@@ -78,11 +78,15 @@ class AgentLink:
     only for a socket the caller made itself (tests, benchmarks).
 
     `timeout`: seconds any one connect, send or reply may take (None: DEFAULT_TIMEOUT); a silent SDK never
-    holds an agent thread forever."""
+    holds an agent thread forever. `reply_timeout`: seconds a reply may take instead (None: `timeout`), for a
+    caller that bounds the wait itself by the command's progress and ends it with `abort` (a checkpoint's
+    push: nodeagent/migrate_checkpoint.py `call_unless_stalled`)."""
 
-    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT, uid: int | None = None) -> None:
+    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT, uid: int | None = None,
+                 reply_timeout: float | None = None) -> None:
         self.path = path
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self.reply_timeout = self.timeout if reply_timeout is None else reply_timeout
         self.uid = uid
         self._sock: socket.socket | None = None
         self._file: Any = None
@@ -115,7 +119,11 @@ class AgentLink:
             try:
                 self._file.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
                 self._file.flush()
-                line = self._file.readline(MAX_REPLY_BYTES + 1)
+                self._sock.settimeout(self.reply_timeout)
+                try:
+                    line = self._file.readline(MAX_REPLY_BYTES + 1)
+                finally:
+                    self._sock.settimeout(self.timeout)
             except OSError:
                 self.close()
                 raise
@@ -188,6 +196,12 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="gpumesh-ckpt-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        except OSError:
+            pass    # the agent went away (it gave the call up): the answer left unsent is flushed again on close
+
+    def _serve_lines(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
             for line in f:
                 try:

@@ -176,8 +176,11 @@ class TransferServer:
             n0 = session.bytes_received
             pipe = _Pipeline(session, ring, channel)
             reader = _Reader(requests, session.session)
+            session.streams += 1            # decremented below, whatever ends the stream
+            session.last_frame = time.monotonic()
             try:
                 while (msg := reader.next(self.idle_timeout_s)) is not None:
+                    session.last_frame = time.monotonic()
                     pipe.put(msg)           # opened, checked and written by the pipeline's thread, in order
                 pipe.finish()
             except _Idle:
@@ -194,6 +197,7 @@ class TransferServer:
             except CheckpointError as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             finally:
+                session.streams -= 1
                 reader.stop()
                 pipe.stop()
             yield channel.seal(frame({"t": "done", "bytes": session.bytes_received - n0,

@@ -74,6 +74,11 @@ class ReceiveSession:
         """set when a stream of this session was given up for sending nothing within the idle timeout (its
         sender may retry: the session takes it); `stalled_reason` says so. The session's owner may give up."""
         self.stalled_reason = ""
+        self.last_frame = 0.0
+        """`time.monotonic()` when a stream of this session last delivered a frame (its hello included); 0.0:
+        none yet. With `streams`, how the session's owner tells a push in progress from a sender that never
+        pushed (nodeagent/migrate_checkpoint.py `call_unless_stalled`)."""
+        self.streams = 0            # the streams of this session open now (one at a time: the lock)
 
     def have(self) -> dict[str, list[Any]]:
         return {n: [e.gen, e.offset, e.done] for n, e in self.entries.items()}

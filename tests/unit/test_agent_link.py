@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -191,3 +192,57 @@ def test_a_workload_without_the_sdk_is_named_as_such(tmp_path, uid):
         AgentLink(path, timeout=5, uid=uid).call("status")
     assert isinstance(e.value, FileNotFoundError)           # callers that catch the OSError see the same kind
     assert path in str(e.value) and "mesh.checkpoint SDK" in str(e.value) and "transparent" in str(e.value)
+
+
+def test_a_reply_may_take_longer_than_the_links_timeout_where_the_caller_says_so(tmp_path):
+    """`reply_timeout`: the reply's own limit (a checkpoint's caller bounds the wait by its push's progress and
+    aborts the link itself); connect and send keep `timeout`."""
+    from mesh.checkpoint.agent_link import ControlServer
+    def slow(req):
+        threading.Event().wait(1.5)
+        return {"step": 7}
+    srv = ControlServer(str(tmp_path / "sdk.sock"), slow)
+    try:
+        with pytest.raises(TimeoutError):
+            AgentLink(srv.path, timeout=0.3).call("status")
+        link = AgentLink(srv.path, timeout=0.3, reply_timeout=30)
+        assert link.reply_timeout == 30 and AgentLink("x", timeout=0.3).reply_timeout == 0.3
+        assert link.call("status") == {"step": 7}
+        assert link._sock.gettimeout() == 0.3, "the link's own timeout again after the reply"
+        link.close()
+    finally:
+        srv.close()
+
+
+def test_an_sdk_whose_agent_went_away_before_its_answer_ends_the_connection_quietly(tmp_path):
+    """The agent gave the call up (a stalled or overlong checkpoint: it shuts the socket down): the SDK's
+    answer finds no reader. Its connection thread ended with a BrokenPipeError traceback in the workload's
+    log (the reply left in the buffer was flushed again when the connection's file closed)."""
+    from mesh.checkpoint.agent_link import ControlServer
+    errors: list = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    release, threads = threading.Event(), []
+
+    def handle(req):
+        threads.append(threading.current_thread())
+        release.wait(30)
+        return {"step": 1}      # buffered, its flush fails (the peer is gone), and again when the file closes
+    srv = ControlServer(str(tmp_path / "sdk.sock"), handle)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.path)
+        s.sendall(b'{"cmd": "checkpoint"}\n')
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+        end = time.monotonic() + 30
+        while not threads and time.monotonic() < end:
+            threading.Event().wait(0.02)
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert threads and not any(t.is_alive() for t in threads)
+        assert errors == [], errors
+    finally:
+        threading.excepthook = hook
+        release.set()
+        srv.close()

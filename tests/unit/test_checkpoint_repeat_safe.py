@@ -135,7 +135,7 @@ def running_agent(store, push):
     from gpumesh.v1 import types_pb2
     m = agent(store)
     m.runner.workloads["w-1"] = types.SimpleNamespace(state=types_pb2.WORKLOAD_STATE_RUNNING)
-    m._link = lambda wid, timeout=0: FakeLink(push)
+    m._link = lambda wid, timeout=0, **kw: FakeLink(push)
     return m
 
 
@@ -213,7 +213,7 @@ def test_a_checkpoint_that_fails_after_the_commit_leaves_nothing_in_the_store(tm
     m.runner.workloads["w-1"] = types_pb2.Workload(id="w-1", state=types_pb2.WORKLOAD_STATE_RUNNING)
     m.runner.meta["w-1"] = {}
     sdk = _CommitThenFail()
-    m._link = lambda wid, timeout=0: sdk
+    m._link = lambda wid, timeout=0, **kw: sdk
     out = asyncio.run(drive(m, cmd()))
     assert sdk.pushed, "the receiver committed the push"
     assert [r.event for r in out] == [R.FAILED] and "after its commit" in out[0].message

@@ -76,7 +76,7 @@ def test_a_checkpoint_whose_push_stalls_fails_after_the_idle_timeout(tmp_path):
     m = MigrationAgent(types.SimpleNamespace(node="n1"), runner, str(tmp_path))
     m.transfer_idle_timeout = 1.0
     sdk = StalledSdk()
-    m._link = lambda wid, timeout=0: sdk
+    m._link = lambda wid, timeout=0, **kw: sdk
     cmd = M.MigrationCommand(migration_id="ck-1", action=M.MigrationCommand.CHECKPOINT, workload_id="w-1",
                              path="t/w-1/ck-1", tenant="t", checkpoint_key=b"k" * 32, max_bytes=1 << 20)
 
