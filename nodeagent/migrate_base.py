@@ -20,7 +20,10 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT, AgentLink
 from nodeagent.isolation.plan import INSIDE_SOCKET
 
-CHECKPOINT_TIMEOUT_S = 6 * 3600.0      # the default of the agent's `checkpoint_timeout_seconds`
+CHECKPOINT_TIMEOUT_S = 1740.0
+"""The default and the largest of the agent's `checkpoint_timeout_seconds`: a minute under the control plane's copy
+timeout (30 min: migration_phases.COPY_TIMEOUT), so the agent gives up first and removes its partial checkpoint; one
+waited for longer could be committed after the control plane failed the step, named by no record."""
 
 
 class Cancelled(Exception):

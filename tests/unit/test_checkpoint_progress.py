@@ -143,7 +143,24 @@ def test_a_push_longer_than_checkpoint_timeout_seconds_fails_naming_it(tmp_path)
 def test_the_agents_checkpoint_timeout_is_validated(bad, said):
     from mesh.config import ConfigError, validate
     from nodeagent.config import AgentConfig
-    assert AgentConfig().checkpoint_timeout_seconds == migrate_checkpoint.CHECKPOINT_TIMEOUT_S == 6 * 3600
+    assert AgentConfig().checkpoint_timeout_seconds == migrate_checkpoint.CHECKPOINT_TIMEOUT_S == 1740
     with pytest.raises(ConfigError, match=f"checkpoint_timeout_seconds: .*{said}"):
         validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True,
                              checkpoint_timeout_seconds=bad))
+
+
+def test_the_agent_gives_up_on_a_checkpoint_before_the_control_plane_stops_waiting_for_it():
+    """The control plane waits for CHECKPOINTED for its copy timeout and then ends the step (the record says
+    FAILED). An agent allowed to wait longer kept receiving and could commit a checkpoint that no record names,
+    which retention never deletes. Neither the default nor the largest allowed value outlasts the control
+    plane's wait: the agent fails first and removes its partial directory."""
+    from controlplane.controllers.migration_phases import COPY_TIMEOUT
+    from mesh.config import ConfigError, validate
+    from nodeagent.config import AgentConfig
+    import dataclasses
+    field = {f.name: f for f in dataclasses.fields(AgentConfig)}["checkpoint_timeout_seconds"]
+    assert AgentConfig().checkpoint_timeout_seconds < COPY_TIMEOUT
+    assert field.metadata["max"] < COPY_TIMEOUT
+    with pytest.raises(ConfigError, match="checkpoint_timeout_seconds: .*above the maximum"):
+        validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True,
+                             checkpoint_timeout_seconds=COPY_TIMEOUT))
