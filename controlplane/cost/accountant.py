@@ -390,17 +390,12 @@ class CostAccountant:
     # -- reads --------------------------------------------------------------------------------
 
     def rate(self, by: str, key: str, tenant: str | None = None) -> float:
-        """Dollars per hour now of the live slices of one group (of one tenant's slices when given)."""
-        if by == "slice":             # one live slice's own rate (a released one: 0, as for a group of none)
-            owner, v = self.slice_rates.get(key, ("", 0.0))
-            return v if tenant is None or owner == tenant else 0.0
-        i = {"tenant": 0, "deployment": 1, "model": 2, "node": 3}.get(by)
-        if i is None:
-            return 0.0
-        return sum(v for k, v in self.rates.items() if k[i] == key and (tenant is None or k[0] == tenant))
+        """Dollars per hour now of the live slices of one group (of one tenant's slices when given; a released
+        slice: 0, as for a group of none)."""
+        return self.rates_by(by, tenant).get(key, 0.0)
 
     def rates_by(self, by: str, tenant: str | None = None) -> dict[str, float]:
-        """rate() of every group at once (one pass over the rates, not one per group)."""
+        """The dollars per hour now of every group `by` (of one tenant's slices when given), in one pass."""
         if by == "slice":
             return {k: v for k, (owner, v) in self.slice_rates.items() if tenant is None or owner == tenant}
         i = {"tenant": 0, "deployment": 1, "model": 2, "node": 3}.get(by)
@@ -413,10 +408,10 @@ class CostAccountant:
         return out
 
     def model_costs(self, models) -> list:
-        out = []
+        out, rates = [], self.rates_by("model")
         for m in sorted(models):
             dollars, tokens = self.model_24h.get(m, (0.0, 0.0))
-            out.append(C.ModelCost(model=m, dollars_per_hour=round(self.rate("model", m), 6),
+            out.append(C.ModelCost(model=m, dollars_per_hour=round(rates.get(m, 0.0), 6),
                                    dollars_24h=round(dollars, 6),
                                    dollars_per_1k_tokens=round(acc.per_1k_tokens(dollars, tokens), 6)))
         return out
