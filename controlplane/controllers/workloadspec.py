@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+from controlplane.serving import deployspec
 from gpumesh.v1 import workload_service_pb2
 from mesh import errors, labels, netmode
 from mesh.models import digest
@@ -75,7 +76,6 @@ def backend_share(b, slice_memory: int, gpu_memory: int, isolation: int) -> floa
     """The share of the device's memory vLLM on this slice takes (b.gpu_memory_utilization): a share left at 0 is
     the slice's, as a deployment's replica gets (an MPS or time-share slice sees the whole GPU, where vLLM's own
     default is 0.9 of all of it); one over the slice's part of the GPU is refused. Other backends: as given."""
-    from controlplane.serving import deployspec
     u = b.gpu_memory_utilization
     if b.kind != "vllm":
         return u
