@@ -24,11 +24,11 @@ examples:
   meshctl recommend --apply --limit 1
   meshctl recommend --slice s-7f3a9c1e2b4d       # only those about one slice (--apply: carry out those)
   meshctl recommend --apply --id 'pack:n1/0:s-1@w-1>n2/0'   # exactly this one (ids: -o json), if it still holds
+  meshctl recommend -o wide                      # + REPLICA NODE TARGET
 
 --apply carries out exactly the recommendations it lists, each named by its id: one that no longer holds as
 listed (a pack whose GPU holds other slices now, a receiving GPU without room, a resize to another size) is
 refused naming what changed, and nothing is carried out in its place. List again to see what holds now.
-  meshctl recommend -o wide                      # + REPLICA NODE TARGET
 """
 BY = ("tenant", "model", "deployment", "node", "slice")
 KINDS = ("resize", "idle-replica", "idle-warm", "share-mps", "pack")
