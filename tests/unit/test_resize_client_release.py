@@ -115,14 +115,21 @@ class SlowCommit:
         return 7
 
 
+def _across_two_nodes(write):
+    """A resize of s-x on nA (GPU-a) into the reserved s-t on nB (GPU-b), planned, an agent on each node, the etcd
+    writer's stand-in `write`."""
+    ctl = _controller({"nA": ["GPU-a"], "nB": ["GPU-b"]})
+    ctl.writer.write = write
+    mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-a", 1), _slice("s-t", "nB", 0, "GPU-b", 2))
+    agents = {n: Agent(n, ctl, mm, held) for n, held in (("nA", {"s-x": "GPU-a"}), ("nB", {"s-t": "GPU-b"}))}
+    ctl.sessions.by_node.update(agents)
+    return ctl, mm, m, agents
+
+
 def test_a_client_release_while_the_commit_is_written_waits_for_the_swap():
     async def main():
-        ctl = _controller({"nA": ["GPU-a"], "nB": ["GPU-b"]})
         etcd = SlowCommit()
-        ctl.writer.write = etcd.write
-        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-a", 1), _slice("s-t", "nB", 0, "GPU-b", 2))
-        agents = {n: Agent(n, ctl, mm, held) for n, held in (("nA", {"s-x": "GPU-a"}), ("nB", {"s-t": "GPU-b"}))}
-        ctl.sessions.by_node.update(agents)
+        ctl, mm, m, agents = _across_two_nodes(etcd.write)
         commit = asyncio.create_task(mm._commit_idle_resize(m))
         await asyncio.wait_for(etcd.commit_waiting.wait(), 20)
         await ctl.release("s-x", wait=False)        # built on the swapped record: at nB
@@ -140,12 +147,8 @@ def test_a_client_release_while_the_commit_is_written_waits_for_the_swap():
 def test_a_client_release_while_a_failing_commit_is_written_goes_to_the_old_placement():
     """The commit fails: its put-back sends the removal to the placement the agent names by the client's ID."""
     async def main():
-        ctl = _controller({"nA": ["GPU-a"], "nB": ["GPU-b"]})
         etcd = FailingCommit()
-        ctl.writer.write = etcd.write
-        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-a", 1), _slice("s-t", "nB", 0, "GPU-b", 2))
-        agents = {n: Agent(n, ctl, mm, held) for n, held in (("nA", {"s-x": "GPU-a"}), ("nB", {"s-t": "GPU-b"}))}
-        ctl.sessions.by_node.update(agents)
+        ctl, mm, m, agents = _across_two_nodes(etcd.write)
         commit = asyncio.create_task(mm._commit_idle_resize(m))
         await asyncio.wait_for(etcd.commit_waiting.wait(), 20)
         await ctl.release("s-x", wait=False)

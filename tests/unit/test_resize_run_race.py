@@ -79,6 +79,14 @@ def _world():
     return etcd, ctl, wm, mm
 
 
+async def _run_held(etcd: Etcd, wm: WorkloadManager, command: str) -> asyncio.Task:
+    """A Run on s-x, its record's write held in the writer (`etcd.go` lets it land)."""
+    etcd.hold = True
+    run = asyncio.create_task(wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=[command])))
+    await asyncio.wait_for(etcd.workload_waiting.wait(), 20)
+    return run
+
+
 def _plan(etcd: Etcd, mm: MigrationManager) -> M.Migration:
     """The resize of the idle s-x, planned (its record written) with its reserved slice s-t READY."""
     m = M.Migration(id=MID, tenant="t", source_node="nA", source_slice="s-x", target_node="nA", target_slice="s-t",
@@ -97,9 +105,7 @@ def _unswapped(etcd: Etcd, ctl) -> None:
 def test_a_run_whose_write_is_in_flight_fails_the_idle_resize_commit():
     async def main():
         etcd, ctl, wm, mm = _world()
-        etcd.hold = True
-        run = asyncio.create_task(wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=["train"])))
-        await asyncio.wait_for(etcd.workload_waiting.wait(), 20)
+        run = await _run_held(etcd, wm, "train")
         m = _plan(etcd, mm)         # planned now: the slice has no workload in memory yet
         with pytest.raises(StepFailed, match="s-x"):
             await mm._commit_idle_resize(m)
@@ -114,9 +120,7 @@ def test_a_run_cancelled_with_its_write_queued_still_fails_the_commit():
     """The Run's caller goes away: its write is still in the writer and lands; it is known until it does."""
     async def main():
         etcd, ctl, wm, mm = _world()
-        etcd.hold = True
-        run = asyncio.create_task(wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=["train"])))
-        await asyncio.wait_for(etcd.workload_waiting.wait(), 20)
+        run = await _run_held(etcd, wm, "train")
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
@@ -168,9 +172,7 @@ def test_a_run_whose_write_is_in_flight_fails_the_commit_of_a_resize_that_moves_
         w = T.Workload(id="w-1", tenant="t", node="nA", slice_id="s-x", state=T.WORKLOAD_STATE_RUNNING)
         etcd.kv[keys.workload("w-1")], etcd.revs[keys.workload("w-1")] = w.SerializeToString(), 1
         wm.workloads["w-1"], wm.revisions["w-1"] = w, 1
-        etcd.hold = True
-        run = asyncio.create_task(wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=["eval"])))
-        await asyncio.wait_for(etcd.workload_waiting.wait(), 20)
+        run = await _run_held(etcd, wm, "eval")
         m = _plan(etcd, mm)
         m.workload_id, m.session, m.phase = "w-1", f"mig-{MID}", P.MIGRATION_PHASE_PAUSED
         with pytest.raises(StepFailed, match="s-x"):
@@ -187,9 +189,7 @@ def test_a_resize_asked_while_a_run_on_the_slice_is_written_is_refused_up_front(
         etcd, ctl, wm, mm = _world()
         x = ctl.fleet.slices["s-x"]
         x.isolation = T.ISOLATION_EXCLUSIVE         # resized by migration
-        etcd.hold = True
-        run = asyncio.create_task(wm.run(WS.RunWorkloadRequest(slice_id="s-x", command=["train"])))
-        await asyncio.wait_for(etcd.workload_waiting.wait(), 20)
+        run = await _run_held(etcd, wm, "train")
         with pytest.raises(errors.FailedPrecondition, match="on slice s-x is starting"):
             await mm.resize("s-x", 2 << 30, 0.0)
         assert mm.migrations == {}

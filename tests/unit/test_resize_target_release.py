@@ -23,12 +23,21 @@ def _session(removed: list):
                                  send_upserts=lambda *a, **k: None, send=lambda msg: None)
 
 
+def _resize_on_nA(write=None):
+    """A resize of s-x (GPU-0) into the reserved s-t (GPU-1) on node nA, planned; the removals sent to nA's agent
+    are in `removed`; `write`: the etcd writer's stand-in, when given."""
+    ctl = _controller({"nA": ["GPU-0", "GPU-1"]})
+    removed: list[str] = []
+    ctl.sessions.by_node["nA"] = _session(removed)
+    if write is not None:
+        ctl.writer.write = write
+    mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 1, "GPU-1", 2))
+    return ctl, removed, mm, m
+
+
 def test_the_reserved_slice_of_a_committed_resize_is_released_only_by_the_resize():
     async def main():
-        ctl = _controller({"nA": ["GPU-0", "GPU-1"]})
-        removed: list[str] = []
-        ctl.sessions.by_node["nA"] = _session(removed)
-        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 1, "GPU-1", 2))
+        ctl, removed, mm, m = _resize_on_nA()
         await mm._commit_idle_resize(m)
         assert mm.migrations[m.id].phase == P.MIGRATION_PHASE_COMMITTED
         # the agent on nA still holds s-t at GPU-1 (the new placement) until it answers SWAP_SLICES
@@ -47,12 +56,8 @@ def test_the_reserved_slice_of_a_committed_resize_is_released_only_by_the_resize
 def test_a_release_while_the_commit_is_written_is_refused():
     """The fleet holds the swapped records from the commit's write on (its retry after a failed write included)."""
     async def main():
-        ctl = _controller({"nA": ["GPU-0", "GPU-1"]})
-        removed: list[str] = []
-        ctl.sessions.by_node["nA"] = _session(removed)
         etcd = FailingCommit()
-        ctl.writer.write = etcd.write
-        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 1, "GPU-1", 2))
+        ctl, removed, mm, m = _resize_on_nA(etcd.write)
         commit = asyncio.create_task(mm._commit_idle_resize(m))
         await asyncio.wait_for(etcd.commit_waiting.wait(), 20)
         assert ctl.fleet.slices["s-t"].device_uuid == "GPU-0"
@@ -67,10 +72,7 @@ def test_a_release_while_the_commit_is_written_is_refused():
 
 def test_a_release_of_the_reserved_slice_before_the_commit_passes():
     async def main():
-        ctl = _controller({"nA": ["GPU-0", "GPU-1"]})
-        removed: list[str] = []
-        ctl.sessions.by_node["nA"] = _session(removed)
-        mm, m = _manager(ctl, _slice("s-x", "nA", 0, "GPU-0", 1), _slice("s-t", "nA", 1, "GPU-1", 2))
+        ctl, removed, mm, m = _resize_on_nA()
         await ctl.release("s-t", wait=False)
         assert removed == ["s-t"]
     asyncio.run(main())
