@@ -92,11 +92,14 @@ class RecordsMixin:
                 running=sum(1 for w in self.workloads.values() if w.state == W.WORKLOAD_STATE_RUNNING))
 
     def save(self, wid: str) -> None:
-        doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
-        tmp = self.path(wid, "json.tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
-            json.dump(doc, f)        # the record holds the workload's environment: root-only
-        os.replace(tmp, self.path(wid, "json"))
+        """Write `wid`'s record as it is now. One save at a time (`save_lock`): a start's thread and the event loop
+        save the same record, and two writers of its one temporary file tore it or lost a rename."""
+        with self.save_lock:
+            doc = {"workload": json_format.MessageToDict(self.workloads[wid]), "meta": self.meta.get(wid, {})}
+            tmp = self.path(wid, "json.tmp")
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+                json.dump(doc, f)        # the record holds the workload's environment: root-only
+            os.replace(tmp, self.path(wid, "json"))
 
     def expire(self, wid: str) -> None:
         """The control plane's record of a finished workload expired: delete its record, its log and

@@ -31,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from google.protobuf import timestamp_pb2
@@ -77,6 +78,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
         self.poll_interval = poll_interval
         self.workloads: dict[str, types_pb2.Workload] = {}
         self.meta: dict[str, dict] = {}              # id -> shim pid, device, stop request, ...
+        self.save_lock = threading.Lock()            # records are saved from starts' threads and the event loop
         self.popens: dict[str, subprocess.Popen] = {}
         self.logs = LogStreamer(self)
         self.cgroups = CgroupRelease(isolator, getattr(agent, "node", ""))     # an ended workload's cgroup

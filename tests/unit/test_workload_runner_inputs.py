@@ -198,3 +198,41 @@ def test_a_migration_command_with_an_id_that_leaves_the_runners_directory_is_ref
     assert "alias: '../victim' is not a valid ID" in reports[0].message
     assert "workload.id: '../victim' is not a valid ID" in reports[1].message
     assert victim.read_bytes().startswith(b"root:") and not runner.workloads
+
+
+def test_two_threads_saving_one_workloads_record_at_once_both_succeed(runner, monkeypatch):
+    """A workload's start runs in a thread (it saves the record RUNNING) while the event loop saves the same
+    record (a stop asked meanwhile): both wrote the one `<id>.json.tmp` and renamed it, so the second rename
+    found no file (FileNotFoundError in the start thread: the workload's start lost) or renamed a file the other
+    was still writing (a torn record, unreadable at the agent's next start). Each save is whole and one at a
+    time; the record on disk is the last one saved."""
+    import json
+    import threading
+
+    from nodeagent import workload_records
+    runner.workloads["w-1"] = t.Workload(id="w-1", state=t.WORKLOAD_STATE_PENDING)
+    real_dump, both_writing = json.dump, threading.Barrier(2, timeout=2)
+
+    def slow_dump(doc, f):
+        try:
+            both_writing.wait()         # the two saves overlap (with one save at a time this times out: fine)
+        except threading.BrokenBarrierError:
+            pass
+        real_dump(doc, f)
+    monkeypatch.setattr(workload_records.json, "dump", slow_dump)
+    errors_seen = []
+
+    def save():
+        try:
+            runner.save("w-1")
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors_seen.append(e)
+    threads = [threading.Thread(target=save) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert errors_seen == []
+    with open(runner.path("w-1", "json"), encoding="utf-8") as f:
+        assert json.load(f)["workload"]["id"] == "w-1"
+    assert not os.path.exists(runner.path("w-1", "json.tmp"))
