@@ -1,11 +1,13 @@
 """A slice that replaces another: how a move counts against a pool's and a tenant's quota.
 
-A migration, a drain's moves and a resize by migration allocate their target slice while the source still exists.
-The target carries the label `REPLACES` (the source's slice ID, set by gpumesh only: slicespec.SYSTEM_LABELS) and
-is a reservation for the same workload: while its move is live (the control plane's migration manager says so,
-controlplane/controllers/migration_quota.py) the pair counts once, at the larger of the two in each figure. So a
-move to an equal slice always fits a pool or a tenant at its limit, a resize's growth must still fit, and no room
-opens for anything else meanwhile. A pair whose move is over counts as the two slices it is.
+A migration, a drain's moves and a resize by migration allocate their target slice while the source still exists,
+and so does a drain's replacement for a deployment's replica. The target carries the label `REPLACES` (the source's
+slice ID, set by gpumesh only: slicespec.SYSTEM_LABELS) and is a reservation for the same workload: while its move
+is live (the control plane's migration manager says so, controlplane/controllers/migration_quota.py; for a drain's
+replacement replica, the records do: controlplane/state/drainpairs.py) the pair counts once, at the larger of the
+two in each figure. So a move to an equal slice always fits a pool or a tenant at its limit, a resize's growth
+must still fit, and no room opens for anything else meanwhile. A pair whose move is over counts as the two slices
+it is.
 
 No I/O and no control-plane imports: the fleet (`Fleet.replaced`, `Fleet.tenant_usage`), mesh/pools.py `usage`
 and the scheduler's Pool and TenantQuota plugins use these.

@@ -17,17 +17,18 @@ endpoints anyway (so must the gateway).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 from controlplane.controllers.slices import now
 from controlplane.serving import deployspec
 from controlplane.serving.deploystore import DeploymentStore
-from controlplane.state import requestids
+from controlplane.state import drainpairs, requestids
 from gpumesh.v1 import deployment_service_pb2 as D
 from gpumesh.v1 import model_service_pb2 as M
 from gpumesh.v1 import slice_service_pb2, types_pb2, workload_service_pb2
-from mesh import errors, slicespec
+from mesh import errors, replacing, slicespec
 from mesh.logs import log
 
 MAX_SPENT_IDS = 8      # request ids a replica goes through before it gives up (each a released allocation)
@@ -85,13 +86,15 @@ class Actuator:
         pool = getattr(getattr(self.ctl, "pools", None), "pools", {}).get(spec.pool) if spec.pool else None
         attempts = [(deployspec.slice_spec(spec, need, r.id, spread=True, pool=pool), r.id),
                     (deployspec.slice_spec(spec, need, r.id, spread=False, pool=pool), r.id + "-any")]
+        # a replacement for a replica on a drained node: counts once with it (controlplane/state/drainpairs.py)
+        replaces = drainpairs.source_for(self.ctl.fleet, spec.name, spec.tenant, r.id)
         try:
             if self._held(*attempts[1]) and not self._held(*attempts[0]):
                 attempts.reverse()      # the fallback allocation an earlier call made: its replay answers it
             try:
-                slices = await self._allocate(*attempts[0])
+                slices = await self._allocate(*attempts[0], replaces)
             except errors.ResourceExhausted:
-                slices = await self._allocate(*attempts[1])
+                slices = await self._allocate(*attempts[1], replaces)
         except errors.MeshError as e:
             n = self._copy(r, message=f"no slice yet: {e}")
             changed = n != r
@@ -145,13 +148,20 @@ class Actuator:
             await self.ctl.release(alloc, wait=False, message=f"replica {r.id} of deployment {r.deployment}: {why} "
                                                               f"(an allocation its record did not name)")
 
-    async def _allocate(self, slice_spec: types_pb2.SliceSpec, request_id: str) -> list[types_pb2.Slice]:
+    async def _allocate(self, slice_spec: types_pb2.SliceSpec, request_id: str,
+                        replaces: str = "") -> list[types_pb2.Slice]:
         """Allocate under the replica's request id, with its request's fingerprint. An id an earlier call used
         with another request (the deployment changed between that allocation and the replica's record of it,
         e.g. a control-plane crash in between) names an allocation no replica records, of the old size:
         it is released, and this request placed under an id of its own (the same on a retry). An id whose
-        allocation was released since (its slice lost) is spent: the next id of the replica's is used."""
+        allocation was released since (its slice lost) is spent: the next id of the replica's is used.
+
+        `replaces` (a drained replica's slice) labels the request, not its fingerprint: which old slice a
+        replacement is tied to is decided again on each try (the first may be gone), and a retry still gets the
+        first call's allocation back."""
         req, fp, ids = self._request_ids(slice_spec, request_id)
+        if replaces:
+            req = dataclasses.replace(req, labels={**req.labels, replacing.REPLACES: replaces})
         for rid in ids:
             try:
                 return (await self.ctl.allocate(req, request_id=rid, no_wait=True, fingerprint=fp))[1]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from gpumesh.v1 import types_pb2
 
+from controlplane.state import drainpairs
 from mesh import gpumodels, replacing
 
 MIB = 1 << 20
@@ -281,8 +282,9 @@ class Fleet:
         self.usage: dict[str, list] = {}
         self.by_node: dict[str, dict[str, None]] = {}   # node -> ids of its slices (insertion order)
         self.by_allocation: dict[str, dict[str, None]] = {}  # allocation id -> ids of its slices
-        # ids of the slices that replace another (a move's target: mesh/replacing.py), and who says whether its move
-        # is live (target, source) -> bool: set by the migration manager; None: no pair counts once
+        # ids of the slices that replace another (a move's target, a drain's replacement replica: mesh/replacing.py),
+        # and who says whether a move is live (target, source) -> bool: set by the migration manager; None: no
+        # migration's pair counts once (a drain's replacement does: drainpairs.py)
         self.reservations: dict[str, None] = {}
         self.reservation_live = None
 
@@ -412,13 +414,16 @@ class Fleet:
 
     def replaced(self, t) -> types_pb2.Slice | None:
         """The source slice that `t` (a slice, or a request: its `labels` and `tenant`) replaces while its move is
-        live, else None: the source must exist, be another slice of the same tenant, and the migration manager
-        (`reservation_live`) must say the move is live."""
+        live, else None: the source must exist, be another slice of the same tenant, and either the migration
+        manager (`reservation_live`) must say the move is live, or `t` be a drain's replacement of the source's
+        replica (drainpairs.live, read from the records)."""
         sid = replacing.source_id(t.labels)
         s = self.slices.get(sid) if sid else None
-        if s is None or s.tenant != t.tenant or s.id == getattr(t, "id", None) or self.reservation_live is None:
+        if s is None or s.tenant != t.tenant or s.id == getattr(t, "id", None):
             return None
-        return s if self.reservation_live(t, s) else None
+        if self.reservation_live is not None and self.reservation_live(t, s):
+            return s
+        return s if drainpairs.live(self, t, s) else None
 
     def tenant_usage(self, tenant: str, gone: frozenset = frozenset()) -> tuple[int, int, float]:
         """What `tenant`'s quota counts (slices, GPU memory bytes, GPUs: the sum of compute shares), each live move's

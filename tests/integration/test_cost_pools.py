@@ -12,7 +12,9 @@ SmolLM2-135M GGUF.
 - an idle warm slice is counted apart and released by `recommend --apply --kind idle-warm`; two idle READY
   replicas are counted as idle replica cost and `recommend --apply --kind idle-replica` scales the deployment
   down by one, never to zero;
-- the autoscaler scales a pooled deployment within the pool's room and says so (bound_by pool, PoolLimit).
+- the autoscaler scales a pooled deployment within the pool's room and says so (bound_by pool, PoolLimit);
+- a drain of the node of a deployment's replica that fills its pool replaces the replica all the same (the
+  replacement counts once with the old replica until that is removed).
 """
 
 from __future__ import annotations
@@ -120,6 +122,41 @@ def test_pool_quota_limits_a_deployment(cluster, mesh, smollm2):
     mesh.undeploy("pooled")
     wait_for(lambda: not mesh.get_pool("inference-a").usage.slices, 60, "the pool's slices released")
     wait_for(lambda: _deleted(mesh, "inference-a"), 60, "the pool deleted once unused")
+
+
+def test_a_full_pools_replica_on_a_drained_node_is_replaced(cluster, mesh, smollm2):
+    """A drain's replacement counts once with the replica it replaces: in a pool of one slice, full with the
+    deployment's one replica, a drain of its node places the replacement on the other node (it was refused with
+    PoolExhausted and the old replica stayed for ever, Draining: NoRoomForReplacement), the old replica goes once
+    the new one is READY, and the pool never counts more than its one slice."""
+    meshctl(cluster, "create", "pool", "drainpool", "--isolation", "mps", "--max-slices", "1")
+    mesh.deploy("smollm2", name="drainpooled", replicas=1, context=512, pool="drainpool")
+    old = wait_for(lambda: (lambda d: d.replicas[0] if len(d.replicas) == 1 and d.replicas[0].state == READY
+                            else None)(mesh.get_deployment("drainpooled")), SLOW, "the replica READY")
+    assert mesh.get_pool("drainpool").usage.slices == 1
+    try:
+        mesh.drain(old.node)
+
+        def replaced():
+            d = mesh.get_deployment("drainpooled")
+            assert mesh.get_pool("drainpool").usage.slices <= 1, "the pool counted the pair twice"
+            assert not any(r.state == D.REPLICA_STATE_PENDING and "PoolExhausted" in r.message for r in d.replicas), \
+                f"the replacement was refused by the pool: {d.replicas}"
+            return d if [r.id for r in d.replicas if r.state == READY] not in ([], [old.id]) and \
+                old.id not in {r.id for r in d.replicas} else None
+        d = wait_for(replaced, SLOW, "the replacement READY and the old replica removed", interval=0.5)
+        new = d.replicas[0]
+        assert new.node != old.node and completion(mesh, new)
+        labels = next(s.labels for s in mesh.list_slices() if s.id == new.slice_id)
+        assert labels["gpumesh.replaces"] == old.slice_id
+        wait_for(lambda: old.slice_id not in {s.id for s in mesh.list_slices()}, 60, "the old replica's slice gone")
+        assert mesh.get_pool("drainpool").usage.slices == 1          # the replacement alone: where it began
+        assert "Draining" not in {c.type for c in mesh.get_deployment("drainpooled").status.conditions}
+    finally:
+        mesh.uncordon(old.node)
+    mesh.undeploy("drainpooled")
+    wait_for(lambda: not mesh.get_pool("drainpool").usage.slices, 60, "the pool's slices released")
+    wait_for(lambda: _deleted(mesh, "drainpool"), 60, "the pool deleted once unused")
 
 
 def _deleted(mesh, name) -> bool:

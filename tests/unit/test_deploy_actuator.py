@@ -24,7 +24,9 @@ async def test_a_replica_waiting_for_room_is_written_when_its_reason_changes_onl
 
     async def allocate(req, **kw):
         raise errors.ResourceExhausted(why[0])
-    ctl = SimpleNamespace(allocate=allocate, recorder=None, requests=RequestIds(lambda: 3600.0))   # (no id seen)
+    from controlplane.state.fleet import Fleet
+    ctl = SimpleNamespace(allocate=allocate, recorder=None, requests=RequestIds(lambda: 3600.0),   # (no id seen)
+                          fleet=Fleet())
     saved = []
 
     async def put_replica(r):
