@@ -151,7 +151,7 @@ def test_tenants_see_and_change_only_their_own_slices(sc, clean):
             b.list_slices(tenant="team-a")
         with pytest.raises(errors.PermissionDenied, match="spec.tenant"):
             b.allocate(tenant="team-a", mig_profile="1g.5gb")
-        for key in ("gpumesh.io/warm", "gpumesh.pool", "gpumesh.deployment"):   # would bill/release it as such
+        for key in ("gpumesh.io/warm", "gpumesh.pool", "gpumesh.deployment", "gpumesh.replaces"):   # counted as such
             with pytest.raises(errors.InvalidArgument, match="set by gpumesh itself"):
                 b.allocate(mig_profile="1g.5gb", labels={key: "true"})
         with pytest.raises(errors.PermissionDenied):
