@@ -24,6 +24,13 @@ class ControlPlaneConfig:
     web_refresh_seconds: float = option(2.0, "how often the web view re-reads telemetry, deployments and "
                                         "migrations for its open pages (slice changes show at once)",
                                         minimum=0.2, maximum=60)
+    web_snapshot_per_second: float = option(5.0, "web view: GET /api/snapshot requests per second per credential "
+                                            "(per remote address with no tenants file), in bursts of as many; "
+                                            "beyond, 429 with Retry-After (a frame is a List of everything)",
+                                            minimum=0.01, maximum=1000)
+    web_snapshot_cache_seconds: float = option(0.5, "web view: a frame /api/snapshot built for a credential "
+                                               "answers that credential's requests for this long (requests while "
+                                               "it is built wait for it); 0: only those", minimum=0, maximum=10)
     state_dir: str = option(".mesh/controlplane", "directory for the control plane's files (embedded etcd data, identity)")
     etcd_endpoints: list = option([], "etcd client URLs (http://HOST:PORT); none starts an embedded etcd under state_dir")
     etcd_compaction_retention: str = option("1h", "embedded etcd only: history kept before etcd's periodic "

@@ -9,6 +9,7 @@ builds it on election and switches the services to the servicers over it (api/gr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from controlplane.api.meshsvc import MeshManager
@@ -108,7 +109,9 @@ class LeaderControllers:
         from controlplane.cost.accountant import CostAccountant
         from controlplane.cost.ledger import CostLedger
         from controlplane.cost.recommender import Recommender
-        ledger = CostLedger(str(self.state_dir / "history.db"), keep=self.cfg.cost_retention_days * 86400.0)
+        # off the event loop: opening a ledger of an earlier release builds its tenant index (once)
+        ledger = await asyncio.to_thread(CostLedger, str(self.state_dir / "history.db"),
+                                         keep=self.cfg.cost_retention_days * 86400.0)
         acc = CostAccountant(self.ctl, self.deployments, ledger, self.cfg.price_table(),
                              interval=self.cfg.cost_interval_seconds, history=self.history)
         await acc.load()

@@ -147,7 +147,9 @@ class ControlPlane:
             ctl = self.ctl or getattr(getattr(self, "follower", None), "ctl", None)
             return ctl.events if ctl is not None else None
         self.web = WebView(self.switches, self.authenticator, hub, refresh=self.cfg.web_refresh_seconds,
-                           ssl_context=ssl_context(self.cfg.tls_cert, self.cfg.tls_key))
+                           ssl_context=ssl_context(self.cfg.tls_cert, self.cfg.tls_key),
+                           snapshot_per_second=self.cfg.web_snapshot_per_second,
+                           snapshot_cache_seconds=self.cfg.web_snapshot_cache_seconds)
         whost, wport = parse_hostport(self.cfg.web_listen, "web_listen")
         self.web_port = await self.web.start(whost, wport)
         return f"{'https' if self.cfg.tls_cert else 'http'}://{whost}:{self.web_port}/"

@@ -46,6 +46,7 @@ IDLE = Counter("gpumesh_cost_idle_dollars_total", "Dollars charged for idle warm
 RATE = Gauge("gpumesh_cost_dollars_per_hour", "Dollars per hour of the live slices now", LABELS)
 PER_1K = Gauge("gpumesh_cost_dollars_per_1k_tokens", "Dollars per 1,000 tokens served, per model, over the "
                "accountant's token window", ["model"])
+READERS = 2             # GetCost reads summing at once (more wait their turn)
 CHUNK = 2000            # slices charged between two hand-backs of the event loop
 HELD_LIMIT = 200_000    # charges kept for the next write while the ledger refuses writes; the oldest go first
 LABEL_DEPLOYMENT = "gpumesh.deployment"
@@ -100,6 +101,8 @@ class CostAccountant:
         self.slice_rates: dict[str, tuple[str, float]] = {}
         self.model_24h: dict[str, tuple[float, float]] = {}  # model -> (dollars, tokens) over 24 h (ledger)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost")
+        # GetCost's ledger reads: threads of their own, so a long window's sums never queue an accounting's write
+        self.reads = concurrent.futures.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="cost-read")
         self._loop = PeriodicTask("cost-accountant", self._pass, interval=lambda: self.interval,
                                   on_error=self._pass_failed)
         self._last_compact = 0.0
@@ -121,6 +124,10 @@ class CostAccountant:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def read(self, fn, *args):
+        """`fn` (a ledger read) on a reader thread, beside the writes' thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.reads, fn, *args)
+
     async def load(self) -> None:
         """The cursors of this host's ledger, none before the last leader's accounting (watermark.py)."""
         self.floor = await watermark.read(getattr(self.ctl, "store", None))
@@ -138,6 +145,7 @@ class CostAccountant:
         except Exception as e:   # noqa: BLE001
             log(logger, logging.WARNING, "cost: last accounting at stop failed", error=repr(e))
         self.releases.detach(getattr(self.ctl, "events", None))
+        self.reads.shutdown(wait=False, cancel_futures=True)    # a read still running: its connection closes after
         await self._run(self.ledger.close)
         self.pool.shutdown(wait=True)
 

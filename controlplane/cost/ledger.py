@@ -7,16 +7,28 @@ exists from its last flushed cursor: the time the control plane was down is char
 accounting after it, and at most one flush of charges of slices released meanwhile is lost.
 
 Rows older than `raw_keep` seconds are folded into hourly buckets; rows older than `keep` are dropped.
-Blocking (sqlite3): the accountant calls it from one worker thread.
+
+Blocking (sqlite3). Writes (`write`, `compact`, `cursors`) go through one connection under a lock, from the
+accountant's worker thread; `query` reads on a reader connection of its own (WAL: readers and the writer do not
+wait for each other), so a GetCost summing a long window never holds up an accounting's write.
+
+Plans (EXPLAIN QUERY PLAN, tests/unit/test_cost_ledger_reads.py): the fleet's sums search the window by the primary
+key's leading `bucket`; one tenant's by the (tenant, bucket) index, that tenant's rows only. The index is added to
+a ledger file of an earlier release when it is opened (`_migrate`).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from mesh.cost.accounting import BUSY, CATEGORIES, GROUPS, IDLE_REPLICA, IDLE_WARM, Charge
+from mesh.logs import log
+
+logger = logging.getLogger(__name__)
 
 BUCKET = 60.0
 HOUR = 3600.0
@@ -26,8 +38,13 @@ CREATE TABLE IF NOT EXISTS cost_ledger (
     deployment TEXT NOT NULL, model TEXT NOT NULL, node TEXT NOT NULL, gpu_model TEXT NOT NULL,
     seconds REAL NOT NULL, gpu_seconds REAL NOT NULL, dollars REAL NOT NULL, tokens REAL NOT NULL,
     PRIMARY KEY (bucket, slice, category)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS cost_ledger_bucket ON cost_ledger (bucket);
 CREATE TABLE IF NOT EXISTS cost_cursor (slice TEXT PRIMARY KEY, t REAL NOT NULL) WITHOUT ROWID;
+"""
+# Run at every open, idempotent: a ledger file of an earlier release gains the tenant index (one tenant's query
+# searches its own rows) and loses the (bucket) index, a copy of the primary key's order that only cost writes.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS cost_ledger_tenant ON cost_ledger (tenant, bucket);
+DROP INDEX IF EXISTS cost_ledger_bucket;
 """
 _ADD = """INSERT INTO cost_ledger (bucket, slice, category, tenant, deployment, model, node, gpu_model, seconds,
               gpu_seconds, dollars, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -60,8 +77,55 @@ class CostLedger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+        self._readers: list[sqlite3.Connection] = []     # idle reader connections
+        self._readers_lock = threading.Lock()
+        self._closed = False
+
+    def _migrate(self) -> None:
+        have = {r[1] for r in self.db.execute("PRAGMA index_list(cost_ledger)")}
+        if "cost_ledger_tenant" in have and "cost_ledger_bucket" not in have:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in filter(None, (x.strip() for x in INDEXES.split(";"))):
+                self.db.execute(stmt)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        log(logger, logging.INFO, "cost ledger: index added", path=self.path, index="cost_ledger_tenant (tenant, "
+            "bucket)", dropped=sorted(have & {"cost_ledger_bucket"}))
+
+    def _open_reader(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        db.execute("PRAGMA query_only=1")
+        return db
+
+    @contextmanager
+    def _reader(self):
+        """An idle reader connection (or a new one) for one query; put back after it, closed if the ledger was."""
+        with self._readers_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the cost ledger is closed")
+            db = self._readers.pop() if self._readers else None
+        if db is None:
+            db = self._open_reader()
+        try:
+            yield db
+        finally:
+            with self._readers_lock:
+                if self._closed:
+                    db.close()
+                else:
+                    self._readers.append(db)
 
     def close(self) -> None:
+        with self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+        for db in readers:
+            db.close()
         with self._lock:
             self.db.close()
 
@@ -117,24 +181,37 @@ class CostLedger:
         """Sums per group of charges that ended in [since, until) (to the minute; older rows to the hour),
         of one tenant's slices when `tenant` is not None, highest dollars first. With `max_lines`, at most
         max_lines + 1 groups are read: more than max_lines lines means the query had more (the caller refuses
-        it) and the rest were never read."""
+        it) and the rest were never read. On a reader connection: it holds nothing a write waits for."""
         if by not in GROUPS:
             raise ValueError(f"by: {by!r} is not one of {', '.join(GROUPS)}")
-        col = "slice" if by == "slice" else by
-        per_category = ", ".join("SUM(CASE WHEN category = ? THEN dollars END)" for _ in CATEGORIES)
-        q = (f"SELECT {col}, SUM(dollars), SUM(seconds), SUM(gpu_seconds), SUM(tokens), {per_category} "
-             "FROM cost_ledger "
-             "WHERE bucket >= ? AND (? IS NULL OR bucket < ?) AND (? IS NULL OR tenant = ?) "
-             f"GROUP BY {col}" + ("" if max_lines is None else " LIMIT ?"))
-        limit = () if max_lines is None else (max_lines + 1,)
-        args = (*CATEGORIES, since // BUCKET * BUCKET, until, until, tenant, tenant, *limit)
+        q, args = _select(by, since, until, tenant, max_lines)
         lines: list[Line] = []
-        with self._lock:
-            for key, dollars, seconds, gpu_seconds, tokens, *per in self.db.execute(q, args):
+        with self._reader() as db:
+            for key, dollars, seconds, gpu_seconds, tokens, *per in db.execute(q, args):
                 cats = {c: d for c, d in zip(CATEGORIES, per) if d is not None}
                 lines.append(Line(key, dollars, cats.get(IDLE_WARM, 0.0), cats.get(IDLE_REPLICA, 0.0),
                                   seconds, gpu_seconds, tokens, cats))
         return sorted(lines, key=lambda ln: (-ln.dollars, ln.key))
+
+
+def _select(by: str, since: float, until: float | None, tenant: str | None, max_lines: int | None) -> tuple[str, tuple]:
+    """The SQL of `query` and its arguments. Only the terms that apply are written (`tenant = ?` as a plain term, so
+    one tenant's query searches the tenant index), and the grouping column is `+col`: without it SQLite walks the
+    whole (tenant, bucket) index, every row the ledger keeps, to group by tenant without a sort."""
+    per_category = ", ".join("SUM(CASE WHEN category = ? THEN dollars END)" for _ in CATEGORIES)
+    where, args = ["bucket >= ?"], [since // BUCKET * BUCKET]
+    if until is not None:
+        where.append("bucket < ?")
+        args.append(until)
+    if tenant is not None:
+        where.append("tenant = ?")
+        args.append(tenant)
+    q = (f"SELECT {by}, SUM(dollars), SUM(seconds), SUM(gpu_seconds), SUM(tokens), {per_category} "
+         f"FROM cost_ledger WHERE {' AND '.join(where)} GROUP BY +{by}")
+    if max_lines is not None:
+        q += " LIMIT ?"
+        args.append(max_lines + 1)
+    return q, (*CATEGORIES, *args)
 
 
 __all__ = ["BUCKET", "BUSY", "CATEGORIES", "CostLedger", "Line"]

@@ -49,8 +49,8 @@ class CostService(cost_service_pb2_grpc.CostServiceServicer):
         p = auth.current()
         tenant = None if p.admin else p.tenant
         now = self.acc.clock()
-        # in the ledger's thread, reading at most one line more than an answer holds
-        lines = await self.acc._run(self.acc.ledger.query, by, now - since_s, None, tenant, MAX_LINES)
+        # on a reader thread (never the accounting's writes' thread), reading at most one line more than an answer holds
+        lines = await self.acc.read(self.acc.ledger.query, by, now - since_s, None, tenant, MAX_LINES)
         if len(lines) > MAX_LINES:
             raise errors.InvalidArgument.of(
                 "since_seconds", f"over {since_s:g} s there are more than {MAX_LINES:,} {by} lines: more than one "

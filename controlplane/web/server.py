@@ -5,7 +5,10 @@ Routes (aiohttp):
 * `GET /` and `GET /static/{app.js,style.css}`: the page, plain HTML/JS/CSS shipped in the package
   (controlplane/web/static); no data and no authentication, and a Content-Security-Policy that lets it
   load nothing from anywhere else.
-* `GET /api/snapshot`: one frame as JSON (controlplane/web/snapshot.py).
+* `GET /api/snapshot`: one frame as JSON (controlplane/web/snapshot.py). A frame built for a credential answers
+  its requests for `snapshot_cache_seconds` (and those that come while it is built); beyond `snapshot_per_second`
+  requests per credential (per remote address when nothing is checked), 429 with Retry-After
+  (controlplane/web/limits.py).
 * `GET /api/stream`: server-sent events, `event: frame` with a whole frame, first at once, then each
   time the frame changes (checked when a slice changes and every `refresh` seconds, which is how
   telemetry, deployments and migrations are seen), with a comment line every 15 s to keep proxies open.
@@ -16,8 +19,8 @@ tenants file (controlplane/api/auth.py); with `insecure` and no tenants file not
 local demo; then only requests addressed to localhost or an IP are answered, against DNS rebinding). Clients
 with the viewer role or more may read; what they see is scoped by the servicers.
 Errors are JSON `{"error": {"code", "message"}}`: 401/403, 404 (no such path), 405 (any method but GET/HEAD),
-500 (logged; the answer names no internals), all with the page's security headers. With TLS configured for
-gRPC the web view serves HTTPS with the same certificate.
+429 (snapshots too often), 503 (too many live streams), 500 (logged; the answer names no internals), all with the
+page's security headers. With TLS configured for gRPC the web view serves HTTPS with the same certificate.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import pathlib
 import ssl
+import time
 from typing import Callable
 
 from aiohttp import web
@@ -35,6 +40,7 @@ from aiohttp import web
 from controlplane.api import auth
 from controlplane.web import badrequests, snapshot
 from controlplane.web.changes import ChangeFeed
+from controlplane.web.limits import FrameCache, RateLimiter
 from mesh import errors
 from mesh.logs import log
 
@@ -87,7 +93,8 @@ class WebView:
     `hub`: () -> the slice EventHub now in use (None while there is none)."""
 
     def __init__(self, switches: dict, authenticator: auth.Authenticator, hub: Callable[[], object],
-                 refresh: float = 2.0, ssl_context: ssl.SSLContext | None = None) -> None:
+                 refresh: float = 2.0, ssl_context: ssl.SSLContext | None = None, snapshot_per_second: float = 5.0,
+                 snapshot_cache_seconds: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self.switches = switches
         self.authenticator = authenticator
         self.refresh = refresh
@@ -97,6 +104,8 @@ class WebView:
         self.port = 0
         self.streams: set[asyncio.Task] = set()
         self.stream_callers: dict[str, int] = {}     # live streams per credential (MAX_STREAMS_PER_CALLER)
+        self.snapshot_limit = RateLimiter(snapshot_per_second, clock=clock)
+        self.frames = FrameCache(snapshot_cache_seconds, clock=clock)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_headers])
@@ -118,6 +127,7 @@ class WebView:
         return self.port
 
     async def stop(self) -> None:
+        self.frames.clear()
         await self.changes.stop()
         for t in list(self.streams):
             t.cancel()
@@ -162,8 +172,21 @@ class WebView:
         p = self._principal(request)
         if isinstance(p, web.Response):
             return p
-        frame = await snapshot.take(self.switches, p)
-        return web.json_response(snapshot.stamp(frame))
+        # per credential; with nothing checked every caller is the same principal: per remote address then
+        client = ("addr", request.remote) if p.unrestricted else ("principal", p)
+        wait = self.snapshot_limit.take(client)
+        if wait:
+            rate = self.snapshot_limit.rate
+            resp = _error(429, "RESOURCE_EXHAUSTED", f"too many snapshots: at most {rate:g} per second per "
+                                                     f"{'address' if p.unrestricted else 'credential'} "
+                                                     f"(web_snapshot_per_second); retry after {wait:.1f} s, or "
+                                                     f"follow /api/stream")
+            resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return resp
+
+        async def build() -> str:
+            return json.dumps(snapshot.stamp(await snapshot.take(self.switches, p)))
+        return web.Response(text=await self.frames.get(p, build), content_type="application/json")
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         p = self._principal(request)
@@ -175,14 +198,20 @@ class WebView:
                                               f"credential, {MAX_STREAMS} in all): close one, or poll /api/snapshot")
             resp.headers["Retry-After"] = "10"
             return resp
+        # counted at once, with no await between the check and the count: two requests cannot both pass the check
+        # while the first prepares its answer (an await that may let the other run)
+        task = asyncio.current_task()
+        self.streams.add(task)
+        self.stream_callers[who] = self.stream_callers.get(who, 0) + 1
         # the middleware's headers come after a stream's are sent: its own, here
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no", "Content-Security-Policy": CSP,
                                            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
-        await resp.prepare(request)
-        task = asyncio.current_task()
-        self.streams.add(task)
-        self.stream_callers[who] = self.stream_callers.get(who, 0) + 1
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            self._release(task, who)
+            raise
         last = None
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
@@ -207,11 +236,14 @@ class WebView:
         except Exception as e:  # noqa: BLE001 - a broken frame ends this stream, never the server
             log(logger, logging.WARNING, "web view stream ended", error=repr(e))
         finally:
-            self.streams.discard(task)
-            self.stream_callers[who] -= 1
-            if not self.stream_callers[who]:
-                del self.stream_callers[who]
+            self._release(task, who)
         return resp
+
+    def _release(self, task: asyncio.Task | None, who: str) -> None:
+        self.streams.discard(task)
+        self.stream_callers[who] -= 1
+        if not self.stream_callers[who]:
+            del self.stream_callers[who]
 
 
 def addressed_directly(host: str) -> bool:

@@ -1,5 +1,5 @@
 """GetCost's answer limit bounds the work: the ledger stops reading once the query has more groups than one
-answer holds (counted through an instrumented ledger connection), the refusal is the one it always was
+answer holds (counted through an instrumented reader connection of the ledger), the refusal is the one it always was
 (INVALID_ARGUMENT naming since_seconds and how to narrow the query), and building a large answer lets the
 control plane's event loop serve other work."""
 
@@ -81,7 +81,7 @@ def service(led: CostLedger, runs: list | None = None) -> S.CostService:
         if runs is not None:
             runs.append("query returned")
         return out
-    accountant = SimpleNamespace(ledger=led, clock=lambda: NOW, interval=10.0, _run=_run,
+    accountant = SimpleNamespace(ledger=led, clock=lambda: NOW, interval=10.0, read=_run,
                                  rates_by=lambda by, tenant=None: {},
                                  slice_rates={})
     return S.CostService(accountant, None)
@@ -94,7 +94,8 @@ def get_cost(svc, **kw) -> C.GetCostResponse:
 def test_past_the_limit_the_ledger_reads_at_most_limit_plus_one_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "MAX_LINES", 100)
     led = ledger(tmp_path, 1000)
-    counting = led.db = Counting(led.db)
+    counting = Counting(led._open_reader())
+    monkeypatch.setattr(led, "_open_reader", lambda: counting)        # the connection queries read on
     with pytest.raises(errors.InvalidArgument) as e:
         get_cost(service(led), by="slice", since_seconds=3600)
     assert e.value.field == "since_seconds"
