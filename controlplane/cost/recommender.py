@@ -4,14 +4,15 @@ one at a time with the control plane's own machinery, stopping at the first fail
 
 - resize: MigrationManager.resize (controlplane/controllers/resize.py: in place for MPS/time-share when the
   GPU has room, else by migration; the replica's backend keeps running);
-- idle-replica: DeploymentManager.scale (one replica fewer; the controller removes one);
+- idle-replica: ScalingOps.remove_replica (one replica fewer, and the one removed is the replica listed, marked
+  TERMINATING in the same transaction: the controller would pick its own, the newest READY one);
 - idle-warm: Controller.release of the warm slice;
 - pack: MigrationManager.migrate of each slice's workload to the receiving GPU listed (pinned: `to_gpu`, not
   only the node, where the scheduler would pick its own GPU);
 - share-mps: not applied (it needs the deployments recreated with MPS isolation): reported as skipped.
 
-One found, as it is carried out, to no longer hold with nothing of it done (the pack's first receiving GPU filled)
-is refused like one found so when checked (`refused`).
+One found, as it is carried out, to no longer hold with nothing of it done (the pack's first receiving GPU filled,
+the replica or its deployment changed) is refused like one found so when checked (`refused`).
 """
 
 from __future__ import annotations
@@ -112,8 +113,15 @@ class Recommender:
             await self._sync_replica(rec, s)
             return "applied"
         if rec.kind == "idle-replica":
-            d = self.deployments.store.get(rec.deployment)
-            await self.deployments.scale(rec.deployment, max(0, d.spec.replicas - 1))
+            d = self.deployments.store.deployments.get(rec.deployment)
+            try:
+                if d is None:
+                    raise errors.FailedPrecondition(f"deployment {rec.deployment} is gone")
+                # the generation judged just now (named(): no await since): a change before the write refuses it
+                await self.deployments.scaling.remove_replica(rec.deployment, rec.replica, d.generation,
+                                                              "idle (meshctl recommend --apply)")
+            except errors.FailedPrecondition as e:
+                raise L.Changed(f"{L.describe(L.identity(rec))} no longer holds: {e}") from None
             return "applied"
         if rec.kind == "idle-warm":
             message = "released as idle by meshctl recommend --apply"
