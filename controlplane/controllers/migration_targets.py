@@ -5,8 +5,8 @@ A GPU is named by `meshctl recommend --apply` only (a pack recommendation lists 
 there is no API field): the move must land on that GPU, else the GPU it promised to free stays in use or the move
 does not pack. The GPU is checked as the migration is planned: it exists, it takes slices of the source's model
 and isolation, and (but for MIG, whose start slots the scheduler judges) its free memory, less what the unplaced
-moves already pinned to it take, holds the source slice; else FAILED_PRECONDITION naming the GPU and what it holds
-now, and nothing is recorded. The target is then placed on that GPU alone (`SliceRequest.only_gpu`, honoured by the
+moves already pinned to it take, holds the source slice; else FAILED_PRECONDITION (`TargetGpuChanged`) naming the
+GPU and what it holds now, and nothing is recorded. The target is then placed on that GPU alone (`SliceRequest.only_gpu`, honoured by the
 scheduling framework): when it no longer fits there the migration rolls back; it never goes to another GPU.
 
 The pin lives in memory until the target is placed: a migration not yet past PLANNED is rolled back when the
@@ -28,6 +28,11 @@ from mesh.slicespec import SliceRequest
 
 def _gib(b: int) -> str:
     return f"{b / 2**30:.2f} GiB"
+
+
+class TargetGpuChanged(errors.FailedPrecondition):
+    """The GPU a migration is pinned to is gone or no longer takes the move (what a pack's apply reports as the
+    recommendation no longer holding)."""
 
 
 class TargetsMixin:
@@ -74,14 +79,14 @@ class TargetsMixin:
         fleet = self.ctl.fleet
         g = fleet.gpu(node, index)
         if g is None:
-            raise errors.NotFound(f"no GPU {node}/{index}", kind="gpu", name=f"{node}/{index}")
+            raise TargetGpuChanged(f"GPU {node}/{index} is gone")
         src = fleet.slices.get(w.slice_id)
         if src is None:
             raise errors.FailedPrecondition(f"the slice of workload {w.id}, {w.slice_id}, is gone")
         kind = ISOLATION_NAMES.get(src.isolation, "")
         if g.model.name != src.gpu_model or g.sharing not in (None, kind):
-            raise errors.FailedPrecondition(f"GPU {node}/{index} is a {g.sharing or 'free'} {g.model.name} now; "
-                                            f"slice {src.id} is {kind} on {src.gpu_model}")
+            raise TargetGpuChanged(f"GPU {node}/{index} is a {g.sharing or 'free'} {g.model.name} now; slice {src.id} "
+                                   f"is {kind} on {src.gpu_model}")
         if src.isolation == types_pb2.ISOLATION_MIG:
             return
         bound = [x for x in self.unfinished() if x.id != m.id and not x.target_slice and x.target_node == node
@@ -90,8 +95,8 @@ class TargetsMixin:
         free = g.memory_bytes - g.allocated_memory - pending
         if free < src.memory_bytes:
             moving = f" once the moves pinned there take theirs (migration {', '.join(x.id for x in bound)})"
-            raise errors.FailedPrecondition(f"GPU {node}/{index} has {_gib(free)} free now"
-                                            f"{moving if bound else ''}; slice {src.id} needs {_gib(src.memory_bytes)}")
+            raise TargetGpuChanged(f"GPU {node}/{index} has {_gib(free)} free now{moving if bound else ''}; slice "
+                                   f"{src.id} needs {_gib(src.memory_bytes)}")
 
     def pinned_request(self, m: M.Migration, req: SliceRequest) -> SliceRequest:
         """`req` pinned to the GPU migration `m` was pinned to, if any (the pin is used up: one placement)."""

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 
+from controlplane.controllers.migration_targets import TargetGpuChanged
 from controlplane.cost.accountant import CostAccountant
 from controlplane.serving import deployspec
 from gpumesh.v1 import cost_service_pb2 as C
@@ -149,7 +150,9 @@ class Recommender:
                         started = ", ".join(m[0] for m in rec.moves[:i])
                         raise errors.FailedPrecondition(f"moving slice {sid} to {node}/{index} refused: {e} (the "
                                                         f"moves of {started} were started)") from None
-                    raise L.Changed(f"{L.describe(L.identity(rec))} no longer holds: {e}") from None
+                    if isinstance(e, TargetGpuChanged):     # the listed GPU filled since the check: nothing moved
+                        raise L.Changed(f"{L.describe(L.identity(rec))} no longer holds: {e}") from None
+                    raise
             return "applied"
         return "skipped: recreate the deployments with isolation mps (not automatic)"
 

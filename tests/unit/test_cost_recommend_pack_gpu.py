@@ -128,6 +128,21 @@ async def test_a_gpu_that_fills_while_the_move_is_planned_refuses_the_apply():
         await mm.stop()
 
 
+async def test_a_move_refused_for_another_reason_is_a_failure_not_a_change():
+    """Only a change of the listed GPU reads as the recommendation no longer holding; a move the migration refuses
+    for what the workload is (a model server moves only by CRIU) is the step's failure, as before."""
+    _, mm, svc = world()
+    (listed,) = (await call(svc, kinds=["pack"])).recommendations
+    mm.wm.workloads["w-a"].backend.kind = "llama.cpp"
+    try:
+        got = await call(svc, apply=True, ids=[listed.id])
+        (r,) = got.recommendations
+        assert r.result.startswith("failed: workload w-a is a model server") and got.stopped and not got.applied
+        assert not mm.migrations
+    finally:
+        await mm.stop()
+
+
 async def test_a_pinned_migration_is_refused_when_its_gpu_filled_after_the_check():
     """The room is checked again as the migration is planned (the recommendation's check and the migration are
     apart by awaits): a GPU that filled meanwhile refuses it, naming the GPU, and no migration is recorded."""
@@ -160,7 +175,7 @@ async def test_the_gpu_must_be_on_the_named_node():
     try:
         with pytest.raises(errors.InvalidArgument, match="to_gpu"):
             await mm.migrate("w-a", to_gpu=1)
-        with pytest.raises(errors.NotFound, match="b/7"):
+        with pytest.raises(errors.FailedPrecondition, match="GPU b/7 is gone"):
             await mm.migrate("w-a", to_node="b", to_gpu=7)
     finally:
         await mm.stop()
