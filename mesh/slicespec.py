@@ -61,6 +61,9 @@ class SliceRequest:
     gpu_models: tuple[str, ...] = ()   # any of these models (the trace's gpu_spec); () = no constraint
     # nodes the slices must not go to (internal: a migration's target off its source node; no API field)
     avoid_nodes: tuple[str, ...] = ()
+    # the one GPU (node, index) the slice must go to (internal: a move pinned by `meshctl recommend --apply`'s
+    # pack to the GPU it listed; no API field)
+    only_gpu: tuple[str, int] | None = None
 
     def one(self) -> "SliceRequest":
         """The same request for a single slice (a spread gang is placed one slice at a time)."""

@@ -15,6 +15,7 @@ from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEO
                                            START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
 from controlplane.controllers.migration_quota import QuotaMixin, off_node
 from controlplane.controllers.migration_records import committed_record
+from controlplane.controllers.migration_targets import TargetsMixin
 from controlplane.controllers.workloadrecords import UPDATE_TRIES as COMMIT_CONFLICTS
 from controlplane.state.store import Put, Revision
 from gpumesh.v1 import migration_service_pb2 as M
@@ -26,7 +27,7 @@ logger = logging.getLogger("controlplane.controllers.migrations")
 _Failed = StepFailed
 
 
-class StepsMixin(QuotaMixin):
+class StepsMixin(QuotaMixin, TargetsMixin):
     """Mixed into MigrationManager (self.ctl, self.wm, self.migrations, self._ask, self._save, ...)."""
 
     # -- the state machine ----------------------------------------------------------------------
@@ -72,6 +73,7 @@ class StepsMixin(QuotaMixin):
         if src is None:
             raise _Failed(f"the workload's slice {w.slice_id} is gone: name a target slice")
         req = self.target_request(src, m.id, replaces=not m.checkpoint_id)     # counts once with src (migration_quota)
+        req = self.pinned_request(m, req)       # to the one GPU it was pinned to, if any (migration_targets.py)
         if not (m.target_node or m.checkpoint_id or m.resize_slice):
             # off the source node: the scheduler is told so (a packing score put every probe back on a source
             # node with room, and after PLACE_ATTEMPTS probes the migration failed with the fleet half empty)

@@ -48,7 +48,8 @@ stopped, COMMITTED moves the record, DONE continues it; a rollback restores the 
 images (nodeagent/migrate_slices.py, docs/checkpointing.md). Only to another node.
 
 Modules: migration_phases (names, timeouts), migration_steps (the steps of the state machine),
-migration_checkpoints (checkpoint, restore), resize (resize in place or by migration).
+migration_targets (a named target slice, node or GPU), migration_checkpoints (checkpoint, restore), resize
+(resize in place or by migration).
 
 `migration_pause_at` (testing only) stops the state machine right after it entered a
 phase, so a test can kill the control plane there.
@@ -59,8 +60,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-
-from controlplane.api import auth
 
 from controlplane.state import keys
 from controlplane.controllers.slices import Controller, new_id, now
@@ -322,6 +321,8 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
             yield m
         finally:
             self.planning.pop(m.id, None)
+            if m.id not in self.migrations:
+                self.target_gpus.pop(m.id, None)       # never recorded: its pin goes with it
 
     def target_busy(self, sid: str) -> str:
         """Why slice `sid` takes no new workload now: it is an unfinished migration's target (a workload started there
@@ -366,7 +367,9 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
         return target_spec(w, alias(m) or w.id, m.target_slice, m.target_node)
 
     async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
-                      reason: str = "migrate") -> M.Migration:
+                      reason: str = "migrate", to_gpu: int = -1) -> M.Migration:
+        """Plan the migration of running workload `wid` and start its state machine. `to_gpu` (internal, no API
+        field: `meshctl recommend --apply`'s pack) pins the target to that GPU of `to_node` (migration_targets.py)."""
         check_workload_id(wid)
         w = self.wm.get(wid)
         if w.state != W.WORKLOAD_STATE_RUNNING:
@@ -386,14 +389,14 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
             else:
                 await self.check_sdk(w, f"{M.MigrationMode.Name(m.mode).removeprefix('MIGRATION_MODE_').lower()} "
                                         f"migration")
-            self._set_target(m, to_slice, to_node)
+            self._set_target(m, to_slice, to_node, to_gpu, w)
             if mode == M.MIGRATION_MODE_TRANSPARENT and m.target_node == w.node:
                 raise errors.FailedPrecondition(f"transparent migration of {wid} must go to another node: CRIU "
                                                 f"restores the process under its PIDs, which the source holds on "
                                                 f"{w.node}")
             await self._save(m, created=True)
         log(logger, logging.INFO, "migration planned", migration=m.id, workload=wid, source=w.node,
-            to_node=to_node, to_slice=to_slice, reason=reason)
+            to_node=to_node, to_slice=to_slice, to_gpu=to_gpu if to_gpu >= 0 else None, reason=reason)
         self._spawn(m.id)
         return m
 
@@ -428,27 +431,3 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
             raise errors.FailedPrecondition(f"{what} of {w.id} refused: {e}") from None
         finally:
             self.reports.pop(probe, None)
-
-    def _set_target(self, m: M.Migration, to_slice: str, to_node: str) -> None:
-        """The named target slice (checked: READY, the tenant's, free) or node, when one is named."""
-        if to_slice:
-            s = self._check_target_slice(to_slice, m.tenant)
-            m.target_slice, m.target_node = s.id, s.node
-        elif to_node:
-            if to_node not in self.ctl.fleet.nodes:
-                raise errors.NotFound(f"no node {to_node!r}", kind="node", name=to_node)
-            m.target_node = to_node
-
-    def _check_target_slice(self, sid: str, tenant: str) -> types_pb2.Slice:
-        s = self.ctl.fleet.slices.get(sid)
-        if s is None:
-            raise errors.NotFound(f"no slice {sid!r}", kind="slice", name=sid)
-        auth.check_visible(s.tenant, "slice", sid)
-        if s.tenant != tenant:
-            raise errors.FailedPrecondition(f"slice {sid} belongs to tenant {s.tenant}, the workload to {tenant}")
-        if s.state != types_pb2.SLICE_STATE_READY:
-            raise errors.FailedPrecondition(f"slice {sid} is not READY")
-        if any(x.slice_id == sid and x.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING)
-               for x in self.wm.workloads.values()):
-            raise errors.FailedPrecondition(f"slice {sid} runs a workload already")
-        return s

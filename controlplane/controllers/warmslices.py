@@ -238,7 +238,7 @@ class WarmPool:
         as usual). The caller saves it."""
         key = request_key(req)
         if (key is None or req.cpu_milli or req.host_memory_bytes or req.anti_affinity or req.preempt
-                or req.avoid_nodes):
+                or req.avoid_nodes or req.only_gpu):
             return None
         if POOL_LABEL in req.labels:     # a pool's nodes and GPU models are the scheduler's Pool filter's to judge
             return None

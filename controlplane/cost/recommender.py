@@ -4,10 +4,15 @@ one at a time with the control plane's own machinery, stopping at the first fail
 
 - resize: MigrationManager.resize (controlplane/controllers/resize.py: in place for MPS/time-share when the
   GPU has room, else by migration; the replica's backend keeps running);
-- idle-replica: DeploymentManager.scale (one replica fewer; the controller removes one);
+- idle-replica: ScalingOps.remove_replica (one replica fewer, and the one removed is the replica listed, marked
+  TERMINATING in the same transaction: the controller would pick its own, the newest READY one);
 - idle-warm: Controller.release of the warm slice;
-- pack: MigrationManager.migrate of each slice's workload to the receiving node;
+- pack: MigrationManager.migrate of each slice's workload to the receiving GPU listed (pinned: `to_gpu`, not
+  only the node, where the scheduler would pick its own GPU);
 - share-mps: not applied (it needs the deployments recreated with MPS isolation): reported as skipped.
+
+One found, as it is carried out, to no longer hold with nothing of it done (the pack's first receiving GPU filled,
+the replica or its deployment changed) is refused like one found so when checked (`refused`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import math
 import time
 
+from controlplane.controllers.migration_targets import TargetGpuChanged
 from controlplane.cost.accountant import CostAccountant
 from controlplane.serving import deployspec
 from gpumesh.v1 import cost_service_pb2 as C
@@ -108,8 +114,15 @@ class Recommender:
             await self._sync_replica(rec, s)
             return "applied"
         if rec.kind == "idle-replica":
-            d = self.deployments.store.get(rec.deployment)
-            await self.deployments.scale(rec.deployment, max(0, d.spec.replicas - 1))
+            d = self.deployments.store.deployments.get(rec.deployment)
+            try:
+                if d is None:
+                    raise errors.FailedPrecondition(f"deployment {rec.deployment} is gone")
+                # the generation judged just now (named(): no await since): a change before the write refuses it
+                await self.deployments.scaling.remove_replica(rec.deployment, rec.replica, d.generation,
+                                                              "idle (meshctl recommend --apply)")
+            except errors.FailedPrecondition as e:
+                raise L.Changed(f"{L.describe(L.identity(rec))} no longer holds: {e}") from None
             return "applied"
         if rec.kind == "idle-warm":
             message = "released as idle by meshctl recommend --apply"
@@ -125,10 +138,21 @@ class Recommender:
                 await self.ctl.release(rec.slice_id, wait=False, message=message)
             return "applied"
         if rec.kind == "pack":
-            for sid, wid, node, _index in rec.moves:
+            for i, (sid, wid, node, index) in enumerate(rec.moves):
                 if not wid:
                     raise errors.FailedPrecondition(f"slice {sid} runs no workload to migrate")
-                await self.migrations.migrate(wid, to_node=node, reason="consolidation (meshctl recommend --apply)")
+                try:
+                    # to the GPU listed, not just its node: else the scheduler picks the GPU (migration_targets.py)
+                    await self.migrations.migrate(wid, to_node=node, to_gpu=index,
+                                                  reason="consolidation (meshctl recommend --apply)")
+                except errors.FailedPrecondition as e:
+                    if i:
+                        started = ", ".join(m[0] for m in rec.moves[:i])
+                        raise errors.FailedPrecondition(f"moving slice {sid} to {node}/{index} refused: {e} (the "
+                                                        f"moves of {started} were started)") from None
+                    if isinstance(e, TargetGpuChanged):     # the listed GPU filled since the check: nothing moved
+                        raise L.Changed(f"{L.describe(L.identity(rec))} no longer holds: {e}") from None
+                    raise
             return "applied"
         return "skipped: recreate the deployments with isolation mps (not automatic)"
 
@@ -166,12 +190,8 @@ class Recommender:
             try:
                 rec = step()
             except L.Changed as e:
-                if not acting:
-                    continue            # listed: only those that still hold
-                if not out.applied:
-                    raise errors.FailedPrecondition(f"{e} (not carried out; list again for what holds now)") from None
-                out.recommendations.add(id=rid, kind=L.kind_of(rid), result=f"failed: {e}")
-                out.stopped = True
+                if acting:              # (listed: only those that still hold)
+                    refused(e, out, out.recommendations.add(id=rid, kind=L.kind_of(rid)))
                 continue
             if (slice_id and rec.slice_id != slice_id) or (kinds and rec.kind not in kinds):
                 continue
@@ -180,7 +200,10 @@ class Recommender:
                                         saving_per_day=round(rec.saving_per_day, 4), risk=rec.risk, id=rid)
             out.saving_per_day += m.saving_per_day
             if acting:
-                await self._carry_out(rec, m, out)
+                try:
+                    await self._carry_out(rec, m, out)
+                except L.Changed as e:  # found so as it was carried out, before any of it was done
+                    refused(e, out, m)
         return out
 
     async def _carry_out(self, rec: R.Rec, m: C.Recommendation, out: C.RecommendResponse) -> None:
@@ -197,6 +220,15 @@ class Recommender:
                                "Normal" if m.result == "applied" else "Warning", "Consolidated",
                                f"{rec.action}: {m.result}; saves ${rec.saving_per_day:.2f}/day"[:500],
                                source="cost-recommender")
+
+
+def refused(e: L.Changed, out: C.RecommendResponse, m: C.Recommendation) -> None:
+    """A listed recommendation (`m` in `out`) no longer holds: the call is refused (FailedPrecondition naming what
+    changed) while nothing was carried out yet; else its result says so and the run stops."""
+    if not out.applied:
+        raise errors.FailedPrecondition(f"{e} (not carried out; list again for what holds now)") from None
+    m.result = f"failed: {e}"
+    out.stopped = True
 
 
 def check_request(kinds, ids) -> None:

@@ -151,8 +151,11 @@ class Framework:
             if not st.ok:
                 return _NodeVerdict(st)
         gpus, reasons = [], []
+        pin = req.only_gpu
         for rank, i in enumerate(node.gpu_order()):
             g = node.gpus[i]
+            if pin is not None and g.index != pin[1]:
+                continue            # pinned to another GPU of the node (`_find_pinned`: never cached)
             for f in self.gpu_filters:
                 why = f.filter_gpu(req, g)
                 if why is not None:
@@ -204,6 +207,8 @@ class Framework:
              nodes: Iterable[NodeEntry] | None = None, reasons: Reasons | None = None) -> Placement | None:
         """The best node and option for the request (one node's share of it), or None; when None
         and `reasons` is given, the reasons per node class."""
+        if req.only_gpu is not None:
+            return self._find_pinned(state, req, fleet, nodes, reasons)
         rkey = request_key(req, self.version)
         node_filters, node_scorers = self.relevant_node_filters(req), self.node_scorers
         nodes = self.by_name(fleet) if nodes is None else sorted(nodes, key=lambda n: n.name)
@@ -250,6 +255,34 @@ class Framework:
                 self._explain(state, req, rkey, nodes, node_filters, reasons)
             return None
         return Placement(best_node, best_v.option)
+
+    def _find_pinned(self, state: CycleState, req: SliceRequest, fleet: Fleet, nodes: Iterable[NodeEntry] | None,
+                     reasons: Reasons | None) -> Placement | None:
+        """A request pinned to one GPU (`only_gpu`, a move to the GPU a recommendation listed): that GPU's node alone,
+        judged without the verdict cache (a cached verdict serves every node of one signature, and the pin names
+        one node's GPU), with the same filters, fit and scores as any request."""
+        name, index = req.only_gpu
+        node = fleet.nodes.get(name)
+        if node is not None and nodes is not None and not any(n is node for n in nodes):
+            node = None
+        if node is None or not any(g.index == index for g in node.gpus):
+            if reasons is not None:
+                cls = node.gpus[0].model.name if node is not None and node.gpus else "fleet"
+                reasons.add_status(Status.unschedulable(cls, f"node:no GPU {name}/{index}"))
+            return None
+        v = None
+        for f in self.relevant_node_filters(req):
+            st = f.filter(state, req, node)
+            if not st.ok:
+                v = _NodeVerdict(st)
+                break
+        if v is None:
+            v = self._evaluate(state, req, node)
+        if not v.ok:
+            if reasons is not None:
+                reasons.add_status(v.status)
+            return None
+        return Placement(node, v.option)
 
     def _explain(self, state, req, rkey, nodes, node_filters, reasons: Reasons) -> None:
         for node in nodes:

@@ -133,6 +133,20 @@ class DeploymentStore:
         self.deployments[d.spec.name] = d
         self.changed(d.spec.name)
 
+    async def put_with_replica(self, d: D.Deployment, r: D.Replica) -> None:
+        """Write the deployment `d` and its replica `r` in one transaction (both must exist): a scale-down that
+        names the replica it removes (ScalingOps.remove_replica) is never half written."""
+        dk, rk = keys.deployment(d.spec.name), keys.replica(r.deployment, r.id)
+        try:
+            await self.ctl.writer.write([Put(dk, d.SerializeToString()), Put(rk, r.SerializeToString())],
+                                        [Present(dk), Present(rk)])
+        except errors.Aborted:
+            raise errors.FailedPrecondition(f"deployment {d.spec.name!r} or its replica {r.id} was deleted "
+                                            f"meanwhile") from None
+        self.deployments[d.spec.name] = d
+        self.replicas.setdefault(r.deployment, {})[r.id] = r
+        self.changed(d.spec.name)
+
     async def delete(self, name: str) -> None:
         await self.ctl.writer.write([Delete(keys.deployment(name))])
         self.deployments.pop(name, None)

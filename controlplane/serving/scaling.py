@@ -1,5 +1,6 @@
 """The deployment API's scaling operations: checking a policy against its deployment (the variant's names,
-one replica's cost at the configured GPU prices), SetScaling and Wake.
+one replica's cost at the configured GPU prices), SetScaling and Wake; and a scale-down by one that names the
+replica it removes (`meshctl recommend --apply` of an idle replica).
 
 The policy is part of the deployment's spec (`DeploymentSpec.scaling`), stored in etcd with it by the
 deployment store. The leader's autoscaler controller (controlplane/controllers/autoscaler.py) reads it from
@@ -43,7 +44,7 @@ def check(manager, spec: D.DeploymentSpec, variant: M.Variant | None, need: int,
 
 
 class ScalingOps:
-    """SetScaling and Wake on a DeploymentManager (controlplane/serving/deployments.py)."""
+    """SetScaling, Wake and remove_replica on a DeploymentManager (controlplane/serving/deployments.py)."""
 
     def __init__(self, manager) -> None:
         self.m = manager
@@ -109,3 +110,45 @@ class ScalingOps:
             d = self.m.store.full(name)
         ready = sum(1 for r in self.m.store.replicas_of(name) if r.state == D.REPLICA_STATE_READY)
         return D.WakeDeploymentResponse(woke=woke, replicas=d.spec.replicas, ready_replicas=ready)
+
+    async def remove_replica(self, name: str, rid: str, generation: int, why: str) -> D.Deployment:
+        """Scale deployment `name` down by one, removing its READY replica `rid` and no other. A plain scale-down
+        leaves the choice to the controller (the newest READY replica goes first: reconcile.py); here `spec.replicas`
+        is lowered and the replica marked TERMINATING in one transaction, so the controller's next pass removes that
+        replica (reconcile: terminating) and finds the others as many as wanted. Only while the deployment is at
+        `generation` (the one the caller judged), the replica READY beside another READY one, and one replica at
+        least stays wanted; else FailedPrecondition naming what changed, and nothing is written."""
+        async with self.m._lock:
+            d = self.m.store.deployments.get(name)
+            if d is None:
+                raise errors.FailedPrecondition(f"deployment {name} is gone")
+            if d.generation != generation:
+                raise errors.FailedPrecondition(f"deployment {name} changed (generation {generation} -> "
+                                                f"{d.generation}: scaled or updated meanwhile)")
+            replicas = self.m.store.replicas.get(name, {})
+            r = replicas.get(rid)
+            if r is None or r.state == D.REPLICA_STATE_TERMINATING:
+                raise errors.FailedPrecondition(f"replica {rid} of deployment {name} is gone (or being removed)")
+            if r.state != D.REPLICA_STATE_READY:
+                state = D.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_")
+                raise errors.FailedPrecondition(f"replica {rid} of deployment {name} is {state} now")
+            if not any(x.id != rid and x.state == D.REPLICA_STATE_READY for x in replicas.values()):
+                raise errors.FailedPrecondition(f"replica {rid} is the last READY replica of deployment {name}")
+            if d.spec.replicas <= 1:
+                raise errors.FailedPrecondition(f"deployment {name} wants {d.spec.replicas} replica(s): one fewer "
+                                                f"would be none")
+            n = D.Deployment()
+            n.CopyFrom(d)
+            n.spec.replicas -= 1
+            n.generation = d.generation + 1
+            n.updated_at.CopyFrom(now())
+            t = D.Replica()
+            t.CopyFrom(r)
+            t.state, t.message = D.REPLICA_STATE_TERMINATING, f"removed: {why}"
+            await self.m.store.put_with_replica(n, t)
+        self.m.kick()
+        log(logger, logging.INFO, "deployment scaled down removing a named replica", deployment=name, replica=rid,
+            replicas=n.spec.replicas, why=why)
+        self.m._event(name, "Normal", "Scaled", f"replicas {d.spec.replicas} -> {n.spec.replicas}: removing "
+                      f"replica {rid}, {why}", n.spec.tenant)
+        return self.m.store.full(name)

@@ -309,7 +309,8 @@ def test_idle_warm_slice_is_counted_apart_and_released_by_recommend(cluster, mes
 
 def test_idle_replica_is_scaled_away_by_recommend(cluster, smollm2):
     """Two READY replicas that serve nothing: their time is counted as idle replica cost, and `recommend --apply
-    --kind idle-replica` scales the deployment down by one (never to zero), the other still answering."""
+    --kind idle-replica` scales the deployment down by one (never to zero), removing the replica it listed, the other
+    still answering."""
     from mesh.client import MeshClient
     with MeshClient(cluster.endpoint, timeout=30) as mesh:
         mesh.deploy("smollm2", name="quiet", replicas=2, context=512, isolation="mps")
@@ -332,6 +333,7 @@ def test_idle_replica_is_scaled_away_by_recommend(cluster, smollm2):
         d = wait_for(lambda: (lambda x: x if len(x.replicas) == 1 and x.status.ready_replicas == 1 else None)(
             mesh.get_deployment("quiet")), 120, "scaled down to one READY replica")
         assert d.spec.replicas == 1
+        assert mine["replica"] and d.replicas[0].id != mine["replica"]          # the one listed went, not another
         assert completion(mesh, d.replicas[0])
         mesh.undeploy("quiet")
 

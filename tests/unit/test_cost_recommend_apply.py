@@ -24,7 +24,7 @@ GIB = 2**30
 
 
 class Fleet:
-    """One MPS H100 per node; a migration moves its slice (and workload) to the node asked for."""
+    """One MPS H100 per node; a migration moves its slice (and workload) to the node (and GPU) asked for."""
 
     def __init__(self, layout: dict[str, list[tuple[str, int]]]) -> None:
         self.gpus = {node: [(sid, gib * GIB, f"w-{sid}") for sid, gib in slices] for node, slices in layout.items()}
@@ -34,7 +34,8 @@ class Fleet:
         return [], [], [R.GpuFacts(node, 0, "H100-80GB", 80 * GIB, 2.40, "mps" if sl else "", tuple(sl),
                                    sum(s[1] for s in sl)) for node, sl in self.gpus.items()]
 
-    async def migrate(self, wid, to_node="", reason=""):
+    async def migrate(self, wid, to_node="", reason="", to_gpu=-1):
+        assert to_gpu == 0                                  # the GPU the pack listed (each node has one)
         src = next(n for n, sl in self.gpus.items() if any(s[2] == wid for s in sl))
         s = next(s for s in self.gpus[src] if s[2] == wid)
         self.gpus[src].remove(s)
@@ -65,7 +66,7 @@ def test_the_fleet_turns_the_first_pack_into_an_unlisted_one_after_one_step():
     listed = R.pack(fleet.facts()[2])
     assert [(r.node, r.moves) for r in listed] == [("d", [("s-d1", "w-s-d1", "b", 0)]),
                                                    ("c", [("s-c2", "w-s-c2", "a", 0), ("s-c1", "w-s-c1", "b", 0)])]
-    asyncio.run(fleet.migrate("w-s-d1", "b"))
+    asyncio.run(fleet.migrate("w-s-d1", "b", to_gpu=0))
     assert R.pack(fleet.facts()[2])[0].node == "b"           # not the listed second (c)
 
 
@@ -128,7 +129,7 @@ def test_listing_by_ids_shows_those_that_still_hold():
     fleet = Fleet(LAYOUT)
     svc = service(fleet)
     first, second = call(svc).recommendations
-    asyncio.run(fleet.migrate("w-s-c1", "a"))                # c's listed pack no longer holds as listed
+    asyncio.run(fleet.migrate("w-s-c1", "a", to_gpu=0))      # c's listed pack no longer holds as listed
     got = call(svc, ids=[first.id, second.id])
     assert [r.id for r in got.recommendations] == [first.id]
 

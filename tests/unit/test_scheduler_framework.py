@@ -225,3 +225,28 @@ def test_avoid_nodes_keeps_a_slice_off_them_whatever_the_scores(profile):
         assert fw.schedule(dataclasses.replace(r, avoid_nodes=("empty",)), fleet).choices[0].node == "full"
     with pytest.raises(errors.ResourceExhausted, match="the node the slice moves off"):
         placement.place(fleet, dataclasses.replace(r, avoid_nodes=("full", "empty")), fw)
+
+
+@pytest.mark.parametrize("profile", ["default", "bestfit", "packing", "spread", "fgd", "random"])
+def test_only_gpu_places_a_slice_on_that_gpu_whatever_the_scores(profile):
+    """A move pinned to the GPU a pack recommendation listed (`only_gpu`) lands there or nowhere: the scores would
+    pick another GPU of the node (or another node), and nodes of one signature share cached verdicts, which must not
+    carry the pin from one node or GPU to another."""
+    import dataclasses
+    fleet = make_fleet(("a", [("H100-80GB", False)] * 2), ("b", [("H100-80GB", False)] * 2))
+    for node in ("a", "b"):
+        fleet.put_slice(t.Slice(id=f"x-{node}", tenant="t", node=node, gpu_index=1, isolation=t.ISOLATION_MPS,
+                                memory_bytes=60 * GiB, compute_share=0.1))
+    r = req(memory_bytes=10 * GiB, compute_share=0.1, isolation=t.ISOLATION_MPS)
+    fw = profiles.build(profile)
+    for _ in range(3):
+        for node in ("a", "b"):
+            for index in (0, 1):
+                got = fw.schedule(dataclasses.replace(r, only_gpu=(node, index)), fleet).choices[0]
+                assert (got.node, got.gpu_index) == (node, index)
+    big = dataclasses.replace(r, memory_bytes=30 * GiB, only_gpu=("b", 1))     # b/1 has about 20 GiB free
+    with pytest.raises(errors.ResourceExhausted):
+        placement.place(fleet, big, fw)
+    with pytest.raises(errors.ResourceExhausted, match="no GPU b/7"):
+        placement.place(fleet, dataclasses.replace(r, only_gpu=("b", 7)), fw)
+    assert fw.schedule(dataclasses.replace(big, only_gpu=("b", 0)), fleet).choices[0].gpu_index == 0

@@ -26,9 +26,11 @@ examples:
   meshctl recommend --apply --id 'pack:n1/0:s-1@w-1>n2/0'   # exactly this one (ids: -o json), if it still holds
   meshctl recommend -o wide                      # + REPLICA NODE TARGET
 
---apply carries out exactly the recommendations it lists, each named by its id: one that no longer holds as
-listed (a pack whose GPU holds other slices now, a receiving GPU without room, a resize to another size) is
-refused naming what changed, and nothing is carried out in its place. List again to see what holds now.
+--apply carries out exactly the recommendations it lists, each named by its id: a pack moves each slice to the
+GPU listed for it, an idle-replica removes the replica listed. One that no longer holds as listed (a pack whose
+GPU holds other slices now, a receiving GPU without room, a resize to another size, an idle replica gone or its
+deployment changed) is refused naming what changed, and nothing is carried out in its place. List again to see
+what holds now.
 """
 BY = ("tenant", "model", "deployment", "node", "slice")
 KINDS = ("resize", "idle-replica", "idle-warm", "share-mps", "pack")
