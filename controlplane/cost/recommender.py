@@ -90,8 +90,10 @@ class Recommender:
                                     memory_bytes=int(s.memory_bytes), compute_share=float(s.compute_share))
                 created = s.created_at.seconds + s.created_at.nanos / 1e9
                 warm.append(R.WarmSlice(s.id, s.node, s.gpu_model, share, prices.gpu_hour(s.gpu_model), now - created))
+        # what a pack's migration can move: a running workload that is not a model server (those move only by CRIU
+        # to another node; a deployment replaces its replicas instead). Any other slice is "": it pins its GPU
         running = {w.slice_id: w.id for w in self.migrations.wm.workloads.values()
-                   if w.state == W.WORKLOAD_STATE_RUNNING}
+                   if w.state == W.WORKLOAD_STATE_RUNNING and not w.HasField("backend")}
         gpus = []
         for e in self.ctl.fleet.nodes.values():
             for g in e.gpus:

@@ -136,7 +136,8 @@ def check_pack(rid: str, gpus: list[R.GpuFacts]) -> R.Rec:
     need: dict[tuple[str, int], int] = {}
     for sid, wid, to_node, to_index in moves:
         if held[sid][1] != wid:
-            raise changed(f"slice {sid} runs {held[sid][1] or 'no workload'} now (listed: {wid or 'none'})")
+            raise changed(f"slice {sid} runs {held[sid][1] or 'no workload a migration moves'} now "
+                          f"(listed: {wid or 'none'})")
         need[(to_node, to_index)] = need.get((to_node, to_index), 0) + held[sid][0]
     for (to_node, to_index), b in need.items():
         t = by.get((to_node, to_index))

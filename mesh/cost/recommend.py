@@ -171,7 +171,8 @@ def share_mps(replicas: list[ReplicaFacts]) -> list[Rec]:
 def pack(gpus: list[GpuFacts], max_sources: int = 64) -> list[Rec]:
     """GPUs of shared slices that can be emptied into the free memory of others of the same model and kind. The
     least-filled GPUs of each (model, kind) are tried as sources, at most `max_sources` of them (a large fleet
-    stays quick: the next run finds the next ones)."""
+    stays quick: the next run finds the next ones). A GPU with a slice whose workload cannot be migrated (its
+    workload ID given as "": none, or a model server) cannot be emptied by migrations: it is not a source."""
     out = []
     free = {(g.node, g.index): g.memory_bytes - g.allocated_bytes for g in gpus}
     groups: dict[tuple[str, str], list[GpuFacts]] = {}
@@ -184,8 +185,8 @@ def pack(gpus: list[GpuFacts], max_sources: int = 64) -> list[Rec]:
         members.sort(key=lambda g: (g.allocated_bytes, g.node, g.index))
         for g in members[:max_sources]:
             me = (g.node, g.index)
-            if me in receiving:
-                continue            # it took slices of an emptied GPU: it stays
+            if me in receiving or not all(wid for _, _, wid in g.slices):
+                continue            # it took slices of an emptied GPU, or holds a slice no migration moves: it stays
             targets = sorted((t for t in members if (t.node, t.index) != me and (t.node, t.index) not in emptied),
                              key=lambda t: free[(t.node, t.index)])      # best fit
             moves, taken = [], {}

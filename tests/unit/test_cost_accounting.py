@@ -363,3 +363,15 @@ def test_an_accounting_cancelled_by_stop_while_its_write_waits_its_turn_loses_no
     led = CostLedger(path)
     assert {ln.key: ln.slice_seconds for ln in led.query("slice", 0.0)} == {"s1": pytest.approx(20)}
     assert led.cursors() == {"s1": 1020.0}
+
+
+def test_pack_lists_no_gpu_whose_slices_cannot_all_be_migrated():
+    """A pack is carried out by migrating each slice's workload. A slice that runs no workload the migration can move
+    (none at all, or a model server: a deployment replaces its replicas instead; the recommender passes "" for both)
+    would make the apply fail on its first move: such a GPU is not listed."""
+    recv = R.GpuFacts("n2", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s2", 60 * GIB, "w-2"),), 60 * GIB)
+    for unmovable in ((("s1", 10 * GIB, ""),), (("s1", 5 * GIB, "w-1"), ("s3", 5 * GIB, ""))):
+        src = R.GpuFacts("n1", 0, "H100-80GB", 80 * GIB, 2.40, "mps", unmovable, 10 * GIB)
+        assert [r.node for r in R.pack([src, recv])] == ["n2"]     # n1 stays (n2 may go into it)
+    movable = R.GpuFacts("n1", 0, "H100-80GB", 80 * GIB, 2.40, "mps", (("s1", 10 * GIB, "w-1"),), 10 * GIB)
+    assert [r.node for r in R.pack([movable, recv])] == ["n1"]     # n2 received: it stays

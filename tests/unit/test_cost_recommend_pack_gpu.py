@@ -130,14 +130,18 @@ async def test_a_gpu_that_fills_while_the_move_is_planned_refuses_the_apply():
 
 async def test_a_move_refused_for_another_reason_is_a_failure_not_a_change():
     """Only a change of the listed GPU reads as the recommendation no longer holding; a move the migration refuses
-    for what the workload is (a model server moves only by CRIU) is the step's failure, as before."""
+    for what the workload does (its checkpoint SDK does not answer) is the step's failure, as before."""
     _, mm, svc = world()
     (listed,) = (await call(svc, kinds=["pack"])).recommendations
-    mm.wm.workloads["w-a"].backend.kind = "llama.cpp"
+
+    async def sdk_silent(w, what="migration"):
+        raise errors.FailedPrecondition(f"workload {w.id} does not use the checkpoint SDK")
+    mm.check_sdk = sdk_silent
     try:
         got = await call(svc, apply=True, ids=[listed.id])
         (r,) = got.recommendations
-        assert r.result.startswith("failed: workload w-a is a model server") and got.stopped and not got.applied
+        assert r.result.startswith("failed: workload w-a does not use the checkpoint SDK") and got.stopped
+        assert not got.applied
         assert not mm.migrations
     finally:
         await mm.stop()
@@ -179,3 +183,13 @@ async def test_the_gpu_must_be_on_the_named_node():
             await mm.migrate("w-a", to_node="b", to_gpu=7)
     finally:
         await mm.stop()
+
+
+async def test_a_gpu_holding_a_model_server_is_not_listed_for_packing():
+    """A model server moves only by CRIU to another node (a deployment replaces its replicas instead), so a pack
+    that migrates it could only fail on apply: the GPU is not listed. Nor is one whose slice runs nothing."""
+    _, mm, svc = world()
+    mm.wm.workloads["w-a"].backend.kind = "llama.cpp"
+    assert not (await call(svc, kinds=["pack"])).recommendations
+    del mm.wm.workloads["w-a"]
+    assert not (await call(svc, kinds=["pack"])).recommendations
