@@ -153,9 +153,21 @@ class DeploymentStore:
         self.changed(name)
 
     async def put_replica(self, r: D.Replica) -> None:
+        """Write replica `r` whole. A replica marked TERMINATING stays so (nothing brings one back): a copy read
+        before the mark (the controller's pass awaits between reading and writing it: a migrated replica following
+        its workload, a crashed backend's FAILED record) keeps the mark and its message, and takes the rest (the
+        slice it moved to). A mark written while this write waited, perhaps landing first, is written again."""
+        r = _kept_terminating(self._replica(r), r)
         await self.ctl.writer.write([Put(keys.replica(r.deployment, r.id), r.SerializeToString())])
+        now = self._replica(r)
+        if now is not None and now.state == D.REPLICA_STATE_TERMINATING and r.state != now.state:
+            r = _kept_terminating(now, r)
+            await self.ctl.writer.write([Put(keys.replica(r.deployment, r.id), r.SerializeToString())])
         self.replicas.setdefault(r.deployment, {})[r.id] = r
         self.changed(r.deployment)
+
+    def _replica(self, r: D.Replica) -> D.Replica | None:
+        return self.replicas.get(r.deployment, {}).get(r.id)
 
     async def delete_replica(self, r: D.Replica) -> None:
         await self.ctl.writer.write([Delete(keys.replica(r.deployment, r.id)),
@@ -168,3 +180,13 @@ class DeploymentStore:
         if not self.replicas.get(r.deployment):
             self.replicas.pop(r.deployment, None)
         self.changed(r.deployment)
+
+
+def _kept_terminating(current: D.Replica | None, r: D.Replica) -> D.Replica:
+    """`r`, or a copy of it with `current`'s TERMINATING mark and message when `current` has one and `r` not."""
+    if current is None or current.state != D.REPLICA_STATE_TERMINATING or r.state == current.state:
+        return r
+    n = D.Replica()
+    n.CopyFrom(r)
+    n.state, n.message = current.state, current.message
+    return n
