@@ -146,9 +146,9 @@ class BufferHealth:
                 continue
             e = region_damage(held.region)
             if e is not None:
-                served = self.r.server.by_id.get(bid)
+                served = self.r.server.regions.by_id.get(bid)
                 if served is not None:
-                    self.r.server.mark_damaged(served, e)     # counted, logged, one-sided access refused, fail()
+                    self.r.server.regions.mark_damaged(served, e)     # counted, logged, one-sided access refused, fail()
                 self.fail(bid, e.reason or "shrunk", e.message)
             elif not self.r._present({"slice_id": held.descriptor.slice_id, "shm_name": held.region.name}):
                 self.fail(bid, "gone", f"buffer {bid}: its shared memory segment /dev/shm/{held.region.name} was "

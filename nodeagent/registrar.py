@@ -46,7 +46,7 @@ from mesh.logs import log
 from mesh.transport import channel, cuda_ipc, verbs
 from mesh.transport.base import (MAX_BUFFER_BYTES, BufferDamaged, BufferDescriptor, OutOfBounds, Revoked,
                                  TransportError, check_bounds, new_key)
-from mesh.transport.dataplane import DAMAGED_BUFFERS
+from mesh.transport.regions import DAMAGED_BUFFERS
 from mesh.transport.shm import PREFIX, ShmRegion, owner_tag, segment_exists, unlink_segment
 from nodeagent.meshhealth import BufferHealth
 from nodeagent.meshrecords import BufferRecords
@@ -159,7 +159,7 @@ class Registrar:
                                  f"it died with the previous agent process")
             if held is not None:                          # verbs: a new MR and QP over the same segment
                 self.buffers.pop(bid)
-                self.server.remove(held.descriptor.rkey)
+                self.server.regions.remove(held.descriptor.rkey)
                 self.verbs.deregister(bid)
                 region = held.region
             else:
@@ -189,11 +189,11 @@ class Registrar:
                 addr = ctypes.addressof(ctypes.c_char.from_buffer(region.data))
                 desc = self.verbs.register(slice_id, size, buffer=addr, buffer_id=bid)
                 region.set_key(desc.rkey)
-                self.server.add(bid, slice_id, region.data, desc.rkey, base=desc.address, scope=scope,
+                self.server.regions.add(bid, slice_id, region.data, desc.rkey, base=desc.address, scope=scope,
                                 secret=secret, local_only=True, segment=region.segment, tenant=tenant)
                 desc.node, desc.endpoint, desc.shm_name = self.node, self.server.endpoint, region.name
             else:
-                served = self.server.add(bid, slice_id, region.data, region.rkey, base=base, scope=scope,
+                served = self.server.regions.add(bid, slice_id, region.data, region.rkey, base=base, scope=scope,
                                          secret=secret, segment=region.segment, tenant=tenant)
                 desc = BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport=transport,
                                         address=served.base, length=size, rkey=region.rkey,
@@ -281,7 +281,7 @@ class Registrar:
             return False
         if self.records is not None:
             self.records.drop(buffer_id)
-        self.server.remove(held.descriptor.rkey)
+        self.server.regions.remove(held.descriptor.rkey)
         if held.descriptor.transport == "verbs" and self.verbs is not None:
             self.verbs.deregister(buffer_id)          # QP, CQ and MRs first: the HCA stops touching the segment
         if held.descriptor.transport == "cuda_ipc" and self.cuda is not None:

@@ -29,7 +29,8 @@ import threading
 from mesh.transport import channel
 from mesh.transport.base import (BufferDamaged, BufferDescriptor, Completion, InvalidKey, NotAuthorized, OutOfBounds,
                                  PeerGone, QueuePairError, Revoked, TransportError)
-from mesh.transport.dataplane import Region, TcpDataPlane
+from mesh.transport.dataplane import TcpDataPlane
+from mesh.transport.regions import Region
 from mesh.transport.wire import (DAMAGED, EMPTY, INVALID_KEY, NOT_AUTHORIZED, OK, OPS, OUT_OF_BOUNDS, PEER_GONE, PING, QP_ERROR,
                                  RDMA_READ, RDMA_WRITE, READ, RECV, REQ, RESP, REVOKED, SEND, SOCK_BUF, WINDOW, WRITE,
                                  recv_exact, tune)
@@ -307,7 +308,7 @@ class TcpTransport:
                  rkey: int = 0) -> BufferDescriptor:
         bid = buffer_id or f"b-{secrets.token_hex(6)}"
         data = buffer if buffer is not None else bytearray(size)
-        region = self.server.add(bid, slice_id, data, rkey)
+        region = self.server.regions.add(bid, slice_id, data, rkey)
         self.buffers[bid] = region
         return BufferDescriptor(buffer_id=bid, slice_id=slice_id, node=self.node, transport="tcp",
                                 address=region.base, length=region.length, rkey=region.rkey,
@@ -319,7 +320,7 @@ class TcpTransport:
     def deregister(self, buffer_id: str) -> None:
         region = self.buffers.pop(buffer_id, None)
         if region is not None:
-            self.server.remove(region.rkey)
+            self.server.regions.remove(region.rkey)
 
     def connect(self, descriptor: BufferDescriptor) -> TcpConnection:
         return TcpConnection(descriptor)

@@ -16,6 +16,9 @@ not implement raise FUNCTION_NOT_FOUND. ``SimNvml`` instances are
 independent simulators with the same attributes as this module (for many
 simulated hosts in one process). Sim-only helpers start with ``sim_``.
 
+MIG calls are in ``simmig`` (GPU instances, MIG devices) and ``simci`` (compute
+instances); ``simargs`` takes pynvml's ctypes arguments as the C library does.
+
 Telemetry (utilization, memory, power, temperature, clocks, throttle reasons,
 ECC, NUMA/CPU affinity) follows the model in ``simtelemetry``, a function of
 the state file and the time (``SimNvml(..., clock=)`` injects the time);
@@ -39,7 +42,9 @@ import pynvml as _n
 from mesh.gpumodels import GpuModel, get_model
 from nodeagent.hostfile import HostSpec, load_host_file
 from nodeagent.nvml.simfaults import FaultApi
-from nodeagent.nvml.simmig import CI_SLICES, MigApi, err
+from nodeagent.nvml.simargs import err
+from nodeagent.nvml.simci import CI_SLICES, ComputeInstanceApi
+from nodeagent.nvml.simmig import MigApi
 from nodeagent.nvml.simstate import (DeviceHandle, GpuInstanceHandle, MigDeviceHandle, SimHelpers, StateStore,
                                      from_pointer, gpu_uuid, mig_uuid)
 from nodeagent.nvml.simtelemetry import GpuModelTelemetry, TelemetryApi, TelemetryHelpers
@@ -84,7 +89,7 @@ _COMPUTE_CAP = {"A100-40GB": (8, 0), "A100-80GB": (8, 0), "H100-80GB": (9, 0), "
 _NA_UINT = _n.NVML_VALUE_NOT_AVAILABLE_uint.value
 
 
-class SimNvml(MigApi, TelemetryApi, FaultApi, SimHelpers, TelemetryHelpers):
+class SimNvml(MigApi, ComputeInstanceApi, TelemetryApi, FaultApi, SimHelpers, TelemetryHelpers):
     """One simulated host's NVML; attribute-compatible with the pynvml module.
     ``clock`` gives the time in seconds since the epoch (default ``time.time``)."""
 
@@ -118,7 +123,7 @@ class SimNvml(MigApi, TelemetryApi, FaultApi, SimHelpers, TelemetryHelpers):
             self._store.close()
         self._store = StateStore(state_file, host, before_mutate=self._anchor_temperatures)
 
-    # -- internals shared with MigApi
+    # -- internals shared with MigApi and ComputeInstanceApi
 
     def _read(self) -> dict:
         if self._refcount <= 0:

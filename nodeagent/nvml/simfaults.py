@@ -42,7 +42,7 @@ from typing import Any, Callable
 import pynvml as _n
 
 from nodeagent.hostfile import HostSpec
-from nodeagent.nvml.simmig import err
+from nodeagent.nvml.simargs import err
 from nodeagent.nvml.simstate import DeviceHandle, EventSetHandle, StateStore, from_pointer, to_pointer
 
 EVENTS_KEPT = 256

@@ -1,14 +1,12 @@
-"""MIG calls of the simulated NVML (a mixin of ``sim.SimNvml``).
+"""GPU-instance and MIG-device calls of the simulated NVML (a mixin of ``sim.SimNvml``).
 
 Same names, arguments and return types as ``pynvml``; placement math comes
-from ``mesh.gpumodels``. Out-parameters (placement and instance arrays,
-counts) must be passed the way the C library needs them: an array or
-``byref``/``pointer`` for arrays, ``byref``/``pointer`` of a ``c_uint`` for
-counts, ``byref``/``pointer`` of a placement struct. Error codes follow the
-NVML reference: MIG disabled -> NOT_SUPPORTED, unknown profile id ->
-INVALID_ARGUMENT (NOT_SUPPORTED from the profile-info queries), occupied
-placement -> INSUFFICIENT_RESOURCES, destroying an instance that still has
-compute instances or processes -> IN_USE, missing id -> NOT_FOUND.
+from ``mesh.gpumodels``; ctypes arguments are taken as ``simargs`` describes;
+compute instances are in ``simci``. Error codes follow the NVML reference: MIG
+disabled -> NOT_SUPPORTED, unknown profile id -> INVALID_ARGUMENT
+(NOT_SUPPORTED from the profile-info queries), occupied placement ->
+INSUFFICIENT_RESOURCES, destroying an instance that still has compute
+instances or processes -> IN_USE, missing id -> NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -19,59 +17,12 @@ from typing import Any
 import pynvml as _n
 
 from mesh.gpumodels import GpuModel, MigProfile, placement_conflict
-from nodeagent.nvml.simstate import ComputeInstanceHandle, GpuInstanceHandle, MigDeviceHandle, to_pointer
-
-CI_SLICES = {_n.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1, _n.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
-              _n.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3, _n.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
-              _n.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7}
-_CI_SMALLER = {7: (1, 2, 3, 4), 4: (1, 2), 3: (1, 2), 2: (1,), 1: ()}  # CI sizes below the GI's own
-
-
-def err(code: int) -> _n.NVMLError:
-    return _n.NVMLError(code)
-
-
-def ci_starts(gi_slices: int, ci_slices: int) -> tuple[int, ...]:
-    """Compute-slice start positions of a CI inside a GI; () if unsupported."""
-    if ci_slices == gi_slices:
-        return (0,)
-    if ci_slices not in _CI_SMALLER.get(gi_slices, ()):
-        return ()
-    step = {1: 1, 2: 2, 3: 4, 4: 4}[ci_slices]
-    return tuple(s for s in range(0, gi_slices, step) if s + ci_slices <= gi_slices)
-
-
-def uint_out(ref: Any) -> ctypes.c_uint:
-    """The c_uint behind byref()/pointer(); TypeError otherwise."""
-    obj = getattr(ref, "_obj", None)
-    if isinstance(obj, ctypes.c_uint):
-        return obj
-    if isinstance(ref, ctypes._Pointer) and isinstance(ref.contents, ctypes.c_uint):
-        return ref.contents
-    raise TypeError(f"count must be ctypes.byref(c_uint) or ctypes.pointer(c_uint), got {ref!r}")
-
-
-def array_out(ref: Any) -> Any:
-    """An indexable view of an out-array: ctypes array, byref(array or struct) or pointer."""
-    obj = getattr(ref, "_obj", ref)
-    if isinstance(obj, (ctypes.Array, ctypes._Pointer)):
-        return obj
-    if isinstance(obj, ctypes.Structure):
-        return ctypes.pointer(obj)
-    raise TypeError(f"expected a ctypes array or pointer for the output buffer, got {ref!r}")
-
-
-def placement_in(ref: Any) -> tuple[int, int]:
-    """(start, size) of a placement passed as byref()/pointer()."""
-    obj = getattr(ref, "_obj", None)
-    if obj is None and isinstance(ref, ctypes._Pointer):
-        obj = ref.contents
-    if not isinstance(obj, (_n.c_nvmlGpuInstancePlacement_t, _n.c_nvmlComputeInstancePlacement_t)):
-        raise TypeError(f"placement must be ctypes.byref(placement struct) or ctypes.pointer(...), got {ref!r}")
-    return obj.start, obj.size
+from nodeagent.nvml.simargs import array_out, err, fill_placements, placement_in, uint_out
+from nodeagent.nvml.simstate import GpuInstanceHandle, MigDeviceHandle, to_pointer
 
 
 def lowest_free(used: Any, first: int) -> int:
+    """The lowest id from `first` up that `used` does not hold (new GPU and compute instance ids)."""
     taken = set(used)
     n = first
     while n in taken:
@@ -80,7 +31,7 @@ def lowest_free(used: Any, first: int) -> int:
 
 
 class MigApi:
-    """GPU-instance and compute-instance calls; state access comes from SimNvml."""
+    """GPU-instance and MIG-device calls; state access comes from SimNvml."""
 
     # -- helpers the mixin needs from SimNvml: _read, _mutate, _device, _model, _gi_of, _ci_of
 
@@ -169,23 +120,9 @@ class MigApi:
             raise err(_n.NVML_ERROR_NOT_SUPPORTED)
         p = self._gi_profile(model, profileId)
         count = uint_out(countRef)
-        return self._fill_placements(placementsRef, count, p.starts, p.memory_slices)
+        return fill_placements(placementsRef, count, p.starts, p.memory_slices)
 
     nvmlDeviceGetGpuInstancePossiblePlacements_v2 = nvmlDeviceGetGpuInstancePossiblePlacements
-
-    @staticmethod
-    def _fill_placements(placementsRef: Any, count: ctypes.c_uint, starts: tuple[int, ...], size: int) -> int:
-        if placementsRef is None:
-            count.value = len(starts)
-            return _n.NVML_SUCCESS
-        if count.value < len(starts):
-            count.value = len(starts)
-            raise err(_n.NVML_ERROR_INSUFFICIENT_SIZE)
-        out = array_out(placementsRef)
-        for i, s in enumerate(starts):
-            out[i].start, out[i].size = s, size
-        count.value = len(starts)
-        return _n.NVML_SUCCESS
 
     # -- GPU instances
 
@@ -265,136 +202,6 @@ class MigApi:
         info.id, info.profileId = gi["id"], gi["profile_id"]
         info.placement.start, info.placement.size = gi["start"], p.memory_slices
         return info
-
-    # -- compute instances
-
-    def _ci_profile(self, h: GpuInstanceHandle, gi: dict, profile: int) -> tuple[int, tuple[int, ...], MigProfile]:
-        gp = self._model(h.gpu).profile_by_id(gi["profile_id"])
-        slices = CI_SLICES.get(profile, 0)
-        starts = ci_starts(gp.compute_slices, slices) if slices else ()
-        return slices, starts, gp
-
-    def nvmlGpuInstanceGetComputeInstanceProfileInfo(self, device: Any, profile: int, engProfile: int, version: int = 2) -> Any:
-        if version not in (1, 2):
-            raise err(_n.NVML_ERROR_FUNCTION_NOT_FOUND)
-        h = self._handle(device, GpuInstanceHandle)
-        _, gi = self._gi_of(self._read(), h)
-        if not 0 <= profile < _n.NVML_COMPUTE_INSTANCE_PROFILE_COUNT or engProfile != _n.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED:
-            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-        slices, starts, gp = self._ci_profile(h, gi, profile)
-        if not starts:
-            raise err(_n.NVML_ERROR_NOT_SUPPORTED)
-        model = self._model(h.gpu)
-        sm_per_slice = min(p.multiprocessors for p in model.mig_profiles if p.compute_slices == 1)
-        info = _n.c_nvmlComputeInstanceProfileInfo_v2_t() if version == 2 else _n.c_nvmlComputeInstanceProfileInfo_t()
-        info.id, info.sliceCount, info.instanceCount = profile, slices, len(starts)
-        info.multiprocessorCount = gp.multiprocessors if slices == gp.compute_slices else slices * sm_per_slice
-        info.sharedCopyEngineCount = gp.compute_slices
-        if version == 2:
-            info.name = (f"MIG {gp.name}" if slices == gp.compute_slices else f"MIG {slices}c.{gp.name}").encode()
-        return info
-
-    nvmlGpuInstanceGetComputeInstanceProfileInfoV = nvmlGpuInstanceGetComputeInstanceProfileInfo
-
-    def _ci_free(self, gi: dict, slices: int, starts: tuple[int, ...]) -> list[int]:
-        used = set()
-        for c in gi["cis"]:
-            used.update(range(c["start"], c["start"] + CI_SLICES[c["profile_id"]]))
-        return [s for s in starts if not used.intersection(range(s, s + slices))]
-
-    def nvmlGpuInstanceGetComputeInstanceRemainingCapacity(self, gpuInstance: Any, profileId: int) -> int:
-        h = self._handle(gpuInstance, GpuInstanceHandle)
-        _, gi = self._gi_of(self._read(), h)
-        slices, starts, _ = self._ci_profile(h, gi, profileId)
-        if not starts:
-            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-        return len(self._ci_free(gi, slices, starts))
-
-    def nvmlGpuInstanceGetComputeInstancePossiblePlacements(self, gpuInstance: Any, profileId: int, placementsRef: Any, countRef: Any) -> int:
-        h = self._handle(gpuInstance, GpuInstanceHandle)
-        _, gi = self._gi_of(self._read(), h)
-        slices, starts, _ = self._ci_profile(h, gi, profileId)
-        if not starts:
-            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-        return self._fill_placements(placementsRef, uint_out(countRef), starts, slices)
-
-    def nvmlGpuInstanceCreateComputeInstance(self, gpuInstance: Any, profileId: int) -> ComputeInstanceHandle:
-        return self._create_ci(self._handle(gpuInstance, GpuInstanceHandle), profileId, None)
-
-    def nvmlGpuInstanceCreateComputeInstanceWithPlacement(self, gpuInstance: Any, profileId: int, placement: Any) -> ComputeInstanceHandle:
-        h = self._handle(gpuInstance, GpuInstanceHandle)
-        return self._create_ci(h, profileId, placement_in(placement))
-
-    def _create_ci(self, h: GpuInstanceHandle, profile_id: int, placement: tuple[int, int] | None) -> ComputeInstanceHandle:
-        def apply(state: dict) -> ComputeInstanceHandle:
-            gpu, gi = self._gi_of(state, h)
-            slices, starts, _ = self._ci_profile(h, gi, profile_id)
-            if not starts:
-                raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-            free = self._ci_free(gi, slices, starts)
-            if placement is None:
-                if not free:
-                    raise err(_n.NVML_ERROR_INSUFFICIENT_RESOURCES)
-                start = free[0]
-            else:
-                start, size = placement
-                if start not in starts or size != slices:
-                    raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-                if start not in free:
-                    raise err(_n.NVML_ERROR_INSUFFICIENT_RESOURCES)
-            uid = gpu["next_uid"]
-            gpu["next_uid"] += 1
-            ci_id = lowest_free((c["id"] for c in gi["cis"]), 0)
-            gi["cis"].append({"id": ci_id, "profile_id": profile_id, "start": start, "uid": uid})
-            return ComputeInstanceHandle(h.gpu, uid)
-
-        return self._mutate(apply)
-
-    def nvmlComputeInstanceDestroy(self, computeInstance: Any) -> int:
-        h = self._handle(computeInstance, ComputeInstanceHandle)
-
-        def apply(state: dict) -> int:
-            gpu, gi, ci = self._ci_of(state, h.gpu, h.uid)
-            if any(p["gi"] == gi["id"] and p["ci"] == ci["id"] for p in gpu["processes"]):
-                raise err(_n.NVML_ERROR_IN_USE)
-            gi["cis"].remove(ci)
-            return _n.NVML_SUCCESS
-
-        return self._mutate(apply)
-
-    def nvmlGpuInstanceGetComputeInstances(self, gpuInstance: Any, profileId: int, computeInstancesRef: Any, countRef: Any) -> int:
-        h = self._handle(gpuInstance, GpuInstanceHandle)
-        _, gi = self._gi_of(self._read(), h)
-        if profileId not in CI_SLICES:
-            raise err(_n.NVML_ERROR_INVALID_ARGUMENT)
-        count = uint_out(countRef)
-        found = sorted((c for c in gi["cis"] if c["profile_id"] == profileId), key=lambda c: c["id"])
-        if found:
-            out = array_out(computeInstancesRef)
-            for i, c in enumerate(found):
-                out[i] = to_pointer(ComputeInstanceHandle(h.gpu, c["uid"]), _n.c_nvmlComputeInstance_t)
-        count.value = len(found)
-        return _n.NVML_SUCCESS
-
-    def nvmlGpuInstanceGetComputeInstanceById(self, gpuInstance: Any, computeInstanceId: int) -> ComputeInstanceHandle:
-        h = self._handle(gpuInstance, GpuInstanceHandle)
-        _, gi = self._gi_of(self._read(), h)
-        for c in gi["cis"]:
-            if c["id"] == computeInstanceId:
-                return ComputeInstanceHandle(h.gpu, c["uid"])
-        raise err(_n.NVML_ERROR_NOT_FOUND)
-
-    def nvmlComputeInstanceGetInfo(self, computeInstance: Any) -> Any:
-        h = self._handle(computeInstance, ComputeInstanceHandle)
-        _, gi, ci = self._ci_of(self._read(), h.gpu, h.uid)
-        info = _n.c_nvmlComputeInstanceInfo_t()
-        info.device = to_pointer(self._device_handle(h.gpu), _n.c_nvmlDevice_t)
-        info.gpuInstance = to_pointer(GpuInstanceHandle(h.gpu, gi["uid"]), _n.c_nvmlGpuInstance_t)
-        info.id, info.profileId = ci["id"], ci["profile_id"]
-        info.placement.start, info.placement.size = ci["start"], CI_SLICES[ci["profile_id"]]
-        return info
-
-    nvmlComputeInstanceGetInfo_v2 = nvmlComputeInstanceGetInfo
 
     # -- MIG device handles
 

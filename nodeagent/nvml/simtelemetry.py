@@ -36,7 +36,8 @@ import pynvml as _n
 
 from mesh.gpumodels import GpuModel
 from nodeagent.hostfile import GpuSpec, HostSpec
-from nodeagent.nvml.simmig import CI_SLICES, err
+from nodeagent.nvml.simargs import err
+from nodeagent.nvml.simci import CI_SLICES
 from nodeagent.nvml.simstate import DeviceHandle
 
 DEFAULT_PROCESS_UTIL = 35.0  # percent, for a process added without a declared util

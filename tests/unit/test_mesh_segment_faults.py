@@ -159,21 +159,21 @@ def test_a_buffer_deregistered_between_its_checks_and_its_copy_answers_revoked()
     (the copy used to slice the released view on every pass: ValueError killed the serving thread and the
     caller saw its connection reset)."""
     steps = run_child("""
-    from mesh.transport import dataplane
+    from mesh.transport import handler
     r = Registrar(agent("n1", "s-1", "s-2"), "127.0.0.1:0")
     secret = secrets.token_bytes(32)
     d = r.register("s-1", 1 << 20, "shm", CONN, secret)
     c = TcpConnection(d, secret=secret)
     step("before", lambda: c.write(0, b"abc"))
-    real = dataplane.TcpDataPlane._segment_ok
+    real = handler.RequestHandler._segment_ok
     def ok_then_deregistered(self, region, op):
         out = real(self, region, op)
         region.data.release()                  # what remove() does, right after the checks passed
         return out
-    dataplane.TcpDataPlane._segment_ok = ok_then_deregistered
+    handler.RequestHandler._segment_ok = ok_then_deregistered
     step("write", lambda: c.write(0, os.urandom(1 << 16)))
     step("read", lambda: c.read(0, 16))
-    dataplane.TcpDataPlane._segment_ok = real
+    handler.RequestHandler._segment_ok = real
     step("ping", lambda: c.ping())
     r.close()
     """)

@@ -238,9 +238,9 @@ def test_unscoped_channels_refused_where_the_plane_says_so():
 
 
 def test_inbox_is_capped_in_bytes_and_a_receive_frees_room(tcp, monkeypatch):
-    from mesh.transport import dataplane
+    from mesh.transport import handler
     from mesh.transport.base import TransportError
-    monkeypatch.setattr(dataplane, "MAX_QUEUED_BYTES", 1000, raising=False)
+    monkeypatch.setattr(handler, "MAX_QUEUED_BYTES", 1000, raising=False)
     d = tcp.register("s-1", 16)
     region = tcp.buffers[d.buffer_id]
     with tcp.connect(d) as peer, tcp.connect(d) as owner:

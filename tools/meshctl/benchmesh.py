@@ -76,7 +76,7 @@ def serve(size: int) -> None:
 
     plane = TcpDataPlane("127.0.0.1", 0, "127.0.0.1")
     region = ShmRegion(f"bench-{os.getpid()}", size, new_key())
-    served = plane.add(region.buffer_id, "bench", region.data, region.rkey)
+    served = plane.regions.add(region.buffer_id, "bench", region.data, region.rkey)
     sink = socket.create_server(("127.0.0.1", 0))
     sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
     import tempfile
@@ -120,7 +120,7 @@ def serve(size: int) -> None:
                       "shm_name": region.name, "buffer_id": region.buffer_id,
                       "raw": sink.getsockname()[1], "unix": unix_path}), flush=True)
     sys.stdin.read()      # until the bench closes our stdin
-    plane.remove(region.rkey)
+    plane.regions.remove(region.rkey)
     region.revoke()
 
 
