@@ -23,12 +23,13 @@ from mesh import errors
 from mesh.checkpoint.store import QUOTA_NAME
 from mesh.logs import log
 
-from controlplane.controllers.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.migration_phases import C, P, R, StepFailed, StepTimedOut, W
 
 logger = logging.getLogger("controlplane.controllers.migrations")
 # CHECKPOINT is sent again this often until answered: the agent's step is repeat-safe by checkpoint id
 # (nodeagent/migrate_checkpoint.py), so an agent that restarted mid-checkpoint is asked again within seconds
-# instead of the call hanging until COPY_TIMEOUT
+# instead of the call waiting until copy_idle_timeout_seconds passed without progress; each repeat while it runs is
+# answered with its progress (the bytes received so far)
 CHECKPOINT_RESEND = 3.0
 
 
@@ -63,8 +64,14 @@ class CheckpointsMixin:
             rep = await self._ask(ck_id, w.node, M.MigrationCommand(
                 migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant,
                 checkpoint_key=ck_key, max_bytes=max_bytes),
-                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=CHECKPOINT_RESEND)
+                (R.CHECKPOINTED,), timeout=self.copy_timeout, resend=CHECKPOINT_RESEND, idle=self.copy_idle_timeout)
         except StepFailed as e:
+            if isinstance(e, StepTimedOut):
+                # the agent may still be writing it (a partition, or the ceiling reached): told to give it up and
+                # remove what it wrote, else a checkpoint it committed later would be named by no record (an agent
+                # that does not get this gives it up anyway once the command stops coming: migrate_checkpoint.py)
+                self._send(w.node, M.MigrationCommand(migration_id=ck_id, action=C.DELETE_CHECKPOINT, path=path,
+                                                      workload_id=wid, tenant=w.tenant))
             if max_bytes and QUOTA_NAME in str(e):      # the agent's receiver refused it past what was left
                 raise self.checkpoint_quota.refused(w.tenant, f"checkpoint of {wid} refused: {e}") from None
             raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None

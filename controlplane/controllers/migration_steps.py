@@ -11,8 +11,9 @@ import logging
 import secrets
 
 from controlplane.state import keys
-from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
-                                           START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_IDLE_TIMEOUT, COPY_TIMEOUT, FINISHED, LABEL,
+                                                       PLACE_ATTEMPTS, RESEND, START_TIMEOUT, STEP_TIMEOUT, C, P, R,
+                                                       StepFailed, W, alias, phase_name)
 from controlplane.controllers.migration_quota import QuotaMixin, off_node
 from controlplane.controllers.migration_records import committed_record
 from controlplane.controllers.workloadrecords import UPDATE_TRIES as COMMIT_CONFLICTS
@@ -28,6 +29,10 @@ _Failed = StepFailed
 
 class StepsMixin(QuotaMixin):
     """Mixed into MigrationManager (self.ctl, self.wm, self.migrations, self._ask, self._save, ...)."""
+
+    # the long steps' wait (controllers/copy_wait.py): the leader sets them from its configuration
+    copy_idle_timeout: float = COPY_IDLE_TIMEOUT
+    copy_timeout: float = COPY_TIMEOUT
 
     # -- the state machine ----------------------------------------------------------------------
 
@@ -142,16 +147,21 @@ class StepsMixin(QuotaMixin):
         await self._pause_hook(m)
 
         async def progress(rep: M.MigrationReport) -> None:
-            if rep.event == R.PROGRESS:
+            if rep.event == R.PROGRESS and rep.HasField("round"):
                 if rep.transfer:
                     m.transfer = rep.transfer
                 m.rounds.append(rep.round)
                 m.round, m.bytes_sent, m.mb_per_s = rep.round.round, rep.bytes, rep.mb_per_s
                 await self._save(m)
+            elif rep.event == R.PROGRESS and rep.bytes > m.bytes_sent:
+                # a restore's push, answered to each repeat of PUSH_CHECKPOINT: the bytes pushed so far
+                m.bytes_sent = rep.bytes
+                await self._save(m)
             elif rep.event == R.SOURCE_PAUSED and m.phase == P.MIGRATION_PHASE_COPYING:
                 await self._set(m, P.MIGRATION_PHASE_PAUSED, step=rep.step)
                 await self._pause_hook(m)
-        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), COPY_TIMEOUT, on_other=progress)
+        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), self.copy_timeout, on_other=progress,
+                              idle=self.copy_idle_timeout)
         await self._commit(m, rep)
 
     def _secret(self, m: M.Migration) -> bytes:

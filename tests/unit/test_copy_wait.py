@@ -1,0 +1,200 @@
+"""How long the control plane waits for a long agent step (a checkpoint into the store, a restore's push, a
+migration's copy): as long as the agent reports progress, failing only after `copy_idle_timeout_seconds` without
+any, or after `copy_timeout_seconds` in all. Before, it waited a fixed 30 minutes whatever the progress, so a
+checkpoint of a large workload into a slow store failed at 30 minutes while it was still being written.
+
+The manager runs on an event loop whose clock the fake agent moves on by hand (`FakeClockLoop`): each command
+the agent is sent (the control plane asks again every few seconds) stands for `step` seconds, so hours pass
+without waiting for them and nothing here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane.controllers import migration_checkpoints, migration_steps, migrations
+from controlplane.controllers.migration_phases import C, P, R
+from gpumesh.v1 import migration_service_pb2 as M
+from gpumesh.v1 import types_pb2
+from mesh import errors
+from tests.unit.test_migration_durability import MID, WID, Etcd, manager
+
+GB = 1 << 30
+MAX_ASKS = 2000         # a fake agent asked more often than this: the wait never ended
+
+
+class FakeClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose time runs `offset` seconds ahead of the real one: timers due by then fire at once."""
+    offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+
+def run(coro):
+    loop = FakeClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        for _ in range(3):      # the fake agent's last reports, sent after the answer, are delivered
+            loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+
+
+class ClockedAgent:
+    """The node's agent session: each command it is sent moves the clock on by `step` seconds and is answered
+    with `answer(cmd, n)` (the n-th command; None: no answer, as from a dead agent)."""
+
+    def __init__(self, mm, node: str, step: float, answer) -> None:
+        self.mm, self.node, self.step, self.answer = mm, node, step, answer
+        self.got: list[M.MigrationCommand] = []
+
+    def send(self, msg) -> None:
+        cmd = msg.migration
+        self.got.append(cmd)
+        assert len(self.got) < MAX_ASKS, "the control plane never stopped waiting"
+        loop = asyncio.get_running_loop()
+        loop.offset += self.step
+        rep = self.answer(cmd, len(self.got))
+        if rep is not None:
+            loop.call_soon(lambda: asyncio.ensure_future(self.mm._on_report(self.node, rep)))
+
+    def actions(self, action: int) -> list[M.MigrationCommand]:
+        return [c for c in self.got if c.action == action]
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    """The control plane asks again at once (in real time); the fake clock says how long it waited."""
+    monkeypatch.setattr(migration_checkpoints, "CHECKPOINT_RESEND", 0.001)
+    monkeypatch.setattr(migration_steps, "RESEND", 0.001)
+    monkeypatch.setattr(migrations, "RESEND", 0.001)
+
+
+def running() -> types_pb2.Workload:
+    return types_pb2.Workload(id=WID, node="nA", slice_id="s-a", tenant="t", state=types_pb2.WORKLOAD_STATE_RUNNING)
+
+
+def checkpoint_manager(step: float, answer):
+    mm, sessions, wm = manager(Etcd(), running())
+    wm.get = lambda wid: wm.workloads[wid]
+    agent = sessions["nA"] = ClockedAgent(mm, "nA", step, answer)
+    return mm, agent
+
+
+def progress(cmd: M.MigrationCommand, nbytes: int) -> M.MigrationReport:
+    return R(migration_id=cmd.migration_id, event=R.PROGRESS, bytes=nbytes)
+
+
+def test_a_checkpoint_that_keeps_progressing_is_waited_for_past_the_old_30_minutes():
+    """Two hours of a push that advances 1 GiB every 5 minutes: stored, not failed at 30 minutes."""
+    def answer(cmd, n):
+        if n <= 24:
+            return progress(cmd, n * GB)
+        return R(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path, step=9, bytes=24 * GB)
+    mm, agent = checkpoint_manager(300.0, answer)
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        ck = await mm.checkpoint(WID)
+        return ck, asyncio.get_running_loop().time() - t0
+    ck, waited = run(main())
+    assert ck.bytes == 24 * GB and ck.step == 9 and ck.id in mm.checkpoints
+    assert waited >= 2 * 3600, waited
+
+
+def test_a_checkpoint_whose_progress_stops_fails_after_the_idle_period_naming_it():
+    """The agent answers, but its byte count stays put: failed once copy_idle_timeout_seconds (900 s by default)
+    passed without progress, not at the old 30 minutes, and the agent is told to drop what it wrote."""
+    def answer(cmd, n):
+        return progress(cmd, min(n, 5) * GB) if cmd.action == C.CHECKPOINT else None
+    mm, agent = checkpoint_manager(60.0, answer)
+    assert mm.copy_idle_timeout == 900
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(errors.FailedPrecondition) as e:
+            await mm.checkpoint(WID)
+        return str(e.value), asyncio.get_running_loop().time() - t0
+    msg, waited = run(main())
+    assert "no progress" in msg and "900 s" in msg and "copy_idle_timeout_seconds" in msg, msg
+    assert str(5 * GB) in msg, msg                      # what was reported last
+    assert 5 * 60 + 900 <= waited < 1800, waited        # the last advance was at the 5th ask
+    deletes = agent.actions(C.DELETE_CHECKPOINT)
+    assert [(d.migration_id, d.path) for d in deletes] == [(c.migration_id, c.path) for c in
+                                                           agent.actions(C.CHECKPOINT)[:1]]
+    assert mm.checkpoints == {}
+
+
+def test_a_dead_agent_fails_the_checkpoint_after_the_idle_period():
+    mm, agent = checkpoint_manager(60.0, lambda cmd, n: None)
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(errors.FailedPrecondition, match="copy_idle_timeout_seconds"):
+            await mm.checkpoint(WID)
+        return asyncio.get_running_loop().time() - t0
+    assert 900 <= run(main()) < 1800
+
+
+def test_a_checkpoint_longer_than_the_ceiling_fails_naming_it_however_it_progresses():
+    mm, agent = checkpoint_manager(300.0, lambda cmd, n: progress(cmd, n * GB))
+    mm.copy_timeout = 7200.0
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(errors.FailedPrecondition) as e:
+            await mm.checkpoint(WID)
+        return str(e.value), asyncio.get_running_loop().time() - t0
+    msg, waited = run(main())
+    assert "7200 s" in msg and "copy_timeout_seconds" in msg, msg
+    assert 7200 <= waited < 7200 + 600, waited
+
+
+def test_a_restore_whose_push_keeps_progressing_commits_past_the_old_30_minutes():
+    """A restore's push from the store (PUSH_CHECKPOINT) shares the wait: two hours of progress, then RESTORED,
+    and the migration commits; the bytes pushed so far are on the record while it copies."""
+    etcd = Etcd()
+    w = types_pb2.Workload(id=WID, node="nA", slice_id="s-a", tenant="t", state=types_pb2.WORKLOAD_STATE_STOPPED)
+    mm, sessions, wm = manager(etcd, w)
+    seen = []
+
+    def answer(cmd, n):
+        if cmd.action != C.PUSH_CHECKPOINT:
+            return None
+        seen.append(mm.migrations[MID].bytes_sent)
+        if n <= 24:
+            return progress(cmd, n * GB)
+        return R(migration_id=cmd.migration_id, event=R.RESTORED, step=9, bytes=24 * GB)
+    sessions["nB"] = ClockedAgent(mm, "nB", 300.0, answer)
+    mm.checkpoints["ck-1"] = M.CheckpointInfo(id="ck-1", workload_id=WID, tenant="t", path="t/w-1/ck-1")
+    m = M.Migration(id=MID, workload_id=WID, tenant="t", source_node="nA", source_slice="s-a", target_node="nB",
+                    target_slice="s-b", session=f"mig-{MID}", target_address="10.0.0.2:1", checkpoint_id="ck-1",
+                    mode=M.MIGRATION_MODE_STOP_AND_COPY, phase=P.MIGRATION_PHASE_COPYING)
+    mm.migrations[MID] = m
+    mm.secrets[MID] = b"x" * 32
+
+    async def main():
+        await mm._copy(m)
+    run(main())
+    assert m.phase == P.MIGRATION_PHASE_COMMITTED, m.message
+    assert seen[-1] == 24 * GB and len(m.rounds) == 0       # progress without a round adds none
+
+
+@pytest.mark.parametrize("fields, said", [
+    ({"copy_idle_timeout_seconds": 5}, "copy_idle_timeout_seconds: 5 is below the minimum"),
+    ({"copy_timeout_seconds": 40 * 86400}, "copy_timeout_seconds: .* is above the maximum"),
+    ({"copy_idle_timeout_seconds": float("nan")}, "copy_idle_timeout_seconds: .*finite"),
+    ({"copy_idle_timeout_seconds": 7200, "copy_timeout_seconds": 3600},
+     "copy_idle_timeout_seconds: 7200 .* copy_timeout_seconds \\(3600"),
+])
+def test_the_wait_is_validated_naming_the_option(tmp_path, fields, said):
+    from controlplane.config import ControlPlaneConfig
+    from mesh.config import ConfigError, validate
+    ok = ControlPlaneConfig(state_dir=str(tmp_path / "cp"), insecure=True)
+    assert (ok.copy_idle_timeout_seconds, ok.copy_timeout_seconds) == (900, 86400)
+    validate(ok)
+    with pytest.raises(ConfigError, match=said):
+        validate(ControlPlaneConfig(state_dir=str(tmp_path / "cp"), insecure=True, **fields))
+
