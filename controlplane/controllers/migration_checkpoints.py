@@ -9,6 +9,7 @@ machine of controlplane/controllers/migrations.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 
@@ -65,13 +66,12 @@ class CheckpointsMixin:
                 migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant,
                 checkpoint_key=ck_key, max_bytes=max_bytes),
                 (R.CHECKPOINTED,), timeout=self.copy_timeout, resend=CHECKPOINT_RESEND, idle=self.copy_idle_timeout)
+        except asyncio.CancelledError:      # the caller went away (its deadline, a cancelled call) or leadership
+            self._give_up_checkpoint(w, ck_id, path)
+            raise
         except StepFailed as e:
             if isinstance(e, StepTimedOut):
-                # the agent may still be writing it (a partition, or the ceiling reached): told to give it up and
-                # remove what it wrote, else a checkpoint it committed later would be named by no record (an agent
-                # that does not get this gives it up anyway once the command stops coming: migrate_checkpoint.py)
-                self._send(w.node, M.MigrationCommand(migration_id=ck_id, action=C.DELETE_CHECKPOINT, path=path,
-                                                      workload_id=wid, tenant=w.tenant))
+                self._give_up_checkpoint(w, ck_id, path)
             if max_bytes and QUOTA_NAME in str(e):      # the agent's receiver refused it past what was left
                 raise self.checkpoint_quota.refused(w.tenant, f"checkpoint of {wid} refused: {e}") from None
             raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
@@ -91,6 +91,13 @@ class CheckpointsMixin:
         self.checkpoint_keys[ck_id] = ck_key
         log(logger, logging.INFO, "checkpoint stored", checkpoint=ck_id, workload=wid, step=ck.step, bytes=ck.bytes)
         return ck
+
+    def _give_up_checkpoint(self, w, ck_id: str, path: str) -> None:
+        """The control plane no longer waits for checkpoint `ck_id`, which its agent may still be writing: the agent
+        is told to give it up and remove what it wrote, else a checkpoint it committed later would be named by no
+        record. An agent that does not get this gives it up once the command stops coming (migrate_checkpoint.py)."""
+        self._send(w.node, M.MigrationCommand(migration_id=ck_id, action=C.DELETE_CHECKPOINT, path=path,
+                                              workload_id=w.id, tenant=w.tenant))
 
     async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
         if not ck_id:

@@ -198,3 +198,39 @@ def test_the_wait_is_validated_naming_the_option(tmp_path, fields, said):
     with pytest.raises(ConfigError, match=said):
         validate(ControlPlaneConfig(state_dir=str(tmp_path / "cp"), insecure=True, **fields))
 
+
+
+def test_the_sdks_checkpoint_call_waits_as_long_as_the_control_plane_does():
+    """Before, the SDK (and so `meshctl checkpoint`) gave a Checkpoint call a 10-minute deadline: a checkpoint the
+    control plane still waited for failed at the client, and the checkpoint was given up with it. The control
+    plane bounds the wait (copy_idle_timeout_seconds, copy_timeout_seconds); the call has no deadline of its own
+    unless the caller gives one."""
+    from mesh.migrationapi import MigrationApi
+    asked = []
+
+    class Stub:
+        def Checkpoint(self, req, timeout=None):
+            asked.append(timeout)
+            return M.CheckpointInfo(id="ck-1", workload_id=req.workload_id)
+    api = MigrationApi()
+    api.timeout = 30.0
+    api.__dict__["_migration_stub"] = Stub()
+    assert api.checkpoint(WID).id == "ck-1" and api.checkpoint(WID, timeout=5).id == "ck-1"
+    assert asked == [None, 5]
+
+
+def test_a_checkpoint_call_cancelled_meanwhile_tells_the_agent_to_give_it_up():
+    """The caller went away (its deadline, a cancelled call; the leader lost its lease): the agent is told at once
+    to drop the checkpoint it may still be writing, not only once it notices that it is no longer asked for."""
+    mm, agent = checkpoint_manager(1.0, lambda cmd, n: progress(cmd, n))
+
+    async def main():
+        task = asyncio.ensure_future(mm.checkpoint(WID))
+        while len(agent.actions(C.CHECKPOINT)) < 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    run(main())
+    ck = agent.actions(C.CHECKPOINT)[0]
+    assert [(d.migration_id, d.path) for d in agent.actions(C.DELETE_CHECKPOINT)] == [(ck.migration_id, ck.path)]
