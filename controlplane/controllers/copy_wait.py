@@ -3,7 +3,7 @@
 A short step (start a target, resume, stop) has a fixed timeout. A long one (CHECKPOINT into the store, a
 restore's PUSH_CHECKPOINT, a migration's SEND) takes as long as its state needs: tens of GB of GPU and host memory
 to a slow store is more than half an hour. It is waited for as long as its agent reports progress (PROGRESS with
-more bytes, or a new pre-copy round; the source's pause) and fails after `idle` seconds without any
+other bytes than before, or a new pre-copy round; the source's pause) and fails after `idle` seconds without any
 (`copy_idle_timeout_seconds`: a dead agent, a lost node, a step stuck), or after `ceiling` seconds in all
 (`copy_timeout_seconds`), progress or not.
 """
@@ -28,7 +28,7 @@ class StepWait:
         """Take a report that is not the answer: True (and the idle period starts over) when it shows progress."""
         advanced = rep.event == R.SOURCE_PAUSED
         if rep.event == R.PROGRESS:
-            if rep.bytes > self.bytes:
+            if rep.bytes != self.bytes:     # fewer: the agent restarted and writes the checkpoint anew
                 self.bytes, advanced = rep.bytes, True
             if rep.HasField("round") and rep.round.round > self.round:
                 self.round, advanced = rep.round.round, True

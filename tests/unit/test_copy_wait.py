@@ -234,3 +234,16 @@ def test_a_checkpoint_call_cancelled_meanwhile_tells_the_agent_to_give_it_up():
     run(main())
     ck = agent.actions(C.CHECKPOINT)[0]
     assert [(d.migration_id, d.path) for d in agent.actions(C.DELETE_CHECKPOINT)] == [(ck.migration_id, ck.path)]
+
+
+def test_a_checkpoint_written_anew_after_an_agent_restart_counts_as_progress():
+    """The agent restarted mid-checkpoint and writes it anew (the step is repeat-safe): its byte count starts over
+    below what was reported before, and that is progress too, not an idle period until it passes the old count."""
+    def answer(cmd, n):
+        if n <= 5:
+            return progress(cmd, n * GB)
+        if n <= 20:
+            return progress(cmd, (n - 5) * GB // 2)
+        return R(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path, step=9, bytes=8 * GB)
+    mm, agent = checkpoint_manager(300.0, answer)
+    assert run(mm.checkpoint(WID)).bytes == 8 * GB
