@@ -15,6 +15,19 @@ from gpumesh.v1 import migration_service_pb2 as M
 R = M.MigrationReport
 
 
+IDLE_NAME = "copy_idle_timeout_seconds"
+
+
+class Idle(float):
+    """An idle period that is not `copy_idle_timeout_seconds` as it is: `why` names where it comes from."""
+    why: str
+
+    def __new__(cls, seconds: float, why: str) -> "Idle":
+        idle = super().__new__(cls, seconds)
+        idle.why = why
+        return idle
+
+
 class StepWait:
     """The deadline of one asked step, moved on by its progress; the times are the event loop's."""
 
@@ -51,5 +64,5 @@ class StepWait:
         if now >= self.start + self.timeout:
             return (f"node {self.node} did not finish {self.what} within {self.timeout:g} s "
                     f"(copy_timeout_seconds, however it progressed; {so_far})")
-        return (f"node {self.node} reported no progress of {self.what} for {self.idle:g} s "
-                f"(copy_idle_timeout_seconds; {so_far})")
+        why = getattr(self.idle, "why", IDLE_NAME)
+        return f"node {self.node} reported no progress of {self.what} for {self.idle:g} s ({why}; {so_far})"

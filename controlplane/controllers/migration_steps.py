@@ -11,9 +11,10 @@ import logging
 import secrets
 
 from controlplane.state import keys
+from controlplane.controllers.copy_wait import Idle
 from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_IDLE_TIMEOUT, COPY_TIMEOUT, FINISHED, LABEL,
-                                                       PLACE_ATTEMPTS, RESEND, START_TIMEOUT, STEP_TIMEOUT, C, P, R,
-                                                       StepFailed, W, alias, phase_name)
+                                                       PLACE_ATTEMPTS, RESEND, ROUND_IDLE_TIMEOUT, START_TIMEOUT,
+                                                       STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
 from controlplane.controllers.migration_quota import QuotaMixin, off_node
 from controlplane.controllers.migration_records import committed_record
 from controlplane.controllers.workloadrecords import UPDATE_TRIES as COMMIT_CONFLICTS
@@ -160,8 +161,10 @@ class StepsMixin(QuotaMixin):
             elif rep.event == R.SOURCE_PAUSED and m.phase == P.MIGRATION_PHASE_COPYING:
                 await self._set(m, P.MIGRATION_PHASE_PAUSED, step=rep.step)
                 await self._pause_hook(m)
-        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), self.copy_timeout, on_other=progress,
-                              idle=self.copy_idle_timeout)
+        idle = self.copy_idle_timeout
+        if not m.checkpoint_id and idle < ROUND_IDLE_TIMEOUT:
+            idle = Idle(ROUND_IDLE_TIMEOUT, f"a pre-copy round's, copy_idle_timeout_seconds being {idle:g} s")
+        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), self.copy_timeout, on_other=progress, idle=idle)
         await self._commit(m, rep)
 
     def _secret(self, m: M.Migration) -> bytes:

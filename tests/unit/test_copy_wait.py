@@ -247,3 +247,48 @@ def test_a_checkpoint_written_anew_after_an_agent_restart_counts_as_progress():
         return R(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path, step=9, bytes=8 * GB)
     mm, agent = checkpoint_manager(300.0, answer)
     assert run(mm.checkpoint(WID)).bytes == 8 * GB
+
+
+def _migration_copy(answer) -> M.Migration:
+    """Runs a pre-copy migration's COPYING step (SEND to the source agent on nA, the clock moved 100 s per ask)
+    until it commits or fails; the migration record."""
+    mm, sessions, wm = manager(Etcd(), running())
+    sessions["nA"] = ClockedAgent(mm, "nA", 100.0, lambda cmd, n: answer(cmd, n) if cmd.action == C.SEND else None)
+    m = M.Migration(id=MID, workload_id=WID, tenant="t", source_node="nA", source_slice="s-a", target_node="nB",
+                    target_slice="s-b", session=f"mig-{MID}", target_address="10.0.0.2:1",
+                    mode=M.MIGRATION_MODE_PRECOPY, phase=P.MIGRATION_PHASE_COPYING)
+    mm.migrations[MID] = m
+    mm.secrets[MID] = b"x" * 32
+
+    async def main():
+        try:
+            await mm._copy(m)
+        except migration_steps.StepFailed as e:
+            m.message = str(e)
+    run(main())
+    return m
+
+
+def test_a_migration_whose_rounds_keep_coming_commits_past_the_old_30_minutes():
+    def answer(cmd, n):
+        if n % 6 == 0 and n <= 36:        # a pre-copy round every 10 minutes for an hour
+            return R(migration_id=cmd.migration_id, event=R.PROGRESS, bytes=n * GB,
+                     round=M.MigrationRound(round=n // 6 - 1, bytes=GB))
+        return R(migration_id=cmd.migration_id, event=R.RESTORED, step=5, bytes=40 * GB) if n > 36 else None
+    m = _migration_copy(answer)
+    assert m.phase == P.MIGRATION_PHASE_COMMITTED, m.message
+    assert len(m.rounds) == 6
+
+
+def test_a_migrations_first_round_may_take_as_long_as_the_whole_copy_could_before():
+    """A source reports its bytes only when a round ends, and the first moves the whole state: a round of 25
+    minutes, which the old fixed 30 minutes allowed, is not failed by the 15-minute idle period."""
+    m = _migration_copy(lambda cmd, n: R(migration_id=cmd.migration_id, event=R.RESTORED, step=5, bytes=40 * GB)
+                        if n > 15 else None)
+    assert m.phase == P.MIGRATION_PHASE_COMMITTED, m.message
+
+
+def test_a_migration_whose_source_went_silent_fails_naming_the_limit():
+    m = _migration_copy(lambda cmd, n: None)
+    assert m.phase == P.MIGRATION_PHASE_COPYING, m.message
+    assert "no progress of send for 1800 s (a pre-copy round's, copy_idle_timeout_seconds being 900 s" in m.message
