@@ -195,10 +195,13 @@ class CheckpointSteps(MigrationBase):
         except Exception as e:   # noqa: BLE001 - answered, and the same answer to a repeat
             rep = R(migration_id=cmd.migration_id, event=R.FAILED, message=f"checkpoint on {self.agent.node}: {e}")
             if isinstance(e, GivenUp):
+                # nobody waits for an answer; a later ask (the control plane waits again after all) starts it anew
                 log(logger, logging.WARNING, "checkpoint given up", node=self.agent.node, workload=cmd.workload_id,
                     path=cmd.path, reason=str(e))
+                job.done = True
                 if self.jobs.get(key) is job:
-                    del self.jobs[key]      # a later ask (the control plane waits again) starts it anew
+                    del self.jobs[key]
+                return
         job.final, job.done = rep, True
         self._send(rep)
 

@@ -196,8 +196,7 @@ def test_a_checkpoint_the_control_plane_stopped_asking_for_is_given_up_and_remov
     one that no record would name (retention would never delete it)."""
     monkeypatch.setattr(migrate_checkpoint, "UNASKED_S", 1.0, raising=False)
     out, seconds = _checkpoint(tmp_path, {"chunks": 400})
-    assert [r.event for r in out] == [R.FAILED]
-    assert "no longer asked" in out[0].message, out[0].message
+    assert out == [], "nobody waits for an answer"
     assert seconds < GUARD_S / 2
     assert os.listdir(tmp_path / "store" / "t" / "w-1") == []
 
@@ -206,11 +205,12 @@ def test_delete_checkpoint_while_it_runs_gives_it_up(tmp_path):
     """The control plane gave the step up and says so (DELETE_CHECKPOINT of its path): the running checkpoint
     stops and nothing of it stays in the store."""
     async def give_up(m, cmd):
-        await asyncio.sleep(0.5)
+        for _ in range(3):
+            await asyncio.sleep(0.2)
+            await m.on_command(cmd, m.outbox)
         await m.on_command(M.MigrationCommand(migration_id=cmd.migration_id, action=M.MigrationCommand.DELETE_CHECKPOINT,
                                               workload_id=cmd.workload_id, path=cmd.path, tenant=cmd.tenant), m.outbox)
-        await _ask_again(m, cmd)
     out, seconds = _checkpoint(tmp_path, {"chunks": 400}, during=give_up)
-    assert out[-1].event == R.FAILED and "gave it up" in out[-1].message, out[-1].message
+    assert [r.event for r in out] == [R.PROGRESS] * 3, out      # its progress until then, and no answer
     assert seconds < GUARD_S / 2
     assert os.listdir(tmp_path / "store" / "t" / "w-1") == []
