@@ -86,6 +86,15 @@ class ControlPlaneConfig:
                                          "max_checkpoint_bytes quota in tenants_file overrides it); a Checkpoint is "
                                          "refused at the limit, and one that would pass it is stopped while "
                                          "received; 0: no limit", minimum=0, maximum=2**62)
+    copy_idle_timeout_seconds: float = option(900.0, "a checkpoint into the store, a restore's push or a migration's "
+                                              "copy fails when its agent reports no progress (bytes, a pre-copy "
+                                              "round) for this long: a dead agent, a lost node, a stuck workload. "
+                                              "Above the agent's own waits without progress (the workload's safe "
+                                              "point, up to 600 s; transfer_idle_timeout_seconds), else a live "
+                                              "checkpoint is failed here first", minimum=10, maximum=86400)
+    copy_timeout_seconds: float = option(86400.0, "the longest such a step may take in all, however it progresses "
+                                         "(a checkpoint of tens of GB into a slow store takes hours); at least "
+                                         "copy_idle_timeout_seconds", minimum=60, maximum=30 * 86400)
     retention_interval_seconds: float = option(60.0, "how often expired records are looked for", minimum=0.1,
                                                maximum=86400)
     # security (docs/security.md)
@@ -230,6 +239,9 @@ class ControlPlaneConfig:
                       crashloop_after=self.deployment_crashloop_after, stable_seconds=self.deployment_stable_seconds)
 
     def check(self) -> None:
+        if self.copy_idle_timeout_seconds > self.copy_timeout_seconds:
+            raise ConfigError(f"copy_idle_timeout_seconds: {self.copy_idle_timeout_seconds:g} is longer than "
+                              f"copy_timeout_seconds ({self.copy_timeout_seconds:g}), the longest a step may take")
         for name, count, hi in (("memory_pressure_thresholds", 3, 100), ("thermal_thresholds", 3, 200)):
             values = getattr(self, name)
             try:

@@ -65,6 +65,8 @@ class LeaderControllers:
         await self.mesh.load()
         from controlplane.controllers.migrations import MigrationManager
         self.migrations = MigrationManager(self.ctl, self.workloads, cfg.migration_pause_at)
+        self.migrations.copy_idle_timeout = cfg.copy_idle_timeout_seconds
+        self.migrations.copy_timeout = cfg.copy_timeout_seconds
         await self.migrations.load()
         from controlplane.controllers.checkpoint_quota import CheckpointQuota
         self.migrations.checkpoint_quota = CheckpointQuota(cfg.checkpoint_quota_bytes, self.tenants)

@@ -82,8 +82,11 @@ class MigrationApi:
         return last
 
     def checkpoint(self, workload_id: str, timeout: float | None = None) -> M.CheckpointInfo:
+        """A checkpoint into the store; waits for it without a deadline of its own unless `timeout` is given: the
+        control plane waits while the agent reports progress and bounds the wait (copy_idle_timeout_seconds,
+        copy_timeout_seconds), and a call cut short gives the checkpoint up."""
         return _converting(self._migrations.Checkpoint)(M.CheckpointRequest(workload_id=workload_id),
-                                                        timeout=timeout or max(self.timeout, 600))
+                                                        timeout=timeout)
 
     def restore(self, checkpoint_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
         req = M.RestoreRequest(checkpoint_id=checkpoint_id)

@@ -54,12 +54,14 @@ class AgentConfig:
                                                   "the sender's retry (which resumes); a workload's checkpoint "
                                                   "into the store then fails. Dead connections are found "
                                                   "sooner by keepalive pings (30 s)", minimum=1, maximum=3600)
-    checkpoint_timeout_seconds: float = option(1740.0, "the longest a workload's checkpoint into the store may "
+    checkpoint_timeout_seconds: float = option(85800.0, "the longest a workload's checkpoint into the store may "
                                                "take in all: the agent waits for the workload as long as its push "
                                                "delivers frames (transfer_idle_timeout_seconds between two), up "
-                                               "to this; a workload that starts no push fails after 600 s. At most "
-                                               "1740: the control plane waits 30 min for the answer, and the agent "
-                                               "gives up first", minimum=60, maximum=1740)
+                                               "to this; a workload that starts no push fails after 600 s. The "
+                                               "control plane waits while the agent reports progress, up to its "
+                                               "copy_timeout_seconds (24 h): this default stays under it; one "
+                                               "the control plane gives up first is given up here too",
+                                               minimum=60, maximum=30 * 86400)
     backend_host: str = option("127.0.0.1", "address model servers (deployments' replicas) listen on and are "
                                "reported at (host:port with a port the agent picks); on a fleet, an address the "
                                "control plane and the gateway reach")

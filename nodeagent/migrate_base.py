@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,11 @@ from gpumesh.v1 import node_service_pb2, types_pb2
 from mesh.checkpoint.agent_link import DEFAULT_TIMEOUT, AgentLink
 from nodeagent.isolation.plan import INSIDE_SOCKET
 
-CHECKPOINT_TIMEOUT_S = 1740.0
-"""The default and the largest of the agent's `checkpoint_timeout_seconds`: a minute under the control plane's copy
-timeout (30 min: migration_phases.COPY_TIMEOUT), so the agent gives up first and removes its partial checkpoint; one
-waited for longer could be committed after the control plane failed the step, named by no record."""
+CHECKPOINT_TIMEOUT_S = 86400.0 - 600
+"""The default of the agent's `checkpoint_timeout_seconds`: ten minutes under the control plane's default ceiling
+(`copy_timeout_seconds`, 24 h), so by default the agent gives up first, with its own message. Whichever gives up
+first, nothing is left: the agent answers FAILED and removes its partial checkpoint, or the control plane stops
+asking for it (and sends DELETE_CHECKPOINT) and the agent gives it up (migrate_checkpoint.py UNASKED_S)."""
 
 
 class Cancelled(Exception):
@@ -45,6 +47,8 @@ class Job:
     server: Any = None                 # transparent mode: the target's transfer server for the images
     images: str = ""                   # transparent mode: where the target receives them
     relay: Any = None                  # a target without network: the TCP port that leads to its socket
+    live: Any = None                   # a running step's bytes so far (a callable): answered to each repeat
+    asked: float = field(default_factory=time.monotonic)   # when the control plane last asked for the step
 
 
 class MigrationBase:
@@ -74,12 +78,17 @@ class MigrationBase:
 
     def _asked_again(self, key) -> bool:
         """True when the step `key` already has a job (the control plane asked again: a retry or a new
-        leader); its final report, if it has one, is sent again."""
+        leader); its final report, if it has one, is sent again, else its progress if it tells any (`live`)."""
         job = self.jobs.get(key)
         if job is None:
             return False
+        job.asked = time.monotonic()
         if job.done and job.final is not None:
             self._send(job.final)
+        elif not job.done and job.live is not None:
+            # still running: its progress, by which the control plane keeps waiting (controllers/copy_wait.py)
+            self._send(M.MigrationReport(migration_id=job.migration_id, event=M.MigrationReport.PROGRESS,
+                                         bytes=int(job.live())))
         return True
 
     def _send(self, rep: M.MigrationReport) -> None:

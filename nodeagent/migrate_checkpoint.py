@@ -17,7 +17,10 @@ FAILED, so no record would name it and nothing would ever delete it from the sto
 sending in the middle of its push fails the step when the receiver gives its stream up (the transfer's idle
 timeout, `transfer_idle_timeout_seconds`; `call_unless_stalled`). The agent waits for the workload's answer as
 long as its push delivers frames, not a fixed time (a 100 GiB push over 150 MB/s takes 11 minutes), within
-`checkpoint_timeout_seconds` in all; a workload that never starts its push fails after NO_PUSH_TIMEOUT_S.
+`checkpoint_timeout_seconds` in all; a workload that never starts its push fails after NO_PUSH_TIMEOUT_S. Each
+repeat of CHECKPOINT while it runs is answered with PROGRESS (the bytes received so far), by which the control plane
+keeps waiting; a checkpoint the control plane no longer asks for (UNASKED_S), or gives up (DELETE_CHECKPOINT of
+its path), is given up and removed.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
 """
@@ -95,9 +98,26 @@ NO_PUSH_TIMEOUT_S = DEFAULT_TIMEOUT
 """how long the workload's checkpoint may go without a frame of its push while no stream of it is open: before
 its push (it first waits for a safe point, up to PrecopyPolicy.pause_timeout) and between the push's end and its
 answer. A push in progress is bounded by the transfer's idle timeout instead, the whole by `overall_s`."""
+UNASKED_S = 120.0
+"""a running checkpoint is given up when the control plane has not asked for it again this long (it asks every few
+seconds while it waits: migration_checkpoints.CHECKPOINT_RESEND): it gave the step up (its idle period or
+ceiling, the caller gone, the leader changed), and a checkpoint committed now would be named by no record."""
 
 
-def call_unless_stalled(link, sess, cmd: str, overall_s: float = CHECKPOINT_TIMEOUT_S, **args) -> dict:
+class GivenUp(RuntimeError):
+    """The control plane no longer waits for the checkpoint: dropped, and a later ask starts it anew."""
+
+
+def given_up(job: Job) -> str:
+    """Why the control plane no longer waits for `job`'s checkpoint, or ""."""
+    if job.cancelled:
+        return "the control plane gave it up (DELETE_CHECKPOINT)"
+    idle = time.monotonic() - job.asked
+    return f"no longer asked for by the control plane ({idle:.0f} s since its last ask)" if idle > UNASKED_S else ""
+
+
+def call_unless_stalled(link, sess, cmd: str, overall_s: float = CHECKPOINT_TIMEOUT_S, job: Job | None = None,
+                        **args) -> dict:
     """`link.call(cmd, **args)` (the workload pushes its checkpoint into the receiving session `sess` before it
     answers), waited for as long as the push makes progress, not for a fixed time: the link's reply timeout
     must be above `overall_s` (`_link(reply_timeout=)`); the call is aborted and the step fails at once when
@@ -106,7 +126,8 @@ def call_unless_stalled(link, sess, cmd: str, overall_s: float = CHECKPOINT_TIME
       the workload is stuck mid-push (its retry would be too);
     - no stream of it is open and none delivered a frame for NO_PUSH_TIMEOUT_S (the workload never started its
       push, or ended it and does not answer);
-    - the whole takes longer than `overall_s` (`checkpoint_timeout_seconds`), progress or not.
+    - the whole takes longer than `overall_s` (`checkpoint_timeout_seconds`), progress or not;
+    - the control plane no longer waits for it (`job`: `given_up`; GivenUp).
 
     A limited tenant's checkpoint lock (controlplane/controllers/checkpoint_quota.py) is held until the step
     answers."""
@@ -124,6 +145,11 @@ def call_unless_stalled(link, sess, cmd: str, overall_s: float = CHECKPOINT_TIME
     threading.Thread(target=call, daemon=True, name=f"link-{cmd}").start()
     while not done.wait(STALL_POLL_S):
         why, now = "", time.monotonic()
+        dropped = given_up(job) if job is not None else ""
+        if dropped:
+            link.abort()
+            done.wait(5.0)
+            raise GivenUp(dropped)
         if sess.stalled.is_set():
             why = f"the workload's checkpoint push stalled: {sess.stalled_reason}"
         elif now - t0 > overall_s:
@@ -168,6 +194,14 @@ class CheckpointSteps(MigrationBase):
             rep = self._already_written(cmd) or await self._write_checkpoint(cmd)
         except Exception as e:   # noqa: BLE001 - answered, and the same answer to a repeat
             rep = R(migration_id=cmd.migration_id, event=R.FAILED, message=f"checkpoint on {self.agent.node}: {e}")
+            if isinstance(e, GivenUp):
+                # nobody waits for an answer; a later ask (the control plane waits again after all) starts it anew
+                log(logger, logging.WARNING, "checkpoint given up", node=self.agent.node, workload=cmd.workload_id,
+                    path=cmd.path, reason=str(e))
+                job.done = True
+                if self.jobs.get(key) is job:
+                    del self.jobs[key]
+                return
         job.final, job.done = rep, True
         self._send(rep)
 
@@ -191,6 +225,7 @@ class CheckpointSteps(MigrationBase):
         if not self._running(wid):
             raise RuntimeError(f"workload {wid} does not run on {self.agent.node}")
         path = self._store_path(cmd.path)
+        job = self.jobs.get((cmd.migration_id, "checkpoint")) or Job(cmd.migration_id, wid)
         key, kind = self._key(cmd.tenant), "tenant"
         if key is None:
             key, kind = cmd.checkpoint_key, "checkpoint"      # the checkpoint's own: it is authenticated anyway
@@ -211,12 +246,13 @@ class CheckpointSteps(MigrationBase):
                 sink = StoreSink(path, wid, key=key, tenant=cmd.tenant, checkpoint_id=cmd.migration_id, key_kind=kind,
                                  max_bytes=max(0, cmd.max_bytes))
                 sess = server.expect(session, sink, mesh=True, secret=secret)
+                job.live = lambda: sess.bytes_received       # answered to the control plane's repeats
                 relay = self._outbound(wid, server.address)      # a workload without network: through its /tmp
                 t0 = time.perf_counter()
                 overall = self.checkpoint_timeout
                 with self._link(wid, reply_timeout=overall + 60) as link:       # the wait is bounded below
-                    r = call_unless_stalled(link, sess, "checkpoint", overall, session=session, secret=secret.hex(),
-                                            target=relay.address if relay else server.address)
+                    r = call_unless_stalled(link, sess, "checkpoint", overall, job, session=session,
+                                            secret=secret.hex(), target=relay.address if relay else server.address)
                 seconds = time.perf_counter() - t0
                 # only the receiver the agent owns says the checkpoint is in the store: the workload's reply
                 # is its own word (the SDK answers after the receiver's `done`, which follows the commit)
@@ -224,6 +260,8 @@ class CheckpointSteps(MigrationBase):
                 if done is None:
                     raise RuntimeError("the workload did not commit its checkpoint (its checkpoint call returned, "
                                        "the agent's receiver got no commit)")
+                if given_up(job):       # committed after the control plane gave up: removed below
+                    raise GivenUp(given_up(job))
                 nbytes = int(done.get("bytes", r.get("bytes", 0)))
                 rep = M.MigrationReport(migration_id=cmd.migration_id, event=R.CHECKPOINTED, path=cmd.path,
                                         step=int(done.get("step", r.get("step", 0))), bytes=nbytes, seconds=seconds,
@@ -254,8 +292,11 @@ class CheckpointSteps(MigrationBase):
         return rep
 
     async def _delete_checkpoint(self, cmd: M.MigrationCommand, report) -> None:
-        """The checkpoint's record expired (controlplane/controllers/retention.py): remove its files from the store."""
-        import shutil
+        """The checkpoint's record expired (controlplane/controllers/retention.py), or the control plane gave its
+        CHECKPOINT up (migration_checkpoints.py): remove its files from the store, the running step given up first."""
+        job = self.jobs.get((cmd.migration_id, "checkpoint"))
+        if job is not None and not job.done:
+            job.cancelled = True
         path = self._store_path(cmd.path)
         await asyncio.to_thread(shutil.rmtree, path, True)
         log(logger, logging.INFO, "expired checkpoint deleted", node=self.agent.node, path=cmd.path)

@@ -1,7 +1,8 @@
 """The target agent's migration steps: START_TARGET starts the workload (same ID) on the target slice,
 receiving and holding (`GPUMESH_RESTORE_FROM=receive:SESSION@HOST:0`, `GPUMESH_RESTORE_HOLD=1`, the migration's
 secret in a 0600 file named by `GPUMESH_TRANSFER_SECRET_FILE`), and answers with the address it listens on;
-PUSH_CHECKPOINT sends a stored checkpoint to it (restore); RESUME_TARGET lets it run once the commit is durable;
+PUSH_CHECKPOINT sends a stored checkpoint to it (restore; a repeat while it pushes is answered with the bytes sent so
+far: PROGRESS); RESUME_TARGET lets it run once the commit is durable;
 STOP_TARGET stops it (rollback). Transparent mode's targets are in nodeagent/migrate_slices.py.
 
 Mixed into `MigrationAgent` (nodeagent/migrate.py) on `MigrationBase` (nodeagent/migrate_base.py).
@@ -121,7 +122,11 @@ class TargetSteps(MigrationBase):
             raise RuntimeError("the target is not listening here (START_TARGET first)")
         secret = self._secret(cmd)
         job = self.jobs[key] = Job(cmd.migration_id, cmd.workload_id)
+        job.live = lambda: job.bytes_sent          # answered to the control plane's repeats while it pushes
         path, tenant = self._store_path(cmd.path), cmd.tenant
+
+        def pushed(sent: int, total: int, seconds: float) -> None:
+            job.bytes_sent = sent
 
         def push() -> None:
             from mesh.checkpoint.store import push_checkpoint
@@ -130,7 +135,7 @@ class TargetSteps(MigrationBase):
                 # the gRPC stream only (mesh="grpc"): the ring a restoring workload offers is its own shared-memory
                 # segment, and the agent copying into it through a mapping is killed with SIGBUS when the tenant
                 # shrinks the segment during the copy (where it lies in the host's /dev/shm: isolation=criu)
-                with TransferClient(tjob.address, cmd.session, secret=secret, mesh="grpc") as client:
+                with TransferClient(tjob.address, cmd.session, secret=secret, mesh="grpc", progress=pushed) as client:
                     stats = push_checkpoint(path, client, self._key(tenant), tenant=tenant,
                                             checkpoint_id=os.path.basename(path),
                                             checkpoint_key=cmd.checkpoint_key or None)

@@ -9,6 +9,7 @@ machine of controlplane/controllers/migrations.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 
@@ -23,12 +24,13 @@ from mesh import errors
 from mesh.checkpoint.store import QUOTA_NAME
 from mesh.logs import log
 
-from controlplane.controllers.migration_phases import COPY_TIMEOUT, C, P, R, StepFailed, W
+from controlplane.controllers.migration_phases import C, P, R, StepFailed, StepTimedOut, W
 
 logger = logging.getLogger("controlplane.controllers.migrations")
 # CHECKPOINT is sent again this often until answered: the agent's step is repeat-safe by checkpoint id
 # (nodeagent/migrate_checkpoint.py), so an agent that restarted mid-checkpoint is asked again within seconds
-# instead of the call hanging until COPY_TIMEOUT
+# instead of the call waiting until copy_idle_timeout_seconds passed without progress; each repeat while it runs is
+# answered with its progress (the bytes received so far)
 CHECKPOINT_RESEND = 3.0
 
 
@@ -63,8 +65,13 @@ class CheckpointsMixin:
             rep = await self._ask(ck_id, w.node, M.MigrationCommand(
                 migration_id=ck_id, action=C.CHECKPOINT, workload_id=wid, path=path, tenant=w.tenant,
                 checkpoint_key=ck_key, max_bytes=max_bytes),
-                (R.CHECKPOINTED,), timeout=COPY_TIMEOUT, resend=CHECKPOINT_RESEND)
+                (R.CHECKPOINTED,), timeout=self.copy_timeout, resend=CHECKPOINT_RESEND, idle=self.copy_idle_timeout)
+        except asyncio.CancelledError:      # the caller went away (its deadline, a cancelled call) or leadership
+            self._give_up_checkpoint(w, ck_id, path)
+            raise
         except StepFailed as e:
+            if isinstance(e, StepTimedOut):
+                self._give_up_checkpoint(w, ck_id, path)
             if max_bytes and QUOTA_NAME in str(e):      # the agent's receiver refused it past what was left
                 raise self.checkpoint_quota.refused(w.tenant, f"checkpoint of {wid} refused: {e}") from None
             raise errors.FailedPrecondition(f"checkpoint of {wid} failed: {e}") from None
@@ -84,6 +91,13 @@ class CheckpointsMixin:
         self.checkpoint_keys[ck_id] = ck_key
         log(logger, logging.INFO, "checkpoint stored", checkpoint=ck_id, workload=wid, step=ck.step, bytes=ck.bytes)
         return ck
+
+    def _give_up_checkpoint(self, w, ck_id: str, path: str) -> None:
+        """The control plane no longer waits for checkpoint `ck_id`, which its agent may still be writing: the agent
+        is told to give it up and remove what it wrote, else a checkpoint it committed later would be named by no
+        record. An agent that does not get this gives it up once the command stops coming (migrate_checkpoint.py)."""
+        self._send(w.node, M.MigrationCommand(migration_id=ck_id, action=C.DELETE_CHECKPOINT, path=path,
+                                              workload_id=w.id, tenant=w.tenant))
 
     async def restore(self, ck_id: str, to_node: str = "", to_slice: str = "") -> M.Migration:
         if not ck_id:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane.controllers.migration_phases import COPY_TIMEOUT, FINISHED, W
+from controlplane.controllers.migration_phases import FINISHED, W
 from gpumesh.v1 import migration_service_pb2 as M
 from mesh import errors
 from mesh.logs import log
@@ -31,7 +31,7 @@ class NodesMixin:
         for m in started:
             task = self.tasks.get(m.id)
             if task is not None:
-                await asyncio.wait([task], timeout=COPY_TIMEOUT)
+                await asyncio.wait([task], timeout=self.copy_timeout)
         return [self.migrations[m.id] for m in started]
 
     def unfinished_for(self, node: str) -> list[str]:

@@ -18,13 +18,21 @@ RESTORE_ENV = ("GPUMESH_RESTORE_FROM", "GPUMESH_RESTORE_HOLD")
 PHASE_NAMES = {P.Name(v).removeprefix("MIGRATION_PHASE_").lower(): v for v in P.values() if v}
 RESEND = 2.0            # seconds between repeats of an unanswered agent step
 START_TIMEOUT = 120.0   # the target process starts (imports torch, builds its model) and listens
-COPY_TIMEOUT = 1800.0
+COPY_TIMEOUT = 86400.0        # the longest a long step (checkpoint, restore push, copy) may take: copy_timeout_seconds
+COPY_IDLE_TIMEOUT = 900.0     # ... without progress: copy_idle_timeout_seconds (controllers/copy_wait.py)
+# a migration's source reports progress only when a pre-copy round ends, and the first moves the whole state: a
+# round may take this long (the whole copy's old fixed timeout) whatever copy_idle_timeout_seconds says
+ROUND_IDLE_TIMEOUT = 1800.0
 STEP_TIMEOUT = 60.0
 PLACE_ATTEMPTS = 8
 
 
 class StepFailed(Exception):
     """A step failed: before the commit, the migration rolls back."""
+
+
+class StepTimedOut(StepFailed):
+    """The agent did not answer a step in time (its limit named in the message): it may still be working on it."""
 
 
 def phase_name(value: int) -> str:

@@ -11,8 +11,10 @@ import logging
 import secrets
 
 from controlplane.state import keys
-from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_TIMEOUT, FINISHED, LABEL, PLACE_ATTEMPTS, RESEND,
-                                           START_TIMEOUT, STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.controllers.copy_wait import Idle
+from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_IDLE_TIMEOUT, COPY_TIMEOUT, FINISHED, LABEL,
+                                                       PLACE_ATTEMPTS, RESEND, ROUND_IDLE_TIMEOUT, START_TIMEOUT,
+                                                       STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
 from controlplane.controllers.migration_quota import QuotaMixin, off_node
 from controlplane.controllers.migration_records import committed_record
 from controlplane.controllers.migration_targets import TargetsMixin
@@ -29,6 +31,10 @@ _Failed = StepFailed
 
 class StepsMixin(QuotaMixin, TargetsMixin):
     """Mixed into MigrationManager (self.ctl, self.wm, self.migrations, self._ask, self._save, ...)."""
+
+    # the long steps' wait (controllers/copy_wait.py): the leader sets them from its configuration
+    copy_idle_timeout: float = COPY_IDLE_TIMEOUT
+    copy_timeout: float = COPY_TIMEOUT
 
     # -- the state machine ----------------------------------------------------------------------
 
@@ -144,16 +150,23 @@ class StepsMixin(QuotaMixin, TargetsMixin):
         await self._pause_hook(m)
 
         async def progress(rep: M.MigrationReport) -> None:
-            if rep.event == R.PROGRESS:
+            if rep.event == R.PROGRESS and rep.HasField("round"):
                 if rep.transfer:
                     m.transfer = rep.transfer
                 m.rounds.append(rep.round)
                 m.round, m.bytes_sent, m.mb_per_s = rep.round.round, rep.bytes, rep.mb_per_s
                 await self._save(m)
+            elif rep.event == R.PROGRESS and rep.bytes > m.bytes_sent:
+                # a restore's push, answered to each repeat of PUSH_CHECKPOINT: the bytes pushed so far
+                m.bytes_sent = rep.bytes
+                await self._save(m)
             elif rep.event == R.SOURCE_PAUSED and m.phase == P.MIGRATION_PHASE_COPYING:
                 await self._set(m, P.MIGRATION_PHASE_PAUSED, step=rep.step)
                 await self._pause_hook(m)
-        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), COPY_TIMEOUT, on_other=progress)
+        idle = self.copy_idle_timeout
+        if not m.checkpoint_id and idle < ROUND_IDLE_TIMEOUT:
+            idle = Idle(ROUND_IDLE_TIMEOUT, f"a pre-copy round's, copy_idle_timeout_seconds being {idle:g} s")
+        rep = await self._ask(m.id, node, cmd, (R.RESTORED,), self.copy_timeout, on_other=progress, idle=idle)
         await self._commit(m, rep)
 
     def _secret(self, m: M.Migration) -> bytes:

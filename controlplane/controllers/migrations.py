@@ -65,8 +65,10 @@ from controlplane.state import keys
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.controllers.migration_checkpoints import CheckpointsMixin
 from controlplane.controllers.migration_nodes import NodesMixin
-from controlplane.controllers.migration_phases import (BEFORE_COMMIT, FINISHED, PHASE_NAMES, RESEND,
-                                           STEP_TIMEOUT, TARGET_WANTED, C, P, R, StepFailed, W, alias, phase_name)
+from controlplane.controllers.copy_wait import StepWait
+from controlplane.controllers.migration_phases import (BEFORE_COMMIT, FINISHED, PHASE_NAMES, RESEND, STEP_TIMEOUT,
+                                                       TARGET_WANTED, C, P, R, StepFailed, StepTimedOut, W, alias,
+                                                       phase_name)
 from controlplane.controllers.migration_records import check_mode, check_workload_id, target_spec
 from controlplane.controllers.migration_steps import StepsMixin
 from controlplane.controllers.resize import ResizeMixin
@@ -247,26 +249,29 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
         return True
 
     async def _ask(self, mid: str, node: str, cmd: M.MigrationCommand, want: tuple, timeout: float,
-                   on_other=None, resend: float = RESEND, failures: bool = True) -> M.MigrationReport:
-        """Send `cmd` to `node` (again every `resend` seconds) until it answers with an event in `want`.
-        A FAILED answer raises, unless `failures` is false (rollback steps: repeat until done)."""
+                   on_other=None, resend: float = RESEND, failures: bool = True,
+                   idle: float | None = None) -> M.MigrationReport:
+        """Send `cmd` to `node` (again every `resend` seconds) until it answers with an event in `want` within
+        `timeout` (with `idle`: also progress every `idle` seconds, copy_wait.py), else StepTimedOut. A FAILED
+        answer raises, unless `failures` is false (rollback steps: repeat until done)."""
         loop = asyncio.get_running_loop()
         q = self.reports.setdefault(mid, {}).setdefault(node, asyncio.Queue())
-        deadline = loop.time() + timeout
         next_send = 0.0
         what = C.Action.Name(cmd.action).lower()
+        wait = StepWait(node, what, timeout, loop.time(), idle)
         while True:
             t = loop.time()
             gone = self._deleted_node(mid, node, cmd.action)
             if gone:
                 raise _Failed(f"node {gone} was deleted ({what} not answered)")
-            if t >= deadline:
-                raise _Failed(f"node {node} did not answer {what} within {timeout:g} s")
+            why = wait.expired(t)
+            if why:
+                raise StepTimedOut(why)
             if t >= next_send:
                 self._send(node, cmd)
                 next_send = t + resend
             try:
-                async with asyncio.timeout(max(0.01, min(next_send, deadline) - t)):   # not wait_for (gh-86296)
+                async with asyncio.timeout(max(0.01, min(next_send, wait.deadline) - t)):   # not wait_for (gh-86296)
                     rep = await q.get()
             except TimeoutError:
                 continue
@@ -274,6 +279,7 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
                 raise _Failed(rep.message or f"{what} failed on {node}")
             if rep.event in want:
                 return rep
+            wait.note(rep, loop.time())
             if on_other is not None:
                 await on_other(rep)
 

@@ -1,5 +1,6 @@
 """How long the agent waits for a workload's answer to `checkpoint` (it pushes its state into the agent's
-receiver first): as long as the push delivers frames, up to `checkpoint_timeout_seconds` in all. A push that
+receiver first): as long as the push delivers frames, up to `checkpoint_timeout_seconds` in all, and while the
+control plane still asks for it (each repeat is answered with the bytes received so far). A push that
 stops sending fails after the transfer's idle timeout, a workload that never pushes after the no-push bound
 (NO_PUSH_TIMEOUT_S), not after the control socket's per-read timeout (600 s: a 100 GiB push over 150 MB/s takes
 11 minutes). A real control socket (mesh/checkpoint/agent_link.py) and a real receiver; the workload's side is a
@@ -71,8 +72,9 @@ class SlowSdk:
         self.server.close()
 
 
-def _checkpoint(tmp_path, sdk_args: dict, timeout: float | None = None) -> tuple[list, float]:
-    """Runs one CHECKPOINT step against a SlowSdk; returns (reports, seconds the step took)."""
+def _checkpoint(tmp_path, sdk_args: dict, timeout: float | None = None, during=None) -> tuple[list, float]:
+    """Runs one CHECKPOINT step against a SlowSdk; returns (reports, seconds the step took). `during(m, cmd)`: a
+    coroutine run while the step runs (the control plane's repeats), cancelled when it ends."""
     runner = types.SimpleNamespace(workloads={"w-1": types_pb2.Workload(id="w-1",
                                                                          state=types_pb2.WORKLOAD_STATE_RUNNING)},
                                    meta={"w-1": {}})
@@ -91,7 +93,12 @@ def _checkpoint(tmp_path, sdk_args: dict, timeout: float | None = None) -> tuple
 
     async def main():
         m.outbox, m.loop = asyncio.Queue(), asyncio.get_running_loop()
-        await asyncio.wait_for(m.on_command(cmd, m.outbox), GUARD_S)
+        side = asyncio.create_task(during(m, cmd)) if during is not None else None
+        try:
+            await asyncio.wait_for(m.on_command(cmd, m.outbox), GUARD_S)
+        finally:
+            if side is not None:
+                side.cancel()
         return [m.outbox.get_nowait().migration for _ in range(m.outbox.qsize())]
     t0 = time.monotonic()
     try:
@@ -138,29 +145,72 @@ def test_a_push_longer_than_checkpoint_timeout_seconds_fails_naming_it(tmp_path)
     assert os.listdir(tmp_path / "store" / "t" / "w-1") == []
 
 
-@pytest.mark.parametrize("bad, said", [(10, "below the minimum"), (8 * 86400, "above the maximum"),
+@pytest.mark.parametrize("bad, said", [(10, "below the minimum"), (31 * 86400, "above the maximum"),
                                        (float("nan"), "a finite number is needed")])
 def test_the_agents_checkpoint_timeout_is_validated(bad, said):
     from mesh.config import ConfigError, validate
     from nodeagent.config import AgentConfig
-    assert AgentConfig().checkpoint_timeout_seconds == migrate_checkpoint.CHECKPOINT_TIMEOUT_S == 1740
+    assert AgentConfig().checkpoint_timeout_seconds == migrate_checkpoint.CHECKPOINT_TIMEOUT_S
     with pytest.raises(ConfigError, match=f"checkpoint_timeout_seconds: .*{said}"):
         validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True,
                              checkpoint_timeout_seconds=bad))
 
 
-def test_the_agent_gives_up_on_a_checkpoint_before_the_control_plane_stops_waiting_for_it():
-    """The control plane waits for CHECKPOINTED for its copy timeout and then ends the step (the record says
-    FAILED). An agent allowed to wait longer kept receiving and could commit a checkpoint that no record names,
-    which retention never deletes. Neither the default nor the largest allowed value outlasts the control
-    plane's wait: the agent fails first and removes its partial directory."""
-    from controlplane.controllers.migration_phases import COPY_TIMEOUT
-    from mesh.config import ConfigError, validate
-    from nodeagent.config import AgentConfig
+def test_a_checkpoint_may_take_longer_than_29_minutes():
+    """Before, the agent's limit was at most 1740 s (a minute under the control plane's fixed 30 minutes): a
+    checkpoint of tens of GB into a slow store could not be taken. The control plane now waits while progress is
+    reported (controllers/copy_wait.py), up to copy_timeout_seconds (24 h by default); the agent's default stays
+    under that, and its limit may be set as high as the control plane's may."""
     import dataclasses
-    field = {f.name: f for f in dataclasses.fields(AgentConfig)}["checkpoint_timeout_seconds"]
-    assert AgentConfig().checkpoint_timeout_seconds < COPY_TIMEOUT
-    assert field.metadata["max"] < COPY_TIMEOUT
-    with pytest.raises(ConfigError, match="checkpoint_timeout_seconds: .*above the maximum"):
-        validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True,
-                             checkpoint_timeout_seconds=COPY_TIMEOUT))
+    from controlplane.config import ControlPlaneConfig
+    from mesh.config import validate
+    from nodeagent.config import AgentConfig
+    cp = {f.name: f for f in dataclasses.fields(ControlPlaneConfig)}["copy_timeout_seconds"]
+    agent = {f.name: f for f in dataclasses.fields(AgentConfig)}["checkpoint_timeout_seconds"]
+    assert 6 * 3600 < AgentConfig().checkpoint_timeout_seconds < ControlPlaneConfig().copy_timeout_seconds
+    assert agent.metadata["max"] == cp.metadata["max"]
+    validate(AgentConfig(gpu_backend="sim", sim_host_file=["x.yaml"], insecure=True,
+                         checkpoint_timeout_seconds=7 * 86400))
+
+
+async def _ask_again(m, cmd, every: float = 0.2):
+    """The control plane's repeats of the step while it waits for the answer."""
+    while True:
+        await asyncio.sleep(every)
+        await m.on_command(cmd, m.outbox)
+
+
+def test_each_repeat_while_the_push_runs_is_answered_with_the_bytes_received_so_far(tmp_path):
+    """What the control plane's wait goes by: without these reports it could not tell a long checkpoint that
+    progresses from an agent that died."""
+    out, _ = _checkpoint(tmp_path, {"chunks": 16}, during=_ask_again)
+    assert out[-1].event == R.CHECKPOINTED and out[-1].bytes == 16 * CHUNK, out[-1].message
+    seen = [r.bytes for r in out[:-1]]
+    assert all(r.event == R.PROGRESS and not r.HasField("round") for r in out[:-1]), out
+    assert seen == sorted(seen) and 0 < seen[-1] <= 16 * CHUNK, seen
+
+
+def test_a_checkpoint_the_control_plane_stopped_asking_for_is_given_up_and_removed(tmp_path, monkeypatch):
+    """The control plane asks again every few seconds while it waits; once it gave the step up (its idle period
+    or ceiling, the caller gone) it no longer does, and the agent gives the checkpoint up instead of committing
+    one that no record would name (retention would never delete it)."""
+    monkeypatch.setattr(migrate_checkpoint, "UNASKED_S", 1.0, raising=False)
+    out, seconds = _checkpoint(tmp_path, {"chunks": 400})
+    assert out == [], "nobody waits for an answer"
+    assert seconds < GUARD_S / 2
+    assert os.listdir(tmp_path / "store" / "t" / "w-1") == []
+
+
+def test_delete_checkpoint_while_it_runs_gives_it_up(tmp_path):
+    """The control plane gave the step up and says so (DELETE_CHECKPOINT of its path): the running checkpoint
+    stops and nothing of it stays in the store."""
+    async def give_up(m, cmd):
+        for _ in range(3):
+            await asyncio.sleep(0.2)
+            await m.on_command(cmd, m.outbox)
+        await m.on_command(M.MigrationCommand(migration_id=cmd.migration_id, action=M.MigrationCommand.DELETE_CHECKPOINT,
+                                              workload_id=cmd.workload_id, path=cmd.path, tenant=cmd.tenant), m.outbox)
+    out, seconds = _checkpoint(tmp_path, {"chunks": 400}, during=give_up)
+    assert [r.event for r in out] == [R.PROGRESS] * 3, out      # its progress until then, and no answer
+    assert seconds < GUARD_S / 2
+    assert os.listdir(tmp_path / "store" / "t" / "w-1") == []

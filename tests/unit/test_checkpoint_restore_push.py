@@ -49,6 +49,18 @@ def stored(server: TransferServer, root) -> None:
                    EntryMeta(**{**meta.to_json(), "checksum": st.checksums["t"]})]))
 
 
+def _push(tmp_path, server, restorer, outbox: list) -> tuple[MigrationAgent, M.MigrationCommand]:
+    """Starts the target agent's PUSH_CHECKPOINT of the stored checkpoint into `restorer`'s session "restore";
+    what the agent sends to the control plane is appended to `outbox`."""
+    m = MigrationAgent(types.SimpleNamespace(node="n1"), types.SimpleNamespace(workloads={}, meta={}), str(tmp_path))
+    m._send = lambda rep: outbox.append(rep)
+    m.jobs[("ck-r", "target")] = Job("ck-r", "w-1", address=server.address)
+    cmd = M.MigrationCommand(migration_id="ck-r", action=M.MigrationCommand.PUSH_CHECKPOINT, workload_id="w-1",
+                             path="t/w-1/ck-1", tenant="t", session="restore", secret=SECRET, checkpoint_key=CK_KEY)
+    asyncio.run(m._push_checkpoint(cmd, lambda *a, **k: None))
+    return m, cmd
+
+
 def test_a_restore_never_writes_into_the_workloads_ring(tmp_path):
     server = TransferServer("127.0.0.1:0").start()
     try:
@@ -58,17 +70,41 @@ def test_a_restore_never_writes_into_the_workloads_ring(tmp_path):
         assert session.ring is not None
         took, take = [], session.ring.take
         session.ring.take = lambda slot, n: (took.append(n), take(slot, n))[1]
-        m = MigrationAgent(types.SimpleNamespace(node="n1"), types.SimpleNamespace(workloads={}, meta={}),
-                           str(tmp_path))
-        m.jobs[("ck-r", "target")] = Job("ck-r", "w-1", address=server.address)
-        cmd = M.MigrationCommand(migration_id="ck-r", action=M.MigrationCommand.PUSH_CHECKPOINT, workload_id="w-1",
-                                 path="t/w-1/ck-1", tenant="t", session="restore", secret=SECRET,
-                                 checkpoint_key=CK_KEY)
-        asyncio.run(m._push_checkpoint(cmd, lambda *a, **k: None))
+        m, _ = _push(tmp_path, server, restorer, [])
         job = m.jobs[("ck-r", "push")]
         job.thread.join(120)
         assert job.final.event == M.MigrationReport.RESTORED, job.final.message
         assert bytes(restorer.buf) == BLOB and restorer.committed.step == 9
         assert took == [], "the agent wrote into the workload's shared-memory ring"
     finally:
+        server.stop(0)
+
+
+def test_a_repeat_while_the_push_runs_is_answered_with_the_bytes_pushed_so_far(tmp_path):
+    """The control plane waits for a restore's push as long as it progresses (controllers/copy_wait.py): each
+    repeat of PUSH_CHECKPOINT while the push runs is answered with PROGRESS and the bytes sent so far. Here the
+    restoring workload holds its commit, so every byte is sent and the push is still running."""
+    import threading
+    server = TransferServer("127.0.0.1:0").start()
+    release = threading.Event()
+    restorer = Restorer()
+    commit = restorer.commit
+    restorer.commit = lambda manifest, data: (release.wait(60), commit(manifest, data))[1]
+    try:
+        stored(server, tmp_path)
+        server.expect("restore", restorer, secret=SECRET)
+        outbox: list = []
+        m, cmd = _push(tmp_path, server, restorer, outbox)
+        job = m.jobs[("ck-r", "push")]
+        for _ in range(600):
+            if job.bytes_sent >= len(BLOB):
+                break
+            job.thread.join(0.1)
+        asyncio.run(m._push_checkpoint(cmd, lambda *a, **k: None))      # the control plane asks again
+        assert [(r.event, r.bytes) for r in outbox] == [(M.MigrationReport.PROGRESS, len(BLOB))], outbox
+        release.set()
+        job.thread.join(120)
+        assert job.final.event == M.MigrationReport.RESTORED, job.final.message
+    finally:
+        release.set()
         server.stop(0)

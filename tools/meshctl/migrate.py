@@ -117,7 +117,9 @@ def run_restore(args: argparse.Namespace) -> int:
 def run_checkpoint(args: argparse.Namespace) -> int:
     from mesh.migrationapi import checkpoint_to_dict
     from tools.meshctl.output import dump
-    with client(args) as mesh:
+    from tools.meshctl.progress import for_args
+    # no deadline of its own: the control plane waits while the agent reports progress (copy_idle_timeout_seconds)
+    with client(args) as mesh, for_args(args).waiting(f"checkpointing workload/{args.id}"):
         ck = mesh.checkpoint(args.id)
     if args.output in ("json", "yaml"):
         out(dump(checkpoint_to_dict(ck), args.output))
