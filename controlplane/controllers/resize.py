@@ -2,7 +2,7 @@
 
 * In place: an MPS or time-share slice whose GPU has room for the new size gets the new
   limits in its record and the GPU's accounting; the agent re-realizes it (new processes get
-  the new limits).
+  the new limits; a hand-started vLLM is restarted with its new share: backendshare.py).
 * By migration, otherwise (MIG, or a GPU without room): a slice of the new size is reserved
   wherever the scheduler puts it (the same GPU, another GPU of the node, another node),
   labelled with the migration's ID. A RUNNING workload on the slice is migrated into it by the
