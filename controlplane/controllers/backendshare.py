@@ -109,7 +109,7 @@ async def restart(wm, ctl, s: types_pb2.Slice, shares: dict[str, float], wait: b
 
     written = await wm.update(list(shares), reshared, f"the backend share after a resize of slice {s.id}")
     for w in written:
-        log(logger, logging.INFO, "hand-started vLLM restarted with the share of its resized slice", workload=w.id,
+        log(logger, logging.INFO, "hand-started vLLM gets the share of its resized slice: its agent restarts it", workload=w.id,
             slice=s.id, node=s.node, share=w.backend.gpu_memory_utilization)
     session = ctl.sessions.get(s.node)
     if session is not None and written:     # else the agent's next full command carries the new share
