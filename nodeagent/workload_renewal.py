@@ -21,6 +21,15 @@ tenant started by hand (`meshctl run --backend`) has no one else to do it, so it
   half-done with the mark is started again rather than failed (workload_recovery.py `_resolve_start`): the old
   server has ended, so the workload never runs twice.
 * A stop that arrives meanwhile wins: the server is not started again (`stopped`).
+
+The same restart in place applies a new GPU memory share to a hand-started vLLM (`follow_share`): the control plane
+writes the share derived from its slice's new size into the workload's record after an in-place resize
+(controlplane/controllers/backendshare.py) and sends the record in a WorkloadCommand; a share there other than
+the one the server runs with is kept in the record's meta (`share_wanted`, saved: a restarted agent applies it
+too, and a full command on reconnection sends it again) and applied on this pass or, when blocked as above, a
+later one. The mark then carries the share; the events are "BackendRestartedForResize" and
+"BackendRestartForResizeFailed". vLLM preallocates that share of the GPU at start, so only a restart applies it;
+a deployment's replica (replaced by its controller) and llama.cpp (no share) are left alone.
 """
 
 from __future__ import annotations
@@ -90,6 +99,10 @@ class CertificateRenewal:
                 if w.state in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
                     self._begin(wid, resumed=True)      # a renewal an earlier agent process left half-done
                 continue
+            if "share_wanted" in meta and w.state == W.WORKLOAD_STATE_RUNNING and not meta.get("stop_at"):
+                if not self.blocked(w, meta):           # else on a later pass
+                    self._begin(wid, share=meta["share_wanted"])
+                continue
             if (w.state != W.WORKLOAD_STATE_RUNNING or not w.HasField("backend") or REPLICA_LABEL in w.labels
                     or meta.get("stop_at") or not self._expiring(w)):
                 self.warned.pop(wid, None)
@@ -108,10 +121,35 @@ class CertificateRenewal:
                 log(logger, logging.WARNING, "backend certificate renewal blocked", node=self.runner.agent.node,
                     workload=wid, reason=why, expires=_when(ends))
 
-    def _begin(self, wid: str, resumed: bool = False) -> None:
-        """Start the renewal of `wid`; marked at once, so that the monitor leaves the workload to it."""
+    def follow_share(self, w: types_pb2.Workload) -> None:
+        """The control plane's record `w` of a workload this runner has: a hand-started vLLM whose share there
+        differs from the one its server runs with is restarted with it (the module's doc)."""
+        r = self.runner
+        mine = r.workloads.get(w.id)
+        if mine is None or not mine.HasField("backend") or mine.backend.kind != "vllm" or \
+                REPLICA_LABEL in mine.labels or mine.state not in (W.WORKLOAD_STATE_RUNNING, W.WORKLOAD_STATE_PENDING):
+            return
+        meta = r.meta.setdefault(w.id, {})
+        share = w.backend.gpu_memory_utilization
+        if share == meta.get("share_wanted", mine.backend.gpu_memory_utilization):
+            return
+        if share == mine.backend.gpu_memory_utilization:
+            meta.pop("share_wanted", None)      # back to the one it runs with
+        else:
+            meta["share_wanted"] = share
+            log(logger, logging.INFO, "backend share changed: its server is restarted with it", node=r.agent.node,
+                workload=w.id, share=share, was=mine.backend.gpu_memory_utilization)
+        r.save(w.id)
+        self.step()
+
+    def _begin(self, wid: str, resumed: bool = False, share: float | None = None) -> None:
+        """Start the renewal of `wid` (with `share`: its restart with that GPU memory share); marked at once, so that
+        the monitor leaves the workload to it."""
         meta = self.runner.meta.setdefault(wid, {})
-        if not resumed:
+        if share is not None:
+            meta["renewing"] = {"since": self.clock(), "share": share,
+                                "was": self.runner.workloads[wid].backend.gpu_memory_utilization}
+        elif not resumed:
             meta["renewing"] = {"since": self.clock(), "certificate_expires":
                                 replicatls.expires_at(self.runner.workloads[wid].endpoint_certificate)}
         self.tasks[wid] = asyncio.get_running_loop().create_task(self.renew(wid, resumed), name=f"renew-{wid}")
@@ -128,14 +166,23 @@ class CertificateRenewal:
     async def renew(self, wid: str, resumed: bool = False) -> types_pb2.Workload:
         """Restart `wid` with a fresh certificate (in a thread: it waits for the old server to end), then report it."""
         r = self.runner
-        old = r.workloads[wid].endpoint_certificate
+        old, pid = r.workloads[wid].endpoint_certificate, r.workloads[wid].pid
+        mark = dict(r.meta.get(wid, {}).get("renewing") or {})
         try:
             w = await asyncio.to_thread(self.restart, wid, resumed)
         finally:
             self.stops.discard(wid)     # acted on by `restart`, whichever way it went
         self.warned.pop(wid, None)
         r.report([w])
-        if w.state == W.WORKLOAD_STATE_RUNNING and w.endpoint_certificate != old:
+        if "share" in mark:
+            if w.state == W.WORKLOAD_STATE_RUNNING and w.pid != pid:
+                self._event("Normal", "BackendRestartedForResize",
+                            f"workload {wid}: backend restarted with --gpu-memory-utilization {mark['share']:.4f} "
+                            f"(was {mark.get('was', 0):.4f}): its slice {w.slice_id} was resized (endpoint "
+                            f"{w.endpoint})")
+            elif w.state == W.WORKLOAD_STATE_FAILED:
+                self._event("Warning", "BackendRestartForResizeFailed", f"workload {wid}: {w.message}")
+        elif w.state == W.WORKLOAD_STATE_RUNNING and w.endpoint_certificate != old:
             self._event("Normal", "BackendCertificateRenewed",
                         f"workload {wid}: certificate renewed: backend restarted (new certificate valid until "
                         f"{_when(replicatls.expires_at(w.endpoint_certificate))}, endpoint {w.endpoint})")
@@ -149,20 +196,26 @@ class CertificateRenewal:
         r = self.runner
         w, meta = r.workloads[wid], r.meta.setdefault(wid, {})
         running = r.shim_running(wid)
-        if (resumed and running and not self._expiring(w)) or (not resumed and not running):
+        mark = meta["renewing"]
+        why = "certificate renewal" if "share" not in mark else "slice resize"
+        if "share" in mark:             # the record takes the new share whatever follows: a later start uses it
+            w.backend.gpu_memory_utilization = mark["share"]
+            if meta.get("share_wanted") == mark["share"]:   # (a newer one that came meanwhile follows)
+                meta.pop("share_wanted")
+        if (resumed and running and self._current(w, mark)) or (not resumed and not running):
             # the new server runs already (an agent died before the mark went), or the old one ended on its own
             # just now: nothing to restart; the monitor follows it again (and records an end as it was)
             meta.pop("renewing", None)
             r.save(wid)
             return w
-        mark = meta["renewing"]
         r.save(wid)                     # before the signal: a restarted agent finishes what this one began
-        log(logger, logging.INFO, "renewing backend certificate: restarting its server", node=r.agent.node,
-            workload=wid, pid=w.pid, expires=_when(mark["certificate_expires"]))
+        log(logger, logging.INFO, f"{why}: restarting the backend's server", node=r.agent.node, workload=wid,
+            pid=w.pid, **({"share": mark["share"]} if "share" in mark else
+                          {"expires": _when(mark["certificate_expires"])}))
         if not self._end(wid):
             meta.pop("renewing", None)
             r.save(wid)
-            log(logger, logging.WARNING, "backend certificate renewal: the old server did not end; left running",
+            log(logger, logging.WARNING, f"{why}: the old server did not end; left running",
                 node=r.agent.node, workload=wid)
             return w
         r._crash_point("after-stop")
@@ -174,17 +227,25 @@ class CertificateRenewal:
             spec.ClearField(f)
         n = r.start(spec, meta={"renewing": mark})
         if n.state == W.WORKLOAD_STATE_FAILED:
-            n.message = f"certificate renewal: the backend could not be restarted: {n.message}"
+            n.message = f"{why}: the backend could not be restarted: {n.message}"
         r.meta.get(wid, {}).pop("renewing", None)
         r.save(wid)
         if wid in self.stops:           # a stop that came while it was starting
             r.stop(wid)
             self.stops.discard(wid)
         log(logger, logging.INFO if n.state == W.WORKLOAD_STATE_RUNNING else logging.WARNING,
-            "backend certificate renewed: backend restarted" if n.state == W.WORKLOAD_STATE_RUNNING
-            else "backend certificate renewal failed", node=r.agent.node, workload=wid, pid=n.pid,
+            f"{why}: backend restarted" if n.state == W.WORKLOAD_STATE_RUNNING
+            else f"{why}: backend restart failed", node=r.agent.node, workload=wid, pid=n.pid,
             endpoint=n.endpoint, error=n.message if n.state != W.WORKLOAD_STATE_RUNNING else "")
         return n
+
+    def _current(self, w: types_pb2.Workload, mark: dict) -> bool:
+        """Whether the server running now is the one the renewal `mark` wanted (an agent died after its start)."""
+        if "share" not in mark:
+            return not self._expiring(w)
+        argv = list(w.command)
+        flag = "--gpu-memory-utilization"
+        return flag in argv[:-1] and argv[argv.index(flag) + 1] == f"{mark['share']:.4f}"
 
     def _end(self, wid: str) -> bool:
         """End the old server (SIGTERM, SIGKILL after the stop grace), then what its end leaves: the runner's

@@ -124,6 +124,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
         changed = []
         for w in cmd.start:
             if w.id in self.workloads:
+                self.renewal.follow_share(w)    # a hand-started vLLM's new GPU memory share (a resized slice)
                 continue
             if any(m.get("hand_over_to") == w.id or m.get("stem") == w.id for m in self.meta.values()):
                 continue        # a same-node migration's target takes (or took) this ID: not lost (finish_hand_over)

@@ -9,7 +9,7 @@ what belongs to the source's process or placement changes:
 | id | the workload's (a same-node target: its alias until the hand-over) | the workload's |
 | node, slice_id | the target's | the target's (a resize: the client's slice ID) |
 | tenant, command, env, labels, created_at | kept (restore variables of an earlier restore dropped) | kept |
-| backend (kind, artifact, served_name, context, ..., api_key, artifact_sha256) | kept | kept |
+| backend (kind, artifact, served_name, context, ..., api_key, artifact_sha256) | kept (a hand-started vLLM's share: the target slice's, set by the caller: backendshare.py `moved`) | as the spec |
 | endpoint | kept (a transparent target listens where the source did) | transparent: kept; else "" until reported |
 | endpoint_certificate | kept (CRIU restores the server with its TLS key in memory) | as endpoint: kept; else cleared |
 | state | PENDING | RUNNING |

@@ -16,6 +16,7 @@ from controlplane.controllers.migration_phases import (BEFORE_COMMIT, COPY_IDLE_
                                                        PLACE_ATTEMPTS, RESEND, ROUND_IDLE_TIMEOUT, START_TIMEOUT,
                                                        STEP_TIMEOUT, C, P, R, StepFailed, W, alias, phase_name)
 from controlplane.controllers.migration_quota import QuotaMixin, off_node
+from controlplane.controllers import backendshare
 from controlplane.controllers.migration_records import committed_record
 from controlplane.controllers.migration_targets import TargetsMixin
 from controlplane.controllers.workloadrecords import UPDATE_TRIES as COMMIT_CONFLICTS
@@ -206,6 +207,7 @@ class StepsMixin(QuotaMixin, TargetsMixin):
                 raise _Failed(f"the target slice {m.target_slice} was released while copying ("
                               f"{'gone' if t is None else types_pb2.SliceState.Name(t.state)})")
             n = committed_record(w, m, rep.step)        # everything still true kept (migration_records.py)
+            backendshare.moved(self.ctl.fleet, n, w.slice_id, m.target_slice)     # a vLLM: the target's share
             c = M.Migration()
             c.CopyFrom(m)
             c.phase = P.MIGRATION_PHASE_COMMITTED

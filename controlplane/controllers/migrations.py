@@ -62,6 +62,7 @@ import contextlib
 import logging
 
 from controlplane.state import keys
+from controlplane.controllers import backendshare
 from controlplane.controllers.slices import Controller, new_id, now
 from controlplane.controllers.migration_checkpoints import CheckpointsMixin
 from controlplane.controllers.migration_nodes import NodesMixin
@@ -370,7 +371,10 @@ class MigrationManager(StepsMixin, CheckpointsMixin, ResizeMixin, NodesMixin):
         variables of an earlier restore. A transparent target is restored with the same command and
         listening socket, so it keeps `endpoint`; any other target is started anew and its agent picks a
         new port (nodeagent/backends/) and reports it (migration_records.py)."""
-        return target_spec(w, alias(m) or w.id, m.target_slice, m.target_node)
+        t = target_spec(w, alias(m) or w.id, m.target_slice, m.target_node)
+        if w.slice_id == m.source_slice:    # a hand-started vLLM: the target slice's share (backendshare.py)
+            backendshare.moved(self.ctl.fleet, t, w.slice_id, m.target_slice)
+        return t
 
     async def migrate(self, wid: str, to_node: str = "", to_slice: str = "", mode: int = 0,
                       reason: str = "migrate", to_gpu: int = -1) -> M.Migration:

@@ -2,7 +2,7 @@
 
 * In place: an MPS or time-share slice whose GPU has room for the new size gets the new
   limits in its record and the GPU's accounting; the agent re-realizes it (new processes get
-  the new limits).
+  the new limits; a hand-started vLLM is restarted with its new share: backendshare.py).
 * By migration, otherwise (MIG, or a GPU without room): a slice of the new size is reserved
   wherever the scheduler puts it (the same GPU, another GPU of the node, another node),
   labelled with the migration's ID. A RUNNING workload on the slice is migrated into it by the
@@ -28,6 +28,7 @@ import logging
 from controlplane.api import auth
 
 from controlplane.state import keys
+from controlplane.controllers import backendshare
 from controlplane.controllers.slicereports import placement_of
 from controlplane.controllers.slices import new_id, now
 from controlplane.controllers.resizequota import growth_refusal
@@ -123,6 +124,7 @@ class ResizeMixin:
         return p.name
 
     async def _resize_in_place(self, s: types_pb2.Slice, mem: int, share: float) -> types_pb2.Slice:
+        s, shares = await backendshare.before_in_place(self.wm, self.ctl, s, mem)    # a hand-started vLLM's share
         ns = self.ctl._update(s, memory_bytes=mem, compute_share=share, message="resized in place")
         ns.resized_at.CopyFrom(ns.updated_at)       # durable: the autoresize cooldown outlives a leader
         rev = await self.ctl.save_or_restore([ns], [s])
@@ -130,6 +132,7 @@ class ResizeMixin:
         if session is not None:
             session.send_upserts([ns], rev)
         log(logger, logging.INFO, "slice resized in place", slice=s.id, memory_bytes=mem, compute_share=share)
+        await backendshare.after_in_place(self.wm, self.ctl, s, ns, shares)
         return ns
 
     async def _resize_by_migration(self, s: types_pb2.Slice, profile: str = "", memory_bytes: int = 0,

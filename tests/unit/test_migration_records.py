@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import types
 
 import pytest
 
 from controlplane.controllers.migration_records import check_mode, committed_record, target_spec
 from controlplane.controllers.migrations import MigrationManager
+from controlplane.state.fleet import Fleet
 from gpumesh.v1 import migration_service_pb2 as M
 from gpumesh.v1 import types_pb2 as t
 from mesh import errors
@@ -47,10 +49,13 @@ def migration(mode=M.MIGRATION_MODE_TRANSPARENT, **more) -> M.Migration:
     return M.Migration(**{**fields, **more})
 
 
+NO_SLICES = types.SimpleNamespace(ctl=types.SimpleNamespace(fleet=Fleet()))   # a manager whose fleet knows no slice
+
+
 def test_the_target_spec_keeps_the_backend_key_endpoint_and_labels():
     """What START_TARGET carries (the manager's `_target_spec`, the path every migration kind takes)."""
     w = replica_workload()
-    spec = MigrationManager._target_spec(None, migration(), w)
+    spec = MigrationManager._target_spec(NO_SLICES, migration(), w)
     assert spec.HasField("backend") and spec.backend == w.backend          # kind, artifact, ..., key, sha256
     assert spec.backend.api_key == KEY and spec.backend.artifact_sha256 == SHA
     assert spec.endpoint == w.endpoint and list(spec.command) == list(w.command)
@@ -65,7 +70,7 @@ def test_the_target_spec_keeps_the_backend_key_endpoint_and_labels():
 def test_a_same_node_target_runs_under_its_alias_with_everything_else():
     m = migration(mode=M.MIGRATION_MODE_PRECOPY, target_node="a")
     w = t.Workload(id="w-1", slice_id="s-src", node="a", tenant="acme", command=["train"], labels={"x": "y"})
-    spec = MigrationManager._target_spec(None, m, w)
+    spec = MigrationManager._target_spec(NO_SLICES, m, w)
     assert spec.id == "w-1~m-1" and spec.node == "a" and dict(spec.labels) == {"x": "y"}
     assert target_spec(w, "w-1", "s-dst", "b").command == ["train"]
 
