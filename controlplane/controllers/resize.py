@@ -154,8 +154,11 @@ class ResizeMixin:
             busy = self.active_for(w.id)
             if busy is not None:
                 raise errors.FailedPrecondition(f"workload {w.id} is migrating already ({busy.id})")
-            from controlplane.controllers.migration_records import check_mode
-            check_mode(w, M.MIGRATION_MODE_PRECOPY)     # a model server cannot be pre-copied (no checkpoint SDK)
+            if w.HasField("backend"):       # no checkpoint SDK: it cannot be pre-copied (CRIU goes to another node)
+                raise errors.FailedPrecondition(
+                    f"slice {s.id} cannot be resized in place, and a resize by migration would move its model server "
+                    f"{w.id} (backend {w.backend.kind}), which moves only by CRIU to another node: stop it, resize "
+                    f"the slice and run it again, or serve the model with a deployment (its replicas are replaced)")
             await self.check_sdk(w, "resize by migration")
         m = M.Migration(id=new_id("m"), workload_id=w.id if w is not None else "", tenant=s.tenant,
                         mode=M.MIGRATION_MODE_PRECOPY, phase=P.MIGRATION_PHASE_PLANNED, source_node=s.node,
