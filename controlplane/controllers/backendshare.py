@@ -109,8 +109,8 @@ async def restart(wm, ctl, s: types_pb2.Slice, shares: dict[str, float], wait: b
 
     written = await wm.update(list(shares), reshared, f"the backend share after a resize of slice {s.id}")
     for w in written:
-        log(logger, logging.INFO, "hand-started vLLM gets the share of its resized slice: its agent restarts it", workload=w.id,
-            slice=s.id, node=s.node, share=w.backend.gpu_memory_utilization)
+        log(logger, logging.INFO, "hand-started vLLM gets the share of its resized slice: its agent restarts it",
+            workload=w.id, slice=s.id, node=s.node, share=w.backend.gpu_memory_utilization)
     session = ctl.sessions.get(s.node)
     if session is not None and written:     # else the agent's next full command carries the new share
         session.send(node_service_pb2.ControllerMessage(workloads=node_service_pb2.WorkloadCommand(start=written)))
@@ -126,8 +126,6 @@ async def restart(wm, ctl, s: types_pb2.Slice, shares: dict[str, float], wait: b
                 f"slice {s.id}: its vLLM server {w.id} was not restarted with the smaller share "
                 f"({w.backend.gpu_memory_utilization:.4f}) within {RESTART_WAIT:.0f} s; the slice is unchanged (its "
                 f"agent restarts the server when it can): resize it again once the workload runs")
-
-
 
 
 async def before_in_place(wm, ctl, s: types_pb2.Slice, memory_bytes: int) -> tuple[types_pb2.Slice, dict]:
