@@ -158,13 +158,14 @@ class CertificateRenewal:
         """A renewal task that ended: one that raised is logged and tried again after RETRY_AFTER seconds."""
         if not task.cancelled() and task.exception() is not None:
             self.retry_at[wid] = time.monotonic() + RETRY_AFTER
-            log(logger, logging.WARNING, "backend certificate renewal failed; tried again later",
-                node=self.runner.agent.node, workload=wid, error=repr(task.exception()), retry_s=RETRY_AFTER)
+            log(logger, logging.WARNING, "backend restart in place (certificate renewal or resize) failed; tried "
+                "again later", node=self.runner.agent.node, workload=wid, error=repr(task.exception()), retry_s=RETRY_AFTER)
 
     # -- how ----------------------------------------------------------------------------------------------
 
     async def renew(self, wid: str, resumed: bool = False) -> types_pb2.Workload:
-        """Restart `wid` with a fresh certificate (in a thread: it waits for the old server to end), then report it."""
+        """Restart `wid` in place with a fresh certificate, and the new share its mark carries after a resize (in a
+        thread: it waits for the old server to end), then report it."""
         r = self.runner
         old, pid = r.workloads[wid].endpoint_certificate, r.workloads[wid].pid
         mark = dict(r.meta.get(wid, {}).get("renewing") or {})

@@ -84,7 +84,7 @@ class WorkloadRunner(RecordsMixin, RecoveryMixin, DevicesMixin):
         self.popens: dict[str, subprocess.Popen] = {}
         self.logs = LogStreamer(self)
         self.cgroups = CgroupRelease(isolator, getattr(agent, "node", ""))     # an ended workload's cgroup
-        self.renewal = CertificateRenewal(self, renew_before)     # hand-started backends' TLS certificates
+        self.renewal = CertificateRenewal(self, renew_before)     # restarts in place: TLS renewal, a vLLM's share
         self.outbox: asyncio.Queue | None = None
         self.monitor: asyncio.Task | None = None
         os.makedirs(self.dir, mode=0o711, exist_ok=True)
